@@ -1,0 +1,521 @@
+"""Recipes: YAML files validated against a typed schema of dataclasses.
+
+A recipe is read into a :class:`Recipe`. Every mistake becomes one :class:`ConfigError` sentence
+naming the key path, what was expected and, where one is close, a did-you-mean suggestion:
+
+    recipes/dino_fmnist_quick.yaml: unknown key 'optim.lrr' (optim takes batch_size, epochs, lr,
+    ...); did you mean 'optim.lr'?
+
+Dotted ``key=value`` overrides (``optim.lr=1e-4 data.root=/x``) are applied to the YAML before
+validation; their values are parsed as YAML scalars. Numbers written as ``1e-4`` (which YAML 1.1
+reads as text) are accepted wherever a number is expected.
+
+The method section is typed by the method itself: ``method.name`` selects the method's own
+config dataclass from :mod:`mlsctl.methods`.
+
+The resolved recipe is written to ``RUN/config.yaml`` by :func:`save_recipe`; reading it back
+gives an equal :class:`Recipe`, so a run started from it reproduces the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import re
+import sys
+import types
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from mlsctl import atomic
+from mlsctl.errors import UserError
+
+RECIPE_FORMAT_VERSION = 1
+
+
+class ConfigError(UserError):
+    """A recipe or override that does not fit the schema (exit code 2)."""
+
+
+def param(default: Any = dataclasses.MISSING, *, help: str = "", ge=None, gt=None, le=None, lt=None):
+    """A schema field: default, one-line help and optional numeric bounds (applied per element)."""
+    metadata = {"help": help, "ge": ge, "gt": gt, "le": le, "lt": lt}
+    if isinstance(default, (list, dict, tuple)) or is_dataclass(default):
+        value = default
+        return field(default_factory=lambda: _copy(value), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _copy(value: Any) -> Any:
+    if is_dataclass(value):
+        return dataclasses.replace(value)
+    if isinstance(value, dict):
+        return {k: _copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy(v) for v in value]
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# The schema shared by every method.
+
+
+@dataclass
+class CropConfig:
+    count: int = param(2, help="number of crops of this kind", ge=0)
+    size: int = param(224, help="side of the square crop in pixels", ge=8)
+    scale: tuple[float, float] = param((0.25, 1.0), help="area range of RandomResizedCrop", gt=0.0, le=1.0)
+
+    def check(self) -> list[tuple[str, str]]:
+        if self.scale[0] > self.scale[1]:
+            return [("scale", f"must be [low, high] with low <= high, got {list(self.scale)}")]
+        return []
+
+
+@dataclass
+class DataConfig:
+    root: Optional[str] = param(None, help="folder of training images (searched recursively)")
+    global_crops: CropConfig = param(CropConfig(2, 224, (0.25, 1.0)), help="large views")
+    local_crops: CropConfig = param(CropConfig(10, 96, (0.05, 0.25)), help="small views")
+    photometric: Literal["dino", "none"] = param("dino", help="DINO/BYOL colour pipeline, or none")
+    workers: int = param(4, help="data-loading processes per training process", ge=0)
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = param(False, help="wrap the backbone with LoRA adapters (peft)")
+    rank: int = param(8, help="LoRA rank r", ge=1)
+    alpha: float = param(16.0, help="LoRA alpha", gt=0.0)
+    dropout: float = param(0.0, help="dropout on the LoRA path", ge=0.0, lt=1.0)
+    bias: Literal["none", "all", "lora_only"] = param("none", help="which biases train")
+    targets: list[str] = param(["qkv"], help="module names that receive adapters")
+
+
+@dataclass
+class ModelConfig:
+    arch: str = param("vit_small_patch16_224", help="timm model name (a ViT)")
+    img_size: int = param(224, help="input size the position embedding is built for", ge=8)
+    patch_size: int = param(16, help="patch side in pixels", ge=1)
+    drop_path_rate: float = param(0.1, help="stochastic depth of the student", ge=0.0, lt=1.0)
+    weights: Optional[str] = param(None, help="local .safetensors/.pth to start the backbone from")
+    pretrained: bool = param(False, help="timm's pretrained weights (needs them cached or online)")
+    timm_kwargs: dict[str, Any] = param({}, help="extra timm.create_model arguments (embed_dim, depth, ...)")
+    lora: LoraConfig = param(LoraConfig(), help="LoRA adapters")
+
+    def check(self) -> list[tuple[str, str]]:
+        if self.weights is not None and self.pretrained:
+            return [("pretrained", "cannot be true together with model.weights; choose one")]
+        return []
+
+
+@dataclass
+class OptimConfig:
+    batch_size: int = param(64, help="images per process and step", ge=1)
+    epochs: int = param(100, help="passes over the data", ge=1)
+    lr: float = param(5e-4, help="peak learning rate (per 256 images when scale_lr)", gt=0.0)
+    scale_lr: bool = param(True, help="multiply lr by total batch / 256 (DINO's rule)")
+    min_lr: float = param(1e-6, help="final learning rate of the cosine", ge=0.0)
+    warmup_epochs: float = param(10.0, help="linear learning-rate warm-up", ge=0.0)
+    weight_decay: float = param(0.04, help="weight decay at the start", ge=0.0)
+    weight_decay_end: float = param(0.4, help="weight decay at the end (cosine)", ge=0.0)
+    clip_grad: float = param(3.0, help="gradient clipping threshold; 0 disables", ge=0.0)
+    clip_grad_mode: Literal["per_param", "global"] = param("per_param", help="DINO clips each parameter's norm")
+    freeze_last_layer_epochs: float = param(1.0, help="epochs the head's last layer stays frozen", ge=0.0)
+    betas: tuple[float, float] = param((0.9, 0.999), help="AdamW betas", ge=0.0, lt=1.0)
+
+    def check(self) -> list[tuple[str, str]]:
+        problems = []
+        if self.min_lr > self.lr:
+            problems.append(("min_lr", f"must not exceed optim.lr ({self.lr}), got {self.min_lr}"))
+        if self.warmup_epochs > self.epochs:
+            problems.append(("warmup_epochs", f"must not exceed optim.epochs ({self.epochs}), got {self.warmup_epochs}"))
+        return problems
+
+
+@dataclass
+class TrainConfig:
+    precision: Literal["fp32", "bf16", "fp16"] = param("fp32", help="mixed precision (fp16 needs CUDA)")
+    checkpoint_every: int = param(1000, help="steps between checkpoints (one is always written at the end)", ge=1)
+    keep_checkpoints: int = param(2, help="newest checkpoints kept on disk", ge=1)
+    log_every: int = param(10, help="steps between metrics.jsonl lines", ge=1)
+
+
+@dataclass
+class MethodConfig:
+    """Base of every method's own config; ``name`` picks the method."""
+
+    name: str = param("dino", help="the method (see mlsctl.methods)")
+
+
+@dataclass
+class Recipe:
+    format_version: int = param(RECIPE_FORMAT_VERSION, help="recipe schema version", ge=1)
+    description: str = param("", help="one line shown by `mlsctl recipes`")
+    seed: int = param(0, help="seeds data order, augmentation and initialisation", ge=0)
+    data: DataConfig = param(DataConfig(), help="images and augmentation")
+    model: ModelConfig = param(ModelConfig(), help="backbone")
+    optim: OptimConfig = param(OptimConfig(), help="optimiser and schedules")
+    train: TrainConfig = param(TrainConfig(), help="loop, precision, checkpoints, logging")
+    method: MethodConfig = param(MethodConfig(), help="the method and its hyper-parameters")
+
+    def check(self) -> list[tuple[str, str]]:
+        if self.format_version > RECIPE_FORMAT_VERSION:
+            return [("format_version", f"is {self.format_version}, newer than this mlsctl reads "
+                     f"({RECIPE_FORMAT_VERSION}); upgrade mlsctl")]
+        return []
+
+
+# --------------------------------------------------------------------------------------------
+# Validation.
+
+
+class _Context:
+    def __init__(self, source: str, overrides: dict[str, str]):
+        self.source = source
+        self.overrides = overrides
+
+    def fail(self, path: str, message: str) -> ConfigError:
+        for key, text in self.overrides.items():
+            if path == key or path.startswith(key + ".") or key.startswith(path + "."):
+                return ConfigError(f"command-line override '{text}': {message}")
+        return ConfigError(f"{self.source}: {message}")
+
+
+def _describe(tp: Any) -> str:
+    origin = get_origin(tp)
+    if tp is bool:
+        return "true or false"
+    if tp is int:
+        return "an integer"
+    if tp is float:
+        return "a number"
+    if tp is str:
+        return "text"
+    if origin is Literal:
+        return "one of " + ", ".join(str(a) for a in get_args(tp))
+    if origin in (Union, types.UnionType):
+        inner = [a for a in get_args(tp) if a is not type(None)]
+        return " or ".join(_describe(a) for a in inner) + " or null"
+    if origin is tuple:
+        args = get_args(tp)
+        return f"a list of {len(args)} {_plural(_describe(args[0]))}"
+    if origin is list:
+        return f"a list of {_plural(_describe(get_args(tp)[0]))}"
+    if origin is dict or is_dataclass(tp) or tp is dict:
+        return "a mapping"
+    return str(tp)
+
+
+def _plural(description: str) -> str:
+    return {"a number": "numbers", "an integer": "integers", "text": "strings"}.get(description, description)
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, str):
+        return repr(value)
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (dict, list)):
+        return "a " + type(value).__name__.replace("dict", "mapping")
+    return str(value)
+
+
+_FLOAT_TEXT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def _bounds_error(value: float, meta: dict) -> Optional[str]:
+    if meta.get("ge") is not None and value < meta["ge"]:
+        return f"must be >= {meta['ge']}"
+    if meta.get("gt") is not None and value <= meta["gt"]:
+        return f"must be > {meta['gt']}"
+    if meta.get("le") is not None and value > meta["le"]:
+        return f"must be <= {meta['le']}"
+    if meta.get("lt") is not None and value >= meta["lt"]:
+        return f"must be < {meta['lt']}"
+    return None
+
+
+def _coerce(value: Any, tp: Any, path: str, meta: dict, ctx: _Context, default: Any = None) -> Any:
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if is_dataclass(tp):
+        return _build(tp, value, path, ctx, default)
+    if origin in (Union, types.UnionType):
+        inner = [a for a in get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, inner[0], path, meta, ctx)
+    if origin is Literal:
+        choices = get_args(tp)
+        if value in choices and type(value) is type(choices[0]):
+            return value
+        message = f"'{path}' must be {_describe(tp)}, got {_show(value)}"
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.5)
+        if close:
+            message += f"; did you mean '{close[0]}'?"
+        raise ctx.fail(path, message)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ctx.fail(path, f"'{path}' must be true or false, got {_show(value)}")
+    if tp in (int, float):
+        number: Any = None
+        if isinstance(value, bool):
+            number = None
+        elif isinstance(value, int):
+            number = value
+        elif isinstance(value, float):
+            number = value
+        elif isinstance(value, str) and _FLOAT_TEXT.match(value.strip()):
+            number = float(value)
+        if tp is int and isinstance(number, float):
+            number = int(number) if math.isfinite(number) and number.is_integer() else None
+        if number is None or (isinstance(number, float) and not math.isfinite(number)):
+            raise ctx.fail(path, f"'{path}' must be {_describe(tp)}, got {_show(value)}")
+        number = float(number) if tp is float else number
+        problem = _bounds_error(number, meta)
+        if problem:
+            raise ctx.fail(path, f"'{path}' {problem}, got {number}")
+        return number
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ctx.fail(path, f"'{path}' must be text, got {_show(value)} (quote it in YAML)")
+    if origin is tuple:
+        args = get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ctx.fail(path, f"'{path}' must be {_describe(tp)}, got {_show(value)}")
+        return tuple(_coerce(v, a, f"{path}[{i}]", meta, ctx) for i, (v, a) in enumerate(zip(value, args)))
+    if origin is list:
+        (arg,) = get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ctx.fail(path, f"'{path}' must be {_describe(tp)}, got {_show(value)}")
+        return [_coerce(v, arg, f"{path}[{i}]", meta, ctx) for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ctx.fail(path, f"'{path}' must be a mapping, got {_show(value)}")
+        args = get_args(tp) or (str, Any)
+        return {str(k): _coerce(v, args[1], f"{path}.{k}", meta, ctx) for k, v in value.items()}
+    raise TypeError(f"unsupported schema type {tp!r} at {path}")  # a bug in the schema, not user input
+
+
+def _all_paths(cls: type, prefix: str = "") -> list[str]:
+    out = []
+    for f in fields(cls):
+        path = f"{prefix}{f.name}"
+        out.append(path)
+        tp = get_type_hints(cls)[f.name]
+        if is_dataclass(tp) and tp is not MethodConfig:
+            out.extend(_all_paths(tp, path + "."))
+    return out
+
+
+def _unknown_key(cls: type, key: str, path: str, ctx: _Context) -> ConfigError:
+    names = [f.name for f in fields(cls)]
+    where = path.rsplit(".", 1)[0] if "." in path else ""
+    takes = f"{where or 'a recipe'} takes {', '.join(names)}"
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+    if close:
+        suggestion = f"{where + '.' if where else ''}{close[0]}"
+    else:
+        candidates = _all_paths(Recipe)
+        by_leaf = [p for p in candidates if p.rsplit(".", 1)[-1] == key]
+        close_full = by_leaf or difflib.get_close_matches(path, candidates, n=1, cutoff=0.7)
+        suggestion = close_full[0] if close_full else ""
+    message = f"unknown key '{path}' ({takes})"
+    if suggestion:
+        message += f"; did you mean '{suggestion}'?"
+    else:
+        message += "; remove it"
+    return ctx.fail(path, message)
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def _build(cls: type, data: Any, path: str, ctx: _Context, default: Any = None) -> Any:
+    """Validate ``data`` into ``cls``; keys it leaves out keep the values of ``default`` (the
+    enclosing field's default instance), so ``local_crops: {count: 4}`` keeps the local size."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ctx.fail(path, f"'{path or 'the recipe'}' must be a mapping of keys, got {_show(data)}")
+    if cls is MethodConfig:
+        cls = _method_config_class(data, path, ctx)
+        default = None
+    hints = get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}
+    for key in data:
+        if key not in known:
+            raise _unknown_key(cls, str(key), f"{path}.{key}" if path else str(key), ctx)
+    values = {}
+    for name, f in known.items():
+        field_default = getattr(default, name) if default is not None else _field_default(f)
+        if name in data:
+            values[name] = _coerce(data[name], hints[name], f"{path}.{name}" if path else name, dict(f.metadata), ctx,
+                                   field_default if is_dataclass(field_default) else None)
+    obj = dataclasses.replace(default, **values) if default is not None else cls(**values)
+    check = getattr(obj, "check", None)
+    if check is not None:
+        for key, message in check():
+            key_path = f"{path}.{key}" if path else key
+            raise ctx.fail(key_path, f"'{key_path}' {message}")
+    return obj
+
+
+def _method_config_class(data: dict, path: str, ctx: _Context) -> type:
+    from mlsctl import methods
+
+    name = data.get("name", MethodConfig.name)
+    available = methods.names()
+    if not isinstance(name, str) or name not in available:
+        message = f"'{path}.name' must be one of {', '.join(available)}, got {_show(name)}"
+        close = difflib.get_close_matches(str(name), available, n=1, cutoff=0.5)
+        if close:
+            message += f"; did you mean '{close[0]}'?"
+        raise ctx.fail(f"{path}.name", message)
+    return methods.config_class(name)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading, overrides, dumping.
+
+
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    """``["optim.lr=1e-4"]`` → ``{"optim.lr": "optim.lr=1e-4"}`` (key → original text)."""
+    out = {}
+    for item in items:
+        key, sep, _ = item.partition("=")
+        key = key.strip()
+        if not sep or not key or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
+            raise ConfigError(f"override '{item}' must look like key.sub=value (for example optim.lr=1e-4)")
+        out[key] = item
+    return out
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict, overrides: dict[str, str]) -> dict:
+    data = _copy(data)
+    for key, item in overrides.items():
+        value = _parse_scalar(item.partition("=")[2])
+        node = data
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[parts[-1]] = value
+    return data
+
+
+def from_dict(data: Any, source: str = "recipe", overrides: Optional[dict[str, str]] = None) -> Recipe:
+    overrides = overrides or {}
+    ctx = _Context(source, overrides)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: a recipe must be a mapping of keys, got {_show(data)}")
+    return _build(Recipe, apply_overrides(data, overrides), "", ctx)
+
+
+def recipe_dirs() -> list[Path]:
+    """Where shipped recipes live: the source tree (editable installs) or share/mlsctl/recipes."""
+    candidates = [Path(__file__).resolve().parent.parent / "recipes", Path(sys.prefix) / "share" / "mlsctl" / "recipes"]
+    return [p for p in candidates if p.is_dir()]
+
+
+def shipped_recipes() -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for directory in recipe_dirs():
+        for path in sorted(directory.glob("*.yaml")):
+            found.setdefault(path.stem, path)
+    return found
+
+
+def resolve_recipe_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = shipped_recipes()
+    stem = path.name[:-5] if path.name.endswith(".yaml") else path.name
+    if not path.exists() and stem in shipped and len(path.parts) <= 2:
+        return shipped[stem]
+    if path.is_dir():
+        raise ConfigError(f"{name_or_path} is a folder; give a recipe YAML file (see `mlsctl recipes`)")
+    close = difflib.get_close_matches(stem, list(shipped), n=1, cutoff=0.6)
+    hint = f"; did you mean '{close[0]}'?" if close else "; `mlsctl recipes` lists the shipped ones"
+    raise ConfigError(f"recipe {name_or_path} not found{hint}")
+
+
+def read_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid syntax"
+        raise ConfigError(f"{path} is not valid YAML{where} ({problem}); fix the syntax") from None
+
+
+def load_recipe(name_or_path: str, overrides: Optional[list[str]] = None) -> Recipe:
+    path = resolve_recipe_path(name_or_path)
+    return from_dict(read_yaml(path), source=str(path), overrides=parse_overrides(overrides or []))
+
+
+def to_dict(recipe: Any) -> dict:
+    def convert(value: Any) -> Any:
+        if is_dataclass(value):
+            return {f.name: convert(getattr(value, f.name)) for f in fields(value)}
+        if isinstance(value, (list, tuple)):
+            return [convert(v) for v in value]
+        if isinstance(value, dict):
+            return {k: convert(v) for k, v in value.items()}
+        return value
+
+    return convert(recipe)
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(to_dict(recipe), sort_keys=False, default_flow_style=None)
+
+
+def save_recipe(recipe: Recipe, path: str | Path) -> None:
+    atomic.write_text(path, dump_recipe(recipe))
+
+
+def differences(a: Recipe, b: Recipe, prefix: str = "") -> list[str]:
+    """Key paths whose values differ between two recipes (for resume checks)."""
+    da, db = to_dict(a), to_dict(b)
+    out: list[str] = []
+
+    def walk(x: Any, y: Any, path: str) -> None:
+        if isinstance(x, dict) and isinstance(y, dict):
+            for key in list(x) + [k for k in y if k not in x]:
+                walk(x.get(key), y.get(key), f"{path}.{key}" if path else key)
+        elif x != y:
+            out.append(path)
+
+    walk(da, db, prefix)
+    return out

@@ -1,0 +1,102 @@
+"""Shared fixtures: tiny generated images, a tiny recipe, and a runner for the CLI."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+torch.set_num_threads(1)
+
+TINY_RECIPE = {
+    "description": "tiny test recipe",
+    "seed": 0,
+    "data": {
+        "root": None,
+        "global_crops": {"count": 2, "size": 32, "scale": [0.4, 1.0]},
+        "local_crops": {"count": 2, "size": 16, "scale": [0.1, 0.4]},
+        "photometric": "dino",
+        "workers": 0,
+    },
+    "model": {
+        "arch": "vit_small_patch16_224",
+        "img_size": 32,
+        "patch_size": 8,
+        "drop_path_rate": 0.0,
+        "timm_kwargs": {"embed_dim": 32, "depth": 2, "num_heads": 2},
+    },
+    "optim": {
+        "batch_size": 4, "epochs": 2, "lr": 1e-3, "scale_lr": False, "min_lr": 1e-5, "warmup_epochs": 1,
+        "weight_decay": 0.04, "weight_decay_end": 0.1, "clip_grad": 3.0, "freeze_last_layer_epochs": 1,
+    },
+    "train": {"precision": "fp32", "checkpoint_every": 3, "log_every": 1},
+    "method": {
+        "name": "dino", "out_dim": 64, "hidden_dim": 64, "bottleneck_dim": 32, "teacher_temp": 0.05,
+        "warmup_teacher_temp_epochs": 1, "momentum_teacher": 0.99, "monitor_bank_size": 20,
+    },
+}
+
+
+def make_images(root: Path, n: int, size=(48, 40), seed: int = 0) -> Path:
+    """``n`` smooth random RGB images (PNG), some in a sub-folder."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        low = rng.uniform(0, 255, size=(4, 4, 3)).astype(np.uint8)
+        image = Image.fromarray(low).resize(size, Image.BILINEAR)
+        folder = root / ("sub" if i % 3 == 0 else ".")
+        folder.mkdir(exist_ok=True)
+        image.save(folder / f"img_{i:03d}.png")
+    return root
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> Path:
+    return make_images(tmp_path / "images", 16)
+
+
+def tiny_recipe(images_root: Path, **sections) -> dict:
+    recipe = copy.deepcopy(TINY_RECIPE)
+    recipe["data"]["root"] = str(images_root)
+    for key, value in sections.items():
+        section, _, leaf = key.partition("__")
+        if leaf:
+            recipe[section][leaf] = value
+        else:
+            recipe[section] = value
+    return recipe
+
+
+def write_recipe(path: Path, recipe: dict) -> Path:
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def recipe_file(tmp_path: Path, images: Path) -> Path:
+    return write_recipe(tmp_path / "tiny.yaml", tiny_recipe(images))
+
+
+def cli_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["HF_HUB_OFFLINE"] = "1"
+    return env
+
+
+def run_cli(*args: str, cwd: Path | None = None, check: bool = False, timeout: int = 300) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "mlsctl", *args], capture_output=True, text=True, cwd=cwd,
+                            env=cli_env(), timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"mlsctl {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result

@@ -1,0 +1,134 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mlsctl import config
+from mlsctl.config import ConfigError
+
+from conftest import REPO, run_cli, tiny_recipe, write_recipe
+
+
+def error_of(data, overrides=()) -> str:
+    with pytest.raises(ConfigError) as info:
+        config.from_dict(data, source="r.yaml", overrides=config.parse_overrides(list(overrides)))
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_unknown_key_in_file_suggests_the_right_one():
+    message = error_of({"optim": {"lrr": 1.0}})
+    assert message.startswith("r.yaml: unknown key 'optim.lrr'")
+    assert "did you mean 'optim.lr'?" in message
+
+
+def test_unknown_key_from_override_names_the_override():
+    message = error_of({}, ["optim.lrr=1"])
+    assert message.startswith("command-line override 'optim.lrr=1': unknown key 'optim.lrr'")
+    assert message.endswith("did you mean 'optim.lr'?")
+
+
+def test_misplaced_key_is_found_in_another_section():
+    message = error_of({"lr": 0.1})
+    assert "did you mean 'optim.lr'?" in message
+
+
+def test_wrong_type_and_range_and_choice():
+    assert "'optim.lr' must be a number, got 'fast'" in error_of({"optim": {"lr": "fast"}})
+    assert "'optim.batch_size' must be an integer, got 2.5" in error_of({"optim": {"batch_size": 2.5}})
+    assert "'optim.lr' must be > 0.0, got -1.0" in error_of({"optim": {"lr": -1}})
+    assert "'data.global_crops.scale[1]' must be <= 1.0" in error_of({"data": {"global_crops": {"scale": [0.2, 1.5]}}})
+    choice = error_of({"train": {"precision": "bf61"}})
+    assert "must be one of fp32, bf16, fp16, got 'bf61'; did you mean 'bf16'?" in choice
+    assert "'model.pretrained' must be true or false" in error_of({"model": {"pretrained": "yes please"}})
+    assert "must be a list of 2 numbers" in error_of({"optim": {"betas": [0.9]}})
+
+
+def test_partial_nested_section_keeps_the_enclosing_defaults():
+    recipe = config.from_dict({"data": {"local_crops": {"count": 4}}})
+    assert recipe.data.local_crops == config.CropConfig(4, 96, (0.05, 0.25))
+    assert recipe.data.global_crops == config.CropConfig(2, 224, (0.25, 1.0))
+
+
+def test_method_name_suggestion():
+    assert "did you mean 'dino'?" in error_of({"method": {"name": "dinno"}})
+
+
+def test_cross_field_checks():
+    assert "'optim.min_lr' must not exceed optim.lr" in error_of({"optim": {"lr": 1e-4, "min_lr": 1e-3}})
+    assert "low <= high" in error_of({"data": {"local_crops": {"scale": [0.5, 0.1]}}})
+
+
+def test_yaml_float_forms_and_overrides():
+    recipe = config.from_dict({"optim": {"lr": "1e-4"}}, overrides=config.parse_overrides(
+        ["optim.min_lr=1e-6", "data.root=/x", "method.out_dim=128", "model.timm_kwargs.depth=2"]))
+    assert recipe.optim.lr == pytest.approx(1e-4)
+    assert recipe.optim.min_lr == pytest.approx(1e-6)
+    assert recipe.data.root == "/x"
+    assert recipe.method.out_dim == 128
+    assert recipe.model.timm_kwargs == {"depth": 2}
+
+
+def test_malformed_override():
+    with pytest.raises(ConfigError, match="must look like key.sub=value"):
+        config.parse_overrides(["optim.lr"])
+
+
+def test_newer_format_is_refused():
+    assert "newer than this mlsctl reads" in error_of({"format_version": 99})
+
+
+def test_round_trip_is_exact(tmp_path: Path, images: Path):
+    recipe = config.from_dict(tiny_recipe(images))
+    config.save_recipe(recipe, tmp_path / "config.yaml")
+    again = config.load_recipe(str(tmp_path / "config.yaml"))
+    assert again == recipe
+    assert config.differences(recipe, again) == []
+
+
+def test_invalid_yaml_is_one_sentence(tmp_path: Path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("optim:\n  lr: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml is not valid YAML at line \d+"):
+        config.load_recipe(str(path))
+
+
+def test_missing_recipe_suggests_shipped_one():
+    with pytest.raises(ConfigError, match="did you mean 'dino_fmnist_quick'"):
+        config.resolve_recipe_path("dino_fmnist_quik")
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_recipes_validate(path: Path):
+    recipe = config.load_recipe(str(path))
+    assert recipe.description, "every recipe needs a one-line description"
+    assert "\n" not in recipe.description
+
+
+def test_cli_reports_unknown_key_with_exit_code_2(tmp_path: Path):
+    result = run_cli("pretrain", str(REPO / "recipes" / "dino_fmnist_quick.yaml"), "optim.lrr=1", "--out", str(tmp_path / "x"))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "did you mean 'optim.lr'?" in lines[0]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_recipe_validation_error_names_file(tmp_path: Path, images: Path):
+    recipe = tiny_recipe(images)
+    recipe["optim"]["epochs"] = "many"
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    result = run_cli("pretrain", str(path), "--out", str(tmp_path / "x"))
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: {path}: 'optim.epochs' must be an integer, got 'many'"
+
+
+def test_missing_data_root_is_a_clear_error(tmp_path: Path):
+    data = yaml.safe_load((REPO / "recipes" / "dino_in1k.yaml").read_text())
+    path = write_recipe(tmp_path / "r.yaml", data)
+    result = run_cli("pretrain", str(path), "--out", str(tmp_path / "x"))
+    assert result.returncode == 2
+    assert "data.root is not set; add data.root=" in result.stderr
