@@ -1,0 +1,226 @@
+"""Benchmark data built from real Fashion-MNIST items.
+
+``fmnist-scenes``: scene-centric RGB canvases (default 96x96) holding 2-5 Fashion-MNIST items
+each, scaled, tinted and sometimes occluding one another, over varied backgrounds (flat colour,
+gradients, smooth blobs, stripes, checkers, all with sensor noise). Train scenes draw items from
+the Fashion-MNIST training split, val scenes from its test split. Output::
+
+    OUT/meta.json                 format_version, parameters, class names
+    OUT/{train,val}/images/*.png  RGB scenes
+    OUT/{train,val}/masks/*.png   0 = background, 1..10 = item class + 1, 255 reserved for ignore
+    OUT/{train,val}/scenes.jsonl  per scene: image, mask and its items (class, instance id,
+                                  source index in the split, box, visible fraction, tint)
+
+Every scene is drawn from its own RNG seeded by ``(seed, split, scene index)``, so a build is
+deterministic for a seed. The build goes to a temporary sibling folder that is renamed into place
+when complete; running it again with the same parameters does nothing.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import gzip
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from mlsctl import atomic
+from mlsctl.errors import UserError
+
+DEFAULT_SOURCE = "/usr/share/datasets/fashion-mnist"
+CLASSES = ["t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]
+SCENES_FORMAT_VERSION = 1
+IGNORE_INDEX = 255
+_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype_code != 0x08:
+        raise UserError(f"{path} is not an IDX file of unsigned bytes; reinstall dataset-fashion-mnist")
+    shape = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
+    array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if array.size != int(np.prod(shape)):
+        raise UserError(f"{path} is truncated; reinstall dataset-fashion-mnist")
+    return array.reshape(shape)
+
+
+def _find(source: Path, stem: str) -> Path:
+    for name in (stem + ".gz", stem):
+        if (source / name).is_file():
+            return source / name
+    raise UserError(f"Fashion-MNIST file {stem}(.gz) not found in {source}: install the Debian package "
+                    f"dataset-fashion-mnist (apt-get install dataset-fashion-mnist) or pass --source DIR")
+
+
+def load_split(source: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Images [n, 28, 28] uint8 and labels [n] of the 'train' or 'test' split."""
+    source = Path(source)
+    if not source.is_dir():
+        raise UserError(f"Fashion-MNIST not found at {source}: install the Debian package dataset-fashion-mnist "
+                        f"(apt-get install dataset-fashion-mnist) or pass --source DIR")
+    image_stem, label_stem = _FILES[split]
+    images, labels = _read_idx(_find(source, image_stem)), _read_idx(_find(source, label_stem))
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise UserError(f"Fashion-MNIST files in {source} do not match (images {images.shape}, labels {labels.shape})")
+    return images, labels
+
+
+# --------------------------------------------------------------------------------------------- drawing
+
+
+def _random_colour(rng: np.random.Generator, saturation=(0.0, 1.0), value=(0.1, 1.0)) -> np.ndarray:
+    h = rng.uniform(0, 1)
+    return np.array(colorsys.hsv_to_rgb(h, rng.uniform(*saturation), rng.uniform(*value)))
+
+
+def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+    """[size, size, 3] floats in 0..1."""
+    c1, c2 = _random_colour(rng), _random_colour(rng)
+    yy, xx = np.mgrid[0:size, 0:size] / max(1, size - 1)
+    kind = rng.integers(0, 5)
+    if kind == 0:  # flat
+        t = np.zeros((size, size))
+    elif kind == 1:  # linear gradient in a random direction
+        angle = rng.uniform(0, 2 * np.pi)
+        t = np.cos(angle) * xx + np.sin(angle) * yy
+        t = (t - t.min()) / max(1e-6, t.max() - t.min())
+    elif kind == 2:  # smooth blobs: upsampled low-resolution noise
+        low = rng.uniform(0, 1, size=(4, 4)).astype(np.float32)
+        t = np.asarray(Image.fromarray(low, mode="F").resize((size, size), Image.BICUBIC), dtype=np.float64)
+        t = np.clip((t - t.min()) / max(1e-6, t.max() - t.min()), 0, 1)
+    elif kind == 3:  # stripes
+        angle, period = rng.uniform(0, np.pi), rng.uniform(0.08, 0.3)
+        t = 0.5 + 0.5 * np.sin(2 * np.pi * (np.cos(angle) * xx + np.sin(angle) * yy) / period)
+    else:  # checker
+        cell = rng.uniform(0.08, 0.25)
+        t = ((np.floor(xx / cell) + np.floor(yy / cell)) % 2).astype(np.float64)
+    image = (1 - t)[..., None] * c1 + t[..., None] * c2
+    return np.clip(image + rng.normal(0, 0.02, size=image.shape), 0, 1)
+
+
+def make_scene(rng: np.random.Generator, images: np.ndarray, labels: np.ndarray, size: int,
+               min_items: int = 2, max_items: int = 5, min_visible: float = 0.4):
+    """One scene: (RGB uint8 [S,S,3], class mask uint8 [S,S], list of item records)."""
+    canvas = _background(rng, size)
+    instance = np.zeros((size, size), dtype=np.int32)  # 0 = background, k = k-th placed item
+    classes: dict[int, int] = {}
+    records: list[dict] = []
+    n_wanted = int(rng.integers(min_items, max_items + 1))
+    for _ in range(n_wanted):
+        for _attempt in range(20):
+            source_index = int(rng.integers(0, len(images)))
+            side = int(round(rng.uniform(0.3, 0.6) * size))
+            item = np.asarray(Image.fromarray(images[source_index]).resize((side, side), Image.BILINEAR),
+                              dtype=np.float64) / 255.0
+            alpha = np.clip((item - 0.02) / 0.08, 0, 1)
+            solid = alpha > 0.5
+            if solid.sum() < 0.05 * side * side:
+                continue
+            x0, y0 = int(rng.integers(0, size - side + 1)), int(rng.integers(0, size - side + 1))
+            window = (slice(y0, y0 + side), slice(x0, x0 + side))
+            trial = instance.copy()
+            new_id = len(records) + 1
+            trial[window][solid] = new_id
+            areas = [r["_area"] for r in records]
+            visible = [(trial == r["instance_id"]).sum() / a for r, a in zip(records, areas)]
+            if all(v >= min_visible for v in visible):
+                break
+        else:
+            continue
+        tint = _random_colour(rng, saturation=(0.3, 1.0), value=(0.5, 1.0))
+        rgb = tint * (0.35 + 0.65 * item)[..., None]
+        canvas[window] = alpha[..., None] * rgb + (1 - alpha[..., None]) * canvas[window]
+        instance = trial
+        label = int(labels[source_index])
+        classes[new_id] = label
+        ys, xs = np.nonzero(solid)
+        records.append({
+            "instance_id": new_id, "class": label, "class_name": CLASSES[label], "source_index": source_index,
+            "box": [x0 + int(xs.min()), y0 + int(ys.min()), x0 + int(xs.max()) + 1, y0 + int(ys.max()) + 1],
+            "tint": [round(float(c), 3) for c in tint], "_area": int(solid.sum()),
+        })
+    mask = np.zeros((size, size), dtype=np.uint8)
+    for instance_id, label in classes.items():
+        mask[instance == instance_id] = label + 1
+    for record in records:
+        record["visible_fraction"] = round(float((instance == record["instance_id"]).sum() / record.pop("_area")), 3)
+    image = np.clip(np.rint(canvas * 255), 0, 255).astype(np.uint8)
+    return image, mask, records
+
+
+# --------------------------------------------------------------------------------------------- build
+
+_SPLITS = {"train": ("train", 0), "val": ("test", 1)}
+
+
+def _build_split(out: Path, split: str, images: np.ndarray, labels: np.ndarray, n: int, size: int, seed: int,
+                 progress: bool) -> None:
+    from tqdm import tqdm
+
+    (out / split / "images").mkdir(parents=True)
+    (out / split / "masks").mkdir(parents=True)
+    lines = []
+    code = _SPLITS[split][1]
+    for i in tqdm(range(n), desc=f"fmnist-scenes {split}", unit="scene", disable=None if progress else True, leave=False):
+        rng = np.random.default_rng([seed, code, i])
+        image, mask, items = make_scene(rng, images, labels, size)
+        name = f"{i:06d}.png"
+        Image.fromarray(image, mode="RGB").save(out / split / "images" / name)
+        Image.fromarray(mask, mode="L").save(out / split / "masks" / name)
+        lines.append(json.dumps({"image": f"images/{name}", "mask": f"masks/{name}", "items": items}))
+    (out / split / "scenes.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def build_scenes(out: str | Path, n_train: int = 2000, n_val: int = 500, size: int = 96, seed: int = 0,
+                 source: str | Path = DEFAULT_SOURCE, overwrite: bool = False, progress: bool = True) -> dict:
+    """Build fmnist-scenes into ``out``; returns the meta record. Idempotent for equal parameters."""
+    if size < 32:
+        raise UserError(f"--size must be at least 32 pixels to hold items, got {size}")
+    if n_train < 1 or n_val < 1:
+        raise UserError("--n-train and --n-val must be at least 1")
+    out = Path(out)
+    params = {"n_train": n_train, "n_val": n_val, "size": size, "seed": seed}
+    meta_path = out / "meta.json"
+    if out.exists():
+        existing = None
+        if meta_path.is_file():
+            try:
+                existing = json.loads(meta_path.read_text())
+            except json.JSONDecodeError:
+                existing = None
+        if existing and existing.get("parameters") == params and not overwrite:
+            existing["reused"] = True
+            return existing
+        if not overwrite:
+            if existing and existing.get("generator") == "fmnist-scenes":
+                raise UserError(f"{out} holds fmnist-scenes built with {existing.get('parameters')}; "
+                                f"add --overwrite to rebuild it with {params}")
+            if any(out.iterdir()):
+                raise UserError(f"{out} exists and is not an fmnist-scenes folder; choose another --out or add --overwrite")
+    splits = {name: load_split(source, fmnist_split) for name, (fmnist_split, _) in _SPLITS.items()}
+    tmp = out.parent / f".{out.name}.building"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    for split, n in (("train", n_train), ("val", n_val)):
+        images, labels = splits[split]
+        _build_split(tmp, split, images, labels, n, size, seed, progress)
+    meta = {"format_version": SCENES_FORMAT_VERSION, "generator": "fmnist-scenes", "parameters": params,
+            "source": str(source), "classes": ["background", *CLASSES], "ignore_index": IGNORE_INDEX,
+            "splits": {"train": "Fashion-MNIST train", "val": "Fashion-MNIST test (t10k)"}}
+    atomic.write_json(tmp / "meta.json", meta)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return meta

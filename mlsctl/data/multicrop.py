@@ -1,0 +1,159 @@
+"""Multi-crop augmentation that remembers where every crop came from.
+
+For each image, :class:`MultiCrop` draws ``n_global`` large and ``n_local`` small random resized
+crops (each flipped horizontally with probability 0.5) and applies the DINO/BYOL photometric
+pipeline (torchvision.transforms.v2):
+
+* colour jitter (brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1) with p=0.8, grayscale
+  with p=0.2;
+* Gaussian blur (sigma 0.1–2.0 px) with p=1.0 on global view 1, p=0.1 on global view 2 and p=0.5
+  on local views; solarisation with p=0.2 on global view 2;
+* ImageNet mean/std normalisation.
+
+Every crop comes with its box ``(x0, y0, x1, y1)`` in pixels of the original image (after EXIF
+orientation) and its flip flag: re-cropping the original with the box, resizing and flipping
+reproduces the crop (``tests/test_multicrop.py``). CrIBo maps patch centres through these boxes to
+place the patches of both views in one frame.
+
+Randomness comes from the ``seed`` given per call (see :mod:`mlsctl.data.loader`), never from
+the process's RNG, so crops do not depend on worker assignment and a resumed run draws the same
+crops.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torchvision.transforms.v2 as v2
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class CropParams:
+    top: int
+    left: int
+    height: int
+    width: int
+    flip: bool
+
+    @property
+    def box(self) -> tuple[int, int, int, int]:
+        return (self.left, self.top, self.left + self.width, self.top + self.height)
+
+
+@dataclass
+class Views:
+    crops: list[torch.Tensor]  # n_global + n_local tensors [3, S, S]
+    boxes: torch.Tensor  # [n_crops, 4] float (x0, y0, x1, y1) in original pixels
+    flips: torch.Tensor  # [n_crops] bool
+    image_size: tuple[int, int]  # (width, height) of the original
+
+
+def sample_crop(width: int, height: int, scale: tuple[float, float], ratio=(3 / 4, 4 / 3), generator=None) -> CropParams:
+    """RandomResizedCrop's sampling (10 tries of area and log-ratio, then a centre crop), plus a
+    fair coin for the horizontal flip. Mirrors ``torchvision.transforms.RandomResizedCrop.get_params``
+    but draws from ``generator``."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+
+    def uniform(low: float, high: float) -> float:
+        return float(torch.empty(1).uniform_(low, high, generator=generator))
+
+    params = None
+    for _ in range(10):
+        target_area = area * uniform(scale[0], scale[1])
+        aspect = math.exp(uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, (1,), generator=generator))
+            left = int(torch.randint(0, width - w + 1, (1,), generator=generator))
+            params = (top, left, h, w)
+            break
+    if params is None:  # fall back to a centre crop with the ratio clamped
+        in_ratio = width / height
+        if in_ratio < min(ratio):
+            w, h = width, int(round(width / min(ratio)))
+        elif in_ratio > max(ratio):
+            h, w = height, int(round(height * max(ratio)))
+        else:
+            w, h = width, height
+        params = ((height - h) // 2, (width - w) // 2, h, w)
+    flip = bool(torch.rand(1, generator=generator) < 0.5)
+    return CropParams(*params, flip=flip)
+
+
+def apply_crop(img: Image.Image, params: CropParams, size: int) -> Image.Image:
+    out = TF.resized_crop(img, params.top, params.left, params.height, params.width, [size, size],
+                          interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+    return TF.horizontal_flip(out) if params.flip else out
+
+
+def _blur(p: float, size: int) -> v2.Transform:
+    kernel = max(3, min(23, 2 * (size // 10) + 1))  # 23 at 224 px as in BYOL, odd, >= 3
+    return v2.RandomApply([v2.GaussianBlur(kernel_size=kernel, sigma=(0.1, 2.0))], p=p)
+
+
+def photometric_pipeline(kind: str, role: str, size: int) -> v2.Transform:
+    """``role`` is 'global1', 'global2' or 'local'; ``kind`` is 'dino' or 'none'."""
+    to_float = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    if kind == "none":
+        return v2.Compose([v2.ToImage(), *to_float])
+    if kind != "dino":
+        raise ValueError(f"unknown photometric pipeline {kind!r}")
+    colour = [
+        v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
+        v2.RandomGrayscale(p=0.2),
+    ]
+    if role == "global1":
+        extra = [_blur(1.0, size)]
+    elif role == "global2":
+        extra = [_blur(0.1, size), v2.RandomSolarize(threshold=128, p=0.2)]
+    else:
+        extra = [_blur(0.5, size)]
+    return v2.Compose([v2.ToImage(), *colour, *extra, *to_float])
+
+
+class MultiCrop:
+    def __init__(
+        self,
+        global_size: int,
+        global_scale: tuple[float, float],
+        n_local: int = 0,
+        local_size: int = 96,
+        local_scale: tuple[float, float] = (0.05, 0.25),
+        n_global: int = 2,
+        photometric: str = "dino",
+    ):
+        self.n_global, self.n_local = n_global, n_local
+        self.specs = [(global_size, tuple(global_scale))] * n_global + [(local_size, tuple(local_scale))] * n_local
+        roles = ["global1", "global2"] + ["global2"] * max(0, n_global - 2)
+        self.pipelines = [photometric_pipeline(photometric, roles[i], global_size) for i in range(n_global)]
+        self.pipelines += [photometric_pipeline(photometric, "local", local_size)] * n_local
+
+    @property
+    def n_crops(self) -> int:
+        return self.n_global + self.n_local
+
+    def sample(self, width: int, height: int, generator: torch.Generator) -> list[CropParams]:
+        return [sample_crop(width, height, scale, generator=generator) for _, scale in self.specs]
+
+    def __call__(self, img: Image.Image, seed: int) -> Views:
+        width, height = img.size
+        generator = torch.Generator().manual_seed(seed)
+        params = self.sample(width, height, generator)
+        crops = []
+        # v2 transforms draw from torch's global RNG: seed it for this image only.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator)))
+            for p, (size, _), pipeline in zip(params, self.specs, self.pipelines):
+                crops.append(pipeline(apply_crop(img, p, size)))
+        boxes = torch.tensor([p.box for p in params], dtype=torch.float32)
+        flips = torch.tensor([p.flip for p in params], dtype=torch.bool)
+        return Views(crops, boxes, flips, (width, height))

@@ -1,0 +1,98 @@
+"""fmnist-scenes from synthetic IDX files (the real data set is not needed by the tests)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mlsctl.data.fmnist import CLASSES, DEFAULT_SOURCE, build_scenes, load_split
+from mlsctl.errors import UserError
+
+from conftest import run_cli
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(">" + "I" * array.ndim, *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture
+def fake_fmnist(tmp_path: Path) -> Path:
+    """Items are filled squares whose brightness encodes the split, labels cycle 0..9."""
+    source = tmp_path / "fmnist"
+    source.mkdir()
+    for stem, n, value in (("train", 50, 200), ("t10k", 30, 120)):
+        images = np.zeros((n, 28, 28), dtype=np.uint8)
+        images[:, 4:24, 6:22] = value
+        write_idx(source / f"{stem}-images-idx3-ubyte.gz", images)
+        write_idx(source / f"{stem}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    return source
+
+
+def test_reads_idx_files(fake_fmnist: Path):
+    images, labels = load_split(fake_fmnist, "train")
+    assert images.shape == (50, 28, 28) and labels.tolist()[:12] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0, 1]
+
+
+def test_missing_source_names_the_debian_package(tmp_path: Path):
+    with pytest.raises(UserError, match="dataset-fashion-mnist"):
+        load_split(tmp_path / "none", "train")
+
+
+def test_build_is_complete_and_deterministic(tmp_path: Path, fake_fmnist: Path):
+    meta = build_scenes(tmp_path / "a", n_train=6, n_val=4, size=48, seed=3, source=fake_fmnist, progress=False)
+    build_scenes(tmp_path / "b", n_train=6, n_val=4, size=48, seed=3, source=fake_fmnist, progress=False)
+    assert meta["classes"] == ["background", *CLASSES] and meta["ignore_index"] == 255
+    for split, n in (("train", 6), ("val", 4)):
+        lines = (tmp_path / "a" / split / "scenes.jsonl").read_text().splitlines()
+        assert len(lines) == n
+        for line in lines:
+            scene = json.loads(line)
+            image = np.asarray(Image.open(tmp_path / "a" / split / scene["image"]))
+            mask = np.asarray(Image.open(tmp_path / "a" / split / scene["mask"]))
+            again = np.asarray(Image.open(tmp_path / "b" / split / scene["image"]))
+            assert image.shape == (48, 48, 3) and mask.shape == (48, 48) and np.array_equal(image, again)
+            assert 2 <= len(scene["items"]) <= 5
+            present = set(np.unique(mask).tolist()) - {0}
+            assert present <= {item["class"] + 1 for item in scene["items"]}
+            for item in scene["items"]:
+                x0, y0, x1, y1 = item["box"]
+                assert 0 <= x0 < x1 <= 48 and 0 <= y0 < y1 <= 48
+                assert item["visible_fraction"] >= 0.4
+                # brightness of the fake items tells the split: train items come from the train file
+                assert item["source_index"] < (50 if split == "train" else 30)
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temporary folder left
+
+
+def test_rebuild_is_a_no_op_and_changes_need_overwrite(tmp_path: Path, fake_fmnist: Path):
+    out = tmp_path / "scenes"
+    build_scenes(out, n_train=3, n_val=2, size=40, source=fake_fmnist, progress=False)
+    stamp = (out / "train" / "images" / "000000.png").stat().st_mtime_ns
+    assert build_scenes(out, n_train=3, n_val=2, size=40, source=fake_fmnist, progress=False)["reused"]
+    assert (out / "train" / "images" / "000000.png").stat().st_mtime_ns == stamp
+    with pytest.raises(UserError, match="add --overwrite"):
+        build_scenes(out, n_train=4, n_val=2, size=40, source=fake_fmnist, progress=False)
+    build_scenes(out, n_train=4, n_val=2, size=40, source=fake_fmnist, overwrite=True, progress=False)
+    assert len(list((out / "train" / "images").iterdir())) == 4
+
+
+def test_cli_builds_scenes(tmp_path: Path, fake_fmnist: Path):
+    result = run_cli("data", "fmnist-scenes", "--out", str(tmp_path / "s"), "--n-train", "3", "--n-val", "2",
+                     "--size", "40", "--source", str(fake_fmnist), check=True)
+    assert "built" in result.stdout
+    missing = run_cli("data", "fmnist-scenes", "--out", str(tmp_path / "t"), "--source", str(tmp_path / "none"))
+    assert missing.returncode == 2 and "dataset-fashion-mnist" in missing.stderr and "Traceback" not in missing.stderr
+
+
+@pytest.mark.skipif(not Path(DEFAULT_SOURCE).is_dir(), reason="Fashion-MNIST (dataset-fashion-mnist) not installed")
+def test_real_fashion_mnist_scene(tmp_path: Path):
+    build_scenes(tmp_path / "real", n_train=2, n_val=2, progress=False)
+    mask = np.asarray(Image.open(tmp_path / "real" / "val" / "masks" / "000000.png"))
+    assert mask.shape == (96, 96) and mask.max() <= 10 and (mask > 0).mean() > 0.05

@@ -1,0 +1,109 @@
+from __future__ import annotations
+
+import io
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mlsctl.data.images import BadImage, ImageFolder, SkipLog, find_images, load_rgb
+from mlsctl.data.loader import MultiCropDataset, collate
+from mlsctl.data.multicrop import MultiCrop
+from mlsctl.errors import UserError
+
+
+def write_bad_files(root: Path) -> dict[str, str]:
+    """Zero-byte, truncated JPEG and a text file with an image extension."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "empty.png").write_bytes(b"")
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buffer, "JPEG")
+    (root / "truncated.jpg").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    (root / "notes.jpg").write_text("this is not an image\n")
+    return {"empty.png": "empty file (0 bytes)", "truncated.jpg": "truncated image data", "notes.jpg": "not an image file"}
+
+
+def test_find_images_is_recursive_sorted_and_filtered(tmp_path: Path):
+    for name in ["b.png", "a/z.JPG", "a/y.webp", "c.txt", ".hidden/x.png", "d.tiff", "e.bmp", "f.jpeg"]:
+        path = tmp_path / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+    found = [p.relative_to(tmp_path).as_posix() for p in find_images(tmp_path)]
+    assert found == ["a/y.webp", "a/z.JPG", "b.png", "d.tiff", "e.bmp", "f.jpeg"]
+
+
+def test_missing_and_empty_folders_are_clear_errors(tmp_path: Path):
+    with pytest.raises(UserError, match="does not exist"):
+        find_images(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "readme.txt").write_text("hi")
+    with pytest.raises(UserError, match="contains no images"):
+        find_images(tmp_path / "empty")
+
+
+def test_bad_files_raise_bad_image_with_reasons(tmp_path: Path):
+    expected = write_bad_files(tmp_path)
+    for name, reason in expected.items():
+        with pytest.raises(BadImage) as info:
+            load_rgb(tmp_path / name)
+        assert str(info.value) == reason
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "LA", "P", "CMYK", "I;16", "I", "F", "1"])
+def test_every_mode_becomes_8bit_rgb(tmp_path: Path, mode: str):
+    rgb = Image.fromarray(np.random.default_rng(1).integers(0, 255, (20, 30, 3), dtype=np.uint8))
+    if mode == "I;16":
+        image = Image.fromarray((np.arange(600, dtype=np.uint16).reshape(20, 30) * 100))
+        assert image.mode.startswith("I;16")
+    elif mode == "F":
+        image = Image.fromarray(np.linspace(-1, 1, 600, dtype=np.float32).reshape(20, 30))
+    else:
+        image = rgb.convert(mode)
+    suffix = ".tif" if mode in ("CMYK", "I", "F", "LA") else ".png"
+    if mode == "CMYK":
+        suffix = ".jpg"
+    path = tmp_path / f"img{suffix}"
+    image.save(path)
+    out = load_rgb(path)
+    assert out.mode == "RGB" and out.size == (30, 20)
+    if mode == "I;16":  # 16-bit values are rescaled, not clipped: the brightest pixel maps near 255
+        array = np.asarray(out)[..., 0]
+        assert array.max() >= 250 * (59900 / 65535) - 2 and array.min() == 0
+
+
+def test_transparent_pixels_become_white(tmp_path: Path):
+    rgba = np.zeros((4, 4, 4), dtype=np.uint8)
+    rgba[..., 0] = 200
+    rgba[:2, :, 3] = 255  # top half opaque red, bottom half transparent
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    out = np.asarray(load_rgb(tmp_path / "a.png"))
+    assert tuple(out[0, 0]) == (200, 0, 0)
+    assert tuple(out[3, 3]) == (255, 255, 255)
+
+
+def test_exif_orientation_is_applied(tmp_path: Path):
+    image = Image.new("RGB", (40, 20), (10, 20, 30))
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotate 90° clockwise on display
+    image.save(tmp_path / "rotated.jpg", exif=exif)
+    assert load_rgb(tmp_path / "rotated.jpg").size == (20, 40)
+
+
+def test_dataset_skips_bad_files_and_reports_each_once(tmp_path: Path, caplog):
+    root = tmp_path / "data"
+    expected = write_bad_files(root)
+    Image.new("RGB", (40, 40), (0, 128, 0)).save(root / "ok.png")
+    folder = ImageFolder(root)
+    dataset = MultiCropDataset(folder, MultiCrop(16, (0.5, 1.0), n_local=0, photometric="none"), seed=0)
+    batch = collate([dataset[(0, i)] for i in range(len(folder))])
+    assert len(batch) == 4  # every sample came back, bad ones replaced by the next readable image
+    ok_index = folder.files.index(root / "ok.png")
+    assert batch.image_ids.tolist() == [ok_index] * 4
+    skips = SkipLog(root)
+    with caplog.at_level(logging.WARNING, logger="mlsctl"):
+        skips.extend(batch.skipped)
+    assert skips.reasons == expected
+    assert len([r for r in caplog.records if r.message.startswith("skipped ")]) == 3
+    assert skips.summary() == f"skipped 3 unreadable files in {root}"
