@@ -1,0 +1,159 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mlsctl.errors import UserError
+from mlsctl.models.backbone import Backbone
+from mlsctl.models.lora import LoraSettings, merged_vit, save_adapters
+
+TINY = {"embed_dim": 32, "depth": 2, "num_heads": 2}
+
+
+def tiny(**kwargs) -> Backbone:
+    torch.manual_seed(0)
+    args = dict(img_size=32, patch_size=8, timm_kwargs=TINY)
+    args.update(kwargs)
+    return Backbone("vit_small_patch16_224", **args).eval()
+
+
+@pytest.mark.parametrize("size", [(32, 32), (16, 16), (48, 24)])
+def test_outputs_cls_and_patch_grid(size):
+    out = tiny()(torch.randn(2, 3, *size))
+    assert out.cls.shape == (2, 32)
+    assert out.patches.shape == (2, size[0] // 8, size[1] // 8, 32)
+
+
+def test_register_tokens_are_not_patches():
+    model = Backbone("vit_small_patch16_224", img_size=32, patch_size=8, timm_kwargs={**TINY, "reg_tokens": 4})
+    assert model.num_prefix_tokens == 5
+    assert model(torch.randn(1, 3, 32, 32)).patches.shape == (1, 4, 4, 32)
+
+
+def test_forward_crops_equals_separate_forwards():
+    model = tiny()
+    crops = [torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32), torch.randn(2, 3, 16, 16)]
+    together = model.forward_crops(crops)
+    for crop, out in zip(crops, together):
+        assert torch.allclose(model(crop).cls, out.cls, atol=1e-5)
+
+
+def reference_state() -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in tiny().vit.state_dict().items()}
+
+
+@pytest.mark.parametrize("layout", ["timm", "dino_release", "dino_checkpoint", "ddp_student", "mlsctl_run"])
+def test_weights_load_from_every_layout(tmp_path: Path, layout: str):
+    state = {k: torch.randn_like(v) for k, v in reference_state().items()}
+    if layout == "timm":
+        path, payload = tmp_path / "w.safetensors", {**state, "head.weight": torch.zeros(10, 32)}
+        save_file(payload, str(path))
+    else:
+        path = tmp_path / "w.pth"
+        if layout == "dino_release":
+            payload = state
+        elif layout == "dino_checkpoint":
+            payload = {"teacher": {**{f"backbone.{k}": v for k, v in state.items()}, "head.mlp.0.weight": torch.zeros(3, 3)},
+                       "student": {f"module.backbone.{k}": torch.zeros_like(v) for k, v in state.items()}, "epoch": 3}
+        elif layout == "ddp_student":
+            payload = {"state_dict": {f"module.{k}": v for k, v in state.items()}}
+        else:
+            payload = {**{f"teacher.backbone.model.{k}": v for k, v in state.items()},
+                       **{f"student.backbone.model.{k}": torch.zeros_like(v) for k, v in state.items()},
+                       "center": torch.zeros(1, 4)}
+        torch.save(payload, path)
+    model = tiny(weights=str(path))
+    for key, value in model.vit.state_dict().items():
+        assert torch.equal(value, state[key]), key
+
+
+def test_position_embedding_is_resampled(tmp_path: Path):
+    state = reference_state()  # 4x4 grid
+    save_file(state, str(tmp_path / "w.safetensors"))
+    model = tiny(img_size=48, weights=str(tmp_path / "w.safetensors"))  # 6x6 grid
+    assert model.vit.pos_embed.shape == (1, 37, 32)
+    assert torch.equal(model.vit.pos_embed[:, :1], state["pos_embed"][:, :1])
+
+
+def test_mismatched_weights_list_missing_and_unexpected_keys(tmp_path: Path):
+    state = reference_state()
+    del state["norm.weight"]
+    state["extra.thing"] = torch.zeros(2)
+    save_file(state, str(tmp_path / "w.safetensors"))
+    with pytest.raises(UserError) as info:
+        tiny(weights=str(tmp_path / "w.safetensors"))
+    message = str(info.value)
+    assert "missing 1 keys (norm.weight)" in message and "unexpected 1 keys (extra.thing)" in message
+
+
+def test_weight_file_errors_are_one_sentence(tmp_path: Path):
+    with pytest.raises(UserError, match="does not exist"):
+        tiny(weights=str(tmp_path / "nope.pth"))
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="cannot read weights"):
+        tiny(weights=str(tmp_path / "junk.pth"))
+    (tmp_path / "w.npz").write_bytes(b"x")
+    with pytest.raises(UserError, match="must end in .safetensors or .pth"):
+        tiny(weights=str(tmp_path / "w.npz"))
+
+
+def test_pth_loading_runs_no_code(tmp_path: Path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    torch.save({"x": Evil()}, tmp_path / "evil.pth")
+    with pytest.raises(UserError):
+        tiny(weights=str(tmp_path / "evil.pth"))
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_unknown_arch_fails_clearly():
+    with pytest.raises(UserError, match="not a timm model"):
+        Backbone("vit_smol_patch16_224")
+    with pytest.raises(UserError, match="Vision Transformer"):
+        Backbone("resnet18")
+
+
+def test_offline_pretrained_fails_with_one_sentence(tmp_path: Path, recipe_file: Path):
+    """HF_HUB_OFFLINE=1 and an empty cache: timm cannot fetch the weights."""
+    import subprocess
+    import sys
+
+    from conftest import cli_env
+
+    env = {**cli_env(), "HF_HOME": str(tmp_path / "hf")}
+    result = subprocess.run([sys.executable, "-m", "mlsctl", "pretrain", str(recipe_file), "model.pretrained=true",
+                             "--out", str(tmp_path / "run")], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 2, result.stderr
+    assert "model.pretrained=true could not get timm's weights" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_lora_trains_only_adapters_and_merges(tmp_path: Path):
+    model = tiny(lora=LoraSettings(rank=4, alpha=8, bias="lora_only"))
+    trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
+    assert trainable and all(("lora_" in n) or n.endswith("qkv.base_layer.bias") for n in trainable)
+    assert any(n.endswith("qkv.base_layer.bias") for n in trainable)
+    # adapters start as a no-op (B = 0); make them matter, then merge
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    expected = model(x).cls
+    merged = merged_vit(model.model)
+    assert not any("lora" in k for k in merged.state_dict())
+    assert torch.allclose(merged.forward_features(x)[:, 0], expected, atol=1e-4)
+    save_adapters(model.model, tmp_path / "adapters")
+    assert (tmp_path / "adapters" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "adapters" / "adapter_config.json").is_file()
+
+
+def test_lora_with_no_matching_module_fails():
+    with pytest.raises(UserError, match="matched no module"):
+        tiny(lora=LoraSettings(targets=["query"]))
