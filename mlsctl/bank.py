@@ -1,0 +1,290 @@
+"""The memory bank: a fixed-shape FIFO queue of detached vectors with payload columns.
+
+One module for every method's queues (DINO's monitor bank, CrIBo's object bank, SOVE's memories,
+MLS's two queues...). A bank holds
+
+* ``vectors`` [size, dim]: detached copies of what was enqueued;
+* payload columns [size, ...]: anything recorded with each entry (image id, crop boxes, cluster
+  id, label...). The column ``step`` (training step of the write, -1 for never written) is always
+  present, so every bank knows the age of its entries;
+* ``ptr``: the slot the next entry goes to, and ``n_written``: entries enqueued since creation.
+
+Semantics (pinned by ``tests/test_bank.py``):
+
+* FIFO: entries are written at ``ptr`` and wrap around; a batch larger than the bank keeps its
+  newest ``size`` rows. Sizes need not be a multiple of the batch size.
+* Query before enqueue: a method scores a batch against the bank *before* writing the batch, so
+  a query never sees its own batch. :meth:`query` also takes ``exclude_step`` to make that
+  guarantee explicit: entries written at that step are never returned.
+* Empty slots are never returned by :meth:`query` (:attr:`filled` < size until the first wrap).
+
+Distributed trade-off: :meth:`enqueue` gathers the batch from every process (in rank order)
+before writing, so every rank holds the same bank. This costs one all-gather of
+``world × batch × dim`` values per step and a bank that fills ``world`` times faster, but the
+bank is then independent of how the batch is split over processes (2 processes with batch B
+write exactly what 1 process with batch 2B writes), a checkpoint written by rank 0 is the bank of
+every rank, resume is exact, and neighbours come from the whole global batch's history. Per-rank
+banks would save the communication at the price of banks that differ between ranks and depend on
+the number of processes. :meth:`assert_synchronized` checks the invariant cheaply.
+
+Banks are saved with :func:`save_banks` / :func:`load_banks` as one safetensors file; a bank can
+be rebuilt from its saved tensors alone (:meth:`MemoryBank.from_state_dict`), which is what the
+``mlsctl bank`` commands use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+
+from mlsctl import atomic, dist
+
+BANKS_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Column:
+    """A payload column: the shape of one entry's value and its dtype."""
+
+    shape: tuple[int, ...] = ()
+    dtype: torch.dtype = torch.long
+
+
+class MemoryBank:
+    def __init__(
+        self,
+        size: int,
+        dim: int,
+        payload: Optional[Mapping[str, Column]] = None,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        init: str = "zeros",
+        generator: Optional[torch.Generator] = None,
+    ):
+        """``init="zeros"`` starts empty; ``init="random_unit"`` starts full of random unit
+        vectors (as SOVE's memories do), seeded by ``generator``."""
+        if size < 1 or dim < 1:
+            raise ValueError(f"a memory bank needs size >= 1 and dim >= 1, got size={size}, dim={dim}")
+        columns = dict(payload or {})
+        if "step" in columns:
+            raise ValueError("the payload column 'step' is reserved (every bank records it)")
+        self.columns: dict[str, Column] = {"step": Column((), torch.long), **columns}
+        self.vectors = torch.zeros(size, dim, dtype=dtype, device=device)
+        self.payload: dict[str, torch.Tensor] = {
+            name: torch.zeros((size, *col.shape), dtype=col.dtype, device=device) for name, col in self.columns.items()
+        }
+        self.payload["step"].fill_(-1)
+        self.ptr = 0
+        self.n_written = 0
+        self._prefilled = False
+        if init == "random_unit":
+            noise = torch.randn(size, dim, generator=generator, dtype=torch.float32)
+            self.vectors.copy_(F.normalize(noise, dim=1).to(dtype))
+            self._prefilled = True
+        elif init != "zeros":
+            raise ValueError(f"init must be 'zeros' or 'random_unit', got {init!r}")
+
+    # ----------------------------------------------------------------------------- shape and fill
+    @property
+    def size(self) -> int:
+        return self.vectors.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.vectors.shape[1]
+
+    @property
+    def filled(self) -> int:
+        """Number of valid entries (prefilled random entries count as valid)."""
+        return self.size if self._prefilled else min(self.n_written, self.size)
+
+    @property
+    def is_full(self) -> bool:
+        return self.filled == self.size
+
+    @property
+    def fill(self) -> float:
+        return self.filled / self.size
+
+    def to(self, device: torch.device | str) -> "MemoryBank":
+        self.vectors = self.vectors.to(device)
+        self.payload = {k: v.to(device) for k, v in self.payload.items()}
+        return self
+
+    def order(self) -> torch.Tensor:
+        """Slot indices of the valid entries, oldest first."""
+        device = self.vectors.device
+        if self.filled < self.size:
+            return torch.arange(self.filled, device=device)
+        return (self.ptr + torch.arange(self.size, device=device)) % self.size
+
+    def ages(self, step: int) -> torch.Tensor:
+        """Age in steps of every valid entry (oldest first); prefilled entries have no age (-1)."""
+        written = self.payload["step"][self.order()]
+        return torch.where(written >= 0, step - written, torch.full_like(written, -1))
+
+    # ----------------------------------------------------------------------------- writing
+    @torch.no_grad()
+    def enqueue(self, vectors: torch.Tensor, *, step: int, gather: bool = True, **payload: torch.Tensor) -> None:
+        """Append a batch (gathered from every process first, unless ``gather=False``).
+
+        Every declared payload column except ``step`` must be given, with one row per vector.
+        """
+        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
+            raise ValueError(f"enqueue expects vectors of shape [n, {self.dim}], got {list(vectors.shape)}")
+        expected = set(self.columns) - {"step"}
+        if set(payload) != expected:
+            missing, extra = sorted(expected - set(payload)), sorted(set(payload) - expected)
+            raise ValueError(f"payload columns mismatch: missing {missing}, unexpected {extra}")
+        n = vectors.shape[0]
+        rows = {"step": torch.full((n,), int(step), dtype=torch.long, device=vectors.device)}
+        for name, value in payload.items():
+            value = torch.as_tensor(value, device=vectors.device)
+            col = self.columns[name]
+            if tuple(value.shape) != (n, *col.shape):
+                raise ValueError(f"payload '{name}' must have shape {[n, *col.shape]}, got {list(value.shape)}")
+            rows[name] = value
+        vectors = vectors.detach()
+        if gather:
+            vectors = dist.gather_cat(vectors)
+            rows = {name: dist.gather_cat(value) for name, value in rows.items()}
+        self._write(vectors, rows)
+
+    def _write(self, vectors: torch.Tensor, rows: dict[str, torch.Tensor]) -> None:
+        n = vectors.shape[0]
+        skip = max(0, n - self.size)  # a batch larger than the bank keeps its newest rows
+        self.ptr = (self.ptr + skip) % self.size
+        vectors = vectors[skip:]
+        m = vectors.shape[0]
+        slots = (self.ptr + torch.arange(m, device=self.vectors.device)) % self.size
+        self.vectors[slots] = vectors.to(self.vectors.dtype)
+        for name, value in rows.items():
+            self.payload[name][slots] = value[skip:].to(self.payload[name].dtype)
+        self.ptr = (self.ptr + m) % self.size
+        self.n_written += n
+
+    # ----------------------------------------------------------------------------- reading
+    def valid_mask(self, exclude_step: Optional[int] = None) -> torch.Tensor:
+        mask = torch.zeros(self.size, dtype=torch.bool, device=self.vectors.device)
+        mask[self.order()] = True
+        if exclude_step is not None:
+            mask &= self.payload["step"] != exclude_step
+        return mask
+
+    @torch.no_grad()
+    def query(
+        self, queries: torch.Tensor, k: int, *, exclude_step: Optional[int] = None, normalize: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-``k`` entries by cosine (or inner product with ``normalize=False``).
+
+        Returns ``(scores, slots)`` of shape [n_queries, k'] where k' = min(k, valid entries);
+        ``slots`` index :attr:`vectors` and every payload column. Empty slots and entries written
+        at ``exclude_step`` are never returned.
+        """
+        mask = self.valid_mask(exclude_step)
+        n_valid = int(mask.sum())
+        if n_valid == 0:
+            raise RuntimeError("query on a memory bank with no valid entries")
+        keys = self.vectors.to(queries.dtype)
+        q = queries
+        if normalize:
+            keys, q = F.normalize(keys, dim=1), F.normalize(q, dim=1)
+        scores = q @ keys.T
+        scores = scores.masked_fill(~mask, float("-inf"))
+        top = scores.topk(min(k, n_valid), dim=1)
+        return top.values, top.indices
+
+    # ----------------------------------------------------------------------------- persistence
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {"vectors": self.vectors, "ptr": torch.tensor(self.ptr), "n_written": torch.tensor(self.n_written),
+                 "prefilled": torch.tensor(int(self._prefilled))}
+        for name, value in self.payload.items():
+            state[f"payload.{name}"] = value
+        return state
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        expected = set(self.state_dict())
+        if set(state) != expected:
+            raise ValueError(f"bank state keys differ: missing {sorted(expected - set(state))}, "
+                             f"unexpected {sorted(set(state) - expected)}")
+        if tuple(state["vectors"].shape) != tuple(self.vectors.shape):
+            raise ValueError(f"bank shape differs: saved {list(state['vectors'].shape)}, "
+                             f"expected {list(self.vectors.shape)}")
+        device = self.vectors.device
+        self.vectors = state["vectors"].to(device=device, dtype=self.vectors.dtype).clone()
+        for name in self.payload:
+            saved = state[f"payload.{name}"]
+            if tuple(saved.shape) != tuple(self.payload[name].shape):
+                raise ValueError(f"bank payload '{name}' shape differs: saved {list(saved.shape)}, "
+                                 f"expected {list(self.payload[name].shape)}")
+            self.payload[name] = saved.to(device=device, dtype=self.payload[name].dtype).clone()
+        self.ptr = int(state["ptr"])
+        self.n_written = int(state["n_written"])
+        self._prefilled = bool(int(state["prefilled"]))
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, torch.Tensor]) -> "MemoryBank":
+        vectors = state["vectors"]
+        columns = {
+            key[len("payload."):]: Column(tuple(value.shape[1:]), value.dtype)
+            for key, value in state.items()
+            if key.startswith("payload.") and key != "payload.step"
+        }
+        bank = cls(vectors.shape[0], vectors.shape[1], columns, dtype=vectors.dtype)
+        bank.load_state_dict(state)
+        return bank
+
+    def checksum(self) -> torch.Tensor:
+        """A cheap fingerprint of the whole state (float64), equal on ranks holding equal banks."""
+        parts = [self.vectors.double().sum(), self.vectors.double().abs().sum(), torch.tensor(float(self.ptr)),
+                 torch.tensor(float(self.n_written))]
+        parts += [v.double().sum() for v in self.payload.values()]
+        return torch.stack([p.cpu() for p in parts])
+
+    def assert_synchronized(self, name: str = "bank") -> None:
+        """Raise if any process holds a different bank (a no-op with one process)."""
+        sums = dist.all_gather_object(self.checksum().tolist())
+        if any(s != sums[0] for s in sums[1:]):
+            raise RuntimeError(f"memory bank '{name}' differs between processes: {sums}")
+
+    def __repr__(self) -> str:
+        cols = ", ".join(f"{k}{list(c.shape)}" for k, c in self.columns.items())
+        return f"MemoryBank(size={self.size}, dim={self.dim}, filled={self.filled}, ptr={self.ptr}, payload=[{cols}])"
+
+
+def save_banks(banks: Mapping[str, MemoryBank], path: str | Path) -> None:
+    """All banks of a run in one safetensors file: ``NAME/vectors``, ``NAME/payload.COL`` ..."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for name, bank in banks.items():
+        if "/" in name:
+            raise ValueError(f"bank names cannot contain '/': {name!r}")
+        for key, value in bank.state_dict().items():
+            tensors[f"{name}/{key}"] = value.detach().cpu().contiguous()
+    metadata = {"format_version": str(BANKS_FORMAT_VERSION), "banks": ",".join(banks)}
+    atomic.write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+
+
+def read_bank_states(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    states: dict[str, dict[str, torch.Tensor]] = {}
+    with safe_open(str(path), framework="pt") as f:
+        version = int((f.metadata() or {}).get("format_version", "0"))
+        if version > BANKS_FORMAT_VERSION:
+            raise ValueError(f"{path} holds banks of format {version}, newer than this mlsctl reads; upgrade mlsctl")
+        for key in f.keys():
+            name, _, sub = key.partition("/")
+            states.setdefault(name, {})[sub] = f.get_tensor(key)
+    return states
+
+
+def load_banks(path: str | Path) -> dict[str, MemoryBank]:
+    """Rebuild every bank of a file from its tensors alone."""
+    return {name: MemoryBank.from_state_dict(state) for name, state in read_bank_states(path).items()}

@@ -1,0 +1,130 @@
+"""Small helpers over ``torch.distributed`` (initialised by Accelerate), safe with one process.
+
+None of these take part in autograd: they are used for bookkeeping (banks, centers, checksums),
+never inside a loss.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+@torch.no_grad()
+def gather_cat(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``tensor`` from every process along dim 0, in rank order.
+
+    Processes may hold different numbers of rows; they are padded to the largest for the
+    collective and trimmed afterwards. Booleans travel as uint8 (gloo cannot gather bool).
+    """
+    if not is_distributed():
+        return tensor
+    was_bool = tensor.dtype == torch.bool
+    local = tensor.to(torch.uint8) if was_bool else tensor
+    local = local.contiguous()
+    size = torch.tensor([local.shape[0]], device=local.device, dtype=torch.long)
+    sizes = [torch.zeros_like(size) for _ in range(world_size())]
+    dist.all_gather(sizes, size)
+    counts = [int(s.item()) for s in sizes]
+    longest = max(counts)
+    if local.shape[0] < longest:
+        pad = local.new_zeros((longest - local.shape[0], *local.shape[1:]))
+        local = torch.cat([local, pad])
+    parts = [torch.empty_like(local) for _ in range(world_size())]
+    dist.all_gather(parts, local)
+    out = torch.cat([p[:n] for p, n in zip(parts, counts)])
+    return out.bool() if was_bool else out
+
+
+@torch.no_grad()
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over processes (a copy; the input is left alone)."""
+    out = tensor.clone()
+    if is_distributed():
+        dist.all_reduce(out)
+    return out
+
+
+@torch.no_grad()
+def mean_over_processes(values: dict[str, float]) -> dict[str, float]:
+    """Average scalars over processes (for logging a global-batch value)."""
+    if not is_distributed() or not values:
+        return values
+    keys = sorted(values)
+    stacked = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    dist.all_reduce(stacked)
+    return {k: float(v) / world_size() for k, v in zip(keys, stacked)}
+
+
+def all_gather_object(obj):
+    if not is_distributed():
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def _requested_processes(argv: list[str]) -> int:
+    for i, arg in enumerate(argv):
+        if arg in ("--num_processes", "--num-processes") and i + 1 < len(argv):
+            return int(argv[i + 1])
+        for prefix in ("--num_processes=", "--num-processes="):
+            if arg.startswith(prefix):
+                return int(arg[len(prefix):])
+    return 1
+
+
+def relaunch_for_accelerate_on_cpu() -> None:
+    """Make ``accelerate launch --num_processes N -m mlsctl ...`` start N processes without GPUs.
+
+    On a machine without accelerators, and without an Accelerate config file, ``accelerate
+    launch --num_processes 2`` runs its single-process launcher: one process starts and trains
+    alone. When this module finds itself started that way (its parent is ``accelerate launch``
+    asking for N > 1 processes and no distributed environment is set), it replaces itself with
+    ``torch.distributed.run --nproc_per_node N`` (what ``accelerate launch --multi_gpu`` does),
+    and says so on stderr. Everything else is left untouched.
+    """
+    if "WORLD_SIZE" in os.environ or "ACCELERATE_MIXED_PRECISION" not in os.environ:
+        return
+    try:
+        parent = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return
+    if not any(Path(a).name == "accelerate" or a.endswith("accelerate") for a in parent[:3]) or "launch" not in parent:
+        return
+    try:
+        wanted = _requested_processes(parent)
+    except ValueError:
+        return
+    if wanted <= 1 or torch.cuda.is_available():
+        return
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={wanted}",
+               "-m", "mlsctl", *sys.argv[1:]]
+    print(f"mlsctl: accelerate launch runs a single process on a machine without GPUs; starting {wanted} "
+          f"processes with torch.distributed.run (as `accelerate launch --multi_gpu` would): "
+          f"{shlex.join(command[1:])}", file=sys.stderr, flush=True)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or wanted) // wanted)))
+    os.environ["ACCELERATE_USE_CPU"] = "true"
+    os.execv(sys.executable, command)
