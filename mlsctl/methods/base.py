@@ -1,0 +1,93 @@
+"""What a method declares; the training loop (:mod:`mlsctl.train`) does the rest.
+
+A method is an ``nn.Module`` holding every network it trains or keeps (student, teacher, heads,
+centers) and declares:
+
+* ``Config``: its dataclass of hyper-parameters (the recipe's ``method`` section);
+* :meth:`training_step` (also its ``forward``, so DDP sees it): one batch → :class:`StepOutput`;
+* :meth:`ema_pairs`: (student, teacher) modules the loop updates by EMA after each step, with
+  momentum :meth:`ema_momentum`;
+* :meth:`banks`: its memory banks, saved with every checkpoint;
+* :meth:`last_layer_parameters`: parameters frozen for ``optim.freeze_last_layer_epochs``;
+* :meth:`teacher_backbone`: the backbone features are extracted from;
+* :meth:`build_dataset`: the training dataset and its collate function (multi-crop image folder
+  by default);
+* :meth:`check_recipe`: recipe constraints of the method, reported as config errors.
+
+Trainable parameters are those with ``requires_grad``; a teacher freezes its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+import torch.nn as nn
+
+from mlsctl.bank import MemoryBank
+from mlsctl.config import MethodConfig, Recipe
+from mlsctl.data.images import ImageFolder
+from mlsctl.data.loader import MultiCropDataset, collate
+from mlsctl.data.multicrop import MultiCrop
+from mlsctl.models.backbone import Backbone
+from mlsctl.schedules import Schedule, cosine
+
+
+@dataclass
+class StepOutput:
+    loss: torch.Tensor  # the scalar to back-propagate
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)  # detached loss terms, logged as loss/NAME
+    metrics: dict[str, float] = field(default_factory=dict)  # anything else worth a curve
+
+
+class Method(nn.Module):
+    Config: ClassVar[type] = MethodConfig
+    find_unused_parameters: ClassVar[bool] = False
+
+    def __init__(self, recipe: Recipe, schedule: Schedule):
+        super().__init__()
+        self.recipe = recipe
+        self.cfg = recipe.method
+        self.schedule = schedule
+
+    # ------------------------------------------------------------------ declared by each method
+    def training_step(self, batch, step: int) -> StepOutput:
+        raise NotImplementedError
+
+    def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        return []
+
+    def ema_momentum(self, step: int) -> float:
+        """Teacher momentum: cosine from ``cfg.momentum_teacher`` to ``cfg.momentum_teacher_end``."""
+        return cosine(step, self.schedule.total_steps, self.cfg.momentum_teacher, self.cfg.momentum_teacher_end)
+
+    def banks(self) -> dict[str, MemoryBank]:
+        return {}
+
+    def last_layer_parameters(self) -> list[nn.Parameter]:
+        return []
+
+    def teacher_backbone(self) -> Backbone:
+        raise NotImplementedError
+
+    @classmethod
+    def check_recipe(cls, recipe: Recipe) -> list[tuple[str, str]]:
+        return []
+
+    @classmethod
+    def build_dataset(cls, recipe: Recipe, folder: ImageFolder):
+        data = recipe.data
+        transform = MultiCrop(
+            global_size=data.global_crops.size, global_scale=data.global_crops.scale, n_global=data.global_crops.count,
+            n_local=data.local_crops.count, local_size=data.local_crops.size, local_scale=data.local_crops.scale,
+            photometric=data.photometric,
+        )
+        return MultiCropDataset(folder, transform, recipe.seed), collate
+
+    # ------------------------------------------------------------------ shared plumbing
+    def forward(self, batch, step: int) -> StepOutput:
+        return self.training_step(batch, step)
+
+    def backbones(self) -> list[Backbone]:
+        return [m for m in self.modules() if isinstance(m, Backbone)]

@@ -1,0 +1,173 @@
+"""DINO: self-distillation with no labels (Caron et al., 2021) — the baseline of every method.
+
+A student network (ViT + :class:`~mlsctl.models.heads.DINOHead`) sees every crop; its EMA copy,
+the teacher, sees the two global crops. The teacher's output, centered and sharpened
+(:func:`teacher_probabilities`), is the target of the student's output on every *other* crop
+(:func:`dino_loss`). The center is an EMA (momentum 0.9) of the batch-mean teacher logits over all
+processes (:func:`updated_center`). The teacher temperature warms up linearly over epochs, the
+teacher momentum follows a cosine from ``momentum_teacher`` to 1.
+
+Besides the paper: a monitor bank (``cls``) of recent teacher CLS embeddings (image id, step and
+the box of global view 1 as payload) so ``mlsctl bank`` commands can look inside a DINO run; it
+plays no part in the loss (``monitor_bank_size: 0`` turns it off).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mlsctl import dist
+from mlsctl.bank import Column, MemoryBank
+from mlsctl.config import MethodConfig, param
+from mlsctl.methods.base import Method, StepOutput
+from mlsctl.models.backbone import build_backbone
+from mlsctl.models.heads import DINOHead
+from mlsctl.schedules import linear_warmup_epochs
+
+
+# ------------------------------------------------------------------------------------------ losses
+
+
+def teacher_probabilities(teacher_logits: torch.Tensor, center: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``softmax((t - center) / tau_t)``: the centered, sharpened teacher distribution."""
+    return F.softmax((teacher_logits - center) / temperature, dim=-1)
+
+
+def cross_entropy(target_probs: torch.Tensor, student_logits: torch.Tensor, student_temp: float) -> torch.Tensor:
+    """Mean over rows of ``H(p, q) = -sum p log q`` with ``q = softmax(s / tau_s)``."""
+    return torch.sum(-target_probs * F.log_softmax(student_logits / student_temp, dim=-1), dim=-1).mean()
+
+
+def dino_loss(student_logits: Sequence[torch.Tensor], teacher_probs: Sequence[torch.Tensor], student_temp: float) -> torch.Tensor:
+    """Cross-view DINO loss: every teacher view ``i`` against every student view ``v != i``,
+    averaged over those pairs. Student views are ordered global crops first, as the teacher's."""
+    total = student_logits[0].new_zeros(())
+    pairs = 0
+    for i, target in enumerate(teacher_probs):
+        for v, logits in enumerate(student_logits):
+            if v == i:
+                continue
+            total = total + cross_entropy(target, logits, student_temp)
+            pairs += 1
+    if pairs == 0:
+        raise ValueError("dino_loss needs at least one cross-view pair (two views)")
+    return total / pairs
+
+
+@torch.no_grad()
+def updated_center(center: torch.Tensor, teacher_logits: torch.Tensor, momentum: float) -> torch.Tensor:
+    """EMA of the batch-mean teacher logits, the mean taken over every process's batch."""
+    batch_sum = dist.all_reduce_sum(teacher_logits.float().sum(dim=0, keepdim=True))
+    count = teacher_logits.shape[0] * dist.world_size()
+    return center * momentum + (batch_sum / count) * (1 - momentum)
+
+
+# ------------------------------------------------------------------------------------------ method
+
+
+@dataclass
+class DINOConfig(MethodConfig):
+    name: str = param("dino", help="DINO")
+    out_dim: int = param(65536, help="prototypes K of the head's last layer", ge=2)
+    hidden_dim: int = param(2048, help="head MLP width", ge=1)
+    bottleneck_dim: int = param(256, help="head bottleneck (L2-normalised)", ge=1)
+    head_layers: int = param(3, help="head MLP layers", ge=1)
+    norm_last_layer: bool = param(True, help="fix the last layer's weight-norm gain to 1")
+    student_temp: float = param(0.1, help="tau_s", gt=0.0)
+    teacher_temp: float = param(0.07, help="tau_t after warm-up", gt=0.0)
+    warmup_teacher_temp: float = param(0.04, help="tau_t at epoch 0", gt=0.0)
+    warmup_teacher_temp_epochs: int = param(30, help="epochs of linear tau_t warm-up", ge=0)
+    center_momentum: float = param(0.9, help="EMA momentum of the center", ge=0.0, lt=1.0)
+    momentum_teacher: float = param(0.996, help="teacher EMA momentum at step 0", ge=0.0, le=1.0)
+    momentum_teacher_end: float = param(1.0, help="teacher EMA momentum at the end (cosine)", ge=0.0, le=1.0)
+    monitor_bank_size: int = param(4096, help="recent teacher CLS kept for `mlsctl bank`; 0 = none", ge=0)
+
+
+class StudentTeacherNet(nn.Module):
+    """Backbone + DINO head."""
+
+    def __init__(self, backbone: nn.Module, head: DINOHead):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+
+def build_student_teacher(recipe, head_factory) -> tuple[StudentTeacherNet, StudentTeacherNet]:
+    """Student (with drop path) and teacher (without), the teacher a frozen copy of the student."""
+    student_backbone = build_backbone(recipe.model)
+    student = StudentTeacherNet(student_backbone, head_factory(student_backbone.embed_dim))
+    teacher_backbone = build_backbone(recipe.model, drop_path_rate=0.0, load_weights=False)
+    teacher = StudentTeacherNet(teacher_backbone, copy.deepcopy(student.head))
+    teacher.load_state_dict(student.state_dict())
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return student, teacher
+
+
+class DINO(Method):
+    Config = DINOConfig
+
+    def __init__(self, recipe, schedule):
+        super().__init__(recipe, schedule)
+        cfg = self.cfg
+
+        def head(dim: int) -> DINOHead:
+            return DINOHead(dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim, cfg.head_layers, cfg.norm_last_layer)
+
+        self.student, self.teacher = build_student_teacher(recipe, head)
+        self.register_buffer("center", torch.zeros(1, cfg.out_dim))
+        self.n_global = recipe.data.global_crops.count
+        self.monitor = None
+        if cfg.monitor_bank_size:
+            self.monitor = MemoryBank(cfg.monitor_bank_size, self.student.backbone.embed_dim,
+                                      {"image_id": Column((), torch.long), "box": Column((4,), torch.float32)})
+
+    @classmethod
+    def check_recipe(cls, recipe):
+        if recipe.data.global_crops.count != 2:
+            return [("data.global_crops.count", f"must be 2 for DINO (two teacher views), got {recipe.data.global_crops.count}")]
+        return []
+
+    def ema_pairs(self):
+        return [(self.student, self.teacher)]
+
+    def banks(self):
+        return {"cls": self.monitor} if self.monitor is not None else {}
+
+    def last_layer_parameters(self):
+        return list(self.student.head.last_layer.parameters())
+
+    def teacher_backbone(self):
+        return self.teacher.backbone
+
+    def teacher_temperature(self, step: int) -> float:
+        cfg = self.cfg
+        return linear_warmup_epochs(self.schedule.epoch(step), cfg.warmup_teacher_temp_epochs, cfg.warmup_teacher_temp,
+                                    cfg.teacher_temp)
+
+    def training_step(self, batch, step):
+        cfg = self.cfg
+        crops = batch.crops
+        with torch.no_grad():
+            teacher_out = self.teacher.backbone(torch.cat(crops[: self.n_global]))
+            teacher_logits = self.teacher.head(teacher_out.cls).float()
+        student_cls = torch.cat([o.cls for o in self.student.backbone.forward_crops(crops)])
+        student_logits = self.student.head(student_cls).float()
+
+        temperature = self.teacher_temperature(step)
+        targets = teacher_probabilities(teacher_logits, self.center, temperature)
+        loss = dino_loss(student_logits.chunk(len(crops)), targets.chunk(self.n_global), cfg.student_temp)
+
+        self.center.copy_(updated_center(self.center, teacher_logits, cfg.center_momentum))
+        if self.monitor is not None:
+            b = len(batch)
+            self.monitor.enqueue(teacher_out.cls[:b].float(), step=step, image_id=batch.image_ids,
+                                 box=batch.boxes[:, 0].float())
+        entropy = -(targets * targets.clamp_min(1e-12).log()).sum(-1).mean()
+        return StepOutput(loss, terms={"dino": loss.detach()},
+                          metrics={"teacher_temp": temperature, "teacher_entropy": float(entropy)})

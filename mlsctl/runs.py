@@ -1,0 +1,108 @@
+"""The run directory, one of mlsctl's three contracts (with recipes and feature shards)::
+
+    RUN/config.yaml                     the resolved recipe (start a new run from it to reproduce)
+    RUN/metrics.jsonl                   one JSON object per logged step
+    RUN/train.log                       what the console showed, with timestamps
+    RUN/summary.json                    written when training completes
+    RUN/teacher.safetensors             the final teacher backbone in timm's key layout
+    RUN/checkpoints/step-NNNNNNNN/      one folder per checkpoint, renamed into place when complete:
+        state.json                      format_version, step, epoch, method, world size, versions
+        model.safetensors               every weight and buffer of the method (student, teacher, heads, centers)
+        banks.safetensors               every memory bank (see mlsctl.bank.save_banks)
+        optimizer.pt                    optimizer (and grad-scaler) state, read with weights_only=True
+        rng.pt                          the RNG states of every process
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+from mlsctl.errors import UserError
+
+RUN_FORMAT_VERSION = 1
+
+
+class Checkpoint:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.step = int(self.path.name.split("-")[1])
+
+    model_path = property(lambda self: self.path / "model.safetensors")
+    banks_path = property(lambda self: self.path / "banks.safetensors")
+    optimizer_path = property(lambda self: self.path / "optimizer.pt")
+    rng_path = property(lambda self: self.path / "rng.pt")
+    state_path = property(lambda self: self.path / "state.json")
+
+    def state(self) -> dict:
+        try:
+            state = json.loads(self.state_path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UserError(f"checkpoint {self.path} is damaged ({exc}); delete it to fall back to an earlier one") from None
+        if state.get("format_version", 0) > RUN_FORMAT_VERSION:
+            raise UserError(f"checkpoint {self.path} was written by a newer mlsctl (format {state['format_version']}); upgrade mlsctl")
+        return state
+
+    def banks(self):
+        from mlsctl.bank import load_banks
+
+        return load_banks(self.banks_path) if self.banks_path.is_file() else {}
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({self.path})"
+
+
+def checkpoint_dirname(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+class Run:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    config_path = property(lambda self: self.root / "config.yaml")
+    checkpoints_dir = property(lambda self: self.root / "checkpoints")
+    metrics_path = property(lambda self: self.root / "metrics.jsonl")
+    log_path = property(lambda self: self.root / "train.log")
+    summary_path = property(lambda self: self.root / "summary.json")
+    teacher_weights_path = property(lambda self: self.root / "teacher.safetensors")
+
+    def checkpoints(self) -> list[Checkpoint]:
+        """Complete checkpoints (their state.json exists), oldest first."""
+        if not self.checkpoints_dir.is_dir():
+            return []
+        found = [Checkpoint(p) for p in self.checkpoints_dir.glob("step-*")
+                 if p.is_dir() and (p / "state.json").is_file() and p.name.split("-")[1].isdigit()]
+        return sorted(found, key=lambda c: c.step)
+
+    def latest(self) -> Optional[Checkpoint]:
+        found = self.checkpoints()
+        return found[-1] if found else None
+
+    def checkpoint(self, step: Optional[int] = None) -> Checkpoint:
+        found = self.checkpoints()
+        if not found:
+            raise UserError(f"run {self.root} has no checkpoint yet")
+        if step is None:
+            return found[-1]
+        for c in found:
+            if c.step == step:
+                return c
+        raise UserError(f"run {self.root} has no checkpoint at step {step}; it has steps {', '.join(str(c.step) for c in found)}")
+
+    def recipe(self):
+        from mlsctl.config import load_recipe
+
+        if not self.config_path.is_file():
+            raise UserError(f"{self.root} is not an mlsctl run (no config.yaml)")
+        return load_recipe(str(self.config_path))
+
+
+def open_run(path: str | Path) -> Run:
+    run = Run(path)
+    if not run.root.is_dir():
+        raise UserError(f"run {run.root} does not exist")
+    if not run.config_path.is_file():
+        raise UserError(f"{run.root} is not an mlsctl run (no config.yaml); give the --out folder of `mlsctl pretrain`")
+    return run

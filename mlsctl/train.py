@@ -1,0 +1,489 @@
+"""The one training loop, for every method.
+
+Read top to bottom, :func:`pretrain` does: set up Accelerate and the run directory → build the
+data and the method → optimiser with AdamW parameter groups → restore a checkpoint (``--resume``)
+or initial weights (``--init-from``) → for each step: set the scheduled learning rate and weight
+decay, run the method's ``training_step``, back-propagate, clip, freeze the last layer early on,
+step the optimiser, update the EMA teachers, log, checkpoint.
+
+Exact resume: everything that decides the next step is in the checkpoint or is a pure function of
+the step (see :mod:`mlsctl.data.loader` and :mod:`mlsctl.schedules`): weights and buffers, banks,
+optimizer and grad-scaler state, every process's RNG states. ``metrics.jsonl`` is cut back to the
+checkpoint's step before continuing, so a run killed at any moment and resumed writes the same
+loss sequence as an uninterrupted one (``tests/test_train.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from mlsctl import __version__, atomic, config as config_lib, dist, methods
+from mlsctl.bank import save_banks
+from mlsctl.data.images import ImageFolder, SkipLog
+from mlsctl.data.loader import StepBatchSampler, make_loader
+from mlsctl.errors import UserError
+from mlsctl.runs import RUN_FORMAT_VERSION, Checkpoint, Run, checkpoint_dirname
+from mlsctl.schedules import Schedule, cosine
+
+log = logging.getLogger("mlsctl")
+progress_log = logging.getLogger("mlsctl.progress")
+
+# Keys that may change between a run and its resumption without changing what it computes.
+RESUME_SAFE_KEYS = {"data.workers", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
+                    "description", "data.root"}
+
+
+@dataclass
+class RunSummary:
+    run: Path
+    steps: int
+    images_per_s: float
+    final_loss: Optional[float]
+    seconds: float
+    already_complete: bool = False
+
+
+# ------------------------------------------------------------------------------------------------ set-up
+
+
+def _accelerator(recipe):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    method_cls = methods.method_class(recipe.method.name)
+    precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[recipe.train.precision]
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise UserError("train.precision=fp16 needs a CUDA GPU; use train.precision=bf16 or fp32 on a CPU")
+    ddp = DistributedDataParallelKwargs(broadcast_buffers=False, find_unused_parameters=method_cls.find_unused_parameters)
+    # Several processes without CUDA: gloo on the CPU (Accelerate would otherwise fall back to
+    # one independent process each when ACCELERATE_USE_CPU is unset or false).
+    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(mixed_precision=precision, kwargs_handlers=[ddp], cpu=multi_cpu)
+
+
+def _setup_logging(run: Run, is_main: bool, rank: int, interactive: bool) -> None:
+    """``mlsctl`` logger: console (warnings only on other ranks) + train.log. The per-step
+    ``mlsctl.progress`` lines go to train.log, and to the console only when there is no progress bar."""
+    for logger in (log, progress_log):
+        for handler in list(logger.handlers):
+            handler.close()
+            logger.removeHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter("%(message)s" if is_main else f"[rank {rank}] %(message)s"))
+    console.setLevel(logging.INFO if is_main else logging.WARNING)
+    log.addHandler(console)
+    if is_main:
+        file_handler = logging.FileHandler(run.log_path)
+        file_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        log.addHandler(file_handler)
+        progress_log.addHandler(file_handler)
+        if not interactive:
+            progress_log.addHandler(console)
+
+
+def _prepare_run_dir(run: Run, recipe, *, resume: bool, overwrite: bool, is_main: bool) -> None:
+    if not is_main:
+        return
+    root = run.root
+    if resume:
+        return
+    if root.exists() and not root.is_dir():
+        raise UserError(f"--out {root} is a file; choose a folder")
+    if root.exists() and any(root.iterdir()):
+        if not overwrite:
+            raise UserError(f"--out {root} is not empty: add --resume to continue it, --overwrite to replace it, "
+                            f"or choose another --out")
+        for child in root.iterdir():
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+    root.mkdir(parents=True, exist_ok=True)
+    config_lib.save_recipe(recipe, run.config_path)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def param_groups(module: torch.nn.Module) -> list[dict]:
+    """AdamW groups: weight decay on weights, none on biases and norms (1-D parameters)."""
+    decay, no_decay = [], []
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if name.endswith(".bias") or p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "apply_weight_decay": True}, {"params": no_decay, "weight_decay": 0.0, "apply_weight_decay": False}]
+
+
+def _check_recipe(recipe, method_cls, source: str) -> None:
+    if recipe.data.root is None:
+        raise UserError(f"{source}: data.root is not set; add data.root=/path/to/images")
+    for key, message in method_cls.check_recipe(recipe):
+        raise UserError(f"{source}: '{key}' {message}")
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+
+def _rng_state() -> dict:
+    """Every RNG of this process as plain Python values (bytes, lists), which gather across
+    processes and load with ``torch.load(weights_only=True)``."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state().numpy().tobytes(),
+             "numpy": (kind, keys.tolist(), int(position), int(has_gauss), float(gauss)),
+             "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = [s.numpy().tobytes() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(torch.frombuffer(bytearray(state["torch"]), dtype=torch.uint8))
+    kind, keys, position, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), position, has_gauss, gauss))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.frombuffer(bytearray(s), dtype=torch.uint8) for s in state["cuda"]])
+
+
+def save_checkpoint(run: Run, step: int, method, optimizer, accelerator, recipe, keep: int) -> Optional[Path]:
+    """Write checkpoint ``step`` atomically (a temporary folder renamed into place)."""
+    from safetensors.torch import save_file
+
+    rng_states = dist.all_gather_object(_rng_state())
+    for name, bank in method.banks().items():
+        bank.assert_synchronized(name)
+    if not accelerator.is_main_process:
+        dist.barrier()
+        return None
+    final = run.checkpoints_dir / checkpoint_dirname(step)
+    tmp = run.checkpoints_dir / f".{final.name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    state_dict = {k: v.detach().cpu().contiguous() for k, v in method.state_dict().items()}
+    save_file(state_dict, str(tmp / "model.safetensors"), metadata={"format_version": str(RUN_FORMAT_VERSION)})
+    save_banks(method.banks(), tmp / "banks.safetensors")
+    optimizer_state = {"optimizer": optimizer.state_dict()}
+    if accelerator.scaler is not None:
+        optimizer_state["scaler"] = accelerator.scaler.state_dict()
+    torch.save(optimizer_state, tmp / "optimizer.pt")
+    torch.save(rng_states, tmp / "rng.pt")
+    state = {"format_version": RUN_FORMAT_VERSION, "step": step, "epoch": method.schedule.epoch(step),
+             "total_steps": method.schedule.total_steps, "method": recipe.method.name,
+             "world_size": accelerator.num_processes, "mlsctl_version": __version__, "torch_version": torch.__version__}
+    atomic.write_json(tmp / "state.json", state)
+    for f in tmp.iterdir():
+        with open(f, "rb") as handle:
+            os.fsync(handle.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in run.checkpoints()[:-keep]:
+        shutil.rmtree(old.path, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(checkpoint: Checkpoint, method, optimizer, accelerator) -> dict:
+    from safetensors.torch import load_file
+
+    from mlsctl.bank import read_bank_states
+
+    state = checkpoint.state()
+    if state["world_size"] != accelerator.num_processes:
+        raise UserError(f"{checkpoint.path} was written by {state['world_size']} processes; resume with the same number "
+                        f"(accelerate launch --num_processes {state['world_size']} -m mlsctl pretrain ...)")
+    method.load_state_dict(load_file(str(checkpoint.model_path)), strict=True)
+    bank_states = read_bank_states(checkpoint.banks_path)
+    banks = method.banks()
+    if set(bank_states) != set(banks):
+        raise UserError(f"{checkpoint.banks_path} holds banks {sorted(bank_states)}, the method has {sorted(banks)}")
+    for name, bank in banks.items():
+        bank.load_state_dict(bank_states[name])
+    optimizer_state = torch.load(checkpoint.optimizer_path, map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(optimizer_state["optimizer"])
+    if "scaler" in optimizer_state and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(optimizer_state["scaler"])
+    rng_states = torch.load(checkpoint.rng_path, map_location="cpu", weights_only=True)
+    state["rng"] = rng_states[accelerator.process_index]
+    return state
+
+
+def _load_initial_weights(method, source: str) -> str:
+    """``--init-from``: a run, a checkpoint folder, or a weights file. Returns what was loaded."""
+    from safetensors.torch import load_file
+
+    from mlsctl.models.weights import backbone_state, load_into_vit, read_state_dict
+
+    path = Path(source)
+    if path.is_dir():
+        checkpoint = Run(path).checkpoint() if (path / "checkpoints").is_dir() else Checkpoint(path)
+        if not checkpoint.model_path.is_file():
+            raise UserError(f"--init-from {source} holds no model.safetensors; give a run, a checkpoint folder or a weights file")
+        saved = load_file(str(checkpoint.model_path))
+        if set(saved) == set(method.state_dict()):
+            method.load_state_dict(saved, strict=True)
+            return f"all weights of {checkpoint.path}"
+        state = backbone_state(saved)
+    else:
+        state = backbone_state(read_state_dict(path))
+    for backbone in method.backbones():
+        load_into_vit(backbone.vit, state, str(source))
+    return f"every backbone from {source}"
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except json.JSONDecodeError:
+            break  # a torn last line from a kill
+    atomic.write_text(path, "".join(k + "\n" for k in kept))
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+
+
+def _clip_gradients(parameters: list[torch.nn.Parameter], threshold: float, mode: str, accelerator) -> float:
+    """Returns the total gradient norm before clipping."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return 0.0
+    norms = torch.stack([g.detach().float().norm(2) for g in grads])
+    total = float(norms.norm(2))
+    if threshold > 0:
+        if mode == "global":
+            accelerator.clip_grad_norm_(parameters, threshold)
+        else:  # DINO: each parameter's gradient clipped to the threshold on its own
+            coefficients = (threshold / (norms + 1e-6)).clamp(max=1.0)
+            torch._foreach_mul_(grads, [c.to(g.dtype) for c, g in zip(coefficients, grads)])
+    return total
+
+
+@torch.no_grad()
+def ema_update(pairs, momentum: float) -> None:
+    for student, teacher in pairs:
+        s_params = [p.detach() for p in student.parameters()]
+        t_params = [p.detach() for p in teacher.parameters()]
+        torch._foreach_mul_(t_params, momentum)
+        torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum)
+
+
+def _check_ema_pairs(pairs) -> None:
+    for student, teacher in pairs:
+        s_names = [n for n, _ in student.named_parameters()]
+        t_names = [n for n, _ in teacher.named_parameters()]
+        if s_names != t_names:
+            raise RuntimeError("EMA pair with different parameters: " + str(set(s_names) ^ set(t_names)))
+
+
+def pretrain(recipe, out: str | Path, *, resume: bool = False, init_from: Optional[str] = None,
+             overwrite: bool = False, recipe_source: str = "recipe") -> RunSummary:
+    run = Run(out)
+    method_cls = methods.method_class(recipe.method.name)
+    _check_recipe(recipe, method_cls, recipe_source)
+    if resume and init_from:
+        raise UserError("--resume continues a run exactly and --init-from starts a new one from weights; use one")
+
+    # Resume: the saved config decides; a changed recipe would not continue the same run.
+    resume_from = None
+    if resume:
+        if not run.config_path.is_file():
+            raise UserError(f"nothing to resume in {run.root} (no config.yaml); drop --resume to start a new run")
+        saved = config_lib.load_recipe(str(run.config_path))
+        changed = [k for k in config_lib.differences(saved, recipe) if k not in RESUME_SAFE_KEYS]
+        if changed:
+            raise UserError(f"the recipe differs from {run.config_path} at {', '.join(changed[:5])}; resume continues "
+                            f"the saved run as it was: drop those changes, or start a new run with --out")
+        resume_from = run.latest()
+        if resume_from is None:
+            raise UserError(f"nothing to resume in {run.root} (no complete checkpoint); drop --resume and add --overwrite to start again")
+
+    accelerator = _accelerator(recipe)
+    is_main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
+    try:
+        _prepare_run_dir(run, recipe, resume=resume, overwrite=overwrite, is_main=is_main)
+    finally:
+        dist.barrier()
+    interactive = sys.stderr.isatty()
+    _setup_logging(run, is_main, rank, interactive)
+    _seed_everything(recipe.seed + rank)
+
+    # Data.
+    folder = ImageFolder(recipe.data.root, "data.root")
+    dataset, collate_fn = method_cls.build_dataset(recipe, folder)
+    probe = StepBatchSampler(len(dataset), recipe.optim.batch_size, world_size=world, rank=rank, seed=recipe.seed)
+    schedule = Schedule(probe.steps_per_epoch, recipe.optim.epochs)
+    total_steps = schedule.total_steps
+
+    # Method and optimiser.
+    torch.manual_seed(recipe.seed)  # identical initial weights on every process
+    method = method_cls(recipe, schedule).to(accelerator.device)
+    for bank in method.banks().values():
+        bank.to(accelerator.device)
+    _check_ema_pairs(method.ema_pairs())
+    groups = param_groups(method)
+    betas = tuple(recipe.optim.betas)
+    optimizer = torch.optim.AdamW(groups, lr=0.0, betas=betas, weight_decay=recipe.optim.weight_decay)
+    trainable = [p for g in groups for p in g["params"]]
+    last_layer = method.last_layer_parameters()
+
+    start_step, rng_state = 0, None
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, method, optimizer, accelerator)
+        start_step, rng_state = state["step"], state["rng"]
+        if is_main:
+            _truncate_metrics(run.metrics_path, start_step)
+    elif init_from:
+        loaded = _load_initial_weights(method, init_from)
+        log.info(f"initialised {loaded}")
+
+    model, optimizer = accelerator.prepare(method, optimizer)
+    batch_global = recipe.optim.batch_size * world
+    peak_lr = recipe.optim.lr * (batch_global / 256 if recipe.optim.scale_lr else 1.0)
+    warmup_steps = schedule.steps(recipe.optim.warmup_epochs)
+    freeze_steps = schedule.steps(recipe.optim.freeze_last_layer_epochs)
+
+    if is_main:
+        n_params = sum(p.numel() for p in trainable)
+        log.info(f"mlsctl {__version__} | {recipe.method.name} on {len(folder)} images from {folder.root} | "
+                 f"{world} process{'es' if world > 1 else ''} on {accelerator.device} ({recipe.train.precision}) | "
+                 f"{n_params / 1e6:.2f}M trainable parameters")
+        log.info(f"{schedule.steps_per_epoch} steps/epoch x {recipe.optim.epochs} epochs = {total_steps} steps of "
+                 f"{batch_global} images | peak lr {peak_lr:.3g} | run: {run.root}")
+    if start_step >= total_steps:
+        if is_main:
+            log.info(f"{run.root} is already complete ({start_step} steps); nothing to do")
+        return RunSummary(run.root, start_step, 0.0, None, 0.0, already_complete=True)
+    if start_step:
+        log.info(f"resuming {run.root} from step {start_step}")
+
+    sampler = StepBatchSampler(len(dataset), recipe.optim.batch_size, world_size=world, rank=rank, seed=recipe.seed,
+                               start_step=start_step, total_steps=total_steps)
+    loader = make_loader(dataset, sampler, recipe.data.workers, pin_memory=accelerator.device.type == "cuda",
+                         collate_fn=collate_fn)
+    if rng_state is not None:
+        _set_rng_state(rng_state)
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=total_steps, initial=start_step, desc=recipe.method.name, unit="step", dynamic_ncols=True,
+               disable=not (is_main and interactive), file=sys.stderr)
+    skips = SkipLog(folder.root)
+    metrics_file = open(run.metrics_path, "a") if is_main else None
+    started = last_time = time.perf_counter()
+    images_since, loss_value, step = 0, None, start_step
+    model.train()
+    try:
+        for step, batch in zip(range(start_step, total_steps), loader):
+            skips.extend(batch.skipped)
+            batch = batch.to(accelerator.device)
+            lr = cosine(step, total_steps, peak_lr, recipe.optim.min_lr, warmup_steps)
+            weight_decay = cosine(step, total_steps, recipe.optim.weight_decay, recipe.optim.weight_decay_end)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+                if group["apply_weight_decay"]:
+                    group["weight_decay"] = weight_decay
+
+            out = model(batch, step)
+            if not torch.isfinite(out.loss):
+                raise UserError(f"the loss became {float(out.loss)} at step {step}: training diverged; lower optim.lr, "
+                                f"raise optim.warmup_epochs or use train.precision=fp32", exit_code=1)
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(out.loss)
+            if accelerator.scaler is not None:
+                accelerator.unscale_gradients()
+            grad_norm = _clip_gradients(trainable, recipe.optim.clip_grad, recipe.optim.clip_grad_mode, accelerator)
+            if step < freeze_steps:
+                for p in last_layer:
+                    p.grad = None
+            optimizer.step()
+            momentum = method.ema_momentum(step)
+            ema_update(method.ema_pairs(), momentum)
+            if is_main:
+                bar.update(1)
+
+            done = step + 1
+            images_since += batch_global
+            if done % recipe.train.log_every == 0 or done == total_steps:
+                now = time.perf_counter()
+                # loss terms and metrics of the global batch: averaged over processes
+                scalars = {"loss": float(out.loss.detach()), **{f"loss/{k}": float(v) for k, v in out.terms.items()},
+                           **out.metrics}
+                scalars = dist.mean_over_processes(scalars)
+                loss_value = scalars["loss"]
+                record = {"step": done, "epoch": schedule.epoch(step), **{k: scalars[k] for k in scalars if k.startswith("loss")}}
+                record.update({"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "grad_norm": grad_norm,
+                               "images_per_s": images_since / max(now - last_time, 1e-9)})
+                record.update({f"bank_fill/{name}": bank.fill for name, bank in method.banks().items()})
+                record.update({k: v for k, v in scalars.items() if not k.startswith("loss")})
+                images_since, last_time = 0, now
+                if is_main:
+                    bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
+                    progress_log.info(f"step {done}/{total_steps} loss {loss_value:.4f} lr {lr:.3g} "
+                                      f"{record['images_per_s']:.1f} img/s")
+            if done % recipe.train.checkpoint_every == 0 or done == total_steps:
+                if metrics_file is not None:
+                    os.fsync(metrics_file.fileno())
+                save_checkpoint(run, done, method, optimizer, accelerator, recipe, recipe.train.keep_checkpoints)
+    finally:
+        bar.close()
+        if metrics_file is not None:
+            metrics_file.close()
+
+    elapsed = time.perf_counter() - started
+    steps_run = total_steps - start_step
+    throughput = steps_run * batch_global / max(elapsed, 1e-9)
+    all_skips = dist.all_gather_object(skips.reasons)
+    if is_main:
+        merged = SkipLog(folder.root)
+        for reasons in all_skips:
+            merged.reasons.update(reasons)
+        if merged.summary():
+            log.warning(merged.summary())
+        _export_teacher(method, run)
+        if world > 1 and method.banks():
+            log.info(f"memory banks identical on all {world} processes (checked at every checkpoint)")
+        summary = {"steps": total_steps, "resumed_from": start_step, "seconds": round(elapsed, 2),
+                   "images_per_s": round(throughput, 2), "final_loss": loss_value, "processes": world,
+                   "skipped_files": len(merged.reasons)}
+        atomic.write_json(run.summary_path, summary)
+        log.info(f"done: {steps_run} steps in {elapsed:.0f}s ({throughput:.1f} images/s), final loss {loss_value:.4f}; "
+                 f"run in {run.root}")
+    dist.barrier()
+    return RunSummary(run.root, total_steps, throughput, loss_value, elapsed)
+
+
+def _export_teacher(method, run: Run) -> None:
+    """The teacher backbone in timm's key layout (LoRA merged), loadable by timm or --weights."""
+    from safetensors.torch import save_file
+
+    from mlsctl.models import lora
+
+    vit = lora.merged_vit(method.teacher_backbone().model)
+    state = {k: v.detach().cpu().contiguous() for k, v in vit.state_dict().items()}
+    metadata = {"arch": method.recipe.model.arch, "format": "timm"}
+    atomic.write_with(run.teacher_weights_path, lambda tmp: save_file(state, str(tmp), metadata=metadata))

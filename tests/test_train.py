@@ -1,0 +1,201 @@
+"""The training loop: run layout, exact resume after SIGKILL, run-folder rules, --init-from,
+bad files, and two processes against one."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mlsctl import config
+from mlsctl.bank import load_banks
+from mlsctl.methods.dino import DINO
+from mlsctl.runs import Run
+from mlsctl.schedules import Schedule
+
+from conftest import REPO, cli_env, make_images, run_cli, tiny_recipe, write_recipe
+from test_images import write_bad_files
+
+pytestmark = pytest.mark.slow
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run: Path) -> list[tuple[int, float]]:
+    return [(m["step"], m["loss"]) for m in metrics(run)]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> tuple[Path, Path]:
+    """One complete tiny run (2 epochs of 4 steps), shared by several tests."""
+    tmp = tmp_path_factory.mktemp("run")
+    images = make_images(tmp / "images", 16)
+    recipe = write_recipe(tmp / "tiny.yaml", tiny_recipe(images))
+    run_cli("pretrain", str(recipe), "--out", str(tmp / "run"), check=True)
+    return tmp / "run", recipe
+
+
+def test_run_layout(finished_run):
+    run_dir, recipe_path = finished_run
+    run = Run(run_dir)
+    saved = config.load_recipe(str(run.config_path))
+    assert saved == config.load_recipe(str(recipe_path))
+    records = metrics(run_dir)
+    assert [m["step"] for m in records] == list(range(1, 9))
+    for key in ("loss", "loss/dino", "lr", "weight_decay", "momentum", "images_per_s", "bank_fill/cls", "epoch"):
+        assert key in records[0], key
+    assert records[0]["momentum"] == pytest.approx(0.99) and records[-1]["momentum"] > records[0]["momentum"]
+    assert [c.step for c in run.checkpoints()] == [6, 8]  # every 3 steps and at the end, newest 2 kept
+    latest = run.latest()
+    for name in ("model.safetensors", "banks.safetensors", "optimizer.pt", "rng.pt", "state.json"):
+        assert (latest.path / name).is_file(), name
+    assert latest.state()["step"] == 8 and latest.state()["method"] == "dino"
+    banks = load_banks(latest.banks_path)
+    assert banks["cls"].filled == 20 and banks["cls"].n_written == 32
+    summary = json.loads(run.summary_path.read_text())
+    assert summary["steps"] == 8 and summary["images_per_s"] > 0
+    assert "done: 8 steps" in run.log_path.read_text()
+    assert not list(run.checkpoints_dir.glob(".*"))  # no temporary folders left
+
+
+def test_exported_teacher_is_a_timm_backbone(finished_run):
+    run_dir, recipe_path = finished_run
+    from mlsctl.models.backbone import build_backbone
+
+    recipe = config.load_recipe(str(recipe_path), ["model.weights=" + str(run_dir / "teacher.safetensors")])
+    backbone = build_backbone(recipe.model)
+    state = load_file(str(Run(run_dir).latest().model_path))
+    for key, value in backbone.vit.state_dict().items():
+        assert torch.equal(value, state[f"teacher.backbone.model.{key}"])
+
+
+def test_teacher_follows_the_student_and_last_layer_was_frozen(finished_run):
+    run_dir, _ = finished_run
+    state = load_file(str(Run(run_dir).latest().model_path))
+    student = state["student.head.last_layer.direction"]
+    # the last layer trained in epoch 2 only; teacher != student but close (momentum ~0.99)
+    assert not torch.equal(student, state["teacher.head.last_layer.direction"])
+
+
+def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path: Path, images: Path):
+    recipe = tiny_recipe(images)
+    recipe["optim"]["epochs"] = 12  # 48 steps
+    recipe["train"]["checkpoint_every"] = 4
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    run_cli("pretrain", str(path), "--out", str(tmp_path / "full"), check=True)
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "-m", "mlsctl", "pretrain", str(path), "--out", str(killed)],
+                               env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline:
+            if (killed / "metrics.jsonl").is_file() and len((killed / "metrics.jsonl").read_text().splitlines()) >= 10:
+                break
+            if process.poll() is not None:
+                break
+            time.sleep(0.005)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (killed / "summary.json").exists()
+    stopped_at = Run(killed).latest().step
+    assert 0 < stopped_at < 48
+
+    result = run_cli("pretrain", str(path), "--out", str(killed), "--resume", check=True)
+    assert f"resuming {killed} from step {stopped_at}" in result.stderr
+    assert losses(killed) == losses(tmp_path / "full")
+    a, b = load_file(str(killed / "teacher.safetensors")), load_file(str(tmp_path / "full" / "teacher.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    banks_a = load_banks(Run(killed).latest().banks_path)["cls"]
+    banks_b = load_banks(Run(tmp_path / "full").latest().banks_path)["cls"]
+    assert torch.equal(banks_a.vectors, banks_b.vectors) and banks_a.ptr == banks_b.ptr
+
+
+def test_run_folder_rules(finished_run, tmp_path: Path):
+    run_dir, recipe = finished_run
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    refused = run_cli("pretrain", str(recipe), "--out", str(copy))
+    assert refused.returncode == 2 and "is not empty: add --resume" in refused.stderr
+    complete = run_cli("pretrain", str(recipe), "--out", str(copy), "--resume", check=True)
+    assert "already complete (8 steps)" in complete.stderr
+    changed = run_cli("pretrain", str(recipe), "optim.lr=0.5", "--out", str(copy), "--resume")
+    assert changed.returncode == 2 and "differs from" in changed.stderr and "optim.lr" in changed.stderr
+    nothing = run_cli("pretrain", str(recipe), "--out", str(tmp_path / "new"), "--resume")
+    assert nothing.returncode == 2 and "nothing to resume" in nothing.stderr
+    both = run_cli("pretrain", str(recipe), "--out", str(tmp_path / "n2"), "--resume", "--init-from", str(run_dir))
+    assert both.returncode == 2 and "use one" in both.stderr
+
+
+def test_init_from_a_run_and_from_a_weights_file(finished_run, images: Path):
+    run_dir, recipe_path = finished_run
+    from mlsctl.train import _load_initial_weights
+
+    recipe = config.load_recipe(str(recipe_path))
+    torch.manual_seed(1)
+    method = DINO(recipe, Schedule(4, 2))
+    assert "all weights" in _load_initial_weights(method, str(run_dir))
+    saved = load_file(str(Run(run_dir).latest().model_path))
+    assert all(torch.equal(v, saved[k]) for k, v in method.state_dict().items())
+
+    torch.manual_seed(2)
+    method = DINO(recipe, Schedule(4, 2))
+    assert "every backbone" in _load_initial_weights(method, str(run_dir / "teacher.safetensors"))
+    for backbone in (method.student.backbone, method.teacher.backbone):
+        for key, value in backbone.vit.state_dict().items():
+            assert torch.equal(value, saved[f"teacher.backbone.model.{key}"])
+
+
+def test_bad_files_are_skipped_during_training(tmp_path: Path):
+    images = make_images(tmp_path / "images", 8)
+    write_bad_files(images / "broken")
+    recipe = tiny_recipe(images, optim__epochs=1)
+    recipe["optim"]["batch_size"] = 11  # one step visits every file
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    result = run_cli("pretrain", str(path), "--out", str(tmp_path / "run"), check=True)
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("skipped broken/")]
+    assert sorted(warnings) == sorted([
+        "skipped broken/empty.png: empty file (0 bytes)",
+        "skipped broken/notes.jpg: not an image file",
+        "skipped broken/truncated.jpg: truncated image data",
+    ])
+    assert f"skipped 3 unreadable files in {images}" in result.stderr
+
+
+def test_two_processes_agree_with_one(tmp_path: Path, images: Path):
+    """2 processes x batch 2 see the images 1 process x batch 4 sees, in the same order: the
+    losses agree to float precision and both ranks' banks equal the single process's bank."""
+    recipe = tiny_recipe(images, optim__epochs=1)
+    recipe["train"]["checkpoint_every"] = 2
+    one = dict(recipe, optim={**recipe["optim"], "batch_size": 4})
+    two = dict(recipe, optim={**recipe["optim"], "batch_size": 2})
+    run_cli("pretrain", str(write_recipe(tmp_path / "one.yaml", one)), "--out", str(tmp_path / "one"), check=True)
+    env = cli_env()
+    accelerate = Path(sys.executable).parent / "accelerate"
+    result = subprocess.run([str(accelerate), "launch", "--num_processes", "2", "-m", "mlsctl", "pretrain",
+                             str(write_recipe(tmp_path / "two.yaml", two)), "--out", str(tmp_path / "two")],
+                            capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = (tmp_path / "two" / "train.log").read_text()
+    assert "2 processes" in log and "memory banks identical on all 2 processes" in log
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert [s for s, _ in a] == [s for s, _ in b]
+    for (_, x), (_, y) in zip(a, b):
+        assert x == pytest.approx(y, rel=1e-4)
+    bank_one = load_banks(Run(tmp_path / "one").latest().banks_path)["cls"]
+    bank_two = load_banks(Run(tmp_path / "two").latest().banks_path)["cls"]
+    assert torch.equal(bank_one.payload["image_id"], bank_two.payload["image_id"])
+    assert torch.allclose(bank_one.vectors, bank_two.vectors, atol=1e-4)
