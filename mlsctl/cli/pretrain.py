@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from mlsctl.cli import app
+
+
+@app.command(context_settings={"allow_interspersed_args": True})
+def pretrain(
+    recipe: str = typer.Argument(..., help="Recipe YAML file, or the name of a shipped recipe (see `mlsctl recipes`)."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="Dotted overrides: optim.lr=1e-4 data.root=/x", show_default=False),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder [default: runs/<recipe name>]."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly where its last checkpoint stopped."),
+    init_from: Optional[str] = typer.Option(None, "--init-from", help="Start from the weights of a run, checkpoint or .safetensors/.pth file (weights only)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace what is in --out."),
+) -> None:
+    """Pretrain a model as a recipe describes.
+
+    Example: mlsctl pretrain recipes/dino_fmnist_quick.yaml optim.epochs=2 --out runs/quick
+
+    Several processes: accelerate launch --num_processes 2 -m mlsctl pretrain RECIPE --out DIR
+    """
+    from mlsctl import config, train
+
+    recipe_path = config.resolve_recipe_path(recipe)
+    loaded = config.load_recipe(str(recipe_path), overrides or [])
+    out = out if out is not None else Path("runs") / recipe_path.stem
+    train.pretrain(loaded, out, resume=resume, init_from=init_from, overwrite=overwrite, recipe_source=str(recipe_path))

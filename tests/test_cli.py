@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from mlsctl import __version__
+
+from conftest import REPO, run_cli
+
+
+def test_version_and_help():
+    assert run_cli("--version", check=True).stdout.strip() == f"mlsctl {__version__}"
+    top = run_cli("--help", check=True).stdout
+    for command in ("pretrain", "recipes", "data"):
+        assert command in top
+
+
+@pytest.mark.parametrize("command", [["pretrain"], ["recipes"], ["data", "fmnist-scenes"]])
+def test_every_command_help_has_an_example(command):
+    assert "Example:" in run_cli(*command, "--help", check=True).stdout
+
+
+def test_recipes_lists_shipped_recipes_with_descriptions():
+    table = run_cli("recipes", check=True).stdout
+    assert "dino_fmnist_quick" in table and "dino_in1k" in table
+    rows = json.loads(run_cli("recipes", "--json", check=True).stdout)
+    assert {r["name"] for r in rows} >= {"dino_fmnist_quick", "dino_in1k"}
+    assert all(r["description"] for r in rows)
+
+
+def test_unknown_command_is_a_usage_error():
+    result = run_cli("pretrian")
+    assert result.returncode == 2
+
+
+def test_readme_opens_with_the_two_commands():
+    text = (REPO / "README.md").read_text()
+    first_block = re.search(r"```\n(.*?)```", text, re.S).group(1)
+    commands = [line.split("#")[0].strip() for line in first_block.strip().splitlines()]
+    assert commands == ["make demo", "make test"]
+
+
+def test_readme_documents_every_recipe_key_and_recipe():
+    from dataclasses import fields, is_dataclass
+
+    from mlsctl import config, methods
+
+    text = (REPO / "README.md").read_text()
+
+    def paths(obj, prefix=""):
+        for f in fields(obj):
+            value = getattr(obj, f.name)
+            if is_dataclass(value):
+                yield from paths(value, f"{prefix}{f.name}.")
+            else:
+                yield prefix + f.name
+
+    recipe = config.Recipe()
+    missing = [p for p in paths(recipe) if f"`{p}`" not in text]
+    for name in methods.names():
+        missing += [p for p in paths(methods.config_class(name)(), "method.") if f"`{p}`" not in text]
+    assert missing == []
+    for path in (REPO / "recipes").glob("*.yaml"):
+        assert f"recipes/{path.name}" in text
