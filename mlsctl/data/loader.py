@@ -28,6 +28,9 @@ from mlsctl.data.multicrop import MultiCrop
 from mlsctl.errors import UserError
 
 
+PERMUTATION_STREAM = 2**32  # an "index" no image has: the seed of an epoch's permutation
+
+
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, dtype=np.uint64)[0] % (2**63))
 
@@ -47,7 +50,7 @@ class StepBatchSampler(Sampler):
         self.total_steps = total_steps if total_steps is not None else self.steps_per_epoch
 
     def permutation(self, epoch: int) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, -1 % (2**32)))
+        generator = torch.Generator().manual_seed(sample_seed(self.seed, epoch, PERMUTATION_STREAM))
         return torch.randperm(self.n_items, generator=generator)
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
