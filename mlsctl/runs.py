@@ -4,7 +4,8 @@
     RUN/metrics.jsonl                   one JSON object per logged step
     RUN/train.log                       what the console showed, with timestamps
     RUN/summary.json                    written when training completes
-    RUN/teacher.safetensors             the final teacher backbone in timm's key layout
+    RUN/teacher.safetensors             the final teacher backbone in timm's key layout (LoRA merged)
+    RUN/teacher_adapters/               with LoRA: the teacher's adapters alone (peft format)
     RUN/checkpoints/step-NNNNNNNN/      one folder per checkpoint, renamed into place when complete:
         state.json                      format_version, step, epoch, method, world size, versions
         model.safetensors               every weight and buffer of the method (student, teacher, heads, centers)
@@ -44,11 +45,6 @@ class Checkpoint:
             raise UserError(f"checkpoint {self.path} was written by a newer mlsctl (format {state['format_version']}); upgrade mlsctl")
         return state
 
-    def banks(self):
-        from mlsctl.bank import load_banks
-
-        return load_banks(self.banks_path) if self.banks_path.is_file() else {}
-
     def __repr__(self) -> str:
         return f"Checkpoint({self.path})"
 
@@ -67,6 +63,7 @@ class Run:
     log_path = property(lambda self: self.root / "train.log")
     summary_path = property(lambda self: self.root / "summary.json")
     teacher_weights_path = property(lambda self: self.root / "teacher.safetensors")
+    teacher_adapters_path = property(lambda self: self.root / "teacher_adapters")
 
     def checkpoints(self) -> list[Checkpoint]:
         """Complete checkpoints (their state.json exists), oldest first."""
@@ -90,19 +87,3 @@ class Run:
             if c.step == step:
                 return c
         raise UserError(f"run {self.root} has no checkpoint at step {step}; it has steps {', '.join(str(c.step) for c in found)}")
-
-    def recipe(self):
-        from mlsctl.config import load_recipe
-
-        if not self.config_path.is_file():
-            raise UserError(f"{self.root} is not an mlsctl run (no config.yaml)")
-        return load_recipe(str(self.config_path))
-
-
-def open_run(path: str | Path) -> Run:
-    run = Run(path)
-    if not run.root.is_dir():
-        raise UserError(f"run {run.root} does not exist")
-    if not run.config_path.is_file():
-        raise UserError(f"{run.root} is not an mlsctl run (no config.yaml); give the --out folder of `mlsctl pretrain`")
-    return run

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import random
 import shutil
@@ -478,12 +477,20 @@ def pretrain(recipe, out: str | Path, *, resume: bool = False, init_from: Option
 
 
 def _export_teacher(method, run: Run) -> None:
-    """The teacher backbone in timm's key layout (LoRA merged), loadable by timm or --weights."""
+    """The teacher backbone in timm's key layout (LoRA merged), loadable by timm or --weights;
+    with LoRA, its adapters alone as well (peft format, in RUN/teacher_adapters/)."""
     from safetensors.torch import save_file
 
     from mlsctl.models import lora
 
-    vit = lora.merged_vit(method.teacher_backbone().model)
+    backbone = method.teacher_backbone().model
+    vit = lora.merged_vit(backbone)
     state = {k: v.detach().cpu().contiguous() for k, v in vit.state_dict().items()}
     metadata = {"arch": method.recipe.model.arch, "format": "timm"}
     atomic.write_with(run.teacher_weights_path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
+    if lora.is_lora(backbone):
+        tmp = run.root / ".teacher_adapters.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        lora.save_adapters(backbone, tmp)
+        shutil.rmtree(run.teacher_adapters_path, ignore_errors=True)
+        os.replace(tmp, run.teacher_adapters_path)

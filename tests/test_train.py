@@ -4,7 +4,6 @@ bad files, and two processes against one."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -199,3 +198,18 @@ def test_two_processes_agree_with_one(tmp_path: Path, images: Path):
     bank_two = load_banks(Run(tmp_path / "two").latest().banks_path)["cls"]
     assert torch.equal(bank_one.payload["image_id"], bank_two.payload["image_id"])
     assert torch.allclose(bank_one.vectors, bank_two.vectors, atol=1e-4)
+
+
+def test_a_lora_run_saves_its_adapters_and_a_merged_teacher(tmp_path: Path, images: Path):
+    recipe = tiny_recipe(images, optim__epochs=1)
+    recipe["model"]["lora"] = {"enabled": True, "rank": 2, "alpha": 4.0, "bias": "lora_only"}
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    run_cli("pretrain", str(path), "--out", str(tmp_path / "run"), check=True)
+    adapters = tmp_path / "run" / "teacher_adapters"
+    assert (adapters / "adapter_model.safetensors").is_file() and (adapters / "adapter_config.json").is_file()
+    merged = load_file(str(tmp_path / "run" / "teacher.safetensors"))
+    assert not any("lora" in k for k in merged)
+    from mlsctl.models.backbone import build_backbone
+
+    plain = config.load_recipe(str(path), ["model.lora.enabled=false", f"model.weights={tmp_path / 'run' / 'teacher.safetensors'}"])
+    build_backbone(plain.model)  # the merged teacher loads strictly into a plain ViT
