@@ -1,8 +1,13 @@
 """`python -m mlsctl ...`, the entry point `accelerate launch -m mlsctl ...` uses."""
 
-from mlsctl.dist import relaunch_for_accelerate_on_cpu
+import sys
+
+from mlsctl.dist import relaunch_for_accelerate_on_cpu, relaunched_argv
 
 relaunch_for_accelerate_on_cpu()
+_argv = relaunched_argv()
+if _argv is not None:
+    sys.argv[1:] = _argv
 
 from mlsctl.cli import main  # noqa: E402
 

@@ -6,6 +6,7 @@ never inside a loss.
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import sys
@@ -86,6 +87,16 @@ def barrier() -> None:
         dist.barrier()
 
 
+def init_from_environment() -> None:
+    """Join the process group a launcher (``accelerate launch``, torchrun) described in the
+    environment, for commands that need collectives but no Accelerator (embed, eval)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available() and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend)
+
+
 def _requested_processes(argv: list[str]) -> int:
     for i, arg in enumerate(argv):
         if arg in ("--num_processes", "--num-processes") and i + 1 < len(argv):
@@ -94,6 +105,15 @@ def _requested_processes(argv: list[str]) -> int:
             if arg.startswith(prefix):
                 return int(arg[len(prefix):])
     return 1
+
+
+RELAUNCH_ARGV = "MLSCTL_RELAUNCH_ARGV"
+
+
+def relaunched_argv() -> list[str] | None:
+    """The command-line arguments :func:`relaunch_for_accelerate_on_cpu` passed on, if any."""
+    value = os.environ.pop(RELAUNCH_ARGV, None)
+    return json.loads(value) if value is not None else None
 
 
 def relaunch_for_accelerate_on_cpu() -> None:
@@ -121,10 +141,13 @@ def relaunch_for_accelerate_on_cpu() -> None:
     if wanted <= 1 or torch.cuda.is_available():
         return
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={wanted}",
-               "-m", "mlsctl", *sys.argv[1:]]
+               "-m", "mlsctl"]
     print(f"mlsctl: accelerate launch runs a single process on a machine without GPUs; starting {wanted} "
           f"processes with torch.distributed.run (as `accelerate launch --multi_gpu` would): "
-          f"{shlex.join(command[1:])}", file=sys.stderr, flush=True)
+          f"{shlex.join(command[1:] + sys.argv[1:])}", file=sys.stderr, flush=True)
+    # torch.distributed.run's parser would take options such as --run for abbreviations of its own,
+    # so the arguments travel in the environment (see relaunched_argv).
+    os.environ[RELAUNCH_ARGV] = json.dumps(sys.argv[1:])
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or wanted) // wanted)))
     os.environ["ACCELERATE_USE_CPU"] = "true"
     os.execv(sys.executable, command)

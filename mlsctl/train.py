@@ -486,7 +486,10 @@ def _export_teacher(method, run: Run) -> None:
     backbone = method.teacher_backbone().model
     vit = lora.merged_vit(backbone)
     state = {k: v.detach().cpu().contiguous() for k, v in vit.state_dict().items()}
-    metadata = {"arch": method.recipe.model.arch, "format": "timm"}
+    model = method.recipe.model
+    metadata = {"arch": model.arch, "format": "timm",
+                "model": json.dumps({"arch": model.arch, "img_size": model.img_size, "patch_size": model.patch_size,
+                                     "timm_kwargs": dict(model.timm_kwargs or {})}, sort_keys=True)}
     atomic.write_with(run.teacher_weights_path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
     if lora.is_lora(backbone):
         tmp = run.root / ".teacher_adapters.tmp"

@@ -100,3 +100,48 @@ def run_cli(*args: str, cwd: Path | None = None, check: bool = False, timeout: i
     if check and result.returncode != 0:
         raise AssertionError(f"mlsctl {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory) -> tuple[Path, Path]:
+    """One complete tiny run (2 epochs of 4 steps), shared by the tests of several modules."""
+    tmp = tmp_path_factory.mktemp("run")
+    images = make_images(tmp / "images", 16)
+    recipe = write_recipe(tmp / "tiny.yaml", tiny_recipe(images))
+    run_cli("pretrain", str(recipe), "--out", str(tmp / "run"), check=True)
+    return tmp / "run", recipe
+
+
+def tiny_model(seed: int = 0, img_size: int = 32):
+    """A ModelChoice over a tiny randomly initialised ViT (width 32, patch 8)."""
+    from mlsctl.models.backbone import Backbone
+    from mlsctl.models.source import _choice
+
+    torch.manual_seed(seed)
+    backbone = Backbone("vit_small_patch16_224", img_size=img_size, patch_size=8,
+                        timm_kwargs={"embed_dim": 32, "depth": 2, "num_heads": 2})
+    return _choice(backbone, "tiny test ViT", "test", None, img_size)
+
+
+def write_feature_folder(path: Path, files: list[str], global_: torch.Tensor, dense: torch.Tensor | None = None,
+                         input_root: Path | None = None, fingerprint: str = "f" * 64) -> Path:
+    """A feature folder written straight from the documented format (one shard), without a model."""
+    import json
+
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {"global": global_.half().contiguous(), "row": torch.arange(len(files))}
+    if dense is not None:
+        tensors["dense"] = dense.half().contiguous()
+    save_file(tensors, str(path / "shard-00000-of-00001.safetensors"))
+    manifest = {
+        "kind": "mlsctl-features", "format_version": 1, "mlsctl_version": "test",
+        "input_root": str(input_root or path), "files": files, "skipped": [],
+        "shards": [{"file": "shard-00000-of-00001.safetensors", "rows": len(files)}],
+        "model": {"source": "test", "arch": "none", "fingerprint": fingerprint},
+        "preprocessing": {"resize": "square", "resolution": 32}, "dtype": "float16", "normalization": "none",
+        "dim": global_.shape[1], "grid": list(dense.shape[1:3]) if dense is not None else None,
+    }
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    return path

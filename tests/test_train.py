@@ -35,16 +35,6 @@ def losses(run: Path) -> list[tuple[int, float]]:
     return [(m["step"], m["loss"]) for m in metrics(run)]
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory) -> tuple[Path, Path]:
-    """One complete tiny run (2 epochs of 4 steps), shared by several tests."""
-    tmp = tmp_path_factory.mktemp("run")
-    images = make_images(tmp / "images", 16)
-    recipe = write_recipe(tmp / "tiny.yaml", tiny_recipe(images))
-    run_cli("pretrain", str(recipe), "--out", str(tmp / "run"), check=True)
-    return tmp / "run", recipe
-
-
 def test_run_layout(finished_run):
     run_dir, recipe_path = finished_run
     run = Run(run_dir)

@@ -34,7 +34,9 @@ class BadImage(Exception):
     """A file that cannot be decoded as an image; ``str(exc)`` is the reason."""
 
 
-def find_images(root: str | os.PathLike, what: str = "image folder") -> list[Path]:
+def find_images(root: str | os.PathLike, what: str = "image folder", others: list[Path] | None = None) -> list[Path]:
+    """Image files under ``root``, sorted by relative path; other visible files are appended to
+    ``others`` when a list is given (``embed`` reports them as skipped)."""
     root = Path(root)
     if not root.exists():
         raise UserError(f"{what} {root} does not exist; check the path")
@@ -44,8 +46,12 @@ def find_images(root: str | os.PathLike, what: str = "image folder") -> list[Pat
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         for name in filenames:
-            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
+            if name.startswith("."):
+                continue
+            if name.lower().endswith(IMAGE_EXTENSIONS):
                 found.append(Path(dirpath, name))
+            elif others is not None:
+                others.append(Path(dirpath, name))
     if not found:
         raise UserError(f"{what} {root} contains no images ({', '.join(e[1:] for e in IMAGE_EXTENSIONS)}); "
                         "point it at a folder of images")

@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from mlsctl.cli import app
+
+
+@app.command()
+def embed(
+    images: Path = typer.Argument(..., help="Folder of images (searched recursively)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Feature folder [default: features/<images folder name>]."),
+    run: Optional[Path] = typer.Option(None, "--run", help="Use the teacher of this run (default: the newest run under ./runs)."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Use this local .safetensors/.pth backbone instead of a run."),
+    model: Optional[str] = typer.Option(None, "--model", help="timm architecture of --weights (read from the file when it records it)."),
+    random_init: bool = typer.Option(False, "--random-init", help="The architecture of --run with random weights (a baseline)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of --random-init."),
+    dense: bool = typer.Option(False, "--dense", help="Also store the patch-token maps [n, h, w, D]."),
+    resolution: Optional[int] = typer.Option(None, "--resolution", min=1, help="Input side in pixels [default: the model's img_size]."),
+    resize: str = typer.Option("square", "--resize", help="square: whole image to R x R (for dense work); center-crop: DINO k-NN protocol."),
+    batch_size: int = typer.Option(64, "--batch-size", "-b", min=1, help="Images per forward pass."),
+    workers: int = typer.Option(0, "--workers", "-w", min=0, help="Image-decoding worker processes."),
+    dtype: str = typer.Option("fp16", "--dtype", help="Stored precision: fp16 or fp32."),
+    part_size: Optional[int] = typer.Option(None, "--part-size", min=1, help="Images per resumable part (a multiple of --batch-size) [default: 8 batches]."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out when it holds other features."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
+) -> None:
+    """Extract global (and dense) features of a folder of images into safetensors shards.
+
+    Example: mlsctl embed data/fmnist-scenes/val/images --run runs/dino_fmnist_quick --dense --out features/val
+
+    Killed and run again, it continues where it stopped. Several processes:
+    accelerate launch --num_processes 2 -m mlsctl embed IMAGES --run RUN
+    """
+    from mlsctl import dist
+    from mlsctl.features import default_out, embed_folder
+    from mlsctl.models.source import choose_model
+
+    dist.init_from_environment()
+    choice = choose_model(run=run, weights=weights, arch=model, random_init=random_init, seed=seed)
+    main = dist.rank() == 0
+    if main:
+        print(f"model: {choice.description} (fingerprint {choice.fingerprint[:12]})", file=sys.stderr)
+    out = out if out is not None else default_out(images)
+    summary = embed_folder(images, out, choice, dense=dense, resolution=resolution, resize=resize,
+                           batch_size=batch_size, workers=workers, dtype=dtype, part_size=part_size,
+                           overwrite=overwrite, say=lambda line: print(line, file=sys.stderr))
+    if not main:
+        return
+    if as_json:
+        typer.echo(json.dumps({"out": str(summary.out), "rows": summary.rows, "skipped": summary.skipped,
+                               "seconds": round(summary.seconds, 3), "images_per_s": round(summary.images_per_s, 2),
+                               "model": choice.info, "reused": summary.reused}, indent=2))
+        return
+    for path, reason in summary.skipped:
+        typer.echo(f"skipped {path}: {reason}", err=True)
+    if summary.reused:
+        typer.echo(f"{summary.out} already holds these features ({summary.rows} rows); nothing to do")
+        return
+    skipped = f", {len(summary.skipped)} skipped (listed in manifest.json)" if summary.skipped else ""
+    typer.echo(f"wrote {summary.rows} rows{skipped} to {summary.out}/ in {summary.seconds:.1f}s "
+               f"({summary.images_per_s:.1f} images/s)")

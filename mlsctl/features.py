@@ -1,0 +1,557 @@
+"""Feature shards: the format ``embed`` writes and ``eval``, ``viz``, ``index`` and ``bank`` read.
+
+A feature folder (one of mlsctl's three contracts, with recipes and run folders)::
+
+    FEATS/manifest.json                              written last: the folder is complete when it exists
+    FEATS/shard-00000-of-00003.safetensors ...       global [n, D], optional dense [n, h, w, D], row [n] int64
+
+``manifest.json`` holds ``format_version``, ``mlsctl_version``, ``input_root``, ``files`` (paths
+relative to the input root, in row order: row ``r`` of the concatenated shards is ``files[r]``),
+``skipped`` (``[path, reason]`` for each file that could not be decoded), ``shards`` (file name and
+row count of each), ``model`` (source, arch, sizes, and ``fingerprint``: the sha256 of its
+tensors), ``preprocessing`` (resize mode, resolution, mean/std), ``dtype``, ``normalization``
+(features are stored as the backbone returns them, *not* L2-normalised), ``dim``, ``grid``
+(``[h, w]`` of the dense maps or null) and the ``plan`` that produced them.
+
+Writing (:func:`embed_folder`) is resumable and exact. The candidate files are cut into *parts* of
+``part_size`` images (a multiple of the batch size; batches never cross a part, so a batch holds
+the same images however often the job was interrupted); each finished part is written atomically
+to ``FEATS/.partial/``. A rerun of the same command skips the finished parts; after the last one,
+the parts are concatenated into the shards in file order, each shard is renamed into place and the
+manifest is written. With several processes (``accelerate launch -m mlsctl embed``) part ``k``
+belongs to process ``k mod world_size`` and process 0 assembles the shards, so the output is the
+same folder one process writes.
+
+Reading (:class:`Features`) goes through ``safetensors.safe_open`` (memory-mapped), shard by
+shard; a damaged, unfinished or foreign folder raises a :class:`~mlsctl.errors.UserError` saying
+what is wrong and what to do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+
+from mlsctl import __version__, atomic
+from mlsctl import dist
+from mlsctl.errors import UserError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+PARTIAL = ".partial"
+SHARD_BYTES = 256 * 2**20  # target size of one shard
+DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
+RESIZE_MODES = ("square", "center-crop")
+
+
+def shard_name(index: int, count: int) -> str:
+    return f"shard-{index:05d}-of-{count:05d}.safetensors"
+
+
+# ------------------------------------------------------------------------------------------ preprocessing
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an image becomes the model input.
+
+    ``square``: the whole image resized to ``resolution``² (patch maps cover the whole image, so
+    they line up with segmentation masks). ``center-crop``: shorter side to ``resolution``·256/224,
+    then the central ``resolution``² (DINO's k-NN protocol; not for dense evaluation).
+    """
+
+    resolution: int
+    resize: str = "square"
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    def __call__(self, img) -> torch.Tensor:
+        from PIL import Image
+
+        r = self.resolution
+        if self.resize == "square":
+            img = img.resize((r, r), Image.BICUBIC)
+        else:
+            short = round(r * 256 / 224)
+            w, h = img.size
+            scale = short / min(w, h)
+            img = img.resize((max(r, round(w * scale)), max(r, round(h * scale))), Image.BICUBIC)
+            w, h = img.size
+            left, top = (w - r) // 2, (h - r) // 2
+            img = img.crop((left, top, left + r, top + r))
+        array = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
+        mean = torch.tensor(self.mean).view(3, 1, 1)
+        std = torch.tensor(self.std).view(3, 1, 1)
+        return (array - mean) / std
+
+    def to_dict(self) -> dict:
+        return {"resize": self.resize, "resolution": self.resolution, "interpolation": "bicubic",
+                "mean": list(self.mean), "std": list(self.std)}
+
+
+# --------------------------------------------------------------------------------------------- reading
+
+
+@dataclass
+class ShardInfo:
+    path: Path
+    rows: int
+    start: int  # first row of this shard in the concatenation
+
+
+class Features:
+    """A complete feature folder, read shard by shard (memory-mapped through safetensors)."""
+
+    def __init__(self, path: str | os.PathLike, what: str = "feature folder"):
+        self.path = Path(path)
+        self.what = what
+        self.manifest = self._read_manifest()
+        m = self.manifest
+        self.files: list[str] = m["files"]
+        self.skipped: list[list[str]] = m.get("skipped", [])
+        self.dim: int = int(m["dim"])
+        self.grid: Optional[tuple[int, int]] = tuple(m["grid"]) if m.get("grid") else None
+        self.dtype: str = m["dtype"]
+        self.input_root = Path(m["input_root"])
+        self.model: dict = m["model"]
+        self.preprocessing: dict = m["preprocessing"]
+        self.shards: list[ShardInfo] = []
+        start = 0
+        for entry in m["shards"]:
+            shard = ShardInfo(self.path / entry["file"], int(entry["rows"]), start)
+            self._check_shard(shard)
+            self.shards.append(shard)
+            start += shard.rows
+        if start != len(self.files):
+            raise UserError(f"{what} {self.path} is damaged: its shards hold {start} rows but manifest.json lists "
+                            f"{len(self.files)} files; embed it again with --overwrite")
+
+    # ------------------------------------------------------------------ validation
+    def _read_manifest(self) -> dict:
+        path, what = self.path, self.what
+        if not path.is_dir():
+            raise UserError(f"{what} {path} does not exist; create it with mlsctl embed")
+        manifest_path = path / MANIFEST
+        if not manifest_path.is_file():
+            if (path / PARTIAL).is_dir():
+                raise UserError(f"{what} {path} is unfinished (its embed was interrupted); run the same mlsctl embed "
+                                f"command again to complete it")
+            raise UserError(f"{what} {path} is not a feature folder (no {MANIFEST}); create one with mlsctl embed")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise UserError(f"{manifest_path} is damaged ({exc}); embed the folder again with --overwrite") from None
+        if not isinstance(manifest, dict) or manifest.get("kind") != "mlsctl-features":
+            raise UserError(f"{manifest_path} is not an mlsctl feature manifest; point at a folder written by mlsctl embed")
+        version = manifest.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise UserError(f"{what} {path} has format_version {version}, newer than this mlsctl reads "
+                            f"({FORMAT_VERSION}); upgrade mlsctl")
+        missing = [k for k in ("files", "shards", "dim", "dtype", "model", "preprocessing", "input_root")
+                   if k not in manifest]
+        if missing:
+            raise UserError(f"{manifest_path} lacks {', '.join(missing)}; embed the folder again with --overwrite")
+        return manifest
+
+    def _check_shard(self, shard: ShardInfo) -> None:
+        from safetensors import safe_open
+
+        if not shard.path.is_file():
+            raise UserError(f"{self.what} {self.path} is damaged: {shard.path.name} is missing; embed it again with --overwrite")
+        try:
+            with safe_open(str(shard.path), "pt") as f:
+                shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+        except Exception as exc:
+            raise UserError(f"{shard.path} is damaged ({str(exc).splitlines()[0][:120]}); embed the folder again "
+                            f"with --overwrite") from None
+        expected = {"global": [shard.rows, self.dim], "row": [shard.rows]}
+        if self.grid:
+            expected["dense"] = [shard.rows, *self.grid, self.dim]
+        if shapes != expected:
+            raise UserError(f"{shard.path} holds {shapes}, manifest.json expects {expected}; embed the folder again "
+                            f"with --overwrite")
+
+    # ------------------------------------------------------------------ access
+    def __len__(self) -> int:
+        return len(self.files)
+
+    @property
+    def has_dense(self) -> bool:
+        return self.grid is not None
+
+    def image_path(self, row: int) -> Path:
+        return self.input_root / self.files[row]
+
+    def _shard_rows(self, rows: Optional[Sequence[int]]) -> Iterator[tuple[ShardInfo, Optional[np.ndarray]]]:
+        """(shard, local row indices or None for all) for each shard holding requested rows."""
+        if rows is None:
+            for shard in self.shards:
+                yield shard, None
+            return
+        rows = np.asarray(sorted(rows), dtype=np.int64)
+        if len(rows) and (rows[0] < 0 or rows[-1] >= len(self)):
+            raise IndexError(f"rows out of range 0..{len(self) - 1}")
+        for shard in self.shards:
+            lo, hi = np.searchsorted(rows, [shard.start, shard.start + shard.rows])
+            if hi > lo:
+                yield shard, rows[lo:hi] - shard.start
+
+    def global_features(self, rows: Optional[Sequence[int]] = None, dtype=torch.float32) -> torch.Tensor:
+        """Global features [n, D] of ``rows`` (sorted) or of every row."""
+        from safetensors import safe_open
+
+        parts = []
+        for shard, local in self._shard_rows(rows):
+            with safe_open(str(shard.path), "pt") as f:
+                tensor = f.get_tensor("global")
+            parts.append((tensor if local is None else tensor[torch.from_numpy(local)]).to(dtype))
+        return torch.cat(parts) if parts else torch.empty(0, self.dim, dtype=dtype)
+
+    def iter_dense(self, rows: Optional[Sequence[int]] = None, batch: int = 64,
+                   dtype=torch.float32) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield ``(rows [b], dense [b, h, w, D])`` in row order, reading at most one shard slice at a time."""
+        from safetensors import safe_open
+
+        if not self.has_dense:
+            raise UserError(f"{self.what} {self.path} has no dense features; embed it with --dense")
+        for shard, local in self._shard_rows(rows):
+            local = np.arange(shard.rows) if local is None else local
+            with safe_open(str(shard.path), "pt") as f:
+                dense = f.get_slice("dense")
+                for i in range(0, len(local), batch):
+                    chunk = local[i:i + batch]
+                    lo, hi = int(chunk[0]), int(chunk[-1]) + 1
+                    block = dense[lo:hi]
+                    block = block[torch.from_numpy(chunk - lo)]
+                    yield torch.from_numpy(chunk + shard.start), block.to(dtype)
+
+
+# --------------------------------------------------------------------------------------------- writing
+
+
+@dataclass
+class EmbedSummary:
+    out: Path
+    rows: int
+    skipped: list[list[str]]
+    seconds: float
+    images_per_s: float
+    model: str
+    reused: bool = False
+    resumed_parts: int = 0
+    timings: dict = field(default_factory=dict)
+
+
+def _sha256_lines(lines: Sequence[str]) -> str:
+    digest = hashlib.sha256()
+    for line in lines:
+        digest.update(line.encode())
+        digest.update(b"\n")
+    return digest.hexdigest()
+
+
+def default_out(images: str | os.PathLike) -> Path:
+    """``./features/<input folder name>/``."""
+    return Path("features") / Path(os.path.abspath(images)).name
+
+
+_PLAN_KEYS = ("format_version", "candidates", "candidates_sha256", "fingerprint", "preprocessing", "dtype", "dense",
+              "batch_size", "part_size", "parts_per_shard", "dim", "grid")
+
+
+def _same_plan(a: dict, b: dict) -> bool:
+    return all(a.get(k) == b.get(k) for k in _PLAN_KEYS)
+
+
+def _plan_difference(old: dict, new: dict) -> str:
+    names = {"fingerprint": "model", "candidates_sha256": "image list", "candidates": "image count"}
+    changed = [names.get(k, k) for k in _PLAN_KEYS if old.get(k) != new.get(k)]
+    return ", ".join(dict.fromkeys(changed))
+
+
+class _Images(torch.utils.data.Dataset):
+    def __init__(self, root: Path, relpaths: list[str], preprocessing: Preprocessing):
+        self.root, self.relpaths, self.preprocessing = root, relpaths, preprocessing
+
+    def __len__(self) -> int:
+        return len(self.relpaths)
+
+    def __getitem__(self, index: int):
+        from mlsctl.data.images import BadImage, load_rgb
+
+        try:
+            return index, self.preprocessing(load_rgb(self.root / self.relpaths[index])), None
+        except BadImage as exc:
+            return index, None, str(exc)
+
+
+def _collate(items):
+    ok = [(i, x) for i, x, _ in items if x is not None]
+    indices = torch.tensor([i for i, _ in ok], dtype=torch.long)
+    pixels = torch.stack([x for _, x in ok]) if ok else None
+    skipped = [(i, reason) for i, x, reason in items if x is None]
+    return indices, pixels, skipped
+
+
+def _write_part(path: Path, global_: list, dense: list, indices: list, skipped: list, dim: int,
+                grid: Optional[tuple[int, int]], dtype: torch.dtype, plan_sha: str) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {
+        "global": torch.cat(global_) if global_ else torch.empty(0, dim, dtype=dtype),
+        "index": torch.cat(indices) if indices else torch.empty(0, dtype=torch.long),
+    }
+    if grid is not None:
+        tensors["dense"] = torch.cat(dense) if dense else torch.empty(0, *grid, dim, dtype=dtype)
+    metadata = {"skipped": json.dumps(skipped), "plan_sha256": plan_sha}
+    atomic.write_with(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata))
+
+
+def embed_folder(images: str | os.PathLike, out: str | os.PathLike, model, *, dense: bool = False,
+                 resolution: Optional[int] = None, resize: str = "square", batch_size: int = 64, workers: int = 0,
+                 dtype: str = "fp16", part_size: Optional[int] = None, overwrite: bool = False,
+                 progress: Optional[bool] = None, say: Callable[[str], None] = print) -> EmbedSummary:
+    """Embed every image under ``images`` with ``model`` (a :class:`~mlsctl.models.source.ModelChoice`)
+    into the feature folder ``out``; see the module docstring for the format and resume rules."""
+    from mlsctl.data.images import find_images
+
+    started = time.perf_counter()
+    images, out = Path(images), Path(out)
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype} is not one of {', '.join(DTYPES)}")
+    if resize not in RESIZE_MODES:
+        raise UserError(f"--resize {resize} is not one of {', '.join(RESIZE_MODES)}")
+    backbone = model.backbone
+    patch = backbone.patch_size
+    resolution = resolution or model.info["img_size"]
+    if resolution % patch:
+        raise UserError(f"--resolution {resolution} is not a multiple of the model's patch size {patch}; "
+                        f"try {max(patch, round(resolution / patch) * patch)}")
+    if batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    part_size = part_size or batch_size * 8
+    if part_size % batch_size:
+        raise UserError(f"--part-size {part_size} must be a multiple of --batch-size {batch_size}")
+    others: list[Path] = []
+    files = find_images(images, "image folder", others)
+    relpaths = [f.relative_to(images).as_posix() for f in files]
+    not_images = [[p.relative_to(images).as_posix(), f"not an image file (extension {p.suffix or 'none'})"]
+                  for p in sorted(others, key=lambda p: p.relative_to(images).as_posix())]
+    preprocessing = Preprocessing(resolution, resize)
+    grid = (resolution // patch, resolution // patch) if dense else None
+    torch_dtype = DTYPES[dtype]
+    bytes_per_row = backbone.embed_dim * torch_dtype.itemsize * (1 + (grid[0] * grid[1] if grid else 0))
+    parts_per_shard = max(1, SHARD_BYTES // (bytes_per_row * part_size))
+    n_parts = (len(relpaths) + part_size - 1) // part_size
+    n_shards = (n_parts + parts_per_shard - 1) // parts_per_shard
+    plan = {
+        "format_version": FORMAT_VERSION, "input_root": str(images.resolve()), "candidates": len(relpaths),
+        "candidates_sha256": _sha256_lines(relpaths), "fingerprint": model.fingerprint,
+        "preprocessing": preprocessing.to_dict(), "dtype": {"fp16": "float16", "fp32": "float32"}[dtype],
+        "dense": dense, "batch_size": batch_size, "part_size": part_size, "parts_per_shard": parts_per_shard,
+        "n_parts": n_parts, "n_shards": n_shards, "dim": backbone.embed_dim, "grid": list(grid) if grid else None,
+    }
+    plan_sha = _sha256_lines([json.dumps(plan, sort_keys=True)])
+    partial = out / PARTIAL
+    is_main = dist.rank() == 0
+
+    # ---------------------------------------------------------------- the state of --out
+    reused = False
+    if (out / MANIFEST).is_file():
+        try:
+            previous = json.loads((out / MANIFEST).read_text()).get("plan", {})
+        except (OSError, json.JSONDecodeError):
+            previous = {}
+        if _same_plan(previous, plan) and not overwrite:
+            reused = True
+        elif not overwrite:
+            raise UserError(f"--out {out} already holds features made differently ({_plan_difference(previous, plan) or 'unknown'}); "
+                            f"add --overwrite to replace them or choose another --out")
+    elif partial.is_dir() and (partial / "plan.json").is_file() and not overwrite:
+        previous = json.loads((partial / "plan.json").read_text())
+        if not _same_plan(previous, plan):
+            raise UserError(f"--out {out} holds an unfinished embed made differently ({_plan_difference(previous, plan)}); "
+                            f"run the original command again to finish it, or add --overwrite")
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise UserError(f"--out {out} exists and is not a feature folder; choose another --out or add --overwrite")
+    if reused:
+        manifest = json.loads((out / MANIFEST).read_text())
+        return EmbedSummary(out, len(manifest["files"]), manifest["skipped"], time.perf_counter() - started, 0.0,
+                            model.description, reused=True)
+    if is_main:
+        if overwrite and out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        partial.mkdir(parents=True, exist_ok=True)
+        for stale in [*partial.glob(".*.tmp"), *out.glob(".*.tmp")]:
+            stale.unlink()
+        if not (partial / "plan.json").is_file():
+            atomic.write_json(partial / "plan.json", plan)
+    dist.barrier()
+
+    # ---------------------------------------------------------------- this process's parts
+    part_path = lambda k: partial / f"part-{k:05d}.safetensors"  # noqa: E731
+    mine = [k for k in range(n_parts) if k % dist.world_size() == dist.rank()]
+    done = [k for k in mine if part_path(k).is_file()]
+    todo = [k for k in mine if not part_path(k).is_file()]
+    batches = []
+    for k in todo:
+        stop = min((k + 1) * part_size, len(relpaths))
+        batches += [list(range(s, min(s + batch_size, stop))) for s in range(k * part_size, stop, batch_size)]
+    n_todo = sum(len(b) for b in batches)
+    if is_main:
+        say(f"embedding {len(relpaths)} images from {images} with {model.description}")
+        if done:
+            say(f"resuming: {len(done) * dist.world_size()} of {n_parts} parts already done")
+    device = _device()
+    backbone.to(device)
+    loader = torch.utils.data.DataLoader(_Images(images, relpaths, preprocessing), batch_sampler=batches,
+                                         num_workers=workers, collate_fn=_collate,
+                                         persistent_workers=False, pin_memory=device.type == "cuda")
+    from tqdm import tqdm
+
+    show = (progress if progress is not None else sys.stderr.isatty()) and is_main
+    bar = tqdm(total=n_todo, unit="img", disable=not show, desc="embed", dynamic_ncols=True)
+    buffers = {"global": [], "dense": [], "index": [], "skipped": []}
+    current = todo[0] if todo else None
+    forward_s = 0.0
+    with torch.inference_mode():
+        for indices, pixels, skipped in loader:
+            batch_indices = sorted(indices.tolist() + [i for i, _ in skipped])
+            part = batch_indices[0] // part_size
+            if part != current:
+                raise RuntimeError("batches left their part")  # the batch sampler above makes this impossible
+            if pixels is not None:
+                t0 = time.perf_counter()
+                output = backbone(pixels.to(device, non_blocking=True))
+                buffers["global"].append(output.cls.to("cpu", torch_dtype))
+                if dense:
+                    buffers["dense"].append(output.patches.to("cpu", torch_dtype))
+                forward_s += time.perf_counter() - t0
+                buffers["index"].append(indices)
+            buffers["skipped"] += [[relpaths[i], reason] for i, reason in skipped]
+            bar.update(len(indices) + len(skipped))
+            if batch_indices[-1] == min((part + 1) * part_size, len(relpaths)) - 1:
+                _write_part(part_path(part), buffers["global"], buffers["dense"], buffers["index"], buffers["skipped"],
+                            backbone.embed_dim, grid, torch_dtype, plan_sha)
+                buffers = {"global": [], "dense": [], "index": [], "skipped": []}
+                position = todo.index(part)
+                current = todo[position + 1] if position + 1 < len(todo) else None
+    bar.close()
+    dist.barrier()
+    if is_main:
+        _assemble(out, plan, plan_sha, relpaths, not_images, model, preprocessing, n_parts, parts_per_shard,
+                  n_shards, part_path)
+    dist.barrier()
+    manifest = json.loads((out / MANIFEST).read_text())
+    seconds = time.perf_counter() - started
+    return EmbedSummary(out, len(manifest["files"]), manifest["skipped"], seconds, n_todo / max(seconds, 1e-9),
+                        model.description, resumed_parts=len(done), timings={"forward_s": forward_s})
+
+
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        return torch.device("cuda", local)
+    return torch.device("cpu")
+
+
+def _assemble(out: Path, plan: dict, plan_sha: str, relpaths: list[str], not_images: list[list[str]], model,
+              preprocessing: Preprocessing,
+              n_parts: int, parts_per_shard: int, n_shards: int, part_path) -> dict:
+    """Concatenate the parts into shards (row order = file order), then write the manifest."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    files: list[str] = []
+    skipped: list[list[str]] = []
+    shards = []
+    for s in range(n_shards):
+        tensors: dict[str, list[torch.Tensor]] = {"global": [], "dense": []}
+        for k in range(s * parts_per_shard, min((s + 1) * parts_per_shard, n_parts)):
+            path = part_path(k)
+            if not path.is_file():
+                raise UserError(f"{path} is missing after every process finished; run the same mlsctl embed command again")
+            with safe_open(str(path), "pt") as f:
+                if (f.metadata() or {}).get("plan_sha256") != plan_sha:
+                    raise UserError(f"{path} belongs to another embed; run with --overwrite")
+                index = f.get_tensor("index")
+                tensors["global"].append(f.get_tensor("global"))
+                if plan["grid"]:
+                    tensors["dense"].append(f.get_tensor("dense"))
+                skipped += json.loads(f.metadata()["skipped"])
+            files += [relpaths[i] for i in index.tolist()]
+        start = sum(entry["rows"] for entry in shards)
+        shard = {"global": torch.cat(tensors["global"])}
+        if plan["grid"]:
+            shard["dense"] = torch.cat(tensors["dense"])
+        rows = shard["global"].shape[0]
+        shard["row"] = torch.arange(start, start + rows, dtype=torch.long)
+        name = shard_name(s, n_shards)
+        atomic.write_with(out / name, lambda tmp: save_file(shard, str(tmp), metadata={"format": "mlsctl-features"}))
+        shards.append({"file": name, "rows": rows})
+    manifest = {
+        "kind": "mlsctl-features",
+        "format_version": FORMAT_VERSION,
+        "mlsctl_version": __version__,
+        "input_root": plan["input_root"],
+        "model": model.info,
+        "preprocessing": preprocessing.to_dict(),
+        "dtype": plan["dtype"],
+        "normalization": "none: features are stored as the backbone returns them (after its final norm); "
+                         "consumers L2-normalise where their protocol says so",
+        "dim": plan["dim"],
+        "grid": plan["grid"],
+        "files": files,
+        "skipped": skipped + not_images,
+        "shards": shards,
+        "plan": plan,
+    }
+    atomic.write_json(out / MANIFEST, manifest)
+    shutil.rmtree(out / PARTIAL, ignore_errors=True)
+    return manifest
+
+
+# ----------------------------------------------------------------------------------- features on demand
+
+
+def is_feature_folder(path: str | os.PathLike) -> bool:
+    path = Path(path)
+    return (path / MANIFEST).is_file() or (path / PARTIAL).is_dir()
+
+
+def cache_dir(images: str | os.PathLike, model, root: str | os.PathLike = "features") -> Path:
+    """Where commands that take images keep their features: ``features/<model>-<fingerprint>/<folder>-<hash>``
+    (the hash of the folder's absolute path keeps two folders of the same name apart)."""
+    absolute = os.path.abspath(images)
+    source = model.info.get("path") or model.info["arch"]
+    label = Path(source).parent.name if model.info["source"] in ("run", "run-checkpoint") else model.info["source"]
+    if model.info["source"] == "random-init":
+        label = "random-" + Path(source).name
+    tail = "-".join(Path(absolute).parts[-3:]).replace("/", "")
+    return Path(root) / f"{label}-{model.fingerprint[:8]}" / f"{tail}-{hashlib.sha256(absolute.encode()).hexdigest()[:6]}"
+
+
+def features_or_embed(path: str | os.PathLike, get_model: Callable[[], object], *, dense: bool, what: str,
+                      say: Callable[[str], None] = print, **embed_options) -> Features:
+    """``path`` itself when it is a feature folder; otherwise ``path`` is a folder of images,
+    embedded (or found already embedded) under :func:`cache_dir` with the model ``get_model()``."""
+    if is_feature_folder(path):
+        return Features(path, what)
+    model = get_model()
+    out = cache_dir(path, model)
+    summary = embed_folder(path, out, model, dense=dense, say=say, **embed_options)
+    if summary.reused:
+        say(f"{what}: using the features of {path} already in {out}")
+    else:
+        say(f"{what}: embedded {summary.rows} images of {path} into {out} ({summary.images_per_s:.0f} images/s)")
+    return Features(out, what)

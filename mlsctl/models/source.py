@@ -1,0 +1,222 @@
+"""Which backbone features come from: a run's teacher, a weights file, a random init, or DINOv2.
+
+:func:`choose_model` resolves the model flags of ``embed`` (and of every command that embeds):
+
+* ``run=RUN``: the run's exported teacher (``RUN/teacher.safetensors``); while a run has no export
+  yet, the teacher of its latest checkpoint. ``random_init=True`` builds the same architecture
+  with freshly initialised weights (seeded) — the baseline every learned model is compared with.
+* ``weights=FILE``: a local weights file in any layout :mod:`mlsctl.models.weights` reads; the
+  architecture comes from ``arch=`` or from the file's own metadata (``mlsctl`` exports record it).
+* nothing: the newest run under ``./runs/``; failing that, timm's DINOv2 ViT-S/14 when it is in the
+  Hugging Face cache or can be downloaded (said before it is tried); failing that, a
+  :class:`~mlsctl.errors.UserError` saying how to choose a model.
+
+Every choice carries a fingerprint: the sha256 of the backbone's tensors (names, dtypes, shapes and
+bytes, in key order), so the same weights give the same fingerprint whichever file they came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from mlsctl.errors import UserError
+from mlsctl.models.backbone import Backbone, build_backbone
+from mlsctl.runs import Run
+
+DINOV2_ARCH = "vit_small_patch14_dinov2.lvd142m"
+DINOV2_REPO = "timm/vit_small_patch14_dinov2.lvd142m"
+
+
+@dataclass
+class ModelChoice:
+    backbone: Backbone
+    description: str  # one line for the console: what was loaded, from where
+    info: dict  # recorded in manifests: source, arch, img_size, patch_size, fingerprint, path
+
+    @property
+    def fingerprint(self) -> str:
+        return self.info["fingerprint"]
+
+
+def fingerprint(module: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def _choice(backbone: Backbone, description: str, source: str, path: Optional[str], img_size: int) -> ModelChoice:
+    from mlsctl.models import lora
+
+    backbone.eval()
+    info = {"source": source, "path": path, "arch": backbone.arch, "img_size": img_size,
+            "patch_size": backbone.patch_size, "embed_dim": backbone.embed_dim,
+            "fingerprint": fingerprint(lora.unwrap(backbone.model))}
+    return ModelChoice(backbone, description, info)
+
+
+def newest_run(root: str | Path = "runs") -> Optional[Run]:
+    """The run under ``root`` whose teacher export or latest checkpoint is the most recent."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    best, best_time = None, -1.0
+    for path in root.iterdir():
+        run = Run(path)
+        if not run.config_path.is_file():
+            continue
+        stamps = [p.stat().st_mtime for p in (run.teacher_weights_path,) if p.is_file()]
+        latest = run.latest()
+        if latest is not None:
+            stamps.append(latest.state_path.stat().st_mtime)
+        if stamps and max(stamps) > best_time:
+            best, best_time = run, max(stamps)
+    return best
+
+
+def from_run(run_dir: str | Path, *, random_init: bool = False, seed: int = 0) -> ModelChoice:
+    from mlsctl import config as config_lib
+
+    run = Run(run_dir)
+    if not run.config_path.is_file():
+        raise UserError(f"--run {run_dir} is not a run folder (no config.yaml); give a folder written by mlsctl pretrain")
+    recipe = config_lib.load_recipe(str(run.config_path))
+    model_cfg = recipe.model
+    if random_init:
+        torch.manual_seed(seed)
+        plain = dataclasses.replace(model_cfg, lora=dataclasses.replace(model_cfg.lora, enabled=False))
+        backbone = build_backbone(plain, drop_path_rate=0.0, load_weights=False)
+        return _choice(backbone, f"randomly initialised {model_cfg.arch} (architecture of run {run.root}, seed {seed})",
+                       "random-init", str(run.root), model_cfg.img_size)
+    if run.teacher_weights_path.is_file():
+        plain = dataclasses.replace(model_cfg, weights=str(run.teacher_weights_path), pretrained=False,
+                                    lora=dataclasses.replace(model_cfg.lora, enabled=False))
+        backbone = build_backbone(plain, drop_path_rate=0.0)
+        return _choice(backbone, f"teacher of run {run.root} ({run.teacher_weights_path.name})", "run",
+                       str(run.teacher_weights_path), model_cfg.img_size)
+    checkpoint = run.latest()
+    if checkpoint is None:
+        raise UserError(f"run {run.root} has neither teacher.safetensors nor a checkpoint yet; wait for its first "
+                        f"checkpoint or choose another --run")
+    return _from_checkpoint(recipe, checkpoint, run)
+
+
+def _from_checkpoint(recipe, checkpoint, run: Run) -> ModelChoice:
+    """The teacher of a checkpoint, taken from the method itself (so any method's layout works)."""
+    from safetensors.torch import load_file
+
+    from mlsctl import methods
+    from mlsctl.schedules import Schedule
+
+    state = checkpoint.state()
+    model_cfg = dataclasses.replace(recipe.model, weights=None, pretrained=False)
+    recipe = dataclasses.replace(recipe, model=model_cfg)
+    method = methods.method_class(recipe.method.name)(recipe, Schedule(steps_per_epoch=1, epochs=recipe.optim.epochs))
+    method.load_state_dict(load_file(str(checkpoint.model_path)), strict=True)
+    backbone = method.teacher_backbone()
+    return _choice(backbone, f"teacher of run {run.root} at step {state['step']} (no final export yet)", "run-checkpoint",
+                   str(checkpoint.path), recipe.model.img_size)
+
+
+def from_weights(path: str | Path, arch: Optional[str] = None, *, img_size: Optional[int] = None,
+                 patch_size: Optional[int] = None) -> ModelChoice:
+    path = Path(path)
+    recorded = _recorded_model(path)
+    if arch is None and recorded is None:
+        raise UserError(f"--weights {path} does not say which architecture it holds; add --model NAME "
+                        f"(a timm ViT such as vit_small_patch16_224)")
+    spec = dict(recorded or {})
+    if arch is not None and arch != spec.get("arch"):
+        spec = {"arch": arch}
+    import timm
+
+    if not timm.is_model(spec["arch"]):
+        raise UserError(f"--model {spec['arch']} is not a timm model; see timm.list_models('vit*')")
+    defaults = timm.models.get_pretrained_cfg(spec["arch"]) if "img_size" not in spec else None
+    size = img_size or spec.get("img_size") or (defaults.input_size[-1] if defaults else 224)
+    patch = patch_size or spec.get("patch_size") or _patch_size_of(spec["arch"])
+    backbone = Backbone(spec["arch"], img_size=size, patch_size=patch, weights=str(path),
+                        timm_kwargs=spec.get("timm_kwargs"))
+    return _choice(backbone, f"{spec['arch']} with weights {path}", "weights", str(path), size)
+
+
+def _patch_size_of(arch: str) -> int:
+    import re
+
+    found = re.search(r"patch(\d+)", arch)
+    return int(found.group(1)) if found else 16
+
+
+def _recorded_model(path: Path) -> Optional[dict]:
+    if path.suffix != ".safetensors" or not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata() or {}
+    except Exception:  # unreadable files are reported by the weights reader with their reason
+        return None
+    if "model" in metadata:
+        try:
+            return json.loads(metadata["model"])
+        except json.JSONDecodeError:
+            return None
+    return {"arch": metadata["arch"]} if "arch" in metadata else None
+
+
+def dinov2_small() -> ModelChoice:
+    """timm's DINOv2 ViT-S/14: from the Hugging Face cache, else downloaded (said first)."""
+    import sys
+
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(DINOV2_REPO, "model.safetensors")
+    if not isinstance(cached, str):
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+        if offline:
+            raise UserError(_HOW_TO_CHOOSE)
+        print(f"mlsctl: no run under ./runs; downloading timm's DINOv2 ViT-S/14 ({DINOV2_REPO}) from the "
+              f"Hugging Face Hub", file=sys.stderr, flush=True)
+        try:
+            from huggingface_hub import hf_hub_download
+
+            cached = hf_hub_download(DINOV2_REPO, "model.safetensors", etag_timeout=10)
+        except Exception:  # no network, hub down, proxy: all end the same way
+            raise UserError(_HOW_TO_CHOOSE) from None
+    backbone = Backbone(DINOV2_ARCH, img_size=518, patch_size=14, weights=cached)
+    return _choice(backbone, f"timm's DINOv2 ViT-S/14 ({cached})", "dinov2", cached, 224)
+
+
+_HOW_TO_CHOOSE = ("no model given, no run under ./runs and timm's DINOv2 ViT-S/14 is neither cached nor downloadable: "
+                  "choose one with --run RUN or --weights FILE --model NAME")
+
+
+def choose_model(*, run: Optional[str | Path] = None, weights: Optional[str | Path] = None, arch: Optional[str] = None,
+                 random_init: bool = False, seed: int = 0, runs_root: str | Path = "runs") -> ModelChoice:
+    if run is not None and weights is not None:
+        raise UserError("give either --run or --weights, not both")
+    if weights is not None:
+        if random_init:
+            raise UserError("--random-init builds the architecture of a run; use it with --run, not --weights")
+        return from_weights(weights, arch)
+    if arch is not None and run is None:
+        raise UserError("--model names the architecture of a --weights file; add --weights FILE, or use --run RUN")
+    if run is None:
+        found = newest_run(runs_root)
+        if found is None:
+            if random_init:
+                raise UserError(f"--random-init needs --run RUN (no run under {runs_root}/ to take the architecture from)")
+            return dinov2_small()
+        run = found.root
+    return from_run(run, random_init=random_init, seed=seed)

@@ -1,0 +1,222 @@
+"""Feature shards: format, bad files, exact resume after a kill, damaged folders, model choice,
+and two processes writing what one writes."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mlsctl import features as feats
+from mlsctl.errors import UserError
+from mlsctl.features import Features, Preprocessing, embed_folder
+
+from conftest import cli_env, make_images, run_cli, tiny_model
+from test_images import write_bad_files
+
+
+def shard_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    parts = [load_file(str(folder / s["file"])) for s in manifest["shards"]]
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def quiet(_line: str) -> None:
+    pass
+
+
+def test_format_rows_and_values(tmp_path: Path):
+    images = make_images(tmp_path / "images", 11)
+    model = tiny_model()
+    out = tmp_path / "feats"
+    summary = embed_folder(images, out, model, dense=True, batch_size=2, part_size=4, dtype="fp32", say=quiet)
+    assert summary.rows == 11 and not summary.skipped
+    manifest = json.loads((out / "manifest.json").read_text())
+    for key in ("format_version", "files", "skipped", "model", "preprocessing", "dtype", "normalization",
+                "mlsctl_version", "shards", "input_root"):
+        assert key in manifest, key
+    assert manifest["model"]["fingerprint"] == model.fingerprint and len(model.fingerprint) == 64
+    assert manifest["files"] == sorted(manifest["files"]) and len(manifest["files"]) == 11
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "shard-00000-of-00001.safetensors"]
+    tensors = shard_tensors(out)
+    assert tensors["global"].shape == (11, 32) and tensors["dense"].shape == (11, 4, 4, 32)
+    assert torch.equal(tensors["row"], torch.arange(11))
+    # row r is files[r]: compare with a direct forward pass of that image
+    from mlsctl.data.images import load_rgb
+
+    reader = Features(out)
+    row = 7
+    pixels = Preprocessing(32)(load_rgb(reader.image_path(row)))[None]
+    with torch.inference_mode():
+        expected = model.backbone(pixels)
+    assert torch.allclose(reader.global_features()[row], expected.cls[0], atol=1e-5)
+    dense = torch.cat([d for _, d in reader.iter_dense([row])])
+    assert torch.allclose(dense[0], expected.patches[0], atol=1e-5)
+    rows, _ = next(reader.iter_dense([9, 2, 5]))
+    assert rows.tolist() == [2, 5, 9]
+
+
+def test_bad_files_are_skipped_with_reasons(tmp_path: Path):
+    images = make_images(tmp_path / "images", 4)
+    reasons = write_bad_files(images)
+    (images / "readme.txt").write_text("notes about these photos\n")
+    summary = embed_folder(images, tmp_path / "feats", tiny_model(), batch_size=2, say=quiet)
+    manifest = json.loads((tmp_path / "feats" / "manifest.json").read_text())
+    skipped = dict(map(tuple, manifest["skipped"]))
+    assert {k: skipped[k] for k in reasons} == reasons
+    assert skipped["readme.txt"] == "not an image file (extension .txt)"
+    assert summary.rows == 4 and len(manifest["files"]) == 4 and not set(manifest["files"]) & set(skipped)
+    assert shard_tensors(tmp_path / "feats")["global"].shape[0] == 4
+
+
+def test_interrupted_embed_resumes_to_identical_tensors(tmp_path: Path, monkeypatch):
+    images = make_images(tmp_path / "images", 13)
+    write_bad_files(images)
+    model = tiny_model()
+    options = dict(dense=True, batch_size=2, part_size=4, say=quiet)
+    embed_folder(images, tmp_path / "full", model, **options)
+
+    real_write = feats._write_part
+    calls = {"n": 0}
+
+    def dying_write(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # the process dies while writing its third part
+        real_write(*args, **kwargs)
+
+    monkeypatch.setattr(feats, "_write_part", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        embed_folder(images, tmp_path / "cut", model, **options)
+    monkeypatch.setattr(feats, "_write_part", real_write)
+    assert not (tmp_path / "cut" / "manifest.json").exists()
+    with pytest.raises(UserError, match="unfinished"):
+        Features(tmp_path / "cut")
+    resumed = embed_folder(images, tmp_path / "cut", model, **options)
+    assert resumed.resumed_parts == 2
+    a, b = shard_tensors(tmp_path / "full"), shard_tensors(tmp_path / "cut")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    full = json.loads((tmp_path / "full" / "manifest.json").read_text())
+    cut = json.loads((tmp_path / "cut" / "manifest.json").read_text())
+    assert full["files"] == cut["files"] and full["skipped"] == cut["skipped"]
+    again = embed_folder(images, tmp_path / "cut", model, **options)
+    assert again.reused
+
+
+@pytest.mark.slow
+def test_sigkill_at_any_moment_then_rerun_is_exact(tmp_path: Path, finished_run):
+    run_dir, _ = finished_run
+    images = make_images(tmp_path / "images", 60, size=(64, 64))
+    args = ["embed", str(images), "--run", str(run_dir), "--dense", "--batch-size", "2", "--part-size", "4"]
+    run_cli(*args, "--out", str(tmp_path / "full"), check=True)
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "-m", "mlsctl", *args, "--out", str(killed)], env=cli_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and process.poll() is None:
+            if len(list((killed / ".partial").glob("part-*.safetensors"))) >= 3:
+                break
+            time.sleep(0.005)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait()
+    assert process.returncode == -signal.SIGKILL, "the embed finished before it could be killed"
+    result = run_cli(*args, "--out", str(killed), check=True)
+    assert "resuming" in result.stderr
+    a, b = shard_tensors(tmp_path / "full"), shard_tensors(killed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not (killed / ".partial").exists()
+
+
+def test_damaged_or_foreign_folders_are_clear_errors(tmp_path: Path):
+    images = make_images(tmp_path / "images", 5)
+    out = tmp_path / "feats"
+    embed_folder(images, out, tiny_model(), say=quiet)
+    with pytest.raises(UserError, match="no manifest.json"):
+        Features(images)
+    with pytest.raises(UserError, match="does not exist"):
+        Features(tmp_path / "nowhere")
+    manifest = json.loads((out / "manifest.json").read_text())
+    shard = out / manifest["shards"][0]["file"]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="is damaged"):
+        Features(out)
+    shard.unlink()
+    with pytest.raises(UserError, match="is missing"):
+        Features(out)
+    (out / "manifest.json").write_text("{not json")
+    with pytest.raises(UserError, match="is damaged"):
+        Features(out)
+    (out / "manifest.json").write_text(json.dumps({"files": []}))
+    with pytest.raises(UserError, match="not an mlsctl feature manifest"):
+        Features(out)
+    (out / "manifest.json").write_text(json.dumps({**manifest, "format_version": 99}))
+    with pytest.raises(UserError, match="newer"):
+        Features(out)
+
+
+def test_out_rules(tmp_path: Path):
+    images = make_images(tmp_path / "images", 5)
+    out = tmp_path / "feats"
+    embed_folder(images, out, tiny_model(seed=0), say=quiet)
+    with pytest.raises(UserError, match="made differently \\(model\\)"):
+        embed_folder(images, out, tiny_model(seed=1), say=quiet)
+    embed_folder(images, out, tiny_model(seed=1), overwrite=True, say=quiet)
+    assert Features(out).model["fingerprint"] == tiny_model(seed=1).fingerprint
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    with pytest.raises(UserError, match="not a feature folder"):
+        embed_folder(images, other, tiny_model(), say=quiet)
+    with pytest.raises(UserError, match="multiple of the model's patch size"):
+        embed_folder(images, tmp_path / "x", tiny_model(), resolution=30, say=quiet)
+
+
+@pytest.mark.slow
+def test_cli_model_choice(tmp_path: Path, finished_run):
+    run_dir, _ = finished_run
+    images = make_images(tmp_path / "images", 4)
+    nothing = run_cli("embed", str(images), cwd=tmp_path)
+    assert nothing.returncode == 2 and nothing.stderr.strip().splitlines()[-1].startswith("error: no model given")
+    assert "Traceback" not in nothing.stderr
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "tiny").symlink_to(run_dir)
+    default = run_cli("embed", str(images), cwd=tmp_path, check=True)
+    assert "model: teacher of run runs/tiny" in default.stderr
+    assert (tmp_path / "features" / "images" / "manifest.json").is_file()
+    weights = run_cli("embed", str(images), "--weights", str(run_dir / "teacher.safetensors"), "--out",
+                      str(tmp_path / "w"), "--json", check=True)
+    assert json.loads(weights.stdout)["model"]["fingerprint"] == Features(tmp_path / "features" / "images").model["fingerprint"]
+    random = run_cli("embed", str(images), "--run", str(run_dir), "--random-init", "--out", str(tmp_path / "r"), check=True)
+    assert "randomly initialised" in random.stderr
+    assert Features(tmp_path / "r").model["fingerprint"] != Features(tmp_path / "w").model["fingerprint"]
+
+
+@pytest.mark.slow
+def test_two_processes_write_what_one_writes(tmp_path: Path, finished_run):
+    run_dir, _ = finished_run
+    images = make_images(tmp_path / "images", 21)
+    write_bad_files(images)
+    args = ["embed", str(images), "--run", str(run_dir), "--dense", "--batch-size", "2", "--part-size", "4"]
+    run_cli(*args, "--out", str(tmp_path / "one"), check=True)
+    accelerate = Path(sys.executable).parent / "accelerate"
+    two = subprocess.run([str(accelerate), "launch", "--num_processes", "2", "-m", "mlsctl", *args, "--out",
+                          str(tmp_path / "two")], env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr
+    assert "starting 2 processes" in two.stderr
+    a, b = shard_tensors(tmp_path / "one"), shard_tensors(tmp_path / "two")
+    assert torch.equal(a["row"], b["row"])
+    assert torch.allclose(a["global"].float(), b["global"].float(), atol=1e-3)
+    assert torch.allclose(a["dense"].float(), b["dense"].float(), atol=1e-3)
+    one = json.loads((tmp_path / "one" / "manifest.json").read_text())
+    both = json.loads((tmp_path / "two" / "manifest.json").read_text())
+    assert one["files"] == both["files"] and one["skipped"] == both["skipped"]
