@@ -44,4 +44,4 @@ bench: venv fmnist
 	$(BIN)/python benchmarks/train_throughput.py
 
 clean-demo:
-	rm -rf data/fmnist-scenes runs/dino_fmnist_quick
+	rm -rf data/fmnist-scenes runs/dino_fmnist_quick features/demo results/demo-knn-seg-*.json

@@ -1,0 +1,198 @@
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from mlsctl.cli._format import pct, table
+
+app = typer.Typer(help="Evaluate features: dense k-NN segmentation, image k-NN classification.", no_args_is_help=True)
+
+DEFAULT_FRACTIONS = ["1/1", "1/8", "1/64", "1/128"]
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _default_json(name: str) -> Path:
+    return Path("results") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    from mlsctl import atomic
+
+    atomic.write_json(path, payload)
+
+
+@app.command("knn-seg")
+def knn_seg(
+    train: Optional[Path] = typer.Option(None, "--train", help="Training features (a folder from mlsctl embed --dense) or images (with --run)."),
+    train_masks: Optional[Path] = typer.Option(None, "--train-masks", help="Label masks of the training images (same relative paths, .png)."),
+    val: Optional[Path] = typer.Option(None, "--val", help="Validation features or images."),
+    val_masks: Optional[Path] = typer.Option(None, "--val-masks", help="Label masks of the validation images."),
+    run: Optional[Path] = typer.Option(None, "--run", help="Run whose teacher embeds image folders [default: the newest run under ./runs]."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Embed image folders with this weights file instead."),
+    model: Optional[str] = typer.Option(None, "--model", help="timm architecture of --weights."),
+    random_init: bool = typer.Option(False, "--random-init", help="Embed image folders with the architecture of --run, randomly initialised."),
+    fraction: Optional[list[str]] = typer.Option(None, "--fraction", help="Fractions of training images, e.g. --fraction 1/1 1/8 [default: 1/1 1/8 1/64 1/128]."),
+    k: int = typer.Option(30, "--k", min=1, help="Neighbours per query patch."),
+    temperature: float = typer.Option(0.02, "--temperature", min=1e-6, help="Softmax temperature over neighbour cosines."),
+    memory_size: Optional[int] = typer.Option(None, "--memory-size", min=1, help="Patches in the memory (sampled per image) [default: every labelled patch]."),
+    aug_passes: int = typer.Option(0, "--aug-passes", min=0, help="Extra augmented passes over the training images (needs a model)."),
+    ignore_index: int = typer.Option(255, "--ignore-index", help="Mask value that is not scored."),
+    runs: int = typer.Option(5, "--runs", min=1, help="Seeded runs averaged for fractions below 1."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the subsets and the memory sampling."),
+    index: str = typer.Option("flat", "--index", help="flat: exact inner product; ivf: faiss IVF for large memories."),
+    nlist: Optional[int] = typer.Option(None, "--nlist", min=1, help="IVF lists [default: 4 sqrt(memory)]."),
+    nprobe: int = typer.Option(16, "--nprobe", min=1, help="IVF lists searched per query."),
+    data: Path = typer.Option(Path("data/fmnist-scenes"), "--data", help="fmnist-scenes folder used when no --train/--val is given (built when missing)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Results JSON [default: results/knn-seg-<time>.json]."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON instead of tables."),
+) -> None:
+    """Dense k-NN segmentation (Hummingbird protocol): label val patches from their nearest train patches.
+
+    Example: mlsctl eval knn-seg --train features/train --train-masks data/fmnist-scenes/train/masks
+             --val features/val --val-masks data/fmnist-scenes/val/masks --fraction 1/1 1/8
+
+    With no arguments: the newest run under ./runs on the fmnist-scenes benchmark.
+    """
+    from mlsctl.evaluate import knn_seg as lib
+    from mlsctl.features import features_or_embed
+    from mlsctl.errors import UserError
+    from mlsctl.models.source import choose_model
+
+    given = [train, train_masks, val, val_masks]
+    if all(v is None for v in given):
+        from mlsctl.data.fmnist import build_scenes
+
+        if not (data / "meta.json").is_file():
+            _say(f"fmnist-scenes not found in {data}; building it (mlsctl data fmnist-scenes --out {data})")
+        build_scenes(data, progress=sys.stderr.isatty())
+        train, train_masks = data / "train" / "images", data / "train" / "masks"
+        val, val_masks = data / "val" / "images", data / "val" / "masks"
+        benchmark = f"the fmnist-scenes benchmark ({data})"
+    elif any(v is None for v in given):
+        raise UserError("give all of --train, --train-masks, --val and --val-masks, or none of them "
+                        "(to evaluate on fmnist-scenes)")
+    else:
+        benchmark = None
+    if index not in ("flat", "ivf"):
+        raise UserError(f"--index {index} is not one of flat, ivf")
+
+    chosen = {}
+
+    def get_model():
+        if "model" not in chosen:
+            chosen["model"] = choose_model(run=run, weights=weights, arch=model, random_init=random_init, seed=seed)
+            _say(f"model: {chosen['model'].description}")
+        return chosen["model"]
+
+    train_features = features_or_embed(train, get_model, dense=True, what="train features", say=_say)
+    val_features = features_or_embed(val, get_model, dense=True, what="val features", say=_say)
+    if benchmark:
+        _say(f"evaluating {chosen['model'].description if chosen else train_features.model.get('path')} on {benchmark}")
+    train_source = lib.FeatureMasks(train_features, train_masks, "train features")
+    val_source = lib.FeatureMasks(val_features, val_masks, "val features")
+    augmented = None
+    if aug_passes:
+        backbone = get_model()
+        if backbone.fingerprint != train_features.model.get("fingerprint"):
+            raise UserError("--aug-passes re-embeds the training images, and --run/--weights is not the model of "
+                            f"{train_features.path}; pass the model that made those features")
+        augmented = lib.AugmentedPasses(train_features, train_source.masks, backbone.backbone, aug_passes, seed)
+    fractions = [lib.parse_fraction(f) for f in (fraction or DEFAULT_FRACTIONS)]
+    settings = lib.Settings(k=k, temperature=temperature, memory_size=memory_size, aug_passes=aug_passes,
+                            ignore_index=ignore_index, runs=runs, seed=seed, index=index, nlist=nlist, nprobe=nprobe)
+    names = lib.class_names(train_masks)
+    started = time.perf_counter()
+    result = lib.knn_segmentation(train_source, val_source, fractions, settings, augmented=augmented, names=names,
+                                  progress=sys.stderr.isatty())
+    payload = {
+        "command": "eval knn-seg",
+        "train": {"features": str(train_features.path), "masks": str(train_masks), "images": len(train_features)},
+        "val": {"features": str(val_features.path), "masks": str(val_masks), "images": len(val_features)},
+        "model": train_features.model,
+        "settings": {**settings.to_dict(), "fractions": [r["fraction"] for r in result["results"]]},
+        "seconds": round(time.perf_counter() - started, 3),
+        **result,
+        "note": "miou is the plain mean IoU over classes present in ground truth or predictions; miou_hungarian "
+                "re-matches predicted to true classes first (an extra, for cluster-valued predictions)",
+    }
+    out = out or _default_json("knn-seg")
+    _write_json(out, payload)
+    if as_json:
+        typer.echo(json.dumps(payload, indent=2))
+        return
+    results = result["results"]
+    headers = ["class"] + [f"IoU {r['fraction']}" for r in results]
+    rows = [[name] + [pct(r["iou_per_class"][c] if c < len(r["iou_per_class"]) else None) for r in results]
+            for c, name in enumerate(result["classes"])]
+    typer.echo(table(headers, rows))
+    typer.echo("")
+    summary = [[r["fraction"], r["train_images"], len(r["runs"]),
+                f"{pct(r['miou'])}" + (f" ± {pct(r['miou_std'])}" if len(r["runs"]) > 1 else ""),
+                pct(r["miou_hungarian"]), f"{sum(x['seconds']['total'] for x in r['runs']):.1f}"] for r in results]
+    typer.echo(table(["fraction", "train images", "runs", "mIoU %", "(Hungarian mIoU %)", "seconds"], summary))
+    typer.echo(f"\nk={k} T={temperature} memory={'all labelled patches' if memory_size is None else memory_size} "
+               f"aug-passes={aug_passes} index={index}; results written to {out}")
+
+
+@app.command("knn")
+def knn(
+    train: Path = typer.Option(..., "--train", help="Training features (a folder from mlsctl embed)."),
+    val: Path = typer.Option(..., "--val", help="Validation features."),
+    train_labels: Optional[Path] = typer.Option(None, "--train-labels", help="CSV/JSONL of path,label [default: folder names]."),
+    val_labels: Optional[Path] = typer.Option(None, "--val-labels", help="CSV/JSONL of path,label [default: folder names]."),
+    k: Optional[list[int]] = typer.Option(None, "--k", help="Neighbour counts, e.g. --k 10 20 100 200 [default]."),
+    temperature: float = typer.Option(0.07, "--temperature", min=1e-6, help="Vote weight exp(cos/T)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Results JSON [default: results/knn-<time>.json]."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON instead of a table."),
+) -> None:
+    """Weighted k-NN classification on global features (DINO protocol): top-1/top-5 for several k.
+
+    Example: mlsctl eval knn --train features/train --val features/val --k 10 20
+    """
+    import torch
+
+    from mlsctl.errors import UserError
+    from mlsctl.evaluate import knn as lib
+    from mlsctl.features import Features
+
+    train_features, val_features = Features(train, "train features"), Features(val, "val features")
+    if train_features.dim != val_features.dim:
+        raise UserError(f"train features have width {train_features.dim}, val features {val_features.dim}; "
+                        f"embed both with the same model")
+    if train_features.model.get("fingerprint") != val_features.model.get("fingerprint"):
+        raise UserError("train and val features come from different models; embed both with the same one")
+    train_names = lib.labels_for(train_features, train_labels, "train features")
+    val_names = lib.labels_for(val_features, val_labels, "val features")
+    classes = sorted(set(train_names))
+    lookup = {c: i for i, c in enumerate(classes)}
+    unknown = sorted(set(val_names) - set(classes))
+    train_y = torch.tensor([lookup[c] for c in train_names])
+    val_y = torch.tensor([lookup.get(c, -1) for c in val_names])
+    ks = sorted(set(k or lib.DEFAULT_KS))
+    started = time.perf_counter()
+    scores = lib.knn_classify(train_features.global_features(), train_y, val_features.global_features(), ks,
+                              temperature, num_classes=len(classes))
+    results = [{"k": kk, "top1": lib.accuracy(scores[kk], val_y, 1), "top5": lib.accuracy(scores[kk], val_y, 5)}
+               for kk in ks]
+    payload = {"command": "eval knn", "train": str(train_features.path), "val": str(val_features.path),
+               "train_images": len(train_features), "val_images": len(val_features), "classes": len(classes),
+               "val_classes_unseen_in_train": unknown, "temperature": temperature, "model": train_features.model,
+               "results": results, "seconds": round(time.perf_counter() - started, 3)}
+    out = out or _default_json("knn")
+    _write_json(out, payload)
+    if as_json:
+        typer.echo(json.dumps(payload, indent=2))
+        return
+    typer.echo(table(["k", "top-1 %", "top-5 %"], [[r["k"], pct(r["top1"], 2), pct(r["top5"], 2)] for r in results]))
+    if unknown:
+        typer.echo(f"note: {len(unknown)} val classes never occur in train (counted as errors): {', '.join(unknown[:5])}")
+    typer.echo(f"\n{len(train_features)} train / {len(val_features)} val images, {len(classes)} classes, T={temperature}; "
+               f"results written to {out}")

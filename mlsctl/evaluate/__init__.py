@@ -1,0 +1,1 @@
+"""Evaluation protocols: metrics as pure functions, and the runners behind `mlsctl eval`."""

@@ -1,0 +1,102 @@
+"""Weighted k-NN classification on global features (the DINO protocol).
+
+Features are L2-normalised; each query takes its ``max(ks)`` nearest training features by cosine
+similarity once, and for every ``k`` the classes of its first ``k`` neighbours vote with weight
+``exp(cos / T)`` (T = 0.07). Top-1 and top-5 accuracy are reported for each k. Queries are
+processed in chunks, so memory is bounded by ``chunk × n_train``.
+
+Labels come from the folder names of the files (``cat/001.jpg`` → ``cat``) or from a labels file:
+CSV (``path,label`` with an optional header) or JSONL (``{"path": ..., "label": ...}``), paths
+relative to the features' input root (or absolute).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from mlsctl.errors import UserError
+
+DEFAULT_KS = (10, 20, 100, 200)
+
+
+@torch.no_grad()
+def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, queries: torch.Tensor,
+                 ks: Sequence[int] = DEFAULT_KS, temperature: float = 0.07, num_classes: Optional[int] = None,
+                 chunk: int = 1024) -> dict[int, torch.Tensor]:
+    """Class scores [q, C] for each k in ``ks`` (weighted votes of the k nearest neighbours)."""
+    train = F.normalize(train_features.float(), dim=1)
+    num_classes = num_classes or int(train_labels.max()) + 1
+    k_max = min(max(ks), len(train))
+    out = {k: [] for k in ks}
+    for start in range(0, len(queries), chunk):
+        q = F.normalize(queries[start:start + chunk].float(), dim=1)
+        similarity, index = (q @ train.T).topk(k_max, dim=1)
+        weights = (similarity / temperature).exp()
+        neighbour_labels = train_labels[index]
+        for k in ks:
+            kk = min(k, k_max)
+            votes = torch.zeros(len(q), num_classes)
+            votes.scatter_add_(1, neighbour_labels[:, :kk], weights[:, :kk])
+            out[k].append(votes)
+    return {k: torch.cat(v) if v else torch.zeros(0, num_classes) for k, v in out.items()}
+
+
+def accuracy(scores: torch.Tensor, labels: torch.Tensor, top: int) -> float:
+    if len(labels) == 0:
+        return float("nan")
+    top = min(top, scores.shape[1])
+    hits = (scores.topk(top, dim=1).indices == labels[:, None]).any(1)
+    return float(hits.float().mean())
+
+
+def read_labels_file(path: Path) -> dict[str, str]:
+    if not path.is_file():
+        raise UserError(f"labels file {path} does not exist")
+    labels: dict[str, str] = {}
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() in (".jsonl", ".json"):
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                labels[str(record["path"])] = str(record["label"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise UserError(f"{path}:{number} is not a JSON object with 'path' and 'label'") from None
+    else:
+        for number, row in enumerate(csv.reader(text.splitlines()), 1):
+            if not row or (number == 1 and [c.strip().lower() for c in row[:2]] == ["path", "label"]):
+                continue
+            if len(row) < 2:
+                raise UserError(f"{path}:{number} needs two columns, path and label")
+            labels[row[0].strip()] = row[1].strip()
+    if not labels:
+        raise UserError(f"labels file {path} holds no labels")
+    return labels
+
+
+def labels_for(features, labels_file: Optional[Path], what: str) -> list[str]:
+    """The label of each row of a feature folder."""
+    if labels_file is None:
+        names = [Path(f).parent.as_posix() for f in features.files]
+        if any(n in ("", ".") for n in names):
+            example = next(f for f, n in zip(features.files, names) if n in ("", "."))
+            raise UserError(f"{what} {features.path}: {example} is not inside a class folder; give a labels file "
+                            f"(CSV or JSONL of path,label) instead")
+        return names
+    table = read_labels_file(labels_file)
+    out, missing = [], []
+    for relpath in features.files:
+        label = table.get(relpath, table.get(str(features.input_root / relpath)))
+        if label is None:
+            missing.append(relpath)
+        out.append(label)
+    if missing:
+        raise UserError(f"labels file {labels_file} has no label for {len(missing)} images of {what} (first: {missing[0]})")
+    return out

@@ -1,0 +1,403 @@
+"""Dense k-NN segmentation (the Hummingbird protocol, as in CrIBo's Table 1).
+
+* **Memory** (:func:`build_memory`): the L2-normalised patch features of training images, each
+  with a *soft label*: the class histogram of the mask pixels its patch covers
+  (:func:`patch_soft_labels`; ignored pixels do not count, fully ignored patches are dropped). With
+  ``memory_size`` set, each image contributes ``memory_size // n_images`` patches, drawn without
+  replacement with probability ∝ 1 / (patches of the same majority class in that image), so that
+  classes rare in an image are kept (:func:`sample_patches`). Training fractions below 1 draw a
+  seeded subset of images per run.
+* **Queries**: every patch of every validation image, L2-normalised, searched exactly by inner
+  product (faiss ``IndexFlatIP``; ``IndexIVFFlat`` as an option for large memories) for its k
+  nearest memory patches.
+* **Label transfer** (:func:`transfer_labels`): ``softmax(cos / T)`` over the k neighbours weighs
+  their soft labels; the class-probability map is upsampled bilinearly to the mask size and its
+  argmax is the prediction.
+* **Metric**: a streaming confusion matrix (:mod:`mlsctl.evaluate.segmentation`); validation
+  images are processed a batch at a time, so no per-pixel array of the split is ever held.
+
+Sources of (dense features, mask) pairs are :class:`FeatureMasks` (a feature folder and a mask
+folder matched by relative path) and :class:`AugmentedPasses` (training images re-embedded under
+random resized crops 0.5–1 and colour jitter 0.1, mask cropped alike).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mlsctl.errors import UserError
+from mlsctl.evaluate.segmentation import (confusion_update, hungarian_mean_iou, iou_per_class, mean_iou,
+                                          pixel_accuracy)
+
+MASK_EXTENSIONS = (".png", ".bmp", ".tif", ".tiff")
+
+
+# ------------------------------------------------------------------------------------------ pure parts
+
+
+def patch_soft_labels(mask: np.ndarray, grid: tuple[int, int], num_classes: int, ignore_index: int = 255) -> torch.Tensor:
+    """Class histogram of the pixels under each patch: [h·w, C], each row summing to 1, or to 0
+    where every pixel is ignored. Patch cells split the mask proportionally (area pooling)."""
+    mask_t = torch.from_numpy(np.asarray(mask, dtype=np.int64))
+    valid = mask_t != ignore_index
+    labels = torch.where(valid, mask_t, torch.zeros_like(mask_t))
+    if valid.any() and int(labels[valid].max()) >= num_classes:
+        raise ValueError(f"mask holds class {int(labels[valid].max())} but num_classes is {num_classes}")
+    one_hot = F.one_hot(labels, num_classes).permute(2, 0, 1).float() * valid.float()
+    pooled = F.adaptive_avg_pool2d(one_hot[None], grid)[0]  # [C, h, w]
+    hist = pooled.permute(1, 2, 0).reshape(-1, num_classes)
+    total = hist.sum(1, keepdim=True)
+    return torch.where(total > 0, hist / total.clamp_min(1e-12), torch.zeros_like(hist))
+
+
+def sample_patches(soft_labels: torch.Tensor, budget: int, generator: torch.Generator) -> torch.Tensor:
+    """Indices of at most ``budget`` labelled patches of one image, favouring its rare classes:
+    without replacement, with probability ∝ 1 / count of the patch's majority class in the image."""
+    labelled = torch.nonzero(soft_labels.sum(1) > 0).squeeze(1)
+    if budget >= len(labelled):
+        return labelled
+    majority = soft_labels[labelled].argmax(1)
+    counts = torch.bincount(majority)
+    weights = 1.0 / counts[majority].double()
+    chosen = torch.multinomial(weights, budget, replacement=False, generator=generator)
+    return labelled[chosen.sort().values]
+
+
+def transfer_labels(scores: torch.Tensor, neighbour_labels: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Class probabilities [q, C] from the cosine ``scores`` [q, k] of the k neighbours and their
+    soft labels [q, k, C]: ``sum_j softmax(scores / T)_j · label_j``."""
+    weights = torch.softmax(scores / temperature, dim=1)
+    return torch.einsum("qk,qkc->qc", weights, neighbour_labels)
+
+
+def predict_mask(probabilities: torch.Tensor, grid: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
+    """Bilinear upsampling of a [h·w, C] class-probability map to ``size`` (H, W), then argmax."""
+    h, w = grid
+    maps = probabilities.T.reshape(1, -1, h, w)
+    upsampled = F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+    return upsampled[0].argmax(0).numpy()
+
+
+def parse_fraction(text: str) -> Fraction:
+    try:
+        value = Fraction(text)
+    except (ValueError, ZeroDivisionError):
+        raise UserError(f"--fraction {text!r} is not a fraction like 1/8 or 0.125") from None
+    if not 0 < value <= 1:
+        raise UserError(f"--fraction {text} must lie in (0, 1]")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------- sources
+
+
+def read_mask(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            if img.mode not in ("L", "P", "I", "I;16"):
+                raise UserError(f"mask {path} has mode {img.mode}; masks must be single-channel label images "
+                                f"(one class id per pixel)")
+            return np.asarray(img).astype(np.int64)
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(f"cannot read mask {path} ({exc}); masks must be label PNGs") from None
+
+
+def match_masks(files: Sequence[str], masks_dir: Path, what: str) -> list[Path]:
+    """The mask of each image file: same relative path without extension, in ``masks_dir``."""
+    if not masks_dir.is_dir():
+        raise UserError(f"{what} {masks_dir} is not a folder of masks")
+    index = {}
+    for path in masks_dir.rglob("*"):
+        if path.suffix.lower() in MASK_EXTENSIONS and path.is_file():
+            index[path.relative_to(masks_dir).with_suffix("").as_posix()] = path
+    matched, missing = [], []
+    for relpath in files:
+        key = Path(relpath).with_suffix("").as_posix()
+        if key in index:
+            matched.append(index[key])
+        else:
+            missing.append(relpath)
+    if missing:
+        raise UserError(f"{what} {masks_dir} has no mask for {len(missing)} of {len(files)} images (first: "
+                        f"{missing[0]}); masks must have the image's relative path with a .png extension")
+    return matched
+
+
+def class_names(masks_dir: Path) -> Optional[list[str]]:
+    """Class names from a ``meta.json`` next to the masks (fmnist-scenes writes one)."""
+    for folder in (masks_dir, masks_dir.parent, masks_dir.parent.parent):
+        meta = folder / "meta.json"
+        if meta.is_file():
+            try:
+                names = json.loads(meta.read_text()).get("classes")
+            except (OSError, json.JSONDecodeError):
+                return None
+            if isinstance(names, list) and all(isinstance(n, str) for n in names):
+                return names
+    return None
+
+
+class FeatureMasks:
+    """Dense features of a feature folder with the mask of each row."""
+
+    def __init__(self, features, masks_dir: Path, what: str):
+        from mlsctl.features import Features
+
+        self.features: Features = features
+        if not features.has_dense:
+            raise UserError(f"{what} {features.path} has no dense features; embed it with --dense")
+        if features.preprocessing.get("resize") != "square":
+            raise UserError(f"{what} {features.path} was embedded with --resize {features.preprocessing.get('resize')}; "
+                            f"dense evaluation needs the whole image (--resize square)")
+        self.masks = match_masks(features.files, Path(masks_dir), f"{what.split()[0]} masks")
+        self.grid = features.grid
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def pairs(self, rows: Optional[Sequence[int]] = None, batch: int = 32) -> Iterator[tuple[int, torch.Tensor, np.ndarray]]:
+        for row_batch, dense in self.features.iter_dense(rows, batch=batch):
+            for row, feature_map in zip(row_batch.tolist(), dense):
+                yield row, feature_map, read_mask(self.masks[row])
+
+
+class AugmentedPasses:
+    """Training images re-embedded under the protocol's augmentation (random resized crop of
+    scale 0.5–1 applied to image and mask alike, colour jitter 0.1), ``passes`` times each."""
+
+    def __init__(self, features, masks: list[Path], backbone, passes: int, seed: int, batch: int = 32):
+        self.features, self.masks, self.backbone = features, masks, backbone
+        self.passes, self.seed, self.batch = passes, seed, batch
+        self.resolution = int(features.preprocessing["resolution"])
+
+    def pairs(self, rows: Sequence[int]) -> Iterator[tuple[int, torch.Tensor, np.ndarray]]:
+        from PIL import Image
+        from torchvision.transforms import v2
+
+        from mlsctl.data.images import load_rgb
+        from mlsctl.features import Preprocessing
+
+        to_input = Preprocessing(self.resolution, "square")
+        jitter = v2.ColorJitter(0.1, 0.1, 0.1, 0.1)
+        rows = list(rows)
+        for p in range(self.passes):
+            generator = torch.Generator().manual_seed(self.seed * 1000 + p)
+            for start in range(0, len(rows), self.batch):
+                chunk, inputs, crops = rows[start:start + self.batch], [], []
+                for row in chunk:
+                    image = load_rgb(self.features.image_path(row))
+                    mask = read_mask(self.masks[row])
+                    if mask.shape != (image.size[1], image.size[0]):
+                        mask = np.asarray(Image.fromarray(mask.astype(np.int32), mode="I")
+                                          .resize(image.size, Image.NEAREST)).astype(np.int64)
+                    top, left, height, width = _crop_box(image.size, generator)
+                    image = image.crop((left, top, left + width, top + height))
+                    with torch.random.fork_rng(devices=[]):
+                        torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+                        image = jitter(image)
+                    inputs.append(to_input(image))
+                    crops.append(mask[top:top + height, left:left + width])
+                with torch.inference_mode():
+                    dense = self.backbone(torch.stack(inputs)).patches.float()
+                for row, feature_map, crop in zip(chunk, dense, crops):
+                    yield row, feature_map, crop
+
+
+def _crop_box(size: tuple[int, int], generator: torch.Generator) -> tuple[int, int, int, int]:
+    from mlsctl.data.multicrop import sample_crop
+
+    params = sample_crop(size[0], size[1], (0.5, 1.0), generator=generator)
+    return params.top, params.left, params.height, params.width
+
+
+# ---------------------------------------------------------------------------------------------- memory
+
+
+@dataclass
+class Memory:
+    features: torch.Tensor  # [M, D] float32, L2-normalised
+    labels: torch.Tensor  # [M, C] soft labels
+
+
+def build_memory(pairs: Iterator[tuple[int, torch.Tensor, np.ndarray]], num_classes: int, *, per_image: Optional[int],
+                 ignore_index: int, generator: torch.Generator) -> Memory:
+    features, labels = [], []
+    for _, feature_map, mask in pairs:
+        h, w, d = feature_map.shape
+        soft = patch_soft_labels(mask, (h, w), num_classes, ignore_index)
+        keep = sample_patches(soft, per_image, generator) if per_image is not None else \
+            torch.nonzero(soft.sum(1) > 0).squeeze(1)
+        features.append(F.normalize(feature_map.reshape(-1, d).float()[keep], dim=1))
+        labels.append(soft[keep])
+    if not features or sum(len(f) for f in features) == 0:
+        raise UserError("the training masks label no patch (every pixel is ignored); check --train-masks and --ignore-index")
+    return Memory(torch.cat(features), torch.cat(labels))
+
+
+def build_index(features: torch.Tensor, kind: str = "flat", nlist: Optional[int] = None, nprobe: int = 16):
+    import faiss
+
+    array = np.ascontiguousarray(features.numpy(), dtype=np.float32)
+    dim = array.shape[1]
+    if kind == "flat":
+        index = faiss.IndexFlatIP(dim)
+    elif kind == "ivf":
+        nlist = nlist or max(1, min(int(4 * np.sqrt(len(array))), len(array) // 39))
+        quantizer = faiss.IndexFlatIP(dim)
+        index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.train(array)
+        index.nprobe = nprobe
+    else:
+        raise UserError(f"--index {kind} is not one of flat, ivf")
+    index.add(array)
+    return index
+
+
+# ---------------------------------------------------------------------------------------------- running
+
+
+@dataclass
+class Settings:
+    k: int = 30
+    temperature: float = 0.02
+    memory_size: Optional[int] = None
+    aug_passes: int = 0
+    ignore_index: int = 255
+    runs: int = 5
+    seed: int = 0
+    index: str = "flat"
+    nlist: Optional[int] = None
+    nprobe: int = 16
+    query_batch: int = 64  # validation images per search call
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _num_classes(masks: Sequence[Path], names: Optional[list[str]], ignore_index: int) -> int:
+    top = len(names) - 1 if names else 0
+    for path in masks:
+        mask = read_mask(path)
+        valid = mask[mask != ignore_index]
+        if valid.size:
+            top = max(top, int(valid.max()))
+    return top + 1
+
+
+def evaluate_once(train: FeatureMasks, val: FeatureMasks, rows: Sequence[int], settings: Settings, num_classes: int,
+                  run_seed: int, augmented: Optional[AugmentedPasses] = None,
+                  progress: Optional[Callable[[int], None]] = None) -> dict:
+    """One memory (from training ``rows``), every validation patch as a query → metrics and timings."""
+    t_start = time.perf_counter()
+    generator = torch.Generator().manual_seed(run_seed)
+    images_in_memory = len(rows) * (1 + (augmented.passes if augmented else 0))
+    per_image = None if settings.memory_size is None else max(1, settings.memory_size // images_in_memory)
+
+    def train_pairs():
+        yield from train.pairs(rows)
+        if augmented is not None:
+            yield from augmented.pairs(rows)
+
+    memory = build_memory(train_pairs(), num_classes, per_image=per_image, ignore_index=settings.ignore_index,
+                          generator=generator)
+    index = build_index(memory.features, settings.index, settings.nlist, settings.nprobe)
+    t_memory = time.perf_counter()
+    k = min(settings.k, len(memory.features))
+    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+    search_s = 0.0
+    for row_batch, dense in val.features.iter_dense(batch=settings.query_batch):
+        b, h, w, d = dense.shape
+        queries = F.normalize(dense.reshape(-1, d), dim=1).numpy()
+        t0 = time.perf_counter()
+        scores, neighbours = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        search_s += time.perf_counter() - t0
+        neighbours = torch.from_numpy(neighbours).clamp_min(0)
+        probabilities = transfer_labels(torch.from_numpy(scores), memory.labels[neighbours], settings.temperature)
+        masks = [read_mask(val.masks[row]) for row in row_batch.tolist()]
+        if len({m.shape for m in masks}) == 1:  # one upsampling call for the whole batch
+            maps = probabilities.reshape(b, h, w, -1).permute(0, 3, 1, 2)
+            predictions = F.interpolate(maps, size=masks[0].shape, mode="bilinear", align_corners=False).argmax(1)
+            confusion = confusion_update(confusion, np.stack(masks), predictions.numpy(), settings.ignore_index)
+        else:
+            for i, mask in enumerate(masks):
+                prediction = predict_mask(probabilities[i * h * w:(i + 1) * h * w], (h, w), mask.shape)
+                confusion = confusion_update(confusion, mask, prediction, settings.ignore_index)
+        if progress is not None:
+            progress(b)
+    t_end = time.perf_counter()
+    return {
+        "seed": run_seed,
+        "train_images": len(rows),
+        "memory_patches": int(len(memory.features)),
+        "miou": mean_iou(confusion),
+        "miou_hungarian": hungarian_mean_iou(confusion),
+        "pixel_accuracy": pixel_accuracy(confusion),
+        "iou_per_class": [None if np.isnan(v) else float(v) for v in iou_per_class(confusion)],
+        "seconds": {"memory": t_memory - t_start, "search": search_s, "total": t_end - t_start},
+        "confusion": confusion,
+    }
+
+
+def knn_segmentation(train: FeatureMasks, val: FeatureMasks, fractions: Sequence[Fraction], settings: Settings, *,
+                     augmented: Optional[AugmentedPasses] = None, names: Optional[list[str]] = None,
+                     progress: bool = False) -> dict:
+    """Every fraction (runs for fractions < 1, one run for 1/1) → a JSON-ready result."""
+    from tqdm import tqdm
+
+    if train.grid is None or val.grid is None or train.features.dim != val.features.dim:
+        raise UserError("train and val features must both be dense and of the same width")
+    if train.features.model.get("fingerprint") != val.features.model.get("fingerprint"):
+        raise UserError(f"train features {train.features.path} and val features {val.features.path} come from "
+                        f"different models; embed both with the same one")
+    num_classes = _num_classes(train.masks, names, settings.ignore_index)
+    results = []
+    n = len(train)
+    plan = [(fraction, list(range(settings.runs)) if fraction < 1 else [0]) for fraction in fractions]
+    bar = tqdm(total=sum(len(r) for _, r in plan) * len(val), unit="img", desc="knn-seg", disable=not progress,
+               dynamic_ncols=True)
+    for fraction, runs in plan:
+        count = max(1, round(n * fraction))
+        outcomes = []
+        for run in runs:
+            run_seed = settings.seed + run
+            if fraction < 1:
+                rows = sorted(np.random.default_rng(run_seed).choice(n, count, replace=False).tolist())
+            else:
+                rows = list(range(n))
+            outcomes.append(evaluate_once(train, val, rows, settings, num_classes, run_seed, augmented, bar.update))
+        confusion_classes = max(o["confusion"].shape[0] for o in outcomes)
+        per_class = np.full((len(outcomes), confusion_classes), np.nan)
+        for i, o in enumerate(outcomes):
+            values = [np.nan if v is None else v for v in o["iou_per_class"]]
+            per_class[i, :len(values)] = values
+        mious = np.array([o["miou"] for o in outcomes])
+        with np.errstate(invalid="ignore"):
+            class_mean = np.nanmean(per_class, 0) if len(outcomes) else per_class[0]
+        for o in outcomes:
+            o.pop("confusion")
+        results.append({
+            "fraction": f"{fraction.numerator}/{fraction.denominator}",
+            "train_images": count,
+            "miou": float(mious.mean()),
+            "miou_std": float(mious.std(ddof=1)) if len(mious) > 1 else 0.0,
+            "miou_hungarian": float(np.mean([o["miou_hungarian"] for o in outcomes])),
+            "iou_per_class": [None if np.isnan(v) else float(v) for v in class_mean],
+            "runs": outcomes,
+        })
+    bar.close()
+    classes = list(names or [])
+    classes += [str(c) for c in range(len(classes), max(len(r["iou_per_class"]) for r in results))]
+    return {"classes": classes, "num_classes": num_classes, "results": results}

@@ -1,0 +1,103 @@
+"""Segmentation metrics as pure functions: a streaming confusion matrix, IoU, and the
+Hungarian-matched mIoU (for predictions whose class ids are arbitrary, e.g. clusters).
+
+Conventions: ``confusion[t, p]`` counts pixels of ground-truth class ``t`` predicted as ``p``;
+pixels whose ground truth is ``ignore_index`` are not counted. A class takes part in the mean IoU
+when it occurs in the ground truth or in the predictions (its union is not empty).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def confusion_update(confusion: np.ndarray, target: np.ndarray, prediction: np.ndarray,
+                     ignore_index: int = 255) -> np.ndarray:
+    """Add one image (or any batch of pixels) to ``confusion`` [C, C] int64; it grows when a
+    class id ≥ C appears. Returns the (possibly new) matrix."""
+    target = np.asarray(target).reshape(-1).astype(np.int64)
+    prediction = np.asarray(prediction).reshape(-1).astype(np.int64)
+    if target.shape != prediction.shape:
+        raise ValueError(f"target has {target.size} pixels, prediction {prediction.size}")
+    keep = target != ignore_index
+    target, prediction = target[keep], prediction[keep]
+    if target.size == 0:
+        return confusion
+    if (target < 0).any() or (prediction < 0).any():
+        raise ValueError("class ids must be non-negative")
+    size = max(confusion.shape[0], int(target.max()) + 1, int(prediction.max()) + 1)
+    if size > confusion.shape[0]:
+        grown = np.zeros((size, size), dtype=np.int64)
+        grown[:confusion.shape[0], :confusion.shape[1]] = confusion
+        confusion = grown
+    confusion += np.bincount(target * size + prediction, minlength=size * size).reshape(size, size)
+    return confusion
+
+
+def iou_per_class(confusion: np.ndarray) -> np.ndarray:
+    """IoU of each class; NaN where the class is in neither ground truth nor predictions."""
+    tp = np.diag(confusion).astype(np.float64)
+    union = confusion.sum(0) + confusion.sum(1) - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(union > 0, tp / np.maximum(union, 1), np.nan)
+
+
+def mean_iou(confusion: np.ndarray) -> float:
+    iou = iou_per_class(confusion)
+    return float(np.nanmean(iou)) if np.isfinite(iou).any() else float("nan")
+
+
+def pixel_accuracy(confusion: np.ndarray) -> float:
+    total = confusion.sum()
+    return float(np.trace(confusion) / total) if total else float("nan")
+
+
+def linear_assignment(cost: np.ndarray) -> np.ndarray:
+    """Minimum-cost assignment of a square matrix (Hungarian algorithm with potentials, O(n³)).
+    Returns ``column[i]`` for each row ``i``."""
+    cost = np.asarray(cost, dtype=np.float64)
+    n = cost.shape[0]
+    if cost.shape != (n, n):
+        raise ValueError("cost matrix must be square")
+    u = np.zeros(n + 1)
+    v = np.zeros(n + 1)
+    match = np.zeros(n + 1, dtype=np.int64)  # match[j]: row (1-based) assigned to column j; 0 = free
+    way = np.zeros(n + 1, dtype=np.int64)
+    for row in range(1, n + 1):
+        match[0] = row
+        j0 = 0
+        min_slack = np.full(n + 1, np.inf)
+        used = np.zeros(n + 1, dtype=bool)
+        while True:
+            used[j0] = True
+            i0 = match[j0]
+            free = ~used[1:]
+            slack = cost[i0 - 1] - u[i0] - v[1:]
+            better = free & (slack < min_slack[1:])
+            min_slack[1:][better] = slack[better]
+            way[1:][better] = j0
+            candidates = np.where(free, min_slack[1:], np.inf)
+            j1 = int(np.argmin(candidates)) + 1
+            delta = candidates[j1 - 1]
+            u[match[used]] += delta
+            v[used] -= delta
+            min_slack[~used] -= delta
+            j0 = j1
+            if match[j0] == 0:
+                break
+        while j0:
+            j1 = way[j0]
+            match[j0] = match[j1]
+            j0 = j1
+    column = np.zeros(n, dtype=np.int64)
+    for j in range(1, n + 1):
+        column[match[j] - 1] = j - 1
+    return column
+
+
+def hungarian_mean_iou(confusion: np.ndarray) -> float:
+    """mIoU after re-labelling predictions by the one-to-one matching of predicted to
+    ground-truth classes that maximises the matched pixels. Only meaningful when prediction ids
+    are arbitrary (clusters); for label transfer it can only flatter the plain mIoU."""
+    column = linear_assignment(-confusion)
+    return mean_iou(confusion[:, column])

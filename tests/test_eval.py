@@ -1,0 +1,283 @@
+"""Evaluation: segmentation metrics by hand, the Hungarian matching against brute force, dense
+k-NN segmentation against a brute-force reference, weighted k-NN classification, and the CLI."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+from PIL import Image
+
+from mlsctl.errors import UserError
+from mlsctl.evaluate import knn, knn_seg
+from mlsctl.evaluate.segmentation import (confusion_update, hungarian_mean_iou, iou_per_class, linear_assignment,
+                                          mean_iou)
+from mlsctl.features import Features
+
+from conftest import make_images, run_cli, write_feature_folder
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+
+def test_confusion_and_miou_by_hand():
+    target = np.array([[0, 0, 1, 1], [2, 2, 255, 255]])
+    prediction = np.array([[0, 1, 1, 1], [2, 0, 3, 3]])
+    confusion = confusion_update(np.zeros((0, 0), dtype=np.int64), target, prediction)
+    # pixels with target 255 are not counted, even though they were predicted as class 3
+    assert confusion.sum() == 6 and confusion.shape == (3, 3)
+    # class 0: tp 1, fp 1 (a 2 predicted 0), fn 1 (a 0 predicted 1) → 1/3
+    # class 1: tp 2, fp 1, fn 0 → 2/3 ; class 2: tp 1, fn 1 → 1/2
+    assert iou_per_class(confusion) == pytest.approx([1 / 3, 2 / 3, 1 / 2])
+    assert mean_iou(confusion) == pytest.approx((1 / 3 + 2 / 3 + 1 / 2) / 3)
+
+
+def test_absent_classes_do_not_count():
+    # class 1 is in neither ground truth nor predictions; class 3 is only predicted (IoU 0, counted)
+    target = np.array([0, 0, 2, 2])
+    prediction = np.array([0, 0, 2, 3])
+    confusion = confusion_update(np.zeros((4, 4), dtype=np.int64), target, prediction)
+    iou = iou_per_class(confusion)
+    assert np.isnan(iou[1]) and iou[3] == 0
+    assert mean_iou(confusion) == pytest.approx((1 + 0.5 + 0) / 3)
+    # a class only in the ground truth, never predicted, counts with IoU 0
+    confusion = confusion_update(np.zeros((2, 2), dtype=np.int64), np.array([0, 1]), np.array([0, 0]))
+    assert mean_iou(confusion) == pytest.approx((0.5 + 0) / 2)
+
+
+def test_custom_ignore_index_and_growth():
+    confusion = confusion_update(np.zeros((2, 2), dtype=np.int64), np.array([0, 7, 5]), np.array([0, 0, 5]),
+                                 ignore_index=7)
+    assert confusion.shape == (6, 6) and confusion.sum() == 2 and mean_iou(confusion) == 1.0
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 5).flatmap(lambda n: st.lists(st.lists(st.integers(0, 9), min_size=n, max_size=n),
+                                                     min_size=n, max_size=n)))
+def test_linear_assignment_is_optimal(cost):
+    cost = np.array(cost, dtype=float)
+    column = linear_assignment(cost)
+    assert sorted(column.tolist()) == list(range(len(cost)))
+    best = min(sum(cost[i, p[i]] for i in range(len(cost))) for p in itertools.permutations(range(len(cost))))
+    assert cost[np.arange(len(cost)), column].sum() == pytest.approx(best)
+
+
+def test_hungarian_miou_undoes_a_relabelling():
+    rng = np.random.default_rng(0)
+    target = rng.integers(0, 4, 500)
+    prediction = np.where(rng.random(500) < 0.8, target, rng.integers(0, 4, 500))
+    confusion = confusion_update(np.zeros((4, 4), dtype=np.int64), target, prediction)
+    permuted = confusion_update(np.zeros((4, 4), dtype=np.int64), target, np.array([2, 0, 3, 1])[prediction])
+    assert hungarian_mean_iou(permuted) == pytest.approx(mean_iou(confusion))
+    assert mean_iou(permuted) < mean_iou(confusion)
+
+
+# ------------------------------------------------------------------------------------------ knn-seg parts
+
+
+def test_patch_soft_labels_and_rare_class_sampling():
+    mask = np.zeros((4, 4), dtype=np.int64)
+    mask[:2, :2] = 1
+    mask[0, 0] = 255
+    mask[2:, 2:] = 255
+    soft = knn_seg.patch_soft_labels(mask, (2, 2), 3)
+    assert soft[0].tolist() == [0, 1, 0]  # the ignored pixel does not count
+    assert soft[1].tolist() == [1, 0, 0] and soft[3].tolist() == [0, 0, 0]
+    half = knn_seg.patch_soft_labels(np.array([[0, 2], [2, 2]]), (1, 1), 3)
+    assert half[0].tolist() == pytest.approx([0.25, 0, 0.75])
+    # one patch of class 1 among 99 of class 0: drawn with weight 1 against 99 × 1/99, i.e. half the time
+    soft = torch.zeros(100, 2)
+    soft[:99, 0] = 1
+    soft[99, 1] = 1
+    hits = sum(99 in knn_seg.sample_patches(soft, 1, torch.Generator().manual_seed(s)).tolist() for s in range(400))
+    assert 150 < hits < 250
+    assert len(knn_seg.sample_patches(soft, 500, torch.Generator())) == 100
+
+
+def _scene_data(tmp_path: Path, name: str, n: int, grid: int, dim: int, classes: int, seed: int):
+    """Random dense features whose patches carry their class in a few dimensions, with masks."""
+    rng = np.random.default_rng(seed)
+    masks_dir = tmp_path / name / "masks"
+    masks_dir.mkdir(parents=True)
+    files, dense = [], []
+    size = grid * 4
+    for i in range(n):
+        mask = rng.integers(0, classes, (grid, grid)).repeat(4, 0).repeat(4, 1).astype(np.uint8)
+        mask[rng.random((size, size)) < 0.05] = 255
+        Image.fromarray(mask).save(masks_dir / f"{i:03d}.png")
+        files.append(f"{i:03d}.png")
+        coarse = torch.from_numpy(mask[::4, ::4].astype(np.int64)).clamp_max(classes - 1)
+        features = torch.randn(grid, grid, dim) + 3.0 * F.one_hot(coarse, dim).float()
+        dense.append(features)
+    dense = torch.stack(dense)
+    folder = write_feature_folder(tmp_path / name / "feats", files, dense.mean((1, 2)), dense)
+    return folder, masks_dir
+
+
+def _reference_confusion(train_dir, train_masks, val_dir, val_masks, k, temperature, classes):
+    """Brute force: every labelled train patch, full cosine matrix, softmax over the top k."""
+    train, val = Features(train_dir), Features(val_dir)
+    memory, labels = [], []
+    for row, dense in zip(range(len(train)), torch.cat([d for _, d in train.iter_dense()])):
+        mask = np.array(Image.open(train_masks / train.files[row])).astype(np.int64)
+        soft = knn_seg.patch_soft_labels(mask, train.grid, classes)
+        keep = soft.sum(1) > 0
+        memory.append(F.normalize(dense.reshape(-1, dense.shape[-1]), dim=1)[keep])
+        labels.append(soft[keep])
+    memory, labels = torch.cat(memory), torch.cat(labels)
+    confusion = np.zeros((classes, classes), dtype=np.int64)
+    for row, dense in zip(range(len(val)), torch.cat([d for _, d in val.iter_dense()])):
+        mask = np.array(Image.open(val_masks / val.files[row])).astype(np.int64)
+        queries = F.normalize(dense.reshape(-1, dense.shape[-1]), dim=1)
+        cos = queries @ memory.T
+        top, index = cos.topk(k, dim=1)
+        weights = torch.softmax(top / temperature, dim=1)
+        probs = (weights[..., None] * labels[index]).sum(1)
+        maps = F.interpolate(probs.T.reshape(1, classes, *val.grid), size=mask.shape, mode="bilinear",
+                             align_corners=False)
+        confusion = confusion_update(confusion, mask, maps[0].argmax(0).numpy())
+    return confusion
+
+
+def test_knn_seg_equals_brute_force(tmp_path: Path):
+    train_dir, train_masks = _scene_data(tmp_path, "train", 6, 4, 8, 3, seed=0)
+    val_dir, val_masks = _scene_data(tmp_path, "val", 4, 4, 8, 3, seed=1)
+    train = knn_seg.FeatureMasks(Features(train_dir), train_masks, "train features")
+    val = knn_seg.FeatureMasks(Features(val_dir), val_masks, "val features")
+    options = knn_seg.Settings(k=5, temperature=0.1, query_batch=3)
+    outcome = knn_seg.evaluate_once(train, val, list(range(6)), options, 3, run_seed=0)
+    reference = _reference_confusion(train_dir, train_masks, val_dir, val_masks, 5, 0.1, 3)
+    assert np.array_equal(outcome["confusion"], reference)
+    assert outcome["miou"] == pytest.approx(mean_iou(reference))
+    assert outcome["memory_patches"] == 6 * 16
+    assert outcome["miou"] > 0.6  # the class is written into the features: transfer must find it
+    # IVF with every list probed is exact as well
+    ivf = knn_seg.evaluate_once(train, val, list(range(6)), knn_seg.Settings(k=5, temperature=0.1, index="ivf",
+                                                                            nlist=2, nprobe=2), 3, run_seed=0)
+    assert ivf["miou"] == pytest.approx(outcome["miou"])
+
+
+def test_fractions_runs_and_bounded_memory(tmp_path: Path):
+    train_dir, train_masks = _scene_data(tmp_path, "train", 16, 4, 8, 3, seed=0)
+    val_dir, val_masks = _scene_data(tmp_path, "val", 3, 4, 8, 3, seed=1)
+    train = knn_seg.FeatureMasks(Features(train_dir), train_masks, "train features")
+    val = knn_seg.FeatureMasks(Features(val_dir), val_masks, "val features")
+    result = knn_seg.knn_segmentation(train, val, [Fraction(1), Fraction(1, 8)],
+                                      knn_seg.Settings(k=3, memory_size=32, runs=3), names=["a", "b", "c"])
+    full, eighth = result["results"]
+    assert len(full["runs"]) == 1 and len(eighth["runs"]) == 3 and eighth["train_images"] == 2
+    assert full["runs"][0]["memory_patches"] == 32  # 2 patches from each of 16 images
+    assert eighth["runs"][0]["memory_patches"] == 32  # 16 from each of 2
+    assert eighth["miou_std"] >= 0 and result["classes"] == ["a", "b", "c"]
+    again = knn_seg.knn_segmentation(train, val, [Fraction(1, 8)], knn_seg.Settings(k=3, memory_size=32, runs=3))
+    assert again["results"][0]["miou"] == eighth["miou"]  # seeded
+
+
+def test_knn_seg_refuses_mismatched_inputs(tmp_path: Path):
+    train_dir, train_masks = _scene_data(tmp_path, "train", 2, 4, 8, 3, seed=0)
+    (train_masks / "001.png").unlink()
+    with pytest.raises(UserError, match="no mask for 1 of 2 images"):
+        knn_seg.FeatureMasks(Features(train_dir), train_masks, "train features")
+    flat = write_feature_folder(tmp_path / "flat", ["000.png"], torch.randn(1, 8))
+    with pytest.raises(UserError, match="has no dense features"):
+        knn_seg.FeatureMasks(Features(flat), train_masks, "val features")
+    with pytest.raises(UserError, match="fraction like"):
+        knn_seg.parse_fraction("half")
+
+
+# ---------------------------------------------------------------------------------------------- knn
+
+
+def test_knn_is_perfect_on_separated_clusters():
+    torch.manual_seed(0)
+    centers = torch.eye(4, 16) * 10
+    train = centers.repeat_interleave(25, 0) + torch.randn(100, 16)
+    labels = torch.arange(4).repeat_interleave(25)
+    queries = centers.repeat_interleave(5, 0) + torch.randn(20, 16)
+    query_labels = torch.arange(4).repeat_interleave(5)
+    scores = knn.knn_classify(train, labels, queries, ks=(1, 10, 20), chunk=7)
+    assert sorted(scores) == [1, 10, 20]
+    for s in scores.values():
+        assert s.shape == (20, 4) and knn.accuracy(s, query_labels, 1) == 1.0
+
+
+def test_knn_votes_are_weighted_by_similarity():
+    train = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    labels = torch.tensor([0, 1, 1])
+    query = torch.tensor([[1.0, 0.2]])
+    scores = knn.knn_classify(train, labels, query, ks=(3,), temperature=0.07)[3][0]
+    cos0 = 1 / np.hypot(1, 0.2)
+    cos1 = 0.2 / np.hypot(1, 0.2)
+    assert scores.tolist() == pytest.approx([np.exp(cos0 / 0.07), 2 * np.exp(cos1 / 0.07)], rel=1e-5)
+    assert knn.accuracy(torch.tensor([[0.1, 0.5, 0.4]]), torch.tensor([2]), 1) == 0.0
+    assert knn.accuracy(torch.tensor([[0.1, 0.5, 0.4]]), torch.tensor([2]), 2) == 1.0
+
+
+def test_labels_from_folders_and_files(tmp_path: Path):
+    feats = write_feature_folder(tmp_path / "f", ["cat/1.png", "dog/2.png"], torch.randn(2, 4))
+    assert knn.labels_for(Features(feats), None, "train") == ["cat", "dog"]
+    (tmp_path / "labels.csv").write_text("path,label\ncat/1.png,x\ndog/2.png,y\n")
+    assert knn.labels_for(Features(feats), tmp_path / "labels.csv", "train") == ["x", "y"]
+    (tmp_path / "labels.jsonl").write_text('{"path": "cat/1.png", "label": 3}\n')
+    with pytest.raises(UserError, match="no label for 1 images"):
+        knn.labels_for(Features(feats), tmp_path / "labels.jsonl", "train")
+    flat = write_feature_folder(tmp_path / "g", ["1.png"], torch.randn(1, 4))
+    with pytest.raises(UserError, match="not inside a class folder"):
+        knn.labels_for(Features(flat), None, "train")
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_knn_and_knn_seg(tmp_path: Path):
+    torch.manual_seed(0)
+    centers = torch.eye(3, 8) * 10
+    names = [f"c{i}/{j}.png" for i in range(3) for j in range(6)]
+    write_feature_folder(tmp_path / "tr", names, centers.repeat_interleave(6, 0) + torch.randn(18, 8))
+    write_feature_folder(tmp_path / "va", names[::2], centers.repeat_interleave(3, 0) + torch.randn(9, 8))
+    result = run_cli("eval", "knn", "--train", str(tmp_path / "tr"), "--val", str(tmp_path / "va"), "--k", "1", "5",
+                     "--out", str(tmp_path / "knn.json"), check=True)
+    assert "100.00" in result.stdout
+    saved = json.loads((tmp_path / "knn.json").read_text())
+    assert [r["k"] for r in saved["results"]] == [1, 5] and all(r["top1"] == 1.0 for r in saved["results"])
+
+    train_dir, train_masks = _scene_data(tmp_path, "train", 8, 4, 8, 3, seed=0)
+    val_dir, val_masks = _scene_data(tmp_path, "val", 3, 4, 8, 3, seed=1)
+    result = run_cli("eval", "knn-seg", "--train", str(train_dir), "--train-masks", str(train_masks), "--val",
+                     str(val_dir), "--val-masks", str(val_masks), "--fraction", "1/1", "1/2", "--runs", "2",
+                     "--k", "5", "--out", str(tmp_path / "seg.json"), check=True)
+    assert "Hungarian" in result.stdout and "1/2" in result.stdout
+    saved = json.loads((tmp_path / "seg.json").read_text())
+    assert [r["fraction"] for r in saved["results"]] == ["1/1", "1/2"] and saved["settings"]["k"] == 5
+    partial = run_cli("eval", "knn-seg", "--train", str(train_dir))
+    assert partial.returncode == 2 and "give all of --train" in partial.stderr
+
+
+@pytest.mark.slow
+def test_cli_knn_seg_embeds_image_folders_with_a_run(tmp_path: Path, finished_run):
+    run_dir, _ = finished_run
+    for split, n in (("train", 6), ("val", 3)):
+        images = make_images(tmp_path / split / "images", n, size=(32, 32), seed=n)
+        masks = tmp_path / split / "masks"
+        masks.mkdir()
+        for path in sorted(images.rglob("*.png")):
+            target = masks / path.relative_to(images)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray((np.arange(32 * 32).reshape(32, 32) // 300 % 3).astype(np.uint8)).save(target)
+    args = ["eval", "knn-seg", "--train", str(tmp_path / "train" / "images"), "--train-masks",
+            str(tmp_path / "train" / "masks"), "--val", str(tmp_path / "val" / "images"), "--val-masks",
+            str(tmp_path / "val" / "masks"), "--run", str(run_dir), "--fraction", "1/1", "--aug-passes", "1",
+            "--json"]
+    result = run_cli(*args, cwd=tmp_path, check=True)
+    payload = json.loads(result.stdout)
+    assert payload["results"][0]["runs"][0]["memory_patches"] == 2 * 6 * 16
+    assert "embedded 6 images" in result.stderr
+    again = run_cli(*args, cwd=tmp_path, check=True)
+    assert "already in" in again.stderr
+    assert json.loads(again.stdout)["results"][0]["miou"] == payload["results"][0]["miou"]
