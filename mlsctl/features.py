@@ -75,7 +75,8 @@ class Preprocessing:
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
-    def __call__(self, img) -> torch.Tensor:
+    def pixels(self, img) -> torch.Tensor:
+        """The resized image as uint8 [3, R, R] (cheap to batch and to move to a GPU)."""
         from PIL import Image
 
         r = self.resolution
@@ -89,10 +90,17 @@ class Preprocessing:
             w, h = img.size
             left, top = (w - r) // 2, (h - r) // 2
             img = img.crop((left, top, left + r, top + r))
-        array = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
-        mean = torch.tensor(self.mean).view(3, 1, 1)
-        std = torch.tensor(self.std).view(3, 1, 1)
-        return (array - mean) / std
+        return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, 3, R, R] → float, scaled to [0, 1] and standardised by mean/std."""
+        mean = torch.tensor(self.mean, device=pixels.device).view(1, 3, 1, 1) * 255
+        std = torch.tensor(self.std, device=pixels.device).view(1, 3, 1, 1) * 255
+        return (pixels.float() - mean) / std
+
+    def __call__(self, img) -> torch.Tensor:
+        """One image → the model input [3, R, R]."""
+        return self.normalize(self.pixels(img)[None])[0]
 
     def to_dict(self) -> dict:
         return {"resize": self.resize, "resolution": self.resolution, "interpolation": "bicubic",
@@ -290,7 +298,7 @@ class _Images(torch.utils.data.Dataset):
         from mlsctl.data.images import BadImage, load_rgb
 
         try:
-            return index, self.preprocessing(load_rgb(self.root / self.relpaths[index])), None
+            return index, self.preprocessing.pixels(load_rgb(self.root / self.relpaths[index])), None
         except BadImage as exc:
             return index, None, str(exc)
 
@@ -432,7 +440,7 @@ def embed_folder(images: str | os.PathLike, out: str | os.PathLike, model, *, de
                 raise RuntimeError("batches left their part")  # the batch sampler above makes this impossible
             if pixels is not None:
                 t0 = time.perf_counter()
-                output = backbone(pixels.to(device, non_blocking=True))
+                output = backbone(preprocessing.normalize(pixels.to(device, non_blocking=True)))
                 buffers["global"].append(output.cls.to("cpu", torch_dtype))
                 if dense:
                     buffers["dense"].append(output.patches.to("cpu", torch_dtype))

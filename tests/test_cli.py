@@ -13,13 +13,32 @@ from conftest import REPO, run_cli
 def test_version_and_help():
     assert run_cli("--version", check=True).stdout.strip() == f"mlsctl {__version__}"
     top = run_cli("--help", check=True).stdout
-    for command in ("pretrain", "recipes", "data"):
+    for command in ("pretrain", "recipes", "data", "embed", "eval", "viz"):
         assert command in top
 
 
-@pytest.mark.parametrize("command", [["pretrain"], ["recipes"], ["data", "fmnist-scenes"]])
-def test_every_command_help_has_an_example(command):
-    assert "Example:" in run_cli(*command, "--help", check=True).stdout
+def _leaf_commands() -> list[list[str]]:
+    import typer
+
+    from mlsctl.cli import app
+
+    def walk(command, path):
+        if getattr(command, "commands", None):
+            for name, sub in command.commands.items():
+                yield from walk(sub, path + [name])
+        else:
+            yield path
+
+    return list(walk(typer.main.get_command(app), []))
+
+
+def test_every_command_is_documented_with_an_example():
+    readme = (REPO / "README.md").read_text()
+    commands = _leaf_commands()
+    assert ["embed"] in commands and ["eval", "knn-seg"] in commands and ["viz", "pca"] in commands
+    for command in commands:
+        assert "Example:" in run_cli(*command, "--help", check=True).stdout, command
+        assert f"`mlsctl {' '.join(command)}" in readme, f"README's command table lacks mlsctl {' '.join(command)}"
 
 
 def test_recipes_lists_shipped_recipes_with_descriptions():
@@ -28,6 +47,16 @@ def test_recipes_lists_shipped_recipes_with_descriptions():
     rows = json.loads(run_cli("recipes", "--json", check=True).stdout)
     assert {r["name"] for r in rows} >= {"dino_fmnist_quick", "dino_in1k"}
     assert all(r["description"] for r in rows)
+
+
+def test_space_separated_values_become_repeated_options():
+    from mlsctl.cli import expand_multi_values
+
+    argv = ["eval", "knn-seg", "--fraction", "1/1", "1/8", "--k", "30", "--train", "t"]
+    assert expand_multi_values(argv) == ["eval", "knn-seg", "--fraction", "1/1", "--fraction", "1/8", "--k", "30",
+                                         "--train", "t"]
+    assert expand_multi_values(["eval", "knn", "--k", "10", "20"]) == ["eval", "knn", "--k", "10", "--k", "20"]
+    assert expand_multi_values(["embed", "dir", "--k", "1", "2"]) == ["embed", "dir", "--k", "1", "2"]
 
 
 def test_unknown_command_is_a_usage_error():

@@ -22,6 +22,7 @@ from mlsctl.evaluate.segmentation import (confusion_update, hungarian_mean_iou, 
 from mlsctl.features import Features
 
 from conftest import make_images, run_cli, write_feature_folder
+from test_fmnist import fake_fmnist  # noqa: F401 (a fixture)
 
 # ---------------------------------------------------------------------------------------------- metrics
 
@@ -281,3 +282,19 @@ def test_cli_knn_seg_embeds_image_folders_with_a_run(tmp_path: Path, finished_ru
     again = run_cli(*args, cwd=tmp_path, check=True)
     assert "already in" in again.stderr
     assert json.loads(again.stdout)["results"][0]["miou"] == payload["results"][0]["miou"]
+
+
+@pytest.mark.slow
+def test_cli_knn_seg_without_arguments_evaluates_the_newest_run_on_fmnist_scenes(tmp_path: Path, finished_run,
+                                                                                  fake_fmnist):  # noqa: F811
+    from mlsctl.data.fmnist import build_scenes
+
+    run_dir, _ = finished_run
+    build_scenes(tmp_path / "data" / "fmnist-scenes", n_train=8, n_val=3, size=32, source=fake_fmnist, progress=False)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "tiny").symlink_to(run_dir)
+    result = run_cli("eval", "knn-seg", "--fraction", "1/1", "1/4", "--runs", "2", cwd=tmp_path, check=True)
+    assert "evaluating teacher of run runs/tiny" in result.stderr and "fmnist-scenes benchmark" in result.stderr
+    assert "background" in result.stdout and "ankle boot" in result.stdout
+    saved = json.loads(next((tmp_path / "results").glob("knn-seg-*.json")).read_text())
+    assert saved["train"]["images"] == 8 and saved["val"]["images"] == 3 and len(saved["classes"]) == 11

@@ -72,7 +72,7 @@ def knn_seg(
 
         if not (data / "meta.json").is_file():
             _say(f"fmnist-scenes not found in {data}; building it (mlsctl data fmnist-scenes --out {data})")
-        build_scenes(data, progress=sys.stderr.isatty())
+            build_scenes(data, progress=sys.stderr.isatty())
         train, train_masks = data / "train" / "images", data / "train" / "masks"
         val, val_masks = data / "val" / "images", data / "val" / "masks"
         benchmark = f"the fmnist-scenes benchmark ({data})"

@@ -235,9 +235,13 @@ class Memory:
 def build_memory(pairs: Iterator[tuple[int, torch.Tensor, np.ndarray]], num_classes: int, *, per_image: Optional[int],
                  ignore_index: int, generator: torch.Generator) -> Memory:
     features, labels = [], []
-    for _, feature_map, mask in pairs:
+    for row, feature_map, mask in pairs:
         h, w, d = feature_map.shape
-        soft = patch_soft_labels(mask, (h, w), num_classes, ignore_index)
+        try:
+            soft = patch_soft_labels(mask, (h, w), num_classes, ignore_index)
+        except ValueError as exc:
+            raise UserError(f"the mask of training row {row} does not fit the class list ({exc}); fix the masks or "
+                            f"the classes of their meta.json") from None
         keep = sample_patches(soft, per_image, generator) if per_image is not None else \
             torch.nonzero(soft.sum(1) > 0).squeeze(1)
         features.append(F.normalize(feature_map.reshape(-1, d).float()[keep], dim=1))
@@ -362,7 +366,8 @@ def knn_segmentation(train: FeatureMasks, val: FeatureMasks, fractions: Sequence
     if train.features.model.get("fingerprint") != val.features.model.get("fingerprint"):
         raise UserError(f"train features {train.features.path} and val features {val.features.path} come from "
                         f"different models; embed both with the same one")
-    num_classes = _num_classes(train.masks, names, settings.ignore_index)
+    # class names (meta.json) fix the class count; without them every training mask is scanned once
+    num_classes = len(names) if names else _num_classes(train.masks, None, settings.ignore_index)
     results = []
     n = len(train)
     plan = [(fraction, list(range(settings.runs)) if fraction < 1 else [0]) for fraction in fractions]
