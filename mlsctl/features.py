@@ -390,8 +390,9 @@ def embed_folder(images: str | os.PathLike, out: str | os.PathLike, model, *, de
         if not _same_plan(previous, plan):
             raise UserError(f"--out {out} holds an unfinished embed made differently ({_plan_difference(previous, plan)}); "
                             f"run the original command again to finish it, or add --overwrite")
-    elif out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise UserError(f"--out {out} exists and is not a feature folder; choose another --out or add --overwrite")
+    elif not is_feature_folder(out) and out.exists() and (not out.is_dir() or any(out.iterdir())):
+        # --overwrite replaces feature folders only, never an unrelated folder given by mistake
+        raise UserError(f"--out {out} exists and is not a feature folder; choose another --out (or empty it)")
     if reused:
         manifest = json.loads((out / MANIFEST).read_text())
         return EmbedSummary(out, len(manifest["files"]), manifest["skipped"], time.perf_counter() - started, 0.0,
@@ -418,8 +419,9 @@ def embed_folder(images: str | os.PathLike, out: str | os.PathLike, model, *, de
     n_todo = sum(len(b) for b in batches)
     if is_main:
         say(f"embedding {len(relpaths)} images from {images} with {model.description}")
-        if done:
-            say(f"resuming: {len(done) * dist.world_size()} of {n_parts} parts already done")
+        finished = sum(part_path(k).is_file() for k in range(n_parts))
+        if finished:
+            say(f"resuming: {finished} of {n_parts} parts already done")
     device = _device()
     backbone.to(device)
     loader = torch.utils.data.DataLoader(_Images(images, relpaths, preprocessing), batch_sampler=batches,

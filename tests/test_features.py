@@ -175,8 +175,10 @@ def test_out_rules(tmp_path: Path):
     other = tmp_path / "other"
     other.mkdir()
     (other / "keep.txt").write_text("mine")
-    with pytest.raises(UserError, match="not a feature folder"):
-        embed_folder(images, other, tiny_model(), say=quiet)
+    for overwrite in (False, True):  # --overwrite replaces feature folders only
+        with pytest.raises(UserError, match="not a feature folder"):
+            embed_folder(images, other, tiny_model(), overwrite=overwrite, say=quiet)
+    assert (other / "keep.txt").read_text() == "mine"
     with pytest.raises(UserError, match="multiple of the model's patch size"):
         embed_folder(images, tmp_path / "x", tiny_model(), resolution=30, say=quiet)
 
