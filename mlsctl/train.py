@@ -397,6 +397,7 @@ def pretrain(recipe, out: str | Path, *, resume: bool = False, init_from: Option
     try:
         for step, batch in zip(range(start_step, total_steps), loader):
             skips.extend(batch.skipped)
+            step_started = time.perf_counter()
             batch = batch.to(accelerator.device)
             lr = cosine(step, total_steps, peak_lr, recipe.optim.min_lr, warmup_steps)
             weight_decay = cosine(step, total_steps, recipe.optim.weight_decay, recipe.optim.weight_decay_end)
@@ -420,6 +421,7 @@ def pretrain(recipe, out: str | Path, *, resume: bool = False, init_from: Option
             optimizer.step()
             momentum = method.ema_momentum(step)
             ema_update(method.ema_pairs(), momentum)
+            step_seconds = time.perf_counter() - step_started  # compute only: waiting for data is not counted
             if is_main:
                 bar.update(1)
 
@@ -437,6 +439,9 @@ def pretrain(recipe, out: str | Path, *, resume: bool = False, init_from: Option
                                "images_per_s": images_since / max(now - last_time, 1e-9)})
                 record.update({f"bank_fill/{name}": bank.fill for name, bank in method.banks().items()})
                 record.update({k: v for k, v in scalars.items() if not k.startswith("loss")})
+                # seconds of this step; a method's own timings (time/...) leave the rest as time/other
+                method_seconds = sum(v for k, v in out.metrics.items() if k.startswith("time/"))
+                record.update({"time/step": step_seconds, "time/other": step_seconds - method_seconds})
                 images_since, last_time = 0, now
                 if is_main:
                     bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)

@@ -7,6 +7,7 @@ import importlib
 
 _METHODS = {
     "dino": "mlsctl.methods.dino:DINO",
+    "cribo": "mlsctl.methods.cribo:CrIBo",
 }
 
 

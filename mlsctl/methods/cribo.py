@@ -1,0 +1,242 @@
+"""CrIBo: cross-image object-level bootstrapping (Lebailly et al., ICLR 2024; METHODS.md "CrIBo").
+
+Per image, two global views with their crop boxes. The teacher's last-layer tokens of both views
+are clustered jointly (:func:`~mlsctl.methods.cribo_ops.joint_clustering`, semantic + positional
+cost, Sinkhorn); each cluster present in both views is an *object*, represented per view by the
+mean of its tokens (``c_1^k``, ``c_2^k``; :func:`~mlsctl.methods.cribo_ops.pool_objects`). The
+student's objects reuse the teacher's assignment. Three losses, summed:
+
+* global: DINO's cross-view loss on the CLS token (head last layer ``last_layer``);
+* cross-view object: ``H(p_t(c_1^k), p_s(c_2^k)) + H(p_t(c_2^k), p_s(c_1^k))`` averaged over the
+  valid objects, through the same head MLP with its own last layer (``object_layer``), its own
+  center and temperatures;
+* cross-image object: the teacher distribution of an object's nearest neighbour in the object
+  bank (``M1``/``M2``: the stored view-1/view-2 teacher vectors) against the student's object of
+  the other view, for the pairs that pass the cycle check
+  (:func:`~mlsctl.methods.cribo_ops.cycle_consistent_neighbours`), averaged over those pairs; on
+  once the bank has been filled.
+
+The object bank (``objects``) stores pre-head teacher object vectors of both views side by side
+([2D]) with payload image id, both view boxes and cluster id; it is queried before the batch is
+enqueued and gathered across processes. The bootstrapping ratio (cycle-consistent pairs over
+2 × objects) is logged every step, with the valid objects per image, and the seconds spent in
+clustering, retrieval and the bank update.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+import torch.nn as nn
+
+from mlsctl import dist
+from mlsctl.bank import Column, MemoryBank
+from mlsctl.config import MethodConfig, param
+from mlsctl.methods.base import Method, StepOutput
+from mlsctl.methods.cribo_ops import cycle_consistent_neighbours, joint_clustering, patch_positions, pool_objects
+from mlsctl.methods.dino import build_student_teacher, cross_entropy, dino_loss, teacher_probabilities, updated_center
+from mlsctl.models.heads import DINOHead, WeightNormLinear
+from mlsctl.schedules import linear_warmup_epochs
+
+
+@dataclass
+class CrIBoConfig(MethodConfig):
+    name: str = param("cribo", help="CrIBo")
+    out_dim: int = param(65536, help="prototypes of each head output layer", ge=2)
+    hidden_dim: int = param(2048, help="head MLP width", ge=1)
+    bottleneck_dim: int = param(256, help="head bottleneck (L2-normalised)", ge=1)
+    head_layers: int = param(3, help="head MLP layers", ge=1)
+    norm_last_layer: bool = param(True, help="fix the output layers' weight-norm gain to 1")
+    student_temp: float = param(0.1, help="tau_s of the global loss", gt=0.0)
+    teacher_temp: float = param(0.07, help="tau_t of the global loss after warm-up", gt=0.0)
+    warmup_teacher_temp: float = param(0.04, help="tau_t of the global loss at epoch 0", gt=0.0)
+    object_student_temp: float = param(0.1, help="tau_s of the object losses", gt=0.0)
+    object_teacher_temp: float = param(0.07, help="tau_t of the object losses after warm-up", gt=0.0)
+    object_warmup_teacher_temp: float = param(0.04, help="tau_t of the object losses at epoch 0", gt=0.0)
+    warmup_teacher_temp_epochs: int = param(30, help="epochs of linear tau_t warm-up (both)", ge=0)
+    center_momentum: float = param(0.9, help="EMA momentum of the global center", ge=0.0, lt=1.0)
+    object_center_momentum: float = param(0.9, help="EMA momentum of the object center", ge=0.0, lt=1.0)
+    momentum_teacher: float = param(0.996, help="teacher EMA momentum at step 0", ge=0.0, le=1.0)
+    momentum_teacher_end: float = param(1.0, help="teacher EMA momentum at the end (cosine)", ge=0.0, le=1.0)
+    n_clusters: int = param(64, help="K, clusters per image", ge=1)
+    cluster_iterations: int = param(5, help="clustering rounds", ge=1)
+    lambda_pos: float = param(2.0, help="weight of the positional cost", ge=0.0)
+    sinkhorn_strength: float = param(20.0, help="lambda of exp(-lambda M)", gt=0.0)
+    sinkhorn_iterations: int = param(5, help="Sinkhorn scalings per round", ge=1)
+    cost_normalization: Literal["image", "batch"] = param(
+        "image", help="min-max of the cost per image, or over the batch (official code)")
+    bank_images: int = param(25000, help="S: the object bank holds S x K objects", ge=1)
+    global_loss: bool = param(True, help="use the global (CLS) loss")
+    cross_view_loss: bool = param(True, help="use the cross-view object loss")
+    cross_image_loss: bool = param(True, help="use the cross-image object loss")
+
+
+class CrIBoHead(nn.Module):
+    """DINO head whose MLP is shared by the CLS token and the objects, with one output layer each."""
+
+    def __init__(self, in_dim: int, cfg: CrIBoConfig):
+        super().__init__()
+        self.head = DINOHead(in_dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim, cfg.head_layers,
+                             cfg.norm_last_layer)
+        self.object_layer = WeightNormLinear(cfg.bottleneck_dim, cfg.out_dim, fixed_gain=cfg.norm_last_layer)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x)
+
+    def objects(self, x: torch.Tensor) -> torch.Tensor:
+        return self.object_layer(self.head.project(x))
+
+
+@torch.no_grad()
+def updated_center_uneven(center: torch.Tensor, logits: torch.Tensor, momentum: float) -> torch.Tensor:
+    """EMA of the mean of ``logits`` over every process when processes hold different numbers of
+    rows (objects); unchanged when no process holds any. Every process must call it."""
+    total = dist.all_reduce_sum(torch.cat([logits.float().sum(0), logits.new_tensor([len(logits)], dtype=torch.float32)]))
+    count = float(total[-1])
+    if count == 0:
+        return center
+    return center * momentum + (total[None, :-1] / count) * (1 - momentum)
+
+
+class CrIBo(Method):
+    Config = CrIBoConfig
+    find_unused_parameters: ClassVar[bool] = True  # the loss ablations leave an output layer unused
+
+    def __init__(self, recipe, schedule):
+        super().__init__(recipe, schedule)
+        cfg = self.cfg
+        self.student, self.teacher = build_student_teacher(recipe, lambda dim: CrIBoHead(dim, cfg))
+        self.register_buffer("center", torch.zeros(1, cfg.out_dim))
+        self.register_buffer("object_center", torch.zeros(1, cfg.out_dim))
+        dim = self.student.backbone.embed_dim
+        self.dim = dim
+        self.bank = MemoryBank(cfg.bank_images * cfg.n_clusters, 2 * dim, {
+            "image_id": Column((), torch.long), "box_view1": Column((4,), torch.float32),
+            "box_view2": Column((4,), torch.float32), "cluster_id": Column((), torch.long)})
+
+    @classmethod
+    def check_recipe(cls, recipe):
+        errors = []
+        if recipe.data.global_crops.count != 2:
+            errors.append(("data.global_crops.count", f"must be 2 for CrIBo (two views per image), got "
+                                                      f"{recipe.data.global_crops.count}"))
+        cfg = recipe.method
+        if not (cfg.global_loss or cfg.cross_view_loss or cfg.cross_image_loss):
+            errors.append(("method.global_loss", "at least one of the three CrIBo losses must be on"))
+        tokens = 2 * (recipe.data.global_crops.size // recipe.model.patch_size) ** 2
+        if cfg.n_clusters > tokens:
+            errors.append(("method.n_clusters", f"{cfg.n_clusters} clusters for {tokens} tokens per image; lower it"))
+        return errors
+
+    def ema_pairs(self):
+        return [(self.student, self.teacher)]
+
+    def banks(self):
+        return {"objects": self.bank}
+
+    def last_layer_parameters(self):
+        return [*self.student.head.head.last_layer.parameters(), *self.student.head.object_layer.parameters()]
+
+    def teacher_backbone(self):
+        return self.teacher.backbone
+
+    def _temperature(self, step: int, start: float, end: float) -> float:
+        return linear_warmup_epochs(self.schedule.epoch(step), self.cfg.warmup_teacher_temp_epochs, start, end)
+
+    def training_step(self, batch, step):
+        cfg = self.cfg
+        crops = batch.crops
+        b = len(batch)
+        k = cfg.n_clusters
+        timings = {}
+        sync = torch.cuda.synchronize if crops[0].is_cuda else (lambda: None)
+
+        with torch.no_grad():
+            teacher_out = self.teacher.backbone(torch.cat(crops[:2]))
+            h, w = teacher_out.patches.shape[1:3]
+            n = h * w
+            teacher_tokens = teacher_out.patches.reshape(2, b, n, -1).transpose(0, 1).reshape(b, 2 * n, -1).float()
+            positions = torch.cat([patch_positions(batch.boxes[:, v], batch.flips[:, v], (h, w)) for v in (0, 1)], 1)
+            sync()
+            t0 = time.perf_counter()
+            generator = torch.Generator().manual_seed(self.recipe.seed * 1_000_003 + step * 1009 + dist.rank())
+            assignment = joint_clustering(teacher_tokens, positions, k, iterations=cfg.cluster_iterations,
+                                          lambda_pos=cfg.lambda_pos, sinkhorn_strength=cfg.sinkhorn_strength,
+                                          sinkhorn_iterations=cfg.sinkhorn_iterations,
+                                          normalize_per_image=cfg.cost_normalization == "image", generator=generator)
+            sync()
+            timings["time/clustering"] = time.perf_counter() - t0
+            teacher_objects, valid = pool_objects(teacher_tokens, assignment, k)  # [B, 2, K, D], [B, K]
+            t1, t2 = teacher_objects[:, 0][valid], teacher_objects[:, 1][valid]  # [V, D] each
+            teacher_cls_logits = self.teacher.head(teacher_out.cls).float()
+            teacher_object_logits = self.teacher.head.objects(torch.cat([t1, t2])).float()
+
+        student_outs = self.student.backbone.forward_crops(crops)
+        student_cls_logits = self.student.head(torch.cat([o.cls for o in student_outs])).float()
+        student_tokens = torch.stack([student_outs[0].patches, student_outs[1].patches], 1).reshape(b, 2 * n, -1)
+        student_objects, _ = pool_objects(student_tokens.float(), assignment, k)
+        s1, s2 = student_objects[:, 0][valid], student_objects[:, 1][valid]
+        student_object_logits = self.student.head.objects(torch.cat([s1, s2])).float()
+        s1_logits, s2_logits = student_object_logits.chunk(2)
+
+        temperature = self._temperature(step, cfg.warmup_teacher_temp, cfg.teacher_temp)
+        object_temperature = self._temperature(step, cfg.object_warmup_teacher_temp, cfg.object_teacher_temp)
+        terms = {}
+        targets = teacher_probabilities(teacher_cls_logits, self.center, temperature)
+        terms["global"] = dino_loss(student_cls_logits.chunk(len(crops)), targets.chunk(2), cfg.student_temp)
+        object_targets = teacher_probabilities(teacher_object_logits, self.object_center, object_temperature)
+        p1, p2 = object_targets.chunk(2)
+        n_objects = int(valid.sum())
+        zero = student_cls_logits.new_zeros(())
+        terms["cross_view"] = (cross_entropy(p1, s2_logits, cfg.object_student_temp)
+                               + cross_entropy(p2, s1_logits, cfg.object_student_temp)) if n_objects else zero
+
+        # cross-image: neighbours from the bank before this batch enters it
+        sync()
+        t0 = time.perf_counter()
+        ratio = 0.0
+        active = False
+        terms["cross_image"] = zero
+        filled = self.bank.filled
+        if filled and n_objects:
+            with torch.no_grad():
+                stored = self.bank.vectors[:filled]
+                bank1, bank2 = stored[:, :self.dim], stored[:, self.dim:]
+                nearest1, ok1 = cycle_consistent_neighbours(t1, t2, bank1, bank2)
+                nearest2, ok2 = cycle_consistent_neighbours(t2, t1, bank2, bank1)
+                ratio = float(ok1.sum() + ok2.sum()) / (2 * n_objects)
+                active = cfg.cross_image_loss and self.bank.n_written >= self.bank.size
+                if active and bool(ok1.any() or ok2.any()):
+                    neighbour_logits = self.teacher.head.objects(torch.cat([bank1[nearest1], bank2[nearest2]])).float()
+                    q1, q2 = teacher_probabilities(neighbour_logits, self.object_center, object_temperature).chunk(2)
+            if active and bool(ok1.any() or ok2.any()):
+                pairs = ok1.sum() + ok2.sum()
+                h12 = -(q1 * torch.log_softmax(s2_logits / cfg.object_student_temp, -1)).sum(-1)
+                h21 = -(q2 * torch.log_softmax(s1_logits / cfg.object_student_temp, -1)).sum(-1)
+                terms["cross_image"] = ((h12 * ok1).sum() + (h21 * ok2).sum()) / pairs
+        sync()
+        timings["time/retrieval"] = time.perf_counter() - t0
+
+        loss = zero
+        for name, on in (("global", cfg.global_loss), ("cross_view", cfg.cross_view_loss),
+                         ("cross_image", cfg.cross_image_loss)):
+            if on:
+                loss = loss + terms[name]
+
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            self.center.copy_(updated_center(self.center, teacher_cls_logits, cfg.center_momentum))
+            self.object_center.copy_(updated_center_uneven(self.object_center, teacher_object_logits,
+                                                           cfg.object_center_momentum))
+            image_rows, cluster_ids = valid.nonzero(as_tuple=True)
+            self.bank.enqueue(torch.cat([t1, t2], 1), step=step, image_id=batch.image_ids.to(t1.device)[image_rows],
+                              box_view1=batch.boxes[image_rows, 0].float(), box_view2=batch.boxes[image_rows, 1].float(),
+                              cluster_id=cluster_ids)
+        sync()
+        timings["time/bank"] = time.perf_counter() - t0
+        metrics = {"bootstrap_ratio": ratio, "objects_per_image": n_objects / b, "teacher_temp": temperature,
+                   "object_teacher_temp": object_temperature, **timings}
+        return StepOutput(loss, terms={k: v.detach() for k, v in terms.items()}, metrics=metrics)

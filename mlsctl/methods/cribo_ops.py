@@ -1,0 +1,157 @@
+"""CrIBo's operations as pure functions (Lebailly et al., 2024; METHODS.md "CrIBo").
+
+Notation (paper → code): B images, two views with N patch tokens each, ``z_cat`` [B, 2N, D] the
+L2-normalised teacher tokens of both views, K clusters, ``T_sem`` / ``T_pos`` the semantic and
+positional costs, ``M`` their sum, ``P`` the Sinkhorn transport plan, ``c_v^k`` the object
+representation of cluster k in view v, ``M1``/``M2`` the view-1/view-2 halves of the object bank.
+
+* :func:`patch_positions` — the centre of every patch of a view in original-image pixels, from the
+  view's crop box and flip (no coordinate-grid image).
+* :func:`joint_clustering` — joint-space Sinkhorn clustering of both views' tokens with the
+  single-linkage positional cost; memory O(B·(2N)²), never [B, 2N, 2N, K].
+* :func:`pool_objects` — per-view object representations and the both-views validity mask.
+* :func:`cycle_consistent_neighbours` — nearest bank entries that survive the cycle check.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def patch_positions(boxes: torch.Tensor, flips: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Patch centres [B, h·w, 2] (x, y) in original-image pixels, row-major like the tokens.
+
+    ``boxes`` [B, 4] are the views' crop boxes (x0, y0, x1, y1) and ``flips`` [B] whether the crop
+    was mirrored after cropping (then token column j shows crop column w-1-j)."""
+    h, w = grid
+    u = (torch.arange(w, dtype=torch.float32, device=boxes.device) + 0.5) / w  # [w]
+    v = (torch.arange(h, dtype=torch.float32, device=boxes.device) + 0.5) / h  # [h]
+    u = torch.where(flips[:, None].bool(), 1 - u[None], u[None])  # [B, w]
+    x0, y0, x1, y1 = boxes.float().unbind(-1)
+    x = x0[:, None] + u * (x1 - x0)[:, None]  # [B, w]
+    y = y0[:, None] + v[None] * (y1 - y0)[:, None]  # [B, h]
+    xx = x[:, None, :].expand(-1, h, -1)
+    yy = y[:, :, None].expand(-1, -1, w)
+    return torch.stack([xx, yy], dim=-1).reshape(len(boxes), h * w, 2)
+
+
+def single_linkage_cost(distances: torch.Tensor, assignment: torch.Tensor, k: int) -> torch.Tensor:
+    """``T_pos[b, i, j]`` = distance from token i to the nearest *other* token assigned to cluster j.
+
+    ``distances`` [B, T, T] with +inf on the diagonal (a token is not its own neighbour),
+    ``assignment`` [B, T]. One scatter-min over the [B, T, T] matrix; clusters without another
+    member come back as +inf."""
+    b, t, _ = distances.shape
+    index = assignment[:, None, :].expand(b, t, t)
+    out = distances.new_full((b, t, k), float("inf"))
+    return out.scatter_reduce(2, index, distances, reduce="amin", include_self=True)
+
+
+def _fill_and_scale_positional(cost: torch.Tensor) -> torch.Tensor:
+    """Empty entries (+inf) take the image's mean positional cost; then divide by the image's max."""
+    finite = torch.isfinite(cost)
+    total = torch.where(finite, cost, torch.zeros_like(cost)).sum((1, 2))
+    count = finite.sum((1, 2)).clamp_min(1)
+    mean = (total / count)[:, None, None]
+    cost = torch.where(finite, cost, mean.expand_as(cost))
+    top = cost.amax((1, 2), keepdim=True).clamp_min(1e-12)
+    return cost / top
+
+
+def _min_max(cost: torch.Tensor, per_image: bool) -> torch.Tensor:
+    dims = (1, 2) if per_image else (0, 1, 2)
+    low = cost.amin(dims, keepdim=True)
+    high = cost.amax(dims, keepdim=True)
+    return (cost - low) / (high - low).clamp_min(1e-12)
+
+
+def sinkhorn(cost: torch.Tensor, column_marginals: torch.Tensor, strength: float, iterations: int) -> torch.Tensor:
+    """Transport plan ``P`` [B, T, K] for ``exp(-strength · cost)`` with row marginals 1/T and
+    column marginals ``column_marginals`` [B, K] (each summing to 1), by alternate scaling."""
+    t = cost.shape[1]
+    plan = torch.exp(-strength * cost)
+    for _ in range(iterations):
+        plan = plan * ((1.0 / t) / plan.sum(2, keepdim=True).clamp_min(1e-30))
+        plan = plan * (column_marginals[:, None, :] / plan.sum(1, keepdim=True).clamp_min(1e-30))
+    return plan
+
+
+@torch.no_grad()
+def joint_clustering(tokens: torch.Tensor, positions: torch.Tensor, k: int, *, iterations: int = 5,
+                     lambda_pos: float = 1.0, sinkhorn_strength: float = 20.0, sinkhorn_iterations: int = 5,
+                     normalize_per_image: bool = True, generator: Optional[torch.Generator] = None,
+                     seed_indices: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Cluster the tokens of both views of each image jointly; returns the hard assignment [B, 2N].
+
+    ``tokens`` [B, 2N, D] (``z_cat``, normalised here), ``positions`` [B, 2N, 2] in one frame per
+    image. K seed tokens per image (drawn without replacement from ``generator``, or given as
+    ``seed_indices`` [B, K]) start the
+    centroids; the first round's positional cost is the distance to each seed, later rounds use
+    single linkage to the current members. Each of ``iterations`` rounds
+    computes ``M = T_sem + lambda_pos · T_pos`` from the current assignment, min-max normalises it
+    per image (over the batch with ``normalize_per_image=False``, as the official code does),
+    solves Sinkhorn towards the current cluster sizes, takes the argmax assignment and recomputes
+    the centroids (an empty cluster keeps its centroid)."""
+    z = F.normalize(tokens.float(), dim=-1)
+    b, t, d = z.shape
+    if k > t:
+        raise ValueError(f"K={k} clusters for {t} tokens per image")
+    device = z.device
+    if seed_indices is None:
+        seed_indices = torch.stack([torch.randperm(t, generator=generator)[:k] for _ in range(b)])
+    seeds = seed_indices.to(device)
+    centroids = torch.gather(z, 1, seeds[..., None].expand(-1, -1, d))  # [B, K, D]
+    distances = torch.cdist(positions.float(), positions.float())  # [B, T, T]
+    distances.diagonal(dim1=1, dim2=2).fill_(float("inf"))
+    # the first round's positional cost is the distance to each cluster's seed token (clusters start
+    # compact); later rounds use single linkage to the current members, which keeps them so
+    to_seeds = torch.gather(distances, 2, seeds[:, None, :].expand(b, t, k))
+    to_seeds = torch.where(torch.isinf(to_seeds), torch.zeros_like(to_seeds), to_seeds)  # a seed to itself: 0
+    assignment = None
+    sizes = torch.full((b, k), 1.0 / k, device=device)
+    for _ in range(iterations):
+        semantic = -(z @ centroids.transpose(1, 2))  # T_sem [B, T, K]
+        linkage = to_seeds if assignment is None else single_linkage_cost(distances, assignment, k)
+        positional = _fill_and_scale_positional(linkage)
+        cost = _min_max(semantic + lambda_pos * positional, normalize_per_image)
+        plan = sinkhorn(cost, sizes, sinkhorn_strength, sinkhorn_iterations)
+        assignment = plan.argmax(2)
+        one_hot = F.one_hot(assignment, k).float()  # [B, T, K]
+        counts = one_hot.sum(1)  # [B, K]
+        sums = one_hot.transpose(1, 2) @ z  # [B, K, D]
+        centroids = torch.where(counts[..., None] > 0, F.normalize(sums, dim=-1), centroids)
+        sizes = counts + 1e-2
+        sizes = sizes / sizes.sum(1, keepdim=True)
+    return assignment
+
+
+def pool_objects(tokens: torch.Tensor, assignment: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Object representations ``c_v^k`` [B, 2, K, D] (mean of the raw tokens of view v in cluster k;
+    zero where empty) and ``valid`` [B, K]: cluster k is non-empty in *both* views.
+
+    ``tokens`` [B, 2N, D] (view 1 then view 2, as clustered), ``assignment`` [B, 2N]."""
+    b, t, d = tokens.shape
+    n = t // 2
+    one_hot = F.one_hot(assignment, k).to(tokens.dtype).reshape(b, 2, n, k)  # [B, 2, N, K]
+    counts = one_hot.sum(2)  # [B, 2, K]
+    weights = one_hot / counts[:, :, None, :].clamp_min(1)  # columns L1-normalised within the view
+    objects = torch.einsum("bvnk,bvnd->bvkd", weights, tokens.reshape(b, 2, n, d))
+    valid = (counts > 0).all(1)
+    return objects, valid
+
+
+@torch.no_grad()
+def cycle_consistent_neighbours(queries: torch.Tensor, others: torch.Tensor, bank_same: torch.Tensor,
+                                bank_other: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each object (``queries`` [Q, D], view a), its nearest bank entry by cosine among
+    ``bank_same`` [M, D] (the bank's view-a vectors); then that entry's view-b vector
+    (``bank_other``) finds its nearest object among ``others`` [Q, D] (the batch's view-b
+    objects). Returns (entry index [Q], valid [Q]): valid iff the cycle returns to the query."""
+    q = F.normalize(queries.float(), dim=-1)
+    bank_a = F.normalize(bank_same.float(), dim=-1)
+    nearest = (q @ bank_a.T).argmax(1)
+    back = (F.normalize(bank_other.float()[nearest], dim=-1) @ F.normalize(others.float(), dim=-1).T).argmax(1)
+    return nearest, back == torch.arange(len(q), device=q.device)

@@ -1,0 +1,197 @@
+"""CrIBo: clustering, object pooling, cycle-consistent retrieval and the method's gradients."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mlsctl import config
+from mlsctl.methods.cribo import CrIBo
+from mlsctl.methods.cribo_ops import (cycle_consistent_neighbours, joint_clustering, patch_positions, pool_objects,
+                                      single_linkage_cost)
+from mlsctl.schedules import Schedule
+
+from conftest import tiny_recipe
+
+
+def grid_positions(side: int, views: int = 2) -> torch.Tensor:
+    boxes = torch.tensor([[0.0, 0.0, float(side), float(side)]])
+    one = patch_positions(boxes, torch.tensor([False]), (side, side))
+    return torch.cat([one] * views, 1)
+
+
+def test_patch_positions_follow_box_and_flip():
+    boxes = torch.tensor([[10.0, 20.0, 50.0, 40.0], [10.0, 20.0, 50.0, 40.0]])
+    pos = patch_positions(boxes, torch.tensor([False, True]), (2, 4))
+    assert pos[0, 0].tolist() == [15.0, 25.0] and pos[0, 3].tolist() == [45.0, 25.0] and pos[0, 4].tolist() == [15.0, 35.0]
+    assert pos[1, 0].tolist() == [45.0, 25.0]  # mirrored: the first token shows the right edge
+
+
+def test_single_linkage_excludes_the_token_itself():
+    positions = torch.tensor([[[0.0, 0.0], [1.0, 0.0], [5.0, 0.0]]])
+    distances = torch.cdist(positions, positions)
+    distances.diagonal(dim1=1, dim2=2).fill_(float("inf"))
+    cost = single_linkage_cost(distances, torch.tensor([[0, 0, 1]]), 3)
+    assert cost[0, :, 0].tolist() == [1.0, 1.0, 4.0]
+    assert cost[0, 2, 1] == float("inf") and cost[0, 0, 1] == 5.0  # token 2 is cluster 1's only member
+    assert torch.isinf(cost[0, :, 2]).all()  # an empty cluster
+
+
+def test_clustering_is_a_partition_and_works_for_one_image():
+    torch.manual_seed(0)
+    tokens = torch.randn(1, 32, 16)
+    assignment = joint_clustering(tokens, grid_positions(4), 5, generator=torch.Generator().manual_seed(0))
+    assert assignment.shape == (1, 32) and assignment.dtype == torch.long
+    assert assignment.min() >= 0 and assignment.max() < 5
+    objects, valid = pool_objects(tokens, assignment, 5)
+    members = F.one_hot(assignment, 5).sum(1)
+    assert members.sum() == 32 and objects.shape == (1, 2, 5, 16)
+
+
+def test_identical_views_match_every_object_to_itself():
+    torch.manual_seed(0)
+    view = torch.randn(3, 16, 8)
+    tokens = torch.cat([view, view], 1)
+    positions = grid_positions(4).expand(3, -1, -1)
+    assignment = joint_clustering(tokens, positions, 4, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(assignment[:, :16], assignment[:, 16:])
+    objects, valid = pool_objects(tokens, assignment, 4)
+    present = F.one_hot(assignment, 4).sum(1) > 0
+    assert torch.equal(valid, present)
+    assert torch.allclose(objects[:, 0], objects[:, 1])
+    first, second = objects[:, 0][valid], objects[:, 1][valid]
+    nearest, ok = cycle_consistent_neighbours(first, second, first, second)
+    assert ok.all() and torch.equal(nearest, torch.arange(len(first)))
+
+
+def test_positional_cost_keeps_clusters_compact():
+    """Two far-apart regions with identical features: with the positional cost each cluster stays
+    on one side; without it the clusters straddle both."""
+    torch.manual_seed(0)
+    side = 8
+    feature = F.normalize(torch.randn(16), dim=0)
+    tokens = feature.repeat(1, 2 * side * side, 1) + 0.01 * torch.randn(1, 2 * side * side, 16)
+    positions = grid_positions(side)
+    positions[:, :, 0] += torch.where(positions[:, :, 0] < side / 2, 0.0, 100.0)  # two regions far apart
+    left = positions[0, :, 0] < 50
+
+    def straddling(lambda_pos: float) -> int:
+        assignment = joint_clustering(tokens, positions, 2, lambda_pos=lambda_pos,
+                                      seed_indices=torch.tensor([[0, 7]]))  # one seed in each region
+        return sum(bool(((assignment[0] == c) & left).any() and ((assignment[0] == c) & ~left).any())
+                   for c in range(2))
+
+    assert straddling(2.0) == 0
+    assert straddling(0.0) > 0
+
+
+def test_permuting_tokens_permutes_the_assignment():
+    torch.manual_seed(0)
+    tokens = torch.randn(2, 32, 8)
+    positions = torch.rand(2, 32, 2) * 10
+    seeds = torch.tensor([[0, 5, 9, 20], [3, 4, 17, 30]])
+    assignment = joint_clustering(tokens, positions, 4, seed_indices=seeds)
+    perm = torch.randperm(32)
+    inverse = torch.argsort(perm)
+    permuted = joint_clustering(tokens[:, perm], positions[:, perm], 4, seed_indices=inverse[seeds])
+    assert torch.equal(permuted, assignment[:, perm])
+
+
+def test_cycle_ratio_is_one_on_itself_and_near_zero_on_a_random_bank():
+    torch.manual_seed(0)
+    first, second = torch.randn(64, 32), torch.randn(64, 32)
+    second = first + 0.3 * second  # the other view of each object is close to it
+    _, ok = cycle_consistent_neighbours(first, second, first, second)
+    assert ok.float().mean() == 1.0
+    bank1, bank2 = torch.randn(500, 32), torch.randn(500, 32)
+    _, ok = cycle_consistent_neighbours(first, second, bank1, bank2)
+    assert ok.float().mean() < 0.1
+
+
+def _cribo(tmp_path, **method):
+    from conftest import make_images
+
+    images = make_images(tmp_path / "images", 4, size=(32, 32))
+    raw = tiny_recipe(images, data__local_crops={"count": 0, "size": 16, "scale": [0.1, 0.4]})
+    raw["method"] = {"name": "cribo", "out_dim": 64, "hidden_dim": 64, "bottleneck_dim": 32, "n_clusters": 4,
+                     "bank_images": 2, "warmup_teacher_temp_epochs": 0, **method}
+    recipe = config.from_dict(raw)
+    return CrIBo(recipe, Schedule(steps_per_epoch=2, epochs=2)), recipe
+
+
+def _batch(recipe, b=4, seed=0):
+    from conftest import make_images  # noqa: F401
+    from mlsctl.data.loader import Batch
+
+    g = torch.Generator().manual_seed(seed)
+    crops = [torch.randn(b, 3, 32, 32, generator=g) for _ in range(2)]
+    boxes = torch.tensor([[0.0, 0.0, 32.0, 32.0], [4.0, 4.0, 28.0, 28.0]]).expand(b, 2, 4).clone()
+    return Batch(crops, boxes, torch.zeros(b, 2, dtype=torch.bool), torch.arange(b), torch.tensor([[32, 32]] * b), [])
+
+
+def test_gradients_reach_every_student_parameter_and_never_the_teacher(tmp_path):
+    method, recipe = _cribo(tmp_path)
+    batch = _batch(recipe)
+    for step in range(3):  # the bank (2 images x 4 clusters) fills, then the cross-image loss is on
+        out = method.training_step(batch, step)
+    assert float(out.terms["cross_image"]) > 0 and out.metrics["bootstrap_ratio"] > 0
+    method.zero_grad()
+    out.loss.backward()
+    for name, p in method.student.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert all(p.grad is None for p in method.teacher.parameters())
+    assert not any(p.requires_grad for p in method.teacher.parameters())
+
+
+def test_bank_records_where_objects_came_from(tmp_path):
+    method, recipe = _cribo(tmp_path)
+    batch = _batch(recipe)
+    method.training_step(batch, 0)
+    bank = method.bank
+    n = bank.filled
+    assert n > 0 and bank.vectors.shape[1] == 2 * method.dim
+    payload = bank.payload
+    assert set(payload["image_id"][:n].tolist()) <= set(range(4))
+    assert payload["box_view2"][:n].tolist()[0] == [4.0, 4.0, 28.0, 28.0]
+    assert payload["cluster_id"][:n].max() < 4
+
+
+@pytest.mark.parametrize("losses", [dict(cross_view_loss=False, cross_image_loss=False), dict(cross_image_loss=False)])
+def test_loss_ablations(tmp_path, losses):
+    method, recipe = _cribo(tmp_path, **losses)
+    out = method.training_step(_batch(recipe), 0)
+    expected = out.terms["global"] + (0 if not losses.get("cross_view_loss", True) else out.terms["cross_view"])
+    assert float(out.loss.detach()) == pytest.approx(float(expected))
+
+
+@pytest.mark.slow
+def test_a_two_process_run_holds_identical_object_banks(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from conftest import REPO, cli_env, make_images, write_recipe
+    from mlsctl.bank import load_banks
+    from mlsctl.runs import Run
+
+    images = make_images(tmp_path / "images", 8, size=(32, 32))
+    raw = tiny_recipe(images, data__local_crops={"count": 0, "size": 16, "scale": [0.1, 0.4]}, optim__epochs=2,
+                      optim__batch_size=2)
+    raw["method"] = {"name": "cribo", "out_dim": 64, "hidden_dim": 64, "bottleneck_dim": 32, "n_clusters": 4,
+                     "bank_images": 3, "warmup_teacher_temp_epochs": 0}
+    raw["train"]["checkpoint_every"] = 2
+    accelerate = Path(sys.executable).parent / "accelerate"
+    result = subprocess.run([str(accelerate), "launch", "--num_processes", "2", "-m", "mlsctl", "pretrain",
+                             str(write_recipe(tmp_path / "r.yaml", raw)), "--out", str(tmp_path / "run")],
+                            capture_output=True, text=True, env=cli_env(), timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "memory banks identical on all 2 processes" in log  # checked at every checkpoint
+    bank = load_banks(Run(tmp_path / "run").latest().banks_path)["objects"]
+    assert bank.n_written > bank.size  # both ranks' objects went in, and the queue wrapped
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all("bootstrap_ratio" in r and "time/clustering" in r for r in rows)
