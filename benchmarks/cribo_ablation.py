@@ -25,6 +25,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from mlsctl import atomic
+
 RESULTS = Path(__file__).resolve().parent / "results"
 VARIANTS = [
     ("dino", "recipes/dino_fmnist_quick.yaml", [], "runs/dino_fmnist_quick"),
@@ -116,7 +118,7 @@ def main() -> None:
                "budget": "the quick recipes: 744 steps of 32 scenes, 64 px views, ViT w128 d4 p8, CPU",
                "results": rows, "bootstrap_ratio": curve,
                "cribo_time_share_of_logged_steps": round(share, 4), "timing_sums_s": timing}
-    (RESULTS / "cribo_ablation.json").write_text(json.dumps(payload, indent=2) + "\n")
+    atomic.write_json(RESULTS / "cribo_ablation.json", payload)
     print(f"CrIBo's own operations: {100 * share:.1f}% of the logged steps' time")
     print(f"wrote {RESULTS / 'cribo_ablation.json'} and {RESULTS / 'cribo_bootstrap_ratio.png'}")
 

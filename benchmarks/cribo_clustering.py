@@ -83,10 +83,10 @@ def main() -> None:
               flush=True)
     payload = {"benchmark": "cribo_clustering", "machine": platform.platform(),
                "goal": "K=32: <= 0.5 s and <= 300 MB", "results": rows}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"wrote {out}")
+    from mlsctl import atomic
+
+    atomic.write_json(args.out, payload)
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ Prints a table and writes benchmarks/results/embed_throughput.json.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import tempfile
@@ -29,9 +28,10 @@ from pathlib import Path
 
 import torch
 
+from mlsctl import atomic
 from mlsctl.features import embed_folder
 from mlsctl.models.backbone import Backbone
-from mlsctl.models.source import _choice
+from mlsctl.models.source import model_choice
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = {
@@ -80,7 +80,7 @@ def main() -> None:
         torch.manual_seed(0)
         backbone = Backbone(spec["arch"], img_size=spec["img_size"], patch_size=spec["patch_size"],
                             timm_kwargs=spec["timm_kwargs"])
-        model = _choice(backbone, name, "benchmark", None, spec["img_size"])
+        model = model_choice(backbone, name, "benchmark", None, spec["img_size"])
         for workers in args.workers:
             with tempfile.TemporaryDirectory() as tmp:
                 images = subset(Path(args.images), spec["images"], Path(tmp))
@@ -112,10 +112,8 @@ def main() -> None:
         "goal": "ratio >= 0.9",
         "results": rows,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"wrote {out}")
+    atomic.write_json(args.out, payload)
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

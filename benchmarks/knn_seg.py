@@ -55,8 +55,7 @@ def child(args) -> None:
     search_s = 0.0
     for run in outcome["runs"]:
         seed = run["seed"]
-        count = outcome["train_images"]
-        rows = sorted(np.random.default_rng(seed).choice(n, count, replace=False).tolist()) if fraction < 1 else list(range(n))
+        rows = knn_seg.training_rows(n, fraction, seed)
         per_image = None if settings.memory_size is None else max(1, settings.memory_size // len(rows))
         memory = knn_seg.build_memory(train.pairs(rows), num_classes, per_image=per_image,
                                       ignore_index=settings.ignore_index, generator=torch.Generator().manual_seed(seed))
@@ -113,10 +112,10 @@ def main() -> None:
                "train": args.train, "val": args.val, "settings": {"k": 30, "temperature": 0.02, "runs": args.runs,
                                                                   "memory_size": args.memory_size, "index": "flat"},
                "goal": "overhead < 0.25", "results": rows}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"wrote {out}")
+    from mlsctl import atomic
+
+    atomic.write_json(args.out, payload)
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ benchmarks/results/train_throughput.json.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import tempfile
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from mlsctl import config, methods
+from mlsctl import atomic, config, methods
 from mlsctl.data.images import ImageFolder
 from mlsctl.data.loader import StepBatchSampler, make_loader
 from mlsctl.schedules import Schedule
@@ -80,8 +79,7 @@ def main() -> None:
         "loop_images_per_s": round(summary.images_per_s, 2), "data_only_images_per_s": round(data_ips, 2),
         "model_only_images_per_s": round(model_ips, 2),
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "train_throughput.json").write_text(json.dumps(result, indent=2) + "\n")
+    atomic.write_json(RESULTS / "train_throughput.json", result)
     print(f"{'measure':28} images/s")
     for key in ("loop_images_per_s", "data_only_images_per_s", "model_only_images_per_s"):
         print(f"{key:28} {result[key]:8.1f}")

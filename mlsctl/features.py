@@ -189,6 +189,12 @@ class Features:
             raise UserError(f"{shard.path} holds {shapes}, manifest.json expects {expected}; embed the folder again "
                             f"with --overwrite")
 
+    def check_same_model(self, other: "Features") -> None:
+        """Refuse to compare features of two different models (or widths)."""
+        if self.dim != other.dim or self.model.get("fingerprint") != other.model.get("fingerprint"):
+            raise UserError(f"{self.what} {self.path} and {other.what} {other.path} come from different models; "
+                            f"embed both with the same one")
+
     # ------------------------------------------------------------------ access
     def __len__(self) -> int:
         return len(self.files)
@@ -374,15 +380,16 @@ def embed_folder(images: str | os.PathLike, out: str | os.PathLike, model, *, de
     is_main = dist.rank() == 0
 
     # ---------------------------------------------------------------- the state of --out
-    reused = False
     if (out / MANIFEST).is_file():
         try:
-            previous = json.loads((out / MANIFEST).read_text()).get("plan", {})
+            existing = json.loads((out / MANIFEST).read_text())
         except (OSError, json.JSONDecodeError):
-            previous = {}
+            existing = {}
+        previous = existing.get("plan", {})
         if _same_plan(previous, plan) and not overwrite:
-            reused = True
-        elif not overwrite:
+            return EmbedSummary(out, len(existing["files"]), existing["skipped"], time.perf_counter() - started, 0.0,
+                                model.description, reused=True)
+        if not overwrite:
             raise UserError(f"--out {out} already holds features made differently ({_plan_difference(previous, plan) or 'unknown'}); "
                             f"add --overwrite to replace them or choose another --out")
     elif partial.is_dir() and (partial / "plan.json").is_file() and not overwrite:
@@ -393,10 +400,6 @@ def embed_folder(images: str | os.PathLike, out: str | os.PathLike, model, *, de
     elif not is_feature_folder(out) and out.exists() and (not out.is_dir() or any(out.iterdir())):
         # --overwrite replaces feature folders only, never an unrelated folder given by mistake
         raise UserError(f"--out {out} exists and is not a feature folder; choose another --out (or empty it)")
-    if reused:
-        manifest = json.loads((out / MANIFEST).read_text())
-        return EmbedSummary(out, len(manifest["files"]), manifest["skipped"], time.perf_counter() - started, 0.0,
-                            model.description, reused=True)
     if is_main:
         if overwrite and out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()

@@ -94,6 +94,24 @@ def cli_env() -> dict:
     return env
 
 
+def kill_when(args: list[str], ready, timeout: float = 240) -> subprocess.Popen:
+    """Start ``mlsctl *args``, send SIGKILL as soon as ``ready()`` holds (or at ``timeout``), and
+    return the finished process (its returncode is -SIGKILL unless it ended first)."""
+    import signal
+    import time
+
+    process = subprocess.Popen([sys.executable, "-m", "mlsctl", *args], env=cli_env(), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline and process.poll() is None and not ready():
+            time.sleep(0.005)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait()
+    return process
+
+
 def run_cli(*args: str, cwd: Path | None = None, check: bool = False, timeout: int = 300) -> subprocess.CompletedProcess:
     result = subprocess.run([sys.executable, "-m", "mlsctl", *args], capture_output=True, text=True, cwd=cwd,
                             env=cli_env(), timeout=timeout)
@@ -115,12 +133,12 @@ def finished_run(tmp_path_factory) -> tuple[Path, Path]:
 def tiny_model(seed: int = 0, img_size: int = 32):
     """A ModelChoice over a tiny randomly initialised ViT (width 32, patch 8)."""
     from mlsctl.models.backbone import Backbone
-    from mlsctl.models.source import _choice
+    from mlsctl.models.source import model_choice
 
     torch.manual_seed(seed)
     backbone = Backbone("vit_small_patch16_224", img_size=img_size, patch_size=8,
                         timm_kwargs={"embed_dim": 32, "depth": 2, "num_heads": 2})
-    return _choice(backbone, "tiny test ViT", "test", None, img_size)
+    return model_choice(backbone, "tiny test ViT", "test", None, img_size)
 
 
 def write_feature_folder(path: Path, files: list[str], global_: torch.Tensor, dense: torch.Tensor | None = None,
@@ -145,3 +163,26 @@ def write_feature_folder(path: Path, files: list[str], global_: torch.Tensor, de
     }
     (path / "manifest.json").write_text(json.dumps(manifest))
     return path
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    import gzip
+    import struct
+
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(">" + "I" * array.ndim, *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture
+def fake_fmnist(tmp_path: Path) -> Path:
+    """Synthetic Fashion-MNIST IDX files: items are filled squares whose brightness encodes the
+    split, labels cycle 0..9."""
+    source = tmp_path / "fmnist"
+    source.mkdir()
+    for stem, n, value in (("train", 50, 200), ("t10k", 30, 120)):
+        images = np.zeros((n, 28, 28), dtype=np.uint8)
+        images[:, 4:24, 6:22] = value
+        write_idx(source / f"{stem}-images-idx3-ubyte.gz", images)
+        write_idx(source / f"{stem}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    return source

@@ -3,8 +3,6 @@ from __future__ import annotations
 import json
 import re
 
-import pytest
-
 from mlsctl import __version__
 
 from conftest import REPO, run_cli

@@ -123,7 +123,6 @@ def _cribo(tmp_path, **method):
 
 
 def _batch(recipe, b=4, seed=0):
-    from conftest import make_images  # noqa: F401
     from mlsctl.data.loader import Batch
 
     g = torch.Generator().manual_seed(seed)

@@ -22,7 +22,6 @@ from mlsctl.evaluate.segmentation import (confusion_update, hungarian_mean_iou, 
 from mlsctl.features import Features
 
 from conftest import make_images, run_cli, write_feature_folder
-from test_fmnist import fake_fmnist  # noqa: F401 (a fixture)
 
 # ---------------------------------------------------------------------------------------------- metrics
 
@@ -286,7 +285,7 @@ def test_cli_knn_seg_embeds_image_folders_with_a_run(tmp_path: Path, finished_ru
 
 @pytest.mark.slow
 def test_cli_knn_seg_without_arguments_evaluates_the_newest_run_on_fmnist_scenes(tmp_path: Path, finished_run,
-                                                                                  fake_fmnist):  # noqa: F811
+                                                                                  fake_fmnist):
     from mlsctl.data.fmnist import build_scenes
 
     run_dir, _ = finished_run

@@ -7,7 +7,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ from mlsctl import features as feats
 from mlsctl.errors import UserError
 from mlsctl.features import Features, Preprocessing, embed_folder
 
-from conftest import cli_env, make_images, run_cli, tiny_model
+from conftest import cli_env, kill_when, make_images, run_cli, tiny_model
 from test_images import write_bad_files
 
 
@@ -117,17 +116,8 @@ def test_sigkill_at_any_moment_then_rerun_is_exact(tmp_path: Path, finished_run)
     args = ["embed", str(images), "--run", str(run_dir), "--dense", "--batch-size", "2", "--part-size", "4"]
     run_cli(*args, "--out", str(tmp_path / "full"), check=True)
     killed = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, "-m", "mlsctl", *args, "--out", str(killed)], env=cli_env(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline and process.poll() is None:
-            if len(list((killed / ".partial").glob("part-*.safetensors"))) >= 3:
-                break
-            time.sleep(0.005)
-        process.send_signal(signal.SIGKILL)
-    finally:
-        process.wait()
+    process = kill_when([*args, "--out", str(killed)],
+                        lambda: len(list((killed / ".partial").glob("part-*.safetensors"))) >= 3)
     assert process.returncode == -signal.SIGKILL, "the embed finished before it could be killed"
     result = run_cli(*args, "--out", str(killed), check=True)
     assert "resuming" in result.stderr

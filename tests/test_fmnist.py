@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import gzip
 import json
-import struct
 from pathlib import Path
 
 import numpy as np
@@ -15,25 +13,6 @@ from mlsctl.data.fmnist import CLASSES, DEFAULT_SOURCE, build_scenes, load_split
 from mlsctl.errors import UserError
 
 from conftest import run_cli
-
-
-def write_idx(path: Path, array: np.ndarray) -> None:
-    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(">" + "I" * array.ndim, *array.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + array.astype(np.uint8).tobytes())
-
-
-@pytest.fixture
-def fake_fmnist(tmp_path: Path) -> Path:
-    """Items are filled squares whose brightness encodes the split, labels cycle 0..9."""
-    source = tmp_path / "fmnist"
-    source.mkdir()
-    for stem, n, value in (("train", 50, 200), ("t10k", 30, 120)):
-        images = np.zeros((n, 28, 28), dtype=np.uint8)
-        images[:, 4:24, 6:22] = value
-        write_idx(source / f"{stem}-images-idx3-ubyte.gz", images)
-        write_idx(source / f"{stem}-labels-idx1-ubyte.gz", np.arange(n) % 10)
-    return source
 
 
 def test_reads_idx_files(fake_fmnist: Path):

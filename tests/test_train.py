@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from mlsctl.methods.dino import DINO
 from mlsctl.runs import Run
 from mlsctl.schedules import Schedule
 
-from conftest import REPO, cli_env, make_images, run_cli, tiny_recipe, write_recipe
+from conftest import REPO, cli_env, kill_when, make_images, run_cli, tiny_recipe, write_recipe
 from test_images import write_bad_files
 
 pytestmark = pytest.mark.slow
@@ -85,19 +84,9 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path: Path, images
     run_cli("pretrain", str(path), "--out", str(tmp_path / "full"), check=True)
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, "-m", "mlsctl", "pretrain", str(path), "--out", str(killed)],
-                               env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    try:
-        while time.time() < deadline:
-            if (killed / "metrics.jsonl").is_file() and len((killed / "metrics.jsonl").read_text().splitlines()) >= 10:
-                break
-            if process.poll() is not None:
-                break
-            time.sleep(0.005)
-        process.send_signal(signal.SIGKILL)
-    finally:
-        process.wait()
+    metrics_path = killed / "metrics.jsonl"
+    process = kill_when(["pretrain", str(path), "--out", str(killed)],
+                        lambda: metrics_path.is_file() and len(metrics_path.read_text().splitlines()) >= 10)
     assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (killed / "summary.json").exists()
     stopped_at = Run(killed).latest().step

@@ -157,35 +157,14 @@ def knn(
 
     Example: mlsctl eval knn --train features/train --val features/val --k 10 20
     """
-    import torch
-
-    from mlsctl.errors import UserError
     from mlsctl.evaluate import knn as lib
     from mlsctl.features import Features
 
-    train_features, val_features = Features(train, "train features"), Features(val, "val features")
-    if train_features.dim != val_features.dim:
-        raise UserError(f"train features have width {train_features.dim}, val features {val_features.dim}; "
-                        f"embed both with the same model")
-    if train_features.model.get("fingerprint") != val_features.model.get("fingerprint"):
-        raise UserError("train and val features come from different models; embed both with the same one")
-    train_names = lib.labels_for(train_features, train_labels, "train features")
-    val_names = lib.labels_for(val_features, val_labels, "val features")
-    classes = sorted(set(train_names))
-    lookup = {c: i for i, c in enumerate(classes)}
-    unknown = sorted(set(val_names) - set(classes))
-    train_y = torch.tensor([lookup[c] for c in train_names])
-    val_y = torch.tensor([lookup.get(c, -1) for c in val_names])
-    ks = sorted(set(k or lib.DEFAULT_KS))
     started = time.perf_counter()
-    scores = lib.knn_classify(train_features.global_features(), train_y, val_features.global_features(), ks,
-                              temperature, num_classes=len(classes))
-    results = [{"k": kk, "top1": lib.accuracy(scores[kk], val_y, 1), "top5": lib.accuracy(scores[kk], val_y, 5)}
-               for kk in ks]
-    payload = {"command": "eval knn", "train": str(train_features.path), "val": str(val_features.path),
-               "train_images": len(train_features), "val_images": len(val_features), "classes": len(classes),
-               "val_classes_unseen_in_train": unknown, "temperature": temperature, "model": train_features.model,
-               "results": results, "seconds": round(time.perf_counter() - started, 3)}
+    result = lib.evaluate_knn(Features(train, "train features"), Features(val, "val features"), train_labels,
+                              val_labels, k or lib.DEFAULT_KS, temperature)
+    payload = {"command": "eval knn", **result, "seconds": round(time.perf_counter() - started, 3)}
+    results, unknown = result["results"], result["val_classes_unseen_in_train"]
     out = out or _default_json("knn")
     _write_json(out, payload)
     if as_json:
@@ -194,5 +173,5 @@ def knn(
     typer.echo(table(["k", "top-1 %", "top-5 %"], [[r["k"], pct(r["top1"], 2), pct(r["top5"], 2)] for r in results]))
     if unknown:
         typer.echo(f"note: {len(unknown)} val classes never occur in train (counted as errors): {', '.join(unknown[:5])}")
-    typer.echo(f"\n{len(train_features)} train / {len(val_features)} val images, {len(classes)} classes, T={temperature}; "
-               f"results written to {out}")
+    typer.echo(f"\n{result['train_images']} train / {result['val_images']} val images, {result['classes']} classes, "
+               f"T={temperature}; results written to {out}")

@@ -100,3 +100,25 @@ def labels_for(features, labels_file: Optional[Path], what: str) -> list[str]:
     if missing:
         raise UserError(f"labels file {labels_file} has no label for {len(missing)} images of {what} (first: {missing[0]})")
     return out
+
+
+def evaluate_knn(train_features, val_features, train_labels: Optional[Path] = None, val_labels: Optional[Path] = None,
+                 ks: Sequence[int] = DEFAULT_KS, temperature: float = 0.07) -> dict:
+    """Top-1/top-5 of every k for two feature folders (labels from folders or files) → a JSON-ready dict.
+    Validation classes never seen in training count as errors and are listed."""
+    train_features.check_same_model(val_features)
+    train_names = labels_for(train_features, train_labels, "train features")
+    val_names = labels_for(val_features, val_labels, "val features")
+    classes = sorted(set(train_names))
+    lookup = {c: i for i, c in enumerate(classes)}
+    train_y = torch.tensor([lookup[c] for c in train_names])
+    val_y = torch.tensor([lookup.get(c, -1) for c in val_names])
+    ks = sorted(set(ks))
+    scores = knn_classify(train_features.global_features(), train_y, val_features.global_features(), ks, temperature,
+                          num_classes=len(classes))
+    return {"train": str(train_features.path), "val": str(val_features.path), "train_images": len(train_features),
+            "val_images": len(val_features), "classes": len(classes),
+            "val_classes_unseen_in_train": sorted(set(val_names) - set(classes)), "temperature": temperature,
+            "model": train_features.model,
+            "results": [{"k": k, "top1": accuracy(scores[k], val_y, 1), "top5": accuracy(scores[k], val_y, 5)}
+                        for k in ks]}

@@ -291,8 +291,8 @@ class Settings:
         return dict(self.__dict__)
 
 
-def _num_classes(masks: Sequence[Path], names: Optional[list[str]], ignore_index: int) -> int:
-    top = len(names) - 1 if names else 0
+def _num_classes(masks: Sequence[Path], ignore_index: int) -> int:
+    top = 0
     for path in masks:
         mask = read_mask(path)
         valid = mask[mask != ignore_index]
@@ -355,19 +355,23 @@ def evaluate_once(train: FeatureMasks, val: FeatureMasks, rows: Sequence[int], s
     }
 
 
+def training_rows(n: int, fraction: Fraction, run_seed: int) -> list[int]:
+    """The training images of one run: all of them at 1/1, else a seeded subset of round(n·fraction)."""
+    if fraction >= 1:
+        return list(range(n))
+    count = max(1, round(n * fraction))
+    return sorted(np.random.default_rng(run_seed).choice(n, count, replace=False).tolist())
+
+
 def knn_segmentation(train: FeatureMasks, val: FeatureMasks, fractions: Sequence[Fraction], settings: Settings, *,
                      augmented: Optional[AugmentedPasses] = None, names: Optional[list[str]] = None,
                      progress: bool = False) -> dict:
     """Every fraction (runs for fractions < 1, one run for 1/1) → a JSON-ready result."""
     from tqdm import tqdm
 
-    if train.grid is None or val.grid is None or train.features.dim != val.features.dim:
-        raise UserError("train and val features must both be dense and of the same width")
-    if train.features.model.get("fingerprint") != val.features.model.get("fingerprint"):
-        raise UserError(f"train features {train.features.path} and val features {val.features.path} come from "
-                        f"different models; embed both with the same one")
+    train.features.check_same_model(val.features)
     # class names (meta.json) fix the class count; without them every training mask is scanned once
-    num_classes = len(names) if names else _num_classes(train.masks, None, settings.ignore_index)
+    num_classes = len(names) if names else _num_classes(train.masks, settings.ignore_index)
     results = []
     n = len(train)
     plan = [(fraction, list(range(settings.runs)) if fraction < 1 else [0]) for fraction in fractions]
@@ -378,10 +382,7 @@ def knn_segmentation(train: FeatureMasks, val: FeatureMasks, fractions: Sequence
         outcomes = []
         for run in runs:
             run_seed = settings.seed + run
-            if fraction < 1:
-                rows = sorted(np.random.default_rng(run_seed).choice(n, count, replace=False).tolist())
-            else:
-                rows = list(range(n))
+            rows = training_rows(n, fraction, run_seed)
             outcomes.append(evaluate_once(train, val, rows, settings, num_classes, run_seed, augmented, bar.update))
         confusion_classes = max(o["confusion"].shape[0] for o in outcomes)
         per_class = np.full((len(outcomes), confusion_classes), np.nan)

@@ -90,17 +90,6 @@ class CrIBoHead(nn.Module):
         return self.object_layer(self.head.project(x))
 
 
-@torch.no_grad()
-def updated_center_uneven(center: torch.Tensor, logits: torch.Tensor, momentum: float) -> torch.Tensor:
-    """EMA of the mean of ``logits`` over every process when processes hold different numbers of
-    rows (objects); unchanged when no process holds any. Every process must call it."""
-    total = dist.all_reduce_sum(torch.cat([logits.float().sum(0), logits.new_tensor([len(logits)], dtype=torch.float32)]))
-    count = float(total[-1])
-    if count == 0:
-        return center
-    return center * momentum + (total[None, :-1] / count) * (1 - momentum)
-
-
 class CrIBo(Method):
     Config = CrIBoConfig
     find_unused_parameters: ClassVar[bool] = True  # the loss ablations leave an output layer unused
@@ -198,7 +187,6 @@ class CrIBo(Method):
         sync()
         t0 = time.perf_counter()
         ratio = 0.0
-        active = False
         terms["cross_image"] = zero
         filled = self.bank.filled
         if filled and n_objects:
@@ -207,13 +195,14 @@ class CrIBo(Method):
                 bank1, bank2 = stored[:, :self.dim], stored[:, self.dim:]
                 nearest1, ok1 = cycle_consistent_neighbours(t1, t2, bank1, bank2)
                 nearest2, ok2 = cycle_consistent_neighbours(t2, t1, bank2, bank1)
-                ratio = float(ok1.sum() + ok2.sum()) / (2 * n_objects)
-                active = cfg.cross_image_loss and self.bank.n_written >= self.bank.size
-                if active and bool(ok1.any() or ok2.any()):
+                pairs = ok1.sum() + ok2.sum()
+                ratio = float(pairs) / (2 * n_objects)
+                # on once the bank has been filled, and only where some pair passed the cycle check
+                active = cfg.cross_image_loss and self.bank.n_written >= self.bank.size and bool(pairs)
+                if active:
                     neighbour_logits = self.teacher.head.objects(torch.cat([bank1[nearest1], bank2[nearest2]])).float()
                     q1, q2 = teacher_probabilities(neighbour_logits, self.object_center, object_temperature).chunk(2)
-            if active and bool(ok1.any() or ok2.any()):
-                pairs = ok1.sum() + ok2.sum()
+            if active:
                 h12 = -(q1 * torch.log_softmax(s2_logits / cfg.object_student_temp, -1)).sum(-1)
                 h21 = -(q2 * torch.log_softmax(s1_logits / cfg.object_student_temp, -1)).sum(-1)
                 terms["cross_image"] = ((h12 * ok1).sum() + (h21 * ok2).sum()) / pairs
@@ -229,8 +218,8 @@ class CrIBo(Method):
         t0 = time.perf_counter()
         with torch.no_grad():
             self.center.copy_(updated_center(self.center, teacher_cls_logits, cfg.center_momentum))
-            self.object_center.copy_(updated_center_uneven(self.object_center, teacher_object_logits,
-                                                           cfg.object_center_momentum))
+            self.object_center.copy_(updated_center(self.object_center, teacher_object_logits,
+                                                    cfg.object_center_momentum))
             image_rows, cluster_ids = valid.nonzero(as_tuple=True)
             self.bank.enqueue(torch.cat([t1, t2], 1), step=step, image_id=batch.image_ids.to(t1.device)[image_rows],
                               box_view1=batch.boxes[image_rows, 0].float(), box_view2=batch.boxes[image_rows, 1].float(),

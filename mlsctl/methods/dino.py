@@ -62,10 +62,15 @@ def dino_loss(student_logits: Sequence[torch.Tensor], teacher_probs: Sequence[to
 
 @torch.no_grad()
 def updated_center(center: torch.Tensor, teacher_logits: torch.Tensor, momentum: float) -> torch.Tensor:
-    """EMA of the batch-mean teacher logits, the mean taken over every process's batch."""
-    batch_sum = dist.all_reduce_sum(teacher_logits.float().sum(dim=0, keepdim=True))
-    count = teacher_logits.shape[0] * dist.world_size()
-    return center * momentum + (batch_sum / count) * (1 - momentum)
+    """EMA of the mean teacher logits over every process's rows. Processes may hold different
+    numbers of rows (CrIBo's objects), even none; when no process holds any, the center stays.
+    Every process must call it."""
+    rows = teacher_logits.new_tensor([len(teacher_logits)], dtype=torch.float32)
+    total = dist.all_reduce_sum(torch.cat([teacher_logits.float().sum(dim=0), rows]))
+    count = float(total[-1])
+    if count == 0:
+        return center
+    return center * momentum + (total[None, :-1] / count) * (1 - momentum)
 
 
 # ------------------------------------------------------------------------------------------ method

@@ -55,7 +55,8 @@ def fingerprint(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _choice(backbone: Backbone, description: str, source: str, path: Optional[str], img_size: int) -> ModelChoice:
+def model_choice(backbone: Backbone, description: str, source: str, path: Optional[str], img_size: int) -> ModelChoice:
+    """Wrap a built backbone (put in eval mode) with its description and manifest record."""
     from mlsctl.models import lora
 
     backbone.eval()
@@ -96,13 +97,13 @@ def from_run(run_dir: str | Path, *, random_init: bool = False, seed: int = 0) -
         torch.manual_seed(seed)
         plain = dataclasses.replace(model_cfg, lora=dataclasses.replace(model_cfg.lora, enabled=False))
         backbone = build_backbone(plain, drop_path_rate=0.0, load_weights=False)
-        return _choice(backbone, f"randomly initialised {model_cfg.arch} (architecture of run {run.root}, seed {seed})",
+        return model_choice(backbone, f"randomly initialised {model_cfg.arch} (architecture of run {run.root}, seed {seed})",
                        "random-init", str(run.root), model_cfg.img_size)
     if run.teacher_weights_path.is_file():
         plain = dataclasses.replace(model_cfg, weights=str(run.teacher_weights_path), pretrained=False,
                                     lora=dataclasses.replace(model_cfg.lora, enabled=False))
         backbone = build_backbone(plain, drop_path_rate=0.0)
-        return _choice(backbone, f"teacher of run {run.root} ({run.teacher_weights_path.name})", "run",
+        return model_choice(backbone, f"teacher of run {run.root} ({run.teacher_weights_path.name})", "run",
                        str(run.teacher_weights_path), model_cfg.img_size)
     checkpoint = run.latest()
     if checkpoint is None:
@@ -124,7 +125,7 @@ def _from_checkpoint(recipe, checkpoint, run: Run) -> ModelChoice:
     method = methods.method_class(recipe.method.name)(recipe, Schedule(steps_per_epoch=1, epochs=recipe.optim.epochs))
     method.load_state_dict(load_file(str(checkpoint.model_path)), strict=True)
     backbone = method.teacher_backbone()
-    return _choice(backbone, f"teacher of run {run.root} at step {state['step']} (no final export yet)", "run-checkpoint",
+    return model_choice(backbone, f"teacher of run {run.root} at step {state['step']} (no final export yet)", "run-checkpoint",
                    str(checkpoint.path), recipe.model.img_size)
 
 
@@ -147,7 +148,7 @@ def from_weights(path: str | Path, arch: Optional[str] = None, *, img_size: Opti
     patch = patch_size or spec.get("patch_size") or _patch_size_of(spec["arch"])
     backbone = Backbone(spec["arch"], img_size=size, patch_size=patch, weights=str(path),
                         timm_kwargs=spec.get("timm_kwargs"))
-    return _choice(backbone, f"{spec['arch']} with weights {path}", "weights", str(path), size)
+    return model_choice(backbone, f"{spec['arch']} with weights {path}", "weights", str(path), size)
 
 
 def _patch_size_of(arch: str) -> int:
@@ -195,7 +196,7 @@ def dinov2_small() -> ModelChoice:
         except Exception:  # no network, hub down, proxy: all end the same way
             raise UserError(_HOW_TO_CHOOSE) from None
     backbone = Backbone(DINOV2_ARCH, img_size=518, patch_size=14, weights=cached)
-    return _choice(backbone, f"timm's DINOv2 ViT-S/14 ({cached})", "dinov2", cached, 224)
+    return model_choice(backbone, f"timm's DINOv2 ViT-S/14 ({cached})", "dinov2", cached, 224)
 
 
 _HOW_TO_CHOOSE = ("no model given, no run under ./runs and timm's DINOv2 ViT-S/14 is neither cached nor downloadable: "
