@@ -30,10 +30,20 @@ the number of processes. :meth:`assert_synchronized` checks the invariant cheapl
 Banks are saved with :func:`save_banks` / :func:`load_banks` as one safetensors file; a bank can
 be rebuilt from its saved tensors alone (:meth:`MemoryBank.from_state_dict`), which is what the
 ``mlsctl bank`` commands use.
+
+What ``mlsctl bank`` needs to know about a bank is part of the bank, not of its method:
+
+* payload columns with these names mean the same in every bank: ``image_id`` (row of the run's
+  ``images.txt``), ``box`` (x0, y0, x1, y1 in pixels of the original image: the crop the entry
+  was computed from), ``region`` (a sub-box of the original image, e.g. an object inside the
+  crop; outlined in neighbour grids) and ``label`` (an integer class, counted per label);
+* :class:`QueryFeature` says how to embed a new image with the run's teacher so that it can be
+  compared with the bank's vectors (saved with the bank in the file's metadata).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional
@@ -54,6 +64,27 @@ class Column:
     dtype: torch.dtype = torch.long
 
 
+IMAGE_COLUMN, BOX_COLUMN, REGION_COLUMN, LABEL_COLUMN = "image_id", "box", "region", "label"
+
+
+@dataclass(frozen=True)
+class QueryFeature:
+    """How an image becomes comparable with a bank's vectors: the teacher backbone's ``"cls"``
+    token or the mean of its patch tokens (``"patch_mean"``), compared with the columns
+    ``[start, stop)`` of the stored vectors (``stop=None``: to the end)."""
+
+    feature: str = "cls"
+    start: int = 0
+    stop: Optional[int] = None
+
+    def __post_init__(self):
+        if self.feature not in ("cls", "patch_mean"):
+            raise ValueError(f"QueryFeature.feature must be 'cls' or 'patch_mean', got {self.feature!r}")
+
+    def columns(self, vectors: torch.Tensor) -> torch.Tensor:
+        return vectors[:, self.start:self.stop]
+
+
 class MemoryBank:
     def __init__(
         self,
@@ -65,9 +96,13 @@ class MemoryBank:
         device: torch.device | str = "cpu",
         init: str = "zeros",
         generator: Optional[torch.Generator] = None,
+        query_feature: Optional[QueryFeature] = None,
     ):
         """``init="zeros"`` starts empty; ``init="random_unit"`` starts full of random unit
-        vectors (as SOVE's memories do), seeded by ``generator``."""
+        vectors (as SOVE's memories do), seeded by ``generator``. ``query_feature`` tells
+        ``mlsctl bank neighbors`` how to embed a query image (None: the bank cannot be queried
+        with images)."""
+        self.query_feature = query_feature
         if size < 1 or dim < 1:
             raise ValueError(f"a memory bank needs size >= 1 and dim >= 1, got size={size}, dim={dim}")
         columns = dict(payload or {})
@@ -258,7 +293,8 @@ class MemoryBank:
 
 
 def save_banks(banks: Mapping[str, MemoryBank], path: str | Path) -> None:
-    """All banks of a run in one safetensors file: ``NAME/vectors``, ``NAME/payload.COL`` ..."""
+    """All banks of a run in one safetensors file: ``NAME/vectors``, ``NAME/payload.COL`` ...;
+    the metadata key ``query_features`` holds each bank's :class:`QueryFeature` as JSON."""
     from safetensors.torch import save_file
 
     tensors = {}
@@ -267,24 +303,39 @@ def save_banks(banks: Mapping[str, MemoryBank], path: str | Path) -> None:
             raise ValueError(f"bank names cannot contain '/': {name!r}")
         for key, value in bank.state_dict().items():
             tensors[f"{name}/{key}"] = value.detach().cpu().contiguous()
-    metadata = {"format_version": str(BANKS_FORMAT_VERSION), "banks": ",".join(banks)}
+    query_features = {name: vars(bank.query_feature) for name, bank in banks.items() if bank.query_feature}
+    metadata = {"format_version": str(BANKS_FORMAT_VERSION), "banks": ",".join(banks),
+                "query_features": json.dumps(query_features)}
     atomic.write_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
-def read_bank_states(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
+def _read(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, str]]:
     from safetensors import safe_open
 
     states: dict[str, dict[str, torch.Tensor]] = {}
     with safe_open(str(path), framework="pt") as f:
-        version = int((f.metadata() or {}).get("format_version", "0"))
+        metadata = f.metadata() or {}
+        version = int(metadata.get("format_version", "0"))
         if version > BANKS_FORMAT_VERSION:
             raise ValueError(f"{path} holds banks of format {version}, newer than this mlsctl reads; upgrade mlsctl")
         for key in f.keys():
             name, _, sub = key.partition("/")
             states.setdefault(name, {})[sub] = f.get_tensor(key)
-    return states
+    return states, metadata
+
+
+def read_bank_states(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
+    return _read(path)[0]
 
 
 def load_banks(path: str | Path) -> dict[str, MemoryBank]:
-    """Rebuild every bank of a file from its tensors alone."""
-    return {name: MemoryBank.from_state_dict(state) for name, state in read_bank_states(path).items()}
+    """Rebuild every bank of a file from its tensors (and query features) alone."""
+    states, metadata = _read(path)
+    query_features = json.loads(metadata.get("query_features", "{}"))
+    banks = {}
+    for name, state in states.items():
+        bank = MemoryBank.from_state_dict(state)
+        if name in query_features:
+            bank.query_feature = QueryFeature(**query_features[name])
+        banks[name] = bank
+    return banks

@@ -142,6 +142,8 @@ class TrainConfig:
     checkpoint_every: int = param(1000, help="steps between checkpoints (one is always written at the end)", ge=1)
     keep_checkpoints: int = param(2, help="newest checkpoints kept on disk", ge=1)
     log_every: int = param(10, help="steps between metrics.jsonl lines", ge=1)
+    bank_health_every: int = param(100, help="steps between memory-bank health records in metrics.jsonl "
+                                             "(see `mlsctl bank inspect`); 0 = never", ge=0)
 
 
 @dataclass

@@ -4,6 +4,8 @@
     RUN/metrics.jsonl                   one JSON object per logged step
     RUN/train.log                       what the console showed, with timestamps
     RUN/summary.json                    written when training completes
+    RUN/images.txt                      the training images, one path per line relative to data.root:
+                                        line i is the image a bank's ``image_id`` i refers to
     RUN/teacher.safetensors             the final teacher backbone in timm's key layout (LoRA merged)
     RUN/teacher_adapters/               with LoRA: the teacher's adapters alone (peft format)
     RUN/checkpoints/step-NNNNNNNN/      one folder per checkpoint, renamed into place when complete:
@@ -64,6 +66,7 @@ class Run:
     summary_path = property(lambda self: self.root / "summary.json")
     teacher_weights_path = property(lambda self: self.root / "teacher.safetensors")
     teacher_adapters_path = property(lambda self: self.root / "teacher_adapters")
+    images_path = property(lambda self: self.root / "images.txt")
 
     def checkpoints(self) -> list[Checkpoint]:
         """Complete checkpoints (their state.json exists), oldest first."""

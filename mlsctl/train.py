@@ -42,6 +42,7 @@ progress_log = logging.getLogger("mlsctl.progress")
 
 # Keys that may change between a run and its resumption without changing what it computes.
 RESUME_SAFE_KEYS = {"data.workers", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
+                    "train.bank_health_every",
                     "description", "data.root"}
 
 
@@ -331,6 +332,8 @@ def pretrain(recipe, out: str | Path, *, resume: bool = False, init_from: Option
 
     # Data.
     folder = ImageFolder(recipe.data.root, "data.root")
+    if is_main and not run.images_path.is_file():
+        atomic.write_text(run.images_path, "".join(f"{folder.relpath(i)}\n" for i in range(len(folder))))
     dataset, collate_fn = method_cls.build_dataset(recipe, folder)
     probe = StepBatchSampler(len(dataset), recipe.optim.batch_size, world_size=world, rank=rank, seed=recipe.seed)
     schedule = Schedule(probe.steps_per_epoch, recipe.optim.epochs)
@@ -393,6 +396,7 @@ def pretrain(recipe, out: str | Path, *, resume: bool = False, init_from: Option
     metrics_file = open(run.metrics_path, "a") if is_main else None
     started = last_time = time.perf_counter()
     images_since, loss_value, step = 0, None, start_step
+    warned: set[str] = set()  # banks already reported as collapsed
     model.train()
     try:
         for step, batch in zip(range(start_step, total_steps), loader):
@@ -427,6 +431,11 @@ def pretrain(recipe, out: str | Path, *, resume: bool = False, init_from: Option
 
             done = step + 1
             images_since += batch_global
+            health = {}
+            if is_main and recipe.train.bank_health_every and done % recipe.train.bank_health_every == 0:
+                health = _bank_health(method.banks(), done, warned)
+            if health and not (done % recipe.train.log_every == 0 or done == total_steps):
+                metrics_file.write(json.dumps({"step": done, "epoch": schedule.epoch(step), **health}) + "\n")
             if done % recipe.train.log_every == 0 or done == total_steps:
                 now = time.perf_counter()
                 # loss terms and metrics of the global batch: averaged over processes
@@ -438,6 +447,7 @@ def pretrain(recipe, out: str | Path, *, resume: bool = False, init_from: Option
                 record.update({"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "grad_norm": grad_norm,
                                "images_per_s": images_since / max(now - last_time, 1e-9)})
                 record.update({f"bank_fill/{name}": bank.fill for name, bank in method.banks().items()})
+                record.update(health)
                 record.update({k: v for k, v in scalars.items() if not k.startswith("loss")})
                 # seconds of this step; a method's own timings (time/...) leave the rest as time/other
                 method_seconds = sum(v for k, v in out.metrics.items() if k.startswith("time/"))
@@ -479,6 +489,25 @@ def pretrain(recipe, out: str | Path, *, resume: bool = False, init_from: Option
                  f"run in {run.root}")
     dist.barrier()
     return RunSummary(run.root, total_steps, throughput, loss_value, elapsed)
+
+
+def _bank_health(banks: dict, step: int, warned: set[str]) -> dict:
+    """Health indicators of every bank (on a sample, see :mod:`mlsctl.bank_health`) for
+    metrics.jsonl; warns once per bank, in one line, when it looks collapsed."""
+    from mlsctl.bank_health import bank_health
+
+    record = {}
+    for name, bank in banks.items():
+        if bank.filled < 2:
+            continue
+        health = bank_health(bank, name, step, sample=1024, duplicates_on_sample=True)
+        record.update(health.metrics())
+        reasons = health.collapse_reasons()
+        if reasons and name not in warned:
+            warned.add(name)
+            log.warning(f"memory bank '{name}' looks collapsed at step {step}: {'; '.join(reasons)} "
+                        f"(see README, 'Memory-bank health')")
+    return record
 
 
 def _export_teacher(method, run: Run) -> None:

@@ -38,7 +38,7 @@ TINY_RECIPE = {
         "batch_size": 4, "epochs": 2, "lr": 1e-3, "scale_lr": False, "min_lr": 1e-5, "warmup_epochs": 1,
         "weight_decay": 0.04, "weight_decay_end": 0.1, "clip_grad": 3.0, "freeze_last_layer_epochs": 1,
     },
-    "train": {"precision": "fp32", "checkpoint_every": 3, "log_every": 1},
+    "train": {"precision": "fp32", "checkpoint_every": 3, "log_every": 1, "bank_health_every": 4},
     "method": {
         "name": "dino", "out_dim": 64, "hidden_dim": 64, "bottleneck_dim": 32, "teacher_temp": 0.05,
         "warmup_teacher_temp_epochs": 1, "momentum_teacher": 0.99, "monitor_bank_size": 20,

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 from mlsctl import config
 from mlsctl.methods.cribo import CrIBo
-from mlsctl.methods.cribo_ops import (cycle_consistent_neighbours, joint_clustering, patch_positions, pool_objects,
-                                      single_linkage_cost)
+from mlsctl.methods.cribo_ops import (cycle_consistent_neighbours, joint_clustering, object_boxes, patch_positions,
+                                      pool_objects, single_linkage_cost)
 from mlsctl.schedules import Schedule
 
 from conftest import tiny_recipe
@@ -28,6 +28,17 @@ def test_patch_positions_follow_box_and_flip():
     pos = patch_positions(boxes, torch.tensor([False, True]), (2, 4))
     assert pos[0, 0].tolist() == [15.0, 25.0] and pos[0, 3].tolist() == [45.0, 25.0] and pos[0, 4].tolist() == [15.0, 35.0]
     assert pos[1, 0].tolist() == [45.0, 25.0]  # mirrored: the first token shows the right edge
+
+
+def test_object_boxes_cover_their_patches_in_original_pixels():
+    # view box (10, 20)-(50, 40) on a 2x4 grid: patches are 10 x 10 pixels, centres at x 15..45, y 25, 35
+    boxes = torch.tensor([[10.0, 20.0, 50.0, 40.0], [10.0, 20.0, 50.0, 40.0]])
+    positions = patch_positions(boxes, torch.tensor([False, True]), (2, 4))
+    assignment = torch.tensor([[0, 0, 1, 1, 0, 0, 1, 1], [0, 0, 1, 1, 0, 0, 1, 1]])
+    found = object_boxes(positions, assignment, 3, torch.tensor([[10.0, 10.0], [10.0, 10.0]]))
+    assert found[0, 0].tolist() == [10.0, 20.0, 30.0, 40.0] and found[0, 1].tolist() == [30.0, 20.0, 50.0, 40.0]
+    assert found[1, 0].tolist() == [30.0, 20.0, 50.0, 40.0]  # mirrored view: the left tokens show the right half
+    assert found[0, 2].tolist() == [0.0, 0.0, 0.0, 0.0]  # no patch in cluster 2
 
 
 def test_single_linkage_excludes_the_token_itself():
@@ -155,8 +166,13 @@ def test_bank_records_where_objects_came_from(tmp_path):
     assert n > 0 and bank.vectors.shape[1] == 2 * method.dim
     payload = bank.payload
     assert set(payload["image_id"][:n].tolist()) <= set(range(4))
+    assert payload["box"][:n].tolist()[0] == [0.0, 0.0, 32.0, 32.0]  # view 1's box, drawn by `bank neighbors`
     assert payload["box_view2"][:n].tolist()[0] == [4.0, 4.0, 28.0, 28.0]
     assert payload["cluster_id"][:n].max() < 4
+    region = payload["region"][:n]  # the object's patches of view 1: a non-empty box inside view 1
+    assert (region[:, 2] > region[:, 0]).all() and (region[:, 3] > region[:, 1]).all()
+    assert (region[:, :2] >= 0).all() and (region[:, 2:] <= 32).all()
+    assert bank.query_feature.feature == "patch_mean" and bank.query_feature.stop == method.dim
 
 
 @pytest.mark.parametrize("losses", [dict(cross_view_loss=False, cross_image_loss=False), dict(cross_image_loss=False)])

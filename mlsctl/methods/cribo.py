@@ -17,7 +17,8 @@ student's objects reuse the teacher's assignment. Three losses, summed:
   once the bank has been filled.
 
 The object bank (``objects``) stores pre-head teacher object vectors of both views side by side
-([2D]) with payload image id, both view boxes and cluster id; it is queried before the batch is
+([2D]) with payload image id, both view boxes (``box`` is view 1's), the object's bounding box in
+view 1 (``region``, original pixels) and cluster id; it is queried before the batch is
 enqueued and gathered across processes. The bootstrapping ratio (cycle-consistent pairs over
 2 × objects) is logged every step, with the valid objects per image, and the seconds spent in
 clustering, retrieval and the bank update.
@@ -33,10 +34,11 @@ import torch
 import torch.nn as nn
 
 from mlsctl import dist
-from mlsctl.bank import Column, MemoryBank
+from mlsctl.bank import Column, MemoryBank, QueryFeature
 from mlsctl.config import MethodConfig, param
 from mlsctl.methods.base import Method, StepOutput
-from mlsctl.methods.cribo_ops import cycle_consistent_neighbours, joint_clustering, patch_positions, pool_objects
+from mlsctl.methods.cribo_ops import (cycle_consistent_neighbours, joint_clustering, object_boxes, patch_positions,
+                                      pool_objects)
 from mlsctl.methods.dino import build_student_teacher, cross_entropy, dino_loss, teacher_probabilities, updated_center
 from mlsctl.models.heads import DINOHead, WeightNormLinear
 from mlsctl.schedules import linear_warmup_epochs
@@ -102,9 +104,11 @@ class CrIBo(Method):
         self.register_buffer("object_center", torch.zeros(1, cfg.out_dim))
         dim = self.student.backbone.embed_dim
         self.dim = dim
+        # vectors: [c_1^k | c_2^k]; box and region: view 1's crop and the object's part of it
         self.bank = MemoryBank(cfg.bank_images * cfg.n_clusters, 2 * dim, {
-            "image_id": Column((), torch.long), "box_view1": Column((4,), torch.float32),
-            "box_view2": Column((4,), torch.float32), "cluster_id": Column((), torch.long)})
+            "image_id": Column((), torch.long), "box": Column((4,), torch.float32),
+            "box_view2": Column((4,), torch.float32), "region": Column((4,), torch.float32),
+            "cluster_id": Column((), torch.long)}, query_feature=QueryFeature("patch_mean", 0, dim))
 
     @classmethod
     def check_recipe(cls, recipe):
@@ -221,9 +225,12 @@ class CrIBo(Method):
             self.object_center.copy_(updated_center(self.object_center, teacher_object_logits,
                                                     cfg.object_center_momentum))
             image_rows, cluster_ids = valid.nonzero(as_tuple=True)
+            view1_boxes = batch.boxes[:, 0].float()
+            extent = torch.stack([view1_boxes[:, 2] - view1_boxes[:, 0], view1_boxes[:, 3] - view1_boxes[:, 1]], 1)
+            regions = object_boxes(positions[:, :n], assignment[:, :n], k, extent / extent.new_tensor([w, h]))
             self.bank.enqueue(torch.cat([t1, t2], 1), step=step, image_id=batch.image_ids.to(t1.device)[image_rows],
-                              box_view1=batch.boxes[image_rows, 0].float(), box_view2=batch.boxes[image_rows, 1].float(),
-                              cluster_id=cluster_ids)
+                              box=view1_boxes[image_rows], box_view2=batch.boxes[image_rows, 1].float(),
+                              region=regions[image_rows, cluster_ids], cluster_id=cluster_ids)
         sync()
         timings["time/bank"] = time.perf_counter() - t0
         metrics = {"bootstrap_ratio": ratio, "objects_per_image": n_objects / b, "teacher_temp": temperature,

@@ -144,6 +144,23 @@ def pool_objects(tokens: torch.Tensor, assignment: torch.Tensor, k: int) -> tupl
 
 
 @torch.no_grad()
+def object_boxes(positions: torch.Tensor, assignment: torch.Tensor, k: int, patch_extent: torch.Tensor) -> torch.Tensor:
+    """Bounding box (x0, y0, x1, y1) in original pixels of every cluster's patches in one view:
+    [B, K, 4] (zeros where the cluster has no patch in this view).
+
+    ``positions`` [B, N, 2] are the view's patch centres (:func:`patch_positions`), ``assignment``
+    [B, N] their clusters and ``patch_extent`` [B, 2] the width and height of one patch in
+    original pixels; a box reaches half a patch beyond the outermost centres."""
+    member = F.one_hot(assignment, k).bool().transpose(1, 2)[..., None]  # [B, K, N, 1]
+    points = positions[:, None].expand(-1, k, -1, -1)  # [B, K, N, 2]
+    low = torch.where(member, points, torch.full_like(points, float("inf"))).amin(2)  # [B, K, 2]
+    high = torch.where(member, points, torch.full_like(points, float("-inf"))).amax(2)
+    half = patch_extent[:, None, :] / 2
+    boxes = torch.cat([low - half, high + half], -1)
+    return torch.where(member.any(2).expand_as(boxes), boxes, torch.zeros_like(boxes))
+
+
+@torch.no_grad()
 def cycle_consistent_neighbours(queries: torch.Tensor, others: torch.Tensor, bank_same: torch.Tensor,
                                 bank_other: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """For each object (``queries`` [Q, D], view a), its nearest bank entry by cosine among

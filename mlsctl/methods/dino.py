@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mlsctl import dist
-from mlsctl.bank import Column, MemoryBank
+from mlsctl.bank import Column, MemoryBank, QueryFeature
 from mlsctl.config import MethodConfig, param
 from mlsctl.methods.base import Method, StepOutput
 from mlsctl.models.backbone import build_backbone
@@ -130,7 +130,8 @@ class DINO(Method):
         self.monitor = None
         if cfg.monitor_bank_size:
             self.monitor = MemoryBank(cfg.monitor_bank_size, self.student.backbone.embed_dim,
-                                      {"image_id": Column((), torch.long), "box": Column((4,), torch.float32)})
+                                      {"image_id": Column((), torch.long), "box": Column((4,), torch.float32)},
+                                      query_feature=QueryFeature("cls"))
 
     @classmethod
     def check_recipe(cls, recipe):

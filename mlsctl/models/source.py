@@ -109,10 +109,12 @@ def from_run(run_dir: str | Path, *, random_init: bool = False, seed: int = 0) -
     if checkpoint is None:
         raise UserError(f"run {run.root} has neither teacher.safetensors nor a checkpoint yet; wait for its first "
                         f"checkpoint or choose another --run")
-    return _from_checkpoint(recipe, checkpoint, run)
+    choice = from_checkpoint(recipe, checkpoint, run)
+    choice.description += " (no final export yet)"
+    return choice
 
 
-def _from_checkpoint(recipe, checkpoint, run: Run) -> ModelChoice:
+def from_checkpoint(recipe, checkpoint, run: Run) -> ModelChoice:
     """The teacher of a checkpoint, taken from the method itself (so any method's layout works)."""
     from safetensors.torch import load_file
 
@@ -125,7 +127,7 @@ def _from_checkpoint(recipe, checkpoint, run: Run) -> ModelChoice:
     method = methods.method_class(recipe.method.name)(recipe, Schedule(steps_per_epoch=1, epochs=recipe.optim.epochs))
     method.load_state_dict(load_file(str(checkpoint.model_path)), strict=True)
     backbone = method.teacher_backbone()
-    return model_choice(backbone, f"teacher of run {run.root} at step {state['step']} (no final export yet)", "run-checkpoint",
+    return model_choice(backbone, f"teacher of run {run.root} at step {state['step']}", "run-checkpoint",
                    str(checkpoint.path), recipe.model.img_size)
 
 

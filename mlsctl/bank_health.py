@@ -1,0 +1,201 @@
+"""Health indicators of a memory bank: is it full, stale, collapsed or full of duplicates?
+
+Pure functions of a bank's valid entries (:meth:`mlsctl.bank.MemoryBank.order`), shared by
+``mlsctl bank inspect`` and by the trainer, which logs them to metrics.jsonl every
+``train.bank_health_every`` steps. The pairwise indicators are computed on the L2-normalised
+vectors (banks are compared by cosine):
+
+* **mean pairwise cosine** over distinct pairs of a sample: near 0 for spread-out vectors,
+  near 1 when every entry points the same way (complete collapse);
+* **effective rank** (Roy & Vetterli, 2007): ``exp(H(p))`` with ``p = σ / Σσ`` the normalised
+  singular values of the sample; ``n`` for ``n`` orthogonal vectors, 1 for identical ones. It
+  also sees dimensional collapse, where vectors differ but span few directions;
+* **uniformity** (Wang & Isola, 2020): ``log mean exp(-2‖x − y‖²)`` over distinct pairs; 0 for
+  identical vectors, about -4 for vectors spread uniformly over a high-dimensional sphere;
+* **near-duplicate rate**: the fraction of entries whose cosine with some *older* entry is at
+  least ``duplicate_threshold`` (so ``c`` copies of one vector count ``c - 1``); a bank fed the
+  same images over and over, or with too little augmentation, shows it.
+
+A bank is flagged as collapsed when the mean pairwise cosine reaches :data:`COLLAPSE_MEAN_COSINE`
+or the effective rank falls below :data:`COLLAPSE_EFFECTIVE_RANK`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from mlsctl.bank import LABEL_COLUMN, MemoryBank
+
+COLLAPSE_MEAN_COSINE = 0.95
+COLLAPSE_EFFECTIVE_RANK = 2.0
+DUPLICATE_THRESHOLD = 0.999
+
+
+def _unit(vectors: torch.Tensor) -> torch.Tensor:
+    return F.normalize(vectors.double(), dim=1)
+
+
+def mean_pairwise_cosine(vectors: torch.Tensor) -> float:
+    """Mean cosine over the n(n-1) ordered pairs of distinct rows (nan below 2 rows)."""
+    n = vectors.shape[0]
+    if n < 2:
+        return float("nan")
+    unit = _unit(vectors)
+    total = unit.sum(0)
+    # Σ_{i≠j} <u_i, u_j> = |Σ u_i|² - Σ |u_i|²  (zero rows have |u| = 0)
+    pairs = total.dot(total) - (unit * unit).sum()
+    return float(pairs / (n * (n - 1)))
+
+
+def effective_rank(vectors: torch.Tensor) -> float:
+    """exp of the entropy of the normalised singular values of the L2-normalised rows."""
+    if vectors.shape[0] == 0:
+        return float("nan")
+    singular = torch.linalg.svdvals(_unit(vectors))
+    total = singular.sum()
+    if total <= 0:
+        return 0.0
+    p = singular / total
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def uniformity(vectors: torch.Tensor, t: float = 2.0) -> float:
+    """``log mean exp(-t ‖u_i − u_j‖²)`` over distinct pairs of L2-normalised rows."""
+    n = vectors.shape[0]
+    if n < 2:
+        return float("nan")
+    unit = _unit(vectors)
+    squared = (2 - 2 * unit @ unit.T).clamp_min(0)
+    off_diagonal = ~torch.eye(n, dtype=torch.bool)
+    values = -t * squared[off_diagonal]
+    return float(torch.logsumexp(values, 0) - math.log(values.numel()))
+
+
+@torch.no_grad()
+def near_duplicates(vectors: torch.Tensor, threshold: float = DUPLICATE_THRESHOLD, block: int = 4096) -> int:
+    """Number of rows whose cosine with some earlier row is ``>= threshold`` (blockwise, exact)."""
+    n = vectors.shape[0]
+    unit = F.normalize(vectors.float(), dim=1)
+    count = 0
+    for start in range(0, n, block):
+        rows = unit[start:start + block]
+        best = torch.full((rows.shape[0],), -2.0)
+        for other in range(0, start + rows.shape[0], block):
+            scores = rows @ unit[other:other + block].T  # [rows, block]
+            index_rows = torch.arange(start, start + rows.shape[0])[:, None]
+            index_cols = torch.arange(other, other + scores.shape[1])[None, :]
+            scores = scores.masked_fill(index_cols >= index_rows, -2.0)  # only strictly earlier rows
+            best = torch.maximum(best, scores.max(1).values)
+        count += int((best >= threshold).sum())
+    return count
+
+
+def sample_rows(n: int, size: Optional[int], seed: int = 0) -> torch.Tensor:
+    """A fixed random subset (sorted) of ``range(n)``, or all of it when ``size`` is None or >= n."""
+    if size is None or size >= n:
+        return torch.arange(n)
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randperm(n, generator=generator)[:size].sort().values
+
+
+@dataclass
+class BankHealth:
+    name: str
+    size: int
+    dim: int
+    dtype: str
+    filled: int
+    fill: float
+    ptr: int
+    n_written: int
+    step: int
+    age_min: Optional[int]
+    age_median: Optional[float]
+    age_max: Optional[int]
+    norm_min: float
+    norm_mean: float
+    norm_max: float
+    norm_std: float
+    sample: int
+    mean_cosine: float
+    effective_rank: float
+    uniformity: float
+    duplicate_rows: int
+    near_duplicates: int
+    duplicate_threshold: float
+    label_counts: Optional[dict[int, int]]
+
+    @property
+    def duplicate_rate(self) -> float:
+        return self.near_duplicates / self.duplicate_rows if self.duplicate_rows else float("nan")
+
+    def collapse_reasons(self) -> list[str]:
+        """Why the bank looks collapsed (empty when it does not)."""
+        reasons = []
+        if self.mean_cosine >= COLLAPSE_MEAN_COSINE:
+            reasons.append(f"mean pairwise cosine {self.mean_cosine:.3f} >= {COLLAPSE_MEAN_COSINE}")
+        if self.effective_rank < COLLAPSE_EFFECTIVE_RANK:
+            reasons.append(f"effective rank {self.effective_rank:.2f} < {COLLAPSE_EFFECTIVE_RANK}")
+        return reasons
+
+    @property
+    def collapsed(self) -> bool:
+        return bool(self.collapse_reasons())
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["duplicate_rate"] = self.duplicate_rate
+        out["collapsed"] = self.collapsed
+        out["collapse_reasons"] = self.collapse_reasons()
+        if self.label_counts is not None:
+            out["label_counts"] = {str(k): v for k, v in self.label_counts.items()}
+        return out
+
+    def metrics(self) -> dict[str, float]:
+        """The scalar indicators as ``bank/NAME/...`` entries of a metrics.jsonl record."""
+        values = {"fill": self.fill, "age_median": self.age_median, "norm_mean": self.norm_mean,
+                  "mean_cosine": self.mean_cosine, "effective_rank": self.effective_rank,
+                  "uniformity": self.uniformity, "duplicate_rate": self.duplicate_rate}
+        return {f"bank/{self.name}/{k}": (float(v) if v is not None else None) for k, v in values.items()}
+
+
+@torch.no_grad()
+def bank_health(bank: MemoryBank, name: str, step: int, *, sample: Optional[int] = 2048,
+                duplicates_on_sample: bool = False, duplicate_threshold: float = DUPLICATE_THRESHOLD,
+                seed: int = 0) -> BankHealth:
+    """Every indicator of one bank at training step ``step``.
+
+    The pairwise indicators use a fixed random sample of ``sample`` valid entries (None: all);
+    near-duplicates are counted over every valid entry (oldest first), or over the sample with
+    ``duplicates_on_sample`` (the trainer's cheap variant)."""
+    order = bank.order().cpu()
+    vectors = bank.vectors.detach().cpu()[order].float()
+    n = vectors.shape[0]
+    rows = sample_rows(n, sample, seed)
+    sampled = vectors[rows]
+    ages = bank.ages(step).cpu()
+    ages = ages[ages >= 0]
+    norms = vectors.norm(dim=1) if n else torch.zeros(1)
+    duplicate_rows = sampled if duplicates_on_sample else vectors
+    labels = None
+    if LABEL_COLUMN in bank.payload:
+        values, counts = bank.payload[LABEL_COLUMN].cpu()[order].unique(return_counts=True)
+        labels = {int(v): int(c) for v, c in zip(values.reshape(-1), counts)}
+    return BankHealth(
+        name=name, size=bank.size, dim=bank.dim, dtype=str(bank.vectors.dtype).replace("torch.", ""),
+        filled=n, fill=bank.fill, ptr=bank.ptr, n_written=bank.n_written, step=step,
+        age_min=int(ages.min()) if len(ages) else None,
+        age_median=float(ages.double().quantile(0.5)) if len(ages) else None,
+        age_max=int(ages.max()) if len(ages) else None,
+        norm_min=float(norms.min()), norm_mean=float(norms.mean()), norm_max=float(norms.max()),
+        norm_std=float(norms.std()) if n > 1 else 0.0,
+        sample=len(rows), mean_cosine=mean_pairwise_cosine(sampled), effective_rank=effective_rank(sampled),
+        uniformity=uniformity(sampled), duplicate_rows=duplicate_rows.shape[0],
+        near_duplicates=near_duplicates(duplicate_rows, duplicate_threshold), duplicate_threshold=duplicate_threshold,
+        label_counts=labels)

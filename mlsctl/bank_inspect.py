@@ -1,0 +1,218 @@
+"""What ``mlsctl bank`` does, for any method's banks, through the bank module's interface alone.
+
+* :func:`open_banks`: the banks of a run's checkpoint (latest, or ``step``);
+* :class:`SourceImages`: ``image_id`` → image file, from ``RUN/images.txt``;
+* :func:`nearest_entries`: a query image embedded with the checkpoint's teacher as the bank's
+  :class:`~mlsctl.bank.QueryFeature` says, against the bank's valid entries;
+* :func:`neighbour_tiles`: those entries as crops of their source images (``box`` payload), with
+  the ``region`` payload outlined; a missing source image becomes a labelled blank;
+* :func:`project_2d`: PCA (or t-SNE with scikit-learn) of a sample of entries;
+* :func:`export_banks`: valid entries, oldest first, as a plain safetensors file.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from mlsctl import atomic
+from mlsctl.bank import BOX_COLUMN, IMAGE_COLUMN, LABEL_COLUMN, REGION_COLUMN, MemoryBank, load_banks
+from mlsctl.errors import UserError
+from mlsctl.runs import Checkpoint, Run
+
+
+def open_banks(run_dir: str | Path, step: Optional[int] = None) -> tuple[Run, Checkpoint, dict[str, MemoryBank]]:
+    run = Run(run_dir)
+    if not run.config_path.is_file():
+        raise UserError(f"{run_dir} is not a run folder (no config.yaml); give a folder written by mlsctl pretrain")
+    checkpoint = run.checkpoint(step)
+    if not checkpoint.banks_path.is_file():
+        raise UserError(f"checkpoint {checkpoint.path} has no banks.safetensors; it is incomplete, delete it")
+    try:
+        banks = load_banks(checkpoint.banks_path)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read {checkpoint.banks_path}: {exc}") from None
+    return run, checkpoint, banks
+
+
+def choose_bank(banks: dict[str, MemoryBank], name: Optional[str], run: Run) -> tuple[str, MemoryBank]:
+    if not banks:
+        raise UserError(f"run {run.root} has no memory bank (its method keeps none)")
+    if name is None:
+        if len(banks) > 1:
+            raise UserError(f"run {run.root} has banks {', '.join(banks)}; choose one with --bank")
+        name = next(iter(banks))
+    if name not in banks:
+        raise UserError(f"run {run.root} has no bank '{name}'; its banks: {', '.join(banks)}")
+    return name, banks[name]
+
+
+class SourceImages:
+    """``image_id`` → file: line ``image_id`` of ``RUN/images.txt`` under the recipe's ``data.root``.
+
+    Runs written before images.txt existed list ``data.root`` again (said in :attr:`note`), which
+    is right only while that folder is unchanged."""
+
+    def __init__(self, run: Run):
+        from mlsctl import config as config_lib
+
+        recipe = config_lib.load_recipe(str(run.config_path))
+        self.root = Path(recipe.data.root)
+        self.note = None
+        if run.images_path.is_file():
+            self.relpaths = run.images_path.read_text().splitlines()
+        elif self.root.is_dir():
+            from mlsctl.data.images import find_images
+
+            self.relpaths = [p.relative_to(self.root).as_posix() for p in find_images(self.root)]
+            self.note = f"{run.root} has no images.txt (written by older mlsctl); listed {self.root} instead"
+        else:
+            self.relpaths = []
+            self.note = f"{run.root} has no images.txt and its data.root {self.root} is gone"
+
+    def path(self, image_id: int) -> Optional[Path]:
+        if 0 <= image_id < len(self.relpaths):
+            return self.root / self.relpaths[image_id]
+        return None
+
+    def load(self, image_id: int):
+        """(PIL image or None, the path or a reason)."""
+        from mlsctl.data.images import BadImage, load_rgb
+
+        path = self.path(image_id)
+        if path is None:
+            return None, f"image {image_id} unknown"
+        try:
+            return load_rgb(path), str(path)
+        except (BadImage, OSError):
+            return None, f"missing: {path}"
+
+
+@dataclass
+class Neighbour:
+    slot: int
+    score: float
+    step: int
+    image_id: Optional[int]
+    image: Optional[str]  # the source image's path, or why it is missing
+    box: Optional[list[float]]
+    region: Optional[list[float]]
+    label: Optional[int]
+
+
+def embed_query(model, bank: MemoryBank, images: Sequence, resolution: int) -> torch.Tensor:
+    """Embed PIL images with ``model`` (a :class:`~mlsctl.models.source.ModelChoice`) the way
+    the bank's :class:`~mlsctl.bank.QueryFeature` says: [n, the compared columns]."""
+    from mlsctl.features import Preprocessing
+
+    if bank.query_feature is None:
+        raise UserError("this bank records no query feature, so images cannot be compared with it; "
+                        "use `mlsctl bank plot` or `mlsctl bank export` instead")
+    resolution = resolution - resolution % model.backbone.patch_size
+    preprocessing = Preprocessing(resolution, "square")
+    batch = torch.stack([preprocessing(img) for img in images])
+    with torch.no_grad():
+        out = model.backbone(batch)
+    vectors = out.cls if bank.query_feature.feature == "cls" else out.patches.flatten(1, 2).mean(1)
+    return vectors.float()
+
+
+def nearest_entries(bank: MemoryBank, query: torch.Tensor, k: int, sources: Optional[SourceImages]) -> list[Neighbour]:
+    """The ``k`` valid entries most cosine-similar to one query vector."""
+    keys = bank.query_feature.columns(bank.vectors.float()) if bank.query_feature else bank.vectors.float()
+    if keys.shape[1] != query.shape[-1]:
+        raise UserError(f"the query has {query.shape[-1]} dimensions but the bank compares {keys.shape[1]}; "
+                        f"the run's teacher does not match its bank")
+    valid = bank.valid_mask()
+    scores = (F.normalize(query.reshape(1, -1), dim=1) @ F.normalize(keys, dim=1).T)[0]
+    scores = scores.masked_fill(~valid, float("-inf"))
+    top = scores.topk(min(k, int(valid.sum())))
+    found = []
+    for score, slot in zip(top.values.tolist(), top.indices.tolist()):
+        payload = {name: value[slot] for name, value in bank.payload.items()}
+        image_id = int(payload[IMAGE_COLUMN]) if IMAGE_COLUMN in payload else None
+        image = None
+        if image_id is not None and sources is not None:
+            image = str(sources.path(image_id)) if sources.path(image_id) is not None else f"image {image_id} unknown"
+        found.append(Neighbour(
+            slot=slot, score=score, step=int(payload["step"]), image_id=image_id, image=image,
+            box=payload[BOX_COLUMN].tolist() if BOX_COLUMN in payload else None,
+            region=payload[REGION_COLUMN].tolist() if REGION_COLUMN in payload else None,
+            label=int(payload[LABEL_COLUMN]) if LABEL_COLUMN in payload else None))
+    return found
+
+
+def crop_tile(image, box: Optional[Sequence[float]], region: Optional[Sequence[float]], cell: int):
+    """The ``box`` crop of ``image`` resized to ``cell`` pixels, ``region`` outlined in it."""
+    from PIL import Image, ImageDraw
+
+    image = image.convert("RGB")
+    x0, y0, x1, y1 = box if box is not None and box[2] > box[0] and box[3] > box[1] else (0, 0, *image.size)
+    tile = image.crop((round(x0), round(y0), round(x1), round(y1))).resize((cell, cell), Image.BICUBIC)
+    if region is not None and region[2] > region[0] and region[3] > region[1]:
+        sx, sy = cell / (x1 - x0), cell / (y1 - y0)
+        rx0, ry0 = (region[0] - x0) * sx, (region[1] - y0) * sy
+        rx1, ry1 = (region[2] - x0) * sx, (region[3] - y0) * sy
+        ImageDraw.Draw(tile).rectangle([rx0, ry0, rx1 - 1, ry1 - 1], outline=(255, 40, 40), width=2)
+    return tile
+
+
+def neighbour_tiles(neighbours: Sequence[Neighbour], sources: SourceImages, cell: int) -> list[tuple[object, str]]:
+    """(tile or None, caption) per neighbour; None draws a labelled blank."""
+    tiles = []
+    for n in neighbours:
+        caption = f"cos {n.score:.2f} · step {n.step}"
+        if n.image_id is None:
+            tiles.append((None, caption + " · no image_id"))
+            continue
+        image, where = sources.load(n.image_id)
+        if image is None:
+            tiles.append((None, f"{caption}\n{where}"))
+        else:
+            tiles.append((crop_tile(image, n.box, n.region, cell), f"{caption}\n{Path(where).name}"))
+    return tiles
+
+
+def project_2d(vectors: torch.Tensor, method: str = "auto", seed: int = 0) -> tuple[torch.Tensor, str]:
+    """[n, D] → ([n, 2], the method used): PCA of the L2-normalised vectors, or t-SNE when
+    ``method`` is "tsne" (or "auto" with scikit-learn installed)."""
+    unit = F.normalize(vectors.double(), dim=1)
+    if method in ("auto", "tsne"):
+        try:
+            from sklearn.manifold import TSNE
+        except ImportError:
+            if method == "tsne":
+                raise UserError("t-SNE needs scikit-learn (pip install scikit-learn); or use --projection pca") from None
+        else:
+            perplexity = float(min(30, max(2, (len(unit) - 1) // 3)))
+            points = TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(unit.numpy())
+            return torch.as_tensor(points), "t-SNE"
+    centred = unit - unit.mean(0, keepdim=True)
+    _, _, v = torch.linalg.svd(centred, full_matrices=False)
+    points = centred @ v[:2].T
+    if points.shape[1] < 2:
+        points = torch.cat([points, points.new_zeros(len(points), 2 - points.shape[1])], 1)
+    return points, "PCA"
+
+
+def export_banks(banks: dict[str, MemoryBank], out: str | Path, *, run: Run, checkpoint: Checkpoint) -> dict:
+    """``NAME/vectors`` [filled, D] and ``NAME/COLUMN`` (every payload column, ``step`` included)
+    of each bank's valid entries, oldest first; the metadata says where they came from."""
+    from safetensors.torch import save_file
+
+    tensors, shapes = {}, {}
+    for name, bank in banks.items():
+        order = bank.order().cpu()
+        tensors[f"{name}/vectors"] = bank.vectors.cpu()[order].contiguous()
+        for column, value in bank.payload.items():
+            tensors[f"{name}/{column}"] = value.cpu()[order].contiguous()
+        shapes[name] = list(tensors[f"{name}/vectors"].shape)
+    metadata = {"run": str(run.root), "step": str(checkpoint.step), "banks": json.dumps(shapes),
+                "order": "oldest first", "images": str(run.images_path) if run.images_path.is_file() else ""}
+    atomic.write_with(out, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    return shapes

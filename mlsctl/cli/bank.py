@@ -1,0 +1,206 @@
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from mlsctl.cli._format import table
+
+app = typer.Typer(help="Look inside the memory banks of a run: health, neighbours, projection, export.",
+                  no_args_is_help=True)
+
+RUN_ARG = typer.Argument(..., help="Run folder (written by mlsctl pretrain).")
+STEP_OPT = typer.Option(None, "--step", help="Checkpoint step [default: the latest checkpoint].")
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None or value != value:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _rows(health, bank) -> list[tuple[str, str]]:
+    qf = bank.query_feature
+    rows = [
+        ("shape", f"{health.size} x {health.dim}"), ("dtype", health.dtype),
+        ("fill", f"{100 * health.fill:.1f}% ({health.filled}/{health.size})"),
+        ("write pointer", str(health.ptr)), ("entries written", str(health.n_written)),
+        ("age min / median / max", " / ".join(_fmt(v, 1) for v in (health.age_min, health.age_median, health.age_max))),
+        ("norm min / mean / max", " / ".join(_fmt(v, 2) for v in (health.norm_min, health.norm_mean, health.norm_max))),
+        ("norm std", _fmt(health.norm_std, 2)),
+        ("mean pairwise cosine", f"{_fmt(health.mean_cosine)} (sample {health.sample})"),
+        ("effective rank", f"{_fmt(health.effective_rank, 1)} of {min(health.sample, health.dim)}"),
+        ("uniformity", _fmt(health.uniformity)),
+        ("near-duplicates", f"{health.near_duplicates} ({100 * health.duplicate_rate:.2f}%) at cos >= "
+                            f"{health.duplicate_threshold:g}"),
+        ("payload", ", ".join(f"{k}{list(c.shape) if c.shape else ''}" for k, c in bank.columns.items())),
+        ("query feature", f"{qf.feature} [{qf.start}:{qf.stop if qf.stop is not None else health.dim}]" if qf else "-"),
+    ]
+    if health.label_counts is not None:
+        top = sorted(health.label_counts.items(), key=lambda kv: -kv[1])
+        shown = ", ".join(f"{label}: {count}" for label, count in top[:8])
+        rows.append(("labels", f"{len(top)} labels; {shown}{', ...' if len(top) > 8 else ''}"))
+    reasons = health.collapse_reasons()
+    rows.append(("status", "COLLAPSED: " + "; ".join(reasons) if reasons else "no collapse"))
+    return rows
+
+
+@app.command("inspect")
+def inspect(
+    run: Path = RUN_ARG,
+    step: Optional[int] = STEP_OPT,
+    sample: int = typer.Option(2048, "--sample", min=2, help="Entries sampled for the pairwise indicators."),
+    duplicate_threshold: float = typer.Option(0.999, "--duplicate-threshold", min=-1.0, max=1.0,
+                                              help="Cosine at or above which an entry duplicates an older one."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Fill, write pointer, ages, norms, collapse indicators and duplicates of every bank.
+
+    Example: mlsctl bank inspect runs/cribo_fmnist_quick --json
+    """
+    from mlsctl.bank_health import bank_health
+    from mlsctl.bank_inspect import open_banks
+
+    run_, checkpoint, banks = open_banks(run, step)
+    healths = {name: bank_health(bank, name, checkpoint.step, sample=sample, duplicate_threshold=duplicate_threshold)
+               for name, bank in banks.items()}
+    if as_json:
+        print(json.dumps({"run": str(run_.root), "step": checkpoint.step,
+                          "banks": {name: h.to_dict() for name, h in healths.items()}}, indent=2))
+        return
+    if not banks:
+        print(f"{run_.root} (step {checkpoint.step}) has no memory bank")
+        return
+    print(f"{run_.root}, checkpoint step {checkpoint.step}")
+    columns = {name: dict(_rows(h, banks[name])) for name, h in healths.items()}
+    keys = list(next(iter(columns.values())))
+    for values in columns.values():
+        keys += [k for k in values if k not in keys]
+    print(table(["bank", *columns], [[k, *(c.get(k, "") for c in columns.values())] for k in keys],
+                right=[False] * (len(columns) + 1)))
+
+
+@app.command("neighbors")
+def neighbors(
+    run: Path = RUN_ARG,
+    query: Path = typer.Option(..., "--query", "-q", help="Image to look up."),
+    k: int = typer.Option(8, "-k", "--k", min=1, help="Entries to show."),
+    bank: Optional[str] = typer.Option(None, "--bank", help="Bank name [default: the run's only bank]."),
+    out: Path = typer.Option(Path("neighbors.png"), "--out", "-o", help="PNG grid to write."),
+    step: Optional[int] = STEP_OPT,
+    cell: int = typer.Option(128, "--cell", min=32, help="Side of each crop in pixels."),
+    as_json: bool = typer.Option(False, "--json", help="Also print the entries as JSON."),
+) -> None:
+    """Embed an image with the run's teacher and draw its nearest bank entries as crops of their sources.
+
+    Example: mlsctl bank neighbors runs/cribo_fmnist_quick --query data/fmnist-scenes/val/images/00000.png -k 8 --out grid.png
+    """
+    from dataclasses import asdict
+
+    from mlsctl import config as config_lib
+    from mlsctl.bank_inspect import (SourceImages, choose_bank, embed_query, nearest_entries, neighbour_tiles,
+                                     open_banks)
+    from mlsctl.data.images import BadImage, load_rgb
+    from mlsctl.errors import UserError
+    from mlsctl.models.source import from_checkpoint
+    from mlsctl.viz import neighbour_grid
+
+    try:
+        image = load_rgb(query)
+    except (BadImage, OSError) as exc:
+        raise UserError(f"cannot read --query {query}: {exc}") from None
+    run_, checkpoint, banks = open_banks(run, step)
+    name, chosen = choose_bank(banks, bank, run_)
+    recipe = config_lib.load_recipe(str(run_.config_path))
+    model = from_checkpoint(recipe, checkpoint, run_)
+    _say(f"query embedded with the {model.description}")
+    vector = embed_query(model, chosen, [image], recipe.data.global_crops.size)[0]
+    sources = SourceImages(run_)
+    if sources.note:
+        _say(sources.note)
+    found = nearest_entries(chosen, vector, k, sources)
+    tiles = neighbour_tiles(found, sources, cell)
+    missing = sum(tile is None for tile, _ in tiles)
+    title = f"{run_.root.name} · bank '{name}' · step {checkpoint.step} · {len(found)} nearest of {chosen.filled}"
+    neighbour_grid(image, tiles, out, title=title, cell=cell)
+    rows = [[i + 1, f"{n.score:.3f}", n.step, n.image_id, Path(n.image).name if n.image else "-",
+             "yes" if tile is not None else "missing"] for i, (n, (tile, _)) in enumerate(zip(found, tiles))]
+    if as_json:
+        print(json.dumps({"run": str(run_.root), "step": checkpoint.step, "bank": name, "query": str(query),
+                          "out": str(out), "neighbours": [asdict(n) for n in found]}, indent=2))
+    else:
+        print(table(["#", "cosine", "written at", "image_id", "image", "drawn"], rows))
+    _say(f"wrote {out}" + (f" ({missing} source image{'s' if missing != 1 else ''} missing, drawn blank)" if missing else ""))
+
+
+@app.command("plot")
+def plot(
+    run: Path = RUN_ARG,
+    out: Path = typer.Option(Path("bank.png"), "--out", "-o", help="PNG to write."),
+    color_by: str = typer.Option("age", "--color-by", help="label (needs a label payload) or age."),
+    bank: Optional[str] = typer.Option(None, "--bank", help="Bank name [default: the run's only bank]."),
+    projection: str = typer.Option("auto", "--projection", help="pca, tsne (needs scikit-learn), or auto: t-SNE when scikit-learn is installed."),
+    sample: int = typer.Option(2000, "--sample", min=2, help="Entries drawn (a fixed random sample)."),
+    step: Optional[int] = STEP_OPT,
+) -> None:
+    """A 2-D projection of a sample of bank entries, coloured by label or age.
+
+    Example: mlsctl bank plot runs/dino_fmnist_quick --out bank.png --color-by age
+    """
+    from mlsctl.bank import LABEL_COLUMN
+    from mlsctl.bank_health import sample_rows
+    from mlsctl.bank_inspect import choose_bank, open_banks, project_2d
+    from mlsctl.errors import UserError
+    from mlsctl.viz import scatter_plot
+
+    if color_by not in ("label", "age"):
+        raise UserError(f"--color-by must be label or age, got {color_by!r}")
+    if projection not in ("auto", "pca", "tsne"):
+        raise UserError(f"--projection must be auto, pca or tsne, got {projection!r}")
+    run_, checkpoint, banks = open_banks(run, step)
+    name, chosen = choose_bank(banks, bank, run_)
+    if color_by == "label" and LABEL_COLUMN not in chosen.payload:
+        raise UserError(f"bank '{name}' has no '{LABEL_COLUMN}' payload (it has {', '.join(chosen.payload)}); "
+                        f"use --color-by age")
+    if chosen.filled < 2:
+        raise UserError(f"bank '{name}' holds {chosen.filled} entries at step {checkpoint.step}; nothing to project")
+    order = chosen.order().cpu()
+    positions = sample_rows(len(order), sample)  # oldest-first positions of the drawn entries
+    rows = order[positions]
+    values = (chosen.payload[LABEL_COLUMN].cpu()[rows] if color_by == "label"
+              else chosen.ages(checkpoint.step).cpu()[positions])
+    points, used = project_2d(chosen.vectors.cpu()[rows].float(), projection)
+    title = f"{run_.root.name} · bank '{name}' · step {checkpoint.step} · {used} of {len(rows)} entries · colour: {color_by}"
+    scatter_plot(points, values, out, title=title, colour_by=color_by)
+    _say(f"wrote {out} ({used} of {len(rows)} of {chosen.filled} entries)")
+
+
+@app.command("export")
+def export(
+    run: Path = RUN_ARG,
+    out: Path = typer.Option(..., "--out", "-o", help="safetensors file to write."),
+    bank: Optional[list[str]] = typer.Option(None, "--bank", help="Banks to export [default: all]."),
+    step: Optional[int] = STEP_OPT,
+) -> None:
+    """Write the valid entries of the banks (vectors and payload columns, oldest first) to one safetensors file.
+
+    Example: mlsctl bank export runs/cribo_fmnist_quick --out objects.safetensors
+    """
+    from mlsctl.bank_inspect import choose_bank, export_banks, open_banks
+
+    run_, checkpoint, banks = open_banks(run, step)
+    chosen = dict(choose_bank(banks, b, run_) for b in bank) if bank else banks
+    shapes = export_banks(chosen, out, run=run_, checkpoint=checkpoint)
+    for name, shape in shapes.items():
+        columns = ", ".join(f"{name}/{c}" for c in ["vectors", *chosen[name].payload])
+        _say(f"{name}: {shape[0]} entries x {shape[1]} ({columns})")
+    _say(f"wrote {out}")

@@ -1,0 +1,150 @@
+"""`mlsctl bank inspect | neighbors | plot | export` on a real tiny run and on hand-built banks."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import run_cli
+from mlsctl.bank import Column, MemoryBank, QueryFeature, save_banks
+
+
+def test_inspect_reports_every_field_of_the_dino_monitor_bank(finished_run):
+    run, _ = finished_run
+    result = run_cli("bank", "inspect", str(run), "--json", check=True)
+    report = json.loads(result.stdout)
+    cls = report["banks"]["cls"]
+    # 8 steps x batch 4 = 32 entries into 20 slots
+    assert (report["step"], cls["size"], cls["filled"], cls["n_written"], cls["ptr"]) == (8, 20, 20, 32, 12)
+    assert (cls["age_min"], cls["age_max"]) == (1, 5)  # written at steps 3..7, read at step 8
+    for key in ("dtype", "norm_min", "norm_mean", "norm_max", "mean_cosine", "effective_rank", "uniformity",
+                "near_duplicates", "duplicate_rate", "collapsed"):
+        assert key in cls, key
+    table = run_cli("bank", "inspect", str(run), check=True).stdout
+    for line in ("fill", "write pointer", "age min / median / max", "mean pairwise cosine", "effective rank",
+                 "uniformity", "near-duplicates", "status"):
+        assert line in table, line
+
+
+def test_training_logs_bank_health(finished_run):
+    run, _ = finished_run
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    healthy = [r for r in records if "bank/cls/effective_rank" in r]
+    assert [r["step"] for r in healthy] == [4, 8]  # train.bank_health_every: 4
+    assert 1 <= healthy[-1]["bank/cls/effective_rank"] <= 20
+    assert len((run / "images.txt").read_text().splitlines()) == 16
+
+
+def test_bad_run_and_step_get_one_line(finished_run, tmp_path):
+    run, _ = finished_run
+    result = run_cli("bank", "inspect", str(tmp_path))
+    assert result.returncode == 2 and "not a run folder" in result.stderr and "Traceback" not in result.stderr
+    result = run_cli("bank", "inspect", str(run), "--step", "5")
+    assert result.returncode == 2 and "no checkpoint at step 5" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.fixture
+def planted_run(finished_run, tmp_path):
+    """A copy of the tiny run whose latest checkpoint holds a hand-built bank: entries 0-3 are the
+    exact query embeddings of training images 0-3 (with known boxes and regions), entry 4 points
+    to an image that is gone, entry 5 is noise."""
+    from mlsctl import config as config_lib
+    from mlsctl.bank_inspect import SourceImages, embed_query
+    from mlsctl.data.images import load_rgb
+    from mlsctl.models.source import from_checkpoint
+    from mlsctl.runs import Run
+
+    source, _ = finished_run
+    run_dir = tmp_path / "run"
+    shutil.copytree(source, run_dir)
+    run = Run(run_dir)
+    lines = run.images_path.read_text().splitlines()
+    lines[4] = "gone.png"
+    run.images_path.write_text("\n".join(lines) + "\n")
+    recipe = config_lib.load_recipe(str(run.config_path))
+    model = from_checkpoint(recipe, run.latest(), run)
+    sources = SourceImages(run)
+    images = [load_rgb(sources.path(i)) for i in range(4)]
+    probe = MemoryBank(1, model.backbone.embed_dim, query_feature=QueryFeature("cls"))
+    vectors = embed_query(model, probe, images, recipe.data.global_crops.size)
+    bank = MemoryBank(8, vectors.shape[1], {"image_id": Column(), "box": Column((4,), torch.float32),
+                                            "region": Column((4,), torch.float32), "label": Column()},
+                      query_feature=QueryFeature("cls"))
+    boxes = torch.tensor([[0.0, 0.0, 48.0, 40.0], [8.0, 4.0, 40.0, 36.0], [0.0, 0.0, 24.0, 20.0],
+                          [24.0, 20.0, 48.0, 40.0], [0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 48.0, 40.0]])
+    regions = boxes.clone()
+    regions[1] = torch.tensor([16.0, 12.0, 32.0, 28.0])
+    noise = torch.randn(1, vectors.shape[1], generator=torch.Generator().manual_seed(0))
+    bank.enqueue(torch.cat([vectors, 0.9 * vectors[1:2] + 0.1 * noise, noise]), step=7, gather=False,
+                 image_id=torch.tensor([0, 1, 2, 3, 4, 5]), box=boxes, region=regions,
+                 label=torch.tensor([0, 1, 1, 2, 2, 2]))
+    save_banks({"planted": bank}, run.latest().banks_path)
+    return run_dir, sources, images, boxes, regions
+
+
+def test_neighbors_draws_the_right_crops_and_blanks_missing_images(planted_run, tmp_path):
+    from mlsctl.bank_inspect import crop_tile
+
+    run, sources, images, boxes, regions = planted_run
+    out = tmp_path / "grid.png"
+    result = run_cli("bank", "neighbors", str(run), "--query", str(sources.path(1)), "-k", "3", "--out", str(out),
+                     "--cell", "64", "--json", check=True)
+    report = json.loads(result.stdout)
+    found = report["neighbours"]
+    assert found[0]["image_id"] == 1 and found[0]["score"] == pytest.approx(1.0, abs=1e-5)
+    assert found[0]["image"] == str(sources.path(1)) and found[0]["box"] == boxes[1].tolist()
+    assert found[1]["image_id"] == 4 and found[1]["image"].endswith("gone.png")  # 0.9 x the query + noise
+    assert "1 source image missing, drawn blank" in result.stderr
+    grid = Image.open(out).convert("RGB")
+    # layout of mlsctl.viz.neighbour_grid: gap 8, title band 18, query first, then the neighbours
+    cell, gap, top = 64, 8, 18
+    first = grid.crop((gap + cell + gap, top, gap + cell + gap + cell, top + cell))
+    expected = crop_tile(images[1], boxes[1].tolist(), regions[1].tolist(), cell)
+    assert list(first.getdata()) == list(expected.getdata())
+    blank = grid.crop((gap + 2 * (cell + gap), top, gap + 2 * (cell + gap) + cell, top + cell))
+    assert blank.getpixel((2, 2)) == (205, 205, 205)
+
+
+def test_neighbors_refuses_an_unreadable_query_and_an_unknown_bank(planted_run, tmp_path):
+    run, sources, *_ = planted_run
+    (tmp_path / "bad.png").write_text("not an image")
+    result = run_cli("bank", "neighbors", str(run), "--query", str(tmp_path / "bad.png"), "--out", str(tmp_path / "g.png"))
+    assert result.returncode == 2 and "--query" in result.stderr and "Traceback" not in result.stderr
+    result = run_cli("bank", "neighbors", str(run), "--query", str(sources.path(0)), "--bank", "nope",
+                     "--out", str(tmp_path / "g.png"))
+    assert result.returncode == 2 and "no bank 'nope'" in result.stderr and "planted" in result.stderr
+
+
+def test_plot_colours_by_label_and_age(planted_run, finished_run, tmp_path):
+    run, *_ = planted_run
+    for colour in ("label", "age"):
+        out = tmp_path / f"{colour}.png"
+        run_cli("bank", "plot", str(run), "--out", str(out), "--color-by", colour, "--projection", "pca", check=True)
+        assert Image.open(out).size[0] > 300
+    result = run_cli("bank", "plot", str(finished_run[0]), "--out", str(tmp_path / "x.png"), "--color-by", "label")
+    assert result.returncode == 2 and "no 'label' payload" in result.stderr and "--color-by age" in result.stderr
+
+
+def test_export_is_readable_with_safetensors_alone(finished_run, tmp_path):
+    from safetensors import safe_open
+
+    from mlsctl.bank import load_banks
+    from mlsctl.runs import Run
+
+    run, _ = finished_run
+    out = tmp_path / "bank.safetensors"
+    run_cli("bank", "export", str(run), "--out", str(out), check=True)
+    bank = load_banks(Run(run).latest().banks_path)["cls"]
+    with safe_open(str(out), framework="pt") as f:
+        assert set(f.keys()) == {"cls/vectors", "cls/step", "cls/image_id", "cls/box"}
+        order = bank.order()
+        assert torch.equal(f.get_tensor("cls/vectors"), bank.vectors[order])
+        assert torch.equal(f.get_tensor("cls/image_id"), bank.payload["image_id"][order])
+        steps = f.get_tensor("cls/step")
+        assert torch.equal(steps, steps.sort().values)  # oldest first
+        assert f.metadata()["step"] == "8"
