@@ -44,4 +44,5 @@ bench: venv fmnist
 	$(BIN)/python benchmarks/train_throughput.py
 
 clean-demo:
-	rm -rf data/fmnist-scenes runs/dino_fmnist_quick features/demo results/demo-knn-seg-*.json
+	rm -rf data/fmnist-scenes runs/dino_fmnist_quick features/demo results/demo-knn-seg-*.json \
+	  data/fmnist-products runs/mile_fmnist_quick galleries/demo-products

@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # The quickstart behind `make demo`: build fmnist-scenes, pretrain the quick DINO recipe on the
 # CPU, embed the scenes with the trained and with a randomly initialised model of the same
-# architecture, compare their dense k-NN segmentation, and draw PCA patch maps. Running it again
-# reuses the scenes, the finished run, the features and the results.
+# architecture, compare their dense k-NN segmentation, and draw PCA patch maps; then build
+# fmnist-products, pretrain the quick MILE recipe, index the gallery objects and search with two
+# photos of one object. Running it again reuses the data, the finished runs, the features and the
+# results.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$(date +%s)
 RUN=runs/dino_fmnist_quick
 
-echo "== 1/5 fmnist-scenes (2,000 train / 500 val scenes from real Fashion-MNIST items)"
+echo "== 1/7 fmnist-scenes (2,000 train / 500 val scenes from real Fashion-MNIST items)"
 mlsctl data fmnist-scenes --out data/fmnist-scenes
 
-echo "== 2/5 pretrain recipes/dino_fmnist_quick.yaml"
+echo "== 2/7 pretrain recipes/dino_fmnist_quick.yaml"
 if compgen -G "$RUN/checkpoints/step-*/state.json" > /dev/null; then
   mlsctl pretrain recipes/dino_fmnist_quick.yaml --out "$RUN" --resume
 else
@@ -32,14 +34,14 @@ print(f"mean loss of steps {rows[0]['step']}-{rows[k - 1]['step']}: {start:.3f};
       f"of steps {rows[-k]['step']}-{rows[-1]['step']}: {end:.3f} ({100 * (end - start) / start:+.1f}%); "
       f"{summary['images_per_s']:.1f} images/s")
 PY
-echo "== 3/5 embed train and val scenes (dense) with the trained teacher and with a random init"
+echo "== 3/7 embed train and val scenes (dense) with the trained teacher and with a random init"
 FEATS=features/demo
 for split in train val; do
   mlsctl embed "data/fmnist-scenes/$split/images" --run "$RUN" --dense --out "$FEATS/trained-$split"
   mlsctl embed "data/fmnist-scenes/$split/images" --run "$RUN" --random-init --dense --out "$FEATS/random-$split"
 done
 
-echo "== 4/5 dense k-NN segmentation (Hummingbird protocol, all 2,000 training scenes as memory)"
+echo "== 4/7 dense k-NN segmentation (Hummingbird protocol, all 2,000 training scenes as memory)"
 for model in trained random; do
   result="results/demo-knn-seg-$model.json"
   if [ -f "$result" ] && [ "$result" -nt "$FEATS/$model-train/manifest.json" ] && [ "$result" -nt "$FEATS/$model-val/manifest.json" ]; then
@@ -50,7 +52,7 @@ for model in trained random; do
   fi
 done
 
-echo "== 5/5 PCA patch maps of val scenes"
+echo "== 5/7 PCA patch maps of val scenes"
 mlsctl viz pca "$FEATS/trained-val" --out "$RUN/pca-val.png" --n 16
 
 python - <<'PY'
@@ -64,4 +66,23 @@ print(f"  trained (dino_fmnist_quick teacher): {100 * t['miou']:.1f}%")
 print(f"  random init, same architecture:      {100 * r['miou']:.1f}%")
 print("per-class IoU: results/demo-knn-seg-trained.json; PCA patch maps: runs/dino_fmnist_quick/pca-val.png")
 PY
+echo "== 6/7 fmnist-products and MILE (recipes/mile_fmnist_quick.yaml)"
+mlsctl data fmnist-products --out data/fmnist-products
+MILE=runs/mile_fmnist_quick
+if compgen -G "$MILE/checkpoints/step-*/state.json" > /dev/null; then
+  mlsctl pretrain recipes/mile_fmnist_quick.yaml --out "$MILE" --resume
+else
+  mlsctl pretrain recipes/mile_fmnist_quick.yaml --out "$MILE" --overwrite
+fi
+
+echo "== 7/7 gallery of the 200 evaluation objects and one image-set search"
+if [ -f galleries/demo-products/gallery.json ] && [ galleries/demo-products/gallery.json -nt "$MILE/summary.json" ]; then
+  echo "reusing galleries/demo-products"
+else
+  mlsctl index build data/fmnist-products/gallery --run "$MILE" --out galleries/demo-products --overwrite
+fi
+echo "mlsctl search --set data/fmnist-products/query/ev00007/04.png data/fmnist-products/query/ev00007/05.png --index galleries/demo-products -k 5"
+mlsctl search --set data/fmnist-products/query/ev00007/04.png data/fmnist-products/query/ev00007/05.png \
+  --index galleries/demo-products -k 5
+echo "(the photos show object ev00007; mlsctl eval retrieval --run $MILE measures R@k over all 200 objects)"
 echo "demo finished in $(( $(date +%s) - start ))s"

@@ -42,6 +42,7 @@ from mlsctl.cli import bank as _bank  # noqa: E402
 from mlsctl.cli import data as _data  # noqa: E402
 from mlsctl.cli import eval as _eval  # noqa: E402
 from mlsctl.cli import embed as _embed  # noqa: E402,F401
+from mlsctl.cli import index as _index  # noqa: E402
 from mlsctl.cli import pretrain as _pretrain  # noqa: E402,F401
 from mlsctl.cli import recipes as _recipes  # noqa: E402,F401
 from mlsctl.cli import viz as _viz  # noqa: E402
@@ -49,11 +50,14 @@ from mlsctl.cli import viz as _viz  # noqa: E402
 app.add_typer(_bank.app, name="bank")
 app.add_typer(_data.app, name="data")
 app.add_typer(_eval.app, name="eval")
+app.add_typer(_index.app, name="index")
+app.command("search")(_index.search)
 app.add_typer(_viz.app, name="viz")
 
 # Options that take several values accept them space-separated (``--fraction 1/1 1/8``) as well as
 # repeated (``--fraction 1/1 --fraction 1/8``); click itself only knows the repeated form.
-MULTI_VALUE_OPTIONS = {("eval", "knn"): ("--k",), ("eval", "knn-seg"): ("--fraction",), ("bank", "export"): ("--bank",)}
+MULTI_VALUE_OPTIONS = {("eval", "knn"): ("--k",), ("eval", "knn-seg"): ("--fraction",), ("bank", "export"): ("--bank",),
+                       ("search",): ("--set",), ("eval", "retrieval"): ("--noise",)}
 
 
 def expand_multi_values(argv: list[str]) -> list[str]:

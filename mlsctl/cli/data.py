@@ -34,3 +34,35 @@ def fmnist_scenes(
     state = "already built" if meta.get("reused") else "built"
     typer.echo(f"{state}: {out} ({p['n_train']} train / {p['n_val']} val scenes of {p['size']}x{p['size']}, seed {p['seed']})")
     typer.echo(f"  images: {out}/train/images  masks: {out}/train/masks  (val: {out}/val/...)")
+
+
+@app.command("fmnist-products")
+def fmnist_products(
+    out: Path = typer.Option(Path("data/fmnist-products"), "--out", "-o", help="Output folder."),
+    n_train: int = typer.Option(1000, "--n-train", min=1, help="Training objects (items of the Fashion-MNIST train split)."),
+    n_eval: int = typer.Option(200, "--n-eval", min=2, help="Evaluation objects (items of the Fashion-MNIST test split)."),
+    photos: int = typer.Option(8, "--photos", min=2, help="Photos per object."),
+    gallery_photos: int = typer.Option(4, "--gallery-photos", min=1, help="Photos of an evaluation object in the gallery; the rest are queries."),
+    size: int = typer.Option(64, "--size", min=32, help="Photo side in pixels."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed; a build is deterministic for a seed."),
+    source: Path = typer.Option(Path("/usr/share/datasets/fashion-mnist"), "--source",
+                                help="Folder with the Fashion-MNIST IDX files (Debian package dataset-fashion-mnist)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Rebuild even if --out holds other data."),
+    as_json: bool = typer.Option(False, "--json", help="Print the meta record as JSON."),
+) -> None:
+    """Objects photographed several times (one real Fashion-MNIST item each), for image-set retrieval.
+
+    Example: mlsctl data fmnist-products --out data/fmnist-products --n-train 1000 --n-eval 200
+    """
+    from mlsctl.data.fmnist_products import build_products
+
+    meta = build_products(out, n_train=n_train, n_eval=n_eval, photos=photos, gallery_photos=gallery_photos, size=size,
+                          seed=seed, source=source, overwrite=overwrite)
+    if as_json:
+        typer.echo(json.dumps(meta, indent=2))
+        return
+    p = meta["parameters"]
+    state = "already built" if meta.get("reused") else "built"
+    typer.echo(f"{state}: {out} ({p['n_train']} train objects, {p['n_eval']} evaluation objects, {p['photos']} photos "
+               f"each of {p['size']}x{p['size']}, seed {p['seed']})")
+    typer.echo(f"  train: {out}/train/<object>/  gallery: {out}/gallery/<object>/  query: {out}/query/<object>/")

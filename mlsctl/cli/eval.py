@@ -10,7 +10,7 @@ import typer
 
 from mlsctl.cli._format import pct, table
 
-app = typer.Typer(help="Evaluate features: dense k-NN segmentation, image k-NN classification.", no_args_is_help=True)
+app = typer.Typer(help="Evaluate features: dense k-NN segmentation, image k-NN classification, image-set retrieval.", no_args_is_help=True)
 
 DEFAULT_FRACTIONS = ["1/1", "1/8", "1/64", "1/128"]
 
@@ -175,3 +175,61 @@ def knn(
         typer.echo(f"note: {len(unknown)} val classes never occur in train (counted as errors): {', '.join(unknown[:5])}")
     typer.echo(f"\n{result['train_images']} train / {result['val_images']} val images, {result['classes']} classes, "
                f"T={temperature}; results written to {out}")
+
+
+@app.command("retrieval")
+def retrieval(
+    gallery: Path = typer.Option(Path("data/fmnist-products/gallery"), "--gallery", help="Gallery photos, one folder per object."),
+    query: Path = typer.Option(Path("data/fmnist-products/query"), "--query", help="Query photos of the same objects, one folder per object."),
+    run: Optional[Path] = typer.Option(None, "--run", help="MILE run [default: the newest run under ./runs]."),
+    query_size: Optional[int] = typer.Option(None, "--query-size", min=1, help="Photos per query set (the first N) [default: all]."),
+    noise: Optional[list[str]] = typer.Option(None, "--noise", help="Fractions of each query set replaced with random photos [default: 0 0.25 0.5]."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the noise."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Results JSON [default: results/retrieval-<time>.json]."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON instead of a table."),
+) -> None:
+    """Image-set retrieval: R@1..R@10 and AR@10 of MILE set embeddings against single-image baselines.
+
+    Example: mlsctl eval retrieval --gallery data/fmnist-products/gallery --query data/fmnist-products/query --run runs/mile_fmnist_quick --noise 0 0.25 0.5
+    """
+    from mlsctl.cli.index import _set_model
+    from mlsctl.errors import UserError
+    from mlsctl.evaluate.retrieval import evaluate_retrieval
+    from mlsctl.gallery import load_images, object_folders
+
+    fractions = []
+    for value in noise or ["0", "0.25", "0.5"]:
+        try:
+            fractions.append(float(value))
+        except ValueError:
+            raise UserError(f"--noise takes fractions between 0 and 1, got {value!r}") from None
+        if not 0 <= fractions[-1] < 1:
+            raise UserError(f"--noise takes fractions in [0, 1), got {value}")
+    model = _set_model(run)
+    gallery_groups, query_groups = object_folders(gallery), object_folders(query)
+    objects = [o for o in gallery_groups if o in query_groups]
+    if len(objects) < 2:
+        raise UserError(f"{gallery} and {query} share {len(objects)} object folders; retrieval needs at least 2")
+    paths, gallery_rows, query_rows = [], [], []
+    for o in objects:
+        gallery_rows.append(list(range(len(paths), len(paths) + len(gallery_groups[o]))))
+        paths += gallery_groups[o]
+        chosen = query_groups[o][:query_size] if query_size else query_groups[o]
+        query_rows.append(list(range(len(paths), len(paths) + len(chosen))))
+        paths += chosen
+    _say(f"embedding {len(paths)} photos of {len(objects)} objects")
+    started = time.perf_counter()
+    cls, tokens = model.image_tokens(load_images(paths))
+    results = evaluate_retrieval(model, gallery_rows, query_rows, cls, tokens, noise=fractions, seed=seed)
+    payload = {"gallery": str(gallery), "query": str(query), "run": model.run, "step": model.step,
+               "fingerprint": model.fingerprint, "objects": len(objects), "photos": len(paths),
+               "seconds": time.perf_counter() - started, "results": [r.to_dict() for r in results]}
+    out = out or _default_json("retrieval")
+    _write_json(out, payload)
+    if as_json:
+        print(json.dumps(payload, indent=2))
+        return
+    print(f"image-set retrieval, {len(objects)} objects ({model.run} at step {model.step}); R@k in %:")
+    rows = [[r.method, f"{100 * r.noise:.0f}%", pct(r.ar10), *(pct(r.recalls[k]) for k in (1, 2, 5, 10))] for r in results]
+    print(table(["method", "noise", "AR@10", "R@1", "R@2", "R@5", "R@10"], rows, right=[False, True, True, True, True, True, True]))
+    _say(f"wrote {out}")

@@ -24,6 +24,7 @@ import json
 import shutil
 import struct
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 from PIL import Image
@@ -191,23 +192,9 @@ def build_scenes(out: str | Path, n_train: int = 2000, n_val: int = 500, size: i
         raise UserError("--n-train and --n-val must be at least 1")
     out = Path(out)
     params = {"n_train": n_train, "n_val": n_val, "size": size, "seed": seed}
-    meta_path = out / "meta.json"
-    if out.exists():
-        existing = None
-        if meta_path.is_file():
-            try:
-                existing = json.loads(meta_path.read_text())
-            except json.JSONDecodeError:
-                existing = None
-        if existing and existing.get("parameters") == params and not overwrite:
-            existing["reused"] = True
-            return existing
-        if not overwrite:
-            if existing and existing.get("generator") == "fmnist-scenes":
-                raise UserError(f"{out} holds fmnist-scenes built with {existing.get('parameters')}; "
-                                f"add --overwrite to rebuild it with {params}")
-            if any(out.iterdir()):
-                raise UserError(f"{out} exists and is not an fmnist-scenes folder; choose another --out or add --overwrite")
+    existing = reusable_build(out, "fmnist-scenes", params, overwrite)
+    if existing is not None:
+        return existing
     splits = {name: load_split(source, fmnist_split) for name, (fmnist_split, _) in _SPLITS.items()}
     tmp = out.parent / f".{out.name}.building"
     if tmp.exists():
@@ -220,7 +207,38 @@ def build_scenes(out: str | Path, n_train: int = 2000, n_val: int = 500, size: i
             "source": str(source), "classes": ["background", *CLASSES], "ignore_index": IGNORE_INDEX,
             "splits": {"train": "Fashion-MNIST train", "val": "Fashion-MNIST test (t10k)"}}
     atomic.write_json(tmp / "meta.json", meta)
+    replace_folder(tmp, out)
+    return meta
+
+
+def reusable_build(out: Path, generator: str, params: dict, overwrite: bool) -> Optional[dict]:
+    """The meta record of ``out`` when it was built by ``generator`` with ``params`` (and no
+    ``overwrite``); None when it should be built. Refuses to replace anything else without
+    ``overwrite``."""
+    if not out.exists():
+        return None
+    existing = None
+    meta_path = out / "meta.json"
+    if meta_path.is_file():
+        try:
+            existing = json.loads(meta_path.read_text())
+        except json.JSONDecodeError:
+            existing = None
+    if existing and existing.get("generator", "fmnist-scenes") == generator and existing.get("parameters") == params \
+            and not overwrite:
+        existing["reused"] = True
+        return existing
+    if not overwrite:
+        if existing and existing.get("generator", "fmnist-scenes") == generator:
+            raise UserError(f"{out} holds {generator} built with {existing.get('parameters')}; "
+                            f"add --overwrite to rebuild it with {params}")
+        if any(out.iterdir()):
+            raise UserError(f"{out} exists and is not a {generator} folder; choose another --out or add --overwrite")
+    return None
+
+
+def replace_folder(tmp: Path, out: Path) -> None:
+    """Put a completely built ``tmp`` in place of ``out``."""
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
-    return meta

@@ -8,6 +8,7 @@ import importlib
 _METHODS = {
     "dino": "mlsctl.methods.dino:DINO",
     "cribo": "mlsctl.methods.cribo:CrIBo",
+    "mile": "mlsctl.methods.mile:MILE",
 }
 
 

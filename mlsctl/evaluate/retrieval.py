@@ -1,0 +1,123 @@
+"""Image-set retrieval (METHODS.md "MILE", evaluation): R@1..R@10 and AR@10.
+
+The gallery holds one entry per object (its gallery photos); each query is a set of other photos
+of one gallery object. A query's rank is the number of gallery objects scoring at least as high
+as its own object (ties count against it). R@k is the fraction of queries ranked within k;
+AR@10 = mean(R@1..R@10).
+
+Scores, all with the same backbone:
+
+* ``mile``: cosine between the MILE set embeddings (the set encoder folds the images in order);
+* ``max-pairwise``: the single-image baseline, max over the |Q|×|G| pairwise cosines of per-image
+  CLS (its cost grows with |Q|·|G|);
+* ``mean-cls``: cosine between the means of the per-image CLS.
+
+The noise test replaces a fraction of every query set's photos with random photos of other
+objects (seeded), as the paper's robustness study does.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+METHODS = ("mile", "max-pairwise", "mean-cls")
+
+
+def ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """1-based rank of each query's target among the gallery: #{g : s[q, g] >= s[q, target]}."""
+    own = scores.gather(1, targets[:, None])
+    return (scores >= own).sum(1)
+
+
+def recall_at(ranks_: torch.Tensor, ks: Sequence[int] = tuple(range(1, 11))) -> dict[int, float]:
+    return {k: float((ranks_ <= k).float().mean()) for k in ks}
+
+
+def average_recall(recalls: dict[int, float], up_to: int = 10) -> float:
+    """AR@n = mean(R@1..R@n)."""
+    return sum(recalls[k] for k in range(1, up_to + 1)) / up_to
+
+
+def max_pairwise_scores(query_sets: list[torch.Tensor], gallery_sets: list[torch.Tensor]) -> torch.Tensor:
+    """[Q, G]: max over the pairwise cosines of a query set's and a gallery set's images."""
+    gallery = F.normalize(torch.cat(gallery_sets).float(), dim=1)
+    owner = torch.cat([torch.full((len(g),), i) for i, g in enumerate(gallery_sets)])
+    out = torch.empty(len(query_sets), len(gallery_sets))
+    for q, images in enumerate(query_sets):
+        pairwise = F.normalize(images.float(), dim=1) @ gallery.T  # [|Q|, all gallery images]
+        best = pairwise.max(0).values
+        out[q] = torch.full((len(gallery_sets),), -math.inf).scatter_reduce(0, owner, best, reduce="amax")
+    return out
+
+
+def cosine_scores(queries: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
+    return F.normalize(queries.float(), dim=1) @ F.normalize(gallery.float(), dim=1).T
+
+
+@dataclass
+class RetrievalResult:
+    method: str
+    noise: float
+    recalls: dict[int, float]
+    queries: int
+    gallery: int
+
+    @property
+    def ar10(self) -> float:
+        return average_recall(self.recalls)
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "noise": self.noise, "AR@10": self.ar10, "queries": self.queries,
+                "gallery": self.gallery, **{f"R@{k}": v for k, v in self.recalls.items()}}
+
+
+def noisy_sets(query_rows: list[list[int]], fraction: float, pool: list[list[int]], seed: int) -> list[list[int]]:
+    """Replace round(fraction × |Q|) photos of each query set (at random positions) with random
+    photos of other objects (``pool[i]``: the photos objects other than i may lend)."""
+    if fraction <= 0:
+        return [list(r) for r in query_rows]
+    rng = np.random.default_rng(seed)
+    out = []
+    for i, rows in enumerate(query_rows):
+        rows = list(rows)
+        n = int(round(fraction * len(rows)))
+        others = [r for j, p in enumerate(pool) if j != i for r in p]
+        for position in rng.choice(len(rows), size=min(n, len(rows)), replace=False):
+            rows[position] = int(others[rng.integers(0, len(others))])
+        out.append(rows)
+    return out
+
+
+def evaluate_retrieval(model, gallery_sets: list[list[int]], query_sets: list[list[int]], cls: torch.Tensor,
+                       tokens: Optional[torch.Tensor], noise: Sequence[float] = (0.0,), seed: int = 0,
+                       methods: Sequence[str] = METHODS) -> list[RetrievalResult]:
+    """Every (method, noise) result. ``cls`` [n, D] (and ``tokens``) are the per-image embeddings,
+    ``gallery_sets[i]`` / ``query_sets[i]`` the rows of object i's gallery and query photos."""
+    def fold(rows):
+        return model.fold(None, cls[rows], tokens[rows] if tokens is not None else None)
+
+    targets = torch.arange(len(query_sets))
+    gallery_latents = torch.stack([fold(r) for r in gallery_sets]) if "mile" in methods else None
+    gallery_cls = [cls[r] for r in gallery_sets]
+    gallery_mean = torch.stack([c.float().mean(0) for c in gallery_cls])
+    results = []
+    for fraction in noise:
+        sets = noisy_sets(query_sets, fraction, query_sets, seed)
+        for method in methods:
+            if method == "mile":
+                scores = cosine_scores(torch.stack([fold(r) for r in sets]), gallery_latents)
+            elif method == "max-pairwise":
+                scores = max_pairwise_scores([cls[r] for r in sets], gallery_cls)
+            elif method == "mean-cls":
+                scores = cosine_scores(torch.stack([cls[r].float().mean(0) for r in sets]), gallery_mean)
+            else:
+                raise ValueError(f"unknown retrieval method {method!r}")
+            results.append(RetrievalResult(method, fraction, recall_at(ranks(scores, targets)), len(sets),
+                                           len(gallery_sets)))
+    return results

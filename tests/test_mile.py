@@ -1,0 +1,227 @@
+"""MILE: per-sample attention, the gate, incremental folding, LoRA, object sets, retrieval metrics,
+galleries and search."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import run_cli, tiny_recipe, write_recipe
+from mlsctl import config
+from mlsctl.evaluate.retrieval import average_recall, max_pairwise_scores, noisy_sets, ranks, recall_at
+from mlsctl.methods.mile import MILE, CrossBlock, SetEncoder
+from mlsctl.schedules import Schedule
+
+
+def test_cross_attention_is_per_sample():
+    torch.manual_seed(0)
+    block = CrossBlock(16, 4).eval()
+    latent, tokens = torch.randn(3, 16), torch.randn(3, 5, 16)
+    out = block(latent, tokens)
+    changed = tokens.clone()
+    changed[1] = torch.randn(5, 16)  # another sample of the batch
+    latent2 = latent.clone()
+    latent2[2] = torch.randn(16)
+    out2 = block(latent2, changed)
+    assert torch.allclose(out[0], out2[0], atol=1e-6)  # sample 0 never sees samples 1 and 2
+    assert not torch.allclose(out[1], out2[1]) and not torch.allclose(out[2], out2[2])
+
+
+def test_gate_starts_at_zero_and_the_recurrence_matches_its_equation():
+    torch.manual_seed(0)
+    encoder = SetEncoder(8, 2)
+    assert encoder.gate.item() == 0.0 and encoder.alpha.item() == 0.0
+    cls = torch.randn(2, 3, 8)
+    with torch.no_grad():
+        encoder.gate.fill_(0.3)
+        alpha = torch.tanh(torch.tensor(0.3))
+        expected = cls[:, 0]
+        for t in (1, 2):
+            expected = (1 - alpha) * encoder.cross(expected, cls[:, t, None]) + alpha * expected
+        assert torch.allclose(encoder(cls), expected, atol=1e-6)
+        single = SetEncoder(8, 2)
+        assert torch.equal(single(cls[:, :1]), cls[:, 0])  # L_0 = e_0
+
+
+def _mile(tmp_path, **model):
+    from conftest import make_images
+
+    images = make_images(tmp_path / "images", 4, size=(32, 32))
+    raw = tiny_recipe(images, data__local_crops={"count": 1, "size": 16, "scale": [0.1, 0.4]})
+    raw["model"].update(model)
+    raw["method"] = {"name": "mile", "set_length": 3, "cross_heads": 2, "out_dim": 64, "hidden_dim": 64,
+                     "bottleneck_dim": 32, "warmup_teacher_temp_epochs": 0}
+    recipe = config.from_dict(raw)
+    return MILE(recipe, Schedule(steps_per_epoch=2, epochs=2)), recipe
+
+
+def _sets(b=2, t=3, seed=0):
+    from mlsctl.data.objects import SetBatch
+
+    g = torch.Generator().manual_seed(seed)
+    crops = [torch.randn(b, t, 3, 32, 32, generator=g) for _ in range(2)] + [torch.randn(b, t, 3, 16, 16, generator=g)]
+    return SetBatch(crops, torch.arange(b * t).reshape(b, t), torch.arange(b))
+
+
+def test_teacher_starts_as_the_student_and_every_student_parameter_gets_a_gradient(tmp_path):
+    torch.manual_seed(0)
+    method, _ = _mile(tmp_path)
+    for (name, s), (_, t) in zip(method.student.state_dict().items(), method.teacher.state_dict().items()):
+        assert torch.equal(s, t), name
+    out = method.training_step(_sets(), 0)
+    out.loss.backward()
+    for name, p in method.student.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert method.student.head.encoder.gate.grad is not None
+    assert not any(p.requires_grad for p in method.teacher.parameters())
+    assert out.metrics["gate_alpha"] == 0.0
+
+
+def test_lora_freezes_the_base_and_trains_adapters_and_their_biases(tmp_path):
+    torch.manual_seed(0)
+    method, _ = _mile(tmp_path, lora={"enabled": True, "rank": 4, "alpha": 16, "dropout": 0.1, "bias": "lora_only"})
+    trainable = {n for n, p in method.student.backbone.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or n.endswith("qkv.base_layer.bias") for n in trainable), trainable
+    assert any(n.endswith("qkv.base_layer.bias") for n in trainable)
+    frozen = [n for n, p in method.student.backbone.named_parameters() if not p.requires_grad]
+    assert any("qkv.base_layer.weight" in n for n in frozen) and any("mlp.fc1.weight" in n for n in frozen)
+    out = method.training_step(_sets(), 0)
+    out.loss.backward()
+    assert all(p.grad is not None for n, p in method.student.backbone.named_parameters() if p.requires_grad)
+
+
+def test_object_sets_are_fresh_each_epoch_padded_and_deterministic(tmp_path):
+    from mlsctl.data.images import ImageFolder
+    from mlsctl.data.multicrop import MultiCrop
+    from mlsctl.data.objects import ObjectSetDataset, choose_set, find_objects
+
+    for object_id, n in (("a", 6), ("b", 2)):
+        (tmp_path / object_id).mkdir()
+        for i in range(n):
+            Image.new("RGB", (20, 20), (40 * i, 10, 10)).save(tmp_path / object_id / f"{i}.png")
+    folder = ImageFolder(tmp_path)
+    objects = find_objects(folder)
+    assert [(o.object_id, len(o.rows)) for o in objects] == [("a", 6), ("b", 2)]
+    rng = np.random.default_rng(0)
+    assert sorted(choose_set(6, 4, rng)) != [] and len(set(choose_set(6, 4, rng))) == 4
+    padded = choose_set(2, 4, rng)
+    assert len(padded) == 4 and set(padded) == {0, 1}
+    transform = MultiCrop(global_size=16, global_scale=(0.5, 1), n_global=2, n_local=0, local_size=8,
+                          local_scale=(0.2, 0.5), photometric="none")
+    dataset = ObjectSetDataset(folder, objects, transform, 4, seed=0)
+    first, again, later = dataset[(0, 0)], dataset[(0, 0)], dataset[(1, 0)]
+    assert first["image_ids"] == again["image_ids"] and all(torch.equal(a, b) for a, b in zip(first["crops"], again["crops"]))
+    assert first["crops"][0].shape == (4, 3, 16, 16)
+    assert set(first["image_ids"]) <= set(objects[0].rows)
+    assert first["image_ids"] != later["image_ids"]  # a new set each epoch (seeded)
+    csv = tmp_path / "objects.csv"
+    csv.write_text("object_id,path\nx,a/0.png\nx,b/1.png\ny,a/3.png\n")
+    listed = find_objects(folder, csv)
+    assert [(o.object_id, len(o.rows)) for o in listed] == [("x", 2), ("y", 1)]
+
+
+def test_recall_and_average_recall_match_hand_computed_rankings():
+    scores = torch.tensor([[0.9, 0.1, 0.5],   # target 0: rank 1
+                           [0.8, 0.3, 0.3],   # target 1: tie with object 2 counts against it → rank 3
+                           [0.2, 0.6, 0.4]])  # target 2: rank 2
+    r = ranks(scores, torch.tensor([0, 1, 2]))
+    assert r.tolist() == [1, 3, 2]
+    recalls = recall_at(r)
+    assert recalls[1] == pytest.approx(1 / 3) and recalls[2] == pytest.approx(2 / 3) and recalls[3] == 1.0
+    assert average_recall(recalls) == pytest.approx((1 / 3 + 2 / 3 + 8 * 1.0) / 10)
+
+
+def test_max_pairwise_baseline_takes_the_best_pair():
+    q = [torch.tensor([[1.0, 0.0], [0.0, 1.0]])]
+    g = [torch.tensor([[1.0, 1.0]]), torch.tensor([[-1.0, 0.0], [0.0, 1.0]])]
+    scores = max_pairwise_scores(q, g)
+    assert scores[0, 0] == pytest.approx(2 ** -0.5) and scores[0, 1] == pytest.approx(1.0)
+
+
+def test_noise_replaces_the_asked_fraction_with_photos_of_other_objects():
+    sets = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    noisy = noisy_sets(sets, 0.5, sets, seed=0)
+    for own, changed in zip(sets, noisy):
+        replaced = [r for r in changed if r not in own]
+        assert len(replaced) == 2
+    assert noisy_sets(sets, 0.0, sets, 0) == sets
+
+
+@pytest.fixture(scope="module")
+def mile_run(tmp_path_factory):
+    """A tiny MILE run on 6 objects of 3 photos (2 gallery + 1 query each)."""
+    tmp = tmp_path_factory.mktemp("mile")
+    rng = np.random.default_rng(0)
+    for o in range(6):
+        colour = rng.uniform(0, 255, 3)
+        for k in range(3):
+            pixels = np.clip(colour + rng.normal(0, 20, (32, 32, 3)), 0, 255).astype(np.uint8)
+            for part in (("train",), ("gallery",) if k < 2 else ("query",)):
+                folder = tmp / part[0] / f"obj{o}"
+                folder.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(pixels).save(folder / f"{k}.png")
+    raw = tiny_recipe(tmp / "train", data__local_crops={"count": 0, "size": 16, "scale": [0.1, 0.4]},
+                      optim__batch_size=2, optim__epochs=1)
+    raw["method"] = {"name": "mile", "set_length": 2, "cross_heads": 2, "out_dim": 64, "hidden_dim": 64,
+                     "bottleneck_dim": 32, "warmup_teacher_temp_epochs": 0}
+    recipe = write_recipe(tmp / "mile.yaml", raw)
+    run_cli("pretrain", str(recipe), "--out", str(tmp / "run"), check=True)
+    return tmp
+
+
+def test_folding_one_by_one_with_index_add_equals_embedding_the_set(mile_run, tmp_path):
+    from safetensors.torch import load_file
+
+    from mlsctl.gallery import load_images, load_set_model
+
+    gallery = tmp_path / "g"
+    run_cli("index", "build", str(mile_run / "gallery"), "--run", str(mile_run / "run"), "--out", str(gallery), check=True)
+    photos = sorted((mile_run / "gallery" / "obj0").iterdir()) + sorted((mile_run / "query" / "obj0").iterdir())
+    for photo in photos:  # fold obj0's photos into a new object, one call per photo
+        run_cli("index", "add", str(gallery), "--object", "again", str(photo), check=True)
+    model = load_set_model(mile_run / "run")
+    cls, tokens = model.image_tokens(load_images(photos))
+    whole = model.fold(None, cls, tokens)
+    ids = (gallery / "objects.txt").read_text().splitlines()
+    state = load_file(str(gallery / "latents.safetensors"))
+    assert ids[-1] == "again" and int(state["count"][-1]) == 3
+    assert torch.allclose(state["latent"][-1], whole, atol=1e-5)
+    # and the object built from its 2 gallery photos, extended by its query photo, is the same set
+    run_cli("index", "add", str(gallery), "--object", "obj0", str(photos[2]), check=True)
+    state = load_file(str(gallery / "latents.safetensors"))
+    assert torch.allclose(state["latent"][ids.index("obj0")], whole, atol=1e-5)
+
+
+def test_search_ranks_objects_and_refuses_another_model(mile_run, tmp_path):
+    gallery = tmp_path / "galleries" / "g"
+    run_cli("index", "build", str(mile_run / "gallery"), "--run", str(mile_run / "run"), "--out", str(gallery), check=True)
+    photos = [str(p) for p in sorted((mile_run / "gallery" / "obj3").iterdir())]
+    result = run_cli("search", "--set", *photos, "-k", "3", "--json", cwd=tmp_path, check=True)
+    report = json.loads(result.stdout)
+    assert report["results"][0]["object"] == "obj3"  # its own gallery photos: the same set embedding
+    assert report["results"][0]["score"] == pytest.approx(1.0, abs=1e-5)
+    assert "newest under the current directory" in result.stderr and "galleries/g" in result.stderr
+    table = run_cli("search", "--set", *photos, "--index", str(gallery), check=True).stdout
+    assert "obj3" in table.splitlines()[2]
+    manifest = json.loads((gallery / "gallery.json").read_text())
+    manifest["model"]["fingerprint"] = "0" * 64
+    (gallery / "gallery.json").write_text(json.dumps(manifest))
+    result = run_cli("search", "--set", *photos, "--index", str(gallery))
+    assert result.returncode == 2 and "differs" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_eval_retrieval_reports_every_method_and_noise(mile_run, tmp_path):
+    out = tmp_path / "r.json"
+    run_cli("eval", "retrieval", "--gallery", str(mile_run / "gallery"), "--query", str(mile_run / "query"),
+            "--run", str(mile_run / "run"), "--noise", "0", "0.5", "--out", str(out), check=True)
+    results = json.loads(out.read_text())["results"]
+    assert {(r["method"], r["noise"]) for r in results} == {(m, n) for m in ("mile", "max-pairwise", "mean-cls")
+                                                            for n in (0.0, 0.5)}
+    for r in results:
+        assert 0 <= r["R@1"] <= r["R@10"] <= 1 and r["AR@10"] == pytest.approx(np.mean([r[f"R@{k}"] for k in range(1, 11)]))
+        assert r["gallery"] == 6 and r["R@6"] == 1.0  # 6 objects: every target is within 6
