@@ -137,7 +137,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--queries", type=int, default=200)
-    parser.add_argument("--nprobe", type=int, default=128)
+    parser.add_argument("--nprobe", type=int, default=256)
     parser.add_argument("--refine", type=int, default=10)
     parser.add_argument("--set-objects", type=int, default=10_000)
     parser.add_argument("--out", type=Path, default=RESULTS / "search.json")
