@@ -124,16 +124,15 @@ class ObjectSetDataset(Dataset):
         obj = self.objects[index]
         rng = np.random.default_rng(sample_seed(self.seed, epoch, index))
         skipped, crops, ids = [], [], []
-        readable = list(obj.rows)
-        for position in choose_set(len(readable), self.set_length, rng):
-            row = readable[position % len(readable)]
-            for _ in range(len(obj.rows)):
+        for position in choose_set(len(obj.rows), self.set_length, rng):
+            # an unreadable photo is replaced by the object's next readable one
+            for attempt in range(len(obj.rows)):
+                row = obj.rows[(position + attempt) % len(obj.rows)]
                 try:
                     image = self.folder.load(row)
                     break
                 except BadImage as exc:
                     skipped.append((self.folder.relpath(row), str(exc)))
-                    row = obj.rows[(obj.rows.index(row) + 1) % len(obj.rows)]
             else:
                 raise UserError(f"no image of object {obj.object_id} under {self.folder.root} could be decoded")
             views = self.transform(image, int(rng.integers(0, 2**62)))

@@ -75,15 +75,19 @@ class Method(nn.Module):
     def check_recipe(cls, recipe: Recipe) -> list[tuple[str, str]]:
         return []
 
-    @classmethod
-    def build_dataset(cls, recipe: Recipe, folder: ImageFolder):
+    @staticmethod
+    def multicrop(recipe: Recipe) -> MultiCrop:
+        """The recipe's multi-crop augmentation (``data.global_crops``, ``data.local_crops``)."""
         data = recipe.data
-        transform = MultiCrop(
+        return MultiCrop(
             global_size=data.global_crops.size, global_scale=data.global_crops.scale, n_global=data.global_crops.count,
             n_local=data.local_crops.count, local_size=data.local_crops.size, local_scale=data.local_crops.scale,
             photometric=data.photometric,
         )
-        return MultiCropDataset(folder, transform, recipe.seed), collate
+
+    @classmethod
+    def build_dataset(cls, recipe: Recipe, folder: ImageFolder):
+        return MultiCropDataset(folder, cls.multicrop(recipe), recipe.seed), collate
 
     # ------------------------------------------------------------------ shared plumbing
     def forward(self, batch, step: int) -> StepOutput:

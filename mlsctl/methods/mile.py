@@ -160,14 +160,9 @@ class MILE(Method):
 
     @classmethod
     def build_dataset(cls, recipe, folder):
-        from mlsctl.data.multicrop import MultiCrop
         from mlsctl.data.objects import ObjectSetDataset, collate_sets, find_objects
 
-        data = recipe.data
-        transform = MultiCrop(
-            global_size=data.global_crops.size, global_scale=data.global_crops.scale, n_global=data.global_crops.count,
-            n_local=data.local_crops.count, local_size=data.local_crops.size, local_scale=data.local_crops.scale,
-            photometric=data.photometric)
+        transform = cls.multicrop(recipe)
         objects = find_objects(folder, recipe.method.objects_file)
         return ObjectSetDataset(folder, objects, transform, recipe.method.set_length, recipe.seed), collate_sets
 
