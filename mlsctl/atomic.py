@@ -1,14 +1,19 @@
 """Atomic file output: write to a temporary sibling, flush to disk, then rename over the target.
 
 A reader (or a run resumed after SIGKILL) therefore sees either the old file or the complete new
-one, never a torn write.
+one, never a torn write. When a library writer fails without saying why (torch's C++ stream says
+``basic_ios::clear: iostream error``, safetensors its own error), :func:`explain_write_failure`
+finds the cause — a full disk or the process's file-size limit — and raises it as the
+:class:`OSError` it is, with the target's path, so the CLI can say it in one sentence.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import resource
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -45,7 +50,13 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
+        try:
+            yield tmp_path
+        except OSError:
+            raise
+        except Exception as exc:
+            explain_write_failure(exc, tmp_path, target)
+            raise
         with open(tmp_path, "rb") as f:
             os.fsync(f.fileno())
         os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual permissions
@@ -54,6 +65,32 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+# Below this many free bytes a failed write is blamed on a full disk.
+_NEARLY_FULL = 4 * 2**20
+
+
+def explain_write_failure(exc: BaseException, written: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Raise the :class:`OSError` behind a writer's opaque failure to write ``written`` (destined
+    for ``target``): a full disk or the file-size limit (``ulimit -f``). Returns when neither
+    explains it (the caller re-raises the original error)."""
+    if isinstance(exc, OSError):
+        return
+    written, target = Path(written), Path(target)
+    try:
+        size = written.stat().st_size if written.exists() else 0
+    except OSError:
+        size = 0
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY and size >= limit - 65536:
+        raise OSError(errno.EFBIG, os.strerror(errno.EFBIG), str(target)) from exc
+    try:
+        stats = os.statvfs(written.parent if written.parent.exists() else target.parent)
+    except OSError:
+        return
+    if stats.f_bavail * stats.f_frsize < _NEARLY_FULL:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target)) from exc
 
 
 def write_bytes(target: str | os.PathLike, data: bytes) -> None:

@@ -52,8 +52,16 @@ import torch
 import torch.nn.functional as F
 
 from mlsctl import atomic, dist
+from mlsctl.errors import UserError
 
 BANKS_FORMAT_VERSION = 1
+
+
+class NonFiniteVectors(UserError):
+    """NaN or inf on their way into a bank: training stops (exit code 1), the bank stays clean."""
+
+    def __init__(self, message: str):
+        super().__init__(message, exit_code=1)
 
 
 @dataclass(frozen=True)
@@ -103,6 +111,7 @@ class MemoryBank:
         ``mlsctl bank neighbors`` how to embed a query image (None: the bank cannot be queried
         with images)."""
         self.query_feature = query_feature
+        self.name = "bank"  # set by the training loop to the method's name for it, for messages
         if size < 1 or dim < 1:
             raise ValueError(f"a memory bank needs size >= 1 and dim >= 1, got size={size}, dim={dim}")
         columns = dict(payload or {})
@@ -188,6 +197,10 @@ class MemoryBank:
         if gather:
             vectors = dist.gather_cat(vectors)
             rows = {name: dist.gather_cat(value) for name, value in rows.items()}
+        if not bool(torch.isfinite(vectors).all()):  # checked after the gather: every process stops alike
+            raise NonFiniteVectors(f"step {step}: the vectors to enqueue into memory bank '{self.name}' are not all "
+                                   f"finite (NaN or inf), so training stopped before they entered it; lower optim.lr, "
+                                   f"raise optim.warmup_epochs or use train.precision=fp32")
         self._write(vectors, rows)
 
     def _write(self, vectors: torch.Tensor, rows: dict[str, torch.Tensor]) -> None:
@@ -251,6 +264,8 @@ class MemoryBank:
             raise ValueError(f"bank shape differs: saved {list(state['vectors'].shape)}, "
                              f"expected {list(self.vectors.shape)}")
         device = self.vectors.device
+        if not bool(torch.isfinite(state["vectors"].float()).all()):
+            raise ValueError("bank vectors are not all finite (NaN or inf): the file is damaged")
         self.vectors = state["vectors"].to(device=device, dtype=self.vectors.dtype).clone()
         for name in self.payload:
             saved = state[f"payload.{name}"]
@@ -313,14 +328,20 @@ def _read(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[st
     from safetensors import safe_open
 
     states: dict[str, dict[str, torch.Tensor]] = {}
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
-        version = int(metadata.get("format_version", "0"))
-        if version > BANKS_FORMAT_VERSION:
-            raise ValueError(f"{path} holds banks of format {version}, newer than this mlsctl reads; upgrade mlsctl")
-        for key in f.keys():
-            name, _, sub = key.partition("/")
-            states.setdefault(name, {})[sub] = f.get_tensor(key)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            version = int(metadata.get("format_version", "0"))
+            if version > BANKS_FORMAT_VERSION:
+                raise ValueError(f"it holds banks of format {version}, newer than this mlsctl reads; upgrade mlsctl")
+            for key in f.keys():
+                name, _, sub = key.partition("/")
+                states.setdefault(name, {})[sub] = f.get_tensor(key)
+    except ValueError:
+        raise
+    except Exception as exc:  # safetensors' own error for a truncated or foreign file, OSError
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise ValueError(f"it is not a complete safetensors file ({first})") from None
     return states, metadata
 
 
@@ -331,11 +352,17 @@ def read_bank_states(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
 def load_banks(path: str | Path) -> dict[str, MemoryBank]:
     """Rebuild every bank of a file from its tensors (and query features) alone."""
     states, metadata = _read(path)
-    query_features = json.loads(metadata.get("query_features", "{}"))
     banks = {}
-    for name, state in states.items():
-        bank = MemoryBank.from_state_dict(state)
-        if name in query_features:
-            bank.query_feature = QueryFeature(**query_features[name])
-        banks[name] = bank
+    try:
+        query_features = json.loads(metadata.get("query_features", "{}"))
+        for name, state in states.items():
+            bank = MemoryBank.from_state_dict(state)
+            bank.name = name
+            if name in query_features:
+                bank.query_feature = QueryFeature(**query_features[name])
+            banks[name] = bank
+    except ValueError:
+        raise
+    except (KeyError, TypeError, IndexError, RuntimeError) as exc:
+        raise ValueError(f"its banks are not complete ({type(exc).__name__}: {exc})") from None
     return banks

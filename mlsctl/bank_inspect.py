@@ -64,8 +64,9 @@ class SourceImages:
         recipe = config_lib.load_recipe(str(run.config_path))
         self.root = Path(recipe.data.root)
         self.note = None
-        if run.images_path.is_file():
-            self.relpaths = run.images_path.read_text().splitlines()
+        listed = run.image_list()
+        if listed is not None:
+            self.relpaths = listed
         elif self.root.is_dir():
             from mlsctl.data.images import find_images
 

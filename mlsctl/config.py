@@ -41,9 +41,11 @@ class ConfigError(UserError):
     """A recipe or override that does not fit the schema (exit code 2)."""
 
 
-def param(default: Any = dataclasses.MISSING, *, help: str = "", ge=None, gt=None, le=None, lt=None):
-    """A schema field: default, one-line help and optional numeric bounds (applied per element)."""
-    metadata = {"help": help, "ge": ge, "gt": gt, "le": le, "lt": lt}
+def param(default: Any = dataclasses.MISSING, *, help: str = "", ge=None, gt=None, le=None, lt=None, path: bool = False):
+    """A schema field: default, one-line help and optional numeric bounds (applied per element).
+    ``path=True`` marks a file or folder: a run's config.yaml stores it absolute
+    (:func:`absolute_paths`), so the run can be read from any working directory."""
+    metadata = {"help": help, "ge": ge, "gt": gt, "le": le, "lt": lt, "path": path}
     if isinstance(default, (list, dict, tuple)) or is_dataclass(default):
         value = default
         return field(default_factory=lambda: _copy(value), metadata=metadata)
@@ -78,11 +80,13 @@ class CropConfig:
 
 @dataclass
 class DataConfig:
-    root: Optional[str] = param(None, help="folder of training images (searched recursively)")
+    root: Optional[str] = param(None, help="folder of training images (searched recursively)", path=True)
     global_crops: CropConfig = param(CropConfig(2, 224, (0.25, 1.0)), help="large views")
     local_crops: CropConfig = param(CropConfig(10, 96, (0.05, 0.25)), help="small views")
     photometric: Literal["dino", "none"] = param("dino", help="DINO/BYOL colour pipeline, or none")
     workers: int = param(4, help="data-loading processes per training process", ge=0)
+    max_image_pixels: int = param(89_478_485, help="larger images are skipped as decompression bombs (Pillow's own "
+                                                   "limit, about 9459 x 9459)", ge=1)
 
 
 @dataclass
@@ -101,15 +105,42 @@ class ModelConfig:
     img_size: int = param(224, help="input size the position embedding is built for", ge=8)
     patch_size: int = param(16, help="patch side in pixels", ge=1)
     drop_path_rate: float = param(0.1, help="stochastic depth of the student", ge=0.0, lt=1.0)
-    weights: Optional[str] = param(None, help="local .safetensors/.pth to start the backbone from")
+    weights: Optional[str] = param(None, help="local .safetensors/.pth to start the backbone from", path=True)
     pretrained: bool = param(False, help="timm's pretrained weights (needs them cached or online)")
-    timm_kwargs: dict[str, Any] = param({}, help="extra timm.create_model arguments (embed_dim, depth, ...)")
+    timm_kwargs: dict[str, Any] = param({}, help="architecture arguments of timm.create_model (embed_dim, depth, "
+                                                  "num_heads, ...; see TIMM_ARCH_KEYS)")
     lora: LoraConfig = param(LoraConfig(), help="LoRA adapters")
 
     def check(self) -> list[tuple[str, str]]:
         if self.weights is not None and self.pretrained:
             return [("pretrained", "cannot be true together with model.weights; choose one")]
+        problem = timm_kwargs_problem(self.timm_kwargs)
+        if problem:
+            return [("timm_kwargs", problem)]
         return []
+
+
+# The timm.create_model arguments a recipe (and the metadata of a weights file mlsctl exported) may
+# pass: the shape of a Vision Transformer, nothing that makes timm read files or download.
+TIMM_ARCH_KEYS = ("embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "qk_norm", "init_values", "class_token",
+                  "no_embed_class", "reg_tokens", "pre_norm", "final_norm", "fc_norm", "global_pool", "dynamic_img_pad",
+                  "drop_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_rate", "attn_drop_rate", "act_layer",
+                  "norm_layer", "proj_bias", "in_chans")
+
+
+def timm_kwargs_problem(kwargs: Any) -> Optional[str]:
+    """Why ``kwargs`` may not go to timm.create_model, or None."""
+    if not isinstance(kwargs, dict):
+        return f"must be a mapping of timm architecture arguments, got {_show(kwargs)}"
+    for key, value in kwargs.items():
+        if key not in TIMM_ARCH_KEYS:
+            close = difflib.get_close_matches(str(key), TIMM_ARCH_KEYS, n=1, cutoff=0.6)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            return (f"key '{key}' is not an architecture argument mlsctl passes to timm (it takes "
+                    f"{', '.join(TIMM_ARCH_KEYS[:6])}, ...){hint}")
+        if not (value is None or isinstance(value, (bool, int, float, str))):
+            return f"'{key}' must be a number, text, true/false or null, got {_show(value)}"
+    return None
 
 
 @dataclass
@@ -157,7 +188,7 @@ class MethodConfig:
 class Recipe:
     format_version: int = param(RECIPE_FORMAT_VERSION, help="recipe schema version", ge=1)
     description: str = param("", help="one line shown by `mlsctl recipes`")
-    seed: int = param(0, help="seeds data order, augmentation and initialisation", ge=0)
+    seed: int = param(0, help="seeds data order, augmentation and initialisation", ge=0, le=2**32 - 1)
     data: DataConfig = param(DataConfig(), help="images and augmentation")
     model: ModelConfig = param(ModelConfig(), help="backbone")
     optim: OptimConfig = param(OptimConfig(), help="optimiser and schedules")
@@ -168,6 +199,14 @@ class Recipe:
         if self.format_version > RECIPE_FORMAT_VERSION:
             return [("format_version", f"is {self.format_version}, newer than this mlsctl reads "
                      f"({RECIPE_FORMAT_VERSION}); upgrade mlsctl")]
+        patch = self.model.patch_size
+        if self.model.img_size % patch:
+            return [("model.img_size", f"{self.model.img_size} is not a multiple of model.patch_size {patch}")]
+        for name in ("global_crops", "local_crops"):
+            crops = getattr(self.data, name)
+            if crops.count and crops.size % patch:
+                fix = max(patch, round(crops.size / patch) * patch)
+                return [(f"data.{name}.size", f"{crops.size} is not a multiple of model.patch_size {patch}; try {fix}")]
         return []
 
 
@@ -409,7 +448,7 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
 
 def _parse_scalar(text: str) -> Any:
     try:
-        return yaml.safe_load(text) if text.strip() else ""
+        return bounded_yaml(text, "command-line override") if text.strip() else ""
     except yaml.YAMLError:
         return text
 
@@ -467,13 +506,75 @@ def resolve_recipe_path(name_or_path: str) -> Path:
     raise ConfigError(f"recipe {name_or_path} not found{hint}")
 
 
+# A recipe is a page of YAML: these bounds refuse resource bombs (a "billion laughs" of nested
+# aliases, a gigabyte file, nesting that overflows the parser) in one sentence.
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_VALUES = 100_000
+
+
+def _expanded_values(root: yaml.Node, source: str) -> int:
+    """Values the document holds once every alias is expanded (stops counting past the bound)."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise ConfigError(f"{source}: a YAML alias refers to a value that contains it; write the recipe "
+                              f"without recursive aliases")
+        active.add(key)
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            for child in node.value:
+                total += size(child)
+                if total > MAX_YAML_VALUES:
+                    break
+        elif isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                total += size(k) + size(v)
+                if total > MAX_YAML_VALUES:
+                    break
+        active.discard(key)
+        sizes[key] = min(total, MAX_YAML_VALUES + 1)
+        return sizes[key]
+
+    return size(root)
+
+
+def bounded_yaml(text: str, source: str) -> Any:
+    """``yaml.safe_load(text)``, refusing documents whose aliases expand past
+    :data:`MAX_YAML_VALUES` values (raises :class:`yaml.YAMLError` for bad syntax)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        try:
+            node = loader.get_single_node()
+        except RecursionError:
+            raise ConfigError(f"{source} nests its values too deeply to read; write it flatter") from None
+        if node is None:
+            return None
+        if _expanded_values(node, source) > MAX_YAML_VALUES:
+            raise ConfigError(f"{source}: its YAML aliases expand to more than {MAX_YAML_VALUES:,} values (an alias "
+                              f"bomb?); write the recipe without nested aliases")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def read_yaml(path: Path) -> Any:
     try:
+        size = path.stat().st_size
+        if size > MAX_YAML_BYTES:
+            raise ConfigError(f"{path} is {size:,} bytes, too large for a recipe (at most {MAX_YAML_BYTES:,}); "
+                              f"point at the recipe YAML file")
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text; point at a recipe YAML file") from None
     try:
-        return yaml.safe_load(text)
+        return bounded_yaml(text, str(path))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -484,6 +585,23 @@ def read_yaml(path: Path) -> Any:
 def load_recipe(name_or_path: str, overrides: Optional[list[str]] = None) -> Recipe:
     path = resolve_recipe_path(name_or_path)
     return from_dict(read_yaml(path), source=str(path), overrides=parse_overrides(overrides or []))
+
+
+def absolute_paths(obj: Any) -> Any:
+    """A copy of a recipe (or any schema dataclass) whose path fields (``param(path=True)``) are
+    absolute, resolved against the current directory; what a run stores in its config.yaml."""
+    import os
+
+    if not is_dataclass(obj):
+        return obj
+    changes = {}
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if is_dataclass(value):
+            changes[f.name] = absolute_paths(value)
+        elif f.metadata.get("path") and isinstance(value, str) and value:
+            changes[f.name] = os.path.abspath(os.path.expanduser(value))
+    return dataclasses.replace(obj, **changes)
 
 
 def to_dict(recipe: Any) -> dict:

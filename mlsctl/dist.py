@@ -87,6 +87,34 @@ def barrier() -> None:
         dist.barrier()
 
 
+def on_main(fn):
+    """``fn()`` on process 0 only; every process gets its result (which must pickle). When it fails,
+    every process raises — a :class:`~mlsctl.errors.UserError` with process 0's sentence — so none
+    is left waiting at the next collective."""
+    from mlsctl.errors import UserError, describe_environment_error
+
+    result, failure = None, None
+    if rank() == 0:
+        try:
+            result = fn()
+        except UserError as exc:
+            failure = (exc.message, exc.exit_code)
+            if not is_distributed():
+                raise
+            error = exc
+        except Exception as exc:  # noqa: BLE001 - re-raised below, after the other processes know
+            failure = (describe_environment_error(exc) or f"process 0 failed ({type(exc).__name__}: {exc})", 1)
+            if not is_distributed():
+                raise
+            error = exc
+    failure, result = all_gather_object((failure, result))[0]
+    if failure is not None:
+        if rank() == 0:
+            raise error
+        raise UserError(failure[0], failure[1])
+    return result
+
+
 def init_from_environment() -> None:
     """Join the process group a launcher (``accelerate launch``, torchrun) described in the
     environment, for commands that need collectives but no Accelerator (embed, eval)."""

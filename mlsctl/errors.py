@@ -1,9 +1,20 @@
-"""The one exception type for mistakes a user can fix.
+"""Errors a user sees: one sentence each, never a traceback (unless ``--debug``).
 
-A :class:`UserError` carries one sentence that names the file or key at fault and the fix. The
-CLI prints it without a traceback and exits with ``exit_code`` (2 for usage errors, 1 for
-failures of a well-formed request).
+* :class:`UserError` carries one sentence that names the file or key at fault and the fix. The
+  CLI prints it and exits with ``exit_code`` (2 for usage errors, 1 for failures of a well-formed
+  request).
+* :class:`Interrupted` is what a command raises after Ctrl-C once it has said what was saved and
+  how to continue; the CLI prints it and exits with 130.
+* :func:`describe_environment_error` turns what the machine throws at a command — a full disk, a
+  read-only or forbidden folder, a file too large for the process's limit, exhausted memory —
+  into one sentence naming the path and the cause (``None`` for anything else).
 """
+
+from __future__ import annotations
+
+import errno
+import os
+from typing import Optional
 
 
 class UserError(Exception):
@@ -14,3 +25,55 @@ class UserError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+
+class Interrupted(UserError):
+    """Ctrl-C, after the command has said what it saved and how to continue (exit code 130)."""
+
+    def __init__(self, message: str):
+        super().__init__(message, exit_code=130)
+
+
+# errno → (what happened, what to do)
+_CAUSES = {
+    errno.ENOSPC: ("no space left on the device", "free some space or write somewhere else"),
+    errno.EDQUOT: ("the disk quota is exhausted", "free some space or write somewhere else"),
+    errno.EROFS: ("the file system is read-only", "write somewhere else"),
+    errno.EACCES: ("permission denied", "check the permissions or write somewhere else"),
+    errno.EPERM: ("operation not permitted", "check the permissions or write somewhere else"),
+    errno.EFBIG: ("the file is larger than this process may write (ulimit -f)", "raise the limit or write somewhere else"),
+    errno.ENOMEM: ("out of memory", "free memory or lower the batch size"),
+    errno.EIO: ("an input/output error of the device", "check the disk"),
+    errno.EMFILE: ("too many open files", "raise the limit (ulimit -n) or lower data.workers"),
+    errno.ENAMETOOLONG: ("the file name is too long", "choose a shorter path"),
+    errno.ENOTDIR: ("a part of the path is a file, not a folder", "check the path"),
+    errno.EISDIR: ("it is a folder, not a file", "check the path"),
+    errno.ENOENT: ("it does not exist", "check the path"),
+    errno.ELOOP: ("too many levels of symbolic links", "fix the link loop"),
+}
+
+
+def _is_memory_error(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text
+                                              or "cannot allocate memory" in text)
+
+
+def describe_environment_error(exc: BaseException) -> Optional[str]:
+    """One sentence for an error of the environment, or None when ``exc`` is something else."""
+    if _is_memory_error(exc):
+        gpu = "cuda" in str(exc).lower()
+        where = "the GPU" if gpu else "this machine"
+        return (f"out of memory on {where}; lower optim.batch_size / --batch-size, use smaller images or a smaller "
+                f"model, or free memory")
+    if not isinstance(exc, OSError) or exc.errno is None:
+        return None
+    cause, fix = _CAUSES.get(exc.errno, (exc.strerror or os.strerror(exc.errno), "check the path"))
+    path = exc.filename if exc.filename is not None else None
+    if path is None:
+        return f"{cause}; {fix}"
+    path = os.fsdecode(path) if isinstance(path, bytes) else str(path)
+    second = f" → {exc.filename2}" if getattr(exc, "filename2", None) else ""
+    return f"cannot use {path}{second}: {cause}; {fix}"

@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -44,7 +45,9 @@ import torch
 
 from mlsctl import __version__, atomic
 from mlsctl import dist
-from mlsctl.errors import UserError
+from mlsctl.data.images import DEFAULT_MAX_IMAGE_PIXELS
+from mlsctl.errors import Interrupted, UserError
+from mlsctl.locks import LOCK_NAME, FolderLock
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -117,6 +120,41 @@ class ShardInfo:
     start: int  # first row of this shard in the concatenation
 
 
+_SHARD_NAME = re.compile(r"shard-\d{5}-of-\d{5}\.safetensors")
+
+
+def _is_count(value, low: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _manifest_problem(m: dict) -> Optional[str]:
+    """What in a manifest has the wrong type, or None."""
+    if not (isinstance(m["files"], list) and all(isinstance(f, str) for f in m["files"])):
+        return "'files' must be a list of paths"
+    shards = m["shards"]
+    if not (isinstance(shards, list) and all(isinstance(e, dict) and isinstance(e.get("file"), str)
+                                             and _SHARD_NAME.fullmatch(e["file"]) and _is_count(e.get("rows"))
+                                             for e in shards)):
+        return "'shards' must be a list of {file: shard-NNNNN-of-NNNNN.safetensors, rows: count}"
+    if not _is_count(m["dim"], 1):
+        return f"'dim' must be a positive integer, got {m['dim']!r}"
+    grid = m.get("grid")
+    if grid is not None and not (isinstance(grid, list) and len(grid) == 2 and all(_is_count(g, 1) for g in grid)):
+        return f"'grid' must be null or [h, w], got {grid!r}"
+    if m["dtype"] not in ("float16", "float32"):
+        return f"'dtype' must be float16 or float32, got {m['dtype']!r}"
+    for key in ("model", "preprocessing"):
+        if not isinstance(m[key], dict):
+            return f"'{key}' must be a mapping"
+    if not isinstance(m["input_root"], str):
+        return "'input_root' must be a path"
+    skipped = m.get("skipped", [])
+    if not (isinstance(skipped, list) and all(isinstance(x, list) and len(x) == 2 and all(isinstance(y, str) for y in x)
+                                              for x in skipped)):
+        return "'skipped' must be a list of [path, reason]"
+    return None
+
+
 class Features:
     """A complete feature folder, read shard by shard (memory-mapped through safetensors)."""
 
@@ -169,6 +207,9 @@ class Features:
                    if k not in manifest]
         if missing:
             raise UserError(f"{manifest_path} lacks {', '.join(missing)}; embed the folder again with --overwrite")
+        problem = _manifest_problem(manifest)
+        if problem:
+            raise UserError(f"{manifest_path} is damaged ({problem}); embed the folder again with --overwrite")
         return manifest
 
     def _check_shard(self, shard: ShardInfo) -> None:
@@ -274,9 +315,18 @@ def _sha256_lines(lines: Sequence[str]) -> str:
     return digest.hexdigest()
 
 
+def folder_label(images: str | os.PathLike) -> str:
+    """A name for a folder of images that two folders never share: its last three path parts and
+    a hash of its absolute path (``fmnist-scenes-train-images-3f2a1c``)."""
+    absolute = os.path.abspath(images)
+    tail = "-".join(Path(absolute).parts[-3:]).replace("/", "")
+    return f"{tail}-{hashlib.sha256(absolute.encode('utf-8', 'surrogateescape')).hexdigest()[:6]}"
+
+
 def default_out(images: str | os.PathLike) -> Path:
-    """``./features/<input folder name>/``."""
-    return Path("features") / Path(os.path.abspath(images)).name
+    """``./features/<folder label>/`` (see :func:`folder_label`): ``train/images`` and
+    ``val/images`` get different folders."""
+    return Path("features") / folder_label(images)
 
 
 _PLAN_KEYS = ("format_version", "candidates", "candidates_sha256", "fingerprint", "preprocessing", "dtype", "dense",
@@ -334,10 +384,11 @@ def _write_part(path: Path, global_: list, dense: list, indices: list, skipped: 
 def embed_folder(images: str | os.PathLike, out: str | os.PathLike, model, *, dense: bool = False,
                  resolution: Optional[int] = None, resize: str = "square", batch_size: int = 64, workers: int = 0,
                  dtype: str = "fp16", part_size: Optional[int] = None, overwrite: bool = False,
+                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
                  progress: Optional[bool] = None, say: Callable[[str], None] = print) -> EmbedSummary:
     """Embed every image under ``images`` with ``model`` (a :class:`~mlsctl.models.source.ModelChoice`)
     into the feature folder ``out``; see the module docstring for the format and resume rules."""
-    from mlsctl.data.images import find_images
+    from mlsctl.data.images import allow_image_pixels, require_images, scan_images
 
     started = time.perf_counter()
     images, out = Path(images), Path(out)
@@ -356,11 +407,12 @@ def embed_folder(images: str | os.PathLike, out: str | os.PathLike, model, *, de
     part_size = part_size or batch_size * 8
     if part_size % batch_size:
         raise UserError(f"--part-size {part_size} must be a multiple of --batch-size {batch_size}")
-    others: list[Path] = []
-    files = find_images(images, "image folder", others)
-    relpaths = [f.relative_to(images).as_posix() for f in files]
+    scan = scan_images(images, "image folder")
+    require_images(scan, "image folder")
+    allow_image_pixels(max_image_pixels)
+    relpaths = [f.relative_to(images).as_posix() for f in scan.files]
     not_images = [[p.relative_to(images).as_posix(), f"not an image file (extension {p.suffix or 'none'})"]
-                  for p in sorted(others, key=lambda p: p.relative_to(images).as_posix())]
+                  for p in scan.others] + [list(item) for item in scan.skipped]
     preprocessing = Preprocessing(resolution, resize)
     grid = (resolution // patch, resolution // patch) if dense else None
     torch_dtype = DTYPES[dtype]
@@ -373,42 +425,95 @@ def embed_folder(images: str | os.PathLike, out: str | os.PathLike, model, *, de
         "candidates_sha256": _sha256_lines(relpaths), "fingerprint": model.fingerprint,
         "preprocessing": preprocessing.to_dict(), "dtype": {"fp16": "float16", "fp32": "float32"}[dtype],
         "dense": dense, "batch_size": batch_size, "part_size": part_size, "parts_per_shard": parts_per_shard,
+        "max_image_pixels": max_image_pixels,
         "n_parts": n_parts, "n_shards": n_shards, "dim": backbone.embed_dim, "grid": list(grid) if grid else None,
     }
     plan_sha = _sha256_lines([json.dumps(plan, sort_keys=True)])
-    partial = out / PARTIAL
     is_main = dist.rank() == 0
 
     # ---------------------------------------------------------------- the state of --out
-    if (out / MANIFEST).is_file():
-        try:
-            existing = json.loads((out / MANIFEST).read_text())
-        except (OSError, json.JSONDecodeError):
-            existing = {}
-        previous = existing.get("plan", {})
-        if _same_plan(previous, plan) and not overwrite:
-            return EmbedSummary(out, len(existing["files"]), existing["skipped"], time.perf_counter() - started, 0.0,
-                                model.description, reused=True)
-        if not overwrite:
-            raise UserError(f"--out {out} already holds features made differently ({_plan_difference(previous, plan) or 'unknown'}); "
-                            f"add --overwrite to replace them or choose another --out")
-    elif partial.is_dir() and (partial / "plan.json").is_file() and not overwrite:
-        previous = json.loads((partial / "plan.json").read_text())
-        if not _same_plan(previous, plan):
-            raise UserError(f"--out {out} holds an unfinished embed made differently ({_plan_difference(previous, plan)}); "
-                            f"run the original command again to finish it, or add --overwrite")
-    elif not is_feature_folder(out) and out.exists() and (not out.is_dir() or any(out.iterdir())):
-        # --overwrite replaces feature folders only, never an unrelated folder given by mistake
-        raise UserError(f"--out {out} exists and is not a feature folder; choose another --out (or empty it)")
-    if is_main:
-        if overwrite and out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; choose a folder")
+    if overwrite and os.path.commonpath([os.path.realpath(out), os.path.realpath(images)]) == os.path.realpath(out):
+        raise UserError(f"--out {out} contains the images {images}, which --overwrite would delete; choose another --out")
+    lock = FolderLock(out, "feature folder")
+    reused = dist.on_main(lambda: _open_feature_folder(out, plan, overwrite, lock))
+    if reused is not None:
+        if is_main:
+            lock.release()
+        return EmbedSummary(out, len(reused["files"]), reused["skipped"], time.perf_counter() - started, 0.0,
+                            model.description, reused=True)
+    try:
+        return _embed_parts(images, out, model, plan, plan_sha, relpaths, not_images, scan, preprocessing, grid, dense,
+                            batch_size, part_size, parts_per_shard, n_parts, n_shards, workers, torch_dtype, progress,
+                            say, started)
+    finally:
+        if is_main:
+            lock.release()
+
+
+def _open_feature_folder(out: Path, plan: dict, overwrite: bool, lock: FolderLock) -> Optional[dict]:
+    """Process 0: lock ``out`` and get it ready for this plan. Returns the manifest of a complete
+    folder made the same way (nothing to do), else None with ``.partial/`` prepared. Anything that
+    is not a feature folder is never touched, --overwrite or not."""
+    lock.acquire()
+    try:
+        partial = out / PARTIAL
+        contents = [p for p in out.iterdir() if p.name != LOCK_NAME]
+        if (out / MANIFEST).is_file():
+            try:
+                existing = json.loads((out / MANIFEST).read_text())
+            except (OSError, ValueError):
+                existing = {}
+            previous = existing.get("plan", {}) if isinstance(existing, dict) else {}
+            if _same_plan(previous, plan) and not overwrite:
+                _remove_leftovers(out)  # of an embed killed while it cleaned up
+                return existing
+            if not overwrite:
+                raise UserError(f"--out {out} already holds features made differently "
+                                f"({_plan_difference(previous, plan) or 'unknown'}); add --overwrite to replace them or "
+                                f"choose another --out")
+        elif partial.is_dir() and (partial / "plan.json").is_file() and not overwrite:
+            try:
+                previous = json.loads((partial / "plan.json").read_text())
+            except (OSError, ValueError):
+                previous = {}
+            if not _same_plan(previous, plan):
+                raise UserError(f"--out {out} holds an unfinished embed made differently "
+                                f"({_plan_difference(previous, plan) or 'unknown'}); run the original command again to "
+                                f"finish it, or add --overwrite")
+        elif contents and not is_feature_folder(out):
+            raise UserError(f"--out {out} exists and is not a feature folder; choose another --out (or empty it)")
+        if overwrite:
+            for entry in contents:
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
         partial.mkdir(parents=True, exist_ok=True)
-        for stale in [*partial.glob(".*.tmp"), *out.glob(".*.tmp")]:
-            stale.unlink()
+        _remove_leftovers(out, keep_partial=True)
         if not (partial / "plan.json").is_file():
             atomic.write_json(partial / "plan.json", plan)
-    dist.barrier()
+        return None
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _remove_leftovers(out: Path, keep_partial: bool = False) -> None:
+    """Temporary files of interrupted atomic writes, and ``.partial/`` once the manifest exists."""
+    for stale in [*(out / PARTIAL).glob(".*.tmp"), *out.glob(".*.tmp")]:
+        stale.unlink(missing_ok=True)
+    if not keep_partial and (out / PARTIAL).is_dir():
+        shutil.rmtree(out / PARTIAL, ignore_errors=True)
+
+
+def _embed_parts(images: Path, out: Path, model, plan: dict, plan_sha: str, relpaths: list[str],
+                 not_images: list[list[str]], scan, preprocessing: Preprocessing, grid, dense: bool, batch_size: int,
+                 part_size: int, parts_per_shard: int, n_parts: int, n_shards: int, workers: int,
+                 torch_dtype: torch.dtype, progress: Optional[bool], say: Callable[[str], None],
+                 started: float) -> EmbedSummary:
+    """Embed this process's unfinished parts, then (process 0) assemble the shards and the manifest."""
+    backbone = model.backbone
+    partial = out / PARTIAL
+    is_main = dist.rank() == 0
 
     # ---------------------------------------------------------------- this process's parts
     part_path = lambda k: partial / f"part-{k:05d}.safetensors"  # noqa: E731
@@ -422,6 +527,8 @@ def embed_folder(images: str | os.PathLike, out: str | os.PathLike, model, *, de
     n_todo = sum(len(b) for b in batches)
     if is_main:
         say(f"embedding {len(relpaths)} images from {images} with {model.description}")
+        for line in scan.notes("image folder"):
+            say(line)
         finished = sum(part_path(k).is_file() for k in range(n_parts))
         if finished:
             say(f"resuming: {finished} of {n_parts} parts already done")
@@ -434,6 +541,29 @@ def embed_folder(images: str | os.PathLike, out: str | os.PathLike, model, *, de
 
     show = (progress if progress is not None else sys.stderr.isatty()) and is_main
     bar = tqdm(total=n_todo, unit="img", disable=not show, desc="embed", dynamic_ncols=True)
+    try:
+        forward_s = _run_batches(loader, backbone, preprocessing, device, dense, torch_dtype, relpaths, part_size, todo,
+                                 bar, part_path, grid, plan_sha)
+    except KeyboardInterrupt:
+        finished = sum(part_path(k).is_file() for k in range(n_parts))
+        raise Interrupted(f"{finished} of {n_parts} parts are saved in {partial}; run the same command again to "
+                          f"continue" if is_main else "") from None
+    bar.close()
+    dist.barrier()
+    if is_main:
+        _assemble(out, plan, plan_sha, relpaths, not_images, model, preprocessing, n_parts, parts_per_shard,
+                  n_shards, part_path)
+    dist.barrier()
+    manifest = json.loads((out / MANIFEST).read_text())
+    seconds = time.perf_counter() - started
+    return EmbedSummary(out, len(manifest["files"]), manifest["skipped"], seconds, n_todo / max(seconds, 1e-9),
+                        model.description, resumed_parts=len(done), timings={"forward_s": forward_s})
+
+
+def _run_batches(loader, backbone, preprocessing: Preprocessing, device, dense: bool, torch_dtype, relpaths: list[str],
+                 part_size: int, todo: list[int], bar, part_path, grid, plan_sha: str) -> float:
+    """The forward passes; each part is written as soon as its last batch is done. Returns the
+    seconds spent in forward passes."""
     buffers = {"global": [], "dense": [], "index": [], "skipped": []}
     current = todo[0] if todo else None
     forward_s = 0.0
@@ -459,16 +589,7 @@ def embed_folder(images: str | os.PathLike, out: str | os.PathLike, model, *, de
                 buffers = {"global": [], "dense": [], "index": [], "skipped": []}
                 position = todo.index(part)
                 current = todo[position + 1] if position + 1 < len(todo) else None
-    bar.close()
-    dist.barrier()
-    if is_main:
-        _assemble(out, plan, plan_sha, relpaths, not_images, model, preprocessing, n_parts, parts_per_shard,
-                  n_shards, part_path)
-    dist.barrier()
-    manifest = json.loads((out / MANIFEST).read_text())
-    seconds = time.perf_counter() - started
-    return EmbedSummary(out, len(manifest["files"]), manifest["skipped"], seconds, n_todo / max(seconds, 1e-9),
-                        model.description, resumed_parts=len(done), timings={"forward_s": forward_s})
+    return forward_s
 
 
 def _device() -> torch.device:
@@ -542,16 +663,15 @@ def is_feature_folder(path: str | os.PathLike) -> bool:
     return (path / MANIFEST).is_file() or (path / PARTIAL).is_dir()
 
 
-def cache_dir(images: str | os.PathLike, model, root: str | os.PathLike = "features") -> Path:
+def cache_dir(images: str | os.PathLike, model, root: str | os.PathLike = "features", dense: bool = True) -> Path:
     """Where commands that take images keep their features: ``features/<model>-<fingerprint>/<folder>-<hash>``
-    (the hash of the folder's absolute path keeps two folders of the same name apart)."""
-    absolute = os.path.abspath(images)
+    (the hash of the folder's absolute path keeps two folders of the same name apart), with
+    ``-global`` appended for global features alone (``eval knn``)."""
     source = model.info.get("path") or model.info["arch"]
     label = Path(source).parent.name if model.info["source"] in ("run", "run-checkpoint") else model.info["source"]
     if model.info["source"] == "random-init":
         label = "random-" + Path(source).name
-    tail = "-".join(Path(absolute).parts[-3:]).replace("/", "")
-    return Path(root) / f"{label}-{model.fingerprint[:8]}" / f"{tail}-{hashlib.sha256(absolute.encode()).hexdigest()[:6]}"
+    return Path(root) / f"{label}-{model.fingerprint[:8]}" / (folder_label(images) + ("" if dense else "-global"))
 
 
 def features_or_embed(path: str | os.PathLike, get_model: Callable[[], object], *, dense: bool, what: str,
@@ -561,7 +681,7 @@ def features_or_embed(path: str | os.PathLike, get_model: Callable[[], object], 
     if is_feature_folder(path):
         return Features(path, what)
     model = get_model()
-    out = cache_dir(path, model)
+    out = cache_dir(path, model, dense=dense)
     summary = embed_folder(path, out, model, dense=dense, say=say, **embed_options)
     if summary.reused:
         say(f"{what}: using the features of {path} already in {out}")

@@ -118,17 +118,37 @@ def load_set_model(run_dir: str | os.PathLike) -> SetModel:
 
 
 # ---------------------------------------------------------------------------------------- objects
+def check_object_id(object_id: str, where: str = "--object") -> str:
+    """Refuse an object id the gallery cannot store and find again: empty or blank, with a control
+    character (a newline would split objects.txt), or not valid UTF-8."""
+    from mlsctl.data.images import name_problem, printable_name
+
+    if not object_id or not object_id.strip():
+        raise UserError(f"{where} {object_id!r} is empty or blank; give each object a visible id")
+    problem = name_problem(object_id)
+    if problem:
+        raise UserError(f"{where} '{printable_name(object_id)}' {problem}; object ids are single-line text")
+    return object_id
+
+
 def object_folders(root: str | os.PathLike) -> dict[str, list[Path]]:
-    """``ROOT/<object_id>/*`` images, files sorted by name (the folding order)."""
-    from mlsctl.data.images import find_images
+    """``ROOT/<object_id>/*`` images, files sorted by name (the folding order). Files whose names
+    cannot be stored are skipped and reported (see :func:`~mlsctl.data.images.scan_images`)."""
+    import logging
+
+    from mlsctl.data.images import require_images, scan_images
 
     root = Path(root)
+    scan = scan_images(root, "gallery images")
+    require_images(scan, "gallery images")
+    for line in scan.notes("gallery images"):
+        logging.getLogger("mlsctl").warning(line)
     groups: dict[str, list[Path]] = {}
-    for path in find_images(root, "gallery images"):
+    for path in scan.files:
         rel = path.relative_to(root)
         if len(rel.parts) < 2:
             raise UserError(f"{path} is not inside an object folder; put each object's images in {root}/<object_id>/")
-        groups.setdefault(rel.parts[0], []).append(path)
+        groups.setdefault(check_object_id(rel.parts[0], "object folder"), []).append(path)
     return {k: sorted(v) for k, v in sorted(groups.items())}
 
 
@@ -220,29 +240,38 @@ def unit_rows(latents: torch.Tensor) -> np.ndarray:
 class Gallery:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        manifest = self.path / MANIFEST
-        if not manifest.is_file():
-            raise UserError(f"{self.path} is not a gallery (no {MANIFEST}); build one with mlsctl index build")
-        try:
-            self.manifest = json.loads(manifest.read_text())
-        except json.JSONDecodeError as exc:
-            raise UserError(f"{manifest} is damaged ({exc}); rebuild the gallery with mlsctl index build") from None
-        if self.manifest.get("kind") != "mlsctl-gallery":
-            raise UserError(f"{manifest} is not an mlsctl gallery manifest")
-        if self.manifest.get("format_version", 0) > GALLERY_FORMAT_VERSION:
-            raise UserError(f"{self.path} was written by a newer mlsctl; upgrade mlsctl")
+        self.manifest = read_manifest(self.path)
         from safetensors.torch import load_file
 
         import faiss
 
-        self.ids = (self.path / "objects.txt").read_text().splitlines()
-        state = load_file(str(self.path / "latents.safetensors"))
-        self.latents, self.counts = state["latent"], state["count"]
-        self.index = faiss.read_index(str(self.path / "index.faiss"))
+        rebuild = "rebuild the gallery with mlsctl index build"
+        try:
+            self.ids = _read_ids(self.path / "objects.txt")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserError(f"{self.path / 'objects.txt'} cannot be read ({getattr(exc, 'strerror', None) or exc}); "
+                            f"{rebuild}") from None
+        try:
+            state = load_file(str(self.path / "latents.safetensors"))
+            self.latents, self.counts = state["latent"], state["count"]
+        except Exception as exc:  # missing, truncated, foreign
+            raise UserError(f"{self.path / 'latents.safetensors'} cannot be read ({_first_line(exc)}); {rebuild}") from None
+        if self.latents.ndim != 2 or self.counts.shape != (len(self.latents),):
+            raise UserError(f"{self.path / 'latents.safetensors'} holds tensors of the wrong shape; {rebuild}")
+        index_path = self.path / "index.faiss"
+        if not index_path.is_file():
+            raise UserError(f"{index_path} is missing; {rebuild}")
+        try:
+            self.index = faiss.read_index(str(index_path))
+        except Exception as exc:  # faiss raises RuntimeError with its C++ message for any junk
+            raise UserError(f"{index_path} is not a faiss index ({_first_line(exc)}); {rebuild}") from None
         self.settings = IndexSettings(**self.manifest["index"])
         if not (len(self.ids) == len(self.latents) == self.index.ntotal == self.manifest["objects"]):
             raise UserError(f"{self.path} is inconsistent ({len(self.ids)} ids, {len(self.latents)} latents, "
-                            f"{self.index.ntotal} indexed); rebuild it with mlsctl index build")
+                            f"{self.index.ntotal} indexed); {rebuild}")
+        if self.index.d != self.latents.shape[1]:
+            raise UserError(f"{index_path} indexes {self.index.d} dimensions, the latents have {self.latents.shape[1]}; "
+                            f"{rebuild}")
         self.row_of = {object_id: i for i, object_id in enumerate(self.ids)}
 
     @property
@@ -263,6 +292,7 @@ class Gallery:
 
     def add(self, model: SetModel, object_id: str, images: Sequence) -> tuple[bool, int]:
         """Fold ``images`` into ``object_id`` (created when new); returns (created, images now folded)."""
+        check_object_id(object_id)
         self.check_model(model)
         cls, tokens = model.image_tokens(images)
         row = self.row_of.get(object_id)
@@ -284,6 +314,47 @@ class Gallery:
 
     def _save(self) -> None:
         save(self.path, self.ids, self.latents, self.counts, self.index, self.manifest)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+
+
+def _read_ids(path: Path) -> list[str]:
+    """objects.txt: one id per line (ids never hold a line break: :func:`check_object_id`)."""
+    text = path.read_text(encoding="utf-8")
+    return text.split("\n")[:-1] if text.endswith("\n") else (text.split("\n") if text else [])
+
+
+def read_manifest(path: Path) -> dict:
+    """gallery.json, checked for the fields and types the gallery needs."""
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise UserError(f"{path} is not a gallery (no {MANIFEST}); build one with mlsctl index build")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{manifest_path} is damaged ({exc}); rebuild the gallery with mlsctl index build") from None
+    if not isinstance(manifest, dict) or manifest.get("kind") != "mlsctl-gallery":
+        raise UserError(f"{manifest_path} is not an mlsctl gallery manifest")
+    version = manifest.get("format_version")
+    if not isinstance(version, int):
+        raise UserError(f"{manifest_path} is damaged (no integer format_version); rebuild the gallery")
+    if version > GALLERY_FORMAT_VERSION:
+        raise UserError(f"{path} was written by a newer mlsctl; upgrade mlsctl")
+    model, index = manifest.get("model"), manifest.get("index")
+    known = set(IndexSettings().to_dict())
+    problem = None
+    if not (isinstance(model, dict) and isinstance(model.get("fingerprint"), str) and isinstance(model.get("run"), str)):
+        problem = "'model' must hold the run and fingerprint"
+    elif not (isinstance(index, dict) and set(index) <= known and index.get("kind") in ("flat", "ivfpq")
+              and all(v is None or (isinstance(v, int) and not isinstance(v, bool)) for k, v in index.items() if k != "kind")):
+        problem = "'index' must hold kind flat|ivfpq and integer settings"
+    elif not (isinstance(manifest.get("objects"), int) and manifest["objects"] >= 0):
+        problem = "'objects' must be a count"
+    if problem:
+        raise UserError(f"{manifest_path} is damaged ({problem}); rebuild the gallery with mlsctl index build")
+    return manifest
 
 
 def save(path: Path, ids: list[str], latents: torch.Tensor, counts: torch.Tensor, index, manifest: dict) -> None:
@@ -353,8 +424,8 @@ def build_gallery(source: str | os.PathLike, model: SetModel, out: str | os.Path
     latents_t = torch.stack(latents)
     index = build_index(latents_t, settings)
     manifest = {"kind": "mlsctl-gallery", "format_version": GALLERY_FORMAT_VERSION, "mlsctl_version": __version__,
-                "source": str(Path(source)),
-                "model": {"run": model.run, "step": model.step, "fingerprint": model.fingerprint, "attend": model.attend,
+                "source": os.path.abspath(source),
+                "model": {"run": os.path.abspath(model.run), "step": model.step, "fingerprint": model.fingerprint, "attend": model.attend,
                           "dim": model.dim, "resolution": model.resolution, "arch": model.backbone.info["arch"]},
                 "index": settings.to_dict(), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     save(out, ids, latents_t, torch.tensor(counts), index, manifest)
@@ -374,7 +445,7 @@ def newest_gallery(root: str | os.PathLike = ".", max_depth: int = 4) -> Optiona
             try:
                 if json.loads(path.read_text()).get("kind") != "mlsctl-gallery":
                     continue
-            except (OSError, json.JSONDecodeError):
+            except (OSError, ValueError, AttributeError):
                 continue
             stamp = path.stat().st_mtime
             if stamp > best_time:

@@ -19,12 +19,17 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Optional
 
 from mlsctl.errors import UserError
 
 RUN_FORMAT_VERSION = 1
+
+# What mlsctl pretrain writes in a run folder; `--overwrite` removes these and nothing else.
+RUN_ENTRIES = ("config.yaml", "metrics.jsonl", "train.log", "summary.json", "images.txt", "teacher.safetensors",
+               "teacher_adapters", "checkpoints")
 
 
 class Checkpoint:
@@ -41,8 +46,11 @@ class Checkpoint:
     def state(self) -> dict:
         try:
             state = json.loads(self.state_path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, ValueError) as exc:
             raise UserError(f"checkpoint {self.path} is damaged ({exc}); delete it to fall back to an earlier one") from None
+        if not (isinstance(state, dict) and isinstance(state.get("step"), int) and isinstance(state.get("format_version"), int)):
+            raise UserError(f"checkpoint {self.path} is damaged (its state.json lacks an integer step or format_version); "
+                            f"delete it to fall back to an earlier one")
         if state.get("format_version", 0) > RUN_FORMAT_VERSION:
             raise UserError(f"checkpoint {self.path} was written by a newer mlsctl (format {state['format_version']}); upgrade mlsctl")
         return state
@@ -67,6 +75,45 @@ class Run:
     teacher_weights_path = property(lambda self: self.root / "teacher.safetensors")
     teacher_adapters_path = property(lambda self: self.root / "teacher_adapters")
     images_path = property(lambda self: self.root / "images.txt")
+
+    def is_run(self) -> bool:
+        """Whether the folder holds an mlsctl run: a config.yaml that reads as a recipe."""
+        if not self.config_path.is_file():
+            return False
+        from mlsctl import config as config_lib
+
+        try:
+            config_lib.load_recipe(str(self.config_path))
+        except UserError:
+            return False
+        return True
+
+    def own_entries(self) -> list[Path]:
+        """The entries of the folder that mlsctl pretrain writes (see :data:`RUN_ENTRIES`), with the
+        temporary files of interrupted atomic writes."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p for p in self.root.iterdir()
+                      if p.name in RUN_ENTRIES
+                      or (p.name.endswith(".tmp") and any(p.name.startswith("." + e) for e in RUN_ENTRIES)))
+
+    def remove_own_entries(self) -> list[str]:
+        """Delete what :meth:`own_entries` lists; returns the names of the other entries, which stay."""
+        from mlsctl.locks import LOCK_NAME
+
+        for entry in self.own_entries():
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        return sorted(p.name for p in self.root.iterdir() if p.name != LOCK_NAME)
+
+    def image_list(self) -> Optional[list[str]]:
+        """The lines of images.txt (relative paths, line i = image_id i), or None without one."""
+        if not self.images_path.is_file():
+            return None
+        text = self.images_path.read_text(encoding="utf-8")
+        return text.split("\n")[:-1] if text.endswith("\n") else (text.split("\n") if text else [])
 
     def checkpoints(self) -> list[Checkpoint]:
         """Complete checkpoints (their state.json exists), oldest first."""

@@ -33,7 +33,8 @@ from mlsctl import __version__, atomic, config as config_lib, dist, methods
 from mlsctl.bank import save_banks
 from mlsctl.data.images import ImageFolder, SkipLog
 from mlsctl.data.loader import StepBatchSampler, make_loader
-from mlsctl.errors import UserError
+from mlsctl.errors import Interrupted, UserError
+from mlsctl.locks import LOCK_NAME, FolderLock
 from mlsctl.runs import RUN_FORMAT_VERSION, Checkpoint, Run, checkpoint_dirname
 from mlsctl.schedules import Schedule, cosine
 
@@ -74,6 +75,14 @@ def _accelerator(recipe):
     return Accelerator(mixed_precision=precision, kwargs_handlers=[ddp], cpu=multi_cpu)
 
 
+class _RunLogHandler(logging.FileHandler):
+    """train.log. A write that fails (a full disk) is dropped quietly: the next checkpoint or
+    metrics line meets the same cause and reports it in one sentence, without a logging traceback."""
+
+    def handleError(self, record) -> None:  # noqa: N802 - logging's name
+        pass
+
+
 def _setup_logging(run: Run, is_main: bool, rank: int, interactive: bool) -> None:
     """``mlsctl`` logger: console (warnings only on other ranks) + train.log. The per-step
     ``mlsctl.progress`` lines go to train.log, and to the console only when there is no progress bar."""
@@ -88,7 +97,7 @@ def _setup_logging(run: Run, is_main: bool, rank: int, interactive: bool) -> Non
     console.setLevel(logging.INFO if is_main else logging.WARNING)
     log.addHandler(console)
     if is_main:
-        file_handler = logging.FileHandler(run.log_path)
+        file_handler = _RunLogHandler(run.log_path, encoding="utf-8")
         file_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
         log.addHandler(file_handler)
         progress_log.addHandler(file_handler)
@@ -96,22 +105,96 @@ def _setup_logging(run: Run, is_main: bool, rank: int, interactive: bool) -> Non
             progress_log.addHandler(console)
 
 
-def _prepare_run_dir(run: Run, recipe, *, resume: bool, overwrite: bool, is_main: bool) -> None:
-    if not is_main:
-        return
-    root = run.root
-    if resume:
-        return
-    if root.exists() and not root.is_dir():
-        raise UserError(f"--out {root} is a file; choose a folder")
-    if root.exists() and any(root.iterdir()):
-        if not overwrite:
-            raise UserError(f"--out {root} is not empty: add --resume to continue it, --overwrite to replace it, "
-                            f"or choose another --out")
-        for child in root.iterdir():
-            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
-    root.mkdir(parents=True, exist_ok=True)
-    config_lib.save_recipe(recipe, run.config_path)
+def _close_logging() -> None:
+    for logger in (log, progress_log):
+        for handler in list(logger.handlers):
+            handler.close()
+            logger.removeHandler(handler)
+
+
+def _check_nothing_precious_inside(out: Path, recipe, recipe_source: str, init_from: Optional[str]) -> None:
+    """--overwrite never deletes a folder holding the data, the recipe or the weights of this start."""
+    inputs = [("data.root", recipe.data.root), ("the recipe", recipe_source), ("model.weights", recipe.model.weights),
+              ("--init-from", init_from), ("method.objects_file", getattr(recipe.method, "objects_file", None))]
+    out_real = os.path.realpath(out)
+    for name, path in inputs:
+        if path and os.path.commonpath([out_real, os.path.realpath(path)]) == out_real:
+            raise UserError(f"--out {out} contains {name} ({path}), which --overwrite would delete; choose another "
+                            f"--out, or move {name} out of it")
+
+
+def _same_images(run: Run, saved, recipe, folder: ImageFolder) -> None:
+    """--resume: data.root (moved or not) must hold the images the run was trained on."""
+    recorded = run.image_list()
+    listed = folder.relpaths()
+    if recorded is None:
+        if saved.data.root == recipe.data.root:
+            return  # a run written before images.txt existed: nothing to compare with
+        raise UserError(f"{run.root} has no images.txt to check the new data.root {recipe.data.root} against; resume "
+                        f"with data.root={saved.data.root}, or start a new run")
+    if recorded != listed:
+        differs = next((i for i, (a, b) in enumerate(zip(recorded, listed)) if a != b), min(len(recorded), len(listed)))
+        example = (f"image {differs} is {listed[differs]!r}, was {recorded[differs]!r}"
+                   if differs < min(len(recorded), len(listed)) else "the lists differ at their end")
+        raise UserError(f"data.root {recipe.data.root} holds {len(listed)} images, but the run was trained on the "
+                        f"{len(recorded)} listed in {run.images_path} ({example}); resume with the same images, or "
+                        f"start a new run with another --out")
+
+
+def _open_run_dir(run: Run, recipe, folder: ImageFolder, lock: FolderLock, *, resume: bool,
+                  overwrite: bool) -> Optional[str]:
+    """Process 0, after every input has been validated: lock the run folder, then either check it
+    for --resume (returns the checkpoint to continue from) or prepare it for a new run (an
+    earlier run in it is replaced only with --overwrite, and only its own files)."""
+    lock.acquire()
+    try:
+        if resume:
+            if not run.config_path.is_file():
+                raise UserError(f"nothing to resume in {run.root} (no config.yaml); drop --resume to start a new run")
+            saved = config_lib.absolute_paths(config_lib.load_recipe(str(run.config_path)))
+            changed = [k for k in config_lib.differences(saved, recipe) if k not in RESUME_SAFE_KEYS]
+            if changed:
+                raise UserError(f"the recipe differs from {run.config_path} at {', '.join(changed[:5])}; resume "
+                                f"continues the saved run as it was: drop those changes, or start a new run with --out")
+            latest = run.latest()
+            if latest is None:
+                raise UserError(f"nothing to resume in {run.root} (no complete checkpoint); drop --resume and add "
+                                f"--overwrite to start again")
+            _same_images(run, saved, recipe, folder)
+            for stale in run.checkpoints_dir.glob(".step-*.tmp"):
+                shutil.rmtree(stale, ignore_errors=True)
+            if config_lib.differences(saved, recipe):
+                config_lib.save_recipe(recipe, run.config_path)  # data.root moved, logging settings changed
+            return str(latest.path)
+        others = [p.name for p in run.root.iterdir() if p.name != LOCK_NAME]
+        if others:
+            if not overwrite:
+                raise UserError(f"--out {run.root} is not empty: add --resume to continue it, --overwrite to replace "
+                                f"it, or choose another --out")
+            if not run.is_run():
+                shown = ", ".join(sorted(others)[:4]) + (", ..." if len(others) > 4 else "")
+                raise UserError(f"--out {run.root} is not an mlsctl run (it holds {shown}); --overwrite only replaces "
+                                f"runs: choose another --out")
+            kept = run.remove_own_entries()
+            if kept:
+                print(f"mlsctl: replaced the run in {run.root}; kept {len(kept)} entr{'ies' if len(kept) > 1 else 'y'} "
+                      f"that pretrain did not write ({', '.join(kept[:4])}{', ...' if len(kept) > 4 else ''})",
+                      file=sys.stderr)
+        config_lib.save_recipe(recipe, run.config_path)
+        return None
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _undo_start(run: Run) -> None:
+    """A new run that failed before its first checkpoint leaves --out as it found it."""
+    _close_logging()
+    for entry in run.own_entries():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
 
 
 def _seed_everything(seed: int) -> None:
@@ -162,6 +245,18 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([torch.frombuffer(bytearray(s), dtype=torch.uint8) for s in state["cuda"]])
 
 
+def _write_file(path: Path, writer) -> None:
+    """``writer(path)``; a library's opaque failure is raised as the OSError behind it (full disk,
+    file-size limit) with the path."""
+    try:
+        writer(path)
+    except OSError:
+        raise
+    except Exception as exc:
+        atomic.explain_write_failure(exc, path, path)
+        raise
+
+
 def save_checkpoint(run: Run, step: int, method, optimizer, accelerator, recipe, keep: int) -> Optional[Path]:
     """Write checkpoint ``step`` atomically (a temporary folder renamed into place)."""
     from safetensors.torch import save_file
@@ -177,21 +272,26 @@ def save_checkpoint(run: Run, step: int, method, optimizer, accelerator, recipe,
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    state_dict = {k: v.detach().cpu().contiguous() for k, v in method.state_dict().items()}
-    save_file(state_dict, str(tmp / "model.safetensors"), metadata={"format_version": str(RUN_FORMAT_VERSION)})
-    save_banks(method.banks(), tmp / "banks.safetensors")
-    optimizer_state = {"optimizer": optimizer.state_dict()}
-    if accelerator.scaler is not None:
-        optimizer_state["scaler"] = accelerator.scaler.state_dict()
-    torch.save(optimizer_state, tmp / "optimizer.pt")
-    torch.save(rng_states, tmp / "rng.pt")
-    state = {"format_version": RUN_FORMAT_VERSION, "step": step, "epoch": method.schedule.epoch(step),
-             "total_steps": method.schedule.total_steps, "method": recipe.method.name,
-             "world_size": accelerator.num_processes, "mlsctl_version": __version__, "torch_version": torch.__version__}
-    atomic.write_json(tmp / "state.json", state)
-    for f in tmp.iterdir():
-        with open(f, "rb") as handle:
-            os.fsync(handle.fileno())
+    try:
+        state_dict = {k: v.detach().cpu().contiguous() for k, v in method.state_dict().items()}
+        _write_file(tmp / "model.safetensors", lambda path: save_file(
+            state_dict, str(path), metadata={"format_version": str(RUN_FORMAT_VERSION)}))
+        save_banks(method.banks(), tmp / "banks.safetensors")
+        optimizer_state = {"optimizer": optimizer.state_dict()}
+        if accelerator.scaler is not None:
+            optimizer_state["scaler"] = accelerator.scaler.state_dict()
+        _write_file(tmp / "optimizer.pt", lambda path: torch.save(optimizer_state, path))
+        _write_file(tmp / "rng.pt", lambda path: torch.save(rng_states, path))
+        state = {"format_version": RUN_FORMAT_VERSION, "step": step, "epoch": method.schedule.epoch(step),
+                 "total_steps": method.schedule.total_steps, "method": recipe.method.name,
+                 "world_size": accelerator.num_processes, "mlsctl_version": __version__, "torch_version": torch.__version__}
+        atomic.write_json(tmp / "state.json", state)
+        for f in tmp.iterdir():
+            with open(f, "rb") as handle:
+                os.fsync(handle.fileno())
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed write (full disk) leaves no half checkpoint behind
+        raise
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -201,27 +301,68 @@ def save_checkpoint(run: Run, step: int, method, optimizer, accelerator, recipe,
     return final
 
 
+def _damaged(checkpoint: Checkpoint, name: str, why: str) -> UserError:
+    return UserError(f"{checkpoint.path / name} {why}; delete {checkpoint.path} to resume from the checkpoint before it, "
+                     f"or start a new run", exit_code=1)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+
+
+def _load_weights_only(checkpoint: Checkpoint, path: Path):
+    """``torch.load(weights_only=True)`` of a checkpoint file; a damaged or foreign file (one
+    holding objects other than tensors and plain values) is one sentence."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise _damaged(checkpoint, path.name, "is missing") from None
+    except pickle.UnpicklingError:
+        # torch's message suggests weights_only=False, which would run the file's code: never
+        raise _damaged(checkpoint, path.name, "holds objects other than tensors and plain values (it was not "
+                                              "written by mlsctl, or was tampered with), so it is not loaded") from None
+    except Exception as exc:  # truncated zip, not a torch file
+        raise _damaged(checkpoint, path.name, f"is damaged ({_first_line(exc)})") from None
+
+
 def load_checkpoint(checkpoint: Checkpoint, method, optimizer, accelerator) -> dict:
     from safetensors.torch import load_file
 
     from mlsctl.bank import read_bank_states
 
     state = checkpoint.state()
-    if state["world_size"] != accelerator.num_processes:
-        raise UserError(f"{checkpoint.path} was written by {state['world_size']} processes; resume with the same number "
-                        f"(accelerate launch --num_processes {state['world_size']} -m mlsctl pretrain ...)")
-    method.load_state_dict(load_file(str(checkpoint.model_path)), strict=True)
-    bank_states = read_bank_states(checkpoint.banks_path)
+    if state.get("world_size") != accelerator.num_processes:
+        raise UserError(f"{checkpoint.path} was written by {state.get('world_size')} processes; resume with the same "
+                        f"number (accelerate launch --num_processes {state.get('world_size')} -m mlsctl pretrain ...)")
+    try:
+        weights = load_file(str(checkpoint.model_path))
+        method.load_state_dict(weights, strict=True)
+    except Exception as exc:
+        raise _damaged(checkpoint, checkpoint.model_path.name, f"cannot be loaded ({_first_line(exc)})") from None
+    try:
+        bank_states = read_bank_states(checkpoint.banks_path)
+    except Exception as exc:
+        raise _damaged(checkpoint, checkpoint.banks_path.name, f"cannot be read ({_first_line(exc)})") from None
     banks = method.banks()
     if set(bank_states) != set(banks):
         raise UserError(f"{checkpoint.banks_path} holds banks {sorted(bank_states)}, the method has {sorted(banks)}")
     for name, bank in banks.items():
-        bank.load_state_dict(bank_states[name])
-    optimizer_state = torch.load(checkpoint.optimizer_path, map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(optimizer_state["optimizer"])
-    if "scaler" in optimizer_state and accelerator.scaler is not None:
-        accelerator.scaler.load_state_dict(optimizer_state["scaler"])
-    rng_states = torch.load(checkpoint.rng_path, map_location="cpu", weights_only=True)
+        try:
+            bank.load_state_dict(bank_states[name])
+        except ValueError as exc:
+            raise _damaged(checkpoint, checkpoint.banks_path.name, f"does not fit bank '{name}' ({exc})") from None
+    optimizer_state = _load_weights_only(checkpoint, checkpoint.optimizer_path)
+    try:
+        optimizer.load_state_dict(optimizer_state["optimizer"])
+        if "scaler" in optimizer_state and accelerator.scaler is not None:
+            accelerator.scaler.load_state_dict(optimizer_state["scaler"])
+    except Exception as exc:
+        raise _damaged(checkpoint, checkpoint.optimizer_path.name, f"does not fit the optimizer ({_first_line(exc)})") from None
+    rng_states = _load_weights_only(checkpoint, checkpoint.rng_path)
+    if not isinstance(rng_states, list) or len(rng_states) <= accelerator.process_index:
+        raise _damaged(checkpoint, checkpoint.rng_path.name, "does not hold the random states of every process")
     state["rng"] = rng_states[accelerator.process_index]
     return state
 
@@ -301,55 +442,83 @@ def _check_ema_pairs(pairs) -> None:
 def pretrain(recipe, out: str | Path, *, resume: bool = False, init_from: Optional[str] = None,
              overwrite: bool = False, recipe_source: str = "recipe") -> RunSummary:
     run = Run(out)
+    recipe = config_lib.absolute_paths(recipe)  # config.yaml is read from any working directory
     method_cls = methods.method_class(recipe.method.name)
     _check_recipe(recipe, method_cls, recipe_source)
     if resume and init_from:
         raise UserError("--resume continues a run exactly and --init-from starts a new one from weights; use one")
+    if resume and overwrite:
+        raise UserError("--resume continues the run in --out and --overwrite replaces it; use one")
+    if run.root.exists() and not run.root.is_dir():
+        raise UserError(f"--out {run.root} is a file; choose a folder")
+    if overwrite:
+        _check_nothing_precious_inside(run.root, recipe, recipe_source, init_from)
 
-    # Resume: the saved config decides; a changed recipe would not continue the same run.
-    resume_from = None
-    if resume:
-        if not run.config_path.is_file():
-            raise UserError(f"nothing to resume in {run.root} (no config.yaml); drop --resume to start a new run")
-        saved = config_lib.load_recipe(str(run.config_path))
-        changed = [k for k in config_lib.differences(saved, recipe) if k not in RESUME_SAFE_KEYS]
-        if changed:
-            raise UserError(f"the recipe differs from {run.config_path} at {', '.join(changed[:5])}; resume continues "
-                            f"the saved run as it was: drop those changes, or start a new run with --out")
-        resume_from = run.latest()
-        if resume_from is None:
-            raise UserError(f"nothing to resume in {run.root} (no complete checkpoint); drop --resume and add --overwrite to start again")
-
+    # Everything is validated before --out is touched: data, model, weights.
     accelerator = _accelerator(recipe)
     is_main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
-    try:
-        _prepare_run_dir(run, recipe, resume=resume, overwrite=overwrite, is_main=is_main)
-    finally:
-        dist.barrier()
-    interactive = sys.stderr.isatty()
-    _setup_logging(run, is_main, rank, interactive)
     _seed_everything(recipe.seed + rank)
-
-    # Data.
-    folder = ImageFolder(recipe.data.root, "data.root")
-    if is_main and not run.images_path.is_file():
-        atomic.write_text(run.images_path, "".join(f"{folder.relpath(i)}\n" for i in range(len(folder))))
+    folder = ImageFolder(recipe.data.root, "data.root", recipe.data.max_image_pixels)
     dataset, collate_fn = method_cls.build_dataset(recipe, folder)
     probe = StepBatchSampler(len(dataset), recipe.optim.batch_size, world_size=world, rank=rank, seed=recipe.seed)
     schedule = Schedule(probe.steps_per_epoch, recipe.optim.epochs)
-    total_steps = schedule.total_steps
-
-    # Method and optimiser.
     torch.manual_seed(recipe.seed)  # identical initial weights on every process
     method = method_cls(recipe, schedule).to(accelerator.device)
-    for bank in method.banks().values():
+    for name, bank in method.banks().items():
         bank.to(accelerator.device)
+        bank.name = name
     _check_ema_pairs(method.ema_pairs())
     groups = param_groups(method)
-    betas = tuple(recipe.optim.betas)
-    optimizer = torch.optim.AdamW(groups, lr=0.0, betas=betas, weight_decay=recipe.optim.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=0.0, betas=tuple(recipe.optim.betas), weight_decay=recipe.optim.weight_decay)
+    initialised = _load_initial_weights(method, init_from) if init_from and not resume else None
+
+    lock = FolderLock(run.root, "run")
+    resume_from = dist.on_main(lambda: _open_run_dir(run, recipe, folder, lock, resume=resume, overwrite=overwrite))
+    try:
+        _setup_logging(run, is_main, rank, sys.stderr.isatty())
+        if is_main:
+            for line in folder.scan.notes("data.root"):
+                log.warning(line)
+        if initialised:
+            log.info(f"initialised {initialised}")
+        summary = _train(run, recipe, accelerator, folder, dataset, collate_fn, schedule, method, optimizer, groups,
+                         Checkpoint(Path(resume_from)) if resume_from else None)
+    except KeyboardInterrupt:
+        message = _interrupted(run, resume_from is None, is_main)
+        raise Interrupted(message if is_main else "") from None
+    except BaseException as exc:
+        if is_main and resume_from is None and run.latest() is None:
+            _undo_start(run)
+        if isinstance(exc, OSError) and exc.filename is None:  # a write to an open file (metrics.jsonl, train.log)
+            raise OSError(exc.errno, exc.strerror, str(run.root)) from exc
+        raise
+    finally:
+        _close_logging()
+        if is_main:
+            lock.release()
+    return summary
+
+
+def _interrupted(run: Run, fresh: bool, is_main: bool) -> str:
+    """What Ctrl-C leaves behind, and the command that continues."""
+    latest = run.latest()
+    if latest is None:
+        if is_main and fresh:
+            _undo_start(run)
+        return f"nothing was saved (no checkpoint yet) and {run.root} is as it was before this start"
+    return (f"the last checkpoint is step {latest.step} ({latest.path}); continue with: "
+            f"mlsctl pretrain {run.config_path} --out {run.root} --resume")
+
+
+def _train(run: Run, recipe, accelerator, folder: ImageFolder, dataset, collate_fn, schedule: Schedule, method,
+           optimizer, groups, resume_from: Optional[Checkpoint]) -> RunSummary:
+    is_main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
+    interactive = sys.stderr.isatty()
+    total_steps = schedule.total_steps
     trainable = [p for g in groups for p in g["params"]]
     last_layer = method.last_layer_parameters()
+    if is_main and not run.images_path.is_file():
+        atomic.write_text(run.images_path, "".join(f"{path}\n" for path in folder.relpaths()))
 
     start_step, rng_state = 0, None
     if resume_from is not None:
@@ -357,9 +526,6 @@ def pretrain(recipe, out: str | Path, *, resume: bool = False, init_from: Option
         start_step, rng_state = state["step"], state["rng"]
         if is_main:
             _truncate_metrics(run.metrics_path, start_step)
-    elif init_from:
-        loaded = _load_initial_weights(method, init_from)
-        log.info(f"initialised {loaded}")
 
     model, optimizer = accelerator.prepare(method, optimizer)
     batch_global = recipe.optim.batch_size * world

@@ -73,7 +73,8 @@ def pca_figure(images: Sequence[Optional[object]], colours: torch.Tensor, names:
 
 
 def features_pca(features, out: Path, n: int = 16, cell: int = 128) -> Path:
-    """PCA patch maps of the first ``n`` rows of a feature folder, beside their source images."""
+    """PCA patch maps of the first ``n`` rows of a feature folder, beside their source images as the
+    model saw them (resized, and centre-cropped after ``--resize center-crop``)."""
     from mlsctl.data.images import BadImage, load_rgb
     from mlsctl.errors import UserError
 
@@ -82,11 +83,18 @@ def features_pca(features, out: Path, n: int = 16, cell: int = 128) -> Path:
     rows = list(range(min(n, len(features))))
     if not rows:
         raise UserError(f"{features.path} holds no rows")
+    from PIL import Image
+
+    from mlsctl.features import Preprocessing
+
     dense = torch.cat([d for _, d in features.iter_dense(rows)])
+    seen = features.preprocessing
+    model_input = Preprocessing(int(seen.get("resolution", 224)), seen.get("resize", "square"))
     images = []
     for row in rows:
-        try:
-            images.append(load_rgb(features.image_path(row)))
+        try:  # what the model saw: the same resize (and centre crop) as embed
+            pixels = model_input.pixels(load_rgb(features.image_path(row)))
+            images.append(Image.fromarray(pixels.permute(1, 2, 0).numpy()))
         except (BadImage, OSError):
             images.append(None)
     return pca_figure(images, pca_rgb(dense), [features.files[r] for r in rows], out, cell=cell)

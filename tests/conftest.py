@@ -120,6 +120,35 @@ def run_cli(*args: str, cwd: Path | None = None, check: bool = False, timeout: i
     return result
 
 
+def cli(*args: str, cwd: Path | None = None, capsys=None) -> tuple[int, str, str]:
+    """``mlsctl ARGS`` in this process, through the real entry point (``mlsctl.cli.main``): (exit
+    code, stdout, stderr), the output read from pytest's ``capsys``. Much faster than
+    :func:`run_cli` (no interpreter start, torch already imported); use run_cli for signals,
+    resource limits and several processes."""
+    import signal
+
+    from mlsctl.cli import main
+
+    old_argv, old_cwd, old_sigterm = sys.argv, os.getcwd(), signal.getsignal(signal.SIGTERM)
+    sys.argv = ["mlsctl", *args]
+    code = 0
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        if capsys is not None:
+            capsys.readouterr()
+        try:
+            main()
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        sys.argv = old_argv
+        os.chdir(old_cwd)
+        signal.signal(signal.SIGTERM, old_sigterm)
+    out, err = capsys.readouterr() if capsys is not None else ("", "")
+    return code, out, err
+
+
 @pytest.fixture(scope="session")
 def finished_run(tmp_path_factory) -> tuple[Path, Path]:
     """One complete tiny run (2 epochs of 4 steps), shared by the tests of several modules."""

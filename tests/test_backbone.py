@@ -130,7 +130,8 @@ def test_offline_pretrained_fails_with_one_sentence(tmp_path: Path, recipe_file:
     result = subprocess.run([sys.executable, "-m", "mlsctl", "pretrain", str(recipe_file), "model.pretrained=true",
                              "--out", str(tmp_path / "run")], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 2, result.stderr
-    assert "model.pretrained=true could not get timm's weights" in result.stderr
+    assert "model.pretrained=true for 'vit_small_patch16_224'" in result.stderr
+    assert "not in the Hugging Face cache" in result.stderr and "set model.weights" in result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from mlsctl import features as feats
-from mlsctl.errors import UserError
+from mlsctl.errors import Interrupted, UserError
 from mlsctl.features import Features, Preprocessing, embed_folder
 
 from conftest import cli_env, kill_when, make_images, run_cli, tiny_model
@@ -88,11 +88,11 @@ def test_interrupted_embed_resumes_to_identical_tensors(tmp_path: Path, monkeypa
     def dying_write(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 3:
-            raise KeyboardInterrupt  # the process dies while writing its third part
+            raise KeyboardInterrupt  # Ctrl-C while it writes its third part
         real_write(*args, **kwargs)
 
     monkeypatch.setattr(feats, "_write_part", dying_write)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Interrupted, match="2 of 4 parts are saved"):
         embed_folder(images, tmp_path / "cut", model, **options)
     monkeypatch.setattr(feats, "_write_part", real_write)
     assert not (tmp_path / "cut" / "manifest.json").exists()
@@ -184,10 +184,11 @@ def test_cli_model_choice(tmp_path: Path, finished_run):
     (tmp_path / "runs" / "tiny").symlink_to(run_dir)
     default = run_cli("embed", str(images), cwd=tmp_path, check=True)
     assert "model: teacher of run runs/tiny" in default.stderr
-    assert (tmp_path / "features" / "images" / "manifest.json").is_file()
+    default_folder = tmp_path / feats.default_out(images)
+    assert (default_folder / "manifest.json").is_file()
     weights = run_cli("embed", str(images), "--weights", str(run_dir / "teacher.safetensors"), "--out",
                       str(tmp_path / "w"), "--json", check=True)
-    assert json.loads(weights.stdout)["model"]["fingerprint"] == Features(tmp_path / "features" / "images").model["fingerprint"]
+    assert json.loads(weights.stdout)["model"]["fingerprint"] == Features(default_folder).model["fingerprint"]
     random = run_cli("embed", str(images), "--run", str(run_dir), "--random-init", "--out", str(tmp_path / "r"), check=True)
     assert "randomly initialised" in random.stderr
     assert Features(tmp_path / "r").model["fingerprint"] != Features(tmp_path / "w").model["fingerprint"]

@@ -62,6 +62,21 @@ def test_rebuild_is_a_no_op_and_changes_need_overwrite(tmp_path: Path, fake_fmni
     assert len(list((out / "train" / "images").iterdir())) == 4
 
 
+def test_overwrite_never_replaces_a_folder_that_is_not_a_build(tmp_path: Path, fake_fmnist: Path):
+    from mlsctl.data.fmnist_products import build_products
+
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years")
+    with pytest.raises(UserError, match="not a fmnist-scenes folder"):
+        build_scenes(precious, n_train=3, n_val=2, size=40, source=fake_fmnist, overwrite=True, progress=False)
+    scenes = tmp_path / "scenes"
+    build_scenes(scenes, n_train=3, n_val=2, size=40, source=fake_fmnist, progress=False)
+    with pytest.raises(UserError, match="not a fmnist-products folder"):  # another kind of build is not replaced either
+        build_products(scenes, n_train=2, n_eval=2, source=fake_fmnist, overwrite=True)
+    assert (precious / "thesis.tex").read_text() == "years" and (scenes / "meta.json").is_file()
+
+
 def test_cli_builds_scenes(tmp_path: Path, fake_fmnist: Path):
     result = run_cli("data", "fmnist-scenes", "--out", str(tmp_path / "s"), "--n-train", "3", "--n-val", "2",
                      "--size", "40", "--source", str(fake_fmnist), check=True)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_cli, tiny_recipe, write_recipe
+from conftest import cli, run_cli, tiny_recipe, write_recipe
 from mlsctl import config
 from mlsctl.evaluate.retrieval import average_recall, max_pairwise_scores, noisy_sets, ranks, recall_at
 from mlsctl.methods.mile import MILE, CrossBlock, SetEncoder
@@ -225,3 +225,26 @@ def test_eval_retrieval_reports_every_method_and_noise(mile_run, tmp_path):
     for r in results:
         assert 0 <= r["R@1"] <= r["R@10"] <= 1 and r["AR@10"] == pytest.approx(np.mean([r[f"R@{k}"] for k in range(1, 11)]))
         assert r["gallery"] == 6 and r["R@6"] == 1.0  # 6 objects: every target is within 6
+
+
+def test_bad_object_ids_are_refused_and_the_gallery_works_from_any_directory(mile_run, tmp_path, capsys):
+    # built with relative paths from one directory ...
+    code, _, err = cli("index", "build", "gallery", "--run", "run", "--out", str(tmp_path / "g"), cwd=mile_run,
+                       capsys=capsys)
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "g" / "gallery.json").read_text())
+    assert manifest["model"]["run"] == str(mile_run / "run") and manifest["source"] == str(mile_run / "gallery")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "g").iterdir()}
+    photo = str(sorted((mile_run / "query" / "obj1").iterdir())[0])
+    for bad in ("a\nb", "   ", ""):
+        code, _, err = cli("index", "add", str(tmp_path / "g"), "--object", bad, photo, capsys=capsys)
+        assert code == 2 and err.startswith("error: --object") and "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "g").iterdir()} == before
+    # ... and grown and searched from another
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    code, _, err = cli("index", "add", str(tmp_path / "g"), "--object", "new one", photo, cwd=elsewhere, capsys=capsys)
+    assert code == 0, err
+    code, out, err = cli("search", "--set", photo, "--index", str(tmp_path / "g"), "--json", cwd=elsewhere, capsys=capsys)
+    assert code == 0 and json.loads(out)["results"][0]["object"] in ("new one", "obj1")
+    assert (tmp_path / "g" / "objects.txt").read_text().split("\n")[-2] == "new one"

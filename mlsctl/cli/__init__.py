@@ -22,6 +22,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
@@ -34,7 +35,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(version: Optional[bool] = typer.Option(None, "--version", callback=_version, is_eager=True,
-                                                 help="Print the version and exit.")) -> None:
+                                                 help="Print the version and exit."),
+          debug: bool = typer.Option(False, "--debug", help="Show the traceback of an error (anywhere on the command "
+                                                            "line; or set MLSCTL_DEBUG=1).")) -> None:
     pass
 
 
@@ -56,30 +59,6 @@ app.add_typer(_viz.app, name="viz")
 
 # Options that take several values accept them space-separated (``--fraction 1/1 1/8``) as well as
 # repeated (``--fraction 1/1 --fraction 1/8``); click itself only knows the repeated form.
-MULTI_VALUE_OPTIONS = {("eval", "knn"): ("--k",), ("eval", "knn-seg"): ("--fraction",), ("bank", "export"): ("--bank",),
-                       ("search",): ("--set",), ("eval", "retrieval"): ("--noise",)}
-
-
-def expand_multi_values(argv: list[str]) -> list[str]:
-    for path, options in MULTI_VALUE_OPTIONS.items():
-        if tuple(argv[:len(path)]) == path:
-            break
-    else:
-        return argv
-    out: list[str] = []
-    current, pending = None, False
-    for token in argv:
-        if token.startswith("-") and not _is_number(token):
-            current, pending = (token, True) if token in options else (None, False)
-            out.append(token)
-        elif pending:
-            out.append(token)
-            pending = False
-        elif current is not None:
-            out += [current, token]
-        else:
-            out.append(token)
-    return out
 
 
 def _is_number(token: str) -> bool:
@@ -90,12 +69,127 @@ def _is_number(token: str) -> bool:
         return False
 
 
-def main() -> None:
+def _looks_like_option(token: str) -> bool:
+    return token.startswith("-") and len(token) > 1 and not _is_number(token)
+
+
+def _leaf_command(argv: list[str]):
+    """(click command, number of argv tokens naming it) for the command ``argv`` invokes."""
+    command = typer.main.get_command(app)  # typer's own copy of click: its classes are not click's
+    depth = 0
+    while hasattr(command, "commands") and depth < len(argv) and argv[depth] in command.commands:
+        command = command.commands[argv[depth]]
+        depth += 1
+    return (None, 0) if hasattr(command, "commands") else (command, depth)
+
+
+def expand_multi_values(argv: list[str]) -> list[str]:
+    """Rewrite the space-separated form of every multi-value option (``--bank a b``) as the repeated
+    form click parses (``--bank a --bank b``). A multi-value option never takes a token that a
+    required positional argument still needs: ``bank export --bank cls runs/X`` gives ``cls`` to
+    ``--bank`` and ``runs/X`` to RUN."""
+    command, depth = _leaf_command(argv)
+    if command is None:
+        return argv
+    options = {name: p for p in command.params if p.param_type_name == "option" for name in p.opts + p.secondary_opts}
+    segments: list[list] = []  # ["raw", token] | ["pos", token] | ["multi", option token, values]
+    rest = argv[depth:]
+    i = 0
+    while i < len(rest):
+        token = rest[i]
+        if token == "--":
+            segments += [["raw", "--"]] + [["pos", t] for t in rest[i + 1:]]
+            break
+        if not _looks_like_option(token):
+            segments.append(["pos", token])
+            i += 1
+            continue
+        option = options.get(token)
+        if option is None or option.is_flag or option.count:
+            segments.append(["raw", token])  # flags, --name=value and unknown options go to click as they are
+            i += 1
+        elif not option.multiple:
+            segments += [["raw", t] for t in rest[i:i + 2]]
+            i += 2
+        else:
+            values = rest[i + 1:i + 2]  # the first token is the value, whatever it looks like
+            j = i + 2
+            while j < len(rest) and not _looks_like_option(rest[j]) and rest[j] != "--":
+                values.append(rest[j])
+                j += 1
+            segments.append(["multi", token, values])
+            i = j
+    needed = sum(1 for p in command.params if p.param_type_name == "argument" and p.required)
+    deficit = needed - sum(1 for s in segments if s[0] == "pos")
+    out = list(argv[:depth])
+    moved: dict[int, list[str]] = {}
+    for n in range(len(segments) - 1, -1, -1):  # the latest values are handed back first
+        if deficit <= 0:
+            break
+        if segments[n][0] == "multi" and len(segments[n][2]) > 1:
+            give = min(deficit, len(segments[n][2]) - 1)
+            moved[n] = segments[n][2][-give:]
+            segments[n][2] = segments[n][2][:-give]
+            deficit -= give
+    for n, segment in enumerate(segments):
+        if segment[0] == "multi":
+            for value in segment[2] or [None]:
+                out += [segment[1]] + ([value] if value is not None else [])
+            out += moved.get(n, [])
+        else:
+            out.append(segment[1])
+    return out
+
+
+def _take_debug_flag(argv: list[str]) -> tuple[list[str], bool]:
+    """``--debug`` anywhere before ``--`` (or MLSCTL_DEBUG=1) shows tracebacks."""
+    import os
+
+    end = argv.index("--") if "--" in argv else len(argv)
+    debug = "--debug" in argv[:end] or os.environ.get("MLSCTL_DEBUG", "") not in ("", "0")
+    return [a for i, a in enumerate(argv) if not (a == "--debug" and i < end)], debug
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (a scheduler ending a job, `kill`) stops a command the way Ctrl-C does: it says what
+    was saved and how to continue."""
+    import signal
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
     try:
-        app(args=expand_multi_values(sys.argv[1:]), prog_name="mlsctl")
+        signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread (an embedding application)
+        pass
+
+
+def main() -> None:
+    from mlsctl.errors import Interrupted, describe_environment_error
+
+    _stop_on_sigterm()
+    argv, debug = _take_debug_flag(sys.argv[1:])
+    try:
+        app(args=expand_multi_values(argv), prog_name="mlsctl")
+    except Interrupted as exc:
+        if exc.message:
+            print(f"interrupted: {exc.message}", file=sys.stderr)
+        sys.exit(130)
     except UserError as exc:
+        if debug:
+            raise
         print(f"error: {exc.message}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
+        if debug:
+            raise
+        message = describe_environment_error(exc)
+        if message is None:
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            message = (f"internal error ({type(exc).__name__}{': ' + first if first else ''}); run the command again "
+                       f"with --debug for the traceback and report it")
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(1)

@@ -9,7 +9,7 @@ import typer
 
 from mlsctl.cli._format import table
 
-app = typer.Typer(help="Look inside the memory banks of a run: health, neighbours, projection, export.",
+app = typer.Typer(rich_markup_mode=None, help="Look inside the memory banks of a run: health, neighbours, projection, export.",
                   no_args_is_help=True)
 
 RUN_ARG = typer.Argument(..., help="Run folder (written by mlsctl pretrain).")
@@ -102,7 +102,7 @@ def neighbors(
 ) -> None:
     """Embed an image with the run's teacher and draw its nearest bank entries as crops of their sources.
 
-    Example: mlsctl bank neighbors runs/cribo_fmnist_quick --query data/fmnist-scenes/val/images/00000.png -k 8 --out grid.png
+    Example: mlsctl bank neighbors runs/cribo_fmnist_quick --query data/fmnist-scenes/val/images/000000.png -k 8 --out grid.png
     """
     from dataclasses import asdict
 

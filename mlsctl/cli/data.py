@@ -5,7 +5,7 @@ from pathlib import Path
 
 import typer
 
-app = typer.Typer(help="Build benchmark data sets.", no_args_is_help=True)
+app = typer.Typer(rich_markup_mode=None, help="Build benchmark data sets.", no_args_is_help=True)
 
 
 @app.command("fmnist-scenes")

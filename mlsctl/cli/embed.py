@@ -13,7 +13,7 @@ from mlsctl.cli import app
 @app.command()
 def embed(
     images: Path = typer.Argument(..., help="Folder of images (searched recursively)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Feature folder [default: features/<images folder name>]."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Feature folder [default: features/<last three parts of the images path>-<hash of it>]."),
     run: Optional[Path] = typer.Option(None, "--run", help="Use the teacher of this run (default: the newest run under ./runs)."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Use this local .safetensors/.pth backbone instead of a run."),
     model: Optional[str] = typer.Option(None, "--model", help="timm architecture of --weights (read from the file when it records it)."),
@@ -26,6 +26,7 @@ def embed(
     workers: int = typer.Option(0, "--workers", "-w", min=0, help="Image-decoding worker processes."),
     dtype: str = typer.Option("fp16", "--dtype", help="Stored precision: fp16 or fp32."),
     part_size: Optional[int] = typer.Option(None, "--part-size", min=1, help="Images per resumable part (a multiple of --batch-size) [default: 8 batches]."),
+    max_image_pixels: int = typer.Option(89_478_485, "--max-image-pixels", min=1, help="Larger images are skipped as decompression bombs (Pillow's own limit)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out when it holds other features."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
 ) -> None:
@@ -48,7 +49,8 @@ def embed(
     out = out if out is not None else default_out(images)
     summary = embed_folder(images, out, choice, dense=dense, resolution=resolution, resize=resize,
                            batch_size=batch_size, workers=workers, dtype=dtype, part_size=part_size,
-                           overwrite=overwrite, say=lambda line: print(line, file=sys.stderr))
+                           overwrite=overwrite, max_image_pixels=max_image_pixels,
+                           say=lambda line: print(line, file=sys.stderr))
     if not main:
         return
     if as_json:

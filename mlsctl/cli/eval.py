@@ -10,7 +10,7 @@ import typer
 
 from mlsctl.cli._format import pct, table
 
-app = typer.Typer(help="Evaluate features: dense k-NN segmentation, image k-NN classification, image-set retrieval.", no_args_is_help=True)
+app = typer.Typer(rich_markup_mode=None, help="Evaluate features: dense k-NN segmentation, image k-NN classification, image-set retrieval.", no_args_is_help=True)
 
 DEFAULT_FRACTIONS = ["1/1", "1/8", "1/64", "1/128"]
 
@@ -144,8 +144,13 @@ def knn_seg(
 
 @app.command("knn")
 def knn(
-    train: Path = typer.Option(..., "--train", help="Training features (a folder from mlsctl embed)."),
-    val: Path = typer.Option(..., "--val", help="Validation features."),
+    train: Path = typer.Option(..., "--train", help="Training features (a folder from mlsctl embed) or images (embedded with --run/--weights, cached)."),
+    val: Path = typer.Option(..., "--val", help="Validation features or images."),
+    run: Optional[Path] = typer.Option(None, "--run", help="Run whose teacher embeds image folders [default: the newest run under ./runs]."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Embed image folders with this weights file instead."),
+    model: Optional[str] = typer.Option(None, "--model", help="timm architecture of --weights."),
+    random_init: bool = typer.Option(False, "--random-init", help="Embed image folders with the architecture of --run, randomly initialised."),
+    seed: int = typer.Option(0, "--seed", help="Seed of --random-init."),
     train_labels: Optional[Path] = typer.Option(None, "--train-labels", help="CSV/JSONL of path,label [default: folder names]."),
     val_labels: Optional[Path] = typer.Option(None, "--val-labels", help="CSV/JSONL of path,label [default: folder names]."),
     k: Optional[list[int]] = typer.Option(None, "--k", help="Neighbour counts, e.g. --k 10 20 100 200 [default]."),
@@ -156,13 +161,26 @@ def knn(
     """Weighted k-NN classification on global features (DINO protocol): top-1/top-5 for several k.
 
     Example: mlsctl eval knn --train features/train --val features/val --k 10 20
+
+    Image folders work too: mlsctl eval knn --train data/train --val data/val --run runs/x
+    (their features are kept under features/ and reused).
     """
     from mlsctl.evaluate import knn as lib
-    from mlsctl.features import Features
+    from mlsctl.features import features_or_embed
+    from mlsctl.models.source import choose_model
 
+    chosen = {}
+
+    def get_model():
+        if "model" not in chosen:
+            chosen["model"] = choose_model(run=run, weights=weights, arch=model, random_init=random_init, seed=seed)
+            _say(f"model: {chosen['model'].description}")
+        return chosen["model"]
+
+    train_features = features_or_embed(train, get_model, dense=False, what="train features", say=_say)
+    val_features = features_or_embed(val, get_model, dense=False, what="val features", say=_say)
     started = time.perf_counter()
-    result = lib.evaluate_knn(Features(train, "train features"), Features(val, "val features"), train_labels,
-                              val_labels, k or lib.DEFAULT_KS, temperature)
+    result = lib.evaluate_knn(train_features, val_features, train_labels, val_labels, k or lib.DEFAULT_KS, temperature)
     payload = {"command": "eval knn", **result, "seconds": round(time.perf_counter() - started, 3)}
     results, unknown = result["results"], result["val_classes_unseen_in_train"]
     out = out or _default_json("knn")

@@ -9,7 +9,7 @@ import typer
 
 from mlsctl.cli._format import table
 
-app = typer.Typer(help="Build and grow galleries of objects for image-set search (MILE set embeddings in faiss).",
+app = typer.Typer(rich_markup_mode=None, help="Build and grow galleries of objects for image-set search (MILE set embeddings in faiss).",
                   no_args_is_help=True)
 
 
@@ -72,8 +72,9 @@ def add(
 
     Example: mlsctl index add galleries/products --object ev00007 new1.png new2.png
     """
-    from mlsctl.gallery import Gallery, load_images
+    from mlsctl.gallery import Gallery, check_object_id, load_images
 
+    check_object_id(object_id)
     target = Gallery(gallery)
     model = _set_model(run or Path(target.manifest["model"]["run"]))
     created, count = target.add(model, object_id, load_images(images))

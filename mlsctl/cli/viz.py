@@ -4,7 +4,7 @@ from pathlib import Path
 
 import typer
 
-app = typer.Typer(help="Draw features as pictures (PNG).", no_args_is_help=True)
+app = typer.Typer(rich_markup_mode=None, help="Draw features as pictures (PNG).", no_args_is_help=True)
 
 
 @app.command("pca")

@@ -213,27 +213,29 @@ def build_scenes(out: str | Path, n_train: int = 2000, n_val: int = 500, size: i
 
 def reusable_build(out: Path, generator: str, params: dict, overwrite: bool) -> Optional[dict]:
     """The meta record of ``out`` when it was built by ``generator`` with ``params`` (and no
-    ``overwrite``); None when it should be built. Refuses to replace anything else without
-    ``overwrite``."""
+    ``overwrite``); None when it should be built. ``overwrite`` replaces only a folder that
+    ``generator`` built: anything else (a non-empty folder of other files) is never deleted."""
     if not out.exists():
         return None
+    if not out.is_dir():
+        raise UserError(f"--out {out} is a file; choose a folder")
     existing = None
     meta_path = out / "meta.json"
     if meta_path.is_file():
         try:
             existing = json.loads(meta_path.read_text())
-        except json.JSONDecodeError:
+        except (OSError, ValueError):
             existing = None
-    if existing and existing.get("generator", "fmnist-scenes") == generator and existing.get("parameters") == params \
-            and not overwrite:
+    ours = isinstance(existing, dict) and existing.get("generator", "fmnist-scenes") == generator
+    if ours and existing.get("parameters") == params and not overwrite:
         existing["reused"] = True
         return existing
-    if not overwrite:
-        if existing and existing.get("generator", "fmnist-scenes") == generator:
-            raise UserError(f"{out} holds {generator} built with {existing.get('parameters')}; "
-                            f"add --overwrite to rebuild it with {params}")
-        if any(out.iterdir()):
-            raise UserError(f"{out} exists and is not a {generator} folder; choose another --out or add --overwrite")
+    if not ours and any(out.iterdir()):
+        raise UserError(f"{out} exists and is not a {generator} folder; choose another --out (--overwrite only "
+                        f"replaces a {generator} build)")
+    if ours and not overwrite:
+        raise UserError(f"{out} holds {generator} built with {existing.get('parameters')}; "
+                        f"add --overwrite to rebuild it with {params}")
     return None
 
 

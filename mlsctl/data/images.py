@@ -1,12 +1,18 @@
 """Image discovery and decoding.
 
-* :func:`find_images` lists a folder recursively, sorted by relative path, keeping the
-  extensions of :data:`IMAGE_EXTENSIONS` (case-insensitive). A missing folder, a file, or a folder
-  without images is a :class:`~mlsctl.errors.UserError`.
+* :func:`scan_images` lists a folder recursively, sorted by relative path, keeping the files
+  Pillow can open as raster images (:data:`IMAGE_EXTENSIONS`, case-insensitive; animated formats
+  give their first frame). Every real folder is visited once and every real file listed once
+  (identified by device and inode), so symbolic-link loops and links to folders or files already
+  listed cost nothing: they are counted in :attr:`ImageScan.links_skipped`. A folder that cannot
+  be read, a broken link, and a name that mlsctl's lists cannot store (not valid UTF-8, or with a
+  control character such as a newline) are skipped and reported with their reason.
+  :func:`find_images` is the list of images alone; a missing folder, a file, or a folder without
+  images is a :class:`~mlsctl.errors.UserError`.
 * :func:`load_rgb` decodes one file fully, applies the EXIF orientation and converts every mode to
   8-bit RGB (grayscale, palette, RGBA/LA composited on white, CMYK, 16- and 32-bit integer and
-  float images rescaled). Anything that cannot be decoded (zero bytes, truncated, not an image)
-  raises :class:`BadImage` with a short reason.
+  float images rescaled). Anything that cannot be decoded (zero bytes, truncated, not an image,
+  more pixels than the limit, not enough memory) raises :class:`BadImage` with a short reason.
 * :class:`SkipLog` prints one warning line per skipped file and a count at the end.
 """
 
@@ -14,48 +20,176 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
+import unicodedata
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Optional
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from mlsctl.errors import UserError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 log = logging.getLogger("mlsctl")
 
-# Scenes of real photos are large; this only guards against decompression bombs.
-Image.MAX_IMAGE_PIXELS = 40_000 * 40_000
+# Pillow's own guard against decompression bombs (89,478,485 pixels, about 9459²): a larger image
+# is skipped like any other bad file. Pretraining raises it with data.max_image_pixels, embed with
+# --max-image-pixels.
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+
+# Formats Pillow registers but that are not raster photographs it can decode by itself (stubs that
+# need another library, video, vector and page formats).
+_NOT_PHOTOS = {"BUFR", "GRIB", "HDF5", "FITS", "MPEG", "EPS", "WMF"}
+
+
+def _image_extensions() -> tuple[str, ...]:
+    Image.init()
+    return tuple(sorted(ext for ext, fmt in Image.registered_extensions().items()
+                        if fmt in Image.OPEN and fmt not in _NOT_PHOTOS))
+
+
+IMAGE_EXTENSIONS = _image_extensions()
 
 
 class BadImage(Exception):
     """A file that cannot be decoded as an image; ``str(exc)`` is the reason."""
 
 
-def find_images(root: str | os.PathLike, what: str = "image folder", others: list[Path] | None = None) -> list[Path]:
-    """Image files under ``root``, sorted by relative path; other visible files are appended to
-    ``others`` when a list is given (``embed`` reports them as skipped)."""
+def printable_name(name: str) -> str:
+    """``name`` with undecodable bytes written ``\\xe9`` and control characters escaped, for messages
+    and manifests."""
+    out = []
+    for c in name:
+        if "\udc80" <= c <= "\udcff":  # a byte that is not UTF-8, as os.fsdecode keeps it
+            out.append(f"\\x{ord(c) - 0xDC00:02x}")
+        elif unicodedata.category(c) in ("Cc", "Cs", "Zl", "Zp"):
+            out.append(c.encode("unicode_escape").decode("ascii"))
+        else:
+            out.append(c)
+    return "".join(out)
+
+
+def name_problem(name: str) -> Optional[str]:
+    """Why mlsctl cannot store ``name`` in its lists (images.txt, object ids), or None."""
+    for c in name:
+        if "\ud800" <= c <= "\udfff":
+            return "is not valid UTF-8"
+        if unicodedata.category(c) in ("Cc", "Zl", "Zp"):
+            return f"contains the control character {c.encode('unicode_escape').decode('ascii')}"
+    return None
+
+
+@dataclass
+class ImageScan:
+    """What :func:`scan_images` found under ``root``."""
+
+    root: Path
+    files: list[Path] = field(default_factory=list)  # images, sorted by relative path
+    others: list[Path] = field(default_factory=list)  # other visible files
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (relative path, reason)
+    links_skipped: int = 0  # links to folders or files already visited (loops, duplicates)
+
+    def notes(self, what: str) -> list[str]:
+        """One line per skipped entry and one for the skipped links, for the console."""
+        lines = [f"skipped {path}: {reason}" for path, reason in self.skipped]
+        if self.links_skipped:
+            n = self.links_skipped
+            lines.append(f"{what} {self.root}: skipped {n} symbolic link{'s' if n != 1 else ''} to folders or files "
+                         f"already listed (loops or duplicates); each real image is listed once")
+        return lines
+
+
+def scan_images(root: str | os.PathLike, what: str = "image folder") -> ImageScan:
+    """Images under ``root`` (see the module docstring); raises when ``root`` is not a folder."""
     root = Path(root)
-    if not root.exists():
-        raise UserError(f"{what} {root} does not exist; check the path")
-    if not root.is_dir():
+    try:
+        root_stat = root.stat()
+    except FileNotFoundError:
+        raise UserError(f"{what} {root} does not exist; check the path") from None
+    except OSError as exc:
+        raise UserError(f"{what} {root} cannot be read ({exc.strerror}); check the path and its permissions") from None
+    if not stat.S_ISDIR(root_stat.st_mode):
         raise UserError(f"{what} {root} is a file, not a folder of images")
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for name in filenames:
+    scan = ImageScan(root)
+    seen_folders = {(root_stat.st_dev, root_stat.st_ino)}
+    seen_files: set[tuple[int, int]] = set()
+    found: list[tuple[str, Path]] = []
+    pending = [(root, "")]  # depth first, names sorted: which of two links to one file is kept is fixed
+    while pending:
+        folder, rel = pending.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            scan.skipped.append((rel or ".", f"folder cannot be read ({exc.strerror or exc})"))
+            continue
+        subfolders = []
+        for entry in entries:
+            name = entry.name
             if name.startswith("."):
                 continue
-            if name.lower().endswith(IMAGE_EXTENSIONS):
-                found.append(Path(dirpath, name))
-            elif others is not None:
-                others.append(Path(dirpath, name))
-    if not found:
-        raise UserError(f"{what} {root} contains no images ({', '.join(e[1:] for e in IMAGE_EXTENSIONS)}); "
-                        "point it at a folder of images")
-    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+            relpath = f"{rel}/{name}" if rel else name
+            try:
+                is_folder = entry.is_dir()  # follows links
+            except OSError:
+                is_folder = False
+            if is_folder:
+                problem = name_problem(name)
+                if problem:
+                    scan.skipped.append((printable_name(relpath), f"folder name {problem}; rename it"))
+                    continue
+                try:
+                    st = entry.stat()
+                except OSError as exc:
+                    scan.skipped.append((printable_name(relpath), f"folder cannot be read ({exc.strerror or exc})"))
+                    continue
+                key = (st.st_dev, st.st_ino)
+                if key in seen_folders:
+                    scan.links_skipped += 1
+                    continue
+                seen_folders.add(key)
+                subfolders.append((Path(entry.path), relpath))
+            elif name.lower().endswith(IMAGE_EXTENSIONS):
+                problem = name_problem(name)
+                if problem:
+                    scan.skipped.append((printable_name(relpath), f"file name {problem}; rename it"))
+                    continue
+                try:
+                    st = entry.stat()
+                except OSError:
+                    scan.skipped.append((relpath, "broken link (its target does not exist)"))
+                    continue
+                key = (st.st_dev, st.st_ino)
+                if key in seen_files:
+                    scan.links_skipped += 1
+                    continue
+                seen_files.add(key)
+                found.append((relpath, Path(entry.path)))
+            elif name_problem(name) is None:
+                scan.others.append(Path(entry.path))
+        pending += reversed(subfolders)
+    found.sort(key=lambda item: item[0])
+    scan.files = [path for _, path in found]
+    scan.others.sort(key=lambda p: p.relative_to(root).as_posix())
+    return scan
+
+
+def find_images(root: str | os.PathLike, what: str = "image folder", others: list[Path] | None = None) -> list[Path]:
+    """Image files under ``root``, sorted by relative path (see :func:`scan_images`); other visible
+    files are appended to ``others`` when a list is given (``embed`` reports them as skipped)."""
+    scan = scan_images(root, what)
+    require_images(scan, what)
+    if others is not None:
+        others += scan.others
+    return scan.files
+
+
+def require_images(scan: ImageScan, what: str) -> None:
+    if not scan.files:
+        kinds = ", ".join(e[1:] for e in IMAGE_EXTENSIONS if e in (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".gif"))
+        raise UserError(f"{what} {scan.root} contains no images ({kinds}, ...); point it at a folder of images")
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -83,15 +217,28 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
 
 
-def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """Decode ``path`` completely into an 8-bit RGB image with EXIF orientation applied."""
+def allow_image_pixels(max_pixels: int) -> None:
+    """Let Pillow open images up to ``max_pixels`` (it refuses twice its own limit while opening);
+    only ever raises Pillow's limit, for a user who asked for larger images."""
+    if Image.MAX_IMAGE_PIXELS is not None and max_pixels > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = max_pixels
+
+
+def load_rgb(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """Decode ``path`` completely into an 8-bit RGB image with EXIF orientation applied; an image of
+    more than ``max_pixels`` pixels is refused before it is decoded."""
     path = Path(path)
+    too_large = (f"more than {max_pixels:,} pixels (a decompression bomb, or raise the limit: data.max_image_pixels, "
+                 f"--max-image-pixels)")
     try:
         if path.stat().st_size == 0:
             raise BadImage("empty file (0 bytes)")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with Image.open(path) as img:
+                width, height = img.size
+                if width * height > max_pixels:
+                    raise BadImage(f"{width}x{height} is {too_large}")
                 img.load()
                 img = ImageOps.exif_transpose(img)
                 return _to_rgb(img)
@@ -99,12 +246,19 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
         raise
     except UnidentifiedImageError:
         raise BadImage("not an image file") from None
+    except Image.DecompressionBombError as exc:  # Pillow refuses twice its own limit while opening
+        import re
+
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        raise BadImage(f"{int(found.group(1)):,} pixels is {too_large}" if found else too_large) from None
+    except MemoryError:
+        raise BadImage("not enough memory to decode it") from None
     except OSError as exc:
         text = str(exc)
         if "truncated" in text.lower():
             raise BadImage("truncated image data") from None
         raise BadImage(f"cannot decode ({text or type(exc).__name__})") from None
-    except (ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except (ValueError, SyntaxError, EOFError) as exc:
         raise BadImage(f"cannot decode ({exc})") from None
 
 
@@ -134,11 +288,17 @@ class SkipLog:
 
 
 class ImageFolder:
-    """The images of a folder (see :func:`find_images`), addressed by row index."""
+    """The images of a folder (see :func:`scan_images`), addressed by row index; ``scan`` keeps what
+    the listing skipped."""
 
-    def __init__(self, root: str | os.PathLike, what: str = "image folder"):
+    def __init__(self, root: str | os.PathLike, what: str = "image folder",
+                 max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS):
         self.root = Path(root)
-        self.files = find_images(self.root, what)
+        self.scan = scan_images(self.root, what)
+        require_images(self.scan, what)
+        self.files = self.scan.files
+        self.max_pixels = max_pixels
+        allow_image_pixels(max_pixels)
 
     def __len__(self) -> int:
         return len(self.files)
@@ -146,5 +306,8 @@ class ImageFolder:
     def relpath(self, index: int) -> str:
         return self.files[index].relative_to(self.root).as_posix()
 
+    def relpaths(self) -> list[str]:
+        return [self.relpath(i) for i in range(len(self))]
+
     def load(self, index: int) -> Image.Image:
-        return load_rgb(self.files[index])
+        return load_rgb(self.files[index], self.max_pixels)

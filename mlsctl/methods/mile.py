@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mlsctl.config import MethodConfig, param
+from mlsctl.errors import UserError
 from mlsctl.methods.base import Method, StepOutput
 from mlsctl.methods.dino import build_student_teacher, dino_loss, teacher_probabilities, updated_center
 from mlsctl.models.heads import DINOHead
@@ -89,7 +90,7 @@ class SetEncoder(nn.Module):
 class MILEConfig(MethodConfig):
     name: str = param("mile", help="MILE")
     set_length: int = param(4, help="images per training set (sampled afresh every epoch)", ge=1)
-    objects_file: Optional[str] = param(None, help="CSV/JSONL of object_id,path (relative to data.root); "
+    objects_file: Optional[str] = param(None, path=True, help="CSV/JSONL of object_id,path (relative to data.root); "
                                                    "default: one folder per object under data.root")
     attend: Literal["cls", "patches"] = param("cls", help="what a latent attends to in each image: its CLS or its patch tokens")
     cross_heads: int = param(6, help="attention heads of Φ_CROSS (must divide the backbone width)", ge=1)
@@ -131,7 +132,8 @@ class MILEHead(nn.Module):
     def __init__(self, dim: int, cfg: MILEConfig):
         super().__init__()
         if dim % cfg.cross_heads:
-            raise ValueError(f"method.cross_heads {cfg.cross_heads} does not divide the backbone width {dim}")
+            raise UserError(f"method.cross_heads {cfg.cross_heads} does not divide the backbone width {dim} of "
+                            f"model.arch; choose a divisor of {dim}")
         self.encoder = SetEncoder(dim, cfg.cross_heads)
         self.dino = DINOHead(dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim, cfg.head_layers, cfg.norm_last_layer)
 

@@ -5,8 +5,10 @@
 size are accepted (timm's ``dynamic_img_size``), so global and local crops share one model.
 
 Weights: ``weights=FILE`` loads a local file through :mod:`mlsctl.models.weights` (strict, key
-layouts remapped); ``pretrained=True`` asks timm, which needs the weights cached or a network, and
-fails with one sentence otherwise. ``lora`` wraps the ViT with peft LoRA adapters
+layouts remapped); ``pretrained=True`` takes timm's weights from the Hugging Face cache, or
+downloads them when the hub answers within two seconds, and fails with one sentence otherwise
+(:mod:`mlsctl.models.hub`). ``timm_kwargs`` may only hold architecture arguments
+(:data:`mlsctl.config.TIMM_ARCH_KEYS`). ``lora`` wraps the ViT with peft LoRA adapters
 (:mod:`mlsctl.models.lora`).
 """
 
@@ -36,6 +38,11 @@ class Backbone(nn.Module):
         super().__init__()
         import timm
 
+        from mlsctl.config import timm_kwargs_problem
+
+        problem = timm_kwargs_problem(timm_kwargs or {})
+        if problem:
+            raise UserError(f"model.timm_kwargs: {problem}")
         kwargs = dict(timm_kwargs or {})
         kwargs.update(img_size=img_size, patch_size=patch_size, drop_path_rate=drop_path_rate, num_classes=0,
                       dynamic_img_size=True)
@@ -45,17 +52,16 @@ class Backbone(nn.Module):
             close = difflib.get_close_matches(arch, timm.list_models("vit*") + timm.list_models("*vit*"), n=1)
             hint = f"; did you mean '{close[0]}'?" if close else "; see timm.list_models('vit*')"
             raise UserError(f"model.arch '{arch}' is not a timm model{hint}")
+        if pretrained:  # resolved to a local file first: no network retries (see mlsctl.models.hub)
+            from mlsctl.models.hub import timm_pretrained_file
+
+            weights = timm_pretrained_file(arch)
         try:
-            model = timm.create_model(arch, pretrained=pretrained, **kwargs)
-        except TypeError as exc:
-            raise UserError(f"timm cannot build '{arch}' with {sorted(kwargs)} ({exc}); "
-                            f"check model.timm_kwargs and that model.arch is a Vision Transformer") from None
-        except (OSError, RuntimeError, ValueError) as exc:
-            if pretrained:
-                raise UserError(f"model.pretrained=true could not get timm's weights for '{arch}' "
-                                f"({str(exc).splitlines()[0][:160]}): nothing is downloaded here, so set "
-                                f"model.weights to a local .safetensors/.pth file instead") from None
-            raise
+            model = timm.create_model(arch, pretrained=False, **kwargs)
+        except (TypeError, ValueError, AssertionError, RuntimeError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            raise UserError(f"timm cannot build '{arch}' with {sorted(kwargs)} ({first}); check model.timm_kwargs "
+                            f"(num_heads must divide embed_dim) and that model.arch is a Vision Transformer") from None
         if not (hasattr(model, "patch_embed") and hasattr(model, "num_prefix_tokens") and hasattr(model, "forward_features")):
             raise UserError(f"model.arch '{arch}' is not a Vision Transformer with patch tokens; use a timm ViT")
         if weights is not None:

@@ -60,6 +60,7 @@ def model_choice(backbone: Backbone, description: str, source: str, path: Option
     from mlsctl.models import lora
 
     backbone.eval()
+    path = os.path.abspath(path) if path else None  # manifests are read from any working directory
     info = {"source": source, "path": path, "arch": backbone.arch, "img_size": img_size,
             "patch_size": backbone.patch_size, "embed_dim": backbone.embed_dim,
             "fingerprint": fingerprint(lora.unwrap(backbone.model))}
@@ -171,32 +172,34 @@ def _recorded_model(path: Path) -> Optional[dict]:
     except Exception:  # unreadable files are reported by the weights reader with their reason
         return None
     if "model" in metadata:
+        from mlsctl.config import timm_kwargs_problem
+
         try:
-            return json.loads(metadata["model"])
+            spec = json.loads(metadata["model"])
         except json.JSONDecodeError:
             return None
+        if not isinstance(spec, dict) or not isinstance(spec.get("arch"), str):
+            raise UserError(f"--weights {path} records a model description mlsctl did not write; add --model NAME")
+        problem = timm_kwargs_problem(spec.get("timm_kwargs") or {})
+        for key in ("img_size", "patch_size"):
+            if key in spec and not (isinstance(spec[key], int) and 0 < spec[key] <= 65536):
+                problem = problem or f"{key} must be a positive integer, got {spec[key]!r}"
+        if problem:
+            raise UserError(f"--weights {path} records timm_kwargs that mlsctl does not pass to timm ({problem}); "
+                            f"it was not exported by mlsctl: add --model NAME")
+        return {k: spec[k] for k in ("arch", "img_size", "patch_size", "timm_kwargs") if k in spec}
     return {"arch": metadata["arch"]} if "arch" in metadata else None
 
 
 def dinov2_small() -> ModelChoice:
-    """timm's DINOv2 ViT-S/14: from the Hugging Face cache, else downloaded (said first)."""
-    import sys
+    """timm's DINOv2 ViT-S/14: from the Hugging Face cache, else downloaded when the hub answers
+    within two seconds (said first), else the one-sentence "choose a model" error."""
+    from mlsctl.models.hub import hub_file
 
-    from huggingface_hub import try_to_load_from_cache
-
-    cached = try_to_load_from_cache(DINOV2_REPO, "model.safetensors")
-    if not isinstance(cached, str):
-        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
-        if offline:
-            raise UserError(_HOW_TO_CHOOSE)
-        print(f"mlsctl: no run under ./runs; downloading timm's DINOv2 ViT-S/14 ({DINOV2_REPO}) from the "
-              f"Hugging Face Hub", file=sys.stderr, flush=True)
-        try:
-            from huggingface_hub import hf_hub_download
-
-            cached = hf_hub_download(DINOV2_REPO, "model.safetensors", etag_timeout=10)
-        except Exception:  # no network, hub down, proxy: all end the same way
-            raise UserError(_HOW_TO_CHOOSE) from None
+    try:
+        cached = hub_file(DINOV2_REPO, ["model.safetensors"], "no run under ./runs", "choose a model")
+    except UserError:
+        raise UserError(_HOW_TO_CHOOSE) from None
     backbone = Backbone(DINOV2_ARCH, img_size=518, patch_size=14, weights=cached)
     return model_choice(backbone, f"timm's DINOv2 ViT-S/14 ({cached})", "dinov2", cached, 224)
 

@@ -1,0 +1,97 @@
+"""One writer per folder: an exclusive lock on the run, feature or gallery folder a command writes.
+
+:class:`FolderLock` takes ``flock`` on ``FOLDER/.mlsctl.lock`` and writes who holds it (process id,
+host, command, start time) into the file. A second writer is refused with one sentence naming the
+holder. The kernel releases the lock when its process ends however it ends (even SIGKILL), so a
+lock left by a dead process is simply taken over by the next command: there is no stale lock to
+delete by hand. The lock file is removed when the lock is released; a folder the lock had to create
+is removed again if it is still empty (a refused or failed command leaves no trace).
+
+Readers (``bank inspect``, ``embed --run`` of a running run, ``search``) take no lock.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+from mlsctl.errors import UserError
+
+LOCK_NAME = ".mlsctl.lock"
+
+
+class FolderLock:
+    def __init__(self, folder: str | os.PathLike, what: str = "folder"):
+        self.folder = Path(folder)
+        self.what = what
+        self.path = self.folder / LOCK_NAME
+        self.created_folder = False
+        self._fd: int | None = None
+
+    def acquire(self) -> "FolderLock":
+        if not self.folder.exists():
+            self.folder.mkdir(parents=True)
+            self.created_folder = True
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = self._holder(fd)
+                os.close(fd)
+                self._remove_created_folder()
+                raise UserError(f"{self.what} {self.folder} is being written by {holder}; wait for it to finish or stop "
+                                f"it, then run this command again", exit_code=1) from None
+            # The holder before us may have removed the file after we opened it: lock the file that is there.
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv),
+                  "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.write(fd, (json.dumps(record) + "\n").encode())
+        self._fd = fd
+        return self
+
+    @staticmethod
+    def _holder(fd: int) -> str:
+        try:
+            os.lseek(fd, 0, os.SEEK_SET)
+            record = json.loads(os.read(fd, 65536).decode() or "{}")
+            return (f"process {record['pid']} on {record['host']} (`{record['command']}`, started "
+                    f"{record['started']})")
+        except (OSError, ValueError, KeyError, TypeError):
+            return "another process"
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)
+        except OSError:
+            pass
+        os.close(self._fd)
+        self._fd = None
+        self._remove_created_folder()
+
+    def _remove_created_folder(self) -> None:
+        if self.created_folder:
+            try:
+                self.folder.rmdir()  # only when empty
+            except OSError:
+                pass
+
+    def __enter__(self) -> "FolderLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -1,0 +1,918 @@
+"""Hostile and first-use input: no data loss, no hang, no traceback (issue 11, one test or more per item).
+
+Commands that fail before doing work run in this process through :func:`cli` (the real entry point,
+``mlsctl.cli.main``); commands that train or are killed run as subprocesses."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from mlsctl import config
+from mlsctl.errors import UserError
+from conftest import REPO, cli, cli_env, make_images, run_cli, tiny_recipe, write_recipe
+
+
+def one_sentence(err: str) -> str:
+    """The error line of a failed command; asserts there is no traceback."""
+    assert "Traceback" not in err, err
+    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): (p.read_bytes() if p.is_file() else b"")
+            for p in sorted(folder.rglob("*"))}
+
+
+@pytest.fixture
+def run_copy(finished_run, tmp_path: Path) -> tuple[Path, Path]:
+    run, recipe = finished_run
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "run", recipe
+
+
+# ----------------------------------------------------------------------------------- 1. --overwrite
+
+
+def test_1_overwrite_validates_before_it_deletes(run_copy, tmp_path, capsys):
+    run, recipe = run_copy
+    before = tree(run)
+    code, _, err = cli("pretrain", str(recipe), f"data.root={tmp_path / 'typo'}", "--out", str(run), "--overwrite",
+                       capsys=capsys)
+    assert code == 2 and "data.root" in one_sentence(err) and "does not exist" in err
+    assert tree(run) == before  # the finished run is untouched
+    code, _, err = cli("pretrain", str(recipe), "model.arch=vit_nope", "--out", str(run), "--overwrite", capsys=capsys)
+    assert code == 2 and "vit_nope" in one_sentence(err) and tree(run) == before
+    code, _, err = cli("pretrain", str(recipe), f"model.weights={tmp_path / 'missing.safetensors'}", "--out", str(run),
+                       "--overwrite", capsys=capsys)
+    assert code == 2 and "missing.safetensors" in one_sentence(err) and tree(run) == before
+
+
+def test_1_overwrite_never_replaces_a_folder_that_is_not_a_run(finished_run, tmp_path, capsys):
+    _, recipe = finished_run
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("four years of work")
+    code, _, err = cli("pretrain", str(recipe), "--out", str(precious), "--overwrite", capsys=capsys)
+    assert code == 2 and "not an mlsctl run" in one_sentence(err)
+    assert tree(precious) == {"thesis.tex": b"four years of work"}
+
+
+def test_1_overwrite_never_deletes_the_data_the_recipe_or_the_weights(finished_run, tmp_path, capsys):
+    run, recipe = finished_run
+    images = tmp_path / "project" / "images"
+    make_images(images, 8)
+    own_recipe = write_recipe(tmp_path / "project" / "r.yaml", tiny_recipe(images))
+    before = tree(tmp_path / "project")
+    for out in (tmp_path / "project", images):
+        code, _, err = cli("pretrain", str(own_recipe), "--out", str(out), "--overwrite", capsys=capsys)
+        assert code == 2 and "which --overwrite would delete" in one_sentence(err)
+    weights = tmp_path / "w" / "teacher.safetensors"
+    weights.parent.mkdir()
+    shutil.copy(run / "teacher.safetensors", weights)
+    code, _, err = cli("pretrain", str(recipe), f"model.weights={weights}", "--out", str(weights.parent), "--overwrite",
+                       capsys=capsys)
+    assert code == 2 and "model.weights" in one_sentence(err)
+    assert tree(tmp_path / "project") == before and weights.is_file()
+
+
+@pytest.mark.slow
+def test_1_overwrite_replaces_only_what_pretrain_wrote(run_copy):
+    run, recipe = run_copy
+    (run / "pca-val.png").write_bytes(b"a picture the user made")
+    old_log = (run / "train.log").read_text()
+    result = run_cli("pretrain", str(recipe), "--out", str(run), "--overwrite", check=True)
+    assert "kept 1 entry" in result.stderr and "pca-val.png" in result.stderr
+    assert (run / "pca-val.png").read_bytes() == b"a picture the user made"
+    assert (run / "teacher.safetensors").is_file() and (run / "train.log").read_text() != old_log
+    assert not (run / ".mlsctl.lock").exists()
+
+
+# ----------------------------------------------------------------------------------- 2. failed starts
+
+
+def test_2_a_failed_start_leaves_out_as_it_found_it(finished_run, tmp_path, capsys):
+    _, recipe = finished_run
+    missing, empty = tmp_path / "new", tmp_path / "empty"
+    empty.mkdir()
+    for out in (missing, empty):
+        code, _, err = cli("pretrain", str(recipe), "model.arch=vit_nope", "--out", str(out), capsys=capsys)
+        assert code == 2
+    assert not missing.exists() and list(empty.iterdir()) == []
+    # the corrected command is then accepted (checked only up to the run folder: the lock is free)
+    from mlsctl.locks import FolderLock
+
+    with FolderLock(empty, "run"):
+        pass
+    assert list(empty.iterdir()) == []
+
+
+def test_2_a_start_that_fails_before_its_first_checkpoint_is_undone(finished_run, tmp_path, capsys, monkeypatch):
+    from mlsctl import train
+
+    _, recipe = finished_run
+
+    def fails(run, *args, **kwargs):
+        (run.root / "metrics.jsonl").write_text('{"step": 1}\n')
+        train.log.info("step 1")
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train, "_train", fails)
+    code, _, err = cli("pretrain", str(recipe), "--out", str(tmp_path / "run"), capsys=capsys)
+    assert code == 1 and "out of memory on the GPU" in one_sentence(err)
+    assert not (tmp_path / "run").exists()  # config.yaml, train.log, metrics.jsonl and the lock are gone
+
+
+# ----------------------------------------------------------------------------------- 3. --resume with another data.root
+
+
+def test_3_resume_accepts_a_moved_data_root_only_with_the_same_images(run_copy, finished_run, tmp_path, capsys):
+    run, recipe = run_copy
+    original = Path(config.load_recipe(str(run / "config.yaml")).data.root)
+    moved = tmp_path / "moved"
+    shutil.copytree(original, moved)
+    code, _, err = cli("pretrain", str(recipe), f"data.root={moved}", "--out", str(run), "--resume", capsys=capsys)
+    assert code == 0 and "already complete" in err
+    assert config.load_recipe(str(run / "config.yaml")).data.root == str(moved)  # the run now points at the move
+    make_images(moved, 40, seed=5)  # more images: another schedule, other image ids
+    code, _, err = cli("pretrain", str(recipe), f"data.root={moved}", "--out", str(run), "--resume", capsys=capsys)
+    line = one_sentence(err)
+    assert code == 2 and "holds 40 images" in line and "images.txt" in line
+
+
+# ----------------------------------------------------------------------------------- 4. ids and names that break lists
+
+
+def test_4_object_ids_the_gallery_cannot_store_are_refused(capsys):
+    from mlsctl.gallery import check_object_id
+
+    for bad in ("", "   ", "a\nb", "a\rb", "tab\tid", "a\u2028b", "nul\x00", os.fsdecode(b"caf\xe9")):
+        with pytest.raises(UserError):
+            check_object_id(bad)
+    assert check_object_id("ev00007 café") == "ev00007 café"
+    code, _, err = cli("index", "add", "anywhere", "--object", "a\nb", "x.png", capsys=capsys)
+    assert code == 2 and "control character" in one_sentence(err)
+
+
+def test_4_file_names_that_lists_cannot_store_are_skipped_and_reported(tmp_path):
+    from mlsctl.data.images import ImageFolder
+
+    make_images(tmp_path, 3)
+    good = sorted(p for p in tmp_path.rglob("*.png"))
+    shutil.copy(good[0], tmp_path / "a\nb.png")
+    shutil.copy(good[0], tmp_path / "line\u2028sep.png")
+    shutil.copy(good[0], tmp_path / "café.png")  # valid UTF-8: kept
+    folder = ImageFolder(tmp_path)
+    names = folder.relpaths()
+    assert "café.png" in names and len(names) == 4
+    assert sorted(r for r, _ in folder.scan.skipped) == ["a\\nb.png", "line\\u2028sep.png"]
+    listing = "".join(f"{n}\n" for n in names)
+    assert listing.split("\n")[:-1] == names  # images.txt round-trips: line i is image i
+
+
+# ----------------------------------------------------------------------------------- 5. symlink loops
+
+
+def test_5_symlink_loops_cost_nothing_and_every_image_is_listed_once(tmp_path):
+    from mlsctl.data.images import scan_images
+
+    root = tmp_path / "root"
+    make_images(root, 6)
+    (root / "self").symlink_to(".")
+    (root / "a").mkdir()
+    (root / "b").mkdir()
+    (root / "a" / "to_b").symlink_to("../b")
+    (root / "b" / "to_a").symlink_to("../a")
+    (root / "a" / "up").symlink_to("..")
+    (root / "again.png").symlink_to(next(root.glob("*.png")).name)
+    started = time.perf_counter()
+    scan = scan_images(root)
+    assert time.perf_counter() - started < 2
+    assert len(scan.files) == 6 and len({p.resolve() for p in scan.files}) == 6
+    # a/up (root seen), a/to_b/to_a (a seen), b (seen through a/to_b), self, again.png
+    assert scan.links_skipped == 5
+    assert "skipped 5 symbolic links" in scan.notes("data.root")[-1]
+
+
+# ----------------------------------------------------------------------------------- 6. YAML alias bomb
+
+
+def test_6_yaml_alias_bombs_and_recursive_aliases_are_refused_at_once(tmp_path, capsys):
+    lines = ['a: &a ["x","x","x","x","x","x","x","x","x","x"]']
+    for name, prev in zip("bcdefghi", "abcdefgh"):
+        lines.append(f"{name}: &{name} [" + ",".join([f"*{prev}"] * 10) + "]")
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(lines) + "\n")
+    started = time.perf_counter()
+    with pytest.raises(config.ConfigError, match="aliases expand to more than"):
+        config.load_recipe(str(bomb))
+    assert time.perf_counter() - started < 2
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("data: &d {root: *d}\n")
+    with pytest.raises(config.ConfigError, match="refers to a value that contains it"):
+        config.load_recipe(str(loop))
+    code, _, err = cli("pretrain", str(bomb), "--out", str(tmp_path / "x"), capsys=capsys)
+    assert code == 2 and "alias" in one_sentence(err) and not (tmp_path / "x").exists()
+    # a run's config.yaml is read by the same bounded reader (resume, bank, embed --run)
+    (tmp_path / "run").mkdir()
+    shutil.copy(bomb, tmp_path / "run" / "config.yaml")
+    code, _, err = cli("bank", "inspect", str(tmp_path / "run"), capsys=capsys)
+    assert code == 2 and "alias" in one_sentence(err)
+    # anchors that expand modestly are fine
+    ok = tmp_path / "ok.yaml"
+    ok.write_text("data: {global_crops: &c {count: 2, size: 32}, local_crops: *c, root: x}\n")
+    assert config.load_recipe(str(ok)).data.global_crops.size == 32
+
+
+# ----------------------------------------------------------------------------------- 7. decompression bombs
+
+
+def png_header_only(path: Path, width: int, height: int) -> None:
+    """A PNG that declares width x height (a bomb's header) with a stub of data."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64))
+                     + chunk(b"IEND", b""))
+
+
+def test_7_decompression_bombs_are_skipped_like_bad_files(tmp_path, monkeypatch):
+    from mlsctl.data.images import BadImage, ImageFolder, load_rgb
+
+    png_header_only(tmp_path / "bomb.png", 56000, 56000)
+    started = time.perf_counter()
+    with pytest.raises(BadImage, match="3,136,000,000 pixels is more than 89,478,485 pixels"):
+        load_rgb(tmp_path / "bomb.png")
+    assert time.perf_counter() - started < 1
+    png_header_only(tmp_path / "just_over.png", 10000, 10000)  # over the limit, under twice Pillow's own
+    with pytest.raises(BadImage, match="10000x10000 is more than 89,478,485 pixels .a decompression bomb"):
+        load_rgb(tmp_path / "just_over.png")
+    Image.new("RGB", (40, 30)).save(tmp_path / "small.png")
+    with pytest.raises(BadImage, match="40x30 is more than 1,000 pixels"):
+        load_rgb(tmp_path / "small.png", max_pixels=1000)
+    assert ImageFolder(tmp_path, max_pixels=1200).load(2).size == (40, 30)  # the limit is the recipe's to raise
+
+    def no_memory(self):
+        raise MemoryError
+
+    monkeypatch.setattr(Image.Image, "load", no_memory)
+    with pytest.raises(BadImage, match="not enough memory"):
+        load_rgb(tmp_path / "small.png")
+
+
+def test_7_data_max_image_pixels_is_a_recipe_key():
+    recipe = config.from_dict({"data": {"max_image_pixels": 10_000}})
+    assert recipe.data.max_image_pixels == 10_000
+    assert config.from_dict({}).data.max_image_pixels == Image.MAX_IMAGE_PIXELS == 89_478_485
+
+
+# ----------------------------------------------------------------------------------- 8. the environment
+
+
+@pytest.mark.parametrize("error, words", [
+    (OSError(errno.ENOSPC, "No space left on device", "/data/run/x"), ["/data/run/x", "no space left"]),
+    (OSError(errno.EROFS, "Read-only file system", "/ro/run"), ["/ro/run", "read-only"]),
+    (PermissionError(errno.EACCES, "Permission denied", "/root/run"), ["/root/run", "permission denied"]),
+    (OSError(errno.EFBIG, "File too large", "/x"), ["/x", "ulimit -f"]),
+    (MemoryError(), ["out of memory on this machine"]),
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"), ["out of memory"]),
+])
+def test_8_errors_of_the_environment_are_one_sentence(error, words, monkeypatch, capsys, tmp_path):
+    def raises(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr("mlsctl.models.source.choose_model", lambda **kw: _FakeChoice())
+    monkeypatch.setattr("mlsctl.features.embed_folder", raises)
+    code, _, err = cli("embed", str(tmp_path), capsys=capsys)
+    line = one_sentence(err)
+    assert code == 1 and all(w in line for w in words), line
+
+
+class _FakeChoice:
+    description, fingerprint, info = "a model", "0" * 64, {}
+
+
+def test_8_debug_shows_the_traceback(monkeypatch, capsys, tmp_path):
+    def raises(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", "/root/run")
+
+    monkeypatch.setattr("mlsctl.models.source.choose_model", lambda **kw: _FakeChoice())
+    monkeypatch.setattr("mlsctl.features.embed_folder", raises)
+    with pytest.raises(PermissionError):
+        cli("embed", str(tmp_path), "--debug", capsys=capsys)
+    monkeypatch.setenv("MLSCTL_DEBUG", "1")
+    with pytest.raises(PermissionError):
+        cli("embed", str(tmp_path), capsys=capsys)
+
+
+def test_8_an_unexpected_error_is_one_sentence_that_points_to_debug(monkeypatch, capsys, tmp_path):
+    def bug(*args, **kwargs):
+        raise KeyError("oops")
+
+    monkeypatch.setattr("mlsctl.models.source.choose_model", bug)
+    code, _, err = cli("embed", str(tmp_path), capsys=capsys)
+    assert code == 1 and "--debug" in one_sentence(err) and "KeyError" in err
+
+
+@pytest.mark.slow
+def test_8_a_write_past_the_file_size_limit_is_one_sentence_and_undone(finished_run, tmp_path):
+    import resource
+
+    _, recipe = finished_run
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))
+
+    result = subprocess.run([sys.executable, "-m", "mlsctl", "pretrain", str(recipe), "--out", str(tmp_path / "run")],
+                            capture_output=True, text=True, env=cli_env(), preexec_fn=limit, timeout=300)
+    line = one_sentence(result.stderr)
+    assert result.returncode == 1 and "ulimit -f" in line and "model.safetensors" in line
+    assert "basic_ios" not in result.stderr and not (tmp_path / "run").exists()
+
+
+@pytest.fixture
+def small_mount(tmp_path):
+    """A 256 KB tmpfs (a full disk a moment later), mounted where this machine allows it."""
+    point = tmp_path / "disk"
+    point.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(point)], capture_output=True).returncode:
+        pytest.skip("this machine cannot mount a tmpfs (needs root)")
+    yield point
+    subprocess.run(["umount", "-l", str(point)], capture_output=True)
+
+
+@pytest.mark.slow
+def test_8_a_full_disk_and_a_read_only_disk_are_one_sentence(finished_run, small_mount):
+    _, recipe = finished_run
+    result = run_cli("pretrain", str(recipe), "--out", str(small_mount / "run"))
+    line = one_sentence(result.stderr)
+    assert result.returncode == 1 and "no space left on the device" in line and str(small_mount) in line
+    assert list(small_mount.iterdir()) == []  # the failed start took its files with it
+    subprocess.run(["mount", "-o", "remount,ro", str(small_mount)], check=True)
+    result = run_cli("pretrain", str(recipe), "--out", str(small_mount / "run"))
+    assert result.returncode == 1 and "read-only" in one_sentence(result.stderr)
+
+
+# ----------------------------------------------------------------------------------- 9. names that are not UTF-8
+
+
+def test_9_a_file_name_that_is_not_utf8_is_skipped_and_reported(tmp_path):
+    from conftest import tiny_model
+
+    from mlsctl.features import Features, embed_folder
+
+    make_images(tmp_path / "images", 3)
+    first = next((tmp_path / "images").glob("*.png"))
+    raw = os.path.join(os.fsencode(tmp_path / "images"), b"caf\xe9.png")
+    shutil.copy(first, raw)
+    summary = embed_folder(tmp_path / "images", tmp_path / "f", tiny_model(), say=lambda line: None)
+    features = Features(tmp_path / "f")
+    assert len(features) == 3
+    assert ["caf\\xe9.png", "file name is not valid UTF-8; rename it"] in summary.skipped
+    json.dumps(features.manifest)  # the manifest stays plain JSON
+
+
+# ----------------------------------------------------------------------------------- 10. damaged files
+
+
+def test_10_damaged_bank_and_checkpoint_files_are_one_sentence(run_copy, capsys):
+    run, recipe = run_copy
+    checkpoint = sorted((run / "checkpoints").iterdir())[-1]
+    banks = checkpoint / "banks.safetensors"
+    banks.write_bytes(banks.read_bytes()[:200])
+    code, _, err = cli("bank", "inspect", str(run), capsys=capsys)
+    assert code == 2 and "banks.safetensors" in one_sentence(err) and "not a complete safetensors file" in err
+    # a pickle that would run code when loaded without weights_only
+    import pickle
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo owned > /tmp/mlsctl-owned",))
+
+    (checkpoint / "optimizer.pt").write_bytes(pickle.dumps({"optimizer": Evil()}))
+    shutil.copy(sorted((run / "checkpoints").iterdir())[0] / "banks.safetensors", banks)
+    code, _, err = cli("pretrain", str(recipe), "optim.epochs=3", "--out", str(run), "--resume", capsys=capsys)
+    assert code == 2  # the changed recipe is refused before any file is read
+    config_path = run / "config.yaml"
+    saved = yaml.safe_load(config_path.read_text())
+    saved["optim"]["epochs"] = 3
+    config_path.write_text(yaml.safe_dump(saved))
+    code, _, err = cli("pretrain", str(config_path), "--out", str(run), "--resume", capsys=capsys)
+    line = one_sentence(err)
+    assert code == 1 and "optimizer.pt" in line and "not loaded" in line
+    assert "weights_only" not in err and not Path("/tmp/mlsctl-owned").exists()
+
+
+def test_10_damaged_feature_manifests_are_one_sentence(tmp_path):
+    from conftest import write_feature_folder
+
+    from mlsctl.features import Features
+
+    folder = write_feature_folder(tmp_path / "f", ["a.png", "b.png"], torch.zeros(2, 4))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for key, value in [("files", 5), ("dim", "wide"), ("grid", [3]), ("dtype", "int8"), ("model", []),
+                       ("shards", [{"file": "../../etc/passwd", "rows": 2}]), ("skipped", "none")]:
+        (folder / "manifest.json").write_text(json.dumps(dict(manifest, **{key: value})))
+        with pytest.raises(UserError, match="is damaged"):
+            Features(folder)
+
+
+def write_gallery(path: Path, n: int = 5, dim: int = 8) -> Path:
+    from mlsctl.gallery import IndexSettings, build_index, save
+
+    latents = torch.randn(n, dim, generator=torch.Generator().manual_seed(0))
+    settings = IndexSettings()
+    manifest = {"kind": "mlsctl-gallery", "format_version": 1, "model": {"run": "/r", "step": 1, "fingerprint": "f" * 64},
+                "index": settings.to_dict()}
+    save(path, [f"obj{i}" for i in range(n)], latents, torch.ones(n, dtype=torch.long), build_index(latents, settings),
+         manifest)
+    return path
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda g: (g / "index.faiss").unlink(), "index.faiss is missing"),
+    (lambda g: (g / "index.faiss").write_bytes(b"junk" * 10), "not a faiss index"),
+    (lambda g: (g / "latents.safetensors").write_bytes((g / "latents.safetensors").read_bytes()[:100]), "latents.safetensors cannot be read"),
+    (lambda g: (g / "objects.txt").unlink(), "objects.txt cannot be read"),
+    (lambda g: (g / "gallery.json").write_text(json.dumps({**json.loads((g / "gallery.json").read_text()), "index": {"kind": "flat", "nprobe": "many"}})), "is damaged"),
+    (lambda g: (g / "gallery.json").write_text("[1, 2]"), "not an mlsctl gallery"),
+])
+def test_10_damaged_galleries_are_one_sentence(tmp_path, damage, words, capsys):
+    from mlsctl.gallery import Gallery
+
+    gallery = write_gallery(tmp_path / "g")
+    Gallery(gallery)
+    damage(gallery)
+    with pytest.raises(UserError, match=words):
+        Gallery(gallery)
+    code, _, err = cli("search", "--set", "x.png", "--index", str(gallery), capsys=capsys)
+    assert code == 2 and one_sentence(err)
+
+
+# ----------------------------------------------------------------------------------- 11. constraints checked up front
+
+
+def test_11_recipe_values_that_would_fail_at_step_one_are_refused_before_training():
+    for override, words in [("data.global_crops.size=36", "data.global_crops.size"),
+                            ("data.local_crops.size=20", "data.local_crops.size"),
+                            ("model.img_size=36", "model.img_size"),
+                            ("seed=18446744073709551616", "seed"), ("seed=-1", "seed")]:
+        with pytest.raises(config.ConfigError, match=words):
+            config.from_dict(tiny_recipe(Path("x")), overrides=config.parse_overrides([override]))
+    raw = tiny_recipe(Path("x"))
+    raw["data"]["local_crops"]["count"] = 0
+    raw["data"]["local_crops"]["size"] = 20  # no local crops: their size does not matter
+    config.from_dict(raw)
+
+
+def test_11_mile_heads_that_do_not_divide_the_width_are_one_sentence(tmp_path):
+    from mlsctl import methods
+    from mlsctl.schedules import Schedule
+
+    raw = tiny_recipe(tmp_path)
+    raw["model"]["timm_kwargs"] = {"depth": 1, "num_heads": 2}  # width from the arch alone (384)
+    raw["model"]["arch"] = "vit_small_patch16_224"
+    raw["method"] = {"name": "mile", "cross_heads": 5, "out_dim": 16, "hidden_dim": 16, "bottleneck_dim": 8}
+    recipe = config.from_dict(raw)
+    with pytest.raises(UserError, match="cross_heads 5 does not divide the backbone width 384"):
+        methods.method_class("mile")(recipe, Schedule(1, 1))
+
+
+# ----------------------------------------------------------------------------------- 12. Ctrl-C
+
+
+def _interrupt_when(args: list[str], ready, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    process = subprocess.Popen([sys.executable, "-m", "mlsctl", *args], env=cli_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, cwd=cwd)
+    deadline = time.time() + 240
+    while time.time() < deadline and process.poll() is None and not ready():
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    return subprocess.CompletedProcess(args, process.returncode, out, err)
+
+
+@pytest.mark.slow
+def test_12_ctrl_c_says_what_was_saved_and_how_to_resume(tmp_path, images):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(images, optim__epochs=400, train__checkpoint_every=3))
+    run = tmp_path / "run"
+    result = _interrupt_when(["pretrain", str(recipe), "--out", str(run)],
+                             lambda: (run / "checkpoints" / "step-00000006").is_dir())
+    assert result.returncode == 130 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("interrupted: the last checkpoint is step ")
+    assert f"mlsctl pretrain {run / 'config.yaml'} --out {run} --resume" in last
+    result = _interrupt_when(["pretrain", str(recipe), "train.checkpoint_every=100000", "--out", str(tmp_path / "r2")],
+                             lambda: (tmp_path / "r2" / "metrics.jsonl").is_file())
+    assert result.returncode == 130 and "nothing was saved" in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "r2").exists()
+
+
+def test_12_ctrl_c_during_embed_says_how_many_parts_are_saved(tmp_path, monkeypatch):
+    from conftest import tiny_model
+
+    from mlsctl import features
+    from mlsctl.errors import Interrupted
+
+    make_images(tmp_path / "images", 12)
+    real = features._write_part
+    written = []
+
+    def stop_after_one(*args, **kwargs):
+        if written:
+            raise KeyboardInterrupt
+        written.append(real(*args, **kwargs))
+
+    monkeypatch.setattr(features, "_write_part", stop_after_one)
+    with pytest.raises(Interrupted, match=r"1 of 3 parts are saved in .*\.partial; run the same command again"):
+        features.embed_folder(tmp_path / "images", tmp_path / "f", tiny_model(), batch_size=4, part_size=4,
+                              say=lambda line: None)
+    assert not (tmp_path / "f" / ".mlsctl.lock").exists()
+
+
+# ----------------------------------------------------------------------------------- 13. one writer per folder
+
+
+def test_13_a_second_writer_is_refused_with_the_holder_named(tmp_path):
+    from mlsctl.locks import FolderLock
+
+    first = FolderLock(tmp_path / "run", "run").acquire()
+    with pytest.raises(UserError, match=rf"run {tmp_path / 'run'} is being written by process {os.getpid()}"):
+        FolderLock(tmp_path / "run", "run").acquire()
+    first.release()
+    FolderLock(tmp_path / "run", "run").acquire().release()
+    assert not (tmp_path / "run").exists()  # the lock created the folder and took it away again
+
+
+def test_13_the_lock_of_a_dead_process_is_taken_over(tmp_path):
+    from mlsctl.locks import LOCK_NAME, FolderLock
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from mlsctl.locks import FolderLock; "
+                               f"FolderLock({str(tmp_path / 'f')!r}).acquire(); print('held', flush=True); time.sleep(60)"],
+                              env=cli_env(), stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(UserError, match=f"process {holder.pid}"):
+        FolderLock(tmp_path / "f").acquire()
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    assert (tmp_path / "f" / LOCK_NAME).is_file()  # left behind by the killed process
+    FolderLock(tmp_path / "f").acquire().release()
+
+
+def test_13_embed_and_resume_refuse_a_folder_in_use(finished_run, tmp_path, capsys):
+    from mlsctl.locks import FolderLock
+
+    run, recipe = finished_run
+    with FolderLock(tmp_path / "feats", "feature folder"):
+        code, _, err = cli("embed", str(Path(config.load_recipe(str(run / "config.yaml")).data.root)), "--run", str(run),
+                           "--out", str(tmp_path / "feats"), capsys=capsys)
+        assert code == 1 and "is being written by process" in one_sentence(err)
+    assert not (tmp_path / "feats" / ".partial").exists()
+    with FolderLock(run, "run"):
+        code, _, err = cli("pretrain", str(recipe), "--out", str(run), "--resume", capsys=capsys)
+        assert code == 1 and f"run {run} is being written" in one_sentence(err)
+
+
+# ----------------------------------------------------------------------------------- 14. unreadable folders, leftovers
+
+
+def test_14_an_unreadable_subfolder_is_reported(tmp_path, monkeypatch):
+    from mlsctl.data import images as images_lib
+
+    make_images(tmp_path, 6)
+    (tmp_path / "locked").mkdir()
+    real = os.scandir
+
+    def scandir(path):
+        if Path(path).name == "locked":
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(images_lib.os, "scandir", scandir)
+    scan = images_lib.scan_images(tmp_path)
+    assert ("locked", "folder cannot be read (Permission denied)") in scan.skipped and len(scan.files) == 6
+
+
+def test_14_leftovers_of_an_embed_killed_during_clean_up_are_removed(tmp_path):
+    from conftest import tiny_model
+
+    from mlsctl.features import embed_folder
+
+    make_images(tmp_path / "images", 4)
+    model = tiny_model()
+    embed_folder(tmp_path / "images", tmp_path / "f", model, say=lambda line: None)
+    (tmp_path / "f" / ".partial").mkdir()
+    (tmp_path / "f" / ".partial" / "part-00000.safetensors").write_bytes(b"half")
+    (tmp_path / "f" / ".shard-00000-of-00001.safetensors.x1.tmp").write_bytes(b"half")
+    summary = embed_folder(tmp_path / "images", tmp_path / "f", model, say=lambda line: None)
+    assert summary.reused
+    assert sorted(p.name for p in (tmp_path / "f").iterdir()) == ["manifest.json", "shard-00000-of-00001.safetensors"]
+
+
+# ----------------------------------------------------------------------------------- 15. timm_kwargs
+
+
+def test_15_only_architecture_keys_reach_timm(tmp_path):
+    from safetensors.torch import save_file
+
+    from mlsctl.models.backbone import Backbone
+    from mlsctl.models.source import from_weights
+
+    raw = tiny_recipe(tmp_path)
+    raw["model"]["timm_kwargs"]["checkpoint_path"] = "/somewhere/else.pth"
+    with pytest.raises(config.ConfigError, match="'checkpoint_path' is not an architecture argument"):
+        config.from_dict(raw)
+    with pytest.raises(UserError, match="pretrained_cfg_overlay"):
+        Backbone("vit_small_patch16_224", timm_kwargs={"pretrained_cfg_overlay": {"file": "x"}})
+    weights = tmp_path / "w.safetensors"
+    model = json.dumps({"arch": "vit_small_patch16_224", "img_size": 32, "patch_size": 8,
+                        "timm_kwargs": {"embed_dim": 32, "checkpoint_path": str(tmp_path / "other.pth")}})
+    save_file({"x": torch.zeros(1)}, str(weights), metadata={"model": model})
+    with pytest.raises(UserError, match="not exported by mlsctl"):
+        from_weights(weights)
+
+
+# ----------------------------------------------------------------------------------- 16. NaN in a bank
+
+
+def test_16_non_finite_vectors_never_enter_a_bank():
+    from mlsctl.bank import MemoryBank, NonFiniteVectors
+
+    bank = MemoryBank(8, 4)
+    bank.name = "cls"
+    bank.enqueue(torch.ones(2, 4), step=0)
+    bad = torch.ones(2, 4)
+    bad[1, 2] = float("nan")
+    with pytest.raises(NonFiniteVectors, match=r"step 7: .* memory bank 'cls' are not all finite"):
+        bank.enqueue(bad, step=7)
+    assert bank.filled == 2 and torch.isfinite(bank.vectors).all()
+    state = bank.state_dict()
+    state["vectors"] = state["vectors"].clone()
+    state["vectors"][0, 0] = float("inf")
+    with pytest.raises(ValueError, match="not all finite"):
+        MemoryBank(8, 4).load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------------- 17. offline in under 2 s
+
+
+def _hub_attempt(monkeypatch, tmp_path: Path, endpoint: str, offline: bool = False) -> tuple[float, str]:
+    import huggingface_hub.constants
+
+    from mlsctl.models.hub import timm_pretrained_file
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    for name in ("HTTPS_PROXY", "https_proxy", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    if offline:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    started = time.perf_counter()
+    try:
+        line = timm_pretrained_file("vit_small_patch16_224")
+    except UserError as exc:
+        line = f"error: {exc}"
+    return time.perf_counter() - started, line
+
+
+def test_17_offline_is_decided_in_under_two_seconds(tmp_path, monkeypatch):
+    # a refused connection, an address that answers TCP but is not the hub, and HF_HUB_OFFLINE
+    for endpoint, offline in (("http://127.0.0.1:9", False), ("https://10.255.255.1", False),
+                              ("https://huggingface.co", True)):
+        seconds, line = _hub_attempt(monkeypatch, tmp_path, endpoint, offline)
+        assert line.startswith("error: model.pretrained=true") and "set model.weights" in line, line
+        assert seconds < 2, (endpoint, seconds)
+    # in the cache: used without any network
+    repo = tmp_path / "hub" / "models--timm--vit_small_patch16_224.augreg_in21k_ft_in1k"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    (repo / "snapshots" / "abc123" / "model.safetensors").write_bytes(b"cached")
+    seconds, line = _hub_attempt(monkeypatch, tmp_path, "http://127.0.0.1:9")
+    assert line.endswith("snapshots/abc123/model.safetensors") and seconds < 2
+
+
+# ----------------------------------------------------------------------------------- 18. --help shows every default
+
+
+def _leaf_commands():
+    import typer
+
+    from mlsctl.cli import app
+
+    def walk(command, path):
+        if hasattr(command, "commands"):
+            for name, sub in command.commands.items():
+                yield from walk(sub, path + [name])
+        else:
+            yield path, command
+
+    return list(walk(typer.main.get_command(app), []))
+
+
+def test_18_help_shows_the_default_of_every_option(capsys):
+    import re
+
+    checked = 0
+    for path, command in _leaf_commands():
+        code, out, _ = cli(*path, "--help", capsys=capsys)
+        assert code == 0
+        flat = "".join(out.split())  # the text as printed, whatever the line wrapping
+        for param in command.params:
+            if param.param_type_name != "option" or param.name == "help":
+                continue
+            written = re.findall(r"\[default: [^\]]*\]", param.help or "")
+            for text in written:
+                assert "".join(text.split()) in flat, (path, param.name, text)
+                checked += 1
+            if not written and not param.is_flag and param.default is not None and not param.required:
+                context = command.make_context("mlsctl", [], resilient_parsing=True)
+                assert "[default: " in param.get_help_record(context)[1], (path, param.name)
+    assert checked >= 26
+
+
+# ----------------------------------------------------------------------------------- 19. options never swallow positionals
+
+
+def _sample_values(param) -> list[str]:
+    return {"k": ["10", "20"], "noise": ["0.25", "0.5"], "fraction": ["1/1", "1/8"]}.get(param.name, ["first", "second"])
+
+
+def test_19_multi_value_options_take_both_forms_and_never_a_positional():
+    from mlsctl.cli import expand_multi_values
+
+    seen = 0
+    for path, command in _leaf_commands():
+        arguments = [p for p in command.params if p.param_type_name == "argument" and p.required]
+        positionals = [f"POS{i}" for i in range(len(arguments))]
+        for option in [p for p in command.params if p.param_type_name == "option" and p.multiple]:
+            flag, values = option.opts[0], _sample_values(option)
+            forms = [[flag, *values, *positionals], [*positionals, flag, *values],
+                     [flag, values[0], flag, values[1], *positionals]]
+            for form in forms:
+                argv = expand_multi_values([*path, *form])
+                context = command.make_context("mlsctl", argv[len(path):], resilient_parsing=True)
+                assert [str(v) for v in context.params[option.name]] == values, (path, form, argv)
+                for argument, expected in zip(arguments, positionals):
+                    value = context.params[argument.name]
+                    value = value[0] if isinstance(value, (list, tuple)) else value
+                    assert str(value) == expected, (path, form, argv)
+                seen += 1
+    assert seen >= 15  # eval knn --k, knn-seg --fraction, retrieval --noise, search --set, bank export --bank
+
+
+def test_19_bank_export_with_the_option_first(finished_run, tmp_path, capsys):
+    run, _ = finished_run
+    code, _, err = cli("bank", "export", "--bank", "cls", str(run), "--out", str(tmp_path / "b.safetensors"), capsys=capsys)
+    assert code == 0 and (tmp_path / "b.safetensors").is_file(), err
+
+
+# ----------------------------------------------------------------------------------- 20. default feature folders
+
+
+def test_20_default_embed_outputs_of_train_and_val_images_differ(tmp_path):
+    from mlsctl.features import default_out
+
+    train, val = default_out(tmp_path / "train" / "images"), default_out(tmp_path / "val" / "images")
+    assert train != val and train.parent == val.parent == Path("features")
+    assert "train-images" in train.name and "val-images" in val.name
+    assert default_out(tmp_path / "train" / "images") == train  # the same command resumes into the same folder
+
+
+# ----------------------------------------------------------------------------------- 21. paths from any directory
+
+
+def test_21_stored_paths_resolve_from_any_working_directory(tmp_path, capsys):
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    make_images(work / "images", 16)
+    write_recipe(work / "r.yaml", tiny_recipe(Path("images")))  # relative data.root
+    elsewhere.mkdir()
+    code, _, err = cli("pretrain", "r.yaml", "--out", "runs/x", cwd=work, capsys=capsys)
+    assert code == 0, err
+    saved = config.load_recipe(str(work / "runs" / "x" / "config.yaml"))
+    assert saved.data.root == str(work / "images")
+    query = next((work / "images").glob("*.png"))
+    code, out, err = cli("bank", "neighbors", str(work / "runs" / "x"), "--query", str(query), "-k", "3", "--json",
+                         "--out", "n.png", cwd=elsewhere, capsys=capsys)
+    assert code == 0 and "missing" not in err, err
+    assert all(Path(n["image"]).is_file() for n in json.loads(out)["neighbours"])
+    code, _, err = cli("embed", "images", "--run", "runs/x", "--out", "f", cwd=work, capsys=capsys)
+    assert code == 0, err
+    manifest = json.loads((work / "f" / "manifest.json").read_text())
+    assert manifest["input_root"] == str(work / "images") and Path(manifest["model"]["path"]).is_absolute()
+
+
+# ----------------------------------------------------------------------------------- 22. eval knn on images
+
+
+def test_22_eval_knn_takes_image_folders_and_reuses_their_features(finished_run, tmp_path, capsys):
+    run, _ = finished_run
+    for split in ("train", "val"):
+        for label, colour in (("red", (250, 20, 20)), ("blue", (20, 20, 250))):
+            (tmp_path / split / label).mkdir(parents=True)
+            for i in range(4):
+                Image.new("RGB", (40, 40), colour).save(tmp_path / split / label / f"{i}.png")
+    args = ["eval", "knn", "--train", str(tmp_path / "train"), "--val", str(tmp_path / "val"), "--run", str(run),
+            "--k", "1", "3", "--json", "--out", str(tmp_path / "r.json")]
+    code, out, err = cli(*args, cwd=tmp_path, capsys=capsys)
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["train_images"] == 8 and result["classes"] == 2 and [r["k"] for r in result["results"]] == [1, 3]
+    code, out, err = cli(*args, cwd=tmp_path, capsys=capsys)
+    assert code == 0 and err.count("already in") == 2
+
+
+# ----------------------------------------------------------------------------------- 23. viz pca draws what the model saw
+
+
+def test_23_viz_pca_draws_the_centre_crop_after_center_crop(tmp_path):
+    from conftest import write_feature_folder
+
+    from mlsctl.features import Features
+    from mlsctl.viz import features_pca
+
+    pixels = np.zeros((32, 96, 3), dtype=np.uint8)
+    pixels[:, :32] = (255, 0, 0)   # left third red, middle green, right third blue
+    pixels[:, 32:64] = (0, 255, 0)
+    pixels[:, 64:] = (0, 0, 255)
+    (tmp_path / "images").mkdir()
+    Image.fromarray(pixels).save(tmp_path / "images" / "wide.png")
+    folder = write_feature_folder(tmp_path / "f", ["wide.png"], torch.randn(1, 4), torch.randn(1, 4, 4, 4),
+                                  input_root=tmp_path / "images")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["preprocessing"] = {"resize": "center-crop", "resolution": 32}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    out = features_pca(Features(folder), tmp_path / "pca.png", cell=64)
+    drawn = np.asarray(Image.open(out).convert("RGB"))[8:72, 8:72]  # the image cell of the first pair
+    assert (drawn[:, :, 1] > 200).mean() > 0.9  # all green: the centre, not the squashed whole
+
+
+# ----------------------------------------------------------------------------------- 24. every format Pillow reads
+
+
+def test_24_gif_and_other_pillow_formats_are_images(tmp_path):
+    from mlsctl.data.images import IMAGE_EXTENSIONS, find_images, load_rgb
+
+    assert {".gif", ".ppm", ".tga", ".ico", ".jfif"} <= set(IMAGE_EXTENSIONS)
+    frames = [Image.new("RGB", (20, 10), c) for c in ((255, 0, 0), (0, 0, 255))]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:])
+    Image.new("RGB", (20, 10), (0, 255, 0)).save(tmp_path / "x.ppm")
+    assert [p.name for p in find_images(tmp_path)] == ["anim.gif", "x.ppm"]
+    first = np.asarray(load_rgb(tmp_path / "anim.gif"))
+    assert first.shape == (10, 20, 3) and first[..., 0].mean() > 200 and first[..., 2].mean() < 50
+
+
+# ----------------------------------------------------------------------------------- 25, 26. documentation and packaging
+
+
+def test_25_readme_is_current():
+    import re
+
+    readme = (REPO / "README.md").read_text()
+    intro = readme.split("## ")[1]
+    assert "not built yet" not in intro
+    assert "## Your own images" in readme and "timm.create_model(" in readme
+    for name in re.findall(r"val/images/(\d+)\.png", readme + (REPO / "mlsctl" / "cli" / "bank.py").read_text()):
+        assert len(name) == 6, name
+    demo = (REPO / "scripts" / "demo.sh").read_text()
+    steps = {int(n) for n in re.findall(r'^echo "== \d+/(\d+) ', demo, re.M)}
+    assert len(steps) == 1 and f"`make demo` runs {steps.pop()} steps" in readme
+
+
+def test_26_every_imported_package_is_declared():
+    import ast
+    import tomllib
+
+    declared = {re.split(r"[<>=!~ \[]", d, maxsplit=1)[0].lower().replace("_", "-")
+                for d in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]}
+    distribution = {"PIL": "pillow", "yaml": "pyyaml", "faiss": "faiss-cpu", "huggingface_hub": "huggingface-hub"}
+    optional = {"sklearn"}  # guarded by ImportError, with the fallback documented
+    imported = set()
+    for path in (REPO / "mlsctl").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
+    third_party = {m for m in imported if m not in sys.stdlib_module_names and m != "mlsctl"} - optional
+    missing = {m for m in third_party if distribution.get(m, m).lower().replace("_", "-") not in declared}
+    assert missing == set()
+
