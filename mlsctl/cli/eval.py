@@ -19,6 +19,21 @@ def _say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
+def _model_on_demand(run, weights, arch, random_init: bool, seed: int):
+    """The model of the model flags, chosen (and announced) the first time an image folder needs
+    embedding; ``.chosen`` holds it afterwards (None while feature folders sufficed)."""
+    from mlsctl.models.source import choose_model
+
+    def get_model():
+        if get_model.chosen is None:
+            get_model.chosen = choose_model(run=run, weights=weights, arch=arch, random_init=random_init, seed=seed)
+            _say(f"model: {get_model.chosen.description}")
+        return get_model.chosen
+
+    get_model.chosen = None
+    return get_model
+
+
 def _default_json(name: str) -> Path:
     return Path("results") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
 
@@ -64,8 +79,6 @@ def knn_seg(
     from mlsctl.evaluate import knn_seg as lib
     from mlsctl.features import features_or_embed
     from mlsctl.errors import UserError
-    from mlsctl.models.source import choose_model
-
     given = [train, train_masks, val, val_masks]
     if all(v is None for v in given):
         from mlsctl.data.fmnist import build_scenes
@@ -84,18 +97,12 @@ def knn_seg(
     if index not in ("flat", "ivf"):
         raise UserError(f"--index {index} is not one of flat, ivf")
 
-    chosen = {}
-
-    def get_model():
-        if "model" not in chosen:
-            chosen["model"] = choose_model(run=run, weights=weights, arch=model, random_init=random_init, seed=seed)
-            _say(f"model: {chosen['model'].description}")
-        return chosen["model"]
-
+    get_model = _model_on_demand(run, weights, model, random_init, seed)
     train_features = features_or_embed(train, get_model, dense=True, what="train features", say=_say)
     val_features = features_or_embed(val, get_model, dense=True, what="val features", say=_say)
     if benchmark:
-        _say(f"evaluating {chosen['model'].description if chosen else train_features.model.get('path')} on {benchmark}")
+        _say(f"evaluating {get_model.chosen.description if get_model.chosen else train_features.model.get('path')} "
+             f"on {benchmark}")
     train_source = lib.FeatureMasks(train_features, train_masks, "train features")
     val_source = lib.FeatureMasks(val_features, val_masks, "val features")
     augmented = None
@@ -167,16 +174,8 @@ def knn(
     """
     from mlsctl.evaluate import knn as lib
     from mlsctl.features import features_or_embed
-    from mlsctl.models.source import choose_model
 
-    chosen = {}
-
-    def get_model():
-        if "model" not in chosen:
-            chosen["model"] = choose_model(run=run, weights=weights, arch=model, random_init=random_init, seed=seed)
-            _say(f"model: {chosen['model'].description}")
-        return chosen["model"]
-
+    get_model = _model_on_demand(run, weights, model, random_init, seed)
     train_features = features_or_embed(train, get_model, dense=False, what="train features", say=_say)
     val_features = features_or_embed(val, get_model, dense=False, what="val features", say=_say)
     started = time.perf_counter()

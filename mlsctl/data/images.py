@@ -135,45 +135,41 @@ def scan_images(root: str | os.PathLike, what: str = "image folder") -> ImageSca
                 is_folder = entry.is_dir()  # follows links
             except OSError:
                 is_folder = False
-            if is_folder:
-                problem = name_problem(name)
-                if problem:
-                    scan.skipped.append((printable_name(relpath), f"folder name {problem}; rename it"))
-                    continue
-                try:
-                    st = entry.stat()
-                except OSError as exc:
-                    scan.skipped.append((printable_name(relpath), f"folder cannot be read ({exc.strerror or exc})"))
-                    continue
-                key = (st.st_dev, st.st_ino)
-                if key in seen_folders:
-                    scan.links_skipped += 1
-                    continue
-                seen_folders.add(key)
+            if not is_folder and not name.lower().endswith(IMAGE_EXTENSIONS):
+                if name_problem(name) is None:
+                    scan.others.append(Path(entry.path))
+                continue
+            if is_folder and _first_visit(entry, relpath, "folder", seen_folders, scan):
                 subfolders.append((Path(entry.path), relpath))
-            elif name.lower().endswith(IMAGE_EXTENSIONS):
-                problem = name_problem(name)
-                if problem:
-                    scan.skipped.append((printable_name(relpath), f"file name {problem}; rename it"))
-                    continue
-                try:
-                    st = entry.stat()
-                except OSError:
-                    scan.skipped.append((relpath, "broken link (its target does not exist)"))
-                    continue
-                key = (st.st_dev, st.st_ino)
-                if key in seen_files:
-                    scan.links_skipped += 1
-                    continue
-                seen_files.add(key)
+            elif not is_folder and _first_visit(entry, relpath, "file", seen_files, scan):
                 found.append((relpath, Path(entry.path)))
-            elif name_problem(name) is None:
-                scan.others.append(Path(entry.path))
         pending += reversed(subfolders)
     found.sort(key=lambda item: item[0])
     scan.files = [path for _, path in found]
     scan.others.sort(key=lambda p: p.relative_to(root).as_posix())
     return scan
+
+
+def _first_visit(entry: os.DirEntry, relpath: str, kind: str, seen: set[tuple[int, int]], scan: ImageScan) -> bool:
+    """Whether ``entry`` (a folder or an image) is listed: its name can be stored, its target
+    exists, and no link led to the same real folder or file before (a skipped link is counted)."""
+    problem = name_problem(entry.name)
+    if problem:
+        scan.skipped.append((printable_name(relpath), f"{kind} name {problem}; rename it"))
+        return False
+    try:
+        st = entry.stat()  # follows links
+    except OSError as exc:
+        reason = (f"folder cannot be read ({exc.strerror or exc})" if kind == "folder"
+                  else "broken link (its target does not exist)")
+        scan.skipped.append((printable_name(relpath), reason))
+        return False
+    key = (st.st_dev, st.st_ino)
+    if key in seen:
+        scan.links_skipped += 1
+        return False
+    seen.add(key)
+    return True
 
 
 def find_images(root: str | os.PathLike, what: str = "image folder", others: list[Path] | None = None) -> list[Path]:
