@@ -169,7 +169,8 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    precision: Literal["fp32", "bf16", "fp16"] = param("fp32", help="mixed precision (fp16 needs CUDA)")
+    precision: Literal["fp32", "bf16", "fp16", "fp16_or_bf16"] = param(
+        "fp32", help="mixed precision: fp16 needs CUDA; fp16_or_bf16 is fp16 on CUDA and bf16 elsewhere")
     checkpoint_every: int = param(1000, help="steps between checkpoints (one is always written at the end)", ge=1)
     keep_checkpoints: int = param(2, help="newest checkpoints kept on disk", ge=1)
     log_every: int = param(10, help="steps between metrics.jsonl lines", ge=1)

@@ -4,6 +4,9 @@
     RUN/metrics.jsonl                   one JSON object per logged step
     RUN/train.log                       what the console showed, with timestamps
     RUN/summary.json                    written when training completes
+    RUN/start.json                      what the weights started from: {"init_from": path or null}
+                                        (with the recipe's model.weights and seed, the start is rebuilt
+                                        exactly: mlsctl.models.source.from_run_start)
     RUN/images.txt                      the training images, one path per line relative to data.root:
                                         line i is the image a bank's ``image_id`` i refers to
     RUN/teacher.safetensors             the final teacher backbone in timm's key layout (LoRA merged)
@@ -28,8 +31,8 @@ from mlsctl.errors import UserError
 RUN_FORMAT_VERSION = 1
 
 # What mlsctl pretrain writes in a run folder; `--overwrite` removes these and nothing else.
-RUN_ENTRIES = ("config.yaml", "metrics.jsonl", "train.log", "summary.json", "images.txt", "teacher.safetensors",
-               "teacher_adapters", "checkpoints")
+RUN_ENTRIES = ("config.yaml", "start.json", "metrics.jsonl", "train.log", "summary.json", "images.txt",
+               "teacher.safetensors", "teacher_adapters", "checkpoints")
 
 
 class Checkpoint:
@@ -75,6 +78,17 @@ class Run:
     teacher_weights_path = property(lambda self: self.root / "teacher.safetensors")
     teacher_adapters_path = property(lambda self: self.root / "teacher_adapters")
     images_path = property(lambda self: self.root / "images.txt")
+    start_path = property(lambda self: self.root / "start.json")
+
+    def init_from(self) -> Optional[str]:
+        """The --init-from of the run's start (absolute), or None (also for runs before start.json)."""
+        if not self.start_path.is_file():
+            return None
+        try:
+            value = json.loads(self.start_path.read_text()).get("init_from")
+        except (OSError, ValueError, AttributeError):
+            raise UserError(f"{self.start_path} is damaged; it says what the run's weights started from") from None
+        return value if isinstance(value, str) else None
 
     def is_run(self) -> bool:
         """Whether the folder holds an mlsctl run: a config.yaml that reads as a recipe."""

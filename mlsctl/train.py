@@ -65,7 +65,8 @@ def _accelerator(recipe):
     from accelerate.utils import DistributedDataParallelKwargs
 
     method_cls = methods.method_class(recipe.method.name)
-    precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[recipe.train.precision]
+    precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16",
+                 "fp16_or_bf16": "fp16" if torch.cuda.is_available() else "bf16"}[recipe.train.precision]
     if precision == "fp16" and not torch.cuda.is_available():
         raise UserError("train.precision=fp16 needs a CUDA GPU; use train.precision=bf16 or fp32 on a CPU")
     ddp = DistributedDataParallelKwargs(broadcast_buffers=False, find_unused_parameters=method_cls.find_unused_parameters)
@@ -142,7 +143,7 @@ def _same_images(run: Run, saved, recipe, folder: ImageFolder) -> None:
 
 
 def _open_run_dir(run: Run, recipe, folder: ImageFolder, lock: FolderLock, *, resume: bool,
-                  overwrite: bool) -> Optional[str]:
+                  overwrite: bool, init_from: Optional[str]) -> Optional[str]:
     """Process 0, after every input has been validated: lock the run folder, then either check it
     for --resume (returns the checkpoint to continue from) or prepare it for a new run (an
     earlier run in it is replaced only with --overwrite, and only its own files)."""
@@ -181,6 +182,7 @@ def _open_run_dir(run: Run, recipe, folder: ImageFolder, lock: FolderLock, *, re
                       f"that pretrain did not write ({', '.join(kept[:4])}{', ...' if len(kept) > 4 else ''})",
                       file=sys.stderr)
         config_lib.save_recipe(recipe, run.config_path)
+        atomic.write_json(run.start_path, {"init_from": os.path.abspath(init_from) if init_from else None})
         return None
     except BaseException:
         lock.release()
@@ -473,7 +475,8 @@ def pretrain(recipe, out: str | Path, *, resume: bool = False, init_from: Option
     initialised = _load_initial_weights(method, init_from) if init_from and not resume else None
 
     lock = FolderLock(run.root, "run")
-    resume_from = dist.on_main(lambda: _open_run_dir(run, recipe, folder, lock, resume=resume, overwrite=overwrite))
+    resume_from = dist.on_main(lambda: _open_run_dir(run, recipe, folder, lock, resume=resume, overwrite=overwrite,
+                                                     init_from=init_from))
     try:
         _setup_logging(run, is_main, rank, sys.stderr.isatty())
         if is_main:
@@ -535,8 +538,9 @@ def _train(run: Run, recipe, accelerator, folder: ImageFolder, dataset, collate_
 
     if is_main:
         n_params = sum(p.numel() for p in trainable)
+        precision = "fp32" if accelerator.mixed_precision == "no" else accelerator.mixed_precision
         log.info(f"mlsctl {__version__} | {recipe.method.name} on {len(folder)} images from {folder.root} | "
-                 f"{world} process{'es' if world > 1 else ''} on {accelerator.device} ({recipe.train.precision}) | "
+                 f"{world} process{'es' if world > 1 else ''} on {accelerator.device} ({precision}) | "
                  f"{n_params / 1e6:.2f}M trainable parameters")
         log.info(f"{schedule.steps_per_epoch} steps/epoch x {recipe.optim.epochs} epochs = {total_steps} steps of "
                  f"{batch_global} images | peak lr {peak_lr:.3g} | run: {run.root}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -210,3 +211,103 @@ def test_a_two_process_run_holds_identical_object_banks(tmp_path):
     assert bank.n_written > bank.size  # both ranks' objects went in, and the queue wrapped
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all("bootstrap_ratio" in r and "time/clustering" in r for r in rows)
+
+
+# ------------------------------------------------------------------ the authors' three clustering details
+
+
+def test_first_round_a_seed_costs_the_image_mean_to_its_own_cluster():
+    """(a) In the first round only the seeds are members; a seed has no *other* member in its own
+    cluster, so its positional cost there is the fill value, not 0."""
+    from mlsctl.methods.cribo_ops import _fill_and_scale_positional
+
+    positions = torch.tensor([[[0.0, 0.0], [3.0, 0.0], [0.0, 4.0]]])
+    distances = torch.cdist(positions, positions).masked_fill(torch.eye(3, dtype=torch.bool), float("inf"))
+    seeds_only = torch.tensor([[0, 1, -1]])  # tokens 0 and 1 seed clusters 0 and 1; token 2 in none yet
+    linkage = single_linkage_cost(distances, seeds_only, 2)
+    assert linkage[0].tolist() == [[float("inf"), 3.0], [3.0, float("inf")], [4.0, 5.0]]
+    cost = _fill_and_scale_positional(linkage)
+    mean = (3.0 + 3.0 + 4.0 + 5.0) / 6  # over all 3 x 2 entries, the empty ones counted as 0
+    assert cost[0, 0, 0].item() == pytest.approx(mean / 5.0) and cost[0, 1, 1].item() == pytest.approx(mean / 5.0)
+    assert cost[0, 2, 1].item() == pytest.approx(1.0)
+
+
+def test_fill_value_is_the_mean_over_all_entries_with_empty_ones_as_zero():
+    """(b) Not the mean of the non-empty entries alone (that would be 4.0 here)."""
+    from mlsctl.methods.cribo_ops import _fill_and_scale_positional
+
+    inf = float("inf")
+    linkage = torch.tensor([[[2.0, inf], [6.0, inf]]])
+    cost = _fill_and_scale_positional(linkage)
+    assert torch.allclose(cost[0], torch.tensor([[2.0 / 6.0, 2.0 / 6.0], [1.0, 2.0 / 6.0]]))  # fill (2 + 6) / 4 = 2
+
+
+def test_an_empty_cluster_gets_a_zero_centroid():
+    """(c) Its semantic cost is then 0 for every token in the next round (the old centroid is not kept)."""
+    from mlsctl.methods.cribo_ops import cluster_centroids
+
+    z = F.normalize(torch.tensor([[[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]]]), dim=-1)
+    centroids, counts = cluster_centroids(z, torch.tensor([[0, 0, 2]]), 3)
+    assert counts[0].tolist() == [2.0, 0.0, 1.0]
+    assert torch.allclose(centroids[0, 0], F.normalize(z[0, 0] + z[0, 1], dim=0))
+    assert centroids[0, 1].tolist() == [0.0, 0.0] and torch.allclose(centroids[0, 2], z[0, 2])
+
+
+def test_tokens_at_the_same_position_are_not_each_others_neighbours():
+    """As the authors' code (which takes a zero distance for 'not a member'), a token at exactly the
+    same spot in the other view does not count as a neighbour."""
+    from mlsctl.methods.cribo_ops import neighbour_distances
+
+    positions = torch.tensor([[[0.0, 0.0], [0.0, 0.0], [3.0, 4.0]]])
+    inf = float("inf")
+    assert neighbour_distances(positions)[0].tolist() == [[inf, inf, 5.0], [inf, inf, 5.0], [5.0, 5.0, inf]]
+
+
+# ------------------------------------------------------------------ loss weights 1 : 1 : 1
+
+
+def test_object_losses_average_their_two_directions():
+    from mlsctl.methods.cribo import cross_image_object_loss, cross_view_object_loss
+
+    k = 8
+    uniform = torch.full((3, k), 1.0 / k)
+    flat = torch.zeros(3, k)
+    # each direction is log K for uniform targets and flat students: the mean is log K, not 2 log K
+    assert cross_view_object_loss(uniform, uniform, flat, flat, 0.1).item() == pytest.approx(math.log(k), rel=1e-6)
+    # cross-image: direction 1 has two valid pairs, direction 2 one; each averaged over its own pairs
+    one_hot = torch.eye(k)[:3]
+    s = torch.zeros(3, k)
+    s[0, 0] = math.log(3.0) + math.log(k - 1)  # student 0 gives class 0 probability 3/4 at temperature 1
+    q_first = one_hot  # targets of direction 1 (against s2 = s)
+    q_second = one_hot
+    valid1 = torch.tensor([1.0, 1.0, 0.0])
+    valid2 = torch.tensor([1.0, 0.0, 0.0])
+    h_other = math.log(k)  # a flat student row against a one-hot target
+    h_zero = -math.log(0.75)
+    expected = 0.5 * ((h_zero + h_other) / 2 + h_zero / 1)
+    got = cross_image_object_loss(q_first, q_second, s, s, valid1, valid2, 1.0)
+    assert got.item() == pytest.approx(expected, rel=1e-6)
+    # a direction without a valid pair contributes 0, and nothing divides by zero
+    assert cross_image_object_loss(q_first, q_second, s, s, valid1, torch.zeros(3), 1.0).item() == pytest.approx(
+        0.5 * (h_zero + h_other) / 2, rel=1e-6)
+
+
+def test_the_three_terms_weigh_one_each_at_a_uniform_start(tmp_path):
+    """With every head output uniform, each of the three terms is log(out_dim): a sum of two
+    directions would make the cross-view term 2 log(out_dim)."""
+    raw = tiny_recipe(tmp_path, data__local_crops={"count": 0, "size": 16, "scale": [0.1, 0.4]})
+    raw["method"] = {"name": "cribo", "out_dim": 32, "hidden_dim": 16, "bottleneck_dim": 8, "n_clusters": 2,
+                     "bank_images": 1}
+    recipe = config.from_dict(raw)
+    torch.manual_seed(0)
+    method = CrIBo(recipe, Schedule(4, 2))
+    for layer in (method.student.head.head.last_layer, method.student.head.object_layer,
+                  method.teacher.head.head.last_layer, method.teacher.head.object_layer):
+        torch.nn.init.zeros_(layer.gain)  # every logit 0: uniform outputs
+    batch = _batch(recipe)
+    method.training_step(batch, 0)  # fills the one-image bank ...
+    out = method.training_step(_batch(recipe, seed=1), 1)  # ... so the cross-image term is on
+    for name in ("global", "cross_view"):
+        assert out.terms[name].item() == pytest.approx(math.log(32), rel=1e-5), name
+    assert out.metrics["bootstrap_ratio"] > 0  # some pairs passed the cycle check: the term is on
+    assert out.terms["cross_image"].item() == pytest.approx(math.log(32), rel=1e-5)

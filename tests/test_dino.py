@@ -120,3 +120,26 @@ def test_training_step_updates_center_and_monitor_bank(images):
     assert bank.filled == 4
     assert bank.payload["image_id"][:4].tolist() == batch.image_ids.tolist()
     assert torch.equal(bank.payload["box"][:4], batch.boxes[:, 0])
+
+
+def test_last_layer_matches_the_authors_init_and_weight_decay(tmp_path):
+    """DINO's last layer is weight_norm(nn.Linear): its direction starts with nn.Linear's default
+    init (row norm ≈ sqrt(1/3)), and its gain g is [out, 1], weight-decayed when it trains."""
+    from mlsctl.models.heads import WeightNormLinear
+    from mlsctl.train import param_groups
+
+    layer = WeightNormLinear(256, 4096, fixed_gain=False)
+    assert layer.direction.norm(dim=1).mean().item() == pytest.approx(math.sqrt(1 / 3), rel=0.02)
+    assert layer.gain.shape == (4096, 1)
+    raw = tiny_recipe(tmp_path)
+    raw["method"]["norm_last_layer"] = False
+    method = DINO(config.from_dict(raw), Schedule(4, 2))
+    decayed, exempt = (set(map(id, group["params"])) for group in param_groups(method))
+    gain = method.student.head.last_layer.gain
+    assert id(gain) in decayed and id(gain) not in exempt
+    fixed = DINO(config.from_dict(tiny_recipe(tmp_path)), Schedule(4, 2)).student.head.last_layer.gain
+    assert not fixed.requires_grad  # norm_last_layer: true keeps g = 1
+    # a gain saved as [out] (before this change) still loads
+    old = {"direction": layer.direction.detach().clone(), "gain": torch.full((4096,), 2.0)}
+    layer.load_state_dict(old)
+    assert layer.gain.shape == (4096, 1) and layer.gain.eq(2.0).all()

@@ -297,3 +297,16 @@ def test_cli_knn_seg_without_arguments_evaluates_the_newest_run_on_fmnist_scenes
     assert "background" in result.stdout and "ankle boot" in result.stdout
     saved = json.loads(next((tmp_path / "results").glob("knn-seg-*.json")).read_text())
     assert saved["train"]["images"] == 8 and saved["val"]["images"] == 3 and len(saved["classes"]) == 11
+
+
+def test_foreground_background_iou_merges_every_item_class():
+    from mlsctl.evaluate.segmentation import foreground_background_iou
+
+    # rows: true background, item 1, item 2; columns: predicted
+    confusion = np.array([[6, 1, 1],
+                          [2, 3, 1],   # item 1 taken for item 2 once: still foreground
+                          [0, 0, 4]])
+    result = foreground_background_iou(confusion)
+    # background: TP 6, FP 2, FN 2 -> 6/10; foreground: TP 3+1+0+4 = 8, FP 2, FN 2 -> 8/12
+    assert result["background_iou"] == pytest.approx(0.6) and result["foreground_iou"] == pytest.approx(8 / 12)
+    assert result["binary_miou"] == pytest.approx((0.6 + 8 / 12) / 2)

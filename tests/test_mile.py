@@ -222,6 +222,9 @@ def test_eval_retrieval_reports_every_method_and_noise(mile_run, tmp_path):
     results = json.loads(out.read_text())["results"]
     assert {(r["method"], r["noise"]) for r in results} == {(m, n) for m in ("mile", "max-pairwise", "mean-cls")
                                                             for n in (0.0, 0.5)}
+    assert {(r["method"], r["backbone"]) for r in results} == {("mile", "trained"), ("max-pairwise", "trained"),
+                                                               ("mean-cls", "trained"), ("max-pairwise", "start"),
+                                                               ("mean-cls", "start")}
     for r in results:
         assert 0 <= r["R@1"] <= r["R@10"] <= 1 and r["AR@10"] == pytest.approx(np.mean([r[f"R@{k}"] for k in range(1, 11)]))
         assert r["gallery"] == 6 and r["R@6"] == 1.0  # 6 objects: every target is within 6
@@ -248,3 +251,41 @@ def test_bad_object_ids_are_refused_and_the_gallery_works_from_any_directory(mil
     code, out, err = cli("search", "--set", photo, "--index", str(tmp_path / "g"), "--json", cwd=elsewhere, capsys=capsys)
     assert code == 0 and json.loads(out)["results"][0]["object"] in ("new one", "obj1")
     assert (tmp_path / "g" / "objects.txt").read_text().split("\n")[-2] == "new one"
+
+
+def test_query_sets_sample_four_photos_seeded_as_the_authors():
+    from mlsctl.evaluate.retrieval import sample_sets
+
+    sets = [list(range(10)), [10, 11], list(range(20, 26))]
+    drawn = sample_sets(sets, 4, seed=3)
+    assert [len(s) for s in drawn] == [4, 2, 4] and drawn == sample_sets(sets, 4, seed=3)
+    assert all(set(d) <= set(s) and d == sorted(d) for d, s in zip(drawn, sets))
+    assert drawn != sample_sets(sets, 4, seed=4) and sample_sets(sets, None, 0) == sets
+
+
+def test_the_start_backbone_is_what_the_run_started_from(finished_run, tmp_path, capsys):
+    from conftest import cli
+
+    from mlsctl.models.source import from_run_start, from_weights
+
+    run, recipe = finished_run
+    teacher = run / "teacher.safetensors"
+    code, _, err = cli("pretrain", str(recipe), "optim.epochs=1", "--init-from", str(teacher), "--out",
+                       str(tmp_path / "r"), capsys=capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "r" / "start.json").read_text()) == {"init_from": str(teacher)}
+    assert from_run_start(tmp_path / "r").fingerprint == from_weights(teacher).fingerprint
+    # without --init-from: the recipe's seeded random init, which is not the trained teacher
+    start = from_run_start(run)
+    assert "random init, seed 0" in start.description and start.fingerprint != from_weights(teacher).fingerprint
+
+
+def test_paper_recipes_use_dinov2_with_registers_as_the_authors():
+    for name in ("mile_abo", "mile_inat"):
+        recipe = config.load_recipe(name)
+        assert recipe.model.arch == "vit_large_patch14_reg4_dinov2.lvd142m"
+        assert recipe.method.norm_last_layer is False and recipe.model.drop_path_rate == 0.0
+    for name in ("cribo_coco", "cribo_in1k"):
+        recipe = config.load_recipe(name)
+        assert recipe.method.norm_last_layer is False and recipe.optim.clip_grad == 0.0
+        assert recipe.optim.min_lr == 1e-5 and recipe.train.precision == "fp16_or_bf16"

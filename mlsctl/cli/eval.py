@@ -34,6 +34,17 @@ def _model_on_demand(run, weights, arch, random_init: bool, seed: int):
     return get_model
 
 
+def _query_size(value: str) -> Optional[int]:
+    """--query-size: a positive number of photos, or 'all' (None)."""
+    from mlsctl.errors import UserError
+
+    if value.strip().lower() == "all":
+        return None
+    if not value.strip().isdigit() or int(value) < 1:
+        raise UserError(f"--query-size takes a number of photos (1 or more) or 'all', got {value!r}")
+    return int(value)
+
+
 def _default_json(name: str) -> Path:
     return Path("results") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
 
@@ -199,9 +210,9 @@ def retrieval(
     gallery: Path = typer.Option(Path("data/fmnist-products/gallery"), "--gallery", help="Gallery photos, one folder per object."),
     query: Path = typer.Option(Path("data/fmnist-products/query"), "--query", help="Query photos of the same objects, one folder per object."),
     run: Optional[Path] = typer.Option(None, "--run", help="MILE run [default: the newest run under ./runs]."),
-    query_size: Optional[int] = typer.Option(None, "--query-size", min=1, help="Photos per query set (the first N) [default: all]."),
+    query_size: str = typer.Option("4", "--query-size", help="Photos per query set, drawn at random (seeded) as the authors do, or 'all'."),
     noise: Optional[list[str]] = typer.Option(None, "--noise", help="Fractions of each query set replaced with random photos [default: 0 0.25 0.5]."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the noise."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the query-photo draw and of the noise."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Results JSON [default: results/retrieval-<time>.json]."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON instead of a table."),
 ) -> None:
@@ -209,10 +220,13 @@ def retrieval(
 
     Example: mlsctl eval retrieval --gallery data/fmnist-products/gallery --query data/fmnist-products/query --run runs/mile_fmnist_quick --noise 0 0.25 0.5
     """
+    import dataclasses
+
     from mlsctl.cli.index import _set_model
     from mlsctl.errors import UserError
-    from mlsctl.evaluate.retrieval import evaluate_retrieval
+    from mlsctl.evaluate.retrieval import evaluate_retrieval, sample_sets
     from mlsctl.gallery import load_images, object_folders
+    from mlsctl.models.source import from_run_start
 
     fractions = []
     for value in noise or ["0", "0.25", "0.5"]:
@@ -222,31 +236,42 @@ def retrieval(
             raise UserError(f"--noise takes fractions between 0 and 1, got {value!r}") from None
         if not 0 <= fractions[-1] < 1:
             raise UserError(f"--noise takes fractions in [0, 1), got {value}")
+    size = _query_size(query_size)
     model = _set_model(run)
     gallery_groups, query_groups = object_folders(gallery), object_folders(query)
     objects = [o for o in gallery_groups if o in query_groups]
     if len(objects) < 2:
         raise UserError(f"{gallery} and {query} share {len(objects)} object folders; retrieval needs at least 2")
-    paths, gallery_rows, query_rows = [], [], []
+    paths, gallery_rows, all_query_rows = [], [], []
     for o in objects:
         gallery_rows.append(list(range(len(paths), len(paths) + len(gallery_groups[o]))))
         paths += gallery_groups[o]
-        chosen = query_groups[o][:query_size] if query_size else query_groups[o]
-        query_rows.append(list(range(len(paths), len(paths) + len(chosen))))
-        paths += chosen
-    _say(f"embedding {len(paths)} photos of {len(objects)} objects")
+        all_query_rows.append(list(range(len(paths), len(paths) + len(query_groups[o]))))
+        paths += query_groups[o]
+    query_rows = sample_sets(all_query_rows, size, seed)
+    images = load_images(paths)
+    _say(f"embedding {len(paths)} photos of {len(objects)} objects with the trained teacher and with the backbone "
+         f"the run started from")
     started = time.perf_counter()
-    cls, tokens = model.image_tokens(load_images(paths))
+    cls, tokens = model.image_tokens(images)
     results = evaluate_retrieval(model, gallery_rows, query_rows, cls, tokens, noise=fractions, seed=seed)
+    start = dataclasses.replace(model, backbone=from_run_start(model.run))
+    start_cls, _ = start.image_tokens(images)
+    results += evaluate_retrieval(start, gallery_rows, query_rows, start_cls, None, noise=fractions, seed=seed,
+                                  methods=("max-pairwise", "mean-cls"), backbone="start")
     payload = {"gallery": str(gallery), "query": str(query), "run": model.run, "step": model.step,
-               "fingerprint": model.fingerprint, "objects": len(objects), "photos": len(paths),
-               "seconds": time.perf_counter() - started, "results": [r.to_dict() for r in results]}
+               "fingerprint": model.fingerprint, "start": start.backbone.description,
+               "query_size": size if size is not None else "all", "seed": seed, "objects": len(objects),
+               "photos": len(paths), "seconds": time.perf_counter() - started, "results": [r.to_dict() for r in results]}
     out = out or _default_json("retrieval")
     _write_json(out, payload)
     if as_json:
         print(json.dumps(payload, indent=2))
         return
-    print(f"image-set retrieval, {len(objects)} objects ({model.run} at step {model.step}); R@k in %:")
-    rows = [[r.method, f"{100 * r.noise:.0f}%", pct(r.ar10), *(pct(r.recalls[k]) for k in (1, 2, 5, 10))] for r in results]
-    print(table(["method", "noise", "AR@10", "R@1", "R@2", "R@5", "R@10"], rows, right=[False, True, True, True, True, True, True]))
+    print(f"image-set retrieval, {len(objects)} objects ({model.run} at step {model.step}), query sets of "
+          f"{size or 'all'} photos; R@k in %; start = {start.backbone.description}:")
+    rows = [[r.method, r.backbone, f"{100 * r.noise:.0f}%", pct(r.ar10), *(pct(r.recalls[k]) for k in (1, 2, 5, 10))]
+            for r in results]
+    print(table(["method", "backbone", "noise", "AR@10", "R@1", "R@2", "R@5", "R@10"], rows,
+                right=[False, False, True, True, True, True, True, True]))
     _say(f"wrote {out}")

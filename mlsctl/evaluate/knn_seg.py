@@ -393,7 +393,7 @@ def knn_segmentation(train: FeatureMasks, val: FeatureMasks, fractions: Sequence
         with np.errstate(invalid="ignore"):
             class_mean = np.nanmean(per_class, 0) if len(outcomes) else per_class[0]
         for o in outcomes:
-            o.pop("confusion")
+            o["confusion"] = o["confusion"].tolist()  # [true, predicted] pixel counts, for other summaries
         results.append({
             "fraction": f"{fraction.numerator}/{fraction.denominator}",
             "train_images": count,

@@ -5,7 +5,8 @@ of one gallery object. A query's rank is the number of gallery objects scoring a
 as its own object (ties count against it). R@k is the fraction of queries ranked within k;
 AR@10 = mean(R@1..R@10).
 
-Scores, all with the same backbone:
+Scores (``backbone`` says which backbone embedded the photos: the MILE-trained teacher, or
+``start``, the backbone the run started from, as the authors compute their single-image baselines):
 
 * ``mile``: cosine between the MILE set embeddings (the set encoder folds the images in order);
 * ``max-pairwise``: the single-image baseline, max over the |Q|×|G| pairwise cosines of per-image
@@ -67,14 +68,25 @@ class RetrievalResult:
     recalls: dict[int, float]
     queries: int
     gallery: int
+    backbone: str = "trained"
 
     @property
     def ar10(self) -> float:
         return average_recall(self.recalls)
 
     def to_dict(self) -> dict:
-        return {"method": self.method, "noise": self.noise, "AR@10": self.ar10, "queries": self.queries,
+        return {"method": self.method, "backbone": self.backbone, "noise": self.noise, "AR@10": self.ar10,
+                "queries": self.queries,
                 "gallery": self.gallery, **{f"R@{k}": v for k, v in self.recalls.items()}}
+
+
+def sample_sets(sets: list[list[int]], size: Optional[int], seed: int) -> list[list[int]]:
+    """``size`` photos of each set drawn without replacement (seeded; a set with fewer keeps all),
+    as the authors sample 4 photos per set; ``None`` keeps every photo in its order."""
+    if size is None:
+        return [list(s) for s in sets]
+    rng = np.random.default_rng(seed)
+    return [[s[i] for i in sorted(rng.choice(len(s), size, replace=False))] if len(s) > size else list(s) for s in sets]
 
 
 def noisy_sets(query_rows: list[list[int]], fraction: float, pool: list[list[int]], seed: int) -> list[list[int]]:
@@ -96,9 +108,10 @@ def noisy_sets(query_rows: list[list[int]], fraction: float, pool: list[list[int
 
 def evaluate_retrieval(model, gallery_sets: list[list[int]], query_sets: list[list[int]], cls: torch.Tensor,
                        tokens: Optional[torch.Tensor], noise: Sequence[float] = (0.0,), seed: int = 0,
-                       methods: Sequence[str] = METHODS) -> list[RetrievalResult]:
-    """Every (method, noise) result. ``cls`` [n, D] (and ``tokens``) are the per-image embeddings,
-    ``gallery_sets[i]`` / ``query_sets[i]`` the rows of object i's gallery and query photos."""
+                       methods: Sequence[str] = METHODS, backbone: str = "trained") -> list[RetrievalResult]:
+    """Every (method, noise) result. ``cls`` [n, D] (and ``tokens``) are the per-image embeddings
+    of ``backbone``, ``gallery_sets[i]`` / ``query_sets[i]`` the rows of object i's gallery and
+    query photos."""
     def fold(rows):
         return model.fold(None, cls[rows], tokens[rows] if tokens is not None else None)
 
@@ -119,5 +132,5 @@ def evaluate_retrieval(model, gallery_sets: list[list[int]], query_sets: list[li
             else:
                 raise ValueError(f"unknown retrieval method {method!r}")
             results.append(RetrievalResult(method, fraction, recall_at(ranks(scores, targets)), len(sets),
-                                           len(gallery_sets)))
+                                           len(gallery_sets), backbone))
     return results

@@ -4,17 +4,20 @@ Per image, two global views with their crop boxes. The teacher's last-layer toke
 are clustered jointly (:func:`~mlsctl.methods.cribo_ops.joint_clustering`, semantic + positional
 cost, Sinkhorn); each cluster present in both views is an *object*, represented per view by the
 mean of its tokens (``c_1^k``, ``c_2^k``; :func:`~mlsctl.methods.cribo_ops.pool_objects`). The
-student's objects reuse the teacher's assignment. Three losses, summed:
+student's objects reuse the teacher's assignment. Three losses, summed with weights 1 : 1 : 1,
+each the mean of its two directions (the authors' convention for all three):
 
 * global: DINO's cross-view loss on the CLS token (head last layer ``last_layer``);
-* cross-view object: ``H(p_t(c_1^k), p_s(c_2^k)) + H(p_t(c_2^k), p_s(c_1^k))`` averaged over the
-  valid objects, through the same head MLP with its own last layer (``object_layer``), its own
-  center and temperatures;
-* cross-image object: the teacher distribution of an object's nearest neighbour in the object
-  bank (``M1``/``M2``: the stored view-1/view-2 teacher vectors) against the student's object of
-  the other view, for the pairs that pass the cycle check
-  (:func:`~mlsctl.methods.cribo_ops.cycle_consistent_neighbours`), averaged over those pairs; on
-  once the bank has been filled.
+* cross-view object (:func:`cross_view_object_loss`): ``1/2 · [H(p_t(c_1^k), p_s(c_2^k)) +
+  H(p_t(c_2^k), p_s(c_1^k))]`` averaged over the valid objects, through the same head MLP with its
+  own last layer (``object_layer``), its own center and temperatures. The paper's eq. 6 writes the
+  sum; the authors' code halves it, and so do we (a sum would weigh this term twice);
+* cross-image object (:func:`cross_image_object_loss`): the teacher distribution of an object's
+  nearest neighbour in the object bank (``M1``/``M2``: the stored view-1/view-2 teacher vectors)
+  against the student's object of the other view, for the pairs that pass the cycle check
+  (:func:`~mlsctl.methods.cribo_ops.cycle_consistent_neighbours`); each direction averaged over
+  its own valid pairs, then the two directions averaged. The authors divide both directions by
+  the first direction's count, a slip we do not copy. On once the bank has been filled.
 
 The object bank (``objects``) stores pre-head teacher object vectors of both views side by side
 ([2D]) with payload image id, both view boxes (``box`` is view 1's), the object's bounding box in
@@ -74,6 +77,25 @@ class CrIBoConfig(MethodConfig):
     global_loss: bool = param(True, help="use the global (CLS) loss")
     cross_view_loss: bool = param(True, help="use the cross-view object loss")
     cross_image_loss: bool = param(True, help="use the cross-image object loss")
+
+
+def cross_view_object_loss(p1: torch.Tensor, p2: torch.Tensor, s1_logits: torch.Tensor, s2_logits: torch.Tensor,
+                           student_temp: float) -> torch.Tensor:
+    """``1/2 · [H(p1, q(s2)) + H(p2, q(s1))]``, each H averaged over the objects: teacher targets
+    ``p1``/``p2`` [V, K] of view 1/2, student logits of the other view."""
+    return 0.5 * (cross_entropy(p1, s2_logits, student_temp) + cross_entropy(p2, s1_logits, student_temp))
+
+
+def cross_image_object_loss(q1: torch.Tensor, q2: torch.Tensor, s1_logits: torch.Tensor, s2_logits: torch.Tensor,
+                            valid1: torch.Tensor, valid2: torch.Tensor, student_temp: float) -> torch.Tensor:
+    """The mean over the two directions of ``H(q1, q(s2))`` over the pairs ``valid1`` and
+    ``H(q2, q(s1))`` over ``valid2`` (a direction without a valid pair contributes 0): ``q1``/``q2``
+    [V, K] are the teacher distributions of the bank neighbours of view-1/view-2 objects."""
+    h12 = -(q1 * torch.log_softmax(s2_logits / student_temp, -1)).sum(-1)
+    h21 = -(q2 * torch.log_softmax(s1_logits / student_temp, -1)).sum(-1)
+    first = (h12 * valid1).sum() / valid1.sum().clamp_min(1)
+    second = (h21 * valid2).sum() / valid2.sum().clamp_min(1)
+    return 0.5 * (first + second)
 
 
 class CrIBoHead(nn.Module):
@@ -184,8 +206,8 @@ class CrIBo(Method):
         p1, p2 = object_targets.chunk(2)
         n_objects = int(valid.sum())
         zero = student_cls_logits.new_zeros(())
-        terms["cross_view"] = (cross_entropy(p1, s2_logits, cfg.object_student_temp)
-                               + cross_entropy(p2, s1_logits, cfg.object_student_temp)) if n_objects else zero
+        terms["cross_view"] = (cross_view_object_loss(p1, p2, s1_logits, s2_logits, cfg.object_student_temp)
+                               if n_objects else zero)
 
         # cross-image: neighbours from the bank before this batch enters it
         sync()
@@ -207,9 +229,8 @@ class CrIBo(Method):
                     neighbour_logits = self.teacher.head.objects(torch.cat([bank1[nearest1], bank2[nearest2]])).float()
                     q1, q2 = teacher_probabilities(neighbour_logits, self.object_center, object_temperature).chunk(2)
             if active:
-                h12 = -(q1 * torch.log_softmax(s2_logits / cfg.object_student_temp, -1)).sum(-1)
-                h21 = -(q2 * torch.log_softmax(s1_logits / cfg.object_student_temp, -1)).sum(-1)
-                terms["cross_image"] = ((h12 * ok1).sum() + (h21 * ok2).sum()) / pairs
+                terms["cross_image"] = cross_image_object_loss(q1, q2, s1_logits, s2_logits, ok1.float(), ok2.float(),
+                                                               cfg.object_student_temp)
         sync()
         timings["time/retrieval"] = time.perf_counter() - t0
 

@@ -8,7 +8,9 @@ representation of cluster k in view v, ``M1``/``M2`` the view-1/view-2 halves of
 * :func:`patch_positions` — the centre of every patch of a view in original-image pixels, from the
   view's crop box and flip (no coordinate-grid image).
 * :func:`joint_clustering` — joint-space Sinkhorn clustering of both views' tokens with the
-  single-linkage positional cost; memory O(B·(2N)²), never [B, 2N, 2N, K].
+  single-linkage positional cost; memory O(B·(2N)²), never [B, 2N, 2N, K]. Its hard assignments
+  equal the authors' ``Clustering.compute_assignments`` on identical inputs
+  (``benchmarks/cribo_reference.py``).
 * :func:`pool_objects` — per-view object representations and the both-views validity mask.
 * :func:`cycle_consistent_neighbours` — nearest bank entries that survive the cycle check.
 """
@@ -41,21 +43,33 @@ def patch_positions(boxes: torch.Tensor, flips: torch.Tensor, grid: tuple[int, i
 def single_linkage_cost(distances: torch.Tensor, assignment: torch.Tensor, k: int) -> torch.Tensor:
     """``T_pos[b, i, j]`` = distance from token i to the nearest *other* token assigned to cluster j.
 
-    ``distances`` [B, T, T] with +inf on the diagonal (a token is not its own neighbour),
-    ``assignment`` [B, T]. One scatter-min over the [B, T, T] matrix; clusters without another
-    member come back as +inf."""
+    ``distances`` [B, T, T] with +inf where a token may not count as another's neighbour (itself,
+    and, as in the authors' code, any token at the very same position), ``assignment`` [B, T] with
+    -1 for a token in no cluster yet (the first round: only the seeds belong). One scatter-min over
+    the [B, T, T] matrix; clusters without another member come back as +inf."""
     b, t, _ = distances.shape
-    index = assignment[:, None, :].expand(b, t, t)
-    out = distances.new_full((b, t, k), float("inf"))
-    return out.scatter_reduce(2, index, distances, reduce="amin", include_self=True)
+    index = torch.where(assignment < 0, k, assignment)[:, None, :].expand(b, t, t)  # column k: no cluster
+    out = distances.new_full((b, t, k + 1), float("inf"))
+    return out.scatter_reduce(2, index, distances, reduce="amin", include_self=True)[..., :k]
+
+
+def neighbour_distances(positions: torch.Tensor) -> torch.Tensor:
+    """Pairwise distances [B, T, T] of patch positions [B, T, 2], +inf where a token may not be
+    another's single-linkage neighbour: itself and, as in the authors' code (which reads a zero
+    distance as "not a member"), a token at exactly the same position. Computed with the plain
+    formula (no matrix-product shortcut, whose rounding would move near-ties)."""
+    positions = positions.float()
+    distances = torch.cdist(positions, positions, compute_mode="donot_use_mm_for_euclid_dist")
+    return distances.masked_fill(distances == 0, float("inf"))
 
 
 def _fill_and_scale_positional(cost: torch.Tensor) -> torch.Tensor:
-    """Empty entries (+inf) take the image's mean positional cost; then divide by the image's max."""
+    """Entries without another member (+inf) take the image's mean positional cost, that mean taken
+    over all [T, K] entries with the empty ones counted as 0 (exactly the authors' fill); then the
+    cost is divided by the image's max."""
     finite = torch.isfinite(cost)
-    total = torch.where(finite, cost, torch.zeros_like(cost)).sum((1, 2))
-    count = finite.sum((1, 2)).clamp_min(1)
-    mean = (total / count)[:, None, None]
+    zeroed = torch.where(finite, cost, torch.zeros_like(cost))
+    mean = zeroed.mean((1, 2), keepdim=True)
     cost = torch.where(finite, cost, mean.expand_as(cost))
     top = cost.amax((1, 2), keepdim=True).clamp_min(1e-12)
     return cost / top
@@ -79,6 +93,14 @@ def sinkhorn(cost: torch.Tensor, column_marginals: torch.Tensor, strength: float
     return plan
 
 
+def cluster_centroids(z: torch.Tensor, assignment: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(centroids [B, K, D], member counts [B, K]): the L2-normalised sum of each cluster's tokens;
+    a cluster left empty gets a zero centroid (as the authors' ``F.normalize`` of a zero sum),
+    so its semantic cost is 0 for every token in the next round."""
+    one_hot = F.one_hot(assignment, k).to(z.dtype)  # [B, T, K]
+    return F.normalize(one_hot.transpose(1, 2) @ z, dim=-1), one_hot.sum(1)
+
+
 @torch.no_grad()
 def joint_clustering(tokens: torch.Tensor, positions: torch.Tensor, k: int, *, iterations: int = 5,
                      lambda_pos: float = 1.0, sinkhorn_strength: float = 20.0, sinkhorn_iterations: int = 5,
@@ -88,13 +110,18 @@ def joint_clustering(tokens: torch.Tensor, positions: torch.Tensor, k: int, *, i
 
     ``tokens`` [B, 2N, D] (``z_cat``, normalised here), ``positions`` [B, 2N, 2] in one frame per
     image. K seed tokens per image (drawn without replacement from ``generator``, or given as
-    ``seed_indices`` [B, K]) start the
-    centroids; the first round's positional cost is the distance to each seed, later rounds use
-    single linkage to the current members. Each of ``iterations`` rounds
-    computes ``M = T_sem + lambda_pos · T_pos`` from the current assignment, min-max normalises it
-    per image (over the batch with ``normalize_per_image=False``, as the official code does),
-    solves Sinkhorn towards the current cluster sizes, takes the argmax assignment and recomputes
-    the centroids (an empty cluster keeps its centroid)."""
+    ``seed_indices`` [B, K]) start the centroids and are the only members of their clusters in the
+    first round. Each of ``iterations`` rounds computes ``M = T_sem + lambda_pos · T_pos``
+    (single-linkage positional cost to the current members; a token without another member in a
+    cluster — a seed in the first round — gets the image's mean cost, see
+    :func:`_fill_and_scale_positional`), min-max normalises it per image (over the batch with
+    ``normalize_per_image=False``, as the authors' batched call does), solves Sinkhorn towards the
+    current cluster sizes, takes the argmax assignment (ties to the lowest cluster) and recomputes
+    the centroids (a cluster left empty gets a zero centroid, as in the authors' code).
+
+    Given the same tokens, positions and seeds, the assignment equals the authors'
+    ``Clustering.compute_assignments`` (batched, with ``normalize_per_image=False``; one image at a
+    time, per image): ``benchmarks/cribo_reference.py`` checks it on their code."""
     z = F.normalize(tokens.float(), dim=-1)
     b, t, d = z.shape
     if k > t:
@@ -104,25 +131,17 @@ def joint_clustering(tokens: torch.Tensor, positions: torch.Tensor, k: int, *, i
         seed_indices = torch.stack([torch.randperm(t, generator=generator)[:k] for _ in range(b)])
     seeds = seed_indices.to(device)
     centroids = torch.gather(z, 1, seeds[..., None].expand(-1, -1, d))  # [B, K, D]
-    distances = torch.cdist(positions.float(), positions.float())  # [B, T, T]
-    distances.diagonal(dim1=1, dim2=2).fill_(float("inf"))
-    # the first round's positional cost is the distance to each cluster's seed token (clusters start
-    # compact); later rounds use single linkage to the current members, which keeps them so
-    to_seeds = torch.gather(distances, 2, seeds[:, None, :].expand(b, t, k))
-    to_seeds = torch.where(torch.isinf(to_seeds), torch.zeros_like(to_seeds), to_seeds)  # a seed to itself: 0
-    assignment = None
+    distances = neighbour_distances(positions)
+    assignment = torch.full((b, t), -1, dtype=torch.long, device=device)
+    assignment.scatter_(1, seeds, torch.arange(k, device=device).expand(b, k).contiguous())
     sizes = torch.full((b, k), 1.0 / k, device=device)
     for _ in range(iterations):
         semantic = -(z @ centroids.transpose(1, 2))  # T_sem [B, T, K]
-        linkage = to_seeds if assignment is None else single_linkage_cost(distances, assignment, k)
-        positional = _fill_and_scale_positional(linkage)
+        positional = _fill_and_scale_positional(single_linkage_cost(distances, assignment, k))
         cost = _min_max(semantic + lambda_pos * positional, normalize_per_image)
         plan = sinkhorn(cost, sizes, sinkhorn_strength, sinkhorn_iterations)
         assignment = plan.argmax(2)
-        one_hot = F.one_hot(assignment, k).float()  # [B, T, K]
-        counts = one_hot.sum(1)  # [B, K]
-        sums = one_hot.transpose(1, 2) @ z  # [B, K, D]
-        centroids = torch.where(counts[..., None] > 0, F.normalize(sums, dim=-1), centroids)
+        centroids, counts = cluster_centroids(z, assignment, k)
         sizes = counts + 1e-2
         sizes = sizes / sizes.sum(1, keepdim=True)
     return assignment

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -15,21 +17,34 @@ def _init_linear(module: nn.Module) -> None:
 
 
 class WeightNormLinear(nn.Module):
-    """``y = x @ (g * v / ||v||)ᵀ`` without bias (weight normalisation per output unit).
+    """``y = x @ (g * v / ||v||)ᵀ`` without bias (weight normalisation per output unit), as DINO's
+    ``weight_norm(nn.Linear(..., bias=False))``.
 
     With ``fixed_gain`` the gain g stays 1 (DINO's ``norm_last_layer=True``): the layer is then a
-    cosine-similarity classifier over ``out_features`` prototypes.
+    cosine-similarity classifier over ``out_features`` prototypes. Matching the authors' code:
+
+    * the direction v starts with ``nn.Linear``'s default initialisation (uniform in ±1/√in, rows
+      of norm ≈ 0.58), not the trunc-normal of the MLP layers; v is normalised in the forward, so
+      its scale only sets the size of its updates;
+    * the gain g has shape [out, 1] (``weight_g``), so with ``norm_last_layer=false`` it is weight
+      decayed like a weight — a 1-D [out] gain would be exempt as a norm parameter. A saved gain of
+      shape [out] (mlsctl before 0.1.0's fidelity changes) is read as [out, 1].
     """
 
     def __init__(self, in_features: int, out_features: int, fixed_gain: bool = True):
         super().__init__()
         self.direction = nn.Parameter(torch.empty(out_features, in_features))
-        nn.init.trunc_normal_(self.direction, std=0.02)
-        self.gain = nn.Parameter(torch.ones(out_features), requires_grad=not fixed_gain)
+        nn.init.kaiming_uniform_(self.direction, a=math.sqrt(5))  # nn.Linear's own default
+        self.gain = nn.Parameter(torch.ones(out_features, 1), requires_grad=not fixed_gain)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "gain"
+        if key in state_dict and state_dict[key].ndim == 1:
+            state_dict[key] = state_dict[key][:, None]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = F.normalize(self.direction, dim=1) * self.gain[:, None]
-        return F.linear(x, weight)
+        return F.linear(x, F.normalize(self.direction, dim=1) * self.gain)
 
 
 class DINOHead(nn.Module):

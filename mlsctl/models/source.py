@@ -132,6 +132,31 @@ def from_checkpoint(recipe, checkpoint, run: Run) -> ModelChoice:
                    str(checkpoint.path), recipe.model.img_size)
 
 
+def from_run_start(run_dir: str | Path) -> ModelChoice:
+    """The backbone a run started from, rebuilt exactly: the method built under the recipe's seed
+    (what the training loop does before its first step: random init, or ``model.weights`` /
+    ``model.pretrained``), then the run's ``--init-from`` (``RUN/start.json``). The baseline a
+    method's training must improve on (MILE's single-image baselines use it, as its authors do)."""
+    from mlsctl import config as config_lib
+    from mlsctl import methods
+    from mlsctl.schedules import Schedule
+    from mlsctl.train import _load_initial_weights
+
+    run = Run(run_dir)
+    if not run.config_path.is_file():
+        raise UserError(f"--run {run_dir} is not a run folder (no config.yaml); give a folder written by mlsctl pretrain")
+    recipe = config_lib.load_recipe(str(run.config_path))
+    torch.manual_seed(recipe.seed)
+    method = methods.method_class(recipe.method.name)(recipe, Schedule(steps_per_epoch=1, epochs=recipe.optim.epochs))
+    init_from = run.init_from()
+    if init_from:
+        _load_initial_weights(method, init_from)
+    start = (f"--init-from {init_from}" if init_from else f"model.weights {recipe.model.weights}" if recipe.model.weights
+             else "timm's pretrained weights" if recipe.model.pretrained else f"random init, seed {recipe.seed}")
+    return model_choice(method.teacher_backbone(), f"backbone run {run.root} started from ({start})", "run-start",
+                        str(run.root), recipe.model.img_size)
+
+
 def from_weights(path: str | Path, arch: Optional[str] = None, *, img_size: Optional[int] = None,
                  patch_size: Optional[int] = None) -> ModelChoice:
     path = Path(path)

@@ -1,0 +1,536 @@
+"""The fidelity suite: does each method show its paper's effect, in the paper's direction?
+
+    python benchmarks/fidelity.py --profile smoke        # minutes; what `make test` exercises
+    python benchmarks/fidelity.py --profile cpu          # ~2 h on 2 CPU cores; nohup it, rerun to resume
+    python benchmarks/fidelity.py --profile gpu          # the same matrix, longer training, on one GPU
+    python benchmarks/fidelity.py --profile cpu --list   # the cells and their state
+    python benchmarks/fidelity.py --profile cpu --summary  # rebuild the report from finished cells
+
+A declared matrix of experiments (:data:`VARIANTS` × the profile's seeds). Each *cell* is a
+pretrain (``mlsctl pretrain`` of a shipped quick recipe, with the variant's and the profile's
+overrides and ``seed=S``) followed by its evaluation, every stage an ``mlsctl`` command in its own
+process:
+
+* fmnist-scenes: dense k-NN segmentation (``mlsctl eval knn-seg``, all training scenes as memory,
+  k=30) of ``random`` (the untrained architecture, seed S), ``dino``, ``cribo-global``,
+  ``cribo-cross-view`` and ``cribo`` (CrIBo's Table 5: global loss only, + cross-view object loss,
+  + cross-image object loss); reported as mIoU and as foreground/background IoU (all item classes
+  merged, which moves first at small budgets);
+* fmnist-products: image-set retrieval (``mlsctl eval retrieval``, query sets of 4 photos) of
+  ``mile``: AR@10 of MILE set embeddings against the single-image baselines (max-pairwise and
+  mean-pooled CLS, on the trained teacher and on the backbone the run started from) at 0, 25 and
+  50 % noise.
+
+Profiles fix the data, the model and the number of steps (schedules depend only on the data size
+and batch, so a profile trains the same everywhere). Results go to
+``benchmarks/results/fidelity/<profile>/``: one JSON per cell (its metrics, the commands, device,
+torch/timm versions, commit and wall time of every stage) and ``summary.md`` / ``summary.json`` /
+``summary.png`` (mean ± std over seeds, the claims and whether each holds). Runs, data and cached
+features live in ``--work`` (default ``fidelity-work/<profile>``).
+
+Finished cells are reused (a cell whose declared spec changed is run again); an interrupted cell
+resumes: a run with a checkpoint continues with ``--resume``, one without starts again, features
+and results are only ever written atomically. Kill the suite at any moment and run the same
+command again. The suite never tunes an evaluation to a method: every variant of a benchmark goes
+through the same command with the same settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import fnmatch
+import hashlib
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from mlsctl import atomic  # noqa: E402
+
+RESULTS = REPO / "benchmarks" / "results" / "fidelity"
+FMNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+# ------------------------------------------------------------------------------------------ the matrix
+
+
+@dataclass(frozen=True)
+class Variant:
+    benchmark: str  # scenes | products
+    name: str
+    recipe: Optional[str]  # a shipped recipe; None: no training (the random init of `arch_of`)
+    overrides: tuple[str, ...] = ()
+    arch_of: Optional[str] = None  # random: the recipe whose architecture is drawn at random
+
+
+VARIANTS = (
+    Variant("scenes", "random", None, arch_of="dino_fmnist_quick"),
+    Variant("scenes", "dino", "dino_fmnist_quick"),
+    Variant("scenes", "cribo-global", "cribo_fmnist_quick", ("method.cross_view_loss=false", "method.cross_image_loss=false")),
+    Variant("scenes", "cribo-cross-view", "cribo_fmnist_quick", ("method.cross_image_loss=false",)),
+    Variant("scenes", "cribo", "cribo_fmnist_quick"),
+    Variant("products", "mile", "mile_fmnist_quick"),
+)
+
+TINY_VIT = ("model.img_size=32", "model.patch_size=8", "model.timm_kwargs.embed_dim=32", "model.timm_kwargs.depth=2",
+            "model.timm_kwargs.num_heads=2")
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    seeds: tuple[int, ...]
+    scenes_data: tuple[str, ...]  # mlsctl data fmnist-scenes options
+    products_data: tuple[str, ...]  # mlsctl data fmnist-products options
+    scenes_overrides: tuple[str, ...]  # every scenes recipe (dino, cribo)
+    products_overrides: tuple[str, ...]
+    knn_seg: tuple[str, ...] = ("--fraction", "1/1", "--k", "30")
+    retrieval: tuple[str, ...] = ("--query-size", "4", "--noise", "0", "0.25", "0.5")
+    jobs: int = 1
+    about: str = ""
+
+
+PROFILES = {
+    "smoke": Profile(
+        "smoke", seeds=(0,),
+        scenes_data=("--n-train", "16", "--n-val", "4", "--size", "32"),
+        products_data=("--n-train", "8", "--n-eval", "4", "--photos", "4", "--gallery-photos", "2", "--size", "32"),
+        scenes_overrides=(*TINY_VIT, "data.global_crops.size=32", "optim.batch_size=8", "optim.epochs=4",
+                          "optim.warmup_epochs=1", "train.checkpoint_every=2", "train.log_every=1",
+                          "train.bank_health_every=0", "method.out_dim=64", "method.hidden_dim=32",
+                          "method.bottleneck_dim=16"),
+        products_overrides=(*TINY_VIT, "data.global_crops.size=32", "data.local_crops.size=16", "optim.batch_size=4",
+                            "optim.epochs=4", "train.checkpoint_every=2", "train.log_every=1", "method.set_length=2",
+                            "method.cross_heads=2", "method.out_dim=64", "method.hidden_dim=32", "method.bottleneck_dim=16"),
+        knn_seg=("--fraction", "1/1", "--k", "5"),
+        retrieval=("--query-size", "2", "--noise", "0", "0.5"),
+        about="a tiny ViT (width 32) for 8 steps on 16 scenes and 8 objects: proves the suite, measures nothing"),
+    "cpu": Profile(
+        "cpu", seeds=(0, 1, 2),
+        scenes_data=(), products_data=(),
+        scenes_overrides=("optim.epochs=8", "train.checkpoint_every=50"),
+        products_overrides=("optim.epochs=8", "train.checkpoint_every=50"),
+        about="the quick recipes (ViT width 128, depth 4, patch 8) for 8 epochs: 496 steps of 32 scenes (fmnist-scenes, "
+              "2,000 train / 500 val) and 496 steps of 16 sets of 4 photos (fmnist-products, 1,000 objects); 3 seeds"),
+    "gpu": Profile(
+        "gpu", seeds=(0, 1, 2),
+        scenes_data=(), products_data=(),
+        scenes_overrides=("optim.epochs=40", "optim.batch_size=64", "data.workers=2", "train.checkpoint_every=250"),
+        products_overrides=("optim.epochs=40", "data.workers=2", "train.checkpoint_every=250"),
+        jobs=8,
+        about="the quick recipes for 40 epochs (1,240 steps of 64 scenes; 2,480 steps of 16 sets), 3 seeds, 8 cells "
+              "at a time on one GPU; not yet run on a GPU, so its 10-minute budget is unmeasured"),
+}
+
+
+@dataclass
+class Cell:
+    profile: Profile
+    variant: Variant
+    seed: int
+    work: Path  # the profile's work folder
+
+    @property
+    def id(self) -> str:
+        return f"{self.variant.benchmark}/{self.variant.name}/{self.seed}"
+
+    @property
+    def folder(self) -> Path:
+        return self.work / "cells" / self.variant.benchmark / self.variant.name / f"seed{self.seed}"
+
+    @property
+    def run(self) -> Path:
+        return self.folder / "run"
+
+    @property
+    def result_path(self) -> Path:
+        return RESULTS / self.profile.name / "cells" / f"{self.variant.benchmark}-{self.variant.name}-seed{self.seed}.json"
+
+    def overrides(self) -> list[str]:
+        data = self.work / "data"
+        if self.variant.benchmark == "scenes":
+            return [f"data.root={data / 'fmnist-scenes' / 'train' / 'images'}", *self.profile.scenes_overrides,
+                    *self.variant.overrides, f"seed={self.seed}"]
+        return [f"data.root={data / 'fmnist-products' / 'train'}", *self.profile.products_overrides,
+                *self.variant.overrides, f"seed={self.seed}"]
+
+    def spec(self) -> dict:
+        """What the cell computes; a finished cell is reused while this stays the same."""
+        return {"variant": self.variant.name, "benchmark": self.variant.benchmark, "recipe": self.variant.recipe,
+                "arch_of": self.variant.arch_of, "overrides": [o for o in self.overrides() if not o.startswith("data.root=")],
+                "data": list(self.profile.scenes_data if self.variant.benchmark == "scenes" else self.profile.products_data),
+                "eval": list(self.profile.knn_seg if self.variant.benchmark == "scenes" else self.profile.retrieval)}
+
+    def spec_sha(self) -> str:
+        return hashlib.sha256(json.dumps(self.spec(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cells_of(profile: Profile, work: Path, only: list[str]) -> list[Cell]:
+    cells = [Cell(profile, v, s, work) for s in profile.seeds for v in VARIANTS]
+    if only:
+        cells = [c for c in cells if any(fnmatch.fnmatch(c.id, pattern) for pattern in only)]
+    return cells
+
+
+# ------------------------------------------------------------------------------------------ running
+
+
+def _die_with_parent() -> None:
+    """Children get SIGTERM when the suite dies (even by SIGKILL): they stop and say what they
+    saved, and never hold a run folder's lock for a rerun."""
+    try:
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def mlsctl(args: list[str], cwd: Path, log: Path, threads: int) -> float:
+    """Run ``mlsctl ARGS`` (output appended to ``log``); returns wall seconds; raises on failure."""
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1")
+    started = time.perf_counter()
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as handle:
+        handle.write(f"\n$ mlsctl {' '.join(args)}\n")
+        handle.flush()
+        result = subprocess.run([sys.executable, "-m", "mlsctl", *args], cwd=cwd, stdout=handle, stderr=handle,
+                                env=env, preexec_fn=_die_with_parent)
+    if result.returncode:
+        tail = log.read_text().strip().splitlines()[-1:] or [""]
+        raise RuntimeError(f"mlsctl {args[0]} exited with {result.returncode}: {tail[0]} (see {log})")
+    return time.perf_counter() - started
+
+
+def build_data(profile: Profile, work: Path, fmnist: Path, threads: int) -> None:
+    data = work / "data"
+    for name, options in (("fmnist-scenes", profile.scenes_data), ("fmnist-products", profile.products_data)):
+        mlsctl(["data", name, "--out", str(data / name), "--source", str(fmnist), *options], work, work / "data.log",
+               threads)
+
+
+def device_description() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda})"
+    return f"CPU, {os.cpu_count()} cores ({platform.processor() or platform.machine()})"
+
+
+def commit() -> str:
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
+                               text=True).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def train(cell: Cell, threads: int) -> Optional[float]:
+    """Pretrain the cell's run: start, resume after an interruption, or nothing when complete."""
+    from mlsctl.runs import Run
+
+    run = Run(cell.run)
+    if (run.root / "summary.json").is_file() and run.teacher_weights_path.is_file():
+        return None
+    args = ["pretrain", cell.variant.recipe, *cell.overrides(), "--out", str(run.root)]
+    if run.latest() is not None:
+        args.append("--resume")
+    elif run.root.exists():
+        args.append("--overwrite")  # our own run, stopped before its first checkpoint
+    return mlsctl(args, cell.folder, cell.folder / "cell.log", threads)
+
+
+def random_run(cell: Cell) -> Path:
+    """A run folder holding only the config of ``arch_of`` (seed S): what `--random-init` draws from."""
+    from mlsctl import config
+
+    run = cell.run
+    if not (run / "config.yaml").is_file():
+        recipe = config.load_recipe(cell.variant.arch_of, cell.overrides())
+        run.mkdir(parents=True, exist_ok=True)
+        config.save_recipe(recipe, run / "config.yaml")
+    return run
+
+
+def evaluate(cell: Cell, threads: int) -> tuple[dict, float]:
+    """The cell's evaluation through the same mlsctl command for every variant; its results JSON."""
+    out = cell.folder / "eval.json"
+    data = cell.work / "data"
+    seconds = 0.0
+    if not out.is_file():
+        if cell.variant.benchmark == "scenes":
+            scenes = data / "fmnist-scenes"
+            model = ["--run", str(random_run(cell)), "--random-init", "--seed", str(cell.seed)] if cell.variant.recipe is None \
+                else ["--run", str(cell.run)]
+            args = ["eval", "knn-seg", "--train", str(scenes / "train" / "images"), "--train-masks",
+                    str(scenes / "train" / "masks"), "--val", str(scenes / "val" / "images"), "--val-masks",
+                    str(scenes / "val" / "masks"), *model, *cell.profile.knn_seg, "--out", str(out)]
+        else:
+            products = data / "fmnist-products"
+            args = ["eval", "retrieval", "--gallery", str(products / "gallery"), "--query", str(products / "query"),
+                    "--run", str(cell.run), *cell.profile.retrieval, "--seed", "0", "--out", str(out)]
+        seconds = mlsctl(args, cell.folder, cell.folder / "cell.log", threads)
+        shutil.rmtree(cell.folder / "features", ignore_errors=True)  # the cached features: not needed again
+    return json.loads(out.read_text()), seconds
+
+
+def metrics_of(cell: Cell, result: dict) -> dict:
+    """The numbers the summary compares, from an evaluation's JSON."""
+    from mlsctl.evaluate.segmentation import foreground_background_iou
+
+    if cell.variant.benchmark == "scenes":
+        first = result["results"][0]
+        fg = foreground_background_iou(first["runs"][0]["confusion"])
+        return {"miou": first["miou"], "foreground_iou": fg["foreground_iou"], "binary_miou": fg["binary_miou"],
+                "iou_per_class": first["iou_per_class"]}
+    return {f"{r['method']}@{r['backbone']}/noise{r['noise']:g}": r["AR@10"] for r in result["results"]}
+
+
+def run_cell(cell: Cell, threads: int, rerun: bool) -> dict:
+    previous = json.loads(cell.result_path.read_text()) if cell.result_path.is_file() else None
+    if previous and previous.get("spec_sha") == cell.spec_sha() and not rerun:
+        return {**previous, "reused": True}
+    marker = cell.folder / "spec.json"
+    started_as = json.loads(marker.read_text()).get("spec_sha") if marker.is_file() else None
+    if rerun or (started_as is not None and started_as != cell.spec_sha()):
+        shutil.rmtree(cell.folder, ignore_errors=True)  # asked for, or the declaration changed: start again
+    cell.folder.mkdir(parents=True, exist_ok=True)
+    if not marker.is_file():
+        atomic.write_json(marker, {"spec_sha": cell.spec_sha(), "spec": cell.spec()})
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    seconds = {"train": 0.0, "eval": 0.0}
+    if cell.variant.recipe is not None:
+        seconds["train"] = train(cell, threads) or 0.0
+    result, seconds["eval"] = evaluate(cell, threads)
+    summary = json.loads((cell.run / "summary.json").read_text()) if (cell.run / "summary.json").is_file() else {}
+    import timm
+    import torch
+
+    record = {
+        "cell": cell.id, "profile": cell.profile.name, "spec": cell.spec(), "spec_sha": cell.spec_sha(),
+        "metrics": metrics_of(cell, result),
+        "steps": summary.get("steps"), "resumed_from": summary.get("resumed_from"),
+        "device": device_description(), "torch": torch.__version__, "timm": timm.__version__, "commit": commit(),
+        "started": started, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "seconds_this_session": {k: round(v, 1) for k, v in seconds.items()},
+        "train_seconds_total": summary.get("seconds"),
+    }
+    atomic.write_json(cell.result_path, record)
+    return record
+
+
+# ------------------------------------------------------------------------------------------ the report
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    import numpy as np
+
+    array = np.array(values, dtype=float)
+    return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
+
+
+def summarise(profile: Profile, records: list[dict]) -> dict:
+    """Mean ± std over seeds per (variant, metric), and the claims."""
+    by_variant: dict[str, dict[str, list[float]]] = {}
+    seeds: dict[str, list[int]] = {}
+    for r in records:
+        variant = r["spec"]["variant"]
+        seeds.setdefault(variant, []).append(int(r["cell"].rsplit("/", 1)[1]))
+        for key, value in r["metrics"].items():
+            if isinstance(value, (int, float)):
+                by_variant.setdefault(variant, {}).setdefault(key, []).append(float(value))
+    table = {v: {k: dict(zip(("mean", "std"), _mean_std(vals)), n=len(vals)) for k, vals in metrics.items()}
+             for v, metrics in by_variant.items()}
+
+    def mean(variant: str, key: str) -> Optional[float]:
+        return table.get(variant, {}).get(key, {}).get("mean")
+
+    claims = []
+
+    def claim(text: str, values: list[Optional[float]], holds) -> None:
+        ready = all(v is not None for v in values)
+        claims.append({"claim": text, "holds": bool(holds(*values)) if ready else None,
+                       "values": [None if v is None else round(100 * v, 2) for v in values]})
+
+    for key, label in (("miou", "mIoU"), ("foreground_iou", "foreground IoU")):
+        order = [mean(v, key) for v in ("cribo-global", "cribo-cross-view", "cribo")]
+        claim(f"CrIBo Table 5 order on fmnist-scenes {label}: global only < + cross-view < + cross-image", order,
+              lambda a, b, c: a < b < c)
+        claim(f"CrIBo > DINO on fmnist-scenes {label}", [mean("cribo", key), mean("dino", key)], lambda a, b: a > b)
+        claim(f"DINO > random init on fmnist-scenes {label}", [mean("dino", key), mean("random", key)], lambda a, b: a > b)
+    for baseline in ("max-pairwise@trained", "mean-cls@trained", "max-pairwise@start", "mean-cls@start"):
+        claim(f"MILE > {baseline.replace('@', ' on the ')} backbone, AR@10 on fmnist-products",
+              [mean("mile", "mile@trained/noise0"), mean("mile", f"{baseline}/noise0")], lambda a, b: a > b)
+    def drop(score: str, noise: float) -> Optional[float]:
+        clean, noisy = mean("mile", f"{score}/noise0"), mean("mile", f"{score}/noise{noise:g}")
+        return None if clean is None or noisy is None else clean - noisy
+
+    noise = max((float(k.rsplit("noise", 1)[1]) for k in table.get("mile", {})), default=0.0)
+    if noise:
+        for baseline in ("max-pairwise@trained", "mean-cls@trained"):
+            claim(f"MILE's AR@10 falls less than {baseline.split('@')[0]}'s from 0 to {noise:.0%} noise",
+                  [drop("mile@trained", noise), drop(baseline, noise)], lambda a, b: a < b)
+    return {"profile": profile.name, "about": profile.about, "seeds": sorted({s for v in seeds.values() for s in v}),
+            "cells": len(records), "table": table, "claims": claims,
+            "provenance": sorted({(r["device"], r["commit"], r["torch"]) for r in records}),
+            "train_hours": round(sum((r.get("train_seconds_total") or 0) for r in records) / 3600, 2)}
+
+
+def _pct(entry: Optional[dict]) -> str:
+    if not entry:
+        return "–"
+    return f"{100 * entry['mean']:.1f} ± {100 * entry['std']:.1f}" if entry["n"] > 1 else f"{100 * entry['mean']:.1f}"
+
+
+def markdown(summary: dict) -> str:
+    table = summary["table"]
+    lines = [f"# Fidelity suite, profile `{summary['profile']}`", "", summary["about"], "",
+             f"{summary['cells']} cells, seeds {summary['seeds']}, {summary['train_hours']} h of training in all; "
+             f"mean ± std over seeds (%).", "",
+             "## fmnist-scenes: dense k-NN segmentation (all training scenes as memory)", "",
+             "| variant | seeds | mIoU | foreground IoU | fg/bg mIoU |", "| --- | --- | --- | --- | --- |"]
+    for variant in ("random", "dino", "cribo-global", "cribo-cross-view", "cribo"):
+        row = table.get(variant, {})
+        n = row.get("miou", {}).get("n", 0)
+        lines.append(f"| {variant} | {n} | {_pct(row.get('miou'))} | {_pct(row.get('foreground_iou'))} | "
+                     f"{_pct(row.get('binary_miou'))} |")
+    mile = table.get("mile", {})
+    noises = sorted({k.rsplit("noise", 1)[1] for k in mile}, key=float)
+    lines += ["", "## fmnist-products: image-set retrieval, AR@10", "",
+              "| score | backbone | " + " | ".join(f"{float(n):.0%} noise" for n in noises) + " |",
+              "| --- | --- | " + " | ".join("---" for _ in noises) + " |"]
+    for method, backbone in (("mile", "trained"), ("max-pairwise", "trained"), ("mean-cls", "trained"),
+                             ("max-pairwise", "start"), ("mean-cls", "start")):
+        cells = [_pct(mile.get(f"{method}@{backbone}/noise{n}")) for n in noises]
+        if any(c != "–" for c in cells):
+            lines.append(f"| {method} | {backbone} | " + " | ".join(cells) + " |")
+    lines += ["", "## Claims (the paper's direction, never its numbers)", "", "| claim | holds | values (%) |",
+              "| --- | --- | --- |"]
+    for c in summary["claims"]:
+        verdict = {True: "yes", False: "**no**", None: "not measured yet"}[c["holds"]]
+        lines.append(f"| {c['claim']} | {verdict} | {', '.join('–' if v is None else f'{v:.1f}' for v in c['values'])} |")
+    lines += ["", "Provenance (device, commit, torch): " + "; ".join(", ".join(p) for p in summary["provenance"]), ""]
+    return "\n".join(lines)
+
+
+def chart(summary: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table = summary["table"]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    variants = [v for v in ("random", "dino", "cribo-global", "cribo-cross-view", "cribo") if v in table]
+    width = 0.38
+    for i, (key, label) in enumerate((("miou", "mIoU"), ("foreground_iou", "foreground IoU"))):
+        means = [100 * table[v][key]["mean"] for v in variants]
+        stds = [100 * table[v][key]["std"] for v in variants]
+        left.bar([x + (i - 0.5) * width for x in range(len(variants))], means, width, yerr=stds, capsize=3, label=label)
+    left.set_xticks(range(len(variants)), variants, rotation=20)
+    left.set_ylabel("IoU (%)")
+    left.set_title("fmnist-scenes, dense k-NN segmentation")
+    left.legend()
+    mile = table.get("mile", {})
+    noises = sorted({float(k.rsplit("noise", 1)[1]) for k in mile})
+    for method, backbone, style in (("mile", "trained", "-o"), ("max-pairwise", "trained", "-s"),
+                                    ("mean-cls", "trained", "-^"), ("max-pairwise", "start", ":s"),
+                                    ("mean-cls", "start", ":^")):
+        keys = [f"{method}@{backbone}/noise{n:g}" for n in noises]
+        if all(k in mile for k in keys):
+            left_means = [100 * mile[k]["mean"] for k in keys]
+            right.errorbar([100 * n for n in noises], left_means, yerr=[100 * mile[k]["std"] for k in keys], fmt=style,
+                           capsize=3, label=f"{method} ({backbone})")
+    right.set_xlabel("query photos replaced by random ones (%)")
+    right.set_ylabel("AR@10 (%)")
+    right.set_title("fmnist-products, image-set retrieval")
+    if mile:
+        right.legend(fontsize=8)
+    figure.suptitle(f"fidelity suite, profile {summary['profile']}: mean ± std over seeds {summary['seeds']}")
+    figure.tight_layout()
+    atomic.write_with(out, lambda tmp: figure.savefig(tmp, format="png", dpi=110))
+    plt.close(figure)
+
+
+def write_report(profile: Profile) -> dict:
+    folder = RESULTS / profile.name
+    records = [json.loads(p.read_text()) for p in sorted((folder / "cells").glob("*.json"))]
+    summary = summarise(profile, records)
+    atomic.write_json(folder / "summary.json", summary)
+    atomic.write_text(folder / "summary.md", markdown(summary))
+    if records:
+        chart(summary, folder / "summary.png")
+    return summary
+
+
+# ------------------------------------------------------------------------------------------ main
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    global RESULTS
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", choices=sorted(PROFILES), required=True)
+    parser.add_argument("--work", type=Path, help="runs, data and features [default: fidelity-work/<profile>]")
+    parser.add_argument("--fmnist", type=Path, default=FMNIST, help="Fashion-MNIST IDX files (dataset-fashion-mnist)")
+    parser.add_argument("--only", nargs="*", default=[], help="cells to run, as patterns of their ids (scenes/cribo/*)")
+    parser.add_argument("--jobs", type=int, help="cells run at once [default: the profile's]")
+    parser.add_argument("--rerun", action="store_true", help="run the selected cells again even when finished")
+    parser.add_argument("--list", action="store_true", help="list the cells and their state, run nothing")
+    parser.add_argument("--summary", action="store_true", help="only rebuild the report from finished cells")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where the reports go [default: %(default)s]")
+    options = parser.parse_args(argv)
+    RESULTS = options.results.resolve()
+    profile = PROFILES[options.profile]
+    work = (options.work or Path("fidelity-work") / profile.name).resolve()
+    cells = cells_of(profile, work, options.only)
+    failures: list[str] = []
+    if options.list:
+        for cell in cells:
+            done = cell.result_path.is_file() and json.loads(cell.result_path.read_text()).get("spec_sha") == cell.spec_sha()
+            state = "done" if done else "resumable" if cell.run.exists() else "to do"
+            print(f"{cell.id:32s} {state}")
+        return 0
+    if not options.summary:
+        jobs = options.jobs or profile.jobs
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        started = time.perf_counter()
+        print(f"fidelity suite, profile {profile.name}: {len(cells)} cells, {jobs} at a time; work in {work}", flush=True)
+        build_data(profile, work, options.fmnist, threads)
+
+        def one(cell: Cell) -> None:
+            try:
+                record = run_cell(cell, threads, options.rerun)
+                state = "reused" if record.get("reused") else f"done in {sum(record['seconds_this_session'].values()):.0f}s"
+                print(f"{cell.id}: {state}", flush=True)
+            except Exception as exc:  # one failed cell does not stop the others; the rerun retries it
+                failures.append(cell.id)
+                print(f"{cell.id}: FAILED: {exc}", flush=True)
+
+        with ThreadPoolExecutor(jobs) as pool:
+            list(pool.map(one, cells))
+        print(f"{len(cells) - len(failures)} of {len(cells)} cells finished in {time.perf_counter() - started:.0f}s",
+              flush=True)
+        if failures:
+            print("failed: " + ", ".join(failures) + "; run the same command again to retry", flush=True)
+    summary = write_report(profile)
+    print(markdown(summary))
+    print(f"report: {RESULTS / profile.name}/summary.md, summary.json, summary.png")
+    return 1 if not options.summary and failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
