@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-import json
 import sys
 import time
 from pathlib import Path

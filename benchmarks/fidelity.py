@@ -235,8 +235,8 @@ def commit() -> str:
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True,
                                text=True).stdout.strip()
         return head + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    except (OSError, subprocess.CalledProcessError):  # a packed copy (fidelity_pack.py) says its commit in COMMIT
+        return (REPO / "COMMIT").read_text().strip() if (REPO / "COMMIT").is_file() else "unknown"
 
 
 def train(cell: Cell, threads: int) -> Optional[float]:
