@@ -364,7 +364,7 @@ def summarise(profile: Profile, records: list[dict]) -> dict:
     def claim(text: str, values: list[Optional[float]], holds) -> None:
         ready = all(v is not None for v in values)
         claims.append({"claim": text, "holds": bool(holds(*values)) if ready else None,
-                       "values": [None if v is None else round(100 * v, 2) for v in values]})
+                       "values": [None if v is None else 100 * v for v in values]})
 
     for key, label in (("miou", "mIoU"), ("foreground_iou", "foreground IoU")):
         order = [mean(v, key) for v in ("cribo-global", "cribo-cross-view", "cribo")]
