@@ -1,14 +1,22 @@
 """Galleries of objects for image-set search: one MILE set embedding per object, in faiss.
 
-A gallery folder::
+A gallery folder (format 2)::
 
-    GALLERY/gallery.json        kind "mlsctl-gallery", format_version, the model (run, step,
-                                fingerprint of backbone + set encoder, attend, dim), the index
-                                (flat, or ivfpq with nlist, m, nbits, nprobe, refine) and the count
-    GALLERY/objects.txt         object ids, line i = faiss id i
-    GALLERY/latents.safetensors latent [n, D]: each object's latent state L (not normalised, so
-                                `index add` can fold more images into it); count [n]: images folded
-    GALLERY/index.faiss         the L2-normalised latents (inner product = cosine)
+    GALLERY/gallery.json   kind "mlsctl-gallery", format_version, the model (absolute run path,
+                           step, fingerprint of backbone + set encoder, attend, dim), the
+                           preprocessing of its photos, the index settings, ``rows`` (committed
+                           rows), ``objects`` (live ids), ``indexed_rows`` / ``trained_rows`` (rows
+                           when index.faiss was saved / its quantiser trained), ``storage_dtype``
+    GALLERY/objects.txt    one id per row; the last row of an id is its live one
+    GALLERY/latents.bin    raw rows [rows, D] (fp32, or fp16): each object's latent state L, not
+                           normalised, so `index add` can fold more photos into it
+    GALLERY/unit.bin       the same rows L2-normalised (what search re-ranks with)
+    GALLERY/counts.bin     int64 [rows]: photos folded
+    GALLERY/index.faiss    IVF-PQ only: the index as last saved (a flat index is built at open)
+
+Every file grows by appending, and ``rows`` in gallery.json (written atomically, last) commits an
+append: a kill leaves the gallery as before or after an add, and an add costs the same at 10k or
+1M objects. The row files are memory-mapped, not loaded.
 
 :class:`SetModel` embeds images with a MILE run's teacher: backbone CLS (and patch tokens with
 ``attend: patches``) and the set encoder's recurrence. Folding images one at a time gives the
@@ -21,6 +29,7 @@ the compressed codes and their exact cosines (from the stored latents) re-rank t
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -31,12 +40,12 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from mlsctl import __version__, atomic
 from mlsctl.errors import UserError
+from mlsctl.locks import LOCK_NAME, FolderLock
 
-GALLERY_FORMAT_VERSION = 1
+GALLERY_FORMAT_VERSION = 2
 MANIFEST = "gallery.json"
 
 
@@ -54,11 +63,15 @@ class SetModel:
     def dim(self) -> int:
         return self.backbone.backbone.embed_dim
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
         from mlsctl.models.source import fingerprint
 
         return hashlib.sha256((self.backbone.fingerprint + fingerprint(self.encoder) + self.attend).encode()).hexdigest()
+
+    def preprocessing(self) -> dict:
+        """How photos become model inputs (recorded in the gallery: its rows and every query must agree)."""
+        return {"resolution": self.resolution, "resize": "square", "dtype": "float32"}
 
     @torch.no_grad()
     def image_tokens(self, images: Sequence, batch_size: int = 64) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -178,152 +191,319 @@ class IndexSettings:
         return dict(vars(self))
 
 
-def _normalized(latents: torch.Tensor) -> np.ndarray:
-    return np.ascontiguousarray(F.normalize(latents.float(), dim=1).numpy(), dtype=np.float32)
+def _normalized(latents) -> np.ndarray:
+    """Rows L2-normalised as float32 (a zero row stays zero), in numpy: no tensor round trip."""
+    x = np.asarray(latents.detach().cpu().numpy() if isinstance(latents, torch.Tensor) else latents, dtype=np.float32)
+    return np.ascontiguousarray(x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12), dtype=np.float32)
 
 
-def build_index(latents: torch.Tensor, settings: IndexSettings):
+def train_index(unit: np.ndarray, settings: IndexSettings):
+    """An empty index for L2-normalised rows ``unit`` [n, D] (IVF-PQ trained on a sample of them)."""
     import faiss
 
-    vectors = _normalized(latents)
-    n, d = vectors.shape
-    ids = np.arange(n, dtype=np.int64)
+    n, d = unit.shape
     if settings.kind == "flat":
-        index = faiss.IndexIDMap2(faiss.IndexFlatIP(d))
-    elif settings.kind == "ivfpq":
-        nlist = settings.nlist or max(1, min(int(n ** 0.5), n // 39))
-        m = settings.m or max(1, d // 8)
-        if d % m:
-            raise UserError(f"--pq-m {m} must divide the embedding width {d}")
-        if n < 39 * nlist or n < 2 ** settings.nbits:
-            raise UserError(f"IVF-PQ with {nlist} lists and {settings.nbits}-bit codes needs at least "
-                            f"{max(39 * nlist, 2 ** settings.nbits)} objects to train, the gallery has {n}; use --index flat")
-        settings.nlist, settings.m = nlist, m
-        index = faiss.IndexIVFPQ(faiss.IndexFlatIP(d), d, nlist, m, settings.nbits, faiss.METRIC_INNER_PRODUCT)
-        # k-means on 64 vectors per list (faiss asks for at least 39 per list, 39 per PQ centroid)
-        # keeps training to a minute at 1M on 2 cores
-        wanted = max(64 * nlist, 64 * 2 ** settings.nbits)
-        train = vectors if n <= wanted else vectors[np.random.default_rng(0).choice(n, wanted, replace=False)]
-        index.train(train)
-        index.nprobe = settings.nprobe
-    else:
+        return faiss.IndexIDMap2(faiss.IndexFlatIP(d))
+    if settings.kind != "ivfpq":
         raise UserError(f"--index must be flat or ivfpq, got {settings.kind!r}")
-    index.add_with_ids(vectors, ids)
+    nlist = settings.nlist or max(1, min(int(n ** 0.5), n // 39))
+    m = settings.m or max(1, d // 8)
+    if d % m:
+        raise UserError(f"--pq-m {m} must divide the embedding width {d}")
+    if n < 39 * nlist or n < 2 ** settings.nbits:
+        raise UserError(f"IVF-PQ with {nlist} lists and {settings.nbits}-bit codes needs at least "
+                        f"{max(39 * nlist, 2 ** settings.nbits)} objects to train, the gallery has {n}; use --index flat")
+    settings.nlist, settings.m = nlist, m
+    index = faiss.IndexIVFPQ(faiss.IndexFlatIP(d), d, nlist, m, settings.nbits, faiss.METRIC_INNER_PRODUCT)
+    # k-means on 64 vectors per list (faiss asks for at least 39 per list, 39 per PQ centroid)
+    # keeps training to a minute at 1M on 2 cores
+    wanted = max(64 * nlist, 64 * 2 ** settings.nbits)
+    sample = np.sort(np.random.default_rng(0).choice(n, wanted, replace=False)) if n > wanted else slice(None)
+    index.train(np.ascontiguousarray(unit[sample], dtype=np.float32))
+    index.nprobe = settings.nprobe
     return index
 
 
-def search_index(index, unit_latents: np.ndarray, queries: torch.Tensor, k: int, settings: IndexSettings
+def build_index(latents, settings: IndexSettings):
+    """``latents`` [n, D] (row i = id i) normalised and indexed: trained and filled."""
+    unit = _normalized(latents)
+    index = train_index(unit, settings)
+    index.add_with_ids(unit, np.arange(len(unit), dtype=np.int64))
+    return index
+
+
+def search_index(index, unit_rows_: Optional[np.ndarray], queries: np.ndarray, k: int, settings: IndexSettings
                  ) -> tuple[np.ndarray, np.ndarray]:
-    """(cosines [q, k], ids [q, k]) of the nearest objects; IVF-PQ candidates re-ranked exactly
-    with ``unit_latents`` (the L2-normalised latents, row = faiss id, see :func:`unit_rows`)."""
-    q = _normalized(queries)
-    k = min(k, index.ntotal)
+    """(cosines [q, k], ids [q, k]) of the nearest rows for L2-normalised ``queries`` [q, D]. With
+    IVF-PQ, ``refine × k`` candidates from the compressed codes are re-ranked exactly against
+    ``unit_rows_`` (the normalised rows, row = id: a memory map is fine, only the candidates are
+    read). Missing results have id -1."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    k = max(1, min(k, index.ntotal))
     if settings.kind == "flat":
-        return index.search(q, k)
+        return index.search(queries, k)
     index.nprobe = settings.nprobe
-    _, candidates = index.search(q, min(index.ntotal, k * settings.refine))
-    scores, ids = np.full((len(q), k), -np.inf, dtype=np.float32), np.full((len(q), k), -1, dtype=np.int64)
+    _, candidates = index.search(queries, min(index.ntotal, k * settings.refine))
+    scores, ids = np.full((len(queries), k), -np.inf, dtype=np.float32), np.full((len(queries), k), -1, dtype=np.int64)
     for row, found in enumerate(candidates):
-        found = found[found >= 0]
-        exact = unit_latents[found] @ q[row]
+        found = np.sort(found[found >= 0])  # ascending rows: a memory map reads them in file order
+        exact = np.asarray(unit_rows_[found], dtype=np.float32) @ queries[row]
         order = np.argsort(-exact, kind="stable")[:k]
         scores[row, :len(order)], ids[row, :len(order)] = exact[order], found[order]
     return scores, ids
 
 
-def unit_rows(latents: torch.Tensor) -> np.ndarray:
+def unit_rows(latents) -> np.ndarray:
     """The L2-normalised latents as float32 numpy rows (what IVF-PQ re-ranking reads)."""
     return _normalized(latents)
 
 
 # ---------------------------------------------------------------------------------------- gallery
+# Format 2: append-only row files, committed by gallery.json's row count. An object's latent is
+# never overwritten: folding photos into it appends a new row and the older row is dead (the last
+# row of an id in objects.txt is its live one). A kill at any moment leaves bytes beyond the
+# committed rows, which readers ignore and the next writer cuts off: the gallery is as before or
+# after the add, never torn, and readers never see a row change under them.
+LATENTS, UNIT, COUNTS, IDS, INDEX = "latents.bin", "unit.bin", "counts.bin", "objects.txt", "index.faiss"
+STORAGE_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+
+
 class Gallery:
+    """A gallery folder, opened for search (and :meth:`add`, :meth:`retrain` under its lock).
+
+    Latents and their normalised rows are memory maps of the row files: only the index is held in
+    memory (a flat index is built from the live rows when the gallery opens; an IVF-PQ index is
+    read from ``index.faiss`` and brought up to date with the rows written since it was saved)."""
+
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
-        from safetensors.torch import load_file
-
-        import faiss
-
+        self.settings = IndexSettings(**self.manifest["index"])
+        self.dim = int(self.manifest["dim"])
+        self.dtype = STORAGE_DTYPES[self.manifest["storage_dtype"]]
+        self.rows = int(self.manifest["rows"])
         rebuild = "rebuild the gallery with mlsctl index build"
         try:
-            self.ids = _read_ids(self.path / "objects.txt")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise UserError(f"{self.path / 'objects.txt'} cannot be read ({getattr(exc, 'strerror', None) or exc}); "
-                            f"{rebuild}") from None
-        try:
-            state = load_file(str(self.path / "latents.safetensors"))
-            self.latents, self.counts = state["latent"], state["count"]
-        except Exception as exc:  # missing, truncated, foreign
-            raise UserError(f"{self.path / 'latents.safetensors'} cannot be read ({_first_line(exc)}); {rebuild}") from None
-        if self.latents.ndim != 2 or self.counts.shape != (len(self.latents),):
-            raise UserError(f"{self.path / 'latents.safetensors'} holds tensors of the wrong shape; {rebuild}")
-        index_path = self.path / "index.faiss"
+            self.row_ids, self.ids_bytes = _read_ids(self.path / IDS, self.rows)
+            self.latents = self._map(LATENTS, self.dtype, (self.rows, self.dim))
+            self.unit = self._map(UNIT, self.dtype, (self.rows, self.dim))
+            self.counts = self._map(COUNTS, np.int64, (self.rows,))
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            raise UserError(f"{self.path} is damaged ({getattr(exc, 'strerror', None) or exc}); {rebuild}") from None
+        self.row_of: dict[str, int] = dict(zip(self.row_ids, range(self.rows)))  # the last row of an id wins
+        self.index = self._open_index()
+
+    # ------------------------------------------------------------------ files
+    def _map(self, name: str, dtype, shape: tuple[int, ...]) -> np.ndarray:
+        path = self.path / name
+        need = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        if not path.is_file() or path.stat().st_size < need:
+            raise ValueError(f"{name} is missing or shorter than its {shape[0]} rows")
+        if need == 0:
+            return np.zeros(shape, dtype=dtype)
+        return np.memmap(path, dtype=dtype, mode="r", shape=shape)
+
+    @property
+    def ids(self) -> list[str]:
+        """The live object ids, oldest first."""
+        return [i for row, i in enumerate(self.row_ids) if self.row_of[i] == row]
+
+    def __len__(self) -> int:
+        return len(self.row_of)
+
+    def live_rows(self, start: int = 0) -> np.ndarray:
+        """The live rows from ``start`` on, ascending."""
+        if len(self.row_of) == self.rows:  # no id was written twice: every row is live
+            return np.arange(start, self.rows, dtype=np.int64)
+        return np.array([r for r in range(start, self.rows) if self.row_of[self.row_ids[r]] == r], dtype=np.int64)
+
+    def latent(self, object_id: str) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(self.latents[self.row_of[object_id]], dtype=np.float32).copy())
+
+    def count(self, object_id: str) -> int:
+        return int(self.counts[self.row_of[object_id]])
+
+    # ------------------------------------------------------------------ index
+    def _open_index(self):
+        import faiss
+
+        if self.settings.kind == "flat":
+            live = self.live_rows()
+            index = train_index(np.zeros((0, self.dim), np.float32), self.settings)
+            for start in range(0, len(live), 65536):  # the live rows, a block at a time
+                block = live[start:start + 65536]
+                index.add_with_ids(np.asarray(self.unit[block], dtype=np.float32), block)
+            return index
+        index_path = self.path / INDEX
         if not index_path.is_file():
-            raise UserError(f"{index_path} is missing; {rebuild}")
+            raise UserError(f"{index_path} is missing; rebuild the gallery with mlsctl index build")
         try:
-            self.index = faiss.read_index(str(index_path))
+            index = faiss.read_index(str(index_path))
         except Exception as exc:  # faiss raises RuntimeError with its C++ message for any junk
-            raise UserError(f"{index_path} is not a faiss index ({_first_line(exc)}); {rebuild}") from None
-        self.settings = IndexSettings(**self.manifest["index"])
-        if not (len(self.ids) == len(self.latents) == self.index.ntotal == self.manifest["objects"]):
-            raise UserError(f"{self.path} is inconsistent ({len(self.ids)} ids, {len(self.latents)} latents, "
-                            f"{self.index.ntotal} indexed); {rebuild}")
-        if self.index.d != self.latents.shape[1]:
-            raise UserError(f"{index_path} indexes {self.index.d} dimensions, the latents have {self.latents.shape[1]}; "
-                            f"{rebuild}")
-        self.row_of = {object_id: i for i, object_id in enumerate(self.ids)}
+            raise UserError(f"{index_path} is not a faiss index ({_first_line(exc)}); rebuild the gallery with "
+                            f"mlsctl index build") from None
+        if index.d != self.dim:
+            raise UserError(f"{index_path} indexes {index.d} dimensions, the gallery has {self.dim}; rebuild it")
+        saved = int(self.manifest["indexed_rows"])
+        if saved > self.rows or index.ntotal > saved:
+            raise UserError(f"{self.path} is inconsistent ({index.ntotal} indexed of {saved} rows, {self.rows} "
+                            f"committed); rebuild it with mlsctl index build")
+        # rows written since the index was saved: the rows they supersede leave it (an id written
+        # again after the save), the live ones join it
+        dead = []
+        if len(self.row_of) < self.rows:
+            saved_row = dict(zip(self.row_ids[:saved], range(saved)))
+            dead = sorted({saved_row[i] for i in self.row_ids[saved:] if i in saved_row})
+        if dead:
+            index.remove_ids(faiss.IDSelectorBatch(np.asarray(dead, dtype=np.int64)))
+        fresh = self.live_rows(saved)
+        if len(fresh):
+            index.add_with_ids(np.asarray(self.unit[fresh], dtype=np.float32), fresh)
+        self._unsaved = len(fresh) + len(dead)
+        return index
 
     @property
     def fingerprint(self) -> str:
         return self.manifest["model"]["fingerprint"]
 
-    def check_model(self, model: SetModel) -> None:
+    def check_model(self, model: "SetModel") -> None:
         if model.fingerprint != self.fingerprint:
             raise UserError(f"gallery {self.path} was built with model {self.fingerprint[:12]} "
                             f"({self.manifest['model']['run']} at step {self.manifest['model']['step']}); the query model "
                             f"{model.fingerprint[:12]} ({model.run} at step {model.step}) differs: rebuild the gallery "
                             f"or query with its run")
+        recorded = self.manifest.get("preprocessing")
+        if recorded is not None and recorded != model.preprocessing():
+            raise UserError(f"gallery {self.path} embedded its photos with {recorded}, queries are embedded with "
+                            f"{model.preprocessing()}; rebuild the gallery from the images with mlsctl index build")
 
+    # ------------------------------------------------------------------ search
     def search(self, latent: torch.Tensor, k: int) -> list[tuple[str, float]]:
-        unit = unit_rows(self.latents) if self.settings.kind != "flat" else None
-        scores, ids = search_index(self.index, unit, latent[None], k, self.settings)
-        return [(self.ids[i], float(s)) for s, i in zip(scores[0], ids[0]) if i >= 0]
+        """The ``k`` objects nearest to one set latent (cosine), best first."""
+        return self.search_many(latent[None], k)[0]
 
-    def add(self, model: SetModel, object_id: str, images: Sequence) -> tuple[bool, int]:
-        """Fold ``images`` into ``object_id`` (created when new); returns (created, images now folded)."""
+    def search_many(self, latents: torch.Tensor, k: int) -> list[list[tuple[str, float]]]:
+        """``search`` for a batch of latents [q, D]; the query is normalised, the gallery never."""
+        if not len(self.row_of):
+            return [[] for _ in range(len(latents))]
+        queries = _normalized(latents.detach().float())
+        scores, rows = search_index(self.index, self.unit, queries, k, self.settings)
+        return [[(self.row_ids[r], float(s)) for s, r in zip(score_row, id_row) if r >= 0]
+                for score_row, id_row in zip(scores, rows)]
+
+    # ------------------------------------------------------------------ writing (under the gallery's lock)
+    def add(self, model: "SetModel", object_id: str, images: Sequence) -> tuple[bool, int]:
+        """Fold ``images`` into ``object_id`` (created when new); returns (created, images now folded).
+        Costs one appended row, whatever the gallery's size (see the module's format notes)."""
         check_object_id(object_id)
         self.check_model(model)
         cls, tokens = model.image_tokens(images)
-        row = self.row_of.get(object_id)
-        created = row is None
-        latent = model.fold(None if created else self.latents[row], cls, tokens)
-        if created:
-            row = len(self.ids)
-            self.ids.append(object_id)
-            self.row_of[object_id] = row
-            self.latents = torch.cat([self.latents, latent[None]])
-            self.counts = torch.cat([self.counts, torch.tensor([len(images)])])
-        else:
-            self.latents[row] = latent
-            self.counts[row] += len(images)
-            self.index.remove_ids(np.array([row], dtype=np.int64))
-        self.index.add_with_ids(_normalized(latent[None]), np.array([row], dtype=np.int64))
-        self._save()
-        return created, int(self.counts[row])
+        created = object_id not in self.row_of
+        latent = model.fold(None if created else self.latent(object_id), cls, tokens)
+        count = len(images) + (0 if created else self.count(object_id))
+        self.append([object_id], latent[None], [count])
+        return created, count
 
-    def _save(self) -> None:
-        save(self.path, self.ids, self.latents, self.counts, self.index, self.manifest)
+    def append(self, ids: Sequence[str], latents: torch.Tensor, counts: Sequence[int]) -> None:
+        """Append rows and commit them (gallery.json's row count, written atomically, last)."""
+        import faiss
+
+        for object_id in ids:
+            check_object_id(object_id)
+        latents = latents.detach().float().numpy()
+        unit = _normalized(latents)
+        start = self.rows
+        old_rows = [self.row_of[i] for i in ids if i in self.row_of]
+        self.ids_bytes = _append_rows(self.path, start, self.ids_bytes, ids, latents.astype(self.dtype),
+                                      unit.astype(self.dtype), np.asarray(counts, dtype=np.int64))
+        self.rows = start + len(ids)
+        rows = np.arange(start, self.rows, dtype=np.int64)
+        if old_rows:
+            self.index.remove_ids(faiss.IDSelectorBatch(np.asarray(old_rows, dtype=np.int64)))
+        for object_id, row in zip(ids, rows):
+            self.row_of[object_id] = int(row)
+        self.row_ids.extend(ids)
+        self.index.add_with_ids(unit.astype(self.dtype).astype(np.float32), rows)
+        self._unsaved = getattr(self, "_unsaved", 0) + len(ids) + len(old_rows)
+        self.manifest = dict(self.manifest, rows=self.rows, objects=len(self.row_of),
+                             updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        if self.settings.kind != "flat" and self._unsaved > max(1024, self.rows // 100):
+            self.save_index()  # the rows written since the last save stay a small share
+        else:
+            atomic.write_json(self.path / MANIFEST, self.manifest)
+        self.latents = self._map(LATENTS, self.dtype, (self.rows, self.dim))
+        self.unit = self._map(UNIT, self.dtype, (self.rows, self.dim))
+        self.counts = self._map(COUNTS, np.int64, (self.rows,))
+
+    def save_index(self) -> None:
+        """Write the in-memory index (IVF-PQ) as ``index.faiss`` and record how many rows it holds."""
+        import faiss
+
+        if self.settings.kind != "flat":
+            atomic.write_with(self.path / INDEX, lambda tmp: faiss.write_index(self.index, str(tmp)))
+        self.manifest = dict(self.manifest, indexed_rows=self.rows)
+        atomic.write_json(self.path / MANIFEST, self.manifest)
+        self._unsaved = 0
+
+    def added_since_training(self) -> float:
+        """The share of live objects written since the IVF quantiser was trained (0 for flat)."""
+        if self.settings.kind == "flat" or not len(self.row_of):
+            return 0.0
+        trained = int(self.manifest.get("trained_rows", self.rows))
+        return sum(1 for r in self.row_of.values() if r >= trained) / len(self.row_of)
+
+    def retrain(self) -> dict:
+        """Compact the gallery to its live rows and re-train the IVF-PQ quantiser on them; written
+        as a new gallery beside this one and swapped in (``os.replace`` of every file, manifest last)."""
+        live = self.live_rows()
+        ids = [self.row_ids[r] for r in live]
+        latents = np.asarray(self.latents[live], dtype=np.float32)
+        counts = np.asarray(self.counts[live], dtype=np.int64)
+        asked = self.manifest.get("index_asked") or {}
+        settings = IndexSettings(**{**self.settings.to_dict(), "nlist": asked.get("nlist"), "m": asked.get("m")})
+        write_gallery(self.path, ids, torch.from_numpy(latents), counts, settings, self.manifest,
+                      self.manifest["storage_dtype"])
+        reopened = Gallery(self.path)
+        self.__dict__.update(reopened.__dict__)
+        return self.manifest
 
 
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
 
 
-def _read_ids(path: Path) -> list[str]:
-    """objects.txt: one id per line (ids never hold a line break: :func:`check_object_id`)."""
-    text = path.read_text(encoding="utf-8")
-    return text.split("\n")[:-1] if text.endswith("\n") else (text.split("\n") if text else [])
+def _read_ids(path: Path, rows: int) -> tuple[list[str], int]:
+    """The first ``rows`` lines of objects.txt and their length in bytes (ids never hold a line
+    break: :func:`check_object_id`; lines beyond the committed rows are an interrupted append)."""
+    data = path.read_bytes()
+    parts = data.split(b"\n", rows)  # the committed lines, then whatever follows them
+    if len(parts) <= rows:
+        raise ValueError(f"{IDS} lists {len(parts) - 1} ids for {rows} committed rows")
+    length = len(data) - len(parts[-1])
+    return (data[:length].decode("utf-8").split("\n")[:-1] if rows else []), length
+
+
+def _append_rows(path: Path, start: int, ids_bytes: int, ids: Sequence[str], latents: np.ndarray,
+                 unit: np.ndarray, counts: np.ndarray) -> int:
+    """Cut every row file back to ``start`` committed rows (objects.txt to ``ids_bytes``: an
+    interrupted append), append the new rows and flush them to disk; returns objects.txt's new
+    length. gallery.json is the caller's to commit."""
+    width = latents.shape[1] * latents.dtype.itemsize
+    for name, data, row_bytes in ((LATENTS, latents, width), (UNIT, unit, width), (COUNTS, counts, 8)):
+        with open(path / name, "r+b" if (path / name).exists() else "w+b") as f:
+            f.truncate(start * row_bytes)
+            f.seek(start * row_bytes)
+            f.write(np.ascontiguousarray(data).tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+    text = "".join(f"{i}\n" for i in ids).encode("utf-8")
+    with open(path / IDS, "r+b" if (path / IDS).exists() else "w+b") as f:
+        f.truncate(ids_bytes)
+        f.seek(ids_bytes)
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    return ids_bytes + len(text)
 
 
 def read_manifest(path: Path) -> dict:
@@ -342,6 +522,9 @@ def read_manifest(path: Path) -> dict:
         raise UserError(f"{manifest_path} is damaged (no integer format_version); rebuild the gallery")
     if version > GALLERY_FORMAT_VERSION:
         raise UserError(f"{path} was written by a newer mlsctl; upgrade mlsctl")
+    if version < GALLERY_FORMAT_VERSION:
+        raise UserError(f"{path} is a gallery of an older mlsctl (format {version}); build it again with "
+                        f"mlsctl index build --overwrite (the new format grows by appending and searches from disk)")
     model, index = manifest.get("model"), manifest.get("index")
     known = set(IndexSettings().to_dict())
     problem = None
@@ -350,25 +533,48 @@ def read_manifest(path: Path) -> dict:
     elif not (isinstance(index, dict) and set(index) <= known and index.get("kind") in ("flat", "ivfpq")
               and all(v is None or (isinstance(v, int) and not isinstance(v, bool)) for k, v in index.items() if k != "kind")):
         problem = "'index' must hold kind flat|ivfpq and integer settings"
-    elif not (isinstance(manifest.get("objects"), int) and manifest["objects"] >= 0):
-        problem = "'objects' must be a count"
+    elif not all(isinstance(manifest.get(k), int) and manifest[k] >= 0 for k in ("rows", "objects", "dim", "indexed_rows")):
+        problem = "'rows', 'objects', 'dim' and 'indexed_rows' must be counts"
+    elif manifest.get("storage_dtype") not in STORAGE_DTYPES:
+        problem = "'storage_dtype' must be fp32 or fp16"
     if problem:
         raise UserError(f"{manifest_path} is damaged ({problem}); rebuild the gallery with mlsctl index build")
     return manifest
 
 
-def save(path: Path, ids: list[str], latents: torch.Tensor, counts: torch.Tensor, index, manifest: dict) -> None:
-    """Write every file atomically, the manifest (with the count) last."""
-    import faiss
-    from safetensors.torch import save_file
-
+def write_gallery(path: Path, ids: list[str], latents: torch.Tensor, counts, settings: IndexSettings,
+                  manifest: dict, storage_dtype: str = "fp32") -> dict:
+    """Write a whole gallery (build, retrain): the row files and index into a temporary folder beside
+    ``path``, then each file replaces its namesake, the manifest last (a reader sees the old gallery
+    or the new one)."""
+    dtype = STORAGE_DTYPES[storage_dtype]
+    raw = latents.detach().float().numpy()
+    unit = _normalized(raw)
+    asked = {"nlist": settings.nlist, "m": settings.m}  # None: derived from the size, again at each retrain
+    index = build_index(unit.astype(dtype).astype(np.float32), settings) if len(ids) else None
     path.mkdir(parents=True, exist_ok=True)
-    atomic.write_text(path / "objects.txt", "".join(f"{i}\n" for i in ids))
-    atomic.write_with(path / "latents.safetensors", lambda tmp: save_file(
-        {"latent": latents.contiguous(), "count": counts.contiguous()}, str(tmp)))
-    atomic.write_with(path / "index.faiss", lambda tmp: faiss.write_index(index, str(tmp)))
-    manifest = dict(manifest, objects=len(ids), updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    tmp = path / ".gallery.tmp"
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    _append_rows(tmp, 0, 0, ids, raw.astype(dtype), unit.astype(dtype), np.asarray(counts, dtype=np.int64))
+    if settings.kind != "flat" and index is not None:
+        import faiss
+
+        faiss.write_index(index, str(tmp / INDEX))
+    manifest = dict(manifest, format_version=GALLERY_FORMAT_VERSION, index=settings.to_dict(), index_asked=asked,
+                    rows=len(ids), objects=len(ids), indexed_rows=len(ids), trained_rows=len(ids),
+                    dim=int(raw.shape[1]), storage_dtype=storage_dtype, updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    for name in (LATENTS, UNIT, COUNTS, IDS, INDEX):
+        if (tmp / name).exists():
+            os.replace(tmp / name, path / name)
+        elif name == INDEX and (path / name).exists():
+            (path / name).unlink()  # a flat gallery builds its index when it opens
+    tmp.rmdir()
     atomic.write_json(path / MANIFEST, manifest)
+    return manifest
 
 
 def _feature_groups(source: Path, model: SetModel) -> dict[str, torch.Tensor]:
@@ -381,18 +587,25 @@ def _feature_groups(source: Path, model: SetModel) -> dict[str, torch.Tensor]:
                         f"teacher of {model.run} ({model.backbone.fingerprint[:12]}); embed with --run {model.run}")
     if model.attend != "cls":
         raise UserError(f"run {model.run} attends to patch tokens; build the gallery from the images, not from {source}")
+    seen = features.preprocessing
+    wanted = model.preprocessing()
+    if (seen.get("resolution"), seen.get("resize")) != (wanted["resolution"], wanted["resize"]) or features.dtype != "float32":
+        raise UserError(f"{source} was embedded at {seen.get('resolution')} px ({seen.get('resize')}, {features.dtype}) "
+                        f"but searches embed at {wanted['resolution']} px (square, float32), so the gallery would not match "
+                        f"its own queries: embed with --run {model.run} --resolution {wanted['resolution']} --dtype fp32, "
+                        f"or build from the images")
     rows: dict[str, list[int]] = {}
     for row, name in sorted(enumerate(features.files), key=lambda rf: rf[1]):
         parts = Path(name).parts
         if len(parts) < 2:
             raise UserError(f"{name} in {source} is not inside an object folder")
-        rows.setdefault(parts[0], []).append(row)
+        rows.setdefault(check_object_id(parts[0], "object folder"), []).append(row)
     cls = features.global_features()
     return {object_id: cls[r] for object_id, r in sorted(rows.items())}
 
 
 def build_gallery(source: str | os.PathLike, model: SetModel, out: str | os.PathLike, settings: IndexSettings,
-                  *, overwrite: bool = False, progress: bool = True) -> dict:
+                  *, overwrite: bool = False, progress: bool = True, storage_dtype: str = "fp32") -> dict:
     """One set embedding per object of ``source``: ``ROOT/<object_id>/*`` images, or a feature
     folder of them written by ``mlsctl embed`` with the same run (files fold in name order)."""
     from tqdm import tqdm
@@ -400,11 +613,13 @@ def build_gallery(source: str | os.PathLike, model: SetModel, out: str | os.Path
     from mlsctl.features import is_feature_folder
 
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and any(p for p in out.iterdir() if p.name != LOCK_NAME):
         if not (out / MANIFEST).is_file():
             raise UserError(f"{out} exists and is not a gallery; choose another --out")
         if not overwrite:
             raise UserError(f"{out} already holds a gallery; add --overwrite to rebuild it (or add images with mlsctl index add)")
+    if storage_dtype not in STORAGE_DTYPES:
+        raise UserError(f"--dtype must be fp32 or fp16, got {storage_dtype!r}")
     ids, latents, counts = [], [], []
     if is_feature_folder(source):
         for object_id, cls in _feature_groups(Path(source), model).items():
@@ -421,15 +636,15 @@ def build_gallery(source: str | os.PathLike, model: SetModel, out: str | os.Path
             counts.append(len(paths))
     if not ids:
         raise UserError(f"{source} holds no object")
-    latents_t = torch.stack(latents)
-    index = build_index(latents_t, settings)
     manifest = {"kind": "mlsctl-gallery", "format_version": GALLERY_FORMAT_VERSION, "mlsctl_version": __version__,
                 "source": os.path.abspath(source),
-                "model": {"run": os.path.abspath(model.run), "step": model.step, "fingerprint": model.fingerprint, "attend": model.attend,
-                          "dim": model.dim, "resolution": model.resolution, "arch": model.backbone.info["arch"]},
-                "index": settings.to_dict(), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    save(out, ids, latents_t, torch.tensor(counts), index, manifest)
-    return dict(manifest, objects=len(ids), images=int(sum(counts)))
+                "model": {"run": os.path.abspath(model.run), "step": model.step, "fingerprint": model.fingerprint,
+                          "attend": model.attend, "dim": model.dim, "resolution": model.resolution,
+                          "arch": model.backbone.info["arch"]},
+                "preprocessing": model.preprocessing(), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    with FolderLock(out, "gallery"):
+        manifest = write_gallery(out, ids, torch.stack(latents), counts, settings, manifest, storage_dtype)
+    return dict(manifest, images=int(sum(counts)))
 
 
 def newest_gallery(root: str | os.PathLike = ".", max_depth: int = 4) -> Optional[Path]:

@@ -55,7 +55,8 @@ class FolderLock:
             if same:
                 break
             os.close(fd)
-        record = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(sys.argv),
+        program = "mlsctl" if Path(sys.argv[0]).name in ("mlsctl", "__main__.py") else sys.argv[0]
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join([program, *sys.argv[1:]]),
                   "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         os.ftruncate(fd, 0)
         os.write(fd, (json.dumps(record) + "\n").encode())

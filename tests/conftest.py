@@ -149,6 +149,13 @@ def cli(*args: str, cwd: Path | None = None, capsys=None) -> tuple[int, str, str
     return code, out, err
 
 
+def cli_ok(capsys, *args: str, cwd: Path | None = None) -> tuple[str, str]:
+    """:func:`cli` that must succeed: (stdout, stderr)."""
+    code, out, err = cli(*args, cwd=cwd, capsys=capsys)
+    assert code == 0, f"mlsctl {' '.join(args)} failed ({code}):\n{out}\n{err}"
+    return out, err
+
+
 @pytest.fixture(scope="session")
 def finished_run(tmp_path_factory) -> tuple[Path, Path]:
     """One complete tiny run (2 epochs of 4 steps), shared by the tests of several modules."""
@@ -215,3 +222,25 @@ def fake_fmnist(tmp_path: Path) -> Path:
         write_idx(source / f"{stem}-images-idx3-ubyte.gz", images)
         write_idx(source / f"{stem}-labels-idx1-ubyte.gz", np.arange(n) % 10)
     return source
+
+
+@pytest.fixture(scope="session")
+def mile_run(tmp_path_factory):
+    """A tiny MILE run on 6 objects of 3 photos (2 gallery + 1 query each)."""
+    tmp = tmp_path_factory.mktemp("mile")
+    rng = np.random.default_rng(0)
+    for o in range(6):
+        colour = rng.uniform(0, 255, 3)
+        for k in range(3):
+            pixels = np.clip(colour + rng.normal(0, 20, (32, 32, 3)), 0, 255).astype(np.uint8)
+            for part in (("train",), ("gallery",) if k < 2 else ("query",)):
+                folder = tmp / part[0] / f"obj{o}"
+                folder.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(pixels).save(folder / f"{k}.png")
+    raw = tiny_recipe(tmp / "train", data__local_crops={"count": 0, "size": 16, "scale": [0.1, 0.4]},
+                      optim__batch_size=2, optim__epochs=1)
+    raw["method"] = {"name": "mile", "set_length": 2, "cross_heads": 2, "out_dim": 64, "hidden_dim": 64,
+                     "bottleneck_dim": 32, "warmup_teacher_temp_epochs": 0}
+    recipe = write_recipe(tmp / "mile.yaml", raw)
+    run_cli("pretrain", str(recipe), "--out", str(tmp / "run"), check=True)
+    return tmp

@@ -16,9 +16,13 @@ from conftest import REPO, cli_env
 pytestmark = pytest.mark.slow
 
 
+# three of the six cells: every kind (trained, untrained, retrieval); the other three run the same code
+CELLS = ("--only", "scenes/random/*", "scenes/dino/*", "products/*")
+
+
 def suite(tmp: Path, fmnist: Path, *extra: str) -> list[str]:
     return [sys.executable, str(REPO / "benchmarks" / "fidelity.py"), "--profile", "smoke", "--work", str(tmp / "work"),
-            "--results", str(tmp / "results"), "--fmnist", str(fmnist), *extra]
+            "--results", str(tmp / "results"), "--fmnist", str(fmnist), *CELLS, *extra]
 
 
 def test_smoke_profile_resumes_after_a_kill_and_reuses_finished_cells(tmp_path: Path, fake_fmnist: Path):
@@ -34,7 +38,7 @@ def test_smoke_profile_resumes_after_a_kill_and_reuses_finished_cells(tmp_path: 
 
     done = subprocess.run(suite(tmp_path, fake_fmnist), env=cli_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "6 of 6 cells finished" in done.stdout
+    assert "3 of 3 cells finished" in done.stdout
     cells = tmp_path / "results" / "smoke" / "cells"
     dino = json.loads((cells / "scenes-dino-seed0.json").read_text())
     assert dino["steps"] == 8 and dino["resumed_from"] > 0  # the killed run went on from its checkpoint
@@ -43,13 +47,15 @@ def test_smoke_profile_resumes_after_a_kill_and_reuses_finished_cells(tmp_path: 
     mile = json.loads((cells / "products-mile-seed0.json").read_text())
     assert {"mile@trained/noise0", "max-pairwise@trained/noise0", "mean-cls@start/noise0.5"} <= set(mile["metrics"])
     summary = json.loads((tmp_path / "results" / "smoke" / "summary.json").read_text())
-    assert summary["cells"] == 6 and {c["holds"] for c in summary["claims"]} <= {True, False}
-    assert any("Table 5 order" in c["claim"] for c in summary["claims"])
+    assert summary["cells"] == 3 and any("Table 5 order" in c["claim"] for c in summary["claims"])
+    holds = {c["claim"]: c["holds"] for c in summary["claims"]}
+    assert holds["CrIBo > DINO on fmnist-scenes mIoU"] is None  # not measured: its cells did not run
+    assert holds["DINO > random init on fmnist-scenes mIoU"] in (True, False)
     markdown = (tmp_path / "results" / "smoke" / "summary.md").read_text()
-    assert "| cribo-cross-view | 1 |" in markdown and "| mile | trained |" in markdown
+    assert "| dino | 1 |" in markdown and "| cribo-cross-view | 0 |" in markdown and "| mile | trained |" in markdown
     assert (tmp_path / "results" / "smoke" / "summary.png").stat().st_size > 10_000
 
     again = subprocess.run(suite(tmp_path, fake_fmnist), env=cli_env(), capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and again.stdout.count(": reused") == 6
+    assert again.returncode == 0 and again.stdout.count(": reused") == 3
     listing = subprocess.run(suite(tmp_path, fake_fmnist, "--list"), env=cli_env(), capture_output=True, text=True)
-    assert listing.stdout.count(" done") == 6
+    assert listing.stdout.count(" done") == 3

@@ -435,24 +435,23 @@ def test_10_damaged_feature_manifests_are_one_sentence(tmp_path):
             Features(folder)
 
 
-def write_gallery(path: Path, n: int = 5, dim: int = 8) -> Path:
-    from mlsctl.gallery import IndexSettings, build_index, save
+def write_gallery(path: Path, n: int = 300, dim: int = 8, kind: str = "ivfpq") -> Path:
+    from mlsctl.gallery import IndexSettings, write_gallery as write
 
     latents = torch.randn(n, dim, generator=torch.Generator().manual_seed(0))
-    settings = IndexSettings()
-    manifest = {"kind": "mlsctl-gallery", "format_version": 1, "model": {"run": "/r", "step": 1, "fingerprint": "f" * 64},
-                "index": settings.to_dict()}
-    save(path, [f"obj{i}" for i in range(n)], latents, torch.ones(n, dtype=torch.long), build_index(latents, settings),
-         manifest)
+    manifest = {"kind": "mlsctl-gallery", "model": {"run": "/r", "step": 1, "fingerprint": "f" * 64}}
+    write(path, [f"obj{i}" for i in range(n)], latents, [1] * n, IndexSettings(kind, nlist=1 if kind == "ivfpq" else None),
+          manifest)
     return path
 
 
 @pytest.mark.parametrize("damage, words", [
     (lambda g: (g / "index.faiss").unlink(), "index.faiss is missing"),
     (lambda g: (g / "index.faiss").write_bytes(b"junk" * 10), "not a faiss index"),
-    (lambda g: (g / "latents.safetensors").write_bytes((g / "latents.safetensors").read_bytes()[:100]), "latents.safetensors cannot be read"),
-    (lambda g: (g / "objects.txt").unlink(), "objects.txt cannot be read"),
+    (lambda g: (g / "latents.bin").write_bytes((g / "latents.bin").read_bytes()[:100]), "latents.bin is missing or shorter"),
+    (lambda g: (g / "objects.txt").unlink(), "is damaged"),
     (lambda g: (g / "gallery.json").write_text(json.dumps({**json.loads((g / "gallery.json").read_text()), "index": {"kind": "flat", "nprobe": "many"}})), "is damaged"),
+    (lambda g: (g / "gallery.json").write_text(json.dumps({**json.loads((g / "gallery.json").read_text()), "format_version": 1})), "older mlsctl"),
     (lambda g: (g / "gallery.json").write_text("[1, 2]"), "not an mlsctl gallery"),
 ])
 def test_10_damaged_galleries_are_one_sentence(tmp_path, damage, words, capsys):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import cli, run_cli, tiny_recipe, write_recipe
+from conftest import cli, cli_ok, run_cli, tiny_recipe
 from mlsctl import config
 from mlsctl.evaluate.retrieval import average_recall, max_pairwise_scores, noisy_sets, ranks, recall_at
 from mlsctl.methods.mile import MILE, CrossBlock, SetEncoder
@@ -152,67 +152,41 @@ def test_noise_replaces_the_asked_fraction_with_photos_of_other_objects():
     assert noisy_sets(sets, 0.0, sets, 0) == sets
 
 
-@pytest.fixture(scope="module")
-def mile_run(tmp_path_factory):
-    """A tiny MILE run on 6 objects of 3 photos (2 gallery + 1 query each)."""
-    tmp = tmp_path_factory.mktemp("mile")
-    rng = np.random.default_rng(0)
-    for o in range(6):
-        colour = rng.uniform(0, 255, 3)
-        for k in range(3):
-            pixels = np.clip(colour + rng.normal(0, 20, (32, 32, 3)), 0, 255).astype(np.uint8)
-            for part in (("train",), ("gallery",) if k < 2 else ("query",)):
-                folder = tmp / part[0] / f"obj{o}"
-                folder.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(pixels).save(folder / f"{k}.png")
-    raw = tiny_recipe(tmp / "train", data__local_crops={"count": 0, "size": 16, "scale": [0.1, 0.4]},
-                      optim__batch_size=2, optim__epochs=1)
-    raw["method"] = {"name": "mile", "set_length": 2, "cross_heads": 2, "out_dim": 64, "hidden_dim": 64,
-                     "bottleneck_dim": 32, "warmup_teacher_temp_epochs": 0}
-    recipe = write_recipe(tmp / "mile.yaml", raw)
-    run_cli("pretrain", str(recipe), "--out", str(tmp / "run"), check=True)
-    return tmp
-
-
-def test_folding_one_by_one_with_index_add_equals_embedding_the_set(mile_run, tmp_path):
-    from safetensors.torch import load_file
-
-    from mlsctl.gallery import load_images, load_set_model
+def test_folding_one_by_one_with_index_add_equals_embedding_the_set(mile_run, tmp_path, capsys):
+    from mlsctl.gallery import Gallery, load_images, load_set_model
 
     gallery = tmp_path / "g"
     run_cli("index", "build", str(mile_run / "gallery"), "--run", str(mile_run / "run"), "--out", str(gallery), check=True)
     photos = sorted((mile_run / "gallery" / "obj0").iterdir()) + sorted((mile_run / "query" / "obj0").iterdir())
     for photo in photos:  # fold obj0's photos into a new object, one call per photo
-        run_cli("index", "add", str(gallery), "--object", "again", str(photo), check=True)
+        cli_ok(capsys, "index", "add", str(gallery), "--object", "again", str(photo))
     model = load_set_model(mile_run / "run")
     cls, tokens = model.image_tokens(load_images(photos))
     whole = model.fold(None, cls, tokens)
-    ids = (gallery / "objects.txt").read_text().splitlines()
-    state = load_file(str(gallery / "latents.safetensors"))
-    assert ids[-1] == "again" and int(state["count"][-1]) == 3
-    assert torch.allclose(state["latent"][-1], whole, atol=1e-5)
+    stored = Gallery(gallery)
+    assert stored.ids[-1] == "again" and stored.count("again") == 3
+    assert torch.allclose(stored.latent("again"), whole, atol=1e-5)
     # and the object built from its 2 gallery photos, extended by its query photo, is the same set
-    run_cli("index", "add", str(gallery), "--object", "obj0", str(photos[2]), check=True)
-    state = load_file(str(gallery / "latents.safetensors"))
-    assert torch.allclose(state["latent"][ids.index("obj0")], whole, atol=1e-5)
+    cli_ok(capsys, "index", "add", str(gallery), "--object", "obj0", str(photos[2]))
+    assert torch.allclose(Gallery(gallery).latent("obj0"), whole, atol=1e-5)
 
 
-def test_search_ranks_objects_and_refuses_another_model(mile_run, tmp_path):
+def test_search_ranks_objects_and_refuses_another_model(mile_run, tmp_path, capsys):
     gallery = tmp_path / "galleries" / "g"
-    run_cli("index", "build", str(mile_run / "gallery"), "--run", str(mile_run / "run"), "--out", str(gallery), check=True)
+    cli_ok(capsys, "index", "build", str(mile_run / "gallery"), "--run", str(mile_run / "run"), "--out", str(gallery))
     photos = [str(p) for p in sorted((mile_run / "gallery" / "obj3").iterdir())]
-    result = run_cli("search", "--set", *photos, "-k", "3", "--json", cwd=tmp_path, check=True)
-    report = json.loads(result.stdout)
+    out, err = cli_ok(capsys, "search", "--set", *photos, "-k", "3", "--json", cwd=tmp_path)
+    report = json.loads(out)
     assert report["results"][0]["object"] == "obj3"  # its own gallery photos: the same set embedding
     assert report["results"][0]["score"] == pytest.approx(1.0, abs=1e-5)
-    assert "newest under the current directory" in result.stderr and "galleries/g" in result.stderr
-    table = run_cli("search", "--set", *photos, "--index", str(gallery), check=True).stdout
+    assert "newest under the current directory" in err and "galleries/g" in err
+    table, _ = cli_ok(capsys, "search", "--set", *photos, "--index", str(gallery))
     assert "obj3" in table.splitlines()[2]
     manifest = json.loads((gallery / "gallery.json").read_text())
     manifest["model"]["fingerprint"] = "0" * 64
     (gallery / "gallery.json").write_text(json.dumps(manifest))
-    result = run_cli("search", "--set", *photos, "--index", str(gallery))
-    assert result.returncode == 2 and "differs" in result.stderr and "Traceback" not in result.stderr
+    code, _, err = cli("search", "--set", *photos, "--index", str(gallery), capsys=capsys)
+    assert code == 2 and "differs" in err and "Traceback" not in err
 
 
 def test_eval_retrieval_reports_every_method_and_noise(mile_run, tmp_path):
@@ -231,6 +205,8 @@ def test_eval_retrieval_reports_every_method_and_noise(mile_run, tmp_path):
 
 
 def test_bad_object_ids_are_refused_and_the_gallery_works_from_any_directory(mile_run, tmp_path, capsys):
+    from mlsctl.gallery import Gallery
+
     # built with relative paths from one directory ...
     code, _, err = cli("index", "build", "gallery", "--run", "run", "--out", str(tmp_path / "g"), cwd=mile_run,
                        capsys=capsys)
@@ -250,7 +226,7 @@ def test_bad_object_ids_are_refused_and_the_gallery_works_from_any_directory(mil
     assert code == 0, err
     code, out, err = cli("search", "--set", photo, "--index", str(tmp_path / "g"), "--json", cwd=elsewhere, capsys=capsys)
     assert code == 0 and json.loads(out)["results"][0]["object"] in ("new one", "obj1")
-    assert (tmp_path / "g" / "objects.txt").read_text().split("\n")[-2] == "new one"
+    assert Gallery(tmp_path / "g").ids[-1] == "new one"
 
 
 def test_query_sets_sample_four_photos_seeded_as_the_authors():
@@ -289,3 +265,35 @@ def test_paper_recipes_use_dinov2_with_registers_as_the_authors():
         recipe = config.load_recipe(name)
         assert recipe.method.norm_last_layer is False and recipe.optim.clip_grad == 0.0
         assert recipe.optim.min_lr == 1e-5 and recipe.train.precision == "fp16_or_bf16"
+
+
+def test_gallery_from_features_must_match_how_queries_are_embedded(mile_run, tmp_path, capsys):
+    import shutil
+
+    from conftest import cli
+
+    run = str(mile_run / "run")
+    code, _, err = cli("embed", str(mile_run / "gallery"), "--run", run, "--out", str(tmp_path / "f16"), capsys=capsys)
+    assert code == 0, err
+    code, _, err = cli("index", "build", str(tmp_path / "f16"), "--run", run, "--out", str(tmp_path / "g1"), capsys=capsys)
+    assert code == 2 and "--dtype fp32" in err and not (tmp_path / "g1").exists()
+    code, _, err = cli("embed", str(mile_run / "gallery"), "--run", run, "--dtype", "fp32", "--out", str(tmp_path / "f32"),
+                       capsys=capsys)
+    code, _, err = cli("index", "build", str(tmp_path / "f32"), "--run", run, "--out", str(tmp_path / "g2"), capsys=capsys)
+    assert code == 0, err
+    # many query sets, one model load: one JSON line per set
+    photos = sorted((mile_run / "gallery" / "obj2").iterdir())
+    sets = tmp_path / "q.jsonl"
+    sets.write_text(json.dumps({"id": "first", "photos": [str(p) for p in photos]}) + "\n\n"
+                    + json.dumps({"photos": [str(photos[0])]}) + "\n")
+    code, out, err = cli("search", "--sets", str(sets), "--index", str(tmp_path / "g2"), "-k", "2", capsys=capsys)
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and [line["id"] for line in lines] == ["first", None] and "sets/s" in err
+    assert lines[0]["results"][0]["object"] == "obj2" and lines[0]["results"][0]["score"] == pytest.approx(1.0, abs=1e-4)
+    # retrieval refuses folders of unrelated objects
+    shutil.copytree(mile_run / "query", tmp_path / "other")
+    for i, folder in enumerate(sorted((tmp_path / "other").iterdir())[:4]):
+        folder.rename(folder.parent / f"unrelated{i}")
+    code, _, err = cli("eval", "retrieval", "--gallery", str(mile_run / "gallery"), "--query", str(tmp_path / "other"),
+                       "--run", run, "--out", str(tmp_path / "r.json"), capsys=capsys)
+    assert code == 2 and "share only 2 object ids" in err

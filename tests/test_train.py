@@ -20,7 +20,7 @@ from mlsctl.methods.dino import DINO
 from mlsctl.runs import Run
 from mlsctl.schedules import Schedule
 
-from conftest import REPO, cli_env, kill_when, make_images, run_cli, tiny_recipe, write_recipe
+from conftest import REPO, cli, cli_env, kill_when, make_images, run_cli, tiny_recipe, write_recipe
 from test_images import write_bad_files
 
 pytestmark = pytest.mark.slow
@@ -102,20 +102,21 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path: Path, images
     assert torch.equal(banks_a.vectors, banks_b.vectors) and banks_a.ptr == banks_b.ptr
 
 
-def test_run_folder_rules(finished_run, tmp_path: Path):
+def test_run_folder_rules(finished_run, tmp_path: Path, capsys):
     run_dir, recipe = finished_run
     copy = tmp_path / "copy"
     shutil.copytree(run_dir, copy)
-    refused = run_cli("pretrain", str(recipe), "--out", str(copy))
-    assert refused.returncode == 2 and "is not empty: add --resume" in refused.stderr
-    complete = run_cli("pretrain", str(recipe), "--out", str(copy), "--resume", check=True)
-    assert "already complete (8 steps)" in complete.stderr
-    changed = run_cli("pretrain", str(recipe), "optim.lr=0.5", "--out", str(copy), "--resume")
-    assert changed.returncode == 2 and "differs from" in changed.stderr and "optim.lr" in changed.stderr
-    nothing = run_cli("pretrain", str(recipe), "--out", str(tmp_path / "new"), "--resume")
-    assert nothing.returncode == 2 and "nothing to resume" in nothing.stderr
-    both = run_cli("pretrain", str(recipe), "--out", str(tmp_path / "n2"), "--resume", "--init-from", str(run_dir))
-    assert both.returncode == 2 and "use one" in both.stderr
+    code, _, err = cli("pretrain", str(recipe), "--out", str(copy), capsys=capsys)
+    assert code == 2 and "is not empty: add --resume" in err
+    code, _, err = cli("pretrain", str(recipe), "--out", str(copy), "--resume", capsys=capsys)
+    assert code == 0 and "already complete (8 steps)" in err
+    code, _, err = cli("pretrain", str(recipe), "optim.lr=0.5", "--out", str(copy), "--resume", capsys=capsys)
+    assert code == 2 and "differs from" in err and "optim.lr" in err
+    code, _, err = cli("pretrain", str(recipe), "--out", str(tmp_path / "new"), "--resume", capsys=capsys)
+    assert code == 2 and "nothing to resume" in err
+    code, _, err = cli("pretrain", str(recipe), "--out", str(tmp_path / "n2"), "--resume", "--init-from", str(run_dir),
+                       capsys=capsys)
+    assert code == 2 and "use one" in err
 
 
 def test_init_from_a_run_and_from_a_weights_file(finished_run, images: Path):

@@ -242,6 +242,12 @@ def retrieval(
     objects = [o for o in gallery_groups if o in query_groups]
     if len(objects) < 2:
         raise UserError(f"{gallery} and {query} share {len(objects)} object folders; retrieval needs at least 2")
+    smaller = min(len(gallery_groups), len(query_groups))
+    if len(objects) < 0.5 * smaller:
+        raise UserError(f"{gallery} ({len(gallery_groups)} objects) and {query} ({len(query_groups)} objects) share only "
+                        f"{len(objects)} object ids: are they photos of the same objects? Give folders whose object "
+                        f"folders match")
+    _say(f"{len(objects)} objects in both {gallery} ({len(gallery_groups)}) and {query} ({len(query_groups)})")
     paths, gallery_rows, all_query_rows = [], [], []
     for o in objects:
         gallery_rows.append(list(range(len(paths), len(paths) + len(gallery_groups[o]))))

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -43,6 +44,7 @@ def build(
     pq_bits: int = typer.Option(8, "--pq-bits", min=1, max=16, help="Bits per PQ code."),
     nprobe: int = typer.Option(32, "--nprobe", min=1, help="IVF lists searched per query."),
     refine: int = typer.Option(10, "--refine", min=1, help="IVF-PQ candidates per result, re-ranked with exact cosines."),
+    dtype: str = typer.Option("fp32", "--dtype", help="Stored latents: fp32, or fp16 (half the disk; later adds fold from rounded latents)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a gallery already in --out."),
     as_json: bool = typer.Option(False, "--json", help="Print the gallery record as JSON."),
 ) -> None:
@@ -53,12 +55,15 @@ def build(
     from mlsctl.gallery import IndexSettings, build_gallery
 
     settings = IndexSettings(index, nlist, pq_m, pq_bits, nprobe, refine)
-    record = build_gallery(source, _set_model(run), out, settings, overwrite=overwrite)
+    record = build_gallery(source, _set_model(run), out, settings, overwrite=overwrite, storage_dtype=dtype)
     if as_json:
         print(json.dumps(record, indent=2))
         return
     print(f"built {out}: {record['objects']} objects from {record['images']} images, index {index}"
           + (f" (nlist {settings.nlist}, m {settings.m}, {pq_bits} bits, nprobe {nprobe})" if index == "ivfpq" else ""))
+
+
+RETRAIN_SHARE = 0.2  # objects written since the IVF quantiser was trained, above which `index add` says so
 
 
 @app.command("add")
@@ -70,20 +75,82 @@ def add(
 ) -> None:
     """Fold new images into an object's stored latent state (earlier images are not recomputed).
 
-    Example: mlsctl index add galleries/products --object ev00007 new1.png new2.png
+    Appends one row to the gallery, whatever its size. Example:
+    mlsctl index add galleries/products --object ev00007 new1.png new2.png
     """
     from mlsctl.gallery import Gallery, check_object_id, load_images
+    from mlsctl.locks import FolderLock
 
     check_object_id(object_id)
-    target = Gallery(gallery)
-    model = _set_model(run or Path(target.manifest["model"]["run"]))
-    created, count = target.add(model, object_id, load_images(images))
+    photos = load_images(images)
+    with FolderLock(gallery, "gallery"):
+        target = Gallery(gallery)
+        model = _set_model(run or Path(target.manifest["model"]["run"]))
+        created, count = target.add(model, object_id, photos)
     print(f"{'created' if created else 'updated'} {object_id} in {gallery}: {count} images folded, "
-          f"{len(target.ids)} objects")
+          f"{len(target)} objects")
+    share = target.added_since_training()
+    if share > RETRAIN_SHARE:
+        _say(f"{100 * share:.0f}% of the objects were written after the IVF index was trained, so recall may have "
+             f"dropped: run mlsctl index retrain {gallery}")
+
+
+@app.command("retrain")
+def retrain(
+    gallery: Path = typer.Argument(..., help="Gallery folder (mlsctl index build)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the gallery record as JSON."),
+) -> None:
+    """Re-train a gallery's IVF-PQ quantiser on its current objects (and drop superseded rows).
+
+    After many objects from clusters the index never saw, recall falls; this restores it, atomically.
+    Example: mlsctl index retrain galleries/products
+    """
+    from mlsctl.gallery import Gallery
+    from mlsctl.locks import FolderLock
+
+    started = time.perf_counter()
+    with FolderLock(gallery, "gallery"):
+        target = Gallery(gallery)
+        before = target.rows
+        manifest = target.retrain()
+    if as_json:
+        print(json.dumps(manifest, indent=2))
+        return
+    print(f"retrained {gallery}: {manifest['objects']} objects ({before} rows before, {manifest['rows']} now), index "
+          f"{manifest['index']['kind']}, {time.perf_counter() - started:.1f}s")
+
+
+def _read_query_sets(path: Path) -> list[tuple[Optional[str], list[Path]]]:
+    """--sets FILE: one JSON object per line, {"photos": [paths...], "id": optional}; relative
+    paths are relative to the file's folder."""
+    from mlsctl.errors import UserError
+
+    sets = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"--sets {path} cannot be read ({getattr(exc, 'strerror', None) or exc})") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            photos = record["photos"]
+            if not (isinstance(photos, list) and photos and all(isinstance(p, str) for p in photos)):
+                raise ValueError
+            query_id = record.get("id")
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise UserError(f"--sets {path} line {number} is not a JSON object with a non-empty list of paths "
+                            f"'photos' (and an optional 'id')") from None
+        sets.append((None if query_id is None else str(query_id), [path.parent / p for p in photos]))
+    if not sets:
+        raise UserError(f"--sets {path} holds no query set")
+    return sets
 
 
 def search(
-    images: list[Path] = typer.Option(..., "--set", help="Photos of one object (space-separated)."),
+    images: Optional[list[Path]] = typer.Option(None, "--set", help="Photos of one object (space-separated)."),
+    sets: Optional[Path] = typer.Option(None, "--sets", help="JSONL of query sets, one per line: {\"photos\": [...], \"id\": ...}; one JSON line out per set."),
     index: Optional[Path] = typer.Option(None, "--index", help="Gallery folder [default: the newest gallery under the current directory]."),
     k: int = typer.Option(10, "-k", "--k", min=1, help="Objects to return."),
     run: Optional[Path] = typer.Option(None, "--run", help="Run to embed with [default: the gallery's run]."),
@@ -92,10 +159,14 @@ def search(
     """Find the objects of a gallery that a set of photos shows, ranked by cosine of MILE set embeddings.
 
     Example: mlsctl search --set a.png b.png --index galleries/products -k 10
+
+    Many sets, one model load: mlsctl search --sets queries.jsonl --index galleries/products > results.jsonl
     """
     from mlsctl.errors import UserError
     from mlsctl.gallery import Gallery, load_images, newest_gallery
 
+    if (images is None) == (sets is None):
+        raise UserError("give the photos of one set with --set, or a JSONL file of sets with --sets")
     if index is None:
         index = newest_gallery(".")
         if index is None:
@@ -104,6 +175,18 @@ def search(
     target = Gallery(index)
     model = _set_model(run or Path(target.manifest["model"]["run"]))
     target.check_model(model)
+    if sets is not None:
+        queries = _read_query_sets(sets)
+        started = time.perf_counter()
+        for query_id, photos in queries:
+            cls, tokens = model.image_tokens(load_images(photos))
+            found = target.search(model.fold(None, cls, tokens), k)
+            print(json.dumps({"id": query_id, "set": [str(p) for p in photos],
+                              "results": [{"rank": i + 1, "object": o, "score": s} for i, (o, s) in enumerate(found)]}),
+                  flush=True)
+        seconds = time.perf_counter() - started
+        _say(f"searched {len(queries)} sets in {seconds:.2f}s ({len(queries) / max(seconds, 1e-9):.1f} sets/s)")
+        return
     cls, tokens = model.image_tokens(load_images(images))
     found = target.search(model.fold(None, cls, tokens), k)
     if as_json:

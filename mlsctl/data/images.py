@@ -224,14 +224,27 @@ def load_rgb(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     """Decode ``path`` completely into an 8-bit RGB image with EXIF orientation applied; an image of
     more than ``max_pixels`` pixels is refused before it is decoded."""
     path = Path(path)
+    if path.stat().st_size == 0:
+        raise BadImage("empty file (0 bytes)")
+    return _decode(path, max_pixels)
+
+
+def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """:func:`load_rgb` for the bytes of an image file (an upload)."""
+    import io
+
+    if not data:
+        raise BadImage("empty file (0 bytes)")
+    return _decode(io.BytesIO(data), max_pixels)
+
+
+def _decode(source, max_pixels: int) -> Image.Image:
     too_large = (f"more than {max_pixels:,} pixels (a decompression bomb, or raise the limit: data.max_image_pixels, "
                  f"--max-image-pixels)")
     try:
-        if path.stat().st_size == 0:
-            raise BadImage("empty file (0 bytes)")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with Image.open(path) as img:
+            with Image.open(source) as img:
                 width, height = img.size
                 if width * height > max_pixels:
                     raise BadImage(f"{width}x{height} is {too_large}")

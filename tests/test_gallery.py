@@ -1,0 +1,114 @@
+"""Galleries (format 2): exact results, append-only adds equal a rebuild, kills never tear, retrain."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mlsctl.gallery import Gallery, IndexSettings, write_gallery
+
+from conftest import cli_env
+
+MANIFEST = {"kind": "mlsctl-gallery", "model": {"run": "/r", "step": 1, "fingerprint": "f" * 64}}
+
+
+def clustered(n: int, dim: int = 16, seed: int = 0, centres: int = 20) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    c = F.normalize(torch.randn(centres, dim, generator=g), dim=1)
+    return 3 * (c[torch.randint(0, centres, (n,), generator=g)] + 0.3 * torch.randn(n, dim, generator=g))
+
+
+def exact(latents: torch.Tensor, queries: torch.Tensor, k: int) -> np.ndarray:
+    scores = F.normalize(queries, dim=1) @ F.normalize(latents, dim=1).T
+    return scores.topk(k, dim=1).indices.numpy()
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivfpq"])
+def test_search_equals_exact_search(tmp_path, kind):
+    latents = clustered(400)
+    ids = [f"o{i}" for i in range(400)]
+    settings = IndexSettings(kind, nlist=4, m=4, nbits=6, nprobe=4, refine=400) if kind == "ivfpq" else IndexSettings()
+    write_gallery(tmp_path / "g", ids, latents, [1] * 400, settings, MANIFEST)
+    gallery = Gallery(tmp_path / "g")
+    assert isinstance(gallery.latents, np.memmap)  # on disk, not loaded
+    queries = latents[:25] + 0.1 * torch.randn(25, 16, generator=torch.Generator().manual_seed(1))
+    found = gallery.search_many(queries, 5)
+    truth = exact(latents, queries, 5)
+    assert [[o for o, _ in row] for row in found] == [[ids[i] for i in row] for row in truth]
+    assert found[0][0][1] == pytest.approx(float(F.cosine_similarity(queries[:1], latents[truth[0, :1]])), abs=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivfpq"])
+def test_appending_new_and_updated_objects_equals_a_rebuild(tmp_path, kind):
+    latents = clustered(300, seed=2)
+    ids = [f"o{i}" for i in range(300)]
+    settings = IndexSettings(kind, nlist=4, m=4, nbits=6, nprobe=4, refine=300) if kind == "ivfpq" else IndexSettings()
+    write_gallery(tmp_path / "grown", ids[:250], latents[:250], [1] * 250, settings, MANIFEST)
+    gallery = Gallery(tmp_path / "grown")
+    final = latents.clone()
+    for i in range(250, 300):  # new objects, one add at a time
+        gallery.append([ids[i]], latents[i:i + 1], [1])
+    for i in (3, 7, 260):  # folding photos into existing objects: new latents, appended rows
+        final[i] = clustered(1, seed=100 + i)[0]
+        gallery.append([ids[i]], final[i:i + 1], [2])
+    write_gallery(tmp_path / "rebuilt", ids, final, [1] * 300, settings, MANIFEST)
+    queries = final[:40] + 0.05 * torch.randn(40, 16, generator=torch.Generator().manual_seed(3))
+    for reopened in (gallery, Gallery(tmp_path / "grown")):  # in memory after the adds, and read back from disk
+        assert len(reopened) == 300 and reopened.rows == 303 and reopened.count("o7") == 2
+        assert torch.equal(reopened.latent("o260"), final[260])
+        assert reopened.search_many(queries, 5) == Gallery(tmp_path / "rebuilt").search_many(queries, 5)
+
+
+def test_a_kill_during_adds_leaves_a_gallery_as_before_or_after_an_add(tmp_path):
+    write_gallery(tmp_path / "g", ["seed"], torch.ones(1, 16), [1], IndexSettings(), MANIFEST)
+    script = (f"import torch; from mlsctl.gallery import Gallery\n"
+              f"g = Gallery({str(tmp_path / 'g')!r})\n"
+              f"for i in range(100000):\n"
+              f"    g.append([f'o{{i % 50}}'], torch.full((1, 16), float(i)), [i])\n")
+    for attempt in range(3):
+        process = subprocess.Popen([sys.executable, "-c", script], env=cli_env())
+        time.sleep(3 + attempt)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        gallery = Gallery(tmp_path / "g")  # opens: the committed rows are whole
+        for object_id in gallery.ids[1:]:
+            latent, count = gallery.latent(object_id), gallery.count(object_id)
+            assert torch.equal(latent, torch.full((16,), float(count)))  # row and count written by one add
+        before = gallery.rows
+        gallery.append(["after"], torch.zeros(1, 16), [0])  # the next add cuts off a torn tail
+        reopened = Gallery(tmp_path / "g")
+        assert reopened.rows == before + 1 and reopened.search(torch.ones(16), 1)
+
+
+def test_retrain_compacts_and_restores_recall_on_new_clusters(tmp_path):
+    settings = IndexSettings("ivfpq", nlist=8, m=4, nbits=6, nprobe=1, refine=10)
+    old = clustered(600, seed=5, centres=8)
+    write_gallery(tmp_path / "g", [f"a{i}" for i in range(600)], old, [1] * 600, settings, MANIFEST)
+    gallery = Gallery(tmp_path / "g")
+    new = clustered(600, seed=6, centres=8) + 4  # clusters the quantiser never saw
+    gallery.append([f"b{i}" for i in range(600)], new, [1] * 600)
+    gallery.append(["a0"], old[:1] * 2, [2])  # a superseded row
+    assert gallery.added_since_training() > 0.4
+    everything = torch.cat([old, new])
+    names = [f"a{i}" for i in range(600)] + [f"b{i}" for i in range(600)]
+    queries = new[:50]
+
+    def recall() -> float:
+        truth = exact(everything, queries, 10)
+        found = gallery.search_many(queries, 10)
+        return float(np.mean([len({o for o, _ in f} & {names[i] for i in t}) / 10 for f, t in zip(found, truth)]))
+
+    before = recall()
+    gallery.retrain()
+    assert gallery.rows == 1200 and len(gallery) == 1200 and gallery.added_since_training() == 0
+    after = recall()
+    print("recall before/after retrain", before, after)
+    assert after > before and Gallery(tmp_path / "g").rows == 1200
