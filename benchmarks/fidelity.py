@@ -16,6 +16,11 @@ process:
   ``cribo-cross-view`` and ``cribo`` (CrIBo's Table 5: global loss only, + cross-view object loss,
   + cross-image object loss); reported as mIoU and as foreground/background IoU (all item classes
   merged, which moves first at small budgets);
+* fmnist-scenes, SOVE against DINO under the same budget: ``sove`` (9 judges per concept, with the
+  patch loss), the judges ablation ``sove-1judge`` / ``sove-3judges`` (SOVE's Table 8: more CLS
+  judges help) and ``sove-no-patch`` (without the non-parametric MIM loss); these, ``dino`` and
+  ``random`` are also measured by image k-NN (``mlsctl eval knn``, k = 10 and 20, labels: the class
+  of each scene's largest item, by mask pixels);
 * fmnist-products: image-set retrieval (``mlsctl eval retrieval``, query sets of 4 photos) of
   ``mile``: AR@10 of MILE set embeddings against the single-image baselines (max-pairwise and
   mean-pooled CLS, on the trained teacher and on the backbone the run started from) at 0, 25 and
@@ -73,16 +78,27 @@ class Variant:
     recipe: Optional[str]  # a shipped recipe; None: no training (the random init of `arch_of`)
     overrides: tuple[str, ...] = ()
     arch_of: Optional[str] = None  # random: the recipe whose architecture is drawn at random
+    image_knn: bool = False  # also image k-NN on the scenes' largest items
+
+    @property
+    def method(self) -> str:
+        return (self.recipe or self.arch_of or "").split("_")[0]
 
 
 VARIANTS = (
-    Variant("scenes", "random", None, arch_of="dino_fmnist_quick"),
-    Variant("scenes", "dino", "dino_fmnist_quick"),
+    Variant("scenes", "random", None, arch_of="dino_fmnist_quick", image_knn=True),
+    Variant("scenes", "dino", "dino_fmnist_quick", image_knn=True),
     Variant("scenes", "cribo-global", "cribo_fmnist_quick", ("method.cross_view_loss=false", "method.cross_image_loss=false")),
     Variant("scenes", "cribo-cross-view", "cribo_fmnist_quick", ("method.cross_image_loss=false",)),
     Variant("scenes", "cribo", "cribo_fmnist_quick"),
     Variant("products", "mile", "mile_fmnist_quick"),
+    Variant("scenes", "sove", "sove_fmnist_quick", image_knn=True),
+    Variant("scenes", "sove-1judge", "sove_fmnist_quick", ("method.cls_supports=0",), image_knn=True),
+    Variant("scenes", "sove-3judges", "sove_fmnist_quick", ("method.cls_supports=2",), image_knn=True),
+    Variant("scenes", "sove-no-patch", "sove_fmnist_quick", ("method.patch_loss=false",), image_knn=True),
 )
+SCENE_VARIANTS = ("random", "dino", "cribo-global", "cribo-cross-view", "cribo", "sove", "sove-1judge", "sove-3judges",
+                  "sove-no-patch")
 
 TINY_VIT = ("model.img_size=32", "model.patch_size=8", "model.timm_kwargs.embed_dim=32", "model.timm_kwargs.depth=2",
             "model.timm_kwargs.num_heads=2")
@@ -97,6 +113,8 @@ class Profile:
     scenes_overrides: tuple[str, ...]  # every scenes recipe (dino, cribo)
     products_overrides: tuple[str, ...]
     knn_seg: tuple[str, ...] = ("--fraction", "1/1", "--k", "30")
+    image_knn: tuple[str, ...] = ("--k", "10", "20")
+    method_overrides: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (method, overrides) of its recipes only
     retrieval: tuple[str, ...] = ("--query-size", "4", "--noise", "0", "0.25", "0.5")
     jobs: int = 1
     about: str = ""
@@ -109,12 +127,13 @@ PROFILES = {
         products_data=("--n-train", "8", "--n-eval", "4", "--photos", "4", "--gallery-photos", "2", "--size", "32"),
         scenes_overrides=(*TINY_VIT, "data.global_crops.size=32", "optim.batch_size=8", "optim.epochs=4",
                           "optim.warmup_epochs=1", "train.checkpoint_every=2", "train.log_every=1",
-                          "train.bank_health_every=0", "method.out_dim=64", "method.hidden_dim=32",
-                          "method.bottleneck_dim=16"),
+                          "train.bank_health_every=0", "method.hidden_dim=32", "method.bottleneck_dim=16"),
+        method_overrides=(("dino", ("method.out_dim=64",)), ("cribo", ("method.out_dim=64",))),
         products_overrides=(*TINY_VIT, "data.global_crops.size=32", "data.local_crops.size=16", "optim.batch_size=4",
                             "optim.epochs=4", "train.checkpoint_every=2", "train.log_every=1", "method.set_length=2",
                             "method.cross_heads=2", "method.out_dim=64", "method.hidden_dim=32", "method.bottleneck_dim=16"),
         knn_seg=("--fraction", "1/1", "--k", "5"),
+        image_knn=("--k", "5"),
         retrieval=("--query-size", "2", "--noise", "0", "0.5"),
         about="a tiny ViT (width 32) for 8 steps on 16 scenes and 8 objects: proves the suite, measures nothing"),
     "cpu": Profile(
@@ -160,18 +179,22 @@ class Cell:
 
     def overrides(self) -> list[str]:
         data = self.work / "data"
+        own = dict(self.profile.method_overrides).get(self.variant.method, ())
         if self.variant.benchmark == "scenes":
-            return [f"data.root={data / 'fmnist-scenes' / 'train' / 'images'}", *self.profile.scenes_overrides,
+            return [f"data.root={data / 'fmnist-scenes' / 'train' / 'images'}", *self.profile.scenes_overrides, *own,
                     *self.variant.overrides, f"seed={self.seed}"]
         return [f"data.root={data / 'fmnist-products' / 'train'}", *self.profile.products_overrides,
                 *self.variant.overrides, f"seed={self.seed}"]
 
     def spec(self) -> dict:
         """What the cell computes; a finished cell is reused while this stays the same."""
-        return {"variant": self.variant.name, "benchmark": self.variant.benchmark, "recipe": self.variant.recipe,
+        spec = {"variant": self.variant.name, "benchmark": self.variant.benchmark, "recipe": self.variant.recipe,
                 "arch_of": self.variant.arch_of, "overrides": [o for o in self.overrides() if not o.startswith("data.root=")],
                 "data": list(self.profile.scenes_data if self.variant.benchmark == "scenes" else self.profile.products_data),
                 "eval": list(self.profile.knn_seg if self.variant.benchmark == "scenes" else self.profile.retrieval)}
+        if self.variant.image_knn:
+            spec["image_knn"] = list(self.profile.image_knn)
+        return spec
 
     def spec_sha(self) -> str:
         return hashlib.sha256(json.dumps(self.spec(), sort_keys=True).encode()).hexdigest()[:16]
@@ -218,6 +241,28 @@ def build_data(profile: Profile, work: Path, fmnist: Path, threads: int) -> None
     for name, options in (("fmnist-scenes", profile.scenes_data), ("fmnist-products", profile.products_data)):
         mlsctl(["data", name, "--out", str(data / name), "--source", str(fmnist), *options], work, work / "data.log",
                threads)
+    for split in ("train", "val"):
+        largest_item_labels(data / "fmnist-scenes" / split)
+
+
+def largest_item_labels(split: Path) -> Path:
+    """``SPLIT/largest-item.csv``: each scene's label for image k-NN, the class covering the most
+    pixels of its mask (ties: the lower class); written once per data build."""
+    import numpy as np
+    from PIL import Image
+
+    from mlsctl.data.fmnist import CLASSES
+
+    out = split / "largest-item.csv"
+    masks = sorted((split / "masks").glob("*.png"))
+    if out.is_file() and out.stat().st_mtime >= max(m.stat().st_mtime for m in masks):
+        return out
+    rows = []
+    for mask in masks:
+        counts = np.bincount(np.asarray(Image.open(mask)).reshape(-1), minlength=len(CLASSES) + 1)[1:len(CLASSES) + 1]
+        rows.append(f"{mask.name},{CLASSES[int(counts.argmax())]}")
+    atomic.write_text(out, "path,label\n" + "\n".join(rows) + "\n")
+    return out
 
 
 def device_description() -> str:
@@ -285,7 +330,20 @@ def evaluate(cell: Cell, threads: int) -> tuple[dict, float]:
                     "--run", str(cell.run), *cell.profile.retrieval, "--seed", "0", "--out", str(out)]
         seconds = mlsctl(args, cell.folder, cell.folder / "cell.log", threads)
         shutil.rmtree(cell.folder / "features", ignore_errors=True)  # the cached features: not needed again
-    return json.loads(out.read_text()), seconds
+    result = json.loads(out.read_text())
+    knn_out = cell.folder / "eval-knn.json"
+    if cell.variant.image_knn:
+        if not knn_out.is_file():
+            scenes = data / "fmnist-scenes"
+            model = ["--run", str(random_run(cell)), "--random-init", "--seed", str(cell.seed)] \
+                if cell.variant.recipe is None else ["--run", str(cell.run)]
+            args = ["eval", "knn", "--train", str(scenes / "train" / "images"), "--val", str(scenes / "val" / "images"),
+                    "--train-labels", str(scenes / "train" / "largest-item.csv"), "--val-labels",
+                    str(scenes / "val" / "largest-item.csv"), *model, *cell.profile.image_knn, "--out", str(knn_out)]
+            seconds += mlsctl(args, cell.folder, cell.folder / "cell.log", threads)
+            shutil.rmtree(cell.folder / "features", ignore_errors=True)
+        result["image_knn"] = json.loads(knn_out.read_text())
+    return result, seconds
 
 
 def metrics_of(cell: Cell, result: dict) -> dict:
@@ -295,8 +353,11 @@ def metrics_of(cell: Cell, result: dict) -> dict:
     if cell.variant.benchmark == "scenes":
         first = result["results"][0]
         fg = foreground_background_iou(first["runs"][0]["confusion"])
-        return {"miou": first["miou"], "foreground_iou": fg["foreground_iou"], "binary_miou": fg["binary_miou"],
-                "iou_per_class": first["iou_per_class"]}
+        metrics = {"miou": first["miou"], "foreground_iou": fg["foreground_iou"], "binary_miou": fg["binary_miou"],
+                   "iou_per_class": first["iou_per_class"]}
+        for row in result.get("image_knn", {}).get("results", []):
+            metrics[f"knn_top1@{row['k']}"] = row["top1"]
+        return metrics
     return {f"{r['method']}@{r['backbone']}/noise{r['noise']:g}": r["AR@10"] for r in result["results"]}
 
 
@@ -372,6 +433,16 @@ def summarise(profile: Profile, records: list[dict]) -> dict:
               lambda a, b, c: a < b < c)
         claim(f"CrIBo > DINO on fmnist-scenes {label}", [mean("cribo", key), mean("dino", key)], lambda a, b: a > b)
         claim(f"DINO > random init on fmnist-scenes {label}", [mean("dino", key), mean("random", key)], lambda a, b: a > b)
+    knn = f"knn_top1@{max((int(k.split('@')[1]) for v in table.values() for k in v if k.startswith('knn_top1@')), default=20)}"
+    knn_label = f"image k-NN top-1 (k={knn.split('@')[1]}, largest item)"
+    claim(f"SOVE > DINO on fmnist-scenes {knn_label}", [mean("sove", knn), mean("dino", knn)], lambda a, b: a > b)
+    claim("SOVE > DINO on fmnist-scenes mIoU", [mean("sove", "miou"), mean("dino", "miou")], lambda a, b: a > b)
+    claim(f"SOVE Table 8: more CLS judges help, 1 < 3 < 9 judges, {knn_label}",
+          [mean(v, knn) for v in ("sove-1judge", "sove-3judges", "sove")], lambda a, b, c: a < b < c)
+    claim("SOVE: the patch loss helps dense k-NN, mIoU with > without",
+          [mean("sove", "miou"), mean("sove-no-patch", "miou")], lambda a, b: a > b)
+    claim(f"DINO > random init on fmnist-scenes {knn_label}", [mean("dino", knn), mean("random", knn)],
+          lambda a, b: a > b)
     for baseline in ("max-pairwise@trained", "mean-cls@trained", "max-pairwise@start", "mean-cls@start"):
         claim(f"MILE > {baseline.replace('@', ' on the ')} backbone, AR@10 on fmnist-products",
               [mean("mile", "mile@trained/noise0"), mean("mile", f"{baseline}/noise0")], lambda a, b: a > b)
@@ -402,12 +473,13 @@ def markdown(summary: dict) -> str:
              f"{summary['cells']} cells, seeds {summary['seeds']}, {summary['train_hours']} h of training in all; "
              f"mean ± std over seeds (%).", "",
              "## fmnist-scenes: dense k-NN segmentation (all training scenes as memory)", "",
-             "| variant | seeds | mIoU | foreground IoU | fg/bg mIoU |", "| --- | --- | --- | --- | --- |"]
-    for variant in ("random", "dino", "cribo-global", "cribo-cross-view", "cribo"):
+             "| variant | seeds | mIoU | foreground IoU | fg/bg mIoU | image k-NN top-1 k=10 | k=20 |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for variant in SCENE_VARIANTS:
         row = table.get(variant, {})
         n = row.get("miou", {}).get("n", 0)
         lines.append(f"| {variant} | {n} | {_pct(row.get('miou'))} | {_pct(row.get('foreground_iou'))} | "
-                     f"{_pct(row.get('binary_miou'))} |")
+                     f"{_pct(row.get('binary_miou'))} | {_pct(row.get('knn_top1@10'))} | {_pct(row.get('knn_top1@20'))} |")
     mile = table.get("mile", {})
     noises = sorted({k.rsplit("noise", 1)[1] for k in mile}, key=float)
     lines += ["", "## fmnist-products: image-set retrieval, AR@10", "",
@@ -434,17 +506,18 @@ def chart(summary: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     table = summary["table"]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    variants = [v for v in ("random", "dino", "cribo-global", "cribo-cross-view", "cribo") if v in table]
-    width = 0.38
-    for i, (key, label) in enumerate((("miou", "mIoU"), ("foreground_iou", "foreground IoU"))):
-        means = [100 * table[v][key]["mean"] for v in variants]
-        stds = [100 * table[v][key]["std"] for v in variants]
-        left.bar([x + (i - 0.5) * width for x in range(len(variants))], means, width, yerr=stds, capsize=3, label=label)
+    figure, (left, right) = plt.subplots(1, 2, figsize=(14, 4.8), gridspec_kw={"width_ratios": [1.5, 1]})
+    variants = [v for v in SCENE_VARIANTS if v in table]
+    metrics = (("miou", "mIoU"), ("foreground_iou", "foreground IoU"), ("knn_top1@20", "image k-NN top-1 (k=20)"))
+    width = 0.8 / len(metrics)
+    for i, (key, label) in enumerate(metrics):
+        means = [100 * table[v][key]["mean"] if key in table[v] else 0.0 for v in variants]
+        stds = [100 * table[v][key]["std"] if key in table[v] else 0.0 for v in variants]
+        left.bar([x + (i - 1) * width for x in range(len(variants))], means, width, yerr=stds, capsize=2, label=label)
     left.set_xticks(range(len(variants)), variants, rotation=20)
     left.set_ylabel("IoU (%)")
     left.set_title("fmnist-scenes, dense k-NN segmentation")
-    left.legend()
+    left.legend(fontsize=8)
     mile = table.get("mile", {})
     noises = sorted({float(k.rsplit("noise", 1)[1]) for k in mile})
     for method, backbone, style in (("mile", "trained", "-o"), ("max-pairwise", "trained", "-s"),

@@ -78,12 +78,15 @@ IMAGE_COLUMN, BOX_COLUMN, REGION_COLUMN, LABEL_COLUMN = "image_id", "box", "regi
 @dataclass(frozen=True)
 class QueryFeature:
     """How an image becomes comparable with a bank's vectors: the teacher backbone's ``"cls"``
-    token or the mean of its patch tokens (``"patch_mean"``), compared with the columns
-    ``[start, stop)`` of the stored vectors (``stop=None``: to the end)."""
+    token or the mean of its patch tokens (``"patch_mean"``), passed through the method's module
+    ``projection`` when one is named (SOVE's memories hold head outputs: ``projection="head"``,
+    resolved by the method's ``query_projection``), compared with the columns ``[start, stop)`` of
+    the stored vectors (``stop=None``: to the end)."""
 
     feature: str = "cls"
     start: int = 0
     stop: Optional[int] = None
+    projection: Optional[str] = None
 
     def __post_init__(self):
         if self.feature not in ("cls", "patch_mean"):

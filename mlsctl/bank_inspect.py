@@ -40,6 +40,14 @@ def open_banks(run_dir: str | Path, step: Optional[int] = None) -> tuple[Run, Ch
     return run, checkpoint, banks
 
 
+def method_views(run: Run, banks: dict[str, MemoryBank]) -> dict[str, list[tuple[str, str, object]]]:
+    """The run's method's own rows for ``bank inspect`` (:meth:`~mlsctl.methods.base.Method.bank_views`)."""
+    from mlsctl import config as config_lib, methods
+
+    recipe = config_lib.load_recipe(str(run.config_path))
+    return methods.method_class(recipe.method.name).bank_views(recipe, banks)
+
+
 def choose_bank(banks: dict[str, MemoryBank], name: Optional[str], run: Run) -> tuple[str, MemoryBank]:
     if not banks:
         raise UserError(f"run {run.root} has no memory bank (its method keeps none)")
@@ -120,6 +128,14 @@ def embed_query(model, bank: MemoryBank, images: Sequence, resolution: int) -> t
     with torch.no_grad():
         out = model.backbone(batch)
     vectors = out.cls if bank.query_feature.feature == "cls" else out.patches.flatten(1, 2).mean(1)
+    name = bank.query_feature.projection
+    if name is not None:
+        projection = model.projections.get(name)
+        if projection is None:
+            raise UserError(f"the bank compares the teacher's '{name}' output, which this model does not have; "
+                            f"query it with the run's own checkpoint")
+        with torch.no_grad():
+            vectors = projection(vectors)
     return vectors.float()
 
 

@@ -622,6 +622,8 @@ def _train(run: Run, recipe, accelerator, folder: ImageFolder, dataset, collate_
                 # seconds of this step; a method's own timings (time/...) leave the rest as time/other
                 method_seconds = sum(v for k, v in out.metrics.items() if k.startswith("time/"))
                 record.update({"time/step": step_seconds, "time/other": step_seconds - method_seconds})
+                if any(k.startswith("time/") for k in out.metrics):  # the share of the method's own operations
+                    record["time/method_share"] = method_seconds / max(step_seconds, 1e-9)
                 images_since, last_time = 0, now
                 if is_main:
                     bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)

@@ -43,7 +43,8 @@ def _rows(health, bank) -> list[tuple[str, str]]:
         ("near-duplicates", f"{health.near_duplicates} ({100 * health.duplicate_rate:.2f}%) at cos >= "
                             f"{health.duplicate_threshold:g}"),
         ("payload", ", ".join(f"{k}{list(c.shape) if c.shape else ''}" for k, c in bank.columns.items())),
-        ("query feature", f"{qf.feature} [{qf.start}:{qf.stop if qf.stop is not None else health.dim}]" if qf else "-"),
+        ("query feature", (f"{qf.feature}{' → ' + qf.projection if qf.projection else ''} "
+                           f"[{qf.start}:{qf.stop if qf.stop is not None else health.dim}]") if qf else "-"),
     ]
     if health.label_counts is not None:
         top = sorted(health.label_counts.items(), key=lambda kv: -kv[1])
@@ -68,20 +69,24 @@ def inspect(
     Example: mlsctl bank inspect runs/cribo_fmnist_quick --json
     """
     from mlsctl.bank_health import bank_health
-    from mlsctl.bank_inspect import open_banks
+    from mlsctl.bank_inspect import method_views, open_banks
 
     run_, checkpoint, banks = open_banks(run, step)
     healths = {name: bank_health(bank, name, checkpoint.step, sample=sample, duplicate_threshold=duplicate_threshold)
                for name, bank in banks.items()}
+    views = method_views(run_, banks)
     if as_json:
-        print(json.dumps({"run": str(run_.root), "step": checkpoint.step,
-                          "banks": {name: h.to_dict() for name, h in healths.items()}}, indent=2))
+        out = {name: h.to_dict() for name, h in healths.items()}
+        for name, rows in views.items():
+            out[name]["method"] = {label.replace(" ", "_"): value for label, _, value in rows}
+        print(json.dumps({"run": str(run_.root), "step": checkpoint.step, "banks": out}, indent=2))
         return
     if not banks:
         print(f"{run_.root} (step {checkpoint.step}) has no memory bank")
         return
     print(f"{run_.root}, checkpoint step {checkpoint.step}")
-    columns = {name: dict(_rows(h, banks[name])) for name, h in healths.items()}
+    columns = {name: dict(_rows(h, banks[name]) + [(label, text) for label, text, _ in views.get(name, [])])
+               for name, h in healths.items()}
     keys = list(next(iter(columns.values())))
     for values in columns.values():
         keys += [k for k in values if k not in keys]

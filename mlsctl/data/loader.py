@@ -17,7 +17,7 @@ and reported in ``Batch.skipped``; the training loop prints one line per file an
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -74,13 +74,15 @@ class Batch:
     image_ids: torch.Tensor  # [B] row index of the image in the folder
     image_sizes: torch.Tensor  # [B, 2] (width, height)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    masks: Optional[torch.Tensor] = None  # [B, n_global, h, w] bool: masked patches (masked image modelling)
 
     def __len__(self) -> int:
         return self.image_ids.shape[0]
 
     def to(self, device: torch.device | str) -> "Batch":
         return Batch([c.to(device, non_blocking=True) for c in self.crops], self.boxes.to(device), self.flips.to(device),
-                     self.image_ids.to(device), self.image_sizes.to(device), self.skipped)
+                     self.image_ids.to(device), self.image_sizes.to(device), self.skipped,
+                     self.masks.to(device) if self.masks is not None else None)
 
 
 class MultiCropDataset(Dataset):

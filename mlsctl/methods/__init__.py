@@ -9,6 +9,7 @@ _METHODS = {
     "dino": "mlsctl.methods.dino:DINO",
     "cribo": "mlsctl.methods.cribo:CrIBo",
     "mile": "mlsctl.methods.mile:MILE",
+    "sove": "mlsctl.methods.sove:SOVE",
 }
 
 

@@ -12,7 +12,9 @@ centers) and declares:
 * :meth:`teacher_backbone`: the backbone features are extracted from;
 * :meth:`build_dataset`: the training dataset and its collate function (multi-crop image folder
   by default);
-* :meth:`check_recipe`: recipe constraints of the method, reported as config errors.
+* :meth:`check_recipe`: recipe constraints of the method, reported as config errors;
+* optionally :meth:`query_projection` (the module a bank's ``QueryFeature.projection`` names) and
+  :meth:`bank_views` (method-specific rows ``mlsctl bank inspect`` adds to a bank's table).
 
 Trainable parameters are those with ``requires_grad``; a teacher freezes its own.
 """
@@ -74,6 +76,15 @@ class Method(nn.Module):
     @classmethod
     def check_recipe(cls, recipe: Recipe) -> list[tuple[str, str]]:
         return []
+
+    def query_projection(self, name: str) -> nn.Module:
+        """The teacher module a bank's query feature names (``QueryFeature.projection``)."""
+        raise KeyError(name)
+
+    @classmethod
+    def bank_views(cls, recipe: Recipe, banks: dict[str, MemoryBank]) -> dict[str, list[tuple[str, str, object]]]:
+        """Extra rows of ``mlsctl bank inspect`` per bank: (label, text, JSON value)."""
+        return {}
 
     @staticmethod
     def multicrop(recipe: Recipe) -> MultiCrop:

@@ -10,6 +10,11 @@ downloads them when the hub answers within two seconds, and fails with one sente
 (:mod:`mlsctl.models.hub`). ``timm_kwargs`` may only hold architecture arguments
 (:data:`mlsctl.config.TIMM_ARCH_KEYS`). ``lora`` wraps the ViT with peft LoRA adapters
 (:mod:`mlsctl.models.lora`).
+
+Masked image modelling (iBOT, SOVE): built with ``mask_token=True`` the backbone holds a learnable
+token ``mask_token`` [1, D]; ``Backbone(x, mask=M)`` with ``M`` [B, h, w] bool replaces the patch
+embeddings where ``M`` is true by that token *before* the position embeddings are added (a forward
+hook on the ViT's ``patch_embed``, so any timm ViT works and its forward stays timm's own).
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ class BackboneOutput:
 class Backbone(nn.Module):
     def __init__(self, arch: str, *, img_size: int = 224, patch_size: int = 16, drop_path_rate: float = 0.0,
                  pretrained: bool = False, weights: Optional[str] = None, timm_kwargs: Optional[dict[str, Any]] = None,
-                 lora: Optional[lora_lib.LoraSettings] = None):
+                 lora: Optional[lora_lib.LoraSettings] = None, mask_token: bool = False):
         super().__init__()
         import timm
 
@@ -71,39 +76,70 @@ class Backbone(nn.Module):
         self.embed_dim = model.num_features
         self.num_prefix_tokens = model.num_prefix_tokens
         self.model: nn.Module = lora_lib.apply_lora(model, lora) if lora is not None and lora.enabled else model
+        self.mask_token = nn.Parameter(torch.zeros(1, self.embed_dim)) if mask_token else None
 
     @property
     def vit(self) -> nn.Module:
         """The timm ViT itself (inside the peft wrapper when LoRA is on)."""
         return lora_lib.unwrap(self.model)
 
-    def forward(self, x: torch.Tensor) -> BackboneOutput:
+    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> BackboneOutput:
         b, _, height, width = x.shape
         if height % self.patch_size or width % self.patch_size:
             raise ValueError(f"input {height}x{width} is not a multiple of the patch size {self.patch_size}")
-        tokens = self.vit.forward_features(x)
         h, w = height // self.patch_size, width // self.patch_size
+        if mask is None:
+            tokens = self.vit.forward_features(x)
+        else:
+            if self.mask_token is None:
+                raise ValueError("this backbone was built without a mask token (mask_token=True)")
+            if tuple(mask.shape) != (b, h, w):
+                raise ValueError(f"mask must be [{b}, {h}, {w}] for this input, got {list(mask.shape)}")
+            handle = self.vit.patch_embed.register_forward_hook(self._masking_hook(mask))
+            try:
+                tokens = self.vit.forward_features(x)
+            finally:
+                handle.remove()
         patches = tokens[:, self.num_prefix_tokens:].reshape(b, h, w, -1)
         return BackboneOutput(cls=tokens[:, 0], patches=patches)
 
-    def forward_crops(self, crops: list[torch.Tensor]) -> list[BackboneOutput]:
+    def _masking_hook(self, mask: torch.Tensor):
+        def hook(_module, _inputs, embeddings: torch.Tensor) -> torch.Tensor:
+            # [B, h, w, D] with timm's dynamic image size, [B, h*w, D] otherwise
+            where = mask.reshape(*embeddings.shape[:-1], 1)
+            return torch.where(where, self.mask_token.to(embeddings.dtype), embeddings)
+        return hook
+
+    def forward_crops(self, crops: list[torch.Tensor],
+                      masks: Optional[list[Optional[torch.Tensor]]] = None) -> list[BackboneOutput]:
         """One output per crop; consecutive crops of one size go through the ViT together
-        (DINO's MultiCropWrapper), so 2 global + 10 local crops cost two forward passes."""
+        (DINO's MultiCropWrapper), so 2 global + 10 local crops cost two forward passes.
+        ``masks`` (optional, one per crop, None for an unmasked crop) are passed to :meth:`forward`."""
         outputs: list[BackboneOutput] = []
+        masks = list(masks) if masks is not None else [None] * len(crops)
         start = 0
         while start < len(crops):
             end = start
             while end < len(crops) and crops[end].shape[-2:] == crops[start].shape[-2:]:
                 end += 1
-            out = self(torch.cat(crops[start:end]))
+            group = masks[start:end]
+            if all(m is None for m in group):
+                mask = None
+            else:
+                h, w = crops[start].shape[-2] // self.patch_size, crops[start].shape[-1] // self.patch_size
+                mask = torch.cat([m if m is not None else torch.zeros(len(c), h, w, dtype=torch.bool, device=c.device)
+                                  for m, c in zip(group, crops[start:end])])
+            out = self(torch.cat(crops[start:end]), mask=mask)
             outputs += [BackboneOutput(c, p) for c, p in zip(out.cls.chunk(end - start), out.patches.chunk(end - start))]
             start = end
         return outputs
 
 
-def build_backbone(model_cfg, *, drop_path_rate: Optional[float] = None, load_weights: bool = True) -> Backbone:
+def build_backbone(model_cfg, *, drop_path_rate: Optional[float] = None, load_weights: bool = True,
+                   mask_token: bool = False) -> Backbone:
     """A :class:`Backbone` from a recipe's ``model`` section; ``load_weights=False`` skips
-    ``model.weights``/``model.pretrained`` (for a teacher that copies its student)."""
+    ``model.weights``/``model.pretrained`` (for a teacher that copies its student); ``mask_token``
+    adds the learnable token of masked image modelling."""
     return Backbone(
         model_cfg.arch,
         img_size=model_cfg.img_size,
@@ -113,4 +149,5 @@ def build_backbone(model_cfg, *, drop_path_rate: Optional[float] = None, load_we
         weights=model_cfg.weights if load_weights else None,
         timm_kwargs=model_cfg.timm_kwargs,
         lora=lora_lib.LoraSettings.from_config(model_cfg.lora),
+        mask_token=mask_token,
     )

@@ -47,22 +47,40 @@ class WeightNormLinear(nn.Module):
         return F.linear(x, F.normalize(self.direction, dim=1) * self.gain)
 
 
+def projection_mlp(in_dim: int, hidden_dim: int, out_dim: int, n_layers: int) -> nn.Module:
+    """DINO's head MLP: in→hidden (GELU) → ... → out, trunc-normal weights (std 0.02), zero biases."""
+    n_layers = max(n_layers, 1)
+    if n_layers == 1:
+        mlp: nn.Module = nn.Linear(in_dim, out_dim)
+    else:
+        layers: list[nn.Module] = [nn.Linear(in_dim, hidden_dim), nn.GELU()]
+        for _ in range(n_layers - 2):
+            layers += [nn.Linear(hidden_dim, hidden_dim), nn.GELU()]
+        layers.append(nn.Linear(hidden_dim, out_dim))
+        mlp = nn.Sequential(*layers)
+    mlp.apply(_init_linear)
+    return mlp
+
+
+class EmbeddingHead(nn.Module):
+    """MLP D→hidden→hidden→out (GELU) and L2 normalisation, without a prototype layer (SOVE's head,
+    shared by the CLS and the patch tokens)."""
+
+    def __init__(self, in_dim: int, hidden_dim: int = 2048, out_dim: int = 256, n_layers: int = 3):
+        super().__init__()
+        self.mlp = projection_mlp(in_dim, hidden_dim, out_dim, n_layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.mlp(x), dim=-1)
+
+
 class DINOHead(nn.Module):
     """MLP D→hidden→hidden→bottleneck (GELU), L2 normalisation, weight-normed linear → out_dim."""
 
     def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256,
                  n_layers: int = 3, norm_last_layer: bool = True):
         super().__init__()
-        n_layers = max(n_layers, 1)
-        if n_layers == 1:
-            self.mlp = nn.Linear(in_dim, bottleneck_dim)
-        else:
-            layers: list[nn.Module] = [nn.Linear(in_dim, hidden_dim), nn.GELU()]
-            for _ in range(n_layers - 2):
-                layers += [nn.Linear(hidden_dim, hidden_dim), nn.GELU()]
-            layers.append(nn.Linear(hidden_dim, bottleneck_dim))
-            self.mlp = nn.Sequential(*layers)
-        self.apply(_init_linear)
+        self.mlp = projection_mlp(in_dim, hidden_dim, bottleneck_dim, n_layers)
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim, fixed_gain=norm_last_layer)
 
     def project(self, x: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ import dataclasses
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -40,6 +40,7 @@ class ModelChoice:
     backbone: Backbone
     description: str  # one line for the console: what was loaded, from where
     info: dict  # recorded in manifests: source, arch, img_size, patch_size, fingerprint, path
+    projections: dict = field(default_factory=dict)  # name → teacher module a bank's query feature names
 
     @property
     def fingerprint(self) -> str:
@@ -128,8 +129,13 @@ def from_checkpoint(recipe, checkpoint, run: Run) -> ModelChoice:
     method = methods.method_class(recipe.method.name)(recipe, Schedule(steps_per_epoch=1, epochs=recipe.optim.epochs))
     method.load_state_dict(load_file(str(checkpoint.model_path)), strict=True)
     backbone = method.teacher_backbone()
-    return model_choice(backbone, f"teacher of run {run.root} at step {state['step']}", "run-checkpoint",
-                   str(checkpoint.path), recipe.model.img_size)
+    choice = model_choice(backbone, f"teacher of run {run.root} at step {state['step']}", "run-checkpoint",
+                          str(checkpoint.path), recipe.model.img_size)
+    for bank in method.banks().values():
+        name = bank.query_feature.projection if bank.query_feature else None
+        if name is not None and name not in choice.projections:
+            choice.projections[name] = method.query_projection(name).eval()
+    return choice
 
 
 def from_run_start(run_dir: str | Path) -> ModelChoice:

@@ -1,0 +1,291 @@
+"""SOVE: self-organising visual embeddings with non-parametric judges (Silva et al.; METHODS.md "SOVE").
+
+Student and teacher (EMA) are a ViT with one :class:`~mlsctl.models.heads.EmbeddingHead`
+(D→2048→2048→256, GELU, L2-normalised, no prototype layer) shared by the CLS and the patch tokens.
+The student's global views are block-masked (:mod:`mlsctl.data.masking`; a learnable mask token
+replaces the masked patch embeddings, :class:`~mlsctl.models.backbone.Backbone`); local views are
+not. Two memories of teacher embeddings, both :class:`~mlsctl.bank.MemoryBank` (random unit vectors
+at the start, FIFO, gathered across processes, saved and resumed with every checkpoint):
+
+* ``E_C`` (bank ``E_C``): the teacher CLS embedding of global view 2 of every image;
+* ``E_P`` (bank ``E_P``): one random teacher patch embedding of global view 2 per image.
+
+Every step and every task the judges are drawn afresh (:func:`~mlsctl.methods.sove_ops.sample_judges`):
+anchors A from the memory, their supports, the judges D and soft labels Y; the same D and Y serve
+student and teacher within a task. Losses (:mod:`mlsctl.methods.sove_ops`):
+
+* ``L_CLS`` — ``H(P(z_t; τ_t), P(z_s; τ_s))`` over cross-view pairs (teacher global views against
+  every other student view), averaged over ``cls_tasks`` independent tasks of ``cls_anchors``
+  anchors with ``cls_supports`` supports each (judges per concept = supports + 1);
+* ``L_patch`` — non-parametric MIM: each masked student patch of a global view against the
+  unmasked teacher patch at the same position of the same view, masked positions only,
+  ``patch_tasks`` tasks of ``patch_anchors`` anchors with ``patch_supports`` supports over ``E_P``.
+
+Total ``L_CLS + L_patch`` (λ1 = λ2 = 1); no centering, no Sinkhorn. The teacher temperature of
+both losses follows one schedule, as in the authors' code (their separate 0.07 patch temperature is
+never used there). Anchors are the same on every process (drawn from ``(seed, step)``); the patch
+each process stores is drawn from ``(seed, step, rank)``. Logged: ``loss/cls``, ``loss/patch``,
+the seconds spent in judge selection (``time/judges``), in the votes and losses
+(``time/votes``) and in the memory updates (``time/memory``), and the masked share.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+import torch.nn as nn
+
+from mlsctl import dist
+from mlsctl.bank import Column, MemoryBank, QueryFeature
+from mlsctl.config import MethodConfig, param
+from mlsctl.methods.base import Method, StepOutput
+from mlsctl.methods.sove_ops import cls_loss, judge_overlap, judge_probabilities, patch_loss, sample_judges
+from mlsctl.models.backbone import build_backbone
+from mlsctl.models.heads import EmbeddingHead
+from mlsctl.schedules import linear_warmup_epochs
+
+
+@dataclass
+class SOVEConfig(MethodConfig):
+    name: str = param("sove", help="SOVE")
+    hidden_dim: int = param(2048, help="head MLP width", ge=1)
+    bottleneck_dim: int = param(256, help="d: the L2-normalised embedding of CLS and patches", ge=1)
+    head_layers: int = param(3, help="head MLP layers", ge=1)
+    student_temp: float = param(0.1, help="tau_s", gt=0.0)
+    teacher_temp: float = param(0.04, help="tau_t after warm-up (CLS and patch losses)", gt=0.0)
+    warmup_teacher_temp: float = param(0.04, help="tau_t at epoch 0", gt=0.0)
+    warmup_teacher_temp_epochs: int = param(30, help="epochs of linear tau_t warm-up", ge=0)
+    momentum_teacher: float = param(0.996, help="teacher EMA momentum at step 0", ge=0.0, le=1.0)
+    momentum_teacher_end: float = param(1.0, help="teacher EMA momentum at the end (cosine)", ge=0.0, le=1.0)
+    class_memory_size: int = param(65536, help="N of E_C: teacher CLS embeddings kept", ge=2)
+    patch_memory_size: int = param(8192, help="N of E_P: teacher patch embeddings kept", ge=2)
+    cls_anchors: int = param(4096, help="K: anchors (concepts) per CLS task", ge=2)
+    cls_supports: int = param(8, help="k: nearest entries joining each anchor (judges per concept = k + 1)", ge=0)
+    cls_tasks: int = param(4, help="independent CLS tasks per step, their losses averaged", ge=1)
+    patch_anchors: int = param(512, help="K of the patch tasks", ge=2)
+    patch_supports: int = param(0, help="k of the patch tasks (the paper: the anchor alone)", ge=0)
+    patch_tasks: int = param(1, help="independent patch tasks per step", ge=1)
+    anchor_eps: float = param(0.1, help="eps: an anchor's own label is 1 - eps", ge=0.0, lt=1.0)
+    anchor_selection: Literal["all", "half"] = param(
+        "all", help="keep every drawn anchor (the paper), or a random half of them (the authors' code)")
+    patch_loss: bool = param(True, help="use the non-parametric MIM loss")
+    mask_ratio: float = param(0.3, help="share of each global view's patches masked for the student", ge=0.0, lt=1.0)
+    mask_aspect: tuple[float, float] = param((0.3, 1 / 0.3), help="aspect-ratio range of the mask blocks", gt=0.0)
+    judge_chunk: int = param(512, help="anchor rows scored against a memory at once (tiles of chunk x 16384 scores)",
+                             ge=1)
+    judge_search: Literal["exact", "bf16"] = param(
+        "exact", help="support search: exact float32, or bfloat16 scores with the best 2k rescored exactly (faster on "
+                      "CPUs with AVX-512 BF16; near-ties may differ)")
+
+
+class StudentTeacherNet(nn.Module):
+    """Backbone (with a mask token) + embedding head."""
+
+    def __init__(self, backbone: nn.Module, head: EmbeddingHead):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+
+class SOVE(Method):
+    Config = SOVEConfig
+    find_unused_parameters: ClassVar[bool] = True  # patch_loss=false or mask_ratio=0 leave the mask token unused
+
+    def __init__(self, recipe, schedule):
+        super().__init__(recipe, schedule)
+        cfg = self.cfg
+        backbone = build_backbone(recipe.model, mask_token=True)
+        self.student = StudentTeacherNet(backbone, EmbeddingHead(backbone.embed_dim, cfg.hidden_dim,
+                                                                 cfg.bottleneck_dim, cfg.head_layers))
+        teacher_backbone = build_backbone(recipe.model, drop_path_rate=0.0, load_weights=False, mask_token=True)
+        self.teacher = StudentTeacherNet(teacher_backbone, copy.deepcopy(self.student.head))
+        self.teacher.load_state_dict(self.student.state_dict())
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.n_global = recipe.data.global_crops.count
+        generator = torch.Generator().manual_seed(recipe.seed * 7919 + 17)
+        self.class_memory = MemoryBank(cfg.class_memory_size, cfg.bottleneck_dim, {
+            "image_id": Column((), torch.long), "box": Column((4,), torch.float32)},
+            init="random_unit", generator=generator, query_feature=QueryFeature("cls", projection="head"))
+        self.patch_memory = MemoryBank(cfg.patch_memory_size, cfg.bottleneck_dim, {
+            "image_id": Column((), torch.long), "box": Column((4,), torch.float32),
+            "region": Column((4,), torch.float32)},
+            init="random_unit", generator=generator, query_feature=QueryFeature("patch_mean", projection="head"))
+
+    # ------------------------------------------------------------------ declarations
+    @classmethod
+    def check_recipe(cls, recipe):
+        cfg = recipe.method
+        errors = []
+        if recipe.data.global_crops.count != 2:
+            errors.append(("data.global_crops.count", f"must be 2 for SOVE (two teacher views), got "
+                                                      f"{recipe.data.global_crops.count}"))
+        if (recipe.model.timm_kwargs or {}).get("class_token") is False:
+            errors.append(("model.timm_kwargs.class_token", "must stay true: SOVE's CLS loss needs a CLS token"))
+        for task, memory, size in (("cls", "class_memory_size", cfg.class_memory_size),
+                                   ("patch", "patch_memory_size", cfg.patch_memory_size)):
+            anchors, supports = getattr(cfg, f"{task}_anchors"), getattr(cfg, f"{task}_supports")
+            if supports >= size:
+                errors.append((f"method.{task}_supports", f"k={supports} must be smaller than the memory "
+                                                          f"(method.{memory}={size}); lower it"))
+            elif anchors * (supports + 1) > size:
+                errors.append((f"method.{memory}", f"{size} entries cannot hold {anchors} anchors with {supports} "
+                                                   f"supports each ({anchors * (supports + 1)} judges); raise "
+                                                   f"method.{memory} or lower method.{task}_anchors"))
+            if cfg.anchor_selection == "half" and anchors < 4:
+                errors.append((f"method.{task}_anchors", "must be at least 4 with anchor_selection=half"))
+        if cfg.mask_aspect[0] > cfg.mask_aspect[1]:
+            errors.append(("method.mask_aspect", f"must be [low, high] with low <= high, got {list(cfg.mask_aspect)}"))
+        return errors
+
+    @classmethod
+    def build_dataset(cls, recipe, folder):
+        from mlsctl.data.masking import MaskedMultiCropDataset, collate_masked
+
+        side = recipe.data.global_crops.size // recipe.model.patch_size
+        dataset = MaskedMultiCropDataset(folder, cls.multicrop(recipe), recipe.seed, (side, side),
+                                         recipe.method.mask_ratio, tuple(recipe.method.mask_aspect))
+        return dataset, collate_masked
+
+    def ema_pairs(self):
+        return [(self.student, self.teacher)]
+
+    def banks(self):
+        return {"E_C": self.class_memory, "E_P": self.patch_memory}
+
+    def teacher_backbone(self):
+        return self.teacher.backbone
+
+    def query_projection(self, name: str) -> nn.Module:
+        if name != "head":
+            raise KeyError(name)
+        return self.teacher.head
+
+    @classmethod
+    def bank_views(cls, recipe, banks: dict[str, MemoryBank]) -> dict[str, list[tuple[str, str, object]]]:
+        """``mlsctl bank inspect``: the judge overlap of one sampled task per memory — how many
+        entries support more than one anchor (seeded, so the same checkpoint shows the same task)."""
+        cfg = recipe.method
+        views = {}
+        for name, task in (("E_C", "cls"), ("E_P", "patch")):
+            bank = banks.get(name)
+            anchors, supports = getattr(cfg, f"{task}_anchors"), getattr(cfg, f"{task}_supports")
+            if bank is None or anchors * (supports + 1) > bank.size:
+                continue
+            if supports == 0:
+                views[name] = [("judge overlap", f"none possible: k=0, each of the {anchors} concepts has one judge",
+                                {"supports": 0, "shared": 0})]
+                continue
+            memory = torch.nn.functional.normalize(bank.vectors.float(), dim=1)
+            judges = sample_judges(memory, 1, anchors, supports, eps=cfg.anchor_eps,
+                                   generator=torch.Generator().manual_seed(0), anchor_selection=cfg.anchor_selection,
+                                   chunk=cfg.judge_chunk, search=cfg.judge_search)
+            overlap = judge_overlap(judges.slots[0], bank.size)
+            text = (f"{overlap['shared']} of {overlap['distinct']} supporting entries ({100 * overlap['shared_share']:.1f}%) "
+                    f"support >1 anchor (max {overlap['max_anchors_per_entry']}); one task of "
+                    f"{judges.n_concepts} anchors x k={supports}")
+            views[name] = [("judge overlap", text, overlap)]
+        return views
+
+    def teacher_temperature(self, step: int) -> float:
+        cfg = self.cfg
+        return linear_warmup_epochs(self.schedule.epoch(step), cfg.warmup_teacher_temp_epochs, cfg.warmup_teacher_temp,
+                                    cfg.teacher_temp)
+
+    # ------------------------------------------------------------------ the step
+    def _judges(self, memory: MemoryBank, task: str, step: int, stream: int):
+        cfg = self.cfg
+        generator = torch.Generator().manual_seed(self.recipe.seed * 1_000_003 + step * 1009 + stream)
+        return sample_judges(memory.vectors, getattr(cfg, f"{task}_tasks"), getattr(cfg, f"{task}_anchors"),
+                             getattr(cfg, f"{task}_supports"), eps=cfg.anchor_eps, generator=generator,
+                             anchor_selection=cfg.anchor_selection, chunk=cfg.judge_chunk, search=cfg.judge_search)
+
+    def training_step(self, batch, step):
+        cfg = self.cfg
+        crops, b = batch.crops, len(batch)
+        sync = torch.cuda.synchronize if crops[0].is_cuda else (lambda: None)
+        timings = {"time/judges": 0.0, "time/votes": 0.0}
+        masks = batch.masks  # [B, 2, h, w]
+
+        with torch.no_grad():
+            teacher_out = self.teacher.backbone(torch.cat(crops[:2]))
+            teacher_cls = self.teacher.head(teacher_out.cls).float()  # [2B, d]
+        student_masks = [masks[:, 0], masks[:, 1]] + [None] * (len(crops) - 2)
+        student_outs = self.student.backbone.forward_crops(crops, student_masks)
+        student_cls = self.student.head(torch.cat([o.cls for o in student_outs])).float()
+        temperature = self.teacher_temperature(step)
+
+        def timed(key, fn):
+            sync()
+            t0 = time.perf_counter()
+            out = fn()
+            sync()
+            timings[key] += time.perf_counter() - t0
+            return out
+
+        # L_CLS over cls_tasks tasks of judges from E_C
+        judges = timed("time/judges", lambda: self._judges(self.class_memory, "cls", step, 0))
+
+        def cls_term():
+            total = student_cls.new_zeros(())
+            for t in range(judges.n_tasks):
+                d, s = judges.vectors[t], judges.scores[t]
+                with torch.no_grad():
+                    targets = judge_probabilities(teacher_cls, d, s, temperature).chunk(2)
+                predictions = judge_probabilities(student_cls, d, s, cfg.student_temp).chunk(len(crops))
+                total = total + cls_loss(predictions, targets)
+            return total / judges.n_tasks
+        terms = {"cls": timed("time/votes", cls_term)}
+
+        # L_patch on the masked patches of the two global views
+        flat_mask = torch.cat([masks[:, 0], masks[:, 1]]).flatten(1)  # [2B, L], rows as cat(crops[:2])
+        view_image, position = flat_mask.nonzero(as_tuple=True)
+        loss = terms["cls"]
+        if cfg.patch_loss:
+            student_patches = torch.cat([student_outs[0].patches, student_outs[1].patches]).flatten(1, 2)
+            student_masked = self.student.head(student_patches[view_image, position]).float()
+            with torch.no_grad():
+                teacher_masked = self.teacher.head(teacher_out.patches.flatten(1, 2)[view_image, position]).float()
+            patch_judges = timed("time/judges", lambda: self._judges(self.patch_memory, "patch", step, 1))
+
+            def patch_term():
+                total = student_masked.new_zeros(())
+                for t in range(patch_judges.n_tasks):
+                    d, s = patch_judges.vectors[t], patch_judges.scores[t]
+                    with torch.no_grad():
+                        targets = judge_probabilities(teacher_masked, d, s, temperature)
+                    predictions = judge_probabilities(student_masked, d, s, cfg.student_temp)
+                    total = total + patch_loss(predictions, targets, view_image, 2 * b)
+                return total / patch_judges.n_tasks
+            terms["patch"] = timed("time/votes", patch_term)
+            loss = loss + terms["patch"]
+
+        # memories: view 2's teacher CLS into E_C, one random view-2 teacher patch per image into E_P
+        sync()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            view2 = batch.boxes[:, 1].float()
+            self.class_memory.enqueue(teacher_cls[b:], step=step, image_id=batch.image_ids, box=view2)
+            h, w = teacher_out.patches.shape[1:3]
+            generator = torch.Generator().manual_seed(self.recipe.seed * 1_000_003 + step * 1009 + 2 + 7 * dist.rank())
+            picked = torch.randint(0, h * w, (b,), generator=generator).to(teacher_out.patches.device)
+            patch = teacher_out.patches[b:].flatten(1, 2)[torch.arange(b, device=picked.device), picked]
+            self.patch_memory.enqueue(self.teacher.head(patch).float(), step=step, image_id=batch.image_ids, box=view2,
+                                      region=_patch_boxes(view2, batch.flips[:, 1], picked, (h, w)))
+        sync()
+        timings["time/memory"] = time.perf_counter() - t0
+        metrics = {"teacher_temp": temperature, "masked_share": float(flat_mask.float().mean()), **timings}
+        return StepOutput(loss, terms={k: v.detach() for k, v in terms.items()}, metrics=metrics)
+
+
+def _patch_boxes(boxes: torch.Tensor, flips: torch.Tensor, index: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """The box (x0, y0, x1, y1, original pixels) of patch ``index`` (row-major) of each view."""
+    h, w = grid
+    row, col = (index // w).float(), (index % w).float()
+    col = torch.where(flips.bool(), w - 1 - col, col)
+    x0, y0, x1, y1 = boxes.unbind(-1)
+    pw, ph = (x1 - x0) / w, (y1 - y0) / h
+    return torch.stack([x0 + col * pw, y0 + row * ph, x0 + (col + 1) * pw, y0 + (row + 1) * ph], dim=-1)
