@@ -220,10 +220,25 @@ def test_without_masked_patches_the_patch_loss_is_zero_and_the_mask_token_idle(t
     assert method.student.backbone.mask_token.grad is None or not method.student.backbone.mask_token.grad.any()
 
 
-def test_the_patch_loss_can_be_switched_off(tmp_path):
+def test_the_patch_loss_can_be_switched_off_and_then_nothing_is_masked(tmp_path):
     method, batch = _sove(tmp_path, patch_loss=False)
+    assert batch.masks.any()
     out = method.training_step(batch, 0)
     assert set(out.terms) == {"cls"} and float(out.loss.detach()) == pytest.approx(float(out.terms["cls"]))
+    out.loss.backward()
+    token = method.student.backbone.mask_token.grad
+    assert token is None or not token.any()  # CLS-only SOVE trains on unmasked views
+
+
+def test_votes_stay_float32_under_autocast():
+    judges = sample_judges(unit(64, 16), 1, 4, 2, eps=0.1, generator=torch.Generator().manual_seed(0))
+    u = unit(3, 16, seed=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        p = judge_probabilities(u, judges.vectors[0], judges.scores[0], 0.04)
+        low = sample_judges(unit(64, 16), 1, 4, 2, eps=0.1, generator=torch.Generator().manual_seed(0))
+    assert p.dtype == torch.float32 and low.scores.dtype == torch.float32
+    assert torch.equal(p, judge_probabilities(u, judges.vectors[0], judges.scores[0], 0.04))
+    assert torch.equal(low.slots, judges.slots)
 
 
 def test_memories_take_view_two_of_the_teacher(tmp_path):
@@ -315,7 +330,7 @@ def test_bank_commands_show_both_memories_and_the_judge_overlap(sove_run, tmp_pa
 
 
 @pytest.mark.parametrize("override, words", [
-    ("method.class_memory_size=16", "cannot hold 6 anchors with 3 supports"),
+    ("method.class_memory_size=16", "cannot hold 6 concepts with 3 supports"),
     ("method.cls_supports=64", "k=64 must be smaller than the memory"),
     ("method.mask_ratio=1.0", "mask_ratio' must be < 1.0"),
     ("model.arch=resnet18", "is a Vision Transformer"),  # no patch tokens
@@ -329,6 +344,15 @@ def test_bad_settings_are_one_sentence_before_training(tmp_path, capsys, overrid
     assert code != 0 and words in err, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_the_authors_half_selection_may_draw_more_anchors_than_fit_as_concepts(tmp_path):
+    raw = tiny_recipe(tmp_path)
+    raw["method"] = {**SOVE_METHOD, "class_memory_size": 64, "cls_anchors": 24, "cls_supports": 3,
+                     "anchor_selection": "half"}  # 12 concepts x 4 judges = 48 <= 64, 24 anchors drawn
+    assert not SOVE.check_recipe(config.from_dict(raw))
+    raw["method"]["anchor_selection"] = "all"  # 24 x 4 = 96 > 64
+    assert SOVE.check_recipe(config.from_dict(raw))
 
 
 def test_shipped_recipes_validate(tmp_path):

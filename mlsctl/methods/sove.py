@@ -42,11 +42,15 @@ import torch.nn as nn
 from mlsctl import dist
 from mlsctl.bank import Column, MemoryBank, QueryFeature
 from mlsctl.config import MethodConfig, param
+from mlsctl.data.loader import sample_seed
 from mlsctl.methods.base import Method, StepOutput
 from mlsctl.methods.sove_ops import cls_loss, judge_overlap, judge_probabilities, patch_loss, sample_judges
 from mlsctl.models.backbone import build_backbone
 from mlsctl.models.heads import EmbeddingHead
 from mlsctl.schedules import linear_warmup_epochs
+
+RNG_STREAM = 2**33  # SOVE's generators: (seed, step, RNG_STREAM + stream); stream 0 CLS judges, 1 patch judges,
+# 2 + rank the patch each process stores
 
 
 @dataclass
@@ -92,7 +96,7 @@ class StudentTeacherNet(nn.Module):
 
 class SOVE(Method):
     Config = SOVEConfig
-    find_unused_parameters: ClassVar[bool] = True  # patch_loss=false or mask_ratio=0 leave the mask token unused
+    find_unused_parameters: ClassVar[bool] = True  # without masking (patch_loss=false, mask_ratio=0) the mask token is idle
 
     def __init__(self, recipe, schedule):
         super().__init__(recipe, schedule)
@@ -128,13 +132,15 @@ class SOVE(Method):
         for task, memory, size in (("cls", "class_memory_size", cfg.class_memory_size),
                                    ("patch", "patch_memory_size", cfg.patch_memory_size)):
             anchors, supports = getattr(cfg, f"{task}_anchors"), getattr(cfg, f"{task}_supports")
+            concepts = anchors // 2 if cfg.anchor_selection == "half" else anchors
             if supports >= size:
                 errors.append((f"method.{task}_supports", f"k={supports} must be smaller than the memory "
                                                           f"(method.{memory}={size}); lower it"))
-            elif anchors * (supports + 1) > size:
-                errors.append((f"method.{memory}", f"{size} entries cannot hold {anchors} anchors with {supports} "
-                                                   f"supports each ({anchors * (supports + 1)} judges); raise "
-                                                   f"method.{memory} or lower method.{task}_anchors"))
+            elif concepts * (supports + 1) > size or anchors + supports > size:
+                errors.append((f"method.{memory}", f"{size} entries cannot hold {concepts} concepts with {supports} "
+                                                   f"supports each ({concepts * (supports + 1)} judges, drawn from "
+                                                   f"{anchors} anchors); raise method.{memory} or lower "
+                                                   f"method.{task}_anchors"))
             if cfg.anchor_selection == "half" and anchors < 4:
                 errors.append((f"method.{task}_anchors", "must be at least 4 with anchor_selection=half"))
         if cfg.mask_aspect[0] > cfg.mask_aspect[1]:
@@ -173,7 +179,7 @@ class SOVE(Method):
         for name, task in (("E_C", "cls"), ("E_P", "patch")):
             bank = banks.get(name)
             anchors, supports = getattr(cfg, f"{task}_anchors"), getattr(cfg, f"{task}_supports")
-            if bank is None or anchors * (supports + 1) > bank.size:
+            if bank is None or anchors + supports > bank.size:
                 continue
             if supports == 0:
                 views[name] = [("judge overlap", f"none possible: k=0, each of the {anchors} concepts has one judge",
@@ -196,9 +202,13 @@ class SOVE(Method):
                                     cfg.teacher_temp)
 
     # ------------------------------------------------------------------ the step
+    def _generator(self, step: int, stream: int) -> torch.Generator:
+        """A CPU generator of its own for (seed, step, stream): resume replays it exactly."""
+        return torch.Generator().manual_seed(sample_seed(self.recipe.seed, step, RNG_STREAM + stream))
+
     def _judges(self, memory: MemoryBank, task: str, step: int, stream: int):
         cfg = self.cfg
-        generator = torch.Generator().manual_seed(self.recipe.seed * 1_000_003 + step * 1009 + stream)
+        generator = self._generator(step, stream)
         return sample_judges(memory.vectors, getattr(cfg, f"{task}_tasks"), getattr(cfg, f"{task}_anchors"),
                              getattr(cfg, f"{task}_supports"), eps=cfg.anchor_eps, generator=generator,
                              anchor_selection=cfg.anchor_selection, chunk=cfg.judge_chunk, search=cfg.judge_search)
@@ -208,12 +218,13 @@ class SOVE(Method):
         crops, b = batch.crops, len(batch)
         sync = torch.cuda.synchronize if crops[0].is_cuda else (lambda: None)
         timings = {"time/judges": 0.0, "time/votes": 0.0}
-        masks = batch.masks  # [B, 2, h, w]
+        # the student's global views are masked only for the MIM loss (without it SOVE is CLS-only, unmasked)
+        masks = batch.masks if cfg.patch_loss else torch.zeros_like(batch.masks)  # [B, 2, h, w]
 
         with torch.no_grad():
             teacher_out = self.teacher.backbone(torch.cat(crops[:2]))
             teacher_cls = self.teacher.head(teacher_out.cls).float()  # [2B, d]
-        student_masks = [masks[:, 0], masks[:, 1]] + [None] * (len(crops) - 2)
+        student_masks = [masks[:, 0], masks[:, 1]] + [None] * (len(crops) - 2) if cfg.patch_loss else None
         student_outs = self.student.backbone.forward_crops(crops, student_masks)
         student_cls = self.student.head(torch.cat([o.cls for o in student_outs])).float()
         temperature = self.teacher_temperature(step)
@@ -270,8 +281,8 @@ class SOVE(Method):
             view2 = batch.boxes[:, 1].float()
             self.class_memory.enqueue(teacher_cls[b:], step=step, image_id=batch.image_ids, box=view2)
             h, w = teacher_out.patches.shape[1:3]
-            generator = torch.Generator().manual_seed(self.recipe.seed * 1_000_003 + step * 1009 + 2 + 7 * dist.rank())
-            picked = torch.randint(0, h * w, (b,), generator=generator).to(teacher_out.patches.device)
+            picked = torch.randint(0, h * w, (b,), generator=self._generator(step, 2 + dist.rank()))
+            picked = picked.to(teacher_out.patches.device)
             patch = teacher_out.patches[b:].flatten(1, 2)[torch.arange(b, device=picked.device), picked]
             self.patch_memory.enqueue(self.teacher.head(patch).float(), step=step, image_id=batch.image_ids, box=view2,
                                       region=_patch_boxes(view2, batch.flips[:, 1], picked, (h, w)))

@@ -133,6 +133,11 @@ def sample_judges(memory: torch.Tensor, n_tasks: int, n_anchors: int, k: int, *,
     anchors), scores clamped to [0, 1], the anchor itself with score ``1 − eps``. With
     ``anchor_selection="half"`` a uniform random half of the anchors is kept afterwards (the
     authors' default); the randomness all comes from ``generator`` (a CPU generator)."""
+    with torch.autocast(memory.device.type, enabled=False):  # the search and scores in float32 under mixed precision
+        return _sample_judges(memory, n_tasks, n_anchors, k, eps, generator, anchor_selection, chunk, search)
+
+
+def _sample_judges(memory, n_tasks, n_anchors, k, eps, generator, anchor_selection, chunk, search) -> Judges:
     n = memory.shape[0]
     if n_anchors < 2 or n_anchors > n:
         raise ValueError(f"need 2 <= anchors <= memory size ({n}), got {n_anchors}")
@@ -167,7 +172,13 @@ def soft_labels(scores: torch.Tensor) -> torch.Tensor:
 
 def judge_probabilities(u: torch.Tensor, vectors: torch.Tensor, scores: torch.Tensor, temperature: float) -> torch.Tensor:
     """``P(u; τ) = softmax(u · Dᵀ / τ) · Y`` [B, K] for embeddings ``u`` [B, d] and one task's judges
-    ``vectors`` [K, k+1, d] with ``scores`` [K, k+1], without building Y (module docstring)."""
+    ``vectors`` [K, k+1, d] with ``scores`` [K, k+1], without building Y (module docstring). Computed
+    in float32 also under autocast (a bf16 logit at tau=0.04 would be off by about 0.1)."""
+    with torch.autocast(u.device.type, enabled=False):
+        return _judge_probabilities(u, vectors, scores, temperature)
+
+
+def _judge_probabilities(u: torch.Tensor, vectors: torch.Tensor, scores: torch.Tensor, temperature: float) -> torch.Tensor:
     n_concepts, per, dim = vectors.shape
     logits = u.float() @ vectors.reshape(-1, dim).T / temperature  # [B, K(k+1)]
     p = torch.softmax(logits, dim=-1)
@@ -178,7 +189,7 @@ def judge_probabilities(u: torch.Tensor, vectors: torch.Tensor, scores: torch.Te
 
 def cross_entropy(target: torch.Tensor, prediction: torch.Tensor) -> torch.Tensor:
     """``H(p, q) = −Σ p log q`` per row, with the log clamped at :data:`LOG_FLOOR`."""
-    return -(target * prediction.clamp_min(LOG_FLOOR).log()).sum(-1)
+    return -(target.float() * prediction.float().clamp_min(LOG_FLOOR).log()).sum(-1)
 
 
 def cls_loss(student_probs: Sequence[torch.Tensor], teacher_probs: Sequence[torch.Tensor]) -> torch.Tensor:
