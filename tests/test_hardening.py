@@ -752,7 +752,8 @@ def test_18_help_shows_the_default_of_every_option(capsys):
 
 
 def _sample_values(param) -> list[str]:
-    return {"k": ["10", "20"], "noise": ["0.25", "0.5"], "fraction": ["1/1", "1/8"]}.get(param.name, ["first", "second"])
+    return {"k": ["10", "20"], "noise": ["0.25", "0.5"], "fraction": ["1/1", "1/8"], "lr": ["0.1", "1.0"],
+            "wd": ["0.0", "0.0001"]}.get(param.name, ["first", "second"])
 
 
 def test_19_multi_value_options_take_both_forms_and_never_a_positional():

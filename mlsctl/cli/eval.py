@@ -10,7 +10,7 @@ import typer
 
 from mlsctl.cli._format import pct, table
 
-app = typer.Typer(rich_markup_mode=None, help="Evaluate features: dense k-NN segmentation, image k-NN classification, image-set retrieval.", no_args_is_help=True)
+app = typer.Typer(rich_markup_mode=None, help="Evaluate features: dense k-NN segmentation, image k-NN classification, linear probes, image-set retrieval.", no_args_is_help=True)
 
 DEFAULT_FRACTIONS = ["1/1", "1/8", "1/64", "1/128"]
 
@@ -203,6 +203,69 @@ def knn(
         typer.echo(f"note: {len(unknown)} val classes never occur in train (counted as errors): {', '.join(unknown[:5])}")
     typer.echo(f"\n{result['train_images']} train / {result['val_images']} val images, {result['classes']} classes, "
                f"T={temperature}; results written to {out}")
+
+
+@app.command("linear")
+def linear(
+    train: Path = typer.Option(..., "--train", help="Training features (a folder from mlsctl embed) or images (embedded with --run/--weights, cached)."),
+    val: Path = typer.Option(..., "--val", help="Validation features or images."),
+    run: Optional[Path] = typer.Option(None, "--run", help="Run whose teacher embeds image folders [default: the newest run under ./runs]."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Embed image folders with this weights file instead."),
+    model: Optional[str] = typer.Option(None, "--model", help="timm architecture of --weights."),
+    random_init: bool = typer.Option(False, "--random-init", help="Embed image folders with the architecture of --run, randomly initialised."),
+    seed: int = typer.Option(0, "--seed", help="Seed of --random-init, the held-out split and the training."),
+    train_labels: Optional[Path] = typer.Option(None, "--train-labels", help="Labels: CSV/JSONL of path,label [default: folder names]; with --multi-label a JSONL/CSV of tag lists (fmnist-scenes' scenes.jsonl works)."),
+    val_labels: Optional[Path] = typer.Option(None, "--val-labels", help="Labels of --val [default: folder names; with --multi-label: --train-labels]."),
+    multi_label: bool = typer.Option(False, "--multi-label", help="Several tags per image: binary cross-entropy, scored by mAP."),
+    lr: Optional[list[float]] = typer.Option(None, "--lr", help="Learning rates of the sweep [default: 0.001 0.01 0.1 1]."),
+    wd: Optional[list[float]] = typer.Option(None, "--wd", help="Weight decays of the sweep [default: 0 1e-4]."),
+    epochs: int = typer.Option(100, "--epochs", min=1, help="Epochs of every probe."),
+    batch_size: int = typer.Option(256, "--batch-size", min=1, help="Mini-batch of the probe."),
+    holdout: float = typer.Option(0.2, "--holdout", min=0.0, max=0.9, help="Share of the training images the sweep is scored on."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Results JSON [default: results/linear-<time>.json]."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON instead of a table."),
+) -> None:
+    """Linear probe on frozen global features: top-1/top-5, or multi-label mAP; lr x wd swept on a held-out split.
+
+    Example: mlsctl eval linear --train features/train --val features/val
+
+    Multi-label (fmnist-scenes): mlsctl eval linear --train data/fmnist-scenes/train/images --val data/fmnist-scenes/val/images --run runs/x --multi-label --train-labels data/fmnist-scenes/train/scenes.jsonl --val-labels data/fmnist-scenes/val/scenes.jsonl
+    """
+    from mlsctl.evaluate import linear as lib
+    from mlsctl.features import features_or_embed
+
+    get_model = _model_on_demand(run, weights, model, random_init, seed)
+    train_features = features_or_embed(train, get_model, dense=False, what="train features", say=_say)
+    val_features = features_or_embed(val, get_model, dense=False, what="val features", say=_say)
+    started = time.perf_counter()
+    result = lib.evaluate_linear(train_features, val_features, labels=train_labels, val_labels=val_labels,
+                                 multi_label=multi_label, lrs=lr or lib.DEFAULT_LRS, wds=wd or lib.DEFAULT_WDS,
+                                 epochs=epochs, batch_size=batch_size, holdout=holdout, seed=seed)
+    payload = {"command": "eval linear", **result, "seconds": round(time.perf_counter() - started, 3)}
+    out = out or _default_json("linear")
+    _write_json(out, payload)
+    if as_json:
+        typer.echo(json.dumps(payload, indent=2))
+        return
+    key = "mAP" if multi_label else "top1"
+    if result["sweep"]:
+        best = result["chosen"]
+        typer.echo(table(["lr", "weight decay", f"held-out {'mAP' if multi_label else 'top-1'} %", ""],
+                         [[r["lr"], r["weight_decay"], pct(r[key], 2),
+                           "<- chosen" if (r["lr"], r["weight_decay"]) == (best["lr"], best["weight_decay"]) else ""]
+                          for r in result["sweep"]]))
+        typer.echo("")
+    scores = result["results"]
+    if multi_label:
+        typer.echo(table(["class", "AP %"], [[c, pct(a, 2)] for c, a in scores["ap_per_class"].items()]))
+        typer.echo(f"\nmAP {pct(scores['mAP'], 2)}%", nl=False)
+    else:
+        typer.echo(f"top-1 {pct(scores['top1'], 2)}%, top-5 {pct(scores['top5'], 2)}%", nl=False)
+    typer.echo(f" on {result['val_images']} val images ({result['train_images']} train, {result['classes']} classes, "
+               f"lr {result['chosen']['lr']:g}, wd {result['chosen']['weight_decay']:g}); results written to {out}")
+    if result["val_classes_unseen_in_train"]:
+        unseen = result["val_classes_unseen_in_train"]
+        typer.echo(f"note: {len(unseen)} val classes never occur in train: {', '.join(unseen[:5])}")
 
 
 @app.command("retrieval")

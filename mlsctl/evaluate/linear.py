@@ -1,0 +1,247 @@
+"""Linear evaluation on frozen global features (the DINO / MoCo linear-probe protocol; MLS's
+multi-label classification protocol).
+
+* :func:`multi_labels_for`: tag lists per feature row, from JSONL (``{"path"|"image": ..., "labels"|
+  "tags": [...]}``, or fmnist-scenes' ``scenes.jsonl`` with its ``items``) or CSV (``path,tag;tag``);
+  paths are matched to feature rows by their resolved location (relative paths are taken from the
+  labels file's folder), then by their path relative to the features' input folder;
+* :func:`average_precision` / :func:`mean_average_precision`: AP as scikit-learn's
+  ``average_precision_score`` (the mean of the precision at each positive, ties broken by order),
+  mAP over the classes with at least one positive among the evaluated rows;
+* :func:`train_linear`: one linear layer on standardised features (mean and std of the training
+  rows), mini-batch SGD with momentum 0.9 and a cosine schedule, cross-entropy
+  (single label) or binary cross-entropy with logits (multi-label);
+* :func:`evaluate_linear`: the sweep of learning rate × weight decay, each trained on the training
+  rows minus a held-out fraction and scored on it (top-1 or mAP), then the best retrained on every
+  training row and scored once on the validation rows. Every draw is seeded.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from mlsctl.errors import UserError
+
+DEFAULT_LRS = (0.001, 0.01, 0.1, 1.0)
+DEFAULT_WDS = (0.0, 1e-4)
+
+
+# ------------------------------------------------------------------------------------------ labels
+
+
+def read_multi_labels(path: Path) -> dict[str, list[str]]:
+    """``path`` → tag list, as written in a JSONL or CSV labels file."""
+    if not path.is_file():
+        raise UserError(f"labels file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    out: dict[str, list[str]] = {}
+    if path.suffix.lower() in (".jsonl", ".json"):
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                key = record.get("path", record.get("image"))
+                if "labels" in record or "tags" in record:
+                    tags = record.get("labels", record.get("tags"))
+                else:
+                    tags = [item.get("class_name", item.get("class")) for item in record["items"]]
+                if not isinstance(key, str) or not isinstance(tags, list):
+                    raise TypeError
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+                raise UserError(f"{path}:{number} is not a JSON object with 'path' (or 'image') and a list of "
+                                f"'labels', 'tags' or 'items'") from None
+            out[key] = sorted({str(t) for t in tags})
+    else:
+        for number, row in enumerate(csv.reader(text.splitlines()), 1):
+            if not row or (number == 1 and [c.strip().lower() for c in row[:2]] in (["path", "labels"], ["path", "tags"])):
+                continue
+            if len(row) < 2:
+                raise UserError(f"{path}:{number} needs two columns, path and tags separated by ';'")
+            out[row[0].strip()] = sorted({t.strip() for t in row[1].split(";") if t.strip()})
+    if not out:
+        raise UserError(f"labels file {path} holds no labels")
+    return out
+
+
+def multi_labels_for(features, labels_file: Path, what: str) -> list[list[str]]:
+    """The tag list of each row of a feature folder."""
+    table = read_multi_labels(labels_file)
+    by_location = {}
+    for key, tags in table.items():
+        location = Path(key) if Path(key).is_absolute() else labels_file.parent / key
+        by_location[str(location.resolve())] = tags
+    out, missing = [], []
+    for relpath in features.files:
+        tags = by_location.get(str((Path(features.input_root) / relpath).resolve()), table.get(relpath))
+        if tags is None:
+            missing.append(relpath)
+        out.append(tags or [])
+    if missing:
+        raise UserError(f"labels file {labels_file} has no tags for {len(missing)} images of {what} (first: "
+                        f"{missing[0]}); paths are read relative to the labels file's folder")
+    return out
+
+
+# ------------------------------------------------------------------------------------------ metrics
+
+
+def average_precision(scores: torch.Tensor, positives: torch.Tensor) -> float:
+    """AP of one class: the mean over positives of the precision at their rank (NaN without positives)."""
+    order = torch.argsort(scores, descending=True, stable=True)
+    hits = positives[order].double()
+    n_pos = float(hits.sum())
+    if n_pos == 0:
+        return float("nan")
+    precision = hits.cumsum(0) / torch.arange(1, len(hits) + 1, dtype=torch.float64)
+    return float((precision * hits).sum() / n_pos)
+
+
+def mean_average_precision(scores: torch.Tensor, targets: torch.Tensor) -> tuple[float, list[float]]:
+    """mAP over the classes (columns) with at least one positive, and the AP of every class."""
+    aps = [average_precision(scores[:, c], targets[:, c] > 0) for c in range(targets.shape[1])]
+    present = [a for a in aps if not math.isnan(a)]
+    return (sum(present) / len(present) if present else float("nan")), aps
+
+
+def top_k_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
+    if len(labels) == 0:
+        return float("nan")
+    k = min(k, logits.shape[1])
+    return float((logits.topk(k, dim=1).indices == labels[:, None]).any(1).float().mean())
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+@dataclass
+class ProbeSettings:
+    lr: float
+    weight_decay: float
+    epochs: int = 100
+    batch_size: int = 256
+
+
+def train_linear(x: torch.Tensor, y: torch.Tensor, settings: ProbeSettings, multi_label: bool, seed: int = 0
+                 ) -> tuple[torch.nn.Linear, torch.Tensor, torch.Tensor]:
+    """A linear layer on standardised ``x`` [N, D]; ``y`` class indices [N] or 0/1 targets [N, C].
+    Returns the layer and the standardisation (mean, std) to apply to new rows."""
+    generator = torch.Generator().manual_seed(seed)
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+    z = (x - mean) / std
+    n_classes = y.shape[1] if multi_label else int(y.max()) + 1
+    layer = torch.nn.Linear(z.shape[1], n_classes)
+    with torch.no_grad():
+        layer.weight.normal_(0, 0.01, generator=generator)
+        layer.bias.zero_()
+    optimizer = torch.optim.SGD(layer.parameters(), lr=settings.lr, momentum=0.9, weight_decay=settings.weight_decay)
+    steps_per_epoch = max(1, math.ceil(len(z) / settings.batch_size))
+    total = settings.epochs * steps_per_epoch
+    step = 0
+    for _ in range(settings.epochs):
+        order = torch.randperm(len(z), generator=generator)
+        for start in range(0, len(z), settings.batch_size):
+            rows = order[start:start + settings.batch_size]
+            for group in optimizer.param_groups:
+                group["lr"] = settings.lr * 0.5 * (1 + math.cos(math.pi * step / total))
+            logits = layer(z[rows])
+            loss = (F.binary_cross_entropy_with_logits(logits, y[rows].float()) if multi_label
+                    else F.cross_entropy(logits, y[rows]))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            step += 1
+    return layer, mean, std
+
+
+def predict(layer: torch.nn.Linear, mean: torch.Tensor, std: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return layer((x - mean) / std)
+
+
+def score(logits: torch.Tensor, y: torch.Tensor, multi_label: bool) -> dict:
+    if multi_label:
+        value, aps = mean_average_precision(logits, y)
+        return {"mAP": value, "ap_per_class": aps}
+    return {"top1": top_k_accuracy(logits, y, 1), "top5": top_k_accuracy(logits, y, 5)}
+
+
+def sweep(x: torch.Tensor, y: torch.Tensor, multi_label: bool, lrs: Sequence[float], wds: Sequence[float],
+          epochs: int, batch_size: int, holdout: float, seed: int) -> tuple[ProbeSettings, list[dict]]:
+    """Every (lr, wd) trained on the training rows minus a seeded ``holdout`` share, scored on it."""
+    generator = torch.Generator().manual_seed(seed + 1)
+    order = torch.randperm(len(x), generator=generator)
+    n_hold = max(1, int(round(holdout * len(x))))
+    held, kept = order[:n_hold], order[n_hold:]
+    if len(kept) < 2:
+        raise UserError(f"{len(x)} training images are too few to hold out {holdout:.0%} for the sweep; "
+                        f"give more images or --holdout 0 with a single --lr and --wd")
+    key = "mAP" if multi_label else "top1"
+    rows = []
+    for lr in lrs:
+        for wd in wds:
+            settings = ProbeSettings(lr, wd, epochs, batch_size)
+            layer, mean, std = train_linear(x[kept], y[kept], settings, multi_label, seed)
+            result = score(predict(layer, mean, std, x[held]), y[held], multi_label)
+            rows.append({"lr": lr, "weight_decay": wd, key: result[key]})
+    best = max(rows, key=lambda r: (r[key] if not math.isnan(r[key]) else -1.0))
+    return ProbeSettings(best["lr"], best["weight_decay"], epochs, batch_size), rows
+
+
+def evaluate_linear(train_features, val_features, *, labels: Optional[Path] = None, val_labels: Optional[Path] = None,
+                    multi_label: bool = False, lrs: Sequence[float] = DEFAULT_LRS, wds: Sequence[float] = DEFAULT_WDS,
+                    epochs: int = 100, batch_size: int = 256, holdout: float = 0.2, seed: int = 0) -> dict:
+    """The linear probe of two feature folders → a JSON-ready dict (sweep, chosen settings, scores)."""
+    from mlsctl.evaluate.knn import labels_for
+
+    train_features.check_same_model(val_features)
+    x_train = train_features.global_features().float()
+    x_val = val_features.global_features().float()
+    if multi_label:
+        if labels is None:
+            raise UserError("--multi-label needs --train-labels (and --val-labels): JSONL or CSV of tag lists, e.g. "
+                            "fmnist-scenes' scenes.jsonl")
+        train_tags = multi_labels_for(train_features, labels, "train features")
+        val_tags = multi_labels_for(val_features, val_labels or labels, "val features")
+        classes = sorted({t for tags in train_tags for t in tags})
+        lookup = {c: i for i, c in enumerate(classes)}
+        y_train = torch.zeros(len(train_tags), len(classes))
+        for row, tags in enumerate(train_tags):
+            y_train[row, [lookup[t] for t in tags]] = 1
+        y_val = torch.zeros(len(val_tags), len(classes))
+        for row, tags in enumerate(val_tags):
+            y_val[row, [lookup[t] for t in tags if t in lookup]] = 1
+        unseen = sorted({t for tags in val_tags for t in tags} - set(classes))
+    else:
+        train_names = labels_for(train_features, labels, "train features")
+        val_names = labels_for(val_features, val_labels, "val features")
+        classes = sorted(set(train_names))
+        lookup = {c: i for i, c in enumerate(classes)}
+        y_train = torch.tensor([lookup[c] for c in train_names])
+        y_val = torch.tensor([lookup.get(c, -1) for c in val_names])
+        unseen = sorted(set(val_names) - set(classes))
+    if len(classes) < 2:
+        raise UserError(f"the training labels name {len(classes)} class; a linear probe needs at least 2")
+    if holdout > 0 and (len(lrs) > 1 or len(wds) > 1):
+        chosen, rows = sweep(x_train, y_train, multi_label, lrs, wds, epochs, batch_size, holdout, seed)
+    else:
+        chosen, rows = ProbeSettings(lrs[0], wds[0], epochs, batch_size), []
+    layer, mean, std = train_linear(x_train, y_train, chosen, multi_label, seed)
+    result = score(predict(layer, mean, std, x_val), y_val, multi_label)
+    if multi_label:
+        result["ap_per_class"] = dict(zip(classes, result["ap_per_class"]))
+    return {"train": str(train_features.path), "val": str(val_features.path), "train_images": len(x_train),
+            "val_images": len(x_val), "classes": len(classes), "multi_label": multi_label,
+            "val_classes_unseen_in_train": unseen, "model": train_features.model,
+            "protocol": {"features": "global, standardised with the training rows' mean and std",
+                         "optimizer": "SGD momentum 0.9, cosine schedule", "epochs": epochs, "batch_size": batch_size,
+                         "holdout": holdout, "seed": seed},
+            "sweep": rows, "chosen": {"lr": chosen.lr, "weight_decay": chosen.weight_decay}, "results": result}

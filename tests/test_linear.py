@@ -1,0 +1,98 @@
+"""eval linear: the probe, its metrics, multi-label tags from fmnist-scenes, the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from mlsctl.evaluate.linear import (ProbeSettings, average_precision, mean_average_precision, predict, read_multi_labels,
+                                    train_linear)
+
+from conftest import cli, cli_ok, write_feature_folder
+
+
+def test_average_precision_matches_a_hand_computed_case():
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5])
+    positives = torch.tensor([True, False, True, False, True])
+    # precision at the positives' ranks: 1/1, 2/3, 3/5
+    assert average_precision(scores, positives) == pytest.approx((1 + 2 / 3 + 3 / 5) / 3)
+    targets = torch.tensor([[1, 0], [0, 0], [1, 1], [0, 0], [1, 0]])
+    scores2 = torch.stack([scores, torch.tensor([0.1, 0.2, 0.9, 0.3, 0.4])], 1)
+    value, aps = mean_average_precision(scores2, targets)
+    assert aps[1] == 1.0 and value == pytest.approx(((1 + 2 / 3 + 3 / 5) / 3 + 1) / 2)
+    value, aps = mean_average_precision(scores2, torch.tensor([[1, 0]] * 5))
+    assert value == 1.0 and aps[1] != aps[1]  # a class without positives is left out (NaN)
+
+
+def test_the_probe_separates_separable_features():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 16, generator=g) * 4
+    y = torch.arange(200) % 4
+    x = centres[y] + torch.randn(200, 16, generator=g)
+    layer, mean, std = train_linear(x, y, ProbeSettings(0.1, 0.0, epochs=30, batch_size=64), multi_label=False)
+    assert (predict(layer, mean, std, x).argmax(1) == y).float().mean() == 1.0
+    tags = torch.stack([(y == 0) | (y == 1), (y == 2)], 1).float()  # two overlapping tags
+    layer, mean, std = train_linear(x, tags, ProbeSettings(0.1, 0.0, epochs=30, batch_size=64), multi_label=True)
+    assert mean_average_precision(predict(layer, mean, std, x), tags)[0] == pytest.approx(1.0)
+
+
+def test_scenes_jsonl_is_a_multi_label_file(tmp_path):
+    (tmp_path / "scenes.jsonl").write_text(
+        json.dumps({"image": "images/000000.png", "items": [{"class_name": "bag"}, {"class_name": "sandal"},
+                                                             {"class_name": "bag"}]}) + "\n")
+    assert read_multi_labels(tmp_path / "scenes.jsonl") == {"images/000000.png": ["bag", "sandal"]}
+    (tmp_path / "tags.csv").write_text("path,tags\na.png,cat;dog\n")
+    assert read_multi_labels(tmp_path / "tags.csv") == {"a.png": ["cat", "dog"]}
+
+
+def _folders(tmp_path, multi: bool):
+    g = torch.Generator().manual_seed(1)
+    centres = torch.randn(3, 8, generator=g) * 4
+    names = ["bag", "coat", "shirt"]
+    folders = {}
+    for split, n in (("train", 60), ("val", 30)):
+        y = torch.arange(n) % 3
+        x = centres[y] + 0.5 * torch.randn(n, 8, generator=g)
+        images = tmp_path / split / "images"
+        files = [f"{names[c]}/{i:03d}.png" if not multi else f"{i:06d}.png" for i, c in enumerate(y.tolist())]
+        folders[split] = write_feature_folder(tmp_path / f"feats-{split}", files, x, input_root=images)
+        if multi:  # scenes.jsonl beside images/, paths relative to it; the second tag is always 'floor'
+            images.mkdir(parents=True)
+            (tmp_path / split / "scenes.jsonl").write_text("".join(
+                json.dumps({"image": f"images/{f}", "items": [{"class_name": names[c]}, {"class_name": "floor"}]}) + "\n"
+                for f, c in zip(files, y.tolist())))
+    return folders
+
+
+def test_cli_single_label_from_folder_names(tmp_path, capsys):
+    folders = _folders(tmp_path, multi=False)
+    out, _ = cli_ok(capsys, "eval", "linear", "--train", str(folders["train"]), "--val", str(folders["val"]),
+                    "--epochs", "20", "--out", str(tmp_path / "r.json"))
+    assert "<- chosen" in out and "top-1 100.00%" in out
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["results"]["top1"] == 1.0 and len(result["sweep"]) == 8 and result["classes"] == 3
+
+
+def test_cli_multi_label_map_from_scenes_jsonl(tmp_path, capsys):
+    folders = _folders(tmp_path, multi=True)
+    out, _ = cli_ok(capsys, "eval", "linear", "--train", str(folders["train"]), "--val", str(folders["val"]),
+                    "--multi-label", "--train-labels", str(tmp_path / "train" / "scenes.jsonl"),
+                    "--val-labels", str(tmp_path / "val" / "scenes.jsonl"), "--epochs", "20", "--lr", "0.1",
+                    "--wd", "0", "--json", "--out", str(tmp_path / "r.json"))
+    result = json.loads(out)
+    assert result["multi_label"] and result["classes"] == 4 and result["results"]["mAP"] == pytest.approx(1.0)
+    assert result["sweep"] == [] and result["chosen"] == {"lr": 0.1, "weight_decay": 0.0}
+
+
+def test_cli_errors_are_one_sentence(tmp_path, capsys):
+    folders = _folders(tmp_path, multi=True)
+    code, _, err = cli("eval", "linear", "--train", str(folders["train"]), "--val", str(folders["val"]),
+                       "--multi-label", capsys=capsys)
+    assert code != 0 and "--multi-label needs --train-labels" in err and len(err.strip().splitlines()) == 1
+    (tmp_path / "bad.jsonl").write_text('{"image": "images/x.png"}\n')
+    code, _, err = cli("eval", "linear", "--train", str(folders["train"]), "--val", str(folders["val"]),
+                       "--multi-label", "--train-labels", str(tmp_path / "bad.jsonl"), capsys=capsys)
+    assert code != 0 and "bad.jsonl:1 is not a JSON object" in err
