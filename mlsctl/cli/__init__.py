@@ -44,6 +44,7 @@ def _root(version: Optional[bool] = typer.Option(None, "--version", callback=_ve
 from mlsctl.cli import bank as _bank  # noqa: E402
 from mlsctl.cli import data as _data  # noqa: E402
 from mlsctl.cli import eval as _eval  # noqa: E402
+from mlsctl.cli import export as _export  # noqa: E402,F401
 from mlsctl.cli import embed as _embed  # noqa: E402,F401
 from mlsctl.cli import index as _index  # noqa: E402
 from mlsctl.cli import pretrain as _pretrain  # noqa: E402,F401

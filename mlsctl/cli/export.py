@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from mlsctl.cli import app
+
+
+@app.command("export")
+def export(
+    run: Path = typer.Argument(..., help="Run folder (written by mlsctl pretrain)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder to write config.json, model.safetensors and mlsctl.json to."),
+    fmt: str = typer.Option("timm", "--format", help="Export format: timm (a folder timm.create_model('local-dir:...') loads)."),
+    step: Optional[int] = typer.Option(None, "--step", help="Checkpoint step [default: the final teacher, else the latest checkpoint]."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier export in --out."),
+    as_json: bool = typer.Option(False, "--json", help="Print what was written as JSON."),
+) -> None:
+    """Export the run's teacher backbone (LoRA merged) as a timm model folder.
+
+    Example: mlsctl export runs/dino_fmnist_quick --out exports/dino
+    then, without mlsctl: timm.create_model("local-dir:exports/dino", pretrained=True)
+    """
+    from mlsctl.errors import UserError
+    from mlsctl.export import export_timm
+
+    if fmt != "timm":
+        raise UserError(f"--format {fmt!r} is not known; mlsctl exports 'timm'")
+    record = export_timm(run, out, step=step, overwrite=overwrite)
+    if as_json:
+        print(json.dumps(record, indent=2))
+        return
+    print(f"wrote {out} ({', '.join(record['files'])}): {record['architecture']} from {record['run']}"
+          f"{' step ' + str(record['step']) if record['step'] is not None else ''}")
+    print(f"load it with: {record['load']}", file=sys.stderr)

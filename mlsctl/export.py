@@ -1,0 +1,104 @@
+"""Export a run's teacher backbone as a timm model folder, and load it back in one call.
+
+:func:`export_timm` writes ``DIR/model.safetensors`` and ``DIR/config.json`` with timm's own
+writer (``timm.models._hub.save_for_hf``: the architecture, the arguments that rebuild it —
+img_size, patch_size, the recipe's ``timm_kwargs``, ``dynamic_img_size`` — and the preprocessing
+``mlsctl embed`` uses: a bicubic resize of the whole image to img_size², ImageNet mean and std), so
+``timm.create_model("local-dir:DIR", pretrained=True)`` rebuilds it with no mlsctl installed. LoRA
+adapters are merged. ``DIR/mlsctl.json`` says where it came from (run, checkpoint step, method,
+fingerprint of the weights). The folder is written next to ``DIR`` and renamed into place.
+
+:func:`load_backbone` takes a run folder (its final teacher, else its latest checkpoint's) or an
+exported folder and returns the timm model in eval mode.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from mlsctl import atomic
+from mlsctl.errors import UserError
+from mlsctl.runs import Run
+
+
+def _teacher(run_dir: Path, step: Optional[int]):
+    from mlsctl import config as config_lib
+    from mlsctl.models.source import from_checkpoint, from_run
+
+    run = Run(run_dir)
+    if not run.config_path.is_file():
+        raise UserError(f"{run_dir} is not a run folder (no config.yaml); give a folder written by mlsctl pretrain")
+    recipe = config_lib.load_recipe(str(run.config_path))
+    if step is None:
+        choice = from_run(run_dir)
+        checkpoint_step = run.latest().step if run.latest() is not None else None
+    else:
+        checkpoint = run.checkpoint(step)
+        choice = from_checkpoint(recipe, checkpoint, run)
+        checkpoint_step = checkpoint.step
+    return run, recipe, choice, checkpoint_step
+
+
+def export_timm(run_dir: str | Path, out: str | Path, *, step: Optional[int] = None, overwrite: bool = False) -> dict:
+    """Write the teacher of ``run_dir`` (final, or checkpoint ``step``) as a timm model folder."""
+    from timm.models._hub import save_for_hf
+
+    from mlsctl.models import lora
+    from mlsctl.models.source import fingerprint
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise UserError(f"--out {out} is not empty; add --overwrite to replace an earlier export, or choose another")
+        if not (out / "mlsctl.json").is_file():
+            raise UserError(f"--out {out} is not an mlsctl export (no mlsctl.json); --overwrite only replaces exports")
+    run, recipe, choice, checkpoint_step = _teacher(Path(run_dir), step)
+    vit = lora.merged_vit(choice.backbone.model).eval()
+    model = recipe.model
+    model_args = {"img_size": model.img_size, "patch_size": model.patch_size, "dynamic_img_size": True,
+                  "num_classes": 0, **dict(model.timm_kwargs or {})}
+    from mlsctl.features import Preprocessing
+
+    preprocessing = Preprocessing(model.img_size)
+    data_config = {"input_size": (3, model.img_size, model.img_size), "interpolation": "bicubic",
+                   "mean": tuple(preprocessing.mean), "std": tuple(preprocessing.std), "crop_pct": 1.0,
+                   "crop_mode": "squash"}
+    tmp = out.parent / f".{out.name}.export-tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        save_for_hf(vit, str(tmp), model_config={"architecture": model.arch}, model_args=model_args,
+                    safe_serialization=True, data_config=data_config)
+        record = {"format": "timm", "architecture": model.arch, "run": str(run.root.resolve()), "step": checkpoint_step,
+                  "method": recipe.method.name, "fingerprint": fingerprint(vit), "model_args": model_args,
+                  "load": f"timm.create_model('local-dir:{out.resolve()}', pretrained=True)"}
+        atomic.write_json(tmp / "mlsctl.json", record)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {**record, "out": str(out), "files": sorted(p.name for p in out.iterdir())}
+
+
+def load_backbone(path: str | Path) -> torch.nn.Module:
+    """The timm model of an exported folder (``config.json`` + ``model.safetensors``) or of a run
+    (its teacher), in eval mode: ``model(x)`` gives the global feature ``mlsctl embed`` stores."""
+    import timm
+
+    path = Path(path)
+    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+        return timm.create_model(f"local-dir:{path}", pretrained=True).eval()
+    if (path / "config.yaml").is_file():
+        _, _, choice, _ = _teacher(path, None)
+        from mlsctl.models import lora
+
+        return lora.merged_vit(choice.backbone.model).eval()
+    raise UserError(f"{path} is neither an exported model folder (config.json + model.safetensors) nor a run folder "
+                    f"(config.yaml); give one of them")
