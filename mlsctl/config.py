@@ -176,6 +176,9 @@ class TrainConfig:
     log_every: int = param(10, help="steps between metrics.jsonl lines", ge=1)
     bank_health_every: int = param(100, help="steps between memory-bank health records in metrics.jsonl "
                                              "(see `mlsctl bank inspect`); 0 = never", ge=0)
+    log_with: list[Literal["tensorboard", "wandb", "mlflow", "aim"]] = param(
+        [], help="experiment trackers that also receive every metrics.jsonl record (Accelerate's trackers; "
+                 "pip install 'mlsctl[NAME]')")
 
 
 @dataclass

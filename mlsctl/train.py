@@ -43,7 +43,7 @@ progress_log = logging.getLogger("mlsctl.progress")
 
 # Keys that may change between a run and its resumption without changing what it computes.
 RESUME_SAFE_KEYS = {"data.workers", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
-                    "train.bank_health_every",
+                    "train.bank_health_every", "train.log_with",
                     "description", "data.root"}
 
 
@@ -60,9 +60,22 @@ class RunSummary:
 # ------------------------------------------------------------------------------------------------ set-up
 
 
-def _accelerator(recipe):
+TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "aim": "aim"}
+
+
+def _check_trackers(names) -> None:
+    """Every tracker of ``train.log_with`` must be installed: one sentence naming the extra."""
+    import importlib.util
+
+    for name in names:
+        if importlib.util.find_spec(TRACKER_MODULES[name]) is None:
+            raise UserError(f"train.log_with asks for {name}, which is not installed; pip install 'mlsctl[{name}]' "
+                            f"(or pip install {TRACKER_MODULES[name]}), or drop it from train.log_with")
+
+
+def _accelerator(recipe, run_root: Optional[Path] = None):
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
     method_cls = methods.method_class(recipe.method.name)
     precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16",
@@ -73,7 +86,11 @@ def _accelerator(recipe):
     # Several processes without CUDA: gloo on the CPU (Accelerate would otherwise fall back to
     # one independent process each when ACCELERATE_USE_CPU is unset or false).
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return Accelerator(mixed_precision=precision, kwargs_handlers=[ddp], cpu=multi_cpu)
+    trackers = list(recipe.train.log_with)
+    _check_trackers(trackers)
+    project = ProjectConfiguration(project_dir=str(run_root), logging_dir=str(run_root / "trackers")) if run_root else None
+    return Accelerator(mixed_precision=precision, kwargs_handlers=[ddp], cpu=multi_cpu, log_with=trackers or None,
+                       project_config=project)
 
 
 class _RunLogHandler(logging.FileHandler):
@@ -457,7 +474,7 @@ def pretrain(recipe, out: str | Path, *, resume: bool = False, init_from: Option
         _check_nothing_precious_inside(run.root, recipe, recipe_source, init_from)
 
     # Everything is validated before --out is touched: data, model, weights.
-    accelerator = _accelerator(recipe)
+    accelerator = _accelerator(recipe, run.root.absolute())
     is_main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
     _seed_everything(recipe.seed + rank)
     folder = ImageFolder(recipe.data.root, "data.root", recipe.data.max_image_pixels)
@@ -563,6 +580,8 @@ def _train(run: Run, recipe, accelerator, folder: ImageFolder, dataset, collate_
     bar = tqdm(total=total_steps, initial=start_step, desc=recipe.method.name, unit="step", dynamic_ncols=True,
                disable=not (is_main and interactive), file=sys.stderr)
     skips = SkipLog(folder.root)
+    if recipe.train.log_with:
+        accelerator.init_trackers(run.root.name, config=_tracker_config(recipe))
     metrics_file = open(run.metrics_path, "a") if is_main else None
     started = last_time = time.perf_counter()
     images_since, loss_value, step = 0, None, start_step
@@ -606,6 +625,8 @@ def _train(run: Run, recipe, accelerator, folder: ImageFolder, dataset, collate_
                 health = _bank_health(method.banks(), done, warned)
             if health and not (done % recipe.train.log_every == 0 or done == total_steps):
                 metrics_file.write(json.dumps({"step": done, "epoch": schedule.epoch(step), **health}) + "\n")
+                if recipe.train.log_with:
+                    accelerator.log(health, step=done)
             if done % recipe.train.log_every == 0 or done == total_steps:
                 now = time.perf_counter()
                 # loss terms and metrics of the global batch: averaged over processes
@@ -628,6 +649,8 @@ def _train(run: Run, recipe, accelerator, folder: ImageFolder, dataset, collate_
                 if is_main:
                     bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
                     metrics_file.write(json.dumps(record) + "\n")
+                    if recipe.train.log_with:  # the same names and steps as metrics.jsonl
+                        accelerator.log({k: v for k, v in record.items() if k != "step"}, step=done)
                     metrics_file.flush()
                     progress_log.info(f"step {done}/{total_steps} loss {loss_value:.4f} lr {lr:.3g} "
                                       f"{record['images_per_s']:.1f} img/s")
@@ -637,6 +660,8 @@ def _train(run: Run, recipe, accelerator, folder: ImageFolder, dataset, collate_
                 save_checkpoint(run, done, method, optimizer, accelerator, recipe, recipe.train.keep_checkpoints)
     finally:
         bar.close()
+        if recipe.train.log_with:
+            accelerator.end_training()
         if metrics_file is not None:
             metrics_file.close()
 
@@ -661,6 +686,27 @@ def _train(run: Run, recipe, accelerator, folder: ImageFolder, dataset, collate_
                  f"run in {run.root}")
     dist.barrier()
     return RunSummary(run.root, total_steps, throughput, loss_value, elapsed)
+
+
+def _tracker_config(recipe) -> dict:
+    """The recipe as flat ``section.key`` → number/text/bool, what trackers take as hyper-parameters."""
+    import dataclasses
+
+    flat = {}
+
+    def walk(prefix: str, value) -> None:
+        if dataclasses.is_dataclass(value):
+            for f in dataclasses.fields(value):
+                walk(f"{prefix}{f.name}.", getattr(value, f.name))
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}{k}.", v)
+        else:
+            key = prefix[:-1]
+            flat[key] = value if isinstance(value, (bool, int, float, str)) else str(value)
+
+    walk("", recipe)
+    return flat
 
 
 def _bank_health(banks: dict, step: int, warned: set[str]) -> dict:

@@ -193,3 +193,33 @@ def test_a_lora_run_saves_its_adapters_and_a_merged_teacher(tmp_path: Path, imag
 
     plain = config.load_recipe(str(path), ["model.lora.enabled=false", f"model.weights={tmp_path / 'run' / 'teacher.safetensors'}"])
     build_backbone(plain.model)  # the merged teacher loads strictly into a plain ViT
+
+
+def test_tensorboard_receives_every_metrics_record(tmp_path, images):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from mlsctl.train import pretrain
+
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(images))
+    recipe = config.load_recipe(str(path), ["train.log_with=[tensorboard]"])
+    pretrain(recipe, tmp_path / "run", recipe_source=str(path))
+    events = list((tmp_path / "run" / "trackers").rglob("events.out.tfevents*"))
+    assert events
+    accumulator = EventAccumulator(str(events[0].parent)).Reload()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in rows if "loss" in r]
+    scalars = accumulator.Scalars("loss")
+    assert [s.step for s in scalars] == [r["step"] for r in logged]
+    assert all(abs(s.value - r["loss"]) < 1e-5 for s, r in zip(scalars, logged))
+    assert "lr" in accumulator.Tags()["scalars"]
+
+
+def test_a_tracker_that_is_not_installed_is_one_sentence(tmp_path, images, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(images))
+    code, _, err = cli("pretrain", str(path), "train.log_with=[wandb]", "--out", str(tmp_path / "run"), capsys=capsys)
+    assert code != 0 and "pip install 'mlsctl[wandb]'" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
