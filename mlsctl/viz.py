@@ -133,56 +133,39 @@ def neighbour_grid(query, tiles: Sequence[tuple[Optional[object], str]], out: Pa
     return out
 
 
-_PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-            (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
-
-
-def _ramp(t: float) -> tuple[int, int, int]:
-    """A dark-blue → teal → yellow ramp for t in [0, 1] (young → old)."""
-    stops = [(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)]
-    t = min(max(t, 0.0), 1.0) * (len(stops) - 1)
-    i = min(int(t), len(stops) - 2)
-    f = t - i
-    return tuple(round(a + (b - a) * f) for a, b in zip(stops[i], stops[i + 1]))
-
-
 def scatter_plot(points: torch.Tensor, values: torch.Tensor, out: Path, *, title: str, colour_by: str,
-                 size: int = 640) -> Path:
-    """2-D points coloured by an integer label (a legend of the 10 most frequent, the rest grey)
-    or by a continuous value such as age (a colour bar)."""
-    from PIL import Image, ImageDraw
+                 axis_names: tuple[str, str] = ("component 1", "component 2"), label_names: Optional[dict] = None) -> Path:
+    """2-D points (matplotlib) coloured by an integer label (a legend of the 10 most frequent, the
+    rest grey) or by a continuous value such as age in steps (a colour bar), with axes."""
+    import matplotlib
 
-    margin, legend = 36, 130
-    canvas = Image.new("RGB", (size + legend, size), (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
-    _label(draw, (8, 6), title, size + legend - 16)
-    pts = points.double()
-    low, high = pts.min(0).values, pts.max(0).values
-    span = (high - low).clamp_min(1e-12)
-    xy = (pts - low) / span * (size - 2 * margin) + margin
-    draw.rectangle([margin - 6, margin - 6, size - margin + 6, size - margin + 6], outline=(180, 180, 180))
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = points.double().numpy()
+    figure, ax = plt.subplots(figsize=(8.5, 7))
     if colour_by == "label":
         labels, counts = values.unique(return_counts=True)
-        top = [int(labels[i]) for i in counts.argsort(descending=True)[:len(_PALETTE)]]
-        colour_of = {label: _PALETTE[i] for i, label in enumerate(top)}
-        colours = [colour_of.get(int(v), (190, 190, 190)) for v in values]
+        top = [int(labels[i]) for i in counts.argsort(descending=True)[:10]]
+        palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        rest = ~torch.isin(values, torch.tensor(top))
+        if bool(rest.any()):
+            ax.scatter(pts[rest.numpy(), 0], pts[rest.numpy(), 1], s=6, color="0.75",
+                       label=f"{len(labels) - len(top)} other labels")
         for i, label in enumerate(top):
-            y = margin + i * 16
-            draw.rectangle([size + 6, y, size + 16, y + 10], fill=colour_of[label])
-            _label(draw, (size + 22, y - 1), f"label {label}", legend - 26)
-        if len(labels) > len(top):
-            _label(draw, (size + 6, margin + len(top) * 16), f"+{len(labels) - len(top)} more (grey)", legend - 8)
+            chosen = (values == label).numpy()
+            name = (label_names or {}).get(label, f"label {label}")
+            ax.scatter(pts[chosen, 0], pts[chosen, 1], s=6, color=palette[i % len(palette)],
+                       label=f"{name} ({int(chosen.sum())})")
+        ax.legend(fontsize=8, markerscale=2.5, loc="best")
     else:
-        v = values.double()
-        vmin, vmax = float(v.min()), float(v.max())
-        colours = [_ramp((float(x) - vmin) / max(vmax - vmin, 1e-12)) for x in v]
-        bar_top, bar_height = margin + 16, size - 2 * margin - 32
-        for i in range(bar_height):
-            draw.line([size + 6, bar_top + i, size + 20, bar_top + i], fill=_ramp(i / max(bar_height - 1, 1)))
-        _label(draw, (size + 6, margin - 2), f"{colour_by} (steps)", legend - 8)
-        _label(draw, (size + 24, bar_top - 4), f"{vmin:g}", legend - 28)
-        _label(draw, (size + 24, bar_top + bar_height - 8), f"{vmax:g}", legend - 28)
-    for (x, y), colour in zip(xy.tolist(), colours):
-        draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
-    atomic.write_with(out, lambda tmp: canvas.save(tmp, format="PNG"))
+        drawn = ax.scatter(pts[:, 0], pts[:, 1], s=6, c=values.double().numpy(), cmap="viridis")
+        figure.colorbar(drawn, ax=ax, label=f"{colour_by} (steps)")
+    ax.set_xlabel(axis_names[0])
+    ax.set_ylabel(axis_names[1])
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    figure.tight_layout()
+    atomic.write_with(out, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
+    plt.close(figure)
     return out

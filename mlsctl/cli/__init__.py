@@ -47,6 +47,7 @@ from mlsctl.cli import eval as _eval  # noqa: E402
 from mlsctl.cli import export as _export  # noqa: E402,F401
 from mlsctl.cli import embed as _embed  # noqa: E402,F401
 from mlsctl.cli import index as _index  # noqa: E402
+from mlsctl.cli import plot as _plot  # noqa: E402,F401
 from mlsctl.cli import pretrain as _pretrain  # noqa: E402,F401
 from mlsctl.cli import recipes as _recipes  # noqa: E402,F401
 from mlsctl.cli import serve as _serve  # noqa: E402,F401

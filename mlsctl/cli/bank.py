@@ -185,7 +185,8 @@ def plot(
               else chosen.ages(checkpoint.step).cpu()[positions])
     points, used = project_2d(chosen.vectors.cpu()[rows].float(), projection)
     title = f"{run_.root.name} · bank '{name}' · step {checkpoint.step} · {used} of {len(rows)} entries · colour: {color_by}"
-    scatter_plot(points, values, out, title=title, colour_by=color_by)
+    axes = ("t-SNE 1", "t-SNE 2") if used == "t-SNE" else ("principal component 1", "principal component 2")
+    scatter_plot(points, values, out, title=title, colour_by=color_by, axis_names=axes)
     _say(f"wrote {out} ({used} of {len(rows)} of {chosen.filled} entries)")
 
 

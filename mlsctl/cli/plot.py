@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from mlsctl.cli import app
+
+
+@app.command("plot")
+def plot(
+    runs: list[Path] = typer.Argument(..., help="Run folders (written by mlsctl pretrain); several are overlaid."),
+    out: Path = typer.Option(Path("curves.png"), "--out", "-o", help="PNG to write."),
+    title: Optional[str] = typer.Option(None, "--title", help="Figure title [default: the run names]."),
+    as_json: bool = typer.Option(False, "--json", help="Print what each panel shows as JSON."),
+) -> None:
+    """Draw training curves (loss and its terms, learning rate, momentum, bank health, monitors) to a PNG.
+
+    Example: mlsctl plot runs/dino_fmnist_quick runs/sove_fmnist_quick --out curves.png
+    """
+    from mlsctl.curves import plot_runs
+
+    result = plot_runs(runs, out, title=title)
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"wrote {out}: " + "; ".join(f"{panel}: {', '.join(keys) or '-'}" for panel, keys in result["panels"].items()))
