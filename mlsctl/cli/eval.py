@@ -10,7 +10,7 @@ import typer
 
 from mlsctl.cli._format import pct, table
 
-app = typer.Typer(rich_markup_mode=None, help="Evaluate features: dense k-NN segmentation, image k-NN classification, linear probes, image-set retrieval.", no_args_is_help=True)
+app = typer.Typer(rich_markup_mode=None, help="Evaluate features: dense k-NN and linear segmentation, image k-NN classification, linear probes, image-set retrieval.", no_args_is_help=True)
 
 DEFAULT_FRACTIONS = ["1/1", "1/8", "1/64", "1/128"]
 
@@ -266,6 +266,59 @@ def linear(
     if result["val_classes_unseen_in_train"]:
         unseen = result["val_classes_unseen_in_train"]
         typer.echo(f"note: {len(unseen)} val classes never occur in train: {', '.join(unseen[:5])}")
+
+
+@app.command("linear-seg")
+def linear_seg(
+    train: Path = typer.Option(..., "--train", help="Training features (a folder from mlsctl embed --dense) or images (with --run)."),
+    train_masks: Path = typer.Option(..., "--train-masks", help="Label masks of the training images (same relative paths, .png)."),
+    val: Path = typer.Option(..., "--val", help="Validation features or images."),
+    val_masks: Path = typer.Option(..., "--val-masks", help="Label masks of the validation images."),
+    run: Optional[Path] = typer.Option(None, "--run", help="Run whose teacher embeds image folders [default: the newest run under ./runs]."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Embed image folders with this weights file instead."),
+    model: Optional[str] = typer.Option(None, "--model", help="timm architecture of --weights."),
+    random_init: bool = typer.Option(False, "--random-init", help="Embed image folders with the architecture of --run, randomly initialised."),
+    epochs: int = typer.Option(10, "--epochs", min=1, help="Passes over the training images."),
+    lr: float = typer.Option(0.1, "--lr", min=1e-9, help="Peak learning rate (SGD, momentum 0.9, cosine)."),
+    wd: float = typer.Option(0.0, "--wd", min=0.0, help="Weight decay."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Training images per step (all their patches)."),
+    ignore_index: int = typer.Option(255, "--ignore-index", help="Mask value that is not scored."),
+    seed: int = typer.Option(0, "--seed", help="Seed of --random-init, the initialisation and the batch order."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Results JSON [default: results/linear-seg-<time>.json]."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON instead of tables."),
+) -> None:
+    """Linear segmentation: a linear layer on frozen patch features, trained on the training masks, scored by mIoU.
+
+    Example: mlsctl eval linear-seg --train data/fmnist-scenes/train/images --train-masks data/fmnist-scenes/train/masks
+             --val data/fmnist-scenes/val/images --val-masks data/fmnist-scenes/val/masks --run runs/dino_fmnist_quick
+    """
+    from mlsctl.evaluate import knn_seg as knn_lib
+    from mlsctl.evaluate import linear_seg as lib
+    from mlsctl.features import features_or_embed
+
+    get_model = _model_on_demand(run, weights, model, random_init, seed)
+    train_features = features_or_embed(train, get_model, dense=True, what="train features", say=_say)
+    val_features = features_or_embed(val, get_model, dense=True, what="val features", say=_say)
+    train_source = knn_lib.FeatureMasks(train_features, train_masks, "train features")
+    val_source = knn_lib.FeatureMasks(val_features, val_masks, "val features")
+    result = lib.evaluate_linear_seg(train_source, val_source, epochs=epochs, lr=lr, weight_decay=wd,
+                                     image_batch=batch_size, ignore_index=ignore_index, seed=seed,
+                                     names=knn_lib.class_names(train_masks), progress=sys.stderr.isatty())
+    payload = {"command": "eval linear-seg",
+               "train": {"features": str(train_features.path), "masks": str(train_masks), "images": len(train_features)},
+               "val": {"features": str(val_features.path), "masks": str(val_masks), "images": len(val_features)},
+               "model": train_features.model, **result}
+    out = out or _default_json("linear-seg")
+    _write_json(out, payload)
+    if as_json:
+        typer.echo(json.dumps(payload, indent=2))
+        return
+    typer.echo(table(["class", "IoU %"], [[name, pct(result["iou_per_class"][c] if c < len(result["iou_per_class"]) else None)]
+                                          for c, name in enumerate(result["classes"])]))
+    typer.echo(f"\nmIoU {pct(result['miou'])}%, foreground IoU {pct(result['foreground_iou'])}%, pixel accuracy "
+               f"{pct(result['pixel_accuracy'])}% on {len(val_features)} val images ({epochs} epochs, lr {lr:g}, "
+               f"train loss {result['train_loss_per_epoch'][0]:.3f} -> {result['train_loss_per_epoch'][-1]:.3f}, "
+               f"{result['seconds']['total']:.1f}s); results written to {out}")
 
 
 @app.command("retrieval")

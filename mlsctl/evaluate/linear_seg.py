@@ -1,0 +1,131 @@
+"""Linear segmentation on frozen dense features (CrIBo's Table 2 protocol, linear variant).
+
+A linear layer (a 1×1 convolution) maps every patch feature to class logits. It is trained on
+the training images' patches against their *soft labels* — the class histogram of the mask pixels
+under each patch (:func:`~mlsctl.evaluate.knn_seg.patch_soft_labels`; patches whose pixels are all
+ignored are left out) — with SGD (momentum 0.9, cosine schedule), the features standardised by
+the training patches' mean and std, and the training images streamed from the memory-mapped
+feature folder a batch of consecutive images at a time, the batches in a fresh random order every
+epoch (no copy of the split's patches is held). Training on patch-level
+soft labels instead of upsampled logits against full-resolution masks is the one simplification;
+it gives the same optimum for a per-patch linear map up to the bilinear blur at patch borders.
+
+Scoring is knn-seg's: the class-probability map of every validation image is upsampled bilinearly
+to its mask size, its argmax is the prediction, counted in a streaming confusion matrix
+(:mod:`mlsctl.evaluate.segmentation`).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mlsctl.evaluate.knn_seg import FeatureMasks, _num_classes, patch_soft_labels, read_mask
+from mlsctl.evaluate.segmentation import (confusion_update, foreground_background_iou, iou_per_class, mean_iou,
+                                          pixel_accuracy)
+
+
+def _patch_stats(train: FeatureMasks, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    total = total_sq = None
+    count = 0
+    for _, dense in train.features.iter_dense(batch=batch):
+        flat = dense.reshape(-1, dense.shape[-1]).double()
+        total = flat.sum(0) if total is None else total + flat.sum(0)
+        total_sq = (flat ** 2).sum(0) if total_sq is None else total_sq + (flat ** 2).sum(0)
+        count += len(flat)
+    mean = total / count
+    std = (total_sq / count - mean ** 2).clamp_min(1e-12).sqrt()
+    return mean.float(), std.float().clamp_min(1e-6)
+
+
+def train_linear_seg(train: FeatureMasks, num_classes: int, *, epochs: int = 10, lr: float = 0.1,
+                     weight_decay: float = 0.0, image_batch: int = 32, ignore_index: int = 255, seed: int = 0,
+                     progress=None) -> tuple[torch.nn.Linear, torch.Tensor, torch.Tensor, list[float]]:
+    """The linear layer, the standardisation (mean, std) and the mean loss of every epoch."""
+    generator = torch.Generator().manual_seed(seed)
+    mean, std = _patch_stats(train, image_batch)
+    layer = torch.nn.Linear(len(mean), num_classes)
+    with torch.no_grad():
+        layer.weight.normal_(0, 0.01, generator=generator)
+        layer.bias.zero_()
+    optimizer = torch.optim.SGD(layer.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+    n = len(train)
+    steps_per_epoch = math.ceil(n / image_batch)
+    total, step, losses = epochs * steps_per_epoch, 0, []
+    labels_cache: dict[int, torch.Tensor] = {}
+    for _ in range(epochs):
+        # blocks of consecutive images in a fresh random order: each batch is one contiguous read
+        blocks = torch.randperm(steps_per_epoch, generator=generator).tolist()
+        epoch_loss, epoch_batches = 0.0, 0
+        for block in blocks:
+            rows = list(range(block * image_batch, min((block + 1) * image_batch, n)))
+            (_, dense_block), = train.features.iter_dense(rows, batch=len(rows))
+            x, y = [], []
+            for row, dense in zip(rows, dense_block):
+                if row not in labels_cache:
+                    labels_cache[row] = patch_soft_labels(read_mask(train.masks[row]), dense.shape[:2], num_classes,
+                                                          ignore_index)
+                soft = labels_cache[row]
+                keep = soft.sum(1) > 0
+                x.append(dense.reshape(-1, dense.shape[-1])[keep])
+                y.append(soft[keep])
+            x = (torch.cat(x).float() - mean) / std
+            y = torch.cat(y)
+            for group in optimizer.param_groups:
+                group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
+            loss = -(y * F.log_softmax(layer(x), dim=1)).sum(1).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            step += 1
+            epoch_loss += float(loss.detach())
+            epoch_batches += 1
+            if progress is not None:
+                progress(len(rows))
+        losses.append(epoch_loss / max(epoch_batches, 1))
+    return layer, mean, std, losses
+
+
+def evaluate_linear_seg(train: FeatureMasks, val: FeatureMasks, *, epochs: int = 10, lr: float = 0.1,
+                        weight_decay: float = 0.0, image_batch: int = 32, ignore_index: int = 255, seed: int = 0,
+                        names: Optional[list[str]] = None, progress: bool = False) -> dict:
+    """Train on ``train``, score on ``val`` → a JSON-ready result (mIoU, IoU per class, confusion)."""
+    from tqdm import tqdm
+
+    train.features.check_same_model(val.features)
+    num_classes = len(names) if names else _num_classes(train.masks, ignore_index)
+    bar = tqdm(total=epochs * len(train) + len(val), unit="img", desc="linear-seg", disable=not progress,
+               dynamic_ncols=True)
+    started = time.perf_counter()
+    layer, mean, std, losses = train_linear_seg(train, num_classes, epochs=epochs, lr=lr, weight_decay=weight_decay,
+                                                image_batch=image_batch, ignore_index=ignore_index, seed=seed,
+                                                progress=bar.update)
+    trained = time.perf_counter()
+    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+    with torch.no_grad():
+        for row_batch, dense in val.features.iter_dense(batch=image_batch):
+            b, h, w, d = dense.shape
+            probabilities = torch.softmax(layer((dense.reshape(-1, d).float() - mean) / std), dim=1)
+            maps = probabilities.reshape(b, h, w, -1).permute(0, 3, 1, 2)
+            for i, row in enumerate(row_batch.tolist()):
+                mask = read_mask(val.masks[row])
+                prediction = F.interpolate(maps[i:i + 1], size=mask.shape, mode="bilinear", align_corners=False)
+                confusion = confusion_update(confusion, mask, prediction[0].argmax(0).numpy(), ignore_index)
+            bar.update(b)
+    bar.close()
+    classes = list(names or []) + [str(c) for c in range(len(names or []), num_classes)]
+    return {"classes": classes, "num_classes": num_classes, "miou": mean_iou(confusion),
+            "pixel_accuracy": pixel_accuracy(confusion),
+            "iou_per_class": [None if np.isnan(v) else float(v) for v in iou_per_class(confusion)],
+            **foreground_background_iou(confusion), "train_loss_per_epoch": losses,
+            "settings": {"epochs": epochs, "lr": lr, "weight_decay": weight_decay, "image_batch": image_batch,
+                         "ignore_index": ignore_index, "seed": seed,
+                         "protocol": "1x1 linear layer on standardised frozen patch features, trained on per-patch "
+                                     "soft labels (SGD momentum 0.9, cosine); bilinear upsampling, argmax"},
+            "seconds": {"train": trained - started, "total": time.perf_counter() - started},
+            "confusion": confusion.tolist()}

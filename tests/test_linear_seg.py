@@ -1,0 +1,59 @@
+"""eval linear-seg: a linear layer on frozen patch features, scored like knn-seg."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+from PIL import Image
+
+from conftest import cli, cli_ok, write_feature_folder
+
+
+def _split(tmp_path, name: str, n: int, seed: int, informative: bool = True):
+    """n images of a 4x4 patch grid, masks 16x16 with one class (0-2) per patch; the features of a
+    patch are its class's direction plus noise (or pure noise)."""
+    g = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    classes = torch.eye(3, 8) * 3
+    files, dense = [], []
+    (tmp_path / name / "masks").mkdir(parents=True)
+    for i in range(n):
+        grid = rng.integers(0, 3, size=(4, 4))
+        Image.fromarray(np.kron(grid, np.ones((4, 4))).astype(np.uint8), mode="L").save(
+            tmp_path / name / "masks" / f"{i:03d}.png")
+        signal = classes[torch.from_numpy(grid)] if informative else 0
+        dense.append(signal + 0.3 * torch.randn(4, 4, 8, generator=g))
+        files.append(f"{i:03d}.png")
+    dense = torch.stack(dense)
+    return write_feature_folder(tmp_path / f"feats-{name}", files, dense.mean((1, 2)), dense,
+                                input_root=tmp_path / name / "images")
+
+
+def test_separable_patches_are_segmented_perfectly(tmp_path, capsys):
+    train, val = _split(tmp_path, "train", 24, 0), _split(tmp_path, "val", 8, 1)
+    out, _ = cli_ok(capsys, "eval", "linear-seg", "--train", str(train), "--train-masks", str(tmp_path / "train" / "masks"),
+                    "--val", str(val), "--val-masks", str(tmp_path / "val" / "masks"), "--epochs", "20",
+                    "--batch-size", "8", "--json", "--out", str(tmp_path / "r.json"))
+    result = json.loads(out)
+    assert result["miou"] > 0.9 and result["num_classes"] == 3  # bilinear upsampling blurs patch borders only
+    assert result["train_loss_per_epoch"][-1] < result["train_loss_per_epoch"][0]
+    assert sum(map(sum, result["confusion"])) == 8 * 16 * 16
+
+
+def test_noise_features_do_not_segment(tmp_path, capsys):
+    train = _split(tmp_path, "train", 24, 0, informative=False)
+    val = _split(tmp_path, "val", 8, 1, informative=False)
+    out, _ = cli_ok(capsys, "eval", "linear-seg", "--train", str(train), "--train-masks", str(tmp_path / "train" / "masks"),
+                    "--val", str(val), "--val-masks", str(tmp_path / "val" / "masks"), "--epochs", "5", "--json",
+                    "--out", str(tmp_path / "r.json"))
+    assert json.loads(out)["miou"] < 0.5
+
+
+def test_features_without_dense_maps_are_one_sentence(tmp_path, capsys):
+    folder = write_feature_folder(tmp_path / "g", ["a.png"], torch.randn(1, 8))
+    (tmp_path / "m").mkdir()
+    code, _, err = cli("eval", "linear-seg", "--train", str(folder), "--train-masks", str(tmp_path / "m"), "--val",
+                       str(folder), "--val-masks", str(tmp_path / "m"), capsys=capsys)
+    assert code != 0 and "has no dense features" in err and len(err.strip().splitlines()) == 1
