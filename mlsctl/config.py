@@ -168,6 +168,27 @@ class OptimConfig:
 
 
 @dataclass
+class MonitorConfig:
+    every: int = param(0, help="steps between quality measurements of the teacher (k-NN, knn-seg); 0 = off", ge=0)
+    train: Optional[str] = param(None, help="labelled images the k-NN memory is built from (a folder per class, or "
+                                            "train_labels)", path=True)
+    val: Optional[str] = param(None, help="labelled images that are classified (and segmented)", path=True)
+    train_labels: Optional[str] = param(None, help="CSV/JSONL of path,label for train [default: folder names]", path=True)
+    val_labels: Optional[str] = param(None, help="CSV/JSONL of path,label for val [default: folder names]", path=True)
+    train_masks: Optional[str] = param(None, help="label masks of train: adds knn-seg mIoU", path=True)
+    val_masks: Optional[str] = param(None, help="label masks of val", path=True)
+    k: int = param(20, help="neighbours of the k-NN classifier", ge=1)
+    seg_k: int = param(30, help="neighbours per patch of knn-seg", ge=1)
+    ignore_index: int = param(255, help="mask value that is not scored")
+    batch_size: int = param(64, help="images per forward pass of the monitor", ge=1)
+
+    def check(self) -> list[tuple[str, str]]:
+        if self.every and (self.train is None or self.val is None):
+            return [("train", "and train.monitor.val are needed when train.monitor.every is set")]
+        return []
+
+
+@dataclass
 class TrainConfig:
     precision: Literal["fp32", "bf16", "fp16", "fp16_or_bf16"] = param(
         "fp32", help="mixed precision: fp16 needs CUDA; fp16_or_bf16 is fp16 on CUDA and bf16 elsewhere")
@@ -176,6 +197,7 @@ class TrainConfig:
     log_every: int = param(10, help="steps between metrics.jsonl lines", ge=1)
     bank_health_every: int = param(100, help="steps between memory-bank health records in metrics.jsonl "
                                              "(see `mlsctl bank inspect`); 0 = never", ge=0)
+    monitor: MonitorConfig = param(MonitorConfig(), help="quality of the teacher measured during training")
     log_with: list[Literal["tensorboard", "wandb", "mlflow", "aim"]] = param(
         [], help="experiment trackers that also receive every metrics.jsonl record (Accelerate's trackers; "
                  "pip install 'mlsctl[NAME]')")

@@ -170,7 +170,8 @@ def _open_run_dir(run: Run, recipe, folder: ImageFolder, lock: FolderLock, *, re
             if not run.config_path.is_file():
                 raise UserError(f"nothing to resume in {run.root} (no config.yaml); drop --resume to start a new run")
             saved = config_lib.absolute_paths(config_lib.load_recipe(str(run.config_path)))
-            changed = [k for k in config_lib.differences(saved, recipe) if k not in RESUME_SAFE_KEYS]
+            changed = [k for k in config_lib.differences(saved, recipe)
+                       if k not in RESUME_SAFE_KEYS and not k.startswith("train.monitor.")]
             if changed:
                 raise UserError(f"the recipe differs from {run.config_path} at {', '.join(changed[:5])}; resume "
                                 f"continues the saved run as it was: drop those changes, or start a new run with --out")
@@ -489,6 +490,11 @@ def pretrain(recipe, out: str | Path, *, resume: bool = False, init_from: Option
     _check_ema_pairs(method.ema_pairs())
     groups = param_groups(method)
     optimizer = torch.optim.AdamW(groups, lr=0.0, betas=tuple(recipe.optim.betas), weight_decay=recipe.optim.weight_decay)
+    monitor = None
+    if recipe.train.monitor.every and is_main:  # its images are read (and checked) before --out is touched
+        from mlsctl.monitor import Monitor
+
+        monitor = Monitor(recipe.train.monitor, recipe.model.img_size, recipe.model.patch_size)
     initialised = _load_initial_weights(method, init_from) if init_from and not resume else None
 
     lock = FolderLock(run.root, "run")
@@ -502,7 +508,7 @@ def pretrain(recipe, out: str | Path, *, resume: bool = False, init_from: Option
         if initialised:
             log.info(f"initialised {initialised}")
         summary = _train(run, recipe, accelerator, folder, dataset, collate_fn, schedule, method, optimizer, groups,
-                         Checkpoint(Path(resume_from)) if resume_from else None)
+                         Checkpoint(Path(resume_from)) if resume_from else None, monitor)
     except KeyboardInterrupt:
         message = _interrupted(run, resume_from is None, is_main)
         raise Interrupted(message if is_main else "") from None
@@ -531,7 +537,7 @@ def _interrupted(run: Run, fresh: bool, is_main: bool) -> str:
 
 
 def _train(run: Run, recipe, accelerator, folder: ImageFolder, dataset, collate_fn, schedule: Schedule, method,
-           optimizer, groups, resume_from: Optional[Checkpoint]) -> RunSummary:
+           optimizer, groups, resume_from: Optional[Checkpoint], monitor=None) -> RunSummary:
     is_main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
     interactive = sys.stderr.isatty()
     total_steps = schedule.total_steps
@@ -586,6 +592,7 @@ def _train(run: Run, recipe, accelerator, folder: ImageFolder, dataset, collate_
     started = last_time = time.perf_counter()
     images_since, loss_value, step = 0, None, start_step
     warned: set[str] = set()  # banks already reported as collapsed
+    shown: dict[str, str] = {}  # the monitor's last k-NN top-1 in the progress bar
     model.train()
     try:
         for step, batch in zip(range(start_step, total_steps), loader):
@@ -623,6 +630,12 @@ def _train(run: Run, recipe, accelerator, folder: ImageFolder, dataset, collate_
             health = {}
             if is_main and recipe.train.bank_health_every and done % recipe.train.bank_health_every == 0:
                 health = _bank_health(method.banks(), done, warned)
+            if monitor is not None and done % recipe.train.monitor.every == 0:
+                health.update(monitor(method.teacher_backbone(), accelerator.device))
+                shown["knn"] = f"{100 * health['monitor/knn_top1']:.1f}%"
+                bar.set_postfix(loss=f"{float(out.loss.detach()):.4f}", **shown, refresh=False)
+                progress_log.info(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in health.items()
+                                                                  if k.startswith("monitor/")))
             if health and not (done % recipe.train.log_every == 0 or done == total_steps):
                 metrics_file.write(json.dumps({"step": done, "epoch": schedule.epoch(step), **health}) + "\n")
                 if recipe.train.log_with:
@@ -647,7 +660,7 @@ def _train(run: Run, recipe, accelerator, folder: ImageFolder, dataset, collate_
                     record["time/method_share"] = method_seconds / max(step_seconds, 1e-9)
                 images_since, last_time = 0, now
                 if is_main:
-                    bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+                    bar.set_postfix(loss=f"{loss_value:.4f}", **shown, refresh=False)
                     metrics_file.write(json.dumps(record) + "\n")
                     if recipe.train.log_with:  # the same names and steps as metrics.jsonl
                         accelerator.log({k: v for k, v in record.items() if k != "step"}, step=done)

@@ -223,3 +223,61 @@ def test_a_tracker_that_is_not_installed_is_one_sentence(tmp_path, images, capsy
     code, _, err = cli("pretrain", str(path), "train.log_with=[wandb]", "--out", str(tmp_path / "run"), capsys=capsys)
     assert code != 0 and "pip install 'mlsctl[wandb]'" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def _labelled(root: Path) -> Path:
+    for cls in ("a", "b"):
+        make_images(root / cls, 4, size=(32, 32), seed=ord(cls))
+    return root
+
+
+def test_the_monitor_logs_knn_and_never_changes_the_losses(tmp_path, images):
+    from mlsctl.train import pretrain
+
+    _labelled(tmp_path / "mon_train")
+    _labelled(tmp_path / "mon_val")
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(images))
+    plain = config.load_recipe(str(path))
+    watched = config.load_recipe(str(path), ["train.monitor.every=2", f"train.monitor.train={tmp_path / 'mon_train'}",
+                                             f"train.monitor.val={tmp_path / 'mon_val'}", "train.monitor.k=3"])
+    pretrain(plain, tmp_path / "plain", recipe_source=str(path))
+    pretrain(watched, tmp_path / "watched", recipe_source=str(path))
+
+    def rows(run):
+        return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = lambda run: [(r["step"], r["loss"]) for r in rows(run) if "loss" in r]  # noqa: E731
+    assert losses(tmp_path / "plain") == losses(tmp_path / "watched")
+    monitored = [r for r in rows(tmp_path / "watched") if "monitor/knn_top1" in r]
+    assert [r["step"] for r in monitored] == [2, 4, 6, 8]
+    assert all(0 <= r["monitor/knn_top1"] <= 1 and r["time/monitor"] > 0 for r in monitored)
+
+
+def test_the_monitor_folders_are_checked_before_training(tmp_path, images, capsys):
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(images))
+    code, _, err = cli("pretrain", str(path), "train.monitor.every=2", "--out", str(tmp_path / "run"), capsys=capsys)
+    assert code == 2 and "train.monitor.val are needed" in err
+    code, _, err = cli("pretrain", str(path), "train.monitor.every=2", f"train.monitor.train={images}",
+                       f"train.monitor.val={images}", "--out", str(tmp_path / "run"), capsys=capsys)
+    assert code != 0 and "outside class folders" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_the_monitor_measures_knn_seg_where_masks_are_given(tmp_path, fake_fmnist):
+    from mlsctl.config import MonitorConfig
+    from mlsctl.data.fmnist import build_scenes
+    from mlsctl.models.backbone import Backbone
+    from mlsctl.monitor import Monitor
+
+    build_scenes(tmp_path / "scenes", n_train=6, n_val=3, size=32, source=fake_fmnist, progress=False)
+    for split in ("train", "val"):
+        files = sorted(p.name for p in (tmp_path / "scenes" / split / "images").iterdir())
+        (tmp_path / f"{split}.csv").write_text("".join(f"{f},{'xy'[i % 2]}\n" for i, f in enumerate(files)))
+    cfg = MonitorConfig(every=1, train=str(tmp_path / "scenes/train/images"), val=str(tmp_path / "scenes/val/images"),
+                        train_labels=str(tmp_path / "train.csv"), val_labels=str(tmp_path / "val.csv"),
+                        train_masks=str(tmp_path / "scenes/train/masks"), val_masks=str(tmp_path / "scenes/val/masks"), k=3)
+    monitor = Monitor(cfg, 32, 8)
+    backbone = Backbone("vit_small_patch16_224", img_size=32, patch_size=8,
+                        timm_kwargs={"embed_dim": 32, "depth": 1, "num_heads": 2})
+    result = monitor(backbone, "cpu")
+    assert 0 <= result["monitor/knn_top1"] <= 1 and 0 < result["monitor/knn_seg_miou"] <= 1
+    assert backbone.training  # left as it was

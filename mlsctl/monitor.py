@@ -1,0 +1,130 @@
+"""Quality monitored during training (``train.monitor``): k-NN on the teacher, as solo-learn's
+online k-NN, and dense k-NN segmentation where masks are given.
+
+Every ``train.monitor.every`` steps, process 0 embeds the monitor's labelled train and val images
+with the current teacher backbone (eval mode, no gradient; the images are decoded once, at the
+start, resized square to the model's img_size) and computes
+
+* ``monitor/knn_top1``: weighted k-NN top-1 of the val images against the train images (the
+  ``eval knn`` functions: cosine, votes ``exp(cos/0.07)``, k = ``train.monitor.k``);
+* ``monitor/knn_seg_miou`` (with ``train_masks`` and ``val_masks``): dense k-NN segmentation of the
+  val images with every train patch as memory (the ``eval knn-seg`` label transfer: soft patch
+  labels, 30 neighbours by default, softmax(cos/0.02), bilinear upsampling, streaming mIoU).
+
+Labels are folder names or label files, as for ``eval knn``. The monitor never draws from the
+training's random streams (it runs inside ``torch.random.fork_rng`` and touches no data loader),
+so a run with and without it has identical losses; its seconds are logged as ``time/monitor``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mlsctl.errors import UserError
+
+
+class _Split:
+    """Decoded images of one monitor folder (uint8 [n, 3, R, R]) with their labels and masks."""
+
+    def __init__(self, root: str, labels_file: Optional[str], masks: Optional[str], resolution: int, what: str):
+        from mlsctl.data.images import ImageFolder
+        from mlsctl.evaluate.knn import read_labels_file
+        from mlsctl.evaluate.knn_seg import match_masks, read_mask
+        from mlsctl.features import Preprocessing
+
+        folder = ImageFolder(root, what)
+        self.files = folder.relpaths()
+        self.preprocessing = Preprocessing(resolution, "square")
+        self.pixels = torch.stack([self.preprocessing.pixels(folder.load(i)) for i in range(len(folder))])
+        if labels_file:
+            table = read_labels_file(Path(labels_file))
+            missing = [f for f in self.files if f not in table]
+            if missing:
+                raise UserError(f"{what}: labels file {labels_file} has no label for {len(missing)} images "
+                                f"(first: {missing[0]})")
+            self.names = [table[f] for f in self.files]
+        else:
+            self.names = [Path(f).parent.as_posix() for f in self.files]
+            if any(n in ("", ".") for n in self.names):
+                raise UserError(f"{what}: {root} holds images outside class folders; give a labels file "
+                                f"(train.monitor.train_labels / val_labels) or one sub-folder per class")
+        self.masks = [read_mask(p) for p in match_masks(self.files, Path(masks), what)] if masks else None
+
+
+class Monitor:
+    def __init__(self, cfg, resolution: int, patch_size: int):
+        resolution -= resolution % patch_size
+        self.cfg = cfg
+        self.train = _Split(cfg.train, cfg.train_labels, cfg.train_masks, resolution, "train.monitor.train")
+        self.val = _Split(cfg.val, cfg.val_labels, cfg.val_masks, resolution, "train.monitor.val")
+        classes = sorted(set(self.train.names))
+        lookup = {c: i for i, c in enumerate(classes)}
+        self.train_y = torch.tensor([lookup[c] for c in self.train.names])
+        self.val_y = torch.tensor([lookup.get(c, -1) for c in self.val.names])
+        self.num_classes = len(classes)
+        self.seg_classes = None
+        if self.train.masks is not None or self.val.masks is not None:
+            if self.train.masks is None or self.val.masks is None:
+                raise UserError("train.monitor needs both train_masks and val_masks for knn-seg, or neither")
+            top = max(int(m[m != cfg.ignore_index].max(initial=0)) for m in self.train.masks + self.val.masks)
+            self.seg_classes = top + 1
+
+    @torch.no_grad()
+    def _embed(self, backbone, split: _Split, device) -> tuple[torch.Tensor, torch.Tensor]:
+        cls, dense = [], []
+        for start in range(0, len(split.pixels), self.cfg.batch_size):
+            x = split.preprocessing.normalize(split.pixels[start:start + self.cfg.batch_size].to(device))
+            out = backbone(x)
+            cls.append(out.cls.float().cpu())
+            dense.append(out.patches.float().cpu())
+        return torch.cat(cls), torch.cat(dense)
+
+    def __call__(self, backbone, device) -> dict[str, float]:
+        from mlsctl.evaluate.knn import accuracy, knn_classify
+
+        started = time.perf_counter()
+        was_training = backbone.training
+        backbone.eval()
+        with torch.random.fork_rng(devices=[device] if torch.device(device).type == "cuda" else []):
+            train_cls, train_dense = self._embed(backbone, self.train, device)
+            val_cls, val_dense = self._embed(backbone, self.val, device)
+        backbone.train(was_training)
+        k = self.cfg.k
+        scores = knn_classify(train_cls, self.train_y, val_cls, [k], num_classes=self.num_classes)[k]
+        record = {"monitor/knn_top1": accuracy(scores, self.val_y, 1)}
+        if self.seg_classes is not None:
+            record["monitor/knn_seg_miou"] = self._knn_seg(train_dense, val_dense)
+        record["time/monitor"] = time.perf_counter() - started
+        return record
+
+    def _knn_seg(self, train_dense: torch.Tensor, val_dense: torch.Tensor) -> float:
+        import faiss
+
+        from mlsctl.evaluate.knn_seg import patch_soft_labels, transfer_labels
+        from mlsctl.evaluate.segmentation import confusion_update, mean_iou
+
+        n, h, w, d = train_dense.shape
+        labels = torch.cat([patch_soft_labels(m, (h, w), self.seg_classes, self.cfg.ignore_index)
+                            for m in self.train.masks])
+        keys = F.normalize(train_dense.reshape(-1, d), dim=1)
+        keep = labels.sum(1) > 0
+        keys, labels = keys[keep], labels[keep]
+        index = faiss.IndexFlatIP(d)
+        index.add(np.ascontiguousarray(keys.numpy(), dtype=np.float32))
+        k = min(self.cfg.seg_k, len(keys))
+        confusion = np.zeros((self.seg_classes, self.seg_classes), dtype=np.int64)
+        for i, mask in enumerate(self.val.masks):
+            queries = F.normalize(val_dense[i].reshape(-1, d), dim=1).numpy()
+            scores, neighbours = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+            probabilities = transfer_labels(torch.from_numpy(scores), labels[torch.from_numpy(neighbours).clamp_min(0)],
+                                            0.02)
+            maps = probabilities.T.reshape(1, -1, h, w)
+            prediction = F.interpolate(maps, size=mask.shape, mode="bilinear", align_corners=False)[0].argmax(0)
+            confusion = confusion_update(confusion, mask, prediction.numpy(), self.cfg.ignore_index)
+        return mean_iou(confusion)
