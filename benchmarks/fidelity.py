@@ -246,22 +246,13 @@ def build_data(profile: Profile, work: Path, fmnist: Path, threads: int) -> None
 
 
 def largest_item_labels(split: Path) -> Path:
-    """``SPLIT/largest-item.csv``: each scene's label for image k-NN, the class covering the most
-    pixels of its mask (ties: the lower class); written once per data build."""
-    import numpy as np
-    from PIL import Image
-
-    from mlsctl.data.fmnist import CLASSES
+    """``SPLIT/largest-item.csv``: each scene's label for image k-NN (the class covering the most
+    pixels of its mask), as ``mlsctl data fmnist-scenes`` writes ``labels.csv``; written once."""
+    from mlsctl.data.fmnist import largest_item_labels as write_labels
 
     out = split / "largest-item.csv"
-    masks = sorted((split / "masks").glob("*.png"))
-    if out.is_file() and out.stat().st_mtime >= max(m.stat().st_mtime for m in masks):
-        return out
-    rows = []
-    for mask in masks:
-        counts = np.bincount(np.asarray(Image.open(mask)).reshape(-1), minlength=len(CLASSES) + 1)[1:len(CLASSES) + 1]
-        rows.append(f"{mask.name},{CLASSES[int(counts.argmax())]}")
-    atomic.write_text(out, "path,label\n" + "\n".join(rows) + "\n")
+    if not out.is_file():
+        atomic.write_text(out, write_labels(split).read_text())
     return out
 
 

@@ -2,8 +2,8 @@
 online k-NN, and dense k-NN segmentation where masks are given.
 
 Every ``train.monitor.every`` steps, process 0 embeds the monitor's labelled train and val images
-with the current teacher backbone (eval mode, no gradient; the images are decoded once, at the
-start, resized square to the model's img_size) and computes
+with the current teacher backbone (eval mode, no gradient; the first ``max_images`` images of each
+folder are decoded once, at the start, resized square to the model's img_size) and computes
 
 * ``monitor/knn_top1``: weighted k-NN top-1 of the val images against the train images (the
   ``eval knn`` functions: cosine, votes ``exp(cos/0.07)``, k = ``train.monitor.k``);
@@ -32,16 +32,18 @@ from mlsctl.errors import UserError
 class _Split:
     """Decoded images of one monitor folder (uint8 [n, 3, R, R]) with their labels and masks."""
 
-    def __init__(self, root: str, labels_file: Optional[str], masks: Optional[str], resolution: int, what: str):
+    def __init__(self, root: str, labels_file: Optional[str], masks: Optional[str], resolution: int, what: str,
+                 max_images: int = 0):
         from mlsctl.data.images import ImageFolder
         from mlsctl.evaluate.knn import read_labels_file
         from mlsctl.evaluate.knn_seg import match_masks, read_mask
         from mlsctl.features import Preprocessing
 
         folder = ImageFolder(root, what)
-        self.files = folder.relpaths()
+        count = min(len(folder), max_images) if max_images else len(folder)
+        self.files = folder.relpaths()[:count]
         self.preprocessing = Preprocessing(resolution, "square")
-        self.pixels = torch.stack([self.preprocessing.pixels(folder.load(i)) for i in range(len(folder))])
+        self.pixels = torch.stack([self.preprocessing.pixels(folder.load(i)) for i in range(count)])
         if labels_file:
             table = read_labels_file(Path(labels_file))
             missing = [f for f in self.files if f not in table]
@@ -61,8 +63,9 @@ class Monitor:
     def __init__(self, cfg, resolution: int, patch_size: int):
         resolution -= resolution % patch_size
         self.cfg = cfg
-        self.train = _Split(cfg.train, cfg.train_labels, cfg.train_masks, resolution, "train.monitor.train")
-        self.val = _Split(cfg.val, cfg.val_labels, cfg.val_masks, resolution, "train.monitor.val")
+        self.train = _Split(cfg.train, cfg.train_labels, cfg.train_masks, resolution, "train.monitor.train",
+                            cfg.max_images)
+        self.val = _Split(cfg.val, cfg.val_labels, cfg.val_masks, resolution, "train.monitor.val", cfg.max_images)
         classes = sorted(set(self.train.names))
         lookup = {c: i for i, c in enumerate(classes)}
         self.train_y = torch.tensor([lookup[c] for c in self.train.names])

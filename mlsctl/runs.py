@@ -32,7 +32,7 @@ RUN_FORMAT_VERSION = 1
 
 # What mlsctl pretrain writes in a run folder; `--overwrite` removes these and nothing else.
 RUN_ENTRIES = ("config.yaml", "start.json", "metrics.jsonl", "train.log", "summary.json", "images.txt",
-               "teacher.safetensors", "teacher_adapters", "checkpoints", "trackers")
+               "teacher.safetensors", "teacher_adapters", "checkpoints", "trackers", "report.html")
 
 
 class Checkpoint:

@@ -90,3 +90,20 @@ def test_real_fashion_mnist_scene(tmp_path: Path):
     build_scenes(tmp_path / "real", n_train=2, n_val=2, progress=False)
     mask = np.asarray(Image.open(tmp_path / "real" / "val" / "masks" / "000000.png"))
     assert mask.shape == (96, 96) and mask.max() <= 10 and (mask > 0).mean() > 0.05
+
+
+def test_scenes_carry_a_labels_file_of_their_largest_item(tmp_path, fake_fmnist):
+    import numpy as np
+    from PIL import Image
+
+    from mlsctl.data.fmnist import CLASSES, build_scenes
+
+    build_scenes(tmp_path / "s", n_train=4, n_val=2, size=32, source=fake_fmnist, progress=False)
+    lines = (tmp_path / "s" / "train" / "labels.csv").read_text().splitlines()
+    assert lines[0] == "path,label" and len(lines) == 5
+    name, label = lines[1].split(",", 1)
+    counts = np.bincount(np.asarray(Image.open(tmp_path / "s" / "train" / "masks" / name)).reshape(-1), minlength=11)
+    assert label == CLASSES[int(counts[1:11].argmax())]
+    (tmp_path / "s" / "val" / "labels.csv").unlink()  # an older build: the file comes back on the next build call
+    build_scenes(tmp_path / "s", n_train=4, n_val=2, size=32, source=fake_fmnist, progress=False)
+    assert (tmp_path / "s" / "val" / "labels.csv").is_file()

@@ -50,6 +50,7 @@ from mlsctl.cli import index as _index  # noqa: E402
 from mlsctl.cli import plot as _plot  # noqa: E402,F401
 from mlsctl.cli import pretrain as _pretrain  # noqa: E402,F401
 from mlsctl.cli import recipes as _recipes  # noqa: E402,F401
+from mlsctl.cli import report as _report  # noqa: E402,F401
 from mlsctl.cli import serve as _serve  # noqa: E402,F401
 from mlsctl.cli import viz as _viz  # noqa: E402
 

@@ -194,6 +194,9 @@ def build_scenes(out: str | Path, n_train: int = 2000, n_val: int = 500, size: i
     params = {"n_train": n_train, "n_val": n_val, "size": size, "seed": seed}
     existing = reusable_build(out, "fmnist-scenes", params, overwrite)
     if existing is not None:
+        for split in ("train", "val"):  # a build of an older mlsctl gets its labels file
+            if not (out / split / "labels.csv").is_file():
+                largest_item_labels(out / split)
         return existing
     splits = {name: load_split(source, fmnist_split) for name, (fmnist_split, _) in _SPLITS.items()}
     tmp = out.parent / f".{out.name}.building"
@@ -203,12 +206,27 @@ def build_scenes(out: str | Path, n_train: int = 2000, n_val: int = 500, size: i
     for split, n in (("train", n_train), ("val", n_val)):
         images, labels = splits[split]
         _build_split(tmp, split, images, labels, n, size, seed, progress)
+        largest_item_labels(tmp / split)
     meta = {"format_version": SCENES_FORMAT_VERSION, "generator": "fmnist-scenes", "parameters": params,
             "source": str(source), "classes": ["background", *CLASSES], "ignore_index": IGNORE_INDEX,
             "splits": {"train": "Fashion-MNIST train", "val": "Fashion-MNIST test (t10k)"}}
     atomic.write_json(tmp / "meta.json", meta)
     replace_folder(tmp, out)
     return meta
+
+
+def largest_item_labels(split: Path) -> Path:
+    """``SPLIT/labels.csv`` (``path,label``, paths relative to ``SPLIT/images``): each scene's
+    image-level label for ``eval knn``, ``eval linear`` and ``train.monitor`` — the class covering
+    the most pixels of its mask (ties: the lower class)."""
+    masks = sorted((split / "masks").glob("*.png"))
+    rows = []
+    for mask in masks:
+        counts = np.bincount(np.asarray(Image.open(mask)).reshape(-1), minlength=len(CLASSES) + 1)[1:len(CLASSES) + 1]
+        rows.append(f"{mask.name},{CLASSES[int(counts.argmax())]}")
+    out = split / "labels.csv"
+    atomic.write_text(out, "path,label\n" + "\n".join(rows) + "\n")
+    return out
 
 
 def reusable_build(out: Path, generator: str, params: dict, overwrite: bool) -> Optional[dict]:

@@ -1,0 +1,32 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from mlsctl.cli import app
+
+
+@app.command("report")
+def report(
+    run: Path = typer.Argument(..., help="Run folder (written by mlsctl pretrain)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="HTML file to write [default: RUN/report.html]."),
+    results: Optional[list[Path]] = typer.Option(None, "--results", help="Folders of mlsctl eval result JSONs to search for this run's evaluations [default: ./results]."),
+    patch_images: int = typer.Option(8, "--patch-images", min=1, help="Training images drawn with PCA patch maps."),
+    as_json: bool = typer.Option(False, "--json", help="Print what was written as JSON."),
+) -> None:
+    """One self-contained HTML page of a run: summary, recipe, curves, PCA patch maps, banks and evaluations.
+
+    Example: mlsctl report runs/dino_fmnist_quick --out report.html
+    """
+    from mlsctl.report import write_report
+
+    target = out or (run / "report.html")
+    record = write_report(run, target, results=results or [Path("results")], patch_images=patch_images)
+    if as_json:
+        print(json.dumps(record, indent=2))
+        return
+    print(f"wrote {target} ({record['bytes'] / 1e6:.1f} MB, {record['images']} pictures, {record['evaluations']} "
+          f"evaluation{'s' if record['evaluations'] != 1 else ''}); open it in any browser")

@@ -1,0 +1,48 @@
+"""mlsctl report: one self-contained HTML page, rendered by headless Chromium where installed."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from conftest import cli_ok
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _report(finished_run, tmp_path, capsys):
+    run_dir, _ = finished_run
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    (run / "results").mkdir()
+    (run / "results" / "knn.json").write_text(json.dumps({
+        "command": "eval knn", "model": {"path": str(run / "teacher.safetensors")},
+        "results": [{"k": 10, "top1": 0.5, "top5": 0.9}]}))
+    out, _ = cli_ok(capsys, "report", str(run), "--out", str(tmp_path / "report.html"), "--results", str(tmp_path),
+                    "--patch-images", "4", "--json")
+    return json.loads(out), (tmp_path / "report.html").read_text()
+
+
+def test_report_is_one_self_contained_page_with_every_section(finished_run, tmp_path, capsys):
+    record, page = _report(finished_run, tmp_path, capsys)
+    for section in ("summary", "recipe", "curves", "patch-maps", "banks", "evaluations"):
+        assert f'<section id="{section}">' in page
+    assert record["images"] >= 3 and record["evaluations"] == 1
+    assert not re.search(r'(src|href)="(https?:|//|file:)', page)  # nothing fetched: every picture is a data URI
+    assert page.count('src="data:image/png;base64,') == record["images"]
+    assert "top-1 %" in page and "50.00" in page
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed (Debian package chromium)")
+def test_report_renders_in_headless_chromium(finished_run, tmp_path, capsys):
+    record, _ = _report(finished_run, tmp_path, capsys)
+    dom = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom",
+                          (tmp_path / "report.html").as_uri()], capture_output=True, text=True, timeout=120).stdout
+    loaded = re.search(r'data-images-loaded="(\d+)/(\d+)"', dom)
+    assert loaded and loaded.group(1) == loaded.group(2) == str(record["images"])
+    for section in ("Summary", "Recipe", "Training curves", "PCA patch maps", "Memory banks", "Evaluations"):
+        assert f"<h2>{section}</h2>" in dom
