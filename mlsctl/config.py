@@ -181,7 +181,7 @@ class MonitorConfig:
     seg_k: int = param(30, help="neighbours per patch of knn-seg", ge=1)
     ignore_index: int = param(255, help="mask value that is not scored")
     batch_size: int = param(64, help="images per forward pass of the monitor", ge=1)
-    max_images: int = param(500, help="the first N images of each monitor folder (cost control); 0 = all", ge=0)
+    max_images: int = param(200, help="the first N images of each monitor folder (cost control); 0 = all", ge=0)
 
     def check(self) -> list[tuple[str, str]]:
         if self.every and (self.train is None or self.val is None):

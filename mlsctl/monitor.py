@@ -122,12 +122,15 @@ class Monitor:
         index.add(np.ascontiguousarray(keys.numpy(), dtype=np.float32))
         k = min(self.cfg.seg_k, len(keys))
         confusion = np.zeros((self.seg_classes, self.seg_classes), dtype=np.int64)
-        for i, mask in enumerate(self.val.masks):
-            queries = F.normalize(val_dense[i].reshape(-1, d), dim=1).numpy()
+        batch = 64
+        for start in range(0, len(self.val.masks), batch):  # one search per batch of val images
+            block = val_dense[start:start + batch]
+            queries = F.normalize(block.reshape(-1, d), dim=1).numpy()
             scores, neighbours = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
             probabilities = transfer_labels(torch.from_numpy(scores), labels[torch.from_numpy(neighbours).clamp_min(0)],
-                                            0.02)
-            maps = probabilities.T.reshape(1, -1, h, w)
-            prediction = F.interpolate(maps, size=mask.shape, mode="bilinear", align_corners=False)[0].argmax(0)
-            confusion = confusion_update(confusion, mask, prediction.numpy(), self.cfg.ignore_index)
+                                            0.02).reshape(len(block), h, w, -1).permute(0, 3, 1, 2)
+            for i, mask in enumerate(self.val.masks[start:start + batch]):
+                prediction = F.interpolate(probabilities[i:i + 1], size=mask.shape, mode="bilinear",
+                                           align_corners=False)[0].argmax(0)
+                confusion = confusion_update(confusion, mask, prediction.numpy(), self.cfg.ignore_index)
         return mean_iou(confusion)
