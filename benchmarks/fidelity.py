@@ -503,12 +503,12 @@ def chart(summary: dict, out: Path) -> None:
     metrics = (("miou", "mIoU"), ("foreground_iou", "foreground IoU"), ("knn_top1@20", "image k-NN top-1 (k=20)"))
     width = 0.8 / len(metrics)
     for i, (key, label) in enumerate(metrics):
-        means = [100 * table[v][key]["mean"] if key in table[v] else 0.0 for v in variants]
+        means = [100 * table[v][key]["mean"] if key in table[v] else float("nan") for v in variants]  # nan: no bar
         stds = [100 * table[v][key]["std"] if key in table[v] else 0.0 for v in variants]
         left.bar([x + (i - 1) * width for x in range(len(variants))], means, width, yerr=stds, capsize=2, label=label)
     left.set_xticks(range(len(variants)), variants, rotation=20)
-    left.set_ylabel("IoU (%)")
-    left.set_title("fmnist-scenes, dense k-NN segmentation")
+    left.set_ylabel("IoU or top-1 (%)")
+    left.set_title("fmnist-scenes: dense k-NN segmentation and image k-NN")
     left.legend(fontsize=8)
     mile = table.get("mile", {})
     noises = sorted({float(k.rsplit("noise", 1)[1]) for k in mile})
