@@ -14,7 +14,6 @@ exported folder and returns the timm model in eval mode.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
