@@ -23,7 +23,9 @@ def read_metrics(run_dir: str | Path) -> dict[str, tuple[list[int], list[float]]
     if not run.metrics_path.is_file():
         raise UserError(f"{run_dir} has no metrics.jsonl; give a run folder written by mlsctl pretrain")
     series: dict[str, tuple[list[int], list[float]]] = {}
-    for line in run.metrics_path.read_text().splitlines():
+    from mlsctl.evaluate.knn import read_text_file
+
+    for line in read_text_file(run.metrics_path, "metrics file").splitlines():
         try:
             record = json.loads(line)
         except json.JSONDecodeError:

@@ -26,11 +26,16 @@ from mlsctl.errors import UserError
 from mlsctl.runs import Run
 
 
+EXPORT_FILES = ("config.json", "model.safetensors", "mlsctl.json")
+
+
 def _teacher(run_dir: Path, step: Optional[int]):
     from mlsctl import config as config_lib
     from mlsctl.models.source import from_checkpoint, from_run
 
     run = Run(run_dir)
+    if not run.root.exists():
+        raise UserError(f"{run_dir} does not exist; give a run folder written by mlsctl pretrain")
     if not run.config_path.is_file():
         raise UserError(f"{run_dir} is not a run folder (no config.yaml); give a folder written by mlsctl pretrain")
     recipe = config_lib.load_recipe(str(run.config_path))
@@ -57,6 +62,10 @@ def export_timm(run_dir: str | Path, out: str | Path, *, step: Optional[int] = N
             raise UserError(f"--out {out} is not empty; add --overwrite to replace an earlier export, or choose another")
         if not (out / "mlsctl.json").is_file():
             raise UserError(f"--out {out} is not an mlsctl export (no mlsctl.json); --overwrite only replaces exports")
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in EXPORT_FILES)
+        if foreign:
+            raise UserError(f"--out {out} also holds {', '.join(foreign[:4])}, which export did not write; move "
+                            f"{'them' if len(foreign) > 1 else 'it'} away or choose another --out")
     run, recipe, choice, checkpoint_step = _teacher(Path(run_dir), step)
     vit = lora.merged_vit(choice.backbone.model).eval()
     model = recipe.model
@@ -77,6 +86,10 @@ def export_timm(run_dir: str | Path, out: str | Path, *, step: Optional[int] = N
                   "method": recipe.method.name, "fingerprint": fingerprint(vit), "model_args": model_args,
                   "load": f"timm.create_model('local-dir:{out.resolve()}', pretrained=True)"}
         atomic.write_json(tmp / "mlsctl.json", record)
+        umask = os.umask(0)
+        os.umask(umask)
+        for f in tmp.iterdir():  # readable by whoever the folder is given to, as the umask allows
+            os.chmod(f, 0o666 & ~umask)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -200,9 +200,9 @@ def _evaluations(run: Run, folders: Sequence[Path]) -> tuple[str, int]:
     for folder in [run.root / "results", *folders]:
         for path in sorted(Path(folder).glob("*.json")) if Path(folder).is_dir() else []:
             try:
-                result = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError):
-                continue
+                result = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                continue  # not an mlsctl eval result
             if isinstance(result, dict) and str(result.get("command", "")).startswith("eval ") and (
                     path.parent == run.root / "results" or _belongs(result, run)):
                 found.append((path, result))

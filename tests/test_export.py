@@ -52,3 +52,20 @@ def test_export_refuses_to_overwrite_what_it_did_not_write(finished_run, tmp_pat
     cli_ok(capsys, "export", str(run_dir), "--out", str(tmp_path / "exp"), "--overwrite")
     code, _, err = cli("export", str(tmp_path), "--out", str(tmp_path / "x"), capsys=capsys)
     assert code != 0 and "is not a run folder" in err
+
+
+def test_export_overwrite_keeps_foreign_files_and_files_are_readable(finished_run, tmp_path, capsys):
+    import os
+    import stat
+
+    run_dir, _ = finished_run
+    cli_ok(capsys, "export", str(run_dir), "--out", str(tmp_path / "exp"))
+    mode = stat.S_IMODE(os.stat(tmp_path / "exp" / "model.safetensors").st_mode)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert mode == 0o666 & ~umask
+    (tmp_path / "exp" / "notes.txt").write_text("mine")
+    code, _, err = cli("export", str(run_dir), "--out", str(tmp_path / "exp"), "--overwrite", capsys=capsys)
+    assert code != 0 and "notes.txt" in err and (tmp_path / "exp" / "notes.txt").read_text() == "mine"
+    code, _, err = cli("export", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x"), capsys=capsys)
+    assert code != 0 and "does not exist" in err

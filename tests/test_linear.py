@@ -95,3 +95,18 @@ def test_cli_errors_are_one_sentence(tmp_path, capsys):
     code, _, err = cli("eval", "linear", "--train", str(folders["train"]), "--val", str(folders["val"]),
                        "--multi-label", "--train-labels", str(tmp_path / "bad.jsonl"), capsys=capsys)
     assert code != 0 and "bad.jsonl:1 is not a JSON object" in err
+
+
+def test_binary_labels_and_metrics_files_are_one_sentence(tmp_path, capsys, finished_run):
+    folders = _folders(tmp_path, multi=False)
+    (tmp_path / "bin.csv").write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
+    code, _, err = cli("eval", "linear", "--train", str(folders["train"]), "--val", str(folders["val"]),
+                       "--train-labels", str(tmp_path / "bin.csv"), capsys=capsys)
+    assert code != 0 and "is not UTF-8 text" in err and len(err.strip().splitlines()) == 1
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run[0], run)
+    (run / "metrics.jsonl").write_bytes(b"\xff\xfe\x00garbage")
+    code, _, err = cli("plot", str(run), "--out", str(tmp_path / "c.png"), capsys=capsys)
+    assert code != 0 and "is not UTF-8 text" in err and len(err.strip().splitlines()) == 1

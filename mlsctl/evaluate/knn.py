@@ -55,11 +55,21 @@ def accuracy(scores: torch.Tensor, labels: torch.Tensor, top: int) -> float:
     return float(hits.float().mean())
 
 
+def read_text_file(path: Path, what: str) -> str:
+    """A UTF-8 text file, or one sentence saying it is not one."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{what} {path} is not UTF-8 text (a binary or damaged file?); give a CSV or JSONL file") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+
+
 def read_labels_file(path: Path) -> dict[str, str]:
     if not path.is_file():
-        raise UserError(f"labels file {path} does not exist")
+        raise UserError(f"labels file {path} does not exist" + (" (it is a folder)" if path.is_dir() else ""))
     labels: dict[str, str] = {}
-    text = path.read_text(encoding="utf-8")
+    text = read_text_file(path, "labels file")
     if path.suffix.lower() in (".jsonl", ".json"):
         for number, line in enumerate(text.splitlines(), 1):
             if not line.strip():
