@@ -35,7 +35,7 @@ class _Split:
     def __init__(self, root: str, labels_file: Optional[str], masks: Optional[str], resolution: int, what: str,
                  max_images: int = 0):
         from mlsctl.data.images import ImageFolder
-        from mlsctl.evaluate.knn import read_labels_file
+        from mlsctl.evaluate.knn import labels_of
         from mlsctl.evaluate.knn_seg import match_masks, read_mask
         from mlsctl.features import Preprocessing
 
@@ -44,18 +44,7 @@ class _Split:
         self.files = folder.relpaths()[:count]
         self.preprocessing = Preprocessing(resolution, "square")
         self.pixels = torch.stack([self.preprocessing.pixels(folder.load(i)) for i in range(count)])
-        if labels_file:
-            table = read_labels_file(Path(labels_file))
-            missing = [f for f in self.files if f not in table]
-            if missing:
-                raise UserError(f"{what}: labels file {labels_file} has no label for {len(missing)} images "
-                                f"(first: {missing[0]})")
-            self.names = [table[f] for f in self.files]
-        else:
-            self.names = [Path(f).parent.as_posix() for f in self.files]
-            if any(n in ("", ".") for n in self.names):
-                raise UserError(f"{what}: {root} holds images outside class folders; give a labels file "
-                                f"(train.monitor.train_labels / val_labels) or one sub-folder per class")
+        self.names = labels_of(self.files, Path(root), Path(labels_file) if labels_file else None, f"{what} ({root})")
         self.masks = [read_mask(p) for p in match_masks(self.files, Path(masks), what)] if masks else None
 
 

@@ -56,7 +56,9 @@ def accuracy(scores: torch.Tensor, labels: torch.Tensor, top: int) -> float:
 
 
 def read_text_file(path: Path, what: str) -> str:
-    """A UTF-8 text file, or one sentence saying it is not one."""
+    """A UTF-8 text file, or one sentence saying it is missing or not one."""
+    if not path.is_file():
+        raise UserError(f"{what} {path} does not exist" + (" (it is a folder)" if path.is_dir() else ""))
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
@@ -66,8 +68,6 @@ def read_text_file(path: Path, what: str) -> str:
 
 
 def read_labels_file(path: Path) -> dict[str, str]:
-    if not path.is_file():
-        raise UserError(f"labels file {path} does not exist" + (" (it is a folder)" if path.is_dir() else ""))
     labels: dict[str, str] = {}
     text = read_text_file(path, "labels file")
     if path.suffix.lower() in (".jsonl", ".json"):
@@ -93,17 +93,23 @@ def read_labels_file(path: Path) -> dict[str, str]:
 
 def labels_for(features, labels_file: Optional[Path], what: str) -> list[str]:
     """The label of each row of a feature folder."""
+    return labels_of(features.files, Path(features.input_root), labels_file, f"{what} {features.path}")
+
+
+def labels_of(files: Sequence[str], root: Path, labels_file: Optional[Path], what: str) -> list[str]:
+    """The label of each file (relative to ``root``): its folder name, or its row of ``labels_file``
+    (keyed by the relative or the absolute path)."""
     if labels_file is None:
-        names = [Path(f).parent.as_posix() for f in features.files]
+        names = [Path(f).parent.as_posix() for f in files]
         if any(n in ("", ".") for n in names):
-            example = next(f for f, n in zip(features.files, names) if n in ("", "."))
-            raise UserError(f"{what} {features.path}: {example} is not inside a class folder; give a labels file "
+            example = next(f for f, n in zip(files, names) if n in ("", "."))
+            raise UserError(f"{what}: {example} is not inside a class folder; give a labels file "
                             f"(CSV or JSONL of path,label) instead")
         return names
-    table = read_labels_file(labels_file)
+    table = read_labels_file(Path(labels_file))
     out, missing = [], []
-    for relpath in features.files:
-        label = table.get(relpath, table.get(str(features.input_root / relpath)))
+    for relpath in files:
+        label = table.get(relpath, table.get(str(root / relpath)))
         if label is None:
             missing.append(relpath)
         out.append(label)

@@ -41,8 +41,6 @@ def read_multi_labels(path: Path) -> dict[str, list[str]]:
     """``path`` → tag list, as written in a JSONL or CSV labels file."""
     from mlsctl.evaluate.knn import read_text_file
 
-    if not path.is_file():
-        raise UserError(f"labels file {path} does not exist" + (" (it is a folder)" if path.is_dir() else ""))
     text = read_text_file(path, "labels file")
     out: dict[str, list[str]] = {}
     if path.suffix.lower() in (".jsonl", ".json"):

@@ -102,11 +102,12 @@ class StudentTeacherNet(nn.Module):
         self.backbone, self.head = backbone, head
 
 
-def build_student_teacher(recipe, head_factory) -> tuple[StudentTeacherNet, StudentTeacherNet]:
-    """Student (with drop path) and teacher (without), the teacher a frozen copy of the student."""
-    student_backbone = build_backbone(recipe.model)
+def build_student_teacher(recipe, head_factory, mask_token: bool = False) -> tuple[StudentTeacherNet, StudentTeacherNet]:
+    """Student (with drop path) and teacher (without), the teacher a frozen copy of the student;
+    ``mask_token`` gives both backbones the token of masked image modelling."""
+    student_backbone = build_backbone(recipe.model, mask_token=mask_token)
     student = StudentTeacherNet(student_backbone, head_factory(student_backbone.embed_dim))
-    teacher_backbone = build_backbone(recipe.model, drop_path_rate=0.0, load_weights=False)
+    teacher_backbone = build_backbone(recipe.model, drop_path_rate=0.0, load_weights=False, mask_token=mask_token)
     teacher = StudentTeacherNet(teacher_backbone, copy.deepcopy(student.head))
     teacher.load_state_dict(student.state_dict())
     for p in teacher.parameters():

@@ -31,7 +31,6 @@ the seconds spent in judge selection (``time/judges``), in the votes and losses
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass
 from typing import ClassVar, Literal
@@ -45,7 +44,7 @@ from mlsctl.config import MethodConfig, param
 from mlsctl.data.loader import sample_seed
 from mlsctl.methods.base import Method, StepOutput
 from mlsctl.methods.sove_ops import cls_loss, judge_overlap, judge_probabilities, patch_loss, sample_judges
-from mlsctl.models.backbone import build_backbone
+from mlsctl.methods.dino import build_student_teacher
 from mlsctl.models.heads import EmbeddingHead
 from mlsctl.schedules import linear_warmup_epochs
 
@@ -86,14 +85,6 @@ class SOVEConfig(MethodConfig):
                       "CPUs with AVX-512 BF16; near-ties may differ)")
 
 
-class StudentTeacherNet(nn.Module):
-    """Backbone (with a mask token) + embedding head."""
-
-    def __init__(self, backbone: nn.Module, head: EmbeddingHead):
-        super().__init__()
-        self.backbone, self.head = backbone, head
-
-
 class SOVE(Method):
     Config = SOVEConfig
     find_unused_parameters: ClassVar[bool] = True  # without masking (patch_loss=false, mask_ratio=0) the mask token is idle
@@ -101,14 +92,8 @@ class SOVE(Method):
     def __init__(self, recipe, schedule):
         super().__init__(recipe, schedule)
         cfg = self.cfg
-        backbone = build_backbone(recipe.model, mask_token=True)
-        self.student = StudentTeacherNet(backbone, EmbeddingHead(backbone.embed_dim, cfg.hidden_dim,
-                                                                 cfg.bottleneck_dim, cfg.head_layers))
-        teacher_backbone = build_backbone(recipe.model, drop_path_rate=0.0, load_weights=False, mask_token=True)
-        self.teacher = StudentTeacherNet(teacher_backbone, copy.deepcopy(self.student.head))
-        self.teacher.load_state_dict(self.student.state_dict())
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
+        self.student, self.teacher = build_student_teacher(
+            recipe, lambda dim: EmbeddingHead(dim, cfg.hidden_dim, cfg.bottleneck_dim, cfg.head_layers), mask_token=True)
         self.n_global = recipe.data.global_crops.count
         generator = torch.Generator().manual_seed(recipe.seed * 7919 + 17)
         self.class_memory = MemoryBank(cfg.class_memory_size, cfg.bottleneck_dim, {
