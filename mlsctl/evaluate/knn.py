@@ -103,8 +103,8 @@ def labels_of(files: Sequence[str], root: Path, labels_file: Optional[Path], wha
         names = [Path(f).parent.as_posix() for f in files]
         if any(n in ("", ".") for n in names):
             example = next(f for f, n in zip(files, names) if n in ("", "."))
-            raise UserError(f"{what}: {example} is not inside a class folder; give a labels file "
-                            f"(CSV or JSONL of path,label) instead")
+            raise UserError(f"{what}: {example} is not inside a class folder; images outside class folders need a "
+                            f"labels file (CSV or JSONL of path,label)")
         return names
     table = read_labels_file(Path(labels_file))
     out, missing = [], []
