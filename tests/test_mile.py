@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import cli, cli_ok, run_cli, tiny_recipe
+from conftest import cli, cli_ok, run_cli, tiny_recipe, write_recipe
 from mlsctl import config
 from mlsctl.evaluate.retrieval import average_recall, max_pairwise_scores, noisy_sets, ranks, recall_at
 from mlsctl.methods.mile import MILE, CrossBlock, SetEncoder
@@ -297,3 +297,18 @@ def test_gallery_from_features_must_match_how_queries_are_embedded(mile_run, tmp
     code, _, err = cli("eval", "retrieval", "--gallery", str(mile_run / "gallery"), "--query", str(tmp_path / "other"),
                        "--run", run, "--out", str(tmp_path / "r.json"), capsys=capsys)
     assert code == 2 and "share only 2 object ids" in err
+
+
+def test_a_cnn_mile_run_builds_a_gallery_and_searches_it(mile_run, tmp_path, capsys):
+    """index and search work unchanged on a CNN run (MILE's set encoder over pooled ResNet features)."""
+    raw = tiny_recipe(mile_run / "train", data__local_crops={"count": 0, "size": 32, "scale": [0.1, 0.4]},
+                      optim__batch_size=2, optim__epochs=1)
+    raw["model"] = {"arch": "test_resnet", "img_size": 32, "patch_size": 32, "drop_path_rate": 0.0, "timm_kwargs": {}}
+    raw["method"] = {"name": "mile", "set_length": 2, "cross_heads": 2, "out_dim": 64, "hidden_dim": 64,
+                     "bottleneck_dim": 32, "warmup_teacher_temp_epochs": 0}
+    cli_ok(capsys, "pretrain", str(write_recipe(tmp_path / "cnn.yaml", raw)), "--out", str(tmp_path / "run"))
+    gallery = tmp_path / "gallery"
+    cli_ok(capsys, "index", "build", str(mile_run / "gallery"), "--run", str(tmp_path / "run"), "--out", str(gallery))
+    photos = [str(p) for p in sorted((mile_run / "gallery" / "obj3").iterdir())]
+    out, _ = cli_ok(capsys, "search", "--set", *photos, "--index", str(gallery), "-k", "3", "--json")
+    assert json.loads(out)["results"][0]["object"] == "obj3"

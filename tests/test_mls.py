@@ -314,11 +314,12 @@ def test_two_processes_hold_the_queues_and_weights_of_one(tmp_path):
     from mlsctl.bank import load_banks
     from mlsctl.runs import Run
 
-    images = make_images(tmp_path / "images", 8, size=(32, 32))
+    images = make_images(tmp_path / "images", 8, size=(64, 64))
     accelerate = Path(sys.executable).parent / "accelerate"
     runs = {}
     for processes, batch in ((1, 4), (2, 2)):
         raw = mls_recipe(images, CNN)
+        raw["data"]["global_crops"]["size"] = 64  # 2x2 maps in the last stage: BatchNorm over 8 values, not 2
         raw["optim"]["batch_size"] = batch
         raw["train"]["checkpoint_every"] = 4
         path = write_recipe(tmp_path / f"r{processes}.yaml", raw)
@@ -329,12 +330,22 @@ def test_two_processes_hold_the_queues_and_weights_of_one(tmp_path):
                                 env=cli_env(), timeout=300, cwd=REPO)
         assert result.returncode == 0, result.stderr[-3000:]
         runs[processes] = out
+    # equal up to float summation order (all-reduced gradients): measured 1e-7 on the weights here
+    # (with 32 px crops, BatchNorm over 2 values per channel in the last stage amplified it to 1e-2)
     one, two = (load_banks(Run(runs[n]).latest().banks_path) for n in (1, 2))
     for name in ("Q_g", "Q_z"):
         assert torch.equal(one[name].payload["image_id"], two[name].payload["image_id"])
-        assert torch.allclose(one[name].vectors, two[name].vectors, atol=1e-4), name
+        assert torch.equal(one[name].payload["step"], two[name].payload["step"])
+        assert torch.allclose(one[name].vectors, two[name].vectors, atol=1e-5), name
+
+    def losses(run):
+        return [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert losses(runs[1]) == pytest.approx(losses(runs[2]), rel=1e-5) and len(losses(runs[1])) == 4
+    # the weights agree; the BatchNorm running statistics do not and need not: as in MoCo, each process
+    # keeps those of its own groups (they are used only at evaluation), and rank 0 saves its own
     a, b = load_file(str(runs[1] / "teacher.safetensors")), load_file(str(runs[2] / "teacher.safetensors"))
-    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-4) for k in a)
+    weights = [k for k in a if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in weights)
 
 
 @pytest.mark.parametrize("override, words", [
@@ -378,3 +389,16 @@ def test_shipped_recipes_validate(tmp_path):
     assert (paper.model.arch, paper.optim.optimizer, paper.optim.lr, paper.optim.weight_decay, paper.optim.epochs,
             paper.method.queue_size, paper.method.k, paper.method.temperature, paper.method.momentum_teacher) == \
         ("resnet50", "sgd", 0.3, 1e-4, 400, 4096, 20, 0.2, 0.995)
+
+
+def test_label_precision_counts_neighbours_carrying_each_tag_against_chance():
+    from mlsctl.methods.mls_views import label_precision
+
+    vectors = torch.tensor([[1.0, 0.0], [1.0, 0.01], [0.0, 1.0], [0.01, 1.0], [0.7, 0.7]])
+    ids = torch.arange(5)
+    tags = [frozenset({"a"}), frozenset({"a"}), frozenset({"b"}), frozenset({"b"}), None]  # 4: never written
+    result = label_precision(vectors, ids, tags, k=1)
+    assert result["precision"] == pytest.approx(1.0) and result["chance"] == pytest.approx(1 / 3)
+    assert result["queries"] == 4
+    ids[1] = 0  # the same image's other view is never a neighbour: entry 0 now finds a "b"
+    assert label_precision(vectors, ids, tags, k=1)["precision"] == pytest.approx(0.5)

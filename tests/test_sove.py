@@ -333,7 +333,7 @@ def test_bank_commands_show_both_memories_and_the_judge_overlap(sove_run, tmp_pa
     ("method.class_memory_size=16", "cannot hold 6 concepts with 3 supports"),
     ("method.cls_supports=64", "k=64 must be smaller than the memory"),
     ("method.mask_ratio=1.0", "mask_ratio' must be < 1.0"),
-    ("model.arch=resnet18", "is a Vision Transformer"),  # no patch tokens
+    ("model.arch=resnet18", "needs a Vision Transformer"),  # a CNN: no patch tokens to mask
 ])
 def test_bad_settings_are_one_sentence_before_training(tmp_path, capsys, override, words):
     images = make_images(tmp_path / "images", 4, size=(32, 32))

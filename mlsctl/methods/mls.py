@@ -190,6 +190,9 @@ class MLS(Method):
                 for encoder in (self.query, self.key):
                     convert_to_group_batchnorm(encoder, cfg.bn_group_size, f"model.arch '{recipe.model.arch}'")
             elif world > 1:
+                if not torch.cuda.is_available():
+                    raise UserError("method.key_bn=sync needs CUDA processes (torch's SyncBatchNorm synchronises GPU "
+                                    "tensors only); on CPU use method.key_bn=shuffle")
                 self.query = convert_to_sync_batchnorm(self.query)
                 self.key = convert_to_sync_batchnorm(self.key)
         self.key.load_state_dict(self.query.state_dict())

@@ -112,6 +112,13 @@ class SOVE(Method):
         if recipe.data.global_crops.count != 2:
             errors.append(("data.global_crops.count", f"must be 2 for SOVE (two teacher views), got "
                                                       f"{recipe.data.global_crops.count}"))
+        import timm
+
+        from mlsctl.models.backbone import architecture_kind
+
+        if timm.is_model(recipe.model.arch) and architecture_kind(recipe.model.arch) != "vit":
+            errors.append(("model.arch", f"'{recipe.model.arch}' is a CNN; SOVE masks patch tokens and needs a Vision "
+                                         f"Transformer (vit_*)"))
         if (recipe.model.timm_kwargs or {}).get("class_token") is False:
             errors.append(("model.timm_kwargs.class_token", "must stay true: SOVE's CLS loss needs a CLS token"))
         for task, memory, size in (("cls", "class_memory_size", cfg.class_memory_size),

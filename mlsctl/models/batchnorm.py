@@ -21,6 +21,10 @@ leaks which samples are together, and the InfoNCE loss drops without better feat
 :class:`GroupBatchNorm2d` subclasses :class:`torch.nn.BatchNorm2d` with the same parameters and
 buffers, so checkpoints, exported weights and evaluation (which uses the running statistics) see
 an ordinary BatchNorm layer. Backbones know nothing of this: a method converts its encoders.
+
+Running statistics with several processes: as in MoCo, each process keeps those of its own groups
+(they serve only evaluation) and the checkpoint holds rank 0's; the weights, the queues and the
+losses do not depend on the number of processes (``tests/test_mls.py``).
 """
 
 from __future__ import annotations
