@@ -69,8 +69,7 @@ def export_timm(run_dir: str | Path, out: str | Path, *, step: Optional[int] = N
     run, recipe, choice, checkpoint_step = _teacher(Path(run_dir), step)
     vit = lora.merged_vit(choice.backbone.model).eval()
     model = recipe.model
-    if choice.backbone.kind == "cnn":  # timm's average pooling is the CNN backbone's global feature
-        vit.reset_classifier(0, global_pool="avg")
+    if choice.backbone.kind == "cnn":  # timm's pooled feature is the CNN backbone's global feature
         model_args = {"num_classes": 0, "global_pool": "avg", **dict(model.timm_kwargs or {})}
     else:
         model_args = {"img_size": model.img_size, "patch_size": model.patch_size, "dynamic_img_size": True,
@@ -115,9 +114,6 @@ def load_backbone(path: str | Path) -> torch.nn.Module:
         _, _, choice, _ = _teacher(path, None)
         from mlsctl.models import lora
 
-        net = lora.merged_vit(choice.backbone.model).eval()
-        if choice.backbone.kind == "cnn":  # the backbone keeps the map; its global feature is the average
-            net.reset_classifier(0, global_pool="avg")
-        return net
+        return lora.merged_vit(choice.backbone.model).eval()
     raise UserError(f"{path} is neither an exported model folder (config.json + model.safetensors) nor a run folder "
                     f"(config.yaml); give one of them")

@@ -490,6 +490,8 @@ def pretrain(recipe, out: str | Path, *, resume: bool = False, init_from: Option
     # Everything is validated before --out is touched: data, model, weights.
     accelerator = _accelerator(recipe, run.root.absolute())
     is_main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
+    for key, message in method_cls.check_training(recipe, world, accelerator.device.type):
+        raise UserError(f"{recipe_source}: '{key}' {message}")
     _seed_everything(recipe.seed + rank)
     folder = ImageFolder(recipe.data.root, "data.root", recipe.data.max_image_pixels)
     dataset, collate_fn = method_cls.build_dataset(recipe, folder)

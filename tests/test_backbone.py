@@ -210,3 +210,16 @@ def test_cnn_weights_round_trip_through_a_file(tmp_path: Path):
     loaded = Backbone("test_resnet", patch_size=32, weights=str(tmp_path / "w.safetensors")).eval()
     x = torch.randn(1, 3, 64, 64)
     assert torch.equal(loaded(x).cls, model(x).cls)
+
+
+def test_a_convnext_global_feature_is_timm_s_own_pooled_and_normed_feature():
+    import timm
+
+    torch.manual_seed(0)
+    model = Backbone("test_convnext", patch_size=32).eval()
+    x = torch.randn(2, 3, 64, 64)
+    reference = timm.create_model("test_convnext", num_classes=0)
+    reference.load_state_dict(model.net.state_dict())
+    out = model(x)
+    assert torch.allclose(out.cls, reference.eval()(x), atol=1e-5)  # pooled, then the head's LayerNorm
+    assert not torch.allclose(out.cls, out.patches.mean(dim=(1, 2)), atol=1e-3)

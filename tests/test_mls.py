@@ -351,7 +351,7 @@ def test_two_processes_hold_the_queues_and_weights_of_one(tmp_path):
 @pytest.mark.parametrize("override, words", [
     ("method.k=50", "cannot come from a queue of 12"),
     ("method.queue_size=3", "smaller than the global batch"),
-    ("method.bn_group_size=3", "does not split into BatchNorm groups"),
+    ("method.bn_group_size=3", "does not divide optim.batch_size 4"),
     ("method.bn_group_size=4", "the batch is one BatchNorm group"),
     ("method.global_feature=cls", "needs a CLS token"),
     ("data.local_crops.count=2", "must be 0 for MLS"),
@@ -402,3 +402,67 @@ def test_label_precision_counts_neighbours_carrying_each_tag_against_chance():
     assert result["queries"] == 4
     ids[1] = 0  # the same image's other view is never a neighbour: entry 0 now finds a "b"
     assert label_precision(vectors, ids, tags, k=1)["precision"] == pytest.approx(0.5)
+
+
+def test_process_dependent_checks_run_at_training_only(tmp_path):
+    """A run trained on 8 processes of 32 with groups of 32 is read back in one process (bank
+    neighbors, export --step, embed of an unfinished run): building the method must not refuse it."""
+    recipe = config.from_dict(mls_recipe(make_images(tmp_path / "images", 4, size=(32, 32)), CNN, bn_group_size=4))
+    MLS(recipe, Schedule(steps_per_epoch=1, epochs=1))  # builds
+    assert MLS.check_training(recipe, world_size=2, device_type="cpu") == []
+    assert "one BatchNorm group" in MLS.check_training(recipe, world_size=1, device_type="cpu")[0][1]
+    sync = config.from_dict(mls_recipe(tmp_path / "images", CNN, key_bn="sync"))
+    assert "needs CUDA processes" in MLS.check_training(sync, world_size=2, device_type="cpu")[0][1]
+    assert MLS.check_training(sync, world_size=2, device_type="cuda") == []
+
+
+def test_the_key_encoder_is_the_momentum_average_of_parameters_and_keeps_its_own_buffers(tmp_path):
+    from mlsctl.train import ema_update
+
+    method, batch = _method(tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(method.query.state_dict().values(), method.key.state_dict().values()))
+    with torch.no_grad():
+        for p in method.query.parameters():
+            p.add_(torch.randn_like(p))
+    key_before = {k: v.clone() for k, v in method.key.state_dict().items()}
+    query = dict(method.query.named_parameters())
+    method.training_step(batch, 0)  # the key encoder's forward updates its own running statistics
+    buffers_after_step = {k: v.clone() for k, v in method.key.named_buffers()}
+    ema_update(method.ema_pairs(), 0.995)
+    for name, p in method.key.named_parameters():
+        assert torch.allclose(p, 0.995 * key_before[name] + 0.005 * query[name], atol=1e-6), name
+    for name, b in method.key.named_buffers():  # buffers are not averaged
+        assert torch.equal(b, buffers_after_step[name]), name
+    assert any(not torch.equal(buffers_after_step[n], key_before[n]) for n in buffers_after_step if "running_mean" in n)
+
+
+def test_the_step_takes_labels_from_the_query_view_not_the_key_view(tmp_path):
+    method, batch = _method(tmp_path)
+    method.training_step(batch, 0)  # fill part of the queues with real keys
+    q_g, q_z = method.queue_g.vectors.clone(), method.queue_z.vectors.clone()
+    out = method.training_step(batch, 1)
+    with torch.no_grad():
+        g1, z1 = method.query(batch.crops[0])
+        g2, z2 = method._encode_keys(batch.crops[1], 1)
+    from_g1 = mls_loss(z1, z2, g1, q_g, q_z, k=3, temperature=0.2, weight=0.5)[0]
+    from_g2 = mls_loss(z1, z2, g2, q_g, q_z, k=3, temperature=0.2, weight=0.5)[0]
+    assert torch.allclose(out.loss.detach(), from_g1, atol=1e-5) and not torch.allclose(from_g1, from_g2, atol=1e-5)
+    assert torch.equal(method.queue_g.payload["box"][4:8], batch.boxes[:, 1].float())  # view 2's crop boxes
+
+
+@pytest.mark.parametrize("kind", ["bce_pos", "knn_softmax"])
+def test_the_loss_switches_reach_the_step(tmp_path, kind):
+    method, batch = _method(tmp_path, multi_label_loss=kind)
+    q_g, q_z = method.queue_g.vectors.clone(), method.queue_z.vectors.clone()
+    out = method.training_step(batch, 0)
+    with torch.no_grad():
+        g1, z1 = method.query(batch.crops[0])
+        g2, z2 = method._encode_keys(batch.crops[1], 0)
+    labels = pseudo_labels(g1, q_g, 3)
+    expected = info_nce(z1, z2, q_z, 0.2) + 0.5 * multi_label_loss(z1, q_z, labels, 0.2, kind)
+    assert torch.allclose(out.loss.detach(), expected, atol=1e-5)
+
+
+def test_group_batchnorm_refuses_a_batch_that_does_not_split():
+    with pytest.raises(ValueError, match="does not split into groups of 4"):
+        GroupBatchNorm2d(3, 4)(torch.randn(6, 3, 2, 2))

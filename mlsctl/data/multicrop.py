@@ -105,7 +105,8 @@ def photometric_pipeline(kind: str, role: str, size: int) -> v2.Transform:
 
     'mocov2' is MoCo-v2's augmentation (Chen et al., 2020), the same for both views: colour jitter
     (0.4, 0.4, 0.4, 0.1) with p=0.8, grayscale p=0.2, Gaussian blur σ∈[0.1, 2] with p=0.5 (the flip
-    is part of the crop)."""
+    is part of the crop). Two small departures, shared with every pipeline here: crops are resized
+    bicubically (MoCo: bilinear) and the blur is torchvision's kernel (MoCo: PIL's GaussianBlur)."""
     to_float = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     if kind == "none":
         return v2.Compose([v2.ToImage(), *to_float])

@@ -12,7 +12,8 @@ centers) and declares:
 * :meth:`teacher_backbone`: the backbone features are extracted from;
 * :meth:`build_dataset`: the training dataset and its collate function (multi-crop image folder
   by default);
-* :meth:`check_recipe`: recipe constraints of the method, reported as config errors;
+* :meth:`check_recipe`: recipe constraints of the method, reported as config errors, and
+  :meth:`check_training`: those that depend on the number of processes or the device;
 * optionally :meth:`query_projection` (the module a bank's ``QueryFeature.projection`` names) and
   :meth:`bank_views` (method-specific rows ``mlsctl bank inspect`` adds to a bank's table).
 
@@ -76,6 +77,12 @@ class Method(nn.Module):
 
     @classmethod
     def check_recipe(cls, recipe: Recipe) -> list[tuple[str, str]]:
+        return []
+
+    @classmethod
+    def check_training(cls, recipe: Recipe, world_size: int, device_type: str) -> list[tuple[str, str]]:
+        """Constraints that depend on how the run trains (processes, device), checked by
+        ``pretrain`` only: a method rebuilt in one process to read a run's checkpoint skips them."""
         return []
 
     def query_projection(self, name: str) -> nn.Module:

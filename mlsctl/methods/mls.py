@@ -27,9 +27,11 @@ Losses (pure functions below; the queues as they were before the batch, then g2,
   ``knn_softmax`` is the k-NN softmax loss of its Eq. 10, the paper's other baseline);
 * ``L = InfoNCE(z1, z2, Q_z; τ) + λ · L_ml`` with τ = 0.2, λ = 0.5; λ = 0 is MoCo-v2.
 
-Choices the paper leaves open, made here: the loss is asymmetric (view 1 → query, view 2 → key)
-as in MoCo-v2; the same τ serves both terms (METHODS.md); labels and BCE logits come from the
-queues only (not from this batch's keys); the released model — what ``embed`` and every eval use
+Choices the paper leaves open, made here: the queues start as random unit vectors (MoCo's start),
+so until they have wrapped once pseudo-labels may point at such entries (the first D / global batch
+steps: 16 of COCO's 462 per epoch, 32 of the quick recipes' 744); the loss is asymmetric (view 1 →
+query, view 2 → key) as in MoCo-v2; the same τ serves both terms (METHODS.md); labels and BCE
+logits come from the queues only (not from this batch's keys); the released model — what ``embed`` and every eval use
 — is the *query* encoder's backbone, as MoCo releases ``encoder_q``. The supplement says once that
 ``Q_g`` holds "g_1 of view1" and once that both queues hold view-2 features; the issue and
 METHODS.md say g2, which is what runs (key encoder, no gradient, as every entry of ``Q_z``).
@@ -58,8 +60,14 @@ from mlsctl.config import MethodConfig, param
 from mlsctl.data.loader import sample_seed
 from mlsctl.errors import UserError
 from mlsctl.methods.base import Method, StepOutput
-from mlsctl.models.backbone import Backbone, BackboneOutput, build_backbone
+from mlsctl.models.backbone import Backbone, BackboneOutput, architecture_kind, build_backbone
 from mlsctl.models.batchnorm import batchnorm_layers, convert_to_group_batchnorm, convert_to_sync_batchnorm
+
+def architecture_kind_or_none(arch: str) -> Optional[str]:
+    import timm
+
+    return architecture_kind(arch) if timm.is_model(arch) else None
+
 
 SHUFFLE_STREAM = 2**34  # the key encoder's batch permutation of step s: (seed, s, SHUFFLE_STREAM)
 
@@ -158,7 +166,11 @@ class Encoder(nn.Module):
         self.global_feature = global_feature
 
     def features(self, out: BackboneOutput) -> torch.Tensor:
-        return out.patches.mean(dim=(1, 2)) if self.global_feature == "pooled" else out.cls
+        """g before normalisation: a CNN's global feature is its pooled last stage (the backbone's
+        ``cls`` field: timm's own pooling); a ViT gives its CLS token or its mean patch token."""
+        if self.global_feature == "pooled" and self.backbone.kind == "vit":
+            return out.patches.mean(dim=(1, 2))
+        return out.cls
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         g = self.features(self.backbone(x))
@@ -183,42 +195,47 @@ class MLS(Method):
         self.key = Encoder(build_backbone(recipe.model, drop_path_rate=0.0, load_weights=False), cfg.proj_hidden_dim,
                            cfg.proj_dim, global_feature)
         self.has_batchnorm = bool(batchnorm_layers(self.query))
-        world = dist.world_size()
         if self.has_batchnorm:
             if cfg.key_bn == "shuffle":
-                self._check_groups(recipe.optim.batch_size, cfg.bn_group_size, world)
                 for encoder in (self.query, self.key):
                     convert_to_group_batchnorm(encoder, cfg.bn_group_size, f"model.arch '{recipe.model.arch}'")
-            elif world > 1:
-                if not torch.cuda.is_available():
-                    raise UserError("method.key_bn=sync needs CUDA processes (torch's SyncBatchNorm synchronises GPU "
-                                    "tensors only); on CPU use method.key_bn=shuffle")
+            elif dist.world_size() > 1:
                 self.query = convert_to_sync_batchnorm(self.query)
                 self.key = convert_to_sync_batchnorm(self.key)
         self.key.load_state_dict(self.query.state_dict())
         for p in self.key.parameters():
             p.requires_grad_(False)
-        if cfg.queue_size < recipe.optim.batch_size * world:
-            raise UserError(f"method.queue_size {cfg.queue_size} is smaller than the global batch "
-                            f"({recipe.optim.batch_size} x {world} processes): each step would overwrite the whole "
-                            f"queue; raise method.queue_size")
         generator = torch.Generator().manual_seed(recipe.seed)
         payload = {"image_id": Column((), torch.long), "box": Column((4,), torch.float32)}
-        query_feature = "cls" if global_feature == "cls" else "patch_mean"
+        query_feature = "patch_mean" if global_feature == "pooled" and backbone.kind == "vit" else "cls"
         self.queue_g = MemoryBank(cfg.queue_size, backbone.embed_dim, payload, init="random_unit", generator=generator,
                                   query_feature=QueryFeature(query_feature))
         self.queue_z = MemoryBank(cfg.queue_size, cfg.proj_dim, payload, init="random_unit", generator=generator,
                                   query_feature=QueryFeature(query_feature, projection="projector"))
 
-    @staticmethod
-    def _check_groups(batch_size: int, group_size: int, world: int) -> None:
-        if batch_size > group_size and batch_size % group_size:
-            raise UserError(f"optim.batch_size {batch_size} does not split into BatchNorm groups of method.bn_group_size "
-                            f"{group_size}; make the batch a multiple of it (or use method.key_bn=sync)")
-        if world * max(1, batch_size // group_size) < 2:
-            raise UserError(f"with one process and optim.batch_size {batch_size} <= method.bn_group_size {group_size} "
-                            f"the batch is one BatchNorm group and shuffling keys cannot hide a query's key; set "
-                            f"method.bn_group_size to at most {batch_size // 2}")
+    @classmethod
+    def check_training(cls, recipe, world_size, device_type):
+        """Checked by ``pretrain`` with the real process count (not when a run is only read)."""
+        cfg, batch = recipe.method, recipe.optim.batch_size
+        if cfg.queue_size < batch * world_size:
+            return [("method.queue_size", f"{cfg.queue_size} is smaller than the global batch ({batch} x {world_size} "
+                                          f"processes): each step would overwrite the whole queue; raise it")]
+        if architecture_kind_or_none(recipe.model.arch) != "cnn":
+            return []  # a ViT has no BatchNorm: key_bn does nothing
+        group = cfg.bn_group_size
+        if cfg.key_bn == "sync":
+            if world_size > 1 and device_type != "cuda":
+                return [("method.key_bn", "sync needs CUDA processes (torch's SyncBatchNorm synchronises GPU tensors "
+                                          "only); on CPU use method.key_bn=shuffle")]
+            return []
+        if batch > group and batch % group:
+            return [("method.bn_group_size", f"{group} does not divide optim.batch_size {batch} into BatchNorm groups; "
+                                             f"make the batch a multiple of it (or use method.key_bn=sync)")]
+        if world_size * max(1, batch // group) < 2:
+            return [("method.bn_group_size", f"{group} >= optim.batch_size {batch} in one process: the batch is one "
+                                             f"BatchNorm group and shuffling keys cannot hide a query's key; set it to "
+                                             f"at most {batch // 2}")]
+        return []
 
     @classmethod
     def check_recipe(cls, recipe):
@@ -276,13 +293,14 @@ class MLS(Method):
         g1, z1 = self.query(view1)
         with torch.no_grad():
             g2, z2 = self._encode_keys(view2, step)
-        g1, z1, g2, z2 = g1.float(), z1.float(), g2.float(), z2.float()
         q_g, q_z = self.queue_g.vectors.clone(), self.queue_z.vectors.clone()  # as before this batch
-        label_features, label_queue = (g1, q_g) if cfg.label_queue == "g" else (z1, q_z)
-        loss, terms, labels = mls_loss(z1, z2, label_features, label_queue, q_z, k=cfg.k, temperature=cfg.temperature,
-                                       weight=cfg.lambda_ml, kind=cfg.multi_label_loss)
+        with torch.autocast(view1.device.type, enabled=False):  # logits and top-k in float32 under bf16/fp16
+            g1, z1, g2, z2 = g1.float(), z1.float(), g2.float(), z2.float()
+            label_features, label_queue = (g1, q_g) if cfg.label_queue == "g" else (z1, q_z)
+            loss, terms, labels = mls_loss(z1, z2, label_features, label_queue, q_z, k=cfg.k,
+                                           temperature=cfg.temperature, weight=cfg.lambda_ml, kind=cfg.multi_label_loss)
         metrics = {}
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(view1.device.type, enabled=False):
             chosen = labels.bool()
             written = self.queue_g.payload["step"] >= 0  # random starting entries belong to no image
             same_image = (self.queue_g.payload["image_id"][None, :] == batch.image_ids[:, None]) & written[None, :]

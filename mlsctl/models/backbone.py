@@ -6,8 +6,9 @@
   final norm (register tokens dropped). Inputs of any size that is a multiple of the patch size are
   accepted (timm's ``dynamic_img_size``), so global and local crops share one model.
 * **CNN** (``kind == "cnn"``: any timm model whose ``forward_features`` returns an NCHW map, such as
-  ResNet-50 or ConvNeXt): ``cls`` is the average-pooled last stage (a CNN has no CLS token; the name
-  is kept so every consumer reads one field: it is *the global feature*) and ``patches`` the last
+  ResNet-50 or ConvNeXt): ``cls`` is timm's pooled feature — the average-pooled last stage, then the
+  head's norm where the model has one (ConvNeXt) — (a CNN has no CLS token; the name is kept so
+  every consumer reads one field: it is *the global feature*) and ``patches`` the last
   stage's map as a grid. The "patch size" of a CNN is its output stride (32 for a ResNet, 8 with
   ``timm_kwargs: {output_stride: 8}``), so dense evaluation, crop-size checks and position maps
   treat a cell of the last stage as a patch. :attr:`has_cls_token` tells the two apart.
@@ -69,8 +70,6 @@ class Backbone(nn.Module):
             kwargs.update(img_size=img_size, dynamic_img_size=True)
             if patch_size is not None:
                 kwargs["patch_size"] = patch_size
-        else:
-            kwargs["global_pool"] = ""
         if pretrained:  # resolved to a local file first: no network retries (see mlsctl.models.hub)
             from mlsctl.models.hub import timm_pretrained_file
 
@@ -130,7 +129,9 @@ class Backbone(nn.Module):
             if tuple(grid.shape[-2:]) != (h, w):
                 raise ValueError(f"{self.arch} gave a {tuple(grid.shape[-2:])} map for a {height}x{width} input, "
                                  f"not {h}x{w} at stride {self.patch_size}")
-            return BackboneOutput(cls=grid.mean(dim=(2, 3)), patches=grid.permute(0, 2, 3, 1))
+            # timm's own pooled feature (average pooling, and the head's norm where the model has one, as
+            # ConvNeXt): what the exported model (num_classes=0) returns
+            return BackboneOutput(cls=self.net.forward_head(grid, pre_logits=True), patches=grid.permute(0, 2, 3, 1))
         if mask is None:
             tokens = self.net.forward_features(x)
         else:
