@@ -70,7 +70,7 @@ def export_timm(run_dir: str | Path, out: str | Path, *, step: Optional[int] = N
     vit = lora.merged_vit(choice.backbone.model).eval()
     model = recipe.model
     model_args = {"img_size": model.img_size, "patch_size": model.patch_size, "dynamic_img_size": True,
-                  "num_classes": 0, **dict(model.timm_kwargs or {})}
+                  "num_classes": model.embedding_dim, **dict(model.timm_kwargs or {})}
     from mlsctl.features import Preprocessing
 
     preprocessing = Preprocessing(model.img_size)

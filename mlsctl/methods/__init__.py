@@ -10,6 +10,8 @@ _METHODS = {
     "cribo": "mlsctl.methods.cribo:CrIBo",
     "mile": "mlsctl.methods.mile:MILE",
     "sove": "mlsctl.methods.sove:SOVE",
+    "ms": "mlsctl.methods.ms:MS",
+    "refine": "mlsctl.methods.refine:Refine",
 }
 
 
