@@ -102,6 +102,8 @@ def build_products(out: str | Path, n_train: int = 1000, n_eval: int = 200, phot
         raise UserError(f"--layout {layout} is not one of {', '.join(LAYOUTS)}")
     if photos < 2:
         raise UserError(f"--photos must be at least 2 (gallery and query photos are disjoint), got {photos}")
+    if layout == "sop":
+        gallery_photos = min(gallery_photos, photos - 1)  # unused: every evaluation photo goes to test/
     if not 1 <= gallery_photos < photos:
         raise UserError(f"--gallery-photos must be between 1 and --photos - 1 ({photos - 1}), got {gallery_photos}")
     if size < 32:

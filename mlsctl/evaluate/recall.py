@@ -69,7 +69,7 @@ def recall_at_k(embeddings: torch.Tensor, labels: torch.Tensor, ks: Optional[Seq
     kept = [K for K in ks if K <= n - 1]
     if not kept:
         raise UserError(f"{n} embeddings are too few for Recall@{ks[0]} (each query needs {ks[0]} others)")
-    k = min(n - 1, max(max(kept), int(counts.max()) - 1))  # MAP@R needs R = class size - 1 neighbours
+    k = min(n - 1, max(max(kept), int(counts.max())))  # MAP@R needs R = class size - 1 (the library asks one more)
     x = F.normalize(embeddings.float(), dim=-1)
     calculator = recall_calculator(kept, k)
     values = calculator.get_accuracy(x, labels.float())

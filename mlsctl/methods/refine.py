@@ -32,7 +32,14 @@ Where the supplement is silent, our choices: the MLP is d → ``mlp_ratio``·d �
 supplement names SiLU for the projections only); the LayerNorm before the MLP is the only norm; with
 ``zero_init`` (default) W_o and W_2 start at zero, so every block starts as the identity and
 refinement starts from the baseline's retrieval (``tests/test_refine.py`` checks that identity
-blocks return their input); the other layers use PyTorch's default initialisation.
+blocks return their input); the other layers use PyTorch's default initialisation. A block works on
+√d·x and √d·n (unit variance per coordinate instead of unit norm): the normalisation after the
+block removes the factor, but the branches now act on the scale the LayerNorm (which outputs unit
+variance), the attention's 1/√d and Adam's steps assume. On unit-norm rows the MLP branch (after
+the LayerNorm) was √d ≈ 23 times the residual and Adam's first steps of lr 1e-4 on a 512-wide W_2
+moved e^t by about its own norm: the refined loss rose above the baseline's for hundreds of steps
+(measured on fmnist-products, see ``benchmarks/results/refine``), and every attention was near
+uniform (logits q·k/√d of unit vectors).
 """
 
 from __future__ import annotations
@@ -70,6 +77,8 @@ class CrossAttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, neighbours: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(the normalised new x [B, d], the attention over the neighbours [B, k])."""
+        scale = math.sqrt(x.shape[-1])  # unit-norm rows → unit variance per coordinate (see the module docstring)
+        x, neighbours = x * scale, neighbours * scale
         q = x + F.silu(self.q(x))
         k, v = F.silu(self.k(neighbours)), F.silu(self.v(neighbours))
         attention = torch.softmax(torch.einsum("bd,bkd->bk", q, k) / math.sqrt(x.shape[-1]), dim=-1)
