@@ -21,6 +21,12 @@ process:
   judges help) and ``sove-no-patch`` (without the non-parametric MIM loss); these, ``dino`` and
   ``random`` are also measured by image k-NN (``mlsctl eval knn``, k = 10 and 20, labels: the class
   of each scene's largest item, by mask pixels);
+* fmnist-scenes, MLS against its MoCo-v2 baseline under the same budget: ``mocov2`` (λ = 0),
+  ``mls`` (k = 20), the k ablation ``mls-k1`` / ``mls-k5`` / ``mls-k40`` and ``mls-one-queue``
+  (pseudo-labels from ``Q_z`` instead of ``Q_g``); these and ``random-linear`` (their untrained
+  ViT) are measured by knn-seg, image k-NN and the multi-label linear probe (``mlsctl eval linear
+  --multi-label``, mAP over the item classes of ``scenes.jsonl``, its lr × wd sweep on a held-out
+  20 % of the training scenes);
 * fmnist-products: image-set retrieval (``mlsctl eval retrieval``, query sets of 4 photos) of
   ``mile``: AR@10 of MILE set embeddings against the single-image baselines (max-pairwise and
   mean-pooled CLS, on the trained teacher and on the backbone the run started from) at 0, 25 and
@@ -79,6 +85,7 @@ class Variant:
     overrides: tuple[str, ...] = ()
     arch_of: Optional[str] = None  # random: the recipe whose architecture is drawn at random
     image_knn: bool = False  # also image k-NN on the scenes' largest items
+    linear: bool = False  # also the multi-label linear probe (mAP over the scenes' item classes)
 
     @property
     def method(self) -> str:
@@ -96,9 +103,16 @@ VARIANTS = (
     Variant("scenes", "sove-1judge", "sove_fmnist_quick", ("method.cls_supports=0",), image_knn=True),
     Variant("scenes", "sove-3judges", "sove_fmnist_quick", ("method.cls_supports=2",), image_knn=True),
     Variant("scenes", "sove-no-patch", "sove_fmnist_quick", ("method.patch_loss=false",), image_knn=True),
+    Variant("scenes", "random-linear", None, arch_of="mls_fmnist_quick", image_knn=True, linear=True),
+    Variant("scenes", "mocov2", "mocov2_fmnist_quick", image_knn=True, linear=True),
+    Variant("scenes", "mls", "mls_fmnist_quick", image_knn=True, linear=True),
+    Variant("scenes", "mls-k1", "mls_fmnist_quick", ("method.k=1",), image_knn=True, linear=True),
+    Variant("scenes", "mls-k5", "mls_fmnist_quick", ("method.k=5",), image_knn=True, linear=True),
+    Variant("scenes", "mls-k40", "mls_fmnist_quick", ("method.k=40",), image_knn=True, linear=True),
+    Variant("scenes", "mls-one-queue", "mls_fmnist_quick", ("method.label_queue=z",), image_knn=True, linear=True),
 )
 SCENE_VARIANTS = ("random", "dino", "cribo-global", "cribo-cross-view", "cribo", "sove", "sove-1judge", "sove-3judges",
-                  "sove-no-patch")
+                  "sove-no-patch", "random-linear", "mocov2", "mls", "mls-k1", "mls-k5", "mls-k40", "mls-one-queue")
 
 TINY_VIT = ("model.img_size=32", "model.patch_size=8", "model.timm_kwargs.embed_dim=32", "model.timm_kwargs.depth=2",
             "model.timm_kwargs.num_heads=2")
@@ -114,6 +128,7 @@ class Profile:
     products_overrides: tuple[str, ...]
     knn_seg: tuple[str, ...] = ("--fraction", "1/1", "--k", "30")
     image_knn: tuple[str, ...] = ("--k", "10", "20")
+    linear: tuple[str, ...] = ()  # eval linear options (its lr x wd sweep on a held-out 20 % by default)
     method_overrides: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (method, overrides) of its recipes only
     retrieval: tuple[str, ...] = ("--query-size", "4", "--noise", "0", "0.25", "0.5")
     jobs: int = 1
@@ -127,8 +142,13 @@ PROFILES = {
         products_data=("--n-train", "8", "--n-eval", "4", "--photos", "4", "--gallery-photos", "2", "--size", "32"),
         scenes_overrides=(*TINY_VIT, "data.global_crops.size=32", "optim.batch_size=8", "optim.epochs=4",
                           "optim.warmup_epochs=1", "train.checkpoint_every=2", "train.log_every=1",
-                          "train.bank_health_every=0", "method.hidden_dim=32", "method.bottleneck_dim=16"),
-        method_overrides=(("dino", ("method.out_dim=64",)), ("cribo", ("method.out_dim=64",))),
+                          "train.bank_health_every=0"),
+        method_overrides=(("dino", ("method.out_dim=64", "method.hidden_dim=32", "method.bottleneck_dim=16")),
+                          ("cribo", ("method.out_dim=64", "method.hidden_dim=32", "method.bottleneck_dim=16")),
+                          ("sove", ("method.hidden_dim=32", "method.bottleneck_dim=16")),
+                          ("mls", ("method.proj_hidden_dim=32", "method.proj_dim=16", "method.queue_size=64")),
+                          ("mocov2", ("method.proj_hidden_dim=32", "method.proj_dim=16", "method.queue_size=64"))),
+        linear=("--epochs", "5", "--lr", "0.1", "--wd", "0"),
         products_overrides=(*TINY_VIT, "data.global_crops.size=32", "data.local_crops.size=16", "optim.batch_size=4",
                             "optim.epochs=4", "train.checkpoint_every=2", "train.log_every=1", "method.set_length=2",
                             "method.cross_heads=2", "method.out_dim=64", "method.hidden_dim=32", "method.bottleneck_dim=16"),
@@ -194,6 +214,8 @@ class Cell:
                 "eval": list(self.profile.knn_seg if self.variant.benchmark == "scenes" else self.profile.retrieval)}
         if self.variant.image_knn:
             spec["image_knn"] = list(self.profile.image_knn)
+        if self.variant.linear:
+            spec["linear"] = list(self.profile.linear)
         return spec
 
     def spec_sha(self) -> str:
@@ -335,6 +357,18 @@ def evaluate(cell: Cell, threads: int) -> tuple[dict, float]:
             seconds += mlsctl(args, cell.folder, cell.folder / "cell.log", threads)
             shutil.rmtree(cell.folder / "features", ignore_errors=True)
         result["image_knn"] = json.loads(knn_out.read_text())
+    linear_out = cell.folder / "eval-linear.json"
+    if cell.variant.linear:
+        if not linear_out.is_file():
+            scenes = data / "fmnist-scenes"
+            model = ["--run", str(random_run(cell)), "--random-init", "--seed", str(cell.seed)] \
+                if cell.variant.recipe is None else ["--run", str(cell.run)]
+            args = ["eval", "linear", "--train", str(scenes / "train" / "images"), "--val", str(scenes / "val" / "images"),
+                    "--multi-label", "--train-labels", str(scenes / "train" / "scenes.jsonl"), "--val-labels",
+                    str(scenes / "val" / "scenes.jsonl"), *model, *cell.profile.linear, "--out", str(linear_out)]
+            seconds += mlsctl(args, cell.folder, cell.folder / "cell.log", threads)
+            shutil.rmtree(cell.folder / "features", ignore_errors=True)
+        result["linear"] = json.loads(linear_out.read_text())
     return result, seconds
 
 
@@ -349,6 +383,8 @@ def metrics_of(cell: Cell, result: dict) -> dict:
                    "iou_per_class": first["iou_per_class"]}
         for row in result.get("image_knn", {}).get("results", []):
             metrics[f"knn_top1@{row['k']}"] = row["top1"]
+        if "linear" in result:
+            metrics["linear_map"] = result["linear"]["results"]["mAP"]
         return metrics
     return {f"{r['method']}@{r['backbone']}/noise{r['noise']:g}": r["AR@10"] for r in result["results"]}
 
@@ -435,6 +471,15 @@ def summarise(profile: Profile, records: list[dict]) -> dict:
           [mean("sove", "miou"), mean("sove-no-patch", "miou")], lambda a, b: a > b)
     claim(f"DINO > random init on fmnist-scenes {knn_label}", [mean("dino", knn), mean("random", knn)],
           lambda a, b: a > b)
+    for key, label in (("linear_map", "multi-label linear mAP"), ("miou", "mIoU"), (knn, knn_label)):
+        claim(f"MLS > MoCo-v2 on fmnist-scenes {label}", [mean("mls", key), mean("mocov2", key)], lambda a, b: a > b)
+    claim("MoCo-v2 > random init on fmnist-scenes multi-label linear mAP",
+          [mean("mocov2", "linear_map"), mean("random-linear", "linear_map")], lambda a, b: a > b)
+    claim("MLS k ablation (paper: k=20 best of 1, 5, 20, 40), multi-label linear mAP",
+          [mean(v, "linear_map") for v in ("mls-k1", "mls-k5", "mls", "mls-k40")],
+          lambda a, b, c, d: c > max(a, b, d))
+    claim("MLS: labels from Q_g (two queues) beat labels from Q_z (one queue), multi-label linear mAP",
+          [mean("mls", "linear_map"), mean("mls-one-queue", "linear_map")], lambda a, b: a > b)
     for baseline in ("max-pairwise@trained", "mean-cls@trained", "max-pairwise@start", "mean-cls@start"):
         claim(f"MILE > {baseline.replace('@', ' on the ')} backbone, AR@10 on fmnist-products",
               [mean("mile", "mile@trained/noise0"), mean("mile", f"{baseline}/noise0")], lambda a, b: a > b)
@@ -465,13 +510,14 @@ def markdown(summary: dict) -> str:
              f"{summary['cells']} cells, seeds {summary['seeds']}, {summary['train_hours']} h of training in all; "
              f"mean ± std over seeds (%).", "",
              "## fmnist-scenes: dense k-NN segmentation (all training scenes as memory)", "",
-             "| variant | seeds | mIoU | foreground IoU | fg/bg mIoU | image k-NN top-1 k=10 | k=20 |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             "| variant | seeds | mIoU | foreground IoU | fg/bg mIoU | image k-NN top-1 k=10 | k=20 | multi-label linear mAP |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for variant in SCENE_VARIANTS:
         row = table.get(variant, {})
         n = row.get("miou", {}).get("n", 0)
         lines.append(f"| {variant} | {n} | {_pct(row.get('miou'))} | {_pct(row.get('foreground_iou'))} | "
-                     f"{_pct(row.get('binary_miou'))} | {_pct(row.get('knn_top1@10'))} | {_pct(row.get('knn_top1@20'))} |")
+                     f"{_pct(row.get('binary_miou'))} | {_pct(row.get('knn_top1@10'))} | {_pct(row.get('knn_top1@20'))} | "
+                     f"{_pct(row.get('linear_map'))} |")
     mile = table.get("mile", {})
     noises = sorted({k.rsplit("noise", 1)[1] for k in mile}, key=float)
     lines += ["", "## fmnist-products: image-set retrieval, AR@10", "",
@@ -498,15 +544,16 @@ def chart(summary: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     table = summary["table"]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(14, 4.8), gridspec_kw={"width_ratios": [1.5, 1]})
+    figure, (left, right) = plt.subplots(1, 2, figsize=(18, 5.2), gridspec_kw={"width_ratios": [2.2, 1]})
     variants = [v for v in SCENE_VARIANTS if v in table]
-    metrics = (("miou", "mIoU"), ("foreground_iou", "foreground IoU"), ("knn_top1@20", "image k-NN top-1 (k=20)"))
+    metrics = (("miou", "mIoU"), ("foreground_iou", "foreground IoU"), ("knn_top1@20", "image k-NN top-1 (k=20)"),
+               ("linear_map", "multi-label linear mAP"))
     width = 0.8 / len(metrics)
     for i, (key, label) in enumerate(metrics):
         means = [100 * table[v][key]["mean"] if key in table[v] else float("nan") for v in variants]  # nan: no bar
         stds = [100 * table[v][key]["std"] if key in table[v] else 0.0 for v in variants]
-        left.bar([x + (i - 1) * width for x in range(len(variants))], means, width, yerr=stds, capsize=2, label=label)
-    left.set_xticks(range(len(variants)), variants, rotation=20)
+        left.bar([x + (i - 1.5) * width for x in range(len(variants))], means, width, yerr=stds, capsize=2, label=label)
+    left.set_xticks(range(len(variants)), variants, rotation=30, ha="right")
     left.set_ylabel("IoU or top-1 (%)")
     left.set_title("fmnist-scenes: dense k-NN segmentation and image k-NN")
     left.legend(fontsize=8)

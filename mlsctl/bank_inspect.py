@@ -45,7 +45,9 @@ def method_views(run: Run, banks: dict[str, MemoryBank]) -> dict[str, list[tuple
     from mlsctl import config as config_lib, methods
 
     recipe = config_lib.load_recipe(str(run.config_path))
-    return methods.method_class(recipe.method.name).bank_views(recipe, banks)
+    sources = SourceImages(run)
+    paths = [sources.root / relpath for relpath in sources.relpaths]
+    return methods.method_class(recipe.method.name).bank_views(recipe, banks, paths)
 
 
 def choose_bank(banks: dict[str, MemoryBank], name: Optional[str], run: Run) -> tuple[str, MemoryBank]:

@@ -83,7 +83,7 @@ class DataConfig:
     root: Optional[str] = param(None, help="folder of training images (searched recursively)", path=True)
     global_crops: CropConfig = param(CropConfig(2, 224, (0.25, 1.0)), help="large views")
     local_crops: CropConfig = param(CropConfig(10, 96, (0.05, 0.25)), help="small views")
-    photometric: Literal["dino", "none"] = param("dino", help="DINO/BYOL colour pipeline, or none")
+    photometric: Literal["dino", "mocov2", "none"] = param("dino", help="DINO/BYOL colour pipeline, MoCo-v2's, or none")
     workers: int = param(4, help="data-loading processes per training process", ge=0)
     max_image_pixels: int = param(89_478_485, help="larger images are skipped as decompression bombs (Pillow's own "
                                                    "limit, about 9459 x 9459)", ge=1)
@@ -101,9 +101,9 @@ class LoraConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = param("vit_small_patch16_224", help="timm model name (a ViT)")
+    arch: str = param("vit_small_patch16_224", help="timm model name: a ViT, or a CNN (resnet50, ...)")
     img_size: int = param(224, help="input size the position embedding is built for", ge=8)
-    patch_size: int = param(16, help="patch side in pixels", ge=1)
+    patch_size: int = param(16, help="patch side in pixels (a CNN: the stride of its last stage, 32 for a ResNet)", ge=1)
     drop_path_rate: float = param(0.1, help="stochastic depth of the student", ge=0.0, lt=1.0)
     weights: Optional[str] = param(None, help="local .safetensors/.pth to start the backbone from", path=True)
     pretrained: bool = param(False, help="timm's pretrained weights (needs them cached or online)")
@@ -123,11 +123,12 @@ class ModelConfig:
 
 
 # The timm.create_model arguments a recipe (and the metadata of a weights file mlsctl exported) may
-# pass: the shape of a Vision Transformer, nothing that makes timm read files or download.
+# pass: the shape of a Vision Transformer (and a CNN's output_stride), nothing that makes timm read
+# files or download.
 TIMM_ARCH_KEYS = ("embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "qk_norm", "init_values", "class_token",
                   "no_embed_class", "reg_tokens", "pre_norm", "final_norm", "fc_norm", "global_pool", "dynamic_img_pad",
                   "drop_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_rate", "attn_drop_rate", "act_layer",
-                  "norm_layer", "proj_bias", "in_chans")
+                  "norm_layer", "proj_bias", "in_chans", "output_stride")
 
 
 def timm_kwargs_problem(kwargs: Any) -> Optional[str]:
@@ -158,7 +159,13 @@ class OptimConfig:
     clip_grad: float = param(3.0, help="gradient clipping threshold; 0 disables", ge=0.0)
     clip_grad_mode: Literal["per_param", "global"] = param("per_param", help="DINO clips each parameter's norm")
     freeze_last_layer_epochs: float = param(1.0, help="epochs the head's last layer stays frozen", ge=0.0)
-    betas: tuple[float, float] = param((0.9, 0.999), help="AdamW betas", ge=0.0, lt=1.0)
+    betas: tuple[float, float] = param((0.9, 0.999), help="AdamW/Adam betas", ge=0.0, lt=1.0)
+    optimizer: Literal["adamw", "adam", "sgd"] = param(
+        "adamw", help="adamw (DINO and its family), adam (L2 weight decay; metric learning), or sgd with "
+                      "optim.momentum (MoCo, MLS)")
+    momentum: float = param(0.9, help="SGD momentum (optim.optimizer=sgd only)", ge=0.0, lt=1.0)
+    decay_biases_and_norms: bool = param(False, help="also apply weight decay to biases and normalisation "
+                                                     "parameters (MoCo's SGD does; DINO's AdamW does not)")
 
     def check(self) -> list[tuple[str, str]]:
         problems = []

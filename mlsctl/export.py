@@ -69,8 +69,12 @@ def export_timm(run_dir: str | Path, out: str | Path, *, step: Optional[int] = N
     run, recipe, choice, checkpoint_step = _teacher(Path(run_dir), step)
     vit = lora.merged_vit(choice.backbone.model).eval()
     model = recipe.model
-    model_args = {"img_size": model.img_size, "patch_size": model.patch_size, "dynamic_img_size": True,
-                  "num_classes": model.embedding_dim, **dict(model.timm_kwargs or {})}
+    if choice.backbone.kind == "cnn":  # timm's average pooling is the CNN backbone's global feature
+        vit.reset_classifier(0, global_pool="avg")
+        model_args = {"num_classes": 0, "global_pool": "avg", **dict(model.timm_kwargs or {})}
+    else:  # an embedding layer (model.embedding_dim) is timm's head
+        model_args = {"img_size": model.img_size, "patch_size": model.patch_size, "dynamic_img_size": True,
+                      "num_classes": model.embedding_dim, **dict(model.timm_kwargs or {})}
     from mlsctl.features import Preprocessing
 
     preprocessing = Preprocessing(model.img_size)
@@ -111,6 +115,9 @@ def load_backbone(path: str | Path) -> torch.nn.Module:
         _, _, choice, _ = _teacher(path, None)
         from mlsctl.models import lora
 
-        return lora.merged_vit(choice.backbone.model).eval()
+        net = lora.merged_vit(choice.backbone.model).eval()
+        if choice.backbone.kind == "cnn":  # the backbone keeps the map; its global feature is the average
+            net.reset_classifier(0, global_pool="avg")
+        return net
     raise UserError(f"{path} is neither an exported model folder (config.json + model.safetensors) nor a run folder "
                     f"(config.yaml); give one of them")

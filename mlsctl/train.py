@@ -1,7 +1,7 @@
 """The one training loop, for every method.
 
 Read top to bottom, :func:`pretrain` does: set up Accelerate and the run directory → build the
-data and the method → optimiser with AdamW parameter groups → restore a checkpoint (``--resume``)
+data and the method → optimiser (AdamW, Adam or SGD) with parameter groups → restore a checkpoint (``--resume``)
 or initial weights (``--init-from``) → for each step: set the scheduled learning rate and weight
 decay, run the method's ``training_step``, back-propagate, clip, freeze the last layer early on,
 step the optimiser, update the EMA teachers, log, checkpoint.
@@ -223,14 +223,27 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def param_groups(module: torch.nn.Module) -> list[dict]:
-    """AdamW groups: weight decay on weights, none on biases and norms (1-D parameters)."""
+def param_groups(module: torch.nn.Module, decay_biases_and_norms: bool = False) -> list[dict]:
+    """Parameter groups: weight decay on weights, none on biases and norms (1-D parameters) unless
+    ``decay_biases_and_norms`` (MoCo's SGD decays every parameter)."""
     decay, no_decay = [], []
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if name.endswith(".bias") or p.ndim <= 1 else decay).append(p)
+        exempt = (name.endswith(".bias") or p.ndim <= 1) and not decay_biases_and_norms
+        (no_decay if exempt else decay).append(p)
     return [{"params": decay, "apply_weight_decay": True}, {"params": no_decay, "weight_decay": 0.0, "apply_weight_decay": False}]
+
+
+def build_optimizer(optim, groups: list[dict]) -> torch.optim.Optimizer:
+    """The recipe's optimiser (``optim.optimizer``) over ``groups``; the loop sets lr and weight decay
+    every step from the schedules. ``adam`` adds weight decay to the gradient (L2), ``adamw`` decouples
+    it, ``sgd`` uses ``optim.momentum`` (no Nesterov, no dampening: MoCo's ``torch.optim.SGD``)."""
+    if optim.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=0.0, momentum=optim.momentum, weight_decay=optim.weight_decay)
+    if optim.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=0.0, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
+    return torch.optim.AdamW(groups, lr=0.0, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
 
 
 def _check_recipe(recipe, method_cls, source: str) -> None:
@@ -406,7 +419,7 @@ def _load_initial_weights(method, source: str) -> str:
     else:
         state = backbone_state(read_state_dict(path))
     for backbone in method.backbones():
-        load_into_vit(backbone.vit, state, str(source))
+        load_into_vit(backbone.net, state, str(source))
     return f"every backbone from {source}"
 
 
@@ -488,8 +501,8 @@ def pretrain(recipe, out: str | Path, *, resume: bool = False, init_from: Option
         bank.to(accelerator.device)
         bank.name = name
     _check_ema_pairs(method.ema_pairs())
-    groups = param_groups(method)
-    optimizer = torch.optim.AdamW(groups, lr=0.0, betas=tuple(recipe.optim.betas), weight_decay=recipe.optim.weight_decay)
+    groups = param_groups(method, recipe.optim.decay_biases_and_norms)
+    optimizer = build_optimizer(recipe.optim, groups)
     monitor = None
     if recipe.train.monitor.every and is_main:  # its images are read (and checked) before --out is touched
         from mlsctl.monitor import Monitor

@@ -43,7 +43,7 @@ def test_forward_crops_equals_separate_forwards():
 
 
 def reference_state() -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in tiny().vit.state_dict().items()}
+    return {k: v.clone() for k, v in tiny().net.state_dict().items()}
 
 
 @pytest.mark.parametrize("layout", ["timm", "dino_release", "dino_checkpoint", "ddp_student", "mlsctl_run"])
@@ -67,7 +67,7 @@ def test_weights_load_from_every_layout(tmp_path: Path, layout: str):
                        "center": torch.zeros(1, 4)}
         torch.save(payload, path)
     model = tiny(weights=str(path))
-    for key, value in model.vit.state_dict().items():
+    for key, value in model.net.state_dict().items():
         assert torch.equal(value, state[key]), key
 
 
@@ -75,8 +75,8 @@ def test_position_embedding_is_resampled(tmp_path: Path):
     state = reference_state()  # 4x4 grid
     save_file(state, str(tmp_path / "w.safetensors"))
     model = tiny(img_size=48, weights=str(tmp_path / "w.safetensors"))  # 6x6 grid
-    assert model.vit.pos_embed.shape == (1, 37, 32)
-    assert torch.equal(model.vit.pos_embed[:, :1], state["pos_embed"][:, :1])
+    assert model.net.pos_embed.shape == (1, 37, 32)
+    assert torch.equal(model.net.pos_embed[:, :1], state["pos_embed"][:, :1])
 
 
 def test_mismatched_weights_list_missing_and_unexpected_keys(tmp_path: Path):
@@ -115,8 +115,8 @@ def test_pth_loading_runs_no_code(tmp_path: Path):
 def test_unknown_arch_fails_clearly():
     with pytest.raises(UserError, match="not a timm model"):
         Backbone("vit_smol_patch16_224")
-    with pytest.raises(UserError, match="Vision Transformer"):
-        Backbone("resnet18")
+    with pytest.raises(UserError, match="set model.patch_size=32"):
+        Backbone("resnet18")  # a CNN, with a ViT's patch size
 
 
 def test_offline_pretrained_fails_with_one_sentence(tmp_path: Path, recipe_file: Path):
@@ -158,3 +158,55 @@ def test_lora_trains_only_adapters_and_merges(tmp_path: Path):
 def test_lora_with_no_matching_module_fails():
     with pytest.raises(UserError, match="matched no module"):
         tiny(lora=LoraSettings(targets=["query"]))
+
+
+# ------------------------------------------------------------------------------------------- CNN backbones
+def tiny_cnn(**kwargs) -> Backbone:
+    torch.manual_seed(0)
+    args = dict(img_size=64, patch_size=32)
+    args.update(kwargs)
+    return Backbone("test_resnet", **args).eval()
+
+
+def test_cnn_global_feature_is_the_pooled_last_stage_and_patches_its_grid():
+    model = tiny_cnn()
+    assert model.kind == "cnn" and model.patch_size == 32 and not model.has_cls_token
+    x = torch.randn(2, 3, 64, 96)
+    out = model(x)
+    grid = model.net.forward_features(x)  # timm's own last-stage map [B, C, h, w]
+    assert out.patches.shape == (2, 2, 3, model.embed_dim)
+    assert torch.equal(out.patches, grid.permute(0, 2, 3, 1))
+    assert torch.allclose(out.cls, grid.mean(dim=(2, 3)))
+    # timm's own pooled head (num_classes=0, average pooling) gives the same global feature
+    import timm
+
+    reference = timm.create_model("test_resnet", num_classes=0)
+    reference.load_state_dict(model.net.state_dict())
+    assert torch.allclose(out.cls, reference.eval()(x), atol=1e-6)
+
+
+def test_cnn_output_stride_sets_its_patch_size():
+    model = tiny_cnn(patch_size=8, timm_kwargs={"output_stride": 8})
+    assert model.patch_size == 8
+    assert model(torch.randn(1, 3, 64, 64)).patches.shape[1:3] == (8, 8)
+    assert Backbone("test_resnet", patch_size=None).patch_size == 32  # inferred when not given
+
+
+def test_cnn_misconfigurations_are_one_sentence():
+    with pytest.raises(UserError, match="stride 32: set model.patch_size=32"):
+        Backbone("test_resnet", patch_size=16)
+    with pytest.raises(UserError, match="needs a Vision Transformer"):
+        Backbone("test_resnet", patch_size=32, mask_token=True)
+    with pytest.raises(UserError, match="is a CNN: set model.lora.enabled=false"):
+        Backbone("test_resnet", patch_size=32, lora=LoraSettings(enabled=True))
+    with pytest.raises(UserError, match="NCHW feature map"):
+        Backbone("test_mambaout", patch_size=32)  # channels-last output: neither kind
+
+
+def test_cnn_weights_round_trip_through_a_file(tmp_path: Path):
+    model = tiny_cnn()
+    save_file({k: v.contiguous() for k, v in model.net.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    torch.manual_seed(1)
+    loaded = Backbone("test_resnet", patch_size=32, weights=str(tmp_path / "w.safetensors")).eval()
+    x = torch.randn(1, 3, 64, 64)
+    assert torch.equal(loaded(x).cls, model(x).cls)

@@ -16,8 +16,8 @@ from conftest import REPO, cli_env
 pytestmark = pytest.mark.slow
 
 
-# three of the six cells: every kind (trained, untrained, retrieval); the other three run the same code
-CELLS = ("--only", "scenes/random/*", "scenes/dino/*", "products/*")
+# four cells: every kind (trained, untrained, retrieval, with the linear probe); the others run the same code
+CELLS = ("--only", "scenes/random/*", "scenes/dino/*", "products/*", "scenes/mls/*")
 
 
 def suite(tmp: Path, fmnist: Path, *extra: str) -> list[str]:
@@ -38,7 +38,7 @@ def test_smoke_profile_resumes_after_a_kill_and_reuses_finished_cells(tmp_path: 
 
     done = subprocess.run(suite(tmp_path, fake_fmnist), env=cli_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "3 of 3 cells finished" in done.stdout
+    assert "4 of 4 cells finished" in done.stdout
     cells = tmp_path / "results" / "smoke" / "cells"
     dino = json.loads((cells / "scenes-dino-seed0.json").read_text())
     assert dino["steps"] == 8 and dino["resumed_from"] > 0  # the killed run went on from its checkpoint
@@ -46,8 +46,10 @@ def test_smoke_profile_resumes_after_a_kill_and_reuses_finished_cells(tmp_path: 
     assert set(dino["metrics"]) >= {"miou", "foreground_iou", "binary_miou"}
     mile = json.loads((cells / "products-mile-seed0.json").read_text())
     assert {"mile@trained/noise0", "max-pairwise@trained/noise0", "mean-cls@start/noise0.5"} <= set(mile["metrics"])
+    mls = json.loads((cells / "scenes-mls-seed0.json").read_text())
+    assert {"miou", "knn_top1@5", "linear_map"} <= set(mls["metrics"]) and 0 <= mls["metrics"]["linear_map"] <= 1
     summary = json.loads((tmp_path / "results" / "smoke" / "summary.json").read_text())
-    assert summary["cells"] == 3 and any("Table 5 order" in c["claim"] for c in summary["claims"])
+    assert summary["cells"] == 4 and any("Table 5 order" in c["claim"] for c in summary["claims"])
     holds = {c["claim"]: c["holds"] for c in summary["claims"]}
     assert holds["CrIBo > DINO on fmnist-scenes mIoU"] is None  # not measured: its cells did not run
     assert holds["DINO > random init on fmnist-scenes mIoU"] in (True, False)
@@ -56,6 +58,6 @@ def test_smoke_profile_resumes_after_a_kill_and_reuses_finished_cells(tmp_path: 
     assert (tmp_path / "results" / "smoke" / "summary.png").stat().st_size > 10_000
 
     again = subprocess.run(suite(tmp_path, fake_fmnist), env=cli_env(), capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0 and again.stdout.count(": reused") == 3
+    assert again.returncode == 0 and again.stdout.count(": reused") == 4
     listing = subprocess.run(suite(tmp_path, fake_fmnist, "--list"), env=cli_env(), capture_output=True, text=True)
-    assert listing.stdout.count(" done") == 3
+    assert listing.stdout.count(" done") == 4

@@ -171,11 +171,11 @@ def test_the_mask_token_replaces_exactly_the_masked_patch_embeddings():
     mask = torch.zeros(2, 4, 4, dtype=torch.bool)
     mask[0, 1, 2] = mask[1, 3, 0] = mask[1, 0, 0] = True
     seen = []
-    handle = backbone.vit.patch_drop.register_forward_hook(lambda m, i, o: seen.append(i[0].detach().clone()))
+    handle = backbone.net.patch_drop.register_forward_hook(lambda m, i, o: seen.append(i[0].detach().clone()))
     with torch.no_grad():
         backbone(x)
         backbone(x, mask=mask)
-        embeddings = backbone.vit.patch_embed(x).reshape(2, 16, 32)
+        embeddings = backbone.net.patch_embed(x).reshape(2, 16, 32)
     handle.remove()
     plain, masked = seen[0][:, 1:], seen[1][:, 1:]  # after the position embedding, CLS dropped
     where = mask.reshape(2, 16)

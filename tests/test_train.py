@@ -64,7 +64,7 @@ def test_exported_teacher_is_a_timm_backbone(finished_run):
     recipe = config.load_recipe(str(recipe_path), ["model.weights=" + str(run_dir / "teacher.safetensors")])
     backbone = build_backbone(recipe.model)
     state = load_file(str(Run(run_dir).latest().model_path))
-    for key, value in backbone.vit.state_dict().items():
+    for key, value in backbone.net.state_dict().items():
         assert torch.equal(value, state[f"teacher.backbone.model.{key}"])
 
 
@@ -134,7 +134,7 @@ def test_init_from_a_run_and_from_a_weights_file(finished_run, images: Path):
     method = DINO(recipe, Schedule(4, 2))
     assert "every backbone" in _load_initial_weights(method, str(run_dir / "teacher.safetensors"))
     for backbone in (method.student.backbone, method.teacher.backbone):
-        for key, value in backbone.vit.state_dict().items():
+        for key, value in backbone.net.state_dict().items():
             assert torch.equal(value, saved[f"teacher.backbone.model.{key}"])
 
 

@@ -101,10 +101,18 @@ def _blur(p: float, size: int) -> v2.Transform:
 
 
 def photometric_pipeline(kind: str, role: str, size: int) -> v2.Transform:
-    """``role`` is 'global1', 'global2' or 'local'; ``kind`` is 'dino' or 'none'."""
+    """``role`` is 'global1', 'global2' or 'local'; ``kind`` is 'dino', 'mocov2' or 'none'.
+
+    'mocov2' is MoCo-v2's augmentation (Chen et al., 2020), the same for both views: colour jitter
+    (0.4, 0.4, 0.4, 0.1) with p=0.8, grayscale p=0.2, Gaussian blur σ∈[0.1, 2] with p=0.5 (the flip
+    is part of the crop)."""
     to_float = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     if kind == "none":
         return v2.Compose([v2.ToImage(), *to_float])
+    if kind == "mocov2":
+        return v2.Compose([v2.ToImage(),
+                           v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1)], p=0.8),
+                           v2.RandomGrayscale(p=0.2), _blur(0.5, size), *to_float])
     if kind != "dino":
         raise ValueError(f"unknown photometric pipeline {kind!r}")
     colour = [

@@ -10,6 +10,7 @@ _METHODS = {
     "cribo": "mlsctl.methods.cribo:CrIBo",
     "mile": "mlsctl.methods.mile:MILE",
     "sove": "mlsctl.methods.sove:SOVE",
+    "mls": "mlsctl.methods.mls:MLS",
     "ms": "mlsctl.methods.ms:MS",
     "refine": "mlsctl.methods.refine:Refine",
 }

@@ -26,7 +26,8 @@ Trainable parameters are those with ``requires_grad``; a teacher freezes its own
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from pathlib import Path
+from typing import ClassVar, Optional
 
 import torch
 import torch.nn as nn
@@ -86,8 +87,10 @@ class Method(nn.Module):
         raise KeyError(name)
 
     @classmethod
-    def bank_views(cls, recipe: Recipe, banks: dict[str, MemoryBank]) -> dict[str, list[tuple[str, str, object]]]:
-        """Extra rows of ``mlsctl bank inspect`` per bank: (label, text, JSON value)."""
+    def bank_views(cls, recipe: Recipe, banks: dict[str, MemoryBank],
+                   image_paths: Optional[list[Path]] = None) -> dict[str, list[tuple[str, str, object]]]:
+        """Extra rows of ``mlsctl bank inspect`` per bank: (label, text, JSON value).
+        ``image_paths[image_id]`` is the file of a payload ``image_id`` (the run's images.txt)."""
         return {}
 
     @staticmethod

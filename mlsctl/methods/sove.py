@@ -156,7 +156,7 @@ class SOVE(Method):
         return self.teacher.head
 
     @classmethod
-    def bank_views(cls, recipe, banks: dict[str, MemoryBank]) -> dict[str, list[tuple[str, str, object]]]:
+    def bank_views(cls, recipe, banks: dict[str, MemoryBank], image_paths=None) -> dict[str, list[tuple[str, str, object]]]:
         """``mlsctl bank inspect``: the judge overlap of one sampled task per memory — how many
         entries support more than one anchor (seeded, so the same checkpoint shows the same task)."""
         cfg = recipe.method

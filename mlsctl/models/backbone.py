@@ -1,8 +1,16 @@
-"""The backbone: any timm Vision Transformer, returning its CLS token and its patch-token grid.
+"""The backbone: any timm Vision Transformer or CNN, returning a global feature and a feature grid.
 
-``Backbone(x)`` returns :class:`BackboneOutput` with ``cls`` [B, D] and ``patches`` [B, h, w, D]
-(after the final norm; register tokens dropped). Inputs of any size that is a multiple of the patch
-size are accepted (timm's ``dynamic_img_size``), so global and local crops share one model.
+``Backbone(x)`` returns :class:`BackboneOutput` with ``cls`` [B, D] and ``patches`` [B, h, w, D].
+
+* **ViT** (``kind == "vit"``): ``cls`` is the CLS token and ``patches`` the patch tokens, after the
+  final norm (register tokens dropped). Inputs of any size that is a multiple of the patch size are
+  accepted (timm's ``dynamic_img_size``), so global and local crops share one model.
+* **CNN** (``kind == "cnn"``: any timm model whose ``forward_features`` returns an NCHW map, such as
+  ResNet-50 or ConvNeXt): ``cls`` is the average-pooled last stage (a CNN has no CLS token; the name
+  is kept so every consumer reads one field: it is *the global feature*) and ``patches`` the last
+  stage's map as a grid. The "patch size" of a CNN is its output stride (32 for a ResNet, 8 with
+  ``timm_kwargs: {output_stride: 8}``), so dense evaluation, crop-size checks and position maps
+  treat a cell of the last stage as a patch. :attr:`has_cls_token` tells the two apart.
 
 Weights: ``weights=FILE`` loads a local file through :mod:`mlsctl.models.weights` (strict, key
 layouts remapped); ``pretrained=True`` takes timm's weights from the Hugging Face cache, or
@@ -16,7 +24,7 @@ token ``mask_token`` [1, D]; ``Backbone(x, mask=M)`` with ``M`` [B, h, w] bool r
 embeddings where ``M`` is true by that token *before* the position embeddings are added (a forward
 hook on the ViT's ``patch_embed``, so any timm ViT works and its forward stays timm's own).
 
-Embedding layer (metric learning, method ``ms``): built with ``embedding_dim=E`` the ViT carries
+Embedding layer (metric learning, method ``ms``; ViTs only): built with ``embedding_dim=E`` the ViT carries
 timm's own ``head``, a linear layer width → E, and ``cls`` is that layer's output on the CLS token
 (timm's ``forward_head``), not L2-normalised; ``embed_dim`` is then E (the width of ``cls``) and
 ``width`` the ViT's. The layer is saved and loaded with the ViT's keys (``head.weight``,
@@ -44,7 +52,7 @@ class BackboneOutput:
 
 
 class Backbone(nn.Module):
-    def __init__(self, arch: str, *, img_size: int = 224, patch_size: int = 16, drop_path_rate: float = 0.0,
+    def __init__(self, arch: str, *, img_size: int = 224, patch_size: Optional[int] = 16, drop_path_rate: float = 0.0,
                  pretrained: bool = False, weights: Optional[str] = None, timm_kwargs: Optional[dict[str, Any]] = None,
                  lora: Optional[lora_lib.LoraSettings] = None, mask_token: bool = False, embedding_dim: int = 0):
         super().__init__()
@@ -55,15 +63,25 @@ class Backbone(nn.Module):
         problem = timm_kwargs_problem(timm_kwargs or {})
         if problem:
             raise UserError(f"model.timm_kwargs: {problem}")
-        kwargs = dict(timm_kwargs or {})
-        kwargs.update(img_size=img_size, patch_size=patch_size, drop_path_rate=drop_path_rate, num_classes=embedding_dim,
-                      dynamic_img_size=True)
         if not timm.is_model(arch):
             import difflib
 
-            close = difflib.get_close_matches(arch, timm.list_models("vit*") + timm.list_models("*vit*"), n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else "; see timm.list_models('vit*')"
+            close = difflib.get_close_matches(arch, timm.list_models(), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else "; see timm.list_models()"
             raise UserError(f"model.arch '{arch}' is not a timm model{hint}")
+        self.kind = architecture_kind(arch)
+        kwargs = dict(timm_kwargs or {})
+        kwargs.update(drop_path_rate=drop_path_rate, num_classes=0)
+        if embedding_dim and self.kind != "vit":
+            raise UserError(f"model.embedding_dim adds timm's head on a ViT's CLS token; '{arch}' is a CNN: set "
+                            f"model.embedding_dim=0 or use a ViT")
+        if self.kind == "vit":
+            kwargs["num_classes"] = embedding_dim
+            kwargs.update(img_size=img_size, dynamic_img_size=True)
+            if patch_size is not None:
+                kwargs["patch_size"] = patch_size
+        else:
+            kwargs["global_pool"] = ""
         if pretrained:  # resolved to a local file first: no network retries (see mlsctl.models.hub)
             from mlsctl.models.hub import timm_pretrained_file
 
@@ -72,10 +90,26 @@ class Backbone(nn.Module):
             model = timm.create_model(arch, pretrained=False, **kwargs)
         except (TypeError, ValueError, AssertionError, RuntimeError) as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            hint = "(num_heads must divide embed_dim)" if self.kind == "vit" else "(a CNN takes output_stride, not ViT shapes)"
             raise UserError(f"timm cannot build '{arch}' with {sorted(kwargs)} ({first}); check model.timm_kwargs "
-                            f"(num_heads must divide embed_dim) and that model.arch is a Vision Transformer") from None
-        if not (hasattr(model, "patch_embed") and hasattr(model, "num_prefix_tokens") and hasattr(model, "forward_features")):
-            raise UserError(f"model.arch '{arch}' is not a Vision Transformer with patch tokens; use a timm ViT")
+                            f"{hint}") from None
+        if self.kind == "vit":
+            stride = int(model.patch_embed.patch_size[0])
+            self.num_prefix_tokens = model.num_prefix_tokens
+        else:
+            if getattr(model, "output_fmt", "NCHW") != "NCHW" or not getattr(model, "feature_info", None):
+                raise UserError(f"model.arch '{arch}' is neither a Vision Transformer with patch tokens nor a CNN with "
+                                f"an NCHW feature map; use a timm ViT (vit_*) or CNN (resnet50, convnext_tiny, ...)")
+            stride = int(model.feature_info[-1]["reduction"])
+            self.num_prefix_tokens = 0
+            if patch_size is not None and patch_size != stride:
+                raise UserError(f"model.arch '{arch}' is a CNN whose last stage has stride {stride}: set "
+                                f"model.patch_size={stride} (a cell of its last stage is its 'patch')")
+            if lora is not None and lora.enabled:
+                raise UserError(f"model.lora adapts a ViT's attention; '{arch}' is a CNN: set model.lora.enabled=false")
+            if mask_token:
+                raise UserError(f"masked image modelling needs a Vision Transformer (a mask token replaces patch "
+                                f"embeddings); model.arch '{arch}' is a CNN")
         if weights is not None:
             state = backbone_state(read_state_dict(weights), keep_head=embedding_dim > 0)
             if embedding_dim:  # an embedding layer of another shape (or none) in the file: keep the fresh one
@@ -84,38 +118,51 @@ class Backbone(nn.Module):
                     state.update(fresh)
             load_into_vit(model, state, str(weights))
         self.arch = arch
-        self.patch_size = patch_size
+        self.patch_size = stride
         self.width = model.num_features
         self.embedding_dim = embedding_dim
         self.embed_dim = embedding_dim or model.num_features
-        self.num_prefix_tokens = model.num_prefix_tokens
         self.model: nn.Module = lora_lib.apply_lora(model, lora) if lora is not None and lora.enabled else model
         self.mask_token = nn.Parameter(torch.zeros(1, self.width)) if mask_token else None
 
     @property
-    def vit(self) -> nn.Module:
-        """The timm ViT itself (inside the peft wrapper when LoRA is on)."""
+    def net(self) -> nn.Module:
+        """The timm model itself (inside the peft wrapper when LoRA is on)."""
         return lora_lib.unwrap(self.model)
+
+    @property
+    def has_cls_token(self) -> bool:
+        """Whether ``cls`` is a CLS token (a ViT with a class token) rather than pooled features."""
+        return self.kind == "vit" and self.num_prefix_tokens > 0 and not getattr(self.net, "no_class_token", False) \
+            and getattr(self.net, "cls_token", None) is not None
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> BackboneOutput:
         b, _, height, width = x.shape
         if height % self.patch_size or width % self.patch_size:
             raise ValueError(f"input {height}x{width} is not a multiple of the patch size {self.patch_size}")
         h, w = height // self.patch_size, width // self.patch_size
+        if self.kind == "cnn":
+            if mask is not None:
+                raise ValueError("a CNN backbone takes no mask (masked image modelling needs a ViT)")
+            grid = self.net.forward_features(x)
+            if tuple(grid.shape[-2:]) != (h, w):
+                raise ValueError(f"{self.arch} gave a {tuple(grid.shape[-2:])} map for a {height}x{width} input, "
+                                 f"not {h}x{w} at stride {self.patch_size}")
+            return BackboneOutput(cls=grid.mean(dim=(2, 3)), patches=grid.permute(0, 2, 3, 1))
         if mask is None:
-            tokens = self.vit.forward_features(x)
+            tokens = self.net.forward_features(x)
         else:
             if self.mask_token is None:
                 raise ValueError("this backbone was built without a mask token (mask_token=True)")
             if tuple(mask.shape) != (b, h, w):
                 raise ValueError(f"mask must be [{b}, {h}, {w}] for this input, got {list(mask.shape)}")
-            handle = self.vit.patch_embed.register_forward_hook(self._masking_hook(mask))
+            handle = self.net.patch_embed.register_forward_hook(self._masking_hook(mask))
             try:
-                tokens = self.vit.forward_features(x)
+                tokens = self.net.forward_features(x)
             finally:
                 handle.remove()
         patches = tokens[:, self.num_prefix_tokens:].reshape(b, h, w, -1)
-        cls = self.vit.forward_head(tokens) if self.embedding_dim else tokens[:, 0]
+        cls = self.net.forward_head(tokens) if self.embedding_dim else tokens[:, 0]
         return BackboneOutput(cls=cls, patches=patches)
 
     def _masking_hook(self, mask: torch.Tensor):
@@ -148,6 +195,20 @@ class Backbone(nn.Module):
             outputs += [BackboneOutput(c, p) for c, p in zip(out.cls.chunk(end - start), out.patches.chunk(end - start))]
             start = end
         return outputs
+
+
+def architecture_kind(arch: str) -> str:
+    """``"vit"`` for a timm Vision Transformer with patch tokens, ``"cnn"`` otherwise (checked
+    further when the model is built). Decided from timm's registry without building the model."""
+    import timm
+
+    module = timm.models.model_entrypoint(arch).__module__.rsplit(".", 1)[-1]
+    return "vit" if module in VIT_MODULES else "cnn"
+
+
+# timm modules whose models are Vision Transformers with patch tokens (patch_embed, num_prefix_tokens)
+VIT_MODULES = ("vision_transformer", "vision_transformer_hybrid", "vision_transformer_relpos",
+               "vision_transformer_sam", "deit", "eva", "beit")
 
 
 def build_backbone(model_cfg, *, drop_path_rate: Optional[float] = None, load_weights: bool = True,

@@ -1,0 +1,291 @@
+"""MLS: multi-label self-supervised learning with scene images, and its MoCo-v2 baseline
+(METHODS.md "MLS"; ``papers/mls_supplementary.txt``). No public implementation exists: this is the
+reference one, and every choice the paper leaves open is stated here.
+
+Networks (MoCo-v2): a query encoder φ_q — backbone + projector f_q (MLP D→2048→256, ReLU, no BN)
+— and a key (momentum) encoder φ_k, f_k, an EMA of the query encoder (m = 0.995) that gets no
+gradient. For an image, view 1 goes through the query encoder and view 2 through the key encoder:
+
+* ``g1``, ``g2``: L2-normalised backbone features (the global feature: average-pooled last stage of
+  a CNN; a ViT's CLS token or mean patch token, ``global_feature``);
+* ``z1``, ``z2``: L2-normalised projections.
+
+Two queues of D entries, both :class:`~mlsctl.bank.MemoryBank` (random unit vectors at the start,
+as MoCo's; FIFO; gathered across processes; saved and resumed with every checkpoint), written
+together with the same batch in the same order, so entry i of both is the same view of the same
+image (payload ``image_id`` and ``box`` in both):
+
+* ``Q_g``: the key encoder's backbone features g2;
+* ``Q_z``: the key encoder's projections z2.
+
+Losses (pure functions below; the queues as they were before the batch, then g2, z2 enqueued):
+
+* pseudo-labels ``y`` [B, D]: exactly k ones per row, the top-k of ``g1 · Q_gᵀ``
+  (``label_queue: z`` takes them from ``z1 · Q_zᵀ`` instead: the one-queue ablation);
+* ``L_ml = BCE-with-logits(z1 · Q_zᵀ / τ, y)`` averaged over the D entries and the batch
+  (``multi_label_loss: bce_pos`` keeps only the positive terms, Eq. 15 of the supplement;
+  ``knn_softmax`` is the k-NN softmax loss of its Eq. 10, the paper's other baseline);
+* ``L = InfoNCE(z1, z2, Q_z; τ) + λ · L_ml`` with τ = 0.2, λ = 0.5; λ = 0 is MoCo-v2.
+
+Choices the paper leaves open, made here: the loss is asymmetric (view 1 → query, view 2 → key)
+as in MoCo-v2; the same τ serves both terms (METHODS.md); labels and BCE logits come from the
+queues only (not from this batch's keys); the released model — what ``embed`` and every eval use
+— is the *query* encoder's backbone, as MoCo releases ``encoder_q``. The supplement says once that
+``Q_g`` holds "g_1 of view1" and once that both queues hold view-2 features; the issue and
+METHODS.md say g2, which is what runs (key encoder, no gradient, as every entry of ``Q_z``).
+
+BatchNorm (``key_bn``; :mod:`mlsctl.models.batchnorm`): ``shuffle`` (default: MoCo's own defence,
+and the only one that works in any number of processes on any device) computes BatchNorm
+statistics over groups of ``bn_group_size`` images in both encoders and shuffles the global batch
+before the key encoder; ``sync`` uses SyncBatchNorm (CUDA processes). A ViT has no BatchNorm and
+needs neither. Logged: ``loss/info_nce``, ``loss/multi_label``, the share of pseudo-labels that are
+the image's own earlier views (``labels/self_share``) and the mean cosine of the k-th label.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mlsctl import dist
+from mlsctl.bank import Column, MemoryBank, QueryFeature
+from mlsctl.config import MethodConfig, param
+from mlsctl.data.loader import sample_seed
+from mlsctl.errors import UserError
+from mlsctl.methods.base import Method, StepOutput
+from mlsctl.models.backbone import Backbone, BackboneOutput, build_backbone
+from mlsctl.models.batchnorm import batchnorm_layers, convert_to_group_batchnorm, convert_to_sync_batchnorm
+
+SHUFFLE_STREAM = 2**34  # the key encoder's batch permutation of step s: (seed, s, SHUFFLE_STREAM)
+
+
+# ------------------------------------------------------------------------------------------ losses
+
+
+def info_nce(query: torch.Tensor, positive_key: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
+    """MoCo's InfoNCE: ``-log exp(q·k+/τ) / (exp(q·k+/τ) + Σ_j exp(q·Q_j/τ))`` averaged over the
+    batch; ``query`` [B, d], ``positive_key`` [B, d], ``queue`` [D, d], all L2-normalised."""
+    positive = (query * positive_key).sum(dim=1, keepdim=True)
+    logits = torch.cat([positive, query @ queue.T], dim=1) / temperature
+    return F.cross_entropy(logits, torch.zeros(len(query), dtype=torch.long, device=query.device))
+
+
+def pseudo_labels(features: torch.Tensor, queue: torch.Tensor, k: int) -> torch.Tensor:
+    """``y`` [B, D]: 1 at the k queue entries most similar to each feature (cosine of normalised
+    vectors: a dot product), 0 elsewhere — exactly k ones per row (ties broken by topk)."""
+    if not 1 <= k <= queue.shape[0]:
+        raise ValueError(f"k must be in [1, {queue.shape[0]}], got {k}")
+    top = (features @ queue.T).topk(k, dim=1).indices
+    return torch.zeros(len(features), queue.shape[0], dtype=features.dtype, device=features.device).scatter_(1, top, 1.0)
+
+
+def multi_label_loss(query: torch.Tensor, queue: torch.Tensor, labels: torch.Tensor, temperature: float,
+                     kind: str = "bce") -> torch.Tensor:
+    """``L_ml`` of logits ``p = query · queueᵀ`` [B, D] against multi-hot ``labels`` [B, D]:
+
+    * ``bce`` (MLS, Eq. 9): ``-1/D Σ_i [y_i log σ(p_i/τ) + (1 - y_i) log(1 - σ(p_i/τ))]``;
+    * ``bce_pos`` (supplement Eq. 15): ``-1/D Σ_i y_i log σ(p_i/τ)``;
+    * ``knn_softmax`` (supplement Eq. 10): ``-1/N_pos Σ_{i: y_i=1} log softmax(p/τ)_i``;
+
+    each averaged over the batch."""
+    logits = (query @ queue.T) / temperature
+    if kind == "bce":
+        return F.binary_cross_entropy_with_logits(logits, labels)
+    if kind == "bce_pos":
+        return (labels * F.softplus(-logits)).mean()
+    if kind == "knn_softmax":
+        log_p = F.log_softmax(logits, dim=1)
+        return (-(labels * log_p).sum(dim=1) / labels.sum(dim=1).clamp_min(1)).mean()
+    raise ValueError(f"unknown multi-label loss {kind!r}")
+
+
+def mls_loss(z1: torch.Tensor, z2: torch.Tensor, label_features: torch.Tensor, label_queue: torch.Tensor,
+             z_queue: torch.Tensor, *, k: int, temperature: float, weight: float,
+             kind: str = "bce") -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """``L = InfoNCE(z1, z2, Q_z) + λ · L_ml(z1, Q_z, y)``, y = top-k of ``label_features ·
+    label_queueᵀ`` (g1 and Q_g in MLS). Returns (loss, detached terms, labels). λ = 0 skips the
+    multi-label term (MoCo-v2 exactly)."""
+    contrastive = info_nce(z1, z2, z_queue, temperature)
+    labels = pseudo_labels(label_features.detach(), label_queue, k)
+    if weight == 0:
+        return contrastive, {"info_nce": contrastive.detach()}, labels
+    ml = multi_label_loss(z1, z_queue, labels, temperature, kind)
+    return contrastive + weight * ml, {"info_nce": contrastive.detach(), "multi_label": ml.detach()}, labels
+
+
+# ------------------------------------------------------------------------------------------ method
+
+
+@dataclass
+class MLSConfig(MethodConfig):
+    name: str = param("mls", help="MLS (lambda_ml: 0 is MoCo-v2)")
+    queue_size: int = param(4096, help="D: entries of each queue, Q_g and Q_z", ge=2)
+    k: int = param(20, help="pseudo-labels per image: the top-k entries of Q_g", ge=1)
+    temperature: float = param(0.2, help="τ of InfoNCE and of the multi-label logits", gt=0.0)
+    lambda_ml: float = param(0.5, help="λ: weight of the multi-label loss; 0 is MoCo-v2", ge=0.0)
+    label_queue: Literal["g", "z"] = param("g", help="queue the pseudo-labels come from: g (Q_g, two queues, MLS) "
+                                                     "or z (Q_z, one queue: the ablation)")
+    multi_label_loss: Literal["bce", "bce_pos", "knn_softmax"] = param(
+        "bce", help="bce (MLS), bce_pos (positive terms only) or knn_softmax (the supplement's Eq. 10)")
+    proj_hidden_dim: int = param(2048, help="projector MLP width", ge=1)
+    proj_dim: int = param(256, help="dimension of z", ge=1)
+    momentum_teacher: float = param(0.995, help="m: momentum of the key encoder at the start", ge=0.0, le=1.0)
+    momentum_teacher_end: float = param(0.995, help="momentum at the end (cosine; equal to the start: constant, "
+                                                    "as MoCo)", ge=0.0, le=1.0)
+    global_feature: Literal["auto", "cls", "pooled"] = param(
+        "auto", help="g: auto (CNN: average-pooled last stage; ViT: CLS token), cls (ViT only) or pooled "
+                     "(mean of the grid)")
+    key_bn: Literal["shuffle", "sync"] = param("shuffle", help="BatchNorm defence of the key encoder: shuffle "
+                                                               "(grouped statistics + shuffled keys) or sync")
+    bn_group_size: int = param(32, help="images per BatchNorm group with key_bn=shuffle (MoCo: 32 per GPU)", ge=2)
+    tags_file: Optional[str] = param(None, help="JSONL/CSV of image tags for `mlsctl bank inspect` (default: "
+                                                "scenes.jsonl in data.root or its parent when present)", path=True)
+
+
+class Encoder(nn.Module):
+    """Backbone + projector (Linear-ReLU-Linear), returning (g, z) L2-normalised."""
+
+    def __init__(self, backbone: Backbone, hidden_dim: int, out_dim: int, global_feature: str):
+        super().__init__()
+        self.backbone = backbone
+        self.projector = nn.Sequential(nn.Linear(backbone.embed_dim, hidden_dim), nn.ReLU(inplace=True),
+                                       nn.Linear(hidden_dim, out_dim))
+        self.global_feature = global_feature
+
+    def features(self, out: BackboneOutput) -> torch.Tensor:
+        return out.patches.mean(dim=(1, 2)) if self.global_feature == "pooled" else out.cls
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        g = self.features(self.backbone(x))
+        return F.normalize(g, dim=1), F.normalize(self.projector(g), dim=1)
+
+
+class MLS(Method):
+    Config = MLSConfig
+
+    def __init__(self, recipe, schedule):
+        super().__init__(recipe, schedule)
+        cfg = self.cfg
+        backbone = build_backbone(recipe.model)
+        global_feature = cfg.global_feature
+        if global_feature == "cls" and not backbone.has_cls_token:
+            raise UserError(f"method.global_feature=cls needs a CLS token, and model.arch '{recipe.model.arch}' has none "
+                            f"(a CNN's global feature is its pooled last stage); use method.global_feature=auto or pooled")
+        if global_feature == "auto":
+            global_feature = "cls" if backbone.has_cls_token else "pooled"
+        self.global_feature = global_feature
+        self.query = Encoder(backbone, cfg.proj_hidden_dim, cfg.proj_dim, global_feature)
+        self.key = Encoder(build_backbone(recipe.model, drop_path_rate=0.0, load_weights=False), cfg.proj_hidden_dim,
+                           cfg.proj_dim, global_feature)
+        self.has_batchnorm = bool(batchnorm_layers(self.query))
+        world = dist.world_size()
+        if self.has_batchnorm:
+            if cfg.key_bn == "shuffle":
+                self._check_groups(recipe.optim.batch_size, cfg.bn_group_size, world)
+                for encoder in (self.query, self.key):
+                    convert_to_group_batchnorm(encoder, cfg.bn_group_size, f"model.arch '{recipe.model.arch}'")
+            elif world > 1:
+                self.query = convert_to_sync_batchnorm(self.query)
+                self.key = convert_to_sync_batchnorm(self.key)
+        self.key.load_state_dict(self.query.state_dict())
+        for p in self.key.parameters():
+            p.requires_grad_(False)
+        if cfg.queue_size < recipe.optim.batch_size * world:
+            raise UserError(f"method.queue_size {cfg.queue_size} is smaller than the global batch "
+                            f"({recipe.optim.batch_size} x {world} processes): each step would overwrite the whole "
+                            f"queue; raise method.queue_size")
+        generator = torch.Generator().manual_seed(recipe.seed)
+        payload = {"image_id": Column((), torch.long), "box": Column((4,), torch.float32)}
+        query_feature = "cls" if global_feature == "cls" else "patch_mean"
+        self.queue_g = MemoryBank(cfg.queue_size, backbone.embed_dim, payload, init="random_unit", generator=generator,
+                                  query_feature=QueryFeature(query_feature))
+        self.queue_z = MemoryBank(cfg.queue_size, cfg.proj_dim, payload, init="random_unit", generator=generator,
+                                  query_feature=QueryFeature(query_feature, projection="projector"))
+
+    @staticmethod
+    def _check_groups(batch_size: int, group_size: int, world: int) -> None:
+        if batch_size > group_size and batch_size % group_size:
+            raise UserError(f"optim.batch_size {batch_size} does not split into BatchNorm groups of method.bn_group_size "
+                            f"{group_size}; make the batch a multiple of it (or use method.key_bn=sync)")
+        if world * max(1, batch_size // group_size) < 2:
+            raise UserError(f"with one process and optim.batch_size {batch_size} <= method.bn_group_size {group_size} "
+                            f"the batch is one BatchNorm group and shuffling keys cannot hide a query's key; set "
+                            f"method.bn_group_size to at most {batch_size // 2}")
+
+    @classmethod
+    def check_recipe(cls, recipe):
+        cfg, data = recipe.method, recipe.data
+        if data.global_crops.count != 2:
+            return [("data.global_crops.count", f"must be 2 for MLS/MoCo (view 1: query, view 2: key), got "
+                                                f"{data.global_crops.count}")]
+        if data.local_crops.count:
+            return [("data.local_crops.count", f"must be 0 for MLS/MoCo (two views only), got {data.local_crops.count}")]
+        if cfg.k > cfg.queue_size:
+            return [("method.k", f"{cfg.k} pseudo-labels cannot come from a queue of {cfg.queue_size} entries; lower "
+                                 f"method.k or raise method.queue_size")]
+        return []
+
+    # ------------------------------------------------------------------ declared to the loop
+    def ema_pairs(self):
+        return [(self.query, self.key)]
+
+    def banks(self):
+        return {"Q_g": self.queue_g, "Q_z": self.queue_z}
+
+    def teacher_backbone(self):
+        return self.query.backbone  # MoCo releases the query encoder (encoder_q)
+
+    def query_projection(self, name: str) -> nn.Module:
+        if name == "projector":
+            return self.query.projector
+        raise KeyError(name)
+
+    @classmethod
+    def bank_views(cls, recipe, banks, image_paths=None):
+        from mlsctl.methods.mls_views import queue_views
+
+        return queue_views(recipe, banks, image_paths)
+
+    # ------------------------------------------------------------------ the step
+    def _encode_keys(self, x: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(g2, z2) of the key encoder; with shuffle BN the global batch is encoded in a permuted
+        order (every process its slice of the permutation) and put back in order."""
+        if not (self.has_batchnorm and self.cfg.key_bn == "shuffle"):
+            return self.key(x)
+        b, rank = len(x), dist.rank()
+        everything = dist.gather_cat(x)
+        generator = torch.Generator().manual_seed(sample_seed(self.recipe.seed, step, SHUFFLE_STREAM))
+        order = torch.randperm(len(everything), generator=generator).to(x.device)
+        g, z = self.key(everything[order[rank * b:(rank + 1) * b]])
+        g_all, z_all = dist.gather_cat(g), dist.gather_cat(z)
+        g_back, z_back = torch.empty_like(g_all), torch.empty_like(z_all)
+        g_back[order], z_back[order] = g_all, z_all
+        return g_back[rank * b:(rank + 1) * b], z_back[rank * b:(rank + 1) * b]
+
+    def training_step(self, batch, step):
+        cfg = self.cfg
+        view1, view2 = batch.crops[0], batch.crops[1]
+        g1, z1 = self.query(view1)
+        with torch.no_grad():
+            g2, z2 = self._encode_keys(view2, step)
+        g1, z1, g2, z2 = g1.float(), z1.float(), g2.float(), z2.float()
+        q_g, q_z = self.queue_g.vectors.clone(), self.queue_z.vectors.clone()  # as before this batch
+        label_features, label_queue = (g1, q_g) if cfg.label_queue == "g" else (z1, q_z)
+        loss, terms, labels = mls_loss(z1, z2, label_features, label_queue, q_z, k=cfg.k, temperature=cfg.temperature,
+                                       weight=cfg.lambda_ml, kind=cfg.multi_label_loss)
+        metrics = {}
+        with torch.no_grad():
+            chosen = labels.bool()
+            written = self.queue_g.payload["step"] >= 0  # random starting entries belong to no image
+            same_image = (self.queue_g.payload["image_id"][None, :] == batch.image_ids[:, None]) & written[None, :]
+            metrics["labels/self_share"] = float((chosen & same_image).sum()) / max(1, int(chosen.sum()))
+            metrics["labels/kth_cosine"] = float((label_features @ label_queue.T).topk(cfg.k, dim=1).values[:, -1].mean())
+        box = batch.boxes[:, 1].float()
+        self.queue_g.enqueue(g2, step=step, image_id=batch.image_ids, box=box)
+        self.queue_z.enqueue(z2, step=step, image_id=batch.image_ids, box=box)
+        return StepOutput(loss, terms=terms, metrics=metrics)

@@ -1,0 +1,97 @@
+"""What ``mlsctl bank inspect`` shows of MLS's queues ``Q_g`` and ``Q_z`` when the images carry
+tags (fmnist-scenes' ``scenes.jsonl`` in ``data.root`` or the folder above it, or
+``method.tags_file``):
+
+* **tags**: how many queue entries come from an image with each tag (an image with several tags
+  counts once for each) — what the label payload of the queue holds;
+* **label precision**: MLS's pseudo-labels seen from the queue itself — every written entry is a
+  query against the other entries of the same queue (entries of its own image excluded), and the
+  share of its top-k (``method.k``) that share at least one tag with it, next to the share of all
+  pairs that do (chance). Two queues beat one in the paper because ``Q_g``'s neighbours are
+  better labels than ``Q_z``'s; this row measures exactly that on a run.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from mlsctl.errors import UserError
+
+
+def tags_file_of(recipe) -> Optional[Path]:
+    if recipe.method.tags_file:
+        return Path(recipe.method.tags_file)
+    if recipe.data.root:
+        for folder in (Path(recipe.data.root), Path(recipe.data.root).parent):  # fmnist-scenes: train/images
+            if (folder / "scenes.jsonl").is_file():
+                return folder / "scenes.jsonl"
+    return None
+
+
+def entry_tags(bank, image_paths: list[Path], table: dict[str, list[str]], base: Path) -> list[Optional[frozenset]]:
+    """Tags of every slot (None: never written, or an image the tags file does not list)."""
+    by_path = {}
+    for key, tags in table.items():
+        location = Path(key) if Path(key).is_absolute() else base / key
+        by_path[str(location.resolve())] = frozenset(tags)
+    resolved = [str(Path(p).resolve()) for p in image_paths]
+    out: list[Optional[frozenset]] = []
+    for image_id, step in zip(bank.payload["image_id"].tolist(), bank.payload["step"].tolist()):
+        out.append(by_path.get(resolved[image_id]) if step >= 0 and 0 <= image_id < len(resolved) else None)
+    return out
+
+
+def label_precision(vectors: torch.Tensor, image_ids: torch.Tensor, tags: list[Optional[frozenset]], k: int) -> dict:
+    """Share of each tagged entry's top-k neighbours (cosine, same image excluded) that share a tag
+    with it, and the same share over all pairs of tagged entries of different images (chance)."""
+    rows = torch.tensor([i for i, t in enumerate(tags) if t], dtype=torch.long)
+    if len(rows) <= k:
+        return {}
+    x = F.normalize(vectors[rows].float(), dim=1)
+    ids = image_ids[rows]
+    names = sorted({tag for i in rows.tolist() for tag in tags[i]})
+    index = {name: j for j, name in enumerate(names)}
+    onehot = torch.zeros(len(rows), len(names))
+    for r, i in enumerate(rows.tolist()):
+        onehot[r, [index[t] for t in tags[i]]] = 1.0
+    share = (onehot @ onehot.T) > 0  # [n, n] pairs sharing a tag
+    other = ids[:, None] != ids[None, :]
+    scores = (x @ x.T).masked_fill(~other, float("-inf"))
+    top = scores.topk(k, dim=1).indices
+    hits = share.gather(1, top)
+    return {"precision": float(hits.float().mean()), "chance": float(share[other].float().mean()), "k": k,
+            "queries": len(rows)}
+
+
+def queue_views(recipe, banks, image_paths: Optional[list[Path]]) -> dict[str, list[tuple[str, str, object]]]:
+    from mlsctl.evaluate.linear import read_multi_labels
+
+    path = tags_file_of(recipe)
+    if path is None or not image_paths:
+        return {}
+    try:
+        table = read_multi_labels(path)
+    except UserError as exc:
+        return {name: [("tags", f"not shown: {exc}", None)] for name in banks}
+    views = {}
+    for name, bank in banks.items():
+        tags = entry_tags(bank, image_paths, table, path.parent)
+        counts = Counter(tag for t in tags if t for tag in t)
+        tagged = sum(1 for t in tags if t)
+        if not tagged:
+            views[name] = [("tags", f"no entry comes from an image listed in {path}", None)]
+            continue
+        top = counts.most_common()
+        shown = ", ".join(f"{tag}: {n}" for tag, n in top[:8]) + (", ..." if len(top) > 8 else "")
+        rows = [("tags", f"{len(top)} tags over {tagged} entries ({path.name}); {shown}", dict(top))]
+        precision = label_precision(bank.vectors, bank.payload["image_id"], tags, recipe.method.k)
+        if precision:
+            rows.append(("label precision", f"{100 * precision['precision']:.1f}% of each entry's top-{precision['k']} "
+                                            f"share a tag with it (chance {100 * precision['chance']:.1f}%)", precision))
+        views[name] = rows
+    return views

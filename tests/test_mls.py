@@ -1,0 +1,380 @@
+"""MLS and its MoCo-v2 baseline: closed-form losses, pseudo-labels from Q_g, aligned queues, shuffle BN,
+gradients, resume, two processes, CNN runs through every command, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+from mlsctl import config
+from mlsctl.methods.mls import MLS, info_nce, mls_loss, multi_label_loss, pseudo_labels
+from mlsctl.models.batchnorm import GroupBatchNorm2d
+from mlsctl.schedules import Schedule
+
+from conftest import REPO, cli, cli_env, cli_ok, make_images, tiny_recipe, write_idx, write_recipe
+
+CNN = {"arch": "test_resnet", "img_size": 32, "patch_size": 32, "drop_path_rate": 0.0, "timm_kwargs": {}}
+MLS_METHOD = {"name": "mls", "queue_size": 12, "k": 3, "proj_hidden_dim": 32, "proj_dim": 16, "bn_group_size": 2}
+SGD = {"batch_size": 4, "epochs": 2, "lr": 0.03, "scale_lr": False, "warmup_epochs": 0, "min_lr": 0.0,
+       "weight_decay": 1e-4, "weight_decay_end": 1e-4, "optimizer": "sgd", "decay_biases_and_norms": True,
+       "clip_grad": 0.0, "freeze_last_layer_epochs": 0}
+
+
+def unit(n: int, d: int, seed: int = 0) -> torch.Tensor:
+    return F.normalize(torch.randn(n, d, generator=torch.Generator().manual_seed(seed)), dim=1)
+
+
+def mls_recipe(images: Path, model: dict | None = None, **method) -> dict:
+    raw = tiny_recipe(images, data__local_crops={"count": 0, "size": 32, "scale": [0.1, 0.4]}, data__photometric="mocov2",
+                      optim=dict(SGD))
+    raw["method"] = {**MLS_METHOD, **method}
+    if model is not None:
+        raw["model"] = dict(model)
+    return raw
+
+
+# ------------------------------------------------------------------------------------------ losses
+
+
+@settings(max_examples=25, deadline=None)
+@given(b=st.integers(1, 5), d=st.integers(3, 30), k=st.integers(1, 30), seed=st.integers(0, 999))
+def test_pseudo_labels_are_exactly_the_k_most_similar_entries(b, d, k, seed):
+    k = min(k, d)
+    features, queue = unit(b, 8, seed), unit(d, 8, seed + 1)
+    y = pseudo_labels(features, queue, k)
+    assert y.shape == (b, d) and torch.equal(y.sum(1), torch.full((b,), float(k)))
+    scores = features @ queue.T
+    for row in range(b):  # every chosen entry scores at least as high as every entry left out
+        chosen, left = scores[row][y[row].bool()], scores[row][~y[row].bool()]
+        assert left.numel() == 0 or chosen.min() >= left.max()
+
+
+def test_multi_label_losses_equal_their_closed_forms_on_a_hand_made_queue():
+    z1 = torch.tensor([[1.0, 0.0]])
+    queue = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    y = torch.tensor([[1.0, 0.0, 0.0]])
+    # logits p/τ with τ = 0.5: [2, 0, -2]
+    bce = (math.log(1 + math.exp(-2)) + math.log(2) + math.log(1 + math.exp(-2))) / 3
+    assert float(multi_label_loss(z1, queue, y, 0.5, "bce")) == pytest.approx(bce, rel=1e-6)
+    assert float(multi_label_loss(z1, queue, y, 0.5, "bce_pos")) == pytest.approx(math.log(1 + math.exp(-2)) / 3,
+                                                                                   rel=1e-6)
+    softmax = -math.log(math.exp(2) / (math.exp(2) + 1 + math.exp(-2)))
+    assert float(multi_label_loss(z1, queue, y, 0.5, "knn_softmax")) == pytest.approx(softmax, rel=1e-6)
+
+
+def test_info_nce_equals_its_closed_form_and_lambda_zero_is_moco_alone():
+    z1, z2, queue = unit(3, 8, 0), unit(3, 8, 1), unit(10, 8, 2)
+    expected = torch.stack([-(z1[i] @ z2[i] / 0.2) + torch.logsumexp(torch.cat([(z1[i] @ z2[i])[None], queue @ z1[i]])
+                                                                      / 0.2, 0) for i in range(3)]).mean()
+    assert torch.allclose(info_nce(z1, z2, queue, 0.2), expected, atol=1e-6)
+    loss, terms, _ = mls_loss(z1, z2, unit(3, 6, 3), unit(10, 6, 4), queue, k=2, temperature=0.2, weight=0.0)
+    assert torch.equal(loss, info_nce(z1, z2, queue, 0.2)) and set(terms) == {"info_nce"}
+    full, terms, labels = mls_loss(z1, z2, unit(3, 6, 3), unit(10, 6, 4), queue, k=2, temperature=0.2, weight=0.5)
+    assert torch.allclose(full, terms["info_nce"] + 0.5 * terms["multi_label"])
+    assert torch.allclose(terms["multi_label"], multi_label_loss(z1, queue, labels, 0.2))
+
+
+def test_labels_come_from_the_backbone_queue_not_the_projection_queue():
+    g1, q_g = unit(4, 6, 0), unit(12, 6, 1)
+    z1, q_z = unit(4, 8, 2), unit(12, 8, 3)
+    _, _, labels = mls_loss(z1, unit(4, 8, 4), g1, q_g, q_z, k=3, temperature=0.2, weight=0.5)
+    assert torch.equal(labels, pseudo_labels(g1, q_g, 3))
+    assert not torch.equal(labels, pseudo_labels(z1, q_z, 3))  # the one-queue ablation would differ here
+
+
+# ------------------------------------------------------------------------------------------ shuffle BN
+
+
+def test_group_batchnorm_normalises_each_group_by_itself_and_averages_running_statistics():
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, 4, 4)
+    grouped = GroupBatchNorm2d.from_batchnorm(nn.BatchNorm2d(3), group_size=2)
+    singles = [nn.BatchNorm2d(3) for _ in range(3)]
+    expected = torch.cat([bn(x[2 * i:2 * i + 2]) for i, bn in enumerate(singles)])
+    assert torch.allclose(grouped(x), expected, atol=1e-6)
+    assert torch.allclose(grouped.running_mean, torch.stack([bn.running_mean for bn in singles]).mean(0), atol=1e-7)
+    assert torch.allclose(grouped.running_var, torch.stack([bn.running_var for bn in singles]).mean(0), atol=1e-7)
+    assert set(grouped.state_dict()) == set(nn.BatchNorm2d(3).state_dict())  # checkpoints see plain BatchNorm
+    grouped.eval()
+    assert torch.allclose(grouped(x), F.batch_norm(x, grouped.running_mean, grouped.running_var, grouped.weight,
+                                                   grouped.bias, False, 0.0, grouped.eps), atol=1e-6)
+
+
+def _method(tmp_path, model=CNN, n_images=8, **method):
+    from mlsctl.data.images import ImageFolder
+
+    images = make_images(tmp_path / "images", n_images, size=(32, 32))
+    recipe = config.from_dict(mls_recipe(images, model, **method))
+    mls = MLS(recipe, Schedule(steps_per_epoch=2, epochs=2))
+    dataset, collate = MLS.build_dataset(recipe, ImageFolder(str(images), "data.root"))
+    return mls, collate([dataset[(0, i)] for i in range(4)])
+
+
+def test_the_key_encoder_sees_a_shuffled_batch_in_other_batchnorm_groups(tmp_path):
+    from mlsctl.data.loader import sample_seed
+    from mlsctl.methods.mls import SHUFFLE_STREAM
+
+    method, batch = _method(tmp_path)
+    assert any(isinstance(m, GroupBatchNorm2d) for m in method.key.modules())
+    x = batch.crops[1]
+    with torch.no_grad():
+        g, z = method._encode_keys(x, step=5)
+        order = torch.randperm(4, generator=torch.Generator().manual_seed(sample_seed(0, 5, SHUFFLE_STREAM)))
+        g_perm, z_perm = method.key(x[order])  # the groups are consecutive images of the permuted batch
+        plain_g, _ = method.key(x)
+    assert not torch.equal(order, torch.arange(4))
+    assert torch.allclose(g[order], g_perm, atol=1e-6) and torch.allclose(z[order], z_perm, atol=1e-6)
+    assert not torch.allclose(g, plain_g, atol=1e-4)  # other groups, other statistics
+
+
+# ------------------------------------------------------------------------------------------ the method
+
+
+@pytest.mark.parametrize("model", [CNN, None], ids=["cnn", "vit"])
+def test_a_step_trains_every_query_parameter_and_no_key_parameter(tmp_path, model):
+    method, batch = _method(tmp_path, model)
+    assert method.global_feature == ("pooled" if model else "cls")
+    out = method.training_step(batch, 0)
+    assert set(out.terms) == {"info_nce", "multi_label"} and torch.isfinite(out.loss)
+    out.loss.backward()
+    # timm's ResNet starts each residual branch with its last BatchNorm's weight at zero
+    # (zero_init_last): the layers before it inside the branch get exactly zero gradient at init
+    zero_bns = [name[:-len("weight")] for name, p in method.query.named_parameters()
+                if name.endswith(("bn2.weight", "bn3.weight")) and not p.detach().any()]
+    for name, p in method.query.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        behind_a_zero_bn = any(name.startswith(bn.rsplit(".", 2)[0] + ".") and not name.startswith(bn)
+                               for bn in zero_bns)
+        if not behind_a_zero_bn:
+            assert p.grad.abs().sum() > 0, name
+    assert all(p.grad is None and not p.requires_grad for p in method.key.parameters())
+
+
+def _expected_loss(method, batch, step, q_g, q_z, label_queue="g"):
+    """The loss recomputed from the queues as they were before the step (no weights changed)."""
+    with torch.no_grad():
+        g1, z1 = method.query(batch.crops[0])
+        g2, z2 = method._encode_keys(batch.crops[1], step)
+    features, queue = (g1, q_g) if label_queue == "g" else (z1, q_z)
+    return mls_loss(z1, z2, features, queue, q_z, k=3, temperature=0.2, weight=0.5)[0], g2, z2
+
+
+def test_queues_take_view_two_of_the_key_encoder_and_stay_aligned_across_the_wrap(tmp_path):
+    method, batch = _method(tmp_path, queue_size=6)  # 6 is not a multiple of the batch of 4
+    for step in range(4):
+        q_g, q_z = method.queue_g.vectors.clone(), method.queue_z.vectors.clone()
+        out = method.training_step(batch, step)
+        expected, g2, z2 = _expected_loss(method, batch, step, q_g, q_z)
+        assert torch.allclose(out.loss.detach(), expected, atol=1e-5)  # scored before the batch was enqueued
+        newest = (torch.arange(4) + 4 * step) % 6  # slots written by this step
+        assert torch.allclose(method.queue_g.vectors[newest], g2, atol=1e-5)
+        assert torch.allclose(method.queue_z.vectors[newest], z2, atol=1e-5)
+    g_state, z_state = method.queue_g.state_dict(), method.queue_z.state_dict()
+    assert method.queue_g.ptr == method.queue_z.ptr == 16 % 6 and method.queue_g.n_written == 16
+    for column in ("payload.image_id", "payload.step", "payload.box"):
+        assert torch.equal(g_state[column], z_state[column]), column
+
+
+def test_one_queue_ablation_takes_labels_from_q_z(tmp_path):
+    method, batch = _method(tmp_path, label_queue="z")
+    for step in range(2):  # the second step scores a queue that holds real keys
+        q_g, q_z = method.queue_g.vectors.clone(), method.queue_z.vectors.clone()
+        out = method.training_step(batch, step)
+    from_z = _expected_loss(method, batch, 1, q_g, q_z, label_queue="z")[0]
+    from_g = _expected_loss(method, batch, 1, q_g, q_z, label_queue="g")[0]
+    assert torch.allclose(out.loss.detach(), from_z, atol=1e-5) and not torch.allclose(from_z, from_g, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ runs
+
+
+@pytest.fixture(scope="session")
+def mls_cnn_run(tmp_path_factory):
+    """MLS on tiny fmnist-scenes with a CNN (stride 8: a 8x8 grid at 64 px): a run every command reads."""
+    from mlsctl.data.fmnist import build_scenes
+    from mlsctl.train import pretrain
+
+    tmp = tmp_path_factory.mktemp("mls")
+    source = tmp / "fmnist"
+    source.mkdir()
+    for stem, n, value in (("train", 50, 200), ("t10k", 30, 120)):
+        items = np.zeros((n, 28, 28), dtype=np.uint8)
+        items[:, 4:24, 6:22] = value
+        write_idx(source / f"{stem}-images-idx3-ubyte.gz", items)
+        write_idx(source / f"{stem}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    scenes = tmp / "scenes"
+    build_scenes(scenes, n_train=12, n_val=6, size=64, source=source, progress=False)
+    model = {**CNN, "img_size": 64, "patch_size": 8, "timm_kwargs": {"output_stride": 8}}
+    raw = mls_recipe(scenes / "train" / "images", model)
+    raw["data"]["global_crops"] = {"count": 2, "size": 32, "scale": [0.4, 1.0]}
+    raw["optim"]["epochs"] = 3
+    raw["train"].update(checkpoint_every=3, keep_checkpoints=5, log_every=1)
+    path = write_recipe(tmp / "mls.yaml", raw)
+    pretrain(config.load_recipe(str(path)), tmp / "run", recipe_source=str(path))
+    return tmp / "run", path, scenes
+
+
+def test_resuming_from_a_checkpoint_equals_the_uninterrupted_run(mls_cnn_run, tmp_path):
+    from safetensors.torch import load_file
+
+    from mlsctl.bank import load_banks
+    from mlsctl.runs import Run
+    from mlsctl.train import pretrain
+
+    run_dir, recipe_path, _ = mls_cnn_run
+    copy = tmp_path / "killed"
+    shutil.copytree(run_dir, copy)
+    for checkpoint in Run(copy).checkpoints():
+        if checkpoint.step > 3:
+            shutil.rmtree(checkpoint.path)
+    for name in ("summary.json", "teacher.safetensors"):
+        (copy / name).unlink()
+    pretrain(config.load_recipe(str(recipe_path)), copy, resume=True, recipe_source=str(recipe_path))
+
+    def losses(folder):
+        return [(r["step"], r["loss"], r["loss/info_nce"], r["loss/multi_label"])
+                for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert losses(copy) == losses(run_dir) and len(losses(run_dir)) == 9
+    a, b = load_file(str(copy / "teacher.safetensors")), load_file(str(run_dir / "teacher.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # BatchNorm running statistics included
+    banks_a, banks_b = load_banks(Run(copy).latest().banks_path), load_banks(Run(run_dir).latest().banks_path)
+    for name in ("Q_g", "Q_z"):
+        sa, sb = banks_a[name].state_dict(), banks_b[name].state_dict()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), name
+
+
+def test_a_cnn_run_works_with_embed_eval_viz_and_bank(mls_cnn_run, tmp_path, capsys):
+    run_dir, _, scenes = mls_cnn_run
+    out, _ = cli_ok(capsys, "embed", str(scenes / "val" / "images"), "--run", str(run_dir), "--dense", "--out",
+                    str(tmp_path / "val"))
+    from mlsctl.features import Features
+
+    features = Features(tmp_path / "val")
+    assert features.global_features().shape == (6, 96) and features.has_dense
+    cli_ok(capsys, "embed", str(scenes / "train" / "images"), "--run", str(run_dir), "--dense", "--out",
+           str(tmp_path / "train"))
+    out, _ = cli_ok(capsys, "eval", "knn-seg", "--train", str(tmp_path / "train"), "--train-masks",
+                    str(scenes / "train" / "masks"), "--val", str(tmp_path / "val"), "--val-masks",
+                    str(scenes / "val" / "masks"), "--fraction", "1/1", "--json")
+    assert 0.0 <= json.loads(out)["results"][0]["miou"] <= 1.0
+    out, _ = cli_ok(capsys, "eval", "linear", "--train", str(tmp_path / "train"), "--val", str(tmp_path / "val"),
+                    "--multi-label", "--train-labels", str(scenes / "train" / "scenes.jsonl"), "--val-labels",
+                    str(scenes / "val" / "scenes.jsonl"), "--json")
+    assert "map" in json.dumps(json.loads(out)).lower()
+    cli_ok(capsys, "viz", "pca", str(tmp_path / "val"), "--out", str(tmp_path / "pca.png"), "--n", "2")
+    assert (tmp_path / "pca.png").stat().st_size > 0
+    out, _ = cli_ok(capsys, "bank", "inspect", str(run_dir), "--json")
+    inspected = json.loads(out)["banks"]
+    for name in ("Q_g", "Q_z"):
+        tags = inspected[name]["method"]["tags"]
+        assert sum(tags.values()) >= 12  # every entry counted once per tag of its scene
+        precision = inspected[name]["method"]["label_precision"]
+        assert 0 <= precision["precision"] <= 1 and precision["k"] == 3
+    cli_ok(capsys, "bank", "neighbors", str(run_dir), "--bank", "Q_z", "--query",
+           str(next((scenes / "val" / "images").glob("*.png"))), "-k", "3", "--out", str(tmp_path / "nb.png"))
+    assert (tmp_path / "nb.png").stat().st_size > 0
+
+
+def test_the_exported_cnn_equals_embed(mls_cnn_run, tmp_path, capsys):
+    import timm
+
+    from mlsctl.export import load_backbone
+    from mlsctl.features import Features, Preprocessing
+    from mlsctl.data.images import load_rgb
+
+    run_dir, _, scenes = mls_cnn_run
+    cli_ok(capsys, "export", str(run_dir), "--out", str(tmp_path / "exported"))
+    model = timm.create_model(f"local-dir:{tmp_path / 'exported'}", pretrained=True).eval()
+    cli_ok(capsys, "embed", str(scenes / "val" / "images"), "--run", str(run_dir), "--dtype", "fp32", "--out",
+           str(tmp_path / "f"))
+    features = Features(tmp_path / "f")
+    pixels = torch.stack([Preprocessing(64)(load_rgb(features.image_path(i))) for i in range(len(features))])
+    with torch.no_grad():
+        assert torch.allclose(model(pixels), features.global_features(), atol=1e-4)
+        assert torch.allclose(load_backbone(run_dir)(pixels), features.global_features(), atol=1e-4)
+
+
+@pytest.mark.slow
+def test_two_processes_hold_the_queues_and_weights_of_one(tmp_path):
+    """With shuffle BN over groups and the shuffle over the global batch, 2 processes of batch 2
+    compute what 1 process of batch 4 computes: the same queues, losses and weights."""
+    from safetensors.torch import load_file
+
+    from mlsctl.bank import load_banks
+    from mlsctl.runs import Run
+
+    images = make_images(tmp_path / "images", 8, size=(32, 32))
+    accelerate = Path(sys.executable).parent / "accelerate"
+    runs = {}
+    for processes, batch in ((1, 4), (2, 2)):
+        raw = mls_recipe(images, CNN)
+        raw["optim"]["batch_size"] = batch
+        raw["train"]["checkpoint_every"] = 4
+        path = write_recipe(tmp_path / f"r{processes}.yaml", raw)
+        out = tmp_path / f"run{processes}"
+        command = ([str(accelerate), "launch", "--num_processes", "2", "-m", "mlsctl"] if processes == 2
+                   else [sys.executable, "-m", "mlsctl"])
+        result = subprocess.run([*command, "pretrain", str(path), "--out", str(out)], capture_output=True, text=True,
+                                env=cli_env(), timeout=300, cwd=REPO)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[processes] = out
+    one, two = (load_banks(Run(runs[n]).latest().banks_path) for n in (1, 2))
+    for name in ("Q_g", "Q_z"):
+        assert torch.equal(one[name].payload["image_id"], two[name].payload["image_id"])
+        assert torch.allclose(one[name].vectors, two[name].vectors, atol=1e-4), name
+    a, b = load_file(str(runs[1] / "teacher.safetensors")), load_file(str(runs[2] / "teacher.safetensors"))
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-4) for k in a)
+
+
+@pytest.mark.parametrize("override, words", [
+    ("method.k=50", "cannot come from a queue of 12"),
+    ("method.queue_size=3", "smaller than the global batch"),
+    ("method.bn_group_size=3", "does not split into BatchNorm groups"),
+    ("method.bn_group_size=4", "the batch is one BatchNorm group"),
+    ("method.global_feature=cls", "needs a CLS token"),
+    ("data.local_crops.count=2", "must be 0 for MLS"),
+])
+def test_bad_settings_are_one_sentence_before_training(tmp_path, capsys, override, words):
+    images = make_images(tmp_path / "images", 4, size=(32, 32))
+    path = write_recipe(tmp_path / "r.yaml", mls_recipe(images, CNN))
+    code, _, err = cli("pretrain", str(path), override, "--out", str(tmp_path / "run"), capsys=capsys)
+    assert code != 0 and words in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_sgd_and_decay_of_every_parameter_are_recipe_settings(tmp_path):
+    from mlsctl.train import build_optimizer, param_groups
+
+    method, _ = _method(tmp_path)
+    recipe = config.from_dict(mls_recipe(tmp_path / "images", CNN))
+    groups = param_groups(method, recipe.optim.decay_biases_and_norms)
+    assert not groups[1]["params"]  # MoCo decays biases and BatchNorm too
+    optimizer = build_optimizer(recipe.optim, groups)
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["momentum"] == 0.9
+    assert param_groups(method)[1]["params"]  # DINO's default exempts them
+
+
+def test_shipped_recipes_validate(tmp_path):
+    root = REPO / "recipes"
+    expected = {"mls_coco.yaml": 0.5, "mocov2_coco.yaml": 0.0, "mls_fmnist_quick.yaml": 0.5,
+                "mocov2_fmnist_quick.yaml": 0.0}
+    for name, weight in expected.items():
+        recipe = config.load_recipe(str(root / name), [f"data.root={tmp_path}"])
+        assert recipe.method.name == "mls" and recipe.method.lambda_ml == weight
+        assert not MLS.check_recipe(recipe)
+    paper = config.load_recipe(str(root / "mls_coco.yaml"), [f"data.root={tmp_path}"])
+    assert (paper.model.arch, paper.optim.optimizer, paper.optim.lr, paper.optim.weight_decay, paper.optim.epochs,
+            paper.method.queue_size, paper.method.k, paper.method.temperature, paper.method.momentum_teacher) == \
+        ("resnet50", "sgd", 0.3, 1e-4, 400, 4096, 20, 0.2, 0.995)
