@@ -6,7 +6,8 @@
   track through the blocks coloured by its class, a small circle at e⁰ and a dot at e^T. The
   right panel follows one query with its k neighbours (the context embeddings it attends to,
   frame colour = their class, green edge = the query's class, marker area = the last block's
-  attention). The query shown is the first of the sample (in row order) whose nearest neighbour
+  attention; each neighbour is annotated with its attention and its cosine to the query's e⁰ and
+  e^T, which the 2-D projection cannot show). The query shown is the first of the sample (in row order) whose nearest neighbour
   in the context changes from another class at e⁰ to its own class at e^T; when there is none,
   the first of the sample. The title says which.
 * :func:`grid_figure` (supplement Fig. 1): R@1 over blocks × neighbours, mean over seeds (± std
@@ -111,23 +112,25 @@ def drift_figure(run_dir: str | Path, feats_dir: str | Path, out: str | Path, *,
 
     q_track = tracks[:, pick]
     q_class = labels[pick]
-    right.plot(q_track[:, 0], q_track[:, 1], "-o", color=colour[q_class], markersize=3, linewidth=1.5,
-               label=f"query ({q_class}) e⁰ → e^{T}")
-    right.scatter(q_track[0, 0], q_track[0, 1], s=120, facecolors="none", edgecolors=[colour[q_class]], linewidths=2)
-    right.scatter(q_track[-1, 0], q_track[-1, 1], s=160, marker="*", color=[colour[q_class]])
+    right.plot(q_track[:, 0], q_track[:, 1], "-o", color="black", markersize=3, linewidth=1.5,
+               label=f"query ({q_class}) e⁰ (circle) → e^{T} (star)")
+    right.scatter(q_track[0, 0], q_track[0, 1], s=120, facecolors="none", edgecolors="black", linewidths=2)
+    right.scatter(q_track[-1, 0], q_track[-1, 1], s=220, marker="*", color=[colour[q_class]], edgecolors="black")
+    cos_before = context_x[neighbour_rows] @ states[0, pick]
+    cos_after = context_x[neighbour_rows] @ states[-1, pick]
     last_attention = attentions[-1, pick] if attentions.numel() else torch.full((k,), 1.0 / k)
     for j, row in enumerate(neighbour_rows.tolist()):
         name = context_names[row]
         same = name == q_class
         right.scatter(neighbour_xy[j, 0], neighbour_xy[j, 1], s=60 + 1500 * float(last_attention[j]), marker="s",
                       color=[colour[name]], edgecolors="green" if same else "red", linewidths=2.5)
-        right.annotate(f"{float(last_attention[j]):.2f}", neighbour_xy[j], textcoords="offset points", xytext=(6, 6),
-                       fontsize=8)
+        right.annotate(f"a {float(last_attention[j]):.2f}, cos {float(cos_before[j]):.2f}→{float(cos_after[j]):.2f}",
+                       neighbour_xy[j], textcoords="offset points", xytext=(6, 6), fontsize=8)
     right.scatter([], [], marker="s", color="grey", edgecolors="green", linewidths=2, label="neighbour, same class")
     right.scatter([], [], marker="s", color="grey", edgecolors="red", linewidths=2, label="neighbour, other class")
     how = ("its nearest neighbour turns from another class to its own" if fixed
            else "no sampled query's nearest neighbour turns to its own class; the first one")
-    right.set_title(f"one query and its {k} neighbours (square area and number: last block's attention)\n"
+    right.set_title(f"one query and its {k} neighbours (square area, a: last block's attention; cos: to e⁰ → e^{T})\n"
                     f"query shown: {how}", fontsize=10)
     right.legend(fontsize=8, loc="best")
     figure.suptitle(f"context refinement drift: {Path(feats_dir).name} refined by {Path(run_dir).name} "
