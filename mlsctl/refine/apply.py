@@ -63,7 +63,7 @@ def load_refiner(run_dir: str | Path) -> RefinerRun:
         raise UserError(f"{run_dir} is not a run folder (no config.yaml); give the --out of mlsctl refine train")
     recipe = config_lib.load_recipe(str(run.config_path))
     if recipe.method.name != "refine":
-        raise UserError(f"{run_dir} is a {recipe.method.name} run, not a refinement; give the --out of mlsctl refine train")
+        raise UserError(f"{run_dir} is a run of method {recipe.method.name}, not a refinement; give the --out of mlsctl refine train")
     checkpoint = run.latest()
     if checkpoint is None:
         raise UserError(f"run {run_dir} has no checkpoint yet; wait for its first one (or finish it with mlsctl refine "
