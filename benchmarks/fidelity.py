@@ -32,6 +32,10 @@ process:
   mean-pooled CLS, on the trained teacher and on the backbone the run started from) at 0, 25 and
   50 % noise.
 
+Context refinement and its Multi-Similarity baseline (Recall@K on fmnist-products in the SOP
+layout, blocks × neighbours, 3 seeds) are the suite's sibling ``benchmarks/refine_fidelity.py``,
+with the same conventions (profiles, resumable stages, one ``mlsctl`` process per stage, a report).
+
 Profiles fix the data, the model and the number of steps (schedules depend only on the data size
 and batch, so a profile trains the same everywhere). Results go to
 ``benchmarks/results/fidelity/<profile>/``: one JSON per cell (its metrics, the commands, device,

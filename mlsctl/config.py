@@ -110,6 +110,8 @@ class ModelConfig:
     timm_kwargs: dict[str, Any] = param({}, help="architecture arguments of timm.create_model (embed_dim, depth, "
                                                   "num_heads, ...; see TIMM_ARCH_KEYS)")
     lora: LoraConfig = param(LoraConfig(), help="LoRA adapters")
+    embedding_dim: int = param(0, help="a linear embedding layer width -> embedding_dim on the CLS token (timm's "
+                                       "head; the global feature embed stores); 0 = none", ge=0)
 
     def check(self) -> list[tuple[str, str]]:
         if self.weights is not None and self.pretrained:

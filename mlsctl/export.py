@@ -71,9 +71,9 @@ def export_timm(run_dir: str | Path, out: str | Path, *, step: Optional[int] = N
     model = recipe.model
     if choice.backbone.kind == "cnn":  # timm's pooled feature is the CNN backbone's global feature
         model_args = {"num_classes": 0, "global_pool": "avg", **dict(model.timm_kwargs or {})}
-    else:
+    else:  # an embedding layer (model.embedding_dim) is timm's head
         model_args = {"img_size": model.img_size, "patch_size": model.patch_size, "dynamic_img_size": True,
-                      "num_classes": 0, **dict(model.timm_kwargs or {})}
+                      "num_classes": model.embedding_dim, **dict(model.timm_kwargs or {})}
     from mlsctl.features import Preprocessing
 
     preprocessing = Preprocessing(model.img_size)

@@ -397,6 +397,9 @@ def embed_folder(images: str | os.PathLike, out: str | os.PathLike, model, *, de
     if resize not in RESIZE_MODES:
         raise UserError(f"--resize {resize} is not one of {', '.join(RESIZE_MODES)}")
     backbone = model.backbone
+    if dense and getattr(backbone, "embedding_dim", 0):
+        raise UserError(f"{model.description} ends in an embedding layer (model.embedding_dim "
+                        f"{backbone.embedding_dim}), whose features are global only; drop --dense")
     patch = backbone.patch_size
     resolution = resolution or model.info["img_size"]
     if resolution % patch:

@@ -32,7 +32,7 @@ import torch
 from mlsctl import __version__, atomic, config as config_lib, dist, methods
 from mlsctl.bank import save_banks
 from mlsctl.data.images import ImageFolder, SkipLog
-from mlsctl.data.loader import StepBatchSampler, make_loader
+from mlsctl.data.loader import make_loader
 from mlsctl.errors import Interrupted, UserError
 from mlsctl.locks import LOCK_NAME, FolderLock
 from mlsctl.runs import RUN_FORMAT_VERSION, Checkpoint, Run, checkpoint_dirname
@@ -493,9 +493,9 @@ def pretrain(recipe, out: str | Path, *, resume: bool = False, init_from: Option
     for key, message in method_cls.check_training(recipe, world, accelerator.device.type):
         raise UserError(f"{recipe_source}: '{key}' {message}")
     _seed_everything(recipe.seed + rank)
-    folder = ImageFolder(recipe.data.root, "data.root", recipe.data.max_image_pixels)
+    folder = method_cls.open_data(recipe)
     dataset, collate_fn = method_cls.build_dataset(recipe, folder)
-    probe = StepBatchSampler(len(dataset), recipe.optim.batch_size, world_size=world, rank=rank, seed=recipe.seed)
+    probe = method_cls.batch_sampler(recipe, dataset, world_size=world, rank=rank)
     schedule = Schedule(probe.steps_per_epoch, recipe.optim.epochs)
     torch.manual_seed(recipe.seed)  # identical initial weights on every process
     method = method_cls(recipe, schedule).to(accelerator.device)
@@ -589,8 +589,8 @@ def _train(run: Run, recipe, accelerator, folder: ImageFolder, dataset, collate_
     if start_step:
         log.info(f"resuming {run.root} from step {start_step}")
 
-    sampler = StepBatchSampler(len(dataset), recipe.optim.batch_size, world_size=world, rank=rank, seed=recipe.seed,
-                               start_step=start_step, total_steps=total_steps)
+    sampler = type(method).batch_sampler(recipe, dataset, world_size=world, rank=rank, start_step=start_step,
+                                         total_steps=total_steps)
     loader = make_loader(dataset, sampler, recipe.data.workers, pin_memory=accelerator.device.type == "cuda",
                          collate_fn=collate_fn)
     if rng_state is not None:
@@ -763,13 +763,17 @@ def _export_teacher(method, run: Run) -> None:
 
     from mlsctl.models import lora
 
+    if not method.backbones():  # a method on features (refine) has no backbone to export
+        return
     backbone = method.teacher_backbone().model
     vit = lora.merged_vit(backbone)
     state = {k: v.detach().cpu().contiguous() for k, v in vit.state_dict().items()}
     model = method.recipe.model
-    metadata = {"arch": model.arch, "format": "timm",
-                "model": json.dumps({"arch": model.arch, "img_size": model.img_size, "patch_size": model.patch_size,
-                                     "timm_kwargs": dict(model.timm_kwargs or {})}, sort_keys=True)}
+    spec = {"arch": model.arch, "img_size": model.img_size, "patch_size": model.patch_size,
+            "timm_kwargs": dict(model.timm_kwargs or {})}
+    if model.embedding_dim:
+        spec["embedding_dim"] = model.embedding_dim
+    metadata = {"arch": model.arch, "format": "timm", "model": json.dumps(spec, sort_keys=True)}
     atomic.write_with(run.teacher_weights_path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
     if lora.is_lora(backbone):
         tmp = run.root / ".teacher_adapters.tmp"

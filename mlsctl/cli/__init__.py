@@ -50,6 +50,7 @@ from mlsctl.cli import index as _index  # noqa: E402
 from mlsctl.cli import plot as _plot  # noqa: E402,F401
 from mlsctl.cli import pretrain as _pretrain  # noqa: E402,F401
 from mlsctl.cli import recipes as _recipes  # noqa: E402,F401
+from mlsctl.cli import refine as _refine  # noqa: E402
 from mlsctl.cli import report as _report  # noqa: E402,F401
 from mlsctl.cli import serve as _serve  # noqa: E402,F401
 from mlsctl.cli import viz as _viz  # noqa: E402
@@ -58,6 +59,7 @@ app.add_typer(_bank.app, name="bank")
 app.add_typer(_data.app, name="data")
 app.add_typer(_eval.app, name="eval")
 app.add_typer(_index.app, name="index")
+app.add_typer(_refine.app, name="refine")
 app.command("search")(_index.search)
 app.add_typer(_viz.app, name="viz")
 

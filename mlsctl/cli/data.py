@@ -47,17 +47,21 @@ def fmnist_products(
     seed: int = typer.Option(0, "--seed", min=0, help="Seed; a build is deterministic for a seed."),
     source: Path = typer.Option(Path("/usr/share/datasets/fashion-mnist"), "--source",
                                 help="Folder with the Fashion-MNIST IDX files (Debian package dataset-fashion-mnist)."),
+    layout: str = typer.Option("retrieval", "--layout", help="retrieval: evaluation photos split into gallery/ and query/ (image-set retrieval); sop: all of them in test/, every object a class (Stanford Online Products, deep metric learning)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Rebuild even if --out holds other data."),
     as_json: bool = typer.Option(False, "--json", help="Print the meta record as JSON."),
 ) -> None:
-    """Objects photographed several times (one real Fashion-MNIST item each), for image-set retrieval.
+    """Objects photographed several times (one real Fashion-MNIST item each), for image-set retrieval
+    or, with --layout sop, for deep metric learning (every object a class; test objects unseen).
 
     Example: mlsctl data fmnist-products --out data/fmnist-products --n-train 1000 --n-eval 200
+
+    Metric learning: mlsctl data fmnist-products --layout sop --out data/fmnist-sop
     """
     from mlsctl.data.fmnist_products import build_products
 
     meta = build_products(out, n_train=n_train, n_eval=n_eval, photos=photos, gallery_photos=gallery_photos, size=size,
-                          seed=seed, source=source, overwrite=overwrite)
+                          seed=seed, source=source, overwrite=overwrite, layout=layout)
     if as_json:
         typer.echo(json.dumps(meta, indent=2))
         return
@@ -65,4 +69,7 @@ def fmnist_products(
     state = "already built" if meta.get("reused") else "built"
     typer.echo(f"{state}: {out} ({p['n_train']} train objects, {p['n_eval']} evaluation objects, {p['photos']} photos "
                f"each of {p['size']}x{p['size']}, seed {p['seed']})")
-    typer.echo(f"  train: {out}/train/<object>/  gallery: {out}/gallery/<object>/  query: {out}/query/<object>/")
+    if layout == "sop":
+        typer.echo(f"  train: {out}/train/<object>/  test: {out}/test/<object>/ (every object a class)")
+    else:
+        typer.echo(f"  train: {out}/train/<object>/  gallery: {out}/gallery/<object>/  query: {out}/query/<object>/")

@@ -10,7 +10,7 @@ import typer
 
 from mlsctl.cli._format import pct, table
 
-app = typer.Typer(rich_markup_mode=None, help="Evaluate features: dense k-NN and linear segmentation, image k-NN classification, linear probes, image-set retrieval.", no_args_is_help=True)
+app = typer.Typer(rich_markup_mode=None, help="Evaluate features: dense k-NN and linear segmentation, image k-NN classification, linear probes, image-set retrieval, Recall@K.", no_args_is_help=True)
 
 DEFAULT_FRACTIONS = ["1/1", "1/8", "1/64", "1/128"]
 
@@ -397,3 +397,40 @@ def retrieval(
     print(table(["method", "backbone", "noise", "AR@10", "R@1", "R@2", "R@5", "R@10"], rows,
                 right=[False, False, True, True, True, True, True, True]))
     _say(f"wrote {out}")
+
+
+@app.command("recall")
+def recall(
+    features: Path = typer.Argument(..., help="Feature folder (mlsctl embed, or mlsctl refine apply) of the evaluation set."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="CSV/JSONL of path,label [default: each file's folder is its class]."),
+    k: Optional[list[int]] = typer.Option(None, "--k", min=1, help="K of Recall@K, e.g. --k 1 2 4 8 [default: 1 2 4 8, and 10 100 1000 above 10,000 embeddings]."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Results JSON [default: results/recall-<time>.json]."),
+    as_json: bool = typer.Option(False, "--json", help="Print the results as JSON instead of a table."),
+) -> None:
+    """Recall@K, deep-metric-learning protocol: every embedding a query against all the others.
+
+    Example: mlsctl eval recall features/ms-test
+
+    After refinement: mlsctl eval recall features/ms-test-refined
+    """
+    from mlsctl.evaluate.recall import evaluate_recall
+    from mlsctl.features import Features
+
+    feats = Features(features, "features")
+    started = time.perf_counter()
+    result = evaluate_recall(feats, labels, k)
+    payload = {"command": "eval recall", **result, "seconds": round(time.perf_counter() - started, 3)}
+    out = out or _default_json("recall")
+    _write_json(out, payload)
+    if as_json:
+        typer.echo(json.dumps(payload, indent=2))
+        return
+    recalls = result["recall"]
+    typer.echo(table([f"R@{K}" for K in recalls] + ["MAP@R"],
+                     [[pct(v, 2) for v in recalls.values()] + [pct(result["map_at_r"], 2)]]))
+    if result["ks_too_large"]:
+        typer.echo(f"note: R@{', R@'.join(map(str, result['ks_too_large']))} left out: the set has {result['embeddings']} embeddings")
+    if result["lone_queries"]:
+        typer.echo(f"note: {result['lone_queries']} embeddings are the only ones of their class and are not queries")
+    typer.echo(f"\n{result['embeddings']} embeddings of {result['classes']} classes, each a query against all the others "
+               f"(%); results written to {out}")

@@ -14,6 +14,11 @@ gallery and query photos (default 4 + 4). Output::
     OUT/query/<object_id>/NN.png   the same objects, other photos (the queries)
     OUT/objects.jsonl              per object: id, split, class, source index, colour
 
+With ``layout="sop"`` (the Stanford Online Products protocol of deep metric learning: every object
+is a class, training and test objects are disjoint), the evaluation objects' photos are not split:
+``OUT/test/<object_id>/NN.png`` holds all of them (``train/`` is unchanged). The photos are the same
+pixels in both layouts (same seeds), only their folders differ.
+
 Every photo is drawn from its own RNG seeded by ``(seed, split, object, photo)``: a build is
 deterministic for a seed, and running it again with the same parameters does nothing.
 """
@@ -84,14 +89,21 @@ def _object_colour(rng: np.random.Generator) -> tuple[float, float, float]:
     return float(rng.uniform(0, 1)), float(rng.uniform(0.3, 1.0)), float(rng.uniform(0.55, 1.0))
 
 
+LAYOUTS = ("retrieval", "sop")
+
+
 def build_products(out: str | Path, n_train: int = 1000, n_eval: int = 200, photos: int = 8, gallery_photos: int = 4,
                    size: int = 64, seed: int = 0, source: str | Path = DEFAULT_SOURCE, overwrite: bool = False,
-                   progress: bool = True) -> dict:
+                   progress: bool = True, layout: str = "retrieval") -> dict:
     """Build fmnist-products into ``out``; returns the meta record. Idempotent for equal parameters."""
     from tqdm import tqdm
 
+    if layout not in LAYOUTS:
+        raise UserError(f"--layout {layout} is not one of {', '.join(LAYOUTS)}")
     if photos < 2:
         raise UserError(f"--photos must be at least 2 (gallery and query photos are disjoint), got {photos}")
+    if layout == "sop":
+        gallery_photos = min(gallery_photos, photos - 1)  # unused: every evaluation photo goes to test/
     if not 1 <= gallery_photos < photos:
         raise UserError(f"--gallery-photos must be between 1 and --photos - 1 ({photos - 1}), got {gallery_photos}")
     if size < 32:
@@ -101,6 +113,8 @@ def build_products(out: str | Path, n_train: int = 1000, n_eval: int = 200, phot
     out = Path(out)
     params = {"n_train": n_train, "n_eval": n_eval, "photos": photos, "gallery_photos": gallery_photos,
               "size": size, "seed": seed}
+    if layout != "retrieval":  # builds of the default layout keep the parameters they always had
+        params["layout"] = layout
     existing = reusable_build(out, "fmnist-products", params, overwrite)
     if existing is not None:
         return existing
@@ -124,7 +138,8 @@ def build_products(out: str | Path, n_train: int = 1000, n_eval: int = 200, phot
             for k in range(photos):
                 rng = np.random.default_rng([seed, _SPLIT_CODES[split], i, k])
                 photo = make_photo(rng, images[index], colour, images, size)
-                part = "train" if split == "train" else ("gallery" if k < gallery_photos else "query")
+                part = "train" if split == "train" else "test" if layout == "sop" else (
+                    "gallery" if k < gallery_photos else "query")
                 folder = tmp / part / object_id
                 folder.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(photo, mode="RGB").save(folder / f"{k:02d}.png")
@@ -132,10 +147,12 @@ def build_products(out: str | Path, n_train: int = 1000, n_eval: int = 200, phot
                             "class_name": CLASSES[int(labels[index])], "source_index": index,
                             "colour_hsv": [round(c, 3) for c in colour]})
     (tmp / "objects.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    splits = ({"train": "Fashion-MNIST train", "test": "Fashion-MNIST test (t10k), every photo of each evaluation object"}
+              if layout == "sop" else
+              {"train": "Fashion-MNIST train", "gallery": "Fashion-MNIST test (t10k)",
+               "query": "Fashion-MNIST test (t10k), other photos of the gallery objects"})
     meta = {"format_version": PRODUCTS_FORMAT_VERSION, "generator": "fmnist-products", "parameters": params,
-            "source": str(source), "classes": CLASSES,
-            "splits": {"train": "Fashion-MNIST train", "gallery": "Fashion-MNIST test (t10k)",
-                       "query": "Fashion-MNIST test (t10k), other photos of the gallery objects"}}
+            "source": str(source), "classes": CLASSES, "splits": splits}
     atomic.write_json(tmp / "meta.json", meta)
     replace_folder(tmp, out)
     return meta

@@ -11,6 +11,8 @@ _METHODS = {
     "mile": "mlsctl.methods.mile:MILE",
     "sove": "mlsctl.methods.sove:SOVE",
     "mls": "mlsctl.methods.mls:MLS",
+    "ms": "mlsctl.methods.ms:MS",
+    "refine": "mlsctl.methods.refine:Refine",
 }
 
 

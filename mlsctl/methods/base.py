@@ -10,8 +10,12 @@ centers) and declares:
 * :meth:`banks`: its memory banks, saved with every checkpoint;
 * :meth:`last_layer_parameters`: parameters frozen for ``optim.freeze_last_layer_epochs``;
 * :meth:`teacher_backbone`: the backbone features are extracted from;
+* :meth:`open_data`: what ``data.root`` holds (an :class:`~mlsctl.data.images.ImageFolder` by
+  default; a method may train on something else, such as a feature folder);
 * :meth:`build_dataset`: the training dataset and its collate function (multi-crop image folder
   by default);
+* :meth:`batch_sampler`: the step-indexed batch sampler (:class:`~mlsctl.data.loader.StepBatchSampler`
+  by default; it must derive step ``s``'s batch from the seed and ``s`` alone, for exact resume);
 * :meth:`check_recipe`: recipe constraints of the method, reported as config errors, and
   :meth:`check_training`: those that depend on the number of processes or the device;
 * optionally :meth:`query_projection` (the module a bank's ``QueryFeature.projection`` names) and
@@ -32,7 +36,7 @@ import torch.nn as nn
 from mlsctl.bank import MemoryBank
 from mlsctl.config import MethodConfig, Recipe
 from mlsctl.data.images import ImageFolder
-from mlsctl.data.loader import MultiCropDataset, collate
+from mlsctl.data.loader import MultiCropDataset, StepBatchSampler, collate
 from mlsctl.data.multicrop import MultiCrop
 from mlsctl.models.backbone import Backbone
 from mlsctl.schedules import Schedule, cosine
@@ -107,8 +111,18 @@ class Method(nn.Module):
         )
 
     @classmethod
+    def open_data(cls, recipe: Recipe) -> ImageFolder:
+        return ImageFolder(recipe.data.root, "data.root", recipe.data.max_image_pixels)
+
+    @classmethod
     def build_dataset(cls, recipe: Recipe, folder: ImageFolder):
         return MultiCropDataset(folder, cls.multicrop(recipe), recipe.seed), collate
+
+    @classmethod
+    def batch_sampler(cls, recipe: Recipe, dataset, *, world_size: int = 1, rank: int = 0, start_step: int = 0,
+                      total_steps: int | None = None) -> StepBatchSampler:
+        return StepBatchSampler(len(dataset), recipe.optim.batch_size, world_size=world_size, rank=rank,
+                                seed=recipe.seed, start_step=start_step, total_steps=total_steps)
 
     # ------------------------------------------------------------------ shared plumbing
     def forward(self, batch, step: int) -> StepOutput:

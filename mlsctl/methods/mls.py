@@ -47,7 +47,6 @@ the image's own earlier views (``labels/self_share``) and the mean cosine of the
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal, Optional
 
 import torch

@@ -24,6 +24,13 @@ Masked image modelling (iBOT, SOVE): built with ``mask_token=True`` the backbone
 token ``mask_token`` [1, D]; ``Backbone(x, mask=M)`` with ``M`` [B, h, w] bool replaces the patch
 embeddings where ``M`` is true by that token *before* the position embeddings are added (a forward
 hook on the ViT's ``patch_embed``, so any timm ViT works and its forward stays timm's own).
+
+Embedding layer (metric learning, method ``ms``; ViTs only): built with ``embedding_dim=E`` the ViT carries
+timm's own ``head``, a linear layer width → E, and ``cls`` is that layer's output on the CLS token
+(timm's ``forward_head``), not L2-normalised; ``embed_dim`` is then E (the width of ``cls``) and
+``width`` the ViT's. The layer is saved and loaded with the ViT's keys (``head.weight``,
+``head.bias``), so an exported teacher is ``timm.create_model(arch, num_classes=E)``; a weights file
+whose head has another shape (an ImageNet classifier) leaves the layer freshly initialised.
 """
 
 from __future__ import annotations
@@ -48,7 +55,7 @@ class BackboneOutput:
 class Backbone(nn.Module):
     def __init__(self, arch: str, *, img_size: int = 224, patch_size: Optional[int] = 16, drop_path_rate: float = 0.0,
                  pretrained: bool = False, weights: Optional[str] = None, timm_kwargs: Optional[dict[str, Any]] = None,
-                 lora: Optional[lora_lib.LoraSettings] = None, mask_token: bool = False):
+                 lora: Optional[lora_lib.LoraSettings] = None, mask_token: bool = False, embedding_dim: int = 0):
         super().__init__()
         import timm
 
@@ -66,7 +73,11 @@ class Backbone(nn.Module):
         self.kind = architecture_kind(arch)
         kwargs = dict(timm_kwargs or {})
         kwargs.update(drop_path_rate=drop_path_rate, num_classes=0)
+        if embedding_dim and self.kind != "vit":
+            raise UserError(f"model.embedding_dim adds timm's head on a ViT's CLS token; '{arch}' is a CNN: set "
+                            f"model.embedding_dim=0 or use a ViT")
         if self.kind == "vit":
+            kwargs["num_classes"] = embedding_dim
             kwargs.update(img_size=img_size, dynamic_img_size=True)
             if patch_size is not None:
                 kwargs["patch_size"] = patch_size
@@ -99,12 +110,19 @@ class Backbone(nn.Module):
                 raise UserError(f"masked image modelling needs a Vision Transformer (a mask token replaces patch "
                                 f"embeddings); model.arch '{arch}' is a CNN")
         if weights is not None:
-            load_into_vit(model, backbone_state(read_state_dict(weights)), str(weights))
+            state = backbone_state(read_state_dict(weights), keep_head=embedding_dim > 0)
+            if embedding_dim:  # an embedding layer of another shape (or none) in the file: keep the fresh one
+                fresh = {k: v for k, v in model.state_dict().items() if k.startswith("head.")}
+                if any(k not in state or state[k].shape != v.shape for k, v in fresh.items()):
+                    state.update(fresh)
+            load_into_vit(model, state, str(weights))
         self.arch = arch
         self.patch_size = stride
-        self.embed_dim = model.num_features
+        self.width = model.num_features
+        self.embedding_dim = embedding_dim
+        self.embed_dim = embedding_dim or model.num_features
         self.model: nn.Module = lora_lib.apply_lora(model, lora) if lora is not None and lora.enabled else model
-        self.mask_token = nn.Parameter(torch.zeros(1, self.embed_dim)) if mask_token else None
+        self.mask_token = nn.Parameter(torch.zeros(1, self.width)) if mask_token else None
 
     @property
     def net(self) -> nn.Module:
@@ -145,7 +163,8 @@ class Backbone(nn.Module):
             finally:
                 handle.remove()
         patches = tokens[:, self.num_prefix_tokens:].reshape(b, h, w, -1)
-        return BackboneOutput(cls=tokens[:, 0], patches=patches)
+        cls = self.net.forward_head(tokens) if self.embedding_dim else tokens[:, 0]
+        return BackboneOutput(cls=cls, patches=patches)
 
     def _masking_hook(self, mask: torch.Tensor):
         def hook(_module, _inputs, embeddings: torch.Tensor) -> torch.Tensor:
@@ -208,4 +227,5 @@ def build_backbone(model_cfg, *, drop_path_rate: Optional[float] = None, load_we
         timm_kwargs=model_cfg.timm_kwargs,
         lora=lora_lib.LoraSettings.from_config(model_cfg.lora),
         mask_token=mask_token,
+        embedding_dim=model_cfg.embedding_dim,
     )

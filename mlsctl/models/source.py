@@ -181,7 +181,7 @@ def from_weights(path: str | Path, arch: Optional[str] = None, *, img_size: Opti
     size = img_size or spec.get("img_size") or (defaults.input_size[-1] if defaults else 224)
     patch = patch_size or spec.get("patch_size") or _patch_size_of(spec["arch"])
     backbone = Backbone(spec["arch"], img_size=size, patch_size=patch, weights=str(path),
-                        timm_kwargs=spec.get("timm_kwargs"))
+                        timm_kwargs=spec.get("timm_kwargs"), embedding_dim=spec.get("embedding_dim", 0))
     return model_choice(backbone, f"{spec['arch']} with weights {path}", "weights", str(path), size)
 
 
@@ -218,7 +218,10 @@ def _recorded_model(path: Path) -> Optional[dict]:
         if problem:
             raise UserError(f"--weights {path} records timm_kwargs that mlsctl does not pass to timm ({problem}); "
                             f"it was not exported by mlsctl: add --model NAME")
-        return {k: spec[k] for k in ("arch", "img_size", "patch_size", "timm_kwargs") if k in spec}
+        embedding = spec.get("embedding_dim", 0)
+        if not (isinstance(embedding, int) and 0 <= embedding <= 65536):
+            raise UserError(f"--weights {path} records an embedding_dim mlsctl did not write; add --model NAME")
+        return {k: spec[k] for k in ("arch", "img_size", "patch_size", "timm_kwargs", "embedding_dim") if k in spec}
     return {"arch": metadata["arch"]} if "arch" in metadata else None
 
 

@@ -62,8 +62,9 @@ def _unwrap(state, path: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
-def backbone_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Keys of any supported layout → timm ViT keys (heads dropped)."""
+def backbone_state(state: Mapping[str, torch.Tensor], keep_head: bool = False) -> dict[str, torch.Tensor]:
+    """Keys of any supported layout → timm ViT keys (heads dropped; with ``keep_head`` timm's own
+    ``head.weight``/``head.bias`` stay, the embedding layer of ``model.embedding_dim``)."""
     keys = list(state)
     for prefix in ("teacher.backbone.model.", "teacher.backbone.", "backbone.model."):
         if any(k.startswith(prefix) for k in keys):
@@ -76,7 +77,8 @@ def backbone_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
         out[key] = value
     if any(k.startswith("backbone.") for k in out):
         out = {k[len("backbone."):]: v for k, v in out.items() if k.startswith("backbone.")}
-    return {k: v for k, v in out.items() if not k.startswith(HEAD_PREFIXES)}
+    return {k: v for k, v in out.items()
+            if not k.startswith(HEAD_PREFIXES) or (keep_head and k in ("head.weight", "head.bias"))}
 
 
 def _summarise(keys: list[str], limit: int = 5) -> str:

@@ -1,0 +1,342 @@
+"""The fidelity suite's context-refinement part: does refinement raise Recall@K, as its paper says?
+
+    python benchmarks/refine_fidelity.py --profile smoke     # a minute; what `make test` exercises
+    python benchmarks/refine_fidelity.py --profile cpu       # ~45 min on 2 CPU cores; rerun to resume
+    python benchmarks/refine_fidelity.py --profile cpu --summary   # rebuild the report only
+
+Data: fmnist-products in the Stanford-Online-Products layout (``mlsctl data fmnist-products
+--layout sop``): every object is a class of 8 photos; training objects (``train/``) and evaluation
+objects (``test/``) are disjoint, so the test classes are unseen, as in SOP. Every stage is an
+``mlsctl`` command in its own process (helpers shared with ``benchmarks/fidelity.py``):
+
+1. per seed S: ``mlsctl pretrain ms_fmnist_products seed=S`` (the Multi-Similarity baseline),
+   ``mlsctl embed`` of train/ and test/ (centre crop), ``mlsctl eval recall`` of test/ (blocks 0);
+2. the grid, per seed S: for every T in the profile's blocks and k in its neighbours,
+   ``mlsctl refine train`` on the training embeddings (``--blocks T --k k --seed S``), ``mlsctl
+   refine apply`` to test/ with test/ as the context (itself excluded; the DML protocol's gallery is
+   the whole test set), ``mlsctl eval recall``;
+3. refinement on top of a self-supervised run: ``mlsctl pretrain dino_fmnist_quick`` on the
+   training photos (one run, the profile's budget), its test/ and train/ features, and T = 8, k = 8
+   refinement with every seed S.
+
+Every evaluation goes through the same command with the same settings; nothing is tuned to the test
+objects. Results go to ``benchmarks/results/refine/<profile>/``: ``grid.json`` (the sweep format
+``mlsctl refine plot --sweep`` reads), ``summary.json``, ``summary.md``, ``grid.png`` and
+``drift.png`` (seed 0, the default T = 8, k = 8). Work (runs, features, data) in
+``fidelity-work/refine-<profile>``; finished stages are reused, so a killed suite resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from fidelity import FMNIST, commit, device_description, mlsctl  # noqa: E402
+
+from mlsctl import atomic  # noqa: E402
+
+RESULTS = REPO / "benchmarks" / "results" / "refine"
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    seeds: tuple[int, ...]
+    data: tuple[str, ...]
+    ms_overrides: tuple[str, ...]
+    refine_options: tuple[str, ...]
+    blocks: tuple[int, ...]
+    ks: tuple[int, ...]
+    ssl_overrides: tuple[str, ...]
+    about: str
+
+
+TINY_VIT = ("model.img_size=32", "model.patch_size=8", "model.timm_kwargs.embed_dim=32", "model.timm_kwargs.depth=2",
+            "model.timm_kwargs.num_heads=2")
+
+PROFILES = {
+    "smoke": Profile(
+        "smoke", seeds=(0,), data=("--n-train", "24", "--n-eval", "8", "--photos", "4", "--size", "32"),
+        ms_overrides=(*TINY_VIT, "model.embedding_dim=16", "data.global_crops.size=32", "optim.batch_size=8",
+                      "optim.epochs=2", "train.checkpoint_every=4"),
+        refine_options=("--epochs", "2", "optim.batch_size=16"), blocks=(0, 1, 2), ks=(2, 4),
+        ssl_overrides=(*TINY_VIT, "data.global_crops.size=32", "optim.batch_size=8", "optim.epochs=1",
+                       "optim.warmup_epochs=0", "method.out_dim=64", "method.hidden_dim=32", "method.bottleneck_dim=16",
+                       "train.bank_health_every=0"),
+        about="a tiny ViT on 24 training objects of 4 photos: proves the suite, measures nothing"),
+    "cpu": Profile(
+        "cpu", seeds=(0, 1, 2), data=(),
+        ms_overrides=(), refine_options=("--epochs", "2"), blocks=(0, 1, 2, 4, 8), ks=(4, 8, 16),
+        ssl_overrides=("model.img_size=64", "optim.epochs=1", "optim.warmup_epochs=0.2", "train.checkpoint_every=100",
+                       "train.bank_health_every=0"),
+        about="recipes/ms_fmnist_products.yaml as shipped (ViT width 128, depth 4, 512-d embedding, 10 epochs of "
+              "1,000 objects x 8 photos = 1,250 steps of 64), refinement at recipes/refine.yaml's settings (Adam 1e-4, "
+              "batch 128, 2 positives per class) for 2 epochs (124 steps) per cell: the CPU budget; DINO "
+              "(dino_fmnist_quick, 1 epoch = 250 steps on the same training photos) for the self-supervised features"),
+}
+
+
+def stage(out: Path, args: list[str], cwd: Path, log: Path, threads: int) -> float:
+    """Run ``mlsctl ARGS`` unless ``out`` exists; returns the seconds it took (0 when reused)."""
+    if out.exists():
+        return 0.0
+    return mlsctl(args, cwd, log, threads)
+
+
+def pretrain(recipe: str, overrides: list[str], run: Path, log: Path, threads: int) -> float:
+    if (run / "summary.json").is_file():
+        return 0.0
+    args = ["pretrain", recipe, *overrides, "--out", str(run)]
+    from mlsctl.runs import Run
+
+    if Run(run).latest() is not None:
+        args.append("--resume")
+    elif run.exists():
+        args.append("--overwrite")
+    return mlsctl(args, run.parent, log, threads)
+
+
+def recall_of(path: Path) -> dict:
+    return json.loads(path.read_text())["recall"]
+
+
+def run_seed(profile: Profile, work: Path, data: Path, seed: int, threads: int) -> list[dict]:
+    """The MS baseline and the blocks x k grid of one seed; returns the grid rows."""
+    folder = work / f"seed{seed}"
+    folder.mkdir(parents=True, exist_ok=True)
+    log = folder / "seed.log"
+    seconds = {"ms": pretrain("ms_fmnist_products", [f"data.root={data / 'train'}", *profile.ms_overrides,
+                                                      f"seed={seed}"], folder / "ms", log, threads)}
+    feats = {}
+    for split in ("train", "test"):
+        feats[split] = folder / f"ms-{split}"
+        seconds[f"embed-{split}"] = stage(feats[split], ["embed", str(data / split), "--run", str(folder / "ms"),
+                                                         "--resize", "center-crop", "--out", str(feats[split])],
+                                          folder, log, threads)
+    before = folder / "recall-before.json"
+    stage(before, ["eval", "recall", str(feats["test"]), "--out", str(before)], folder, log, threads)
+    rows = [{"blocks": 0, "k": k, "seed": seed, "recall": recall_of(before)} for k in profile.ks]
+    for blocks in (b for b in profile.blocks if b):
+        for k in profile.ks:
+            name = f"T{blocks}-k{k}"
+            run = folder / f"refine-{name}"
+            result = folder / f"recall-{name}.json"
+            if not result.is_file():
+                if not (run / "summary.json").is_file():
+                    args = ["refine", "train", str(feats["train"]), "--blocks", str(blocks), "--k", str(k),
+                            "--seed", str(seed), *profile.refine_options, "--out", str(run)]
+                    from mlsctl.runs import Run
+
+                    args.append("--resume" if Run(run).latest() is not None else "--overwrite")
+                    seconds[f"refine-{name}"] = mlsctl(args, folder, log, threads)
+                refined = folder / f"ms-test-{name}"
+                mlsctl(["refine", "apply", str(run), str(feats["test"]), "--out", str(refined), "--overwrite"], folder,
+                       log, threads)
+                mlsctl(["eval", "recall", str(refined), "--out", str(result)], folder, log, threads)
+                shutil.rmtree(refined, ignore_errors=True)
+            rows.append({"blocks": blocks, "k": k, "seed": seed, "recall": recall_of(result)})
+    previous = json.loads((folder / "seconds.json").read_text()) if (folder / "seconds.json").is_file() else {}
+    atomic.write_json(folder / "seconds.json", {**previous, **{k: v for k, v in seconds.items() if v}})
+    return rows
+
+
+def run_ssl(profile: Profile, work: Path, data: Path, threads: int) -> list[dict]:
+    """One DINO run on the training photos; its features refined (T = 8, k = 8) with every seed."""
+    folder = work / "dino"
+    folder.mkdir(parents=True, exist_ok=True)
+    log = folder / "dino.log"
+    pretrain("dino_fmnist_quick", [f"data.root={data / 'train'}", *profile.ssl_overrides], folder / "run", log, threads)
+    feats = {}
+    for split in ("train", "test"):
+        feats[split] = folder / f"dino-{split}"
+        stage(feats[split], ["embed", str(data / split), "--run", str(folder / "run"), "--out", str(feats[split])],
+              folder, log, threads)
+    before = folder / "recall-before.json"
+    stage(before, ["eval", "recall", str(feats["test"]), "--out", str(before)], folder, log, threads)
+    blocks, k = max(profile.blocks), max(k for k in profile.ks if k <= 8)
+    rows = []
+    for seed in profile.seeds:
+        run, result = folder / f"refine-seed{seed}", folder / f"recall-refined-seed{seed}.json"
+        if not result.is_file():
+            if not (run / "summary.json").is_file():
+                mlsctl(["refine", "train", str(feats["train"]), "--blocks", str(blocks), "--k", str(k), "--seed",
+                        str(seed), *profile.refine_options, "--out", str(run), "--overwrite"], folder, log, threads)
+            refined = folder / f"dino-test-refined-seed{seed}"
+            mlsctl(["refine", "apply", str(run), str(feats["test"]), "--out", str(refined), "--overwrite"], folder, log,
+                   threads)
+            mlsctl(["eval", "recall", str(refined), "--out", str(result)], folder, log, threads)
+            shutil.rmtree(refined, ignore_errors=True)
+        rows.append({"seed": seed, "blocks": blocks, "k": k, "before": recall_of(before), "after": recall_of(result)})
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ the report
+
+
+def _stats(values: list[float]) -> tuple[float, float]:
+    import numpy as np
+
+    array = 100 * np.array(values, dtype=float)
+    return float(array.mean()), float(array.std(ddof=1)) if len(array) > 1 else 0.0
+
+
+def _fmt(values: list[float]) -> str:
+    mean, std = _stats(values)
+    return f"{mean:.2f} ± {std:.2f}" if len(values) > 1 else f"{mean:.2f}"
+
+
+def summarise(profile: Profile, grid: list[dict], ssl: list[dict]) -> dict:
+    default = (8 if 8 in profile.blocks else max(profile.blocks), 8 if 8 in profile.ks else max(profile.ks))
+    ks_recall = sorted({K for r in grid for K in r["recall"]}, key=int)
+    cells = {}
+    for r in grid:
+        cells.setdefault(f"{r['blocks']}x{r['k']}", []).append(r)
+    table = {name: {K: _stats([r["recall"][K] for r in rows]) + (len(rows),) for K in ks_recall}
+             for name, rows in cells.items()}
+
+    def mean(name: str, K: str = "1") -> Optional[float]:
+        return table.get(name, {}).get(K, (None,))[0]
+
+    before, after = f"0x{default[1]}", f"{default[0]}x{default[1]}"
+    claims = [{"claim": f"refinement (T={default[0]}, k={default[1]}) raises R@1 of the MS baseline on unseen "
+                        f"fmnist-products objects", "before": mean(before), "after": mean(after),
+               "holds": None if mean(after) is None else mean(after) > mean(before)}]
+    for K in ks_recall[1:]:
+        claims.append({"claim": f"... and R@{K}", "before": mean(before, K), "after": mean(after, K),
+                       "holds": None if mean(after, K) is None else mean(after, K) > mean(before, K)})
+    if ssl:
+        b, a = _stats([r["before"]["1"] for r in ssl])[0], _stats([r["after"]["1"] for r in ssl])[0]
+        claims.append({"claim": "refinement raises R@1 of self-supervised (DINO) features too", "before": b, "after": a,
+                       "holds": a > b})
+    best = max(((name, v["1"][0]) for name, v in table.items()), key=lambda t: t[1]) if table else None
+    return {"profile": profile.name, "about": profile.about, "seeds": list(profile.seeds), "default": list(default),
+            "table": {n: {K: {"mean": m, "std": s, "n": c} for K, (m, s, c) in v.items()} for n, v in table.items()},
+            "ssl": ssl, "claims": claims, "best_cell_r1": best,
+            "provenance": {"device": device_description(), "commit": commit()}}
+
+
+def markdown(summary: dict, profile: Profile) -> str:
+    table = summary["table"]
+    T, k = summary["default"]
+    lines = [f"# Context refinement fidelity, profile `{summary['profile']}`", "", summary["about"], "",
+             f"Seeds {summary['seeds']}; Recall@K in %, mean ± std over seeds; test objects unseen in training, every "
+             f"test photo a query against all the others.", "",
+             f"## MS baseline before and after refinement (T = {T}, k = {k})", "",
+             "| | " + " | ".join(f"R@{K}" for K in table.get(f"0x{k}", {})) + " |",
+             "| --- | " + " | ".join("---" for _ in table.get(f"0x{k}", {})) + " |"]
+    for label, name in (("MS baseline (e⁰)", f"0x{k}"), (f"refined (e^{T})", f"{T}x{k}")):
+        row = table.get(name, {})
+        lines.append(f"| {label} | " + " | ".join(
+            f"{v['mean']:.2f} ± {v['std']:.2f}" if v["n"] > 1 else f"{v['mean']:.2f}" for v in row.values()) + " |")
+    lines += ["", "## R@1 over blocks T × neighbours k (T = 0: the baseline)", "",
+              "| T \\ k | " + " | ".join(str(k_) for k_ in profile.ks) + " |",
+              "| --- | " + " | ".join("---" for _ in profile.ks) + " |"]
+    for b in profile.blocks:
+        cells = []
+        for k_ in profile.ks:
+            v = table.get(f"{b}x{k_}", {}).get("1")
+            cells.append("–" if v is None else (f"{v['mean']:.2f} ± {v['std']:.2f}" if v["n"] > 1 else f"{v['mean']:.2f}"))
+        lines.append(f"| {b} | " + " | ".join(cells) + " |")
+    if summary["ssl"]:
+        ssl = summary["ssl"]
+        lines += ["", f"## Self-supervised features (DINO), refined with T = {ssl[0]['blocks']}, k = {ssl[0]['k']}", "",
+                  "| | " + " | ".join(f"R@{K}" for K in ssl[0]["before"]) + " |",
+                  "| --- | " + " | ".join("---" for _ in ssl[0]["before"]) + " |",
+                  "| DINO features | " + " | ".join(_fmt([r["before"][K] for r in ssl]) for K in ssl[0]["before"]) + " |",
+                  "| refined | " + " | ".join(_fmt([r["after"][K] for r in ssl]) for K in ssl[0]["after"]) + " |"]
+    lines += ["", "## Claims (the paper's direction, never its numbers)", "", "| claim | holds | before | after |",
+              "| --- | --- | --- | --- |"]
+    for c in summary["claims"]:
+        verdict = {True: "yes", False: "**no**", None: "not measured yet"}[c["holds"]]
+        b = "–" if c["before"] is None else f"{c['before']:.2f}"
+        a = "–" if c["after"] is None else f"{c['after']:.2f}"
+        lines.append(f"| {c['claim']} | {verdict} | {b} | {a} |")
+    p = summary["provenance"]
+    lines += ["", f"Provenance: {p['device']}, commit {p['commit']}.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", choices=sorted(PROFILES), required=True)
+    parser.add_argument("--work", type=Path, help="runs, data and features [default: fidelity-work/refine-<profile>]")
+    parser.add_argument("--data", type=Path, help="an fmnist-products --layout sop build to use [default: built in --work]")
+    parser.add_argument("--fmnist", type=Path, default=FMNIST)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-ssl", action="store_true", help="skip the self-supervised (DINO) part")
+    parser.add_argument("--summary", action="store_true", help="only rebuild the report from finished stages")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    options = parser.parse_args(argv)
+    profile = PROFILES[options.profile]
+    work = (options.work or Path("fidelity-work") / f"refine-{profile.name}").resolve()
+    results = options.results.resolve() / profile.name
+    data = (options.data or work / "data" / "fmnist-sop").resolve()
+    started = time.perf_counter()
+    work.mkdir(parents=True, exist_ok=True)
+    if not options.summary and options.data is None:
+        mlsctl(["data", "fmnist-products", "--layout", "sop", "--out", str(data), "--source", str(options.fmnist),
+                *profile.data], work, work / "data.log", options.threads)
+    grid, ssl = [], []
+    if not options.no_ssl and not options.summary:  # cheap, so first: a budget cut short still has it
+        ssl = run_ssl(profile, work, data, options.threads)
+        print(f"self-supervised part: done ({time.perf_counter() - started:.0f}s)", flush=True)
+    for seed in profile.seeds:
+        if options.summary and not (work / f"seed{seed}" / "recall-before.json").is_file():
+            continue
+        grid += run_seed(profile, work, data, seed, options.threads) if not options.summary else \
+            _finished_rows(profile, work, seed)
+        print(f"seed {seed}: done ({time.perf_counter() - started:.0f}s)", flush=True)
+    if not options.no_ssl and options.summary and (work / "dino" / "recall-before.json").is_file():
+        ssl = _finished_ssl(profile, work)
+    results.mkdir(parents=True, exist_ok=True)
+    atomic.write_json(results / "grid.json", {"profile": profile.name, "grid": grid})
+    summary = summarise(profile, grid, ssl)
+    summary["seconds_this_session"] = round(time.perf_counter() - started, 1)
+    atomic.write_json(results / "summary.json", summary)
+    atomic.write_text(results / "summary.md", markdown(summary, profile))
+    from mlsctl.refine.plot import drift_figure, grid_figure
+
+    if grid:
+        grid_figure(results / "grid.json", results / "grid.png",
+                    title=f"R@1 (%) of refined MS embeddings, fmnist-products test objects, mean ± std over seeds "
+                          f"{list(profile.seeds)}")
+        T, k = summary["default"]
+        seed0 = work / f"seed{profile.seeds[0]}"
+        if (seed0 / f"refine-T{T}-k{k}" / "summary.json").is_file():
+            drift_figure(seed0 / f"refine-T{T}-k{k}", seed0 / "ms-test", results / "drift.png", points=500, seed=0)
+    print(markdown(summary, profile))
+    print(f"report: {results}/summary.md, summary.json, grid.json, grid.png, drift.png")
+    return 0
+
+
+def _finished_rows(profile: Profile, work: Path, seed: int) -> list[dict]:
+    folder = work / f"seed{seed}"
+    rows = [{"blocks": 0, "k": k, "seed": seed, "recall": recall_of(folder / "recall-before.json")} for k in profile.ks]
+    for b in (b for b in profile.blocks if b):
+        for k in profile.ks:
+            path = folder / f"recall-T{b}-k{k}.json"
+            if path.is_file():
+                rows.append({"blocks": b, "k": k, "seed": seed, "recall": recall_of(path)})
+    return rows
+
+
+def _finished_ssl(profile: Profile, work: Path) -> list[dict]:
+    folder = work / "dino"
+    blocks, k = max(profile.blocks), max(k for k in profile.ks if k <= 8)
+    return [{"seed": s, "blocks": blocks, "k": k, "before": recall_of(folder / "recall-before.json"),
+             "after": recall_of(folder / f"recall-refined-seed{s}.json")}
+            for s in profile.seeds if (folder / f"recall-refined-seed{s}.json").is_file()]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(rich_markup_mode=None, no_args_is_help=True,
+                  help="Context refinement: embeddings attend to their nearest neighbours (train, apply, plot).")
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+@app.command("train", context_settings={"allow_interspersed_args": True})
+def train(
+    features: Path = typer.Argument(..., help="Feature folder of the training embeddings (mlsctl embed)."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="Dotted overrides of the refine recipe: optim.epochs=5 method.mlp_ratio=1", show_default=False),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="CSV/JSONL of path,label [default: each file's folder is its class]."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder [default: runs/refine-<features folder name>]."),
+    blocks: Optional[int] = typer.Option(None, "--blocks", min=1, help="T, cross-attention blocks [recipe: 8]."),
+    k: Optional[int] = typer.Option(None, "--k", min=1, help="Neighbours each embedding attends to [recipe: 8]."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Passes over the training embeddings [recipe: 20]."),
+    seed: Optional[int] = typer.Option(None, "--seed", min=0, help="Seed of the initialisation and the batches [recipe: 0]."),
+    recipe: str = typer.Option("refine", "--recipe", help="Recipe the options and overrides apply to."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly where its last checkpoint stopped."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run in --out."),
+) -> None:
+    """Train T cross-attention blocks on the training embeddings with the Multi-Similarity loss.
+
+    Example: mlsctl refine train features/ms-train --out runs/refine
+
+    Each embedding attends to its k nearest neighbours among the training embeddings (itself
+    excluded); the shared training loop (checkpoints, --resume, metrics.jsonl) runs recipes/refine.yaml
+    with data.root set to FEATURES.
+    """
+    from mlsctl import config, train as train_lib
+
+    recipe_path = config.resolve_recipe_path(recipe)
+    items = [f"data.root={features}"]
+    for key, value in (("method.labels_file", labels), ("method.blocks", blocks), ("method.neighbours", k),
+                       ("optim.epochs", epochs), ("seed", seed)):
+        if value is not None:
+            items.append(f"{key}={value}")
+    loaded = config.load_recipe(str(recipe_path), items + list(overrides or []))
+    if loaded.method.name != "refine":
+        from mlsctl.errors import UserError
+
+        raise UserError(f"--recipe {recipe} is a {loaded.method.name} recipe; refine train runs a refine recipe "
+                        f"(recipes/refine.yaml)")
+    out = out if out is not None else Path("runs") / f"refine-{features.resolve().name}"
+    train_lib.pretrain(loaded, out, resume=resume, overwrite=overwrite, recipe_source=str(recipe_path))
+
+
+@app.command("apply")
+def apply(
+    run: Path = typer.Argument(..., help="Run folder of mlsctl refine train."),
+    features: Path = typer.Argument(..., help="Feature folder to refine."),
+    context: Optional[Path] = typer.Option(None, "--context", help="Feature folder the neighbours come from (the gallery) [default: FEATURES itself]."),
+    out: Path = typer.Option(..., "--out", "-o", help="Feature folder of the refined embeddings."),
+    k: Optional[int] = typer.Option(None, "--k", min=1, help="Neighbours per embedding [default: the run's]."),
+    dtype: str = typer.Option("fp32", "--dtype", help="Stored precision: fp16 or fp32."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out when it holds features."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
+) -> None:
+    """Refine embeddings with a context set; writes the shard format every eval and search command reads.
+
+    Example: mlsctl refine apply runs/refine features/ms-test --out features/ms-test-refined
+
+    A query never attends to itself: when the context holds its own image, that row is excluded.
+    """
+    from mlsctl.refine.apply import apply_refinement
+
+    summary = apply_refinement(run, features, out, context_dir=context, k=k, overwrite=overwrite, dtype=dtype,
+                               progress=sys.stderr.isatty(), say=_say)
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+        return
+    excluded = f", itself excluded for {summary['self_excluded']}" if summary["self_excluded"] else ""
+    typer.echo(f"wrote {summary['rows']} refined embeddings ({summary['dim']}-d) to {summary['out']}/ (run "
+               f"{summary['run']} at step {summary['step']}, k = {summary['k']} neighbours from {summary['context']}, "
+               f"{summary['context_rows']} rows{excluded})")
+
+
+@app.command("plot")
+def plot(
+    run: Path = typer.Argument(..., help="Run folder of mlsctl refine train."),
+    features: Path = typer.Argument(..., help="Feature folder whose embeddings are followed through the blocks."),
+    context: Optional[Path] = typer.Option(None, "--context", help="Feature folder the neighbours come from [default: FEATURES itself]."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="CSV/JSONL of path,label [default: folder names]."),
+    out: Path = typer.Option(Path("refine-drift.png"), "--out", "-o", help="PNG of the drift picture."),
+    points: int = typer.Option(500, "--points", min=2, help="Embeddings drawn (a seeded sample)."),
+    projection: str = typer.Option("pca", "--projection", help="pca, or tsne (PCA to 50 dimensions, then t-SNE; needs scikit-learn)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the sample and of t-SNE."),
+    sweep: Optional[Path] = typer.Option(None, "--sweep", help="Sweep JSON (blocks x k x seeds, from benchmarks/refine_fidelity.py): also draw the R@1 grid."),
+    grid_out: Path = typer.Option(Path("refine-grid.png"), "--grid-out", help="PNG of the R@1 grid (with --sweep)."),
+    as_json: bool = typer.Option(False, "--json", help="Print what was drawn as JSON."),
+) -> None:
+    """Draw how embeddings move from e0 to eT (tracks coloured by class; one query with its neighbours),
+    and with --sweep the R@1 grid over blocks x neighbours.
+
+    Example: mlsctl refine plot runs/refine features/ms-test --out drift.png --sweep benchmarks/results/refine/cpu/grid.json
+    """
+    from mlsctl.refine.plot import drift_figure, grid_figure
+
+    drawn = {"drift": drift_figure(run, features, out, context_dir=context, labels_file=labels, points=points,
+                                   projection=projection, seed=seed)}
+    if sweep is not None:
+        drawn["grid"] = grid_figure(sweep, grid_out)
+    if as_json:
+        typer.echo(json.dumps(drawn, indent=2))
+        return
+    typer.echo(f"wrote {drawn['drift']['out']} ({drawn['drift']['points']} embeddings through {drawn['drift']['blocks']} "
+               f"blocks, {projection})")
+    if "grid" in drawn:
+        typer.echo(f"wrote {drawn['grid']['out']} (R@1 over blocks {drawn['grid']['blocks']} x k {drawn['grid']['k']})")

@@ -1,0 +1,76 @@
+"""m-per-class batches for metric learning, step-indexed for exact resume.
+
+:class:`MPerClassStepSampler` draws its batches with pytorch-metric-learning's ``MPerClassSampler``
+(every batch: ``batch / m`` classes, ``m`` samples of each, drawn with replacement only when a class
+has fewer than ``m``). That sampler takes its randomness from the module-level
+``pytorch_metric_learning.utils.common_functions.NUMPY_RANDOM`` and shuffles its own list of classes
+in place, so an epoch depends on every epoch before it. Here it is made deterministic per epoch:
+epoch ``e`` builds a *fresh* ``MPerClassSampler`` and iterates it while ``NUMPY_RANDOM`` is a
+``RandomState`` seeded from ``(seed, e)`` (the module attribute is restored afterwards). Step ``s``
+is then a pure function of ``(seed, s)``, as with :class:`~mlsctl.data.loader.StepBatchSampler`:
+resuming at step ``s`` starts there without drawing the skipped batches, and process ``r`` of ``W``
+takes slice ``r`` of each global batch of ``batch × W`` (with ``batch`` a multiple of ``m``, every
+process's slice is m-per-class too). An epoch is ``len(labels) // (batch × W)`` steps, as for the
+plain sampler. Items are ``(epoch, index)`` like the plain sampler's.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import numpy as np
+from torch.utils.data import Sampler
+
+from mlsctl.data.loader import sample_seed
+from mlsctl.errors import UserError
+
+M_PER_CLASS_STREAM = 2**32 + 1  # an "index" no item has: the seed of an epoch's m-per-class draw
+
+
+class MPerClassStepSampler(Sampler):
+    def __init__(self, labels: Sequence[int], m: int, batch_size: int, *, world_size: int = 1, rank: int = 0,
+                 seed: int = 0, start_step: int = 0, total_steps: int | None = None, what: str = "the data"):
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.m, self.batch_size, self.world_size, self.rank, self.seed = m, batch_size, world_size, rank, seed
+        self.global_batch = batch_size * world_size
+        n_classes = len(np.unique(self.labels))
+        if batch_size % m:
+            raise UserError(f"optim.batch_size {batch_size} is not a multiple of {m} samples per class; choose a "
+                            f"multiple of {m}")
+        if n_classes * m < self.global_batch:
+            raise UserError(f"{what} has {n_classes} classes, too few for batches of {self.global_batch} with {m} "
+                            f"samples per class (at least {-(-self.global_batch // m)} classes); lower optim.batch_size")
+        self.steps_per_epoch = len(self.labels) // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise UserError(f"{what} has {len(self.labels)} items, fewer than one global batch of {self.global_batch}; "
+                            f"lower optim.batch_size")
+        self.start_step = start_step
+        self.total_steps = total_steps if total_steps is not None else self.steps_per_epoch
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The item indices of epoch ``epoch``, global batch after global batch."""
+        from pytorch_metric_learning.samplers import MPerClassSampler
+        from pytorch_metric_learning.utils import common_functions
+
+        sampler = MPerClassSampler(self.labels, self.m, batch_size=self.global_batch,
+                                   length_before_new_iter=self.steps_per_epoch * self.global_batch)
+        saved = common_functions.NUMPY_RANDOM
+        common_functions.NUMPY_RANDOM = np.random.RandomState(
+            sample_seed(self.seed, epoch, M_PER_CLASS_STREAM) % 2**32)
+        try:
+            order = np.fromiter(iter(sampler), dtype=np.int64)
+        finally:
+            common_functions.NUMPY_RANDOM = saved
+        return order
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        cached_epoch, order = -1, None
+        for step in range(self.start_step, self.total_steps):
+            epoch, position = divmod(step, self.steps_per_epoch)
+            if epoch != cached_epoch:
+                cached_epoch, order = epoch, self.epoch_order(epoch)
+            start = position * self.global_batch + self.rank * self.batch_size
+            yield [(epoch, int(i)) for i in order[start:start + self.batch_size]]
+
+    def __len__(self) -> int:
+        return max(0, self.total_steps - self.start_step)

@@ -1,0 +1,158 @@
+"""Multi-Similarity (Wang et al., 2019): the supervised metric-learning baseline whose embeddings
+context refinement starts from (METHODS.md "Context refinement"; the base embeddings e⁰).
+
+* the model: a timm ViT and a linear embedding layer, ``model.embedding_dim`` wide (512 in the
+  paper), L2-normalised (:class:`~mlsctl.models.backbone.Backbone` with ``embedding_dim``: the layer
+  is timm's own ``head``, so ``mlsctl embed`` stores the embedding and an export loads in timm);
+* the labels: the class of an image is its folder (``data.root/<class>/...``), or its row of
+  ``method.labels_file`` (CSV/JSONL of path,label, as ``mlsctl eval knn`` reads them);
+* the batches: ``method.m_per_class`` images of each of ``batch / m`` classes
+  (:class:`~mlsctl.data.mperclass.MPerClassStepSampler`, pytorch-metric-learning's sampler made
+  deterministic per epoch), one random resized crop each (``data.global_crops``, count 1);
+* the loss (:func:`ms_loss`): pytorch-metric-learning's ``MultiSimilarityMiner(epsilon)`` picks,
+  for every anchor i, the positives with ``S_ip − ε < max_n S_in`` and the negatives with
+  ``S_in + ε > min_p S_ip`` (cosine similarities S); ``MultiSimilarityLoss(alpha, beta, base)``
+  is then, averaged over the anchors of the batch (an anchor with no mined pair adds 0),
+  ``1/α · log(1 + Σ_P exp(−α (S_ip − λ))) + 1/β · log(1 + Σ_N exp(β (S_in − λ)))`` with
+  α = 2, β = 40, λ = ``base`` = 0.5, ε = 0.1 (the refinement supplement's values; the library's
+  defaults differ, so they are always passed).
+
+There is no teacher: the trained network itself is what ``teacher_backbone`` returns, and no EMA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from mlsctl.config import MethodConfig, param
+from mlsctl.data.loader import Batch, MultiCropDataset, collate
+from mlsctl.errors import UserError
+from mlsctl.methods.base import Method, StepOutput
+from mlsctl.models.backbone import build_backbone
+
+
+# ------------------------------------------------------------------------------------------ loss
+
+
+def ms_loss(embeddings: torch.Tensor, labels: torch.Tensor, alpha: float = 2.0, beta: float = 40.0, base: float = 0.5,
+            epsilon: float = 0.1) -> tuple[torch.Tensor, dict[str, float]]:
+    """Multi-Similarity loss of ``embeddings`` [B, D] (L2-normalised here) with labels [B], on the
+    pairs the Multi-Similarity miner keeps; returns the loss and the mined pair counts."""
+    from pytorch_metric_learning.losses import MultiSimilarityLoss
+    from pytorch_metric_learning.miners import MultiSimilarityMiner
+
+    x = F.normalize(embeddings.float(), dim=-1)
+    pairs = MultiSimilarityMiner(epsilon=epsilon)(x, labels)
+    loss = MultiSimilarityLoss(alpha=alpha, beta=beta, base=base)(x, labels, pairs)
+    return loss, {"mined_positive_pairs": float(len(pairs[0])), "mined_negative_pairs": float(len(pairs[2]))}
+
+
+def class_ids(names: list[str], what: str) -> tuple[torch.Tensor, list[str]]:
+    """Class names → indices [n] and the sorted class list; refuses fewer than two classes."""
+    classes = sorted(set(names))
+    if len(classes) < 2:
+        raise UserError(f"{what} has a single class ({classes[0] if classes else 'none'}); metric learning needs at "
+                        f"least two (one folder per class, or a labels file naming them)")
+    lookup = {c: i for i, c in enumerate(classes)}
+    return torch.tensor([lookup[n] for n in names], dtype=torch.long), classes
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+@dataclass
+class LabelledBatch(Batch):
+    labels: Optional[torch.Tensor] = None  # [B] class index
+
+    def to(self, device) -> "LabelledBatch":
+        moved = super().to(device)
+        return LabelledBatch(moved.crops, moved.boxes, moved.flips, moved.image_ids, moved.image_sizes, moved.skipped,
+                             moved.masks, self.labels.to(device))
+
+
+class LabelledCrops(MultiCropDataset):
+    """Random resized crops of a labelled image folder; ``labels`` [n] class indices."""
+
+    def __init__(self, folder, transform, seed: int, labels: torch.Tensor, classes: list[str]):
+        super().__init__(folder, transform, seed)
+        self.labels, self.classes = labels, classes
+
+
+def labelled_collate(dataset: LabelledCrops):
+    def collate_fn(samples: list[dict]) -> LabelledBatch:
+        batch = collate(samples)
+        # a skipped (undecodable) image is replaced by the next readable one: its label follows it
+        labels = dataset.labels[batch.image_ids]
+        return LabelledBatch(batch.crops, batch.boxes, batch.flips, batch.image_ids, batch.image_sizes, batch.skipped,
+                             None, labels)
+    return collate_fn
+
+
+# ------------------------------------------------------------------------------------------ method
+
+
+@dataclass
+class MSConfig(MethodConfig):
+    name: str = param("ms", help="Multi-Similarity baseline (supervised, labels from folders or a labels file)")
+    labels_file: Optional[str] = param(None, path=True, help="CSV/JSONL of path,label (paths relative to data.root); "
+                                                             "default: each image's folder is its class")
+    m_per_class: int = param(4, help="images of each class in a batch (optim.batch_size must be a multiple)", ge=1)
+    alpha: float = param(2.0, help="alpha: weight of the positive pairs", gt=0.0)
+    beta: float = param(40.0, help="beta: weight of the negative pairs", gt=0.0)
+    base: float = param(0.5, help="lambda: the similarity the pairs are measured from")
+    epsilon: float = param(0.1, help="the miner's margin epsilon", ge=0.0)
+
+
+class MS(Method):
+    Config = MSConfig
+
+    def __init__(self, recipe, schedule):
+        super().__init__(recipe, schedule)
+        self.backbone = build_backbone(recipe.model)
+
+    @classmethod
+    def check_recipe(cls, recipe):
+        if recipe.model.embedding_dim < 1:
+            return [("model.embedding_dim", "must be set for ms: the width of the linear embedding layer (512 in the "
+                                            "paper)")]
+        if recipe.data.global_crops.count != 1 or recipe.data.local_crops.count != 0:
+            return [("data.global_crops.count", "must be 1 and data.local_crops.count 0 for ms (one crop per image)")]
+        if recipe.optim.batch_size % recipe.method.m_per_class:
+            return [("optim.batch_size", f"must be a multiple of method.m_per_class ({recipe.method.m_per_class})")]
+        return []
+
+    @classmethod
+    def build_dataset(cls, recipe, folder):
+        from mlsctl.evaluate.knn import labels_of
+
+        labels_file = recipe.method.labels_file
+        names = labels_of(folder.relpaths(), Path(folder.root), Path(labels_file) if labels_file else None,
+                          f"data.root {folder.root}")
+        labels, classes = class_ids(names, f"data.root {folder.root}")
+        dataset = LabelledCrops(folder, cls.multicrop(recipe), recipe.seed, labels, classes)
+        return dataset, labelled_collate(dataset)
+
+    @classmethod
+    def batch_sampler(cls, recipe, dataset, *, world_size=1, rank=0, start_step=0, total_steps=None):
+        from mlsctl.data.mperclass import MPerClassStepSampler
+
+        return MPerClassStepSampler(dataset.labels, recipe.method.m_per_class, recipe.optim.batch_size,
+                                    world_size=world_size, rank=rank, seed=recipe.seed, start_step=start_step,
+                                    total_steps=total_steps, what=f"data.root {recipe.data.root}")
+
+    def ema_momentum(self, step: int) -> float:
+        return 0.0  # no EMA teacher
+
+    def teacher_backbone(self):
+        return self.backbone
+
+    def training_step(self, batch, step):
+        cfg = self.cfg
+        embeddings = self.backbone(batch.crops[0]).cls
+        loss, mined = ms_loss(embeddings, batch.labels, cfg.alpha, cfg.beta, cfg.base, cfg.epsilon)
+        return StepOutput(loss, terms={"ms": loss.detach()}, metrics=mined)

@@ -1,0 +1,231 @@
+"""``mlsctl refine apply``: refine a feature folder with a trained refiner and a context set.
+
+The paper's protocol: the context (the knowledge base the neighbours come from) is the gallery;
+in the deep-metric-learning protocol every test embedding is a query against all the others, so
+the context is the test set itself. Each embedding of ``FEATS`` takes its k nearest neighbours in
+the context (cosine, exact faiss search; k = the run's ``method.neighbours`` unless given) and goes
+through the run's blocks (:class:`~mlsctl.methods.refine.Refiner`). A query never sees itself: when
+the context holds the query's own image (the same file: input root + relative path), that row is
+excluded by index (:func:`~mlsctl.refine.neighbours.nearest_neighbours`).
+
+The output is a feature folder in the shard format (:mod:`mlsctl.features`), so ``eval recall``,
+``eval knn``, ``index build`` and ``search`` read it unchanged: the same ``files``, ``input_root``,
+``preprocessing`` and ``skipped`` as ``FEATS``; ``global`` holds e^T (L2-normalised); ``model``
+keeps the source model's record and adds ``refiner`` (run, step, fingerprint, k, context). Its
+``fingerprint`` combines the source model's, the refiner's and the context's, so two folders
+refined the same way compare as the same model and any other pairing is refused. The folder is
+written next to ``--out`` and renamed into place once complete; an existing ``--out`` is replaced
+only with ``--overwrite`` and only when it is a feature folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from mlsctl import __version__, atomic
+from mlsctl.errors import UserError
+
+
+@dataclass
+class RefinerRun:
+    refiner: "torch.nn.Module"
+    cfg: object  # the run's RefineConfig
+    run: Path
+    step: int
+    total_steps: Optional[int]
+    fingerprint: str
+    train_model: Optional[dict]  # the model record of the features the run trained on (None when moved)
+
+    @property
+    def dim(self) -> int:
+        return self.refiner.dim
+
+
+def load_refiner(run_dir: str | Path) -> RefinerRun:
+    """The refiner of a ``refine train`` run's latest checkpoint, in eval mode."""
+    from safetensors.torch import load_file
+
+    from mlsctl import config as config_lib
+    from mlsctl.methods.refine import Refiner
+    from mlsctl.models.source import fingerprint
+    from mlsctl.runs import Run
+
+    run = Run(run_dir)
+    if not run.config_path.is_file():
+        raise UserError(f"{run_dir} is not a run folder (no config.yaml); give the --out of mlsctl refine train")
+    recipe = config_lib.load_recipe(str(run.config_path))
+    if recipe.method.name != "refine":
+        raise UserError(f"{run_dir} is a run of method {recipe.method.name}, not a refinement; give the --out of mlsctl refine train")
+    checkpoint = run.latest()
+    if checkpoint is None:
+        raise UserError(f"run {run_dir} has no checkpoint yet; wait for its first one (or finish it with mlsctl refine "
+                        f"train ... --resume)")
+    state = checkpoint.state()
+    try:
+        weights = load_file(str(checkpoint.model_path))
+    except Exception as exc:
+        raise UserError(f"{checkpoint.model_path} cannot be read ({str(exc).splitlines()[0][:120]}); delete "
+                        f"{checkpoint.path} to use the checkpoint before it") from None
+    own = {k[len("refiner."):]: v for k, v in weights.items() if k.startswith("refiner.")}
+    cfg = recipe.method
+    if "blocks.0.q.weight" not in own:
+        raise UserError(f"{checkpoint.model_path} holds no refiner blocks; is {run_dir} a refine run?")
+    refiner = Refiner(own["blocks.0.q.weight"].shape[1], cfg.blocks, cfg.out_dim, cfg.mlp_ratio, cfg.zero_init)
+    refiner.load_state_dict(own, strict=True)
+    train_model = None
+    manifest = Path(recipe.data.root or "") / "manifest.json"
+    if recipe.data.root and manifest.is_file():
+        try:
+            train_model = json.loads(manifest.read_text()).get("model")
+        except (OSError, ValueError):
+            train_model = None
+    return RefinerRun(refiner.eval(), cfg, run.root, checkpoint.step, state.get("total_steps"), fingerprint(refiner),
+                      train_model)
+
+
+@torch.no_grad()
+def refine(refiner, queries: torch.Tensor, context: torch.Tensor, k: int, exclude: Optional[torch.Tensor] = None,
+           batch: int = 1024, trace: bool = False, progress: bool = False):
+    """e^T of every query (its k neighbours searched in ``context``); with ``trace`` also the
+    states e⁰..e^T [T+1, n, d1], the attention of every block [T, n, k] and the neighbour rows [n, k]."""
+    from tqdm import tqdm
+
+    from mlsctl.refine.neighbours import nearest_neighbours
+
+    rows, _ = nearest_neighbours(queries, context, k, exclude)
+    context = torch.nn.functional.normalize(context.float(), dim=-1)
+    outs, states, attentions = [], [], []
+    for start in tqdm(range(0, len(queries), batch), desc="refine", unit="batch", disable=not progress):
+        q, n = queries[start:start + batch], context[rows[start:start + batch]]
+        if trace:
+            out, s, a = refiner(q, n, trace=True)
+            states.append(torch.stack(s))
+            attentions.append(torch.stack(a) if a else torch.empty(0, len(q), k))
+        else:
+            out = refiner(q, n)
+        outs.append(out)
+    refined = torch.cat(outs) if outs else torch.empty(0, refiner.out_dim)
+    if trace:
+        return refined, torch.cat(states, dim=1), torch.cat(attentions, dim=1), rows
+    return refined
+
+
+def self_rows(queries, context) -> torch.Tensor:
+    """For every row of ``queries`` the row of ``context`` holding the same image file, or -1."""
+    where = {os.path.normpath(os.path.join(str(context.input_root), f)): i for i, f in enumerate(context.files)}
+    return torch.tensor([where.get(os.path.normpath(os.path.join(str(queries.input_root), f)), -1)
+                         for f in queries.files], dtype=torch.long)
+
+
+def check_dims(loaded: RefinerRun, features, what: str) -> None:
+    if features.dim != loaded.dim:
+        raise UserError(f"{what} {features.path} holds {features.dim}-d features, but run {loaded.run} refines "
+                        f"{loaded.dim}-d embeddings; give features of the model the run was trained on")
+
+
+def _digest(*parts: str) -> str:
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+
+def apply_refinement(run_dir: str | Path, feats_dir: str | Path, out: str | Path, *,
+                     context_dir: Optional[str | Path] = None, k: Optional[int] = None, overwrite: bool = False,
+                     dtype: str = "fp32", progress: bool = False, say=print) -> dict:
+    """Refine ``feats_dir`` with the run's refiner and ``context_dir`` (default: ``feats_dir``);
+    write the refined feature folder ``out``. Returns a JSON-ready summary."""
+    from mlsctl.features import DTYPES, Features, is_feature_folder
+
+    loaded = load_refiner(run_dir)
+    features = Features(feats_dir, "features")
+    context = Features(context_dir, "context features") if context_dir is not None else features
+    check_dims(loaded, features, "features")
+    check_dims(loaded, context, "context features")
+    k = k or loaded.cfg.neighbours
+    exclude = self_rows(features, context)
+    needed = k + 1 if bool((exclude >= 0).any()) else k
+    if len(context) < needed:
+        raise UserError(f"context features {context.path} hold {len(context)} embeddings, fewer than the "
+                        f"{needed} a query needs (k = {k}{' besides itself' if needed > k else ''}); give a larger "
+                        f"context or a smaller --k")
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype} is not one of {', '.join(DTYPES)}")
+    out = Path(out)
+    for name, source in (("features", features.path), ("context features", context.path)):
+        if out.resolve() == Path(source).resolve():
+            raise UserError(f"--out {out} is the {name} folder; write the refined features to another folder")
+    if out.exists():
+        if not out.is_dir():
+            raise UserError(f"--out {out} is a file; choose a folder")
+        if any(out.iterdir()):
+            if not is_feature_folder(out):
+                raise UserError(f"--out {out} exists and is not a feature folder; choose another --out")
+            if not overwrite:
+                raise UserError(f"--out {out} already holds features; add --overwrite to replace them or choose "
+                                f"another --out")
+    if loaded.total_steps and loaded.step < loaded.total_steps:
+        say(f"note: run {loaded.run} is not finished (step {loaded.step} of {loaded.total_steps}); using that checkpoint")
+    if loaded.train_model and loaded.train_model.get("fingerprint") != features.model.get("fingerprint"):
+        say(f"note: {features.path} comes from another model than the features run {loaded.run} was trained on "
+            f"(fingerprint {str(features.model.get('fingerprint'))[:12]} vs "
+            f"{str(loaded.train_model.get('fingerprint'))[:12]})")
+
+    refined = refine(loaded.refiner, features.global_features(), context.global_features(), k, exclude,
+                     progress=progress)
+    context_id = _digest(str(context.model.get("fingerprint")), *context.files)
+    refiner_record = {"run": str(loaded.run.resolve()), "step": loaded.step, "fingerprint": loaded.fingerprint,
+                      "blocks": len(loaded.refiner.blocks), "k": k, "context": str(Path(context.path).resolve()),
+                      "context_rows": len(context), "self_excluded": int((exclude >= 0).sum())}
+    model = {**features.model, "refiner": refiner_record,
+             "base_fingerprint": features.model.get("fingerprint"),
+             "fingerprint": _digest(str(features.model.get("fingerprint")), loaded.fingerprint, str(k), context_id)}
+    write_features(out, refined.to(DTYPES[dtype]), features, model, overwrite=overwrite,
+                   normalization="L2-normalised: the refined embeddings e^T of mlsctl refine apply")
+    return {"out": str(out), "rows": len(refined), "dim": refined.shape[1], "k": k, "run": str(loaded.run),
+            "step": loaded.step, "context": str(context.path), "context_rows": len(context),
+            "self_excluded": refiner_record["self_excluded"]}
+
+
+def write_features(out: Path, global_: torch.Tensor, source, model: dict, *, overwrite: bool, normalization: str) -> None:
+    """A feature folder with the rows of ``source`` (files, input root, preprocessing) and new
+    global features, written next to ``out`` and renamed into place."""
+    from safetensors.torch import save_file
+
+    from mlsctl.features import FORMAT_VERSION, MANIFEST, SHARD_BYTES, shard_name
+
+    n = len(global_)
+    bytes_per_row = max(1, global_.shape[1] * global_.element_size())
+    per_shard = max(1, SHARD_BYTES // bytes_per_row)
+    n_shards = max(1, -(-n // per_shard))
+    tmp = out.parent / f".{out.name}.refine-tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        shards = []
+        for s in range(n_shards):
+            lo, hi = s * per_shard, min(n, (s + 1) * per_shard)
+            tensors = {"global": global_[lo:hi].contiguous(), "row": torch.arange(lo, hi, dtype=torch.long)}
+            name = shard_name(s, n_shards)
+            atomic.write_with(tmp / name, lambda path: save_file(tensors, str(path), metadata={"format": "mlsctl-features"}))
+            shards.append({"file": name, "rows": hi - lo})
+        manifest = {"kind": "mlsctl-features", "format_version": FORMAT_VERSION, "mlsctl_version": __version__,
+                    "input_root": str(source.input_root), "model": model, "preprocessing": source.preprocessing,
+                    "dtype": {torch.float16: "float16", torch.float32: "float32"}[global_.dtype],
+                    "normalization": normalization, "dim": int(global_.shape[1]), "grid": None,
+                    "files": list(source.files), "skipped": list(source.skipped), "shards": shards,
+                    "plan": {"refined_from": str(Path(source.path).resolve())}}
+        atomic.write_json(tmp / MANIFEST, manifest)
+        if out.exists():
+            if not overwrite:  # appeared meanwhile
+                raise UserError(f"--out {out} appeared while refining; add --overwrite or choose another --out")
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,204 @@
+"""The supplement's pictures of context refinement (PNG, matplotlib).
+
+* :func:`drift_figure` (supplement Figs. 2–9): ``points`` embeddings (500, a seeded sample) of a
+  feature folder refined block by block, e⁰ → e¹ → … → e^T, projected to 2-D together (PCA, or
+  PCA to 50 dimensions then t-SNE as the supplement does, with scikit-learn); each embedding is a
+  track through the blocks coloured by its class, a small circle at e⁰ and a dot at e^T. The
+  right panel follows one query with its k neighbours (the context embeddings it attends to,
+  frame colour = their class, green edge = the query's class, marker area = the last block's
+  attention; each neighbour is annotated with its attention and its cosine to the query's e⁰ and
+  e^T, which the 2-D projection cannot show). The query shown is the first of the sample (in row order) whose nearest neighbour
+  in the context changes from another class at e⁰ to its own class at e^T; when there is none,
+  the first of the sample. The title says which.
+* :func:`grid_figure` (supplement Fig. 1): R@1 over blocks × neighbours, mean over seeds (± std
+  when there are several), from a sweep's JSON (``benchmarks/refine_fidelity.py`` writes one):
+  ``{"grid": [{"blocks": T, "k": k, "seed": s, "recall": {"1": r1, ...}}, ...]}``; blocks 0 is the
+  unrefined baseline.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from mlsctl import atomic
+from mlsctl.errors import UserError
+
+
+def _project(points: np.ndarray, projection: str, seed: int) -> np.ndarray:
+    centred = points - points.mean(0, keepdims=True)
+    if projection == "pca":
+        _, _, vt = np.linalg.svd(centred, full_matrices=False)
+        return centred @ vt[:2].T
+    try:
+        from sklearn.decomposition import PCA
+        from sklearn.manifold import TSNE
+    except ImportError:
+        raise UserError("--projection tsne needs scikit-learn: pip install 'mlsctl[tsne]' (or use --projection pca)") from None
+    reduced = PCA(n_components=min(50, points.shape[1], len(points)), random_state=seed).fit_transform(centred)
+    return TSNE(n_components=2, init="pca", random_state=seed, perplexity=min(30.0, max(5.0, len(points) / 100))
+                ).fit_transform(reduced)
+
+
+def drift_figure(run_dir: str | Path, feats_dir: str | Path, out: str | Path, *, context_dir: Optional[str | Path] = None,
+                 labels_file: Optional[Path] = None, points: int = 500, projection: str = "pca", seed: int = 0,
+                 k: Optional[int] = None) -> dict:
+    """Draw the drift picture of ``feats_dir`` refined by the run; returns what was drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mlsctl.evaluate.knn import labels_for
+    from mlsctl.features import Features
+    from mlsctl.refine.apply import check_dims, load_refiner, refine, self_rows
+    from mlsctl.refine.neighbours import nearest_neighbours
+
+    if projection not in ("pca", "tsne"):
+        raise UserError(f"--projection {projection} is not one of pca, tsne")
+    loaded = load_refiner(run_dir)
+    features = Features(feats_dir, "features")
+    context = Features(context_dir, "context features") if context_dir is not None else features
+    check_dims(loaded, features, "features")
+    check_dims(loaded, context, "context features")
+    k = k or loaded.cfg.neighbours
+    names = labels_for(features, labels_file, "features")
+    context_names = names if context is features else labels_for(context, labels_file, "context features")
+    exclude_all = self_rows(features, context)
+    if len(context) < k + 1:
+        raise UserError(f"context features {context.path} hold {len(context)} embeddings, fewer than k + 1 = {k + 1}")
+    generator = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(len(features), generator=generator)[:points].sort().values
+    queries = features.global_features(chosen.tolist())
+    context_x = torch.nn.functional.normalize(context.global_features(), dim=-1)
+    _, states, attentions, rows = refine(loaded.refiner, queries, context_x, k, exclude_all[chosen], trace=True)
+    n, T = len(chosen), states.shape[0] - 1
+    labels = [names[i] for i in chosen.tolist()]
+
+    # the query of the right panel
+    def nearest_class(x: torch.Tensor, own: int) -> str:
+        idx, _ = nearest_neighbours(x[None], context_x, 1, torch.tensor([own]))
+        return context_names[int(idx[0, 0])]
+
+    pick, fixed = 0, False
+    for i in range(n):
+        own = int(exclude_all[chosen[i]])
+        if nearest_class(states[0, i], own) != labels[i] and nearest_class(states[-1, i], own) == labels[i]:
+            pick, fixed = i, True
+            break
+    neighbour_rows = rows[pick]
+    stacked = torch.cat([states.reshape(-1, states.shape[-1]), context_x[neighbour_rows]]).numpy()
+    flat = _project(stacked, projection, seed)
+    tracks = flat[: (T + 1) * n].reshape(T + 1, n, 2)
+    neighbour_xy = flat[(T + 1) * n:]
+
+    classes = sorted(set(labels) | {context_names[int(r)] for r in neighbour_rows})
+    cmap = plt.get_cmap("tab20")
+    colour = {c: cmap(i % 20) for i, c in enumerate(classes)}
+    figure, (left, right) = plt.subplots(1, 2, figsize=(15, 7))
+    for i in range(n):
+        c = colour[labels[i]]
+        left.plot(tracks[:, i, 0], tracks[:, i, 1], "-", color=c, alpha=0.55, linewidth=0.8)
+        left.scatter(tracks[0, i, 0], tracks[0, i, 1], s=10, facecolors="none", edgecolors=[c], linewidths=0.6)
+        left.scatter(tracks[-1, i, 0], tracks[-1, i, 1], s=14, color=[c])
+    left.set_title(f"{n} embeddings, e⁰ (circle) → e^{T} (dot), one colour per class "
+                   f"({len(set(labels))} classes, colours repeat)", fontsize=10)
+    left.set_xlabel(f"{projection.upper()} 1")
+    left.set_ylabel(f"{projection.upper()} 2")
+
+    q_track = tracks[:, pick]
+    q_class = labels[pick]
+    right.plot(q_track[:, 0], q_track[:, 1], "-o", color="black", markersize=3, linewidth=1.5,
+               label=f"query ({q_class}) e⁰ (circle) → e^{T} (star)")
+    right.scatter(q_track[0, 0], q_track[0, 1], s=120, facecolors="none", edgecolors="black", linewidths=2)
+    right.scatter(q_track[-1, 0], q_track[-1, 1], s=220, marker="*", color=[colour[q_class]], edgecolors="black")
+    cos_before = context_x[neighbour_rows] @ states[0, pick]
+    cos_after = context_x[neighbour_rows] @ states[-1, pick]
+    last_attention = attentions[-1, pick] if attentions.numel() else torch.full((k,), 1.0 / k)
+    for j, row in enumerate(neighbour_rows.tolist()):
+        name = context_names[row]
+        same = name == q_class
+        right.scatter(neighbour_xy[j, 0], neighbour_xy[j, 1], s=60 + 1500 * float(last_attention[j]), marker="s",
+                      color=[colour[name]], edgecolors="green" if same else "red", linewidths=2.5)
+        right.annotate(f"a {float(last_attention[j]):.2f}, cos {float(cos_before[j]):.2f}→{float(cos_after[j]):.2f}",
+                       neighbour_xy[j], textcoords="offset points", xytext=(6, 6), fontsize=8)
+    right.scatter([], [], marker="s", color="grey", edgecolors="green", linewidths=2, label="neighbour, same class")
+    right.scatter([], [], marker="s", color="grey", edgecolors="red", linewidths=2, label="neighbour, other class")
+    how = ("its nearest neighbour turns from another class to its own" if fixed
+           else "no sampled query's nearest neighbour turns to its own class; the first one")
+    right.set_title(f"one query and its {k} neighbours (square area, a: last block's attention; cos: to e⁰ → e^{T})\n"
+                    f"query shown: {how}", fontsize=10)
+    right.legend(fontsize=8, loc="best")
+    figure.suptitle(f"context refinement drift: {Path(feats_dir).name} refined by {Path(run_dir).name} "
+                    f"(T = {T} blocks, k = {k}, context {Path(context.path).name})")
+    figure.tight_layout()
+    out = Path(out)
+    atomic.write_with(out, lambda tmp: figure.savefig(tmp, format="png", dpi=110))
+    plt.close(figure)
+    return {"out": str(out), "points": n, "blocks": T, "k": k, "projection": projection,
+            "query": {"file": features.files[int(chosen[pick])], "class": q_class, "nearest_class_fixed": fixed}}
+
+
+def read_sweep(path: Path) -> list[dict]:
+    from mlsctl.evaluate.knn import read_text_file
+
+    try:
+        data = json.loads(read_text_file(Path(path), "sweep file"))
+        grid = data["grid"]
+        rows = [{"blocks": int(r["blocks"]), "k": int(r["k"]), "seed": int(r.get("seed", 0)),
+                 "r1": float(r["recall"]["1"])} for r in grid]
+    except (ValueError, KeyError, TypeError):
+        raise UserError(f"{path} is not a sweep JSON ({{\"grid\": [{{\"blocks\", \"k\", \"seed\", \"recall\": "
+                        f"{{\"1\": ...}}}}]}}, as benchmarks/refine_fidelity.py writes)") from None
+    if not rows:
+        raise UserError(f"sweep file {path} holds no grid rows")
+    return rows
+
+
+def grid_figure(sweep: str | Path, out: str | Path, title: str = "") -> dict:
+    """The R@1 heat map over blocks (rows) × neighbours (columns) of a sweep."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_sweep(Path(sweep))
+    blocks = sorted({r["blocks"] for r in rows})
+    ks = sorted({r["k"] for r in rows})
+    mean = np.full((len(blocks), len(ks)), np.nan)
+    std = np.zeros_like(mean)
+    seeds = np.zeros_like(mean, dtype=int)
+    for a, b in enumerate(blocks):
+        for c, k in enumerate(ks):
+            values = [r["r1"] for r in rows if r["blocks"] == b and r["k"] == k]
+            if values:
+                mean[a, c] = 100 * np.mean(values)
+                std[a, c] = 100 * np.std(values, ddof=1) if len(values) > 1 else 0.0
+                seeds[a, c] = len(values)
+    figure, axis = plt.subplots(figsize=(1.6 * len(ks) + 2.5, 0.8 * len(blocks) + 1.8))
+    image = axis.imshow(mean, cmap="viridis", aspect="auto")
+    for a in range(len(blocks)):
+        for c in range(len(ks)):
+            if not np.isnan(mean[a, c]):
+                text = f"{mean[a, c]:.1f}" + (f"\n± {std[a, c]:.1f}" if seeds[a, c] > 1 else "")
+                bright = mean[a, c] > np.nanmean(mean)
+                axis.text(c, a, text, ha="center", va="center", fontsize=9, color="black" if bright else "white")
+    axis.set_xticks(range(len(ks)), [str(k) for k in ks])
+    axis.set_yticks(range(len(blocks)), [f"{b}" + (" (baseline)" if b == 0 else "") for b in blocks])
+    axis.set_xlabel("neighbours k")
+    axis.set_ylabel("cross-attention blocks T")
+    n_seeds = int(seeds.max())
+    axis.set_title(title or f"R@1 (%) over blocks x neighbours, mean ± std over {n_seeds} seed{'s' if n_seeds > 1 else ''}",
+                   fontsize=10)
+    figure.colorbar(image, ax=axis, label="R@1 (%)")
+    figure.tight_layout()
+    out = Path(out)
+    atomic.write_with(out, lambda tmp: figure.savefig(tmp, format="png", dpi=110))
+    plt.close(figure)
+    return {"out": str(out), "blocks": blocks, "k": ks,
+            "r1": {f"{b}x{k}": (None if np.isnan(mean[a, c]) else round(float(mean[a, c]), 2))
+                   for a, b in enumerate(blocks) for c, k in enumerate(ks)}}

@@ -1,0 +1,147 @@
+"""The Multi-Similarity baseline: loss and miner against a hand computation, the m-per-class
+sampler, the embedding layer, and a tiny run through the shared loop."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mlsctl.data.mperclass import MPerClassStepSampler
+from mlsctl.errors import UserError
+from mlsctl.methods.ms import ms_loss
+
+from conftest import cli, cli_ok, make_images, tiny_recipe, write_recipe
+
+
+def _hand_ms(x: np.ndarray, y: list[int], alpha: float, beta: float, lam: float, eps: float) -> float:
+    """The miner and the loss written out pair by pair, as in the MS paper (eqs. 4 and 7-8)."""
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    s = x @ x.T
+    total = 0.0
+    for i in range(len(y)):
+        pos = [j for j in range(len(y)) if j != i and y[j] == y[i]]
+        neg = [j for j in range(len(y)) if y[j] != y[i]]
+        if not pos or not neg:
+            continue
+        hard_pos = [j for j in pos if s[i, j] - eps < max(s[i, n] for n in neg)]
+        hard_neg = [n for n in neg if s[i, n] + eps > min(s[i, j] for j in pos)]
+        total += 1 / alpha * math.log(1 + sum(math.exp(-alpha * (s[i, j] - lam)) for j in hard_pos))
+        total += 1 / beta * math.log(1 + sum(math.exp(beta * (s[i, n] - lam)) for n in hard_neg))
+    return total / len(y)  # the mean over every anchor of the batch, mined pairs or not
+
+
+def test_ms_loss_and_miner_equal_a_hand_computation():
+    x = np.array([[1.0, 0.1, 0.0], [0.9, 0.3, 0.1], [0.2, 1.0, 0.0], [0.7, 0.7, 0.2], [0.0, 0.2, 1.0],
+                  [0.1, 0.9, 0.4]])
+    y = [0, 0, 1, 1, 2, 2]
+    loss, mined = ms_loss(torch.tensor(x, dtype=torch.float32), torch.tensor(y), alpha=2, beta=40, base=0.5, epsilon=0.1)
+    expected = _hand_ms(x, y, 2, 40, 0.5, 0.1)
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    assert expected > 0.1  # the case mines pairs: not a vacuous zero
+    # some pairs are left out by the miner, so the count is informative too
+    assert 0 < mined["mined_positive_pairs"] <= 6 and 0 < mined["mined_negative_pairs"] < 24
+    # other hyper-parameters change the value the same way on both sides
+    loss2, _ = ms_loss(torch.tensor(x, dtype=torch.float32), torch.tensor(y), alpha=1, beta=10, base=0.3, epsilon=0.3)
+    assert float(loss2) == pytest.approx(_hand_ms(x, y, 1, 10, 0.3, 0.3), rel=1e-5)
+
+
+def test_m_per_class_batches_are_deterministic_per_step_and_resume_exactly():
+    from pytorch_metric_learning.utils import common_functions
+
+    labels = np.repeat(np.arange(10), 5)  # 10 classes x 5
+    before = common_functions.NUMPY_RANDOM
+    full = list(MPerClassStepSampler(labels, 2, 8, seed=3, total_steps=20))
+    assert common_functions.NUMPY_RANDOM is before
+    assert len(full) == 20 and all(len(b) == 8 for b in full)
+    for batch in full:
+        classes, counts = np.unique(labels[[i for _, i in batch]], return_counts=True)
+        assert len(classes) == 4 and (counts == 2).all()
+    assert [b[0][0] for b in full[:7]] == [0] * 6 + [1]  # 50 // 8 = 6 steps per epoch
+    resumed = list(MPerClassStepSampler(labels, 2, 8, seed=3, start_step=13, total_steps=20))
+    assert resumed == full[13:]
+    assert list(MPerClassStepSampler(labels, 2, 8, seed=4, total_steps=20)) != full
+    assert full[0] != full[6]  # every epoch draws anew
+    two = [list(MPerClassStepSampler(labels, 2, 4, world_size=2, rank=r, seed=3, total_steps=20)) for r in range(2)]
+    assert [a + b for a, b in zip(*two)] == full  # two processes together see one process's batches
+
+
+def test_m_per_class_bad_sizes_are_one_sentence():
+    labels = np.repeat(np.arange(3), 4)
+    with pytest.raises(UserError, match="not a multiple of 2 samples per class"):
+        MPerClassStepSampler(labels, 2, 5)
+    with pytest.raises(UserError, match="3 classes, too few for batches of 8"):
+        MPerClassStepSampler(labels, 2, 8)
+
+
+def _class_images(root: Path, classes: int, per_class: int) -> Path:
+    for c in range(classes):
+        make_images(root / f"class{c}", per_class, seed=c)
+    return root
+
+
+def _ms_recipe(images: Path, **method) -> dict:
+    recipe = tiny_recipe(images)
+    recipe["data"]["global_crops"] = {"count": 1, "size": 32, "scale": [0.5, 1.0]}
+    recipe["data"]["local_crops"] = {"count": 0, "size": 16, "scale": [0.1, 0.4]}
+    recipe["data"]["photometric"] = "none"
+    recipe["model"]["embedding_dim"] = 16
+    recipe["optim"].update(batch_size=8, epochs=2, weight_decay=0.0, weight_decay_end=0.0, warmup_epochs=0,
+                           freeze_last_layer_epochs=0)
+    recipe["train"].update(checkpoint_every=2, bank_health_every=0)
+    recipe["method"] = {"name": "ms", "m_per_class": 2, **method}
+    return recipe
+
+
+def test_ms_trains_and_embed_writes_the_embedding_layer(tmp_path, capsys):
+    import timm
+    from safetensors.torch import load_file
+
+    from mlsctl.features import Features
+
+    images = _class_images(tmp_path / "images", 4, 6)  # some images sit in sub/ folders: their own classes
+    labels = tmp_path / "labels.csv"
+    files = sorted(p.relative_to(images).as_posix() for p in images.rglob("*.png"))
+    labels.write_text("path,label\n" + "".join(f"{f},{f.split('/')[0]}\n" for f in files))
+    recipe = write_recipe(tmp_path / "ms.yaml", _ms_recipe(images, labels_file=str(labels)))
+    cli_ok(capsys, "pretrain", str(recipe), "--out", str(tmp_path / "run"))
+    metrics = [line for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 6 and '"loss/ms"' in metrics[0] and '"mined_positive_pairs"' in metrics[0]
+    cli_ok(capsys, "embed", str(images), "--run", str(tmp_path / "run"), "--resize", "center-crop", "--dtype", "fp32",
+           "--out", str(tmp_path / "feats"))
+    feats = Features(tmp_path / "feats")
+    assert feats.dim == 16
+    # the exported teacher is timm's ViT with its head as the embedding layer: same features
+    state = load_file(str(tmp_path / "run" / "teacher.safetensors"))
+    assert state["head.weight"].shape == (16, 32)
+    vit = timm.create_model("vit_small_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                            num_classes=16, dynamic_img_size=True).eval()
+    vit.load_state_dict(state)
+    from mlsctl.data.images import load_rgb
+    from mlsctl.features import Preprocessing
+
+    pre = Preprocessing(32, "center-crop")
+    x = torch.stack([pre(load_rgb(feats.image_path(i))) for i in range(3)])
+    with torch.no_grad():
+        assert torch.allclose(vit(x), feats.global_features([0, 1, 2]), atol=1e-4)
+    code, _, err = cli("embed", str(images), "--run", str(tmp_path / "run"), "--dense", "--out", str(tmp_path / "d"),
+                       capsys=capsys)
+    assert code == 2 and "drop --dense" in err and len(err.strip().splitlines()) == 2  # the model line + the error
+
+
+def test_ms_bad_labels_are_one_sentence(tmp_path, capsys):
+    images = _class_images(tmp_path / "images", 2, 4)
+    single = tmp_path / "single.csv"
+    single.write_text("".join(f"{p.relative_to(images).as_posix()},same\n" for p in images.rglob("*.png")))
+    recipe = write_recipe(tmp_path / "a.yaml", _ms_recipe(images, labels_file=str(single)))
+    code, _, err = cli("pretrain", str(recipe), "--out", str(tmp_path / "a"), capsys=capsys)
+    assert code == 2 and "single class" in err and len(err.strip().splitlines()) == 1
+    partial = tmp_path / "partial.csv"
+    partial.write_text("class0/img_001.png,a\n")
+    recipe = write_recipe(tmp_path / "b.yaml", _ms_recipe(images, labels_file=str(partial)))
+    code, _, err = cli("pretrain", str(recipe), "--out", str(tmp_path / "b"), capsys=capsys)
+    assert code == 2 and "has no label for" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

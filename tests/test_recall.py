@@ -1,0 +1,85 @@
+"""eval recall: Recall@K of the deep-metric-learning protocol against a brute-force count; bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mlsctl.errors import UserError
+from mlsctl.evaluate.recall import default_ks, recall_at_k
+
+from conftest import cli, cli_ok, write_feature_folder
+
+
+def _brute_force(x: torch.Tensor, y: torch.Tensor, K: int) -> float:
+    """Every embedding a query against all the others: count the queries with a same-class
+    embedding among their K most similar (cosine), skipping classes of one embedding."""
+    x = F.normalize(x.double(), dim=1)
+    hits = queries = 0
+    for i in range(len(x)):
+        others = [j for j in range(len(x)) if j != i]
+        if not any(y[j] == y[i] for j in others):
+            continue
+        similarity = sorted(((float(x[i] @ x[j]), j) for j in others), reverse=True)
+        queries += 1
+        hits += any(y[j] == y[i] for _, j in similarity[:K])
+    return hits / queries
+
+
+def _data(n: int = 120, classes: int = 15, dim: int = 8, seed: int = 0, noise: float = 1.5):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(classes, dim, generator=g)
+    y = torch.arange(n) % classes
+    return centres[y] + noise * torch.randn(n, dim, generator=g), y
+
+
+def test_recall_equals_a_brute_force_count():
+    x, y = _data()
+    y[0] = 99  # a class of one embedding: not a query
+    result = recall_at_k(x, y, [1, 2, 4, 8, 16])
+    expected = [_brute_force(x, y, K) for K in (1, 2, 4, 8, 16)]
+    assert [result["recall"][str(K)] for K in (1, 2, 4, 8, 16)] == pytest.approx(expected, abs=1e-12)
+    assert 0.1 < expected[0] < expected[-1] < 1.0  # neither trivial nor perfect
+    assert result["precision_at_1"] == pytest.approx(expected[0])
+    assert result["lone_queries"] == 1 and result["queries"] == 119 and result["classes"] == 16
+
+
+def test_a_query_never_finds_itself_but_finds_its_duplicate():
+    # rows 0 and 1 are the same vector in two classes; rows 2 and 3 are each other's nearest, of two classes
+    x = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.9, 0.44]])
+    y = torch.tensor([0, 1, 0, 1])
+    # itself excluded, every query's nearest is of the other class (a query finding itself would hit)
+    assert recall_at_k(x, y, [1])["recall"]["1"] == 0.0 == _brute_force(x, y, 1)
+    assert recall_at_k(x, y, [3])["recall"]["3"] == 1.0
+
+
+def test_default_ks_and_bad_input():
+    assert default_ks(1600) == [1, 2, 4, 8] and default_ks(60502) == [1, 2, 4, 8, 10, 100, 1000]
+    x, y = _data(n=10, classes=2)
+    assert recall_at_k(x, y, [1, 8, 100])["ks_too_large"] == [100]
+    with pytest.raises(UserError, match="one class"):
+        recall_at_k(x, torch.zeros(10, dtype=torch.long))
+
+
+def test_eval_recall_cli(tmp_path, capsys):
+    x, y = _data(n=60, classes=6)
+    files = [f"class{int(c)}/{i:03d}.png" for i, c in enumerate(y)]
+    feats = write_feature_folder(tmp_path / "feats", files, x)
+    out, _ = cli_ok(capsys, "eval", "recall", str(feats), "--out", str(tmp_path / "r.json"))
+    assert "R@1" in out and "R@8" in out and "MAP@R" in out
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["recall"]["1"] == pytest.approx(_brute_force(x.half().float(), y, 1))
+    out, _ = cli_ok(capsys, "eval", "recall", str(feats), "--k", "1", "3", "--json", "--out", str(tmp_path / "r2.json"))
+    assert list(json.loads(out)["recall"]) == ["1", "3"]
+    # bad input: one sentence each
+    single = tmp_path / "single.csv"
+    single.write_text("".join(f"{f},a\n" for f in files))
+    partial = tmp_path / "partial.csv"
+    partial.write_text("".join(f"{f},a\n" for f in files[:10]))
+    for labels, message in ((single, "single class"), (partial, "has no label for 50 images")):
+        code, _, err = cli("eval", "recall", str(feats), "--labels", str(labels), "--out", str(tmp_path / "x.json"),
+                           capsys=capsys)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1

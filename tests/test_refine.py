@@ -1,0 +1,246 @@
+"""Context refinement: identity blocks, unit norms, self-exclusion in training and in apply, the
+shard format of refined features, exact resume after SIGKILL, plots, bad input."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from mlsctl.errors import UserError
+from mlsctl.methods.refine import ContextDataset, CrossAttentionBlock, Refiner
+from mlsctl.refine.neighbours import nearest_neighbours
+
+from conftest import cli, cli_ok, kill_when, run_cli, write_feature_folder
+
+
+def _clusters(n_classes: int = 12, per_class: int = 8, dim: int = 16, seed: int = 0, noise: float = 0.8):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(n_classes, dim, generator=g)
+    y = torch.arange(n_classes * per_class) % n_classes
+    return F.normalize(centres[y] + noise * torch.randn(len(y), dim, generator=g), dim=1), y
+
+
+def _folder(path: Path, x: torch.Tensor, y: torch.Tensor, prefix: str = "", input_root: Path | None = None,
+            fingerprint: str = "f" * 64) -> Path:
+    files = [f"class{int(c)}/{prefix}{i:04d}.png" for i, c in enumerate(y)]
+    return write_feature_folder(path, files, x, input_root=input_root or path.parent / "images", fingerprint=fingerprint)
+
+
+# ------------------------------------------------------------------------------------------ the model
+
+
+def test_identity_blocks_return_their_input_and_outputs_are_unit_norm():
+    torch.manual_seed(0)
+    x, neighbours = torch.randn(5, 16), torch.randn(5, 4, 16)
+    identity = Refiner(16, blocks=3, zero_init=True)
+    with torch.no_grad():  # every other layer is random: only W_o = W_2 = 0 makes a block the identity
+        for block in identity.blocks:
+            block.q.weight.normal_()
+            block.fc1.weight.normal_()
+            block.norm.weight.normal_()
+    out, states, attentions = identity(x, neighbours, trace=True)
+    assert torch.allclose(out, F.normalize(x, dim=1), atol=1e-6)
+    assert all(torch.allclose(s, states[0], atol=1e-6) for s in states) and len(states) == 4
+    assert all(torch.allclose(a.sum(1), torch.ones(5)) for a in attentions)
+
+    moved = Refiner(16, blocks=3, zero_init=False)
+    out, states, _ = moved(x, neighbours, trace=True)
+    assert not torch.allclose(out, F.normalize(x, dim=1), atol=1e-3)
+    for tensor in (out, *states):
+        assert torch.allclose(tensor.norm(dim=1), torch.ones(5), atol=1e-5)
+    projected = Refiner(16, blocks=2, out_dim=6, zero_init=False)(x, neighbours)
+    assert projected.shape == (5, 6) and torch.allclose(projected.norm(dim=1), torch.ones(5), atol=1e-5)
+
+
+def test_a_block_attends_to_the_neighbours_it_is_given():
+    torch.manual_seed(1)
+    block = CrossAttentionBlock(8, zero_init=False)
+    x, n = F.normalize(torch.randn(3, 8), dim=1), F.normalize(torch.randn(3, 5, 8), dim=1)
+    a, _ = block(x, n)
+    b, _ = block(x, n.flip(1))  # the order of the neighbours does not matter
+    c, _ = block(x, torch.cat([n[:, :4], -n[:, 4:]], 1))
+    assert torch.allclose(a, b, atol=1e-6) and not torch.allclose(a, c, atol=1e-4)
+
+
+def test_neighbours_exclude_the_query_by_index_and_keep_its_duplicates():
+    x, y = _clusters()
+    x = torch.cat([x, x[:3]])  # rows 96..98 duplicate rows 0..2
+    y = torch.cat([y, y[:3]])
+    dataset = ContextDataset(x, y, 8, [str(i) for i in range(12)], "test")
+    rows = torch.arange(len(x))[:, None]
+    assert not (dataset.neighbour_rows == rows).any()
+    assert (dataset.neighbour_rows[:3, 0] == torch.tensor([96, 97, 98])).all()
+    assert (dataset.neighbour_rows[96:, 0] == torch.tensor([0, 1, 2])).all()
+    batch = dataset.collate([0, 5])
+    assert torch.equal(batch.neighbours[1], dataset.embeddings[dataset.neighbour_rows[5]])
+    # exact order: the neighbours are the k most similar other rows, best first
+    similarity = x @ x.T
+    similarity.fill_diagonal_(-2)
+    expected = similarity.topk(8, dim=1).values
+    found = torch.gather(similarity, 1, dataset.neighbour_rows)
+    assert torch.allclose(found, expected, atol=1e-6)
+    with pytest.raises(UserError, match="fewer than k \\+ 1 = 9"):
+        ContextDataset(x[:8], y[:8], 8, ["a"], "data.root x")
+    idx, _ = nearest_neighbours(x[3:7], x, 3)  # no exclusion asked: a query finds itself first
+    assert (idx[:, 0] == torch.arange(3, 7)).all()
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+def _train_args(feats: Path, out: Path, *extra: str) -> list[str]:
+    return ["refine", "train", str(feats), "--out", str(out), "--blocks", "2", "--k", "4", "--epochs", "3",
+            "optim.batch_size=16", "train.checkpoint_every=4", "train.log_every=1", *extra]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("refine")
+    x, y = _clusters(n_classes=12, per_class=8)
+    train = _folder(tmp / "train", x, y)
+    run_cli(*_train_args(train, tmp / "run"), "method.zero_init=false", check=True)
+    return tmp, train
+
+
+def test_train_writes_a_run_through_the_shared_loop(trained):
+    tmp, _ = trained
+    run = tmp / "run"
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == list(range(1, 19))  # 96 // 16 = 6 steps x 3 epochs
+    assert all("loss/ms" in r and "ms_before" in r for r in lines)
+    recipe = yaml.safe_load((run / "config.yaml").read_text())
+    assert recipe["method"]["blocks"] == 2 and recipe["method"]["neighbours"] == 4
+    assert recipe["optim"]["lr"] == 1e-4 and recipe["optim"]["batch_size"] == 16
+    assert (run / "summary.json").is_file() and not (run / "teacher.safetensors").exists()
+
+
+def test_apply_writes_features_every_eval_reads_and_never_shows_a_query_itself(trained, capsys):
+    from mlsctl.features import Features
+    from mlsctl.refine.apply import load_refiner, refine, self_rows
+
+    tmp, train = trained
+    x, y = _clusters(n_classes=6, per_class=8, seed=5)
+    test = _folder(tmp / "test", x, y, prefix="t")
+    out, _ = cli_ok(capsys, "refine", "apply", str(tmp / "run"), str(test), "--out", str(tmp / "refined"))
+    assert "itself excluded for 48" in out
+    refined = Features(tmp / "refined")
+    assert refined.files == Features(test).files and refined.dim == 16
+    values = refined.global_features()
+    assert torch.allclose(values.norm(dim=1), torch.ones(48), atol=1e-5)
+    assert not torch.allclose(values, x, atol=1e-3)  # refined (random-init blocks trained 18 steps)
+    assert refined.model["refiner"]["k"] == 4 and refined.model["base_fingerprint"] == "f" * 64
+    # the same as the library, with every query's own row excluded from its neighbours
+    loaded = load_refiner(tmp / "run")
+    features = Features(test)
+    exclude = self_rows(features, features)
+    assert torch.equal(exclude, torch.arange(48))
+    again, states, _, rows = refine(loaded.refiner, features.global_features(), features.global_features(), 4, exclude,
+                                    trace=True)
+    assert not (rows == torch.arange(48)[:, None]).any() and states.shape == (3, 48, 16)
+    assert torch.allclose(again, values, atol=1e-6)
+    # every evaluation reads the refined folder unchanged
+    cli_ok(capsys, "eval", "recall", str(tmp / "refined"), "--out", str(tmp / "r.json"))
+    cli_ok(capsys, "eval", "knn", "--train", str(tmp / "refined"), "--val", str(tmp / "refined"), "--k", "5",
+           "--out", str(tmp / "k.json"))
+    # a context that holds some of the queries' images: only those rows are excluded
+    half = write_feature_folder(tmp / "half", features.files[:24], features.global_features()[:24],
+                                input_root=features.input_root)
+    out, _ = cli_ok(capsys, "refine", "apply", str(tmp / "run"), str(test), "--context", str(half), "--out",
+                    str(tmp / "refined-half"), "--json")
+    assert json.loads(out)["self_excluded"] == 24
+    # another context (the training set): nothing to exclude
+    out, _ = cli_ok(capsys, "refine", "apply", str(tmp / "run"), str(test), "--context", str(train), "--out",
+                    str(tmp / "refined-train"), "--json")
+    assert json.loads(out)["self_excluded"] == 0
+    code, _, err = cli("refine", "apply", str(tmp / "run"), str(test), "--out", str(tmp / "refined"), capsys=capsys)
+    assert code == 2 and "add --overwrite" in err
+    cli_ok(capsys, "refine", "apply", str(tmp / "run"), str(test), "--out", str(tmp / "refined"), "--overwrite")
+
+
+def test_apply_bad_input_is_one_sentence(trained, capsys):
+    tmp, train = trained
+    x, y = _clusters(n_classes=3, per_class=2, dim=16, seed=2)
+    cases = [
+        (_folder(tmp / "wide", torch.randn(10, 24), torch.arange(10) % 2), [], "holds 24-d features, but run"),
+        (_folder(tmp / "few", x[:4], y[:4]), [], "fewer than the 5 a query needs"),
+        (train, ["--out", str(train)], "is the features folder"),
+    ]
+    for feats, extra, message in cases:
+        args = ["refine", "apply", str(tmp / "run"), str(feats)] + (extra or ["--out", str(tmp / "bad")])
+        code, _, err = cli(*args, capsys=capsys)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    code, _, err = cli("refine", "apply", str(train), str(train), "--out", str(tmp / "bad"), capsys=capsys)
+    assert code == 2 and "not a run folder" in err
+    assert not (tmp / "bad").exists()
+
+
+def test_train_bad_input_is_one_sentence(tmp_path, capsys):
+    x, y = _clusters(n_classes=4, per_class=4)
+    feats = _folder(tmp_path / "feats", x, y)
+    single = tmp_path / "single.csv"
+    single.write_text("".join(f"class{int(c)}/{i:04d}.png,one\n" for i, c in enumerate(y)))
+    partial = tmp_path / "partial.csv"
+    partial.write_text("class0/0000.png,a\n")
+    few = _folder(tmp_path / "few", x[:4], y[:4])
+    cases = [(["--labels", str(single)], feats, "single class"),
+             (["--labels", str(partial)], feats, "has no label for 15 images"),
+             ([], few, "fewer than k + 1 = 5"),
+             ([], tmp_path / "missing", "does not exist")]
+    for extra, folder, message in cases:
+        code, _, err = cli(*_train_args(folder, tmp_path / "run"), *extra, capsys=capsys)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_plots_are_drawn(trained, capsys):
+    tmp, train = trained
+    sweep = tmp / "sweep.json"
+    sweep.write_text(json.dumps({"grid": [{"blocks": b, "k": k, "seed": s, "recall": {"1": 0.1 * b + 0.01 * k + s / 100}}
+                                          for b in (0, 1, 2) for k in (4, 8) for s in (0, 1)]}))
+    out, _ = cli_ok(capsys, "refine", "plot", str(tmp / "run"), str(train), "--points", "40", "--out",
+                    str(tmp / "drift.png"), "--sweep", str(sweep), "--grid-out", str(tmp / "grid.png"), "--json")
+    drawn = json.loads(out)
+    assert drawn["drift"]["points"] == 40 and drawn["drift"]["blocks"] == 2
+    assert drawn["grid"]["r1"]["2x8"] == pytest.approx(100 * (0.28 + 0.005))
+    for png in ("drift.png", "grid.png"):
+        assert (tmp / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (tmp / "bad.json").write_text("{}")
+    code, _, err = cli("refine", "plot", str(tmp / "run"), str(train), "--points", "10", "--out", str(tmp / "d2.png"),
+                       "--sweep", str(tmp / "bad.json"), capsys=capsys)
+    assert code == 2 and "is not a sweep JSON" in err
+
+
+@pytest.mark.slow
+def test_refine_resumes_exactly_after_sigkill(tmp_path):
+    from safetensors.torch import load_file
+
+    from mlsctl.runs import Run
+
+    x, y = _clusters(n_classes=40, per_class=25, dim=32, seed=3)
+    feats = _folder(tmp_path / "feats", x, y)
+    args = ["refine", "train", str(feats), "--blocks", "2", "--k", "4", "--epochs", "8", "optim.batch_size=20",
+            "train.checkpoint_every=25", "train.log_every=1", "method.zero_init=false"]  # 50 x 8 = 400 steps
+    run_cli(*args, "--out", str(tmp_path / "full"), check=True)
+    killed = tmp_path / "killed"
+    metrics = killed / "metrics.jsonl"
+    process = kill_when([*args, "--out", str(killed)],
+                        lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 60)
+    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    stopped_at = Run(killed).latest().step
+    assert 0 < stopped_at < 400
+    result = run_cli(*args, "--out", str(killed), "--resume", check=True)
+    assert f"resuming {killed} from step {stopped_at}" in result.stderr
+
+    def losses(run: Path) -> list[float]:
+        return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    assert len(losses(killed)) == 400 and losses(killed) == losses(tmp_path / "full")
+    a = load_file(str(Run(killed).latest().model_path))
+    b = load_file(str(Run(tmp_path / "full").latest().model_path))
+    assert all(torch.equal(a[k], b[k]) for k in a)
