@@ -329,6 +329,13 @@ def random_run(cell: Cell) -> Path:
     return run
 
 
+def model_args(cell: Cell) -> list[str]:
+    """How an evaluation names the cell's model: its run, or the random init of ``arch_of``."""
+    if cell.variant.recipe is None:
+        return ["--run", str(random_run(cell)), "--random-init", "--seed", str(cell.seed)]
+    return ["--run", str(cell.run)]
+
+
 def evaluate(cell: Cell, threads: int) -> tuple[dict, float]:
     """The cell's evaluation through the same mlsctl command for every variant; its results JSON."""
     out = cell.folder / "eval.json"
@@ -337,8 +344,7 @@ def evaluate(cell: Cell, threads: int) -> tuple[dict, float]:
     if not out.is_file():
         if cell.variant.benchmark == "scenes":
             scenes = data / "fmnist-scenes"
-            model = ["--run", str(random_run(cell)), "--random-init", "--seed", str(cell.seed)] if cell.variant.recipe is None \
-                else ["--run", str(cell.run)]
+            model = model_args(cell)
             args = ["eval", "knn-seg", "--train", str(scenes / "train" / "images"), "--train-masks",
                     str(scenes / "train" / "masks"), "--val", str(scenes / "val" / "images"), "--val-masks",
                     str(scenes / "val" / "masks"), *model, *cell.profile.knn_seg, "--out", str(out)]
@@ -353,8 +359,7 @@ def evaluate(cell: Cell, threads: int) -> tuple[dict, float]:
     if cell.variant.image_knn:
         if not knn_out.is_file():
             scenes = data / "fmnist-scenes"
-            model = ["--run", str(random_run(cell)), "--random-init", "--seed", str(cell.seed)] \
-                if cell.variant.recipe is None else ["--run", str(cell.run)]
+            model = model_args(cell)
             args = ["eval", "knn", "--train", str(scenes / "train" / "images"), "--val", str(scenes / "val" / "images"),
                     "--train-labels", str(scenes / "train" / "largest-item.csv"), "--val-labels",
                     str(scenes / "val" / "largest-item.csv"), *model, *cell.profile.image_knn, "--out", str(knn_out)]
@@ -365,8 +370,7 @@ def evaluate(cell: Cell, threads: int) -> tuple[dict, float]:
     if cell.variant.linear:
         if not linear_out.is_file():
             scenes = data / "fmnist-scenes"
-            model = ["--run", str(random_run(cell)), "--random-init", "--seed", str(cell.seed)] \
-                if cell.variant.recipe is None else ["--run", str(cell.run)]
+            model = model_args(cell)
             args = ["eval", "linear", "--train", str(scenes / "train" / "images"), "--val", str(scenes / "val" / "images"),
                     "--multi-label", "--train-labels", str(scenes / "train" / "scenes.jsonl"), "--val-labels",
                     str(scenes / "val" / "scenes.jsonl"), *model, *cell.profile.linear, "--out", str(linear_out)]

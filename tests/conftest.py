@@ -210,18 +210,21 @@ def write_idx(path: Path, array: np.ndarray) -> None:
         f.write(header + array.astype(np.uint8).tobytes())
 
 
-@pytest.fixture
-def fake_fmnist(tmp_path: Path) -> Path:
-    """Synthetic Fashion-MNIST IDX files: items are filled squares whose brightness encodes the
-    split, labels cycle 0..9."""
-    source = tmp_path / "fmnist"
-    source.mkdir()
+def write_fake_fmnist(source: Path) -> Path:
+    """Synthetic Fashion-MNIST IDX files in ``source``: items are filled squares whose brightness
+    encodes the split, labels cycle 0..9."""
+    source.mkdir(parents=True, exist_ok=True)
     for stem, n, value in (("train", 50, 200), ("t10k", 30, 120)):
         images = np.zeros((n, 28, 28), dtype=np.uint8)
         images[:, 4:24, 6:22] = value
         write_idx(source / f"{stem}-images-idx3-ubyte.gz", images)
         write_idx(source / f"{stem}-labels-idx1-ubyte.gz", np.arange(n) % 10)
     return source
+
+
+@pytest.fixture
+def fake_fmnist(tmp_path: Path) -> Path:
+    return write_fake_fmnist(tmp_path / "fmnist")
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -22,7 +21,7 @@ from mlsctl.methods.mls import MLS, info_nce, mls_loss, multi_label_loss, pseudo
 from mlsctl.models.batchnorm import GroupBatchNorm2d
 from mlsctl.schedules import Schedule
 
-from conftest import REPO, cli, cli_env, cli_ok, make_images, tiny_recipe, write_idx, write_recipe
+from conftest import REPO, cli, cli_env, cli_ok, make_images, tiny_recipe, write_fake_fmnist, write_recipe
 
 CNN = {"arch": "test_resnet", "img_size": 32, "patch_size": 32, "drop_path_rate": 0.0, "timm_kwargs": {}}
 MLS_METHOD = {"name": "mls", "queue_size": 12, "k": 3, "proj_hidden_dim": 32, "proj_dim": 16, "bn_group_size": 2}
@@ -206,13 +205,7 @@ def mls_cnn_run(tmp_path_factory):
     from mlsctl.train import pretrain
 
     tmp = tmp_path_factory.mktemp("mls")
-    source = tmp / "fmnist"
-    source.mkdir()
-    for stem, n, value in (("train", 50, 200), ("t10k", 30, 120)):
-        items = np.zeros((n, 28, 28), dtype=np.uint8)
-        items[:, 4:24, 6:22] = value
-        write_idx(source / f"{stem}-images-idx3-ubyte.gz", items)
-        write_idx(source / f"{stem}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    source = write_fake_fmnist(tmp / "fmnist")
     scenes = tmp / "scenes"
     build_scenes(scenes, n_train=12, n_val=6, size=64, source=source, progress=False)
     model = {**CNN, "img_size": 64, "patch_size": 8, "timm_kwargs": {"output_stride": 8}}
