@@ -210,6 +210,22 @@ def write_idx(path: Path, array: np.ndarray) -> None:
         f.write(header + array.astype(np.uint8).tobytes())
 
 
+def as_killed_at(run_dir: Path, copy: Path, step: int) -> Path:
+    """A copy of a finished run as a kill right after the checkpoint of ``step`` leaves it: later
+    checkpoints, summary.json and teacher.safetensors gone."""
+    import shutil
+
+    from mlsctl.runs import Run
+
+    shutil.copytree(run_dir, copy)
+    for checkpoint in Run(copy).checkpoints():
+        if checkpoint.step > step:
+            shutil.rmtree(checkpoint.path)
+    for name in ("summary.json", "teacher.safetensors"):
+        (copy / name).unlink()
+    return copy
+
+
 def write_fake_fmnist(source: Path) -> Path:
     """Synthetic Fashion-MNIST IDX files in ``source``: items are filled squares whose brightness
     encodes the split, labels cycle 0..9."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ from mlsctl.methods.mls import MLS, info_nce, mls_loss, multi_label_loss, pseudo
 from mlsctl.models.batchnorm import GroupBatchNorm2d
 from mlsctl.schedules import Schedule
 
-from conftest import REPO, cli, cli_env, cli_ok, make_images, tiny_recipe, write_fake_fmnist, write_recipe
+from conftest import as_killed_at, REPO, cli, cli_env, cli_ok, make_images, tiny_recipe, write_fake_fmnist, write_recipe
 
 CNN = {"arch": "test_resnet", "img_size": 32, "patch_size": 32, "drop_path_rate": 0.0, "timm_kwargs": {}}
 MLS_METHOD = {"name": "mls", "queue_size": 12, "k": 3, "proj_hidden_dim": 32, "proj_dim": 16, "bn_group_size": 2}
@@ -226,13 +225,7 @@ def test_resuming_from_a_checkpoint_equals_the_uninterrupted_run(mls_cnn_run, tm
     from mlsctl.train import pretrain
 
     run_dir, recipe_path, _ = mls_cnn_run
-    copy = tmp_path / "killed"
-    shutil.copytree(run_dir, copy)
-    for checkpoint in Run(copy).checkpoints():
-        if checkpoint.step > 3:
-            shutil.rmtree(checkpoint.path)
-    for name in ("summary.json", "teacher.safetensors"):
-        (copy / name).unlink()
+    copy = as_killed_at(run_dir, tmp_path / "killed", 3)
     pretrain(config.load_recipe(str(recipe_path)), copy, resume=True, recipe_source=str(recipe_path))
 
     def losses(folder):

@@ -4,7 +4,6 @@ memories (resume, two processes, `mlsctl bank`) and its recipe checks."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ from mlsctl.methods.sove_ops import (cls_loss, judge_overlap, judge_probabilitie
                                      sample_judges, soft_labels)
 from mlsctl.schedules import Schedule
 
-from conftest import cli, cli_ok, make_images, tiny_recipe, write_recipe
+from conftest import as_killed_at, cli, cli_ok, make_images, tiny_recipe, write_recipe
 
 SOVE_METHOD = {"name": "sove", "hidden_dim": 64, "bottleneck_dim": 32, "class_memory_size": 64, "patch_memory_size": 32,
                "cls_anchors": 6, "cls_supports": 3, "cls_tasks": 2, "patch_anchors": 4, "warmup_teacher_temp_epochs": 0}
@@ -284,13 +283,7 @@ def test_resuming_from_a_checkpoint_equals_the_uninterrupted_run(sove_run, tmp_p
     from mlsctl.train import pretrain
 
     run_dir, recipe_path = sove_run
-    copy = tmp_path / "killed"
-    shutil.copytree(run_dir, copy)
-    for checkpoint in Run(copy).checkpoints():
-        if checkpoint.step > 3:
-            shutil.rmtree(checkpoint.path)
-    for name in ("summary.json", "teacher.safetensors"):
-        (copy / name).unlink()
+    copy = as_killed_at(run_dir, tmp_path / "killed", 3)
     pretrain(config.load_recipe(str(recipe_path)), copy, resume=True, recipe_source=str(recipe_path))
 
     def losses(folder):

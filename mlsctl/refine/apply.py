@@ -131,6 +131,18 @@ def check_dims(loaded: RefinerRun, features, what: str) -> None:
                         f"{loaded.dim}-d embeddings; give features of the model the run was trained on")
 
 
+def open_inputs(run_dir, feats_dir, context_dir=None):
+    """(refiner run, features, context features — the features themselves by default), widths checked."""
+    from mlsctl.features import Features
+
+    loaded = load_refiner(run_dir)
+    features = Features(feats_dir, "features")
+    context = Features(context_dir, "context features") if context_dir is not None else features
+    check_dims(loaded, features, "features")
+    check_dims(loaded, context, "context features")
+    return loaded, features, context
+
+
 def _digest(*parts: str) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
@@ -140,13 +152,9 @@ def apply_refinement(run_dir: str | Path, feats_dir: str | Path, out: str | Path
                      dtype: str = "fp32", progress: bool = False, say=print) -> dict:
     """Refine ``feats_dir`` with the run's refiner and ``context_dir`` (default: ``feats_dir``);
     write the refined feature folder ``out``. Returns a JSON-ready summary."""
-    from mlsctl.features import DTYPES, Features, is_feature_folder
+    from mlsctl.features import DTYPES, is_feature_folder
 
-    loaded = load_refiner(run_dir)
-    features = Features(feats_dir, "features")
-    context = Features(context_dir, "context features") if context_dir is not None else features
-    check_dims(loaded, features, "features")
-    check_dims(loaded, context, "context features")
+    loaded, features, context = open_inputs(run_dir, feats_dir, context_dir)
     k = k or loaded.cfg.neighbours
     exclude = self_rows(features, context)
     needed = k + 1 if bool((exclude >= 0).any()) else k

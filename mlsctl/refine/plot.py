@@ -54,17 +54,12 @@ def drift_figure(run_dir: str | Path, feats_dir: str | Path, out: str | Path, *,
     import matplotlib.pyplot as plt
 
     from mlsctl.evaluate.knn import labels_for
-    from mlsctl.features import Features
-    from mlsctl.refine.apply import check_dims, load_refiner, refine, self_rows
+    from mlsctl.refine.apply import open_inputs, refine, self_rows
     from mlsctl.refine.neighbours import nearest_neighbours
 
     if projection not in ("pca", "tsne"):
         raise UserError(f"--projection {projection} is not one of pca, tsne")
-    loaded = load_refiner(run_dir)
-    features = Features(feats_dir, "features")
-    context = Features(context_dir, "context features") if context_dir is not None else features
-    check_dims(loaded, features, "features")
-    check_dims(loaded, context, "context features")
+    loaded, features, context = open_inputs(run_dir, feats_dir, context_dir)
     k = k or loaded.cfg.neighbours
     names = labels_for(features, labels_file, "features")
     context_names = names if context is features else labels_for(context, labels_file, "context features")
