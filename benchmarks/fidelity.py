@@ -1001,7 +1001,8 @@ def progress_table(progress: dict) -> str:
         why = f": {row['why']}" if row["why"] else ""
         lines.append(f"  {row['cell']:32s} {row['state']}{why}{estimate_text}")
     done = sum(r["state"] == "done" for r in progress["cells"])
-    lines.append(f"{done} done, {len(progress['cells']) - done} pending; run the same command again to go on")
+    pending = len(progress["cells"]) - done
+    lines.append(f"{done} done, {pending} pending" + ("; run the same command again to go on" if pending else ""))
     return "\n".join(lines)
 
 
