@@ -43,7 +43,7 @@ def main() -> None:
     sampler = StepBatchSampler(len(dataset), batch_size, seed=0, total_steps=args.steps + warmup)
     loader = iter(make_loader(dataset, sampler, recipe.data.workers, collate_fn=collate))
     for _ in range(warmup):
-        batch = next(loader)
+        batch = dataset.on_device(next(loader))
     t0 = time.perf_counter()
     for _ in range(args.steps):
         next(loader)
