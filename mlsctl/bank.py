@@ -129,6 +129,7 @@ class MemoryBank:
         self.ptr = 0
         self.n_written = 0
         self._first_bad_step: Optional[torch.Tensor] = None  # CUDA: the deferred finite check (see enqueue)
+        self.defer_finite_check = False  # defer it on any device (always on CUDA)
         self._prefilled = False
         if init == "random_unit":
             noise = torch.randn(size, dim, generator=generator, dtype=torch.float32)
@@ -202,7 +203,7 @@ class MemoryBank:
             vectors = dist.gather_cat(vectors)
             rows = {name: dist.gather_cat(value) for name, value in rows.items()}
         finite = torch.isfinite(vectors).all()  # checked after the gather: every process stops alike
-        if vectors.device.type != "cuda":
+        if not (self.defer_finite_check or vectors.device.type == "cuda"):
             if not bool(finite):
                 raise NonFiniteVectors(self._non_finite_message(step))
             self._write(vectors, rows)

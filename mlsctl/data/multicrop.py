@@ -112,9 +112,9 @@ def _blur(p: float, size: int) -> v2.Transform:
 def normalize_on_device(crops: torch.Tensor) -> torch.Tensor:
     """uint8 crops [B, 3, S, S] → float32, scaled to [0, 1] and normalised with ImageNet's mean/std
     (what ``ToDtype(scale=True)`` + ``Normalize`` do in the workers when ``to_float``)."""
-    mean = torch.tensor(IMAGENET_MEAN, device=crops.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=crops.device).view(1, 3, 1, 1)
-    return (crops.float() / 255.0 - mean) / std
+    from mlsctl.data.device_augment import normalize, to_unit_float
+
+    return normalize(to_unit_float(crops))
 
 
 def blur_kernel_size(size: int) -> int:
