@@ -3,8 +3,8 @@
 For each recipe, images/s of
 
 * ``model``: the model step alone — forward, backward, optimiser and EMA on batches already on the
-  training device (a few batches of the recipe's own crops, made once, then cycled), in the
-  recipe's precision;
+  training device (two batches of the recipe's own crops, made once by the cpu path and finished on
+  the device, then cycled), in the recipe's precision;
 * ``loop-cpu`` / ``loop-gpu``: the whole training loop, ``mlsctl pretrain`` in its own process with
   ``data.augment=cpu`` (loader workers make the crops) or ``gpu`` (workers decode, the crops are
   made on the device): images/s of the logged intervals after the warm-up steps;
@@ -16,7 +16,8 @@ median over rounds and ``loop / model``. Issue 22's goal: ``loop >= 0.9 x model`
 Recipes at the scale of the machine: on CUDA ``dino_in1k`` (ViT-S/16, 2 x 224 + 10 x 96 crops,
 batch 256, bf16, on random 320 x 256 JPEGs it writes to a temporary folder with all cores) and
 ``dino_fmnist_quick`` with the fidelity suite's gpu-profile overrides (ViT width 320, depth 8,
-batch 256, bf16, on random 96 x 96 PNGs); elsewhere ``dino_fmnist_quick`` as shipped. ``--budget-s``
+batch 256, bf16, on random 96 x 96 PNGs) — or anywhere with ``--device-suite``; elsewhere
+``dino_fmnist_quick`` as shipped. ``--budget-s``
 stops starting measures that would not fit (a loop still running at the end is stopped).
 
     python benchmarks/train_throughput.py                                  # the defaults of this machine
@@ -113,11 +114,13 @@ def measure_model(recipe, steps: int, warmup: int) -> float:
     dataset, collate = method_cls.build_dataset(recipe, folder)
     batch_size = recipe.optim.batch_size
     sampler = StepBatchSampler(len(dataset), batch_size, seed=0, total_steps=2)
-    batches = [b.to(device) for b in make_loader(dataset, sampler, recipe.data.workers, collate_fn=collate)]
+    on_device = getattr(dataset, "on_device", lambda batch: batch)  # the dataset's last stage, done here once
+    batches = [on_device(b.to(device)) for b in make_loader(dataset, sampler, recipe.data.workers, collate_fn=collate)]
     torch.manual_seed(0)
     method = method_cls(recipe, Schedule(max(1, len(dataset) // batch_size), recipe.optim.epochs)).to(device)
     optimizer = torch.optim.AdamW(param_groups(method), lr=1e-4, fused=device.type == "cuda")
-    precision = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(recipe.train.precision)
+    precision = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp16_or_bf16": torch.bfloat16,
+                 "auto": torch.bfloat16 if device.type == "cuda" else None}.get(recipe.train.precision)
     autocast = torch.autocast(device.type, dtype=precision or torch.float32, enabled=precision is not None)
     started = 0.0
     for i in range(warmup + steps):
@@ -174,20 +177,15 @@ def measure_loop(recipe_name: str, overrides: list[str], images: Path, steps: in
 
 
 def augment_overrides(augment: str) -> list[str]:
-    """The override that selects the data path; an mlsctl from before ``data.augment`` (issue 22, item 1)
-    has only the CPU path, which its loop measures without the key."""
-    import dataclasses
-
-    if any(f.name == "augment" for f in dataclasses.fields(config.DataConfig)):
-        return [f"data.augment={augment}"]
-    if augment == "gpu":
-        raise SystemExit("error: this mlsctl has no data.augment (the GPU data path of issue 22); use --augment cpu")
-    return []
+    """The overrides that select a data path (``data.cache: memory`` belongs to the gpu path)."""
+    return ["data.augment=cpu", "data.cache=none"] if augment == "cpu" else ["data.augment=gpu"]
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", action="append", help="a recipe to measure (repeatable) [default: this machine's]")
+    parser.add_argument("--device-suite", action="store_true",
+                        help="dino_in1k and dino_fmnist_quick at one big GPU's scale (the default on CUDA)")
     parser.add_argument("--augment", nargs="+", choices=("cpu", "gpu"), default=["cpu", "gpu"],
                         help="the loops to measure: data.augment=cpu and/or gpu [default: both]")
     parser.add_argument("--steps", type=int, default=30, help="measured steps of each measure [default: 30]")
@@ -203,8 +201,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         raise SystemExit(f"error: --steps ({options.steps}) must be a positive multiple of --warmup ({options.warmup}), "
                          f"the interval the loop logs at")
     cuda = torch.cuda.is_available()
-    scale = gpu_scale() if cuda else {}
-    recipes = options.recipe or (list(scale) if cuda else ["dino_fmnist_quick"])
+    scale = gpu_scale() if cuda or options.device_suite else {}
+    recipes = options.recipe or (list(scale) if scale else ["dino_fmnist_quick"])
     out = options.out or RESULTS / f"train_throughput_{device_slug()}.json"
     measures = ["model", *(f"loop-{a}" for a in options.augment)]
     paths = {f"loop-{a}": augment_overrides(a) for a in options.augment}
@@ -266,8 +264,9 @@ def run_rounds(plans: dict, measures: list[str], paths: dict[str, list[str]], op
                     return f"round {round_index + 1}, {name} {measure} would not end within --budget-s"
                 begun = time.perf_counter()
                 if measure == "model":
-                    value = measure_model(config.load_recipe(name, [*overrides, f"data.root={images}"]), options.steps,
-                                          options.warmup)
+                    # the crops of the cpu path, made once: the model step alone, without any augmentation
+                    recipe = config.load_recipe(name, [*overrides, f"data.root={images}", *augment_overrides("cpu")])
+                    value = measure_model(recipe, options.steps, options.warmup)
                 else:
                     try:
                         value = measure_loop(name, [*overrides, *paths[measure]], images, options.steps,
