@@ -226,13 +226,15 @@ PROFILES = {
         # calibration first (item 7), then the headline claims (item 8); the ablations by --only
         variants=("random", "dino", "supervised", "cribo-global", "cribo-cross-view", "cribo", "sove", "sove-1judge",
                   "sove-3judges", "mocov2", "mls", "random-linear", "mile"),
-        # not measured yet (from FLOPs: a DINO step of 256 scenes, 2 crops of 64 px, is ~2.7 TFLOP, ~40 ms on an
-        # H200 at a guessed 70 TFLOP/s; 700 steps ~30 s, with process starts, data decoding, checkpoints and the
-        # evaluations' starts ~2-3x that); the first window measures them and later ones plan with the measures
-        estimates=(("random", 45), ("dino", 130), ("supervised", 100), ("cribo-global", 160), ("cribo-cross-view", 170),
-                   ("cribo", 170), ("mile", 150), ("sove", 170), ("sove-1judge", 165), ("sove-3judges", 165),
-                   ("sove-no-patch", 160), ("random-linear", 75), ("mocov2", 160), ("mls", 170), ("mls-k1", 170),
-                   ("mls-k5", 170), ("mls-k40", 170), ("mls-one-queue", 170)),
+        # not measured yet: from FLOPs, a DINO step of 256 scenes (2 crops of 64 px, student forward + backward,
+        # teacher forward) is ~2.7 TFLOP, ~25-40 ms on an H200 at 70-100 TFLOP/s: 700 steps ~20-30 s, with the
+        # process start, decoding, CUDA set-up and 7 checkpoints ~45 s; each evaluation ~12 s (its start and the
+        # features of 2,500 scenes); the supervised ceiling is one crop and no teacher. The first window measures
+        # them (cell records, `timing`) and later windows plan with the measures.
+        estimates=(("random", 35), ("dino", 90), ("supervised", 70), ("cribo-global", 110), ("cribo-cross-view", 115),
+                   ("cribo", 115), ("mile", 100), ("sove", 115), ("sove-1judge", 110), ("sove-3judges", 110),
+                   ("sove-no-patch", 105), ("random-linear", 60), ("mocov2", 120), ("mls", 125), ("mls-k1", 125),
+                   ("mls-k5", 125), ("mls-k40", 125), ("mls-one-queue", 125)),
         about="one H200 in windows of ~8 minutes (benchmarks/fidelity.py --budget-s, scripts/device_fidelity.sh): a ViT "
               "of width 320, depth 8, 5 heads, patch 8 (~9.9 M parameters) at batch 256, bf16, crops made on the GPU; "
               "100 epochs of 2,000 scenes (700 steps) and 40 epochs of 1,000 objects in sets of 4 (600 steps of 64 "
@@ -959,10 +961,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             if cell not in pending:
                 print(f"{cell.id}: reused", flush=True)
         try:
-            build_data(profile, work, options.fmnist, threads, planner.deadline)
+            build_data(profile, work, options.fmnist.resolve(), threads, planner.deadline)
         except OutOfTime as exc:
             print(f"data: {exc}; no cell started", flush=True)
             planner.queue.clear()
+        except RuntimeError as exc:
+            raise SystemExit(f"error: the data could not be built: {exc}") from None
 
         def worker() -> None:
             while (cell := planner.next()) is not None:

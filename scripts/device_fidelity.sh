@@ -3,6 +3,7 @@
 #
 #   BUDGET_S=420 OUT=/path/to/out bash scripts/device_fidelity.sh     # on the GPU machine, from the repo root
 #   PROFILE=smoke BUDGET_S=120 bash scripts/device_fidelity.sh        # the dry run, on any CPU
+#   bash scripts/device_fidelity.sh --only 'scenes/*/0'                # arguments go to benchmarks/fidelity.py
 #
 # Prepared here first with scripts/device_prepare.sh, and carried with the command (both are git-ignored):
 #   .whl/     wheels of the packages the device lacks (faiss-cpu, pytorch-metric-learning); those that are
@@ -67,7 +68,7 @@ fi
 archive="$OUT/fidelity-$PROFILE.tar.gz"
 set +e
 "$python" benchmarks/fidelity.py --profile "$PROFILE" --fmnist "$FMNIST_DIR" --budget-s "$left" \
-  --pack-results "$archive" > "$OUT/fidelity-$PROFILE.log" 2>&1
+  --pack-results "$archive" "$@" > "$OUT/fidelity-$PROFILE.log" 2>&1
 status=$?
 set -e
 work="fidelity-work/$PROFILE"
