@@ -136,7 +136,11 @@ def measure_model(recipe, steps: int, warmup: int) -> float:
         ema_update(method.ema_pairs(), 0.996)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return steps * batch_size / (time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    del method, optimizer, batches, out
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the loops that follow run in their own processes, on the same GPU
+    return steps * batch_size / seconds
 
 
 def measure_loop(recipe_name: str, overrides: list[str], images: Path, steps: int, warmup: int, work: Path,
