@@ -146,7 +146,8 @@ def measure_model(recipe, steps: int, warmup: int) -> float:
 def measure_loop(recipe_name: str, overrides: list[str], images: Path, steps: int, warmup: int, work: Path,
                  timeout: float) -> float:
     """Images/s of `mlsctl pretrain` after its warm-up steps: one epoch over (warm-up + steps) batches of
-    ``images`` (links), logged every ``warmup`` steps; the run's final checkpoint is not counted."""
+    ``images`` (links), logged every ``warmup`` steps and at the last; the run's final checkpoint (after
+    the last log) is not counted."""
     recipe = config.load_recipe(recipe_name, overrides)
     batch = recipe.optim.batch_size
     total = warmup + steps
@@ -173,11 +174,13 @@ def measure_loop(recipe_name: str, overrides: list[str], images: Path, steps: in
         tail = (log.read_text().strip().splitlines() or [""])[-1]
         raise RuntimeError(f"mlsctl pretrain exited with {process.returncode}: {tail} (see {log})")
     records = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
-    after = [r for r in records if "images_per_s" in r and r["step"] > warmup]
-    if not after:
+    logged = sorted((r["step"], r["images_per_s"]) for r in records if "images_per_s" in r)
+    # each logged interval: the steps since the previous log, at its images/s; those after the warm-up count
+    intervals = [(step - previous, ips) for (previous, _), (step, ips) in zip([(0, None), *logged], logged)
+                 if previous >= warmup]
+    if not intervals:
         raise RuntimeError(f"mlsctl pretrain logged no interval after its {warmup} warm-up steps (see {log})")
-    seconds = sum(warmup * batch / r["images_per_s"] for r in after)  # each logged interval is `warmup` steps
-    return len(after) * warmup * batch / seconds
+    return sum(n for n, _ in intervals) * batch / sum(n * batch / ips for n, ips in intervals)
 
 
 def augment_overrides(augment: str) -> list[str]:
@@ -201,9 +204,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--out", type=Path, help="the JSON [default: benchmarks/results/train_throughput_<device>.json]")
     options = parser.parse_args(argv)
     started = time.perf_counter()
-    if options.steps < 1 or options.warmup < 1 or options.steps % options.warmup:
-        raise SystemExit(f"error: --steps ({options.steps}) must be a positive multiple of --warmup ({options.warmup}), "
-                         f"the interval the loop logs at")
+    if options.steps < 1 or options.warmup < 1:
+        raise SystemExit(f"error: --steps ({options.steps}) and --warmup ({options.warmup}) must be at least 1")
     cuda = torch.cuda.is_available()
     scale = gpu_scale() if cuda or options.device_suite else {}
     recipes = options.recipe or (list(scale) if scale else ["dino_fmnist_quick"])
