@@ -12,7 +12,7 @@ What it shares with the recipe: the architecture, the number of steps (``optim.e
 images // ``optim.batch_size``), the crop (``data.global_crops``: random resized crop at its scale
 and size, applied jointly to image and mask, and a horizontal flip), AdamW with ``optim.lr``
 (cosine to ``optim.min_lr`` after ``optim.warmup_epochs``) and ``optim.weight_decay``, the seed;
-bf16 autocast on CUDA. No photometric augmentation, no method: the ceiling, not a method.
+bf16 autocast on CUDA (unless ``train.precision: fp32``). No photometric augmentation, no method: the ceiling, not a method.
 
 It writes a run-like folder that every evaluation reads as it reads a pretrain run
 (``mlsctl eval knn-seg --run RUN``): ``RUN/config.yaml`` (the resolved recipe),
@@ -141,7 +141,8 @@ def train(recipe, masks_dir: Path, out: Path) -> dict:
     std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
     images, masks = images.to(device), masks.to(device)
     generator = torch.Generator().manual_seed(recipe.seed)  # on the CPU: the same draws on every device
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16,
+                              enabled=device.type == "cuda" and recipe.train.precision != "fp32")
     started = time.perf_counter()
     losses = []
     order = torch.randperm(len(images), generator=generator)
