@@ -17,7 +17,7 @@ def embed(
     run: Optional[Path] = typer.Option(None, "--run", help="Use the teacher of this run (default: the newest run under ./runs)."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Use this local .safetensors/.pth backbone instead of a run."),
     model: Optional[str] = typer.Option(None, "--model", help="timm architecture of --weights (read from the file when it records it)."),
-    random_init: bool = typer.Option(False, "--random-init", help="The architecture of --run with random weights (a baseline)."),
+    random_init: bool = typer.Option(False, "--random-init", help="The architecture of --run (or --weights) with random weights (a baseline)."),
     seed: int = typer.Option(0, "--seed", help="Seed of --random-init."),
     dense: bool = typer.Option(False, "--dense", help="Also store the patch-token maps [n, h, w, D]."),
     resolution: Optional[int] = typer.Option(None, "--resolution", min=1, help="Input side in pixels [default: the model's img_size]."),
