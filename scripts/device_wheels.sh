@@ -7,16 +7,18 @@
 #
 # The device image has torch, timm, accelerate, peft, safetensors, pillow, tqdm, typer, pyyaml, matplotlib,
 # scipy and numpy. Of what pyproject.toml asks for it lacks faiss-cpu, pytorch-metric-learning, fastapi, uvicorn
-# and python-multipart. Only the first two are carried:
-#   faiss-cpu                 ~18 MiB  mlsctl eval knn-seg's nearest neighbours (and knn-seg monitors, galleries)
-#   pytorch-metric-learning   ~0.1 MiB the Multi-Similarity loss and Recall@K (refinement's baseline)
-# fastapi, uvicorn and python-multipart only serve `mlsctl serve`, which no device run uses.
+# and python-multipart. Only pytorch-metric-learning (~0.1 MiB: the Multi-Similarity loss and Recall@K) is
+# carried by default. faiss-cpu (~18 MiB) is not: on CUDA, eval knn-seg and eval knn search with torch on the GPU,
+# and since weights/ holds the 20 MB backbone, faiss + Fashion-MNIST + the tree would pass the 64 MiB a device
+# receives. WITH_FAISS=1 adds it (galleries, knn-seg monitors, refinement's neighbours). fastapi, uvicorn and
+# python-multipart only serve `mlsctl serve`, which no device run uses.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python="${PYTHON:-python3}"
 # versions pyproject.toml accepts (faiss-cpu>=1.8,<2; pytorch-metric-learning>=2.5,<3), as this repository's
 # tests run them
-wheels=(faiss-cpu==1.15.1 pytorch-metric-learning==2.9.0)
+wheels=(pytorch-metric-learning==2.9.0)
+[ "${WITH_FAISS:-0}" = 1 ] && wheels+=(faiss-cpu==1.15.1)
 mkdir -p .whl
 "$python" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \

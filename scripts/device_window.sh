@@ -93,9 +93,8 @@ echo "smoke: $IPS images/s once running -> $EPOCHS epochs in ~${BACKBONE_S}s (15
 
 stage "the backbone: $EPOCHS epochs"
 RUN=runs/dino_fmnist_backbone
-WARM=$(( EPOCHS / 10 )); TEMP=$(( EPOCHS * 3 / 10 ))
-if mlsctl pretrain "${BACKBONE[@]}" optim.epochs=$EPOCHS optim.warmup_epochs=$WARM \
-     method.warmup_teacher_temp_epochs=$TEMP --out $RUN --overwrite; then
+WARM=$(( EPOCHS / 10 ))
+if mlsctl pretrain "${BACKBONE[@]}" optim.epochs=$EPOCHS optim.warmup_epochs=$WARM --out $RUN --overwrite; then
   $PY scripts/backbone_weights.py $RUN "$OUT/backbone" || echo "FAILED: bf16 weights"
   SC=$DATA/fmnist-scenes
   for model in trained random; do
