@@ -8,8 +8,10 @@
   classes rare in an image are kept (:func:`sample_patches`). Training fractions below 1 draw a
   seeded subset of images per run.
 * **Queries**: every patch of every validation image, L2-normalised, searched exactly by inner
-  product (faiss ``IndexFlatIP``; ``IndexIVFFlat`` as an option for large memories) for its k
-  nearest memory patches.
+  product for its k nearest memory patches (:func:`build_search`): on a CUDA GPU with torch
+  (matmul + top-k in chunks, :func:`mlsctl.evaluate.knn.exact_search`), on the CPU with faiss
+  ``IndexFlatIP`` where faiss is installed (else the same torch search); both give the same
+  neighbours. faiss ``IndexIVFFlat`` is an option for large memories (approximate, CPU).
 * **Label transfer** (:func:`transfer_labels`): ``softmax(cos / T)`` over the k neighbours weighs
   their soft labels; the class-probability map is upsampled bilinearly to the mask size and its
   argmax is the prediction.
@@ -252,7 +254,8 @@ def build_memory(pairs: Iterator[tuple[int, torch.Tensor, np.ndarray]], num_clas
 
 
 def build_index(features: torch.Tensor, kind: str = "flat", nlist: Optional[int] = None, nprobe: int = 16):
-    import faiss
+    """A faiss index of the memory: ``flat`` (exact inner product) or ``ivf`` (inverted lists)."""
+    faiss = _import_faiss(f"--index {kind}")
 
     array = np.ascontiguousarray(features.numpy(), dtype=np.float32)
     dim = array.shape[1]
@@ -268,6 +271,73 @@ def build_index(features: torch.Tensor, kind: str = "flat", nlist: Optional[int]
         raise UserError(f"--index {kind} is not one of flat, ivf")
     index.add(array)
     return index
+
+
+def _import_faiss(what: str):
+    try:
+        import faiss
+    except ImportError:
+        raise UserError(f"{what} searches with faiss, which is not installed; pip install faiss-cpu, or use the exact "
+                        f"torch search (--index flat --search torch)") from None
+    return faiss
+
+
+def _faiss_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("faiss") is not None
+
+
+class TorchSearch:
+    """Exact inner-product search with torch on ``device`` (the memory is copied there once)."""
+
+    def __init__(self, features: torch.Tensor, device: torch.device):
+        self.memory = features.to(device, torch.float32).contiguous()
+        self.description = f"exact, torch matmul + top-k on {device.type}"
+
+    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        from mlsctl.evaluate.knn import exact_search
+
+        return exact_search(self.memory, queries, k)
+
+
+class FaissSearch:
+    """A faiss index on the CPU (:func:`build_index`)."""
+
+    def __init__(self, features: torch.Tensor, kind: str, nlist: Optional[int], nprobe: int):
+        self.index = build_index(features, kind, nlist, nprobe)
+        self.description = "exact, faiss IndexFlatIP on cpu" if kind == "flat" else \
+            f"approximate, faiss IndexIVFFlat on cpu (nprobe {nprobe})"
+
+    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        scores, neighbours = self.index.search(np.ascontiguousarray(queries.numpy(), dtype=np.float32), k)
+        return torch.from_numpy(scores), torch.from_numpy(neighbours)
+
+
+SEARCHES = ("auto", "torch", "faiss")
+
+
+def build_search(features: torch.Tensor, settings: "Settings"):
+    """The neighbour search of a memory, by ``settings.search``: ``torch`` (exact, on
+    ``settings.device``), ``faiss`` (CPU; the only one of ``--index ivf``), or ``auto``: torch on a
+    CUDA device, faiss on the CPU where it is installed, else torch."""
+    from mlsctl.evaluate.knn import search_device
+
+    if settings.search not in SEARCHES:
+        raise UserError(f"--search {settings.search} is not one of {', '.join(SEARCHES)}")
+    if settings.index not in ("flat", "ivf"):
+        raise UserError(f"--index {settings.index} is not one of flat, ivf")
+    device = search_device(settings.device)
+    if settings.index == "ivf":
+        if settings.search == "torch":
+            raise UserError("--index ivf is a faiss index; use --search faiss or auto, or --index flat with --search torch")
+        return FaissSearch(features, "ivf", settings.nlist, settings.nprobe)
+    backend = settings.search
+    if backend == "auto":
+        backend = "torch" if device.type == "cuda" or not _faiss_available() else "faiss"
+    if backend == "faiss":
+        return FaissSearch(features, "flat", settings.nlist, settings.nprobe)
+    return TorchSearch(features, device)
 
 
 # ---------------------------------------------------------------------------------------------- running
@@ -286,6 +356,8 @@ class Settings:
     nlist: Optional[int] = None
     nprobe: int = 16
     query_batch: int = 64  # validation images per search call
+    search: str = "auto"  # auto | torch | faiss (build_search)
+    device: str = "auto"  # auto | cpu | cuda, of the torch search
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -317,19 +389,19 @@ def evaluate_once(train: FeatureMasks, val: FeatureMasks, rows: Sequence[int], s
 
     memory = build_memory(train_pairs(), num_classes, per_image=per_image, ignore_index=settings.ignore_index,
                           generator=generator)
-    index = build_index(memory.features, settings.index, settings.nlist, settings.nprobe)
+    index = build_search(memory.features, settings)
     t_memory = time.perf_counter()
     k = min(settings.k, len(memory.features))
     confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
     search_s = 0.0
     for row_batch, dense in val.features.iter_dense(batch=settings.query_batch):
         b, h, w, d = dense.shape
-        queries = F.normalize(dense.reshape(-1, d), dim=1).numpy()
+        queries = F.normalize(dense.reshape(-1, d).float(), dim=1)
         t0 = time.perf_counter()
-        scores, neighbours = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        scores, neighbours = index.search(queries, k)
         search_s += time.perf_counter() - t0
-        neighbours = torch.from_numpy(neighbours).clamp_min(0)
-        probabilities = transfer_labels(torch.from_numpy(scores), memory.labels[neighbours], settings.temperature)
+        neighbours = neighbours.clamp_min(0)  # an IVF search may come back short (-1)
+        probabilities = transfer_labels(scores, memory.labels[neighbours], settings.temperature)
         masks = [read_mask(val.masks[row]) for row in row_batch.tolist()]
         if len({m.shape for m in masks}) == 1:  # one upsampling call for the whole batch
             maps = probabilities.reshape(b, h, w, -1).permute(0, 3, 1, 2)
@@ -350,6 +422,7 @@ def evaluate_once(train: FeatureMasks, val: FeatureMasks, rows: Sequence[int], s
         "miou_hungarian": hungarian_mean_iou(confusion),
         "pixel_accuracy": pixel_accuracy(confusion),
         "iou_per_class": [None if np.isnan(v) else float(v) for v in iou_per_class(confusion)],
+        "search": index.description,
         "seconds": {"memory": t_memory - t_start, "search": search_s, "total": t_end - t_start},
         "confusion": confusion,
     }
