@@ -122,7 +122,7 @@ def knn_seg(
         if backbone.fingerprint != train_features.model.get("fingerprint"):
             raise UserError("--aug-passes re-embeds the training images, and --run/--weights is not the model of "
                             f"{train_features.path}; pass the model that made those features")
-        augmented = lib.AugmentedPasses(train_features, train_source.masks, backbone.backbone, aug_passes, seed)
+        augmented = lib.AugmentedPasses(train_source, backbone.backbone, aug_passes, seed)
     fractions = [lib.parse_fraction(f) for f in (fraction or DEFAULT_FRACTIONS)]
     settings = lib.Settings(k=k, temperature=temperature, memory_size=memory_size, aug_passes=aug_passes,
                             ignore_index=ignore_index, runs=runs, seed=seed, index=index, nlist=nlist, nprobe=nprobe)
