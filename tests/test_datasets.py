@@ -243,3 +243,122 @@ def torch_equal(a, b) -> bool:
     import torch
 
     return a.shape == b.shape and bool(torch.equal(a, b))
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory):
+    """The tiny test ViT as a weights file that records its architecture (what --weights reads)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from conftest import tiny_model
+
+    path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
+    spec = {"arch": "vit_small_patch16_224", "img_size": 32, "patch_size": 8,
+            "timm_kwargs": {"embed_dim": 32, "depth": 2, "num_heads": 2}}
+    state = {k: v.contiguous() for k, v in tiny_model().backbone.model.state_dict().items()}
+    save_file(state, str(path), metadata={"model": json.dumps(spec)})
+    return path
+
+
+def _cli_json(capsys, tmp_path, *args):
+    import json
+
+    from conftest import cli_ok
+
+    out, _ = cli_ok(capsys, *args, "--json", cwd=tmp_path)
+    return json.loads(out)
+
+
+def test_cli_knn_seg_reads_voc_from_a_folder_or_its_archive(roots, tiny_weights, tmp_path, capsys):
+    args = ["eval", "knn-seg", "--dataset", "voc", "--weights", str(tiny_weights), "--fraction", "1/1", "1/2",
+            "--runs", "2", "--k", "5"]
+    folder = _cli_json(capsys, tmp_path, *args, "--root", str(roots["voc"]), "--out", str(tmp_path / "a.json"))
+    archive = _cli_json(capsys, tmp_path, *args, "--root", str(roots["voc.tar"]), "--out", str(tmp_path / "b.json"))
+    assert [r["miou"] for r in folder["results"]] == [r["miou"] for r in archive["results"]]
+    assert without_timings(folder)["results"] == without_timings(archive)["results"]
+    record = archive["dataset"]
+    assert record["name"] == "voc" and record["train_split"] == "trainaug" and record["val_split"] == "val"
+    assert record["root_kind"] == "tar" and record["ignore_index"] == 255 and record["num_classes"] == 21
+    assert record["mapping"]["ignored_values"] == [255] and record["train_images"] == 6
+    assert archive["protocol"]["name"] == "none" and archive["classes"][15] == "person"
+    # embedded once per split and model, then reused
+    again = _cli_json(capsys, tmp_path, *args, "--root", str(roots["voc.tar"]), "--out", str(tmp_path / "c.json"))
+    assert again["train"]["features"] == archive["train"]["features"]
+    # features made by `embed --dataset` are read with the masks of --root
+    from conftest import cli_ok
+
+    for split in ("trainaug", "val"):
+        cli_ok(capsys, "embed", "--dataset", "voc", "--root", str(roots["voc.tar"]), "--split", split, "--dense",
+               "--weights", str(tiny_weights), "--out", str(tmp_path / f"feats-{split}"), cwd=tmp_path)
+    given = _cli_json(capsys, tmp_path, "eval", "knn-seg", "--dataset", "voc", "--root", str(roots["voc.tar"]),
+                      "--train", str(tmp_path / "feats-trainaug"), "--val", str(tmp_path / "feats-val"),
+                      "--fraction", "1/1", "1/2", "--runs", "2", "--k", "5", "--out", str(tmp_path / "d.json"))
+    assert [r["miou"] for r in given["results"]] == [r["miou"] for r in archive["results"]]
+
+
+def test_cli_hummingbird_preset_on_ade20k(roots, tiny_weights, tmp_path, capsys):
+    payload = _cli_json(capsys, tmp_path, "eval", "knn-seg", "--dataset", "ade20k", "--root", str(roots["ade20k.tar"]),
+                        "--protocol", "hummingbird", "--resolution", "32", "--runs", "2", "--weights",
+                        str(tiny_weights), "--out", str(tmp_path / "h.json"))
+    protocol = payload["protocol"]
+    assert protocol["name"] == "hummingbird" and protocol["overridden"] == ["runs"] and protocol["resolution"] == 32
+    assert protocol["preset"]["memory_size"] == 10_240_000 and protocol["preset"]["input_size"] == 512
+    settings = payload["settings"]
+    assert (settings["k"], settings["temperature"], settings["memory_size"], settings["aug_passes"]) == \
+        (30, 0.02, 10_240_000, 1)
+    assert settings["fractions"] == ["1/128", "1/64", "1/8", "1/1"] and settings["runs"] == 2
+    # the augmented pass doubles the memory: 4 images, twice, 16 patches each (every labelled patch kept)
+    full = payload["results"][-1]["runs"][0]
+    assert full["train_images"] == 4 and full["memory_patches"] <= 2 * 4 * 16 and full["memory_patches"] > 4 * 16
+    assert payload["dataset"]["mapping"]["ignored_values"] == [0] and len(payload["classes"]) == 150
+    # features at another input size than the preset's are refused rather than reported as the preset's
+    from conftest import cli
+
+    code, _, err = cli("eval", "knn-seg", "--dataset", "ade20k", "--root", str(roots["ade20k"]), "--protocol",
+                       "hummingbird", "--train", payload["train"]["features"], "--val", payload["val"]["features"],
+                       "--weights", str(tiny_weights), cwd=tmp_path, capsys=capsys)
+    assert code == 2 and "embeds at 512 px" in err and "--resolution 32" in err
+
+
+def test_cli_linear_seg_knn_and_linear_read_benchmarks(roots, tiny_weights, tmp_path, capsys):
+    seg = _cli_json(capsys, tmp_path, "eval", "linear-seg", "--dataset", "cityscapes", "--root",
+                    str(roots["cityscapes.tar"]), "--weights", str(tiny_weights), "--epochs", "2",
+                    "--out", str(tmp_path / "ls.json"))
+    assert seg["dataset"]["name"] == "cityscapes" and seg["dataset"]["mapping"]["label_id_to_train_id"]["26"] == 13
+    assert len(seg["classes"]) == 19 and 0 <= seg["miou"] <= 1
+    knn = _cli_json(capsys, tmp_path, "eval", "knn", "--dataset", "imagenet", "--root", str(roots["imagenet.tar"]),
+                    "--weights", str(tiny_weights), "--k", "1", "3", "--out", str(tmp_path / "k.json"))
+    assert knn["dataset"]["name"] == "imagenet" and knn["classes"] == 3 and knn["val_images"] == 6
+    assert knn["val_classes_unseen_in_train"] == [] and knn["search"].endswith("on cpu")
+    flat = _cli_json(capsys, tmp_path, "eval", "knn", "--dataset", "imagenet", "--root", str(roots["imagenet-flat"]),
+                     "--weights", str(tiny_weights), "--k", "1", "3", "--out", str(tmp_path / "k2.json"))
+    assert [r["top1"] for r in flat["results"]] == [r["top1"] for r in knn["results"]]
+    linear = _cli_json(capsys, tmp_path, "eval", "linear", "--dataset", "imagenet", "--root", str(roots["imagenet"]),
+                       "--weights", str(tiny_weights), "--lr", "0.1", "--wd", "0", "--epochs", "5",
+                       "--out", str(tmp_path / "l.json"))
+    assert linear["dataset"]["train_split"] == "train" and linear["classes"] == 3 and linear["val_images"] == 6
+
+
+def test_cli_refusals_are_one_sentence(roots, tiny_weights, tmp_path, capsys):
+    from conftest import cli
+
+    (tmp_path / "empty").mkdir()
+    code, _, err = cli("eval", "knn-seg", "--dataset", "ade20k", "--root", str(tmp_path / "empty"), cwd=tmp_path,
+                       capsys=capsys)
+    assert code == 2 and "does not hold ADE20K in its standard layout" in err and "ADEChallengeData2016.zip" in err
+    assert "Traceback" not in err
+    code, _, err = cli("eval", "knn-seg", "--dataset", "voc", "--root", str(roots["voc"]), "--train-masks",
+                       str(tmp_path), cwd=tmp_path, capsys=capsys)
+    assert code == 2 and "reads the masks from --root; drop --train-masks" in err
+    code, _, err = cli("eval", "knn-seg", "--dataset", "voc", cwd=tmp_path, capsys=capsys)
+    assert code == 2 and "needs --root" in err
+    code, _, err = cli("eval", "knn", "--dataset", "voc", "--root", str(roots["voc"]), cwd=tmp_path, capsys=capsys)
+    assert code == 2 and "is not one this evaluation reads" in err
+    code, _, err = cli("embed", "--dataset", "voc", "--root", str(roots["voc"]), "--split", "test", cwd=tmp_path,
+                       capsys=capsys)
+    assert code == 2 and "--split test is not a split of voc" in err

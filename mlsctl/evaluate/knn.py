@@ -158,8 +158,13 @@ def read_labels_file(path: Path) -> dict[str, str]:
     return labels
 
 
-def labels_for(features, labels_file: Optional[Path], what: str) -> list[str]:
-    """The label of each row of a feature folder."""
+def labels_for(features, labels_file, what: str) -> list[str]:
+    """The label of each row of a feature folder: from its folder names, a labels file, or the
+    split of a benchmark it was embedded from (:class:`mlsctl.data.datasets.ClassificationSplit`)."""
+    from mlsctl.data.datasets import ClassificationSplit
+
+    if isinstance(labels_file, ClassificationSplit):
+        return [labels_file.label_of(f) for f in features.files]
     return labels_of(features.files, Path(features.input_root), labels_file, f"{what} {features.path}")
 
 
@@ -185,7 +190,7 @@ def labels_of(files: Sequence[str], root: Path, labels_file: Optional[Path], wha
     return out
 
 
-def evaluate_knn(train_features, val_features, train_labels: Optional[Path] = None, val_labels: Optional[Path] = None,
+def evaluate_knn(train_features, val_features, train_labels=None, val_labels=None,
                  ks: Sequence[int] = DEFAULT_KS, temperature: float = 0.07, device: str = "auto") -> dict:
     """Top-1/top-5 of every k for two feature folders (labels from folders or files) → a JSON-ready dict.
     Validation classes never seen in training count as errors and are listed. The search runs on

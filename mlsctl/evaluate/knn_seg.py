@@ -370,6 +370,52 @@ class Settings:
         return dict(self.__dict__)
 
 
+@dataclass(frozen=True)
+class Protocol:
+    """A named set of the settings a paper reports with, applied by ``--protocol``; a flag given
+    explicitly overrides its value (and the result JSON lists it as overridden)."""
+
+    name: str
+    k: int
+    temperature: float
+    memory_size: Optional[int]
+    aug_passes: int
+    input_size: Optional[int]  # pixels of the input side for a patch-16 ViT; None: the model's own
+    fractions: tuple[str, ...]
+    runs: int
+    source: str
+
+    def resolution(self, patch_size: int) -> Optional[int]:
+        """The input side for a model of ``patch_size``: the largest multiple of it up to
+        ``input_size`` (512 for ViT-S/16 and /8, 504 for /14, as open-hummingbird-eval's README)."""
+        if self.input_size is None:
+            return None
+        return max(patch_size, self.input_size // patch_size * patch_size)
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__, fractions=list(self.fractions))
+
+
+PROTOCOLS = {
+    "none": Protocol("none", k=30, temperature=0.02, memory_size=None, aug_passes=0, input_size=None,
+                     fractions=("1/1", "1/8", "1/64", "1/128"), runs=5,
+                     source="mlsctl's defaults: every labelled patch in the memory, no augmented passes, the "
+                            "model's own input size"),
+    "hummingbird": Protocol("hummingbird", k=30, temperature=0.02, memory_size=10_240_000, aug_passes=1,
+                            input_size=512, fractions=("1/128", "1/64", "1/8", "1/1"), runs=5,
+                            source="Balazevic et al. 2023 (memory 1024x10^4 patches, k=30, softmax temperature "
+                                   "0.02) as open-hummingbird-eval runs it (n_neighbours=30, beta 0.02, "
+                                   "augmentation_epoch=1, input 512 for ViT-S/16, file sets 1/128, 1/64, 1/8 and "
+                                   "full, 5 seeds each)"),
+}
+
+
+def protocol(name: str) -> Protocol:
+    if name not in PROTOCOLS:
+        raise UserError(f"--protocol {name} is not one of {', '.join(PROTOCOLS)}")
+    return PROTOCOLS[name]
+
+
 def _num_classes(source: FeatureMasks, ignore_index: int) -> int:
     """The class count of a source without class names: the largest class id in its masks, plus one."""
     if source.split is not None:
