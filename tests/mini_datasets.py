@@ -29,9 +29,9 @@ def _colour_image(labels: np.ndarray, rng: np.random.Generator) -> Image.Image:
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
 
-def _blocks(rng: np.random.Generator, values: list[int], background: int) -> np.ndarray:
+def _blocks(rng: np.random.Generator, values: list[int], background: int, size=SIZE) -> np.ndarray:
     """A mask of ``background`` with one rectangle per value of ``values``."""
-    w, h = SIZE
+    w, h = size
     mask = np.full((h, w), background, dtype=np.int64)
     for k, value in enumerate(values):
         top, left = int(rng.integers(0, h // 2)), int(rng.integers(0, w // 2))
@@ -56,19 +56,20 @@ VOC_VAL = ["2007_000033", "2007_000042", "2007_000061"]
 VOC_AUG_ONLY = ["2008_000002", "2008_000003"]  # SBD images outside the VOC segmentation lists
 
 
-def _voc_mask(rng: np.random.Generator, index: int) -> np.ndarray:
+def _voc_mask(rng: np.random.Generator, index: int, size=SIZE) -> np.ndarray:
     """Background, two objects, and VOC's 255 'void' ring around the first."""
     first, second = 1 + index % 20, 1 + (index * 7 + 3) % 20
-    mask = _blocks(rng, [first, second], 0)
+    mask = _blocks(rng, [first, second], 0, size)
     ys, xs = np.nonzero(mask == first)
     top, bottom, left, right = ys.min(), ys.max(), xs.min(), xs.max()
     mask[max(top - 1, 0), left:right + 1] = 255
-    mask[min(bottom + 1, SIZE[1] - 1), left:right + 1] = 255
+    mask[min(bottom + 1, size[1] - 1), left:right + 1] = 255
     return mask
 
 
-def make_voc(root: Path, layout: str = "official") -> Path:
-    """``root/VOCdevkit/VOC2012`` (official) or ``root/VOCSegmentation`` (Hummingbird's)."""
+def make_voc(root: Path, layout: str = "official", extra: tuple[int, int] = (0, 0), size=SIZE) -> Path:
+    """``root/VOCdevkit/VOC2012`` (official) or ``root/VOCSegmentation`` (Hummingbird's); ``extra``
+    adds that many (train, val) images of ``size`` (for benchmarks)."""
     from mlsctl.data.datasets.voc import label_image
 
     rng = np.random.default_rng(0)
@@ -76,18 +77,20 @@ def make_voc(root: Path, layout: str = "official") -> Path:
     images_dir = base / ("JPEGImages" if layout == "official" else "images")
     lists = base / ("ImageSets/Segmentation" if layout == "official" else "sets")
     lists.mkdir(parents=True, exist_ok=True)
-    for index, name in enumerate(VOC_TRAIN + VOC_VAL + VOC_AUG_ONLY):
-        mask = _voc_mask(rng, index)
+    train = VOC_TRAIN + [f"2009_{i:06d}" for i in range(extra[0])]
+    val = VOC_VAL + [f"2010_{i:06d}" for i in range(extra[1])]
+    for index, name in enumerate(train + val + VOC_AUG_ONLY):
+        mask = _voc_mask(rng, index, size)
         _save_jpeg(_colour_image(mask, rng), images_dir / f"{name}.jpg")
         if name not in VOC_AUG_ONLY:
             (base / "SegmentationClass").mkdir(exist_ok=True)
             label_image(mask).save(base / "SegmentationClass" / f"{name}.png")
         _save_grey(mask, base / "SegmentationClassAug" / f"{name}.png")
-    (lists / "train.txt").write_text("\n".join(VOC_TRAIN) + "\n")
-    (lists / "val.txt").write_text("\n".join(VOC_VAL) + "\n")
+    (lists / "train.txt").write_text("\n".join(train) + "\n")
+    (lists / "val.txt").write_text("\n".join(val) + "\n")
     if layout == "official":
-        (lists / "trainval.txt").write_text("\n".join(sorted(VOC_TRAIN + VOC_VAL)) + "\n")
-    (lists / "trainaug.txt").write_text("\n".join(VOC_TRAIN + VOC_AUG_ONLY) + "\n")
+        (lists / "trainval.txt").write_text("\n".join(sorted(train + val)) + "\n")
+    (lists / "trainaug.txt").write_text("\n".join(train + VOC_AUG_ONLY) + "\n")
     return root
 
 
@@ -193,6 +196,21 @@ def make_zip(folder: Path, zip_path: Path) -> Path:
         for path in sorted(folder.rglob("*")):
             archive.write(path, path.relative_to(folder).as_posix())
     return zip_path
+
+
+def write_tiny_weights(path: Path, img_size: int = 32) -> Path:
+    """The tiny randomly initialised test ViT (width 32, patch 8) as a weights file that records its
+    architecture, which ``--weights`` reads without ``--model``."""
+    from safetensors.torch import save_file
+
+    from conftest import tiny_model
+
+    spec = {"arch": "vit_small_patch16_224", "img_size": img_size, "patch_size": 8,
+            "timm_kwargs": {"embed_dim": 32, "depth": 2, "num_heads": 2}}
+    state = {k: v.contiguous() for k, v in tiny_model(img_size=img_size).backbone.model.state_dict().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(path), metadata={"model": json.dumps(spec)})
+    return path
 
 
 BUILDERS = {"voc": make_voc, "ade20k": make_ade20k, "cityscapes": make_cityscapes, "coco-stuff": make_coco,

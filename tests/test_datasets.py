@@ -251,18 +251,7 @@ def torch_equal(a, b) -> bool:
 @pytest.fixture(scope="module")
 def tiny_weights(tmp_path_factory):
     """The tiny test ViT as a weights file that records its architecture (what --weights reads)."""
-    import json
-
-    from safetensors.torch import save_file
-
-    from conftest import tiny_model
-
-    path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
-    spec = {"arch": "vit_small_patch16_224", "img_size": 32, "patch_size": 8,
-            "timm_kwargs": {"embed_dim": 32, "depth": 2, "num_heads": 2}}
-    state = {k: v.contiguous() for k, v in tiny_model().backbone.model.state_dict().items()}
-    save_file(state, str(path), metadata={"model": json.dumps(spec)})
-    return path
+    return mini.write_tiny_weights(tmp_path_factory.mktemp("weights") / "tiny.safetensors")
 
 
 def _cli_json(capsys, tmp_path, *args):
