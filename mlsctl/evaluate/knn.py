@@ -28,7 +28,9 @@ from mlsctl.errors import UserError
 
 DEFAULT_KS = (10, 20, 100, 200)
 DEVICES = ("auto", "cpu", "cuda")
-SCORES_PER_CHUNK = 1 << 25  # 128 MiB of float32 similarities per matmul
+# float32 similarities held at once by exact_search: 128 MiB on the CPU, 1 GiB on a GPU (fewer,
+# larger products and top-k calls; a 10-million-patch memory is then 153 slices per query chunk)
+SCORES_PER_CHUNK = {"cpu": 1 << 25, "cuda": 1 << 28}
 
 
 def search_device(requested: str = "auto") -> torch.device:
@@ -44,15 +46,18 @@ def search_device(requested: str = "auto") -> torch.device:
 
 @torch.no_grad()
 def exact_search(memory: torch.Tensor, queries: torch.Tensor, k: int, *, query_chunk: int = 4096,
-                 scores_per_chunk: int = SCORES_PER_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+                 scores_per_chunk: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` largest inner products of each query with the rows of ``memory`` (exact, like
     faiss ``IndexFlatIP``): float32 scores [q, k] in descending order and int64 row indices [q, k],
     both on the CPU. Runs on ``memory``'s device; queries are moved there a chunk at a time, and
     a memory larger than ``scores_per_chunk / query_chunk`` rows is scanned in slices whose
-    top-k are merged, so at most ``scores_per_chunk`` similarities exist at once."""
+    top-k are merged, so at most ``scores_per_chunk`` similarities exist at once [default:
+    :data:`SCORES_PER_CHUNK` of the device]."""
     if k > len(memory):
         raise ValueError(f"k={k} exceeds the {len(memory)} rows of the memory")
     device = memory.device
+    if scores_per_chunk is None:
+        scores_per_chunk = SCORES_PER_CHUNK["cuda" if device.type == "cuda" else "cpu"]
     memory = memory.float()
     if device.type == "cuda":  # full float32 products, whatever the process set for training
         tf32 = torch.backends.cuda.matmul.allow_tf32
