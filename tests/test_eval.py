@@ -100,6 +100,25 @@ def test_patch_soft_labels_and_rare_class_sampling():
     assert len(knn_seg.sample_patches(soft, 500, torch.Generator())) == 100
 
 
+def test_patch_soft_labels_equal_area_pooling_of_the_one_hot_mask():
+    """The counting implementation against its definition: adaptive average pooling of the one-hot
+    mask (ignored pixels zero), renormalised; cell edges that do not divide the mask included."""
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        height, width = rng.integers(1, 50, 2)
+        classes, grid = int(rng.integers(1, 25)), (int(rng.integers(1, 10)), int(rng.integers(1, 10)))
+        mask = rng.integers(0, classes, (height, width))
+        mask[rng.random((height, width)) < 0.3] = 255
+        valid = torch.from_numpy(mask != 255)
+        one_hot = F.one_hot(torch.from_numpy(np.where(mask == 255, 0, mask)), classes).permute(2, 0, 1).float()
+        pooled = F.adaptive_avg_pool2d((one_hot * valid)[None], grid)[0].permute(1, 2, 0).reshape(-1, classes)
+        total = pooled.sum(1, keepdim=True)
+        expected = torch.where(total > 0, pooled / total.clamp_min(1e-12), torch.zeros_like(pooled))
+        assert torch.allclose(knn_seg.patch_soft_labels(mask, grid, classes), expected, atol=1e-6)
+    with pytest.raises(ValueError, match="mask holds class 7 but num_classes is 3"):
+        knn_seg.patch_soft_labels(np.array([[0, 7]]), (1, 1), 3)
+
+
 def _scene_data(tmp_path: Path, name: str, n: int, grid: int, dim: int, classes: int, seed: int):
     """Random dense features whose patches carry their class in a few dimensions, with masks."""
     rng = np.random.default_rng(seed)

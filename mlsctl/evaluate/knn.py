@@ -28,7 +28,9 @@ from mlsctl.errors import UserError
 
 DEFAULT_KS = (10, 20, 100, 200)
 DEVICES = ("auto", "cpu", "cuda")
-SCORES_PER_CHUNK = 1 << 25  # 128 MiB of float32 similarities per matmul
+# float32 similarities held at once by exact_search: 128 MiB on the CPU, 1 GiB on a GPU (fewer,
+# larger products and top-k calls; a 10-million-patch memory is then 153 slices per query chunk)
+SCORES_PER_CHUNK = {"cpu": 1 << 25, "cuda": 1 << 28}
 
 
 def search_device(requested: str = "auto") -> torch.device:
@@ -44,15 +46,18 @@ def search_device(requested: str = "auto") -> torch.device:
 
 @torch.no_grad()
 def exact_search(memory: torch.Tensor, queries: torch.Tensor, k: int, *, query_chunk: int = 4096,
-                 scores_per_chunk: int = SCORES_PER_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+                 scores_per_chunk: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` largest inner products of each query with the rows of ``memory`` (exact, like
     faiss ``IndexFlatIP``): float32 scores [q, k] in descending order and int64 row indices [q, k],
     both on the CPU. Runs on ``memory``'s device; queries are moved there a chunk at a time, and
     a memory larger than ``scores_per_chunk / query_chunk`` rows is scanned in slices whose
-    top-k are merged, so at most ``scores_per_chunk`` similarities exist at once."""
+    top-k are merged, so at most ``scores_per_chunk`` similarities exist at once [default:
+    :data:`SCORES_PER_CHUNK` of the device]."""
     if k > len(memory):
         raise ValueError(f"k={k} exceeds the {len(memory)} rows of the memory")
     device = memory.device
+    if scores_per_chunk is None:
+        scores_per_chunk = SCORES_PER_CHUNK["cuda" if device.type == "cuda" else "cpu"]
     memory = memory.float()
     if device.type == "cuda":  # full float32 products, whatever the process set for training
         tf32 = torch.backends.cuda.matmul.allow_tf32
@@ -158,8 +163,13 @@ def read_labels_file(path: Path) -> dict[str, str]:
     return labels
 
 
-def labels_for(features, labels_file: Optional[Path], what: str) -> list[str]:
-    """The label of each row of a feature folder."""
+def labels_for(features, labels_file, what: str) -> list[str]:
+    """The label of each row of a feature folder: from its folder names, a labels file, or the
+    split of a benchmark it was embedded from (:class:`mlsctl.data.datasets.ClassificationSplit`)."""
+    from mlsctl.data.datasets import ClassificationSplit
+
+    if isinstance(labels_file, ClassificationSplit):
+        return [labels_file.label_of(f) for f in features.files]
     return labels_of(features.files, Path(features.input_root), labels_file, f"{what} {features.path}")
 
 
@@ -185,7 +195,7 @@ def labels_of(files: Sequence[str], root: Path, labels_file: Optional[Path], wha
     return out
 
 
-def evaluate_knn(train_features, val_features, train_labels: Optional[Path] = None, val_labels: Optional[Path] = None,
+def evaluate_knn(train_features, val_features, train_labels=None, val_labels=None,
                  ks: Sequence[int] = DEFAULT_KS, temperature: float = 0.07, device: str = "auto") -> dict:
     """Top-1/top-5 of every k for two feature folders (labels from folders or files) → a JSON-ready dict.
     Validation classes never seen in training count as errors and are listed. The search runs on
