@@ -108,6 +108,7 @@ class Variant:
     image_knn: bool = False  # also image k-NN on the scenes' largest items
     linear: bool = False  # also the multi-label linear probe (mAP over the scenes' item classes)
     trainer: str = "pretrain"  # pretrain: `mlsctl pretrain RECIPE`; supervised: benchmarks/supervised_ceiling.py
+    weights: Optional[str] = None  # no training: the evaluations of this weights file (a profile's starting point)
 
     @property
     def method(self) -> str:
@@ -119,6 +120,8 @@ class Variant:
 VARIANTS = (
     Variant("scenes", "random", None, arch_of="dino_fmnist_quick", image_knn=True),
     Variant("scenes", "dino", "dino_fmnist_quick", image_knn=True),
+    # the warm profile's starting point, evaluated as it is: the backbone of weights/
+    Variant("scenes", "backbone", None, weights="weights/dino_fmnist_backbone.safetensors", image_knn=True),
     # the supervised ceiling: the DINO recipe's ViT, trained on the training masks (same steps and crops)
     Variant("scenes", "supervised", "dino_fmnist_quick", image_knn=True, trainer="supervised"),
     Variant("scenes", "cribo-global", "cribo_fmnist_quick", ("method.cross_view_loss=false", "method.cross_image_loss=false")),
@@ -140,7 +143,7 @@ VARIANTS = (
 CALIBRATION = ("random", "dino", "supervised")  # item 7 of issue 22: is the benchmark able to tell methods apart?
 CALIBRATION_MARGIN = 0.05  # DINO over random init, mIoU (fractions)
 CEILING_MARGIN = 0.10  # the supervised ceiling over the better of DINO and random init: what "well above" means here
-SCENE_VARIANTS = ("random", "dino", "supervised", "cribo-global", "cribo-cross-view", "cribo", "sove", "sove-1judge", "sove-3judges",
+SCENE_VARIANTS = ("random", "backbone", "dino", "supervised", "cribo-global", "cribo-cross-view", "cribo", "sove", "sove-1judge", "sove-3judges",
                   "sove-no-patch", "random-linear", "mocov2", "mls", "mls-k1", "mls-k5", "mls-k40", "mls-one-queue")
 
 TINY_VIT = ("model.img_size=32", "model.patch_size=8", "model.timm_kwargs.embed_dim=32", "model.timm_kwargs.depth=2",
@@ -240,6 +243,23 @@ PROFILES = {
               "docs/reproduction.md) and 40 epochs of 1,000 objects in sets of 4 (600 steps of 64 sets); calibration "
               "(random init, DINO, supervised ceiling) first, then the headline claims; 3 seeds"),
 }
+# Warm start (issue 22, item 9): every scenes method fine-tuned from the backbone in weights/ against DINO continued
+# from it, for the same steps, on this CPU; `backbone` is the starting point itself, `random` its architecture.
+WARM_VIT = (*GPU_VIT, "model.img_size=96", "model.weights=" + str(REPO / "weights" / "dino_fmnist_backbone.safetensors"))
+PROFILES["warm"] = Profile(
+    "warm", seeds=(0, 1, 2), scenes_data=(), products_data=(),
+    scenes_overrides=(*WARM_VIT, "optim.epochs=2", "optim.lr=5e-5", "optim.min_lr=1e-6", "optim.warmup_epochs=0",
+                      "train.checkpoint_every=25"),
+    products_overrides=("optim.epochs=2", "train.checkpoint_every=25"),
+    variants=("random", "backbone", "dino", "cribo", "sove", "mocov2", "mls"),
+    # not measured: the backbone's ViT costs ~12x the quick recipes' per step on this CPU (the MILE fine-tune of
+    # make demo: ~8-16 s per step of 8 sets), so 124 steps of 32 scenes take ~1-2 h per cell here
+    estimates=(("random", 400), ("backbone", 400), ("dino", 5400), ("cribo", 7200), ("sove", 7200), ("mocov2", 7200),
+               ("mls", 7200)),
+    about="warm start: every scenes method fine-tuned from weights/dino_fmnist_backbone.safetensors (ViT width 320, "
+          "depth 8, patch 8) for 2 epochs of 2,000 scenes (124 steps of 32, lr 5e-5) against DINO continued from it; "
+          "the backbone itself and its random init evaluated alike; 3 seeds; not run yet")
+
 # The first calibration window's budget (2026-12-04): 100 epochs of 2,000 scenes, 700 steps. DINO was not 5 mIoU
 # points above random and the ceiling not 10 above both, so the budget was changed once, for every method: `gpu`.
 PROFILES["gpu-700"] = dataclasses.replace(
@@ -476,6 +496,8 @@ def random_run(cell: Cell) -> Path:
 
 def model_args(cell: Cell) -> list[str]:
     """How an evaluation names the cell's model: its run, or the random init of ``arch_of``."""
+    if cell.variant.weights is not None:
+        return ["--weights", str(REPO / cell.variant.weights)]
     if cell.variant.recipe is None:
         return ["--run", str(random_run(cell)), "--random-init", "--seed", str(cell.seed)]
     return ["--run", str(cell.run)]
