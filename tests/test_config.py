@@ -42,7 +42,7 @@ def test_wrong_type_and_range_and_choice():
     assert "'optim.lr' must be > 0.0, got -1.0" in error_of({"optim": {"lr": -1}})
     assert "'data.global_crops.scale[1]' must be <= 1.0" in error_of({"data": {"global_crops": {"scale": [0.2, 1.5]}}})
     choice = error_of({"train": {"precision": "bf61"}})
-    assert "must be one of fp32, bf16, fp16, fp16_or_bf16, got 'bf61'; did you mean 'bf16'?" in choice
+    assert "must be one of auto, fp32, bf16, fp16, fp16_or_bf16, got 'bf61'; did you mean 'bf16'?" in choice
     assert "'model.pretrained' must be true or false" in error_of({"model": {"pretrained": "yes please"}})
     assert "must be a list of 2 numbers" in error_of({"optim": {"betas": [0.9]}})
 

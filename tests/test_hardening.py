@@ -514,7 +514,8 @@ def test_12_ctrl_c_says_what_was_saved_and_how_to_resume(tmp_path, images):
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(images, optim__epochs=400, train__checkpoint_every=3))
     run = tmp_path / "run"
     result = _interrupt_when(["pretrain", str(recipe), "--out", str(run)],
-                             lambda: (run / "checkpoints" / "step-00000006").is_dir())
+                             # any checkpoint from step 6 on: with 2 kept, step 6 itself lives only ~6 steps
+                             lambda: any(p.name >= "step-00000006" for p in (run / "checkpoints").glob("step-*")))
     assert result.returncode == 130 and "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("interrupted: the last checkpoint is step ")
