@@ -73,16 +73,25 @@ class SetModel:
         """How photos become model inputs (recorded in the gallery: its rows and every query must agree)."""
         return {"resolution": self.resolution, "resize": "square", "dtype": "float32"}
 
+    def preprocessor(self):
+        from mlsctl.features import Preprocessing
+
+        return Preprocessing(self.resolution, "square")
+
     @torch.no_grad()
     def image_tokens(self, images: Sequence, batch_size: int = 64) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """PIL images → CLS [n, D] and, with ``attend: patches``, patch tokens [n, p, D]."""
-        from mlsctl.features import Preprocessing
+        preprocessing = self.preprocessor()
+        return self.pixel_tokens(torch.stack([preprocessing.pixels(img) for img in images]), batch_size)
 
-        preprocessing = Preprocessing(self.resolution, "square")
+    @torch.no_grad()
+    def pixel_tokens(self, pixels: torch.Tensor, batch_size: int = 64) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Images already resized by :meth:`preprocessor` (uint8 [n, 3, R, R]) → what
+        :meth:`image_tokens` returns (the server keeps only these small copies of its photos)."""
+        preprocessing = self.preprocessor()
         cls, tokens = [], []
-        for start in range(0, len(images), batch_size):
-            batch = torch.stack([preprocessing(img) for img in images[start:start + batch_size]])
-            out = self.backbone.backbone(batch)
+        for start in range(0, len(pixels), batch_size):
+            out = self.backbone.backbone(preprocessing.normalize(pixels[start:start + batch_size]))
             cls.append(out.cls.float())
             if self.attend == "patches":
                 tokens.append(out.patches.flatten(1, 2).float())
@@ -131,16 +140,36 @@ def load_set_model(run_dir: str | os.PathLike) -> SetModel:
 
 
 # ---------------------------------------------------------------------------------------- objects
+MAX_OBJECT_ID_CHARS = 256  # an id is a name, not a payload: objects.txt, URLs and answers stay small
+
+# Characters that draw nothing although Unicode calls them letters or symbols (fillers, blank braille).
+_BLANK_CHARACTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800\u180e")
+
+
+def _visible(c: str) -> bool:
+    import unicodedata
+
+    return unicodedata.category(c) not in ("Cf", "Cc", "Cn", "Zs", "Zl", "Zp", "Mn", "Me") and c not in _BLANK_CHARACTERS
+
+
 def check_object_id(object_id: str, where: str = "--object") -> str:
-    """Refuse an object id the gallery cannot store and find again: empty or blank, with a control
-    character (a newline would split objects.txt), or not valid UTF-8."""
+    """Refuse an object id the gallery cannot store and find again: empty or blank, made only of
+    invisible characters (U+200B, U+2060, ...), longer than :data:`MAX_OBJECT_ID_CHARS`
+    characters, with a control character (a newline would split objects.txt), or not valid UTF-8."""
     from mlsctl.data.images import name_problem, printable_name
 
+    if len(object_id) > MAX_OBJECT_ID_CHARS:
+        raise UserError(f"{where} '{printable_name(object_id[:40])}...' is {len(object_id):,} characters long; object "
+                        f"ids have at most {MAX_OBJECT_ID_CHARS}")
     if not object_id or not object_id.strip():
         raise UserError(f"{where} {object_id!r} is empty or blank; give each object a visible id")
     problem = name_problem(object_id)
     if problem:
         raise UserError(f"{where} '{printable_name(object_id)}' {problem}; object ids are single-line text")
+    if not any(_visible(c) for c in object_id):
+        codes = ", ".join(sorted({f"U+{ord(c):04X}" for c in object_id if c != " "}))
+        raise UserError(f"{where} '{object_id.encode('unicode_escape').decode('ascii')}' has no visible character "
+                        f"(only {codes or 'spaces'}); give each object a visible id")
     return object_id
 
 
@@ -275,7 +304,7 @@ class Gallery:
     memory (a flat index is built from the live rows when the gallery opens; an IVF-PQ index is
     read from ``index.faiss`` and brought up to date with the rows written since it was saved)."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, recover: bool = False):
         self.path = Path(path)
         self.manifest = read_manifest(self.path)
         self.settings = IndexSettings(**self.manifest["index"])
