@@ -860,6 +860,7 @@ def serve(gallery: Path, run: Optional[Path], host: str, port: int, root: Option
             say(f"every request but GET /health needs the token of {token_file}: curl -H \"Authorization: Bearer "
                 f"$(cat {token_file})\" -F photos=@a.png {base}/search")
         _log_to_stderr()
+        _return_freed_memory()
         config = uvicorn.Config(create_app(service, policy, docs), log_level="warning", access_log=False,
                                 limit_concurrency=MAX_CONNECTIONS, proxy_headers=False, server_header=False,
                                 timeout_keep_alive=5)
@@ -873,6 +874,22 @@ def serve(gallery: Path, run: Optional[Path], host: str, port: int, root: Option
         if service is not None:
             service.close()
         sock.close()
+
+
+def _return_freed_memory() -> None:
+    """Have glibc map every allocation of 1 MiB or more on its own, so that the memory of a decoded
+    photo goes back to the system when it is freed, whatever thread decoded it (otherwise each
+    thread's arena keeps its largest decode, and the server's size creeps up to threads × photo)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        libc.mallopt(M_MMAP_THRESHOLD, 2**20)
+        libc.mallopt(M_TRIM_THRESHOLD, 2 * 2**20)
+    except (OSError, AttributeError):  # not glibc: the budget still bounds what is decoded at once
+        pass
 
 
 def _log_to_stderr() -> None:

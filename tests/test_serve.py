@@ -115,6 +115,17 @@ class Server:
     def reset_peak(self) -> None:
         Path(f"/proc/{self.process.pid}/clear_refs").write_text("5")
 
+    def temp_bytes(self) -> int:
+        """Bytes in the server's open temporary files (spooled uploads: unlinked, so only /proc sees them)."""
+        total = 0
+        for fd in Path(f"/proc/{self.process.pid}/fd").iterdir():
+            try:
+                if "(deleted)" in os.readlink(fd) or os.readlink(fd).startswith(str(self.tmp)):
+                    total += os.stat(fd).st_size
+            except OSError:
+                pass
+        return total
+
 
 @contextlib.contextmanager
 def running(gallery: Path, mile_run: Path, *args: str):
@@ -382,3 +393,219 @@ def test_1_listening_beyond_loopback_needs_a_token_file_and_a_private_one(mile_r
     secret.chmod(0o600)
     code, _, err = cli("serve", str(tmp_path / "g"), "--token-file", str(secret), capsys=capsys)
     assert code == 2 and "at least 16 characters" in one_sentence(err)
+
+
+# ----------------------------------------------------------------------------------- 2. what a request may decode
+
+
+@pytest.fixture(scope="module")
+def budget_server(mile_run, tmp_path_factory):
+    """A server with a small decode budget (256 MiB) and small bodies (4 MiB), to measure against."""
+    gallery = built_gallery(mile_run, tmp_path_factory.mktemp("budget"))
+    with running(gallery, mile_run, "--root", str(mile_run), "--max-upload-mb", "1", "--max-request-mb", "4",
+                 "--decode-budget-mb", "256") as server:
+        call(server.base, "POST", "/search", files=[photo(mile_run, "obj0")])  # the first forward pass allocates
+        yield server
+
+
+def test_2_counts_sizes_and_pixels_are_checked_before_anything_is_decoded(budget_server):
+    server = budget_server
+    before = server.rss_mb()
+    server.reset_peak()
+    # one photo whose decoding alone would need more than the budget (6000² RGBA: ~900 MiB)
+    status, answer = call(server.base, "POST", "/search", files=[("alpha.png", bomb(6000, "RGBA"))])
+    assert status == 413 and "decode budget of 256 MiB" in answer["error"]
+    # photos each within the budget, together over the per-request pixels (8 × 36 MP)
+    status, answer = call(server.base, "POST", "/search", files=[(f"{i}.png", bomb(6000)) for i in range(8)])
+    assert status == 413 and "per request" in answer["error"]
+    # with --root: 300 paths are counted before any file is read
+    status, answer = call(server.base, "POST", "/search", body={"paths": ["gallery/obj0/0.png"] * 300})
+    assert status == 413 and "300 photos in one request; at most 64" in answer["error"]
+    assert server.rss_mb("VmHWM") - before < 64, "nothing was decoded"
+
+
+def test_2_decoding_stays_within_the_budget_under_8_concurrent_requests(budget_server):
+    """8 requests of 3 photos of 16 MP (128 MiB each to decode) at once: the server decodes one at a
+    time (the budget holds one), so its peak grows by the budget, not by 8 × 3 × 128 MiB."""
+    server = budget_server
+    photos = [(f"{i}.png", bomb(4000, "RGB")) for i in range(3)]
+    before = server.rss_mb()
+    server.reset_peak()
+    answers = []
+    threads = [threading.Thread(target=lambda: answers.append(call(server.base, "POST", "/search", files=photos)[0]))
+               for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    grown = server.rss_mb("VmHWM") - before
+    print(f"8 concurrent requests of 3 × 16 MP: peak RSS +{grown:.0f} MiB (budget 256 MiB)")
+    assert answers == [200] * 8 and grown < 256 + 96
+
+
+# ----------------------------------------------------------------------------------- 3. bodies are bounded while they arrive
+
+
+def test_3_a_body_over_the_limit_is_refused_before_it_is_read(budget_server):
+    server = budget_server
+    head = (f"POST /search HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nContent-Type: multipart/form-data; "
+            f"boundary=x\r\nContent-Length: {200 * 2**20}\r\n\r\n")
+    started = time.perf_counter()
+    status, body, _ = raw_exchange(server.port, head)  # the headers alone: the answer comes before any body
+    assert status == 413 and b"over the limit" in body and time.perf_counter() - started < 10
+
+
+def test_3_a_chunked_body_is_cut_off_at_the_limit_and_never_spooled_beyond_it(budget_server):
+    server = budget_server
+    head = (f"POST /search HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nContent-Type: multipart/form-data; "
+            f"boundary=x\r\nTransfer-Encoding: chunked\r\n\r\n")
+    part = b"--x\r\nContent-Disposition: form-data; name=\"photos\"; filename=\"a.png\"\r\n\r\n"
+    chunk = 2**16
+    parts = [f"{len(part):x}\r\n".encode() + part + b"\r\n"] + [f"{chunk:x}\r\n".encode() + b"0" * chunk + b"\r\n"] * 3200
+    spooled = []
+
+    def offered():  # 200 MiB, looking at the server's temporary files as it goes
+        for i, p in enumerate(parts):
+            if i % 16 == 0:
+                spooled.append(server.temp_bytes())
+            yield p
+
+    status, body, sent = raw_exchange(server.port, head, offered())
+    assert status == 413 and b"over the limit of 4,194,304" in body
+    assert sent < 100 * 2**20  # the server stopped reading near 4 MiB (socket buffers hold the rest)
+    assert max(spooled) <= 4 * 2**20 and server.temp_bytes() == 0  # never more than the limit on disk, then nothing
+
+
+def test_3_form_fields_are_capped_in_number_and_size(budget_server):
+    server = budget_server
+    boundary = "b"
+    many = "".join(f"--{boundary}\r\nContent-Disposition: form-data; name=\"f{i}\"\r\n\r\nv\r\n" for i in range(1000))
+    big = f"--{boundary}\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\n" + "n" * 100_000 + "\r\n"
+    for fields, words in ((many, "form fields"), (big, "not a file is over")):
+        data = (fields + f"--{boundary}--\r\n").encode()
+        request = urllib.request.Request(server.base + "/search", data=data, method="POST",
+                                         headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        with pytest.raises(urllib.error.HTTPError) as error:
+            urllib.request.urlopen(request, timeout=60)
+        assert error.value.code == 413 and words in json.loads(error.value.read())["error"]
+
+
+def test_3_the_guard_bounds_bodies_across_requests_and_in_time(monkeypatch):
+    """The ASGI guard alone, around an application that reads its body: a Content-Length over the
+    limit never reaches the application, bodies received at once are bounded, a stalled body is a 408."""
+    import asyncio
+
+    from mlsctl import serve
+
+    policy = serve.Policy.for_server("127.0.0.1", limits=serve.Limits(1000, 4000, 10**6))  # body budget 16,000
+    reads = []
+
+    async def app(scope, receive, send):
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        reads.append(len(body))
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    guard = serve.Guard(app, policy)
+
+    async def request(length, chunks, delay=0.0):
+        scope = {"type": "http", "method": "POST", "path": "/search", "raw_path": b"/search",
+                 "headers": [(b"host", b"127.0.0.1:8000"), (b"content-type", b"multipart/form-data; boundary=x")]
+                 + ([(b"content-length", str(length).encode())] if length is not None else
+                    [(b"transfer-encoding", b"chunked")])}
+        queue = list(chunks)
+        sent = []
+
+        async def receive():
+            await asyncio.sleep(delay)
+            if not queue:
+                await asyncio.sleep(3600)
+            body = queue.pop(0)
+            if body is None:  # a client that stopped sending
+                await asyncio.sleep(3600)
+            return {"type": "http.request", "body": body, "more_body": bool(queue)}
+
+        async def send(message):
+            sent.append(message)
+
+        await guard(scope, receive, send)
+        return sent[0]["status"], json.loads(sent[1]["body"] or b"{}")
+
+    async def main():
+        assert await request(5000, [b"x" * 5000]) == (413, {"error": "the request body is 5,000 bytes, over the limit of 4,000"})
+        assert reads == []  # refused on the header: the application never read a byte
+        status, answer = await request(None, [b"x" * 1000] * 5)  # chunked: cut off while it arrives
+        assert status == 413 and "over the limit of 4,000" in answer["error"] and reads == []
+        # four bodies of 4,000 bytes arriving slowly fill the budget of 16,000: a fifth is told to retry
+        slow = [asyncio.create_task(request(4000, [b"x" * 1000] * 4, delay=0.2)) for _ in range(4)]
+        await asyncio.sleep(0.05)
+        status, answer = await request(100, [b"x" * 100])
+        assert status == 503 and "retry" in answer["error"]
+        assert [s for s, _ in await asyncio.gather(*slow)] == [200] * 4
+        assert await request(100, [b"x" * 100]) == (200, {})  # the budget is returned
+        assert guard.receiving == 0
+        monkeypatch.setattr(serve, "BODY_SECONDS", 0.3)
+        status, answer = await request(4000, [b"x" * 10, None])  # 10 bytes, then nothing
+        assert status == 408 and "did not arrive" in answer["error"]
+
+    asyncio.run(main())
+
+
+# ----------------------------------------------------------------------------------- 6. one line per failed request
+
+
+def test_6_every_failed_request_is_one_log_line_and_no_traceback(server):
+    before = len(server.lines())
+    bad = [("POST", "/search", {"files": [("n.png", b"not an image")]}), ("GET", "/nowhere", {}),
+           ("POST", "/objects/x/photos", {"files": [("n.png", b"x")]}), ("POST", "/search", {"body": {"paths": 3}})]
+    for method, path, kwargs in bad:
+        assert call(server.base, method, path, **kwargs)[0] >= 400
+    head = (f"POST /search HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nContent-Type: multipart/form-data; "
+            f"boundary=x\r\nContent-Length: 100000\r\n\r\n")
+    start = b"--x\r\nContent-Disposition: form-data; name=\"photos\"; filename=\"a.png\"\r\n\r\n" + b"0" * 1000
+    for _ in range(60):  # clients that hang up mid-upload
+        with socket.create_connection(("127.0.0.1", server.port)) as s:
+            s.sendall(head.encode() + start)
+    deadline = time.time() + 30
+    while time.time() < deadline and len(server.lines()) < before + len(bad) + 60:
+        time.sleep(0.2)
+    time.sleep(0.5)
+    new = server.lines()[before:]
+    assert len(new) == len(bad) + 60, "\n".join(new)
+    assert sum("the client went away" in line for line in new) == 60
+    assert "Traceback" not in server.log.read_text()
+    assert call(server.base, "GET", "/health")[0] == 200
+
+
+def test_6_docs_are_served_only_when_asked(mile_run, tmp_path):
+    gallery = built_gallery(mile_run, tmp_path)
+    with running(gallery, mile_run, "--read-only", "--docs") as server:
+        for path in ("/docs", "/redoc", "/openapi.json"):
+            with urllib.request.urlopen(server.base + path, timeout=30) as answer:
+                assert answer.status == 200
+
+
+# ----------------------------------------------------------------------------------- 7. a start that cannot serve
+
+
+def test_7_a_busy_port_an_unknown_host_and_absurd_limits_are_one_sentence(tmp_path, capsys):
+    from test_hardening import one_sentence
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, _, err = cli("serve", str(tmp_path / "g"), "--port", str(port), capsys=capsys)
+        assert code == 1 and f"port {port} on 127.0.0.1 is in use" in one_sentence(err)
+    code, _, err = cli("serve", str(tmp_path / "g"), "--host", "nosuch.invalid", capsys=capsys)
+    assert code == 2 and "does not resolve" in one_sentence(err)
+    for option, value in (("--max-upload-mb", "inf"), ("--max-upload-mb", "nan"), ("--max-upload-mb", "0"),
+                          ("--max-request-mb", "-1"), ("--decode-budget-mb", "inf"), ("--max-upload-mb", "100")):
+        code, _, err = cli("serve", str(tmp_path / "g"), option, value, capsys=capsys)
+        assert code == 2 and option in one_sentence(err), (option, value, err)
+    assert not (tmp_path / "g").exists()
