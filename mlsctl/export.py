@@ -6,7 +6,9 @@ img_size, patch_size, the recipe's ``timm_kwargs``, ``dynamic_img_size`` — and
 ``mlsctl embed`` uses: a bicubic resize of the whole image to img_size², ImageNet mean and std), so
 ``timm.create_model("local-dir:DIR", pretrained=True)`` rebuilds it with no mlsctl installed. LoRA
 adapters are merged. ``DIR/mlsctl.json`` says where it came from (run, checkpoint step, method,
-fingerprint of the weights). The folder is written next to ``DIR`` and renamed into place.
+fingerprint of the weights). The folder is written next to ``DIR`` and swapped into place in one
+step (an atomic exchange of the two folders on Linux), so ``--overwrite`` never leaves ``DIR`` without an
+export; ``DIR`` may not be a symbolic link.
 
 :func:`load_backbone` takes a run folder (its final teacher, else its latest checkpoint's) or an
 exported folder and returns the timm model in eval mode.
@@ -14,6 +16,7 @@ exported folder and returns the timm model in eval mode.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from pathlib import Path
@@ -57,6 +60,12 @@ def export_timm(run_dir: str | Path, out: str | Path, *, step: Optional[int] = N
     from mlsctl.models.source import fingerprint
 
     out = Path(out)
+    if out.is_symlink():
+        raise UserError(f"--out {out} is a symbolic link (to {os.readlink(out)}); give the folder itself "
+                        f"({out.resolve()}) or another path: an export replaces its folder, not a link's target")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder; choose another --out")
+    _recover(out)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise UserError(f"--out {out} is not empty; add --overwrite to replace an earlier export, or choose another")
@@ -93,13 +102,63 @@ def export_timm(run_dir: str | Path, out: str | Path, *, step: Optional[int] = N
         os.umask(umask)
         for f in tmp.iterdir():  # readable by whoever the folder is given to, as the umask allows
             os.chmod(f, 0o666 & ~umask)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        atomic._fsync_dir(tmp)
+        _swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _recover(out)
         raise
     return {**record, "out": str(out), "files": sorted(p.name for p in out.iterdir())}
+
+
+def _aside(out: Path) -> Path:
+    return out.parent / f".{out.name}.export-old"
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the
+    system or the file system cannot."""
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    AT_FDCWD, RENAME_EXCHANGE = -100, 2
+    if renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), str(a), None, str(b))
+
+
+def _swap_into_place(new: Path, out: Path) -> None:
+    """Put the finished export ``new`` where ``out`` is, in one step: the two folders are exchanged
+    atomically and the old one (now at ``new``) removed; a reader of ``out`` sees the old export or
+    the new one. Where an exchange is impossible (not Linux), ``out`` is renamed aside first, and a
+    kill between the two renames is undone by the next export (:func:`_recover`)."""
+    if not out.exists():
+        os.replace(new, out)
+    elif _exchange(new, out):
+        shutil.rmtree(new, ignore_errors=True)
+    else:
+        os.replace(out, _aside(out))
+        os.replace(new, out)
+        shutil.rmtree(_aside(out), ignore_errors=True)
+    atomic._fsync_dir(out.parent)
+
+
+def _recover(out: Path) -> None:
+    """Undo what an interrupted swap left: an export renamed aside goes back to ``out`` when ``out``
+    is missing, and is removed otherwise."""
+    aside = _aside(out)
+    if aside.is_dir() and not aside.is_symlink():
+        if not out.exists():
+            os.replace(aside, out)
+        else:
+            shutil.rmtree(aside, ignore_errors=True)
 
 
 def load_backbone(path: str | Path) -> torch.nn.Module:

@@ -77,7 +77,7 @@ fi
 
 echo "== 7/7 gallery of the 200 evaluation objects and one image-set search"
 if [ -f galleries/demo-products/gallery.json ] && [ galleries/demo-products/gallery.json -nt "$MILE/summary.json" ] \
-   && grep -q '"format_version": 2' galleries/demo-products/gallery.json; then
+   && grep -q '"format_version": 3' galleries/demo-products/gallery.json; then
   echo "reusing galleries/demo-products"
 else
   mlsctl index build data/fmnist-products/gallery --run "$MILE" --out galleries/demo-products --overwrite

@@ -445,11 +445,22 @@ def write_gallery(path: Path, n: int = 300, dim: int = 8, kind: str = "ivfpq") -
     return path
 
 
+def _data(gallery: Path) -> Path:
+    """The version folder holding the row files (gallery.json names it)."""
+    return gallery / json.loads((gallery / "gallery.json").read_text())["data"]
+
+
+def _index(gallery: Path) -> Path:
+    return _data(gallery) / json.loads((gallery / "gallery.json").read_text())["index_file"]
+
+
 @pytest.mark.parametrize("damage, words", [
-    (lambda g: (g / "index.faiss").unlink(), "index.faiss is missing"),
-    (lambda g: (g / "index.faiss").write_bytes(b"junk" * 10), "not a faiss index"),
-    (lambda g: (g / "latents.bin").write_bytes((g / "latents.bin").read_bytes()[:100]), "latents.bin is missing or shorter"),
-    (lambda g: (g / "objects.txt").unlink(), "is damaged"),
+    (lambda g: _index(g).unlink(), r"index\.300\.faiss is missing"),
+    (lambda g: _index(g).write_bytes(b"junk" * 10), "not a faiss index"),
+    (lambda g: (_data(g) / "latents.bin").write_bytes((_data(g) / "latents.bin").read_bytes()[:100]), "latents.bin is missing or shorter"),
+    (lambda g: (_data(g) / "objects.txt").unlink(), "is damaged"),
+    (lambda g: (g / "gallery.json").write_text(json.dumps({**json.loads((g / "gallery.json").read_text()), "data": "../../etc"})), "is damaged"),
+    (lambda g: (g / "gallery.json").write_text(json.dumps({**json.loads((g / "gallery.json").read_text()), "index_file": "/etc/passwd"})), "is damaged"),
     (lambda g: (g / "gallery.json").write_text(json.dumps({**json.loads((g / "gallery.json").read_text()), "index": {"kind": "flat", "nprobe": "many"}})), "is damaged"),
     (lambda g: (g / "gallery.json").write_text(json.dumps({**json.loads((g / "gallery.json").read_text()), "format_version": 1})), "older mlsctl"),
     (lambda g: (g / "gallery.json").write_text("[1, 2]"), "not an mlsctl gallery"),

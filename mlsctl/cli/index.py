@@ -84,7 +84,7 @@ def add(
     check_object_id(object_id)
     photos = load_images(images)
     with FolderLock(gallery, "gallery"):
-        target = Gallery(gallery)
+        target = Gallery(gallery, recover=True)
         model = _set_model(run or Path(target.manifest["model"]["run"]))
         created, count = target.add(model, object_id, photos)
     print(f"{'created' if created else 'updated'} {object_id} in {gallery}: {count} images folded, "
@@ -110,7 +110,7 @@ def retrain(
 
     started = time.perf_counter()
     with FolderLock(gallery, "gallery"):
-        target = Gallery(gallery)
+        target = Gallery(gallery, recover=True)
         before = target.rows
         manifest = target.retrain()
     if as_json:
