@@ -17,6 +17,7 @@ exported folder and returns the timm model in eval mode.
 from __future__ import annotations
 
 import errno
+import math
 import os
 import shutil
 from pathlib import Path
@@ -161,14 +162,77 @@ def _recover(out: Path) -> None:
             shutil.rmtree(aside, ignore_errors=True)
 
 
+# The largest value a model argument of config.json may have before anything is built (an edited
+# config.json must not make timm build a million blocks or allocate 100 GB before failing).
+_ARG_LIMITS = {"depth": 1024, "num_heads": 4096, "patch_size": 4096, "num_classes": 2**24}
+_ARG_LIMIT = 2**16
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+
+
+def _load_export(path: Path) -> torch.nn.Module:
+    """An exported folder's model, checked before it is built: config.json is a timm config of an
+    architecture timm knows, its arguments are of sane size, and the model it describes (built on
+    the meta device: no memory) has exactly the tensors of model.safetensors (read from its header)."""
+    import json
+
+    import timm
+    from safetensors import safe_open
+
+    config_path, weights = path / "config.json", path / "model.safetensors"
+    fix = "export the run again with mlsctl export"
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        reason = "nested too deep" if isinstance(exc, RecursionError) else getattr(exc, "strerror", None) or _first_line(exc)
+        raise UserError(f"{config_path} is not readable JSON ({reason}); {fix}") from None
+    if not (isinstance(config, dict) and isinstance(config.get("architecture"), str)
+            and isinstance(config.get("model_args", {}), dict) and isinstance(config.get("pretrained_cfg", {}), dict)):
+        raise UserError(f"{config_path} is not a timm model config (an object with 'architecture', 'model_args' and "
+                        f"'pretrained_cfg'); {fix}")
+    arch = config["architecture"]
+    if not timm.is_model(arch):
+        raise UserError(f"{config_path} names the architecture '{arch[:60]}', which timm {timm.__version__} does not "
+                        f"know; {fix}")
+    for key, value in config.get("model_args", {}).items():
+        for number in (value if isinstance(value, (list, tuple)) else [value]):
+            if isinstance(number, (int, float)) and not isinstance(number, bool) and (
+                    not math.isfinite(number) or abs(number) > _ARG_LIMITS.get(key, _ARG_LIMIT)):
+                raise UserError(f"{config_path}: model_args.{key} is {value}, beyond any model mlsctl exports (at most "
+                                f"{_ARG_LIMITS.get(key, _ARG_LIMIT):,}); {fix}")
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as exc:  # safetensors raises its own errors for any damage
+        raise UserError(f"{weights} is not a readable safetensors file ({_first_line(exc)}); {fix}") from None
+    try:
+        with torch.device("meta"):
+            skeleton = timm.create_model(f"local-dir:{path}", pretrained=False)
+    except Exception as exc:  # timm's own errors for arguments its model refuses
+        raise UserError(f"{config_path}: timm cannot build '{arch}' from its model_args ({_first_line(exc)}); {fix}") from None
+    wanted = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    for key in sorted(set(wanted) | set(stored)):
+        if wanted.get(key) != stored.get(key):
+            said = lambda shape: list(shape) if shape is not None else "absent"  # noqa: E731
+            raise UserError(f"{config_path} does not describe {weights}: {key} is {said(wanted.get(key))} by the "
+                            f"config and {said(stored.get(key))} in the weights (config.json edited?); {fix}")
+    try:
+        return timm.create_model(f"local-dir:{path}", pretrained=True).eval()
+    except Exception as exc:
+        from mlsctl.errors import describe_environment_error
+
+        raise UserError(describe_environment_error(exc) or f"timm cannot load {path} ({_first_line(exc)}); {fix}") from None
+
+
 def load_backbone(path: str | Path) -> torch.nn.Module:
     """The timm model of an exported folder (``config.json`` + ``model.safetensors``) or of a run
     (its teacher), in eval mode: ``model(x)`` gives the global feature ``mlsctl embed`` stores."""
-    import timm
 
     path = Path(path)
     if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
-        return timm.create_model(f"local-dir:{path}", pretrained=True).eval()
+        return _load_export(path)
     if (path / "config.yaml").is_file():
         _, _, choice, _ = _teacher(path, None)
         from mlsctl.models import lora

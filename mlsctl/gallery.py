@@ -415,6 +415,10 @@ class Gallery:
         return self.manifest["model"]["fingerprint"]
 
     def check_model(self, model: "SetModel") -> None:
+        if model.dim != self.dim:
+            raise UserError(f"{self.path / MANIFEST} says its rows have {self.dim} dimensions but the model of "
+                            f"{model.run} embeds {model.dim} (the manifest was edited, or the gallery is another "
+                            f"model's); rebuild the gallery with mlsctl index build")
         if model.fingerprint != self.fingerprint:
             raise UserError(f"gallery {self.path} was built with model {self.fingerprint[:12]} "
                             f"({self.manifest['model']['run']} at step {self.manifest['model']['step']}); the query model "
