@@ -808,8 +808,9 @@ def read_token_file(path: Path) -> str:
     if stat.S_IMODE(info.st_mode) & 0o026 or (stat.S_IMODE(info.st_mode) & 0o004):
         raise UserError(f"--token-file {path} can be read or written by other users (mode "
                         f"{stat.S_IMODE(info.st_mode):04o}); chmod 600 {path}")
-    if len(text) < 16 or any(c.isspace() for c in text):
-        raise UserError(f"--token-file {path} must hold one secret of at least 16 characters without spaces")
+    if len(text) < 16 or not (text.isascii() and text.isprintable()) or any(c.isspace() for c in text):
+        raise UserError(f"--token-file {path} must hold one secret of at least 16 printable ASCII characters without "
+                        f"spaces")
     return text
 
 

@@ -609,3 +609,32 @@ def test_7_a_busy_port_an_unknown_host_and_absurd_limits_are_one_sentence(tmp_pa
         code, _, err = cli("serve", str(tmp_path / "g"), option, value, capsys=capsys)
         assert code == 2 and option in one_sentence(err), (option, value, err)
     assert not (tmp_path / "g").exists()
+
+
+def test_6_an_unexpected_failure_is_a_500_sentence_without_paths_and_one_log_line(caplog):
+    """The application as `serve` builds it, over a service whose search fails: the client gets one
+    sentence that names no file, the log one line, and nothing escapes to uvicorn (no traceback)."""
+    from fastapi.testclient import TestClient
+
+    from mlsctl import serve
+
+    class Failing:
+        read_only, limits = False, serve.Limits()
+
+        def uploads(self, files):
+            return files
+
+        def search(self, photos, k):
+            raise RuntimeError("the index at /srv/secret/gallery broke")
+
+        def check_id(self, object_id):
+            pass
+
+    app = serve.create_app(Failing(), serve.Policy.for_server("127.0.0.1"))
+    with TestClient(app, base_url="http://127.0.0.1:8000") as client, caplog.at_level("WARNING", "mlsctl.serve"):
+        answer = client.post("/search", files=[("photos", ("a.png", b"x"))])
+        assert answer.status_code == 500 and answer.json() == {
+            "error": "internal error (RuntimeError); the server's log has the details"}
+        lines = [r.getMessage() for r in caplog.records if r.name == "mlsctl.serve"]
+        assert len(lines) == 1 and "POST /search 500" in lines[0] and "/srv/secret/gallery broke" in lines[0]
+        assert client.get("/health", headers={"Host": "evil.example"}).status_code == 403
