@@ -408,10 +408,17 @@ class Policy:
 
 
 def _host_name(value: str) -> str:
+    """A host name as given (``--host``, ``--allow-host``: a name, an address, with or without a port)."""
     value = value.strip().lower()
-    if value.startswith("[") and "]" in value:
-        value = value[1:value.index("]")]
-    return value.rstrip(".")
+    try:
+        ipaddress.ip_address(value)  # a bare IPv6 address: its colons are not a port
+        return value
+    except ValueError:
+        pass
+    try:
+        return split_host(value)[0]
+    except (ValueError, IndexError):
+        return value.rstrip(".")
 
 
 def split_host(value: str) -> tuple[str, Optional[int]]:
@@ -569,21 +576,17 @@ class Guard:
 
     def log_failure(self, scope, status, body: bytes, failure, started: float) -> None:
         path = _shown(scope.get("path", ""), 120)
-        if isinstance(failure, _Gone) or status == 499:
+        if status == 499:  # starlette's ClientDisconnect, answered by the app's handler
             message = "the client went away before the request was read"
-            status = 499
-        elif failure is not None and not isinstance(failure, RequestError):
-            message = f"internal error ({type(failure).__name__}: {str(failure).strip().splitlines()[0][:200] if str(failure).strip() else ''})"
+        elif failure is not None:
+            first = (str(failure).strip().splitlines() or [""])[0][:200]
+            message = f"internal error ({type(failure).__name__}{': ' + first if first else ''})"
         else:
             try:
                 message = json.loads(body.decode("utf-8")).get("error", "")
             except (ValueError, AttributeError, UnicodeDecodeError):
                 message = body[:200].decode("utf-8", "replace")
         log.warning(f"{scope.get('method', '?')} {path} {status or '-'} {time.perf_counter() - started:.3f}s: {message}")
-
-
-class _Gone(Exception):
-    """The client disconnected."""
 
 
 def _counted(receive, limit: int, scope):

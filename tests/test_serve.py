@@ -392,7 +392,7 @@ def test_1_listening_beyond_loopback_needs_a_token_file_and_a_private_one(mile_r
     secret.write_text("short")
     secret.chmod(0o600)
     code, _, err = cli("serve", str(tmp_path / "g"), "--token-file", str(secret), capsys=capsys)
-    assert code == 2 and "at least 16 characters" in one_sentence(err)
+    assert code == 2 and "at least 16 printable ASCII characters" in one_sentence(err)
 
 
 # ----------------------------------------------------------------------------------- 2. what a request may decode
