@@ -44,5 +44,5 @@ bench: venv fmnist
 	$(BIN)/python benchmarks/train_throughput.py
 
 clean-demo:
-	rm -rf data/fmnist-scenes runs/dino_fmnist_quick features/demo results/demo-knn-seg-*.json \
-	  data/fmnist-products runs/mile_fmnist_quick galleries/demo-products
+	rm -rf data/fmnist-scenes features/demo results/demo-knn-seg-*.json \
+	  data/fmnist-products runs/mile_fmnist_backbone_demo runs/demo-96-objects.csv galleries/demo-products

@@ -128,6 +128,8 @@ class MemoryBank:
         self.payload["step"].fill_(-1)
         self.ptr = 0
         self.n_written = 0
+        self._first_bad_step: Optional[torch.Tensor] = None  # CUDA: the deferred finite check (see enqueue)
+        self.defer_finite_check = False  # defer it on any device (always on CUDA)
         self._prefilled = False
         if init == "random_unit":
             noise = torch.randn(size, dim, generator=generator, dtype=torch.float32)
@@ -200,22 +202,44 @@ class MemoryBank:
         if gather:
             vectors = dist.gather_cat(vectors)
             rows = {name: dist.gather_cat(value) for name, value in rows.items()}
-        if not bool(torch.isfinite(vectors).all()):  # checked after the gather: every process stops alike
-            raise NonFiniteVectors(f"step {step}: the vectors to enqueue into memory bank '{self.name}' are not all "
-                                   f"finite (NaN or inf), so training stopped before they entered it; lower optim.lr, "
-                                   f"raise optim.warmup_epochs or use train.precision=fp32")
-        self._write(vectors, rows)
+        finite = torch.isfinite(vectors).all()  # checked after the gather: every process stops alike
+        if not (self.defer_finite_check or vectors.device.type == "cuda"):
+            if not bool(finite):
+                raise NonFiniteVectors(self._non_finite_message(step))
+            self._write(vectors, rows)
+            return
+        # On a GPU the check does not synchronise with the host: a batch with NaN or inf leaves the
+        # slots it would have taken as they were, and :meth:`raise_if_nonfinite` (the loop calls it
+        # where it logs and before each checkpoint) stops training, naming the first such step.
+        bad = self._first_bad_step if self._first_bad_step is not None else torch.full((), -1, device=vectors.device)
+        self._first_bad_step = torch.where((bad < 0) & ~finite, step, bad)
+        self._write(vectors, rows, keep_old=~finite)
 
-    def _write(self, vectors: torch.Tensor, rows: dict[str, torch.Tensor]) -> None:
+    def _non_finite_message(self, step: int) -> str:
+        return (f"step {step}: the vectors to enqueue into memory bank '{self.name}' are not all finite (NaN or inf), "
+                f"so training stopped before they entered it; lower optim.lr, raise optim.warmup_epochs or use "
+                f"train.precision=fp32")
+
+    def raise_if_nonfinite(self) -> None:
+        """The deferred finite check of CUDA enqueues (a no-op elsewhere: those raise at once)."""
+        if self._first_bad_step is not None and int(self._first_bad_step) >= 0:
+            raise NonFiniteVectors(self._non_finite_message(int(self._first_bad_step)))
+
+    def _write(self, vectors: torch.Tensor, rows: dict[str, torch.Tensor], keep_old: Optional[torch.Tensor] = None) -> None:
+        """Write the rows at the pointer; ``keep_old`` (a 0-d bool tensor) leaves the slots as they were."""
         n = vectors.shape[0]
         skip = max(0, n - self.size)  # a batch larger than the bank keeps its newest rows
         self.ptr = (self.ptr + skip) % self.size
         vectors = vectors[skip:]
         m = vectors.shape[0]
         slots = (self.ptr + torch.arange(m, device=self.vectors.device)) % self.size
-        self.vectors[slots] = vectors.to(self.vectors.dtype)
+
+        def guarded(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+            return new if keep_old is None else torch.where(keep_old, old, new)
+
+        self.vectors[slots] = guarded(vectors.to(self.vectors.dtype), self.vectors[slots])
         for name, value in rows.items():
-            self.payload[name][slots] = value[skip:].to(self.payload[name].dtype)
+            self.payload[name][slots] = guarded(value[skip:].to(self.payload[name].dtype), self.payload[name][slots])
         self.ptr = (self.ptr + m) % self.size
         self.n_written += n
 

@@ -87,6 +87,25 @@ class DataConfig:
     workers: int = param(4, help="data-loading processes per training process", ge=0)
     max_image_pixels: int = param(89_478_485, help="larger images are skipped as decompression bombs (Pillow's own "
                                                    "limit, about 9459 x 9459)", ge=1)
+    augment: Literal["cpu", "gpu"] = param(
+        "cpu", help="where multi-crop runs: cpu = in the loader workers (PIL); gpu = batched on the training device "
+                    "(workers only decode and resize to data.decode_size); see docs/gpu.md")
+    decode_size: int = param(0, help="with augment=gpu: the square side (px) workers resize every image to before "
+                                     "cropping on the device; 0 = twice the global crop size", ge=0)
+    cache: Literal["none", "memory"] = param(
+        "none", help="with augment=gpu: memory = keep the decoded, resized images in shared RAM after their first "
+                     "read (for data sets that fit; checked at start)")
+
+    def check(self) -> list[tuple[str, str]]:
+        if self.cache == "memory" and self.augment != "gpu":
+            return [("cache", "memory needs data.augment=gpu (it caches the decoded images of that path); set "
+                              "data.augment=gpu or data.cache=none")]
+        return []
+
+    @property
+    def device_decode_size(self) -> int:
+        """The side workers resize images to with ``augment: gpu``."""
+        return self.decode_size or 2 * self.global_crops.size
 
 
 @dataclass
@@ -200,8 +219,11 @@ class MonitorConfig:
 
 @dataclass
 class TrainConfig:
-    precision: Literal["fp32", "bf16", "fp16", "fp16_or_bf16"] = param(
-        "fp32", help="mixed precision: fp16 needs CUDA; fp16_or_bf16 is fp16 on CUDA and bf16 elsewhere")
+    precision: Literal["auto", "fp32", "bf16", "fp16", "fp16_or_bf16"] = param(
+        "auto", help="mixed precision: auto = bf16 autocast on CUDA, fp32 elsewhere; fp16 needs CUDA; fp16_or_bf16 "
+                     "is fp16 on CUDA and bf16 elsewhere")
+    compile: bool = param(False, help="torch.compile every backbone (in place: checkpoints keep their key names); "
+                                      "the first steps are slower while it compiles")
     checkpoint_every: int = param(1000, help="steps between checkpoints (one is always written at the end)", ge=1)
     keep_checkpoints: int = param(2, help="newest checkpoints kept on disk", ge=1)
     log_every: int = param(10, help="steps between metrics.jsonl lines", ge=1)

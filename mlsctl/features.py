@@ -247,6 +247,14 @@ class Features:
     def image_path(self, row: int) -> Path:
         return self.input_root / self.files[row]
 
+    def load_image(self, row: int):
+        """The image of ``row`` decoded to RGB, read from the input root: a folder or an archive."""
+        from mlsctl.data.archive import open_tree
+
+        if getattr(self, "_tree", None) is None:
+            self._tree = open_tree(self.input_root, f"the input root of {self.what} {self.path}")
+        return self._tree.load_rgb(self.files[row])
+
     def _shard_rows(self, rows: Optional[Sequence[int]]) -> Iterator[tuple[ShardInfo, Optional[np.ndarray]]]:
         """(shard, local row indices or None for all) for each shard holding requested rows."""
         if rows is None:
@@ -344,17 +352,19 @@ def _plan_difference(old: dict, new: dict) -> str:
 
 
 class _Images(torch.utils.data.Dataset):
-    def __init__(self, root: Path, relpaths: list[str], preprocessing: Preprocessing):
-        self.root, self.relpaths, self.preprocessing = root, relpaths, preprocessing
+    """The images ``relpaths`` of a tree (a folder or an archive, :mod:`mlsctl.data.archive`)."""
+
+    def __init__(self, tree, relpaths: list[str], preprocessing: Preprocessing):
+        self.tree, self.relpaths, self.preprocessing = tree, relpaths, preprocessing
 
     def __len__(self) -> int:
         return len(self.relpaths)
 
     def __getitem__(self, index: int):
-        from mlsctl.data.images import BadImage, load_rgb
+        from mlsctl.data.images import BadImage
 
         try:
-            return index, self.preprocessing.pixels(load_rgb(self.root / self.relpaths[index])), None
+            return index, self.preprocessing.pixels(self.tree.load_rgb(self.relpaths[index])), None
         except BadImage as exc:
             return index, None, str(exc)
 
@@ -388,10 +398,39 @@ def embed_folder(images: str | os.PathLike, out: str | os.PathLike, model, *, de
                  progress: Optional[bool] = None, say: Callable[[str], None] = print) -> EmbedSummary:
     """Embed every image under ``images`` with ``model`` (a :class:`~mlsctl.models.source.ModelChoice`)
     into the feature folder ``out``; see the module docstring for the format and resume rules."""
-    from mlsctl.data.images import allow_image_pixels, require_images, scan_images
+    from mlsctl.data.archive import Tree
+    from mlsctl.data.images import require_images, scan_images
+
+    images = Path(images)
+    scan = scan_images(images, "image folder")
+    require_images(scan, "image folder")
+    relpaths = [f.relative_to(images).as_posix() for f in scan.files]
+    not_images = [[p.relative_to(images).as_posix(), f"not an image file (extension {p.suffix or 'none'})"]
+                  for p in scan.others] + [list(item) for item in scan.skipped]
+    return embed_listing(Tree(images), relpaths, out, model, not_images=not_images,
+                         notes=scan.notes("image folder"), dense=dense, resolution=resolution, resize=resize,
+                         batch_size=batch_size, workers=workers, dtype=dtype, part_size=part_size,
+                         overwrite=overwrite, max_image_pixels=max_image_pixels, progress=progress, say=say)
+
+
+def embed_split(split, out: str | os.PathLike, model, **options) -> EmbedSummary:
+    """Embed the images of one split of a benchmark (:mod:`mlsctl.data.datasets`), read in place
+    from its folder or archive; ``files`` of the manifest are the images' paths inside it."""
+    return embed_listing(split.tree, list(split.images), out, model, **options)
+
+
+def embed_listing(tree, relpaths: list[str], out: str | os.PathLike, model, *, not_images: Sequence = (),
+                  notes: Sequence[str] = (), dense: bool = False, resolution: Optional[int] = None,
+                  resize: str = "square", batch_size: int = 64, workers: int = 0, dtype: str = "fp16",
+                  part_size: Optional[int] = None, overwrite: bool = False,
+                  max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, progress: Optional[bool] = None,
+                  say: Callable[[str], None] = print) -> EmbedSummary:
+    """Embed the images ``relpaths`` of ``tree`` (a folder or an archive) into ``out``."""
+    from mlsctl.data.images import allow_image_pixels
 
     started = time.perf_counter()
-    images, out = Path(images), Path(out)
+    images, out = Path(tree.path), Path(out)
+    not_images = [list(item) for item in not_images]
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype} is not one of {', '.join(DTYPES)}")
     if resize not in RESIZE_MODES:
@@ -410,12 +449,7 @@ def embed_folder(images: str | os.PathLike, out: str | os.PathLike, model, *, de
     part_size = part_size or batch_size * 8
     if part_size % batch_size:
         raise UserError(f"--part-size {part_size} must be a multiple of --batch-size {batch_size}")
-    scan = scan_images(images, "image folder")
-    require_images(scan, "image folder")
     allow_image_pixels(max_image_pixels)
-    relpaths = [f.relative_to(images).as_posix() for f in scan.files]
-    not_images = [[p.relative_to(images).as_posix(), f"not an image file (extension {p.suffix or 'none'})"]
-                  for p in scan.others] + [list(item) for item in scan.skipped]
     preprocessing = Preprocessing(resolution, resize)
     grid = (resolution // patch, resolution // patch) if dense else None
     torch_dtype = DTYPES[dtype]
@@ -447,7 +481,7 @@ def embed_folder(images: str | os.PathLike, out: str | os.PathLike, model, *, de
         return EmbedSummary(out, len(reused["files"]), reused["skipped"], time.perf_counter() - started, 0.0,
                             model.description, reused=True)
     try:
-        return _embed_parts(images, out, model, plan, plan_sha, relpaths, not_images, scan, preprocessing, grid, dense,
+        return _embed_parts(tree, out, model, plan, plan_sha, relpaths, not_images, notes, preprocessing, grid, dense,
                             batch_size, part_size, parts_per_shard, n_parts, n_shards, workers, torch_dtype, progress,
                             say, started)
     finally:
@@ -508,8 +542,9 @@ def _remove_leftovers(out: Path, keep_partial: bool = False) -> None:
         shutil.rmtree(out / PARTIAL, ignore_errors=True)
 
 
-def _embed_parts(images: Path, out: Path, model, plan: dict, plan_sha: str, relpaths: list[str],
-                 not_images: list[list[str]], scan, preprocessing: Preprocessing, grid, dense: bool, batch_size: int,
+def _embed_parts(tree, out: Path, model, plan: dict, plan_sha: str, relpaths: list[str],
+                 not_images: list[list[str]], notes: Sequence[str], preprocessing: Preprocessing, grid, dense: bool,
+                 batch_size: int,
                  part_size: int, parts_per_shard: int, n_parts: int, n_shards: int, workers: int,
                  torch_dtype: torch.dtype, progress: Optional[bool], say: Callable[[str], None],
                  started: float) -> EmbedSummary:
@@ -529,15 +564,15 @@ def _embed_parts(images: Path, out: Path, model, plan: dict, plan_sha: str, relp
         batches += [list(range(s, min(s + batch_size, stop))) for s in range(k * part_size, stop, batch_size)]
     n_todo = sum(len(b) for b in batches)
     if is_main:
-        say(f"embedding {len(relpaths)} images from {images} with {model.description}")
-        for line in scan.notes("image folder"):
+        say(f"embedding {len(relpaths)} images from {tree.path} with {model.description}")
+        for line in notes:
             say(line)
         finished = sum(part_path(k).is_file() for k in range(n_parts))
         if finished:
             say(f"resuming: {finished} of {n_parts} parts already done")
     device = _device()
     backbone.to(device)
-    loader = torch.utils.data.DataLoader(_Images(images, relpaths, preprocessing), batch_sampler=batches,
+    loader = torch.utils.data.DataLoader(_Images(tree, relpaths, preprocessing), batch_sampler=batches,
                                          num_workers=workers, collate_fn=_collate,
                                          persistent_workers=False, pin_memory=device.type == "cuda")
     from tqdm import tqdm
@@ -670,11 +705,21 @@ def cache_dir(images: str | os.PathLike, model, root: str | os.PathLike = "featu
     """Where commands that take images keep their features: ``features/<model>-<fingerprint>/<folder>-<hash>``
     (the hash of the folder's absolute path keeps two folders of the same name apart), with
     ``-global`` appended for global features alone (``eval knn``)."""
+    return _model_cache(model, root) / (folder_label(images) + ("" if dense else "-global"))
+
+
+def split_cache_dir(split, model, root: str | os.PathLike = "features", dense: bool = True) -> Path:
+    """:func:`cache_dir` of one split of a benchmark: ``features/<model>-<fingerprint>/<dataset>-<split>-<root label>``."""
+    return _model_cache(model, root) / (f"{split.dataset}-{split.split}-{folder_label(split.tree.path)}"
+                                        + ("" if dense else "-global"))
+
+
+def _model_cache(model, root: str | os.PathLike) -> Path:
     source = model.info.get("path") or model.info["arch"]
     label = Path(source).parent.name if model.info["source"] in ("run", "run-checkpoint") else model.info["source"]
     if model.info["source"] == "random-init":
         label = "random-" + Path(source).name
-    return Path(root) / f"{label}-{model.fingerprint[:8]}" / (folder_label(images) + ("" if dense else "-global"))
+    return Path(root) / f"{label}-{model.fingerprint[:8]}"
 
 
 def features_or_embed(path: str | os.PathLike, get_model: Callable[[], object], *, dense: bool, what: str,
@@ -686,8 +731,23 @@ def features_or_embed(path: str | os.PathLike, get_model: Callable[[], object], 
     model = get_model()
     out = cache_dir(path, model, dense=dense)
     summary = embed_folder(path, out, model, dense=dense, say=say, **embed_options)
-    if summary.reused:
-        say(f"{what}: using the features of {path} already in {out}")
-    else:
-        say(f"{what}: embedded {summary.rows} images of {path} into {out} ({summary.images_per_s:.0f} images/s)")
+    _say_embedded(summary, str(path), out, what, say)
     return Features(out, what)
+
+
+def features_of_split(split, get_model: Callable[[], object], *, dense: bool, what: str,
+                      say: Callable[[str], None] = print, **embed_options) -> Features:
+    """The features of one split of a benchmark (:mod:`mlsctl.data.datasets`), embedded (or found
+    already embedded) under :func:`split_cache_dir` with the model ``get_model()``."""
+    model = get_model()
+    out = split_cache_dir(split, model, dense=dense)
+    summary = embed_split(split, out, model, dense=dense, say=say, **embed_options)
+    _say_embedded(summary, f"{split.dataset} {split.split} ({split.tree.path})", out, what, say)
+    return Features(out, what)
+
+
+def _say_embedded(summary: EmbedSummary, source: str, out: Path, what: str, say: Callable[[str], None]) -> None:
+    if summary.reused:
+        say(f"{what}: using the features of {source} already in {out}")
+    else:
+        say(f"{what}: embedded {summary.rows} images of {source} into {out} ({summary.images_per_s:.0f} images/s)")

@@ -78,8 +78,12 @@ def _accelerator(recipe, run_root: Optional[Path] = None):
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
     method_cls = methods.method_class(recipe.method.name)
-    precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16",
-                 "fp16_or_bf16": "fp16" if torch.cuda.is_available() else "bf16"}[recipe.train.precision]
+    cuda = torch.cuda.is_available()
+    precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16", "auto": "bf16" if cuda else "no",
+                 "fp16_or_bf16": "fp16" if cuda else "bf16"}[recipe.train.precision]
+    if cuda:  # TF32 matrix products and convolutions for what runs in float32 (Ampere and newer)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     if precision == "fp16" and not torch.cuda.is_available():
         raise UserError("train.precision=fp16 needs a CUDA GPU; use train.precision=bf16 or fp32 on a CPU")
     ddp = DistributedDataParallelKwargs(broadcast_buffers=False, find_unused_parameters=method_cls.find_unused_parameters)
@@ -235,15 +239,25 @@ def param_groups(module: torch.nn.Module, decay_biases_and_norms: bool = False) 
     return [{"params": decay, "apply_weight_decay": True}, {"params": no_decay, "weight_decay": 0.0, "apply_weight_decay": False}]
 
 
-def build_optimizer(optim, groups: list[dict]) -> torch.optim.Optimizer:
+def build_optimizer(optim, groups: list[dict], fused: bool = False) -> torch.optim.Optimizer:
     """The recipe's optimiser (``optim.optimizer``) over ``groups``; the loop sets lr and weight decay
     every step from the schedules. ``adam`` adds weight decay to the gradient (L2), ``adamw`` decouples
-    it, ``sgd`` uses ``optim.momentum`` (no Nesterov, no dampening: MoCo's ``torch.optim.SGD``)."""
+    it, ``sgd`` uses ``optim.momentum`` (no Nesterov, no dampening: MoCo's ``torch.optim.SGD``).
+    ``fused`` (parameters on CUDA): Adam and AdamW update every parameter in one kernel."""
     if optim.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=0.0, momentum=optim.momentum, weight_decay=optim.weight_decay)
-    if optim.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=0.0, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
-    return torch.optim.AdamW(groups, lr=0.0, betas=tuple(optim.betas), weight_decay=optim.weight_decay)
+    kind = torch.optim.Adam if optim.optimizer == "adam" else torch.optim.AdamW
+    return kind(groups, lr=0.0, betas=tuple(optim.betas), weight_decay=optim.weight_decay, **({"fused": True} if fused else {}))
+
+
+def _speed_up(method, recipe, device: torch.device) -> None:
+    """The device habits that change no result's meaning: CNNs in channels-last memory on CUDA, and
+    ``train.compile`` (each backbone compiled in place, so state-dict keys stay the same)."""
+    for backbone in method.backbones():
+        if device.type == "cuda" and backbone.kind != "vit":
+            backbone.net.to(memory_format=torch.channels_last)
+        if recipe.train.compile:
+            backbone.compile()
 
 
 def _check_recipe(recipe, method_cls, source: str) -> None:
@@ -439,13 +453,14 @@ def _truncate_metrics(path: Path, step: int) -> None:
 # ------------------------------------------------------------------------------------------------ the loop
 
 
-def _clip_gradients(parameters: list[torch.nn.Parameter], threshold: float, mode: str, accelerator) -> float:
-    """Returns the total gradient norm before clipping."""
+def _clip_gradients(parameters: list[torch.nn.Parameter], threshold: float, mode: str, accelerator) -> torch.Tensor:
+    """Returns the total gradient norm before clipping, as a tensor on the device (read only when
+    logged: no host synchronisation per step)."""
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
-        return 0.0
-    norms = torch.stack([g.detach().float().norm(2) for g in grads])
-    total = float(norms.norm(2))
+        return torch.zeros(())
+    norms = torch.stack(torch._foreach_norm([g.detach().float() for g in grads], 2))
+    total = norms.norm(2)
     if threshold > 0:
         if mode == "global":
             accelerator.clip_grad_norm_(parameters, threshold)
@@ -503,8 +518,9 @@ def pretrain(recipe, out: str | Path, *, resume: bool = False, init_from: Option
         bank.to(accelerator.device)
         bank.name = name
     _check_ema_pairs(method.ema_pairs())
+    _speed_up(method, recipe, accelerator.device)
     groups = param_groups(method, recipe.optim.decay_biases_and_norms)
-    optimizer = build_optimizer(recipe.optim, groups)
+    optimizer = build_optimizer(recipe.optim, groups, fused=accelerator.device.type == "cuda")
     monitor = None
     if recipe.train.monitor.every and is_main:  # its images are read (and checked) before --out is touched
         from mlsctl.monitor import Monitor
@@ -606,6 +622,10 @@ def _train(run: Run, recipe, accelerator, folder: ImageFolder, dataset, collate_
     metrics_file = open(run.metrics_path, "a") if is_main else None
     started = last_time = time.perf_counter()
     images_since, loss_value, step = 0, None, start_step
+    on_device = getattr(dataset, "on_device", None)  # the dataset's last stage, on the training device
+    # The first step whose loss was not finite, kept on the device and read only where metrics are
+    # logged and before a checkpoint (no host synchronisation per step on a GPU).
+    first_bad_step = torch.full((), -1, dtype=torch.long, device=accelerator.device)
     warned: set[str] = set()  # banks already reported as collapsed
     shown: dict[str, str] = {}  # the monitor's last k-NN top-1 in the progress bar
     model.train()
@@ -614,6 +634,8 @@ def _train(run: Run, recipe, accelerator, folder: ImageFolder, dataset, collate_
             skips.extend(batch.skipped)
             step_started = time.perf_counter()
             batch = batch.to(accelerator.device)
+            if on_device is not None:
+                batch = on_device(batch)
             lr = cosine(step, total_steps, peak_lr, recipe.optim.min_lr, warmup_steps)
             weight_decay = cosine(step, total_steps, recipe.optim.weight_decay, recipe.optim.weight_decay_end)
             for group in optimizer.param_groups:
@@ -622,9 +644,9 @@ def _train(run: Run, recipe, accelerator, folder: ImageFolder, dataset, collate_
                     group["weight_decay"] = weight_decay
 
             out = model(batch, step)
-            if not torch.isfinite(out.loss):
-                raise UserError(f"the loss became {float(out.loss)} at step {step}: training diverged; lower optim.lr, "
-                                f"raise optim.warmup_epochs or use train.precision=fp32", exit_code=1)
+            first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(out.loss.detach()), step, first_bad_step)
+            if accelerator.device.type != "cuda":  # free on a CPU: stop at once
+                _check_finite(first_bad_step)
             optimizer.zero_grad(set_to_none=True)
             accelerator.backward(out.loss)
             if accelerator.scaler is not None:
@@ -642,6 +664,10 @@ def _train(run: Run, recipe, accelerator, folder: ImageFolder, dataset, collate_
 
             done = step + 1
             images_since += batch_global
+            logged = done % recipe.train.log_every == 0 or done == total_steps
+            saved = done % recipe.train.checkpoint_every == 0 or done == total_steps
+            if logged or saved:
+                _check_finite(first_bad_step, method.banks())
             health = {}
             if is_main and recipe.train.bank_health_every and done % recipe.train.bank_health_every == 0:
                 health = _bank_health(method.banks(), done, warned)
@@ -655,21 +681,21 @@ def _train(run: Run, recipe, accelerator, folder: ImageFolder, dataset, collate_
                 metrics_file.write(json.dumps({"step": done, "epoch": schedule.epoch(step), **health}) + "\n")
                 if recipe.train.log_with:
                     accelerator.log(health, step=done)
-            if done % recipe.train.log_every == 0 or done == total_steps:
+            if logged:
                 now = time.perf_counter()
                 # loss terms and metrics of the global batch: averaged over processes
                 scalars = {"loss": float(out.loss.detach()), **{f"loss/{k}": float(v) for k, v in out.terms.items()},
-                           **out.metrics}
+                           **{k: float(v) for k, v in out.metrics.items()}}
                 scalars = dist.mean_over_processes(scalars)
                 loss_value = scalars["loss"]
                 record = {"step": done, "epoch": schedule.epoch(step), **{k: scalars[k] for k in scalars if k.startswith("loss")}}
-                record.update({"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "grad_norm": grad_norm,
+                record.update({"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "grad_norm": float(grad_norm),
                                "images_per_s": images_since / max(now - last_time, 1e-9)})
                 record.update({f"bank_fill/{name}": bank.fill for name, bank in method.banks().items()})
                 record.update(health)
                 record.update({k: v for k, v in scalars.items() if not k.startswith("loss")})
                 # seconds of this step; a method's own timings (time/...) leave the rest as time/other
-                method_seconds = sum(v for k, v in out.metrics.items() if k.startswith("time/"))
+                method_seconds = sum(float(v) for k, v in out.metrics.items() if k.startswith("time/"))
                 record.update({"time/step": step_seconds, "time/other": step_seconds - method_seconds})
                 if any(k.startswith("time/") for k in out.metrics):  # the share of the method's own operations
                     record["time/method_share"] = method_seconds / max(step_seconds, 1e-9)
@@ -682,7 +708,7 @@ def _train(run: Run, recipe, accelerator, folder: ImageFolder, dataset, collate_
                     metrics_file.flush()
                     progress_log.info(f"step {done}/{total_steps} loss {loss_value:.4f} lr {lr:.3g} "
                                       f"{record['images_per_s']:.1f} img/s")
-            if done % recipe.train.checkpoint_every == 0 or done == total_steps:
+            if saved:
                 if metrics_file is not None:
                     os.fsync(metrics_file.fileno())
                 save_checkpoint(run, done, method, optimizer, accelerator, recipe, recipe.train.keep_checkpoints)
@@ -714,6 +740,16 @@ def _train(run: Run, recipe, accelerator, folder: ImageFolder, dataset, collate_
                  f"run in {run.root}")
     dist.barrier()
     return RunSummary(run.root, total_steps, throughput, loss_value, elapsed)
+
+
+def _check_finite(first_bad_step: torch.Tensor, banks: Optional[dict] = None) -> None:
+    """Stop when a loss was not finite (``first_bad_step`` >= 0) or a bank received non-finite vectors."""
+    bad = int(first_bad_step)
+    if bad >= 0:
+        raise UserError(f"the loss became NaN or infinite at step {bad}: training diverged; lower optim.lr, raise "
+                        f"optim.warmup_epochs or use train.precision=fp32", exit_code=1)
+    for bank in (banks or {}).values():
+        bank.raise_if_nonfinite()
 
 
 def _tracker_config(recipe) -> dict:

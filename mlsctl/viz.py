@@ -75,7 +75,7 @@ def pca_figure(images: Sequence[Optional[object]], colours: torch.Tensor, names:
 def features_pca(features, out: Path, n: int = 16, cell: int = 128) -> Path:
     """PCA patch maps of the first ``n`` rows of a feature folder, beside their source images as the
     model saw them (resized, and centre-cropped after ``--resize center-crop``)."""
-    from mlsctl.data.images import BadImage, load_rgb
+    from mlsctl.data.images import BadImage
     from mlsctl.errors import UserError
 
     if not features.has_dense:
@@ -93,9 +93,9 @@ def features_pca(features, out: Path, n: int = 16, cell: int = 128) -> Path:
     images = []
     for row in rows:
         try:  # what the model saw: the same resize (and centre crop) as embed
-            pixels = model_input.pixels(load_rgb(features.image_path(row)))
+            pixels = model_input.pixels(features.load_image(row))  # from its folder or archive
             images.append(Image.fromarray(pixels.permute(1, 2, 0).numpy()))
-        except (BadImage, OSError):
+        except (BadImage, OSError, UserError):
             images.append(None)
     return pca_figure(images, pca_rgb(dense), [features.files[r] for r in rows], out, cell=cell)
 

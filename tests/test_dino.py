@@ -86,7 +86,7 @@ def a_batch(recipe, images):
 
     dataset, collate_fn = Method.build_dataset(recipe, ImageFolder(images))
     sampler = StepBatchSampler(len(dataset), 4, seed=0)
-    return collate_fn([dataset[key] for key in next(iter(sampler))])
+    return dataset.on_device(collate_fn([dataset[key] for key in next(iter(sampler))]))
 
 
 def test_every_student_parameter_gets_a_gradient_and_the_teacher_none(images):

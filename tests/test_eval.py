@@ -100,6 +100,25 @@ def test_patch_soft_labels_and_rare_class_sampling():
     assert len(knn_seg.sample_patches(soft, 500, torch.Generator())) == 100
 
 
+def test_patch_soft_labels_equal_area_pooling_of_the_one_hot_mask():
+    """The counting implementation against its definition: adaptive average pooling of the one-hot
+    mask (ignored pixels zero), renormalised; cell edges that do not divide the mask included."""
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        height, width = rng.integers(1, 50, 2)
+        classes, grid = int(rng.integers(1, 25)), (int(rng.integers(1, 10)), int(rng.integers(1, 10)))
+        mask = rng.integers(0, classes, (height, width))
+        mask[rng.random((height, width)) < 0.3] = 255
+        valid = torch.from_numpy(mask != 255)
+        one_hot = F.one_hot(torch.from_numpy(np.where(mask == 255, 0, mask)), classes).permute(2, 0, 1).float()
+        pooled = F.adaptive_avg_pool2d((one_hot * valid)[None], grid)[0].permute(1, 2, 0).reshape(-1, classes)
+        total = pooled.sum(1, keepdim=True)
+        expected = torch.where(total > 0, pooled / total.clamp_min(1e-12), torch.zeros_like(pooled))
+        assert torch.allclose(knn_seg.patch_soft_labels(mask, grid, classes), expected, atol=1e-6)
+    with pytest.raises(ValueError, match="mask holds class 7 but num_classes is 3"):
+        knn_seg.patch_soft_labels(np.array([[0, 7]]), (1, 1), 3)
+
+
 def _scene_data(tmp_path: Path, name: str, n: int, grid: int, dim: int, classes: int, seed: int):
     """Random dense features whose patches carry their class in a few dimensions, with masks."""
     rng = np.random.default_rng(seed)
@@ -189,6 +208,82 @@ def test_knn_seg_refuses_mismatched_inputs(tmp_path: Path):
         knn_seg.FeatureMasks(Features(flat), train_masks, "val features")
     with pytest.raises(UserError, match="fraction like"):
         knn_seg.parse_fraction("half")
+
+
+# -------------------------------------------------------------------------------- neighbour search
+
+
+def _random_unit(n: int, d: int, seed: int) -> torch.Tensor:
+    return F.normalize(torch.randn(n, d, generator=torch.Generator().manual_seed(seed)), dim=1)
+
+
+@pytest.mark.parametrize("scores_per_chunk", [1 << 25, 50 * 37])  # one pass; 37 queries x 50 memory rows at a time
+def test_torch_search_equals_faiss_flat(scores_per_chunk):
+    import faiss
+
+    memory, queries = _random_unit(3000, 32, 0), _random_unit(500, 32, 1)
+    index = faiss.IndexFlatIP(32)
+    index.add(memory.numpy())
+    faiss_scores, faiss_ids = index.search(queries.numpy(), 30)
+    scores, ids = knn.exact_search(memory, queries, 30, query_chunk=37, scores_per_chunk=scores_per_chunk)
+    assert ids.dtype == torch.int64 and scores.dtype == torch.float32 and ids.shape == (500, 30)
+    assert torch.equal(ids, torch.from_numpy(faiss_ids))
+    assert torch.allclose(scores, torch.from_numpy(faiss_scores), atol=1e-5, rtol=0)
+    assert bool((scores[:, :-1] >= scores[:, 1:]).all())  # descending, as faiss returns them
+    with pytest.raises(ValueError, match="exceeds"):
+        knn.exact_search(memory[:5], queries, 6)
+
+
+def _scene_sources(tmp_path: Path, n_train: int, n_val: int) -> tuple[knn_seg.FeatureMasks, knn_seg.FeatureMasks]:
+    """(train, val) sources of :func:`_scene_data`: grid 4, 8 dimensions, 3 classes."""
+    train_dir, train_masks = _scene_data(tmp_path, "train", n_train, 4, 8, 3, seed=0)
+    val_dir, val_masks = _scene_data(tmp_path, "val", n_val, 4, 8, 3, seed=1)
+    return (knn_seg.FeatureMasks(Features(train_dir), train_masks, "train features"),
+            knn_seg.FeatureMasks(Features(val_dir), val_masks, "val features"))
+
+
+def test_knn_seg_predictions_are_the_same_with_torch_and_faiss_search(tmp_path: Path):
+    train, val = _scene_sources(tmp_path, 6, 4)
+    outcomes = {backend: knn_seg.evaluate_once(train, val, list(range(6)),
+                                               knn_seg.Settings(k=7, temperature=0.05, search=backend, device="cpu"),
+                                               3, run_seed=0)
+                for backend in ("torch", "faiss")}
+    assert np.array_equal(outcomes["torch"]["confusion"], outcomes["faiss"]["confusion"])
+    assert outcomes["torch"]["search"].startswith("exact, torch") and "faiss" in outcomes["faiss"]["search"]
+    with pytest.raises(UserError, match="--index ivf is a faiss index"):
+        knn_seg.build_search(torch.randn(4, 8), knn_seg.Settings(index="ivf", search="torch"))
+    with pytest.raises(UserError, match="--search gpu is not one of"):
+        knn_seg.build_search(torch.randn(4, 8), knn_seg.Settings(search="gpu"))
+
+
+def test_evaluations_run_without_faiss(tmp_path: Path, monkeypatch):
+    import subprocess
+    import sys
+
+    # importing the evaluations (and their CLI) does not import faiss
+    code = ("import sys, mlsctl.evaluate.knn, mlsctl.evaluate.knn_seg, mlsctl.cli.eval; "
+            "assert 'faiss' not in sys.modules, 'faiss imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss now raises ImportError
+    train, val = _scene_sources(tmp_path, 3, 2)
+    outcome = knn_seg.evaluate_once(train, val, [0, 1, 2], knn_seg.Settings(k=3), 3, run_seed=0)
+    assert outcome["search"].startswith("exact, torch")
+    with pytest.raises(UserError, match="faiss, which is not installed"):
+        knn_seg.evaluate_once(train, val, [0, 1, 2], knn_seg.Settings(k=3, search="faiss"), 3, run_seed=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_search_equals_cpu_faiss():
+    import faiss
+
+    memory, queries = _random_unit(20000, 64, 0), _random_unit(2000, 64, 1)
+    index = faiss.IndexFlatIP(64)
+    index.add(memory.numpy())
+    faiss_scores, faiss_ids = index.search(queries.numpy(), 30)
+    scores, ids = knn.exact_search(memory.cuda(), queries, 30, scores_per_chunk=1 << 20)
+    assert torch.equal(ids, torch.from_numpy(faiss_ids))
+    assert torch.allclose(scores, torch.from_numpy(faiss_scores), atol=1e-5, rtol=0)
+    assert knn.search_device("auto").type == "cuda"
 
 
 # ---------------------------------------------------------------------------------------------- knn

@@ -10,10 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import REPO, cli_env
-
-pytestmark = pytest.mark.slow
 
 
 # four cells: every kind (trained, untrained, retrieval, with the linear probe); the others run the same code
@@ -25,6 +24,7 @@ def suite(tmp: Path, fmnist: Path, *extra: str) -> list[str]:
             "--results", str(tmp / "results"), "--fmnist", str(fmnist), *CELLS, *extra]
 
 
+@pytest.mark.slow
 def test_smoke_profile_resumes_after_a_kill_and_reuses_finished_cells(tmp_path: Path, fake_fmnist: Path):
     checkpoint = tmp_path / "work" / "cells" / "scenes" / "dino" / "seed0" / "run" / "checkpoints" / "step-00000002"
     process = subprocess.Popen(suite(tmp_path, fake_fmnist), env=cli_env(), stdout=subprocess.DEVNULL,
@@ -61,3 +61,213 @@ def test_smoke_profile_resumes_after_a_kill_and_reuses_finished_cells(tmp_path: 
     assert again.returncode == 0 and again.stdout.count(": reused") == 4
     listing = subprocess.run(suite(tmp_path, fake_fmnist, "--list"), env=cli_env(), capture_output=True, text=True)
     assert listing.stdout.count(" done") == 4
+
+
+# ------------------------------------------------------------------------------------------ --budget-s, fast
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import fidelity  # noqa: E402
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def fake_record(cell, seconds: float) -> dict:
+    """What run_cell writes for a finished cell, with ``seconds`` as its measured wall time."""
+    return {"cell": cell.id, "profile": cell.profile.name, "spec": cell.spec(), "spec_sha": cell.spec_sha(),
+            "metrics": {"miou": 0.1} if cell.variant.benchmark == "scenes" else {"mile@trained/noise0": 0.1}, "steps": 8, "resumed_from": 0, "device": fidelity.device_description(),
+            "torch": "t", "timm": "t", "commit": "c", "seconds_this_session": {"train": seconds, "eval": 0.0},
+            "train_seconds_total": seconds,
+            "timing": {"device": fidelity.device_description(), "variant_sha": fidelity.variant_sha(cell.spec()),
+                       "seconds": seconds}}
+
+
+@pytest.fixture
+def budget_suite(tmp_path: Path, monkeypatch):
+    """The smoke profile with 2 seeds and declared estimates; cells take fake seconds on a fake clock."""
+    import dataclasses
+
+    profile = dataclasses.replace(fidelity.PROFILES["smoke"], seeds=(0, 1),
+                                  estimates=(("random", 30), ("dino", 50), ("supervised", 40), ("mile", 20)))
+    monkeypatch.setitem(fidelity.PROFILES, "smoke", profile)
+    clock = FakeClock()
+    monkeypatch.setattr(fidelity, "CLOCK", clock)
+    monkeypatch.setattr(fidelity, "build_data", lambda *args, **kwargs: None)
+    true_seconds = {"random": 30, "dino": 55, "supervised": 40, "mile": 20}  # dino takes longer than declared
+    ran: list[str] = []
+
+    def fake_run_cell(cell, threads, rerun, deadline=None):
+        assert deadline is not None and clock.now + true_seconds[cell.variant.name] <= deadline + 5
+        clock.now += true_seconds[cell.variant.name]
+        ran.append(cell.id)
+        record = fake_record(cell, true_seconds[cell.variant.name])
+        fidelity.atomic.write_json(cell.result_path, record)
+        return record
+
+    monkeypatch.setattr(fidelity, "run_cell", fake_run_cell)
+
+    def run(*extra: str) -> int:
+        ran.clear()
+        return fidelity.main(["--profile", "smoke", "--work", str(tmp_path / "work"), "--results",
+                              str(tmp_path / "results"), "--only", "scenes/random/*", "scenes/dino/*",
+                              "scenes/supervised/*", "products/*", *extra])
+
+    return run, ran, tmp_path / "results" / "smoke"
+
+
+def test_budget_runs_the_cells_that_fit_and_the_next_run_goes_on(budget_suite, capsys):
+    run, ran, results = budget_suite
+    assert run("--budget-s", "100") == 0
+    # random/0 (30 s) and dino/0 (55 s) fit; supervised/0 (40 s) does not fit in the 15 s left, nor anything after
+    assert ran == ["scenes/random/0", "scenes/dino/0"]
+    progress = {r["cell"]: r for r in json.loads((results / "progress.json").read_text())["cells"]}
+    assert [c for c, r in progress.items() if r["state"] == "done"] == ["scenes/random/0", "scenes/dino/0"]
+    assert progress["scenes/supervised/0"]["why"] == "did not fit: declared estimate 40s, 15s left"
+    # dino/1 is planned with what dino/0 measured on this device, not the declared 50 s
+    assert (progress["scenes/dino/1"]["estimate_s"], progress["scenes/dino/1"]["estimate_from"]) == (55, "measured")
+    assert (progress["scenes/supervised/1"]["estimate_s"], progress["scenes/supervised/1"]["estimate_from"]) == \
+        (40, "declared")
+    assert "2 done, 6 pending" in capsys.readouterr().out
+
+    assert run("--budget-s", "200") == 0  # goes on with what is pending, in order, while it fits
+    assert ran == ["scenes/supervised/0", "products/mile/0", "scenes/random/1", "scenes/dino/1", "scenes/supervised/1"]
+    assert run("--budget-s", "10") == 0 and ran == []  # nothing fits: stops at once, still exit 0
+    assert run("--budget-s", "100") == 0 and ran == ["products/mile/1"]
+    assert json.loads((results / "summary.json").read_text())["cells"] == 8
+
+
+def test_pack_and_unpack_results_merges_the_cells_of_a_device_window(budget_suite, tmp_path: Path, capsys):
+    run, ran, results = budget_suite
+    archive = tmp_path / "window.tar.gz"
+    assert run("--budget-s", "100", "--pack-results", str(archive)) == 0
+    import tarfile
+
+    with tarfile.open(archive) as tar:
+        names = sorted(tar.getnames())
+    assert names == ["smoke/cells/scenes-dino-seed0.json", "smoke/cells/scenes-random-seed0.json",
+                     "smoke/progress.json", "smoke/summary.json", "smoke/summary.md", "smoke/summary.png"]
+    here = tmp_path / "here"
+    assert fidelity.main(["--profile", "smoke", "--results", str(here), "--unpack-results", str(archive)]) == 0
+    merged = sorted(p.name for p in (here / "smoke" / "cells").glob("*.json"))
+    assert merged == sorted(n.rsplit("/", 1)[1] for n in names if "/cells/" in n)
+    assert json.loads((here / "smoke" / "summary.json").read_text())["cells"] == len(merged)
+    with pytest.raises(SystemExit, match="holds results of profile smoke, not cpu"):
+        fidelity.main(["--profile", "cpu", "--results", str(here), "--unpack-results", str(archive)])
+
+
+FAKE_MLSCTL = '''
+import json, signal, sys, time
+from pathlib import Path
+args = sys.argv[1:]
+out = Path(args[args.index("--out") + 1])
+if args[0] == "pretrain":
+    out.mkdir(parents=True, exist_ok=True)
+    if "--resume" in args:
+        (out / "summary.json").write_text(json.dumps({"steps": 8, "resumed_from": 2, "seconds": 0.1}))
+        (out / "teacher.safetensors").write_bytes(b"")
+        sys.exit(0)
+    checkpoint = out / "checkpoints" / "step-00000002"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "state.json").write_text(json.dumps({"step": 2, "format_version": 1}))
+    def stop(signum, frame):
+        (out / "terminated").write_text("SIGTERM")
+        sys.exit(130)
+    signal.signal(signal.SIGTERM, stop)
+    time.sleep(120)  # a training far longer than its estimate
+    sys.exit(3)
+if args[:2] == ["eval", "knn-seg"]:
+    out.write_text(json.dumps({"results": [{"miou": 0.25, "iou_per_class": [0.4, 0.1],
+                                            "runs": [{"confusion": [[8, 2], [3, 7]]}]}]}))
+elif args[:2] == ["eval", "knn"]:
+    out.write_text(json.dumps({"results": [{"k": 5, "top1": 0.2}]}))
+'''
+
+
+def test_a_cell_running_at_the_deadline_is_stopped_and_resumes_in_the_next_run(tmp_path: Path, monkeypatch, capsys):
+    import dataclasses
+
+    monkeypatch.setitem(fidelity.PROFILES, "smoke",
+                        dataclasses.replace(fidelity.PROFILES["smoke"], estimates=(("dino", 1),)))
+    fake = tmp_path / "fake_mlsctl.py"
+    fake.write_text(FAKE_MLSCTL)
+    monkeypatch.setattr(fidelity, "MLSCTL", [sys.executable, str(fake)])
+    monkeypatch.setattr(fidelity, "STOP_GRACE_S", 10.0)
+    monkeypatch.setattr(fidelity, "build_data", lambda *args, **kwargs: None)
+    argv = ["--profile", "smoke", "--work", str(tmp_path / "work"), "--results", str(tmp_path / "results"),
+            "--only", "scenes/dino/*"]
+    run = tmp_path / "work" / "cells" / "scenes" / "dino" / "seed0" / "run"
+
+    started = time.monotonic()
+    assert fidelity.main([*argv, "--budget-s", "3"]) == 0
+    assert 3 <= time.monotonic() - started < 3 + 10  # stopped at the deadline, well before its 120 s
+    assert (run / "terminated").read_text() == "SIGTERM"
+    out = capsys.readouterr().out
+    assert "scenes/dino/0: mlsctl pretrain stopped at the deadline" in out and "0 done, 1 pending" in out
+    row = json.loads((tmp_path / "results" / "smoke" / "progress.json").read_text())["cells"][0]
+    assert row["state"] == "pending" and row["resumable"] and "resumes from its last checkpoint" in row["why"]
+
+    assert fidelity.main([*argv, "--budget-s", "60"]) == 0
+    record = json.loads((tmp_path / "results" / "smoke" / "cells" / "scenes-dino-seed0.json").read_text())
+    assert record["resumed_from"] == 2 and "--resume" in (run.parent / "cell.log").read_text()
+    assert record["metrics"]["miou"] == 0.25
+    assert record["timing"]["seconds"] >= 3  # the stopped session counts: the next window plans with it
+    assert "1 done, 0 pending" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------ the supervised ceiling
+
+import supervised_ceiling  # noqa: E402
+
+
+def test_supervised_crops_cut_image_and_mask_alike():
+    generator = torch.Generator().manual_seed(0)
+    masks = torch.randint(0, 4, (6, 4, 4)).repeat_interleave(8, 1).repeat_interleave(8, 2)  # 32x32, 8x8 blocks
+    images = (masks * 60).to(torch.uint8)[:, None].repeat(1, 3, 1, 1)
+    boxes = supervised_ceiling.crop_boxes(6, (0.3, 1.0), generator)
+    assert set(boxes[:, 0].tolist()) == {-1.0, 1.0} and bool((boxes[:, 1:3] <= 1).all())
+    pixels, labels = supervised_ceiling.crop(images, masks, boxes, 16)
+    # away from block edges (where bilinear mixes two blocks) the pixel says the label
+    agree = (pixels[:, 0] * 255 / 60).round().long() == labels
+    assert agree.float().mean() > 0.8
+    target, labelled = supervised_ceiling.patch_targets(labels, 8, 4)
+    assert target.shape == (6, 2, 2, 4) and bool(labelled.all())
+    assert torch.allclose(target.sum(-1), torch.ones(6, 2, 2))
+
+
+def test_supervised_ceiling_writes_a_run_that_evaluations_read(tmp_path: Path):
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from mlsctl.models.source import from_run
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    for i in range(8):
+        mask = np.zeros((32, 32), np.uint8)
+        mask[8:24, 8:24] = 1 + i % 2
+        mask[0, :] = 255  # ignored pixels
+        image = (mask[..., None] * 90 + rng.integers(0, 20, (32, 32, 3))).astype(np.uint8)
+        Image.fromarray(image).save(tmp_path / "images" / f"{i:03d}.png")
+        Image.fromarray(mask).save(tmp_path / "masks" / f"{i:03d}.png")
+    out = tmp_path / "run"
+    overrides = [f"data.root={tmp_path / 'images'}", *fidelity.TINY_VIT, "data.global_crops.size=16",
+                 "optim.batch_size=4", "optim.epochs=2", "optim.warmup_epochs=1", "seed=3"]
+    assert supervised_ceiling.main(["dino_fmnist_quick", *overrides, "--masks", str(tmp_path / "masks"),
+                                    "--out", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["classes"] == 3
+    choice = from_run(out)
+    trained = load_file(str(out / "teacher.safetensors"))
+    start = from_run(out, random_init=True, seed=3).backbone.model.state_dict()
+    assert set(trained) == set(start)
+    assert not torch.equal(trained["blocks.0.attn.qkv.weight"], start["blocks.0.attn.qkv.weight"])  # it trained
+    assert choice.backbone.width == 32
+    assert supervised_ceiling.main(["dino_fmnist_quick", *overrides, "--masks", str(tmp_path / "masks"),
+                                    "--out", str(out)]) == 2  # a finished run is never overwritten

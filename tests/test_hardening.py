@@ -674,6 +674,15 @@ def test_16_non_finite_vectors_never_enter_a_bank():
     with pytest.raises(NonFiniteVectors, match=r"step 7: .* memory bank 'cls' are not all finite"):
         bank.enqueue(bad, step=7)
     assert bank.filled == 2 and torch.isfinite(bank.vectors).all()
+    # on a GPU the check is deferred (no host synchronisation per step): the slots keep what they held
+    # and the loop's raise_if_nonfinite names the first bad step where it logs
+    bank.defer_finite_check = True
+    before = bank.vectors.clone()
+    bank.enqueue(bad, step=9)
+    bank.enqueue(torch.ones(2, 4), step=10)
+    assert torch.equal(bank.vectors[2:4], before[2:4]) and torch.isfinite(bank.vectors).all()
+    with pytest.raises(NonFiniteVectors, match=r"step 9: .* memory bank 'cls' are not all finite"):
+        bank.raise_if_nonfinite()
     state = bank.state_dict()
     state["vectors"] = state["vectors"].clone()
     state["vectors"][0, 0] = float("inf")

@@ -116,7 +116,7 @@ def _method(tmp_path, model=CNN, n_images=8, **method):
     recipe = config.from_dict(mls_recipe(images, model, **method))
     mls = MLS(recipe, Schedule(steps_per_epoch=2, epochs=2))
     dataset, collate = MLS.build_dataset(recipe, ImageFolder(str(images), "data.root"))
-    return mls, collate([dataset[(0, i)] for i in range(4)])
+    return mls, dataset.on_device(collate([dataset[(0, i)] for i in range(4)]))
 
 
 def test_the_key_encoder_sees_a_shuffled_batch_in_other_batchnorm_groups(tmp_path):

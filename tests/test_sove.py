@@ -195,7 +195,7 @@ def _sove(tmp_path, **method):
     recipe = config.from_dict(raw)
     method_ = SOVE(recipe, Schedule(steps_per_epoch=2, epochs=2))
     dataset, collate = SOVE.build_dataset(recipe, ImageFolder(str(images), "data.root"))
-    return method_, collate([dataset[(0, i)] for i in range(4)])
+    return method_, dataset.on_device(collate([dataset[(0, i)] for i in range(4)]))
 
 
 def test_every_student_parameter_gets_a_gradient_and_the_teacher_none(tmp_path):

@@ -12,12 +12,15 @@ from mlsctl.cli import app
 
 @app.command()
 def embed(
-    images: Path = typer.Argument(..., help="Folder of images (searched recursively)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Feature folder [default: features/<last three parts of the images path>-<hash of it>]."),
+    images: Optional[Path] = typer.Argument(None, help="Folder of images (searched recursively); or give --dataset."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="Embed one split of a benchmark read from --root: voc, ade20k, cityscapes, coco-stuff, coco-things, imagenet."),
+    root: Optional[Path] = typer.Option(None, "--root", help="The dataset's folder, or its .tar/.zip read in place (with --dataset)."),
+    split: Optional[str] = typer.Option(None, "--split", help="Split of --dataset, e.g. val, train, trainaug [default: val]."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Feature folder [default: features/<last three parts of the images path>-<hash of it>, or features/<dataset>-<split>-<root label>]."),
     run: Optional[Path] = typer.Option(None, "--run", help="Use the teacher of this run (default: the newest run under ./runs)."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Use this local .safetensors/.pth backbone instead of a run."),
     model: Optional[str] = typer.Option(None, "--model", help="timm architecture of --weights (read from the file when it records it)."),
-    random_init: bool = typer.Option(False, "--random-init", help="The architecture of --run with random weights (a baseline)."),
+    random_init: bool = typer.Option(False, "--random-init", help="The architecture of --run (or --weights) with random weights (a baseline)."),
     seed: int = typer.Option(0, "--seed", help="Seed of --random-init."),
     dense: bool = typer.Option(False, "--dense", help="Also store the patch-token maps [n, h, w, D]."),
     resolution: Optional[int] = typer.Option(None, "--resolution", min=1, help="Input side in pixels [default: the model's img_size]."),
@@ -34,29 +37,48 @@ def embed(
 
     Example: mlsctl embed data/fmnist-scenes/val/images --run runs/dino_fmnist_quick --dense --out features/val
 
+    A benchmark split, read in place from its archive: mlsctl embed --dataset voc --root VOCtrainval_11-May-2012.tar
+    --split val --dense --resolution 512 --run runs/x (then eval knn-seg --dataset voc --root ... --val FEATURES)
+
     Killed and run again, it continues where it stopped. Several processes:
     accelerate launch --num_processes 2 -m mlsctl embed IMAGES --run RUN
     """
     from mlsctl import dist
-    from mlsctl.features import default_out, embed_folder
+    from mlsctl.errors import UserError
+    from mlsctl.features import default_out, embed_folder, embed_split, folder_label
     from mlsctl.models.source import choose_model
 
+    if (images is None) == (dataset is None):
+        raise UserError("give a folder of images, or --dataset with --root and --split (not both)")
+    benchmark = None
+    if dataset is not None:
+        from mlsctl.data.datasets import open_split
+
+        if root is None:
+            raise UserError(f"--dataset {dataset} needs --root: the dataset's folder or its .tar/.zip archive")
+        benchmark = open_split(dataset, root, split or "val")
     dist.init_from_environment()
     choice = choose_model(run=run, weights=weights, arch=model, random_init=random_init, seed=seed)
     main = dist.rank() == 0
     if main:
         print(f"model: {choice.description} (fingerprint {choice.fingerprint[:12]})", file=sys.stderr)
-    out = out if out is not None else default_out(images)
-    summary = embed_folder(images, out, choice, dense=dense, resolution=resolution, resize=resize,
-                           batch_size=batch_size, workers=workers, dtype=dtype, part_size=part_size,
-                           overwrite=overwrite, max_image_pixels=max_image_pixels,
-                           say=lambda line: print(line, file=sys.stderr))
+    options = dict(dense=dense, resolution=resolution, resize=resize, batch_size=batch_size, workers=workers,
+                   dtype=dtype, part_size=part_size, overwrite=overwrite, max_image_pixels=max_image_pixels,
+                   say=lambda line: print(line, file=sys.stderr))
+    if benchmark is not None:
+        out = out if out is not None else Path("features") / (f"{benchmark.dataset}-{benchmark.split}-"
+                                                              f"{folder_label(benchmark.tree.path)}")
+        summary = embed_split(benchmark, out, choice, **options)
+    else:
+        out = out if out is not None else default_out(images)
+        summary = embed_folder(images, out, choice, **options)
     if not main:
         return
     if as_json:
         typer.echo(json.dumps({"out": str(summary.out), "rows": summary.rows, "skipped": summary.skipped,
                                "seconds": round(summary.seconds, 3), "images_per_s": round(summary.images_per_s, 2),
-                               "model": choice.info, "reused": summary.reused}, indent=2))
+                               "model": choice.info, "reused": summary.reused,
+                               "dataset": benchmark.describe() if benchmark is not None else None}, indent=2))
         return
     for path, reason in summary.skipped:
         typer.echo(f"skipped {path}: {reason}", err=True)

@@ -55,85 +55,199 @@ def _write_json(path: Path, payload: dict) -> None:
     atomic.write_json(path, payload)
 
 
+DATASET_HELP = ("Benchmark read from --root in its official layout: voc, ade20k, cityscapes, coco-stuff, coco-things "
+                "(segmentation), imagenet (classification); folders: the --train/--val paths as given.")
+ROOT_HELP = "The dataset's folder, or its .tar/.zip read in place (with --dataset)."
+# the options every evaluation shares for reading a benchmark
+DATASET_OPTION = typer.Option("folders", "--dataset", help=DATASET_HELP)
+ROOT_OPTION = typer.Option(None, "--root", help=ROOT_HELP)
+TRAIN_SPLIT_OPTION = typer.Option(None, "--train-split", help="Training split of --dataset [default: the protocol's: "
+                                                               "voc trainaug, the others train].")
+VAL_SPLIT_OPTION = typer.Option(None, "--val-split", help="Validation split of --dataset [default: val].")
+# the inputs of the dense evaluations without --dataset
+DENSE_TRAIN_OPTION = typer.Option(None, "--train", help="Training features (a folder from mlsctl embed --dense) or "
+                                                        "images (with --run).")
+TRAIN_MASKS_OPTION = typer.Option(None, "--train-masks", help="Label masks of the training images (same relative "
+                                                              "paths, .png).")
+DENSE_VAL_OPTION = typer.Option(None, "--val", help="Validation features or images.")
+VAL_MASKS_OPTION = typer.Option(None, "--val-masks", help="Label masks of the validation images.")
+
+
+def _benchmark(dataset: str, root: Optional[Path], train_split: Optional[str], val_split: Optional[str],
+               kinds: tuple[str, ...]):
+    """The (train, val) splits of ``--dataset`` under ``--root``."""
+    from mlsctl.data import datasets
+    from mlsctl.errors import UserError
+
+    if dataset not in kinds:
+        raise UserError(f"--dataset {dataset} is not one this evaluation reads; choose one of "
+                        f"{', '.join(kinds + ('folders',))}")
+    if root is None:
+        raise UserError(f"--dataset {dataset} needs --root: the dataset's folder or its .tar/.zip archive")
+    default_train, default_val = datasets.default_splits(dataset)
+    return (datasets.open_split(dataset, root, train_split or default_train),
+            datasets.open_split(dataset, root, val_split or default_val))
+
+
+def _split_features(split, given: Optional[Path], get_model, *, dense: bool, what: str, **embed_options):
+    """``given`` (a feature folder from mlsctl embed --dataset) or the split embedded into the cache."""
+    from mlsctl.errors import UserError
+    from mlsctl.features import Features, features_of_split, is_feature_folder
+
+    if given is None:
+        return features_of_split(split, get_model, dense=dense, what=what, say=_say, **embed_options)
+    if not is_feature_folder(given):
+        raise UserError(f"with --dataset, --{what.split()[0]} names a feature folder made by mlsctl embed --dataset; "
+                        f"{given} is not one (leave it out and the split is embedded from --root)")
+    return Features(given, what)
+
+
+def _no_masks_with_dataset(dataset: str, **masks) -> None:
+    from mlsctl.errors import UserError
+
+    given = [name for name, value in masks.items() if value is not None]
+    if given:
+        raise UserError(f"--dataset {dataset} reads the masks from --root; drop --{given[0].replace('_', '-')}")
+
+
+def _folders_dataset(train_masks: Path, ignore_index: int) -> dict:
+    return {"name": "folders", "masks": str(train_masks), "ignore_index": ignore_index,
+            "mapping": {"rule": "none: mask values are the class ids", "ignored_values": [ignore_index]}}
+
+
+def _dataset_record(train_split, val_split) -> dict:
+    """The result JSON's account of a benchmark: name, root, splits, classes, ignore label, mapping."""
+    record = val_split.describe()
+    record.pop("split")
+    record.pop("images")
+    return {**record, "train_split": train_split.split, "val_split": val_split.split,
+            "train_images": len(train_split), "val_images": len(val_split)}
+
+
+def _resolve_protocol(lib, name: str, given: dict) -> tuple:
+    """The preset of --protocol with the explicitly given flags laid over it: (protocol, values, overridden)."""
+    preset = lib.protocol(name)
+    values = {key: (value if value is not None else getattr(preset, key)) for key, value in given.items()}
+    overridden = sorted(key for key, value in given.items() if value is not None and name != "none"
+                        and value != getattr(preset, key))
+    return preset, values, overridden
+
+
 @app.command("knn-seg")
 def knn_seg(
-    train: Optional[Path] = typer.Option(None, "--train", help="Training features (a folder from mlsctl embed --dense) or images (with --run)."),
-    train_masks: Optional[Path] = typer.Option(None, "--train-masks", help="Label masks of the training images (same relative paths, .png)."),
-    val: Optional[Path] = typer.Option(None, "--val", help="Validation features or images."),
-    val_masks: Optional[Path] = typer.Option(None, "--val-masks", help="Label masks of the validation images."),
+    train: Optional[Path] = DENSE_TRAIN_OPTION,
+    train_masks: Optional[Path] = TRAIN_MASKS_OPTION,
+    val: Optional[Path] = DENSE_VAL_OPTION,
+    val_masks: Optional[Path] = VAL_MASKS_OPTION,
+    dataset: str = DATASET_OPTION,
+    root: Optional[Path] = ROOT_OPTION,
+    train_split: Optional[str] = TRAIN_SPLIT_OPTION,
+    val_split: Optional[str] = VAL_SPLIT_OPTION,
+    protocol: str = typer.Option("none", "--protocol", help="hummingbird: Balazevic et al.'s settings (memory 10,240,000, k 30, T 0.02, 1 augmented pass, input 512 for ViT-S/16, fractions 1/128..1/1); explicit flags override it."),
     run: Optional[Path] = typer.Option(None, "--run", help="Run whose teacher embeds image folders [default: the newest run under ./runs]."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Embed image folders with this weights file instead."),
     model: Optional[str] = typer.Option(None, "--model", help="timm architecture of --weights."),
-    random_init: bool = typer.Option(False, "--random-init", help="Embed image folders with the architecture of --run, randomly initialised."),
+    random_init: bool = typer.Option(False, "--random-init", help="Embed image folders with the architecture of --run (or --weights), randomly initialised."),
+    resolution: Optional[int] = typer.Option(None, "--resolution", min=1, help="Input side when images are embedded [default: the protocol's, else the model's]."),
     fraction: Optional[list[str]] = typer.Option(None, "--fraction", help="Fractions of training images, e.g. --fraction 1/1 1/8 [default: 1/1 1/8 1/64 1/128]."),
-    k: int = typer.Option(30, "--k", min=1, help="Neighbours per query patch."),
-    temperature: float = typer.Option(0.02, "--temperature", min=1e-6, help="Softmax temperature over neighbour cosines."),
+    k: Optional[int] = typer.Option(None, "--k", min=1, help="Neighbours per query patch [default: 30]."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", min=1e-6, help="Softmax temperature over neighbour cosines [default: 0.02]."),
     memory_size: Optional[int] = typer.Option(None, "--memory-size", min=1, help="Patches in the memory (sampled per image) [default: every labelled patch]."),
-    aug_passes: int = typer.Option(0, "--aug-passes", min=0, help="Extra augmented passes over the training images (needs a model)."),
-    ignore_index: int = typer.Option(255, "--ignore-index", help="Mask value that is not scored."),
-    runs: int = typer.Option(5, "--runs", min=1, help="Seeded runs averaged for fractions below 1."),
+    aug_passes: Optional[int] = typer.Option(None, "--aug-passes", min=0, help="Extra augmented passes over the training images (needs a model) [default: 0]."),
+    ignore_index: int = typer.Option(255, "--ignore-index", help="Mask value that is not scored (with --dataset: 255, after the protocol's mapping)."),
+    runs: Optional[int] = typer.Option(None, "--runs", min=1, help="Seeded runs averaged for fractions below 1 [default: 5]."),
     seed: int = typer.Option(0, "--seed", help="Seed of the subsets and the memory sampling."),
     index: str = typer.Option("flat", "--index", help="flat: exact inner product; ivf: faiss IVF for large memories."),
     nlist: Optional[int] = typer.Option(None, "--nlist", min=1, help="IVF lists [default: 4 sqrt(memory)]."),
     nprobe: int = typer.Option(16, "--nprobe", min=1, help="IVF lists searched per query."),
+    search: str = typer.Option("auto", "--search", help="auto: torch on a GPU, faiss on the CPU (torch without faiss); torch; faiss."),
+    device: str = typer.Option("auto", "--device", help="Device of the torch search: auto (the GPU when there is one), cpu, cuda."),
     data: Path = typer.Option(Path("data/fmnist-scenes"), "--data", help="fmnist-scenes folder used when no --train/--val is given (built when missing)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Results JSON [default: results/knn-seg-<time>.json]."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON instead of tables."),
 ) -> None:
     """Dense k-NN segmentation (Hummingbird protocol): label val patches from their nearest train patches.
 
-    Example: mlsctl eval knn-seg --train features/train --train-masks data/fmnist-scenes/train/masks
+    Example: mlsctl eval knn-seg --dataset voc --root VOCtrainval_11-May-2012.tar --protocol hummingbird --run runs/x
+
+    Feature and mask folders: mlsctl eval knn-seg --train features/train --train-masks data/fmnist-scenes/train/masks
              --val features/val --val-masks data/fmnist-scenes/val/masks --fraction 1/1 1/8
 
     With no arguments: the newest run under ./runs on the fmnist-scenes benchmark.
     """
+    from mlsctl.data.datasets import SEGMENTATION
+    from mlsctl.errors import UserError
     from mlsctl.evaluate import knn_seg as lib
     from mlsctl.features import features_or_embed
-    from mlsctl.errors import UserError
-    given = [train, train_masks, val, val_masks]
-    if all(v is None for v in given):
-        from mlsctl.data.fmnist import build_scenes
 
-        if not (data / "meta.json").is_file():
-            _say(f"fmnist-scenes not found in {data}; building it (mlsctl data fmnist-scenes --out {data})")
-            build_scenes(data, progress=sys.stderr.isatty())
-        train, train_masks = data / "train" / "images", data / "train" / "masks"
-        val, val_masks = data / "val" / "images", data / "val" / "masks"
-        benchmark = f"the fmnist-scenes benchmark ({data})"
-    elif any(v is None for v in given):
-        raise UserError("give all of --train, --train-masks, --val and --val-masks, or none of them "
-                        "(to evaluate on fmnist-scenes)")
-    else:
-        benchmark = None
+    preset, chosen, overridden = _resolve_protocol(lib, protocol, {
+        "k": k, "temperature": temperature, "memory_size": memory_size, "aug_passes": aug_passes, "runs": runs,
+        "fractions": tuple(fraction) if fraction else None})
     if index not in ("flat", "ivf"):
         raise UserError(f"--index {index} is not one of flat, ivf")
-
     get_model = _model_on_demand(run, weights, model, random_init, seed)
-    train_features = features_or_embed(train, get_model, dense=True, what="train features", say=_say)
-    val_features = features_or_embed(val, get_model, dense=True, what="val features", say=_say)
+
+    def embed_options() -> dict:
+        if resolution is None and preset.input_size is None:
+            return {}
+        return {"resolution": resolution or preset.resolution(get_model().backbone.patch_size)}
+
+    benchmark = None
+    if dataset != "folders":
+        _no_masks_with_dataset(dataset, train_masks=train_masks, val_masks=val_masks)
+        train_data, val_data = _benchmark(dataset, root, train_split, val_split, SEGMENTATION)
+        options = embed_options() if train is None or val is None else {}
+        train_features = _split_features(train_data, train, get_model, dense=True, what="train features", **options)
+        val_features = _split_features(val_data, val, get_model, dense=True, what="val features", **options)
+        train_masks, val_masks = train_data, val_data
+        record = _dataset_record(train_data, val_data)
+        names, ignore_index = train_data.classes, train_data.ignore_index
+    else:
+        given = [train, train_masks, val, val_masks]
+        if all(v is None for v in given):
+            from mlsctl.data.fmnist import build_scenes
+
+            if not (data / "meta.json").is_file():
+                _say(f"fmnist-scenes not found in {data}; building it (mlsctl data fmnist-scenes --out {data})")
+                build_scenes(data, progress=sys.stderr.isatty())
+            train, train_masks = data / "train" / "images", data / "train" / "masks"
+            val, val_masks = data / "val" / "images", data / "val" / "masks"
+            benchmark = f"the fmnist-scenes benchmark ({data})"
+        elif any(v is None for v in given):
+            raise UserError("give all of --train, --train-masks, --val and --val-masks, or none of them "
+                            "(to evaluate on fmnist-scenes), or --dataset with --root")
+        options = {} if is_feature_pair(train, val) else embed_options()
+        train_features = features_or_embed(train, get_model, dense=True, what="train features", say=_say, **options)
+        val_features = features_or_embed(val, get_model, dense=True, what="val features", say=_say, **options)
+        record = _folders_dataset(train_masks, ignore_index)
+        names = lib.class_names(train_masks)
+    _check_protocol_resolution(preset, overridden, resolution, train_features)
     if benchmark:
         _say(f"evaluating {get_model.chosen.description if get_model.chosen else train_features.model.get('path')} "
              f"on {benchmark}")
     train_source = lib.FeatureMasks(train_features, train_masks, "train features")
     val_source = lib.FeatureMasks(val_features, val_masks, "val features")
     augmented = None
-    if aug_passes:
+    if chosen["aug_passes"]:
         backbone = get_model()
         if backbone.fingerprint != train_features.model.get("fingerprint"):
             raise UserError("--aug-passes re-embeds the training images, and --run/--weights is not the model of "
                             f"{train_features.path}; pass the model that made those features")
-        augmented = lib.AugmentedPasses(train_features, train_source.masks, backbone.backbone, aug_passes, seed)
-    fractions = [lib.parse_fraction(f) for f in (fraction or DEFAULT_FRACTIONS)]
-    settings = lib.Settings(k=k, temperature=temperature, memory_size=memory_size, aug_passes=aug_passes,
-                            ignore_index=ignore_index, runs=runs, seed=seed, index=index, nlist=nlist, nprobe=nprobe)
-    names = lib.class_names(train_masks)
+        augmented = lib.AugmentedPasses(train_source, backbone.backbone, chosen["aug_passes"], seed)
+    fractions = [lib.parse_fraction(f) for f in chosen["fractions"]]
+    settings = lib.Settings(k=chosen["k"], temperature=chosen["temperature"], memory_size=chosen["memory_size"],
+                            aug_passes=chosen["aug_passes"], ignore_index=ignore_index, runs=chosen["runs"], seed=seed,
+                            index=index, nlist=nlist, nprobe=nprobe, search=search, device=device)
     started = time.perf_counter()
     result = lib.knn_segmentation(train_source, val_source, fractions, settings, augmented=augmented, names=names,
                                   progress=sys.stderr.isatty())
     payload = {
         "command": "eval knn-seg",
-        "train": {"features": str(train_features.path), "masks": str(train_masks), "images": len(train_features)},
-        "val": {"features": str(val_features.path), "masks": str(val_masks), "images": len(val_features)},
+        "dataset": record,
+        "protocol": {"name": preset.name, "preset": preset.to_dict(), "overridden": overridden,
+                     "resolution": train_features.preprocessing.get("resolution")},
+        "train": {"features": str(train_features.path), "masks": _masks_text(train_masks), "images": len(train_features)},
+        "val": {"features": str(val_features.path), "masks": _masks_text(val_masks), "images": len(val_features)},
         "model": train_features.model,
         "settings": {**settings.to_dict(), "fractions": [r["fraction"] for r in result["results"]]},
         "seconds": round(time.perf_counter() - started, 3),
@@ -156,23 +270,84 @@ def knn_seg(
                 f"{pct(r['miou'])}" + (f" ± {pct(r['miou_std'])}" if len(r["runs"]) > 1 else ""),
                 pct(r["miou_hungarian"]), f"{sum(x['seconds']['total'] for x in r['runs']):.1f}"] for r in results]
     typer.echo(table(["fraction", "train images", "runs", "mIoU %", "(Hungarian mIoU %)", "seconds"], summary))
-    typer.echo(f"\nk={k} T={temperature} memory={'all labelled patches' if memory_size is None else memory_size} "
-               f"aug-passes={aug_passes} index={index}; results written to {out}")
+    memory = "all labelled patches" if settings.memory_size is None else settings.memory_size
+    typer.echo(f"\n{record['name']} ({record.get('train_split', 'train')} -> {record.get('val_split', 'val')}), "
+               f"protocol {preset.name}: k={settings.k} T={settings.temperature} memory={memory} "
+               f"aug-passes={settings.aug_passes} index={index}, search {results[0]['runs'][0]['search']}; "
+               f"results written to {out}")
+
+
+def is_feature_pair(train: Path, val: Path) -> bool:
+    from mlsctl.features import is_feature_folder
+
+    return is_feature_folder(train) and is_feature_folder(val)
+
+
+def _masks_text(masks) -> str:
+    return str(masks) if isinstance(masks, (str, Path)) else f"{masks.dataset} {masks.split} ({masks.tree.path})"
+
+
+def _check_protocol_resolution(preset, overridden: list[str], resolution: Optional[int], features) -> None:
+    """Features embedded at another input size than the preset's are not the preset's numbers."""
+    from mlsctl.errors import UserError
+
+    grid, size = features.grid, features.preprocessing.get("resolution")
+    if preset.input_size is None or resolution is not None or not grid or not size:
+        return
+    expected = preset.resolution(size // grid[0])
+    if size != expected:
+        raise UserError(f"--protocol {preset.name} embeds at {expected} px, and {features.path} was embedded at "
+                        f"{size} px; embed the images again with --resolution {expected}, or pass --resolution "
+                        f"{size} to evaluate them as they are")
+
+
+def _classification_inputs(dataset: str, root: Optional[Path], train_split: Optional[str], val_split: Optional[str],
+                           train: Optional[Path], val: Optional[Path], train_labels: Optional[Path],
+                           val_labels: Optional[Path], get_model) -> tuple:
+    """(train features, val features, train labels, val labels, dataset record) of eval knn and
+    eval linear: the --train/--val folders with their labels, or the splits of --dataset imagenet
+    (whose labels are the splits themselves)."""
+    from mlsctl.data.datasets import CLASSIFICATION
+    from mlsctl.errors import UserError
+    from mlsctl.features import features_or_embed
+
+    if dataset == "folders":
+        if train is None or val is None:
+            raise UserError("give --train and --val (feature or image folders), or --dataset imagenet with --root")
+        train_features = features_or_embed(train, get_model, dense=False, what="train features", say=_say)
+        val_features = features_or_embed(val, get_model, dense=False, what="val features", say=_say)
+        labels = "folder names" if train_labels is None else str(train_labels)
+        return train_features, val_features, train_labels, val_labels, {"name": "folders", "labels": labels}
+    if train_labels is not None or val_labels is not None:
+        raise UserError(f"--dataset {dataset} labels its images itself; drop --train-labels/--val-labels")
+    train_data, val_data = _benchmark(dataset, root, train_split, val_split, CLASSIFICATION)
+    train_features = _split_features(train_data, train, get_model, dense=False, what="train features")
+    val_features = _split_features(val_data, val, get_model, dense=False, what="val features")
+    record = {**train_data.describe(), "train_split": train_data.split, "val_split": val_data.split,
+              "train_images": len(train_data), "val_images": len(val_data)}
+    record.pop("split")
+    record.pop("images")
+    return train_features, val_features, train_data, val_data, record
 
 
 @app.command("knn")
 def knn(
-    train: Path = typer.Option(..., "--train", help="Training features (a folder from mlsctl embed) or images (embedded with --run/--weights, cached)."),
-    val: Path = typer.Option(..., "--val", help="Validation features or images."),
+    train: Optional[Path] = typer.Option(None, "--train", help="Training features (a folder from mlsctl embed) or images (embedded with --run/--weights, cached)."),
+    val: Optional[Path] = typer.Option(None, "--val", help="Validation features or images."),
+    dataset: str = DATASET_OPTION,
+    root: Optional[Path] = ROOT_OPTION,
+    train_split: Optional[str] = TRAIN_SPLIT_OPTION,
+    val_split: Optional[str] = VAL_SPLIT_OPTION,
     run: Optional[Path] = typer.Option(None, "--run", help="Run whose teacher embeds image folders [default: the newest run under ./runs]."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Embed image folders with this weights file instead."),
     model: Optional[str] = typer.Option(None, "--model", help="timm architecture of --weights."),
-    random_init: bool = typer.Option(False, "--random-init", help="Embed image folders with the architecture of --run, randomly initialised."),
+    random_init: bool = typer.Option(False, "--random-init", help="Embed image folders with the architecture of --run (or --weights), randomly initialised."),
     seed: int = typer.Option(0, "--seed", help="Seed of --random-init."),
     train_labels: Optional[Path] = typer.Option(None, "--train-labels", help="CSV/JSONL of path,label [default: folder names]."),
     val_labels: Optional[Path] = typer.Option(None, "--val-labels", help="CSV/JSONL of path,label [default: folder names]."),
     k: Optional[list[int]] = typer.Option(None, "--k", help="Neighbour counts, e.g. --k 10 20 100 200 [default]."),
     temperature: float = typer.Option(0.07, "--temperature", min=1e-6, help="Vote weight exp(cos/T)."),
+    device: str = typer.Option("auto", "--device", help="Device of the neighbour search: auto (the GPU when there is one), cpu, cuda."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Results JSON [default: results/knn-<time>.json]."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON instead of a table."),
 ) -> None:
@@ -182,16 +357,18 @@ def knn(
 
     Image folders work too: mlsctl eval knn --train data/train --val data/val --run runs/x
     (their features are kept under features/ and reused).
+
+    ImageNet-style (folder or archive): mlsctl eval knn --dataset imagenet --root imagenet.tar --run runs/x
     """
     from mlsctl.evaluate import knn as lib
-    from mlsctl.features import features_or_embed
 
     get_model = _model_on_demand(run, weights, model, random_init, seed)
-    train_features = features_or_embed(train, get_model, dense=False, what="train features", say=_say)
-    val_features = features_or_embed(val, get_model, dense=False, what="val features", say=_say)
+    train_features, val_features, train_labels, val_labels, record = _classification_inputs(
+        dataset, root, train_split, val_split, train, val, train_labels, val_labels, get_model)
     started = time.perf_counter()
-    result = lib.evaluate_knn(train_features, val_features, train_labels, val_labels, k or lib.DEFAULT_KS, temperature)
-    payload = {"command": "eval knn", **result, "seconds": round(time.perf_counter() - started, 3)}
+    result = lib.evaluate_knn(train_features, val_features, train_labels, val_labels, k or lib.DEFAULT_KS, temperature,
+                              device=device)
+    payload = {"command": "eval knn", "dataset": record, **result, "seconds": round(time.perf_counter() - started, 3)}
     results, unknown = result["results"], result["val_classes_unseen_in_train"]
     out = out or _default_json("knn")
     _write_json(out, payload)
@@ -207,12 +384,16 @@ def knn(
 
 @app.command("linear")
 def linear(
-    train: Path = typer.Option(..., "--train", help="Training features (a folder from mlsctl embed) or images (embedded with --run/--weights, cached)."),
-    val: Path = typer.Option(..., "--val", help="Validation features or images."),
+    train: Optional[Path] = typer.Option(None, "--train", help="Training features (a folder from mlsctl embed) or images (embedded with --run/--weights, cached)."),
+    val: Optional[Path] = typer.Option(None, "--val", help="Validation features or images."),
+    dataset: str = DATASET_OPTION,
+    root: Optional[Path] = ROOT_OPTION,
+    train_split: Optional[str] = TRAIN_SPLIT_OPTION,
+    val_split: Optional[str] = VAL_SPLIT_OPTION,
     run: Optional[Path] = typer.Option(None, "--run", help="Run whose teacher embeds image folders [default: the newest run under ./runs]."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Embed image folders with this weights file instead."),
     model: Optional[str] = typer.Option(None, "--model", help="timm architecture of --weights."),
-    random_init: bool = typer.Option(False, "--random-init", help="Embed image folders with the architecture of --run, randomly initialised."),
+    random_init: bool = typer.Option(False, "--random-init", help="Embed image folders with the architecture of --run (or --weights), randomly initialised."),
     seed: int = typer.Option(0, "--seed", help="Seed of --random-init, the held-out split and the training."),
     train_labels: Optional[Path] = typer.Option(None, "--train-labels", help="Labels: CSV/JSONL of path,label [default: folder names]; with --multi-label a JSONL/CSV of tag lists (fmnist-scenes' scenes.jsonl works)."),
     val_labels: Optional[Path] = typer.Option(None, "--val-labels", help="Labels of --val [default: folder names; with --multi-label: --train-labels]."),
@@ -231,17 +412,20 @@ def linear(
 
     Multi-label (fmnist-scenes): mlsctl eval linear --train data/fmnist-scenes/train/images --val data/fmnist-scenes/val/images --run runs/x --multi-label --train-labels data/fmnist-scenes/train/scenes.jsonl --val-labels data/fmnist-scenes/val/scenes.jsonl
     """
+    from mlsctl.errors import UserError
     from mlsctl.evaluate import linear as lib
-    from mlsctl.features import features_or_embed
 
+    if multi_label and dataset != "folders":
+        raise UserError(f"--multi-label reads tag lists from --train-labels; --dataset {dataset} has one class per image")
     get_model = _model_on_demand(run, weights, model, random_init, seed)
-    train_features = features_or_embed(train, get_model, dense=False, what="train features", say=_say)
-    val_features = features_or_embed(val, get_model, dense=False, what="val features", say=_say)
+    train_features, val_features, train_labels, val_labels, record = _classification_inputs(
+        dataset, root, train_split, val_split, train, val, train_labels, val_labels, get_model)
     started = time.perf_counter()
     result = lib.evaluate_linear(train_features, val_features, labels=train_labels, val_labels=val_labels,
                                  multi_label=multi_label, lrs=lr or lib.DEFAULT_LRS, wds=wd or lib.DEFAULT_WDS,
                                  epochs=epochs, batch_size=batch_size, holdout=holdout, seed=seed)
-    payload = {"command": "eval linear", **result, "seconds": round(time.perf_counter() - started, 3)}
+    payload = {"command": "eval linear", "dataset": record, **result,
+               "seconds": round(time.perf_counter() - started, 3)}
     out = out or _default_json("linear")
     _write_json(out, payload)
     if as_json:
@@ -270,14 +454,19 @@ def linear(
 
 @app.command("linear-seg")
 def linear_seg(
-    train: Path = typer.Option(..., "--train", help="Training features (a folder from mlsctl embed --dense) or images (with --run)."),
-    train_masks: Path = typer.Option(..., "--train-masks", help="Label masks of the training images (same relative paths, .png)."),
-    val: Path = typer.Option(..., "--val", help="Validation features or images."),
-    val_masks: Path = typer.Option(..., "--val-masks", help="Label masks of the validation images."),
+    train: Optional[Path] = DENSE_TRAIN_OPTION,
+    train_masks: Optional[Path] = TRAIN_MASKS_OPTION,
+    val: Optional[Path] = DENSE_VAL_OPTION,
+    val_masks: Optional[Path] = VAL_MASKS_OPTION,
+    dataset: str = DATASET_OPTION,
+    root: Optional[Path] = ROOT_OPTION,
+    train_split: Optional[str] = TRAIN_SPLIT_OPTION,
+    val_split: Optional[str] = VAL_SPLIT_OPTION,
+    resolution: Optional[int] = typer.Option(None, "--resolution", min=1, help="Input side when images are embedded [default: the model's]."),
     run: Optional[Path] = typer.Option(None, "--run", help="Run whose teacher embeds image folders [default: the newest run under ./runs]."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Embed image folders with this weights file instead."),
     model: Optional[str] = typer.Option(None, "--model", help="timm architecture of --weights."),
-    random_init: bool = typer.Option(False, "--random-init", help="Embed image folders with the architecture of --run, randomly initialised."),
+    random_init: bool = typer.Option(False, "--random-init", help="Embed image folders with the architecture of --run (or --weights), randomly initialised."),
     epochs: int = typer.Option(10, "--epochs", min=1, help="Passes over the training images."),
     lr: float = typer.Option(0.1, "--lr", min=1e-9, help="Peak learning rate (SGD, momentum 0.9, cosine)."),
     wd: float = typer.Option(0.0, "--wd", min=0.0, help="Weight decay."),
@@ -289,24 +478,41 @@ def linear_seg(
 ) -> None:
     """Linear segmentation: a linear layer on frozen patch features, trained on the training masks, scored by mIoU.
 
-    Example: mlsctl eval linear-seg --train data/fmnist-scenes/train/images --train-masks data/fmnist-scenes/train/masks
+    Example: mlsctl eval linear-seg --dataset ade20k --root ADEChallengeData2016.zip --run runs/x
+
+    Folders: mlsctl eval linear-seg --train data/fmnist-scenes/train/images --train-masks data/fmnist-scenes/train/masks
              --val data/fmnist-scenes/val/images --val-masks data/fmnist-scenes/val/masks --run runs/dino_fmnist_quick
     """
+    from mlsctl.data.datasets import SEGMENTATION
+    from mlsctl.errors import UserError
     from mlsctl.evaluate import knn_seg as knn_lib
     from mlsctl.evaluate import linear_seg as lib
     from mlsctl.features import features_or_embed
 
     get_model = _model_on_demand(run, weights, model, random_init, seed)
-    train_features = features_or_embed(train, get_model, dense=True, what="train features", say=_say)
-    val_features = features_or_embed(val, get_model, dense=True, what="val features", say=_say)
+    options = {"resolution": resolution} if resolution else {}
+    if dataset != "folders":
+        _no_masks_with_dataset(dataset, train_masks=train_masks, val_masks=val_masks)
+        train_data, val_data = _benchmark(dataset, root, train_split, val_split, SEGMENTATION)
+        train_features = _split_features(train_data, train, get_model, dense=True, what="train features", **options)
+        val_features = _split_features(val_data, val, get_model, dense=True, what="val features", **options)
+        train_masks, val_masks = train_data, val_data
+        record, names, ignore_index = _dataset_record(train_data, val_data), train_data.classes, train_data.ignore_index
+    else:
+        if train is None or val is None or train_masks is None or val_masks is None:
+            raise UserError("give --train, --train-masks, --val and --val-masks, or --dataset with --root")
+        train_features = features_or_embed(train, get_model, dense=True, what="train features", say=_say, **options)
+        val_features = features_or_embed(val, get_model, dense=True, what="val features", say=_say, **options)
+        record, names = _folders_dataset(train_masks, ignore_index), knn_lib.class_names(train_masks)
     train_source = knn_lib.FeatureMasks(train_features, train_masks, "train features")
     val_source = knn_lib.FeatureMasks(val_features, val_masks, "val features")
     result = lib.evaluate_linear_seg(train_source, val_source, epochs=epochs, lr=lr, weight_decay=wd,
                                      image_batch=batch_size, ignore_index=ignore_index, seed=seed,
-                                     names=knn_lib.class_names(train_masks), progress=sys.stderr.isatty())
-    payload = {"command": "eval linear-seg",
-               "train": {"features": str(train_features.path), "masks": str(train_masks), "images": len(train_features)},
-               "val": {"features": str(val_features.path), "masks": str(val_masks), "images": len(val_features)},
+                                     names=names, progress=sys.stderr.isatty())
+    payload = {"command": "eval linear-seg", "dataset": record,
+               "train": {"features": str(train_features.path), "masks": _masks_text(train_masks),
+                         "images": len(train_features)},
+               "val": {"features": str(val_features.path), "masks": _masks_text(val_masks), "images": len(val_features)},
                "model": train_features.model, **result}
     out = out or _default_json("linear-seg")
     _write_json(out, payload)

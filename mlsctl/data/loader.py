@@ -12,10 +12,19 @@ Exact resume and process-count independence come from two rules:
 
 An image that cannot be decoded is replaced by the next readable one (keeping batch shapes fixed)
 and reported in ``Batch.skipped``; the training loop prints one line per file and a count.
+
+Batches leave the workers as uint8 and become float crops on the training device, in
+:meth:`MultiCropDataset.on_device` (the loop calls it after the copy): with ``data.augment: cpu``
+the workers' crops are normalised there; with ``gpu`` the workers send each image resized to
+``data.decode_size`` plus the drawn crop and colour parameters, and the crops are cut there
+(:meth:`mlsctl.data.multicrop.MultiCrop.render`). Both draw every parameter from the image's own
+seed, so exact resume and "two processes equal one" hold on either path.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
@@ -24,7 +33,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mlsctl.data.images import BadImage, ImageFolder
-from mlsctl.data.multicrop import MultiCrop
+from mlsctl.data.multicrop import MultiCrop, normalize_on_device
 from mlsctl.errors import UserError
 
 
@@ -75,43 +84,126 @@ class Batch:
     image_sizes: torch.Tensor  # [B, 2] (width, height)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     masks: Optional[torch.Tensor] = None  # [B, n_global, h, w] bool: masked patches (masked image modelling)
+    images: Optional[torch.Tensor] = None  # augment gpu: [B, 3, R, R] uint8, each image resized to R x R
+    photometric: Optional[torch.Tensor] = None  # augment gpu: [B, n_crops, P] colour parameters of every crop
 
     def __len__(self) -> int:
         return self.image_ids.shape[0]
 
     def to(self, device: torch.device | str) -> "Batch":
-        return Batch([c.to(device, non_blocking=True) for c in self.crops], self.boxes.to(device), self.flips.to(device),
-                     self.image_ids.to(device), self.image_sizes.to(device), self.skipped,
-                     self.masks.to(device) if self.masks is not None else None)
+        return map_tensors(self, lambda t: t.to(device, non_blocking=True))
+
+    def pin_memory(self) -> "Batch":
+        """Called by the DataLoader's pinning thread (``pin_memory=True`` on CUDA), so the copy to
+        the device is asynchronous."""
+        return map_tensors(self, lambda t: t.pin_memory())
+
+
+def map_tensors(batch, fn):
+    """The same batch (same dataclass) with ``fn`` applied to every tensor field and to the
+    tensors of every list field."""
+    def apply(value):
+        if isinstance(value, torch.Tensor):
+            return fn(value)
+        if isinstance(value, list):
+            return [fn(v) if isinstance(v, torch.Tensor) else v for v in value]
+        return value
+    return dataclasses.replace(batch, **{f.name: apply(getattr(batch, f.name)) for f in dataclasses.fields(batch)})
+
+
+class ResizedImages:
+    """``data.augment: gpu``: what a worker sends of an image, the image resized (squashed) to
+    ``side`` x ``side`` (uint8 [3, side, side], bicubic with antialiasing) and its original size.
+    With ``cache`` (``data.cache: memory``) every image is decoded once, into shared memory that the
+    loader workers (forked after it is made) fill and read; its size is checked here."""
+
+    def __init__(self, n_images: int, side: int, cache: bool):
+        self.side = side
+        self.images = self.sizes = self.filled = None
+        if cache:
+            need = n_images * 3 * side * side
+            try:
+                available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+            except (ValueError, OSError, AttributeError):
+                available = None
+            if available is not None and need > available // 2:
+                raise UserError(f"data.cache=memory needs {need / 2**30:.1f} GiB for {n_images} images of {side}x{side} "
+                                f"px, more than half the free memory ({available / 2**30:.1f} GiB); set data.cache=none "
+                                f"or a smaller data.decode_size")
+            self.images = torch.zeros(n_images, 3, side, side, dtype=torch.uint8).share_memory_()
+            self.sizes = torch.zeros(n_images, 2, dtype=torch.long).share_memory_()
+            self.filled = torch.zeros(n_images, dtype=torch.bool).share_memory_()
+
+    def cached(self, i: int) -> bool:
+        return self.filled is not None and bool(self.filled[i])
+
+    def get(self, i: int, image) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Image ``i`` (``image``: its decoded PIL image, or None when :meth:`cached`)."""
+        if image is None:
+            return self.images[i], (int(self.sizes[i, 0]), int(self.sizes[i, 1]))
+        from PIL import Image
+
+        resized = image.resize((self.side, self.side), Image.BICUBIC) if image.size != (self.side,) * 2 else image
+        pixels = torch.from_numpy(np.asarray(resized, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+        if self.filled is not None:
+            self.images[i].copy_(pixels)
+            self.sizes[i] = torch.tensor(image.size)
+            self.filled[i] = True
+        return pixels, image.size
+
+
+def load_or_next(folder: ImageFolder, rows: list[int], position: int, resized: Optional[ResizedImages], what: str):
+    """The image at ``rows[position]``, or the next readable one of ``rows``: (its row, the image
+    or None when cached, the files skipped)."""
+    skipped = []
+    for attempt in range(len(rows)):
+        i = rows[(position + attempt) % len(rows)]
+        if resized is not None and resized.cached(i):
+            return i, None, skipped
+        try:
+            return i, folder.load(i), skipped
+        except BadImage as exc:
+            skipped.append((folder.relpath(i), str(exc)))
+    raise UserError(f"none of the {what} could be decoded as an image")
 
 
 class MultiCropDataset(Dataset):
-    def __init__(self, folder: ImageFolder, transform: MultiCrop, seed: int):
+    """Multi-crop views of an image folder. ``augment`` 'cpu': the crops are made here (uint8);
+    'gpu': only the resized image and the crop/colour parameters are (see the module's docstring)."""
+
+    def __init__(self, folder: ImageFolder, transform: MultiCrop, seed: int, augment: str = "cpu",
+                 decode_size: int = 0, cache: str = "none"):
         self.folder, self.transform, self.seed = folder, transform, seed
+        self.resized = ResizedImages(len(folder), decode_size, cache == "memory") if augment == "gpu" else None
 
     def __len__(self) -> int:
         return len(self.folder)
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
         epoch, index = key
-        skipped = []
         n = len(self.folder)
-        for attempt in range(n):
-            i = (index + attempt) % n
-            try:
-                image = self.folder.load(i)
-                break
-            except BadImage as exc:
-                skipped.append((self.folder.relpath(i), str(exc)))
-        else:
-            raise UserError(f"none of the {n} files in {self.folder.root} could be decoded as an image")
-        views = self.transform(image, sample_seed(self.seed, epoch, i))
+        i, image, skipped = load_or_next(self.folder, range(n), index, self.resized, f"{n} files in {self.folder.root}")
+        seed = sample_seed(self.seed, epoch, i)
+        if self.resized is not None:
+            pixels, size = self.resized.get(i, image)
+            boxes, flips, photometric = self.transform.plan(*size, seed)
+            return {"image": pixels, "photometric": photometric, "boxes": boxes, "flips": flips, "image_id": i,
+                    "image_size": size, "skipped": skipped}
+        views = self.transform(image, seed)
         return {"crops": views.crops, "boxes": views.boxes, "flips": views.flips, "image_id": i,
                 "image_size": views.image_size, "skipped": skipped}
 
+    def on_device(self, batch: Batch) -> Batch:
+        """The batch's float crops on its device (after ``batch.to(device)``)."""
+        if batch.images is not None:
+            crops = self.transform.render(batch.images, batch.boxes, batch.flips, batch.photometric, batch.image_sizes)
+            return dataclasses.replace(batch, crops=crops, images=None, photometric=None)
+        return dataclasses.replace(batch, crops=[normalize_on_device(c) for c in batch.crops])
+
 
 def collate(samples: list[dict]) -> Batch:
-    n_crops = len(samples[0]["crops"])
+    device_side = "image" in samples[0]
+    n_crops = 0 if device_side else len(samples[0]["crops"])
     return Batch(
         crops=[torch.stack([s["crops"][c] for s in samples]) for c in range(n_crops)],
         boxes=torch.stack([s["boxes"] for s in samples]),
@@ -119,6 +211,8 @@ def collate(samples: list[dict]) -> Batch:
         image_ids=torch.tensor([s["image_id"] for s in samples], dtype=torch.long),
         image_sizes=torch.tensor([s["image_size"] for s in samples], dtype=torch.long),
         skipped=[item for s in samples for item in s["skipped"]],
+        images=torch.stack([s["image"] for s in samples]) if device_side else None,
+        photometric=torch.stack([s["photometric"] for s in samples]) if device_side else None,
     )
 
 
@@ -130,4 +224,4 @@ def make_loader(dataset: Dataset, sampler: StepBatchSampler, workers: int, pin_m
                 collate_fn=collate) -> DataLoader:
     return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate_fn,
                       pin_memory=pin_memory, worker_init_fn=_worker_init if workers else None,
-                      prefetch_factor=4 if workers else None, persistent_workers=False)
+                      prefetch_factor=4 if workers else None, persistent_workers=workers > 0)

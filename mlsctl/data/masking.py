@@ -55,8 +55,9 @@ def block_mask(h: int, w: int, ratio: float, rng: np.random.Generator, aspect: t
 class MaskedMultiCropDataset(MultiCropDataset):
     """Multi-crop views plus a block mask [n_global, h, w] of every global crop's patch grid."""
 
-    def __init__(self, folder, transform, seed: int, grid: tuple[int, int], ratio: float, aspect: tuple[float, float]):
-        super().__init__(folder, transform, seed)
+    def __init__(self, folder, transform, seed: int, grid: tuple[int, int], ratio: float, aspect: tuple[float, float],
+                 **data_path):
+        super().__init__(folder, transform, seed, **data_path)
         self.grid, self.ratio, self.aspect = grid, ratio, aspect
 
     def __getitem__(self, key: tuple[int, int]) -> dict:

@@ -18,6 +18,16 @@ place the patches of both views in one frame.
 Randomness comes from the ``seed`` given per call (see :mod:`mlsctl.data.loader`), never from
 the process's RNG, so crops do not depend on worker assignment and a resumed run draws the same
 crops.
+
+Two paths (``data.augment``, see ``docs/gpu.md``):
+
+* ``cpu``: :meth:`MultiCrop.__call__` crops and colours each image with PIL/torchvision in the
+  loader workers. For training the crops stay ``uint8`` (``to_float=False``) and are normalised
+  on the training device (:func:`normalize_on_device`): a quarter of the bytes to copy.
+* ``gpu``: :meth:`MultiCrop.plan` draws the same crop boxes (from the same generator, in the
+  same order) and every crop's photometric parameters in the worker, and resizes the image to a
+  fixed square (``data.decode_size``); :meth:`MultiCrop.render` then crops, colours and
+  normalises the whole batch on the device (:mod:`mlsctl.data.device_augment`).
 """
 
 from __future__ import annotations
@@ -96,18 +106,30 @@ def apply_crop(img: Image.Image, params: CropParams, size: int) -> Image.Image:
 
 
 def _blur(p: float, size: int) -> v2.Transform:
-    kernel = max(3, min(23, 2 * (size // 10) + 1))  # 23 at 224 px as in BYOL, odd, >= 3
-    return v2.RandomApply([v2.GaussianBlur(kernel_size=kernel, sigma=(0.1, 2.0))], p=p)
+    return v2.RandomApply([v2.GaussianBlur(kernel_size=blur_kernel_size(size), sigma=(0.1, 2.0))], p=p)
 
 
-def photometric_pipeline(kind: str, role: str, size: int) -> v2.Transform:
+def normalize_on_device(crops: torch.Tensor) -> torch.Tensor:
+    """uint8 crops [B, 3, S, S] → float32, scaled to [0, 1] and normalised with ImageNet's mean/std
+    (what ``ToDtype(scale=True)`` + ``Normalize`` do in the workers when ``to_float``)."""
+    from mlsctl.data.device_augment import normalize, to_unit_float
+
+    return normalize(to_unit_float(crops))
+
+
+def blur_kernel_size(size: int) -> int:
+    """The Gaussian blur's kernel side for crops of ``size`` px: 23 at 224 px as in BYOL, odd, >= 3."""
+    return max(3, min(23, 2 * (size // 10) + 1))
+
+
+def photometric_pipeline(kind: str, role: str, size: int, to_float: bool = True) -> v2.Transform:
     """``role`` is 'global1', 'global2' or 'local'; ``kind`` is 'dino', 'mocov2' or 'none'.
 
     'mocov2' is MoCo-v2's augmentation (Chen et al., 2020), the same for both views: colour jitter
     (0.4, 0.4, 0.4, 0.1) with p=0.8, grayscale p=0.2, Gaussian blur σ∈[0.1, 2] with p=0.5 (the flip
     is part of the crop). Two small departures, shared with every pipeline here: crops are resized
     bicubically (MoCo: bilinear) and the blur is torchvision's kernel (MoCo: PIL's GaussianBlur)."""
-    to_float = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    to_float = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)] if to_float else []
     if kind == "none":
         return v2.Compose([v2.ToImage(), *to_float])
     if kind == "mocov2":
@@ -139,12 +161,15 @@ class MultiCrop:
         local_scale: tuple[float, float] = (0.05, 0.25),
         n_global: int = 2,
         photometric: str = "dino",
+        to_float: bool = True,
     ):
+        """``to_float=False``: crops stay uint8 [3, S, S] (normalised later by :func:`normalize_on_device`)."""
         self.n_global, self.n_local = n_global, n_local
+        self.kind = photometric
         self.specs = [(global_size, tuple(global_scale))] * n_global + [(local_size, tuple(local_scale))] * n_local
-        roles = ["global1", "global2"] + ["global2"] * max(0, n_global - 2)
-        self.pipelines = [photometric_pipeline(photometric, roles[i], global_size) for i in range(n_global)]
-        self.pipelines += [photometric_pipeline(photometric, "local", local_size)] * n_local
+        self.roles = (["global1", "global2"] + ["global2"] * max(0, n_global - 2))[:n_global] + ["local"] * n_local
+        self.pipelines = [photometric_pipeline(photometric, self.roles[i], global_size, to_float) for i in range(n_global)]
+        self.pipelines += [photometric_pipeline(photometric, "local", local_size, to_float)] * n_local
 
     @property
     def n_crops(self) -> int:
@@ -166,3 +191,44 @@ class MultiCrop:
         boxes = torch.tensor([p.box for p in params], dtype=torch.float32)
         flips = torch.tensor([p.flip for p in params], dtype=torch.bool)
         return Views(crops, boxes, flips, (width, height))
+
+    # ------------------------------------------------------------------ augment: gpu
+
+    def plan(self, width: int, height: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The crops of :meth:`__call__` for ``seed`` without pixels: boxes [n, 4] in original pixels
+        and flips [n] (the same draws, in the same order, as :meth:`__call__`), then every crop's
+        photometric parameters [n, P] (:func:`mlsctl.data.device_augment.draw_photometric`)."""
+        from mlsctl.data.device_augment import draw_photometric
+
+        generator = torch.Generator().manual_seed(seed)
+        params = self.sample(width, height, generator)
+        photometric = torch.stack([draw_photometric(self.kind, role, generator) for role in self.roles])
+        boxes = torch.tensor([p.box for p in params], dtype=torch.float32)
+        flips = torch.tensor([p.flip for p in params], dtype=torch.bool)
+        return boxes, flips, photometric
+
+    def render(self, images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, photometric: torch.Tensor,
+               image_sizes: torch.Tensor) -> list[torch.Tensor]:
+        """The batch's crops on ``images``' device: ``images`` [B, 3, R, R] uint8 (each original
+        resized to R x R), ``boxes`` [B, n, 4] in original pixels, ``image_sizes`` [B, 2] (width,
+        height). Crops of one size are cut, coloured and normalised in one batched call each;
+        returns one float tensor [B, 3, S, S] per crop position, global crops first."""
+        from mlsctl.data import device_augment as ops
+
+        b, n = boxes.shape[:2]
+        side_h, side_w = images.shape[-2:]
+        sizes = image_sizes.to(boxes.device, torch.float32)
+        scale = torch.stack([side_w / sizes[:, 0], side_h / sizes[:, 1]] * 2, dim=-1)  # [B, 4]
+        boxes = boxes.float() * scale[:, None, :]
+        crops: list[torch.Tensor] = [None] * n  # type: ignore[list-item]
+        for size in sorted({s for s, _ in self.specs}, reverse=True):
+            positions = [c for c, (s, _) in enumerate(self.specs) if s == size]
+            index = torch.arange(b, device=images.device).repeat_interleave(len(positions))
+            cut = ops.crop_resize(images, index, boxes[:, positions].reshape(-1, 4), flips[:, positions].reshape(-1),
+                                  size)
+            coloured = ops.photometric(cut, photometric[:, positions].reshape(b * len(positions), -1).to(cut.device),
+                                       blur_kernel_size(size))
+            out = ops.normalize(coloured).view(b, len(positions), *coloured.shape[1:])
+            for j, c in enumerate(positions):
+                crops[c] = out[:, j].contiguous()
+        return crops

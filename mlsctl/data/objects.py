@@ -15,6 +15,7 @@ of every image of the set.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -25,9 +26,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mlsctl.data.images import BadImage, ImageFolder
-from mlsctl.data.loader import sample_seed
-from mlsctl.data.multicrop import MultiCrop
+from mlsctl.data.images import ImageFolder
+from mlsctl.data.loader import ResizedImages, load_or_next, map_tensors, sample_seed
+from mlsctl.data.multicrop import MultiCrop, normalize_on_device
 from mlsctl.errors import UserError
 
 
@@ -102,20 +103,29 @@ class SetBatch:
     image_ids: torch.Tensor  # [B, T] rows of the image folder
     object_index: torch.Tensor  # [B] index into the dataset's objects
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    # augment gpu (see mlsctl.data.loader): each photo resized, and its crops' parameters
+    images: Optional[torch.Tensor] = None  # [B, T, 3, R, R] uint8
+    boxes: Optional[torch.Tensor] = None  # [B, T, n_views, 4] in original pixels
+    flips: Optional[torch.Tensor] = None  # [B, T, n_views]
+    photometric: Optional[torch.Tensor] = None  # [B, T, n_views, P]
+    image_sizes: Optional[torch.Tensor] = None  # [B, T, 2]
 
     def __len__(self) -> int:
         return self.image_ids.shape[0]
 
     def to(self, device: torch.device | str) -> "SetBatch":
-        return SetBatch([c.to(device, non_blocking=True) for c in self.crops], self.image_ids.to(device),
-                        self.object_index.to(device), self.skipped)
+        return map_tensors(self, lambda t: t.to(device, non_blocking=True))
+
+    def pin_memory(self) -> "SetBatch":
+        return map_tensors(self, lambda t: t.pin_memory())
 
 
 class ObjectSetDataset(Dataset):
     def __init__(self, folder: ImageFolder, objects: list[ObjectImages], transform: MultiCrop, set_length: int,
-                 seed: int):
+                 seed: int, augment: str = "cpu", decode_size: int = 0, cache: str = "none"):
         self.folder, self.objects, self.transform = folder, objects, transform
         self.set_length, self.seed = set_length, seed
+        self.resized = ResizedImages(len(folder), decode_size, cache == "memory") if augment == "gpu" else None
 
     def __len__(self) -> int:
         return len(self.objects)
@@ -124,28 +134,45 @@ class ObjectSetDataset(Dataset):
         epoch, index = key
         obj = self.objects[index]
         rng = np.random.default_rng(sample_seed(self.seed, epoch, index))
-        skipped, crops, ids = [], [], []
+        skipped, photos, ids = [], [], []
         for position in choose_set(len(obj.rows), self.set_length, rng):
             # an unreadable photo is replaced by the object's next readable one
-            for attempt in range(len(obj.rows)):
-                row = obj.rows[(position + attempt) % len(obj.rows)]
-                try:
-                    image = self.folder.load(row)
-                    break
-                except BadImage as exc:
-                    skipped.append((self.folder.relpath(row), str(exc)))
+            row, image, missed = load_or_next(self.folder, obj.rows, position, self.resized,
+                                              f"images of object {obj.object_id} under {self.folder.root}")
+            skipped += missed
+            seed = int(rng.integers(0, 2**62))
+            if self.resized is not None:
+                pixels, size = self.resized.get(row, image)
+                photos.append((pixels, *self.transform.plan(*size, seed), torch.tensor(size)))
             else:
-                raise UserError(f"no image of object {obj.object_id} under {self.folder.root} could be decoded")
-            views = self.transform(image, int(rng.integers(0, 2**62)))
-            crops.append(views.crops)
+                photos.append(self.transform(image, seed).crops)
             ids.append(row)
-        per_view = [torch.stack([c[v] for c in crops]) for v in range(len(crops[0]))]  # [T, 3, S, S] each
-        return {"crops": per_view, "image_ids": ids, "object_index": index, "skipped": skipped}
+        sample = {"image_ids": ids, "object_index": index, "skipped": skipped}
+        if self.resized is not None:
+            for name, values in zip(("images", "boxes", "flips", "photometric", "image_sizes"), zip(*photos)):
+                sample[name] = torch.stack(values)  # [T, ...]
+        else:
+            sample["crops"] = [torch.stack([c[v] for c in photos]) for v in range(len(photos[0]))]  # [T, 3, S, S] each
+        return sample
+
+    def on_device(self, batch: SetBatch) -> SetBatch:
+        """The float crops on the batch's device: normalised, or (augment gpu) cut from the photos."""
+        if batch.images is None:
+            return dataclasses.replace(batch, crops=[normalize_on_device(c.flatten(0, 1)).view(c.shape)
+                                                     for c in batch.crops])
+        b, t = batch.images.shape[:2]
+        crops = self.transform.render(batch.images.flatten(0, 1), batch.boxes.flatten(0, 1), batch.flips.flatten(0, 1),
+                                      batch.photometric.flatten(0, 1), batch.image_sizes.flatten(0, 1))
+        return dataclasses.replace(batch, crops=[c.view(b, t, *c.shape[1:]) for c in crops], images=None, boxes=None,
+                                   flips=None, photometric=None, image_sizes=None)
 
 
 def collate_sets(samples: list[dict]) -> SetBatch:
-    n_views = len(samples[0]["crops"])
+    device_side = "images" in samples[0]
+    n_views = 0 if device_side else len(samples[0]["crops"])
+    stacked = {name: torch.stack([s[name] for s in samples])
+               for name in ("images", "boxes", "flips", "photometric", "image_sizes") if device_side}
     return SetBatch(crops=[torch.stack([s["crops"][v] for s in samples]) for v in range(n_views)],
                     image_ids=torch.tensor([s["image_ids"] for s in samples], dtype=torch.long),
                     object_index=torch.tensor([s["object_index"] for s in samples], dtype=torch.long),
-                    skipped=[item for s in samples for item in s["skipped"]])
+                    skipped=[item for s in samples for item in s["skipped"]], **stacked)

@@ -2,8 +2,12 @@
 
 Features are L2-normalised; each query takes its ``max(ks)`` nearest training features by cosine
 similarity once, and for every ``k`` the classes of its first ``k`` neighbours vote with weight
-``exp(cos / T)`` (T = 0.07). Top-1 and top-5 accuracy are reported for each k. Queries are
-processed in chunks, so memory is bounded by ``chunk × n_train``.
+``exp(cos / T)`` (T = 0.07). Top-1 and top-5 accuracy are reported for each k.
+
+The search is exact (:func:`exact_search`: matmul + top-k in float32, in chunks of queries and of
+training features so memory stays bounded) and runs where the training features are put:
+the GPU when one is available (:func:`search_device`), else the CPU. The k-NN segmentation of
+:mod:`mlsctl.evaluate.knn_seg` uses the same search.
 
 Labels come from the folder names of the files (``cat/001.jpg`` → ``cat``) or from a labels file:
 CSV (``path,label`` with an optional header) or JSONL (``{"path": ..., "label": ...}``), paths
@@ -23,20 +27,88 @@ import torch.nn.functional as F
 from mlsctl.errors import UserError
 
 DEFAULT_KS = (10, 20, 100, 200)
+DEVICES = ("auto", "cpu", "cuda")
+# float32 similarities held at once by exact_search: 128 MiB on the CPU, 1 GiB on a GPU (fewer,
+# larger products and top-k calls; a 10-million-patch memory is then 153 slices per query chunk)
+SCORES_PER_CHUNK = {"cpu": 1 << 25, "cuda": 1 << 28}
+
+
+def search_device(requested: str = "auto") -> torch.device:
+    """The device of the neighbour search: ``auto`` is the GPU when CUDA is available, else the CPU."""
+    if requested not in DEVICES:
+        raise UserError(f"--device {requested} is not one of {', '.join(DEVICES)}")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is visible to torch on this machine; use --device cpu or auto")
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+@torch.no_grad()
+def exact_search(memory: torch.Tensor, queries: torch.Tensor, k: int, *, query_chunk: int = 4096,
+                 scores_per_chunk: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` largest inner products of each query with the rows of ``memory`` (exact, like
+    faiss ``IndexFlatIP``): float32 scores [q, k] in descending order and int64 row indices [q, k],
+    both on the CPU. Runs on ``memory``'s device; queries are moved there a chunk at a time, and
+    a memory larger than ``scores_per_chunk / query_chunk`` rows is scanned in slices whose
+    top-k are merged, so at most ``scores_per_chunk`` similarities exist at once [default:
+    :data:`SCORES_PER_CHUNK` of the device]."""
+    if k > len(memory):
+        raise ValueError(f"k={k} exceeds the {len(memory)} rows of the memory")
+    device = memory.device
+    if scores_per_chunk is None:
+        scores_per_chunk = SCORES_PER_CHUNK["cuda" if device.type == "cuda" else "cpu"]
+    memory = memory.float()
+    if device.type == "cuda":  # full float32 products, whatever the process set for training
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            return _exact_search_chunks(memory, queries, k, query_chunk, scores_per_chunk)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+    return _exact_search_chunks(memory, queries, k, query_chunk, scores_per_chunk)
+
+
+def _exact_search_chunks(memory: torch.Tensor, queries: torch.Tensor, k: int, query_chunk: int,
+                         scores_per_chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    device = memory.device
+    query_chunk = max(1, min(query_chunk, scores_per_chunk // max(k, 1)))
+    memory_chunk = max(k, scores_per_chunk // query_chunk)
+    all_scores, all_indices = [], []
+    for start in range(0, len(queries), query_chunk):
+        q = queries[start:start + query_chunk].to(device, torch.float32, non_blocking=True)
+        best_scores = best_indices = None
+        for offset in range(0, len(memory), memory_chunk):
+            similarity = q @ memory[offset:offset + memory_chunk].T
+            scores, indices = similarity.topk(min(k, similarity.shape[1]), dim=1)
+            indices += offset
+            if best_scores is not None:
+                scores, order = torch.cat([best_scores, scores], 1).topk(k, dim=1)
+                indices = torch.cat([best_indices, indices], 1).gather(1, order)
+            best_scores, best_indices = scores, indices
+        all_scores.append(best_scores.cpu())
+        all_indices.append(best_indices.cpu())
+    if not all_scores:
+        return torch.zeros(0, k), torch.zeros(0, k, dtype=torch.long)
+    return torch.cat(all_scores), torch.cat(all_indices)
 
 
 @torch.no_grad()
 def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, queries: torch.Tensor,
                  ks: Sequence[int] = DEFAULT_KS, temperature: float = 0.07, num_classes: Optional[int] = None,
-                 chunk: int = 1024) -> dict[int, torch.Tensor]:
-    """Class scores [q, C] for each k in ``ks`` (weighted votes of the k nearest neighbours)."""
+                 chunk: int = 1024, device: Optional[torch.device] = None) -> dict[int, torch.Tensor]:
+    """Class scores [q, C] for each k in ``ks`` (weighted votes of the k nearest neighbours),
+    searched on ``device`` [default: the training features' device]."""
     train = F.normalize(train_features.float(), dim=1)
+    if device is not None:
+        train = train.to(device)
+    train_labels = train_labels.cpu()
     num_classes = num_classes or int(train_labels.max()) + 1
     k_max = min(max(ks), len(train))
     out = {k: [] for k in ks}
     for start in range(0, len(queries), chunk):
         q = F.normalize(queries[start:start + chunk].float(), dim=1)
-        similarity, index = (q @ train.T).topk(k_max, dim=1)
+        similarity, index = exact_search(train, q, k_max, query_chunk=chunk)
         weights = (similarity / temperature).exp()
         neighbour_labels = train_labels[index]
         for k in ks:
@@ -108,8 +180,13 @@ def read_labels_file(path: Path) -> dict[str, str]:
     return labels
 
 
-def labels_for(features, labels_file: Optional[Path], what: str) -> list[str]:
-    """The label of each row of a feature folder."""
+def labels_for(features, labels_file, what: str) -> list[str]:
+    """The label of each row of a feature folder: from its folder names, a labels file, or the
+    split of a benchmark it was embedded from (:class:`mlsctl.data.datasets.ClassificationSplit`)."""
+    from mlsctl.data.datasets import ClassificationSplit
+
+    if isinstance(labels_file, ClassificationSplit):
+        return [labels_file.label_of(f) for f in features.files]
     return labels_of(features.files, Path(features.input_root), labels_file, f"{what} {features.path}")
 
 
@@ -135,10 +212,12 @@ def labels_of(files: Sequence[str], root: Path, labels_file: Optional[Path], wha
     return out
 
 
-def evaluate_knn(train_features, val_features, train_labels: Optional[Path] = None, val_labels: Optional[Path] = None,
-                 ks: Sequence[int] = DEFAULT_KS, temperature: float = 0.07) -> dict:
+def evaluate_knn(train_features, val_features, train_labels=None, val_labels=None,
+                 ks: Sequence[int] = DEFAULT_KS, temperature: float = 0.07, device: str = "auto") -> dict:
     """Top-1/top-5 of every k for two feature folders (labels from folders or files) → a JSON-ready dict.
-    Validation classes never seen in training count as errors and are listed."""
+    Validation classes never seen in training count as errors and are listed. The search runs on
+    ``device`` (:func:`search_device`)."""
+    search_on = search_device(device)
     train_features.check_same_model(val_features)
     train_names = labels_for(train_features, train_labels, "train features")
     val_names = labels_for(val_features, val_labels, "val features")
@@ -148,10 +227,10 @@ def evaluate_knn(train_features, val_features, train_labels: Optional[Path] = No
     val_y = torch.tensor([lookup.get(c, -1) for c in val_names])
     ks = sorted(set(ks))
     scores = knn_classify(train_features.global_features(), train_y, val_features.global_features(), ks, temperature,
-                          num_classes=len(classes))
+                          num_classes=len(classes), device=search_on)
     return {"train": str(train_features.path), "val": str(val_features.path), "train_images": len(train_features),
             "val_images": len(val_features), "classes": len(classes),
             "val_classes_unseen_in_train": sorted(set(val_names) - set(classes)), "temperature": temperature,
-            "model": train_features.model,
+            "search": f"exact (torch matmul + top-k) on {search_on.type}", "model": train_features.model,
             "results": [{"k": k, "top1": accuracy(scores[k], val_y, 1), "top5": accuracy(scores[k], val_y, 5)}
                         for k in ks]}

@@ -8,8 +8,10 @@
   classes rare in an image are kept (:func:`sample_patches`). Training fractions below 1 draw a
   seeded subset of images per run.
 * **Queries**: every patch of every validation image, L2-normalised, searched exactly by inner
-  product (faiss ``IndexFlatIP``; ``IndexIVFFlat`` as an option for large memories) for its k
-  nearest memory patches.
+  product for its k nearest memory patches (:func:`build_search`): on a CUDA GPU with torch
+  (matmul + top-k in chunks, :func:`mlsctl.evaluate.knn.exact_search`), on the CPU with faiss
+  ``IndexFlatIP`` where faiss is installed (else the same torch search); both give the same
+  neighbours. faiss ``IndexIVFFlat`` is an option for large memories (approximate, CPU).
 * **Label transfer** (:func:`transfer_labels`): ``softmax(cos / T)`` over the k neighbours weighs
   their soft labels; the class-probability map is upsampled bilinearly to the mask size and its
   argmax is the prediction.
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -46,17 +49,37 @@ MASK_EXTENSIONS = (".png", ".bmp", ".tif", ".tiff")
 
 def patch_soft_labels(mask: np.ndarray, grid: tuple[int, int], num_classes: int, ignore_index: int = 255) -> torch.Tensor:
     """Class histogram of the pixels under each patch: [h·w, C], each row summing to 1, or to 0
-    where every pixel is ignored. Patch cells split the mask proportionally (area pooling)."""
-    mask_t = torch.from_numpy(np.asarray(mask, dtype=np.int64))
-    valid = mask_t != ignore_index
-    labels = torch.where(valid, mask_t, torch.zeros_like(mask_t))
-    if valid.any() and int(labels[valid].max()) >= num_classes:
-        raise ValueError(f"mask holds class {int(labels[valid].max())} but num_classes is {num_classes}")
-    one_hot = F.one_hot(labels, num_classes).permute(2, 0, 1).float() * valid.float()
-    pooled = F.adaptive_avg_pool2d(one_hot[None], grid)[0]  # [C, h, w]
-    hist = pooled.permute(1, 2, 0).reshape(-1, num_classes)
-    total = hist.sum(1, keepdim=True)
-    return torch.where(total > 0, hist / total.clamp_min(1e-12), torch.zeros_like(hist))
+    where every pixel is ignored. Patch cells split the mask as adaptive average pooling does (cell
+    ``i`` of ``h`` covers rows ``floor(i·H/h)`` to ``ceil((i+1)·H/h)``, so neighbouring cells may
+    share a row or column); the histogram is the cell's pixel counts per class over its labelled
+    pixels. Counted with one ``bincount`` per mask rather than a one-hot map, so the cost does not
+    grow with the number of classes (ADE20K's 150)."""
+    mask = np.asarray(mask, dtype=np.int64)
+    height, width = mask.shape
+    h, w = grid
+    valid = mask != ignore_index
+    if valid.any():
+        labels = mask[valid]
+        if labels.min() < 0 or labels.max() >= num_classes:
+            bad = int(labels.max() if labels.max() >= num_classes else labels.min())
+            raise ValueError(f"mask holds class {bad} but num_classes is {num_classes}")
+    col_start, col_end = _cell_edges(width, w)
+    cols = np.concatenate([np.arange(a, b) for a, b in zip(col_start, col_end)])
+    col_cell = np.repeat(np.arange(w), col_end - col_start)
+    sub, sub_valid = mask[:, cols], valid[:, cols]
+    keys = (np.arange(height)[:, None] * w + col_cell[None, :]) * num_classes + np.where(sub_valid, sub, 0)
+    per_row = np.bincount(keys[sub_valid], minlength=height * w * num_classes).reshape(height, w, num_classes)
+    cumulative = np.concatenate([np.zeros((1, w, num_classes), dtype=np.int64), per_row.cumsum(0)])
+    row_start, row_end = _cell_edges(height, h)
+    counts = torch.from_numpy(cumulative[row_end] - cumulative[row_start]).reshape(-1, num_classes).double()
+    total = counts.sum(1, keepdim=True)
+    return torch.where(total > 0, counts / total.clamp_min(1), torch.zeros_like(counts)).float()
+
+
+def _cell_edges(size: int, cells: int) -> tuple[np.ndarray, np.ndarray]:
+    """First and one-past-last pixel of each of ``cells`` cells over ``size`` pixels (adaptive pooling's)."""
+    index = np.arange(cells)
+    return (index * size) // cells, -((-(index + 1) * size) // cells)
 
 
 def sample_patches(soft_labels: torch.Tensor, budget: int, generator: torch.Generator) -> torch.Tensor:
@@ -101,18 +124,9 @@ def parse_fraction(text: str) -> Fraction:
 
 
 def read_mask(path: Path) -> np.ndarray:
-    from PIL import Image
+    from mlsctl.data.datasets import decode_label_image
 
-    try:
-        with Image.open(path) as img:
-            if img.mode not in ("L", "P", "I", "I;16"):
-                raise UserError(f"mask {path} has mode {img.mode}; masks must be single-channel label images "
-                                f"(one class id per pixel)")
-            return np.asarray(img).astype(np.int64)
-    except UserError:
-        raise
-    except Exception as exc:
-        raise UserError(f"cannot read mask {path} ({exc}); masks must be label PNGs") from None
+    return decode_label_image(path, str(path))
 
 
 def match_masks(files: Sequence[str], masks_dir: Path, what: str) -> list[Path]:
@@ -151,9 +165,12 @@ def class_names(masks_dir: Path) -> Optional[list[str]]:
 
 
 class FeatureMasks:
-    """Dense features of a feature folder with the mask of each row."""
+    """Dense features of a feature folder with the mask of each row: from a folder of label PNGs
+    matched by relative path, or from the split of a benchmark the features were embedded from
+    (:class:`mlsctl.data.datasets.SegmentationSplit`, masks mapped by its protocol)."""
 
-    def __init__(self, features, masks_dir: Path, what: str):
+    def __init__(self, features, masks, what: str):
+        from mlsctl.data.datasets import SegmentationSplit
         from mlsctl.features import Features
 
         self.features: Features = features
@@ -162,32 +179,44 @@ class FeatureMasks:
         if features.preprocessing.get("resize") != "square":
             raise UserError(f"{what} {features.path} was embedded with --resize {features.preprocessing.get('resize')}; "
                             f"dense evaluation needs the whole image (--resize square)")
-        self.masks = match_masks(features.files, Path(masks_dir), f"{what.split()[0]} masks")
+        if isinstance(masks, SegmentationSplit):
+            self.split = masks
+            for relpath in features.files:
+                masks.mask_path(relpath)  # every row is an image of the split
+            self.masks = None
+        else:
+            self.split = None
+            self.masks = match_masks(features.files, Path(masks), f"{what.split()[0]} masks")
         self.grid = features.grid
 
     def __len__(self) -> int:
         return len(self.features)
 
+    def mask(self, row: int) -> np.ndarray:
+        """The label mask of ``row`` (class ids; the ignore index where nothing is scored)."""
+        if self.split is not None:
+            return self.split.read_mask(self.features.files[row])
+        return read_mask(self.masks[row])
+
     def pairs(self, rows: Optional[Sequence[int]] = None, batch: int = 32) -> Iterator[tuple[int, torch.Tensor, np.ndarray]]:
         for row_batch, dense in self.features.iter_dense(rows, batch=batch):
             for row, feature_map in zip(row_batch.tolist(), dense):
-                yield row, feature_map, read_mask(self.masks[row])
+                yield row, feature_map, self.mask(row)
 
 
 class AugmentedPasses:
     """Training images re-embedded under the protocol's augmentation (random resized crop of
     scale 0.5–1 applied to image and mask alike, colour jitter 0.1), ``passes`` times each."""
 
-    def __init__(self, features, masks: list[Path], backbone, passes: int, seed: int, batch: int = 32):
-        self.features, self.masks, self.backbone = features, masks, backbone
+    def __init__(self, source: FeatureMasks, backbone, passes: int, seed: int, batch: int = 32):
+        self.source, self.features, self.backbone = source, source.features, backbone
         self.passes, self.seed, self.batch = passes, seed, batch
-        self.resolution = int(features.preprocessing["resolution"])
+        self.resolution = int(self.features.preprocessing["resolution"])
 
     def pairs(self, rows: Sequence[int]) -> Iterator[tuple[int, torch.Tensor, np.ndarray]]:
         from PIL import Image
         from torchvision.transforms import v2
 
-        from mlsctl.data.images import load_rgb
         from mlsctl.features import Preprocessing
 
         to_input = Preprocessing(self.resolution, "square")
@@ -198,8 +227,8 @@ class AugmentedPasses:
             for start in range(0, len(rows), self.batch):
                 chunk, inputs, crops = rows[start:start + self.batch], [], []
                 for row in chunk:
-                    image = load_rgb(self.features.image_path(row))
-                    mask = read_mask(self.masks[row])
+                    image = self.features.load_image(row)
+                    mask = self.source.mask(row)
                     if mask.shape != (image.size[1], image.size[0]):
                         mask = np.asarray(Image.fromarray(mask.astype(np.int32), mode="I")
                                           .resize(image.size, Image.NEAREST)).astype(np.int64)
@@ -252,7 +281,8 @@ def build_memory(pairs: Iterator[tuple[int, torch.Tensor, np.ndarray]], num_clas
 
 
 def build_index(features: torch.Tensor, kind: str = "flat", nlist: Optional[int] = None, nprobe: int = 16):
-    import faiss
+    """A faiss index of the memory: ``flat`` (exact inner product) or ``ivf`` (inverted lists)."""
+    faiss = _import_faiss(f"--index {kind}")
 
     array = np.ascontiguousarray(features.numpy(), dtype=np.float32)
     dim = array.shape[1]
@@ -268,6 +298,73 @@ def build_index(features: torch.Tensor, kind: str = "flat", nlist: Optional[int]
         raise UserError(f"--index {kind} is not one of flat, ivf")
     index.add(array)
     return index
+
+
+def _import_faiss(what: str):
+    try:
+        import faiss
+    except ImportError:
+        raise UserError(f"{what} searches with faiss, which is not installed; pip install faiss-cpu, or use the exact "
+                        f"torch search (--index flat --search torch)") from None
+    return faiss
+
+
+def _faiss_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("faiss") is not None
+
+
+class TorchSearch:
+    """Exact inner-product search with torch on ``device`` (the memory is copied there once)."""
+
+    def __init__(self, features: torch.Tensor, device: torch.device):
+        self.memory = features.to(device, torch.float32).contiguous()
+        self.description = f"exact, torch matmul + top-k on {device.type}"
+
+    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        from mlsctl.evaluate.knn import exact_search
+
+        return exact_search(self.memory, queries, k)
+
+
+class FaissSearch:
+    """A faiss index on the CPU (:func:`build_index`)."""
+
+    def __init__(self, features: torch.Tensor, kind: str, nlist: Optional[int], nprobe: int):
+        self.index = build_index(features, kind, nlist, nprobe)
+        self.description = "exact, faiss IndexFlatIP on cpu" if kind == "flat" else \
+            f"approximate, faiss IndexIVFFlat on cpu (nprobe {nprobe})"
+
+    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        scores, neighbours = self.index.search(np.ascontiguousarray(queries.numpy(), dtype=np.float32), k)
+        return torch.from_numpy(scores), torch.from_numpy(neighbours)
+
+
+SEARCHES = ("auto", "torch", "faiss")
+
+
+def build_search(features: torch.Tensor, settings: "Settings"):
+    """The neighbour search of a memory, by ``settings.search``: ``torch`` (exact, on
+    ``settings.device``), ``faiss`` (CPU; the only one of ``--index ivf``), or ``auto``: torch on a
+    CUDA device, faiss on the CPU where it is installed, else torch."""
+    from mlsctl.evaluate.knn import search_device
+
+    if settings.search not in SEARCHES:
+        raise UserError(f"--search {settings.search} is not one of {', '.join(SEARCHES)}")
+    if settings.index not in ("flat", "ivf"):
+        raise UserError(f"--index {settings.index} is not one of flat, ivf")
+    device = search_device(settings.device)
+    if settings.index == "ivf":
+        if settings.search == "torch":
+            raise UserError("--index ivf is a faiss index; use --search faiss or auto, or --index flat with --search torch")
+        return FaissSearch(features, "ivf", settings.nlist, settings.nprobe)
+    backend = settings.search
+    if backend == "auto":
+        backend = "torch" if device.type == "cuda" or not _faiss_available() else "faiss"
+    if backend == "faiss":
+        return FaissSearch(features, "flat", settings.nlist, settings.nprobe)
+    return TorchSearch(features, device)
 
 
 # ---------------------------------------------------------------------------------------------- running
@@ -286,15 +383,66 @@ class Settings:
     nlist: Optional[int] = None
     nprobe: int = 16
     query_batch: int = 64  # validation images per search call
+    search: str = "auto"  # auto | torch | faiss (build_search)
+    device: str = "auto"  # auto | cpu | cuda, of the torch search
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
 
 
-def _num_classes(masks: Sequence[Path], ignore_index: int) -> int:
+@dataclass(frozen=True)
+class Protocol:
+    """A named set of the settings a paper reports with, applied by ``--protocol``; a flag given
+    explicitly overrides its value (and the result JSON lists it as overridden)."""
+
+    name: str
+    k: int
+    temperature: float
+    memory_size: Optional[int]
+    aug_passes: int
+    input_size: Optional[int]  # pixels of the input side for a patch-16 ViT; None: the model's own
+    fractions: tuple[str, ...]
+    runs: int
+    source: str
+
+    def resolution(self, patch_size: int) -> Optional[int]:
+        """The input side for a model of ``patch_size``: the largest multiple of it up to
+        ``input_size`` (512 for ViT-S/16 and /8, 504 for /14, as open-hummingbird-eval's README)."""
+        if self.input_size is None:
+            return None
+        return max(patch_size, self.input_size // patch_size * patch_size)
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__, fractions=list(self.fractions))
+
+
+PROTOCOLS = {
+    "none": Protocol("none", k=30, temperature=0.02, memory_size=None, aug_passes=0, input_size=None,
+                     fractions=("1/1", "1/8", "1/64", "1/128"), runs=5,
+                     source="mlsctl's defaults: every labelled patch in the memory, no augmented passes, the "
+                            "model's own input size"),
+    "hummingbird": Protocol("hummingbird", k=30, temperature=0.02, memory_size=10_240_000, aug_passes=1,
+                            input_size=512, fractions=("1/128", "1/64", "1/8", "1/1"), runs=5,
+                            source="Balazevic et al. 2023 (memory 1024x10^4 patches, k=30, softmax temperature "
+                                   "0.02) as open-hummingbird-eval runs it (n_neighbours=30, beta 0.02, "
+                                   "augmentation_epoch=1, input 512 for ViT-S/16, file sets 1/128, 1/64, 1/8 and "
+                                   "full, 5 seeds each)"),
+}
+
+
+def protocol(name: str) -> Protocol:
+    if name not in PROTOCOLS:
+        raise UserError(f"--protocol {name} is not one of {', '.join(PROTOCOLS)}")
+    return PROTOCOLS[name]
+
+
+def _num_classes(source: FeatureMasks, ignore_index: int) -> int:
+    """The class count of a source without class names: the largest class id in its masks, plus one."""
+    if source.split is not None:
+        return source.split.num_classes
     top = 0
-    for path in masks:
-        mask = read_mask(path)
+    for row in range(len(source)):
+        mask = source.mask(row)
         valid = mask[mask != ignore_index]
         if valid.size:
             top = max(top, int(valid.max()))
@@ -317,20 +465,20 @@ def evaluate_once(train: FeatureMasks, val: FeatureMasks, rows: Sequence[int], s
 
     memory = build_memory(train_pairs(), num_classes, per_image=per_image, ignore_index=settings.ignore_index,
                           generator=generator)
-    index = build_index(memory.features, settings.index, settings.nlist, settings.nprobe)
+    index = build_search(memory.features, settings)
     t_memory = time.perf_counter()
     k = min(settings.k, len(memory.features))
     confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
     search_s = 0.0
     for row_batch, dense in val.features.iter_dense(batch=settings.query_batch):
         b, h, w, d = dense.shape
-        queries = F.normalize(dense.reshape(-1, d), dim=1).numpy()
+        queries = F.normalize(dense.reshape(-1, d).float(), dim=1)
         t0 = time.perf_counter()
-        scores, neighbours = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        scores, neighbours = index.search(queries, k)
         search_s += time.perf_counter() - t0
-        neighbours = torch.from_numpy(neighbours).clamp_min(0)
-        probabilities = transfer_labels(torch.from_numpy(scores), memory.labels[neighbours], settings.temperature)
-        masks = [read_mask(val.masks[row]) for row in row_batch.tolist()]
+        neighbours = neighbours.clamp_min(0)  # an IVF search may come back short (-1)
+        probabilities = transfer_labels(scores, memory.labels[neighbours], settings.temperature)
+        masks = [val.mask(row) for row in row_batch.tolist()]
         if len({m.shape for m in masks}) == 1:  # one upsampling call for the whole batch
             maps = probabilities.reshape(b, h, w, -1).permute(0, 3, 1, 2)
             predictions = F.interpolate(maps, size=masks[0].shape, mode="bilinear", align_corners=False).argmax(1)
@@ -350,6 +498,7 @@ def evaluate_once(train: FeatureMasks, val: FeatureMasks, rows: Sequence[int], s
         "miou_hungarian": hungarian_mean_iou(confusion),
         "pixel_accuracy": pixel_accuracy(confusion),
         "iou_per_class": [None if np.isnan(v) else float(v) for v in iou_per_class(confusion)],
+        "search": index.description,
         "seconds": {"memory": t_memory - t_start, "search": search_s, "total": t_end - t_start},
         "confusion": confusion,
     }
@@ -371,7 +520,7 @@ def knn_segmentation(train: FeatureMasks, val: FeatureMasks, fractions: Sequence
 
     train.features.check_same_model(val.features)
     # class names (meta.json) fix the class count; without them every training mask is scanned once
-    num_classes = len(names) if names else _num_classes(train.masks, settings.ignore_index)
+    num_classes = len(names) if names else _num_classes(train, settings.ignore_index)
     results = []
     n = len(train)
     plan = [(fraction, list(range(settings.runs)) if fraction < 1 else [0]) for fraction in fractions]
@@ -390,7 +539,8 @@ def knn_segmentation(train: FeatureMasks, val: FeatureMasks, fractions: Sequence
             values = [np.nan if v is None else v for v in o["iou_per_class"]]
             per_class[i, :len(values)] = values
         mious = np.array([o["miou"] for o in outcomes])
-        with np.errstate(invalid="ignore"):
+        with warnings.catch_warnings():  # a class absent from every run has no mean: NaN, reported as None
+            warnings.simplefilter("ignore", RuntimeWarning)
             class_mean = np.nanmean(per_class, 0) if len(outcomes) else per_class[0]
         for o in outcomes:
             o["confusion"] = o["confusion"].tolist()  # [true, predicted] pixel counts, for other summaries

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mlsctl.evaluate.knn_seg import FeatureMasks, _num_classes, patch_soft_labels, read_mask
+from mlsctl.evaluate.knn_seg import FeatureMasks, _num_classes, patch_soft_labels
 from mlsctl.evaluate.segmentation import (confusion_update, foreground_background_iou, iou_per_class, mean_iou,
                                           pixel_accuracy)
 
@@ -68,7 +68,7 @@ def train_linear_seg(train: FeatureMasks, num_classes: int, *, epochs: int = 10,
             x, y = [], []
             for row, dense in zip(rows, dense_block):
                 if row not in labels_cache:
-                    labels_cache[row] = patch_soft_labels(read_mask(train.masks[row]), dense.shape[:2], num_classes,
+                    labels_cache[row] = patch_soft_labels(train.mask(row), dense.shape[:2], num_classes,
                                                           ignore_index)
                 soft = labels_cache[row]
                 keep = soft.sum(1) > 0
@@ -98,7 +98,7 @@ def evaluate_linear_seg(train: FeatureMasks, val: FeatureMasks, *, epochs: int =
     from tqdm import tqdm
 
     train.features.check_same_model(val.features)
-    num_classes = len(names) if names else _num_classes(train.masks, ignore_index)
+    num_classes = len(names) if names else _num_classes(train, ignore_index)
     bar = tqdm(total=epochs * len(train) + len(val), unit="img", desc="linear-seg", disable=not progress,
                dynamic_ncols=True)
     started = time.perf_counter()
@@ -113,7 +113,7 @@ def evaluate_linear_seg(train: FeatureMasks, val: FeatureMasks, *, epochs: int =
             probabilities = torch.softmax(layer((dense.reshape(-1, d).float() - mean) / std), dim=1)
             maps = probabilities.reshape(b, h, w, -1).permute(0, 3, 1, 2)
             for i, row in enumerate(row_batch.tolist()):
-                mask = read_mask(val.masks[row])
+                mask = val.mask(row)
                 prediction = F.interpolate(maps[i:i + 1], size=mask.shape, mode="bilinear", align_corners=False)
                 confusion = confusion_update(confusion, mask, prediction[0].argmax(0).numpy(), ignore_index)
             bar.update(b)

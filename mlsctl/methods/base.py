@@ -13,7 +13,8 @@ centers) and declares:
 * :meth:`open_data`: what ``data.root`` holds (an :class:`~mlsctl.data.images.ImageFolder` by
   default; a method may train on something else, such as a feature folder);
 * :meth:`build_dataset`: the training dataset and its collate function (multi-crop image folder
-  by default);
+  by default); a dataset with an ``on_device(batch)`` method finishes each batch on the training
+  device (normalisation, or the whole multi-crop with ``data.augment: gpu``);
 * :meth:`batch_sampler`: the step-indexed batch sampler (:class:`~mlsctl.data.loader.StepBatchSampler`
   by default; it must derive step ``s``'s batch from the seed and ``s`` alone, for exact resume);
 * :meth:`check_recipe`: recipe constraints of the method, reported as config errors, and
@@ -46,7 +47,8 @@ from mlsctl.schedules import Schedule, cosine
 class StepOutput:
     loss: torch.Tensor  # the scalar to back-propagate
     terms: dict[str, torch.Tensor] = field(default_factory=dict)  # detached loss terms, logged as loss/NAME
-    metrics: dict[str, float] = field(default_factory=dict)  # anything else worth a curve
+    # anything else worth a curve: numbers, or 0-d tensors that the loop reads only where it logs
+    metrics: dict[str, float | torch.Tensor] = field(default_factory=dict)
 
 
 class Method(nn.Module):
@@ -107,8 +109,15 @@ class Method(nn.Module):
         return MultiCrop(
             global_size=data.global_crops.size, global_scale=data.global_crops.scale, n_global=data.global_crops.count,
             n_local=data.local_crops.count, local_size=data.local_crops.size, local_scale=data.local_crops.scale,
-            photometric=data.photometric,
+            photometric=data.photometric, to_float=False,
         )
+
+    @staticmethod
+    def data_path(recipe: Recipe) -> dict:
+        """Where the multi-crop runs (``data.augment``, ``decode_size``, ``cache``), as the
+        datasets' keyword arguments."""
+        data = recipe.data
+        return {"augment": data.augment, "decode_size": data.device_decode_size, "cache": data.cache}
 
     @classmethod
     def open_data(cls, recipe: Recipe) -> ImageFolder:
@@ -116,7 +125,7 @@ class Method(nn.Module):
 
     @classmethod
     def build_dataset(cls, recipe: Recipe, folder: ImageFolder):
-        return MultiCropDataset(folder, cls.multicrop(recipe), recipe.seed), collate
+        return MultiCropDataset(folder, cls.multicrop(recipe), recipe.seed, **cls.data_path(recipe)), collate
 
     @classmethod
     def batch_sampler(cls, recipe: Recipe, dataset, *, world_size: int = 1, rank: int = 0, start_step: int = 0,

@@ -67,10 +67,9 @@ def updated_center(center: torch.Tensor, teacher_logits: torch.Tensor, momentum:
     Every process must call it."""
     rows = teacher_logits.new_tensor([len(teacher_logits)], dtype=torch.float32)
     total = dist.all_reduce_sum(torch.cat([teacher_logits.float().sum(dim=0), rows]))
-    count = float(total[-1])
-    if count == 0:
-        return center
-    return center * momentum + (total[None, :-1] / count) * (1 - momentum)
+    count = total[-1]  # stays on the device: no host synchronisation
+    updated = center * momentum + (total[None, :-1] / count.clamp_min(1.0)) * (1 - momentum)
+    return torch.where(count > 0, updated, center)
 
 
 # ------------------------------------------------------------------------------------------ method
@@ -177,4 +176,4 @@ class DINO(Method):
                                  box=batch.boxes[:, 0].float())
         entropy = -(targets * targets.clamp_min(1e-12).log()).sum(-1).mean()
         return StepOutput(loss, terms={"dino": loss.detach()},
-                          metrics={"teacher_temp": temperature, "teacher_entropy": float(entropy)})
+                          metrics={"teacher_temp": temperature, "teacher_entropy": entropy.detach()})

@@ -166,7 +166,8 @@ class MILE(Method):
 
         transform = cls.multicrop(recipe)
         objects = find_objects(folder, recipe.method.objects_file)
-        return ObjectSetDataset(folder, objects, transform, recipe.method.set_length, recipe.seed), collate_sets
+        return (ObjectSetDataset(folder, objects, transform, recipe.method.set_length, recipe.seed, **cls.data_path(recipe)),
+                collate_sets)
 
     def ema_pairs(self):
         return [(self.student, self.teacher)]

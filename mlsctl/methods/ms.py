@@ -22,6 +22,7 @@ There is no teacher: the trained network itself is what ``teacher_backbone`` ret
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -69,17 +70,12 @@ def class_ids(names: list[str], what: str) -> tuple[torch.Tensor, list[str]]:
 class LabelledBatch(Batch):
     labels: Optional[torch.Tensor] = None  # [B] class index
 
-    def to(self, device) -> "LabelledBatch":
-        moved = super().to(device)
-        return LabelledBatch(moved.crops, moved.boxes, moved.flips, moved.image_ids, moved.image_sizes, moved.skipped,
-                             moved.masks, self.labels.to(device))
-
 
 class LabelledCrops(MultiCropDataset):
     """Random resized crops of a labelled image folder; ``labels`` [n] class indices."""
 
-    def __init__(self, folder, transform, seed: int, labels: torch.Tensor, classes: list[str]):
-        super().__init__(folder, transform, seed)
+    def __init__(self, folder, transform, seed: int, labels: torch.Tensor, classes: list[str], **data_path):
+        super().__init__(folder, transform, seed, **data_path)
         self.labels, self.classes = labels, classes
 
 
@@ -88,8 +84,7 @@ def labelled_collate(dataset: LabelledCrops):
         batch = collate(samples)
         # a skipped (undecodable) image is replaced by the next readable one: its label follows it
         labels = dataset.labels[batch.image_ids]
-        return LabelledBatch(batch.crops, batch.boxes, batch.flips, batch.image_ids, batch.image_sizes, batch.skipped,
-                             None, labels)
+        return LabelledBatch(**{f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}, labels=labels)
     return collate_fn
 
 
@@ -134,7 +129,7 @@ class MS(Method):
         names = labels_of(folder.relpaths(), Path(folder.root), Path(labels_file) if labels_file else None,
                           f"data.root {folder.root}")
         labels, classes = class_ids(names, f"data.root {folder.root}")
-        dataset = LabelledCrops(folder, cls.multicrop(recipe), recipe.seed, labels, classes)
+        dataset = LabelledCrops(folder, cls.multicrop(recipe), recipe.seed, labels, classes, **cls.data_path(recipe))
         return dataset, labelled_collate(dataset)
 
     @classmethod

@@ -145,7 +145,8 @@ class SOVE(Method):
 
         side = recipe.data.global_crops.size // recipe.model.patch_size
         dataset = MaskedMultiCropDataset(folder, cls.multicrop(recipe), recipe.seed, (side, side),
-                                         recipe.method.mask_ratio, tuple(recipe.method.mask_aspect))
+                                         recipe.method.mask_ratio, tuple(recipe.method.mask_aspect),
+                                         **cls.data_path(recipe))
         return dataset, collate_masked
 
     def ema_pairs(self):

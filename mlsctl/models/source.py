@@ -164,7 +164,10 @@ def from_run_start(run_dir: str | Path) -> ModelChoice:
 
 
 def from_weights(path: str | Path, arch: Optional[str] = None, *, img_size: Optional[int] = None,
-                 patch_size: Optional[int] = None) -> ModelChoice:
+                 patch_size: Optional[int] = None, random_init: bool = False, seed: int = 0) -> ModelChoice:
+    """The backbone of a weights file; ``random_init``: its architecture (recorded in the file, or
+    ``arch``), randomly initialised with ``seed`` — the comparison a pretrained backbone is measured
+    against."""
     path = Path(path)
     recorded = _recorded_model(path)
     if arch is None and recorded is None:
@@ -180,8 +183,13 @@ def from_weights(path: str | Path, arch: Optional[str] = None, *, img_size: Opti
     defaults = timm.models.get_pretrained_cfg(spec["arch"]) if "img_size" not in spec else None
     size = img_size or spec.get("img_size") or (defaults.input_size[-1] if defaults else 224)
     patch = patch_size or spec.get("patch_size") or _patch_size_of(spec["arch"])
-    backbone = Backbone(spec["arch"], img_size=size, patch_size=patch, weights=str(path),
+    if random_init:
+        torch.manual_seed(seed)
+    backbone = Backbone(spec["arch"], img_size=size, patch_size=patch, weights=None if random_init else str(path),
                         timm_kwargs=spec.get("timm_kwargs"), embedding_dim=spec.get("embedding_dim", 0))
+    if random_init:
+        return model_choice(backbone, f"randomly initialised {spec['arch']} (architecture of {path}, seed {seed})",
+                            "random-init", str(path), size)
     return model_choice(backbone, f"{spec['arch']} with weights {path}", "weights", str(path), size)
 
 
@@ -247,9 +255,7 @@ def choose_model(*, run: Optional[str | Path] = None, weights: Optional[str | Pa
     if run is not None and weights is not None:
         raise UserError("give either --run or --weights, not both")
     if weights is not None:
-        if random_init:
-            raise UserError("--random-init builds the architecture of a run; use it with --run, not --weights")
-        return from_weights(weights, arch)
+        return from_weights(weights, arch, random_init=random_init, seed=seed)
     if arch is not None and run is None:
         raise UserError("--model names the architecture of a --weights file; add --weights FILE, or use --run RUN")
     if run is None:

@@ -1,0 +1,87 @@
+"""ImageNet-style classification folders (ILSVRC-2012 and any data set laid out like it).
+
+Layout (under ``--root``, a folder or an archive)::
+
+    [imagenet/ | ILSVRC/Data/CLS-LOC/]train/<class>/<image>      the class is the folder name
+    [...]val/<class>/<image>                                      (val prepared into class folders)
+    [...]val/<image> + a split file                               (val as distributed, flat)
+
+Split files for a flat split: ``<split>.txt`` next to the split folder, lines ``<file> <label>``
+(the label a class name, or an integer index into the sorted class folders of ``train/``, as in
+Caffe's ``val.txt``), or Kaggle's ``LOC_val_solution.csv`` (``ImageId,PredictionString``, the
+class the first word of the prediction string) at the top of the root. Images are the files
+Pillow reads (:data:`mlsctl.data.images.IMAGE_EXTENSIONS`).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from typing import Optional
+
+from mlsctl.data.archive import Tree
+from mlsctl.data.datasets import ClassificationSplit, find_base, join, missing, read_lines
+from mlsctl.errors import UserError
+
+SPLITS = ("train", "val")
+DEFAULT_SPLITS = ("train", "val")
+SOURCE = "https://image-net.org/download (ILSVRC-2012 train and val), or your own train/<class>/ and val/ folders"
+EXPECTED = "train/<class>/<images> and val/<class>/<images> (or val/<images> with val.txt)"
+BASES = ("", "imagenet", "ILSVRC/Data/CLS-LOC")
+
+
+def _is_image(path: str) -> bool:
+    from mlsctl.data.images import IMAGE_EXTENSIONS
+
+    return path.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _split_file_labels(tree: Tree, base: str, split: str, class_names: list[str]) -> Optional[dict[str, str]]:
+    """File name -> class from ``<split>.txt`` or ``LOC_<split>_solution.csv``, or None if neither exists."""
+    listing = join(base, f"{split}.txt")
+    if tree.is_file(listing):
+        table = {}
+        for number, line in enumerate(read_lines(tree, listing), 1):
+            parts = line.split()
+            if len(parts) != 2:
+                raise UserError(f"{tree.location(listing)}:{number} is not '<file> <label>'")
+            name, label = parts
+            if label.isdigit() and class_names:
+                if int(label) >= len(class_names):
+                    raise UserError(f"{tree.location(listing)}:{number}: class index {label} but train/ has "
+                                    f"{len(class_names)} class folders")
+                label = class_names[int(label)]
+            table[name.rsplit("/", 1)[-1]] = label
+        return table
+    solution = f"LOC_{split}_solution.csv"
+    if tree.is_file(solution):
+        rows = csv.reader(io.StringIO(tree.read_bytes(solution).decode("utf-8", errors="replace")))
+        return {row[0] + ".JPEG": row[1].split()[0] for row in rows if len(row) >= 2 and row[0] != "ImageId"}
+    return None
+
+
+def read_split(tree: Tree, split: str) -> ClassificationSplit:
+    base = find_base(tree, BASES, (split,))
+    if base is None:
+        raise missing("an ImageNet-style data set", tree, EXPECTED, SOURCE)
+    folder = join(base, split)
+    files = [p for p in tree.files(folder) if _is_image(p)]
+    if not files:
+        raise UserError(f"{tree.location(folder)} holds no images")
+    inside = [p[len(folder) + 1:] for p in files]
+    if all("/" in p for p in inside):
+        labels = [p.split("/", 1)[0] for p in inside]
+        return ClassificationSplit("imagenet", split, tree, files, labels, f"class folders at '{folder}'")
+    train_dir = join(base, "train")
+    class_names = sorted({p[len(train_dir) + 1:].split("/", 1)[0] for p in tree.files(train_dir)
+                          if "/" in p[len(train_dir) + 1:]})
+    table = _split_file_labels(tree, base, split, class_names)
+    if table is None:
+        raise UserError(f"{tree.location(folder)} holds images outside class folders and no split file labels them; "
+                        f"add {join(base, split + '.txt')} ('<file> <label>' lines) or sort them into class folders")
+    unlabelled = [p for p in files if p.rsplit("/", 1)[-1] not in table]
+    if unlabelled:
+        raise UserError(f"the split file of {tree.location(folder)} has no label for {len(unlabelled)} images "
+                        f"(first: {unlabelled[0]})")
+    labels = [table[p.rsplit("/", 1)[-1]] for p in files]
+    return ClassificationSplit("imagenet", split, tree, files, labels, f"flat '{folder}' with a split file")

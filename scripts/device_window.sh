@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# One device window (issue 22): on a lent GPU machine without network, in one command,
+#   1. install what the machine lacks from carried wheels (.whl/) and build the data from carried
+#      Fashion-MNIST files (.fmnist/),
+#   2. a smoke run of recipes/dino_fmnist_backbone.yaml (one epoch) that fails the window early
+#      if the GPU path is broken, and measures the speed,
+#   3. the backbone: that recipe for as many epochs as BACKBONE_S seconds afford (from the smoke
+#      run's speed), its teacher as bf16 safetensors, knn-seg of it and of its random init,
+#   4. the reproduction suite's pending cells (benchmarks/fidelity.py --profile gpu --budget-s;
+#      calibration first) in the time left of WINDOW_S but THROUGHPUT_S,
+#   5. dino_in1k's loop (augment cpu and gpu) against its model step alone (benchmarks/train_throughput.py),
+# writing everything that should come back under $OUT (at most 8 files of 16 MiB, so the
+# weights travel in parts). Stages after the smoke run are independent: one failing does not stop
+# the others. Prepare it here with scripts/device_prepare.sh; bring the results in with
+# scripts/device_unpack.sh OUT_FOLDER.
+#
+#   OUT=/tmp/out WINDOW_S=200 BACKBONE_S=20 THROUGHPUT_S=30 PROFILE=smoke bash scripts/device_window.sh  # CPU dry run
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:?set OUT to the folder that comes back}
+WINDOW_S=${WINDOW_S:-575}      # the whole command; the suite gets what is left
+BACKBONE_S=${BACKBONE_S:-140}
+THROUGHPUT_S=${THROUGHPUT_S:-75}
+PROFILE=${PROFILE:-gpu}
+FMNIST=${FMNIST:-.fmnist}
+PY=${PYTHON:-python3}
+WORK=fidelity-work/$PROFILE
+mkdir -p "$OUT"
+exec > >(tee -a "$OUT/window.log") 2>&1
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+started=$(date +%s)
+stage() { echo; echo "== $(( $(date +%s) - started ))s: $*"; }
+
+stage "set-up"
+if compgen -G ".whl/*.whl" > /dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+nvidia-smi -L 2>/dev/null || echo "no nvidia-smi"
+$PY - <<'PY' || exit 1
+import torch, timm, accelerate
+print(f"torch {torch.__version__} (CUDA {torch.version.cuda}, available: {torch.cuda.is_available()}), timm {timm.__version__}, "
+      f"accelerate {accelerate.__version__}, {torch.get_num_threads()} threads")
+PY
+mlsctl() { $PY -m mlsctl "$@"; }
+
+stage "data (fmnist-scenes 2,000/500, fmnist-products 1,000/200 objects) from $FMNIST"
+DATA=$WORK/data
+if [ "$PROFILE" = smoke ]; then  # the sizes of the suite's smoke profile, which reuses this data
+  SCENES=(--n-train 16 --n-val 4 --size 32); PRODUCTS=(--n-train 8 --n-eval 4 --photos 4 --gallery-photos 2 --size 32)
+else SCENES=(); PRODUCTS=(); fi
+mlsctl data fmnist-scenes --out "$DATA/fmnist-scenes" --source "$FMNIST" "${SCENES[@]}" || exit 1
+mlsctl data fmnist-products --out "$DATA/fmnist-products" --source "$FMNIST" "${PRODUCTS[@]}" || exit 1
+mkdir -p "$DATA/fmnist-backbone"
+ln -sfn ../fmnist-scenes/train/images "$DATA/fmnist-backbone/scenes"
+ln -sfn ../fmnist-products/train "$DATA/fmnist-backbone/products"
+N_IMAGES=$(find -L "$DATA/fmnist-backbone" -name '*.png' | wc -l)
+echo "backbone data: $N_IMAGES images"
+
+BACKBONE=(recipes/dino_fmnist_backbone.yaml "data.root=$DATA/fmnist-backbone")
+if [ "$PROFILE" = smoke ]; then  # a CPU dry run: the same recipe, tiny
+  BACKBONE+=(model.timm_kwargs.embed_dim=32 model.timm_kwargs.depth=2 model.timm_kwargs.num_heads=2 optim.batch_size=16
+             model.img_size=32 data.decode_size=32 data.global_crops.size=32 data.local_crops.size=16
+             method.out_dim=64 method.hidden_dim=32 method.bottleneck_dim=16 method.monitor_bank_size=64 data.workers=2
+             train.precision=fp32)
+fi
+
+stage "smoke run: one epoch of the backbone recipe (fails the window early if the GPU path is broken)"
+# Falls back to no image cache (a small /dev/shm), then to the CPU data path, before giving up: each
+# fallback is said in the log and applies to the backbone run too.
+smoke_ok=no
+for fallback in "" "data.cache=none" "data.augment=cpu data.cache=none"; do
+  rm -rf runs/window-smoke
+  # shellcheck disable=SC2086
+  if mlsctl pretrain "${BACKBONE[@]}" $fallback optim.epochs=1 optim.warmup_epochs=0 method.warmup_teacher_temp_epochs=0 \
+       optim.freeze_last_layer_epochs=0 train.log_every=5 --out runs/window-smoke; then
+    smoke_ok=yes
+    [ -n "$fallback" ] && echo "FALLBACK: the backbone trains with $fallback" && BACKBONE+=($fallback)
+    break
+  fi
+  echo "FAILED: smoke run with '${fallback:-the recipe as it is}'"
+done
+[ $smoke_ok = yes ] || exit 1
+# the steady speed: the median of the last three logged intervals (the first ones include start-up)
+IPS=$($PY -c "
+import json, statistics
+rows = [json.loads(l) for l in open('runs/window-smoke/metrics.jsonl') if '\"images_per_s\"' in l]
+print(round(statistics.median(r['images_per_s'] for r in rows[-3:]), 1))")
+EPOCHS=$($PY -c "print(max(3, min(400, int(0.95 * ($BACKBONE_S - 15) * $IPS / $N_IMAGES))))")
+echo "smoke: $IPS images/s once running -> $EPOCHS epochs in ~${BACKBONE_S}s (15 s of start-up)"
+
+stage "the backbone: $EPOCHS epochs"
+RUN=runs/dino_fmnist_backbone
+WARM=$(( EPOCHS / 10 ))
+if mlsctl pretrain "${BACKBONE[@]}" optim.epochs=$EPOCHS optim.warmup_epochs=$WARM --out $RUN --overwrite; then
+  $PY scripts/backbone_weights.py $RUN "$OUT/backbone" || echo "FAILED: bf16 weights"
+  SC=$DATA/fmnist-scenes
+  for model in trained random; do
+    extra=(); [ $model = random ] && extra=(--random-init --seed 0)
+    mlsctl eval knn-seg --train $SC/train/images --train-masks $SC/train/masks --val $SC/val/images \
+      --val-masks $SC/val/masks --run $RUN "${extra[@]}" --fraction 1/1 --k 30 --out $RUN/knn-seg-$model.json \
+      || echo "FAILED: knn-seg $model"
+  done
+  tar czf "$OUT/backbone-run.tar.gz" $RUN/config.yaml $RUN/metrics.jsonl $RUN/train.log $RUN/summary.json \
+    $RUN/knn-seg-*.json runs/window-smoke/summary.json 2>/dev/null
+else
+  echo "FAILED: backbone"
+  tar czf "$OUT/backbone-run.tar.gz" $RUN/train.log runs/window-smoke/summary.json 2>/dev/null
+fi
+
+LEFT=$(( WINDOW_S - ($(date +%s) - started) - THROUGHPUT_S - 10 ))
+stage "reproduction suite, profile $PROFILE, within ${LEFT}s (calibration first)"
+if [ "$LEFT" -gt 30 ]; then
+  $PY benchmarks/fidelity.py --profile "$PROFILE" --work "$WORK" --fmnist "$FMNIST" --budget-s "$LEFT" \
+    --pack-results "$OUT/fidelity-$PROFILE.tar.gz" || echo "FAILED: fidelity"
+fi
+
+LEFT=$(( WINDOW_S - ($(date +%s) - started) - 5 ))
+stage "throughput of dino_in1k (loop with augment cpu and gpu vs the model step alone) within ${LEFT}s"
+if [ "$PROFILE" = smoke ]; then  # a CPU dry run: the quick recipe, tiny
+  TP=(--recipe dino_fmnist_quick --steps 3 --warmup 1 --images 64 --override model.timm_kwargs.embed_dim=32
+      model.timm_kwargs.depth=2 model.timm_kwargs.num_heads=2 optim.batch_size=8)
+else
+  TP=(--recipe dino_in1k --rounds 1 --steps 20 --warmup 8 --images 1536)
+fi
+$PY benchmarks/train_throughput.py "${TP[@]}" --budget-s "$LEFT" --out "$OUT/throughput.json" || echo "FAILED: throughput"
+
+stage "done"
+ls -la "$OUT"
