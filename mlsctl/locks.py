@@ -23,6 +23,19 @@ from pathlib import Path
 from mlsctl.errors import UserError
 
 LOCK_NAME = ".mlsctl.lock"
+_HELD_FDS: set[int] = set()  # the lock files this process holds open
+
+
+def close_inherited_locks() -> None:
+    """In a forked child (a DataLoader worker): close its copies of the parent's lock files. An
+    ``flock`` lasts while any copy of its file is open, so without this the workers of a run killed
+    with SIGKILL would hold the run's lock until they notice their parent is gone."""
+    for fd in list(_HELD_FDS):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_FDS.clear()
 
 
 class FolderLock:
@@ -61,6 +74,7 @@ class FolderLock:
         os.ftruncate(fd, 0)
         os.write(fd, (json.dumps(record) + "\n").encode())
         self._fd = fd
+        _HELD_FDS.add(fd)
         return self
 
     @staticmethod
@@ -81,6 +95,7 @@ class FolderLock:
         except OSError:
             pass
         os.close(self._fd)
+        _HELD_FDS.discard(self._fd)
         self._fd = None
         self._remove_created_folder()
 

@@ -217,7 +217,10 @@ def collate(samples: list[dict]) -> Batch:
 
 
 def _worker_init(_: int) -> None:
+    from mlsctl.locks import close_inherited_locks
+
     torch.set_num_threads(1)
+    close_inherited_locks()  # the run's lock ends with the training process, even under SIGKILL
 
 
 def make_loader(dataset: Dataset, sampler: StepBatchSampler, workers: int, pin_memory: bool = False,
