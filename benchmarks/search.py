@@ -164,7 +164,8 @@ def open_benchmark(n: int, dim: int, work: Path) -> dict:
     build_s = time.perf_counter() - t0
     probe = json.loads(subprocess.run([sys.executable, "-c", OPEN_PROBE, str(folder)], capture_output=True, text=True,
                                       check=True).stdout)
-    sizes = {p.name: p.stat().st_size / 2**20 for p in folder.iterdir() if p.is_file()}
+    sizes = {("index.faiss" if p.suffix == ".faiss" else p.name): p.stat().st_size / 2**20
+             for p in folder.rglob("*") if p.is_file()}  # the row files live in the gallery's version folder
     row = {"objects": n, "dim": dim, "storage": "fp16", "build_s": round(build_s, 1), **probe,
            "rss_added_by_gallery_mb": probe["rss_after_open_and_search_mb"] - probe["rss_after_imports_mb"],
            "file_mb": {k: round(v, 1) for k, v in sizes.items()}}

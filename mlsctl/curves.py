@@ -25,12 +25,18 @@ def read_metrics(run_dir: str | Path) -> dict[str, tuple[list[int], list[float]]
     series: dict[str, tuple[list[int], list[float]]] = {}
     from mlsctl.evaluate.knn import read_text_file
 
-    for line in read_text_file(run.metrics_path, "metrics file").splitlines():
+    for number, line in enumerate(read_text_file(run.metrics_path, "metrics file").splitlines(), 1):
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             break  # a torn last line of a killed run
-        step = record.get("step")
+        except RecursionError:
+            record = None
+        step = record.get("step") if isinstance(record, dict) else None
+        if not isinstance(step, (int, float)) or isinstance(step, bool):
+            shown = line if len(line) <= 40 else line[:40] + "..."
+            raise UserError(f"{run.metrics_path} line {number} is not a metrics record ({shown}): mlsctl pretrain "
+                            f"writes one JSON object with a numeric 'step' per line; remove the line")
         for key, value in record.items():
             if key in ("step", "epoch") or not isinstance(value, (int, float)) or isinstance(value, bool):
                 continue

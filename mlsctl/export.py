@@ -6,7 +6,9 @@ img_size, patch_size, the recipe's ``timm_kwargs``, ``dynamic_img_size`` — and
 ``mlsctl embed`` uses: a bicubic resize of the whole image to img_size², ImageNet mean and std), so
 ``timm.create_model("local-dir:DIR", pretrained=True)`` rebuilds it with no mlsctl installed. LoRA
 adapters are merged. ``DIR/mlsctl.json`` says where it came from (run, checkpoint step, method,
-fingerprint of the weights). The folder is written next to ``DIR`` and renamed into place.
+fingerprint of the weights). The folder is written next to ``DIR`` and swapped into place in one
+step (an atomic exchange of the two folders on Linux), so ``--overwrite`` never leaves ``DIR`` without an
+export; ``DIR`` may not be a symbolic link.
 
 :func:`load_backbone` takes a run folder (its final teacher, else its latest checkpoint's) or an
 exported folder and returns the timm model in eval mode.
@@ -14,6 +16,8 @@ exported folder and returns the timm model in eval mode.
 
 from __future__ import annotations
 
+import errno
+import math
 import os
 import shutil
 from pathlib import Path
@@ -57,6 +61,12 @@ def export_timm(run_dir: str | Path, out: str | Path, *, step: Optional[int] = N
     from mlsctl.models.source import fingerprint
 
     out = Path(out)
+    if out.is_symlink():
+        raise UserError(f"--out {out} is a symbolic link (to {os.readlink(out)}); give the folder itself "
+                        f"({out.resolve()}) or another path: an export replaces its folder, not a link's target")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder; choose another --out")
+    _recover(out)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise UserError(f"--out {out} is not empty; add --overwrite to replace an earlier export, or choose another")
@@ -93,23 +103,136 @@ def export_timm(run_dir: str | Path, out: str | Path, *, step: Optional[int] = N
         os.umask(umask)
         for f in tmp.iterdir():  # readable by whoever the folder is given to, as the umask allows
             os.chmod(f, 0o666 & ~umask)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        atomic._fsync_dir(tmp)
+        _swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _recover(out)
         raise
     return {**record, "out": str(out), "files": sorted(p.name for p in out.iterdir())}
+
+
+def _aside(out: Path) -> Path:
+    return out.parent / f".{out.name}.export-old"
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the
+    system or the file system cannot."""
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    AT_FDCWD, RENAME_EXCHANGE = -100, 2
+    if renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), str(a), None, str(b))
+
+
+def _swap_into_place(new: Path, out: Path) -> None:
+    """Put the finished export ``new`` where ``out`` is, in one step: the two folders are exchanged
+    atomically and the old one (now at ``new``) removed; a reader of ``out`` sees the old export or
+    the new one. Where an exchange is impossible (not Linux), ``out`` is renamed aside first, and a
+    kill between the two renames is undone by the next export (:func:`_recover`)."""
+    if not out.exists():
+        os.replace(new, out)
+    elif _exchange(new, out):
+        shutil.rmtree(new, ignore_errors=True)
+    else:
+        os.replace(out, _aside(out))
+        os.replace(new, out)
+        shutil.rmtree(_aside(out), ignore_errors=True)
+    atomic._fsync_dir(out.parent)
+
+
+def _recover(out: Path) -> None:
+    """Undo what an interrupted swap left: an export renamed aside goes back to ``out`` when ``out``
+    is missing, and is removed otherwise."""
+    aside = _aside(out)
+    if aside.is_dir() and not aside.is_symlink():
+        if not out.exists():
+            os.replace(aside, out)
+        else:
+            shutil.rmtree(aside, ignore_errors=True)
+
+
+# The largest value a model argument of config.json may have before anything is built (an edited
+# config.json must not make timm build a million blocks or allocate 100 GB before failing).
+_ARG_LIMITS = {"depth": 1024, "num_heads": 4096, "patch_size": 4096, "num_classes": 2**24}
+_ARG_LIMIT = 2**16
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+
+
+def _load_export(path: Path) -> torch.nn.Module:
+    """An exported folder's model, checked before it is built: config.json is a timm config of an
+    architecture timm knows, its arguments are of sane size, and the model it describes (built on
+    the meta device: no memory) has exactly the tensors of model.safetensors (read from its header)."""
+    import json
+
+    import timm
+    from safetensors import safe_open
+
+    config_path, weights = path / "config.json", path / "model.safetensors"
+    fix = "export the run again with mlsctl export"
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        reason = "nested too deep" if isinstance(exc, RecursionError) else getattr(exc, "strerror", None) or _first_line(exc)
+        raise UserError(f"{config_path} is not readable JSON ({reason}); {fix}") from None
+    if not (isinstance(config, dict) and isinstance(config.get("architecture"), str)
+            and isinstance(config.get("model_args", {}), dict) and isinstance(config.get("pretrained_cfg", {}), dict)):
+        raise UserError(f"{config_path} is not a timm model config (an object with 'architecture', 'model_args' and "
+                        f"'pretrained_cfg'); {fix}")
+    arch = config["architecture"]
+    if not timm.is_model(arch):
+        raise UserError(f"{config_path} names the architecture '{arch[:60]}', which timm {timm.__version__} does not "
+                        f"know; {fix}")
+    for key, value in config.get("model_args", {}).items():
+        for number in (value if isinstance(value, (list, tuple)) else [value]):
+            if isinstance(number, (int, float)) and not isinstance(number, bool) and (
+                    not math.isfinite(number) or abs(number) > _ARG_LIMITS.get(key, _ARG_LIMIT)):
+                raise UserError(f"{config_path}: model_args.{key} is {value}, beyond any model mlsctl exports (at most "
+                                f"{_ARG_LIMITS.get(key, _ARG_LIMIT):,}); {fix}")
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as exc:  # safetensors raises its own errors for any damage
+        raise UserError(f"{weights} is not a readable safetensors file ({_first_line(exc)}); {fix}") from None
+    try:
+        with torch.device("meta"):
+            skeleton = timm.create_model(f"local-dir:{path}", pretrained=False)
+    except Exception as exc:  # timm's own errors for arguments its model refuses
+        raise UserError(f"{config_path}: timm cannot build '{arch}' from its model_args ({_first_line(exc)}); {fix}") from None
+    wanted = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    for key in sorted(set(wanted) | set(stored)):
+        if wanted.get(key) != stored.get(key):
+            said = lambda shape: list(shape) if shape is not None else "absent"  # noqa: E731
+            raise UserError(f"{config_path} does not describe {weights}: {key} is {said(wanted.get(key))} by the "
+                            f"config and {said(stored.get(key))} in the weights (config.json edited?); {fix}")
+    try:
+        return timm.create_model(f"local-dir:{path}", pretrained=True).eval()
+    except Exception as exc:
+        from mlsctl.errors import describe_environment_error
+
+        raise UserError(describe_environment_error(exc) or f"timm cannot load {path} ({_first_line(exc)}); {fix}") from None
 
 
 def load_backbone(path: str | Path) -> torch.nn.Module:
     """The timm model of an exported folder (``config.json`` + ``model.safetensors``) or of a run
     (its teacher), in eval mode: ``model(x)`` gives the global feature ``mlsctl embed`` stores."""
-    import timm
 
     path = Path(path)
     if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
-        return timm.create_model(f"local-dir:{path}", pretrained=True).eval()
+        return _load_export(path)
     if (path / "config.yaml").is_file():
         _, _, choice, _ = _teacher(path, None)
         from mlsctl.models import lora

@@ -33,6 +33,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +46,8 @@ from mlsctl import __version__, atomic
 from mlsctl.errors import UserError
 from mlsctl.locks import LOCK_NAME, FolderLock
 
-GALLERY_FORMAT_VERSION = 2
+GALLERY_FORMAT_VERSION = 3
+READABLE_FORMAT_VERSION = 2  # format 2 (row files beside gallery.json) is read, and moved by writers
 MANIFEST = "gallery.json"
 
 
@@ -73,16 +75,25 @@ class SetModel:
         """How photos become model inputs (recorded in the gallery: its rows and every query must agree)."""
         return {"resolution": self.resolution, "resize": "square", "dtype": "float32"}
 
+    def preprocessor(self):
+        from mlsctl.features import Preprocessing
+
+        return Preprocessing(self.resolution, "square")
+
     @torch.no_grad()
     def image_tokens(self, images: Sequence, batch_size: int = 64) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """PIL images → CLS [n, D] and, with ``attend: patches``, patch tokens [n, p, D]."""
-        from mlsctl.features import Preprocessing
+        preprocessing = self.preprocessor()
+        return self.pixel_tokens(torch.stack([preprocessing.pixels(img) for img in images]), batch_size)
 
-        preprocessing = Preprocessing(self.resolution, "square")
+    @torch.no_grad()
+    def pixel_tokens(self, pixels: torch.Tensor, batch_size: int = 64) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Images already resized by :meth:`preprocessor` (uint8 [n, 3, R, R]) → what
+        :meth:`image_tokens` returns (the server keeps only these small copies of its photos)."""
+        preprocessing = self.preprocessor()
         cls, tokens = [], []
-        for start in range(0, len(images), batch_size):
-            batch = torch.stack([preprocessing(img) for img in images[start:start + batch_size]])
-            out = self.backbone.backbone(batch)
+        for start in range(0, len(pixels), batch_size):
+            out = self.backbone.backbone(preprocessing.normalize(pixels[start:start + batch_size]))
             cls.append(out.cls.float())
             if self.attend == "patches":
                 tokens.append(out.patches.flatten(1, 2).float())
@@ -131,16 +142,36 @@ def load_set_model(run_dir: str | os.PathLike) -> SetModel:
 
 
 # ---------------------------------------------------------------------------------------- objects
+MAX_OBJECT_ID_CHARS = 256  # an id is a name, not a payload: objects.txt, URLs and answers stay small
+
+# Characters that draw nothing although Unicode calls them letters or symbols (fillers, blank braille).
+_BLANK_CHARACTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800\u180e")
+
+
+def _visible(c: str) -> bool:
+    import unicodedata
+
+    return unicodedata.category(c) not in ("Cf", "Cc", "Cn", "Zs", "Zl", "Zp", "Mn", "Me") and c not in _BLANK_CHARACTERS
+
+
 def check_object_id(object_id: str, where: str = "--object") -> str:
-    """Refuse an object id the gallery cannot store and find again: empty or blank, with a control
-    character (a newline would split objects.txt), or not valid UTF-8."""
+    """Refuse an object id the gallery cannot store and find again: empty or blank, made only of
+    invisible characters (U+200B, U+2060, ...), longer than :data:`MAX_OBJECT_ID_CHARS`
+    characters, with a control character (a newline would split objects.txt), or not valid UTF-8."""
     from mlsctl.data.images import name_problem, printable_name
 
+    if len(object_id) > MAX_OBJECT_ID_CHARS:
+        raise UserError(f"{where} '{printable_name(object_id[:40])}...' is {len(object_id):,} characters long; object "
+                        f"ids have at most {MAX_OBJECT_ID_CHARS}")
     if not object_id or not object_id.strip():
         raise UserError(f"{where} {object_id!r} is empty or blank; give each object a visible id")
     problem = name_problem(object_id)
     if problem:
         raise UserError(f"{where} '{printable_name(object_id)}' {problem}; object ids are single-line text")
+    if not any(_visible(c) for c in object_id):
+        codes = ", ".join(sorted({f"U+{ord(c):04X}" for c in object_id if c != " "}))
+        raise UserError(f"{where} '{object_id.encode('unicode_escape').decode('ascii')}' has no visible character "
+                        f"(only {codes or 'spaces'}); give each object a visible id")
     return object_id
 
 
@@ -275,16 +306,33 @@ class Gallery:
     memory (a flat index is built from the live rows when the gallery opens; an IVF-PQ index is
     read from ``index.faiss`` and brought up to date with the rows written since it was saved)."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, recover: bool = False):
+        """Open the gallery as its manifest commits it. ``recover`` (writers, under the gallery's
+        lock): first finish what a killed writer left — a gallery of the previous layout moves into a
+        version folder, and folders and files no manifest names are removed."""
         self.path = Path(path)
+        if recover:
+            recover_gallery(self.path)
+        for attempt in range(3):
+            seen = _manifest_bytes(self.path)
+            try:
+                self._open()
+                return
+            except UserError:
+                # a writer swapped in a new version while this reader opened the old one: open the new one
+                if attempt == 2 or _manifest_bytes(self.path) == seen:
+                    raise
+
+    def _open(self) -> None:
         self.manifest = read_manifest(self.path)
+        self.data = data_folder(self.path, self.manifest)
         self.settings = IndexSettings(**self.manifest["index"])
         self.dim = int(self.manifest["dim"])
         self.dtype = STORAGE_DTYPES[self.manifest["storage_dtype"]]
         self.rows = int(self.manifest["rows"])
         rebuild = "rebuild the gallery with mlsctl index build"
         try:
-            self.row_ids, self.ids_bytes = _read_ids(self.path / IDS, self.rows)
+            self.row_ids, self.ids_bytes = _read_ids(self.data / IDS, self.rows)
             self.latents = self._map(LATENTS, self.dtype, (self.rows, self.dim))
             self.unit = self._map(UNIT, self.dtype, (self.rows, self.dim))
             self.counts = self._map(COUNTS, np.int64, (self.rows,))
@@ -295,7 +343,7 @@ class Gallery:
 
     # ------------------------------------------------------------------ files
     def _map(self, name: str, dtype, shape: tuple[int, ...]) -> np.ndarray:
-        path = self.path / name
+        path = self.data / name
         need = int(np.prod(shape)) * np.dtype(dtype).itemsize
         if not path.is_file() or path.stat().st_size < need:
             raise ValueError(f"{name} is missing or shorter than its {shape[0]} rows")
@@ -334,7 +382,7 @@ class Gallery:
                 block = live[start:start + 65536]
                 index.add_with_ids(np.asarray(self.unit[block], dtype=np.float32), block)
             return index
-        index_path = self.path / INDEX
+        index_path = self.data / (index_file(self.manifest) or INDEX)
         if not index_path.is_file():
             raise UserError(f"{index_path} is missing; rebuild the gallery with mlsctl index build")
         try:
@@ -367,6 +415,10 @@ class Gallery:
         return self.manifest["model"]["fingerprint"]
 
     def check_model(self, model: "SetModel") -> None:
+        if model.dim != self.dim:
+            raise UserError(f"{self.path / MANIFEST} says its rows have {self.dim} dimensions but the model of "
+                            f"{model.run} embeds {model.dim} (the manifest was edited, or the gallery is another "
+                            f"model's); rebuild the gallery with mlsctl index build")
         if model.fingerprint != self.fingerprint:
             raise UserError(f"gallery {self.path} was built with model {self.fingerprint[:12]} "
                             f"({self.manifest['model']['run']} at step {self.manifest['model']['step']}); the query model "
@@ -414,7 +466,7 @@ class Gallery:
         unit = _normalized(latents)
         start = self.rows
         old_rows = [self.row_of[i] for i in ids if i in self.row_of]
-        self.ids_bytes = _append_rows(self.path, start, self.ids_bytes, ids, latents.astype(self.dtype),
+        self.ids_bytes = _append_rows(self.data, start, self.ids_bytes, ids, latents.astype(self.dtype),
                                       unit.astype(self.dtype), np.asarray(counts, dtype=np.int64))
         self.rows = start + len(ids)
         rows = np.arange(start, self.rows, dtype=np.int64)
@@ -436,13 +488,20 @@ class Gallery:
         self.counts = self._map(COUNTS, np.int64, (self.rows,))
 
     def save_index(self) -> None:
-        """Write the in-memory index (IVF-PQ) as ``index.faiss`` and record how many rows it holds."""
+        """Write the in-memory index (IVF-PQ) as a new file named by its row count, commit it in the
+        manifest with the rows it holds, then remove the file it replaces: a kill leaves the manifest
+        naming the old file and its rows, or the new file and its rows, never one with the other's."""
         import faiss
 
+        old = index_file(self.manifest)
+        name = None
         if self.settings.kind != "flat":
-            atomic.write_with(self.path / INDEX, lambda tmp: faiss.write_index(self.index, str(tmp)))
-        self.manifest = dict(self.manifest, indexed_rows=self.rows)
+            name = f"index.{self.rows}.faiss"
+            atomic.write_with(self.data / name, lambda tmp: faiss.write_index(self.index, str(tmp)))
+        self.manifest = dict(self.manifest, indexed_rows=self.rows, index_file=name)
         atomic.write_json(self.path / MANIFEST, self.manifest)
+        if old and old != name:
+            (self.data / old).unlink(missing_ok=True)
         self._unsaved = 0
 
     def added_since_training(self) -> float:
@@ -454,7 +513,7 @@ class Gallery:
 
     def retrain(self) -> dict:
         """Compact the gallery to its live rows and re-train the IVF-PQ quantiser on them; written
-        as a new gallery beside this one and swapped in (``os.replace`` of every file, manifest last)."""
+        as a new version folder and swapped in by one atomic replace of the manifest (:func:`write_gallery`)."""
         live = self.live_rows()
         ids = [self.row_ids[r] for r in live]
         latents = np.asarray(self.latents[live], dtype=np.float32)
@@ -522,7 +581,7 @@ def read_manifest(path: Path) -> dict:
         raise UserError(f"{manifest_path} is damaged (no integer format_version); rebuild the gallery")
     if version > GALLERY_FORMAT_VERSION:
         raise UserError(f"{path} was written by a newer mlsctl; upgrade mlsctl")
-    if version < GALLERY_FORMAT_VERSION:
+    if version < READABLE_FORMAT_VERSION:
         raise UserError(f"{path} is a gallery of an older mlsctl (format {version}); build it again with "
                         f"mlsctl index build --overwrite (the new format grows by appending and searches from disk)")
     model, index = manifest.get("model"), manifest.get("index")
@@ -537,6 +596,11 @@ def read_manifest(path: Path) -> dict:
         problem = "'rows', 'objects', 'dim' and 'indexed_rows' must be counts"
     elif manifest.get("storage_dtype") not in STORAGE_DTYPES:
         problem = "'storage_dtype' must be fp32 or fp16"
+    elif version >= 3 and not (isinstance(manifest.get("data"), str) and _VERSION_NAME.fullmatch(manifest["data"])):
+        problem = "'data' must name its version folder (v000001)"
+    elif version >= 3 and not (manifest.get("index_file") is None or (
+            isinstance(manifest["index_file"], str) and _INDEX_NAME.fullmatch(manifest["index_file"]))):
+        problem = "'index_file' must name an index file (index.N.faiss) or be null"
     if problem:
         raise UserError(f"{manifest_path} is damaged ({problem}); rebuild the gallery with mlsctl index build")
     return manifest
@@ -544,37 +608,152 @@ def read_manifest(path: Path) -> dict:
 
 def write_gallery(path: Path, ids: list[str], latents: torch.Tensor, counts, settings: IndexSettings,
                   manifest: dict, storage_dtype: str = "fp32") -> dict:
-    """Write a whole gallery (build, retrain): the row files and index into a temporary folder beside
-    ``path``, then each file replaces its namesake, the manifest last (a reader sees the old gallery
-    or the new one)."""
+    """Write a whole gallery (build, retrain) and swap it in at once: the row files and index go into
+    a new version folder (written as ``.vN.tmp``, flushed, renamed ``vN``), then one atomic replace
+    of ``gallery.json`` — which names the folder — commits it, and only then is the previous
+    version removed. A reader, or a writer killed at any moment, sees the old gallery or the new one
+    (leftovers of a kill are removed by the next writer: :func:`recover_gallery`)."""
     dtype = STORAGE_DTYPES[storage_dtype]
     raw = latents.detach().float().numpy()
     unit = _normalized(raw)
     asked = {"nlist": settings.nlist, "m": settings.m}  # None: derived from the size, again at each retrain
     index = build_index(unit.astype(dtype).astype(np.float32), settings) if len(ids) else None
     path.mkdir(parents=True, exist_ok=True)
-    tmp = path / ".gallery.tmp"
-    if tmp.exists():
+    _remove_leftovers(path)
+    version = _next_version(path)
+    tmp = path / f".{version}.tmp"
+    tmp.mkdir()
+    try:
+        _append_rows(tmp, 0, 0, ids, raw.astype(dtype), unit.astype(dtype), np.asarray(counts, dtype=np.int64))
+        name = None
+        if settings.kind != "flat" and index is not None:
+            import faiss
+
+            name = f"index.{len(ids)}.faiss"
+            faiss.write_index(index, str(tmp / name))
+            _fsync(tmp / name)
+        atomic._fsync_dir(tmp)
+        os.replace(tmp, path / version)
+    except BaseException:
         import shutil
 
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    _append_rows(tmp, 0, 0, ids, raw.astype(dtype), unit.astype(dtype), np.asarray(counts, dtype=np.int64))
-    if settings.kind != "flat" and index is not None:
-        import faiss
-
-        faiss.write_index(index, str(tmp / INDEX))
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic._fsync_dir(path)
     manifest = dict(manifest, format_version=GALLERY_FORMAT_VERSION, index=settings.to_dict(), index_asked=asked,
                     rows=len(ids), objects=len(ids), indexed_rows=len(ids), trained_rows=len(ids),
-                    dim=int(raw.shape[1]), storage_dtype=storage_dtype, updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    for name in (LATENTS, UNIT, COUNTS, IDS, INDEX):
-        if (tmp / name).exists():
-            os.replace(tmp / name, path / name)
-        elif name == INDEX and (path / name).exists():
-            (path / name).unlink()  # a flat gallery builds its index when it opens
-    tmp.rmdir()
-    atomic.write_json(path / MANIFEST, manifest)
+                    dim=int(raw.shape[1]), storage_dtype=storage_dtype, data=version, index_file=name,
+                    updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    atomic.write_json(path / MANIFEST, manifest)  # the swap
+    _remove_leftovers(path, manifest)
     return manifest
+
+
+# ---------------------------------------------------------------------------------------- versions
+# Format 3: GALLERY/gallery.json names the version folder ("data": "v000002") that holds the row
+# files, and the IVF-PQ index file in it ("index_file"). Format 2 kept the row files beside
+# gallery.json; it is read as it is, and a writer moves it into a version folder first.
+_VERSION_NAME = re.compile(r"v\d{6}")
+_INDEX_NAME = re.compile(r"index(\.\d+)?\.faiss")
+_ROW_FILES = (LATENTS, UNIT, COUNTS, IDS)
+
+
+def data_folder(path: Path, manifest: dict) -> Path:
+    """The folder holding the row files of the gallery ``manifest`` commits."""
+    return path / manifest["data"] if manifest.get("format_version", 0) >= 3 else path
+
+
+def index_file(manifest: dict) -> Optional[str]:
+    """The name of the saved IVF-PQ index in the data folder (None: none saved, a flat gallery)."""
+    if manifest.get("format_version", 0) >= 3:
+        return manifest.get("index_file")
+    return INDEX if manifest.get("index", {}).get("kind") != "flat" else None
+
+
+def _manifest_bytes(path: Path) -> bytes:
+    try:
+        return (path / MANIFEST).read_bytes()
+    except OSError:
+        return b""
+
+
+def _fsync(file: Path) -> None:
+    with open(file, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _next_version(path: Path) -> str:
+    numbers = [int(p.name.strip(".").split(".")[0][1:]) for p in path.iterdir()
+               if _VERSION_NAME.fullmatch(p.name.strip(".").split(".")[0])]
+    return f"v{max(numbers, default=0) + 1:06d}"
+
+
+def _remove_leftovers(path: Path, manifest: Optional[dict] = None) -> list[str]:
+    """Remove what no committed manifest names: version folders but the current one, unfinished
+    ``.vN.tmp`` folders and temporary files, index files the manifest does not name, and the row
+    files of the previous layout once the gallery lives in a version folder. Only ever called by
+    the gallery's writer (it holds the lock). Returns what was removed."""
+    import shutil
+
+    if manifest is None:
+        try:
+            manifest = read_manifest(path) if (path / MANIFEST).is_file() else None
+        except UserError:
+            return []  # a damaged manifest: nothing can be told apart from the gallery, touch nothing
+    current = data_folder(path, manifest) if manifest else None
+    removed = []
+    for entry in path.iterdir():
+        name = entry.name
+        stale = (_VERSION_NAME.fullmatch(name) and (current is None or entry != current)) or \
+            (name.startswith(".v") and name.endswith(".tmp")) or name == ".gallery.tmp" or \
+            (name.startswith(f".{MANIFEST}.") and name.endswith(".tmp")) or \
+            (current is not None and current != path and name in (*_ROW_FILES, INDEX))
+        if not stale:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(name)
+    if current is not None and current.is_dir():
+        keep = index_file(manifest)
+        for entry in current.iterdir():
+            if (_INDEX_NAME.fullmatch(entry.name) and entry.name != keep) or (
+                    entry.name.startswith(".") and entry.name.endswith(".tmp")):
+                entry.unlink(missing_ok=True)
+                removed.append(f"{current.name}/{entry.name}")
+    return removed
+
+
+def recover_gallery(path: Path) -> None:
+    """What a writer does before it opens the gallery (it holds the lock): a gallery of the previous
+    layout (format 2, row files beside gallery.json) is moved into a version folder — hard links
+    into ``.v000001.tmp``, renamed, then one atomic replace of the manifest — and leftovers of a
+    killed writer are removed (:func:`_remove_leftovers`)."""
+    if not (path / MANIFEST).is_file():
+        return
+    _remove_leftovers(path)
+    manifest = read_manifest(path)
+    if manifest["format_version"] >= 3:
+        return
+    import shutil
+
+    version = _next_version(path)
+    tmp = path / f".{version}.tmp"
+    tmp.mkdir()
+    names = [n for n in (*_ROW_FILES, INDEX) if (path / n).is_file()]
+    for name in names:
+        try:
+            os.link(path / name, tmp / name)
+        except OSError:  # a file system without hard links
+            shutil.copy2(path / name, tmp / name)
+    atomic._fsync_dir(tmp)
+    os.replace(tmp, path / version)
+    atomic._fsync_dir(path)
+    moved = dict(manifest, format_version=GALLERY_FORMAT_VERSION, data=version,
+                 index_file=INDEX if INDEX in names and manifest["index"]["kind"] != "flat" else None)
+    atomic.write_json(path / MANIFEST, moved)
+    _remove_leftovers(path, moved)
 
 
 def _feature_groups(source: Path, model: SetModel) -> dict[str, torch.Tensor]:

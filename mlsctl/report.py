@@ -73,7 +73,7 @@ def _note(text: str) -> str:
 
 def _summary(run: Run) -> str:
     rows = []
-    summary = json.loads(run.summary_path.read_text()) if run.summary_path.is_file() else {}
+    summary = _read_summary(run)
     latest = run.latest()
     state = latest.state() if latest is not None else {}
     rows.append(("method", state.get("method", "–")))
@@ -87,6 +87,23 @@ def _summary(run: Run) -> str:
             rows.append((label, summary[key]))
     rows.append(("run folder", str(run.root.resolve())))
     return _table(["", ""], rows)
+
+
+def _read_summary(run: Run) -> dict:
+    """summary.json (written when a run finishes), or {} for a run that has not finished."""
+    if not run.summary_path.is_file():
+        return {}
+    try:
+        summary = json.loads(run.summary_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        reason = getattr(exc, "strerror", None) or ("nested too deep" if isinstance(exc, RecursionError) else
+                                                    str(exc).splitlines()[0][:100])
+        raise UserError(f"{run.summary_path} is damaged ({reason}); mlsctl pretrain writes it when the run ends: "
+                        f"remove it to report the run as unfinished") from None
+    if not isinstance(summary, dict):
+        raise UserError(f"{run.summary_path} is damaged (a JSON {type(summary).__name__}, not an object); remove it "
+                        f"to report the run as unfinished")
+    return summary
 
 
 def _patch_maps(run: Run, recipe, n: int) -> str:
@@ -161,7 +178,7 @@ def _banks(run: Run, recipe) -> str:
 
 
 def _belongs(result: dict, run: Run) -> bool:
-    model = result.get("model") or {}
+    model = result.get("model") if isinstance(result.get("model"), dict) else {}
     root = str(run.root.resolve())
     path = str(model.get("path") or "")
     return bool(path) and (path == root or path.startswith(root + "/"))
@@ -195,20 +212,34 @@ def _evaluation(result: dict, source: Path) -> str:
     return title + f"<pre>{html.escape(json.dumps(result, indent=1)[:4000])}</pre>"
 
 
-def _evaluations(run: Run, folders: Sequence[Path]) -> tuple[str, int]:
-    found = []
+def _evaluations(run: Run, folders: Sequence[Path]) -> tuple[str, int, list[str]]:
+    """The evaluations section, how many evaluations it shows, and one note per file skipped: a
+    JSON file that cannot be read, or an eval result that is not of the form its command writes (a
+    stranger's file in ./results must not cost the whole report)."""
+    found, skipped = [], []
     for folder in [run.root / "results", *folders]:
         for path in sorted(Path(folder).glob("*.json")) if Path(folder).is_dir() else []:
             try:
                 result = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+                reason = ("nested too deep" if isinstance(exc, RecursionError) else
+                          getattr(exc, "strerror", None) or str(exc).splitlines()[0][:80])
+                skipped.append(f"skipped {path}: not readable JSON ({reason})")
+                continue
+            if not (isinstance(result, dict) and str(result.get("command", "")).startswith("eval ")):
                 continue  # not an mlsctl eval result
-            if isinstance(result, dict) and str(result.get("command", "")).startswith("eval ") and (
-                    path.parent == run.root / "results" or _belongs(result, run)):
-                found.append((path, result))
+            if not (path.parent == run.root / "results" or _belongs(result, run)):
+                continue
+            try:
+                found.append((path, _evaluation(result, path)))
+            except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+                what = f"no {exc}" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {str(exc)[:60]}"
+                skipped.append(f"skipped {path}: not the result that {str(result['command'])[:40]} writes ({what})")
+    notes = "".join(_note(line) for line in skipped)
     if not found:
-        return _note("no evaluation of this run found (results of mlsctl eval under RUN/results/ or --results)"), 0
-    return "".join(_evaluation(r, p) for p, r in found), len(found)
+        return notes + _note("no evaluation of this run found (results of mlsctl eval under RUN/results/ or "
+                             "--results)"), 0, skipped
+    return "".join(html for _, html in found) + notes, len(found), skipped
 
 
 def write_report(run_dir: str | Path, out: str | Path, *, results: Sequence[str | Path] = ("results",),
@@ -231,7 +262,7 @@ def write_report(run_dir: str | Path, out: str | Path, *, results: Sequence[str 
         body["curves"] = _note("no metrics.jsonl yet")
     body["patch-maps"] = _patch_maps(run, recipe, patch_images)
     body["banks"] = _banks(run, recipe)
-    body["evaluations"], n_evals = _evaluations(run, [Path(r) for r in results])
+    body["evaluations"], n_evals, skipped = _evaluations(run, [Path(r) for r in results])
     titles = {"summary": "Summary", "recipe": "Recipe", "curves": "Training curves", "patch-maps": "PCA patch maps",
               "banks": "Memory banks", "evaluations": "Evaluations"}
     sections = "".join(f'<section id="{key}"><h2>{titles[key]}</h2>{body[key]}</section>' for key in SECTIONS)
@@ -240,4 +271,4 @@ def write_report(run_dir: str | Path, out: str | Path, *, results: Sequence[str 
             f"<h1>mlsctl report: {html.escape(run.root.name)}</h1>{sections}</body></html>")
     atomic.write_text(out, page)
     return {"out": str(out), "sections": list(SECTIONS), "images": page.count("<img "), "evaluations": n_evals,
-            "bytes": len(page.encode())}
+            "bytes": len(page.encode()), "skipped": skipped}

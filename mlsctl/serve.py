@@ -11,45 +11,190 @@ A thin face over the library calls ``search`` and ``index add`` use (:mod:`mlsct
 The server holds the gallery's lock for its lifetime (it is the gallery's writer: a concurrent
 ``mlsctl index add`` is refused naming it). Photos are embedded outside any lock; the index is
 searched and grown under one lock, so a search during an add sees the gallery before or after it.
-Bad requests — not an image, an empty set, an unknown object, an id the gallery refuses, an upload
-over the size limit, a path outside the root — get a 4xx with ``{"error": "one sentence"}``; an
-unexpected failure a 500 with one sentence; the server keeps serving.
+
+Who may ask (:class:`Guard`, before a byte of the body is read; docs/service.md says what this
+protects against and what it does not):
+
+* the ``Host`` header must name the bound address, ``localhost``, a loopback address or an
+  ``--allow-host`` (a web page that rebinds its own name to 127.0.0.1 is refused);
+* a ``POST`` whose ``Origin`` is not the server itself is refused (a page on another site can send
+  a form without asking first; it cannot send the token);
+* writes need ``Authorization: Bearer TOKEN``: a token generated at start into
+  ``GALLERY/.mlsctl.token`` (mode 0600, beside the lock, removed at exit) or read from
+  ``--token-file``; with ``--token-file`` every request but ``GET /health`` needs it; listening
+  beyond loopback (``--host 0.0.0.0``) needs ``--token-file``. ``--read-only`` serves searches only.
+
+What a request may cost (checked in this order, each before the next is done):
+
+1. the body: a ``Content-Length`` over the limit (``--max-request-mb``; 1 MiB for JSON) is refused
+   before reading; while reading, bytes are counted (chunked bodies too) and the request is refused
+   at the limit; bodies being received at once hold at most :attr:`Limits.body_budget_bytes`
+   (beyond: 503, retry); a body must arrive within :data:`BODY_SECONDS`;
+2. multipart: at most :data:`MAX_PHOTOS` files and :data:`MAX_FIELDS` other fields of
+   :data:`MAX_FIELD_BYTES` each; every file at most ``--max-upload-mb``;
+3. the photos' headers alone (nothing decoded yet): at most ``DEFAULT_MAX_IMAGE_PIXELS`` pixels
+   each, :data:`MAX_REQUEST_PIXELS` per request, and each photo's decoding memory (pixels × the
+   bytes per pixel its mode needs, :data:`BYTES_PER_PIXEL`) within the decode budget;
+4. decoding: one photo at a time per request, each holding its decoding memory from the
+   server-wide decode budget (``--decode-budget-mb``; others wait) and resized to the model's input
+   (uint8) at once; :data:`WORKING` requests decode and embed at a time (others wait, holding only
+   their received body).
+
+So the server's memory stays under its idle size + the decode budget + twice the body budget + a
+few MB per working request, whatever the requests (docs/service.md has the measurements).
+
+Bad requests get a 4xx with ``{"error": "one sentence"}``, FastAPI's own answers (404, 405, 422)
+included; an unexpected failure a 500 with one sentence and no path. Every failed request is one
+line in the server's log; the server keeps serving.
 """
 
+
+import asyncio
+import errno
+import hmac
+import ipaddress
+import json
+import logging
+import math
+import os
+import secrets
+import socket
+import stat
 import threading
 import time
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import BinaryIO, Callable, Optional, Sequence
+from urllib.parse import urlsplit
 
 from mlsctl.errors import UserError
 
 MAX_PHOTOS = 64
+MAX_REQUEST_PIXELS = 3 * 89_478_485  # three photos at Pillow's per-photo limit (decoding time, not memory)
+MAX_JSON_BYTES = 2**20
+MAX_FIELDS = 8  # multipart fields that are not files (none is used)
+MAX_FIELD_BYTES = 4096
+MAX_PATH_CHARS = 1024
+BODY_SECONDS = 60.0  # a request body must arrive within this time
+WAIT_SECONDS = 120.0  # the longest a request waits for the decode budget
+WORKING = 4  # requests decoding and embedding at once
+MAX_CONNECTIONS = 128  # uvicorn answers 503 beyond
+TOKEN_NAME = ".mlsctl.token"
+API = "POST /search, POST /objects/ID/photos, GET /objects/ID, GET /health"
+
+# Peak memory of decoding one pixel with mlsctl.data.images.decode_rgb, by the mode Pillow reads
+# from the header (measured on 88 MP images, +10%: benchmarks/serve_soak.py --bombs).
+BYTES_PER_PIXEL = {"1": 7, "L": 7, "P": 11, "RGB": 9, "YCbCr": 9, "LAB": 9, "HSV": 9, "CMYK": 13,
+                   "RGBA": 26, "RGBa": 26, "LA": 26, "La": 26, "PA": 26, "I;16": 31, "I;16L": 31, "I;16B": 31,
+                   "I;16N": 31, "I": 35, "F": 35}
+WORST_BYTES_PER_PIXEL = 35
+
+log = logging.getLogger("mlsctl.serve")
+
+
+def decode_bytes(mode: str, info: dict) -> int:
+    """Bytes per pixel that decoding an image of ``mode`` needs at its peak."""
+    if mode == "P" and "transparency" in info:
+        return BYTES_PER_PIXEL["RGBA"]
+    return BYTES_PER_PIXEL.get(mode, WORST_BYTES_PER_PIXEL)
 
 
 class RequestError(Exception):
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, headers: Optional[dict] = None):
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.headers = status, message, headers
+
+
+@dataclass
+class Limits:
+    max_upload_bytes: int = 20 * 2**20  # one photo file
+    max_request_bytes: int = 64 * 2**20  # one request body
+    decode_budget_bytes: int = 2**30  # decoding, all requests together
+
+    @property
+    def body_budget_bytes(self) -> int:
+        """Bodies being received at once, all requests together."""
+        return 4 * self.max_request_bytes
+
+    @classmethod
+    def from_mib(cls, max_upload_mb: float, max_request_mb: float, decode_budget_mb: float) -> "Limits":
+        for option, value in (("--max-upload-mb", max_upload_mb), ("--max-request-mb", max_request_mb),
+                              ("--decode-budget-mb", decode_budget_mb)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 < value <= 2**20):
+                raise UserError(f"{option} must be a number of MiB above 0 and at most {2**20:,}, got {value}")
+        if max_upload_mb > max_request_mb:
+            raise UserError(f"--max-upload-mb {max_upload_mb:g} is over --max-request-mb {max_request_mb:g}: a photo "
+                            f"must fit in a request; raise --max-request-mb or lower --max-upload-mb")
+        return cls(int(max_upload_mb * 2**20), int(max_request_mb * 2**20), int(decode_budget_mb * 2**20))
+
+
+class Budget:
+    """A count of bytes shared by threads: :meth:`hold` waits until ``amount`` fits."""
+
+    def __init__(self, total: int):
+        self.total, self.used = total, 0
+        self.peak = 0
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def hold(self, amount: int, timeout: float = WAIT_SECONDS):
+        with self._cond:
+            if not self._cond.wait_for(lambda: self.used + amount <= self.total, timeout):
+                raise RequestError(503, "the server is decoding too many photos at once; retry in a moment",
+                                   {"Retry-After": "5"})
+            self.used += amount
+            self.peak = max(self.peak, self.used)
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.used -= amount
+                self._cond.notify_all()
+
+
+@dataclass
+class Photo:
+    """One photo of a request: its name for messages, its size, and how to read it."""
+
+    name: str
+    size: int
+    open: Callable[[], BinaryIO]
+    pixels: int = 0
+    cost: int = 0  # bytes of memory decoding it needs (with the file's bytes)
+
+
+def _shown(name: str, limit: int = 80) -> str:
+    """``name`` cut to ``limit`` characters, with characters that draw nothing or break lines escaped."""
+    import unicodedata
+
+    name = name[:limit + 1]
+    out = "".join(c.encode("unicode_escape").decode("ascii") if unicodedata.category(c) in
+                  ("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp") else c for c in name)
+    return out if len(out) <= limit else out[:limit] + "..."
 
 
 class GalleryService:
     """The gallery and its model, loaded once; what the endpoints call."""
 
     def __init__(self, gallery_path: Path, run: "Optional[Path]" = None, root: "Optional[Path]" = None,
-                 max_upload_bytes: int = 20 * 2**20):
+                 limits: Optional[Limits] = None, read_only: bool = False):
         from mlsctl.gallery import Gallery, load_set_model
         from mlsctl.locks import FolderLock
 
         self.lock_file = FolderLock(gallery_path, "gallery").acquire()
         try:
-            self.gallery = Gallery(gallery_path)
+            self.gallery = Gallery(gallery_path, recover=True)
             self.model = load_set_model(run or Path(self.gallery.manifest["model"]["run"]))
             self.gallery.check_model(self.model)
         except BaseException:
             self.lock_file.release()
             raise
         self.root = root.resolve() if root is not None else None
-        self.max_upload_bytes = max_upload_bytes
+        self.limits = limits or Limits()
+        self.read_only = read_only
+        self.preprocessing = self.model.preprocessor()
+        self.decode_budget = Budget(self.limits.decode_budget_bytes)
         self.index_lock = threading.Lock()
         self.model_lock = threading.Lock()  # one forward pass at a time: torch threads are shared anyway
 
@@ -57,73 +202,164 @@ class GalleryService:
         self.lock_file.release()
 
     # ------------------------------------------------------------------ inputs
-    def decode(self, uploads: list[tuple[str, bytes]]) -> list:
-        from mlsctl.data.images import BadImage, decode_rgb
-
-        if not uploads:
+    def _check_count(self, n: int) -> None:
+        if not n:
             raise RequestError(400, "the request holds no photo: send files as 'photos' or a JSON body {\"paths\": [...]}")
-        if len(uploads) > MAX_PHOTOS:
-            raise RequestError(413, f"{len(uploads)} photos in one request; at most {MAX_PHOTOS}")
-        images = []
-        for name, data in uploads:
-            if len(data) > self.max_upload_bytes:
-                raise RequestError(413, f"{name} is {len(data):,} bytes, over the limit of {self.max_upload_bytes:,}")
-            try:
-                images.append(decode_rgb(data))
-            except BadImage as exc:
-                raise RequestError(400, f"{name} cannot be used: {exc}") from None
-        return images
+        if n > MAX_PHOTOS:
+            raise RequestError(413, f"{n} photos in one request; at most {MAX_PHOTOS}")
 
-    def read_paths(self, paths) -> list[tuple[str, bytes]]:
+    def _check_size(self, name: str, size: int) -> None:
+        if size > self.limits.max_upload_bytes:
+            raise RequestError(413, f"{_shown(name)} is {size:,} bytes, over the limit of "
+                                    f"{self.limits.max_upload_bytes:,} per photo")
+
+    def uploads(self, files: Sequence[tuple[str, int, BinaryIO]]) -> list[Photo]:
+        """Photos from multipart files (name, size, file object): counted and sized, nothing read."""
+        self._check_count(len(files))
+        photos = []
+        for name, size, file in files:
+            self._check_size(name, size)
+
+            def opener(file=file):
+                file.seek(0)
+                return _Unclosed(file)
+
+            photos.append(Photo(name or "upload", size, opener))
+        return photos
+
+    def paths(self, paths) -> list[Photo]:
+        """Photos named by path under ``--root``: every path checked (inside the root, a file, its
+        size) before any is read."""
+        from mlsctl.data.images import name_problem
+
         if self.root is None:
             raise RequestError(403, "this server reads no paths (start it with --root DIR); upload the photos instead")
         if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
             raise RequestError(400, "'paths' must be a list of file paths")
-        out = []
+        self._check_count(len(paths))
+        photos = []
         for given in paths:
-            path = (self.root / given).resolve()
-            if path != self.root and self.root not in path.parents:
-                raise RequestError(403, f"{given} is outside the served root {self.root}")
-            if not path.is_file():
-                raise RequestError(404, f"{given} does not exist under {self.root}")
-            if path.stat().st_size > self.max_upload_bytes:
-                raise RequestError(413, f"{given} is over the size limit of {self.max_upload_bytes:,} bytes")
-            out.append((given, path.read_bytes()))
-        return out
+            if len(given) > MAX_PATH_CHARS:
+                raise RequestError(400, f"a path of {len(given):,} characters; paths have at most {MAX_PATH_CHARS}")
+            problem = name_problem(given)
+            if problem or "\x00" in given:
+                raise RequestError(400, f"the path '{_shown(given)}' {problem or 'contains a NUL byte'}")
+            try:
+                path = (self.root / given).resolve()
+                inside = path == self.root or self.root in path.parents
+                if inside and not path.is_file():
+                    raise RequestError(404, f"{_shown(given)} does not exist under the served root")
+                size = path.stat().st_size if inside else 0
+            except OSError as exc:
+                raise RequestError(400, f"{_shown(given)} cannot be read ({exc.strerror or type(exc).__name__})") from None
+            except (ValueError, RuntimeError):  # a NUL byte that slipped through, a symlink loop
+                raise RequestError(400, f"{_shown(given)} is not a usable path") from None
+            if not inside:
+                raise RequestError(403, f"{_shown(given)} is outside the served root")
+            self._check_size(given, size)
+            photos.append(Photo(given, size, lambda path=path: open(path, "rb")))
+        if sum(p.size for p in photos) > self.limits.max_request_bytes:
+            raise RequestError(413, f"the {len(photos)} files hold {sum(p.size for p in photos):,} bytes, over the "
+                                    f"request limit of {self.limits.max_request_bytes:,}")
+        return photos
 
-    def embed(self, images: list):
+    def measure(self, photos: list[Photo]) -> None:
+        """Read each photo's header (nothing is decoded): its pixels and decoding memory, refused
+        above the per-photo, per-request and decode-budget limits."""
+        import warnings
+
+        from PIL import Image, UnidentifiedImageError
+
+        from mlsctl.data.images import DEFAULT_MAX_IMAGE_PIXELS
+
+        total = 0
+        for photo in photos:
+            if photo.size == 0:
+                raise RequestError(400, f"{_shown(photo.name)} cannot be used: empty file (0 bytes)")
+            try:
+                with photo.open() as f, warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    with Image.open(f) as img:
+                        width, height = img.size
+                        mode, info = img.mode, dict(img.info)
+            except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError,
+                    EOFError, TypeError, MemoryError, RecursionError) as exc:
+                reason = "not an image file" if isinstance(exc, UnidentifiedImageError) else (
+                    "more pixels than the limit" if isinstance(exc, Image.DecompressionBombError)
+                    else f"its header cannot be read ({type(exc).__name__})")
+                raise RequestError(400, f"{_shown(photo.name)} cannot be used: {reason}") from None
+            photo.pixels = int(width) * int(height)
+            if photo.pixels > DEFAULT_MAX_IMAGE_PIXELS:
+                raise RequestError(413, f"{_shown(photo.name)} is {width}x{height}, more than {DEFAULT_MAX_IMAGE_PIXELS:,} "
+                                        f"pixels per photo")
+            photo.cost = photo.pixels * decode_bytes(mode, info) + photo.size
+            if photo.cost > self.limits.decode_budget_bytes:
+                raise RequestError(413, f"{_shown(photo.name)} ({width}x{height}, {mode}) needs "
+                                        f"{photo.cost / 2**20:,.0f} MiB to decode, more than this server's decode budget "
+                                        f"of {self.limits.decode_budget_bytes / 2**20:,.0f} MiB (--decode-budget-mb)")
+            total += photo.pixels
+        if total > MAX_REQUEST_PIXELS:
+            raise RequestError(413, f"the {len(photos)} photos hold {total:,} pixels, more than {MAX_REQUEST_PIXELS:,} "
+                                    f"per request; send fewer or smaller photos")
+
+    def pixels(self, photos: list[Photo]):
+        """The photos decoded one at a time, each within the decode budget, and resized to the
+        model's input at once: uint8 [n, 3, R, R]."""
+        import torch
+
+        from mlsctl.data.images import BadImage, decode_rgb
+
+        out = []
+        for photo in photos:
+            with self.decode_budget.hold(photo.cost):
+                with photo.open() as f:
+                    data = f.read(self.limits.max_upload_bytes + 1)
+                self._check_size(photo.name, len(data))
+                try:
+                    image = decode_rgb(data, max_pixels=max(photo.pixels, 1))
+                except BadImage as exc:
+                    raise RequestError(400, f"{_shown(photo.name)} cannot be used: {exc}") from None
+                del data
+                out.append(self.preprocessing.pixels(image))
+                del image
+        return torch.stack(out)
+
+    def tokens(self, photos: list[Photo]):
+        self._check_count(len(photos))
+        self.measure(photos)
+        pixels = self.pixels(photos)
         with self.model_lock:
-            cls, tokens = self.model.image_tokens(images)
-            return self.model.fold(None, cls, tokens), cls, tokens
+            return self.model.pixel_tokens(pixels)
 
     # ------------------------------------------------------------------ endpoints
-    def search(self, uploads: list[tuple[str, bytes]], k: int) -> dict:
-        if not 1 <= k <= 1000:
-            raise RequestError(400, f"k must be between 1 and 1000, got {k}")
+    def search(self, photos: list[Photo], k: int) -> dict:
         started = time.perf_counter()
-        latent, _, _ = self.embed(self.decode(uploads))
+        cls, tokens = self.tokens(photos)
+        with self.model_lock:
+            latent = self.model.fold(None, cls, tokens)
         with self.index_lock:
             found = self.gallery.search(latent, k)
-        return {"photos": len(uploads), "results": [{"rank": i + 1, "object": o, "score": s}
-                                                   for i, (o, s) in enumerate(found)],
+        return {"photos": len(photos), "results": [{"rank": i + 1, "object": o, "score": s}
+                                                  for i, (o, s) in enumerate(found)],
                 "seconds": round(time.perf_counter() - started, 4)}
 
-    def add(self, object_id: str, uploads: list[tuple[str, bytes]]) -> dict:
+    def check_id(self, object_id: str) -> None:
         from mlsctl.gallery import check_object_id
 
         try:
             check_object_id(object_id, "object id")
         except UserError as exc:
             raise RequestError(400, exc.message) from None
-        images = self.decode(uploads)
-        with self.model_lock:
-            cls, tokens = self.model.image_tokens(images)
+
+    def add(self, object_id: str, photos: list[Photo]) -> dict:
+        self.check_id(object_id)
+        cls, tokens = self.tokens(photos)
         with self.index_lock:
             created = object_id not in self.gallery.row_of
             previous = None if created else self.gallery.latent(object_id)
             with self.model_lock:
                 latent = self.model.fold(previous, cls, tokens)
-            count = len(images) + (0 if created else self.gallery.count(object_id))
+            count = len(photos) + (0 if created else self.gallery.count(object_id))
             self.gallery.append([object_id], latent[None], [count])
             total = len(self.gallery)
         return {"object": object_id, "created": created, "photos": count, "objects": total}
@@ -131,62 +367,349 @@ class GalleryService:
     def get(self, object_id: str) -> dict:
         with self.index_lock:
             if object_id not in self.gallery.row_of:
-                raise RequestError(404, f"no object {object_id!r} in the gallery")
+                raise RequestError(404, f"no object '{_shown(object_id)}' in the gallery")
             return {"object": object_id, "photos": self.gallery.count(object_id)}
 
     def health(self) -> dict:
         with self.index_lock:
             objects = len(self.gallery)
-        return {"status": "ok", "gallery": str(self.gallery.path), "objects": objects,
-                "model": self.model.fingerprint[:12], "index": self.gallery.settings.kind}
+        return {"status": "ok", "gallery": self.gallery.path.name, "objects": objects,
+                "model": self.model.fingerprint[:12], "index": self.gallery.settings.kind, "read_only": self.read_only}
 
 
-def create_app(service: GalleryService):
-    """The FastAPI application over one :class:`GalleryService`."""
+class _Unclosed:
+    """A file object whose ``with`` block leaves it open (an upload is read twice: header, then data)."""
+
+    def __init__(self, file):
+        self.file = file
+
+    def __enter__(self):
+        return self.file
+
+    def __exit__(self, *exc):
+        return False
+
+
+# ---------------------------------------------------------------------------------------- who may ask
+@dataclass
+class Policy:
+    """What :class:`Guard` lets through."""
+
+    hosts: frozenset  # Host names accepted (lower case, IPv6 without brackets)
+    token: Optional[str] = None  # the bearer token; None: nothing needs one (a read-only server)
+    token_everywhere: bool = False  # every request but GET /health needs it (--token-file)
+    read_only: bool = False
+    limits: Limits = field(default_factory=Limits)
+
+    @classmethod
+    def for_server(cls, host: str, allow_hosts: Sequence[str] = (), **kwargs) -> "Policy":
+        names = {_host_name(host), "localhost", "127.0.0.1", "::1"} | {_host_name(h) for h in allow_hosts}
+        return cls(frozenset(n for n in names if n), **kwargs)
+
+
+def _host_name(value: str) -> str:
+    """A host name as given (``--host``, ``--allow-host``: a name, an address, with or without a port)."""
+    value = value.strip().lower()
+    try:
+        ipaddress.ip_address(value)  # a bare IPv6 address: its colons are not a port
+        return value
+    except ValueError:
+        pass
+    try:
+        return split_host(value)[0]
+    except (ValueError, IndexError):
+        return value.rstrip(".")
+
+
+def split_host(value: str) -> tuple[str, Optional[int]]:
+    """``Host`` header → (name, port or None); raises ValueError when it is not one."""
+    value = value.strip()
+    if value.startswith("["):
+        end = value.index("]")
+        name, rest = value[1:end], value[end + 1:]
+        if rest and not rest.startswith(":"):
+            raise ValueError(value)
+        port = rest[1:] or None
+    elif value.count(":") == 1:
+        name, port = value.split(":")
+    else:
+        if ":" in value:
+            raise ValueError(value)
+        name, port = value, None
+    if not name or any(c.isspace() or c in "/\\@?#" for c in name):
+        raise ValueError(value)
+    if port is not None and not (port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError(value)
+    return name.lower().rstrip("."), (int(port) if port else None)
+
+
+def _same_origin(origin: str, host: tuple[str, Optional[int]]) -> bool:
+    try:
+        parts = urlsplit(origin)
+        scheme, name, port = parts.scheme, (parts.hostname or "").rstrip("."), parts.port
+    except ValueError:
+        return False
+    if scheme not in ("http", "https") or not name:
+        return False
+    port = port or (443 if scheme == "https" else 80)
+    host_name, host_port = host
+    return name == host_name and port == (host_port or (443 if scheme == "https" else 80))
+
+
+def _is_write(method: str, path: str) -> bool:
+    return method == "POST" and path.startswith("/objects/")
+
+
+class Guard:
+    """The ASGI layer in front of the application: who may ask, how much they may send, and one
+    log line per failed request (and never a traceback)."""
+
+    def __init__(self, app, policy: Policy):
+        self.app, self.policy = app, policy
+        self.receiving = 0  # body bytes reserved by requests being received
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "lifespan":
+            return await self.app(scope, receive, send)
+        if scope["type"] != "http":  # websockets: not served
+            return
+        state = {"status": None, "error": b"", "started": time.perf_counter()}
+
+        async def tracked_send(message):
+            if message["type"] == "http.response.start":
+                state["status"] = message["status"]
+            elif message["type"] == "http.response.body" and (state["status"] or 0) >= 400 and len(state["error"]) < 4096:
+                state["error"] += message.get("body", b"")
+            await send(message)
+
+        reserved = 0
+        failure = None
+        try:
+            refusal = self.refusal(scope)
+            if refusal is not None:
+                await _answer(tracked_send, *refusal)
+                return
+            limit, length = self.body_limit(scope)
+            if length is not None and length > limit:
+                await _answer(tracked_send, 413, f"the request body is {length:,} bytes, over the limit of {limit:,}",
+                              {"Connection": "close"})
+                return
+            reserved = length if length is not None else limit
+            if self.receiving + reserved > self.policy.limits.body_budget_bytes:
+                reserved = 0
+                await _answer(tracked_send, 503, "the server is receiving too much at once; retry in a moment",
+                              {"Retry-After": "2"})
+                return
+            self.receiving += reserved
+            await self.app(scope, _counted(receive, limit, scope), tracked_send)
+        except RequestError as exc:  # refused here, before the application saw the request
+            if state["status"] is None:
+                await _answer(tracked_send, exc.status, exc.message, exc.headers)
+        except Exception as exc:  # the app's 500 handler answered already; say it in one line
+            failure = exc
+            if state["status"] is None:
+                try:
+                    await _answer(tracked_send, 500, _client_sentence(exc))
+                except Exception:  # noqa: BLE001 - the client is gone
+                    pass
+        finally:
+            self.receiving -= reserved
+            status = state["status"]
+            if failure is not None or status is None or status >= 400:
+                self.log_failure(scope, status, state["error"], failure, state["started"])
+
+    def refusal(self, scope) -> Optional[tuple]:
+        """(status, sentence, headers) for a request refused before its body is read, or None."""
+        policy = self.policy
+        headers = {}
+        for key, value in scope.get("headers", []):
+            headers.setdefault(key.decode("latin-1").lower(), []).append(value.decode("latin-1"))
+        hosts = headers.get("host", [])
+        if len(hosts) != 1:
+            return 400, "the request needs exactly one Host header", None
+        try:
+            host = split_host(hosts[0])
+        except (ValueError, IndexError):
+            return 400, f"the Host header '{_shown(hosts[0], 60)}' is not a host name", None
+        if host[0] not in policy.hosts:
+            return (403, f"this server does not answer to the host '{_shown(host[0], 60)}'; it answers to "
+                         f"{', '.join(sorted(policy.hosts))} (add a name with --allow-host)", None)
+        method, path = scope["method"], scope["path"]
+        if method not in ("GET", "HEAD", "OPTIONS"):
+            origin = headers.get("origin", [None])[0]
+            site = headers.get("sec-fetch-site", [None])[0]
+            if (origin is not None and not _same_origin(origin, host)) or site in ("cross-site", "same-site"):
+                return (403, f"a request from another origin ({_shown(origin or site or '?', 60)}) may not {method} "
+                             f"here; call the API from the client's own code, not from a web page", None)
+        if _is_write(method, path) and policy.read_only:
+            return 403, "this server is read-only (started with --read-only): it serves searches only", None
+        needs_token = policy.token is not None and (_is_write(method, path) or (
+            policy.token_everywhere and not (method in ("GET", "HEAD") and path == "/health")))
+        if needs_token:
+            given = headers.get("authorization", [""])[0]
+            scheme, _, credential = given.partition(" ")
+            if not given:
+                what = "this server needs" if policy.token_everywhere else "writes need"
+                return (401, f"{what} the server's token: send 'Authorization: Bearer TOKEN' with the token of the "
+                             f"file the server named at start", {"WWW-Authenticate": "Bearer"})
+            if scheme.lower() != "bearer" or not hmac.compare_digest(credential.strip().encode("utf-8", "replace"),
+                                                                     policy.token.encode()):
+                return 401, "the bearer token is wrong; send the one in the server's token file", {"WWW-Authenticate": "Bearer"}
+        return None
+
+    def body_limit(self, scope) -> tuple[int, Optional[int]]:
+        kind, length, chunked = "", None, False
+        for key, value in scope.get("headers", []):
+            if key == b"content-type":
+                kind = value.decode("latin-1").lower()
+            elif key == b"content-length":
+                text = value.decode("latin-1").strip()
+                length = int(text) if text.isdigit() and len(text) < 20 else -1
+            elif key == b"transfer-encoding":
+                chunked = True
+        if length == -1:
+            raise RequestError(400, "the Content-Length header is not a number")
+        if length is None and not chunked:
+            length = 0  # HTTP/1.1: no Content-Length and no Transfer-Encoding is no body
+        limit = MAX_JSON_BYTES if kind.startswith("application/json") else self.policy.limits.max_request_bytes
+        return limit, length
+
+    def log_failure(self, scope, status, body: bytes, failure, started: float) -> None:
+        path = _shown(scope.get("path", ""), 120)
+        if status == 499:  # starlette's ClientDisconnect, answered by the app's handler
+            message = "the client went away before the request was read"
+        elif failure is not None:
+            first = (str(failure).strip().splitlines() or [""])[0][:200]
+            message = f"internal error ({type(failure).__name__}{': ' + first if first else ''})"
+        else:
+            try:
+                message = json.loads(body.decode("utf-8")).get("error", "")
+            except (ValueError, AttributeError, UnicodeDecodeError):
+                message = body[:200].decode("utf-8", "replace")
+        log.warning(f"{scope.get('method', '?')} {path} {status or '-'} {time.perf_counter() - started:.3f}s: {message}")
+
+
+def _counted(receive, limit: int, scope):
+    """``receive`` that refuses a body over ``limit`` bytes while it arrives, and one that does
+    not arrive within :data:`BODY_SECONDS`."""
+    state = {"received": 0, "done": False, "deadline": time.monotonic() + BODY_SECONDS}
+
+    async def counted():
+        if state["done"]:
+            return await receive()
+        try:
+            message = await asyncio.wait_for(receive(), max(0.01, state["deadline"] - time.monotonic()))
+        except asyncio.TimeoutError:
+            raise RequestError(408, f"the request body did not arrive within {BODY_SECONDS:.0f} s",
+                               {"Connection": "close"}) from None
+        if message["type"] == "http.request":
+            state["received"] += len(message.get("body", b""))
+            if state["received"] > limit:
+                raise RequestError(413, f"the request body is over the limit of {limit:,} bytes",
+                                   {"Connection": "close"})
+            if not message.get("more_body", False):
+                state["done"] = True
+        return message
+
+    return counted
+
+
+async def _answer(send, status: int, message: str, headers: Optional[dict] = None) -> None:
+    body = json.dumps({"error": message}).encode()
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _client_sentence(exc: BaseException) -> str:
+    """A 500's sentence for the client: what happened, without the server's paths."""
+    from mlsctl.errors import _CAUSES, _is_memory_error
+
+    if _is_memory_error(exc):
+        return "the server ran out of memory for this request; send fewer or smaller photos"
+    if isinstance(exc, OSError) and exc.errno in _CAUSES:
+        return f"the server cannot do this now ({_CAUSES[exc.errno][0]}); its operator has the details in its log"
+    return f"internal error ({type(exc).__name__}); the server's log has the details"
+
+
+# ---------------------------------------------------------------------------------------- the app
+def create_app(service: GalleryService, policy: Optional[Policy] = None, docs: bool = False):
+    """The FastAPI application over one :class:`GalleryService`, behind its :class:`Guard`."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
 
     from mlsctl import __version__
 
-    app = FastAPI(title="mlsctl gallery", version=__version__)
+    policy = policy or Policy.for_server("127.0.0.1", read_only=service.read_only, limits=service.limits)
+    app = FastAPI(title="mlsctl gallery", version=__version__, docs_url="/docs" if docs else None,
+                  redoc_url="/redoc" if docs else None, openapi_url="/openapi.json" if docs else None)
+    slots = asyncio.Semaphore(WORKING)
 
     @app.exception_handler(RequestError)
     async def request_error(_, exc: RequestError):
-        return JSONResponse({"error": exc.message}, status_code=exc.status)
+        return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_, exc: RequestValidationError):
         problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors())
-        return JSONResponse({"error": f"the request does not fit the API ({problems})"}, status_code=400)
+        return JSONResponse({"error": f"the request does not fit the API ({_shown(problems, 200)})"}, status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        method, path = request.method, request.scope.get("path", "")
+        raw = request.scope.get("raw_path", b"") or b""
+        if exc.status_code == 404 and path.startswith("/objects/") and b"%2f" in raw.lower():
+            return JSONResponse({"error": "an object id cannot contain '/' (%2F)"}, status_code=400)
+        if exc.status_code == 404:
+            message = f"no such endpoint: {method} {_shown(path, 100)}; the API is {API}"
+        elif exc.status_code == 405:
+            message = f"{method} is not allowed on {_shown(path, 100)}; the API is {API}"
+        else:
+            message = str(exc.detail)
+        return JSONResponse({"error": message}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(ClientDisconnect)
+    async def gone(_, exc: ClientDisconnect):
+        return JSONResponse({"error": "the client went away"}, status_code=499)
 
     @app.exception_handler(Exception)
     async def unexpected(_, exc: Exception):
-        from mlsctl.errors import describe_environment_error
+        return JSONResponse({"error": _client_sentence(exc)}, status_code=500)
 
-        message = describe_environment_error(exc) or f"internal error ({type(exc).__name__}: {exc})"
-        return JSONResponse({"error": message}, status_code=500)
-
-    async def photos_of(request: Request) -> list[tuple[str, bytes]]:
-        kind = request.headers.get("content-type", "")
+    @asynccontextmanager
+    async def photos_of(request: Request):
+        kind = request.headers.get("content-type", "").lower()
         if kind.startswith("application/json"):
             try:
-                body = await request.json()
-            except ValueError:
+                body = json.loads(await request.body())
+            except (ValueError, UnicodeDecodeError):
                 raise RequestError(400, "the JSON body cannot be parsed") from None
+            except RecursionError:
+                raise RequestError(400, "the JSON body is nested too deep") from None
             if not isinstance(body, dict) or "paths" not in body:
                 raise RequestError(400, "the JSON body must be {\"paths\": [...]}")
-            return service.read_paths(body["paths"])
+            yield service.paths(body["paths"])
+            return
         if not kind.startswith("multipart/form-data"):
-            raise RequestError(400, "send photos as multipart files named 'photos', or a JSON body {\"paths\": [...]}")
-        form = await request.form(max_files=MAX_PHOTOS + 1, max_part_size=service.max_upload_bytes + 1)
-        out = []
-        for item in form.getlist("photos"):
-            if isinstance(item, str):
-                raise RequestError(400, "'photos' must be files (curl -F photos=@a.png)")
-            data = await item.read(service.max_upload_bytes + 1)
-            out.append((item.filename or "upload", data))
-        return out
+            raise RequestError(415, "send photos as multipart files named 'photos' (curl -F photos=@a.png), or a JSON "
+                                    "body {\"paths\": [...]}")
+        try:
+            form = await request.form(max_files=MAX_PHOTOS, max_fields=MAX_FIELDS, max_part_size=MAX_FIELD_BYTES)
+        except HTTPException as exc:
+            raise _form_error(str(exc.detail)) from None
+        try:
+            files = []
+            for item in form.getlist("photos"):
+                if isinstance(item, str):
+                    raise RequestError(400, "'photos' must be files (curl -F photos=@a.png)")
+                files.append((item.filename or "upload", item.size or 0, item.file))
+            yield service.uploads(files)
+        finally:
+            await form.close()
 
     @app.get("/health")
     def health():
@@ -194,36 +717,191 @@ def create_app(service: GalleryService):
 
     @app.post("/search")
     async def search(request: Request, k: int = 10):
-        uploads = await photos_of(request)
-        return await _threaded(service.search, uploads, k)
+        if not 1 <= k <= 1000:
+            raise RequestError(400, f"k must be between 1 and 1000, got {k}")
+        async with photos_of(request) as photos, slots:
+            return await _threaded(service.search, photos, k)
 
     @app.post("/objects/{object_id}/photos")
     async def add(object_id: str, request: Request):
-        uploads = await photos_of(request)
-        return await _threaded(service.add, object_id, uploads)
+        service.check_id(object_id)  # before the body is read
+        async with photos_of(request) as photos, slots:
+            return await _threaded(service.add, object_id, photos)
 
     @app.get("/objects/{object_id}")
     def get(object_id: str):
+        service.check_id(object_id)
         return service.get(object_id)
 
-    return app
+    return Guard(app, policy)
+
+
+def _form_error(detail: str) -> RequestError:
+    text = detail.lower()
+    if "too many files" in text:
+        return RequestError(413, f"more than {MAX_PHOTOS} photos in one request; at most {MAX_PHOTOS}")
+    if "too many fields" in text:
+        return RequestError(413, f"more than {MAX_FIELDS} form fields besides the photos")
+    if "exceeded maximum size" in text:
+        return RequestError(413, f"a form field that is not a file is over {MAX_FIELD_BYTES:,} bytes")
+    if "boundary" in text:
+        return RequestError(400, "the multipart body names no boundary (Content-Type: multipart/form-data; "
+                                 "boundary=...); let the client build it (curl -F photos=@a.png)")
+    return RequestError(400, f"the multipart body cannot be parsed ({_shown(detail, 100)})")
 
 
 async def _threaded(fn, *args):
-    """Run blocking work (a forward pass, faiss) in a worker thread so the server stays responsive."""
+    """Run blocking work (decoding, a forward pass, faiss) in a worker thread so the server stays
+    responsive."""
     from fastapi.concurrency import run_in_threadpool
 
     return await run_in_threadpool(fn, *args)
 
 
+# ---------------------------------------------------------------------------------------- starting
+def resolve_host(host: str, port: int) -> list[tuple]:
+    try:
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise UserError(f"--host {host} does not resolve to an address of this machine ({getattr(exc, 'strerror', None) or exc}); "
+                        f"give an address such as 127.0.0.1") from None
+    if not found:
+        raise UserError(f"--host {host} does not resolve to an address; give an address such as 127.0.0.1")
+    return found
+
+
+def is_loopback(addresses: list[tuple]) -> bool:
+    try:
+        return all(ipaddress.ip_address(a[4][0].split("%")[0]).is_loopback for a in addresses)
+    except ValueError:
+        return False
+
+
+def bind(host: str, port: int, addresses: list[tuple]) -> socket.socket:
+    family, kind, proto, _, address = addresses[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise UserError(f"port {port} on {host} is in use (another server?); stop it or choose another --port",
+                            exit_code=1) from None
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            raise UserError(f"this user may not listen on port {port}; choose a port above 1023", exit_code=1) from None
+        if exc.errno == errno.EADDRNOTAVAIL:
+            raise UserError(f"--host {host} is not an address of this machine; give one of its addresses, e.g. "
+                            f"127.0.0.1 or 0.0.0.0") from None
+        raise UserError(f"cannot listen on {host}:{port} ({exc.strerror or exc})", exit_code=1) from None
+    return sock
+
+
+def read_token_file(path: Path) -> str:
+    try:
+        info = path.stat()
+        text = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        raise UserError(f"--token-file {path} does not exist; write a secret into it, e.g. python -c \"import secrets; "
+                        f"print(secrets.token_urlsafe(32))\" > {path}; chmod 600 {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"--token-file {path} cannot be read ({getattr(exc, 'strerror', None) or exc})") from None
+    if stat.S_IMODE(info.st_mode) & 0o026 or (stat.S_IMODE(info.st_mode) & 0o004):
+        raise UserError(f"--token-file {path} can be read or written by other users (mode "
+                        f"{stat.S_IMODE(info.st_mode):04o}); chmod 600 {path}")
+    if len(text) < 16 or not (text.isascii() and text.isprintable()) or any(c.isspace() for c in text):
+        raise UserError(f"--token-file {path} must hold one secret of at least 16 printable ASCII characters without "
+                        f"spaces")
+    return text
+
+
+def write_token(gallery: Path) -> Path:
+    """A fresh token in ``GALLERY/.mlsctl.token``, mode 0600 from its creation."""
+    path = gallery / TOKEN_NAME
+    tmp = gallery / f".{TOKEN_NAME}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, (secrets.token_urlsafe(32) + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    return path
+
+
 def serve(gallery: Path, run: Optional[Path], host: str, port: int, root: Optional[Path], max_upload_mb: float,
-          say=print) -> None:
+          say=print, *, max_request_mb: float = 64.0, decode_budget_mb: float = 1024.0, read_only: bool = False,
+          token_file: Optional[Path] = None, allow_hosts: Sequence[str] = (), docs: bool = False) -> None:
     import uvicorn
 
-    service = GalleryService(gallery, run, root, int(max_upload_mb * 2**20))
+    limits = Limits.from_mib(max_upload_mb, max_request_mb, decode_budget_mb)
+    addresses = resolve_host(host, port)
+    if not is_loopback(addresses) and token_file is None:
+        raise UserError(f"--host {host} listens beyond this machine, so anyone who reaches it could use the gallery: "
+                        f"give --token-file FILE (a secret every request must send) and put TLS in front (docs/service.md)")
+    token = read_token_file(token_file) if token_file is not None else None
+    sock = bind(host, port, addresses)
+    token_path = None
+    service = None
     try:
-        say(f"serving {gallery} ({len(service.gallery)} objects, model {service.model.fingerprint[:12]}) on "
-            f"http://{host}:{port} — POST /search, POST /objects/ID/photos, GET /objects/ID, GET /health")
-        uvicorn.run(create_app(service), host=host, port=port, log_level="warning")
+        service = GalleryService(gallery, run, root, limits, read_only)
+        if token is None and not read_only:
+            token_path = write_token(Path(gallery))
+            token = token_path.read_text().strip()
+        policy = Policy.for_server(host, allow_hosts, token=token, token_everywhere=token_file is not None,
+                                   read_only=read_only, limits=limits)
+        shown_host = f"[{host}]" if ":" in host else host
+        base = f"http://{shown_host}:{port}"
+        say(f"serving {gallery} ({len(service.gallery)} objects, model {service.model.fingerprint[:12]}) on {base}"
+            f"{' read-only' if read_only else ''} — {API}")
+        if token_path is not None:
+            say(f"writes need the token in {token_path} (mode 0600, valid while this server runs): "
+                f"curl -H 'Authorization: Bearer {token}' -F photos=@a.png {base}/objects/ID/photos")
+        elif token_file is not None:
+            say(f"every request but GET /health needs the token of {token_file}: curl -H \"Authorization: Bearer "
+                f"$(cat {token_file})\" -F photos=@a.png {base}/search")
+        _log_to_stderr()
+        _return_freed_memory()
+        config = uvicorn.Config(create_app(service, policy, docs), log_level="warning", access_log=False,
+                                limit_concurrency=MAX_CONNECTIONS, proxy_headers=False, server_header=False,
+                                timeout_keep_alive=5)
+        uvicorn.Server(config).run(sockets=[sock])
     finally:
-        service.close()
+        if token_path is not None:
+            try:
+                token_path.unlink()
+            except OSError:
+                pass
+        if service is not None:
+            service.close()
+        sock.close()
+
+
+def _return_freed_memory() -> None:
+    """Have glibc map every allocation of 1 MiB or more on its own, so that the memory of a decoded
+    photo goes back to the system when it is freed, whatever thread decoded it (otherwise each
+    thread's arena keeps its largest decode, and the server's size creeps up to threads × photo)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+        libc.mallopt(M_MMAP_THRESHOLD, 2**20)
+        libc.mallopt(M_TRIM_THRESHOLD, 2 * 2**20)
+    except (OSError, AttributeError):  # not glibc: the budget still bounds what is decoded at once
+        pass
+
+
+def _log_to_stderr() -> None:
+    import sys
+
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False

@@ -69,3 +69,95 @@ def test_export_overwrite_keeps_foreign_files_and_files_are_readable(finished_ru
     assert code != 0 and "notes.txt" in err and (tmp_path / "exp" / "notes.txt").read_text() == "mine"
     code, _, err = cli("export", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x"), capsys=capsys)
     assert code != 0 and "does not exist" in err
+
+
+# ----------------------------------------------------------------------------------- issue 23, item 5
+
+
+def _export_state(out):
+    import hashlib
+
+    files = sorted(p.name for p in out.iterdir()) if out.is_dir() else None
+    if files != ["config.json", "mlsctl.json", "model.safetensors"]:
+        return ("incomplete", files)
+    return (json.loads((out / "mlsctl.json").read_text())["step"],
+            hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest())
+
+
+class Killed(Exception):
+    pass
+
+
+def test_5_overwrite_swaps_the_export_in_one_step(finished_run, tmp_path, capsys, monkeypatch):
+    """An exception at every rename of `export --overwrite` (the atomic exchange on Linux, and the
+    two renames where there is none) leaves --out holding the old export or the new one, whole."""
+    import os
+
+    from mlsctl import export
+    from mlsctl.runs import Run
+
+    run_dir, _ = finished_run
+    first = Run(run_dir).checkpoints()[0].step
+    out = tmp_path / "exp"
+    cli_ok(capsys, "export", str(run_dir), "--out", str(out), "--step", str(first))
+    old = _export_state(out)
+    cli_ok(capsys, "export", str(run_dir), "--out", str(tmp_path / "ref"))
+    new = _export_state(tmp_path / "ref")
+    assert old != new and old[0] == first
+    real_replace, real_exchange = os.replace, export._exchange
+    for exchange in (True, False):  # Linux's exchange, and the fallback of two renames
+        for n in range(1, 4):
+            for when in ("before", "after"):
+                calls = []
+
+                def step(real):
+                    def wrapped(*args, **kwargs):
+                        calls.append(args)
+                        if len(calls) == n and when == "before":
+                            raise Killed(n)
+                        result = real(*args, **kwargs)
+                        if len(calls) == n:
+                            raise Killed(n)
+                        return result
+                    return wrapped
+
+                monkeypatch.setattr(os, "replace", step(real_replace))
+                monkeypatch.setattr(export, "_exchange", step(real_exchange) if exchange else lambda a, b: False)
+                try:
+                    export.export_timm(run_dir, out, overwrite=True)
+                except Killed:
+                    pass
+                monkeypatch.setattr(os, "replace", real_replace)
+                monkeypatch.setattr(export, "_exchange", real_exchange)
+                assert _export_state(out) in (old, new), (exchange, n, when)
+                assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # nothing left over
+                export.export_timm(run_dir, out, step=first, overwrite=True)  # back to the old one
+                assert _export_state(out) == old
+
+
+def test_5_a_kill_between_the_fallback_renames_is_undone_by_the_next_export(finished_run, tmp_path, capsys):
+    import os
+
+    run_dir, _ = finished_run
+    out = tmp_path / "exp"
+    cli_ok(capsys, "export", str(run_dir), "--out", str(out))
+    state = _export_state(out)
+    os.replace(out, tmp_path / ".exp.export-old")  # where a kill after the first rename leaves it
+    code, _, err = cli("export", str(run_dir), "--out", str(out), capsys=capsys)  # the old export is back, so:
+    assert code == 2 and "add --overwrite" in err and _export_state(out) == state
+
+
+def test_5_out_a_symbolic_link_or_a_file_is_one_sentence(finished_run, tmp_path, capsys):
+    from test_hardening import one_sentence
+
+    run_dir, _ = finished_run
+    cli_ok(capsys, "export", str(run_dir), "--out", str(tmp_path / "real"))
+    state = _export_state(tmp_path / "real")
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    for args in ([], ["--overwrite"]):
+        code, _, err = cli("export", str(run_dir), "--out", str(tmp_path / "link"), *args, capsys=capsys)
+        assert code == 2 and "is a symbolic link" in one_sentence(err)
+    assert (tmp_path / "link").is_symlink() and _export_state(tmp_path / "real") == state
+    (tmp_path / "file").write_text("x")
+    code, _, err = cli("export", str(run_dir), "--out", str(tmp_path / "file"), "--overwrite", capsys=capsys)
+    assert code == 2 and "is a file" in one_sentence(err)

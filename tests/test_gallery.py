@@ -1,7 +1,9 @@
-"""Galleries (format 2): exact results, append-only adds equal a rebuild, kills never tear, retrain."""
+"""Galleries (format 3): exact results, append-only adds equal a rebuild, kills never tear (adds, and every
+os.replace of a swap), retrain."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -112,3 +114,137 @@ def test_retrain_compacts_and_restores_recall_on_new_clusters(tmp_path):
     after = recall()
     print("recall before/after retrain", before, after)
     assert after > before and Gallery(tmp_path / "g").rows == 1200
+
+
+# ----------------------------------------------------------------------------------- swaps are atomic (issue 23, item 4)
+
+SETTINGS = IndexSettings("ivfpq", nlist=4, m=4, nbits=6, nprobe=4, refine=50)
+QUERIES = clustered(20, seed=9)
+
+
+def _old_gallery(path: Path) -> Path:
+    """IVF-PQ, 600 objects, 3 of them updated (dead rows): what build --overwrite and retrain replace."""
+    latents = clustered(600, seed=7)
+    write_gallery(path, [f"o{i}" for i in range(600)], latents, [1] * 600, SETTINGS, MANIFEST)
+    gallery = Gallery(path, recover=True)
+    gallery.append(["o1", "o2", "o599"], latents[:3] * 2, [2, 2, 2])
+    return path
+
+
+def _legacy(path: Path) -> Path:
+    """The same gallery in the previous layout (format 2: row files beside gallery.json)."""
+    import json
+
+    _old_gallery(path)
+    manifest = json.loads((path / "gallery.json").read_text())
+    for f in (path / manifest["data"]).iterdir():
+        f.rename(path / ("index.faiss" if f.name.endswith(".faiss") else f.name))
+    (path / manifest["data"]).rmdir()
+    for key in ("data", "index_file"):
+        manifest.pop(key)
+    (path / "gallery.json").write_text(json.dumps(dict(manifest, format_version=2)))
+    return path
+
+
+def _state(path: Path):
+    gallery = Gallery(path)
+    return (gallery.rows, list(gallery.row_ids), np.asarray(gallery.latents).tolist(), np.asarray(gallery.counts).tolist(),
+            gallery.search_many(QUERIES, 5))
+
+
+SWAPS = {  # what a writer does that replaces files, and the gallery it starts from
+    "build --overwrite": (_old_gallery, lambda p: write_gallery(p, [f"n{i}" for i in range(500)], clustered(500, seed=8),
+                                                                [3] * 500, SETTINGS, MANIFEST)),
+    "retrain": (_old_gallery, lambda p: Gallery(p, recover=True).retrain()),
+    "an add that saves the index": (_old_gallery, lambda p: Gallery(p, recover=True).append(
+        [f"a{i}" for i in range(1100)], clustered(1100, seed=10), [1] * 1100)),
+    "moving a format-2 gallery": (_legacy, lambda p: Gallery(p, recover=True)),
+}
+
+
+class Killed(Exception):
+    pass
+
+
+def _count_replaces(swap, tmp_path: Path, monkeypatch) -> tuple[int, object, object]:
+    start, act = SWAPS[swap]
+    folder = start(tmp_path / "count")
+    old = _state(folder)
+    calls = []
+    real = os.replace
+    monkeypatch.setattr(os, "replace", lambda *a, **k: (calls.append(a), real(*a, **k))[1])
+    act(folder)
+    monkeypatch.setattr(os, "replace", real)
+    return len(calls), old, _state(folder)
+
+
+@pytest.mark.parametrize("swap", list(SWAPS))
+def test_4_an_exception_at_every_os_replace_of_a_swap_leaves_the_old_or_the_new_gallery(swap, tmp_path, monkeypatch):
+    start, act = SWAPS[swap]
+    total, old, new = _count_replaces(swap, tmp_path, monkeypatch)
+    assert total >= 2 and (old != new or swap == "moving a format-2 gallery")  # moving changes no content
+    real = os.replace
+    for n in range(1, total + 1):
+        for when in ("before", "after"):
+            folder = start(tmp_path / f"{n}-{when}")
+            calls = []
+
+            def replace(*args, **kwargs):
+                calls.append(args)
+                if len(calls) == n and when == "before":
+                    raise Killed(f"replace {n}")
+                real(*args, **kwargs)
+                if len(calls) == n:
+                    raise Killed(f"after replace {n}")
+
+            monkeypatch.setattr(os, "replace", replace)
+            with pytest.raises(Killed):
+                act(folder)
+            monkeypatch.setattr(os, "replace", real)
+            assert _state(folder) in (old, new), (swap, n, when)  # a reader: old or new, never mixed
+            writer = Gallery(folder, recover=True)  # the next writer clears what the interrupted one left
+            versions = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+            assert versions == ["gallery.json", writer.data.name], versions
+            assert sorted(p.name for p in writer.data.iterdir()) == sorted(
+                ["counts.bin", "latents.bin", "objects.txt", "unit.bin", writer.manifest["index_file"]])
+            writer.append(["after"], torch.ones(1, 16), [1])  # and carries on
+            assert Gallery(folder).count("after") == 1
+
+
+KILL_SCRIPT = """
+import os, signal, sys
+sys.path[:0] = [{tests!r}, {repo!r}]
+from pathlib import Path
+from test_gallery import SWAPS
+n, when, swap = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+real, calls = os.replace, []
+def replace(*args, **kwargs):
+    calls.append(args)
+    if len(calls) == n and when == "before":
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(*args, **kwargs)
+    if len(calls) == n:
+        os.kill(os.getpid(), signal.SIGKILL)
+os.replace = replace
+SWAPS[swap][1](Path(sys.argv[4]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("swap", ["build --overwrite", "retrain"])
+def test_4_sigkill_at_every_os_replace_of_a_swap_leaves_the_old_or_the_new_gallery(swap, tmp_path, monkeypatch):
+    import shutil
+
+    start, _ = SWAPS[swap]
+    total, old, new = _count_replaces(swap, tmp_path, monkeypatch)
+    script = KILL_SCRIPT.format(tests=str(Path(__file__).parent), repo=str(Path(__file__).parent.parent))
+    template = start(tmp_path / "template")
+    for n in range(1, total + 1):
+        for when in ("before", "after"):
+            folder = tmp_path / f"{n}-{when}"
+            shutil.copytree(template, folder)
+            killed = subprocess.run([sys.executable, "-c", script, str(n), when, swap, str(folder)], env=cli_env())
+            assert killed.returncode == -signal.SIGKILL
+            assert _state(folder) in (old, new), (swap, n, when)
+            Gallery(folder, recover=True).append(["after"], torch.ones(1, 16), [1])
+            assert Gallery(folder).count("after") == 1

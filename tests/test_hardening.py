@@ -445,11 +445,22 @@ def write_gallery(path: Path, n: int = 300, dim: int = 8, kind: str = "ivfpq") -
     return path
 
 
+def _data(gallery: Path) -> Path:
+    """The version folder holding the row files (gallery.json names it)."""
+    return gallery / json.loads((gallery / "gallery.json").read_text())["data"]
+
+
+def _index(gallery: Path) -> Path:
+    return _data(gallery) / json.loads((gallery / "gallery.json").read_text())["index_file"]
+
+
 @pytest.mark.parametrize("damage, words", [
-    (lambda g: (g / "index.faiss").unlink(), "index.faiss is missing"),
-    (lambda g: (g / "index.faiss").write_bytes(b"junk" * 10), "not a faiss index"),
-    (lambda g: (g / "latents.bin").write_bytes((g / "latents.bin").read_bytes()[:100]), "latents.bin is missing or shorter"),
-    (lambda g: (g / "objects.txt").unlink(), "is damaged"),
+    (lambda g: _index(g).unlink(), r"index\.300\.faiss is missing"),
+    (lambda g: _index(g).write_bytes(b"junk" * 10), "not a faiss index"),
+    (lambda g: (_data(g) / "latents.bin").write_bytes((_data(g) / "latents.bin").read_bytes()[:100]), "latents.bin is missing or shorter"),
+    (lambda g: (_data(g) / "objects.txt").unlink(), "is damaged"),
+    (lambda g: (g / "gallery.json").write_text(json.dumps({**json.loads((g / "gallery.json").read_text()), "data": "../../etc"})), "is damaged"),
+    (lambda g: (g / "gallery.json").write_text(json.dumps({**json.loads((g / "gallery.json").read_text()), "index_file": "/etc/passwd"})), "is damaged"),
     (lambda g: (g / "gallery.json").write_text(json.dumps({**json.loads((g / "gallery.json").read_text()), "index": {"kind": "flat", "nprobe": "many"}})), "is damaged"),
     (lambda g: (g / "gallery.json").write_text(json.dumps({**json.loads((g / "gallery.json").read_text()), "format_version": 1})), "older mlsctl"),
     (lambda g: (g / "gallery.json").write_text("[1, 2]"), "not an mlsctl gallery"),
@@ -926,3 +937,135 @@ def test_26_every_imported_package_is_declared():
     missing = {m for m in third_party if distribution.get(m, m).lower().replace("_", "-") not in declared}
     assert missing == set()
 
+
+
+# =================================================================================== issue 23
+# ----------------------------------------------------------------------------------- 8. damaged or foreign files
+
+
+def test_23_8_plot_and_report_on_a_metrics_line_that_is_not_an_object(finished_run, tmp_path, capsys):
+    run, _ = finished_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    lines = (copy / "metrics.jsonl").read_text().splitlines()
+    for bad in ("[1,2]", "null", '{"loss": 1}', "[" * 100_000 + "]" * 100_000):
+        (copy / "metrics.jsonl").write_text("\n".join([lines[0], bad, *lines[1:]]) + "\n")
+        for command in (["plot", str(copy), "--out", str(tmp_path / "c.png")],
+                        ["report", str(copy), "--out", str(tmp_path / "r.html"), "--results", str(tmp_path / "none")]):
+            code, _, err = cli(*command, capsys=capsys)
+            assert code == 2 and "metrics.jsonl line 2 is not a metrics record" in one_sentence(err), (bad[:10], command)
+
+
+@pytest.mark.parametrize("kind", ["csv", "multi", "objects"])
+def test_23_8_a_labels_field_over_128_kib_or_jsonl_nested_deep_is_one_sentence(kind, tmp_path):
+    from mlsctl.data.objects import _read_pairs
+    from mlsctl.evaluate.knn import read_labels_file
+    from mlsctl.evaluate.linear import read_multi_labels
+
+    reader = {"csv": read_labels_file, "multi": read_multi_labels, "objects": _read_pairs}[kind]
+    long = tmp_path / "labels.csv"
+    long.write_text("path,label\n" + "a.png," + "x" * 200_000 + "\n")
+    with pytest.raises(UserError, match=r"labels.csv:2 is not a CSV row .*field larger than field limit"):
+        reader(long)
+    deep = tmp_path / "labels.jsonl"
+    deep.write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(UserError, match="line 1|:1 "):
+        reader(deep)
+
+
+def test_23_8_search_sets_nested_deep_is_one_sentence(mile_run, tmp_path, capsys):
+    gallery = tmp_path / "g"
+    cli_ok_ = cli("index", "build", str(mile_run / "gallery"), "--run", str(mile_run / "run"), "--out", str(gallery),
+                  capsys=capsys)
+    assert cli_ok_[0] == 0
+    sets = tmp_path / "sets.jsonl"
+    sets.write_text('{"photos": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    code, _, err = cli("search", "--sets", str(sets), "--index", str(gallery), capsys=capsys)
+    assert code == 2 and "line 1 is not a JSON object" in one_sentence(err)
+    # a gallery.json whose dim disagrees with the model
+    manifest = json.loads((gallery / "gallery.json").read_text())
+    (gallery / "gallery.json").write_text(json.dumps(dict(manifest, dim=manifest["dim"] // 2)))
+    code, _, err = cli("search", "--set", str(next((mile_run / "query" / "obj1").iterdir())), "--index", str(gallery),
+                       capsys=capsys)
+    assert code == 2 and f"have {manifest['dim'] // 2} dimensions but the model" in one_sentence(err)
+
+
+def test_23_8_eval_recall_on_nan_or_inf_embeddings_is_one_sentence(tmp_path, capsys):
+    from conftest import write_feature_folder
+
+    x = torch.randn(20, 8)
+    files = [f"c{i % 4}/{i:02d}.png" for i in range(20)]
+    for value in (float("nan"), float("inf")):
+        x[7, 3] = value
+        feats = write_feature_folder(tmp_path / f"f{value}", files, x)
+        code, _, err = cli("eval", "recall", str(feats), "--out", str(tmp_path / "r.json"), capsys=capsys)
+        assert code == 2 and "hold NaN or inf (first: c3/07.png)" in one_sentence(err)
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda c: c.update(architecture="vit_nope"), "does not know"),
+    (lambda c: c["model_args"].update(embed_dim=100_000), "model_args.embed_dim is 100000"),
+    (lambda c: c["model_args"].update(img_size=100_000), "model_args.img_size is 100000"),
+    (lambda c: c["model_args"].update(num_classes=10**9), "model_args.num_classes"),
+    (lambda c: c["model_args"].update(embed_dim=60_000), "does not describe"),  # under every bound: 60k x 60k weights
+    (lambda c: c["model_args"].update(depth=3), "blocks.2"),
+    (lambda c: c["model_args"].update(patch_size=1), "patch_embed.proj.weight"),
+    (lambda c: c["model_args"].update(foo=1), "cannot build"),
+    (lambda c: "{", "not readable JSON"),
+    (lambda c: "[1, 2]", "not a timm model config"),
+    (lambda c: c.update(model_args=[1]), "not a timm model config"),
+])
+def test_23_8_load_backbone_on_an_edited_config_is_one_sentence_before_any_allocation(finished_run, tmp_path, capsys,
+                                                                                      edit, words):
+    import mlsctl
+
+    run, _ = finished_run
+    code, _, _ = cli("export", str(run), "--out", str(tmp_path / "e"), capsys=capsys)
+    assert code == 0
+    config = json.loads((tmp_path / "e" / "config.json").read_text())
+    edited = edit(config)
+    (tmp_path / "e" / "config.json").write_text(edited if isinstance(edited, str) else json.dumps(config))
+    started = time.perf_counter()
+    with pytest.raises(UserError, match=re.escape(words)):
+        mlsctl.load_backbone(tmp_path / "e")
+    assert time.perf_counter() - started < 20  # checked on the meta device: nothing is allocated
+
+
+# ----------------------------------------------------------------------------------- 9. object ids
+
+
+def test_23_9_invisible_and_overlong_object_ids_are_refused(capsys):
+    from mlsctl.gallery import MAX_OBJECT_ID_CHARS, check_object_id
+
+    for bad in ("\u200b", "\u200b\u2060", " \u200b ", "\u3164", "\ufeff", "x" * (MAX_OBJECT_ID_CHARS + 1)):
+        with pytest.raises(UserError):
+            check_object_id(bad)
+    for good in ("a\u200b", "ev00007", "x" * MAX_OBJECT_ID_CHARS, "é"):
+        assert check_object_id(good) == good
+    code, _, err = cli("index", "add", "anywhere", "--object", "\u200b", "x.png", capsys=capsys)
+    assert code == 2 and "has no visible character (only U+200B)" in one_sentence(err)
+    code, _, err = cli("index", "add", "anywhere", "--object", "y" * 100_000, "x.png", capsys=capsys)
+    assert code == 2 and "100,000 characters long; object ids have at most 256" in one_sentence(err)
+    assert len(err) < 1000  # the id is not echoed whole
+
+
+# ----------------------------------------------------------------------------------- 10. skipped files and too few images
+
+
+def test_23_10_skipped_files_are_printed_before_a_too_few_images_refusal(tmp_path, capsys):
+    make_images(tmp_path / "images", 3)
+    first = sorted((tmp_path / "images").rglob("*.png"))[0]
+    for name in (b"caf\xe9.png", b"na\xefve.png"):
+        shutil.copy(first, os.path.join(os.fsencode(tmp_path / "images"), name))
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(tmp_path / "images"))  # batch 4: 3 images are too few
+    code, _, err = cli("pretrain", str(recipe), "--out", str(tmp_path / "run"), capsys=capsys)
+    assert code == 2 and "fewer than one global batch" in one_sentence(err)
+    lines = err.strip().splitlines()
+    assert lines[:2] == ["skipped caf\\xe9.png: file name is not valid UTF-8; rename it",
+                         "skipped na\\xefve.png: file name is not valid UTF-8; rename it"]
+    assert lines[-1].startswith("error:")  # the reasons first, then the refusal
+    only_bad = tmp_path / "only_bad"
+    only_bad.mkdir()
+    shutil.copy(first, os.path.join(os.fsencode(only_bad), b"caf\xe9.png"))
+    code, _, err = cli("pretrain", str(recipe), f"data.root={only_bad}", "--out", str(tmp_path / "run"), capsys=capsys)
+    assert code == 2 and "contains no images" in one_sentence(err) and err.startswith("skipped caf\\xe9.png")

@@ -213,12 +213,13 @@ def test_bad_object_ids_are_refused_and_the_gallery_works_from_any_directory(mil
     assert code == 0, err
     manifest = json.loads((tmp_path / "g" / "gallery.json").read_text())
     assert manifest["model"]["run"] == str(mile_run / "run") and manifest["source"] == str(mile_run / "gallery")
-    before = {p.name: p.read_bytes() for p in (tmp_path / "g").iterdir()}
+    files = lambda g: {p.relative_to(g).as_posix(): p.read_bytes() for p in g.rglob("*") if p.is_file()}  # noqa: E731
+    before = files(tmp_path / "g")
     photo = str(sorted((mile_run / "query" / "obj1").iterdir())[0])
     for bad in ("a\nb", "   ", ""):
         code, _, err = cli("index", "add", str(tmp_path / "g"), "--object", bad, photo, capsys=capsys)
         assert code == 2 and err.startswith("error: --object") and "Traceback" not in err
-    assert {p.name: p.read_bytes() for p in (tmp_path / "g").iterdir()} == before
+    assert files(tmp_path / "g") == before
     # ... and grown and searched from another
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()

@@ -46,3 +46,34 @@ def test_report_renders_in_headless_chromium(finished_run, tmp_path, capsys):
     assert loaded and loaded.group(1) == loaded.group(2) == str(record["images"])
     for section in ("Summary", "Recipe", "Training curves", "PCA patch maps", "Memory banks", "Evaluations"):
         assert f"<h2>{section}</h2>" in dom
+
+
+def test_report_skips_a_strangers_or_a_damaged_result_with_a_note(finished_run, tmp_path, capsys):
+    """Issue 23, item 8: a malformed eval result — the run's own, or a stranger's in ./results, the
+    default — is skipped with a note; a damaged summary.json is one sentence naming it."""
+    from conftest import cli
+
+    run_dir, _ = finished_run
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    (run / "results").mkdir()
+    (run / "results" / "linear.json").write_text(json.dumps({"command": "eval linear", "results": {}}))  # no 'chosen'
+    (run / "results" / "knn.json").write_text(json.dumps({"command": "eval knn", "results": [{"k": 1}]}))
+    strangers = tmp_path / "results"
+    strangers.mkdir()
+    (strangers / "deep.json").write_text("[" * 100_000 + "]" * 100_000)
+    (strangers / "theirs.json").write_text(json.dumps({"command": "eval knn", "model": [1, 2]}))
+    (strangers / "mine.json").write_text(json.dumps({"command": "eval knn", "model": {"path": str(run)},
+                                                     "results": [{"k": 10, "top1": 0.5, "top5": 0.9}]}))
+    out, err = cli_ok(capsys, "report", str(run), "--out", str(tmp_path / "r.html"), "--json", cwd=tmp_path)
+    record = json.loads(out)
+    assert record["evaluations"] == 1 and len(record["skipped"]) == 3
+    assert "linear.json: not the result that eval linear writes (no 'chosen')" in err
+    assert "knn.json: not the result that eval knn writes (no 'top1')" in err and "deep.json: not readable JSON" in err
+    page = (tmp_path / "r.html").read_text()
+    assert "50.00" in page and page.count('class="note">skipped') == 3
+    for damage in ('{"steps": 4', "[1, 2]", "[" * 100_000 + "]" * 100_000):
+        (run / "summary.json").write_text(damage)
+        code, _, err = cli("report", str(run), "--out", str(tmp_path / "r.html"), capsys=capsys)
+        assert code == 2 and "summary.json is damaged" in err and "Traceback" not in err
+        assert len([line for line in err.splitlines() if line.startswith("error:")]) == 1

@@ -1,9 +1,15 @@
-"""`mlsctl serve`: a real server on 127.0.0.1, a real HTTP client (urllib), every endpoint and error."""
+"""`mlsctl serve`: a real server on 127.0.0.1, a real HTTP client (urllib, raw sockets), every
+endpoint and error; who may write (issue 23, item 1), what a request may cost (items 2, 3), one
+sentence and one log line per failed request (items 6, 7, 9)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -11,11 +17,12 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from conftest import cli_env, run_cli
+from conftest import cli, cli_env, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -26,49 +33,142 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def multipart(files: list[tuple[str, bytes]]) -> tuple[bytes, str]:
+def multipart(files: list[tuple[str, bytes]], field: str = "photos") -> tuple[bytes, str]:
     boundary = uuid.uuid4().hex
     body = b""
     for name, data in files:
-        body += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"photos\"; filename=\"{name}\"\r\n"
+        body += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"{name}\"\r\n"
                  f"Content-Type: application/octet-stream\r\n\r\n").encode() + data + b"\r\n"
     return body + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
-def call(base: str, method: str, path: str, files=None, body=None) -> tuple[int, dict]:
-    data, headers = None, {}
+def call(base: str, method: str, path: str, files=None, body=None, token=None, headers=None) -> tuple[int, dict]:
+    data, sent = None, dict(headers or {})
     if files is not None:
-        data, kind = multipart(files)
-        headers["Content-Type"] = kind
+        data, sent["Content-Type"] = multipart(files)
     elif body is not None:
-        data, headers["Content-Type"] = json.dumps(body).encode(), "application/json"
-    request = urllib.request.Request(base + path, data=data, method=method, headers=headers)
+        data, sent["Content-Type"] = json.dumps(body).encode(), "application/json"
+    if token is not None:
+        sent["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(base + path, data=data, method=method, headers=sent)
     try:
-        with urllib.request.urlopen(request, timeout=60) as answer:
+        with urllib.request.urlopen(request, timeout=120) as answer:
             return answer.status, json.loads(answer.read())
     except urllib.error.HTTPError as error:
         return error.code, json.loads(error.read())
 
 
+def raw_exchange(port: int, head: str, body_parts=(), pause: float = 0.0) -> tuple[int, bytes, int]:
+    """Send ``head`` and then ``body_parts`` on a socket until the server answers or closes; returns
+    (status, the answer's body, bytes of body sent)."""
+    sent = 0
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+        s.sendall(head.encode())
+        for part in body_parts:
+            try:
+                s.sendall(part)
+                sent += len(part)
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            if pause:
+                time.sleep(pause)
+        answer = b""
+        try:
+            while b"\r\n\r\n" not in answer or len(answer.split(b"\r\n\r\n", 1)[1]) < _length(answer):
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                answer += chunk
+        except (ConnectionResetError, socket.timeout):
+            pass
+    status = int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/") else 0
+    return status, answer.split(b"\r\n\r\n", 1)[-1], sent
+
+
+def _length(answer: bytes) -> int:
+    for line in answer.split(b"\r\n\r\n", 1)[0].split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            return int(line.split(b":")[1])
+    return 0
+
+
+@dataclass
+class Server:
+    base: str
+    port: int
+    gallery: Path
+    mile_run: Path
+    token: str | None
+    log: Path
+    process: subprocess.Popen
+    tmp: Path
+
+    def lines(self) -> list[str]:
+        return self.log.read_text().splitlines()
+
+    def rss_mb(self, field: str = "VmRSS") -> float:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+        raise AssertionError(field)
+
+    def reset_peak(self) -> None:
+        Path(f"/proc/{self.process.pid}/clear_refs").write_text("5")
+
+    def temp_bytes(self) -> int:
+        """Bytes in the server's open temporary files (spooled uploads: unlinked, so only /proc sees them)."""
+        total = 0
+        for fd in Path(f"/proc/{self.process.pid}/fd").iterdir():
+            try:
+                if "(deleted)" in os.readlink(fd) or os.readlink(fd).startswith(str(self.tmp)):
+                    total += os.stat(fd).st_size
+            except OSError:
+                pass
+        return total
+
+
+@contextlib.contextmanager
+def running(gallery: Path, mile_run: Path, *args: str):
+    """``mlsctl serve GALLERY ARGS`` on a free port of 127.0.0.1, its log and temp folder its own."""
+    folder = gallery.parent
+    tmp = folder / f"tmp-{uuid.uuid4().hex[:6]}"
+    tmp.mkdir()
+    port = free_port()
+    log = folder / f"serve-{port}.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "mlsctl", "serve", str(gallery), "--port", str(port), *args],
+                                   env=dict(cli_env(), TMPDIR=str(tmp)), stderr=out, stdout=out)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and process.poll() is None:
+            try:
+                if call(base, "GET", "/health")[0] == 200:
+                    break
+            except OSError:
+                time.sleep(0.2)
+        assert process.poll() is None, log.read_text()
+        token_file = gallery / ".mlsctl.token"
+        token = token_file.read_text().strip() if token_file.exists() else None
+        yield Server(base, port, gallery, mile_run, token, log, process, tmp)
+    finally:
+        process.terminate()
+        process.wait(timeout=60)
+
+
+def built_gallery(mile_run: Path, folder: Path) -> Path:
+    gallery = folder / "g"
+    run_cli("index", "build", str(mile_run / "gallery"), "--run", str(mile_run / "run"), "--out", str(gallery), check=True)
+    return gallery
+
+
 @pytest.fixture(scope="module")
 def server(mile_run, tmp_path_factory):
-    gallery = tmp_path_factory.mktemp("served") / "g"
-    run_cli("index", "build", str(mile_run / "gallery"), "--run", str(mile_run / "run"), "--out", str(gallery), check=True)
-    port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "mlsctl", "serve", str(gallery), "--port", str(port), "--root",
-                                str(mile_run), "--max-upload-mb", "0.05"], env=cli_env(), stderr=subprocess.PIPE,
-                               text=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            if call(base, "GET", "/health")[0] == 200:
-                break
-        except OSError:
-            time.sleep(0.2)
-    yield base, gallery, mile_run
-    process.terminate()
-    process.wait(timeout=30)
+    gallery = built_gallery(mile_run, tmp_path_factory.mktemp("served"))
+    with running(gallery, mile_run, "--root", str(mile_run), "--max-upload-mb", "0.05", "--allow-host",
+                 "search.example") as server:
+        yield server
+    assert not (gallery / ".mlsctl.token").exists()  # the token dies with the server
 
 
 def photo(mile_run: Path, obj: str, k: int = 0) -> tuple[str, bytes]:
@@ -76,8 +176,22 @@ def photo(mile_run: Path, obj: str, k: int = 0) -> tuple[str, bytes]:
     return path.name, path.read_bytes()
 
 
+def bomb(side: int, mode: str = "L") -> bytes:
+    """A PNG of side² pixels that compresses to a few KB."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new(mode, (side, side)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# ----------------------------------------------------------------------------------- the API
+
+
 def test_health_search_add_and_get(server):
-    base, gallery, mile_run = server
+    base, gallery, mile_run, token = server.base, server.gallery, server.mile_run, server.token
     status, health = call(base, "GET", "/health")
     assert status == 200 and health["objects"] == 6 and health["status"] == "ok"
     status, found = call(base, "POST", "/search?k=3", files=[photo(mile_run, "obj3", 0), photo(mile_run, "obj3", 1)])
@@ -85,9 +199,9 @@ def test_health_search_add_and_get(server):
     assert found["results"][0]["score"] == pytest.approx(1.0, abs=1e-4)  # the object's own photos
     status, by_path = call(base, "POST", "/search", body={"paths": ["gallery/obj3/0.png", "gallery/obj3/1.png"]})
     assert status == 200 and by_path["results"][0]["object"] == "obj3"
-    status, added = call(base, "POST", "/objects/new%20one/photos", files=[photo(mile_run, "obj1")])
+    status, added = call(base, "POST", "/objects/new%20one/photos", files=[photo(mile_run, "obj1")], token=token)
     assert status == 200 and added == {"object": "new one", "created": True, "photos": 1, "objects": 7}
-    status, again = call(base, "POST", "/objects/new%20one/photos", files=[photo(mile_run, "obj1", 1)])
+    status, again = call(base, "POST", "/objects/new%20one/photos", files=[photo(mile_run, "obj1", 1)], token=token)
     assert status == 200 and not again["created"] and again["photos"] == 2
     assert call(base, "GET", "/objects/new%20one") == (200, {"object": "new one", "photos": 2})
     # persisted: the gallery on disk has the object (its writer is the server, so read-only here)
@@ -97,6 +211,19 @@ def test_health_search_add_and_get(server):
     # the server holds the gallery: a second writer is refused naming it
     refused = run_cli("index", "add", str(gallery), "--object", "x", str(mile_run / "query" / "obj0" / "2.png"))
     assert refused.returncode == 1 and "mlsctl serve" in refused.stderr
+
+
+def test_an_upload_equals_index_add_of_the_same_file(server, tmp_path):
+    """The server decodes and resizes a photo the way `index add` does: same latent, bit for bit."""
+    from mlsctl.gallery import Gallery, load_images, load_set_model
+
+    path = server.mile_run / "query" / "obj2" / "2.png"
+    status, _ = call(server.base, "POST", "/objects/same/photos", files=[(path.name, path.read_bytes())],
+                     token=server.token)
+    assert status == 200
+    model = load_set_model(server.mile_run / "run")
+    cls, tokens = model.image_tokens(load_images([path]))
+    assert Gallery(server.gallery).latent("same").tolist() == model.fold(None, cls, tokens).tolist()
 
 
 @pytest.mark.parametrize("method, path, kwargs, status, words", [
@@ -110,23 +237,50 @@ def test_health_search_add_and_get(server):
     ("GET", "/objects/nobody", {}, 404, "no object 'nobody'"),
     ("POST", "/objects/a%0Ab/photos", {"files": "one"}, 400, "control character"),
     ("POST", "/objects/%20%20/photos", {"files": "one"}, 400, "empty or blank"),
+    # item 6: client mistakes that were 500s or FastAPI's {"detail": ...}
+    ("POST", "/search", {"body": {"paths": ["gallery/obj0/\u0000.png"]}}, 400, "control character"),
+    ("POST", "/search", {"body": {"paths": ["a" * 5000]}}, 400, "at most 1024"),
+    ("POST", "/search", {"body": {"paths": ["/".join(["b" * 300] * 3)]}}, 400, "cannot be read"),
+    ("GET", "/nowhere", {}, 404, "no such endpoint"),
+    ("DELETE", "/objects/obj1", {}, 405, "not allowed"),
+    ("PUT", "/search", {}, 405, "not allowed"),
+    ("POST", "/objects/a%2Fb/photos", {"files": "one"}, 400, "cannot contain '/'"),
+    ("POST", "/search", {"files": [("p.png", b"x")] * 65}, 413, "at most 64"),
+    ("POST", "/search?k=many", {"files": "one"}, 400, "does not fit the API"),
+    ("POST", "/search", {"headers": {"Content-Type": "multipart/form-data"}}, 400, "no boundary"),
+    ("POST", "/search", {"headers": {"Content-Type": "text/plain"}}, 415, "multipart"),
+    ("GET", "/docs", {}, 404, "no such endpoint"),
+    ("GET", "/redoc", {}, 404, "no such endpoint"),
+    ("GET", "/openapi.json", {}, 404, "no such endpoint"),
+    # item 9: ids
+    ("POST", "/objects/%E2%80%8B/photos", {"files": "one"}, 400, "no visible character"),
+    ("POST", "/objects/" + "x" * 70000 + "/photos", {"files": "one"}, 400, "at most 256"),
 ])
 def test_bad_requests_get_one_sentence_and_the_server_lives_on(server, method, path, kwargs, status, words):
-    base, _, mile_run = server
     if kwargs.get("files") == "one":
-        kwargs = {"files": [photo(mile_run, "obj0")]}
-    got, answer = call(base, method, path, **kwargs)
-    assert got == status and words in answer["error"], answer
-    assert call(base, "GET", "/health")[0] == 200
+        kwargs = {"files": [photo(server.mile_run, "obj0")]}
+    got, answer = call(server.base, method, path, token=server.token, **kwargs)
+    assert got == status and words in answer["error"] and set(answer) == {"error"}, answer
+    assert str(server.mile_run) not in answer["error"]  # the server's folders are nobody's business
+    assert call(server.base, "GET", "/health")[0] == 200
+
+
+def test_json_nested_100000_deep_is_a_400(server):
+    body = b'{"paths": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    request = urllib.request.Request(server.base + "/search", data=body, method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as error:
+        urllib.request.urlopen(request, timeout=60)
+    assert error.value.code == 400 and "nested too deep" in json.loads(error.value.read())["error"]
 
 
 def test_searches_during_adds_see_the_gallery_before_or_after(server):
-    base, _, mile_run = server
+    base, mile_run = server.base, server.mile_run
     errors, results = [], []
 
     def adder():
         for i in range(6):
-            status, _ = call(base, "POST", f"/objects/burst{i}/photos", files=[photo(mile_run, "obj5")])
+            status, _ = call(base, "POST", f"/objects/burst{i}/photos", files=[photo(mile_run, "obj5")], token=server.token)
             errors.append(status) if status != 200 else None
 
     def searcher():
@@ -143,3 +297,344 @@ def test_searches_during_adds_see_the_gallery_before_or_after(server):
     for _, objects in results:  # every answer is a gallery some add left: no duplicate, no half-added object
         assert len(objects) == len(set(objects)) and "obj5" in objects
     assert call(base, "GET", "/health")[1]["objects"] >= 13
+
+
+# ----------------------------------------------------------------------------------- 1. who may write
+
+
+def test_1_writes_need_the_token_printed_once_from_a_0600_file_beside_the_lock(server):
+    token_file = server.gallery / ".mlsctl.token"
+    assert (token_file.parent / ".mlsctl.lock").exists()
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600 and len(server.token) >= 32
+    said = server.log.read_text()
+    assert said.count(server.token) == 1  # printed once, in the curl line that uses it
+    curl = next(line for line in said.splitlines() if server.token in line)
+    assert f"curl -H 'Authorization: Bearer {server.token}' -F photos=@a.png {server.base}/objects/ID/photos" in curl
+    one = [photo(server.mile_run, "obj2")]
+    for headers, words in (({}, "writes need the server's token"),
+                           ({"Authorization": "Bearer " + "x" * 43}, "token is wrong"),
+                           ({"Authorization": server.token}, "token is wrong")):
+        status, answer = call(server.base, "POST", "/objects/intruder/photos", files=one, headers=headers)
+        assert status == 401 and words in answer["error"]
+    assert call(server.base, "GET", "/objects/intruder")[0] == 404  # nothing was written
+    assert call(server.base, "POST", "/objects/owner/photos", files=one, token=server.token)[0] == 200
+    assert call(server.base, "POST", "/search", files=one)[0] == 200  # searches stay open on loopback
+
+
+def test_1_cross_origin_writes_are_refused(server):
+    one = [photo(server.mile_run, "obj4")]
+    before = call(server.base, "GET", "/objects/obj4")[1]["photos"]
+    for headers in ({"Origin": "http://evil.example"}, {"Origin": "null"},
+                    {"Origin": f"http://localhost:{server.port + 1}"}, {"Sec-Fetch-Site": "cross-site"}):
+        for path in ("/objects/obj4/photos", "/search"):
+            status, answer = call(server.base, "POST", path, files=one, token=server.token, headers=headers)
+            assert status == 403 and "another origin" in answer["error"], (headers, answer)
+    assert call(server.base, "GET", "/objects/obj4")[1]["photos"] == before  # ev00007 of the issue: untouched
+    same = {"Origin": server.base, "Sec-Fetch-Site": "same-origin"}
+    assert call(server.base, "POST", "/objects/obj4/photos", files=one, token=server.token, headers=same)[0] == 200
+
+
+def test_1_hosts_other_than_the_bound_address_localhost_or_allowed_are_refused(server):
+    one = [photo(server.mile_run, "obj1")]
+    for host in (f"attacker.example:{server.port}", "attacker.example", f"127.0.0.1.attacker.example:{server.port}"):
+        for method, path, files in (("GET", "/health", None), ("POST", "/objects/obj1/photos", one)):
+            status, answer = call(server.base, method, path, files=files, token=server.token, headers={"Host": host})
+            assert status == 403 and "does not answer to the host" in answer["error"], (host, answer)
+    for host in (f"localhost:{server.port}", f"127.0.0.1:{server.port}", "search.example", f"SEARCH.example:{server.port}"):
+        assert call(server.base, "GET", "/health", headers={"Host": host})[0] == 200, host
+
+
+def test_1_health_shows_no_absolute_path(server):
+    _, health = call(server.base, "GET", "/health")
+    assert health["gallery"] == "g" and str(server.gallery.parent) not in json.dumps(health)
+
+
+def test_1_read_only_serves_searches_only(mile_run, tmp_path):
+    gallery = built_gallery(mile_run, tmp_path)
+    with running(gallery, mile_run, "--read-only") as server:
+        assert server.token is None and not (gallery / ".mlsctl.token").exists()
+        one = [photo(mile_run, "obj1")]
+        status, answer = call(server.base, "POST", "/objects/obj1/photos", files=one)
+        assert status == 403 and "read-only" in answer["error"]
+        assert call(server.base, "POST", "/search", files=one)[0] == 200
+        assert call(server.base, "GET", "/health")[1]["read_only"] is True
+        assert "Bearer" not in server.log.read_text()
+
+
+def test_1_a_token_file_guards_every_request_but_health(mile_run, tmp_path):
+    gallery = built_gallery(mile_run, tmp_path)
+    secret = tmp_path / "secret"
+    secret.write_text("s3cret-" * 4 + "\n")
+    secret.chmod(0o600)
+    with running(gallery, mile_run, "--token-file", str(secret)) as server:
+        assert server.token is None  # nothing generated: the operator's secret is used
+        one = [photo(mile_run, "obj1")]
+        assert call(server.base, "GET", "/health")[0] == 200
+        for method, path, files in (("POST", "/search", one), ("GET", "/objects/obj1", None),
+                                    ("POST", "/objects/obj1/photos", one)):
+            assert call(server.base, method, path, files=files)[0] == 401
+            assert call(server.base, method, path, files=files, token="s3cret-" * 4)[0] == 200
+        assert "s3cret" not in server.log.read_text()  # the operator's secret is never printed
+
+
+def test_1_listening_beyond_loopback_needs_a_token_file_and_a_private_one(mile_run, tmp_path, capsys):
+    from test_hardening import one_sentence
+
+    code, _, err = cli("serve", str(tmp_path / "g"), "--host", "0.0.0.0", capsys=capsys)
+    assert code == 2 and "--token-file" in one_sentence(err) and "beyond this machine" in err
+    code, _, err = cli("serve", str(tmp_path / "g"), "--host", "0.0.0.0", "--read-only", capsys=capsys)
+    assert code == 2 and "--token-file" in one_sentence(err)
+    secret = tmp_path / "secret"
+    secret.write_text("s3cret-" * 4)
+    secret.chmod(0o644)
+    code, _, err = cli("serve", str(tmp_path / "g"), "--token-file", str(secret), capsys=capsys)
+    assert code == 2 and "chmod 600" in one_sentence(err)
+    secret.write_text("short")
+    secret.chmod(0o600)
+    code, _, err = cli("serve", str(tmp_path / "g"), "--token-file", str(secret), capsys=capsys)
+    assert code == 2 and "at least 16 printable ASCII characters" in one_sentence(err)
+
+
+# ----------------------------------------------------------------------------------- 2. what a request may decode
+
+
+@pytest.fixture(scope="module")
+def budget_server(mile_run, tmp_path_factory):
+    """A server with a small decode budget (256 MiB) and small bodies (4 MiB), to measure against."""
+    gallery = built_gallery(mile_run, tmp_path_factory.mktemp("budget"))
+    with running(gallery, mile_run, "--root", str(mile_run), "--max-upload-mb", "1", "--max-request-mb", "4",
+                 "--decode-budget-mb", "256") as server:
+        call(server.base, "POST", "/search", files=[photo(mile_run, "obj0")])  # the first forward pass allocates
+        yield server
+
+
+def test_2_counts_sizes_and_pixels_are_checked_before_anything_is_decoded(budget_server):
+    server = budget_server
+    before = server.rss_mb()
+    server.reset_peak()
+    # one photo whose decoding alone would need more than the budget (6000² RGBA: ~900 MiB)
+    status, answer = call(server.base, "POST", "/search", files=[("alpha.png", bomb(6000, "RGBA"))])
+    assert status == 413 and "decode budget of 256 MiB" in answer["error"]
+    # photos each within the budget, together over the per-request pixels (8 × 36 MP)
+    status, answer = call(server.base, "POST", "/search", files=[(f"{i}.png", bomb(6000)) for i in range(8)])
+    assert status == 413 and "per request" in answer["error"]
+    # with --root: 300 paths are counted before any file is read
+    status, answer = call(server.base, "POST", "/search", body={"paths": ["gallery/obj0/0.png"] * 300})
+    assert status == 413 and "300 photos in one request; at most 64" in answer["error"]
+    assert server.rss_mb("VmHWM") - before < 64, "nothing was decoded"
+
+
+def test_2_decoding_stays_within_the_budget_under_8_concurrent_requests(budget_server):
+    """8 requests of 3 photos of 16 MP (128 MiB each to decode) at once: the server decodes one at a
+    time (the budget holds one), so its peak grows by the budget, not by 8 × 3 × 128 MiB."""
+    server = budget_server
+    photos = [(f"{i}.png", bomb(4000, "RGB")) for i in range(3)]
+    before = server.rss_mb()
+    server.reset_peak()
+    answers = []
+    threads = [threading.Thread(target=lambda: answers.append(call(server.base, "POST", "/search", files=photos)[0]))
+               for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    grown = server.rss_mb("VmHWM") - before
+    print(f"8 concurrent requests of 3 × 16 MP: peak RSS +{grown:.0f} MiB (budget 256 MiB)")
+    assert answers == [200] * 8 and grown < 256 + 96
+
+
+# ----------------------------------------------------------------------------------- 3. bodies are bounded while they arrive
+
+
+def test_3_a_body_over_the_limit_is_refused_before_it_is_read(budget_server):
+    server = budget_server
+    head = (f"POST /search HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nContent-Type: multipart/form-data; "
+            f"boundary=x\r\nContent-Length: {200 * 2**20}\r\n\r\n")
+    started = time.perf_counter()
+    status, body, _ = raw_exchange(server.port, head)  # the headers alone: the answer comes before any body
+    assert status == 413 and b"over the limit" in body and time.perf_counter() - started < 10
+
+
+def test_3_a_chunked_body_is_cut_off_at_the_limit_and_never_spooled_beyond_it(budget_server):
+    server = budget_server
+    head = (f"POST /search HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nContent-Type: multipart/form-data; "
+            f"boundary=x\r\nTransfer-Encoding: chunked\r\n\r\n")
+    part = b"--x\r\nContent-Disposition: form-data; name=\"photos\"; filename=\"a.png\"\r\n\r\n"
+    chunk = 2**16
+    parts = [f"{len(part):x}\r\n".encode() + part + b"\r\n"] + [f"{chunk:x}\r\n".encode() + b"0" * chunk + b"\r\n"] * 3200
+    spooled = []
+
+    def offered():  # 200 MiB, looking at the server's temporary files as it goes
+        for i, p in enumerate(parts):
+            if i % 16 == 0:
+                spooled.append(server.temp_bytes())
+            yield p
+
+    status, body, sent = raw_exchange(server.port, head, offered())
+    assert status == 413 and b"over the limit of 4,194,304" in body
+    assert sent < 100 * 2**20  # the server stopped reading near 4 MiB (socket buffers hold the rest)
+    assert max(spooled) <= 4 * 2**20 and server.temp_bytes() == 0  # never more than the limit on disk, then nothing
+
+
+def test_3_form_fields_are_capped_in_number_and_size(budget_server):
+    server = budget_server
+    boundary = "b"
+    many = "".join(f"--{boundary}\r\nContent-Disposition: form-data; name=\"f{i}\"\r\n\r\nv\r\n" for i in range(1000))
+    big = f"--{boundary}\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\n" + "n" * 100_000 + "\r\n"
+    for fields, words in ((many, "form fields"), (big, "not a file is over")):
+        data = (fields + f"--{boundary}--\r\n").encode()
+        request = urllib.request.Request(server.base + "/search", data=data, method="POST",
+                                         headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        with pytest.raises(urllib.error.HTTPError) as error:
+            urllib.request.urlopen(request, timeout=60)
+        assert error.value.code == 413 and words in json.loads(error.value.read())["error"]
+
+
+def test_3_the_guard_bounds_bodies_across_requests_and_in_time(monkeypatch):
+    """The ASGI guard alone, around an application that reads its body: a Content-Length over the
+    limit never reaches the application, bodies received at once are bounded, a stalled body is a 408."""
+    import asyncio
+
+    from mlsctl import serve
+
+    policy = serve.Policy.for_server("127.0.0.1", limits=serve.Limits(1000, 4000, 10**6))  # body budget 16,000
+    reads = []
+
+    async def app(scope, receive, send):
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        reads.append(len(body))
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    guard = serve.Guard(app, policy)
+
+    async def request(length, chunks, delay=0.0):
+        scope = {"type": "http", "method": "POST", "path": "/search", "raw_path": b"/search",
+                 "headers": [(b"host", b"127.0.0.1:8000"), (b"content-type", b"multipart/form-data; boundary=x")]
+                 + ([(b"content-length", str(length).encode())] if length is not None else
+                    [(b"transfer-encoding", b"chunked")])}
+        queue = list(chunks)
+        sent = []
+
+        async def receive():
+            await asyncio.sleep(delay)
+            if not queue:
+                await asyncio.sleep(3600)
+            body = queue.pop(0)
+            if body is None:  # a client that stopped sending
+                await asyncio.sleep(3600)
+            return {"type": "http.request", "body": body, "more_body": bool(queue)}
+
+        async def send(message):
+            sent.append(message)
+
+        await guard(scope, receive, send)
+        return sent[0]["status"], json.loads(sent[1]["body"] or b"{}")
+
+    async def main():
+        assert await request(5000, [b"x" * 5000]) == (413, {"error": "the request body is 5,000 bytes, over the limit of 4,000"})
+        assert reads == []  # refused on the header: the application never read a byte
+        status, answer = await request(None, [b"x" * 1000] * 5)  # chunked: cut off while it arrives
+        assert status == 413 and "over the limit of 4,000" in answer["error"] and reads == []
+        # four bodies of 4,000 bytes arriving slowly fill the budget of 16,000: a fifth is told to retry
+        slow = [asyncio.create_task(request(4000, [b"x" * 1000] * 4, delay=0.2)) for _ in range(4)]
+        await asyncio.sleep(0.05)
+        status, answer = await request(100, [b"x" * 100])
+        assert status == 503 and "retry" in answer["error"]
+        assert [s for s, _ in await asyncio.gather(*slow)] == [200] * 4
+        assert await request(100, [b"x" * 100]) == (200, {})  # the budget is returned
+        assert guard.receiving == 0
+        monkeypatch.setattr(serve, "BODY_SECONDS", 0.3)
+        status, answer = await request(4000, [b"x" * 10, None])  # 10 bytes, then nothing
+        assert status == 408 and "did not arrive" in answer["error"]
+
+    asyncio.run(main())
+
+
+# ----------------------------------------------------------------------------------- 6. one line per failed request
+
+
+def test_6_every_failed_request_is_one_log_line_and_no_traceback(server):
+    before = len(server.lines())
+    bad = [("POST", "/search", {"files": [("n.png", b"not an image")]}), ("GET", "/nowhere", {}),
+           ("POST", "/objects/x/photos", {"files": [("n.png", b"x")]}), ("POST", "/search", {"body": {"paths": 3}})]
+    for method, path, kwargs in bad:
+        assert call(server.base, method, path, **kwargs)[0] >= 400
+    head = (f"POST /search HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nContent-Type: multipart/form-data; "
+            f"boundary=x\r\nContent-Length: 100000\r\n\r\n")
+    start = b"--x\r\nContent-Disposition: form-data; name=\"photos\"; filename=\"a.png\"\r\n\r\n" + b"0" * 1000
+    for _ in range(60):  # clients that hang up mid-upload
+        with socket.create_connection(("127.0.0.1", server.port)) as s:
+            s.sendall(head.encode() + start)
+    deadline = time.time() + 30
+    while time.time() < deadline and len(server.lines()) < before + len(bad) + 60:
+        time.sleep(0.2)
+    time.sleep(0.5)
+    new = server.lines()[before:]
+    assert len(new) == len(bad) + 60, "\n".join(new)
+    assert sum("the client went away" in line for line in new) == 60
+    assert "Traceback" not in server.log.read_text()
+    assert call(server.base, "GET", "/health")[0] == 200
+
+
+def test_6_docs_are_served_only_when_asked(mile_run, tmp_path):
+    gallery = built_gallery(mile_run, tmp_path)
+    with running(gallery, mile_run, "--read-only", "--docs") as server:
+        for path in ("/docs", "/redoc", "/openapi.json"):
+            with urllib.request.urlopen(server.base + path, timeout=30) as answer:
+                assert answer.status == 200
+
+
+# ----------------------------------------------------------------------------------- 7. a start that cannot serve
+
+
+def test_7_a_busy_port_an_unknown_host_and_absurd_limits_are_one_sentence(tmp_path, capsys):
+    from test_hardening import one_sentence
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, _, err = cli("serve", str(tmp_path / "g"), "--port", str(port), capsys=capsys)
+        assert code == 1 and f"port {port} on 127.0.0.1 is in use" in one_sentence(err)
+    code, _, err = cli("serve", str(tmp_path / "g"), "--host", "nosuch.invalid", capsys=capsys)
+    assert code == 2 and "does not resolve" in one_sentence(err)
+    for option, value in (("--max-upload-mb", "inf"), ("--max-upload-mb", "nan"), ("--max-upload-mb", "0"),
+                          ("--max-request-mb", "-1"), ("--decode-budget-mb", "inf"), ("--max-upload-mb", "100")):
+        code, _, err = cli("serve", str(tmp_path / "g"), option, value, capsys=capsys)
+        assert code == 2 and option in one_sentence(err), (option, value, err)
+    assert not (tmp_path / "g").exists()
+
+
+def test_6_an_unexpected_failure_is_a_500_sentence_without_paths_and_one_log_line(caplog):
+    """The application as `serve` builds it, over a service whose search fails: the client gets one
+    sentence that names no file, the log one line, and nothing escapes to uvicorn (no traceback)."""
+    from fastapi.testclient import TestClient
+
+    from mlsctl import serve
+
+    class Failing:
+        read_only, limits = False, serve.Limits()
+
+        def uploads(self, files):
+            return files
+
+        def search(self, photos, k):
+            raise RuntimeError("the index at /srv/secret/gallery broke")
+
+        def check_id(self, object_id):
+            pass
+
+    app = serve.create_app(Failing(), serve.Policy.for_server("127.0.0.1"))
+    with TestClient(app, base_url="http://127.0.0.1:8000") as client, caplog.at_level("WARNING", "mlsctl.serve"):
+        answer = client.post("/search", files=[("photos", ("a.png", b"x"))])
+        assert answer.status_code == 500 and answer.json() == {
+            "error": "internal error (RuntimeError); the server's log has the details"}
+        lines = [r.getMessage() for r in caplog.records if r.name == "mlsctl.serve"]
+        assert len(lines) == 1 and "POST /search 500" in lines[0] and "/srv/secret/gallery broke" in lines[0]
+        assert client.get("/health", headers={"Host": "evil.example"}).status_code == 403

@@ -173,7 +173,10 @@ def _stop_on_sigterm() -> None:
 def main() -> None:
     from mlsctl.errors import Interrupted, describe_environment_error
 
+    from mlsctl.data.images import unreported_skips
+
     _stop_on_sigterm()
+    unreported_skips()  # a fresh command (tests run several in one process)
     argv, debug = _take_debug_flag(sys.argv[1:])
     try:
         app(args=expand_multi_values(argv), prog_name="mlsctl")
@@ -184,6 +187,8 @@ def main() -> None:
     except UserError as exc:
         if debug:
             raise
+        for line in unreported_skips():  # files a scan left out may be why (too few images)
+            print(line, file=sys.stderr)
         print(f"error: {exc.message}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:

@@ -84,7 +84,7 @@ def add(
     check_object_id(object_id)
     photos = load_images(images)
     with FolderLock(gallery, "gallery"):
-        target = Gallery(gallery)
+        target = Gallery(gallery, recover=True)
         model = _set_model(run or Path(target.manifest["model"]["run"]))
         created, count = target.add(model, object_id, photos)
     print(f"{'created' if created else 'updated'} {object_id} in {gallery}: {count} images folded, "
@@ -110,7 +110,7 @@ def retrain(
 
     started = time.perf_counter()
     with FolderLock(gallery, "gallery"):
-        target = Gallery(gallery)
+        target = Gallery(gallery, recover=True)
         before = target.rows
         manifest = target.retrain()
     if as_json:
@@ -139,7 +139,7 @@ def _read_query_sets(path: Path) -> list[tuple[Optional[str], list[Path]]]:
             if not (isinstance(photos, list) and photos and all(isinstance(p, str) for p in photos)):
                 raise ValueError
             query_id = record.get("id")
-        except (ValueError, KeyError, TypeError, AttributeError):
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             raise UserError(f"--sets {path} line {number} is not a JSON object with a non-empty list of paths "
                             f"'photos' (and an optional 'id')") from None
         sets.append((None if query_id is None else str(query_id), [path.parent / p for p in photos]))

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -25,6 +26,8 @@ def report(
 
     target = out or (run / "report.html")
     record = write_report(run, target, results=results or [Path("results")], patch_images=patch_images)
+    for line in record["skipped"]:
+        print(line, file=sys.stderr)
     if as_json:
         print(json.dumps(record, indent=2))
         return

@@ -90,9 +90,12 @@ class ImageScan:
     others: list[Path] = field(default_factory=list)  # other visible files
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (relative path, reason)
     links_skipped: int = 0  # links to folders or files already visited (loops, duplicates)
+    what: str = "image folder"
+    reported: bool = False  # notes() was called: the skipped entries were shown
 
     def notes(self, what: str) -> list[str]:
         """One line per skipped entry and one for the skipped links, for the console."""
+        self.reported = True
         lines = [f"skipped {path}: {reason}" for path, reason in self.skipped]
         if self.links_skipped:
             n = self.links_skipped
@@ -112,7 +115,7 @@ def scan_images(root: str | os.PathLike, what: str = "image folder") -> ImageSca
         raise UserError(f"{what} {root} cannot be read ({exc.strerror}); check the path and its permissions") from None
     if not stat.S_ISDIR(root_stat.st_mode):
         raise UserError(f"{what} {root} is a file, not a folder of images")
-    scan = ImageScan(root)
+    scan = ImageScan(root, what=what)
     seen_folders = {(root_stat.st_dev, root_stat.st_ino)}
     seen_files: set[tuple[int, int]] = set()
     found: list[tuple[str, Path]] = []
@@ -147,7 +150,25 @@ def scan_images(root: str | os.PathLike, what: str = "image folder") -> ImageSca
     found.sort(key=lambda item: item[0])
     scan.files = [path for _, path in found]
     scan.others.sort(key=lambda p: p.relative_to(root).as_posix())
+    if scan.skipped:
+        _UNREPORTED.append(scan)
     return scan
+
+
+# Scans that skipped files whose notes no command has shown yet: a command refused afterwards (too
+# few images, too few for a batch) shows them before its error (mlsctl.cli.main), so the user sees
+# which files were left out and why.
+_UNREPORTED: list[ImageScan] = []
+
+
+def unreported_skips() -> list[str]:
+    """The notes of every scan whose skipped files were not shown yet (and forget them)."""
+    lines = []
+    for scan in _UNREPORTED:
+        if not scan.reported:
+            lines += scan.notes(scan.what)
+    _UNREPORTED.clear()
+    return lines
 
 
 def _first_visit(entry: os.DirEntry, relpath: str, kind: str, seen: set[tuple[int, int]], scan: ImageScan) -> bool:

@@ -15,7 +15,6 @@ of every image of the set.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import os
@@ -49,10 +48,12 @@ def _read_pairs(path: Path) -> list[tuple[str, str]]:
             try:
                 record = json.loads(line)
                 pairs.append((str(record["object_id"]), str(record["path"])))
-            except (json.JSONDecodeError, KeyError, TypeError):
+            except (json.JSONDecodeError, KeyError, TypeError, RecursionError):
                 raise UserError(f"{path} line {n} is not a JSON object with 'object_id' and 'path'") from None
     else:
-        for n, row in enumerate(csv.reader(text.splitlines()), 1):
+        from mlsctl.evaluate.knn import csv_rows
+
+        for n, row in csv_rows(text, path):
             if not row or (n == 1 and [c.strip().lower() for c in row[:2]] == ["object_id", "path"]):
                 continue
             if len(row) < 2:

@@ -139,6 +139,23 @@ def read_text_file(path: Path, what: str) -> str:
         raise UserError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
 
 
+def csv_rows(text: str, path: Path):
+    """(line number, row) of a CSV text; a row the csv module refuses (a field over its 128 KiB
+    limit, a NUL byte) is one sentence naming the file and the line."""
+    reader = csv.reader(text.splitlines())
+    number = 0
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            raise UserError(f"{path}:{reader.line_num} is not a CSV row mlsctl can read ({exc}); a labels file holds "
+                            f"short path and label fields") from None
+        number = reader.line_num
+        yield number, row
+
+
 def read_labels_file(path: Path) -> dict[str, str]:
     labels: dict[str, str] = {}
     text = read_text_file(path, "labels file")
@@ -149,10 +166,10 @@ def read_labels_file(path: Path) -> dict[str, str]:
             try:
                 record = json.loads(line)
                 labels[str(record["path"])] = str(record["label"])
-            except (json.JSONDecodeError, KeyError, TypeError):
+            except (json.JSONDecodeError, KeyError, TypeError, RecursionError):
                 raise UserError(f"{path}:{number} is not a JSON object with 'path' and 'label'") from None
     else:
-        for number, row in enumerate(csv.reader(text.splitlines()), 1):
+        for number, row in csv_rows(text, path):
             if not row or (number == 1 and [c.strip().lower() for c in row[:2]] == ["path", "label"]):
                 continue
             if len(row) < 2:

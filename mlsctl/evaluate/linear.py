@@ -18,7 +18,6 @@ multi-label classification protocol).
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from dataclasses import dataclass
@@ -56,12 +55,14 @@ def read_multi_labels(path: Path) -> dict[str, list[str]]:
                     tags = [item.get("class_name", item.get("class")) for item in record["items"]]
                 if not isinstance(key, str) or not isinstance(tags, list):
                     raise TypeError
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError, RecursionError):
                 raise UserError(f"{path}:{number} is not a JSON object with 'path' (or 'image') and a list of "
                                 f"'labels', 'tags' or 'items'") from None
             out[key] = sorted({str(t) for t in tags})
     else:
-        for number, row in enumerate(csv.reader(text.splitlines()), 1):
+        from mlsctl.evaluate.knn import csv_rows
+
+        for number, row in csv_rows(text, path):
             if not row or (number == 1 and [c.strip().lower() for c in row[:2]] in (["path", "labels"], ["path", "tags"])):
                 continue
             if len(row) < 2:

@@ -62,6 +62,11 @@ def recall_calculator(ks: Sequence[int], k: int):
 def recall_at_k(embeddings: torch.Tensor, labels: torch.Tensor, ks: Optional[Sequence[int]] = None) -> dict:
     """R@K of every K (each embedding a query against all others) → a JSON-ready dict."""
     n = len(embeddings)
+    finite = torch.isfinite(embeddings).all(dim=-1) if n else torch.ones(0, dtype=torch.bool)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero().flatten().tolist()
+        raise UserError(f"{len(bad)} of the {n} embeddings hold NaN or inf (first: row {bad[0]}); Recall@K needs finite "
+                        f"vectors: embed again (a diverged model or a damaged file)")
     classes, counts = torch.unique(labels, return_counts=True)
     if len(classes) < 2:
         raise UserError(f"the {n} embeddings all have one class; Recall@K needs at least two classes")
@@ -86,7 +91,13 @@ def evaluate_recall(features, labels_file: Optional[Path] = None, ks: Optional[S
 
     names = labels_for(features, labels_file, "features")
     labels, _ = class_ids(names, f"features {features.path}")
-    result = recall_at_k(features.global_features(), labels, ks)
+    embeddings = features.global_features()
+    finite = torch.isfinite(embeddings).all(dim=-1)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero().flatten().tolist()
+        raise UserError(f"features {features.path}: {len(bad)} of {len(finite)} embeddings hold NaN or inf (first: "
+                        f"{features.files[bad[0]]}); embed the folder again (a diverged model or a damaged shard)")
+    result = recall_at_k(embeddings, labels, ks)
     return {"features": str(features.path), "labels": str(labels_file) if labels_file else "folder names",
             "protocol": "every embedding a query against all the others (itself excluded), cosine, exact faiss search",
             "model": features.model, **result}
