@@ -15,7 +15,6 @@ carry ``.whl`` without ``.fmnist``: this benchmark makes its own data).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics

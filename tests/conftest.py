@@ -226,6 +226,28 @@ def as_killed_at(run_dir: Path, copy: Path, step: int) -> Path:
     return copy
 
 
+def sigkill_then_resume(recipe: Path, tmp_path: Path, total_steps: int) -> tuple[Path, Path]:
+    """``recipe`` trained uninterrupted into TMP/full, and into TMP/killed killed with SIGKILL once ten
+    metrics lines are written, then resumed; returns (full, killed) for the caller to compare. Fails
+    when the run ended before the kill or had no checkpoint yet."""
+    import signal
+
+    from mlsctl.runs import Run
+
+    run_cli("pretrain", str(recipe), "--out", str(tmp_path / "full"), check=True)
+    killed = tmp_path / "killed"
+    metrics_path = killed / "metrics.jsonl"
+    process = kill_when(["pretrain", str(recipe), "--out", str(killed)],
+                        lambda: metrics_path.is_file() and len(metrics_path.read_text().splitlines()) >= 10)
+    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (killed / "summary.json").exists()
+    stopped_at = Run(killed).latest().step
+    assert 0 < stopped_at < total_steps
+    result = run_cli("pretrain", str(recipe), "--out", str(killed), "--resume", check=True)
+    assert f"resuming {killed} from step {stopped_at}" in result.stderr
+    return tmp_path / "full", killed
+
+
 def write_fake_fmnist(source: Path) -> Path:
     """Synthetic Fashion-MNIST IDX files in ``source``: items are filled squares whose brightness
     encodes the split, labels cycle 0..9."""

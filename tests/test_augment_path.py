@@ -4,7 +4,6 @@ after SIGKILL, two processes equal one, and the shared image cache."""
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ from mlsctl.errors import UserError
 from mlsctl.runs import Run
 from mlsctl.train import pretrain
 
-from conftest import REPO, cli_env, kill_when, make_images, run_cli, tiny_recipe, write_recipe
+from conftest import REPO, cli_env, make_images, run_cli, sigkill_then_resume, tiny_recipe, write_recipe
 from test_mls import MLS_METHOD, SGD
 from test_sove import SOVE_METHOD
 
@@ -107,21 +106,12 @@ def test_the_gpu_path_resumes_exactly_after_sigkill(tmp_path):
     recipe["data"].update(GPU_PATH, cache="memory", workers=2)
     recipe["optim"]["epochs"] = 8  # 32 steps
     recipe["train"]["checkpoint_every"] = 4
-    path = write_recipe(tmp_path / "r.yaml", recipe)
-    run_cli("pretrain", str(path), "--out", str(tmp_path / "full"), check=True)
-    killed = tmp_path / "killed"
-    metrics_path = killed / "metrics.jsonl"
-    process = kill_when(["pretrain", str(path), "--out", str(killed)],
-                        lambda: metrics_path.is_file() and len(metrics_path.read_text().splitlines()) >= 10)
-    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    stopped_at = Run(killed).latest().step
-    assert 0 < stopped_at < 32
-    run_cli("pretrain", str(path), "--out", str(killed), "--resume", check=True)
-    assert losses(killed) == losses(tmp_path / "full")
-    a, b = load_file(str(killed / "teacher.safetensors")), load_file(str(tmp_path / "full" / "teacher.safetensors"))
+    full, killed = sigkill_then_resume(write_recipe(tmp_path / "r.yaml", recipe), tmp_path, 32)
+    assert losses(killed) == losses(full)
+    a, b = load_file(str(killed / "teacher.safetensors")), load_file(str(full / "teacher.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     bank_a = load_banks(Run(killed).latest().banks_path)["cls"]
-    bank_b = load_banks(Run(tmp_path / "full").latest().banks_path)["cls"]
+    bank_b = load_banks(Run(full).latest().banks_path)["cls"]
     assert torch.equal(bank_a.vectors, bank_b.vectors)
 
 

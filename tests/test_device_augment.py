@@ -3,7 +3,6 @@ against the CPU path of mlsctl.data.multicrop."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ from mlsctl.methods.dino import DINO
 from mlsctl.runs import Run
 from mlsctl.schedules import Schedule
 
-from conftest import REPO, cli, cli_env, kill_when, make_images, run_cli, tiny_recipe, write_recipe
+from conftest import REPO, cli, cli_env, make_images, run_cli, sigkill_then_resume, tiny_recipe, write_recipe
 from test_images import write_bad_files
 
 pytestmark = pytest.mark.slow
@@ -80,25 +79,12 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path: Path, images
     recipe = tiny_recipe(images)
     recipe["optim"]["epochs"] = 12  # 48 steps
     recipe["train"]["checkpoint_every"] = 4
-    path = write_recipe(tmp_path / "r.yaml", recipe)
-    run_cli("pretrain", str(path), "--out", str(tmp_path / "full"), check=True)
-
-    killed = tmp_path / "killed"
-    metrics_path = killed / "metrics.jsonl"
-    process = kill_when(["pretrain", str(path), "--out", str(killed)],
-                        lambda: metrics_path.is_file() and len(metrics_path.read_text().splitlines()) >= 10)
-    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    assert not (killed / "summary.json").exists()
-    stopped_at = Run(killed).latest().step
-    assert 0 < stopped_at < 48
-
-    result = run_cli("pretrain", str(path), "--out", str(killed), "--resume", check=True)
-    assert f"resuming {killed} from step {stopped_at}" in result.stderr
-    assert losses(killed) == losses(tmp_path / "full")
-    a, b = load_file(str(killed / "teacher.safetensors")), load_file(str(tmp_path / "full" / "teacher.safetensors"))
+    full, killed = sigkill_then_resume(write_recipe(tmp_path / "r.yaml", recipe), tmp_path, 48)
+    assert losses(killed) == losses(full)
+    a, b = load_file(str(killed / "teacher.safetensors")), load_file(str(full / "teacher.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     banks_a = load_banks(Run(killed).latest().banks_path)["cls"]
-    banks_b = load_banks(Run(tmp_path / "full").latest().banks_path)["cls"]
+    banks_b = load_banks(Run(full).latest().banks_path)["cls"]
     assert torch.equal(banks_a.vectors, banks_b.vectors) and banks_a.ptr == banks_b.ptr
 
 
