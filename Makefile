@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 FMNIST_DIR ?= /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test venv fmnist bench clean-demo
+.PHONY: demo test test-long venv fmnist bench clean-demo
 
 venv: $(STAMP)
 
@@ -39,6 +39,10 @@ demo: venv fmnist
 
 test: venv fmnist
 	$(BIN)/python -m pytest -q
+
+# the tests over a minute each (marker long), left out of `make test`
+test-long: venv fmnist
+	$(BIN)/python -m pytest -q -m long
 
 bench: venv fmnist
 	$(BIN)/python benchmarks/train_throughput.py

@@ -24,7 +24,7 @@ def suite(tmp: Path, fmnist: Path, *extra: str) -> list[str]:
             "--results", str(tmp / "results"), "--fmnist", str(fmnist), *CELLS, *extra]
 
 
-@pytest.mark.slow
+@pytest.mark.long  # ~95 s: the real smoke suite; the budget and resume logic have fast tests below
 def test_smoke_profile_resumes_after_a_kill_and_reuses_finished_cells(tmp_path: Path, fake_fmnist: Path):
     checkpoint = tmp_path / "work" / "cells" / "scenes" / "dino" / "seed0" / "run" / "checkpoints" / "step-00000002"
     process = subprocess.Popen(suite(tmp_path, fake_fmnist), env=cli_env(), stdout=subprocess.DEVNULL,
