@@ -351,3 +351,20 @@ def test_cli_refusals_are_one_sentence(roots, tiny_weights, tmp_path, capsys):
     code, _, err = cli("embed", "--dataset", "voc", "--root", str(roots["voc"]), "--split", "test", cwd=tmp_path,
                        capsys=capsys)
     assert code == 2 and "--split test is not a split of voc" in err
+
+
+def test_imagenet_solution_csv_labels_and_its_malformed_rows(tmp_path):
+    import shutil
+
+    root = mini.make_imagenet(tmp_path / "imagenet", flat_val=True)
+    (root / "val.txt").unlink()
+    rows = [f"{p.stem},{mini.SYNSETS[(int(p.stem[-8:]) - 1) // 2]} 1 2 3 4" for p in sorted((root / "val").glob("*.JPEG"))]
+    (root / "LOC_val_solution.csv").write_text("ImageId,PredictionString\n" + "\n".join(rows) + "\n\n")
+    val = open_split("imagenet", root, "val")
+    assert val.labels == [s for s in mini.SYNSETS for _ in range(2)]
+    for bad in (rows[0].split(",")[0] + ",", ",n01 1 2 3 4", rows[0].split(",")[0] + ",   "):
+        broken = tmp_path / f"broken{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(root, broken)
+        (broken / "LOC_val_solution.csv").write_text("ImageId,PredictionString\n" + bad + "\n")
+        with pytest.raises(UserError, match="LOC_val_solution.csv"):
+            open_split("imagenet", broken, "val")

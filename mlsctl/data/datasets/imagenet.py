@@ -56,7 +56,19 @@ def _split_file_labels(tree: Tree, base: str, split: str, class_names: list[str]
     solution = f"LOC_{split}_solution.csv"
     if tree.is_file(solution):
         rows = csv.reader(io.StringIO(tree.read_bytes(solution).decode("utf-8", errors="replace")))
-        return {row[0] + ".JPEG": row[1].split()[0] for row in rows if len(row) >= 2 and row[0] != "ImageId"}
+        table = {}
+        try:
+            for number, row in enumerate(rows, 1):
+                if not row or (number == 1 and row[:1] == ["ImageId"]):
+                    continue  # a blank line, the header
+                words = row[1].split() if len(row) >= 2 else []
+                if not row[0] or not words:
+                    raise UserError(f"{tree.location(solution)}:{number} is not 'ImageId,PredictionString' with a "
+                                    f"class first (Kaggle's LOC_{split}_solution.csv)")
+                table[row[0] + ".JPEG"] = words[0]
+        except csv.Error as exc:
+            raise UserError(f"{tree.location(solution)} is not a readable CSV ({exc})") from None
+        return table
     return None
 
 
