@@ -1,0 +1,248 @@
+"""Multi-crop augmentation as batched tensor operations, for the training device (``data.augment: gpu``).
+
+Loader workers decode and resize each image to a fixed size (uint8) and draw every crop's
+parameters on the CPU from the step's seeded generator: the box and flip with
+:func:`mlsctl.data.multicrop.sample_crop`, the photometric parameters with
+:func:`draw_photometric`. The device then runs, for a whole batch of crops at once:
+
+* :func:`crop_resize` — torchvision's ``resized_crop`` + ``horizontal_flip`` (the crop of
+  :func:`mlsctl.data.multicrop.apply_crop`), as one ``torchvision.ops.roi_align`` call;
+* :func:`photometric` — the DINO/BYOL or MoCo-v2 photometric pipeline of
+  :func:`mlsctl.data.multicrop.photometric_pipeline` with per-sample parameters: ColorJitter in
+  each sample's own order, RandomGrayscale, GaussianBlur, RandomSolarize (torchvision.transforms.v2);
+* :func:`normalize` — ImageNet mean/std (``v2.Normalize``).
+
+Departures from the CPU path, both measured in ``tests/test_device_augment.py``: the resize is
+bilinear with box-filter antialiasing (the CPU path: PIL bicubic with antialiasing), and the
+photometric operations run on float images instead of uint8 ones (no rounding between operations).
+
+No host-device synchronisation: :func:`crop_resize`, :func:`photometric` and :func:`normalize`
+never read a tensor's value on the host (no ``.item()``, no ``bool(tensor)``, no Python branch on
+tensor values, no boolean-mask indexing, no tensor built from a Python list on the device); per-sample
+choices are ``torch.where`` selections and arithmetic blends, so a call only queues kernels.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torchvision.ops import roi_align
+
+from mlsctl.data.multicrop import IMAGENET_MEAN, IMAGENET_STD
+
+PHOTOMETRIC_FIELDS = ("jitter", "brightness", "contrast", "saturation", "hue", "order0", "order1", "order2", "order3",
+                      "grayscale", "blur_sigma", "solarize")
+_FIELD = {name: i for i, name in enumerate(PHOTOMETRIC_FIELDS)}
+ROLES = ("global1", "global2", "local")
+
+# The probabilities and strengths of photometric_pipeline(kind, role, size) in mlsctl.data.multicrop:
+# ColorJitter (brightness, contrast, saturation, hue) and its p, RandomGrayscale's p, GaussianBlur's p per
+# role and its sigma range, RandomSolarize's p per role.
+_JITTER = {"dino": (0.4, 0.4, 0.2, 0.1), "mocov2": (0.4, 0.4, 0.4, 0.1), "none": (0.0, 0.0, 0.0, 0.0)}
+_JITTER_P = {"dino": 0.8, "mocov2": 0.8, "none": 0.0}
+_GRAYSCALE_P = {"dino": 0.2, "mocov2": 0.2, "none": 0.0}
+_BLUR_P = {"dino": {"global1": 1.0, "global2": 0.1, "local": 0.5},
+           "mocov2": {"global1": 0.5, "global2": 0.5, "local": 0.5},
+           "none": {"global1": 0.0, "global2": 0.0, "local": 0.0}}
+_SOLARIZE_P = {"dino": {"global1": 0.0, "global2": 0.2, "local": 0.0},
+               "mocov2": {"global1": 0.0, "global2": 0.0, "local": 0.0},
+               "none": {"global1": 0.0, "global2": 0.0, "local": 0.0}}
+BLUR_SIGMA = (0.1, 2.0)
+# RandomSolarize(threshold=128) on uint8 images inverts values >= 128; on [0, 1] floats that is 128 / 255.
+SOLARIZE_THRESHOLD = 128 / 255
+# rgb_to_grayscale's ITU-R 601-2 luma weights, as torchvision.
+LUMA = (0.2989, 0.587, 0.114)
+
+
+def draw_photometric(kind: str, role: str, generator: torch.Generator) -> torch.Tensor:
+    """The photometric parameters of one crop, float32 [12] in the layout of :data:`PHOTOMETRIC_FIELDS`,
+    drawn on the CPU from ``generator`` with the distributions of ``photometric_pipeline(kind, role, size)``.
+
+    * ``jitter`` is 1 with ColorJitter's RandomApply probability (0.8 for 'dino' and 'mocov2'), else 0;
+      ``brightness``, ``contrast``, ``saturation`` are factors U[1 - s, 1 + s], ``hue`` is U[-h, h], and
+      ``order0..3`` is ``torch.randperm(4)`` — the order ColorJitter applies them in (0 brightness,
+      1 contrast, 2 saturation, 3 hue). The factors and the order are drawn and stored also when
+      ``jitter`` is 0 (then :func:`photometric` does not apply them); with kind 'none' the factors are
+      the neutral 1, 1, 1, 0.
+    * ``grayscale`` is 1 with RandomGrayscale's p (0.2), else 0.
+    * ``blur_sigma`` is U[0.1, 2.0] with GaussianBlur's RandomApply p ('dino': 1.0 global1, 0.1 global2,
+      0.5 local; 'mocov2': 0.5), else 0 (no blur).
+    * ``solarize`` is 1 with RandomSolarize's p ('dino' global2: 0.2; otherwise never), else 0.
+
+    Every call draws the same numbers from ``generator`` whatever ``kind`` and ``role`` are (one
+    ``randperm(4)`` and nine uniforms), so a seed gives the same parameters every time.
+    """
+    if kind not in _JITTER:
+        raise ValueError(f"unknown photometric pipeline {kind!r}; expected one of {sorted(_JITTER)}")
+    if role not in ROLES:
+        raise ValueError(f"unknown crop role {role!r}; expected one of {ROLES}")
+    order = torch.randperm(4, generator=generator)
+    u = torch.rand(9, generator=generator, dtype=torch.float64).tolist()
+    brightness, contrast, saturation, hue = _JITTER[kind]
+    params = [
+        float(u[0] < _JITTER_P[kind]),
+        1 - brightness + 2 * brightness * u[1],
+        1 - contrast + 2 * contrast * u[2],
+        1 - saturation + 2 * saturation * u[3],
+        -hue + 2 * hue * u[4],
+        *order.tolist(),
+        float(u[5] < _GRAYSCALE_P[kind]),
+        (BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * u[7]) if u[6] < _BLUR_P[kind][role] else 0.0,
+        float(u[8] < _SOLARIZE_P[kind][role]),
+    ]
+    return torch.tensor(params, dtype=torch.float32)
+
+
+def to_unit_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] → float32 [0, 1] (``v2.ToDtype(torch.float32, scale=True)``); float images pass as they are
+    (taken to be in [0, 1] already)."""
+    if images.dtype == torch.uint8:
+        return images.to(torch.float32).div_(255)
+    if not images.is_floating_point():
+        raise TypeError(f"expected uint8 or floating-point images, got {images.dtype}")
+    return images.to(torch.float32)
+
+
+def crop_resize(images: torch.Tensor, image_index: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor,
+                size: int) -> torch.Tensor:
+    """Crops ``boxes`` out of ``images``, resizes them to ``size`` x ``size`` and flips those with ``flips``
+    (``TF.resized_crop`` + ``TF.horizontal_flip`` of :func:`mlsctl.data.multicrop.apply_crop`, batched).
+
+    ``images``: uint8 [0, 255] or float [0, 1], [B, 3, H, W]; ``image_index``: long [N], the image of each
+    crop; ``boxes``: float [N, 4] ``(x0, y0, x1, y1)`` in pixels of ``images``, x1 and y1 exclusive
+    (``CropParams.box`` scaled into this image); ``flips``: bool [N]. Returns float32 [N, 3, size, size]
+    in [0, 1].
+
+    One ``torchvision.ops.roi_align`` call with ``aligned=True`` (pixel i covers [i, i + 1)) and an
+    adaptive sampling ratio (``ceil(box side / size)`` samples per output pixel and axis): when
+    downscaling, each output pixel is the mean of bilinear samples spread over its footprint (a box
+    filter, torchvision's antialias uses a triangle filter); when upscaling, one bilinear sample at the
+    output pixel's centre (``F.interpolate(mode='bilinear', align_corners=False)``). No host-device
+    synchronisation.
+    """
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"expected images [B, 3, H, W], got {tuple(images.shape)}")
+    scale = 1 / 255 if images.dtype == torch.uint8 else 1.0
+    rois = torch.cat([image_index.to(device=images.device, dtype=torch.float32)[:, None],
+                      boxes.to(device=images.device, dtype=torch.float32)], dim=1)
+    values = images if images.dtype == torch.float32 else images.to(torch.float32)
+    crops = roi_align(values, rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+    if scale != 1.0:
+        crops = crops.mul_(scale)
+    flips = flips.to(device=crops.device, dtype=torch.bool)[:, None, None, None]
+    return torch.where(flips, crops.flip(-1), crops)
+
+
+def _luma(x: torch.Tensor) -> torch.Tensor:
+    """``rgb_to_grayscale`` on float images: [N, 3, S, S] → [N, 1, S, S]."""
+    r, g, b = x.unbind(dim=1)
+    return r.mul(LUMA[0]).add_(g, alpha=LUMA[1]).add_(b, alpha=LUMA[2]).unsqueeze(1)
+
+
+def _adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``adjust_hue`` on float images with a per-sample ``shift`` [N]: RGB → HSV (torchvision's
+    ``_rgb_to_hsv``), hue + shift modulo 1, HSV → RGB. The way back is the closed form
+    ``c = v - (v - min) * clamp(min(k, 4 - k), 0, 1)`` with ``k = (n + 6 h) mod 6``, n = 5, 3, 1 for
+    R, G, B — the same function as torchvision's sector table ``_hsv_to_rgb``, without its gather."""
+    r, g, b = x.unbind(dim=1)
+    maxc, minc = x.amax(dim=1), x.amin(dim=1)
+    chroma = maxc - minc
+    grey = chroma == 0
+    divisor = torch.where(grey, torch.ones_like(chroma), chroma)
+    rc, gc, bc = (maxc - r) / divisor, (maxc - g) / divisor, (maxc - b) / divisor
+    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    h = (h * (1.0 / 6.0) + 1.0).fmod(1.0)
+    h6 = (h + shift[:, None, None]).remainder(1.0) * 6.0
+    channels = []
+    for n in (5.0, 3.0, 1.0):
+        k = (h6 + n).remainder(6.0)
+        channels.append(maxc - chroma * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0))
+    return torch.stack(channels, dim=1).clamp_(0.0, 1.0)
+
+
+def _gaussian_kernels(sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """torchvision's ``_get_gaussian_kernel1d`` for every sigma: [N] → [N, kernel_size]."""
+    lim = (kernel_size - 1) / (2.0 * math.sqrt(2.0))
+    x = torch.linspace(-lim, lim, steps=kernel_size, dtype=sigma.dtype, device=sigma.device)
+    return torch.softmax((x[None, :] / sigma[:, None]).pow(2).neg(), dim=1)
+
+
+def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """``gaussian_blur(kernel_size, [sigma, sigma])`` with a per-sample sigma [N] (> 0): reflect padding, then
+    the separable kernel as two grouped convolutions (one group per sample and channel)."""
+    n, c, height, width = x.shape
+    half = kernel_size // 2
+    kernels = _gaussian_kernels(sigma, kernel_size).repeat_interleave(c, dim=0)  # [N * C, k]
+    padded = F.pad(x, [half, half, half, half], mode="reflect").reshape(1, n * c, height + 2 * half, width + 2 * half)
+    rows = F.conv2d(padded, kernels[:, None, None, :], groups=n * c)
+    return F.conv2d(rows, kernels[:, None, :, None], groups=n * c).reshape(n, c, height, width)
+
+
+def photometric(crops: torch.Tensor, params: torch.Tensor, blur_kernel: int) -> torch.Tensor:
+    """The photometric pipeline of :func:`mlsctl.data.multicrop.photometric_pipeline` on float crops
+    [N, 3, S, S] in [0, 1], with each sample's parameters ``params`` [N, 12] from :func:`draw_photometric`
+    (on the crops' device). In the order of the pipeline, each step as torchvision.transforms.v2.functional
+    does it on float images:
+
+    1. where ``jitter``: ColorJitter's four operations in the sample's order ``order0..3`` —
+       ``adjust_brightness`` (x f), ``adjust_contrast`` (blend with the mean of the grayscale image),
+       ``adjust_saturation`` (blend with the grayscale image), ``adjust_hue`` (shift in HSV), each
+       clamped to [0, 1];
+    2. where ``grayscale``: ``rgb_to_grayscale`` to three channels;
+    3. where ``blur_sigma`` > 0: ``gaussian_blur`` with kernel ``blur_kernel`` and that sigma;
+    4. where ``solarize``: ``solarize`` at 128 / 255 (RandomSolarize(128) on uint8).
+
+    Fully vectorised over N (the only Python loop is over the four jitter positions); no host-device
+    synchronisation. The hue operation is computed for every sample at every position and selected.
+    """
+    if crops.ndim != 4 or crops.shape[1] != 3:
+        raise ValueError(f"expected crops [N, 3, S, S], got {tuple(crops.shape)}")
+    if params.shape != (crops.shape[0], len(PHOTOMETRIC_FIELDS)):
+        raise ValueError(f"expected params [{crops.shape[0]}, {len(PHOTOMETRIC_FIELDS)}], got {tuple(params.shape)}")
+    if blur_kernel < 1 or blur_kernel % 2 == 0:
+        raise ValueError(f"blur_kernel must be odd and positive, got {blur_kernel}")
+
+    def column(name: str) -> torch.Tensor:
+        return params[:, _FIELD[name]]
+
+    def per_sample(values: torch.Tensor) -> torch.Tensor:
+        return values[:, None, None, None]
+
+    x = crops.to(torch.float32)
+    jitter = column("jitter") > 0.5
+    brightness, contrast, saturation = column("brightness"), column("contrast"), column("saturation")
+    for position in range(4):
+        op = column(f"order{position}")
+        # One blend covers brightness (a = f), contrast (a = f, mean weight 1 - f), saturation
+        # (a = f, grayscale weight 1 - f) and the identity (a = 1) for hue and un-jittered samples.
+        is_brightness, is_contrast, is_saturation = jitter & (op == 0), jitter & (op == 1), jitter & (op == 2)
+        factor = torch.where(is_brightness, brightness,
+                             torch.where(is_contrast, contrast,
+                                         torch.where(is_saturation, saturation, torch.ones_like(brightness))))
+        mean_weight = torch.where(is_contrast, 1.0 - contrast, torch.zeros_like(contrast))
+        grey_weight = torch.where(is_saturation, 1.0 - saturation, torch.zeros_like(saturation))
+        grey = _luma(x)
+        mean = grey.mean(dim=(1, 2, 3), keepdim=True)
+        blended = (x * per_sample(factor) + grey * per_sample(grey_weight) + mean * per_sample(mean_weight)).clamp_(0, 1)
+        is_hue = jitter & (op == 3)
+        hued = _adjust_hue(x, torch.where(is_hue, column("hue"), torch.zeros_like(brightness)))
+        x = torch.where(per_sample(is_hue), hued, blended)
+
+    x = torch.where(per_sample(column("grayscale") > 0.5), _luma(x).expand_as(x), x)
+
+    sigma = column("blur_sigma")
+    blurred = _gaussian_blur(x, torch.where(sigma > 0, sigma, torch.ones_like(sigma)), blur_kernel)
+    x = torch.where(per_sample(sigma > 0), blurred, x)
+
+    solarized = torch.where(x >= SOLARIZE_THRESHOLD, 1.0 - x, x)
+    return torch.where(per_sample(column("solarize") > 0.5), solarized, x)
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """``v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)`` on float [N, 3, S, S]; per channel with Python scalars, so
+    no tensor is copied to the device and nothing synchronises."""
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"expected [N, 3, S, S], got {tuple(x.shape)}")
+    return torch.stack([(x[:, c] - IMAGENET_MEAN[c]) / IMAGENET_STD[c] for c in range(3)], dim=1)
