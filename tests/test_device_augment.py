@@ -7,12 +7,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision.transforms.v2 as v2
 import torchvision.transforms.v2.functional as TF
+from PIL import Image
 
 from mlsctl.data.device_augment import (
     PHOTOMETRIC_FIELDS, SOLARIZE_THRESHOLD, crop_resize, draw_photometric, normalize, photometric, to_unit_float,
 )
-from mlsctl.data.multicrop import IMAGENET_MEAN, IMAGENET_STD, sample_crop
+from mlsctl.data.multicrop import IMAGENET_MEAN, IMAGENET_STD, photometric_pipeline, sample_crop
 
 FIELD = {name: i for i, name in enumerate(PHOTOMETRIC_FIELDS)}
 
@@ -313,3 +315,196 @@ def test_no_host_device_synchronisation_on_cuda():
     assert out.shape == (8, 3, 32, 32) and out.device.type == "cuda"
     cpu = normalize(photometric(crop_resize(images.cpu(), index.cpu(), boxes.cpu(), flips.cpu(), 32), params.cpu(), 5))
     torch.testing.assert_close(out.cpu(), cpu, atol=1e-4, rtol=0)
+
+
+# ---------------------------------------------------------------- the device path draws from the CPU path's distributions
+# Two-sample Kolmogorov-Smirnov tests on a few thousand draws (issue 22, item 2); each passes at p > 0.001.
+
+P_MIN = 1e-3
+
+
+def ks_2samp(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """Two-sample Kolmogorov-Smirnov test, two-sided: the statistic D = max |F_a - F_b| (ties allowed) and the
+    asymptotic p-value Q_KS((sqrt(n_e) + 0.12 + 0.11 / sqrt(n_e)) D), n_e = n m / (n + m) (Stephens' correction,
+    Numerical Recipes' kstwo). Within a few percent of scipy.stats.ks_2samp's p-value at these sample sizes."""
+    a, b = np.sort(np.asarray(a, dtype=np.float64)), np.sort(np.asarray(b, dtype=np.float64))
+    pooled = np.concatenate([a, b])
+    d = np.abs(np.searchsorted(a, pooled, side="right") / len(a) - np.searchsorted(b, pooled, side="right") / len(b)).max()
+    en = np.sqrt(len(a) * len(b) / (len(a) + len(b)))
+    lam = (en + 0.12 + 0.11 / en) * d
+    k = np.arange(1, 101)
+    return float(d), float(np.clip(2 * np.sum((-1.0) ** (k - 1) * np.exp(-2 * k ** 2 * lam ** 2)), 0.0, 1.0))
+
+
+def test_ks_2samp_agrees_with_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(0)
+    for n, m, shift in ((2000, 2000, 0.0), (2000, 2000, 0.1), (1500, 1000, 0.1), (300, 400, 0.2), (2000, 2000, 0.3)):
+        a, b = rng.normal(size=n), rng.normal(size=m) + shift
+        d, p = ks_2samp(a, b)
+        reference = stats.ks_2samp(a, b)
+        assert d == pytest.approx(reference.statistic, abs=1e-12)
+        assert p == pytest.approx(reference.pvalue, rel=0.15)
+    assert ks_2samp(rng.normal(size=2000), rng.normal(size=2000) + 0.3)[1] < 1e-6
+
+
+# -- crop scales and aspect ratios
+ORIGINAL = (200, 120)  # a landscape image, as decoded
+FRAME = 64  # the fixed square size the loader workers resize it to
+
+
+def crop_shape(boxes: np.ndarray) -> dict[str, np.ndarray]:
+    """Area fraction of the original and log aspect ratio of boxes (x0, y0, x1, y1) in original pixels."""
+    width, height = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    return {"area": width * height / (ORIGINAL[0] * ORIGINAL[1]), "log_ratio": np.log(width / height)}
+
+
+def sampled_regions(boxes_in_frame: torch.Tensor) -> np.ndarray:
+    """The region of the original that crop_resize actually samples for each box of the frame: crops an image
+    whose red/green channels hold the original x/y of each frame pixel's centre (so every output pixel reads
+    the original coordinates of its centre), and extrapolates the extent from columns and rows 1 and S - 2
+    (away from the border clamping of the first and last)."""
+    size = 8
+    centres = (torch.arange(FRAME, dtype=torch.float32) + 0.5) / FRAME
+    frame = torch.stack([centres[None, :].expand(FRAME, FRAME) * ORIGINAL[0],
+                         centres[:, None].expand(FRAME, FRAME) * ORIGINAL[1], torch.zeros(FRAME, FRAME)])
+    n = len(boxes_in_frame)  # coordinates / 1000: float images are taken to be in [0, 1]
+    crops = crop_resize(frame[None] / 1000, torch.zeros(n, dtype=torch.long), boxes_in_frame,
+                        torch.zeros(n, dtype=torch.bool), size).double() * 1000
+    x, y = crops[:, 0].mean(dim=1), crops[:, 1].mean(dim=2)  # [n, size] per column, per row
+    half_x = (x[:, size - 2] - x[:, 1]) * size / (size - 3) / 2
+    half_y = (y[:, size - 2] - y[:, 1]) * size / (size - 3) / 2
+    cx, cy = (x[:, 1] + x[:, size - 2]) / 2, (y[:, 1] + y[:, size - 2]) / 2
+    return torch.stack([cx - half_x, cy - half_y, cx + half_x, cy + half_y], dim=1).numpy()
+
+
+def into_frame(boxes: np.ndarray) -> torch.Tensor:
+    """CropParams.box in original pixels → pixels of the FRAME x FRAME decoded image (each axis scaled)."""
+    scale = np.array([FRAME / ORIGINAL[0], FRAME / ORIGINAL[1]] * 2)
+    return torch.tensor(boxes * scale, dtype=torch.float32)
+
+
+def cpu_boxes(scale: tuple[float, float], seeds: range, width: int = ORIGINAL[0], height: int = ORIGINAL[1]) -> np.ndarray:
+    return np.array([sample_crop(width, height, scale, generator=torch.Generator().manual_seed(s)).box for s in seeds],
+                    dtype=np.float64)
+
+
+@pytest.mark.parametrize("scale", [(0.25, 1.0), (0.05, 0.25)])
+def test_crop_scales_and_aspect_ratios_have_the_cpu_paths_distribution(scale):
+    """The CPU path crops sample_crop's box of the original; the device path scales the box of an independent
+    draw into the fixed-size frame and crop_resize samples it there. The regions crop_resize samples, read back
+    in original pixels, are the boxes, and their area fractions and log aspect ratios have the distribution of
+    the CPU path's (2,000 boxes each, independent seeds)."""
+    cpu = crop_shape(cpu_boxes(scale, range(2000)))
+    device_boxes = cpu_boxes(scale, range(10_000, 12_000))
+    regions = sampled_regions(into_frame(device_boxes))
+    np.testing.assert_allclose(regions, device_boxes, atol=0.05)
+    device = crop_shape(regions)
+    for name in ("area", "log_ratio"):
+        assert ks_2samp(cpu[name], device[name])[1] > P_MIN, name
+
+
+def test_the_crop_test_sees_boxes_drawn_in_the_resized_frame():
+    """Drawing the boxes in the square frame instead of the original stretches every aspect ratio by the
+    resize (200/120): the test above would fail."""
+    cpu = crop_shape(cpu_boxes((0.25, 1.0), range(2000)))
+    in_frame = torch.tensor(cpu_boxes((0.25, 1.0), range(10_000, 12_000), FRAME, FRAME), dtype=torch.float32)
+    assert ks_2samp(cpu["log_ratio"], crop_shape(sampled_regions(in_frame))["log_ratio"])[1] < 1e-6
+
+
+# -- colour statistics
+N_COLOUR, COLOUR_SIZE = 1000, 16
+
+
+def colour_images() -> torch.Tensor:
+    """N_COLOUR uint8 [3, 16, 16] images: a smooth random-coloured gradient (bilinear from 3x3) plus pixel noise
+    (so that blur shows), the same for both paths."""
+    generator = torch.Generator().manual_seed(21)
+    low = torch.rand(N_COLOUR, 3, 3, 3, generator=generator)
+    smooth = F.interpolate(low, size=(COLOUR_SIZE, COLOUR_SIZE), mode="bilinear", align_corners=True)
+    noisy = smooth + 0.08 * torch.randn(N_COLOUR, 3, COLOUR_SIZE, COLOUR_SIZE, generator=generator)
+    return (noisy.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def colour_statistics(out: torch.Tensor, images: torch.Tensor) -> dict[str, np.ndarray]:
+    """Per-image statistics of the augmented (ImageNet-normalised) images, relative to each input image so that
+    the spread between images does not drown the augmentation's: mean brightness (difference), saturation
+    (mean chroma max - min, ratio), standard deviation (ratio) and sharpness (mean |horizontal gradient|,
+    ratio). Rounded to 1e-4 (uint8 steps are 4e-3) so that the ~1e-7 noise of un-normalising does not tell a
+    grey image of one path from a grey image of the other."""
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+
+    def measure(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        values = {"brightness": x.mean(dim=(1, 2, 3)), "saturation": (x.amax(dim=1) - x.amin(dim=1)).mean(dim=(1, 2)),
+                  "std": x.std(dim=(1, 2, 3)), "sharpness": (x[..., 1:] - x[..., :-1]).abs().mean(dim=(1, 2, 3))}
+        return {name: (value * 1e4).round() / 1e4 for name, value in values.items()}
+
+    after, before = measure(out * std + mean), measure(to_unit_float(images))
+    return {name: (after[name] - before[name] if name == "brightness" else after[name] / before[name]).numpy()
+            for name in after}
+
+
+def blur_kernel_of(pipeline) -> int:
+    """The GaussianBlur kernel size inside photometric_pipeline (its _blur rule for the crop size)."""
+    for step in pipeline.transforms:
+        for inner in getattr(step, "transforms", []):
+            if isinstance(inner, v2.GaussianBlur):
+                return inner.kernel_size[0]
+    raise AssertionError("no GaussianBlur in the pipeline")
+
+
+@pytest.fixture(scope="module")
+def colour_runs():
+    """The CPU path (photometric_pipeline on uint8 PIL images, global RNG seeded) per (kind, role), computed once."""
+    images = colour_images()
+    pils = [Image.fromarray(image.permute(1, 2, 0).numpy()) for image in images]
+    cache = {}
+
+    def cpu(kind: str, role: str) -> tuple[dict[str, np.ndarray], int]:
+        if (kind, role) not in cache:
+            pipeline = photometric_pipeline(kind, role, COLOUR_SIZE)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(31)
+                out = torch.stack([pipeline(pil) for pil in pils])
+            cache[kind, role] = colour_statistics(out, images), blur_kernel_of(pipeline)
+        return cache[kind, role]
+
+    return images, cpu
+
+
+def device_colour(images: torch.Tensor, kind: str, role: str, blur_kernel: int, change=None) -> dict[str, np.ndarray]:
+    generator = torch.Generator().manual_seed(41)
+    params = torch.stack([draw_photometric(kind, role, generator) for _ in range(len(images))])
+    if change is not None:
+        change(params)
+    return colour_statistics(normalize(photometric(to_unit_float(images), params, blur_kernel)), images)
+
+
+@pytest.mark.parametrize("kind, role", [("dino", "global1"), ("dino", "global2"), ("dino", "local"), ("mocov2", "global1")])
+def test_colour_statistics_have_the_cpu_paths_distribution(colour_runs, kind, role):
+    images, cpu = colour_runs
+    cpu_stats, kernel = cpu(kind, role)
+    device_stats = device_colour(images, kind, role, kernel)
+    for name in cpu_stats:
+        assert ks_2samp(cpu_stats[name], device_stats[name])[1] > P_MIN, name
+
+
+def _set(field: str, value: float):
+    def change(params: torch.Tensor) -> None:
+        params[:, FIELD[field]] = value
+    return change
+
+
+@pytest.mark.parametrize("kind, role, device_role, change", [
+    ("dino", "global2", "global1", None),  # blur always instead of 10 %, never solarised
+    ("dino", "global2", "global2", _set("solarize", 0.0)),
+    ("dino", "global1", "global1", _set("grayscale", 0.0)),
+    ("dino", "global1", "global1", _set("jitter", 0.0)),
+    ("dino", "local", "local", _set("blur_sigma", 0.0)),
+])
+def test_the_colour_test_sees_a_wrong_distribution(colour_runs, kind, role, device_role, change):
+    """The test above fails when the device path gets one probability wrong."""
+    images, cpu = colour_runs
+    cpu_stats, kernel = cpu(kind, role)
+    device_stats = device_colour(images, kind, device_role, kernel, change)
+    assert min(ks_2samp(cpu_stats[name], device_stats[name])[1] for name in cpu_stats) < 1e-6
