@@ -12,7 +12,8 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 from mlsctl.data.device_augment import (
-    PHOTOMETRIC_FIELDS, SOLARIZE_THRESHOLD, crop_resize, draw_photometric, normalize, photometric, to_unit_float,
+    PHOTOMETRIC_FIELDS, SOLARIZE_THRESHOLD, blur_kernel_size, crop_resize, draw_photometric, normalize, photometric,
+    to_unit_float,
 )
 from mlsctl.data.multicrop import IMAGENET_MEAN, IMAGENET_STD, photometric_pipeline, sample_crop
 
@@ -172,6 +173,15 @@ def test_uint8_and_float_images_give_the_same_crops():
     torch.testing.assert_close(crop_resize(images, *args), crop_resize(to_unit_float(images), *args), atol=1e-6, rtol=0)
 
 
+def test_crop_resize_and_photometric_refuse_tensors_on_another_device():
+    images = torch.rand(1, 3, 8, 8)
+    with pytest.raises(ValueError, match="boxes is on meta"):
+        crop_resize(images, torch.zeros(1, dtype=torch.long), torch.zeros(1, 4, device="meta"),
+                    torch.zeros(1, dtype=torch.bool), 4)
+    with pytest.raises(ValueError, match="params is on meta"):
+        photometric(images, neutral_params(1).to("meta"), blur_kernel=3)
+
+
 # ---------------------------------------------------------------- photometric, one operation at a time
 
 def jitter_only(n: int, order: tuple[int, ...], **factors: float) -> torch.Tensor:
@@ -222,7 +232,8 @@ def test_jitter_runs_in_each_samples_own_order():
 def test_no_operation_is_the_identity():
     images = smooth_images(4, 10, seed=10)
     params = neutral_params(4)
-    params[:, [FIELD["brightness"], FIELD["contrast"], FIELD["saturation"], FIELD["hue"]]] = torch.tensor([1.3, 0.7, 1.1, 0.1])
+    factors = [FIELD["brightness"], FIELD["contrast"], FIELD["saturation"], FIELD["hue"]]
+    params[:, factors] = torch.tensor([1.3, 0.7, 1.1, 0.1])
     assert torch.equal(photometric(images, params, blur_kernel=3), images)  # factors without jitter do nothing
 
 
@@ -310,8 +321,14 @@ def test_no_host_device_synchronisation_on_cuda():
     torch.cuda.set_sync_debug_mode("error")
     try:
         out = normalize(photometric(crop_resize(images, index, boxes, flips, 32), params, blur_kernel=5))
+        # as a run with exact resume would: deterministic algorithms on (roi_align must not fall back to its
+        # pure-PyTorch version), the same result
+        torch.use_deterministic_algorithms(True)
+        again = normalize(photometric(crop_resize(images, index, boxes, flips, 32), params, blur_kernel=5))
     finally:
+        torch.use_deterministic_algorithms(False)
         torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(again, out, atol=1e-6, rtol=0)
     assert out.shape == (8, 3, 32, 32) and out.device.type == "cuda"
     cpu = normalize(photometric(crop_resize(images.cpu(), index.cpu(), boxes.cpu(), flips.cpu(), 32), params.cpu(), 5))
     torch.testing.assert_close(out.cpu(), cpu, atol=1e-4, rtol=0)
@@ -413,7 +430,7 @@ def test_the_crop_test_sees_boxes_drawn_in_the_resized_frame():
 
 
 # -- colour statistics
-N_COLOUR, COLOUR_SIZE = 1000, 16
+N_COLOUR, COLOUR_SIZE = 800, 16
 
 
 def colour_images() -> torch.Tensor:
@@ -445,12 +462,18 @@ def colour_statistics(out: torch.Tensor, images: torch.Tensor) -> dict[str, np.n
 
 
 def blur_kernel_of(pipeline) -> int:
-    """The GaussianBlur kernel size inside photometric_pipeline (its _blur rule for the crop size)."""
+    """The GaussianBlur kernel size inside a photometric_pipeline."""
     for step in pipeline.transforms:
         for inner in getattr(step, "transforms", []):
             if isinstance(inner, v2.GaussianBlur):
                 return inner.kernel_size[0]
     raise AssertionError("no GaussianBlur in the pipeline")
+
+
+@pytest.mark.parametrize("kind, role", [("dino", "global1"), ("dino", "local"), ("mocov2", "global2")])
+def test_blur_kernel_size_is_the_pipelines(kind, role):
+    for size, expected in ((16, 3), (96, 19), (224, 23)):
+        assert blur_kernel_size(size) == blur_kernel_of(photometric_pipeline(kind, role, size)) == expected
 
 
 @pytest.fixture(scope="module")
@@ -466,7 +489,7 @@ def colour_runs():
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(31)
                 out = torch.stack([pipeline(pil) for pil in pils])
-            cache[kind, role] = colour_statistics(out, images), blur_kernel_of(pipeline)
+            cache[kind, role] = colour_statistics(out, images), blur_kernel_size(COLOUR_SIZE)
         return cache[kind, role]
 
     return images, cpu

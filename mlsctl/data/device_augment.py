@@ -28,9 +28,9 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torchvision.ops import roi_align
+import torchvision.ops  # noqa: F401  (registers torch.ops.torchvision.roi_align)
 
-from mlsctl.data.multicrop import IMAGENET_MEAN, IMAGENET_STD
+from mlsctl.data.multicrop import IMAGENET_MEAN, IMAGENET_STD, _blur
 
 PHOTOMETRIC_FIELDS = ("jitter", "brightness", "contrast", "saturation", "hue", "order0", "order1", "order2", "order3",
                       "grayscale", "blur_sigma", "solarize")
@@ -95,6 +95,13 @@ def draw_photometric(kind: str, role: str, generator: torch.Generator) -> torch.
     return torch.tensor(params, dtype=torch.float32)
 
 
+def blur_kernel_size(size: int) -> int:
+    """The GaussianBlur kernel size of ``photometric_pipeline(kind, role, size)`` for crops of ``size`` px, read
+    from the pipeline's own blur (``mlsctl.data.multicrop._blur``: odd, 3 to 23, 23 at 224 px): the
+    ``blur_kernel`` to give :func:`photometric`."""
+    return _blur(1.0, size).transforms[0].kernel_size[0]
+
+
 def to_unit_float(images: torch.Tensor) -> torch.Tensor:
     """uint8 [0, 255] → float32 [0, 1] (``v2.ToDtype(torch.float32, scale=True)``); float images pass as they are
     (taken to be in [0, 1] already)."""
@@ -112,8 +119,8 @@ def crop_resize(images: torch.Tensor, image_index: torch.Tensor, boxes: torch.Te
 
     ``images``: uint8 [0, 255] or float [0, 1], [B, 3, H, W]; ``image_index``: long [N], the image of each
     crop; ``boxes``: float [N, 4] ``(x0, y0, x1, y1)`` in pixels of ``images``, x1 and y1 exclusive
-    (``CropParams.box`` scaled into this image); ``flips``: bool [N]. Returns float32 [N, 3, size, size]
-    in [0, 1].
+    (``CropParams.box`` scaled into this image); ``flips``: bool [N]; all on the device of ``images``.
+    Returns float32 [N, 3, size, size] in [0, 1].
 
     One ``torchvision.ops.roi_align`` call with ``aligned=True`` (pixel i covers [i, i + 1)) and an
     adaptive sampling ratio (``ceil(box side / size)`` samples per output pixel and axis): when
@@ -124,15 +131,23 @@ def crop_resize(images: torch.Tensor, image_index: torch.Tensor, boxes: torch.Te
     """
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"expected images [B, 3, H, W], got {tuple(images.shape)}")
-    scale = 1 / 255 if images.dtype == torch.uint8 else 1.0
-    rois = torch.cat([image_index.to(device=images.device, dtype=torch.float32)[:, None],
-                      boxes.to(device=images.device, dtype=torch.float32)], dim=1)
+    _same_device(images, image_index=image_index, boxes=boxes, flips=flips)
+    rois = torch.cat([image_index.to(torch.float32)[:, None], boxes.to(torch.float32)], dim=1)
     values = images if images.dtype == torch.float32 else images.to(torch.float32)
-    crops = roi_align(values, rois, output_size=(size, size), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
-    if scale != 1.0:
-        crops = crops.mul_(scale)
-    flips = flips.to(device=crops.device, dtype=torch.bool)[:, None, None, None]
-    return torch.where(flips, crops.flip(-1), crops)
+    # The op itself, not torchvision.ops.roi_align: under torch.use_deterministic_algorithms(True) that wrapper
+    # switches CUDA inputs to a pure-PyTorch version which, with an adaptive sampling ratio, materialises
+    # H x W samples per output pixel. The kernel's forward is deterministic (only its backward is not).
+    crops = torch.ops.torchvision.roi_align(values, rois, 1.0, size, size, -1, True)
+    if images.dtype == torch.uint8:
+        crops = crops.mul_(1 / 255)
+    return torch.where(flips[:, None, None, None], crops.flip(-1), crops)
+
+
+def _same_device(reference: torch.Tensor, **tensors: torch.Tensor) -> None:
+    """Refuses tensors on another device than ``reference`` (moving them here would synchronise)."""
+    for name, tensor in tensors.items():
+        if tensor.device != reference.device:
+            raise ValueError(f"{name} is on {tensor.device}, expected {reference.device} (move it with the batch)")
 
 
 def _luma(x: torch.Tensor) -> torch.Tensor:
@@ -180,6 +195,23 @@ def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> to
     return F.conv2d(rows, kernels[:, None, :, None], groups=n * c).reshape(n, c, height, width)
 
 
+def _jitter_blend(x: torch.Tensor, op: torch.Tensor, brightness: torch.Tensor, contrast: torch.Tensor,
+                  saturation: torch.Tensor) -> torch.Tensor:
+    """One ColorJitter operation per sample, ``op`` [N]: 0 ``adjust_brightness`` (x f), 1 ``adjust_contrast``
+    (x f + mean(grey) (1 - f)), 2 ``adjust_saturation`` (x f + grey (1 - f)), anything else the identity;
+    as one blend ``clamp(x a + grey b + mean(grey) c, 0, 1)`` with per-sample weights (a = 1, b = c = 0 is
+    exactly x)."""
+    one, zero = torch.ones_like(brightness), torch.zeros_like(brightness)
+    is_brightness, is_contrast, is_saturation = op == 0, op == 1, op == 2
+    a = torch.where(is_brightness, brightness,
+                    torch.where(is_contrast, contrast, torch.where(is_saturation, saturation, one)))
+    b = torch.where(is_saturation, 1.0 - saturation, zero)
+    c = torch.where(is_contrast, 1.0 - contrast, zero)
+    grey = _luma(x)
+    mean = grey.mean(dim=(1, 2, 3), keepdim=True)
+    return (x * a[:, None, None, None] + grey * b[:, None, None, None] + mean * c[:, None, None, None]).clamp_(0, 1)
+
+
 def photometric(crops: torch.Tensor, params: torch.Tensor, blur_kernel: int) -> torch.Tensor:
     """The photometric pipeline of :func:`mlsctl.data.multicrop.photometric_pipeline` on float crops
     [N, 3, S, S] in [0, 1], with each sample's parameters ``params`` [N, 12] from :func:`draw_photometric`
@@ -191,11 +223,14 @@ def photometric(crops: torch.Tensor, params: torch.Tensor, blur_kernel: int) -> 
        ``adjust_saturation`` (blend with the grayscale image), ``adjust_hue`` (shift in HSV), each
        clamped to [0, 1];
     2. where ``grayscale``: ``rgb_to_grayscale`` to three channels;
-    3. where ``blur_sigma`` > 0: ``gaussian_blur`` with kernel ``blur_kernel`` and that sigma;
+    3. where ``blur_sigma`` > 0: ``gaussian_blur`` with kernel ``blur_kernel`` (:func:`blur_kernel_size` of
+       the crop size) and that sigma;
     4. where ``solarize``: ``solarize`` at 128 / 255 (RandomSolarize(128) on uint8).
 
-    Fully vectorised over N (the only Python loop is over the four jitter positions); no host-device
-    synchronisation. The hue operation is computed for every sample at every position and selected.
+    Fully vectorised over N; no host-device synchronisation. Batched, every sample passes the same
+    sequence of slots — three cheap blend slots, the hue, three blend slots: a sample's operations before
+    its hue go to the first three (in its order), those after to the last three, and its unused slots are
+    the identity — so the costly hue runs once, not once per position.
     """
     if crops.ndim != 4 or crops.shape[1] != 3:
         raise ValueError(f"expected crops [N, 3, S, S], got {tuple(crops.shape)}")
@@ -203,6 +238,7 @@ def photometric(crops: torch.Tensor, params: torch.Tensor, blur_kernel: int) -> 
         raise ValueError(f"expected params [{crops.shape[0]}, {len(PHOTOMETRIC_FIELDS)}], got {tuple(params.shape)}")
     if blur_kernel < 1 or blur_kernel % 2 == 0:
         raise ValueError(f"blur_kernel must be odd and positive, got {blur_kernel}")
+    _same_device(crops, params=params)
 
     def column(name: str) -> torch.Tensor:
         return params[:, _FIELD[name]]
@@ -212,23 +248,20 @@ def photometric(crops: torch.Tensor, params: torch.Tensor, blur_kernel: int) -> 
 
     x = crops.to(torch.float32)
     jitter = column("jitter") > 0.5
-    brightness, contrast, saturation = column("brightness"), column("contrast"), column("saturation")
-    for position in range(4):
-        op = column(f"order{position}")
-        # One blend covers brightness (a = f), contrast (a = f, mean weight 1 - f), saturation
-        # (a = f, grayscale weight 1 - f) and the identity (a = 1) for hue and un-jittered samples.
-        is_brightness, is_contrast, is_saturation = jitter & (op == 0), jitter & (op == 1), jitter & (op == 2)
-        factor = torch.where(is_brightness, brightness,
-                             torch.where(is_contrast, contrast,
-                                         torch.where(is_saturation, saturation, torch.ones_like(brightness))))
-        mean_weight = torch.where(is_contrast, 1.0 - contrast, torch.zeros_like(contrast))
-        grey_weight = torch.where(is_saturation, 1.0 - saturation, torch.zeros_like(saturation))
-        grey = _luma(x)
-        mean = grey.mean(dim=(1, 2, 3), keepdim=True)
-        blended = (x * per_sample(factor) + grey * per_sample(grey_weight) + mean * per_sample(mean_weight)).clamp_(0, 1)
-        is_hue = jitter & (op == 3)
-        hued = _adjust_hue(x, torch.where(is_hue, column("hue"), torch.zeros_like(brightness)))
-        x = torch.where(per_sample(is_hue), hued, blended)
+    factors = column("brightness"), column("contrast"), column("saturation")
+    order = params[:, _FIELD["order0"]:_FIELD["order3"] + 1]  # [N, 4], operation ids as floats
+    hue_at = (order == 3).to(torch.float32).argmax(dim=1)  # [N], the position of adjust_hue
+    none = torch.full_like(order[:, 0], -1.0)
+    # The three cheap operations before the hue, in the sample's order (identity once the hue is reached) ...
+    for slot in range(3):
+        x = _jitter_blend(x, torch.where(jitter & (slot < hue_at), order[:, slot], none), *factors)
+    # ... the hue, once for the whole batch ...
+    x = torch.where(per_sample(jitter), _adjust_hue(x, column("hue")), x)
+    # ... and the ones after it.
+    for slot in range(3):
+        position = hue_at + 1 + slot
+        op = order.gather(1, position.clamp(max=3)[:, None])[:, 0]
+        x = _jitter_blend(x, torch.where(jitter & (position <= 3), op, none), *factors)
 
     x = torch.where(per_sample(column("grayscale") > 0.5), _luma(x).expand_as(x), x)
 
