@@ -296,6 +296,21 @@ def test_a_mixed_batch_equals_the_pipeline_one_sample_at_a_time():
         torch.testing.assert_close(got, image, atol=2e-5, rtol=0)
 
 
+def test_autocast_does_not_lower_the_precision():
+    """The training loop runs under autocast; the blur's convolution must stay float32 (bfloat16 would be off by
+    about 1/255)."""
+    images = torch.rand(4, 3, 20, 20, generator=torch.Generator().manual_seed(17))
+    generator = torch.Generator().manual_seed(18)
+    params = torch.stack([draw_photometric("dino", "global1", generator) for _ in range(4)])
+    boxes = torch.tensor([[0.0, 0.0, 20.0, 20.0], [2.0, 1.0, 17.0, 19.0]] * 2)
+    index, flips = torch.tensor([0, 1, 2, 3]), torch.tensor([False, True, False, True])
+    expected = normalize(photometric(crop_resize(images, index, boxes, flips, 16), params, blur_kernel=5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = normalize(photometric(crop_resize(images, index, boxes, flips, 16), params, blur_kernel=5))
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+
+
 def test_photometric_rejects_wrong_shapes():
     with pytest.raises(ValueError, match="params"):
         photometric(torch.rand(2, 3, 8, 8), torch.zeros(3, len(PHOTOMETRIC_FIELDS)), blur_kernel=3)

@@ -16,6 +16,14 @@ Departures from the CPU path, both measured in ``tests/test_device_augment.py``:
 bilinear with box-filter antialiasing (the CPU path: PIL bicubic with antialiasing), and the
 photometric operations run on float images instead of uint8 ones (no rounding between operations).
 
+For one crop size, on the device (``images`` uint8 [B, 3, H, W]; per crop: ``image_index``, ``boxes``
+scaled into ``images``, ``flips``, and ``params`` stacked from :func:`draw_photometric`)::
+
+    crops = crop_resize(images, image_index, boxes, flips, size)
+    crops = normalize(photometric(crops, params, blur_kernel_size(size)))
+
+Everything runs in float32, also inside an autocast region.
+
 No host-device synchronisation: :func:`crop_resize`, :func:`photometric` and :func:`normalize`
 never read a tensor's value on the host (no ``.item()``, no ``bool(tensor)``, no Python branch on
 tensor values, no boolean-mask indexing, no tensor built from a Python list on the device); per-sample
@@ -191,8 +199,9 @@ def _gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> to
     half = kernel_size // 2
     kernels = _gaussian_kernels(sigma, kernel_size).repeat_interleave(c, dim=0)  # [N * C, k]
     padded = F.pad(x, [half, half, half, half], mode="reflect").reshape(1, n * c, height + 2 * half, width + 2 * half)
-    rows = F.conv2d(padded, kernels[:, None, None, :], groups=n * c)
-    return F.conv2d(rows, kernels[:, None, :, None], groups=n * c).reshape(n, c, height, width)
+    with torch.autocast(device_type=x.device.type, enabled=False):  # float32 also inside the loop's autocast
+        rows = F.conv2d(padded, kernels[:, None, None, :], groups=n * c)
+        return F.conv2d(rows, kernels[:, None, :, None], groups=n * c).reshape(n, c, height, width)
 
 
 def _jitter_blend(x: torch.Tensor, op: torch.Tensor, brightness: torch.Tensor, contrast: torch.Tensor,
