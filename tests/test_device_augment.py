@@ -211,6 +211,17 @@ def test_each_jitter_operation_matches_torchvision(name, factor, reference, atol
     torch.testing.assert_close(out, expected, atol=atol, rtol=0)
 
 
+@pytest.mark.parametrize("shift", [0.1, -0.1, 0.05, -0.0333])
+def test_hue_matches_torchvision_on_every_kind_of_colour(shift):
+    """Greys, black, white, primaries and ties between the largest channels (where torchvision's hue formula
+    switches branch): a lattice of 6^3 = 216 colours, and the same colours with the channels reversed."""
+    levels = torch.linspace(0, 1, 6)
+    lattice = torch.cartesian_prod(levels, levels, levels).T.reshape(1, 3, 12, 18)
+    images = torch.cat([lattice, lattice.flip(1)])
+    out = photometric(images, jitter_only(2, (3, 0, 1, 2), hue=shift), blur_kernel=3)
+    torch.testing.assert_close(out, torch.stack([TF.adjust_hue(image, shift) for image in images]), atol=1e-5, rtol=0)
+
+
 def test_jitter_runs_in_each_samples_own_order():
     """Six samples, each with all four factors and its own order, against ColorJitter's loop over fn_idx."""
     images = smooth_images(6, 12, seed=9)
