@@ -19,7 +19,7 @@ Departures from the CPU path:
   most (``tests/test_device_augment.py`` bounds it at 1/255) and from the bicubic one by 0.17/255. On
   white noise, the worst case, crops at about 1:1 (224 px from a 256 px frame at scale 0.25–1, 96 px
   at 0.05–0.25) have about a quarter less mean |horizontal gradient| than bicubic ones, as torchvision's
-  bilinear has; crops downscaled 2x or more are as sharp.
+  bilinear has; downscaled crops (96 px from boxes of 128–256 px) are as sharp.
 * the photometric operations run on float images instead of uint8 ones (no rounding between
   operations); the distribution test compares the colour statistics of both paths.
 
