@@ -294,4 +294,7 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
     no tensor is copied to the device and nothing synchronises."""
     if x.ndim != 4 or x.shape[1] != 3:
         raise ValueError(f"expected [N, 3, S, S], got {tuple(x.shape)}")
-    return torch.stack([(x[:, c] - IMAGENET_MEAN[c]) / IMAGENET_STD[c] for c in range(3)], dim=1)
+    out = x.to(torch.float32, copy=True)
+    for c in range(3):
+        out[:, c].sub_(IMAGENET_MEAN[c]).div_(IMAGENET_STD[c])
+    return out
