@@ -292,7 +292,10 @@ def test_a_mixed_batch_equals_the_pipeline_one_sample_at_a_time():
     generator = torch.Generator().manual_seed(15)
     params = torch.stack([draw_photometric("dino", "global2" if i % 2 else "local", generator) for i in range(12)])
     params[::3, FIELD["solarize"]] = 1.0
+    before = images.clone()
     out = photometric(images, params, blur_kernel=3)
+    normalize(images)
+    assert torch.equal(images, before)  # photometric and normalize leave their input as it is
     operations = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
     for image, p, got in zip(images, params.tolist(), out):
         if p[FIELD["jitter"]]:
