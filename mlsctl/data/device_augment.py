@@ -121,7 +121,7 @@ def to_unit_float(images: torch.Tensor) -> torch.Tensor:
     """uint8 [0, 255] → float32 [0, 1] (``v2.ToDtype(torch.float32, scale=True)``); float images pass as they are
     (taken to be in [0, 1] already)."""
     if images.dtype == torch.uint8:
-        return images.to(torch.float32).div_(255)
+        return images.to(torch.float32).mul_(1.0 / 255)  # as torchvision, to the last bit
     if not images.is_floating_point():
         raise TypeError(f"expected uint8 or floating-point images, got {images.dtype}")
     return images.to(torch.float32)
@@ -154,7 +154,7 @@ def crop_resize(images: torch.Tensor, image_index: torch.Tensor, boxes: torch.Te
     # H x W samples per output pixel. The kernel's forward is deterministic (only its backward is not).
     crops = torch.ops.torchvision.roi_align(values, rois, 1.0, size, size, -1, True)
     if images.dtype == torch.uint8:
-        crops = crops.mul_(1 / 255)
+        crops = crops.mul_(1.0 / 255)  # as to_unit_float
     return torch.where(flips[:, None, None, None], crops.flip(-1), crops)
 
 
