@@ -6,7 +6,10 @@ Exact resume and process-count independence come from two rules:
   ``e`` is one seeded permutation of the dataset, cut into global batches of ``batch × world``
   images; process ``r`` takes slice ``r`` of each global batch. Resuming at step ``s`` starts the
   sampler at ``s`` (no batch is loaded and thrown away). Two processes with batch B see, together,
-  exactly the images one process with batch 2B sees.
+  exactly the images one process with batch 2B sees. With gradient accumulation
+  (``optim.accumulate_steps`` A) a step's global batch is ``batch × A × world`` images, process
+  ``r`` takes slice ``r`` of ``batch × A`` and yields it as A micro-batches of ``batch`` in order
+  (:func:`micro_batches`): batch B with A = 2 sees the images batch 2B with A = 1 sees.
 * :class:`MultiCropDataset` seeds the augmentation of image ``i`` in epoch ``e`` from
   ``(seed, epoch, i)``, so a crop never depends on which worker or process drew it.
 
@@ -44,17 +47,41 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, dtype=np.uint64)[0] % (2**63))
 
 
+def micro_batches(order, position: int, batch_size: int, accumulate_steps: int, world_size: int,
+                  rank: int) -> Iterator[list]:
+    """Process ``rank``'s micro-batches of the global batch at ``position`` (in steps) of ``order``:
+    its slice ``[rank × batch × A, (rank + 1) × batch × A)`` of the global batch, cut into A
+    consecutive micro-batches of ``batch`` items."""
+    share = batch_size * accumulate_steps
+    start = position * share * world_size + rank * share
+    for micro in range(accumulate_steps):
+        yield order[start + micro * batch_size:start + (micro + 1) * batch_size]
+
+
+def global_batch_text(batch_size: int, world_size: int, accumulate_steps: int) -> str:
+    """How a global batch is made, for messages: "4 per process x 2 processes [x 2 accumulation steps]"."""
+    text = f"{batch_size} per process x {world_size} processes"
+    return text + (f" x {accumulate_steps} accumulation steps" if accumulate_steps > 1 else "")
+
+
+def lower_batch_text(accumulate_steps: int) -> str:
+    return "lower optim.batch_size" + (" or optim.accumulate_steps" if accumulate_steps > 1 else "")
+
+
 class StepBatchSampler(Sampler):
-    """Yields, for steps ``start_step .. total_steps-1``, this process's list of ``(epoch, index)``."""
+    """Yields, for steps ``start_step .. total_steps-1``, this process's ``accumulate_steps``
+    micro-batches, each a list of ``(epoch, index)``."""
 
     def __init__(self, n_items: int, batch_size: int, *, world_size: int = 1, rank: int = 0, seed: int = 0,
-                 start_step: int = 0, total_steps: int | None = None):
+                 start_step: int = 0, total_steps: int | None = None, accumulate_steps: int = 1):
         self.n_items, self.batch_size, self.world_size, self.rank, self.seed = n_items, batch_size, world_size, rank, seed
-        self.global_batch = batch_size * world_size
+        self.accumulate_steps = accumulate_steps
+        self.global_batch = batch_size * accumulate_steps * world_size  # the images of one optimiser step
         self.steps_per_epoch = n_items // self.global_batch
         if self.steps_per_epoch == 0:
             raise UserError(f"the data has {n_items} images, fewer than one global batch of {self.global_batch} "
-                            f"({batch_size} per process x {world_size} processes); lower optim.batch_size")
+                            f"({global_batch_text(batch_size, world_size, accumulate_steps)}); "
+                            f"{lower_batch_text(accumulate_steps)}")
         self.start_step = start_step
         self.total_steps = total_steps if total_steps is not None else self.steps_per_epoch
 
@@ -68,11 +95,12 @@ class StepBatchSampler(Sampler):
             epoch, position = divmod(step, self.steps_per_epoch)
             if epoch != cached_epoch:
                 cached_epoch, perm = epoch, self.permutation(epoch)
-            start = position * self.global_batch + self.rank * self.batch_size
-            yield [(epoch, int(i)) for i in perm[start:start + self.batch_size]]
+            for micro in micro_batches(perm, position, self.batch_size, self.accumulate_steps, self.world_size,
+                                       self.rank):
+                yield [(epoch, int(i)) for i in micro]
 
     def __len__(self) -> int:
-        return max(0, self.total_steps - self.start_step)
+        return max(0, self.total_steps - self.start_step) * self.accumulate_steps
 
 
 @dataclass

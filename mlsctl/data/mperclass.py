@@ -11,7 +11,9 @@ is then a pure function of ``(seed, s)``, as with :class:`~mlsctl.data.loader.St
 resuming at step ``s`` starts there without drawing the skipped batches, and process ``r`` of ``W``
 takes slice ``r`` of each global batch of ``batch × W`` (with ``batch`` a multiple of ``m``, every
 process's slice is m-per-class too). An epoch is ``len(labels) // (batch × W)`` steps, as for the
-plain sampler. Items are ``(epoch, index)`` like the plain sampler's.
+plain sampler. Items are ``(epoch, index)`` like the plain sampler's. With gradient accumulation
+(A micro-batches per step) the global batch is ``batch × A × W`` and each process yields its slice
+as A micro-batches (:func:`~mlsctl.data.loader.micro_batches`), each m-per-class too.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Iterator, Sequence
 import numpy as np
 from torch.utils.data import Sampler
 
-from mlsctl.data.loader import sample_seed
+from mlsctl.data.loader import global_batch_text, lower_batch_text, micro_batches, sample_seed
 from mlsctl.errors import UserError
 
 M_PER_CLASS_STREAM = 2**32 + 1  # an "index" no item has: the seed of an epoch's m-per-class draw
@@ -29,21 +31,25 @@ M_PER_CLASS_STREAM = 2**32 + 1  # an "index" no item has: the seed of an epoch's
 
 class MPerClassStepSampler(Sampler):
     def __init__(self, labels: Sequence[int], m: int, batch_size: int, *, world_size: int = 1, rank: int = 0,
-                 seed: int = 0, start_step: int = 0, total_steps: int | None = None, what: str = "the data"):
+                 seed: int = 0, start_step: int = 0, total_steps: int | None = None, what: str = "the data",
+                 accumulate_steps: int = 1):
         self.labels = np.asarray(labels, dtype=np.int64)
         self.m, self.batch_size, self.world_size, self.rank, self.seed = m, batch_size, world_size, rank, seed
-        self.global_batch = batch_size * world_size
+        self.accumulate_steps = accumulate_steps
+        self.global_batch = batch_size * accumulate_steps * world_size
         n_classes = len(np.unique(self.labels))
+        lower = lower_batch_text(accumulate_steps)
         if batch_size % m:
             raise UserError(f"optim.batch_size {batch_size} is not a multiple of {m} samples per class; choose a "
                             f"multiple of {m}")
         if n_classes * m < self.global_batch:
-            raise UserError(f"{what} has {n_classes} classes, too few for batches of {self.global_batch} with {m} "
-                            f"samples per class (at least {-(-self.global_batch // m)} classes); lower optim.batch_size")
+            made = f" ({global_batch_text(batch_size, world_size, accumulate_steps)})" if accumulate_steps > 1 else ""
+            raise UserError(f"{what} has {n_classes} classes, too few for batches of {self.global_batch}{made} with {m} "
+                            f"samples per class (at least {-(-self.global_batch // m)} classes); {lower}")
         self.steps_per_epoch = len(self.labels) // self.global_batch
         if self.steps_per_epoch == 0:
             raise UserError(f"{what} has {len(self.labels)} items, fewer than one global batch of {self.global_batch}; "
-                            f"lower optim.batch_size")
+                            f"{lower}")
         self.start_step = start_step
         self.total_steps = total_steps if total_steps is not None else self.steps_per_epoch
 
@@ -69,8 +75,9 @@ class MPerClassStepSampler(Sampler):
             epoch, position = divmod(step, self.steps_per_epoch)
             if epoch != cached_epoch:
                 cached_epoch, order = epoch, self.epoch_order(epoch)
-            start = position * self.global_batch + self.rank * self.batch_size
-            yield [(epoch, int(i)) for i in order[start:start + self.batch_size]]
+            for micro in micro_batches(order, position, self.batch_size, self.accumulate_steps, self.world_size,
+                                       self.rank):
+                yield [(epoch, int(i)) for i in micro]
 
     def __len__(self) -> int:
-        return max(0, self.total_steps - self.start_step)
+        return max(0, self.total_steps - self.start_step) * self.accumulate_steps
