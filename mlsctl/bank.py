@@ -17,6 +17,11 @@ Semantics (pinned by ``tests/test_bank.py``):
   a query never sees its own batch. :meth:`query` also takes ``exclude_step`` to make that
   guarantee explicit: entries written at that step are never returned.
 * Empty slots are never returned by :meth:`query` (:attr:`filled` < size until the first wrap).
+* Held writes (gradient accumulation): between :meth:`hold` and :meth:`release` enqueued rows wait
+  on their process; :meth:`release` gathers and writes them all at once, in the order they were
+  enqueued. The training loop holds every bank during an optimiser step, so each micro-batch sees
+  the bank as it was at the start of the step and the bank after the step equals what one batch of
+  all micro-batches writes (on any number of processes).
 
 Distributed trade-off: :meth:`enqueue` gathers the batch from every process (in rank order)
 before writing, so every rank holds the same bank. This costs one all-gather of
@@ -131,6 +136,7 @@ class MemoryBank:
         self._first_bad_step: Optional[torch.Tensor] = None  # CUDA: the deferred finite check (see enqueue)
         self.defer_finite_check = False  # defer it on any device (always on CUDA)
         self._prefilled = False
+        self._held: Optional[list[tuple[torch.Tensor, dict[str, torch.Tensor], int, bool]]] = None  # see hold()
         if init == "random_unit":
             noise = torch.randn(size, dim, generator=generator, dtype=torch.float32)
             self.vectors.copy_(F.normalize(noise, dim=1).to(dtype))
@@ -199,6 +205,34 @@ class MemoryBank:
                 raise ValueError(f"payload '{name}' must have shape {[n, *col.shape]}, got {list(value.shape)}")
             rows[name] = value
         vectors = vectors.detach()
+        if self._held is not None:  # copies: the caller may reuse its tensors before release()
+            self._held.append((vectors.clone(), {k: v.clone() for k, v in rows.items()}, int(step), gather))
+            return
+        self._append(vectors, rows, step, gather)
+
+    def hold(self) -> None:
+        """Keep the rows of every :meth:`enqueue` from now on, unwritten, until :meth:`release`."""
+        if self._held is not None:
+            raise RuntimeError(f"memory bank '{self.name}' is already holding its writes")
+        self._held = []
+
+    @torch.no_grad()
+    def release(self) -> None:
+        """Write what was enqueued since :meth:`hold`, as one batch in the order it was enqueued
+        (gathered from every process once, as one enqueue of all of it would be). Every process
+        must call it, as it would call :meth:`enqueue`."""
+        held, self._held = self._held, None
+        if not held:
+            return
+        if len({(step, gather) for _, _, step, gather in held}) > 1:
+            raise RuntimeError(f"memory bank '{self.name}': held writes of different steps or gather modes")
+        _, _, step, gather = held[0]
+        vectors = torch.cat([v for v, _, _, _ in held]) if len(held) > 1 else held[0][0]
+        rows = {name: torch.cat([r[name] for _, r, _, _ in held]) if len(held) > 1 else held[0][1][name]
+                for name in held[0][1]}
+        self._append(vectors, rows, step, gather)
+
+    def _append(self, vectors: torch.Tensor, rows: dict[str, torch.Tensor], step: int, gather: bool) -> None:
         if gather:
             vectors = dist.gather_cat(vectors)
             rows = {name: dist.gather_cat(value) for name, value in rows.items()}
