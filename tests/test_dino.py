@@ -115,6 +115,8 @@ def test_training_step_updates_center_and_monitor_bank(images):
     with torch.no_grad():
         out = method.training_step(batch, step=0)
     assert out.terms["dino"].item() == pytest.approx(out.loss.item())
+    assert method.center.abs().sum() == 0  # the center moves once per optimiser step, at its end
+    method.end_step(0)
     assert method.center.abs().sum() > 0
     bank = method.banks()["cls"]
     assert bank.filled == 4

@@ -5,9 +5,17 @@ centers) and declares:
 
 * ``Config``: its dataclass of hyper-parameters (the recipe's ``method`` section);
 * :meth:`training_step` (also its ``forward``, so DDP sees it): one batch → :class:`StepOutput`;
+  with gradient accumulation (``optim.accumulate_steps`` A > 1) the loop calls it once per
+  micro-batch, all A with the same optimiser ``step``, and sets :attr:`micro_batch` to
+  ``(index, A)`` before each call;
+* :meth:`end_step`: called once per optimiser step, after the backward pass of its last
+  micro-batch and before the optimiser step: where a method applies what it gathered over the
+  micro-batches (DINO's centre from the mean over the whole step's batch);
 * :meth:`ema_pairs`: (student, teacher) modules the loop updates by EMA after each step, with
   momentum :meth:`ema_momentum`;
-* :meth:`banks`: its memory banks, saved with every checkpoint;
+* :meth:`banks`: its memory banks, saved with every checkpoint; the loop holds their writes during
+  an optimiser step (:meth:`~mlsctl.bank.MemoryBank.hold`) and writes them after its last
+  micro-batch, so every micro-batch reads the banks as they were at the start of the step;
 * :meth:`last_layer_parameters`: parameters frozen for ``optim.freeze_last_layer_epochs``;
 * :meth:`teacher_backbone`: the backbone features are extracted from;
 * :meth:`open_data`: what ``data.root`` holds (an :class:`~mlsctl.data.images.ImageFolder` by
@@ -16,7 +24,8 @@ centers) and declares:
   by default); a dataset with an ``on_device(batch)`` method finishes each batch on the training
   device (normalisation, or the whole multi-crop with ``data.augment: gpu``);
 * :meth:`batch_sampler`: the step-indexed batch sampler (:class:`~mlsctl.data.loader.StepBatchSampler`
-  by default; it must derive step ``s``'s batch from the seed and ``s`` alone, for exact resume);
+  by default; it yields ``optim.accumulate_steps`` micro-batches per step and must derive step
+  ``s``'s from the seed and ``s`` alone, for exact resume);
 * :meth:`check_recipe`: recipe constraints of the method, reported as config errors, and
   :meth:`check_training`: those that depend on the number of processes or the device;
 * optionally :meth:`query_projection` (the module a bank's ``QueryFeature.projection`` names) and
@@ -60,10 +69,16 @@ class Method(nn.Module):
         self.recipe = recipe
         self.cfg = recipe.method
         self.schedule = schedule
+        #: (index, count) of the micro-batch the next training_step sees within its optimiser step
+        self.micro_batch: tuple[int, int] = (0, 1)
 
     # ------------------------------------------------------------------ declared by each method
     def training_step(self, batch, step: int) -> StepOutput:
         raise NotImplementedError
+
+    def end_step(self, step: int) -> None:
+        """The end of optimiser step ``step``: its last micro-batch's backward is done, the optimiser
+        step and the EMA update are next."""
 
     def ema_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
         return []
@@ -131,7 +146,8 @@ class Method(nn.Module):
     def batch_sampler(cls, recipe: Recipe, dataset, *, world_size: int = 1, rank: int = 0, start_step: int = 0,
                       total_steps: int | None = None) -> StepBatchSampler:
         return StepBatchSampler(len(dataset), recipe.optim.batch_size, world_size=world_size, rank=rank,
-                                seed=recipe.seed, start_step=start_step, total_steps=total_steps)
+                                seed=recipe.seed, start_step=start_step, total_steps=total_steps,
+                                accumulate_steps=recipe.optim.accumulate_steps)
 
     # ------------------------------------------------------------------ shared plumbing
     def forward(self, batch, step: int) -> StepOutput:

@@ -42,7 +42,8 @@ from mlsctl.config import MethodConfig, param
 from mlsctl.methods.base import Method, StepOutput
 from mlsctl.methods.cribo_ops import (cycle_consistent_neighbours, joint_clustering, object_boxes, patch_positions,
                                       pool_objects)
-from mlsctl.methods.dino import build_student_teacher, cross_entropy, dino_loss, teacher_probabilities, updated_center
+from mlsctl.methods.dino import (StepCenters, build_student_teacher, cross_entropy, dino_loss,
+                                 teacher_probabilities)
 from mlsctl.models.heads import DINOHead, WeightNormLinear
 from mlsctl.schedules import linear_warmup_epochs
 
@@ -124,6 +125,7 @@ class CrIBo(Method):
         self.student, self.teacher = build_student_teacher(recipe, lambda dim: CrIBoHead(dim, cfg))
         self.register_buffer("center", torch.zeros(1, cfg.out_dim))
         self.register_buffer("object_center", torch.zeros(1, cfg.out_dim))
+        self.step_centers = StepCenters()
         dim = self.student.backbone.embed_dim
         self.dim = dim
         # vectors: [c_1^k | c_2^k]; box and region: view 1's crop and the object's part of it
@@ -148,6 +150,9 @@ class CrIBo(Method):
 
     def ema_pairs(self):
         return [(self.student, self.teacher)]
+
+    def end_step(self, step):
+        self.step_centers.apply()
 
     def banks(self):
         return {"objects": self.bank}
@@ -178,6 +183,9 @@ class CrIBo(Method):
             sync()
             t0 = time.perf_counter()
             generator = torch.Generator().manual_seed(self.recipe.seed * 1_000_003 + step * 1009 + dist.rank())
+            micro, _ = self.micro_batch
+            for _ in range(micro * b):  # micro-batch m: the seeds one batch of the whole step draws for its rows
+                torch.randperm(2 * n, generator=generator)
             assignment = joint_clustering(teacher_tokens, positions, k, iterations=cfg.cluster_iterations,
                                           lambda_pos=cfg.lambda_pos, sinkhorn_strength=cfg.sinkhorn_strength,
                                           sinkhorn_iterations=cfg.sinkhorn_iterations,
@@ -242,9 +250,9 @@ class CrIBo(Method):
 
         t0 = time.perf_counter()
         with torch.no_grad():
-            self.center.copy_(updated_center(self.center, teacher_cls_logits, cfg.center_momentum))
-            self.object_center.copy_(updated_center(self.object_center, teacher_object_logits,
-                                                    cfg.object_center_momentum))
+            self.step_centers.add("center", self.center, teacher_cls_logits, cfg.center_momentum)
+            self.step_centers.add("object_center", self.object_center, teacher_object_logits,
+                                  cfg.object_center_momentum)
             image_rows, cluster_ids = valid.nonzero(as_tuple=True)
             view1_boxes = batch.boxes[:, 0].float()
             extent = torch.stack([view1_boxes[:, 2] - view1_boxes[:, 0], view1_boxes[:, 3] - view1_boxes[:, 1]], 1)

@@ -4,7 +4,8 @@ A student network (ViT + :class:`~mlsctl.models.heads.DINOHead`) sees every crop
 the teacher, sees the two global crops. The teacher's output, centered and sharpened
 (:func:`teacher_probabilities`), is the target of the student's output on every *other* crop
 (:func:`dino_loss`). The center is an EMA (momentum 0.9) of the batch-mean teacher logits over all
-processes (:func:`updated_center`). The teacher temperature warms up linearly over epochs, the
+processes (:func:`updated_center`), updated once per optimiser step (:class:`StepCenters`: with
+gradient accumulation, from the mean over every micro-batch of the step). The teacher temperature warms up linearly over epochs, the
 teacher momentum follows a cosine from ``momentum_teacher`` to 1.
 
 Besides the paper: a monitor bank (``cls``) of recent teacher CLS embeddings (image id, step and
@@ -61,15 +62,52 @@ def dino_loss(student_logits: Sequence[torch.Tensor], teacher_probs: Sequence[to
 
 
 @torch.no_grad()
-def updated_center(center: torch.Tensor, teacher_logits: torch.Tensor, momentum: float) -> torch.Tensor:
-    """EMA of the mean teacher logits over every process's rows. Processes may hold different
-    numbers of rows (CrIBo's objects), even none; when no process holds any, the center stays.
-    Every process must call it."""
+def center_statistics(teacher_logits: torch.Tensor) -> torch.Tensor:
+    """[K + 1]: the sum of the rows of ``teacher_logits`` [n, K] (float32) and their number; sums
+    of several batches' statistics are the statistics of their union."""
     rows = teacher_logits.new_tensor([len(teacher_logits)], dtype=torch.float32)
-    total = dist.all_reduce_sum(torch.cat([teacher_logits.float().sum(dim=0), rows]))
+    return torch.cat([teacher_logits.float().sum(dim=0), rows])
+
+
+@torch.no_grad()
+def center_from_statistics(center: torch.Tensor, statistics: torch.Tensor, momentum: float) -> torch.Tensor:
+    """EMA of the mean teacher logits over every process's rows (:func:`center_statistics`).
+    Processes may hold different numbers of rows (CrIBo's objects), even none; when no process
+    holds any, the center stays. Every process must call it."""
+    total = dist.all_reduce_sum(statistics)
     count = total[-1]  # stays on the device: no host synchronisation
     updated = center * momentum + (total[None, :-1] / count.clamp_min(1.0)) * (1 - momentum)
     return torch.where(count > 0, updated, center)
+
+
+def updated_center(center: torch.Tensor, teacher_logits: torch.Tensor, momentum: float) -> torch.Tensor:
+    """The center after one batch of ``teacher_logits`` (:func:`center_from_statistics`)."""
+    return center_from_statistics(center, center_statistics(teacher_logits), momentum)
+
+
+class StepCenters:
+    """The center updates of one optimiser step. With gradient accumulation every micro-batch
+    :meth:`add`\ s its teacher logits and reads the center as it was at the start of the step;
+    :meth:`apply` (from the method's ``end_step``) updates each center once, with the mean over
+    the step's whole batch — every micro-batch of every process — exactly as one batch of all
+    of them would (DINO's center is an EMA over optimiser steps of the batch mean: one update per
+    micro-batch would make it forget A times faster and let later micro-batches see earlier ones)."""
+
+    def __init__(self):
+        self.pending: dict[str, list] = {}
+
+    def add(self, name: str, center: torch.Tensor, teacher_logits: torch.Tensor, momentum: float) -> None:
+        statistics = center_statistics(teacher_logits)
+        if name in self.pending:
+            self.pending[name][2] = self.pending[name][2] + statistics
+        else:
+            self.pending[name] = [center, momentum, statistics]
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        for center, momentum, statistics in self.pending.values():
+            center.copy_(center_from_statistics(center, statistics, momentum))
+        self.pending.clear()
 
 
 # ------------------------------------------------------------------------------------------ method
@@ -126,6 +164,7 @@ class DINO(Method):
 
         self.student, self.teacher = build_student_teacher(recipe, head)
         self.register_buffer("center", torch.zeros(1, cfg.out_dim))
+        self.step_centers = StepCenters()
         self.n_global = recipe.data.global_crops.count
         self.monitor = None
         if cfg.monitor_bank_size:
@@ -141,6 +180,9 @@ class DINO(Method):
 
     def ema_pairs(self):
         return [(self.student, self.teacher)]
+
+    def end_step(self, step):
+        self.step_centers.apply()
 
     def banks(self):
         return {"cls": self.monitor} if self.monitor is not None else {}
@@ -169,7 +211,7 @@ class DINO(Method):
         targets = teacher_probabilities(teacher_logits, self.center, temperature)
         loss = dino_loss(student_logits.chunk(len(crops)), targets.chunk(self.n_global), cfg.student_temp)
 
-        self.center.copy_(updated_center(self.center, teacher_logits, cfg.center_momentum))
+        self.step_centers.add("center", self.center, teacher_logits, cfg.center_momentum)
         if self.monitor is not None:
             b = len(batch)
             self.monitor.enqueue(teacher_out.cls[:b].float(), step=step, image_id=batch.image_ids,

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from mlsctl.config import MethodConfig, param
 from mlsctl.errors import UserError
 from mlsctl.methods.base import Method, StepOutput
-from mlsctl.methods.dino import build_student_teacher, dino_loss, teacher_probabilities, updated_center
+from mlsctl.methods.dino import StepCenters, build_student_teacher, dino_loss, teacher_probabilities
 from mlsctl.models.heads import DINOHead
 from mlsctl.schedules import linear_warmup_epochs
 
@@ -147,6 +147,7 @@ class MILE(Method):
         student, teacher = build_student_teacher(recipe, lambda dim: MILEHead(dim, cfg))
         self.student, self.teacher = MILENet(student.backbone, student.head), MILENet(teacher.backbone, teacher.head)
         self.register_buffer("center", torch.zeros(1, cfg.out_dim))
+        self.step_centers = StepCenters()
         self.n_global = recipe.data.global_crops.count
 
     @classmethod
@@ -172,6 +173,9 @@ class MILE(Method):
     def ema_pairs(self):
         return [(self.student, self.teacher)]
 
+    def end_step(self, step):
+        self.step_centers.apply()
+
     def last_layer_parameters(self):
         return list(self.student.head.dino.last_layer.parameters())
 
@@ -196,7 +200,7 @@ class MILE(Method):
         temperature = self.teacher_temperature(step)
         targets = teacher_probabilities(teacher_logits, self.center, temperature)
         loss = dino_loss(student_logits.chunk(len(batch.crops)), targets.chunk(self.n_global), cfg.student_temp)
-        self.center.copy_(updated_center(self.center, teacher_logits, cfg.center_momentum))
+        self.step_centers.add("center", self.center, teacher_logits, cfg.center_momentum)
         alpha = float(self.student.head.encoder.alpha.detach())
         return StepOutput(loss, terms={"mile": loss.detach()},
                           metrics={"teacher_temp": temperature, "gate_alpha": alpha, "one_minus_alpha": 1 - alpha})

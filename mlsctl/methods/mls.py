@@ -27,6 +27,11 @@ Losses (pure functions below; the queues as they were before the batch, then g2,
   ``knn_softmax`` is the k-NN softmax loss of its Eq. 10, the paper's other baseline);
 * ``L = InfoNCE(z1, z2, Q_z; τ) + λ · L_ml`` with τ = 0.2, λ = 0.5; λ = 0 is MoCo-v2.
 
+With gradient accumulation (``optim.accumulate_steps``) "the batch" is the optimiser step's: every
+micro-batch scores against the queues as they were before the step, and the keys of all its
+micro-batches are enqueued after it, in order (the loop holds the queues' writes), as MoCo enqueues
+a mini-batch's keys after its update; the key encoder moves once per optimiser step.
+
 Choices the paper leaves open, made here: the queues start as random unit vectors (MoCo's start),
 so until they have wrapped once pseudo-labels may point at such entries (the first D / global batch
 steps: 16 of COCO's 462 per epoch, 32 of the quick recipes' 744); the loss is asymmetric (view 1 →
@@ -215,10 +220,11 @@ class MLS(Method):
     @classmethod
     def check_training(cls, recipe, world_size, device_type):
         """Checked by ``pretrain`` with the real process count (not when a run is only read)."""
-        cfg, batch = recipe.method, recipe.optim.batch_size
-        if cfg.queue_size < batch * world_size:
-            return [("method.queue_size", f"{cfg.queue_size} is smaller than the global batch ({batch} x {world_size} "
-                                          f"processes): each step would overwrite the whole queue; raise it")]
+        cfg, batch, accumulate = recipe.method, recipe.optim.batch_size, recipe.optim.accumulate_steps
+        if cfg.queue_size < batch * world_size * accumulate:
+            made = f"{batch} x {world_size} processes" + (f" x {accumulate} accumulation steps" if accumulate > 1 else "")
+            return [("method.queue_size", f"{cfg.queue_size} is smaller than the global batch ({made}): each step would "
+                                          f"overwrite the whole queue; raise it")]
         if architecture_kind_or_none(recipe.model.arch) != "cnn":
             return []  # a ViT has no BatchNorm: key_bn does nothing
         group = cfg.bn_group_size
@@ -278,7 +284,8 @@ class MLS(Method):
             return self.key(x)
         b, rank = len(x), dist.rank()
         everything = dist.gather_cat(x)
-        generator = torch.Generator().manual_seed(sample_seed(self.recipe.seed, step, SHUFFLE_STREAM))
+        micro, count = self.micro_batch  # every micro-batch of a step is shuffled on its own
+        generator = torch.Generator().manual_seed(sample_seed(self.recipe.seed, step * count + micro, SHUFFLE_STREAM))
         order = torch.randperm(len(everything), generator=generator).to(x.device)
         g, z = self.key(everything[order[rank * b:(rank + 1) * b]])
         g_all, z_all = dist.gather_cat(g), dist.gather_cat(z)

@@ -138,7 +138,8 @@ class MS(Method):
 
         return MPerClassStepSampler(dataset.labels, recipe.method.m_per_class, recipe.optim.batch_size,
                                     world_size=world_size, rank=rank, seed=recipe.seed, start_step=start_step,
-                                    total_steps=total_steps, what=f"data.root {recipe.data.root}")
+                                    total_steps=total_steps, what=f"data.root {recipe.data.root}",
+                                    accumulate_steps=recipe.optim.accumulate_steps)
 
     def ema_momentum(self, step: int) -> float:
         return 0.0  # no EMA teacher

@@ -24,7 +24,9 @@ student and teacher within a task. Losses (:mod:`mlsctl.methods.sove_ops`):
 Total ``L_CLS + L_patch`` (λ1 = λ2 = 1); no centering, no Sinkhorn. The teacher temperature of
 both losses follows one schedule, as in the authors' code (their separate 0.07 patch temperature is
 never used there). Anchors are the same on every process (drawn from ``(seed, step)``); the patch
-each process stores is drawn from ``(seed, step, rank)``. Logged: ``loss/cls``, ``loss/patch``,
+each process stores is drawn from ``(seed, step, rank)``. With gradient accumulation every
+micro-batch of a step uses the step's judges (drawn once, from the memories as they were at the
+start of the step) and stores the patches one batch of the whole step would pick for its rows. Logged: ``loss/cls``, ``loss/patch``,
 the seconds spent in judge selection (``time/judges``), in the votes and losses
 (``time/votes``) and in the memory updates (``time/memory``), and the masked share.
 """
@@ -103,6 +105,7 @@ class SOVE(Method):
             "image_id": Column((), torch.long), "box": Column((4,), torch.float32),
             "region": Column((4,), torch.float32)},
             init="random_unit", generator=generator, query_feature=QueryFeature("patch_mean", projection="head"))
+        self._step_judges: dict = {}  # the judges of the current optimiser step, shared by its micro-batches
 
     # ------------------------------------------------------------------ declarations
     @classmethod
@@ -152,6 +155,9 @@ class SOVE(Method):
     def ema_pairs(self):
         return [(self.student, self.teacher)]
 
+    def end_step(self, step):
+        self._step_judges.clear()
+
     def banks(self):
         return {"E_C": self.class_memory, "E_P": self.patch_memory}
 
@@ -200,11 +206,19 @@ class SOVE(Method):
         return torch.Generator().manual_seed(sample_seed(self.recipe.seed, step, RNG_STREAM + stream))
 
     def _judges(self, memory: MemoryBank, task: str, step: int, stream: int):
+        """The judges of ``step`` from (seed, step, stream). With gradient accumulation the step's
+        first micro-batch draws them and the others reuse them (the loop holds the memories' writes
+        until the step ends, so they would draw the same judges; ``end_step`` forgets them)."""
         cfg = self.cfg
+        if self.micro_batch[1] > 1 and (task, step) in self._step_judges:
+            return self._step_judges[(task, step)]
         generator = self._generator(step, stream)
-        return sample_judges(memory.vectors, getattr(cfg, f"{task}_tasks"), getattr(cfg, f"{task}_anchors"),
-                             getattr(cfg, f"{task}_supports"), eps=cfg.anchor_eps, generator=generator,
-                             anchor_selection=cfg.anchor_selection, chunk=cfg.judge_chunk, search=cfg.judge_search)
+        judges = sample_judges(memory.vectors, getattr(cfg, f"{task}_tasks"), getattr(cfg, f"{task}_anchors"),
+                               getattr(cfg, f"{task}_supports"), eps=cfg.anchor_eps, generator=generator,
+                               anchor_selection=cfg.anchor_selection, chunk=cfg.judge_chunk, search=cfg.judge_search)
+        if self.micro_batch[1] > 1:
+            self._step_judges[(task, step)] = judges
+        return judges
 
     def training_step(self, batch, step):
         cfg = self.cfg
@@ -274,7 +288,9 @@ class SOVE(Method):
             view2 = batch.boxes[:, 1].float()
             self.class_memory.enqueue(teacher_cls[b:], step=step, image_id=batch.image_ids, box=view2)
             h, w = teacher_out.patches.shape[1:3]
-            picked = torch.randint(0, h * w, (b,), generator=self._generator(step, 2 + dist.rank()))
+            micro, count = self.micro_batch  # micro-batch m: the picks of rows m*b.. of the step's batch
+            picked = torch.randint(0, h * w, (count * b,), generator=self._generator(step, 2 + dist.rank()))
+            picked = picked[micro * b:(micro + 1) * b]
             picked = picked.to(teacher_out.patches.device)
             patch = teacher_out.patches[b:].flatten(1, 2)[torch.arange(b, device=picked.device), picked]
             self.patch_memory.enqueue(self.teacher.head(patch).float(), step=step, image_id=batch.image_ids, box=view2,
