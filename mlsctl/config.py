@@ -167,10 +167,13 @@ def timm_kwargs_problem(kwargs: Any) -> Optional[str]:
 
 @dataclass
 class OptimConfig:
-    batch_size: int = param(64, help="images per process and step", ge=1)
+    batch_size: int = param(64, help="images per process and forward pass (one micro-batch when accumulate_steps > 1)",
+                            ge=1)
+    accumulate_steps: int = param(1, help="micro-batches whose gradients are averaged into one optimiser step: a step "
+                                          "sees batch_size x accumulate_steps x processes images", ge=1)
     epochs: int = param(100, help="passes over the data", ge=1)
     lr: float = param(5e-4, help="peak learning rate (per 256 images when scale_lr)", gt=0.0)
-    scale_lr: bool = param(True, help="multiply lr by total batch / 256 (DINO's rule)")
+    scale_lr: bool = param(True, help="multiply lr by the images of an optimiser step / 256 (DINO's rule)")
     min_lr: float = param(1e-6, help="final learning rate of the cosine", ge=0.0)
     warmup_epochs: float = param(10.0, help="linear learning-rate warm-up", ge=0.0)
     weight_decay: float = param(0.04, help="weight decay at the start", ge=0.0)

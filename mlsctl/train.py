@@ -3,8 +3,14 @@
 Read top to bottom, :func:`pretrain` does: set up Accelerate and the run directory → build the
 data and the method → optimiser (AdamW, Adam or SGD) with parameter groups → restore a checkpoint (``--resume``)
 or initial weights (``--init-from``) → for each step: set the scheduled learning rate and weight
-decay, run the method's ``training_step``, back-propagate, clip, freeze the last layer early on,
-step the optimiser, update the EMA teachers, log, checkpoint.
+decay, run the method's ``training_step`` and back-propagate for each of the step's micro-batches
+(``optim.accumulate_steps``, 1 by default; the banks' writes held until the last one), end the
+method's step, clip, freeze the last layer early on, step the optimiser, update the EMA teachers,
+log, checkpoint.
+
+A step is an optimiser step: schedules, the steps of an epoch, the logged ``step`` and
+checkpoints count them, and checkpoints are written only between steps, never in the middle of an
+accumulation (docs/accumulation.md).
 
 Exact resume: everything that decides the next step is in the checkpoint or is a pure function of
 the step (see :mod:`mlsctl.data.loader` and :mod:`mlsctl.schedules`): weights and buffers, banks,
@@ -15,6 +21,7 @@ loss sequence as an uninterrupted one (``tests/test_train.py``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -585,7 +592,8 @@ def _train(run: Run, recipe, accelerator, folder: ImageFolder, dataset, collate_
             _truncate_metrics(run.metrics_path, start_step)
 
     model, optimizer = accelerator.prepare(method, optimizer)
-    batch_global = recipe.optim.batch_size * world
+    accumulate = recipe.optim.accumulate_steps
+    batch_global = recipe.optim.batch_size * world * accumulate  # the images of one optimiser step
     peak_lr = recipe.optim.lr * (batch_global / 256 if recipe.optim.scale_lr else 1.0)
     warmup_steps = schedule.steps(recipe.optim.warmup_epochs)
     freeze_steps = schedule.steps(recipe.optim.freeze_last_layer_epochs)
@@ -596,8 +604,10 @@ def _train(run: Run, recipe, accelerator, folder: ImageFolder, dataset, collate_
         log.info(f"mlsctl {__version__} | {recipe.method.name} on {len(folder)} images from {folder.root} | "
                  f"{world} process{'es' if world > 1 else ''} on {accelerator.device} ({precision}) | "
                  f"{n_params / 1e6:.2f}M trainable parameters")
+        made = (f" ({recipe.optim.batch_size} x {world} process{'es' if world > 1 else ''} x {accumulate} "
+                f"accumulated micro-batches)" if accumulate > 1 else "")
         log.info(f"{schedule.steps_per_epoch} steps/epoch x {recipe.optim.epochs} epochs = {total_steps} steps of "
-                 f"{batch_global} images | peak lr {peak_lr:.3g} | run: {run.root}")
+                 f"{batch_global} images{made} | peak lr {peak_lr:.3g} | run: {run.root}")
     if start_step >= total_steps:
         if is_main:
             log.info(f"{run.root} is already complete ({start_step} steps); nothing to do")
@@ -629,13 +639,10 @@ def _train(run: Run, recipe, accelerator, folder: ImageFolder, dataset, collate_
     warned: set[str] = set()  # banks already reported as collapsed
     shown: dict[str, str] = {}  # the monitor's last k-NN top-1 in the progress bar
     model.train()
+    batches = iter(loader)  # accumulate micro-batches per step (StepBatchSampler)
+    banks = list(method.banks().values())
     try:
-        for step, batch in zip(range(start_step, total_steps), loader):
-            skips.extend(batch.skipped)
-            step_started = time.perf_counter()
-            batch = batch.to(accelerator.device)
-            if on_device is not None:
-                batch = on_device(batch)
+        for step in range(start_step, total_steps):
             lr = cosine(step, total_steps, peak_lr, recipe.optim.min_lr, warmup_steps)
             weight_decay = cosine(step, total_steps, recipe.optim.weight_decay, recipe.optim.weight_decay_end)
             for group in optimizer.param_groups:
@@ -643,12 +650,36 @@ def _train(run: Run, recipe, accelerator, folder: ImageFolder, dataset, collate_
                 if group["apply_weight_decay"]:
                     group["weight_decay"] = weight_decay
 
-            out = model(batch, step)
-            first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(out.loss.detach()), step, first_bad_step)
-            if accelerator.device.type != "cuda":  # free on a CPU: stop at once
-                _check_finite(first_bad_step)
+            # forward and backward of each micro-batch; gradients add up (each loss divided by
+            # accumulate: their mean), DDP synchronises them on the last one only; the banks read
+            # as at the start of the step and are written after its last micro-batch
             optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(out.loss)
+            for bank in banks:
+                bank.hold()
+            step_out, step_seconds = _StepOutputs(accumulate), 0.0
+            for micro in range(accumulate):
+                batch = next(batches)
+                skips.extend(batch.skipped)
+                micro_started = time.perf_counter()  # compute only: waiting for data is not counted
+                batch = batch.to(accelerator.device)
+                if on_device is not None:
+                    batch = on_device(batch)
+                method.micro_batch = (micro, accumulate)
+                with accelerator.no_sync(model) if micro < accumulate - 1 else contextlib.nullcontext():
+                    out = model(batch, step)
+                    loss = out.loss.detach()
+                    first_bad_step = torch.where((first_bad_step < 0) & ~torch.isfinite(loss), step, first_bad_step)
+                    if accelerator.device.type != "cuda":  # free on a CPU: stop at once
+                        _check_finite(first_bad_step)
+                    accelerator.backward(out.loss / accumulate if accumulate > 1 else out.loss)
+                step_out.add(out)
+                del out, batch
+                step_seconds += time.perf_counter() - micro_started
+            micro_started = time.perf_counter()
+            method.micro_batch = (0, 1)
+            method.end_step(step)
+            for bank in banks:
+                bank.release()
             if accelerator.scaler is not None:
                 accelerator.unscale_gradients()
             grad_norm = _clip_gradients(trainable, recipe.optim.clip_grad, recipe.optim.clip_grad_mode, accelerator)
@@ -658,7 +689,7 @@ def _train(run: Run, recipe, accelerator, folder: ImageFolder, dataset, collate_
             optimizer.step()
             momentum = method.ema_momentum(step)
             ema_update(method.ema_pairs(), momentum)
-            step_seconds = time.perf_counter() - step_started  # compute only: waiting for data is not counted
+            step_seconds += time.perf_counter() - micro_started
             if is_main:
                 bar.update(1)
 
@@ -674,7 +705,7 @@ def _train(run: Run, recipe, accelerator, folder: ImageFolder, dataset, collate_
             if monitor is not None and done % recipe.train.monitor.every == 0:
                 health.update(monitor(method.teacher_backbone(), accelerator.device))
                 shown["knn"] = f"{100 * health['monitor/knn_top1']:.1f}%"
-                bar.set_postfix(loss=f"{float(out.loss.detach()):.4f}", **shown, refresh=False)
+                bar.set_postfix(loss=f"{float(step_out.loss()):.4f}", **shown, refresh=False)
                 progress_log.info(f"step {done}: " + ", ".join(f"{k} {v:.4f}" for k, v in health.items()
                                                                   if k.startswith("monitor/")))
             if health and not (done % recipe.train.log_every == 0 or done == total_steps):
@@ -683,9 +714,8 @@ def _train(run: Run, recipe, accelerator, folder: ImageFolder, dataset, collate_
                     accelerator.log(health, step=done)
             if logged:
                 now = time.perf_counter()
-                # loss terms and metrics of the global batch: averaged over processes
-                scalars = {"loss": float(out.loss.detach()), **{f"loss/{k}": float(v) for k, v in out.terms.items()},
-                           **{k: float(v) for k, v in out.metrics.items()}}
+                # loss terms and metrics of the global batch: averaged over micro-batches and processes
+                scalars = step_out.scalars()
                 scalars = dist.mean_over_processes(scalars)
                 loss_value = scalars["loss"]
                 record = {"step": done, "epoch": schedule.epoch(step), **{k: scalars[k] for k in scalars if k.startswith("loss")}}
@@ -695,9 +725,9 @@ def _train(run: Run, recipe, accelerator, folder: ImageFolder, dataset, collate_
                 record.update(health)
                 record.update({k: v for k, v in scalars.items() if not k.startswith("loss")})
                 # seconds of this step; a method's own timings (time/...) leave the rest as time/other
-                method_seconds = sum(float(v) for k, v in out.metrics.items() if k.startswith("time/"))
+                method_seconds = step_out.method_seconds()
                 record.update({"time/step": step_seconds, "time/other": step_seconds - method_seconds})
-                if any(k.startswith("time/") for k in out.metrics):  # the share of the method's own operations
+                if any(k.startswith("time/") for k in scalars):  # the share of the method's own operations
                     record["time/method_share"] = method_seconds / max(step_seconds, 1e-9)
                 images_since, last_time = 0, now
                 if is_main:
@@ -740,6 +770,36 @@ def _train(run: Run, recipe, accelerator, folder: ImageFolder, dataset, collate_
                  f"run in {run.root}")
     dist.barrier()
     return RunSummary(run.root, total_steps, throughput, loss_value, elapsed)
+
+
+class _StepOutputs:
+    """The :class:`~mlsctl.methods.base.StepOutput` of an optimiser step's micro-batches, kept on
+    the device until logged: the loss, its terms and the metrics are their means over the
+    micro-batches, the method's timings (``time/...``) their sums."""
+
+    def __init__(self, count: int):
+        self.count = count
+        self.sums: dict[str, float | torch.Tensor] = {}
+
+    def add(self, out) -> None:
+        values = {"loss": out.loss.detach(), **{f"loss/{k}": v for k, v in out.terms.items()}, **out.metrics}
+        for key, value in values.items():
+            value = value.detach() if isinstance(value, torch.Tensor) else value
+            self.sums[key] = value if key not in self.sums else self.sums[key] + value
+
+    def _mean(self, key: str):
+        value = self.sums[key]
+        return value if self.count == 1 or key.startswith("time/") else value / self.count
+
+    def loss(self):
+        return self._mean("loss")
+
+    def scalars(self) -> dict[str, float]:
+        return {key: float(self._mean(key)) for key in self.sums}
+
+    def method_seconds(self) -> float:
+        """This process's seconds in the method's own timed operations during the step."""
+        return sum(float(v) for k, v in self.sums.items() if k.startswith("time/"))
 
 
 def _check_finite(first_bad_step: torch.Tensor, banks: Optional[dict] = None) -> None:
