@@ -25,6 +25,11 @@ view 1 (``region``, original pixels) and cluster id; it is queried before the ba
 enqueued and gathered across processes. The bootstrapping ratio (cycle-consistent pairs over
 2 × objects) is logged every step, with the valid objects per image, and the seconds spent in
 clustering, retrieval and the bank update.
+
+With gradient accumulation "the batch" is the optimiser step's: every micro-batch retrieves from
+the bank as it was at the start of the step, the step's objects are written at its end, and both
+centres move once per step (:class:`~mlsctl.methods.dino.StepCenters`); the object losses stay
+means over each micro-batch's own objects, as over each process's (docs/accumulation.md).
 """
 
 from __future__ import annotations
