@@ -788,7 +788,7 @@ def _bank_health(banks: dict, step: int, warned: set[str]) -> dict:
         if reasons and name not in warned:
             warned.add(name)
             log.warning(f"memory bank '{name}' looks collapsed at step {step}: {'; '.join(reasons)} "
-                        f"(see README, 'Memory-bank health')")
+                        f"(see docs/banks.md, 'Memory-bank health')")
     return record
 
 
