@@ -74,12 +74,14 @@ def data_config(img_size: int) -> dict:
 _ARCHITECTURE_CFG_KEYS = ("first_conv", "classifier")
 
 
-def provenance(run: Run, recipe, step: Optional[int], fingerprint: str) -> dict:
-    """What a backbone of ``run`` is: run name and folder, method, data root, checkpoint step, fingerprint."""
+def provenance(run: Run, recipe, step: Optional[int], fingerprint: Optional[str] = None) -> dict:
+    """What a backbone of ``run`` is: run name and folder, method, data root, checkpoint step, and
+    (for an export) the fingerprint of its weights."""
     from mlsctl import __version__
 
-    return {"run": run.root.name, "run_path": str(run.root.resolve()), "method": recipe.method.name,
-            "data_root": recipe.data.root, "step": step, "fingerprint": fingerprint, "mlsctl_version": __version__}
+    record = {"run": run.root.name, "run_path": str(run.root.resolve()), "method": recipe.method.name,
+              "data_root": recipe.data.root, "step": step, "mlsctl_version": __version__}
+    return {**record, "fingerprint": fingerprint} if fingerprint is not None else record
 
 
 def run_pretrained_cfg(net: torch.nn.Module, recipe, record: dict) -> dict:
@@ -285,11 +287,10 @@ def load_backbone(path: str | Path) -> torch.nn.Module:
         return _load_export(path)
     if (path / "config.yaml").is_file():
         from mlsctl.models import lora
-        from mlsctl.models.source import fingerprint
 
         run, recipe, choice, step = _teacher(path, None)
         vit = lora.merged_vit(choice.backbone.model).eval()
-        _set_pretrained_cfg(vit, run_pretrained_cfg(vit, recipe, provenance(run, recipe, step, fingerprint(vit))))
+        _set_pretrained_cfg(vit, run_pretrained_cfg(vit, recipe, provenance(run, recipe, step)))
         return vit
     raise UserError(f"{path} is neither an exported model folder (config.json + model.safetensors) nor a run folder "
                     f"(config.yaml); give one of them")
