@@ -93,3 +93,74 @@ def test_readme_documents_every_recipe_key_and_recipe():
     assert missing == []
     for path in (REPO / "recipes").glob("*.yaml"):
         assert f"recipes/{path.name}" in text
+
+
+# ----------------------------------------------------------------------------------- options of a fixed set
+
+
+def _library_choices() -> dict[tuple[str, str], tuple[str, ...]]:
+    """(command, option) → the values the library accepts: what --help must list."""
+    from mlsctl import bank_inspect, features, gallery
+    from mlsctl.data import datasets, fmnist_products
+    from mlsctl.evaluate import knn, knn_seg
+    from mlsctl.refine import plot as refine_plot
+
+    splits = tuple(dict.fromkeys(s for name in datasets.DATASETS for s in datasets.reader(name).SPLITS))
+    segmentation, classification = ("folders",) + datasets.SEGMENTATION, ("folders",) + datasets.CLASSIFICATION
+    table = {("embed", "--dataset"): datasets.DATASETS, ("embed", "--split"): splits,
+             ("embed", "--resize"): features.RESIZE_MODES, ("embed", "--dtype"): tuple(features.DTYPES),
+             ("eval knn-seg", "--protocol"): tuple(knn_seg.PROTOCOLS), ("eval knn-seg", "--index"): knn_seg.INDEXES,
+             ("eval knn-seg", "--search"): knn_seg.SEARCHES, ("eval knn-seg", "--device"): knn.DEVICES,
+             ("eval knn", "--device"): knn.DEVICES,
+             ("bank plot", "--color-by"): ("age", "label"), ("bank plot", "--projection"): bank_inspect.PROJECTIONS,
+             ("index build", "--index"): gallery.INDEX_KINDS, ("index build", "--dtype"): tuple(gallery.STORAGE_DTYPES),
+             ("refine apply", "--dtype"): tuple(features.DTYPES), ("refine plot", "--projection"): refine_plot.PROJECTIONS,
+             ("data fmnist-products", "--layout"): fmnist_products.LAYOUTS, ("export", "--format"): ("timm",)}
+    for command, datasets_ in (("eval knn-seg", segmentation), ("eval linear-seg", segmentation),
+                               ("eval knn", classification), ("eval linear", classification)):
+        table.update({(command, "--dataset"): datasets_, (command, "--train-split"): splits,
+                      (command, "--val-split"): splits})
+    return table
+
+
+def _options_in_help(help_text: str) -> dict[str, str]:
+    """--option → its metavar in --help (``<square|center-crop>``, ``<path>``)."""
+    return {m.group(1): m.group(2) for m in re.finditer(r"^\s+(?:-\w, )?(--[\w-]+) <([^>]*)>", help_text, re.M)}
+
+
+def _fixed_set_options_in_the_code() -> set[str]:
+    """Options the library or the CLI refuses with "--NAME VALUE is not one of ..." (or "... must be
+    A or B", "... is not a split of"): every command's option of that name takes a fixed set."""
+    names = set()
+    pattern = re.compile(r"--([a-z][a-z0-9-]*)(?: \{[^{}]+\} is not (?:one of|a split of)| must be \w+ or \w+)")
+    for path in (REPO / "mlsctl").rglob("*.py"):
+        names |= set(pattern.findall(path.read_text()))
+    return names
+
+
+def test_every_option_of_a_fixed_set_lists_its_choices_in_help_and_refuses_others_in_one_sentence(capsys):
+    from test_hardening import one_sentence
+
+    expected = _library_choices()
+    in_code = _fixed_set_options_in_the_code()
+    assert in_code >= {"dataset", "split", "resize", "dtype", "protocol", "index", "search", "device", "layout",
+                       "projection"}
+    listed = {}
+    for command in _leaf_commands():
+        code, out, _ = cli(*command, "--help", capsys=capsys)
+        assert code == 0, command
+        for option, metavar in _options_in_help(out).items():
+            name = " ".join(command)
+            if (name, option) in expected or "|" in metavar:
+                listed[name, option] = metavar
+            # an option the code checks against a fixed set, shown as free text, is what this test is for
+            assert not (option[2:] in in_code and metavar == "str"), f"mlsctl {name} {option} <str> lists no choices"
+    assert set(listed) == set(expected), "options with choices and the table above differ"
+    for (name, option), values in expected.items():
+        assert sorted(listed[name, option].split("|")) == sorted(values), (name, option, listed[name, option], values)
+        code, _, err = cli(*name.split(), option, "no-such-value", capsys=capsys)
+        sentence = one_sentence(err)
+        assert code == 2 and f"{option} no-such-value" in sentence and all(v in sentence for v in values), sentence
+    code, _, err = cli("embed", "x", "--resize", "centre-crop", capsys=capsys)
+    assert one_sentence(err) == ("error: --resize centre-crop is not one of square, center-crop; did you mean "
+                                 "center-crop?")
