@@ -164,3 +164,13 @@ def test_every_option_of_a_fixed_set_lists_its_choices_in_help_and_refuses_other
     code, _, err = cli("embed", "x", "--resize", "centre-crop", capsys=capsys)
     assert one_sentence(err) == ("error: --resize centre-crop is not one of square, center-crop; did you mean "
                                  "center-crop?")
+
+
+def test_commands_are_listed_in_workflow_order(capsys):
+    from mlsctl.cli._options import COMMAND_ORDER
+
+    code, out, _ = cli("--help", capsys=capsys)
+    listed = re.findall(r"^  ([a-z][\w-]*)  ", out.split("Commands:")[1], re.M)
+    assert listed == ["data", "recipes", "pretrain", "embed", "eval", "bank", "index", "search", "serve", "refine",
+                      "export", "plot", "report", "viz"]
+    assert sorted(listed) == sorted(COMMAND_ORDER) == sorted({c[0] for c in _leaf_commands()})  # none left out

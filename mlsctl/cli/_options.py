@@ -1,4 +1,5 @@
-"""What the commands share in how they parse: options whose value is one of a fixed set.
+"""What the commands share in how they parse and list: options whose value is one of a fixed set,
+and the order of the commands in ``mlsctl --help``.
 
 Such an option is annotated with a ``Literal`` of its values, so ``--help`` lists them
 (``--resize <square|center-crop>``), and parsed by :func:`one_of`, so a wrong value is one sentence
@@ -15,6 +16,22 @@ from __future__ import annotations
 
 import difflib
 from typing import Any, Callable, Optional, get_args
+
+from typer.core import TyperGroup
+
+# `mlsctl --help` lists the commands in the order of the work: build data, pick a recipe, pretrain,
+# embed, evaluate, look inside the banks, build a gallery and search it (or serve it), refine
+# embeddings, export the backbone, draw and report. A command missing here is listed last.
+COMMAND_ORDER = ("data", "recipes", "pretrain", "embed", "eval", "bank", "index", "search", "serve", "refine",
+                 "export", "plot", "report", "viz")
+
+
+class WorkflowGroup(TyperGroup):
+    """The root command group, listing its commands in :data:`COMMAND_ORDER`."""
+
+    def list_commands(self, ctx) -> list[str]:
+        rank = {name: i for i, name in enumerate(COMMAND_ORDER)}
+        return sorted(super().list_commands(ctx), key=lambda name: rank.get(name, len(rank)))
 
 
 def one_of(option: str, kind: Any, problem: Optional[str] = None) -> Callable[[str], str]:
