@@ -174,3 +174,25 @@ def test_commands_are_listed_in_workflow_order(capsys):
     assert listed == ["data", "recipes", "pretrain", "embed", "eval", "bank", "index", "search", "serve", "refine",
                       "export", "plot", "report", "viz"]
     assert sorted(listed) == sorted(COMMAND_ORDER) == sorted({c[0] for c in _leaf_commands()})  # none left out
+
+
+def test_an_override_written_as_an_option_gets_the_spelling_that_works(capsys):
+    from test_hardening import one_sentence
+
+    from mlsctl.cli._options import dashed_override
+
+    for args, fix in ((["pretrain", "dino_fmnist_quick", "--data.root=/x"], "write data.root=/x instead of --data.root=/x"),
+                      (["pretrain", "dino_fmnist_quick", "--out", "runs/x", "--data.root", "/x"],
+                       "write data.root=/x instead of --data.root /x"),
+                      (["pretrain", "--optim.lr", "--out", "runs/x", "dino_fmnist_quick"],
+                       "write optim.lr=VALUE instead of --optim.lr"),
+                      (["pretrain", "dino_fmnist_quick", "--seed=3"], "write seed=3 instead of --seed=3"),
+                      (["pretrain", "dino_fmnist_quick", "--description=a b"], "write 'description=a b' instead of"),
+                      (["refine", "train", "features/x", "--method.blocks=2"], "write method.blocks=2 instead of")):
+        code, _, err = cli(*args, capsys=capsys)
+        assert code == 2 and one_sentence(err).startswith(f"error: overrides take no dashes: {fix}"), (args, err)
+    code, _, err = cli("pretrain", "dino_fmnist_quick", "--overwirte", capsys=capsys)  # a mistyped option stays one
+    assert code == 2 and "No such option: --overwirte" in err and "dashes" not in err
+    # the command's own options, their values and what follows -- are not overrides
+    assert dashed_override(["--seed", "3", "--out", "--x.y", "--", "--data.root=/x"], {"--seed", "--out"},
+                           {"--seed", "--out"}) is None

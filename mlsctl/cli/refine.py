@@ -7,7 +7,7 @@ from typing import Literal, Optional
 
 import typer
 
-from mlsctl.cli._options import one_of
+from mlsctl.cli._options import OverridesCommand, one_of
 
 app = typer.Typer(rich_markup_mode=None, no_args_is_help=True,
                   help="Context refinement: embeddings attend to their nearest neighbours (train, apply, plot).")
@@ -21,7 +21,7 @@ def _say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-@app.command("train", context_settings={"allow_interspersed_args": True})
+@app.command("train", context_settings={"allow_interspersed_args": True}, cls=OverridesCommand)
 def train(
     features: Path = typer.Argument(..., help="Feature folder of the training embeddings (mlsctl embed)."),
     overrides: Optional[list[str]] = typer.Argument(None, help="Dotted overrides of the refine recipe: optim.epochs=5 method.mlp_ratio=1", show_default=False),
