@@ -5,7 +5,7 @@ import re
 
 from mlsctl import __version__
 
-from conftest import REPO, cli, run_cli
+from conftest import REPO, cli, cli_ok, run_cli
 
 
 def test_version_and_help():
@@ -196,3 +196,41 @@ def test_an_override_written_as_an_option_gets_the_spelling_that_works(capsys):
     # the command's own options, their values and what follows -- are not overrides
     assert dashed_override(["--seed", "3", "--out", "--x.y", "--", "--data.root=/x"], {"--seed", "--out"},
                            {"--seed", "--out"}) is None
+
+
+def test_recipes_show_prints_every_resolved_key_with_its_help(capsys, tmp_path):
+    from dataclasses import fields, is_dataclass
+
+    from mlsctl import config
+
+    from test_hardening import one_sentence
+
+    def leaves(obj, prefix=""):
+        for f in fields(obj):
+            value = getattr(obj, f.name)
+            yield from leaves(value, f"{prefix}{f.name}.") if is_dataclass(value) else [(prefix + f.name, value)]
+
+    recipe = config.load_recipe("dino_fmnist_quick")
+    out, _ = cli_ok(capsys, "recipes", "--show", "dino_fmnist_quick", "--json")
+    shown = json.loads(out)
+    assert shown["recipe"].endswith("recipes/dino_fmnist_quick.yaml")
+    rows = {r["key"]: r for r in shown["keys"]}
+    assert list(rows) == [key for key, _ in leaves(recipe)]  # every key, after defaults, method's included
+    assert all(r["help"] and r["type"] for r in rows.values())
+    assert rows["optim.lr"]["set_by"] == "recipe" and rows["data.augment"] == {
+        "key": "data.augment", "value": "cpu", "set_by": "default", "type": "one of cpu, gpu",
+        "help": config.DataConfig.__dataclass_fields__["augment"].metadata["help"]}
+    assert rows["method.teacher_temp"]["value"] == recipe.method.teacher_temp
+    assert rows["data.global_crops.scale"]["type"] == "a list of 2 numbers (> 0.0, <= 1.0)"
+    table, _ = cli_ok(capsys, "recipes", "--show", "dino_fmnist_quick")
+    line = next(line for line in table.splitlines() if line.startswith("optim.lr "))
+    assert line.split()[1:3] == [str(recipe.optim.lr), "recipe"] and "peak learning rate" in line
+    assert "keys, " in table.splitlines()[-1] and "set by the recipe" in table.splitlines()[-1]
+    # a YAML file works too; every key of the schema is listed, those it leaves out as defaults
+    path = tmp_path / "mine.yaml"
+    path.write_text("method: {name: mile}\noptim: {epochs: 30}\n")
+    rows = {r["key"]: r for r in json.loads(cli_ok(capsys, "recipes", "--show", str(path), "--json")[0])["keys"]}
+    assert rows["optim.epochs"] == {**rows["optim.epochs"], "value": 30, "set_by": "recipe"}
+    assert rows["method.set_length"]["set_by"] == "default" and rows["seed"]["set_by"] == "default"
+    code, _, err = cli("recipes", "--show", "dino_fmnist_quik", capsys=capsys)
+    assert code == 2 and "did you mean 'dino_fmnist_quick'" in one_sentence(err)
