@@ -33,6 +33,7 @@ import math
 import os
 import platform
 import random
+import re
 import shutil
 import socket
 import subprocess
@@ -54,6 +55,9 @@ from search import clustered  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]
+
+# a request the server answered with 2xx, as its log says it: "DATE TIME METHOD PATH STATUS MSms"
+ANSWERED = re.compile(r"\S+ \S+ [A-Z]+ .* 2\d\d \d+\.\dms")
 
 
 def multipart(files: list[tuple[str, bytes]]) -> tuple[bytes, str]:
@@ -223,7 +227,10 @@ def soak(args) -> dict:
         server = None
         on_disk = Gallery(gallery)
         stored = {obj: (on_disk.count(obj) if obj in on_disk.row_of else 0) for obj in acknowledged}
-        log_lines = (work / "serve.log").read_text().splitlines()
+        # what the log says beyond its two start lines, a line per answered request and the stop line:
+        # failed requests, anything else the server had to say
+        log_lines = [line for line in (work / "serve.log").read_text().splitlines()[2:]
+                     if not ANSWERED.fullmatch(line) and not line.startswith("interrupted: ")]
     finally:
         if server is not None:
             server.stop()
@@ -245,7 +252,7 @@ def soak(args) -> dict:
            "latency_ms": {kind: {"p50": ms(values, 50), "p99": ms(values, 99), "max": ms(values, 100)}
                           for kind, values in latency.items()},
            "rss_mb": {"idle": round(idle_rss), "peak": round(peak_rss), "samples_max": round(max(rss_samples, default=0))},
-           "server_log_lines": len(log_lines) - 2, "machine": machine()}
+           "server_log_lines": len(log_lines), "machine": machine()}
     print(f"{args.clients} clients for {wall:.0f} s against {args.objects:,} objects: {len(records)} requests "
           f"({row['requests_per_s']} /s), {len(errors)} failed, {lost_served} + {lost_stored} adds lost; latency p50 "
           f"{row['latency_ms']['all']['p50']} ms, p99 {row['latency_ms']['all']['p99']} ms (search p50/p99 "

@@ -197,9 +197,14 @@ def neighbour_tiles(neighbours: Sequence[Neighbour], sources: SourceImages, cell
     return tiles
 
 
+PROJECTIONS = ("auto", "pca", "tsne")
+
+
 def project_2d(vectors: torch.Tensor, method: str = "auto", seed: int = 0) -> tuple[torch.Tensor, str]:
     """[n, D] → ([n, 2], the method used): PCA of the L2-normalised vectors, or t-SNE when
     ``method`` is "tsne" (or "auto" with scikit-learn installed)."""
+    if method not in PROJECTIONS:
+        raise UserError(f"--projection {method} is not one of {', '.join(PROJECTIONS)}")
     unit = F.normalize(vectors.double(), dim=1)
     if method in ("auto", "tsne"):
         try:

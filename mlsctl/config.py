@@ -686,6 +686,42 @@ def save_recipe(recipe: Recipe, path: str | Path) -> None:
     atomic.write_text(path, dump_recipe(recipe))
 
 
+def recipe_keys(recipe: Recipe, given: Any = None) -> list[dict]:
+    """Every key of a resolved recipe, in schema order, with what documents it: ``key`` (the dotted
+    path an override names), ``value``, ``set_by`` ("recipe" when ``given``, the recipe's YAML as
+    read, sets it; else "default"), ``type`` (what the key takes, as error messages word it) and
+    ``help`` (the field's one line). What ``mlsctl recipes --show`` prints."""
+    rows: list[dict] = []
+
+    def sets(path: list[str]) -> bool:
+        node = given
+        for part in path:
+            if not isinstance(node, dict) or part not in node:
+                return False
+            node = node[part]
+        return True
+
+    def walk(obj: Any, path: list[str]) -> None:
+        hints = get_type_hints(type(obj))
+        for f in fields(obj):
+            value = getattr(obj, f.name)
+            if is_dataclass(value):
+                walk(value, path + [f.name])
+                continue
+            rows.append({"key": ".".join(path + [f.name]), "value": to_dict(value) if isinstance(value, (list, tuple, dict))
+                         else value, "set_by": "recipe" if sets(path + [f.name]) else "default",
+                         "type": _describe(hints[f.name]) + _bounds_text(f.metadata), "help": f.metadata.get("help", "")})
+
+    walk(recipe, [])
+    return rows
+
+
+def _bounds_text(meta: Any) -> str:
+    bounds = [f"{sign} {meta[key]}" for key, sign in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
+              if meta.get(key) is not None]
+    return f" ({', '.join(bounds)})" if bounds else ""
+
+
 def differences(a: Recipe, b: Recipe, prefix: str = "") -> list[str]:
     """Key paths whose values differ between two recipes (for resume checks)."""
     da, db = to_dict(a), to_dict(b)

@@ -235,8 +235,8 @@ def train_index(unit: np.ndarray, settings: IndexSettings):
     n, d = unit.shape
     if settings.kind == "flat":
         return faiss.IndexIDMap2(faiss.IndexFlatIP(d))
-    if settings.kind != "ivfpq":
-        raise UserError(f"--index must be flat or ivfpq, got {settings.kind!r}")
+    if settings.kind not in INDEX_KINDS:
+        raise UserError(f"--index {settings.kind} is not one of {', '.join(INDEX_KINDS)}")
     nlist = settings.nlist or max(1, min(int(n ** 0.5), n // 39))
     m = settings.m or max(1, d // 8)
     if d % m:
@@ -297,6 +297,7 @@ def unit_rows(latents) -> np.ndarray:
 # after the add, never torn, and readers never see a row change under them.
 LATENTS, UNIT, COUNTS, IDS, INDEX = "latents.bin", "unit.bin", "counts.bin", "objects.txt", "index.faiss"
 STORAGE_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+INDEX_KINDS = ("flat", "ivfpq")
 
 
 class Gallery:

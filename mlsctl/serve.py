@@ -44,8 +44,11 @@ So the server's memory stays under its idle size + the decode budget + twice the
 few MB per working request, whatever the requests (docs/service.md has the measurements).
 
 Bad requests get a 4xx with ``{"error": "one sentence"}``, FastAPI's own answers (404, 405, 422)
-included; an unexpected failure a 500 with one sentence and no path. Every failed request is one
-line in the server's log; the server keeps serving.
+included; an unexpected failure a 500 with one sentence and no path; the server keeps serving.
+Every request is one line in the server's log (stderr): method, path, status and milliseconds, and
+for a failed request the sentence its client got; never a header (the token), a query string or a
+body. Stopped (SIGTERM, Ctrl-C), the server says what it saved: every add was written to disk
+before it was answered, so there is nothing left to write at the end (:meth:`GalleryService.summary`).
 """
 
 
@@ -68,7 +71,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Optional, Sequence
 from urllib.parse import urlsplit
 
-from mlsctl.errors import UserError
+from mlsctl.errors import Interrupted, UserError
 
 MAX_PHOTOS = 64
 MAX_REQUEST_PIXELS = 3 * 89_478_485  # three photos at Pillow's per-photo limit (decoding time, not memory)
@@ -197,6 +200,7 @@ class GalleryService:
         self.decode_budget = Budget(self.limits.decode_budget_bytes)
         self.index_lock = threading.Lock()
         self.model_lock = threading.Lock()  # one forward pass at a time: torch threads are shared anyway
+        self.added = {"requests": 0, "photos": 0, "objects": 0}  # adds answered this session (under index_lock)
 
     def close(self) -> None:
         self.lock_file.release()
@@ -362,6 +366,9 @@ class GalleryService:
             count = len(photos) + (0 if created else self.gallery.count(object_id))
             self.gallery.append([object_id], latent[None], [count])
             total = len(self.gallery)
+            self.added["requests"] += 1
+            self.added["photos"] += len(photos)
+            self.added["objects"] += created
         return {"object": object_id, "created": created, "photos": count, "objects": total}
 
     def get(self, object_id: str) -> dict:
@@ -370,11 +377,29 @@ class GalleryService:
                 raise RequestError(404, f"no object '{_shown(object_id)}' in the gallery")
             return {"object": object_id, "photos": self.gallery.count(object_id)}
 
+    def summary(self) -> str:
+        """What the session saved, said when the server stops. Every add was committed to the
+        gallery's files before its answer was sent, so nothing is written at the end."""
+        with self.index_lock:
+            objects, added = len(self.gallery), dict(self.added)
+        path = self.gallery.path
+        if self.read_only:
+            return f"nothing to save: {path} was served read-only ({_count(objects, 'object')})"
+        if not added["requests"]:
+            return f"nothing to save: no photos were added to {path} ({_count(objects, 'object')})"
+        return (f"saved {path} with {_count(objects, 'object')}: {_count(added['photos'], 'photo')} added this "
+                f"session by {_count(added['requests'], 'request')} ({_count(added['objects'], 'new object')}), each "
+                f"written to disk before it was answered")
+
     def health(self) -> dict:
         with self.index_lock:
             objects = len(self.gallery)
         return {"status": "ok", "gallery": self.gallery.path.name, "objects": objects,
                 "model": self.model.fingerprint[:12], "index": self.gallery.settings.kind, "read_only": self.read_only}
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
 class _Unclosed:
@@ -462,7 +487,7 @@ def _is_write(method: str, path: str) -> bool:
 
 class Guard:
     """The ASGI layer in front of the application: who may ask, how much they may send, and one
-    log line per failed request (and never a traceback)."""
+    log line per request (and never a traceback)."""
 
     def __init__(self, app, policy: Policy):
         self.app, self.policy = app, policy
@@ -514,9 +539,7 @@ class Guard:
                     pass
         finally:
             self.receiving -= reserved
-            status = state["status"]
-            if failure is not None or status is None or status >= 400:
-                self.log_failure(scope, status, state["error"], failure, state["started"])
+            self.log_request(scope, state["status"], state["error"], failure, state["started"])
 
     def refusal(self, scope) -> Optional[tuple]:
         """(status, sentence, headers) for a request refused before its body is read, or None."""
@@ -574,8 +597,14 @@ class Guard:
         limit = MAX_JSON_BYTES if kind.startswith("application/json") else self.policy.limits.max_request_bytes
         return limit, length
 
-    def log_failure(self, scope, status, body: bytes, failure, started: float) -> None:
-        path = _shown(scope.get("path", ""), 120)
+    def log_request(self, scope, status, body: bytes, failure, started: float) -> None:
+        """One line: method, path (no query string), status, milliseconds; for a failed request,
+        the sentence its client got (a 500: the exception's first line)."""
+        line = (f"{_shown(scope.get('method', '?'), 16)} {_shown(scope.get('path', ''), 120)} {status or '-'} "
+                f"{1000 * (time.perf_counter() - started):.1f}ms")
+        if failure is None and status is not None and status < 400:
+            log.info(line)
+            return
         if status == 499:  # starlette's ClientDisconnect, answered by the app's handler
             message = "the client went away before the request was read"
         elif failure is not None:
@@ -586,7 +615,7 @@ class Guard:
                 message = json.loads(body.decode("utf-8")).get("error", "")
             except (ValueError, AttributeError, UnicodeDecodeError):
                 message = body[:200].decode("utf-8", "replace")
-        log.warning(f"{scope.get('method', '?')} {path} {status or '-'} {time.perf_counter() - started:.3f}s: {message}")
+        log.warning(f"{line}: {message}")
 
 
 def _counted(receive, limit: int, scope):
@@ -868,7 +897,11 @@ def serve(gallery: Path, run: Optional[Path], host: str, port: int, root: Option
         config = uvicorn.Config(create_app(service, policy, docs), log_level="warning", access_log=False,
                                 limit_concurrency=MAX_CONNECTIONS, proxy_headers=False, server_header=False,
                                 timeout_keep_alive=5)
-        uvicorn.Server(config).run(sockets=[sock])
+        try:
+            uvicorn.Server(config).run(sockets=[sock])
+        except KeyboardInterrupt:  # SIGTERM or Ctrl-C, once uvicorn has finished the requests under way
+            raise Interrupted(service.summary()) from None
+        say(service.summary())
     finally:
         if token_path is not None:
             try:

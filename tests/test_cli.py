@@ -5,7 +5,7 @@ import re
 
 from mlsctl import __version__
 
-from conftest import REPO, cli, run_cli
+from conftest import REPO, cli, cli_ok, run_cli
 
 
 def test_version_and_help():
@@ -93,3 +93,144 @@ def test_docs_document_every_recipe_key_and_recipe():
     assert missing == []
     for path in (REPO / "recipes").glob("*.yaml"):
         assert f"recipes/{path.name}" in text
+
+
+# ----------------------------------------------------------------------------------- options of a fixed set
+
+
+def _library_choices() -> dict[tuple[str, str], tuple[str, ...]]:
+    """(command, option) → the values the library accepts: what --help must list."""
+    from mlsctl import bank_inspect, features, gallery
+    from mlsctl.data import datasets, fmnist_products
+    from mlsctl.evaluate import knn, knn_seg
+    from mlsctl.refine import plot as refine_plot
+
+    splits = tuple(dict.fromkeys(s for name in datasets.DATASETS for s in datasets.reader(name).SPLITS))
+    segmentation, classification = ("folders",) + datasets.SEGMENTATION, ("folders",) + datasets.CLASSIFICATION
+    table = {("embed", "--dataset"): datasets.DATASETS, ("embed", "--split"): splits,
+             ("embed", "--resize"): features.RESIZE_MODES, ("embed", "--dtype"): tuple(features.DTYPES),
+             ("eval knn-seg", "--protocol"): tuple(knn_seg.PROTOCOLS), ("eval knn-seg", "--index"): knn_seg.INDEXES,
+             ("eval knn-seg", "--search"): knn_seg.SEARCHES, ("eval knn-seg", "--device"): knn.DEVICES,
+             ("eval knn", "--device"): knn.DEVICES,
+             ("bank plot", "--color-by"): ("age", "label"), ("bank plot", "--projection"): bank_inspect.PROJECTIONS,
+             ("index build", "--index"): gallery.INDEX_KINDS, ("index build", "--dtype"): tuple(gallery.STORAGE_DTYPES),
+             ("refine apply", "--dtype"): tuple(features.DTYPES), ("refine plot", "--projection"): refine_plot.PROJECTIONS,
+             ("data fmnist-products", "--layout"): fmnist_products.LAYOUTS, ("export", "--format"): ("timm",)}
+    for command, datasets_ in (("eval knn-seg", segmentation), ("eval linear-seg", segmentation),
+                               ("eval knn", classification), ("eval linear", classification)):
+        table.update({(command, "--dataset"): datasets_, (command, "--train-split"): splits,
+                      (command, "--val-split"): splits})
+    return table
+
+
+def _options_in_help(help_text: str) -> dict[str, str]:
+    """--option → its metavar in --help (``<square|center-crop>``, ``<path>``)."""
+    return {m.group(1): m.group(2) for m in re.finditer(r"^\s+(?:-\w, )?(--[\w-]+) <([^>]*)>", help_text, re.M)}
+
+
+def _fixed_set_options_in_the_code() -> set[str]:
+    """Options the library or the CLI refuses with "--NAME VALUE is not one of ..." (or "... must be
+    A or B", "... is not a split of"): every command's option of that name takes a fixed set."""
+    names = set()
+    pattern = re.compile(r"--([a-z][a-z0-9-]*)(?: \{[^{}]+\} is not (?:one of|a split of)| must be \w+ or \w+)")
+    for path in (REPO / "mlsctl").rglob("*.py"):
+        names |= set(pattern.findall(path.read_text()))
+    return names
+
+
+def test_every_option_of_a_fixed_set_lists_its_choices_in_help_and_refuses_others_in_one_sentence(capsys):
+    from test_hardening import one_sentence
+
+    expected = _library_choices()
+    in_code = _fixed_set_options_in_the_code()
+    assert in_code >= {"dataset", "split", "resize", "dtype", "protocol", "index", "search", "device", "layout",
+                       "projection"}
+    listed = {}
+    for command in _leaf_commands():
+        code, out, _ = cli(*command, "--help", capsys=capsys)
+        assert code == 0, command
+        for option, metavar in _options_in_help(out).items():
+            name = " ".join(command)
+            if (name, option) in expected or "|" in metavar:
+                listed[name, option] = metavar
+            # an option the code checks against a fixed set, shown as free text, is what this test is for
+            assert not (option[2:] in in_code and metavar == "str"), f"mlsctl {name} {option} <str> lists no choices"
+    assert set(listed) == set(expected), "options with choices and the table above differ"
+    for (name, option), values in expected.items():
+        assert sorted(listed[name, option].split("|")) == sorted(values), (name, option, listed[name, option], values)
+        code, _, err = cli(*name.split(), option, "no-such-value", capsys=capsys)
+        sentence = one_sentence(err)
+        assert code == 2 and f"{option} no-such-value" in sentence and all(v in sentence for v in values), sentence
+    code, _, err = cli("embed", "x", "--resize", "centre-crop", capsys=capsys)
+    assert one_sentence(err) == ("error: --resize centre-crop is not one of square, center-crop; did you mean "
+                                 "center-crop?")
+
+
+def test_commands_are_listed_in_workflow_order(capsys):
+    from mlsctl.cli._options import COMMAND_ORDER
+
+    code, out, _ = cli("--help", capsys=capsys)
+    listed = re.findall(r"^  ([a-z][\w-]*)  ", out.split("Commands:")[1], re.M)
+    assert listed == ["data", "recipes", "pretrain", "embed", "eval", "bank", "index", "search", "serve", "refine",
+                      "export", "plot", "report", "viz"]
+    assert sorted(listed) == sorted(COMMAND_ORDER) == sorted({c[0] for c in _leaf_commands()})  # none left out
+
+
+def test_an_override_written_as_an_option_gets_the_spelling_that_works(capsys):
+    from test_hardening import one_sentence
+
+    from mlsctl.cli._options import dashed_override
+
+    for args, fix in ((["pretrain", "dino_fmnist_quick", "--data.root=/x"], "write data.root=/x instead of --data.root=/x"),
+                      (["pretrain", "dino_fmnist_quick", "--out", "runs/x", "--data.root", "/x"],
+                       "write data.root=/x instead of --data.root /x"),
+                      (["pretrain", "--optim.lr", "--out", "runs/x", "dino_fmnist_quick"],
+                       "write optim.lr=VALUE instead of --optim.lr"),
+                      (["pretrain", "dino_fmnist_quick", "--seed=3"], "write seed=3 instead of --seed=3"),
+                      (["pretrain", "dino_fmnist_quick", "--description=a b"], "write 'description=a b' instead of"),
+                      (["refine", "train", "features/x", "--method.blocks=2"], "write method.blocks=2 instead of")):
+        code, _, err = cli(*args, capsys=capsys)
+        assert code == 2 and one_sentence(err).startswith(f"error: overrides take no dashes: {fix}"), (args, err)
+    code, _, err = cli("pretrain", "dino_fmnist_quick", "--overwirte", capsys=capsys)  # a mistyped option stays one
+    assert code == 2 and "No such option: --overwirte" in err and "dashes" not in err
+    # the command's own options, their values and what follows -- are not overrides
+    assert dashed_override(["--seed", "3", "--out", "--x.y", "--", "--data.root=/x"], {"--seed", "--out"},
+                           {"--seed", "--out"}) is None
+
+
+def test_recipes_show_prints_every_resolved_key_with_its_help(capsys, tmp_path):
+    from dataclasses import fields, is_dataclass
+
+    from mlsctl import config
+
+    from test_hardening import one_sentence
+
+    def leaves(obj, prefix=""):
+        for f in fields(obj):
+            value = getattr(obj, f.name)
+            yield from leaves(value, f"{prefix}{f.name}.") if is_dataclass(value) else [(prefix + f.name, value)]
+
+    recipe = config.load_recipe("dino_fmnist_quick")
+    out, _ = cli_ok(capsys, "recipes", "--show", "dino_fmnist_quick", "--json")
+    shown = json.loads(out)
+    assert shown["recipe"].endswith("recipes/dino_fmnist_quick.yaml")
+    rows = {r["key"]: r for r in shown["keys"]}
+    assert list(rows) == [key for key, _ in leaves(recipe)]  # every key, after defaults, method's included
+    assert all(r["help"] and r["type"] for r in rows.values())
+    assert rows["optim.lr"]["set_by"] == "recipe" and rows["data.augment"] == {
+        "key": "data.augment", "value": "cpu", "set_by": "default", "type": "one of cpu, gpu",
+        "help": config.DataConfig.__dataclass_fields__["augment"].metadata["help"]}
+    assert rows["method.teacher_temp"]["value"] == recipe.method.teacher_temp
+    assert rows["data.global_crops.scale"]["type"] == "a list of 2 numbers (> 0.0, <= 1.0)"
+    table, _ = cli_ok(capsys, "recipes", "--show", "dino_fmnist_quick")
+    line = next(line for line in table.splitlines() if line.startswith("optim.lr "))
+    assert line.split()[1:3] == [str(recipe.optim.lr), "recipe"] and "peak learning rate" in line
+    assert "keys, " in table.splitlines()[-1] and "set by the recipe" in table.splitlines()[-1]
+    # a YAML file works too; every key of the schema is listed, those it leaves out as defaults
+    path = tmp_path / "mine.yaml"
+    path.write_text("method: {name: mile}\noptim: {epochs: 30}\n")
+    rows = {r["key"]: r for r in json.loads(cli_ok(capsys, "recipes", "--show", str(path), "--json")[0])["keys"]}
+    assert rows["optim.epochs"] == {**rows["optim.epochs"], "value": 30, "set_by": "recipe"}
+    assert rows["method.set_length"]["set_by"] == "default" and rows["seed"]["set_by"] == "default"
+    code, _, err = cli("recipes", "--show", "dino_fmnist_quik", capsys=capsys)
+    assert code == 2 and "did you mean 'dino_fmnist_quick'" in one_sentence(err)

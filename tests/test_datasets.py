@@ -350,7 +350,10 @@ def test_cli_refusals_are_one_sentence(roots, tiny_weights, tmp_path, capsys):
     assert code == 2 and "is not one this evaluation reads" in err
     code, _, err = cli("embed", "--dataset", "voc", "--root", str(roots["voc"]), "--split", "test", cwd=tmp_path,
                        capsys=capsys)
-    assert code == 2 and "--split test is not a split of voc" in err
+    assert code == 2 and "--split test is not one of train, val, trainval, trainaug" in err
+    code, _, err = cli("embed", "--dataset", "ade20k", "--root", str(roots["ade20k"]), "--split", "trainaug",
+                       cwd=tmp_path, capsys=capsys)
+    assert code == 2 and "--split trainaug is not a split of ade20k; choose one of train, val" in err
 
 
 def test_imagenet_solution_csv_labels_and_its_malformed_rows(tmp_path):

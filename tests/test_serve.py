@@ -358,6 +358,9 @@ def test_1_read_only_serves_searches_only(mile_run, tmp_path):
         assert call(server.base, "POST", "/search", files=one)[0] == 200
         assert call(server.base, "GET", "/health")[1]["read_only"] is True
         assert "Bearer" not in server.log.read_text()
+    # stopped with SIGTERM (running() ends so), it says what it saved
+    assert server.process.returncode == 130
+    assert server.lines()[-1] == f"interrupted: nothing to save: {gallery} was served read-only (6 objects)"
 
 
 def test_1_a_token_file_guards_every_request_but_health(mile_run, tmp_path):
@@ -374,6 +377,10 @@ def test_1_a_token_file_guards_every_request_but_health(mile_run, tmp_path):
             assert call(server.base, method, path, files=files)[0] == 401
             assert call(server.base, method, path, files=files, token="s3cret-" * 4)[0] == 200
         assert "s3cret" not in server.log.read_text()  # the operator's secret is never printed
+    assert server.process.returncode == 130
+    assert server.lines()[-1] == (f"interrupted: saved {gallery} with 6 objects: 1 photo added this session by 1 "
+                                  f"request (0 new objects), each written to disk before it was answered")
+    assert "s3cret" not in server.log.read_text()
 
 
 def test_1_listening_beyond_loopback_needs_a_token_file_and_a_private_one(mile_run, tmp_path, capsys):
@@ -637,3 +644,83 @@ def test_6_an_unexpected_failure_is_a_500_sentence_without_paths_and_one_log_lin
         lines = [r.getMessage() for r in caplog.records if r.name == "mlsctl.serve"]
         assert len(lines) == 1 and "POST /search 500" in lines[0] and "/srv/secret/gallery broke" in lines[0]
         assert client.get("/health", headers={"Host": "evil.example"}).status_code == 403
+
+
+# ----------------------------------------------------------------------------------- 9. one line per request, what a stop saved
+
+
+def test_9_every_request_is_one_log_line_with_no_token_query_or_body(caplog):
+    """method, path, status, milliseconds; a failure adds the sentence its client got; the token,
+    the query string and the body never reach the log."""
+    import re
+
+    from fastapi.testclient import TestClient
+
+    from mlsctl import serve
+
+    class Service:
+        read_only, limits = False, serve.Limits()
+
+        def uploads(self, files):
+            return files
+
+        def search(self, photos, k):
+            return {"photos": len(photos), "results": []}
+
+        def add(self, object_id, photos):
+            return {"object": object_id, "created": True, "photos": len(photos), "objects": 1}
+
+        def check_id(self, object_id):
+            pass
+
+        def health(self):
+            return {"status": "ok"}
+
+    token = "the-token-" + "x" * 30
+    app = serve.create_app(Service(), serve.Policy.for_server("127.0.0.1", token=token))
+    upload = [("photos", ("name-of-the-photo.png", b"BODY-BYTES"))]
+    with TestClient(app, base_url="http://127.0.0.1:8000") as client, caplog.at_level("INFO", "mlsctl.serve"):
+        assert client.get("/health").status_code == 200
+        assert client.post("/search?k=3&secret=q", files=upload).status_code == 200
+        assert client.post("/objects/a%20b/photos", files=upload, headers={"Authorization": f"Bearer {token}"}
+                           ).status_code == 200
+        assert client.post("/objects/x/photos", files=upload, headers={"Authorization": "Bearer wrong-" + token}
+                           ).status_code == 401
+        assert client.get("/nowhere").status_code == 404
+    lines = [r.getMessage() for r in caplog.records if r.name == "mlsctl.serve"]
+    parsed = [re.fullmatch(r"([A-Z]+) (\S+(?: \S+)?) (\d{3}) (\d+\.\d)ms(?:: (.+))?", line) for line in lines]
+    assert all(parsed), lines
+    assert [m.groups()[:3] for m in parsed] == [("GET", "/health", "200"), ("POST", "/search", "200"),
+                                                ("POST", "/objects/a b/photos", "200"),
+                                                ("POST", "/objects/x/photos", "401"), ("GET", "/nowhere", "404")]
+    assert [m.group(5) is None for m in parsed] == [True, True, True, False, False]
+    assert "token is wrong" in parsed[3].group(5) and "no such endpoint" in parsed[4].group(5)
+    assert [r.levelname for r in caplog.records if r.name == "mlsctl.serve"] == ["INFO"] * 3 + ["WARNING"] * 2
+    text = "\n".join(lines)
+    assert token not in text and "the-token" not in text and "BODY-BYTES" not in text and "secret=q" not in text
+    assert "k=3" not in text and "name-of-the-photo" not in text
+
+
+def test_9_a_stop_says_what_the_session_saved():
+    """GalleryService.summary, what `serve` says when SIGTERM or Ctrl-C stops it (the subprocess
+    tests above see it at the end of a real server's log)."""
+    import threading
+    from types import SimpleNamespace
+
+    from mlsctl.serve import GalleryService
+
+    class Gallery(list):
+        path = Path("galleries/g")
+
+    def summary(size: int, read_only: bool = False, **added) -> str:
+        stub = SimpleNamespace(gallery=Gallery(range(size)), read_only=read_only, index_lock=threading.Lock(),
+                               added={"requests": 0, "photos": 0, "objects": 0, **added})
+        return GalleryService.summary(stub)
+
+    assert summary(5, read_only=True) == "nothing to save: galleries/g was served read-only (5 objects)"
+    assert summary(1) == "nothing to save: no photos were added to galleries/g (1 object)"
+    assert summary(1207, requests=1, photos=1, objects=1).startswith(
+        "saved galleries/g with 1,207 objects: 1 photo added this session by 1 request (1 new object), each")
+    assert summary(9, requests=3, photos=7, objects=2) == (
+        "saved galleries/g with 9 objects: 7 photos added this session by 3 requests (2 new objects), each written to "
+        "disk before it was answered")

@@ -12,6 +12,7 @@ from typing import Optional
 import typer
 
 from mlsctl import __version__
+from mlsctl.cli._options import WorkflowGroup
 from mlsctl.errors import UserError
 
 app = typer.Typer(
@@ -24,6 +25,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
+    cls=WorkflowGroup,  # commands in the order of the work (cli/_options.py)
 )
 
 

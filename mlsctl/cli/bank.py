@@ -3,14 +3,18 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import typer
 
 from mlsctl.cli._format import table
+from mlsctl.cli._options import one_of
 
 app = typer.Typer(rich_markup_mode=None, help="Look inside the memory banks of a run: health, neighbours, projection, export.",
                   no_args_is_help=True)
+
+ColourBy = Literal["age", "label"]
+Projection = Literal["auto", "pca", "tsne"]  # bank_inspect.PROJECTIONS
 
 RUN_ARG = typer.Argument(..., help="Run folder (written by mlsctl pretrain).")
 STEP_OPT = typer.Option(None, "--step", help="Checkpoint step [default: the latest checkpoint].")
@@ -151,9 +155,9 @@ def neighbors(
 def plot(
     run: Path = RUN_ARG,
     out: Path = typer.Option(Path("bank.png"), "--out", "-o", help="PNG to write."),
-    color_by: str = typer.Option("age", "--color-by", help="label (needs a label payload) or age."),
+    color_by: ColourBy = typer.Option("age", "--color-by", parser=one_of("--color-by", ColourBy), help="age, or label (needs a label payload)."),
     bank: Optional[str] = typer.Option(None, "--bank", help="Bank name [default: the run's only bank]."),
-    projection: str = typer.Option("auto", "--projection", help="pca, tsne (needs scikit-learn), or auto: t-SNE when scikit-learn is installed."),
+    projection: Projection = typer.Option("auto", "--projection", parser=one_of("--projection", Projection), help="pca, tsne (needs scikit-learn), or auto: t-SNE when scikit-learn is installed."),
     sample: int = typer.Option(2000, "--sample", min=2, help="Entries drawn (a fixed random sample)."),
     step: Optional[int] = STEP_OPT,
 ) -> None:
@@ -167,10 +171,6 @@ def plot(
     from mlsctl.errors import UserError
     from mlsctl.viz import scatter_plot
 
-    if color_by not in ("label", "age"):
-        raise UserError(f"--color-by must be label or age, got {color_by!r}")
-    if projection not in ("auto", "pca", "tsne"):
-        raise UserError(f"--projection must be auto, pca or tsne, got {projection!r}")
     run_, checkpoint, banks = open_banks(run, step)
     name, chosen = choose_bank(banks, bank, run_)
     if color_by == "label" and LABEL_COLUMN not in chosen.payload:

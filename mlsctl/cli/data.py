@@ -2,8 +2,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 import typer
+
+from mlsctl.cli._options import one_of
+
+Layout = Literal["retrieval", "sop"]  # fmnist_products.LAYOUTS
 
 app = typer.Typer(rich_markup_mode=None, help="Build benchmark data sets.", no_args_is_help=True)
 
@@ -47,7 +52,7 @@ def fmnist_products(
     seed: int = typer.Option(0, "--seed", min=0, help="Seed; a build is deterministic for a seed."),
     source: Path = typer.Option(Path("/usr/share/datasets/fashion-mnist"), "--source",
                                 help="Folder with the Fashion-MNIST IDX files (Debian package dataset-fashion-mnist)."),
-    layout: str = typer.Option("retrieval", "--layout", help="retrieval: evaluation photos split into gallery/ and query/ (image-set retrieval); sop: all of them in test/, every object a class (Stanford Online Products, deep metric learning)."),
+    layout: Layout = typer.Option("retrieval", "--layout", parser=one_of("--layout", Layout), help="retrieval: evaluation photos split into gallery/ and query/ (image-set retrieval); sop: all of them in test/, every object a class (Stanford Online Products, deep metric learning)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Rebuild even if --out holds other data."),
     as_json: bool = typer.Option(False, "--json", help="Print the meta record as JSON."),
 ) -> None:

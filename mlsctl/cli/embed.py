@@ -3,19 +3,25 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import typer
 
 from mlsctl.cli import app
+from mlsctl.cli._options import one_of
+
+Dataset = Literal["voc", "ade20k", "cityscapes", "coco-stuff", "coco-things", "imagenet"]  # datasets.DATASETS
+Split = Literal["train", "val", "trainval", "trainaug"]  # every dataset's SPLITS
+Resize = Literal["square", "center-crop"]  # features.RESIZE_MODES
+Dtype = Literal["fp16", "fp32"]  # features.DTYPES
 
 
 @app.command()
 def embed(
     images: Optional[Path] = typer.Argument(None, help="Folder of images (searched recursively); or give --dataset."),
-    dataset: Optional[str] = typer.Option(None, "--dataset", help="Embed one split of a benchmark read from --root: voc, ade20k, cityscapes, coco-stuff, coco-things, imagenet."),
+    dataset: Optional[Dataset] = typer.Option(None, "--dataset", parser=one_of("--dataset", Dataset), help="Embed one split of a benchmark read from --root."),
     root: Optional[Path] = typer.Option(None, "--root", help="The dataset's folder, or its .tar/.zip read in place (with --dataset)."),
-    split: Optional[str] = typer.Option(None, "--split", help="Split of --dataset, e.g. val, train, trainaug [default: val]."),
+    split: Optional[Split] = typer.Option(None, "--split", parser=one_of("--split", Split), help="Split of --dataset (trainval, trainaug: voc only) [default: val]."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Feature folder [default: features/<last three parts of the images path>-<hash of it>, or features/<dataset>-<split>-<root label>]."),
     run: Optional[Path] = typer.Option(None, "--run", help="Use the teacher of this run (default: the newest run under ./runs)."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Use this local .safetensors/.pth backbone instead of a run."),
@@ -24,10 +30,10 @@ def embed(
     seed: int = typer.Option(0, "--seed", help="Seed of --random-init."),
     dense: bool = typer.Option(False, "--dense", help="Also store the patch-token maps [n, h, w, D]."),
     resolution: Optional[int] = typer.Option(None, "--resolution", min=1, help="Input side in pixels [default: the model's img_size]."),
-    resize: str = typer.Option("square", "--resize", help="square: whole image to R x R (for dense work); center-crop: DINO k-NN protocol."),
+    resize: Resize = typer.Option("square", "--resize", parser=one_of("--resize", Resize), help="square: whole image to R x R (for dense work); center-crop: DINO k-NN protocol."),
     batch_size: int = typer.Option(64, "--batch-size", "-b", min=1, help="Images per forward pass."),
     workers: int = typer.Option(0, "--workers", "-w", min=0, help="Image-decoding worker processes."),
-    dtype: str = typer.Option("fp16", "--dtype", help="Stored precision: fp16 or fp32."),
+    dtype: Dtype = typer.Option("fp16", "--dtype", parser=one_of("--dtype", Dtype), help="Stored precision."),
     part_size: Optional[int] = typer.Option(None, "--part-size", min=1, help="Images per resumable part (a multiple of --batch-size) [default: 8 batches]."),
     max_image_pixels: int = typer.Option(89_478_485, "--max-image-pixels", min=1, help="Larger images are skipped as decompression bombs (Pillow's own limit)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out when it holds other features."),

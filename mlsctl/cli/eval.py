@@ -4,11 +4,12 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import typer
 
 from mlsctl.cli._format import pct, table
+from mlsctl.cli._options import one_of
 
 app = typer.Typer(rich_markup_mode=None, help="Evaluate features: dense k-NN and linear segmentation, image k-NN classification, linear probes, image-set retrieval, Recall@K.", no_args_is_help=True)
 
@@ -57,15 +58,31 @@ def _write_json(path: Path, payload: dict) -> None:
     atomic.write_json(path, payload)
 
 
-DATASET_HELP = ("Benchmark read from --root in its official layout: voc, ade20k, cityscapes, coco-stuff, coco-things "
-                "(segmentation), imagenet (classification); folders: the --train/--val paths as given.")
+# the values of the options that take one of a fixed set (tests/test_cli.py compares them with the library's)
+SegDataset = Literal["folders", "voc", "ade20k", "cityscapes", "coco-stuff", "coco-things"]  # datasets.SEGMENTATION
+ClsDataset = Literal["folders", "imagenet"]  # datasets.CLASSIFICATION
+Split = Literal["train", "val", "trainval", "trainaug"]  # every dataset's SPLITS
+Protocol = Literal["none", "hummingbird"]  # knn_seg.PROTOCOLS
+SegIndex = Literal["flat", "ivf"]  # knn_seg.INDEXES
+Search = Literal["auto", "torch", "faiss"]  # knn_seg.SEARCHES
+Device = Literal["auto", "cpu", "cuda"]  # knn.DEVICES
+NOT_THIS_EVALUATION = "{option} {value} is not one this evaluation reads; choose one of {choices}"
+
 ROOT_HELP = "The dataset's folder, or its .tar/.zip read in place (with --dataset)."
 # the options every evaluation shares for reading a benchmark
-DATASET_OPTION = typer.Option("folders", "--dataset", help=DATASET_HELP)
+SEG_DATASET_OPTION = typer.Option("folders", "--dataset", parser=one_of("--dataset", SegDataset, NOT_THIS_EVALUATION),
+                                  help="Segmentation benchmark read from --root in its official layout; folders: "
+                                       "the --train/--val paths as given.")
+CLS_DATASET_OPTION = typer.Option("folders", "--dataset", parser=one_of("--dataset", ClsDataset, NOT_THIS_EVALUATION),
+                                  help="Classification benchmark read from --root in its official layout; folders: "
+                                       "the --train/--val paths as given.")
 ROOT_OPTION = typer.Option(None, "--root", help=ROOT_HELP)
-TRAIN_SPLIT_OPTION = typer.Option(None, "--train-split", help="Training split of --dataset [default: the protocol's: "
-                                                               "voc trainaug, the others train].")
-VAL_SPLIT_OPTION = typer.Option(None, "--val-split", help="Validation split of --dataset [default: val].")
+TRAIN_SPLIT_OPTION = typer.Option(None, "--train-split", parser=one_of("--train-split", Split),
+                                  help="Training split of --dataset (trainval, trainaug: voc only) [default: the "
+                                       "protocol's: voc trainaug, the others train].")
+VAL_SPLIT_OPTION = typer.Option(None, "--val-split", parser=one_of("--val-split", Split),
+                                help="Validation split of --dataset [default: val].")
+DEVICE_HELP = "Device of the {what}: auto (the GPU when there is one), cpu, cuda."
 # the inputs of the dense evaluations without --dataset
 DENSE_TRAIN_OPTION = typer.Option(None, "--train", help="Training features (a folder from mlsctl embed --dense) or "
                                                         "images (with --run).")
@@ -147,11 +164,11 @@ def knn_seg(
     train_masks: Optional[Path] = TRAIN_MASKS_OPTION,
     val: Optional[Path] = DENSE_VAL_OPTION,
     val_masks: Optional[Path] = VAL_MASKS_OPTION,
-    dataset: str = DATASET_OPTION,
+    dataset: SegDataset = SEG_DATASET_OPTION,
     root: Optional[Path] = ROOT_OPTION,
-    train_split: Optional[str] = TRAIN_SPLIT_OPTION,
-    val_split: Optional[str] = VAL_SPLIT_OPTION,
-    protocol: str = typer.Option("none", "--protocol", help="hummingbird: Balazevic et al.'s settings (memory 10,240,000, k 30, T 0.02, 1 augmented pass, input 512 for ViT-S/16, fractions 1/128..1/1); explicit flags override it."),
+    train_split: Optional[Split] = TRAIN_SPLIT_OPTION,
+    val_split: Optional[Split] = VAL_SPLIT_OPTION,
+    protocol: Protocol = typer.Option("none", "--protocol", parser=one_of("--protocol", Protocol), help="hummingbird: Balazevic et al.'s settings (memory 10,240,000, k 30, T 0.02, 1 augmented pass, input 512 for ViT-S/16, fractions 1/128..1/1); explicit flags override it."),
     run: Optional[Path] = typer.Option(None, "--run", help="Run whose teacher embeds image folders [default: the newest run under ./runs]."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Embed image folders with this weights file instead."),
     model: Optional[str] = typer.Option(None, "--model", help="timm architecture of --weights."),
@@ -165,11 +182,11 @@ def knn_seg(
     ignore_index: int = typer.Option(255, "--ignore-index", help="Mask value that is not scored (with --dataset: 255, after the protocol's mapping)."),
     runs: Optional[int] = typer.Option(None, "--runs", min=1, help="Seeded runs averaged for fractions below 1 [default: 5]."),
     seed: int = typer.Option(0, "--seed", help="Seed of the subsets and the memory sampling."),
-    index: str = typer.Option("flat", "--index", help="flat: exact inner product; ivf: faiss IVF for large memories."),
+    index: SegIndex = typer.Option("flat", "--index", parser=one_of("--index", SegIndex), help="flat: exact inner product; ivf: faiss IVF for large memories."),
     nlist: Optional[int] = typer.Option(None, "--nlist", min=1, help="IVF lists [default: 4 sqrt(memory)]."),
     nprobe: int = typer.Option(16, "--nprobe", min=1, help="IVF lists searched per query."),
-    search: str = typer.Option("auto", "--search", help="auto: torch on a GPU, faiss on the CPU (torch without faiss); torch; faiss."),
-    device: str = typer.Option("auto", "--device", help="Device of the torch search: auto (the GPU when there is one), cpu, cuda."),
+    search: Search = typer.Option("auto", "--search", parser=one_of("--search", Search), help="auto: torch on a GPU, faiss on the CPU (torch without faiss); torch; faiss."),
+    device: Device = typer.Option("auto", "--device", parser=one_of("--device", Device), help=DEVICE_HELP.format(what="torch search")),
     data: Path = typer.Option(Path("data/fmnist-scenes"), "--data", help="fmnist-scenes folder used when no --train/--val is given (built when missing)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Results JSON [default: results/knn-seg-<time>.json]."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON instead of tables."),
@@ -191,8 +208,6 @@ def knn_seg(
     preset, chosen, overridden = _resolve_protocol(lib, protocol, {
         "k": k, "temperature": temperature, "memory_size": memory_size, "aug_passes": aug_passes, "runs": runs,
         "fractions": tuple(fraction) if fraction else None})
-    if index not in ("flat", "ivf"):
-        raise UserError(f"--index {index} is not one of flat, ivf")
     get_model = _model_on_demand(run, weights, model, random_init, seed)
 
     def embed_options() -> dict:
@@ -343,10 +358,10 @@ def _classification_inputs(dataset: str, root: Optional[Path], train_split: Opti
 def knn(
     train: Optional[Path] = typer.Option(None, "--train", help="Training features (a folder from mlsctl embed) or images (embedded with --run/--weights, cached)."),
     val: Optional[Path] = typer.Option(None, "--val", help="Validation features or images."),
-    dataset: str = DATASET_OPTION,
+    dataset: ClsDataset = CLS_DATASET_OPTION,
     root: Optional[Path] = ROOT_OPTION,
-    train_split: Optional[str] = TRAIN_SPLIT_OPTION,
-    val_split: Optional[str] = VAL_SPLIT_OPTION,
+    train_split: Optional[Split] = TRAIN_SPLIT_OPTION,
+    val_split: Optional[Split] = VAL_SPLIT_OPTION,
     run: Optional[Path] = typer.Option(None, "--run", help="Run whose teacher embeds image folders [default: the newest run under ./runs]."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Embed image folders with this weights file instead."),
     model: Optional[str] = typer.Option(None, "--model", help="timm architecture of --weights."),
@@ -356,7 +371,7 @@ def knn(
     val_labels: Optional[Path] = typer.Option(None, "--val-labels", help="CSV/JSONL of path,label [default: folder names]."),
     k: Optional[list[int]] = typer.Option(None, "--k", help="Neighbour counts, e.g. --k 10 20 100 200 [default]."),
     temperature: float = typer.Option(0.07, "--temperature", min=1e-6, help="Vote weight exp(cos/T)."),
-    device: str = typer.Option("auto", "--device", help="Device of the neighbour search: auto (the GPU when there is one), cpu, cuda."),
+    device: Device = typer.Option("auto", "--device", parser=one_of("--device", Device), help=DEVICE_HELP.format(what="neighbour search")),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Results JSON [default: results/knn-<time>.json]."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON instead of a table."),
 ) -> None:
@@ -395,10 +410,10 @@ def knn(
 def linear(
     train: Optional[Path] = typer.Option(None, "--train", help="Training features (a folder from mlsctl embed) or images (embedded with --run/--weights, cached)."),
     val: Optional[Path] = typer.Option(None, "--val", help="Validation features or images."),
-    dataset: str = DATASET_OPTION,
+    dataset: ClsDataset = CLS_DATASET_OPTION,
     root: Optional[Path] = ROOT_OPTION,
-    train_split: Optional[str] = TRAIN_SPLIT_OPTION,
-    val_split: Optional[str] = VAL_SPLIT_OPTION,
+    train_split: Optional[Split] = TRAIN_SPLIT_OPTION,
+    val_split: Optional[Split] = VAL_SPLIT_OPTION,
     run: Optional[Path] = typer.Option(None, "--run", help="Run whose teacher embeds image folders [default: the newest run under ./runs]."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Embed image folders with this weights file instead."),
     model: Optional[str] = typer.Option(None, "--model", help="timm architecture of --weights."),
@@ -467,10 +482,10 @@ def linear_seg(
     train_masks: Optional[Path] = TRAIN_MASKS_OPTION,
     val: Optional[Path] = DENSE_VAL_OPTION,
     val_masks: Optional[Path] = VAL_MASKS_OPTION,
-    dataset: str = DATASET_OPTION,
+    dataset: SegDataset = SEG_DATASET_OPTION,
     root: Optional[Path] = ROOT_OPTION,
-    train_split: Optional[str] = TRAIN_SPLIT_OPTION,
-    val_split: Optional[str] = VAL_SPLIT_OPTION,
+    train_split: Optional[Split] = TRAIN_SPLIT_OPTION,
+    val_split: Optional[Split] = VAL_SPLIT_OPTION,
     resolution: Optional[int] = typer.Option(None, "--resolution", min=1, help="Input side when images are embedded [default: the model's]."),
     run: Optional[Path] = typer.Option(None, "--run", help="Run whose teacher embeds image folders [default: the newest run under ./runs]."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="Embed image folders with this weights file instead."),

@@ -3,18 +3,21 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import typer
 
 from mlsctl.cli import app
+from mlsctl.cli._options import one_of
+
+Format = Literal["timm"]
 
 
 @app.command("export")
 def export(
     run: Path = typer.Argument(..., help="Run folder (written by mlsctl pretrain)."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder to write config.json, model.safetensors and mlsctl.json to."),
-    fmt: str = typer.Option("timm", "--format", help="Export format: timm (a folder timm.create_model('local-dir:...') loads)."),
+    fmt: Format = typer.Option("timm", "--format", parser=one_of("--format", Format), help="Export format: timm (a folder timm.create_model('local-dir:...') loads)."),
     step: Optional[int] = typer.Option(None, "--step", help="Checkpoint step [default: the final teacher, else the latest checkpoint]."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier export in --out."),
     as_json: bool = typer.Option(False, "--json", help="Print what was written as JSON."),
@@ -24,11 +27,8 @@ def export(
     Example: mlsctl export runs/dino_fmnist_quick --out exports/dino
     then, without mlsctl: timm.create_model("local-dir:exports/dino", pretrained=True)
     """
-    from mlsctl.errors import UserError
     from mlsctl.export import export_timm
 
-    if fmt != "timm":
-        raise UserError(f"--format {fmt!r} is not known; mlsctl exports 'timm'")
     record = export_timm(run, out, step=step, overwrite=overwrite)
     if as_json:
         print(json.dumps(record, indent=2))

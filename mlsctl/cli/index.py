@@ -4,14 +4,19 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import typer
 
 from mlsctl.cli._format import table
+from mlsctl.cli._options import one_of
 
 app = typer.Typer(rich_markup_mode=None, help="Build and grow galleries of objects for image-set search (MILE set embeddings in faiss).",
                   no_args_is_help=True)
+
+
+GalleryIndex = Literal["flat", "ivfpq"]  # gallery.INDEX_KINDS
+StorageDtype = Literal["fp32", "fp16"]  # gallery.STORAGE_DTYPES
 
 
 def _say(line: str) -> None:
@@ -38,13 +43,13 @@ def build(
     source: Path = typer.Argument(..., help="Images in one folder per object (ROOT/<object_id>/*), or their feature folder from mlsctl embed."),
     run: Optional[Path] = typer.Option(None, "--run", help="MILE run whose teacher embeds the objects [default: the newest run under ./runs]."),
     out: Path = typer.Option(Path("gallery"), "--out", "-o", help="Gallery folder to write."),
-    index: str = typer.Option("flat", "--index", help="flat (exact) or ivfpq (compressed, for large galleries)."),
+    index: GalleryIndex = typer.Option("flat", "--index", parser=one_of("--index", GalleryIndex), help="flat (exact) or ivfpq (compressed, for large galleries)."),
     nlist: Optional[int] = typer.Option(None, "--nlist", min=1, help="IVF-PQ lists [default: sqrt(objects)]."),
     pq_m: Optional[int] = typer.Option(None, "--pq-m", min=1, help="IVF-PQ sub-quantisers (must divide the width) [default: width / 8]."),
     pq_bits: int = typer.Option(8, "--pq-bits", min=1, max=16, help="Bits per PQ code."),
     nprobe: int = typer.Option(32, "--nprobe", min=1, help="IVF lists searched per query."),
     refine: int = typer.Option(10, "--refine", min=1, help="IVF-PQ candidates per result, re-ranked with exact cosines."),
-    dtype: str = typer.Option("fp32", "--dtype", help="Stored latents: fp32, or fp16 (half the disk; later adds fold from rounded latents)."),
+    dtype: StorageDtype = typer.Option("fp32", "--dtype", parser=one_of("--dtype", StorageDtype), help="Stored latents: fp32, or fp16 (half the disk; later adds fold from rounded latents)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a gallery already in --out."),
     as_json: bool = typer.Option(False, "--json", help="Print the gallery record as JSON."),
 ) -> None:

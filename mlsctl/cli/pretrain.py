@@ -6,9 +6,10 @@ from typing import Optional
 import typer
 
 from mlsctl.cli import app
+from mlsctl.cli._options import OverridesCommand
 
 
-@app.command(context_settings={"allow_interspersed_args": True})
+@app.command(context_settings={"allow_interspersed_args": True}, cls=OverridesCommand)
 def pretrain(
     recipe: str = typer.Argument(..., help="Recipe YAML file, or the name of a shipped recipe (see `mlsctl recipes`)."),
     overrides: Optional[list[str]] = typer.Argument(None, help="Dotted overrides: optim.lr=1e-4 data.root=/x", show_default=False),

@@ -3,19 +3,25 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import typer
 
+from mlsctl.cli._options import OverridesCommand, one_of
+
 app = typer.Typer(rich_markup_mode=None, no_args_is_help=True,
                   help="Context refinement: embeddings attend to their nearest neighbours (train, apply, plot).")
+
+
+Dtype = Literal["fp16", "fp32"]  # features.DTYPES
+Projection = Literal["pca", "tsne"]  # refine.plot.PROJECTIONS
 
 
 def _say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-@app.command("train", context_settings={"allow_interspersed_args": True})
+@app.command("train", context_settings={"allow_interspersed_args": True}, cls=OverridesCommand)
 def train(
     features: Path = typer.Argument(..., help="Feature folder of the training embeddings (mlsctl embed)."),
     overrides: Optional[list[str]] = typer.Argument(None, help="Dotted overrides of the refine recipe: optim.epochs=5 method.mlp_ratio=1", show_default=False),
@@ -62,7 +68,7 @@ def apply(
     context: Optional[Path] = typer.Option(None, "--context", help="Feature folder the neighbours come from (the gallery) [default: FEATURES itself]."),
     out: Path = typer.Option(..., "--out", "-o", help="Feature folder of the refined embeddings."),
     k: Optional[int] = typer.Option(None, "--k", min=1, help="Neighbours per embedding [default: the run's]."),
-    dtype: str = typer.Option("fp32", "--dtype", help="Stored precision: fp16 or fp32."),
+    dtype: Dtype = typer.Option("fp32", "--dtype", parser=one_of("--dtype", Dtype), help="Stored precision."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out when it holds features."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
 ) -> None:
@@ -93,7 +99,7 @@ def plot(
     labels: Optional[Path] = typer.Option(None, "--labels", help="CSV/JSONL of path,label [default: folder names]."),
     out: Path = typer.Option(Path("refine-drift.png"), "--out", "-o", help="PNG of the drift picture."),
     points: int = typer.Option(500, "--points", min=2, help="Embeddings drawn (a seeded sample)."),
-    projection: str = typer.Option("pca", "--projection", help="pca, or tsne (PCA to 50 dimensions, then t-SNE; needs scikit-learn)."),
+    projection: Projection = typer.Option("pca", "--projection", parser=one_of("--projection", Projection), help="pca, or tsne (PCA to 50 dimensions, then t-SNE; needs scikit-learn)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the sample and of t-SNE."),
     sweep: Optional[Path] = typer.Option(None, "--sweep", help="Sweep JSON (blocks x k x seeds, from benchmarks/refine_fidelity.py): also draw the R@1 grid."),
     grid_out: Path = typer.Option(Path("refine-grid.png"), "--grid-out", help="PNG of the R@1 grid (with --sweep)."),

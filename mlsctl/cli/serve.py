@@ -30,6 +30,9 @@ def serve(
     then: curl -F photos=@a.png -F photos=@b.png http://127.0.0.1:8000/search
     Writes send the token the server prints: curl -H 'Authorization: Bearer TOKEN' -F photos=@c.png
     http://127.0.0.1:8000/objects/ev00007/photos. What the service protects against: docs/service.md.
+
+    Every request is one line on stderr (method, path, status, ms); Ctrl-C or SIGTERM stops the server,
+    which says what the session saved (each add is written to disk before it is answered).
     """
     from mlsctl.serve import serve as run_server
 

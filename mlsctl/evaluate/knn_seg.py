@@ -295,7 +295,7 @@ def build_index(features: torch.Tensor, kind: str = "flat", nlist: Optional[int]
         index.train(array)
         index.nprobe = nprobe
     else:
-        raise UserError(f"--index {kind} is not one of flat, ivf")
+        raise UserError(f"--index {kind} is not one of {', '.join(INDEXES)}")
     index.add(array)
     return index
 
@@ -342,6 +342,7 @@ class FaissSearch:
 
 
 SEARCHES = ("auto", "torch", "faiss")
+INDEXES = ("flat", "ivf")
 
 
 def build_search(features: torch.Tensor, settings: "Settings"):
@@ -352,8 +353,8 @@ def build_search(features: torch.Tensor, settings: "Settings"):
 
     if settings.search not in SEARCHES:
         raise UserError(f"--search {settings.search} is not one of {', '.join(SEARCHES)}")
-    if settings.index not in ("flat", "ivf"):
-        raise UserError(f"--index {settings.index} is not one of flat, ivf")
+    if settings.index not in INDEXES:
+        raise UserError(f"--index {settings.index} is not one of {', '.join(INDEXES)}")
     device = search_device(settings.device)
     if settings.index == "ivf":
         if settings.search == "torch":

@@ -28,6 +28,8 @@ import torch
 from mlsctl import atomic
 from mlsctl.errors import UserError
 
+PROJECTIONS = ("pca", "tsne")
+
 
 def _project(points: np.ndarray, projection: str, seed: int) -> np.ndarray:
     centred = points - points.mean(0, keepdims=True)
@@ -57,8 +59,8 @@ def drift_figure(run_dir: str | Path, feats_dir: str | Path, out: str | Path, *,
     from mlsctl.refine.apply import open_inputs, refine, self_rows
     from mlsctl.refine.neighbours import nearest_neighbours
 
-    if projection not in ("pca", "tsne"):
-        raise UserError(f"--projection {projection} is not one of pca, tsne")
+    if projection not in PROJECTIONS:
+        raise UserError(f"--projection {projection} is not one of {', '.join(PROJECTIONS)}")
     loaded, features, context = open_inputs(run_dir, feats_dir, context_dir)
     k = k or loaded.cfg.neighbours
     names = labels_for(features, labels_file, "features")
