@@ -142,12 +142,13 @@ def embed_query(model, bank: MemoryBank, images: Sequence, resolution: int) -> t
 
 
 def nearest_entries(bank: MemoryBank, query: torch.Tensor, k: int, sources: Optional[SourceImages]) -> list[Neighbour]:
-    """The ``k`` valid entries most cosine-similar to one query vector."""
+    """The ``k`` entries written by training most cosine-similar to one query vector (a prefilled
+    bank's random start entries have no source image, so they are left out)."""
     keys = bank.query_feature.columns(bank.vectors.float()) if bank.query_feature else bank.vectors.float()
     if keys.shape[1] != query.shape[-1]:
         raise UserError(f"the query has {query.shape[-1]} dimensions but the bank compares {keys.shape[1]}; "
                         f"the run's teacher does not match its bank")
-    valid = bank.valid_mask()
+    valid = bank.valid_mask() & (bank.payload["step"] >= 0)
     scores = (F.normalize(query.reshape(1, -1), dim=1) @ F.normalize(keys, dim=1).T)[0]
     scores = scores.masked_fill(~valid, float("-inf"))
     top = scores.topk(min(k, int(valid.sum())))

@@ -626,7 +626,7 @@ def _train(run: Run, recipe, accelerator, folder: ImageFolder, dataset, collate_
     # The first step whose loss was not finite, kept on the device and read only where metrics are
     # logged and before a checkpoint (no host synchronisation per step on a GPU).
     first_bad_step = torch.full((), -1, dtype=torch.long, device=accelerator.device)
-    warned: set[str] = set()  # banks already reported as collapsed
+    warned: set[tuple[str, str]] = set()  # (bank, status) already reported: partly collapsed, collapsed
     shown: dict[str, str] = {}  # the monitor's last k-NN top-1 in the progress bar
     model.train()
     try:
@@ -773,22 +773,24 @@ def _tracker_config(recipe) -> dict:
     return flat
 
 
-def _bank_health(banks: dict, step: int, warned: set[str]) -> dict:
+def _bank_health(banks: dict, step: int, warned: set[tuple[str, str]]) -> dict:
     """Health indicators of every bank (on a sample, see :mod:`mlsctl.bank_health`) for
-    metrics.jsonl; warns once per bank, in one line, when it looks collapsed."""
-    from mlsctl.bank_health import bank_health
+    metrics.jsonl; warns in one line, once per bank and level, when it looks partly collapsed and
+    when it looks collapsed."""
+    from mlsctl.bank_health import COLLAPSED, PARTIAL, bank_health
 
     record = {}
     for name, bank in banks.items():
-        if bank.filled < 2:
+        if bank.written < 2:
             continue
         health = bank_health(bank, name, step, sample=1024, duplicates_on_sample=True)
         record.update(health.metrics())
-        reasons = health.collapse_reasons()
-        if reasons and name not in warned:
-            warned.add(name)
-            log.warning(f"memory bank '{name}' looks collapsed at step {step}: {'; '.join(reasons)} "
-                        f"(see README, 'Memory-bank health')")
+        status = health.status
+        if status in (PARTIAL, COLLAPSED) and (name, status) not in warned:
+            warned.add((name, status))
+            looks = "collapsed" if status == COLLAPSED else "partly collapsed"
+            log.warning(f"memory bank '{name}' looks {looks} at step {step}: {'; '.join(health.status_reasons())} "
+                        f"(see docs/bank-health.md)")
     return record
 
 

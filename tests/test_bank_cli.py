@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_cli
+from conftest import cli, run_cli
 from mlsctl.bank import Column, MemoryBank, QueryFeature, save_banks
 
 
@@ -28,6 +28,30 @@ def test_inspect_reports_every_field_of_the_dino_monitor_bank(finished_run):
     for line in ("fill", "write pointer", "age min / median / max", "mean pairwise cosine", "effective rank",
                  "uniformity", "near-duplicates", "status"):
         assert line in table, line
+
+
+def test_inspect_counts_what_training_wrote_into_a_prefilled_queue(finished_run, tmp_path, capsys):
+    """An MLS-like queue of 1024 random entries after 48 writes: fill from the written slots, the
+    indicators over them alone (here a third near-duplicates: partial collapse)."""
+    from mlsctl.runs import Run
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run[0], run_dir)
+    queue = MemoryBank(1024, 64, {"image_id": Column()}, init="random_unit", generator=torch.Generator().manual_seed(0))
+    written = torch.randn(48, 64, generator=torch.Generator().manual_seed(1))
+    written[32:] = written[:16]
+    for step in range(3):
+        queue.enqueue(written[16 * step:16 * (step + 1)], step=step, gather=False, image_id=torch.arange(16))
+    save_banks({"Q_g": queue}, Run(run_dir).latest().banks_path)
+    code, out, err = cli("bank", "inspect", str(run_dir), "--json", capsys=capsys)
+    assert code == 0, err
+    report = json.loads(out)["banks"]["Q_g"]
+    assert (report["filled"], report["written"], report["fill"], report["n_written"]) == (1024, 48, 48 / 1024, 48)
+    assert report["status"] == "partial collapse" and report["duplicate_rate"] == pytest.approx(1 / 3)
+    code, out, err = cli("bank", "inspect", str(run_dir), capsys=capsys)
+    rows = {line.split("  ")[0]: line for line in out.splitlines()}
+    assert "4.7% (48/1024) written by training; 976 slots still hold the random start" in rows["fill"]
+    assert "PARTIAL COLLAPSE: near-duplicates 33.3% >= 10%" in rows["status"]
 
 
 def test_training_logs_bank_health(finished_run):

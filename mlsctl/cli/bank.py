@@ -32,7 +32,7 @@ def _rows(health, bank) -> list[tuple[str, str]]:
     qf = bank.query_feature
     rows = [
         ("shape", f"{health.size} x {health.dim}"), ("dtype", health.dtype),
-        ("fill", f"{100 * health.fill:.1f}% ({health.filled}/{health.size})"),
+        ("fill", _fill(health)),
         ("write pointer", str(health.ptr)), ("entries written", str(health.n_written)),
         ("age min / median / max", " / ".join(_fmt(v, 1) for v in (health.age_min, health.age_median, health.age_max))),
         ("norm min / mean / max", " / ".join(_fmt(v, 2) for v in (health.norm_min, health.norm_mean, health.norm_max))),
@@ -50,9 +50,17 @@ def _rows(health, bank) -> list[tuple[str, str]]:
         top = sorted(health.label_counts.items(), key=lambda kv: -kv[1])
         shown = ", ".join(f"{label}: {count}" for label, count in top[:8])
         rows.append(("labels", f"{len(top)} labels; {shown}{', ...' if len(top) > 8 else ''}"))
-    reasons = health.collapse_reasons()
-    rows.append(("status", "COLLAPSED: " + "; ".join(reasons) if reasons else "no collapse"))
+    rows.append(("status", health.status_line()))
     return rows
+
+
+def _fill(health) -> str:
+    """The written share of the slots; a prefilled bank says how many still hold its random start."""
+    text = f"{100 * health.fill:.1f}% ({health.written}/{health.size})"
+    start = health.filled - health.written
+    if start > 0:
+        text += f" written by training; {start} slots still hold the random start"
+    return text
 
 
 @app.command("inspect")
@@ -125,6 +133,9 @@ def neighbors(
         raise UserError(f"cannot read --query {query}: {exc}") from None
     run_, checkpoint, banks = open_banks(run, step)
     name, chosen = choose_bank(banks, bank, run_)
+    if chosen.written == 0:
+        raise UserError(f"bank '{name}' holds no entry written by training at step {checkpoint.step} (only its random "
+                        f"start); choose a later checkpoint with --step")
     recipe = config_lib.load_recipe(str(run_.config_path))
     model = from_checkpoint(recipe, checkpoint, run_)
     _say(f"query embedded with the {model.description}")
@@ -135,7 +146,7 @@ def neighbors(
     found = nearest_entries(chosen, vector, k, sources)
     tiles = neighbour_tiles(found, sources, cell)
     missing = sum(tile is None for tile, _ in tiles)
-    title = f"{run_.root.name} · bank '{name}' · step {checkpoint.step} · {len(found)} nearest of {chosen.filled}"
+    title = f"{run_.root.name} · bank '{name}' · step {checkpoint.step} · {len(found)} nearest of {chosen.written}"
     neighbour_grid(image, tiles, out, title=title, cell=cell)
     rows = [[i + 1, f"{n.score:.3f}", n.step, n.image_id, Path(n.image).name if n.image else "-",
              "yes" if tile is not None else "missing"] for i, (n, (tile, _)) in enumerate(zip(found, tiles))]
