@@ -586,6 +586,7 @@ def _train(run: Run, recipe, accelerator, folder: ImageFolder, dataset, collate_
 
     model, optimizer = accelerator.prepare(method, optimizer)
     batch_global = recipe.optim.batch_size * world
+    throughput_units = type(method).throughput_units(recipe)  # MILE: sets/s and photos/s besides images_per_s
     peak_lr = recipe.optim.lr * (batch_global / 256 if recipe.optim.scale_lr else 1.0)
     warmup_steps = schedule.steps(recipe.optim.warmup_epochs)
     freeze_steps = schedule.steps(recipe.optim.freeze_last_layer_epochs)
@@ -691,6 +692,7 @@ def _train(run: Run, recipe, accelerator, folder: ImageFolder, dataset, collate_
                 record = {"step": done, "epoch": schedule.epoch(step), **{k: scalars[k] for k in scalars if k.startswith("loss")}}
                 record.update({"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "grad_norm": float(grad_norm),
                                "images_per_s": images_since / max(now - last_time, 1e-9)})
+                record.update({key: per * record["images_per_s"] for key, per in throughput_units.items()})
                 record.update({f"bank_fill/{name}": bank.fill for name, bank in method.banks().items()})
                 record.update(health)
                 record.update({k: v for k, v in scalars.items() if not k.startswith("loss")})
