@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -133,10 +134,18 @@ def neighbour_grid(query, tiles: Sequence[tuple[Optional[object], str]], out: Pa
     return out
 
 
+# matplotlib's tab10 without its grey (grey is for the labels beyond the 10 drawn), black last
+LABEL_PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf",
+                 "#000000")
+
+
 def scatter_plot(points: torch.Tensor, values: torch.Tensor, out: Path, *, title: str, colour_by: str,
-                 axis_names: tuple[str, str] = ("component 1", "component 2"), label_names: Optional[dict] = None) -> Path:
-    """2-D points (matplotlib) coloured by an integer label (a legend of the 10 most frequent, the
-    rest grey) or by a continuous value such as age in steps (a colour bar), with axes."""
+                 axis_names: tuple[str, str] = ("component 1", "component 2"), label_names: Optional[dict] = None,
+                 unlabelled: Optional[str] = None, other_name: str = "labels") -> Path:
+    """2-D points (matplotlib) coloured by an integer label (a legend of the 10 most frequent, named
+    by ``label_names``, the rest grey as ``other_name``) or by a continuous value such as age in steps (a colour
+    bar), with axes. With ``unlabelled``, points whose label is negative have none: drawn as light
+    grey crosses under that name."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -145,15 +154,19 @@ def scatter_plot(points: torch.Tensor, values: torch.Tensor, out: Path, *, title
     pts = points.double().numpy()
     figure, ax = plt.subplots(figsize=(8.5, 7))
     if colour_by == "label":
-        labels, counts = values.unique(return_counts=True)
-        top = [int(labels[i]) for i in counts.argsort(descending=True)[:10]]
-        palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-        rest = ~torch.isin(values, torch.tensor(top))
+        none = (values < 0) if unlabelled is not None else torch.zeros(len(values), dtype=torch.bool)
+        if bool(none.any()):
+            ax.scatter(pts[none.numpy(), 0], pts[none.numpy(), 1], s=10, marker="x", linewidths=0.8, color="0.8",
+                       label=f"{unlabelled} ({int(none.sum())})")
+        labels, counts = values[~none].unique(return_counts=True)
+        top = [int(labels[i]) for i in counts.argsort(descending=True, stable=True)[:10]]
+        palette = LABEL_PALETTE
+        rest = ~torch.isin(values, torch.tensor(top, dtype=values.dtype)) & ~none
         if bool(rest.any()):
-            ax.scatter(pts[rest.numpy(), 0], pts[rest.numpy(), 1], s=6, color="0.75",
-                       label=f"{len(labels) - len(top)} other labels")
+            ax.scatter(pts[rest.numpy(), 0], pts[rest.numpy(), 1], s=6, color="0.6",
+                       label=f"{len(labels) - len(top)} other {other_name} ({int(rest.sum())})")
         for i, label in enumerate(top):
-            chosen = (values == label).numpy()
+            chosen = (values == label).numpy() & ~none.numpy()
             name = (label_names or {}).get(label, f"label {label}")
             ax.scatter(pts[chosen, 0], pts[chosen, 1], s=6, color=palette[i % len(palette)],
                        label=f"{name} ({int(chosen.sum())})")
@@ -163,7 +176,7 @@ def scatter_plot(points: torch.Tensor, values: torch.Tensor, out: Path, *, title
         figure.colorbar(drawn, ax=ax, label=f"{colour_by} (steps)")
     ax.set_xlabel(axis_names[0])
     ax.set_ylabel(axis_names[1])
-    ax.set_title(title, fontsize=10)
+    ax.set_title("\n".join(textwrap.wrap(title, 100, break_long_words=False)), fontsize=10)
     ax.grid(alpha=0.3)
     figure.tight_layout()
     atomic.write_with(out, lambda tmp: figure.savefig(tmp, format="png", dpi=100))

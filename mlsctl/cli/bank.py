@@ -162,43 +162,47 @@ def neighbors(
 def plot(
     run: Path = RUN_ARG,
     out: Path = typer.Option(Path("bank.png"), "--out", "-o", help="PNG to write."),
-    color_by: str = typer.Option("age", "--color-by", help="label (needs a label payload) or age."),
+    color_by: str = typer.Option("age", "--color-by",
+                                 help="age, label (needs a label payload), source (the source image of each entry) or "
+                                      "a labels file (CSV or JSONL of path,label; paths as in RUN/images.txt, "
+                                      "absolute, or image_id)."),
     bank: Optional[str] = typer.Option(None, "--bank", help="Bank name [default: the run's only bank]."),
     projection: str = typer.Option("auto", "--projection", help="pca, tsne (needs scikit-learn), or auto: t-SNE when scikit-learn is installed."),
     sample: int = typer.Option(2000, "--sample", min=2, help="Entries drawn (a fixed random sample)."),
     step: Optional[int] = STEP_OPT,
 ) -> None:
-    """A 2-D projection of a sample of bank entries, coloured by label or age.
+    """A 2-D projection of a sample of the entries training wrote, coloured by age, label, source image or a labels file.
 
-    Example: mlsctl bank plot runs/dino_fmnist_quick --out bank.png --color-by age
+    Example: mlsctl bank plot runs/dino_fmnist_quick --out bank.png --color-by source
     """
-    from mlsctl.bank import LABEL_COLUMN
     from mlsctl.bank_health import sample_rows
-    from mlsctl.bank_inspect import choose_bank, open_banks, project_2d
+    from mlsctl.bank_inspect import SourceImages, choose_bank, entry_colours, open_banks, project_2d
     from mlsctl.errors import UserError
     from mlsctl.viz import scatter_plot
 
-    if color_by not in ("label", "age"):
-        raise UserError(f"--color-by must be label or age, got {color_by!r}")
     if projection not in ("auto", "pca", "tsne"):
         raise UserError(f"--projection must be auto, pca or tsne, got {projection!r}")
     run_, checkpoint, banks = open_banks(run, step)
     name, chosen = choose_bank(banks, bank, run_)
-    if color_by == "label" and LABEL_COLUMN not in chosen.payload:
-        raise UserError(f"bank '{name}' has no '{LABEL_COLUMN}' payload (it has {', '.join(chosen.payload)}); "
-                        f"use --color-by age")
-    if chosen.filled < 2:
-        raise UserError(f"bank '{name}' holds {chosen.filled} entries at step {checkpoint.step}; nothing to project")
-    order = chosen.order().cpu()
-    positions = sample_rows(len(order), sample)  # oldest-first positions of the drawn entries
-    rows = order[positions]
-    values = (chosen.payload[LABEL_COLUMN].cpu()[rows] if color_by == "label"
-              else chosen.ages(checkpoint.step).cpu()[positions])
+    order = chosen.written_order().cpu()
+    rows = order[sample_rows(len(order), sample)]  # a fixed sample of the written entries, oldest first
+    if len(order) < 2:
+        raise UserError(f"bank '{name}' holds {len(order)} entries written by training at step {checkpoint.step}; "
+                        f"nothing to project")
+    sources = SourceImages(run_) if color_by not in ("age", "label") else None
+    colours = entry_colours(chosen, name, rows, color_by, checkpoint.step, sources)
+    if sources is not None and sources.note:
+        _say(sources.note)
     points, used = project_2d(chosen.vectors.cpu()[rows].float(), projection)
-    title = f"{run_.root.name} · bank '{name}' · step {checkpoint.step} · {used} of {len(rows)} entries · colour: {color_by}"
+    left_out = chosen.filled - len(order)
+    title = (f"{run_.root.name} · bank '{name}' · step {checkpoint.step} · {used} of {len(rows)} written entries"
+             f"{f' ({left_out} random-start entries left out)' if left_out else ''} · colour: {colours.caption}")
     axes = ("t-SNE 1", "t-SNE 2") if used == "t-SNE" else ("principal component 1", "principal component 2")
-    scatter_plot(points, values, out, title=title, colour_by=color_by, axis_names=axes)
-    _say(f"wrote {out} ({used} of {len(rows)} of {chosen.filled} entries)")
+    scatter_plot(points, colours.values, out, title=title, colour_by=colours.mode, axis_names=axes,
+                 label_names=colours.names, unlabelled=colours.unlabelled, other_name=colours.other_name)
+    if colours.missing:
+        _say(f"{colours.missing} of {len(rows)} entries have a source image that {color_by} does not label; drawn grey")
+    _say(f"wrote {out} ({used} of {len(rows)} of {len(order)} written entries)")
 
 
 @app.command("export")
