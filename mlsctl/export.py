@@ -5,13 +5,17 @@ writer (``timm.models._hub.save_for_hf``: the architecture, the arguments that r
 img_size, patch_size, the recipe's ``timm_kwargs``, ``dynamic_img_size`` — and the preprocessing
 ``mlsctl embed`` uses: a bicubic resize of the whole image to img_size², ImageNet mean and std), so
 ``timm.create_model("local-dir:DIR", pretrained=True)`` rebuilds it with no mlsctl installed. LoRA
-adapters are merged. ``DIR/mlsctl.json`` says where it came from (run, checkpoint step, method,
-fingerprint of the weights). The folder is written next to ``DIR`` and swapped into place in one
+adapters are merged. Its ``pretrained_cfg`` is the run's own (:func:`run_pretrained_cfg`): no tag, licence
+or source of the timm release the architecture is named after, a ``description`` saying what was
+trained; ``config.json``'s ``mlsctl`` entry and ``DIR/mlsctl.json`` say where it came from (run, checkpoint
+step, method, data root, fingerprint of the weights). The folder is written next to ``DIR`` and swapped into place in one
 step (an atomic exchange of the two folders on Linux), so ``--overwrite`` never leaves ``DIR`` without an
 export; ``DIR`` may not be a symbolic link.
 
 :func:`load_backbone` takes a run folder (its final teacher, else its latest checkpoint's) or an
-exported folder and returns the timm model in eval mode.
+exported folder and returns the timm model in eval mode, with that same ``pretrained_cfg``: either way
+``timm.data.create_transform(**timm.data.resolve_data_config({}, model=m))`` is ``mlsctl embed``'s
+preprocessing (:func:`data_config`).
 """
 
 from __future__ import annotations
@@ -53,6 +57,58 @@ def _teacher(run_dir: Path, step: Optional[int]):
     return run, recipe, choice, checkpoint_step
 
 
+def data_config(img_size: int) -> dict:
+    """timm's data config of ``mlsctl embed``'s default preprocessing at ``img_size``
+    (:class:`mlsctl.features.Preprocessing`, ``square``): the whole image resized (bicubic) to
+    img_size², ImageNet mean and std. ``crop_pct`` 1 with ``crop_mode`` squash is how timm's
+    ``create_transform`` says "resize both sides, crop nothing"."""
+    from mlsctl.features import Preprocessing
+
+    preprocessing = Preprocessing(img_size)
+    assert preprocessing.resize == "square"
+    return {"input_size": (3, img_size, img_size), "interpolation": "bicubic", "mean": tuple(preprocessing.mean),
+            "std": tuple(preprocessing.std), "crop_pct": 1.0, "crop_mode": "squash"}
+
+
+# what of timm's pretrained_cfg of the architecture describes the model rather than a release of weights
+_ARCHITECTURE_CFG_KEYS = ("first_conv", "classifier")
+
+
+def provenance(run: Run, recipe, step: Optional[int], fingerprint: Optional[str] = None) -> dict:
+    """What a backbone of ``run`` is: run name and folder, method, data root, checkpoint step, and
+    (for an export) the fingerprint of its weights."""
+    from mlsctl import __version__
+
+    record = {"run": run.root.name, "run_path": str(run.root.resolve()), "method": recipe.method.name,
+              "data_root": recipe.data.root, "step": step, "mlsctl_version": __version__}
+    return {**record, "fingerprint": fingerprint} if fingerprint is not None else record
+
+
+def run_pretrained_cfg(net: torch.nn.Module, recipe, record: dict) -> dict:
+    """The ``pretrained_cfg`` of a run's backbone ``net`` (a timm model): the architecture's layout
+    fields kept, the run's preprocessing (:func:`data_config`), and a description of what was
+    trained instead of the tag, licence, source and papers of the timm release the architecture is
+    named after (none of which applies to weights this run trained). Only fields of timm's
+    ``PretrainedCfg``, so timm reads it back."""
+    from timm.models._input import get_model_input_config
+
+    own = dict(getattr(net, "pretrained_cfg", None) or {})
+    step = f"step {record['step']}" if record.get("step") is not None else "its final teacher"
+    cfg = {"architecture": recipe.model.arch, **{k: own.get(k) for k in _ARCHITECTURE_CFG_KEYS},
+           **data_config(recipe.model.img_size),
+           "fixed_input_size": bool(get_model_input_config(net)["fixed_input_size"]), "pool_size": None,
+           "num_classes": getattr(net, "num_classes", 0), "custom_load": False,
+           "description": (f"{recipe.model.arch} trained with mlsctl {record['mlsctl_version']} ({record['method']}, "
+                           f"run {record['run']}, {step}, data.root {record['data_root']}); its own weights, not "
+                           f"a timm release: no timm tag or licence applies")}
+    return cfg
+
+
+def _set_pretrained_cfg(net: torch.nn.Module, cfg: dict) -> None:
+    net.pretrained_cfg = cfg
+    net.default_cfg = cfg  # timm's older name of the same dict
+
+
 def export_timm(run_dir: str | Path, out: str | Path, *, step: Optional[int] = None, overwrite: bool = False) -> dict:
     """Write the teacher of ``run_dir`` (final, or checkpoint ``step``) as a timm model folder."""
     from timm.models._hub import save_for_hf
@@ -84,20 +140,16 @@ def export_timm(run_dir: str | Path, out: str | Path, *, step: Optional[int] = N
     else:  # an embedding layer (model.embedding_dim) is timm's head
         model_args = {"img_size": model.img_size, "patch_size": model.patch_size, "dynamic_img_size": True,
                       "num_classes": model.embedding_dim, **dict(model.timm_kwargs or {})}
-    from mlsctl.features import Preprocessing
-
-    preprocessing = Preprocessing(model.img_size)
-    data_config = {"input_size": (3, model.img_size, model.img_size), "interpolation": "bicubic",
-                   "mean": tuple(preprocessing.mean), "std": tuple(preprocessing.std), "crop_pct": 1.0,
-                   "crop_mode": "squash"}
+    origin = provenance(run, recipe, checkpoint_step, fingerprint(vit))
+    _set_pretrained_cfg(vit, run_pretrained_cfg(vit, recipe, origin))
     tmp = out.parent / f".{out.name}.export-tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        save_for_hf(vit, str(tmp), model_config={"architecture": model.arch}, model_args=model_args,
-                    safe_serialization=True, data_config=data_config)
+        save_for_hf(vit, str(tmp), model_config={"architecture": model.arch, "mlsctl": origin}, model_args=model_args,
+                    safe_serialization=True, data_config=data_config(model.img_size))
         record = {"format": "timm", "architecture": model.arch, "run": str(run.root.resolve()), "step": checkpoint_step,
-                  "method": recipe.method.name, "fingerprint": fingerprint(vit), "model_args": model_args,
-                  "load": f"timm.create_model('local-dir:{out.resolve()}', pretrained=True)"}
+                  "method": recipe.method.name, "data_root": recipe.data.root, "fingerprint": origin["fingerprint"],
+                  "model_args": model_args, "load": f"timm.create_model('local-dir:{out.resolve()}', pretrained=True)"}
         atomic.write_json(tmp / "mlsctl.json", record)
         umask = os.umask(0)
         os.umask(umask)
@@ -234,9 +286,11 @@ def load_backbone(path: str | Path) -> torch.nn.Module:
     if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
         return _load_export(path)
     if (path / "config.yaml").is_file():
-        _, _, choice, _ = _teacher(path, None)
         from mlsctl.models import lora
 
-        return lora.merged_vit(choice.backbone.model).eval()
+        run, recipe, choice, step = _teacher(path, None)
+        vit = lora.merged_vit(choice.backbone.model).eval()
+        _set_pretrained_cfg(vit, run_pretrained_cfg(vit, recipe, provenance(run, recipe, step)))
+        return vit
     raise UserError(f"{path} is neither an exported model folder (config.json + model.safetensors) nor a run folder "
                     f"(config.yaml); give one of them")

@@ -3,16 +3,24 @@ sends a colleague. No server, no network: styles inline, pictures embedded as da
 
 Sections (each present even when empty, saying why):
 
-* **summary** — method, steps, images, processes, final loss, time (``summary.json``, the latest
-  checkpoint);
+* **summary** — method, architecture, training data, steps, dates, the mlsctl version and commit
+  and the device that trained it (``summary.json``, the latest checkpoint's ``state.json``; for runs
+  from before they were recorded, ``train.log``), final loss, speed, time, and who wrote the report;
 * **recipe** — ``config.yaml``;
 * **curves** — :func:`mlsctl.curves.plot_runs` of the run;
 * **patch maps** — PCA of the teacher's patch tokens on the first training images
   (:func:`mlsctl.viz.pca_rgb`), beside the images as the model saw them;
 * **memory banks** — every bank's health (:mod:`mlsctl.bank_health`) and, for banks with a query
   feature, the neighbours of the first training image (:func:`mlsctl.viz.neighbour_grid`);
-* **evaluations** — every result JSON of ``mlsctl eval`` found under ``RUN/results/`` and the
-  ``--results`` folders whose model is this run (its teacher file, a checkpoint, or the run folder).
+* **evaluations** — the result JSONs of ``mlsctl eval`` under ``RUN/results/`` and the ``--results``
+  folders, matched to the run by the fingerprint of the weights they evaluated (the sha256 that
+  feature manifests and results record, :mod:`mlsctl.models.source`), in three groups: *this
+  run's weights* (its final teacher, or the teacher of one of its checkpoints: the fingerprint
+  equals theirs); *comparison models* (a random init of the run's architecture, the weights the run
+  started from, or any other model of a result under ``RUN/results/``), each labelled with what it
+  is; *unmatched* (a result that records no fingerprint, from an older mlsctl, or one recorded as
+  this run's whose fingerprint is none of its weights: trained again since). Each names its data
+  (dataset and root, or image folders, and splits) and when and with which mlsctl it was made.
 
 A small script counts the embedded images that decoded and marks the body with
 ``data-images-loaded``; the test opens the page in headless Chromium and reads that back.
@@ -23,9 +31,10 @@ from __future__ import annotations
 import base64
 import html
 import json
+import re
 import tempfile
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -71,21 +80,124 @@ def _note(text: str) -> str:
     return f'<p class="note">{html.escape(text)}</p>'
 
 
-def _summary(run: Run) -> str:
+def _number(value, digits: int = 4) -> str:
+    """A measured value to ``digits`` significant digits (whole numbers above that, with thousands
+    separated), or – when absent."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value != value:
+        return "–"
+    if isinstance(value, int) or abs(value) >= 10 ** digits:
+        return f"{round(value):,}"
+    return f"{value:.{digits}g}"
+
+
+def _duration(seconds) -> str:
+    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool):
+        return "–"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, sec = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {sec:02d} s"
+    return f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def _when(stamp: str) -> str:
+    """An ISO date and time as ``YYYY-MM-DD HH:MM`` (local time, as train.log writes it)."""
+    return stamp[:16].replace("T", " ") if isinstance(stamp, str) and len(stamp) >= 16 else "–"
+
+
+def _commit_text(record: dict) -> str:
+    """The commit a record names (12 hex digits, ``-dirty`` kept), or why there is none."""
+    if "commit" not in record:
+        return "commit not recorded"
+    commit = record["commit"]
+    if not isinstance(commit, str) or not commit:
+        return "no commit (not run from a git checkout)"
+    return f"commit {commit[:12]}{'-dirty' if commit.endswith('-dirty') else ''}"
+
+
+_LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d):\d\d ")
+_LOG_DEVICE = re.compile(r"\| (\d+) process(?:es)? on (\S+) \(([^)]+)\)")
+
+
+def _log_facts(run: Run) -> dict:
+    """What train.log says about a run that recorded less (runs of older mlsctl versions): its first
+    and last time stamps, and the device, precision and processes of its first start."""
+    facts: dict = {}
+    if not run.log_path.is_file():
+        return facts
+    try:
+        lines = run.log_path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return facts
+    times = [m.group(1) for m in map(_LOG_TIME.match, lines) if m]
+    if times:
+        facts["first"], facts["last"] = times[0], times[-1]
+    for line in lines:
+        found = _LOG_DEVICE.search(line)
+        if found:
+            facts.update(processes=int(found.group(1)), device=found.group(2), precision=found.group(3))
+            break
+    return facts
+
+
+def _architecture(recipe, model) -> str:
+    cfg = recipe.model
+    kwargs = ", ".join(f"{k} {v}" for k, v in (cfg.timm_kwargs or {}).items())
+    text = f"{cfg.arch}{f' ({kwargs})' if kwargs else ''}, {cfg.img_size} px, patch {cfg.patch_size}"
+    if cfg.embedding_dim:
+        text += f", embedding layer to {cfg.embedding_dim}"
+    if cfg.lora.enabled:
+        text += f", LoRA rank {cfg.lora.rank} on {', '.join(cfg.lora.targets)}"
+    if model is not None:
+        text += f"; {sum(p.numel() for p in model.backbone.net.parameters()) / 1e6:.2f} M parameters"
+    return text
+
+
+def _summary(run: Run, recipe, weights: "RunWeights") -> str:
+    from mlsctl import __version__, provenance
+
     rows = []
     summary = _read_summary(run)
     latest = run.latest()
     state = latest.state() if latest is not None else {}
-    rows.append(("method", state.get("method", "–")))
+    log = _log_facts(run)
+    rows.append(("run", f"{run.root.name} ({run.root.resolve()})"))
+    rows.append(("method", state.get("method", recipe.method.name)))
+    rows.append(("architecture", _architecture(recipe, weights.final)))
+    images = run.image_list()
+    rows.append(("training data", f"{recipe.data.root}" + (f" ({len(images):,} images)" if images is not None else "")))
     rows.append(("steps", f"{summary.get('steps', state.get('step', '–'))}" +
                  ("" if summary else f" (running or stopped; latest checkpoint {state.get('step', '–')})")))
-    images = run.image_list()
-    rows.append(("training images", len(images) if images is not None else "–"))
-    for key, label in (("processes", "processes"), ("final_loss", "final loss"), ("images_per_s", "images / s"),
-                       ("seconds", "training seconds"), ("resumed_from", "resumed from step")):
-        if key in summary:
-            rows.append((label, summary[key]))
-    rows.append(("run folder", str(run.root.resolve())))
+    if summary.get("finished"):
+        date = f"{log.get('first', '–')} to {_when(summary['finished'])}"
+    elif summary and log:
+        date = f"{log['first']} to {log['last']} (train.log)"
+    elif log:
+        date = f"started {log['first']}, last logged {log['last']} (not finished)"
+    else:
+        date = "not recorded (no train.log)"
+    rows.append(("date", date))
+    made = summary if "mlsctl_version" in summary else state
+    rows.append(("trained with", f"mlsctl {made.get('mlsctl_version', '(version not recorded)')}, {_commit_text(made)}"
+                 + (f", torch {made['torch_version']}" if made.get("torch_version") else "")))
+    device = summary.get("device") or state.get("device") or log.get("device")
+    precision = summary.get("precision") or log.get("precision")
+    processes = summary.get("processes") or state.get("world_size") or log.get("processes")
+    rows.append(("device", (device or "not recorded") + (f", {precision}" if precision else "")
+                 + (f", {processes} process{'es' if processes != 1 else ''}" if processes else "")))
+    if "final_loss" in summary:
+        rows.append(("final loss", _number(summary["final_loss"])))
+    if "images_per_s" in summary:
+        rows.append(("images / s", _number(summary["images_per_s"], 3)))
+    if "seconds" in summary:
+        rows.append(("training time", _duration(summary["seconds"])))
+    if summary.get("resumed_from"):
+        rows.append(("resumed from step", summary["resumed_from"]))
+    if summary.get("skipped_files"):
+        rows.append(("unreadable training files skipped", summary["skipped_files"]))
+    rows.append(("this report", f"written {_when(provenance.now())} by mlsctl {__version__}, "
+                                f"{_commit_text({'commit': provenance.commit()})}"))
     return _table(["", ""], rows)
 
 
@@ -106,13 +218,12 @@ def _read_summary(run: Run) -> dict:
     return summary
 
 
-def _patch_maps(run: Run, recipe, n: int) -> str:
+def _patch_maps(run: Run, recipe, n: int, model) -> str:
     from PIL import Image
 
     from mlsctl.bank_inspect import SourceImages
     from mlsctl.data.images import BadImage, load_rgb
     from mlsctl.features import Preprocessing
-    from mlsctl.models.source import from_run
     from mlsctl.viz import pca_figure, pca_rgb
 
     sources = SourceImages(run)
@@ -125,7 +236,8 @@ def _patch_maps(run: Run, recipe, n: int) -> str:
             pass
     if not images:
         return _note(f"no training image of {run.root} could be read (data.root {sources.root}), so no patch map")
-    model = from_run(run.root)
+    if model is None:
+        return _note(f"{run.root} has neither teacher.safetensors nor a checkpoint yet, so no patch map")
     size = model.info["img_size"] - model.info["img_size"] % model.backbone.patch_size
     preprocessing = Preprocessing(size, "square")
     with torch.no_grad():
@@ -177,20 +289,168 @@ def _banks(run: Run, recipe) -> str:
     return "".join(parts)
 
 
-def _belongs(result: dict, run: Run) -> bool:
+class RunWeights:
+    """The weights of a run, known by their fingerprints: the final teacher (``teacher.safetensors``,
+    else the latest checkpoint's teacher), built once; the teacher of another checkpoint, built when
+    a result names that checkpoint."""
+
+    def __init__(self, run: Run, recipe):
+        from mlsctl.models.source import from_run
+
+        self.run, self.recipe = run, recipe
+        self.root = run.root.resolve()
+        latest = run.latest()
+        has_teacher = run.teacher_weights_path.is_file()
+        self.final = from_run(run.root) if has_teacher or latest is not None else None
+        steps = _read_summary(run).get("steps") if has_teacher else None
+        self.final_step = steps if isinstance(steps, int) else (latest.step if latest is not None else None)
+        self.final_label = ("final teacher" if has_teacher else "teacher of the latest checkpoint") + \
+            (f" (step {self.final_step})" if self.final_step is not None else "")
+        self._checkpoints: dict[int, Optional[str]] = {}
+        start = [recipe.model.weights, run.init_from()]
+        self.start_paths = {str(Path(p).resolve()) for p in start if p}
+
+    def inside(self, path) -> bool:
+        """Whether ``path`` (a result's model path) is the run folder or a file in it."""
+        if not isinstance(path, str) or not path:
+            return False
+        resolved = str(Path(path).resolve())
+        return resolved == str(self.root) or resolved.startswith(str(self.root) + "/")
+
+    def checkpoint_fingerprint(self, step: int) -> Optional[str]:
+        from mlsctl.models.source import from_checkpoint
+
+        if step not in self._checkpoints:
+            found = [c for c in self.run.checkpoints() if c.step == step]
+            self._checkpoints[step] = from_checkpoint(self.recipe, found[0], self.run).fingerprint if found else None
+        return self._checkpoints[step]
+
+    def named_step(self, model: dict) -> Optional[int]:
+        """The checkpoint step of this run a result's model names (its ``step``, or a ``step-N``
+        folder), or None; a model of another run names none."""
+        path = model.get("path")
+        if not self.inside(path):
+            return None
+        if isinstance(model.get("step"), int) and not isinstance(model.get("step"), bool):
+            return model["step"]
+        found = re.search(r"/checkpoints/step-(\d+)(/|$)", str(Path(path).resolve()))
+        return int(found.group(1)) if found else None
+
+    def match(self, model: dict) -> Optional[str]:
+        """What of this run's weights a result's model is (by fingerprint), or None."""
+        fingerprint = model.get("fingerprint")
+        if not isinstance(fingerprint, str) or not fingerprint:
+            return None
+        if self.final is not None and fingerprint == self.final.fingerprint:
+            return self.final_label
+        step = self.named_step(model)
+        if step is not None and self.checkpoint_fingerprint(step) == fingerprint:
+            return f"teacher of the checkpoint at step {step}"
+        return None
+
+
+def _compared_model(model: dict, weights: RunWeights) -> str:
+    """A comparison model in words, from what the result records."""
+    source, path, arch = model.get("source"), model.get("path"), model.get("arch", "?")
+    started = isinstance(path, str) and str(Path(path).resolve()) in weights.start_paths
+    if source == "random-init":
+        seed = f"seed {model['seed']}" if "seed" in model else "seed not recorded"
+        of = ("this run's architecture" if weights.inside(path) else
+              f"the architecture of {path}" + (", the weights this run started from" if started else ""))
+        return f"random init ({seed}) of {of}: untrained {arch}"
+    if source == "weights":
+        return f"weights {path}" + (" (the weights this run started from)" if started else "")
+    if source in ("run", "run-checkpoint"):
+        return f"teacher of another run: {path}"
+    if source == "run-start":
+        return "the backbone this run started from" if weights.inside(path) else f"the start of run {path}"
+    if source == "dinov2":
+        return f"timm's DINOv2 ViT-S/14 ({path})"
+    return f"{source or 'unknown source'}: {path or arch}"
+
+
+def _classify(result: dict, path: Path, run: Run, weights: RunWeights) -> Optional[tuple[str, str]]:
+    """(group, label) of a result for this run's report, or None when it is another model's result
+    that has no place in it: ``own`` (the run's weights, by fingerprint), ``comparison`` (labelled
+    with what it is) or ``unmatched`` (with the reason)."""
     model = result.get("model") if isinstance(result.get("model"), dict) else {}
-    root = str(run.root.resolve())
-    path = str(model.get("path") or "")
-    return bool(path) and (path == root or path.startswith(root + "/"))
+    in_run = path.parent.resolve() == (run.root / "results").resolve()
+    claims = weights.inside(model.get("path"))
+    fingerprint = model.get("fingerprint")
+    if not isinstance(fingerprint, str) or not fingerprint:
+        if in_run or claims:
+            return "unmatched", ("records no fingerprint of the weights it evaluated (written by an older mlsctl), so "
+                                 "it cannot be told from another model's result")
+        return None
+    own = weights.match(model)
+    if own is not None:
+        return "own", own
+    if claims and model.get("source") in ("run", "run-checkpoint", "weights"):
+        step = weights.named_step(model)
+        what = f"the checkpoint at step {step}" if step is not None else "its teacher"
+        return "unmatched", (f"recorded as {model.get('path')}, but its fingerprint {fingerprint[:12]} is not that of "
+                             f"{what} now: the run was trained again, or the checkpoint removed, since it was evaluated")
+    started = isinstance(model.get("path"), str) and str(Path(model["path"]).resolve()) in weights.start_paths
+    if in_run or claims or started:
+        return "comparison", _compared_model(model, weights)
+    return None
 
 
-def _evaluation(result: dict, source: Path) -> str:
+def _features_root(features) -> Optional[str]:
+    """The image folder a feature folder was embedded from (its manifest's input_root), or None."""
+    try:
+        root = json.loads((Path(features) / "manifest.json").read_text(encoding="utf-8")).get("input_root")
+    except (OSError, TypeError, ValueError, AttributeError, RecursionError):
+        return None
+    return root if isinstance(root, str) else None
+
+
+def _data(result: dict) -> str:
+    """The data an evaluation ran on, in words: benchmark, root and splits, or the image folders."""
+    command = result.get("command")
+    if command == "eval retrieval":
+        return f"gallery {result.get('gallery')}, query sets from {result.get('query')}"
+    if command == "eval recall":
+        features = result.get("features")
+        root = _features_root(features) if isinstance(features, str) else None
+        return f"{root or features} (labels: {result.get('labels', '–')})"
+    dataset = result.get("dataset") if isinstance(result.get("dataset"), dict) else {}
+    name = dataset.get("name")
+    if name and name != "folders":
+        return (f"{name} at {dataset.get('root', '–')}, train split {dataset.get('train_split', '–')}, "
+                f"val split {dataset.get('val_split', '–')}")
+    side = {}
+    for split in ("train", "val"):
+        entry = result.get(split)
+        features = entry.get("features") if isinstance(entry, dict) else entry
+        side[split] = dataset.get(f"{split}_root") or (_features_root(features) if isinstance(features, str) else None) \
+            or (f"features {features}" if features else "–")
+    text = f"train {side['train']}, val {side['val']}"
+    if dataset.get("masks"):
+        text += f" (masks {dataset['masks']})"
+    elif dataset.get("labels"):
+        text += f" (labels: {dataset['labels']})"
+    return text
+
+
+def _made(result: dict, source: Path) -> str:
+    written = result.get("written") if isinstance(result.get("written"), dict) else {}
+    if written:
+        return (f"evaluated {_when(written.get('date'))} with mlsctl {written.get('mlsctl_version', '–')}, "
+                f"{_commit_text(written)}")
+    return "date and mlsctl version not recorded"
+
+
+def _evaluation(result: dict, source: Path, label: str) -> str:
     command = result.get("command", "?")
-    title = f"<h3>{html.escape(command)} <span class=\"note\">({html.escape(str(source))})</span></h3>"
+    title = (f"<h4>{html.escape(command)} · {html.escape(label)}</h4>"
+             f"<p>data: {html.escape(_data(result))}<br><span class=\"note\">{html.escape(_made(result, source))}; "
+             f"{html.escape(str(source))}</span></p>")
     if command == "eval knn-seg":
-        rows = [[r["fraction"], r["train_images"], _pct(r["miou"]), _pct(r.get("miou_hungarian"))]
-                for r in result.get("results", [])]
-        return title + _table(["fraction", "train images", "mIoU %", "Hungarian mIoU %"], rows)
+        rows = [[r["fraction"], r["train_images"], len(r.get("runs", [])) or 1,
+                 _pct(r["miou"]) + (f" ± {_pct(r['miou_std'])}" if len(r.get("runs", [])) > 1 else ""),
+                 _pct(r.get("miou_hungarian"))] for r in result.get("results", [])]
+        return title + _table(["fraction", "train images", "runs", "mIoU %", "Hungarian mIoU %"], rows)
     if command == "eval linear-seg":
         return title + _table(["mIoU %", "foreground IoU %", "pixel accuracy %"],
                               [[_pct(result.get("miou")), _pct(result.get("foreground_iou")),
@@ -200,25 +460,39 @@ def _evaluation(result: dict, source: Path) -> str:
                               [[r["k"], _pct(r["top1"]), _pct(r["top5"])] for r in result.get("results", [])])
     if command == "eval linear":
         scores = result.get("results", {})
+        chosen = f"{result['chosen']['lr']:g}", f"{result['chosen']['weight_decay']:g}"
         if result.get("multi_label"):
-            return title + _table(["mAP %", "lr", "weight decay"], [[_pct(scores.get("mAP")), result["chosen"]["lr"],
-                                                                     result["chosen"]["weight_decay"]]])
+            return title + _table(["mAP %", "lr", "weight decay"], [[_pct(scores.get("mAP")), *chosen]])
         return title + _table(["top-1 %", "top-5 %", "lr", "weight decay"],
-                              [[_pct(scores.get("top1")), _pct(scores.get("top5")), result["chosen"]["lr"],
-                                result["chosen"]["weight_decay"]]])
+                              [[_pct(scores.get("top1")), _pct(scores.get("top5")), *chosen]])
     if command == "eval retrieval":
-        rows = [[r.get("method"), r.get("backbone"), r.get("noise"), _pct(r.get("AR@10"))] for r in result.get("results", [])]
+        rows = [[r.get("method"), r.get("backbone"), f"{100 * r['noise']:.0f} %", _pct(r.get("AR@10"))]
+                for r in result.get("results", [])]
         return title + _table(["score", "backbone", "noise", "AR@10 %"], rows)
+    if command == "eval recall":
+        recalls = result["recall"]
+        return title + _table([f"R@{k} %" for k in recalls] + ["MAP@R %"],
+                              [[_pct(v) for v in recalls.values()] + [_pct(result.get("map_at_r"))]])
     return title + f"<pre>{html.escape(json.dumps(result, indent=1)[:4000])}</pre>"
 
 
-def _evaluations(run: Run, folders: Sequence[Path]) -> tuple[str, int, list[str]]:
-    """The evaluations section, how many evaluations it shows, and one note per file skipped: a
-    JSON file that cannot be read, or an eval result that is not of the form its command writes (a
-    stranger's file in ./results must not cost the whole report)."""
-    found, skipped = [], []
+GROUPS = (("own", "This run's weights"),
+          ("comparison", "Comparison models (not this run's weights)"),
+          ("unmatched", "Unmatched (not known to be this run's weights)"))
+
+
+def _evaluations(run: Run, folders: Sequence[Path], weights: RunWeights) -> tuple[str, dict, list[str]]:
+    """The evaluations section, the files shown in each group (:data:`GROUPS`), and one note per
+    file skipped: a JSON file that cannot be read, or an eval result that is not of the form its
+    command writes (a stranger's file in ./results must not cost the whole report)."""
+    found: dict[str, list] = {group: [] for group, _ in GROUPS}
+    skipped: list[str] = []
+    seen: set = set()
     for folder in [run.root / "results", *folders]:
         for path in sorted(Path(folder).glob("*.json")) if Path(folder).is_dir() else []:
+            if path.resolve() in seen:
+                continue
+            seen.add(path.resolve())
             try:
                 result = json.loads(path.read_text(encoding="utf-8"))
             except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
@@ -228,18 +502,29 @@ def _evaluations(run: Run, folders: Sequence[Path]) -> tuple[str, int, list[str]
                 continue
             if not (isinstance(result, dict) and str(result.get("command", "")).startswith("eval ")):
                 continue  # not an mlsctl eval result
-            if not (path.parent == run.root / "results" or _belongs(result, run)):
-                continue
+            placed = _classify(result, path, run, weights)
+            if placed is None:
+                continue  # another model's result
+            group, label = placed
             try:
-                found.append((path, _evaluation(result, path)))
+                found[group].append((path, _evaluation(result, path, label if group != "unmatched" else
+                                                       f"unmatched: {label}")))
             except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
                 what = f"no {exc}" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {str(exc)[:60]}"
                 skipped.append(f"skipped {path}: not the result that {str(result['command'])[:40]} writes ({what})")
     notes = "".join(_note(line) for line in skipped)
-    if not found:
+    shown = {group: [str(path) for path, _ in entries] for group, entries in found.items()}
+    if not any(found.values()):
         return notes + _note("no evaluation of this run found (results of mlsctl eval under RUN/results/ or "
-                             "--results)"), 0, skipped
-    return "".join(html for _, html in found) + notes, len(found), skipped
+                             "--results)"), shown, skipped
+    parts = []
+    for group, title in GROUPS:
+        if found[group]:
+            parts.append(f"<h3>{html.escape(title)}</h3>" + "".join(text for _, text in found[group]))
+        elif group == "own":
+            parts.append(f"<h3>{html.escape(title)}</h3>" + _note("no evaluation of this run's weights found: evaluate them with "
+                                                      f"mlsctl eval ... --run {run.root}"))
+    return "".join(parts) + notes, shown, skipped
 
 
 def write_report(run_dir: str | Path, out: str | Path, *, results: Sequence[str | Path] = ("results",),
@@ -252,7 +537,8 @@ def write_report(run_dir: str | Path, out: str | Path, *, results: Sequence[str 
         raise UserError(f"{run_dir} is not a run folder (no config.yaml); give a folder written by mlsctl pretrain")
     recipe = config_lib.load_recipe(str(run.config_path))
     body = {}
-    body["summary"] = _summary(run)
+    weights = RunWeights(run, recipe)
+    body["summary"] = _summary(run, recipe, weights)
     body["recipe"] = f"<pre>{html.escape(run.config_path.read_text())}</pre>"
     if run.metrics_path.is_file() and run.metrics_path.stat().st_size:
         with tempfile.TemporaryDirectory() as tmp:
@@ -260,9 +546,9 @@ def write_report(run_dir: str | Path, out: str | Path, *, results: Sequence[str 
             body["curves"] = f'<img alt="training curves" src="{_png_uri(Path(tmp) / "curves.png")}">'
     else:
         body["curves"] = _note("no metrics.jsonl yet")
-    body["patch-maps"] = _patch_maps(run, recipe, patch_images)
+    body["patch-maps"] = _patch_maps(run, recipe, patch_images, weights.final)
     body["banks"] = _banks(run, recipe)
-    body["evaluations"], n_evals, skipped = _evaluations(run, [Path(r) for r in results])
+    body["evaluations"], shown, skipped = _evaluations(run, [Path(r) for r in results], weights)
     titles = {"summary": "Summary", "recipe": "Recipe", "curves": "Training curves", "patch-maps": "PCA patch maps",
               "banks": "Memory banks", "evaluations": "Evaluations"}
     sections = "".join(f'<section id="{key}"><h2>{titles[key]}</h2>{body[key]}</section>' for key in SECTIONS)
@@ -270,5 +556,6 @@ def write_report(run_dir: str | Path, out: str | Path, *, results: Sequence[str 
             f"{html.escape(run.root.name)}</title><style>{STYLE}</style><script>{SCRIPT}</script></head><body>"
             f"<h1>mlsctl report: {html.escape(run.root.name)}</h1>{sections}</body></html>")
     atomic.write_text(out, page)
-    return {"out": str(out), "sections": list(SECTIONS), "images": page.count("<img "), "evaluations": n_evals,
-            "bytes": len(page.encode()), "skipped": skipped}
+    return {"out": str(out), "sections": list(SECTIONS), "images": page.count("<img "),
+            "evaluations": len(shown["own"]), "comparisons": len(shown["comparison"]),
+            "unmatched": len(shown["unmatched"]), "results": shown, "bytes": len(page.encode()), "skipped": skipped}

@@ -3,7 +3,9 @@
     RUN/config.yaml                     the resolved recipe (start a new run from it to reproduce)
     RUN/metrics.jsonl                   one JSON object per logged step
     RUN/train.log                       what the console showed, with timestamps
-    RUN/summary.json                    written when training completes
+    RUN/summary.json                    written when training completes: steps, time, speed, final loss,
+                                        and when (finished), on what (device, precision, processes) and
+                                        with what (mlsctl_version, commit, torch_version) it was trained
     RUN/start.json                      what the weights started from: {"init_from": path or null}
                                         (with the recipe's model.weights and seed, the start is rebuilt
                                         exactly: mlsctl.models.source.from_run_start)
@@ -12,7 +14,8 @@
     RUN/teacher.safetensors             the final teacher backbone in timm's key layout (LoRA merged)
     RUN/teacher_adapters/               with LoRA: the teacher's adapters alone (peft format)
     RUN/checkpoints/step-NNNNNNNN/      one folder per checkpoint, renamed into place when complete:
-        state.json                      format_version, step, epoch, method, world size, versions
+        state.json                      format_version, step, epoch, method, world size, versions,
+                                        commit and device
         model.safetensors               every weight and buffer of the method (student, teacher, heads, centers)
         banks.safetensors               every memory bank (see mlsctl.bank.save_banks)
         optimizer.pt                    optimizer (and grad-scaler) state, read with weights_only=True

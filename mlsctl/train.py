@@ -29,7 +29,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from mlsctl import __version__, atomic, config as config_lib, dist, methods
+from mlsctl import __version__, atomic, config as config_lib, dist, methods, provenance
 from mlsctl.bank import save_banks
 from mlsctl.data.images import ImageFolder, SkipLog
 from mlsctl.data.loader import make_loader
@@ -331,7 +331,8 @@ def save_checkpoint(run: Run, step: int, method, optimizer, accelerator, recipe,
         _write_file(tmp / "rng.pt", lambda path: torch.save(rng_states, path))
         state = {"format_version": RUN_FORMAT_VERSION, "step": step, "epoch": method.schedule.epoch(step),
                  "total_steps": method.schedule.total_steps, "method": recipe.method.name,
-                 "world_size": accelerator.num_processes, "mlsctl_version": __version__, "torch_version": torch.__version__}
+                 "world_size": accelerator.num_processes, "mlsctl_version": __version__, "torch_version": torch.__version__,
+                 "commit": provenance.commit(), "device": provenance.device_name(accelerator.device)}
         atomic.write_json(tmp / "state.json", state)
         for f in tmp.iterdir():
             with open(f, "rb") as handle:
@@ -736,7 +737,10 @@ def _train(run: Run, recipe, accelerator, folder: ImageFolder, dataset, collate_
             log.info(f"memory banks identical on all {world} processes (checked at every checkpoint)")
         summary = {"steps": total_steps, "resumed_from": start_step, "seconds": round(elapsed, 2),
                    "images_per_s": round(throughput, 2), "final_loss": loss_value, "processes": world,
-                   "skipped_files": len(merged.reasons)}
+                   "skipped_files": len(merged.reasons), "finished": provenance.now(),
+                   "device": provenance.device_name(accelerator.device),
+                   "precision": "fp32" if accelerator.mixed_precision == "no" else accelerator.mixed_precision,
+                   "mlsctl_version": __version__, "commit": provenance.commit(), "torch_version": torch.__version__}
         atomic.write_json(run.summary_path, summary)
         log.info(f"done: {steps_run} steps in {elapsed:.0f}s ({throughput:.1f} images/s), final loss {loss_value:.4f}; "
                  f"run in {run.root}")

@@ -161,3 +161,70 @@ def test_5_out_a_symbolic_link_or_a_file_is_one_sentence(finished_run, tmp_path,
     (tmp_path / "file").write_text("x")
     code, _, err = cli("export", str(run_dir), "--out", str(tmp_path / "file"), "--overwrite", capsys=capsys)
     assert code == 2 and "is a file" in one_sentence(err)
+
+
+# ----------------------------------------------------------------------------------- issue 24, item 1
+
+
+def _odd_images(folder):
+    """Three tiny images of other sizes and aspects than the model's input (32 px): a resize that
+    crops, or keeps the aspect, differs from embed's squash."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir()
+    rng = np.random.default_rng(24)
+    for i, size in enumerate([(48, 40), (20, 36), (70, 70)]):
+        low = rng.uniform(0, 255, size=(5, 5, 3)).astype(np.uint8)
+        Image.fromarray(low).resize(size, Image.BILINEAR).save(folder / f"odd_{i}.png")
+    return folder
+
+
+def test_24_1_timms_transform_of_the_run_and_of_the_export_is_embeds(finished_run, tmp_path, capsys):
+    """load_backbone(RUN), the export loaded by timm alone, and the teacher file loaded by timm with
+    the documented overlay (docs/loading.md) all resolve, through timm.data.resolve_data_config +
+    create_transform, to embed's preprocessing: their features equal embed's."""
+    import timm
+    from PIL import Image
+
+    from mlsctl import load_backbone
+    from mlsctl.features import Features
+
+    run_dir, _ = finished_run
+    folder = _odd_images(tmp_path / "odd")
+    cli_ok(capsys, "embed", str(folder), "--run", str(run_dir), "--dtype", "fp32", "--out", str(tmp_path / "feats"))
+    features = Features(tmp_path / "feats")
+    expected = features.global_features().float()
+    cli_ok(capsys, "export", str(run_dir), "--out", str(tmp_path / "exp"))
+    plain = timm.create_model(  # the README's plain-timm call, with the run's preprocessing in the overlay
+        "vit_small_patch16_224", pretrained=True, num_classes=0, img_size=32, patch_size=8, embed_dim=32, depth=2,
+        num_heads=2, pretrained_cfg_overlay=dict(file=str(run_dir / "teacher.safetensors"), input_size=(3, 32, 32),
+                                                 mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), crop_pct=1.0,
+                                                 crop_mode="squash"))
+    models = {"load_backbone(run)": load_backbone(run_dir),
+              "timm local-dir export": timm.create_model(f"local-dir:{tmp_path / 'exp'}", pretrained=True),
+              "timm + overlay": plain}
+    for name, model in models.items():
+        config = timm.data.resolve_data_config({}, model=model.eval())
+        assert config["input_size"] == (3, 32, 32) and config["crop_mode"] == "squash", (name, config)
+        transform = timm.data.create_transform(**config)
+        with torch.no_grad():
+            got = torch.cat([model(transform(Image.open(folder / f).convert("RGB"))[None]) for f in features.files])
+        assert torch.allclose(got, expected, atol=1e-5), (name, float((got - expected).abs().max()))
+
+
+def test_24_1_the_export_says_what_it_is_and_borrows_no_tag_or_licence(finished_run, tmp_path, capsys):
+    from mlsctl import load_backbone
+    from mlsctl.models.source import from_run
+    from mlsctl.runs import Run
+
+    run_dir, recipe = finished_run
+    cli_ok(capsys, "export", str(run_dir), "--out", str(tmp_path / "exp"))
+    config = json.loads((tmp_path / "exp" / "config.json").read_text())
+    data_root = str(run_dir.parent / "images")
+    step = Run(run_dir).latest().step
+    for cfg in (config["pretrained_cfg"], load_backbone(run_dir).pretrained_cfg, load_backbone(tmp_path / "exp").pretrained_cfg):
+        assert not {"tag", "license", "url", "hf_hub_id", "paper_ids", "origin_url"} & {k for k, v in cfg.items() if v}
+        assert all(s in cfg["description"] for s in (f"run {run_dir.name}", "dino", data_root, f"step {step}"))
+    assert config["mlsctl"] == {**config["mlsctl"], "run": run_dir.name, "method": "dino", "data_root": data_root,
+                                "step": step, "fingerprint": from_run(run_dir).fingerprint}

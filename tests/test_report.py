@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -14,13 +15,20 @@ from conftest import cli_ok
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+def _teacher_fingerprint(run) -> str:
+    from mlsctl.models.source import from_run
+
+    return from_run(run).fingerprint
+
+
 def _report(finished_run, tmp_path, capsys):
     run_dir, _ = finished_run
     run = tmp_path / "run"
     shutil.copytree(run_dir, run)
     (run / "results").mkdir()
     (run / "results" / "knn.json").write_text(json.dumps({
-        "command": "eval knn", "model": {"path": str(run / "teacher.safetensors")},
+        "command": "eval knn", "model": {"source": "run", "path": str(run / "teacher.safetensors"),
+                                         "fingerprint": _teacher_fingerprint(run)},
         "results": [{"k": 10, "top1": 0.5, "top5": 0.9}]}))
     out, _ = cli_ok(capsys, "report", str(run), "--out", str(tmp_path / "report.html"), "--results", str(tmp_path),
                     "--patch-images", "4", "--json")
@@ -67,7 +75,7 @@ def test_report_skips_a_strangers_or_a_damaged_result_with_a_note(finished_run, 
                                                      "results": [{"k": 10, "top1": 0.5, "top5": 0.9}]}))
     out, err = cli_ok(capsys, "report", str(run), "--out", str(tmp_path / "r.html"), "--json", cwd=tmp_path)
     record = json.loads(out)
-    assert record["evaluations"] == 1 and len(record["skipped"]) == 3
+    assert record["unmatched"] == 1 and len(record["skipped"]) == 3  # mine.json records no fingerprint
     assert "linear.json: not the result that eval linear writes (no 'chosen')" in err
     assert "knn.json: not the result that eval knn writes (no 'top1')" in err and "deep.json: not readable JSON" in err
     page = (tmp_path / "r.html").read_text()
@@ -77,3 +85,93 @@ def test_report_skips_a_strangers_or_a_damaged_result_with_a_note(finished_run, 
         code, _, err = cli("report", str(run), "--out", str(tmp_path / "r.html"), capsys=capsys)
         assert code == 2 and "summary.json is damaged" in err and "Traceback" not in err
         assert len([line for line in err.splitlines() if line.startswith("error:")]) == 1
+
+
+# ----------------------------------------------------------------------------------- issue 24, item 2
+
+
+def _labelled_images(root):
+    """Two classes of tiny images, for train and val."""
+    from conftest import make_images
+
+    for split, offset in (("train", 0), ("val", 10)):
+        for i, name in enumerate("ab"):
+            folder = make_images(root / split / name, 3, seed=i + offset)
+            for image in (folder / "sub").glob("*.png"):
+                image.rename(folder / f"s{image.name}")
+            (folder / "sub").rmdir()
+    return root
+
+
+def test_24_2_evaluations_are_matched_to_the_run_by_fingerprint(finished_run, tmp_path, capsys):
+    """The run's own results (its final teacher, the teacher of a checkpoint) are told from the
+    results of a random init of its architecture (a comparison, whose recorded path is the run) and
+    from results that cannot be matched: one without a fingerprint (an older mlsctl), one recorded
+    as the run's teacher whose fingerprint is not the teacher's (the run was trained again). Each
+    names its data; a result of another model in --results stays out."""
+    from mlsctl import config as config_lib
+    from mlsctl.models.source import from_checkpoint, from_run
+    from mlsctl.runs import Run
+
+    run_dir, _ = finished_run
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    data = _labelled_images(tmp_path / "cls")
+    results = tmp_path / "results"
+    knn = ["eval", "knn", "--train", str(data / "train"), "--val", str(data / "val"), "--k", "3"]
+    cli_ok(capsys, *knn, "--run", str(run), "--out", str(results / "trained.json"), cwd=tmp_path)
+    cli_ok(capsys, *knn, "--run", str(run), "--random-init", "--out", str(results / "random.json"), cwd=tmp_path)
+    trained = json.loads((results / "trained.json").read_text())
+    first = Run(run).checkpoints()[0]
+    at_first = from_checkpoint(config_lib.load_recipe(str(run / "config.yaml")), first, Run(run)).info
+    for name, model in {"checkpoint": at_first,
+                        "old": {k: v for k, v in trained["model"].items() if k != "fingerprint"},
+                        "stale": {**trained["model"], "fingerprint": "0" * 64},
+                        "other": {"source": "weights", "path": str(tmp_path / "theirs.safetensors"),
+                                  "fingerprint": "1" * 64}}.items():
+        (results / f"{name}.json").write_text(json.dumps({**trained, "model": model}))
+    out, _ = cli_ok(capsys, "report", str(run), "--out", str(tmp_path / "r.html"), "--results", str(results),
+                    "--patch-images", "1", "--json")
+    shown = {group: sorted(Path(p).stem for p in paths) for group, paths in json.loads(out)["results"].items()}
+    assert shown == {"own": ["checkpoint", "trained"], "comparison": ["random"], "unmatched": ["old", "stale"]}
+    page = (tmp_path / "r.html").read_text()
+    own, comparisons, unmatched = (page.index(f"<h3>{title}") for title in
+                                   ("This run&#x27;s weights", "Comparison models", "Unmatched"))
+    steps = json.loads((run / "summary.json").read_text())["steps"]
+    assert own < page.index(f"eval knn · final teacher (step {steps})") < comparisons
+    assert own < page.index(f"eval knn · teacher of the checkpoint at step {first.step}") < comparisons
+    assert comparisons < page.index("random init (seed 0) of this run&#x27;s architecture") < unmatched
+    assert unmatched < page.index("records no fingerprint") and unmatched < page.index("trained again")
+    assert page.count(f"data: train {data / 'train'}, val {data / 'val'} (labels: folder names)") == 5
+    assert trained["model"]["fingerprint"] == from_run(run).fingerprint and trained["written"]["date"]
+
+
+def test_24_2_the_summary_says_when_with_what_and_on_what_a_run_was_trained(finished_run, tmp_path):
+    """date, mlsctl version and commit, device and architecture; numbers rounded. A run trained
+    before summary.json and state.json recorded them gets date and device from train.log."""
+    from mlsctl import config as config_lib
+    from mlsctl import provenance
+    from mlsctl.report import RunWeights, _summary
+    from mlsctl.runs import Run
+
+    run_dir, _ = finished_run
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    recipe = config_lib.load_recipe(str(run / "config.yaml"))
+    weights = RunWeights(Run(run), recipe)
+    summary = json.loads((run / "summary.json").read_text())
+    commit = provenance.commit()
+    assert summary["device"] == "cpu" and summary["commit"] == commit and summary["mlsctl_version"]
+    text = " ".join(re.sub(r"<[^>]+>", " ", _summary(Run(run), recipe, weights)).split())
+    assert f"commit {commit[:12]}" in text if commit else "no commit (not run from a git checkout)" in text
+    assert re.search(r"date \d{4}-\d\d-\d\d \d\d:\d\d to \d{4}-\d\d-\d\d \d\d:\d\d ", text)
+    assert re.search(r"device cpu, fp32, 1 process ", text)
+    assert "vit_small_patch16_224 (embed_dim 32, depth 2, num_heads 2), 32 px, patch 8; 0.03 M parameters" in text
+    assert f"final loss {summary['final_loss']:.4g} " in text and str(summary["final_loss"]) not in text
+    for path in [run / "summary.json", *run.glob("checkpoints/*/state.json")]:  # as an older mlsctl wrote them
+        record = json.loads(path.read_text())
+        path.write_text(json.dumps({k: v for k, v in record.items()
+                                    if k not in ("finished", "device", "precision", "commit", "mlsctl_version")}))
+    text = " ".join(re.sub(r"<[^>]+>", " ", _summary(Run(run), recipe, weights)).split())
+    assert re.search(r"date \d{4}-\d\d-\d\d \d\d:\d\d to \d{4}-\d\d-\d\d \d\d:\d\d \(train\.log\)", text)
+    assert re.search(r"device cpu, fp32, 1 process ", text) and "commit not recorded" in text

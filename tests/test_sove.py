@@ -348,6 +348,15 @@ def test_the_authors_half_selection_may_draw_more_anchors_than_fit_as_concepts(t
     assert SOVE.check_recipe(config.from_dict(raw))
 
 
+def test_half_selection_halves_the_cls_anchors_only_as_the_authors_code_does(tmp_path):
+    method, _ = _sove(tmp_path, anchor_selection="half")
+    cfg = method.cfg
+    cls_judges = method._judges(method.class_memory, "cls", 0, 0)
+    patch_judges = method._judges(method.patch_memory, "patch", 0, 1)
+    assert cls_judges.n_concepts == cfg.cls_anchors // 2
+    assert patch_judges.n_concepts == cfg.patch_anchors  # 512 of 512 on the authors' identical check
+
+
 def test_shipped_recipes_validate(tmp_path):
     from mlsctl.methods import method_class
 

@@ -50,8 +50,10 @@ def _default_json(name: str) -> Path:
 
 
 def _write_json(path: Path, payload: dict) -> None:
-    from mlsctl import atomic
+    """Write an eval result, stamped with its date, mlsctl version and commit (``written``)."""
+    from mlsctl import atomic, provenance
 
+    payload["written"] = provenance.stamp()
     atomic.write_json(path, payload)
 
 
@@ -110,9 +112,15 @@ def _no_masks_with_dataset(dataset: str, **masks) -> None:
         raise UserError(f"--dataset {dataset} reads the masks from --root; drop --{given[0].replace('_', '-')}")
 
 
-def _folders_dataset(train_masks: Path, ignore_index: int) -> dict:
-    return {"name": "folders", "masks": str(train_masks), "ignore_index": ignore_index,
+def _folders_dataset(train_masks: Path, ignore_index: int, train_features, val_features) -> dict:
+    return {"name": "folders", **_image_roots(train_features, val_features), "masks": str(train_masks),
+            "ignore_index": ignore_index,
             "mapping": {"rule": "none: mask values are the class ids", "ignored_values": [ignore_index]}}
+
+
+def _image_roots(train_features, val_features) -> dict:
+    """The image folders the features of a folders evaluation were embedded from."""
+    return {"train_root": str(train_features.input_root), "val_root": str(val_features.input_root)}
 
 
 def _dataset_record(train_split, val_split) -> dict:
@@ -219,7 +227,7 @@ def knn_seg(
         options = {} if is_feature_pair(train, val) else embed_options()
         train_features = features_or_embed(train, get_model, dense=True, what="train features", say=_say, **options)
         val_features = features_or_embed(val, get_model, dense=True, what="val features", say=_say, **options)
-        record = _folders_dataset(train_masks, ignore_index)
+        record = _folders_dataset(train_masks, ignore_index, train_features, val_features)
         names = lib.class_names(train_masks)
     _check_protocol_resolution(preset, overridden, resolution, train_features)
     if benchmark:
@@ -317,7 +325,8 @@ def _classification_inputs(dataset: str, root: Optional[Path], train_split: Opti
         train_features = features_or_embed(train, get_model, dense=False, what="train features", say=_say)
         val_features = features_or_embed(val, get_model, dense=False, what="val features", say=_say)
         labels = "folder names" if train_labels is None else str(train_labels)
-        return train_features, val_features, train_labels, val_labels, {"name": "folders", "labels": labels}
+        record = {"name": "folders", **_image_roots(train_features, val_features), "labels": labels}
+        return train_features, val_features, train_labels, val_labels, record
     if train_labels is not None or val_labels is not None:
         raise UserError(f"--dataset {dataset} labels its images itself; drop --train-labels/--val-labels")
     train_data, val_data = _benchmark(dataset, root, train_split, val_split, CLASSIFICATION)
@@ -503,7 +512,8 @@ def linear_seg(
             raise UserError("give --train, --train-masks, --val and --val-masks, or --dataset with --root")
         train_features = features_or_embed(train, get_model, dense=True, what="train features", say=_say, **options)
         val_features = features_or_embed(val, get_model, dense=True, what="val features", say=_say, **options)
-        record, names = _folders_dataset(train_masks, ignore_index), knn_lib.class_names(train_masks)
+        record = _folders_dataset(train_masks, ignore_index, train_features, val_features)
+        names = knn_lib.class_names(train_masks)
     train_source = knn_lib.FeatureMasks(train_features, train_masks, "train features")
     val_source = knn_lib.FeatureMasks(val_features, val_masks, "val features")
     result = lib.evaluate_linear_seg(train_source, val_source, epochs=epochs, lr=lr, weight_decay=wd,
@@ -587,8 +597,10 @@ def retrieval(
     start_cls, _ = start.image_tokens(images)
     results += evaluate_retrieval(start, gallery_rows, query_rows, start_cls, None, noise=fractions, seed=seed,
                                   methods=("max-pairwise", "mean-cls"), backbone="start")
-    payload = {"gallery": str(gallery), "query": str(query), "run": model.run, "step": model.step,
-               "fingerprint": model.fingerprint, "start": start.backbone.description,
+    payload = {"command": "eval retrieval", "gallery": str(gallery), "query": str(query), "run": model.run,
+               "step": model.step, "fingerprint": model.fingerprint,
+               "model": {**model.backbone.info, "step": model.step, "set_fingerprint": model.fingerprint},
+               "start": start.backbone.description,
                "query_size": size if size is not None else "all", "seed": seed, "objects": len(objects),
                "photos": len(paths), "seconds": time.perf_counter() - started, "results": [r.to_dict() for r in results]}
     out = out or _default_json("retrieval")

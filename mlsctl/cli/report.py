@@ -31,5 +31,10 @@ def report(
     if as_json:
         print(json.dumps(record, indent=2))
         return
-    print(f"wrote {target} ({record['bytes'] / 1e6:.1f} MB, {record['images']} pictures, {record['evaluations']} "
-          f"evaluation{'s' if record['evaluations'] != 1 else ''}); open it in any browser")
+    counts = [f"{record['evaluations']} evaluation{'s' if record['evaluations'] != 1 else ''} of the run's weights"]
+    if record["comparisons"]:
+        counts.append(f"{record['comparisons']} of comparison models")
+    if record["unmatched"]:
+        counts.append(f"{record['unmatched']} unmatched")
+    print(f"wrote {target} ({record['bytes'] / 1e6:.1f} MB, {record['images']} pictures, {', '.join(counts)}); "
+          f"open it in any browser")

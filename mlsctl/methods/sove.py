@@ -74,7 +74,8 @@ class SOVEConfig(MethodConfig):
     patch_tasks: int = param(1, help="independent patch tasks per step", ge=1)
     anchor_eps: float = param(0.1, help="eps: an anchor's own label is 1 - eps", ge=0.0, lt=1.0)
     anchor_selection: Literal["all", "half"] = param(
-        "all", help="keep every drawn anchor (the paper), or a random half of them (the authors' code)")
+        "all", help="CLS tasks: keep every drawn anchor (the paper), or a random half of them (the authors' code); "
+                    "patch tasks always keep every anchor, as the authors' code does")
     patch_loss: bool = param(True, help="use the non-parametric MIM loss")
     mask_ratio: float = param(0.3, help="share of each global view's patches masked for the student", ge=0.0, lt=1.0)
     mask_aspect: tuple[float, float] = param((0.3, 1 / 0.3), help="aspect-ratio range of the mask blocks", gt=0.0)
@@ -105,6 +106,15 @@ class SOVE(Method):
             init="random_unit", generator=generator, query_feature=QueryFeature("patch_mean", projection="head"))
 
     # ------------------------------------------------------------------ declarations
+    @staticmethod
+    def anchor_selection_for(cfg: SOVEConfig, task: str) -> str:
+        """``method.anchor_selection`` for the CLS tasks; the patch tasks keep every anchor.
+
+        The authors' 'low_energy' halving runs on the CLS memory only: their patch memory keeps all
+        its K anchors (512 concepts on the identical check), so ``half`` — which exists to match
+        them — must not halve ``E_P``'s anchors (docs/methods.md, SOVE)."""
+        return cfg.anchor_selection if task == "cls" else "all"
+
     @classmethod
     def check_recipe(cls, recipe):
         cfg = recipe.method
@@ -124,7 +134,8 @@ class SOVE(Method):
         for task, memory, size in (("cls", "class_memory_size", cfg.class_memory_size),
                                    ("patch", "patch_memory_size", cfg.patch_memory_size)):
             anchors, supports = getattr(cfg, f"{task}_anchors"), getattr(cfg, f"{task}_supports")
-            concepts = anchors // 2 if cfg.anchor_selection == "half" else anchors
+            selection = cls.anchor_selection_for(cfg, task)
+            concepts = anchors // 2 if selection == "half" else anchors
             if supports >= size:
                 errors.append((f"method.{task}_supports", f"k={supports} must be smaller than the memory "
                                                           f"(method.{memory}={size}); lower it"))
@@ -133,7 +144,7 @@ class SOVE(Method):
                                                    f"supports each ({concepts * (supports + 1)} judges, drawn from "
                                                    f"{anchors} anchors); raise method.{memory} or lower "
                                                    f"method.{task}_anchors"))
-            if cfg.anchor_selection == "half" and anchors < 4:
+            if selection == "half" and anchors < 4:
                 errors.append((f"method.{task}_anchors", "must be at least 4 with anchor_selection=half"))
         if cfg.mask_aspect[0] > cfg.mask_aspect[1]:
             errors.append(("method.mask_aspect", f"must be [low, high] with low <= high, got {list(cfg.mask_aspect)}"))
@@ -180,7 +191,8 @@ class SOVE(Method):
                 continue
             memory = torch.nn.functional.normalize(bank.vectors.float(), dim=1)
             judges = sample_judges(memory, 1, anchors, supports, eps=cfg.anchor_eps,
-                                   generator=torch.Generator().manual_seed(0), anchor_selection=cfg.anchor_selection,
+                                   generator=torch.Generator().manual_seed(0),
+                                   anchor_selection=cls.anchor_selection_for(cfg, task),
                                    chunk=cfg.judge_chunk, search=cfg.judge_search)
             overlap = judge_overlap(judges.slots[0], bank.size)
             text = (f"{overlap['shared']} of {overlap['distinct']} supporting entries ({100 * overlap['shared_share']:.1f}%) "
@@ -204,7 +216,8 @@ class SOVE(Method):
         generator = self._generator(step, stream)
         return sample_judges(memory.vectors, getattr(cfg, f"{task}_tasks"), getattr(cfg, f"{task}_anchors"),
                              getattr(cfg, f"{task}_supports"), eps=cfg.anchor_eps, generator=generator,
-                             anchor_selection=cfg.anchor_selection, chunk=cfg.judge_chunk, search=cfg.judge_search)
+                             anchor_selection=self.anchor_selection_for(cfg, task), chunk=cfg.judge_chunk,
+                             search=cfg.judge_search)
 
     def training_step(self, batch, step):
         cfg = self.cfg

@@ -12,7 +12,10 @@
   :class:`~mlsctl.errors.UserError` saying how to choose a model.
 
 Every choice carries a fingerprint: the sha256 of the backbone's tensors (names, dtypes, shapes and
-bytes, in key order), so the same weights give the same fingerprint whichever file they came from.
+bytes, in key order), so the same weights give the same fingerprint whichever file they came from;
+feature manifests and eval results record it with the ``source`` (``run``, ``run-checkpoint`` with
+its ``step``, ``weights``, ``random-init`` with its ``seed``, ``run-start``, ``dinov2``), and
+``mlsctl report`` matches evaluations to a run by it.
 """
 
 from __future__ import annotations
@@ -99,8 +102,10 @@ def from_run(run_dir: str | Path, *, random_init: bool = False, seed: int = 0) -
         torch.manual_seed(seed)
         plain = dataclasses.replace(model_cfg, lora=dataclasses.replace(model_cfg.lora, enabled=False))
         backbone = build_backbone(plain, drop_path_rate=0.0, load_weights=False)
-        return model_choice(backbone, f"randomly initialised {model_cfg.arch} (architecture of run {run.root}, seed {seed})",
-                       "random-init", str(run.root), model_cfg.img_size)
+        choice = model_choice(backbone, f"randomly initialised {model_cfg.arch} (architecture of run {run.root}, seed {seed})",
+                              "random-init", str(run.root), model_cfg.img_size)
+        choice.info["seed"] = seed
+        return choice
     if run.teacher_weights_path.is_file():
         plain = dataclasses.replace(model_cfg, weights=str(run.teacher_weights_path), pretrained=False,
                                     lora=dataclasses.replace(model_cfg.lora, enabled=False))
@@ -131,6 +136,7 @@ def from_checkpoint(recipe, checkpoint, run: Run) -> ModelChoice:
     backbone = method.teacher_backbone()
     choice = model_choice(backbone, f"teacher of run {run.root} at step {state['step']}", "run-checkpoint",
                           str(checkpoint.path), recipe.model.img_size)
+    choice.info["step"] = state["step"]
     for bank in method.banks().values():
         name = bank.query_feature.projection if bank.query_feature else None
         if name is not None and name not in choice.projections:
@@ -188,8 +194,10 @@ def from_weights(path: str | Path, arch: Optional[str] = None, *, img_size: Opti
     backbone = Backbone(spec["arch"], img_size=size, patch_size=patch, weights=None if random_init else str(path),
                         timm_kwargs=spec.get("timm_kwargs"), embedding_dim=spec.get("embedding_dim", 0))
     if random_init:
-        return model_choice(backbone, f"randomly initialised {spec['arch']} (architecture of {path}, seed {seed})",
-                            "random-init", str(path), size)
+        choice = model_choice(backbone, f"randomly initialised {spec['arch']} (architecture of {path}, seed {seed})",
+                              "random-init", str(path), size)
+        choice.info["seed"] = seed
+        return choice
     return model_choice(backbone, f"{spec['arch']} with weights {path}", "weights", str(path), size)
 
 
