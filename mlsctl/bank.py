@@ -9,6 +9,15 @@ MLS's two queues...). A bank holds
   present, so every bank knows the age of its entries;
 * ``ptr``: the slot the next entry goes to, and ``n_written``: entries enqueued since creation.
 
+Valid and written entries. A bank created with ``init="random_unit"`` (SOVE's memories, MLS's and
+MoCo's queues) starts full of random unit vectors: they are *valid* (queries see them, so
+:attr:`MemoryBank.filled` counts them and such a bank :attr:`~MemoryBank.is_full` from the start)
+but were never *written* by training. :attr:`MemoryBank.written` counts the slots that hold an
+entry written by training, from the ``step`` column (>= 0 once written, which :meth:`enqueue`
+enforces), and :attr:`MemoryBank.fill` is that count over the size; both therefore survive
+save/load and resume, and checkpoints written before they existed read the same (the ``step``
+column has always been saved).
+
 Semantics (pinned by ``tests/test_bank.py``):
 
 * FIFO: entries are written at ``ptr`` and wrap around; a batch larger than the bank keeps its
@@ -163,8 +172,19 @@ class MemoryBank:
         return self.filled == self.size
 
     @property
+    def prefilled(self) -> bool:
+        """Whether the bank started full of random entries (``init="random_unit"``)."""
+        return self._prefilled
+
+    @property
+    def written(self) -> int:
+        """Number of slots holding an entry written by training (random start entries excluded)."""
+        return int((self.payload["step"] >= 0).sum())
+
+    @property
     def fill(self) -> float:
-        return self.filled / self.size
+        """:attr:`written` over :attr:`size`: how much of the bank training has written."""
+        return self.written / self.size
 
     def to(self, device: torch.device | str) -> "MemoryBank":
         self.vectors = self.vectors.to(device)
@@ -177,6 +197,12 @@ class MemoryBank:
         if self.filled < self.size:
             return torch.arange(self.filled, device=device)
         return (self.ptr + torch.arange(self.size, device=device)) % self.size
+
+    def written_order(self) -> torch.Tensor:
+        """Slot indices of the entries written by training, oldest first (:meth:`order` without the
+        random start entries of a prefilled bank)."""
+        order = self.order()
+        return order[self.payload["step"][order] >= 0]
 
     def ages(self, step: int) -> torch.Tensor:
         """Age in steps of every valid entry (oldest first); prefilled entries have no age (-1)."""
@@ -192,6 +218,8 @@ class MemoryBank:
         """
         if vectors.ndim != 2 or vectors.shape[1] != self.dim:
             raise ValueError(f"enqueue expects vectors of shape [n, {self.dim}], got {list(vectors.shape)}")
+        if int(step) < 0:  # -1 in the step column means "never written" (see :attr:`written`)
+            raise ValueError(f"enqueue expects a training step >= 0, got {step}")
         expected = set(self.columns) - {"step"}
         if set(payload) != expected:
             missing, extra = sorted(expected - set(payload)), sorted(set(payload) - expected)
@@ -365,7 +393,8 @@ class MemoryBank:
 
     def __repr__(self) -> str:
         cols = ", ".join(f"{k}{list(c.shape)}" for k, c in self.columns.items())
-        return f"MemoryBank(size={self.size}, dim={self.dim}, filled={self.filled}, ptr={self.ptr}, payload=[{cols}])"
+        return (f"MemoryBank(size={self.size}, dim={self.dim}, filled={self.filled}, written={self.written}, "
+                f"ptr={self.ptr}, payload=[{cols}])")
 
 
 def save_banks(banks: Mapping[str, MemoryBank], path: str | Path) -> None:

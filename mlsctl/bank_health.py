@@ -1,6 +1,6 @@
 """Health indicators of a memory bank: is it full, stale, collapsed or full of duplicates?
 
-Pure functions of a bank's valid entries (:meth:`mlsctl.bank.MemoryBank.order`), shared by
+Pure functions of a bank's written entries (:meth:`mlsctl.bank.MemoryBank.written_order`), shared by
 ``mlsctl bank inspect`` and by the trainer, which logs them to metrics.jsonl every
 ``train.bank_health_every`` steps. The pairwise indicators are computed on the L2-normalised
 vectors (banks are compared by cosine):
@@ -16,8 +16,26 @@ vectors (banks are compared by cosine):
   least ``duplicate_threshold`` (so ``c`` copies of one vector count ``c - 1``); a bank fed the
   same images over and over, or with too little augmentation, shows it.
 
-A bank is flagged as collapsed when the mean pairwise cosine reaches :data:`COLLAPSE_MEAN_COSINE`
-or the effective rank falls below :data:`COLLAPSE_EFFECTIVE_RANK`.
+Only entries written by training are measured: a prefilled bank's random start entries
+(:attr:`mlsctl.bank.MemoryBank.written`) would make an untrained bank look healthy. ``fill`` is
+the written share of the slots.
+
+Status, in three levels (the thresholds, and why, in ``docs/bank-health.md``); with ``r =
+min(sample, dim)`` the most directions the sampled entries can span:
+
+* **collapsed** when the mean pairwise cosine reaches :data:`COLLAPSE_MEAN_COSINE` (0.95: two
+  entries are on average 18° apart) or the effective rank falls below
+  :data:`COLLAPSE_EFFECTIVE_RANK` (2: the entries span about one direction);
+* **partial collapse** otherwise, when the near-duplicate rate reaches
+  :data:`PARTIAL_DUPLICATE_RATE` (10 % of the examined entries copy an older one: a random bank
+  has none, a bank of augmented crops of distinct images almost none) or the effective rank falls
+  below :data:`PARTIAL_RANK_FRACTION` of ``r`` (10 %: isotropic random vectors reach 82-99 % of
+  ``r``; the banks of this project's runs that work, from the first steps on, 18-65 % (DINO's
+  ``cls`` 18-22 %, CrIBo's ``objects`` 26-65 %); SOVE's contracted ``E_C`` memory in the fidelity
+  suite 3 %, 7.4 of 256);
+* **healthy** otherwise; **unknown** below 2 written entries. The rank tests need ``r >= 3`` (two
+  entries or two dimensions span at most two directions whatever they are), so the partial rank
+  test only acts for ``r`` above ``COLLAPSE_EFFECTIVE_RANK / PARTIAL_RANK_FRACTION`` = 20.
 """
 
 from __future__ import annotations
@@ -33,7 +51,10 @@ from mlsctl.bank import LABEL_COLUMN, MemoryBank
 
 COLLAPSE_MEAN_COSINE = 0.95
 COLLAPSE_EFFECTIVE_RANK = 2.0
+PARTIAL_DUPLICATE_RATE = 0.10
+PARTIAL_RANK_FRACTION = 0.10
 DUPLICATE_THRESHOLD = 0.999
+HEALTHY, PARTIAL, COLLAPSED, UNKNOWN = "healthy", "partial collapse", "collapsed", "unknown"
 
 
 def _unit(vectors: torch.Tensor) -> torch.Tensor:
@@ -110,8 +131,9 @@ class BankHealth:
     size: int
     dim: int
     dtype: str
-    filled: int
-    fill: float
+    filled: int  # valid entries (a prefilled bank's random start included)
+    written: int  # slots written by training; the indicators below are over these
+    fill: float  # written / size
     ptr: int
     n_written: int
     step: int
@@ -135,24 +157,69 @@ class BankHealth:
     def duplicate_rate(self) -> float:
         return self.near_duplicates / self.duplicate_rows if self.duplicate_rows else float("nan")
 
+    @property
+    def rank_directions(self) -> int:
+        """``r``: the most directions the sampled entries can span, min(sample, dim)."""
+        return min(self.sample, self.dim)
+
     def collapse_reasons(self) -> list[str]:
         """Why the bank looks collapsed (empty when it does not)."""
         reasons = []
         if self.mean_cosine >= COLLAPSE_MEAN_COSINE:
             reasons.append(f"mean pairwise cosine {self.mean_cosine:.3f} >= {COLLAPSE_MEAN_COSINE}")
-        if self.effective_rank < COLLAPSE_EFFECTIVE_RANK:
+        if self.rank_directions >= 3 and self.effective_rank < COLLAPSE_EFFECTIVE_RANK:
             reasons.append(f"effective rank {self.effective_rank:.2f} < {COLLAPSE_EFFECTIVE_RANK}")
+        return reasons
+
+    def partial_collapse_reasons(self) -> list[str]:
+        """Why the bank looks partly collapsed (whether or not it is also collapsed)."""
+        reasons = []
+        if self.duplicate_rate >= PARTIAL_DUPLICATE_RATE:
+            reasons.append(f"near-duplicates {100 * self.duplicate_rate:.1f}% >= {100 * PARTIAL_DUPLICATE_RATE:.0f}%")
+        r = self.rank_directions
+        floor = PARTIAL_RANK_FRACTION * r
+        if r >= 3 and self.effective_rank < floor:
+            reasons.append(f"effective rank {self.effective_rank:.1f} < {floor:.1f} "
+                           f"({100 * PARTIAL_RANK_FRACTION:.0f}% of the {r} directions the sample could span)")
         return reasons
 
     @property
     def collapsed(self) -> bool:
         return bool(self.collapse_reasons())
 
+    @property
+    def status(self) -> str:
+        """:data:`HEALTHY`, :data:`PARTIAL`, :data:`COLLAPSED` or :data:`UNKNOWN` (fewer than 2 written entries)."""
+        if self.sample < 2:
+            return UNKNOWN
+        if self.collapsed:
+            return COLLAPSED
+        return PARTIAL if self.partial_collapse_reasons() else HEALTHY
+
+    def status_reasons(self) -> list[str]:
+        status = self.status
+        if status == COLLAPSED:
+            return self.collapse_reasons()
+        if status == PARTIAL:
+            return self.partial_collapse_reasons()
+        if status == UNKNOWN:
+            return [f"{self.written} entr{'y' if self.written == 1 else 'ies'} written by training; 2 are needed"]
+        return []
+
+    def status_line(self) -> str:
+        """``healthy``, or the level in capitals with its reasons: ``PARTIAL COLLAPSE: ...``."""
+        status, reasons = self.status, self.status_reasons()
+        if status == HEALTHY:
+            return HEALTHY
+        return f"{status.upper() if status != UNKNOWN else status}: {'; '.join(reasons)}"
+
     def to_dict(self) -> dict:
         out = asdict(self)
         out["duplicate_rate"] = self.duplicate_rate
         out["collapsed"] = self.collapsed
         out["collapse_reasons"] = self.collapse_reasons()
+        out["status"] = self.status
+        out["status_reasons"] = self.status_reasons()
         if self.label_counts is not None:
             out["label_counts"] = {str(k): v for k, v in self.label_counts.items()}
         return out
@@ -171,10 +238,11 @@ def bank_health(bank: MemoryBank, name: str, step: int, *, sample: Optional[int]
                 seed: int = 0) -> BankHealth:
     """Every indicator of one bank at training step ``step``.
 
-    The pairwise indicators use a fixed random sample of ``sample`` valid entries (None: all);
-    near-duplicates are counted over every valid entry (oldest first), or over the sample with
-    ``duplicates_on_sample`` (the trainer's cheap variant)."""
-    order = bank.order().cpu()
+    The pairwise indicators use a fixed random sample of ``sample`` entries written by training
+    (None: all of them); near-duplicates are counted over every written entry (oldest first), or
+    over the sample with ``duplicates_on_sample`` (the trainer's cheap variant). A prefilled bank's
+    random start entries are left out of every indicator."""
+    order = bank.written_order().cpu()
     vectors = bank.vectors.detach().cpu()[order].float()
     n = vectors.shape[0]
     rows = sample_rows(n, sample, seed)
@@ -189,7 +257,7 @@ def bank_health(bank: MemoryBank, name: str, step: int, *, sample: Optional[int]
         labels = {int(v): int(c) for v, c in zip(values.reshape(-1), counts)}
     return BankHealth(
         name=name, size=bank.size, dim=bank.dim, dtype=str(bank.vectors.dtype).replace("torch.", ""),
-        filled=n, fill=bank.fill, ptr=bank.ptr, n_written=bank.n_written, step=step,
+        filled=bank.filled, written=n, fill=n / bank.size, ptr=bank.ptr, n_written=bank.n_written, step=step,
         age_min=int(ages.min()) if len(ages) else None,
         age_median=float(ages.double().quantile(0.5)) if len(ages) else None,
         age_max=int(ages.max()) if len(ages) else None,

@@ -7,6 +7,8 @@
 * :func:`neighbour_tiles`: those entries as crops of their source images (``box`` payload), with
   the ``region`` payload outlined; a missing source image becomes a labelled blank;
 * :func:`project_2d`: PCA (or t-SNE with scikit-learn) of a sample of entries;
+* :func:`entry_colours`: what colours them: age, a ``label`` payload, the source image, or a
+  labels file keyed by source image;
 * :func:`export_banks`: valid entries, oldest first, as a plain safetensors file.
 """
 
@@ -142,12 +144,13 @@ def embed_query(model, bank: MemoryBank, images: Sequence, resolution: int) -> t
 
 
 def nearest_entries(bank: MemoryBank, query: torch.Tensor, k: int, sources: Optional[SourceImages]) -> list[Neighbour]:
-    """The ``k`` valid entries most cosine-similar to one query vector."""
+    """The ``k`` entries written by training most cosine-similar to one query vector (a prefilled
+    bank's random start entries have no source image, so they are left out)."""
     keys = bank.query_feature.columns(bank.vectors.float()) if bank.query_feature else bank.vectors.float()
     if keys.shape[1] != query.shape[-1]:
         raise UserError(f"the query has {query.shape[-1]} dimensions but the bank compares {keys.shape[1]}; "
                         f"the run's teacher does not match its bank")
-    valid = bank.valid_mask()
+    valid = bank.valid_mask() & (bank.payload["step"] >= 0)
     scores = (F.normalize(query.reshape(1, -1), dim=1) @ F.normalize(keys, dim=1).T)[0]
     scores = scores.masked_fill(~valid, float("-inf"))
     top = scores.topk(min(k, int(valid.sum())))
@@ -222,6 +225,77 @@ def project_2d(vectors: torch.Tensor, method: str = "auto", seed: int = 0) -> tu
     if points.shape[1] < 2:
         points = torch.cat([points, points.new_zeros(len(points), 2 - points.shape[1])], 1)
     return points, "PCA"
+
+
+COLOUR_KEYWORDS = ("age", "label", "source")
+
+
+@dataclass
+class EntryColours:
+    """How :func:`mlsctl.viz.scatter_plot` colours entries: ``values`` per entry (ages, or integer
+    classes named by ``names``; -1: no label, drawn grey as ``unlabelled``), and a caption."""
+
+    values: torch.Tensor
+    mode: str  # "age" (a colour bar) or "label" (a legend)
+    caption: str
+    names: Optional[dict[int, str]] = None
+    unlabelled: Optional[str] = None
+    missing: int = 0
+    other_name: str = "labels"  # what the classes beyond the 10 drawn are called in the legend
+
+
+def entry_colours(bank: MemoryBank, name: str, slots: torch.Tensor, color_by: str, step: int,
+                  sources: Optional[SourceImages]) -> EntryColours:
+    """Colours of the entries at ``slots`` (written entries) by ``color_by``: ``age`` (steps since
+    the write), ``label`` (the ``label`` payload), ``source`` (the source image, named by its file)
+    or the path of a labels file (CSV ``path,label`` or JSONL ``{"path", "label"}``, read by
+    :func:`mlsctl.evaluate.knn.read_labels_file`) whose paths are the source images as the run's
+    images.txt lists them (relative to ``data.root``), absolute paths, or ``image_id`` numbers.
+    Entries whose image the file does not list are grey and counted in ``missing``; a file that
+    labels none of them is refused."""
+    payload = {key: value.cpu()[slots] for key, value in bank.payload.items()}
+    if color_by == "age":
+        return EntryColours(step - payload["step"], "age", "age")
+    if color_by == "label":
+        if LABEL_COLUMN not in payload:
+            raise UserError(f"bank '{name}' has no '{LABEL_COLUMN}' payload (it has {', '.join(bank.payload)}); "
+                            f"use --color-by age, source or a labels file")
+        return EntryColours(payload[LABEL_COLUMN].long(), "label", "label")
+    path = None if color_by in COLOUR_KEYWORDS else Path(color_by)
+    if path is not None and not path.is_file():
+        raise UserError(f"--color-by {color_by!r} is neither age, label, source nor an existing labels file; give one "
+                        f"of those (a labels file is a CSV or JSONL of path,label)")
+    if IMAGE_COLUMN not in payload:
+        raise UserError(f"bank '{name}' has no '{IMAGE_COLUMN}' payload (it has {', '.join(bank.payload)}), so its "
+                        f"entries have no source image; use --color-by age")
+    image_ids = payload[IMAGE_COLUMN].long()
+    relpaths = sources.relpaths if sources is not None else []
+
+    def relpath(image_id: int) -> Optional[str]:
+        return relpaths[image_id] if 0 <= image_id < len(relpaths) else None
+
+    if path is None:  # source: one class per image
+        names = {int(i): Path(relpath(int(i)) or f"image {int(i)}").name for i in image_ids.unique()}
+        return EntryColours(image_ids, "label", "source image", names, other_name="images")
+    from mlsctl.evaluate.knn import read_labels_file
+
+    table = read_labels_file(path)
+    root = sources.root if sources is not None else None
+    found = []
+    for image_id in image_ids.tolist():
+        rel = relpath(image_id)
+        keys = ([rel, str(root / rel)] if rel is not None else []) + [str(image_id)]
+        found.append(next((table[k] for k in keys if k in table), None))
+    classes = sorted({label for label in found if label is not None})
+    if not classes:
+        example = relpath(int(image_ids[0])) or str(int(image_ids[0]))
+        raise UserError(f"labels file {path} labels none of the {len(found)} entries drawn (e.g. {example}); key it "
+                        f"by the source images as RUN/images.txt lists them, by absolute paths or by image_id")
+    index = {label: i for i, label in enumerate(classes)}
+    values = torch.tensor([index[label] if label is not None else -1 for label in found])
+    missing = int((values < 0).sum())
+    return EntryColours(values, "label", f"labels of {path.name}", dict(enumerate(classes)),
+                        unlabelled=f"not in {path.name}", missing=missing)
 
 
 def export_banks(banks: dict[str, MemoryBank], out: str | Path, *, run: Run, checkpoint: Checkpoint) -> dict:

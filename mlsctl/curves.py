@@ -1,17 +1,31 @@
 """Training curves of one or several runs, drawn with matplotlib from ``RUN/metrics.jsonl``.
 
 :func:`read_metrics` returns every numeric series of a run (``name → (steps, values)``);
-:func:`plot_runs` draws six panels — the loss, its terms, the learning rate and weight decay,
-the teacher momentum, memory-bank health (the mean pairwise cosine of every bank)
-and quality monitors (``monitor/...``; throughput when a run has none) — with one colour per run
-(and one line style per term, bank or monitor), axes, units and legends.
+:func:`plot_runs` draws, with one colour per run (and one line style per term, bank or monitor),
+axes, units and legends, a grid of panels:
+
+* the training loss, and its terms when a run has several (a run whose only term is its total
+  gets no second panel);
+* the learning rate and weight decay, the teacher momentum;
+* DINO's teacher entropy (``teacher_entropy``, mean entropy of the teacher's output distribution,
+  with ``log K`` — uniform outputs, the collapse DINO's centring invites — drawn when the run's
+  config gives ``method.out_dim``), when a run logs it;
+* memory-bank health (the mean pairwise cosine of every bank);
+* quality monitors (``monitor/...``), or else the throughput: images/s, or for MILE sets/s and
+  photos/s (``sets_per_s``, ``photos_per_s``).
+
+Noisy per-step series (the loss and its terms, the teacher entropy, the throughput) of more than
+:data:`MARKER_POINTS` points are drawn faint, with a bias-corrected exponential moving average
+(span: 5 % of the points, :func:`ema`) on top; a series of at most :data:`MARKER_POINTS` points
+is drawn raw with a marker on every point.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 from mlsctl import atomic
 from mlsctl.errors import UserError
@@ -49,6 +63,48 @@ def read_metrics(run_dir: str | Path) -> dict[str, tuple[list[int], list[float]]
 
 
 STYLES = ("-", "--", ":", "-.")
+MARKER_POINTS = 30  # a series of at most this many points gets a marker on each, and no smoothing
+SMOOTH_SHARE = 1 / 20  # the smoothing span: 5 % of the series' points (at least 2)
+
+
+def ema(values: Sequence[float], span: float) -> list[float]:
+    """Exponential moving average with ``alpha = 2 / (span + 1)``, bias-corrected (each point the
+    weighted mean of the points so far, weights ``(1 - alpha)^age``; pandas' ``ewm(span,
+    adjust=True)``), so the first points are not pulled towards zero."""
+    alpha = 2 / (span + 1)
+    out, weighted, weights = [], 0.0, 0.0
+    for value in values:
+        weighted = (1 - alpha) * weighted + value
+        weights = (1 - alpha) * weights + 1
+        out.append(weighted / weights)
+    return out
+
+
+def smoothing_span(n: int) -> Optional[float]:
+    """The EMA span for a series of ``n`` points; None (drawn raw, with markers) up to
+    :data:`MARKER_POINTS`."""
+    return None if n <= MARKER_POINTS else max(2.0, n * SMOOTH_SHARE)
+
+
+def _output_classes(run_dir: str | Path) -> Optional[int]:
+    """``method.out_dim`` of the run's config.yaml (the K of DINO's teacher distribution), when it has one."""
+    import yaml
+
+    try:
+        config = yaml.safe_load(Run(run_dir).config_path.read_text(encoding="utf-8"))
+        value = config["method"]["out_dim"]
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, KeyError, TypeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 1 else None
+
+
+def single_term_duplicates(series: dict[str, tuple[list[int], list[float]]]) -> bool:
+    """Whether a run's only loss term is its total loss (the same values at the same steps)."""
+    terms = [k for k in series if k.startswith("loss/")]
+    if len(terms) != 1 or "loss" not in series:
+        return False
+    (steps, values), (total_steps, total) = series[terms[0]], series["loss"]
+    return steps == total_steps and all(math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-9) for a, b in zip(values, total))
 
 
 def short_names(run_dirs: Sequence[str | Path]) -> list[str]:
@@ -62,55 +118,95 @@ def short_names(run_dirs: Sequence[str | Path]) -> list[str]:
 
 
 def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, *, title: str | None = None) -> dict:
-    """Draw the runs' curves to ``out`` (PNG); returns what each panel shows."""
+    """Draw the runs' curves to ``out`` (PNG); returns what each panel shows, which series were
+    smoothed (with their EMA span in points) and which were drawn with markers."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    run_dirs = list(run_dirs)
     runs = list(zip(short_names(run_dirs), (read_metrics(r) for r in run_dirs)))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    figure, axes = plt.subplots(2, 3, figsize=(16, 8.5))
-    panels = {}
+    any_key = lambda test: any(test(k) for _, s in runs for k in s)  # noqa: E731
 
-    def draw(ax, key_filter, ylabel, panel, label_of=lambda name, key: f"{name}: {key}", log=False, empty=""):
+    # (title, which keys of a run, y label, options); a panel that only some methods log is left
+    # out when no run logs it, the others say "not logged"
+    specs = [("training loss", lambda s: ["loss"], "loss", dict(smooth=True, label=lambda n, k: n))]
+    terms = lambda s: [] if single_term_duplicates(s) else sorted(k for k in s if k.startswith("loss/"))  # noqa: E731
+    if any(terms(s) for _, s in runs):
+        specs.append(("loss terms", terms, "loss term", dict(smooth=True)))
+    specs.append(("learning rate and weight decay", lambda s: ["lr", "weight_decay"], "value (log scale)",
+                  dict(log=True)))
+    specs.append(("teacher momentum", lambda s: ["momentum"], "EMA momentum", dict(label=lambda n, k: n)))
+    if any_key(lambda k: k == "teacher_entropy"):
+        specs.append(("teacher entropy", lambda s: ["teacher_entropy"], "entropy of the teacher's output (nats)",
+                      dict(smooth=True, label=lambda n, k: n, entropy=True)))
+    specs.append(("memory-bank health", lambda s: sorted(k for k in s if k.startswith("bank/") and k.endswith("/mean_cosine")),
+                  "mean pairwise cosine (1 = collapsed)",
+                  dict(label=lambda n, k: f"{n}: {k[len('bank/'):]}", empty="no bank health records (train.bank_health_every)")))
+    if any_key(lambda k: k.startswith("monitor/")):
+        specs.append(("quality monitor", lambda s: sorted(k for k in s if k.startswith("monitor/")), "score", {}))
+    else:
+        sets = any_key(lambda k: k == "sets_per_s")
+        units = {"images_per_s": "images / s", "sets_per_s": "sets / s", "photos_per_s": "photos / s"}
+        specs.append(("throughput",
+                      lambda s: ["sets_per_s", "photos_per_s"] if "sets_per_s" in s else ["images_per_s"],
+                      "per second" if sets else "images / s",
+                      dict(smooth=True, label=(lambda n, k: f"{n}: {units[k]}") if sets else (lambda n, k: n))))
+
+    columns = 3
+    rows = (len(specs) + columns - 1) // columns
+    figure, axes = plt.subplots(rows, columns, figsize=(16, 4.25 * rows), squeeze=False)
+    panels, smoothed, markers = {}, {}, set()
+    for ax, (panel, keys_of, ylabel, options) in zip(axes.flat, specs):
+        label_of = options.get("label", lambda n, k: f"{n}: {k}")
         drawn = []
         for r, (name, series) in enumerate(runs):
-            keys = sorted(k for k in series if key_filter(k))
-            for i, key in enumerate(keys):
+            colour = colours[r % len(colours)]
+            for i, key in enumerate(k for k in keys_of(series) if k in series):
                 steps, values = series[key]
-                ax.plot(steps, values, STYLES[i % len(STYLES)], color=colours[r % len(colours)], linewidth=1.2,
-                        label=label_of(name, key))
+                style = STYLES[i % len(STYLES)]
+                span = smoothing_span(len(values)) if options.get("smooth") else None
+                if span is None:
+                    few = len(values) <= MARKER_POINTS
+                    ax.plot(steps, values, style, color=colour, linewidth=1.2, label=label_of(name, key),
+                            marker="o" if few else None, markersize=3.5)
+                    if few:
+                        markers.add(key)
+                else:  # the raw values faint, the trend on top
+                    ax.plot(steps, values, style, color=colour, linewidth=0.7, alpha=0.25)
+                    ax.plot(steps, ema(values, span), style, color=colour, linewidth=1.8,
+                            label=f"{label_of(name, key)} (EMA, span {span:.0f})")
+                    smoothed[key] = max(span, smoothed.get(key, 0.0))
                 drawn.append(key)
+            if options.get("entropy") and "teacher_entropy" in series:
+                classes = _output_classes(run_dirs[r])
+                if classes is not None:  # the entropy of the uniform distribution: collapse to uniform
+                    ax.axhline(math.log(classes), color=colour, linewidth=1, linestyle=(0, (1, 2)),
+                               label=f"{name}: log K = {math.log(classes):.2f} (uniform over K = {classes})")
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
-        if log and drawn:
+        if options.get("log") and drawn:
             ax.set_yscale("log")
+        if options.get("entropy"):
+            ax.set_ylim(bottom=0)
+            ax.text(0.01, 0.02, "log K: uniform outputs (collapse to uniform)\n0: one-hot outputs (a collapse "
+                                "when all pick the same one)",
+                    transform=ax.transAxes, fontsize=7, color="0.35")
         if drawn:
             ax.legend(fontsize=7, loc="best")
         else:
-            ax.text(0.5, 0.5, empty or "not logged by these runs", ha="center", va="center", transform=ax.transAxes,
-                    color="grey")
+            ax.text(0.5, 0.5, options.get("empty") or "not logged by these runs", ha="center", va="center",
+                    transform=ax.transAxes, color="grey")
         ax.set_title(panel)
         ax.grid(alpha=0.3)
         panels[panel] = sorted(set(drawn))
-
-    draw(axes[0, 0], lambda k: k == "loss", "loss", "training loss", label_of=lambda n, k: n)
-    draw(axes[0, 1], lambda k: k.startswith("loss/"), "loss term", "loss terms",
-         empty="the method logs a single loss term")
-    draw(axes[0, 2], lambda k: k in ("lr", "weight_decay"), "value (log scale)", "learning rate and weight decay",
-         log=True)
-    draw(axes[1, 0], lambda k: k == "momentum", "EMA momentum", "teacher momentum", label_of=lambda n, k: n)
-    draw(axes[1, 1], lambda k: k.startswith("bank/") and k.endswith("/mean_cosine"),
-         "mean pairwise cosine (1 = collapsed)", "memory-bank health",
-         label_of=lambda n, k: f"{n}: {k[len('bank/'):]}", empty="no bank health records (train.bank_health_every)")
-    monitors = any(k.startswith("monitor/") for _, s in runs for k in s)
-    if monitors:
-        draw(axes[1, 2], lambda k: k.startswith("monitor/"), "score", "quality monitor")
-    else:
-        draw(axes[1, 2], lambda k: k == "images_per_s", "images / s", "throughput", label_of=lambda n, k: n)
+    for ax in list(axes.flat)[len(specs):]:
+        ax.axis("off")
     figure.suptitle(title or ("training curves of " + ", ".join(n for n, _ in runs)))
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0, 1, 1 - 0.4 / (4.25 * rows)))  # room for the title
     atomic.write_with(out, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
     plt.close(figure)
-    return {"out": str(out), "runs": [n for n, _ in runs], "panels": panels}
+    return {"out": str(out), "runs": [n for n, _ in runs], "panels": panels,
+            "smoothed": {k: round(v, 2) for k, v in sorted(smoothed.items())}, "markers": sorted(markers)}

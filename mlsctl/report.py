@@ -264,9 +264,9 @@ def _banks(run: Run, recipe) -> str:
     if not banks:
         return _note(f"the method {recipe.method.name} keeps no memory bank")
     healths = {name: bank_health(bank, name, checkpoint.step, sample=1024) for name, bank in banks.items()}
-    keys = ("filled", "size", "dim", "mean_cosine", "effective_rank", "uniformity", "duplicate_rate")
+    keys = ("written", "size", "dim", "mean_cosine", "effective_rank", "uniformity", "duplicate_rate")
     rows = [[name, *(f"{getattr(h, k):.3f}" if isinstance(getattr(h, k), float) else getattr(h, k) for k in keys),
-             "; ".join(h.collapse_reasons()) or "no collapse"] for name, h in healths.items()]
+             h.status_line()] for name, h in healths.items()]
     parts = [_table(["bank", *keys, "status"], rows)]
     sources = SourceImages(run)
     query_path = sources.path(0)
@@ -276,14 +276,14 @@ def _banks(run: Run, recipe) -> str:
         query = None
     model = None
     for name, bank in banks.items():
-        if bank.query_feature is None or query is None or bank.filled == 0:
+        if bank.query_feature is None or query is None or bank.written == 0:
             continue
         model = model or from_checkpoint(recipe, checkpoint, run)
         vector = embed_query(model, bank, [query], recipe.data.global_crops.size)[0]
         found = nearest_entries(bank, vector, 8, sources)
         with tempfile.TemporaryDirectory() as tmp:
             out = neighbour_grid(query, neighbour_tiles(found, sources, 96), Path(tmp) / "n.png",
-                                 title=f"bank '{name}' · step {checkpoint.step} · 8 nearest of {bank.filled}", cell=96)
+                                 title=f"bank '{name}' · step {checkpoint.step} · 8 nearest of {bank.written}", cell=96)
             parts.append(f"<h3>bank '{html.escape(name)}': nearest entries of {html.escape(query_path.name)}</h3>"
                          f'<img alt="neighbours in {html.escape(name)}" src="{_png_uri(out)}">')
     return "".join(parts)

@@ -595,6 +595,7 @@ def _train(run: Run, recipe, accelerator, folder: ImageFolder, dataset, collate_
     model, optimizer = accelerator.prepare(method, optimizer)
     accumulate = recipe.optim.accumulate_steps
     batch_global = recipe.optim.batch_size * world * accumulate  # the images of one optimiser step
+    throughput_units = type(method).throughput_units(recipe)  # MILE: sets/s and photos/s besides images_per_s
     peak_lr = recipe.optim.lr * (batch_global / 256 if recipe.optim.scale_lr else 1.0)
     warmup_steps = schedule.steps(recipe.optim.warmup_epochs)
     freeze_steps = schedule.steps(recipe.optim.freeze_last_layer_epochs)
@@ -637,7 +638,7 @@ def _train(run: Run, recipe, accelerator, folder: ImageFolder, dataset, collate_
     # The first step whose loss was not finite, kept on the device and read only where metrics are
     # logged and before a checkpoint (no host synchronisation per step on a GPU).
     first_bad_step = torch.full((), -1, dtype=torch.long, device=accelerator.device)
-    warned: set[str] = set()  # banks already reported as collapsed
+    warned: set[tuple[str, str]] = set()  # (bank, status) already reported: partly collapsed, collapsed
     shown: dict[str, str] = {}  # the monitor's last k-NN top-1 in the progress bar
     model.train()
     batches = iter(loader)  # accumulate micro-batches per step (StepBatchSampler)
@@ -722,6 +723,7 @@ def _train(run: Run, recipe, accelerator, folder: ImageFolder, dataset, collate_
                 record = {"step": done, "epoch": schedule.epoch(step), **{k: scalars[k] for k in scalars if k.startswith("loss")}}
                 record.update({"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "grad_norm": float(grad_norm),
                                "images_per_s": images_since / max(now - last_time, 1e-9)})
+                record.update({key: per * record["images_per_s"] for key, per in throughput_units.items()})
                 record.update({f"bank_fill/{name}": bank.fill for name, bank in method.banks().items()})
                 record.update(health)
                 record.update({k: v for k, v in scalars.items() if not k.startswith("loss")})
@@ -837,22 +839,24 @@ def _tracker_config(recipe) -> dict:
     return flat
 
 
-def _bank_health(banks: dict, step: int, warned: set[str]) -> dict:
+def _bank_health(banks: dict, step: int, warned: set[tuple[str, str]]) -> dict:
     """Health indicators of every bank (on a sample, see :mod:`mlsctl.bank_health`) for
-    metrics.jsonl; warns once per bank, in one line, when it looks collapsed."""
-    from mlsctl.bank_health import bank_health
+    metrics.jsonl; warns in one line, once per bank and level, when it looks partly collapsed and
+    when it looks collapsed."""
+    from mlsctl.bank_health import COLLAPSED, PARTIAL, bank_health
 
     record = {}
     for name, bank in banks.items():
-        if bank.filled < 2:
+        if bank.written < 2:
             continue
         health = bank_health(bank, name, step, sample=1024, duplicates_on_sample=True)
         record.update(health.metrics())
-        reasons = health.collapse_reasons()
-        if reasons and name not in warned:
-            warned.add(name)
-            log.warning(f"memory bank '{name}' looks collapsed at step {step}: {'; '.join(reasons)} "
-                        f"(see docs/banks.md, 'Memory-bank health')")
+        status = health.status
+        if status in (PARTIAL, COLLAPSED) and (name, status) not in warned:
+            warned.add((name, status))
+            looks = "collapsed" if status == COLLAPSED else "partly collapsed"
+            log.warning(f"memory bank '{name}' looks {looks} at step {step}: {'; '.join(health.status_reasons())} "
+                        f"(see docs/bank-health.md)")
     return record
 
 

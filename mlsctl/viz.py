@@ -2,14 +2,18 @@
 
 * :func:`pca_rgb`: the first three principal components of a set of patch maps, fitted jointly
   over every patch of every image, each scaled to [0, 1] between its 1st and 99th percentile —
-  patches the model sees alike get alike colours.
-* :func:`pca_figure`: each image beside its PCA patch map, in a grid with file names.
+  patches the model sees alike get alike colours (:func:`pca_components` also gives the share of
+  the variance each component carries).
+* :func:`pca_figure`: each image beside its PCA patch map, in a grid with file names, and a legend
+  that says what the two halves of a pair are.
+* :func:`features_pca`: that figure for a feature folder, each image shown as the model saw it.
 * :func:`neighbour_grid`: a query image and its nearest memory-bank entries as captioned crops.
 * :func:`scatter_plot`: a 2-D projection of bank entries coloured by label or age.
 """
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -19,19 +23,28 @@ import torch
 from mlsctl import atomic
 
 
-def pca_rgb(dense: torch.Tensor) -> torch.Tensor:
-    """[n, h, w, D] patch features → [n, h, w, 3] colours in [0, 1]."""
+def pca_components(dense: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
+    """[n, h, w, D] patch features → ([n, h, w, 3] colours in [0, 1], the share of the variance of
+    the patches each of the three components carries)."""
     n, h, w, d = dense.shape
     x = dense.reshape(-1, d).double()
     x = x - x.mean(0, keepdim=True)
-    _, _, v = torch.linalg.svd(x, full_matrices=False)
+    _, singular, v = torch.linalg.svd(x, full_matrices=False)
+    variance = singular.pow(2)
+    shares = (variance[:3] / variance.sum().clamp_min(1e-300)).tolist()
+    shares += [0.0] * (3 - len(shares))
     projected = x @ v[:3].T  # [n·h·w, ≤3]
     if projected.shape[1] < 3:
         projected = torch.cat([projected, projected.new_zeros(len(projected), 3 - projected.shape[1])], 1)
     low = torch.quantile(projected, 0.01, dim=0)
     high = torch.quantile(projected, 0.99, dim=0)
     scaled = ((projected - low) / (high - low).clamp_min(1e-12)).clamp(0, 1)
-    return scaled.reshape(n, h, w, 3).float()
+    return scaled.reshape(n, h, w, 3).float(), shares
+
+
+def pca_rgb(dense: torch.Tensor) -> torch.Tensor:
+    """[n, h, w, D] patch features → [n, h, w, 3] colours in [0, 1]."""
+    return pca_components(dense)[0]
 
 
 def _label(draw, xy, text: str, width: int) -> None:
@@ -43,18 +56,43 @@ def _label(draw, xy, text: str, width: int) -> None:
     draw.text(xy, text, fill=(30, 30, 30), font=font)
 
 
+def _resized(image, cell: int):
+    """``image`` at ``cell`` pixels: enlarged by repeating pixels (what the model saw, pixel for
+    pixel), reduced with a bicubic filter."""
+    from PIL import Image
+
+    image = image.convert("RGB")
+    return image.resize((cell, cell), Image.NEAREST if cell >= max(image.size) else Image.BICUBIC)
+
+
 def pca_figure(images: Sequence[Optional[object]], colours: torch.Tensor, names: Sequence[str], out: Path,
-               cell: int = 128, pairs_per_row: int = 4) -> Path:
-    """Draw ``image | PCA map`` pairs; a missing image (None) is drawn as a labelled grey cell."""
-    from PIL import Image, ImageDraw
+               cell: int = 128, pairs_per_row: int = 4, legend: Sequence[str] = ()) -> Path:
+    """Draw ``image | PCA map`` pairs; a missing image (None) is drawn as a labelled grey cell. The
+    ``legend`` lines go under the grid, with three swatches saying which component is which colour."""
+    from PIL import Image, ImageDraw, ImageFont
 
     n = len(names)
     rows = (n + pairs_per_row - 1) // pairs_per_row
     caption = 14
     gap = 8
     width = pairs_per_row * (2 * cell + gap) + gap
-    height = rows * (cell + caption + gap) + gap
-    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    font = ImageFont.load_default()
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    wrapped = []
+    for line in legend:  # wrapped to the figure's width
+        words, current = line.split(" "), ""
+        for word in words:
+            trial = f"{current} {word}".strip()
+            if current and measure.textlength(trial, font=font) > width - 2 * gap:
+                wrapped.append(current)
+                current = word
+            else:
+                current = trial
+        wrapped.append(current)
+    line_height = 13
+    legend_height = (len(wrapped) * line_height + 20 + gap) if legend else 0
+    grid_height = rows * (cell + caption + gap) + gap
+    canvas = Image.new("RGB", (width, grid_height + legend_height), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     for i in range(n):
         r, c = divmod(i, pairs_per_row)
@@ -64,17 +102,31 @@ def pca_figure(images: Sequence[Optional[object]], colours: torch.Tensor, names:
             draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=(200, 200, 200))
             _label(draw, (x + 4, y + cell // 2 - 6), "image missing", cell - 8)
         else:
-            canvas.paste(image.convert("RGB").resize((cell, cell), Image.BICUBIC), (x, y))
+            canvas.paste(_resized(image, cell), (x, y))
         patch_map = (colours[i].numpy() * 255).round().astype(np.uint8)
         canvas.paste(Image.fromarray(patch_map).resize((cell, cell), Image.NEAREST), (x + cell, y))
         _label(draw, (x, y + cell + 1), names[i], 2 * cell)
+    if legend:
+        y = grid_height
+        for j, line in enumerate(wrapped):
+            draw.text((gap, y + j * line_height), line, fill=(30, 30, 30), font=font)
+        y += len(wrapped) * line_height + 4
+        x = gap
+        for swatch, text in (((230, 30, 30), "1st component: red"), ((30, 170, 30), "2nd: green"),
+                             ((40, 60, 230), "3rd: blue")):
+            draw.rectangle([x, y + 1, x + 11, y + 12], fill=swatch)
+            draw.text((x + 16, y + 1), text, fill=(30, 30, 30), font=font)
+            x += 16 + int(draw.textlength(text, font=font)) + 18
     atomic.write_with(out, lambda tmp: canvas.save(tmp, format="PNG"))
     return out
 
 
-def features_pca(features, out: Path, n: int = 16, cell: int = 128) -> Path:
+def features_pca(features, out: Path, n: int = 16, cell: Optional[int] = None) -> Path:
     """PCA patch maps of the first ``n`` rows of a feature folder, beside their source images as the
-    model saw them (resized, and centre-cropped after ``--resize center-crop``)."""
+    model saw them: resized (and centre-cropped after ``--resize center-crop``) to the input size of
+    the manifest's preprocessing, with the normalisation undone. ``cell`` (the side of each drawn
+    image) defaults to the input size times the smallest whole factor that reaches 128 pixels, so
+    every input pixel is drawn as a whole number of pixels."""
     from mlsctl.data.images import BadImage
     from mlsctl.errors import UserError
 
@@ -90,14 +142,27 @@ def features_pca(features, out: Path, n: int = 16, cell: int = 128) -> Path:
     dense = torch.cat([d for _, d in features.iter_dense(rows)])
     seen = features.preprocessing
     model_input = Preprocessing(int(seen.get("resolution", 224)), seen.get("resize", "square"))
+    size = model_input.resolution
+    cell = cell or size * -(-128 // size)
     images = []
     for row in rows:
-        try:  # what the model saw: the same resize (and centre crop) as embed
+        try:  # what the model saw: the same resize (and centre crop) as embed, before normalisation
             pixels = model_input.pixels(features.load_image(row))  # from its folder or archive
             images.append(Image.fromarray(pixels.permute(1, 2, 0).numpy()))
         except (BadImage, OSError, UserError):
             images.append(None)
-    return pca_figure(images, pca_rgb(dense), [features.files[r] for r in rows], out, cell=cell)
+    colours, shares = pca_components(dense)
+    _, h, w, d = dense.shape
+    crop = "shorter side resized, then the central square" if model_input.resize == "center-crop" else "resized whole"
+    legend = [
+        f"Left of each pair: the model's input, {size}x{size} pixels ({crop}; normalisation undone), drawn at {cell} px. "
+        f"Right: its {h}x{w} patch features ({d} dimensions each) projected on their first three principal components, "
+        f"fitted jointly over the {len(rows) * h * w} patches of these {len(rows)} images; each component is scaled between "
+        f"its 1st and 99th percentile and shown as one colour channel, so patches the model sees alike get alike colours.",
+        f"Share of the patch variance: 1st component {100 * shares[0]:.0f} %, 2nd {100 * shares[1]:.0f} %, "
+        f"3rd {100 * shares[2]:.0f} %.",
+    ]
+    return pca_figure(images, colours, [features.files[r] for r in rows], out, cell=cell, legend=legend)
 
 
 def neighbour_grid(query, tiles: Sequence[tuple[Optional[object], str]], out: Path, *, title: str,
@@ -133,10 +198,18 @@ def neighbour_grid(query, tiles: Sequence[tuple[Optional[object], str]], out: Pa
     return out
 
 
+# matplotlib's tab10 without its grey (grey is for the labels beyond the 10 drawn), black last
+LABEL_PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf",
+                 "#000000")
+
+
 def scatter_plot(points: torch.Tensor, values: torch.Tensor, out: Path, *, title: str, colour_by: str,
-                 axis_names: tuple[str, str] = ("component 1", "component 2"), label_names: Optional[dict] = None) -> Path:
-    """2-D points (matplotlib) coloured by an integer label (a legend of the 10 most frequent, the
-    rest grey) or by a continuous value such as age in steps (a colour bar), with axes."""
+                 axis_names: tuple[str, str] = ("component 1", "component 2"), label_names: Optional[dict] = None,
+                 unlabelled: Optional[str] = None, other_name: str = "labels") -> Path:
+    """2-D points (matplotlib) coloured by an integer label (a legend of the 10 most frequent, named
+    by ``label_names``, the rest grey as ``other_name``) or by a continuous value such as age in steps (a colour
+    bar), with axes. With ``unlabelled``, points whose label is negative have none: drawn as light
+    grey crosses under that name."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -145,15 +218,19 @@ def scatter_plot(points: torch.Tensor, values: torch.Tensor, out: Path, *, title
     pts = points.double().numpy()
     figure, ax = plt.subplots(figsize=(8.5, 7))
     if colour_by == "label":
-        labels, counts = values.unique(return_counts=True)
-        top = [int(labels[i]) for i in counts.argsort(descending=True)[:10]]
-        palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-        rest = ~torch.isin(values, torch.tensor(top))
+        none = (values < 0) if unlabelled is not None else torch.zeros(len(values), dtype=torch.bool)
+        if bool(none.any()):
+            ax.scatter(pts[none.numpy(), 0], pts[none.numpy(), 1], s=10, marker="x", linewidths=0.8, color="0.8",
+                       label=f"{unlabelled} ({int(none.sum())})")
+        labels, counts = values[~none].unique(return_counts=True)
+        top = [int(labels[i]) for i in counts.argsort(descending=True, stable=True)[:10]]
+        palette = LABEL_PALETTE
+        rest = ~torch.isin(values, torch.tensor(top, dtype=values.dtype)) & ~none
         if bool(rest.any()):
-            ax.scatter(pts[rest.numpy(), 0], pts[rest.numpy(), 1], s=6, color="0.75",
-                       label=f"{len(labels) - len(top)} other labels")
+            ax.scatter(pts[rest.numpy(), 0], pts[rest.numpy(), 1], s=6, color="0.6",
+                       label=f"{len(labels) - len(top)} other {other_name} ({int(rest.sum())})")
         for i, label in enumerate(top):
-            chosen = (values == label).numpy()
+            chosen = (values == label).numpy() & ~none.numpy()
             name = (label_names or {}).get(label, f"label {label}")
             ax.scatter(pts[chosen, 0], pts[chosen, 1], s=6, color=palette[i % len(palette)],
                        label=f"{name} ({int(chosen.sum())})")
@@ -163,7 +240,7 @@ def scatter_plot(points: torch.Tensor, values: torch.Tensor, out: Path, *, title
         figure.colorbar(drawn, ax=ax, label=f"{colour_by} (steps)")
     ax.set_xlabel(axis_names[0])
     ax.set_ylabel(axis_names[1])
-    ax.set_title(title, fontsize=10)
+    ax.set_title("\n".join(textwrap.wrap(title, 100, break_long_words=False)), fontsize=10)
     ax.grid(alpha=0.3)
     figure.tight_layout()
     atomic.write_with(out, lambda tmp: figure.savefig(tmp, format="png", dpi=100))

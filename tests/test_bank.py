@@ -190,3 +190,39 @@ def test_two_processes_hold_identical_banks_equal_to_one_process(tmp_path: Path)
         single.enqueue(batch, step=step, image_id=torch.cat([torch.full((3 + r,), r) for r in range(2)]))
     assert torch.equal(single.vectors, b0.vectors)
     assert torch.equal(single.payload["image_id"], b0.payload["image_id"])
+
+
+def test_written_counts_only_slots_written_by_training_and_survives_save_load_resume(tmp_path: Path):
+    queue = MemoryBank(64, 4, {"image_id": Column()}, init="random_unit", generator=torch.Generator().manual_seed(0))
+    assert queue.is_full and queue.filled == 64  # the random start is valid for queries...
+    assert queue.written == 0 and queue.fill == 0.0  # ...but training wrote nothing yet
+    for step in range(3):  # 3 batches of 16: 48 writes
+        queue.enqueue(rows(16 * step, 16, dim=4), step=step, image_id=torch.arange(16))
+    assert (queue.written, queue.fill, queue.n_written) == (48, 48 / 64, 48)
+    assert queue.vectors[queue.written_order(), 0].long().tolist() == list(range(48))  # oldest first, no random entry
+    save_banks({"q": queue}, tmp_path / "banks.safetensors")
+    resumed = load_banks(tmp_path / "banks.safetensors")["q"]
+    assert resumed.written == 48 and resumed.prefilled
+    for bank in (queue, resumed):  # resume continues the count exactly as the original run does
+        bank.enqueue(rows(100, 20, dim=4), step=3, image_id=torch.arange(20))
+    assert queue.written == resumed.written == 64 and queue.fill == 1.0
+    assert torch.equal(queue.written_order(), resumed.written_order())
+
+
+def test_written_is_read_from_checkpoints_of_the_first_bank_format(tmp_path: Path):
+    """The tensors exactly as the first bank format saved them (no count of written slots): the
+    count comes from the step column, which has always been saved."""
+    from safetensors.torch import save_file
+
+    vectors = torch.nn.functional.normalize(torch.randn(8, 3, generator=torch.Generator().manual_seed(0)), dim=1)
+    steps = torch.tensor([4, 4, 5, -1, -1, -1, -1, -1])  # 3 slots written over a random start
+    save_file({"m/vectors": vectors, "m/ptr": torch.tensor(3), "m/n_written": torch.tensor(3),
+               "m/prefilled": torch.tensor(1), "m/payload.step": steps}, str(tmp_path / "old.safetensors"),
+              metadata={"format_version": "1", "banks": "m", "query_features": "{}"})
+    old = load_banks(tmp_path / "old.safetensors")["m"]
+    assert (old.filled, old.written, old.fill) == (8, 3, 3 / 8)
+
+
+def test_enqueue_refuses_a_negative_step():
+    with pytest.raises(ValueError, match="step >= 0"):
+        MemoryBank(4, 3).enqueue(rows(0, 1), step=-1)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-from conftest import run_cli
+from conftest import cli, run_cli
 from mlsctl.bank import Column, MemoryBank, QueryFeature, save_banks
 
 
@@ -28,6 +29,30 @@ def test_inspect_reports_every_field_of_the_dino_monitor_bank(finished_run):
     for line in ("fill", "write pointer", "age min / median / max", "mean pairwise cosine", "effective rank",
                  "uniformity", "near-duplicates", "status"):
         assert line in table, line
+
+
+def test_inspect_counts_what_training_wrote_into_a_prefilled_queue(finished_run, tmp_path, capsys):
+    """An MLS-like queue of 1024 random entries after 48 writes: fill from the written slots, the
+    indicators over them alone (here a third near-duplicates: partial collapse)."""
+    from mlsctl.runs import Run
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run[0], run_dir)
+    queue = MemoryBank(1024, 64, {"image_id": Column()}, init="random_unit", generator=torch.Generator().manual_seed(0))
+    written = torch.randn(48, 64, generator=torch.Generator().manual_seed(1))
+    written[32:] = written[:16]
+    for step in range(3):
+        queue.enqueue(written[16 * step:16 * (step + 1)], step=step, gather=False, image_id=torch.arange(16))
+    save_banks({"Q_g": queue}, Run(run_dir).latest().banks_path)
+    code, out, err = cli("bank", "inspect", str(run_dir), "--json", capsys=capsys)
+    assert code == 0, err
+    report = json.loads(out)["banks"]["Q_g"]
+    assert (report["filled"], report["written"], report["fill"], report["n_written"]) == (1024, 48, 48 / 1024, 48)
+    assert report["status"] == "partial collapse" and report["duplicate_rate"] == pytest.approx(1 / 3)
+    code, out, err = cli("bank", "inspect", str(run_dir), capsys=capsys)
+    rows = {line.split("  ")[0]: line for line in out.splitlines()}
+    assert "4.7% (48/1024) written by training; 976 slots still hold the random start" in rows["fill"]
+    assert "PARTIAL COLLAPSE: near-duplicates 33.3% >= 10%" in rows["status"]
 
 
 def test_training_logs_bank_health(finished_run):
@@ -147,3 +172,68 @@ def test_export_is_readable_with_safetensors_alone(finished_run, tmp_path):
         steps = f.get_tensor("cls/step")
         assert torch.equal(steps, steps.sort().values)  # oldest first
         assert f.metadata()["step"] == "8"
+
+
+@pytest.fixture
+def sourced_run(finished_run, tmp_path):
+    """A copy of the tiny run whose latest checkpoint holds one bank of 6 entries from images 0-5
+    (two of image 0), over a prefilled random start of 10 slots."""
+    from mlsctl.runs import Run
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run[0], run_dir)
+    bank = MemoryBank(16, 8, {"image_id": Column()}, init="random_unit", generator=torch.Generator().manual_seed(0))
+    bank.enqueue(torch.randn(6, 8, generator=torch.Generator().manual_seed(1)), step=7, gather=False,
+                 image_id=torch.tensor([0, 1, 2, 3, 4, 0]))
+    save_banks({"b": bank}, Run(run_dir).latest().banks_path)
+    return run_dir
+
+
+def test_colour_by_source_and_by_a_labels_file_keyed_by_source_image(sourced_run, tmp_path):
+    from mlsctl.bank import load_banks
+    from mlsctl.bank_inspect import SourceImages, entry_colours
+    from mlsctl.runs import Run
+
+    run = Run(sourced_run)
+    bank = load_banks(run.latest().banks_path)["b"]
+    sources = SourceImages(run)
+    slots = bank.written_order()
+    by_source = entry_colours(bank, "b", slots, "source", 8, sources)
+    assert by_source.values.tolist() == [0, 1, 2, 3, 4, 0]
+    assert by_source.names[0] == Path(sources.relpaths[0]).name and by_source.mode == "label"
+    labels = tmp_path / "labels.csv"  # keyed by images.txt path, absolute path and image_id; image 4 left out
+    labels.write_text(f"path,label\n{sources.relpaths[0]},cat\n{sources.relpaths[1]},dog\n"
+                      f"{sources.root / sources.relpaths[2]},dog\n3,cat\n")
+    by_file = entry_colours(bank, "b", slots, str(labels), 8, sources)
+    assert [by_file.names.get(v, None) for v in by_file.values.tolist()] == ["cat", "dog", "dog", "cat", None, "cat"]
+    assert by_file.missing == 1 and by_file.unlabelled == "not in labels.csv"
+    jsonl = tmp_path / "labels.jsonl"
+    jsonl.write_text("".join(json.dumps({"path": p, "label": "x"}) + "\n" for p in sources.relpaths))
+    assert entry_colours(bank, "b", slots, str(jsonl), 8, sources).missing == 0
+    assert entry_colours(bank, "b", slots, "age", 8, sources).values.tolist() == [1] * 6  # written entries only
+
+
+def test_plot_colour_by_source_and_labels_file_and_bad_files_get_one_sentence(sourced_run, tmp_path, capsys):
+    from mlsctl.bank_inspect import SourceImages
+    from mlsctl.runs import Run
+
+    relpaths = SourceImages(Run(sourced_run)).relpaths
+    good = tmp_path / "labels.csv"
+    good.write_text("".join(f"{p},{i % 2}\n" for i, p in enumerate(relpaths[:2])))
+    for colour in ("source", str(good)):
+        code, _, err = cli("bank", "plot", str(sourced_run), "--color-by", colour, "--projection", "pca",
+                           "--out", str(tmp_path / "p.png"), capsys=capsys)
+        assert code == 0 and "PCA of 6 of 6 written entries" in err, err
+    bad_json = tmp_path / "bad.jsonl"
+    bad_json.write_text('{"path": "a.png", "label": "x"}\n{"path": "b.png"}\n')
+    unlabelled = tmp_path / "none.csv"
+    unlabelled.write_text("elsewhere/a.png,cat\n")
+    one_column = tmp_path / "one.csv"
+    one_column.write_text(f"{relpaths[0]}\n")
+    for colour, message in ((str(bad_json), f"{bad_json}:2 is not a JSON object with 'path' and 'label'"),
+                            (str(unlabelled), f"labels file {unlabelled} labels none of the 6 entries drawn"),
+                            (str(one_column), f"{one_column}:1 needs two columns, path and label"),
+                            ("colour", "--color-by 'colour' is neither age, label, source nor an existing labels file")):
+        code, _, err = cli("bank", "plot", str(sourced_run), "--color-by", colour, "--out", str(tmp_path / "x.png"),
+                           capsys=capsys)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err

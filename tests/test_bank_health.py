@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 from mlsctl.bank import Column, MemoryBank, QueryFeature, load_banks, save_banks
-from mlsctl.bank_health import (bank_health, effective_rank, mean_pairwise_cosine, near_duplicates, sample_rows,
-                                uniformity)
+from mlsctl.bank_health import (COLLAPSED, HEALTHY, PARTIAL, UNKNOWN, bank_health, effective_rank,
+                                mean_pairwise_cosine, near_duplicates, sample_rows, uniformity)
 
 
 def bank_of(vectors: torch.Tensor, step: int = 0, **payload) -> MemoryBank:
@@ -132,16 +132,101 @@ def test_query_feature_survives_save_and_load(tmp_path: Path):
         QueryFeature("mean")
 
 
-def test_trainer_warns_once_per_collapsed_bank(caplog):
+def gaussian(n: int, dim: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, dim, generator=torch.Generator().manual_seed(seed))
+
+
+def in_subspace(n: int, dim: int, k: int, seed: int) -> torch.Tensor:
+    """``n`` vectors with isotropic Gaussian coordinates in a random ``k``-dimensional subspace of R^dim."""
+    basis, _ = torch.linalg.qr(gaussian(dim, k, seed + 1))  # [dim, k], orthonormal columns
+    return gaussian(n, k, seed) @ basis.T
+
+
+def test_status_levels_on_constructed_banks():
+    healthy = bank_health(bank_of(gaussian(512, 64, 0)), "random", step=0)
+    assert (healthy.status, healthy.status_line()) == (HEALTHY, "healthy")
+    assert healthy.effective_rank > 0.9 * 64 and healthy.near_duplicates == 0
+
+    thirds = gaussian(300, 64, 1)
+    thirds[200:] = thirds[:100] + 1e-4 * gaussian(100, 64, 2)  # a third of the entries repeat older ones
+    duplicated = bank_health(bank_of(thirds), "thirds", step=0)
+    assert duplicated.status == PARTIAL and duplicated.duplicate_rate == pytest.approx(1 / 3)
+    assert duplicated.status_line() == "PARTIAL COLLAPSE: near-duplicates 33.3% >= 10%"
+    assert not duplicated.collapsed and duplicated.effective_rank > 50  # the other indicators see nothing
+
+    flat = bank_health(bank_of(in_subspace(640, 64, 4, 3)), "flat", step=0)  # 4 of 64 directions
+    assert flat.status == PARTIAL and 2 <= flat.effective_rank < 6.4 and abs(flat.mean_cosine) < 0.05
+    assert flat.status_reasons() == [f"effective rank {flat.effective_rank:.1f} < 6.4 (10% of the 64 directions "
+                                     f"the sample could span)"]
+
+    one_way = torch.tensor([1.0] + [0.0] * 63) + 0.01 * gaussian(200, 64, 4)  # all within 5° of one direction
+    collapsed = bank_health(bank_of(one_way), "one way", step=0)
+    assert collapsed.status == COLLAPSED and collapsed.status_line().startswith("COLLAPSED: mean pairwise cosine 0.9")
+
+
+def test_partial_collapse_thresholds_are_relative_to_the_bank():
+    # near-duplicates: 10 % of the entries is partial collapse, 9 % is not
+    for copies, status in ((10, PARTIAL), (9, HEALTHY)):
+        vectors = gaussian(100, 64, 5)
+        vectors[100 - copies:] = vectors[:copies]
+        health = bank_health(bank_of(vectors), "d", step=0)
+        assert (health.near_duplicates, health.status) == (copies, status)
+    # effective rank: the floor is 10 % of min(sample, dim), here 6.4 of 64 directions
+    for k, status in ((7, HEALTHY), (6, PARTIAL)):
+        health = bank_health(bank_of(in_subspace(640, 64, k, 6)), "r", step=0)
+        assert health.status == status, (k, health.effective_rank)
+        assert 0.95 * k < health.effective_rank <= k
+    # ... of a bank of 32 entries in 384 dimensions, 3.2 of 32: the same vectors pass in a larger sample
+    few = bank_health(bank_of(in_subspace(32, 384, 3, 7)), "few", step=0)
+    assert few.rank_directions == 32 and few.status == PARTIAL
+
+
+def test_a_prefilled_bank_is_judged_by_what_training_wrote():
+    queue = MemoryBank(1024, 64, init="random_unit", generator=torch.Generator().manual_seed(0))
+    start = bank_health(queue, "queue", step=0)
+    assert (start.filled, start.written, start.fill, start.status) == (1024, 0, 0.0, UNKNOWN)
+    assert start.status_line() == "unknown: 0 entries written by training; 2 are needed"
+    same = torch.tensor([[1.0] + [0.0] * 63]).repeat(16, 1)
+    for step in range(3):  # 48 writes of one vector: a collapsed encoder
+        queue.enqueue(same, step=step, gather=False)
+    health = bank_health(queue, "queue", step=3)
+    assert (health.filled, health.written, health.fill) == (1024, 48, 48 / 1024)
+    assert (health.sample, health.duplicate_rows, health.near_duplicates) == (48, 48, 47)
+    assert health.status == COLLAPSED  # over all 1024 slots the random start would look healthy
+    assert health.to_dict()["written"] == 48 and health.to_dict()["status"] == COLLAPSED
+
+
+def test_trainer_warns_once_per_bank_and_level(caplog):
     from mlsctl.train import _bank_health
 
     collapsed = bank_of(torch.ones(6, 4))
     healthy = bank_of(torch.eye(6))
-    warned: set[str] = set()
+    partial = gaussian(40, 32, 0)
+    partial[30:] = partial[:10]
+    becoming = bank_of(partial)  # partly collapsed (25 % duplicates), then collapsed
+    warned: set = set()
     with caplog.at_level(logging.WARNING, logger="mlsctl"):
-        record = _bank_health({"q": collapsed, "ok": healthy}, 50, warned)
-        _bank_health({"q": collapsed, "ok": healthy}, 100, warned)
+        record = _bank_health({"q": collapsed, "ok": healthy, "p": becoming}, 50, warned)
+        _bank_health({"q": collapsed, "ok": healthy, "p": becoming}, 100, warned)
+        becoming.vectors[:] = 1.0
+        _bank_health({"q": collapsed, "ok": healthy, "p": becoming}, 150, warned)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "'q' looks collapsed at step 50" in warnings[0] and "\n" not in warnings[0]
+    assert len(warnings) == 3 and all("\n" not in w for w in warnings)
+    assert "'q' looks collapsed at step 50" in warnings[0]
+    assert "'p' looks partly collapsed at step 50: near-duplicates 25.0% >= 10%" in warnings[1]
+    assert "'p' looks collapsed at step 150" in warnings[2]
     assert record["bank/q/mean_cosine"] == pytest.approx(1.0)
     assert record["bank/ok/effective_rank"] == pytest.approx(6.0)
+
+
+def test_the_readme_sove_memory_reads_partial_collapse():
+    """SOVE's E_C at the end of the fidelity suite's seed-0 cell (README): 37 % near-duplicates,
+    effective rank 7.4 of 256, mean pairwise cosine 0.65 — reported as "no collapse" before."""
+    from mlsctl.bank_health import BankHealth
+
+    health = BankHealth(name="E_C", size=4096, dim=256, dtype="float32", filled=4096, written=4096, fill=1.0, ptr=0,
+                        n_written=31744, step=496, age_min=1, age_median=8.0, age_max=16, norm_min=1.0, norm_mean=1.0,
+                        norm_max=1.0, norm_std=0.0, sample=2048, mean_cosine=0.65, effective_rank=7.4, uniformity=-1.0,
+                        duplicate_rows=4096, near_duplicates=1516, duplicate_threshold=0.999, label_counts=None)
+    assert health.status_line() == ("PARTIAL COLLAPSE: near-duplicates 37.0% >= 10%; effective rank 7.4 < 25.6 "
+                                    "(10% of the 256 directions the sample could span)")

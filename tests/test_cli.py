@@ -112,7 +112,7 @@ def _library_choices() -> dict[tuple[str, str], tuple[str, ...]]:
              ("eval knn-seg", "--protocol"): tuple(knn_seg.PROTOCOLS), ("eval knn-seg", "--index"): knn_seg.INDEXES,
              ("eval knn-seg", "--search"): knn_seg.SEARCHES, ("eval knn-seg", "--device"): knn.DEVICES,
              ("eval knn", "--device"): knn.DEVICES,
-             ("bank plot", "--color-by"): ("age", "label"), ("bank plot", "--projection"): bank_inspect.PROJECTIONS,
+             ("bank plot", "--projection"): bank_inspect.PROJECTIONS,  # --color-by also takes a labels file
              ("index build", "--index"): gallery.INDEX_KINDS, ("index build", "--dtype"): tuple(gallery.STORAGE_DTYPES),
              ("refine apply", "--dtype"): tuple(features.DTYPES), ("refine plot", "--projection"): refine_plot.PROJECTIONS,
              ("data fmnist-products", "--layout"): fmnist_products.LAYOUTS, ("export", "--format"): ("timm",)}

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import shutil
 
+import pytest
 from PIL import Image
 
-from mlsctl.curves import short_names
+from mlsctl.curves import ema, plot_runs, short_names, single_term_duplicates, smoothing_span
 
 from conftest import cli, cli_ok
 
@@ -20,11 +21,58 @@ def test_plot_draws_every_panel_of_several_runs(finished_run, tmp_path, capsys):
     result = json.loads(out)
     assert result["runs"] == ["run/run", "b/run"] or len(set(result["runs"])) == 2
     panels = result["panels"]
-    assert panels["training loss"] == ["loss"] and panels["loss terms"] == ["loss/dino"]
+    assert panels["training loss"] == ["loss"]
+    assert "loss terms" not in panels  # DINO's only term, loss/dino, is its loss: no second panel
     assert panels["learning rate and weight decay"] == ["lr", "weight_decay"]
+    assert panels["teacher entropy"] == ["teacher_entropy"]
     assert panels["memory-bank health"] == ["bank/cls/mean_cosine"]
+    assert panels["throughput"] == ["images_per_s"]
+    assert result["smoothed"] == {} and {"loss", "teacher_entropy", "lr"} <= set(result["markers"])  # 8 steps
     image = Image.open(tmp_path / "c.png")
     assert image.size == (1600, 850)
+
+
+def fake_run(path, records: list[dict], config: str = "method: {name: x}\n"):
+    path.mkdir(parents=True)
+    (path / "config.yaml").write_text(config)
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_panels_follow_what_the_runs_logged(tmp_path):
+    # 200 noisy steps of a two-term loss, no teacher entropy: smoothed, a terms panel, no entropy panel
+    noisy = [{"step": s, "loss": 3 - s / 100 + (-1) ** s, "loss/a": 1 + (-1) ** s, "loss/b": 2 - s / 100,
+              "lr": 1e-3, "images_per_s": 50.0 + s % 7} for s in range(1, 201)]
+    two_terms = fake_run(tmp_path / "two", noisy)
+    # 12 steps of MILE: one term equal to the loss, entropy with K from the config, sets and photos per second
+    mile = fake_run(tmp_path / "mile", [{"step": s, "loss": 5.0 - s / 10, "loss/mile": 5.0 - s / 10, "teacher_entropy": 2.0,
+                                         "images_per_s": 8.0, "sets_per_s": 8.0, "photos_per_s": 32.0}
+                                        for s in range(1, 13)], "method: {name: mile, out_dim: 64}\n")
+    result = plot_runs([two_terms], tmp_path / "two.png")
+    assert result["panels"]["loss terms"] == ["loss/a", "loss/b"] and "teacher entropy" not in result["panels"]
+    assert result["smoothed"] == {"images_per_s": 10.0, "loss": 10.0, "loss/a": 10.0, "loss/b": 10.0}  # 5 % of 200
+    assert "loss" not in result["markers"]
+    result = plot_runs([mile], tmp_path / "mile.png")
+    assert set(result["panels"]) == {"training loss", "learning rate and weight decay", "teacher momentum",
+                                     "teacher entropy", "memory-bank health", "throughput"}
+    assert result["panels"]["throughput"] == ["photos_per_s", "sets_per_s"]
+    assert result["smoothed"] == {} and "loss" in result["markers"]
+    result = plot_runs([two_terms, mile], tmp_path / "both.png")  # the terms of the run that has several
+    assert result["panels"]["loss terms"] == ["loss/a", "loss/b"]
+    assert result["panels"]["throughput"] == ["images_per_s", "photos_per_s", "sets_per_s"]
+    assert Image.open(tmp_path / "both.png").size == (1600, 1275)  # 7 panels: 3 rows
+
+
+def test_a_single_term_that_is_not_the_total_keeps_its_panel():
+    total = {"loss": ([1, 2], [2.0, 1.0]), "loss/ms": ([1, 2], [2.0, 1.0])}
+    weighted = {"loss": ([1, 2], [2.0, 1.0]), "loss/ms": ([1, 2], [1.0, 0.5])}
+    assert single_term_duplicates(total) and not single_term_duplicates(weighted)
+
+
+def test_ema_is_the_bias_corrected_weighted_mean():
+    assert ema([1.0, 2.0, 3.0], span=3) == pytest.approx([1.0, 2.5 / 1.5, 4.25 / 1.75])  # alpha 0.5
+    assert ema([4.0] * 5, span=7) == pytest.approx([4.0] * 5)  # no pull towards zero at the start
+    assert smoothing_span(30) is None and smoothing_span(31) == 2.0 and smoothing_span(1000) == 50.0
 
 
 def test_short_names_tell_runs_apart():

@@ -323,3 +323,12 @@ def test_a_cnn_mile_run_builds_a_gallery_and_searches_it(mile_run, tmp_path, cap
     photos = [str(p) for p in sorted((mile_run / "gallery" / "obj3").iterdir())]
     out, _ = cli_ok(capsys, "search", "--set", *photos, "--index", str(gallery), "-k", "3", "--json")
     assert json.loads(out)["results"][0]["object"] == "obj3"
+
+
+def test_throughput_is_logged_in_sets_and_photos_per_second(mile_run):
+    records = [json.loads(line) for line in (mile_run / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in records if "images_per_s" in r]
+    assert logged
+    for r in logged:  # a batch element is a set of set_length = 2 photos
+        assert r["sets_per_s"] == pytest.approx(r["images_per_s"])
+        assert r["photos_per_s"] == pytest.approx(2 * r["sets_per_s"])

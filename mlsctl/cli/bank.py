@@ -13,7 +13,7 @@ from mlsctl.cli._options import one_of
 app = typer.Typer(rich_markup_mode=None, help="Look inside the memory banks of a run: health, neighbours, projection, export.",
                   no_args_is_help=True)
 
-ColourBy = Literal["age", "label"]
+
 Projection = Literal["auto", "pca", "tsne"]  # bank_inspect.PROJECTIONS
 
 RUN_ARG = typer.Argument(..., help="Run folder (written by mlsctl pretrain).")
@@ -36,7 +36,7 @@ def _rows(health, bank) -> list[tuple[str, str]]:
     qf = bank.query_feature
     rows = [
         ("shape", f"{health.size} x {health.dim}"), ("dtype", health.dtype),
-        ("fill", f"{100 * health.fill:.1f}% ({health.filled}/{health.size})"),
+        ("fill", _fill(health)),
         ("write pointer", str(health.ptr)), ("entries written", str(health.n_written)),
         ("age min / median / max", " / ".join(_fmt(v, 1) for v in (health.age_min, health.age_median, health.age_max))),
         ("norm min / mean / max", " / ".join(_fmt(v, 2) for v in (health.norm_min, health.norm_mean, health.norm_max))),
@@ -54,9 +54,17 @@ def _rows(health, bank) -> list[tuple[str, str]]:
         top = sorted(health.label_counts.items(), key=lambda kv: -kv[1])
         shown = ", ".join(f"{label}: {count}" for label, count in top[:8])
         rows.append(("labels", f"{len(top)} labels; {shown}{', ...' if len(top) > 8 else ''}"))
-    reasons = health.collapse_reasons()
-    rows.append(("status", "COLLAPSED: " + "; ".join(reasons) if reasons else "no collapse"))
+    rows.append(("status", health.status_line()))
     return rows
+
+
+def _fill(health) -> str:
+    """The written share of the slots; a prefilled bank says how many still hold its random start."""
+    text = f"{100 * health.fill:.1f}% ({health.written}/{health.size})"
+    start = health.filled - health.written
+    if start > 0:
+        text += f" written by training; {start} slots still hold the random start"
+    return text
 
 
 @app.command("inspect")
@@ -129,6 +137,9 @@ def neighbors(
         raise UserError(f"cannot read --query {query}: {exc}") from None
     run_, checkpoint, banks = open_banks(run, step)
     name, chosen = choose_bank(banks, bank, run_)
+    if chosen.written == 0:
+        raise UserError(f"bank '{name}' holds no entry written by training at step {checkpoint.step} (only its random "
+                        f"start); choose a later checkpoint with --step")
     recipe = config_lib.load_recipe(str(run_.config_path))
     model = from_checkpoint(recipe, checkpoint, run_)
     _say(f"query embedded with the {model.description}")
@@ -139,7 +150,7 @@ def neighbors(
     found = nearest_entries(chosen, vector, k, sources)
     tiles = neighbour_tiles(found, sources, cell)
     missing = sum(tile is None for tile, _ in tiles)
-    title = f"{run_.root.name} · bank '{name}' · step {checkpoint.step} · {len(found)} nearest of {chosen.filled}"
+    title = f"{run_.root.name} · bank '{name}' · step {checkpoint.step} · {len(found)} nearest of {chosen.written}"
     neighbour_grid(image, tiles, out, title=title, cell=cell)
     rows = [[i + 1, f"{n.score:.3f}", n.step, n.image_id, Path(n.image).name if n.image else "-",
              "yes" if tile is not None else "missing"] for i, (n, (tile, _)) in enumerate(zip(found, tiles))]
@@ -155,39 +166,45 @@ def neighbors(
 def plot(
     run: Path = RUN_ARG,
     out: Path = typer.Option(Path("bank.png"), "--out", "-o", help="PNG to write."),
-    color_by: ColourBy = typer.Option("age", "--color-by", parser=one_of("--color-by", ColourBy), help="age, or label (needs a label payload)."),
+    color_by: str = typer.Option("age", "--color-by", metavar="<age|label|source|FILE>",
+                                 help="age, label (needs a label payload), source (the source image of each entry) or "
+                                      "a labels file (CSV or JSONL of path,label; paths as in RUN/images.txt, "
+                                      "absolute, or image_id)."),
     bank: Optional[str] = typer.Option(None, "--bank", help="Bank name [default: the run's only bank]."),
     projection: Projection = typer.Option("auto", "--projection", parser=one_of("--projection", Projection), help="pca, tsne (needs scikit-learn), or auto: t-SNE when scikit-learn is installed."),
     sample: int = typer.Option(2000, "--sample", min=2, help="Entries drawn (a fixed random sample)."),
     step: Optional[int] = STEP_OPT,
 ) -> None:
-    """A 2-D projection of a sample of bank entries, coloured by label or age.
+    """A 2-D projection of a sample of the entries training wrote, coloured by age, label, source image or a labels file.
 
-    Example: mlsctl bank plot runs/dino_fmnist_quick --out bank.png --color-by age
+    Example: mlsctl bank plot runs/dino_fmnist_quick --out bank.png --color-by source
     """
-    from mlsctl.bank import LABEL_COLUMN
     from mlsctl.bank_health import sample_rows
-    from mlsctl.bank_inspect import choose_bank, open_banks, project_2d
+    from mlsctl.bank_inspect import SourceImages, choose_bank, entry_colours, open_banks, project_2d
     from mlsctl.errors import UserError
     from mlsctl.viz import scatter_plot
 
     run_, checkpoint, banks = open_banks(run, step)
     name, chosen = choose_bank(banks, bank, run_)
-    if color_by == "label" and LABEL_COLUMN not in chosen.payload:
-        raise UserError(f"bank '{name}' has no '{LABEL_COLUMN}' payload (it has {', '.join(chosen.payload)}); "
-                        f"use --color-by age")
-    if chosen.filled < 2:
-        raise UserError(f"bank '{name}' holds {chosen.filled} entries at step {checkpoint.step}; nothing to project")
-    order = chosen.order().cpu()
-    positions = sample_rows(len(order), sample)  # oldest-first positions of the drawn entries
-    rows = order[positions]
-    values = (chosen.payload[LABEL_COLUMN].cpu()[rows] if color_by == "label"
-              else chosen.ages(checkpoint.step).cpu()[positions])
+    order = chosen.written_order().cpu()
+    rows = order[sample_rows(len(order), sample)]  # a fixed sample of the written entries, oldest first
+    if len(order) < 2:
+        raise UserError(f"bank '{name}' holds {len(order)} entries written by training at step {checkpoint.step}; "
+                        f"nothing to project")
+    sources = SourceImages(run_) if color_by not in ("age", "label") else None
+    colours = entry_colours(chosen, name, rows, color_by, checkpoint.step, sources)
+    if sources is not None and sources.note:
+        _say(sources.note)
     points, used = project_2d(chosen.vectors.cpu()[rows].float(), projection)
-    title = f"{run_.root.name} · bank '{name}' · step {checkpoint.step} · {used} of {len(rows)} entries · colour: {color_by}"
+    left_out = chosen.filled - len(order)
+    title = (f"{run_.root.name} · bank '{name}' · step {checkpoint.step} · {used} of {len(rows)} written entries"
+             f"{f' ({left_out} random-start entries left out)' if left_out else ''} · colour: {colours.caption}")
     axes = ("t-SNE 1", "t-SNE 2") if used == "t-SNE" else ("principal component 1", "principal component 2")
-    scatter_plot(points, values, out, title=title, colour_by=color_by, axis_names=axes)
-    _say(f"wrote {out} ({used} of {len(rows)} of {chosen.filled} entries)")
+    scatter_plot(points, colours.values, out, title=title, colour_by=colours.mode, axis_names=axes,
+                 label_names=colours.names, unlabelled=colours.unlabelled, other_name=colours.other_name)
+    if colours.missing:
+        _say(f"{colours.missing} of {len(rows)} entries have a source image that {color_by} does not label; drawn grey")
+    _say(f"wrote {out} ({used} of {len(rows)} of {len(order)} written entries)")
 
 
 @app.command("export")

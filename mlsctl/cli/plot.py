@@ -16,7 +16,9 @@ def plot(
     title: Optional[str] = typer.Option(None, "--title", help="Figure title [default: the run names]."),
     as_json: bool = typer.Option(False, "--json", help="Print what each panel shows as JSON."),
 ) -> None:
-    """Draw training curves (loss and its terms, learning rate, momentum, bank health, monitors) to a PNG.
+    """Draw training curves (loss and its terms, learning rate, momentum, teacher entropy, bank health, monitors or throughput) to a PNG.
+
+    Noisy series of more than 30 points are drawn faint under their exponential moving average; shorter ones with a marker on each point.
 
     Example: mlsctl plot runs/dino_fmnist_quick runs/sove_fmnist_quick --out curves.png
     """

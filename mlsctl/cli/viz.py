@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -12,9 +13,12 @@ def pca(
     features: Path = typer.Argument(..., help="Feature folder with dense features (mlsctl embed --dense)."),
     out: Path = typer.Option(Path("pca.png"), "--out", "-o", help="PNG to write."),
     n: int = typer.Option(16, "--n", min=1, help="Images to show (the first n rows)."),
-    cell: int = typer.Option(128, "--cell", min=16, help="Side of each drawn image in pixels."),
+    cell: Optional[int] = typer.Option(None, "--cell", min=16, help="Side of each drawn image in pixels "
+                                       "[default: the model's input size times the smallest whole factor reaching 128]."),
 ) -> None:
-    """PCA of dense features as RGB patch maps, each beside its image.
+    """PCA of dense features as RGB patch maps, each beside its image as the model saw it, with a legend.
+
+    The first three principal components of the patch features (fitted over all the images drawn) become red, green and blue.
 
     Example: mlsctl viz pca features/val --out pca.png --n 16
     """

@@ -106,6 +106,13 @@ class Method(nn.Module):
         ``pretrain`` only: a method rebuilt in one process to read a run's checkpoint skips them."""
         return []
 
+    @classmethod
+    def throughput_units(cls, recipe: Recipe) -> dict[str, int]:
+        """Throughputs metrics.jsonl records besides ``images_per_s`` (batch elements per second),
+        when a batch element is not one image: record name → how many units one element holds
+        (MILE: ``{"sets_per_s": 1, "photos_per_s": set_length}``)."""
+        return {}
+
     def query_projection(self, name: str) -> nn.Module:
         """The teacher module a bank's query feature names (``QueryFeature.projection``)."""
         raise KeyError(name)

@@ -162,6 +162,10 @@ class MILE(Method):
         return errors
 
     @classmethod
+    def throughput_units(cls, recipe):
+        return {"sets_per_s": 1, "photos_per_s": recipe.method.set_length}
+
+    @classmethod
     def build_dataset(cls, recipe, folder):
         from mlsctl.data.objects import ObjectSetDataset, collate_sets, find_objects
 

@@ -1,0 +1,47 @@
+"""viz pca: the model's input pixel for pixel beside the PCA map, a legend, the components' variance."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import write_feature_folder
+
+
+def test_pca_components_give_each_components_share_of_the_variance():
+    from mlsctl.viz import pca_components
+
+    generator = torch.Generator().manual_seed(0)
+    basis, _ = torch.linalg.qr(torch.randn(16, 3, generator=generator, dtype=torch.float64))
+    signs = torch.tensor([[1.0, 1, 1], [1, 1, -1], [1, -1, 1], [1, -1, -1], [-1, 1, 1], [-1, 1, -1], [-1, -1, 1],
+                          [-1, -1, -1]], dtype=torch.float64)
+    coordinates = signs * torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64)  # variances 9, 4, 1
+    dense = (coordinates @ basis.T).reshape(2, 2, 2, 16)
+    colours, shares = pca_components(dense)
+    assert shares == pytest.approx([9 / 14, 4 / 14, 1 / 14])
+    assert colours.shape == (2, 2, 2, 3) and float(colours.min()) >= 0 and float(colours.max()) <= 1
+
+
+def test_viz_pca_draws_the_input_pixel_for_pixel_with_a_legend(tmp_path):
+    from mlsctl.features import Features
+    from mlsctl.viz import features_pca
+
+    pixels = np.zeros((32, 32, 3), dtype=np.uint8)
+    pixels[::2, ::2] = 255  # one-pixel dots: a bicubic enlargement would blur them
+    (tmp_path / "images").mkdir()
+    Image.fromarray(pixels).save(tmp_path / "images" / "dots.png")
+    folder = write_feature_folder(tmp_path / "f", ["dots.png"], torch.randn(1, 8), torch.randn(1, 4, 4, 8),
+                                  input_root=tmp_path / "images")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["preprocessing"] == {"resize": "square", "resolution": 32}
+    out = features_pca(Features(folder), tmp_path / "pca.png")  # default cell: 32 x 4 = 128
+    figure = np.asarray(Image.open(out).convert("RGB"))
+    drawn = figure[8:136, 8:136]
+    assert np.array_equal(drawn, np.kron(pixels, np.ones((4, 4, 1), dtype=np.uint8)))  # every input pixel a 4x4 block
+    grid_height = 8 + 128 + 14 + 8
+    legend = figure[grid_height:]
+    assert legend.shape[0] > 30 and (legend < 100).any()  # the legend's text under the grid
