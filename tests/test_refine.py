@@ -68,6 +68,45 @@ def test_a_block_attends_to_the_neighbours_it_is_given():
     assert torch.allclose(a, b, atol=1e-6) and not torch.allclose(a, c, atol=1e-4)
 
 
+def _block_by_hand(block: CrossAttentionBlock, x: torch.Tensor, n: torch.Tensor, scale: float) -> torch.Tensor:
+    """The block's equations written out (as its forward was before ``input_scale`` existed)."""
+    x, n = x * scale, n * scale
+    q = x + F.silu(block.q(x))
+    k, v = F.silu(block.k(n)), F.silu(block.v(n))
+    attention = torch.softmax(torch.einsum("bd,bkd->bk", q, k) / (x.shape[-1] ** 0.5), dim=-1)
+    h = x + block.o(torch.einsum("bk,bkd->bd", attention, v))
+    return F.normalize(h + block.fc2(F.silu(block.fc1(block.norm(h)))), dim=-1)
+
+
+def test_input_scale_sqrt_d_is_the_default_computation_and_none_differs():
+    from mlsctl import config
+
+    torch.manual_seed(2)
+    x, n = F.normalize(torch.randn(4, 16), dim=1), F.normalize(torch.randn(4, 5, 16), dim=1)
+    torch.manual_seed(3)
+    default = CrossAttentionBlock(16, zero_init=False)
+    torch.manual_seed(3)
+    plain = CrossAttentionBlock(16, zero_init=False, input_scale="none")
+    assert all(torch.equal(a, b) for a, b in zip(default.state_dict().values(), plain.state_dict().values()))
+    with torch.no_grad():
+        scaled, _ = default(x, n)
+        unscaled, _ = plain(x, n)
+        assert torch.equal(scaled, _block_by_hand(default, x, n, 16 ** 0.5))  # bit for bit: today's outputs
+        assert torch.equal(unscaled, _block_by_hand(plain, x, n, 1.0))
+    assert not torch.allclose(scaled, unscaled, atol=1e-3)
+    torch.manual_seed(4)
+    a = Refiner(16, blocks=2, zero_init=False)(x, n)
+    torch.manual_seed(4)
+    b = Refiner(16, blocks=2, zero_init=False, input_scale="sqrt_d")(x, n)
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="input_scale"):
+        CrossAttentionBlock(16, input_scale="sqrt")
+    recipe = config.load_recipe("refine", ["method.input_scale=none"])
+    assert recipe.method.input_scale == "none" and config.load_recipe("refine").method.input_scale == "sqrt_d"
+    with pytest.raises(config.ConfigError, match="sqrt_d"):
+        config.load_recipe("refine", ["method.input_scale=sqrt"])
+
+
 def test_neighbours_exclude_the_query_by_index_and_keep_its_duplicates():
     x, y = _clusters()
     x = torch.cat([x, x[:3]])  # rows 96..98 duplicate rows 0..2
@@ -161,6 +200,25 @@ def test_apply_writes_features_every_eval_reads_and_never_shows_a_query_itself(t
     code, _, err = cli("refine", "apply", str(tmp / "run"), str(test), "--out", str(tmp / "refined"), capsys=capsys)
     assert code == 2 and "add --overwrite" in err
     cli_ok(capsys, "refine", "apply", str(tmp / "run"), str(test), "--out", str(tmp / "refined"), "--overwrite")
+
+
+def test_a_run_loads_with_its_input_scale_and_none_has_its_own_fingerprint(trained, tmp_path):
+    import shutil
+
+    from mlsctl.models.source import fingerprint
+    from mlsctl.refine.apply import load_refiner
+
+    tmp, _ = trained
+    default = load_refiner(tmp / "run")
+    assert default.refiner.input_scale == "sqrt_d" and default.fingerprint == fingerprint(default.refiner)  # as before
+    copy = tmp_path / "run"
+    shutil.copytree(tmp / "run", copy)
+    recipe = yaml.safe_load((copy / "config.yaml").read_text())
+    recipe["method"]["input_scale"] = "none"
+    (copy / "config.yaml").write_text(yaml.safe_dump(recipe))
+    plain = load_refiner(copy)
+    assert all(block.input_scale == "none" for block in plain.refiner.blocks)
+    assert plain.fingerprint != default.fingerprint  # same weights, another computation
 
 
 def test_apply_bad_input_is_one_sentence(trained, capsys):

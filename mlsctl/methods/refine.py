@@ -33,7 +33,9 @@ supplement names SiLU for the projections only); the LayerNorm before the MLP is
 ``zero_init`` (default) W_o and W_2 start at zero, so every block starts as the identity and
 refinement starts from the baseline's retrieval (``tests/test_refine.py`` checks that identity
 blocks return their input); the other layers use PyTorch's default initialisation. A block works on
-√d·x and √d·n (unit variance per coordinate instead of unit norm): the normalisation after the
+√d·x and √d·n (unit variance per coordinate instead of unit norm; ``input_scale: sqrt_d``, the
+default — the supplement has no such factor, and ``input_scale: none`` runs the blocks on the unit
+vectors themselves, the ablation row of ``benchmarks/refine_fidelity.py``): the normalisation after the
 block removes the factor, but the branches now act on the scale the LayerNorm (which outputs unit
 variance), the attention's 1/√d and Adam's steps assume. On unit-norm rows the MLP branch (after
 the LayerNorm) was √d ≈ 23 times the residual and Adam's first steps of lr 1e-4 on a 512-wide W_2
@@ -47,7 +49,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 import torch.nn as nn
@@ -60,12 +62,17 @@ from mlsctl.methods.base import Method, StepOutput
 
 # ------------------------------------------------------------------------------------------ the model
 
+INPUT_SCALES = ("sqrt_d", "none")  # method.input_scale: what a block multiplies its unit-norm inputs by
+
 
 class CrossAttentionBlock(nn.Module):
     """One single-head cross-attention block: x [B, d] attends to its neighbours [B, k, d]."""
 
-    def __init__(self, dim: int, mlp_ratio: float = 2.0, zero_init: bool = True):
+    def __init__(self, dim: int, mlp_ratio: float = 2.0, zero_init: bool = True, input_scale: str = "sqrt_d"):
         super().__init__()
+        if input_scale not in INPUT_SCALES:
+            raise ValueError(f"input_scale must be one of {', '.join(INPUT_SCALES)}, got {input_scale!r}")
+        self.input_scale = input_scale
         hidden = max(1, int(round(mlp_ratio * dim)))
         self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
         self.norm = nn.LayerNorm(dim)
@@ -77,8 +84,9 @@ class CrossAttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, neighbours: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(the normalised new x [B, d], the attention over the neighbours [B, k])."""
-        scale = math.sqrt(x.shape[-1])  # unit-norm rows → unit variance per coordinate (see the module docstring)
-        x, neighbours = x * scale, neighbours * scale
+        if self.input_scale == "sqrt_d":  # unit-norm rows → unit variance per coordinate (module docstring)
+            scale = math.sqrt(x.shape[-1])
+            x, neighbours = x * scale, neighbours * scale
         q = x + F.silu(self.q(x))
         k, v = F.silu(self.k(neighbours)), F.silu(self.v(neighbours))
         attention = torch.softmax(torch.einsum("bd,bkd->bk", q, k) / math.sqrt(x.shape[-1]), dim=-1)
@@ -90,10 +98,11 @@ class CrossAttentionBlock(nn.Module):
 class Refiner(nn.Module):
     """T blocks and the optional final linear layer d1 → d2."""
 
-    def __init__(self, dim: int, blocks: int = 8, out_dim: int = 0, mlp_ratio: float = 2.0, zero_init: bool = True):
+    def __init__(self, dim: int, blocks: int = 8, out_dim: int = 0, mlp_ratio: float = 2.0, zero_init: bool = True,
+                 input_scale: str = "sqrt_d"):
         super().__init__()
-        self.dim, self.out_dim = dim, out_dim or dim
-        self.blocks = nn.ModuleList(CrossAttentionBlock(dim, mlp_ratio, zero_init) for _ in range(blocks))
+        self.dim, self.out_dim, self.input_scale = dim, out_dim or dim, input_scale
+        self.blocks = nn.ModuleList(CrossAttentionBlock(dim, mlp_ratio, zero_init, input_scale) for _ in range(blocks))
         self.project = nn.Linear(dim, out_dim) if out_dim else None
 
     def forward(self, x: torch.Tensor, neighbours: torch.Tensor, trace: bool = False):
@@ -193,6 +202,9 @@ class RefineConfig(MethodConfig):
     out_dim: int = param(0, help="d2 of the optional final linear layer d1 -> d2 (+ normalisation); 0 = none", ge=0)
     mlp_ratio: float = param(2.0, help="MLP width of a block, in multiples of d1", gt=0.0)
     zero_init: bool = param(True, help="W_o and W_2 start at zero: every block starts as the identity")
+    input_scale: Literal["sqrt_d", "none"] = param(
+        "sqrt_d", help="sqrt_d: each block works on sqrt(d1) x and sqrt(d1) n (unit variance per coordinate; ours, "
+                       "not in the paper); none: on the unit vectors themselves (docs/methods.md#context-refinement)")
     positives_per_class: int = param(2, help="embeddings of each class in a batch", ge=2)
     alpha: float = param(2.0, help="Multi-Similarity alpha", gt=0.0)
     beta: float = param(40.0, help="Multi-Similarity beta", gt=0.0)
@@ -220,7 +232,7 @@ class Refine(Method):
         cfg = self.cfg
         if dim is None:
             dim = FeatureData(recipe.data.root).features.dim
-        self.refiner = Refiner(dim, cfg.blocks, cfg.out_dim, cfg.mlp_ratio, cfg.zero_init)
+        self.refiner = Refiner(dim, cfg.blocks, cfg.out_dim, cfg.mlp_ratio, cfg.zero_init, cfg.input_scale)
 
     @classmethod
     def check_recipe(cls, recipe):

@@ -78,7 +78,8 @@ def load_refiner(run_dir: str | Path) -> RefinerRun:
     cfg = recipe.method
     if "blocks.0.q.weight" not in own:
         raise UserError(f"{checkpoint.model_path} holds no refiner blocks; is {run_dir} a refine run?")
-    refiner = Refiner(own["blocks.0.q.weight"].shape[1], cfg.blocks, cfg.out_dim, cfg.mlp_ratio, cfg.zero_init)
+    refiner = Refiner(own["blocks.0.q.weight"].shape[1], cfg.blocks, cfg.out_dim, cfg.mlp_ratio, cfg.zero_init,
+                      cfg.input_scale)
     refiner.load_state_dict(own, strict=True)
     train_model = None
     manifest = Path(recipe.data.root or "") / "manifest.json"
@@ -87,8 +88,10 @@ def load_refiner(run_dir: str | Path) -> RefinerRun:
             train_model = json.loads(manifest.read_text()).get("model")
         except (OSError, ValueError):
             train_model = None
-    return RefinerRun(refiner.eval(), cfg, run.root, checkpoint.step, state.get("total_steps"), fingerprint(refiner),
-                      train_model)
+    identity = fingerprint(refiner)  # the weights; input_scale (not a weight) joins it when not the default
+    if cfg.input_scale != "sqrt_d":
+        identity = hashlib.sha256(f"{identity}|input_scale={cfg.input_scale}".encode()).hexdigest()
+    return RefinerRun(refiner.eval(), cfg, run.root, checkpoint.step, state.get("total_steps"), identity, train_model)
 
 
 @torch.no_grad()
