@@ -15,13 +15,17 @@ objects (``test/``) are disjoint, so the test classes are unseen, as in SOP. Eve
    ``mlsctl refine train`` on the training embeddings (``--blocks T --k k --seed S``), ``mlsctl
    refine apply`` to test/ with test/ as the context (itself excluded; the DML protocol's gallery is
    the whole test set), ``mlsctl eval recall``;
+   and the ablation of the √d input scaling (ours, not the paper's: ``docs/methods.md#context-refinement``):
+   every (T, k) of the profile's ``ablation`` trained and evaluated again with
+   ``method.input_scale=none``, the blocks on the unit vectors themselves (the smoke profile: the
+   default cell only);
 3. refinement on top of a self-supervised run: ``mlsctl pretrain dino_fmnist_quick`` on the
    training photos (one run, the profile's budget), its test/ and train/ features, and T = 8, k = 8
    refinement with every seed S.
 
 Every evaluation goes through the same command with the same settings; nothing is tuned to the test
 objects. Results go to ``benchmarks/results/refine/<profile>/``: ``grid.json`` (the sweep format
-``mlsctl refine plot --sweep`` reads), ``summary.json``, ``summary.md``, ``grid.png`` and
+``mlsctl refine plot --sweep`` reads; the ablation's rows under ``ablation``), ``summary.json``, ``summary.md``, ``grid.png`` and
 ``drift.png`` (seed 0, the default T = 8, k = 8). Work (runs, features, data) in
 ``fidelity-work/refine-<profile>``; finished stages are reused, so a killed suite resumes.
 """
@@ -59,6 +63,13 @@ class Profile:
     ks: tuple[int, ...]
     ssl_overrides: tuple[str, ...]
     about: str
+    ablation: tuple[tuple[int, int], ...] = ()  # (T, k) cells also run with method.input_scale=none
+
+
+# the ablation's setting against the default (sqrt_d): each block on the unit vectors themselves
+ABLATION = {"input_scale": "none"}
+ABLATION_OVERRIDES = tuple(f"method.{key}={value}" for key, value in ABLATION.items())
+ABLATION_SUFFIX = "-" + "-".join(f"{key.replace('_', '')}-{value}" for key, value in ABLATION.items())
 
 
 TINY_VIT = ("model.img_size=32", "model.patch_size=8", "model.timm_kwargs.embed_dim=32", "model.timm_kwargs.depth=2",
@@ -73,7 +84,8 @@ PROFILES = {
         ssl_overrides=(*TINY_VIT, "data.global_crops.size=32", "optim.batch_size=8", "optim.epochs=1",
                        "optim.warmup_epochs=0", "method.out_dim=64", "method.hidden_dim=32", "method.bottleneck_dim=16",
                        "train.bank_health_every=0"),
-        about="a tiny ViT on 24 training objects of 4 photos: proves the suite, measures nothing"),
+        about="a tiny ViT on 24 training objects of 4 photos: proves the suite, measures nothing",
+        ablation=((2, 4),)),
     "cpu": Profile(
         "cpu", seeds=(0, 1, 2), data=(),
         ms_overrides=(), refine_options=("--epochs", "2"), blocks=(0, 1, 2, 4, 8), ks=(4, 8, 16),
@@ -82,7 +94,8 @@ PROFILES = {
         about="recipes/ms_fmnist_products.yaml as shipped (ViT width 128, depth 4, 512-d embedding, 10 epochs of "
               "1,000 objects x 8 photos = 1,250 steps of 64), refinement at recipes/refine.yaml's settings (Adam 1e-4, "
               "batch 128, 2 positives per class) for 2 epochs (124 steps) per cell: the CPU budget; DINO "
-              "(dino_fmnist_quick, 1 epoch = 250 steps on the same training photos) for the self-supervised features"),
+              "(dino_fmnist_quick, 1 epoch = 250 steps on the same training photos) for the self-supervised features",
+        ablation=((1, 8), (2, 8), (4, 8), (8, 8))),
 }
 
 
@@ -110,8 +123,9 @@ def recall_of(path: Path) -> dict:
     return json.loads(path.read_text())["recall"]
 
 
-def run_seed(profile: Profile, work: Path, data: Path, seed: int, threads: int) -> list[dict]:
-    """The MS baseline and the blocks x k grid of one seed; returns the grid rows."""
+def run_seed(profile: Profile, work: Path, data: Path, seed: int, threads: int) -> tuple[list[dict], list[dict]]:
+    """The MS baseline, the blocks x k grid and the ablation cells of one seed; returns (grid rows,
+    ablation rows)."""
     folder = work / f"seed{seed}"
     folder.mkdir(parents=True, exist_ok=True)
     log = folder / "seed.log"
@@ -128,26 +142,43 @@ def run_seed(profile: Profile, work: Path, data: Path, seed: int, threads: int) 
     rows = [{"blocks": 0, "k": k, "seed": seed, "recall": recall_of(before)} for k in profile.ks]
     for blocks in (b for b in profile.blocks if b):
         for k in profile.ks:
-            name = f"T{blocks}-k{k}"
-            run = folder / f"refine-{name}"
-            result = folder / f"recall-{name}.json"
-            if not result.is_file():
-                if not (run / "summary.json").is_file():
-                    args = ["refine", "train", str(feats["train"]), "--blocks", str(blocks), "--k", str(k),
-                            "--seed", str(seed), *profile.refine_options, "--out", str(run)]
-                    from mlsctl.runs import Run
-
-                    args.append("--resume" if Run(run).latest() is not None else "--overwrite")
-                    seconds[f"refine-{name}"] = mlsctl(args, folder, log, threads)
-                refined = folder / f"ms-test-{name}"
-                mlsctl(["refine", "apply", str(run), str(feats["test"]), "--out", str(refined), "--overwrite"], folder,
-                       log, threads)
-                mlsctl(["eval", "recall", str(refined), "--out", str(result)], folder, log, threads)
-                shutil.rmtree(refined, ignore_errors=True)
+            result = refine_cell(profile, folder, feats, blocks, k, seed, (), seconds, log, threads)
             rows.append({"blocks": blocks, "k": k, "seed": seed, "recall": recall_of(result)})
+    ablation = []
+    for blocks, k in profile.ablation:
+        result = refine_cell(profile, folder, feats, blocks, k, seed, ABLATION_OVERRIDES, seconds, log, threads)
+        ablation.append({"blocks": blocks, "k": k, "seed": seed, **ABLATION, "recall": recall_of(result)})
     previous = json.loads((folder / "seconds.json").read_text()) if (folder / "seconds.json").is_file() else {}
     atomic.write_json(folder / "seconds.json", {**previous, **{k: v for k, v in seconds.items() if v}})
-    return rows
+    return rows, ablation
+
+
+def cell_name(blocks: int, k: int, overrides: tuple[str, ...] = ()) -> str:
+    """``T8-k8`` for a grid cell, ``T8-k8-inputscale-none`` for its ablation."""
+    return f"T{blocks}-k{k}" + (ABLATION_SUFFIX if overrides else "")
+
+
+def refine_cell(profile: Profile, folder: Path, feats: dict, blocks: int, k: int, seed: int, overrides: tuple[str, ...],
+                seconds: dict, log: Path, threads: int) -> Path:
+    """Train T = ``blocks``, k refinement (with ``overrides``) on the training features, apply it to the
+    test features, evaluate Recall@K; returns the recall JSON (reused when it exists)."""
+    name = cell_name(blocks, k, overrides)
+    run = folder / f"refine-{name}"
+    result = folder / f"recall-{name}.json"
+    if not result.is_file():
+        if not (run / "summary.json").is_file():
+            args = ["refine", "train", str(feats["train"]), "--blocks", str(blocks), "--k", str(k),
+                    "--seed", str(seed), *profile.refine_options, *overrides, "--out", str(run)]
+            from mlsctl.runs import Run
+
+            args.append("--resume" if Run(run).latest() is not None else "--overwrite")
+            seconds[f"refine-{name}"] = mlsctl(args, folder, log, threads)
+        refined = folder / f"ms-test-{name}"
+        mlsctl(["refine", "apply", str(run), str(feats["test"]), "--out", str(refined), "--overwrite"], folder,
+               log, threads)
+        mlsctl(["eval", "recall", str(refined), "--out", str(result)], folder, log, threads)
+        shutil.rmtree(refined, ignore_errors=True)
+    return result
 
 
 def run_ssl(profile: Profile, work: Path, data: Path, threads: int) -> list[dict]:
@@ -195,7 +226,7 @@ def _fmt(values: list[float]) -> str:
     return f"{mean:.2f} ± {std:.2f}" if len(values) > 1 else f"{mean:.2f}"
 
 
-def summarise(profile: Profile, grid: list[dict], ssl: list[dict]) -> dict:
+def summarise(profile: Profile, grid: list[dict], ssl: list[dict], ablation: list[dict] = ()) -> dict:
     default = (8 if 8 in profile.blocks else max(profile.blocks), 8 if 8 in profile.ks else max(profile.ks))
     ks_recall = sorted({K for r in grid for K in r["recall"]}, key=int)
     cells = {}
@@ -219,9 +250,21 @@ def summarise(profile: Profile, grid: list[dict], ssl: list[dict]) -> dict:
         claims.append({"claim": "refinement raises R@1 of self-supervised (DINO) features too", "before": b, "after": a,
                        "holds": a > b})
     best = max(((name, v["1"][0]) for name, v in table.items()), key=lambda t: t[1]) if table else None
+
+    def stats(rows: list[dict]) -> dict:
+        return {K: dict(zip(("mean", "std", "n"), _stats([r["recall"][K] for r in rows]) + (len(rows),)))
+                for K in ks_recall if all(K in r["recall"] for r in rows)}
+
+    variant = ", ".join(f"{key}={value}" for key, value in ABLATION.items())
+    compared = {}  # "TxK" → {"default": stats of the grid cell, variant: stats of the ablation rows}
+    for r in ablation:
+        compared.setdefault(f"{r['blocks']}x{r['k']}", []).append(r)
+    compared = {name: {"default": stats(cells[name]) if name in cells else {}, variant: stats(rows)}
+                for name, rows in sorted(compared.items(), key=lambda t: tuple(map(int, t[0].split("x"))))}
     return {"profile": profile.name, "about": profile.about, "seeds": list(profile.seeds), "default": list(default),
             "table": {n: {K: {"mean": m, "std": s, "n": c} for K, (m, s, c) in v.items()} for n, v in table.items()},
             "ssl": ssl, "claims": claims, "best_cell_r1": best,
+            "ablation": {"variant": variant, "cells": compared},
             "provenance": {"device": device_description(), "commit": commit()}}
 
 
@@ -254,6 +297,29 @@ def markdown(summary: dict, profile: Profile) -> str:
                   "| --- | " + " | ".join("---" for _ in ssl[0]["before"]) + " |",
                   "| DINO features | " + " | ".join(_fmt([r["before"][K] for r in ssl]) for K in ssl[0]["before"]) + " |",
                   "| refined | " + " | ".join(_fmt([r["after"][K] for r in ssl]) for K in ssl[0]["after"]) + " |"]
+    ablation = summary.get("ablation", {}).get("cells")
+    if ablation:
+        variant = summary["ablation"]["variant"]
+        ks_shown = [K for K in next(iter(table.values()), {})] if table else ["1"]
+
+        def cell(stats: dict) -> list[str]:
+            return [("–" if K not in stats else f"{stats[K]['mean']:.2f} ± {stats[K]['std']:.2f}" if stats[K]["n"] > 1
+                     else f"{stats[K]['mean']:.2f}") for K in ks_shown]
+
+        lines += ["", "## Ablation: the √d input scaling (ours, not in the paper)", "",
+                  f"`method.input_scale: sqrt_d` (the default) runs every block on √d·x and √d·n; `{variant}` runs "
+                  "the blocks on the unit vectors, as the supplement writes them. Same seeds, data and steps; "
+                  "Recall@K in %.", "",
+                  "| T | k | input scale | " + " | ".join(f"R@{K}" for K in ks_shown) + " |",
+                  "| --- | --- | --- | " + " | ".join("---" for _ in ks_shown) + " |"]
+        baselines = set()
+        for name, pair in sorted(ablation.items(), key=lambda t: tuple(map(int, t[0].split("x")))[::-1]):
+            b, k_ = name.split("x")
+            if k_ not in baselines:  # the baseline once per k, above its cells
+                baselines.add(k_)
+                lines.append(f"| 0 | {k_} | baseline (e⁰) | " + " | ".join(cell(table.get(f"0x{k_}", {}))) + " |")
+            lines += [f"| {b} | {k_} | √d (default) | " + " | ".join(cell(pair["default"])) + " |",
+                      f"| {b} | {k_} | {variant.split('=')[-1]} | " + " | ".join(cell(pair[variant])) + " |"]
     lines += ["", "## Claims (the paper's direction, never its numbers)", "", "| claim | holds | before | after |",
               "| --- | --- | --- | --- |"]
     for c in summary["claims"]:
@@ -286,21 +352,22 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not options.summary and options.data is None:
         mlsctl(["data", "fmnist-products", "--layout", "sop", "--out", str(data), "--source", str(options.fmnist),
                 *profile.data], work, work / "data.log", options.threads)
-    grid, ssl = [], []
+    grid, ssl, ablation = [], [], []
     if not options.no_ssl and not options.summary:  # cheap, so first: a budget cut short still has it
         ssl = run_ssl(profile, work, data, options.threads)
         print(f"self-supervised part: done ({time.perf_counter() - started:.0f}s)", flush=True)
     for seed in profile.seeds:
         if options.summary and not (work / f"seed{seed}" / "recall-before.json").is_file():
             continue
-        grid += run_seed(profile, work, data, seed, options.threads) if not options.summary else \
+        rows, more = run_seed(profile, work, data, seed, options.threads) if not options.summary else \
             _finished_rows(profile, work, seed)
+        grid, ablation = grid + rows, ablation + more
         print(f"seed {seed}: done ({time.perf_counter() - started:.0f}s)", flush=True)
     if not options.no_ssl and options.summary and (work / "dino" / "recall-before.json").is_file():
         ssl = _finished_ssl(profile, work)
     results.mkdir(parents=True, exist_ok=True)
-    atomic.write_json(results / "grid.json", {"profile": profile.name, "grid": grid})
-    summary = summarise(profile, grid, ssl)
+    atomic.write_json(results / "grid.json", {"profile": profile.name, "grid": grid, "ablation": ablation})
+    summary = summarise(profile, grid, ssl, ablation)
     summary["seconds_this_session"] = round(time.perf_counter() - started, 1)
     atomic.write_json(results / "summary.json", summary)
     atomic.write_text(results / "summary.md", markdown(summary, profile))
@@ -319,15 +386,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 0
 
 
-def _finished_rows(profile: Profile, work: Path, seed: int) -> list[dict]:
+def _finished_rows(profile: Profile, work: Path, seed: int) -> tuple[list[dict], list[dict]]:
     folder = work / f"seed{seed}"
     rows = [{"blocks": 0, "k": k, "seed": seed, "recall": recall_of(folder / "recall-before.json")} for k in profile.ks]
     for b in (b for b in profile.blocks if b):
         for k in profile.ks:
-            path = folder / f"recall-T{b}-k{k}.json"
+            path = folder / f"recall-{cell_name(b, k)}.json"
             if path.is_file():
                 rows.append({"blocks": b, "k": k, "seed": seed, "recall": recall_of(path)})
-    return rows
+    ablation = []
+    for b, k in profile.ablation:
+        path = folder / f"recall-{cell_name(b, k, ABLATION_OVERRIDES)}.json"
+        if path.is_file():
+            ablation.append({"blocks": b, "k": k, "seed": seed, **ABLATION, "recall": recall_of(path)})
+    return rows, ablation
 
 
 def _finished_ssl(profile: Profile, work: Path) -> list[dict]:
