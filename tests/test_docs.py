@@ -103,6 +103,64 @@ def test_docs_pages_link_to_existing_files_and_anchors():
     assert problems == []
 
 
+# ----------------------------------------------------------------------------------- what the code cites
+
+# the team's design notes and paper texts live outside this repository: nothing in it may send a reader there
+OUTSIDE_NOTES = re.compile(r"\bMETHODS\.md\b|\bpapers[/]")
+DOC_CITATION = re.compile(r"\bdocs/([\w.-]+\.md)(?:#([\w-]+))?")
+SOURCES = ("mlsctl", "recipes", "docs", "benchmarks", "scripts", "tests")
+SOURCE_SUFFIXES = {".py", ".md", ".yaml", ".yml", ".sh", ".toml", ".cfg", ".txt"}
+
+
+def _source_files(*folders: str):
+    for folder in folders:
+        for path in sorted((REPO / folder).rglob("*")):
+            if path.is_file() and path.suffix in SOURCE_SUFFIXES and "results" not in path.parts:
+                yield path
+
+
+def unresolved_doc_citations(text: str, docs: Path) -> list[str]:
+    """``docs/<page>.md`` and ``docs/<page>.md#anchor`` cited in ``text`` whose page is not in ``docs``
+    or has no such heading or id (the anchors a link read on GitHub and on the site both find)."""
+    problems = []
+    for page, anchor in DOC_CITATION.findall(text):
+        file = docs / page
+        if not file.is_file():
+            problems.append(f"docs/{page}: no such page")
+        elif anchor and anchor not in anchors(file.read_text(encoding="utf-8")):
+            problems.append(f"docs/{page}#{anchor}: no heading or id '{anchor}'")
+    return problems
+
+
+def test_the_citation_checker_finds_missing_pages_and_anchors(tmp_path):
+    (tmp_path / "page.md").write_text("# Page\n\n## SOVE: departures\n")
+    text = ('"""(docs/page.md#sove-departures), docs/page.md, docs/page.md#sove, docs/gone.md#x."""\n'
+            "# see METHODS" ".md and papers" "/sove.txt")
+    assert unresolved_doc_citations(text, tmp_path) == ["docs/page.md#sove: no heading or id 'sove'",
+                                                        "docs/gone.md: no such page"]
+    assert len(OUTSIDE_NOTES.findall(text)) == 2 and not OUTSIDE_NOTES.search("MY_METHODS.mdx newspapers")
+
+
+def test_nothing_cites_the_design_notes_outside_the_repository():
+    """Docstrings, recipes, docs, benchmarks and scripts cite docs/ pages (the README and CHANGELOG are
+    the lead's and may tell history)."""
+    found = [f"{path.relative_to(REPO)}:{n}: {line.strip()}"
+             for path in _source_files(*SOURCES)
+             for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1)
+             if OUTSIDE_NOTES.search(line)]
+    assert found == []
+
+
+def test_every_docs_page_and_anchor_the_code_cites_exists():
+    problems = [f"{path.relative_to(REPO)}: {problem}"
+                for path in _source_files("mlsctl", "recipes", "benchmarks", "scripts")
+                for problem in unresolved_doc_citations(path.read_text(encoding="utf-8", errors="replace"), REPO / "docs")]
+    assert problems == []
+    cited = {m for path in _source_files("mlsctl") for m in DOC_CITATION.findall(path.read_text(encoding="utf-8"))}
+    for section in ("dino", "cribo", "sove", "mls-and-moco-v2", "multi-similarity", "context-refinement", "mile"):
+        assert ("methods.md", section) in cited, f"no module docstring cites docs/methods.md#{section}"
+
+
 # ----------------------------------------------------------------------------------- the README's table
 
 

@@ -1,4 +1,4 @@
-"""Block-wise masks for masked image modelling (BEiT / iBOT "block" masking; METHODS.md "SOVE").
+"""Block-wise masks for masked image modelling (BEiT / iBOT "block" masking; docs/methods.md#sove).
 
 :func:`block_mask` masks about ``ratio`` of an ``h × w`` patch grid with rectangles: each block has
 an area drawn uniformly between ``min_area`` (a ninth of the shorter side squared, as iBOT) and

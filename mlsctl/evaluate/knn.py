@@ -1,4 +1,4 @@
-"""Weighted k-NN classification on global features (the DINO protocol).
+"""Weighted k-NN classification on global features (the DINO protocol; docs/methods.md#eval-knn).
 
 Features are L2-normalised; each query takes its ``max(ks)`` nearest training features by cosine
 similarity once, and for every ``k`` the classes of its first ``k`` neighbours vote with weight

@@ -1,4 +1,4 @@
-"""Dense k-NN segmentation (the Hummingbird protocol, as in CrIBo's Table 1).
+"""Dense k-NN segmentation (the Hummingbird protocol, as in CrIBo's Table 1; docs/methods.md#eval-knn-seg).
 
 * **Memory** (:func:`build_memory`): the L2-normalised patch features of training images, each
   with a *soft label*: the class histogram of the mask pixels its patch covers

@@ -1,5 +1,5 @@
 """Linear evaluation on frozen global features (the DINO / MoCo linear-probe protocol; MLS's
-multi-label classification protocol).
+multi-label classification protocol; docs/methods.md#eval-linear).
 
 * :func:`multi_labels_for`: tag lists per feature row, from JSONL (``{"path"|"image": ..., "labels"|
   "tags": [...]}``, or fmnist-scenes' ``scenes.jsonl`` with its ``items``) or CSV (``path,tag;tag``);

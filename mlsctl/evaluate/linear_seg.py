@@ -1,4 +1,5 @@
-"""Linear segmentation on frozen dense features (CrIBo's Table 2 protocol, linear variant).
+"""Linear segmentation on frozen dense features (CrIBo's Table 2 protocol, linear variant;
+docs/methods.md#eval-linear-seg).
 
 A linear layer (a 1×1 convolution) maps every patch feature to class logits. It is trained on
 the training images' patches against their *soft labels* — the class histogram of the mask pixels

@@ -1,4 +1,5 @@
-"""Recall@K with the deep-metric-learning protocol (CUB, Cars, Stanford Online Products).
+"""Recall@K with the deep-metric-learning protocol (CUB, Cars, Stanford Online Products;
+docs/methods.md#eval-recall).
 
 Every embedding of the evaluation set is a query against all the others (the set is its own
 gallery, the query itself excluded); Recall@K is the share of queries with at least one embedding of

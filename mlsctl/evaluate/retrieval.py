@@ -1,4 +1,4 @@
-"""Image-set retrieval (METHODS.md "MILE", evaluation): R@1..R@10 and AR@10.
+"""Image-set retrieval (MILE's protocol, docs/methods.md#eval-retrieval): R@1..R@10 and AR@10.
 
 The gallery holds one entry per object (its gallery photos); each query is a set of other photos
 of one gallery object. A query's rank is the number of gallery objects scoring at least as high

@@ -1,11 +1,12 @@
-"""CrIBo: cross-image object-level bootstrapping (Lebailly et al., ICLR 2024; METHODS.md "CrIBo").
+"""CrIBo: cross-image object-level bootstrapping (Lebailly et al., ICLR 2024; docs/methods.md#cribo).
 
 Per image, two global views with their crop boxes. The teacher's last-layer tokens of both views
 are clustered jointly (:func:`~mlsctl.methods.cribo_ops.joint_clustering`, semantic + positional
 cost, Sinkhorn); each cluster present in both views is an *object*, represented per view by the
 mean of its tokens (``c_1^k``, ``c_2^k``; :func:`~mlsctl.methods.cribo_ops.pool_objects`). The
-student's objects reuse the teacher's assignment. Three losses, summed with weights 1 : 1 : 1,
-each the mean of its two directions (the authors' convention for all three):
+student's objects reuse the teacher's assignment. Three losses (docs/methods.md#cribo-losses),
+summed with weights 1 : 1 : 1, each the mean of its two directions (the authors' convention for
+all three):
 
 * global: DINO's cross-view loss on the CLS token (head last layer ``last_layer``);
 * cross-view object (:func:`cross_view_object_loss`): ``1/2 · [H(p_t(c_1^k), p_s(c_2^k)) +

@@ -1,4 +1,4 @@
-"""CrIBo's operations as pure functions (Lebailly et al., 2024; METHODS.md "CrIBo").
+"""CrIBo's operations as pure functions (Lebailly et al., 2024; docs/methods.md#cribo-clustering).
 
 Notation (paper → code): B images, two views with N patch tokens each, ``z_cat`` [B, 2N, D] the
 L2-normalised teacher tokens of both views, K clusters, ``T_sem`` / ``T_pos`` the semantic and

@@ -1,4 +1,5 @@
-"""DINO: self-distillation with no labels (Caron et al., 2021) — the baseline of every method.
+"""DINO: self-distillation with no labels (Caron et al., 2021) — the baseline of every method
+(docs/methods.md#dino).
 
 A student network (ViT + :class:`~mlsctl.models.heads.DINOHead`) sees every crop; its EMA copy,
 the teacher, sees the two global crops. The teacher's output, centered and sharpened

@@ -1,4 +1,4 @@
-"""MILE: self-supervised incremental embeddings of image sets (Leotescu et al.; METHODS.md "MILE").
+"""MILE: self-supervised incremental embeddings of image sets (Leotescu et al.; docs/methods.md#mile).
 
 Symbols of the paper and their names here:
 
@@ -19,7 +19,8 @@ Symbols of the paper and their names here:
   two global ones; teacher ``c_t`` against student ``c_s ≠ c_t`` through a DINO head, with
   centering and the teacher temperature warm-up.
 
-The teacher starts as an exact copy of the student (the released code forgets this).
+The teacher starts as an exact copy of the student (the released code forgets this;
+docs/methods.md#mile-departures).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """MLS: multi-label self-supervised learning with scene images, and its MoCo-v2 baseline
-(METHODS.md "MLS"; ``papers/mls_supplementary.txt``). No public implementation exists: this is the
+(docs/methods.md#mls-and-moco-v2). No public implementation exists: this is the
 reference one, and every choice the paper leaves open is stated here.
 
 Networks (MoCo-v2): a query encoder φ_q — backbone + projector f_q (MLP D→2048→256, ReLU, no BN)
@@ -35,11 +35,12 @@ a mini-batch's keys after its update; the key encoder moves once per optimiser s
 Choices the paper leaves open, made here: the queues start as random unit vectors (MoCo's start),
 so until they have wrapped once pseudo-labels may point at such entries (the first D / global batch
 steps: 16 of COCO's 462 per epoch, 32 of the quick recipes' 744); the loss is asymmetric (view 1 →
-query, view 2 → key) as in MoCo-v2; the same τ serves both terms (METHODS.md); labels and BCE
+query, view 2 → key) as in MoCo-v2; the same τ serves both terms; labels and BCE
 logits come from the queues only (not from this batch's keys); the released model — what ``embed`` and every eval use
 — is the *query* encoder's backbone, as MoCo releases ``encoder_q``. The supplement says once that
-``Q_g`` holds "g_1 of view1" and once that both queues hold view-2 features; the issue and
-METHODS.md say g2, which is what runs (key encoder, no gradient, as every entry of ``Q_z``).
+``Q_g`` holds "g_1 of view1" and once that both queues hold view-2 features; we take g2,
+which is what runs (key encoder, no gradient, as every entry of ``Q_z``;
+docs/methods.md#mls-choices-where-the-paper-is-silent).
 
 BatchNorm (``key_bn``; :mod:`mlsctl.models.batchnorm`): ``shuffle`` (default: MoCo's own defence,
 and the only one that works in any number of processes on any device) computes BatchNorm

@@ -1,5 +1,5 @@
 """Multi-Similarity (Wang et al., 2019): the supervised metric-learning baseline whose embeddings
-context refinement starts from (METHODS.md "Context refinement"; the base embeddings e⁰).
+context refinement starts from (the base embeddings e⁰; docs/methods.md#multi-similarity).
 
 * the model: a timm ViT and a linear embedding layer, ``model.embedding_dim`` wide (512 in the
   paper), L2-normalised (:class:`~mlsctl.models.backbone.Backbone` with ``embedding_dim``: the layer

@@ -1,5 +1,5 @@
-"""Context refinement: embeddings attend to their nearest neighbours (METHODS.md "Context
-refinement"; ``papers/context_refinement_supplementary.txt``, the only part of the paper that survives).
+"""Context refinement: embeddings attend to their nearest neighbours (docs/methods.md#context-refinement;
+reconstructed from the paper's supplement, the only part of the paper that survives).
 
 Symbols and their names here:
 
@@ -28,20 +28,22 @@ Symbols and their names here:
   each class (m-per-class sampler); the recipe's optimiser is Adam, lr 1e-4, batch 128, constant
   learning rate (no scheduler), as the supplement says.
 
-Where the supplement is silent, our choices: the MLP is d → ``mlp_ratio``·d → d with SiLU (the
-supplement names SiLU for the projections only); the LayerNorm before the MLP is the only norm; with
-``zero_init`` (default) W_o and W_2 start at zero, so every block starts as the identity and
-refinement starts from the baseline's retrieval (``tests/test_refine.py`` checks that identity
-blocks return their input); the other layers use PyTorch's default initialisation. A block works on
-√d·x and √d·n (unit variance per coordinate instead of unit norm; ``input_scale: sqrt_d``, the
-default — the supplement has no such factor, and ``input_scale: none`` runs the blocks on the unit
-vectors themselves, the ablation row of ``benchmarks/refine_fidelity.py``): the normalisation after the
-block removes the factor, but the branches now act on the scale the LayerNorm (which outputs unit
-variance), the attention's 1/√d and Adam's steps assume. On unit-norm rows the MLP branch (after
-the LayerNorm) was √d ≈ 23 times the residual and Adam's first steps of lr 1e-4 on a 512-wide W_2
-moved e^t by about its own norm: the refined loss rose above the baseline's for hundreds of steps
-(measured on fmnist-products, see ``benchmarks/results/refine``), and every attention was near
-uniform (logits q·k/√d of unit vectors).
+Where the supplement is silent, our choices
+(docs/methods.md#context-refinement-choices-where-the-supplement-is-silent): the MLP is
+d → ``mlp_ratio``·d → d with SiLU (the supplement names SiLU for the projections only); the
+LayerNorm before the MLP is the only norm; with ``zero_init`` (default) W_o and W_2 start at zero,
+so every block starts as the identity and refinement starts from the baseline's retrieval
+(``tests/test_refine.py`` checks that identity blocks return their input); the other layers use
+PyTorch's default initialisation. A block works on √d·x and √d·n (unit variance per coordinate
+instead of unit norm; ``input_scale: sqrt_d``, the default — the supplement has no such factor,
+and ``input_scale: none`` runs the blocks on the unit vectors themselves, the ablation row of
+``benchmarks/refine_fidelity.py``): the normalisation after the block removes the factor, but the
+branches now act on the scale the LayerNorm (which outputs unit variance), the attention's 1/√d
+and Adam's steps assume. On unit-norm rows the MLP branch (after the LayerNorm) was √d ≈ 23 times
+the residual and Adam's first steps of lr 1e-4 on a 512-wide W_2 moved e^t by about its own norm:
+the refined loss rose above the baseline's for hundreds of steps (measured on fmnist-products, see
+``benchmarks/results/refine``), and every attention was near uniform (logits q·k/√d of unit
+vectors).
 """
 
 from __future__ import annotations

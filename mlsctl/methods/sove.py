@@ -1,4 +1,4 @@
-"""SOVE: self-organising visual embeddings with non-parametric judges (Silva et al.; METHODS.md "SOVE").
+"""SOVE: self-organising visual embeddings with non-parametric judges (Silva et al.; docs/methods.md#sove).
 
 Student and teacher (EMA) are a ViT with one :class:`~mlsctl.models.heads.EmbeddingHead`
 (D→2048→2048→256, GELU, L2-normalised, no prototype layer) shared by the CLS and the patch tokens.
@@ -115,7 +115,7 @@ class SOVE(Method):
 
         The authors' 'low_energy' halving runs on the CLS memory only: their patch memory keeps all
         its K anchors (512 concepts on the identical check), so ``half`` — which exists to match
-        them — must not halve ``E_P``'s anchors (docs/methods.md, SOVE)."""
+        them — must not halve ``E_P``'s anchors (docs/methods.md#sove-departures)."""
         return cfg.anchor_selection if task == "cls" else "all"
 
     @classmethod

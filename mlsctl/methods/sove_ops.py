@@ -1,4 +1,4 @@
-"""SOVE's operations as pure functions (Silva et al.; METHODS.md "SOVE"; ``papers/sove.txt`` §2.2–2.3).
+"""SOVE's operations as pure functions (Silva et al., §2.2–2.3; docs/methods.md#sove).
 
 Notation (paper → code):
 
@@ -20,7 +20,8 @@ own anchors left out of its pool (optionally scored in bfloat16 and rescored exa
 ``P_j = Σ_r p_r o_r + Σ_{r ∈ j} p_r (s_r − o_r)`` — the same numbers as the dense product
 (:func:`soft_labels` builds the dense ``Y`` for tests and small cases), in O(B·K(k+1)).
 
-Departures from the authors' code (``sthalles/sop``, ``memory_bank.py``), each on purpose:
+Departures from the authors' code (``sthalles/sop``, ``memory_bank.py``), each on purpose
+(docs/methods.md#sove-departures):
 
 * scores are clamped to [0, 1]: theirs are not, so a negative cosine gives a negative row of ``Y``
   and the loss can turn NaN;
@@ -213,8 +214,8 @@ def patch_loss(student_probs: torch.Tensor, teacher_probs: torch.Tensor, image_o
     over the view-images with at least one masked patch.
 
     The authors count a view without masked patches as 0 in the batch mean, which lowers the loss
-    with the share of unmasked views; we leave such views out of the mean. No masked patch at all
-    gives 0 (still connected to the graph)."""
+    with the share of unmasked views; we leave such views out of the mean
+    (docs/methods.md#sove-departures). No masked patch at all gives 0 (still connected to the graph)."""
     if len(image_of) == 0:
         return student_probs.sum() * 0.0
     per_patch = cross_entropy(teacher_probs, student_probs)
