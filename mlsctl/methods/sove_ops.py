@@ -28,7 +28,10 @@ Departures from the authors' code (``sthalles/sop``, ``memory_bank.py``), each o
 * their default ``'low_energy'`` selection keeps a uniform random half of the drawn anchors (the
   weights it samples with are all equal) after searching supports in the memory minus *all* drawn
   anchors; ``anchor_selection="half"`` reproduces exactly that, ``"all"`` (the paper's text) keeps
-  every anchor;
+  every anchor. Their halving runs on the CLS memory only (the patch tasks keep all their anchors),
+  so the method passes ``"half"`` for the CLS tasks alone (:meth:`mlsctl.methods.sove.SOVE.anchor_selection_for`);
+* :func:`patch_loss` averages over the views with at least one masked patch, where the authors count
+  the others as 0 in the batch mean;
 * their judge building holds the full [K, N] similarity matrix (≈ 2.7 GiB at N=65,536, K=4,096);
   ours works in chunks.
 """
