@@ -32,7 +32,8 @@ Departures from the authors' code (``sthalles/sop``, ``memory_bank.py``), each o
   so the method passes ``"half"`` for the CLS tasks alone (:meth:`mlsctl.methods.sove.SOVE.anchor_selection_for`);
 * :func:`patch_loss` averages over the views with at least one masked patch, where the authors count
   the others as 0 in the batch mean;
-* their judge building holds the full [K, N] similarity matrix (1 GiB in float32 at N=65,536, K=4,096, before its dense Y; the dense way peaked at +6.3 GB in benchmarks/sove_judges.py);
+* their judge building holds the full [K, N] similarity matrix (1 GiB in float32 at N=65,536,
+  K=4,096, before its dense Y; the dense way peaked at +6.3 GB in ``benchmarks/sove_judges.py``);
   ours works in chunks.
 """
 
