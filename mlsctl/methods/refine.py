@@ -215,8 +215,7 @@ class RefineConfig(MethodConfig):
 
 
 def refine_dataset(recipe, data: FeatureData) -> ContextDataset:
-    from mlsctl.evaluate.knn import labels_of
-    from mlsctl.methods.ms import class_ids
+    from mlsctl.data.labels import class_ids, labels_of
 
     cfg = recipe.method
     what = f"data.root {data.root}"
