@@ -249,7 +249,7 @@ def entry_colours(bank: MemoryBank, name: str, slots: torch.Tensor, color_by: st
     """Colours of the entries at ``slots`` (written entries) by ``color_by``: ``age`` (steps since
     the write), ``label`` (the ``label`` payload), ``source`` (the source image, named by its file)
     or the path of a labels file (CSV ``path,label`` or JSONL ``{"path", "label"}``, read by
-    :func:`mlsctl.evaluate.knn.read_labels_file`) whose paths are the source images as the run's
+    :func:`mlsctl.data.labels.read_labels_file`) whose paths are the source images as the run's
     images.txt lists them (relative to ``data.root``), absolute paths, or ``image_id`` numbers.
     Entries whose image the file does not list are grey and counted in ``missing``; a file that
     labels none of them is refused."""
@@ -277,7 +277,7 @@ def entry_colours(bank: MemoryBank, name: str, slots: torch.Tensor, color_by: st
     if path is None:  # source: one class per image
         names = {int(i): Path(relpath(int(i)) or f"image {int(i)}").name for i in image_ids.unique()}
         return EntryColours(image_ids, "label", "source image", names, other_name="images")
-    from mlsctl.evaluate.knn import read_labels_file
+    from mlsctl.data.labels import read_labels_file
 
     table = read_labels_file(path)
     root = sources.root if sources is not None else None

@@ -37,7 +37,7 @@ def read_metrics(run_dir: str | Path) -> dict[str, tuple[list[int], list[float]]
     if not run.metrics_path.is_file():
         raise UserError(f"{run_dir} has no metrics.jsonl; give a run folder written by mlsctl pretrain")
     series: dict[str, tuple[list[int], list[float]]] = {}
-    from mlsctl.evaluate.knn import read_text_file
+    from mlsctl.data.labels import read_text_file
 
     for number, line in enumerate(read_text_file(run.metrics_path, "metrics file").splitlines(), 1):
         try:

@@ -35,7 +35,7 @@ class _Split:
     def __init__(self, root: str, labels_file: Optional[str], masks: Optional[str], resolution: int, what: str,
                  max_images: int = 0):
         from mlsctl.data.images import ImageFolder
-        from mlsctl.evaluate.knn import labels_of
+        from mlsctl.data.labels import labels_of
         from mlsctl.evaluate.knn_seg import match_masks, read_mask
         from mlsctl.features import Preprocessing
 

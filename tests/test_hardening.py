@@ -961,11 +961,9 @@ def test_23_8_plot_and_report_on_a_metrics_line_that_is_not_an_object(finished_r
 
 @pytest.mark.parametrize("kind", ["csv", "multi", "objects"])
 def test_23_8_a_labels_field_over_128_kib_or_jsonl_nested_deep_is_one_sentence(kind, tmp_path):
-    from mlsctl.data.objects import _read_pairs
-    from mlsctl.evaluate.knn import read_labels_file
-    from mlsctl.evaluate.linear import read_multi_labels
+    from mlsctl.data.labels import read_labels_file, read_multi_labels, read_objects_file
 
-    reader = {"csv": read_labels_file, "multi": read_multi_labels, "objects": _read_pairs}[kind]
+    reader = {"csv": read_labels_file, "multi": read_multi_labels, "objects": read_objects_file}[kind]
     long = tmp_path / "labels.csv"
     long.write_text("path,label\n" + "a.png," + "x" * 200_000 + "\n")
     with pytest.raises(UserError, match=r"labels.csv:2 is not a CSV row .*field larger than field limit"):

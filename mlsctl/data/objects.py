@@ -16,7 +16,6 @@ of every image of the set.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mlsctl.data.images import ImageFolder
+from mlsctl.data.labels import read_objects_file
 from mlsctl.data.loader import ResizedImages, load_or_next, map_tensors, sample_seed
 from mlsctl.data.multicrop import MultiCrop, normalize_on_device
 from mlsctl.errors import UserError
@@ -36,32 +36,6 @@ from mlsctl.errors import UserError
 class ObjectImages:
     object_id: str
     rows: list[int]  # rows of the image folder's listing (its image ids)
-
-
-def _read_pairs(path: Path) -> list[tuple[str, str]]:
-    pairs = []
-    text = path.read_text()
-    if path.suffix.lower() in (".jsonl", ".json"):
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                pairs.append((str(record["object_id"]), str(record["path"])))
-            except (json.JSONDecodeError, KeyError, TypeError, RecursionError):
-                raise UserError(f"{path} line {n} is not a JSON object with 'object_id' and 'path'") from None
-    else:
-        from mlsctl.evaluate.knn import csv_rows
-
-        for n, row in csv_rows(text, path):
-            if not row or (n == 1 and [c.strip().lower() for c in row[:2]] == ["object_id", "path"]):
-                continue
-            if len(row) < 2:
-                raise UserError(f"{path} line {n} needs two columns, object_id,path")
-            pairs.append((row[0].strip(), row[1].strip()))
-    if not pairs:
-        raise UserError(f"{path} lists no (object_id, path) pair")
-    return pairs
 
 
 def find_objects(folder: ImageFolder, objects_file: Optional[str | os.PathLike] = None) -> list[ObjectImages]:
@@ -80,7 +54,7 @@ def find_objects(folder: ImageFolder, objects_file: Optional[str | os.PathLike] 
         path = Path(objects_file)
         if not path.is_file():
             raise UserError(f"method.objects_file {path} does not exist; give a CSV or JSONL of object_id,path")
-        for object_id, relpath in _read_pairs(path):
+        for object_id, relpath in read_objects_file(path):
             key = Path(relpath).as_posix()
             if key not in rows_of:
                 raise UserError(f"{path} lists {relpath}, which is not an image under {folder.root}")

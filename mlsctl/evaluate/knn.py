@@ -11,19 +11,18 @@ the GPU when one is available (:func:`search_device`), else the CPU. The k-NN se
 
 Labels come from the folder names of the files (``cat/001.jpg`` → ``cat``) or from a labels file:
 CSV (``path,label`` with an optional header) or JSONL (``{"path": ..., "label": ...}``), paths
-relative to the features' input root (or absolute).
+relative to the features' input root (or absolute), read by :mod:`mlsctl.data.labels`.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from mlsctl.data.labels import csv_rows, labels_of, read_labels_file, read_text_file  # noqa: F401 - re-exported
 from mlsctl.errors import UserError
 
 DEFAULT_KS = (10, 20, 100, 200)
@@ -127,59 +126,6 @@ def accuracy(scores: torch.Tensor, labels: torch.Tensor, top: int) -> float:
     return float(hits.float().mean())
 
 
-def read_text_file(path: Path, what: str) -> str:
-    """A UTF-8 text file, or one sentence saying it is missing or not one."""
-    if not path.is_file():
-        raise UserError(f"{what} {path} does not exist" + (" (it is a folder)" if path.is_dir() else ""))
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise UserError(f"{what} {path} is not UTF-8 text (a binary or damaged file?); give a CSV or JSONL file") from None
-    except OSError as exc:
-        raise UserError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
-
-
-def csv_rows(text: str, path: Path):
-    """(line number, row) of a CSV text; a row the csv module refuses (a field over its 128 KiB
-    limit, a NUL byte) is one sentence naming the file and the line."""
-    reader = csv.reader(text.splitlines())
-    number = 0
-    while True:
-        try:
-            row = next(reader)
-        except StopIteration:
-            return
-        except csv.Error as exc:
-            raise UserError(f"{path}:{reader.line_num} is not a CSV row mlsctl can read ({exc}); a labels file holds "
-                            f"short path and label fields") from None
-        number = reader.line_num
-        yield number, row
-
-
-def read_labels_file(path: Path) -> dict[str, str]:
-    labels: dict[str, str] = {}
-    text = read_text_file(path, "labels file")
-    if path.suffix.lower() in (".jsonl", ".json"):
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                labels[str(record["path"])] = str(record["label"])
-            except (json.JSONDecodeError, KeyError, TypeError, RecursionError):
-                raise UserError(f"{path}:{number} is not a JSON object with 'path' and 'label'") from None
-    else:
-        for number, row in csv_rows(text, path):
-            if not row or (number == 1 and [c.strip().lower() for c in row[:2]] == ["path", "label"]):
-                continue
-            if len(row) < 2:
-                raise UserError(f"{path}:{number} needs two columns, path and label")
-            labels[row[0].strip()] = row[1].strip()
-    if not labels:
-        raise UserError(f"labels file {path} holds no labels")
-    return labels
-
-
 def labels_for(features, labels_file, what: str) -> list[str]:
     """The label of each row of a feature folder: from its folder names, a labels file, or the
     split of a benchmark it was embedded from (:class:`mlsctl.data.datasets.ClassificationSplit`)."""
@@ -188,28 +134,6 @@ def labels_for(features, labels_file, what: str) -> list[str]:
     if isinstance(labels_file, ClassificationSplit):
         return [labels_file.label_of(f) for f in features.files]
     return labels_of(features.files, Path(features.input_root), labels_file, f"{what} {features.path}")
-
-
-def labels_of(files: Sequence[str], root: Path, labels_file: Optional[Path], what: str) -> list[str]:
-    """The label of each file (relative to ``root``): its folder name, or its row of ``labels_file``
-    (keyed by the relative or the absolute path)."""
-    if labels_file is None:
-        names = [Path(f).parent.as_posix() for f in files]
-        if any(n in ("", ".") for n in names):
-            example = next(f for f, n in zip(files, names) if n in ("", "."))
-            raise UserError(f"{what}: {example} is not inside a class folder; images outside class folders need a "
-                            f"labels file (CSV or JSONL of path,label)")
-        return names
-    table = read_labels_file(Path(labels_file))
-    out, missing = [], []
-    for relpath in files:
-        label = table.get(relpath, table.get(str(root / relpath)))
-        if label is None:
-            missing.append(relpath)
-        out.append(label)
-    if missing:
-        raise UserError(f"labels file {labels_file} has no label for {len(missing)} images of {what} (first: {missing[0]})")
-    return out
 
 
 def evaluate_knn(train_features, val_features, train_labels=None, val_labels=None,

@@ -18,7 +18,6 @@ multi-label classification protocol; docs/methods.md#eval-linear).
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from mlsctl.data.labels import read_multi_labels
 from mlsctl.errors import UserError
 
 DEFAULT_LRS = (0.001, 0.01, 0.1, 1.0)
@@ -34,43 +34,6 @@ DEFAULT_WDS = (0.0, 1e-4)
 
 
 # ------------------------------------------------------------------------------------------ labels
-
-
-def read_multi_labels(path: Path) -> dict[str, list[str]]:
-    """``path`` → tag list, as written in a JSONL or CSV labels file."""
-    from mlsctl.evaluate.knn import read_text_file
-
-    text = read_text_file(path, "labels file")
-    out: dict[str, list[str]] = {}
-    if path.suffix.lower() in (".jsonl", ".json"):
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-                key = record.get("path", record.get("image"))
-                if "labels" in record or "tags" in record:
-                    tags = record.get("labels", record.get("tags"))
-                else:
-                    tags = [item.get("class_name", item.get("class")) for item in record["items"]]
-                if not isinstance(key, str) or not isinstance(tags, list):
-                    raise TypeError
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError, RecursionError):
-                raise UserError(f"{path}:{number} is not a JSON object with 'path' (or 'image') and a list of "
-                                f"'labels', 'tags' or 'items'") from None
-            out[key] = sorted({str(t) for t in tags})
-    else:
-        from mlsctl.evaluate.knn import csv_rows
-
-        for number, row in csv_rows(text, path):
-            if not row or (number == 1 and [c.strip().lower() for c in row[:2]] in (["path", "labels"], ["path", "tags"])):
-                continue
-            if len(row) < 2:
-                raise UserError(f"{path}:{number} needs two columns, path and tags separated by ';'")
-            out[row[0].strip()] = sorted({t.strip() for t in row[1].split(";") if t.strip()})
-    if not out:
-        raise UserError(f"labels file {path} holds no labels")
-    return out
 
 
 def multi_labels_for(features, labels_file: Path, what: str) -> list[list[str]]:

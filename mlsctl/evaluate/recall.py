@@ -87,8 +87,8 @@ def recall_at_k(embeddings: torch.Tensor, labels: torch.Tensor, ks: Optional[Seq
 
 def evaluate_recall(features, labels_file: Optional[Path] = None, ks: Optional[Sequence[int]] = None) -> dict:
     """Recall@K of a feature folder (labels from the files' folders or a labels file)."""
+    from mlsctl.data.labels import class_ids
     from mlsctl.evaluate.knn import labels_for
-    from mlsctl.methods.ms import class_ids
 
     names = labels_for(features, labels_file, "features")
     labels, _ = class_ids(names, f"features {features.path}")

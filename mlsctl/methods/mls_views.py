@@ -75,7 +75,7 @@ def label_precision(vectors: torch.Tensor, image_ids: torch.Tensor, tags: list[O
 
 
 def queue_views(recipe, banks, image_paths: Optional[list[Path]]) -> dict[str, list[tuple[str, str, object]]]:
-    from mlsctl.evaluate.linear import read_multi_labels
+    from mlsctl.data.labels import read_multi_labels
 
     path = tags_file_of(recipe)
     if path is None or not image_paths:

@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from mlsctl.config import MethodConfig, param
+from mlsctl.data.labels import class_ids, labels_of
 from mlsctl.data.loader import Batch, MultiCropDataset, collate
-from mlsctl.errors import UserError
 from mlsctl.methods.base import Method, StepOutput
 from mlsctl.models.backbone import build_backbone
 
@@ -51,16 +51,6 @@ def ms_loss(embeddings: torch.Tensor, labels: torch.Tensor, alpha: float = 2.0, 
     pairs = MultiSimilarityMiner(epsilon=epsilon)(x, labels)
     loss = MultiSimilarityLoss(alpha=alpha, beta=beta, base=base)(x, labels, pairs)
     return loss, {"mined_positive_pairs": float(len(pairs[0])), "mined_negative_pairs": float(len(pairs[2]))}
-
-
-def class_ids(names: list[str], what: str) -> tuple[torch.Tensor, list[str]]:
-    """Class names → indices [n] and the sorted class list; refuses fewer than two classes."""
-    classes = sorted(set(names))
-    if len(classes) < 2:
-        raise UserError(f"{what} has a single class ({classes[0] if classes else 'none'}); metric learning needs at "
-                        f"least two (one folder per class, or a labels file naming them)")
-    lookup = {c: i for i, c in enumerate(classes)}
-    return torch.tensor([lookup[n] for n in names], dtype=torch.long), classes
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -123,8 +113,6 @@ class MS(Method):
 
     @classmethod
     def build_dataset(cls, recipe, folder):
-        from mlsctl.evaluate.knn import labels_of
-
         labels_file = recipe.method.labels_file
         names = labels_of(folder.relpaths(), Path(folder.root), Path(labels_file) if labels_file else None,
                           f"data.root {folder.root}")

@@ -10,9 +10,9 @@ Symbols and their names here:
   training embeddings, itself excluded (:func:`mlsctl.refine.neighbours.nearest_neighbours`, an
   exact faiss index). The embeddings are frozen, so every row's neighbours are searched once,
   before the first step; at inference the reference is the gallery (``mlsctl refine apply``);
-* a block t (:class:`CrossAttentionBlock`, T = ``method.blocks`` = 8 of them, single head, as the
-  Perceiver): the query is the running embedding x, keys and values the neighbours n (the
-  original e⁰ of the neighbours in every block)::
+* a block t (:class:`~mlsctl.models.refiner.CrossAttentionBlock`, T = ``method.blocks`` = 8 of
+  them, single head, as the Perceiver): the query is the running embedding x, keys and values the
+  neighbours n (the original e⁰ of the neighbours in every block)::
 
       q = x + SiLU(W_q x)                 skip connection around the query projection
       k = SiLU(W_k n),  v = SiLU(W_v n)   SiLU in the projections
@@ -48,77 +48,17 @@ vectors).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from mlsctl.config import MethodConfig, param
 from mlsctl.errors import UserError
 from mlsctl.methods.base import Method, StepOutput
-
-
-# ------------------------------------------------------------------------------------------ the model
-
-INPUT_SCALES = ("sqrt_d", "none")  # method.input_scale: what a block multiplies its unit-norm inputs by
-
-
-class CrossAttentionBlock(nn.Module):
-    """One single-head cross-attention block: x [B, d] attends to its neighbours [B, k, d]."""
-
-    def __init__(self, dim: int, mlp_ratio: float = 2.0, zero_init: bool = True, input_scale: str = "sqrt_d"):
-        super().__init__()
-        if input_scale not in INPUT_SCALES:
-            raise ValueError(f"input_scale must be one of {', '.join(INPUT_SCALES)}, got {input_scale!r}")
-        self.input_scale = input_scale
-        hidden = max(1, int(round(mlp_ratio * dim)))
-        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
-        self.norm = nn.LayerNorm(dim)
-        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
-        if zero_init:
-            for layer in (self.o, self.fc2):
-                nn.init.zeros_(layer.weight)
-                nn.init.zeros_(layer.bias)
-
-    def forward(self, x: torch.Tensor, neighbours: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the normalised new x [B, d], the attention over the neighbours [B, k])."""
-        if self.input_scale == "sqrt_d":  # unit-norm rows → unit variance per coordinate (module docstring)
-            scale = math.sqrt(x.shape[-1])
-            x, neighbours = x * scale, neighbours * scale
-        q = x + F.silu(self.q(x))
-        k, v = F.silu(self.k(neighbours)), F.silu(self.v(neighbours))
-        attention = torch.softmax(torch.einsum("bd,bkd->bk", q, k) / math.sqrt(x.shape[-1]), dim=-1)
-        h = x + self.o(torch.einsum("bk,bkd->bd", attention, v))
-        h = h + self.fc2(F.silu(self.fc1(self.norm(h))))
-        return F.normalize(h, dim=-1), attention
-
-
-class Refiner(nn.Module):
-    """T blocks and the optional final linear layer d1 → d2."""
-
-    def __init__(self, dim: int, blocks: int = 8, out_dim: int = 0, mlp_ratio: float = 2.0, zero_init: bool = True,
-                 input_scale: str = "sqrt_d"):
-        super().__init__()
-        self.dim, self.out_dim, self.input_scale = dim, out_dim or dim, input_scale
-        self.blocks = nn.ModuleList(CrossAttentionBlock(dim, mlp_ratio, zero_init, input_scale) for _ in range(blocks))
-        self.project = nn.Linear(dim, out_dim) if out_dim else None
-
-    def forward(self, x: torch.Tensor, neighbours: torch.Tensor, trace: bool = False):
-        """e⁰ [B, d1] and its neighbours [B, k, d1] → e^T [B, d2]; with ``trace`` also the list
-        e⁰, e¹, ..., e^T (width d1, before the final layer) and each block's attention [B, k]."""
-        x = F.normalize(x.float(), dim=-1)
-        neighbours = F.normalize(neighbours.float(), dim=-1)
-        states, attentions = [x], []
-        for block in self.blocks:
-            x, attention = block(x, neighbours)
-            states.append(x)
-            attentions.append(attention)
-        out = F.normalize(self.project(x), dim=-1) if self.project is not None else x
-        return (out, states, attentions) if trace else out
+from mlsctl.models.refiner import INPUT_SCALES, CrossAttentionBlock, Refiner  # noqa: F401 - re-exported
 
 
 # ------------------------------------------------------------------------------------------ the data
@@ -215,8 +155,7 @@ class RefineConfig(MethodConfig):
 
 
 def refine_dataset(recipe, data: FeatureData) -> ContextDataset:
-    from mlsctl.evaluate.knn import labels_of
-    from mlsctl.methods.ms import class_ids
+    from mlsctl.data.labels import class_ids, labels_of
 
     cfg = recipe.method
     what = f"data.root {data.root}"

@@ -1,2 +1,2 @@
 """Context refinement outside the training loop: neighbour search, ``refine apply`` and the
-supplement's pictures. The model and its training are :mod:`mlsctl.methods.refine`."""
+supplement's pictures. The model is :mod:`mlsctl.models.refiner`, its training :mod:`mlsctl.methods.refine`."""

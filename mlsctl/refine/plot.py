@@ -141,7 +141,7 @@ def drift_figure(run_dir: str | Path, feats_dir: str | Path, out: str | Path, *,
 
 
 def read_sweep(path: Path) -> list[dict]:
-    from mlsctl.evaluate.knn import read_text_file
+    from mlsctl.data.labels import read_text_file
 
     try:
         data = json.loads(read_text_file(Path(path), "sweep file"))

@@ -1,0 +1,223 @@
+"""Labels files: the one reader of the CSV and JSONL files that give image paths a class, tags or an object.
+
+Three kinds:
+
+* **labels** (:func:`read_labels_file`): JSONL ``{"path": ..., "label": ...}`` or CSV ``path,label``;
+  read by ``eval knn``, ``eval linear``, ``eval recall``, ``train.monitor``, ``method.labels_file``
+  (MS, refine) and ``bank plot --color-by FILE``;
+* **tags** (:func:`read_multi_labels`): JSONL ``{"path" (or "image"): ..., "labels" (or "tags"):
+  [...]}`` or fmnist-scenes' ``scenes.jsonl`` (the ``class_name`` or ``class`` of its ``items``), or
+  CSV ``path,tag;tag``; read by ``eval linear --multi-label`` and ``method.tags_file``;
+* **objects** (:func:`read_objects_file`): JSONL ``{"object_id": ..., "path": ...}`` or CSV
+  ``object_id,path``; MILE's ``method.objects_file``.
+
+One set of rules for all three:
+
+* a file whose name ends in ``.jsonl`` or ``.json`` is JSONL (one object a line), any other CSV;
+* the text is UTF-8 (a leading byte-order mark is allowed); any other encoding is one sentence
+  naming the file;
+* blank lines are skipped; in a CSV the first row is a header, and skipped, when its first two
+  cells are the column names (any case); cells are stripped and columns after the second ignored;
+* a row that is not what the kind needs — not a JSON object with those fields (each path, label
+  and object id a string or a whole number), fewer than two CSV cells, an empty path, label or
+  object id, a CSV row the csv module refuses — is one sentence naming the file and the line
+  (``FILE:LINE ...``);
+* a path listed twice is refused, naming both lines, even with the same label: a table keyed by
+  path would keep one of the two silently, and MILE would put the image twice into a set;
+* a file without a row is refused.
+
+:func:`labels_of` gives files their class (folder name or labels file) and :func:`class_ids`
+turns class names into indices.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from mlsctl.errors import UserError
+
+JSON_SUFFIXES = (".jsonl", ".json")
+
+
+def read_text_file(path: Path, what: str) -> str:
+    """A UTF-8 text file (without its byte-order mark), or one sentence saying it is missing or not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} {path} does not exist" + (" (it is a folder)" if path.is_dir() else ""))
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise UserError(f"{what} {path} is not UTF-8 text (a binary or damaged file?); give a CSV or JSONL file") from None
+    except OSError as exc:
+        raise UserError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+
+
+def csv_rows(text: str, path: Path):
+    """(line number, row) of a CSV text; a row the csv module refuses (a field over its 128 KiB
+    limit, a NUL byte) is one sentence naming the file and the line."""
+    reader = csv.reader(text.splitlines())
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            raise UserError(f"{path}:{reader.line_num} is not a CSV row mlsctl can read ({exc}); a labels file holds "
+                            f"short path and label fields") from None
+        yield reader.line_num, row
+
+
+class _Bad(Exception):
+    """What is wrong with one row (the rest of a sentence that starts with FILE:LINE)."""
+
+
+def _scalar(value, name: str, malformed: str) -> str:
+    """A path, label or object id: a non-empty string or a whole number."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise _Bad(malformed)
+    text = str(value)
+    if not text.strip():
+        raise _Bad(f"has an empty {name}; give every row one")
+    return text
+
+
+def _rows(path: Path, what: str, headers: Sequence[Sequence[str]], from_json: Callable, from_csv: Callable,
+          json_fields: str, csv_columns: str, key_name: str) -> list[tuple[str, object]]:
+    """(key, value) of every row of a labels file of any kind, in the file's order; ``from_json``
+    and ``from_csv`` turn a record or the stripped cells of a row into one and raise :class:`_Bad`."""
+    path = Path(path)
+    text = read_text_file(path, what)
+    malformed_json = f"is not a JSON object with {json_fields}"
+    rows, first_line = [], {}
+
+    def add(number: int, parse: Callable) -> None:
+        try:
+            key, value = parse()
+        except _Bad as exc:
+            raise UserError(f"{path}:{number} {exc}") from None
+        if key in first_line:
+            raise UserError(f"{path}:{number} lists {key} again (first on line {first_line[key]}); give each "
+                            f"{key_name} one row")
+        first_line[key] = number
+        rows.append((key, value))
+
+    if path.suffix.lower() in JSON_SUFFIXES:
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except (json.JSONDecodeError, RecursionError):
+                raise UserError(f"{path}:{number} {malformed_json}") from None
+            if not isinstance(record, dict):
+                raise UserError(f"{path}:{number} {malformed_json}")
+            add(number, lambda: from_json(record, malformed_json))
+    else:
+        header_possible = True
+        for number, row in csv_rows(text, path):
+            cells = [c.strip() for c in row]
+            if not any(cells):
+                continue
+            if header_possible:
+                header_possible = False
+                if [c.lower() for c in cells[:2]] in [list(h) for h in headers]:
+                    continue
+            if len(cells) < 2:
+                raise UserError(f"{path}:{number} needs two columns, {csv_columns}")
+            add(number, lambda: from_csv(cells))
+    if not rows:
+        raise UserError(f"{what} {path} has no rows; give one {csv_columns} per line")
+    return rows
+
+
+def read_labels_file(path: Path) -> dict[str, str]:
+    """``path`` → class label, as written in a JSONL or CSV labels file (see the module's rules)."""
+    def from_json(record: dict, malformed: str):
+        if "path" not in record or "label" not in record:
+            raise _Bad(malformed)
+        return _scalar(record["path"], "path", malformed), _scalar(record["label"], "label", malformed)
+
+    def from_csv(cells: list[str]):
+        return _scalar(cells[0], "path", ""), _scalar(cells[1], "label", "")
+
+    return dict(_rows(path, "labels file", [("path", "label")], from_json, from_csv,
+                      json_fields="'path' and 'label' (each a string or a whole number)",
+                      csv_columns="path and label", key_name="path"))
+
+
+def read_multi_labels(path: Path) -> dict[str, list[str]]:
+    """``path`` → its sorted tags, as written in a JSONL or CSV tags file (see the module's rules);
+    an image may have no tag."""
+    def from_json(record: dict, malformed: str):
+        key = _scalar(record.get("path", record.get("image")), "path", malformed)
+        if "labels" in record or "tags" in record:
+            tags = record.get("labels", record.get("tags"))
+        else:
+            items = record.get("items")
+            if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+                raise _Bad(malformed)
+            tags = [item.get("class_name", item.get("class")) for item in items]
+        if not isinstance(tags, list):
+            raise _Bad(malformed)
+        return key, sorted({_scalar(t, "tag", malformed) for t in tags})
+
+    def from_csv(cells: list[str]):
+        return _scalar(cells[0], "path", ""), sorted({t.strip() for t in cells[1].split(";") if t.strip()})
+
+    return dict(_rows(path, "labels file", [("path", "labels"), ("path", "tags")], from_json, from_csv,
+                      json_fields="'path' (or 'image') and a list of 'labels', 'tags' or 'items'",
+                      csv_columns="path and tags separated by ';'", key_name="path"))
+
+
+def read_objects_file(path: Path) -> list[tuple[str, str]]:
+    """(object_id, path) of every row of a JSONL or CSV objects file, in its order (see the module's
+    rules: an object has as many rows as images, an image one row)."""
+    def from_json(record: dict, malformed: str):
+        if "object_id" not in record or "path" not in record:
+            raise _Bad(malformed)
+        return _scalar(record["path"], "path", malformed), _scalar(record["object_id"], "object_id", malformed)
+
+    def from_csv(cells: list[str]):
+        return _scalar(cells[1], "path", ""), _scalar(cells[0], "object_id", "")
+
+    rows = _rows(path, "objects file", [("object_id", "path")], from_json, from_csv,
+                 json_fields="'object_id' and 'path' (each a string or a whole number)",
+                 csv_columns="object_id and path", key_name="image")
+    return [(object_id, relpath) for relpath, object_id in rows]
+
+
+def labels_of(files: Sequence[str], root: Path, labels_file: Optional[Path], what: str) -> list[str]:
+    """The label of each file (relative to ``root``): its folder name, or its row of ``labels_file``
+    (keyed by the relative or the absolute path)."""
+    if labels_file is None:
+        names = [Path(f).parent.as_posix() for f in files]
+        if any(n in ("", ".") for n in names):
+            example = next(f for f, n in zip(files, names) if n in ("", "."))
+            raise UserError(f"{what}: {example} is not inside a class folder; images outside class folders need a "
+                            f"labels file (CSV or JSONL of path,label)")
+        return names
+    table = read_labels_file(Path(labels_file))
+    out, missing = [], []
+    for relpath in files:
+        label = table.get(relpath, table.get(str(root / relpath)))
+        if label is None:
+            missing.append(relpath)
+        out.append(label)
+    if missing:
+        raise UserError(f"labels file {labels_file} has no label for {len(missing)} images of {what} (first: {missing[0]})")
+    return out
+
+
+def class_ids(names: list[str], what: str):
+    """Class names → indices [n] (a torch tensor) and the sorted class list; refuses fewer than two classes."""
+    import torch
+
+    classes = sorted(set(names))
+    if len(classes) < 2:
+        raise UserError(f"{what} has a single class ({classes[0] if classes else 'none'}); metric learning needs at "
+                        f"least two (one folder per class, or a labels file naming them)")
+    lookup = {c: i for i, c in enumerate(classes)}
+    return torch.tensor([lookup[n] for n in names], dtype=torch.long), classes

@@ -1,0 +1,247 @@
+"""mlsctl.data.labels: the one reader of labels, tags and objects files, and every command that reads one."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mlsctl.data.labels import (class_ids, labels_of, read_labels_file, read_multi_labels, read_objects_file,
+                                read_text_file)
+from mlsctl.errors import UserError
+from conftest import REPO, cli, make_images, tiny_recipe, write_feature_folder, write_recipe
+
+NOT_UTF8 = b"path,label\ncaf\xe9.png,x\n"  # Latin-1: the bytes of a spreadsheet's "save as CSV" elsewhere
+
+# kind → (reader, a CSV row for key k, a JSONL line for key k, what the reader returns for those rows)
+KINDS = {
+    "labels": (read_labels_file, "path,label", lambda k: f"{k},cat", lambda k: json.dumps({"path": k, "label": "cat"}),
+               lambda keys: {k: "cat" for k in keys}),
+    "tags": (read_multi_labels, "path,tags", lambda k: f"{k},cat;dog", lambda k: json.dumps({"path": k, "tags": ["dog", "cat"]}),
+             lambda keys: {k: ["cat", "dog"] for k in keys}),
+    "objects": (read_objects_file, "object_id,path", lambda k: f"o1,{k}", lambda k: json.dumps({"object_id": "o1", "path": k}),
+                lambda keys: [("o1", k) for k in keys]),
+}
+
+
+def write(path: Path, text: str | bytes) -> Path:
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return path
+
+
+# ----------------------------------------------------------------------------------- the reader
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_csv_with_or_without_a_header_bom_and_blank_lines_and_jsonl_read_the_same(kind, tmp_path):
+    reader, header, row, line, expected = KINDS[kind]
+    want = expected(["a.png", "b/c.png"])
+    rows = f"{row('a.png')}\n\n{row('b/c.png')}\n"
+    assert reader(write(tmp_path / "plain.csv", rows)) == want
+    assert reader(write(tmp_path / "header.csv", f"{header.upper()}\n{rows}")) == want  # any case
+    assert reader(write(tmp_path / "late.csv", f"\n  \n{header}\n{rows}")) == want  # the first non-blank row
+    assert reader(write(tmp_path / "bom.csv", b"\xef\xbb\xbf" + f"{header}\r\n{rows}".encode())) == want
+    assert reader(write(tmp_path / "extra.csv", "".join(f"{row(k)},ignored\n" for k in ("a.png", "b/c.png")))) == want
+    assert reader(write(tmp_path / "spaces.csv", f" {row('a.png')} \n{row('b/c.png')}\n")) == want
+    assert reader(write(tmp_path / "l.jsonl", f"{line('a.png')}\n\n{line('b/c.png')}\n")) == want
+    assert reader(write(tmp_path / "l.json", f"{line('a.png')}\n{line('b/c.png')}")) == want
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_not_utf8_is_one_sentence_naming_the_file(kind, tmp_path):
+    reader = KINDS[kind][0]
+    for name in ("latin1.csv", "latin1.jsonl"):
+        with pytest.raises(UserError, match=rf"{name} is not UTF-8 text .*give a CSV or JSONL file"):
+            reader(write(tmp_path / name, NOT_UTF8))
+    with pytest.raises(UserError, match="missing.csv does not exist"):
+        reader(tmp_path / "missing.csv")
+    with pytest.raises(UserError, match=r"folder.csv does not exist \(it is a folder\)"):
+        (tmp_path / "folder.csv").mkdir()
+        reader(tmp_path / "folder.csv")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_malformed_row_is_one_sentence_naming_file_and_line(kind, tmp_path):
+    reader, header, row, line, _ = KINDS[kind]
+    fields = {"labels": "'path' and 'label'", "tags": "'path' \\(or 'image'\\)", "objects": "'object_id' and 'path'"}[kind]
+    for bad in ("[1, 2]", "null", "{not json", '{"other": 1}', "[" * 100_000 + "]" * 100_000):
+        path = write(tmp_path / "bad.jsonl", f"{line('a.png')}\n\n{bad}\n")
+        with pytest.raises(UserError, match=rf"bad.jsonl:3 is not a JSON object with {fields}"):
+            reader(path)
+    with pytest.raises(UserError, match=r"one.csv:3 needs two columns"):
+        reader(write(tmp_path / "one.csv", f"{header}\n{row('a.png')}\nb.png\n"))
+    with pytest.raises(UserError, match=r"long.csv:2 is not a CSV row mlsctl can read \(field larger than field limit"):
+        reader(write(tmp_path / "long.csv", f"{row('a.png')}\n{row('x' * 200_000)}\n"))
+    with pytest.raises(UserError, match=r"nopath.csv:1 has an empty path"):
+        reader(write(tmp_path / "nopath.csv", f"{row('')}\n"))
+
+
+def test_labels_and_object_ids_must_be_non_empty_strings_or_whole_numbers(tmp_path):
+    assert read_labels_file(write(tmp_path / "n.jsonl", '{"path": "a.png", "label": 3}\n{"path": 7, "label": "x"}\n')) \
+        == {"a.png": "3", "7": "x"}  # an image_id as the key (bank plot --color-by)
+    for value in ("null", "true", "1.5", "[1]", '""', '"  "'):
+        with pytest.raises(UserError, match=r"n.jsonl:1 (is not a JSON object with 'path' and 'label'|has an empty label)"):
+            read_labels_file(write(tmp_path / "n.jsonl", f'{{"path": "a.png", "label": {value}}}\n'))
+    with pytest.raises(UserError, match=r"e.csv:2 has an empty label; give every row one$"):
+        read_labels_file(write(tmp_path / "e.csv", "path,label\na.png, \n"))
+    with pytest.raises(UserError, match=r"o.csv:1 has an empty object_id"):
+        read_objects_file(write(tmp_path / "o.csv", " ,a.png\n"))
+    with pytest.raises(UserError, match=r"o.jsonl:1 is not a JSON object with 'object_id' and 'path'"):
+        read_objects_file(write(tmp_path / "o.jsonl", '{"object_id": null, "path": "a.png"}\n'))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_path_listed_twice_is_refused_naming_both_lines(kind, tmp_path):
+    """Even with the same label: a table keyed by path would keep one silently, MILE would put the
+    image twice into a set."""
+    reader, header, row, line, _ = KINDS[kind]
+    with pytest.raises(UserError, match=r"twice.csv:4 lists a.png again \(first on line 2\); give each (path|image) one row"):
+        reader(write(tmp_path / "twice.csv", f"{header}\n{row('a.png')}\n{row('b.png')}\n{row('a.png')}\n"))
+    with pytest.raises(UserError, match=r"twice.jsonl:2 lists a.png again \(first on line 1\)"):
+        reader(write(tmp_path / "twice.jsonl", f"{line('a.png')}\n{line('a.png')}\n"))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_file_without_rows_is_refused(kind, tmp_path):
+    reader, header = KINDS[kind][:2]
+    for name, text in (("empty.csv", ""), ("header.csv", f"{header}\n\n"), ("blank.jsonl", "\n \n")):
+        with pytest.raises(UserError, match=rf"file .*{name} has no rows; give one .* per line"):
+            reader(write(tmp_path / name, text))
+
+
+def test_tags_read_scenes_items_and_allow_an_image_without_tags(tmp_path):
+    scene = {"image": "images/000000.png", "items": [{"class": 5, "class_name": "sandal"}, {"class": 8}]}
+    assert read_multi_labels(write(tmp_path / "s.jsonl", json.dumps(scene) + "\n")) == {"images/000000.png": ["8", "sandal"]}
+    assert read_multi_labels(write(tmp_path / "t.csv", "a.png,\nb.png, x ; ;y\n")) == {"a.png": [], "b.png": ["x", "y"]}
+    with pytest.raises(UserError, match=r"i.jsonl:1 is not a JSON object"):
+        read_multi_labels(write(tmp_path / "i.jsonl", '{"image": "a.png", "items": [{"color": 1}]}\n'))
+
+
+def test_an_object_has_as_many_rows_as_images_in_file_order(tmp_path):
+    path = write(tmp_path / "o.csv", "object_id,path\nx,a/0.png\ny,a/3.png\nx,b/1.png\n")
+    assert read_objects_file(path) == [("x", "a/0.png"), ("y", "a/3.png"), ("x", "b/1.png")]
+
+
+def test_labels_of_folders_or_a_file_and_class_ids(tmp_path):
+    assert labels_of(["cat/1.png", "dog/2.png"], tmp_path, None, "x") == ["cat", "dog"]
+    write(tmp_path / "l.csv", f"cat/1.png,a\n{tmp_path / 'dog/2.png'},b\n")  # relative or absolute keys
+    assert labels_of(["cat/1.png", "dog/2.png"], tmp_path, tmp_path / "l.csv", "x") == ["a", "b"]
+    with pytest.raises(UserError, match=r"has no label for 1 images of x \(first: c/3.png\)"):
+        labels_of(["cat/1.png", "c/3.png"], tmp_path, tmp_path / "l.csv", "x")
+    ids, classes = class_ids(["b", "a", "b"], "x")
+    assert ids.tolist() == [1, 0, 1] and classes == ["a", "b"]
+    with pytest.raises(UserError, match="x has a single class"):
+        class_ids(["a", "a"], "x")
+
+
+def test_the_old_names_still_import():
+    from mlsctl.evaluate import knn, linear
+    from mlsctl.methods import ms
+
+    assert knn.read_labels_file is read_labels_file and knn.labels_of is labels_of and knn.read_text_file is read_text_file
+    assert linear.read_multi_labels is read_multi_labels and ms.class_ids is class_ids
+
+
+def test_no_reader_of_labels_reaches_up_a_layer():
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        from layers import upward_imports
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    upward, unmapped, _ = upward_imports(REPO)
+    assert unmapped == []
+    readers = {"mlsctl.data.labels", "mlsctl.evaluate.knn", "mlsctl.evaluate.linear", "mlsctl.methods.ms"}
+    assert [u for u in upward if u["imports"] in readers or u["module"] == "mlsctl.data.labels"] == []
+
+
+# ----------------------------------------------------------------------------------- every command that reads one
+
+
+def _features(tmp_path: Path) -> Path:
+    files = [f"c{i % 2}/{i:02d}.png" for i in range(8)]
+    return write_feature_folder(tmp_path / "feats", files, torch.randn(8, 8, generator=torch.Generator().manual_seed(0)))
+
+
+def _objects(root: Path) -> Path:
+    rng = np.random.default_rng(0)
+    for o in range(2):
+        (root / f"obj{o}").mkdir(parents=True)
+        for k in range(2):
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / f"obj{o}" / f"{k}.png")
+    return root
+
+
+def _mile_recipe(root: Path, objects_file: Path) -> dict:
+    raw = tiny_recipe(root, data__local_crops={"count": 0, "size": 16, "scale": [0.1, 0.4]}, optim__batch_size=2,
+                      optim__epochs=1)
+    raw["method"] = {"name": "mile", "set_length": 2, "cross_heads": 2, "out_dim": 64, "hidden_dim": 64,
+                     "bottleneck_dim": 32, "warmup_teacher_temp_epochs": 0, "objects_file": str(objects_file)}
+    return raw
+
+
+def _ms_recipe(root: Path, labels_file: Path) -> dict:
+    raw = tiny_recipe(root, data__global_crops={"count": 1, "size": 32, "scale": [0.5, 1.0]},
+                      data__local_crops={"count": 0, "size": 16, "scale": [0.1, 0.4]}, data__photometric="none")
+    raw["model"]["embedding_dim"] = 16
+    raw["optim"].update(batch_size=4, warmup_epochs=0, freeze_last_layer_epochs=0)
+    raw["method"] = {"name": "ms", "m_per_class": 2, "labels_file": str(labels_file)}
+    return raw
+
+
+COMMANDS = {  # what reads the file → its mlsctl arguments (given a folder for its inputs and the bad file)
+    "eval knn --train-labels": lambda t, bad: ["eval", "knn", "--train", str(_features(t)), "--val", str(t / "feats"),
+                                               "--train-labels", str(bad), "--out", str(t / "o.json")],
+    "eval linear --train-labels": lambda t, bad: ["eval", "linear", "--train", str(_features(t)), "--val", str(t / "feats"),
+                                                  "--train-labels", str(bad), "--out", str(t / "o.json")],
+    "eval linear --multi-label": lambda t, bad: ["eval", "linear", "--train", str(_features(t)), "--val", str(t / "feats"),
+                                                 "--multi-label", "--train-labels", str(bad), "--out", str(t / "o.json")],
+    "eval recall --labels": lambda t, bad: ["eval", "recall", str(_features(t)), "--labels", str(bad), "--out",
+                                            str(t / "o.json")],
+    "refine train --labels": lambda t, bad: ["refine", "train", str(_features(t)), "--labels", str(bad), "--k", "2",
+                                             "--out", str(t / "run")],
+    "pretrain train.monitor.train_labels": lambda t, bad: [
+        "pretrain", str(write_recipe(t / "r.yaml", tiny_recipe(make_images(t / "images", 8)))), "train.monitor.every=2",
+        f"train.monitor.train={t / 'images'}", f"train.monitor.val={t / 'images'}", f"train.monitor.train_labels={bad}",
+        "--out", str(t / "run")],
+    "pretrain ms method.labels_file": lambda t, bad: [
+        "pretrain", str(write_recipe(t / "r.yaml", _ms_recipe(_objects(t / "images"), bad))), "--out", str(t / "run")],
+    "pretrain mile method.objects_file": lambda t, bad: [
+        "pretrain", str(write_recipe(t / "r.yaml", _mile_recipe(_objects(t / "images"), bad))), "--out", str(t / "run")],
+}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_says_a_labels_file_is_not_utf8_in_one_sentence(command, tmp_path, capsys):
+    bad = write(tmp_path / ("latin1.jsonl" if "multi" in command else "latin1.csv"), NOT_UTF8)
+    code, _, err = cli(*COMMANDS[command](tmp_path, bad), capsys=capsys)
+    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
+    assert code == 2 and "Traceback" not in err and len(lines) == 1, err
+    assert f"{bad} is not UTF-8 text" in lines[0], err
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_bank_plot_colour_by_a_file_that_is_not_utf8_is_one_sentence(tmp_path):
+    from mlsctl.bank import Column, MemoryBank
+    from mlsctl.bank_inspect import entry_colours
+
+    bank = MemoryBank(4, 8, {"image_id": Column()}, init="random_unit", generator=torch.Generator().manual_seed(0))
+    bank.enqueue(torch.randn(2, 8), step=1, gather=False, image_id=torch.tensor([0, 1]))
+    bad = write(tmp_path / "latin1.csv", NOT_UTF8)
+    with pytest.raises(UserError, match=rf"labels file {bad} is not UTF-8 text"):
+        entry_colours(bank, "b", torch.tensor([0, 1]), str(bad), 1, None)
+
+
+def test_mls_bank_inspect_shows_a_tags_file_that_is_not_utf8_as_its_sentence(tmp_path):
+    from mlsctl.methods.mls_views import queue_views
+
+    bad = write(tmp_path / "latin1.jsonl", NOT_UTF8)
+    recipe = SimpleNamespace(method=SimpleNamespace(tags_file=str(bad)), data=SimpleNamespace(root=None))
+    views = queue_views(recipe, {"q_y": None}, [tmp_path / "a.png"])
+    assert views == {"q_y": [("tags", f"not shown: labels file {bad} is not UTF-8 text (a binary or damaged file?); "
+                                      f"give a CSV or JSONL file", None)]}
