@@ -99,7 +99,7 @@ class _Recorder:
 
     def __init__(self, monkeypatch):
         import mlsctl.methods.dino as dino
-        import mlsctl.train as train
+        import mlsctl.train.loop as train
 
         self.ema, self.centers, self.gradients = 0, 0, []
         ema_update, center_from_statistics, clip = train.ema_update, dino.center_from_statistics, train._clip_gradients
