@@ -141,10 +141,11 @@ def _close_logging() -> None:
             logger.removeHandler(handler)
 
 
-def _check_nothing_precious_inside(out: Path, recipe, recipe_source: str, init_from: Optional[str]) -> None:
-    """--overwrite never deletes a folder holding the data, the recipe or the weights of this start."""
+def _check_nothing_precious_inside(out: Path, recipe, method_cls, recipe_source: str, init_from: Optional[str]) -> None:
+    """--overwrite never deletes a folder holding the data, the recipe, the weights of this start or
+    a file the method reads (:meth:`~mlsctl.methods.base.Method.input_paths`)."""
     inputs = [("data.root", recipe.data.root), ("the recipe", recipe_source), ("model.weights", recipe.model.weights),
-              ("--init-from", init_from), ("method.objects_file", getattr(recipe.method, "objects_file", None))]
+              ("--init-from", init_from), *method_cls.input_paths(recipe)]
     out_real = os.path.realpath(out)
     for name, path in inputs:
         if path and os.path.commonpath([out_real, os.path.realpath(path)]) == out_real:
@@ -508,7 +509,7 @@ def pretrain(recipe, out: str | Path, *, resume: bool = False, init_from: Option
     if run.root.exists() and not run.root.is_dir():
         raise UserError(f"--out {run.root} is a file; choose a folder")
     if overwrite:
-        _check_nothing_precious_inside(run.root, recipe, recipe_source, init_from)
+        _check_nothing_precious_inside(run.root, recipe, method_cls, recipe_source, init_from)
 
     # Everything is validated before --out is touched: data, model, weights.
     accelerator = _accelerator(recipe, run.root.absolute())
@@ -595,7 +596,7 @@ def _train(run: Run, recipe, accelerator, folder: ImageFolder, dataset, collate_
     model, optimizer = accelerator.prepare(method, optimizer)
     accumulate = recipe.optim.accumulate_steps
     batch_global = recipe.optim.batch_size * world * accumulate  # the images of one optimiser step
-    throughput_units = type(method).throughput_units(recipe)  # MILE: sets/s and photos/s besides images_per_s
+    throughput_units = type(method).throughput_units(recipe)  # such as sets/s besides images_per_s
     peak_lr = recipe.optim.lr * (batch_global / 256 if recipe.optim.scale_lr else 1.0)
     warmup_steps = schedule.steps(recipe.optim.warmup_epochs)
     freeze_steps = schedule.steps(recipe.optim.freeze_last_layer_epochs)
@@ -867,7 +868,7 @@ def _export_teacher(method, run: Run) -> None:
 
     from mlsctl.models import lora
 
-    if not method.backbones():  # a method on features (refine) has no backbone to export
+    if not method.has_backbone:
         return
     backbone = method.teacher_backbone().model
     vit = lora.merged_vit(backbone)
