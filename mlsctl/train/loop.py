@@ -41,17 +41,13 @@ from mlsctl.bank import save_banks
 from mlsctl.data.images import ImageFolder, SkipLog
 from mlsctl.data.loader import make_loader
 from mlsctl.errors import Interrupted, UserError
-from mlsctl.locks import LOCK_NAME, FolderLock
+from mlsctl.locks import FolderLock
 from mlsctl.runs import RUN_FORMAT_VERSION, Checkpoint, Run, checkpoint_dirname
 from mlsctl.schedules import Schedule, cosine
+from mlsctl.train import run_dir, setup
 
 log = logging.getLogger("mlsctl")
 progress_log = logging.getLogger("mlsctl.progress")
-
-# Keys that may change between a run and its resumption without changing what it computes.
-RESUME_SAFE_KEYS = {"data.workers", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
-                    "train.bank_health_every", "train.log_with",
-                    "description", "data.root"}
 
 
 @dataclass
@@ -65,174 +61,6 @@ class RunSummary:
 
 
 # ------------------------------------------------------------------------------------------------ set-up
-
-
-TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "aim": "aim"}
-
-
-def _check_trackers(names) -> None:
-    """Every tracker of ``train.log_with`` must be installed: one sentence naming the extra."""
-    import importlib.util
-
-    for name in names:
-        if importlib.util.find_spec(TRACKER_MODULES[name]) is None:
-            raise UserError(f"train.log_with asks for {name}, which is not installed; pip install 'mlsctl[{name}]' "
-                            f"(or pip install {TRACKER_MODULES[name]}), or drop it from train.log_with")
-
-
-def _accelerator(recipe, run_root: Optional[Path] = None):
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
-
-    method_cls = methods.method_class(recipe.method.name)
-    cuda = torch.cuda.is_available()
-    precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16", "auto": "bf16" if cuda else "no",
-                 "fp16_or_bf16": "fp16" if cuda else "bf16"}[recipe.train.precision]
-    if cuda:  # TF32 matrix products and convolutions for what runs in float32 (Ampere and newer)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    if precision == "fp16" and not torch.cuda.is_available():
-        raise UserError("train.precision=fp16 needs a CUDA GPU; use train.precision=bf16 or fp32 on a CPU")
-    ddp = DistributedDataParallelKwargs(broadcast_buffers=False, find_unused_parameters=method_cls.find_unused_parameters)
-    # Several processes without CUDA: gloo on the CPU (Accelerate would otherwise fall back to
-    # one independent process each when ACCELERATE_USE_CPU is unset or false).
-    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-    trackers = list(recipe.train.log_with)
-    _check_trackers(trackers)
-    project = ProjectConfiguration(project_dir=str(run_root), logging_dir=str(run_root / "trackers")) if run_root else None
-    return Accelerator(mixed_precision=precision, kwargs_handlers=[ddp], cpu=multi_cpu, log_with=trackers or None,
-                       project_config=project)
-
-
-class _RunLogHandler(logging.FileHandler):
-    """train.log. A write that fails (a full disk) is dropped quietly: the next checkpoint or
-    metrics line meets the same cause and reports it in one sentence, without a logging traceback."""
-
-    def handleError(self, record) -> None:  # noqa: N802 - logging's name
-        pass
-
-
-def _setup_logging(run: Run, is_main: bool, rank: int, interactive: bool) -> None:
-    """``mlsctl`` logger: console (warnings only on other ranks) + train.log. The per-step
-    ``mlsctl.progress`` lines go to train.log, and to the console only when there is no progress bar."""
-    for logger in (log, progress_log):
-        for handler in list(logger.handlers):
-            handler.close()
-            logger.removeHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False
-    console = logging.StreamHandler(sys.stderr)
-    console.setFormatter(logging.Formatter("%(message)s" if is_main else f"[rank {rank}] %(message)s"))
-    console.setLevel(logging.INFO if is_main else logging.WARNING)
-    log.addHandler(console)
-    if is_main:
-        file_handler = _RunLogHandler(run.log_path, encoding="utf-8")
-        file_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
-        log.addHandler(file_handler)
-        progress_log.addHandler(file_handler)
-        if not interactive:
-            progress_log.addHandler(console)
-
-
-def _close_logging() -> None:
-    for logger in (log, progress_log):
-        for handler in list(logger.handlers):
-            handler.close()
-            logger.removeHandler(handler)
-
-
-def _check_nothing_precious_inside(out: Path, recipe, method_cls, recipe_source: str, init_from: Optional[str]) -> None:
-    """--overwrite never deletes a folder holding the data, the recipe, the weights of this start or
-    a file the method reads (:meth:`~mlsctl.methods.base.Method.input_paths`)."""
-    inputs = [("data.root", recipe.data.root), ("the recipe", recipe_source), ("model.weights", recipe.model.weights),
-              ("--init-from", init_from), *method_cls.input_paths(recipe)]
-    out_real = os.path.realpath(out)
-    for name, path in inputs:
-        if path and os.path.commonpath([out_real, os.path.realpath(path)]) == out_real:
-            raise UserError(f"--out {out} contains {name} ({path}), which --overwrite would delete; choose another "
-                            f"--out, or move {name} out of it")
-
-
-def _same_images(run: Run, saved, recipe, folder: ImageFolder) -> None:
-    """--resume: data.root (moved or not) must hold the images the run was trained on."""
-    recorded = run.image_list()
-    listed = folder.relpaths()
-    if recorded is None:
-        if saved.data.root == recipe.data.root:
-            return  # a run written before images.txt existed: nothing to compare with
-        raise UserError(f"{run.root} has no images.txt to check the new data.root {recipe.data.root} against; resume "
-                        f"with data.root={saved.data.root}, or start a new run")
-    if recorded != listed:
-        differs = next((i for i, (a, b) in enumerate(zip(recorded, listed)) if a != b), min(len(recorded), len(listed)))
-        example = (f"image {differs} is {listed[differs]!r}, was {recorded[differs]!r}"
-                   if differs < min(len(recorded), len(listed)) else "the lists differ at their end")
-        raise UserError(f"data.root {recipe.data.root} holds {len(listed)} images, but the run was trained on the "
-                        f"{len(recorded)} listed in {run.images_path} ({example}); resume with the same images, or "
-                        f"start a new run with another --out")
-
-
-def _open_run_dir(run: Run, recipe, folder: ImageFolder, lock: FolderLock, *, resume: bool,
-                  overwrite: bool, init_from: Optional[str]) -> Optional[str]:
-    """Process 0, after every input has been validated: lock the run folder, then either check it
-    for --resume (returns the checkpoint to continue from) or prepare it for a new run (an
-    earlier run in it is replaced only with --overwrite, and only its own files)."""
-    lock.acquire()
-    try:
-        if resume:
-            if not run.config_path.is_file():
-                raise UserError(f"nothing to resume in {run.root} (no config.yaml); drop --resume to start a new run")
-            saved = config_lib.absolute_paths(config_lib.load_recipe(str(run.config_path)))
-            changed = [k for k in config_lib.differences(saved, recipe)
-                       if k not in RESUME_SAFE_KEYS and not k.startswith("train.monitor.")]
-            if changed:
-                raise UserError(f"the recipe differs from {run.config_path} at {', '.join(changed[:5])}; resume "
-                                f"continues the saved run as it was: drop those changes, or start a new run with --out")
-            latest = run.latest()
-            if latest is None:
-                raise UserError(f"nothing to resume in {run.root} (no complete checkpoint); drop --resume and add "
-                                f"--overwrite to start again")
-            _same_images(run, saved, recipe, folder)
-            for stale in run.checkpoints_dir.glob(".step-*.tmp"):
-                shutil.rmtree(stale, ignore_errors=True)
-            if config_lib.differences(saved, recipe):
-                config_lib.save_recipe(recipe, run.config_path)  # data.root moved, logging settings changed
-            return str(latest.path)
-        others = [p.name for p in run.root.iterdir() if p.name != LOCK_NAME]
-        if others:
-            if not overwrite:
-                raise UserError(f"--out {run.root} is not empty: add --resume to continue it, --overwrite to replace "
-                                f"it, or choose another --out")
-            if not run.is_run():
-                shown = ", ".join(sorted(others)[:4]) + (", ..." if len(others) > 4 else "")
-                raise UserError(f"--out {run.root} is not an mlsctl run (it holds {shown}); --overwrite only replaces "
-                                f"runs: choose another --out")
-            kept = run.remove_own_entries()
-            if kept:
-                print(f"mlsctl: replaced the run in {run.root}; kept {len(kept)} entr{'ies' if len(kept) > 1 else 'y'} "
-                      f"that pretrain did not write ({', '.join(kept[:4])}{', ...' if len(kept) > 4 else ''})",
-                      file=sys.stderr)
-        config_lib.save_recipe(recipe, run.config_path)
-        atomic.write_json(run.start_path, {"init_from": os.path.abspath(init_from) if init_from else None})
-        return None
-    except BaseException:
-        lock.release()
-        raise
-
-
-def _undo_start(run: Run) -> None:
-    """A new run that failed before its first checkpoint leaves --out as it found it."""
-    _close_logging()
-    for entry in run.own_entries():
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
 
 
 def param_groups(module: torch.nn.Module, decay_biases_and_norms: bool = False) -> list[dict]:
@@ -256,23 +84,6 @@ def build_optimizer(optim, groups: list[dict], fused: bool = False) -> torch.opt
         return torch.optim.SGD(groups, lr=0.0, momentum=optim.momentum, weight_decay=optim.weight_decay)
     kind = torch.optim.Adam if optim.optimizer == "adam" else torch.optim.AdamW
     return kind(groups, lr=0.0, betas=tuple(optim.betas), weight_decay=optim.weight_decay, **({"fused": True} if fused else {}))
-
-
-def _speed_up(method, recipe, device: torch.device) -> None:
-    """The device habits that change no result's meaning: CNNs in channels-last memory on CUDA, and
-    ``train.compile`` (each backbone compiled in place, so state-dict keys stay the same)."""
-    for backbone in method.backbones():
-        if device.type == "cuda" and backbone.kind != "vit":
-            backbone.net.to(memory_format=torch.channels_last)
-        if recipe.train.compile:
-            backbone.compile()
-
-
-def _check_recipe(recipe, method_cls, source: str) -> None:
-    if recipe.data.root is None:
-        raise UserError(f"{source}: data.root is not set; add data.root=/path/to/images")
-    for key, message in method_cls.check_recipe(recipe):
-        raise UserError(f"{source}: '{key}' {message}")
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
@@ -501,7 +312,7 @@ def pretrain(recipe, out: str | Path, *, resume: bool = False, init_from: Option
     run = Run(out)
     recipe = config_lib.absolute_paths(recipe)  # config.yaml is read from any working directory
     method_cls = methods.method_class(recipe.method.name)
-    _check_recipe(recipe, method_cls, recipe_source)
+    setup.check_recipe(recipe, method_cls, recipe_source)
     if resume and init_from:
         raise UserError("--resume continues a run exactly and --init-from starts a new one from weights; use one")
     if resume and overwrite:
@@ -509,14 +320,14 @@ def pretrain(recipe, out: str | Path, *, resume: bool = False, init_from: Option
     if run.root.exists() and not run.root.is_dir():
         raise UserError(f"--out {run.root} is a file; choose a folder")
     if overwrite:
-        _check_nothing_precious_inside(run.root, recipe, method_cls, recipe_source, init_from)
+        run_dir.check_nothing_precious_inside(run.root, recipe, method_cls, recipe_source, init_from)
 
     # Everything is validated before --out is touched: data, model, weights.
-    accelerator = _accelerator(recipe, run.root.absolute())
+    accelerator = setup.make_accelerator(recipe, run.root.absolute())
     is_main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
     for key, message in method_cls.check_training(recipe, world, accelerator.device.type):
         raise UserError(f"{recipe_source}: '{key}' {message}")
-    _seed_everything(recipe.seed + rank)
+    setup.seed_everything(recipe.seed + rank)
     folder = method_cls.open_data(recipe)
     dataset, collate_fn = method_cls.build_dataset(recipe, folder)
     probe = method_cls.batch_sampler(recipe, dataset, world_size=world, rank=rank)
@@ -527,7 +338,7 @@ def pretrain(recipe, out: str | Path, *, resume: bool = False, init_from: Option
         bank.to(accelerator.device)
         bank.name = name
     _check_ema_pairs(method.ema_pairs())
-    _speed_up(method, recipe, accelerator.device)
+    setup.speed_up(method, recipe, accelerator.device)
     groups = param_groups(method, recipe.optim.decay_biases_and_norms)
     optimizer = build_optimizer(recipe.optim, groups, fused=accelerator.device.type == "cuda")
     monitor = None
@@ -538,10 +349,10 @@ def pretrain(recipe, out: str | Path, *, resume: bool = False, init_from: Option
     initialised = _load_initial_weights(method, init_from) if init_from and not resume else None
 
     lock = FolderLock(run.root, "run")
-    resume_from = dist.on_main(lambda: _open_run_dir(run, recipe, folder, lock, resume=resume, overwrite=overwrite,
+    resume_from = dist.on_main(lambda: run_dir.open_run_dir(run, recipe, folder, lock, resume=resume, overwrite=overwrite,
                                                      init_from=init_from))
     try:
-        _setup_logging(run, is_main, rank, sys.stderr.isatty())
+        setup.setup_logging(run, is_main, rank, sys.stderr.isatty())
         if is_main:
             for line in folder.scan.notes("data.root"):
                 log.warning(line)
@@ -550,30 +361,19 @@ def pretrain(recipe, out: str | Path, *, resume: bool = False, init_from: Option
         summary = _train(run, recipe, accelerator, folder, dataset, collate_fn, schedule, method, optimizer, groups,
                          Checkpoint(Path(resume_from)) if resume_from else None, monitor)
     except KeyboardInterrupt:
-        message = _interrupted(run, resume_from is None, is_main)
+        message = run_dir.interrupted(run, resume_from is None, is_main)
         raise Interrupted(message if is_main else "") from None
     except BaseException as exc:
         if is_main and resume_from is None and run.latest() is None:
-            _undo_start(run)
+            run_dir.undo_start(run)
         if isinstance(exc, OSError) and exc.filename is None:  # a write to an open file (metrics.jsonl, train.log)
             raise OSError(exc.errno, exc.strerror, str(run.root)) from exc
         raise
     finally:
-        _close_logging()
+        setup.close_logging()
         if is_main:
             lock.release()
     return summary
-
-
-def _interrupted(run: Run, fresh: bool, is_main: bool) -> str:
-    """What Ctrl-C leaves behind, and the command that continues."""
-    latest = run.latest()
-    if latest is None:
-        if is_main and fresh:
-            _undo_start(run)
-        return f"nothing was saved (no checkpoint yet) and {run.root} is as it was before this start"
-    return (f"the last checkpoint is step {latest.step} ({latest.path}); continue with: "
-            f"mlsctl pretrain {run.config_path} --out {run.root} --resume")
 
 
 def _train(run: Run, recipe, accelerator, folder: ImageFolder, dataset, collate_fn, schedule: Schedule, method,
