@@ -25,26 +25,22 @@ import contextlib
 import json
 import logging
 import os
-import random
-import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
 
 from mlsctl import __version__, atomic, config as config_lib, dist, methods, provenance
-from mlsctl.bank import save_banks
 from mlsctl.data.images import ImageFolder, SkipLog
 from mlsctl.data.loader import make_loader
 from mlsctl.errors import Interrupted, UserError
 from mlsctl.locks import FolderLock
-from mlsctl.runs import RUN_FORMAT_VERSION, Checkpoint, Run, checkpoint_dirname
+from mlsctl.runs import Checkpoint, Run
 from mlsctl.schedules import Schedule, cosine
-from mlsctl.train import run_dir, setup
+from mlsctl.train import checkpoint, optim, run_dir, setup
 
 log = logging.getLogger("mlsctl")
 progress_log = logging.getLogger("mlsctl.progress")
@@ -58,203 +54,6 @@ class RunSummary:
     final_loss: Optional[float]
     seconds: float
     already_complete: bool = False
-
-
-# ------------------------------------------------------------------------------------------------ set-up
-
-
-def param_groups(module: torch.nn.Module, decay_biases_and_norms: bool = False) -> list[dict]:
-    """Parameter groups: weight decay on weights, none on biases and norms (1-D parameters) unless
-    ``decay_biases_and_norms`` (MoCo's SGD decays every parameter)."""
-    decay, no_decay = [], []
-    for name, p in module.named_parameters():
-        if not p.requires_grad:
-            continue
-        exempt = (name.endswith(".bias") or p.ndim <= 1) and not decay_biases_and_norms
-        (no_decay if exempt else decay).append(p)
-    return [{"params": decay, "apply_weight_decay": True}, {"params": no_decay, "weight_decay": 0.0, "apply_weight_decay": False}]
-
-
-def build_optimizer(optim, groups: list[dict], fused: bool = False) -> torch.optim.Optimizer:
-    """The recipe's optimiser (``optim.optimizer``) over ``groups``; the loop sets lr and weight decay
-    every step from the schedules. ``adam`` adds weight decay to the gradient (L2), ``adamw`` decouples
-    it, ``sgd`` uses ``optim.momentum`` (no Nesterov, no dampening: MoCo's ``torch.optim.SGD``).
-    ``fused`` (parameters on CUDA): Adam and AdamW update every parameter in one kernel."""
-    if optim.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=0.0, momentum=optim.momentum, weight_decay=optim.weight_decay)
-    kind = torch.optim.Adam if optim.optimizer == "adam" else torch.optim.AdamW
-    return kind(groups, lr=0.0, betas=tuple(optim.betas), weight_decay=optim.weight_decay, **({"fused": True} if fused else {}))
-
-
-# ------------------------------------------------------------------------------------------------ checkpoints
-
-
-def _rng_state() -> dict:
-    """Every RNG of this process as plain Python values (bytes, lists), which gather across
-    processes and load with ``torch.load(weights_only=True)``."""
-    kind, keys, position, has_gauss, gauss = np.random.get_state()
-    state = {"torch": torch.get_rng_state().numpy().tobytes(),
-             "numpy": (kind, keys.tolist(), int(position), int(has_gauss), float(gauss)),
-             "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = [s.numpy().tobytes() for s in torch.cuda.get_rng_state_all()]
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(torch.frombuffer(bytearray(state["torch"]), dtype=torch.uint8))
-    kind, keys, position, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), position, has_gauss, gauss))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([torch.frombuffer(bytearray(s), dtype=torch.uint8) for s in state["cuda"]])
-
-
-def _write_file(path: Path, writer) -> None:
-    """``writer(path)``; a library's opaque failure is raised as the OSError behind it (full disk,
-    file-size limit) with the path."""
-    try:
-        writer(path)
-    except OSError:
-        raise
-    except Exception as exc:
-        atomic.explain_write_failure(exc, path, path)
-        raise
-
-
-def save_checkpoint(run: Run, step: int, method, optimizer, accelerator, recipe, keep: int) -> Optional[Path]:
-    """Write checkpoint ``step`` atomically (a temporary folder renamed into place)."""
-    from safetensors.torch import save_file
-
-    rng_states = dist.all_gather_object(_rng_state())
-    for name, bank in method.banks().items():
-        bank.assert_synchronized(name)
-    if not accelerator.is_main_process:
-        dist.barrier()
-        return None
-    final = run.checkpoints_dir / checkpoint_dirname(step)
-    tmp = run.checkpoints_dir / f".{final.name}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
-        state_dict = {k: v.detach().cpu().contiguous() for k, v in method.state_dict().items()}
-        _write_file(tmp / "model.safetensors", lambda path: save_file(
-            state_dict, str(path), metadata={"format_version": str(RUN_FORMAT_VERSION)}))
-        save_banks(method.banks(), tmp / "banks.safetensors")
-        optimizer_state = {"optimizer": optimizer.state_dict()}
-        if accelerator.scaler is not None:
-            optimizer_state["scaler"] = accelerator.scaler.state_dict()
-        _write_file(tmp / "optimizer.pt", lambda path: torch.save(optimizer_state, path))
-        _write_file(tmp / "rng.pt", lambda path: torch.save(rng_states, path))
-        state = {"format_version": RUN_FORMAT_VERSION, "step": step, "epoch": method.schedule.epoch(step),
-                 "total_steps": method.schedule.total_steps, "method": recipe.method.name,
-                 "world_size": accelerator.num_processes, "mlsctl_version": __version__, "torch_version": torch.__version__,
-                 "commit": provenance.commit(), "device": provenance.device_name(accelerator.device)}
-        atomic.write_json(tmp / "state.json", state)
-        for f in tmp.iterdir():
-            with open(f, "rb") as handle:
-                os.fsync(handle.fileno())
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # a failed write (full disk) leaves no half checkpoint behind
-        raise
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in run.checkpoints()[:-keep]:
-        shutil.rmtree(old.path, ignore_errors=True)
-    dist.barrier()
-    return final
-
-
-def _damaged(checkpoint: Checkpoint, name: str, why: str) -> UserError:
-    return UserError(f"{checkpoint.path / name} {why}; delete {checkpoint.path} to resume from the checkpoint before it, "
-                     f"or start a new run", exit_code=1)
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-
-
-def _load_weights_only(checkpoint: Checkpoint, path: Path):
-    """``torch.load(weights_only=True)`` of a checkpoint file; a damaged or foreign file (one
-    holding objects other than tensors and plain values) is one sentence."""
-    import pickle
-
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise _damaged(checkpoint, path.name, "is missing") from None
-    except pickle.UnpicklingError:
-        # torch's message suggests weights_only=False, which would run the file's code: never
-        raise _damaged(checkpoint, path.name, "holds objects other than tensors and plain values (it was not "
-                                              "written by mlsctl, or was tampered with), so it is not loaded") from None
-    except Exception as exc:  # truncated zip, not a torch file
-        raise _damaged(checkpoint, path.name, f"is damaged ({_first_line(exc)})") from None
-
-
-def load_checkpoint(checkpoint: Checkpoint, method, optimizer, accelerator) -> dict:
-    from safetensors.torch import load_file
-
-    from mlsctl.bank import read_bank_states
-
-    state = checkpoint.state()
-    if state.get("world_size") != accelerator.num_processes:
-        raise UserError(f"{checkpoint.path} was written by {state.get('world_size')} processes; resume with the same "
-                        f"number (accelerate launch --num_processes {state.get('world_size')} -m mlsctl pretrain ...)")
-    try:
-        weights = load_file(str(checkpoint.model_path))
-        method.load_state_dict(weights, strict=True)
-    except Exception as exc:
-        raise _damaged(checkpoint, checkpoint.model_path.name, f"cannot be loaded ({_first_line(exc)})") from None
-    try:
-        bank_states = read_bank_states(checkpoint.banks_path)
-    except Exception as exc:
-        raise _damaged(checkpoint, checkpoint.banks_path.name, f"cannot be read ({_first_line(exc)})") from None
-    banks = method.banks()
-    if set(bank_states) != set(banks):
-        raise UserError(f"{checkpoint.banks_path} holds banks {sorted(bank_states)}, the method has {sorted(banks)}")
-    for name, bank in banks.items():
-        try:
-            bank.load_state_dict(bank_states[name])
-        except ValueError as exc:
-            raise _damaged(checkpoint, checkpoint.banks_path.name, f"does not fit bank '{name}' ({exc})") from None
-    optimizer_state = _load_weights_only(checkpoint, checkpoint.optimizer_path)
-    try:
-        optimizer.load_state_dict(optimizer_state["optimizer"])
-        if "scaler" in optimizer_state and accelerator.scaler is not None:
-            accelerator.scaler.load_state_dict(optimizer_state["scaler"])
-    except Exception as exc:
-        raise _damaged(checkpoint, checkpoint.optimizer_path.name, f"does not fit the optimizer ({_first_line(exc)})") from None
-    rng_states = _load_weights_only(checkpoint, checkpoint.rng_path)
-    if not isinstance(rng_states, list) or len(rng_states) <= accelerator.process_index:
-        raise _damaged(checkpoint, checkpoint.rng_path.name, "does not hold the random states of every process")
-    state["rng"] = rng_states[accelerator.process_index]
-    return state
-
-
-def _load_initial_weights(method, source: str) -> str:
-    """``--init-from``: a run, a checkpoint folder, or a weights file. Returns what was loaded."""
-    from safetensors.torch import load_file
-
-    from mlsctl.models.weights import backbone_state, load_into_vit, read_state_dict
-
-    path = Path(source)
-    if path.is_dir():
-        checkpoint = Run(path).checkpoint() if (path / "checkpoints").is_dir() else Checkpoint(path)
-        if not checkpoint.model_path.is_file():
-            raise UserError(f"--init-from {source} holds no model.safetensors; give a run, a checkpoint folder or a weights file")
-        saved = load_file(str(checkpoint.model_path))
-        if set(saved) == set(method.state_dict()):
-            method.load_state_dict(saved, strict=True)
-            return f"all weights of {checkpoint.path}"
-        state = backbone_state(saved)
-    else:
-        state = backbone_state(read_state_dict(path))
-    for backbone in method.backbones():
-        load_into_vit(backbone.net, state, str(source))
-    return f"every backbone from {source}"
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -271,40 +70,6 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ the loop
-
-
-def _clip_gradients(parameters: list[torch.nn.Parameter], threshold: float, mode: str, accelerator) -> torch.Tensor:
-    """Returns the total gradient norm before clipping, as a tensor on the device (read only when
-    logged: no host synchronisation per step)."""
-    grads = [p.grad for p in parameters if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    norms = torch.stack(torch._foreach_norm([g.detach().float() for g in grads], 2))
-    total = norms.norm(2)
-    if threshold > 0:
-        if mode == "global":
-            accelerator.clip_grad_norm_(parameters, threshold)
-        else:  # DINO: each parameter's gradient clipped to the threshold on its own
-            coefficients = (threshold / (norms + 1e-6)).clamp(max=1.0)
-            torch._foreach_mul_(grads, [c.to(g.dtype) for c, g in zip(coefficients, grads)])
-    return total
-
-
-@torch.no_grad()
-def ema_update(pairs, momentum: float) -> None:
-    for student, teacher in pairs:
-        s_params = [p.detach() for p in student.parameters()]
-        t_params = [p.detach() for p in teacher.parameters()]
-        torch._foreach_mul_(t_params, momentum)
-        torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum)
-
-
-def _check_ema_pairs(pairs) -> None:
-    for student, teacher in pairs:
-        s_names = [n for n, _ in student.named_parameters()]
-        t_names = [n for n, _ in teacher.named_parameters()]
-        if s_names != t_names:
-            raise RuntimeError("EMA pair with different parameters: " + str(set(s_names) ^ set(t_names)))
 
 
 def pretrain(recipe, out: str | Path, *, resume: bool = False, init_from: Optional[str] = None,
@@ -337,16 +102,16 @@ def pretrain(recipe, out: str | Path, *, resume: bool = False, init_from: Option
     for name, bank in method.banks().items():
         bank.to(accelerator.device)
         bank.name = name
-    _check_ema_pairs(method.ema_pairs())
+    optim.check_ema_pairs(method.ema_pairs())
     setup.speed_up(method, recipe, accelerator.device)
-    groups = param_groups(method, recipe.optim.decay_biases_and_norms)
-    optimizer = build_optimizer(recipe.optim, groups, fused=accelerator.device.type == "cuda")
+    groups = optim.param_groups(method, recipe.optim.decay_biases_and_norms)
+    optimizer = optim.build_optimizer(recipe.optim, groups, fused=accelerator.device.type == "cuda")
     monitor = None
     if recipe.train.monitor.every and is_main:  # its images are read (and checked) before --out is touched
         from mlsctl.monitor import Monitor
 
         monitor = Monitor(recipe.train.monitor, recipe.model.img_size, recipe.model.patch_size)
-    initialised = _load_initial_weights(method, init_from) if init_from and not resume else None
+    initialised = checkpoint.load_initial_weights(method, init_from) if init_from and not resume else None
 
     lock = FolderLock(run.root, "run")
     resume_from = dist.on_main(lambda: run_dir.open_run_dir(run, recipe, folder, lock, resume=resume, overwrite=overwrite,
@@ -388,7 +153,7 @@ def _train(run: Run, recipe, accelerator, folder: ImageFolder, dataset, collate_
 
     start_step, rng_state = 0, None
     if resume_from is not None:
-        state = load_checkpoint(resume_from, method, optimizer, accelerator)
+        state = checkpoint.load_checkpoint(resume_from, method, optimizer, accelerator)
         start_step, rng_state = state["step"], state["rng"]
         if is_main:
             _truncate_metrics(run.metrics_path, start_step)
@@ -423,7 +188,7 @@ def _train(run: Run, recipe, accelerator, folder: ImageFolder, dataset, collate_
     loader = make_loader(dataset, sampler, recipe.data.workers, pin_memory=accelerator.device.type == "cuda",
                          collate_fn=collate_fn)
     if rng_state is not None:
-        _set_rng_state(rng_state)
+        checkpoint.set_rng_state(rng_state)
 
     from tqdm import tqdm
 
@@ -485,13 +250,13 @@ def _train(run: Run, recipe, accelerator, folder: ImageFolder, dataset, collate_
                 bank.release()
             if accelerator.scaler is not None:
                 accelerator.unscale_gradients()
-            grad_norm = _clip_gradients(trainable, recipe.optim.clip_grad, recipe.optim.clip_grad_mode, accelerator)
+            grad_norm = optim.clip_gradients(trainable, recipe.optim.clip_grad, recipe.optim.clip_grad_mode, accelerator)
             if step < freeze_steps:
                 for p in last_layer:
                     p.grad = None
             optimizer.step()
             momentum = method.ema_momentum(step)
-            ema_update(method.ema_pairs(), momentum)
+            optim.ema_update(method.ema_pairs(), momentum)
             step_seconds += time.perf_counter() - micro_started
             if is_main:
                 bar.update(1)
@@ -545,7 +310,7 @@ def _train(run: Run, recipe, accelerator, folder: ImageFolder, dataset, collate_
             if saved:
                 if metrics_file is not None:
                     os.fsync(metrics_file.fileno())
-                save_checkpoint(run, done, method, optimizer, accelerator, recipe, recipe.train.keep_checkpoints)
+                checkpoint.save_checkpoint(run, done, method, optimizer, accelerator, recipe, recipe.train.keep_checkpoints)
     finally:
         bar.close()
         if recipe.train.log_with:
@@ -563,7 +328,7 @@ def _train(run: Run, recipe, accelerator, folder: ImageFolder, dataset, collate_
             merged.reasons.update(reasons)
         if merged.summary():
             log.warning(merged.summary())
-        _export_teacher(method, run)
+        checkpoint.export_teacher(method, run)
         if world > 1 and method.banks():
             log.info(f"memory banks identical on all {world} processes (checked at every checkpoint)")
         summary = {"steps": total_steps, "resumed_from": start_step, "seconds": round(elapsed, 2),
@@ -661,28 +426,3 @@ def _bank_health(banks: dict, step: int, warned: set[tuple[str, str]]) -> dict:
     return record
 
 
-def _export_teacher(method, run: Run) -> None:
-    """The teacher backbone in timm's key layout (LoRA merged), loadable by timm or --weights;
-    with LoRA, its adapters alone as well (peft format, in RUN/teacher_adapters/)."""
-    from safetensors.torch import save_file
-
-    from mlsctl.models import lora
-
-    if not method.has_backbone:
-        return
-    backbone = method.teacher_backbone().model
-    vit = lora.merged_vit(backbone)
-    state = {k: v.detach().cpu().contiguous() for k, v in vit.state_dict().items()}
-    model = method.recipe.model
-    spec = {"arch": model.arch, "img_size": model.img_size, "patch_size": model.patch_size,
-            "timm_kwargs": dict(model.timm_kwargs or {})}
-    if model.embedding_dim:
-        spec["embedding_dim"] = model.embedding_dim
-    metadata = {"arch": model.arch, "format": "timm", "model": json.dumps(spec, sort_keys=True)}
-    atomic.write_with(run.teacher_weights_path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
-    if lora.is_lora(backbone):
-        tmp = run.root / ".teacher_adapters.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        lora.save_adapters(backbone, tmp)
-        shutil.rmtree(run.teacher_adapters_path, ignore_errors=True)
-        os.replace(tmp, run.teacher_adapters_path)
