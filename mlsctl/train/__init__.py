@@ -1,9 +1,17 @@
 """The one training loop, for every method (``mlsctl pretrain``), split by job:
 
-* :mod:`~mlsctl.train.loop`: :func:`pretrain` and the steps, read top to bottom.
+* :mod:`~mlsctl.train.loop`: :func:`pretrain` and the steps, read top to bottom;
+* :mod:`~mlsctl.train.setup`: Accelerate, logging, seeding, the recipe's checks;
+* :mod:`~mlsctl.train.run_dir`: the run folder: its lock, the checks of ``--resume``, the undoing
+  of a failed start;
+* :mod:`~mlsctl.train.optim`: parameter groups, the optimiser, the schedules' values per step,
+  clipping, EMA;
+* :mod:`~mlsctl.train.checkpoint`: checkpoints saved and loaded, ``--init-from``, the teacher export;
+* :mod:`~mlsctl.train.metrics`: metrics.jsonl, trackers, progress, the health of the banks.
 
+It knows no method by name: what differs is declared by :class:`~mlsctl.methods.base.Method`.
 The names other modules use are offered here as well, imported on first use (``import
-mlsctl.train`` stays light).
+mlsctl.train`` stays light). To replace one in a test, patch the module that defines it.
 """
 
 from __future__ import annotations
@@ -23,9 +31,9 @@ _EXPORTS = {
     "load_checkpoint": ("checkpoint", "load_checkpoint"),
     "log": ("setup", "log"),
     "progress_log": ("setup", "progress_log"),
-    # private names that modules and tests of this repository import
+    # the names they had in mlsctl/train.py, which modules and tests of this repository import
     "_load_initial_weights": ("checkpoint", "load_initial_weights"),
-    "_bank_health": ("loop", "_bank_health"),
+    "_bank_health": ("metrics", "bank_health"),
     "_clip_gradients": ("optim", "clip_gradients"),
     "_train": ("loop", "_train"),
 }

@@ -3,7 +3,11 @@ gradient clipping, the freezing of the last layer, and the EMA update of the tea
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+from mlsctl.schedules import Schedule, cosine
 
 
 def param_groups(module: torch.nn.Module, decay_biases_and_norms: bool = False) -> list[dict]:
@@ -29,6 +33,46 @@ def build_optimizer(optim, groups: list[dict], fused: bool = False) -> torch.opt
     return kind(groups, lr=0.0, betas=tuple(optim.betas), weight_decay=optim.weight_decay, **({"fused": True} if fused else {}))
 
 
+@dataclass(frozen=True)
+class Plan:
+    """The optimiser steps of a run and what the schedules give each: learning rate (linear warm-up,
+    then cosine) and weight decay (cosine), and whether the last layer is still frozen."""
+    cfg: object  # the recipe's optim section
+    total_steps: int
+    batch_global: int  # the images of one optimiser step: batch_size x processes x accumulate_steps
+    peak_lr: float  # optim.lr, scaled by batch_global / 256 with optim.scale_lr
+    warmup_steps: int
+    freeze_steps: int  # steps whose last-layer gradients are dropped (optim.freeze_last_layer_epochs)
+
+    @classmethod
+    def of(cls, recipe, schedule: Schedule, world_size: int) -> "Plan":
+        optim = recipe.optim
+        batch_global = optim.batch_size * world_size * optim.accumulate_steps
+        return cls(optim, schedule.total_steps, batch_global,
+                   peak_lr=optim.lr * (batch_global / 256 if optim.scale_lr else 1.0),
+                   warmup_steps=schedule.steps(optim.warmup_epochs),
+                   freeze_steps=schedule.steps(optim.freeze_last_layer_epochs))
+
+    @property
+    def accumulate(self) -> int:
+        """Micro-batches per optimiser step (``optim.accumulate_steps``)."""
+        return self.cfg.accumulate_steps
+
+    def lr(self, step: int) -> float:
+        return cosine(step, self.total_steps, self.peak_lr, self.cfg.min_lr, self.warmup_steps)
+
+    def weight_decay(self, step: int) -> float:
+        return cosine(step, self.total_steps, self.cfg.weight_decay, self.cfg.weight_decay_end)
+
+
+def set_lr_and_weight_decay(optimizer, lr: float, weight_decay: float) -> None:
+    """The step's values in every parameter group (weight decay only where it applies)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+        if group["apply_weight_decay"]:
+            group["weight_decay"] = weight_decay
+
+
 def clip_gradients(parameters: list[torch.nn.Parameter], threshold: float, mode: str, accelerator) -> torch.Tensor:
     """Returns the total gradient norm before clipping, as a tensor on the device (read only when
     logged: no host synchronisation per step)."""
@@ -44,6 +88,13 @@ def clip_gradients(parameters: list[torch.nn.Parameter], threshold: float, mode:
             coefficients = (threshold / (norms + 1e-6)).clamp(max=1.0)
             torch._foreach_mul_(grads, [c.to(g.dtype) for c, g in zip(coefficients, grads)])
     return total
+
+
+def freeze_last_layer(parameters: list[torch.nn.Parameter], step: int, plan: Plan) -> None:
+    """For the first ``optim.freeze_last_layer_epochs`` the last layer is not updated: its gradients dropped."""
+    if step < plan.freeze_steps:
+        for p in parameters:
+            p.grad = None
 
 
 @torch.no_grad()

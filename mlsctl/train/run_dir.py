@@ -120,3 +120,10 @@ def interrupted(run: Run, fresh: bool, is_main: bool) -> str:
         return f"nothing was saved (no checkpoint yet) and {run.root} is as it was before this start"
     return (f"the last checkpoint is step {latest.step} ({latest.path}); continue with: "
             f"mlsctl pretrain {run.config_path} --out {run.root} --resume")
+
+
+def record_images(run: Run, folder: ImageFolder) -> None:
+    """images.txt: the files the run trains on, in row order (the image ids of its banks); written
+    once, by process 0, and kept by a resumed run (:func:`_same_images` checks it)."""
+    if not run.images_path.is_file():
+        atomic.write_text(run.images_path, "".join(f"{path}\n" for path in folder.relpaths()))
