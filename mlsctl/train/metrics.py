@@ -98,13 +98,13 @@ def bank_health(banks: dict, step: int, warned: set[tuple[str, str]]) -> dict:
     """Health indicators of every bank (on a sample, see :mod:`mlsctl.bank_health`) for
     metrics.jsonl; warns in one line, once per bank and level, when it looks partly collapsed and
     when it looks collapsed."""
-    from mlsctl.bank_health import COLLAPSED, PARTIAL, bank_health
+    from mlsctl.bank_health import COLLAPSED, PARTIAL, bank_health as measure
 
     record = {}
     for name, bank in banks.items():
         if bank.written < 2:
             continue
-        health = bank_health(bank, name, step, sample=1024, duplicates_on_sample=True)
+        health = measure(bank, name, step, sample=1024, duplicates_on_sample=True)
         record.update(health.metrics())
         status = health.status
         if status in (PARTIAL, COLLAPSED) and (name, status) not in warned:
