@@ -61,6 +61,8 @@ class RunSummary:
 
 def pretrain(recipe, out: str | Path, *, resume: bool = False, init_from: Optional[str] = None,
              overwrite: bool = False, recipe_source: str = "recipe") -> RunSummary:
+    """``mlsctl pretrain``: train ``recipe`` into the run folder ``out`` (``--resume`` continues it
+    exactly, ``--init-from`` starts from weights, ``--overwrite`` replaces an earlier run)."""
     run = Run(out)
     recipe = config_lib.absolute_paths(recipe)  # config.yaml is read from any working directory
     method_cls = methods.method_class(recipe.method.name)
@@ -101,8 +103,8 @@ def pretrain(recipe, out: str | Path, *, resume: bool = False, init_from: Option
     initialised = checkpoint.load_initial_weights(method, init_from) if init_from and not resume else None
 
     lock = FolderLock(run.root, "run")
-    resume_from = dist.on_main(lambda: run_dir.open_run_dir(run, recipe, folder, lock, resume=resume, overwrite=overwrite,
-                                                     init_from=init_from))
+    resume_from = dist.on_main(lambda: run_dir.open_run_dir(run, recipe, folder, lock, resume=resume,
+                                                            overwrite=overwrite, init_from=init_from))
     try:
         setup.setup_logging(run, is_main, rank, sys.stderr.isatty())
         if is_main:

@@ -17,7 +17,8 @@ from mlsctl.locks import LOCK_NAME, FolderLock
 from mlsctl.runs import Run
 from mlsctl.train.setup import close_logging
 
-# Keys that may change between a run and its resumption without changing what it computes.
+# Keys that may change between a run and its resumption without changing what it computes (so may
+# every train.monitor.* key: see open_run_dir).
 RESUME_SAFE_KEYS = {"data.workers", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
                     "train.bank_health_every", "train.log_with",
                     "description", "data.root"}
