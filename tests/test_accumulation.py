@@ -99,10 +99,10 @@ class _Recorder:
 
     def __init__(self, monkeypatch):
         import mlsctl.methods.dino as dino
-        import mlsctl.train as train
+        from mlsctl.train import optim
 
         self.ema, self.centers, self.gradients = 0, 0, []
-        ema_update, center_from_statistics, clip = train.ema_update, dino.center_from_statistics, train._clip_gradients
+        ema_update, center_from_statistics, clip = optim.ema_update, dino.center_from_statistics, optim.clip_gradients
 
         def counted_ema(pairs, momentum):
             self.ema += 1
@@ -116,9 +116,9 @@ class _Recorder:
             self.gradients.append([None if p.grad is None else p.grad.detach().clone() for p in parameters])
             return clip(parameters, *args, **kwargs)
 
-        monkeypatch.setattr(train, "ema_update", counted_ema)
+        monkeypatch.setattr(optim, "ema_update", counted_ema)
         monkeypatch.setattr(dino, "center_from_statistics", counted_center)
-        monkeypatch.setattr(train, "_clip_gradients", recorded_clip)
+        monkeypatch.setattr(optim, "clip_gradients", recorded_clip)
 
 
 def _train(monkeypatch, capsys, recipe: Path, out: Path, *overrides: str) -> _Recorder:

@@ -126,16 +126,16 @@ def test_2_a_failed_start_leaves_out_as_it_found_it(finished_run, tmp_path, caps
 
 
 def test_2_a_start_that_fails_before_its_first_checkpoint_is_undone(finished_run, tmp_path, capsys, monkeypatch):
-    from mlsctl import train
+    from mlsctl.train import loop
 
     _, recipe = finished_run
 
     def fails(run, *args, **kwargs):
         (run.root / "metrics.jsonl").write_text('{"step": 1}\n')
-        train.log.info("step 1")
+        loop.log.info("step 1")
         raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(train, "_train", fails)
+    monkeypatch.setattr(loop, "_train", fails)
     code, _, err = cli("pretrain", str(recipe), "--out", str(tmp_path / "run"), capsys=capsys)
     assert code == 1 and "out of memory on the GPU" in one_sentence(err)
     assert not (tmp_path / "run").exists()  # config.yaml, train.log, metrics.jsonl and the lock are gone

@@ -332,3 +332,21 @@ def test_throughput_is_logged_in_sets_and_photos_per_second(mile_run):
     for r in logged:  # a batch element is a set of set_length = 2 photos
         assert r["sets_per_s"] == pytest.approx(r["images_per_s"])
         assert r["photos_per_s"] == pytest.approx(2 * r["sets_per_s"])
+
+
+def test_overwrite_never_deletes_the_objects_file(tmp_path, capsys):
+    """The loop learns which files MILE reads from Method.input_paths, not from its name."""
+    from conftest import make_images
+
+    images = make_images(tmp_path / "images", 4, size=(32, 32))
+    out = tmp_path / "run"
+    out.mkdir()
+    objects = out / "objects.csv"
+    objects.write_text("object_id,path\n")
+    raw = tiny_recipe(images)
+    raw["method"] = {"name": "mile", "set_length": 2, "cross_heads": 2, "out_dim": 64, "hidden_dim": 64,
+                     "bottleneck_dim": 32, "objects_file": str(objects)}
+    recipe = write_recipe(tmp_path / "mile.yaml", raw)
+    assert MILE.input_paths(config.from_dict(raw)) == [("method.objects_file", str(objects))]
+    code, _, err = cli("pretrain", str(recipe), "--out", str(out), "--overwrite", capsys=capsys)
+    assert code == 2 and "contains method.objects_file" in err and objects.is_file()

@@ -28,6 +28,10 @@ centers) and declares:
   ``s``'s from the seed and ``s`` alone, for exact resume);
 * :meth:`check_recipe`: recipe constraints of the method, reported as config errors, and
   :meth:`check_training`: those that depend on the number of processes or the device;
+* :meth:`input_paths`: the files it reads besides ``data.root`` and ``model.weights`` (such as a
+  list of objects), which ``pretrain --overwrite`` never deletes;
+* :attr:`has_backbone`: False for a method that trains no backbone (one on features): the loop
+  then exports no teacher at the end of the run;
 * optionally :meth:`query_projection` (the module a bank's ``QueryFeature.projection`` names) and
   :meth:`bank_views` (method-specific rows ``mlsctl bank inspect`` adds to a bank's table).
 
@@ -63,6 +67,8 @@ class StepOutput:
 class Method(nn.Module):
     Config: ClassVar[type] = MethodConfig
     find_unused_parameters: ClassVar[bool] = False
+    #: False for a method that trains no backbone (one on features): no teacher to export
+    has_backbone: ClassVar[bool] = True
 
     def __init__(self, recipe: Recipe, schedule: Schedule):
         super().__init__()
@@ -104,6 +110,12 @@ class Method(nn.Module):
     def check_training(cls, recipe: Recipe, world_size: int, device_type: str) -> list[tuple[str, str]]:
         """Constraints that depend on how the run trains (processes, device), checked by
         ``pretrain`` only: a method rebuilt in one process to read a run's checkpoint skips them."""
+        return []
+
+    @classmethod
+    def input_paths(cls, recipe: Recipe) -> list[tuple[str, Optional[str]]]:
+        """Files or folders the method reads besides ``data.root`` and ``model.weights``, as (recipe
+        key, path or None when unset): ``pretrain --overwrite`` refuses an ``--out`` holding one."""
         return []
 
     @classmethod

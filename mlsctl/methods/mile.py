@@ -163,6 +163,10 @@ class MILE(Method):
         return errors
 
     @classmethod
+    def input_paths(cls, recipe):
+        return [("method.objects_file", recipe.method.objects_file)]
+
+    @classmethod
     def throughput_units(cls, recipe):
         return {"sets_per_s": 1, "photos_per_s": recipe.method.set_length}
 

@@ -1,0 +1,220 @@
+"""Checkpoints: written atomically between optimiser steps, loaded for ``--resume`` (every file
+checked, a damaged one named in one sentence), initial weights for ``--init-from``, and the
+teacher exported at the end of a run.
+
+A checkpoint holds everything that decides the next step: weights and buffers
+(``model.safetensors``), banks (``banks.safetensors``), optimizer and grad-scaler state
+(``optimizer.pt``), every process's RNG states (``rng.pt``) and ``state.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from mlsctl import __version__, atomic, dist, provenance
+from mlsctl.bank import save_banks
+from mlsctl.errors import UserError
+from mlsctl.runs import RUN_FORMAT_VERSION, Checkpoint, Run, checkpoint_dirname
+
+
+def rng_state() -> dict:
+    """Every RNG of this process as plain Python values (bytes, lists), which gather across
+    processes and load with ``torch.load(weights_only=True)``."""
+    kind, keys, position, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state().numpy().tobytes(),
+             "numpy": (kind, keys.tolist(), int(position), int(has_gauss), float(gauss)),
+             "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = [s.numpy().tobytes() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(torch.frombuffer(bytearray(state["torch"]), dtype=torch.uint8))
+    kind, keys, position, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), position, has_gauss, gauss))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.frombuffer(bytearray(s), dtype=torch.uint8) for s in state["cuda"]])
+
+
+def _write_file(path: Path, writer) -> None:
+    """``writer(path)``; a library's opaque failure is raised as the OSError behind it (full disk,
+    file-size limit) with the path."""
+    try:
+        writer(path)
+    except OSError:
+        raise
+    except Exception as exc:
+        atomic.explain_write_failure(exc, path, path)
+        raise
+
+
+def save_checkpoint(run: Run, step: int, method, optimizer, accelerator, recipe, keep: int) -> Optional[Path]:
+    """Write checkpoint ``step`` atomically (a temporary folder renamed into place)."""
+    from safetensors.torch import save_file
+
+    rng_states = dist.all_gather_object(rng_state())
+    for name, bank in method.banks().items():
+        bank.assert_synchronized(name)
+    if not accelerator.is_main_process:
+        dist.barrier()
+        return None
+    final = run.checkpoints_dir / checkpoint_dirname(step)
+    tmp = run.checkpoints_dir / f".{final.name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        state_dict = {k: v.detach().cpu().contiguous() for k, v in method.state_dict().items()}
+        _write_file(tmp / "model.safetensors", lambda path: save_file(
+            state_dict, str(path), metadata={"format_version": str(RUN_FORMAT_VERSION)}))
+        save_banks(method.banks(), tmp / "banks.safetensors")
+        optimizer_state = {"optimizer": optimizer.state_dict()}
+        if accelerator.scaler is not None:
+            optimizer_state["scaler"] = accelerator.scaler.state_dict()
+        _write_file(tmp / "optimizer.pt", lambda path: torch.save(optimizer_state, path))
+        _write_file(tmp / "rng.pt", lambda path: torch.save(rng_states, path))
+        state = {"format_version": RUN_FORMAT_VERSION, "step": step, "epoch": method.schedule.epoch(step),
+                 "total_steps": method.schedule.total_steps, "method": recipe.method.name,
+                 "world_size": accelerator.num_processes, "mlsctl_version": __version__, "torch_version": torch.__version__,
+                 "commit": provenance.commit(), "device": provenance.device_name(accelerator.device)}
+        atomic.write_json(tmp / "state.json", state)
+        for f in tmp.iterdir():
+            with open(f, "rb") as handle:
+                os.fsync(handle.fileno())
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed write (full disk) leaves no half checkpoint behind
+        raise
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in run.checkpoints()[:-keep]:
+        shutil.rmtree(old.path, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def _damaged(checkpoint: Checkpoint, name: str, why: str) -> UserError:
+    return UserError(f"{checkpoint.path / name} {why}; delete {checkpoint.path} to resume from the checkpoint before it, "
+                     f"or start a new run", exit_code=1)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+
+
+def _load_weights_only(checkpoint: Checkpoint, path: Path):
+    """``torch.load(weights_only=True)`` of a checkpoint file; a damaged or foreign file (one
+    holding objects other than tensors and plain values) is one sentence."""
+    import pickle
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise _damaged(checkpoint, path.name, "is missing") from None
+    except pickle.UnpicklingError:
+        # torch's message suggests weights_only=False, which would run the file's code: never
+        raise _damaged(checkpoint, path.name, "holds objects other than tensors and plain values (it was not "
+                                              "written by mlsctl, or was tampered with), so it is not loaded") from None
+    except Exception as exc:  # truncated zip, not a torch file
+        raise _damaged(checkpoint, path.name, f"is damaged ({_first_line(exc)})") from None
+
+
+def load_checkpoint(checkpoint: Checkpoint, method, optimizer, accelerator) -> dict:
+    from safetensors.torch import load_file
+
+    from mlsctl.bank import read_bank_states
+
+    state = checkpoint.state()
+    if state.get("world_size") != accelerator.num_processes:
+        raise UserError(f"{checkpoint.path} was written by {state.get('world_size')} processes; resume with the same "
+                        f"number (accelerate launch --num_processes {state.get('world_size')} -m mlsctl pretrain ...)")
+    try:
+        weights = load_file(str(checkpoint.model_path))
+        method.load_state_dict(weights, strict=True)
+    except Exception as exc:
+        raise _damaged(checkpoint, checkpoint.model_path.name, f"cannot be loaded ({_first_line(exc)})") from None
+    try:
+        bank_states = read_bank_states(checkpoint.banks_path)
+    except Exception as exc:
+        raise _damaged(checkpoint, checkpoint.banks_path.name, f"cannot be read ({_first_line(exc)})") from None
+    banks = method.banks()
+    if set(bank_states) != set(banks):
+        raise UserError(f"{checkpoint.banks_path} holds banks {sorted(bank_states)}, the method has {sorted(banks)}")
+    for name, bank in banks.items():
+        try:
+            bank.load_state_dict(bank_states[name])
+        except ValueError as exc:
+            raise _damaged(checkpoint, checkpoint.banks_path.name, f"does not fit bank '{name}' ({exc})") from None
+    optimizer_state = _load_weights_only(checkpoint, checkpoint.optimizer_path)
+    try:
+        optimizer.load_state_dict(optimizer_state["optimizer"])
+        if "scaler" in optimizer_state and accelerator.scaler is not None:
+            accelerator.scaler.load_state_dict(optimizer_state["scaler"])
+    except Exception as exc:
+        raise _damaged(checkpoint, checkpoint.optimizer_path.name, f"does not fit the optimizer ({_first_line(exc)})") from None
+    rng_states = _load_weights_only(checkpoint, checkpoint.rng_path)
+    if not isinstance(rng_states, list) or len(rng_states) <= accelerator.process_index:
+        raise _damaged(checkpoint, checkpoint.rng_path.name, "does not hold the random states of every process")
+    state["rng"] = rng_states[accelerator.process_index]
+    return state
+
+
+def load_initial_weights(method, source: str) -> str:
+    """``--init-from``: a run, a checkpoint folder, or a weights file. Returns what was loaded."""
+    from safetensors.torch import load_file
+
+    from mlsctl.models.weights import backbone_state, load_into_vit, read_state_dict
+
+    path = Path(source)
+    if path.is_dir():
+        checkpoint = Run(path).checkpoint() if (path / "checkpoints").is_dir() else Checkpoint(path)
+        if not checkpoint.model_path.is_file():
+            raise UserError(f"--init-from {source} holds no model.safetensors; give a run, a checkpoint folder or a weights file")
+        saved = load_file(str(checkpoint.model_path))
+        if set(saved) == set(method.state_dict()):
+            method.load_state_dict(saved, strict=True)
+            return f"all weights of {checkpoint.path}"
+        state = backbone_state(saved)
+    else:
+        state = backbone_state(read_state_dict(path))
+    for backbone in method.backbones():
+        load_into_vit(backbone.net, state, str(source))
+    return f"every backbone from {source}"
+
+
+def export_teacher(method, run: Run) -> None:
+    """The teacher backbone in timm's key layout (LoRA merged), loadable by timm or --weights;
+    with LoRA, its adapters alone as well (peft format, in RUN/teacher_adapters/)."""
+    from safetensors.torch import save_file
+
+    from mlsctl.models import lora
+
+    if not method.has_backbone:
+        return
+    backbone = method.teacher_backbone().model
+    vit = lora.merged_vit(backbone)
+    state = {k: v.detach().cpu().contiguous() for k, v in vit.state_dict().items()}
+    model = method.recipe.model
+    spec = {"arch": model.arch, "img_size": model.img_size, "patch_size": model.patch_size,
+            "timm_kwargs": dict(model.timm_kwargs or {})}
+    if model.embedding_dim:
+        spec["embedding_dim"] = model.embedding_dim
+    metadata = {"arch": model.arch, "format": "timm", "model": json.dumps(spec, sort_keys=True)}
+    atomic.write_with(run.teacher_weights_path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
+    if lora.is_lora(backbone):
+        tmp = run.root / ".teacher_adapters.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        lora.save_adapters(backbone, tmp)
+        shutil.rmtree(run.teacher_adapters_path, ignore_errors=True)
+        os.replace(tmp, run.teacher_adapters_path)

@@ -1,0 +1,304 @@
+"""The one training loop, for every method.
+
+Read top to bottom, :func:`pretrain` does: set up Accelerate (:mod:`~mlsctl.train.setup`) → build
+the data and the method → optimiser (AdamW, Adam or SGD) with parameter groups
+(:mod:`~mlsctl.train.optim`) → lock and check the run directory (:mod:`~mlsctl.train.run_dir`) →
+restore a checkpoint (``--resume``) or initial weights (``--init-from``,
+:mod:`~mlsctl.train.checkpoint`) → :func:`_train`: for each step, :func:`_train_one_step` sets the
+scheduled learning rate and weight decay, runs the method's ``training_step`` and back-propagates
+for each of the step's micro-batches (``optim.accumulate_steps``, 1 by default; the banks' writes
+held until the last one), ends the method's step, clips, freezes the last layer early on, steps the
+optimiser and updates the EMA teachers; then the step is recorded (:mod:`~mlsctl.train.metrics`)
+and, every ``train.checkpoint_every`` steps, checkpointed.
+
+The loop knows no method by name: what differs between methods is declared by the method
+(:class:`~mlsctl.methods.base.Method`).
+
+A step is an optimiser step: schedules, the steps of an epoch, the logged ``step`` and
+checkpoints count them, and checkpoints are written only between steps, never in the middle of an
+accumulation (docs/accumulation.md).
+
+Exact resume: everything that decides the next step is in the checkpoint or is a pure function of
+the step (see :mod:`mlsctl.data.loader` and :mod:`mlsctl.schedules`): weights and buffers, banks,
+optimizer and grad-scaler state, every process's RNG states. ``metrics.jsonl`` is cut back to the
+checkpoint's step before continuing, so a run killed at any moment and resumed writes the same
+loss sequence as an uninterrupted one (``tests/test_train.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+
+from mlsctl import __version__, atomic, config as config_lib, dist, methods, provenance
+from mlsctl.data.images import ImageFolder, SkipLog
+from mlsctl.data.loader import make_loader
+from mlsctl.errors import Interrupted, UserError
+from mlsctl.locks import FolderLock
+from mlsctl.runs import Checkpoint, Run
+from mlsctl.schedules import Schedule
+from mlsctl.train import checkpoint, metrics, optim, run_dir, setup
+
+log = logging.getLogger("mlsctl")
+
+
+@dataclass
+class RunSummary:
+    run: Path
+    steps: int
+    images_per_s: float
+    final_loss: Optional[float]
+    seconds: float
+    already_complete: bool = False
+
+
+def pretrain(recipe, out: str | Path, *, resume: bool = False, init_from: Optional[str] = None,
+             overwrite: bool = False, recipe_source: str = "recipe") -> RunSummary:
+    """``mlsctl pretrain``: train ``recipe`` into the run folder ``out`` (``--resume`` continues it
+    exactly, ``--init-from`` starts from weights, ``--overwrite`` replaces an earlier run)."""
+    run = Run(out)
+    recipe = config_lib.absolute_paths(recipe)  # config.yaml is read from any working directory
+    method_cls = methods.method_class(recipe.method.name)
+    setup.check_recipe(recipe, method_cls, recipe_source)
+    if resume and init_from:
+        raise UserError("--resume continues a run exactly and --init-from starts a new one from weights; use one")
+    if resume and overwrite:
+        raise UserError("--resume continues the run in --out and --overwrite replaces it; use one")
+    if run.root.exists() and not run.root.is_dir():
+        raise UserError(f"--out {run.root} is a file; choose a folder")
+    if overwrite:
+        run_dir.check_nothing_precious_inside(run.root, recipe, method_cls, recipe_source, init_from)
+
+    # Everything is validated before --out is touched: data, model, weights.
+    accelerator = setup.make_accelerator(recipe, run.root.absolute())
+    is_main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
+    for key, message in method_cls.check_training(recipe, world, accelerator.device.type):
+        raise UserError(f"{recipe_source}: '{key}' {message}")
+    setup.seed_everything(recipe.seed + rank)
+    folder = method_cls.open_data(recipe)
+    dataset, collate_fn = method_cls.build_dataset(recipe, folder)
+    probe = method_cls.batch_sampler(recipe, dataset, world_size=world, rank=rank)
+    schedule = Schedule(probe.steps_per_epoch, recipe.optim.epochs)
+    torch.manual_seed(recipe.seed)  # identical initial weights on every process
+    method = method_cls(recipe, schedule).to(accelerator.device)
+    for name, bank in method.banks().items():
+        bank.to(accelerator.device)
+        bank.name = name
+    optim.check_ema_pairs(method.ema_pairs())
+    setup.speed_up(method, recipe, accelerator.device)
+    groups = optim.param_groups(method, recipe.optim.decay_biases_and_norms)
+    optimizer = optim.build_optimizer(recipe.optim, groups, fused=accelerator.device.type == "cuda")
+    monitor = None
+    if recipe.train.monitor.every and is_main:  # its images are read (and checked) before --out is touched
+        from mlsctl.monitor import Monitor
+
+        monitor = Monitor(recipe.train.monitor, recipe.model.img_size, recipe.model.patch_size)
+    initialised = checkpoint.load_initial_weights(method, init_from) if init_from and not resume else None
+
+    lock = FolderLock(run.root, "run")
+    resume_from = dist.on_main(lambda: run_dir.open_run_dir(run, recipe, folder, lock, resume=resume,
+                                                            overwrite=overwrite, init_from=init_from))
+    try:
+        setup.setup_logging(run, is_main, rank, sys.stderr.isatty())
+        if is_main:
+            for line in folder.scan.notes("data.root"):
+                log.warning(line)
+        if initialised:
+            log.info(f"initialised {initialised}")
+        summary = _train(run, recipe, accelerator, folder, dataset, collate_fn, schedule, method, optimizer, groups,
+                         Checkpoint(Path(resume_from)) if resume_from else None, monitor)
+    except KeyboardInterrupt:
+        message = run_dir.interrupted(run, resume_from is None, is_main)
+        raise Interrupted(message if is_main else "") from None
+    except BaseException as exc:
+        if is_main and resume_from is None and run.latest() is None:
+            run_dir.undo_start(run)
+        if isinstance(exc, OSError) and exc.filename is None:  # a write to an open file (metrics.jsonl, train.log)
+            raise OSError(exc.errno, exc.strerror, str(run.root)) from exc
+        raise
+    finally:
+        setup.close_logging()
+        if is_main:
+            lock.release()
+    return summary
+
+
+@dataclass
+class _Training:
+    """What every step of a run works with."""
+    accelerator: object
+    model: torch.nn.Module  # the method as Accelerate prepared it (DDP with several processes)
+    method: object
+    optimizer: object
+    plan: optim.Plan
+    trainable: list[torch.nn.Parameter]
+    last_layer: list[torch.nn.Parameter]
+    banks: list  # the method's memory banks
+    batches: Iterator  # micro-batches: plan.accumulate per step (StepBatchSampler)
+    on_device: Optional[object]  # the dataset's last stage, on the training device
+    skips: SkipLog
+    watch: metrics.LossWatch
+
+
+def _train(run: Run, recipe, accelerator, folder: ImageFolder, dataset, collate_fn, schedule: Schedule, method,
+           optimizer, groups, resume_from: Optional[Checkpoint], monitor=None) -> RunSummary:
+    """Continue from ``resume_from`` (or start), run the steps left, record and checkpoint them."""
+    is_main, world = accelerator.is_main_process, accelerator.num_processes
+    trainable = [p for g in groups for p in g["params"]]
+    last_layer = method.last_layer_parameters()
+    if is_main:
+        run_dir.record_images(run, folder)
+    start_step, rng_state = 0, None
+    if resume_from is not None:
+        state = checkpoint.load_checkpoint(resume_from, method, optimizer, accelerator)
+        start_step, rng_state = state["step"], state["rng"]
+        if is_main:
+            metrics.truncate_metrics(run.metrics_path, start_step)
+
+    model, optimizer = accelerator.prepare(method, optimizer)
+    plan = optim.Plan.of(recipe, schedule, world)
+    if is_main:
+        _log_start(run, recipe, accelerator, folder, schedule, plan, trainable)
+    if start_step >= plan.total_steps:
+        if is_main:
+            log.info(f"{run.root} is already complete ({start_step} steps); nothing to do")
+        return RunSummary(run.root, start_step, 0.0, None, 0.0, already_complete=True)
+    if start_step:
+        log.info(f"resuming {run.root} from step {start_step}")
+
+    sampler = type(method).batch_sampler(recipe, dataset, world_size=world, rank=accelerator.process_index,
+                                         start_step=start_step, total_steps=plan.total_steps)
+    loader = make_loader(dataset, sampler, recipe.data.workers, pin_memory=accelerator.device.type == "cuda",
+                         collate_fn=collate_fn)
+    if rng_state is not None:
+        checkpoint.set_rng_state(rng_state)
+    records = metrics.Records(run, recipe, accelerator, method, start_step, interactive=sys.stderr.isatty())
+    started = time.perf_counter()
+    try:
+        model.train()
+        training = _Training(accelerator, model, method, optimizer, plan, trainable, last_layer,
+                             list(method.banks().values()), iter(loader), getattr(dataset, "on_device", None),
+                             SkipLog(folder.root), metrics.LossWatch(accelerator.device))
+        for step in range(start_step, plan.total_steps):
+            stepped = _train_one_step(training, step)
+            done = step + 1
+            records.stepped(plan.batch_global)
+            logged = done % recipe.train.log_every == 0 or done == plan.total_steps
+            saved = done % recipe.train.checkpoint_every == 0 or done == plan.total_steps
+            if logged or saved:
+                training.watch.check(method.banks())
+            health = records.health(done, monitor, stepped)
+            if health and not logged:
+                records.write_health(done, stepped, health)
+            if logged:
+                records.write_step(done, stepped, health)
+            if saved:
+                records.sync()
+                checkpoint.save_checkpoint(run, done, method, optimizer, accelerator, recipe,
+                                           recipe.train.keep_checkpoints)
+    finally:
+        records.close()
+    return _finish(run, accelerator, method, folder, plan, training.skips, start_step, records.loss,
+                   time.perf_counter() - started)
+
+
+def _train_one_step(t: _Training, step: int) -> metrics.Step:
+    """One optimiser step: the schedules' values, forward and backward of each micro-batch, the
+    method's end of step, clipping, the frozen last layer, the optimiser step and the EMA update."""
+    lr, weight_decay = t.plan.lr(step), t.plan.weight_decay(step)
+    optim.set_lr_and_weight_decay(t.optimizer, lr, weight_decay)
+
+    t.optimizer.zero_grad(set_to_none=True)
+    for bank in t.banks:
+        bank.hold()  # every micro-batch reads the banks as they were at the start of the step
+    outputs, seconds = _forward_backward(t, step)
+
+    started = time.perf_counter()
+    t.method.end_step(step)
+    for bank in t.banks:
+        bank.release()  # the step's writes, after its last micro-batch
+    if t.accelerator.scaler is not None:
+        t.accelerator.unscale_gradients()
+    grad_norm = optim.clip_gradients(t.trainable, t.plan.cfg.clip_grad, t.plan.cfg.clip_grad_mode, t.accelerator)
+    optim.freeze_last_layer(t.last_layer, step, t.plan)
+    t.optimizer.step()
+    momentum = t.method.ema_momentum(step)
+    optim.ema_update(t.method.ema_pairs(), momentum)
+    seconds += time.perf_counter() - started
+    return metrics.Step(step, outputs, lr, weight_decay, momentum, grad_norm, seconds)
+
+
+def _forward_backward(t: _Training, step: int) -> tuple[metrics.StepOutputs, float]:
+    """The forward and backward pass of each micro-batch of ``step``: gradients add up (each loss
+    divided by their count: their mean), DDP synchronises them on the last one only. Returns the
+    outputs and the seconds of compute (waiting for data is not counted)."""
+    accumulate, accelerator = t.plan.accumulate, t.accelerator
+    outputs, seconds = metrics.StepOutputs(accumulate), 0.0
+    for micro in range(accumulate):
+        batch = next(t.batches)
+        t.skips.extend(batch.skipped)
+        started = time.perf_counter()
+        batch = batch.to(accelerator.device)
+        if t.on_device is not None:
+            batch = t.on_device(batch)
+        t.method.micro_batch = (micro, accumulate)
+        with accelerator.no_sync(t.model) if micro < accumulate - 1 else contextlib.nullcontext():
+            out = t.model(batch, step)
+            t.watch.see(out.loss.detach(), step)
+            accelerator.backward(out.loss / accumulate if accumulate > 1 else out.loss)
+        outputs.add(out)
+        del out, batch
+        seconds += time.perf_counter() - started
+    t.method.micro_batch = (0, 1)
+    return outputs, seconds
+
+
+def _log_start(run: Run, recipe, accelerator, folder: ImageFolder, schedule: Schedule, plan: optim.Plan,
+               trainable: list) -> None:
+    """The lines a run starts with: what trains on what, and its steps."""
+    world, accumulate = accelerator.num_processes, plan.accumulate
+    n_params = sum(p.numel() for p in trainable)
+    precision = "fp32" if accelerator.mixed_precision == "no" else accelerator.mixed_precision
+    log.info(f"mlsctl {__version__} | {recipe.method.name} on {len(folder)} images from {folder.root} | "
+             f"{world} process{'es' if world > 1 else ''} on {accelerator.device} ({precision}) | "
+             f"{n_params / 1e6:.2f}M trainable parameters")
+    made = (f" ({recipe.optim.batch_size} x {world} process{'es' if world > 1 else ''} x {accumulate} "
+            f"accumulated micro-batches)" if accumulate > 1 else "")
+    log.info(f"{schedule.steps_per_epoch} steps/epoch x {recipe.optim.epochs} epochs = {plan.total_steps} steps of "
+             f"{plan.batch_global} images{made} | peak lr {plan.peak_lr:.3g} | run: {run.root}")
+
+
+def _finish(run: Run, accelerator, method, folder: ImageFolder, plan: optim.Plan, skips: SkipLog, start_step: int,
+            loss_value: Optional[float], elapsed: float) -> RunSummary:
+    """The end of a run: skipped files reported, the teacher exported, summary.json."""
+    is_main, world, total_steps = accelerator.is_main_process, accelerator.num_processes, plan.total_steps
+    steps_run = total_steps - start_step
+    throughput = steps_run * plan.batch_global / max(elapsed, 1e-9)
+    all_skips = dist.all_gather_object(skips.reasons)
+    if is_main:
+        merged = SkipLog(folder.root)
+        for reasons in all_skips:
+            merged.reasons.update(reasons)
+        if merged.summary():
+            log.warning(merged.summary())
+        checkpoint.export_teacher(method, run)
+        if world > 1 and method.banks():
+            log.info(f"memory banks identical on all {world} processes (checked at every checkpoint)")
+        summary = {"steps": total_steps, "resumed_from": start_step, "seconds": round(elapsed, 2),
+                   "images_per_s": round(throughput, 2), "final_loss": loss_value, "processes": world,
+                   "skipped_files": len(merged.reasons), "finished": provenance.now(),
+                   "device": provenance.device_name(accelerator.device),
+                   "precision": "fp32" if accelerator.mixed_precision == "no" else accelerator.mixed_precision,
+                   "mlsctl_version": __version__, "commit": provenance.commit(), "torch_version": torch.__version__}
+        atomic.write_json(run.summary_path, summary)
+        log.info(f"done: {steps_run} steps in {elapsed:.0f}s ({throughput:.1f} images/s), final loss {loss_value:.4f}; "
+                 f"run in {run.root}")
+    dist.barrier()
+    return RunSummary(run.root, total_steps, throughput, loss_value, elapsed)

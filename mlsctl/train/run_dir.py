@@ -1,0 +1,130 @@
+"""The run folder (``--out``): its lock, the checks of ``--resume`` (which recipe keys may change),
+the preparation of a new run (``--overwrite``), and the undoing of a start that failed before its
+first checkpoint."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Optional
+
+from mlsctl import atomic, config as config_lib
+from mlsctl.data.images import ImageFolder
+from mlsctl.errors import UserError
+from mlsctl.locks import LOCK_NAME, FolderLock
+from mlsctl.runs import Run
+from mlsctl.train.setup import close_logging
+
+# Keys that may change between a run and its resumption without changing what it computes (so may
+# every train.monitor.* key: see open_run_dir).
+RESUME_SAFE_KEYS = {"data.workers", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
+                    "train.bank_health_every", "train.log_with",
+                    "description", "data.root"}
+
+
+def check_nothing_precious_inside(out: Path, recipe, method_cls, recipe_source: str, init_from: Optional[str]) -> None:
+    """--overwrite never deletes a folder holding the data, the recipe, the weights of this start or
+    a file the method reads (:meth:`~mlsctl.methods.base.Method.input_paths`)."""
+    inputs = [("data.root", recipe.data.root), ("the recipe", recipe_source), ("model.weights", recipe.model.weights),
+              ("--init-from", init_from), *method_cls.input_paths(recipe)]
+    out_real = os.path.realpath(out)
+    for name, path in inputs:
+        if path and os.path.commonpath([out_real, os.path.realpath(path)]) == out_real:
+            raise UserError(f"--out {out} contains {name} ({path}), which --overwrite would delete; choose another "
+                            f"--out, or move {name} out of it")
+
+
+def _same_images(run: Run, saved, recipe, folder: ImageFolder) -> None:
+    """--resume: data.root (moved or not) must hold the images the run was trained on."""
+    recorded = run.image_list()
+    listed = folder.relpaths()
+    if recorded is None:
+        if saved.data.root == recipe.data.root:
+            return  # a run written before images.txt existed: nothing to compare with
+        raise UserError(f"{run.root} has no images.txt to check the new data.root {recipe.data.root} against; resume "
+                        f"with data.root={saved.data.root}, or start a new run")
+    if recorded != listed:
+        differs = next((i for i, (a, b) in enumerate(zip(recorded, listed)) if a != b), min(len(recorded), len(listed)))
+        example = (f"image {differs} is {listed[differs]!r}, was {recorded[differs]!r}"
+                   if differs < min(len(recorded), len(listed)) else "the lists differ at their end")
+        raise UserError(f"data.root {recipe.data.root} holds {len(listed)} images, but the run was trained on the "
+                        f"{len(recorded)} listed in {run.images_path} ({example}); resume with the same images, or "
+                        f"start a new run with another --out")
+
+
+def open_run_dir(run: Run, recipe, folder: ImageFolder, lock: FolderLock, *, resume: bool,
+                  overwrite: bool, init_from: Optional[str]) -> Optional[str]:
+    """Process 0, after every input has been validated: lock the run folder, then either check it
+    for --resume (returns the checkpoint to continue from) or prepare it for a new run (an
+    earlier run in it is replaced only with --overwrite, and only its own files)."""
+    lock.acquire()
+    try:
+        if resume:
+            if not run.config_path.is_file():
+                raise UserError(f"nothing to resume in {run.root} (no config.yaml); drop --resume to start a new run")
+            saved = config_lib.absolute_paths(config_lib.load_recipe(str(run.config_path)))
+            changed = [k for k in config_lib.differences(saved, recipe)
+                       if k not in RESUME_SAFE_KEYS and not k.startswith("train.monitor.")]
+            if changed:
+                raise UserError(f"the recipe differs from {run.config_path} at {', '.join(changed[:5])}; resume "
+                                f"continues the saved run as it was: drop those changes, or start a new run with --out")
+            latest = run.latest()
+            if latest is None:
+                raise UserError(f"nothing to resume in {run.root} (no complete checkpoint); drop --resume and add "
+                                f"--overwrite to start again")
+            _same_images(run, saved, recipe, folder)
+            for stale in run.checkpoints_dir.glob(".step-*.tmp"):
+                shutil.rmtree(stale, ignore_errors=True)
+            if config_lib.differences(saved, recipe):
+                config_lib.save_recipe(recipe, run.config_path)  # data.root moved, logging settings changed
+            return str(latest.path)
+        others = [p.name for p in run.root.iterdir() if p.name != LOCK_NAME]
+        if others:
+            if not overwrite:
+                raise UserError(f"--out {run.root} is not empty: add --resume to continue it, --overwrite to replace "
+                                f"it, or choose another --out")
+            if not run.is_run():
+                shown = ", ".join(sorted(others)[:4]) + (", ..." if len(others) > 4 else "")
+                raise UserError(f"--out {run.root} is not an mlsctl run (it holds {shown}); --overwrite only replaces "
+                                f"runs: choose another --out")
+            kept = run.remove_own_entries()
+            if kept:
+                print(f"mlsctl: replaced the run in {run.root}; kept {len(kept)} entr{'ies' if len(kept) > 1 else 'y'} "
+                      f"that pretrain did not write ({', '.join(kept[:4])}{', ...' if len(kept) > 4 else ''})",
+                      file=sys.stderr)
+        config_lib.save_recipe(recipe, run.config_path)
+        atomic.write_json(run.start_path, {"init_from": os.path.abspath(init_from) if init_from else None})
+        return None
+    except BaseException:
+        lock.release()
+        raise
+
+
+def undo_start(run: Run) -> None:
+    """A new run that failed before its first checkpoint leaves --out as it found it."""
+    close_logging()
+    for entry in run.own_entries():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+def interrupted(run: Run, fresh: bool, is_main: bool) -> str:
+    """What Ctrl-C leaves behind, and the command that continues."""
+    latest = run.latest()
+    if latest is None:
+        if is_main and fresh:
+            undo_start(run)
+        return f"nothing was saved (no checkpoint yet) and {run.root} is as it was before this start"
+    return (f"the last checkpoint is step {latest.step} ({latest.path}); continue with: "
+            f"mlsctl pretrain {run.config_path} --out {run.root} --resume")
+
+
+def record_images(run: Run, folder: ImageFolder) -> None:
+    """images.txt: the files the run trains on, in row order (the image ids of its banks); written
+    once, by process 0, and kept by a resumed run (:func:`_same_images` checks it)."""
+    if not run.images_path.is_file():
+        atomic.write_text(run.images_path, "".join(f"{path}\n" for path in folder.relpaths()))

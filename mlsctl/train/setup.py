@@ -1,0 +1,120 @@
+"""Set-up of a run's processes: the recipe's own checks, Accelerate (precision, DDP, trackers),
+logging to the console and train.log, seeding, and the device habits of the backbones."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import sys
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+from mlsctl import methods
+from mlsctl.errors import UserError
+from mlsctl.runs import Run
+
+log = logging.getLogger("mlsctl")
+progress_log = logging.getLogger("mlsctl.progress")
+
+TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "aim": "aim"}
+
+
+def check_recipe(recipe, method_cls, source: str) -> None:
+    """What the recipe must hold to train, and the method's own constraints, as one sentence each."""
+    if recipe.data.root is None:
+        raise UserError(f"{source}: data.root is not set; add data.root=/path/to/images")
+    for key, message in method_cls.check_recipe(recipe):
+        raise UserError(f"{source}: '{key}' {message}")
+
+
+def check_trackers(names) -> None:
+    """Every tracker of ``train.log_with`` must be installed: one sentence naming the extra."""
+    import importlib.util
+
+    for name in names:
+        if importlib.util.find_spec(TRACKER_MODULES[name]) is None:
+            raise UserError(f"train.log_with asks for {name}, which is not installed; pip install 'mlsctl[{name}]' "
+                            f"(or pip install {TRACKER_MODULES[name]}), or drop it from train.log_with")
+
+
+def make_accelerator(recipe, run_root: Optional[Path] = None):
+    """The Accelerator of ``train.precision`` (TF32 on CUDA), DDP as the method needs it, and the
+    trackers of ``train.log_with`` writing under ``RUN/trackers``."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+
+    method_cls = methods.method_class(recipe.method.name)
+    cuda = torch.cuda.is_available()
+    precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16", "auto": "bf16" if cuda else "no",
+                 "fp16_or_bf16": "fp16" if cuda else "bf16"}[recipe.train.precision]
+    if cuda:  # TF32 matrix products and convolutions for what runs in float32 (Ampere and newer)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise UserError("train.precision=fp16 needs a CUDA GPU; use train.precision=bf16 or fp32 on a CPU")
+    ddp = DistributedDataParallelKwargs(broadcast_buffers=False, find_unused_parameters=method_cls.find_unused_parameters)
+    # Several processes without CUDA: gloo on the CPU (Accelerate would otherwise fall back to
+    # one independent process each when ACCELERATE_USE_CPU is unset or false).
+    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    trackers = list(recipe.train.log_with)
+    check_trackers(trackers)
+    project = ProjectConfiguration(project_dir=str(run_root), logging_dir=str(run_root / "trackers")) if run_root else None
+    return Accelerator(mixed_precision=precision, kwargs_handlers=[ddp], cpu=multi_cpu, log_with=trackers or None,
+                       project_config=project)
+
+
+class _RunLogHandler(logging.FileHandler):
+    """train.log. A write that fails (a full disk) is dropped quietly: the next checkpoint or
+    metrics line meets the same cause and reports it in one sentence, without a logging traceback."""
+
+    def handleError(self, record) -> None:  # noqa: N802 - logging's name
+        pass
+
+
+def setup_logging(run: Run, is_main: bool, rank: int, interactive: bool) -> None:
+    """``mlsctl`` logger: console (warnings only on other ranks) + train.log. The per-step
+    ``mlsctl.progress`` lines go to train.log, and to the console only when there is no progress bar."""
+    for logger in (log, progress_log):
+        for handler in list(logger.handlers):
+            handler.close()
+            logger.removeHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter("%(message)s" if is_main else f"[rank {rank}] %(message)s"))
+    console.setLevel(logging.INFO if is_main else logging.WARNING)
+    log.addHandler(console)
+    if is_main:
+        file_handler = _RunLogHandler(run.log_path, encoding="utf-8")
+        file_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        log.addHandler(file_handler)
+        progress_log.addHandler(file_handler)
+        if not interactive:
+            progress_log.addHandler(console)
+
+
+def close_logging() -> None:
+    for logger in (log, progress_log):
+        for handler in list(logger.handlers):
+            handler.close()
+            logger.removeHandler(handler)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def speed_up(method, recipe, device: torch.device) -> None:
+    """The device habits that change no result's meaning: CNNs in channels-last memory on CUDA, and
+    ``train.compile`` (each backbone compiled in place, so state-dict keys stay the same)."""
+    for backbone in method.backbones():
+        if device.type == "cuda" and backbone.kind != "vit":
+            backbone.net.to(memory_format=torch.channels_last)
+        if recipe.train.compile:
+            backbone.compile()
