@@ -31,7 +31,7 @@ from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type
 
 import yaml
 
-from mlsctl import atomic
+from mlsctl import atomic, registry
 from mlsctl.errors import UserError
 
 RECIPE_FORMAT_VERSION = 1
@@ -478,17 +478,15 @@ def _build(cls: type, data: Any, path: str, ctx: _Context, default: Any = None) 
 
 
 def _method_config_class(data: dict, path: str, ctx: _Context) -> type:
-    from mlsctl import methods
-
     name = data.get("name", MethodConfig.name)
-    available = methods.names()
+    available = registry.names()
     if not isinstance(name, str) or name not in available:
         message = f"'{path}.name' must be one of {', '.join(available)}, got {_show(name)}"
         close = difflib.get_close_matches(str(name), available, n=1, cutoff=0.5)
         if close:
             message += f"; did you mean '{close[0]}'?"
         raise ctx.fail(f"{path}.name", message)
-    return methods.config_class(name)
+    return registry.config_class(name)
 
 
 # --------------------------------------------------------------------------------------------

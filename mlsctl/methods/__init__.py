@@ -1,29 +1,9 @@
-"""Registry of methods. Each method module defines a :class:`~mlsctl.methods.base.Method`
-subclass with a ``Config`` dataclass; the recipe's ``method.name`` picks it."""
+"""The methods: one package each (``mlsctl/methods/<name>/``) holding its config (the recipe's
+``method`` section, light), its :class:`~mlsctl.methods.base.Method` and its pure functions.
+:mod:`mlsctl.registry` maps a recipe's ``method.name`` to them; these names re-export it."""
 
 from __future__ import annotations
 
-import importlib
+from mlsctl.registry import config_class, method_class, names
 
-_METHODS = {
-    "dino": "mlsctl.methods.dino:DINO",
-    "cribo": "mlsctl.methods.cribo:CrIBo",
-    "mile": "mlsctl.methods.mile:MILE",
-    "sove": "mlsctl.methods.sove:SOVE",
-    "mls": "mlsctl.methods.mls:MLS",
-    "ms": "mlsctl.methods.ms:MS",
-    "refine": "mlsctl.methods.refine:Refine",
-}
-
-
-def names() -> list[str]:
-    return list(_METHODS)
-
-
-def method_class(name: str):
-    module, _, attr = _METHODS[name].partition(":")
-    return getattr(importlib.import_module(module), attr)
-
-
-def config_class(name: str):
-    return method_class(name).Config
+__all__ = ["config_class", "method_class", "names"]
