@@ -25,7 +25,7 @@ class Entry(NamedTuple):
 
 # in the order `mlsctl recipes`, the README and the error messages list them
 METHODS: dict[str, Entry] = {
-    "dino": Entry("mlsctl.methods.dino:DINO", "mlsctl.methods.dino:DINOConfig"),
+    "dino": Entry("mlsctl.methods.dino.method:DINO", "mlsctl.methods.dino.config:DINOConfig"),
     "cribo": Entry("mlsctl.methods.cribo:CrIBo", "mlsctl.methods.cribo:CrIBoConfig"),
     "mile": Entry("mlsctl.methods.mile:MILE", "mlsctl.methods.mile:MILEConfig"),
     "sove": Entry("mlsctl.methods.sove:SOVE", "mlsctl.methods.sove:SOVEConfig"),

@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from mlsctl.config import MethodConfig, param
 from mlsctl.errors import UserError
 from mlsctl.methods.base import Method, StepOutput
-from mlsctl.methods.dino import StepCenters, build_student_teacher, dino_loss, teacher_probabilities
+from mlsctl.methods.dino.method import StepCenters, build_student_teacher
+from mlsctl.methods.dino.ops import dino_loss, teacher_probabilities
 from mlsctl.models.heads import DINOHead
 from mlsctl.schedules import linear_warmup_epochs
 

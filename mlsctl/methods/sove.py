@@ -46,7 +46,7 @@ from mlsctl.config import MethodConfig, param
 from mlsctl.data.loader import sample_seed
 from mlsctl.methods.base import Method, StepOutput
 from mlsctl.methods.sove_ops import cls_loss, judge_overlap, judge_probabilities, patch_loss, sample_judges
-from mlsctl.methods.dino import build_student_teacher
+from mlsctl.methods.dino.method import build_student_teacher
 from mlsctl.models.heads import EmbeddingHead
 from mlsctl.schedules import linear_warmup_epochs
 

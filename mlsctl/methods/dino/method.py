@@ -17,73 +17,17 @@ plays no part in the loss (``monitor_bank_size: 0`` turns it off).
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from mlsctl import dist
 from mlsctl.bank import Column, MemoryBank, QueryFeature
-from mlsctl.config import MethodConfig, param
 from mlsctl.methods.base import Method, StepOutput
+from mlsctl.methods.dino.config import DINOConfig
+from mlsctl.methods.dino.ops import center_from_statistics, center_statistics, dino_loss, teacher_probabilities
 from mlsctl.models.backbone import build_backbone
 from mlsctl.models.heads import DINOHead
 from mlsctl.schedules import linear_warmup_epochs
-
-
-# ------------------------------------------------------------------------------------------ losses
-
-
-def teacher_probabilities(teacher_logits: torch.Tensor, center: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``softmax((t - center) / tau_t)``: the centered, sharpened teacher distribution."""
-    return F.softmax((teacher_logits - center) / temperature, dim=-1)
-
-
-def cross_entropy(target_probs: torch.Tensor, student_logits: torch.Tensor, student_temp: float) -> torch.Tensor:
-    """Mean over rows of ``H(p, q) = -sum p log q`` with ``q = softmax(s / tau_s)``."""
-    return torch.sum(-target_probs * F.log_softmax(student_logits / student_temp, dim=-1), dim=-1).mean()
-
-
-def dino_loss(student_logits: Sequence[torch.Tensor], teacher_probs: Sequence[torch.Tensor], student_temp: float) -> torch.Tensor:
-    """Cross-view DINO loss: every teacher view ``i`` against every student view ``v != i``,
-    averaged over those pairs. Student views are ordered global crops first, as the teacher's."""
-    total = student_logits[0].new_zeros(())
-    pairs = 0
-    for i, target in enumerate(teacher_probs):
-        for v, logits in enumerate(student_logits):
-            if v == i:
-                continue
-            total = total + cross_entropy(target, logits, student_temp)
-            pairs += 1
-    if pairs == 0:
-        raise ValueError("dino_loss needs at least one cross-view pair (two views)")
-    return total / pairs
-
-
-@torch.no_grad()
-def center_statistics(teacher_logits: torch.Tensor) -> torch.Tensor:
-    """[K + 1]: the sum of the rows of ``teacher_logits`` [n, K] (float32) and their number; sums
-    of several batches' statistics are the statistics of their union."""
-    rows = teacher_logits.new_tensor([len(teacher_logits)], dtype=torch.float32)
-    return torch.cat([teacher_logits.float().sum(dim=0), rows])
-
-
-@torch.no_grad()
-def center_from_statistics(center: torch.Tensor, statistics: torch.Tensor, momentum: float) -> torch.Tensor:
-    """EMA of the mean teacher logits over every process's rows (:func:`center_statistics`).
-    Processes may hold different numbers of rows (CrIBo's objects), even none; when no process
-    holds any, the center stays. Every process must call it."""
-    total = dist.all_reduce_sum(statistics)
-    count = total[-1]  # stays on the device: no host synchronisation
-    updated = center * momentum + (total[None, :-1] / count.clamp_min(1.0)) * (1 - momentum)
-    return torch.where(count > 0, updated, center)
-
-
-def updated_center(center: torch.Tensor, teacher_logits: torch.Tensor, momentum: float) -> torch.Tensor:
-    """The center after one batch of ``teacher_logits`` (:func:`center_from_statistics`)."""
-    return center_from_statistics(center, center_statistics(teacher_logits), momentum)
 
 
 class StepCenters:
@@ -112,24 +56,6 @@ class StepCenters:
 
 
 # ------------------------------------------------------------------------------------------ method
-
-
-@dataclass
-class DINOConfig(MethodConfig):
-    name: str = param("dino", help="DINO")
-    out_dim: int = param(65536, help="prototypes K of the head's last layer", ge=2)
-    hidden_dim: int = param(2048, help="head MLP width", ge=1)
-    bottleneck_dim: int = param(256, help="head bottleneck (L2-normalised)", ge=1)
-    head_layers: int = param(3, help="head MLP layers", ge=1)
-    norm_last_layer: bool = param(True, help="fix the last layer's weight-norm gain to 1")
-    student_temp: float = param(0.1, help="tau_s", gt=0.0)
-    teacher_temp: float = param(0.07, help="tau_t after warm-up", gt=0.0)
-    warmup_teacher_temp: float = param(0.04, help="tau_t at epoch 0", gt=0.0)
-    warmup_teacher_temp_epochs: int = param(30, help="epochs of linear tau_t warm-up", ge=0)
-    center_momentum: float = param(0.9, help="EMA momentum of the center", ge=0.0, lt=1.0)
-    momentum_teacher: float = param(0.996, help="teacher EMA momentum at step 0", ge=0.0, le=1.0)
-    momentum_teacher_end: float = param(1.0, help="teacher EMA momentum at the end (cosine)", ge=0.0, le=1.0)
-    monitor_bank_size: int = param(4096, help="recent teacher CLS kept for `mlsctl bank`; 0 = none", ge=0)
 
 
 class StudentTeacherNet(nn.Module):
