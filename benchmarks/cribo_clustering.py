@@ -35,7 +35,7 @@ def _rss_mb() -> float:
 def child(k: int, repeats: int, batch: int, tokens: int, dim: int) -> dict:
     import torch
 
-    from mlsctl.methods.cribo_ops import joint_clustering, patch_positions
+    from mlsctl.methods.cribo.ops import joint_clustering, patch_positions
 
     torch.manual_seed(0)
     z = torch.randn(batch, 2 * tokens, dim)

@@ -6,7 +6,7 @@ The authors' ``Clustering`` class is read from *their* ``main_cribo.py`` at run 
 is parsed and only that class is executed; nothing of it is copied here) and needs ``einops``
 (``pip install einops``). For every trial both implementations get the same L2-normalised tokens
 [B, 2N, D], the same patch positions (two random crop boxes of one image, through
-:func:`mlsctl.methods.cribo_ops.patch_positions`) and the same K seed tokens (their
+:func:`mlsctl.methods.cribo.ops.patch_positions`) and the same K seed tokens (their
 ``multinomial`` call is answered with our seed indices while it runs).
 
 Two comparisons:
@@ -39,7 +39,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mlsctl import atomic  # noqa: E402
-from mlsctl.methods.cribo_ops import joint_clustering, patch_positions  # noqa: E402
+from mlsctl.methods.cribo.ops import joint_clustering, patch_positions  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "cribo_reference.json"
 

@@ -26,7 +26,7 @@ class Entry(NamedTuple):
 # in the order `mlsctl recipes`, the README and the error messages list them
 METHODS: dict[str, Entry] = {
     "dino": Entry("mlsctl.methods.dino.method:DINO", "mlsctl.methods.dino.config:DINOConfig"),
-    "cribo": Entry("mlsctl.methods.cribo:CrIBo", "mlsctl.methods.cribo:CrIBoConfig"),
+    "cribo": Entry("mlsctl.methods.cribo.method:CrIBo", "mlsctl.methods.cribo.config:CrIBoConfig"),
     "mile": Entry("mlsctl.methods.mile:MILE", "mlsctl.methods.mile:MILEConfig"),
     "sove": Entry("mlsctl.methods.sove:SOVE", "mlsctl.methods.sove:SOVEConfig"),
     "mls": Entry("mlsctl.methods.mls:MLS", "mlsctl.methods.mls:MLSConfig"),

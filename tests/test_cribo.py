@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from mlsctl import config
 from mlsctl.methods.cribo import CrIBo
-from mlsctl.methods.cribo_ops import (cycle_consistent_neighbours, joint_clustering, object_boxes, patch_positions,
+from mlsctl.methods.cribo.ops import (cycle_consistent_neighbours, joint_clustering, object_boxes, patch_positions,
                                       pool_objects, single_linkage_cost)
 from mlsctl.schedules import Schedule
 
@@ -219,7 +219,7 @@ def test_a_two_process_run_holds_identical_object_banks(tmp_path):
 def test_first_round_a_seed_costs_the_image_mean_to_its_own_cluster():
     """(a) In the first round only the seeds are members; a seed has no *other* member in its own
     cluster, so its positional cost there is the fill value, not 0."""
-    from mlsctl.methods.cribo_ops import _fill_and_scale_positional
+    from mlsctl.methods.cribo.ops import _fill_and_scale_positional
 
     positions = torch.tensor([[[0.0, 0.0], [3.0, 0.0], [0.0, 4.0]]])
     distances = torch.cdist(positions, positions).masked_fill(torch.eye(3, dtype=torch.bool), float("inf"))
@@ -234,7 +234,7 @@ def test_first_round_a_seed_costs_the_image_mean_to_its_own_cluster():
 
 def test_fill_value_is_the_mean_over_all_entries_with_empty_ones_as_zero():
     """(b) Not the mean of the non-empty entries alone (that would be 4.0 here)."""
-    from mlsctl.methods.cribo_ops import _fill_and_scale_positional
+    from mlsctl.methods.cribo.ops import _fill_and_scale_positional
 
     inf = float("inf")
     linkage = torch.tensor([[[2.0, inf], [6.0, inf]]])
@@ -244,7 +244,7 @@ def test_fill_value_is_the_mean_over_all_entries_with_empty_ones_as_zero():
 
 def test_an_empty_cluster_gets_a_zero_centroid():
     """(c) Its semantic cost is then 0 for every token in the next round (the old centroid is not kept)."""
-    from mlsctl.methods.cribo_ops import cluster_centroids
+    from mlsctl.methods.cribo.ops import cluster_centroids
 
     z = F.normalize(torch.tensor([[[1.0, 0.0], [1.0, 1.0], [0.0, 1.0]]]), dim=-1)
     centroids, counts = cluster_centroids(z, torch.tensor([[0, 0, 2]]), 3)
@@ -256,7 +256,7 @@ def test_an_empty_cluster_gets_a_zero_centroid():
 def test_tokens_at_the_same_position_are_not_each_others_neighbours():
     """As the authors' code (which takes a zero distance for 'not a member'), a token at exactly the
     same spot in the other view does not count as a neighbour."""
-    from mlsctl.methods.cribo_ops import neighbour_distances
+    from mlsctl.methods.cribo.ops import neighbour_distances
 
     positions = torch.tensor([[[0.0, 0.0], [0.0, 0.0], [3.0, 4.0]]])
     inf = float("inf")

@@ -1,9 +1,9 @@
 """CrIBo: cross-image object-level bootstrapping (Lebailly et al., ICLR 2024; docs/methods.md#cribo).
 
 Per image, two global views with their crop boxes. The teacher's last-layer tokens of both views
-are clustered jointly (:func:`~mlsctl.methods.cribo_ops.joint_clustering`, semantic + positional
+are clustered jointly (:func:`~mlsctl.methods.cribo.ops.joint_clustering`, semantic + positional
 cost, Sinkhorn); each cluster present in both views is an *object*, represented per view by the
-mean of its tokens (``c_1^k``, ``c_2^k``; :func:`~mlsctl.methods.cribo_ops.pool_objects`). The
+mean of its tokens (``c_1^k``, ``c_2^k``; :func:`~mlsctl.methods.cribo.ops.pool_objects`). The
 student's objects reuse the teacher's assignment. Three losses (docs/methods.md#cribo-losses),
 summed with weights 1 : 1 : 1, each the mean of its two directions (the authors' convention for
 all three):
@@ -16,7 +16,7 @@ all three):
 * cross-image object (:func:`cross_image_object_loss`): the teacher distribution of an object's
   nearest neighbour in the object bank (``M1``/``M2``: the stored view-1/view-2 teacher vectors)
   against the student's object of the other view, for the pairs that pass the cycle check
-  (:func:`~mlsctl.methods.cribo_ops.cycle_consistent_neighbours`); each direction averaged over
+  (:func:`~mlsctl.methods.cribo.ops.cycle_consistent_neighbours`); each direction averaged over
   its own valid pairs, then the two directions averaged. The authors divide both directions by
   the first direction's count, a slip we do not copy. On once the bank has been filled.
 
@@ -36,54 +36,21 @@ means over each micro-batch's own objects, as over each process's (docs/accumula
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
 
 from mlsctl import dist
 from mlsctl.bank import Column, MemoryBank, QueryFeature
-from mlsctl.config import MethodConfig, param
 from mlsctl.methods.base import Method, StepOutput
-from mlsctl.methods.cribo_ops import (cycle_consistent_neighbours, joint_clustering, object_boxes, patch_positions,
+from mlsctl.methods.cribo.config import CrIBoConfig
+from mlsctl.methods.cribo.ops import (cycle_consistent_neighbours, joint_clustering, object_boxes, patch_positions,
                                       pool_objects)
 from mlsctl.methods.dino.method import StepCenters, build_student_teacher
 from mlsctl.methods.dino.ops import cross_entropy, dino_loss, teacher_probabilities
 from mlsctl.models.heads import DINOHead, WeightNormLinear
 from mlsctl.schedules import linear_warmup_epochs
-
-
-@dataclass
-class CrIBoConfig(MethodConfig):
-    name: str = param("cribo", help="CrIBo")
-    out_dim: int = param(65536, help="prototypes of each head output layer", ge=2)
-    hidden_dim: int = param(2048, help="head MLP width", ge=1)
-    bottleneck_dim: int = param(256, help="head bottleneck (L2-normalised)", ge=1)
-    head_layers: int = param(3, help="head MLP layers", ge=1)
-    norm_last_layer: bool = param(True, help="fix the output layers' weight-norm gain to 1")
-    student_temp: float = param(0.1, help="tau_s of the global loss", gt=0.0)
-    teacher_temp: float = param(0.07, help="tau_t of the global loss after warm-up", gt=0.0)
-    warmup_teacher_temp: float = param(0.04, help="tau_t of the global loss at epoch 0", gt=0.0)
-    object_student_temp: float = param(0.1, help="tau_s of the object losses", gt=0.0)
-    object_teacher_temp: float = param(0.07, help="tau_t of the object losses after warm-up", gt=0.0)
-    object_warmup_teacher_temp: float = param(0.04, help="tau_t of the object losses at epoch 0", gt=0.0)
-    warmup_teacher_temp_epochs: int = param(30, help="epochs of linear tau_t warm-up (both)", ge=0)
-    center_momentum: float = param(0.9, help="EMA momentum of the global center", ge=0.0, lt=1.0)
-    object_center_momentum: float = param(0.9, help="EMA momentum of the object center", ge=0.0, lt=1.0)
-    momentum_teacher: float = param(0.996, help="teacher EMA momentum at step 0", ge=0.0, le=1.0)
-    momentum_teacher_end: float = param(1.0, help="teacher EMA momentum at the end (cosine)", ge=0.0, le=1.0)
-    n_clusters: int = param(64, help="K, clusters per image", ge=1)
-    cluster_iterations: int = param(5, help="clustering rounds", ge=1)
-    lambda_pos: float = param(2.0, help="weight of the positional cost", ge=0.0)
-    sinkhorn_strength: float = param(20.0, help="lambda of exp(-lambda M)", gt=0.0)
-    sinkhorn_iterations: int = param(5, help="Sinkhorn scalings per round", ge=1)
-    cost_normalization: Literal["image", "batch"] = param(
-        "image", help="min-max of the cost per image, or over the batch (official code)")
-    bank_images: int = param(25000, help="S: the object bank holds S x K objects", ge=1)
-    global_loss: bool = param(True, help="use the global (CLS) loss")
-    cross_view_loss: bool = param(True, help="use the cross-view object loss")
-    cross_image_loss: bool = param(True, help="use the cross-image object loss")
 
 
 def cross_view_object_loss(p1: torch.Tensor, p2: torch.Tensor, s1_logits: torch.Tensor, s2_logits: torch.Tensor,
