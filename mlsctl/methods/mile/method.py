@@ -25,18 +25,17 @@ docs/methods.md#mile-departures).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mlsctl.config import MethodConfig, param
 from mlsctl.errors import UserError
 from mlsctl.methods.base import Method, StepOutput
 from mlsctl.methods.dino.method import StepCenters, build_student_teacher
 from mlsctl.methods.dino.ops import dino_loss, teacher_probabilities
+from mlsctl.methods.mile.config import MILEConfig
 from mlsctl.models.heads import DINOHead
 from mlsctl.schedules import linear_warmup_epochs
 
@@ -86,29 +85,6 @@ class SetEncoder(nn.Module):
         for t in range(1, cls.shape[1]):
             latent = self.fold(latent, tokens[:, t])
         return latent
-
-
-@dataclass
-class MILEConfig(MethodConfig):
-    name: str = param("mile", help="MILE")
-    set_length: int = param(4, help="images per training set (sampled afresh every epoch)", ge=1)
-    objects_file: Optional[str] = param(None, path=True, help="CSV/JSONL of object_id,path (relative to data.root); "
-                                                   "default: one folder per object under data.root")
-    attend: Literal["cls", "patches"] = param("cls", help="what a latent attends to in each image: its CLS or its patch tokens")
-    cross_heads: int = param(6, help="attention heads of Φ_CROSS (must divide the backbone width)", ge=1)
-    out_dim: int = param(65536, help="prototypes K of the DINO head", ge=2)
-    hidden_dim: int = param(2048, help="head MLP width", ge=1)
-    bottleneck_dim: int = param(256, help="head bottleneck (L2-normalised)", ge=1)
-    head_layers: int = param(3, help="head MLP layers", ge=1)
-    norm_last_layer: bool = param(True, help="fix the last layer's weight-norm gain to 1")
-    student_temp: float = param(0.1, help="tau_s", gt=0.0)
-    teacher_temp: float = param(0.07, help="tau_t after warm-up", gt=0.0)
-    warmup_teacher_temp: float = param(0.04, help="tau_t at epoch 0", gt=0.0)
-    warmup_teacher_temp_epochs: int = param(30, help="epochs of linear tau_t warm-up (paper: 0.04 → 0.07 over 30)", ge=0)
-    center_momentum: float = param(0.9, help="EMA momentum of the center", ge=0.0, lt=1.0)
-    momentum_teacher: float = param(0.996, help="teacher EMA momentum at step 0 (paper: 0.996 ViT-S, 0.9996 larger)",
-                                    ge=0.0, le=1.0)
-    momentum_teacher_end: float = param(1.0, help="teacher EMA momentum at the end (cosine)", ge=0.0, le=1.0)
 
 
 class MILENet(nn.Module):
