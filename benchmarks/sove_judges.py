@@ -4,7 +4,7 @@
     python benchmarks/sove_judges.py --no-share      # judge building only
 
 1. Building one step's judges (D and the scores that define Y) with
-   :func:`mlsctl.methods.sove_ops.sample_judges` at the paper's sizes, in a fresh process each
+   :func:`mlsctl.methods.sove.ops.sample_judges` at the paper's sizes, in a fresh process each
    (so its peak resident memory, ``VmHWM``, is its own), beside the dense way of the authors' code
    (the whole [K, N] similarity matrix and a dense Y [K(k+1), K]) for reference. Goal: <= 0.5 s
    per task on this CPU, no [K, N] float32 matrix beyond one chunk.
@@ -51,7 +51,7 @@ def child(kind: str, n: int, d: int, k_anchors: int, k: int, tasks: int, repeats
     import torch
     import torch.nn.functional as F
 
-    from mlsctl.methods.sove_ops import sample_judges, soft_labels
+    from mlsctl.methods.sove.ops import sample_judges, soft_labels
 
     memory = F.normalize(torch.randn(n, d, generator=torch.Generator().manual_seed(0)), dim=1)
     before = _rss_mib()

@@ -28,7 +28,7 @@ METHODS: dict[str, Entry] = {
     "dino": Entry("mlsctl.methods.dino.method:DINO", "mlsctl.methods.dino.config:DINOConfig"),
     "cribo": Entry("mlsctl.methods.cribo.method:CrIBo", "mlsctl.methods.cribo.config:CrIBoConfig"),
     "mile": Entry("mlsctl.methods.mile.method:MILE", "mlsctl.methods.mile.config:MILEConfig"),
-    "sove": Entry("mlsctl.methods.sove:SOVE", "mlsctl.methods.sove:SOVEConfig"),
+    "sove": Entry("mlsctl.methods.sove.method:SOVE", "mlsctl.methods.sove.config:SOVEConfig"),
     "mls": Entry("mlsctl.methods.mls:MLS", "mlsctl.methods.mls:MLSConfig"),
     "ms": Entry("mlsctl.methods.ms:MS", "mlsctl.methods.ms:MSConfig"),
     "refine": Entry("mlsctl.methods.refine:Refine", "mlsctl.methods.refine:RefineConfig"),

@@ -15,7 +15,7 @@ from hypothesis import given, settings, strategies as st
 from mlsctl import config
 from mlsctl.data.masking import block_mask
 from mlsctl.methods.sove import SOVE
-from mlsctl.methods.sove_ops import (cls_loss, judge_overlap, judge_probabilities, nearest_supports, patch_loss,
+from mlsctl.methods.sove.ops import (cls_loss, judge_overlap, judge_probabilities, nearest_supports, patch_loss,
                                      sample_judges, soft_labels)
 from mlsctl.schedules import Schedule
 

@@ -10,9 +10,9 @@ at the start, FIFO, gathered across processes, saved and resumed with every chec
 * ``E_C`` (bank ``E_C``): the teacher CLS embedding of global view 2 of every image;
 * ``E_P`` (bank ``E_P``): one random teacher patch embedding of global view 2 per image.
 
-Every step and every task the judges are drawn afresh (:func:`~mlsctl.methods.sove_ops.sample_judges`):
+Every step and every task the judges are drawn afresh (:func:`~mlsctl.methods.sove.ops.sample_judges`):
 anchors A from the memory, their supports, the judges D and soft labels Y; the same D and Y serve
-student and teacher within a task. Losses (:mod:`mlsctl.methods.sove_ops`):
+student and teacher within a task. Losses (:mod:`mlsctl.methods.sove.ops`):
 
 * ``L_CLS`` — ``H(P(z_t; τ_t), P(z_s; τ_s))`` over cross-view pairs (teacher global views against
   every other student view), averaged over ``cls_tasks`` independent tasks of ``cls_anchors``
@@ -34,58 +34,23 @@ the seconds spent in judge selection (``time/judges``), in the votes and losses
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
 
 from mlsctl import dist
 from mlsctl.bank import Column, MemoryBank, QueryFeature
-from mlsctl.config import MethodConfig, param
 from mlsctl.data.loader import sample_seed
 from mlsctl.methods.base import Method, StepOutput
-from mlsctl.methods.sove_ops import cls_loss, judge_overlap, judge_probabilities, patch_loss, sample_judges
 from mlsctl.methods.dino.method import build_student_teacher
+from mlsctl.methods.sove.config import SOVEConfig
+from mlsctl.methods.sove.ops import cls_loss, judge_overlap, judge_probabilities, patch_loss, sample_judges
 from mlsctl.models.heads import EmbeddingHead
 from mlsctl.schedules import linear_warmup_epochs
 
 RNG_STREAM = 2**33  # SOVE's generators: (seed, step, RNG_STREAM + stream); stream 0 CLS judges, 1 patch judges,
 # 2 + rank the patch each process stores
-
-
-@dataclass
-class SOVEConfig(MethodConfig):
-    name: str = param("sove", help="SOVE")
-    hidden_dim: int = param(2048, help="head MLP width", ge=1)
-    bottleneck_dim: int = param(256, help="d: the L2-normalised embedding of CLS and patches", ge=1)
-    head_layers: int = param(3, help="head MLP layers", ge=1)
-    student_temp: float = param(0.1, help="tau_s", gt=0.0)
-    teacher_temp: float = param(0.04, help="tau_t after warm-up (CLS and patch losses)", gt=0.0)
-    warmup_teacher_temp: float = param(0.04, help="tau_t at epoch 0", gt=0.0)
-    warmup_teacher_temp_epochs: int = param(30, help="epochs of linear tau_t warm-up", ge=0)
-    momentum_teacher: float = param(0.996, help="teacher EMA momentum at step 0", ge=0.0, le=1.0)
-    momentum_teacher_end: float = param(1.0, help="teacher EMA momentum at the end (cosine)", ge=0.0, le=1.0)
-    class_memory_size: int = param(65536, help="N of E_C: teacher CLS embeddings kept", ge=2)
-    patch_memory_size: int = param(8192, help="N of E_P: teacher patch embeddings kept", ge=2)
-    cls_anchors: int = param(4096, help="K: anchors (concepts) per CLS task", ge=2)
-    cls_supports: int = param(8, help="k: nearest entries joining each anchor (judges per concept = k + 1)", ge=0)
-    cls_tasks: int = param(4, help="independent CLS tasks per step, their losses averaged", ge=1)
-    patch_anchors: int = param(512, help="K of the patch tasks", ge=2)
-    patch_supports: int = param(0, help="k of the patch tasks (the paper: the anchor alone)", ge=0)
-    patch_tasks: int = param(1, help="independent patch tasks per step", ge=1)
-    anchor_eps: float = param(0.1, help="eps: an anchor's own label is 1 - eps", ge=0.0, lt=1.0)
-    anchor_selection: Literal["all", "half"] = param(
-        "all", help="CLS tasks: keep every drawn anchor (the paper), or a random half of them (the authors' code); "
-                    "patch tasks always keep every anchor, as the authors' code does")
-    patch_loss: bool = param(True, help="use the non-parametric MIM loss")
-    mask_ratio: float = param(0.3, help="share of each global view's patches masked for the student", ge=0.0, lt=1.0)
-    mask_aspect: tuple[float, float] = param((0.3, 1 / 0.3), help="aspect-ratio range of the mask blocks", gt=0.0)
-    judge_chunk: int = param(512, help="anchor rows scored against a memory at once (tiles of chunk x 16384 scores)",
-                             ge=1)
-    judge_search: Literal["exact", "bf16"] = param(
-        "exact", help="support search: exact float32, or bfloat16 scores with the best 2k rescored exactly (faster on "
-                      "CPUs with AVX-512 BF16; near-ties may differ)")
 
 
 class SOVE(Method):
