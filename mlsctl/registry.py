@@ -29,7 +29,7 @@ METHODS: dict[str, Entry] = {
     "cribo": Entry("mlsctl.methods.cribo.method:CrIBo", "mlsctl.methods.cribo.config:CrIBoConfig"),
     "mile": Entry("mlsctl.methods.mile.method:MILE", "mlsctl.methods.mile.config:MILEConfig"),
     "sove": Entry("mlsctl.methods.sove.method:SOVE", "mlsctl.methods.sove.config:SOVEConfig"),
-    "mls": Entry("mlsctl.methods.mls:MLS", "mlsctl.methods.mls:MLSConfig"),
+    "mls": Entry("mlsctl.methods.mls.method:MLS", "mlsctl.methods.mls.config:MLSConfig"),
     "ms": Entry("mlsctl.methods.ms:MS", "mlsctl.methods.ms:MSConfig"),
     "refine": Entry("mlsctl.methods.refine:Refine", "mlsctl.methods.refine:RefineConfig"),
 }

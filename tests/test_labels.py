@@ -238,7 +238,7 @@ def test_bank_plot_colour_by_a_file_that_is_not_utf8_is_one_sentence(tmp_path):
 
 
 def test_mls_bank_inspect_shows_a_tags_file_that_is_not_utf8_as_its_sentence(tmp_path):
-    from mlsctl.methods.mls_views import queue_views
+    from mlsctl.methods.mls.views import queue_views
 
     bad = write(tmp_path / "latin1.jsonl", NOT_UTF8)
     recipe = SimpleNamespace(method=SimpleNamespace(tags_file=str(bad)), data=SimpleNamespace(root=None))

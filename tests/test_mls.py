@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 from mlsctl import config
-from mlsctl.methods.mls import MLS, info_nce, mls_loss, multi_label_loss, pseudo_labels
+from mlsctl.methods.mls import MLS
+from mlsctl.methods.mls.ops import info_nce, mls_loss, multi_label_loss, pseudo_labels
 from mlsctl.models.batchnorm import GroupBatchNorm2d
 from mlsctl.schedules import Schedule
 
@@ -378,7 +379,7 @@ def test_shipped_recipes_validate(tmp_path):
 
 
 def test_label_precision_counts_neighbours_carrying_each_tag_against_chance():
-    from mlsctl.methods.mls_views import label_precision
+    from mlsctl.methods.mls.views import label_precision
 
     vectors = torch.tensor([[1.0, 0.0], [1.0, 0.01], [0.0, 1.0], [0.01, 1.0], [0.7, 0.7]])
     ids = torch.arange(5)

@@ -52,8 +52,7 @@ the image's own earlier views (``labels/self_share``) and the mean cosine of the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -61,10 +60,11 @@ import torch.nn.functional as F
 
 from mlsctl import dist
 from mlsctl.bank import Column, MemoryBank, QueryFeature
-from mlsctl.config import MethodConfig, param
 from mlsctl.data.loader import sample_seed
 from mlsctl.errors import UserError
 from mlsctl.methods.base import Method, StepOutput
+from mlsctl.methods.mls.config import MLSConfig
+from mlsctl.methods.mls.ops import mls_loss
 from mlsctl.models.backbone import Backbone, BackboneOutput, architecture_kind, build_backbone
 from mlsctl.models.batchnorm import batchnorm_layers, convert_to_group_batchnorm, convert_to_sync_batchnorm
 
@@ -77,87 +77,7 @@ def architecture_kind_or_none(arch: str) -> Optional[str]:
 SHUFFLE_STREAM = 2**34  # the key encoder's batch permutation of step s: (seed, s, SHUFFLE_STREAM)
 
 
-# ------------------------------------------------------------------------------------------ losses
-
-
-def info_nce(query: torch.Tensor, positive_key: torch.Tensor, queue: torch.Tensor, temperature: float) -> torch.Tensor:
-    """MoCo's InfoNCE: ``-log exp(q·k+/τ) / (exp(q·k+/τ) + Σ_j exp(q·Q_j/τ))`` averaged over the
-    batch; ``query`` [B, d], ``positive_key`` [B, d], ``queue`` [D, d], all L2-normalised."""
-    positive = (query * positive_key).sum(dim=1, keepdim=True)
-    logits = torch.cat([positive, query @ queue.T], dim=1) / temperature
-    return F.cross_entropy(logits, torch.zeros(len(query), dtype=torch.long, device=query.device))
-
-
-def pseudo_labels(features: torch.Tensor, queue: torch.Tensor, k: int) -> torch.Tensor:
-    """``y`` [B, D]: 1 at the k queue entries most similar to each feature (cosine of normalised
-    vectors: a dot product), 0 elsewhere — exactly k ones per row (ties broken by topk)."""
-    if not 1 <= k <= queue.shape[0]:
-        raise ValueError(f"k must be in [1, {queue.shape[0]}], got {k}")
-    top = (features @ queue.T).topk(k, dim=1).indices
-    return torch.zeros(len(features), queue.shape[0], dtype=features.dtype, device=features.device).scatter_(1, top, 1.0)
-
-
-def multi_label_loss(query: torch.Tensor, queue: torch.Tensor, labels: torch.Tensor, temperature: float,
-                     kind: str = "bce") -> torch.Tensor:
-    """``L_ml`` of logits ``p = query · queueᵀ`` [B, D] against multi-hot ``labels`` [B, D]:
-
-    * ``bce`` (MLS, Eq. 9): ``-1/D Σ_i [y_i log σ(p_i/τ) + (1 - y_i) log(1 - σ(p_i/τ))]``;
-    * ``bce_pos`` (supplement Eq. 15): ``-1/D Σ_i y_i log σ(p_i/τ)``;
-    * ``knn_softmax`` (supplement Eq. 10): ``-1/N_pos Σ_{i: y_i=1} log softmax(p/τ)_i``;
-
-    each averaged over the batch."""
-    logits = (query @ queue.T) / temperature
-    if kind == "bce":
-        return F.binary_cross_entropy_with_logits(logits, labels)
-    if kind == "bce_pos":
-        return (labels * F.softplus(-logits)).mean()
-    if kind == "knn_softmax":
-        log_p = F.log_softmax(logits, dim=1)
-        return (-(labels * log_p).sum(dim=1) / labels.sum(dim=1).clamp_min(1)).mean()
-    raise ValueError(f"unknown multi-label loss {kind!r}")
-
-
-def mls_loss(z1: torch.Tensor, z2: torch.Tensor, label_features: torch.Tensor, label_queue: torch.Tensor,
-             z_queue: torch.Tensor, *, k: int, temperature: float, weight: float,
-             kind: str = "bce") -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
-    """``L = InfoNCE(z1, z2, Q_z) + λ · L_ml(z1, Q_z, y)``, y = top-k of ``label_features ·
-    label_queueᵀ`` (g1 and Q_g in MLS). Returns (loss, detached terms, labels). λ = 0 skips the
-    multi-label term (MoCo-v2 exactly)."""
-    contrastive = info_nce(z1, z2, z_queue, temperature)
-    labels = pseudo_labels(label_features.detach(), label_queue, k)
-    if weight == 0:
-        return contrastive, {"info_nce": contrastive.detach()}, labels
-    ml = multi_label_loss(z1, z_queue, labels, temperature, kind)
-    return contrastive + weight * ml, {"info_nce": contrastive.detach(), "multi_label": ml.detach()}, labels
-
-
 # ------------------------------------------------------------------------------------------ method
-
-
-@dataclass
-class MLSConfig(MethodConfig):
-    name: str = param("mls", help="MLS (lambda_ml: 0 is MoCo-v2)")
-    queue_size: int = param(4096, help="D: entries of each queue, Q_g and Q_z", ge=2)
-    k: int = param(20, help="pseudo-labels per image: the top-k entries of Q_g", ge=1)
-    temperature: float = param(0.2, help="τ of InfoNCE and of the multi-label logits", gt=0.0)
-    lambda_ml: float = param(0.5, help="λ: weight of the multi-label loss; 0 is MoCo-v2", ge=0.0)
-    label_queue: Literal["g", "z"] = param("g", help="queue the pseudo-labels come from: g (Q_g, two queues, MLS) "
-                                                     "or z (Q_z, one queue: the ablation)")
-    multi_label_loss: Literal["bce", "bce_pos", "knn_softmax"] = param(
-        "bce", help="bce (MLS), bce_pos (positive terms only) or knn_softmax (the supplement's Eq. 10)")
-    proj_hidden_dim: int = param(2048, help="projector MLP width", ge=1)
-    proj_dim: int = param(256, help="dimension of z", ge=1)
-    momentum_teacher: float = param(0.995, help="m: momentum of the key encoder at the start", ge=0.0, le=1.0)
-    momentum_teacher_end: float = param(0.995, help="momentum at the end (cosine; equal to the start: constant, "
-                                                    "as MoCo)", ge=0.0, le=1.0)
-    global_feature: Literal["auto", "cls", "pooled"] = param(
-        "auto", help="g: auto (CNN: average-pooled last stage; ViT: CLS token), cls (ViT only) or pooled "
-                     "(mean of the grid)")
-    key_bn: Literal["shuffle", "sync"] = param("shuffle", help="BatchNorm defence of the key encoder: shuffle "
-                                                               "(grouped statistics + shuffled keys) or sync")
-    bn_group_size: int = param(32, help="images per BatchNorm group with key_bn=shuffle (MoCo: 32 per GPU)", ge=2)
-    tags_file: Optional[str] = param(None, help="JSONL/CSV of image tags for `mlsctl bank inspect` (default: "
-                                                "scenes.jsonl in data.root or its parent when present)", path=True)
 
 
 class Encoder(nn.Module):
@@ -273,7 +193,7 @@ class MLS(Method):
 
     @classmethod
     def bank_views(cls, recipe, banks, image_paths=None):
-        from mlsctl.methods.mls_views import queue_views
+        from mlsctl.methods.mls.views import queue_views
 
         return queue_views(recipe, banks, image_paths)
 
