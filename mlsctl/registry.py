@@ -30,7 +30,7 @@ METHODS: dict[str, Entry] = {
     "mile": Entry("mlsctl.methods.mile.method:MILE", "mlsctl.methods.mile.config:MILEConfig"),
     "sove": Entry("mlsctl.methods.sove.method:SOVE", "mlsctl.methods.sove.config:SOVEConfig"),
     "mls": Entry("mlsctl.methods.mls.method:MLS", "mlsctl.methods.mls.config:MLSConfig"),
-    "ms": Entry("mlsctl.methods.ms:MS", "mlsctl.methods.ms:MSConfig"),
+    "ms": Entry("mlsctl.methods.ms.method:MS", "mlsctl.methods.ms.config:MSConfig"),
     "refine": Entry("mlsctl.methods.refine:Refine", "mlsctl.methods.refine:RefineConfig"),
 }
 

@@ -30,10 +30,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from mlsctl.config import MethodConfig, param
 from mlsctl.data.labels import class_ids, labels_of
 from mlsctl.data.loader import Batch, MultiCropDataset, collate
 from mlsctl.methods.base import Method, StepOutput
+from mlsctl.methods.ms.config import MSConfig
 from mlsctl.models.backbone import build_backbone
 
 
@@ -79,18 +79,6 @@ def labelled_collate(dataset: LabelledCrops):
 
 
 # ------------------------------------------------------------------------------------------ method
-
-
-@dataclass
-class MSConfig(MethodConfig):
-    name: str = param("ms", help="Multi-Similarity baseline (supervised, labels from folders or a labels file)")
-    labels_file: Optional[str] = param(None, path=True, help="CSV/JSONL of path,label (paths relative to data.root); "
-                                                             "default: each image's folder is its class")
-    m_per_class: int = param(4, help="images of each class in a batch (optim.batch_size must be a multiple)", ge=1)
-    alpha: float = param(2.0, help="alpha: weight of the positive pairs", gt=0.0)
-    beta: float = param(40.0, help="beta: weight of the negative pairs", gt=0.0)
-    base: float = param(0.5, help="lambda: the similarity the pairs are measured from")
-    epsilon: float = param(0.1, help="the miner's margin epsilon", ge=0.0)
 
 
 class MS(Method):
