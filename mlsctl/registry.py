@@ -31,7 +31,7 @@ METHODS: dict[str, Entry] = {
     "sove": Entry("mlsctl.methods.sove.method:SOVE", "mlsctl.methods.sove.config:SOVEConfig"),
     "mls": Entry("mlsctl.methods.mls.method:MLS", "mlsctl.methods.mls.config:MLSConfig"),
     "ms": Entry("mlsctl.methods.ms.method:MS", "mlsctl.methods.ms.config:MSConfig"),
-    "refine": Entry("mlsctl.methods.refine:Refine", "mlsctl.methods.refine:RefineConfig"),
+    "refine": Entry("mlsctl.methods.refine.method:Refine", "mlsctl.methods.refine.config:RefineConfig"),
 }
 
 

@@ -50,14 +50,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from mlsctl.config import MethodConfig, param
 from mlsctl.errors import UserError
 from mlsctl.methods.base import Method, StepOutput
+from mlsctl.methods.refine.config import RefineConfig
 from mlsctl.models.refiner import INPUT_SCALES, CrossAttentionBlock, Refiner  # noqa: F401 - re-exported
 
 
@@ -132,26 +132,6 @@ class ContextDataset(torch.utils.data.Dataset):
 
 
 # ------------------------------------------------------------------------------------------ the method
-
-
-@dataclass
-class RefineConfig(MethodConfig):
-    name: str = param("refine", help="context refinement of the embeddings in the feature folder data.root")
-    labels_file: Optional[str] = param(None, path=True, help="CSV/JSONL of path,label for the feature rows' files; "
-                                                             "default: each file's folder is its class")
-    blocks: int = param(8, help="T: cross-attention blocks", ge=1)
-    neighbours: int = param(8, help="k: nearest neighbours each embedding attends to", ge=1)
-    out_dim: int = param(0, help="d2 of the optional final linear layer d1 -> d2 (+ normalisation); 0 = none", ge=0)
-    mlp_ratio: float = param(2.0, help="MLP width of a block, in multiples of d1", gt=0.0)
-    zero_init: bool = param(True, help="W_o and W_2 start at zero: every block starts as the identity")
-    input_scale: Literal["sqrt_d", "none"] = param(
-        "sqrt_d", help="sqrt_d: each block works on sqrt(d1) x and sqrt(d1) n (unit variance per coordinate; ours, "
-                       "not in the paper); none: on the unit vectors themselves (docs/methods.md#context-refinement)")
-    positives_per_class: int = param(2, help="embeddings of each class in a batch", ge=2)
-    alpha: float = param(2.0, help="Multi-Similarity alpha", gt=0.0)
-    beta: float = param(40.0, help="Multi-Similarity beta", gt=0.0)
-    base: float = param(0.5, help="Multi-Similarity lambda")
-    epsilon: float = param(0.1, help="the miner's margin epsilon", ge=0.0)
 
 
 def refine_dataset(recipe, data: FeatureData) -> ContextDataset:
