@@ -108,6 +108,44 @@ def test_shipped_recipes_validate(path: Path):
     assert "\n" not in recipe.description
 
 
+_READ_EVERY_RECIPE = """
+import json, sys
+from pathlib import Path
+from mlsctl import config, registry
+from mlsctl.runs import Run
+
+root, run = sys.argv[1], Path(sys.argv[2])
+for path in sorted(Path(sys.argv[3]).glob("*.yaml")):
+    recipe = config.load_recipe(str(path), [f"data.root={root}"])
+    run.mkdir(exist_ok=True)
+    config.save_recipe(recipe, run / "config.yaml")
+    assert Run(run).is_run(), path
+for name in registry.names():
+    registry.config_class(name)()
+print(json.dumps(sorted(sys.modules)))
+"""
+
+
+def test_reading_a_recipe_imports_no_method_and_no_torch(tmp_path: Path):
+    """Typing a recipe's method section (every shipped recipe, and a run's config.yaml through
+    Run.is_run) loads its config class from mlsctl.registry, never the method's stack."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", _READ_EVERY_RECIPE, str(tmp_path), str(tmp_path / "run"),
+                             str(REPO / "recipes")], capture_output=True, text=True, cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr
+    loaded = json.loads(result.stdout)
+    assert [m for m in loaded if m == "torch" or m.startswith("torch.")] == []
+    heavy = [m for m in loaded if m.startswith("mlsctl.methods.") and not m.endswith((".config", "base_config"))
+             and m.count(".") > 2]
+    assert heavy == [] and "mlsctl.methods.base" not in loaded
+    assert all(f"mlsctl.methods.{name}.config" in loaded for name in ("dino", "cribo", "mile", "sove", "mls", "ms", "refine"))
+
+
 def test_cli_reports_unknown_key_with_exit_code_2(tmp_path: Path):
     result = run_cli("pretrain", str(REPO / "recipes" / "dino_fmnist_quick.yaml"), "optim.lrr=1", "--out", str(tmp_path / "x"))
     assert result.returncode == 2
