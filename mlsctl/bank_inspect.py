@@ -29,9 +29,9 @@ from mlsctl.runs import Checkpoint, Run
 
 
 def open_banks(run_dir: str | Path, step: Optional[int] = None) -> tuple[Run, Checkpoint, dict[str, MemoryBank]]:
-    run = Run(run_dir)
-    if not run.config_path.is_file():
-        raise UserError(f"{run_dir} is not a run folder (no config.yaml); give a folder written by mlsctl pretrain")
+    from mlsctl.restore import open_run
+
+    run = open_run(run_dir)
     checkpoint = run.checkpoint(step)
     if not checkpoint.banks_path.is_file():
         raise UserError(f"checkpoint {checkpoint.path} has no banks.safetensors; it is incomplete, delete it")
@@ -44,9 +44,10 @@ def open_banks(run_dir: str | Path, step: Optional[int] = None) -> tuple[Run, Ch
 
 def method_views(run: Run, banks: dict[str, MemoryBank]) -> dict[str, list[tuple[str, str, object]]]:
     """The run's method's own rows for ``bank inspect`` (:meth:`~mlsctl.methods.base.Method.bank_views`)."""
-    from mlsctl import config as config_lib, methods
+    from mlsctl import methods
+    from mlsctl.restore import recipe_of
 
-    recipe = config_lib.load_recipe(str(run.config_path))
+    recipe = recipe_of(run)
     sources = SourceImages(run)
     paths = [sources.root / relpath for relpath in sources.relpaths]
     return methods.method_class(recipe.method.name).bank_views(recipe, banks, paths)
@@ -71,9 +72,9 @@ class SourceImages:
     is right only while that folder is unchanged."""
 
     def __init__(self, run: Run):
-        from mlsctl import config as config_lib
+        from mlsctl.restore import recipe_of
 
-        recipe = config_lib.load_recipe(str(run.config_path))
+        recipe = recipe_of(run)
         self.root = Path(recipe.data.root)
         self.note = None
         listed = run.image_list()

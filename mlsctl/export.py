@@ -38,15 +38,12 @@ EXPORT_FILES = ("config.json", "model.safetensors", "mlsctl.json")
 
 
 def _teacher(run_dir: Path, step: Optional[int]):
-    from mlsctl import config as config_lib
-    from mlsctl.models.source import from_checkpoint, from_run
+    from mlsctl.restore import from_checkpoint, from_run, open_run, recipe_of
 
-    run = Run(run_dir)
-    if not run.root.exists():
+    if not Path(run_dir).exists():
         raise UserError(f"{run_dir} does not exist; give a run folder written by mlsctl pretrain")
-    if not run.config_path.is_file():
-        raise UserError(f"{run_dir} is not a run folder (no config.yaml); give a folder written by mlsctl pretrain")
-    recipe = config_lib.load_recipe(str(run.config_path))
+    run = open_run(run_dir)
+    recipe = recipe_of(run)
     if step is None:
         choice = from_run(run_dir)
         checkpoint_step = run.latest().step if run.latest() is not None else None
@@ -285,7 +282,9 @@ def load_backbone(path: str | Path) -> torch.nn.Module:
     path = Path(path)
     if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
         return _load_export(path)
-    if (path / "config.yaml").is_file():
+    from mlsctl.restore import is_run_folder
+
+    if is_run_folder(path):
         from mlsctl.models import lora
 
         run, recipe, choice, step = _teacher(path, None)

@@ -115,25 +115,14 @@ class SetModel:
 
 def load_set_model(run_dir: str | os.PathLike) -> SetModel:
     """The teacher backbone and set encoder of a MILE run's latest checkpoint."""
-    import dataclasses
-
-    from safetensors.torch import load_file
-
-    from mlsctl import config as config_lib, methods
     from mlsctl.models.source import model_choice
-    from mlsctl.runs import Run
-    from mlsctl.schedules import Schedule
+    from mlsctl.restore import method_from_checkpoint, open_run, recipe_of
 
-    run = Run(run_dir)
-    if not run.config_path.is_file():
-        raise UserError(f"{run_dir} is not a run folder (no config.yaml); give a MILE run written by mlsctl pretrain")
-    recipe = config_lib.load_recipe(str(run.config_path))
+    run = open_run(run_dir, hint="give a MILE run written by mlsctl pretrain")
+    recipe = recipe_of(run)
     if recipe.method.name != "mile":
         raise UserError(f"run {run.root} trained {recipe.method.name}, not mile; galleries need a MILE run's set encoder")
-    checkpoint = run.checkpoint()
-    recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, weights=None, pretrained=False))
-    method = methods.method_class("mile")(recipe, Schedule(steps_per_epoch=1, epochs=recipe.optim.epochs))
-    method.load_state_dict(load_file(str(checkpoint.model_path)), strict=True)
+    recipe, method, checkpoint = method_from_checkpoint(run, recipe=recipe)
     method.eval()
     backbone = model_choice(method.teacher_backbone(), f"teacher of MILE run {run.root} at step {checkpoint.step}",
                             "run-checkpoint", str(checkpoint.path), recipe.model.img_size)

@@ -255,7 +255,7 @@ def _banks(run: Run, recipe) -> str:
     from mlsctl.bank_health import bank_health
     from mlsctl.bank_inspect import SourceImages, embed_query, nearest_entries, neighbour_tiles, open_banks
     from mlsctl.data.images import BadImage, load_rgb
-    from mlsctl.models.source import from_checkpoint
+    from mlsctl.restore import from_checkpoint
     from mlsctl.viz import neighbour_grid
 
     if run.latest() is None:
@@ -295,7 +295,7 @@ class RunWeights:
     a result names that checkpoint."""
 
     def __init__(self, run: Run, recipe):
-        from mlsctl.models.source import from_run
+        from mlsctl.restore import from_run
 
         self.run, self.recipe = run, recipe
         self.root = run.root.resolve()
@@ -318,7 +318,7 @@ class RunWeights:
         return resolved == str(self.root) or resolved.startswith(str(self.root) + "/")
 
     def checkpoint_fingerprint(self, step: int) -> Optional[str]:
-        from mlsctl.models.source import from_checkpoint
+        from mlsctl.restore import from_checkpoint
 
         if step not in self._checkpoints:
             found = [c for c in self.run.checkpoints() if c.step == step]
@@ -529,13 +529,11 @@ def _evaluations(run: Run, folders: Sequence[Path], weights: RunWeights) -> tupl
 
 def write_report(run_dir: str | Path, out: str | Path, *, results: Sequence[str | Path] = ("results",),
                  patch_images: int = 8) -> dict:
-    from mlsctl import config as config_lib
     from mlsctl.curves import plot_runs
+    from mlsctl.restore import open_run, recipe_of
 
-    run = Run(run_dir)
-    if not run.config_path.is_file():
-        raise UserError(f"{run_dir} is not a run folder (no config.yaml); give a folder written by mlsctl pretrain")
-    recipe = config_lib.load_recipe(str(run.config_path))
+    run = open_run(run_dir)
+    recipe = recipe_of(run)
     body = {}
     weights = RunWeights(run, recipe)
     body["summary"] = _summary(run, recipe, weights)

@@ -8,7 +8,7 @@
                                         with what (mlsctl_version, commit, torch_version) it was trained
     RUN/start.json                      what the weights started from: {"init_from": path or null}
                                         (with the recipe's model.weights and seed, the start is rebuilt
-                                        exactly: mlsctl.models.source.from_run_start)
+                                        exactly: mlsctl.restore.from_run_start)
     RUN/images.txt                      the training images, one path per line relative to data.root:
                                         line i is the image a bank's ``image_id`` i refers to
     RUN/teacher.safetensors             the final teacher backbone in timm's key layout (LoRA merged)

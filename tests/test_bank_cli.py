@@ -80,7 +80,7 @@ def planted_run(finished_run, tmp_path):
     from mlsctl import config as config_lib
     from mlsctl.bank_inspect import SourceImages, embed_query
     from mlsctl.data.images import load_rgb
-    from mlsctl.models.source import from_checkpoint
+    from mlsctl.restore import from_checkpoint
     from mlsctl.runs import Run
 
     source, _ = finished_run

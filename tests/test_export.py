@@ -215,7 +215,7 @@ def test_24_1_timms_transform_of_the_run_and_of_the_export_is_embeds(finished_ru
 
 def test_24_1_the_export_says_what_it_is_and_borrows_no_tag_or_licence(finished_run, tmp_path, capsys):
     from mlsctl import load_backbone
-    from mlsctl.models.source import from_run
+    from mlsctl.restore import from_run
     from mlsctl.runs import Run
 
     run_dir, recipe = finished_run

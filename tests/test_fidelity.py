@@ -244,7 +244,7 @@ def test_supervised_ceiling_writes_a_run_that_evaluations_read(tmp_path: Path):
     from PIL import Image
     from safetensors.torch import load_file
 
-    from mlsctl.models.source import from_run
+    from mlsctl.restore import from_run
 
     rng = np.random.default_rng(0)
     (tmp_path / "images").mkdir()

@@ -299,7 +299,7 @@ def test_8_errors_of_the_environment_are_one_sentence(error, words, monkeypatch,
     def raises(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr("mlsctl.models.source.choose_model", lambda **kw: _FakeChoice())
+    monkeypatch.setattr("mlsctl.restore.choose_model", lambda **kw: _FakeChoice())
     monkeypatch.setattr("mlsctl.features.embed_folder", raises)
     code, _, err = cli("embed", str(tmp_path), capsys=capsys)
     line = one_sentence(err)
@@ -314,7 +314,7 @@ def test_8_debug_shows_the_traceback(monkeypatch, capsys, tmp_path):
     def raises(*args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied", "/root/run")
 
-    monkeypatch.setattr("mlsctl.models.source.choose_model", lambda **kw: _FakeChoice())
+    monkeypatch.setattr("mlsctl.restore.choose_model", lambda **kw: _FakeChoice())
     monkeypatch.setattr("mlsctl.features.embed_folder", raises)
     with pytest.raises(PermissionError):
         cli("embed", str(tmp_path), "--debug", capsys=capsys)
@@ -327,7 +327,7 @@ def test_8_an_unexpected_error_is_one_sentence_that_points_to_debug(monkeypatch,
     def bug(*args, **kwargs):
         raise KeyError("oops")
 
-    monkeypatch.setattr("mlsctl.models.source.choose_model", bug)
+    monkeypatch.setattr("mlsctl.restore.choose_model", bug)
     code, _, err = cli("embed", str(tmp_path), capsys=capsys)
     assert code == 1 and "--debug" in one_sentence(err) and "KeyError" in err
 

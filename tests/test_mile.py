@@ -253,7 +253,8 @@ def test_query_sets_sample_four_photos_seeded_as_the_authors():
 def test_the_start_backbone_is_what_the_run_started_from(finished_run, tmp_path, capsys):
     from conftest import cli
 
-    from mlsctl.models.source import from_run_start, from_weights
+    from mlsctl.models.source import from_weights
+    from mlsctl.restore import from_run_start
 
     run, recipe = finished_run
     teacher = run / "teacher.safetensors"

@@ -16,7 +16,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 def _teacher_fingerprint(run) -> str:
-    from mlsctl.models.source import from_run
+    from mlsctl.restore import from_run
 
     return from_run(run).fingerprint
 
@@ -110,7 +110,7 @@ def test_24_2_evaluations_are_matched_to_the_run_by_fingerprint(finished_run, tm
     as the run's teacher whose fingerprint is not the teacher's (the run was trained again). Each
     names its data; a result of another model in --results stays out."""
     from mlsctl import config as config_lib
-    from mlsctl.models.source import from_checkpoint, from_run
+    from mlsctl.restore import from_checkpoint, from_run
     from mlsctl.runs import Run
 
     run_dir, _ = finished_run

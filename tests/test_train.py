@@ -107,7 +107,7 @@ def test_run_folder_rules(finished_run, tmp_path: Path, capsys):
 
 def test_init_from_a_run_and_from_a_weights_file(finished_run, images: Path):
     run_dir, recipe_path = finished_run
-    from mlsctl.train import _load_initial_weights
+    from mlsctl.restore import initial_weights as _load_initial_weights
 
     recipe = config.load_recipe(str(recipe_path))
     torch.manual_seed(1)

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from mlsctl.models.source import choose_model
+from mlsctl.restore import choose_model
 
 from conftest import REPO
 

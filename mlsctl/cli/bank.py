@@ -123,12 +123,11 @@ def neighbors(
     """
     from dataclasses import asdict
 
-    from mlsctl import config as config_lib
     from mlsctl.bank_inspect import (SourceImages, choose_bank, embed_query, nearest_entries, neighbour_tiles,
                                      open_banks)
     from mlsctl.data.images import BadImage, load_rgb
     from mlsctl.errors import UserError
-    from mlsctl.models.source import from_checkpoint
+    from mlsctl.restore import from_checkpoint, recipe_of
     from mlsctl.viz import neighbour_grid
 
     try:
@@ -140,7 +139,7 @@ def neighbors(
     if chosen.written == 0:
         raise UserError(f"bank '{name}' holds no entry written by training at step {checkpoint.step} (only its random "
                         f"start); choose a later checkpoint with --step")
-    recipe = config_lib.load_recipe(str(run_.config_path))
+    recipe = recipe_of(run_)
     model = from_checkpoint(recipe, checkpoint, run_)
     _say(f"query embedded with the {model.description}")
     vector = embed_query(model, chosen, [image], recipe.data.global_crops.size)[0]

@@ -52,7 +52,7 @@ def embed(
     from mlsctl import dist
     from mlsctl.errors import UserError
     from mlsctl.features import default_out, embed_folder, embed_split, folder_label
-    from mlsctl.models.source import choose_model
+    from mlsctl.restore import choose_model
 
     if (images is None) == (dataset is None):
         raise UserError("give a folder of images, or --dataset with --root and --split (not both)")

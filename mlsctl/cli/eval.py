@@ -23,7 +23,7 @@ def _say(line: str) -> None:
 def _model_on_demand(run, weights, arch, random_init: bool, seed: int):
     """The model of the model flags, chosen (and announced) the first time an image folder needs
     embedding; ``.chosen`` holds it afterwards (None while feature folders sufficed)."""
-    from mlsctl.models.source import choose_model
+    from mlsctl.restore import choose_model
 
     def get_model():
         if get_model.chosen is None:
@@ -573,7 +573,7 @@ def retrieval(
     from mlsctl.errors import UserError
     from mlsctl.evaluate.retrieval import evaluate_retrieval, sample_sets
     from mlsctl.gallery import load_images, object_folders
-    from mlsctl.models.source import from_run_start
+    from mlsctl.restore import from_run_start
 
     fractions = []
     for value in noise or ["0", "0.25", "0.5"]:

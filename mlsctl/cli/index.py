@@ -26,7 +26,7 @@ def _say(line: str) -> None:
 def _set_model(run: Optional[Path]):
     from mlsctl.errors import UserError
     from mlsctl.gallery import load_set_model
-    from mlsctl.models.source import newest_run
+    from mlsctl.restore import newest_run
 
     if run is None:
         found = newest_run("runs")

@@ -1,6 +1,8 @@
 """Which backbone features come from: a run's teacher, a weights file, a random init, or DINOv2.
 
-:func:`choose_model` resolves the model flags of ``embed`` (and of every command that embeds):
+:func:`mlsctl.restore.choose_model` resolves the model flags of ``embed`` (and of every command that
+embeds); the choices that read a run back (a run's teacher, a checkpoint's, a run's start) live in
+:mod:`mlsctl.restore`, the others (a weights file, DINOv2) and what every choice carries live here:
 
 * ``run=RUN``: the run's exported teacher (``RUN/teacher.safetensors``); while a run has no export
   yet, the teacher of its latest checkpoint. ``random_init=True`` builds the same architecture
@@ -20,7 +22,6 @@ its ``step``, ``weights``, ``random-init`` with its ``seed``, ``run-start``, ``d
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -31,8 +32,7 @@ from typing import Optional
 import torch
 
 from mlsctl.errors import UserError
-from mlsctl.models.backbone import Backbone, build_backbone
-from mlsctl.runs import Run
+from mlsctl.models.backbone import Backbone
 
 DINOV2_ARCH = "vit_small_patch14_dinov2.lvd142m"
 DINOV2_REPO = "timm/vit_small_patch14_dinov2.lvd142m"
@@ -69,104 +69,6 @@ def model_choice(backbone: Backbone, description: str, source: str, path: Option
             "patch_size": backbone.patch_size, "embed_dim": backbone.embed_dim,
             "fingerprint": fingerprint(lora.unwrap(backbone.model))}
     return ModelChoice(backbone, description, info)
-
-
-def newest_run(root: str | Path = "runs") -> Optional[Run]:
-    """The run under ``root`` whose teacher export or latest checkpoint is the most recent."""
-    root = Path(root)
-    if not root.is_dir():
-        return None
-    best, best_time = None, -1.0
-    for path in root.iterdir():
-        run = Run(path)
-        if not run.config_path.is_file():
-            continue
-        stamps = [p.stat().st_mtime for p in (run.teacher_weights_path,) if p.is_file()]
-        latest = run.latest()
-        if latest is not None:
-            stamps.append(latest.state_path.stat().st_mtime)
-        if stamps and max(stamps) > best_time:
-            best, best_time = run, max(stamps)
-    return best
-
-
-def from_run(run_dir: str | Path, *, random_init: bool = False, seed: int = 0) -> ModelChoice:
-    from mlsctl import config as config_lib
-
-    run = Run(run_dir)
-    if not run.config_path.is_file():
-        raise UserError(f"--run {run_dir} is not a run folder (no config.yaml); give a folder written by mlsctl pretrain")
-    recipe = config_lib.load_recipe(str(run.config_path))
-    model_cfg = recipe.model
-    if random_init:
-        torch.manual_seed(seed)
-        plain = dataclasses.replace(model_cfg, lora=dataclasses.replace(model_cfg.lora, enabled=False))
-        backbone = build_backbone(plain, drop_path_rate=0.0, load_weights=False)
-        choice = model_choice(backbone, f"randomly initialised {model_cfg.arch} (architecture of run {run.root}, seed {seed})",
-                              "random-init", str(run.root), model_cfg.img_size)
-        choice.info["seed"] = seed
-        return choice
-    if run.teacher_weights_path.is_file():
-        plain = dataclasses.replace(model_cfg, weights=str(run.teacher_weights_path), pretrained=False,
-                                    lora=dataclasses.replace(model_cfg.lora, enabled=False))
-        backbone = build_backbone(plain, drop_path_rate=0.0)
-        return model_choice(backbone, f"teacher of run {run.root} ({run.teacher_weights_path.name})", "run",
-                       str(run.teacher_weights_path), model_cfg.img_size)
-    checkpoint = run.latest()
-    if checkpoint is None:
-        raise UserError(f"run {run.root} has neither teacher.safetensors nor a checkpoint yet; wait for its first "
-                        f"checkpoint or choose another --run")
-    choice = from_checkpoint(recipe, checkpoint, run)
-    choice.description += " (no final export yet)"
-    return choice
-
-
-def from_checkpoint(recipe, checkpoint, run: Run) -> ModelChoice:
-    """The teacher of a checkpoint, taken from the method itself (so any method's layout works)."""
-    from safetensors.torch import load_file
-
-    from mlsctl import methods
-    from mlsctl.schedules import Schedule
-
-    state = checkpoint.state()
-    model_cfg = dataclasses.replace(recipe.model, weights=None, pretrained=False)
-    recipe = dataclasses.replace(recipe, model=model_cfg)
-    method = methods.method_class(recipe.method.name)(recipe, Schedule(steps_per_epoch=1, epochs=recipe.optim.epochs))
-    method.load_state_dict(load_file(str(checkpoint.model_path)), strict=True)
-    backbone = method.teacher_backbone()
-    choice = model_choice(backbone, f"teacher of run {run.root} at step {state['step']}", "run-checkpoint",
-                          str(checkpoint.path), recipe.model.img_size)
-    choice.info["step"] = state["step"]
-    for bank in method.banks().values():
-        name = bank.query_feature.projection if bank.query_feature else None
-        if name is not None and name not in choice.projections:
-            choice.projections[name] = method.query_projection(name).eval()
-    return choice
-
-
-def from_run_start(run_dir: str | Path) -> ModelChoice:
-    """The backbone a run started from, rebuilt exactly: the method built under the recipe's seed
-    (what the training loop does before its first step: random init, or ``model.weights`` /
-    ``model.pretrained``), then the run's ``--init-from`` (``RUN/start.json``). The baseline a
-    method's training must improve on (MILE's single-image baselines use it, as its authors do)."""
-    from mlsctl import config as config_lib
-    from mlsctl import methods
-    from mlsctl.schedules import Schedule
-    from mlsctl.train import _load_initial_weights
-
-    run = Run(run_dir)
-    if not run.config_path.is_file():
-        raise UserError(f"--run {run_dir} is not a run folder (no config.yaml); give a folder written by mlsctl pretrain")
-    recipe = config_lib.load_recipe(str(run.config_path))
-    torch.manual_seed(recipe.seed)
-    method = methods.method_class(recipe.method.name)(recipe, Schedule(steps_per_epoch=1, epochs=recipe.optim.epochs))
-    init_from = run.init_from()
-    if init_from:
-        _load_initial_weights(method, init_from)
-    start = (f"--init-from {init_from}" if init_from else f"model.weights {recipe.model.weights}" if recipe.model.weights
-             else "timm's pretrained weights" if recipe.model.pretrained else f"random init, seed {recipe.seed}")
-    return model_choice(method.teacher_backbone(), f"backbone run {run.root} started from ({start})", "run-start",
-                        str(run.root), recipe.model.img_size)
 
 
 def from_weights(path: str | Path, arch: Optional[str] = None, *, img_size: Optional[int] = None,
@@ -256,21 +158,3 @@ def dinov2_small() -> ModelChoice:
 
 _HOW_TO_CHOOSE = ("no model given, no run under ./runs and timm's DINOv2 ViT-S/14 is neither cached nor downloadable: "
                   "choose one with --run RUN or --weights FILE --model NAME")
-
-
-def choose_model(*, run: Optional[str | Path] = None, weights: Optional[str | Path] = None, arch: Optional[str] = None,
-                 random_init: bool = False, seed: int = 0, runs_root: str | Path = "runs") -> ModelChoice:
-    if run is not None and weights is not None:
-        raise UserError("give either --run or --weights, not both")
-    if weights is not None:
-        return from_weights(weights, arch, random_init=random_init, seed=seed)
-    if arch is not None and run is None:
-        raise UserError("--model names the architecture of a --weights file; add --weights FILE, or use --run RUN")
-    if run is None:
-        found = newest_run(runs_root)
-        if found is None:
-            if random_init:
-                raise UserError(f"--random-init needs --run RUN (no run under {runs_root}/ to take the architecture from)")
-            return dinov2_small()
-        run = found.root
-    return from_run(run, random_init=random_init, seed=seed)

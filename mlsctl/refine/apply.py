@@ -53,15 +53,12 @@ def load_refiner(run_dir: str | Path) -> RefinerRun:
     """The refiner of a ``refine train`` run's latest checkpoint, in eval mode."""
     from safetensors.torch import load_file
 
-    from mlsctl import config as config_lib
     from mlsctl.models.refiner import Refiner
     from mlsctl.models.source import fingerprint
-    from mlsctl.runs import Run
+    from mlsctl.restore import open_run, recipe_of
 
-    run = Run(run_dir)
-    if not run.config_path.is_file():
-        raise UserError(f"{run_dir} is not a run folder (no config.yaml); give the --out of mlsctl refine train")
-    recipe = config_lib.load_recipe(str(run.config_path))
+    run = open_run(run_dir, hint="give the --out of mlsctl refine train")
+    recipe = recipe_of(run)
     if recipe.method.name != "refine":
         raise UserError(f"{run_dir} is a run of method {recipe.method.name}, not a refinement; give the --out of mlsctl refine train")
     checkpoint = run.latest()

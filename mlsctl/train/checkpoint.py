@@ -22,6 +22,7 @@ import torch
 from mlsctl import __version__, atomic, dist, provenance
 from mlsctl.bank import save_banks
 from mlsctl.errors import UserError
+from mlsctl.restore import initial_weights as load_initial_weights  # noqa: F401 (--init-from, read back in restore)
 from mlsctl.runs import RUN_FORMAT_VERSION, Checkpoint, Run, checkpoint_dirname
 
 
@@ -168,29 +169,6 @@ def load_checkpoint(checkpoint: Checkpoint, method, optimizer, accelerator) -> d
         raise _damaged(checkpoint, checkpoint.rng_path.name, "does not hold the random states of every process")
     state["rng"] = rng_states[accelerator.process_index]
     return state
-
-
-def load_initial_weights(method, source: str) -> str:
-    """``--init-from``: a run, a checkpoint folder, or a weights file. Returns what was loaded."""
-    from safetensors.torch import load_file
-
-    from mlsctl.models.weights import backbone_state, load_into_vit, read_state_dict
-
-    path = Path(source)
-    if path.is_dir():
-        checkpoint = Run(path).checkpoint() if (path / "checkpoints").is_dir() else Checkpoint(path)
-        if not checkpoint.model_path.is_file():
-            raise UserError(f"--init-from {source} holds no model.safetensors; give a run, a checkpoint folder or a weights file")
-        saved = load_file(str(checkpoint.model_path))
-        if set(saved) == set(method.state_dict()):
-            method.load_state_dict(saved, strict=True)
-            return f"all weights of {checkpoint.path}"
-        state = backbone_state(saved)
-    else:
-        state = backbone_state(read_state_dict(path))
-    for backbone in method.backbones():
-        load_into_vit(backbone.net, state, str(source))
-    return f"every backbone from {source}"
 
 
 def export_teacher(method, run: Run) -> None:

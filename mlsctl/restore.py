@@ -1,0 +1,218 @@
+"""Reading a run back: the one place where a run folder, a checkpoint or ``--init-from`` becomes a
+recipe, a method and weights, and where "is this a run" is decided.
+
+* :func:`open_run` — a folder that must be a run (it has a ``config.yaml``), else the one
+  "not a run folder" sentence, ended with what the command wants instead;
+* :func:`recipe_of` — the run's resolved recipe;
+* :func:`load_method` / :func:`method_from_checkpoint` — the run's method with a checkpoint's
+  weights (every tensor, strictly; the recipe's own starting weights are not read);
+* :func:`initial_weights` — ``--init-from`` (a run, a checkpoint folder or a weights file) loaded
+  into a built method; the training loop and :func:`from_run_start` both use it;
+* the model choices of a run that every embedding command resolves (:func:`choose_model`,
+  :func:`from_run`, :func:`from_checkpoint` — a checkpoint's teacher —, :func:`from_run_start`);
+  choices that need no method (a weights file, DINOv2) stay in :mod:`mlsctl.models.source`.
+
+Layer: above :mod:`mlsctl.methods` (it builds methods), below the commands and the modules that
+serve them (gallery, export, report, bank inspection, refinement, evaluation).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from mlsctl.errors import UserError
+from mlsctl.models.source import ModelChoice, dinov2_small, from_weights, model_choice
+from mlsctl.runs import Checkpoint, Run
+
+PRETRAIN_HINT = "give a folder written by mlsctl pretrain"
+
+
+def is_run_folder(path: Union[str, Path, Run]) -> bool:
+    """Whether ``path`` looks like a run: it holds a ``config.yaml`` (read later, with its own errors)."""
+    run = path if isinstance(path, Run) else Run(path)
+    return run.config_path.is_file()
+
+
+def open_run(path: Union[str, Path], *, hint: str = PRETRAIN_HINT, flag: str = "") -> Run:
+    """The run at ``path``, or the one "not a run folder" error: ``{flag} {path} is not a run
+    folder (no config.yaml); {hint}`` (``flag``: the option that named it, such as ``--run``)."""
+    run = Run(path)
+    if not is_run_folder(run):
+        named = f"{flag} {path}" if flag else f"{path}"
+        raise UserError(f"{named} is not a run folder (no config.yaml); {hint}")
+    return run
+
+
+def recipe_of(run: Run):
+    """The run's resolved recipe (``RUN/config.yaml``)."""
+    from mlsctl import config as config_lib
+
+    return config_lib.load_recipe(str(run.config_path))
+
+
+def build_method(recipe):
+    """The method of ``recipe``, built as the training loop builds it (one step an epoch)."""
+    from mlsctl import methods
+    from mlsctl.schedules import Schedule
+
+    return methods.method_class(recipe.method.name)(recipe, Schedule(steps_per_epoch=1, epochs=recipe.optim.epochs))
+
+
+def load_method(recipe, model_path: Union[str, Path]):
+    """The method of ``recipe`` with the weights of a checkpoint's ``model.safetensors`` (every
+    tensor, strictly); ``recipe``'s own starting weights are not read."""
+    from safetensors.torch import load_file
+
+    recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, weights=None, pretrained=False))
+    method = build_method(recipe)
+    method.load_state_dict(load_file(str(model_path)), strict=True)
+    return method
+
+
+def method_from_checkpoint(source: Union[Run, Checkpoint, str, Path], step: Optional[int] = None, *, recipe=None):
+    """``(recipe, method, checkpoint)`` of a run (its checkpoint at ``step``, default the latest) or
+    of a checkpoint folder (its run's recipe, unless ``recipe`` is given)."""
+    if isinstance(source, Checkpoint):
+        checkpoint = source
+        run = Run(checkpoint.path.parent.parent)
+    else:
+        run = source if isinstance(source, Run) else open_run(source)
+        checkpoint = run.checkpoint(step)
+    recipe = recipe if recipe is not None else recipe_of(run)
+    return recipe, load_method(recipe, checkpoint.model_path), checkpoint
+
+
+def initial_weights(method, source: str) -> str:
+    """``--init-from``: a run, a checkpoint folder, or a weights file, loaded into ``method``.
+    Returns what was loaded."""
+    from safetensors.torch import load_file
+
+    from mlsctl.models.weights import backbone_state, load_into_vit, read_state_dict
+
+    path = Path(source)
+    if path.is_dir():
+        checkpoint = Run(path).checkpoint() if (path / "checkpoints").is_dir() else Checkpoint(path)
+        if not checkpoint.model_path.is_file():
+            raise UserError(f"--init-from {source} holds no model.safetensors; give a run, a checkpoint folder or a weights file")
+        saved = load_file(str(checkpoint.model_path))
+        if set(saved) == set(method.state_dict()):
+            method.load_state_dict(saved, strict=True)
+            return f"all weights of {checkpoint.path}"
+        state = backbone_state(saved)
+    else:
+        state = backbone_state(read_state_dict(path))
+    for backbone in method.backbones():
+        load_into_vit(backbone.net, state, str(source))
+    return f"every backbone from {source}"
+
+
+# ---------------------------------------------------------------------------- model choices of a run
+def newest_run(root: Union[str, Path] = "runs") -> Optional[Run]:
+    """The run under ``root`` whose teacher export or latest checkpoint is the most recent."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    best, best_time = None, -1.0
+    for path in root.iterdir():
+        run = Run(path)
+        if not is_run_folder(run):
+            continue
+        stamps = [p.stat().st_mtime for p in (run.teacher_weights_path,) if p.is_file()]
+        latest = run.latest()
+        if latest is not None:
+            stamps.append(latest.state_path.stat().st_mtime)
+        if stamps and max(stamps) > best_time:
+            best, best_time = run, max(stamps)
+    return best
+
+
+def from_run(run_dir: Union[str, Path], *, random_init: bool = False, seed: int = 0) -> ModelChoice:
+    """``--run RUN``: the run's exported teacher; while it has none, its latest checkpoint's teacher;
+    ``random_init``: the run's architecture, freshly initialised with ``seed``."""
+    from mlsctl.models.backbone import build_backbone
+
+    run = open_run(run_dir, flag="--run")
+    recipe = recipe_of(run)
+    model_cfg = recipe.model
+    if random_init:
+        torch.manual_seed(seed)
+        plain = dataclasses.replace(model_cfg, lora=dataclasses.replace(model_cfg.lora, enabled=False))
+        backbone = build_backbone(plain, drop_path_rate=0.0, load_weights=False)
+        choice = model_choice(backbone, f"randomly initialised {model_cfg.arch} (architecture of run {run.root}, seed {seed})",
+                              "random-init", str(run.root), model_cfg.img_size)
+        choice.info["seed"] = seed
+        return choice
+    if run.teacher_weights_path.is_file():
+        plain = dataclasses.replace(model_cfg, weights=str(run.teacher_weights_path), pretrained=False,
+                                    lora=dataclasses.replace(model_cfg.lora, enabled=False))
+        backbone = build_backbone(plain, drop_path_rate=0.0)
+        return model_choice(backbone, f"teacher of run {run.root} ({run.teacher_weights_path.name})", "run",
+                            str(run.teacher_weights_path), model_cfg.img_size)
+    checkpoint = run.latest()
+    if checkpoint is None:
+        raise UserError(f"run {run.root} has neither teacher.safetensors nor a checkpoint yet; wait for its first "
+                        f"checkpoint or choose another --run")
+    choice = from_checkpoint(recipe, checkpoint, run)
+    choice.description += " (no final export yet)"
+    return choice
+
+
+def from_checkpoint(recipe, checkpoint: Checkpoint, run: Run) -> ModelChoice:
+    """The teacher of a checkpoint, taken from the method itself (so any method's layout works),
+    with the query projections its banks name."""
+    state = checkpoint.state()
+    method = load_method(recipe, checkpoint.model_path)
+    backbone = method.teacher_backbone()
+    choice = model_choice(backbone, f"teacher of run {run.root} at step {state['step']}", "run-checkpoint",
+                          str(checkpoint.path), recipe.model.img_size)
+    choice.info["step"] = state["step"]
+    for bank in method.banks().values():
+        name = bank.query_feature.projection if bank.query_feature else None
+        if name is not None and name not in choice.projections:
+            choice.projections[name] = method.query_projection(name).eval()
+    return choice
+
+
+teacher_backbone = from_checkpoint
+
+
+def from_run_start(run_dir: Union[str, Path]) -> ModelChoice:
+    """The backbone a run started from, rebuilt exactly: the method built under the recipe's seed
+    (what the training loop does before its first step: random init, or ``model.weights`` /
+    ``model.pretrained``), then the run's ``--init-from`` (``RUN/start.json``). The baseline a
+    method's training must improve on (MILE's single-image baselines use it, as its authors do)."""
+    run = open_run(run_dir, flag="--run")
+    recipe = recipe_of(run)
+    torch.manual_seed(recipe.seed)
+    method = build_method(recipe)
+    init_from = run.init_from()
+    if init_from:
+        initial_weights(method, init_from)
+    start = (f"--init-from {init_from}" if init_from else f"model.weights {recipe.model.weights}" if recipe.model.weights
+             else "timm's pretrained weights" if recipe.model.pretrained else f"random init, seed {recipe.seed}")
+    return model_choice(method.teacher_backbone(), f"backbone run {run.root} started from ({start})", "run-start",
+                        str(run.root), recipe.model.img_size)
+
+
+def choose_model(*, run: Optional[Union[str, Path]] = None, weights: Optional[Union[str, Path]] = None,
+                 arch: Optional[str] = None, random_init: bool = False, seed: int = 0,
+                 runs_root: Union[str, Path] = "runs") -> ModelChoice:
+    """The model flags of ``embed`` and of every command that embeds (see :mod:`mlsctl.models.source`)."""
+    if run is not None and weights is not None:
+        raise UserError("give either --run or --weights, not both")
+    if weights is not None:
+        return from_weights(weights, arch, random_init=random_init, seed=seed)
+    if arch is not None and run is None:
+        raise UserError("--model names the architecture of a --weights file; add --weights FILE, or use --run RUN")
+    if run is None:
+        found = newest_run(runs_root)
+        if found is None:
+            if random_init:
+                raise UserError(f"--random-init needs --run RUN (no run under {runs_root}/ to take the architecture from)")
+            return dinov2_small()
+        run = found.root
+    return from_run(run, random_init=random_init, seed=seed)
