@@ -41,6 +41,33 @@ def test_every_command_is_documented_with_an_example(capsys):
         assert f"`mlsctl {' '.join(command)}" in reference, f"docs/commands.md's table lacks mlsctl {' '.join(command)}"
 
 
+def test_model_options_read_the_same_in_every_command_that_takes_a_model():
+    import typer
+
+    from mlsctl.cli import app
+    from mlsctl.cli import _options
+
+    def leaf(command, path):
+        for name in path:
+            command = command.commands[name]
+        return command
+
+    root = typer.main.get_command(app)
+    shared = {"--run": _options.RUN_OPTION, "--weights": _options.WEIGHTS_OPTION, "--model": _options.MODEL_OPTION,
+              "--random-init": _options.RANDOM_INIT_OPTION}
+    taking = [path for path in _leaf_commands() if "--weights" in
+              {o for p in leaf(root, path).params for o in getattr(p, "opts", [])}]
+    assert sorted(taking) == [["embed"], ["eval", "knn"], ["eval", "knn-seg"], ["eval", "linear"], ["eval", "linear-seg"]]
+    for path in taking:
+        params = {p.opts[0]: p for p in leaf(root, path).params if p.opts[0] in _options.MODEL_OPTION_NAMES}
+        assert set(params) == set(_options.MODEL_OPTION_NAMES), path
+        for name, param in params.items():
+            assert (param.opts, param.help, param.default) == ([name], shared[name].help, shared[name].default), (path, name)
+    for path in (["export"], ["report"], ["bank", "inspect"]):
+        run = next(p for p in leaf(root, path).params if p.name == "run")
+        assert run.help == _options.RUN_ARGUMENT.help, path
+
+
 def test_recipes_lists_shipped_recipes_with_descriptions():
     table = run_cli("recipes", check=True).stdout
     assert "dino_fmnist_quick" in table and "dino_in1k" in table

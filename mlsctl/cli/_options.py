@@ -18,7 +18,20 @@ import difflib
 import re
 from typing import Any, Callable, Optional, Sequence, get_args
 
+import typer
 from typer.core import TyperCommand, TyperGroup
+
+# The model a command embeds images with (mlsctl.restore.choose_model), declared once so that every
+# command that takes one (embed and the evaluations) reads the same in --help; each command words
+# its own --seed, which seeds more than --random-init in most of them.
+RUN_OPTION = typer.Option(None, "--run", help="Run whose teacher embeds the images [default: the newest run under ./runs].")
+WEIGHTS_OPTION = typer.Option(None, "--weights", help="Embed the images with this local .safetensors/.pth backbone instead of a run.")
+MODEL_OPTION = typer.Option(None, "--model", help="timm architecture of --weights (read from the file when it records it).")
+RANDOM_INIT_OPTION = typer.Option(False, "--random-init", help="The architecture of --run (or --weights), randomly initialised (a baseline).")
+MODEL_OPTION_NAMES = ("--run", "--weights", "--model", "--random-init")
+
+# A run folder given as an argument (export, report, bank ...).
+RUN_ARGUMENT = typer.Argument(..., help="Run folder (written by mlsctl pretrain).")
 
 # `mlsctl --help` lists the commands in the order of the work: build data, pick a recipe, pretrain,
 # embed, evaluate, look inside the banks, build a gallery and search it (or serve it), refine

@@ -8,7 +8,7 @@ from typing import Literal, Optional
 import typer
 
 from mlsctl.cli._format import table
-from mlsctl.cli._options import one_of
+from mlsctl.cli._options import RUN_ARGUMENT, one_of
 
 app = typer.Typer(rich_markup_mode=None, help="Look inside the memory banks of a run: health, neighbours, projection, export.",
                   no_args_is_help=True)
@@ -16,7 +16,7 @@ app = typer.Typer(rich_markup_mode=None, help="Look inside the memory banks of a
 
 Projection = Literal["auto", "pca", "tsne"]  # bank_inspect.PROJECTIONS
 
-RUN_ARG = typer.Argument(..., help="Run folder (written by mlsctl pretrain).")
+RUN_ARG = RUN_ARGUMENT
 STEP_OPT = typer.Option(None, "--step", help="Checkpoint step [default: the latest checkpoint].")
 
 

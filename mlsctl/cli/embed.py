@@ -8,7 +8,7 @@ from typing import Literal, Optional
 import typer
 
 from mlsctl.cli import app
-from mlsctl.cli._options import one_of
+from mlsctl.cli._options import MODEL_OPTION, RANDOM_INIT_OPTION, RUN_OPTION, WEIGHTS_OPTION, one_of
 
 Dataset = Literal["voc", "ade20k", "cityscapes", "coco-stuff", "coco-things", "imagenet"]  # datasets.DATASETS
 Split = Literal["train", "val", "trainval", "trainaug"]  # every dataset's SPLITS
@@ -23,10 +23,10 @@ def embed(
     root: Optional[Path] = typer.Option(None, "--root", help="The dataset's folder, or its .tar/.zip read in place (with --dataset)."),
     split: Optional[Split] = typer.Option(None, "--split", parser=one_of("--split", Split), help="Split of --dataset (trainval, trainaug: voc only) [default: val]."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Feature folder [default: features/<last three parts of the images path>-<hash of it>, or features/<dataset>-<split>-<root label>]."),
-    run: Optional[Path] = typer.Option(None, "--run", help="Use the teacher of this run (default: the newest run under ./runs)."),
-    weights: Optional[Path] = typer.Option(None, "--weights", help="Use this local .safetensors/.pth backbone instead of a run."),
-    model: Optional[str] = typer.Option(None, "--model", help="timm architecture of --weights (read from the file when it records it)."),
-    random_init: bool = typer.Option(False, "--random-init", help="The architecture of --run (or --weights) with random weights (a baseline)."),
+    run: Optional[Path] = RUN_OPTION,
+    weights: Optional[Path] = WEIGHTS_OPTION,
+    model: Optional[str] = MODEL_OPTION,
+    random_init: bool = RANDOM_INIT_OPTION,
     seed: int = typer.Option(0, "--seed", help="Seed of --random-init."),
     dense: bool = typer.Option(False, "--dense", help="Also store the patch-token maps [n, h, w, D]."),
     resolution: Optional[int] = typer.Option(None, "--resolution", min=1, help="Input side in pixels [default: the model's img_size]."),

@@ -9,7 +9,7 @@ from typing import Literal, Optional
 import typer
 
 from mlsctl.cli._format import pct, table
-from mlsctl.cli._options import one_of
+from mlsctl.cli._options import MODEL_OPTION, RANDOM_INIT_OPTION, RUN_OPTION, WEIGHTS_OPTION, one_of
 
 app = typer.Typer(rich_markup_mode=None, help="Evaluate features: dense k-NN and linear segmentation, image k-NN classification, linear probes, image-set retrieval, Recall@K.", no_args_is_help=True)
 
@@ -169,10 +169,10 @@ def knn_seg(
     train_split: Optional[Split] = TRAIN_SPLIT_OPTION,
     val_split: Optional[Split] = VAL_SPLIT_OPTION,
     protocol: Protocol = typer.Option("none", "--protocol", parser=one_of("--protocol", Protocol), help="hummingbird: Balazevic et al.'s settings (memory 10,240,000, k 30, T 0.02, 1 augmented pass, input 512 for ViT-S/16, fractions 1/128..1/1); explicit flags override it."),
-    run: Optional[Path] = typer.Option(None, "--run", help="Run whose teacher embeds image folders [default: the newest run under ./runs]."),
-    weights: Optional[Path] = typer.Option(None, "--weights", help="Embed image folders with this weights file instead."),
-    model: Optional[str] = typer.Option(None, "--model", help="timm architecture of --weights."),
-    random_init: bool = typer.Option(False, "--random-init", help="Embed image folders with the architecture of --run (or --weights), randomly initialised."),
+    run: Optional[Path] = RUN_OPTION,
+    weights: Optional[Path] = WEIGHTS_OPTION,
+    model: Optional[str] = MODEL_OPTION,
+    random_init: bool = RANDOM_INIT_OPTION,
     resolution: Optional[int] = typer.Option(None, "--resolution", min=1, help="Input side when images are embedded [default: the protocol's, else the model's]."),
     fraction: Optional[list[str]] = typer.Option(None, "--fraction", help="Fractions of training images, e.g. --fraction 1/1 1/8 [default: 1/1 1/8 1/64 1/128]."),
     k: Optional[int] = typer.Option(None, "--k", min=1, help="Neighbours per query patch [default: 30]."),
@@ -362,10 +362,10 @@ def knn(
     root: Optional[Path] = ROOT_OPTION,
     train_split: Optional[Split] = TRAIN_SPLIT_OPTION,
     val_split: Optional[Split] = VAL_SPLIT_OPTION,
-    run: Optional[Path] = typer.Option(None, "--run", help="Run whose teacher embeds image folders [default: the newest run under ./runs]."),
-    weights: Optional[Path] = typer.Option(None, "--weights", help="Embed image folders with this weights file instead."),
-    model: Optional[str] = typer.Option(None, "--model", help="timm architecture of --weights."),
-    random_init: bool = typer.Option(False, "--random-init", help="Embed image folders with the architecture of --run (or --weights), randomly initialised."),
+    run: Optional[Path] = RUN_OPTION,
+    weights: Optional[Path] = WEIGHTS_OPTION,
+    model: Optional[str] = MODEL_OPTION,
+    random_init: bool = RANDOM_INIT_OPTION,
     seed: int = typer.Option(0, "--seed", help="Seed of --random-init."),
     train_labels: Optional[Path] = typer.Option(None, "--train-labels", help="CSV/JSONL of path,label [default: folder names]."),
     val_labels: Optional[Path] = typer.Option(None, "--val-labels", help="CSV/JSONL of path,label [default: folder names]."),
@@ -414,10 +414,10 @@ def linear(
     root: Optional[Path] = ROOT_OPTION,
     train_split: Optional[Split] = TRAIN_SPLIT_OPTION,
     val_split: Optional[Split] = VAL_SPLIT_OPTION,
-    run: Optional[Path] = typer.Option(None, "--run", help="Run whose teacher embeds image folders [default: the newest run under ./runs]."),
-    weights: Optional[Path] = typer.Option(None, "--weights", help="Embed image folders with this weights file instead."),
-    model: Optional[str] = typer.Option(None, "--model", help="timm architecture of --weights."),
-    random_init: bool = typer.Option(False, "--random-init", help="Embed image folders with the architecture of --run (or --weights), randomly initialised."),
+    run: Optional[Path] = RUN_OPTION,
+    weights: Optional[Path] = WEIGHTS_OPTION,
+    model: Optional[str] = MODEL_OPTION,
+    random_init: bool = RANDOM_INIT_OPTION,
     seed: int = typer.Option(0, "--seed", help="Seed of --random-init, the held-out split and the training."),
     train_labels: Optional[Path] = typer.Option(None, "--train-labels", help="Labels: CSV/JSONL of path,label [default: folder names]; with --multi-label a JSONL/CSV of tag lists (fmnist-scenes' scenes.jsonl works)."),
     val_labels: Optional[Path] = typer.Option(None, "--val-labels", help="Labels of --val [default: folder names; with --multi-label: --train-labels]."),
@@ -487,10 +487,10 @@ def linear_seg(
     train_split: Optional[Split] = TRAIN_SPLIT_OPTION,
     val_split: Optional[Split] = VAL_SPLIT_OPTION,
     resolution: Optional[int] = typer.Option(None, "--resolution", min=1, help="Input side when images are embedded [default: the model's]."),
-    run: Optional[Path] = typer.Option(None, "--run", help="Run whose teacher embeds image folders [default: the newest run under ./runs]."),
-    weights: Optional[Path] = typer.Option(None, "--weights", help="Embed image folders with this weights file instead."),
-    model: Optional[str] = typer.Option(None, "--model", help="timm architecture of --weights."),
-    random_init: bool = typer.Option(False, "--random-init", help="Embed image folders with the architecture of --run (or --weights), randomly initialised."),
+    run: Optional[Path] = RUN_OPTION,
+    weights: Optional[Path] = WEIGHTS_OPTION,
+    model: Optional[str] = MODEL_OPTION,
+    random_init: bool = RANDOM_INIT_OPTION,
     epochs: int = typer.Option(10, "--epochs", min=1, help="Passes over the training images."),
     lr: float = typer.Option(0.1, "--lr", min=1e-9, help="Peak learning rate (SGD, momentum 0.9, cosine)."),
     wd: float = typer.Option(0.0, "--wd", min=0.0, help="Weight decay."),

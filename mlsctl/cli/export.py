@@ -8,14 +8,14 @@ from typing import Literal, Optional
 import typer
 
 from mlsctl.cli import app
-from mlsctl.cli._options import one_of
+from mlsctl.cli._options import RUN_ARGUMENT, one_of
 
 Format = Literal["timm"]
 
 
 @app.command("export")
 def export(
-    run: Path = typer.Argument(..., help="Run folder (written by mlsctl pretrain)."),
+    run: Path = RUN_ARGUMENT,
     out: Path = typer.Option(..., "--out", "-o", help="Folder to write config.json, model.safetensors and mlsctl.json to."),
     fmt: Format = typer.Option("timm", "--format", parser=one_of("--format", Format), help="Export format: timm (a folder timm.create_model('local-dir:...') loads)."),
     step: Optional[int] = typer.Option(None, "--step", help="Checkpoint step [default: the final teacher, else the latest checkpoint]."),

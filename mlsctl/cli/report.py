@@ -8,11 +8,12 @@ from typing import Optional
 import typer
 
 from mlsctl.cli import app
+from mlsctl.cli._options import RUN_ARGUMENT
 
 
 @app.command("report")
 def report(
-    run: Path = typer.Argument(..., help="Run folder (written by mlsctl pretrain)."),
+    run: Path = RUN_ARGUMENT,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="HTML file to write [default: RUN/report.html]."),
     results: Optional[list[Path]] = typer.Option(None, "--results", help="Folders of mlsctl eval result JSONs to search for this run's evaluations [default: ./results]."),
     patch_images: int = typer.Option(8, "--patch-images", min=1, help="Training images drawn with PCA patch maps."),
