@@ -1,0 +1,50 @@
+"""mlsctl/restore.py: the one place a run is read back (a recipe, a method with a checkpoint's
+weights, the teacher), and the one "not a run folder" sentence."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from mlsctl.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_open_run_refuses_a_folder_without_config_yaml_in_one_sentence(tmp_path):
+    from mlsctl.restore import open_run
+
+    with pytest.raises(UserError) as caught:
+        open_run(tmp_path)
+    assert str(caught.value) == f"{tmp_path} is not a run folder (no config.yaml); give a folder written by mlsctl pretrain"
+    with pytest.raises(UserError) as caught:
+        open_run(tmp_path, flag="--run", hint="give a MILE run")
+    assert str(caught.value) == f"--run {tmp_path} is not a run folder (no config.yaml); give a MILE run"
+
+
+def test_a_run_and_its_checkpoint_give_the_same_method_and_teacher(finished_run):
+    from mlsctl.models.source import fingerprint
+    from mlsctl.restore import from_checkpoint, method_from_checkpoint, open_run
+
+    run = open_run(finished_run[0])
+    recipe, method, checkpoint = method_from_checkpoint(run)
+    assert checkpoint.path == run.latest().path and recipe.method.name
+    again = method_from_checkpoint(checkpoint)[1]
+    teacher = fingerprint(method.teacher_backbone().model)
+    assert fingerprint(again.teacher_backbone().model) == teacher
+    assert from_checkpoint(recipe, checkpoint, run).fingerprint == teacher
+
+
+def test_reading_a_run_back_reaches_up_no_layer():
+    """models/source.py (layer 1) no longer builds methods nor reads --init-from through the training
+    loop: restore.py (layer 3) does."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        from layers import upward_imports
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    upward, unmapped, _ = upward_imports(REPO)
+    assert unmapped == []
+    assert [u for u in upward if u["module"].startswith(("mlsctl.models", "mlsctl.restore"))] == []
