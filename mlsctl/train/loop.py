@@ -177,6 +177,10 @@ def _train(run: Run, recipe, accelerator, folder: ImageFolder, dataset, collate_
                                          start_step=start_step, total_steps=plan.total_steps)
     loader = make_loader(dataset, sampler, recipe.data.workers, pin_memory=accelerator.device.type == "cuda",
                          collate_fn=collate_fn)
+    # The iterator draws its base seed from torch's global RNG: make it before the checkpoint's RNG
+    # state is restored, as the uninterrupted run made it before its first step, or the resumed run's
+    # global draws (drop path) are one behind.
+    batches = iter(loader)
     if rng_state is not None:
         checkpoint.set_rng_state(rng_state)
     records = metrics.Records(run, recipe, accelerator, method, start_step, interactive=sys.stderr.isatty())
@@ -184,7 +188,7 @@ def _train(run: Run, recipe, accelerator, folder: ImageFolder, dataset, collate_
     try:
         model.train()
         training = _Training(accelerator, model, method, optimizer, plan, trainable, last_layer,
-                             list(method.banks().values()), iter(loader), getattr(dataset, "on_device", None),
+                             list(method.banks().values()), batches, getattr(dataset, "on_device", None),
                              SkipLog(folder.root), metrics.LossWatch(accelerator.device))
         for step in range(start_step, plan.total_steps):
             stepped = _train_one_step(training, step)
