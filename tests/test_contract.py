@@ -110,6 +110,7 @@ def _train(name: str, tmp: Path):
     made = CASES[name](tmp / "data")
     if isinstance(made, dict):
         made["train"].update(TRAIN)
+        made["model"]["drop_path_rate"] = 0.1  # the global RNG in the step: its restore on resume is checked too
         path = write_recipe(tmp / f"{name}.yaml", made)
         recipe, source = config.load_recipe(str(path)), str(path)
     else:
