@@ -14,7 +14,6 @@ A method registered without a case here fails :func:`test_every_registered_metho
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +23,7 @@ from PIL import Image
 
 from mlsctl import config, registry
 
-from conftest import REPO, as_killed_at, make_images, tiny_recipe, write_feature_folder, write_recipe
+from conftest import REPO, as_killed_at, make_images, tiny_recipe, write_recipe
 
 TRAIN = {"checkpoint_every": 1, "keep_checkpoints": 50, "log_every": 1, "bank_health_every": 0}
 
@@ -142,7 +141,7 @@ def _equal_states(a: dict, b: dict, what: str) -> None:
     assert not different, f"{what}: {different[:5]}"
 
 
-@pytest.mark.parametrize("name", sorted(CASES, key=list(CASES).index))
+@pytest.mark.parametrize("name", list(CASES))
 def test_method_contract(name, tmp_path, capfd):
     from safetensors.torch import load_file
 
