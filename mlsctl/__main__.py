@@ -2,7 +2,7 @@
 
 import sys
 
-from mlsctl.dist import relaunch_for_accelerate_on_cpu, relaunched_argv
+from mlsctl.launch import relaunch_for_accelerate_on_cpu, relaunched_argv
 
 relaunch_for_accelerate_on_cpu()
 _argv = relaunched_argv()

@@ -15,6 +15,22 @@ def test_version_and_help():
         assert command in top
 
 
+def test_help_and_version_import_no_torch():
+    """`mlsctl --help` answers at once: neither entry point (the console script, `python -m mlsctl`) imports
+    torch before a command needs it (issue 24, item 6)."""
+    import subprocess
+    import sys
+
+    from conftest import cli_env
+
+    report = "import atexit, sys; atexit.register(lambda: print(sorted({'torch', 'timm', 'faiss'} & set(sys.modules))))\n"
+    for start in ("from mlsctl.cli import main; sys.argv = ['mlsctl', '--help']; main()",
+                  "import runpy; sys.argv = ['mlsctl', '--help']; runpy.run_module('mlsctl', run_name='__main__')"):
+        result = subprocess.run([sys.executable, "-c", report + start], capture_output=True, text=True, env=cli_env())
+        assert result.returncode == 0 and "search" in result.stdout, result.stderr
+        assert result.stdout.strip().splitlines()[-1] == "[]", start
+
+
 def _leaf_commands() -> list[list[str]]:
     import typer
 
