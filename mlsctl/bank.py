@@ -132,7 +132,8 @@ class MemoryBank:
         self.defer_finite_check = False  # defer it on any device (always on CUDA)
         self._prefilled = False
         if init == "random_unit":
-            noise = torch.randn(size, dim, generator=generator, dtype=torch.float32)
+            # on the CPU whatever the default device (a method built on the meta device still gets its banks)
+            noise = torch.randn(size, dim, generator=generator, dtype=torch.float32, device="cpu")
             self.vectors.copy_(F.normalize(noise, dim=1).to(dtype))
             self._prefilled = True
         elif init != "zeros":

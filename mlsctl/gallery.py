@@ -115,14 +115,9 @@ class SetModel:
 
 def load_set_model(run_dir: str | os.PathLike) -> SetModel:
     """The teacher backbone and set encoder of a MILE run's latest checkpoint."""
-    import dataclasses
-
-    from safetensors.torch import load_file
-
-    from mlsctl import config as config_lib, methods
-    from mlsctl.models.source import model_choice
+    from mlsctl import config as config_lib
+    from mlsctl.models.source import load_method, model_choice
     from mlsctl.runs import Run
-    from mlsctl.schedules import Schedule
 
     run = Run(run_dir)
     if not run.config_path.is_file():
@@ -131,9 +126,7 @@ def load_set_model(run_dir: str | os.PathLike) -> SetModel:
     if recipe.method.name != "mile":
         raise UserError(f"run {run.root} trained {recipe.method.name}, not mile; galleries need a MILE run's set encoder")
     checkpoint = run.checkpoint()
-    recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, weights=None, pretrained=False))
-    method = methods.method_class("mile")(recipe, Schedule(steps_per_epoch=1, epochs=recipe.optim.epochs))
-    method.load_state_dict(load_file(str(checkpoint.model_path)), strict=True)
+    method = load_method(recipe, checkpoint.model_path)
     method.eval()
     backbone = model_choice(method.teacher_backbone(), f"teacher of MILE run {run.root} at step {checkpoint.step}",
                             "run-checkpoint", str(checkpoint.path), recipe.model.img_size)

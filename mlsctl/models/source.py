@@ -104,7 +104,7 @@ def from_run(run_dir: str | Path, *, random_init: bool = False, seed: int = 0) -
     if run.teacher_weights_path.is_file():
         plain = dataclasses.replace(model_cfg, weights=str(run.teacher_weights_path), pretrained=False,
                                     lora=dataclasses.replace(model_cfg.lora, enabled=False))
-        backbone = build_backbone(plain, drop_path_rate=0.0)
+        backbone = build_backbone(plain, drop_path_rate=0.0, skip_init=True)
         return model_choice(backbone, f"teacher of run {run.root} ({run.teacher_weights_path.name})", "run",
                        str(run.teacher_weights_path), model_cfg.img_size)
     checkpoint = run.latest()
@@ -116,18 +116,26 @@ def from_run(run_dir: str | Path, *, random_init: bool = False, seed: int = 0) -
     return choice
 
 
-def from_checkpoint(recipe, checkpoint, run: Run) -> ModelChoice:
-    """The teacher of a checkpoint, taken from the method itself (so any method's layout works)."""
+def load_method(recipe, model_path: str | Path):
+    """The method of ``recipe`` with the weights of a checkpoint's ``model.safetensors`` (every
+    tensor, strictly), built without the random initialisation they replace
+    (:func:`mlsctl.models.weights.built_with`); ``recipe``'s own starting weights are not read."""
     from safetensors.torch import load_file
 
     from mlsctl import methods
+    from mlsctl.models.weights import built_with
     from mlsctl.schedules import Schedule
 
+    recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, weights=None, pretrained=False))
+    method_class = methods.method_class(recipe.method.name)
+    schedule = Schedule(steps_per_epoch=1, epochs=recipe.optim.epochs)
+    return built_with(lambda: method_class(recipe, schedule), load_file(str(model_path)))
+
+
+def from_checkpoint(recipe, checkpoint, run: Run) -> ModelChoice:
+    """The teacher of a checkpoint, taken from the method itself (so any method's layout works)."""
     state = checkpoint.state()
-    model_cfg = dataclasses.replace(recipe.model, weights=None, pretrained=False)
-    recipe = dataclasses.replace(recipe, model=model_cfg)
-    method = methods.method_class(recipe.method.name)(recipe, Schedule(steps_per_epoch=1, epochs=recipe.optim.epochs))
-    method.load_state_dict(load_file(str(checkpoint.model_path)), strict=True)
+    method = load_method(recipe, checkpoint.model_path)
     backbone = method.teacher_backbone()
     choice = model_choice(backbone, f"teacher of run {run.root} at step {state['step']}", "run-checkpoint",
                           str(checkpoint.path), recipe.model.img_size)
@@ -186,7 +194,7 @@ def from_weights(path: str | Path, arch: Optional[str] = None, *, img_size: Opti
     if random_init:
         torch.manual_seed(seed)
     backbone = Backbone(spec["arch"], img_size=size, patch_size=patch, weights=None if random_init else str(path),
-                        timm_kwargs=spec.get("timm_kwargs"), embedding_dim=spec.get("embedding_dim", 0))
+                        timm_kwargs=spec.get("timm_kwargs"), embedding_dim=spec.get("embedding_dim", 0), skip_init=True)
     if random_init:
         return model_choice(backbone, f"randomly initialised {spec['arch']} (architecture of {path}, seed {seed})",
                             "random-init", str(path), size)
@@ -242,7 +250,7 @@ def dinov2_small() -> ModelChoice:
         cached = hub_file(DINOV2_REPO, ["model.safetensors"], "no run under ./runs", "choose a model")
     except UserError:
         raise UserError(_HOW_TO_CHOOSE) from None
-    backbone = Backbone(DINOV2_ARCH, img_size=518, patch_size=14, weights=cached)
+    backbone = Backbone(DINOV2_ARCH, img_size=518, patch_size=14, weights=cached, skip_init=True)
     return model_choice(backbone, f"timm's DINOv2 ViT-S/14 ({cached})", "dinov2", cached, 224)
 
 
