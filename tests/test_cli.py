@@ -31,6 +31,20 @@ def test_help_and_version_import_no_torch():
         assert result.stdout.strip().splitlines()[-1] == "[]", start
 
 
+def test_a_method_and_its_banks_read_without_torchvision():
+    """`bank inspect` needs a method's class and its banks, not the augmentation: torchvision (which imports
+    torch._dynamo, seconds on a small CPU) is imported where crops are made."""
+    import subprocess
+    import sys
+
+    from conftest import cli_env
+
+    code = ("import sys, mlsctl.methods.dino, mlsctl.methods.mile, mlsctl.bank_inspect, mlsctl.bank_health\n"
+            "print(sorted({'torchvision', 'timm', 'faiss'} & set(sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env())
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
 def _leaf_commands() -> list[list[str]]:
     import typer
 
