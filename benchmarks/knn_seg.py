@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -140,6 +141,7 @@ def main() -> None:
             parser.error(f"--repo {item}: give LABEL=PATH of an mlsctl checkout")
         repos[label] = Path(path).resolve()
     paths = [str(Path(p).resolve()) for p in (args.train, args.val, args.train_masks, args.val_masks)]
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("stopped"))  # the busy processes are stopped on the way out
     load = busy_processes(args.load)
     rows = []
     try:

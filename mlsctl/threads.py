@@ -10,9 +10,10 @@ machine under load, ``eval knn-seg`` took 2.0x the time of its bare faiss search
 
 * :func:`prepare_environment` sets ``OMP_WAIT_POLICY=PASSIVE`` (an idle thread sleeps at once)
   before either runtime is loaded — every ``mlsctl`` command calls it first — unless the
-  environment sets the variable already: ``OMP_WAIT_POLICY=ACTIVE mlsctl ...`` keeps libgomp's
-  spinning. The runtimes read it when they load, so a program that imports mlsctl as a library
-  and wants it calls this (or sets the variable) before it imports torch or faiss.
+  environment has the variable already: ``OMP_WAIT_POLICY=ACTIVE mlsctl ...`` spins,
+  ``OMP_WAIT_POLICY= mlsctl ...`` (empty) keeps libgomp's own default (spin a while, then sleep).
+  The runtimes read it when they load, so a program that imports mlsctl as a library and wants it
+  calls this (or sets the variable) before it imports torch or faiss.
 * :func:`faiss` is how mlsctl imports faiss and is called again right before each search: it
   gives faiss's runtime, in the calling thread (an OpenMP thread count belongs to the thread that
   sets it), as many threads as torch uses (``torch.get_num_threads()``: ``OMP_NUM_THREADS`` when
@@ -32,9 +33,9 @@ WAIT_POLICY = "OMP_WAIT_POLICY"
 
 
 def prepare_environment() -> None:
-    """``OMP_WAIT_POLICY=PASSIVE`` unless the environment sets it (read when an OpenMP runtime loads:
-    call before importing torch or faiss; child processes inherit it)."""
-    if not os.environ.get(WAIT_POLICY):
+    """``OMP_WAIT_POLICY=PASSIVE`` unless the environment has the variable, even empty (read when an
+    OpenMP runtime loads: call before importing torch or faiss; child processes inherit it)."""
+    if WAIT_POLICY not in os.environ:
         os.environ[WAIT_POLICY] = "PASSIVE"
 
 

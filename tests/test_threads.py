@@ -40,15 +40,17 @@ def _policy_at_torch_import(**env: str) -> str:
 def test_commands_set_the_passive_wait_policy_before_torch_loads_unless_the_user_chose_one():
     assert _policy_at_torch_import() == "policy at torch import: PASSIVE"
     assert _policy_at_torch_import(OMP_WAIT_POLICY="ACTIVE") == "policy at torch import: ACTIVE"
+    assert _policy_at_torch_import(OMP_WAIT_POLICY="") == "policy at torch import:"  # libgomp's own default
 
 
 def test_prepare_environment_keeps_a_policy_set_by_the_user(monkeypatch):
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     threads.prepare_environment()
     assert threads.describe()["omp_wait_policy"] == "PASSIVE"
-    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
-    threads.prepare_environment()
-    assert threads.describe()["omp_wait_policy"] == "ACTIVE"
+    for chosen in ("ACTIVE", ""):
+        monkeypatch.setenv("OMP_WAIT_POLICY", chosen)
+        threads.prepare_environment()
+        assert threads.describe()["omp_wait_policy"] == chosen
 
 
 def test_faiss_gets_as_many_threads_as_torch():
