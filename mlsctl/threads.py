@@ -1,12 +1,12 @@
-"""The threads of torch and faiss, chosen together, in this one place (docs/threads.md).
+"""The threads of torch and faiss, chosen together, in this one place (docs/performance.md).
 
 torch and faiss-cpu each load their own OpenMP runtime (two copies of libgomp, each with its own
 pool of threads). After every parallel region a libgomp thread spins for a while, waiting for the
 next one. Where the two pools take turns (``eval knn-seg``: torch prepares a batch of patches,
 faiss searches it, torch turns the neighbours into labels) or other processes want the same cores,
-the spinning threads of one runtime hold the cores the other needs: on this project's 2-core
-machine under load, ``eval knn-seg`` took 2.0x the time of its bare faiss search, 0.82x with
-``OMP_WAIT_POLICY=PASSIVE``. So:
+the spinning threads of one runtime hold the cores the other needs (measured in
+docs/performance.md: with one busy process beside it on 2 cores, ``eval knn-seg`` took 1.26x the
+time of its bare faiss search, 1.01x with ``OMP_WAIT_POLICY=PASSIVE``, and 30% less time). So:
 
 * :func:`prepare_environment` sets ``OMP_WAIT_POLICY=PASSIVE`` (an idle thread sleeps at once)
   before either runtime is loaded — every ``mlsctl`` command calls it first — unless the
