@@ -173,7 +173,7 @@ def main() -> None:
         "repos": {k: str(v) for k, v in repos.items()}, "results": rows,
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
                     "load_average_after": list(os.getloadavg())},
-        "environment": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MLSCTL_THREADS")
+        "environment": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
                         if k in os.environ},
     })
     print(f"wrote {args.out}")
