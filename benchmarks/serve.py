@@ -70,7 +70,10 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--out", type=Path, default=RESULTS / "serve.json")
     args = parser.parse_args()
-    photos = sorted(p for p in args.photos.rglob("*.png"))[:400]
+    # absolute: the query sets of `search --sets` are read relative to their file, in a temporary folder
+    photos = sorted(p.resolve() for p in args.photos.rglob("*.png"))[:400]
+    if len(photos) < 2:
+        parser.error(f"--photos {args.photos} holds {len(photos)} PNG files; give a folder of at least 2")
     pairs = [[(p.name, p.read_bytes()) for p in photos[i:i + 2]] for i in range(0, len(photos) - 1, 2)]
     model = load_set_model(args.run)
     work = Path(tempfile.mkdtemp(prefix="mlsctl-serve-"))

@@ -12,6 +12,10 @@
    the method logs) as a share of the training step, from ``metrics.jsonl`` of one epoch of
    ``recipes/sove_fmnist_quick.yaml`` on fmnist-scenes (goal <= 15 %).
 
+Part 1 alternates its three ways (ours, ours-bf16, dense; the order turns every round) for
+``--rounds`` rounds of ``--repeats`` steps each, so that the load of a shared machine falls on all
+of them alike; the table gives medians over rounds and the medians of the rounds' ratios.
+
 Prints a table and writes ``benchmarks/results/sove_judges.json``. Quote ratios from one run.
 """
 
@@ -21,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,6 +35,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 OUT = REPO / "benchmarks" / "results" / "sove_judges.json"
+
+from mlsctl.threads import prepare_environment  # noqa: E402
+
+prepare_environment()  # the threads of mlsctl pretrain, here and in the children (they inherit it)
 
 
 def _hwm_mib() -> float:
@@ -130,26 +139,46 @@ def main() -> int:
     parser.add_argument("--anchors", type=int, default=4096)
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--tasks", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="steps timed per child [default: 3]")
+    parser.add_argument("--rounds", type=int, default=3, help="children of each way, alternately [default: 3]")
     parser.add_argument("--chunk", type=int, default=512)
     parser.add_argument("--no-dense", action="store_true", help="skip the dense reference")
     parser.add_argument("--no-share", action="store_true", help="skip the training-step share")
     parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=OUT, help=f"the JSON [default: {OUT.relative_to(REPO)}]")
     args = parser.parse_args()
 
     results = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
                "sizes": {"N": args.n, "d": args.d, "K": args.anchors, "k": args.k, "tasks": args.tasks, "chunk": args.chunk},
                "chunk_matrix_mib": args.chunk * 16384 * 4 / 2**20, "full_matrix_mib": args.anchors * args.n * 4 / 2**20}
-    results["ours"] = run_child("ours", args)
-    results["ours-bf16"] = run_child("ours-bf16", args)
-    if not args.no_dense:
-        results["dense"] = run_child("dense", args)
-    print(f"judges for N={args.n}, d={args.d}, K={args.anchors}, k={args.k} ({args.tasks} tasks per step)")
-    print(f"{'':<8}{'s/task':>10}{'s/step':>10}{'peak +MiB':>12}")
-    for kind in ("ours", "ours-bf16", "dense"):
-        if kind in results:
-            r = results[kind]
-            print(f"{kind:<8}{r['seconds_per_task']:>10.3f}{r['seconds_per_step_median']:>10.3f}{r['peak_extra_mib']:>12.0f}")
+    kinds = ["ours", "ours-bf16"] + ([] if args.no_dense else ["dense"])
+    rounds: dict[str, list[dict]] = {kind: [] for kind in kinds}
+    for round_ in range(args.rounds):
+        turn = round_ % len(kinds)
+        for kind in kinds[turn:] + kinds[:turn]:
+            rounds[kind].append(run_child(kind, args))
+    for kind, children in rounds.items():
+        steps = [c["seconds_per_step_median"] for c in children]
+        results[kind] = {"kind": kind, "seconds_per_step_median": statistics.median(steps),
+                         "seconds_per_task": statistics.median(steps) / args.tasks,
+                         "seconds_per_task_min": min(c["seconds_per_task_min"] for c in children),
+                         "peak_extra_mib": max(c["peak_extra_mib"] for c in children),
+                         "threads": children[0]["threads"], "seconds_per_step_per_round": steps,
+                         **({"agreement": children[0]["agreement"]} if "agreement" in children[0] else {})}
+    pairs = [("ours-bf16", "ours")] + ([] if args.no_dense else [("ours", "dense"), ("ours-bf16", "dense")])
+    results["ratios"] = {}
+    for a, b in pairs:  # each round's two measures, taken beside each other
+        per_round = [x["seconds_per_step_median"] / y["seconds_per_step_median"] for x, y in zip(rounds[a], rounds[b])]
+        results["ratios"][f"{a}/{b}"] = {"median": statistics.median(per_round),
+                                         "per_round": [round(r, 3) for r in per_round]}
+    print(f"judges for N={args.n}, d={args.d}, K={args.anchors}, k={args.k} ({args.tasks} tasks per step), "
+          f"median of {args.rounds} rounds")
+    print(f"{'':<10}{'s/task':>10}{'s/step':>10}{'peak +MiB':>12}")
+    for kind in kinds:
+        r = results[kind]
+        print(f"{kind:<10}{r['seconds_per_task']:>10.3f}{r['seconds_per_step_median']:>10.3f}{r['peak_extra_mib']:>12.0f}")
+    for name, ratio in results["ratios"].items():
+        print(f"time {name}: {ratio['median']:.2f} (rounds: {', '.join(f'{r:.2f}' for r in ratio['per_round'])})")
     agreement = results["ours-bf16"]["agreement"]
     print(f"bf16 search vs exact on the same draw: {100 * agreement['anchors_with_identical_supports']:.1f}% of anchors "
           f"with identical supports, {100 * agreement['support_set_overlap']:.1f}% of supports shared")
@@ -161,9 +190,9 @@ def main() -> int:
               f"{share['step_seconds_mean']:.3f} s (judges {share['judges_seconds_mean'] * 1000:.1f} ms, votes "
               f"{share['votes_seconds_mean'] * 1000:.1f} ms, memories {share['memory_seconds_mean'] * 1000:.1f} ms; "
               f"{share['steps']} steps)")
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {OUT}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {args.out}")
     return 0
 
 

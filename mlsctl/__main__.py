@@ -2,8 +2,10 @@
 
 import sys
 
-from mlsctl.dist import relaunch_for_accelerate_on_cpu, relaunched_argv
+from mlsctl.launch import relaunch_for_accelerate_on_cpu, relaunched_argv
+from mlsctl.threads import prepare_environment
 
+prepare_environment()  # before anything loads an OpenMP runtime; the relaunched processes inherit it
 relaunch_for_accelerate_on_cpu()
 _argv = relaunched_argv()
 if _argv is not None:

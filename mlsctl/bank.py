@@ -147,7 +147,8 @@ class MemoryBank:
         self._prefilled = False
         self._held: Optional[list[tuple[torch.Tensor, dict[str, torch.Tensor], int, bool]]] = None  # see hold()
         if init == "random_unit":
-            noise = torch.randn(size, dim, generator=generator, dtype=torch.float32)
+            # on the CPU whatever the default device (a method built on the meta device still gets its banks)
+            noise = torch.randn(size, dim, generator=generator, dtype=torch.float32, device="cpu")
             self.vectors.copy_(F.normalize(noise, dim=1).to(dtype))
             self._prefilled = True
         elif init != "zeros":

@@ -6,11 +6,7 @@ never inside a loss.
 
 from __future__ import annotations
 
-import json
 import os
-import shlex
-import sys
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -123,59 +119,3 @@ def init_from_environment() -> None:
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend=backend)
-
-
-def _requested_processes(argv: list[str]) -> int:
-    for i, arg in enumerate(argv):
-        if arg in ("--num_processes", "--num-processes") and i + 1 < len(argv):
-            return int(argv[i + 1])
-        for prefix in ("--num_processes=", "--num-processes="):
-            if arg.startswith(prefix):
-                return int(arg[len(prefix):])
-    return 1
-
-
-RELAUNCH_ARGV = "MLSCTL_RELAUNCH_ARGV"
-
-
-def relaunched_argv() -> list[str] | None:
-    """The command-line arguments :func:`relaunch_for_accelerate_on_cpu` passed on, if any."""
-    value = os.environ.pop(RELAUNCH_ARGV, None)
-    return json.loads(value) if value is not None else None
-
-
-def relaunch_for_accelerate_on_cpu() -> None:
-    """Make ``accelerate launch --num_processes N -m mlsctl ...`` start N processes without GPUs.
-
-    On a machine without accelerators, and without an Accelerate config file, ``accelerate
-    launch --num_processes 2`` runs its single-process launcher: one process starts and trains
-    alone. When this module finds itself started that way (its parent is ``accelerate launch``
-    asking for N > 1 processes and no distributed environment is set), it replaces itself with
-    ``torch.distributed.run --nproc_per_node N`` (what ``accelerate launch --multi_gpu`` does),
-    and says so on stderr. Everything else is left untouched.
-    """
-    if "WORLD_SIZE" in os.environ or "ACCELERATE_MIXED_PRECISION" not in os.environ:
-        return
-    try:
-        parent = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode(errors="replace").split("\0")
-    except OSError:
-        return
-    if not any(Path(a).name == "accelerate" or a.endswith("accelerate") for a in parent[:3]) or "launch" not in parent:
-        return
-    try:
-        wanted = _requested_processes(parent)
-    except ValueError:
-        return
-    if wanted <= 1 or torch.cuda.is_available():
-        return
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={wanted}",
-               "-m", "mlsctl"]
-    print(f"mlsctl: accelerate launch runs a single process on a machine without GPUs; starting {wanted} "
-          f"processes with torch.distributed.run (as `accelerate launch --multi_gpu` would): "
-          f"{shlex.join(command[1:] + sys.argv[1:])}", file=sys.stderr, flush=True)
-    # torch.distributed.run's parser would take options such as --run for abbreviations of its own,
-    # so the arguments travel in the environment (see relaunched_argv).
-    os.environ[RELAUNCH_ARGV] = json.dumps(sys.argv[1:])
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or wanted) // wanted)))
-    os.environ["ACCELERATE_USE_CPU"] = "true"
-    os.execv(sys.executable, command)

@@ -42,7 +42,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from mlsctl import __version__, atomic
+from mlsctl import __version__, atomic, threads
 from mlsctl.errors import UserError
 from mlsctl.locks import LOCK_NAME, FolderLock
 
@@ -219,7 +219,7 @@ def _normalized(latents) -> np.ndarray:
 
 def train_index(unit: np.ndarray, settings: IndexSettings):
     """An empty index for L2-normalised rows ``unit`` [n, D] (IVF-PQ trained on a sample of them)."""
-    import faiss
+    faiss = threads.faiss()
 
     n, d = unit.shape
     if settings.kind == "flat":
@@ -258,6 +258,7 @@ def search_index(index, unit_rows_: Optional[np.ndarray], queries: np.ndarray, k
     IVF-PQ, ``refine × k`` candidates from the compressed codes are re-ranked exactly against
     ``unit_rows_`` (the normalised rows, row = id: a memory map is fine, only the candidates are
     read). Missing results have id -1."""
+    threads.faiss()  # faiss's threads in this thread (a server searches in its request threads)
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     k = max(1, min(k, index.ntotal))
     if settings.kind == "flat":
@@ -363,7 +364,7 @@ class Gallery:
 
     # ------------------------------------------------------------------ index
     def _open_index(self):
-        import faiss
+        faiss = threads.faiss()
 
         if self.settings.kind == "flat":
             live = self.live_rows()
@@ -448,7 +449,7 @@ class Gallery:
 
     def append(self, ids: Sequence[str], latents: torch.Tensor, counts: Sequence[int]) -> None:
         """Append rows and commit them (gallery.json's row count, written atomically, last)."""
-        import faiss
+        faiss = threads.faiss()
 
         for object_id in ids:
             check_object_id(object_id)
@@ -481,7 +482,7 @@ class Gallery:
         """Write the in-memory index (IVF-PQ) as a new file named by its row count, commit it in the
         manifest with the rows it holds, then remove the file it replaces: a kill leaves the manifest
         naming the old file and its rows, or the new file and its rows, never one with the other's."""
-        import faiss
+        faiss = threads.faiss()
 
         old = index_file(self.manifest)
         name = None
@@ -617,7 +618,7 @@ def write_gallery(path: Path, ids: list[str], latents: torch.Tensor, counts, set
         _append_rows(tmp, 0, 0, ids, raw.astype(dtype), unit.astype(dtype), np.asarray(counts, dtype=np.int64))
         name = None
         if settings.kind != "flat" and index is not None:
-            import faiss
+            faiss = threads.faiss()
 
             name = f"index.{len(ids)}.faiss"
             faiss.write_index(index, str(tmp / name))

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mlsctl import threads
 from mlsctl.errors import UserError
 
 
@@ -96,7 +97,7 @@ class Monitor:
         return record
 
     def _knn_seg(self, train_dense: torch.Tensor, val_dense: torch.Tensor) -> float:
-        import faiss
+        faiss = threads.faiss()
 
         from mlsctl.evaluate.knn_seg import patch_soft_labels, transfer_labels
         from mlsctl.evaluate.segmentation import confusion_update, mean_iou

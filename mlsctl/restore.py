@@ -64,13 +64,14 @@ def build_method(recipe):
 
 def load_method(recipe, model_path: Union[str, Path]):
     """The method of ``recipe`` with the weights of a checkpoint's ``model.safetensors`` (every
-    tensor, strictly); ``recipe``'s own starting weights are not read."""
+    tensor, strictly), built without the random initialisation they replace
+    (:func:`mlsctl.models.weights.built_with`); ``recipe``'s own starting weights are not read."""
     from safetensors.torch import load_file
 
+    from mlsctl.models.weights import built_with
+
     recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, weights=None, pretrained=False))
-    method = build_method(recipe)
-    method.load_state_dict(load_file(str(model_path)), strict=True)
-    return method
+    return built_with(lambda: build_method(recipe), load_file(str(model_path)))
 
 
 def method_from_checkpoint(source: Union[Run, Checkpoint, str, Path], step: Optional[int] = None, *, recipe=None):
@@ -149,7 +150,7 @@ def from_run(run_dir: Union[str, Path], *, random_init: bool = False, seed: int 
     if run.teacher_weights_path.is_file():
         plain = dataclasses.replace(model_cfg, weights=str(run.teacher_weights_path), pretrained=False,
                                     lora=dataclasses.replace(model_cfg.lora, enabled=False))
-        backbone = build_backbone(plain, drop_path_rate=0.0)
+        backbone = build_backbone(plain, drop_path_rate=0.0, skip_init=True)
         return model_choice(backbone, f"teacher of run {run.root} ({run.teacher_weights_path.name})", "run",
                             str(run.teacher_weights_path), model_cfg.img_size)
     checkpoint = run.latest()

@@ -15,6 +15,36 @@ def test_version_and_help():
         assert command in top
 
 
+def test_help_and_version_import_no_torch():
+    """`mlsctl --help` answers at once: neither entry point (the console script, `python -m mlsctl`) imports
+    torch before a command needs it (issue 24, item 6)."""
+    import subprocess
+    import sys
+
+    from conftest import cli_env
+
+    report = "import atexit, sys; atexit.register(lambda: print(sorted({'torch', 'timm', 'faiss'} & set(sys.modules))))\n"
+    for start in ("from mlsctl.cli import main; sys.argv = ['mlsctl', '--help']; main()",
+                  "import runpy; sys.argv = ['mlsctl', '--help']; runpy.run_module('mlsctl', run_name='__main__')"):
+        result = subprocess.run([sys.executable, "-c", report + start], capture_output=True, text=True, env=cli_env())
+        assert result.returncode == 0 and "search" in result.stdout, result.stderr
+        assert result.stdout.strip().splitlines()[-1] == "[]", start
+
+
+def test_a_method_and_its_banks_read_without_torchvision():
+    """`bank inspect` needs a method's class and its banks, not the augmentation: torchvision (which imports
+    torch._dynamo, seconds on a small CPU) is imported where crops are made."""
+    import subprocess
+    import sys
+
+    from conftest import cli_env
+
+    code = ("import sys, mlsctl.methods.dino, mlsctl.methods.mile, mlsctl.bank_inspect, mlsctl.bank_health\n"
+            "print(sorted({'torchvision', 'timm', 'faiss'} & set(sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=cli_env())
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
 def _leaf_commands() -> list[list[str]]:
     import typer
 

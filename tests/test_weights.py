@@ -59,3 +59,80 @@ def test_the_shipped_backbone_loads_through_model_weights_and_says_what_it_is():
     with safe_open(str(BACKBONE), "pt") as handle:
         expected = handle.get_tensor("blocks.0.attn.qkv.weight").float()
     assert torch.equal(backbone.net.state_dict()["blocks.0.attn.qkv.weight"], expected)
+
+
+# ------------------------------------------------------------- loading without initialising (issue 24, item 6)
+MILE_METHOD = {"name": "mile", "set_length": 2, "cross_heads": 2, "out_dim": 64, "hidden_dim": 64, "bottleneck_dim": 32,
+               "warmup_teacher_temp_epochs": 0}
+SOVE_METHOD = {"name": "sove", "hidden_dim": 64, "bottleneck_dim": 32, "class_memory_size": 64, "patch_memory_size": 32,
+               "cls_anchors": 6, "cls_supports": 3, "cls_tasks": 2, "patch_anchors": 4, "warmup_teacher_temp_epochs": 0}
+
+
+@pytest.mark.parametrize("method", [MILE_METHOD, SOVE_METHOD], ids=["mile", "sove"])
+def test_a_method_loaded_without_initialising_equals_one_built_then_loaded(tmp_path, method):
+    from mlsctl import config, methods
+    from mlsctl.models.weights import built_with
+    from mlsctl.schedules import Schedule
+
+    from conftest import make_images, tiny_recipe
+
+    raw = tiny_recipe(make_images(tmp_path / "images", 2), data__local_crops={"count": 0, "size": 16, "scale": [0.1, 0.4]})
+    raw["method"] = method
+    recipe = config.from_dict(raw)
+    cls, schedule = methods.method_class(method["name"]), Schedule(steps_per_epoch=1, epochs=1)
+    torch.manual_seed(7)
+    trained = cls(recipe, schedule)
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(0.01 * torch.randn_like(p))  # a teacher that differs from its student, as after training
+    state = {k: v.clone() for k, v in trained.state_dict().items()}
+    before = torch.get_rng_state()
+    loaded = built_with(lambda: cls(recipe, schedule), state)
+    assert torch.equal(torch.get_rng_state(), before)  # nothing was drawn
+    ordinary = cls(recipe, schedule)
+    ordinary.load_state_dict(state, strict=True)
+    assert list(loaded.state_dict()) == list(ordinary.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), ordinary.state_dict().values()))
+    assert [p.requires_grad for p in loaded.parameters()] == [p.requires_grad for p in ordinary.parameters()]
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        a, b = loaded.teacher_backbone().eval()(x), ordinary.teacher_backbone().eval()(x)
+    assert torch.equal(a.cls, b.cls) and torch.equal(a.patches, b.patches)
+
+
+def test_a_module_with_buffers_outside_its_state_is_built_the_ordinary_way():
+    from mlsctl.models.weights import built_with
+
+    class Rotary(torch.nn.Module):  # as EVA's rotary tables: computed in the constructor, not saved
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(4, 4)
+            self.register_buffer("table", torch.arange(8.0).sin(), persistent=False)
+
+    state = {k: torch.full_like(v, 0.5) for k, v in Rotary().state_dict().items()}
+    before = torch.get_rng_state()
+    loaded = built_with(Rotary, state)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert torch.equal(loaded.table, torch.arange(8.0).sin()) and torch.equal(loaded.linear.weight, state["linear.weight"])
+    with pytest.raises(RuntimeError, match="Missing key"):
+        built_with(Rotary, {"linear.weight": state["linear.weight"]})
+
+
+def test_a_backbone_from_a_weights_file_skips_only_its_initialisation(tmp_path):
+    from mlsctl.models.backbone import Backbone
+
+    path = _weights_file(tmp_path)
+    spec = dict(arch="vit_small_patch16_224", patch_size=8, timm_kwargs={"embed_dim": 32, "depth": 2, "num_heads": 2})
+    for size in (32, 48):  # the file's grid, and another one (its position embedding resampled)
+        torch.manual_seed(0)
+        ordinary = Backbone(img_size=size, weights=str(path), **spec).eval()
+        before = torch.get_rng_state()
+        fast = Backbone(img_size=size, weights=str(path), skip_init=True, **spec).eval()
+        assert torch.equal(torch.get_rng_state(), before)
+        assert all(torch.equal(a, b) for a, b in zip(fast.state_dict().values(), ordinary.state_dict().values()))
+        x = torch.rand(2, 3, size, size)
+        with torch.no_grad():
+            assert torch.equal(fast(x).cls, ordinary(x).cls)
+    with pytest.raises(Exception, match="do not fit model.arch"):
+        Backbone(img_size=32, weights=str(path), skip_init=True, arch="vit_small_patch16_224", patch_size=8,
+                 timm_kwargs={"embed_dim": 32, "depth": 3, "num_heads": 2})

@@ -173,6 +173,10 @@ def _stop_on_sigterm() -> None:
 
 
 def main() -> None:
+    from mlsctl import threads
+
+    threads.prepare_environment()  # before torch or faiss loads its OpenMP runtime (mlsctl/threads.py)
+
     from mlsctl.errors import Interrupted, describe_environment_error
 
     from mlsctl.data.images import unreported_skips

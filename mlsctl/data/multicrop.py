@@ -34,11 +34,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-import torchvision.transforms.v2 as v2
-import torchvision.transforms.v2.functional as TF
 from PIL import Image
+
+if TYPE_CHECKING:
+    import torchvision.transforms.v2 as v2
+
+# torchvision is imported where a crop or a pipeline is made, not here: importing it imports
+# torch._dynamo (seconds on a small CPU), which commands that only read a method's config or its
+# banks (bank inspect) never need.
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -100,12 +106,17 @@ def sample_crop(width: int, height: int, scale: tuple[float, float], ratio=(3 / 
 
 
 def apply_crop(img: Image.Image, params: CropParams, size: int) -> Image.Image:
+    import torchvision.transforms.v2 as v2
+    import torchvision.transforms.v2.functional as TF
+
     out = TF.resized_crop(img, params.top, params.left, params.height, params.width, [size, size],
                           interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
     return TF.horizontal_flip(out) if params.flip else out
 
 
 def _blur(p: float, size: int) -> v2.Transform:
+    import torchvision.transforms.v2 as v2
+
     return v2.RandomApply([v2.GaussianBlur(kernel_size=blur_kernel_size(size), sigma=(0.1, 2.0))], p=p)
 
 
@@ -129,6 +140,8 @@ def photometric_pipeline(kind: str, role: str, size: int, to_float: bool = True)
     (0.4, 0.4, 0.4, 0.1) with p=0.8, grayscale p=0.2, Gaussian blur σ∈[0.1, 2] with p=0.5 (the flip
     is part of the crop). Two small departures, shared with every pipeline here: crops are resized
     bicubically (MoCo: bilinear) and the blur is torchvision's kernel (MoCo: PIL's GaussianBlur)."""
+    import torchvision.transforms.v2 as v2
+
     to_float = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)] if to_float else []
     if kind == "none":
         return v2.Compose([v2.ToImage(), *to_float])

@@ -301,12 +301,13 @@ def build_index(features: torch.Tensor, kind: str = "flat", nlist: Optional[int]
 
 
 def _import_faiss(what: str):
+    from mlsctl import threads
+
     try:
-        import faiss
+        return threads.faiss()
     except ImportError:
         raise UserError(f"{what} searches with faiss, which is not installed; pip install faiss-cpu, or use the exact "
                         f"torch search (--index flat --search torch)") from None
-    return faiss
 
 
 def _faiss_available() -> bool:
@@ -337,6 +338,7 @@ class FaissSearch:
             f"approximate, faiss IndexIVFFlat on cpu (nprobe {nprobe})"
 
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        _import_faiss("the faiss search")  # faiss's threads in the calling thread
         scores, neighbours = self.index.search(np.ascontiguousarray(queries.numpy(), dtype=np.float32), k)
         return torch.from_numpy(scores), torch.from_numpy(neighbours)
 

@@ -22,6 +22,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from mlsctl import threads
 from mlsctl.errors import UserError
 
 DEFAULT_KS = (1, 2, 4, 8)
@@ -36,9 +37,10 @@ def default_ks(n: int) -> list[int]:
 def recall_calculator(ks: Sequence[int], k: int):
     """A pytorch-metric-learning AccuracyCalculator with ``recall_at_K`` for every K of ``ks``,
     searching ``k`` neighbours (exact inner product) for every query."""
-    import faiss
     from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
     from pytorch_metric_learning.utils.inference import FaissKNN
+
+    faiss = threads.faiss()
 
     def recall_at(K: int):
         def calculate(self, knn_labels, query_labels, not_lone_query_mask, **kwargs):

@@ -16,7 +16,12 @@
 Weights: ``weights=FILE`` loads a local file through :mod:`mlsctl.models.weights` (strict, key
 layouts remapped); ``pretrained=True`` takes timm's weights from the Hugging Face cache, or
 downloads them when the hub answers within two seconds, and fails with one sentence otherwise
-(:mod:`mlsctl.models.hub`). ``timm_kwargs`` may only hold architecture arguments
+(:mod:`mlsctl.models.hub`). With ``skip_init=True`` (for inference) a model whose weights come
+from a file is built without the random initialisation they replace at once
+(:func:`mlsctl.models.weights.materialise`): the same model in a fraction of the time, and the
+global random generator left alone (not with ``embedding_dim``, whose layer may stay fresh).
+Training keeps the ordinary way: what the backbone draws decides the initialisation of the modules
+built after it. ``timm_kwargs`` may only hold architecture arguments
 (:data:`mlsctl.config.TIMM_ARCH_KEYS`). ``lora`` wraps the ViT with peft LoRA adapters
 (:mod:`mlsctl.models.lora`).
 
@@ -43,7 +48,7 @@ import torch.nn as nn
 
 from mlsctl.errors import UserError
 from mlsctl.models import lora as lora_lib
-from mlsctl.models.weights import backbone_state, load_into_vit, read_state_dict
+from mlsctl.models import weights as weights_lib
 
 
 @dataclass
@@ -55,7 +60,8 @@ class BackboneOutput:
 class Backbone(nn.Module):
     def __init__(self, arch: str, *, img_size: int = 224, patch_size: Optional[int] = 16, drop_path_rate: float = 0.0,
                  pretrained: bool = False, weights: Optional[str] = None, timm_kwargs: Optional[dict[str, Any]] = None,
-                 lora: Optional[lora_lib.LoraSettings] = None, mask_token: bool = False, embedding_dim: int = 0):
+                 lora: Optional[lora_lib.LoraSettings] = None, mask_token: bool = False, embedding_dim: int = 0,
+                 skip_init: bool = False):
         super().__init__()
         import timm
 
@@ -85,13 +91,19 @@ class Backbone(nn.Module):
             from mlsctl.models.hub import timm_pretrained_file
 
             weights = timm_pretrained_file(arch)
-        try:
-            model = timm.create_model(arch, pretrained=False, **kwargs)
-        except (TypeError, ValueError, AssertionError, RuntimeError) as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-            hint = "(num_heads must divide embed_dim)" if self.kind == "vit" else "(a CNN takes output_stride, not ViT shapes)"
-            raise UserError(f"timm cannot build '{arch}' with {sorted(kwargs)} ({first}); check model.timm_kwargs "
-                            f"{hint}") from None
+
+        def create() -> nn.Module:
+            try:
+                return timm.create_model(arch, pretrained=False, **kwargs)
+            except (TypeError, ValueError, AssertionError, RuntimeError) as exc:
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+                hint = ("(num_heads must divide embed_dim)" if self.kind == "vit"
+                        else "(a CNN takes output_stride, not ViT shapes)")
+                raise UserError(f"timm cannot build '{arch}' with {sorted(kwargs)} ({first}); check model.timm_kwargs "
+                                f"{hint}") from None
+
+        skip_init = skip_init and weights is not None and not embedding_dim
+        model = weights_lib.on_meta(create) if skip_init else create()
         if self.kind == "vit":
             stride = int(model.patch_embed.patch_size[0])
             self.num_prefix_tokens = model.num_prefix_tokens
@@ -109,13 +121,17 @@ class Backbone(nn.Module):
             if mask_token:
                 raise UserError(f"masked image modelling needs a Vision Transformer (a mask token replaces patch "
                                 f"embeddings); model.arch '{arch}' is a CNN")
-        if weights is not None:
-            state = backbone_state(read_state_dict(weights), keep_head=embedding_dim > 0)
+        if skip_init:
+            state = weights_lib.fitted_state(model, weights_lib.backbone_state(weights_lib.read_state_dict(weights)),
+                                             str(weights))
+            model = weights_lib.materialise(model, state, create)
+        elif weights is not None:
+            state = weights_lib.backbone_state(weights_lib.read_state_dict(weights), keep_head=embedding_dim > 0)
             if embedding_dim:  # an embedding layer of another shape (or none) in the file: keep the fresh one
                 fresh = {k: v for k, v in model.state_dict().items() if k.startswith("head.")}
                 if any(k not in state or state[k].shape != v.shape for k, v in fresh.items()):
                     state.update(fresh)
-            load_into_vit(model, state, str(weights))
+            weights_lib.load_into_vit(model, state, str(weights))
         self.arch = arch
         self.patch_size = stride
         self.width = model.num_features
@@ -213,10 +229,10 @@ VIT_MODULES = ("vision_transformer", "vision_transformer_hybrid", "vision_transf
 
 
 def build_backbone(model_cfg, *, drop_path_rate: Optional[float] = None, load_weights: bool = True,
-                   mask_token: bool = False) -> Backbone:
+                   mask_token: bool = False, skip_init: bool = False) -> Backbone:
     """A :class:`Backbone` from a recipe's ``model`` section; ``load_weights=False`` skips
     ``model.weights``/``model.pretrained`` (for a teacher that copies its student); ``mask_token``
-    adds the learnable token of masked image modelling."""
+    adds the learnable token of masked image modelling; ``skip_init``: see :class:`Backbone`."""
     return Backbone(
         model_cfg.arch,
         img_size=model_cfg.img_size,
@@ -228,4 +244,5 @@ def build_backbone(model_cfg, *, drop_path_rate: Optional[float] = None, load_we
         lora=lora_lib.LoraSettings.from_config(model_cfg.lora),
         mask_token=mask_token,
         embedding_dim=model_cfg.embedding_dim,
+        skip_init=skip_init,
     )

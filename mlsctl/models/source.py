@@ -94,7 +94,7 @@ def from_weights(path: str | Path, arch: Optional[str] = None, *, img_size: Opti
     if random_init:
         torch.manual_seed(seed)
     backbone = Backbone(spec["arch"], img_size=size, patch_size=patch, weights=None if random_init else str(path),
-                        timm_kwargs=spec.get("timm_kwargs"), embedding_dim=spec.get("embedding_dim", 0))
+                        timm_kwargs=spec.get("timm_kwargs"), embedding_dim=spec.get("embedding_dim", 0), skip_init=True)
     if random_init:
         choice = model_choice(backbone, f"randomly initialised {spec['arch']} (architecture of {path}, seed {seed})",
                               "random-init", str(path), size)
@@ -152,7 +152,7 @@ def dinov2_small() -> ModelChoice:
         cached = hub_file(DINOV2_REPO, ["model.safetensors"], "no run under ./runs", "choose a model")
     except UserError:
         raise UserError(_HOW_TO_CHOOSE) from None
-    backbone = Backbone(DINOV2_ARCH, img_size=518, patch_size=14, weights=cached)
+    backbone = Backbone(DINOV2_ARCH, img_size=518, patch_size=14, weights=cached, skip_init=True)
     return model_choice(backbone, f"timm's DINOv2 ViT-S/14 ({cached})", "dinov2", cached, 224)
 
 

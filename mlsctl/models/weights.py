@@ -17,7 +17,7 @@ of another grid size is resampled (timm's ``resample_abs_pos_embed``).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping, TypeVar
 
 import torch
 
@@ -25,6 +25,7 @@ from mlsctl.errors import UserError
 
 CONTAINER_KEYS = ("teacher", "state_dict", "model", "student", "module")
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+T = TypeVar("T", bound=torch.nn.Module)
 HEAD_PREFIXES = ("head.", "heads.", "head_", "projection_head.", "prototypes.", "predictor.", "dino_head.")
 
 
@@ -86,8 +87,10 @@ def _summarise(keys: list[str], limit: int = 5) -> str:
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
-def load_into_vit(vit: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
-    """Strictly load timm-layout ``state`` into a timm ViT, resampling the position embedding."""
+def fitted_state(vit: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """Timm-layout ``state`` checked against a timm ViT's keys and shapes (a mismatch is a
+    :class:`~mlsctl.errors.UserError`), its position embedding resampled to the ViT's grid. Reads
+    only names and shapes of ``vit``, so a ViT built on the meta device will do."""
     state = dict(state)
     target = vit.state_dict()
     if "pos_embed" in state and "pos_embed" in target and state["pos_embed"].shape != target["pos_embed"].shape:
@@ -110,4 +113,52 @@ def load_into_vit(vit: torch.nn.Module, state: Mapping[str, torch.Tensor], sourc
             parts.append(f"{len(wrong)} keys of another shape ({_summarise(details)})")
         raise UserError(f"weights in {source} do not fit model.arch: " + "; ".join(parts)
                         + "; check model.arch, model.patch_size and model.timm_kwargs")
-    vit.load_state_dict(state, strict=True)
+    return state
+
+
+def load_into_vit(vit: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Strictly load timm-layout ``state`` into a timm ViT, resampling the position embedding."""
+    vit.load_state_dict(fitted_state(vit, state, source), strict=True)
+
+
+# ---------------------------------------------------------------------------------------- loading without initialising
+def on_meta(build: Callable[[], T]) -> T:
+    """``build()`` with every tensor it creates on the meta device: shapes and dtypes, no memory,
+    and no initialisation (random initialisers do nothing there and leave the global random
+    generator where it was). Tensors created with an explicit device (memory banks) are real.
+    Give the result to :func:`materialise`."""
+    with torch.device("meta"):
+        return build()
+
+
+def materialise(module: T, state: Mapping[str, torch.Tensor], build: Callable[[], T]) -> T:
+    """``module`` (from :func:`on_meta`) with ``state`` loaded strictly, on the CPU.
+
+    When every parameter and buffer of ``module`` is in its state dict, its tensors are allocated
+    uninitialised and strict loading overwrites every one of them: the result equals ``build()``
+    followed by ``load_state_dict(state, strict=True)``, without the random initialisation that
+    loading would overwrite at once (for a ViT the larger part of building it). (The tensors of
+    ``state`` are copied, not assigned: those of a memory-mapped safetensors file are not aligned
+    as the allocator aligns its own, and some kernels then round differently.) A module holding
+    tensors outside its state dict — non-persistent buffers its constructor computes, such as
+    EVA's rotary tables or BEiT's relative position index — is built again by ``build()`` (on the
+    CPU, with the global random generator restored afterwards, so that both ways leave it alike)
+    and ``state`` loaded into it. A mismatch between ``state`` and the module raises as
+    ``load_state_dict(strict=True)`` does."""
+    in_state = set(module.state_dict(keep_vars=True))
+    tensors = [name for name, _ in module.named_parameters(remove_duplicate=False)]
+    tensors += [name for name, _ in module.named_buffers(remove_duplicate=False)]
+    if all(name in in_state for name in tensors):
+        module.to_empty(device="cpu")
+    else:
+        with torch.random.fork_rng(devices=[]):
+            module = build()
+    module.load_state_dict(state, strict=True)
+    return module
+
+
+def built_with(build: Callable[[], T], state: Mapping[str, torch.Tensor]) -> T:
+    """``build()`` with ``state`` loaded strictly, without initialising what ``state`` replaces
+    (:func:`on_meta`, then :func:`materialise`); for inference: unlike ``build()``, it leaves the
+    global random generator where it was."""
+    return materialise(on_meta(build), state, build)

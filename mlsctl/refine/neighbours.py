@@ -16,11 +16,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mlsctl import threads
+
 
 def nearest_neighbours(queries: torch.Tensor, reference: torch.Tensor, k: int,
                        exclude: Optional[torch.Tensor] = None, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
     """(indices [n, k] int64, cosine similarities [n, k]) of each query's k nearest reference rows."""
-    import faiss
+    faiss = threads.faiss()
 
     q = np.ascontiguousarray(F.normalize(queries.float(), dim=-1).numpy())
     r = np.ascontiguousarray(F.normalize(reference.float(), dim=-1).numpy())
