@@ -35,8 +35,10 @@ def fixed_input() -> torch.Tensor:  # as make_old_runs.fixed_input
     return torch.randn(2, 3, 32, 32)
 
 
-def test_every_registered_method_has_an_old_run():
-    assert sorted(registry.names()) == sorted(METHODS)
+def test_every_method_of_the_refactor_has_an_old_run():
+    """The seven methods that existed at c1cc6ba each have a run here; a method registered later has
+    no run from before the refactor and needs none."""
+    assert set(METHODS) <= set(registry.names())
     assert sorted(p.name for p in RUNS.iterdir() if p.is_dir()) == sorted(METHODS)
 
 
