@@ -69,7 +69,7 @@ class FeatureData:
     ``root``, ``relpaths()`` (the rows' files, checked again on ``--resume``), ``len``."""
 
     def __init__(self, path: str, what: str = "data.root"):
-        from mlsctl.features import Features
+        from mlsctl.data.shards import Features
 
         self.features = Features(path, f"{what} (a feature folder)")
         self.root = Path(path)

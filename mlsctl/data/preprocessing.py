@@ -1,0 +1,58 @@
+"""Evaluation-time preprocessing: how ``embed``, ``eval``, ``export``, the gallery and the
+pictures turn one image into a model input (resize mode, resolution, mean/std), and the
+``preprocessing`` entry a feature folder's manifest records."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+RESIZE_MODES = ("square", "center-crop")
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an image becomes the model input.
+
+    ``square``: the whole image resized to ``resolution``² (patch maps cover the whole image, so
+    they line up with segmentation masks). ``center-crop``: shorter side to ``resolution``·256/224,
+    then the central ``resolution``² (DINO's k-NN protocol; not for dense evaluation).
+    """
+
+    resolution: int
+    resize: str = "square"
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    def pixels(self, img) -> torch.Tensor:
+        """The resized image as uint8 [3, R, R] (cheap to batch and to move to a GPU)."""
+        from PIL import Image
+
+        r = self.resolution
+        if self.resize == "square":
+            img = img.resize((r, r), Image.BICUBIC)
+        else:
+            short = round(r * 256 / 224)
+            w, h = img.size
+            scale = short / min(w, h)
+            img = img.resize((max(r, round(w * scale)), max(r, round(h * scale))), Image.BICUBIC)
+            w, h = img.size
+            left, top = (w - r) // 2, (h - r) // 2
+            img = img.crop((left, top, left + r, top + r))
+        return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, 3, R, R] → float, scaled to [0, 1] and standardised by mean/std."""
+        mean = torch.tensor(self.mean, device=pixels.device).view(1, 3, 1, 1) * 255
+        std = torch.tensor(self.std, device=pixels.device).view(1, 3, 1, 1) * 255
+        return (pixels.float() - mean) / std
+
+    def __call__(self, img) -> torch.Tensor:
+        """One image → the model input [3, R, R]."""
+        return self.normalize(self.pixels(img)[None])[0]
+
+    def to_dict(self) -> dict:
+        return {"resize": self.resize, "resolution": self.resolution, "interpolation": "bicubic",
+                "mean": list(self.mean), "std": list(self.std)}

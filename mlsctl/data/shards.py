@@ -1,0 +1,224 @@
+"""Reading feature shards: the one format ``embed`` writes (:mod:`mlsctl.features`) and ``eval``,
+``viz``, ``index``, ``bank`` and the refinement method read.
+
+A feature folder holds ``manifest.json`` (written last) and ``shard-NNNNN-of-NNNNN.safetensors``
+files (``global`` [n, D], optional ``dense`` [n, h, w, D], ``row`` [n]); the format is described in
+:mod:`mlsctl.features`. :class:`Features` reads one through ``safetensors.safe_open``
+(memory-mapped), shard by shard; a damaged, unfinished or foreign folder raises a
+:class:`~mlsctl.errors.UserError` saying what is wrong and what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+
+from mlsctl.errors import UserError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+PARTIAL = ".partial"
+SHARD_BYTES = 256 * 2**20  # target size of one shard
+DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
+
+
+def shard_name(index: int, count: int) -> str:
+    return f"shard-{index:05d}-of-{count:05d}.safetensors"
+
+
+def is_feature_folder(path: str | os.PathLike) -> bool:
+    path = Path(path)
+    return (path / MANIFEST).is_file() or (path / PARTIAL).is_dir()
+
+
+@dataclass
+class ShardInfo:
+    path: Path
+    rows: int
+    start: int  # first row of this shard in the concatenation
+
+
+_SHARD_NAME = re.compile(r"shard-\d{5}-of-\d{5}\.safetensors")
+
+
+def _is_count(value, low: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _manifest_problem(m: dict) -> Optional[str]:
+    """What in a manifest has the wrong type, or None."""
+    if not (isinstance(m["files"], list) and all(isinstance(f, str) for f in m["files"])):
+        return "'files' must be a list of paths"
+    shards = m["shards"]
+    if not (isinstance(shards, list) and all(isinstance(e, dict) and isinstance(e.get("file"), str)
+                                             and _SHARD_NAME.fullmatch(e["file"]) and _is_count(e.get("rows"))
+                                             for e in shards)):
+        return "'shards' must be a list of {file: shard-NNNNN-of-NNNNN.safetensors, rows: count}"
+    if not _is_count(m["dim"], 1):
+        return f"'dim' must be a positive integer, got {m['dim']!r}"
+    grid = m.get("grid")
+    if grid is not None and not (isinstance(grid, list) and len(grid) == 2 and all(_is_count(g, 1) for g in grid)):
+        return f"'grid' must be null or [h, w], got {grid!r}"
+    if m["dtype"] not in ("float16", "float32"):
+        return f"'dtype' must be float16 or float32, got {m['dtype']!r}"
+    for key in ("model", "preprocessing"):
+        if not isinstance(m[key], dict):
+            return f"'{key}' must be a mapping"
+    if not isinstance(m["input_root"], str):
+        return "'input_root' must be a path"
+    skipped = m.get("skipped", [])
+    if not (isinstance(skipped, list) and all(isinstance(x, list) and len(x) == 2 and all(isinstance(y, str) for y in x)
+                                              for x in skipped)):
+        return "'skipped' must be a list of [path, reason]"
+    return None
+
+
+class Features:
+    """A complete feature folder, read shard by shard (memory-mapped through safetensors)."""
+
+    def __init__(self, path: str | os.PathLike, what: str = "feature folder"):
+        self.path = Path(path)
+        self.what = what
+        self.manifest = self._read_manifest()
+        m = self.manifest
+        self.files: list[str] = m["files"]
+        self.skipped: list[list[str]] = m.get("skipped", [])
+        self.dim: int = int(m["dim"])
+        self.grid: Optional[tuple[int, int]] = tuple(m["grid"]) if m.get("grid") else None
+        self.dtype: str = m["dtype"]
+        self.input_root = Path(m["input_root"])
+        self.model: dict = m["model"]
+        self.preprocessing: dict = m["preprocessing"]
+        self.shards: list[ShardInfo] = []
+        start = 0
+        for entry in m["shards"]:
+            shard = ShardInfo(self.path / entry["file"], int(entry["rows"]), start)
+            self._check_shard(shard)
+            self.shards.append(shard)
+            start += shard.rows
+        if start != len(self.files):
+            raise UserError(f"{what} {self.path} is damaged: its shards hold {start} rows but manifest.json lists "
+                            f"{len(self.files)} files; embed it again with --overwrite")
+
+    # ------------------------------------------------------------------ validation
+    def _read_manifest(self) -> dict:
+        path, what = self.path, self.what
+        if not path.is_dir():
+            raise UserError(f"{what} {path} does not exist; create it with mlsctl embed")
+        manifest_path = path / MANIFEST
+        if not manifest_path.is_file():
+            if (path / PARTIAL).is_dir():
+                raise UserError(f"{what} {path} is unfinished (its embed was interrupted); run the same mlsctl embed "
+                                f"command again to complete it")
+            raise UserError(f"{what} {path} is not a feature folder (no {MANIFEST}); create one with mlsctl embed")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise UserError(f"{manifest_path} is damaged ({exc}); embed the folder again with --overwrite") from None
+        if not isinstance(manifest, dict) or manifest.get("kind") != "mlsctl-features":
+            raise UserError(f"{manifest_path} is not an mlsctl feature manifest; point at a folder written by mlsctl embed")
+        version = manifest.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise UserError(f"{what} {path} has format_version {version}, newer than this mlsctl reads "
+                            f"({FORMAT_VERSION}); upgrade mlsctl")
+        missing = [k for k in ("files", "shards", "dim", "dtype", "model", "preprocessing", "input_root")
+                   if k not in manifest]
+        if missing:
+            raise UserError(f"{manifest_path} lacks {', '.join(missing)}; embed the folder again with --overwrite")
+        problem = _manifest_problem(manifest)
+        if problem:
+            raise UserError(f"{manifest_path} is damaged ({problem}); embed the folder again with --overwrite")
+        return manifest
+
+    def _check_shard(self, shard: ShardInfo) -> None:
+        from safetensors import safe_open
+
+        if not shard.path.is_file():
+            raise UserError(f"{self.what} {self.path} is damaged: {shard.path.name} is missing; embed it again with --overwrite")
+        try:
+            with safe_open(str(shard.path), "pt") as f:
+                shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+        except Exception as exc:
+            raise UserError(f"{shard.path} is damaged ({str(exc).splitlines()[0][:120]}); embed the folder again "
+                            f"with --overwrite") from None
+        expected = {"global": [shard.rows, self.dim], "row": [shard.rows]}
+        if self.grid:
+            expected["dense"] = [shard.rows, *self.grid, self.dim]
+        if shapes != expected:
+            raise UserError(f"{shard.path} holds {shapes}, manifest.json expects {expected}; embed the folder again "
+                            f"with --overwrite")
+
+    def check_same_model(self, other: "Features") -> None:
+        """Refuse to compare features of two different models (or widths)."""
+        if self.dim != other.dim or self.model.get("fingerprint") != other.model.get("fingerprint"):
+            raise UserError(f"{self.what} {self.path} and {other.what} {other.path} come from different models; "
+                            f"embed both with the same one")
+
+    # ------------------------------------------------------------------ access
+    def __len__(self) -> int:
+        return len(self.files)
+
+    @property
+    def has_dense(self) -> bool:
+        return self.grid is not None
+
+    def image_path(self, row: int) -> Path:
+        return self.input_root / self.files[row]
+
+    def load_image(self, row: int):
+        """The image of ``row`` decoded to RGB, read from the input root: a folder or an archive."""
+        from mlsctl.data.archive import open_tree
+
+        if getattr(self, "_tree", None) is None:
+            self._tree = open_tree(self.input_root, f"the input root of {self.what} {self.path}")
+        return self._tree.load_rgb(self.files[row])
+
+    def _shard_rows(self, rows: Optional[Sequence[int]]) -> Iterator[tuple[ShardInfo, Optional[np.ndarray]]]:
+        """(shard, local row indices or None for all) for each shard holding requested rows."""
+        if rows is None:
+            for shard in self.shards:
+                yield shard, None
+            return
+        rows = np.asarray(sorted(rows), dtype=np.int64)
+        if len(rows) and (rows[0] < 0 or rows[-1] >= len(self)):
+            raise IndexError(f"rows out of range 0..{len(self) - 1}")
+        for shard in self.shards:
+            lo, hi = np.searchsorted(rows, [shard.start, shard.start + shard.rows])
+            if hi > lo:
+                yield shard, rows[lo:hi] - shard.start
+
+    def global_features(self, rows: Optional[Sequence[int]] = None, dtype=torch.float32) -> torch.Tensor:
+        """Global features [n, D] of ``rows`` (sorted) or of every row."""
+        from safetensors import safe_open
+
+        parts = []
+        for shard, local in self._shard_rows(rows):
+            with safe_open(str(shard.path), "pt") as f:
+                tensor = f.get_tensor("global")
+            parts.append((tensor if local is None else tensor[torch.from_numpy(local)]).to(dtype))
+        return torch.cat(parts) if parts else torch.empty(0, self.dim, dtype=dtype)
+
+    def iter_dense(self, rows: Optional[Sequence[int]] = None, batch: int = 64,
+                   dtype=torch.float32) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield ``(rows [b], dense [b, h, w, D])`` in row order, reading at most one shard slice at a time."""
+        from safetensors import safe_open
+
+        if not self.has_dense:
+            raise UserError(f"{self.what} {self.path} has no dense features; embed it with --dense")
+        for shard, local in self._shard_rows(rows):
+            local = np.arange(shard.rows) if local is None else local
+            with safe_open(str(shard.path), "pt") as f:
+                dense = f.get_slice("dense")
+                for i in range(0, len(local), batch):
+                    chunk = local[i:i + batch]
+                    lo, hi = int(chunk[0]), int(chunk[-1]) + 1
+                    block = dense[lo:hi]
+                    block = block[torch.from_numpy(chunk - lo)]
+                    yield torch.from_numpy(chunk + shard.start), block.to(dtype)
