@@ -19,7 +19,8 @@ append: a kill leaves the gallery as before or after an add, and an add costs th
 1M objects. The row files are memory-mapped, not loaded.
 
 :class:`SetModel` embeds images with a MILE run's teacher: backbone CLS (and patch tokens with
-``attend: patches``) and the set encoder's recurrence. Folding images one at a time gives the
+``attend: patches``) and the set encoder's recurrence (the model and its fold are
+:class:`mlsctl.methods.mile.set_model.MILESetModel`; this class adds the photos' preprocessing). Folding images one at a time gives the
 same latent as embedding the set at once (``tests/test_mile.py``), which is what lets
 ``index add`` fold new photos into an object without recomputing its earlier ones.
 
@@ -29,8 +30,6 @@ the compressed codes and their exact cosines (from the stored latents) re-rank t
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
 import os
 import re
@@ -45,6 +44,7 @@ import torch
 from mlsctl import __version__, atomic, threads
 from mlsctl.errors import UserError
 from mlsctl.locks import LOCK_NAME, FolderLock
+from mlsctl.methods.mile.set_model import MILESetModel
 
 GALLERY_FORMAT_VERSION = 3
 READABLE_FORMAT_VERSION = 2  # format 2 (row files beside gallery.json) is read, and moved by writers
@@ -52,24 +52,9 @@ MANIFEST = "gallery.json"
 
 
 # ---------------------------------------------------------------------------------------- the model
-@dataclass
-class SetModel:
-    backbone: object  # ModelChoice of the teacher backbone
-    encoder: torch.nn.Module  # SetEncoder
-    attend: str
-    resolution: int
-    run: str
-    step: int
-
-    @property
-    def dim(self) -> int:
-        return self.backbone.backbone.embed_dim
-
-    @functools.cached_property
-    def fingerprint(self) -> str:
-        from mlsctl.models.source import fingerprint
-
-        return hashlib.sha256((self.backbone.fingerprint + fingerprint(self.encoder) + self.attend).encode()).hexdigest()
+class SetModel(MILESetModel):
+    """A MILE set model (:class:`~mlsctl.methods.mile.set_model.MILESetModel`: backbone, set encoder,
+    :meth:`fold`) with the photo side a gallery needs: its preprocessing and the tokens of images."""
 
     def preprocessing(self) -> dict:
         """How photos become model inputs (recorded in the gallery: its rows and every query must agree)."""
@@ -98,19 +83,6 @@ class SetModel:
             if self.attend == "patches":
                 tokens.append(out.patches.flatten(1, 2).float())
         return torch.cat(cls), (torch.cat(tokens) if tokens else None)
-
-    @torch.no_grad()
-    def fold(self, latent: Optional[torch.Tensor], cls: torch.Tensor, tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Fold images (CLS [t, D], tokens [t, p, D]) one by one into ``latent`` [D] (None: a new set,
-        ``L_0 = e_0``)."""
-        start = 0
-        if latent is None:
-            latent, start = cls[0], 1
-        latent = latent[None]
-        for t in range(start, cls.shape[0]):
-            context = cls[t][None, None] if tokens is None else tokens[t][None]
-            latent = self.encoder.fold(latent, context)
-        return latent[0]
 
 
 def load_set_model(run_dir: str | os.PathLike) -> SetModel:

@@ -14,7 +14,7 @@ import yaml
 
 from mlsctl.errors import UserError
 from mlsctl.methods.refine import ContextDataset, CrossAttentionBlock, Refiner
-from mlsctl.refine.neighbours import nearest_neighbours
+from mlsctl.methods.refine.neighbours import nearest_neighbours
 
 from conftest import cli, cli_ok, kill_when, run_cli, write_feature_folder
 
@@ -128,6 +128,9 @@ def test_neighbours_exclude_the_query_by_index_and_keep_its_duplicates():
         ContextDataset(x[:8], y[:8], 8, ["a"], "data.root x")
     idx, _ = nearest_neighbours(x[3:7], x, 3)  # no exclusion asked: a query finds itself first
     assert (idx[:, 0] == torch.arange(3, 7)).all()
+    from mlsctl.refine import neighbours as old_home  # the module moved into mlsctl.methods.refine
+
+    assert old_home.nearest_neighbours is nearest_neighbours
 
 
 # ------------------------------------------------------------------------------------------ CLI

@@ -6,7 +6,7 @@ the context is the test set itself. Each embedding of ``FEATS`` takes its k near
 the context (cosine, exact faiss search; k = the run's ``method.neighbours`` unless given) and goes
 through the run's blocks (:class:`~mlsctl.models.refiner.Refiner`). A query never sees itself: when
 the context holds the query's own image (the same file: input root + relative path), that row is
-excluded by index (:func:`~mlsctl.refine.neighbours.nearest_neighbours`).
+excluded by index (:func:`~mlsctl.methods.refine.neighbours.nearest_neighbours`).
 
 The output is a feature folder in the shard format (:mod:`mlsctl.features`), so ``eval recall``,
 ``eval knn``, ``index build`` and ``search`` read it unchanged: the same ``files``, ``input_root``,
@@ -98,7 +98,7 @@ def refine(refiner, queries: torch.Tensor, context: torch.Tensor, k: int, exclud
     states e⁰..e^T [T+1, n, d1], the attention of every block [T, n, k] and the neighbour rows [n, k]."""
     from tqdm import tqdm
 
-    from mlsctl.refine.neighbours import nearest_neighbours
+    from mlsctl.methods.refine.neighbours import nearest_neighbours
 
     rows, _ = nearest_neighbours(queries, context, k, exclude)
     context = torch.nn.functional.normalize(context.float(), dim=-1)

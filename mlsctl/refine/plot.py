@@ -57,7 +57,7 @@ def drift_figure(run_dir: str | Path, feats_dir: str | Path, out: str | Path, *,
 
     from mlsctl.evaluate.knn import labels_for
     from mlsctl.refine.apply import open_inputs, refine, self_rows
-    from mlsctl.refine.neighbours import nearest_neighbours
+    from mlsctl.methods.refine.neighbours import nearest_neighbours
 
     if projection not in PROJECTIONS:
         raise UserError(f"--projection {projection} is not one of {', '.join(PROJECTIONS)}")

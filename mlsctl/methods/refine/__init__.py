@@ -1,6 +1,7 @@
 """Context refinement (docs/methods.md#context-refinement): ``config.py`` (the recipe's ``method``
-section, light), ``method.py`` (:class:`Refine`, its feature data and context batches). Names of the latter
-are imported on first use."""
+section, light), ``method.py`` (:class:`Refine`, its feature data and context batches), ``neighbours.py`` (the exact
+k-NN search with self-exclusion that training and ``refine apply`` share). Names of ``method.py`` are
+imported on first use; ``refine apply`` and the plots are :mod:`mlsctl.refine`."""
 
 from mlsctl.methods import forward_names
 from mlsctl.methods.refine.config import RefineConfig

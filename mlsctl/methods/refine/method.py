@@ -7,7 +7,7 @@ Symbols and their names here:
   baseline of :mod:`mlsctl.methods.ms`, or a self-supervised run's features), read from a feature
   folder (``data.root``);
 * its context: the k (``method.neighbours``, 8) nearest neighbours of e⁰ by cosine among the
-  training embeddings, itself excluded (:func:`mlsctl.refine.neighbours.nearest_neighbours`, an
+  training embeddings, itself excluded (:func:`mlsctl.methods.refine.neighbours.nearest_neighbours`, an
   exact faiss index). The embeddings are frozen, so every row's neighbours are searched once,
   before the first step; at inference the reference is the gallery (``mlsctl refine apply``);
 * a block t (:class:`~mlsctl.models.refiner.CrossAttentionBlock`, T = ``method.blocks`` = 8 of
@@ -108,7 +108,7 @@ class ContextDataset(torch.utils.data.Dataset):
     """Every training embedding with its k neighbours among the others (searched once)."""
 
     def __init__(self, embeddings: torch.Tensor, labels: torch.Tensor, k: int, classes: list[str], what: str):
-        from mlsctl.refine.neighbours import nearest_neighbours
+        from mlsctl.methods.refine.neighbours import nearest_neighbours
 
         if len(embeddings) < k + 1:
             raise UserError(f"{what} holds {len(embeddings)} embeddings, fewer than k + 1 = {k + 1} (each needs {k} "

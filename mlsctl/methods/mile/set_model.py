@@ -1,0 +1,50 @@
+"""A MILE run's teacher as a set model: backbone + set encoder, and the recurrence that folds images
+into a set's latent one at a time (docs/methods.md#mile).
+
+:class:`MILESetModel` is the model alone: its width, its fingerprint and :meth:`~MILESetModel.fold`.
+How photos become its inputs (the preprocessing a gallery records) is
+:class:`mlsctl.gallery.SetModel`, which adds it on top and is what ``mlsctl.gallery.load_set_model``
+returns: it needs the feature preprocessing and reads runs back, both above the ``methods`` layer.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class MILESetModel:
+    backbone: object  # ModelChoice of the teacher backbone
+    encoder: torch.nn.Module  # SetEncoder
+    attend: str
+    resolution: int
+    run: str
+    step: int
+
+    @property
+    def dim(self) -> int:
+        return self.backbone.backbone.embed_dim
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        from mlsctl.models.source import fingerprint
+
+        return hashlib.sha256((self.backbone.fingerprint + fingerprint(self.encoder) + self.attend).encode()).hexdigest()
+
+    @torch.no_grad()
+    def fold(self, latent: Optional[torch.Tensor], cls: torch.Tensor, tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Fold images (CLS [t, D], tokens [t, p, D]) one by one into ``latent`` [D] (None: a new set,
+        ``L_0 = e_0``)."""
+        start = 0
+        if latent is None:
+            latent, start = cls[0], 1
+        latent = latent[None]
+        for t in range(start, cls.shape[0]):
+            context = cls[t][None, None] if tokens is None else tokens[t][None]
+            latent = self.encoder.fold(latent, context)
+        return latent[0]

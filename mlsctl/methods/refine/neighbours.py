@@ -1,0 +1,48 @@
+"""The k nearest neighbours of embeddings in a reference set (cosine), with self-exclusion.
+
+:func:`nearest_neighbours` searches an exact faiss ``IndexFlatIP`` over the L2-normalised reference
+and returns, for every query, the reference rows of its ``k`` most similar entries, best first.
+``exclude[i]`` names the reference row query ``i`` must never see (itself, when the reference
+contains the query; -1 for none): ``k + 1`` entries are searched and that row is removed *by its
+index*, not by its similarity, so an exact duplicate of the query elsewhere in the reference is
+still a neighbour; when the excluded row is not among the ``k + 1`` (ties), the last one is dropped.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mlsctl import threads
+
+
+def nearest_neighbours(queries: torch.Tensor, reference: torch.Tensor, k: int,
+                       exclude: Optional[torch.Tensor] = None, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices [n, k] int64, cosine similarities [n, k]) of each query's k nearest reference rows."""
+    faiss = threads.faiss()
+
+    q = np.ascontiguousarray(F.normalize(queries.float(), dim=-1).numpy())
+    r = np.ascontiguousarray(F.normalize(reference.float(), dim=-1).numpy())
+    excluding = exclude is not None and bool((exclude >= 0).any())
+    wanted = k + 1 if excluding else k
+    if wanted > len(r):
+        raise ValueError(f"{wanted} neighbours asked of a reference of {len(r)} rows")
+    index = faiss.IndexFlatIP(r.shape[1])
+    index.add(r)
+    sims, idx = [], []
+    for start in range(0, len(q), chunk):
+        s, i = index.search(q[start:start + chunk], wanted)
+        sims.append(s)
+        idx.append(i)
+    similarity = torch.from_numpy(np.concatenate(sims)) if sims else torch.empty(0, wanted)
+    indices = torch.from_numpy(np.concatenate(idx)).long() if idx else torch.empty(0, wanted, dtype=torch.long)
+    if not excluding:
+        return indices, similarity
+    own = indices == exclude[:, None]
+    absent = ~own.any(1)
+    own[absent, -1] = True  # the excluded row lies beyond k + 1 (ties), or there is none: drop the last
+    keep = ~own
+    return indices[keep].view(len(q), k), similarity[keep].view(len(q), k)
