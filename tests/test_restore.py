@@ -48,3 +48,16 @@ def test_reading_a_run_back_reaches_up_no_layer():
     upward, unmapped, _ = upward_imports(REPO)
     assert unmapped == []
     assert [u for u in upward if u["module"].startswith(("mlsctl.models", "mlsctl.restore"))] == []
+
+
+def test_no_module_imports_from_a_layer_above_its_own():
+    """The layer map of docs/development.md holds everywhere: no import, at module level or inside a
+    function, runs from a lower layer up (the package face, mlsctl/__init__.py, is the one exception
+    the map allows)."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        from layers import upward_imports
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    upward, unmapped, _ = upward_imports(REPO)
+    assert unmapped == [] and upward == [], upward
