@@ -220,13 +220,14 @@ def _train_one_step(t: _Training, step: int) -> metrics.Step:
     optim.set_lr_and_weight_decay(t.optimizer, lr, weight_decay)
 
     t.optimizer.zero_grad(set_to_none=True)
-    for bank in t.banks:
+    held = t.banks if t.plan.accumulate > 1 else []  # one batch a step writes as it goes: nothing to hold
+    for bank in held:
         bank.hold()  # every micro-batch reads the banks as they were at the start of the step
     outputs, seconds = _forward_backward(t, step)
 
     started = time.perf_counter()
     t.method.end_step(step)
-    for bank in t.banks:
+    for bank in held:
         bank.release()  # the step's writes, after its last micro-batch
     if t.accelerator.scaler is not None:
         t.accelerator.unscale_gradients()
