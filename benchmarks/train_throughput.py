@@ -28,7 +28,9 @@ stops starting measures that would not fit (a loop still running at the end is s
     python benchmarks/train_throughput.py --recipe dino_fmnist_quick --augment cpu --steps 4 --warmup 2 \\
         --override model.timm_kwargs.embed_dim=32 model.timm_kwargs.depth=2 model.timm_kwargs.num_heads=2
 
-JSON to ``benchmarks/results/train_throughput_<device>.json`` (``--out``) and a table.
+JSON to ``benchmarks/results/train_throughput_<device>.json`` (``--out``) and a table; each loop's output
+and metrics in ``<out>-logs/`` beside it. A loop that fails is listed under its recipe's ``failed`` and the
+other measures still run; the exit status is then 1.
 """
 
 from __future__ import annotations
@@ -153,10 +155,11 @@ def measure_model(recipe, steps: int, warmup: int) -> float:
 
 
 def measure_loop(recipe_name: str, overrides: list[str], images: Path, steps: int, warmup: int, work: Path,
-                 timeout: float) -> float:
+                 timeout: float, log: Path) -> float:
     """Images/s of `mlsctl pretrain` after its warm-up steps: one epoch over (warm-up + steps) batches of
     ``images`` (links), logged every ``warmup`` steps and at the last; the run's final checkpoint (after
-    the last log) is not counted."""
+    the last log) is not counted. The run's output goes to ``log`` (kept: it comes back from a device),
+    and its metrics.jsonl is appended there."""
     recipe = config.load_recipe(recipe_name, overrides)
     batch = recipe.optim.batch_size
     total = warmup + steps
@@ -170,8 +173,10 @@ def measure_loop(recipe_name: str, overrides: list[str], images: Path, steps: in
             "optim.warmup_epochs=0", f"train.log_every={warmup}", f"train.checkpoint_every={total}",
             "--out", str(work / "run")]
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), HF_HUB_OFFLINE="1")
-    log = work.parent / f"{work.name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as handle:
+        handle.write("$ " + " ".join(args) + "\n")
+        handle.flush()
         process = subprocess.Popen(args, stdout=handle, stderr=handle, env=env)
         try:
             process.wait(timeout=timeout)
@@ -182,13 +187,18 @@ def measure_loop(recipe_name: str, overrides: list[str], images: Path, steps: in
     if process.returncode:
         tail = (log.read_text().strip().splitlines() or [""])[-1]
         raise RuntimeError(f"mlsctl pretrain exited with {process.returncode}: {tail} (see {log})")
-    records = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
+    metrics = work / "run" / "metrics.jsonl"
+    lines = metrics.read_text().splitlines() if metrics.is_file() else []
+    with open(log, "a") as handle:
+        handle.write(f"== {metrics} ({len(lines)} lines)\n" + "".join(line + "\n" for line in lines))
+    records = [json.loads(line) for line in lines]
     logged = sorted((r["step"], r["images_per_s"]) for r in records if "images_per_s" in r)
     # each logged interval: the steps since the previous log, at its images/s; those after the warm-up count
     intervals = [(step - previous, ips) for (previous, _), (step, ips) in zip([(0, None), *logged], logged)
                  if previous >= warmup]
     if not intervals:
-        raise RuntimeError(f"mlsctl pretrain logged no interval after its {warmup} warm-up steps (see {log})")
+        raise RuntimeError(f"mlsctl pretrain logged no interval after its {warmup} warm-up steps: images/s at steps "
+                           f"{[step for step, _ in logged]} of {total}, {len(records)} records (see {log})")
     return sum(n for n, _ in intervals) * batch / sum(n * batch / ips for n, ips in intervals)
 
 
@@ -221,6 +231,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     out = options.out or RESULTS / f"train_throughput_{device_slug()}.json"
     measures = ["model", *(f"loop-{a}" for a in options.augment)]
     paths = {f"loop-{a}": augment_overrides(a) for a in options.augment}
+    logs = out.with_name(out.stem + "-logs")  # each loop's output, kept beside the JSON (a device's comes back)
     tmp = Path(tempfile.mkdtemp(prefix="train-throughput-"))
     results: dict[str, dict] = {}
     try:
@@ -237,7 +248,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             results[name] = {"overrides": overrides, **{m: [] for m in measures}}
         print(f"images ready in {time.perf_counter() - started:.0f}s; measuring {', '.join(measures)} of "
               f"{', '.join(recipes)}, {options.rounds} rounds", flush=True)
-        stopped = run_rounds(plans, measures, paths, options, results, tmp, started)
+
+        stopped = run_rounds(plans, measures, paths, options, results, tmp, logs, started)
     except UserError as exc:
         raise SystemExit(f"error: {exc.message}") from None
     finally:
@@ -261,8 +273,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         cells += [f"{_number(row['median'][m], 10, 1)} {_number(row[m + '/model'], 15, 3)}" for m in measures[1:]]
         print(f"{name:20} " + " ".join(cells))
     print(f"images/s, median of up to {options.rounds} rounds; loop/model: the median of the rounds' ratios; "
-          f"written to {out}")
-    return 0
+          f"written to {out}; the loops' logs in {logs}")
+    failed = [line for row in results.values() for line in row.get("failed", [])]
+    for line in failed:
+        print(f"FAILED {line}")
+    return 1 if failed else 0
 
 
 def _number(value: Optional[float], width: int, digits: int) -> str:
@@ -270,8 +285,10 @@ def _number(value: Optional[float], width: int, digits: int) -> str:
 
 
 def run_rounds(plans: dict, measures: list[str], paths: dict[str, list[str]], options, results: dict, tmp: Path,
-               started: float) -> str:
-    """Each measure of each recipe in turn, ``options.rounds`` times; returns why it stopped early, or ""."""
+               logs: Path, started: float) -> str:
+    """Each measure of each recipe in turn, ``options.rounds`` times; returns why it stopped early, or "".
+    A loop that fails is recorded under its recipe's ``failed`` (with its log in ``logs``) and the other
+    measures go on: one broken data path does not cost a device window the rest."""
     durations: dict[tuple[str, str], float] = {}
     for round_index in range(options.rounds):
         turn = round_index % len(measures)
@@ -286,11 +303,17 @@ def run_rounds(plans: dict, measures: list[str], paths: dict[str, list[str]], op
                     recipe = config.load_recipe(name, [*overrides, f"data.root={images}", *augment_overrides("cpu")])
                     value = measure_model(recipe, options.steps, options.warmup)
                 else:
+                    log = logs / f"{name}-{measure}-round{round_index + 1}.log"
                     try:
                         value = measure_loop(name, [*overrides, *paths[measure]], images, options.steps,
-                                             options.warmup, tmp / f"{name}-{measure}", left)
+                                             options.warmup, tmp / f"{name}-{measure}", left, log)
                     except TimeoutError as exc:
                         return str(exc)
+                    except RuntimeError as exc:
+                        results[name].setdefault("failed", []).append(f"round {round_index + 1} {measure}: {exc}")
+                        durations[(name, measure)] = time.perf_counter() - begun
+                        print(f"round {round_index + 1} {name:20} {measure:9} FAILED: {exc}", flush=True)
+                        continue
                 durations[(name, measure)] = time.perf_counter() - begun
                 results[name][measure].append(round(value, 2))
                 print(f"round {round_index + 1} {name:20} {measure:9} {value:10.1f} images/s "

@@ -4,6 +4,7 @@
 #                              of the same cells; the report is rebuilt from every record)
 #   throughput.json or train_throughput_*.json (benchmarks/train_throughput.py)
 #                              copied to benchmarks/results/train_throughput_<device>.json
+#   throughput-logs.tar.gz     each loop's output and metrics, into benchmarks/results/device/throughput-logs-<date>/
 #   backbone.safetensors.part* (scripts/device_window.sh): the command that joins them is printed
 #
 #   bash scripts/device_unpack.sh FOLDER
@@ -30,6 +31,13 @@ for json in "$folder"/throughput.json "$folder"/train_throughput_*.json; do
   echo "throughput: $json -> $dest"
   found=1
 done
+if [ -e "$folder/throughput-logs.tar.gz" ]; then
+  dest="benchmarks/results/device/throughput-logs-$(date +%Y-%m-%d)"
+  mkdir -p "$dest"
+  tar xzf "$folder/throughput-logs.tar.gz" -C "$dest" --strip-components=1
+  echo "throughput logs: $dest"
+  found=1
+fi
 if compgen -G "$folder/backbone.safetensors.part*" >/dev/null; then
   echo "backbone weights in parts: python scripts/backbone_weights.py --join $folder/backbone DEST.safetensors"
   found=1

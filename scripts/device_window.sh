@@ -125,7 +125,10 @@ if [ "$PROFILE" = smoke ]; then  # a CPU dry run: the quick recipe, tiny
 else
   TP=(--recipe dino_in1k --rounds 1 --steps 20 --warmup 8 --images 1536)
 fi
-$PY benchmarks/train_throughput.py "${TP[@]}" --budget-s "$LEFT" --out "$OUT/throughput.json" || echo "FAILED: throughput"
+# the JSON and, in one archive (at most 8 files come back), each loop's output and metrics: a failed loop's log returns
+$PY benchmarks/train_throughput.py "${TP[@]}" --budget-s "$LEFT" --out "$WORK/throughput.json" || echo "FAILED: throughput"
+cp "$WORK/throughput.json" "$OUT/throughput.json" 2>/dev/null
+[ -d "$WORK/throughput-logs" ] && tar czf "$OUT/throughput-logs.tar.gz" -C "$WORK" throughput-logs
 
 stage "done"
 ls -la "$OUT"

@@ -1,0 +1,61 @@
+"""benchmarks/train_throughput.py: a failed loop keeps its log and does not stop the other measures."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = ["model.timm_kwargs.embed_dim=32", "model.timm_kwargs.depth=1", "model.timm_kwargs.num_heads=2",
+        "optim.batch_size=4", "model.img_size=32", "data.global_crops.size=32", "data.local_crops.size=16",
+        "method.out_dim=64", "method.hidden_dim=32", "method.bottleneck_dim=16", "method.monitor_bank_size=16",
+        "data.workers=0", "train.bank_health_every=0"]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("train_throughput", REPO / "benchmarks" / "train_throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["train_throughput"] = module
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop("train_throughput", None)
+
+
+def test_a_failed_loop_is_recorded_and_the_other_measures_still_run(bench, tmp_path: Path, monkeypatch, capsys):
+    def fake_loop(name, overrides, images, steps, warmup, work, timeout, log):
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text("the loop's own output\n")
+        if "data.augment=cpu" in overrides:
+            raise RuntimeError(f"mlsctl pretrain logged no interval (see {log})")
+        return 9.0
+
+    monkeypatch.setattr(bench, "measure_model", lambda recipe, steps, warmup: 10.0)
+    monkeypatch.setattr(bench, "measure_loop", fake_loop)
+    monkeypatch.setattr(bench, "make_images", lambda folder, *args: folder.mkdir(parents=True))
+    out = tmp_path / "tp.json"
+    code = bench.main(["--recipe", "dino_fmnist_quick", "--rounds", "2", "--steps", "1", "--warmup", "1",
+                       "--out", str(out)])
+    assert code == 1
+    row = json.loads(out.read_text())["recipes"]["dino_fmnist_quick"]
+    assert row["loop-gpu"] == [9.0, 9.0] and row["loop-gpu/model"] == 0.9
+    assert row["loop-cpu"] == [] and row["median"]["loop-cpu"] is None
+    assert len(row["failed"]) == 2 and all("loop-cpu" in line for line in row["failed"])
+    logs = sorted(p.name for p in (tmp_path / "tp-logs").iterdir())
+    assert logs == [f"dino_fmnist_quick-loop-{a}-round{r}.log" for a in ("cpu", "gpu") for r in (1, 2)]
+    assert "FAILED round 1 loop-cpu" in capsys.readouterr().out
+
+
+def test_a_loop_log_holds_the_command_and_the_runs_metrics(bench, tmp_path: Path):
+    images = bench.make_images(tmp_path / "images", 8, (32, 32), "PNG")
+    log = tmp_path / "logs" / "loop.log"
+    value = bench.measure_loop("dino_fmnist_quick", [*TINY, "data.augment=cpu", "data.cache=none"], images, 1, 1,
+                               tmp_path / "work", 300, log)
+    assert value > 0
+    text = log.read_text()
+    assert text.startswith("$ ") and " pretrain dino_fmnist_quick " in text.splitlines()[0]
+    assert '"images_per_s"' in text.split("metrics.jsonl")[-1]  # the run's records, appended
