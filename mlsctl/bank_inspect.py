@@ -248,7 +248,7 @@ class EntryColours:
 def entry_colours(bank: MemoryBank, name: str, slots: torch.Tensor, color_by: str, step: int,
                   sources: Optional[SourceImages]) -> EntryColours:
     """Colours of the entries at ``slots`` (written entries) by ``color_by``: ``age`` (steps since
-    the write), ``label`` (the ``label`` payload), ``source`` (the source image, named by its file)
+    the write), ``label`` (the ``label`` payload), ``source`` (the source image, named by its path under ``data.root``)
     or the path of a labels file (CSV ``path,label`` or JSONL ``{"path", "label"}``, read by
     :func:`mlsctl.data.labels.read_labels_file`) whose paths are the source images as the run's
     images.txt lists them (relative to ``data.root``), absolute paths, or ``image_id`` numbers.
@@ -276,7 +276,8 @@ def entry_colours(bank: MemoryBank, name: str, slots: torch.Tensor, color_by: st
         return relpaths[image_id] if 0 <= image_id < len(relpaths) else None
 
     if path is None:  # source: one class per image
-        names = {int(i): Path(relpath(int(i)) or f"image {int(i)}").name for i in image_ids.unique()}
+        # the path under data.root, not the bare file name: 01.png of two folders are two images
+        names = {int(i): relpath(int(i)) or f"image {int(i)}" for i in image_ids.unique()}
         return EntryColours(image_ids, "label", "source image", names, other_name="images")
     from mlsctl.data.labels import read_labels_file
 

@@ -200,7 +200,7 @@ def test_colour_by_source_and_by_a_labels_file_keyed_by_source_image(sourced_run
     slots = bank.written_order()
     by_source = entry_colours(bank, "b", slots, "source", 8, sources)
     assert by_source.values.tolist() == [0, 1, 2, 3, 4, 0]
-    assert by_source.names[0] == Path(sources.relpaths[0]).name and by_source.mode == "label"
+    assert by_source.names[0] == sources.relpaths[0] and by_source.mode == "label"  # the path under data.root: unambiguous
     labels = tmp_path / "labels.csv"  # keyed by images.txt path, absolute path and image_id; image 4 left out
     labels.write_text(f"path,label\n{sources.relpaths[0]},cat\n{sources.relpaths[1]},dog\n"
                       f"{sources.root / sources.relpaths[2]},dog\n3,cat\n")
@@ -237,3 +237,17 @@ def test_plot_colour_by_source_and_labels_file_and_bad_files_get_one_sentence(so
         code, _, err = cli("bank", "plot", str(sourced_run), "--color-by", colour, "--out", str(tmp_path / "x.png"),
                            capsys=capsys)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+
+
+def test_colour_by_source_names_each_image_by_its_path_under_the_data_root():
+    """Two images with one file name in two folders are two legend entries that can be told apart."""
+    from types import SimpleNamespace
+
+    from mlsctl.bank_inspect import entry_colours
+
+    bank = MemoryBank(4, 8, {"image_id": Column()})
+    bank.enqueue(torch.randn(3, 8, generator=torch.Generator().manual_seed(0)), step=1, gather=False,
+                 image_id=torch.tensor([0, 1, 0]))
+    sources = SimpleNamespace(relpaths=["scenes/01.png", "products/01.png"], root=Path("/data"))
+    colours = entry_colours(bank, "b", bank.written_order(), "source", 2, sources)
+    assert colours.names == {0: "scenes/01.png", 1: "products/01.png"}
