@@ -27,6 +27,11 @@ class UserError(Exception):
         return self.message
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a service manager, a scheduler, ``kill``): stops a command as Ctrl-C does; a server,
+    for which it is the ordinary way to stop, ends normally on it (exit code 0)."""
+
+
 class Interrupted(UserError):
     """Ctrl-C, after the command has said what it saved and how to continue (exit code 130)."""
 

@@ -49,6 +49,7 @@ Every request is one line in the server's log (stderr): method, path, status and
 for a failed request the sentence its client got; never a header (the token), a query string or a
 body. Stopped (SIGTERM, Ctrl-C), the server says what it saved: every add was written to disk
 before it was answered, so there is nothing left to write at the end (:meth:`GalleryService.summary`).
+SIGTERM ends it normally (exit code 0: a service manager's stop); Ctrl-C as every interrupted command (130).
 """
 
 
@@ -71,7 +72,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Optional, Sequence
 from urllib.parse import urlsplit
 
-from mlsctl.errors import Interrupted, UserError
+from mlsctl.errors import Interrupted, Terminated, UserError
 
 MAX_PHOTOS = 64
 MAX_REQUEST_PIXELS = 3 * 89_478_485  # three photos at Pillow's per-photo limit (decoding time, not memory)
@@ -899,7 +900,9 @@ def serve(gallery: Path, run: Optional[Path], host: str, port: int, root: Option
                                 timeout_keep_alive=5)
         try:
             uvicorn.Server(config).run(sockets=[sock])
-        except KeyboardInterrupt:  # SIGTERM or Ctrl-C, once uvicorn has finished the requests under way
+        except Terminated:  # SIGTERM, once uvicorn has answered the requests under way: a service's ordinary stop
+            pass
+        except KeyboardInterrupt:  # Ctrl-C, the same way; exit code 130 as every interrupted command
             raise Interrupted(service.summary()) from None
         say(service.summary())
     finally:

@@ -160,11 +160,13 @@ def _take_debug_flag(argv: list[str]) -> tuple[list[str], bool]:
 
 def _stop_on_sigterm() -> None:
     """SIGTERM (a scheduler ending a job, `kill`) stops a command the way Ctrl-C does: it says what
-    was saved and how to continue."""
+    was saved and how to continue (``Terminated`` is a ``KeyboardInterrupt``; `serve` tells them apart)."""
     import signal
 
+    from mlsctl.errors import Terminated
+
     def stop(signum, frame):
-        raise KeyboardInterrupt
+        raise Terminated
 
     try:
         signal.signal(signal.SIGTERM, stop)

@@ -32,7 +32,8 @@ def serve(
     http://127.0.0.1:8000/objects/ev00007/photos. What the service protects against: docs/service.md.
 
     Every request is one line on stderr (method, path, status, ms); Ctrl-C or SIGTERM stops the server,
-    which says what the session saved (each add is written to disk before it is answered).
+    which says what the session saved (each add is written to disk before it is answered); exit code 0
+    on SIGTERM (a service's ordinary stop), 130 on Ctrl-C.
     """
     from mlsctl.serve import serve as run_server
 
