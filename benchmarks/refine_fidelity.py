@@ -3,13 +3,27 @@
     python benchmarks/refine_fidelity.py --profile smoke     # a minute; what `make test` exercises
     python benchmarks/refine_fidelity.py --profile cpu       # ~45 min on 2 CPU cores; rerun to resume
     python benchmarks/refine_fidelity.py --profile cpu --summary   # rebuild the report only
+    python benchmarks/refine_fidelity.py --profile backbone  # warm start: ~1 h on 2 idle CPU cores; not run yet
+
+Profiles: ``smoke`` proves the suite on a tiny ViT; ``cpu`` trains the MS baseline from scratch (the
+recipe as shipped); ``backbone``, the *warm start*, fine-tunes it from the project's own DINO backbone
+(``weights/dino_fmnist_backbone.safetensors``), as the paper refines the embeddings of a pretrained
+backbone fine-tuned with MS: the backbone's architecture (width 320, depth 8, 5 heads, patch 8), its
+12 x 12 position grid (96 px) resampled to 8 x 8 once at loading (``model.img_size=64``: the photos'
+own size, random resized crops of 64 px, ``embed --resize center-crop`` at 64), Adam at the paper's
+fine-tuning lr 1e-4, 2 epochs (250 steps of 64; ~12 min per seed at ~22 images/s), a grid of T 0, 2, 8 at
+k = 8 and the ablation at T = 8, k = 8 only; its self-supervised part is the backbone's own features
+(``embed --weights`` at 64 px, centre crop: the MS features' preprocessing), no DINO run; its report
+also lists the ``cpu`` profile's baseline (MS from scratch, its own budget) when that has been run.
 
 Data: fmnist-products in the Stanford-Online-Products layout (``mlsctl data fmnist-products
 --layout sop``): every object is a class of 8 photos; training objects (``train/``) and evaluation
 objects (``test/``) are disjoint, so the test classes are unseen, as in SOP. Every stage is an
 ``mlsctl`` command in its own process (helpers shared with ``benchmarks/fidelity.py``):
 
-1. per seed S: ``mlsctl pretrain ms_fmnist_products seed=S`` (the Multi-Similarity baseline),
+1. per seed S: ``mlsctl pretrain ms_fmnist_products seed=S`` (the Multi-Similarity baseline; with
+   the ``backbone`` profile ``model.weights=<repo>/weights/dino_fmnist_backbone.safetensors`` and its
+   architecture),
    ``mlsctl embed`` of train/ and test/ (centre crop), ``mlsctl eval recall`` of test/ (blocks 0);
 2. the grid, per seed S: for every T in the profile's blocks and k in its neighbours,
    ``mlsctl refine train`` on the training embeddings (``--blocks T --k k --seed S``), ``mlsctl
@@ -19,9 +33,10 @@ objects (``test/``) are disjoint, so the test classes are unseen, as in SOP. Eve
    every (T, k) of the profile's ``ablation`` trained and evaluated again with
    ``method.input_scale=none``, the blocks on the unit vectors themselves (the smoke profile: the
    default cell only);
-3. refinement on top of a self-supervised run: ``mlsctl pretrain dino_fmnist_quick`` on the
-   training photos (one run, the profile's budget), its test/ and train/ features, and T = 8, k = 8
-   refinement with every seed S.
+3. refinement on top of self-supervised features: ``mlsctl pretrain dino_fmnist_quick`` on the
+   training photos (one run, the profile's budget) or, for a profile with ``ssl_weights``, that
+   weights file as it is (``mlsctl embed --weights``, no training); its test/ and train/ features,
+   and T = 8, k = 8 refinement with every seed S.
 
 Every evaluation goes through the same command with the same settings; nothing is tuned to the test
 objects. Results go to ``benchmarks/results/refine/<profile>/``: ``grid.json`` (the sweep format
@@ -64,6 +79,12 @@ class Profile:
     ssl_overrides: tuple[str, ...]
     about: str
     ablation: tuple[tuple[int, int], ...] = ()  # (T, k) cells also run with method.input_scale=none
+    start: str = "from scratch"  # where the MS baseline's ViT starts, as the report names it
+    # where the self-supervised features come from: None, a DINO run (dino_fmnist_quick with ssl_overrides);
+    # a weights file, its own features as they are (`embed --weights`, no training, ssl_overrides unused)
+    ssl_weights: Optional[Path] = None
+    ssl_embed: tuple[str, ...] = ()  # further options of the self-supervised part's `mlsctl embed`
+    compare: tuple[str, ...] = ()  # profiles whose MS baseline (their summary.json, when run) the report lists too
 
 
 # the ablation's setting against the default (sqrt_d): each block on the unit vectors themselves
@@ -74,6 +95,21 @@ ABLATION_SUFFIX = "-" + "-".join(f"{key.replace('_', '')}-{value}" for key, valu
 
 TINY_VIT = ("model.img_size=32", "model.patch_size=8", "model.timm_kwargs.embed_dim=32", "model.timm_kwargs.depth=2",
             "model.timm_kwargs.num_heads=2")
+
+# the project's own backbone (weights/README.md) and the architecture its metadata records, as recipe overrides
+BACKBONE = REPO / "weights" / "dino_fmnist_backbone.safetensors"
+BACKBONE_VIT = ("model.patch_size=8", "model.timm_kwargs.embed_dim=320", "model.timm_kwargs.depth=8",
+                "model.timm_kwargs.num_heads=5")
+
+
+def warm_start(weights: Path, architecture: tuple[str, ...], size: int) -> tuple[str, ...]:
+    """Recipe overrides that start a run from ``weights`` (a ViT of ``architecture``) at input side
+    ``size``, with crops of that side: the file's position grid is resampled to ``size`` when it was
+    trained at another one (``mlsctl.models.weights.fitted_state``). The path is absolute, since every
+    stage runs in its own folder."""
+    return (*architecture, f"model.weights={Path(weights).resolve()}", f"model.img_size={size}",
+            f"data.global_crops.size={size}")
+
 
 PROFILES = {
     "smoke": Profile(
@@ -96,6 +132,20 @@ PROFILES = {
               "batch 128, 2 positives per class) for 2 epochs (124 steps) per cell: the CPU budget; DINO "
               "(dino_fmnist_quick, 1 epoch = 250 steps on the same training photos) for the self-supervised features",
         ablation=((1, 8), (2, 8), (4, 8), (8, 8))),
+    "backbone": Profile(
+        "backbone", seeds=(0, 1, 2), data=(),
+        ms_overrides=(*warm_start(BACKBONE, BACKBONE_VIT, 64), "optim.lr=1e-4", "optim.epochs=2",
+                      "optim.warmup_epochs=0.2", "train.checkpoint_every=50"),
+        refine_options=("--epochs", "2"), blocks=(0, 2, 8), ks=(8,), ssl_overrides=(),
+        about="warm start: recipes/ms_fmnist_products.yaml fine-tuned from the project's own DINO backbone "
+              "(weights/dino_fmnist_backbone.safetensors: ViT width 320, depth 8, 5 heads, patch 8, trained at "
+              "96 px; its 12 x 12 position grid resampled to 8 x 8 for the 64 px photos, random resized crops of "
+              "64 px, centre crop at evaluation) with a fresh 512-d embedding layer, Adam at the paper's "
+              "fine-tuning lr 1e-4 (25 warm-up steps), 2 epochs of 1,000 objects x 8 photos = 250 steps of 64: the "
+              "CPU budget; refinement as in `cpu` (2 epochs, 124 steps per cell) on a smaller grid (T 0, 2, 8 at "
+              "k = 8); the self-supervised part is the backbone's own features (no DINO run, no fine-tuning)",
+        ablation=((8, 8),), start="warm start from weights/dino_fmnist_backbone.safetensors", ssl_weights=BACKBONE,
+        ssl_embed=("--resolution", "64", "--resize", "center-crop"), compare=("cpu",)),
 }
 
 
@@ -181,16 +231,26 @@ def refine_cell(profile: Profile, folder: Path, feats: dict, blocks: int, k: int
     return result
 
 
+def ssl_model(profile: Profile, folder: Path, data: Path, log: Path, threads: int) -> list[str]:
+    """The self-supervised model as ``mlsctl embed`` options: a DINO run on the training photos
+    (trained here unless finished), or the profile's weights file as it is."""
+    if profile.ssl_weights is not None:
+        return ["--weights", str(Path(profile.ssl_weights).resolve())]
+    pretrain("dino_fmnist_quick", [f"data.root={data / 'train'}", *profile.ssl_overrides], folder / "run", log, threads)
+    return ["--run", str(folder / "run")]
+
+
 def run_ssl(profile: Profile, work: Path, data: Path, threads: int) -> list[dict]:
-    """One DINO run on the training photos; its features refined (T = 8, k = 8) with every seed."""
+    """Self-supervised features (one DINO run on the training photos, or the profile's
+    ``ssl_weights``), refined (T = 8, k = 8) with every seed."""
     folder = work / "dino"
     folder.mkdir(parents=True, exist_ok=True)
     log = folder / "dino.log"
-    pretrain("dino_fmnist_quick", [f"data.root={data / 'train'}", *profile.ssl_overrides], folder / "run", log, threads)
+    model = ssl_model(profile, folder, data, log, threads)
     feats = {}
     for split in ("train", "test"):
         feats[split] = folder / f"dino-{split}"
-        stage(feats[split], ["embed", str(data / split), "--run", str(folder / "run"), "--out", str(feats[split])],
+        stage(feats[split], ["embed", str(data / split), *model, *profile.ssl_embed, "--out", str(feats[split])],
               folder, log, threads)
     before = folder / "recall-before.json"
     stage(before, ["eval", "recall", str(feats["test"]), "--out", str(before)], folder, log, threads)
@@ -226,7 +286,19 @@ def _fmt(values: list[float]) -> str:
     return f"{mean:.2f} ± {std:.2f}" if len(values) > 1 else f"{mean:.2f}"
 
 
-def summarise(profile: Profile, grid: list[dict], ssl: list[dict], ablation: list[dict] = ()) -> dict:
+def ssl_source(profile: Profile) -> str:
+    """Where the profile's self-supervised features come from, for the report."""
+    if profile.ssl_weights is None:
+        return "a DINO run (dino_fmnist_quick on the training photos)"
+    path = Path(profile.ssl_weights).resolve()
+    shown = path.relative_to(REPO) if path.is_relative_to(REPO) else path
+    return f"{shown} as it is (embed --weights; no training)"
+
+
+def summarise(profile: Profile, grid: list[dict], ssl: list[dict], ablation: list[dict] = (),
+              others: Optional[dict[str, dict]] = None) -> dict:
+    """The report's numbers; ``others``: the ``summary.json`` of the profiles in ``profile.compare``
+    that have one (their MS baseline is listed beside this profile's)."""
     default = (8 if 8 in profile.blocks else max(profile.blocks), 8 if 8 in profile.ks else max(profile.ks))
     ks_recall = sorted({K for r in grid for K in r["recall"]}, key=int)
     cells = {}
@@ -261,8 +333,26 @@ def summarise(profile: Profile, grid: list[dict], ssl: list[dict], ablation: lis
         compared.setdefault(f"{r['blocks']}x{r['k']}", []).append(r)
     compared = {name: {"default": stats(cells[name]) if name in cells else {}, variant: stats(rows)}
                 for name, rows in sorted(compared.items(), key=lambda t: tuple(map(int, t[0].split("x"))))}
-    return {"profile": profile.name, "about": profile.about, "seeds": list(profile.seeds), "default": list(default),
-            "table": {n: {K: {"mean": m, "std": s, "n": c} for K, (m, s, c) in v.items()} for n, v in table.items()},
+    table = {n: {K: {"mean": m, "std": s, "n": c} for K, (m, s, c) in v.items()} for n, v in table.items()}
+    baselines = []  # MS from scratch against MS from a backbone (and the backbone alone): profile.compare
+    if profile.compare:
+        if before in table:
+            baselines.append({"label": f"MS, {profile.start} (this profile)", "profile": profile.name,
+                              "about": profile.about, "recall": table[before]})
+        if ssl and profile.ssl_weights is not None:
+            baselines.append({"label": "the backbone's own features, no MS", "profile": profile.name,
+                              "about": ssl_source(profile),
+                              "recall": {K: dict(zip(("mean", "std", "n"), _stats([r["before"][K] for r in ssl])
+                                                     + (len(ssl),))) for K in ssl[0]["before"]}})
+        for name in profile.compare:
+            other = (others or {}).get(name)
+            row = other and other["table"].get(f"0x{other['default'][1]}")
+            if row:
+                baselines.append({"label": f"MS, {other.get('start', 'from scratch')} (profile `{name}`)",
+                                  "profile": name, "about": other["about"], "recall": row})
+    return {"profile": profile.name, "about": profile.about, "start": profile.start, "ssl_source": ssl_source(profile),
+            "ssl_features": "DINO features" if profile.ssl_weights is None else "backbone features",
+            "seeds": list(profile.seeds), "default": list(default), "table": table, "baselines": baselines,
             "ssl": ssl, "claims": claims, "best_cell_r1": best,
             "ablation": {"variant": variant, "cells": compared},
             "provenance": {"device": device_description(), "commit": commit()}}
@@ -274,7 +364,8 @@ def markdown(summary: dict, profile: Profile) -> str:
     lines = [f"# Context refinement fidelity, profile `{summary['profile']}`", "", summary["about"], "",
              f"Seeds {summary['seeds']}; Recall@K in %, mean ± std over seeds; test objects unseen in training, every "
              f"test photo a query against all the others.", "",
-             f"## MS baseline before and after refinement (T = {T}, k = {k})", "",
+             f"## MS baseline ({summary.get('start', 'from scratch')}) before and after refinement (T = {T}, k = {k})",
+             "",
              "| | " + " | ".join(f"R@{K}" for K in table.get(f"0x{k}", {})) + " |",
              "| --- | " + " | ".join("---" for _ in table.get(f"0x{k}", {})) + " |"]
     for label, name in (("MS baseline (e⁰)", f"0x{k}"), (f"refined (e^{T})", f"{T}x{k}")):
@@ -290,12 +381,27 @@ def markdown(summary: dict, profile: Profile) -> str:
             v = table.get(f"{b}x{k_}", {}).get("1")
             cells.append("–" if v is None else (f"{v['mean']:.2f} ± {v['std']:.2f}" if v["n"] > 1 else f"{v['mean']:.2f}"))
         lines.append(f"| {b} | " + " | ".join(cells) + " |")
+    if summary.get("baselines"):
+        ks_shown = list(summary["baselines"][0]["recall"])
+        lines += ["", "## MS from scratch against MS from the backbone", "",
+                  "The MS baselines (e⁰, before any refinement) of this profile and of the profiles it is compared "
+                  "with, each at its own budget (see each profile's description); Recall@K in %.", "",
+                  "| baseline | " + " | ".join(f"R@{K}" for K in ks_shown) + " |",
+                  "| --- | " + " | ".join("---" for _ in ks_shown) + " |"]
+        for row in summary["baselines"]:
+            lines.append(f"| {row['label']} | " + " | ".join(
+                "–" if K not in row["recall"] else f"{row['recall'][K]['mean']:.2f} ± {row['recall'][K]['std']:.2f}"
+                if row["recall"][K]["n"] > 1 else f"{row['recall'][K]['mean']:.2f}" for K in ks_shown) + " |")
+        lines += [""] + [f"- {row['label']}: {row['about']}" for row in summary["baselines"]
+                         if row["profile"] != summary["profile"]]
     if summary["ssl"]:
         ssl = summary["ssl"]
-        lines += ["", f"## Self-supervised features (DINO), refined with T = {ssl[0]['blocks']}, k = {ssl[0]['k']}", "",
+        source, features = summary.get("ssl_source", "a DINO run"), summary.get("ssl_features", "DINO features")
+        lines += ["", f"## Self-supervised features ({source}), refined with T = {ssl[0]['blocks']}, k = {ssl[0]['k']}",
+                  "",
                   "| | " + " | ".join(f"R@{K}" for K in ssl[0]["before"]) + " |",
                   "| --- | " + " | ".join("---" for _ in ssl[0]["before"]) + " |",
-                  "| DINO features | " + " | ".join(_fmt([r["before"][K] for r in ssl]) for K in ssl[0]["before"]) + " |",
+                  f"| {features} | " + " | ".join(_fmt([r["before"][K] for r in ssl]) for K in ssl[0]["before"]) + " |",
                   "| refined | " + " | ".join(_fmt([r["after"][K] for r in ssl]) for K in ssl[0]["after"]) + " |"]
     ablation = summary.get("ablation", {}).get("cells")
     if ablation:
@@ -367,7 +473,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         ssl = _finished_ssl(profile, work)
     results.mkdir(parents=True, exist_ok=True)
     atomic.write_json(results / "grid.json", {"profile": profile.name, "grid": grid, "ablation": ablation})
-    summary = summarise(profile, grid, ssl, ablation)
+    others = {name: json.loads((results.parent / name / "summary.json").read_text()) for name in profile.compare
+              if (results.parent / name / "summary.json").is_file()}
+    summary = summarise(profile, grid, ssl, ablation, others)
     summary["seconds_this_session"] = round(time.perf_counter() - started, 1)
     atomic.write_json(results / "summary.json", summary)
     atomic.write_text(results / "summary.md", markdown(summary, profile))
