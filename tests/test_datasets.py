@@ -371,3 +371,22 @@ def test_imagenet_solution_csv_labels_and_its_malformed_rows(tmp_path):
         (broken / "LOC_val_solution.csv").write_text("ImageId,PredictionString\n" + bad + "\n")
         with pytest.raises(UserError, match="LOC_val_solution.csv"):
             open_split("imagenet", broken, "val")
+
+
+def test_a_listing_that_is_not_utf8_is_one_sentence_naming_it(tmp_path):
+    """Listing and annotation files are read as UTF-8 or refused (no silent replacement character)."""
+    import shutil
+
+    root = mini.make_imagenet(tmp_path / "imagenet", flat_val=True)
+    (root / "val.txt").unlink()
+    rows = [f"{p.stem},{mini.SYNSETS[(int(p.stem[-8:]) - 1) // 2]} 1 2 3 4" for p in sorted((root / "val").glob("*.JPEG"))]
+    (root / "LOC_val_solution.csv").write_bytes(("ImageId,PredictionString\n" + "\n".join(rows) + "\n").encode()
+                                                 + b"caf\xe9,n01 1 2 3 4\n")
+    with pytest.raises(UserError, match=r"LOC_val_solution.csv:\d+ is not UTF-8 text \(byte 0xe9"):
+        open_split("imagenet", root, "val")
+    voc = tmp_path / "voc"
+    shutil.copytree(mini.make_voc(tmp_path / "voc-src"), voc)
+    listing = next(voc.rglob("ImageSets/Segmentation/val.txt"))
+    listing.write_bytes(listing.read_bytes() + b"\xff\xfe\n")
+    with pytest.raises(UserError, match="val.txt:.* is not UTF-8 text"):
+        open_split("voc", voc, "val")

@@ -161,9 +161,20 @@ def join(base: str, *parts: str) -> str:
     return "/".join(p for p in (base, *parts) if p)
 
 
+def read_text(tree: Tree, path: str) -> str:
+    """A listing or annotation file as UTF-8 text; bytes that are not UTF-8 get one sentence naming the
+    file and the byte (never a silent replacement: a mangled file name would miss its image later)."""
+    data = tree.read_bytes(path)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise UserError(f"{tree.location(path)}:{line} is not UTF-8 text (byte {data[exc.start]:#04x} at offset "
+                        f"{exc.start}); is it the dataset's own file?") from None
+
+
 def read_lines(tree: Tree, path: str) -> list[str]:
-    text = tree.read_bytes(path).decode("utf-8", errors="replace")
-    return [line.strip() for line in text.splitlines() if line.strip()]
+    return [line.strip() for line in read_text(tree, path).splitlines() if line.strip()]
 
 
 def check_files(tree: Tree, images: list[str], masks: list[str], what: str) -> None:

@@ -20,7 +20,7 @@ import io
 from typing import Optional
 
 from mlsctl.data.archive import Tree
-from mlsctl.data.datasets import ClassificationSplit, find_base, join, missing, read_lines
+from mlsctl.data.datasets import ClassificationSplit, find_base, join, missing, read_lines, read_text
 from mlsctl.errors import UserError
 
 SPLITS = ("train", "val")
@@ -55,7 +55,7 @@ def _split_file_labels(tree: Tree, base: str, split: str, class_names: list[str]
         return table
     solution = f"LOC_{split}_solution.csv"
     if tree.is_file(solution):
-        rows = csv.reader(io.StringIO(tree.read_bytes(solution).decode("utf-8", errors="replace")))
+        rows = csv.reader(io.StringIO(read_text(tree, solution)))
         table = {}
         try:
             for number, row in enumerate(rows, 1):
