@@ -127,6 +127,7 @@ def measure_model(recipe, steps: int, warmup: int) -> float:
     batches = [on_device(b.to(device)) for b in make_loader(dataset, sampler, recipe.data.workers, collate_fn=collate)]
     torch.manual_seed(0)
     method = method_cls(recipe, Schedule(max(1, len(dataset) // batch_size), recipe.optim.epochs)).to(device)
+    method.logged = False  # as the loop's steps that are not logged: no timings, no synchronisation for them
     for bank in method.banks().values():  # as pretrain does: the banks live on the training device
         bank.to(device)
     optimizer = torch.optim.AdamW(param_groups(method), lr=1e-4, fused=device.type == "cuda")

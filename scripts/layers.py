@@ -23,8 +23,8 @@ from pathlib import Path
 
 # bottom first; a name is the first component below mlsctl (a module or a package)
 LAYERS: list[tuple[str, ...]] = [
-    ("errors", "atomic", "locks", "registry", "config", "dist", "schedules", "provenance", "runs", "threads", "launch",
-     "__version__"),
+    ("errors", "atomic", "locks", "registry", "config", "dist", "device", "schedules", "provenance", "runs", "threads",
+     "launch", "__version__"),
     ("data", "models", "bank", "bank_health"),
     ("methods",),
     ("restore", "evaluate", "features", "gallery", "refine", "bank_inspect", "export", "report", "viz", "curves",

@@ -7,7 +7,9 @@ centers) and declares:
 * :meth:`training_step` (also its ``forward``, so DDP sees it): one batch → :class:`StepOutput`;
   with gradient accumulation (``optim.accumulate_steps`` A > 1) the loop calls it once per
   micro-batch, all A with the same optimiser ``step``, and sets :attr:`micro_batch` to
-  ``(index, A)`` before each call;
+  ``(index, A)`` before each call; before each step it sets :attr:`logged`, True where the step's
+  metrics are logged: the only steps whose ``time/...`` metrics are measured (:meth:`timer`), and a
+  method may skip what only feeds its metrics on the others;
 * :meth:`end_step`: called once per optimiser step, after the backward pass of its last
   micro-batch and before the optimiser step: where a method applies what it gathered over the
   micro-batches (DINO's centre from the mean over the whole step's batch);
@@ -40,6 +42,8 @@ Trainable parameters are those with ``requires_grad``; a teacher freezes its own
 
 from __future__ import annotations
 
+import contextlib
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar, Optional
@@ -52,6 +56,7 @@ from mlsctl.config import MethodConfig, Recipe
 from mlsctl.data.images import ImageFolder
 from mlsctl.data.loader import MultiCropDataset, StepBatchSampler, collate
 from mlsctl.data.multicrop import MultiCrop
+from mlsctl.device import synchronize
 from mlsctl.models.backbone import Backbone
 from mlsctl.schedules import Schedule, cosine
 
@@ -60,8 +65,51 @@ from mlsctl.schedules import Schedule, cosine
 class StepOutput:
     loss: torch.Tensor  # the scalar to back-propagate
     terms: dict[str, torch.Tensor] = field(default_factory=dict)  # detached loss terms, logged as loss/NAME
-    # anything else worth a curve: numbers, or 0-d tensors that the loop reads only where it logs
+    # anything else worth a curve: numbers, or 0-d tensors that the loop reads only where it logs (no
+    # float()/int()/bool() of a device tensor in the step: each stalls a GPU; metric_value, metric_ratio)
     metrics: dict[str, float | torch.Tensor] = field(default_factory=dict)
+
+
+def metric_value(value: torch.Tensor) -> torch.Tensor:
+    """A 0-d tensor as a metric kept on the device (read only where metrics are logged): a float64
+    copy, which holds exactly the Python float ``float(value)`` would give and sums and averages
+    over micro-batches as Python floats do (:class:`~mlsctl.train.metrics.StepOutputs`)."""
+    return value.detach().to(torch.float64, copy=True)
+
+
+def metric_ratio(numerator: torch.Tensor, denominator: "torch.Tensor | int | float") -> torch.Tensor:
+    """``numerator / denominator`` as a metric kept on the device: a 0-d float64 tensor holding what
+    ``float(numerator) / float(denominator)`` would (the division on the device too, by a tensor:
+    CUDA multiplies by the reciprocal of a Python number, which may differ in the last bit)."""
+    numerator = metric_value(numerator)
+    if not isinstance(denominator, torch.Tensor):
+        denominator = torch.full((), denominator, dtype=torch.float64, device=numerator.device)
+    return numerator / metric_value(denominator)
+
+
+class StepTimer:
+    """The seconds of a method's own operations in one training step, its ``time/NAME`` metrics:
+    ``with timer("time/NAME"): ...`` adds the block's seconds to ``timer.seconds[name]``.
+
+    CUDA runs kernels asynchronously, so each timed block is bracketed by a synchronisation
+    (:func:`~mlsctl.device.synchronize`), which stalls the device's queue: it happens only when
+    ``on`` (:attr:`Method.logged`: the step's metrics are logged). Otherwise nothing is timed or
+    synchronised and :attr:`seconds` stays empty: no ``time/...`` metric that step."""
+
+    def __init__(self, on: bool, device: torch.device):
+        self.on, self.device = on, device
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        if not self.on:
+            yield
+            return
+        synchronize(self.device)
+        started = time.perf_counter()
+        yield
+        synchronize(self.device)
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - started
 
 
 class Method(nn.Module):
@@ -77,6 +125,10 @@ class Method(nn.Module):
         self.schedule = schedule
         #: (index, count) of the micro-batch the next training_step sees within its optimiser step
         self.micro_batch: tuple[int, int] = (0, 1)
+        #: whether the next step's metrics are logged: the loop sets it before each step (outside the
+        #: loop it stays True). Only then are the method's own operations timed (:meth:`timer`), and a
+        #: method may skip work that only feeds its metrics on the other steps
+        self.logged: bool = True
 
     # ------------------------------------------------------------------ declared by each method
     def training_step(self, batch, step: int) -> StepOutput:
@@ -169,6 +221,11 @@ class Method(nn.Module):
                                 accumulate_steps=recipe.optim.accumulate_steps)
 
     # ------------------------------------------------------------------ shared plumbing
+    def timer(self, device: torch.device) -> StepTimer:
+        """A :class:`StepTimer` for this training step: it times (and synchronises the device) only
+        when the step is :attr:`logged`."""
+        return StepTimer(self.logged, device)
+
     def forward(self, batch, step: int) -> StepOutput:
         return self.training_step(batch, step)
 

@@ -40,6 +40,7 @@ import torch
 from mlsctl import __version__, atomic, config as config_lib, dist, methods, provenance
 from mlsctl.data.images import ImageFolder, SkipLog
 from mlsctl.data.loader import make_loader
+from mlsctl.device import synchronize
 from mlsctl.errors import Interrupted, UserError
 from mlsctl.locks import FolderLock
 from mlsctl.runs import Checkpoint, Run
@@ -191,10 +192,11 @@ def _train(run: Run, recipe, accelerator, folder: ImageFolder, dataset, collate_
                              list(method.banks().values()), batches, getattr(dataset, "on_device", None),
                              SkipLog(folder.root), metrics.LossWatch(accelerator.device))
         for step in range(start_step, plan.total_steps):
-            stepped = _train_one_step(training, step)
             done = step + 1
-            records.stepped(plan.batch_global)
             logged = done % recipe.train.log_every == 0 or done == plan.total_steps
+            method.logged = logged  # the method times its own operations (time/...) on these steps only
+            stepped = _train_one_step(training, step)
+            records.stepped(plan.batch_global)
             saved = done % recipe.train.checkpoint_every == 0 or done == plan.total_steps
             if logged or saved:
                 training.watch.check(method.banks())
@@ -216,6 +218,9 @@ def _train(run: Run, recipe, accelerator, folder: ImageFolder, dataset, collate_
 def _train_one_step(t: _Training, step: int) -> metrics.Step:
     """One optimiser step: the schedules' values, forward and backward of each micro-batch, the
     method's end of step, clipping, the frozen last layer, the optimiser step and the EMA update."""
+    timed = t.method.logged  # a logged step: on CUDA its time/step is its own (the device idle at its start)
+    if timed:
+        synchronize(t.accelerator.device)
     lr, weight_decay = t.plan.lr(step), t.plan.weight_decay(step)
     optim.set_lr_and_weight_decay(t.optimizer, lr, weight_decay)
 
@@ -236,6 +241,8 @@ def _train_one_step(t: _Training, step: int) -> metrics.Step:
     t.optimizer.step()
     momentum = t.method.ema_momentum(step)
     optim.ema_update(t.method.ema_pairs(), momentum)
+    if timed:  # ... and ends when the device is done with it
+        synchronize(t.accelerator.device)
     seconds += time.perf_counter() - started
     return metrics.Step(step, outputs, lr, weight_decay, momentum, grad_norm, seconds)
 

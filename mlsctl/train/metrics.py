@@ -41,7 +41,13 @@ class StepOutputs:
 
     def _mean(self, key: str):
         value = self.sums[key]
-        return value if self.count == 1 or key.startswith("time/") else value / self.count
+        if self.count == 1 or key.startswith("time/"):
+            return value
+        if isinstance(value, torch.Tensor) and value.dtype == torch.float64:
+            # a number a method keeps on the device (methods.base.metric_value): divided as a Python
+            # float is (CUDA would multiply by the reciprocal); called only where metrics are read
+            value = float(value)
+        return value / self.count
 
     def loss(self):
         return self._mean("loss")

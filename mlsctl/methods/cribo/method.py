@@ -35,7 +35,6 @@ means over each micro-batch's own objects, as over each process's (docs/accumula
 
 from __future__ import annotations
 
-import time
 from typing import ClassVar
 
 import torch
@@ -43,7 +42,7 @@ import torch.nn as nn
 
 from mlsctl import dist
 from mlsctl.bank import Column, MemoryBank, QueryFeature
-from mlsctl.methods.base import Method, StepOutput
+from mlsctl.methods.base import Method, StepOutput, metric_ratio
 from mlsctl.methods.cribo.config import CrIBoConfig
 from mlsctl.methods.cribo.ops import (cycle_consistent_neighbours, joint_clustering, object_boxes, patch_positions,
                                       pool_objects)
@@ -144,8 +143,7 @@ class CrIBo(Method):
         crops = batch.crops
         b = len(batch)
         k = cfg.n_clusters
-        timings = {}
-        sync = torch.cuda.synchronize if crops[0].is_cuda else (lambda: None)
+        timer = self.timer(crops[0].device)  # time/...: on the logged steps only
 
         with torch.no_grad():
             teacher_out = self.teacher.backbone(torch.cat(crops[:2]))
@@ -153,20 +151,23 @@ class CrIBo(Method):
             n = h * w
             teacher_tokens = teacher_out.patches.reshape(2, b, n, -1).transpose(0, 1).reshape(b, 2 * n, -1).float()
             positions = torch.cat([patch_positions(batch.boxes[:, v], batch.flips[:, v], (h, w)) for v in (0, 1)], 1)
-            sync()
-            t0 = time.perf_counter()
-            generator = torch.Generator().manual_seed(self.recipe.seed * 1_000_003 + step * 1009 + dist.rank())
-            micro, _ = self.micro_batch
-            for _ in range(micro * b):  # micro-batch m: the seeds one batch of the whole step draws for its rows
-                torch.randperm(2 * n, generator=generator)
-            assignment = joint_clustering(teacher_tokens, positions, k, iterations=cfg.cluster_iterations,
-                                          lambda_pos=cfg.lambda_pos, sinkhorn_strength=cfg.sinkhorn_strength,
-                                          sinkhorn_iterations=cfg.sinkhorn_iterations,
-                                          normalize_per_image=cfg.cost_normalization == "image", generator=generator)
-            sync()
-            timings["time/clustering"] = time.perf_counter() - t0
+            with timer("time/clustering"):
+                generator = torch.Generator().manual_seed(self.recipe.seed * 1_000_003 + step * 1009 + dist.rank())
+                micro, _ = self.micro_batch
+                for _ in range(micro * b):  # micro-batch m: the seeds one batch of the whole step draws for its rows
+                    torch.randperm(2 * n, generator=generator)
+                assignment = joint_clustering(teacher_tokens, positions, k, iterations=cfg.cluster_iterations,
+                                              lambda_pos=cfg.lambda_pos, sinkhorn_strength=cfg.sinkhorn_strength,
+                                              sinkhorn_iterations=cfg.sinkhorn_iterations,
+                                              normalize_per_image=cfg.cost_normalization == "image",
+                                              generator=generator)
             teacher_objects, valid = pool_objects(teacher_tokens, assignment, k)  # [B, 2, K, D], [B, K]
-            t1, t2 = teacher_objects[:, 0][valid], teacher_objects[:, 1][valid]  # [V, D] each
+            # the valid objects as (image, cluster) rows, in valid's row-major order: the step's one host
+            # synchronisation for their number (indexing by them, forward and backward, needs none)
+            image_rows, cluster_ids = valid.nonzero(as_tuple=True)
+            n_objects = len(image_rows)
+            t1 = teacher_objects[image_rows, 0, cluster_ids]  # [V, D]
+            t2 = teacher_objects[image_rows, 1, cluster_ids]
             teacher_cls_logits = self.teacher.head(teacher_out.cls).float()
             teacher_object_logits = self.teacher.head.objects(torch.cat([t1, t2])).float()
 
@@ -174,7 +175,7 @@ class CrIBo(Method):
         student_cls_logits = self.student.head(torch.cat([o.cls for o in student_outs])).float()
         student_tokens = torch.stack([student_outs[0].patches, student_outs[1].patches], 1).reshape(b, 2 * n, -1)
         student_objects, _ = pool_objects(student_tokens.float(), assignment, k)
-        s1, s2 = student_objects[:, 0][valid], student_objects[:, 1][valid]
+        s1, s2 = student_objects[image_rows, 0, cluster_ids], student_objects[image_rows, 1, cluster_ids]
         student_object_logits = self.student.head.objects(torch.cat([s1, s2])).float()
         s1_logits, s2_logits = student_object_logits.chunk(2)
 
@@ -185,35 +186,34 @@ class CrIBo(Method):
         terms["global"] = dino_loss(student_cls_logits.chunk(len(crops)), targets.chunk(2), cfg.student_temp)
         object_targets = teacher_probabilities(teacher_object_logits, self.object_center, object_temperature)
         p1, p2 = object_targets.chunk(2)
-        n_objects = int(valid.sum())
         zero = student_cls_logits.new_zeros(())
         terms["cross_view"] = (cross_view_object_loss(p1, p2, s1_logits, s2_logits, cfg.object_student_temp)
                                if n_objects else zero)
 
         # cross-image: neighbours from the bank before this batch enters it
-        sync()
-        t0 = time.perf_counter()
         ratio = 0.0
         terms["cross_image"] = zero
         filled = self.bank.filled
-        if filled and n_objects:
-            with torch.no_grad():
-                stored = self.bank.vectors[:filled]
-                bank1, bank2 = stored[:, :self.dim], stored[:, self.dim:]
-                nearest1, ok1 = cycle_consistent_neighbours(t1, t2, bank1, bank2)
-                nearest2, ok2 = cycle_consistent_neighbours(t2, t1, bank2, bank1)
-                pairs = ok1.sum() + ok2.sum()
-                ratio = float(pairs) / (2 * n_objects)
-                # on once the bank has been filled, and only where some pair passed the cycle check
-                active = cfg.cross_image_loss and self.bank.n_written >= self.bank.size and bool(pairs)
+        with timer("time/retrieval"):
+            if filled and n_objects:
+                with torch.no_grad():
+                    stored = self.bank.vectors[:filled]
+                    bank1, bank2 = stored[:, :self.dim], stored[:, self.dim:]
+                    nearest1, ok1 = cycle_consistent_neighbours(t1, t2, bank1, bank2)
+                    nearest2, ok2 = cycle_consistent_neighbours(t2, t1, bank2, bank1)
+                    pairs = ok1.sum() + ok2.sum()
+                    ratio = metric_ratio(pairs, 2 * n_objects)  # on the device, read where logged
+                    # on once the bank has been filled; where no pair passed the cycle check the loss
+                    # below is 0 (each direction's sum over no pair), as the term's zero would be
+                    active = cfg.cross_image_loss and self.bank.n_written >= self.bank.size
+                    if active:
+                        neighbour_logits = self.teacher.head.objects(
+                            torch.cat([bank1[nearest1], bank2[nearest2]])).float()
+                        q1, q2 = teacher_probabilities(neighbour_logits, self.object_center,
+                                                       object_temperature).chunk(2)
                 if active:
-                    neighbour_logits = self.teacher.head.objects(torch.cat([bank1[nearest1], bank2[nearest2]])).float()
-                    q1, q2 = teacher_probabilities(neighbour_logits, self.object_center, object_temperature).chunk(2)
-            if active:
-                terms["cross_image"] = cross_image_object_loss(q1, q2, s1_logits, s2_logits, ok1.float(), ok2.float(),
-                                                               cfg.object_student_temp)
-        sync()
-        timings["time/retrieval"] = time.perf_counter() - t0
+                    terms["cross_image"] = cross_image_object_loss(q1, q2, s1_logits, s2_logits, ok1.float(),
+                                                                   ok2.float(), cfg.object_student_temp)
 
         loss = zero
         for name, on in (("global", cfg.global_loss), ("cross_view", cfg.cross_view_loss),
@@ -221,20 +221,18 @@ class CrIBo(Method):
             if on:
                 loss = loss + terms[name]
 
-        t0 = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), timer("time/bank"):
             self.step_centers.add("center", self.center, teacher_cls_logits, cfg.center_momentum)
             self.step_centers.add("object_center", self.object_center, teacher_object_logits,
                                   cfg.object_center_momentum)
-            image_rows, cluster_ids = valid.nonzero(as_tuple=True)
             view1_boxes = batch.boxes[:, 0].float()
             extent = torch.stack([view1_boxes[:, 2] - view1_boxes[:, 0], view1_boxes[:, 3] - view1_boxes[:, 1]], 1)
-            regions = object_boxes(positions[:, :n], assignment[:, :n], k, extent / extent.new_tensor([w, h]))
+            grid = extent.new_full((2,), w)  # [w, h], filled on the device (no copy from the host)
+            grid[1] = h
+            regions = object_boxes(positions[:, :n], assignment[:, :n], k, extent / grid)
             self.bank.enqueue(torch.cat([t1, t2], 1), step=step, image_id=batch.image_ids.to(t1.device)[image_rows],
                               box=view1_boxes[image_rows], box_view2=batch.boxes[image_rows, 1].float(),
                               region=regions[image_rows, cluster_ids], cluster_id=cluster_ids)
-        sync()
-        timings["time/bank"] = time.perf_counter() - t0
         metrics = {"bootstrap_ratio": ratio, "objects_per_image": n_objects / b, "teacher_temp": temperature,
-                   "object_teacher_temp": object_temperature, **timings}
+                   "object_teacher_temp": object_temperature, **timer.seconds}
         return StepOutput(loss, terms={k: v.detach() for k, v in terms.items()}, metrics=metrics)

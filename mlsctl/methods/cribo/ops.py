@@ -22,6 +22,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from mlsctl.device import to_device
+
 
 def patch_positions(boxes: torch.Tensor, flips: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """Patch centres [B, h·w, 2] (x, y) in original-image pixels, row-major like the tokens.
@@ -129,7 +131,7 @@ def joint_clustering(tokens: torch.Tensor, positions: torch.Tensor, k: int, *, i
     device = z.device
     if seed_indices is None:
         seed_indices = torch.stack([torch.randperm(t, generator=generator)[:k] for _ in range(b)])
-    seeds = seed_indices.to(device)
+    seeds = to_device(seed_indices, device)
     centroids = torch.gather(z, 1, seeds[..., None].expand(-1, -1, d))  # [B, K, D]
     distances = neighbour_distances(positions)
     assignment = torch.full((b, t), -1, dtype=torch.long, device=device)

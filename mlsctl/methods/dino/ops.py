@@ -42,7 +42,8 @@ def dino_loss(student_logits: Sequence[torch.Tensor], teacher_probs: Sequence[to
 def center_statistics(teacher_logits: torch.Tensor) -> torch.Tensor:
     """[K + 1]: the sum of the rows of ``teacher_logits`` [n, K] (float32) and their number; sums
     of several batches' statistics are the statistics of their union."""
-    rows = teacher_logits.new_tensor([len(teacher_logits)], dtype=torch.float32)
+    # filled on the device: new_tensor would copy from the host, which waits for the device on CUDA
+    rows = teacher_logits.new_full((1,), len(teacher_logits), dtype=torch.float32)
     return torch.cat([teacher_logits.float().sum(dim=0), rows])
 
 

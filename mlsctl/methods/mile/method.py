@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mlsctl.errors import UserError
-from mlsctl.methods.base import Method, StepOutput
+from mlsctl.methods.base import Method, StepOutput, metric_value
 from mlsctl.methods.dino.method import StepCenters, build_student_teacher
 from mlsctl.methods.dino.ops import dino_loss, teacher_probabilities
 from mlsctl.methods.mile.config import MILEConfig
@@ -187,6 +187,6 @@ class MILE(Method):
         targets = teacher_probabilities(teacher_logits, self.center, temperature)
         loss = dino_loss(student_logits.chunk(len(batch.crops)), targets.chunk(self.n_global), cfg.student_temp)
         self.step_centers.add("center", self.center, teacher_logits, cfg.center_momentum)
-        alpha = float(self.student.head.encoder.alpha.detach())
+        alpha = metric_value(self.student.head.encoder.alpha)  # a copy on the device, read where logged
         return StepOutput(loss, terms={"mile": loss.detach()},
                           metrics={"teacher_temp": temperature, "gate_alpha": alpha, "one_minus_alpha": 1 - alpha})

@@ -61,8 +61,9 @@ import torch.nn.functional as F
 from mlsctl import dist
 from mlsctl.bank import Column, MemoryBank, QueryFeature
 from mlsctl.data.loader import sample_seed
+from mlsctl.device import to_device
 from mlsctl.errors import UserError
-from mlsctl.methods.base import Method, StepOutput
+from mlsctl.methods.base import Method, StepOutput, metric_ratio, metric_value
 from mlsctl.methods.mls.config import MLSConfig
 from mlsctl.methods.mls.ops import mls_loss
 from mlsctl.models.backbone import Backbone, BackboneOutput, architecture_kind, build_backbone
@@ -207,7 +208,7 @@ class MLS(Method):
         everything = dist.gather_cat(x)
         micro, count = self.micro_batch  # every micro-batch of a step is shuffled on its own
         generator = torch.Generator().manual_seed(sample_seed(self.recipe.seed, step * count + micro, SHUFFLE_STREAM))
-        order = torch.randperm(len(everything), generator=generator).to(x.device)
+        order = to_device(torch.randperm(len(everything), generator=generator), x.device)
         g, z = self.key(everything[order[rank * b:(rank + 1) * b]])
         g_all, z_all = dist.gather_cat(g), dist.gather_cat(z)
         g_back, z_back = torch.empty_like(g_all), torch.empty_like(z_all)
@@ -231,8 +232,10 @@ class MLS(Method):
             chosen = labels.bool()
             written = self.queue_g.payload["step"] >= 0  # random starting entries belong to no image
             same_image = (self.queue_g.payload["image_id"][None, :] == batch.image_ids[:, None]) & written[None, :]
-            metrics["labels/self_share"] = float((chosen & same_image).sum()) / max(1, int(chosen.sum()))
-            metrics["labels/kth_cosine"] = float((label_features @ label_queue.T).topk(cfg.k, dim=1).values[:, -1].mean())
+            # kept on the device, read only where logged
+            metrics["labels/self_share"] = metric_ratio((chosen & same_image).sum(), chosen.sum().clamp_min(1))
+            metrics["labels/kth_cosine"] = metric_value(
+                (label_features @ label_queue.T).topk(cfg.k, dim=1).values[:, -1].mean())
         box = batch.boxes[:, 1].float()
         self.queue_g.enqueue(g2, step=step, image_id=batch.image_ids, box=box)
         self.queue_z.enqueue(z2, step=step, image_id=batch.image_ids, box=box)

@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 
 from mlsctl.errors import UserError
-from mlsctl.methods.base import Method, StepOutput
+from mlsctl.methods.base import Method, StepOutput, metric_value
 from mlsctl.methods.refine.config import RefineConfig
 from mlsctl.models.refiner import INPUT_SCALES, CrossAttentionBlock, Refiner  # noqa: F401 - re-exported
 
@@ -194,6 +194,9 @@ class Refine(Method):
         cfg = self.cfg
         refined = self.refiner(batch.embeddings, batch.neighbours)
         loss, mined = ms_loss(refined, batch.labels, cfg.alpha, cfg.beta, cfg.base, cfg.epsilon)
-        with torch.no_grad():
-            before, _ = ms_loss(batch.embeddings, batch.labels, cfg.alpha, cfg.beta, cfg.base, cfg.epsilon)
-        return StepOutput(loss, terms={"ms": loss.detach()}, metrics={**mined, "ms_before": float(before)})
+        metrics = dict(mined)
+        if self.logged:  # the loss of the features as they came, a metric only: where it is logged
+            with torch.no_grad():
+                before, _ = ms_loss(batch.embeddings, batch.labels, cfg.alpha, cfg.beta, cfg.base, cfg.epsilon)
+            metrics["ms_before"] = metric_value(before)
+        return StepOutput(loss, terms={"ms": loss.detach()}, metrics=metrics)

@@ -33,7 +33,6 @@ the seconds spent in judge selection (``time/judges``), in the votes and losses
 
 from __future__ import annotations
 
-import time
 from typing import ClassVar
 
 import torch
@@ -42,7 +41,8 @@ import torch.nn as nn
 from mlsctl import dist
 from mlsctl.bank import Column, MemoryBank, QueryFeature
 from mlsctl.data.loader import sample_seed
-from mlsctl.methods.base import Method, StepOutput
+from mlsctl.device import to_device
+from mlsctl.methods.base import Method, StepOutput, metric_value
 from mlsctl.methods.dino.method import build_student_teacher
 from mlsctl.methods.sove.config import SOVEConfig
 from mlsctl.methods.sove.ops import cls_loss, judge_overlap, judge_probabilities, patch_loss, sample_judges
@@ -201,8 +201,7 @@ class SOVE(Method):
     def training_step(self, batch, step):
         cfg = self.cfg
         crops, b = batch.crops, len(batch)
-        sync = torch.cuda.synchronize if crops[0].is_cuda else (lambda: None)
-        timings = {"time/judges": 0.0, "time/votes": 0.0}
+        timer = self.timer(crops[0].device)  # time/...: on the logged steps only
         # the student's global views are masked only for the MIM loss (without it SOVE is CLS-only, unmasked)
         masks = batch.masks if cfg.patch_loss else torch.zeros_like(batch.masks)  # [B, 2, h, w]
 
@@ -215,12 +214,8 @@ class SOVE(Method):
         temperature = self.teacher_temperature(step)
 
         def timed(key, fn):
-            sync()
-            t0 = time.perf_counter()
-            out = fn()
-            sync()
-            timings[key] += time.perf_counter() - t0
-            return out
+            with timer(key):
+                return fn()
 
         # L_CLS over cls_tasks tasks of judges from E_C
         judges = timed("time/judges", lambda: self._judges(self.class_memory, "cls", step, 0))
@@ -260,22 +255,18 @@ class SOVE(Method):
             loss = loss + terms["patch"]
 
         # memories: view 2's teacher CLS into E_C, one random view-2 teacher patch per image into E_P
-        sync()
-        t0 = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), timer("time/memory"):
             view2 = batch.boxes[:, 1].float()
             self.class_memory.enqueue(teacher_cls[b:], step=step, image_id=batch.image_ids, box=view2)
             h, w = teacher_out.patches.shape[1:3]
             micro, count = self.micro_batch  # micro-batch m: the picks of rows m*b.. of the step's batch
             picked = torch.randint(0, h * w, (count * b,), generator=self._generator(step, 2 + dist.rank()))
             picked = picked[micro * b:(micro + 1) * b]
-            picked = picked.to(teacher_out.patches.device)
+            picked = to_device(picked, teacher_out.patches.device)
             patch = teacher_out.patches[b:].flatten(1, 2)[torch.arange(b, device=picked.device), picked]
             self.patch_memory.enqueue(self.teacher.head(patch).float(), step=step, image_id=batch.image_ids, box=view2,
                                       region=_patch_boxes(view2, batch.flips[:, 1], picked, (h, w)))
-        sync()
-        timings["time/memory"] = time.perf_counter() - t0
-        metrics = {"teacher_temp": temperature, "masked_share": float(flat_mask.float().mean()), **timings}
+        metrics = {"teacher_temp": temperature, "masked_share": metric_value(flat_mask.float().mean()), **timer.seconds}
         return StepOutput(loss, terms={k: v.detach() for k, v in terms.items()}, metrics=metrics)
 
 

@@ -44,6 +44,8 @@ from typing import Literal, Optional, Sequence
 
 import torch
 
+from mlsctl.device import to_device
+
 LOG_FLOOR = 1e-12  # the clamp of every log: a vote of 0 costs log(1e-12), not inf
 
 
@@ -75,6 +77,17 @@ def draw_anchors(memory_size: int, n_tasks: int, n_anchors: int, generator: torc
     return torch.stack([torch.randperm(memory_size, generator=generator)[:n_anchors] for _ in range(n_tasks)])
 
 
+def pool_rows_without(anchors: torch.Tensor, n: int) -> torch.Tensor:
+    """The rows ``0..n-1`` other than ``anchors`` (distinct rows, as :func:`draw_anchors` draws
+    them), in order: [n - K], what a mask's ``nonzero`` gives without its host synchronisation
+    (the count is known). Pool row ``j`` is ``j`` plus the number of sorted anchors ``a_i`` with
+    ``a_i - i <= j`` (``a_i - i``: the pool rows before anchor ``i``)."""
+    k, device = len(anchors), anchors.device
+    before = anchors.sort().values - torch.arange(k, device=device)
+    j = torch.arange(n - k, device=device)
+    return j + torch.searchsorted(before, j, right=True)
+
+
 @torch.no_grad()
 def nearest_supports(memory: torch.Tensor, anchors: torch.Tensor, k: int, chunk: int = 512, tile: int = 16384,
                      search: Literal["exact", "bf16"] = "exact") -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,7 +103,7 @@ def nearest_supports(memory: torch.Tensor, anchors: torch.Tensor, k: int, chunk:
     (≈ 4e-3) reorders near-ties at the k-th place (``benchmarks/sove_judges.py`` measures how often)."""
     n_tasks, n_anchors = anchors.shape
     n, device = memory.shape[0], memory.device
-    anchors = anchors.to(device)
+    anchors = to_device(anchors, device)
     values = torch.empty(n_tasks, n_anchors, k, dtype=torch.float32, device=device)
     rows = torch.empty(n_tasks, n_anchors, k, dtype=torch.long, device=device)
     if k == 0:
@@ -101,9 +114,7 @@ def nearest_supports(memory: torch.Tensor, anchors: torch.Tensor, k: int, chunk:
     candidates = k if search == "exact" else min(2 * k, n - n_anchors)
     score_dtype = torch.float32 if search == "exact" else torch.bfloat16
     for t in range(n_tasks):
-        in_pool = torch.ones(n, dtype=torch.bool, device=device)
-        in_pool[anchors[t]] = False
-        pool_rows = in_pool.nonzero(as_tuple=True)[0]  # [N - K]
+        pool_rows = pool_rows_without(anchors[t], n)  # [N - K]
         pool = keys[pool_rows].to(score_dtype)
         for start in range(0, n_anchors, chunk):
             queries = keys[anchors[t, start:start + chunk]]
@@ -150,10 +161,10 @@ def _sample_judges(memory, n_tasks, n_anchors, k, eps, generator, anchor_selecti
         raise ValueError(f"k={k} supports need a pool of at least k entries; the pool holds {n - n_anchors}")
     anchors = draw_anchors(n, n_tasks, n_anchors, generator)
     cosines, rows = nearest_supports(memory, anchors, k, chunk, search=search)
-    anchors = anchors.to(memory.device)
+    anchors = to_device(anchors, memory.device)
     if anchor_selection == "half":
         keep = torch.stack([torch.randperm(n_anchors, generator=generator)[:n_anchors // 2] for _ in range(n_tasks)])
-        keep = keep.to(memory.device)
+        keep = to_device(keep, memory.device)
         anchors = anchors.gather(1, keep)
         cosines = cosines.gather(1, keep[..., None].expand(-1, -1, k))
         rows = rows.gather(1, keep[..., None].expand(-1, -1, k))
@@ -224,8 +235,11 @@ def patch_loss(student_probs: torch.Tensor, teacher_probs: torch.Tensor, image_o
         return student_probs.sum() * 0.0
     per_patch = cross_entropy(teacher_probs, student_probs)
     sums = per_patch.new_zeros(n_images).index_add(0, image_of, per_patch)
-    counts = torch.bincount(image_of, minlength=n_images).to(per_patch.dtype)
-    present = counts > 0
+    # bincount's counts without it: on CUDA it reads the indices' range on the host (a synchronisation)
+    counts = image_of.new_zeros(n_images).index_add(0, image_of, torch.ones_like(image_of)).to(per_patch.dtype)
+    # the view-images with a masked patch: one host synchronisation for their number (indexing by
+    # them, forward and backward, needs none; a boolean mask would take one each time)
+    present = (counts > 0).nonzero(as_tuple=True)[0]
     return (sums[present] / counts[present]).mean()
 
 
