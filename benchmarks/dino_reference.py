@@ -220,7 +220,7 @@ def main(argv=None) -> int:
     atomic.write_json(options.out, record)
     print(f"\n{'':14} {'k-NN top-1 (k=20)':>18} {'final loss':>11} {'teacher entropy':>16}")
     for name in ("random init", "lightly", "mlsctl"):
-        last = curves.get(name, [{}])[-1] if curves.get(name) else {}
+        last = (curves.get(name) or [{}])[-1]
         print(f"{name:14} {knn[name]:17.2f}% {last.get('loss', float('nan')):11.4f} "
               f"{last.get('teacher_entropy', float('nan')):16.3f}")
     print(f"ln K = {math.log(OUT_DIM):.3f}; {steps} steps of {BATCH}; written to {options.out}")

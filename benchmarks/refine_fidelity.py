@@ -286,6 +286,13 @@ def _fmt(values: list[float]) -> str:
     return f"{mean:.2f} ± {std:.2f}" if len(values) > 1 else f"{mean:.2f}"
 
 
+def _stat(value: Optional[dict]) -> str:
+    """A report cell from ``{"mean", "std", "n"}``: mean ± std over seeds, the mean alone for one seed, – for none."""
+    if value is None:
+        return "–"
+    return f"{value['mean']:.2f} ± {value['std']:.2f}" if value["n"] > 1 else f"{value['mean']:.2f}"
+
+
 def ssl_source(profile: Profile) -> str:
     """Where the profile's self-supervised features come from, for the report."""
     if profile.ssl_weights is None:
@@ -370,16 +377,12 @@ def markdown(summary: dict, profile: Profile) -> str:
              "| --- | " + " | ".join("---" for _ in table.get(f"0x{k}", {})) + " |"]
     for label, name in (("MS baseline (e⁰)", f"0x{k}"), (f"refined (e^{T})", f"{T}x{k}")):
         row = table.get(name, {})
-        lines.append(f"| {label} | " + " | ".join(
-            f"{v['mean']:.2f} ± {v['std']:.2f}" if v["n"] > 1 else f"{v['mean']:.2f}" for v in row.values()) + " |")
+        lines.append(f"| {label} | " + " | ".join(_stat(v) for v in row.values()) + " |")
     lines += ["", "## R@1 over blocks T × neighbours k (T = 0: the baseline)", "",
               "| T \\ k | " + " | ".join(str(k_) for k_ in profile.ks) + " |",
               "| --- | " + " | ".join("---" for _ in profile.ks) + " |"]
     for b in profile.blocks:
-        cells = []
-        for k_ in profile.ks:
-            v = table.get(f"{b}x{k_}", {}).get("1")
-            cells.append("–" if v is None else (f"{v['mean']:.2f} ± {v['std']:.2f}" if v["n"] > 1 else f"{v['mean']:.2f}"))
+        cells = [_stat(table.get(f"{b}x{k_}", {}).get("1")) for k_ in profile.ks]
         lines.append(f"| {b} | " + " | ".join(cells) + " |")
     if summary.get("baselines"):
         ks_shown = list(summary["baselines"][0]["recall"])
@@ -389,9 +392,7 @@ def markdown(summary: dict, profile: Profile) -> str:
                   "| baseline | " + " | ".join(f"R@{K}" for K in ks_shown) + " |",
                   "| --- | " + " | ".join("---" for _ in ks_shown) + " |"]
         for row in summary["baselines"]:
-            lines.append(f"| {row['label']} | " + " | ".join(
-                "–" if K not in row["recall"] else f"{row['recall'][K]['mean']:.2f} ± {row['recall'][K]['std']:.2f}"
-                if row["recall"][K]["n"] > 1 else f"{row['recall'][K]['mean']:.2f}" for K in ks_shown) + " |")
+            lines.append(f"| {row['label']} | " + " | ".join(_stat(row["recall"].get(K)) for K in ks_shown) + " |")
         lines += [""] + [f"- {row['label']}: {row['about']}" for row in summary["baselines"]
                          if row["profile"] != summary["profile"]]
     if summary["ssl"]:
@@ -409,8 +410,7 @@ def markdown(summary: dict, profile: Profile) -> str:
         ks_shown = [K for K in next(iter(table.values()), {})] if table else ["1"]
 
         def cell(stats: dict) -> list[str]:
-            return [("–" if K not in stats else f"{stats[K]['mean']:.2f} ± {stats[K]['std']:.2f}" if stats[K]["n"] > 1
-                     else f"{stats[K]['mean']:.2f}") for K in ks_shown]
+            return [_stat(stats.get(K)) for K in ks_shown]
 
         lines += ["", "## Ablation: the √d input scaling (ours, not in the paper)", "",
                   f"`method.input_scale: sqrt_d` (the default) runs every block on √d·x and √d·n; `{variant}` runs "
