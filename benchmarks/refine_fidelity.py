@@ -454,6 +454,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     results = options.results.resolve() / profile.name
     data = (options.data or work / "data" / "fmnist-sop").resolve()
     started = time.perf_counter()
+    if options.summary and not any((work / f"seed{seed}" / "recall-before.json").is_file() for seed in profile.seeds):
+        # nothing finished to report: an empty report must not replace the one in --results
+        raise SystemExit(f"error: {work} holds no finished stage of profile {profile.name}; --summary rebuilds the "
+                         f"report from a work folder the suite ran in (give it with --work)")
     work.mkdir(parents=True, exist_ok=True)
     if not options.summary and options.data is None:
         mlsctl(["data", "fmnist-products", "--layout", "sop", "--out", str(data), "--source", str(options.fmnist),

@@ -178,3 +178,16 @@ def test_a_warm_start_from_a_tiny_weights_file_runs_end_to_end(tmp_path, monkeyp
     assert "## MS from scratch against MS from the backbone" in text
     assert "| MS, from scratch (profile `cpu`) | 13.70 ± 0.80 |" in text
     assert "| backbone features |" in text and "tiny-backbone.safetensors as it is" in text
+
+
+def test_summary_from_a_work_folder_with_nothing_finished_is_refused_and_writes_nothing(tmp_path):
+    """--summary over an empty or wrong --work would replace a finished report with an empty one."""
+    results = tmp_path / "results"
+    (results / "smoke").mkdir(parents=True)
+    (results / "smoke" / "summary.md").write_text("the report of a finished run\n")
+    with pytest.raises(SystemExit, match="holds no finished stage of profile smoke"):
+        refine_fidelity.main(["--profile", "smoke", "--summary", "--work", str(tmp_path / "elsewhere"),
+                              "--results", str(results)])
+    assert (results / "smoke" / "summary.md").read_text() == "the report of a finished run\n"
+    assert sorted(p.name for p in (results / "smoke").iterdir()) == ["summary.md"]
+    assert not (tmp_path / "elsewhere").exists()
