@@ -244,15 +244,46 @@ def collate(samples: list[dict]) -> Batch:
     )
 
 
-def _worker_init(_: int) -> None:
+def _stop_as_on_ctrl_c(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def _quiet_when_the_parent_hangs_up(default):
+    """An excepthook that drops one report: a broken connection (a broken pipe, a reset, an end of
+    file) in multiprocessing's resource sharer, the worker's thread that hands tensors' file
+    descriptors to the parent and reports through ``sys.excepthook``. It happens when the parent
+    stops in the middle of receiving a batch (Ctrl-C, SIGTERM), which is no error."""
+    def hook(exc_type, exc, traceback) -> None:
+        if (traceback is not None and issubclass(exc_type, (ConnectionError, EOFError))
+                and traceback.tb_frame.f_code.co_filename.endswith(os.path.join("multiprocessing", "resource_sharer.py"))):
+            return
+        default(exc_type, exc, traceback)
+    return hook
+
+
+def worker_init(_: int) -> None:
+    """Each data-loading worker, as it starts: one thread, none of the parent's locks, and SIGTERM
+    taken as Ctrl-C.
+
+    A scheduler's stop (Slurm's ``scancel`` and time limit, systemd's default ``KillMode``,
+    ``kill -- -PGID``) signals every process of the job at once. A worker killed by it made the
+    training process fail with PyTorch's "DataLoader worker ... is killed by signal: Terminated"
+    instead of stopping as it does on Ctrl-C (what was saved, how to resume). PyTorch's worker ends
+    quietly on KeyboardInterrupt, leaving the stop to its parent; SIGTERM now does the same, and a
+    parent that stops while receiving a batch no longer makes the worker print a traceback."""
+    import signal
+    import sys
+
     from mlsctl.locks import close_inherited_locks
 
     torch.set_num_threads(1)
     close_inherited_locks()  # the run's lock ends with the training process, even under SIGKILL
+    signal.signal(signal.SIGTERM, _stop_as_on_ctrl_c)
+    sys.excepthook = _quiet_when_the_parent_hangs_up(sys.excepthook)
 
 
 def make_loader(dataset: Dataset, sampler: StepBatchSampler, workers: int, pin_memory: bool = False,
                 collate_fn=collate) -> DataLoader:
     return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate_fn,
-                      pin_memory=pin_memory, worker_init_fn=_worker_init if workers else None,
+                      pin_memory=pin_memory, worker_init_fn=worker_init if workers else None,
                       prefetch_factor=4 if workers else None, persistent_workers=workers > 0)
