@@ -53,6 +53,15 @@ class MPerClassStepSampler(Sampler):
         self.start_step = start_step
         self.total_steps = total_steps if total_steps is not None else self.steps_per_epoch
 
+    @classmethod
+    def of_recipe(cls, recipe, labels: Sequence[int], m: int, *, world_size: int = 1, rank: int = 0,
+                  start_step: int = 0, total_steps: int | None = None) -> "MPerClassStepSampler":
+        """The sampler of a labelled run (``Method.batch_sampler``): ``m`` items per class, the
+        recipe's batch, seed and accumulation, errors naming its ``data.root``."""
+        return cls(labels, m, recipe.optim.batch_size, world_size=world_size, rank=rank, seed=recipe.seed,
+                   start_step=start_step, total_steps=total_steps, what=f"data.root {recipe.data.root}",
+                   accumulate_steps=recipe.optim.accumulate_steps)
+
     def epoch_order(self, epoch: int) -> np.ndarray:
         """The item indices of epoch ``epoch``, global batch after global batch."""
         from pytorch_metric_learning.samplers import MPerClassSampler

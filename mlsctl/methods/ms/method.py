@@ -112,10 +112,8 @@ class MS(Method):
     def batch_sampler(cls, recipe, dataset, *, world_size=1, rank=0, start_step=0, total_steps=None):
         from mlsctl.data.mperclass import MPerClassStepSampler
 
-        return MPerClassStepSampler(dataset.labels, recipe.method.m_per_class, recipe.optim.batch_size,
-                                    world_size=world_size, rank=rank, seed=recipe.seed, start_step=start_step,
-                                    total_steps=total_steps, what=f"data.root {recipe.data.root}",
-                                    accumulate_steps=recipe.optim.accumulate_steps)
+        return MPerClassStepSampler.of_recipe(recipe, dataset.labels, recipe.method.m_per_class, world_size=world_size,
+                                              rank=rank, start_step=start_step, total_steps=total_steps)
 
     def ema_momentum(self, step: int) -> float:
         return 0.0  # no EMA teacher
