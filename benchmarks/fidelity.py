@@ -332,11 +332,13 @@ def variant_sha(spec: dict) -> str:
 
 def cells_of(profile: Profile, work: Path, only: list[str]) -> list[Cell]:
     """The selected cells in the order they run: seed by seed, the profile's variants (or those of
-    ``--only``, taken from every variant) in the profile's order, then the others in :data:`VARIANTS`' order."""
+    ``--only``, taken from every variant) in the profile's order, then the others in :data:`VARIANTS`' order.
+    A variant that evaluates a weights file (``backbone``) runs only in a profile that lists it: the
+    file's architecture is that profile's."""
     by_name = {v.name: v for v in VARIANTS}
     order = [by_name[name] for name in profile.variants or ()]
     if only or profile.variants is None:
-        order += [v for v in VARIANTS if v not in order]
+        order += [v for v in VARIANTS if v not in order and v.weights is None]
     cells = [Cell(profile, v, s, work) for s in profile.seeds for v in order]
     if only:
         cells = [c for c in cells if any(fnmatch.fnmatch(c.id, pattern) for pattern in only)]

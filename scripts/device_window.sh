@@ -5,7 +5,8 @@
 #   2. a smoke run of recipes/dino_fmnist_backbone.yaml (one epoch) that fails the window early
 #      if the GPU path is broken, and measures the speed,
 #   3. the backbone: that recipe for as many epochs as BACKBONE_S seconds afford (from the smoke
-#      run's speed), its teacher as bf16 safetensors, knn-seg of it and of its random init,
+#      run's speed), its teacher as bf16 safetensors, knn-seg of it and of its random init
+#      (BACKBONE_S=0 skips steps 2 and 3: weights/ already holds a backbone worth keeping),
 #   4. the reproduction suite's pending cells (benchmarks/fidelity.py --profile gpu --budget-s;
 #      calibration first) in the time left of WINDOW_S but THROUGHPUT_S,
 #   5. dino_in1k's loop (augment cpu and gpu) against its model step alone (benchmarks/train_throughput.py),
@@ -67,47 +68,51 @@ if [ "$PROFILE" = smoke ]; then  # a CPU dry run: the same recipe, tiny
              train.precision=fp32)
 fi
 
-stage "smoke run: one epoch of the backbone recipe (fails the window early if the GPU path is broken)"
-# Falls back to no image cache (a small /dev/shm), then to the CPU data path, before giving up: each
-# fallback is said in the log and applies to the backbone run too.
-smoke_ok=no
-for fallback in "" "data.cache=none" "data.augment=cpu data.cache=none"; do
-  rm -rf runs/window-smoke
-  # shellcheck disable=SC2086
-  if mlsctl pretrain "${BACKBONE[@]}" $fallback optim.epochs=1 optim.warmup_epochs=0 method.warmup_teacher_temp_epochs=0 \
-       optim.freeze_last_layer_epochs=0 train.log_every=5 --out runs/window-smoke; then
-    smoke_ok=yes
-    [ -n "$fallback" ] && echo "FALLBACK: the backbone trains with $fallback" && BACKBONE+=($fallback)
-    break
-  fi
-  echo "FAILED: smoke run with '${fallback:-the recipe as it is}'"
-done
-[ $smoke_ok = yes ] || exit 1
-# the steady speed: the median of the last three logged intervals (the first ones include start-up)
-IPS=$($PY -c "
+if [ "$BACKBONE_S" -gt 0 ]; then
+  stage "smoke run: one epoch of the backbone recipe (fails the window early if the GPU path is broken)"
+  # Falls back to no image cache (a small /dev/shm), then to the CPU data path, before giving up: each
+  # fallback is said in the log and applies to the backbone run too.
+  smoke_ok=no
+  for fallback in "" "data.cache=none" "data.augment=cpu data.cache=none"; do
+    rm -rf runs/window-smoke
+    # shellcheck disable=SC2086
+    if mlsctl pretrain "${BACKBONE[@]}" $fallback optim.epochs=1 optim.warmup_epochs=0 method.warmup_teacher_temp_epochs=0 \
+         optim.freeze_last_layer_epochs=0 train.log_every=5 --out runs/window-smoke; then
+      smoke_ok=yes
+      [ -n "$fallback" ] && echo "FALLBACK: the backbone trains with $fallback" && BACKBONE+=($fallback)
+      break
+    fi
+    echo "FAILED: smoke run with '${fallback:-the recipe as it is}'"
+  done
+  [ $smoke_ok = yes ] || exit 1
+  # the steady speed: the median of the last three logged intervals (the first ones include start-up)
+  IPS=$($PY -c "
 import json, statistics
 rows = [json.loads(l) for l in open('runs/window-smoke/metrics.jsonl') if '\"images_per_s\"' in l]
 print(round(statistics.median(r['images_per_s'] for r in rows[-3:]), 1))")
-EPOCHS=$($PY -c "print(max(3, min(400, int(0.95 * ($BACKBONE_S - 15) * $IPS / $N_IMAGES))))")
-echo "smoke: $IPS images/s once running -> $EPOCHS epochs in ~${BACKBONE_S}s (15 s of start-up)"
+  EPOCHS=$($PY -c "print(max(3, min(400, int(0.95 * ($BACKBONE_S - 15) * $IPS / $N_IMAGES))))")
+  echo "smoke: $IPS images/s once running -> $EPOCHS epochs in ~${BACKBONE_S}s (15 s of start-up)"
 
-stage "the backbone: $EPOCHS epochs"
-RUN=runs/dino_fmnist_backbone
-WARM=$(( EPOCHS / 10 ))
-if mlsctl pretrain "${BACKBONE[@]}" optim.epochs=$EPOCHS optim.warmup_epochs=$WARM --out $RUN --overwrite; then
-  $PY scripts/backbone_weights.py $RUN "$OUT/backbone" || echo "FAILED: bf16 weights"
-  SC=$DATA/fmnist-scenes
-  for model in trained random; do
-    extra=(); [ $model = random ] && extra=(--random-init --seed 0)
-    mlsctl eval knn-seg --train $SC/train/images --train-masks $SC/train/masks --val $SC/val/images \
-      --val-masks $SC/val/masks --run $RUN "${extra[@]}" --fraction 1/1 --k 30 --out $RUN/knn-seg-$model.json \
-      || echo "FAILED: knn-seg $model"
-  done
-  tar czf "$OUT/backbone-run.tar.gz" $RUN/config.yaml $RUN/metrics.jsonl $RUN/train.log $RUN/summary.json \
-    $RUN/knn-seg-*.json runs/window-smoke/summary.json 2>/dev/null
+  stage "the backbone: $EPOCHS epochs"
+  RUN=runs/dino_fmnist_backbone
+  WARM=$(( EPOCHS / 10 ))
+  if mlsctl pretrain "${BACKBONE[@]}" optim.epochs=$EPOCHS optim.warmup_epochs=$WARM --out $RUN --overwrite; then
+    $PY scripts/backbone_weights.py $RUN "$OUT/backbone" || echo "FAILED: bf16 weights"
+    SC=$DATA/fmnist-scenes
+    for model in trained random; do
+      extra=(); [ $model = random ] && extra=(--random-init --seed 0)
+      mlsctl eval knn-seg --train $SC/train/images --train-masks $SC/train/masks --val $SC/val/images \
+        --val-masks $SC/val/masks --run $RUN "${extra[@]}" --fraction 1/1 --k 30 --out $RUN/knn-seg-$model.json \
+        || echo "FAILED: knn-seg $model"
+    done
+    tar czf "$OUT/backbone-run.tar.gz" $RUN/config.yaml $RUN/metrics.jsonl $RUN/train.log $RUN/summary.json \
+      $RUN/knn-seg-*.json runs/window-smoke/summary.json 2>/dev/null
+  else
+    echo "FAILED: backbone"
+    tar czf "$OUT/backbone-run.tar.gz" $RUN/train.log runs/window-smoke/summary.json 2>/dev/null
+  fi
 else
-  echo "FAILED: backbone"
-  tar czf "$OUT/backbone-run.tar.gz" $RUN/train.log runs/window-smoke/summary.json 2>/dev/null
+  stage "no backbone (BACKBONE_S=0): weights/ keeps its backbone and the suite gets the time"
 fi
 
 LEFT=$(( WINDOW_S - ($(date +%s) - started) - THROUGHPUT_S - 10 ))

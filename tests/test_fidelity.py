@@ -271,3 +271,17 @@ def test_supervised_ceiling_writes_a_run_that_evaluations_read(tmp_path: Path):
     assert choice.backbone.width == 32
     assert supervised_ceiling.main(["dino_fmnist_quick", *overrides, "--masks", str(tmp_path / "masks"),
                                     "--out", str(out)]) == 2  # a finished run is never overwritten
+
+
+@pytest.mark.parametrize("name", sorted(fidelity.PROFILES))
+def test_every_profile_plans_its_default_cells_and_evaluates_a_weights_file_only_where_listed(name, tmp_path):
+    # the device window's dry run (smoke profile) stopped at "declares no estimate for variant backbone": the warm
+    # profile's variant, whose weights file (ViT width 320) no other profile's ViT fits, was in every default list
+    profile = fidelity.PROFILES[name]
+    cells = fidelity.cells_of(profile, tmp_path, [])
+    declared = dict(profile.estimates)
+    assert cells and all(c.variant.name in declared for c in cells), [c.id for c in cells if c.variant.name not in declared]
+    with_weights = {c.variant.name for c in cells if c.variant.weights}
+    assert with_weights <= set(profile.variants or ()), with_weights
+    assert not {c.variant.name for c in fidelity.cells_of(profile, tmp_path, ["scenes/*/0"])
+                if c.variant.weights} - set(profile.variants or ())
