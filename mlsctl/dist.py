@@ -24,22 +24,45 @@ def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
+_HOST_GROUP: tuple = (None, None)  # (the default group it was made for, a gloo group over the same processes)
+
+
+def host_group():
+    """The process group for exchanges of host values (row counts, logged scalars): the default
+    group when it runs on gloo, else a gloo group over the same processes, made at the first call.
+
+    NCCL, the default group of a multi-GPU run, takes CUDA tensors only: a CPU tensor there is an
+    error, and a count sent as a CUDA tensor must be read back with ``.item()``, which waits for
+    every kernel queued before it. Through gloo the host exchanges its own values and the GPU's
+    queue runs on. Every process calls this at the same point of the same code (a group is made
+    collectively), as with any collective."""
+    global _HOST_GROUP
+    if dist.get_backend() == "gloo":
+        return None
+    world = dist.group.WORLD
+    if _HOST_GROUP[0] is not world:
+        _HOST_GROUP = (world, dist.new_group(backend="gloo"))
+    return _HOST_GROUP[1]
+
+
 @torch.no_grad()
 def gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate ``tensor`` from every process along dim 0, in rank order.
 
     Processes may hold different numbers of rows; they are padded to the largest for the
-    collective and trimmed afterwards. Booleans travel as uint8 (gloo cannot gather bool).
+    collective and trimmed afterwards. The row counts are exchanged on the host
+    (:func:`host_group`): no device synchronisation. Booleans travel as uint8 (gloo cannot gather
+    bool).
     """
     if not is_distributed():
         return tensor
     was_bool = tensor.dtype == torch.bool
     local = tensor.to(torch.uint8) if was_bool else tensor
     local = local.contiguous()
-    size = torch.tensor([local.shape[0]], device=local.device, dtype=torch.long)
+    size = torch.tensor([local.shape[0]], dtype=torch.long)  # the shape is host metadata
     sizes = [torch.zeros_like(size) for _ in range(world_size())]
-    dist.all_gather(sizes, size)
-    counts = [int(s.item()) for s in sizes]
+    dist.all_gather(sizes, size, group=host_group())
+    counts = [int(s) for s in sizes]
     longest = max(counts)
     if local.shape[0] < longest:
         pad = local.new_zeros((longest - local.shape[0], *local.shape[1:]))
@@ -61,12 +84,13 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def mean_over_processes(values: dict[str, float]) -> dict[str, float]:
-    """Average scalars over processes (for logging a global-batch value)."""
+    """Average scalars over processes (for logging a global-batch value), on the host
+    (:func:`host_group`: NCCL refuses the CPU tensor they travel in)."""
     if not is_distributed() or not values:
         return values
     keys = sorted(values)
     stacked = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-    dist.all_reduce(stacked)
+    dist.all_reduce(stacked, group=host_group())
     return {k: float(v) / world_size() for k, v in zip(keys, stacked)}
 
 

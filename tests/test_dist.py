@@ -1,0 +1,58 @@
+"""mlsctl.dist on several processes: host values (row counts, logged scalars) travel through a gloo
+group even when the default group is NCCL, which refuses CPU tensors and makes a count sent as a
+CUDA tensor a device synchronisation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as torch_dist
+import torch.multiprocessing as mp
+
+
+def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    from mlsctl import dist
+
+    torch_dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    calls = []
+    real_all_gather, real_all_reduce = torch_dist.all_gather, torch_dist.all_reduce
+
+    def all_gather(out, tensor, group=None, **kwargs):
+        calls.append(("all_gather", tuple(tensor.shape), group is None))
+        return real_all_gather(out, tensor, group=group, **kwargs)
+
+    def all_reduce(tensor, group=None, **kwargs):
+        calls.append(("all_reduce", tuple(tensor.shape), group is None))
+        return real_all_reduce(tensor, group=group, **kwargs)
+
+    # the default group of a multi-GPU run, as the helpers see it
+    dist.dist.get_backend = lambda group=None: "nccl" if group is None else "gloo"
+    dist.dist.all_gather, dist.dist.all_reduce = all_gather, all_reduce
+    host = dist.host_group()
+    assert host is not None and dist.host_group() is host  # made once
+    rows = torch.arange(2 * (3 + rank), dtype=torch.float32).reshape(3 + rank, 2) + 100 * rank
+    gathered = dist.gather_cat(rows)
+    flags = dist.gather_cat(torch.tensor([True, False][: 1 + rank]))
+    mean = dist.mean_over_processes({"loss": float(rank + 1), "acc": 0.5 * rank})
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps({
+        "gathered": gathered.tolist(), "flags": flags.tolist(), "mean": mean, "calls": calls}))
+    torch_dist.destroy_process_group()
+
+
+def test_counts_and_logged_scalars_travel_on_the_host_when_the_default_group_is_nccl(tmp_path: Path):
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    expected = torch.cat([torch.arange(2 * (3 + r), dtype=torch.float32).reshape(3 + r, 2) + 100 * r
+                          for r in range(2)]).tolist()
+    for result in results:
+        assert result["gathered"] == expected
+        assert result["flags"] == [True, True, False]
+        assert result["mean"] == {"loss": 1.5, "acc": 0.25}
+        # on the default (NCCL) group only the rows themselves, padded to the longest; counts (shape 1) and the
+        # scalars on the host group
+        on_default = [call for call in result["calls"] if call[2]]
+        assert on_default == [["all_gather", [4, 2], True], ["all_gather", [2], True]], result["calls"]
+        assert [call for call in result["calls"] if not call[2]] == [
+            ["all_gather", [1], False], ["all_gather", [1], False], ["all_reduce", [2], False]]
