@@ -7,7 +7,10 @@ For each recipe, images/s of
   the device, then cycled), in the recipe's precision;
 * ``loop-cpu`` / ``loop-gpu``: the whole training loop, ``mlsctl pretrain`` in its own process with
   ``data.augment=cpu`` (loader workers make the crops) or ``gpu`` (workers decode, the crops are
-  made on the device): images/s of the logged intervals after the warm-up steps;
+  made on the device): images/s of the logged intervals after the warm-up steps, and the share of
+  their time the loop waited for its loader (``<measure> data wait`` in the JSON, from
+  ``metrics.jsonl``'s ``data_wait_share``: near 0 the data keeps up, and a loop below the model
+  step loses its time elsewhere);
 
 measured alternately, ``--rounds`` times (model, loop-cpu, loop-gpu, then loop-cpu, loop-gpu,
 model, ...: the order turns every round), never one batch of runs after another, so that a machine's
@@ -156,8 +159,9 @@ def measure_model(recipe, steps: int, warmup: int) -> float:
 
 
 def measure_loop(recipe_name: str, overrides: list[str], images: Path, steps: int, warmup: int, work: Path,
-                 timeout: float, log: Path) -> float:
-    """Images/s of `mlsctl pretrain` after its warm-up steps: one epoch over (warm-up + steps) batches of
+                 timeout: float, log: Path) -> tuple[float, Optional[float]]:
+    """Images/s of `mlsctl pretrain` after its warm-up steps, and the share of that time it waited for
+    data (None from a loop that does not log it): one epoch over (warm-up + steps) batches of
     ``images`` (links), logged every ``warmup`` steps and at the last; the run's final checkpoint (after
     the last log) is not counted. The run's output goes to ``log`` (kept: it comes back from a device),
     and its metrics.jsonl is appended there."""
@@ -193,14 +197,19 @@ def measure_loop(recipe_name: str, overrides: list[str], images: Path, steps: in
     with open(log, "a") as handle:
         handle.write(f"== {metrics} ({len(lines)} lines)\n" + "".join(line + "\n" for line in lines))
     records = [json.loads(line) for line in lines]
-    logged = sorted((r["step"], r["images_per_s"]) for r in records if "images_per_s" in r)
+    logged = sorted((r["step"], r["images_per_s"], r.get("data_wait_share")) for r in records if "images_per_s" in r)
     # each logged interval: the steps since the previous log, at its images/s; those after the warm-up count
-    intervals = [(step - previous, ips) for (previous, _), (step, ips) in zip([(0, None), *logged], logged)
+    intervals = [(step - previous, ips, wait) for (previous, *_), (step, ips, wait) in zip([(0, None, None), *logged],
+                                                                                          logged)
                  if previous >= warmup]
     if not intervals:
         raise RuntimeError(f"mlsctl pretrain logged no interval after its {warmup} warm-up steps: images/s at steps "
-                           f"{[step for step, _ in logged]} of {total}, {len(records)} records (see {log})")
-    return sum(n for n, _ in intervals) * batch / sum(n * batch / ips for n, ips in intervals)
+                           f"{[step for step, *_ in logged]} of {total}, {len(records)} records (see {log})")
+    seconds = [n * batch / ips for n, ips, _ in intervals]
+    # the share of those seconds the loop waited for its loader (metrics.jsonl's data_wait_share)
+    waited = (sum(s * wait for s, (_, _, wait) in zip(seconds, intervals)) / sum(seconds)
+              if all(wait is not None for *_, wait in intervals) else None)
+    return sum(n for n, *_ in intervals) * batch / sum(seconds), waited
 
 
 def augment_overrides(augment: str) -> list[str]:
@@ -306,7 +315,7 @@ def run_rounds(plans: dict, measures: list[str], paths: dict[str, list[str]], op
                 else:
                     log = logs / f"{name}-{measure}-round{round_index + 1}.log"
                     try:
-                        value = measure_loop(name, [*overrides, *paths[measure]], images, options.steps,
+                        value, waited = measure_loop(name, [*overrides, *paths[measure]], images, options.steps,
                                              options.warmup, tmp / f"{name}-{measure}", left, log)
                     except TimeoutError as exc:
                         return str(exc)
@@ -317,8 +326,13 @@ def run_rounds(plans: dict, measures: list[str], paths: dict[str, list[str]], op
                         continue
                 durations[(name, measure)] = time.perf_counter() - begun
                 results[name][measure].append(round(value, 2))
+                note = ""
+                if measure != "model":
+                    results[name].setdefault(f"{measure} data wait", []).append(
+                        None if waited is None else round(waited, 3))
+                    note = "" if waited is None else f", {waited:.0%} waiting for data"
                 print(f"round {round_index + 1} {name:20} {measure:9} {value:10.1f} images/s "
-                      f"({durations[(name, measure)]:.0f}s)", flush=True)
+                      f"({durations[(name, measure)]:.0f}s{note})", flush=True)
     return ""
 
 

@@ -267,3 +267,31 @@ def test_the_monitor_measures_knn_seg_where_masks_are_given(tmp_path, fake_fmnis
     result = monitor(backbone, "cpu")
     assert 0 <= result["monitor/knn_top1"] <= 1 and 0 < result["monitor/knn_seg_miou"] <= 1
     assert backbone.training  # left as it was
+
+
+def test_data_wait_share_says_how_much_of_each_interval_waited_for_the_loader(tmp_path, images, monkeypatch):
+    """metrics.jsonl's data_wait_share: the seconds spent in the loader (with workers=0 the loading
+    itself) over each logged interval's wall time. A loader slowed to 100 ms an image dominates."""
+    import time
+
+    from mlsctl.data import loader
+    from mlsctl.train import pretrain
+
+    def read(run):
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return [r["data_wait_share"] for r in rows if "loss" in r]
+
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(images, optim__epochs=1))
+    pretrain(config.load_recipe(str(path)), tmp_path / "fast", recipe_source=str(path))
+    real = loader.MultiCropDataset.__getitem__
+
+    def slow(self, key):
+        time.sleep(0.1)
+        return real(self, key)
+
+    monkeypatch.setattr(loader.MultiCropDataset, "__getitem__", slow)
+    pretrain(config.load_recipe(str(path)), tmp_path / "slow", recipe_source=str(path))
+    fast, slowed = read(tmp_path / "fast"), read(tmp_path / "slow")
+    assert len(fast) == len(slowed) >= 3 and all(0 <= share <= 1 for share in fast + slowed)
+    # 4 images a step: 0.4 s of waiting against the tiny model's few milliseconds
+    assert min(slowed[1:]) > 0.6 and min(slowed[1:]) > max(fast[1:]), (fast, slowed)

@@ -32,7 +32,7 @@ def test_a_failed_loop_is_recorded_and_the_other_measures_still_run(bench, tmp_p
         log.write_text("the loop's own output\n")
         if "data.augment=cpu" in overrides:
             raise RuntimeError(f"mlsctl pretrain logged no interval (see {log})")
-        return 9.0
+        return 9.0, 0.25
 
     monkeypatch.setattr(bench, "measure_model", lambda recipe, steps, warmup: 10.0)
     monkeypatch.setattr(bench, "measure_loop", fake_loop)
@@ -43,6 +43,7 @@ def test_a_failed_loop_is_recorded_and_the_other_measures_still_run(bench, tmp_p
     assert code == 1
     row = json.loads(out.read_text())["recipes"]["dino_fmnist_quick"]
     assert row["loop-gpu"] == [9.0, 9.0] and row["loop-gpu/model"] == 0.9
+    assert row["loop-gpu data wait"] == [0.25, 0.25] and "loop-cpu data wait" not in row
     assert row["loop-cpu"] == [] and row["median"]["loop-cpu"] is None
     assert len(row["failed"]) == 2 and all("loop-cpu" in line for line in row["failed"])
     logs = sorted(p.name for p in (tmp_path / "tp-logs").iterdir())
@@ -53,9 +54,9 @@ def test_a_failed_loop_is_recorded_and_the_other_measures_still_run(bench, tmp_p
 def test_a_loop_log_holds_the_command_and_the_runs_metrics(bench, tmp_path: Path):
     images = bench.make_images(tmp_path / "images", 8, (32, 32), "PNG")
     log = tmp_path / "logs" / "loop.log"
-    value = bench.measure_loop("dino_fmnist_quick", [*TINY, "data.augment=cpu", "data.cache=none"], images, 1, 1,
-                               tmp_path / "work", 300, log)
-    assert value > 0
+    value, waited = bench.measure_loop("dino_fmnist_quick", [*TINY, "data.augment=cpu", "data.cache=none"], images,
+                                       1, 1, tmp_path / "work", 300, log)
+    assert value > 0 and 0 <= waited <= 1
     text = log.read_text()
     assert text.startswith("$ ") and " pretrain dino_fmnist_quick " in text.splitlines()[0]
     assert '"images_per_s"' in text.split("metrics.jsonl")[-1]  # the run's records, appended

@@ -196,7 +196,7 @@ def _train(run: Run, recipe, accelerator, folder: ImageFolder, dataset, collate_
             logged = done % recipe.train.log_every == 0 or done == plan.total_steps
             method.logged = logged  # the method times its own operations (time/...) on these steps only
             stepped = _train_one_step(training, step)
-            records.stepped(plan.batch_global)
+            records.stepped(plan.batch_global, stepped.waited)
             saved = done % recipe.train.checkpoint_every == 0 or done == plan.total_steps
             if logged or saved:
                 training.watch.check(method.banks())
@@ -228,7 +228,7 @@ def _train_one_step(t: _Training, step: int) -> metrics.Step:
     held = t.banks if t.plan.accumulate > 1 else []  # one batch a step writes as it goes: nothing to hold
     for bank in held:
         bank.hold()  # every micro-batch reads the banks as they were at the start of the step
-    outputs, seconds = _forward_backward(t, step)
+    outputs, seconds, waited = _forward_backward(t, step)
 
     started = time.perf_counter()
     t.method.end_step(step)
@@ -244,19 +244,21 @@ def _train_one_step(t: _Training, step: int) -> metrics.Step:
     if timed:  # ... and ends when the device is done with it
         synchronize(t.accelerator.device)
     seconds += time.perf_counter() - started
-    return metrics.Step(step, outputs, lr, weight_decay, momentum, grad_norm, seconds)
+    return metrics.Step(step, outputs, lr, weight_decay, momentum, grad_norm, seconds, waited)
 
 
-def _forward_backward(t: _Training, step: int) -> tuple[metrics.StepOutputs, float]:
+def _forward_backward(t: _Training, step: int) -> tuple[metrics.StepOutputs, float, float]:
     """The forward and backward pass of each micro-batch of ``step``: gradients add up (each loss
     divided by their count: their mean), DDP synchronises them on the last one only. Returns the
-    outputs and the seconds of compute (waiting for data is not counted)."""
+    outputs, the seconds of compute and the seconds spent waiting for the loader's batches."""
     accumulate, accelerator = t.plan.accumulate, t.accelerator
-    outputs, seconds = metrics.StepOutputs(accumulate), 0.0
+    outputs, seconds, waited = metrics.StepOutputs(accumulate), 0.0, 0.0
     for micro in range(accumulate):
+        asked = time.perf_counter()
         batch = next(t.batches)
-        t.skips.extend(batch.skipped)
         started = time.perf_counter()
+        waited += started - asked
+        t.skips.extend(batch.skipped)
         batch = batch.to(accelerator.device)
         if t.on_device is not None:
             batch = t.on_device(batch)
@@ -269,7 +271,7 @@ def _forward_backward(t: _Training, step: int) -> tuple[metrics.StepOutputs, flo
         del out, batch
         seconds += time.perf_counter() - started
     t.method.micro_batch = (0, 1)
-    return outputs, seconds
+    return outputs, seconds, waited
 
 
 def _log_start(run: Run, recipe, accelerator, folder: ImageFolder, schedule: Schedule, plan: optim.Plan,

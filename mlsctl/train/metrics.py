@@ -70,6 +70,7 @@ class Step:
     momentum: float
     grad_norm: torch.Tensor  # before clipping, on the device
     seconds: float  # compute only: waiting for data is not counted
+    waited: float = 0.0  # seconds the step waited for the data loader's batches
 
 
 class LossWatch:
@@ -160,13 +161,15 @@ class Records:
         self.file = open(run.metrics_path, "a") if self.is_main else None
         self.last_time = time.perf_counter()
         self.images_since, self.loss = 0, None  # the last logged loss
+        self.waited_since = 0.0  # seconds waiting for data since the last logged step
         self.warned: set[tuple[str, str]] = set()  # (bank, status) already reported: partly collapsed, collapsed
         self.shown: dict[str, str] = {}  # the monitor's last k-NN top-1 in the progress bar
 
-    def stepped(self, images: int) -> None:
+    def stepped(self, images: int, waited: float = 0.0) -> None:
         if self.is_main:
             self.bar.update(1)
         self.images_since += images
+        self.waited_since += waited
 
     def health(self, done: int, monitor, step: Step) -> dict:
         """Bank health every ``train.bank_health_every`` steps and the monitor's measures every
@@ -198,7 +201,9 @@ class Records:
                   **{k: scalars[k] for k in scalars if k.startswith("loss")}}
         record.update({"lr": step.lr, "weight_decay": step.weight_decay, "momentum": step.momentum,
                        "grad_norm": float(step.grad_norm),
-                       "images_per_s": self.images_since / max(now - self.last_time, 1e-9)})
+                       "images_per_s": self.images_since / max(now - self.last_time, 1e-9),
+                       # the share of the interval this process waited for its loader: near 0, data keeps up
+                       "data_wait_share": self.waited_since / max(now - self.last_time, 1e-9)})
         record.update({key: per * record["images_per_s"] for key, per in self.throughput_units.items()})
         record.update({f"bank_fill/{name}": bank.fill for name, bank in self.method.banks().items()})
         record.update(health)
@@ -208,7 +213,7 @@ class Records:
         record.update({"time/step": step.seconds, "time/other": step.seconds - method_seconds})
         if any(k.startswith("time/") for k in scalars):  # the share of the method's own operations
             record["time/method_share"] = method_seconds / max(step.seconds, 1e-9)
-        self.images_since, self.last_time = 0, now
+        self.images_since, self.waited_since, self.last_time = 0, 0.0, now
         if self.is_main:
             self.bar.set_postfix(loss=f"{self.loss:.4f}", **self.shown, refresh=False)
             self.file.write(json.dumps(record) + "\n")
