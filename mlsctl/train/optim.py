@@ -75,7 +75,10 @@ def set_lr_and_weight_decay(optimizer, lr: float, weight_decay: float) -> None:
 
 def clip_gradients(parameters: list[torch.nn.Parameter], threshold: float, mode: str, accelerator) -> torch.Tensor:
     """Returns the total gradient norm before clipping, as a tensor on the device (read only when
-    logged: no host synchronisation per step)."""
+    logged: no host synchronisation per step). The gradients must be unscaled already: with fp16
+    the loop unscales them (``accelerator.unscale_gradients``) before calling this, so the global
+    mode clips with torch itself; ``accelerator.clip_grad_norm_`` would unscale a second time,
+    which the grad scaler refuses ("unscale_() has already been called")."""
     grads = [p.grad for p in parameters if p.grad is not None]
     if not grads:
         return torch.zeros(())
@@ -83,7 +86,7 @@ def clip_gradients(parameters: list[torch.nn.Parameter], threshold: float, mode:
     total = norms.norm(2)
     if threshold > 0:
         if mode == "global":
-            accelerator.clip_grad_norm_(parameters, threshold)
+            torch.nn.utils.clip_grad_norm_(parameters, threshold)
         else:  # DINO: each parameter's gradient clipped to the threshold on its own
             coefficients = (threshold / (norms + 1e-6)).clamp(max=1.0)
             torch._foreach_mul_(grads, [c.to(g.dtype) for c, g in zip(coefficients, grads)])

@@ -1,0 +1,55 @@
+"""Branches of the training code that only CUDA takes, imitated on the CPU: what torch and Accelerate
+do there (an fp16 grad scaler, an NCCL process group) is set up by hand, with the same objects."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture
+def fp16_accelerator():
+    """An Accelerator as ``train.precision=fp16`` makes it on CUDA: with a grad scaler (Accelerate
+    makes none on a CPU, so a CPU ``torch.amp.GradScaler`` takes its place; same class, same checks).
+    Accelerate's process-wide state is set aside and put back, so other tests keep their precision."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    saved = dict(AcceleratorState._shared_state), dict(GradientState._shared_state)
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
+    try:
+        accelerator = Accelerator(mixed_precision="fp16")
+        accelerator.native_amp = True
+        accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        yield accelerator
+    finally:
+        for state, before in zip((AcceleratorState._shared_state, GradientState._shared_state), saved):
+            state.clear()
+            state.update(before)
+
+
+def test_global_clipping_works_with_the_fp16_grad_scaler(fp16_accelerator):
+    """The loop unscales the gradients (fp16) before clipping them; global clipping must not unscale
+    them a second time, which the scaler refuses (``unscale_() has already been called``)."""
+    from mlsctl.train import optim
+
+    accelerator = fp16_accelerator
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 3)
+    reference = torch.nn.Linear(4, 3)
+    reference.load_state_dict(net.state_dict())
+    params = list(net.parameters())
+    optimizer = accelerator.prepare(torch.optim.AdamW(params, lr=0.1))
+    x = torch.randn(8, 4)
+    accelerator.backward(net(x).pow(2).sum())  # scaled by 1024
+    reference(x).pow(2).sum().backward()
+
+    accelerator.unscale_gradients()  # as loop._train_one_step does with a scaler
+    norm = optim.clip_gradients(params, 0.5, "global", accelerator)
+    expected = torch.nn.utils.clip_grad_norm_(list(reference.parameters()), 0.5)
+    assert torch.allclose(norm, expected)
+    for p, q in zip(params, reference.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6)
+    optimizer.step()  # the scaler's step after the unscale: the update happens
+    assert not torch.equal(params[0].detach(), reference.weight.detach())
