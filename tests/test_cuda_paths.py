@@ -53,3 +53,23 @@ def test_global_clipping_works_with_the_fp16_grad_scaler(fp16_accelerator):
         assert torch.allclose(p.grad, q.grad, atol=1e-6)
     optimizer.step()  # the scaler's step after the unscale: the update happens
     assert not torch.equal(params[0].detach(), reference.weight.detach())
+
+
+def test_the_mean_over_processes_reaches_a_process_group_that_serves_cuda_tensors_only(tmp_path, monkeypatch):
+    """Several CUDA processes share an NCCL group (Accelerate's backend), which takes CUDA tensors
+    only. A group with one backend for CUDA alone ("cuda:gloo") refuses a CPU tensor the same way
+    ("No backend type associated with device type cpu"): the logged means travel through the gloo
+    group mlsctl.dist.host_group makes over the same processes (one process, standing in for two)."""
+    import torch.distributed as td
+
+    from mlsctl import dist
+
+    td.init_process_group("cuda:gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        with pytest.raises(RuntimeError, match="device type cpu"):  # what NCCL answers a CPU tensor
+            td.all_reduce(torch.zeros(2, dtype=torch.float64))
+        monkeypatch.setattr(dist, "is_distributed", lambda: True)  # as with two processes
+        assert dist.mean_over_processes({"loss": 1.5, "lr": 0.25}) == {"loss": 1.5, "lr": 0.25}
+        assert dist.host_group() is not None  # a gloo group of its own
+    finally:
+        td.destroy_process_group()
