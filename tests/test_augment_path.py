@@ -160,3 +160,21 @@ def test_the_cache_must_fit_and_needs_the_gpu_path(tmp_path, monkeypatch):
     transform = MultiCrop(16, (0.5, 1.0), n_local=0, photometric="none", to_float=False)
     with pytest.raises(UserError, match="data.cache=memory needs .* set data.cache=none or a smaller data.decode_size"):
         MultiCropDataset(ImageFolder(images), transform, seed=0, augment="gpu", decode_size=512, cache="memory")
+
+
+def test_the_cache_must_fit_in_shared_memory_for_every_process_of_the_machine(tmp_path, monkeypatch):
+    # the cache lives in /dev/shm, one copy per process: a container's 64 MB /dev/shm ended in PyTorch's "unable to
+    # allocate shared memory" (or a hang), and N processes each checked the free memory for one copy
+    import os
+    from types import SimpleNamespace
+
+    images = make_images(tmp_path / "images", 4)
+    transform = MultiCrop(16, (0.5, 1.0), n_local=0, photometric="none", to_float=False)
+    monkeypatch.setattr(os, "sysconf", lambda name: 4096 if name == "SC_PAGE_SIZE" else 2**20)  # 4 GiB free
+    monkeypatch.setattr(os, "statvfs", lambda path: SimpleNamespace(f_bavail=1000, f_frsize=4096))  # 4 MB of shm
+    with pytest.raises(UserError, match=r"more than the free shared memory in /dev/shm .*--shm-size"):
+        MultiCropDataset(ImageFolder(images), transform, seed=0, augment="gpu", decode_size=1024, cache="memory")
+    MultiCropDataset(ImageFolder(images), transform, seed=0, augment="gpu", decode_size=512, cache="memory")  # 3.1 MB
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(UserError, match=r"in each of the 2 processes on this machine, more than the free shared"):
+        MultiCropDataset(ImageFolder(images), transform, seed=0, augment="gpu", decode_size=512, cache="memory")

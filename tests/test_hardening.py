@@ -567,6 +567,27 @@ def test_12_a_stop_sent_to_the_whole_job_with_loader_workers_says_how_to_resume(
     assert last.startswith("interrupted: the last checkpoint is step "), result.stderr
     assert f"mlsctl pretrain {run / 'config.yaml'} --out {run} --resume" in last
 
+
+def test_12_a_loader_worker_stops_once_on_the_first_signal_and_ignores_the_next():
+    # a launcher's stop (torch.distributed.run forwards SIGINT, then SIGTERM) reaches each worker twice: the second
+    # KeyboardInterrupt landed outside PyTorch's worker loop, in a traceback and a worker that exited with 1
+    script = """
+import os, signal
+from mlsctl.data.loader import worker_init
+worker_init(0)
+stopped = 0
+for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGINT):
+    try:
+        os.kill(os.getpid(), signum)
+        signal.sigtimedwait([], 0.05) if hasattr(signal, "sigtimedwait") else None
+    except KeyboardInterrupt:
+        stopped += 1
+print("stopped", stopped)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=cli_env(), timeout=120,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert result.returncode == 0 and result.stdout.strip() == "stopped 1", (result.stdout, result.stderr)
+
 def test_12_ctrl_c_during_embed_says_how_many_parts_are_saved(tmp_path, monkeypatch):
     from conftest import tiny_model
 
@@ -1097,3 +1118,18 @@ def test_23_10_skipped_files_are_printed_before_a_too_few_images_refusal(tmp_pat
     shutil.copy(first, os.path.join(os.fsencode(only_bad), b"caf\xe9.png"))
     code, _, err = cli("pretrain", str(recipe), f"data.root={only_bad}", "--out", str(tmp_path / "run"), capsys=capsys)
     assert code == 2 and "contains no images" in one_sentence(err) and err.startswith("skipped caf\\xe9.png")
+
+
+def test_12_the_resume_command_after_a_stop_has_the_processes_that_wrote_the_checkpoint(tmp_path):
+    # a checkpoint resumes only with the number of processes that wrote it: the command printed must say so
+    from types import SimpleNamespace
+
+    from mlsctl.train import run_dir
+
+    run = SimpleNamespace(root=tmp_path / "run", config_path=tmp_path / "run" / "config.yaml",
+                          latest=lambda: SimpleNamespace(step=50, path=tmp_path / "run" / "checkpoints" / "step-50"))
+    two = run_dir.interrupted(run, fresh=False, is_main=True, processes=2)
+    assert two.endswith(f"continue with: accelerate launch --num_processes 2 -m mlsctl pretrain {run.config_path} "
+                        f"--out {run.root} --resume")
+    one = run_dir.interrupted(run, fresh=False, is_main=True, processes=1)
+    assert one.endswith(f"continue with: mlsctl pretrain {run.config_path} --out {run.root} --resume")

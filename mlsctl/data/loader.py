@@ -139,6 +139,31 @@ def map_tensors(batch, fn):
     return dataclasses.replace(batch, **{f.name: apply(getattr(batch, f.name)) for f in dataclasses.fields(batch)})
 
 
+def _check_cache_fits(need: int, n_images: int, side: int) -> None:
+    """``data.cache: memory`` keeps one copy per process, in shared memory (``/dev/shm``): refuse a
+    cache that, for every process of this machine, passes half the free memory or the free shared
+    memory (a container's is 64 MB unless it was started with a larger ``--shm-size``)."""
+    processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    what = (f"data.cache=memory needs {need / 2**30:.1f} GiB for {n_images} images of {side}x{side} px"
+            + (f" in each of the {processes} processes on this machine" if processes > 1 else ""))
+    try:
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        available = None
+    if available is not None and need * processes > available // 2:
+        raise UserError(f"{what}, more than half the free memory ({available / 2**30:.1f} GiB); set data.cache=none "
+                        f"or a smaller data.decode_size")
+    try:
+        shm = os.statvfs("/dev/shm")
+        shared = shm.f_bavail * shm.f_frsize
+    except OSError:
+        shared = None
+    if shared is not None and need * processes > shared:
+        raise UserError(f"{what}, more than the free shared memory in /dev/shm ({shared / 2**30:.2f} GiB; a container "
+                        f"has 64 MB unless started with a larger --shm-size); set data.cache=none, a smaller "
+                        f"data.decode_size, or enlarge /dev/shm")
+
+
 class ResizedImages:
     """``data.augment: gpu``: what a worker sends of an image, the image resized (squashed) to
     ``side`` x ``side`` (uint8 [3, side, side], bicubic with antialiasing) and its original size.
@@ -149,15 +174,7 @@ class ResizedImages:
         self.side = side
         self.images = self.sizes = self.filled = None
         if cache:
-            need = n_images * 3 * side * side
-            try:
-                available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-            except (ValueError, OSError, AttributeError):
-                available = None
-            if available is not None and need > available // 2:
-                raise UserError(f"data.cache=memory needs {need / 2**30:.1f} GiB for {n_images} images of {side}x{side} "
-                                f"px, more than half the free memory ({available / 2**30:.1f} GiB); set data.cache=none "
-                                f"or a smaller data.decode_size")
+            _check_cache_fits(n_images * 3 * side * side, n_images, side)
             self.images = torch.zeros(n_images, 3, side, side, dtype=torch.uint8).share_memory_()
             self.sizes = torch.zeros(n_images, 2, dtype=torch.long).share_memory_()
             self.filled = torch.zeros(n_images, dtype=torch.bool).share_memory_()
@@ -245,6 +262,14 @@ def collate(samples: list[dict]) -> Batch:
 
 
 def _stop_as_on_ctrl_c(signum, frame) -> None:
+    """The first SIGINT or SIGTERM ends the worker's loop (PyTorch's worker returns quietly on
+    KeyboardInterrupt); later ones are ignored, as a launcher sends both (torch.distributed.run
+    follows SIGINT with SIGTERM) and a second KeyboardInterrupt would land outside that loop, in a
+    traceback and a failed worker."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 
@@ -269,8 +294,9 @@ def worker_init(_: int) -> None:
     ``kill -- -PGID``) signals every process of the job at once. A worker killed by it made the
     training process fail with PyTorch's "DataLoader worker ... is killed by signal: Terminated"
     instead of stopping as it does on Ctrl-C (what was saved, how to resume). PyTorch's worker ends
-    quietly on KeyboardInterrupt, leaving the stop to its parent; SIGTERM now does the same, and a
-    parent that stops while receiving a batch no longer makes the worker print a traceback."""
+    quietly on KeyboardInterrupt, leaving the stop to its parent; SIGTERM now does the same, a
+    second signal is ignored (:func:`_stop_as_on_ctrl_c`), and a parent that stops while receiving
+    a batch no longer makes the worker print a traceback."""
     import signal
     import sys
 
@@ -279,6 +305,8 @@ def worker_init(_: int) -> None:
     torch.set_num_threads(1)
     close_inherited_locks()  # the run's lock ends with the training process, even under SIGKILL
     signal.signal(signal.SIGTERM, _stop_as_on_ctrl_c)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where SIGINT is ignored (`cmd &`)
+        signal.signal(signal.SIGINT, _stop_as_on_ctrl_c)
     sys.excepthook = _quiet_when_the_parent_hangs_up(sys.excepthook)
 
 

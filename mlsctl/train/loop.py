@@ -116,7 +116,7 @@ def pretrain(recipe, out: str | Path, *, resume: bool = False, init_from: Option
         summary = _train(run, recipe, accelerator, folder, dataset, collate_fn, schedule, method, optimizer, groups,
                          Checkpoint(Path(resume_from)) if resume_from else None, monitor)
     except KeyboardInterrupt:
-        message = run_dir.interrupted(run, resume_from is None, is_main)
+        message = run_dir.interrupted(run, resume_from is None, is_main, accelerator.num_processes)
         raise Interrupted(message if is_main else "") from None
     except BaseException as exc:
         if is_main and resume_from is None and run.latest() is None:

@@ -19,7 +19,7 @@ from mlsctl.train.setup import close_logging
 
 # Keys that may change between a run and its resumption without changing what it computes (so may
 # every train.monitor.* key: see open_run_dir).
-RESUME_SAFE_KEYS = {"data.workers", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
+RESUME_SAFE_KEYS = {"data.workers", "data.cache", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
                     "train.bank_health_every", "train.log_with",
                     "description", "data.root"}
 
@@ -69,7 +69,8 @@ def open_run_dir(run: Run, recipe, folder: ImageFolder, lock: FolderLock, *, res
                        if k not in RESUME_SAFE_KEYS and not k.startswith("train.monitor.")]
             if changed:
                 raise UserError(f"the recipe differs from {run.config_path} at {', '.join(changed[:5])}; resume "
-                                f"continues the saved run as it was: drop those changes, or start a new run with --out")
+                                f"continues the saved run as it was: drop those changes, or start a new run with --out "
+                                f"(with --init-from {run.root} to start from its weights)")
             latest = run.latest()
             if latest is None:
                 raise UserError(f"nothing to resume in {run.root} (no complete checkpoint); drop --resume and add "
@@ -112,15 +113,17 @@ def undo_start(run: Run) -> None:
             entry.unlink(missing_ok=True)
 
 
-def interrupted(run: Run, fresh: bool, is_main: bool) -> str:
-    """What Ctrl-C leaves behind, and the command that continues."""
+def interrupted(run: Run, fresh: bool, is_main: bool, processes: int = 1) -> str:
+    """What Ctrl-C leaves behind, and the command that continues (with as many processes: a
+    checkpoint resumes with the number that wrote it)."""
     latest = run.latest()
     if latest is None:
         if is_main and fresh:
             undo_start(run)
         return f"nothing was saved (no checkpoint yet) and {run.root} is as it was before this start"
+    launch = f"accelerate launch --num_processes {processes} -m mlsctl" if processes > 1 else "mlsctl"
     return (f"the last checkpoint is step {latest.step} ({latest.path}); continue with: "
-            f"mlsctl pretrain {run.config_path} --out {run.root} --resume")
+            f"{launch} pretrain {run.config_path} --out {run.root} --resume")
 
 
 def record_images(run: Run, folder: ImageFolder) -> None:
