@@ -282,8 +282,12 @@ class _Context:
 
     def fail(self, path: str, message: str) -> ConfigError:
         for key, text in self.overrides.items():
-            if path == key or path.startswith(key + ".") or key.startswith(path + "."):
+            if path == key or path.startswith((key + ".", key + "[")) or key.startswith(path + "."):
                 return ConfigError(f"command-line override '{text}': {message}")
+        # a check across keys (optim.warmup_epochs against optim.epochs): the override it names
+        named = [text for key, text in self.overrides.items() if re.search(rf"(?<![\w.]){re.escape(key)}(?![\w.])", message)]
+        if named:
+            return ConfigError(f"{self.source} with the command-line override '{named[0]}': {message}")
         return ConfigError(f"{self.source}: {message}")
 
 

@@ -31,6 +31,18 @@ def test_unknown_key_from_override_names_the_override():
     assert message.endswith("did you mean 'optim.lr'?")
 
 
+def test_an_override_is_named_for_an_item_of_its_list_and_for_a_check_across_keys():
+    # both were blamed on the recipe file: "r.yaml: 'train.log_with[0]' must be one of ..." and
+    # "r.yaml: 'optim.warmup_epochs' must not exceed optim.epochs (2)" after optim.epochs=2 on the command line
+    message = error_of({}, ["train.log_with=[tensorbord]"])
+    assert message.startswith("command-line override 'train.log_with=[tensorbord]': 'train.log_with[0]' must be one of")
+    message = error_of({"optim": {"warmup_epochs": 3}}, ["optim.epochs=2"])
+    assert message.startswith("r.yaml with the command-line override 'optim.epochs=2': 'optim.warmup_epochs' must not "
+                              "exceed optim.epochs (2)"), message
+    message = error_of({"optim": {"warmup_epochs": 3, "epochs": 2}}, ["optim.lr=0.1"])
+    assert message.startswith("r.yaml: 'optim.warmup_epochs' must not exceed"), message  # an override it does not name
+
+
 def test_misplaced_key_is_found_in_another_section():
     message = error_of({"lr": 0.1})
     assert "did you mean 'optim.lr'?" in message
