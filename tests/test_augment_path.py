@@ -178,3 +178,29 @@ def test_the_cache_must_fit_in_shared_memory_for_every_process_of_the_machine(tm
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     with pytest.raises(UserError, match=r"in each of the 2 processes on this machine, more than the free shared"):
         MultiCropDataset(ImageFolder(images), transform, seed=0, augment="gpu", decode_size=512, cache="memory")
+
+
+def test_decoded_batches_in_flight_must_fit_in_memory_and_in_shared_memory(tmp_path, monkeypatch):
+    # data.augment=gpu with data.decode_size=100000 and no cache was ended by the kernel's OOM killer, and a 64 MB
+    # /dev/shm by "unable to allocate shared memory" or a hang: one sentence now, before the loader starts
+    import os
+    from types import SimpleNamespace
+
+    from mlsctl.data.loader import check_batches_fit
+
+    images = make_images(tmp_path / "images", 4)
+    transform = MultiCrop(16, (0.5, 1.0), n_local=0, photometric="none", to_float=False)
+    dataset = MultiCropDataset(ImageFolder(images), transform, seed=0, augment="gpu", decode_size=1024)
+    sampler = SimpleNamespace(batch_size=8)  # 8 x 3 x 1024^2 bytes = 24 MiB a batch
+    monkeypatch.setattr(os, "sysconf", lambda name: 4096 if name == "SC_PAGE_SIZE" else 100_000)  # 390 MiB free
+    monkeypatch.setattr(os, "statvfs", lambda path: SimpleNamespace(f_bavail=2**30 // 4096, f_frsize=4096))  # 1 GiB
+    check_batches_fit(dataset, sampler, workers=1)  # 5 batches in flight: 120 MiB
+    with pytest.raises(UserError, match=r"data.decode_size 1024 makes a batch of 8 images 0.02 GiB, with 9 in flight "
+                                        r"\(2 workers x 4 prefetched and the one in use\): more than half the free"):
+        check_batches_fit(dataset, sampler, workers=2)  # 216 MiB > 195 MiB
+    monkeypatch.setattr(os, "statvfs", lambda path: SimpleNamespace(f_bavail=16_000, f_frsize=4096))  # 64 MB of shm
+    with pytest.raises(UserError, match=r"more than the free shared memory in /dev/shm .*--shm-size"):
+        check_batches_fit(dataset, sampler, workers=1)  # 4 prefetched: 96 MiB
+    check_batches_fit(dataset, sampler, workers=0)  # nothing travels through /dev/shm
+    cpu_path = MultiCropDataset(ImageFolder(images), transform, seed=0, augment="cpu")
+    check_batches_fit(cpu_path, sampler, workers=2)  # crops, not decoded images: not this check's

@@ -146,18 +146,10 @@ def _check_cache_fits(need: int, n_images: int, side: int) -> None:
     processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
     what = (f"data.cache=memory needs {need / 2**30:.1f} GiB for {n_images} images of {side}x{side} px"
             + (f" in each of the {processes} processes on this machine" if processes > 1 else ""))
-    try:
-        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        available = None
+    available, shared = _free_memory()
     if available is not None and need * processes > available // 2:
         raise UserError(f"{what}, more than half the free memory ({available / 2**30:.1f} GiB); set data.cache=none "
                         f"or a smaller data.decode_size")
-    try:
-        shm = os.statvfs("/dev/shm")
-        shared = shm.f_bavail * shm.f_frsize
-    except OSError:
-        shared = None
     if shared is not None and need * processes > shared:
         raise UserError(f"{what}, more than the free shared memory in /dev/shm ({shared / 2**30:.2f} GiB; a container "
                         f"has 64 MB unless started with a larger --shm-size); set data.cache=none, a smaller "
@@ -310,8 +302,48 @@ def worker_init(_: int) -> None:
     sys.excepthook = _quiet_when_the_parent_hangs_up(sys.excepthook)
 
 
+def _free_memory() -> tuple[Optional[int], Optional[int]]:
+    """Free memory and free shared memory (``/dev/shm``) in bytes, None where unknown."""
+    try:
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        available = None
+    try:
+        shm = os.statvfs("/dev/shm")
+        shared = shm.f_bavail * shm.f_frsize
+    except OSError:
+        shared = None
+    return available, shared
+
+
+def check_batches_fit(dataset: Dataset, sampler, workers: int) -> None:
+    """``data.augment: gpu`` sends whole decoded images (``data.decode_size`` squared, uint8): refuse,
+    in one sentence, batches that in flight (4 prefetched per worker, and the one in use) pass half
+    the free memory, or the free ``/dev/shm`` they travel through from the workers, for every process
+    of this machine. A decode size of 100,000 px was ended by the kernel's OOM killer; a container's
+    64 MB ``/dev/shm``, by PyTorch's "unable to allocate shared memory" or a hang."""
+    resized, batch = getattr(dataset, "resized", None), getattr(sampler, "batch_size", None)
+    if resized is None or not batch:
+        return
+    processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    one = batch * 3 * resized.side ** 2
+    prefetched = 4 * workers
+    available, shared = _free_memory()
+    what = (f"data.decode_size {resized.side} makes a batch of {batch} images {one / 2**30:.2f} GiB, with "
+            f"{prefetched + 1} in flight ({workers} workers x 4 prefetched and the one in use)"
+            + (f" in each of the {processes} processes on this machine" if processes > 1 else ""))
+    if available is not None and one * (prefetched + 1) * processes > available // 2:
+        raise UserError(f"{what}: more than half the free memory ({available / 2**30:.1f} GiB); lower "
+                        f"data.decode_size, optim.batch_size or data.workers")
+    if workers and shared is not None and one * prefetched * processes > shared:
+        raise UserError(f"{what}: more than the free shared memory in /dev/shm ({shared / 2**30:.2f} GiB; a "
+                        f"container has 64 MB unless started with a larger --shm-size); lower data.decode_size, "
+                        f"optim.batch_size or data.workers, or enlarge /dev/shm")
+
+
 def make_loader(dataset: Dataset, sampler: StepBatchSampler, workers: int, pin_memory: bool = False,
                 collate_fn=collate) -> DataLoader:
+    check_batches_fit(dataset, sampler, workers)
     return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate_fn,
                       pin_memory=pin_memory, worker_init_fn=worker_init if workers else None,
                       prefetch_factor=4 if workers else None, persistent_workers=workers > 0)
