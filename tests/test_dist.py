@@ -38,6 +38,8 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     mean = dist.mean_over_processes({"loss": float(rank + 1), "acc": 0.5 * rank})
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps({
         "gathered": gathered.tolist(), "flags": flags.tolist(), "mean": mean, "calls": calls}))
+    torch_dist.barrier(group=host)
+    torch_dist.destroy_process_group(host)  # the subgroup first: gloo aborted now and then when the world went first
     torch_dist.destroy_process_group()
 
 
