@@ -509,16 +509,22 @@ def test_11_mile_heads_that_do_not_divide_the_width_are_one_sentence(tmp_path):
 # ----------------------------------------------------------------------------------- 12. Ctrl-C
 
 
-def _interrupt_when(args: list[str], ready, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def _interrupt_when(args: list[str], ready, cwd: Path | None = None, signum: int = signal.SIGINT,
+                    whole_job: bool = False) -> subprocess.CompletedProcess:
     # SIGINT as in a terminal's foreground job: a shell running the suite in the background (`make test &`)
-    # ignores SIGINT for its children, and an ignored disposition survives exec into the mlsctl process
+    # ignores SIGINT for its children, and an ignored disposition survives exec into the mlsctl process.
+    # whole_job: the signal goes to the process group, as a scheduler's stop (Slurm's scancel and time limit,
+    # systemd's default KillMode, `kill -- -PGID`) or Ctrl-C in a terminal sends it: the loader workers get it too
     process = subprocess.Popen([sys.executable, "-m", "mlsctl", *args], env=cli_env(), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, cwd=cwd,
+                               stderr=subprocess.PIPE, text=True, cwd=cwd, start_new_session=whole_job,
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240
     while time.time() < deadline and process.poll() is None and not ready():
         time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
+    if whole_job:
+        os.killpg(process.pid, signum)
+    else:
+        process.send_signal(signum)
     out, err = process.communicate(timeout=120)
     return subprocess.CompletedProcess(args, process.returncode, out, err)
 
@@ -540,28 +546,15 @@ def test_12_ctrl_c_says_what_was_saved_and_how_to_resume(tmp_path, images):
     assert not (tmp_path / "r2").exists()
 
 
-def _signal_group_when(args: list[str], signum: int, ready) -> subprocess.CompletedProcess:
-    # a scheduler's stop (Slurm's scancel and time limit, systemd's default KillMode, `kill -- -PGID`, Ctrl-C in
-    # a terminal) signals every process of the job at once: the data-loading workers as well as mlsctl itself
-    process = subprocess.Popen([sys.executable, "-m", "mlsctl", *args], env=cli_env(), stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.time() + 240
-    while time.time() < deadline and process.poll() is None and not ready():
-        time.sleep(0.05)
-    os.killpg(process.pid, signum)
-    out, err = process.communicate(timeout=120)
-    return subprocess.CompletedProcess(args, process.returncode, out, err)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_12_a_stop_sent_to_the_whole_job_with_loader_workers_says_how_to_resume(tmp_path, images, signum):
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(images, optim__epochs=400, train__checkpoint_every=2,
                                                            data__workers=1))
     run = tmp_path / "run"
-    result = _signal_group_when(["pretrain", str(recipe), "--out", str(run)], signum,
-                                lambda: any(p.name >= "step-00000004" for p in (run / "checkpoints").glob("step-*")))
+    result = _interrupt_when(["pretrain", str(recipe), "--out", str(run)],
+                             lambda: any(p.name >= "step-00000004" for p in (run / "checkpoints").glob("step-*")),
+                             signum=signum, whole_job=True)
     last = result.stderr.strip().splitlines()[-1]
     assert result.returncode == 130 and "Traceback" not in result.stderr, result.stderr
     assert last.startswith("interrupted: the last checkpoint is step "), result.stderr

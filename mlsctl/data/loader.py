@@ -139,11 +139,17 @@ def map_tensors(batch, fn):
     return dataclasses.replace(batch, **{f.name: apply(getattr(batch, f.name)) for f in dataclasses.fields(batch)})
 
 
+def _local_processes() -> int:
+    """The training processes on this machine (torchrun's ``LOCAL_WORLD_SIZE``), each with its own
+    cache and batches in flight."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+
+
 def _check_cache_fits(need: int, n_images: int, side: int) -> None:
     """``data.cache: memory`` keeps one copy per process, in shared memory (``/dev/shm``): refuse a
     cache that, for every process of this machine, passes half the free memory or the free shared
     memory (a container's is 64 MB unless it was started with a larger ``--shm-size``)."""
-    processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    processes = _local_processes()
     what = (f"data.cache=memory needs {need / 2**30:.1f} GiB for {n_images} images of {side}x{side} px"
             + (f" in each of the {processes} processes on this machine" if processes > 1 else ""))
     available, shared = _free_memory()
@@ -325,7 +331,7 @@ def check_batches_fit(dataset: Dataset, sampler, workers: int) -> None:
     resized, batch = getattr(dataset, "resized", None), getattr(sampler, "batch_size", None)
     if resized is None or not batch:
         return
-    processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    processes = _local_processes()
     one = batch * 3 * resized.side ** 2
     prefetched = 4 * workers
     available, shared = _free_memory()
