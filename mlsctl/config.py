@@ -317,6 +317,8 @@ def _describe(tp: Any) -> str:
 
 
 def _plural(description: str) -> str:
+    if description.startswith("one of "):
+        return "items from " + description[len("one of "):]
     return {"a number": "numbers", "an integer": "integers", "text": "strings"}.get(description, description)
 
 
@@ -330,6 +332,16 @@ def _show(value: Any) -> str:
     if isinstance(value, (dict, list)):
         return "a " + type(value).__name__.replace("dict", "mapping")
     return str(value)
+
+
+def _bracket_hint(value: Any, length: int) -> str:
+    """For a single value given where a list belongs: how to write the list (``[tensorboard]``)."""
+    if isinstance(value, (list, tuple, dict)) or value is None:
+        return ""
+    shown = value if isinstance(value, str) else _show(value)
+    if length == 1:
+        return f"; write a list in brackets: [{shown}]"
+    return f"; write its {length} values in brackets: [{shown}, ...]"
 
 
 _FLOAT_TEXT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
@@ -397,12 +409,12 @@ def _coerce(value: Any, tp: Any, path: str, meta: dict, ctx: _Context, default: 
     if origin is tuple:
         args = get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ctx.fail(path, f"'{path}' must be {_describe(tp)}, got {_show(value)}")
+            raise ctx.fail(path, f"'{path}' must be {_describe(tp)}, got {_show(value)}{_bracket_hint(value, len(args))}")
         return tuple(_coerce(v, a, f"{path}[{i}]", meta, ctx) for i, (v, a) in enumerate(zip(value, args)))
     if origin is list:
         (arg,) = get_args(tp)
         if not isinstance(value, (list, tuple)):
-            raise ctx.fail(path, f"'{path}' must be {_describe(tp)}, got {_show(value)}")
+            raise ctx.fail(path, f"'{path}' must be {_describe(tp)}, got {_show(value)}{_bracket_hint(value, 1)}")
         return [_coerce(v, arg, f"{path}[{i}]", meta, ctx) for i, v in enumerate(value)]
     if origin is dict or tp is dict:
         if not isinstance(value, dict):

@@ -59,6 +59,16 @@ def test_wrong_type_and_range_and_choice():
     assert "must be a list of 2 numbers" in error_of({"optim": {"betas": [0.9]}})
 
 
+def test_a_single_value_where_a_list_belongs_is_shown_in_brackets():
+    message = error_of({}, ["train.log_with=tensorboard"])
+    assert message.startswith("command-line override 'train.log_with=tensorboard': 'train.log_with' must be a list "
+                              "of items from tensorboard, wandb, mlflow, aim, got 'tensorboard'; write a list in "
+                              "brackets: [tensorboard]"), message
+    assert error_of({"data": {"global_crops": {"scale": 0.3}}}).endswith(
+        "got 0.3; write its 2 values in brackets: [0.3, ...]")
+    assert "brackets" not in error_of({"optim": {"betas": [0.9]}})  # a list of the wrong length: no hint
+
+
 def test_partial_nested_section_keeps_the_enclosing_defaults():
     recipe = config.from_dict({"data": {"local_crops": {"count": 4}}})
     assert recipe.data.local_crops == config.CropConfig(4, 96, (0.05, 0.25))
