@@ -73,3 +73,44 @@ def test_the_mean_over_processes_reaches_a_process_group_that_serves_cuda_tensor
         assert dist.host_group() is not None  # a gloo group of its own
     finally:
         td.destroy_process_group()
+
+
+class _FakeCudaRng:
+    """torch.cuda's RNG functions for a machine with ``visible`` GPUs, this process on ``current``."""
+
+    def __init__(self, visible: int, current: int):
+        self.states = {i: torch.tensor([i, 7], dtype=torch.uint8) for i in range(visible)}
+        self.current, self.visible = current, visible
+
+    def install(self, monkeypatch) -> None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: self.current)
+        monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: self.states[device].clone())
+        monkeypatch.setattr(torch.cuda, "set_rng_state", self.set)
+
+    def set(self, state: torch.Tensor, device: int) -> None:
+        if device >= self.visible:
+            raise RuntimeError(f"invalid device {device}")
+        self.states[device] = state.clone()
+
+
+def test_a_checkpoint_keeps_only_its_own_gpu_s_rng_and_resumes_on_a_machine_with_fewer(monkeypatch):
+    """Saved on GPU 1 of 4, resumed as the same rank on a machine that shows 2 GPUs: only this
+    process's device state is saved and put back (the state of every visible GPU made such a resume fail)."""
+    from mlsctl.train import checkpoint
+
+    saving = _FakeCudaRng(visible=4, current=1)
+    saving.install(monkeypatch)
+    saving.states[1] = torch.tensor([42, 43], dtype=torch.uint8)
+    state = checkpoint.rng_state()
+    assert "cuda" not in state and state["cuda_device"] == bytes([42, 43])
+
+    resuming = _FakeCudaRng(visible=2, current=1)
+    resuming.install(monkeypatch)
+    checkpoint.set_rng_state(state)
+    assert resuming.states[1].tolist() == [42, 43] and resuming.states[0].tolist() == [0, 7]
+
+    old_format = {**state, "cuda": [bytes([9, i]) for i in range(4)]}  # before 2026-12-05: every visible GPU
+    del old_format["cuda_device"]
+    checkpoint.set_rng_state(old_format)
+    assert resuming.states[1].tolist() == [9, 1] and resuming.states[0].tolist() == [0, 7]

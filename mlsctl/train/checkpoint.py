@@ -33,8 +33,8 @@ def rng_state() -> dict:
     state = {"torch": torch.get_rng_state().numpy().tobytes(),
              "numpy": (kind, keys.tolist(), int(position), int(has_gauss), float(gauss)),
              "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = [s.numpy().tobytes() for s in torch.cuda.get_rng_state_all()]
+    if torch.cuda.is_available():  # only this process's device: a resume may see fewer GPUs per process
+        state["cuda_device"] = torch.cuda.get_rng_state(torch.cuda.current_device()).numpy().tobytes()
     return state
 
 
@@ -44,8 +44,14 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), position, has_gauss, gauss))
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([torch.frombuffer(bytearray(s), dtype=torch.uint8) for s in state["cuda"]])
+    if not torch.cuda.is_available():
+        return
+    device = torch.cuda.current_device()
+    cuda = state.get("cuda_device")
+    if cuda is None and len(state.get("cuda", ())) > device:
+        cuda = state["cuda"][device]  # a checkpoint of before 2026-12-05 holds every visible GPU's state
+    if cuda is not None:
+        torch.cuda.set_rng_state(torch.frombuffer(bytearray(cuda), dtype=torch.uint8), device)
 
 
 def _write_file(path: Path, writer) -> None:
