@@ -96,6 +96,25 @@ def test_every_method_trains_with_the_gpu_path(tmp_path, name):
     images = _class_folders(tmp_path / "images")
     summary = pretrain(config.from_dict(_method_recipe(name, images)), tmp_path / "run")
     assert summary.steps >= 2 and np.isfinite(summary.final_loss)
+    assert "crops made on cpu (data.augment=gpu)" in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_settings_that_do_nothing_are_named_when_a_run_starts():
+    from mlsctl.methods import method_class
+
+    dino, refine = method_class("dino"), method_class("refine")
+    cpu = config.from_dict({"data": {"decode_size": 96}})
+    assert dino.recipe_notes(cpu) == ["data.decode_size=96 has no effect with data.augment=cpu (the loader workers "
+                                      "crop the full images); remove it or set data.augment=gpu"]
+    small = config.from_dict({"data": {"augment": "gpu", "decode_size": 128}})  # global crops of 224 px
+    assert dino.recipe_notes(small)[0].startswith("data.decode_size=128 is smaller than data.global_crops.size=224")
+    assert dino.recipe_notes(config.from_dict({"data": {"augment": "gpu"}})) == []  # 0 = 448 px
+    assert "decoded to 448 px by 4 loader workers; crops made on cpu" in dino.describe_data(
+        config.from_dict({"data": {"augment": "gpu"}}), torch.device("cpu"))
+    features = config.from_dict({"method": {"name": "refine"}, "data": {"augment": "gpu", "cache": "memory"}})
+    assert refine.recipe_notes(features) == ["data.augment, data.cache have no effect on refinement: it trains on "
+                                             "the feature vectors in data.root, not on images; remove them"]
+    assert refine.recipe_notes(config.from_dict({"method": {"name": "refine"}})) == []
 
 
 def test_the_gpu_path_resumes_exactly_after_sigkill(tmp_path):

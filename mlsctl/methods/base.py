@@ -206,6 +206,31 @@ class Method(nn.Module):
         return {"augment": data.augment, "decode_size": data.device_decode_size, "cache": data.cache}
 
     @classmethod
+    def recipe_notes(cls, recipe: Recipe) -> list[str]:
+        """Settings that are valid but do nothing, or less than asked, with this recipe: one
+        sentence each, logged as warnings when the run starts."""
+        data, notes = recipe.data, []
+        if data.augment == "cpu" and data.decode_size:
+            notes.append(f"data.decode_size={data.decode_size} has no effect with data.augment=cpu (the loader workers "
+                         f"crop the full images); remove it or set data.augment=gpu")
+        if data.augment == "gpu" and data.device_decode_size < data.global_crops.size:
+            notes.append(f"data.decode_size={data.device_decode_size} is smaller than data.global_crops.size="
+                         f"{data.global_crops.size}: every global crop is enlarged from fewer pixels; set data.decode_size "
+                         f">= {data.global_crops.size} (0 = twice the crop size)")
+        return notes
+
+    @classmethod
+    def describe_data(cls, recipe: Recipe, device: torch.device) -> str:
+        """Where the crops are made, for the run's first lines."""
+        data = recipe.data
+        workers = f"{data.workers} loader worker{'s' if data.workers != 1 else ''}" if data.workers else "the main process"
+        if data.augment == "cpu":
+            return f"crops made by {workers} (data.augment=cpu)"
+        cached = ", kept in memory" if data.cache == "memory" else ""
+        return (f"images decoded to {data.device_decode_size} px by {workers}{cached}; crops made on {device} "
+                f"(data.augment=gpu)")
+
+    @classmethod
     def open_data(cls, recipe: Recipe) -> ImageFolder:
         return ImageFolder(recipe.data.root, "data.root", recipe.data.max_image_pixels)
 

@@ -109,7 +109,7 @@ def pretrain(recipe, out: str | Path, *, resume: bool = False, init_from: Option
     try:
         setup.setup_logging(run, is_main, rank, sys.stderr.isatty())
         if is_main:
-            for line in folder.scan.notes("data.root"):
+            for line in [*folder.scan.notes("data.root"), *method_cls.recipe_notes(recipe)]:
                 log.warning(line)
         if initialised:
             log.info(f"initialised {initialised}")
@@ -166,7 +166,7 @@ def _train(run: Run, recipe, accelerator, folder: ImageFolder, dataset, collate_
     model, optimizer = accelerator.prepare(method, optimizer)
     plan = optim.Plan.of(recipe, schedule, world)
     if is_main:
-        _log_start(run, recipe, accelerator, folder, schedule, plan, trainable)
+        _log_start(run, recipe, accelerator, folder, schedule, plan, trainable, method)
     if start_step >= plan.total_steps:
         if is_main:
             log.info(f"{run.root} is already complete ({start_step} steps); nothing to do")
@@ -275,7 +275,7 @@ def _forward_backward(t: _Training, step: int) -> tuple[metrics.StepOutputs, flo
 
 
 def _log_start(run: Run, recipe, accelerator, folder: ImageFolder, schedule: Schedule, plan: optim.Plan,
-               trainable: list) -> None:
+               trainable: list, method) -> None:
     """The lines a run starts with: what trains on what, and its steps."""
     world, accumulate = accelerator.num_processes, plan.accumulate
     n_params = sum(p.numel() for p in trainable)
@@ -287,6 +287,7 @@ def _log_start(run: Run, recipe, accelerator, folder: ImageFolder, schedule: Sch
             f"accumulated micro-batches)" if accumulate > 1 else "")
     log.info(f"{schedule.steps_per_epoch} steps/epoch x {recipe.optim.epochs} epochs = {plan.total_steps} steps of "
              f"{plan.batch_global} images{made} | peak lr {plan.peak_lr:.3g} | run: {run.root}")
+    log.info(type(method).describe_data(recipe, accelerator.device))
 
 
 def _finish(run: Run, accelerator, method, folder: ImageFolder, plan: optim.Plan, skips: SkipLog, start_step: int,

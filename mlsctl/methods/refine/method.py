@@ -164,6 +164,21 @@ class Refine(Method):
         return []
 
     @classmethod
+    def recipe_notes(cls, recipe) -> list[str]:
+        data = recipe.data
+        crop_keys = [key for key, value, default in (("data.augment", data.augment, "cpu"),
+                                                     ("data.decode_size", data.decode_size, 0),
+                                                     ("data.cache", data.cache, "none")) if value != default]
+        if not crop_keys:
+            return []
+        return [f"{', '.join(crop_keys)} {'has' if len(crop_keys) == 1 else 'have'} no effect on refinement: it trains "
+                f"on the feature vectors in data.root, not on images; remove {'it' if len(crop_keys) == 1 else 'them'}"]
+
+    @classmethod
+    def describe_data(cls, recipe, device) -> str:
+        return "feature vectors from data.root (no images, no crops)"
+
+    @classmethod
     def open_data(cls, recipe) -> FeatureData:
         return FeatureData(recipe.data.root)
 
