@@ -45,7 +45,7 @@ import torch
 from mlsctl import __version__, atomic
 from mlsctl import dist
 from mlsctl.data.images import DEFAULT_MAX_IMAGE_PIXELS
-from mlsctl.data.loader import worker_init
+from mlsctl.data.loader import Loader, worker_init
 from mlsctl.data.preprocessing import RESIZE_MODES, Preprocessing
 from mlsctl.data.shards import (DTYPES, FORMAT_VERSION, MANIFEST, PARTIAL, SHARD_BYTES, Features, ShardInfo,
                                 is_feature_folder, shard_name)
@@ -337,9 +337,9 @@ def _embed_parts(tree, out: Path, model, plan: dict, plan_sha: str, relpaths: li
             say(f"resuming: {finished} of {n_parts} parts already done")
     device = _device()
     backbone.to(device)
-    loader = torch.utils.data.DataLoader(_Images(tree, relpaths, preprocessing), batch_sampler=batches,
-                                         num_workers=workers, collate_fn=_collate, worker_init_fn=worker_init,
-                                         persistent_workers=False, pin_memory=device.type == "cuda")
+    loader = Loader(_Images(tree, relpaths, preprocessing), batch_sampler=batches, num_workers=workers,
+                    collate_fn=_collate, worker_init_fn=worker_init, persistent_workers=False,
+                    pin_memory=device.type == "cuda", workers_key="--workers")
     from tqdm import tqdm
 
     show = (progress if progress is not None else sys.stderr.isatty()) and is_main

@@ -63,3 +63,23 @@ def test_faiss_gets_as_many_threads_as_torch():
     finally:
         torch.set_num_threads(before)
         threads.faiss()
+
+
+def test_more_loader_workers_than_cores_is_one_line_naming_the_option(caplog):
+    """torch's multi-line UserWarning becomes one line of the mlsctl log, once per option and count."""
+    import logging
+    import warnings
+
+    from mlsctl.data.loader import Loader, usable_cores
+
+    workers = usable_cores() + 3
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.WARNING, logger="mlsctl"):
+        warnings.simplefilter("always")
+        for _ in range(2):
+            Loader(list(range(4)), batch_size=2, num_workers=workers, workers_key="--workers")
+        Loader(list(range(4)), batch_size=2, num_workers=usable_cores())
+    assert not [w for w in caught if "worker" in str(w.message)]
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [f"--workers={workers} is more than the {usable_cores()} CPU core"
+                     f"{'s' if usable_cores() != 1 else ''} this process may use: loading can slow down or stall; "
+                     f"lower --workers to {usable_cores()} or less"]

@@ -27,6 +27,7 @@ seed, so exact resume and "two processes equal one" hold on either path.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
@@ -347,9 +348,36 @@ def check_batches_fit(dataset: Dataset, sampler, workers: int) -> None:
                         f"optim.batch_size or data.workers, or enlarge /dev/shm")
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity: a Slurm or container limit), as torch counts them."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+class Loader(DataLoader):
+    """torch's DataLoader whose warning about more workers than cores is one line naming the
+    option to lower (``workers_key``), once per process and setting, in the ``mlsctl`` log."""
+
+    warned: set = set()
+
+    def __init__(self, *args, workers_key: str = "data.workers", **kwargs):
+        self.workers_key = workers_key
+        super().__init__(*args, **kwargs)
+
+    def check_worker_number_rationality(self) -> None:  # noqa: D102 - torch's hook, called by __init__ and iter()
+        cores, workers = usable_cores(), self.num_workers
+        if workers > cores and (self.workers_key, workers) not in Loader.warned:
+            Loader.warned.add((self.workers_key, workers))
+            logging.getLogger("mlsctl").warning(
+                f"{self.workers_key}={workers} is more than the {cores} CPU core{'s' if cores != 1 else ''} this process "
+                f"may use: loading can slow down or stall; lower {self.workers_key} to {cores} or less")
+
+
 def make_loader(dataset: Dataset, sampler: StepBatchSampler, workers: int, pin_memory: bool = False,
                 collate_fn=collate) -> DataLoader:
     check_batches_fit(dataset, sampler, workers)
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate_fn,
+    return Loader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate_fn,
                       pin_memory=pin_memory, worker_init_fn=worker_init if workers else None,
                       prefetch_factor=4 if workers else None, persistent_workers=workers > 0)
