@@ -154,6 +154,7 @@ def test_two_processes_agree_with_one(tmp_path: Path, images: Path):
                              str(write_recipe(tmp_path / "two.yaml", two)), "--out", str(tmp_path / "two")],
                             capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "broadcast_buffers" not in result.stderr  # torch's deprecation, once per rank, is ours to silence
     log = (tmp_path / "two" / "train.log").read_text()
     assert "2 processes" in log and "memory banks identical on all 2 processes" in log
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")

@@ -163,7 +163,7 @@ def _train(run: Run, recipe, accelerator, folder: ImageFolder, dataset, collate_
         if is_main:
             metrics.truncate_metrics(run.metrics_path, start_step)
 
-    model, optimizer = accelerator.prepare(method, optimizer)
+    model, optimizer = setup.prepare(accelerator, method, optimizer)
     plan = optim.Plan.of(recipe, schedule, world)
     if is_main:
         _log_start(run, recipe, accelerator, folder, schedule, plan, trainable, method)

@@ -67,6 +67,17 @@ def make_accelerator(recipe, run_root: Optional[Path] = None):
                        project_config=project)
 
 
+def prepare(accelerator, model, optimizer):
+    """``accelerator.prepare``, without torch's FutureWarning that ``broadcast_buffers`` is deprecated:
+    that warning itself says to keep ``broadcast_buffers=False`` where buffers must not be synced at
+    wrap time, and ``forward_sync_buffers=False`` would broadcast every bank and centre once."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
+        return accelerator.prepare(model, optimizer)
+
+
 class _RunLogHandler(logging.FileHandler):
     """train.log. A write that fails (a full disk) is dropped quietly: the next checkpoint or
     metrics line meets the same cause and reports it in one sentence, without a logging traceback."""
