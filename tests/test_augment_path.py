@@ -4,6 +4,7 @@ after SIGKILL, two processes equal one, and the shared image cache."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -96,7 +97,10 @@ def test_every_method_trains_with_the_gpu_path(tmp_path, name):
     images = _class_folders(tmp_path / "images")
     summary = pretrain(config.from_dict(_method_recipe(name, images)), tmp_path / "run")
     assert summary.steps >= 2 and np.isfinite(summary.final_loss)
-    assert "crops made on cpu (data.augment=gpu)" in (tmp_path / "run" / "train.log").read_text()
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "crops made on cpu (data.augment=gpu)" in log
+    unit = "sets/s" if name == "mile" else "images/s"  # a MILE batch element is a set of photos
+    assert re.search(rf"done: \d+ steps in \d+s \([\d.]+ {unit}\)", log), log[-500:]
 
 
 def test_settings_that_do_nothing_are_named_when_a_run_starts():

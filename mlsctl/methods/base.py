@@ -117,6 +117,8 @@ class Method(nn.Module):
     find_unused_parameters: ClassVar[bool] = False
     #: False for a method that trains no backbone (one on features): no teacher to export
     has_backbone: ClassVar[bool] = True
+    #: what one batch element is, in the console's speed (``images_per_s`` in metrics.jsonl counts them)
+    batch_element: ClassVar[str] = "image"
 
     def __init__(self, recipe: Recipe, schedule: Schedule):
         super().__init__()

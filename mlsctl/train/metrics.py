@@ -154,6 +154,7 @@ class Records:
         self.is_main = accelerator.is_main_process
         self.total_steps = method.schedule.total_steps
         self.throughput_units = type(method).throughput_units(recipe)  # such as sets/s besides images_per_s
+        self.unit = {"image": "img"}.get(type(method).batch_element, type(method).batch_element) + "/s"
         self.bar = tqdm(total=self.total_steps, initial=start_step, desc=recipe.method.name, unit="step",
                         dynamic_ncols=True, disable=not (self.is_main and interactive), file=sys.stderr)
         if self.train.log_with:
@@ -221,7 +222,7 @@ class Records:
                 self.accelerator.log({k: v for k, v in record.items() if k != "step"}, step=done)
             self.file.flush()
             progress_log.info(f"step {done}/{self.total_steps} loss {self.loss:.4f} lr {step.lr:.3g} "
-                              f"{record['images_per_s']:.1f} img/s")
+                              f"{record['images_per_s']:.1f} {self.unit}")
 
     def sync(self) -> None:
         """metrics.jsonl on disk before a checkpoint is."""

@@ -118,6 +118,7 @@ class MILEHead(nn.Module):
 
 class MILE(Method):
     Config = MILEConfig
+    batch_element = "set"  # of set_length photos of one object
 
     def __init__(self, recipe, schedule):
         super().__init__(recipe, schedule)

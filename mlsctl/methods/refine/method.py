@@ -148,6 +148,7 @@ def refine_dataset(recipe, data: FeatureData) -> ContextDataset:
 class Refine(Method):
     Config = RefineConfig
     has_backbone = False  # it refines features: no backbone to export
+    batch_element = "embedding"
 
     def __init__(self, recipe, schedule, dim: Optional[int] = None):
         super().__init__(recipe, schedule)
