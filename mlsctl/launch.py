@@ -59,14 +59,32 @@ def relaunch_for_accelerate_on_cpu() -> None:
 
     if torch.cuda.is_available():
         return
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={wanted}",
-               "-m", "mlsctl"]
+    options = ["--standalone", f"--nproc_per_node={wanted}", "-m", "mlsctl"]
     print(f"mlsctl: accelerate launch runs a single process on a machine without GPUs; starting {wanted} "
           f"processes with torch.distributed.run (as `accelerate launch --multi_gpu` would): "
-          f"{shlex.join(command[1:] + sys.argv[1:])}", file=sys.stderr, flush=True)
+          f"{shlex.join(['-m', 'torch.distributed.run', *options, *sys.argv[1:]])}", file=sys.stderr, flush=True)
+    command = [sys.executable, "-m", "mlsctl.launch", *options]  # torch.distributed.run, stopped quietly
     # torch.distributed.run's parser would take options such as --run for abbreviations of its own,
     # so the arguments travel in the environment (see relaunched_argv).
     os.environ[RELAUNCH_ARGV] = json.dumps(sys.argv[1:])
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or wanted) // wanted)))
     os.environ["ACCELERATE_USE_CPU"] = "true"
     os.execv(sys.executable, command)
+
+
+def run_torchrun(argv: list[str]) -> None:
+    """``torch.distributed.run`` with ``argv``; stopped by a signal (a scheduler's SIGTERM, which
+    Accelerate's launcher also forwards), it exits with 128 + the signal's number instead of
+    printing the elastic agent's tracebacks, as ``accelerate launch --multi_gpu`` does. The
+    training processes, stopped by the same signal, say what was saved and how to continue."""
+    import torch.distributed.run as distributed_run
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    try:
+        distributed_run.main(argv)
+    except SignalException as stop:
+        sys.exit(128 + int(stop.sigval))
+
+
+if __name__ == "__main__":
+    run_torchrun(sys.argv[1:])

@@ -510,12 +510,12 @@ def test_11_mile_heads_that_do_not_divide_the_width_are_one_sentence(tmp_path):
 
 
 def _interrupt_when(args: list[str], ready, cwd: Path | None = None, signum: int = signal.SIGINT,
-                    whole_job: bool = False) -> subprocess.CompletedProcess:
+                    whole_job: bool = False, launcher: tuple[str, ...] = (sys.executable,)) -> subprocess.CompletedProcess:
     # SIGINT as in a terminal's foreground job: a shell running the suite in the background (`make test &`)
     # ignores SIGINT for its children, and an ignored disposition survives exec into the mlsctl process.
     # whole_job: the signal goes to the process group, as a scheduler's stop (Slurm's scancel and time limit,
     # systemd's default KillMode, `kill -- -PGID`) or Ctrl-C in a terminal sends it: the loader workers get it too
-    process = subprocess.Popen([sys.executable, "-m", "mlsctl", *args], env=cli_env(), stdout=subprocess.PIPE,
+    process = subprocess.Popen([*launcher, "-m", "mlsctl", *args], env=cli_env(), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, cwd=cwd, start_new_session=whole_job,
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240
@@ -559,6 +559,23 @@ def test_12_a_stop_sent_to_the_whole_job_with_loader_workers_says_how_to_resume(
     assert result.returncode == 130 and "Traceback" not in result.stderr, result.stderr
     assert last.startswith("interrupted: the last checkpoint is step "), result.stderr
     assert f"mlsctl pretrain {run / 'config.yaml'} --out {run} --resume" in last
+
+
+@pytest.mark.slow
+def test_12_a_stop_sent_to_a_two_process_accelerate_job_says_how_to_resume_without_tracebacks(tmp_path, images):
+    # Accelerate's launcher forwards the stop to every process below it and torch.distributed.run (what
+    # accelerate launch starts on a machine without GPUs) forwards it again: each process got SIGTERM three
+    # times; the second killed the training processes mid-shutdown, torchrun printed two tracebacks
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(images, optim__epochs=400, train__checkpoint_every=2))
+    run = tmp_path / "run"
+    accelerate = (str(Path(sys.executable).parent / "accelerate"), "launch", "--num_processes", "2")
+    result = _interrupt_when(["pretrain", str(recipe), "--out", str(run)],
+                             lambda: any(p.name >= "step-00000004" for p in (run / "checkpoints").glob("step-*")),
+                             signum=signal.SIGTERM, whole_job=True, launcher=accelerate)
+    assert result.returncode == 128 + signal.SIGTERM and "Traceback" not in result.stderr, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("interrupted: the last checkpoint is step "), result.stderr
+    assert f"accelerate launch --num_processes 2 -m mlsctl pretrain {run / 'config.yaml'} --out {run} --resume" in last
 
 
 def test_12_a_loader_worker_stops_once_on_the_first_signal_and_ignores_the_next():

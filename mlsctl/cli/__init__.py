@@ -166,6 +166,9 @@ def _stop_on_sigterm() -> None:
     from mlsctl.errors import Terminated
 
     def stop(signum, frame):
+        # Once: the stop is under way. A launcher forwards the signal its process group already
+        # delivered (Accelerate, torchrun), and a second one would kill the shutdown mid-way.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         raise Terminated
 
     try:
