@@ -45,6 +45,18 @@ def host_group():
     return _HOST_GROUP[1]
 
 
+def close() -> None:
+    """Destroy this process's process groups (the default one and :func:`host_group`'s) before it
+    exits, as every command does last. Left to the interpreter's exit, gloo's threads aborted a
+    process now and then ("terminate called without an active exception", SIGABRT: 5-11 of 20
+    two-process exits of a bare script, 0 of 80 after this), and NCCL warns that the group was
+    not destroyed."""
+    global _HOST_GROUP
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()  # every group, the host group too
+    _HOST_GROUP = (None, None)
+
+
 @torch.no_grad()
 def gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate ``tensor`` from every process along dim 0, in rank order.

@@ -5,7 +5,6 @@ CUDA tensor a device synchronisation."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -40,9 +39,10 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps({
         "gathered": gathered.tolist(), "flags": flags.tolist(), "mean": mean, "calls": calls}))
     torch_dist.barrier(group=host)
-    # no teardown: with a second gloo group, destroying the groups (or the interpreter's exit) aborted a process now
-    # and then inside gloo ("terminate called without an active exception"); a training process never destroys them
-    os._exit(0)
+    # what every command does last: without it, the interpreter's exit with live gloo groups aborted a process now
+    # and then inside gloo ("terminate called without an active exception"); mp.spawn's join fails on that exit
+    dist.close()
+    assert not torch_dist.is_initialized() and dist.host_group.__globals__["_HOST_GROUP"] == (None, None)
 
 
 def test_counts_and_logged_scalars_travel_on_the_host_when_the_default_group_is_nccl(tmp_path: Path):

@@ -177,6 +177,26 @@ def _stop_on_sigterm() -> None:
         pass
 
 
+def _run_app(argv: list[str]) -> None:
+    """The command; when it ends well, this process's process groups are destroyed
+    (:func:`mlsctl.dist.close`), if it made any. Not after an error or a stop: another process may
+    still be inside a collective there, and destroying an NCCL group then can wait for it."""
+    try:
+        app(args=expand_multi_values(argv), prog_name="mlsctl")
+    except SystemExit as end:  # click ends every command with one
+        if end.code in (None, 0):
+            _close_process_groups()
+        raise
+    _close_process_groups()
+
+
+def _close_process_groups() -> None:
+    if "torch.distributed" in sys.modules:  # torch loaded: nothing to import for --help
+        from mlsctl import dist
+
+        dist.close()
+
+
 def main() -> None:
     from mlsctl import threads
 
@@ -190,7 +210,7 @@ def main() -> None:
     unreported_skips()  # a fresh command (tests run several in one process)
     argv, debug = _take_debug_flag(sys.argv[1:])
     try:
-        app(args=expand_multi_values(argv), prog_name="mlsctl")
+        _run_app(argv)
     except Interrupted as exc:
         if exc.message:
             print(f"interrupted: {exc.message}", file=sys.stderr)
