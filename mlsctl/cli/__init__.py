@@ -197,6 +197,13 @@ def _close_process_groups() -> None:
         dist.close()
 
 
+def _tell(line: str) -> None:
+    """One line on stderr in one write: other processes of a job (torchrun's agent, the other
+    ranks) write to the same stream, and print's separate newline let their lines land inside ours."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def main() -> None:
     from mlsctl import threads
 
@@ -213,17 +220,17 @@ def main() -> None:
         _run_app(argv)
     except Interrupted as exc:
         if exc.message:
-            print(f"interrupted: {exc.message}", file=sys.stderr)
+            _tell(f"interrupted: {exc.message}")
         sys.exit(130)
     except UserError as exc:
         if debug:
             raise
         for line in unreported_skips():  # files a scan left out may be why (too few images)
-            print(line, file=sys.stderr)
-        print(f"error: {exc.message}", file=sys.stderr)
+            _tell(line)
+        _tell(f"error: {exc.message}")
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        _tell("interrupted")
         sys.exit(130)
     except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
         if debug:
@@ -233,5 +240,5 @@ def main() -> None:
             first = (str(exc).strip().splitlines() or [""])[0][:300]
             message = (f"internal error ({type(exc).__name__}{': ' + first if first else ''}); run the command again "
                        f"with --debug for the traceback and report it")
-        print(f"error: {message}", file=sys.stderr)
+        _tell(f"error: {message}")
         sys.exit(1)
