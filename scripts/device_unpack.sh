@@ -4,7 +4,8 @@
 #                              of the same cells; the report is rebuilt from every record)
 #   throughput.json or train_throughput_*.json (benchmarks/train_throughput.py)
 #                              copied to benchmarks/results/train_throughput_<device>.json
-#   throughput-logs.tar.gz     each loop's output and metrics, into benchmarks/results/device/throughput-logs-<date>/
+#   throughput-logs.tar.gz     each loop's output and metrics, and host_sync.json (benchmarks/host_sync.py), into
+#                              benchmarks/results/device/throughput-logs-<date>/
 #   backbone.safetensors.part* (scripts/device_window.sh): the command that joins them is printed
 #
 #   bash scripts/device_unpack.sh FOLDER

@@ -9,19 +9,21 @@
 #      (BACKBONE_S=0 skips steps 2 and 3: weights/ already holds a backbone worth keeping),
 #   4. the reproduction suite's pending cells (benchmarks/fidelity.py --profile gpu --budget-s;
 #      calibration first) in the time left of WINDOW_S but THROUGHPUT_S,
-#   5. dino_in1k's loop (augment cpu and gpu) against its model step alone (benchmarks/train_throughput.py),
+#   5. the host-device synchronisations of each method's training step (benchmarks/host_sync.py, HOST_SYNC_S),
+#   6. dino_in1k's loop (augment cpu and gpu) against its model step alone (benchmarks/train_throughput.py),
 # writing everything that should come back under $OUT (at most 8 files of 16 MiB, so the
 # weights travel in parts). Stages after the smoke run are independent: one failing does not stop
 # the others. Prepare it here with scripts/device_prepare.sh; bring the results in with
 # scripts/device_unpack.sh OUT_FOLDER.
 #
-#   OUT=/tmp/out WINDOW_S=200 BACKBONE_S=20 THROUGHPUT_S=30 PROFILE=smoke bash scripts/device_window.sh  # CPU dry run
+#   OUT=/tmp/out WINDOW_S=200 BACKBONE_S=20 THROUGHPUT_S=30 HOST_SYNC_S=20 PROFILE=smoke bash scripts/device_window.sh  # CPU dry run
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to the folder that comes back}
 WINDOW_S=${WINDOW_S:-575}      # the whole command; the suite gets what is left
 BACKBONE_S=${BACKBONE_S:-140}
 THROUGHPUT_S=${THROUGHPUT_S:-75}
+HOST_SYNC_S=${HOST_SYNC_S:-60}
 PROFILE=${PROFILE:-gpu}
 FMNIST=${FMNIST:-.fmnist}
 PY=${PYTHON:-python3}
@@ -115,12 +117,20 @@ else
   stage "no backbone (BACKBONE_S=0): weights/ keeps its backbone and the suite gets the time"
 fi
 
-LEFT=$(( WINDOW_S - ($(date +%s) - started) - THROUGHPUT_S - 10 ))
+LEFT=$(( WINDOW_S - ($(date +%s) - started) - THROUGHPUT_S - HOST_SYNC_S - 10 ))
 stage "reproduction suite, profile $PROFILE, within ${LEFT}s (calibration first)"
 if [ "$LEFT" -gt 30 ]; then
   $PY benchmarks/fidelity.py --profile "$PROFILE" --work "$WORK" --fmnist "$FMNIST" --budget-s "$LEFT" \
     --pack-results "$OUT/fidelity-$PROFILE.tar.gz" || echo "FAILED: fidelity"
 fi
+
+stage "host-device synchronisations of the training step on CUDA (benchmarks/host_sync.py, 20 steps a recipe)"
+HS=(--scenes "$DATA/fmnist-scenes/train/images" --products "$DATA/fmnist-products/train")
+[ "$PROFILE" = smoke ] && HS+=(--steps 2)
+# its JSON travels in throughput-logs.tar.gz (at most 8 files come back; the backbone takes 2)
+mkdir -p "$WORK/throughput-logs"
+timeout "$HOST_SYNC_S" $PY benchmarks/host_sync.py "${HS[@]}" --out "$WORK/throughput-logs/host_sync.json" \
+  || echo "FAILED: host sync"
 
 LEFT=$(( WINDOW_S - ($(date +%s) - started) - 5 ))
 stage "throughput of dino_in1k (loop with augment cpu and gpu vs the model step alone) within ${LEFT}s"

@@ -60,3 +60,43 @@ def test_a_loop_log_holds_the_command_and_the_runs_metrics(bench, tmp_path: Path
     text = log.read_text()
     assert text.startswith("$ ") and " pretrain dino_fmnist_quick " in text.splitlines()[0]
     assert '"images_per_s"' in text.split("metrics.jsonl")[-1]  # the run's records, appended
+
+
+@pytest.fixture(scope="module")
+def host_sync():
+    spec = importlib.util.spec_from_file_location("host_sync", REPO / "benchmarks" / "host_sync.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_host_sync_counts_the_warnings_of_steps_that_are_not_logged_by_their_line(host_sync):
+    import warnings
+    from types import SimpleNamespace
+
+    modes = []
+
+    def step(t, number):
+        if modes and modes[-1] == "warn":
+            warnings.warn(host_sync.SYNC_WARNING)  # what torch raises in sync debug mode "warn"
+        return number
+
+    counter = host_sync.SyncCounter(step, modes.append)
+    quiet, logged = (SimpleNamespace(method=SimpleNamespace(logged=flag)) for flag in (False, True))
+    assert [counter(quiet, 0), counter(logged, 1), counter(quiet, 2)] == [0, 1, 2]
+    assert modes == ["warn", "default", "warn", "default"] and counter.per_step == [1, 1]
+    ((site, count),) = counter.sites.items()
+    assert count == 2 and site.startswith("tests/test_train_throughput.py:") and site.endswith("(step)"), site
+
+
+def test_host_sync_runs_a_recipe_through_the_loop_and_skips_without_cuda(host_sync, tmp_path: Path, monkeypatch):
+    from conftest import make_images
+
+    images = make_images(tmp_path / "images", 14)
+    modes = []
+    result = host_sync.measure("dino_fmnist_quick", str(images), tmp_path, [*TINY, "train.log_every=3"], modes.append,
+                               steps=3)  # the first 12 of 14 images
+    assert result["steps"] == 3 and result["steps_not_logged"] == 2 and result["syncs"] == 0, result
+    assert modes == ["warn", "default"] * 2
+    monkeypatch.setattr(sys, "argv", ["host_sync.py", "--out", str(tmp_path / "h.json")])
+    assert host_sync.main() == 0 and json.loads((tmp_path / "h.json").read_text()) == {"skipped": "no CUDA device"}
