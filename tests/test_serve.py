@@ -18,6 +18,7 @@ import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -175,14 +176,14 @@ def photo(mile_run: Path, obj: str, k: int = 0) -> tuple[str, bytes]:
     return path.name, path.read_bytes()
 
 
-def bomb(side: int, mode: str = "L") -> bytes:
-    """A PNG of side² pixels that compresses to a few KB."""
+def bomb(side: int, mode: str = "L", height: Optional[int] = None) -> bytes:
+    """A PNG of side² pixels (side x height) that compresses to a few KB."""
     import io
 
     from PIL import Image
 
     buffer = io.BytesIO()
-    Image.new(mode, (side, side)).save(buffer, format="PNG")
+    Image.new(mode, (side, height or side)).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
@@ -254,6 +255,10 @@ def test_an_upload_equals_index_add_of_the_same_file(server, tmp_path):
     # item 9: ids
     ("POST", "/objects/%E2%80%8B/photos", {"files": "one"}, 400, "no visible character"),
     ("POST", "/objects/" + "x" * 70000 + "/photos", {"files": "one"}, 400, "at most 256"),
+    # found by a probe (2026-12-05): PostScript went to Ghostscript; a malformed QOI file was a 500 (IndexError)
+    ("POST", "/search", {"files": [("a.png", b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n")]}, 400,
+     "not an image file"),
+    ("POST", "/search", {"files": [("t.qoi", b"qoif\0\0\0\x10\0\0\0\x10\x03\0\0")]}, 400, "cannot be used"),
 ])
 def test_bad_requests_get_one_sentence_and_the_server_lives_on(server, method, path, kwargs, status, words):
     if kwargs.get("files") == "one":
@@ -350,7 +355,9 @@ def test_1_health_shows_no_absolute_path(server):
 
 def test_1_read_only_serves_searches_only(mile_run, tmp_path):
     gallery = built_gallery(mile_run, tmp_path)
+    (gallery / ".v999999.tmp").mkdir()  # what a killed writer leaves: a writer removes it, a reader must not
     with running(gallery, mile_run, "--read-only") as server:
+        assert (gallery / ".v999999.tmp").is_dir()
         assert server.token is None and not (gallery / ".mlsctl.token").exists()
         one = [photo(mile_run, "obj1")]
         status, answer = call(server.base, "POST", "/objects/obj1/photos", files=one)
@@ -421,6 +428,9 @@ def test_2_counts_sizes_and_pixels_are_checked_before_anything_is_decoded(budget
     # one photo whose decoding alone would need more than the budget (6000² RGBA: ~900 MiB)
     status, answer = call(server.base, "POST", "/search", files=[("alpha.png", bomb(6000, "RGBA"))])
     assert status == 413 and "decode budget of 256 MiB" in answer["error"]
+    # 1 x 5,000,000 greyscale: 35 MB of pixels, but ~40 bytes per row to decode (+64 B a row and column budgeted)
+    status, answer = call(server.base, "POST", "/search", files=[("thin.png", bomb(1, "L", height=5_000_000))])
+    assert status == 413 and "decode budget of 256 MiB" in answer["error"]
     # photos each within the budget, together over the per-request pixels (8 × 36 MP)
     status, answer = call(server.base, "POST", "/search", files=[(f"{i}.png", bomb(6000)) for i in range(8)])
     assert status == 413 and "per request" in answer["error"]
@@ -459,6 +469,14 @@ def test_3_a_body_over_the_limit_is_refused_before_it_is_read(budget_server):
     started = time.perf_counter()
     status, body, _ = raw_exchange(server.port, head)  # the headers alone: the answer comes before any body
     assert status == 413 and b"over the limit" in body and time.perf_counter() - started < 10
+
+
+def test_3_two_content_types_are_refused_before_the_body_is_read(budget_server):
+    # the limit read from the last (multipart, 4 MiB) while the app parsed the first (JSON, 1 MiB allowed)
+    head = (f"POST /search HTTP/1.1\r\nHost: 127.0.0.1:{budget_server.port}\r\nContent-Type: application/json\r\n"
+            f"Content-Type: multipart/form-data; boundary=x\r\nContent-Length: {3 * 2**20}\r\n\r\n")
+    status, body, _ = raw_exchange(budget_server.port, head)
+    assert status == 400 and b"more than one Content-Type header" in body
 
 
 def test_3_a_chunked_body_is_cut_off_at_the_limit_and_never_spooled_beyond_it(budget_server):
@@ -724,3 +742,19 @@ def test_9_a_stop_says_what_the_session_saved():
     assert summary(9, requests=3, photos=7, objects=2) == (
         "saved galleries/g with 9 objects: 7 photos added this session by 3 requests (2 new objects), each written to "
         "disk before it was answered")
+
+
+def test_9_the_token_file_is_never_written_through_a_planted_link(tmp_path):
+    from mlsctl.errors import UserError
+    from mlsctl.serve import TOKEN_NAME, write_token
+
+    victim = tmp_path / "victim"
+    victim.write_text("keep me")
+    planted = tmp_path / f".{TOKEN_NAME}.{os.getpid()}.tmp"
+    planted.symlink_to(victim)
+    with pytest.raises(UserError, match="exists; remove it"):
+        write_token(tmp_path)
+    assert victim.read_text() == "keep me"
+    planted.unlink()
+    token = write_token(tmp_path)
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600 and len(token.read_text().strip()) >= 32

@@ -51,6 +51,9 @@ def _image_extensions() -> tuple[str, ...]:
 
 
 IMAGE_EXTENSIONS = _image_extensions()
+# The formats Pillow may try on a file: those of IMAGE_EXTENSIONS. Anything else (PostScript, which
+# Pillow hands to Ghostscript; vector and page formats) is "not an image file" whatever it is named.
+IMAGE_FORMATS = tuple(sorted({fmt for ext, fmt in Image.registered_extensions().items() if ext in IMAGE_EXTENSIONS}))
 
 
 class BadImage(Exception):
@@ -265,7 +268,7 @@ def _decode(source, max_pixels: int) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with Image.open(source) as img:
+            with Image.open(source, formats=IMAGE_FORMATS) as img:
                 width, height = img.size
                 if width * height > max_pixels:
                     raise BadImage(f"{width}x{height} is {too_large}")
@@ -290,6 +293,8 @@ def _decode(source, max_pixels: int) -> Image.Image:
         raise BadImage(f"cannot decode ({text or type(exc).__name__})") from None
     except (ValueError, SyntaxError, EOFError) as exc:
         raise BadImage(f"cannot decode ({exc})") from None
+    except Exception as exc:  # noqa: BLE001 - a plugin's own failure on a malformed file (IndexError, ...)
+        raise BadImage(f"cannot decode ({type(exc).__name__} in Pillow's reader)") from None
 
 
 class SkipLog:
