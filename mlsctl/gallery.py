@@ -118,7 +118,8 @@ def _visible(c: str) -> bool:
 def check_object_id(object_id: str, where: str = "--object") -> str:
     """Refuse an object id the gallery cannot store and find again: empty or blank, made only of
     invisible characters (U+200B, U+2060, ...), longer than :data:`MAX_OBJECT_ID_CHARS`
-    characters, with a control character (a newline would split objects.txt), or not valid UTF-8."""
+    characters, with a control character (a newline would split objects.txt), not valid UTF-8, or
+    ``.`` or ``..`` (the service's URLs could not name it)."""
     from mlsctl.data.images import name_problem, printable_name
 
     if len(object_id) > MAX_OBJECT_ID_CHARS:
@@ -126,6 +127,8 @@ def check_object_id(object_id: str, where: str = "--object") -> str:
                         f"ids have at most {MAX_OBJECT_ID_CHARS}")
     if not object_id or not object_id.strip():
         raise UserError(f"{where} {object_id!r} is empty or blank; give each object a visible id")
+    if object_id in (".", ".."):  # a URL drops these segments: /objects/../photos never reaches the object
+        raise UserError(f"{where} '{object_id}' cannot be an object id (URLs drop '.' and '..'); give it a name")
     problem = name_problem(object_id)
     if problem:
         raise UserError(f"{where} '{printable_name(object_id)}' {problem}; object ids are single-line text")

@@ -164,7 +164,7 @@ def test_3_resume_accepts_a_moved_data_root_only_with_the_same_images(run_copy, 
 def test_4_object_ids_the_gallery_cannot_store_are_refused(capsys):
     from mlsctl.gallery import check_object_id
 
-    for bad in ("", "   ", "a\nb", "a\rb", "tab\tid", "a\u2028b", "nul\x00", os.fsdecode(b"caf\xe9")):
+    for bad in ("", "   ", "a\nb", "a\rb", "tab\tid", "a\u2028b", "nul\x00", os.fsdecode(b"caf\xe9"), ".", ".."):
         with pytest.raises(UserError):
             check_object_id(bad)
     assert check_object_id("ev00007 café") == "ev00007 café"
