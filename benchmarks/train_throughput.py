@@ -253,7 +253,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                 make_images(images, options.images, size, kind)
             overrides = [*overrides, *options.override, "optim.freeze_last_layer_epochs=0"]
             for path in paths.values():  # one sentence now rather than a failed loop later
-                config.load_recipe(name, [*overrides, f"data.root={images}", *path])
+                recipe = config.load_recipe(name, [*overrides, f"data.root={images}", *path])
+                if recipe.train.precision == "fp16" and not cuda:
+                    raise SystemExit(f"error: {name} trains in fp16, which needs a CUDA GPU; add --override "
+                                     f"train.precision=bf16 (or fp32), or --device-suite")
             plans[name] = (overrides, images)
             results[name] = {"overrides": overrides, **{m: [] for m in measures}}
         print(f"images ready in {time.perf_counter() - started:.0f}s; measuring {', '.join(measures)} of "

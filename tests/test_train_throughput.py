@@ -100,3 +100,9 @@ def test_host_sync_runs_a_recipe_through_the_loop_and_skips_without_cuda(host_sy
     assert modes == ["warn", "default"] * 2
     monkeypatch.setattr(sys, "argv", ["host_sync.py", "--out", str(tmp_path / "h.json")])
     assert host_sync.main() == 0 and json.loads((tmp_path / "h.json").read_text()) == {"skipped": "no CUDA device"}
+
+
+def test_a_recipe_in_fp16_is_refused_up_front_without_cuda(bench, tmp_path: Path):
+    # dino_in1k trains in fp16: without --device-suite on a CPU its loops failed one by one after the model's step
+    with pytest.raises(SystemExit, match="dino_in1k trains in fp16, which needs a CUDA GPU; add --override"):
+        bench.main(["--recipe", "dino_in1k", "--images", "2", "--rounds", "1", "--out", str(tmp_path / "t.json")])
