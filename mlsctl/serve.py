@@ -681,7 +681,8 @@ def create_app(service: GalleryService, policy: Optional[Policy] = None, docs: b
 
     policy = policy or Policy.for_server("127.0.0.1", read_only=service.read_only, limits=service.limits)
     app = FastAPI(title="mlsctl gallery", version=__version__, docs_url="/docs" if docs else None,
-                  redoc_url="/redoc" if docs else None, openapi_url="/openapi.json" if docs else None)
+                  redoc_url="/redoc" if docs else None, openapi_url="/openapi.json" if docs else None,
+                  redirect_slashes=False)  # /objects/X/ is a 404 sentence, not a 307 with an empty body
     slots = asyncio.Semaphore(WORKING)
 
     @app.exception_handler(RequestError)
@@ -746,7 +747,7 @@ def create_app(service: GalleryService, policy: Optional[Policy] = None, docs: b
         finally:
             await form.close()
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: what load balancers and uptime checks send
     def health():
         return service.health()
 

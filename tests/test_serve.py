@@ -194,6 +194,8 @@ def test_health_search_add_and_get(server):
     base, gallery, mile_run, token = server.base, server.gallery, server.mile_run, server.token
     status, health = call(base, "GET", "/health")
     assert status == 200 and health["objects"] == 6 and health["status"] == "ok"
+    with urllib.request.urlopen(urllib.request.Request(base + "/health", method="HEAD"), timeout=60) as head:
+        assert head.status == 200 and head.read() == b""  # what uptime checks send (was 405)
     status, found = call(base, "POST", "/search?k=3", files=[photo(mile_run, "obj3", 0), photo(mile_run, "obj3", 1)])
     assert status == 200 and found["results"][0]["object"] == "obj3" and len(found["results"]) == 3
     assert found["results"][0]["score"] == pytest.approx(1.0, abs=1e-4)  # the object's own photos
@@ -252,6 +254,7 @@ def test_an_upload_equals_index_add_of_the_same_file(server, tmp_path):
     ("GET", "/docs", {}, 404, "no such endpoint"),
     ("GET", "/redoc", {}, 404, "no such endpoint"),
     ("GET", "/openapi.json", {}, 404, "no such endpoint"),
+    ("GET", "/objects/obj0/", {}, 404, "no such endpoint"),  # was a 307 with an empty body
     # item 9: ids
     ("POST", "/objects/%E2%80%8B/photos", {"files": "one"}, 400, "no visible character"),
     ("POST", "/objects/" + "x" * 70000 + "/photos", {"files": "one"}, 400, "at most 256"),
