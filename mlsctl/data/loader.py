@@ -379,5 +379,5 @@ def make_loader(dataset: Dataset, sampler: StepBatchSampler, workers: int, pin_m
                 collate_fn=collate) -> DataLoader:
     check_batches_fit(dataset, sampler, workers)
     return Loader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate_fn,
-                      pin_memory=pin_memory, worker_init_fn=worker_init if workers else None,
-                      prefetch_factor=4 if workers else None, persistent_workers=workers > 0)
+                  pin_memory=pin_memory, worker_init_fn=worker_init if workers else None,
+                  prefetch_factor=4 if workers else None, persistent_workers=workers > 0)

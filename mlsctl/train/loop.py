@@ -314,7 +314,6 @@ def _finish(run: Run, accelerator, method, folder: ImageFolder, plan: optim.Plan
                    "mlsctl_version": __version__, "commit": provenance.commit(), "torch_version": torch.__version__}
         atomic.write_json(run.summary_path, summary)
         log.info(f"done: {steps_run} steps in {elapsed:.0f}s ({throughput:.1f} {type(method).batch_element}s/s), "
-                 f"final loss {loss_value:.4f}; "
-                 f"run in {run.root}")
+                 f"final loss {loss_value:.4f}; run in {run.root}")
     dist.barrier()
     return RunSummary(run.root, total_steps, throughput, loss_value, elapsed)
