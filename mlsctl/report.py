@@ -188,7 +188,10 @@ def _summary(run: Run, recipe, weights: "RunWeights") -> str:
                  + (f", {processes} process{'es' if processes != 1 else ''}" if processes else "")))
     if "final_loss" in summary:
         rows.append(("final loss", _number(summary["final_loss"])))
-    if "images_per_s" in summary:
+    if "sets_per_s" in summary:  # MILE: a batch element is a set of photos (images_per_s counts sets)
+        rows.append(("sets / s", _number(summary["sets_per_s"], 3)))
+        rows.append(("photos / s", _number(summary["photos_per_s"], 3)))
+    elif "images_per_s" in summary:
         rows.append(("images / s", _number(summary["images_per_s"], 3)))
     if "seconds" in summary:
         rows.append(("training time", _duration(summary["seconds"])))

@@ -4,6 +4,7 @@ galleries and search."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -333,6 +334,10 @@ def test_throughput_is_logged_in_sets_and_photos_per_second(mile_run):
     for r in logged:  # a batch element is a set of set_length = 2 photos
         assert r["sets_per_s"] == pytest.approx(r["images_per_s"])
         assert r["photos_per_s"] == pytest.approx(2 * r["sets_per_s"])
+    summary = json.loads((mile_run / "run" / "summary.json").read_text())
+    assert summary["sets_per_s"] == summary["images_per_s"] > 0
+    assert summary["photos_per_s"] == pytest.approx(2 * summary["sets_per_s"], abs=0.01)
+    assert re.search(r"= \d+ steps of \d+ sets \|", (mile_run / "run" / "train.log").read_text())
 
 
 def test_overwrite_never_deletes_the_objects_file(tmp_path, capsys):
@@ -351,3 +356,13 @@ def test_overwrite_never_deletes_the_objects_file(tmp_path, capsys):
     assert MILE.input_paths(config.from_dict(raw)) == [("method.objects_file", str(objects))]
     code, _, err = cli("pretrain", str(recipe), "--out", str(out), "--overwrite", capsys=capsys)
     assert code == 2 and "contains method.objects_file" in err and objects.is_file()
+
+
+def test_the_report_of_a_mile_run_gives_sets_and_photos_per_second(mile_run):
+    from mlsctl.report import RunWeights, _summary
+    from mlsctl.restore import open_run, recipe_of
+
+    run = open_run(mile_run / "run")
+    recipe = recipe_of(run)
+    html = _summary(run, recipe, RunWeights(run, recipe))
+    assert "sets / s" in html and "photos / s" in html and "images / s" not in html

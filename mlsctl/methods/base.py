@@ -117,7 +117,8 @@ class Method(nn.Module):
     find_unused_parameters: ClassVar[bool] = False
     #: False for a method that trains no backbone (one on features): no teacher to export
     has_backbone: ClassVar[bool] = True
-    #: what one batch element is, in the console's speed (``images_per_s`` in metrics.jsonl counts them)
+    #: what one batch element is (``optim.batch_size`` counts them, and so does ``images_per_s`` in
+    #: metrics.jsonl and summary.json); :meth:`elements` and :meth:`speed_unit` word it
     batch_element: ClassVar[str] = "image"
 
     def __init__(self, recipe: Recipe, schedule: Schedule):
@@ -171,6 +172,16 @@ class Method(nn.Module):
         """Files or folders the method reads besides ``data.root`` and ``model.weights``, as (recipe
         key, path or None when unset): ``pretrain --overwrite`` refuses an ``--out`` holding one."""
         return []
+
+    @classmethod
+    def elements(cls, count: int) -> str:
+        """``count`` batch elements in words: "256 images", "16 sets"."""
+        return f"{count} {cls.batch_element}{'' if count == 1 else 's'}"
+
+    @classmethod
+    def speed_unit(cls, short: bool = False) -> str:
+        """The unit of the run's speed: "images/s" ("img/s" on the progress lines), "sets/s"."""
+        return ("img" if short and cls.batch_element == "image" else cls.batch_element + "s") + "/s"
 
     @classmethod
     def throughput_units(cls, recipe: Recipe) -> dict[str, int]:

@@ -286,7 +286,7 @@ def _log_start(run: Run, recipe, accelerator, folder: ImageFolder, schedule: Sch
     made = (f" ({recipe.optim.batch_size} x {world} process{'es' if world > 1 else ''} x {accumulate} "
             f"accumulated micro-batches)" if accumulate > 1 else "")
     log.info(f"{schedule.steps_per_epoch} steps/epoch x {recipe.optim.epochs} epochs = {plan.total_steps} steps of "
-             f"{plan.batch_global} images{made} | peak lr {plan.peak_lr:.3g} | run: {run.root}")
+             f"{type(method).elements(plan.batch_global)}{made} | peak lr {plan.peak_lr:.3g} | run: {run.root}")
     log.info(type(method).describe_data(recipe, accelerator.device))
 
 
@@ -307,13 +307,15 @@ def _finish(run: Run, accelerator, method, folder: ImageFolder, plan: optim.Plan
         if world > 1 and method.banks():
             log.info(f"memory banks identical on all {world} processes (checked at every checkpoint)")
         summary = {"steps": total_steps, "resumed_from": start_step, "seconds": round(elapsed, 2),
-                   "images_per_s": round(throughput, 2), "final_loss": loss_value, "processes": world,
+                   "images_per_s": round(throughput, 2),
+                   **{key: round(per * throughput, 2) for key, per in type(method).throughput_units(method.recipe).items()},
+                   "final_loss": loss_value, "processes": world,
                    "skipped_files": len(merged.reasons), "finished": provenance.now(),
                    "device": provenance.device_name(accelerator.device),
                    "precision": "fp32" if accelerator.mixed_precision == "no" else accelerator.mixed_precision,
                    "mlsctl_version": __version__, "commit": provenance.commit(), "torch_version": torch.__version__}
         atomic.write_json(run.summary_path, summary)
-        log.info(f"done: {steps_run} steps in {elapsed:.0f}s ({throughput:.1f} {type(method).batch_element}s/s), "
+        log.info(f"done: {steps_run} steps in {elapsed:.0f}s ({throughput:.1f} {type(method).speed_unit()}), "
                  f"final loss {loss_value:.4f}; run in {run.root}")
     dist.barrier()
     return RunSummary(run.root, total_steps, throughput, loss_value, elapsed)

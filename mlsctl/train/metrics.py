@@ -154,7 +154,7 @@ class Records:
         self.is_main = accelerator.is_main_process
         self.total_steps = method.schedule.total_steps
         self.throughput_units = type(method).throughput_units(recipe)  # such as sets/s besides images_per_s
-        self.unit = {"image": "img"}.get(type(method).batch_element, type(method).batch_element) + "/s"
+        self.unit = type(method).speed_unit(short=True)
         self.bar = tqdm(total=self.total_steps, initial=start_step, desc=recipe.method.name, unit="step",
                         dynamic_ncols=True, disable=not (self.is_main and interactive), file=sys.stderr)
         if self.train.log_with:
