@@ -72,6 +72,7 @@ import argparse
 import dataclasses
 import ctypes
 import fnmatch
+import functools
 import hashlib
 import json
 import os
@@ -92,6 +93,7 @@ sys.path.insert(0, str(REPO))
 from mlsctl import atomic  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "fidelity"
+BACKBONE = "weights/dino_fmnist_backbone.safetensors"  # the project's own pretrained backbone (weights/README.md)
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
@@ -109,6 +111,12 @@ class Variant:
     linear: bool = False  # also the multi-label linear probe (mAP over the scenes' item classes)
     trainer: str = "pretrain"  # pretrain: `mlsctl pretrain RECIPE`; supervised: benchmarks/supervised_ceiling.py
     weights: Optional[str] = None  # no training: the evaluations of this weights file (a profile's starting point)
+    starts_from: Optional[str] = None  # a weights file the training starts from (model.weights), relative to REPO
+
+    @property
+    def needs_its_profile(self) -> bool:
+        """Whether the variant reads a weights file, whose architecture only a profile that lists it has."""
+        return self.weights is not None or self.starts_from is not None
 
     @property
     def method(self) -> str:
@@ -128,6 +136,8 @@ VARIANTS = (
     Variant("scenes", "cribo-cross-view", "cribo_fmnist_quick", ("method.cross_image_loss=false",)),
     Variant("scenes", "cribo", "cribo_fmnist_quick"),
     Variant("products", "mile", "mile_fmnist_quick"),
+    # MILE fine-tuned from the backbone in weights/, as the paper starts from DINOv2 (issue 22, items 8 and 9)
+    Variant("products", "mile-backbone", "mile_fmnist_backbone", starts_from=BACKBONE),
     Variant("scenes", "sove", "sove_fmnist_quick", image_knn=True),
     Variant("scenes", "sove-1judge", "sove_fmnist_quick", ("method.cls_supports=0",), image_knn=True),
     Variant("scenes", "sove-3judges", "sove_fmnist_quick", ("method.cls_supports=2",), image_knn=True),
@@ -143,6 +153,11 @@ VARIANTS = (
 CALIBRATION = ("random", "dino", "supervised")  # item 7 of issue 22: is the benchmark able to tell methods apart?
 CALIBRATION_MARGIN = 0.05  # DINO over random init, mIoU (fractions)
 CEILING_MARGIN = 0.10  # the supervised ceiling over the better of DINO and random init: what "well above" means here
+# the rows of a products table: the set score and the backbone it is computed on (trained: the run's teacher;
+# start: what the run started from)
+PRODUCT_ROWS = (("mile", "trained"), ("max-pairwise", "trained"), ("mean-cls", "trained"), ("max-pairwise", "start"),
+                ("mean-cls", "start"))
+PRODUCT_VARIANTS = {"mile": "MILE trained from scratch", "mile-backbone": f"MILE fine-tuned from {BACKBONE}"}
 SCENE_VARIANTS = ("random", "backbone", "dino", "supervised", "cribo-global", "cribo-cross-view", "cribo", "sove", "sove-1judge", "sove-3judges",
                   "sove-no-patch", "random-linear", "mocov2", "mls", "mls-k1", "mls-k5", "mls-k40", "mls-one-queue")
 
@@ -229,13 +244,14 @@ PROFILES = {
                             "optim.epochs=40", "optim.warmup_epochs=4", "train.checkpoint_every=100"),
         # calibration first (item 7), then the headline claims (item 8); the ablations by --only
         variants=("random", "dino", "supervised", "cribo-global", "cribo-cross-view", "cribo", "sove", "sove-1judge",
-                  "sove-3judges", "mocov2", "mls", "random-linear", "mile"),
+                  "sove-3judges", "mocov2", "mls", "random-linear", "mile", "mile-backbone"),
         # Measured in the first window (profile gpu-700, one H200): 700 steps trained in 35.5 s (DINO) and 16.2 s (the
         # ceiling); each evaluation ~30 s; a cell's wall time random 34 s, DINO 81 s, ceiling 57 s. At 2,100 steps:
         # DINO ~190 s, ceiling ~110 s; the other methods from DINO's time and their cost per step on the CPU.
         estimates=(("random", 35), ("dino", 190), ("supervised", 110), ("cribo-global", 240), ("cribo-cross-view", 250),
-                   ("cribo", 250), ("mile", 200), ("sove", 250), ("sove-1judge", 245), ("sove-3judges", 245),
-                   ("sove-no-patch", 240), ("random-linear", 60), ("mocov2", 260), ("mls", 270), ("mls-k1", 270),
+                   ("cribo", 250), ("mile", 200), ("mile-backbone", 200), ("sove", 250), ("sove-1judge", 245),
+                   ("sove-3judges", 245), ("sove-no-patch", 240), ("random-linear", 60), ("mocov2", 260), ("mls", 270),
+                   ("mls-k1", 270),
                    ("mls-k5", 270), ("mls-k40", 270), ("mls-one-queue", 270)),
         about="one H200 in windows of ~8 minutes (benchmarks/fidelity.py --budget-s, scripts/device_window.sh): a ViT "
               "of width 320, depth 8, 5 heads, patch 8 (~9.9 M parameters) at batch 256, bf16, crops made on the GPU; "
@@ -244,21 +260,23 @@ PROFILES = {
               "(random init, DINO, supervised ceiling) first, then the headline claims; 3 seeds"),
 }
 # Warm start (issue 22, item 9): every scenes method fine-tuned from the backbone in weights/ against DINO continued
-# from it, for the same steps, on this CPU; `backbone` is the starting point itself, `random` its architecture.
-WARM_VIT = (*GPU_VIT, "model.img_size=96", "model.weights=" + str(REPO / "weights" / "dino_fmnist_backbone.safetensors"))
+# from it, for the same steps, on this CPU; `backbone` is the starting point itself, `random` its architecture;
+# `mile-backbone`: MILE's recipe from the backbone for 2 epochs of the 1,000 training objects (126 steps of 16 sets).
+WARM_VIT = (*GPU_VIT, "model.img_size=96", "model.weights=" + str(REPO / BACKBONE))
 PROFILES["warm"] = Profile(
     "warm", seeds=(0, 1, 2), scenes_data=(), products_data=(),
     scenes_overrides=(*WARM_VIT, "optim.epochs=2", "optim.lr=5e-5", "optim.min_lr=1e-6", "optim.warmup_epochs=0",
                       "train.checkpoint_every=25"),
     products_overrides=("optim.epochs=2", "train.checkpoint_every=25"),
-    variants=("random", "backbone", "dino", "cribo", "sove", "mocov2", "mls"),
+    variants=("random", "backbone", "mile-backbone", "dino", "cribo", "sove", "mocov2", "mls"),
     # not measured: the backbone's ViT costs ~12x the quick recipes' per step on this CPU (the MILE fine-tune of
     # make demo: ~8-16 s per step of 8 sets), so 124 steps of 32 scenes take ~1-2 h per cell here
-    estimates=(("random", 400), ("backbone", 400), ("dino", 5400), ("cribo", 7200), ("sove", 7200), ("mocov2", 7200),
-               ("mls", 7200)),
+    estimates=(("random", 400), ("backbone", 400), ("mile-backbone", 900), ("dino", 5400), ("cribo", 7200),
+               ("sove", 7200), ("mocov2", 7200), ("mls", 7200)),
     about="warm start: every scenes method fine-tuned from weights/dino_fmnist_backbone.safetensors (ViT width 320, "
           "depth 8, patch 8) for 2 epochs of 2,000 scenes (124 steps of 32, lr 5e-5) against DINO continued from it; "
-          "the backbone itself and its random init evaluated alike; 3 seeds; not run yet")
+          "the backbone itself and its random init evaluated alike; MILE fine-tuned from it on fmnist-products for 2 "
+          "epochs of 1,000 objects (126 steps of 16 sets of 4 photos); 3 seeds")
 
 # The first calibration window's budget (2026-12-04): 100 epochs of 2,000 scenes, 700 steps. DINO was not 5 mIoU
 # points above random and the ceiling not 10 above both, so the budget was changed once, for every method: `gpu`.
@@ -305,23 +323,47 @@ class Cell:
         if self.variant.benchmark == "scenes":
             return [f"data.root={data / 'fmnist-scenes' / 'train' / 'images'}", *self.profile.scenes_overrides, *own,
                     *self.variant.overrides, f"seed={self.seed}"]
-        return [f"data.root={data / 'fmnist-products' / 'train'}", *self.profile.products_overrides,
+        start = [f"model.weights={REPO / self.variant.starts_from}"] if self.variant.starts_from else []
+        return [f"data.root={data / 'fmnist-products' / 'train'}", *self.profile.products_overrides, *start,
                 *self.variant.overrides, f"seed={self.seed}"]
 
     def spec(self) -> dict:
         """What the cell computes; a finished cell is reused while this stays the same."""
+        here = str(REPO) + os.sep  # the checkout's place is not what a cell computes
+        overrides = [o.replace(here, "") for o in self.overrides() if not o.startswith("data.root=")]
         spec = {"variant": self.variant.name, "benchmark": self.variant.benchmark, "recipe": self.variant.recipe,
-                "arch_of": self.variant.arch_of, "overrides": [o for o in self.overrides() if not o.startswith("data.root=")],
+                "arch_of": self.variant.arch_of, "overrides": overrides,
                 "data": list(self.profile.scenes_data if self.variant.benchmark == "scenes" else self.profile.products_data),
                 "eval": list(self.profile.knn_seg if self.variant.benchmark == "scenes" else self.profile.retrieval)}
         if self.variant.image_knn:
             spec["image_knn"] = list(self.profile.image_knn)
         if self.variant.linear:
             spec["linear"] = list(self.profile.linear)
+        read = [o.split("=", 1)[1] for o in overrides if o.startswith("model.weights=")]
+        read += [self.variant.weights] if self.variant.weights else []
+        if read:  # a retrained backbone under the same name is another cell
+            spec["weights_sha256"] = [_file_sha256(REPO / path) for path in read]
         return spec
 
     def spec_sha(self) -> str:
         return hashlib.sha256(json.dumps(self.spec(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _file_sha256(path: Path) -> str:
+    """The SHA-256 of a file the cell reads, or a sentence naming it when it is missing."""
+    if not path.is_file():
+        raise SystemExit(f"{path} is missing: the cells that start from it need it (git checkout {BACKBONE})")
+    stat = path.stat()
+    return _sha256_of(path.resolve(), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=None)
+def _sha256_of(path: Path, mtime_ns: int, size: int) -> str:  # once per version of the file
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def variant_sha(spec: dict) -> str:
@@ -333,12 +375,12 @@ def variant_sha(spec: dict) -> str:
 def cells_of(profile: Profile, work: Path, only: list[str]) -> list[Cell]:
     """The selected cells in the order they run: seed by seed, the profile's variants (or those of
     ``--only``, taken from every variant) in the profile's order, then the others in :data:`VARIANTS`' order.
-    A variant that evaluates a weights file (``backbone``) runs only in a profile that lists it: the
-    file's architecture is that profile's."""
+    A variant that evaluates or starts from a weights file (``backbone``, ``mile-backbone``) runs only in
+    a profile that lists it: the file's architecture is that profile's."""
     by_name = {v.name: v for v in VARIANTS}
     order = [by_name[name] for name in profile.variants or ()]
     if only or profile.variants is None:
-        order += [v for v in VARIANTS if v not in order and v.weights is None]
+        order += [v for v in VARIANTS if v not in order and not v.needs_its_profile]
     cells = [Cell(profile, v, s, work) for s in profile.seeds for v in order]
     if only:
         cells = [c for c in cells if any(fnmatch.fnmatch(c.id, pattern) for pattern in only)]
@@ -762,18 +804,23 @@ def summarise(profile: Profile, records: list[dict]) -> dict:
           lambda a, b, c, d: c > max(a, b, d))
     claim("MLS: labels from Q_g (two queues) beat labels from Q_z (one queue), multi-label linear mAP",
           [mean("mls", "linear_map"), mean("mls-one-queue", "linear_map")], lambda a, b: a > b)
-    for baseline in ("max-pairwise@trained", "mean-cls@trained", "max-pairwise@start", "mean-cls@start"):
-        claim(f"MILE > {baseline.replace('@', ' on the ')} backbone, AR@10 on fmnist-products",
-              [mean("mile", "mile@trained/noise0"), mean("mile", f"{baseline}/noise0")], lambda a, b: a > b)
-    def drop(score: str, noise: float) -> Optional[float]:
-        clean, noisy = mean("mile", f"{score}/noise0"), mean("mile", f"{score}/noise{noise:g}")
-        return None if clean is None or noisy is None else clean - noisy
+    for variant, (name, start) in (("mile", ("MILE", "its random init")),
+                                   ("mile-backbone", ("MILE from the backbone", "the backbone it started from"))):
+        for baseline in ("max-pairwise@trained", "mean-cls@trained", "max-pairwise@start", "mean-cls@start"):
+            score, model = baseline.split("@")
+            claim(f"{name} > {score} of {'the trained backbone' if model == 'trained' else start}, AR@10 on "
+                  "fmnist-products", [mean(variant, "mile@trained/noise0"), mean(variant, f"{baseline}/noise0")],
+                  lambda a, b: a > b)
 
-    noise = max((float(k.rsplit("noise", 1)[1]) for k in table.get("mile", {})), default=0.0)
-    if noise:
-        for baseline in ("max-pairwise@trained", "mean-cls@trained"):
-            claim(f"MILE's AR@10 falls less than {baseline.split('@')[0]}'s from 0 to {noise:.0%} noise",
-                  [drop("mile@trained", noise), drop(baseline, noise)], lambda a, b: a < b)
+        def drop(score: str, noise: float, variant=variant) -> Optional[float]:
+            clean, noisy = mean(variant, f"{score}/noise0"), mean(variant, f"{score}/noise{noise:g}")
+            return None if clean is None or noisy is None else clean - noisy
+
+        noise = max((float(k.rsplit("noise", 1)[1]) for k in table.get(variant, {})), default=0.0)
+        if noise:
+            for baseline in ("max-pairwise@trained", "mean-cls@trained"):
+                claim(f"{name}: its AR@10 falls less than {baseline.split('@')[0]}'s from 0 to {noise:.0%} noise",
+                      [drop("mile@trained", noise), drop(baseline, noise)], lambda a, b: a < b)
     return {"profile": profile.name, "about": profile.about, "seeds": sorted({s for v in seeds.values() for s in v}),
             "cells": len(records), "table": table, "claims": claims,
             "provenance": sorted({(r["device"], r["commit"], r["torch"]) for r in records}),
@@ -813,16 +860,19 @@ def markdown(summary: dict) -> str:
         lines.append(f"| {variant} | {n} | {_pct(row.get('miou'))} | {_pct(row.get('foreground_iou'))} | "
                      f"{_pct(row.get('binary_miou'))} | {_pct(row.get('knn_top1@10'))} | {_pct(row.get('knn_top1@20'))} | "
                      f"{_pct(row.get('linear_map'))} |")
-    mile = table.get("mile", {})
-    noises = sorted({k.rsplit("noise", 1)[1] for k in mile}, key=float)
-    lines += ["", "## fmnist-products: image-set retrieval, AR@10", "",
-              "| score | backbone | " + " | ".join(f"{float(n):.0%} noise" for n in noises) + " |",
-              "| --- | --- | " + " | ".join("---" for _ in noises) + " |"]
-    for method, backbone in (("mile", "trained"), ("max-pairwise", "trained"), ("mean-cls", "trained"),
-                             ("max-pairwise", "start"), ("mean-cls", "start")):
-        cells = [_pct(mile.get(f"{method}@{backbone}/noise{n}")) for n in noises]
-        if any(c != "–" for c in cells):
-            lines.append(f"| {method} | {backbone} | " + " | ".join(cells) + " |")
+    for variant, about in PRODUCT_VARIANTS.items():
+        mile = table.get(variant, {})
+        if not mile:
+            continue
+        noises = sorted({k.rsplit("noise", 1)[1] for k in mile}, key=float)
+        seeds = max(entry["n"] for entry in mile.values())
+        lines += ["", f"## fmnist-products: image-set retrieval, AR@10 — `{variant}`: {about}, {seeds} seed(s)", "",
+                  "| score | backbone | " + " | ".join(f"{float(n):.0%} noise" for n in noises) + " |",
+                  "| --- | --- | " + " | ".join("---" for _ in noises) + " |"]
+        for method, backbone in PRODUCT_ROWS:
+            cells = [_pct(mile.get(f"{method}@{backbone}/noise{n}")) for n in noises]
+            if any(c != "–" for c in cells):
+                lines.append(f"| {method} | {backbone} | " + " | ".join(cells) + " |")
     lines += ["", "## Claims (the paper's direction, never its numbers)", "", "| claim | holds | values (%) |",
               "| --- | --- | --- |"]
     for c in summary["claims"]:
@@ -852,21 +902,23 @@ def chart(summary: dict, out: Path) -> None:
     left.set_ylabel("IoU or top-1 (%)")
     left.set_title("fmnist-scenes: dense k-NN segmentation and image k-NN")
     left.legend(fontsize=8)
-    mile = table.get("mile", {})
-    noises = sorted({float(k.rsplit("noise", 1)[1]) for k in mile})
-    for method, backbone, style in (("mile", "trained", "-o"), ("max-pairwise", "trained", "-s"),
-                                    ("mean-cls", "trained", "-^"), ("max-pairwise", "start", ":s"),
-                                    ("mean-cls", "start", ":^")):
-        keys = [f"{method}@{backbone}/noise{n:g}" for n in noises]
-        if all(k in mile for k in keys):
-            left_means = [100 * mile[k]["mean"] for k in keys]
-            right.errorbar([100 * n for n in noises], left_means, yerr=[100 * mile[k]["std"] for k in keys], fmt=style,
-                           capsize=3, label=f"{method} ({backbone})")
+    drawn = [v for v in PRODUCT_VARIANTS if table.get(v)]
+    styles = ("-o", "-s", "-^", ":s", ":^")
+    for variant, colour in zip(drawn, ("tab:blue", "tab:orange")):
+        mile = table[variant]
+        noises = sorted({float(k.rsplit("noise", 1)[1]) for k in mile})
+        for (method, backbone), style in zip(PRODUCT_ROWS, styles):
+            keys = [f"{method}@{backbone}/noise{n:g}" for n in noises]
+            if all(k in mile for k in keys):
+                means = [100 * mile[k]["mean"] for k in keys]
+                right.errorbar([100 * n for n in noises], means, yerr=[100 * mile[k]["std"] for k in keys], fmt=style,
+                               color=colour if len(drawn) > 1 else None, capsize=3,
+                               label=(f"{variant}: " if len(drawn) > 1 else "") + f"{method} ({backbone})")
     right.set_xlabel("query photos replaced by random ones (%)")
     right.set_ylabel("AR@10 (%)")
     right.set_title("fmnist-products, image-set retrieval")
-    if mile:
-        right.legend(fontsize=8)
+    if drawn:
+        right.legend(fontsize=7 if len(drawn) > 1 else 8)
     figure.suptitle(f"fidelity suite, profile {summary['profile']}: mean ± std over seeds {summary['seeds']}")
     figure.tight_layout()
     atomic.write_with(out, lambda tmp: figure.savefig(tmp, format="png", dpi=110))

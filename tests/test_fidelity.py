@@ -281,7 +281,47 @@ def test_every_profile_plans_its_default_cells_and_evaluates_a_weights_file_only
     cells = fidelity.cells_of(profile, tmp_path, [])
     declared = dict(profile.estimates)
     assert cells and all(c.variant.name in declared for c in cells), [c.id for c in cells if c.variant.name not in declared]
-    with_weights = {c.variant.name for c in cells if c.variant.weights}
+    with_weights = {c.variant.name for c in cells if c.variant.needs_its_profile}
     assert with_weights <= set(profile.variants or ()), with_weights
-    assert not {c.variant.name for c in fidelity.cells_of(profile, tmp_path, ["scenes/*/0"])
-                if c.variant.weights} - set(profile.variants or ())
+    assert not {c.variant.name for c in fidelity.cells_of(profile, tmp_path, ["*/*/0"])
+                if c.variant.needs_its_profile} - set(profile.variants or ())
+
+
+def test_a_cell_that_starts_from_the_backbone_names_its_weights_by_content_not_by_place(tmp_path, monkeypatch):
+    """mile-backbone trains from weights/: the spec holds the file's SHA-256 (a retrained backbone under the
+    same name is another cell) and no path of this checkout (a device's copy reuses the cells made here)."""
+    backbone = tmp_path / "repo" / fidelity.BACKBONE
+    backbone.parent.mkdir(parents=True)
+    backbone.write_bytes(b"first")
+    monkeypatch.setattr(fidelity, "REPO", tmp_path / "repo")
+    warm = fidelity.PROFILES["warm"]
+    cell = next(c for c in fidelity.cells_of(warm, tmp_path / "work", []) if c.id == "products/mile-backbone/0")
+    assert f"model.weights={tmp_path / 'repo' / fidelity.BACKBONE}" in cell.overrides()  # what the run reads
+    spec = cell.spec()
+    assert f"model.weights={fidelity.BACKBONE}" in spec["overrides"] and str(tmp_path) not in json.dumps(spec)
+    assert spec["weights_sha256"] == ["a7937b64b8caa58f03721bb6bacf5c78cb235febe0e70b1b84cd99541461a08e"]  # sha256("first")
+    first = cell.spec_sha()
+    time.sleep(0.01)
+    backbone.write_bytes(b"other")
+    assert cell.spec_sha() != first
+    backbone.unlink()
+    with pytest.raises(SystemExit, match="is missing"):
+        cell.spec()
+
+
+def test_the_report_has_a_table_and_claims_for_mile_from_the_backbone():
+    def record(variant: str, seed: int, mile: float, mean_cls: float) -> dict:
+        return {"cell": f"products/{variant}/{seed}", "spec": {"variant": variant},
+                "metrics": {"mile@trained/noise0": mile, "mean-cls@trained/noise0": mean_cls,
+                            "mean-cls@start/noise0": mean_cls, "max-pairwise@trained/noise0": 0.01,
+                            "max-pairwise@start/noise0": 0.01},
+                "device": "cpu", "commit": "abc", "torch": "2"}
+
+    records = [record("mile-backbone", s, 0.20 + s / 100, 0.10) for s in range(3)] + [record("mile", 0, 0.02, 0.05)]
+    summary = fidelity.summarise(fidelity.PROFILES["warm"], records)
+    claims = {c["claim"]: c["holds"] for c in summary["claims"]}
+    assert claims["MILE from the backbone > mean-cls of the backbone it started from, AR@10 on fmnist-products"]
+    assert claims["MILE > mean-cls of the trained backbone, AR@10 on fmnist-products"] is False
+    text = fidelity.markdown(summary)
+    assert "`mile-backbone`: MILE fine-tuned from weights/dino_fmnist_backbone.safetensors, 3 seed(s)" in text
+    assert "| mile | trained | 21.0 ± 1.0 |" in text and "| mile | trained | 2.0 |" in text
