@@ -3,8 +3,9 @@ from __future__ import annotations
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 import typer
 
@@ -149,6 +150,64 @@ def _dataset_record(train_split, val_split) -> dict:
             "train_images": len(train_split), "val_images": len(val_split)}
 
 
+@dataclass
+class _SegmentationInputs:
+    """What eval knn-seg and linear-seg score: dense features of both splits and their masks (folders,
+    or a benchmark's splits), the result JSON's dataset record, class names and the label not scored."""
+    train_features: object
+    val_features: object
+    train_masks: object
+    val_masks: object
+    record: dict
+    names: list
+    ignore_index: int
+    benchmark: Optional[str] = None  # with no inputs given: the fmnist-scenes folder evaluated, in words
+
+
+def _segmentation_inputs(dataset: str, root: Optional[Path], train_split: Optional[str], val_split: Optional[str],
+                         folders: dict, ignore_index: int, get_model, embed_options: Callable[[], dict],
+                         fmnist: Optional[Path] = None) -> _SegmentationInputs:
+    """The inputs of a segmentation evaluation: --dataset's splits (embedded from --root, or the feature
+    folders given as --train/--val), or the four folders of ``folders`` (train, train_masks, val,
+    val_masks; images are embedded, features used as they are). With none of them and ``fmnist`` given
+    (knn-seg), the fmnist-scenes benchmark there, built when missing. ``embed_options()`` is called
+    only when images are to be embedded."""
+    from mlsctl.data.datasets import SEGMENTATION
+    from mlsctl.errors import UserError
+    from mlsctl.evaluate.knn_seg import class_names
+    from mlsctl.features import features_or_embed
+
+    train, train_masks, val, val_masks = (folders[k] for k in ("train", "train_masks", "val", "val_masks"))
+    if dataset != "folders":
+        _no_masks_with_dataset(dataset, train_masks=train_masks, val_masks=val_masks)
+        train_data, val_data = _benchmark(dataset, root, train_split, val_split, SEGMENTATION)
+        options = embed_options() if train is None or val is None else {}
+        train_features = _split_features(train_data, train, get_model, dense=True, what="train features", **options)
+        val_features = _split_features(val_data, val, get_model, dense=True, what="val features", **options)
+        return _SegmentationInputs(train_features, val_features, train_data, val_data,
+                                   _dataset_record(train_data, val_data), train_data.classes, train_data.ignore_index)
+    benchmark = None
+    if fmnist is not None and all(v is None for v in folders.values()):
+        from mlsctl.data.fmnist import build_scenes
+
+        if not (fmnist / "meta.json").is_file():
+            _say(f"fmnist-scenes not found in {fmnist}; building it (mlsctl data fmnist-scenes --out {fmnist})")
+            build_scenes(fmnist, progress=sys.stderr.isatty())
+        train, train_masks = fmnist / "train" / "images", fmnist / "train" / "masks"
+        val, val_masks = fmnist / "val" / "images", fmnist / "val" / "masks"
+        benchmark = f"the fmnist-scenes benchmark ({fmnist})"
+    elif any(v is None for v in folders.values()):
+        raise UserError("give all of --train, --train-masks, --val and --val-masks, "
+                        + ("or none of them (to evaluate on fmnist-scenes), " if fmnist is not None else "")
+                        + "or --dataset with --root")
+    options = {} if is_feature_pair(train, val) else embed_options()
+    train_features = features_or_embed(train, get_model, dense=True, what="train features", say=_say, **options)
+    val_features = features_or_embed(val, get_model, dense=True, what="val features", say=_say, **options)
+    return _SegmentationInputs(train_features, val_features, train_masks, val_masks,
+                               _folders_dataset(train_masks, ignore_index, train_features, val_features),
+                               class_names(train_masks), ignore_index, benchmark)
+
+
 def _resolve_protocol(lib, name: str, given: dict) -> tuple:
     """The preset of --protocol with the explicitly given flags laid over it: (protocol, values, overridden)."""
     preset = lib.protocol(name)
@@ -200,10 +259,8 @@ def knn_seg(
 
     With no arguments: the newest run under ./runs on the fmnist-scenes benchmark.
     """
-    from mlsctl.data.datasets import SEGMENTATION
     from mlsctl.errors import UserError
     from mlsctl.evaluate import knn_seg as lib
-    from mlsctl.features import features_or_embed
 
     preset, chosen, overridden = _resolve_protocol(lib, protocol, {
         "k": k, "temperature": temperature, "memory_size": memory_size, "aug_passes": aug_passes, "runs": runs,
@@ -215,41 +272,16 @@ def knn_seg(
             return {}
         return {"resolution": resolution or preset.resolution(get_model().backbone.patch_size)}
 
-    benchmark = None
-    if dataset != "folders":
-        _no_masks_with_dataset(dataset, train_masks=train_masks, val_masks=val_masks)
-        train_data, val_data = _benchmark(dataset, root, train_split, val_split, SEGMENTATION)
-        options = embed_options() if train is None or val is None else {}
-        train_features = _split_features(train_data, train, get_model, dense=True, what="train features", **options)
-        val_features = _split_features(val_data, val, get_model, dense=True, what="val features", **options)
-        train_masks, val_masks = train_data, val_data
-        record = _dataset_record(train_data, val_data)
-        names, ignore_index = train_data.classes, train_data.ignore_index
-    else:
-        given = [train, train_masks, val, val_masks]
-        if all(v is None for v in given):
-            from mlsctl.data.fmnist import build_scenes
-
-            if not (data / "meta.json").is_file():
-                _say(f"fmnist-scenes not found in {data}; building it (mlsctl data fmnist-scenes --out {data})")
-                build_scenes(data, progress=sys.stderr.isatty())
-            train, train_masks = data / "train" / "images", data / "train" / "masks"
-            val, val_masks = data / "val" / "images", data / "val" / "masks"
-            benchmark = f"the fmnist-scenes benchmark ({data})"
-        elif any(v is None for v in given):
-            raise UserError("give all of --train, --train-masks, --val and --val-masks, or none of them "
-                            "(to evaluate on fmnist-scenes), or --dataset with --root")
-        options = {} if is_feature_pair(train, val) else embed_options()
-        train_features = features_or_embed(train, get_model, dense=True, what="train features", say=_say, **options)
-        val_features = features_or_embed(val, get_model, dense=True, what="val features", say=_say, **options)
-        record = _folders_dataset(train_masks, ignore_index, train_features, val_features)
-        names = lib.class_names(train_masks)
+    inputs = _segmentation_inputs(dataset, root, train_split, val_split,
+                                  dict(train=train, train_masks=train_masks, val=val, val_masks=val_masks),
+                                  ignore_index, get_model, embed_options, fmnist=data)
+    train_features, val_features, record = inputs.train_features, inputs.val_features, inputs.record
     _check_protocol_resolution(preset, overridden, resolution, train_features)
-    if benchmark:
+    if inputs.benchmark:
         _say(f"evaluating {get_model.chosen.description if get_model.chosen else train_features.model.get('path')} "
-             f"on {benchmark}")
-    train_source = lib.FeatureMasks(train_features, train_masks, "train features")
-    val_source = lib.FeatureMasks(val_features, val_masks, "val features")
+             f"on {inputs.benchmark}")
+    train_source = lib.FeatureMasks(train_features, inputs.train_masks, "train features")
+    val_source = lib.FeatureMasks(val_features, inputs.val_masks, "val features")
     augmented = None
     if chosen["aug_passes"]:
         backbone = get_model()
@@ -259,18 +291,19 @@ def knn_seg(
         augmented = lib.AugmentedPasses(train_source, backbone.backbone, chosen["aug_passes"], seed)
     fractions = [lib.parse_fraction(f) for f in chosen["fractions"]]
     settings = lib.Settings(k=chosen["k"], temperature=chosen["temperature"], memory_size=chosen["memory_size"],
-                            aug_passes=chosen["aug_passes"], ignore_index=ignore_index, runs=chosen["runs"], seed=seed,
+                            aug_passes=chosen["aug_passes"], ignore_index=inputs.ignore_index, runs=chosen["runs"], seed=seed,
                             index=index, nlist=nlist, nprobe=nprobe, search=search, device=device)
     started = time.perf_counter()
-    result = lib.knn_segmentation(train_source, val_source, fractions, settings, augmented=augmented, names=names,
-                                  progress=sys.stderr.isatty())
+    result = lib.knn_segmentation(train_source, val_source, fractions, settings, augmented=augmented,
+                                  names=inputs.names, progress=sys.stderr.isatty())
     payload = {
         "command": "eval knn-seg",
         "dataset": record,
         "protocol": {"name": preset.name, "preset": preset.to_dict(), "overridden": overridden,
                      "resolution": train_features.preprocessing.get("resolution")},
-        "train": {"features": str(train_features.path), "masks": _masks_text(train_masks), "images": len(train_features)},
-        "val": {"features": str(val_features.path), "masks": _masks_text(val_masks), "images": len(val_features)},
+        "train": {"features": str(train_features.path), "masks": _masks_text(inputs.train_masks),
+                  "images": len(train_features)},
+        "val": {"features": str(val_features.path), "masks": _masks_text(inputs.val_masks), "images": len(val_features)},
         "model": train_features.model,
         "settings": {**settings.to_dict(), "fractions": [r["fraction"] for r in result["results"]]},
         "seconds": round(time.perf_counter() - started, 3),
@@ -507,37 +540,24 @@ def linear_seg(
     Folders: mlsctl eval linear-seg --train data/fmnist-scenes/train/images --train-masks data/fmnist-scenes/train/masks
              --val data/fmnist-scenes/val/images --val-masks data/fmnist-scenes/val/masks --run runs/dino_fmnist_quick
     """
-    from mlsctl.data.datasets import SEGMENTATION
-    from mlsctl.errors import UserError
     from mlsctl.evaluate import knn_seg as knn_lib
     from mlsctl.evaluate import linear_seg as lib
-    from mlsctl.features import features_or_embed
 
     get_model = _model_on_demand(run, weights, model, random_init, seed)
-    options = {"resolution": resolution} if resolution else {}
-    if dataset != "folders":
-        _no_masks_with_dataset(dataset, train_masks=train_masks, val_masks=val_masks)
-        train_data, val_data = _benchmark(dataset, root, train_split, val_split, SEGMENTATION)
-        train_features = _split_features(train_data, train, get_model, dense=True, what="train features", **options)
-        val_features = _split_features(val_data, val, get_model, dense=True, what="val features", **options)
-        train_masks, val_masks = train_data, val_data
-        record, names, ignore_index = _dataset_record(train_data, val_data), train_data.classes, train_data.ignore_index
-    else:
-        if train is None or val is None or train_masks is None or val_masks is None:
-            raise UserError("give --train, --train-masks, --val and --val-masks, or --dataset with --root")
-        train_features = features_or_embed(train, get_model, dense=True, what="train features", say=_say, **options)
-        val_features = features_or_embed(val, get_model, dense=True, what="val features", say=_say, **options)
-        record = _folders_dataset(train_masks, ignore_index, train_features, val_features)
-        names = knn_lib.class_names(train_masks)
-    train_source = knn_lib.FeatureMasks(train_features, train_masks, "train features")
-    val_source = knn_lib.FeatureMasks(val_features, val_masks, "val features")
+    inputs = _segmentation_inputs(dataset, root, train_split, val_split,
+                                  dict(train=train, train_masks=train_masks, val=val, val_masks=val_masks),
+                                  ignore_index, get_model, lambda: {"resolution": resolution} if resolution else {})
+    train_features, val_features = inputs.train_features, inputs.val_features
+    train_source = knn_lib.FeatureMasks(train_features, inputs.train_masks, "train features")
+    val_source = knn_lib.FeatureMasks(val_features, inputs.val_masks, "val features")
     result = lib.evaluate_linear_seg(train_source, val_source, epochs=epochs, lr=lr, weight_decay=wd,
-                                     image_batch=batch_size, ignore_index=ignore_index, seed=seed,
-                                     names=names, progress=sys.stderr.isatty())
-    payload = {"command": "eval linear-seg", "dataset": record,
-               "train": {"features": str(train_features.path), "masks": _masks_text(train_masks),
+                                     image_batch=batch_size, ignore_index=inputs.ignore_index, seed=seed,
+                                     names=inputs.names, progress=sys.stderr.isatty())
+    payload = {"command": "eval linear-seg", "dataset": inputs.record,
+               "train": {"features": str(train_features.path), "masks": _masks_text(inputs.train_masks),
                          "images": len(train_features)},
-               "val": {"features": str(val_features.path), "masks": _masks_text(val_masks), "images": len(val_features)},
+               "val": {"features": str(val_features.path), "masks": _masks_text(inputs.val_masks),
+                       "images": len(val_features)},
                "model": train_features.model, **result}
     out = out or _default_json("linear-seg")
     _write_json(out, payload)
