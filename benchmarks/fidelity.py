@@ -261,7 +261,7 @@ PROFILES = {
 }
 # Warm start (issue 22, item 9): every scenes method fine-tuned from the backbone in weights/ against DINO continued
 # from it, for the same steps, on this CPU; `backbone` is the starting point itself, `random` its architecture;
-# `mile-backbone`: MILE's recipe from the backbone for 2 epochs of the 1,000 training objects (126 steps of 16 sets).
+# `mile-backbone`: MILE's recipe from the backbone for 2 epochs of the 1,000 training objects (124 steps of 16 sets).
 WARM_VIT = (*GPU_VIT, "model.img_size=96", "model.weights=" + str(REPO / BACKBONE))
 PROFILES["warm"] = Profile(
     "warm", seeds=(0, 1, 2), scenes_data=(), products_data=(),
@@ -276,7 +276,7 @@ PROFILES["warm"] = Profile(
     about="warm start: every scenes method fine-tuned from weights/dino_fmnist_backbone.safetensors (ViT width 320, "
           "depth 8, patch 8) for 2 epochs of 2,000 scenes (124 steps of 32, lr 5e-5) against DINO continued from it; "
           "the backbone itself and its random init evaluated alike; MILE fine-tuned from it on fmnist-products for 2 "
-          "epochs of 1,000 objects (126 steps of 16 sets of 4 photos); 3 seeds")
+          "epochs of 1,000 objects (124 steps of 16 sets of 4 photos); 3 seeds")
 
 # The first calibration window's budget (2026-12-04): 100 epochs of 2,000 scenes, 700 steps. DINO was not 5 mIoU
 # points above random and the ceiling not 10 above both, so the budget was changed once, for every method: `gpu`.

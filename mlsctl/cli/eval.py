@@ -90,6 +90,9 @@ DENSE_TRAIN_OPTION = typer.Option(None, "--train", help="Training features (a fo
 TRAIN_MASKS_OPTION = typer.Option(None, "--train-masks", help="Label masks of the training images (same relative "
                                                               "paths, .png).")
 DENSE_VAL_OPTION = typer.Option(None, "--val", help="Validation features or images.")
+GLOBAL_TRAIN_OPTION = typer.Option(None, "--train", help="Training features (a folder from mlsctl embed) or images "
+                                   "(embedded with --run/--weights, cached).")
+GLOBAL_VAL_OPTION = typer.Option(None, "--val", help="Validation features or images.")
 VAL_MASKS_OPTION = typer.Option(None, "--val-masks", help="Label masks of the validation images.")
 
 
@@ -389,8 +392,8 @@ def _classification_inputs(dataset: str, root: Optional[Path], train_split: Opti
 
 @app.command("knn")
 def knn(
-    train: Optional[Path] = typer.Option(None, "--train", help="Training features (a folder from mlsctl embed) or images (embedded with --run/--weights, cached)."),
-    val: Optional[Path] = typer.Option(None, "--val", help="Validation features or images."),
+    train: Optional[Path] = GLOBAL_TRAIN_OPTION,
+    val: Optional[Path] = GLOBAL_VAL_OPTION,
     dataset: ClsDataset = CLS_DATASET_OPTION,
     root: Optional[Path] = ROOT_OPTION,
     train_split: Optional[Split] = TRAIN_SPLIT_OPTION,
@@ -441,8 +444,8 @@ def knn(
 
 @app.command("linear")
 def linear(
-    train: Optional[Path] = typer.Option(None, "--train", help="Training features (a folder from mlsctl embed) or images (embedded with --run/--weights, cached)."),
-    val: Optional[Path] = typer.Option(None, "--val", help="Validation features or images."),
+    train: Optional[Path] = GLOBAL_TRAIN_OPTION,
+    val: Optional[Path] = GLOBAL_VAL_OPTION,
     dataset: ClsDataset = CLS_DATASET_OPTION,
     root: Optional[Path] = ROOT_OPTION,
     train_split: Optional[Split] = TRAIN_SPLIT_OPTION,
