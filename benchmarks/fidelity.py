@@ -889,19 +889,23 @@ def chart(summary: dict, out: Path) -> None:
     import matplotlib.pyplot as plt
 
     table = summary["table"]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(18, 5.2), gridspec_kw={"width_ratios": [2.2, 1]})
     variants = [v for v in SCENE_VARIANTS if v in table]
+    if variants:
+        figure, (left, right) = plt.subplots(1, 2, figsize=(18, 5.2), gridspec_kw={"width_ratios": [2.2, 1]})
+    else:  # products cells only (the warm profile's first cells): one panel
+        figure, right = plt.subplots(1, 1, figsize=(7.5, 5.2))
     metrics = (("miou", "mIoU"), ("foreground_iou", "foreground IoU"), ("knn_top1@20", "image k-NN top-1 (k=20)"),
                ("linear_map", "multi-label linear mAP"))
     width = 0.8 / len(metrics)
-    for i, (key, label) in enumerate(metrics):
+    for i, (key, label) in enumerate(metrics if variants else ()):
         means = [100 * table[v][key]["mean"] if key in table[v] else float("nan") for v in variants]  # nan: no bar
         stds = [100 * table[v][key]["std"] if key in table[v] else 0.0 for v in variants]
         left.bar([x + (i - 1.5) * width for x in range(len(variants))], means, width, yerr=stds, capsize=2, label=label)
-    left.set_xticks(range(len(variants)), variants, rotation=30, ha="right")
-    left.set_ylabel("IoU or top-1 (%)")
-    left.set_title("fmnist-scenes: dense k-NN segmentation and image k-NN")
-    left.legend(fontsize=8)
+    if variants:
+        left.set_xticks(range(len(variants)), variants, rotation=30, ha="right")
+        left.set_ylabel("IoU or top-1 (%)")
+        left.set_title("fmnist-scenes: dense k-NN segmentation and image k-NN")
+        left.legend(fontsize=8)
     drawn = [v for v in PRODUCT_VARIANTS if table.get(v)]
     styles = ("-o", "-s", "-^", ":s", ":^")
     for variant, colour in zip(drawn, ("tab:blue", "tab:orange")):
@@ -916,7 +920,7 @@ def chart(summary: dict, out: Path) -> None:
                                label=(f"{variant}: " if len(drawn) > 1 else "") + f"{method} ({backbone})")
     right.set_xlabel("query photos replaced by random ones (%)")
     right.set_ylabel("AR@10 (%)")
-    right.set_title("fmnist-products, image-set retrieval")
+    right.set_title("fmnist-products, image-set retrieval" + (f": {drawn[0]}" if len(drawn) == 1 else ""))
     if drawn:
         right.legend(fontsize=7 if len(drawn) > 1 else 8)
     figure.suptitle(f"fidelity suite, profile {summary['profile']}: mean ± std over seeds {summary['seeds']}")

@@ -309,7 +309,7 @@ def test_a_cell_that_starts_from_the_backbone_names_its_weights_by_content_not_b
         cell.spec()
 
 
-def test_the_report_has_a_table_and_claims_for_mile_from_the_backbone():
+def test_the_report_has_a_table_and_claims_for_mile_from_the_backbone(tmp_path):
     def record(variant: str, seed: int, mile: float, mean_cls: float) -> dict:
         return {"cell": f"products/{variant}/{seed}", "spec": {"variant": variant},
                 "metrics": {"mile@trained/noise0": mile, "mean-cls@trained/noise0": mean_cls,
@@ -325,3 +325,8 @@ def test_the_report_has_a_table_and_claims_for_mile_from_the_backbone():
     text = fidelity.markdown(summary)
     assert "`mile-backbone`: MILE fine-tuned from weights/dino_fmnist_backbone.safetensors, 3 seed(s)" in text
     assert "| mile | trained | 21.0 ± 1.0 |" in text and "| mile | trained | 2.0 |" in text
+    only_products = fidelity.summarise(fidelity.PROFILES["warm"], records[:3])  # no scenes cells: one panel
+    fidelity.chart(only_products, tmp_path / "summary.png")
+    from PIL import Image
+
+    assert Image.open(tmp_path / "summary.png").size == (825, 572)  # 7.5 x 5.2 inches at 110 dpi
