@@ -48,5 +48,5 @@ bench: venv fmnist
 	$(BIN)/python benchmarks/train_throughput.py
 
 clean-demo:
-	rm -rf data/fmnist-scenes features/demo results/demo-knn-seg-*.json \
+	rm -rf data/fmnist-scenes features/demo results/demo-knn-seg-*.json results/demo-search-ev00007.json \
 	  data/fmnist-products runs/mile_fmnist_backbone_demo runs/demo-96-objects.csv galleries/demo-products
