@@ -10,6 +10,19 @@ cd "$(dirname "$0")/.."
 start=$(date +%s)
 BACKBONE=weights/dino_fmnist_backbone.safetensors
 FEATS=features/demo
+MILE=runs/mile_fmnist_backbone_demo
+
+# What a run reuses was made from one backbone: after a pull that brings another one, made again.
+made_from="$FEATS/backbone.sha256"
+backbone_sum=$(sha256sum "$BACKBONE" | cut -d' ' -f1)
+if [ -d "$FEATS" ] || [ -d "$MILE" ]; then
+  if [ ! -f "$made_from" ] || [ "$(cat "$made_from")" != "$backbone_sum" ]; then
+    echo "$BACKBONE is not the backbone the last demo used: its features, results, MILE run and gallery are made again"
+    rm -rf "$FEATS" results/demo-knn-seg-*.json results/demo-search-ev00007.json "$MILE" galleries/demo-products
+  fi
+fi
+mkdir -p "$FEATS"
+echo "$backbone_sum" > "$made_from"
 
 echo "== 1/6 fmnist-scenes (2,000 train / 500 val scenes from real Fashion-MNIST items)"
 mlsctl data fmnist-scenes --out data/fmnist-scenes
@@ -51,7 +64,6 @@ mlsctl viz pca "$FEATS/backbone-val" --out "$FEATS/pca-backbone-val.png" --n 16
 
 echo "== 5/6 fmnist-products and a short MILE fine-tune from the backbone (recipes/mile_fmnist_backbone.yaml)"
 mlsctl data fmnist-products --out data/fmnist-products
-MILE=runs/mile_fmnist_backbone_demo
 OBJECTS=runs/demo-96-objects.csv  # the photos of the first 96 training objects: 12 steps of 8 sets
 python - "$OBJECTS" <<'PY'
 import sys
