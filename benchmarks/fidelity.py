@@ -269,9 +269,10 @@ PROFILES["warm"] = Profile(
                       "train.checkpoint_every=25"),
     products_overrides=("optim.epochs=2", "train.checkpoint_every=25"),
     variants=("random", "backbone", "mile-backbone", "dino", "cribo", "sove", "mocov2", "mls"),
-    # not measured: the backbone's ViT costs ~12x the quick recipes' per step on this CPU (the MILE fine-tune of
-    # make demo: ~8-16 s per step of 8 sets), so 124 steps of 32 scenes take ~1-2 h per cell here
-    estimates=(("random", 400), ("backbone", 400), ("mile-backbone", 900), ("dino", 5400), ("cribo", 7200),
+    # mile-backbone measured on this 2-core CPU (2026-12-05): 424-527 s a cell, ~3.5 s per step of 16 sets with
+    # the CPU to itself; the scenes cells not measured: the backbone's ViT costs ~12x the quick recipes' per step,
+    # so 124 steps of 32 scenes are estimated at ~1.5-2 h per cell here
+    estimates=(("random", 400), ("backbone", 400), ("mile-backbone", 550), ("dino", 5400), ("cribo", 7200),
                ("sove", 7200), ("mocov2", 7200), ("mls", 7200)),
     about="warm start: every scenes method fine-tuned from weights/dino_fmnist_backbone.safetensors (ViT width 320, "
           "depth 8, patch 8) for 2 epochs of 2,000 scenes (124 steps of 32, lr 5e-5) against DINO continued from it; "

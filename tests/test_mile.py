@@ -336,7 +336,7 @@ def test_throughput_is_logged_in_sets_and_photos_per_second(mile_run):
         assert r["photos_per_s"] == pytest.approx(2 * r["sets_per_s"])
     summary = json.loads((mile_run / "run" / "summary.json").read_text())
     assert summary["sets_per_s"] == summary["images_per_s"] > 0
-    assert summary["photos_per_s"] == pytest.approx(2 * summary["sets_per_s"], abs=0.01)
+    assert summary["photos_per_s"] == pytest.approx(2 * summary["sets_per_s"], abs=0.02)  # each rounded to 0.01
     assert re.search(r"= \d+ steps of \d+ sets \|", (mile_run / "run" / "train.log").read_text())
 
 
