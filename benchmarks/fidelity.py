@@ -618,8 +618,9 @@ def run_cell(cell: Cell, threads: int, rerun: bool, deadline: Optional[float] = 
     if rerun or (started_as is not None and started_as != cell.spec_sha()):
         shutil.rmtree(cell.folder, ignore_errors=True)  # asked for, or the declaration changed: start again
     cell.folder.mkdir(parents=True, exist_ok=True)
-    if not marker.is_file():
-        atomic.write_json(marker, {"spec_sha": cell.spec_sha(), "spec": cell.spec()})
+    if not marker.is_file():  # the cell's first start: the code it started with
+        atomic.write_json(marker, {"spec_sha": cell.spec_sha(), "spec": cell.spec(), "commit": commit()})
+    started_at_commit = json.loads(marker.read_text()).get("commit")  # None: a cell started before this was kept
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     seconds = {"train": 0.0, "eval": 0.0}
     if cell.variant.recipe is not None:
@@ -634,6 +635,9 @@ def run_cell(cell: Cell, threads: int, rerun: bool, deadline: Optional[float] = 
         "metrics": metrics_of(cell, result),
         "steps": summary.get("steps"), "resumed_from": summary.get("resumed_from"),
         "device": device_description(), "torch": torch.__version__, "timm": timm.__version__, "commit": commit(),
+        # the code may change while a cell runs: the commit its first start saw and the one its training ended at
+        # (the run's summary.json); "commit" is the one at the record's writing
+        "commit_at_start": started_at_commit, "trained_at_commit": summary.get("commit"),
         "started": started, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
         "seconds_this_session": {k: round(v, 1) for k, v in seconds.items()},
         "train_seconds_total": summary.get("seconds"),

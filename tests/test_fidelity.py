@@ -329,3 +329,26 @@ def test_the_report_has_a_table_and_claims_for_mile_from_the_backbone(tmp_path):
     from PIL import Image
 
     assert Image.open(tmp_path / "summary.png").size == (825, 572)  # 7.5 x 5.2 inches at 110 dpi
+
+
+def test_a_cell_records_the_commit_it_started_with_and_the_one_it_finished_with(tmp_path, monkeypatch):
+    """The code may change while a cell runs (a long CPU cell, commits beside it): the record names the commit
+    of the cell's first start and of its training's end, besides the one when it was written."""
+    monkeypatch.setattr(fidelity, "RESULTS", tmp_path / "results")
+    current = ["aaa"]
+    monkeypatch.setattr(fidelity, "commit", lambda: current[0])
+
+    def train(cell, threads, deadline=None):
+        cell.run.mkdir(parents=True)
+        (cell.run / "summary.json").write_text(json.dumps({"steps": 8, "resumed_from": 0, "seconds": 1.0,
+                                                           "commit": "bbb"}))
+        current[0] = "ccc"  # committed while the cell evaluated
+        return 1.0
+
+    monkeypatch.setattr(fidelity, "train", train)
+    monkeypatch.setattr(fidelity, "evaluate", lambda cell, threads, deadline=None: ({}, 0.5))
+    monkeypatch.setattr(fidelity, "metrics_of", lambda cell, result: {"miou": 0.1})
+    cell = fidelity.cells_of(fidelity.PROFILES["smoke"], tmp_path / "work", ["scenes/dino/0"])[0]
+    record = fidelity.run_cell(cell, 1, False)
+    assert (record["commit_at_start"], record["trained_at_commit"], record["commit"]) == ("aaa", "bbb", "ccc")
+    assert json.loads(cell.result_path.read_text())["commit_at_start"] == "aaa"
