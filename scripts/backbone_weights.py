@@ -37,6 +37,9 @@ def to_bf16(run: Path, out_prefix: Path) -> list[Path]:
         "run": run.name, "method": recipe["method"]["name"], "data": recipe["data"]["root"], "seed": recipe["seed"],
         "steps": summary["steps"], "epochs": recipe["optim"]["epochs"], "batch_size": recipe["optim"]["batch_size"],
         "recipe_sha256": hashlib.sha256((run / "config.yaml").read_bytes()).hexdigest(), "dtype": "bfloat16",
+        # where and how it trained (the last session's, for a resumed run) and the code it ended with
+        "device": summary.get("device"), "precision": summary.get("precision"), "finished": summary.get("finished"),
+        "commit": summary.get("commit"), "processes": summary.get("processes"),
     }, sort_keys=True)
     out = out_prefix.with_name(out_prefix.name + ".safetensors")
     out.parent.mkdir(parents=True, exist_ok=True)

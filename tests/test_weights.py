@@ -136,3 +136,33 @@ def test_a_backbone_from_a_weights_file_skips_only_its_initialisation(tmp_path):
     with pytest.raises(Exception, match="do not fit model.arch"):
         Backbone(img_size=32, weights=str(path), skip_init=True, arch="vit_small_patch16_224", patch_size=8,
                  timm_kwargs={"embed_dim": 32, "depth": 3, "num_heads": 2})
+
+
+def test_a_runs_teacher_becomes_the_bf16_weights_file_and_comes_back_from_its_parts(finished_run, tmp_path, monkeypatch):
+    """scripts/backbone_weights.py: how a backbone lands in weights/ — bf16, with the provenance a reader needs
+    (where it trained included), in parts below a device's file limit, joined back to the same bytes."""
+    import sys
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    import backbone_weights
+
+    run, _ = finished_run
+    (whole,) = backbone_weights.to_bf16(run, tmp_path / "bb")
+    with safe_open(str(whole), "pt") as handle:
+        provenance = json.loads(handle.metadata()["provenance"])
+        assert {handle.get_tensor(k).dtype for k in handle.keys()} == {torch.bfloat16}
+    assert provenance["method"] == "dino" and provenance["steps"] == 8 and provenance["device"] == "cpu"
+    assert provenance["precision"] and provenance["commit"] is not None
+    model = choose_model(weights=whole)
+    with safe_open(str(run / "teacher.safetensors"), "pt") as handle:
+        expected = handle.get_tensor("blocks.0.attn.qkv.weight").to(torch.bfloat16).float()
+    assert torch.equal(model.backbone.net.state_dict()["blocks.0.attn.qkv.weight"], expected)
+
+    monkeypatch.setattr(backbone_weights, "PART_BYTES", whole.stat().st_size // 3 + 1)
+    parts = backbone_weights.to_bf16(run, tmp_path / "parts" / "bb")
+    assert len(parts) == 3 and not (tmp_path / "parts" / "bb.safetensors").exists()
+    joined = backbone_weights.join(tmp_path / "parts" / "bb", tmp_path / "joined.safetensors")
+    assert joined.read_bytes() == b"".join(part.read_bytes() for part in parts)
+    with safe_open(str(joined), "pt") as a, safe_open(str(whole), "pt") as b:  # (safetensors orders metadata freely)
+        assert a.metadata() == b.metadata() and sorted(a.keys()) == sorted(b.keys())
+        assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
