@@ -767,7 +767,10 @@ def summarise(profile: Profile, records: list[dict]) -> dict:
     table = {v: {k: dict(zip(("mean", "std"), _mean_std(vals)), n=len(vals)) for k, vals in metrics.items()}
              for v, metrics in by_variant.items()}
 
+    read: set[str] = set()  # the variants the next claim's values were read from
+
     def mean(variant: str, key: str) -> Optional[float]:
+        read.add(variant)
         return table.get(variant, {}).get(key, {}).get("mean")
 
     claims = []
@@ -775,7 +778,8 @@ def summarise(profile: Profile, records: list[dict]) -> dict:
     def claim(text: str, values: list[Optional[float]], holds) -> None:
         ready = all(v is not None for v in values)
         claims.append({"claim": text, "holds": bool(holds(*values)) if ready else None,
-                       "values": [None if v is None else 100 * v for v in values]})
+                       "values": [None if v is None else 100 * v for v in values], "variants": sorted(read)})
+        read.clear()
 
     # calibration first: if DINO is not clearly above random or the ceiling not well above both, the benchmark or
     # the budget is wrong, not the methods (issue 22, item 7)
@@ -840,26 +844,36 @@ def _pct(entry: Optional[dict]) -> str:
 
 def markdown(summary: dict) -> str:
     table = summary["table"]
+    # a profile that lists its variants (warm) shows those and what was measured; the others show every variant
+    planned = PROFILES[summary["profile"]].variants if summary["profile"] in PROFILES else None
+
+    def listed(variant: str) -> bool:
+        return planned is None or variant in planned or variant in table
+
     lines = [f"# Fidelity suite, profile `{summary['profile']}`", "", summary["about"], "",
              f"{summary['cells']} cells, seeds {summary['seeds']}, {summary['train_hours']} h of training in all; "
-             f"mean ± std over seeds (%).", "",
-             "## Calibration: can the benchmark tell a method from none? (issue 22, item 7)", "",
-             "Random init, DINO and the supervised ceiling (the same ViT trained on the training masks, "
-             "benchmarks/supervised_ceiling.py) through the same evaluations.", "",
-             "| variant | seeds | mIoU | foreground IoU | image k-NN top-1 k=10 | k=20 |", "| --- | --- | --- | --- | --- | --- |"]
-    for variant in CALIBRATION:
-        row = table.get(variant, {})
-        lines.append(f"| {variant} | {row.get('miou', {}).get('n', 0)} | {_pct(row.get('miou'))} | "
-                     f"{_pct(row.get('foreground_iou'))} | {_pct(row.get('knn_top1@10'))} | {_pct(row.get('knn_top1@20'))} |")
-    lines += [""]
-    for c in summary["claims"]:
-        if c["claim"].startswith("Calibration"):
-            verdict = {True: "holds", False: "**does not hold**", None: "not measured yet"}[c["holds"]]
-            lines.append(f"- {c['claim']}: {verdict}")
-    lines += ["", "## fmnist-scenes: dense k-NN segmentation (all training scenes as memory)", "",
+             f"mean ± std over seeds (%).", ""]
+    if all(listed(v) for v in CALIBRATION):
+        lines += ["## Calibration: can the benchmark tell a method from none? (issue 22, item 7)", "",
+                  "Random init, DINO and the supervised ceiling (the same ViT trained on the training masks, "
+                  "benchmarks/supervised_ceiling.py) through the same evaluations.", "",
+                  "| variant | seeds | mIoU | foreground IoU | image k-NN top-1 k=10 | k=20 |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for variant in CALIBRATION:
+            row = table.get(variant, {})
+            lines.append(f"| {variant} | {row.get('miou', {}).get('n', 0)} | {_pct(row.get('miou'))} | "
+                         f"{_pct(row.get('foreground_iou'))} | {_pct(row.get('knn_top1@10'))} | "
+                         f"{_pct(row.get('knn_top1@20'))} |")
+        lines += [""]
+        for c in summary["claims"]:
+            if c["claim"].startswith("Calibration"):
+                verdict = {True: "holds", False: "**does not hold**", None: "not measured yet"}[c["holds"]]
+                lines.append(f"- {c['claim']}: {verdict}")
+        lines += [""]
+    lines += ["## fmnist-scenes: dense k-NN segmentation (all training scenes as memory)", "",
               "| variant | seeds | mIoU | foreground IoU | fg/bg mIoU | image k-NN top-1 k=10 | k=20 | multi-label linear mAP |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for variant in SCENE_VARIANTS:
+    for variant in filter(listed, SCENE_VARIANTS):
         row = table.get(variant, {})
         n = row.get("miou", {}).get("n", 0)
         lines.append(f"| {variant} | {n} | {_pct(row.get('miou'))} | {_pct(row.get('foreground_iou'))} | "
@@ -878,11 +892,16 @@ def markdown(summary: dict) -> str:
             cells = [_pct(mile.get(f"{method}@{backbone}/noise{n}")) for n in noises]
             if any(c != "–" for c in cells):
                 lines.append(f"| {method} | {backbone} | " + " | ".join(cells) + " |")
+    shown = [c for c in summary["claims"] if c["holds"] is not None or planned is None
+             or set(c.get("variants", ())) <= set(planned)]
     lines += ["", "## Claims (the paper's direction, never its numbers)", "", "| claim | holds | values (%) |",
               "| --- | --- | --- |"]
-    for c in summary["claims"]:
+    for c in shown:
         verdict = {True: "yes", False: "**no**", None: "not measured yet"}[c["holds"]]
         lines.append(f"| {c['claim']} | {verdict} | {', '.join('–' if v is None else f'{v:.1f}' for v in c['values'])} |")
+    if len(shown) < len(summary["claims"]):
+        lines += ["", f"{len(summary['claims']) - len(shown)} claims on variants this profile does not run are left "
+                      "out (summary.json lists every claim)."]
     lines += ["", "Provenance (device, commit, torch): " + "; ".join(", ".join(p) for p in summary["provenance"]), ""]
     return "\n".join(lines)
 

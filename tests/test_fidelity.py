@@ -324,6 +324,10 @@ def test_the_report_has_a_table_and_claims_for_mile_from_the_backbone(tmp_path):
     text = fidelity.markdown(summary)
     assert "`mile-backbone`: MILE fine-tuned from weights/dino_fmnist_backbone.safetensors, 3 seed(s)" in text
     assert "| mile | trained | 21.0 ± 1.0 |" in text and "| mile | trained | 2.0 |" in text
+    # the warm profile lists its variants: claims and rows of others (CrIBo's ablations, the ceiling) are left out
+    assert "Table 5 order" not in text and "| cribo-global |" not in text and "## Calibration" not in text
+    assert "| cribo |" in text and "claims on variants this profile does not run are left out" in text
+    assert any("Table 5 order" in c["claim"] for c in summary["claims"])  # summary.json keeps every claim
     only_products = fidelity.summarise(fidelity.PROFILES["warm"], records[:3])  # no scenes cells: one panel
     fidelity.chart(only_products, tmp_path / "summary.png")
     from PIL import Image
