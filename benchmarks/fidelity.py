@@ -6,6 +6,7 @@
     python benchmarks/fidelity.py --profile gpu --unpack-results out.tar.gz  # merge what a window brought back
     python benchmarks/fidelity.py --profile cpu --list   # the cells and their state (--budget-s: their estimates)
     python benchmarks/fidelity.py --profile cpu --summary  # rebuild the report from finished cells
+    python benchmarks/fidelity.py --profile warm --only 'products/mile-backbone/*'  # MILE from weights/ (~25 min)
 
 A declared matrix of experiments (:data:`VARIANTS` × the profile's seeds). Each *cell* is a
 pretrain (``mlsctl pretrain`` of a shipped quick recipe, with the variant's and the profile's
@@ -31,7 +32,12 @@ process:
 * fmnist-products: image-set retrieval (``mlsctl eval retrieval``, query sets of 4 photos) of
   ``mile``: AR@10 of MILE set embeddings against the single-image baselines (max-pairwise and
   mean-pooled CLS, on the trained teacher and on the backbone the run started from) at 0, 25 and
-  50 % noise.
+  50 % noise; and of ``mile-backbone``, MILE fine-tuned from the project's backbone in ``weights/``
+  (as the paper starts from DINOv2), in the profiles that list it (``warm``, ``gpu``).
+
+The ``warm`` profile starts every listed method from that backbone (``backbone``: the backbone
+itself, evaluated as it is); a cell that reads a weights file records the file's SHA-256 in its
+spec, so a retrained backbone makes new cells.
 
 Context refinement and its Multi-Similarity baseline (Recall@K on fmnist-products in the SOP
 layout, blocks × neighbours, 3 seeds) are the suite's sibling ``benchmarks/refine_fidelity.py``,
