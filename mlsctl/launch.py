@@ -76,14 +76,22 @@ def run_torchrun(argv: list[str]) -> None:
     """``torch.distributed.run`` with ``argv``; stopped by a signal (a scheduler's SIGTERM, which
     Accelerate's launcher also forwards), it exits with 128 + the signal's number instead of
     printing the elastic agent's tracebacks, as ``accelerate launch --multi_gpu`` does. The
-    training processes, stopped by the same signal, say what was saved and how to continue."""
+    training processes, stopped by the same signal, say what was saved and how to continue. When
+    every failed process was interrupted (exit code 130: the stop reached the training processes
+    and not the agent, as when one process is signalled), it exits with 130 instead of torchrun's
+    ``ChildFailedError`` report, for the same reason."""
     import torch.distributed.run as distributed_run
     from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     try:
         distributed_run.main(argv)
     except SignalException as stop:
         sys.exit(128 + int(stop.sigval))
+    except ChildFailedError as failed:
+        if failed.failures and all(f.exitcode == 130 for f in failed.failures.values()):
+            sys.exit(130)
+        raise
 
 
 if __name__ == "__main__":

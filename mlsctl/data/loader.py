@@ -309,6 +309,19 @@ def worker_init(_: int) -> None:
     sys.excepthook = _quiet_when_the_parent_hangs_up(sys.excepthook)
 
 
+def worker_init_leaving_stops_to_the_parent(worker_id: int) -> None:
+    """:func:`worker_init` for a training process of a run on several processes: the worker ignores
+    SIGINT and SIGTERM, and ends when its parent shuts the loader down (or dies). That parent stops
+    only after the step under way, with the other processes (:mod:`mlsctl.train.stopping`); a
+    worker that stopped on the job's signal would leave it waiting for a batch that never comes
+    (PyTorch's "DataLoader worker ... exited unexpectedly")."""
+    import signal
+
+    worker_init(worker_id)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _free_memory() -> tuple[Optional[int], Optional[int]]:
     """Free memory and free shared memory (``/dev/shm``) in bytes, None where unknown."""
     try:
@@ -376,8 +389,11 @@ class Loader(DataLoader):
 
 
 def make_loader(dataset: Dataset, sampler: StepBatchSampler, workers: int, pin_memory: bool = False,
-                collate_fn=collate) -> DataLoader:
+                collate_fn=collate, stops_from_parent: bool = False) -> DataLoader:
+    """The training loader. ``stops_from_parent``: its workers ignore Ctrl-C and SIGTERM (a run on
+    several processes stops between steps: :func:`worker_init_leaving_stops_to_the_parent`)."""
     check_batches_fit(dataset, sampler, workers)
+    init = worker_init_leaving_stops_to_the_parent if stops_from_parent else worker_init
     return Loader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate_fn,
-                  pin_memory=pin_memory, worker_init_fn=worker_init if workers else None,
+                  pin_memory=pin_memory, worker_init_fn=init if workers else None,
                   prefetch_factor=4 if workers else None, persistent_workers=workers > 0)

@@ -46,6 +46,7 @@ from mlsctl.locks import FolderLock
 from mlsctl.runs import Checkpoint, Run
 from mlsctl.schedules import Schedule
 from mlsctl.train import checkpoint, metrics, optim, run_dir, setup
+from mlsctl.train.stopping import StepBoundaryStop
 
 log = logging.getLogger("mlsctl")
 
@@ -177,7 +178,7 @@ def _train(run: Run, recipe, accelerator, folder: ImageFolder, dataset, collate_
     sampler = type(method).batch_sampler(recipe, dataset, world_size=world, rank=accelerator.process_index,
                                          start_step=start_step, total_steps=plan.total_steps)
     loader = make_loader(dataset, sampler, recipe.data.workers, pin_memory=accelerator.device.type == "cuda",
-                         collate_fn=collate_fn)
+                         collate_fn=collate_fn, stops_from_parent=world > 1)
     # The iterator draws its base seed from torch's global RNG: make it before the checkpoint's RNG
     # state is restored, as the uninterrupted run made it before its first step, or the resumed run's
     # global draws (drop path) are one behind.
@@ -191,24 +192,27 @@ def _train(run: Run, recipe, accelerator, folder: ImageFolder, dataset, collate_
         training = _Training(accelerator, model, method, optimizer, plan, trainable, last_layer,
                              list(method.banks().values()), batches, getattr(dataset, "on_device", None),
                              SkipLog(folder.root), metrics.LossWatch(accelerator.device))
-        for step in range(start_step, plan.total_steps):
-            done = step + 1
-            logged = done % recipe.train.log_every == 0 or done == plan.total_steps
-            method.logged = logged  # the method times its own operations (time/...) on these steps only
-            stepped = _train_one_step(training, step)
-            records.stepped(plan.batch_global, stepped.waited)
-            saved = done % recipe.train.checkpoint_every == 0 or done == plan.total_steps
-            if logged or saved:
-                training.watch.check(method.banks())
-            health = records.health(done, monitor, stepped)
-            if health and not logged:
-                records.write_health(done, stepped, health)
-            if logged:
-                records.write_step(done, stepped, health)
-            if saved:
-                records.sync()
-                checkpoint.save_checkpoint(run, done, method, optimizer, accelerator, recipe,
-                                           recipe.train.keep_checkpoints)
+        with StepBoundaryStop(world) as stop:  # several processes stop together, between two steps
+            for step in range(start_step, plan.total_steps):
+                done = step + 1
+                logged = done % recipe.train.log_every == 0 or done == plan.total_steps
+                method.logged = logged  # the method times its own operations (time/...) on these steps only
+                stepped = _train_one_step(training, step)
+                records.stepped(plan.batch_global, stepped.waited)
+                saved = done % recipe.train.checkpoint_every == 0 or done == plan.total_steps
+                if logged or saved:
+                    training.watch.check(method.banks())
+                health = records.health(done, monitor, stepped)
+                if health and not logged:
+                    records.write_health(done, stepped, health)
+                if logged:
+                    records.write_step(done, stepped, health)
+                if saved:
+                    records.sync()
+                    checkpoint.save_checkpoint(run, done, method, optimizer, accelerator, recipe,
+                                               recipe.train.keep_checkpoints)
+                if done < plan.total_steps:
+                    stop.check()
     finally:
         records.close()
     return _finish(run, accelerator, method, folder, plan, training.skips, start_step, records.loss,

@@ -1,0 +1,78 @@
+"""mlsctl.train.stopping: a run of several processes stops between two steps, on all of them.
+
+The collective is a maximum over one process here (a gloo group of one); two real processes are
+tested in tests/test_hardening.py (a stop that reaches one of two processes)."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+import torch.distributed
+
+from mlsctl.errors import Terminated
+from mlsctl.train.stopping import StepBoundaryStop
+
+
+@pytest.fixture
+def restored_signals():
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even under `make test &`
+    yield
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
+
+
+@pytest.fixture
+def one_process_group(restored_signals):
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    yield
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("signum, raised", [(signal.SIGTERM, Terminated), (signal.SIGINT, KeyboardInterrupt)])
+def test_a_signal_during_a_step_stops_at_the_next_check_and_later_ones_are_ignored(one_process_group, signum,
+                                                                                    raised):
+    with pytest.raises(raised):
+        with StepBoundaryStop(world=2) as stop:
+            stop.check()  # nothing asked yet
+            os.kill(os.getpid(), signum)  # in the middle of a step: marked, nothing raised here
+            os.kill(os.getpid(), signal.SIGTERM)  # a launcher forwards the stop again
+            assert stop.signum == signum
+            stop.check()
+            pytest.fail("check() did not stop")
+    # the shutdown under way is not broken by the launchers' repeated signals
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+
+def test_without_a_stop_the_previous_handlers_come_back(one_process_group):
+    def mine(signum, frame):
+        raise AssertionError("not during the steps")
+
+    signal.signal(signal.SIGTERM, mine)
+    with StepBoundaryStop(world=2) as stop:
+        assert signal.getsignal(signal.SIGTERM) is not mine
+        stop.check()
+    assert signal.getsignal(signal.SIGTERM) is mine
+
+
+def test_an_ignored_sigint_stays_ignored(one_process_group):
+    # a job started in the background (`cmd &`) ignores SIGINT: it is not turned into a stop
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with StepBoundaryStop(world=2) as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        stop.check()
+        assert stop.signum == 0
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+
+def test_one_process_stops_at_once_as_before(restored_signals):
+    # world 1: the command's own handlers stay; Ctrl-C raises where it lands, no collective is made
+    with StepBoundaryStop(world=1) as stop:
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            signal.sigtimedwait([], 0.01) if hasattr(signal, "sigtimedwait") else None
+        stop.check()
