@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The quickstart behind `make demo`, on the backbone this project trained on a GPU (weights/README.md):
+# The quickstart behind `make demo`, on the backbone this project trained (weights/README.md):
 # build fmnist-scenes, embed its scenes with the backbone and with the same architecture at random,
 # compare their dense k-NN segmentation and draw PCA patch maps; then build fmnist-products,
 # fine-tune MILE from the backbone for a few steps, index the gallery objects and search with two
@@ -46,12 +46,16 @@ for model in backbone random; do
       --val "$FEATS/$model-val" --val-masks data/fmnist-scenes/val/masks --fraction 1/1 --out "$result" > /dev/null
   fi
 done
-python - <<'PY'
-import json
+python - "$BACKBONE" <<'PY'
+import json, sys
+from safetensors import safe_open
 from mlsctl.evaluate.segmentation import foreground_background_iou
+with safe_open(sys.argv[1], "pt") as handle:
+    trained = json.loads(handle.metadata()["provenance"])
 print("\nknn-seg on fmnist-scenes val (memory: the patches of 2,000 train scenes, k=30):")
 print(f"  {'model':42} {'mIoU':>6} {'foreground IoU':>15}")
-for model, label in (("backbone", "backbone in weights/ (DINO, one H200)"), ("random", "same architecture, random init")):
+for model, label in (("backbone", f"backbone in weights/ (DINO, {trained['steps']:,} steps)"),
+                     ("random", "same architecture, random init")):
     first = json.load(open(f"results/demo-knn-seg-{model}.json"))["results"][0]
     fg = foreground_background_iou(first["runs"][0]["confusion"])
     print(f"  {label:42} {100 * first['miou']:5.1f}% {100 * fg['foreground_iou']:14.1f}%")
