@@ -6,7 +6,8 @@
 #      if the GPU path is broken, and measures the speed,
 #   3. the backbone: that recipe for as many epochs as BACKBONE_S seconds afford (from the smoke
 #      run's speed), its teacher as bf16 safetensors, knn-seg of it and of its random init
-#      (BACKBONE_S=0 skips steps 2 and 3: weights/ already holds a backbone worth keeping),
+#      (BACKBONE_S=0, the default since weights/ holds the CPU-trained backbone, skips steps 2 and 3;
+#      BACKBONE_S=360, the issue's ~6 minutes, trains one about 3 times longer than it),
 #   4. the reproduction suite's pending cells (benchmarks/fidelity.py --profile gpu --budget-s;
 #      calibration first) in the time left of WINDOW_S but THROUGHPUT_S,
 #   5. the host-device synchronisations of each method's training step (benchmarks/host_sync.py, HOST_SYNC_S),
@@ -21,7 +22,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to the folder that comes back}
 WINDOW_S=${WINDOW_S:-575}      # the whole command; the suite gets what is left
-BACKBONE_S=${BACKBONE_S:-140}
+BACKBONE_S=${BACKBONE_S:-0}       # weights/ holds a backbone: the window goes to the suite (calibration first)
 THROUGHPUT_S=${THROUGHPUT_S:-75}
 HOST_SYNC_S=${HOST_SYNC_S:-60}
 PROFILE=${PROFILE:-gpu}
