@@ -12,8 +12,7 @@ import pytest
 import torch
 import torch.distributed
 
-from mlsctl.errors import Terminated
-from mlsctl.train.stopping import StepBoundaryStop
+from mlsctl.train.stopping import StepBoundaryStop, StoppedTogether
 
 
 @pytest.fixture
@@ -32,10 +31,9 @@ def one_process_group(restored_signals):
     torch.distributed.destroy_process_group()
 
 
-@pytest.mark.parametrize("signum, raised", [(signal.SIGTERM, Terminated), (signal.SIGINT, KeyboardInterrupt)])
-def test_a_signal_during_a_step_stops_at_the_next_check_and_later_ones_are_ignored(one_process_group, signum,
-                                                                                    raised):
-    with pytest.raises(raised):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_during_a_step_stops_at_the_next_check_and_later_ones_are_ignored(one_process_group, signum):
+    with pytest.raises(StoppedTogether) as stopped:
         with StepBoundaryStop(world=2) as stop:
             stop.check()  # nothing asked yet
             os.kill(os.getpid(), signum)  # in the middle of a step: marked, nothing raised here
@@ -43,8 +41,34 @@ def test_a_signal_during_a_step_stops_at_the_next_check_and_later_ones_are_ignor
             assert stop.signum == signum
             stop.check()
             pytest.fail("check() did not stop")
+    assert stopped.value.signum == signum and isinstance(stopped.value, KeyboardInterrupt)
     # the shutdown under way is not broken by the launchers' repeated signals
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+
+def test_a_stop_after_the_last_check_is_marked_and_never_raised(one_process_group):
+    # the last step and the run's end (the teacher's export, the final barrier) run on every process
+    with StepBoundaryStop(world=2) as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert stop.signum == signal.SIGTERM and signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+
+
+def test_a_process_that_could_not_install_handlers_still_takes_part(one_process_group):
+    import threading
+
+    calls = []
+    real = torch.distributed.all_reduce
+    torch.distributed.all_reduce = lambda *args, **kwargs: (calls.append(1), real(*args, **kwargs))[1]
+    try:
+        def steps():  # not the main thread: signal.signal raises ValueError there
+            with StepBoundaryStop(world=2) as stop:
+                stop.check()
+        thread = threading.Thread(target=steps)
+        thread.start()
+        thread.join()
+    finally:
+        torch.distributed.all_reduce = real
+    assert calls == [1]  # the other processes' check would otherwise wait for it for ever
 
 
 def test_without_a_stop_the_previous_handlers_come_back(one_process_group):

@@ -46,7 +46,7 @@ from mlsctl.locks import FolderLock
 from mlsctl.runs import Checkpoint, Run
 from mlsctl.schedules import Schedule
 from mlsctl.train import checkpoint, metrics, optim, run_dir, setup
-from mlsctl.train.stopping import StepBoundaryStop
+from mlsctl.train.stopping import StepBoundaryStop, StoppedTogether
 
 log = logging.getLogger("mlsctl")
 
@@ -116,8 +116,10 @@ def pretrain(recipe, out: str | Path, *, resume: bool = False, init_from: Option
             log.info(f"initialised {initialised}")
         summary = _train(run, recipe, accelerator, folder, dataset, collate_fn, schedule, method, optimizer, groups,
                          Checkpoint(Path(resume_from)) if resume_from else None, monitor)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
         message = run_dir.interrupted(run, resume_from is None, is_main, accelerator.num_processes)
+        if isinstance(stop, StoppedTogether):  # no process is inside a collective: the groups end cleanly
+            dist.close()  # (left to the interpreter's exit, gloo's threads could abort the process)
         raise Interrupted(message if is_main else "") from None
     except BaseException as exc:
         if is_main and resume_from is None and run.latest() is None:
@@ -187,36 +189,57 @@ def _train(run: Run, recipe, accelerator, folder: ImageFolder, dataset, collate_
         checkpoint.set_rng_state(rng_state)
     records = metrics.Records(run, recipe, accelerator, method, start_step, interactive=sys.stderr.isatty())
     started = time.perf_counter()
-    try:
-        model.train()
-        training = _Training(accelerator, model, method, optimizer, plan, trainable, last_layer,
-                             list(method.banks().values()), batches, getattr(dataset, "on_device", None),
-                             SkipLog(folder.root), metrics.LossWatch(accelerator.device))
-        with StepBoundaryStop(world) as stop:  # several processes stop together, between two steps
-            for step in range(start_step, plan.total_steps):
-                done = step + 1
-                logged = done % recipe.train.log_every == 0 or done == plan.total_steps
-                method.logged = logged  # the method times its own operations (time/...) on these steps only
-                stepped = _train_one_step(training, step)
-                records.stepped(plan.batch_global, stepped.waited)
-                saved = done % recipe.train.checkpoint_every == 0 or done == plan.total_steps
-                if logged or saved:
-                    training.watch.check(method.banks())
-                health = records.health(done, monitor, stepped)
-                if health and not logged:
-                    records.write_health(done, stepped, health)
-                if logged:
-                    records.write_step(done, stepped, health)
-                if saved:
-                    records.sync()
-                    checkpoint.save_checkpoint(run, done, method, optimizer, accelerator, recipe,
-                                               recipe.train.keep_checkpoints)
-                if done < plan.total_steps:
-                    stop.check()
-    finally:
-        records.close()
-    return _finish(run, accelerator, method, folder, plan, training.skips, start_step, records.loss,
-                   time.perf_counter() - started)
+    with StepBoundaryStop(world) as stop:  # several processes stop together, between two steps
+        try:
+            model.train()
+            training = _Training(accelerator, model, method, optimizer, plan, trainable, last_layer,
+                                 list(method.banks().values()), batches, getattr(dataset, "on_device", None),
+                                 SkipLog(folder.root), metrics.LossWatch(accelerator.device))
+            _run_steps(training, records, run, recipe, start_step, monitor, stop)
+        finally:
+            records.close()
+            _end_loader(batches)
+        # A stop that arrives from here on is only marked: the run is complete, and its last
+        # collectives (the teacher's export, the final barrier) run on every process.
+        return _finish(run, accelerator, method, folder, plan, training.skips, start_step, records.loss,
+                       time.perf_counter() - started)
+
+
+def _run_steps(t: _Training, records: metrics.Records, run: Run, recipe, start_step: int, monitor,
+               stop: StepBoundaryStop) -> None:
+    """The steps left: each trained, recorded and checkpointed on schedule; after each but the
+    last, the processes agree whether to stop (:mod:`mlsctl.train.stopping`)."""
+    total = t.plan.total_steps
+    for step in range(start_step, total):
+        done = step + 1
+        logged = done % recipe.train.log_every == 0 or done == total
+        t.method.logged = logged  # the method times its own operations (time/...) on these steps only
+        stepped = _train_one_step(t, step)
+        records.stepped(t.plan.batch_global, stepped.waited)
+        saved = done % recipe.train.checkpoint_every == 0 or done == total
+        if logged or saved:
+            t.watch.check(t.method.banks())
+        health = records.health(done, monitor, stepped)
+        if health and not logged:
+            records.write_health(done, stepped, health)
+        if logged:
+            records.write_step(done, stepped, health)
+        if saved:
+            records.sync()
+            checkpoint.save_checkpoint(run, done, t.method, t.optimizer, t.accelerator, recipe,
+                                       recipe.train.keep_checkpoints)
+        if done < total:
+            stop.check()
+
+
+def _end_loader(batches) -> None:
+    """Shut the loader's workers down now (PyTorch's end-of-data message to each, bounded joins),
+    not whenever the iterator is collected: a traceback kept for ``--debug`` keeps it alive, and the
+    workers of a run on several processes ignore SIGTERM (:mod:`mlsctl.train.stopping`), so the
+    interpreter's last terminate-and-join of its children could wait on them."""
+    shutdown = getattr(batches, "_shutdown_workers", None)  # only PyTorch's iterator with workers has it
+    if shutdown is not None:
+        shutdown()
 
 
 def _train_one_step(t: _Training, step: int) -> metrics.Step:

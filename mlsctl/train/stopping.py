@@ -12,9 +12,9 @@ every task; a launcher forwards the stop to its workers one after the other).
 So while the steps run, :class:`StepBoundaryStop` turns SIGINT and SIGTERM into a mark; after each
 step every process says whether it was marked (a maximum over one integer on the host, through
 :func:`mlsctl.dist.host_group`: no device synchronisation), and when any was, all of them stop
-after that same step, raising :class:`~mlsctl.errors.Terminated` (SIGTERM) or
-``KeyboardInterrupt`` (SIGINT) as one process would. A stop that reaches only one process stops
-them all. The loader's workers of such a run ignore both signals and end with their parent
+after that same step, raising :class:`StoppedTogether` (a ``KeyboardInterrupt``, as one process's
+stop is). A stop that reaches only one process stops them all. A stop during the last step, or
+after it, is marked and never raised: the run completes, its last collectives on every process. The loader's workers of such a run ignore both signals and end with their parent
 (:func:`mlsctl.data.loader.make_loader`): a worker that stopped on the job's signal would leave
 its parent without the batch it waits for. The stop costs one step at most (docs/commands.md,
 "Several processes").
@@ -27,9 +27,17 @@ import signal
 import torch
 
 from mlsctl import dist
-from mlsctl.errors import Terminated
 
 _STOPS = (signal.SIGINT, signal.SIGTERM)
+
+
+class StoppedTogether(KeyboardInterrupt):
+    """Every process of the run stopped after the same step: none is inside a collective, so the
+    process groups can be destroyed before exiting. ``signum``: the signal that was agreed on."""
+
+    def __init__(self, signum: int):
+        super().__init__()
+        self.signum = signum
 
 
 class StepBoundaryStop:
@@ -54,23 +62,25 @@ class StepBoundaryStop:
                         continue
                     self._previous[signum] = previous
                     signal.signal(signum, self._mark)
-            except ValueError:  # not the main thread (an application embedding the loop): stops as before
-                self._restore()
+            except ValueError:  # not the main thread (an application embedding the loop): nothing installed
+                self._previous = {}
         return self
 
     def _mark(self, signum, frame) -> None:
         self.signum = self.signum or signum
 
     def check(self) -> None:
-        """After a step, on every process: stop all of them if any was asked to."""
-        if not self._previous:
+        """After a step, on every process: stop all of them (:class:`StoppedTogether`) if any was
+        asked to. Every process of a run on several takes part, whether or not it could install
+        its handlers (a process that could not simply never asks)."""
+        if self.world == 1:
             return
         flag = torch.tensor([self.signum], dtype=torch.int64)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=dist.host_group())
         agreed = int(flag)
         if agreed:
             self.signum = self.signum or agreed
-            raise Terminated if agreed == signal.SIGTERM else KeyboardInterrupt
+            raise StoppedTogether(agreed)
 
     def _restore(self) -> None:
         for signum, previous in self._previous.items():
