@@ -3,7 +3,7 @@
     python benchmarks/refine_fidelity.py --profile smoke     # a minute; what `make test` exercises
     python benchmarks/refine_fidelity.py --profile cpu       # ~45 min on 2 CPU cores; rerun to resume
     python benchmarks/refine_fidelity.py --profile cpu --summary   # rebuild the report only
-    python benchmarks/refine_fidelity.py --profile backbone  # warm start: ~1 h on 2 idle CPU cores; not run yet
+    python benchmarks/refine_fidelity.py --profile backbone  # warm start: ~40 min on 2 idle CPU cores
 
 Profiles: ``smoke`` proves the suite on a tiny ViT; ``cpu`` trains the MS baseline from scratch (the
 recipe as shipped); ``backbone``, the *warm start*, fine-tunes it from the project's own DINO backbone

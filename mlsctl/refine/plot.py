@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 from typing import Optional
 
@@ -176,7 +177,11 @@ def grid_figure(sweep: str | Path, out: str | Path, title: str = "") -> dict:
                 mean[a, c] = 100 * np.mean(values)
                 std[a, c] = 100 * np.std(values, ddof=1) if len(values) > 1 else 0.0
                 seeds[a, c] = len(values)
-    figure, axis = plt.subplots(figsize=(1.6 * len(ks) + 2.5, 0.8 * len(blocks) + 1.8))
+    n_seeds = int(seeds.max())
+    title = title or f"R@1 (%) over blocks x neighbours, mean ± std over {n_seeds} seed{'s' if n_seeds > 1 else ''}"
+    width = 1.6 * len(ks) + 2.5
+    title = textwrap.fill(title, width=max(30, int(width * 11)))  # a narrow grid (one k) cut a long title off
+    figure, axis = plt.subplots(figsize=(width, 0.8 * len(blocks) + 1.6 + 0.2 * (title.count("\n") + 1)))
     image = axis.imshow(mean, cmap="viridis", aspect="auto")
     for a in range(len(blocks)):
         for c in range(len(ks)):
@@ -188,9 +193,7 @@ def grid_figure(sweep: str | Path, out: str | Path, title: str = "") -> dict:
     axis.set_yticks(range(len(blocks)), [f"{b}" + (" (baseline)" if b == 0 else "") for b in blocks])
     axis.set_xlabel("neighbours k")
     axis.set_ylabel("cross-attention blocks T")
-    n_seeds = int(seeds.max())
-    axis.set_title(title or f"R@1 (%) over blocks x neighbours, mean ± std over {n_seeds} seed{'s' if n_seeds > 1 else ''}",
-                   fontsize=10)
+    axis.set_title(title, fontsize=10)
     figure.colorbar(image, ax=axis, label="R@1 (%)")
     figure.tight_layout()
     out = Path(out)
