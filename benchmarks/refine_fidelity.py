@@ -11,7 +11,7 @@ recipe as shipped); ``backbone``, the *warm start*, fine-tunes it from the proje
 backbone fine-tuned with MS: the backbone's architecture (width 320, depth 8, 5 heads, patch 8), its
 12 x 12 position grid (96 px) resampled to 8 x 8 once at loading (``model.img_size=64``: the photos'
 own size, random resized crops of 64 px, ``embed --resize center-crop`` at 64), Adam at the paper's
-fine-tuning lr 1e-4, 2 epochs (250 steps of 64; ~12 min per seed at ~22 images/s), a grid of T 0, 2, 8 at
+fine-tuning lr 1e-4, 2 epochs (250 steps of 64; ~7 min per seed on 2 idle cores), a grid of T 0, 2, 8 at
 k = 8 and the ablation at T = 8, k = 8 only; its self-supervised part is the backbone's own features
 (``embed --weights`` at 64 px, centre crop: the MS features' preprocessing), no DINO run; its report
 also lists the ``cpu`` profile's baseline (MS from scratch, its own budget) when that has been run.

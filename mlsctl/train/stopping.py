@@ -14,7 +14,8 @@ step every process says whether it was marked (a maximum over one integer on the
 :func:`mlsctl.dist.host_group`: no device synchronisation), and when any was, all of them stop
 after that same step, raising :class:`StoppedTogether` (a ``KeyboardInterrupt``, as one process's
 stop is). A stop that reaches only one process stops them all. A stop during the last step, or
-after it, is marked and never raised: the run completes, its last collectives on every process. The loader's workers of such a run ignore both signals and end with their parent
+after it, is marked and never raised: the run completes, its last collectives on every process.
+The loader's workers of such a run ignore both signals and end with their parent
 (:func:`mlsctl.data.loader.make_loader`): a worker that stopped on the job's signal would leave
 its parent without the batch it waits for. The stop costs one step at most (docs/commands.md,
 "Several processes").
