@@ -100,3 +100,44 @@ def test_one_process_stops_at_once_as_before(restored_signals):
             os.kill(os.getpid(), signal.SIGINT)
             signal.sigtimedwait([], 0.01) if hasattr(signal, "sigtimedwait") else None
         stop.check()
+
+
+def test_the_elastic_agent_acts_on_the_first_stop_signal_and_ignores_the_ones_forwarded_after_it(monkeypatch):
+    # CI, before: a whole-job SIGTERM reached torch.distributed.run's agent twice (from the test and again
+    # from accelerate launch); the second was raised inside the agent's logging call during its shutdown and
+    # printed the logging module's "--- Logging error ---" traceback. The fake agent below does what the
+    # real one does: registers the handler, is stopped, and shuts down while a second stop arrives.
+    import time
+
+    import torch.distributed.run as distributed_run
+    from torch.distributed.elastic.multiprocessing import api as elastic_api
+
+    from mlsctl.launch import AGENT_STOP_SIGNALS, run_torchrun
+
+    stop_signals = [getattr(signal, name) for name in AGENT_STOP_SIGNALS]
+    previous = {s: signal.getsignal(s) for s in stop_signals}
+    monkeypatch.setattr(elastic_api, "_terminate_process_handler", elastic_api._terminate_process_handler)
+    shutdown = []
+
+    def agent(argv):
+        for signum in stop_signals:
+            signal.signal(signum, elastic_api._terminate_process_handler)
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+            pytest.fail("the first stop was not raised")
+        except elastic_api.SignalException:
+            os.kill(os.getpid(), signal.SIGTERM)  # forwarded again by the launcher above
+            time.sleep(0.05)
+            shutdown.append("finished")
+            raise
+
+    monkeypatch.setattr(distributed_run, "main", agent)
+    try:
+        with pytest.raises(SystemExit) as exited:
+            run_torchrun([])
+        assert exited.value.code == 128 + signal.SIGTERM and shutdown == ["finished"]
+        assert all(signal.getsignal(s) is signal.SIG_IGN for s in stop_signals)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
