@@ -271,8 +271,10 @@ PROFILES = {
 WARM_VIT = (*GPU_VIT, "model.img_size=96", "model.weights=" + str(REPO / BACKBONE))
 PROFILES["warm"] = Profile(
     "warm", seeds=(0, 1, 2), scenes_data=(), products_data=(),
+    # bf16 for the scenes cells, as the backbone was trained (about 2.5x faster than fp32 on a CPU with bf16
+    # instructions: docs/performance.md); the products cells ran in fp32 before, and stay so
     scenes_overrides=(*WARM_VIT, "optim.epochs=2", "optim.lr=5e-5", "optim.min_lr=1e-6", "optim.warmup_epochs=0",
-                      "train.checkpoint_every=25"),
+                      "train.checkpoint_every=25", "train.precision=bf16"),
     products_overrides=("optim.epochs=2", "train.checkpoint_every=25"),
     variants=("random", "backbone", "mile-backbone", "dino", "cribo", "sove", "mocov2", "mls"),
     # mile-backbone measured on this 2-core CPU (2026-12-05): 424-527 s a cell, ~3.5 s per step of 16 sets with
@@ -281,7 +283,7 @@ PROFILES["warm"] = Profile(
     estimates=(("random", 400), ("backbone", 400), ("mile-backbone", 550), ("dino", 5400), ("cribo", 7200),
                ("sove", 7200), ("mocov2", 7200), ("mls", 7200)),
     about="warm start: every scenes method fine-tuned from weights/dino_fmnist_backbone.safetensors (ViT width 320, "
-          "depth 8, patch 8) for 2 epochs of 2,000 scenes (124 steps of 32, lr 5e-5) against DINO continued from it; "
+          "depth 8, patch 8) for 2 epochs of 2,000 scenes (124 steps of 32, lr 5e-5, bf16) against DINO continued from it; "
           "the backbone itself and its random init evaluated alike; MILE fine-tuned from it on fmnist-products for 2 "
           "epochs of 1,000 objects (124 steps of 16 sets of 4 photos); 3 seeds")
 
