@@ -277,11 +277,11 @@ PROFILES["warm"] = Profile(
                       "train.checkpoint_every=25", "train.precision=bf16"),
     products_overrides=("optim.epochs=2", "train.checkpoint_every=25"),
     variants=("random", "backbone", "mile-backbone", "dino", "cribo", "sove", "mocov2", "mls"),
-    # mile-backbone measured on this 2-core CPU (2026-12-05): 424-527 s a cell, ~3.5 s per step of 16 sets with
-    # the CPU to itself; the scenes cells not measured: the backbone's ViT costs ~12x the quick recipes' per step,
-    # so 124 steps of 32 scenes are estimated at ~1.5-2 h per cell here
-    estimates=(("random", 400), ("backbone", 400), ("mile-backbone", 550), ("dino", 5400), ("cribo", 7200),
-               ("sove", 7200), ("mocov2", 7200), ("mls", 7200)),
+    # measured on this 2-core CPU (2026-12-05): mile-backbone 424-527 s a cell (fp32, ~3.5 s per step of 16 sets);
+    # a scenes cell in bf16 ~150-170 s of training and ~5 minutes with its evaluations, random and backbone
+    # (evaluations only) ~150 s
+    estimates=(("random", 180), ("backbone", 180), ("mile-backbone", 550), ("dino", 360), ("cribo", 360),
+               ("sove", 360), ("mocov2", 360), ("mls", 360)),
     about="warm start: every scenes method fine-tuned from weights/dino_fmnist_backbone.safetensors (ViT width 320, "
           "depth 8, patch 8) for 2 epochs of 2,000 scenes (124 steps of 32, lr 5e-5, bf16) against DINO continued from it; "
           "the backbone itself and its random init evaluated alike; MILE fine-tuned from it on fmnist-products for 2 "
