@@ -776,18 +776,31 @@ def summarise(profile: Profile, records: list[dict]) -> dict:
              for v, metrics in by_variant.items()}
 
     read: set[str] = set()  # the variants the next claim's values were read from
+    entries: list[dict] = []  # the table entries (mean, std, n) read for the next claim, in order
 
     def mean(variant: str, key: str) -> Optional[float]:
         read.add(variant)
-        return table.get(variant, {}).get(key, {}).get("mean")
+        entry = table.get(variant, {}).get(key, {})
+        entries.append(entry)
+        return entry.get("mean")
 
     claims = []
 
     def claim(text: str, values: list[Optional[float]], holds) -> None:
         ready = all(v is not None for v in values)
         claims.append({"claim": text, "holds": bool(holds(*values)) if ready else None,
-                       "values": [None if v is None else 100 * v for v in values], "variants": sorted(read)})
+                       "values": [None if v is None else 100 * v for v in values], "variants": sorted(read),
+                       "within_seed_spread": within_seed_spread(values) if ready else None})
         read.clear()
+        entries.clear()
+
+    def within_seed_spread(values: list[float]) -> Optional[bool]:
+        """For a claim comparing two means over several seeds each: is their gap no larger than the larger of
+        their two standard deviations? None where that does not apply (one seed, derived values, orders)."""
+        if len(values) != 2 or len(entries) != 2 or [e.get("mean") for e in entries] != list(values) \
+                or min(e.get("n", 0) for e in entries) < 2:
+            return None
+        return abs(values[0] - values[1]) <= max(e["std"] for e in entries)
 
     # calibration first: if DINO is not clearly above random or the ceiling not well above both, the benchmark or
     # the budget is wrong, not the methods (issue 22, item 7)
@@ -902,10 +915,14 @@ def markdown(summary: dict) -> str:
                 lines.append(f"| {method} | {backbone} | " + " | ".join(cells) + " |")
     shown = [c for c in summary["claims"] if c["holds"] is not None or planned is None
              or set(c.get("variants", ())) <= set(planned)]
-    lines += ["", "## Claims (the paper's direction, never its numbers)", "", "| claim | holds | values (%) |",
+    lines += ["", "## Claims (the paper's direction, never its numbers)", "",
+              "\"within the seed spread\": the two means differ by no more than the larger of their standard "
+              "deviations over seeds, so the direction is not established.", "", "| claim | holds | values (%) |",
               "| --- | --- | --- |"]
     for c in shown:
         verdict = {True: "yes", False: "**no**", None: "not measured yet"}[c["holds"]]
+        if c["holds"] is not None and c.get("within_seed_spread"):
+            verdict += " (within the seed spread)"
         lines.append(f"| {c['claim']} | {verdict} | {', '.join('–' if v is None else f'{v:.1f}' for v in c['values'])} |")
     if len(shown) < len(summary["claims"]):
         lines += ["", f"{len(summary['claims']) - len(shown)} claims on variants this profile does not run are left "

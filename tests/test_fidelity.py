@@ -356,3 +356,24 @@ def test_a_cell_records_the_commit_it_started_with_and_the_one_it_finished_with(
     record = fidelity.run_cell(cell, 1, False)
     assert (record["commit_at_start"], record["trained_at_commit"], record["commit"]) == ("aaa", "bbb", "ccc")
     assert json.loads(cell.result_path.read_text())["commit_at_start"] == "aaa"
+
+
+def test_a_claim_whose_gap_is_within_the_seed_spread_says_so():
+    def record(variant: str, seed: int, miou: float) -> dict:
+        return {"cell": f"scenes/{variant}/{seed}", "spec": {"variant": variant}, "metrics": {"miou": miou},
+                "device": "cpu", "commit": "abc", "torch": "2"}
+
+    # DINO 0.110 ± 0.010 against random 0.100 ± 0.001: the gap (0.010) is not above the larger std (0.010)
+    close = [record("dino", s, m) for s, m in enumerate((0.100, 0.110, 0.120))] + \
+        [record("random", s, m) for s, m in enumerate((0.099, 0.100, 0.101))]
+    # the same means with tight seeds: the gap is clear
+    clear = [record("dino", s, m) for s, m in enumerate((0.1099, 0.1100, 0.1101))] + close[3:]
+    one_seed = [record("dino", 0, 0.2), record("random", 0, 0.1)]
+    name = "DINO > random init on fmnist-scenes mIoU"
+    for records, holds, within in ((close, True, True), (clear, True, False), (one_seed, True, None)):
+        found = {c["claim"]: c for c in fidelity.summarise(fidelity.PROFILES["cpu"], records)["claims"]}[name]
+        assert (found["holds"], found["within_seed_spread"]) == (holds, within)
+    text = fidelity.markdown(fidelity.summarise(fidelity.PROFILES["cpu"], close))
+    assert f"| {name} | yes (within the seed spread) | 11.0, 10.0 |" in text
+    order = {c["claim"]: c for c in fidelity.summarise(fidelity.PROFILES["cpu"], close)["claims"]}
+    assert all(c["within_seed_spread"] is None for c in order.values() if "order" in c["claim"])
