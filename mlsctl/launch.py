@@ -72,25 +72,31 @@ def relaunch_for_accelerate_on_cpu() -> None:
     os.execv(sys.executable, command)
 
 
-AGENT_STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
+REPEATED_STOP_WINDOW_S = 60.0  # the agent's shutdown: SIGTERM, 30 s, SIGKILL; and a margin
 
 
-def stop_agent_once(raise_stop):
-    """Wrap the elastic agent's signal handler (``raise_stop`` raises ``SignalException``) so that it
-    raises for the first stop signal only: from then on this process ignores every stop signal.
+def stop_agent_once(raise_stop, clock=None):
+    """Wrap the elastic agent's signal handler (``raise_stop`` raises ``SignalException``) so that a
+    stop signal arriving within ``REPEATED_STOP_WINDOW_S`` seconds of the one it acted on is ignored.
 
     A stop sent to a whole job reaches the agent more than once: from the scheduler (or the
     terminal) and again from ``accelerate launch``, which forwards it to its child. The agent
     handles the first by stopping its processes (SIGTERM, then SIGKILL after its shutdown timeout,
     30 s); a second, raised while it logs or shuts down, broke off its shutdown with the logging
-    module's ``--- Logging error ---`` traceback. The agent still ends: its shutdown escalates to
-    SIGKILL, and SIGKILL itself cannot be ignored."""
-    import signal
+    module's ``--- Logging error ---`` traceback. A stop after the window raises again, so an agent
+    whose first stop was lost (swallowed where it was raised) can still be stopped; SIGKILL always
+    can. The wrapper handles whichever signals the agent registers it for
+    (``TORCHELASTIC_SIGNALS_TO_HANDLE``)."""
+    import time
+
+    clock = clock or time.monotonic
+    acted_at: list[float] = []
 
     def raise_once(signum, frame):
-        for name in AGENT_STOP_SIGNALS:
-            if hasattr(signal, name):
-                signal.signal(getattr(signal, name), signal.SIG_IGN)
+        now = clock()
+        if acted_at and now - acted_at[-1] < REPEATED_STOP_WINDOW_S:
+            return  # a forwarded copy of the stop under way
+        acted_at.append(now)
         raise_stop(signum, frame)
 
     return raise_once
@@ -103,14 +109,15 @@ def run_torchrun(argv: list[str]) -> None:
     training processes, stopped by the same signal, say what was saved and how to continue. When
     every failed process was interrupted (exit code 130: the stop reached the training processes
     and not the agent, as when one process is signalled), it exits with 130 instead of torchrun's
-    ``ChildFailedError`` report, for the same reason. The agent acts on the first stop signal only
-    (:func:`stop_agent_once`)."""
+    ``ChildFailedError`` report, for the same reason. The agent ignores the copies of a stop it
+    is acting on (:func:`stop_agent_once`)."""
     import torch.distributed.run as distributed_run
     from torch.distributed.elastic.multiprocessing import api as elastic_api
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     # the agent registers this module global for its stop signals when it starts the processes
+    # (PContext.start: signal.signal(sig, _terminate_process_handler); checked in tests/test_stopping.py)
     elastic_api._terminate_process_handler = stop_agent_once(elastic_api._terminate_process_handler)
     try:
         distributed_run.main(argv)

@@ -107,14 +107,17 @@ def test_the_elastic_agent_acts_on_the_first_stop_signal_and_ignores_the_ones_fo
     # from accelerate launch); the second was raised inside the agent's logging call during its shutdown and
     # printed the logging module's "--- Logging error ---" traceback. The fake agent below does what the
     # real one does: registers the handler, is stopped, and shuts down while a second stop arrives.
+    import inspect
     import time
 
     import torch.distributed.run as distributed_run
     from torch.distributed.elastic.multiprocessing import api as elastic_api
 
-    from mlsctl.launch import AGENT_STOP_SIGNALS, run_torchrun
+    from mlsctl.launch import run_torchrun
 
-    stop_signals = [getattr(signal, name) for name in AGENT_STOP_SIGNALS]
+    # the patch works because torch looks the module global up when it registers the handler
+    assert "signal.signal(sig, _terminate_process_handler)" in inspect.getsource(elastic_api.PContext.start)
+    stop_signals = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT]
     previous = {s: signal.getsignal(s) for s in stop_signals}
     monkeypatch.setattr(elastic_api, "_terminate_process_handler", elastic_api._terminate_process_handler)
     shutdown = []
@@ -128,6 +131,7 @@ def test_the_elastic_agent_acts_on_the_first_stop_signal_and_ignores_the_ones_fo
             pytest.fail("the first stop was not raised")
         except elastic_api.SignalException:
             os.kill(os.getpid(), signal.SIGTERM)  # forwarded again by the launcher above
+            os.kill(os.getpid(), signal.SIGINT)  # and a Ctrl-C
             time.sleep(0.05)
             shutdown.append("finished")
             raise
@@ -137,7 +141,26 @@ def test_the_elastic_agent_acts_on_the_first_stop_signal_and_ignores_the_ones_fo
         with pytest.raises(SystemExit) as exited:
             run_torchrun([])
         assert exited.value.code == 128 + signal.SIGTERM and shutdown == ["finished"]
-        assert all(signal.getsignal(s) is signal.SIG_IGN for s in stop_signals)
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def test_a_stop_after_the_agents_shutdown_window_raises_again():
+    # an agent whose first stop was lost (swallowed where it was raised) can still be stopped
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    from mlsctl.launch import REPEATED_STOP_WINDOW_S, stop_agent_once
+
+    def raise_stop(signum, frame):
+        raise SignalException("stop", sigval=signal.Signals(signum))
+
+    now = [100.0]
+    handler = stop_agent_once(raise_stop, clock=lambda: now[0])
+    with pytest.raises(SignalException):
+        handler(signal.SIGTERM, None)
+    now[0] += REPEATED_STOP_WINDOW_S - 1
+    handler(signal.SIGINT, None)  # a copy of the stop under way: ignored
+    now[0] += 2
+    with pytest.raises(SignalException):
+        handler(signal.SIGTERM, None)
