@@ -75,7 +75,7 @@ def relaunch_for_accelerate_on_cpu() -> None:
 REPEATED_STOP_WINDOW_S = 60.0  # the agent's shutdown: SIGTERM, 30 s, SIGKILL; and a margin
 
 
-def stop_agent_once(raise_stop, clock=None):
+def ignoring_repeated_stops(raise_stop, clock=None):
     """Wrap the elastic agent's signal handler (``raise_stop`` raises ``SignalException``) so that a
     stop signal arriving within ``REPEATED_STOP_WINDOW_S`` seconds of the one it acted on is ignored.
 
@@ -90,16 +90,17 @@ def stop_agent_once(raise_stop, clock=None):
     import time
 
     clock = clock or time.monotonic
-    acted_at: list[float] = []
+    acted_at = -float("inf")
 
-    def raise_once(signum, frame):
+    def raise_unless_repeated(signum, frame):
+        nonlocal acted_at
         now = clock()
-        if acted_at and now - acted_at[-1] < REPEATED_STOP_WINDOW_S:
+        if now - acted_at < REPEATED_STOP_WINDOW_S:
             return  # a forwarded copy of the stop under way
-        acted_at.append(now)
+        acted_at = now
         raise_stop(signum, frame)
 
-    return raise_once
+    return raise_unless_repeated
 
 
 def run_torchrun(argv: list[str]) -> None:
@@ -110,7 +111,7 @@ def run_torchrun(argv: list[str]) -> None:
     every failed process was interrupted (exit code 130: the stop reached the training processes
     and not the agent, as when one process is signalled), it exits with 130 instead of torchrun's
     ``ChildFailedError`` report, for the same reason. The agent ignores the copies of a stop it
-    is acting on (:func:`stop_agent_once`)."""
+    is acting on (:func:`ignoring_repeated_stops`)."""
     import torch.distributed.run as distributed_run
     from torch.distributed.elastic.multiprocessing import api as elastic_api
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -118,7 +119,7 @@ def run_torchrun(argv: list[str]) -> None:
 
     # the agent registers this module global for its stop signals when it starts the processes
     # (PContext.start: signal.signal(sig, _terminate_process_handler); checked in tests/test_stopping.py)
-    elastic_api._terminate_process_handler = stop_agent_once(elastic_api._terminate_process_handler)
+    elastic_api._terminate_process_handler = ignoring_repeated_stops(elastic_api._terminate_process_handler)
     try:
         distributed_run.main(argv)
     except SignalException as stop:

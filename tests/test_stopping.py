@@ -150,13 +150,13 @@ def test_a_stop_after_the_agents_shutdown_window_raises_again():
     # an agent whose first stop was lost (swallowed where it was raised) can still be stopped
     from torch.distributed.elastic.multiprocessing.api import SignalException
 
-    from mlsctl.launch import REPEATED_STOP_WINDOW_S, stop_agent_once
+    from mlsctl.launch import REPEATED_STOP_WINDOW_S, ignoring_repeated_stops
 
     def raise_stop(signum, frame):
         raise SignalException("stop", sigval=signal.Signals(signum))
 
     now = [100.0]
-    handler = stop_agent_once(raise_stop, clock=lambda: now[0])
+    handler = ignoring_repeated_stops(raise_stop, clock=lambda: now[0])
     with pytest.raises(SignalException):
         handler(signal.SIGTERM, None)
     now[0] += REPEATED_STOP_WINDOW_S - 1
