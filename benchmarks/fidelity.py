@@ -786,10 +786,13 @@ def summarise(profile: Profile, records: list[dict]) -> dict:
 
     claims = []
 
-    def claim(text: str, values: list[Optional[float]], holds) -> None:
+    def claim(text: str, values: list[Optional[float]], holds, margin=lambda a, b: a - b) -> None:
+        """``holds`` decides the claim; ``margin`` says by how much, signed in the claim's direction (positive
+        where it holds; for "a > b", a - b): the chart draws it."""
         ready = all(v is not None for v in values)
         claims.append({"claim": text, "holds": bool(holds(*values)) if ready else None,
                        "values": [None if v is None else 100 * v for v in values], "variants": sorted(read),
+                       "margin": 100 * margin(*values) if ready else None,
                        "within_seed_spread": within_seed_spread(values) if ready else None})
         read.clear()
         entries.clear()
@@ -805,14 +808,15 @@ def summarise(profile: Profile, records: list[dict]) -> dict:
     # calibration first: if DINO is not clearly above random or the ceiling not well above both, the benchmark or
     # the budget is wrong, not the methods (issue 22, item 7)
     claim(f"Calibration: DINO >= random init + {100 * CALIBRATION_MARGIN:.0f} mIoU points on fmnist-scenes",
-          [mean("dino", "miou"), mean("random", "miou")], lambda a, b: a - b >= CALIBRATION_MARGIN)
+          [mean("dino", "miou"), mean("random", "miou")], lambda a, b: a - b >= CALIBRATION_MARGIN,
+          lambda a, b: a - b - CALIBRATION_MARGIN)
     claim(f"Calibration: the supervised ceiling is well above both (>= {100 * CEILING_MARGIN:.0f} mIoU points over the better "
           f"of DINO and random init)", [mean("supervised", "miou"), mean("dino", "miou"), mean("random", "miou")],
-          lambda a, b, c: a - max(b, c) >= CEILING_MARGIN)
+          lambda a, b, c: a - max(b, c) >= CEILING_MARGIN, lambda a, b, c: a - max(b, c) - CEILING_MARGIN)
     for key, label in (("miou", "mIoU"), ("foreground_iou", "foreground IoU")):
         order = [mean(v, key) for v in ("cribo-global", "cribo-cross-view", "cribo")]
         claim(f"CrIBo Table 5 order on fmnist-scenes {label}: global only < + cross-view < + cross-image", order,
-              lambda a, b, c: a < b < c)
+              lambda a, b, c: a < b < c, lambda a, b, c: min(b - a, c - b))
         claim(f"CrIBo > DINO on fmnist-scenes {label}", [mean("cribo", key), mean("dino", key)], lambda a, b: a > b)
         claim(f"DINO > random init on fmnist-scenes {label}", [mean("dino", key), mean("random", key)], lambda a, b: a > b)
     knn = f"knn_top1@{max((int(k.split('@')[1]) for v in table.values() for k in v if k.startswith('knn_top1@')), default=20)}"
@@ -820,7 +824,8 @@ def summarise(profile: Profile, records: list[dict]) -> dict:
     claim(f"SOVE > DINO on fmnist-scenes {knn_label}", [mean("sove", knn), mean("dino", knn)], lambda a, b: a > b)
     claim("SOVE > DINO on fmnist-scenes mIoU", [mean("sove", "miou"), mean("dino", "miou")], lambda a, b: a > b)
     claim(f"SOVE Table 8: more CLS judges help, 1 < 3 < 9 judges, {knn_label}",
-          [mean(v, knn) for v in ("sove-1judge", "sove-3judges", "sove")], lambda a, b, c: a < b < c)
+          [mean(v, knn) for v in ("sove-1judge", "sove-3judges", "sove")], lambda a, b, c: a < b < c,
+          lambda a, b, c: min(b - a, c - b))
     claim("SOVE: the patch loss helps dense k-NN, mIoU with > without",
           [mean("sove", "miou"), mean("sove-no-patch", "miou")], lambda a, b: a > b)
     claim(f"DINO > random init on fmnist-scenes {knn_label}", [mean("dino", knn), mean("random", knn)],
@@ -831,7 +836,7 @@ def summarise(profile: Profile, records: list[dict]) -> dict:
           [mean("mocov2", "linear_map"), mean("random-linear", "linear_map")], lambda a, b: a > b)
     claim("MLS k ablation (paper: k=20 best of 1, 5, 20, 40), multi-label linear mAP",
           [mean(v, "linear_map") for v in ("mls-k1", "mls-k5", "mls", "mls-k40")],
-          lambda a, b, c, d: c > max(a, b, d))
+          lambda a, b, c, d: c > max(a, b, d), lambda a, b, c, d: c - max(a, b, d))
     claim("MLS: labels from Q_g (two queues) beat labels from Q_z (one queue), multi-label linear mAP",
           [mean("mls", "linear_map"), mean("mls-one-queue", "linear_map")], lambda a, b: a > b)
     for variant, (name, start) in (("mile", ("MILE", "its random init")),
@@ -850,7 +855,7 @@ def summarise(profile: Profile, records: list[dict]) -> dict:
         if noise:
             for baseline in ("max-pairwise@trained", "mean-cls@trained"):
                 claim(f"{name}: its AR@10 falls less than {baseline.split('@')[0]}'s from 0 to {noise:.0%} noise",
-                      [drop("mile@trained", noise), drop(baseline, noise)], lambda a, b: a < b)
+                      [drop("mile@trained", noise), drop(baseline, noise)], lambda a, b: a < b, lambda a, b: b - a)
     return {"profile": profile.name, "about": profile.about, "seeds": sorted({s for v in seeds.values() for s in v}),
             "cells": len(records), "table": table, "claims": claims,
             "provenance": sorted({(r["device"], r["commit"], r["torch"]) for r in records}),
@@ -921,15 +926,43 @@ def markdown(summary: dict) -> str:
                   "deviations over seeds, so the direction is not established.", ""]
     lines += ["| claim | holds | values (%) |", "| --- | --- | --- |"]
     for c in shown:
-        verdict = {True: "yes", False: "**no**", None: "not measured yet"}[c["holds"]]
-        if c["holds"] is not None and c.get("within_seed_spread"):
-            verdict += " (within the seed spread)"
+        verdict = verdict_of(c).replace("no", "**no**") if c["holds"] is False else verdict_of(c)
         lines.append(f"| {c['claim']} | {verdict} | {', '.join('–' if v is None else f'{v:.1f}' for v in c['values'])} |")
     if len(shown) < len(summary["claims"]):
         lines += ["", f"{len(summary['claims']) - len(shown)} claims on variants this profile does not run are left "
                       "out (summary.json lists every claim)."]
     lines += ["", "Provenance (device, commit, torch): " + "; ".join(", ".join(p) for p in summary["provenance"]), ""]
     return "\n".join(lines)
+
+
+def verdict_of(claim: dict) -> str:
+    """A claim's verdict in words: yes, no, not measured yet, or yes/no "(within the seed spread)"."""
+    verdict = {True: "yes", False: "no", None: "not measured yet"}[claim["holds"]]
+    if claim["holds"] is not None and claim.get("within_seed_spread"):
+        verdict += " (within the seed spread)"
+    return verdict
+
+
+def claims_panel(axis, claims: list[dict]) -> None:
+    """The measured claims as horizontal bars of their margin (points, signed in the claim's direction: right of
+    zero it holds), green where it holds, red where not, pale where the two means are within the seed spread."""
+    colours = {(True, False): "tab:green", (False, False): "tab:red", (True, True): "#b7e4b7", (False, True): "#f2b8b8"}
+    limit = max([abs(c["margin"]) for c in claims] + [1.0])
+    for row, c in enumerate(claims):
+        axis.barh(row, c["margin"], color=colours[(bool(c["holds"]), bool(c.get("within_seed_spread")))],
+                  edgecolor="grey", linewidth=0.5)
+        axis.text(1.01, row, f"{verdict_of(c)}, {c['margin']:+.2f}", va="center", fontsize=7.5,
+                  transform=axis.get_yaxis_transform())
+    axis.set_yticks(range(len(claims)), [c["claim"] for c in claims], fontsize=7.5)
+    axis.invert_yaxis()
+    axis.axvline(0, color="black", linewidth=0.8)
+    axis.set_xscale("symlog", linthresh=1.0)  # margins of 0.01 and of 20 points on one axis
+    axis.set_xlim(-limit * 1.1, limit * 1.1)
+    ticks = [t for t in (-100, -10, -1, 0, 1, 10, 100) if abs(t) <= limit * 1.1]
+    axis.set_xticks(ticks, [f"{t:+d}" if t else "0" for t in ticks])
+    axis.set_xlabel("margin in the claim's direction (points; > 0: holds; a linear scale within ±1, logarithmic beyond)")
+    axis.set_title("claims measured: green holds, red does not, pale = the two means are within the seed spread",
+                   fontsize=10)
 
 
 def chart(summary: dict, out: Path) -> None:
@@ -940,10 +973,20 @@ def chart(summary: dict, out: Path) -> None:
 
     table = summary["table"]
     variants = [v for v in SCENE_VARIANTS if v in table]
-    if variants:
-        figure, (left, right) = plt.subplots(1, 2, figsize=(18, 5.2), gridspec_kw={"width_ratios": [2.2, 1]})
-    else:  # products cells only (the warm profile's first cells): one panel
-        figure, right = plt.subplots(1, 1, figsize=(7.5, 5.2))
+    measured = [c for c in summary["claims"] if c["holds"] is not None and c.get("margin") is not None]
+    drawn = [v for v in PRODUCT_VARIANTS if table.get(v)]
+    # a top panel for the scenes cells and one for the products cells, where there are any; a lone panel is
+    # narrower, unless the claims' labels below need the width
+    width_in = 18 if variants and drawn else (12 if measured else 7.5)
+    claims_in = 0.9 + 0.25 * len(measured) if measured else 0.0
+    figure = plt.figure(figsize=(width_in, 5.2 + claims_in), layout="constrained")
+    top, bottom = figure.subfigures(2, 1, height_ratios=[5.2, claims_in]) if measured else (figure, None)
+    if variants and drawn:
+        left, right = top.subplots(1, 2, width_ratios=[2.2, 1])
+    else:
+        left, right = (top.subplots(1, 1), None) if variants else (None, top.subplots(1, 1))
+    if measured:
+        claims_panel(bottom.subplots(1, 1), measured)
     metrics = (("miou", "mIoU"), ("foreground_iou", "foreground IoU"), ("knn_top1@20", "image k-NN top-1 (k=20)"),
                ("linear_map", "multi-label linear mAP"))
     width = 0.8 / len(metrics)
@@ -956,7 +999,6 @@ def chart(summary: dict, out: Path) -> None:
         left.set_ylabel("IoU or top-1 (%)")
         left.set_title("fmnist-scenes: dense k-NN segmentation and image k-NN")
         left.legend(fontsize=8)
-    drawn = [v for v in PRODUCT_VARIANTS if table.get(v)]
     styles = ("-o", "-s", "-^", ":s", ":^")
     for variant, colour in zip(drawn, ("tab:blue", "tab:orange")):
         mile = table[variant]
@@ -968,13 +1010,12 @@ def chart(summary: dict, out: Path) -> None:
                 right.errorbar([100 * n for n in noises], means, yerr=[100 * mile[k]["std"] for k in keys], fmt=style,
                                color=colour if len(drawn) > 1 else None, capsize=3,
                                label=(f"{variant}: " if len(drawn) > 1 else "") + f"{method} ({backbone})")
-    right.set_xlabel("query photos replaced by random ones (%)")
-    right.set_ylabel("AR@10 (%)")
-    right.set_title("fmnist-products, image-set retrieval" + (f": {drawn[0]}" if len(drawn) == 1 else ""))
     if drawn:
+        right.set_xlabel("query photos replaced by random ones (%)")
+        right.set_ylabel("AR@10 (%)")
+        right.set_title("fmnist-products, image-set retrieval" + (f": {drawn[0]}" if len(drawn) == 1 else ""))
         right.legend(fontsize=7 if len(drawn) > 1 else 8)
-    figure.suptitle(f"fidelity suite, profile {summary['profile']}: mean ± std over seeds {summary['seeds']}")
-    figure.tight_layout()
+    top.suptitle(f"fidelity suite, profile {summary['profile']}: mean ± std over seeds {summary['seeds']}")
     atomic.write_with(out, lambda tmp: figure.savefig(tmp, format="png", dpi=110))
     plt.close(figure)
 

@@ -332,7 +332,9 @@ def test_the_report_has_a_table_and_claims_for_mile_from_the_backbone(tmp_path):
     fidelity.chart(only_products, tmp_path / "summary.png")
     from PIL import Image
 
-    assert Image.open(tmp_path / "summary.png").size == (825, 572)  # 7.5 x 5.2 inches at 110 dpi
+    measured = [c for c in only_products["claims"] if c["holds"] is not None]
+    # 12 x (5.2 + the claims panel: 0.9 + 0.25 a claim) inches at 110 dpi
+    assert Image.open(tmp_path / "summary.png").size == (1320, round(110 * (6.1 + 0.25 * len(measured))))
 
 
 def test_a_cell_records_the_commit_it_started_with_and_the_one_it_finished_with(tmp_path, monkeypatch):
@@ -386,3 +388,29 @@ def test_a_claim_whose_gap_is_within_the_seed_spread_says_so():
     claims = fidelity.summarise(fidelity.PROFILES["cpu"], close + cribo + mile)["claims"]
     derived = [c for c in claims if ("order" in c["claim"] or "falls less" in c["claim"]) and c["holds"] is not None]
     assert len(derived) == 3 and all(c["within_seed_spread"] is None for c in derived), derived
+
+
+def test_every_measured_claim_has_a_margin_positive_exactly_where_it_holds():
+    """The chart draws a claim as its margin in the claim's direction: for "a > b" a - b, for "falls less" the
+    other way round, for the calibration the distance to its 5-point threshold, for an order its smallest step."""
+    def record(variant: str, seed: int, metrics: dict, benchmark: str = "scenes") -> dict:
+        return {"cell": f"{benchmark}/{variant}/{seed}", "spec": {"variant": variant}, "metrics": metrics,
+                "device": "cpu", "commit": "abc", "torch": "2"}
+
+    miou = {"random": 0.10, "dino": 0.12, "supervised": 0.30, "cribo-global": 0.13, "cribo-cross-view": 0.125,
+            "cribo": 0.14}
+    records = [record(v, s, {"miou": m + s / 1000, "foreground_iou": 2 * m}) for v, m in miou.items() for s in range(2)]
+    records += [record("mile", s, {"mile@trained/noise0": 0.10, "mile@trained/noise0.5": 0.09,
+                                   "mean-cls@trained/noise0": 0.08, "mean-cls@trained/noise0.5": 0.05,
+                                   "max-pairwise@trained/noise0": 0.12, "max-pairwise@trained/noise0.5": 0.11},
+                       "products") for s in range(2)]
+    claims = {c["claim"]: c for c in fidelity.summarise(fidelity.PROFILES["cpu"], records)["claims"]}
+    measured = [c for c in claims.values() if c["holds"] is not None]
+    assert len(measured) >= 12
+    for c in measured:
+        assert (c["margin"] > 0) == c["holds"], c
+    assert claims["Calibration: DINO >= random init + 5 mIoU points on fmnist-scenes"]["margin"] == pytest.approx(-3.0)
+    assert claims["CrIBo Table 5 order on fmnist-scenes mIoU: global only < + cross-view < + cross-image"]["margin"] \
+        == pytest.approx(-0.5)  # 13.0 -> 12.5 -> 14.0: its smallest step is -0.5
+    assert claims["MILE: its AR@10 falls less than mean-cls's from 0 to 50% noise"]["margin"] == pytest.approx(2.0)
+    assert claims["MILE > max-pairwise of the trained backbone, AR@10 on fmnist-products"]["margin"] == pytest.approx(-2.0)
