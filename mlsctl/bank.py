@@ -66,7 +66,7 @@ import torch
 import torch.nn.functional as F
 
 from mlsctl import atomic, dist
-from mlsctl.errors import UserError
+from mlsctl.errors import UserError, first_line
 
 BANKS_FORMAT_VERSION = 1
 
@@ -431,8 +431,7 @@ def _read(path: str | Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[st
     except ValueError:
         raise
     except Exception as exc:  # safetensors' own error for a truncated or foreign file, OSError
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        raise ValueError(f"it is not a complete safetensors file ({first})") from None
+        raise ValueError(f"it is not a complete safetensors file ({first_line(exc)})") from None
     return states, metadata
 
 

@@ -8,6 +8,7 @@
 * :func:`describe_environment_error` turns what the machine throws at a command — a full disk, a
   read-only or forbidden folder, a file too large for the process's limit, exhausted memory —
   into one sentence naming the path and the cause (``None`` for anything else).
+* :func:`first_line` is what such a sentence quotes from a library's exception.
 """
 
 from __future__ import annotations
@@ -37,6 +38,12 @@ class Interrupted(UserError):
 
     def __init__(self, message: str):
         super().__init__(message, exit_code=130)
+
+
+def first_line(exc: BaseException, limit: int = 160) -> str:
+    """The first line of ``exc``'s message, at most ``limit`` characters: its type's name where the message
+    is empty (for the "(…)" that our one-sentence errors quote from a library's exception)."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:limit]
 
 
 # errno → (what happened, what to do)

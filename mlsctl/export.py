@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 
 from mlsctl import atomic
-from mlsctl.errors import UserError
+from mlsctl.errors import UserError, first_line
 from mlsctl.runs import Run
 
 
@@ -217,10 +217,6 @@ _ARG_LIMITS = {"depth": 1024, "num_heads": 4096, "patch_size": 4096, "num_classe
 _ARG_LIMIT = 2**16
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-
-
 def _load_export(path: Path) -> torch.nn.Module:
     """An exported folder's model, checked before it is built: config.json is a timm config of an
     architecture timm knows, its arguments are of sane size, and the model it describes (built on
@@ -235,7 +231,7 @@ def _load_export(path: Path) -> torch.nn.Module:
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
-        reason = "nested too deep" if isinstance(exc, RecursionError) else getattr(exc, "strerror", None) or _first_line(exc)
+        reason = "nested too deep" if isinstance(exc, RecursionError) else getattr(exc, "strerror", None) or first_line(exc)
         raise UserError(f"{config_path} is not readable JSON ({reason}); {fix}") from None
     if not (isinstance(config, dict) and isinstance(config.get("architecture"), str)
             and isinstance(config.get("model_args", {}), dict) and isinstance(config.get("pretrained_cfg", {}), dict)):
@@ -255,12 +251,12 @@ def _load_export(path: Path) -> torch.nn.Module:
         with safe_open(str(weights), framework="pt") as f:
             stored = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as exc:  # safetensors raises its own errors for any damage
-        raise UserError(f"{weights} is not a readable safetensors file ({_first_line(exc)}); {fix}") from None
+        raise UserError(f"{weights} is not a readable safetensors file ({first_line(exc)}); {fix}") from None
     try:
         with torch.device("meta"):
             skeleton = timm.create_model(f"local-dir:{path}", pretrained=False)
     except Exception as exc:  # timm's own errors for arguments its model refuses
-        raise UserError(f"{config_path}: timm cannot build '{arch}' from its model_args ({_first_line(exc)}); {fix}") from None
+        raise UserError(f"{config_path}: timm cannot build '{arch}' from its model_args ({first_line(exc)}); {fix}") from None
     wanted = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
     for key in sorted(set(wanted) | set(stored)):
         if wanted.get(key) != stored.get(key):
@@ -272,7 +268,7 @@ def _load_export(path: Path) -> torch.nn.Module:
     except Exception as exc:
         from mlsctl.errors import describe_environment_error
 
-        raise UserError(describe_environment_error(exc) or f"timm cannot load {path} ({_first_line(exc)}); {fix}") from None
+        raise UserError(describe_environment_error(exc) or f"timm cannot load {path} ({first_line(exc)}); {fix}") from None
 
 
 def load_backbone(path: str | Path) -> torch.nn.Module:

@@ -39,7 +39,7 @@ from typing import Optional, Sequence
 import torch
 
 from mlsctl import atomic
-from mlsctl.errors import UserError
+from mlsctl.errors import UserError, first_line
 from mlsctl.runs import Run
 
 SECTIONS = ("summary", "recipe", "curves", "patch-maps", "banks", "evaluations")
@@ -212,7 +212,7 @@ def _read_summary(run: Run) -> dict:
         summary = json.loads(run.summary_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         reason = getattr(exc, "strerror", None) or ("nested too deep" if isinstance(exc, RecursionError) else
-                                                    str(exc).splitlines()[0][:100])
+                                                    first_line(exc, 100))
         raise UserError(f"{run.summary_path} is damaged ({reason}); mlsctl pretrain writes it when the run ends: "
                         f"remove it to report the run as unfinished") from None
     if not isinstance(summary, dict):
@@ -500,7 +500,7 @@ def _evaluations(run: Run, folders: Sequence[Path], weights: RunWeights) -> tupl
                 result = json.loads(path.read_text(encoding="utf-8"))
             except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
                 reason = ("nested too deep" if isinstance(exc, RecursionError) else
-                          getattr(exc, "strerror", None) or str(exc).splitlines()[0][:80])
+                          getattr(exc, "strerror", None) or first_line(exc, 80))
                 skipped.append(f"skipped {path}: not readable JSON ({reason})")
                 continue
             if not (isinstance(result, dict) and str(result.get("command", "")).startswith("eval ")):

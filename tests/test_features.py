@@ -140,6 +140,15 @@ def test_damaged_or_foreign_folders_are_clear_errors(tmp_path: Path):
     shard.write_bytes(data[: len(data) // 2])
     with pytest.raises(UserError, match="is damaged"):
         Features(out)
+    import safetensors
+
+    def silent_failure(*args, **kwargs):
+        raise safetensors.SafetensorError()  # a library exception without a message still makes one sentence
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(safetensors, "safe_open", silent_failure)
+        with pytest.raises(UserError, match=r"is damaged \(SafetensorError\); embed the folder again"):
+            Features(out)
     shard.unlink()
     with pytest.raises(UserError, match="is missing"):
         Features(out)

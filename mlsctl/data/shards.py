@@ -20,7 +20,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 import torch
 
-from mlsctl.errors import UserError
+from mlsctl.errors import UserError, first_line
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -146,7 +146,7 @@ class Features:
             with safe_open(str(shard.path), "pt") as f:
                 shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
         except Exception as exc:
-            raise UserError(f"{shard.path} is damaged ({str(exc).splitlines()[0][:120]}); embed the folder again "
+            raise UserError(f"{shard.path} is damaged ({first_line(exc, 120)}); embed the folder again "
                             f"with --overwrite") from None
         expected = {"global": [shard.rows, self.dim], "row": [shard.rows]}
         if self.grid:

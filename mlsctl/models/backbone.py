@@ -46,7 +46,7 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from mlsctl.errors import UserError
+from mlsctl.errors import UserError, first_line
 from mlsctl.models import lora as lora_lib
 from mlsctl.models import weights as weights_lib
 
@@ -96,10 +96,9 @@ class Backbone(nn.Module):
             try:
                 return timm.create_model(arch, pretrained=False, **kwargs)
             except (TypeError, ValueError, AssertionError, RuntimeError) as exc:
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
                 hint = ("(num_heads must divide embed_dim)" if self.kind == "vit"
                         else "(a CNN takes output_stride, not ViT shapes)")
-                raise UserError(f"timm cannot build '{arch}' with {sorted(kwargs)} ({first}); check model.timm_kwargs "
+                raise UserError(f"timm cannot build '{arch}' with {sorted(kwargs)} ({first_line(exc)}); check model.timm_kwargs "
                                 f"{hint}") from None
 
         skip_init = skip_init and weights is not None and not embedding_dim

@@ -20,7 +20,7 @@ import sys
 import threading
 from typing import Optional, Sequence
 
-from mlsctl.errors import UserError
+from mlsctl.errors import UserError, first_line
 
 PROBE_SECONDS = 1.5
 
@@ -89,7 +89,7 @@ def hub_file(repo_id: str, filenames: Sequence[str], what: str, fix: str) -> str
             return hf_hub_download(repo_id, name, etag_timeout=10)
         except Exception as exc:  # a missing file name, the hub failing midway: try the next, then say so
             last_error = exc
-    first = str(last_error).strip().splitlines()[0][:160] if last_error else "no file"
+    first = first_line(last_error) if last_error else "no file"
     raise UserError(f"{what}: downloading {repo_id} failed ({first}); {fix}")
 
 

@@ -21,7 +21,7 @@ from typing import Callable, Mapping, TypeVar
 
 import torch
 
-from mlsctl.errors import UserError
+from mlsctl.errors import UserError, first_line
 
 CONTAINER_KEYS = ("teacher", "state_dict", "model", "student", "module")
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -45,8 +45,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     except UserError:
         raise
     except Exception as exc:  # torch/safetensors raise many types for foreign or damaged files
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot read weights from {path} ({first[:200]}); is it a complete .safetensors/.pth file?") from None
+        raise UserError(f"cannot read weights from {path} ({first_line(exc, 200)}); is it a complete .safetensors/.pth file?") from None
     return _unwrap(state, path)
 
 

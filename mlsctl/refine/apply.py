@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 
 from mlsctl import __version__, atomic
-from mlsctl.errors import UserError
+from mlsctl.errors import UserError, first_line
 
 
 @dataclass
@@ -69,7 +69,7 @@ def load_refiner(run_dir: str | Path) -> RefinerRun:
     try:
         weights = load_file(str(checkpoint.model_path))
     except Exception as exc:
-        raise UserError(f"{checkpoint.model_path} cannot be read ({str(exc).splitlines()[0][:120]}); delete "
+        raise UserError(f"{checkpoint.model_path} cannot be read ({first_line(exc, 120)}); delete "
                         f"{checkpoint.path} to use the checkpoint before it") from None
     own = {k[len("refiner."):]: v for k, v in weights.items() if k.startswith("refiner.")}
     cfg = recipe.method

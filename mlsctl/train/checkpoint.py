@@ -21,7 +21,7 @@ import torch
 
 from mlsctl import __version__, atomic, dist, provenance
 from mlsctl.bank import save_banks
-from mlsctl.errors import UserError
+from mlsctl.errors import UserError, first_line
 from mlsctl.restore import initial_weights as load_initial_weights  # noqa: F401 (--init-from, read back in restore)
 from mlsctl.runs import RUN_FORMAT_VERSION, Checkpoint, Run, checkpoint_dirname
 
@@ -116,10 +116,6 @@ def _damaged(checkpoint: Checkpoint, name: str, why: str) -> UserError:
                      f"or start a new run", exit_code=1)
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-
-
 def _load_weights_only(checkpoint: Checkpoint, path: Path):
     """``torch.load(weights_only=True)`` of a checkpoint file; a damaged or foreign file (one
     holding objects other than tensors and plain values) is one sentence."""
@@ -134,7 +130,7 @@ def _load_weights_only(checkpoint: Checkpoint, path: Path):
         raise _damaged(checkpoint, path.name, "holds objects other than tensors and plain values (it was not "
                                               "written by mlsctl, or was tampered with), so it is not loaded") from None
     except Exception as exc:  # truncated zip, not a torch file
-        raise _damaged(checkpoint, path.name, f"is damaged ({_first_line(exc)})") from None
+        raise _damaged(checkpoint, path.name, f"is damaged ({first_line(exc)})") from None
 
 
 def load_checkpoint(checkpoint: Checkpoint, method, optimizer, accelerator) -> dict:
@@ -150,11 +146,11 @@ def load_checkpoint(checkpoint: Checkpoint, method, optimizer, accelerator) -> d
         weights = load_file(str(checkpoint.model_path))
         method.load_state_dict(weights, strict=True)
     except Exception as exc:
-        raise _damaged(checkpoint, checkpoint.model_path.name, f"cannot be loaded ({_first_line(exc)})") from None
+        raise _damaged(checkpoint, checkpoint.model_path.name, f"cannot be loaded ({first_line(exc)})") from None
     try:
         bank_states = read_bank_states(checkpoint.banks_path)
     except Exception as exc:
-        raise _damaged(checkpoint, checkpoint.banks_path.name, f"cannot be read ({_first_line(exc)})") from None
+        raise _damaged(checkpoint, checkpoint.banks_path.name, f"cannot be read ({first_line(exc)})") from None
     banks = method.banks()
     if set(bank_states) != set(banks):
         raise UserError(f"{checkpoint.banks_path} holds banks {sorted(bank_states)}, the method has {sorted(banks)}")
@@ -169,7 +165,7 @@ def load_checkpoint(checkpoint: Checkpoint, method, optimizer, accelerator) -> d
         if "scaler" in optimizer_state and accelerator.scaler is not None:
             accelerator.scaler.load_state_dict(optimizer_state["scaler"])
     except Exception as exc:
-        raise _damaged(checkpoint, checkpoint.optimizer_path.name, f"does not fit the optimizer ({_first_line(exc)})") from None
+        raise _damaged(checkpoint, checkpoint.optimizer_path.name, f"does not fit the optimizer ({first_line(exc)})") from None
     rng_states = _load_weights_only(checkpoint, checkpoint.rng_path)
     if not isinstance(rng_states, list) or len(rng_states) <= accelerator.process_index:
         raise _damaged(checkpoint, checkpoint.rng_path.name, "does not hold the random states of every process")
