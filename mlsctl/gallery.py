@@ -31,6 +31,7 @@ the compressed codes and their exact cosines (from the stored latents) re-rank t
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import time
@@ -42,9 +43,11 @@ import numpy as np
 import torch
 
 from mlsctl import __version__, atomic, threads
-from mlsctl.errors import UserError
+from mlsctl.errors import UserError, first_line
 from mlsctl.locks import LOCK_NAME, FolderLock
 from mlsctl.methods.mile.set_model import MILESetModel
+
+log = logging.getLogger("mlsctl")
 
 GALLERY_FORMAT_VERSION = 3
 READABLE_FORMAT_VERSION = 2  # format 2 (row files beside gallery.json) is read, and moved by writers
@@ -142,8 +145,6 @@ def check_object_id(object_id: str, where: str = "--object") -> str:
 def object_folders(root: str | os.PathLike) -> dict[str, list[Path]]:
     """``ROOT/<object_id>/*`` images, files sorted by name (the folding order). Files whose names
     cannot be stored are skipped and reported (see :func:`~mlsctl.data.images.scan_images`)."""
-    import logging
-
     from mlsctl.data.images import require_images, scan_images
 
     root = Path(root)
@@ -354,7 +355,7 @@ class Gallery:
         try:
             index = faiss.read_index(str(index_path))
         except Exception as exc:  # faiss raises RuntimeError with its C++ message for any junk
-            raise UserError(f"{index_path} is not a faiss index ({_first_line(exc)}); rebuild the gallery with "
+            raise UserError(f"{index_path} is not a faiss index ({first_line(exc)}); rebuild the gallery with "
                             f"mlsctl index build") from None
         if index.d != self.dim:
             raise UserError(f"{index_path} indexes {index.d} dimensions, the gallery has {self.dim}; rebuild it")
@@ -423,32 +424,52 @@ class Gallery:
         return created, count
 
     def append(self, ids: Sequence[str], latents: torch.Tensor, counts: Sequence[int]) -> None:
-        """Append rows and commit them (gallery.json's row count, written atomically, last)."""
+        """Append rows and commit them (gallery.json's row count, written atomically, last). Where the
+        commit fails (a full disk), the gallery in memory is put back as it was, so that searches never
+        see rows the files do not hold; the rows written past the committed count are cut off by the
+        next append."""
         faiss = threads.faiss()
 
         for object_id in ids:
             check_object_id(object_id)
         latents = latents.detach().float().numpy()
         unit = _normalized(latents)
-        start = self.rows
-        old_rows = [self.row_of[i] for i in ids if i in self.row_of]
-        self.ids_bytes = _append_rows(self.data, start, self.ids_bytes, ids, latents.astype(self.dtype),
-                                      unit.astype(self.dtype), np.asarray(counts, dtype=np.int64))
-        self.rows = start + len(ids)
-        rows = np.arange(start, self.rows, dtype=np.int64)
-        if old_rows:
-            self.index.remove_ids(faiss.IDSelectorBatch(np.asarray(old_rows, dtype=np.int64)))
-        for object_id, row in zip(ids, rows):
-            self.row_of[object_id] = int(row)
-        self.row_ids.extend(ids)
-        self.index.add_with_ids(unit.astype(self.dtype).astype(np.float32), rows)
-        self._unsaved = getattr(self, "_unsaved", 0) + len(ids) + len(old_rows)
-        self.manifest = dict(self.manifest, rows=self.rows, objects=len(self.row_of),
-                             updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
-        if self.settings.kind != "flat" and self._unsaved > max(1024, self.rows // 100):
-            self.save_index()  # the rows written since the last save stay a small share
-        else:
-            atomic.write_json(self.path / MANIFEST, self.manifest)
+        start, ids_bytes, manifest, unsaved = self.rows, self.ids_bytes, self.manifest, getattr(self, "_unsaved", 0)
+        old_rows = np.asarray([self.row_of[i] for i in ids if i in self.row_of], dtype=np.int64)
+        replaced = {i: self.row_of.get(i) for i in ids}
+        new_ids_bytes = _append_rows(self.data, start, ids_bytes, ids, latents.astype(self.dtype),
+                                     unit.astype(self.dtype), np.asarray(counts, dtype=np.int64))
+        rows = np.arange(start, start + len(ids), dtype=np.int64)
+        removed = added = False
+        try:
+            self.ids_bytes, self.rows = new_ids_bytes, start + len(ids)
+            if len(old_rows):
+                self.index.remove_ids(faiss.IDSelectorBatch(old_rows))
+                removed = True
+            self.row_of.update({object_id: int(row) for object_id, row in zip(ids, rows)})
+            self.row_ids.extend(ids)
+            self.index.add_with_ids(unit.astype(self.dtype).astype(np.float32), rows)
+            added = True
+            self._unsaved = unsaved + len(ids) + len(old_rows)
+            self.manifest = dict(manifest, rows=self.rows, objects=len(self.row_of),
+                                 updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
+            if self.settings.kind != "flat" and self._unsaved > max(1024, self.rows // 100):
+                self.save_index()  # the rows written since the last save stay a small share
+            else:
+                atomic.write_json(self.path / MANIFEST, self.manifest)
+        except BaseException:
+            if added:
+                self.index.remove_ids(faiss.IDSelectorBatch(rows))
+            if removed:  # the replaced rows are still on disk, committed: index them again
+                self.index.add_with_ids(np.asarray(self.unit[old_rows], dtype=np.float32), old_rows)
+            del self.row_ids[start:]
+            for object_id, row in replaced.items():
+                if row is None:
+                    self.row_of.pop(object_id, None)
+                else:
+                    self.row_of[object_id] = row
+            self.rows, self.ids_bytes, self.manifest, self._unsaved = start, ids_bytes, manifest, unsaved
+            raise
         self.latents = self._map(LATENTS, self.dtype, (self.rows, self.dim))
         self.unit = self._map(UNIT, self.dtype, (self.rows, self.dim))
         self.counts = self._map(COUNTS, np.int64, (self.rows,))
@@ -466,9 +487,12 @@ class Gallery:
             atomic.write_with(self.data / name, lambda tmp: faiss.write_index(self.index, str(tmp)))
         self.manifest = dict(self.manifest, indexed_rows=self.rows, index_file=name)
         atomic.write_json(self.path / MANIFEST, self.manifest)
-        if old and old != name:
-            (self.data / old).unlink(missing_ok=True)
         self._unsaved = 0
+        if old and old != name:  # committed: a file that cannot be removed now is only a leftover
+            try:
+                (self.data / old).unlink(missing_ok=True)
+            except OSError as exc:
+                log.warning(f"could not remove the replaced index {self.data / old} ({first_line(exc)}); delete it")
 
     def added_since_training(self) -> float:
         """The share of live objects written since the IVF quantiser was trained (0 for flat)."""
@@ -491,10 +515,6 @@ class Gallery:
         reopened = Gallery(self.path)
         self.__dict__.update(reopened.__dict__)
         return self.manifest
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
 
 
 def _read_ids(path: Path, rows: int) -> tuple[list[str], int]:

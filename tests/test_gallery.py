@@ -248,3 +248,37 @@ def test_4_sigkill_at_every_os_replace_of_a_swap_leaves_the_old_or_the_new_galle
             assert _state(folder) in (old, new), (swap, n, when)
             Gallery(folder, recover=True).append(["after"], torch.ones(1, 16), [1])
             assert Gallery(folder).count("after") == 1
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivfpq"])
+def test_an_add_whose_commit_fails_leaves_the_gallery_in_memory_as_on_disk(tmp_path, monkeypatch, kind):
+    """A full disk at gallery.json's commit: the add raises, and searches, counts and ids (the served gallery in
+    memory) are those of the gallery on disk, not the uncommitted rows; the next add goes through."""
+    from mlsctl import atomic
+
+    latents = clustered(300, seed=4)
+    ids = [f"o{i}" for i in range(300)]
+    settings = IndexSettings(kind, nlist=4, m=4, nbits=6, nprobe=4, refine=300) if kind == "ivfpq" else IndexSettings()
+    write_gallery(tmp_path / "g", ids[:250], latents[:250], [1] * 250, settings, MANIFEST)
+    gallery = Gallery(tmp_path / "g")
+    queries = latents[:250:10]
+    before = gallery.search_many(queries, 5)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(atomic, "write_json", full_disk)
+        patch.setattr(atomic, "write_with", full_disk)  # the IVF-PQ index save, when its turn comes
+        for object_id, latent in (("new", latents[260:261]), ("o5", latents[270:271])):  # a new and a replaced object
+            with pytest.raises(OSError):
+                gallery.append([object_id], latent, [2])
+            if kind == "ivfpq":
+                gallery._unsaved = 10**6  # the next attempt saves the index: it fails there
+    assert gallery.rows == 250 and len(gallery) == 250 and "new" not in gallery.ids and gallery.count("o5") == 1
+    assert gallery.search_many(queries, 5) == before == Gallery(tmp_path / "g").search_many(queries, 5)
+    assert torch.equal(gallery.latent("o5"), latents[5])
+    gallery.append(["new"], latents[260:261], [2])  # disk space again
+    reopened = Gallery(tmp_path / "g")
+    assert reopened.rows == gallery.rows == 251 and reopened.count("new") == gallery.count("new") == 2
+    assert reopened.search_many(queries, 5) == gallery.search_many(queries, 5)
