@@ -9,7 +9,7 @@ Everything runs on 127.0.0.1 and is bounded in count and time.
 (IVF-PQ, as ``benchmarks/serve.py``), served by ``mlsctl serve`` with its default limits. ``--clients``
 clients, each on its own keep-alive connection, send for ``--seconds`` (at most ``--max-requests``
 each) a mix of searches (2 photos, 3 in 4 requests) and adds (1 photo into one of the client's own
-10 objects, with the token the server printed); photos are the image files under ``--photos``.
+10 objects, with the token of the server's token file); photos are the image files under ``--photos``.
 Reported: p50/p99 latency (all, searches, adds), requests/s, failed requests, lost adds (photos
 acknowledged by a 200 and missing from ``GET /objects/ID`` — and from the gallery read from disk
 after the server stopped), and the server's peak RSS. Writes benchmarks/results/serve_soak.json.

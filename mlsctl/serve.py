@@ -17,31 +17,37 @@ protects against and what it does not):
 
 * the ``Host`` header must name the bound address, ``localhost``, a loopback address or an
   ``--allow-host`` (a web page that rebinds its own name to 127.0.0.1 is refused);
-* a ``POST`` whose ``Origin`` is not the server itself is refused (a page on another site can send
-  a form without asking first; it cannot send the token);
+* a request whose ``Origin`` is not the server itself, or whose ``Sec-Fetch-Site`` is another
+  site's, is refused, whatever its method (a page on another site can send a form without asking
+  first, and learn from a ``GET``'s outcome which objects exist; it cannot send the token);
 * writes need ``Authorization: Bearer TOKEN``: a token generated at start into
-  ``GALLERY/.mlsctl.token`` (mode 0600, beside the lock, removed at exit) or read from
+  ``GALLERY/.mlsctl.token`` (mode 0600, beside the lock, removed at exit; never printed: the start
+  line reads it with ``$(cat …)``) or read from
   ``--token-file``; with ``--token-file`` every request but ``GET /health`` needs it; listening
   beyond loopback (``--host 0.0.0.0``) needs ``--token-file``. ``--read-only`` serves searches only.
 
 What a request may cost (checked in this order, each before the next is done):
 
+0. the connection: its request line and headers arrive within :data:`REQUEST_HEAD_SECONDS` of its
+   opening or of its last answer, or it is closed (:func:`head_timeout_protocol`);
 1. the body: a ``Content-Length`` over the limit (``--max-request-mb``; 1 MiB for JSON) is refused
    before reading; while reading, bytes are counted (chunked bodies too) and the request is refused
-   at the limit; bodies being received at once hold at most :attr:`Limits.body_budget_bytes`
-   (beyond: 503, retry); a body must arrive within :data:`BODY_SECONDS`;
+   at the limit; the bytes received at once, counted as they arrive, stay within
+   :attr:`Limits.body_budget_bytes` for requests without the token and as much again for token
+   holders (beyond: 503, retry); a body must arrive within :data:`BODY_SECONDS`, and at
+   :data:`MIN_BODY_RATE` at least after :data:`BODY_GRACE_SECONDS`;
 2. multipart: at most :data:`MAX_PHOTOS` files and :data:`MAX_FIELDS` other fields of
    :data:`MAX_FIELD_BYTES` each; every file at most ``--max-upload-mb``;
-3. the photos' headers alone (nothing decoded yet): at most ``DEFAULT_MAX_IMAGE_PIXELS`` pixels
-   each, :data:`MAX_REQUEST_PIXELS` per request, and each photo's decoding memory (pixels × the
+3. the photos' headers alone (nothing decoded yet), in one of :func:`upload_formats`: at most
+   ``DEFAULT_MAX_IMAGE_PIXELS`` pixels each, :data:`MAX_REQUEST_PIXELS` per request, and each photo's decoding memory (pixels × the
    bytes per pixel its mode needs, :data:`BYTES_PER_PIXEL`) within the decode budget;
 4. decoding: one photo at a time per request, each holding its decoding memory from the
    server-wide decode budget (``--decode-budget-mb``; others wait) and resized to the model's input
    (uint8) at once; :data:`WORKING` requests decode and embed at a time (others wait, holding only
    their received body).
 
-So the server's memory stays under its idle size + the decode budget + twice the body budget + a
-few MB per working request, whatever the requests (docs/service.md has the measurements).
+So the server's memory stays under its idle size + the decode budget + twice the two body
+allowances + a few MB per working request, whatever the requests (docs/service.md has the measurements).
 
 Bad requests get a 4xx with ``{"error": "one sentence"}``, FastAPI's own answers (404, 405, 422)
 included; an unexpected failure a 500 with one sentence and no path; the server keeps serving.
@@ -66,6 +72,7 @@ import socket
 import stat
 import threading
 import time
+import warnings
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +88,9 @@ MAX_FIELDS = 8  # multipart fields that are not files (none is used)
 MAX_FIELD_BYTES = 4096
 MAX_PATH_CHARS = 1024
 BODY_SECONDS = 60.0  # a request body must arrive within this time
+BODY_GRACE_SECONDS = 5.0  # ... and, after these seconds, at MIN_BODY_RATE at least
+MIN_BODY_RATE = 64 * 1024  # bytes per second
+REQUEST_HEAD_SECONDS = 10.0  # a connection sends its request line and headers within this time, or is closed
 WAIT_SECONDS = 120.0  # the longest a request waits for the decode budget
 WORKING = 4  # requests decoding and embedding at once
 MAX_CONNECTIONS = 128  # uvicorn answers 503 beyond
@@ -99,6 +109,15 @@ WORST_BYTES_PER_PIXEL = 35
 LINE_BYTES = 64
 
 log = logging.getLogger("mlsctl.serve")
+
+
+def upload_formats() -> tuple[str, ...]:
+    """The image formats a photo sent to the server may have: raster formats whose header gives the size
+    that is decoded (of those training reads). Not ICO, CUR or ICNS: Pillow decodes an icon's frames
+    while it opens the file, and a frame may be far larger than the header says."""
+    from mlsctl.data.images import IMAGE_FORMATS
+
+    return tuple(f for f in ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "AVIF") if f in IMAGE_FORMATS)
 
 
 def decode_bytes(mode: str, info: dict) -> int:
@@ -275,26 +294,25 @@ class GalleryService:
     def measure(self, photos: list[Photo]) -> None:
         """Read each photo's header (nothing is decoded): its pixels and decoding memory, refused
         above the per-photo, per-request and decode-budget limits."""
-        import warnings
-
         from PIL import Image, UnidentifiedImageError
 
-        from mlsctl.data.images import DEFAULT_MAX_IMAGE_PIXELS, IMAGE_FORMATS
+        from mlsctl.data.images import DEFAULT_MAX_IMAGE_PIXELS
 
         total = 0
         for photo in photos:
             if photo.size == 0:
                 raise RequestError(400, f"{_shown(photo.name)} cannot be used: empty file (0 bytes)")
-            try:
-                with photo.open() as f, warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    with Image.open(f, formats=IMAGE_FORMATS) as img:
-                        width, height = img.size
-                        mode, info = img.mode, dict(img.info)
+            try:  # Pillow's warnings: filtered for the whole process at start (catch_warnings is not thread-safe)
+                with photo.open() as f, Image.open(f, formats=upload_formats()) as img:
+                    width, height = img.size
+                    mode, info = img.mode, dict(img.info)
             except Exception as exc:  # noqa: BLE001 - whatever a reader raises on a malformed header is the client's
-                reason = "not an image file" if isinstance(exc, UnidentifiedImageError) else (
-                    "more pixels than the limit" if isinstance(exc, Image.DecompressionBombError)
-                    else f"its header cannot be read ({type(exc).__name__})")
+                if isinstance(exc, UnidentifiedImageError):
+                    reason = f"not an image file in a format this server takes ({', '.join(upload_formats())})"
+                elif isinstance(exc, Image.DecompressionBombError):
+                    reason = "more pixels than the limit"
+                else:
+                    reason = f"its header cannot be read ({type(exc).__name__})"
                 raise RequestError(400, f"{_shown(photo.name)} cannot be used: {reason}") from None
             photo.pixels = int(width) * int(height)
             if photo.pixels > DEFAULT_MAX_IMAGE_PIXELS:
@@ -324,7 +342,7 @@ class GalleryService:
                     data = f.read(self.limits.max_upload_bytes + 1)
                 self._check_size(photo.name, len(data))
                 try:
-                    image = decode_rgb(data, max_pixels=max(photo.pixels, 1))
+                    image = decode_rgb(data, max_pixels=max(photo.pixels, 1), formats=upload_formats(), quiet=False)
                 except BadImage as exc:
                     raise RequestError(400, f"{_shown(photo.name)} cannot be used: {exc}") from None
                 del data
@@ -495,7 +513,16 @@ class Guard:
 
     def __init__(self, app, policy: Policy):
         self.app, self.policy = app, policy
-        self.receiving = 0  # body bytes reserved by requests being received
+        # body bytes received and held, by whether the request showed the token: a client without it cannot fill
+        # what token holders (writes) receive into
+        self.receiving = {False: 0, True: 0}
+
+    def reserve(self, authenticated: bool, amount: int) -> None:
+        """Count ``amount`` more body bytes against the request's allowance (503 beyond it)."""
+        if self.receiving[authenticated] + amount > self.policy.limits.body_budget_bytes:
+            raise RequestError(503, "the server is receiving too much at once; retry in a moment",
+                               {"Retry-After": "2", "Connection": "close"})
+        self.receiving[authenticated] += amount
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "lifespan":
@@ -511,10 +538,10 @@ class Guard:
                 state["error"] += message.get("body", b"")
             await send(message)
 
-        reserved = 0
+        body = {"received": 0, "authenticated": False}  # what this request holds of the body allowance
         failure = None
         try:
-            refusal = self.refusal(scope)
+            refusal, body["authenticated"] = self.refusal(scope)
             if refusal is not None:
                 await _answer(tracked_send, *refusal)
                 return
@@ -523,14 +550,7 @@ class Guard:
                 await _answer(tracked_send, 413, f"the request body is {length:,} bytes, over the limit of {limit:,}",
                               {"Connection": "close"})
                 return
-            reserved = length if length is not None else limit
-            if self.receiving + reserved > self.policy.limits.body_budget_bytes:
-                reserved = 0
-                await _answer(tracked_send, 503, "the server is receiving too much at once; retry in a moment",
-                              {"Retry-After": "2"})
-                return
-            self.receiving += reserved
-            await self.app(scope, _counted(receive, limit, scope), tracked_send)
+            await self.app(scope, _counted(receive, limit, self, body), tracked_send)
         except RequestError as exc:  # refused here, before the application saw the request
             if state["status"] is None:
                 await _answer(tracked_send, exc.status, exc.message, exc.headers)
@@ -542,47 +562,49 @@ class Guard:
                 except Exception:  # noqa: BLE001 - the client is gone
                     pass
         finally:
-            self.receiving -= reserved
+            self.receiving[body["authenticated"]] -= body["received"]
             self.log_request(scope, state["status"], state["error"], failure, state["started"])
 
-    def refusal(self, scope) -> Optional[tuple]:
-        """(status, sentence, headers) for a request refused before its body is read, or None."""
+    def refusal(self, scope) -> tuple[Optional[tuple], bool]:
+        """(status, sentence, headers) for a request refused before its body is read, or None; and
+        whether the request showed the server's token."""
         policy = self.policy
         headers = {}
         for key, value in scope.get("headers", []):
             headers.setdefault(key.decode("latin-1").lower(), []).append(value.decode("latin-1"))
         hosts = headers.get("host", [])
         if len(hosts) != 1:
-            return 400, "the request needs exactly one Host header", None
+            return (400, "the request needs exactly one Host header", None), False
         try:
             host = split_host(hosts[0])
         except (ValueError, IndexError):
-            return 400, f"the Host header '{_shown(hosts[0], 60)}' is not a host name", None
+            return (400, f"the Host header '{_shown(hosts[0], 60)}' is not a host name", None), False
         if host[0] not in policy.hosts:
             return (403, f"this server does not answer to the host '{_shown(host[0], 60)}'; it answers to "
-                         f"{', '.join(sorted(policy.hosts))} (add a name with --allow-host)", None)
+                         f"{', '.join(sorted(policy.hosts))} (add a name with --allow-host)", None), False
         method, path = scope["method"], scope["path"]
-        if method not in ("GET", "HEAD", "OPTIONS"):
-            origin = headers.get("origin", [None])[0]
-            site = headers.get("sec-fetch-site", [None])[0]
-            if (origin is not None and not _same_origin(origin, host)) or site in ("cross-site", "same-site"):
-                return (403, f"a request from another origin ({_shown(origin or site or '?', 60)}) may not {method} "
-                             f"here; call the API from the client's own code, not from a web page", None)
+        # any method: a page on another site must not write, nor learn from a GET's outcome which objects exist
+        origin = headers.get("origin", [None])[0]
+        site = headers.get("sec-fetch-site", [None])[0]
+        if (origin is not None and not _same_origin(origin, host)) or site in ("cross-site", "same-site"):
+            return (403, f"a request from another origin ({_shown(origin or site or '?', 60)}) may not {method} "
+                         f"here; call the API from the client's own code, not from a web page", None), False
         if _is_write(method, path) and policy.read_only:
-            return 403, "this server is read-only (started with --read-only): it serves searches only", None
+            return (403, "this server is read-only (started with --read-only): it serves searches only", None), False
+        given = headers.get("authorization", [""])[0]
+        scheme, _, credential = given.partition(" ")
+        authenticated = policy.token is not None and scheme.lower() == "bearer" and hmac.compare_digest(
+            credential.strip().encode("utf-8", "replace"), policy.token.encode())
         needs_token = policy.token is not None and (_is_write(method, path) or (
             policy.token_everywhere and not (method in ("GET", "HEAD") and path == "/health")))
-        if needs_token:
-            given = headers.get("authorization", [""])[0]
-            scheme, _, credential = given.partition(" ")
-            if not given:
-                what = "this server needs" if policy.token_everywhere else "writes need"
-                return (401, f"{what} the server's token: send 'Authorization: Bearer TOKEN' with the token of the "
-                             f"file the server named at start", {"WWW-Authenticate": "Bearer"})
-            if scheme.lower() != "bearer" or not hmac.compare_digest(credential.strip().encode("utf-8", "replace"),
-                                                                     policy.token.encode()):
-                return 401, "the bearer token is wrong; send the one in the server's token file", {"WWW-Authenticate": "Bearer"}
-        return None
+        if needs_token and not given:
+            what = "this server needs" if policy.token_everywhere else "writes need"
+            return (401, f"{what} the server's token: send 'Authorization: Bearer TOKEN' with the token of the "
+                         f"file the server named at start", {"WWW-Authenticate": "Bearer"}), False
+        if needs_token and not authenticated:
+            return (401, "the bearer token is wrong; send the one in the server's token file",
+                    {"WWW-Authenticate": "Bearer"}), False
+        return None, authenticated
 
     def body_limit(self, scope) -> tuple[int, Optional[int]]:
         kind, length, chunked = None, None, False
@@ -624,24 +646,34 @@ class Guard:
         log.warning(f"{line}: {message}")
 
 
-def _counted(receive, limit: int, scope):
-    """``receive`` that refuses a body over ``limit`` bytes while it arrives, and one that does
-    not arrive within :data:`BODY_SECONDS`."""
-    state = {"received": 0, "done": False, "deadline": time.monotonic() + BODY_SECONDS}
+def _counted(receive, limit: int, guard: "Guard", body: dict):
+    """``receive`` that refuses a body over ``limit`` bytes while it arrives, one that does not arrive
+    within :data:`BODY_SECONDS`, and one that falls behind :data:`MIN_BODY_RATE` once
+    :data:`BODY_GRACE_SECONDS` have passed; each chunk is counted in ``body["received"]`` against the
+    guard's allowance as it arrives (a body declared but not sent holds nothing)."""
+    started = time.monotonic()
+    state = {"done": False}
+
+    def deadline() -> float:  # when the bytes received so far stop being enough
+        return started + min(BODY_SECONDS, BODY_GRACE_SECONDS + (body["received"] + 1) / MIN_BODY_RATE)
 
     async def counted():
         if state["done"]:
             return await receive()
         try:
-            message = await asyncio.wait_for(receive(), max(0.01, state["deadline"] - time.monotonic()))
+            message = await asyncio.wait_for(receive(), max(0.01, deadline() - time.monotonic()))
         except asyncio.TimeoutError:
-            raise RequestError(408, f"the request body did not arrive within {BODY_SECONDS:.0f} s",
+            slow = time.monotonic() - started < BODY_SECONDS - 0.01
+            raise RequestError(408, f"the request body did not arrive within {BODY_SECONDS:.0f} s" if not slow else
+                               f"the request body arrived slower than {MIN_BODY_RATE // 1024:,} KiB/s",
                                {"Connection": "close"}) from None
         if message["type"] == "http.request":
-            state["received"] += len(message.get("body", b""))
-            if state["received"] > limit:
+            chunk = len(message.get("body", b""))
+            if body["received"] + chunk > limit:
                 raise RequestError(413, f"the request body is over the limit of {limit:,} bytes",
                                    {"Connection": "close"})
+            guard.reserve(body["authenticated"], chunk)
+            body["received"] += chunk
             if not message.get("more_body", False):
                 state["done"] = True
         return message
@@ -844,8 +876,8 @@ def read_token_file(path: Path) -> str:
                         f"print(secrets.token_urlsafe(32))\" > {path}; chmod 600 {path}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"--token-file {path} cannot be read ({getattr(exc, 'strerror', None) or exc})") from None
-    if stat.S_IMODE(info.st_mode) & 0o026 or (stat.S_IMODE(info.st_mode) & 0o004):
-        raise UserError(f"--token-file {path} can be read or written by other users (mode "
+    if stat.S_IMODE(info.st_mode) & 0o077:
+        raise UserError(f"--token-file {path} can be read or written by other users or its group (mode "
                         f"{stat.S_IMODE(info.st_mode):04o}); chmod 600 {path}")
     if len(text) < 16 or not (text.isascii() and text.isprintable()) or any(c.isspace() for c in text):
         raise UserError(f"--token-file {path} must hold one secret of at least 16 printable ASCII characters without "
@@ -896,17 +928,19 @@ def serve(gallery: Path, run: Optional[Path], host: str, port: int, root: Option
         base = f"http://{shown_host}:{port}"
         say(f"serving {gallery} ({len(service.gallery)} objects, model {service.model.fingerprint[:12]}) on {base}"
             f"{' read-only' if read_only else ''} — {API}")
-        if token_path is not None:
+        if token_path is not None:  # its path, never the token: this line may end up in a journal
             say(f"writes need the token in {token_path} (mode 0600, valid while this server runs): "
-                f"curl -H 'Authorization: Bearer {token}' -F photos=@a.png {base}/objects/ID/photos")
+                f"curl -H \"Authorization: Bearer $(cat {token_path})\" -F photos=@a.png {base}/objects/ID/photos")
         elif token_file is not None:
             say(f"every request but GET /health needs the token of {token_file}: curl -H \"Authorization: Bearer "
                 f"$(cat {token_file})\" -F photos=@a.png {base}/search")
         _log_to_stderr()
         _return_freed_memory()
+        # photos that make Pillow warn are refused or decoded all the same; the log stays one line a request
+        warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
         config = uvicorn.Config(create_app(service, policy, docs), log_level="warning", access_log=False,
                                 limit_concurrency=MAX_CONNECTIONS, proxy_headers=False, server_header=False,
-                                timeout_keep_alive=5)
+                                timeout_keep_alive=5, http=head_timeout_protocol())
         try:
             uvicorn.Server(config).run(sockets=[sock])
         except Terminated:  # SIGTERM, once uvicorn has answered the requests under way: a service's ordinary stop
@@ -923,6 +957,49 @@ def serve(gallery: Path, run: Optional[Path], host: str, port: int, root: Option
         if service is not None:
             service.close()
         sock.close()
+
+
+def head_timeout_protocol():
+    """uvicorn's HTTP/1.1 protocol (h11), closing a connection that has not sent a whole request line
+    and headers within :data:`REQUEST_HEAD_SECONDS` of opening or of its last answer (uvicorn waits for
+    ever for a first request, and its keep-alive timer stops at the first byte): idle or trickling
+    connections cannot hold the :data:`MAX_CONNECTIONS` slots."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeadTimeoutProtocol(H11Protocol):
+        head_timer = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm_head_timer()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm_head_timer()
+
+        def connection_lost(self, exc) -> None:
+            if self.head_timer is not None:
+                self.head_timer.cancel()
+            super().connection_lost(exc)
+
+        def _arm_head_timer(self) -> None:
+            if self.head_timer is not None:
+                self.head_timer.cancel()
+            self.head_timer = self.loop.call_later(REQUEST_HEAD_SECONDS, self._close_without_request)
+
+        def _close_without_request(self) -> None:
+            self.head_timer = None
+            if self.transport.is_closing() or (self.cycle is not None and not self.cycle.response_complete):
+                return  # a request is under way: its body has its own deadline
+            try:
+                self.conn.send(h11.ConnectionClosed())
+            except h11.LocalProtocolError:  # half a request line received: nothing to say, only close
+                pass
+            self.transport.close()
+
+    return HeadTimeoutProtocol
 
 
 def _return_freed_memory() -> None:

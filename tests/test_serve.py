@@ -187,6 +187,13 @@ def bomb(side: int, mode: str = "L", height: Optional[int] = None) -> bytes:
     return buffer.getvalue()
 
 
+def icon_claiming_16x16(png: bytes) -> bytes:
+    """An ICO file whose directory says 16x16 and whose one frame is ``png``, of any size."""
+    import struct
+
+    return struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", 16, 16, 0, 0, 1, 32, len(png), 22) + png
+
+
 # ----------------------------------------------------------------------------------- the API
 
 
@@ -262,10 +269,15 @@ def test_an_upload_equals_index_add_of_the_same_file(server, tmp_path):
     ("POST", "/search", {"files": [("a.png", b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n")]}, 400,
      "not an image file"),
     ("POST", "/search", {"files": [("t.qoi", b"qoif\0\0\0\x10\0\0\0\x10\x03\0\0")]}, 400, "cannot be used"),
+    # found by a review (2026-12-05, sixth session): Pillow decodes an icon's frames while opening it, whatever
+    # size its directory claims (a 656 KB ICO held 13000² pixels): icons are no photos here
+    ("POST", "/search", {"files": "icon"}, 400, "not an image file in a format this server takes (PNG, JPEG"),
 ])
 def test_bad_requests_get_one_sentence_and_the_server_lives_on(server, method, path, kwargs, status, words):
     if kwargs.get("files") == "one":
         kwargs = {"files": [photo(server.mile_run, "obj0")]}
+    elif kwargs.get("files") == "icon":
+        kwargs = {"files": [("a.ico", icon_claiming_16x16(bomb(600)))]}
     got, answer = call(server.base, method, path, token=server.token, **kwargs)
     assert got == status and words in answer["error"] and set(answer) == {"error"}, answer
     assert str(server.mile_run) not in answer["error"]  # the server's folders are nobody's business
@@ -314,9 +326,9 @@ def test_1_writes_need_the_token_printed_once_from_a_0600_file_beside_the_lock(s
     assert (token_file.parent / ".mlsctl.lock").exists()
     assert stat.S_IMODE(token_file.stat().st_mode) == 0o600 and len(server.token) >= 32
     said = server.log.read_text()
-    assert said.count(server.token) == 1  # printed once, in the curl line that uses it
-    curl = next(line for line in said.splitlines() if server.token in line)
-    assert f"curl -H 'Authorization: Bearer {server.token}' -F photos=@a.png {server.base}/objects/ID/photos" in curl
+    assert server.token not in said  # the log (a journal, maybe) never holds it: the curl line reads the file
+    assert (f'curl -H "Authorization: Bearer $(cat {token_file})" -F photos=@a.png {server.base}/objects/ID/photos'
+            in said)
     one = [photo(server.mile_run, "obj2")]
     for headers, words in (({}, "writes need the server's token"),
                            ({"Authorization": "Bearer " + "x" * 43}, "token is wrong"),
@@ -339,6 +351,12 @@ def test_1_cross_origin_writes_are_refused(server):
     assert call(server.base, "GET", "/objects/obj4")[1]["photos"] == before  # ev00007 of the issue: untouched
     same = {"Origin": server.base, "Sec-Fetch-Site": "same-origin"}
     assert call(server.base, "POST", "/objects/obj4/photos", files=one, token=server.token, headers=same)[0] == 200
+    # reads too: a page on another site cannot tell from a GET's outcome (a script tag's onload) which objects exist
+    for headers in ({"Sec-Fetch-Site": "cross-site"}, {"Origin": "http://evil.example"}):
+        for path in ("/objects/obj4", "/objects/no-such-object", "/health"):
+            status, answer = call(server.base, "GET", path, headers=headers)
+            assert status == 403 and "another origin" in answer["error"], (headers, path, answer)
+    assert call(server.base, "GET", "/objects/obj4", headers={"Sec-Fetch-Site": "same-origin"})[0] == 200
 
 
 def test_1_hosts_other_than_the_bound_address_localhost_or_allowed_are_refused(server):
@@ -402,9 +420,10 @@ def test_1_listening_beyond_loopback_needs_a_token_file_and_a_private_one(mile_r
     assert code == 2 and "--token-file" in one_sentence(err)
     secret = tmp_path / "secret"
     secret.write_text("s3cret-" * 4)
-    secret.chmod(0o644)
-    code, _, err = cli("serve", str(tmp_path / "g"), "--token-file", str(secret), capsys=capsys)
-    assert code == 2 and "chmod 600" in one_sentence(err)
+    for mode in (0o644, 0o640, 0o620):  # readable or writable by anyone else, its group included
+        secret.chmod(mode)
+        code, _, err = cli("serve", str(tmp_path / "g"), "--token-file", str(secret), capsys=capsys)
+        assert code == 2 and "chmod 600" in one_sentence(err) and f"{mode:04o}" in err
     secret.write_text("short")
     secret.chmod(0o600)
     code, _, err = cli("serve", str(tmp_path / "g"), "--token-file", str(secret), capsys=capsys)
@@ -519,12 +538,15 @@ def test_3_form_fields_are_capped_in_number_and_size(budget_server):
 
 def test_3_the_guard_bounds_bodies_across_requests_and_in_time(monkeypatch):
     """The ASGI guard alone, around an application that reads its body: a Content-Length over the
-    limit never reaches the application, bodies received at once are bounded, a stalled body is a 408."""
+    limit never reaches the application; the bytes received at once are bounded, counted as they arrive
+    (a body declared and not sent holds nothing), token holders in an allowance of their own; a stalled
+    body is a 408, and so is one that trickles in slower than the minimum rate."""
     import asyncio
 
     from mlsctl import serve
 
-    policy = serve.Policy.for_server("127.0.0.1", limits=serve.Limits(1000, 4000, 10**6))  # body budget 16,000
+    token = "t" * 20
+    policy = serve.Policy.for_server("127.0.0.1", token=token, limits=serve.Limits(1000, 4000, 10**6))  # budget 16,000
     reads = []
 
     async def app(scope, receive, send):
@@ -540,11 +562,12 @@ def test_3_the_guard_bounds_bodies_across_requests_and_in_time(monkeypatch):
 
     guard = serve.Guard(app, policy)
 
-    async def request(length, chunks, delay=0.0):
+    async def request(length, chunks, delay=0.0, with_token=False):
         scope = {"type": "http", "method": "POST", "path": "/search", "raw_path": b"/search",
                  "headers": [(b"host", b"127.0.0.1:8000"), (b"content-type", b"multipart/form-data; boundary=x")]
                  + ([(b"content-length", str(length).encode())] if length is not None else
-                    [(b"transfer-encoding", b"chunked")])}
+                    [(b"transfer-encoding", b"chunked")])
+                 + ([(b"authorization", f"Bearer {token}".encode())] if with_token else [])}
         queue = list(chunks)
         sent = []
 
@@ -568,19 +591,98 @@ def test_3_the_guard_bounds_bodies_across_requests_and_in_time(monkeypatch):
         assert reads == []  # refused on the header: the application never read a byte
         status, answer = await request(None, [b"x" * 1000] * 5)  # chunked: cut off while it arrives
         assert status == 413 and "over the limit of 4,000" in answer["error"] and reads == []
-        # four bodies of 4,000 bytes arriving slowly fill the budget of 16,000: a fifth is told to retry
-        slow = [asyncio.create_task(request(4000, [b"x" * 1000] * 4, delay=0.2)) for _ in range(4)]
+        monkeypatch.setattr(serve, "BODY_SECONDS", 1.5)
+        # four connections that declare 4,000 bytes and send none hold nothing: others are served
+        declared = [asyncio.create_task(request(4000, [None])) for _ in range(4)]
         await asyncio.sleep(0.05)
-        status, answer = await request(100, [b"x" * 100])
+        assert await request(100, [b"x" * 100]) == (200, {})
+        # four that sent 3,900 bytes each hold 15,600 of 16,000: a fifth body of 1,000 is told to retry ...
+        stalled = [asyncio.create_task(request(4000, [b"x" * 3900, None])) for _ in range(4)]
+        await asyncio.sleep(0.05)
+        assert guard.receiving == {False: 15600, True: 0}
+        status, answer = await request(1000, [b"x" * 1000])
         assert status == 503 and "retry" in answer["error"]
-        assert [s for s, _ in await asyncio.gather(*slow)] == [200] * 4
-        assert await request(100, [b"x" * 100]) == (200, {})  # the budget is returned
-        assert guard.receiving == 0
-        monkeypatch.setattr(serve, "BODY_SECONDS", 0.3)
-        status, answer = await request(4000, [b"x" * 10, None])  # 10 bytes, then nothing
-        assert status == 408 and "did not arrive" in answer["error"]
+        # ... but a token holder's write has an allowance of its own
+        assert await request(1000, [b"x" * 1000], with_token=True) == (200, {})
+        for status, answer in await asyncio.gather(*declared, *stalled):
+            assert status == 408 and "did not arrive within" in answer["error"]
+        assert guard.receiving == {False: 0, True: 0}  # every byte held was given back
+        assert await request(1000, [b"x" * 1000]) == (200, {})
+        # a body trickling in: 10 bytes every 0.1 s is under 2 KiB/s once the grace of 0.2 s is over
+        monkeypatch.setattr(serve, "BODY_SECONDS", 30.0)
+        monkeypatch.setattr(serve, "BODY_GRACE_SECONDS", 0.2)
+        monkeypatch.setattr(serve, "MIN_BODY_RATE", 2048)
+        started = time.monotonic()
+        status, answer = await request(4000, [b"x" * 10] * 400, delay=0.1)
+        assert status == 408 and "slower than 2 KiB/s" in answer["error"] and time.monotonic() - started < 2
+        assert await request(4000, [b"x" * 1000] * 4, delay=0.1) == (200, {})  # 10 KB/s keeps up
 
     asyncio.run(main())
+
+
+def answer_on(connection: socket.socket) -> bytes:
+    """One whole answer (head and Content-Length bytes of body) read from a kept-alive connection."""
+    answer = b""
+    while b"\r\n\r\n" not in answer or len(answer.split(b"\r\n\r\n", 1)[1]) < _length(answer):
+        chunk = connection.recv(4096)
+        assert chunk, answer
+        answer += chunk
+    return answer
+
+
+def test_3_connections_that_send_no_request_are_closed_and_free_their_slots(monkeypatch):
+    """uvicorn keeps a connection that never sends a request for ever: MAX_CONNECTIONS idle sockets made every
+    request a 503. The server's protocol closes one that has not sent a whole request head within
+    REQUEST_HEAD_SECONDS, counted from its opening or from its last answer (keep-alive)."""
+    import asyncio
+
+    import uvicorn
+
+    from mlsctl import serve
+
+    monkeypatch.setattr(serve, "REQUEST_HEAD_SECONDS", 0.5)
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical", limit_concurrency=4,
+                            http=serve.head_timeout_protocol())
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.time() + 30
+        while not server.started and time.time() < deadline:
+            time.sleep(0.05)
+        head = "GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        assert raw_exchange(port, head)[0] == 200
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(3)]
+        trickle = socket.create_connection(("127.0.0.1", port), timeout=5)
+        trickle.sendall(b"GET /hea")  # half a request line, then nothing
+        time.sleep(0.1)
+        assert raw_exchange(port, head)[0] == 503  # the four hold every slot
+        time.sleep(0.7)
+        for s in (*idle, trickle):
+            assert s.recv(4096) == b""  # closed by the server
+            s.close()
+        assert raw_exchange(port, head)[0] == 200  # the slots are free again
+        kept = socket.create_connection(("127.0.0.1", port), timeout=5)
+        time.sleep(0.3)
+        kept.sendall(head.encode())
+        assert answer_on(kept).startswith(b"HTTP/1.1 200")  # a request within the time is answered ...
+        time.sleep(0.3)
+        kept.sendall(head.encode())  # ... a second on the same connection too ...
+        assert answer_on(kept).startswith(b"HTTP/1.1 200")
+        time.sleep(0.7)
+        assert kept.recv(4096) == b""  # ... and the connection, idle since, is closed
+        kept.close()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
 
 
 # ----------------------------------------------------------------------------------- 6. one line per failed request

@@ -18,6 +18,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import stat
@@ -25,7 +26,7 @@ import unicodedata
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -253,22 +254,26 @@ def load_rgb(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     return _decode(path, max_pixels)
 
 
-def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
-    """:func:`load_rgb` for the bytes of an image file (an upload)."""
+def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, formats: Sequence[str] = IMAGE_FORMATS,
+               quiet: bool = True) -> Image.Image:
+    """:func:`load_rgb` for the bytes of an image file (an archive member, an upload), in one of
+    ``formats``; ``quiet=False`` leaves Pillow's warnings to the process's filters (``catch_warnings``
+    swaps them process-wide, which threads decoding at once must not do)."""
     import io
 
     if not data:
         raise BadImage("empty file (0 bytes)")
-    return _decode(io.BytesIO(data), max_pixels)
+    return _decode(io.BytesIO(data), max_pixels, formats, quiet)
 
 
-def _decode(source, max_pixels: int) -> Image.Image:
+def _decode(source, max_pixels: int, formats: Sequence[str] = IMAGE_FORMATS, quiet: bool = True) -> Image.Image:
     too_large = (f"more than {max_pixels:,} pixels (a decompression bomb, or raise the limit: data.max_image_pixels, "
                  f"--max-image-pixels)")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(source, formats=IMAGE_FORMATS) as img:
+        with warnings.catch_warnings() if quiet else contextlib.nullcontext():
+            if quiet:
+                warnings.simplefilter("ignore")
+            with Image.open(source, formats=formats) as img:
                 width, height = img.size
                 if width * height > max_pixels:
                     raise BadImage(f"{width}x{height} is {too_large}")
