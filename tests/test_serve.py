@@ -634,8 +634,6 @@ def test_3_connections_that_send_no_request_are_closed_and_free_their_slots(monk
     """uvicorn keeps a connection that never sends a request for ever: MAX_CONNECTIONS idle sockets made every
     request a 503. The server's protocol closes one that has not sent a whole request head within
     REQUEST_HEAD_SECONDS, counted from its opening or from its last answer (keep-alive)."""
-    import asyncio
-
     import uvicorn
 
     from mlsctl import serve
