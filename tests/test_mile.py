@@ -105,9 +105,18 @@ def test_object_sets_are_fresh_each_epoch_padded_and_deterministic(tmp_path):
         (tmp_path / object_id).mkdir()
         for i in range(n):
             Image.new("RGB", (20, 20), (40 * i, 10, 10)).save(tmp_path / object_id / f"{i}.png")
+    (tmp_path / "b" / "back").mkdir()  # a view's sub-folder belongs to its object, as in a gallery
+    Image.new("RGB", (20, 20), (0, 90, 10)).save(tmp_path / "b" / "back" / "0.png")
     folder = ImageFolder(tmp_path)
     objects = find_objects(folder)
-    assert [(o.object_id, len(o.rows)) for o in objects] == [("a", 6), ("b", 2)]
+    assert [(o.object_id, len(o.rows)) for o in objects] == [("a", 6), ("b", 3)]
+    from mlsctl.gallery import object_folders
+
+    assert {k: len(v) for k, v in object_folders(tmp_path).items()} == {"a": 6, "b": 3}
+    (tmp_path / "b" / "back" / "0.png").unlink()
+    (tmp_path / "b" / "back").rmdir()
+    folder = ImageFolder(tmp_path)
+    objects = find_objects(folder)
     rng = np.random.default_rng(0)
     assert sorted(choose_set(6, 4, rng)) != [] and len(set(choose_set(6, 4, rng))) == 4
     padded = choose_set(2, 4, rng)

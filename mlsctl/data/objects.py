@@ -39,17 +39,19 @@ class ObjectImages:
 
 
 def find_objects(folder: ImageFolder, objects_file: Optional[str | os.PathLike] = None) -> list[ObjectImages]:
-    """Objects of ``folder`` (its images grouped by parent folder), or as ``objects_file`` lists them
-    (paths relative to the folder's root), in a stable order."""
+    """Objects of ``folder`` (its images grouped by the folder under the root they are in,
+    ``ROOT/<object_id>/...``, sub-folders included, as galleries and ``eval retrieval`` group them:
+    :func:`mlsctl.gallery.object_folders`), or as ``objects_file`` lists them (paths relative to the
+    folder's root), in a stable order."""
     rows_of = {folder.relpath(i): i for i in range(len(folder))}
     groups: dict[str, list[int]] = {}
     if objects_file is None:
         for relpath, row in rows_of.items():
-            parent = Path(relpath).parent.as_posix()
-            if parent == ".":
+            parts = Path(relpath).parts
+            if len(parts) < 2:
                 raise UserError(f"{folder.root / relpath} is not inside an object folder; put each object's images "
                                 f"in ROOT/<object_id>/ or list them in method.objects_file")
-            groups.setdefault(parent, []).append(row)
+            groups.setdefault(parts[0], []).append(row)
     else:
         path = Path(objects_file)
         if not path.is_file():
