@@ -231,12 +231,13 @@ def _patch_maps(run: Run, recipe, n: int, model) -> str:
 
     sources = SourceImages(run)
     paths = [sources.path(i) for i in range(min(n, len(sources.relpaths)))]
-    images = []
+    images, read, skipped = [], [], []  # each tile is captioned with the file it shows
     for path in paths:
         try:
             images.append(load_rgb(path))
-        except (BadImage, OSError, TypeError):
-            pass
+            read.append(path)
+        except (BadImage, OSError, TypeError) as exc:
+            skipped.append(f"{path.name} ({exc if isinstance(exc, BadImage) else first_line(exc, 80)})")
     if not images:
         return _note(f"no training image of {run.root} could be read (data.root {sources.root}), so no patch map")
     if model is None:
@@ -247,10 +248,11 @@ def _patch_maps(run: Run, recipe, n: int, model) -> str:
         dense = model.backbone(torch.stack([preprocessing(img) for img in images])).patches.float()
     seen = [Image.fromarray(preprocessing.pixels(img).permute(1, 2, 0).numpy()) for img in images]
     with tempfile.TemporaryDirectory() as tmp:
-        out = pca_figure(seen, pca_rgb(dense), [p.name for p in paths[:len(images)]], Path(tmp) / "pca.png")
+        out = pca_figure(seen, pca_rgb(dense), [p.name for p in read], Path(tmp) / "pca.png")
         uri = _png_uri(out)
-    return (f"<p>{html.escape(model.description)}: the first {len(images)} training images at {size} px, each patch "
-            f"coloured by the first three principal components of the teacher's patch tokens.</p>"
+    unread = f" Left out, unreadable: {html.escape(', '.join(skipped))}." if skipped else ""
+    return (f"<p>{html.escape(model.description)}: {len(images)} of the first {len(paths)} training images at {size} px, "
+            f"each patch coloured by the first three principal components of the teacher's patch tokens.{unread}</p>"
             f'<img alt="PCA patch maps" src="{uri}">')
 
 

@@ -175,3 +175,36 @@ def test_24_2_the_summary_says_when_with_what_and_on_what_a_run_was_trained(fini
     text = " ".join(re.sub(r"<[^>]+>", " ", _summary(Run(run), recipe, weights)).split())
     assert re.search(r"date \d{4}-\d\d-\d\d \d\d:\d\d to \d{4}-\d\d-\d\d \d\d:\d\d \(train\.log\)", text)
     assert re.search(r"device cpu, fp32, 1 process ", text) and "commit not recorded" in text
+
+
+def test_an_unreadable_training_image_is_left_out_of_the_patch_maps_and_named(finished_run, tmp_path, capsys,
+                                                                               monkeypatch):
+    """Each PCA tile is captioned with the file it shows: an unreadable image in the middle used to shift every
+    later caption onto the wrong file, without a word."""
+    from mlsctl import viz
+    from mlsctl.data import images
+
+    real_load, real_figure = images.load_rgb, viz.pca_figure
+    captions = []
+
+    def load_rgb(path, *args, **kwargs):
+        if path.name == sorted(path.parent.iterdir())[1].name:
+            raise images.BadImage("truncated image data")
+        return real_load(path, *args, **kwargs)
+
+    def pca_figure(seen, colours, names, out):
+        captions.extend(names)
+        return real_figure(seen, colours, names, out)
+
+    monkeypatch.setattr(images, "load_rgb", load_rgb)
+    monkeypatch.setattr(viz, "pca_figure", pca_figure)
+    _, page = _report(finished_run, tmp_path, capsys)
+    from mlsctl.bank_inspect import SourceImages
+    from mlsctl.runs import Run
+
+    sources = SourceImages(Run(tmp_path / "run"))
+    first = [sources.path(i) for i in range(4)]
+    bad = sorted(first[0].parent.iterdir())[1].name
+    assert bad in [p.name for p in first]
+    assert captions == [p.name for p in first if p.name != bad]
+    assert "3 of the first 4 training images" in page and f"Left out, unreadable: {bad} (truncated image data)" in page
