@@ -296,3 +296,30 @@ def test_data_wait_share_says_how_much_of_each_interval_waited_for_the_loader(tm
     assert len(fast) == len(slowed) >= 3 and all(0 <= share <= 1 for share in fast + slowed)
     # 4 images a step: 0.4 s of waiting against the tiny model's few milliseconds
     assert min(slowed[1:]) > 0.6 and min(slowed[1:]) > max(fast[1:]), (fast, slowed)
+
+
+def test_train_log_drops_a_failed_write_quietly_but_not_a_malformed_message(tmp_path, capsys):
+    """train.log's handler: a full disk is reported by the next checkpoint or metrics line, so its own write
+    failures are dropped without a logging traceback; a message that cannot be formatted is our bug and is shown."""
+    import errno
+    import logging
+
+    from mlsctl.train.setup import _RunLogHandler
+
+    handler = _RunLogHandler(tmp_path / "train.log")
+    logger = logging.getLogger("test-train-log")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        def full_disk(*args):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        handler.stream.write = full_disk
+        logger.warning("a line the disk has no room for")
+        assert capsys.readouterr().err == ""
+        logger.warning("%d steps", "many")  # formatting fails before anything is written
+        assert "--- Logging error ---" in capsys.readouterr().err
+    finally:
+        logger.removeHandler(handler)
+        del handler.stream.write  # the file's own write again, then closed
+        handler.close()

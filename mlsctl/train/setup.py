@@ -80,10 +80,12 @@ def prepare(accelerator, model, optimizer):
 
 class _RunLogHandler(logging.FileHandler):
     """train.log. A write that fails (a full disk) is dropped quietly: the next checkpoint or
-    metrics line meets the same cause and reports it in one sentence, without a logging traceback."""
+    metrics line meets the same cause and reports it in one sentence, without a logging traceback.
+    Anything else (a message that cannot be formatted: our bug) goes to logging's own report."""
 
     def handleError(self, record) -> None:  # noqa: N802 - logging's name
-        pass
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handleError(record)
 
 
 def setup_logging(run: Run, is_main: bool, rank: int, interactive: bool) -> None:
