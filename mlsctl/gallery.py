@@ -250,11 +250,6 @@ def search_index(index, unit_rows_: Optional[np.ndarray], queries: np.ndarray, k
     return scores, ids
 
 
-def unit_rows(latents) -> np.ndarray:
-    """The L2-normalised latents as float32 numpy rows (what IVF-PQ re-ranking reads)."""
-    return _normalized(latents)
-
-
 # ---------------------------------------------------------------------------------------- gallery
 # Format 2: append-only row files, committed by gallery.json's row count. An object's latent is
 # never overwritten: folding photos into it appends a new row and the older row is dead (the last

@@ -14,8 +14,6 @@ from mlsctl.cli._options import MODEL_OPTION, RANDOM_INIT_OPTION, RUN_OPTION, WE
 
 app = typer.Typer(rich_markup_mode=None, help="Evaluate features: dense k-NN and linear segmentation, image k-NN classification, linear probes, image-set retrieval, Recall@K.", no_args_is_help=True)
 
-DEFAULT_FRACTIONS = ["1/1", "1/8", "1/64", "1/128"]
-
 
 def _say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)

@@ -24,12 +24,6 @@ from typing import Optional
 from mlsctl.errors import UserError
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
-ARCHIVE_SUFFIXES = TAR_SUFFIXES + (".zip",)
-
-
-def is_archive(path: str | os.PathLike) -> bool:
-    name = str(path).lower()
-    return any(name.endswith(s) for s in ARCHIVE_SUFFIXES)
 
 
 def _member_name(name: str) -> str:
