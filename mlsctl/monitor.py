@@ -22,11 +22,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
-from mlsctl import threads
 from mlsctl.errors import UserError
 
 
@@ -97,30 +94,17 @@ class Monitor:
         return record
 
     def _knn_seg(self, train_dense: torch.Tensor, val_dense: torch.Tensor) -> float:
-        faiss = threads.faiss()
+        """Dense k-NN segmentation (all labelled training patches as memory) by the code of ``eval
+        knn-seg`` (:func:`~mlsctl.evaluate.knn_seg.segment_batches`), at its default temperature."""
+        from mlsctl.evaluate.knn_seg import Settings, build_memory, build_search, segment_batches
+        from mlsctl.evaluate.segmentation import mean_iou
 
-        from mlsctl.evaluate.knn_seg import patch_soft_labels, transfer_labels
-        from mlsctl.evaluate.segmentation import confusion_update, mean_iou
-
-        n, h, w, d = train_dense.shape
-        labels = torch.cat([patch_soft_labels(m, (h, w), self.seg_classes, self.cfg.ignore_index)
-                            for m in self.train.masks])
-        keys = F.normalize(train_dense.reshape(-1, d), dim=1)
-        keep = labels.sum(1) > 0
-        keys, labels = keys[keep], labels[keep]
-        index = faiss.IndexFlatIP(d)
-        index.add(np.ascontiguousarray(keys.numpy(), dtype=np.float32))
-        k = min(self.cfg.seg_k, len(keys))
-        confusion = np.zeros((self.seg_classes, self.seg_classes), dtype=np.int64)
-        batch = 64
-        for start in range(0, len(self.val.masks), batch):  # one search per batch of val images
-            block = val_dense[start:start + batch]
-            queries = F.normalize(block.reshape(-1, d), dim=1).numpy()
-            scores, neighbours = index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
-            probabilities = transfer_labels(torch.from_numpy(scores), labels[torch.from_numpy(neighbours).clamp_min(0)],
-                                            0.02).reshape(len(block), h, w, -1).permute(0, 3, 1, 2)
-            for i, mask in enumerate(self.val.masks[start:start + batch]):
-                prediction = F.interpolate(probabilities[i:i + 1], size=mask.shape, mode="bilinear",
-                                           align_corners=False)[0].argmax(0)
-                confusion = confusion_update(confusion, mask, prediction.numpy(), self.cfg.ignore_index)
+        settings = Settings(k=self.cfg.seg_k, ignore_index=self.cfg.ignore_index)
+        memory = build_memory(((i, train_dense[i], mask) for i, mask in enumerate(self.train.masks)), self.seg_classes,
+                              per_image=None, ignore_index=settings.ignore_index, generator=torch.Generator())
+        batch = settings.query_batch
+        batches = ((val_dense[start:start + batch], self.val.masks[start:start + batch])
+                   for start in range(0, len(self.val.masks), batch))
+        confusion, _ = segment_batches(memory, build_search(memory.features, settings), batches, self.seg_classes,
+                                       settings)
         return mean_iou(confusion)

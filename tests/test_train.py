@@ -268,6 +268,22 @@ def test_the_monitor_measures_knn_seg_where_masks_are_given(tmp_path, fake_fmnis
     result = monitor(backbone, "cpu")
     assert 0 <= result["monitor/knn_top1"] <= 1 and 0 < result["monitor/knn_seg_miou"] <= 1
     assert backbone.training  # left as it was
+    # the monitor segments with the code of `eval knn-seg`: the same features (float16, as a feature folder
+    # stores them) give the same mIoU, at that command's default temperature
+    from conftest import write_feature_folder
+    from mlsctl.evaluate import knn_seg
+    from mlsctl.features import Features
+
+    splits = {}
+    for name, split in (("train", monitor.train), ("val", monitor.val)):
+        cls, dense = monitor._embed(backbone, split, "cpu")
+        folder = write_feature_folder(tmp_path / f"feats-{name}", split.files, cls, dense,
+                                      input_root=tmp_path / "scenes" / name / "images")
+        splits[name] = (knn_seg.FeatureMasks(Features(folder), tmp_path / "scenes" / name / "masks", name),
+                        dense.half().float())
+    evaluated = knn_seg.evaluate_once(splits["train"][0], splits["val"][0], list(range(6)),
+                                      knn_seg.Settings(k=cfg.seg_k), monitor.seg_classes, run_seed=0)
+    assert monitor._knn_seg(splits["train"][1], splits["val"][1]) == pytest.approx(evaluated["miou"], abs=1e-12)
 
 
 def test_data_wait_share_says_how_much_of_each_interval_waited_for_the_loader(tmp_path, images, monkeypatch):

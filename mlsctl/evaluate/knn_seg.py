@@ -31,7 +31,7 @@ import warnings
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -452,6 +452,36 @@ def _num_classes(source: FeatureMasks, ignore_index: int) -> int:
     return top + 1
 
 
+def segment_batches(memory: Memory, index, batches: Iterable[tuple[torch.Tensor, list[np.ndarray]]], num_classes: int,
+                    settings: Settings, progress: Optional[Callable[[int], None]] = None) -> tuple[np.ndarray, float]:
+    """The Hummingbird step: every patch of each batch of validation feature maps ([b, h, w, d], with
+    their masks) takes the temperature-weighted labels of its k nearest memory patches, and the map,
+    upsampled bilinearly, is compared with the mask → (confusion matrix, seconds spent searching).
+    ``eval knn-seg`` and the training monitor (:mod:`mlsctl.monitor`) both segment with it."""
+    k = min(settings.k, len(memory.features))
+    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
+    search_s = 0.0
+    for dense, masks in batches:
+        b, h, w, d = dense.shape
+        queries = F.normalize(dense.reshape(-1, d).float(), dim=1)
+        t0 = time.perf_counter()
+        scores, neighbours = index.search(queries, k)
+        search_s += time.perf_counter() - t0
+        neighbours = neighbours.clamp_min(0)  # an IVF search may come back short (-1)
+        probabilities = transfer_labels(scores, memory.labels[neighbours], settings.temperature)
+        if len({m.shape for m in masks}) == 1:  # one upsampling call for the whole batch
+            maps = probabilities.reshape(b, h, w, -1).permute(0, 3, 1, 2)
+            predictions = F.interpolate(maps, size=masks[0].shape, mode="bilinear", align_corners=False).argmax(1)
+            confusion = confusion_update(confusion, np.stack(masks), predictions.numpy(), settings.ignore_index)
+        else:
+            for i, mask in enumerate(masks):
+                prediction = predict_mask(probabilities[i * h * w:(i + 1) * h * w], (h, w), mask.shape)
+                confusion = confusion_update(confusion, mask, prediction, settings.ignore_index)
+        if progress is not None:
+            progress(b)
+    return confusion, search_s
+
+
 def evaluate_once(train: FeatureMasks, val: FeatureMasks, rows: Sequence[int], settings: Settings, num_classes: int,
                   run_seed: int, augmented: Optional[AugmentedPasses] = None,
                   progress: Optional[Callable[[int], None]] = None) -> dict:
@@ -470,28 +500,9 @@ def evaluate_once(train: FeatureMasks, val: FeatureMasks, rows: Sequence[int], s
                           generator=generator)
     index = build_search(memory.features, settings)
     t_memory = time.perf_counter()
-    k = min(settings.k, len(memory.features))
-    confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
-    search_s = 0.0
-    for row_batch, dense in val.features.iter_dense(batch=settings.query_batch):
-        b, h, w, d = dense.shape
-        queries = F.normalize(dense.reshape(-1, d).float(), dim=1)
-        t0 = time.perf_counter()
-        scores, neighbours = index.search(queries, k)
-        search_s += time.perf_counter() - t0
-        neighbours = neighbours.clamp_min(0)  # an IVF search may come back short (-1)
-        probabilities = transfer_labels(scores, memory.labels[neighbours], settings.temperature)
-        masks = [val.mask(row) for row in row_batch.tolist()]
-        if len({m.shape for m in masks}) == 1:  # one upsampling call for the whole batch
-            maps = probabilities.reshape(b, h, w, -1).permute(0, 3, 1, 2)
-            predictions = F.interpolate(maps, size=masks[0].shape, mode="bilinear", align_corners=False).argmax(1)
-            confusion = confusion_update(confusion, np.stack(masks), predictions.numpy(), settings.ignore_index)
-        else:
-            for i, mask in enumerate(masks):
-                prediction = predict_mask(probabilities[i * h * w:(i + 1) * h * w], (h, w), mask.shape)
-                confusion = confusion_update(confusion, mask, prediction, settings.ignore_index)
-        if progress is not None:
-            progress(b)
+    batches = ((dense, [val.mask(row) for row in row_batch.tolist()])
+               for row_batch, dense in val.features.iter_dense(batch=settings.query_batch))
+    confusion, search_s = segment_batches(memory, index, batches, num_classes, settings, progress)
     t_end = time.perf_counter()
     return {
         "seed": run_seed,
