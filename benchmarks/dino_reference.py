@@ -68,12 +68,12 @@ def make_items(folder: Path, n_train: int, n_val: int, seed: int = 0) -> Path:
     import numpy as np
     from PIL import Image
 
-    from mlsctl.data.fmnist import CLASSES, load_split
+    from mlsctl.data.fmnist import CLASSES, fmnist_source, load_split
 
     if (folder / "done").is_file():
         return folder
     for split, n, name in (("train", n_train, "train"), ("test", n_val, "val")):
-        images, labels = load_split("/usr/share/datasets/fashion-mnist", split)
+        images, labels = load_split(fmnist_source(), split)
         for i in np.random.default_rng(seed).permutation(len(images))[:n]:
             target = folder / name / CLASSES[labels[i]].replace("/", "-")
             target.mkdir(parents=True, exist_ok=True)

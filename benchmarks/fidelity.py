@@ -97,10 +97,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from mlsctl import atomic  # noqa: E402
+from mlsctl.data.fmnist import fmnist_source  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "fidelity"
 BACKBONE = "weights/dino_fmnist_backbone.safetensors"  # the project's own pretrained backbone (weights/README.md)
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
+FMNIST = fmnist_source()  # $FMNIST_DIR or the Debian package's folder
 
 
 # ------------------------------------------------------------------------------------------ the matrix

@@ -22,13 +22,15 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import shutil
+import os
 import subprocess
 import sys
 import tarfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-FMNIST = Path("/usr/share/datasets/fashion-mnist")
+# mlsctl.data.fmnist.fmnist_source, read here without importing mlsctl (this script runs before it is installed)
+FMNIST = Path(os.environ.get("FMNIST_DIR") or "/usr/share/datasets/fashion-mnist")
 FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
          "t10k-labels-idx1-ubyte.gz")
 

@@ -85,6 +85,24 @@ def test_cli_builds_scenes(tmp_path: Path, fake_fmnist: Path):
     assert missing.returncode == 2 and "dataset-fashion-mnist" in missing.stderr and "Traceback" not in missing.stderr
 
 
+def test_the_fashion_mnist_folder_can_be_named_by_fmnist_dir(tmp_path: Path, fake_fmnist: Path, capsys, monkeypatch):
+    """`make FMNIST_DIR=...`, the CLI's --source default and the benchmarks read one variable."""
+    from conftest import cli
+
+    from mlsctl.data.fmnist import fmnist_source
+
+    monkeypatch.setenv("FMNIST_DIR", str(fake_fmnist))
+    assert fmnist_source() == fake_fmnist
+    code, out, _ = cli("data", "fmnist-scenes", "--out", str(tmp_path / "s"), "--n-train", "3", "--n-val", "2",
+                       "--size", "40", capsys=capsys)
+    assert code == 0 and "built" in out
+    monkeypatch.setenv("FMNIST_DIR", str(tmp_path / "none"))
+    code, _, err = cli("data", "fmnist-products", "--out", str(tmp_path / "p"), capsys=capsys)
+    assert code == 2 and str(tmp_path / "none") in err and "FMNIST_DIR" in err
+    monkeypatch.delenv("FMNIST_DIR")
+    assert str(fmnist_source()) == "/usr/share/datasets/fashion-mnist"
+
+
 @pytest.mark.skipif(not Path(DEFAULT_SOURCE).is_dir(), reason="Fashion-MNIST (dataset-fashion-mnist) not installed")
 def test_real_fashion_mnist_scene(tmp_path: Path):
     build_scenes(tmp_path / "real", n_train=2, n_val=2, progress=False)

@@ -7,6 +7,7 @@ from typing import Literal
 import typer
 
 from mlsctl.cli._options import one_of
+from mlsctl.data import DEFAULT_FMNIST_SOURCE, FMNIST_SOURCE_ENV
 
 Layout = Literal["retrieval", "sop"]  # fmnist_products.LAYOUTS
 
@@ -20,7 +21,7 @@ def fmnist_scenes(
     n_val: int = typer.Option(500, "--n-val", min=1, help="Val scenes (items from the Fashion-MNIST test split)."),
     size: int = typer.Option(96, "--size", min=32, help="Canvas side in pixels."),
     seed: int = typer.Option(0, "--seed", min=0, help="Seed; a build is deterministic for a seed."),
-    source: Path = typer.Option(Path("/usr/share/datasets/fashion-mnist"), "--source",
+    source: Path = typer.Option(Path(DEFAULT_FMNIST_SOURCE), "--source", envvar=FMNIST_SOURCE_ENV,
                                 help="Folder with the Fashion-MNIST IDX files (Debian package dataset-fashion-mnist)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Rebuild even if --out holds other scenes."),
     as_json: bool = typer.Option(False, "--json", help="Print the meta record as JSON."),
@@ -50,7 +51,7 @@ def fmnist_products(
     gallery_photos: int = typer.Option(4, "--gallery-photos", min=1, help="Photos of an evaluation object in the gallery; the rest are queries."),
     size: int = typer.Option(64, "--size", min=32, help="Photo side in pixels."),
     seed: int = typer.Option(0, "--seed", min=0, help="Seed; a build is deterministic for a seed."),
-    source: Path = typer.Option(Path("/usr/share/datasets/fashion-mnist"), "--source",
+    source: Path = typer.Option(Path(DEFAULT_FMNIST_SOURCE), "--source", envvar=FMNIST_SOURCE_ENV,
                                 help="Folder with the Fashion-MNIST IDX files (Debian package dataset-fashion-mnist)."),
     layout: Layout = typer.Option("retrieval", "--layout", parser=one_of("--layout", Layout), help="retrieval: evaluation photos split into gallery/ and query/ (image-set retrieval); sop: all of them in test/, every object a class (Stanford Online Products, deep metric learning)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Rebuild even if --out holds other data."),

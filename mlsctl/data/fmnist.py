@@ -18,6 +18,7 @@ when complete; running it again with the same parameters does nothing.
 
 from __future__ import annotations
 
+import os
 import colorsys
 import gzip
 import json
@@ -30,9 +31,15 @@ import numpy as np
 from PIL import Image
 
 from mlsctl import atomic
+from mlsctl.data import DEFAULT_FMNIST_SOURCE, FMNIST_SOURCE_ENV
 from mlsctl.errors import UserError
 
-DEFAULT_SOURCE = "/usr/share/datasets/fashion-mnist"
+DEFAULT_SOURCE, SOURCE_ENV = DEFAULT_FMNIST_SOURCE, FMNIST_SOURCE_ENV
+
+
+def fmnist_source() -> Path:
+    """The folder of the Fashion-MNIST IDX files: ``$FMNIST_DIR``, else :data:`DEFAULT_SOURCE`."""
+    return Path(os.environ.get(SOURCE_ENV) or DEFAULT_SOURCE)
 CLASSES = ["t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]
 SCENES_FORMAT_VERSION = 1
 IGNORE_INDEX = 255
@@ -61,7 +68,7 @@ def _find(source: Path, stem: str) -> Path:
         if (source / name).is_file():
             return source / name
     raise UserError(f"Fashion-MNIST file {stem}(.gz) not found in {source}: install the Debian package "
-                    f"dataset-fashion-mnist (apt-get install dataset-fashion-mnist) or pass --source DIR")
+                    f"dataset-fashion-mnist (apt-get install dataset-fashion-mnist) or pass --source DIR (or set FMNIST_DIR)")
 
 
 def load_split(source: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -69,7 +76,7 @@ def load_split(source: str | Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     source = Path(source)
     if not source.is_dir():
         raise UserError(f"Fashion-MNIST not found at {source}: install the Debian package dataset-fashion-mnist "
-                        f"(apt-get install dataset-fashion-mnist) or pass --source DIR")
+                        f"(apt-get install dataset-fashion-mnist) or pass --source DIR (or set FMNIST_DIR)")
     image_stem, label_stem = _FILES[split]
     images, labels = _read_idx(_find(source, image_stem)), _read_idx(_find(source, label_stem))
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
