@@ -20,6 +20,9 @@
         banks.safetensors               every memory bank (see mlsctl.bank.save_banks)
         optimizer.pt                    optimizer (and grad-scaler) state, read with weights_only=True
         rng.pt                          the RNG states of every process
+    RUN/.replaced/                      while a run started with --overwrite has no checkpoint yet: the
+                                        entries of the run it replaces, put back if the start fails or is
+                                        stopped, deleted at its first checkpoint (:meth:`Run.set_aside`)
 """
 
 from __future__ import annotations
@@ -33,7 +36,12 @@ from mlsctl.errors import UserError
 
 RUN_FORMAT_VERSION = 1
 
-# What mlsctl pretrain writes in a run folder; `--overwrite` removes these and nothing else.
+# A replaced run's entries (`--overwrite`) until the new run's first checkpoint; the two names of its moves in
+# progress (being set aside, being put back) and of the new run's entries being cleared away for the put-back.
+REPLACED, REPLACING, RESTORING, DISCARDED = ".replaced", ".replacing", ".restoring", ".discarded"
+HIDDEN_ENTRIES = (REPLACED, REPLACING, RESTORING, DISCARDED)
+
+# What mlsctl pretrain writes in a run folder; `--overwrite` replaces these and nothing else.
 RUN_ENTRIES = ("config.yaml", "start.json", "metrics.jsonl", "train.log", "summary.json", "images.txt",
                "teacher.safetensors", "teacher_adapters", "checkpoints", "trackers", "report.html")
 
@@ -114,16 +122,71 @@ class Run:
                       if p.name in RUN_ENTRIES
                       or (p.name.endswith(".tmp") and any(p.name.startswith("." + e) for e in RUN_ENTRIES)))
 
-    def remove_own_entries(self) -> list[str]:
-        """Delete what :meth:`own_entries` lists; returns the names of the other entries, which stay."""
+    def other_entries(self) -> list[str]:
+        """The names of the entries pretrain did not write (a user's own files), which stay."""
         from mlsctl.locks import LOCK_NAME
 
+        own = {p.name for p in self.own_entries()}
+        return sorted(p.name for p in self.root.iterdir() if p.name not in own and p.name != LOCK_NAME
+                      and p.name not in HIDDEN_ENTRIES)
+
+    # ------------------------------------------------------------------ --overwrite, undone until a checkpoint
+    # Every step is a rename or a removal whose state the next start can read back (recover_replacement),
+    # so a kill at any moment leaves the replaced run whole: in place, or in .replaced/ to be put back.
+
+    def set_aside(self) -> list[str]:
+        """--overwrite: move what :meth:`own_entries` lists into ``.replaced/`` (through
+        ``.replacing/``, renamed when every entry is in it); returns :meth:`other_entries`. The new run
+        writes its files only after this returns."""
+        moving = self.root / REPLACING
+        moving.mkdir()
         for entry in self.own_entries():
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
-        return sorted(p.name for p in self.root.iterdir() if p.name != LOCK_NAME)
+            entry.rename(moving / entry.name)
+        moving.rename(self.root / REPLACED)
+        return self.other_entries()
+
+    def put_back(self) -> bool:
+        """A new run that failed or was stopped before its first checkpoint: its entries are cleared
+        away and the run it replaced is put back as it was. False when nothing was set aside."""
+        if not (self.root / REPLACED).is_dir():
+            return False
+        trash = self.root / DISCARDED
+        shutil.rmtree(trash, ignore_errors=True)  # an earlier put-back stopped at this step: the new run's
+        trash.mkdir()
+        for entry in self.own_entries():  # the new run's
+            entry.rename(trash / entry.name)
+        (self.root / REPLACED).rename(self.root / RESTORING)
+        self._move_back(self.root / RESTORING)
+        shutil.rmtree(trash, ignore_errors=True)
+        return True
+
+    def discard_replaced(self) -> None:
+        """The new run has a checkpoint: the run it replaced goes for good."""
+        if (self.root / REPLACED).exists():
+            shutil.rmtree(self.root / REPLACED)
+
+    def recover_replacement(self) -> Optional[str]:
+        """At a start, finish what a killed replacement left half done; says what it did, or None."""
+        if (self.root / REPLACING).is_dir():  # killed while setting aside: nothing new was written yet
+            self._move_back(self.root / REPLACING)
+            return f"a replacement of {self.root} that was stopped while it began is undone: the run is as it was"
+        if (self.root / RESTORING).is_dir():  # killed while putting back: the new run's entries are cleared
+            self._move_back(self.root / RESTORING)
+            shutil.rmtree(self.root / DISCARDED, ignore_errors=True)
+            return f"the run that --overwrite replaced in {self.root} is back in place (its restore was stopped)"
+        if (self.root / REPLACED).is_dir():
+            if self.latest() is None:  # killed before the new run's first checkpoint
+                self.put_back()
+                return (f"{self.root} holds the run it held before an --overwrite start that was killed before its "
+                        f"first checkpoint")
+            self.discard_replaced()  # killed while deleting the replaced run, after the first checkpoint
+        shutil.rmtree(self.root / DISCARDED, ignore_errors=True)
+        return None
+
+    def _move_back(self, folder: Path) -> None:
+        for entry in folder.iterdir():
+            entry.rename(self.root / entry.name)
+        folder.rmdir()
 
     def image_list(self) -> Optional[list[str]]:
         """The lines of images.txt (relative paths, line i = image_id i), or None without one."""

@@ -106,6 +106,83 @@ def test_1_overwrite_replaces_only_what_pretrain_wrote(run_copy):
     assert not (run / ".mlsctl.lock").exists()
 
 
+def test_1_overwrite_then_a_stop_or_a_failure_before_the_first_checkpoint_puts_the_old_run_back(run_copy, capsys,
+                                                                                                  monkeypatch):
+    """A probe (2026-12-05) found the replaced run deleted at the start: Ctrl-C before the first checkpoint left
+    only the user's own file, while the message said the folder was as it was."""
+    from mlsctl.train import loop
+
+    run, recipe = run_copy
+    (run / "pca-val.png").write_bytes(b"a picture the user made")
+    before = tree(run)
+
+    def starts_then(stop):
+        def train(run, *args, **kwargs):
+            assert (run.root / ".replaced" / "teacher.safetensors").is_file()  # set aside, not deleted
+            (run.root / "metrics.jsonl").write_text('{"step": 1}\n')
+            raise stop
+        return train
+
+    for stop, code_expected, words in ((KeyboardInterrupt(), 130, "is as it was before this start"),
+                                       (RuntimeError("CUDA out of memory."), 1, "out of memory")):
+        monkeypatch.setattr(loop, "_train", starts_then(stop))
+        code, _, err = cli("pretrain", str(recipe), "--out", str(run), "--overwrite", capsys=capsys)
+        assert code == code_expected and words in err and "stays in" in err
+        assert tree(run) == before  # the finished run, every byte, and the user's file
+
+
+def test_1_a_replacement_killed_at_any_rename_is_undone_at_the_next_start(tmp_path, monkeypatch):
+    """--overwrite moves the old run aside and a failed start moves it back, one rename at a time: a kill after
+    any of them leaves a folder that the next start (recover_replacement) turns back into the old run."""
+    from mlsctl.runs import Run
+
+    def old_run(root: Path) -> Path:
+        (root / "checkpoints" / "step-00000004").mkdir(parents=True)
+        (root / "checkpoints" / "step-00000004" / "state.json").write_text('{"step": 4}')
+        (root / "config.yaml").write_text("old recipe")
+        (root / "teacher.safetensors").write_bytes(b"old weights")
+        (root / "pca-val.png").write_bytes(b"the user's")
+        return root
+
+    class Killed(BaseException):
+        pass
+
+    original = tree(old_run(tmp_path / "reference"))
+    real_rename = Path.rename
+    for kill_after in range(12):  # set_aside: 4 renames; put_back: 2 + 1 + 3
+        root = old_run(tmp_path / f"r{kill_after}")
+        renames = {"n": 0}
+
+        def rename(self, target, renames=renames, kill_after=kill_after):
+            if renames["n"] == kill_after:
+                raise Killed()
+            renames["n"] += 1
+            return real_rename(self, target)
+
+        run = Run(root)
+        with monkeypatch.context() as patch:
+            patch.setattr(Path, "rename", rename)
+            try:
+                run.set_aside()
+                (root / "config.yaml").write_text("new recipe")  # the new run's first files, no checkpoint
+                (root / "metrics.jsonl").write_text('{"step": 1}\n')
+                (root / "checkpoints" / ".step-00000002.tmp").mkdir(parents=True)
+                run.put_back()
+            except Killed:
+                pass
+        run.recover_replacement()
+        assert tree(root) == original, kill_after
+    # once the new run has a checkpoint, the next start keeps it and drops the old one
+    root = old_run(tmp_path / "committed")
+    run = Run(root)
+    run.set_aside()
+    (root / "config.yaml").write_text("new recipe")
+    (root / "checkpoints" / "step-00000002").mkdir(parents=True)
+    (root / "checkpoints" / "step-00000002" / "state.json").write_text('{"step": 2}')
+    assert run.recover_replacement() is None and not (root / ".replaced").exists()
+    assert (root / "config.yaml").read_text() == "new recipe" and (root / "pca-val.png").is_file()
+
+
 # ----------------------------------------------------------------------------------- 2. failed starts
 
 

@@ -105,6 +105,7 @@ def save_checkpoint(run: Run, step: int, method, optimizer, accelerator, recipe,
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
+    run.discard_replaced()  # the run that --overwrite set aside, kept until this first checkpoint
     for old in run.checkpoints()[:-keep]:
         shutil.rmtree(old.path, ignore_errors=True)
     dist.barrier()

@@ -14,7 +14,7 @@ from mlsctl import atomic, config as config_lib
 from mlsctl.data.images import ImageFolder
 from mlsctl.errors import UserError
 from mlsctl.locks import LOCK_NAME, FolderLock
-from mlsctl.runs import Run
+from mlsctl.runs import HIDDEN_ENTRIES, REPLACED, Run
 from mlsctl.train.setup import close_logging
 
 # Keys that may change between a run and its resumption without changing what it computes (so may
@@ -58,9 +58,13 @@ def open_run_dir(run: Run, recipe, folder: ImageFolder, lock: FolderLock, *, res
                   overwrite: bool, init_from: Optional[str]) -> Optional[str]:
     """Process 0, after every input has been validated: lock the run folder, then either check it
     for --resume (returns the checkpoint to continue from) or prepare it for a new run (an
-    earlier run in it is replaced only with --overwrite, and only its own files)."""
+    earlier run in it is replaced only with --overwrite, and only its own files, which are set
+    aside until the new run's first checkpoint: :meth:`~mlsctl.runs.Run.set_aside`)."""
     lock.acquire()
     try:
+        recovered = run.recover_replacement() if run.root.is_dir() else None
+        if recovered:
+            print(f"mlsctl: {recovered}", file=sys.stderr)
         if resume:
             if not run.config_path.is_file():
                 raise UserError(f"nothing to resume in {run.root} (no config.yaml); drop --resume to start a new run")
@@ -81,7 +85,7 @@ def open_run_dir(run: Run, recipe, folder: ImageFolder, lock: FolderLock, *, res
             if config_lib.differences(saved, recipe):
                 config_lib.save_recipe(recipe, run.config_path)  # data.root moved, logging settings changed
             return str(latest.path)
-        others = [p.name for p in run.root.iterdir() if p.name != LOCK_NAME]
+        others = [p.name for p in run.root.iterdir() if p.name != LOCK_NAME and p.name not in HIDDEN_ENTRIES]
         if others:
             if not overwrite:
                 raise UserError(f"--out {run.root} is not empty: add --resume to continue it, --overwrite to replace "
@@ -90,11 +94,11 @@ def open_run_dir(run: Run, recipe, folder: ImageFolder, lock: FolderLock, *, res
                 shown = ", ".join(sorted(others)[:4]) + (", ..." if len(others) > 4 else "")
                 raise UserError(f"--out {run.root} is not an mlsctl run (it holds {shown}); --overwrite only replaces "
                                 f"runs: choose another --out")
-            kept = run.remove_own_entries()
-            if kept:
-                print(f"mlsctl: replaced the run in {run.root}; kept {len(kept)} entr{'ies' if len(kept) > 1 else 'y'} "
-                      f"that pretrain did not write ({', '.join(kept[:4])}{', ...' if len(kept) > 4 else ''})",
-                      file=sys.stderr)
+            kept = run.set_aside()
+            print(f"mlsctl: replacing the run in {run.root}: it stays in {run.root / REPLACED} until the new run's first "
+                  f"checkpoint, and comes back if this start fails or is stopped before it"
+                  + (f"; kept {len(kept)} entr{'ies' if len(kept) > 1 else 'y'} that pretrain did not write "
+                     f"({', '.join(kept[:4])}{', ...' if len(kept) > 4 else ''})" if kept else ""), file=sys.stderr)
         config_lib.save_recipe(recipe, run.config_path)
         atomic.write_json(run.start_path, {"init_from": os.path.abspath(init_from) if init_from else None})
         return None
@@ -104,8 +108,11 @@ def open_run_dir(run: Run, recipe, folder: ImageFolder, lock: FolderLock, *, res
 
 
 def undo_start(run: Run) -> None:
-    """A new run that failed before its first checkpoint leaves --out as it found it."""
+    """A new run that failed before its first checkpoint leaves --out as it found it: its files are
+    removed, and the run it replaced (--overwrite) is put back."""
     close_logging()
+    if run.put_back():
+        return
     for entry in run.own_entries():
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
