@@ -286,9 +286,15 @@ def _open_feature_folder(out: Path, plan: dict, overwrite: bool, lock: FolderLoc
                                 f"finish it, or add --overwrite")
         elif contents and not is_feature_folder(out):
             raise UserError(f"--out {out} exists and is not a feature folder; choose another --out (or empty it)")
-        if overwrite:
-            for entry in contents:
-                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        if overwrite and partial.is_dir():  # an unfinished embed: continued when it is this one, else begun again
+            try:
+                previous = json.loads((partial / "plan.json").read_text())
+            except (OSError, ValueError):
+                previous = {}
+            if not _same_plan(previous, plan):
+                shutil.rmtree(partial)
+        # With --overwrite the features already there stay whole and readable until the new manifest replaces
+        # them (_assemble); nothing else in --out is touched.
         partial.mkdir(parents=True, exist_ok=True)
         _remove_leftovers(out, keep_partial=True)
         if not (partial / "plan.json").is_file():
@@ -300,9 +306,17 @@ def _open_feature_folder(out: Path, plan: dict, overwrite: bool, lock: FolderLoc
 
 
 def _remove_leftovers(out: Path, keep_partial: bool = False) -> None:
-    """Temporary files of interrupted atomic writes, and ``.partial/`` once the manifest exists."""
+    """Temporary files of interrupted atomic writes, shard files the manifest does not list (an
+    --overwrite killed after writing new shards, or after its commit), and ``.partial/`` once the
+    manifest exists."""
     for stale in [*(out / PARTIAL).glob(".*.tmp"), *out.glob(".*.tmp")]:
         stale.unlink(missing_ok=True)
+    if (out / MANIFEST).is_file():
+        listed = _shard_files(out)
+        if listed:
+            for shard in out.glob("shard-*.safetensors"):
+                if shard.name not in listed:
+                    shard.unlink(missing_ok=True)
     if not keep_partial and (out / PARTIAL).is_dir():
         shutil.rmtree(out / PARTIAL, ignore_errors=True)
 
@@ -412,6 +426,7 @@ def _assemble(out: Path, plan: dict, plan_sha: str, relpaths: list[str], not_ima
     files: list[str] = []
     skipped: list[list[str]] = []
     shards = []
+    replaced = _shard_files(out)  # of the features --overwrite replaces: read until the new manifest is in place
     for s in range(n_shards):
         tensors: dict[str, list[torch.Tensor]] = {"global": [], "dense": []}
         for k in range(s * parts_per_shard, min((s + 1) * parts_per_shard, n_parts)):
@@ -434,6 +449,8 @@ def _assemble(out: Path, plan: dict, plan_sha: str, relpaths: list[str], not_ima
         rows = shard["global"].shape[0]
         shard["row"] = torch.arange(start, start + rows, dtype=torch.long)
         name = shard_name(s, n_shards)
+        if name in replaced:  # a name the replaced manifest still uses: this shard is written beside it
+            name = name.replace(".safetensors", f".{plan_sha[:12]}.safetensors")
         atomic.write_with(out / name, lambda tmp: save_file(shard, str(tmp), metadata={"format": "mlsctl-features"}))
         shards.append({"file": name, "rows": rows})
     manifest = {
@@ -453,9 +470,20 @@ def _assemble(out: Path, plan: dict, plan_sha: str, relpaths: list[str], not_ima
         "shards": shards,
         "plan": plan,
     }
-    atomic.write_json(out / MANIFEST, manifest)
+    atomic.write_json(out / MANIFEST, manifest)  # the commit: the new features replace the old ones here
+    for name in replaced - {entry["file"] for entry in shards}:
+        (out / name).unlink(missing_ok=True)
     shutil.rmtree(out / PARTIAL, ignore_errors=True)
     return manifest
+
+
+def _shard_files(out: Path) -> set[str]:
+    """The shard files the manifest of ``out`` lists (none without a readable manifest)."""
+    try:
+        manifest = json.loads((out / MANIFEST).read_text())
+        return {entry["file"] for entry in manifest["shards"] if isinstance(entry.get("file"), str)}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return set()
 
 
 # ----------------------------------------------------------------------------------- features on demand

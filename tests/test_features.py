@@ -109,6 +109,57 @@ def test_interrupted_embed_resumes_to_identical_tensors(tmp_path: Path, monkeypa
     assert again.reused
 
 
+def test_overwrite_keeps_the_old_features_until_the_new_ones_are_complete(tmp_path: Path, monkeypatch):
+    """A probe (2026-12-05) found `embed --overwrite` deleting the features, and a user's files in --out, as it
+    started: Ctrl-C left nothing, and the command it said to run again began from zero (--overwrite cleared its
+    saved parts). Now the old features stay readable until the new manifest replaces them, other files stay, and
+    the same command continues."""
+    images = make_images(tmp_path / "images", 13)
+    options = dict(dense=True, batch_size=2, part_size=4, say=quiet)
+    out = tmp_path / "feats"
+    embed_folder(images, out, tiny_model(seed=0), **options)
+    old = shard_tensors(out)
+    (out / "notes.txt").write_text("the user's")
+    embed_folder(images, tmp_path / "reference", tiny_model(seed=1), **options)
+
+    real_write = feats._write_part
+    calls = {"n": 0}
+
+    def dying_write(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        real_write(*args, **kwargs)
+
+    monkeypatch.setattr(feats, "_write_part", dying_write)
+    with pytest.raises(Interrupted, match="2 of 4 parts are saved.*run the same command again"):
+        embed_folder(images, out, tiny_model(seed=1), overwrite=True, **options)
+    monkeypatch.setattr(feats, "_write_part", real_write)
+    kept = shard_tensors(out)  # the features are still the old ones, whole
+    assert all(torch.equal(old[k], kept[k]) for k in old) and len(Features(out)) == 13
+
+    real_save = feats.atomic.write_json
+
+    def killed_at_commit(path, *args, **kwargs):  # every new shard written, then the manifest's commit fails
+        if Path(path).name == "manifest.json":
+            raise KeyboardInterrupt
+        return real_save(path, *args, **kwargs)
+
+    monkeypatch.setattr(feats.atomic, "write_json", killed_at_commit)
+    with pytest.raises(KeyboardInterrupt):
+        embed_folder(images, out, tiny_model(seed=1), overwrite=True, **options)
+    monkeypatch.setattr(feats.atomic, "write_json", real_save)
+    kept = shard_tensors(out)
+    assert all(torch.equal(old[k], kept[k]) for k in old)
+    resumed = embed_folder(images, out, tiny_model(seed=1), overwrite=True, **options)  # the same command
+    assert resumed.resumed_parts == 4
+    new, reference = shard_tensors(out), shard_tensors(tmp_path / "reference")
+    assert all(torch.equal(new[k], reference[k]) for k in reference)
+    assert (out / "notes.txt").read_text() == "the user's"
+    listed = {entry["file"] for entry in json.loads((out / "manifest.json").read_text())["shards"]}
+    assert {p.name for p in out.glob("shard-*")} == listed and not (out / ".partial").exists()
+
+
 @pytest.mark.slow
 def test_sigkill_at_any_moment_then_rerun_is_exact(tmp_path: Path, finished_run):
     run_dir, _ = finished_run
