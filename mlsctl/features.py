@@ -515,12 +515,21 @@ def features_or_embed(path: str | os.PathLike, get_model: Callable[[], object], 
     """``path`` itself when it is a feature folder; otherwise ``path`` is a folder of images,
     embedded (or found already embedded) under :func:`cache_dir` with the model ``get_model()``."""
     if is_feature_folder(path):
-        return Features(path, what)
+        return _with_rows(Features(path, what), what)
     model = get_model()
     out = cache_dir(path, model, dense=dense)
     summary = embed_folder(path, out, model, dense=dense, say=say, **embed_options)
     _say_embedded(summary, str(path), out, what, say)
-    return Features(out, what)
+    return _with_rows(Features(out, what), what)
+
+
+def _with_rows(features: Features, what: str) -> Features:
+    """An evaluation needs rows: a folder whose every image was skipped is one sentence, not a crash."""
+    if len(features) == 0:
+        raise UserError(f"{what} {features.path} hold no rows: none of the images could be read "
+                        f"({len(features.manifest.get('skipped', []))} skipped, with their reasons in "
+                        f"{features.path / MANIFEST}); embed a folder of readable images")
+    return features
 
 
 def features_of_split(split, get_model: Callable[[], object], *, dense: bool, what: str,
@@ -531,7 +540,7 @@ def features_of_split(split, get_model: Callable[[], object], *, dense: bool, wh
     out = split_cache_dir(split, model, dense=dense)
     summary = embed_split(split, out, model, dense=dense, say=say, **embed_options)
     _say_embedded(summary, f"{split.dataset} {split.split} ({split.tree.path})", out, what, say)
-    return Features(out, what)
+    return _with_rows(Features(out, what), what)
 
 
 def _say_embedded(summary: EmbedSummary, source: str, out: Path, what: str, say: Callable[[str], None]) -> None:

@@ -341,6 +341,14 @@ def test_cli_knn_and_knn_seg(tmp_path: Path):
     assert "100.00" in result.stdout
     saved = json.loads((tmp_path / "knn.json").read_text())
     assert [r["k"] for r in saved["results"]] == [1, 5] and all(r["top1"] == 1.0 for r in saved["results"])
+    # a probe (2026-12-05): k 0 and -1 printed accuracies, and a k above the 18 training images said nothing
+    for bad in ("0", "-1"):
+        refused = run_cli("eval", "knn", "--train", str(tmp_path / "tr"), "--val", str(tmp_path / "va"), "--k", bad)
+        assert refused.returncode == 2 and "--k" in refused.stderr and "top-1" not in refused.stdout
+    result = run_cli("eval", "knn", "--train", str(tmp_path / "tr"), "--val", str(tmp_path / "va"), "--k", "5", "500",
+                     "--out", str(tmp_path / "knn.json"), check=True)
+    assert "500 (all 18)" in result.stdout
+    assert [r["neighbours"] for r in json.loads((tmp_path / "knn.json").read_text())["results"]] == [5, 18]
 
     train_dir, train_masks = _scene_data(tmp_path, "train", 8, 4, 8, 3, seed=0)
     val_dir, val_masks = _scene_data(tmp_path, "val", 3, 4, 8, 3, seed=1)

@@ -273,3 +273,21 @@ def test_two_processes_write_what_one_writes(tmp_path: Path, finished_run):
     one = json.loads((tmp_path / "one" / "manifest.json").read_text())
     both = json.loads((tmp_path / "two" / "manifest.json").read_text())
     assert one["files"] == both["files"] and one["skipped"] == both["skipped"]
+
+
+def test_a_folder_of_unreadable_images_is_an_error_for_embed_and_for_every_evaluation(tmp_path, finished_run, capsys):
+    """A probe (2026-12-05): embed wrote 0 rows and exited 0, and eval knn then died on an internal error."""
+    from conftest import cli
+
+    run_dir, _ = finished_run
+    write_bad_files(tmp_path / "bad")
+    code, out, err = cli("embed", str(tmp_path / "bad"), "--run", str(run_dir), "--out", str(tmp_path / "f"), capsys=capsys)
+    assert code == 1 and "wrote 0 rows" in out and "could be read as an image" in err and "Traceback" not in err
+    good = make_images(tmp_path / "good", 4)
+    code, _, err = cli("embed", str(good), "--run", str(run_dir), "--out", str(tmp_path / "g"), capsys=capsys)
+    assert code == 0
+    labels = tmp_path / "labels.csv"
+    labels.write_text("".join(f"{p.name},{'ab'[i % 2]}\n" for i, p in enumerate(sorted(good.iterdir()))))
+    code, _, err = cli("eval", "knn", "--train", str(tmp_path / "f"), "--val", str(tmp_path / "g"), "--train-labels",
+                       str(labels), "--val-labels", str(labels), capsys=capsys)
+    assert code == 2 and "hold no rows" in err and "internal error" not in err

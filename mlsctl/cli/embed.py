@@ -85,6 +85,9 @@ def embed(
                                "seconds": round(summary.seconds, 3), "images_per_s": round(summary.images_per_s, 2),
                                "model": choice.info, "reused": summary.reused,
                                "dataset": benchmark.describe() if benchmark is not None else None}, indent=2))
+        if summary.rows == 0:
+            raise UserError(f"none of the {len(summary.skipped)} files could be read as an image (reasons in "
+                            f"{summary.out}/manifest.json); no evaluation can use {summary.out}", exit_code=1)
         return
     for path, reason in summary.skipped:
         typer.echo(f"skipped {path}: {reason}", err=True)
@@ -94,3 +97,6 @@ def embed(
     skipped = f", {len(summary.skipped)} skipped (listed in manifest.json)" if summary.skipped else ""
     typer.echo(f"wrote {summary.rows} rows{skipped} to {summary.out}/ in {summary.seconds:.1f}s "
                f"({summary.images_per_s:.1f} images/s)")
+    if summary.rows == 0:  # the folder records why; a script must not take it for features
+        raise UserError(f"none of the {len(summary.skipped)} files could be read as an image (the reasons are above "
+                        f"and in {summary.out}/manifest.json); no evaluation can use {summary.out}", exit_code=1)

@@ -403,7 +403,7 @@ def knn(
     seed: int = typer.Option(0, "--seed", help="Seed of --random-init."),
     train_labels: Optional[Path] = typer.Option(None, "--train-labels", help="CSV/JSONL of path,label [default: folder names]."),
     val_labels: Optional[Path] = typer.Option(None, "--val-labels", help="CSV/JSONL of path,label [default: folder names]."),
-    k: Optional[list[int]] = typer.Option(None, "--k", help="Neighbour counts, e.g. --k 10 20 100 200 [default]."),
+    k: Optional[list[int]] = typer.Option(None, "--k", min=1, help="Neighbour counts, e.g. --k 10 20 100 200 [default]; a k above the training images votes with all of them."),
     temperature: float = typer.Option(0.07, "--temperature", min=1e-6, help="Vote weight exp(cos/T)."),
     device: Device = typer.Option("auto", "--device", parser=one_of("--device", Device), help=DEVICE_HELP.format(what="neighbour search")),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Results JSON [default: results/knn-<time>.json]."),
@@ -433,7 +433,8 @@ def knn(
     if as_json:
         typer.echo(json.dumps(payload, indent=2))
         return
-    typer.echo(table(["k", "top-1 %", "top-5 %"], [[r["k"], pct(r["top1"], 2), pct(r["top5"], 2)] for r in results]))
+    typer.echo(table(["k", "top-1 %", "top-5 %"], [[r["k"] if r["neighbours"] == r["k"] else f"{r['k']} (all {r['neighbours']})",
+                                                   pct(r["top1"], 2), pct(r["top5"], 2)] for r in results]))
     if unknown:
         typer.echo(f"note: {len(unknown)} val classes never occur in train (counted as errors): {', '.join(unknown[:5])}")
     typer.echo(f"\n{result['train_images']} train / {result['val_images']} val images, {result['classes']} classes, "

@@ -156,5 +156,6 @@ def evaluate_knn(train_features, val_features, train_labels=None, val_labels=Non
             "val_images": len(val_features), "classes": len(classes),
             "val_classes_unseen_in_train": sorted(set(val_names) - set(classes)), "temperature": temperature,
             "search": f"exact (torch matmul + top-k) on {search_on.type}", "model": train_features.model,
-            "results": [{"k": k, "top1": accuracy(scores[k], val_y, 1), "top5": accuracy(scores[k], val_y, 5)}
-                        for k in ks]}
+            # a k above the training set's size votes with all of it: "neighbours" says how many voted
+            "results": [{"k": k, "neighbours": min(k, len(train_features)), "top1": accuracy(scores[k], val_y, 1),
+                         "top5": accuracy(scores[k], val_y, 5)} for k in ks]}
