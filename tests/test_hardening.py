@@ -940,7 +940,8 @@ def test_18_help_shows_the_default_of_every_option(capsys):
                 checked += 1
             if not written and not param.is_flag and param.default is not None and not param.required:
                 context = command.make_context("mlsctl", [], resilient_parsing=True)
-                assert "[default: " in param.get_help_record(context)[1], (path, param.name)
+                help_text = param.get_help_record(context)[1]  # "[default: X]", or "[env var: NAME; default: X]"
+                assert re.search(r"\[(env var: [^;\]]+; )?default: ", help_text), (path, param.name)
     assert checked >= 26
 
 

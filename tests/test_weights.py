@@ -43,6 +43,21 @@ def test_random_init_of_a_weights_file_is_its_architecture_seeded(tmp_path):
     assert a.backbone.embed_dim == loaded.backbone.embed_dim == 32
 
 
+def test_a_missing_foreign_or_damaged_weights_file_is_named_as_such(tmp_path):
+    """A probe (2026-12-05): all three said the file 'does not say which architecture it holds; add --model'."""
+    from mlsctl.errors import UserError
+
+    (tmp_path / "labels.csv").write_text("a.png,cat\n")
+    damaged = tmp_path / "cut.safetensors"
+    damaged.write_bytes(_weights_file(tmp_path).read_bytes()[:100])
+    for path, words in ((tmp_path / "nosuch.safetensors", "does not exist"),
+                        (tmp_path / "labels.csv", "must end in .safetensors or .pth"),
+                        (damaged, "cannot read weights from")):
+        for random_init in (False, True):
+            with pytest.raises(UserError, match=words):
+                choose_model(weights=path, random_init=random_init)
+
+
 @pytest.mark.skipif(not BACKBONE.is_file(), reason="weights/dino_fmnist_backbone.safetensors is not in this checkout")
 def test_the_shipped_backbone_loads_through_model_weights_and_says_what_it_is():
     from mlsctl import config

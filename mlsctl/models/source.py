@@ -31,7 +31,7 @@ from typing import Optional
 
 import torch
 
-from mlsctl.errors import UserError
+from mlsctl.errors import UserError, first_line
 from mlsctl.models.backbone import Backbone
 
 DINOV2_ARCH = "vit_small_patch14_dinov2.lvd142m"
@@ -76,7 +76,9 @@ def from_weights(path: str | Path, arch: Optional[str] = None, *, img_size: Opti
     """The backbone of a weights file; ``random_init``: its architecture (recorded in the file, or
     ``arch``), randomly initialised with ``seed`` — the comparison a pretrained backbone is measured
     against."""
-    path = Path(path)
+    from mlsctl.models.weights import check_weights_file
+
+    path = check_weights_file(path)
     recorded = _recorded_model(path)
     if arch is None and recorded is None:
         raise UserError(f"--weights {path} does not say which architecture it holds; add --model NAME "
@@ -118,8 +120,9 @@ def _recorded_model(path: Path) -> Optional[dict]:
     try:
         with safe_open(str(path), "pt") as f:
             metadata = f.metadata() or {}
-    except Exception:  # unreadable files are reported by the weights reader with their reason
-        return None
+    except Exception as exc:  # safetensors' own error for a truncated or foreign file, OSError
+        raise UserError(f"cannot read weights from {path} ({first_line(exc, 200)}); is it a complete .safetensors "
+                        f"file?") from None
     if "model" in metadata:
         from mlsctl.config import timm_kwargs_problem
 

@@ -29,19 +29,29 @@ T = TypeVar("T", bound=torch.nn.Module)
 HEAD_PREFIXES = ("head.", "heads.", "head_", "projection_head.", "prototypes.", "predictor.", "dino_head.")
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+WEIGHTS_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+
+
+def check_weights_file(path: str | Path) -> Path:
+    """A weights file that exists and has a name this reader takes, else one sentence (checked first,
+    before anything is read from it or built for it)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"weights file {path} does not exist; give a local .safetensors or .pth file")
+    if path.suffix not in WEIGHTS_SUFFIXES:
+        raise UserError(f"weights file {path} must end in .safetensors or .pth")
+    return path
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    path = check_weights_file(path)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
             state = load_file(str(path))
-        elif path.suffix in (".pth", ".pt", ".bin", ".ckpt"):
-            state = torch.load(path, map_location="cpu", weights_only=True)
         else:
-            raise UserError(f"weights file {path} must end in .safetensors or .pth")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except UserError:
         raise
     except Exception as exc:  # torch/safetensors raise many types for foreign or damaged files
