@@ -291,3 +291,22 @@ def test_recipes_show_prints_every_resolved_key_with_its_help(capsys, tmp_path):
     assert rows["method.set_length"]["set_by"] == "default" and rows["seed"]["set_by"] == "default"
     code, _, err = cli("recipes", "--show", "dino_fmnist_quik", capsys=capsys)
     assert code == 2 and "did you mean 'dino_fmnist_quick'" in one_sentence(err)
+
+
+def test_ctrl_c_in_any_command_says_interrupted(tmp_path, capsys, monkeypatch):
+    """A probe (2026-12-05): typer turns Ctrl-C into a silent exit 130, so every command without a handler of its
+    own (index build, eval, ...) stopped without a word, while the docs promise `interrupted`."""
+    import torch
+
+    from conftest import cli, write_feature_folder
+    from mlsctl.evaluate import knn
+
+    names = [f"c{i}/{j}.png" for i in range(2) for j in range(3)]
+    write_feature_folder(tmp_path / "f", names, torch.randn(6, 8))
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(knn, "evaluate_knn", stopped)
+    code, out, err = cli("eval", "knn", "--train", str(tmp_path / "f"), "--val", str(tmp_path / "f"), capsys=capsys)
+    assert code == 130 and err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err

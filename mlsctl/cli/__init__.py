@@ -186,8 +186,23 @@ def _run_app(argv: list[str]) -> None:
     except SystemExit as end:  # click ends every command with one
         if end.code in (None, 0):
             _close_process_groups()
+        stop = _ctrl_c_behind(end)
+        if stop is not None:  # typer turns Ctrl-C into a silent exit 130: say it, as for every stopped command
+            raise stop from None
         raise
     _close_process_groups()
+
+
+def _ctrl_c_behind(end: SystemExit) -> Optional[KeyboardInterrupt]:
+    """The KeyboardInterrupt (Ctrl-C, or SIGTERM's :class:`~mlsctl.errors.Terminated`) that typer
+    turned into ``SystemExit(130)``, found along the exceptions' chain; None for any other exit."""
+    seen, link = set(), end
+    while link is not None and id(link) not in seen:
+        if isinstance(link, KeyboardInterrupt):
+            return link
+        seen.add(id(link))
+        link = link.__cause__ or link.__context__
+    return None
 
 
 def _close_process_groups() -> None:
