@@ -172,6 +172,13 @@ def test_export_is_readable_with_safetensors_alone(finished_run, tmp_path):
         steps = f.get_tensor("cls/step")
         assert torch.equal(steps, steps.sort().values)  # oldest first
         assert f.metadata()["step"] == "8"
+    # a probe (2026-12-05): a second export replaced the file without a word, and --out x.npy wrote safetensors
+    before = out.read_bytes()
+    again = run_cli("bank", "export", str(run), "--out", str(out))
+    assert again.returncode == 2 and "--overwrite" in again.stderr and out.read_bytes() == before
+    assert run_cli("bank", "export", str(run), "--out", str(out), "--overwrite").returncode == 0
+    npy = run_cli("bank", "export", str(run), "--out", str(tmp_path / "bank.npy"))
+    assert npy.returncode == 2 and "must end in .safetensors" in npy.stderr and not (tmp_path / "bank.npy").exists()
 
 
 @pytest.fixture

@@ -209,16 +209,24 @@ def plot(
 @app.command("export")
 def export(
     run: Path = RUN_ARG,
-    out: Path = typer.Option(..., "--out", "-o", help="safetensors file to write."),
+    out: Path = typer.Option(..., "--out", "-o", help="safetensors file to write (a name ending in .safetensors)."),
     bank: Optional[list[str]] = typer.Option(None, "--bank", help="Banks to export [default: all]."),
     step: Optional[int] = STEP_OPT,
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
 ) -> None:
     """Write the valid entries of the banks (vectors and payload columns, oldest first) to one safetensors file.
 
     Example: mlsctl bank export runs/cribo_fmnist_quick --out objects.safetensors
     """
     from mlsctl.bank_inspect import choose_bank, export_banks, open_banks
+    from mlsctl.errors import UserError
 
+    if out.suffix != ".safetensors":
+        raise UserError(f"--out {out} must end in .safetensors: the file is a safetensors file whatever its name")
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; give a file name ending in .safetensors")
+    if out.exists() and not overwrite:
+        raise UserError(f"--out {out} exists; add --overwrite to replace it, or choose another --out")
     run_, checkpoint, banks = open_banks(run, step)
     chosen = dict(choose_bank(banks, b, run_) for b in bank) if bank else banks
     shapes = export_banks(chosen, out, run=run_, checkpoint=checkpoint)
