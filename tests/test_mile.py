@@ -177,8 +177,10 @@ def test_folding_one_by_one_with_index_add_equals_embedding_the_set(mile_run, tm
     assert stored.ids[-1] == "again" and stored.count("again") == 3
     assert torch.allclose(stored.latent("again"), whole, atol=1e-5)
     # and the object built from its 2 gallery photos, extended by its query photo, is the same set
-    cli_ok(capsys, "index", "add", str(gallery), "--object", "obj0", str(photos[2]))
+    out, _ = cli_ok(capsys, "index", "add", str(gallery), "--object", "obj0", str(photos[2]), "--json")
     assert torch.allclose(Gallery(gallery).latent("obj0"), whole, atol=1e-5)
+    record = json.loads(out)  # the fields of serve's answer to the same add
+    assert (record["object"], record["created"], record["photos"], record["objects"]) == ("obj0", False, 3, len(stored))
 
 
 def test_search_ranks_objects_and_refuses_another_model(mile_run, tmp_path, capsys):

@@ -77,6 +77,7 @@ def add(
     object_id: str = typer.Option(..., "--object", help="Object to add to; a new id creates the object."),
     images: list[Path] = typer.Argument(..., help="Images to fold into the object, in order."),
     run: Optional[Path] = typer.Option(None, "--run", help="Run to embed with [default: the gallery's run]."),
+    as_json: bool = typer.Option(False, "--json", help="Print the outcome as JSON (the fields of serve's answer)."),
 ) -> None:
     """Fold new images into an object's stored latent state (earlier images are not recomputed).
 
@@ -92,9 +93,13 @@ def add(
         target = Gallery(gallery, recover=True)
         model = _set_model(run or Path(target.manifest["model"]["run"]))
         created, count = target.add(model, object_id, photos)
-    print(f"{'created' if created else 'updated'} {object_id} in {gallery}: {count} images folded, "
-          f"{len(target)} objects")
     share = target.added_since_training()
+    if as_json:
+        print(json.dumps({"gallery": str(gallery), "object": object_id, "created": created, "photos": count,
+                          "objects": len(target), "written_since_training": round(share, 4)}, indent=2))
+    else:
+        print(f"{'created' if created else 'updated'} {object_id} in {gallery}: {count} images folded, "
+              f"{len(target)} objects")
     if share > RETRAIN_SHARE:
         _say(f"{100 * share:.0f}% of the objects were written after the IVF index was trained, so recall may have "
              f"dropped: run mlsctl index retrain {gallery}")
@@ -103,7 +108,7 @@ def add(
 @app.command("retrain")
 def retrain(
     gallery: Path = typer.Argument(..., help="Gallery folder (mlsctl index build)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the gallery record as JSON."),
+    as_json: bool = typer.Option(False, "--json", help="Print what the text reports as JSON, with the new gallery record."),
 ) -> None:
     """Re-train a gallery's IVF-PQ quantiser on its current objects (and drop superseded rows).
 
@@ -118,11 +123,14 @@ def retrain(
         target = Gallery(gallery, recover=True)
         before = target.rows
         manifest = target.retrain()
+    seconds = time.perf_counter() - started
     if as_json:
-        print(json.dumps(manifest, indent=2))
+        print(json.dumps({"gallery": str(gallery), "objects": manifest["objects"], "rows_before": before,
+                          "rows": manifest["rows"], "index": manifest["index"]["kind"], "seconds": round(seconds, 3),
+                          "manifest": manifest}, indent=2))
         return
     print(f"retrained {gallery}: {manifest['objects']} objects ({before} rows before, {manifest['rows']} now), index "
-          f"{manifest['index']['kind']}, {time.perf_counter() - started:.1f}s")
+          f"{manifest['index']['kind']}, {seconds:.1f}s")
 
 
 def _read_query_sets(path: Path) -> list[tuple[Optional[str], list[Path]]]:
