@@ -215,5 +215,10 @@ def choose_model(*, run: Optional[Union[str, Path]] = None, weights: Optional[Un
             if random_init:
                 raise UserError(f"--random-init needs --run RUN (no run under {runs_root}/ to take the architecture from)")
             return dinov2_small()
-        run = found.root
+        try:
+            return from_run(found.root, random_init=random_init, seed=seed)
+        except UserError as exc:  # say that the run was chosen for the user, and which
+            raise UserError(f"no --run or --weights was given, so the newest run under {runs_root}/ was taken "
+                            f"({found.root}): {exc.message}; or give --run RUN or --weights FILE",
+                            exc.exit_code) from None
     return from_run(run, random_init=random_init, seed=seed)

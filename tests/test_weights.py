@@ -181,3 +181,18 @@ def test_a_runs_teacher_becomes_the_bf16_weights_file_and_comes_back_from_its_pa
     with safe_open(str(joined), "pt") as a, safe_open(str(whole), "pt") as b:  # (safetensors orders metadata freely)
         assert a.metadata() == b.metadata() and sorted(a.keys()) == sorted(b.keys())
         assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
+
+
+def test_a_run_taken_for_want_of_a_model_flag_is_named_when_it_cannot_serve(finished_run, tmp_path):
+    """A probe (2026-12-05): without --run, eval took the newest run under runs/ (a refine run) and refused it
+    without saying that it had chosen it, nor which."""
+    import shutil
+
+    from mlsctl.errors import UserError
+
+    run_dir, _ = finished_run
+    taken = tmp_path / "runs" / "latest"
+    shutil.copytree(run_dir, taken)
+    (taken / "teacher.safetensors").write_bytes((taken / "teacher.safetensors").read_bytes()[:100])
+    with pytest.raises(UserError, match=f"the newest run under .*runs/ was taken \\({taken}\\).*give --run RUN"):
+        choose_model(runs_root=tmp_path / "runs")
