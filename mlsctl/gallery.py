@@ -743,8 +743,8 @@ def _feature_groups(source: Path, model: SetModel) -> dict[str, torch.Tensor]:
 
     features = Features(source)
     if features.model.get("fingerprint") != model.backbone.fingerprint:
-        raise UserError(f"{source} was embedded with model {str(features.model.get('fingerprint'))[:12]}, not the "
-                        f"teacher of {model.run} ({model.backbone.fingerprint[:12]}); embed with --run {model.run}")
+        raise UserError(f"{source} was embedded with backbone {str(features.model.get('fingerprint'))[:12]}, not the "
+                        f"teacher backbone of {model.run} ({model.backbone.fingerprint[:12]}); embed with --run {model.run}")
     if model.attend != "cls":
         raise UserError(f"run {model.run} attends to patch tokens; build the gallery from the images, not from {source}")
     seen = features.preprocessing

@@ -67,7 +67,7 @@ def embed(
     choice = choose_model(run=run, weights=weights, arch=model, random_init=random_init, seed=seed)
     main = dist.rank() == 0
     if main:
-        print(f"model: {choice.description} (fingerprint {choice.fingerprint[:12]})", file=sys.stderr)
+        print(f"model: {choice.description} (backbone fingerprint {choice.fingerprint[:12]})", file=sys.stderr)
     options = dict(dense=dense, resolution=resolution, resize=resize, batch_size=batch_size, workers=workers,
                    dtype=dtype, part_size=part_size, overwrite=overwrite, max_image_pixels=max_image_pixels,
                    say=lambda line: print(line, file=sys.stderr))

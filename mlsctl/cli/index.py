@@ -34,7 +34,8 @@ def _set_model(run: Optional[Path]):
             raise UserError("no --run given and no run under ./runs; train one with mlsctl pretrain mile_fmnist_quick")
         run = found.root
     model = load_set_model(run)
-    _say(f"model: {model.backbone.description} (fingerprint {model.fingerprint[:12]})")
+    _say(f"model: {model.backbone.description} (backbone {model.backbone.fingerprint[:12]}, with its set encoder "
+         f"{model.fingerprint[:12]})")
     return model
 
 
