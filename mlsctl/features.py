@@ -238,6 +238,9 @@ def embed_listing(tree, relpaths: list[str], out: str | os.PathLike, model, *, n
         raise UserError(f"--out {out} is a file; choose a folder")
     if overwrite and os.path.commonpath([os.path.realpath(out), os.path.realpath(images)]) == os.path.realpath(out):
         raise UserError(f"--out {out} contains the images {images}, which --overwrite would delete; choose another --out")
+    if os.path.commonpath([os.path.realpath(out), os.path.realpath(images)]) == os.path.realpath(images):
+        raise UserError(f"--out {out} is inside the images folder {images}: every later embed of that folder would "
+                        f"list the features' files as images it could not read; choose an --out outside it")
     lock = FolderLock(out, "feature folder")
     reused = dist.on_main(lambda: _open_feature_folder(out, plan, overwrite, lock))
     if reused is not None:

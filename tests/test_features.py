@@ -158,6 +158,7 @@ def test_overwrite_keeps_the_old_features_until_the_new_ones_are_complete(tmp_pa
     assert (out / "notes.txt").read_text() == "the user's"
     listed = {entry["file"] for entry in json.loads((out / "manifest.json").read_text())["shards"]}
     assert {p.name for p in out.glob("shard-*")} == listed and not (out / ".partial").exists()
+    assert torch.equal(Features(out).global_features(), reference["global"].float())  # read like any folder
 
 
 @pytest.mark.slow
@@ -231,6 +232,9 @@ def test_out_rules(tmp_path: Path):
     assert (other / "keep.txt").read_text() == "mine"
     with pytest.raises(UserError, match="multiple of the model's patch size"):
         embed_folder(images, tmp_path / "x", tiny_model(), resolution=30, say=quiet)
+    with pytest.raises(UserError, match="inside the images folder"):  # later embeds would list its files
+        embed_folder(images, images / "feats", tiny_model(), say=quiet)
+    assert not (images / "feats").exists()
 
 
 @pytest.mark.slow

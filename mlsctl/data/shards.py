@@ -2,8 +2,9 @@
 ``viz``, ``index``, ``bank`` and the refinement method read.
 
 A feature folder holds ``manifest.json`` (written last) and ``shard-NNNNN-of-NNNNN.safetensors``
-files (``global`` [n, D], optional ``dense`` [n, h, w, D], ``row`` [n]); the format is described in
-:mod:`mlsctl.features`. :class:`Features` reads one through ``safetensors.safe_open``
+files (``global`` [n, D], optional ``dense`` [n, h, w, D], ``row`` [n]; named
+``shard-NNNNN-of-NNNNN.PLAN.safetensors`` where ``embed --overwrite`` wrote one beside the shard it
+replaced); the format is described in :mod:`mlsctl.features`. :class:`Features` reads one through ``safetensors.safe_open``
 (memory-mapped), shard by shard; a damaged, unfinished or foreign folder raises a
 :class:`~mlsctl.errors.UserError` saying what is wrong and what to do.
 """
@@ -45,7 +46,9 @@ class ShardInfo:
     start: int  # first row of this shard in the concatenation
 
 
-_SHARD_NAME = re.compile(r"shard-\d{5}-of-\d{5}\.safetensors")
+# shard-NNNNN-of-NNNNN.safetensors; written beside the shard of that name it replaces (embed --overwrite), with the
+# first 12 hex digits of its plan's hash before the suffix (mlsctl.features._assemble)
+_SHARD_NAME = re.compile(r"shard-\d{5}-of-\d{5}(\.[0-9a-f]{12})?\.safetensors")
 
 
 def _is_count(value, low: int = 0) -> bool:
@@ -60,7 +63,7 @@ def _manifest_problem(m: dict) -> Optional[str]:
     if not (isinstance(shards, list) and all(isinstance(e, dict) and isinstance(e.get("file"), str)
                                              and _SHARD_NAME.fullmatch(e["file"]) and _is_count(e.get("rows"))
                                              for e in shards)):
-        return "'shards' must be a list of {file: shard-NNNNN-of-NNNNN.safetensors, rows: count}"
+        return "'shards' must be a list of {file: shard-NNNNN-of-NNNNN[.PLAN].safetensors, rows: count}"
     if not _is_count(m["dim"], 1):
         return f"'dim' must be a positive integer, got {m['dim']!r}"
     grid = m.get("grid")
