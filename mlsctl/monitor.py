@@ -42,7 +42,8 @@ class _Split:
         self.files = folder.relpaths()[:count]
         self.preprocessing = Preprocessing(resolution, "square")
         self.pixels = torch.stack([self.preprocessing.pixels(folder.load(i)) for i in range(count)])
-        self.names = labels_of(self.files, Path(root), Path(labels_file) if labels_file else None, f"{what} ({root})")
+        self.names = labels_of(self.files, Path(root), Path(labels_file) if labels_file else None, f"{what} ({root})",
+                               f"{what}_labels")
         self.masks = [read_mask(p) for p in match_masks(self.files, Path(masks), what)] if masks else None
 
 

@@ -323,8 +323,8 @@ def test_labels_from_folders_and_files(tmp_path: Path):
     with pytest.raises(UserError, match="no label for 1 images"):
         knn.labels_for(Features(feats), tmp_path / "labels.jsonl", "train")
     flat = write_feature_folder(tmp_path / "g", ["1.png"], torch.randn(1, 4))
-    with pytest.raises(UserError, match="not inside a class folder"):
-        knn.labels_for(Features(flat), None, "train")
+    with pytest.raises(UserError, match="not inside a class folder.*give it with --train-labels"):
+        knn.labels_for(Features(flat), None, "train", "--train-labels")  # the sentence names the flag to use
 
 
 # ---------------------------------------------------------------------------------------------- CLI

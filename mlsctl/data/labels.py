@@ -189,15 +189,16 @@ def read_objects_file(path: Path) -> list[tuple[str, str]]:
     return [(object_id, relpath) for relpath, object_id in rows]
 
 
-def labels_of(files: Sequence[str], root: Path, labels_file: Optional[Path], what: str) -> list[str]:
+def labels_of(files: Sequence[str], root: Path, labels_file: Optional[Path], what: str,
+              option: str = "a labels option") -> list[str]:
     """The label of each file (relative to ``root``): its folder name, or its row of ``labels_file``
-    (keyed by the relative or the absolute path)."""
+    (keyed by the relative or the absolute path); ``option`` names where the user gives that file."""
     if labels_file is None:
         names = [Path(f).parent.as_posix() for f in files]
         if any(n in ("", ".") for n in names):
             example = next(f for f, n in zip(files, names) if n in ("", "."))
             raise UserError(f"{what}: {example} is not inside a class folder; images outside class folders need a "
-                            f"labels file (CSV or JSONL of path,label)")
+                            f"labels file (CSV or JSONL of path,label): give it with {option}")
         return names
     table = read_labels_file(Path(labels_file))
     out, missing = [], []

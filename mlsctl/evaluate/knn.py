@@ -126,14 +126,14 @@ def accuracy(scores: torch.Tensor, labels: torch.Tensor, top: int) -> float:
     return float(hits.float().mean())
 
 
-def labels_for(features, labels_file, what: str) -> list[str]:
+def labels_for(features, labels_file, what: str, option: str = "a labels option") -> list[str]:
     """The label of each row of a feature folder: from its folder names, a labels file, or the
     split of a benchmark it was embedded from (:class:`mlsctl.data.datasets.ClassificationSplit`)."""
     from mlsctl.data.datasets import ClassificationSplit
 
     if isinstance(labels_file, ClassificationSplit):
         return [labels_file.label_of(f) for f in features.files]
-    return labels_of(features.files, Path(features.input_root), labels_file, f"{what} {features.path}")
+    return labels_of(features.files, Path(features.input_root), labels_file, f"{what} {features.path}", option)
 
 
 def evaluate_knn(train_features, val_features, train_labels=None, val_labels=None,
@@ -143,8 +143,8 @@ def evaluate_knn(train_features, val_features, train_labels=None, val_labels=Non
     ``device`` (:func:`search_device`)."""
     search_on = search_device(device)
     train_features.check_same_model(val_features)
-    train_names = labels_for(train_features, train_labels, "train features")
-    val_names = labels_for(val_features, val_labels, "val features")
+    train_names = labels_for(train_features, train_labels, "train features", "--train-labels")
+    val_names = labels_for(val_features, val_labels, "val features", "--val-labels")
     classes = sorted(set(train_names))
     lookup = {c: i for i, c in enumerate(classes)}
     train_y = torch.tensor([lookup[c] for c in train_names])

@@ -92,7 +92,7 @@ def evaluate_recall(features, labels_file: Optional[Path] = None, ks: Optional[S
     from mlsctl.data.labels import class_ids
     from mlsctl.evaluate.knn import labels_for
 
-    names = labels_for(features, labels_file, "features")
+    names = labels_for(features, labels_file, "features", "--labels")
     labels, _ = class_ids(names, f"features {features.path}")
     embeddings = features.global_features()
     finite = torch.isfinite(embeddings).all(dim=-1)
