@@ -70,7 +70,7 @@ def test_cli_single_label_from_folder_names(tmp_path, capsys):
     folders = _folders(tmp_path, multi=False)
     out, _ = cli_ok(capsys, "eval", "linear", "--train", str(folders["train"]), "--val", str(folders["val"]),
                     "--epochs", "20", "--out", str(tmp_path / "r.json"))
-    assert "<- chosen" in out and "top-1 100.00%" in out
+    assert " chosen" in out and " yes" in out and "top-1 100.00%" in out
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["results"]["top1"] == 1.0 and len(result["sweep"]) == 8 and result["classes"] == 3
 

@@ -493,9 +493,9 @@ def linear(
     key = "mAP" if multi_label else "top1"
     if result["sweep"]:
         best = result["chosen"]
-        typer.echo(table(["lr", "weight decay", f"held-out {'mAP' if multi_label else 'top-1'} %", ""],
+        typer.echo(table(["lr", "weight decay", f"held-out {'mAP' if multi_label else 'top-1'} %", "chosen"],
                          [[r["lr"], r["weight_decay"], pct(r[key], 2),
-                           "<- chosen" if (r["lr"], r["weight_decay"]) == (best["lr"], best["weight_decay"]) else ""]
+                           "yes" if (r["lr"], r["weight_decay"]) == (best["lr"], best["weight_decay"]) else ""]
                           for r in result["sweep"]]))
         typer.echo("")
     scores = result["results"]
