@@ -47,7 +47,7 @@ def first_line(exc: BaseException, limit: int = 160) -> str:
 
 
 # errno → (what happened, what to do)
-_CAUSES = {
+CAUSES = {
     errno.ENOSPC: ("no space left on the device", "free some space or write somewhere else"),
     errno.EDQUOT: ("the disk quota is exhausted", "free some space or write somewhere else"),
     errno.EROFS: ("the file system is read-only", "write somewhere else"),
@@ -65,7 +65,7 @@ _CAUSES = {
 }
 
 
-def _is_memory_error(exc: BaseException) -> bool:
+def is_memory_error(exc: BaseException) -> bool:
     if isinstance(exc, MemoryError):
         return True
     text = str(exc).lower()
@@ -75,14 +75,14 @@ def _is_memory_error(exc: BaseException) -> bool:
 
 def describe_environment_error(exc: BaseException) -> Optional[str]:
     """One sentence for an error of the environment, or None when ``exc`` is something else."""
-    if _is_memory_error(exc):
+    if is_memory_error(exc):
         gpu = "cuda" in str(exc).lower()
         where = "the GPU" if gpu else "this machine"
         return (f"out of memory on {where}; lower optim.batch_size / --batch-size, use smaller images or a smaller "
                 f"model, or free memory")
     if not isinstance(exc, OSError) or exc.errno is None:
         return None
-    cause, fix = _CAUSES.get(exc.errno, (exc.strerror or os.strerror(exc.errno), "check the path"))
+    cause, fix = CAUSES.get(exc.errno, (exc.strerror or os.strerror(exc.errno), "check the path"))
     path = exc.filename if exc.filename is not None else None
     if path is None:
         return f"{cause}; {fix}"

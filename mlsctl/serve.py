@@ -691,12 +691,12 @@ async def _answer(send, status: int, message: str, headers: Optional[dict] = Non
 
 def _client_sentence(exc: BaseException) -> str:
     """A 500's sentence for the client: what happened, without the server's paths."""
-    from mlsctl.errors import _CAUSES, _is_memory_error
+    from mlsctl.errors import CAUSES, is_memory_error
 
-    if _is_memory_error(exc):
+    if is_memory_error(exc):
         return "the server ran out of memory for this request; send fewer or smaller photos"
-    if isinstance(exc, OSError) and exc.errno in _CAUSES:
-        return f"the server cannot do this now ({_CAUSES[exc.errno][0]}); its operator has the details in its log"
+    if isinstance(exc, OSError) and exc.errno in CAUSES:
+        return f"the server cannot do this now ({CAUSES[exc.errno][0]}); its operator has the details in its log"
     return f"internal error ({type(exc).__name__}); the server's log has the details"
 
 

@@ -92,7 +92,7 @@ def _random_colour(rng: np.random.Generator, saturation=(0.0, 1.0), value=(0.1, 
     return np.array(colorsys.hsv_to_rgb(h, rng.uniform(*saturation), rng.uniform(*value)))
 
 
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+def background(rng: np.random.Generator, size: int) -> np.ndarray:
     """[size, size, 3] floats in 0..1."""
     c1, c2 = _random_colour(rng), _random_colour(rng)
     yy, xx = np.mgrid[0:size, 0:size] / max(1, size - 1)
@@ -120,7 +120,7 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
 def make_scene(rng: np.random.Generator, images: np.ndarray, labels: np.ndarray, size: int,
                min_items: int = 2, max_items: int = 5, min_visible: float = 0.4):
     """One scene: (RGB uint8 [S,S,3], class mask uint8 [S,S], list of item records)."""
-    canvas = _background(rng, size)
+    canvas = background(rng, size)
     instance = np.zeros((size, size), dtype=np.int32)  # 0 = background, k = k-th placed item
     classes: dict[int, int] = {}
     records: list[dict] = []

@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image
 
 from mlsctl import atomic
-from mlsctl.data.fmnist import CLASSES, DEFAULT_SOURCE, _background, load_split, replace_folder, reusable_build
+from mlsctl.data.fmnist import CLASSES, DEFAULT_SOURCE, background, load_split, replace_folder, reusable_build
 from mlsctl.errors import UserError
 
 PRODUCTS_FORMAT_VERSION = 1
@@ -69,7 +69,7 @@ def _jitter(colour_hsv: tuple[float, float, float], rng: np.random.Generator) ->
 def make_photo(rng: np.random.Generator, item: np.ndarray, colour_hsv: tuple[float, float, float],
                pool: np.ndarray, size: int) -> np.ndarray:
     """One photo of an object: RGB uint8 [size, size, 3]."""
-    canvas = _background(rng, size)
+    canvas = background(rng, size)
     for _ in range(int(rng.integers(0, 3))):  # distractors, behind the object
         other = pool[int(rng.integers(0, len(pool)))]
         side = int(round(rng.uniform(0.25, 0.4) * size))

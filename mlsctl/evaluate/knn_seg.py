@@ -439,7 +439,7 @@ def protocol(name: str) -> Protocol:
     return PROTOCOLS[name]
 
 
-def _num_classes(source: FeatureMasks, ignore_index: int) -> int:
+def num_classes_of(source: FeatureMasks, ignore_index: int) -> int:
     """The class count of a source without class names: the largest class id in its masks, plus one."""
     if source.split is not None:
         return source.split.num_classes
@@ -534,7 +534,7 @@ def knn_segmentation(train: FeatureMasks, val: FeatureMasks, fractions: Sequence
 
     train.features.check_same_model(val.features)
     # class names (meta.json) fix the class count; without them every training mask is scanned once
-    num_classes = len(names) if names else _num_classes(train, settings.ignore_index)
+    num_classes = len(names) if names else num_classes_of(train, settings.ignore_index)
     results = []
     n = len(train)
     plan = [(fraction, list(range(settings.runs)) if fraction < 1 else [0]) for fraction in fractions]

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mlsctl.evaluate.knn_seg import FeatureMasks, _num_classes, patch_soft_labels
+from mlsctl.evaluate.knn_seg import FeatureMasks, num_classes_of, patch_soft_labels
 from mlsctl.evaluate.segmentation import (confusion_update, foreground_background_iou, iou_per_class, mean_iou,
                                           pixel_accuracy)
 
@@ -99,7 +99,7 @@ def evaluate_linear_seg(train: FeatureMasks, val: FeatureMasks, *, epochs: int =
     from tqdm import tqdm
 
     train.features.check_same_model(val.features)
-    num_classes = len(names) if names else _num_classes(train, ignore_index)
+    num_classes = len(names) if names else num_classes_of(train, ignore_index)
     bar = tqdm(total=epochs * len(train) + len(val), unit="img", desc="linear-seg", disable=not progress,
                dynamic_ncols=True)
     started = time.perf_counter()
