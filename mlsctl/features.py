@@ -236,11 +236,6 @@ def embed_listing(tree, relpaths: list[str], out: str | os.PathLike, model, *, n
     # ---------------------------------------------------------------- the state of --out
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; choose a folder")
-    if overwrite and os.path.commonpath([os.path.realpath(out), os.path.realpath(images)]) == os.path.realpath(out):
-        raise UserError(f"--out {out} contains the images {images}, which --overwrite would delete; choose another --out")
-    if os.path.commonpath([os.path.realpath(out), os.path.realpath(images)]) == os.path.realpath(images):
-        raise UserError(f"--out {out} is inside the images folder {images}: every later embed of that folder would "
-                        f"list the features' files as images it could not read; choose an --out outside it")
     lock = FolderLock(out, "feature folder")
     reused = dist.on_main(lambda: _open_feature_folder(out, plan, overwrite, lock))
     if reused is not None:
@@ -518,15 +513,15 @@ def features_or_embed(path: str | os.PathLike, get_model: Callable[[], object], 
     """``path`` itself when it is a feature folder; otherwise ``path`` is a folder of images,
     embedded (or found already embedded) under :func:`cache_dir` with the model ``get_model()``."""
     if is_feature_folder(path):
-        return _with_rows(Features(path, what), what)
+        return require_rows(Features(path, what), what)
     model = get_model()
     out = cache_dir(path, model, dense=dense)
     summary = embed_folder(path, out, model, dense=dense, say=say, **embed_options)
     _say_embedded(summary, str(path), out, what, say)
-    return _with_rows(Features(out, what), what)
+    return require_rows(Features(out, what), what)
 
 
-def _with_rows(features: Features, what: str) -> Features:
+def require_rows(features: Features, what: str) -> Features:
     """An evaluation needs rows: a folder whose every image was skipped is one sentence, not a crash."""
     if len(features) == 0:
         raise UserError(f"{what} {features.path} hold no rows: none of the images could be read "
@@ -543,7 +538,7 @@ def features_of_split(split, get_model: Callable[[], object], *, dense: bool, wh
     out = split_cache_dir(split, model, dense=dense)
     summary = embed_split(split, out, model, dense=dense, say=say, **embed_options)
     _say_embedded(summary, f"{split.dataset} {split.split} ({split.tree.path})", out, what, say)
-    return _with_rows(Features(out, what), what)
+    return require_rows(Features(out, what), what)
 
 
 def _say_embedded(summary: EmbedSummary, source: str, out: Path, what: str, say: Callable[[str], None]) -> None:

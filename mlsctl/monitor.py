@@ -100,7 +100,8 @@ class Monitor:
         from mlsctl.evaluate.knn_seg import Settings, build_memory, build_search, segment_batches
         from mlsctl.evaluate.segmentation import mean_iou
 
-        settings = Settings(k=self.cfg.seg_k, ignore_index=self.cfg.ignore_index)
+        # on the CPU, as the monitor always searched: the training GPU's memory stays the training's
+        settings = Settings(k=self.cfg.seg_k, ignore_index=self.cfg.ignore_index, device="cpu")
         memory = build_memory(((i, train_dense[i], mask) for i, mask in enumerate(self.train.masks)), self.seg_classes,
                               per_image=None, ignore_index=settings.ignore_index, generator=torch.Generator())
         batch = settings.query_batch

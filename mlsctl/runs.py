@@ -161,9 +161,11 @@ class Run:
         return True
 
     def discard_replaced(self) -> None:
-        """The new run has a checkpoint: the run it replaced goes for good."""
+        """The new run has a checkpoint: the run it replaced goes for good. A file that cannot be
+        removed now is left for the next start (:meth:`recover_replacement`), not raised: the new
+        run's checkpoint is written."""
         if (self.root / REPLACED).exists():
-            shutil.rmtree(self.root / REPLACED)
+            shutil.rmtree(self.root / REPLACED, ignore_errors=True)
 
     def recover_replacement(self) -> Optional[str]:
         """At a start, finish what a killed replacement left half done; says what it did, or None."""

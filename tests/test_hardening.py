@@ -131,6 +131,39 @@ def test_1_overwrite_then_a_stop_or_a_failure_before_the_first_checkpoint_puts_t
         assert tree(run) == before  # the finished run, every byte, and the user's file
 
 
+def test_1_a_failure_while_the_new_recipe_is_written_puts_the_old_run_back(run_copy, capsys, monkeypatch):
+    """Found by a review: open_run_dir itself failing after the old run was set aside (a full disk at config.yaml)
+    left it hidden in .replaced/."""
+    import errno
+
+    from mlsctl import config as config_lib
+
+    run, recipe = run_copy
+    before = tree(run)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(run / "config.yaml"))
+
+    monkeypatch.setattr(config_lib, "save_recipe", full_disk)
+    code, _, err = cli("pretrain", str(recipe), "--out", str(run), "--overwrite", capsys=capsys)
+    assert code == 1 and "no space left" in err
+    assert tree(run) == before
+
+
+def test_1_resume_after_a_killed_replacement_does_not_quietly_continue_the_replaced_run(run_copy, capsys):
+    from mlsctl.runs import Run
+
+    run, recipe = run_copy
+    before = tree(run)
+    Run(run).set_aside()  # what a killed `--overwrite` start leaves: the old run aside, the new one's first file
+    (run / "config.yaml").write_text((run / ".replaced" / "config.yaml").read_text())
+    code, _, err = cli("pretrain", str(recipe), "--out", str(run), "--resume", capsys=capsys)
+    assert code == 2 and "left nothing to resume" in one_sentence(err) and "--overwrite" in err
+    assert tree(run) == before  # the replaced run is back; a second --resume continues it, if that is what is wanted
+    code, _, err = cli("pretrain", str(recipe), "--out", str(run), "--resume", capsys=capsys)
+    assert code == 0 and "already complete" in err
+
+
 def test_1_a_replacement_killed_at_any_rename_is_undone_at_the_next_start(tmp_path, monkeypatch):
     """--overwrite moves the old run aside and a failed start moves it back, one rename at a time: a kill after
     any of them leaves a folder that the next start (recover_replacement) turns back into the old run."""

@@ -76,6 +76,9 @@ def embed(
                                                               f"{folder_label(benchmark.tree.path)}")
         summary = embed_split(benchmark, out, choice, **options)
     else:
+        if out is not None and _inside(out, images):  # the default (features/ of the working folder) may be
+            raise UserError(f"--out {out} is inside the images folder {images}: every later embed of that folder "
+                            f"would list the features' files as images it could not read; choose an --out outside it")
         out = out if out is not None else default_out(images)
         summary = embed_folder(images, out, choice, **options)
     if not main:
@@ -100,3 +103,10 @@ def embed(
     if summary.rows == 0:  # the folder records why; a script must not take it for features
         raise UserError(f"none of the {len(summary.skipped)} files could be read as an image (the reasons are above "
                         f"and in {summary.out}/manifest.json); no evaluation can use {summary.out}", exit_code=1)
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether ``path`` is ``folder`` or lies under it (links resolved)."""
+    import os
+
+    return os.path.commonpath([os.path.realpath(path), os.path.realpath(folder)]) == os.path.realpath(folder)

@@ -113,14 +113,14 @@ def _benchmark(dataset: str, root: Optional[Path], train_split: Optional[str], v
 def _split_features(split, given: Optional[Path], get_model, *, dense: bool, what: str, **embed_options):
     """``given`` (a feature folder from mlsctl embed --dataset) or the split embedded into the cache."""
     from mlsctl.errors import UserError
-    from mlsctl.features import Features, features_of_split, is_feature_folder
+    from mlsctl.features import Features, features_of_split, is_feature_folder, require_rows
 
     if given is None:
         return features_of_split(split, get_model, dense=dense, what=what, say=_say, **embed_options)
     if not is_feature_folder(given):
         raise UserError(f"with --dataset, --{what.split()[0]} names a feature folder made by mlsctl embed --dataset; "
                         f"{given} is not one (leave it out and the split is embedded from --root)")
-    return Features(given, what)
+    return require_rows(Features(given, what), what)
 
 
 def _no_masks_with_dataset(dataset: str, **masks) -> None:
@@ -669,9 +669,9 @@ def recall(
     After refinement: mlsctl eval recall features/ms-test-refined
     """
     from mlsctl.evaluate.recall import evaluate_recall
-    from mlsctl.features import Features
+    from mlsctl.features import Features, require_rows
 
-    feats = Features(features, "features")
+    feats = require_rows(Features(features, "features"), "features")
     started = time.perf_counter()
     result = evaluate_recall(feats, labels, k)
     payload = {"command": "eval recall", **result, "seconds": round(time.perf_counter() - started, 3)}

@@ -63,6 +63,9 @@ def open_run_dir(run: Run, recipe, folder: ImageFolder, lock: FolderLock, *, res
     lock.acquire()
     try:
         recovered = run.recover_replacement() if run.root.is_dir() else None
+        if recovered and resume:  # the run to resume was the killed new one: it has no checkpoint
+            raise UserError(f"{recovered}: that new run left nothing to resume. Run the same --resume again to continue "
+                            f"the run it replaced, or start the new one again with --overwrite")
         if recovered:
             print(f"mlsctl: {recovered}", file=sys.stderr)
         if resume:
@@ -103,6 +106,8 @@ def open_run_dir(run: Run, recipe, folder: ImageFolder, lock: FolderLock, *, res
         atomic.write_json(run.start_path, {"init_from": os.path.abspath(init_from) if init_from else None})
         return None
     except BaseException:
+        if run.root.is_dir():  # stopped or failed while setting the old run aside or writing the new recipe
+            run.recover_replacement()
         lock.release()
         raise
 
