@@ -305,7 +305,7 @@ def decode_table(work: Path, side: int = 6000) -> list[dict]:
         from mlsctl.serve import decode_bytes
 
         with Image.open(path) as img:
-            budgeted = decode_bytes(img.mode, img.info)
+            budgeted = decode_bytes(img.mode, img.info, img.format)
         measured = grown / side ** 2
         rows.append({"mode": mode, "format": fmt, "measured_bytes_per_pixel": round(measured, 2),
                      "budgeted_bytes_per_pixel": budgeted, "within": measured <= budgeted})

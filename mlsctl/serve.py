@@ -91,6 +91,7 @@ BODY_SECONDS = 60.0  # a request body must arrive within this time
 BODY_GRACE_SECONDS = 5.0  # ... and, after these seconds, at MIN_BODY_RATE at least
 MIN_BODY_RATE = 64 * 1024  # bytes per second
 REQUEST_HEAD_SECONDS = 10.0  # a connection sends its request line and headers within this time, or is closed
+WRITE_STALL_SECONDS = 30.0  # a connection that reads none of its answers for this long is aborted
 WAIT_SECONDS = 120.0  # the longest a request waits for the decode budget
 WORKING = 4  # requests decoding and embedding at once
 MAX_CONNECTIONS = 128  # uvicorn answers 503 beyond
@@ -103,6 +104,9 @@ BYTES_PER_PIXEL = {"1": 7, "L": 7, "P": 11, "RGB": 9, "YCbCr": 9, "LAB": 9, "HSV
                    "RGBA": 26, "RGBa": 26, "LA": 26, "La": 26, "PA": 26, "I;16": 31, "I;16L": 31, "I;16B": 31,
                    "I;16N": 31, "I": 35, "F": 35}
 WORST_BYTES_PER_PIXEL = 35
+# ... where a format's decoder needs more than the mode says (measured by a probe, 2026-12-05, 40 MP photos, +10%):
+# libwebp decodes into RGBA canvases before Pillow's image (16 and 32 bytes a pixel), libavif 10.5 and 28
+BYTES_PER_PIXEL_BY_FORMAT = {"WEBP": {"RGB": 18, "RGBA": 36, "RGBa": 36}, "AVIF": {"RGB": 12, "RGBA": 31, "RGBa": 31}}
 # ... and per row and per column, what decoding and resizing hold besides the pixels: 30-38 bytes were
 # measured for a 10,000,000 x 1 and a 1 x 10,000,000 greyscale PNG (44 bytes per pixel in all), which the
 # per-pixel cost alone let through at a sixth of their memory.
@@ -114,17 +118,20 @@ log = logging.getLogger("mlsctl.serve")
 def upload_formats() -> tuple[str, ...]:
     """The image formats a photo sent to the server may have: raster formats whose header gives the size
     that is decoded (of those training reads). Not ICO, CUR or ICNS: Pillow decodes an icon's frames
-    while it opens the file, and a frame may be far larger than the header says."""
+    while it opens the file, and a frame may be far larger than the header says; nor GIF, whose first
+    frame Pillow lays out (up to its own size, not the header's) while opening it: a 43-byte GIF
+    took 171 MiB to measure."""
     from mlsctl.data.images import IMAGE_FORMATS
 
-    return tuple(f for f in ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "AVIF") if f in IMAGE_FORMATS)
+    return tuple(f for f in ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "AVIF") if f in IMAGE_FORMATS)
 
 
-def decode_bytes(mode: str, info: dict) -> int:
-    """Bytes per pixel that decoding an image of ``mode`` needs at its peak."""
+def decode_bytes(mode: str, info: dict, image_format: Optional[str] = None) -> int:
+    """Bytes per pixel that decoding an image of ``mode`` (in ``image_format``) needs at its peak."""
     if mode == "P" and "transparency" in info:
-        return BYTES_PER_PIXEL["RGBA"]
-    return BYTES_PER_PIXEL.get(mode, WORST_BYTES_PER_PIXEL)
+        mode = "RGBA"
+    by_format = BYTES_PER_PIXEL_BY_FORMAT.get(image_format or "", {})
+    return by_format.get(mode, BYTES_PER_PIXEL.get(mode, WORST_BYTES_PER_PIXEL))
 
 
 class RequestError(Exception):
@@ -305,7 +312,7 @@ class GalleryService:
             try:  # Pillow's warnings: filtered for the whole process at start (catch_warnings is not thread-safe)
                 with photo.open() as f, Image.open(f, formats=upload_formats()) as img:
                     width, height = img.size
-                    mode, info = img.mode, dict(img.info)
+                    mode, info, image_format = img.mode, dict(img.info), img.format
             except Exception as exc:  # noqa: BLE001 - whatever a reader raises on a malformed header is the client's
                 if isinstance(exc, UnidentifiedImageError):
                     reason = f"not an image file in a format this server takes ({', '.join(upload_formats())})"
@@ -318,7 +325,7 @@ class GalleryService:
             if photo.pixels > DEFAULT_MAX_IMAGE_PIXELS:
                 raise RequestError(413, f"{_shown(photo.name)} is {width}x{height}, more than {DEFAULT_MAX_IMAGE_PIXELS:,} "
                                         f"pixels per photo")
-            photo.cost = photo.pixels * decode_bytes(mode, info) + LINE_BYTES * (int(width) + int(height)) + photo.size
+            photo.cost = photo.pixels * decode_bytes(mode, info, image_format) + LINE_BYTES * (int(width) + int(height)) + photo.size
             if photo.cost > self.limits.decode_budget_bytes:
                 raise RequestError(413, f"{_shown(photo.name)} ({width}x{height}, {mode}) needs "
                                         f"{photo.cost / 2**20:,.0f} MiB to decode, more than this server's decode budget "
@@ -530,15 +537,21 @@ class Guard:
         if scope["type"] != "http":  # websockets: not served
             return
         state = {"status": None, "error": b"", "started": time.perf_counter()}
+        # what this request holds of the body allowance, and whether its body has been read to the end
+        body = {"received": 0, "authenticated": False, "done": not _declares_body(scope)}
 
         async def tracked_send(message):
             if message["type"] == "http.response.start":
                 state["status"] = message["status"]
+                headers = list(message.get("headers", []))
+                if not body["done"] and not any(k.lower() == b"connection" for k, _ in headers):
+                    # answered before its body was read (a refusal): the connection ends with the answer, so the
+                    # server does not go on reading, and discarding, what the client still sends
+                    message = dict(message, headers=headers + [(b"connection", b"close")])
             elif message["type"] == "http.response.body" and (state["status"] or 0) >= 400 and len(state["error"]) < 4096:
                 state["error"] += message.get("body", b"")
             await send(message)
 
-        body = {"received": 0, "authenticated": False}  # what this request holds of the body allowance
         failure = None
         try:
             refusal, body["authenticated"] = self.refusal(scope)
@@ -620,7 +633,10 @@ class Guard:
                 chunked = True
         if length == -1:
             raise RequestError(400, "the Content-Length header is not a number")
-        if length is None and not chunked:
+        if chunked:  # chunk framing costs the server per chunk: a body of 1-byte chunks took 5 s of CPU a MiB
+            raise RequestError(411, "send the body with a Content-Length header (chunked bodies are not taken)",
+                               {"Connection": "close"})
+        if length is None:
             length = 0  # HTTP/1.1: no Content-Length and no Transfer-Encoding is no body
         limit = MAX_JSON_BYTES if (kind or "").startswith("application/json") else self.policy.limits.max_request_bytes
         return limit, length
@@ -646,19 +662,26 @@ class Guard:
         log.warning(f"{line}: {message}")
 
 
+def _declares_body(scope) -> bool:
+    """Whether the request says a body follows (a Content-Length above 0, or chunks)."""
+    for key, value in scope.get("headers", []):
+        if key == b"transfer-encoding" or (key == b"content-length" and value.strip() not in (b"0", b"")):
+            return True
+    return False
+
+
 def _counted(receive, limit: int, guard: "Guard", body: dict):
     """``receive`` that refuses a body over ``limit`` bytes while it arrives, one that does not arrive
     within :data:`BODY_SECONDS`, and one that falls behind :data:`MIN_BODY_RATE` once
     :data:`BODY_GRACE_SECONDS` have passed; each chunk is counted in ``body["received"]`` against the
     guard's allowance as it arrives (a body declared but not sent holds nothing)."""
     started = time.monotonic()
-    state = {"done": False}
 
     def deadline() -> float:  # when the bytes received so far stop being enough
         return started + min(BODY_SECONDS, BODY_GRACE_SECONDS + (body["received"] + 1) / MIN_BODY_RATE)
 
     async def counted():
-        if state["done"]:
+        if body["done"]:
             return await receive()
         try:
             message = await asyncio.wait_for(receive(), max(0.01, deadline() - time.monotonic()))
@@ -675,7 +698,7 @@ def _counted(receive, limit: int, guard: "Guard", body: dict):
             guard.reserve(body["authenticated"], chunk)
             body["received"] += chunk
             if not message.get("more_body", False):
-                state["done"] = True
+                body["done"] = True
         return message
 
     return counted
@@ -963,12 +986,14 @@ def head_timeout_protocol():
     """uvicorn's HTTP/1.1 protocol (h11), closing a connection that has not sent a whole request line
     and headers within :data:`REQUEST_HEAD_SECONDS` of opening or of its last answer (uvicorn waits for
     ever for a first request, and its keep-alive timer stops at the first byte): idle or trickling
-    connections cannot hold the :data:`MAX_CONNECTIONS` slots."""
+    connections cannot hold the :data:`MAX_CONNECTIONS` slots; and aborting one that has not read its
+    answers for :data:`WRITE_STALL_SECONDS` (a client that pipelines requests and never reads)."""
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class HeadTimeoutProtocol(H11Protocol):
         head_timer = None
+        write_timer = None
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
@@ -980,9 +1005,25 @@ def head_timeout_protocol():
                 self._arm_head_timer()
 
         def connection_lost(self, exc) -> None:
-            if self.head_timer is not None:
-                self.head_timer.cancel()
+            for timer in (self.head_timer, self.write_timer):
+                if timer is not None:
+                    timer.cancel()
             super().connection_lost(exc)
+
+        def pause_writing(self) -> None:  # the client stopped reading what it asked for
+            super().pause_writing()
+            if self.write_timer is None:
+                self.write_timer = self.loop.call_later(WRITE_STALL_SECONDS, self._abort_stalled)
+
+        def resume_writing(self) -> None:
+            if self.write_timer is not None:
+                self.write_timer.cancel()
+                self.write_timer = None
+            super().resume_writing()
+
+        def _abort_stalled(self) -> None:
+            self.write_timer = None
+            self.transport.abort()  # its answers cannot be delivered: drop them and free the slot
 
         def _arm_head_timer(self) -> None:
             if self.head_timer is not None:

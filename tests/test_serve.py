@@ -176,14 +176,14 @@ def photo(mile_run: Path, obj: str, k: int = 0) -> tuple[str, bytes]:
     return path.name, path.read_bytes()
 
 
-def bomb(side: int, mode: str = "L", height: Optional[int] = None) -> bytes:
-    """A PNG of side² pixels (side x height) that compresses to a few KB."""
+def bomb(side: int, mode: str = "L", height: Optional[int] = None, format: str = "PNG") -> bytes:
+    """An image of side² pixels (side x height) that compresses to a few KB (a PNG unless ``format``)."""
     import io
 
     from PIL import Image
 
     buffer = io.BytesIO()
-    Image.new(mode, (side, height or side)).save(buffer, format="PNG")
+    Image.new(mode, (side, height or side)).save(buffer, format=format)
     return buffer.getvalue()
 
 
@@ -272,12 +272,16 @@ def test_an_upload_equals_index_add_of_the_same_file(server, tmp_path):
     # found by a review (2026-12-05, sixth session): Pillow decodes an icon's frames while opening it, whatever
     # size its directory claims (a 656 KB ICO held 13000² pixels): icons are no photos here
     ("POST", "/search", {"files": "icon"}, 400, "not an image file in a format this server takes (PNG, JPEG"),
+    # a second probe: Pillow lays out a GIF's first frame while opening it (a 43-byte GIF took 171 MiB to measure)
+    ("POST", "/search", {"files": "gif"}, 400, "not an image file in a format this server takes"),
 ])
 def test_bad_requests_get_one_sentence_and_the_server_lives_on(server, method, path, kwargs, status, words):
     if kwargs.get("files") == "one":
         kwargs = {"files": [photo(server.mile_run, "obj0")]}
     elif kwargs.get("files") == "icon":
         kwargs = {"files": [("a.ico", icon_claiming_16x16(bomb(600)))]}
+    elif kwargs.get("files") == "gif":
+        kwargs = {"files": [("a.gif", bomb(20, format="GIF"))]}
     got, answer = call(server.base, method, path, token=server.token, **kwargs)
     assert got == status and words in answer["error"] and set(answer) == {"error"}, answer
     assert str(server.mile_run) not in answer["error"]  # the server's folders are nobody's business
@@ -501,7 +505,9 @@ def test_3_two_content_types_are_refused_before_the_body_is_read(budget_server):
     assert status == 400 and b"more than one Content-Type header" in body
 
 
-def test_3_a_chunked_body_is_cut_off_at_the_limit_and_never_spooled_beyond_it(budget_server):
+def test_3_a_chunked_body_is_refused_before_it_is_read(budget_server):
+    """Chunks cost the server per chunk (a probe: 1-byte chunks took 5 s of CPU a MiB, refused requests too):
+    a chunked body gets 411 at once and its connection is closed, nothing spooled."""
     server = budget_server
     head = (f"POST /search HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nContent-Type: multipart/form-data; "
             f"boundary=x\r\nTransfer-Encoding: chunked\r\n\r\n")
@@ -517,9 +523,19 @@ def test_3_a_chunked_body_is_cut_off_at_the_limit_and_never_spooled_beyond_it(bu
             yield p
 
     status, body, sent = raw_exchange(server.port, head, offered())
-    assert status == 413 and b"over the limit of 4,194,304" in body
-    assert sent < 100 * 2**20  # the server stopped reading near 4 MiB (socket buffers hold the rest)
-    assert max(spooled) <= 4 * 2**20 and server.temp_bytes() == 0  # never more than the limit on disk, then nothing
+    assert status == 411 and b"Content-Length" in body
+    assert sent < 100 * 2**20  # the server stopped reading at once (socket buffers hold the rest)
+    assert max(spooled) == 0 and server.temp_bytes() == 0  # nothing was ever spooled
+
+
+def test_3_a_request_refused_before_its_body_is_read_is_answered_and_its_connection_closed(server):
+    """A probe: after a 401 sent before the body was read, uvicorn went on reading and discarding a declared
+    terabyte (9.7 GB in 10 s); the refusal now ends the connection."""
+    head = (f"POST /objects/x/photos HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nContent-Type: multipart/form-data; "
+            f"boundary=x\r\nContent-Length: {10**12}\r\n\r\n")
+    status, body, sent = raw_exchange(server.port, head, (b"\0" * 2**20 for _ in range(2000)))
+    assert status == 401 and b"token" in body
+    assert sent < 200 * 2**20  # 2 GB offered: the server closed the connection instead of draining it
 
 
 def test_3_form_fields_are_capped_in_number_and_size(budget_server):
@@ -589,8 +605,8 @@ def test_3_the_guard_bounds_bodies_across_requests_and_in_time(monkeypatch):
     async def main():
         assert await request(5000, [b"x" * 5000]) == (413, {"error": "the request body is 5,000 bytes, over the limit of 4,000"})
         assert reads == []  # refused on the header: the application never read a byte
-        status, answer = await request(None, [b"x" * 1000] * 5)  # chunked: cut off while it arrives
-        assert status == 413 and "over the limit of 4,000" in answer["error"] and reads == []
+        status, answer = await request(None, [b"x" * 1000] * 5)  # chunked: refused before a chunk is read
+        assert status == 411 and "Content-Length" in answer["error"] and reads == []
         monkeypatch.setattr(serve, "BODY_SECONDS", 1.5)
         # four connections that declare 4,000 bytes and send none hold nothing: others are served
         declared = [asyncio.create_task(request(4000, [None])) for _ in range(4)]
@@ -618,6 +634,59 @@ def test_3_the_guard_bounds_bodies_across_requests_and_in_time(monkeypatch):
         assert await request(4000, [b"x" * 1000] * 4, delay=0.1) == (200, {})  # 10 KB/s keeps up
 
     asyncio.run(main())
+
+
+def test_3_a_connection_that_reads_none_of_its_answers_is_aborted(monkeypatch):
+    """A probe: a client that asked for answers and never read them held its connection (and a slot) for good;
+    once the server cannot write for WRITE_STALL_SECONDS, the connection is aborted."""
+    import uvicorn
+
+    from mlsctl import serve
+
+    monkeypatch.setattr(serve, "WRITE_STALL_SECONDS", 0.5)
+    big = b"x" * (32 * 2**20)
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", str(len(big)).encode())]})
+        await send({"type": "http.response.body", "body": big})
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical",
+                                           http=serve.head_timeout_protocol()))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.time() + 30
+        while not server.started and time.time() < deadline:
+            time.sleep(0.05)
+        reader = socket.socket()
+        reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        reader.connect(("127.0.0.1", port))
+        reader.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")  # and never reads
+        time.sleep(0.3)
+        assert len(server.server_state.connections) == 1
+        deadline = time.time() + 10
+        while server.server_state.connections and time.time() < deadline:
+            time.sleep(0.1)
+        assert not server.server_state.connections  # aborted, its 32 MB answer dropped
+        reader.close()
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_3_webp_and_avif_are_charged_what_their_decoders_need():
+    """A probe measured libwebp's decoding at 16 and 32 bytes a pixel (RGB, RGBA) and libavif's at 10.5 and 28,
+    beyond the mode's charge (9 and 26): a 3.5 KB WebP took the server past its whole decode budget."""
+    from mlsctl.serve import decode_bytes
+
+    assert decode_bytes("RGB", {}, "PNG") == decode_bytes("RGB", {}) == 9
+    assert decode_bytes("RGB", {}, "WEBP") == 18 and decode_bytes("RGBA", {}, "WEBP") == 36
+    assert decode_bytes("RGB", {}, "AVIF") == 12 and decode_bytes("RGBA", {}, "AVIF") == 31
+    assert decode_bytes("P", {"transparency": 0}, "PNG") == 26
 
 
 def answer_on(connection: socket.socket) -> bytes:
