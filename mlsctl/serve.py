@@ -29,10 +29,12 @@ protects against and what it does not):
 What a request may cost (checked in this order, each before the next is done):
 
 0. the connection: its request line and headers arrive within :data:`REQUEST_HEAD_SECONDS` of its
-   opening or of its last answer, or it is closed (:func:`head_timeout_protocol`);
-1. the body: a ``Content-Length`` over the limit (``--max-request-mb``; 1 MiB for JSON) is refused
-   before reading; while reading, bytes are counted (chunked bodies too) and the request is refused
-   at the limit; the bytes received at once, counted as they arrive, stay within
+   opening or of its last answer, or it is closed; one that leaves its answers unread for
+   :data:`WRITE_STALL_SECONDS` is aborted (:func:`head_timeout_protocol`); an answer given before the
+   request's body was read (a refusal) closes the connection;
+1. the body: it needs a ``Content-Length`` (chunked: 411); one over the limit (``--max-request-mb``;
+   1 MiB for JSON) is refused before reading; while reading, bytes are counted and the request is
+   refused at the limit; the bytes received at once, counted as they arrive, stay within
    :attr:`Limits.body_budget_bytes` for requests without the token and as much again for token
    holders (beyond: 503, retry); a body must arrive within :data:`BODY_SECONDS`, and at
    :data:`MIN_BODY_RATE` at least after :data:`BODY_GRACE_SECONDS`;
