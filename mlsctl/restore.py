@@ -70,8 +70,16 @@ def load_method(recipe, model_path: Union[str, Path]):
 
     from mlsctl.models.weights import built_with
 
+    from mlsctl.errors import first_line
+
     recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, weights=None, pretrained=False))
-    return built_with(lambda: build_method(recipe), load_file(str(model_path)))
+    try:
+        saved = load_file(str(model_path))
+    except Exception as exc:  # missing, truncated or foreign: safetensors' own error, OSError
+        folder = Path(model_path).parent
+        raise UserError(f"{model_path} cannot be read ({first_line(exc)}); delete {folder} to use the checkpoint "
+                        f"before it, or give another --step", exit_code=1) from None
+    return built_with(lambda: build_method(recipe), saved)
 
 
 def method_from_checkpoint(source: Union[Run, Checkpoint, str, Path], step: Optional[int] = None, *, recipe=None):
@@ -96,7 +104,17 @@ def initial_weights(method, source: str) -> str:
 
     path = Path(source)
     if path.is_dir():
-        checkpoint = Run(path).checkpoint() if (path / "checkpoints").is_dir() else Checkpoint(path)
+        if (path / "checkpoints").is_dir() and Run(path).checkpoints():
+            checkpoint = Run(path).checkpoint()
+        elif Checkpoint.is_folder_name(path.name):
+            checkpoint = Checkpoint(path)
+        else:  # a run without checkpoints (its teacher remains), an export folder, anything else
+            weights = [path / name for name in ("teacher.safetensors", "model.safetensors") if (path / name).is_file()]
+            if not weights:
+                raise UserError(f"--init-from {source} is neither a run with a checkpoint, a checkpoint folder "
+                                f"(step-NNNNNNNN), nor a folder with teacher.safetensors or model.safetensors; give one "
+                                f"of those or a weights file")
+            return initial_weights(method, str(weights[0]))
         if not checkpoint.model_path.is_file():
             raise UserError(f"--init-from {source} holds no model.safetensors; give a run, a checkpoint folder or a weights file")
         saved = load_file(str(checkpoint.model_path))

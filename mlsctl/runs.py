@@ -49,7 +49,15 @@ RUN_ENTRIES = ("config.yaml", "start.json", "metrics.jsonl", "train.log", "summa
 class Checkpoint:
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.step = int(self.path.name.split("-")[1])
+        if not self.is_folder_name(self.path.name):
+            raise UserError(f"{self.path} is not a checkpoint folder (step-NNNNNNNN)")
+        self.step = int(self.path.name.partition("-")[2])
+
+    @staticmethod
+    def is_folder_name(name: str) -> bool:
+        """Whether ``name`` is a checkpoint folder's: ``step-`` and a step number."""
+        prefix, _, number = name.partition("-")
+        return prefix == "step" and number.isdigit()
 
     model_path = property(lambda self: self.path / "model.safetensors")
     banks_path = property(lambda self: self.path / "banks.safetensors")
@@ -202,7 +210,7 @@ class Run:
         if not self.checkpoints_dir.is_dir():
             return []
         found = [Checkpoint(p) for p in self.checkpoints_dir.glob("step-*")
-                 if p.is_dir() and (p / "state.json").is_file() and p.name.split("-")[1].isdigit()]
+                 if p.is_dir() and (p / "state.json").is_file() and Checkpoint.is_folder_name(p.name)]
         return sorted(found, key=lambda c: c.step)
 
     def latest(self) -> Optional[Checkpoint]:

@@ -235,6 +235,37 @@ def test_2_a_failed_start_leaves_out_as_it_found_it(finished_run, tmp_path, caps
     assert list(empty.iterdir()) == []
 
 
+def test_2_edges_a_training_probe_found_are_one_sentence_each(run_copy, tmp_path, capsys):
+    """A probe of the training side (2026-12-05): an --init-from folder that is no run nor checkpoint was an
+    IndexError; a damaged checkpoint an internal error in export, report, bank and embed; --resume of a finished run
+    whose checkpoints were removed advised --overwrite, which would delete its teacher; an --out inside data.root
+    was accepted, and a picture drawn into it became a training image."""
+    run, recipe = run_copy
+    data_root = Path(config.load_recipe(str(run / "config.yaml")).data.root)
+    exported = tmp_path / "exported"
+    code, _, _ = cli("export", str(run), "--out", str(exported), capsys=capsys)
+    assert code == 0
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for source, words in ((exported, "every backbone from"), (empty, "is neither a run with a checkpoint")):
+        code, _, err = cli("pretrain", str(recipe), "--init-from", str(source), "--out", str(tmp_path / f"i-{source.name}"),
+                           capsys=capsys)
+        assert "Traceback" not in err and "internal error" not in err
+        assert (code == 0 and words in err) if words.startswith("every") else (code == 2 and words in one_sentence(err))
+    latest = sorted((run / "checkpoints").iterdir())[-1]
+    (latest / "model.safetensors").write_bytes(b"\0" * 100)
+    (run / "teacher.safetensors").rename(tmp_path / "teacher.safetensors")  # so that export reads the checkpoint
+    code, _, err = cli("export", str(run), "--out", str(tmp_path / "e2"), capsys=capsys)
+    assert code == 1 and "cannot be read" in one_sentence(err) and f"delete {latest}" in err
+    (tmp_path / "teacher.safetensors").rename(run / "teacher.safetensors")
+    shutil.rmtree(run / "checkpoints")
+    code, _, err = cli("pretrain", str(recipe), "--out", str(run), "--resume", capsys=capsys)
+    line = one_sentence(err)
+    assert code == 2 and "no checkpoint left" in line and "--init-from" in line and "add --overwrite" not in line
+    code, _, err = cli("pretrain", str(recipe), "--out", str(data_root / "run"), capsys=capsys)
+    assert code == 2 and "inside data.root" in one_sentence(err) and not (data_root / "run").exists()
+
+
 def test_2_a_start_that_fails_before_its_first_checkpoint_is_undone(finished_run, tmp_path, capsys, monkeypatch):
     from mlsctl.train import loop
 

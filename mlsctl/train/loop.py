@@ -77,6 +77,8 @@ def pretrain(recipe, out: str | Path, *, resume: bool = False, init_from: Option
         raise UserError(f"--out {run.root} is a file; choose a folder")
     if overwrite:
         run_dir.check_nothing_precious_inside(run.root, recipe, method_cls, recipe_source, init_from)
+    if not resume:
+        run_dir.check_out_outside_data(run.root, recipe)
 
     # Everything is validated before --out is touched: data, model, weights.
     accelerator = setup.make_accelerator(recipe, run.root.absolute())

@@ -36,6 +36,15 @@ def check_nothing_precious_inside(out: Path, recipe, method_cls, recipe_source: 
                             f"--out, or move {name} out of it")
 
 
+def check_out_outside_data(out: Path, recipe) -> None:
+    """A new run never goes inside data.root: a picture drawn into it would become a training image,
+    and the run could no longer be resumed (its images.txt would no longer match)."""
+    data_root = os.path.realpath(recipe.data.root) if recipe.data.root else None
+    if data_root and os.path.commonpath([os.path.realpath(out), data_root]) == data_root:
+        raise UserError(f"--out {out} is inside data.root ({recipe.data.root}): a picture drawn into the run would "
+                        f"become a training image, and the run could no longer be resumed; choose an --out outside it")
+
+
 def _same_images(run: Run, saved, recipe, folder: ImageFolder) -> None:
     """--resume: data.root (moved or not) must hold the images the run was trained on."""
     recorded = run.image_list()
@@ -79,6 +88,10 @@ def open_run_dir(run: Run, recipe, folder: ImageFolder, lock: FolderLock, *, res
                                 f"continues the saved run as it was: drop those changes, or start a new run with --out "
                                 f"(with --init-from {run.root} to start from its weights)")
             latest = run.latest()
+            if latest is None and run.teacher_weights_path.is_file():  # finished, its checkpoints removed since
+                raise UserError(f"{run.root} has no checkpoint left to resume from, but its finished teacher is in "
+                                f"{run.teacher_weights_path}: start a new run from it with --out NEW --init-from "
+                                f"{run.teacher_weights_path} (--overwrite here would replace it)")
             if latest is None:
                 raise UserError(f"nothing to resume in {run.root} (no complete checkpoint); drop --resume and add "
                                 f"--overwrite to start again")
