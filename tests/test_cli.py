@@ -310,3 +310,13 @@ def test_ctrl_c_in_any_command_says_interrupted(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(knn, "evaluate_knn", stopped)
     code, out, err = cli("eval", "knn", "--train", str(tmp_path / "f"), "--val", str(tmp_path / "f"), capsys=capsys)
     assert code == 130 and err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err
+
+
+def test_a_picture_is_written_only_under_a_png_name(capsys, tmp_path):
+    """A probe (2026-12-05): `plot --out c.jpg` wrote PNG data under a .jpg name."""
+    from conftest import cli
+
+    for args in (["plot", str(tmp_path), "--out", "c.jpg"], ["bank", "plot", str(tmp_path), "--out", "b.txt"],
+                 ["viz", "pca", str(tmp_path), "--out", "p.jpeg"], ["refine", "plot", str(tmp_path), "--out", "d.svg"]):
+        code, _, err = cli(*args, capsys=capsys)
+        assert code == 2 and "must end in .png" in err, (args, err)

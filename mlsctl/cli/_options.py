@@ -74,6 +74,19 @@ def one_of(option: str, kind: Any, problem: Optional[str] = None) -> Callable[[s
 _KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 
+def png_file(option: str) -> Callable:
+    """A callback for an option naming the PNG a command draws: any other ending is refused in one
+    sentence (the picture would be PNG data under a .jpg or .txt name)."""
+    def check(value):
+        if value is not None and str(value).lower().endswith(".png") is False:
+            from mlsctl.errors import UserError
+
+            raise UserError(f"{option} {value} must end in .png: the picture is written as a PNG")
+        return value
+
+    return check
+
+
 def dashed_override(args: Sequence[str], known: set[str], takes_value: set[str]) -> Optional[str]:
     """The sentence for the first token of ``args`` that is a recipe override written as an option
     (``--data.root=/x``, ``--data.root /x``, ``--seed=3``): overrides take no dashes. Tokens that

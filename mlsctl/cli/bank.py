@@ -8,7 +8,7 @@ from typing import Literal, Optional
 import typer
 
 from mlsctl.cli._format import table
-from mlsctl.cli._options import RUN_ARGUMENT, one_of
+from mlsctl.cli._options import RUN_ARGUMENT, one_of, png_file
 
 app = typer.Typer(rich_markup_mode=None, help="Look inside the memory banks of a run: health, neighbours, projection, export.",
                   no_args_is_help=True)
@@ -112,7 +112,7 @@ def neighbors(
     query: Path = typer.Option(..., "--query", "-q", help="Image to look up."),
     k: int = typer.Option(8, "-k", "--k", min=1, help="Entries to show."),
     bank: Optional[str] = typer.Option(None, "--bank", help="Bank name [default: the run's only bank]."),
-    out: Path = typer.Option(Path("neighbors.png"), "--out", "-o", help="PNG grid to write."),
+    out: Path = typer.Option(Path("neighbors.png"), "--out", "-o", callback=png_file("--out"), help="PNG grid to write."),
     step: Optional[int] = STEP_OPT,
     cell: int = typer.Option(128, "--cell", min=32, help="Side of each crop in pixels."),
     as_json: bool = typer.Option(False, "--json", help="Also print the entries as JSON."),
@@ -164,7 +164,7 @@ def neighbors(
 @app.command("plot")
 def plot(
     run: Path = RUN_ARG,
-    out: Path = typer.Option(Path("bank.png"), "--out", "-o", help="PNG to write."),
+    out: Path = typer.Option(Path("bank.png"), "--out", "-o", callback=png_file("--out"), help="PNG to write."),
     color_by: str = typer.Option("age", "--color-by", metavar="<age|label|source|FILE>",
                                  help="age, label (needs a label payload), source (the source image of each entry) or "
                                       "a labels file (CSV or JSONL of path,label; paths as in RUN/images.txt, "

@@ -7,12 +7,13 @@ from typing import Optional
 import typer
 
 from mlsctl.cli import app
+from mlsctl.cli._options import png_file
 
 
 @app.command("plot")
 def plot(
     runs: list[Path] = typer.Argument(..., help="Run folders (written by mlsctl pretrain); several are overlaid."),
-    out: Path = typer.Option(Path("curves.png"), "--out", "-o", help="PNG to write."),
+    out: Path = typer.Option(Path("curves.png"), "--out", "-o", callback=png_file("--out"), help="PNG to write."),
     title: Optional[str] = typer.Option(None, "--title", help="Figure title [default: the run names]."),
     as_json: bool = typer.Option(False, "--json", help="Print what each panel shows as JSON."),
 ) -> None:

@@ -7,7 +7,7 @@ from typing import Literal, Optional
 
 import typer
 
-from mlsctl.cli._options import OverridesCommand, one_of
+from mlsctl.cli._options import OverridesCommand, one_of, png_file
 
 app = typer.Typer(rich_markup_mode=None, no_args_is_help=True,
                   help="Context refinement: embeddings attend to their nearest neighbours (train, apply, plot).")
@@ -97,12 +97,12 @@ def plot(
     features: Path = typer.Argument(..., help="Feature folder whose embeddings are followed through the blocks."),
     context: Optional[Path] = typer.Option(None, "--context", help="Feature folder the neighbours come from [default: FEATURES itself]."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="CSV/JSONL of path,label [default: folder names]."),
-    out: Path = typer.Option(Path("refine-drift.png"), "--out", "-o", help="PNG of the drift picture."),
+    out: Path = typer.Option(Path("refine-drift.png"), "--out", "-o", callback=png_file("--out"), help="PNG of the drift picture."),
     points: int = typer.Option(500, "--points", min=2, help="Embeddings drawn (a seeded sample)."),
     projection: Projection = typer.Option("pca", "--projection", parser=one_of("--projection", Projection), help="pca, or tsne (PCA to 50 dimensions, then t-SNE; needs scikit-learn)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the sample and of t-SNE."),
     sweep: Optional[Path] = typer.Option(None, "--sweep", help="Sweep JSON (blocks x k x seeds, from benchmarks/refine_fidelity.py): also draw the R@1 grid."),
-    grid_out: Path = typer.Option(Path("refine-grid.png"), "--grid-out", help="PNG of the R@1 grid (with --sweep)."),
+    grid_out: Path = typer.Option(Path("refine-grid.png"), "--grid-out", callback=png_file("--grid-out"), help="PNG of the R@1 grid (with --sweep)."),
     as_json: bool = typer.Option(False, "--json", help="Print what was drawn as JSON."),
 ) -> None:
     """Draw how embeddings move from e0 to eT (tracks coloured by class; one query with its neighbours),

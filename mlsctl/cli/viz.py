@@ -5,13 +5,15 @@ from typing import Optional
 
 import typer
 
+from mlsctl.cli._options import png_file
+
 app = typer.Typer(rich_markup_mode=None, help="Draw features as pictures (PNG).", no_args_is_help=True)
 
 
 @app.command("pca")
 def pca(
     features: Path = typer.Argument(..., help="Feature folder with dense features (mlsctl embed --dense)."),
-    out: Path = typer.Option(Path("pca.png"), "--out", "-o", help="PNG to write."),
+    out: Path = typer.Option(Path("pca.png"), "--out", "-o", callback=png_file("--out"), help="PNG to write."),
     n: int = typer.Option(16, "--n", min=1, help="Images to show (the first n rows)."),
     cell: Optional[int] = typer.Option(None, "--cell", min=16, help="Side of each drawn image in pixels "
                                        "[default: the model's input size times the smallest whole factor reaching 128]."),
