@@ -162,6 +162,14 @@ def test_train_writes_a_run_through_the_shared_loop(trained):
     assert (run / "summary.json").is_file() and not (run / "teacher.safetensors").exists()
 
 
+def test_train_can_start_from_another_refine_run(trained, capsys):
+    """A probe (2026-12-05): refine train's --resume refusal advised --init-from, which it did not take."""
+    tmp, train = trained
+    _, err = cli_ok(capsys, *_train_args(train, tmp / "again", "method.zero_init=false", "--epochs", "1",
+                                         "--init-from", str(tmp / "run")))
+    assert "initialised all weights of" in err and str(tmp / "run") in err
+
+
 def test_apply_writes_features_every_eval_reads_and_never_shows_a_query_itself(trained, capsys):
     from mlsctl.features import Features
     from mlsctl.refine.apply import load_refiner, refine, self_rows

@@ -33,6 +33,7 @@ def train(
     seed: Optional[int] = typer.Option(None, "--seed", min=0, help="Seed of the initialisation and the batches [recipe: 0]."),
     recipe: str = typer.Option("refine", "--recipe", help="Recipe the options and overrides apply to."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly where its last checkpoint stopped."),
+    init_from: Optional[str] = typer.Option(None, "--init-from", help="Start from the weights of another refine run (or one of its checkpoints)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the run in --out."),
 ) -> None:
     """Train T cross-attention blocks on the training embeddings with the Multi-Similarity loss.
@@ -58,7 +59,8 @@ def train(
         raise UserError(f"--recipe {recipe} is a {loaded.method.name} recipe; refine train runs a refine recipe "
                         f"(recipes/refine.yaml)")
     out = out if out is not None else Path("runs") / f"refine-{features.resolve().name}"
-    train_lib.pretrain(loaded, out, resume=resume, overwrite=overwrite, recipe_source=str(recipe_path))
+    train_lib.pretrain(loaded, out, resume=resume, init_from=init_from, overwrite=overwrite,
+                       recipe_source=str(recipe_path))
 
 
 @app.command("apply")
