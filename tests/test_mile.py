@@ -377,3 +377,15 @@ def test_the_report_of_a_mile_run_gives_sets_and_photos_per_second(mile_run):
     recipe = recipe_of(run)
     html = _summary(run, recipe, RunWeights(run, recipe))
     assert "sets / s" in html and "photos / s" in html and "images / s" not in html
+
+
+def test_too_few_objects_for_a_batch_are_counted_as_sets_not_images():
+    """A probe (2026-12-05): MILE's refusal said 'the data has 16 images' for 16 objects of 128 photos."""
+    from mlsctl.data.loader import StepBatchSampler
+    from mlsctl.errors import UserError
+    from mlsctl.methods.mile.method import MILE
+
+    with pytest.raises(UserError, match="the data has 16 sets, fewer than one global batch of 32"):
+        StepBatchSampler(16, 32, elements=MILE.elements)
+    with pytest.raises(UserError, match="the data has 16 images"):
+        StepBatchSampler(16, 32)

@@ -74,13 +74,14 @@ class StepBatchSampler(Sampler):
     micro-batches, each a list of ``(epoch, index)``."""
 
     def __init__(self, n_items: int, batch_size: int, *, world_size: int = 1, rank: int = 0, seed: int = 0,
-                 start_step: int = 0, total_steps: int | None = None, accumulate_steps: int = 1):
+                 start_step: int = 0, total_steps: int | None = None, accumulate_steps: int = 1,
+                 elements=lambda n: f"{n} images"):
         self.n_items, self.batch_size, self.world_size, self.rank, self.seed = n_items, batch_size, world_size, rank, seed
         self.accumulate_steps = accumulate_steps
         self.global_batch = batch_size * accumulate_steps * world_size  # the images of one optimiser step
         self.steps_per_epoch = n_items // self.global_batch
         if self.steps_per_epoch == 0:
-            raise UserError(f"the data has {n_items} images, fewer than one global batch of {self.global_batch} "
+            raise UserError(f"the data has {elements(n_items)}, fewer than one global batch of {self.global_batch} "
                             f"({global_batch_text(batch_size, world_size, accumulate_steps)}); "
                             f"{lower_batch_text(accumulate_steps)}")
         self.start_step = start_step

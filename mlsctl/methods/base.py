@@ -256,7 +256,7 @@ class Method(nn.Module):
                       total_steps: int | None = None) -> StepBatchSampler:
         return StepBatchSampler(len(dataset), recipe.optim.batch_size, world_size=world_size, rank=rank,
                                 seed=recipe.seed, start_step=start_step, total_steps=total_steps,
-                                accumulate_steps=recipe.optim.accumulate_steps)
+                                accumulate_steps=recipe.optim.accumulate_steps, elements=cls.elements)
 
     # ------------------------------------------------------------------ shared plumbing
     def timer(self, device: torch.device) -> StepTimer:

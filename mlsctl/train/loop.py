@@ -309,7 +309,8 @@ def _log_start(run: Run, recipe, accelerator, folder: ImageFolder, schedule: Sch
     world, accumulate = accelerator.num_processes, plan.accumulate
     n_params = sum(p.numel() for p in trainable)
     precision = "fp32" if accelerator.mixed_precision == "no" else accelerator.mixed_precision
-    log.info(f"mlsctl {__version__} | {recipe.method.name} on {len(folder)} images from {folder.root} | "
+    rows = "images" if method.has_backbone else "embeddings"  # a method on features reads feature rows
+    log.info(f"mlsctl {__version__} | {recipe.method.name} on {len(folder)} {rows} from {folder.root} | "
              f"{world} process{'es' if world > 1 else ''} on {accelerator.device} ({precision}) | "
              f"{n_params / 1e6:.2f}M trainable parameters")
     made = (f" ({recipe.optim.batch_size} x {world} process{'es' if world > 1 else ''} x {accumulate} "
