@@ -264,6 +264,11 @@ def test_2_edges_a_training_probe_found_are_one_sentence_each(run_copy, tmp_path
     assert code == 2 and "no checkpoint left" in line and "--init-from" in line and "add --overwrite" not in line
     code, _, err = cli("pretrain", str(recipe), "--out", str(data_root / "run"), capsys=capsys)
     assert code == 2 and "inside data.root" in one_sentence(err) and not (data_root / "run").exists()
+    (run / "config.yaml").unlink()  # a run's files without its recipe: each of the three ways says what to do
+    for flags, words in ((["--resume"], "restore config.yaml"), ([], "is not empty"),
+                         (["--overwrite"], "neither resumed nor replaced")):
+        code, _, err = cli("pretrain", str(recipe), "--out", str(run), *flags, capsys=capsys)
+        assert code == 2 and words in one_sentence(err), (flags, err)
 
 
 def test_2_a_start_that_fails_before_its_first_checkpoint_is_undone(finished_run, tmp_path, capsys, monkeypatch):

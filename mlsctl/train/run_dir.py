@@ -79,6 +79,10 @@ def open_run_dir(run: Run, recipe, folder: ImageFolder, lock: FolderLock, *, res
             print(f"mlsctl: {recovered}", file=sys.stderr)
         if resume:
             if not run.config_path.is_file():
+                if run.own_entries():
+                    raise UserError(f"{run.root} holds a run's files but no config.yaml, so it cannot be resumed: "
+                                    f"restore config.yaml (a copy of the recipe it was started with), or start a new "
+                                    f"run with another --out")
                 raise UserError(f"nothing to resume in {run.root} (no config.yaml); drop --resume to start a new run")
             saved = config_lib.absolute_paths(config_lib.load_recipe(str(run.config_path)))
             changed = [k for k in config_lib.differences(saved, recipe)
@@ -108,6 +112,10 @@ def open_run_dir(run: Run, recipe, folder: ImageFolder, lock: FolderLock, *, res
                                 f"it, or choose another --out")
             if not run.is_run():
                 shown = ", ".join(sorted(others)[:4]) + (", ..." if len(others) > 4 else "")
+                if run.own_entries():  # a run's files without a readable config.yaml: neither resumed nor replaced
+                    raise UserError(f"--out {run.root} holds a run's files ({shown}) but no readable config.yaml, so it "
+                                    f"can be neither resumed nor replaced safely: move out what you need, delete the "
+                                    f"folder, or choose another --out")
                 raise UserError(f"--out {run.root} is not an mlsctl run (it holds {shown}); --overwrite only replaces "
                                 f"runs: choose another --out")
             kept = run.set_aside()
