@@ -39,11 +39,14 @@ def read_metrics(run_dir: str | Path) -> dict[str, tuple[list[int], list[float]]
     series: dict[str, tuple[list[int], list[float]]] = {}
     from mlsctl.data.labels import read_text_file
 
-    for number, line in enumerate(read_text_file(run.metrics_path, "metrics file").splitlines(), 1):
+    lines = read_text_file(run.metrics_path, "metrics file").splitlines()
+    for number, line in enumerate(lines, 1):
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
-            break  # a torn last line of a killed run
+            if number == len(lines):
+                break  # a torn last line of a killed run
+            record = None  # anywhere else: the file is damaged (said below)
         except RecursionError:
             record = None
         step = record.get("step") if isinstance(record, dict) else None

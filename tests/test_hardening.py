@@ -1193,7 +1193,8 @@ def test_23_8_plot_and_report_on_a_metrics_line_that_is_not_an_object(finished_r
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
     lines = (copy / "metrics.jsonl").read_text().splitlines()
-    for bad in ("[1,2]", "null", '{"loss": 1}', "[" * 100_000 + "]" * 100_000):
+    for bad in ("[1,2]", "null", '{"loss": 1}', "[" * 100_000 + "]" * 100_000, "garbage, not JSON"):  # the last:
+        # a probe found a line that is not JSON taken for a killed run's torn last line anywhere in the file
         (copy / "metrics.jsonl").write_text("\n".join([lines[0], bad, *lines[1:]]) + "\n")
         for command in (["plot", str(copy), "--out", str(tmp_path / "c.png")],
                         ["report", str(copy), "--out", str(tmp_path / "r.html"), "--results", str(tmp_path / "none")]):
