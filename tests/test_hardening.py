@@ -1200,6 +1200,9 @@ def test_23_8_plot_and_report_on_a_metrics_line_that_is_not_an_object(finished_r
                         ["report", str(copy), "--out", str(tmp_path / "r.html"), "--results", str(tmp_path / "none")]):
             code, _, err = cli(*command, capsys=capsys)
             assert code == 2 and "metrics.jsonl line 2 is not a metrics record" in one_sentence(err), (bad[:10], command)
+    (copy / "metrics.jsonl").write_text("\n".join(lines) + "\n" + lines[-1][: len(lines[-1]) // 2])  # a killed run's
+    code, _, err = cli("plot", str(copy), "--out", str(tmp_path / "c.png"), capsys=capsys)  # torn last line is fine
+    assert code == 0, err
 
 
 @pytest.mark.parametrize("kind", ["csv", "multi", "objects"])
