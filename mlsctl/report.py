@@ -302,11 +302,15 @@ class RunWeights:
     def __init__(self, run: Run, recipe):
         from mlsctl.restore import from_run
 
+        from mlsctl import methods
+
         self.run, self.recipe = run, recipe
         self.root = run.root.resolve()
         latest = run.latest()
         has_teacher = run.teacher_weights_path.is_file()
-        self.final = from_run(run.root) if has_teacher or latest is not None else None
+        #: False for a method on features (refine): no backbone, so no teacher, patch map or fingerprint
+        self.has_backbone = methods.method_class(recipe.method.name).has_backbone
+        self.final = from_run(run.root) if self.has_backbone and (has_teacher or latest is not None) else None
         steps = _read_summary(run).get("steps") if has_teacher else None
         self.final_step = steps if isinstance(steps, int) else (latest.step if latest is not None else None)
         self.final_label = ("final teacher" if has_teacher else "teacher of the latest checkpoint") + \
@@ -549,7 +553,8 @@ def write_report(run_dir: str | Path, out: str | Path, *, results: Sequence[str 
             body["curves"] = f'<img alt="training curves" src="{_png_uri(Path(tmp) / "curves.png")}">'
     else:
         body["curves"] = _note("no metrics.jsonl yet")
-    body["patch-maps"] = _patch_maps(run, recipe, patch_images, weights.final)
+    body["patch-maps"] = (_patch_maps(run, recipe, patch_images, weights.final) if weights.has_backbone else
+                          _note(f"a {recipe.method.name} run trains on features and has no backbone, so no patch map"))
     body["banks"] = _banks(run, recipe)
     body["evaluations"], shown, skipped = _evaluations(run, [Path(r) for r in results], weights)
     titles = {"summary": "Summary", "recipe": "Recipe", "curves": "Training curves", "patch-maps": "PCA patch maps",

@@ -313,3 +313,12 @@ def test_refine_resumes_exactly_after_sigkill(tmp_path):
     a = load_file(str(Run(killed).latest().model_path))
     b = load_file(str(Run(tmp_path / "full").latest().model_path))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_report_of_a_refine_run_shows_what_it_has(trained, capsys):
+    """A probe (2026-12-05): `report` refused a refine run ('has no backbone') although `plot` draws its curves."""
+    tmp, _ = trained
+    _, err = cli_ok(capsys, "report", str(tmp / "run"), "--out", str(tmp / "refine-report.html"), "--results",
+                    str(tmp / "no-results"))
+    page = (tmp / "refine-report.html").read_text()
+    assert "training curves" in page and "trains on features and has no backbone, so no patch map" in page
