@@ -44,12 +44,14 @@ class FolderLock:
         self.what = what
         self.path = self.folder / LOCK_NAME
         self.created_folder = False
+        self._created: list[Path] = []  # the folders acquire made, innermost first
         self._fd: int | None = None
 
     def acquire(self) -> "FolderLock":
         if not self.folder.exists():
+            missing = [self.folder, *(p for p in self.folder.parents if not p.exists())]
             self.folder.mkdir(parents=True)
-            self.created_folder = True
+            self.created_folder, self._created = True, missing
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -100,11 +102,13 @@ class FolderLock:
         self._remove_created_folder()
 
     def _remove_created_folder(self) -> None:
+        """The folders acquire made (--out and parents it had to make), each only when empty."""
         if self.created_folder:
-            try:
-                self.folder.rmdir()  # only when empty
-            except OSError:
-                pass
+            for folder in self._created:
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
 
     def __enter__(self) -> "FolderLock":
         return self.acquire()

@@ -285,6 +285,8 @@ def test_2_a_start_that_fails_before_its_first_checkpoint_is_undone(finished_run
     code, _, err = cli("pretrain", str(recipe), "--out", str(tmp_path / "run"), capsys=capsys)
     assert code == 1 and "out of memory on the GPU" in one_sentence(err)
     assert not (tmp_path / "run").exists()  # config.yaml, train.log, metrics.jsonl and the lock are gone
+    code, _, err = cli("pretrain", str(recipe), "--out", str(tmp_path / "nest" / "a" / "run"), capsys=capsys)
+    assert code == 1 and not (tmp_path / "nest").exists()  # and the parents it made (a probe found nest/a left)
 
 
 # ----------------------------------------------------------------------------------- 3. --resume with another data.root
