@@ -258,3 +258,11 @@ def test_colour_by_source_names_each_image_by_its_path_under_the_data_root():
     sources = SimpleNamespace(relpaths=["scenes/01.png", "products/01.png"], root=Path("/data"))
     colours = entry_colours(bank, "b", bank.written_order(), "source", 2, sources)
     assert colours.names == {0: "scenes/01.png", 1: "products/01.png"}
+
+
+def test_export_of_a_run_without_banks_is_refused(mile_run, tmp_path, capsys):
+    """A docs probe (2026-12-05): bank export of a MILE run wrote a 192-byte file with no tensors and said 'wrote'."""
+    from conftest import cli
+
+    code, _, err = cli("bank", "export", str(mile_run / "run"), "--out", str(tmp_path / "b.safetensors"), capsys=capsys)
+    assert code == 2 and "has no memory bank" in err and not (tmp_path / "b.safetensors").exists()

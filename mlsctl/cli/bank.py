@@ -228,6 +228,8 @@ def export(
     if out.exists() and not overwrite:
         raise UserError(f"--out {out} exists; add --overwrite to replace it, or choose another --out")
     run_, checkpoint, banks = open_banks(run, step)
+    if not banks:  # an empty file would look like an export
+        raise UserError(f"run {run_.root} has no memory bank (its method keeps none): nothing to export")
     chosen = dict(choose_bank(banks, b, run_) for b in bank) if bank else banks
     shapes = export_banks(chosen, out, run=run_, checkpoint=checkpoint)
     for name, shape in shapes.items():

@@ -99,7 +99,7 @@ def add(
         print(json.dumps({"gallery": str(gallery), "object": object_id, "created": created, "photos": count,
                           "objects": len(target), "written_since_training": round(share, 4)}, indent=2))
     else:
-        print(f"{'created' if created else 'updated'} {object_id} in {gallery}: {count} images folded, "
+        print(f"{'created' if created else 'updated'} {object_id} in {gallery}: {count} photos folded, "
               f"{len(target)} objects")
     if share > RETRAIN_SHARE:
         _say(f"{100 * share:.0f}% of the objects were written after the IVF index was trained, so recall may have "

@@ -26,9 +26,10 @@ def serve(
 ) -> None:
     """Serve a gallery over HTTP: search with photos, fold photos into objects, as JSON.
 
-    Example: mlsctl serve galleries/demo-products --run runs/mile_fmnist_quick
+    Example: mlsctl serve galleries/demo-products   (the gallery's own run embeds the photos)
     then: curl -F photos=@a.png -F photos=@b.png http://127.0.0.1:8000/search
-    Writes send the token the server prints: curl -H 'Authorization: Bearer TOKEN' -F photos=@c.png
+    Writes send the token of the file the server names at start (it never prints the token):
+    curl -H "Authorization: Bearer $(cat galleries/demo-products/.mlsctl.token)" -F photos=@c.png
     http://127.0.0.1:8000/objects/ev00007/photos. What the service protects against: docs/service.md.
 
     Every request is one line on stderr (method, path, status, ms); Ctrl-C or SIGTERM stops the server,
