@@ -1333,3 +1333,17 @@ def test_12_the_resume_command_after_a_stop_has_the_processes_that_wrote_the_che
                         f"--out {run.root} --resume")
     one = run_dir.interrupted(run, fresh=False, is_main=True, processes=1)
     assert one.endswith(f"continue with: mlsctl pretrain {run.config_path} --out {run.root} --resume")
+
+
+def test_a_value_refused_by_a_method_is_attributed_to_where_it_was_set(tmp_path, capsys):
+    """A probe (2026-12-05): a value given on the command line was refused as if the recipe file held it."""
+    images = make_images(tmp_path / "images", 8)
+    code, _, err = cli("pretrain", "sove_fmnist_quick", "method.class_memory_size=100", f"data.root={images}",
+                       "--out", str(tmp_path / "r"), capsys=capsys)
+    assert code == 2 and one_sentence(err).startswith("error: command-line override: 'method.class_memory_size' 100")
+    recipe = tmp_path / "sove.yaml"
+    shipped = yaml.safe_load(Path(config.resolve_recipe_path("sove_fmnist_quick")).read_text())
+    shipped["method"]["class_memory_size"] = 100
+    recipe.write_text(yaml.safe_dump(shipped))
+    code, _, err = cli("pretrain", str(recipe), f"data.root={images}", "--out", str(tmp_path / "r"), capsys=capsys)
+    assert code == 2 and one_sentence(err).startswith(f"error: {recipe}: 'method.class_memory_size' 100")

@@ -29,4 +29,5 @@ def pretrain(
     recipe_path = config.resolve_recipe_path(recipe)
     loaded = config.load_recipe(str(recipe_path), overrides or [])
     out = out if out is not None else Path("runs") / recipe_path.stem
-    train.pretrain(loaded, out, resume=resume, init_from=init_from, overwrite=overwrite, recipe_source=str(recipe_path))
+    train.pretrain(loaded, out, resume=resume, init_from=init_from, overwrite=overwrite, recipe_source=str(recipe_path),
+                   overridden=[item.split("=", 1)[0].strip() for item in overrides or []])

@@ -33,7 +33,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import torch
 
@@ -62,13 +62,15 @@ class RunSummary:
 
 
 def pretrain(recipe, out: str | Path, *, resume: bool = False, init_from: Optional[str] = None,
-             overwrite: bool = False, recipe_source: str = "recipe") -> RunSummary:
+             overwrite: bool = False, recipe_source: str = "recipe", overridden: Sequence[str] = ()) -> RunSummary:
     """``mlsctl pretrain``: train ``recipe`` into the run folder ``out`` (``--resume`` continues it
-    exactly, ``--init-from`` starts from weights, ``--overwrite`` replaces an earlier run)."""
+    exactly, ``--init-from`` starts from weights, ``--overwrite`` replaces an earlier run).
+    ``overridden``: the keys set on the command line, which a refusal of their values names instead of
+    the recipe file."""
     run = Run(out)
     recipe = config_lib.absolute_paths(recipe)  # config.yaml is read from any working directory
     method_cls = methods.method_class(recipe.method.name)
-    setup.check_recipe(recipe, method_cls, recipe_source)
+    setup.check_recipe(recipe, method_cls, recipe_source, overridden)
     if resume and init_from:
         raise UserError("--resume continues a run exactly and --init-from starts a new one from weights; use one")
     if resume and overwrite:
@@ -84,7 +86,7 @@ def pretrain(recipe, out: str | Path, *, resume: bool = False, init_from: Option
     accelerator = setup.make_accelerator(recipe, run.root.absolute())
     is_main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
     for key, message in method_cls.check_training(recipe, world, accelerator.device.type):
-        raise UserError(f"{recipe_source}: '{key}' {message}")
+        raise UserError(f"{setup.source_of(key, recipe_source, overridden)}: '{key}' {message}")
     setup.seed_everything(recipe.seed + rank)
     folder = method_cls.open_data(recipe)
     dataset, collate_fn = method_cls.build_dataset(recipe, folder)

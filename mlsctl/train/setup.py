@@ -8,7 +8,7 @@ import os
 import random
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -23,12 +23,17 @@ progress_log = logging.getLogger("mlsctl.progress")
 TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "aim": "aim"}
 
 
-def check_recipe(recipe, method_cls, source: str) -> None:
+def source_of(key: str, recipe_source: str, overridden: Sequence[str] = ()) -> str:
+    """Where a refused value came from: the command line (an override of ``key``) or the recipe file."""
+    return "command-line override" if key in overridden else recipe_source
+
+
+def check_recipe(recipe, method_cls, source: str, overridden: Sequence[str] = ()) -> None:
     """What the recipe must hold to train, and the method's own constraints, as one sentence each."""
     if recipe.data.root is None:
         raise UserError(f"{source}: data.root is not set; add data.root=/path/to/images")
     for key, message in method_cls.check_recipe(recipe):
-        raise UserError(f"{source}: '{key}' {message}")
+        raise UserError(f"{source_of(key, source, overridden)}: '{key}' {message}")
 
 
 def check_trackers(names) -> None:
