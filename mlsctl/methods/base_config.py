@@ -35,6 +35,13 @@ class TeacherStudentConfig(EMATeacherConfig):
     warmup_teacher_temp: float = param(0.04, help="tau_t at epoch 0", gt=0.0)
     warmup_teacher_temp_epochs: int = param(30, help="epochs of linear tau_t warm-up", ge=0)
 
+    def teacher_temperature_at(self, epoch: int) -> float:
+        """tau_t at ``epoch``: ``warmup_teacher_temp``, rising linearly to ``teacher_temp`` over
+        ``warmup_teacher_temp_epochs`` (DINO's schedule, which MILE and SOVE keep)."""
+        from mlsctl.schedules import linear_warmup_epochs
+
+        return linear_warmup_epochs(epoch, self.warmup_teacher_temp_epochs, self.warmup_teacher_temp, self.teacher_temp)
+
 
 def _repr(self) -> str:
     shown = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.repr)

@@ -27,7 +27,6 @@ from mlsctl.methods.dino.config import DINOConfig
 from mlsctl.methods.dino.ops import center_from_statistics, center_statistics, dino_loss, teacher_probabilities
 from mlsctl.models.backbone import build_backbone
 from mlsctl.models.heads import DINOHead
-from mlsctl.schedules import linear_warmup_epochs
 
 
 class StepCenters:
@@ -121,9 +120,7 @@ class DINO(Method):
         return self.teacher.backbone
 
     def teacher_temperature(self, step: int) -> float:
-        cfg = self.cfg
-        return linear_warmup_epochs(self.schedule.epoch(step), cfg.warmup_teacher_temp_epochs, cfg.warmup_teacher_temp,
-                                    cfg.teacher_temp)
+        return self.cfg.teacher_temperature_at(self.schedule.epoch(step))
 
     def training_step(self, batch, step):
         cfg = self.cfg

@@ -37,7 +37,6 @@ from mlsctl.methods.dino.method import StepCenters, build_student_teacher
 from mlsctl.methods.dino.ops import dino_loss, teacher_probabilities
 from mlsctl.methods.mile.config import MILEConfig
 from mlsctl.models.heads import DINOHead
-from mlsctl.schedules import linear_warmup_epochs
 
 
 class CrossBlock(nn.Module):
@@ -173,9 +172,7 @@ class MILE(Method):
         return self.teacher.head.encoder
 
     def teacher_temperature(self, step: int) -> float:
-        cfg = self.cfg
-        return linear_warmup_epochs(self.schedule.epoch(step), cfg.warmup_teacher_temp_epochs, cfg.warmup_teacher_temp,
-                                    cfg.teacher_temp)
+        return self.cfg.teacher_temperature_at(self.schedule.epoch(step))
 
     def training_step(self, batch, step):
         cfg = self.cfg

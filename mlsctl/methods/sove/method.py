@@ -47,7 +47,6 @@ from mlsctl.methods.dino.method import build_student_teacher
 from mlsctl.methods.sove.config import SOVEConfig
 from mlsctl.methods.sove.ops import cls_loss, judge_overlap, judge_probabilities, patch_loss, sample_judges
 from mlsctl.models.heads import EmbeddingHead
-from mlsctl.schedules import linear_warmup_epochs
 
 RNG_STREAM = 2**33  # SOVE's generators: (seed, step, RNG_STREAM + stream); stream 0 CLS judges, 1 patch judges,
 # 2 + rank the patch each process stores
@@ -173,9 +172,7 @@ class SOVE(Method):
         return views
 
     def teacher_temperature(self, step: int) -> float:
-        cfg = self.cfg
-        return linear_warmup_epochs(self.schedule.epoch(step), cfg.warmup_teacher_temp_epochs, cfg.warmup_teacher_temp,
-                                    cfg.teacher_temp)
+        return self.cfg.teacher_temperature_at(self.schedule.epoch(step))
 
     # ------------------------------------------------------------------ the step
     def _generator(self, step: int, stream: int) -> torch.Generator:
