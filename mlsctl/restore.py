@@ -66,20 +66,31 @@ def load_method(recipe, model_path: Union[str, Path]):
     """The method of ``recipe`` with the weights of a checkpoint's ``model.safetensors`` (every
     tensor, strictly), built without the random initialisation they replace
     (:func:`mlsctl.models.weights.built_with`); ``recipe``'s own starting weights are not read."""
-    from safetensors.torch import load_file
-
     from mlsctl.models.weights import built_with
 
-    from mlsctl.errors import first_line
-
     recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, weights=None, pretrained=False))
+    return built_with(lambda: build_method(recipe), read_checkpoint_weights(model_path))
+
+
+def read_checkpoint_weights(model_path: Union[str, Path]) -> dict:
+    """A checkpoint's ``model.safetensors``; a missing or damaged file is one sentence that says to
+    delete the checkpoint (the one before it is then used), an unreadable one (permissions, I/O) one
+    that names the cause only."""
+    from safetensors.torch import load_file
+
+    from mlsctl.errors import describe_environment_error, first_line
+
     try:
-        saved = load_file(str(model_path))
-    except Exception as exc:  # missing, truncated or foreign: safetensors' own error, OSError
-        folder = Path(model_path).parent
-        raise UserError(f"{model_path} cannot be read ({first_line(exc)}); delete {folder} to use the checkpoint "
-                        f"before it, or give another --step", exit_code=1) from None
-    return built_with(lambda: build_method(recipe), saved)
+        return load_file(str(model_path))
+    except FileNotFoundError as exc:
+        problem = first_line(exc)
+    except OSError as exc:  # the file is there but this process cannot read it: nothing to delete
+        raise UserError(describe_environment_error(exc) or f"{model_path} cannot be read ({first_line(exc)})",
+                        exit_code=1) from None
+    except Exception as exc:  # truncated or foreign: safetensors' own error
+        problem = first_line(exc)
+    raise UserError(f"{model_path} cannot be read ({problem}); delete {Path(model_path).parent} to use the checkpoint "
+                    f"before it", exit_code=1)
 
 
 def method_from_checkpoint(source: Union[Run, Checkpoint, str, Path], step: Optional[int] = None, *, recipe=None):
@@ -98,8 +109,6 @@ def method_from_checkpoint(source: Union[Run, Checkpoint, str, Path], step: Opti
 def initial_weights(method, source: str) -> str:
     """``--init-from``: a run, a checkpoint folder, or a weights file, loaded into ``method``.
     Returns what was loaded."""
-    from safetensors.torch import load_file
-
     from mlsctl.models.weights import backbone_state, load_into_vit, read_state_dict
 
     path = Path(source)
@@ -117,13 +126,22 @@ def initial_weights(method, source: str) -> str:
             return initial_weights(method, str(weights[0]))
         if not checkpoint.model_path.is_file():
             raise UserError(f"--init-from {source} holds no model.safetensors; give a run, a checkpoint folder or a weights file")
-        saved = load_file(str(checkpoint.model_path))
-        if set(saved) == set(method.state_dict()):
+        saved = read_checkpoint_weights(checkpoint.model_path)
+        own = method.state_dict()
+        if set(saved) == set(own) and all(saved[k].shape == own[k].shape for k in own):
             method.load_state_dict(saved, strict=True)
             return f"all weights of {checkpoint.path}"
+        if not method.backbones():  # a method on features: its own weights or nothing
+            differ = sorted(set(saved) ^ set(own)) or [k for k in own if saved[k].shape != own[k].shape]
+            raise UserError(f"--init-from {source} holds weights of another shape than this "
+                            f"{method.recipe.method.name} run's ({', '.join(differ[:3])}{', ...' if len(differ) > 3 else ''}); "
+                            f"start from a run with the same settings")
         state = backbone_state(saved)
     else:
         state = backbone_state(read_state_dict(path))
+        if not method.backbones():
+            raise UserError(f"--init-from {source} is a weights file, but a {method.recipe.method.name} run has no "
+                            f"backbone to load it into; give a run of the same method (or one of its checkpoints)")
     for backbone in method.backbones():
         load_into_vit(backbone.net, state, str(source))
     return f"every backbone from {source}"

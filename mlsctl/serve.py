@@ -541,14 +541,18 @@ class Guard:
         state = {"status": None, "error": b"", "started": time.perf_counter()}
         # what this request holds of the body allowance, and whether its body has been read to the end
         body = {"received": 0, "authenticated": False, "done": not _declares_body(scope)}
+        declared = _declared_length(scope)  # None: chunked or unreadable
 
         async def tracked_send(message):
             if message["type"] == "http.response.start":
                 state["status"] = message["status"]
                 headers = list(message.get("headers", []))
-                if not body["done"] and not any(k.lower() == b"connection" for k, _ in headers):
-                    # answered before its body was read (a refusal): the connection ends with the answer, so the
-                    # server does not go on reading, and discarding, what the client still sends
+                oversized = declared is None or declared > self.policy.limits.max_request_bytes
+                if not body["done"] and oversized and not any(k.lower() == b"connection" for k, _ in headers):
+                    # answered before a body larger than any request may be was read (a refusal): the connection
+                    # ends with the answer, so the server does not read and discard, say, a declared terabyte. A
+                    # body within the limit is read and discarded as usual, so that its sender, still sending,
+                    # gets the answer rather than a reset
                     message = dict(message, headers=headers + [(b"connection", b"close")])
             elif message["type"] == "http.response.body" and (state["status"] or 0) >= 400 and len(state["error"]) < 4096:
                 state["error"] += message.get("body", b"")
@@ -662,6 +666,20 @@ class Guard:
             except (ValueError, AttributeError, UnicodeDecodeError):
                 message = body[:200].decode("utf-8", "replace")
         log.warning(f"{line}: {message}")
+
+
+def _declared_length(scope) -> Optional[int]:
+    """The request's Content-Length (0 without one), None for a chunked body or a length that is no number."""
+    length = 0
+    for key, value in scope.get("headers", []):
+        if key == b"transfer-encoding":
+            return None
+        if key == b"content-length":
+            text = value.decode("latin-1").strip()
+            if not (text.isdigit() and len(text) < 20):
+                return None
+            length = int(text)
+    return length
 
 
 def _declares_body(scope) -> bool:
@@ -999,6 +1017,9 @@ def head_timeout_protocol():
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
+            # pause_writing (which arms the write-stall timer) whenever an answer waits in the buffer, not only
+            # above 64 KiB: a client that stops reading with less pending, then is closed, would else hold its slot
+            transport.set_write_buffer_limits(high=0)
             self._arm_head_timer()
 
         def on_response_complete(self) -> None:

@@ -168,6 +168,12 @@ def test_train_can_start_from_another_refine_run(trained, capsys):
     _, err = cli_ok(capsys, *_train_args(train, tmp / "again", "method.zero_init=false", "--epochs", "1",
                                          "--init-from", str(tmp / "run")))
     assert "initialised all weights of" in err and str(tmp / "run") in err
+    # a review: weights of another shape (3 blocks where the run had 2) loaded nothing and said "every backbone"
+    from conftest import cli
+
+    args = _train_args(train, tmp / "other", "method.zero_init=false", "--epochs", "1", "--init-from", str(tmp / "run"))
+    code, _, err = cli(*[a if a != "2" else "3" for a in args], capsys=capsys)
+    assert code == 2 and "weights of another shape" in err and "every backbone" not in err
 
 
 def test_apply_writes_features_every_eval_reads_and_never_shows_a_query_itself(trained, capsys):
