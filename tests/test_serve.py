@@ -644,8 +644,6 @@ def test_3_the_guard_bounds_bodies_across_requests_and_in_time(monkeypatch):
 def test_3_a_connection_that_reads_none_of_its_answers_is_aborted(monkeypatch):
     """A probe: a client that asked for answers and never read them held its connection (and a slot) for good;
     once the server cannot write for WRITE_STALL_SECONDS, the connection is aborted."""
-    import uvicorn
-
     from mlsctl import serve
 
     monkeypatch.setattr(serve, "WRITE_STALL_SECONDS", 0.5)
@@ -658,15 +656,7 @@ def test_3_a_connection_that_reads_none_of_its_answers_is_aborted(monkeypatch):
                     "headers": [(b"content-length", str(len(big)).encode())]})
         await send({"type": "http.response.body", "body": big})
 
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical",
-                                           http=serve.head_timeout_protocol()))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.time() + 30
-        while not server.started and time.time() < deadline:
-            time.sleep(0.05)
+    with uvicorn_in_a_thread(app) as (server, port):
         reader = socket.socket()
         reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         reader.connect(("127.0.0.1", port))
@@ -678,9 +668,6 @@ def test_3_a_connection_that_reads_none_of_its_answers_is_aborted(monkeypatch):
             time.sleep(0.1)
         assert not server.server_state.connections  # aborted, its 32 MB answer dropped
         reader.close()
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def test_3_webp_and_avif_are_charged_what_their_decoders_need():
@@ -692,6 +679,29 @@ def test_3_webp_and_avif_are_charged_what_their_decoders_need():
     assert decode_bytes("RGB", {}, "WEBP") == 18 and decode_bytes("RGBA", {}, "WEBP") == 36
     assert decode_bytes("RGB", {}, "AVIF") == 12 and decode_bytes("RGBA", {}, "AVIF") == 31
     assert decode_bytes("P", {"transparency": 0}, "PNG") == 26
+
+
+@contextlib.contextmanager
+def uvicorn_in_a_thread(app, **config):
+    """``app`` served by uvicorn with the server's own connection protocol (``head_timeout_protocol``) on a
+    free port of 127.0.0.1, in a thread of this process (so that a test can patch its timings): (server, port)."""
+    import uvicorn
+
+    from mlsctl import serve
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical",
+                                           http=serve.head_timeout_protocol(), **config))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.time() + 30
+        while not server.started and time.time() < deadline:
+            time.sleep(0.05)
+        yield server, port
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
 
 
 def answer_on(connection: socket.socket) -> bytes:
@@ -708,8 +718,6 @@ def test_3_connections_that_send_no_request_are_closed_and_free_their_slots(monk
     """uvicorn keeps a connection that never sends a request for ever: MAX_CONNECTIONS idle sockets made every
     request a 503. The server's protocol closes one that has not sent a whole request head within
     REQUEST_HEAD_SECONDS, counted from its opening or from its last answer (keep-alive)."""
-    import uvicorn
-
     from mlsctl import serve
 
     monkeypatch.setattr(serve, "REQUEST_HEAD_SECONDS", 0.5)
@@ -720,16 +728,7 @@ def test_3_connections_that_send_no_request_are_closed_and_free_their_slots(monk
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
         await send({"type": "http.response.body", "body": b"{}"})
 
-    port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical", limit_concurrency=4,
-                            http=serve.head_timeout_protocol())
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.time() + 30
-        while not server.started and time.time() < deadline:
-            time.sleep(0.05)
+    with uvicorn_in_a_thread(app, limit_concurrency=4) as (_, port):
         head = "GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
         assert raw_exchange(port, head)[0] == 200
         idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(3)]
@@ -752,9 +751,6 @@ def test_3_connections_that_send_no_request_are_closed_and_free_their_slots(monk
         time.sleep(0.7)
         assert kept.recv(4096) == b""  # ... and the connection, idle since, is closed
         kept.close()
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 # ----------------------------------------------------------------------------------- 6. one line per failed request
