@@ -540,8 +540,8 @@ class Guard:
             return
         state = {"status": None, "error": b"", "started": time.perf_counter()}
         # what this request holds of the body allowance, and whether its body has been read to the end
-        body = {"received": 0, "authenticated": False, "done": not _declares_body(scope)}
         declared = _declared_length(scope)  # None: chunked or unreadable
+        body = {"received": 0, "authenticated": False, "done": declared == 0}
 
         async def tracked_send(message):
             if message["type"] == "http.response.start":
@@ -680,14 +680,6 @@ def _declared_length(scope) -> Optional[int]:
                 return None
             length = int(text)
     return length
-
-
-def _declares_body(scope) -> bool:
-    """Whether the request says a body follows (a Content-Length above 0, or chunks)."""
-    for key, value in scope.get("headers", []):
-        if key == b"transfer-encoding" or (key == b"content-length" and value.strip() not in (b"0", b"")):
-            return True
-    return False
 
 
 def _counted(receive, limit: int, guard: "Guard", body: dict):
