@@ -4,6 +4,11 @@
     python scripts/layers.py --json          # the same as one JSON object (layers, upward, count)
     python scripts/layers.py --root DIR      # another checkout (DIR/mlsctl)
 
+It lists as well the imports *across* method packages: a module of ``mlsctl/methods/<a>/`` that
+imports ``mlsctl/methods/<b>/`` for another method ``b``. Methods share code through the modules
+directly in ``mlsctl/methods/`` (``base``, ``base_config``, ``self_distillation``), never through
+another method's package, so that one method can change without moving another.
+
 Every module under ``mlsctl/`` belongs to one layer (:data:`LAYERS`, bottom first, by its first
 name below ``mlsctl``: ``mlsctl/data/objects.py`` is ``data``). An import is *upward* when the
 module it names sits in a higher layer than the importing one. Every import counts, those inside
@@ -112,6 +117,31 @@ def upward_imports(root: Path) -> tuple[list[dict], list[str], int]:
     return upward, unmapped, total
 
 
+def method_of(module: str, packages: set[str]) -> str | None:
+    """The method package a module belongs to (``mlsctl.methods.cribo.ops`` → ``cribo``); None for
+    the shared modules directly in ``mlsctl/methods/`` and for every other module."""
+    parts = module.split(".")
+    return parts[2] if len(parts) > 2 and parts[:2] == ["mlsctl", "methods"] and parts[2] in packages else None
+
+
+def cross_method_imports(root: Path) -> list[dict]:
+    """Every import, at module level or in a function, from one method package into another."""
+    known = module_names(root)
+    packages = {p.name for p in (root / "mlsctl" / "methods").iterdir() if (p / "__init__.py").is_file()}
+    found = []
+    for module, path in known.items():
+        source = method_of(module, packages)
+        if source is None:
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+        for node, where in scopes(tree):
+            for target in imported_modules(node, module, path.name == "__init__.py", known):
+                if method_of(target, packages) not in (None, source):
+                    found.append({"file": path.relative_to(root).as_posix(), "line": node.lineno, "in": where or None,
+                                  "module": module, "imports": target})
+    return found
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=Path(__file__).resolve().parent.parent,
@@ -122,14 +152,19 @@ def main(argv=None) -> int:
         print(f"{args.root} has no mlsctl/ folder; give --root a checkout of mlsctl", file=sys.stderr)
         return 2
     upward, unmapped, total = upward_imports(args.root)
+    across = cross_method_imports(args.root)
     if args.json:
         print(json.dumps({"layers": [list(names) for names in LAYERS], "upward": upward, "count": len(upward),
-                          "imports": total, "unmapped": unmapped}, indent=1))
+                          "imports": total, "unmapped": unmapped, "across_methods": across}, indent=1))
     else:
         for u in upward:
             where = f" (in {u['in']})" if u["in"] else " (module level)"
             print(f"{u['file']}:{u['line']}{where}: {u['from_layer']} -> {u['to_layer']}: {u['imports']}")
         print(f"{len(upward)} upward imports (of {total} imports of mlsctl modules)")
+        for u in across:
+            where = f" (in {u['in']})" if u["in"] else " (module level)"
+            print(f"{u['file']}:{u['line']}{where}: another method's package: {u['imports']}")
+        print(f"{len(across)} imports across method packages")
     if unmapped:
         print(f"modules in no layer: {', '.join(unmapped)}; add their names to LAYERS in scripts/layers.py",
               file=sys.stderr)

@@ -98,7 +98,7 @@ class _Recorder:
     the loop clips (those of each optimiser step, after its last micro-batch)."""
 
     def __init__(self, monkeypatch):
-        import mlsctl.methods.dino.method as dino
+        import mlsctl.methods.self_distillation as dino
         from mlsctl.train import optim
 
         self.ema, self.centers, self.gradients = 0, 0, []

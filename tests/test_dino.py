@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from mlsctl import config
 from mlsctl.data.loader import StepBatchSampler
 from mlsctl.methods.dino import DINO
-from mlsctl.methods.dino.ops import cross_entropy, dino_loss, teacher_probabilities, updated_center
+from mlsctl.methods.self_distillation import cross_entropy, dino_loss, teacher_probabilities, updated_center
 from mlsctl.schedules import Schedule, cosine, linear_warmup_epochs
 
 from conftest import tiny_recipe

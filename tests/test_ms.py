@@ -12,7 +12,7 @@ import torch
 
 from mlsctl.data.mperclass import MPerClassStepSampler
 from mlsctl.errors import UserError
-from mlsctl.methods.ms.method import ms_loss
+from mlsctl.methods.multi_similarity import ms_loss
 
 from conftest import cli, cli_ok, make_images, tiny_recipe, write_recipe
 

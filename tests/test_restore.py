@@ -61,3 +61,15 @@ def test_no_module_imports_from_a_layer_above_its_own():
         sys.path.remove(str(REPO / "scripts"))
     upward, unmapped, _ = upward_imports(REPO)
     assert unmapped == [] and upward == [], upward
+
+
+def test_no_method_package_imports_another():
+    """Methods share code through the modules directly in mlsctl/methods/ (base, base_config,
+    self_distillation, multi_similarity), never through another method's package: CrIBo, MILE and
+    SOVE took DINO's loss and networks from methods.dino, refinement its loss from methods.ms."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        from layers import cross_method_imports
+    finally:
+        sys.path.remove(str(REPO / "scripts"))
+    assert cross_method_imports(REPO) == []

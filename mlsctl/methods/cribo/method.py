@@ -29,7 +29,7 @@ clustering, retrieval and the bank update.
 
 With gradient accumulation "the batch" is the optimiser step's: every micro-batch retrieves from
 the bank as it was at the start of the step, the step's objects are written at its end, and both
-centres move once per step (:class:`~mlsctl.methods.dino.method.StepCenters`); the object losses stay
+centres move once per step (:class:`~mlsctl.methods.self_distillation.StepCenters`); the object losses stay
 means over each micro-batch's own objects, as over each process's (docs/accumulation.md).
 """
 
@@ -46,8 +46,8 @@ from mlsctl.methods.base import Method, StepOutput, metric_ratio
 from mlsctl.methods.cribo.config import CrIBoConfig
 from mlsctl.methods.cribo.ops import (cycle_consistent_neighbours, joint_clustering, object_boxes, patch_positions,
                                       pool_objects)
-from mlsctl.methods.dino.method import StepCenters, build_student_teacher
-from mlsctl.methods.dino.ops import cross_entropy, dino_loss, teacher_probabilities
+from mlsctl.methods.self_distillation import (StepCenters, build_student_teacher, cross_entropy, dino_loss,
+                                              teacher_probabilities)
 from mlsctl.models.heads import DINOHead, WeightNormLinear
 from mlsctl.schedules import linear_warmup_epochs
 

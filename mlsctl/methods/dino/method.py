@@ -3,11 +3,14 @@
 
 A student network (ViT + :class:`~mlsctl.models.heads.DINOHead`) sees every crop; its EMA copy,
 the teacher, sees the two global crops. The teacher's output, centered and sharpened
-(:func:`teacher_probabilities`), is the target of the student's output on every *other* crop
-(:func:`dino_loss`). The center is an EMA (momentum 0.9) of the batch-mean teacher logits over all
-processes (:func:`updated_center`), updated once per optimiser step (:class:`StepCenters`: with
-gradient accumulation, from the mean over every micro-batch of the step). The teacher temperature warms up linearly over epochs, the
-teacher momentum follows a cosine from ``momentum_teacher`` to 1.
+(:func:`~mlsctl.methods.self_distillation.teacher_probabilities`), is the target of the student's
+output on every *other* crop (:func:`~mlsctl.methods.self_distillation.dino_loss`). The center is
+an EMA (momentum 0.9) of the batch-mean teacher logits over all processes
+(:func:`~mlsctl.methods.self_distillation.updated_center`), updated once per optimiser step
+(:class:`~mlsctl.methods.self_distillation.StepCenters`: with gradient accumulation, from the mean
+over every micro-batch of the step). The teacher temperature warms up linearly over epochs, the
+teacher momentum follows a cosine from ``momentum_teacher`` to 1. These pieces are CrIBo's, MILE's
+and SOVE's too, so they live in :mod:`mlsctl.methods.self_distillation`.
 
 Besides the paper: a monitor bank (``cls``) of recent teacher CLS embeddings (image id, step and
 the box of global view 1 as payload) so ``mlsctl bank`` commands can look inside a DINO run; it
@@ -16,66 +19,13 @@ plays no part in the loss (``monitor_bank_size: 0`` turns it off).
 
 from __future__ import annotations
 
-import copy
-
 import torch
-import torch.nn as nn
 
 from mlsctl.bank import Column, MemoryBank, QueryFeature
 from mlsctl.methods.base import Method, StepOutput
 from mlsctl.methods.dino.config import DINOConfig
-from mlsctl.methods.dino.ops import center_from_statistics, center_statistics, dino_loss, teacher_probabilities
-from mlsctl.models.backbone import build_backbone
+from mlsctl.methods.self_distillation import StepCenters, build_student_teacher, dino_loss, teacher_probabilities
 from mlsctl.models.heads import DINOHead
-
-
-class StepCenters:
-    """The center updates of one optimiser step. With gradient accumulation every micro-batch
-    :meth:`add`\ s its teacher logits and reads the center as it was at the start of the step;
-    :meth:`apply` (from the method's ``end_step``) updates each center once, with the mean over
-    the step's whole batch — every micro-batch of every process — exactly as one batch of all
-    of them would (DINO's center is an EMA over optimiser steps of the batch mean: one update per
-    micro-batch would make it forget A times faster and let later micro-batches see earlier ones)."""
-
-    def __init__(self):
-        self.pending: dict[str, list] = {}
-
-    def add(self, name: str, center: torch.Tensor, teacher_logits: torch.Tensor, momentum: float) -> None:
-        statistics = center_statistics(teacher_logits)
-        if name in self.pending:
-            self.pending[name][2] = self.pending[name][2] + statistics
-        else:
-            self.pending[name] = [center, momentum, statistics]
-
-    @torch.no_grad()
-    def apply(self) -> None:
-        for center, momentum, statistics in self.pending.values():
-            center.copy_(center_from_statistics(center, statistics, momentum))
-        self.pending.clear()
-
-
-# ------------------------------------------------------------------------------------------ method
-
-
-class StudentTeacherNet(nn.Module):
-    """Backbone + DINO head."""
-
-    def __init__(self, backbone: nn.Module, head: DINOHead):
-        super().__init__()
-        self.backbone, self.head = backbone, head
-
-
-def build_student_teacher(recipe, head_factory, mask_token: bool = False) -> tuple[StudentTeacherNet, StudentTeacherNet]:
-    """Student (with drop path) and teacher (without), the teacher a frozen copy of the student;
-    ``mask_token`` gives both backbones the token of masked image modelling."""
-    student_backbone = build_backbone(recipe.model, mask_token=mask_token)
-    student = StudentTeacherNet(student_backbone, head_factory(student_backbone.embed_dim))
-    teacher_backbone = build_backbone(recipe.model, drop_path_rate=0.0, load_weights=False, mask_token=mask_token)
-    teacher = StudentTeacherNet(teacher_backbone, copy.deepcopy(student.head))
-    teacher.load_state_dict(student.state_dict())
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return student, teacher
 
 
 class DINO(Method):

@@ -33,9 +33,8 @@ import torch.nn.functional as F
 
 from mlsctl.errors import UserError
 from mlsctl.methods.base import Method, StepOutput, metric_value
-from mlsctl.methods.dino.method import StepCenters, build_student_teacher
-from mlsctl.methods.dino.ops import dino_loss, teacher_probabilities
 from mlsctl.methods.mile.config import MILEConfig
+from mlsctl.methods.self_distillation import StepCenters, build_student_teacher, dino_loss, teacher_probabilities
 from mlsctl.models.heads import DINOHead
 
 

@@ -9,13 +9,8 @@ context refinement starts from (the base embeddings e⁰; docs/methods.md#multi-
 * the batches: ``method.m_per_class`` images of each of ``batch / m`` classes
   (:class:`~mlsctl.data.mperclass.MPerClassStepSampler`, pytorch-metric-learning's sampler made
   deterministic per epoch), one random resized crop each (``data.global_crops``, count 1);
-* the loss (:func:`ms_loss`): pytorch-metric-learning's ``MultiSimilarityMiner(epsilon)`` picks,
-  for every anchor i, the positives with ``S_ip − ε < max_n S_in`` and the negatives with
-  ``S_in + ε > min_p S_ip`` (cosine similarities S); ``MultiSimilarityLoss(alpha, beta, base)``
-  is then, averaged over the anchors of the batch (an anchor with no mined pair adds 0),
-  ``1/α · log(1 + Σ_P exp(−α (S_ip − λ))) + 1/β · log(1 + Σ_N exp(β (S_in − λ)))`` with
-  α = 2, β = 40, λ = ``base`` = 0.5, ε = 0.1 (the refinement supplement's values; the library's
-  defaults differ, so they are always passed).
+* the loss: :func:`~mlsctl.methods.multi_similarity.ms_loss` (the miner's pairs, then the loss,
+  with α = 2, β = 40, λ = 0.5, ε = 0.1), which context refinement trains with as well.
 
 There is no teacher: the trained network itself is what ``teacher_backbone`` returns, and no EMA.
 """
@@ -28,29 +23,13 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from mlsctl.data.labels import class_ids, labels_of
 from mlsctl.data.loader import Batch, MultiCropDataset, collate
 from mlsctl.methods.base import Method, StepOutput
 from mlsctl.methods.ms.config import MSConfig
+from mlsctl.methods.multi_similarity import ms_loss
 from mlsctl.models.backbone import build_backbone
-
-
-# ------------------------------------------------------------------------------------------ loss
-
-
-def ms_loss(embeddings: torch.Tensor, labels: torch.Tensor, alpha: float = 2.0, beta: float = 40.0, base: float = 0.5,
-            epsilon: float = 0.1) -> tuple[torch.Tensor, dict[str, float]]:
-    """Multi-Similarity loss of ``embeddings`` [B, D] (L2-normalised here) with labels [B], on the
-    pairs the Multi-Similarity miner keeps; returns the loss and the mined pair counts."""
-    from pytorch_metric_learning.losses import MultiSimilarityLoss
-    from pytorch_metric_learning.miners import MultiSimilarityMiner
-
-    x = F.normalize(embeddings.float(), dim=-1)
-    pairs = MultiSimilarityMiner(epsilon=epsilon)(x, labels)
-    loss = MultiSimilarityLoss(alpha=alpha, beta=beta, base=base)(x, labels, pairs)
-    return loss, {"mined_positive_pairs": float(len(pairs[0])), "mined_negative_pairs": float(len(pairs[2]))}
 
 
 # ------------------------------------------------------------------------------------------ data

@@ -23,7 +23,7 @@ Symbols and their names here:
 
   so e^t is x after block t; the optional final linear layer d1 → d2 (``method.out_dim``) is
   followed by a normalisation too;
-* the loss: Multi-Similarity on the refined embeddings e^T (:func:`mlsctl.methods.ms.method.ms_loss`,
+* the loss: Multi-Similarity on the refined embeddings e^T (:func:`mlsctl.methods.multi_similarity.ms_loss`,
   α = 2, β = 40, λ = 0.5, ε = 0.1), batches of ``method.positives_per_class`` = 2 embeddings of
   each class (m-per-class sampler); the recipe's optimiser is Adam, lr 1e-4, batch 128, constant
   learning rate (no scheduler), as the supplement says.
@@ -57,6 +57,7 @@ import torch.nn.functional as F
 
 from mlsctl.errors import UserError
 from mlsctl.methods.base import Method, StepOutput, metric_value
+from mlsctl.methods.multi_similarity import ms_loss
 from mlsctl.methods.refine.config import RefineConfig
 from mlsctl.models.refiner import INPUT_SCALES, CrossAttentionBlock, Refiner  # noqa: F401 - re-exported
 
@@ -204,8 +205,6 @@ class Refine(Method):
                         f"mlsctl refine apply RUN FEATS")
 
     def training_step(self, batch: FeatureBatch, step: int) -> StepOutput:
-        from mlsctl.methods.ms.method import ms_loss
-
         cfg = self.cfg
         refined = self.refiner(batch.embeddings, batch.neighbours)
         loss, mined = ms_loss(refined, batch.labels, cfg.alpha, cfg.beta, cfg.base, cfg.epsilon)

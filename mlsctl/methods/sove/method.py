@@ -43,7 +43,7 @@ from mlsctl.bank import Column, MemoryBank, QueryFeature
 from mlsctl.data.loader import sample_seed
 from mlsctl.device import to_device
 from mlsctl.methods.base import Method, StepOutput, metric_value
-from mlsctl.methods.dino.method import build_student_teacher
+from mlsctl.methods.self_distillation import build_student_teacher
 from mlsctl.methods.sove.config import SOVEConfig
 from mlsctl.methods.sove.ops import cls_loss, judge_overlap, judge_probabilities, patch_loss, sample_judges
 from mlsctl.models.heads import EmbeddingHead
