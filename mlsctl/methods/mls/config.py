@@ -15,11 +15,11 @@ from mlsctl.methods.base_config import EMATeacherConfig, keys_in_order
                "key_bn", "bn_group_size", "tags_file")
 @dataclass
 class MLSConfig(EMATeacherConfig):
-    name: str = param("mls", help="MLS (lambda_ml: 0 is MoCo-v2)")
+    name: str = param("mls", help="MLS (lambda_ml: 0 is MoCo-v2's loss at MLS's settings)")
     queue_size: int = param(4096, help="D: entries of each queue, Q_g and Q_z", ge=2)
     k: int = param(20, help="pseudo-labels per image: the top-k entries of Q_g", ge=1)
     temperature: float = param(0.2, help="τ of InfoNCE and of the multi-label logits", gt=0.0)
-    lambda_ml: float = param(0.5, help="λ: weight of the multi-label loss; 0 is MoCo-v2", ge=0.0)
+    lambda_ml: float = param(0.5, help="λ: weight of the multi-label loss; 0 is MoCo-v2's loss", ge=0.0)
     label_queue: Literal["g", "z"] = param("g", help="queue the pseudo-labels come from: g (Q_g, two queues, MLS) "
                                                      "or z (Q_z, one queue: the ablation)")
     multi_label_loss: Literal["bce", "bce_pos", "knn_softmax"] = param(

@@ -25,7 +25,8 @@ Losses (pure functions below; the queues as they were before the batch, then g2,
 * ``L_ml = BCE-with-logits(z1 · Q_zᵀ / τ, y)`` averaged over the D entries and the batch
   (``multi_label_loss: bce_pos`` keeps only the positive terms, Eq. 15 of the supplement;
   ``knn_softmax`` is the k-NN softmax loss of its Eq. 10, the paper's other baseline);
-* ``L = InfoNCE(z1, z2, Q_z; τ) + λ · L_ml`` with τ = 0.2, λ = 0.5; λ = 0 is MoCo-v2.
+* ``L = InfoNCE(z1, z2, Q_z; τ) + λ · L_ml`` with τ = 0.2, λ = 0.5; λ = 0 is MoCo-v2's loss (at MLS's
+  queue, momentum, projection and schedule: the baseline of MLS's paper, docs/methods.md#mls-and-moco-v2).
 
 With gradient accumulation (``optim.accumulate_steps``) "the batch" is the optimiser step's: every
 micro-batch scores against the queues as they were before the step, and the keys of all its

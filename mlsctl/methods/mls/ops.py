@@ -49,7 +49,7 @@ def mls_loss(z1: torch.Tensor, z2: torch.Tensor, label_features: torch.Tensor, l
              kind: str = "bce") -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
     """``L = InfoNCE(z1, z2, Q_z) + λ · L_ml(z1, Q_z, y)``, y = top-k of ``label_features ·
     label_queueᵀ`` (g1 and Q_g in MLS). Returns (loss, detached terms, labels). λ = 0 skips the
-    multi-label term (MoCo-v2 exactly)."""
+    multi-label term: MoCo-v2's loss, InfoNCE alone."""
     contrastive = info_nce(z1, z2, z_queue, temperature)
     labels = pseudo_labels(label_features.detach(), label_queue, k)
     if weight == 0:
