@@ -339,3 +339,19 @@ def test_train_log_drops_a_failed_write_quietly_but_not_a_malformed_message(tmp_
         logger.removeHandler(handler)
         del handler.stream.write  # the file's own write again, then closed
         handler.close()
+
+
+def test_resume_cuts_metrics_back_keeping_a_damaged_line_and_dropping_a_torn_last_one(tmp_path, caplog):
+    """--resume keeps the records up to its step; a line that is not a record in the middle of the
+    file is not ours to delete (it used to end the file there, dropping every record after it), and
+    a torn last line goes."""
+    from mlsctl.train.metrics import truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    lines = ['{"step": 1, "loss": 3.0}', "not json", '[2]', '{"step": 2, "loss": 2.5}', '{"epoch": 0}',
+             '{"step": 3, "loss": 2.0}', '{"step": 4, "loss": 1.5}', '{"step": 5, "lo']
+    path.write_text("".join(line + "\n" for line in lines))
+    with caplog.at_level("WARNING", logger="mlsctl"):
+        truncate_metrics(path, 3)
+    assert path.read_text().splitlines() == lines[:6]
+    assert [r.getMessage().split(" is not")[0] for r in caplog.records] == [f"{path} line {n}" for n in (2, 3, 5)]

@@ -239,14 +239,24 @@ class Records:
 
 def truncate_metrics(path: Path, step: int) -> None:
     """--resume: metrics.jsonl cut back to the checkpoint's step, so that the resumed run writes
-    the lines an uninterrupted one would."""
+    the lines an uninterrupted one would. A torn last line (a kill while it was written) goes; a
+    line that is not a record anywhere else is kept as it is, with a warning — it is not ours to
+    delete, and ``mlsctl plot`` names it until it is removed."""
     if not path.is_file():
         return
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
     kept = []
-    for line in path.read_text().splitlines():
+    for number, line in enumerate(lines, 1):
         try:
-            if json.loads(line).get("step", 0) <= step:
+            record = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
+            record = None
+        record_step = record.get("step") if isinstance(record, dict) else None
+        if isinstance(record_step, (int, float)) and not isinstance(record_step, bool):
+            if record_step <= step:
                 kept.append(line)
-        except json.JSONDecodeError:
-            break  # a torn last line from a kill
+        elif number < len(lines):
+            log.warning(f"{path} line {number} is not a metrics record; kept as it is (remove it: mlsctl plot "
+                        f"refuses the file while it is there)")
+            kept.append(line)
     atomic.write_text(path, "".join(k + "\n" for k in kept))
