@@ -37,7 +37,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -103,6 +103,22 @@ def load_set_model(run_dir: str | os.PathLike) -> SetModel:
                             "run-checkpoint", str(checkpoint.path), recipe.model.img_size)
     return SetModel(backbone, method.teacher_encoder(), recipe.method.attend, recipe.data.global_crops.size,
                     str(run.root), checkpoint.step)
+
+
+def choose_set_model(run_dir: Optional[str | os.PathLike], say: Callable[[str], None] = print) -> SetModel:
+    """:func:`load_set_model` of ``run_dir``, or of the newest run under ./runs when it is None;
+    says which model it is (backbone and set-encoder fingerprints)."""
+    from mlsctl.restore import newest_run
+
+    if run_dir is None:
+        found = newest_run("runs")
+        if found is None:
+            raise UserError("no --run given and no run under ./runs; train one with mlsctl pretrain mile_fmnist_quick")
+        run_dir = found.root
+    model = load_set_model(run_dir)
+    say(f"model: {model.backbone.description} (backbone {model.backbone.fingerprint[:12]}, with its set encoder "
+        f"{model.fingerprint[:12]})")
+    return model
 
 
 # ---------------------------------------------------------------------------------------- objects

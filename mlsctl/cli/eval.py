@@ -3,9 +3,8 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal, Optional
+from typing import Literal, Optional
 
 import typer
 
@@ -94,130 +93,6 @@ GLOBAL_VAL_OPTION = typer.Option(None, "--val", help="Validation features or ima
 VAL_MASKS_OPTION = typer.Option(None, "--val-masks", help="Label masks of the validation images.")
 
 
-def _benchmark(dataset: str, root: Optional[Path], train_split: Optional[str], val_split: Optional[str],
-               kinds: tuple[str, ...]):
-    """The (train, val) splits of ``--dataset`` under ``--root``."""
-    from mlsctl.data import datasets
-    from mlsctl.errors import UserError
-
-    if dataset not in kinds:
-        raise UserError(f"--dataset {dataset} is not one this evaluation reads; choose one of "
-                        f"{', '.join(kinds + ('folders',))}")
-    if root is None:
-        raise UserError(f"--dataset {dataset} needs --root: the dataset's folder or its .tar/.zip archive")
-    default_train, default_val = datasets.default_splits(dataset)
-    return (datasets.open_split(dataset, root, train_split or default_train),
-            datasets.open_split(dataset, root, val_split or default_val))
-
-
-def _split_features(split, given: Optional[Path], get_model, *, dense: bool, what: str, **embed_options):
-    """``given`` (a feature folder from mlsctl embed --dataset) or the split embedded into the cache."""
-    from mlsctl.errors import UserError
-    from mlsctl.features import Features, features_of_split, is_feature_folder, require_rows
-
-    if given is None:
-        return features_of_split(split, get_model, dense=dense, what=what, say=_say, **embed_options)
-    if not is_feature_folder(given):
-        raise UserError(f"with --dataset, --{what.split()[0]} names a feature folder made by mlsctl embed --dataset; "
-                        f"{given} is not one (leave it out and the split is embedded from --root)")
-    return require_rows(Features(given, what), what)
-
-
-def _no_masks_with_dataset(dataset: str, **masks) -> None:
-    from mlsctl.errors import UserError
-
-    given = [name for name, value in masks.items() if value is not None]
-    if given:
-        raise UserError(f"--dataset {dataset} reads the masks from --root; drop --{given[0].replace('_', '-')}")
-
-
-def _folders_dataset(train_masks: Path, ignore_index: int, train_features, val_features) -> dict:
-    return {"name": "folders", **_image_roots(train_features, val_features), "masks": str(train_masks),
-            "ignore_index": ignore_index,
-            "mapping": {"rule": "none: mask values are the class ids", "ignored_values": [ignore_index]}}
-
-
-def _image_roots(train_features, val_features) -> dict:
-    """The image folders the features of a folders evaluation were embedded from."""
-    return {"train_root": str(train_features.input_root), "val_root": str(val_features.input_root)}
-
-
-def _dataset_record(train_split, val_split) -> dict:
-    """The result JSON's account of a benchmark: name, root, splits, classes, ignore label, mapping."""
-    record = val_split.describe()
-    record.pop("split")
-    record.pop("images")
-    return {**record, "train_split": train_split.split, "val_split": val_split.split,
-            "train_images": len(train_split), "val_images": len(val_split)}
-
-
-@dataclass
-class _SegmentationInputs:
-    """What eval knn-seg and linear-seg score: dense features of both splits and their masks (folders,
-    or a benchmark's splits), the result JSON's dataset record, class names and the label not scored."""
-    train_features: object
-    val_features: object
-    train_masks: object
-    val_masks: object
-    record: dict
-    names: list
-    ignore_index: int
-    benchmark: Optional[str] = None  # with no inputs given: the fmnist-scenes folder evaluated, in words
-
-
-def _segmentation_inputs(dataset: str, root: Optional[Path], train_split: Optional[str], val_split: Optional[str],
-                         folders: dict, ignore_index: int, get_model, embed_options: Callable[[], dict],
-                         fmnist: Optional[Path] = None) -> _SegmentationInputs:
-    """The inputs of a segmentation evaluation: --dataset's splits (embedded from --root, or the feature
-    folders given as --train/--val), or the four folders of ``folders`` (train, train_masks, val,
-    val_masks; images are embedded, features used as they are). With none of them and ``fmnist`` given
-    (knn-seg), the fmnist-scenes benchmark there, built when missing. ``embed_options()`` is called
-    only when images are to be embedded."""
-    from mlsctl.data.datasets import SEGMENTATION
-    from mlsctl.errors import UserError
-    from mlsctl.evaluate.knn_seg import class_names
-    from mlsctl.features import features_or_embed
-
-    train, train_masks, val, val_masks = (folders[k] for k in ("train", "train_masks", "val", "val_masks"))
-    if dataset != "folders":
-        _no_masks_with_dataset(dataset, train_masks=train_masks, val_masks=val_masks)
-        train_data, val_data = _benchmark(dataset, root, train_split, val_split, SEGMENTATION)
-        options = embed_options() if train is None or val is None else {}
-        train_features = _split_features(train_data, train, get_model, dense=True, what="train features", **options)
-        val_features = _split_features(val_data, val, get_model, dense=True, what="val features", **options)
-        return _SegmentationInputs(train_features, val_features, train_data, val_data,
-                                   _dataset_record(train_data, val_data), train_data.classes, train_data.ignore_index)
-    benchmark = None
-    if fmnist is not None and all(v is None for v in folders.values()):
-        from mlsctl.data.fmnist import build_scenes
-
-        if not (fmnist / "meta.json").is_file():
-            _say(f"fmnist-scenes not found in {fmnist}; building it (mlsctl data fmnist-scenes --out {fmnist})")
-            build_scenes(fmnist, progress=sys.stderr.isatty())
-        train, train_masks = fmnist / "train" / "images", fmnist / "train" / "masks"
-        val, val_masks = fmnist / "val" / "images", fmnist / "val" / "masks"
-        benchmark = f"the fmnist-scenes benchmark ({fmnist})"
-    elif any(v is None for v in folders.values()):
-        raise UserError("give all of --train, --train-masks, --val and --val-masks, "
-                        + ("or none of them (to evaluate on fmnist-scenes), " if fmnist is not None else "")
-                        + "or --dataset with --root")
-    options = {} if is_feature_pair(train, val) else embed_options()
-    train_features = features_or_embed(train, get_model, dense=True, what="train features", say=_say, **options)
-    val_features = features_or_embed(val, get_model, dense=True, what="val features", say=_say, **options)
-    return _SegmentationInputs(train_features, val_features, train_masks, val_masks,
-                               _folders_dataset(train_masks, ignore_index, train_features, val_features),
-                               class_names(train_masks), ignore_index, benchmark)
-
-
-def _resolve_protocol(lib, name: str, given: dict) -> tuple:
-    """The preset of --protocol with the explicitly given flags laid over it: (protocol, values, overridden)."""
-    preset = lib.protocol(name)
-    values = {key: (value if value is not None else getattr(preset, key)) for key, value in given.items()}
-    overridden = sorted(key for key, value in given.items() if value is not None and name != "none"
-                        and value != getattr(preset, key))
-    return preset, values, overridden
-
-
 @app.command("knn-seg")
 def knn_seg(
     train: Optional[Path] = DENSE_TRAIN_OPTION,
@@ -261,9 +136,10 @@ def knn_seg(
     With no arguments: the newest run under ./runs on the fmnist-scenes benchmark.
     """
     from mlsctl.errors import UserError
+    from mlsctl.evaluate import inputs as inputs_lib
     from mlsctl.evaluate import knn_seg as lib
 
-    preset, chosen, overridden = _resolve_protocol(lib, protocol, {
+    preset, chosen, overridden = inputs_lib.resolve_protocol(lib, protocol, {
         "k": k, "temperature": temperature, "memory_size": memory_size, "aug_passes": aug_passes, "runs": runs,
         "fractions": tuple(fraction) if fraction else None})
     get_model = _model_on_demand(run, weights, model, random_init, seed)
@@ -273,11 +149,11 @@ def knn_seg(
             return {}
         return {"resolution": resolution or preset.resolution(get_model().backbone.patch_size)}
 
-    inputs = _segmentation_inputs(dataset, root, train_split, val_split,
-                                  dict(train=train, train_masks=train_masks, val=val, val_masks=val_masks),
-                                  ignore_index, get_model, embed_options, fmnist=data)
+    inputs = inputs_lib.segmentation_inputs(dataset, root, train_split, val_split,
+                                            dict(train=train, train_masks=train_masks, val=val, val_masks=val_masks),
+                                            ignore_index, get_model, embed_options, fmnist=data, say=_say)
     train_features, val_features, record = inputs.train_features, inputs.val_features, inputs.record
-    _check_protocol_resolution(preset, overridden, resolution, train_features)
+    inputs_lib.check_protocol_resolution(preset, overridden, resolution, train_features)
     if inputs.benchmark:
         _say(f"evaluating {get_model.chosen.description if get_model.chosen else train_features.model.get('path')} "
              f"on {inputs.benchmark}")
@@ -302,9 +178,9 @@ def knn_seg(
         "dataset": record,
         "protocol": {"name": preset.name, "preset": preset.to_dict(), "overridden": overridden,
                      "resolution": train_features.preprocessing.get("resolution")},
-        "train": {"features": str(train_features.path), "masks": _masks_text(inputs.train_masks),
+        "train": {"features": str(train_features.path), "masks": inputs_lib.masks_text(inputs.train_masks),
                   "images": len(train_features)},
-        "val": {"features": str(val_features.path), "masks": _masks_text(inputs.val_masks), "images": len(val_features)},
+        "val": {"features": str(val_features.path), "masks": inputs_lib.masks_text(inputs.val_masks), "images": len(val_features)},
         "model": train_features.model,
         "settings": {**settings.to_dict(), "fractions": [r["fraction"] for r in result["results"]]},
         "seconds": round(time.perf_counter() - started, 3),
@@ -332,60 +208,6 @@ def knn_seg(
                f"protocol {preset.name}: k={settings.k} T={settings.temperature} memory={memory} "
                f"aug-passes={settings.aug_passes} index={index}, search {results[0]['runs'][0]['search']}; "
                f"results written to {out}")
-
-
-def is_feature_pair(train: Path, val: Path) -> bool:
-    from mlsctl.features import is_feature_folder
-
-    return is_feature_folder(train) and is_feature_folder(val)
-
-
-def _masks_text(masks) -> str:
-    return str(masks) if isinstance(masks, (str, Path)) else f"{masks.dataset} {masks.split} ({masks.tree.path})"
-
-
-def _check_protocol_resolution(preset, overridden: list[str], resolution: Optional[int], features) -> None:
-    """Features embedded at another input size than the preset's are not the preset's numbers."""
-    from mlsctl.errors import UserError
-
-    grid, size = features.grid, features.preprocessing.get("resolution")
-    if preset.input_size is None or resolution is not None or not grid or not size:
-        return
-    expected = preset.resolution(size // grid[0])
-    if size != expected:
-        raise UserError(f"--protocol {preset.name} embeds at {expected} px, and {features.path} was embedded at "
-                        f"{size} px; embed the images again with --resolution {expected}, or pass --resolution "
-                        f"{size} to evaluate them as they are")
-
-
-def _classification_inputs(dataset: str, root: Optional[Path], train_split: Optional[str], val_split: Optional[str],
-                           train: Optional[Path], val: Optional[Path], train_labels: Optional[Path],
-                           val_labels: Optional[Path], get_model) -> tuple:
-    """(train features, val features, train labels, val labels, dataset record) of eval knn and
-    eval linear: the --train/--val folders with their labels, or the splits of --dataset imagenet
-    (whose labels are the splits themselves)."""
-    from mlsctl.data.datasets import CLASSIFICATION
-    from mlsctl.errors import UserError
-    from mlsctl.features import features_or_embed
-
-    if dataset == "folders":
-        if train is None or val is None:
-            raise UserError("give --train and --val (feature or image folders), or --dataset imagenet with --root")
-        train_features = features_or_embed(train, get_model, dense=False, what="train features", say=_say)
-        val_features = features_or_embed(val, get_model, dense=False, what="val features", say=_say)
-        labels = "folder names" if train_labels is None else str(train_labels)
-        record = {"name": "folders", **_image_roots(train_features, val_features), "labels": labels}
-        return train_features, val_features, train_labels, val_labels, record
-    if train_labels is not None or val_labels is not None:
-        raise UserError(f"--dataset {dataset} labels its images itself; drop --train-labels/--val-labels")
-    train_data, val_data = _benchmark(dataset, root, train_split, val_split, CLASSIFICATION)
-    train_features = _split_features(train_data, train, get_model, dense=False, what="train features")
-    val_features = _split_features(val_data, val, get_model, dense=False, what="val features")
-    record = {**train_data.describe(), "train_split": train_data.split, "val_split": val_data.split,
-              "train_images": len(train_data), "val_images": len(val_data)}
-    record.pop("split")
-    record.pop("images")
-    return train_features, val_features, train_data, val_data, record
 
 
 @app.command("knn")
@@ -419,10 +241,11 @@ def knn(
     ImageNet-style (folder or archive): mlsctl eval knn --dataset imagenet --root imagenet.tar --run runs/x
     """
     from mlsctl.evaluate import knn as lib
+    from mlsctl.evaluate.inputs import classification_inputs
 
     get_model = _model_on_demand(run, weights, model, random_init, seed)
-    train_features, val_features, train_labels, val_labels, record = _classification_inputs(
-        dataset, root, train_split, val_split, train, val, train_labels, val_labels, get_model)
+    train_features, val_features, train_labels, val_labels, record = classification_inputs(
+        dataset, root, train_split, val_split, train, val, train_labels, val_labels, get_model, say=_say)
     started = time.perf_counter()
     result = lib.evaluate_knn(train_features, val_features, train_labels, val_labels, k or lib.DEFAULT_KS, temperature,
                               device=device)
@@ -473,12 +296,13 @@ def linear(
     """
     from mlsctl.errors import UserError
     from mlsctl.evaluate import linear as lib
+    from mlsctl.evaluate.inputs import classification_inputs
 
     if multi_label and dataset != "folders":
         raise UserError(f"--multi-label reads tag lists from --train-labels; --dataset {dataset} has one class per image")
     get_model = _model_on_demand(run, weights, model, random_init, seed)
-    train_features, val_features, train_labels, val_labels, record = _classification_inputs(
-        dataset, root, train_split, val_split, train, val, train_labels, val_labels, get_model)
+    train_features, val_features, train_labels, val_labels, record = classification_inputs(
+        dataset, root, train_split, val_split, train, val, train_labels, val_labels, get_model, say=_say)
     started = time.perf_counter()
     result = lib.evaluate_linear(train_features, val_features, labels=train_labels, val_labels=val_labels,
                                  multi_label=multi_label, lrs=lr or lib.DEFAULT_LRS, wds=wd or lib.DEFAULT_WDS,
@@ -544,11 +368,13 @@ def linear_seg(
     """
     from mlsctl.evaluate import knn_seg as knn_lib
     from mlsctl.evaluate import linear_seg as lib
+    from mlsctl.evaluate.inputs import masks_text, segmentation_inputs
 
     get_model = _model_on_demand(run, weights, model, random_init, seed)
-    inputs = _segmentation_inputs(dataset, root, train_split, val_split,
-                                  dict(train=train, train_masks=train_masks, val=val, val_masks=val_masks),
-                                  ignore_index, get_model, lambda: {"resolution": resolution} if resolution else {})
+    inputs = segmentation_inputs(dataset, root, train_split, val_split,
+                                 dict(train=train, train_masks=train_masks, val=val, val_masks=val_masks),
+                                 ignore_index, get_model, lambda: {"resolution": resolution} if resolution else {},
+                                 say=_say)
     train_features, val_features = inputs.train_features, inputs.val_features
     train_source = knn_lib.FeatureMasks(train_features, inputs.train_masks, "train features")
     val_source = knn_lib.FeatureMasks(val_features, inputs.val_masks, "val features")
@@ -556,9 +382,9 @@ def linear_seg(
                                      image_batch=batch_size, ignore_index=inputs.ignore_index, seed=seed,
                                      names=inputs.names, progress=sys.stderr.isatty())
     payload = {"command": "eval linear-seg", "dataset": inputs.record,
-               "train": {"features": str(train_features.path), "masks": _masks_text(inputs.train_masks),
+               "train": {"features": str(train_features.path), "masks": masks_text(inputs.train_masks),
                          "images": len(train_features)},
-               "val": {"features": str(val_features.path), "masks": _masks_text(inputs.val_masks),
+               "val": {"features": str(val_features.path), "masks": masks_text(inputs.val_masks),
                        "images": len(val_features)},
                "model": train_features.model, **result}
     out = out or _default_json("linear-seg")
@@ -589,13 +415,9 @@ def retrieval(
 
     Example: mlsctl eval retrieval --gallery data/fmnist-products/gallery --query data/fmnist-products/query --run runs/mile_fmnist_quick --noise 0 0.25 0.5
     """
-    import dataclasses
-
-    from mlsctl.cli.index import _set_model
     from mlsctl.errors import UserError
-    from mlsctl.evaluate.retrieval import evaluate_retrieval, sample_sets
-    from mlsctl.gallery import load_images, object_folders
-    from mlsctl.restore import from_run_start
+    from mlsctl.evaluate.retrieval import evaluate_set_model
+    from mlsctl.gallery import choose_set_model
 
     fractions = []
     for value in noise or ["0", "0.25", "0.5"]:
@@ -606,49 +428,18 @@ def retrieval(
         if not 0 <= fractions[-1] < 1:
             raise UserError(f"--noise takes fractions in [0, 1), got {value}")
     size = _query_size(query_size)
-    model = _set_model(run)
-    gallery_groups, query_groups = object_folders(gallery), object_folders(query)
-    objects = [o for o in gallery_groups if o in query_groups]
-    if len(objects) < 2:
-        raise UserError(f"{gallery} and {query} share {len(objects)} object folders; retrieval needs at least 2")
-    smaller = min(len(gallery_groups), len(query_groups))
-    if len(objects) < 0.5 * smaller:
-        raise UserError(f"{gallery} ({len(gallery_groups)} objects) and {query} ({len(query_groups)} objects) share only "
-                        f"{len(objects)} object ids: are they photos of the same objects? Give folders whose object "
-                        f"folders match")
-    _say(f"{len(objects)} objects in both {gallery} ({len(gallery_groups)}) and {query} ({len(query_groups)})")
-    paths, gallery_rows, all_query_rows = [], [], []
-    for o in objects:
-        gallery_rows.append(list(range(len(paths), len(paths) + len(gallery_groups[o]))))
-        paths += gallery_groups[o]
-        all_query_rows.append(list(range(len(paths), len(paths) + len(query_groups[o]))))
-        paths += query_groups[o]
-    query_rows = sample_sets(all_query_rows, size, seed)
-    images = load_images(paths)
-    _say(f"embedding {len(paths)} photos of {len(objects)} objects with the trained teacher and with the backbone "
-         f"the run started from")
-    started = time.perf_counter()
-    cls, tokens = model.image_tokens(images)
-    results = evaluate_retrieval(model, gallery_rows, query_rows, cls, tokens, noise=fractions, seed=seed)
-    start = dataclasses.replace(model, backbone=from_run_start(model.run))
-    start_cls, _ = start.image_tokens(images)
-    results += evaluate_retrieval(start, gallery_rows, query_rows, start_cls, None, noise=fractions, seed=seed,
-                                  methods=("max-pairwise", "mean-cls"), backbone="start")
-    payload = {"command": "eval retrieval", "gallery": str(gallery), "query": str(query), "run": model.run,
-               "step": model.step, "fingerprint": model.fingerprint,
-               "model": {**model.backbone.info, "step": model.step, "set_fingerprint": model.fingerprint},
-               "start": start.backbone.description,
-               "query_size": size if size is not None else "all", "seed": seed, "objects": len(objects),
-               "photos": len(paths), "seconds": time.perf_counter() - started, "results": [r.to_dict() for r in results]}
+    model = choose_set_model(run, say=_say)
+    payload = {"command": "eval retrieval",
+               **evaluate_set_model(model, gallery, query, query_size=size, noise=fractions, seed=seed, say=_say)}
     out = out or _default_json("retrieval")
     _write_json(out, payload)
     if as_json:
         print(json.dumps(payload, indent=2))
         return
-    print(f"image-set retrieval, {len(objects)} objects ({model.run} at step {model.step}), query sets of "
-          f"{size or 'all'} photos; R@k in %; start = {start.backbone.description}:")
-    rows = [[r.method, r.backbone, f"{100 * r.noise:.0f}%", pct(r.ar10), *(pct(r.recalls[k]) for k in (1, 2, 5, 10))]
-            for r in results]
+    print(f"image-set retrieval, {payload['objects']} objects ({model.run} at step {model.step}), query sets of "
+          f"{size or 'all'} photos; R@k in %; start = {payload['start']}:")
+    rows = [[r["method"], r["backbone"], f"{100 * r['noise']:.0f}%", pct(r["AR@10"]),
+             *(pct(r[f"R@{k}"]) for k in (1, 2, 5, 10))] for r in payload["results"]]
     print(table(["method", "backbone", "noise", "AR@10", "R@1", "R@2", "R@5", "R@10"], rows,
                 right=[False, False, True, True, True, True, True, True]))
     _say(f"wrote {out}")

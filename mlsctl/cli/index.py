@@ -23,22 +23,6 @@ def _say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def _set_model(run: Optional[Path]):
-    from mlsctl.errors import UserError
-    from mlsctl.gallery import load_set_model
-    from mlsctl.restore import newest_run
-
-    if run is None:
-        found = newest_run("runs")
-        if found is None:
-            raise UserError("no --run given and no run under ./runs; train one with mlsctl pretrain mile_fmnist_quick")
-        run = found.root
-    model = load_set_model(run)
-    _say(f"model: {model.backbone.description} (backbone {model.backbone.fingerprint[:12]}, with its set encoder "
-         f"{model.fingerprint[:12]})")
-    return model
-
-
 @app.command("build")
 def build(
     source: Path = typer.Argument(..., help="Images in one folder per object (ROOT/<object_id>/*), or their feature folder from mlsctl embed."),
@@ -58,10 +42,10 @@ def build(
 
     Example: mlsctl index build data/fmnist-products/gallery --run runs/mile_fmnist_quick --out galleries/products
     """
-    from mlsctl.gallery import IndexSettings, build_gallery
+    from mlsctl.gallery import IndexSettings, build_gallery, choose_set_model
 
     settings = IndexSettings(index, nlist, pq_m, pq_bits, nprobe, refine)
-    record = build_gallery(source, _set_model(run), out, settings, overwrite=overwrite, storage_dtype=dtype)
+    record = build_gallery(source, choose_set_model(run, say=_say), out, settings, overwrite=overwrite, storage_dtype=dtype)
     if as_json:
         print(json.dumps(record, indent=2))
         return
@@ -85,14 +69,14 @@ def add(
     Appends one row to the gallery, whatever its size. Example:
     mlsctl index add galleries/products --object ev00007 new1.png new2.png
     """
-    from mlsctl.gallery import Gallery, check_object_id, load_images
+    from mlsctl.gallery import Gallery, check_object_id, choose_set_model, load_images
     from mlsctl.locks import FolderLock
 
     check_object_id(object_id)
     photos = load_images(images)
     with FolderLock(gallery, "gallery"):
         target = Gallery(gallery, recover=True)
-        model = _set_model(run or Path(target.manifest["model"]["run"]))
+        model = choose_set_model(run or Path(target.manifest["model"]["run"]), say=_say)
         created, count = target.add(model, object_id, photos)
     share = target.added_since_training()
     if as_json:
@@ -177,7 +161,7 @@ def search(
     Many sets, one model load: mlsctl search --sets queries.jsonl --index galleries/products > results.jsonl
     """
     from mlsctl.errors import UserError
-    from mlsctl.gallery import Gallery, load_images, newest_gallery
+    from mlsctl.gallery import Gallery, choose_set_model, load_images, newest_gallery
 
     if (images is None) == (sets is None):
         raise UserError("give the photos of one set with --set, or a JSONL file of sets with --sets")
@@ -187,7 +171,7 @@ def search(
             raise UserError("no --index given and no gallery under the current directory; build one with mlsctl index build")
         _say(f"gallery: {index} (the newest under the current directory)")
     target = Gallery(index)
-    model = _set_model(run or Path(target.manifest["model"]["run"]))
+    model = choose_set_model(run or Path(target.manifest["model"]["run"]), say=_say)
     target.check_model(model)
     if sets is not None:
         queries = _read_query_sets(sets)

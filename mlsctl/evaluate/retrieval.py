@@ -134,3 +134,77 @@ def evaluate_retrieval(model, gallery_sets: list[list[int]], query_sets: list[li
             results.append(RetrievalResult(method, fraction, recall_at(ranks(scores, targets)), len(sets),
                                            len(gallery_sets), backbone))
     return results
+
+
+# ------------------------------------------------------------------------------------------ a run
+
+
+@dataclass
+class PairedPhotos:
+    """The photos of the objects a gallery folder and a query folder share: ``paths`` in order,
+    ``gallery_rows[i]`` / ``query_rows[i]`` the rows of object ``objects[i]``'s photos."""
+    objects: list[str]
+    paths: list
+    gallery_rows: list[list[int]]
+    query_rows: list[list[int]]
+    gallery_objects: int  # the objects of each folder, shared or not
+    query_objects: int
+
+
+def paired_photos(gallery, query) -> PairedPhotos:
+    """The objects of two ``ROOT/<object_id>/*`` folders, refused (one sentence) when they share
+    fewer than 2 objects or under half of the smaller folder's: they are not photos of the same
+    objects."""
+    from mlsctl.errors import UserError
+    from mlsctl.gallery import object_folders
+
+    gallery_groups, query_groups = object_folders(gallery), object_folders(query)
+    objects = [o for o in gallery_groups if o in query_groups]
+    if len(objects) < 2:
+        raise UserError(f"{gallery} and {query} share {len(objects)} object folders; retrieval needs at least 2")
+    smaller = min(len(gallery_groups), len(query_groups))
+    if len(objects) < 0.5 * smaller:
+        raise UserError(f"{gallery} ({len(gallery_groups)} objects) and {query} ({len(query_groups)} objects) share only "
+                        f"{len(objects)} object ids: are they photos of the same objects? Give folders whose object "
+                        f"folders match")
+    paths, gallery_rows, query_rows = [], [], []
+    for o in objects:
+        gallery_rows.append(list(range(len(paths), len(paths) + len(gallery_groups[o]))))
+        paths += gallery_groups[o]
+        query_rows.append(list(range(len(paths), len(paths) + len(query_groups[o]))))
+        paths += query_groups[o]
+    return PairedPhotos(objects, paths, gallery_rows, query_rows, len(gallery_groups), len(query_groups))
+
+
+def evaluate_set_model(model, gallery, query, *, query_size: Optional[int], noise: Sequence[float], seed: int,
+                       say=print) -> dict:
+    """``mlsctl eval retrieval``: the set model of a MILE run (:class:`~mlsctl.gallery.SetModel`)
+    on the objects ``gallery`` and ``query`` share — MILE and the single-image baselines with its
+    trained teacher, the baselines again with the backbone the run started from (as the authors
+    compute theirs) — as the result JSON's fields."""
+    import dataclasses
+    import time
+
+    from mlsctl.gallery import load_images
+    from mlsctl.restore import from_run_start
+
+    photos = paired_photos(gallery, query)
+    say(f"{len(photos.objects)} objects in both {gallery} ({photos.gallery_objects}) and {query} "
+        f"({photos.query_objects})")
+    query_rows = sample_sets(photos.query_rows, query_size, seed)
+    images = load_images(photos.paths)
+    say(f"embedding {len(photos.paths)} photos of {len(photos.objects)} objects with the trained teacher and with the "
+        f"backbone the run started from")
+    started = time.perf_counter()
+    cls, tokens = model.image_tokens(images)
+    results = evaluate_retrieval(model, photos.gallery_rows, query_rows, cls, tokens, noise=noise, seed=seed)
+    start = dataclasses.replace(model, backbone=from_run_start(model.run))
+    start_cls, _ = start.image_tokens(images)
+    results += evaluate_retrieval(start, photos.gallery_rows, query_rows, start_cls, None, noise=noise, seed=seed,
+                                  methods=("max-pairwise", "mean-cls"), backbone="start")
+    return {"gallery": str(gallery), "query": str(query), "run": model.run, "step": model.step,
+            "fingerprint": model.fingerprint,
+            "model": {**model.backbone.info, "step": model.step, "set_fingerprint": model.fingerprint},
+            "start": start.backbone.description, "query_size": query_size if query_size is not None else "all",
+            "seed": seed, "objects": len(photos.objects), "photos": len(photos.paths),
+            "seconds": time.perf_counter() - started, "results": [r.to_dict() for r in results]}

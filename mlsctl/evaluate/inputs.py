@@ -1,0 +1,201 @@
+"""What an evaluation scores, from what its user named: feature folders, image folders (embedded
+with the chosen model and cached), or the splits of a benchmark (``--dataset`` with ``--root``,
+:mod:`mlsctl.data.datasets`), with their masks or labels and the result JSON's account of them.
+
+``mlsctl eval knn-seg | linear-seg`` read :func:`segmentation_inputs`, ``mlsctl eval knn | linear``
+:func:`classification_inputs`; the same calls serve a script::
+
+    from mlsctl.evaluate.inputs import segmentation_inputs
+    from mlsctl.restore import choose_model
+
+    inputs = segmentation_inputs("voc", Path("VOCtrainval_11-May-2012.tar"), None, None,
+                                 dict(train=None, train_masks=None, val=None, val_masks=None), 255,
+                                 lambda: choose_model(run="runs/x"), dict)
+
+A model is asked for (``get_model()``) only when images are to be embedded, so feature folders
+never load one. Every refusal is one sentence naming the option to change.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from mlsctl.errors import UserError
+
+Say = Callable[[str], None]
+
+
+def benchmark_splits(dataset: str, root: Optional[Path], train_split: Optional[str], val_split: Optional[str],
+                     kinds: tuple[str, ...]):
+    """The (train, val) splits of ``--dataset`` under ``--root``."""
+    from mlsctl.data import datasets
+
+    if dataset not in kinds:
+        raise UserError(f"--dataset {dataset} is not one this evaluation reads; choose one of "
+                        f"{', '.join(kinds + ('folders',))}")
+    if root is None:
+        raise UserError(f"--dataset {dataset} needs --root: the dataset's folder or its .tar/.zip archive")
+    default_train, default_val = datasets.default_splits(dataset)
+    return (datasets.open_split(dataset, root, train_split or default_train),
+            datasets.open_split(dataset, root, val_split or default_val))
+
+
+def split_features(split, given: Optional[Path], get_model, *, dense: bool, what: str, say: Say = print,
+                   **embed_options):
+    """``given`` (a feature folder from mlsctl embed --dataset) or the split embedded into the cache."""
+    from mlsctl.features import Features, features_of_split, is_feature_folder, require_rows
+
+    if given is None:
+        return features_of_split(split, get_model, dense=dense, what=what, say=say, **embed_options)
+    if not is_feature_folder(given):
+        raise UserError(f"with --dataset, --{what.split()[0]} names a feature folder made by mlsctl embed --dataset; "
+                        f"{given} is not one (leave it out and the split is embedded from --root)")
+    return require_rows(Features(given, what), what)
+
+
+def is_feature_pair(train: Path, val: Path) -> bool:
+    """Both ``train`` and ``val`` are feature folders (nothing to embed)."""
+    from mlsctl.features import is_feature_folder
+
+    return is_feature_folder(train) and is_feature_folder(val)
+
+
+def image_roots(train_features, val_features) -> dict:
+    """The image folders the features of a folders evaluation were embedded from."""
+    return {"train_root": str(train_features.input_root), "val_root": str(val_features.input_root)}
+
+
+def dataset_record(train_split, val_split) -> dict:
+    """The result JSON's account of a benchmark: name, root, splits, classes, ignore label, mapping."""
+    record = val_split.describe()
+    record.pop("split")
+    record.pop("images")
+    return {**record, "train_split": train_split.split, "val_split": val_split.split,
+            "train_images": len(train_split), "val_images": len(val_split)}
+
+
+def masks_text(masks) -> str:
+    """A mask folder, or a benchmark split's masks, in words (the result JSON's ``masks``)."""
+    return str(masks) if isinstance(masks, (str, Path)) else f"{masks.dataset} {masks.split} ({masks.tree.path})"
+
+
+# ------------------------------------------------------------------------------------------ segmentation
+
+
+@dataclass
+class SegmentationInputs:
+    """What eval knn-seg and linear-seg score: dense features of both splits and their masks (folders,
+    or a benchmark's splits), the result JSON's dataset record, class names and the label not scored."""
+    train_features: object
+    val_features: object
+    train_masks: object
+    val_masks: object
+    record: dict
+    names: list
+    ignore_index: int
+    benchmark: Optional[str] = None  # with no inputs given: the fmnist-scenes folder evaluated, in words
+
+
+def segmentation_inputs(dataset: str, root: Optional[Path], train_split: Optional[str], val_split: Optional[str],
+                        folders: dict, ignore_index: int, get_model, embed_options: Callable[[], dict],
+                        fmnist: Optional[Path] = None, say: Say = print) -> SegmentationInputs:
+    """The inputs of a segmentation evaluation: --dataset's splits (embedded from --root, or the feature
+    folders given as --train/--val), or the four folders of ``folders`` (train, train_masks, val,
+    val_masks; images are embedded, features used as they are). With none of them and ``fmnist`` given
+    (knn-seg), the fmnist-scenes benchmark there, built when missing. ``embed_options()`` is called
+    only when images are to be embedded."""
+    from mlsctl.data.datasets import SEGMENTATION
+    from mlsctl.evaluate.knn_seg import class_names
+    from mlsctl.features import features_or_embed
+
+    train, train_masks, val, val_masks = (folders[k] for k in ("train", "train_masks", "val", "val_masks"))
+    if dataset != "folders":
+        given = [name for name, value in (("train-masks", train_masks), ("val-masks", val_masks)) if value is not None]
+        if given:
+            raise UserError(f"--dataset {dataset} reads the masks from --root; drop --{given[0]}")
+        train_data, val_data = benchmark_splits(dataset, root, train_split, val_split, SEGMENTATION)
+        options = embed_options() if train is None or val is None else {}
+        train_features = split_features(train_data, train, get_model, dense=True, what="train features", say=say,
+                                        **options)
+        val_features = split_features(val_data, val, get_model, dense=True, what="val features", say=say, **options)
+        return SegmentationInputs(train_features, val_features, train_data, val_data,
+                                  dataset_record(train_data, val_data), train_data.classes, train_data.ignore_index)
+    benchmark = None
+    if fmnist is not None and all(v is None for v in folders.values()):
+        from mlsctl.data.fmnist import build_scenes
+
+        if not (fmnist / "meta.json").is_file():
+            say(f"fmnist-scenes not found in {fmnist}; building it (mlsctl data fmnist-scenes --out {fmnist})")
+            build_scenes(fmnist, progress=sys.stderr.isatty())
+        train, train_masks = fmnist / "train" / "images", fmnist / "train" / "masks"
+        val, val_masks = fmnist / "val" / "images", fmnist / "val" / "masks"
+        benchmark = f"the fmnist-scenes benchmark ({fmnist})"
+    elif any(v is None for v in folders.values()):
+        raise UserError("give all of --train, --train-masks, --val and --val-masks, "
+                        + ("or none of them (to evaluate on fmnist-scenes), " if fmnist is not None else "")
+                        + "or --dataset with --root")
+    options = {} if is_feature_pair(train, val) else embed_options()
+    train_features = features_or_embed(train, get_model, dense=True, what="train features", say=say, **options)
+    val_features = features_or_embed(val, get_model, dense=True, what="val features", say=say, **options)
+    record = {"name": "folders", **image_roots(train_features, val_features), "masks": str(train_masks),
+              "ignore_index": ignore_index,
+              "mapping": {"rule": "none: mask values are the class ids", "ignored_values": [ignore_index]}}
+    return SegmentationInputs(train_features, val_features, train_masks, val_masks, record, class_names(train_masks),
+                              ignore_index, benchmark)
+
+
+def resolve_protocol(lib, name: str, given: dict) -> tuple:
+    """The preset ``name`` of ``lib.protocol`` with the explicitly given values (None: not given)
+    laid over it: (preset, values, the names of those that differ from the preset)."""
+    preset = lib.protocol(name)
+    values = {key: (value if value is not None else getattr(preset, key)) for key, value in given.items()}
+    overridden = sorted(key for key, value in given.items() if value is not None and name != "none"
+                        and value != getattr(preset, key))
+    return preset, values, overridden
+
+
+def check_protocol_resolution(preset, overridden: list[str], resolution: Optional[int], features) -> None:
+    """Features embedded at another input size than the preset's are not the preset's numbers."""
+    grid, size = features.grid, features.preprocessing.get("resolution")
+    if preset.input_size is None or resolution is not None or not grid or not size:
+        return
+    expected = preset.resolution(size // grid[0])
+    if size != expected:
+        raise UserError(f"--protocol {preset.name} embeds at {expected} px, and {features.path} was embedded at "
+                        f"{size} px; embed the images again with --resolution {expected}, or pass --resolution "
+                        f"{size} to evaluate them as they are")
+
+
+# ------------------------------------------------------------------------------------------ classification
+
+
+def classification_inputs(dataset: str, root: Optional[Path], train_split: Optional[str], val_split: Optional[str],
+                          train: Optional[Path], val: Optional[Path], train_labels: Optional[Path],
+                          val_labels: Optional[Path], get_model, say: Say = print) -> tuple:
+    """(train features, val features, train labels, val labels, dataset record) of eval knn and
+    eval linear: the --train/--val folders with their labels, or the splits of --dataset imagenet
+    (whose labels are the splits themselves)."""
+    from mlsctl.data.datasets import CLASSIFICATION
+    from mlsctl.features import features_or_embed
+
+    if dataset == "folders":
+        if train is None or val is None:
+            raise UserError("give --train and --val (feature or image folders), or --dataset imagenet with --root")
+        train_features = features_or_embed(train, get_model, dense=False, what="train features", say=say)
+        val_features = features_or_embed(val, get_model, dense=False, what="val features", say=say)
+        labels = "folder names" if train_labels is None else str(train_labels)
+        record = {"name": "folders", **image_roots(train_features, val_features), "labels": labels}
+        return train_features, val_features, train_labels, val_labels, record
+    if train_labels is not None or val_labels is not None:
+        raise UserError(f"--dataset {dataset} labels its images itself; drop --train-labels/--val-labels")
+    train_data, val_data = benchmark_splits(dataset, root, train_split, val_split, CLASSIFICATION)
+    train_features = split_features(train_data, train, get_model, dense=False, what="train features", say=say)
+    val_features = split_features(val_data, val, get_model, dense=False, what="val features", say=say)
+    record = {**train_data.describe(), "train_split": train_data.split, "val_split": val_data.split,
+              "train_images": len(train_data), "val_images": len(val_data)}
+    record.pop("split")
+    record.pop("images")
+    return train_features, val_features, train_data, val_data, record
