@@ -1,7 +1,8 @@
-"""Plain-text tables for the terminal."""
+"""Plain-text tables for the terminal, and progress lines on stderr."""
 
 from __future__ import annotations
 
+import sys
 from typing import Sequence
 
 
@@ -19,3 +20,8 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]], right: Seque
 
 def pct(value: float | None, digits: int = 1) -> str:
     return "-" if value is None or value != value else f"{100 * value:.{digits}f}"
+
+
+def say(line: str) -> None:
+    """A progress or status line on stderr (stdout stays the result's: tables, or --json)."""
+    print(line, file=sys.stderr, flush=True)

@@ -1,13 +1,12 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Literal, Optional
 
 import typer
 
-from mlsctl.cli._format import table
+from mlsctl.cli._format import say, table
 from mlsctl.cli._options import RUN_ARGUMENT, one_of, png_file
 
 app = typer.Typer(rich_markup_mode=None, help="Look inside the memory banks of a run: health, neighbours, projection, export.",
@@ -18,10 +17,6 @@ Projection = Literal["auto", "pca", "tsne"]  # bank_inspect.PROJECTIONS
 
 RUN_ARG = RUN_ARGUMENT
 STEP_OPT = typer.Option(None, "--step", help="Checkpoint step [default: the latest checkpoint].")
-
-
-def _say(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -141,11 +136,11 @@ def neighbors(
                         f"start); choose a later checkpoint with --step")
     recipe = recipe_of(run_)
     model = from_checkpoint(recipe, checkpoint, run_)
-    _say(f"query embedded with the {model.description}")
+    say(f"query embedded with the {model.description}")
     vector = embed_query(model, chosen, [image], recipe.data.global_crops.size)[0]
     sources = SourceImages(run_)
     if sources.note:
-        _say(sources.note)
+        say(sources.note)
     found = nearest_entries(chosen, vector, k, sources)
     tiles = neighbour_tiles(found, sources, cell)
     missing = sum(tile is None for tile, _ in tiles)
@@ -158,7 +153,7 @@ def neighbors(
                           "out": str(out), "neighbours": [asdict(n) for n in found]}, indent=2))
     else:
         print(table(["#", "cosine", "written at", "image_id", "image", "drawn"], rows))
-    _say(f"wrote {out}" + (f" ({missing} source image{'s' if missing != 1 else ''} missing, drawn blank)" if missing else ""))
+    say(f"wrote {out}" + (f" ({missing} source image{'s' if missing != 1 else ''} missing, drawn blank)" if missing else ""))
 
 
 @app.command("plot")
@@ -193,7 +188,7 @@ def plot(
     sources = SourceImages(run_) if color_by not in ("age", "label") else None
     colours = entry_colours(chosen, name, rows, color_by, checkpoint.step, sources)
     if sources is not None and sources.note:
-        _say(sources.note)
+        say(sources.note)
     points, used = project_2d(chosen.vectors.cpu()[rows].float(), projection)
     left_out = chosen.filled - len(order)
     title = (f"{run_.root.name} · bank '{name}' · step {checkpoint.step} · {used} of {len(rows)} written entries"
@@ -202,8 +197,8 @@ def plot(
     scatter_plot(points, colours.values, out, title=title, colour_by=colours.mode, axis_names=axes,
                  label_names=colours.names, unlabelled=colours.unlabelled, other_name=colours.other_name)
     if colours.missing:
-        _say(f"{colours.missing} of {len(rows)} entries have a source image that {color_by} does not label; drawn grey")
-    _say(f"wrote {out} ({used} of {len(rows)} of {len(order)} written entries)")
+        say(f"{colours.missing} of {len(rows)} entries have a source image that {color_by} does not label; drawn grey")
+    say(f"wrote {out} ({used} of {len(rows)} of {len(order)} written entries)")
 
 
 @app.command("export")
@@ -234,5 +229,5 @@ def export(
     shapes = export_banks(chosen, out, run=run_, checkpoint=checkpoint)
     for name, shape in shapes.items():
         columns = ", ".join(f"{name}/{c}" for c in ["vectors", *chosen[name].payload])
-        _say(f"{name}: {shape[0]} entries x {shape[1]} ({columns})")
-    _say(f"wrote {out}")
+        say(f"{name}: {shape[0]} entries x {shape[1]} ({columns})")
+    say(f"wrote {out}")

@@ -1,13 +1,13 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Literal, Optional
 
 import typer
 
 from mlsctl.cli import app
+from mlsctl.cli._format import say
 from mlsctl.cli._options import MODEL_OPTION, RANDOM_INIT_OPTION, RUN_OPTION, WEIGHTS_OPTION, one_of
 
 Dataset = Literal["voc", "ade20k", "cityscapes", "coco-stuff", "coco-things", "imagenet"]  # datasets.DATASETS
@@ -67,10 +67,10 @@ def embed(
     choice = choose_model(run=run, weights=weights, arch=model, random_init=random_init, seed=seed)
     main = dist.rank() == 0
     if main:
-        print(f"model: {choice.description} (backbone fingerprint {choice.fingerprint[:12]})", file=sys.stderr)
+        say(f"model: {choice.description} (backbone fingerprint {choice.fingerprint[:12]})")
     options = dict(dense=dense, resolution=resolution, resize=resize, batch_size=batch_size, workers=workers,
                    dtype=dtype, part_size=part_size, overwrite=overwrite, max_image_pixels=max_image_pixels,
-                   say=lambda line: print(line, file=sys.stderr))
+                   say=say)
     if benchmark is not None:
         out = out if out is not None else Path("features") / (f"{benchmark.dataset}-{benchmark.split}-"
                                                               f"{folder_label(benchmark.tree.path)}")

@@ -8,14 +8,10 @@ from typing import Literal, Optional
 
 import typer
 
-from mlsctl.cli._format import pct, table
+from mlsctl.cli._format import pct, say, table
 from mlsctl.cli._options import MODEL_OPTION, RANDOM_INIT_OPTION, RUN_OPTION, WEIGHTS_OPTION, one_of
 
 app = typer.Typer(rich_markup_mode=None, help="Evaluate features: dense k-NN and linear segmentation, image k-NN classification, linear probes, image-set retrieval, Recall@K.", no_args_is_help=True)
-
-
-def _say(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
 
 
 def _model_on_demand(run, weights, arch, random_init: bool, seed: int):
@@ -26,7 +22,7 @@ def _model_on_demand(run, weights, arch, random_init: bool, seed: int):
     def get_model():
         if get_model.chosen is None:
             get_model.chosen = choose_model(run=run, weights=weights, arch=arch, random_init=random_init, seed=seed)
-            _say(f"model: {get_model.chosen.description}")
+            say(f"model: {get_model.chosen.description}")
         return get_model.chosen
 
     get_model.chosen = None
@@ -151,11 +147,11 @@ def knn_seg(
 
     inputs = inputs_lib.segmentation_inputs(dataset, root, train_split, val_split,
                                             dict(train=train, train_masks=train_masks, val=val, val_masks=val_masks),
-                                            ignore_index, get_model, embed_options, fmnist=data, say=_say)
+                                            ignore_index, get_model, embed_options, fmnist=data, say=say)
     train_features, val_features, record = inputs.train_features, inputs.val_features, inputs.record
     inputs_lib.check_protocol_resolution(preset, overridden, resolution, train_features)
     if inputs.benchmark:
-        _say(f"evaluating {get_model.chosen.description if get_model.chosen else train_features.model.get('path')} "
+        say(f"evaluating {get_model.chosen.description if get_model.chosen else train_features.model.get('path')} "
              f"on {inputs.benchmark}")
     train_source = lib.FeatureMasks(train_features, inputs.train_masks, "train features")
     val_source = lib.FeatureMasks(val_features, inputs.val_masks, "val features")
@@ -245,7 +241,7 @@ def knn(
 
     get_model = _model_on_demand(run, weights, model, random_init, seed)
     train_features, val_features, train_labels, val_labels, record = classification_inputs(
-        dataset, root, train_split, val_split, train, val, train_labels, val_labels, get_model, say=_say)
+        dataset, root, train_split, val_split, train, val, train_labels, val_labels, get_model, say=say)
     started = time.perf_counter()
     result = lib.evaluate_knn(train_features, val_features, train_labels, val_labels, k or lib.DEFAULT_KS, temperature,
                               device=device)
@@ -302,7 +298,7 @@ def linear(
         raise UserError(f"--multi-label reads tag lists from --train-labels; --dataset {dataset} has one class per image")
     get_model = _model_on_demand(run, weights, model, random_init, seed)
     train_features, val_features, train_labels, val_labels, record = classification_inputs(
-        dataset, root, train_split, val_split, train, val, train_labels, val_labels, get_model, say=_say)
+        dataset, root, train_split, val_split, train, val, train_labels, val_labels, get_model, say=say)
     started = time.perf_counter()
     result = lib.evaluate_linear(train_features, val_features, labels=train_labels, val_labels=val_labels,
                                  multi_label=multi_label, lrs=lr or lib.DEFAULT_LRS, wds=wd or lib.DEFAULT_WDS,
@@ -374,7 +370,7 @@ def linear_seg(
     inputs = segmentation_inputs(dataset, root, train_split, val_split,
                                  dict(train=train, train_masks=train_masks, val=val, val_masks=val_masks),
                                  ignore_index, get_model, lambda: {"resolution": resolution} if resolution else {},
-                                 say=_say)
+                                 say=say)
     train_features, val_features = inputs.train_features, inputs.val_features
     train_source = knn_lib.FeatureMasks(train_features, inputs.train_masks, "train features")
     val_source = knn_lib.FeatureMasks(val_features, inputs.val_masks, "val features")
@@ -428,9 +424,9 @@ def retrieval(
         if not 0 <= fractions[-1] < 1:
             raise UserError(f"--noise takes fractions in [0, 1), got {value}")
     size = _query_size(query_size)
-    model = choose_set_model(run, say=_say)
+    model = choose_set_model(run, say=say)
     payload = {"command": "eval retrieval",
-               **evaluate_set_model(model, gallery, query, query_size=size, noise=fractions, seed=seed, say=_say)}
+               **evaluate_set_model(model, gallery, query, query_size=size, noise=fractions, seed=seed, say=say)}
     out = out or _default_json("retrieval")
     _write_json(out, payload)
     if as_json:
@@ -442,7 +438,7 @@ def retrieval(
              *(pct(r[f"R@{k}"]) for k in (1, 2, 5, 10))] for r in payload["results"]]
     print(table(["method", "backbone", "noise", "AR@10", "R@1", "R@2", "R@5", "R@10"], rows,
                 right=[False, False, True, True, True, True, True, True]))
-    _say(f"wrote {out}")
+    say(f"wrote {out}")
 
 
 @app.command("recall")

@@ -1,14 +1,13 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Literal, Optional
 
 import typer
 
-from mlsctl.cli._format import table
+from mlsctl.cli._format import say, table
 from mlsctl.cli._options import one_of
 
 app = typer.Typer(rich_markup_mode=None, help="Build and grow galleries of objects for image-set search (MILE set embeddings in faiss).",
@@ -17,10 +16,6 @@ app = typer.Typer(rich_markup_mode=None, help="Build and grow galleries of objec
 
 GalleryIndex = Literal["flat", "ivfpq"]  # gallery.INDEX_KINDS
 StorageDtype = Literal["fp32", "fp16"]  # gallery.STORAGE_DTYPES
-
-
-def _say(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
 
 
 @app.command("build")
@@ -45,7 +40,7 @@ def build(
     from mlsctl.gallery import IndexSettings, build_gallery, choose_set_model
 
     settings = IndexSettings(index, nlist, pq_m, pq_bits, nprobe, refine)
-    record = build_gallery(source, choose_set_model(run, say=_say), out, settings, overwrite=overwrite, storage_dtype=dtype)
+    record = build_gallery(source, choose_set_model(run, say=say), out, settings, overwrite=overwrite, storage_dtype=dtype)
     if as_json:
         print(json.dumps(record, indent=2))
         return
@@ -76,7 +71,7 @@ def add(
     photos = load_images(images)
     with FolderLock(gallery, "gallery"):
         target = Gallery(gallery, recover=True)
-        model = choose_set_model(run or Path(target.manifest["model"]["run"]), say=_say)
+        model = choose_set_model(run or Path(target.manifest["model"]["run"]), say=say)
         created, count = target.add(model, object_id, photos)
     share = target.added_since_training()
     if as_json:
@@ -86,7 +81,7 @@ def add(
         print(f"{'created' if created else 'updated'} {object_id} in {gallery}: {count} photos folded, "
               f"{len(target)} objects")
     if share > RETRAIN_SHARE:
-        _say(f"{100 * share:.0f}% of the objects were written after the IVF index was trained, so recall may have "
+        say(f"{100 * share:.0f}% of the objects were written after the IVF index was trained, so recall may have "
              f"dropped: run mlsctl index retrain {gallery}")
 
 
@@ -169,9 +164,9 @@ def search(
         index = newest_gallery(".")
         if index is None:
             raise UserError("no --index given and no gallery under the current directory; build one with mlsctl index build")
-        _say(f"gallery: {index} (the newest under the current directory)")
+        say(f"gallery: {index} (the newest under the current directory)")
     target = Gallery(index)
-    model = choose_set_model(run or Path(target.manifest["model"]["run"]), say=_say)
+    model = choose_set_model(run or Path(target.manifest["model"]["run"]), say=say)
     target.check_model(model)
     if sets is not None:
         queries = _read_query_sets(sets)
@@ -183,7 +178,7 @@ def search(
                               "results": [{"rank": i + 1, "object": o, "score": s} for i, (o, s) in enumerate(found)]}),
                   flush=True)
         seconds = time.perf_counter() - started
-        _say(f"searched {len(queries)} sets in {seconds:.2f}s ({len(queries) / max(seconds, 1e-9):.1f} sets/s)")
+        say(f"searched {len(queries)} sets in {seconds:.2f}s ({len(queries) / max(seconds, 1e-9):.1f} sets/s)")
         return
     cls, tokens = model.image_tokens(load_images(images))
     found = target.search(model.fold(None, cls, tokens), k)

@@ -7,6 +7,7 @@ from typing import Literal, Optional
 
 import typer
 
+from mlsctl.cli._format import say
 from mlsctl.cli._options import OverridesCommand, one_of, png_file
 
 app = typer.Typer(rich_markup_mode=None, no_args_is_help=True,
@@ -15,10 +16,6 @@ app = typer.Typer(rich_markup_mode=None, no_args_is_help=True,
 
 Dtype = Literal["fp16", "fp32"]  # features.DTYPES
 Projection = Literal["pca", "tsne"]  # refine.plot.PROJECTIONS
-
-
-def _say(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
 
 
 @app.command("train", context_settings={"allow_interspersed_args": True}, cls=OverridesCommand)
@@ -84,7 +81,7 @@ def apply(
     from mlsctl.refine.apply import apply_refinement
 
     summary = apply_refinement(run, features, out, context_dir=context, k=k, overwrite=overwrite, dtype=dtype,
-                               progress=sys.stderr.isatty(), say=_say)
+                               progress=sys.stderr.isatty(), say=say)
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return
