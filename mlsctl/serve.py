@@ -97,6 +97,8 @@ WRITE_STALL_SECONDS = 30.0  # a connection that reads none of its answers for th
 WAIT_SECONDS = 120.0  # the longest a request waits for the decode budget
 WORKING = 4  # requests decoding and embedding at once
 MAX_CONNECTIONS = 128  # uvicorn answers 503 beyond
+MAX_CONNECTIONS_PER_CLIENT = 32  # connections one client address may hold open (--max-connections-per-client)
+REFUSED_LINGER_SECONDS = 2.0  # a connection refused for its address's cap is closed after this, or at its EOF
 TOKEN_NAME = ".mlsctl.token"
 API = "POST /search, POST /objects/ID/photos, GET /objects/ID, GET /health"
 
@@ -940,7 +942,8 @@ def write_token(gallery: Path) -> Path:
 
 def serve(gallery: Path, run: Optional[Path], host: str, port: int, root: Optional[Path], max_upload_mb: float,
           say=print, *, max_request_mb: float = 64.0, decode_budget_mb: float = 1024.0, read_only: bool = False,
-          token_file: Optional[Path] = None, allow_hosts: Sequence[str] = (), docs: bool = False) -> None:
+          token_file: Optional[Path] = None, allow_hosts: Sequence[str] = (), docs: bool = False,
+          max_connections_per_client: int = MAX_CONNECTIONS_PER_CLIENT) -> None:
     import uvicorn
 
     limits = Limits.from_mib(max_upload_mb, max_request_mb, decode_budget_mb)
@@ -975,7 +978,8 @@ def serve(gallery: Path, run: Optional[Path], host: str, port: int, root: Option
         warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
         config = uvicorn.Config(create_app(service, policy, docs), log_level="warning", access_log=False,
                                 limit_concurrency=MAX_CONNECTIONS, proxy_headers=False, server_header=False,
-                                timeout_keep_alive=5, http=head_timeout_protocol())
+                                timeout_keep_alive=5,
+                                http=head_timeout_protocol(max_connections_per_client))
         try:
             uvicorn.Server(config).run(sockets=[sock])
         except Terminated:  # SIGTERM, once uvicorn has answered the requests under way: a service's ordinary stop
@@ -994,21 +998,62 @@ def serve(gallery: Path, run: Optional[Path], host: str, port: int, root: Option
         sock.close()
 
 
-def head_timeout_protocol():
+def too_many_connections_answer(per_client: int) -> bytes:
+    """The whole HTTP answer to a connection beyond ``per_client`` of one address: 503, JSON, closed."""
+    body = json.dumps({"error": f"this address holds {per_client} connections to the server already, the most one "
+                                f"client may; close some, or reuse them (keep-alive), and retry"}).encode()
+    return (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\nretry-after: 10\r\nconnection: close\r\n\r\n" % len(body)) + body
+
+
+def head_timeout_protocol(per_client: int = MAX_CONNECTIONS_PER_CLIENT):
     """uvicorn's HTTP/1.1 protocol (h11), closing a connection that has not sent a whole request line
     and headers within :data:`REQUEST_HEAD_SECONDS` of opening or of its last answer (uvicorn waits for
     ever for a first request, and its keep-alive timer stops at the first byte): idle or trickling
-    connections cannot hold the :data:`MAX_CONNECTIONS` slots; and aborting one that has not read its
-    answers for :data:`WRITE_STALL_SECONDS` (a client that pipelines requests and never reads)."""
+    connections cannot hold the :data:`MAX_CONNECTIONS` slots; aborting one that has not read its
+    answers for :data:`WRITE_STALL_SECONDS` (a client that pipelines requests and never reads); and
+    answering a connection beyond ``per_client`` open from one address with a 503 before closing it
+    (0: no cap), so that one client cannot hold every slot. Behind a proxy every client has the
+    proxy's address: the proxy's own limits apply then, and the cap is set to 0."""
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    open_by_address: dict[str, int] = {}  # one event loop calls these methods: no lock
+    refusing: set[str] = set()  # addresses whose refusal was logged, until they drop below the cap
 
     class HeadTimeoutProtocol(H11Protocol):
         head_timer = None
         write_timer = None
+        address = None  # the peer address this connection is counted under
+        refused = False  # beyond the cap of its address: answered 503, its bytes dropped until it closes
+
+        def data_received(self, data: bytes) -> None:
+            if not self.refused:
+                super().data_received(data)
 
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
+            peer = transport.get_extra_info("peername")
+            address = str(peer[0]) if isinstance(peer, (tuple, list)) and peer else None
+            if per_client and address is not None and open_by_address.get(address, 0) >= per_client:
+                if address not in refusing:
+                    refusing.add(address)
+                    log.warning(f"{address} holds {per_client} connections, the most one client may "
+                                f"(--max-connections-per-client); its next ones get 503 until it closes some")
+                # answered, then a lingering close: what the client sends meanwhile is read and dropped, so the
+                # close is not a reset that could discard the answer before the client reads it
+                self.refused = True
+                try:
+                    transport.write(too_many_connections_answer(per_client))
+                    transport.write_eof()
+                except OSError:  # the client has gone already
+                    transport.abort()
+                    return
+                self.head_timer = self.loop.call_later(REFUSED_LINGER_SECONDS, transport.close)
+                return
+            if address is not None:
+                self.address = address
+                open_by_address[address] = open_by_address.get(address, 0) + 1
             # pause_writing (which arms the write-stall timer) whenever an answer waits in the buffer, not only
             # above 64 KiB: a client that stops reading with less pending, then is closed, would else hold its slot
             transport.set_write_buffer_limits(high=0)
@@ -1023,6 +1068,13 @@ def head_timeout_protocol():
             for timer in (self.head_timer, self.write_timer):
                 if timer is not None:
                     timer.cancel()
+            if self.address is not None:
+                left = open_by_address.pop(self.address) - 1
+                if left:
+                    open_by_address[self.address] = left
+                if left < per_client:
+                    refusing.discard(self.address)
+                self.address = None
             super().connection_lost(exc)
 
         def pause_writing(self) -> None:  # the client stopped reading what it asked for

@@ -1,12 +1,12 @@
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from mlsctl.cli import app
+from mlsctl.cli._format import say
 
 
 @app.command("serve")
@@ -22,6 +22,7 @@ def serve(
     max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", help="Largest photo file accepted, in MiB."),
     max_request_mb: float = typer.Option(64.0, "--max-request-mb", help="Largest request body, in MiB (JSON bodies: 1 MiB)."),
     decode_budget_mb: float = typer.Option(1024.0, "--decode-budget-mb", help="Memory all requests together may use to decode photos, in MiB; a photo that needs more is refused."),
+    max_connections_per_client: int = typer.Option(32, "--max-connections-per-client", min=0, help="Connections one client address may hold open; beyond, 503 (0: no cap, behind a proxy, where every client has the proxy's address)."),
     docs: bool = typer.Option(False, "--docs", help="Serve the API's pages /docs, /redoc and /openapi.json (/docs loads scripts from a CDN)."),
 ) -> None:
     """Serve a gallery over HTTP: search with photos, fold photos into objects, as JSON.
@@ -38,6 +39,7 @@ def serve(
     """
     from mlsctl.serve import serve as run_server
 
-    run_server(gallery, run, host, port, root, max_upload_mb, say=lambda line: print(line, file=sys.stderr, flush=True),
+    run_server(gallery, run, host, port, root, max_upload_mb, say=say,
                max_request_mb=max_request_mb, decode_budget_mb=decode_budget_mb, read_only=read_only,
-               token_file=token_file, allow_hosts=allow_host or [], docs=docs)
+               token_file=token_file, allow_hosts=allow_host or [], docs=docs,
+               max_connections_per_client=max_connections_per_client)
