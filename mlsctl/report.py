@@ -536,11 +536,37 @@ def _evaluations(run: Run, folders: Sequence[Path], weights: RunWeights) -> tupl
     return "".join(parts) + notes, shown, skipped
 
 
+REPORT_HEAD = '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>mlsctl report: '
+
+
+def is_report(path: Path) -> bool:
+    """``path`` is a page :func:`write_report` wrote (its first bytes say so)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(REPORT_HEAD.encode())) == REPORT_HEAD.encode()
+    except OSError:
+        return False
+
+
+def check_report_target(out: Path, overwrite: bool = False) -> None:
+    """``--out`` names an HTML file that is new, or an earlier report (replaced), or anything else
+    with ``overwrite``: a report written over a run's weights or a user's notes destroyed them."""
+    if out.suffix.lower() not in (".html", ".htm"):
+        raise UserError(f"--out {out} must end in .html: the report is one HTML page")
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; give a file name ending in .html")
+    if out.exists() and not overwrite and not is_report(out):
+        raise UserError(f"--out {out} exists and is not an mlsctl report; add --overwrite to replace it, or choose "
+                        f"another --out")
+
+
 def write_report(run_dir: str | Path, out: str | Path, *, results: Sequence[str | Path] = ("results",),
-                 patch_images: int = 8) -> dict:
+                 patch_images: int = 8, overwrite: bool = False) -> dict:
+    """The report of ``run_dir`` written to ``out`` (see :func:`check_report_target`); what it holds."""
     from mlsctl.curves import plot_runs
     from mlsctl.restore import open_run, recipe_of
 
+    check_report_target(Path(out), overwrite)
     run = open_run(run_dir)
     recipe = recipe_of(run)
     body = {}
@@ -560,8 +586,7 @@ def write_report(run_dir: str | Path, out: str | Path, *, results: Sequence[str 
     titles = {"summary": "Summary", "recipe": "Recipe", "curves": "Training curves", "patch-maps": "PCA patch maps",
               "banks": "Memory banks", "evaluations": "Evaluations"}
     sections = "".join(f'<section id="{key}"><h2>{titles[key]}</h2>{body[key]}</section>' for key in SECTIONS)
-    page = (f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>mlsctl report: "
-            f"{html.escape(run.root.name)}</title><style>{STYLE}</style><script>{SCRIPT}</script></head><body>"
+    page = (f"{REPORT_HEAD}{html.escape(run.root.name)}</title><style>{STYLE}</style><script>{SCRIPT}</script></head><body>"
             f"<h1>mlsctl report: {html.escape(run.root.name)}</h1>{sections}</body></html>")
     atomic.write_text(out, page)
     return {"out": str(out), "sections": list(SECTIONS), "images": page.count("<img "),

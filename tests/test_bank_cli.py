@@ -266,3 +266,21 @@ def test_export_of_a_run_without_banks_is_refused(mile_run, tmp_path, capsys):
 
     code, _, err = cli("bank", "export", str(mile_run / "run"), "--out", str(tmp_path / "b.safetensors"), capsys=capsys)
     assert code == 2 and "has no memory bank" in err and not (tmp_path / "b.safetensors").exists()
+
+
+def test_export_into_the_run_folder_is_refused(finished_run, tmp_path, capsys):
+    """A new-user probe (2026-12-05): bank export --out RUN/checkpoints/step-N/banks.safetensors --overwrite
+    replaced the checkpoint's banks with the export (the run could no longer resume), and --out
+    RUN/teacher.safetensors its teacher."""
+    from conftest import cli
+
+    run_dir, _ = finished_run
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    targets = [run / "teacher.safetensors", *sorted(run.glob("checkpoints/*/banks.safetensors"))[-1:]]
+    assert len(targets) == 2
+    before = {t: t.read_bytes() for t in targets}
+    for target in targets:
+        code, _, err = cli("bank", "export", str(run), "--out", str(target), "--overwrite", capsys=capsys)
+        assert code == 2 and "inside the run folder" in err, err
+    assert {t: t.read_bytes() for t in targets} == before

@@ -208,3 +208,27 @@ def test_an_unreadable_training_image_is_left_out_of_the_patch_maps_and_named(fi
     assert bad in [p.name for p in first]
     assert captions == [p.name for p in first if p.name != bad]
     assert "3 of the first 4 training images" in page and f"Left out, unreadable: {bad} (truncated image data)" in page
+
+
+def test_report_never_writes_over_a_file_that_is_not_a_report(finished_run, tmp_path, capsys):
+    """A new-user probe (2026-12-05): report --out RUN/teacher.safetensors wrote the page over the run's
+    teacher, and --out notes.txt over the user's notes. --out ends in .html; an existing file is
+    replaced when it is an earlier report, or with --overwrite."""
+    from conftest import cli
+
+    run_dir, _ = finished_run
+    teacher = run_dir / "teacher.safetensors"
+    weights = teacher.read_bytes()
+    notes = tmp_path / "notes.html"
+    notes.write_text("<p>my notes</p>")
+    for out, said in ((teacher, "must end in .html"), (tmp_path / "notes.txt", "must end in .html"),
+                      (notes, "is not an mlsctl report; add --overwrite"), (tmp_path, "must end in .html")):
+        code, _, err = cli("report", str(run_dir), "--out", str(out), "--results", str(tmp_path), capsys=capsys)
+        assert code == 2 and said in err, err
+    assert teacher.read_bytes() == weights and notes.read_text() == "<p>my notes</p>"
+    page = tmp_path / "r.html"
+    for _ in range(2):  # an earlier report is replaced without asking
+        cli_ok(capsys, "report", str(run_dir), "--out", str(page), "--results", str(tmp_path), "--patch-images", "1")
+    cli_ok(capsys, "report", str(run_dir), "--out", str(notes), "--results", str(tmp_path), "--patch-images", "1",
+           "--overwrite")
+    assert notes.read_text().startswith("<!DOCTYPE html>")

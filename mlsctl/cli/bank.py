@@ -223,6 +223,9 @@ def export(
     if out.exists() and not overwrite:
         raise UserError(f"--out {out} exists; add --overwrite to replace it, or choose another --out")
     run_, checkpoint, banks = open_banks(run, step)
+    if out.resolve().is_relative_to(run_.root.resolve()):  # its checkpoints, teacher, ... are the run's
+        raise UserError(f"--out {out} is inside the run folder {run_.root}, whose files are the run's own (a "
+                        f"checkpoint's banks.safetensors, the teacher); write the export outside it")
     if not banks:  # an empty file would look like an export
         raise UserError(f"run {run_.root} has no memory bank (its method keeps none): nothing to export")
     chosen = dict(choose_bank(banks, b, run_) for b in bank) if bank else banks

@@ -14,9 +14,10 @@ from mlsctl.cli._options import RUN_ARGUMENT
 @app.command("report")
 def report(
     run: Path = RUN_ARGUMENT,
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="HTML file to write [default: RUN/report.html]."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="HTML file to write, ending in .html [default: RUN/report.html]."),
     results: Optional[list[Path]] = typer.Option(None, "--results", help="Folders of mlsctl eval result JSONs to search for this run's evaluations [default: ./results]."),
     patch_images: int = typer.Option(8, "--patch-images", min=1, help="Training images drawn with PCA patch maps."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an --out file that is not an earlier report (an earlier one is always replaced)."),
     as_json: bool = typer.Option(False, "--json", help="Print what was written as JSON."),
 ) -> None:
     """One self-contained HTML page of a run: summary, recipe, curves, PCA patch maps, banks and evaluations.
@@ -26,7 +27,8 @@ def report(
     from mlsctl.report import write_report
 
     target = out or (run / "report.html")
-    record = write_report(run, target, results=results or [Path("results")], patch_images=patch_images)
+    record = write_report(run, target, results=results or [Path("results")], patch_images=patch_images,
+                          overwrite=overwrite)
     for line in record["skipped"]:
         print(line, file=sys.stderr)
     if as_json:
