@@ -296,3 +296,19 @@ def test_a_folder_of_unreadable_images_is_an_error_for_embed_and_for_every_evalu
     assert code == 2 and "hold no rows" in err and "internal error" not in err
     code, _, err = cli("eval", "recall", str(tmp_path / "f"), capsys=capsys)
     assert code == 2 and "hold no rows" in err
+
+
+def test_features_prepared_differently_are_not_compared(tmp_path: Path):
+    """A new-user probe (2026-12-05): eval knn scored 64 px square train features against 32 px centre-crop
+    val features without a word, where a different model is refused."""
+    from mlsctl.evaluate.knn import evaluate_knn
+
+    images = make_images(tmp_path / "images", 6)
+    model = tiny_model()
+    embed_folder(images, tmp_path / "a", model, say=quiet)
+    embed_folder(images, tmp_path / "b", model, resolution=48, resize="center-crop", say=quiet)
+    embed_folder(images, tmp_path / "c", model, say=quiet)
+    a, b, c = Features(tmp_path / "a"), Features(tmp_path / "b"), Features(tmp_path / "c")
+    a.check_same_model(c)
+    with pytest.raises(UserError, match=r"different preprocessing \(resize square vs center-crop, resolution \d+ vs 48\)"):
+        evaluate_knn(a, b, None, None, [1], 0.07)

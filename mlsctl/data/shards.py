@@ -159,10 +159,18 @@ class Features:
                             f"with --overwrite")
 
     def check_same_model(self, other: "Features") -> None:
-        """Refuse to compare features of two different models (or widths)."""
+        """Refuse to compare features of two different models (or widths), or of images prepared
+        differently (resize, input size, interpolation, normalisation): neighbours across them
+        would measure the preprocessing as much as the model."""
         if self.dim != other.dim or self.model.get("fingerprint") != other.model.get("fingerprint"):
             raise UserError(f"{self.what} {self.path} and {other.what} {other.path} come from different models; "
                             f"embed both with the same one")
+        differing = [key for key in sorted(set(self.preprocessing) | set(other.preprocessing))
+                     if self.preprocessing.get(key) != other.preprocessing.get(key)]
+        if differing:
+            shown = ", ".join(f"{key} {self.preprocessing.get(key)} vs {other.preprocessing.get(key)}" for key in differing)
+            raise UserError(f"{self.what} {self.path} and {other.what} {other.path} were embedded with different "
+                            f"preprocessing ({shown}); embed both with the same --resize and --resolution")
 
     # ------------------------------------------------------------------ access
     def __len__(self) -> int:
