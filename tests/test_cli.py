@@ -3,6 +3,8 @@ from __future__ import annotations
 import json
 import re
 
+import torch
+
 from mlsctl import __version__
 
 from conftest import REPO, cli, cli_ok, run_cli
@@ -310,6 +312,18 @@ def test_ctrl_c_in_any_command_says_interrupted(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(knn, "evaluate_knn", stopped)
     code, out, err = cli("eval", "knn", "--train", str(tmp_path / "f"), "--val", str(tmp_path / "f"), capsys=capsys)
     assert code == 130 and err.strip().splitlines()[-1] == "interrupted" and "Traceback" not in err
+
+
+def test_knn_says_when_val_images_are_training_images(capsys, tmp_path):
+    """A new-user probe (2026-12-05): eval knn --train f --val f gave top-1 100 % without a word."""
+    from conftest import cli, write_feature_folder
+
+    names = [f"c{i}/{j}.png" for i in range(2) for j in range(3)]
+    write_feature_folder(tmp_path / "f", names, torch.randn(6, 8))
+    code, out, err = cli("eval", "knn", "--train", str(tmp_path / "f"), "--val", str(tmp_path / "f"), "--k", "1",
+                         "--out", str(tmp_path / "r.json"), capsys=capsys)
+    assert code == 0 and "note: 6 of the 6 val images are training images too" in err
+    assert json.loads((tmp_path / "r.json").read_text())["dataset"]["val_images_in_train"] == 6
 
 
 def test_a_picture_is_written_only_under_a_png_name(capsys, tmp_path):

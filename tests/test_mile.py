@@ -321,6 +321,18 @@ def test_gallery_from_features_must_match_how_queries_are_embedded(mile_run, tmp
     code, _, err = cli("eval", "retrieval", "--gallery", str(mile_run / "gallery"), "--query", str(tmp_path / "other"),
                        "--run", run, "--out", str(tmp_path / "r.json"), capsys=capsys)
     assert code == 2 and "share only 2 object ids" in err
+    # a new-user probe (2026-12-05): the gallery's own photos as queries scored 100 % without a word, and
+    # --query-size beyond the photos there are was reported as the size used
+    code, _, err = cli("eval", "retrieval", "--gallery", str(mile_run / "gallery"), "--query", str(mile_run / "gallery"),
+                       "--run", run, "--out", str(tmp_path / "r.json"), capsys=capsys)
+    assert code == 2 and "share" in err and "photos" in err and "give other photos of the objects" in err
+    most = max(len(list(folder.iterdir())) for folder in (mile_run / "query").iterdir())
+    code, out, err = cli("eval", "retrieval", "--gallery", str(mile_run / "gallery"), "--query", str(mile_run / "query"),
+                         "--run", run, "--noise", "0", "--query-size", str(most + 5), "--out", str(tmp_path / "r.json"),
+                         capsys=capsys)
+    sizes = json.loads((tmp_path / "r.json").read_text())["query_set_sizes"]
+    assert code == 0 and sizes["max"] == most and f"have fewer than {most + 5} query photos" in err
+    assert f"query sets of {most + 5} photos" not in out
 
 
 def test_a_cnn_mile_run_builds_a_gallery_and_searches_it(mile_run, tmp_path, capsys):

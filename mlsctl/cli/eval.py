@@ -432,8 +432,10 @@ def retrieval(
     if as_json:
         print(json.dumps(payload, indent=2))
         return
+    sizes = payload["query_set_sizes"]
+    shown = sizes["min"] if sizes["min"] == sizes["max"] else f"{sizes['min']} to {sizes['max']}"
     print(f"image-set retrieval, {payload['objects']} objects ({model.run} at step {model.step}), query sets of "
-          f"{size or 'all'} photos; R@k in %; start = {payload['start']}:")
+          f"{shown} photos; R@k in %; start = {payload['start']}:")
     rows = [[r["method"], r["backbone"], f"{100 * r['noise']:.0f}%", pct(r["AR@10"]),
              *(pct(r[f"R@{k}"]) for k in (1, 2, 5, 10))] for r in payload["results"]]
     print(table(["method", "backbone", "noise", "AR@10", "R@1", "R@2", "R@5", "R@10"], rows,

@@ -63,6 +63,15 @@ def is_feature_pair(train: Path, val: Path) -> bool:
     return is_feature_folder(train) and is_feature_folder(val)
 
 
+def shared_images(train_features, val_features) -> int:
+    """How many of the val features' images are files the train features were embedded from too."""
+    def files(features) -> set[str]:
+        root = Path(features.input_root).resolve()
+        return {str(root / name) for name in features.files}
+
+    return len(files(train_features) & files(val_features))
+
+
 def image_roots(train_features, val_features) -> dict:
     """The image folders the features of a folders evaluation were embedded from."""
     return {"train_root": str(train_features.input_root), "val_root": str(val_features.input_root)}
@@ -188,6 +197,11 @@ def classification_inputs(dataset: str, root: Optional[Path], train_split: Optio
         val_features = features_or_embed(val, get_model, dense=False, what="val features", say=say)
         labels = "folder names" if train_labels is None else str(train_labels)
         record = {"name": "folders", **image_roots(train_features, val_features), "labels": labels}
+        shared = shared_images(train_features, val_features)
+        if shared:
+            record["val_images_in_train"] = shared
+            say(f"note: {shared} of the {len(val_features)} val images are training images too (the same files): "
+                f"they find themselves, so the scores measure memory, not generalisation")
         return train_features, val_features, train_labels, val_labels, record
     if train_labels is not None or val_labels is not None:
         raise UserError(f"--dataset {dataset} labels its images itself; drop --train-labels/--val-labels")

@@ -167,6 +167,11 @@ def paired_photos(gallery, query) -> PairedPhotos:
         raise UserError(f"{gallery} ({len(gallery_groups)} objects) and {query} ({len(query_groups)} objects) share only "
                         f"{len(objects)} object ids: are they photos of the same objects? Give folders whose object "
                         f"folders match")
+    shared = {p.resolve() for o in objects for p in gallery_groups[o]} & {p.resolve() for o in objects
+                                                                          for p in query_groups[o]}
+    if shared:
+        raise UserError(f"{gallery} and {query} share {len(shared)} photos (e.g. {min(shared)}): a query set of the "
+                        f"gallery's own photos finds its object trivially; give other photos of the objects as --query")
     paths, gallery_rows, query_rows = [], [], []
     for o in objects:
         gallery_rows.append(list(range(len(paths), len(paths) + len(gallery_groups[o]))))
@@ -192,6 +197,11 @@ def evaluate_set_model(model, gallery, query, *, query_size: Optional[int], nois
     say(f"{len(photos.objects)} objects in both {gallery} ({photos.gallery_objects}) and {query} "
         f"({photos.query_objects})")
     query_rows = sample_sets(photos.query_rows, query_size, seed)
+    sizes = sorted(len(rows) for rows in query_rows)
+    if query_size is not None and sizes[0] < query_size:
+        fewer = sum(size < query_size for size in sizes)
+        say(f"note: {fewer} of {len(sizes)} objects have fewer than {query_size} query photos; their sets hold all "
+            f"they have ({sizes[0]}{'' if sizes[0] == sizes[-1] else f' to {sizes[-1]}'} photos a set)")
     images = load_images(photos.paths)
     say(f"embedding {len(photos.paths)} photos of {len(photos.objects)} objects with the trained teacher and with the "
         f"backbone the run started from")
@@ -206,5 +216,6 @@ def evaluate_set_model(model, gallery, query, *, query_size: Optional[int], nois
             "fingerprint": model.fingerprint,
             "model": {**model.backbone.info, "step": model.step, "set_fingerprint": model.fingerprint},
             "start": start.backbone.description, "query_size": query_size if query_size is not None else "all",
+            "query_set_sizes": {"min": sizes[0], "max": sizes[-1], "mean": sum(sizes) / len(sizes)},
             "seed": seed, "objects": len(photos.objects), "photos": len(photos.paths),
             "seconds": time.perf_counter() - started, "results": [r.to_dict() for r in results]}
