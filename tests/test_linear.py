@@ -95,6 +95,11 @@ def test_cli_errors_are_one_sentence(tmp_path, capsys):
     code, _, err = cli("eval", "linear", "--train", str(folders["train"]), "--val", str(folders["val"]),
                        "--multi-label", "--train-labels", str(tmp_path / "bad.jsonl"), capsys=capsys)
     assert code != 0 and "bad.jsonl:1 is not a JSON object" in err
+    # a new-user probe (2026-12-05): --holdout 0 with a sweep silently trained the first lr and wd given
+    single = _folders(tmp_path / "single", multi=False)
+    code, _, err = cli("eval", "linear", "--train", str(single["train"]), "--val", str(single["val"]), "--holdout", "0",
+                       "--lr", "1", "0.001", capsys=capsys)
+    assert code == 2 and "--holdout 0 leaves no images to choose among 2 learning rates and 2 weight decays" in err
 
 
 def test_binary_labels_and_metrics_files_are_one_sentence(tmp_path, capsys, finished_run):

@@ -194,7 +194,10 @@ def evaluate_linear(train_features, val_features, *, labels: Optional[Path] = No
         unseen = sorted(set(val_names) - set(classes))
     if len(classes) < 2:
         raise UserError(f"the training labels name {len(classes)} class; a linear probe needs at least 2")
-    if holdout > 0 and (len(lrs) > 1 or len(wds) > 1):
+    if holdout <= 0 and (len(lrs) > 1 or len(wds) > 1):
+        raise UserError(f"--holdout 0 leaves no images to choose among {len(lrs)} learning rates and {len(wds)} weight "
+                        f"decays; give one --lr and one --wd, or a --holdout above 0")
+    if len(lrs) > 1 or len(wds) > 1:
         chosen, rows = sweep(x_train, y_train, multi_label, lrs, wds, epochs, batch_size, holdout, seed)
     else:
         chosen, rows = ProbeSettings(lrs[0], wds[0], epochs, batch_size), []
