@@ -314,6 +314,15 @@ def test_gallery_from_features_must_match_how_queries_are_embedded(mile_run, tmp
     lines = [json.loads(line) for line in out.splitlines()]
     assert code == 0 and [line["id"] for line in lines] == ["first", None] and "sets/s" in err
     assert lines[0]["results"][0]["object"] == "obj2" and lines[0]["results"][0]["score"] == pytest.approx(1.0, abs=1e-4)
+    # a new-user probe (2026-12-05): one unreadable photo ended the batch, and the error named no line
+    sets.write_text(json.dumps({"id": "a", "photos": [str(photos[0])]}) + "\n"
+                    + json.dumps({"id": "b", "photos": ["nope.png"]}) + "\n"
+                    + json.dumps({"id": "c", "photos": [str(photos[1])]}) + "\n")
+    code, out, err = cli("search", "--sets", str(sets), "--index", str(tmp_path / "g2"), "-k", "2", capsys=capsys)
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [line["id"] for line in lines] == ["a", "b", "c"] and "results" in lines[0] and "results" in lines[2]
+    assert "line 2: cannot read" in lines[1]["error"] and "nope.png" in lines[1]["error"]
+    assert code == 2 and "1 of the 3 sets" in err and "(lines 2)" in err
     # retrieval refuses folders of unrelated objects
     shutil.copytree(mile_run / "query", tmp_path / "other")
     for i, folder in enumerate(sorted((tmp_path / "other").iterdir())[:4]):

@@ -113,9 +113,9 @@ def retrain(
           f"{manifest['index']['kind']}, {seconds:.1f}s")
 
 
-def _read_query_sets(path: Path) -> list[tuple[Optional[str], list[Path]]]:
+def _read_query_sets(path: Path) -> list[tuple[int, Optional[str], list[Path]]]:
     """--sets FILE: one JSON object per line, {"photos": [paths...], "id": optional}; relative
-    paths are relative to the file's folder."""
+    paths are relative to the file's folder. (line number, id, photos) of each set."""
     from mlsctl.errors import UserError
 
     sets = []
@@ -135,15 +135,15 @@ def _read_query_sets(path: Path) -> list[tuple[Optional[str], list[Path]]]:
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             raise UserError(f"--sets {path} line {number} is not a JSON object with a non-empty list of paths "
                             f"'photos' (and an optional 'id')") from None
-        sets.append((None if query_id is None else str(query_id), [path.parent / p for p in photos]))
+        sets.append((number, None if query_id is None else str(query_id), [path.parent / p for p in photos]))
     if not sets:
         raise UserError(f"--sets {path} holds no query set")
     return sets
 
 
 def search(
-    images: Optional[list[Path]] = typer.Option(None, "--set", help="Photos of one object (space-separated)."),
-    sets: Optional[Path] = typer.Option(None, "--sets", help="JSONL of query sets, one per line: {\"photos\": [...], \"id\": ...}; one JSON line out per set."),
+    images: Optional[list[Path]] = typer.Option(None, "--set", help="Photos of one object (space-separated), folded in the order given: the set embedding depends on it, and index build folds an object's photos in file-name order."),
+    sets: Optional[Path] = typer.Option(None, "--sets", help="JSONL of query sets, one per line: {\"photos\": [...], \"id\": ...} (photos folded in the order listed); one JSON line out per set, with 'error' where a photo cannot be read."),
     index: Optional[Path] = typer.Option(None, "--index", help="Gallery folder [default: the newest gallery under the current directory]."),
     k: int = typer.Option(10, "-k", "--k", min=1, help="Objects to return."),
     run: Optional[Path] = typer.Option(None, "--run", help="Run to embed with [default: the gallery's run]."),
@@ -171,14 +171,26 @@ def search(
     if sets is not None:
         queries = _read_query_sets(sets)
         started = time.perf_counter()
-        for query_id, photos in queries:
-            cls, tokens = model.image_tokens(load_images(photos))
+        failed = []
+        for number, query_id, photos in queries:
+            record = {"id": query_id, "set": [str(p) for p in photos]}
+            try:
+                images_of_set = load_images(photos)
+            except UserError as exc:  # one unreadable photo costs its own set, not the rest of the file
+                failed.append(number)
+                print(json.dumps({**record, "error": f"--sets {sets} line {number}: {exc}"}), flush=True)
+                continue
+            cls, tokens = model.image_tokens(images_of_set)
             found = target.search(model.fold(None, cls, tokens), k)
-            print(json.dumps({"id": query_id, "set": [str(p) for p in photos],
-                              "results": [{"rank": i + 1, "object": o, "score": s} for i, (o, s) in enumerate(found)]}),
-                  flush=True)
+            print(json.dumps({**record, "results": [{"rank": i + 1, "object": o, "score": s}
+                                                    for i, (o, s) in enumerate(found)]}), flush=True)
         seconds = time.perf_counter() - started
-        say(f"searched {len(queries)} sets in {seconds:.2f}s ({len(queries) / max(seconds, 1e-9):.1f} sets/s)")
+        searched = len(queries) - len(failed)
+        say(f"searched {searched} sets in {seconds:.2f}s ({searched / max(seconds, 1e-9):.1f} sets/s)")
+        if failed:
+            raise UserError(f"{len(failed)} of the {len(queries)} sets of {sets} could not be searched (lines "
+                            f"{', '.join(map(str, failed[:10]))}{', ...' if len(failed) > 10 else ''}): their output "
+                            f"lines say why under 'error'")
         return
     cls, tokens = model.image_tokens(load_images(images))
     found = target.search(model.fold(None, cls, tokens), k)
