@@ -156,6 +156,12 @@ def _write_part(path: Path, global_: list, dense: list, indices: list, skipped: 
     atomic.write_with(path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata))
 
 
+# The most patches (or, for a CNN, output cells) an image may give: a 128 x 128 grid, e.g. 1,024 px
+# at patch 8 or 2,048 px at patch 16 (Hummingbird's ViT-S/16 runs at 512 px: 1,024 patches). Beyond,
+# one image's attention needs gigabytes and hours on a CPU: a typo rather than a protocol.
+MAX_PATCHES = 128 * 128
+
+
 def embed_folder(images: str | os.PathLike, out: str | os.PathLike, model, *, dense: bool = False,
                  resolution: Optional[int] = None, resize: str = "square", batch_size: int = 64, workers: int = 0,
                  dtype: str = "fp16", part_size: Optional[int] = None, overwrite: bool = False,
@@ -209,6 +215,11 @@ def embed_listing(tree, relpaths: list[str], out: str | os.PathLike, model, *, n
     if resolution % patch:
         raise UserError(f"--resolution {resolution} is not a multiple of the model's patch size {patch}; "
                         f"try {max(patch, round(resolution / patch) * patch)}")
+    if (resolution // patch) ** 2 > MAX_PATCHES:
+        largest = int(MAX_PATCHES ** 0.5) * patch
+        raise UserError(f"--resolution {resolution} gives {(resolution // patch) ** 2:,} patches an image (patch "
+                        f"{patch}), beyond the {MAX_PATCHES:,} this command embeds (attention grows with their square); "
+                        f"use at most {largest}")
     if batch_size < 1:
         raise UserError("--batch-size must be at least 1")
     part_size = part_size or batch_size * 8

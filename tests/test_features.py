@@ -186,6 +186,9 @@ def test_damaged_or_foreign_folders_are_clear_errors(tmp_path: Path):
         Features(images)
     with pytest.raises(UserError, match="does not exist"):
         Features(tmp_path / "nowhere")
+    # a new-user probe (2026-12-05): a file, even the folder's own manifest, "did not exist"
+    with pytest.raises(UserError, match=f"manifest.json is a file, not a feature folder; give the folder {out} that"):
+        Features(out / "manifest.json")
     manifest = json.loads((out / "manifest.json").read_text())
     shard = out / manifest["shards"][0]["file"]
     data = shard.read_bytes()
@@ -232,6 +235,11 @@ def test_out_rules(tmp_path: Path):
     assert (other / "keep.txt").read_text() == "mine"
     with pytest.raises(UserError, match="multiple of the model's patch size"):
         embed_folder(images, tmp_path / "x", tiny_model(), resolution=30, say=quiet)
+    # a new-user probe (2026-12-05): --resolution 4096 on a patch-8 model ran 9.5 minutes in 5 GB, unfinished
+    patch = tiny_model().backbone.patch_size
+    with pytest.raises(UserError, match=f"gives {(4096 // patch) ** 2:,} patches an image"):
+        embed_folder(images, tmp_path / "x", tiny_model(), resolution=4096 // patch * patch, say=quiet)
+    assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.slow

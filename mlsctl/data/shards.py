@@ -113,6 +113,10 @@ class Features:
     # ------------------------------------------------------------------ validation
     def _read_manifest(self) -> dict:
         path, what = self.path, self.what
+        if path.is_file():
+            holder = f" {path.parent}" if path.name == MANIFEST else ""
+            raise UserError(f"{what} {path} is a file, not a feature folder; give the folder{holder} that mlsctl embed "
+                            f"wrote (it holds {MANIFEST} and the shards)")
         if not path.is_dir():
             raise UserError(f"{what} {path} does not exist; create it with mlsctl embed")
         manifest_path = path / MANIFEST
