@@ -780,6 +780,17 @@ def _feature_groups(source: Path, model: SetModel) -> dict[str, torch.Tensor]:
     return {object_id: cls[r] for object_id, r in sorted(rows.items())}
 
 
+def check_gallery_target(out: Path, overwrite: bool) -> None:
+    """``--out`` of index build: a new or empty folder, or a gallery with ``overwrite``."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder for the gallery")
+    if out.exists() and any(p for p in out.iterdir() if p.name != LOCK_NAME):
+        if not (out / MANIFEST).is_file():
+            raise UserError(f"{out} exists and is not a gallery; choose another --out")
+        if not overwrite:
+            raise UserError(f"{out} already holds a gallery; add --overwrite to rebuild it (or add images with mlsctl index add)")
+
+
 def build_gallery(source: str | os.PathLike, model: SetModel, out: str | os.PathLike, settings: IndexSettings,
                   *, overwrite: bool = False, progress: bool = True, storage_dtype: str = "fp32") -> dict:
     """One set embedding per object of ``source``: ``ROOT/<object_id>/*`` images, or a feature
@@ -789,11 +800,7 @@ def build_gallery(source: str | os.PathLike, model: SetModel, out: str | os.Path
     from mlsctl.features import is_feature_folder
 
     out = Path(out)
-    if out.exists() and any(p for p in out.iterdir() if p.name != LOCK_NAME):
-        if not (out / MANIFEST).is_file():
-            raise UserError(f"{out} exists and is not a gallery; choose another --out")
-        if not overwrite:
-            raise UserError(f"{out} already holds a gallery; add --overwrite to rebuild it (or add images with mlsctl index add)")
+    check_gallery_target(out, overwrite)
     if storage_dtype not in STORAGE_DTYPES:
         raise UserError(f"--dtype must be fp32 or fp16, got {storage_dtype!r}")
     ids, latents, counts = [], [], []

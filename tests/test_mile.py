@@ -235,6 +235,11 @@ def test_bad_object_ids_are_refused_and_the_gallery_works_from_any_directory(mil
     assert code == 0, err
     manifest = json.loads((tmp_path / "g" / "gallery.json").read_text())
     assert manifest["model"]["run"] == str(mile_run / "run") and manifest["source"] == str(mile_run / "gallery")
+    (tmp_path / "gfile").write_text("mine")  # a new-user probe (2026-12-05): exit 1 and "a part of the path is a file"
+    code, _, err = cli("index", "build", "gallery", "--run", "run", "--out", str(tmp_path / "gfile"), cwd=mile_run,
+                       capsys=capsys)
+    assert code == 2 and "gfile is a file; give a folder for the gallery" in err and "model:" not in err
+    assert (tmp_path / "gfile").read_text() == "mine"
     files = lambda g: {p.relative_to(g).as_posix(): p.read_bytes() for p in g.rglob("*") if p.is_file()}  # noqa: E731
     before = files(tmp_path / "g")
     photo = str(sorted((mile_run / "query" / "obj1").iterdir())[0])

@@ -37,8 +37,9 @@ def build(
 
     Example: mlsctl index build data/fmnist-products/gallery --run runs/mile_fmnist_quick --out galleries/products
     """
-    from mlsctl.gallery import IndexSettings, build_gallery, choose_set_model
+    from mlsctl.gallery import IndexSettings, build_gallery, check_gallery_target, choose_set_model
 
+    check_gallery_target(out, overwrite)  # before the model loads
     settings = IndexSettings(index, nlist, pq_m, pq_bits, nprobe, refine)
     record = build_gallery(source, choose_set_model(run, say=say), out, settings, overwrite=overwrite, storage_dtype=dtype)
     if as_json:
