@@ -197,7 +197,8 @@ def neighbour_tiles(neighbours: Sequence[Neighbour], sources: SourceImages, cell
         if image is None:
             tiles.append((None, f"{caption}\n{where}"))
         else:
-            tiles.append((crop_tile(image, n.box, n.region, cell), f"{caption}\n{Path(where).name}"))
+            shown = Path(where)  # the object folder and the file: names like 00.png repeat in every folder
+            tiles.append((crop_tile(image, n.box, n.region, cell), f"{caption}\n{Path(*shown.parts[-2:]).as_posix()}"))
     return tiles
 
 

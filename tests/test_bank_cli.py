@@ -132,6 +132,11 @@ def test_neighbors_draws_the_right_crops_and_blanks_missing_images(planted_run, 
     assert list(first.getdata()) == list(expected.getdata())
     blank = grid.crop((gap + 2 * (cell + gap), top, gap + 2 * (cell + gap) + cell, top + cell))
     assert blank.getpixel((2, 2)) == (205, 205, 205)
+    # a new-user probe (2026-12-05): the table showed the file name alone, and object folders repeat names
+    table = run_cli("bank", "neighbors", str(run), "--query", str(sources.path(1)), "-k", "3", "--out", str(out),
+                    check=True).stdout
+    relative = sources.path(1).relative_to(sources.root).as_posix()
+    assert f" {relative} " in table and f"image (in {sources.root})" in table
 
 
 def test_neighbors_refuses_an_unreadable_query_and_an_unknown_bank(planted_run, tmp_path):

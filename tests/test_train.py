@@ -310,8 +310,9 @@ def test_data_wait_share_says_how_much_of_each_interval_waited_for_the_loader(tm
     pretrain(config.load_recipe(str(path)), tmp_path / "slow", recipe_source=str(path))
     fast, slowed = read(tmp_path / "fast"), read(tmp_path / "slow")
     assert len(fast) == len(slowed) >= 3 and all(0 <= share <= 1 for share in fast + slowed)
-    # 4 images a step: 0.4 s of waiting against the tiny model's few milliseconds
-    assert min(slowed[1:]) > 0.6 and min(slowed[1:]) > max(fast[1:]), (fast, slowed)
+    # 4 images a step: 0.4 s of waiting against the tiny model's few milliseconds; the first interval holds the
+    # start, the last the final checkpoint (0.3 s of it on a busy machine once took the share to 0.55)
+    assert min(slowed[1:-1]) > 0.6 and min(slowed[1:-1]) > max(fast[1:-1]), (fast, slowed)
 
 
 def test_train_log_drops_a_failed_write_quietly_but_not_a_malformed_message(tmp_path, capsys):

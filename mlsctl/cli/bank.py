@@ -146,13 +146,19 @@ def neighbors(
     missing = sum(tile is None for tile, _ in tiles)
     title = f"{run_.root.name} · bank '{name}' · step {checkpoint.step} · {len(found)} nearest of {chosen.written}"
     neighbour_grid(image, tiles, out, title=title, cell=cell)
-    rows = [[i + 1, f"{n.score:.3f}", n.step, n.image_id, Path(n.image).name if n.image else "-",
+    def shown(image) -> str:  # relative to data.root: object folders often repeat file names (00.png, ...)
+        if not image:
+            return "-"
+        path = Path(image)
+        return path.relative_to(sources.root).as_posix() if path.is_relative_to(sources.root) else str(path)
+
+    rows = [[i + 1, f"{n.score:.3f}", n.step, n.image_id, shown(n.image),
              "yes" if tile is not None else "missing"] for i, (n, (tile, _)) in enumerate(zip(found, tiles))]
     if as_json:
         print(json.dumps({"run": str(run_.root), "step": checkpoint.step, "bank": name, "query": str(query),
                           "out": str(out), "neighbours": [asdict(n) for n in found]}, indent=2))
     else:
-        print(table(["#", "cosine", "written at", "image_id", "image", "drawn"], rows))
+        print(table(["#", "cosine", "written at", "image_id", f"image (in {sources.root})", "drawn"], rows))
     say(f"wrote {out}" + (f" ({missing} source image{'s' if missing != 1 else ''} missing, drawn blank)" if missing else ""))
 
 
