@@ -358,6 +358,15 @@ def test_cli_knn_and_knn_seg(tmp_path: Path):
     assert "Hungarian" in result.stdout and "1/2" in result.stdout
     saved = json.loads((tmp_path / "seg.json").read_text())
     assert [r["fraction"] for r in saved["results"]] == ["1/1", "1/2"] and saved["settings"]["k"] == 5
+    assert "note:" not in result.stdout
+    # a new-user probe (2026-12-05): fractions that round to the same images, and a k above the memory, said nothing
+    result = run_cli("eval", "knn-seg", "--train", str(train_dir), "--train-masks", str(train_masks), "--val",
+                     str(val_dir), "--val-masks", str(val_masks), "--fraction", "1/1", "1/64", "1/128", "--runs", "1",
+                     "--k", "1000000", "--out", str(tmp_path / "seg.json"), check=True)
+    assert "note: fractions 1/64, 1/128 all use 1 training image (of 8)" in result.stdout
+    assert "note: --k 1000000 is more than the memory holds" in result.stdout
+    assert all(run["k"] == run["memory_patches"] for r in json.loads((tmp_path / "seg.json").read_text())["results"]
+               for run in r["runs"])
     partial = run_cli("eval", "knn-seg", "--train", str(train_dir))
     assert partial.returncode == 2 and "give all of --train" in partial.stderr
 

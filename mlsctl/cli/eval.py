@@ -199,6 +199,15 @@ def knn_seg(
                 f"{pct(r['miou'])}" + (f" ± {pct(r['miou_std'])}" if len(r["runs"]) > 1 else ""),
                 pct(r["miou_hungarian"]), f"{sum(x['seconds']['total'] for x in r['runs']):.1f}"] for r in results]
     typer.echo(table(["fraction", "train images", "runs", "mIoU %", "(Hungarian mIoU %)", "seconds"], summary))
+    for images in sorted({r["train_images"] for r in results}):
+        same = [r["fraction"] for r in results if r["train_images"] == images]
+        if len(same) > 1:
+            typer.echo(f"note: fractions {', '.join(same)} all use {images} training image{'s' if images != 1 else ''} "
+                       f"(of {len(train_features)}): too few training images to tell them apart")
+    voted = sorted({run["k"] for r in results for run in r["runs"]})
+    if voted and voted[0] < settings.k:
+        typer.echo(f"note: --k {settings.k} is more than the memory holds; patches voted with all of it "
+                   f"({', '.join(map(str, voted))} patches)")
     memory = "all labelled patches" if settings.memory_size is None else settings.memory_size
     typer.echo(f"\n{record['name']} ({record.get('train_split', 'train')} -> {record.get('val_split', 'val')}), "
                f"protocol {preset.name}: k={settings.k} T={settings.temperature} memory={memory} "

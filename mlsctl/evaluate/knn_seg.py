@@ -508,6 +508,7 @@ def evaluate_once(train: FeatureMasks, val: FeatureMasks, rows: Sequence[int], s
         "seed": run_seed,
         "train_images": len(rows),
         "memory_patches": int(len(memory.features)),
+        "k": min(settings.k, int(len(memory.features))),  # the neighbours each patch voted with
         "miou": mean_iou(confusion),
         "miou_hungarian": hungarian_mean_iou(confusion),
         "pixel_accuracy": pixel_accuracy(confusion),
