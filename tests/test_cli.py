@@ -334,3 +334,15 @@ def test_a_picture_is_written_only_under_a_png_name(capsys, tmp_path):
                  ["viz", "pca", str(tmp_path), "--out", "p.jpeg"], ["refine", "plot", str(tmp_path), "--out", "d.svg"]):
         code, _, err = cli(*args, capsys=capsys)
         assert code == 2 and "must end in .png" in err, (args, err)
+
+
+def test_usage_errors_are_one_line_like_every_other_error(capsys):
+    """click printed a usage error as four lines (usage, a hint, a blank line, 'Error: ...'); every other
+    refusal is one 'error: ...' line: now these are too, with the help to read."""
+    for args, said in ((["eval", "knn", "--kk", "3"], "error: No such option: --kk (Possible options: --k) "
+                                                        "(see mlsctl eval knn -h)"),
+                       (["eval", "knn", "--k", "abc"], "error: Invalid value for '--k'"),
+                       (["evall"], "error: No such command 'evall'. Did you mean 'eval'? (see mlsctl -h)"),
+                       (["pretrain"], "error: Missing argument 'recipe' (see mlsctl pretrain -h)")):
+        code, out, err = cli(*args, capsys=capsys)
+        assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and err.startswith(said), (args, err)

@@ -177,6 +177,23 @@ def _stop_on_sigterm() -> None:
         pass
 
 
+def _one_line_usage_errors() -> None:
+    """click prints a usage error as four lines (usage, a hint, a blank line, the error); ours are one
+    line, ``error: ...``, with where to look: the same for a mistyped option as for a bad value."""
+    import click
+
+    def show(self, file=None) -> None:
+        where = f"{self.ctx.command_path} -h" if self.ctx is not None else "mlsctl -h"
+        _tell(f"error: {self.format_message().rstrip('.')} (see {where})")
+
+    try:  # recent typer carries its own copy of click, whose exceptions are the ones raised
+        from typer import _click as typer_click
+    except ImportError:
+        typer_click = click
+    for module in {click, typer_click}:
+        module.exceptions.UsageError.show = show
+
+
 def _run_app(argv: list[str]) -> None:
     """The command; when it ends well, this process's process groups are destroyed
     (:func:`mlsctl.dist.close`), if it made any. Not after an error or a stop: another process may
@@ -245,6 +262,7 @@ def main() -> None:
     _stop_on_sigterm()
     unreported_skips()  # a fresh command (tests run several in one process)
     argv, debug = _take_debug_flag(sys.argv[1:])
+    _one_line_usage_errors()
     try:
         _run_app(argv)
     except Interrupted as exc:
