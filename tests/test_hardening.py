@@ -271,6 +271,24 @@ def test_2_edges_a_training_probe_found_are_one_sentence_each(run_copy, tmp_path
         assert code == 2 and words in one_sentence(err), (flags, err)
 
 
+def test_10_a_checkpoint_of_another_network_is_not_called_damaged(run_copy, capsys):
+    """A code-health review (2026-12-05): --resume of a checkpoint whose weights are readable but not the recipe's
+    network (an edited config.yaml, another mlsctl version) said "damaged; delete the checkpoint": advice that
+    destroys a good checkpoint. It names the mismatch instead, and a truly damaged file still gets the old advice."""
+    from safetensors.torch import save_file
+
+    run, recipe = run_copy
+    latest = sorted((run / "checkpoints").iterdir())[-1]
+    save_file({"some.other.weight": torch.zeros(3)}, str(latest / "model.safetensors"))
+    code, _, err = cli("pretrain", str(recipe), "--out", str(run), "--resume", capsys=capsys)
+    line = one_sentence(err)
+    assert code == 1 and "holds weights of another network than config.yaml builds" in line and "delete" not in line
+    assert latest.is_dir()
+    (latest / "model.safetensors").write_bytes(b"\0" * 100)
+    code, _, err = cli("pretrain", str(recipe), "--out", str(run), "--resume", capsys=capsys)
+    assert code == 1 and "cannot be read" in one_sentence(err) and f"delete {latest}" in err
+
+
 def test_2_a_start_that_fails_before_its_first_checkpoint_is_undone(finished_run, tmp_path, capsys, monkeypatch):
     from mlsctl.train import loop
 

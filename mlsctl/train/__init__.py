@@ -31,11 +31,8 @@ _EXPORTS = {
     "load_checkpoint": ("checkpoint", "load_checkpoint"),
     "log": ("setup", "log"),
     "progress_log": ("setup", "progress_log"),
-    # the names they had in mlsctl/train.py, which modules and tests of this repository import
-    "_load_initial_weights": ("checkpoint", "load_initial_weights"),
+    # the name it had in mlsctl/train.py, which a test imports
     "_bank_health": ("metrics", "bank_health"),
-    "_clip_gradients": ("optim", "clip_gradients"),
-    "_train": ("loop", "_train"),
 }
 
 __all__ = [name for name in _EXPORTS if not name.startswith("_")]

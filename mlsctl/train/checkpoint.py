@@ -22,7 +22,7 @@ import torch
 from mlsctl import __version__, atomic, dist, provenance
 from mlsctl.bank import save_banks
 from mlsctl.errors import UserError, first_line
-from mlsctl.restore import initial_weights as load_initial_weights  # noqa: F401 (--init-from, read back in restore)
+from mlsctl.restore import read_checkpoint_weights
 from mlsctl.runs import RUN_FORMAT_VERSION, Checkpoint, Run, checkpoint_dirname
 
 
@@ -135,19 +135,20 @@ def _load_weights_only(checkpoint: Checkpoint, path: Path):
 
 
 def load_checkpoint(checkpoint: Checkpoint, method, optimizer, accelerator) -> dict:
-    from safetensors.torch import load_file
-
     from mlsctl.bank import read_bank_states
 
     state = checkpoint.state()
     if state.get("world_size") != accelerator.num_processes:
         raise UserError(f"{checkpoint.path} was written by {state.get('world_size')} processes; resume with the same "
                         f"number (accelerate launch --num_processes {state.get('world_size')} -m mlsctl pretrain ...)")
+    weights = read_checkpoint_weights(checkpoint.model_path)  # damaged: one sentence saying to delete it
     try:
-        weights = load_file(str(checkpoint.model_path))
         method.load_state_dict(weights, strict=True)
-    except Exception as exc:
-        raise _damaged(checkpoint, checkpoint.model_path.name, f"cannot be loaded ({first_line(exc)})") from None
+    except RuntimeError as exc:  # readable, but not this network's: deleting it would lose a good checkpoint
+        raise UserError(f"{checkpoint.model_path} holds weights of another network than config.yaml builds "
+                        f"({first_line(exc, 160)}): was the recipe edited, or the run written by another mlsctl "
+                        f"version? Resume with the recipe and version it was trained with, or start a new run with "
+                        f"--init-from {checkpoint.path.parent.parent}", exit_code=1) from None
     try:
         bank_states = read_bank_states(checkpoint.banks_path)
     except Exception as exc:

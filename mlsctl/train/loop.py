@@ -37,7 +37,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-from mlsctl import __version__, atomic, config as config_lib, dist, methods, provenance
+from mlsctl import __version__, atomic, config as config_lib, dist, methods, provenance, restore
 from mlsctl.data.images import ImageFolder, SkipLog
 from mlsctl.data.loader import make_loader
 from mlsctl.device import synchronize
@@ -106,7 +106,7 @@ def pretrain(recipe, out: str | Path, *, resume: bool = False, init_from: Option
         from mlsctl.monitor import Monitor
 
         monitor = Monitor(recipe.train.monitor, recipe.model.img_size, recipe.model.patch_size)
-    initialised = checkpoint.load_initial_weights(method, init_from) if init_from and not resume else None
+    initialised = restore.initial_weights(method, init_from) if init_from and not resume else None
 
     lock = FolderLock(run.root, "run")
     resume_from = dist.on_main(lambda: run_dir.open_run_dir(run, recipe, folder, lock, resume=resume,
