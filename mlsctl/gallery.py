@@ -106,14 +106,15 @@ def load_set_model(run_dir: str | os.PathLike) -> SetModel:
 
 
 def choose_set_model(run_dir: Optional[str | os.PathLike], say: Callable[[str], None] = print) -> SetModel:
-    """:func:`load_set_model` of ``run_dir``, or of the newest run under ./runs when it is None;
+    """:func:`load_set_model` of ``run_dir``, or of the newest MILE run under ./runs when it is None;
     says which model it is (backbone and set-encoder fingerprints)."""
     from mlsctl.restore import newest_run
 
     if run_dir is None:
-        found = newest_run("runs")
+        found = newest_run("runs", method="mile")
         if found is None:
-            raise UserError("no --run given and no run under ./runs; train one with mlsctl pretrain mile_fmnist_quick")
+            raise UserError("no --run given and no MILE run under ./runs; train one with mlsctl pretrain "
+                            "mile_fmnist_quick, or give --run RUN")
         run_dir = found.root
     model = load_set_model(run_dir)
     say(f"model: {model.backbone.description} (backbone {model.backbone.fingerprint[:12]}, with its set encoder "

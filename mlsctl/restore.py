@@ -148,15 +148,28 @@ def initial_weights(method, source: str) -> str:
 
 
 # ---------------------------------------------------------------------------- model choices of a run
-def newest_run(root: Union[str, Path] = "runs") -> Optional[Run]:
-    """The run under ``root`` whose teacher export or latest checkpoint is the most recent."""
+def method_name_of(run: Run) -> Optional[str]:
+    """``method.name`` of a run's config.yaml, read without building the recipe; None when unreadable."""
+    import yaml
+
+    try:
+        raw = yaml.safe_load(run.config_path.read_text(encoding="utf-8"))
+        name = raw["method"]["name"]
+    except Exception:  # noqa: BLE001 - any unreadable recipe is "not a run of that method" here
+        return None
+    return name if isinstance(name, str) else None
+
+
+def newest_run(root: Union[str, Path] = "runs", method: Optional[str] = None) -> Optional[Run]:
+    """The run under ``root`` whose teacher export or latest checkpoint is the most recent; with
+    ``method``, among the runs of that method only (a gallery needs a MILE run)."""
     root = Path(root)
     if not root.is_dir():
         return None
     best, best_time = None, -1.0
     for path in root.iterdir():
         run = Run(path)
-        if not is_run_folder(run):
+        if not is_run_folder(run) or (method is not None and method_name_of(run) != method):
             continue
         stamps = [p.stat().st_mtime for p in (run.teacher_weights_path,) if p.is_file()]
         latest = run.latest()

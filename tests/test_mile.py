@@ -415,3 +415,23 @@ def test_too_few_objects_for_a_batch_are_counted_as_sets_not_images():
         StepBatchSampler(16, 32, elements=MILE.elements)
     with pytest.raises(UserError, match="the data has 16 images"):
         StepBatchSampler(16, 32)
+
+
+def test_without_run_the_newest_mile_run_is_taken_not_the_newest_run(mile_run, finished_run, tmp_path, capsys):
+    """A code-health review (2026-12-05): index and eval retrieval took the newest run of any method, so a
+    DINO run trained after the MILE run made them fail although a MILE run was there."""
+    import os
+    import shutil
+
+    shutil.copytree(mile_run / "run", tmp_path / "runs" / "mile")
+    shutil.copytree(finished_run[0], tmp_path / "runs" / "dino")
+    later = max(p.stat().st_mtime for p in (tmp_path / "runs" / "mile").rglob("*")) + 100
+    for path in (tmp_path / "runs" / "dino").rglob("*"):
+        os.utime(path, (later, later))
+    code, _, err = cli("index", "build", str(mile_run / "gallery"), "--out", str(tmp_path / "g"), cwd=tmp_path,
+                       capsys=capsys)
+    assert code == 0 and "teacher of MILE run runs/mile " in err, err
+    shutil.rmtree(tmp_path / "runs" / "mile")
+    code, _, err = cli("index", "build", str(mile_run / "gallery"), "--out", str(tmp_path / "g2"), cwd=tmp_path,
+                       capsys=capsys)
+    assert code == 2 and "no MILE run under ./runs" in err
