@@ -7,15 +7,18 @@ config class (the recipe's ``method`` section, a dataclass that imports only the
 (``mlsctl.config.load_recipe``, ``Run.is_run``) never imports a method's stack; building a
 method for training or for reading a run loads the method.
 
-This module imports nothing of mlsctl (the standard library only): it sits at the bottom of the
-layers, below :mod:`mlsctl.config`, which reads it. A new method is one entry here and one package
+This module imports nothing of mlsctl but :mod:`mlsctl.errors` (both are standard library only): it
+sits at the bottom of the layers, below :mod:`mlsctl.config`, which reads it. A new method is one entry here and one package
 in ``mlsctl/methods/``.
 """
 
 from __future__ import annotations
 
+import difflib
 import importlib
 from typing import NamedTuple
+
+from mlsctl.errors import UserError
 
 
 class Entry(NamedTuple):
@@ -46,11 +49,20 @@ def load(spec: str):
     return getattr(importlib.import_module(module), attr)
 
 
+def entry(name: str) -> Entry:
+    """The registry entry of ``name``; an unknown name is one sentence listing the methods."""
+    if name not in METHODS:
+        close = difflib.get_close_matches(str(name), METHODS, n=1)
+        raise UserError(f"no method is named {name!r}; the methods are {', '.join(METHODS)}"
+                        + (f" (did you mean {close[0]}?)" if close else ""))
+    return METHODS[name]
+
+
 def method_class(name: str) -> type:
     """The :class:`~mlsctl.methods.base.Method` subclass of ``name`` (imports its stack)."""
-    return load(METHODS[name].method)
+    return load(entry(name).method)
 
 
 def config_class(name: str) -> type:
     """The config dataclass of ``name`` (the recipe's ``method`` section), without its method."""
-    return load(METHODS[name].config)
+    return load(entry(name).config)

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mlsctl import config
+from mlsctl import config, registry
 from mlsctl.config import ConfigError
 
 from conftest import REPO, run_cli, tiny_recipe, write_recipe
@@ -192,3 +192,13 @@ def test_missing_data_root_is_a_clear_error(tmp_path: Path):
     result = run_cli("pretrain", str(path), "--out", str(tmp_path / "x"))
     assert result.returncode == 2
     assert "data.root is not set; add data.root=" in result.stderr
+
+
+def test_an_unknown_method_name_is_one_sentence_from_the_registry():
+    """An API probe (2026-12-05): registry.config_class('dinoo') and method_class raised a bare KeyError."""
+    from mlsctl.errors import UserError
+
+    for lookup in (registry.config_class, registry.method_class):
+        with pytest.raises(UserError, match=r"no method is named 'dinoo'; the methods are dino, cribo, .* \(did you mean "
+                                            r"dino\?\)"):
+            lookup("dinoo")

@@ -356,3 +356,19 @@ def test_resume_cuts_metrics_back_keeping_a_damaged_line_and_dropping_a_torn_las
         truncate_metrics(path, 3)
     assert path.read_text().splitlines() == lines[:6]
     assert [r.getMessage().split(" is not")[0] for r in caplog.records] == [f"{path} line {n}" for n in (2, 3, 5)]
+
+
+def test_a_recipe_edited_in_python_is_checked_like_a_file(tmp_path, images):
+    """An API probe (2026-12-05): pretrain() of a recipe given lr -1 by dataclasses.replace trained (gradient
+    ascent) and wrote a config.yaml every command then refused."""
+    import dataclasses
+
+    from mlsctl.config import ConfigError
+    from mlsctl.train import pretrain
+
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(images, optim__epochs=1))
+    recipe = config.load_recipe(str(path))
+    bad = dataclasses.replace(recipe, optim=dataclasses.replace(recipe.optim, lr=-1.0))
+    with pytest.raises(ConfigError, match="'optim.lr' must be > 0.0, got -1.0"):
+        pretrain(bad, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

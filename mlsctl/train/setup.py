@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from mlsctl import methods
+from mlsctl import config as config_lib, methods
 from mlsctl.errors import UserError
 from mlsctl.runs import Run
 
@@ -29,7 +29,11 @@ def source_of(key: str, recipe_source: str, overridden: Sequence[str] = ()) -> s
 
 
 def check_recipe(recipe, method_cls, source: str, overridden: Sequence[str] = ()) -> None:
-    """What the recipe must hold to train, and the method's own constraints, as one sentence each."""
+    """What the recipe must hold to train, and the method's own constraints, as one sentence each.
+    The schema's own checks (types, bounds) run again: a recipe built or edited in Python
+    (``dataclasses.replace``) has not been through :func:`mlsctl.config.from_dict`, and a run of a value
+    it refuses would train, then be refused by every command that reads its config.yaml."""
+    config_lib.from_dict(config_lib.to_dict(recipe), source)
     if recipe.data.root is None:
         raise UserError(f"{source}: data.root is not set; add data.root=/path/to/images")
     for key, message in method_cls.check_recipe(recipe):
