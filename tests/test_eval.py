@@ -422,3 +422,25 @@ def test_foreground_background_iou_merges_every_item_class():
     # background: TP 6, FP 2, FN 2 -> 6/10; foreground: TP 3+1+0+4 = 8, FP 2, FN 2 -> 8/12
     assert result["background_iou"] == pytest.approx(0.6) and result["foreground_iou"] == pytest.approx(8 / 12)
     assert result["binary_miou"] == pytest.approx((0.6 + 8 / 12) / 2)
+
+
+def test_retrieval_and_recall_refuse_what_they_cannot_score():
+    """An API probe (2026-12-05): a NaN query embedding ranked 0 (a hit at R@1), an empty query set likewise, and
+    Recall@0 or @-1 returned numbers."""
+    from mlsctl.evaluate.recall import recall_at_k
+    from mlsctl.evaluate.retrieval import evaluate_retrieval, ranks
+
+    assert ranks(torch.tensor([[float("nan"), 0.5], [0.9, 0.1]]), torch.tensor([0, 0])).tolist() == [2**62, 1]
+    cls = torch.tensor([[1.0, 0], [1, 0], [0, 1], [0, 1], [0.7, 0.7], [float("nan"), 0]])
+    result = evaluate_retrieval(None, [[0], [2], [4]], [[1], [3], [5]], cls, None, methods=("mean-cls",))[0]
+    assert result.recalls[1] == pytest.approx(2 / 3) and result.recalls[10] == pytest.approx(2 / 3)
+    with pytest.raises(UserError, match="empty gallery or query set"):
+        evaluate_retrieval(None, [[0], [2]], [[1], []], cls, None, methods=("mean-cls",))
+    with pytest.raises(UserError, match=r"noise fractions must be in \[0, 1\)"):
+        evaluate_retrieval(None, [[0], [2]], [[1], [3]], cls, None, noise=(1.0,), methods=("mean-cls",))
+    embeddings, labels = torch.randn(6, 3), torch.tensor([0, 0, 1, 1, 2, 2])
+    for bad in ([0], [-1, 1]):
+        with pytest.raises(UserError, match="Recall@K needs K of 1 or more"):
+            recall_at_k(embeddings, labels, bad)
+    with pytest.raises(UserError, match="each of the 6 classes has one embedding"):
+        recall_at_k(embeddings, torch.arange(6), [1])

@@ -26,6 +26,18 @@ def test_average_precision_matches_a_hand_computed_case():
     assert value == 1.0 and aps[1] != aps[1]  # a class without positives is left out (NaN)
 
 
+def test_average_precision_of_tied_scores_does_not_depend_on_the_rows_order():
+    """An API probe (2026-12-05): equal scores were ranked by row, so a model giving every image the same score
+    got AP 1.0 or 0.42 depending on where the positives sat. Tied scores are one threshold (scikit-learn's rule)."""
+    positives = torch.tensor([True, True, False, False])
+    for order in (positives, positives.flip(0)):
+        assert average_precision(torch.zeros(4), order) == pytest.approx(0.5)  # precision 2/4 at recall 1
+    # two thresholds: {0.9: one positive, one negative} then {0.1: one positive}: 1/2 * 1/2 + 1/2 * 2/3
+    scores, hits = torch.tensor([0.9, 0.9, 0.1]), torch.tensor([False, True, True])
+    assert average_precision(scores, hits) == pytest.approx(0.5 * 0.5 + 0.5 * 2 / 3)
+    assert average_precision(scores, torch.tensor([True, False, True])) == average_precision(scores, hits)  # tied rows swapped
+
+
 def test_the_probe_separates_separable_features():
     g = torch.Generator().manual_seed(0)
     centres = torch.randn(4, 16, generator=g) * 4

@@ -59,14 +59,21 @@ def multi_labels_for(features, labels_file: Path, what: str) -> list[list[str]]:
 
 
 def average_precision(scores: torch.Tensor, positives: torch.Tensor) -> float:
-    """AP of one class: the mean over positives of the precision at their rank (NaN without positives)."""
+    """AP of one class, ``Σ_n (R_n − R_{n−1}) P_n`` over the distinct score thresholds n (NaN without
+    positives): without ties, the mean over positives of the precision at their rank; tied scores
+    count as one threshold, so the value does not depend on the rows' order (a model that gives
+    every image the same score gets the positives' share, not an order-dependent 0 to 1).
+    scikit-learn's ``average_precision_score`` is the same definition."""
     order = torch.argsort(scores, descending=True, stable=True)
-    hits = positives[order].double()
+    ranked, hits = scores[order].double(), positives[order].double()
     n_pos = float(hits.sum())
     if n_pos == 0:
         return float("nan")
-    precision = hits.cumsum(0) / torch.arange(1, len(hits) + 1, dtype=torch.float64)
-    return float((precision * hits).sum() / n_pos)
+    last_of_tie = torch.cat([(ranked[1:] != ranked[:-1]).nonzero().flatten(), torch.tensor([len(ranked) - 1])])
+    true_positives = hits.cumsum(0)[last_of_tie]
+    precision = true_positives / (last_of_tie + 1).double()
+    recall_gain = torch.diff(true_positives, prepend=torch.zeros(1, dtype=torch.float64)) / n_pos
+    return float((recall_gain * precision).sum())
 
 
 def mean_average_precision(scores: torch.Tensor, targets: torch.Tensor) -> tuple[float, list[float]]:

@@ -63,7 +63,9 @@ def recall_calculator(ks: Sequence[int], k: int):
 
 
 def recall_at_k(embeddings: torch.Tensor, labels: torch.Tensor, ks: Optional[Sequence[int]] = None) -> dict:
-    """R@K of every K (each embedding a query against all others) → a JSON-ready dict."""
+    """R@K of every K (each embedding a query against all others) → a JSON-ready dict. Exact
+    duplicate vectors tie, and the search orders tied neighbours by row: with duplicates of
+    different classes, R@K depends on the rows' order (deduplicate first)."""
     n = len(embeddings)
     finite = torch.isfinite(embeddings).all(dim=-1) if n else torch.ones(0, dtype=torch.bool)
     if not bool(finite.all()):
@@ -73,7 +75,12 @@ def recall_at_k(embeddings: torch.Tensor, labels: torch.Tensor, ks: Optional[Seq
     classes, counts = torch.unique(labels, return_counts=True)
     if len(classes) < 2:
         raise UserError(f"the {n} embeddings all have one class; Recall@K needs at least two classes")
+    if bool((counts < 2).all()):
+        raise UserError(f"each of the {len(classes)} classes has one embedding: no query has another of its class "
+                        f"to find, so Recall@K is undefined")
     ks = sorted(set(ks or default_ks(n)))
+    if ks[0] < 1:
+        raise UserError(f"Recall@K needs K of 1 or more, got {ks[0]}")
     kept = [K for K in ks if K <= n - 1]
     if not kept:
         raise UserError(f"{n} embeddings are too few for Recall@{ks[0]} (each query needs {ks[0]} others)")

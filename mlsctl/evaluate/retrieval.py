@@ -28,12 +28,15 @@ import torch
 import torch.nn.functional as F
 
 METHODS = ("mile", "max-pairwise", "mean-cls")
+NEVER_FOUND = 2**62  # the rank of a query whose own score is NaN
 
 
 def ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """1-based rank of each query's target among the gallery: #{g : s[q, g] >= s[q, target]}."""
+    """1-based rank of each query's target among the gallery: #{g : s[q, g] >= s[q, target]}. A NaN
+    score of the target (a NaN embedding) gets :data:`NEVER_FOUND`, a miss at every k (NaN compares
+    false with everything, so it would have ranked 0, a hit)."""
     own = scores.gather(1, targets[:, None])
-    return (scores >= own).sum(1)
+    return torch.where(own[:, 0].isnan(), NEVER_FOUND, (scores >= own).sum(1))
 
 
 def recall_at(ranks_: torch.Tensor, ks: Sequence[int] = tuple(range(1, 11))) -> dict[int, float]:
@@ -112,6 +115,18 @@ def evaluate_retrieval(model, gallery_sets: list[list[int]], query_sets: list[li
     """Every (method, noise) result. ``cls`` [n, D] (and ``tokens``) are the per-image embeddings
     of ``backbone``, ``gallery_sets[i]`` / ``query_sets[i]`` the rows of object i's gallery and
     query photos."""
+    from mlsctl.errors import UserError
+
+    empty = [i for i, rows in enumerate(gallery_sets) if not rows] + [i for i, rows in enumerate(query_sets) if not rows]
+    if empty:
+        raise UserError(f"object {empty[0]} has an empty gallery or query set ({len(empty)} such sets): every object "
+                        f"needs at least one photo on each side")
+    if len(gallery_sets) != len(query_sets):
+        raise UserError(f"{len(gallery_sets)} gallery sets but {len(query_sets)} query sets: query set i is of "
+                        f"gallery object i")
+    if any(not 0 <= fraction < 1 for fraction in noise):
+        raise UserError(f"noise fractions must be in [0, 1), got {list(noise)}")
+
     def fold(rows):
         return model.fold(None, cls[rows], tokens[rows] if tokens is not None else None)
 
