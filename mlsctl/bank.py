@@ -188,6 +188,11 @@ class MemoryBank:
         return self.written / self.size
 
     def to(self, device: torch.device | str) -> "MemoryBank":
+        """The bank on ``device``; its dtypes stay (the vectors' is fixed at construction, the payload's
+        are the columns'): a dtype here would turn the long ids and steps into floats that round."""
+        if isinstance(device, torch.dtype):
+            raise TypeError(f"MemoryBank.to takes a device, not the dtype {device}: a bank's vector dtype is set "
+                            f"when it is built (MemoryBank(..., dtype=...))")
         self.vectors = self.vectors.to(device)
         self.payload = {k: v.to(device) for k, v in self.payload.items()}
         return self
@@ -232,6 +237,9 @@ class MemoryBank:
             col = self.columns[name]
             if tuple(value.shape) != (n, *col.shape):
                 raise ValueError(f"payload '{name}' must have shape {[n, *col.shape]}, got {list(value.shape)}")
+            if value.is_floating_point() and not col.dtype.is_floating_point:
+                raise ValueError(f"payload '{name}' is a {col.dtype} column and got {value.dtype} values, which it "
+                                 f"would truncate; declare it Column(..., torch.float32) or pass whole numbers")
             rows[name] = value
         vectors = vectors.detach()
         if self._held is not None:  # copies: the caller may reuse its tensors before release()
@@ -250,11 +258,12 @@ class MemoryBank:
         """Write what was enqueued since :meth:`hold`, as one batch in the order it was enqueued
         (gathered from every process once, as one enqueue of all of it would be). Every process
         must call it, as it would call :meth:`enqueue`."""
-        held, self._held = self._held, None
+        held = self._held
+        if held and len({(step, gather) for _, _, step, gather in held}) > 1:  # still held: nothing is lost
+            raise RuntimeError(f"memory bank '{self.name}': held writes of different steps or gather modes")
+        self._held = None
         if not held:
             return
-        if len({(step, gather) for _, _, step, gather in held}) > 1:
-            raise RuntimeError(f"memory bank '{self.name}': held writes of different steps or gather modes")
         _, _, step, gather = held[0]
         vectors = torch.cat([v for v, _, _, _ in held]) if len(held) > 1 else held[0][0]
         rows = {name: torch.cat([r[name] for _, r, _, _ in held]) if len(held) > 1 else held[0][1][name]
@@ -265,6 +274,7 @@ class MemoryBank:
         if gather:
             vectors = dist.gather_cat(vectors)
             rows = {name: dist.gather_cat(value) for name, value in rows.items()}
+        vectors = vectors.to(self.vectors.dtype)  # before the check: 70,000 is finite in fp32, inf in an fp16 bank
         finite = torch.isfinite(vectors).all()  # checked after the gather: every process stops alike
         if not (self.defer_finite_check or vectors.device.type == "cuda"):
             if not bool(finite):

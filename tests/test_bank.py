@@ -226,3 +226,26 @@ def test_written_is_read_from_checkpoints_of_the_first_bank_format(tmp_path: Pat
 def test_enqueue_refuses_a_negative_step():
     with pytest.raises(ValueError, match="step >= 0"):
         MemoryBank(4, 3).enqueue(rows(0, 1), step=-1)
+
+
+def test_what_a_bank_cannot_store_faithfully_is_refused_and_nothing_held_is_lost():
+    """An API probe (2026-12-05): an fp16 bank took 70,000 (finite in fp32) as inf and then could not be loaded;
+    to(torch.float16) rounded image id 2049 to 2048; a float box in a long column was truncated; a failed
+    release() dropped the rows it held."""
+    from mlsctl.bank import NonFiniteVectors
+
+    half = MemoryBank(4, 2, dtype=torch.float16)
+    with pytest.raises(NonFiniteVectors):
+        half.enqueue(torch.tensor([[70000.0, 1.0]]), step=0)
+    assert half.filled == 0
+    bank = MemoryBank(4, 2, {"image_id": Column()})
+    with pytest.raises(TypeError, match="takes a device, not the dtype"):
+        bank.to(torch.float16)
+    with pytest.raises(ValueError, match="payload 'image_id' is a torch.int64 column and got torch.float32 values"):
+        bank.enqueue(torch.ones(1, 2), step=0, image_id=torch.tensor([0.4]))
+    bank.hold()
+    bank.enqueue(torch.ones(1, 2), step=2, image_id=torch.tensor([4]))
+    bank.enqueue(torch.ones(1, 2), step=3, image_id=torch.tensor([5]))
+    with pytest.raises(RuntimeError, match="held writes of different steps"):
+        bank.release()
+    assert bank._held is not None and len(bank._held) == 2 and bank.filled == 0
