@@ -372,3 +372,22 @@ def test_a_recipe_edited_in_python_is_checked_like_a_file(tmp_path, images):
     with pytest.raises(ConfigError, match="'optim.lr' must be > 0.0, got -1.0"):
         pretrain(bad, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_pretrain_in_python_leaves_the_callers_random_state_as_it_was(tmp_path, images):
+    """An API probe (2026-12-05): pretrain() reseeded a notebook's random, NumPy and torch generators."""
+    import random
+
+    import numpy as np
+
+    from mlsctl.train import pretrain
+
+    def draws():
+        return random.random(), float(np.random.rand()), float(torch.rand(1))
+
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(images, optim__epochs=1))
+    random.seed(123), np.random.seed(123), torch.manual_seed(123)
+    expected = draws()
+    random.seed(123), np.random.seed(123), torch.manual_seed(123)
+    pretrain(config.load_recipe(str(path)), tmp_path / "run")
+    assert draws() == expected

@@ -66,7 +66,15 @@ def pretrain(recipe, out: str | Path, *, resume: bool = False, init_from: Option
     """``mlsctl pretrain``: train ``recipe`` into the run folder ``out`` (``--resume`` continues it
     exactly, ``--init-from`` starts from weights, ``--overwrite`` replaces an earlier run).
     ``overridden``: the keys set on the command line, which a refusal of their values names instead of
-    the recipe file."""
+    the recipe file. Training seeds Python's, NumPy's and torch's global generators from the recipe;
+    the caller's states are put back when it returns (a notebook's draws go on as they would have)."""
+    with setup.caller_random_states():
+        return _pretrain(recipe, out, resume=resume, init_from=init_from, overwrite=overwrite,
+                         recipe_source=recipe_source, overridden=overridden)
+
+
+def _pretrain(recipe, out: str | Path, *, resume: bool, init_from: Optional[str], overwrite: bool,
+              recipe_source: str, overridden: Sequence[str]) -> RunSummary:
     run = Run(out)
     recipe = config_lib.absolute_paths(recipe)  # config.yaml is read from any working directory
     method_cls = methods.method_class(recipe.method.name)

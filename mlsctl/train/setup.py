@@ -3,6 +3,7 @@ logging to the console and train.log, seeding, and the device habits of the back
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -124,6 +125,22 @@ def close_logging() -> None:
         for handler in list(logger.handlers):
             handler.close()
             logger.removeHandler(handler)
+
+
+@contextlib.contextmanager
+def caller_random_states():
+    """Python's, NumPy's and torch's global generator states (CUDA's too, once initialised) as they
+    were on entry, put back on exit: training seeds them all."""
+    saved = (random.getstate(), np.random.get_state(), torch.get_rng_state(),
+             torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None)
+    try:
+        yield
+    finally:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+        torch.set_rng_state(saved[2])
+        if saved[3] is not None:
+            torch.cuda.set_rng_state_all(saved[3])
 
 
 def seed_everything(seed: int) -> None:
