@@ -414,7 +414,16 @@ class Gallery:
         return self.search_many(latent[None], k)[0]
 
     def search_many(self, latents: torch.Tensor, k: int) -> list[list[tuple[str, float]]]:
-        """``search`` for a batch of latents [q, D]; the query is normalised, the gallery never."""
+        """``search`` for a batch of latents [q, D]; the query is normalised, the gallery never. A
+        ``k`` below 1, latents of another width or with NaN/inf are refused (ValueError): they are a
+        caller's mistake, not a query with no answer."""
+        if int(k) < 1:
+            raise ValueError(f"search needs k of 1 or more, got {k}")
+        if latents.ndim != 2 or latents.shape[1] != self.dim:
+            raise ValueError(f"search expects set latents of shape [q, {self.dim}] (this gallery's width), got "
+                             f"{list(latents.shape)}")
+        if not bool(torch.isfinite(latents).all()):
+            raise ValueError("a set latent to search with holds NaN or inf (a photo the model could not embed?)")
         if not len(self.row_of):
             return [[] for _ in range(len(latents))]
         queries = _normalized(latents.detach().float())
@@ -444,6 +453,9 @@ class Gallery:
 
         for object_id in ids:
             check_object_id(object_id)
+        if not bool(torch.isfinite(latents).all()):  # one such row would answer every search with NaN scores
+            raise ValueError(f"the set latents to add ({', '.join(ids[:3])}) hold NaN or inf (photos the model could "
+                             f"not embed?); nothing was added")
         latents = latents.detach().float().numpy()
         unit = _normalized(latents)
         start, ids_bytes, manifest, unsaved = self.rows, self.ids_bytes, self.manifest, getattr(self, "_unsaved", 0)

@@ -282,3 +282,21 @@ def test_an_add_whose_commit_fails_leaves_the_gallery_in_memory_as_on_disk(tmp_p
     reopened = Gallery(tmp_path / "g")
     assert reopened.rows == gallery.rows == 251 and reopened.count("new") == gallery.count("new") == 2
     assert reopened.search_many(queries, 5) == gallery.search_many(queries, 5)
+
+
+def test_a_search_or_add_the_gallery_cannot_answer_is_refused(tmp_path):
+    """An API probe (2026-12-05): search(k=0) and search(k=-1) gave one result, a latent of another width a bare
+    faiss AssertionError, a NaN latent [] silently; and an add of a NaN latent went into the gallery."""
+    latents = clustered(20)
+    write_gallery(tmp_path / "g", [f"o{i}" for i in range(20)], latents, [1] * 20, IndexSettings(), MANIFEST)
+    gallery = Gallery(tmp_path / "g")
+    for k in (0, -1):
+        with pytest.raises(ValueError, match="search needs k of 1 or more"):
+            gallery.search(latents[0], k)
+    with pytest.raises(ValueError, match=r"shape \[q, 16\]"):
+        gallery.search(torch.randn(5), 3)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        gallery.search(torch.full((16,), float("nan")), 3)
+    with pytest.raises(ValueError, match="nothing was added"):
+        gallery.append(["new"], torch.full((1, 16), float("nan")), [1])
+    assert "new" not in Gallery(tmp_path / "g").row_of and gallery.rows == 20
