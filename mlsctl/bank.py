@@ -334,6 +334,10 @@ class MemoryBank:
         ``slots`` index :attr:`vectors` and every payload column. Empty slots and entries written
         at ``exclude_step`` are never returned.
         """
+        if queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise ValueError(f"query expects queries of shape [n, {self.dim}], got {list(queries.shape)}")
+        if k < 1:
+            raise ValueError(f"query needs k of 1 or more, got {k}")
         mask = self.valid_mask(exclude_step)
         n_valid = int(mask.sum())
         if n_valid == 0:

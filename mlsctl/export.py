@@ -276,6 +276,8 @@ def load_backbone(path: str | Path) -> torch.nn.Module:
     (its teacher), in eval mode: ``model(x)`` gives the global feature ``mlsctl embed`` stores."""
 
     path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path} does not exist; give an exported model folder (mlsctl export) or a run folder")
     if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
         return _load_export(path)
     from mlsctl.restore import is_run_folder

@@ -249,3 +249,5 @@ def test_what_a_bank_cannot_store_faithfully_is_refused_and_nothing_held_is_lost
     with pytest.raises(RuntimeError, match="held writes of different steps"):
         bank.release()
     assert bank._held is not None and len(bank._held) == 2 and bank.filled == 0
+    with pytest.raises(ValueError, match=r"query expects queries of shape \[n, 2\], got \[1, 3\]"):
+        bank.query(torch.ones(1, 3), 1)

@@ -444,3 +444,11 @@ def test_retrieval_and_recall_refuse_what_they_cannot_score():
             recall_at_k(embeddings, labels, bad)
     with pytest.raises(UserError, match="each of the 6 classes has one embedding"):
         recall_at_k(embeddings, torch.arange(6), [1])
+    from mlsctl.evaluate.knn import knn_classify
+
+    train, labels = torch.randn(4, 3), torch.tensor([0, 1, 1, 0])
+    for bad, said in ((dict(num_classes=1), "beyond num_classes 1"), (dict(ks=(0,)), "every k of 1 or more")):
+        with pytest.raises(ValueError, match=said):
+            knn_classify(train, labels, train, **{"ks": (1,), **bad})
+    with pytest.raises(ValueError, match="got 0 features and 0 labels"):
+        knn_classify(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long), train, ks=(1,))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from conftest import cli, cli_ok
@@ -228,3 +229,12 @@ def test_24_1_the_export_says_what_it_is_and_borrows_no_tag_or_licence(finished_
         assert all(s in cfg["description"] for s in (f"run {run_dir.name}", "dino", data_root, f"step {step}"))
     assert config["mlsctl"] == {**config["mlsctl"], "run": run_dir.name, "method": "dino", "data_root": data_root,
                                 "step": step, "fingerprint": from_run(run_dir).fingerprint}
+
+
+def test_load_backbone_of_a_missing_path_says_so(tmp_path):
+    """An API probe (2026-12-05): a path that does not exist was 'neither an exported model folder nor a run folder'."""
+    from mlsctl import load_backbone
+    from mlsctl.errors import UserError
+
+    with pytest.raises(UserError, match="nope does not exist; give an exported model folder"):
+        load_backbone(tmp_path / "nope")

@@ -320,3 +320,16 @@ def test_features_prepared_differently_are_not_compared(tmp_path: Path):
     a.check_same_model(c)
     with pytest.raises(UserError, match=r"different preprocessing \(resize square vs center-crop, resolution \d+ vs 48\)"):
         evaluate_knn(a, b, None, None, [1], 0.07)
+
+
+def test_global_features_come_in_the_order_asked(tmp_path: Path):
+    """An API probe (2026-12-05): global_features(rows=[5, 2]) returned rows 2 and 5, sorted, so a caller indexing
+    the result by its own list read the wrong rows."""
+    images = make_images(tmp_path / "images", 9)
+    embed_folder(images, tmp_path / "f", tiny_model(), part_size=4, batch_size=2, say=quiet)  # rows in 3 shards
+    features = Features(tmp_path / "f")
+    every = features.global_features()
+    for rows in ([5, 2], [8, 0, 8, 3], [], [4]):
+        assert torch.equal(features.global_features(rows), every[rows] if rows else every[:0])
+    with pytest.raises(ValueError, match="batch of 1 or more"):
+        next(features.iter_dense(batch=0))

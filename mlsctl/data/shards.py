@@ -210,20 +210,27 @@ class Features:
                 yield shard, rows[lo:hi] - shard.start
 
     def global_features(self, rows: Optional[Sequence[int]] = None, dtype=torch.float32) -> torch.Tensor:
-        """Global features [n, D] of ``rows`` (sorted) or of every row."""
+        """Global features [n, D] of every row, or of ``rows`` in the order given (row i of the
+        result is ``rows[i]``; a row asked twice comes twice)."""
         from safetensors import safe_open
 
+        wanted, back = (None, None) if rows is None else np.unique(np.asarray(rows, dtype=np.int64), return_inverse=True)
         parts = []
-        for shard, local in self._shard_rows(rows):
+        for shard, local in self._shard_rows(wanted):
             with safe_open(str(shard.path), "pt") as f:
                 tensor = f.get_tensor("global")
             parts.append((tensor if local is None else tensor[torch.from_numpy(local)]).to(dtype))
-        return torch.cat(parts) if parts else torch.empty(0, self.dim, dtype=dtype)
+        found = torch.cat(parts) if parts else torch.empty(0, self.dim, dtype=dtype)
+        return found if back is None or not len(back) else found[torch.from_numpy(back.reshape(-1))]
 
     def iter_dense(self, rows: Optional[Sequence[int]] = None, batch: int = 64,
                    dtype=torch.float32) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield ``(rows [b], dense [b, h, w, D])`` in row order, reading at most one shard slice at a time."""
+        """Yield ``(rows [b], dense [b, h, w, D])`` in row order (sorted, whatever the order of ``rows``:
+        each batch names its rows), reading at most one shard slice at a time."""
         from safetensors import safe_open
+
+        if batch < 1:
+            raise ValueError(f"iter_dense needs a batch of 1 or more, got {batch}")
 
         if not self.has_dense:
             raise UserError(f"{self.what} {self.path} has no dense features; embed it with --dense")

@@ -98,6 +98,13 @@ def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, queri
                  chunk: int = 1024, device: Optional[torch.device] = None) -> dict[int, torch.Tensor]:
     """Class scores [q, C] for each k in ``ks`` (weighted votes of the k nearest neighbours),
     searched on ``device`` [default: the training features' device]."""
+    if len(train_features) == 0 or len(train_features) != len(train_labels):
+        raise ValueError(f"knn_classify needs training features and one label each, got {len(train_features)} features "
+                         f"and {len(train_labels)} labels")
+    if min(ks, default=0) < 1:
+        raise ValueError(f"knn_classify needs every k of 1 or more, got {list(ks)}")
+    if num_classes is not None and int(train_labels.max()) >= num_classes:
+        raise ValueError(f"a training label is {int(train_labels.max())}, beyond num_classes {num_classes}")
     train = F.normalize(train_features.float(), dim=1)
     if device is not None:
         train = train.to(device)
