@@ -10,6 +10,7 @@ import typer
 
 from mlsctl.cli._format import pct, say, table
 from mlsctl.cli._options import MODEL_OPTION, RANDOM_INIT_OPTION, RUN_OPTION, WEIGHTS_OPTION, one_of
+from mlsctl.evaluate.results import write_result
 
 app = typer.Typer(rich_markup_mode=None, help="Evaluate features: dense k-NN and linear segmentation, image k-NN classification, linear probes, image-set retrieval, Recall@K.", no_args_is_help=True)
 
@@ -38,18 +39,6 @@ def _query_size(value: str) -> Optional[int]:
     if not value.strip().isdigit() or int(value) < 1:
         raise UserError(f"--query-size takes a number of photos (1 or more) or 'all', got {value!r}")
     return int(value)
-
-
-def _default_json(name: str) -> Path:
-    return Path("results") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-
-
-def _write_json(path: Path, payload: dict) -> None:
-    """Write an eval result, stamped with its date, mlsctl version and commit (``written``)."""
-    from mlsctl import atomic, provenance
-
-    payload["written"] = provenance.stamp()
-    atomic.write_json(path, payload)
 
 
 # the values of the options that take one of a fixed set (tests/test_cli.py compares them with the library's)
@@ -184,8 +173,7 @@ def knn_seg(
         "note": "miou is the plain mean IoU over classes present in ground truth or predictions; miou_hungarian "
                 "re-matches predicted to true classes first (an extra, for cluster-valued predictions)",
     }
-    out = out or _default_json("knn-seg")
-    _write_json(out, payload)
+    out = write_result(payload, out, "knn-seg")
     if as_json:
         typer.echo(json.dumps(payload, indent=2))
         return
@@ -256,8 +244,7 @@ def knn(
                               device=device)
     payload = {"command": "eval knn", "dataset": record, **result, "seconds": round(time.perf_counter() - started, 3)}
     results, unknown = result["results"], result["val_classes_unseen_in_train"]
-    out = out or _default_json("knn")
-    _write_json(out, payload)
+    out = write_result(payload, out, "knn")
     if as_json:
         typer.echo(json.dumps(payload, indent=2))
         return
@@ -314,8 +301,7 @@ def linear(
                                  epochs=epochs, batch_size=batch_size, holdout=holdout, seed=seed)
     payload = {"command": "eval linear", "dataset": record, **result,
                "seconds": round(time.perf_counter() - started, 3)}
-    out = out or _default_json("linear")
-    _write_json(out, payload)
+    out = write_result(payload, out, "linear")
     if as_json:
         typer.echo(json.dumps(payload, indent=2))
         return
@@ -392,8 +378,7 @@ def linear_seg(
                "val": {"features": str(val_features.path), "masks": masks_text(inputs.val_masks),
                        "images": len(val_features)},
                "model": train_features.model, **result}
-    out = out or _default_json("linear-seg")
-    _write_json(out, payload)
+    out = write_result(payload, out, "linear-seg")
     if as_json:
         typer.echo(json.dumps(payload, indent=2))
         return
@@ -436,8 +421,7 @@ def retrieval(
     model = choose_set_model(run, say=say)
     payload = {"command": "eval retrieval",
                **evaluate_set_model(model, gallery, query, query_size=size, noise=fractions, seed=seed, say=say)}
-    out = out or _default_json("retrieval")
-    _write_json(out, payload)
+    out = write_result(payload, out, "retrieval")
     if as_json:
         print(json.dumps(payload, indent=2))
         return
@@ -473,8 +457,7 @@ def recall(
     started = time.perf_counter()
     result = evaluate_recall(feats, labels, k)
     payload = {"command": "eval recall", **result, "seconds": round(time.perf_counter() - started, 3)}
-    out = out or _default_json("recall")
-    _write_json(out, payload)
+    out = write_result(payload, out, "recall")
     if as_json:
         typer.echo(json.dumps(payload, indent=2))
         return
