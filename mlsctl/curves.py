@@ -22,14 +22,13 @@ is drawn raw with a marker on every point.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Optional, Sequence
 
 from mlsctl import atomic
 from mlsctl.errors import UserError
-from mlsctl.runs import Run
+from mlsctl.runs import Run, metrics_record
 
 
 def read_metrics(run_dir: str | Path) -> dict[str, tuple[list[int], list[float]]]:
@@ -41,19 +40,14 @@ def read_metrics(run_dir: str | Path) -> dict[str, tuple[list[int], list[float]]
 
     lines = read_text_file(run.metrics_path, "metrics file").splitlines()
     for number, line in enumerate(lines, 1):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            if number == len(lines):
-                break  # a torn last line of a killed run
-            record = None  # anywhere else: the file is damaged (said below)
-        except RecursionError:
-            record = None
-        step = record.get("step") if isinstance(record, dict) else None
-        if not isinstance(step, (int, float)) or isinstance(step, bool):
+        record = metrics_record(line)
+        if record is None and number == len(lines):
+            break  # a torn last line of a killed run
+        if record is None:  # anywhere else: the file is damaged
             shown = line if len(line) <= 40 else line[:40] + "..."
             raise UserError(f"{run.metrics_path} line {number} is not a metrics record ({shown}): mlsctl pretrain "
                             f"writes one JSON object with a numeric 'step' per line; remove the line")
+        step = record["step"]
         for key, value in record.items():
             if key in ("step", "epoch") or not isinstance(value, (int, float)) or isinstance(value, bool):
                 continue

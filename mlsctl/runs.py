@@ -85,6 +85,18 @@ def checkpoint_dirname(step: int) -> str:
     return f"step-{step:08d}"
 
 
+def metrics_record(line: str) -> Optional[dict]:
+    """One line of ``metrics.jsonl`` as the record it holds (a JSON object with a numeric ``step``),
+    or None when it is not one: a torn last line of a killed run, or damage (:mod:`mlsctl.curves`
+    refuses a file with such a line anywhere but last; ``--resume`` keeps it, with a warning)."""
+    try:
+        record = json.loads(line)
+    except (json.JSONDecodeError, RecursionError):
+        return None
+    step = record.get("step") if isinstance(record, dict) else None
+    return record if isinstance(step, (int, float)) and not isinstance(step, bool) else None
+
+
 class Run:
     def __init__(self, root: str | Path):
         self.root = Path(root)

@@ -19,6 +19,7 @@ import torch
 
 from mlsctl import atomic, dist
 from mlsctl.errors import UserError
+from mlsctl.runs import metrics_record
 
 log = logging.getLogger("mlsctl")
 progress_log = logging.getLogger("mlsctl.progress")
@@ -247,13 +248,9 @@ def truncate_metrics(path: Path, step: int) -> None:
     lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
     kept = []
     for number, line in enumerate(lines, 1):
-        try:
-            record = json.loads(line)
-        except (json.JSONDecodeError, RecursionError):
-            record = None
-        record_step = record.get("step") if isinstance(record, dict) else None
-        if isinstance(record_step, (int, float)) and not isinstance(record_step, bool):
-            if record_step <= step:
+        record = metrics_record(line)
+        if record is not None:
+            if record["step"] <= step:
                 kept.append(line)
         elif number < len(lines):
             log.warning(f"{path} line {number} is not a metrics record; kept as it is (remove it: mlsctl plot "
