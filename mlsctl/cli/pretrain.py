@@ -30,4 +30,4 @@ def pretrain(
     loaded = config.load_recipe(str(recipe_path), overrides or [])
     out = out if out is not None else Path("runs") / recipe_path.stem
     train.pretrain(loaded, out, resume=resume, init_from=init_from, overwrite=overwrite, recipe_source=str(recipe_path),
-                   overridden=[item.split("=", 1)[0].strip() for item in overrides or []])
+                   overridden=list(config.parse_overrides(overrides or [])))

@@ -58,7 +58,7 @@ def train(
     out = out if out is not None else Path("runs") / f"refine-{features.resolve().name}"
     train_lib.pretrain(loaded, out, resume=resume, init_from=init_from, overwrite=overwrite,
                        recipe_source=str(recipe_path),
-                       overridden=[item.split("=", 1)[0].strip() for item in items + list(overrides or [])])
+                       overridden=list(config.parse_overrides(items + list(overrides or []))))
 
 
 @app.command("apply")
