@@ -124,7 +124,7 @@ def test_neighbours_exclude_the_query_by_index_and_keep_its_duplicates():
     expected = similarity.topk(8, dim=1).values
     found = torch.gather(similarity, 1, dataset.neighbour_rows)
     assert torch.allclose(found, expected, atol=1e-6)
-    with pytest.raises(UserError, match="fewer than k \\+ 1 = 9"):
+    with pytest.raises(UserError, match="fewer than the 9 a query needs"):
         ContextDataset(x[:8], y[:8], 8, ["a"], "data.root x")
     idx, _ = nearest_neighbours(x[3:7], x, 3)  # no exclusion asked: a query finds itself first
     assert (idx[:, 0] == torch.arange(3, 7)).all()
@@ -265,7 +265,7 @@ def test_train_bad_input_is_one_sentence(tmp_path, capsys):
     few = _folder(tmp_path / "few", x[:4], y[:4])
     cases = [(["--labels", str(single)], feats, "single class"),
              (["--labels", str(partial)], feats, "has no label for 15 images"),
-             ([], few, "fewer than k + 1 = 5"),
+             ([], few, "fewer than the 5 a query needs (k = 4 besides itself)"),
              ([], tmp_path / "missing", "does not exist")]
     for extra, folder, message in cases:
         code, _, err = cli(*_train_args(folder, tmp_path / "run"), *extra, capsys=capsys)

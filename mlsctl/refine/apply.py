@@ -153,15 +153,13 @@ def apply_refinement(run_dir: str | Path, feats_dir: str | Path, out: str | Path
     """Refine ``feats_dir`` with the run's refiner and ``context_dir`` (default: ``feats_dir``);
     write the refined feature folder ``out``. Returns a JSON-ready summary."""
     from mlsctl.features import DTYPES, is_feature_folder
+    from mlsctl.methods.refine.neighbours import check_reference_size
 
     loaded, features, context = open_inputs(run_dir, feats_dir, context_dir)
     k = k or loaded.cfg.neighbours
     exclude = self_rows(features, context)
-    needed = k + 1 if bool((exclude >= 0).any()) else k
-    if len(context) < needed:
-        raise UserError(f"context features {context.path} hold {len(context)} embeddings, fewer than the "
-                        f"{needed} a query needs (k = {k}{' besides itself' if needed > k else ''}); give a larger "
-                        f"context or a smaller --k")
+    check_reference_size(len(context), k, bool((exclude >= 0).any()), f"context features {context.path}",
+                         "give a larger context or a smaller --k")
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype} is not one of {', '.join(DTYPES)}")
     out = Path(out)

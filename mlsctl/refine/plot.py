@@ -58,7 +58,7 @@ def drift_figure(run_dir: str | Path, feats_dir: str | Path, out: str | Path, *,
 
     from mlsctl.evaluate.knn import labels_for
     from mlsctl.refine.apply import open_inputs, refine, self_rows
-    from mlsctl.methods.refine.neighbours import nearest_neighbours
+    from mlsctl.methods.refine.neighbours import check_reference_size, nearest_neighbours
 
     if projection not in PROJECTIONS:
         raise UserError(f"--projection {projection} is not one of {', '.join(PROJECTIONS)}")
@@ -67,8 +67,8 @@ def drift_figure(run_dir: str | Path, feats_dir: str | Path, out: str | Path, *,
     names = labels_for(features, labels_file, "features")
     context_names = names if context is features else labels_for(context, labels_file, "context features")
     exclude_all = self_rows(features, context)
-    if len(context) < k + 1:
-        raise UserError(f"context features {context.path} hold {len(context)} embeddings, fewer than k + 1 = {k + 1}")
+    check_reference_size(len(context), k, bool((exclude_all >= 0).any()), f"context features {context.path}",
+                         "give a larger context or a smaller --k")
     generator = torch.Generator().manual_seed(seed)
     chosen = torch.randperm(len(features), generator=generator)[:points].sort().values
     queries = features.global_features(chosen.tolist())

@@ -109,11 +109,9 @@ class ContextDataset(torch.utils.data.Dataset):
     """Every training embedding with its k neighbours among the others (searched once)."""
 
     def __init__(self, embeddings: torch.Tensor, labels: torch.Tensor, k: int, classes: list[str], what: str):
-        from mlsctl.methods.refine.neighbours import nearest_neighbours
+        from mlsctl.methods.refine.neighbours import check_reference_size, nearest_neighbours
 
-        if len(embeddings) < k + 1:
-            raise UserError(f"{what} holds {len(embeddings)} embeddings, fewer than k + 1 = {k + 1} (each needs {k} "
-                            f"neighbours besides itself); lower method.neighbours or give more embeddings")
+        check_reference_size(len(embeddings), k, True, what, "lower method.neighbours or give more embeddings")
         self.embeddings = F.normalize(embeddings.float(), dim=-1)
         self.labels, self.classes = labels, classes
         rows = torch.arange(len(embeddings))

@@ -17,6 +17,16 @@ import torch
 import torch.nn.functional as F
 
 from mlsctl import threads
+from mlsctl.errors import UserError
+
+
+def check_reference_size(rows: int, k: int, excluding: bool, what: str, fix: str) -> None:
+    """One sentence when a reference of ``rows`` embeddings cannot give each query ``k`` neighbours
+    (``k + 1`` rows when the query's own row is excluded from its neighbours)."""
+    needed = k + 1 if excluding else k
+    if rows < needed:
+        raise UserError(f"{what} holds {rows} embeddings, fewer than the {needed} a query needs (k = {k}"
+                        f"{' besides itself' if excluding else ''}); {fix}")
 
 
 def nearest_neighbours(queries: torch.Tensor, reference: torch.Tensor, k: int,
