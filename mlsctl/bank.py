@@ -177,10 +177,15 @@ class MemoryBank:
         """Whether the bank started full of random entries (``init="random_unit"``)."""
         return self._prefilled
 
+    def written_mask(self) -> torch.Tensor:
+        """[size] bool: the slots holding an entry written by training (a prefilled bank's random start
+        entries have step -1: they belong to no image and no step)."""
+        return self.payload["step"] >= 0
+
     @property
     def written(self) -> int:
         """Number of slots holding an entry written by training (random start entries excluded)."""
-        return int((self.payload["step"] >= 0).sum())
+        return int(self.written_mask().sum())
 
     @property
     def fill(self) -> float:
@@ -208,7 +213,7 @@ class MemoryBank:
         """Slot indices of the entries written by training, oldest first (:meth:`order` without the
         random start entries of a prefilled bank)."""
         order = self.order()
-        return order[self.payload["step"][order] >= 0]
+        return order[self.written_mask()[order]]
 
     def ages(self, step: int) -> torch.Tensor:
         """Age in steps of every valid entry (oldest first); prefilled entries have no age (-1)."""

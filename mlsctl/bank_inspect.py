@@ -151,7 +151,7 @@ def nearest_entries(bank: MemoryBank, query: torch.Tensor, k: int, sources: Opti
     if keys.shape[1] != query.shape[-1]:
         raise UserError(f"the query has {query.shape[-1]} dimensions but the bank compares {keys.shape[1]}; "
                         f"the run's teacher does not match its bank")
-    valid = bank.valid_mask() & (bank.payload["step"] >= 0)
+    valid = bank.valid_mask() & bank.written_mask()
     scores = (F.normalize(query.reshape(1, -1), dim=1) @ F.normalize(keys, dim=1).T)[0]
     scores = scores.masked_fill(~valid, float("-inf"))
     top = scores.topk(min(k, int(valid.sum())))

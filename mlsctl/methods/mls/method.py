@@ -231,7 +231,7 @@ class MLS(Method):
         metrics = {}
         with torch.no_grad(), torch.autocast(view1.device.type, enabled=False):
             chosen = labels.bool()
-            written = self.queue_g.payload["step"] >= 0  # random starting entries belong to no image
+            written = self.queue_g.written_mask()  # random starting entries belong to no image
             same_image = (self.queue_g.payload["image_id"][None, :] == batch.image_ids[:, None]) & written[None, :]
             # kept on the device, read only where logged
             metrics["labels/self_share"] = metric_ratio((chosen & same_image).sum(), chosen.sum().clamp_min(1))
