@@ -223,3 +223,18 @@ def test_a_convnext_global_feature_is_timm_s_own_pooled_and_normed_feature():
     out = model(x)
     assert torch.allclose(out.cls, reference.eval()(x), atol=1e-5)  # pooled, then the head's LayerNorm
     assert not torch.allclose(out.cls, out.patches.mean(dim=(1, 2)), atol=1e-3)
+
+
+def test_an_embedding_layer_of_another_shape_in_the_weights_is_said(tmp_path, caplog):
+    """A code-health review (2026-12-05): model.weights with an embedding layer of another width than
+    model.embedding_dim left the layer freshly initialised without a word (a file without one stays quiet: it is
+    the usual start, a self-supervised backbone)."""
+    donor = tiny(embedding_dim=8)
+    save_file({k: v.contiguous() for k, v in donor.model.state_dict().items()}, str(tmp_path / "w8.safetensors"))
+    save_file({k: v.contiguous() for k, v in tiny().model.state_dict().items()}, str(tmp_path / "plain.safetensors"))
+    with caplog.at_level("WARNING", logger="mlsctl"):
+        tiny(embedding_dim=8, weights=str(tmp_path / "w8.safetensors"))
+        tiny(embedding_dim=16, weights=str(tmp_path / "plain.safetensors"))
+        assert caplog.records == []
+        tiny(embedding_dim=16, weights=str(tmp_path / "w8.safetensors"))
+    assert len(caplog.records) == 1 and "embedding layer of another shape" in caplog.records[0].getMessage()

@@ -40,6 +40,7 @@ whose head has another shape (an ImageNet classifier) leaves the layer freshly i
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -128,6 +129,11 @@ class Backbone(nn.Module):
             state = weights_lib.backbone_state(weights_lib.read_state_dict(weights), keep_head=embedding_dim > 0)
             if embedding_dim:  # an embedding layer of another shape (or none) in the file: keep the fresh one
                 fresh = {k: v for k, v in model.state_dict().items() if k.startswith("head.")}
+                other = {k: list(state[k].shape) for k, v in fresh.items() if k in state and state[k].shape != v.shape}
+                if other:  # a file without one is the usual start (a self-supervised backbone); another shape is news
+                    logging.getLogger("mlsctl").warning(
+                        f"{weights} holds an embedding layer of another shape ({other}) than model.embedding_dim "
+                        f"{embedding_dim} builds; it starts freshly initialised, the rest of the backbone from the file")
                 if any(k not in state or state[k].shape != v.shape for k, v in fresh.items()):
                     state.update(fresh)
             weights_lib.load_into_vit(model, state, str(weights))
