@@ -42,6 +42,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from mlsctl.console import to_stderr
 from mlsctl import __version__, atomic
 from mlsctl import dist
 from mlsctl.data.images import DEFAULT_MAX_IMAGE_PIXELS
@@ -166,7 +167,7 @@ def embed_folder(images: str | os.PathLike, out: str | os.PathLike, model, *, de
                  resolution: Optional[int] = None, resize: str = "square", batch_size: int = 64, workers: int = 0,
                  dtype: str = "fp16", part_size: Optional[int] = None, overwrite: bool = False,
                  max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-                 progress: Optional[bool] = None, say: Callable[[str], None] = print) -> EmbedSummary:
+                 progress: Optional[bool] = None, say: Callable[[str], None] = to_stderr) -> EmbedSummary:
     """Embed every image under ``images`` with ``model`` (a :class:`~mlsctl.models.source.ModelChoice`)
     into the feature folder ``out``; see the module docstring for the format and resume rules."""
     from mlsctl.data.archive import Tree
@@ -195,7 +196,7 @@ def embed_listing(tree, relpaths: list[str], out: str | os.PathLike, model, *, n
                   resize: str = "square", batch_size: int = 64, workers: int = 0, dtype: str = "fp16",
                   part_size: Optional[int] = None, overwrite: bool = False,
                   max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, progress: Optional[bool] = None,
-                  say: Callable[[str], None] = print) -> EmbedSummary:
+                  say: Callable[[str], None] = to_stderr) -> EmbedSummary:
     """Embed the images ``relpaths`` of ``tree`` (a folder or an archive) into ``out``."""
     from mlsctl.data.images import allow_image_pixels
 
@@ -520,7 +521,7 @@ def _model_cache(model, root: str | os.PathLike) -> Path:
 
 
 def features_or_embed(path: str | os.PathLike, get_model: Callable[[], object], *, dense: bool, what: str,
-                      say: Callable[[str], None] = print, **embed_options) -> Features:
+                      say: Callable[[str], None] = to_stderr, **embed_options) -> Features:
     """``path`` itself when it is a feature folder; otherwise ``path`` is a folder of images,
     embedded (or found already embedded) under :func:`cache_dir` with the model ``get_model()``."""
     if is_feature_folder(path):
@@ -542,7 +543,7 @@ def require_rows(features: Features, what: str) -> Features:
 
 
 def features_of_split(split, get_model: Callable[[], object], *, dense: bool, what: str,
-                      say: Callable[[str], None] = print, **embed_options) -> Features:
+                      say: Callable[[str], None] = to_stderr, **embed_options) -> Features:
     """The features of one split of a benchmark (:mod:`mlsctl.data.datasets`), embedded (or found
     already embedded) under :func:`split_cache_dir` with the model ``get_model()``."""
     model = get_model()

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from mlsctl import __version__, atomic, threads
+from mlsctl.console import to_stderr
 from mlsctl.errors import UserError, first_line
 from mlsctl.locks import LOCK_NAME, FolderLock
 from mlsctl.methods.mile.set_model import MILESetModel
@@ -105,7 +106,7 @@ def load_set_model(run_dir: str | os.PathLike) -> SetModel:
                     str(run.root), checkpoint.step)
 
 
-def choose_set_model(run_dir: Optional[str | os.PathLike], say: Callable[[str], None] = print) -> SetModel:
+def choose_set_model(run_dir: Optional[str | os.PathLike], say: Callable[[str], None] = to_stderr) -> SetModel:
     """:func:`load_set_model` of ``run_dir``, or of the newest MILE run under ./runs when it is None;
     says which model it is (backbone and set-encoder fingerprints)."""
     from mlsctl.restore import newest_run

@@ -81,6 +81,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Optional, Sequence
 from urllib.parse import urlsplit
 
+from mlsctl.console import to_stderr
 from mlsctl.errors import Interrupted, Terminated, UserError
 
 MAX_PHOTOS = 64
@@ -941,7 +942,7 @@ def write_token(gallery: Path) -> Path:
 
 
 def serve(gallery: Path, run: Optional[Path], host: str, port: int, root: Optional[Path], max_upload_mb: float,
-          say=print, *, max_request_mb: float = 64.0, decode_budget_mb: float = 1024.0, read_only: bool = False,
+          say=to_stderr, *, max_request_mb: float = 64.0, decode_budget_mb: float = 1024.0, read_only: bool = False,
           token_file: Optional[Path] = None, allow_hosts: Sequence[str] = (), docs: bool = False,
           max_connections_per_client: int = MAX_CONNECTIONS_PER_CLIENT) -> None:
     import uvicorn

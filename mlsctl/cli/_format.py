@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Sequence
+
+from mlsctl.console import to_stderr
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]], right: Sequence[bool] | None = None) -> str:
@@ -22,6 +23,4 @@ def pct(value: float | None, digits: int = 1) -> str:
     return "-" if value is None or value != value else f"{100 * value:.{digits}f}"
 
 
-def say(line: str) -> None:
-    """A progress or status line on stderr (stdout stays the result's: tables, or --json)."""
-    print(line, file=sys.stderr, flush=True)
+say = to_stderr  # a progress or status line on stderr (stdout stays the result's: tables, or --json)

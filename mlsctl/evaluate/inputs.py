@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from mlsctl.console import to_stderr
 from mlsctl.errors import UserError
 
 Say = Callable[[str], None]
@@ -43,7 +44,7 @@ def benchmark_splits(dataset: str, root: Optional[Path], train_split: Optional[s
             datasets.open_split(dataset, root, val_split or default_val))
 
 
-def split_features(split, given: Optional[Path], get_model, *, dense: bool, what: str, say: Say = print,
+def split_features(split, given: Optional[Path], get_model, *, dense: bool, what: str, say: Say = to_stderr,
                    **embed_options):
     """``given`` (a feature folder from mlsctl embed --dataset) or the split embedded into the cache."""
     from mlsctl.features import Features, features_of_split, is_feature_folder, require_rows
@@ -110,7 +111,7 @@ class SegmentationInputs:
 
 def segmentation_inputs(dataset: str, root: Optional[Path], train_split: Optional[str], val_split: Optional[str],
                         folders: dict, ignore_index: int, get_model, embed_options: Callable[[], dict],
-                        fmnist: Optional[Path] = None, say: Say = print) -> SegmentationInputs:
+                        fmnist: Optional[Path] = None, say: Say = to_stderr) -> SegmentationInputs:
     """The inputs of a segmentation evaluation: --dataset's splits (embedded from --root, or the feature
     folders given as --train/--val), or the four folders of ``folders`` (train, train_masks, val,
     val_masks; images are embedded, features used as they are). With none of them and ``fmnist`` given
@@ -183,7 +184,7 @@ def check_protocol_resolution(preset, overridden: list[str], resolution: Optiona
 
 def classification_inputs(dataset: str, root: Optional[Path], train_split: Optional[str], val_split: Optional[str],
                           train: Optional[Path], val: Optional[Path], train_labels: Optional[Path],
-                          val_labels: Optional[Path], get_model, say: Say = print) -> tuple:
+                          val_labels: Optional[Path], get_model, say: Say = to_stderr) -> tuple:
     """(train features, val features, train labels, val labels, dataset record) of eval knn and
     eval linear: the --train/--val folders with their labels, or the splits of --dataset imagenet
     (whose labels are the splits themselves)."""

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from mlsctl.console import to_stderr
+
 METHODS = ("mile", "max-pairwise", "mean-cls")
 NEVER_FOUND = 2**62  # the rank of a query whose own score is NaN
 
@@ -197,7 +199,7 @@ def paired_photos(gallery, query) -> PairedPhotos:
 
 
 def evaluate_set_model(model, gallery, query, *, query_size: Optional[int], noise: Sequence[float], seed: int,
-                       say=print) -> dict:
+                       say=to_stderr) -> dict:
     """``mlsctl eval retrieval``: the set model of a MILE run (:class:`~mlsctl.gallery.SetModel`)
     on the objects ``gallery`` and ``query`` share — MILE and the single-image baselines with its
     trained teacher, the baselines again with the backbone the run started from (as the authors

@@ -31,6 +31,7 @@ from typing import Optional
 import torch
 
 from mlsctl import __version__, atomic
+from mlsctl.console import to_stderr
 from mlsctl.errors import UserError, first_line
 
 
@@ -149,7 +150,7 @@ def _digest(*parts: str) -> str:
 
 def apply_refinement(run_dir: str | Path, feats_dir: str | Path, out: str | Path, *,
                      context_dir: Optional[str | Path] = None, k: Optional[int] = None, overwrite: bool = False,
-                     dtype: str = "fp32", progress: bool = False, say=print) -> dict:
+                     dtype: str = "fp32", progress: bool = False, say=to_stderr) -> dict:
     """Refine ``feats_dir`` with the run's refiner and ``context_dir`` (default: ``feats_dir``);
     write the refined feature folder ``out``. Returns a JSON-ready summary."""
     from mlsctl.features import DTYPES, is_feature_folder
