@@ -179,6 +179,11 @@ def object_folders(root: str | os.PathLike) -> dict[str, list[Path]]:
     return {k: sorted(v) for k, v in sorted(groups.items())}
 
 
+def ranked(found: Sequence[tuple[str, float]]) -> list[dict]:
+    """Search results as the JSON of ``search --json`` and of the service: rank (1 first), object, score."""
+    return [{"rank": i + 1, "object": object_id, "score": score} for i, (object_id, score) in enumerate(found)]
+
+
 def load_images(paths: Sequence[Path]) -> list:
     from mlsctl.data.images import BadImage, load_rgb
 
@@ -439,9 +444,16 @@ class Gallery:
         check_object_id(object_id)
         self.check_model(model)
         cls, tokens = model.image_tokens(images)
+        return self.fold_into(model.fold, object_id, cls, tokens, len(images))
+
+    def fold_into(self, fold, object_id: str, cls: torch.Tensor, tokens: Optional[torch.Tensor],
+                  photos: int) -> tuple[bool, int]:
+        """Fold the embedded ``photos`` (``cls``, ``tokens``) into ``object_id``'s latent with ``fold``
+        (the set model's :meth:`~SetModel.fold`: a server passes it wrapped in its model lock) and commit
+        the row; returns (created, images now folded)."""
         created = object_id not in self.row_of
-        latent = model.fold(None if created else self.latent(object_id), cls, tokens)
-        count = len(images) + (0 if created else self.count(object_id))
+        latent = fold(None if created else self.latent(object_id), cls, tokens)
+        count = photos + (0 if created else self.count(object_id))
         self.append([object_id], latent[None], [count])
         return created, count
 

@@ -371,14 +371,15 @@ class GalleryService:
 
     # ------------------------------------------------------------------ endpoints
     def search(self, photos: list[Photo], k: int) -> dict:
+        from mlsctl.gallery import ranked
+
         started = time.perf_counter()
         cls, tokens = self.tokens(photos)
         with self.model_lock:
             latent = self.model.fold(None, cls, tokens)
         with self.index_lock:
             found = self.gallery.search(latent, k)
-        return {"photos": len(photos), "results": [{"rank": i + 1, "object": o, "score": s}
-                                                  for i, (o, s) in enumerate(found)],
+        return {"photos": len(photos), "results": ranked(found),
                 "seconds": round(time.perf_counter() - started, 4)}
 
     def check_id(self, object_id: str) -> None:
@@ -392,13 +393,12 @@ class GalleryService:
     def add(self, object_id: str, photos: list[Photo]) -> dict:
         self.check_id(object_id)
         cls, tokens = self.tokens(photos)
-        with self.index_lock:
-            created = object_id not in self.gallery.row_of
-            previous = None if created else self.gallery.latent(object_id)
+        def fold(previous, cls, tokens):
             with self.model_lock:
-                latent = self.model.fold(previous, cls, tokens)
-            count = len(photos) + (0 if created else self.gallery.count(object_id))
-            self.gallery.append([object_id], latent[None], [count])
+                return self.model.fold(previous, cls, tokens)
+
+        with self.index_lock:
+            created, count = self.gallery.fold_into(fold, object_id, cls, tokens, len(photos))
             total = len(self.gallery)
             self.added["requests"] += 1
             self.added["photos"] += len(photos)

@@ -157,7 +157,7 @@ def search(
     Many sets, one model load: mlsctl search --sets queries.jsonl --index galleries/products > results.jsonl
     """
     from mlsctl.errors import UserError
-    from mlsctl.gallery import Gallery, choose_set_model, load_images, newest_gallery
+    from mlsctl.gallery import Gallery, choose_set_model, load_images, newest_gallery, ranked
 
     if (images is None) == (sets is None):
         raise UserError("give the photos of one set with --set, or a JSONL file of sets with --sets")
@@ -183,8 +183,7 @@ def search(
                 continue
             cls, tokens = model.image_tokens(images_of_set)
             found = target.search(model.fold(None, cls, tokens), k)
-            print(json.dumps({**record, "results": [{"rank": i + 1, "object": o, "score": s}
-                                                    for i, (o, s) in enumerate(found)]}), flush=True)
+            print(json.dumps({**record, "results": ranked(found)}), flush=True)
         seconds = time.perf_counter() - started
         searched = len(queries) - len(failed)
         say(f"searched {searched} sets in {seconds:.2f}s ({searched / max(seconds, 1e-9):.1f} sets/s)")
@@ -197,7 +196,7 @@ def search(
     found = target.search(model.fold(None, cls, tokens), k)
     if as_json:
         print(json.dumps({"gallery": str(index), "set": [str(p) for p in images],
-                          "results": [{"rank": i + 1, "object": o, "score": s} for i, (o, s) in enumerate(found)]},
+                          "results": ranked(found)},
                          indent=2))
         return
     print(table(["rank", "object", "cosine"], [[i + 1, o, f"{s:.4f}"] for i, (o, s) in enumerate(found)],
