@@ -431,7 +431,6 @@ def _assemble(out: Path, plan: dict, plan_sha: str, relpaths: list[str], not_ima
               n_parts: int, parts_per_shard: int, n_shards: int, part_path) -> dict:
     """Concatenate the parts into shards (row order = file order), then write the manifest."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
     files: list[str] = []
     skipped: list[list[str]] = []
@@ -453,38 +452,44 @@ def _assemble(out: Path, plan: dict, plan_sha: str, relpaths: list[str], not_ima
                 skipped += json.loads(f.metadata()["skipped"])
             files += [relpaths[i] for i in index.tolist()]
         start = sum(entry["rows"] for entry in shards)
-        shard = {"global": torch.cat(tensors["global"])}
-        if plan["grid"]:
-            shard["dense"] = torch.cat(tensors["dense"])
-        rows = shard["global"].shape[0]
-        shard["row"] = torch.arange(start, start + rows, dtype=torch.long)
         name = shard_name(s, n_shards)
         if name in replaced:  # a name the replaced manifest still uses: this shard is written beside it
             name = name.replace(".safetensors", f".{plan_sha[:12]}.safetensors")
-        atomic.write_with(out / name, lambda tmp: save_file(shard, str(tmp), metadata={"format": "mlsctl-features"}))
+        rows = write_shard(out / name, torch.cat(tensors["global"]), start,
+                           torch.cat(tensors["dense"]) if plan["grid"] else None)
         shards.append({"file": name, "rows": rows})
-    manifest = {
-        "kind": "mlsctl-features",
-        "format_version": FORMAT_VERSION,
-        "mlsctl_version": __version__,
-        "input_root": plan["input_root"],
-        "model": model.info,
-        "preprocessing": preprocessing.to_dict(),
-        "dtype": plan["dtype"],
-        "normalization": "none: features are stored as the backbone returns them (after its final norm); "
-                         "consumers L2-normalise where their protocol says so",
-        "dim": plan["dim"],
-        "grid": plan["grid"],
-        "files": files,
-        "skipped": skipped + not_images,
-        "shards": shards,
-        "plan": plan,
-    }
+    manifest = feature_manifest(
+        input_root=plan["input_root"], model=model.info, preprocessing=preprocessing.to_dict(), dtype=plan["dtype"],
+        normalization="none: features are stored as the backbone returns them (after its final norm); consumers "
+                      "L2-normalise where their protocol says so",
+        dim=plan["dim"], grid=plan["grid"], files=files, skipped=skipped + not_images, shards=shards, plan=plan)
     atomic.write_json(out / MANIFEST, manifest)  # the commit: the new features replace the old ones here
     for name in replaced - {entry["file"] for entry in shards}:
         (out / name).unlink(missing_ok=True)
     shutil.rmtree(out / PARTIAL, ignore_errors=True)
     return manifest
+
+
+def write_shard(path: Path, global_: torch.Tensor, start: int, dense: Optional[torch.Tensor] = None) -> int:
+    """One shard file of a feature folder, written atomically: ``global`` [n, D], ``dense`` [n, h, w, D]
+    when given, and ``row``, their row numbers in the folder from ``start``. Returns n."""
+    from safetensors.torch import save_file
+
+    shard = {"global": global_.contiguous()}
+    if dense is not None:
+        shard["dense"] = dense.contiguous()
+    shard["row"] = torch.arange(start, start + len(global_), dtype=torch.long)
+    atomic.write_with(path, lambda tmp: save_file(shard, str(tmp), metadata={"format": "mlsctl-features"}))
+    return len(global_)
+
+
+def feature_manifest(*, input_root, model: dict, preprocessing: dict, dtype: str, normalization: str, dim: int,
+                     grid, files: list[str], skipped: list, shards: list[dict], plan: dict) -> dict:
+    """The ``manifest.json`` of a feature folder (docs/formats.md): what every reader checks."""
+    return {"kind": "mlsctl-features", "format_version": FORMAT_VERSION, "mlsctl_version": __version__,
+            "input_root": str(input_root), "model": model, "preprocessing": preprocessing, "dtype": dtype,
+            "normalization": normalization, "dim": int(dim), "grid": grid, "files": list(files),
+            "skipped": list(skipped), "shards": shards, "plan": plan}
 
 
 def _shard_files(out: Path) -> set[str]:

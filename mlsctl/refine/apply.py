@@ -30,7 +30,7 @@ from typing import Optional
 
 import torch
 
-from mlsctl import __version__, atomic
+from mlsctl import atomic
 from mlsctl.console import to_stderr
 from mlsctl.errors import UserError, first_line
 
@@ -202,9 +202,7 @@ def apply_refinement(run_dir: str | Path, feats_dir: str | Path, out: str | Path
 def write_features(out: Path, global_: torch.Tensor, source, model: dict, *, overwrite: bool, normalization: str) -> None:
     """A feature folder with the rows of ``source`` (files, input root, preprocessing) and new
     global features, written next to ``out`` and renamed into place."""
-    from safetensors.torch import save_file
-
-    from mlsctl.features import FORMAT_VERSION, MANIFEST, SHARD_BYTES, shard_name
+    from mlsctl.features import MANIFEST, SHARD_BYTES, feature_manifest, shard_name, write_shard
 
     n = len(global_)
     bytes_per_row = max(1, global_.shape[1] * global_.element_size())
@@ -217,16 +215,13 @@ def write_features(out: Path, global_: torch.Tensor, source, model: dict, *, ove
         shards = []
         for s in range(n_shards):
             lo, hi = s * per_shard, min(n, (s + 1) * per_shard)
-            tensors = {"global": global_[lo:hi].contiguous(), "row": torch.arange(lo, hi, dtype=torch.long)}
             name = shard_name(s, n_shards)
-            atomic.write_with(tmp / name, lambda path: save_file(tensors, str(path), metadata={"format": "mlsctl-features"}))
-            shards.append({"file": name, "rows": hi - lo})
-        manifest = {"kind": "mlsctl-features", "format_version": FORMAT_VERSION, "mlsctl_version": __version__,
-                    "input_root": str(source.input_root), "model": model, "preprocessing": source.preprocessing,
-                    "dtype": {torch.float16: "float16", torch.float32: "float32"}[global_.dtype],
-                    "normalization": normalization, "dim": int(global_.shape[1]), "grid": None,
-                    "files": list(source.files), "skipped": list(source.skipped), "shards": shards,
-                    "plan": {"refined_from": str(Path(source.path).resolve())}}
+            shards.append({"file": name, "rows": write_shard(tmp / name, global_[lo:hi], lo)})
+        manifest = feature_manifest(
+            input_root=source.input_root, model=model, preprocessing=source.preprocessing,
+            dtype={torch.float16: "float16", torch.float32: "float32"}[global_.dtype], normalization=normalization,
+            dim=global_.shape[1], grid=None, files=source.files, skipped=source.skipped, shards=shards,
+            plan={"refined_from": str(Path(source.path).resolve())})
         atomic.write_json(tmp / MANIFEST, manifest)
         if out.exists():
             if not overwrite:  # appeared meanwhile
