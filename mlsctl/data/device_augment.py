@@ -46,25 +46,16 @@ import torch.nn.functional as F
 import torchvision.ops  # noqa: F401  (registers torch.ops.torchvision.roi_align)
 
 from mlsctl.data.multicrop import IMAGENET_MEAN, IMAGENET_STD, blur_kernel_size  # noqa: F401 - re-exported
+from mlsctl.data.multicrop import BLUR_P as _BLUR_P, BLUR_SIGMA, GRAYSCALE_P as _GRAYSCALE_P, JITTER as _JITTER
+from mlsctl.data.multicrop import JITTER_P as _JITTER_P, SOLARIZE_P as _SOLARIZE_P
 
 PHOTOMETRIC_FIELDS = ("jitter", "brightness", "contrast", "saturation", "hue", "order0", "order1", "order2", "order3",
                       "grayscale", "blur_sigma", "solarize")
 _FIELD = {name: i for i, name in enumerate(PHOTOMETRIC_FIELDS)}
 ROLES = ("global1", "global2", "local")
 
-# The probabilities and strengths of photometric_pipeline(kind, role, size) in mlsctl.data.multicrop:
-# ColorJitter (brightness, contrast, saturation, hue) and its p, RandomGrayscale's p, GaussianBlur's p per
-# role and its sigma range, RandomSolarize's p per role.
-_JITTER = {"dino": (0.4, 0.4, 0.2, 0.1), "mocov2": (0.4, 0.4, 0.4, 0.1), "none": (0.0, 0.0, 0.0, 0.0)}
-_JITTER_P = {"dino": 0.8, "mocov2": 0.8, "none": 0.0}
-_GRAYSCALE_P = {"dino": 0.2, "mocov2": 0.2, "none": 0.0}
-_BLUR_P = {"dino": {"global1": 1.0, "global2": 0.1, "local": 0.5},
-           "mocov2": {"global1": 0.5, "global2": 0.5, "local": 0.5},
-           "none": {"global1": 0.0, "global2": 0.0, "local": 0.0}}
-_SOLARIZE_P = {"dino": {"global1": 0.0, "global2": 0.2, "local": 0.0},
-               "mocov2": {"global1": 0.0, "global2": 0.0, "local": 0.0},
-               "none": {"global1": 0.0, "global2": 0.0, "local": 0.0}}
-BLUR_SIGMA = (0.1, 2.0)
+# The probabilities and strengths of the photometric pipelines are the CPU path's own tables
+# (mlsctl.data.multicrop: JITTER, JITTER_P, GRAYSCALE_P, BLUR_P, BLUR_SIGMA, SOLARIZE_P).
 # RandomSolarize(threshold=128) on uint8 images inverts values >= 128; on [0, 1] floats that is 128 / 255.
 SOLARIZE_THRESHOLD = 128 / 255
 # rgb_to_grayscale's ITU-R 601-2 luma weights, as torchvision.

@@ -114,10 +114,26 @@ def apply_crop(img: Image.Image, params: CropParams, size: int) -> Image.Image:
     return TF.horizontal_flip(out) if params.flip else out
 
 
+# The photometric pipelines' strengths and probabilities, by pipeline (``kind``) and crop role: what
+# photometric_pipeline builds with torchvision, and what mlsctl.data.device_augment draws on the device
+# (one table for both, so the two paths cannot drift apart). ColorJitter's (brightness, contrast,
+# saturation, hue) and its p, RandomGrayscale's p, GaussianBlur's p and sigma range, RandomSolarize's p.
+JITTER = {"dino": (0.4, 0.4, 0.2, 0.1), "mocov2": (0.4, 0.4, 0.4, 0.1), "none": (0.0, 0.0, 0.0, 0.0)}
+JITTER_P = {"dino": 0.8, "mocov2": 0.8, "none": 0.0}
+GRAYSCALE_P = {"dino": 0.2, "mocov2": 0.2, "none": 0.0}
+BLUR_P = {"dino": {"global1": 1.0, "global2": 0.1, "local": 0.5},
+          "mocov2": {"global1": 0.5, "global2": 0.5, "local": 0.5},
+          "none": {"global1": 0.0, "global2": 0.0, "local": 0.0}}
+SOLARIZE_P = {"dino": {"global1": 0.0, "global2": 0.2, "local": 0.0},
+              "mocov2": {"global1": 0.0, "global2": 0.0, "local": 0.0},
+              "none": {"global1": 0.0, "global2": 0.0, "local": 0.0}}
+BLUR_SIGMA = (0.1, 2.0)
+
+
 def _blur(p: float, size: int) -> v2.Transform:
     import torchvision.transforms.v2 as v2
 
-    return v2.RandomApply([v2.GaussianBlur(kernel_size=blur_kernel_size(size), sigma=(0.1, 2.0))], p=p)
+    return v2.RandomApply([v2.GaussianBlur(kernel_size=blur_kernel_size(size), sigma=BLUR_SIGMA)], p=p)
 
 
 def normalize_on_device(crops: torch.Tensor) -> torch.Tensor:
@@ -143,25 +159,17 @@ def photometric_pipeline(kind: str, role: str, size: int, to_float: bool = True)
     import torchvision.transforms.v2 as v2
 
     to_float = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)] if to_float else []
+    if kind not in JITTER:
+        raise ValueError(f"unknown photometric pipeline {kind!r}; expected one of {sorted(JITTER)}")
     if kind == "none":
         return v2.Compose([v2.ToImage(), *to_float])
-    if kind == "mocov2":
-        return v2.Compose([v2.ToImage(),
-                           v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1)], p=0.8),
-                           v2.RandomGrayscale(p=0.2), _blur(0.5, size), *to_float])
-    if kind != "dino":
-        raise ValueError(f"unknown photometric pipeline {kind!r}")
-    colour = [
-        v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
-        v2.RandomGrayscale(p=0.2),
-    ]
-    if role == "global1":
-        extra = [_blur(1.0, size)]
-    elif role == "global2":
-        extra = [_blur(0.1, size), v2.RandomSolarize(threshold=128, p=0.2)]
-    else:
-        extra = [_blur(0.5, size)]
-    return v2.Compose([v2.ToImage(), *colour, *extra, *to_float])
+    brightness, contrast, saturation, hue = JITTER[kind]
+    steps = [v2.RandomApply([v2.ColorJitter(brightness=brightness, contrast=contrast, saturation=saturation, hue=hue)],
+                            p=JITTER_P[kind]),
+             v2.RandomGrayscale(p=GRAYSCALE_P[kind]), _blur(BLUR_P[kind][role], size)]
+    if SOLARIZE_P[kind][role]:
+        steps.append(v2.RandomSolarize(threshold=128, p=SOLARIZE_P[kind][role]))
+    return v2.Compose([v2.ToImage(), *steps, *to_float])
 
 
 class MultiCrop:
