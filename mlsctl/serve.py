@@ -1042,8 +1042,10 @@ def head_timeout_protocol(per_client: int = MAX_CONNECTIONS_PER_CLIENT):
                     log.warning(f"{address} holds {per_client} connections, the most one client may "
                                 f"(--max-connections-per-client); its next ones get 503 until it closes some")
                 # answered, then a lingering close: what the client sends meanwhile is read and dropped, so the
-                # close is not a reset that could discard the answer before the client reads it
+                # close is not a reset that could discard the answer before the client reads it. It takes no
+                # slot of MAX_CONNECTIONS meanwhile: refused connections opened fast must not fill them.
                 self.refused = True
+                self.connections.discard(self)
                 try:
                     transport.write(too_many_connections_answer(per_client))
                     transport.write_eof()

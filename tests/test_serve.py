@@ -796,6 +796,13 @@ def test_3_one_address_cannot_hold_every_connection(caplog):
                     gone.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # a reset
                 gone.sendall(head.encode())
         time.sleep(0.3)
+        lingering = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(20)]  # refused, open
+        time.sleep(0.2)
+        with socket.create_connection(("127.0.0.1", port), timeout=5, source_address=("127.0.0.2", 0)) as other:
+            other.sendall(head.encode())  # 3 held + 20 refused > 16 slots: the refused ones take none
+            assert answer_on(other).startswith(b"HTTP/1.1 200")
+        for s in lingering:
+            s.close()
         held[1].close()
         time.sleep(0.2)
         assert raw_exchange(port, head)[0] == 200  # one closed: a new one is served
