@@ -120,7 +120,6 @@ def knn_seg(
 
     With no arguments: the newest run under ./runs on the fmnist-scenes benchmark.
     """
-    from mlsctl.errors import UserError
     from mlsctl.evaluate import inputs as inputs_lib
     from mlsctl.evaluate import knn_seg as lib
 
@@ -144,13 +143,8 @@ def knn_seg(
              f"on {inputs.benchmark}")
     train_source = lib.FeatureMasks(train_features, inputs.train_masks, "train features")
     val_source = lib.FeatureMasks(val_features, inputs.val_masks, "val features")
-    augmented = None
-    if chosen["aug_passes"]:
-        backbone = get_model()
-        if backbone.fingerprint != train_features.model.get("fingerprint"):
-            raise UserError("--aug-passes re-embeds the training images, and --run/--weights is not the model of "
-                            f"{train_features.path}; pass the model that made those features")
-        augmented = lib.AugmentedPasses(train_source, backbone.backbone, chosen["aug_passes"], seed)
+    augmented = lib.AugmentedPasses.of_model(train_source, get_model(), chosen["aug_passes"], seed) \
+        if chosen["aug_passes"] else None
     fractions = [lib.parse_fraction(f) for f in chosen["fractions"]]
     settings = lib.Settings(k=chosen["k"], temperature=chosen["temperature"], memory_size=chosen["memory_size"],
                             aug_passes=chosen["aug_passes"], ignore_index=inputs.ignore_index, runs=chosen["runs"], seed=seed,
@@ -163,9 +157,7 @@ def knn_seg(
         "dataset": record,
         "protocol": {"name": preset.name, "preset": preset.to_dict(), "overridden": overridden,
                      "resolution": train_features.preprocessing.get("resolution")},
-        "train": {"features": str(train_features.path), "masks": inputs_lib.masks_text(inputs.train_masks),
-                  "images": len(train_features)},
-        "val": {"features": str(val_features.path), "masks": inputs_lib.masks_text(inputs.val_masks), "images": len(val_features)},
+        **inputs_lib.split_records(train_features, val_features, inputs.train_masks, inputs.val_masks),
         "model": train_features.model,
         "settings": {**settings.to_dict(), "fractions": [r["fraction"] for r in result["results"]]},
         "seconds": round(time.perf_counter() - started, 3),
@@ -177,10 +169,15 @@ def knn_seg(
     if as_json:
         typer.echo(json.dumps(payload, indent=2))
         return
-    results = result["results"]
+    _print_knn_seg(payload, settings, len(train_features), out)
+
+
+def _print_knn_seg(payload: dict, settings, train_images: int, out: Path) -> None:
+    """eval knn-seg's tables: IoU per class and fraction, the runs' mIoU, notes, the settings."""
+    results, record = payload["results"], payload["dataset"]
     headers = ["class"] + [f"IoU {r['fraction']}" for r in results]
     rows = [[name] + [pct(r["iou_per_class"][c] if c < len(r["iou_per_class"]) else None) for r in results]
-            for c, name in enumerate(result["classes"])]
+            for c, name in enumerate(payload["classes"])]
     typer.echo(table(headers, rows))
     typer.echo("")
     summary = [[r["fraction"], r["train_images"], len(r["runs"]),
@@ -191,15 +188,15 @@ def knn_seg(
         same = [r["fraction"] for r in results if r["train_images"] == images]
         if len(same) > 1:
             typer.echo(f"note: fractions {', '.join(same)} all use {images} training image{'s' if images != 1 else ''} "
-                       f"(of {len(train_features)}): too few training images to tell them apart")
+                       f"(of {train_images}): too few training images to tell them apart")
     voted = sorted({run["k"] for r in results for run in r["runs"]})
     if voted and voted[0] < settings.k:
         typer.echo(f"note: --k {settings.k} is more than the memory holds; patches voted with all of it "
                    f"({', '.join(map(str, voted))} patches)")
     memory = "all labelled patches" if settings.memory_size is None else settings.memory_size
     typer.echo(f"\n{record['name']} ({record.get('train_split', 'train')} -> {record.get('val_split', 'val')}), "
-               f"protocol {preset.name}: k={settings.k} T={settings.temperature} memory={memory} "
-               f"aug-passes={settings.aug_passes} index={index}, search {results[0]['runs'][0]['search']}; "
+               f"protocol {payload['protocol']['name']}: k={settings.k} T={settings.temperature} memory={memory} "
+               f"aug-passes={settings.aug_passes} index={settings.index}, search {results[0]['runs'][0]['search']}; "
                f"results written to {out}")
 
 
@@ -359,7 +356,7 @@ def linear_seg(
     """
     from mlsctl.evaluate import knn_seg as knn_lib
     from mlsctl.evaluate import linear_seg as lib
-    from mlsctl.evaluate.inputs import masks_text, segmentation_inputs
+    from mlsctl.evaluate.inputs import segmentation_inputs, split_records
 
     get_model = _model_on_demand(run, weights, model, random_init, seed)
     inputs = segmentation_inputs(dataset, root, train_split, val_split,
@@ -373,10 +370,7 @@ def linear_seg(
                                      image_batch=batch_size, ignore_index=inputs.ignore_index, seed=seed,
                                      names=inputs.names, progress=sys.stderr.isatty())
     payload = {"command": "eval linear-seg", "dataset": inputs.record,
-               "train": {"features": str(train_features.path), "masks": masks_text(inputs.train_masks),
-                         "images": len(train_features)},
-               "val": {"features": str(val_features.path), "masks": masks_text(inputs.val_masks),
-                       "images": len(val_features)},
+               **split_records(train_features, val_features, inputs.train_masks, inputs.val_masks),
                "model": train_features.model, **result}
     out = write_result(payload, out, "linear-seg")
     if as_json:

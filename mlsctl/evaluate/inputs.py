@@ -92,6 +92,12 @@ def masks_text(masks) -> str:
     return str(masks) if isinstance(masks, (str, Path)) else f"{masks.dataset} {masks.split} ({masks.tree.path})"
 
 
+def split_records(train_features, val_features, train_masks, val_masks) -> dict:
+    """The result JSON's ``train`` and ``val`` of a segmentation evaluation: features, masks, images."""
+    return {split: {"features": str(features.path), "masks": masks_text(masks), "images": len(features)}
+            for split, features, masks in (("train", train_features, train_masks), ("val", val_features, val_masks))}
+
+
 # ------------------------------------------------------------------------------------------ segmentation
 
 

@@ -208,6 +208,17 @@ class AugmentedPasses:
     """Training images re-embedded under the protocol's augmentation (random resized crop of
     scale 0.5–1 applied to image and mask alike, colour jitter 0.1), ``passes`` times each."""
 
+    @classmethod
+    def of_model(cls, source: FeatureMasks, model, passes: int, seed: int) -> Optional["AugmentedPasses"]:
+        """The passes of ``--aug-passes`` (None for 0), re-embedding with ``model`` (a
+        :class:`~mlsctl.models.source.ModelChoice`), which must be the model of the training features."""
+        if not passes:
+            return None
+        if model.fingerprint != source.features.model.get("fingerprint"):
+            raise UserError("--aug-passes re-embeds the training images, and --run/--weights is not the model of "
+                            f"{source.features.path}; pass the model that made those features")
+        return cls(source, model.backbone, passes, seed)
+
     def __init__(self, source: FeatureMasks, backbone, passes: int, seed: int, batch: int = 32):
         self.source, self.features, self.backbone = source, source.features, backbone
         self.passes, self.seed, self.batch = passes, seed, batch
