@@ -248,6 +248,22 @@ def from_run_start(run_dir: Union[str, Path]) -> ModelChoice:
                         str(run.root), recipe.model.img_size)
 
 
+def model_on_demand(*, say=None, **choice):
+    """A callable giving :func:`choose_model` of ``choice`` (``run``, ``weights``, ``arch``,
+    ``random_init``, ``seed``), chosen — and said, with ``say`` — the first time it is called, then
+    kept; its ``chosen`` is None until then. An evaluation calls it only when images are to be
+    embedded, so feature folders never load a model (:mod:`mlsctl.evaluate.inputs`)."""
+    def get_model():
+        if get_model.chosen is None:
+            get_model.chosen = choose_model(**choice)
+            if say is not None:
+                say(f"model: {get_model.chosen.description}")
+        return get_model.chosen
+
+    get_model.chosen = None
+    return get_model
+
+
 def choose_model(*, run: Optional[Union[str, Path]] = None, weights: Optional[Union[str, Path]] = None,
                  arch: Optional[str] = None, random_init: bool = False, seed: int = 0,
                  runs_root: Union[str, Path] = "runs") -> ModelChoice:

@@ -15,21 +15,6 @@ from mlsctl.evaluate.results import write_result
 app = typer.Typer(rich_markup_mode=None, help="Evaluate features: dense k-NN and linear segmentation, image k-NN classification, linear probes, image-set retrieval, Recall@K.", no_args_is_help=True)
 
 
-def _model_on_demand(run, weights, arch, random_init: bool, seed: int):
-    """The model of the model flags, chosen (and announced) the first time an image folder needs
-    embedding; ``.chosen`` holds it afterwards (None while feature folders sufficed)."""
-    from mlsctl.restore import choose_model
-
-    def get_model():
-        if get_model.chosen is None:
-            get_model.chosen = choose_model(run=run, weights=weights, arch=arch, random_init=random_init, seed=seed)
-            say(f"model: {get_model.chosen.description}")
-        return get_model.chosen
-
-    get_model.chosen = None
-    return get_model
-
-
 def _query_size(value: str) -> Optional[int]:
     """--query-size: a positive number of photos, or 'all' (None)."""
     from mlsctl.errors import UserError
@@ -122,11 +107,12 @@ def knn_seg(
     """
     from mlsctl.evaluate import inputs as inputs_lib
     from mlsctl.evaluate import knn_seg as lib
+    from mlsctl.restore import model_on_demand
 
     preset, chosen, overridden = inputs_lib.resolve_protocol(lib, protocol, {
         "k": k, "temperature": temperature, "memory_size": memory_size, "aug_passes": aug_passes, "runs": runs,
         "fractions": tuple(fraction) if fraction else None})
-    get_model = _model_on_demand(run, weights, model, random_init, seed)
+    get_model = model_on_demand(run=run, weights=weights, arch=model, random_init=random_init, seed=seed, say=say)
 
     def embed_options() -> dict:
         if resolution is None and preset.input_size is None:
@@ -232,8 +218,9 @@ def knn(
     """
     from mlsctl.evaluate import knn as lib
     from mlsctl.evaluate.inputs import classification_inputs
+    from mlsctl.restore import model_on_demand
 
-    get_model = _model_on_demand(run, weights, model, random_init, seed)
+    get_model = model_on_demand(run=run, weights=weights, arch=model, random_init=random_init, seed=seed, say=say)
     train_features, val_features, train_labels, val_labels, record = classification_inputs(
         dataset, root, train_split, val_split, train, val, train_labels, val_labels, get_model, say=say)
     started = time.perf_counter()
@@ -286,10 +273,11 @@ def linear(
     from mlsctl.errors import UserError
     from mlsctl.evaluate import linear as lib
     from mlsctl.evaluate.inputs import classification_inputs
+    from mlsctl.restore import model_on_demand
 
     if multi_label and dataset != "folders":
         raise UserError(f"--multi-label reads tag lists from --train-labels; --dataset {dataset} has one class per image")
-    get_model = _model_on_demand(run, weights, model, random_init, seed)
+    get_model = model_on_demand(run=run, weights=weights, arch=model, random_init=random_init, seed=seed, say=say)
     train_features, val_features, train_labels, val_labels, record = classification_inputs(
         dataset, root, train_split, val_split, train, val, train_labels, val_labels, get_model, say=say)
     started = time.perf_counter()
@@ -357,8 +345,9 @@ def linear_seg(
     from mlsctl.evaluate import knn_seg as knn_lib
     from mlsctl.evaluate import linear_seg as lib
     from mlsctl.evaluate.inputs import segmentation_inputs, split_records
+    from mlsctl.restore import model_on_demand
 
-    get_model = _model_on_demand(run, weights, model, random_init, seed)
+    get_model = model_on_demand(run=run, weights=weights, arch=model, random_init=random_init, seed=seed, say=say)
     inputs = segmentation_inputs(dataset, root, train_split, val_split,
                                  dict(train=train, train_masks=train_masks, val=val, val_masks=val_masks),
                                  ignore_index, get_model, lambda: {"resolution": resolution} if resolution else {},

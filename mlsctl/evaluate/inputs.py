@@ -6,11 +6,11 @@ with the chosen model and cached), or the splits of a benchmark (``--dataset`` w
 :func:`classification_inputs`; the same calls serve a script::
 
     from mlsctl.evaluate.inputs import segmentation_inputs
-    from mlsctl.restore import choose_model
+    from mlsctl.restore import model_on_demand
 
     inputs = segmentation_inputs("voc", Path("VOCtrainval_11-May-2012.tar"), None, None,
                                  dict(train=None, train_masks=None, val=None, val_masks=None), 255,
-                                 lambda: choose_model(run="runs/x"), dict)
+                                 model_on_demand(run="runs/x"), dict)
 
 A model is asked for (``get_model()``) only when images are to be embedded, so feature folders
 never load one. Every refusal is one sentence naming the option to change.
