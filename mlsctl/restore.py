@@ -227,9 +227,6 @@ def from_checkpoint(recipe, checkpoint: Checkpoint, run: Run) -> ModelChoice:
     return choice
 
 
-teacher_backbone = from_checkpoint
-
-
 def from_run_start(run_dir: Union[str, Path]) -> ModelChoice:
     """The backbone a run started from, rebuilt exactly: the method built under the recipe's seed
     (what the training loop does before its first step: random init, or ``model.weights`` /
