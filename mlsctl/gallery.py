@@ -179,6 +179,33 @@ def object_folders(root: str | os.PathLike) -> dict[str, list[Path]]:
     return {k: sorted(v) for k, v in sorted(groups.items())}
 
 
+def read_query_sets(path: Path) -> list[tuple[int, Optional[str], list[Path]]]:
+    """--sets FILE: one JSON object per line, {"photos": [paths...], "id": optional}; relative
+    paths are relative to the file's folder. (line number, id, photos) of each set (``mlsctl search
+    --sets``)."""
+    sets = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"--sets {path} cannot be read ({getattr(exc, 'strerror', None) or exc})") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            photos = record["photos"]
+            if not (isinstance(photos, list) and photos and all(isinstance(p, str) for p in photos)):
+                raise ValueError
+            query_id = record.get("id")
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+            raise UserError(f"--sets {path} line {number} is not a JSON object with a non-empty list of paths "
+                            f"'photos' (and an optional 'id')") from None
+        sets.append((number, None if query_id is None else str(query_id), [path.parent / p for p in photos]))
+    if not sets:
+        raise UserError(f"--sets {path} holds no query set")
+    return sets
+
+
 def ranked(found: Sequence[tuple[str, float]]) -> list[dict]:
     """Search results as the JSON of ``search --json`` and of the service: rank (1 first), object, score."""
     return [{"rank": i + 1, "object": object_id, "score": score} for i, (object_id, score) in enumerate(found)]

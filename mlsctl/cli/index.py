@@ -114,34 +114,6 @@ def retrain(
           f"{manifest['index']['kind']}, {seconds:.1f}s")
 
 
-def _read_query_sets(path: Path) -> list[tuple[int, Optional[str], list[Path]]]:
-    """--sets FILE: one JSON object per line, {"photos": [paths...], "id": optional}; relative
-    paths are relative to the file's folder. (line number, id, photos) of each set."""
-    from mlsctl.errors import UserError
-
-    sets = []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"--sets {path} cannot be read ({getattr(exc, 'strerror', None) or exc})") from None
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            photos = record["photos"]
-            if not (isinstance(photos, list) and photos and all(isinstance(p, str) for p in photos)):
-                raise ValueError
-            query_id = record.get("id")
-        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
-            raise UserError(f"--sets {path} line {number} is not a JSON object with a non-empty list of paths "
-                            f"'photos' (and an optional 'id')") from None
-        sets.append((number, None if query_id is None else str(query_id), [path.parent / p for p in photos]))
-    if not sets:
-        raise UserError(f"--sets {path} holds no query set")
-    return sets
-
-
 def search(
     images: Optional[list[Path]] = typer.Option(None, "--set", help="Photos of one object (space-separated), folded in the order given: the set embedding depends on it, and index build folds an object's photos in file-name order."),
     sets: Optional[Path] = typer.Option(None, "--sets", help="JSONL of query sets, one per line: {\"photos\": [...], \"id\": ...} (photos folded in the order listed); one JSON line out per set, with 'error' where a photo cannot be read."),
@@ -157,7 +129,7 @@ def search(
     Many sets, one model load: mlsctl search --sets queries.jsonl --index galleries/products > results.jsonl
     """
     from mlsctl.errors import UserError
-    from mlsctl.gallery import Gallery, choose_set_model, load_images, newest_gallery, ranked
+    from mlsctl.gallery import Gallery, choose_set_model, load_images, newest_gallery, ranked, read_query_sets
 
     if (images is None) == (sets is None):
         raise UserError("give the photos of one set with --set, or a JSONL file of sets with --sets")
@@ -170,7 +142,7 @@ def search(
     model = choose_set_model(run or Path(target.manifest["model"]["run"]), say=say)
     target.check_model(model)
     if sets is not None:
-        queries = _read_query_sets(sets)
+        queries = read_query_sets(sets)
         started = time.perf_counter()
         failed = []
         for number, query_id, photos in queries:
