@@ -3,4 +3,4 @@ supplement's pictures (:mod:`.plot`). They stay above ``methods`` (layer 3) beca
 feature folders (:mod:`mlsctl.features`), open runs (:mod:`mlsctl.restore`) and score k-NN
 (:mod:`mlsctl.evaluate`). What is only the method's lives in :mod:`mlsctl.methods.refine`: the training,
 the neighbour search (:mod:`mlsctl.methods.refine.neighbours`; ``mlsctl.refine.neighbours`` re-exports
-it); the model is :mod:`mlsctl.models.refiner`."""
+it); the model is :mod:`mlsctl.methods.refine.model`."""

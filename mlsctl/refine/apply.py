@@ -4,7 +4,7 @@ The paper's protocol: the context (the knowledge base the neighbours come from) 
 in the deep-metric-learning protocol every test embedding is a query against all the others, so
 the context is the test set itself. Each embedding of ``FEATS`` takes its k nearest neighbours in
 the context (cosine, exact faiss search; k = the run's ``method.neighbours`` unless given) and goes
-through the run's blocks (:class:`~mlsctl.models.refiner.Refiner`). A query never sees itself: when
+through the run's blocks (:class:`~mlsctl.methods.refine.model.Refiner`). A query never sees itself: when
 the context holds the query's own image (the same file: input root + relative path), that row is
 excluded by index (:func:`~mlsctl.methods.refine.neighbours.nearest_neighbours`).
 
@@ -54,7 +54,7 @@ def load_refiner(run_dir: str | Path) -> RefinerRun:
     """The refiner of a ``refine train`` run's latest checkpoint, in eval mode."""
     from safetensors.torch import load_file
 
-    from mlsctl.models.refiner import Refiner
+    from mlsctl.methods.refine.model import Refiner
     from mlsctl.models.source import fingerprint
     from mlsctl.restore import open_run, recipe_of
 

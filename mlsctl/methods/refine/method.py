@@ -10,7 +10,7 @@ Symbols and their names here:
   training embeddings, itself excluded (:func:`mlsctl.methods.refine.neighbours.nearest_neighbours`, an
   exact faiss index). The embeddings are frozen, so every row's neighbours are searched once,
   before the first step; at inference the reference is the gallery (``mlsctl refine apply``);
-* a block t (:class:`~mlsctl.models.refiner.CrossAttentionBlock`, T = ``method.blocks`` = 8 of
+* a block t (:class:`~mlsctl.methods.refine.model.CrossAttentionBlock`, T = ``method.blocks`` = 8 of
   them, single head, as the Perceiver): the query is the running embedding x, keys and values the
   neighbours n (the original e⁰ of the neighbours in every block)::
 
@@ -59,7 +59,7 @@ from mlsctl.errors import UserError
 from mlsctl.methods.base import Method, StepOutput, metric_value
 from mlsctl.methods.multi_similarity import ms_loss
 from mlsctl.methods.refine.config import RefineConfig
-from mlsctl.models.refiner import INPUT_SCALES, CrossAttentionBlock, Refiner  # noqa: F401 - re-exported
+from mlsctl.methods.refine.model import INPUT_SCALES, CrossAttentionBlock, Refiner  # noqa: F401 - re-exported
 
 
 # ------------------------------------------------------------------------------------------ the data
