@@ -238,11 +238,14 @@ class TrainConfig:
                  "pip install 'mlsctl[NAME]')")
 
 
+DEFAULT_METHOD = "dino"  # the method of a recipe without method.name
+
+
 @dataclass
 class MethodConfig:
     """Base of every method's own config; ``name`` picks the method."""
 
-    name: str = param("dino", help="the method (see mlsctl.methods)")
+    name: str = param(DEFAULT_METHOD, help="the method (see mlsctl.methods)")
 
 
 @dataclass

@@ -61,7 +61,7 @@ def list_recipes(
     rows = []
     for name, path in config.shipped_recipes().items():
         data = config.read_yaml(path) or {}
-        method = (data.get("method") or {}).get("name", "dino") if isinstance(data, dict) else "?"
+        method = (data.get("method") or {}).get("name", config.DEFAULT_METHOD) if isinstance(data, dict) else "?"
         description = data.get("description", "") if isinstance(data, dict) else ""
         rows.append({"name": name, "method": method, "description": description, "path": str(path)})
     if as_json:
