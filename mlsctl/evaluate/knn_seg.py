@@ -157,7 +157,11 @@ def class_names(masks_dir: Path) -> Optional[list[str]]:
         if meta.is_file():
             try:
                 names = json.loads(meta.read_text()).get("classes")
-            except (OSError, json.JSONDecodeError):
+            except (OSError, ValueError, AttributeError) as exc:
+                import logging
+
+                logging.getLogger("mlsctl").warning(f"{meta} cannot be read ({type(exc).__name__}); classes are shown "
+                                                    f"by number")
                 return None
             if isinstance(names, list) and all(isinstance(n, str) for n in names):
                 return names
