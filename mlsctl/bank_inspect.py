@@ -301,6 +301,21 @@ def entry_colours(bank: MemoryBank, name: str, slots: torch.Tensor, color_by: st
                         unlabelled=f"not in {path.name}", missing=missing)
 
 
+def check_export_target(out: Path, run: Optional[Run], overwrite: bool) -> None:
+    """``bank export --out``: a file name ending in .safetensors, new (or ``overwrite``), and never
+    inside the run folder, whose files are the run's own (a checkpoint's banks.safetensors, the
+    teacher); ``run`` None checks what needs no run."""
+    if out.suffix != ".safetensors":
+        raise UserError(f"--out {out} must end in .safetensors: the file is a safetensors file whatever its name")
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; give a file name ending in .safetensors")
+    if out.exists() and not overwrite:
+        raise UserError(f"--out {out} exists; add --overwrite to replace it, or choose another --out")
+    if run is not None and out.resolve().is_relative_to(run.root.resolve()):
+        raise UserError(f"--out {out} is inside the run folder {run.root}, whose files are the run's own (a "
+                        f"checkpoint's banks.safetensors, the teacher); write the export outside it")
+
+
 def export_banks(banks: dict[str, MemoryBank], out: str | Path, *, run: Run, checkpoint: Checkpoint) -> dict:
     """``NAME/vectors`` [filled, D] and ``NAME/COLUMN`` (every payload column, ``step`` included)
     of each bank's valid entries, oldest first; the metadata says where they came from."""

@@ -219,19 +219,12 @@ def export(
 
     Example: mlsctl bank export runs/cribo_fmnist_quick --out objects.safetensors
     """
-    from mlsctl.bank_inspect import choose_bank, export_banks, open_banks
+    from mlsctl.bank_inspect import check_export_target, choose_bank, export_banks, open_banks
     from mlsctl.errors import UserError
 
-    if out.suffix != ".safetensors":
-        raise UserError(f"--out {out} must end in .safetensors: the file is a safetensors file whatever its name")
-    if out.is_dir():
-        raise UserError(f"--out {out} is a folder; give a file name ending in .safetensors")
-    if out.exists() and not overwrite:
-        raise UserError(f"--out {out} exists; add --overwrite to replace it, or choose another --out")
+    check_export_target(out, None, overwrite)
     run_, checkpoint, banks = open_banks(run, step)
-    if out.resolve().is_relative_to(run_.root.resolve()):  # its checkpoints, teacher, ... are the run's
-        raise UserError(f"--out {out} is inside the run folder {run_.root}, whose files are the run's own (a "
-                        f"checkpoint's banks.safetensors, the teacher); write the export outside it")
+    check_export_target(out, run_, overwrite)
     if not banks:  # an empty file would look like an export
         raise UserError(f"run {run_.root} has no memory bank (its method keeps none): nothing to export")
     chosen = dict(choose_bank(banks, b, run_) for b in bank) if bank else banks
