@@ -98,7 +98,10 @@ WRITE_STALL_SECONDS = 30.0  # a connection that reads none of its answers for th
 WAIT_SECONDS = 120.0  # the longest a request waits for the decode budget
 WORKING = 4  # requests decoding and embedding at once
 MAX_CONNECTIONS = 128  # uvicorn answers 503 beyond
+MAX_JPEG_SCANS = 64  # a progressive JPEG has about 10; each scan is a pass over the whole image
 MAX_CONNECTIONS_PER_CLIENT = 32  # connections one client address may hold open (--max-connections-per-client)
+SHUTDOWN_SECONDS = 30.0  # after SIGTERM or Ctrl-C, requests under way have this long to finish
+REFUSAL_LOG_SECONDS = 60.0  # a client's refusals are logged once in this time
 REFUSED_LINGER_SECONDS = 2.0  # a connection refused for its address's cap is closed after this, or at its EOF
 TOKEN_NAME = ".mlsctl.token"
 API = "POST /search, POST /objects/ID/photos, GET /objects/ID, GET /health"
@@ -125,10 +128,20 @@ def upload_formats() -> tuple[str, ...]:
     that is decoded (of those training reads). Not ICO, CUR or ICNS: Pillow decodes an icon's frames
     while it opens the file, and a frame may be far larger than the header says; nor GIF, whose first
     frame Pillow lays out (up to its own size, not the header's) while opening it: a 43-byte GIF
-    took 171 MiB to measure."""
+    took 171 MiB to measure. Nor TIFF: Pillow copies a tag's data once for each tag pointing at it
+    while it opens the file (a 1 MB TIFF of 1,500 such tags cost 1.5 GB), and libtiff decodes a
+    whole tile however small the image (a 1 MB 64x64 TIFF declaring one 32768x32768 tile took 1 GB)."""
     from mlsctl.data.images import IMAGE_FORMATS
 
-    return tuple(f for f in ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "AVIF") if f in IMAGE_FORMATS)
+    return tuple(f for f in ("PNG", "JPEG", "WEBP", "BMP", "AVIF") if f in IMAGE_FORMATS)
+
+
+def jpeg_scans(f: BinaryIO) -> int:
+    """How many scans (SOS markers, FF DA) a JPEG holds: in its entropy-coded data a byte FF is
+    always followed by 00 or a restart marker, so every FF DA is a marker. A baseline JPEG has one
+    scan for its components, a progressive one about ten; a file repeating a scan thousands of times
+    decodes for minutes (each scan is a pass over the whole image)."""
+    return f.read().count(b"\xff\xda")  # at most --max-upload-mb, which the decode charge holds already
 
 
 def decode_bytes(mode: str, info: dict, image_format: Optional[str] = None) -> int:
@@ -326,6 +339,12 @@ class GalleryService:
                 else:
                     reason = f"its header cannot be read ({type(exc).__name__})"
                 raise RequestError(400, f"{_shown(photo.name)} cannot be used: {reason}") from None
+            if image_format == "JPEG":
+                with photo.open() as f:
+                    scans = jpeg_scans(f)
+                if scans > MAX_JPEG_SCANS:
+                    raise RequestError(400, f"{_shown(photo.name)} cannot be used: a JPEG of {scans:,} scans (photos "
+                                            f"have 1 to about 10; this server decodes at most {MAX_JPEG_SCANS})")
             photo.pixels = int(width) * int(height)
             if photo.pixels > DEFAULT_MAX_IMAGE_PIXELS:
                 raise RequestError(413, f"{_shown(photo.name)} is {width}x{height}, more than {DEFAULT_MAX_IMAGE_PIXELS:,} "
@@ -979,7 +998,7 @@ def serve(gallery: Path, run: Optional[Path], host: str, port: int, root: Option
         warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
         config = uvicorn.Config(create_app(service, policy, docs), log_level="warning", access_log=False,
                                 limit_concurrency=MAX_CONNECTIONS, proxy_headers=False, server_header=False,
-                                timeout_keep_alive=5,
+                                timeout_keep_alive=5, timeout_graceful_shutdown=SHUTDOWN_SECONDS,
                                 http=head_timeout_protocol(max_connections_per_client))
         try:
             uvicorn.Server(config).run(sockets=[sock])
@@ -999,9 +1018,27 @@ def serve(gallery: Path, run: Optional[Path], host: str, port: int, root: Option
         sock.close()
 
 
+def client_of(address: str) -> str:
+    """The client a peer address's connections are counted under: an IPv4 address itself; an IPv6
+    address its /64, the block one host or subscriber is given (counting single IPv6 addresses would
+    give one attacker millions of clients); every loopback address one client, "loopback" (any local
+    process may connect from any of 127.0.0.0/8)."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.is_loopback:
+        return "loopback"
+    if ip.version == 6:
+        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+    return str(ip)
+
+
 def too_many_connections_answer(per_client: int) -> bytes:
-    """The whole HTTP answer to a connection beyond ``per_client`` of one address: 503, JSON, closed."""
-    body = json.dumps({"error": f"this address holds {per_client} connections to the server already, the most one "
+    """The whole HTTP answer to a connection beyond ``per_client`` of one client: 503, JSON, closed."""
+    body = json.dumps({"error": f"this client holds {per_client} connections to the server already, the most one "
                                 f"client may; close some, or reuse them (keep-alive), and retry"}).encode()
     return (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
             b"content-length: %d\r\nretry-after: 10\r\nconnection: close\r\n\r\n" % len(body)) + body
@@ -1013,14 +1050,14 @@ def head_timeout_protocol(per_client: int = MAX_CONNECTIONS_PER_CLIENT):
     ever for a first request, and its keep-alive timer stops at the first byte): idle or trickling
     connections cannot hold the :data:`MAX_CONNECTIONS` slots; aborting one that has not read its
     answers for :data:`WRITE_STALL_SECONDS` (a client that pipelines requests and never reads); and
-    answering a connection beyond ``per_client`` open from one address with a 503 before closing it
-    (0: no cap), so that one client cannot hold every slot. Behind a proxy every client has the
-    proxy's address: the proxy's own limits apply then, and the cap is set to 0."""
+    answering a connection beyond ``per_client`` open from one client (:func:`client_of`) with a 503
+    before closing it (0: no cap), so that one client cannot hold every slot. Behind a proxy every
+    client has the proxy's address: the proxy's own limits apply then, and the cap is set to 0."""
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
-    open_by_address: dict[str, int] = {}  # one event loop calls these methods: no lock
-    refusing: set[str] = set()  # addresses whose refusal was logged, until they drop below the cap
+    open_by_address: dict[str, int] = {}  # by client_of(address); one event loop calls these methods: no lock
+    refusal_logged: dict[str, float] = {}  # when each client's refusals were last logged (once a minute at most)
 
     class HeadTimeoutProtocol(H11Protocol):
         head_timer = None
@@ -1035,12 +1072,14 @@ def head_timeout_protocol(per_client: int = MAX_CONNECTIONS_PER_CLIENT):
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
             peer = transport.get_extra_info("peername")
-            address = str(peer[0]) if isinstance(peer, (tuple, list)) and peer else None
+            address = client_of(str(peer[0])) if isinstance(peer, (tuple, list)) and peer else None
             if per_client and address is not None and open_by_address.get(address, 0) >= per_client:
-                if address not in refusing:
-                    refusing.add(address)
+                now = time.monotonic()
+                if now - refusal_logged.get(address, -REFUSAL_LOG_SECONDS) >= REFUSAL_LOG_SECONDS:
+                    refusal_logged[address] = now
                     log.warning(f"{address} holds {per_client} connections, the most one client may "
-                                f"(--max-connections-per-client); its next ones get 503 until it closes some")
+                                f"(--max-connections-per-client); its next ones get 503 until it closes some "
+                                f"(said once a minute at most)")
                 # answered, then a lingering close: what the client sends meanwhile is read and dropped, so the
                 # close is not a reset that could discard the answer before the client reads it. It takes no
                 # slot of MAX_CONNECTIONS meanwhile: refused connections opened fast must not fill them.
@@ -1075,8 +1114,6 @@ def head_timeout_protocol(per_client: int = MAX_CONNECTIONS_PER_CLIENT):
                 left = open_by_address.pop(self.address) - 1
                 if left:
                     open_by_address[self.address] = left
-                if left < per_client:
-                    refusing.discard(self.address)
                 self.address = None
             super().connection_lost(exc)
 

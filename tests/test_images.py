@@ -91,6 +91,54 @@ def test_exif_orientation_is_applied(tmp_path: Path):
     assert load_rgb(tmp_path / "rotated.jpg").size == (20, 40)
 
 
+@pytest.mark.parametrize("file_format", ["JPEG", "PNG", "WEBP", "TIFF"])
+def test_exif_orientation_equals_pillows_for_every_orientation(file_format):
+    """The orientation is read in place from the EXIF block (exif_orientation), no longer by Pillow's
+    ImageOps.exif_transpose: the same pictures, for each of the 8 orientations."""
+    from PIL import ImageOps
+
+    from mlsctl.data.images import decode_rgb
+
+    base = Image.fromarray(np.random.default_rng(0).integers(0, 255, (20, 30, 3), dtype=np.uint8))
+    for orientation in range(1, 9):
+        exif = base.getexif()
+        exif[0x0112] = orientation
+        buffer = io.BytesIO()
+        base.save(buffer, file_format, exif=exif if file_format == "TIFF" else exif.tobytes())
+        with Image.open(io.BytesIO(buffer.getvalue())) as opened:
+            expected = np.asarray(ImageOps.exif_transpose(opened).convert("RGB"))
+        assert np.array_equal(np.asarray(decode_rgb(buffer.getvalue())), expected), orientation
+
+
+def test_an_exif_block_of_tags_sharing_one_value_costs_no_memory():
+    """An attacker's probe (2026-12-05): Pillow's EXIF reader copies a tag's data once per tag pointing at it, so a
+    1 MB PNG whose EXIF block held 1,500 tags sharing one 1 MiB value took gigabytes to turn upright. The
+    orientation is read in place: here 400 tags x 256 KiB (100 MiB through Pillow's reader) cost under 8 MiB."""
+    import struct
+    import tracemalloc
+    import zlib
+
+    from mlsctl.data.images import decode_rgb
+
+    tags, size = 400, 256 * 1024
+    data_at = 8 + 2 + 12 * (tags + 1) + 4
+    entries = struct.pack("<HHIHH", 0x0112, 3, 1, 6, 0)  # orientation 6 ...
+    entries += b"".join(struct.pack("<HHII", 0x9000 + i, 7, size, data_at) for i in range(tags))  # ... and the bomb
+    block = b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", tags + 1) + entries + b"\0" * 4 + b"\0" * size
+    buffer = io.BytesIO()
+    Image.new("L", (40, 20), 7).save(buffer, "PNG")
+    png = buffer.getvalue()
+    chunk = struct.pack(">I", len(block)) + b"eXIf" + block + struct.pack(">I", zlib.crc32(b"eXIf" + block))
+    at = png.index(b"IDAT") - 4
+    tracemalloc.start()
+    try:
+        decoded = decode_rgb(png[:at] + chunk + png[at:])
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert decoded.size == (20, 40) and peak < 8 * 2**20, peak
+
+
 def test_dataset_skips_bad_files_and_reports_each_once(tmp_path: Path, caplog):
     root = tmp_path / "data"
     expected = write_bad_files(root)

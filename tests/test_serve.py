@@ -275,6 +275,11 @@ def test_an_upload_equals_index_add_of_the_same_file(server, tmp_path):
     ("POST", "/search", {"files": "icon"}, 400, "not an image file in a format this server takes (PNG, JPEG"),
     # a second probe: Pillow lays out a GIF's first frame while opening it (a 43-byte GIF took 171 MiB to measure)
     ("POST", "/search", {"files": "gif"}, 400, "not an image file in a format this server takes"),
+    # an attacker's probe (2026-12-05, seventh session): Pillow copies a TIFF tag's data once per tag pointing at
+    # it while opening the file (1 MB -> 1.5 GB), and libtiff decodes a whole declared tile; a progressive JPEG
+    # repeating one scan thousands of times decoded for minutes
+    ("POST", "/search", {"files": "tiff"}, 400, "not an image file in a format this server takes"),
+    ("POST", "/search", {"files": "scans"}, 400, "a JPEG of 71 scans"),
 ])
 def test_bad_requests_get_one_sentence_and_the_server_lives_on(server, method, path, kwargs, status, words):
     if kwargs.get("files") == "one":
@@ -283,6 +288,12 @@ def test_bad_requests_get_one_sentence_and_the_server_lives_on(server, method, p
         kwargs = {"files": [("a.ico", icon_claiming_16x16(bomb(600)))]}
     elif kwargs.get("files") == "gif":
         kwargs = {"files": [("a.gif", bomb(20, format="GIF"))]}
+    elif kwargs.get("files") == "tiff":
+        kwargs = {"files": [("a.tif", bomb(20, format="TIFF"))]}
+    elif kwargs.get("files") == "scans":  # 70 start-of-scan markers in a comment, beside the JPEG's own scan
+        jpeg = bomb(20, format="JPEG")
+        comment = b"\xff\xda" * 70
+        kwargs = {"files": [("a.jpg", jpeg[:2] + b"\xff\xfe" + (len(comment) + 2).to_bytes(2, "big") + comment + jpeg[2:])]}
     got, answer = call(server.base, method, path, token=server.token, **kwargs)
     assert got == status and words in answer["error"] and set(answer) == {"error"}, answer
     assert str(server.mile_run) not in answer["error"]  # the server's folders are nobody's business
@@ -756,11 +767,13 @@ def test_3_connections_that_send_no_request_are_closed_and_free_their_slots(monk
         kept.close()
 
 
-def test_3_one_address_cannot_hold_every_connection(caplog):
+def test_3_one_client_cannot_hold_every_connection(caplog):
     """One client that opened MAX_CONNECTIONS sockets made every other client's request a 503 for as long as it
-    kept them open (10 s each, then again). Beyond ``per_client`` connections from one address, a new one is
-    answered 503 (JSON, Retry-After) and closed; the others of that address and other addresses' are served,
-    and the address gets connections again once it closes some. The refusal is logged once, not per socket."""
+    kept them open (10 s each, then again). Beyond ``per_client`` connections from one client, a new one is
+    answered 503 (JSON, Retry-After) and closed, holding none of the server's slots while it closes; the client's
+    other connections are served, and it gets connections again once it closes some. Every loopback address is one
+    client (an attacker's probe rotated 8 of them to keep a second client out). Refusals are logged once a
+    minute, not per socket."""
     import json as json_
 
     from mlsctl import serve
@@ -781,36 +794,39 @@ def test_3_one_address_cannot_hold_every_connection(caplog):
             status, body, _ = raw_exchange(port, head)
             assert status == 503, body
             assert "holds 3 connections" in json_.loads(body)["error"]
-        with socket.create_connection(("127.0.0.1", port), timeout=5) as extra:
-            answer = extra.recv(4096)  # answered before it sends anything ...
+        with socket.create_connection(("127.0.0.1", port), timeout=5, source_address=("127.0.0.2", 0)) as extra:
+            answer = extra.recv(4096)  # another loopback address is the same client: answered before it asks ...
             assert answer.startswith(b"HTTP/1.1 503") and b"retry-after: 10" in answer.lower()
             assert extra.recv(4096) == b""  # ... and closed
         held[0].sendall(head.encode())
-        assert answer_on(held[0]).startswith(b"HTTP/1.1 200")  # the address's own connections are served
-        with socket.create_connection(("127.0.0.1", port), timeout=5, source_address=("127.0.0.2", 0)) as other:
-            other.sendall(head.encode())
-            assert answer_on(other).startswith(b"HTTP/1.1 200")  # and another address's
+        assert answer_on(held[0]).startswith(b"HTTP/1.1 200")  # the client's own connections are served
         for n in range(40):  # refused connections whose client is gone before the answer: no traceback
             with socket.create_connection(("127.0.0.1", port), timeout=5) as gone:
                 if n % 2:
                     gone.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # a reset
                 gone.sendall(head.encode())
-        time.sleep(0.3)
         lingering = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(20)]  # refused, open
         time.sleep(0.2)
-        with socket.create_connection(("127.0.0.1", port), timeout=5, source_address=("127.0.0.2", 0)) as other:
-            other.sendall(head.encode())  # 3 held + 20 refused > 16 slots: the refused ones take none
-            assert answer_on(other).startswith(b"HTTP/1.1 200")
-        for s in lingering:
-            s.close()
         held[1].close()
         time.sleep(0.2)
-        assert raw_exchange(port, head)[0] == 200  # one closed: a new one is served
-        for s in held:
+        # 2 held + 20 refused and lingering > 16 slots: the refused ones take none, so a new one is served
+        assert raw_exchange(port, head)[0] == 200
+        for s in (*held, *lingering):
             s.close()
     refusals = [r.getMessage() for r in caplog.records if "the most one client may" in r.getMessage()]
     assert len(refusals) == 1, refusals
     assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == []
+
+
+def test_3_a_client_is_an_ipv4_address_an_ipv6_64_or_all_of_loopback():
+    from mlsctl.serve import client_of
+
+    assert client_of("203.0.113.7") == "203.0.113.7" and client_of("203.0.113.8") == "203.0.113.8"
+    assert client_of("127.0.0.1") == client_of("127.0.0.2") == client_of("::1") == "loopback"
+    assert client_of("::ffff:203.0.113.7") == "203.0.113.7"
+    assert client_of("2001:db8:1:2:aaaa::1") == client_of("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
+    assert client_of("2001:db8:1:3::1") != client_of("2001:db8:1:2::1")
+    assert client_of("fe80::1%eth0") == "fe80::/64" and client_of("not an address") == "not an address"
 
 
 # ----------------------------------------------------------------------------------- 6. one line per failed request

@@ -22,7 +22,7 @@ def serve(
     max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", help="Largest photo file accepted, in MiB."),
     max_request_mb: float = typer.Option(64.0, "--max-request-mb", help="Largest request body, in MiB (JSON bodies: 1 MiB)."),
     decode_budget_mb: float = typer.Option(1024.0, "--decode-budget-mb", help="Memory all requests together may use to decode photos, in MiB; a photo that needs more is refused."),
-    max_connections_per_client: int = typer.Option(32, "--max-connections-per-client", min=0, help="Connections one client address may hold open; beyond, 503 (0: no cap, behind a proxy, where every client has the proxy's address)."),
+    max_connections_per_client: int = typer.Option(32, "--max-connections-per-client", min=0, help="Connections one client may hold open (an IPv4 address, an IPv6 /64, loopback as one); beyond, 503 (0: no cap, behind a proxy, where every client has the proxy's address)."),
     docs: bool = typer.Option(False, "--docs", help="Serve the API's pages /docs, /redoc and /openapi.json (/docs loads scripts from a CDN)."),
 ) -> None:
     """Serve a gallery over HTTP: search with photos, fold photos into objects, as JSON.

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from mlsctl.errors import UserError
 
@@ -238,6 +238,67 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
 
 
+# ImageOps.exif_transpose's transposition for each EXIF orientation (1: none)
+_ORIENTATION_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                          4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270,
+                          7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+ORIENTATION_TAG = 0x0112
+
+
+def _tiff_header_orientation(data: bytes) -> Optional[int]:
+    """Tag 0x0112 of the first IFD of a TIFF-structured block (an EXIF block), read in place."""
+    import struct
+
+    order = {b"II": "<", b"MM": ">"}.get(data[:2])
+    if order is None or len(data) < 8:
+        return None
+    (ifd,) = struct.unpack_from(order + "I", data, 4)
+    if ifd + 2 > len(data):
+        return None
+    (entries,) = struct.unpack_from(order + "H", data, ifd)
+    for i in range(min(entries, (len(data) - ifd - 2) // 12)):
+        at = ifd + 2 + 12 * i
+        tag, kind, count = struct.unpack_from(order + "HHI", data, at)
+        if tag != ORIENTATION_TAG:
+            continue
+        if count < 1 or kind not in (3, 4):  # SHORT, or LONG
+            return None
+        (value,) = struct.unpack_from(order + ("H" if kind == 3 else "I"), data, at + 8)
+        return value if 1 <= value <= 8 else None
+    return None
+
+
+def exif_orientation(img: Image.Image) -> int:
+    """The orientation (1 to 8; 1 when none) Pillow's ``ImageOps.exif_transpose`` would apply: tag
+    0x0112 of the EXIF block, else XMP's ``tiff:Orientation``. Read from the raw block in place:
+    ``getexif()`` loads every tag, and copies a tag's data once for each tag pointing at it — a
+    1 MB photo whose 1,500 tags share one 1 MiB value cost gigabytes. A TIFF's own tags are read by
+    Pillow when it opens the file, so for a TIFF its parsed tags are used."""
+    if img.format in ("TIFF", "MPO"):
+        return int(img.getexif().get(ORIENTATION_TAG) or 1)
+    raw = img.info.get("exif")
+    if isinstance(raw, (bytes, bytearray)):
+        found = _tiff_header_orientation(bytes(raw[6:] if raw[:6] == b"Exif\x00\x00" else raw))
+        if found is not None:
+            return found
+    xmp = img.info.get("xmp") or img.info.get("XML:com.adobe.xmp")
+    if isinstance(xmp, (bytes, bytearray)):
+        xmp = bytes(xmp).decode("utf-8", "ignore")
+    if isinstance(xmp, str):
+        import re
+
+        found = re.search(r'tiff:Orientation(="|>)([0-9])', xmp)
+        if found and 1 <= int(found.group(2)) <= 8:
+            return int(found.group(2))
+    return 1
+
+
+def apply_exif_orientation(img: Image.Image) -> Image.Image:
+    """``img`` turned as its EXIF orientation says (:func:`exif_orientation`), as displayed."""
+    method = _ORIENTATION_TRANSPOSE.get(exif_orientation(img))
+    return img.transpose(method) if method is not None else img
+
+
 def allow_image_pixels(max_pixels: int) -> None:
     """Let Pillow open images up to ``max_pixels`` (it refuses twice its own limit while opening);
     only ever raises Pillow's limit, for a user who asked for larger images."""
@@ -278,8 +339,7 @@ def _decode(source, max_pixels: int, formats: Sequence[str] = IMAGE_FORMATS, qui
                 if width * height > max_pixels:
                     raise BadImage(f"{width}x{height} is {too_large}")
                 img.load()
-                img = ImageOps.exif_transpose(img)
-                return _to_rgb(img)
+                return _to_rgb(apply_exif_orientation(img))
     except BadImage:
         raise
     except UnidentifiedImageError:
