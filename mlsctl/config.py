@@ -406,6 +406,9 @@ def _coerce(value: Any, tp: Any, path: str, meta: dict, ctx: _Context, default: 
             raise ctx.fail(path, f"'{path}' {problem}, got {number}")
         return number
     if tp is str:
+        if isinstance(value, str) and meta.get("path") and not value.strip():
+            # '' would be the current folder: data.root= trained on whatever folder the command ran in
+            raise ctx.fail(path, f"'{path}' is empty; give a path, or null to leave it unset")
         if isinstance(value, str):
             return value
         raise ctx.fail(path, f"'{path}' must be text, got {_show(value)} (quote it in YAML)")
@@ -621,6 +624,29 @@ def _expanded_values(root: yaml.Node, source: str) -> int:
     return size(root)
 
 
+def _refuse_duplicate_keys(root: yaml.Node, source: str) -> None:
+    """A key twice in one mapping: PyYAML keeps the last, so the first's settings were lost without a
+    word (a second ``optim:`` section replaced the first whole)."""
+    seen, stack = set(), [root]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:  # an alias: walked once
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            keys = {}
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode) and key.value != "<<":
+                    if key.value in keys:
+                        raise ConfigError(f"{source} line {key.start_mark.line + 1}: the key '{key.value}' is given "
+                                          f"again (first at line {keys[key.value] + 1}), which would silently replace "
+                                          f"it; keep one")
+                    keys[key.value] = key.start_mark.line
+                stack.append(value)
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+
+
 def bounded_yaml(text: str, source: str) -> Any:
     """``yaml.safe_load(text)``, refusing documents whose aliases expand past
     :data:`MAX_YAML_VALUES` values (raises :class:`yaml.YAMLError` for bad syntax)."""
@@ -632,6 +658,7 @@ def bounded_yaml(text: str, source: str) -> Any:
             raise ConfigError(f"{source} nests its values too deeply to read; write it flatter") from None
         if node is None:
             return None
+        _refuse_duplicate_keys(node, source)
         if _expanded_values(node, source) > MAX_YAML_VALUES:
             raise ConfigError(f"{source}: its YAML aliases expand to more than {MAX_YAML_VALUES:,} values (an alias "
                               f"bomb?); write the recipe without nested aliases")

@@ -202,3 +202,20 @@ def test_an_unknown_method_name_is_one_sentence_from_the_registry():
         with pytest.raises(UserError, match=r"no method is named 'dinoo'; the methods are dino, cribo, .* \(did you mean "
                                             r"dino\?\)"):
             lookup("dinoo")
+
+
+def test_a_key_given_twice_and_an_empty_path_are_refused(tmp_path):
+    """A new-user probe (2026-12-05): a second `optim:` section silently replaced the first (its epochs: 1 lost),
+    and `data.root=` (empty) trained on the current folder, the run inside it."""
+    from mlsctl.config import ConfigError
+
+    (tmp_path / "dup.yaml").write_text("optim: {epochs: 1}\nseed: 3\noptim: {lr: 0.1}\n")
+    with pytest.raises(ConfigError, match=r"dup.yaml line 3: the key 'optim' is given again \(first at line 1\)"):
+        config.load_recipe(str(tmp_path / "dup.yaml"))
+    (tmp_path / "inner.yaml").write_text("optim:\n  lr: 0.1\n  lr: 0.2\n")
+    with pytest.raises(ConfigError, match="line 3: the key 'lr' is given again"):
+        config.load_recipe(str(tmp_path / "inner.yaml"))
+    for override in ("data.root=", "data.root=  ", "model.weights="):
+        with pytest.raises(ConfigError, match="is empty; give a path, or null to leave it unset"):
+            config.load_recipe("dino_fmnist_quick", [override])
+    assert config.load_recipe("dino_fmnist_quick", ["data.root=null"]).data.root is None

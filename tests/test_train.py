@@ -391,3 +391,14 @@ def test_pretrain_in_python_leaves_the_callers_random_state_as_it_was(tmp_path, 
     random.seed(123), np.random.seed(123), torch.manual_seed(123)
     pretrain(config.load_recipe(str(path)), tmp_path / "run")
     assert draws() == expected
+
+
+def test_an_empty_init_from_is_refused(tmp_path, images):
+    """A new-user probe (2026-12-05): --init-from "" (an unset shell variable) trained from scratch, silently."""
+    from mlsctl.errors import UserError
+    from mlsctl.train import pretrain
+
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(images, optim__epochs=1))
+    with pytest.raises(UserError, match="--init-from is empty"):
+        pretrain(config.load_recipe(str(path)), tmp_path / "run", init_from="")
+    assert not (tmp_path / "run").exists()

@@ -79,6 +79,8 @@ def _pretrain(recipe, out: str | Path, *, resume: bool, init_from: Optional[str]
     recipe = config_lib.absolute_paths(recipe)  # config.yaml is read from any working directory
     method_cls = methods.method_class(recipe.method.name)
     setup.check_recipe(recipe, method_cls, recipe_source, overridden)
+    if init_from is not None and not str(init_from).strip():  # an unset shell variable: "--init-from $PREV"
+        raise UserError("--init-from is empty; give a run, a checkpoint folder or a weights file, or leave it out")
     if resume and init_from:
         raise UserError("--resume continues a run exactly and --init-from starts a new one from weights; use one")
     if resume and overwrite:
