@@ -41,6 +41,12 @@ def _current_umask() -> int:
 _UMASK = _current_umask()
 
 
+def usual_permissions(path: str | os.PathLike) -> None:
+    """The mode a file created by ``open`` gets (0666 less the umask): outputs written through a
+    temporary file (mkstemp: 0600) or by a library that makes its own 0600 (safetensors)."""
+    os.chmod(path, 0o666 & ~_UMASK)
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; rename it onto ``target`` on success."""
@@ -59,7 +65,7 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
             raise
         with open(tmp_path, "rb") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs get the usual permissions
+        usual_permissions(tmp_path)  # mkstemp makes 0600
         os.replace(tmp_path, target)
         _fsync_dir(target.parent)
     finally:

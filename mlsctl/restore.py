@@ -19,6 +19,7 @@ serve them (gallery, export, report, bank inspection, refinement, evaluation).
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Optional, Union
 
@@ -80,6 +81,9 @@ def read_checkpoint_weights(model_path: Union[str, Path]) -> dict:
 
     from mlsctl.errors import describe_environment_error, first_line
 
+    if Path(model_path).is_file() and not os.access(model_path, os.R_OK):  # safetensors calls this "no such file"
+        raise UserError(f"cannot read {model_path}: permission denied (it belongs to {Path(model_path).owner()}, mode "
+                        f"{Path(model_path).stat().st_mode & 0o777:o}); ask for read access", exit_code=1)
     try:
         return load_file(str(model_path))
     except FileNotFoundError as exc:

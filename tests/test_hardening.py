@@ -1365,3 +1365,23 @@ def test_a_value_refused_by_a_method_is_attributed_to_where_it_was_set(tmp_path,
     recipe.write_text(yaml.safe_dump(shipped))
     code, _, err = cli("pretrain", str(recipe), f"data.root={images}", "--out", str(tmp_path / "r"), capsys=capsys)
     assert code == 2 and one_sentence(err).startswith(f"error: {recipe}: 'method.class_memory_size' 100")
+
+
+def test_10_checkpoint_weights_are_readable_like_every_other_file_and_unreadable_ones_are_said(run_copy, monkeypatch):
+    """A new-user probe (2026-12-05): safetensors writes its files 0600, so another user could read every file of a
+    checkpoint but its weights, and safetensors then says "No such file", which mlsctl passed on with the advice
+    to delete the (good) checkpoint."""
+    import stat
+
+    run, _ = run_copy
+    latest = sorted((run / "checkpoints").iterdir())[-1]
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in latest.iterdir()}
+    assert len(set(modes.values())) == 1, modes  # the weights as every other file of the checkpoint
+    from mlsctl.restore import read_checkpoint_weights
+
+    from mlsctl import restore
+
+    monkeypatch.setattr(restore.os, "access", lambda path, mode: False)  # another user's view (the tests run as root)
+    with pytest.raises(UserError, match="permission denied") as refused:
+        read_checkpoint_weights(latest / "model.safetensors")
+    assert "delete" not in str(refused.value)

@@ -56,7 +56,8 @@ def set_rng_state(state: dict) -> None:
 
 def _write_file(path: Path, writer) -> None:
     """``writer(path)``; a library's opaque failure is raised as the OSError behind it (full disk,
-    file-size limit) with the path."""
+    file-size limit) with the path. The file gets the usual permissions (safetensors creates its
+    files 0600: another user could read every file of a checkpoint but its weights)."""
     try:
         writer(path)
     except OSError:
@@ -64,6 +65,7 @@ def _write_file(path: Path, writer) -> None:
     except Exception as exc:
         atomic.explain_write_failure(exc, path, path)
         raise
+    atomic.usual_permissions(path)
 
 
 def save_checkpoint(run: Run, step: int, method, optimizer, accelerator, recipe, keep: int) -> Optional[Path]:
