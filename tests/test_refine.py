@@ -266,7 +266,10 @@ def test_train_bad_input_is_one_sentence(tmp_path, capsys):
     cases = [(["--labels", str(single)], feats, "single class"),
              (["--labels", str(partial)], feats, "has no label for 15 images"),
              ([], few, "fewer than the 5 a query needs (k = 4 besides itself)"),
-             ([], tmp_path / "missing", "does not exist")]
+             ([], tmp_path / "missing", "does not exist"),
+             # a new-user probe (2026-12-05): the override beat the option silently (neighbours 4 with --k 8)
+             (["method.neighbours=8"], feats, "--k and the override method.neighbours=... both set"),
+             (["data.root=elsewhere"], feats, "FEATURES and the override data.root=... both set")]
     for extra, folder, message in cases:
         code, _, err = cli(*_train_args(folder, tmp_path / "run"), *extra, capsys=capsys)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err

@@ -45,9 +45,15 @@ def train(
 
     recipe_path = config.resolve_recipe_path(recipe)
     items = [f"data.root={features}"]
-    for key, value in (("method.labels_file", labels), ("method.blocks", blocks), ("method.neighbours", k),
-                       ("optim.epochs", epochs), ("seed", seed)):
-        if value is not None:
+    given_overrides = config.parse_overrides(list(overrides or []))
+    for option, key, value in (("--labels", "method.labels_file", labels), ("--blocks", "method.blocks", blocks),
+                               ("--k", "method.neighbours", k), ("--epochs", "optim.epochs", epochs),
+                               ("--seed", "seed", seed), ("FEATURES", "data.root", features)):
+        if value is not None and key in given_overrides:  # the override won, silently
+            from mlsctl.errors import UserError
+
+            raise UserError(f"{option} and the override {key}=... both set {key}; give one of them")
+        if value is not None and key != "data.root":
             items.append(f"{key}={value}")
     loaded = config.load_recipe(str(recipe_path), items + list(overrides or []))
     if loaded.method.name != "refine":
