@@ -140,15 +140,34 @@ def initial_weights(method, source: str) -> str:
             raise UserError(f"--init-from {source} holds weights of another shape than this "
                             f"{method.recipe.method.name} run's ({', '.join(differ[:3])}{', ...' if len(differ) > 3 else ''}); "
                             f"start from a run with the same settings")
-        state = backbone_state(saved)
+        state = backbone_state(saved, keep_head=True)
     else:
-        state = backbone_state(read_state_dict(path))
+        state = backbone_state(read_state_dict(path), keep_head=True)
         if not method.backbones():
             raise UserError(f"--init-from {source} is a weights file, but a {method.recipe.method.name} run has no "
                             f"backbone to load it into; give a run of the same method (or one of its checkpoints)")
+    fresh_heads = False
     for backbone in method.backbones():
-        load_into_vit(backbone.net, state, str(source))
-    return f"every backbone from {source}"
+        wanted, fresh = _with_own_head(backbone.net, state)
+        fresh_heads |= fresh
+        load_into_vit(backbone.net, wanted, str(source))
+    return f"every backbone from {source}" + (" (the embedding layer of model.embedding_dim freshly initialised: the "
+                                                "source has none of its shape)" if fresh_heads else "")
+
+
+def _with_own_head(vit, state: dict) -> tuple[dict, bool]:
+    """``state`` for ``vit`` as far as timm's embedding layer (``head``, model.embedding_dim) goes: the
+    source's when it has one of the same shape, else ``vit``'s own, freshly initialised (a
+    self-supervised backbone has none, an ``ms`` run's is of its width); a ViT without one takes
+    none. Returns (state, whether the head stays fresh)."""
+    heads = ("head.weight", "head.bias")
+    own = {k: v for k, v in vit.state_dict().items() if k in heads}
+    wanted = {k: v for k, v in state.items() if k not in heads}
+    if not own:
+        return wanted, False
+    if all(k in state and state[k].shape == v.shape for k, v in own.items()):
+        return {**wanted, **{k: state[k] for k in own}}, False
+    return {**wanted, **own}, True
 
 
 # ---------------------------------------------------------------------------- model choices of a run

@@ -145,3 +145,19 @@ def test_ms_bad_labels_are_one_sentence(tmp_path, capsys):
     code, _, err = cli("pretrain", str(recipe), "--out", str(tmp_path / "b"), capsys=capsys)
     assert code == 2 and "has no label for" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_init_from_crosses_the_embedding_layer_both_ways(tmp_path, capsys, finished_run):
+    """A new-user probe (2026-12-05): an ms run --init-from a DINO teacher (no embedding layer) was refused for
+    its 'missing head.weight, head.bias', and a DINO run --init-from an ms run for 'unexpected' ones, while
+    model.weights took the first. The backbone loads; the embedding layer stays fresh where the source has none
+    of its shape."""
+    dino_run, dino_recipe = finished_run
+    images = _class_images(tmp_path / "images", 4, 6)
+    recipe = write_recipe(tmp_path / "ms.yaml", _ms_recipe(images))
+    _, err = cli_ok(capsys, "pretrain", str(recipe), "--out", str(tmp_path / "ms"), "--init-from",
+                    str(dino_run / "teacher.safetensors"))
+    assert "the embedding layer of model.embedding_dim freshly initialised" in err, err
+    _, err = cli_ok(capsys, "pretrain", str(dino_recipe), "--out", str(tmp_path / "dino"), "--init-from",
+                    str(tmp_path / "ms"), "optim.epochs=1")
+    assert "initialised every backbone from" in err and "freshly" not in err, err
