@@ -238,3 +238,13 @@ def test_an_embedding_layer_of_another_shape_in_the_weights_is_said(tmp_path, ca
         assert caplog.records == []
         tiny(embedding_dim=16, weights=str(tmp_path / "w8.safetensors"))
     assert len(caplog.records) == 1 and "embedding layer of another shape" in caplog.records[0].getMessage()
+
+
+def test_model_weights_of_a_folder_names_the_file_inside(tmp_path):
+    """A new-user probe (2026-12-05): model.weights=RUN said the (existing) run folder 'does not exist'."""
+    from mlsctl.models.weights import check_weights_file
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "teacher.safetensors").write_bytes(b"")
+    with pytest.raises(UserError, match=r"is a folder; give a .safetensors or .pth file; did you mean .*run/teacher"):
+        check_weights_file(tmp_path / "run")

@@ -36,6 +36,11 @@ def check_weights_file(path: str | Path) -> Path:
     """A weights file that exists and has a name this reader takes, else one sentence (checked first,
     before anything is read from it or built for it)."""
     path = Path(path)
+    if path.is_dir():
+        inside = [name for name in ("teacher.safetensors", "model.safetensors") if (path / name).is_file()]
+        hint = f"; did you mean {path / inside[0]}?" if inside else ""
+        raise UserError(f"weights file {path} is a folder; give a .safetensors or .pth file{hint} (a run or checkpoint "
+                        f"folder is what --init-from takes)")
     if not path.is_file():
         raise UserError(f"weights file {path} does not exist; give a local .safetensors or .pth file")
     if path.suffix not in WEIGHTS_SUFFIXES:
