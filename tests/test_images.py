@@ -155,3 +155,17 @@ def test_dataset_skips_bad_files_and_reports_each_once(tmp_path: Path, caplog):
     assert skips.reasons == expected
     assert len([r for r in caplog.records if r.message.startswith("skipped ")]) == 3
     assert skips.summary() == f"skipped 3 unreadable files in {root}"
+
+
+def test_a_folder_of_only_unreadable_images_says_why(tmp_path: Path):
+    """A new-user probe (2026-12-05): data.max_image_pixels below every image said only 'none of the 48 files could
+    be decoded', naming neither a file nor the limit."""
+    from mlsctl.data.loader import load_or_next
+    from mlsctl.errors import UserError
+
+    for i in range(3):
+        Image.new("RGB", (40, 40)).save(tmp_path / f"{i}.png")
+    folder = ImageFolder(tmp_path, max_pixels=100)
+    with pytest.raises(UserError, match=r"could be decoded as an image \(the first, \d.png: 40x40 is more than 100 "
+                                        r"pixels .*data.max_image_pixels"):
+        load_or_next(folder, [0, 1, 2], 0, None, "3 files")
