@@ -1364,7 +1364,14 @@ def test_a_value_refused_by_a_method_is_attributed_to_where_it_was_set(tmp_path,
     shipped["method"]["class_memory_size"] = 100
     recipe.write_text(yaml.safe_dump(shipped))
     code, _, err = cli("pretrain", str(recipe), f"data.root={images}", "--out", str(tmp_path / "r"), capsys=capsys)
-    assert code == 2 and one_sentence(err).startswith(f"error: {recipe}: 'method.class_memory_size' 100")
+    assert code == 2 and one_sentence(err).startswith(f"error: {recipe} with the command-line override of data.root: "
+                                                      f"'method.class_memory_size' 100")
+    # a new-user probe (2026-12-05): a recipe value refused because of another key the command line changed was
+    # blamed on the (shipped) recipe alone
+    code, _, err = cli("pretrain", "mls_fmnist_quick", f"data.root={images}", "method.queue_size=4", "--out",
+                       str(tmp_path / "r"), capsys=capsys)
+    assert code == 2 and "mls_fmnist_quick.yaml with the command-line overrides of data.root, method.queue_size: " \
+                         "'method.k' 20" in one_sentence(err)
 
 
 def test_10_checkpoint_weights_are_readable_like_every_other_file_and_unreadable_ones_are_said(run_copy, monkeypatch):

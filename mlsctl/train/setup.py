@@ -25,8 +25,14 @@ TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "ml
 
 
 def source_of(key: str, recipe_source: str, overridden: Sequence[str] = ()) -> str:
-    """Where a refused value came from: the command line (an override of ``key``) or the recipe file."""
-    return "command-line override" if key in overridden else recipe_source
+    """Where a refused value came from: the command line (an override of ``key``), or the recipe file
+    — with the overrides named, when there are some: a value of the recipe may be refused because of
+    another key the command line changed (method.k of the recipe against an overridden queue_size)."""
+    if key in overridden:
+        return "command-line override"
+    if overridden:
+        return f"{recipe_source} with the command-line override{'s' if len(overridden) > 1 else ''} of {', '.join(overridden)}"
+    return recipe_source
 
 
 def check_recipe(recipe, method_cls, source: str, overridden: Sequence[str] = ()) -> None:
