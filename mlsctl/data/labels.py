@@ -190,7 +190,7 @@ def read_objects_file(path: Path) -> list[tuple[str, str]]:
 
 
 def labels_of(files: Sequence[str], root: Path, labels_file: Optional[Path], what: str,
-              option: str = "a labels option") -> list[str]:
+              option: str = "a labels file option") -> list[str]:
     """The label of each file (relative to ``root``): its folder name, or its row of ``labels_file``
     (keyed by the relative or the absolute path); ``option`` names where the user gives that file."""
     if labels_file is None:

@@ -82,7 +82,7 @@ class MS(Method):
     def build_dataset(cls, recipe, folder):
         labels_file = recipe.method.labels_file
         names = labels_of(folder.relpaths(), Path(folder.root), Path(labels_file) if labels_file else None,
-                          f"data.root {folder.root}")
+                          f"data.root {folder.root}", "method.labels_file=FILE")
         labels, classes = class_ids(names, f"data.root {folder.root}")
         dataset = LabelledCrops(folder, cls.multicrop(recipe), recipe.seed, labels, classes, **cls.data_path(recipe))
         return dataset, labelled_collate(dataset)

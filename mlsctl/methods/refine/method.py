@@ -139,7 +139,7 @@ def refine_dataset(recipe, data: FeatureData) -> ContextDataset:
     cfg = recipe.method
     what = f"data.root {data.root}"
     names = labels_of(data.features.files, Path(data.features.input_root),
-                      Path(cfg.labels_file) if cfg.labels_file else None, what)
+                      Path(cfg.labels_file) if cfg.labels_file else None, what, "--labels FILE (method.labels_file)")
     labels, classes = class_ids(names, what)
     return ContextDataset(data.features.global_features(), labels, cfg.neighbours, classes, what)
 
