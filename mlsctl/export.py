@@ -121,10 +121,11 @@ def export_timm(run_dir: str | Path, out: str | Path, *, step: Optional[int] = N
         raise UserError(f"--out {out} is a file, not a folder; choose another --out")
     _recover(out)
     if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise UserError(f"--out {out} is not empty; add --overwrite to replace an earlier export, or choose another")
         if not (out / "mlsctl.json").is_file():
-            raise UserError(f"--out {out} is not an mlsctl export (no mlsctl.json); --overwrite only replaces exports")
+            raise UserError(f"--out {out} is not empty and not an mlsctl export (no mlsctl.json): choose a new or empty "
+                            f"folder (--overwrite replaces exports only)")
+        if not overwrite:
+            raise UserError(f"--out {out} holds an earlier export; add --overwrite to replace it, or choose another")
         foreign = sorted(p.name for p in out.iterdir() if p.name not in EXPORT_FILES)
         if foreign:
             raise UserError(f"--out {out} also holds {', '.join(foreign[:4])}, which export did not write; move "
