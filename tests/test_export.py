@@ -46,7 +46,7 @@ def test_export_refuses_to_overwrite_what_it_did_not_write(finished_run, tmp_pat
     (tmp_path / "precious").mkdir()
     (tmp_path / "precious" / "thesis.tex").write_text("x")
     code, _, err = cli("export", str(run_dir), "--out", str(tmp_path / "precious"), "--overwrite", capsys=capsys)
-    assert code != 0 and "is not an mlsctl export" in err and (tmp_path / "precious" / "thesis.tex").is_file()
+    assert code != 0 and "not an mlsctl export" in err and (tmp_path / "precious" / "thesis.tex").is_file()
     # a new-user probe (2026-12-05): without --overwrite it advised --overwrite, which then refused
     code, _, err = cli("export", str(run_dir), "--out", str(tmp_path / "precious"), capsys=capsys)
     assert code == 2 and "not an mlsctl export" in err and "add --overwrite" not in err
