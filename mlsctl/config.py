@@ -332,6 +332,9 @@ def _show(value: Any) -> str:
         return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, list) and len(value) <= 8 and all(isinstance(v, (int, float, str, bool)) or v is None
+                                                         for v in value):
+        return "[" + ", ".join(_show(v) for v in value) + "]"  # short lists as written: "got [0.4]"
     if isinstance(value, (dict, list)):
         return "a " + type(value).__name__.replace("dict", "mapping")
     return str(value)
