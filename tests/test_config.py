@@ -219,3 +219,11 @@ def test_a_key_given_twice_and_an_empty_path_are_refused(tmp_path):
         with pytest.raises(ConfigError, match="is empty; give a path, or null to leave it unset"):
             config.load_recipe("dino_fmnist_quick", [override])
     assert config.load_recipe("dino_fmnist_quick", ["data.root=null"]).data.root is None
+
+
+def test_a_short_list_refused_is_shown_as_written():
+    """A new-user probe (2026-12-05): 'must be a list of 2 numbers, got a list'."""
+    from mlsctl.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"must be a list of 2 numbers, got \[0.4\]"):
+        config.load_recipe("dino_fmnist_quick", ["data.global_crops.scale=[0.4]"])
