@@ -253,11 +253,11 @@ def test_a_cnn_run_works_with_embed_eval_viz_and_bank(mls_cnn_run, tmp_path, cap
            str(tmp_path / "train"))
     out, _ = cli_ok(capsys, "eval", "knn-seg", "--train", str(tmp_path / "train"), "--train-masks",
                     str(scenes / "train" / "masks"), "--val", str(tmp_path / "val"), "--val-masks",
-                    str(scenes / "val" / "masks"), "--fraction", "1/1", "--json")
+                    str(scenes / "val" / "masks"), "--fraction", "1/1", "--json", "--out", str(tmp_path / "seg.json"))
     assert 0.0 <= json.loads(out)["results"][0]["miou"] <= 1.0
     out, _ = cli_ok(capsys, "eval", "linear", "--train", str(tmp_path / "train"), "--val", str(tmp_path / "val"),
                     "--multi-label", "--train-labels", str(scenes / "train" / "scenes.jsonl"), "--val-labels",
-                    str(scenes / "val" / "scenes.jsonl"), "--json")
+                    str(scenes / "val" / "scenes.jsonl"), "--json", "--out", str(tmp_path / "linear.json"))
     assert "map" in json.dumps(json.loads(out)).lower()
     cli_ok(capsys, "viz", "pca", str(tmp_path / "val"), "--out", str(tmp_path / "pca.png"), "--n", "2")
     assert (tmp_path / "pca.png").stat().st_size > 0
