@@ -339,7 +339,7 @@ class GalleryService:
                 else:
                     reason = f"its header cannot be read ({type(exc).__name__})"
                 raise RequestError(400, f"{_shown(photo.name)} cannot be used: {reason}") from None
-            if image_format == "JPEG":
+            if image_format in ("JPEG", "MPO"):  # Pillow calls a JPEG with an MPF segment of 2 images MPO
                 with photo.open() as f:
                     scans = jpeg_scans(f)
                 if scans > MAX_JPEG_SCANS:

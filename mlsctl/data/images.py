@@ -245,43 +245,56 @@ _ORIENTATION_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose
 ORIENTATION_TAG = 0x0112
 
 
-def _tiff_header_orientation(data: bytes) -> Optional[int]:
-    """Tag 0x0112 of the first IFD of a TIFF-structured block (an EXIF block), read in place."""
+def _tiff_header_orientation(data: bytes) -> tuple[bool, Optional[int]]:
+    """Tag 0x0112 of the first IFD of a TIFF-structured block (an EXIF block), read in place: (whether
+    the tag is there, its value when it is one orientation, 1 to 8). The last of repeated tags counts,
+    as in Pillow, and of several numbers the first."""
     import struct
 
     order = {b"II": "<", b"MM": ">"}.get(data[:2])
-    if order is None or len(data) < 8:
-        return None
+    if order is None or len(data) < 8 or struct.unpack_from(order + "H", data, 2)[0] != 42:  # TIFF's magic number
+        return False, None
     (ifd,) = struct.unpack_from(order + "I", data, 4)
     if ifd + 2 > len(data):
-        return None
+        return False, None
     (entries,) = struct.unpack_from(order + "H", data, ifd)
+    present, value = False, None
     for i in range(min(entries, (len(data) - ifd - 2) // 12)):
         at = ifd + 2 + 12 * i
         tag, kind, count = struct.unpack_from(order + "HHI", data, at)
         if tag != ORIENTATION_TAG:
             continue
-        if count < 1 or kind not in (3, 4):  # SHORT, or LONG
-            return None
-        (value,) = struct.unpack_from(order + ("H" if kind == 3 else "I"), data, at + 8)
-        return value if 1 <= value <= 8 else None
-    return None
+        present, value = True, None
+        fmt = {3: "H", 4: "I", 8: "h", 9: "i"}.get(kind)  # SHORT, LONG, SSHORT, SLONG
+        if fmt is None or count < 1:
+            continue
+        width = struct.calcsize(fmt)
+        where = at + 8  # the value itself when it fits in 4 bytes, else where it is
+        if count * width > 4:
+            (where,) = struct.unpack_from(order + "I", data, at + 8)
+            if where + width > len(data):
+                continue
+        (number,) = struct.unpack_from(order + fmt, data, where)  # the first of several, as Pillow takes it
+        value = number if 1 <= number <= 8 else None
+    return present, value
 
 
 def exif_orientation(img: Image.Image) -> int:
     """The orientation (1 to 8; 1 when none) Pillow's ``ImageOps.exif_transpose`` would apply: tag
-    0x0112 of the EXIF block, else XMP's ``tiff:Orientation``. Read from the raw block in place:
-    ``getexif()`` loads every tag, and copies a tag's data once for each tag pointing at it — a
-    1 MB photo whose 1,500 tags share one 1 MiB value cost gigabytes. A TIFF's own tags are read by
-    Pillow when it opens the file, so for a TIFF its parsed tags are used."""
-    if img.format in ("TIFF", "MPO"):
-        return int(img.getexif().get(ORIENTATION_TAG) or 1)
+    0x0112 of the EXIF block, else (when the block has no such tag) XMP's ``tiff:Orientation``. Read
+    from the raw block in place: ``getexif()`` loads every tag, and copies a tag's data once for each
+    tag pointing at it — a 1 MB photo whose 1,500 tags share one 1 MiB value cost gigabytes. A TIFF's
+    own tags are read by Pillow when it opens the file, so for a TIFF its parsed tags are used. (Not
+    read: ImageMagick's "Raw profile type exif" text chunks of PNG, which Pillow's reader decodes.)"""
+    if img.format == "TIFF":
+        value = img.getexif().get(ORIENTATION_TAG)
+        return value if isinstance(value, int) and 1 <= value <= 8 else 1
     raw = img.info.get("exif")
     if isinstance(raw, (bytes, bytearray)):
-        found = _tiff_header_orientation(bytes(raw[6:] if raw[:6] == b"Exif\x00\x00" else raw))
-        if found is not None:
-            return found
-    xmp = img.info.get("xmp") or img.info.get("XML:com.adobe.xmp")
+        present, value = _tiff_header_orientation(bytes(raw[6:] if raw[:6] == b"Exif\x00\x00" else raw))
+        if present:
+            return value or 1
+    xmp = img.info.get("XML:com.adobe.xmp") or img.info.get("xmp")
     if isinstance(xmp, (bytes, bytearray)):
         xmp = bytes(xmp).decode("utf-8", "ignore")
     if isinstance(xmp, str):

@@ -69,10 +69,12 @@ def average_precision(scores: torch.Tensor, positives: torch.Tensor) -> float:
     n_pos = float(hits.sum())
     if n_pos == 0:
         return float("nan")
-    last_of_tie = torch.cat([(ranked[1:] != ranked[:-1]).nonzero().flatten(), torch.tensor([len(ranked) - 1])])
+    device = ranked.device
+    last_of_tie = torch.cat([(ranked[1:] != ranked[:-1]).nonzero().flatten(),
+                             torch.tensor([len(ranked) - 1], device=device)])
     true_positives = hits.cumsum(0)[last_of_tie]
     precision = true_positives / (last_of_tie + 1).double()
-    recall_gain = torch.diff(true_positives, prepend=torch.zeros(1, dtype=torch.float64)) / n_pos
+    recall_gain = torch.diff(true_positives, prepend=torch.zeros(1, dtype=torch.float64, device=device)) / n_pos
     return float((recall_gain * precision).sum())
 
 
