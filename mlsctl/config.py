@@ -493,6 +493,8 @@ def _build(cls: type, data: Any, path: str, ctx: _Context, default: Any = None) 
         if name in data:
             values[name] = _coerce(data[name], hints[name], f"{path}.{name}" if path else name, dict(f.metadata), ctx,
                                    field_default if is_dataclass(field_default) else None)
+        elif hints[name] is MethodConfig:  # no method section: the default method's keys, at their defaults
+            values[name] = _build(MethodConfig, {}, f"{path}.{name}" if path else name, ctx)
     obj = dataclasses.replace(default, **values) if default is not None else cls(**values)
     check = getattr(obj, "check", None)
     if check is not None:

@@ -227,3 +227,14 @@ def test_a_short_list_refused_is_shown_as_written():
 
     with pytest.raises(ConfigError, match=r"must be a list of 2 numbers, got \[0.4\]"):
         config.load_recipe("dino_fmnist_quick", ["data.global_crops.scale=[0.4]"])
+
+
+def test_a_recipe_without_a_method_section_has_the_default_methods_keys(tmp_path):
+    """A new-user probe (2026-12-05): recipes --show of a recipe without `method:` listed 66 keys, none of DINO's
+    13, although it trains DINO with them."""
+    from mlsctl.methods.dino.config import DINOConfig
+
+    (tmp_path / "r.yaml").write_text("data: {root: /tmp}\n")
+    recipe = config.load_recipe(str(tmp_path / "r.yaml"))
+    assert recipe.method == DINOConfig()
+    assert "method.out_dim" in {row["key"] for row in config.recipe_keys(recipe)}
