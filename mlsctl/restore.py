@@ -173,11 +173,10 @@ def _with_own_head(vit, state: dict) -> tuple[dict, bool]:
 # ---------------------------------------------------------------------------- model choices of a run
 def method_name_of(run: Run) -> Optional[str]:
     """``method.name`` of a run's config.yaml, read without building the recipe; None when unreadable."""
-    import yaml
+    from mlsctl.config import read_yaml
 
     try:
-        raw = yaml.safe_load(run.config_path.read_text(encoding="utf-8"))
-        name = raw["method"]["name"]
+        name = read_yaml(run.config_path)["method"]["name"]
     except Exception:  # noqa: BLE001 - any unreadable recipe is "not a run of that method" here
         return None
     return name if isinstance(name, str) else None

@@ -1076,6 +1076,8 @@ def head_timeout_protocol(per_client: int = MAX_CONNECTIONS_PER_CLIENT):
             if per_client and address is not None and open_by_address.get(address, 0) >= per_client:
                 now = time.monotonic()
                 if now - refusal_logged.get(address, -REFUSAL_LOG_SECONDS) >= REFUSAL_LOG_SECONDS:
+                    if len(refusal_logged) >= 4096:  # many clients refused: forget all, at worst a line again each
+                        refusal_logged.clear()
                     refusal_logged[address] = now
                     log.warning(f"{address} holds {per_client} connections, the most one client may "
                                 f"(--max-connections-per-client); its next ones get 503 until it closes some "

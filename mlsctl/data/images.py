@@ -21,7 +21,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import stat
+import struct
 import unicodedata
 import warnings
 from dataclasses import dataclass, field
@@ -243,14 +245,13 @@ _ORIENTATION_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose
                           4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270,
                           7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
 ORIENTATION_TAG = 0x0112
+_XMP_ORIENTATION = re.compile(r'tiff:Orientation(="|>)([0-9])')  # the pattern Pillow's getexif reads XMP with
 
 
 def _tiff_header_orientation(data: bytes) -> tuple[bool, Optional[int]]:
     """Tag 0x0112 of the first IFD of a TIFF-structured block (an EXIF block), read in place: (whether
     the tag is there, its value when it is one orientation, 1 to 8). The last of repeated tags counts,
     as in Pillow, and of several numbers the first."""
-    import struct
-
     order = {b"II": "<", b"MM": ">"}.get(data[:2])
     if order is None or len(data) < 8 or struct.unpack_from(order + "H", data, 2)[0] != 42:  # TIFF's magic number
         return False, None
@@ -298,9 +299,7 @@ def exif_orientation(img: Image.Image) -> int:
     if isinstance(xmp, (bytes, bytearray)):
         xmp = bytes(xmp).decode("utf-8", "ignore")
     if isinstance(xmp, str):
-        import re
-
-        found = re.search(r'tiff:Orientation(="|>)([0-9])', xmp)
+        found = _XMP_ORIENTATION.search(xmp)
         if found and 1 <= int(found.group(2)) <= 8:
             return int(found.group(2))
     return 1

@@ -209,9 +209,8 @@ def load_or_next(folder: ImageFolder, rows: list[int], position: int, resized: O
             return i, folder.load(i), skipped
         except BadImage as exc:
             skipped.append((folder.relpath(i), str(exc)))
-    first, reason = skipped[0] if skipped else ("", "")
-    raise UserError(f"none of the {what} could be decoded as an image" + (f" (the first, {first}: {reason})"
-                                                                          if skipped else ""))
+    first = f" (the first, {skipped[0][0]}: {skipped[0][1]})" if skipped else ""
+    raise UserError(f"none of the {what} could be decoded as an image{first}")
 
 
 class MultiCropDataset(Dataset):
