@@ -46,7 +46,7 @@ What a request may cost (checked in this order, each before the next is done):
 4. decoding: one photo at a time per request, each holding its decoding memory from the
    server-wide decode budget (``--decode-budget-mb``; others wait) and resized to the model's input
    (uint8) at once; :data:`WORKING` requests decode and embed at a time (others wait, holding only
-   their received body).
+   their received body, at most :data:`QUEUE_SECONDS`: then 503 with ``Retry-After``).
 
 So the server's memory stays under its idle size + the decode budget + twice the two body
 allowances + a few MB per working request, whatever the requests (docs/service.md has the measurements).
@@ -97,6 +97,7 @@ REQUEST_HEAD_SECONDS = 10.0  # a connection sends its request line and headers w
 WRITE_STALL_SECONDS = 30.0  # a connection that reads none of its answers for this long is aborted
 WAIT_SECONDS = 120.0  # the longest a request waits for the decode budget
 WORKING = 4  # requests decoding and embedding at once
+QUEUE_SECONDS = 60.0  # the longest a received request waits for one of the WORKING slots (then 503, retry)
 MAX_CONNECTIONS = 128  # uvicorn answers 503 beyond
 MAX_JPEG_SCANS = 64  # a progressive JPEG has about 10; each scan is a pass over the whole image
 MAX_CONNECTIONS_PER_CLIENT = 32  # connections one client address may hold open (--max-connections-per-client)
@@ -774,6 +775,19 @@ def create_app(service: GalleryService, policy: Optional[Policy] = None, docs: b
                   redirect_slashes=False)  # /objects/X/ is a 404 sentence, not a 307 with an empty body
     slots = asyncio.Semaphore(WORKING)
 
+    @asynccontextmanager
+    async def working_slot():
+        try:
+            await asyncio.wait_for(slots.acquire(), QUEUE_SECONDS)
+        except asyncio.TimeoutError:
+            raise RequestError(503, f"the server is busy (all {WORKING} working slots): this request waited "
+                                    f"{QUEUE_SECONDS:g} s for one; retry in a few seconds",
+                               {"Retry-After": "5"}) from None
+        try:
+            yield
+        finally:
+            slots.release()
+
     @app.exception_handler(RequestError)
     async def request_error(_, exc: RequestError):
         return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
@@ -844,13 +858,13 @@ def create_app(service: GalleryService, policy: Optional[Policy] = None, docs: b
     async def search(request: Request, k: int = 10):
         if not 1 <= k <= 1000:
             raise RequestError(400, f"k must be between 1 and 1000, got {k}")
-        async with photos_of(request) as photos, slots:
+        async with photos_of(request) as photos, working_slot():
             return await _threaded(service.search, photos, k)
 
     @app.post("/objects/{object_id}/photos")
     async def add(object_id: str, request: Request):
         service.check_id(object_id)  # before the body is read
-        async with photos_of(request) as photos, slots:
+        async with photos_of(request) as photos, working_slot():
             return await _threaded(service.add, object_id, photos)
 
     @app.get("/objects/{object_id}")

@@ -663,6 +663,68 @@ def test_3_the_guard_bounds_bodies_across_requests_and_in_time(monkeypatch):
     asyncio.run(main())
 
 
+def test_3_a_request_waits_for_a_working_slot_at_most_queue_seconds(monkeypatch):
+    """A request that arrived while every working slot was busy waited for as long as they stayed busy; now it
+    waits QUEUE_SECONDS and is told to retry (503, Retry-After), and the slot it never got is not lost."""
+    import asyncio
+    import threading
+
+    from mlsctl import serve
+
+    monkeypatch.setattr(serve, "WORKING", 1)
+    monkeypatch.setattr(serve, "QUEUE_SECONDS", 0.3)
+    release = threading.Event()
+
+    class Slow:
+        read_only, limits = False, serve.Limits()
+
+        def paths(self, paths):
+            return paths
+
+        def search(self, photos, k):
+            release.wait(10)
+            return {"photos": photos}
+
+        def check_id(self, object_id):
+            pass
+
+    app = serve.create_app(Slow(), serve.Policy.for_server("127.0.0.1"))
+    body = json.dumps({"paths": ["a.png"]}).encode()
+
+    async def request():
+        scope = {"type": "http", "method": "POST", "path": "/search", "raw_path": b"/search", "query_string": b"",
+                 "headers": [(b"host", b"127.0.0.1:8000"), (b"content-type", b"application/json"),
+                             (b"content-length", str(len(body)).encode())]}
+        chunks = [{"type": "http.request", "body": body, "more_body": False}]
+        sent = []
+
+        async def receive():
+            if chunks:
+                return chunks.pop()
+            await asyncio.sleep(3600)
+
+        async def send(message):
+            sent.append(message)
+
+        await app(scope, receive, send)
+        return sent[0]["status"], dict(sent[0]["headers"]), json.loads(sent[1]["body"])
+
+    async def main():
+        first = asyncio.create_task(request())
+        await asyncio.sleep(0.1)  # the first holds the only slot
+        started = time.monotonic()
+        status, headers, answer = await request()
+        waited = time.monotonic() - started
+        assert status == 503 and headers[b"retry-after"] == b"5" and "busy" in answer["error"], answer
+        assert 0.25 < waited < 3
+        release.set()
+        assert (await first)[0] == 200
+        status, _, answer = await request()
+        assert (status, answer) == (200, {"photos": ["a.png"]})  # the slot came back
+
+    asyncio.run(main())
+
+
 def test_3_a_connection_that_reads_none_of_its_answers_is_aborted(monkeypatch):
     """A probe: a client that asked for answers and never read them held its connection (and a slot) for good;
     once the server cannot write for WRITE_STALL_SECONDS, the connection is aborted."""
