@@ -8,6 +8,8 @@
 * :func:`describe_environment_error` turns what the machine throws at a command — a full disk, a
   read-only or forbidden folder, a file too large for the process's limit, exhausted memory —
   into one sentence naming the path and the cause (``None`` for anything else).
+  :func:`environment_exit_code` is its exit code: 2 where the path given is the mistake (a file where
+  a folder must be, a name that does not exist), 1 for the machine's failures.
 * :func:`first_line` is what such a sentence quotes from a library's exception.
 """
 
@@ -73,6 +75,27 @@ def is_memory_error(exc: BaseException) -> bool:
                                               or "cannot allocate memory" in text)
 
 
+# errors where the path itself is wrong, not the machine: exit code 2, as for other usage errors
+PATH_MISTAKES = {errno.ENOTDIR, errno.EISDIR, errno.ENOENT, errno.EEXIST, errno.ENAMETOOLONG, errno.ELOOP}
+
+
+def environment_exit_code(exc: BaseException) -> int:
+    return 2 if isinstance(exc, OSError) and exc.errno in PATH_MISTAKES else 1
+
+
+def file_in_the_way(path: "os.PathLike | str") -> "Optional[str]":
+    """The nearest existing ancestor of ``path`` (or ``path`` itself) when it is not a folder: the file
+    that makes creating ``path`` as a folder, or anything inside it, fail (None when there is none)."""
+    current = os.path.abspath(os.fsdecode(path))
+    while True:
+        if os.path.lexists(current):
+            return None if os.path.isdir(current) else current
+        parent = os.path.dirname(current)
+        if parent == current:
+            return None
+        current = parent
+
+
 def describe_environment_error(exc: BaseException) -> Optional[str]:
     """One sentence for an error of the environment, or None when ``exc`` is something else."""
     if is_memory_error(exc):
@@ -87,5 +110,10 @@ def describe_environment_error(exc: BaseException) -> Optional[str]:
     if path is None:
         return f"{cause}; {fix}"
     path = os.fsdecode(path) if isinstance(path, bytes) else str(path)
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST):  # mkdir or open under a file: name the file
+        blocking = file_in_the_way(path)
+        if blocking is not None:
+            what = "it" if os.path.abspath(blocking) == os.path.abspath(path) else blocking
+            return f"cannot use {path}: {what} is a file, not a folder; choose another path"
     second = f" → {exc.filename2}" if getattr(exc, "filename2", None) else ""
     return f"cannot use {path}{second}: {cause}; {fix}"

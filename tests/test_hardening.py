@@ -472,6 +472,25 @@ def test_8_errors_of_the_environment_are_one_sentence(error, words, monkeypatch,
     assert code == 1 and all(w in line for w in words), line
 
 
+def test_8_an_out_path_under_a_file_names_the_file_and_exits_2(capsys, tmp_path):
+    """A new-user probe (2026-12-05): `--out afile/sub` was "cannot use afile: File exists" (report, plot) or
+    named export's temporary folder, with exit 1; the sentence now names the file in the way (exit 2, a usage
+    error), and the file is left as it was."""
+    from mlsctl.errors import describe_environment_error, environment_exit_code, file_in_the_way
+
+    blocking = tmp_path / "afile"
+    blocking.write_text("mine")
+    assert file_in_the_way(blocking / "a" / "b") == str(blocking) and file_in_the_way(tmp_path / "new") is None
+    error = NotADirectoryError(errno.ENOTDIR, "Not a directory", str(blocking / "sub"))
+    assert describe_environment_error(error) == f"cannot use {blocking / 'sub'}: {blocking} is a file, not a folder; choose another path"
+    assert environment_exit_code(error) == 2 and environment_exit_code(OSError(errno.ENOSPC, "full", "/x")) == 1
+    for command in (["data", "fmnist-scenes", "--out", str(blocking / "sub")],
+                    ["data", "fmnist-products", "--out", str(blocking / "sub")]):
+        code, _, err = cli(*command, capsys=capsys)
+        assert code == 2 and f"{blocking} is a file, not a folder" in one_sentence(err), err
+    assert blocking.read_text() == "mine"
+
+
 class _FakeChoice:
     description, fingerprint, info = "a model", "0" * 64, {}
 

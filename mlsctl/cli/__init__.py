@@ -255,7 +255,7 @@ def main() -> None:
 
     threads.prepare_environment()  # before torch or faiss loads its OpenMP runtime (mlsctl/threads.py)
 
-    from mlsctl.errors import Interrupted, describe_environment_error
+    from mlsctl.errors import Interrupted, describe_environment_error, environment_exit_code
 
     from mlsctl.data.images import unreported_skips
 
@@ -288,4 +288,4 @@ def main() -> None:
             message = (f"internal error ({type(exc).__name__}{': ' + first if first else ''}); run the command again "
                        f"with --debug for the traceback and report it")
         _tell(f"error: {message}")
-        sys.exit(1)
+        sys.exit(environment_exit_code(exc))
