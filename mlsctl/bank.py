@@ -399,10 +399,17 @@ class MemoryBank:
         return bank
 
     def checksum(self) -> torch.Tensor:
-        """A cheap fingerprint of the whole state (float64), equal on ranks holding equal banks."""
-        parts = [self.vectors.double().sum(), self.vectors.double().abs().sum(), torch.tensor(float(self.ptr)),
-                 torch.tensor(float(self.n_written))]
-        parts += [v.double().sum() for v in self.payload.values()]
+        """A cheap fingerprint of the whole state (float64), equal on ranks holding equal banks: sums of
+        the vectors and payload weighted by slot (and the vectors by column too), so rows swapped between
+        slots or values moved within a row change it as different values do."""
+        vectors = self.vectors.detach().double()
+        by_slot = torch.arange(1, self.size + 1, dtype=torch.float64, device=vectors.device)
+        by_column = torch.arange(1, self.dim + 1, dtype=torch.float64, device=vectors.device)
+        parts = [vectors.sum(), vectors.abs().sum(), by_slot @ vectors.sum(1), vectors.sum(0) @ by_column,
+                 torch.tensor(float(self.ptr)), torch.tensor(float(self.n_written))]
+        for column in self.payload.values():
+            rows = column.detach().double().reshape(self.size, -1).sum(1)
+            parts += [rows.sum(), by_slot.to(rows.device) @ rows]
         return torch.stack([p.cpu() for p in parts])
 
     def assert_synchronized(self, name: str = "bank") -> None:

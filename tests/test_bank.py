@@ -192,6 +192,47 @@ def test_two_processes_hold_identical_banks_equal_to_one_process(tmp_path: Path)
     assert torch.equal(single.payload["image_id"], b0.payload["image_id"])
 
 
+def test_the_checksum_sees_rows_swapped_between_slots_and_values_moved_within_a_row():
+    """A test review (2026-12-05): the fingerprint that `assert_synchronized` compares summed the vectors
+    and payload, blind to two slots swapped; every such difference now changes it."""
+    def bank_with(rows, ids):
+        bank = MemoryBank(4, 3, {"image_id": Column()})
+        bank.enqueue(torch.tensor(rows, dtype=torch.float32), step=0, gather=False,
+                     image_id=torch.tensor(ids))
+        return bank
+
+    rows, ids = [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0]], [0, 1, 2]
+    reference = bank_with(rows, ids).checksum()
+    assert torch.equal(bank_with(rows, ids).checksum(), reference)
+    different = [bank_with([rows[1], rows[0], rows[2]], [1, 0, 2]),  # two slots swapped, payload with them
+                 bank_with(rows, [1, 0, 2]),  # only the payload swapped
+                 bank_with([[3.0, 2.0, 1.0], rows[1], rows[2]], ids)]  # values moved within a row
+    for bank in different:
+        assert not torch.equal(bank.checksum(), reference)
+
+
+def _differing_worker(rank: int, world: int, init_file: str, swap: bool) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    bank = MemoryBank(4, 2, {"image_id": Column()})
+    rows, ids = torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.tensor([0, 1])
+    if rank == 1:  # the same rows in other slots, or other rows
+        rows, ids = (rows.flip(0), ids.flip(0)) if swap else (rows + 1, ids)
+    bank.enqueue(rows, step=0, gather=False, image_id=ids)
+    try:
+        bank.assert_synchronized("test")
+    except RuntimeError as exc:
+        assert "differs between processes" in str(exc)
+        return
+    finally:
+        dist.destroy_process_group()
+    raise AssertionError(f"rank {rank}: banks that differ passed the check")
+
+
+@pytest.mark.parametrize("swap", [False, True], ids=["other-rows", "swapped-slots"])
+def test_processes_holding_different_banks_are_caught(tmp_path: Path, swap: bool):
+    mp.spawn(_differing_worker, args=(2, str(tmp_path / "init"), swap), nprocs=2, join=True)
+
+
 def test_written_counts_only_slots_written_by_training_and_survives_save_load_resume(tmp_path: Path):
     queue = MemoryBank(64, 4, {"image_id": Column()}, init="random_unit", generator=torch.Generator().manual_seed(0))
     assert queue.is_full and queue.filled == 64  # the random start is valid for queries...
