@@ -67,12 +67,30 @@ def test_exported_teacher_is_a_timm_backbone(finished_run):
         assert torch.equal(value, state[f"teacher.backbone.model.{key}"])
 
 
-def test_teacher_follows_the_student_and_last_layer_was_frozen(finished_run):
-    run_dir, _ = finished_run
-    state = load_file(str(Run(run_dir).latest().model_path))
-    student = state["student.head.last_layer.direction"]
-    # the last layer trained in epoch 2 only; teacher != student but close (momentum ~0.99)
-    assert not torch.equal(student, state["teacher.head.last_layer.direction"])
+def test_teacher_follows_the_student_and_last_layer_was_frozen(tmp_path: Path, images: Path, capsys):
+    """With a checkpoint after every step: the teacher is the EMA of the student at the step's logged
+    momentum (teacher_s = m_s teacher_{s-1} + (1 - m_s) student_s, every parameter), and the student's last
+    layer stays at its initial value for exactly the first freeze_last_layer_epochs (4 steps), then moves."""
+    recipe = tiny_recipe(images)
+    recipe["train"].update(checkpoint_every=1, keep_checkpoints=8)
+    code, _, err = cli("pretrain", str(write_recipe(tmp_path / "r.yaml", recipe)), "--out", str(tmp_path / "run"),
+                       capsys=capsys)
+    assert code == 0, err
+    states = {c.step: load_file(str(c.model_path)) for c in Run(tmp_path / "run").checkpoints()}
+    assert sorted(states) == list(range(1, 9))
+    momentum = {r["step"]: r["momentum"] for r in metrics(tmp_path / "run") if "momentum" in r}
+    for step in range(2, 9):
+        m = momentum[step]
+        assert 0.99 <= m < 1
+        for key, teacher in states[step].items():
+            if key.startswith("teacher."):
+                expected = m * states[step - 1][key] + (1 - m) * states[step]["student." + key[len("teacher."):]]
+                assert torch.allclose(teacher, expected, atol=1e-6), (step, key)
+    last = "student.head.last_layer.direction"
+    assert torch.allclose(states[1][last], states[1]["teacher.head.last_layer.direction"], atol=1e-7)  # the init
+    assert all(torch.equal(states[step][last], states[1][last]) for step in (2, 3, 4))
+    assert not torch.equal(states[5][last], states[4][last])
+    assert not torch.equal(states[2]["student.head.mlp.0.weight"], states[1]["student.head.mlp.0.weight"])
 
 
 def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path: Path, images: Path):
