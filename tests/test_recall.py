@@ -47,6 +47,35 @@ def test_recall_equals_a_brute_force_count():
     assert result["lone_queries"] == 1 and result["queries"] == 119 and result["classes"] == 16
 
 
+def _brute_force_map_at_r(x: torch.Tensor, y: torch.Tensor) -> float:
+    """MAP@R (Musgrave et al. 2020): for each query with R > 0 others of its class, the mean over the R
+    nearest others of the precision at every rank that holds one of its class."""
+    x = F.normalize(x.double(), dim=1)
+    scores = []
+    for i in range(len(x)):
+        others = [j for j in range(len(x)) if j != i]
+        R = sum(int(y[j] == y[i]) for j in others)
+        if R == 0:
+            continue
+        ranked = [j for _, j in sorted(((float(x[i] @ x[j]), j) for j in others), reverse=True)][:R]
+        hits, total = 0, 0.0
+        for rank, j in enumerate(ranked, start=1):
+            if y[j] == y[i]:
+                hits += 1
+                total += hits / rank
+        scores.append(total / R)
+    return sum(scores) / len(scores)
+
+
+@pytest.mark.parametrize("classes, ks", [(15, [1, 2, 4, 8, 16]), (4, [1, 2]), (2, [1])])
+def test_map_at_r_equals_a_brute_force_count(classes, ks):
+    """A test review (2026-12-05): MAP@R is printed and reported but was never checked; with classes larger
+    than the largest K + 1 a short neighbour list would cut it silently."""
+    x, y = _data(classes=classes)
+    y[0] = 99  # a class of one embedding: not a query
+    assert recall_at_k(x, y, ks)["map_at_r"] == pytest.approx(_brute_force_map_at_r(x, y), abs=1e-6)
+
+
 def test_a_query_never_finds_itself_but_finds_its_duplicate():
     # rows 0 and 1 are the same vector in two classes; rows 2 and 3 are each other's nearest, of two classes
     x = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.9, 0.44]])
