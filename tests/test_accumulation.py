@@ -141,7 +141,9 @@ def test_dino_batch_2_times_2_is_batch_4(tmp_path, images, monkeypatch, capsys):
     small = _train(monkeypatch, capsys, recipe, tmp_path / "small", "optim.batch_size=2", "optim.accumulate_steps=2")
     assert big.ema == small.ema == 8 and big.centers == small.centers == 8
     assert len(big.gradients) == len(small.gradients) == 8
-    assert _same_gradients(big.gradients[0], small.gradients[0], atol=1e-6)
+    for x, y in zip(big.gradients, small.gradients):  # every step, each tensor to 1e-5 of its largest entry
+        assert all((p is None and q is None) or float((p - q).abs().max()) <= 1e-5 * float(p.abs().max())
+                   for p, q in zip(x, y))
     a, b = _metrics(tmp_path / "big"), _metrics(tmp_path / "small")
     assert [m["step"] for m in a] == [m["step"] for m in b] == list(range(1, 9))
     for x, y in zip(a, b):
@@ -156,7 +158,8 @@ def test_dino_batch_2_times_2_is_batch_4(tmp_path, images, monkeypatch, capsys):
     assert torch.allclose(bank_big.vectors, bank_small.vectors, atol=1e-4)
     state_big = load_file(str(Run(tmp_path / "big").latest().model_path))
     state_small = load_file(str(Run(tmp_path / "small").latest().model_path))
-    assert all(torch.allclose(state_big[k], state_small[k], atol=1e-3) for k in state_big)
+    # within a tenth of one AdamW step (lr 1e-3): a missed or extra update would move weights by ~1e-3
+    assert all(torch.allclose(state_big[k], state_small[k], atol=1e-4, rtol=0) for k in state_big)
     assert "8 steps of 4 images (2 x 1 process x 2 accumulated micro-batches)" in (tmp_path / "small" / "train.log").read_text()
 
 
