@@ -77,8 +77,8 @@ def test_teacher_starts_as_the_student_and_every_student_parameter_gets_a_gradie
     out.loss.backward()
     for name, p in method.student.named_parameters():
         if p.requires_grad:
-            assert p.grad is not None and torch.isfinite(p.grad).all(), name
-    assert method.student.head.encoder.gate.grad is not None
+            assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    assert method.student.head.encoder.gate.grad is not None and float(method.student.head.encoder.gate.grad.abs().sum()) > 0
     assert not any(p.requires_grad for p in method.teacher.parameters())
     assert out.metrics["gate_alpha"] == 0.0
 
@@ -93,7 +93,10 @@ def test_lora_freezes_the_base_and_trains_adapters_and_their_biases(tmp_path):
     assert any("qkv.base_layer.weight" in n for n in frozen) and any("mlp.fc1.weight" in n for n in frozen)
     out = method.training_step(_sets(), 0)
     out.loss.backward()
-    assert all(p.grad is not None for n, p in method.student.backbone.named_parameters() if p.requires_grad)
+    grads = {n: p.grad for n, p in method.student.backbone.named_parameters() if p.requires_grad}
+    assert all(g is not None for g in grads.values())
+    # peft starts B at 0, so A's first gradient (through B) is 0; B's and the biases' are not
+    assert all((g.abs().sum() == 0) == ("lora_A" in n) for n, g in grads.items())
 
 
 def test_object_sets_are_fresh_each_epoch_padded_and_deterministic(tmp_path):
