@@ -488,6 +488,49 @@ def test_2_counts_sizes_and_pixels_are_checked_before_anything_is_decoded(budget
     assert server.rss_mb("VmHWM") - before < 64, "nothing was decoded"
 
 
+def test_2_json_bodies_pixels_per_photo_and_the_files_of_paths_are_bounded(budget_server, mile_run):
+    """Limits a test review (2026-12-05) found no test reaching: a JSON body over 1 MiB (refused on its header),
+    a Content-Length that is not a number, a photo over the pixels one photo may have, and --root paths
+    whose files together exceed --max-request-mb."""
+    import shutil
+
+    server = budget_server
+    head = (f"POST /search HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {2 * 2**20}\r\n\r\n")
+    status, body, _ = raw_exchange(server.port, head)
+    assert status == 413 and b"over the limit of 1,048,576" in body
+    head = (f"POST /search HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: many\r\n\r\n")
+    assert raw_exchange(server.port, head)[0] == 400
+    status, answer = call(server.base, "POST", "/search", files=[("huge.png", bomb(10_000))])  # 100 MP, ~100 KB
+    assert status == 413 and "10000x10000, more than 89,478,485 pixels per photo" in answer["error"]
+    big = mile_run / "big-files"  # 5 x 0.9 MiB named by path: each within 1 MiB, together over the 4 MiB
+    big.mkdir()
+    try:
+        for i in range(5):
+            (big / f"{i}.png").write_bytes(b"\0" * (9 * 2**20 // 10))
+        status, answer = call(server.base, "POST", "/search", body={"paths": [f"big-files/{i}.png" for i in range(5)]})
+        assert status == 413 and "the 5 files hold 4,718,590 bytes" in answer["error"], answer
+    finally:
+        shutil.rmtree(big)
+
+
+def test_2_a_photo_waits_for_the_decode_budget_at_most_its_timeout():
+    from mlsctl.serve import Budget, RequestError
+
+    budget = Budget(10)
+    with budget.hold(8):
+        started = time.monotonic()
+        with pytest.raises(RequestError) as refused:
+            with budget.hold(5, timeout=0.2):
+                pass
+        assert 0.15 < time.monotonic() - started < 3
+        assert refused.value.status == 503 and refused.value.headers == {"Retry-After": "5"}
+        with budget.hold(2):
+            assert budget.used == 10 and budget.peak == 10
+    assert budget.used == 0
+
+
 def test_2_decoding_stays_within_the_budget_under_8_concurrent_requests(budget_server):
     """8 requests of 3 photos of 16 MP (128 MiB each to decode) at once: the server decodes one at a
     time (the budget holds one), so its peak grows by the budget, not by 8 × 3 × 128 MiB."""
