@@ -330,7 +330,7 @@ def test_searches_during_adds_see_the_gallery_before_or_after(server):
 
     def searcher():
         for _ in range(12):
-            status, found = call(base, "POST", "/search?k=20", files=[photo(mile_run, "obj5")])
+            status, found = call(base, "POST", "/search?k=1000", files=[photo(mile_run, "obj5")])  # every object
             results.append((status, [r["object"] for r in found.get("results", [])]))
 
     threads = [threading.Thread(target=adder), threading.Thread(target=searcher), threading.Thread(target=searcher)]
@@ -339,8 +339,13 @@ def test_searches_during_adds_see_the_gallery_before_or_after(server):
     for t in threads:
         t.join()
     assert errors == [] and all(status == 200 for status, _ in results)
-    for _, objects in results:  # every answer is a gallery some add left: no duplicate, no half-added object
+    others = None
+    for _, objects in results:  # every answer is a gallery some add left: no duplicate, no half-added object ...
         assert len(objects) == len(set(objects)) and "obj5" in objects
+        bursts = sorted((o for o in objects if o.startswith("burst")), key=lambda o: int(o[5:]))
+        assert bursts == [f"burst{i}" for i in range(len(bursts))]  # ... the adds in their order: a prefix of them
+        others = others or set(objects) - set(bursts)
+        assert set(objects) - set(bursts) == others
     assert call(base, "GET", "/health")[1]["objects"] >= 13
 
 
