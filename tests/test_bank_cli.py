@@ -60,7 +60,16 @@ def test_training_logs_bank_health(finished_run):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     healthy = [r for r in records if "bank/cls/effective_rank" in r]
     assert [r["step"] for r in healthy] == [4, 8]  # train.bank_health_every: 4
-    assert 1 <= healthy[-1]["bank/cls/effective_rank"] <= 20
+    from mlsctl.bank import load_banks
+    from mlsctl.bank_health import bank_health
+    from mlsctl.runs import Run
+
+    # the step-8 record is the bank of the step-8 checkpoint, measured as the trainer measures (1,024 sampled)
+    checkpoint = next(c for c in Run(run).checkpoints() if c.step == 8)
+    expected = bank_health(load_banks(checkpoint.banks_path)["cls"], "cls", 8, sample=1024,
+                           duplicates_on_sample=True).metrics()
+    assert {k: healthy[-1][k] for k in expected} == pytest.approx(expected, rel=1e-6, abs=1e-9)
+    assert 1 < healthy[-1]["bank/cls/effective_rank"] < 20 and healthy[-1]["bank/cls/fill"] == 1.0
     assert len((run / "images.txt").read_text().splitlines()) == 16
 
 
