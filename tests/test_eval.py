@@ -193,7 +193,13 @@ def test_fractions_runs_and_bounded_memory(tmp_path: Path):
     assert len(full["runs"]) == 1 and len(eighth["runs"]) == 3 and eighth["train_images"] == 2
     assert full["runs"][0]["memory_patches"] == 32  # 2 patches from each of 16 images
     assert eighth["runs"][0]["memory_patches"] == 32  # 16 from each of 2
-    assert eighth["miou_std"] >= 0 and result["classes"] == ["a", "b", "c"]
+    import statistics
+
+    mious = [r["miou"] for r in eighth["runs"]]
+    assert [r["seed"] for r in eighth["runs"]] == [0, 1, 2] and len({str(r["confusion"]) for r in eighth["runs"]}) == 3
+    assert eighth["miou"] == pytest.approx(statistics.mean(mious)) and eighth["miou_std"] == pytest.approx(
+        statistics.stdev(mious)) and eighth["miou_std"] > 0  # three different subsets: the spread is theirs
+    assert result["classes"] == ["a", "b", "c"]
     again = knn_seg.knn_segmentation(train, val, [Fraction(1, 8)], knn_seg.Settings(k=3, memory_size=32, runs=3))
     assert again["results"][0]["miou"] == eighth["miou"]  # seeded
 
