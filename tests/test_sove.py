@@ -383,15 +383,29 @@ def test_a_two_process_run_holds_identical_memories(tmp_path):
                       optim__batch_size=2)
     raw["method"] = {**SOVE_METHOD, "class_memory_size": 24, "patch_memory_size": 12, "cls_anchors": 4,
                      "cls_supports": 2, "patch_anchors": 3}
-    raw["train"]["checkpoint_every"] = 2
+    raw["train"].update(checkpoint_every=1, keep_checkpoints=4)
     accelerate = Path(sys.executable).parent / "accelerate"
-    result = subprocess.run([str(accelerate), "launch", "--num_processes", "2", "-m", "mlsctl", "pretrain",
-                             str(write_recipe(tmp_path / "r.yaml", raw)), "--out", str(tmp_path / "run")],
-                            capture_output=True, text=True, env=cli_env(), timeout=300, cwd=REPO)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "memory banks identical on all 2 processes" in (tmp_path / "run" / "train.log").read_text()
-    banks = load_banks(Run(tmp_path / "run").latest().banks_path)
+    runs = {}
+    for processes, batch in ((2, 2), (1, 4)):  # 2 processes of batch 2 against 1 of batch 4
+        raw["optim"]["batch_size"] = batch
+        command = ([str(accelerate), "launch", "--num_processes", "2", "-m", "mlsctl"] if processes == 2
+                   else [sys.executable, "-m", "mlsctl"])
+        out = tmp_path / f"run{processes}"
+        result = subprocess.run([*command, "pretrain", str(write_recipe(tmp_path / f"r{processes}.yaml", raw)),
+                                 "--out", str(out)], capture_output=True, text=True, env=cli_env(), timeout=300, cwd=REPO)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[processes] = out
+    assert "memory banks identical on all 2 processes" in (runs[2] / "train.log").read_text()
+    banks = load_banks(Run(runs[2]).latest().banks_path)
     assert banks["E_C"].n_written == 16 and banks["E_P"].n_written == 16  # 4 steps x 2 processes x 2 images
+    # step 1, before the runs' updates differ: the memories hold what 1 process writes, the patch picked
+    # for each image included (a reviewer found each process drawing its picks from a stream of its own)
+    two, one = (load_banks(next(c for c in Run(runs[n]).checkpoints() if c.step == 1).banks_path) for n in (2, 1))
+    for name in ("E_C", "E_P"):
+        assert two[name].n_written == one[name].n_written == 4
+        for column in two[name].payload:
+            assert torch.equal(two[name].payload[column], one[name].payload[column]), (name, column)
+        assert torch.allclose(two[name].vectors, one[name].vectors, atol=1e-5), name
 
 
 def test_bf16_search_returns_exact_cosines_and_nearly_the_exact_supports():

@@ -259,6 +259,17 @@ class Method(nn.Module):
                                 accumulate_steps=recipe.optim.accumulate_steps, elements=cls.elements)
 
     # ------------------------------------------------------------------ shared plumbing
+    def global_rows(self, batch_size: int) -> range:
+        """The places in its step's global batch of the rows of the micro-batch the next
+        :meth:`training_step` sees: process r's micro-batch m of A holds rows ``(r·A + m)·b ...`` (the
+        order of :func:`~mlsctl.data.loader.micro_batches`). Randomness drawn per row from them is the
+        same however the global batch is split over processes and micro-batches."""
+        from mlsctl import dist
+
+        micro, accumulate = self.micro_batch
+        first = (dist.rank() * accumulate + micro) * batch_size
+        return range(first, first + batch_size)
+
     def timer(self, device: torch.device) -> StepTimer:
         """A :class:`StepTimer` for this training step: it times (and synchronises the device) only
         when the step is :attr:`logged`."""

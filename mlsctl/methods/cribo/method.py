@@ -40,12 +40,11 @@ from typing import ClassVar
 import torch
 import torch.nn as nn
 
-from mlsctl import dist
 from mlsctl.bank import Column, MemoryBank, QueryFeature
 from mlsctl.methods.base import Method, StepOutput, metric_ratio
 from mlsctl.methods.cribo.config import CrIBoConfig
-from mlsctl.methods.cribo.ops import (cycle_consistent_neighbours, joint_clustering, object_boxes, patch_positions,
-                                      pool_objects)
+from mlsctl.methods.cribo.ops import (clustering_seeds, cycle_consistent_neighbours, joint_clustering, object_boxes,
+                                      patch_positions, pool_objects)
 from mlsctl.methods.self_distillation import (StepCenters, build_student_teacher, cross_entropy, dino_loss,
                                               teacher_probabilities)
 from mlsctl.models.heads import DINOHead, WeightNormLinear
@@ -152,15 +151,12 @@ class CrIBo(Method):
             teacher_tokens = teacher_out.patches.reshape(2, b, n, -1).transpose(0, 1).reshape(b, 2 * n, -1).float()
             positions = torch.cat([patch_positions(batch.boxes[:, v], batch.flips[:, v], (h, w)) for v in (0, 1)], 1)
             with timer("time/clustering"):
-                generator = torch.Generator().manual_seed(self.recipe.seed * 1_000_003 + step * 1009 + dist.rank())
-                micro, _ = self.micro_batch
-                for _ in range(micro * b):  # micro-batch m: the seeds one batch of the whole step draws for its rows
-                    torch.randperm(2 * n, generator=generator)
+                seeds = clustering_seeds(self.recipe.seed, step, self.global_rows(b), 2 * n, k)
                 assignment = joint_clustering(teacher_tokens, positions, k, iterations=cfg.cluster_iterations,
                                               lambda_pos=cfg.lambda_pos, sinkhorn_strength=cfg.sinkhorn_strength,
                                               sinkhorn_iterations=cfg.sinkhorn_iterations,
                                               normalize_per_image=cfg.cost_normalization == "image",
-                                              generator=generator)
+                                              seed_indices=seeds)
             teacher_objects, valid = pool_objects(teacher_tokens, assignment, k)  # [B, 2, K, D], [B, K]
             # the valid objects as (image, cluster) rows, in valid's row-major order: the step's one host
             # synchronisation for their number (indexing by them, forward and backward, needs none)

@@ -103,6 +103,18 @@ def cluster_centroids(z: torch.Tensor, assignment: torch.Tensor, k: int) -> tupl
     return F.normalize(one_hot.transpose(1, 2) @ z, dim=-1), one_hot.sum(1)
 
 
+def clustering_seeds(seed: int, step: int, rows: range, tokens_per_image: int, k: int) -> torch.Tensor:
+    """The K seed tokens [len(rows), K] of each image of a batch, drawn without replacement from a generator
+    of the image's own, seeded by the recipe's seed, the step and the image's place in the step's global
+    batch (:meth:`~mlsctl.methods.base.Method.global_rows`): an image's seeds do not depend on how the
+    global batch is split over processes and micro-batches, so 2 processes cluster as 1 does."""
+    seeds = []
+    for row in rows:
+        generator = torch.Generator().manual_seed(((seed * 1_000_003 + step) * 1_000_003 + row) % 2**63)
+        seeds.append(torch.randperm(tokens_per_image, generator=generator)[:k])
+    return torch.stack(seeds)
+
+
 @torch.no_grad()
 def joint_clustering(tokens: torch.Tensor, positions: torch.Tensor, k: int, *, iterations: int = 5,
                      lambda_pos: float = 1.0, sinkhorn_strength: float = 20.0, sinkhorn_iterations: int = 5,

@@ -256,9 +256,11 @@ class SOVE(Method):
             view2 = batch.boxes[:, 1].float()
             self.class_memory.enqueue(teacher_cls[b:], step=step, image_id=batch.image_ids, box=view2)
             h, w = teacher_out.patches.shape[1:3]
-            micro, count = self.micro_batch  # micro-batch m: the picks of rows m*b.. of the step's batch
-            picked = torch.randint(0, h * w, (count * b,), generator=self._generator(step, 2 + dist.rank()))
-            picked = picked[micro * b:(micro + 1) * b]
+            # one pick per row of the step's global batch, this micro-batch's rows taken: the same picks
+            # however the batch is split over processes and micro-batches
+            rows = self.global_rows(b)
+            picked = torch.randint(0, h * w, (dist.world_size() * self.micro_batch[1] * b,),
+                                   generator=self._generator(step, 2))[rows.start:rows.stop]
             picked = to_device(picked, teacher_out.patches.device)
             patch = teacher_out.patches[b:].flatten(1, 2)[torch.arange(b, device=picked.device), picked]
             self.patch_memory.enqueue(self.teacher.head(patch).float(), step=step, image_id=batch.image_ids, box=view2,
