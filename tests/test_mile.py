@@ -156,6 +156,27 @@ def test_max_pairwise_baseline_takes_the_best_pair():
     assert scores[0, 0] == pytest.approx(2 ** -0.5) and scores[0, 1] == pytest.approx(1.0)
 
 
+def test_the_baselines_rank_objects_as_a_hand_count_does():
+    """evaluate_retrieval's mean-CLS and max-pairwise results on random embeddings of 12 objects (3 gallery
+    and 2 query photos each) against cosines and ranks counted by hand (ties against the target)."""
+    from mlsctl.evaluate.retrieval import evaluate_retrieval
+
+    g = torch.Generator().manual_seed(3)
+    cls = torch.randn(60, 8, generator=g, dtype=torch.float64).float()
+    gallery = [list(range(5 * i, 5 * i + 3)) for i in range(12)]
+    query = [list(range(5 * i + 3, 5 * i + 5)) for i in range(12)]
+    unit = lambda v: v / v.norm()  # noqa: E731
+    scores = {"mean-cls": [[float(unit(cls[q].double().mean(0)) @ unit(cls[gr].double().mean(0))) for gr in gallery]
+                           for q in query],
+              "max-pairwise": [[max(float(unit(cls[a].double()) @ unit(cls[b].double())) for a in q for b in gr)
+                                for gr in gallery] for q in query]}
+    results = {r.method: r for r in evaluate_retrieval(None, gallery, query, cls, None, methods=("mean-cls", "max-pairwise"))}
+    for method, rows in scores.items():
+        hand = [sum(s >= row[i] for s in row) for i, row in enumerate(rows)]
+        assert 1 < max(hand) and min(hand) == 1  # neither perfect nor hopeless
+        assert results[method].recalls == pytest.approx({k: np.mean([r <= k for r in hand]) for k in range(1, 11)})
+
+
 def test_noise_replaces_the_asked_fraction_with_photos_of_other_objects():
     sets = [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
     noisy = noisy_sets(sets, 0.5, sets, seed=0)
