@@ -230,9 +230,9 @@ def test_a_tracker_that_is_not_installed_is_one_sentence(tmp_path, images, capsy
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
 
 
-def _labelled(root: Path) -> Path:
+def _labelled(root: Path, seed: int = 0) -> Path:
     for cls in ("a", "b"):
-        make_images(root / cls, 4, size=(32, 32), seed=ord(cls))
+        make_images(root / cls, 4, size=(32, 32), seed=ord(cls) + seed)
     return root
 
 
@@ -240,7 +240,7 @@ def test_the_monitor_logs_knn_and_never_changes_the_losses(tmp_path, images):
     from mlsctl.train import pretrain
 
     _labelled(tmp_path / "mon_train")
-    _labelled(tmp_path / "mon_val")
+    _labelled(tmp_path / "mon_val", seed=100)  # other images than the memory's
     path = write_recipe(tmp_path / "r.yaml", tiny_recipe(images))
     plain = config.load_recipe(str(path))
     watched = config.load_recipe(str(path), ["train.monitor.every=2", f"train.monitor.train={tmp_path / 'mon_train'}",
@@ -255,6 +255,12 @@ def test_the_monitor_logs_knn_and_never_changes_the_losses(tmp_path, images):
     monitored = [r for r in rows(tmp_path / "watched") if "monitor/knn_top1" in r]
     assert [r["step"] for r in monitored] == [2, 4, 6, 8]
     assert all(0 <= r["monitor/knn_top1"] <= 1 and r["time/monitor"] > 0 for r in monitored)
+    # step 8's value is what `eval knn` measures with the teacher of the step-8 checkpoint (the run's last)
+    out = tmp_path / "knn.json"
+    run_cli("eval", "knn", "--train", str(tmp_path / "mon_train"), "--val", str(tmp_path / "mon_val"), "--run",
+            str(tmp_path / "watched"), "--k", "3", "--out", str(out), cwd=tmp_path, check=True)
+    measured = json.loads(out.read_text())["results"][0]
+    assert monitored[-1]["monitor/knn_top1"] == pytest.approx(measured["top1"], abs=1e-9)
 
 
 def test_the_monitor_folders_are_checked_before_training(tmp_path, images, capsys):
