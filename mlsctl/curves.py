@@ -6,11 +6,11 @@ axes, units and legends, a grid of panels:
 
 * the training loss, and its terms when a run has several (a run whose only term is its total
   gets no second panel);
-* the learning rate and weight decay, the teacher momentum;
+* the learning rate and weight decay, the teacher momentum (methods with a teacher);
 * DINO's teacher entropy (``teacher_entropy``, mean entropy of the teacher's output distribution,
   with ``log K`` — uniform outputs, the collapse DINO's centring invites — drawn when the run's
   config gives ``method.out_dim``), when a run logs it;
-* memory-bank health (the mean pairwise cosine of every bank);
+* memory-bank health (the mean pairwise cosine of every bank; methods that keep one);
 * quality monitors (``monitor/...``), or else the throughput: images/s, or for MILE sets/s and
   photos/s (``sets_per_s``, ``photos_per_s``).
 
@@ -135,13 +135,17 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, *, title: str | N
         specs.append(("loss terms", terms, "loss term", dict(smooth=True)))
     specs.append(("learning rate and weight decay", lambda s: ["lr", "weight_decay"], "value (log scale)",
                   dict(log=True)))
-    specs.append(("teacher momentum", lambda s: ["momentum"], "EMA momentum", dict(label=lambda n, k: n)))
+    # runs of methods without a teacher (ms, refine) logged a momentum of 0 before they logged none
+    if any("momentum" in s and any(v != 0 for v in s["momentum"][1]) for _, s in runs):
+        specs.append(("teacher momentum", lambda s: ["momentum"], "EMA momentum", dict(label=lambda n, k: n)))
     if any_key(lambda k: k == "teacher_entropy"):
         specs.append(("teacher entropy", lambda s: ["teacher_entropy"], "entropy of the teacher's output (nats)",
                       dict(smooth=True, label=lambda n, k: n, entropy=True)))
-    specs.append(("memory-bank health", lambda s: sorted(k for k in s if k.startswith("bank/") and k.endswith("/mean_cosine")),
-                  "mean pairwise cosine (1 = collapsed)",
-                  dict(label=lambda n, k: f"{n}: {k[len('bank/'):]}", empty="no bank health records (train.bank_health_every)")))
+    if any_key(lambda k: k.startswith(("bank/", "bank_fill/"))):  # a method that keeps a bank
+        specs.append(("memory-bank health", lambda s: sorted(k for k in s if k.startswith("bank/") and k.endswith("/mean_cosine")),
+                      "mean pairwise cosine (1 = collapsed)",
+                      dict(label=lambda n, k: f"{n}: {k[len('bank/'):]}",
+                           empty="no bank health records (train.bank_health_every)")))
     if any_key(lambda k: k.startswith("monitor/")):
         specs.append(("quality monitor", lambda s: sorted(k for k in s if k.startswith("monitor/")), "score", {}))
     else:

@@ -46,7 +46,7 @@ def test_panels_follow_what_the_runs_logged(tmp_path):
     two_terms = fake_run(tmp_path / "two", noisy)
     # 12 steps of MILE: one term equal to the loss, entropy with K from the config, sets and photos per second
     mile = fake_run(tmp_path / "mile", [{"step": s, "loss": 5.0 - s / 10, "loss/mile": 5.0 - s / 10, "teacher_entropy": 2.0,
-                                         "images_per_s": 8.0, "sets_per_s": 8.0, "photos_per_s": 32.0}
+                                         "momentum": 0.996, "images_per_s": 8.0, "sets_per_s": 8.0, "photos_per_s": 32.0}
                                         for s in range(1, 13)], "method: {name: mile, out_dim: 64}\n")
     result = plot_runs([two_terms], tmp_path / "two.png")
     assert result["panels"]["loss terms"] == ["loss/a", "loss/b"] and "teacher entropy" not in result["panels"]
@@ -54,13 +54,25 @@ def test_panels_follow_what_the_runs_logged(tmp_path):
     assert "loss" not in result["markers"]
     result = plot_runs([mile], tmp_path / "mile.png")
     assert set(result["panels"]) == {"training loss", "learning rate and weight decay", "teacher momentum",
-                                     "teacher entropy", "memory-bank health", "throughput"}
+                                     "teacher entropy", "throughput"}  # MILE keeps no bank
     assert result["panels"]["throughput"] == ["photos_per_s", "sets_per_s"]
     assert result["smoothed"] == {} and "loss" in result["markers"]
     result = plot_runs([two_terms, mile], tmp_path / "both.png")  # the terms of the run that has several
     assert result["panels"]["loss terms"] == ["loss/a", "loss/b"]
     assert result["panels"]["throughput"] == ["images_per_s", "photos_per_s", "sets_per_s"]
-    assert Image.open(tmp_path / "both.png").size == (1600, 1275)  # 7 panels: 3 rows
+    assert Image.open(tmp_path / "both.png").size == (1600, 850)  # 6 panels: 2 rows
+
+
+def test_a_run_without_teacher_or_bank_gets_no_panels_for_them(tmp_path):
+    """A new-user probe (2026-12-05): a Multi-Similarity run's plot drew a teacher momentum of 0 and "no bank
+    health records (train.bank_health_every)", as if a bank were there to measure."""
+    records = [{"step": s, "loss": 2.0 - s / 10, "loss/ms": 2.0 - s / 10, "lr": 1e-3, "weight_decay": 0.05,
+                "images_per_s": 20.0} for s in range(1, 9)]
+    ms = fake_run(tmp_path / "ms", records, "method: {name: ms}\n")
+    older = fake_run(tmp_path / "older", [dict(r, momentum=0.0) for r in records], "method: {name: ms}\n")
+    for run in (ms, older):  # runs written before methods without a teacher stopped logging a momentum of 0
+        result = plot_runs([run], tmp_path / "ms.png")
+        assert set(result["panels"]) == {"training loss", "learning rate and weight decay", "throughput"}
 
 
 def test_a_single_term_that_is_not_the_total_keeps_its_panel():

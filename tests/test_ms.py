@@ -110,6 +110,7 @@ def test_ms_trains_and_embed_writes_the_embedding_layer(tmp_path, capsys):
     cli_ok(capsys, "pretrain", str(recipe), "--out", str(tmp_path / "run"))
     metrics = [line for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 6 and '"loss/ms"' in metrics[0] and '"mined_positive_pairs"' in metrics[0]
+    assert not any('"momentum"' in line for line in metrics)  # no teacher: no momentum logged
     cli_ok(capsys, "embed", str(images), "--run", str(tmp_path / "run"), "--resize", "center-crop", "--dtype", "fp32",
            "--out", str(tmp_path / "feats"))
     feats = Features(tmp_path / "feats")

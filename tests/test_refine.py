@@ -155,7 +155,7 @@ def test_train_writes_a_run_through_the_shared_loop(trained):
     run = tmp / "run"
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == list(range(1, 19))  # 96 // 16 = 6 steps x 3 epochs
-    assert all("loss/ms" in r and "ms_before" in r for r in lines)
+    assert all("loss/ms" in r and "ms_before" in r and "momentum" not in r for r in lines)
     recipe = yaml.safe_load((run / "config.yaml").read_text())
     assert recipe["method"]["blocks"] == 2 and recipe["method"]["neighbours"] == 4
     assert recipe["optim"]["lr"] == 1e-4 and recipe["optim"]["batch_size"] == 16

@@ -280,8 +280,10 @@ def _train_one_step(t: _Training, step: int) -> metrics.Step:
     grad_norm = optim.clip_gradients(t.trainable, t.plan.cfg.clip_grad, t.plan.cfg.clip_grad_mode, t.accelerator)
     optim.freeze_last_layer(t.last_layer, step, t.plan)
     t.optimizer.step()
-    momentum = t.method.ema_momentum(step)
-    optim.ema_update(t.method.ema_pairs(), momentum)
+    pairs = t.method.ema_pairs()
+    momentum = t.method.ema_momentum(step) if pairs else None  # a method without a teacher logs none
+    if pairs:
+        optim.ema_update(pairs, momentum)
     if timed:  # ... and ends when the device is done with it
         synchronize(t.accelerator.device)
     seconds += time.perf_counter() - started

@@ -68,7 +68,7 @@ class Step:
     outputs: StepOutputs
     lr: float
     weight_decay: float
-    momentum: float
+    momentum: Optional[float]  # the teacher's EMA momentum; None for a method without a teacher
     grad_norm: torch.Tensor  # before clipping, on the device
     seconds: float  # compute only: waiting for data is not counted
     waited: float = 0.0  # seconds the step waited for the data loader's batches
@@ -201,7 +201,8 @@ class Records:
         self.loss = scalars["loss"]
         record = {"step": done, "epoch": self.method.schedule.epoch(step.step),
                   **{k: scalars[k] for k in scalars if k.startswith("loss")}}
-        record.update({"lr": step.lr, "weight_decay": step.weight_decay, "momentum": step.momentum,
+        record.update({"lr": step.lr, "weight_decay": step.weight_decay,
+                       **({"momentum": step.momentum} if step.momentum is not None else {}),
                        "grad_norm": float(step.grad_norm),
                        "images_per_s": self.images_since / max(now - self.last_time, 1e-9),
                        # the share of the interval this process waited for its loader: near 0, data keeps up
