@@ -121,6 +121,11 @@ def test_run_folder_rules(finished_run, tmp_path: Path, capsys):
     code, _, err = cli("pretrain", str(recipe), "--out", str(tmp_path / "n2"), "--resume", "--init-from", str(run_dir),
                        capsys=capsys)
     assert code == 2 and "use one" in err
+    # a run's own resolved recipe: the default --out is runs/<the run's name> (it was runs/config)
+    (tmp_path / "runs" / "copy").mkdir(parents=True)
+    (tmp_path / "runs" / "copy" / "notes.txt").write_text("mine")
+    code, _, err = cli("pretrain", str(copy / "config.yaml"), cwd=tmp_path, capsys=capsys)
+    assert code == 2 and "--out runs/copy is not empty" in err and not (tmp_path / "runs" / "config").exists()
 
 
 def test_init_from_a_run_and_from_a_weights_file(finished_run, images: Path):

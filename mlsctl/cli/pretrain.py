@@ -13,7 +13,7 @@ from mlsctl.cli._options import OverridesCommand
 def pretrain(
     recipe: str = typer.Argument(..., help="Recipe YAML file, or the name of a shipped recipe (see `mlsctl recipes`)."),
     overrides: Optional[list[str]] = typer.Argument(None, help="Dotted overrides: optim.lr=1e-4 data.root=/x", show_default=False),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder [default: runs/<recipe name>]."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder [default: runs/<recipe name>; for a run's RUN/config.yaml, runs/<RUN's name>]."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly where its last checkpoint stopped."),
     init_from: Optional[str] = typer.Option(None, "--init-from", help="Start from the weights of a run, checkpoint or .safetensors/.pth file (weights only)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace what is in --out."),
@@ -28,6 +28,8 @@ def pretrain(
 
     recipe_path = config.resolve_recipe_path(recipe)
     loaded = config.load_recipe(str(recipe_path), overrides or [])
-    out = out if out is not None else Path("runs") / recipe_path.stem
+    if out is None:  # a run's resolved recipe (RUN/config.yaml) is named after its run, not "config"
+        run_recipe = recipe_path.name == "config.yaml" and (recipe_path.parent / "metrics.jsonl").is_file()
+        out = Path("runs") / (recipe_path.resolve().parent.name if run_recipe else recipe_path.stem)
     train.pretrain(loaded, out, resume=resume, init_from=init_from, overwrite=overwrite, recipe_source=str(recipe_path),
                    overridden=list(config.parse_overrides(overrides or [])))
