@@ -114,6 +114,11 @@ def test_run_folder_rules(finished_run, tmp_path: Path, capsys):
     assert code == 2 and "is not empty: add --resume" in err
     code, _, err = cli("pretrain", str(recipe), "--out", str(copy), "--resume", capsys=capsys)
     assert code == 0 and "already complete (8 steps)" in err
+    (copy / "teacher.safetensors").unlink()  # a run stopped before its teacher was written, or a removed file
+    code, _, err = cli("pretrain", str(recipe), "--out", str(copy), "--resume", capsys=capsys)
+    assert code == 0 and "had no teacher.safetensors: written from its last checkpoint" in err
+    written, original = load_file(str(copy / "teacher.safetensors")), load_file(str(run_dir / "teacher.safetensors"))
+    assert written.keys() == original.keys() and all(torch.equal(written[k], original[k]) for k in original)
     code, _, err = cli("pretrain", str(recipe), "optim.lr=0.5", "--out", str(copy), "--resume", capsys=capsys)
     assert code == 2 and "differs from" in err and "optim.lr" in err
     code, _, err = cli("pretrain", str(recipe), "--out", str(tmp_path / "new"), "--resume", capsys=capsys)
