@@ -6,6 +6,7 @@ Imports nothing heavy at module level: ``python -m mlsctl --help`` must not wait
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shlex
 import sys
@@ -120,14 +121,41 @@ def run_torchrun(argv: list[str]) -> None:
     # the agent registers this module global for its stop signals when it starts the processes
     # (PContext.start: signal.signal(sig, _terminate_process_handler); checked in tests/test_stopping.py)
     elastic_api._terminate_process_handler = ignoring_repeated_stops(elastic_api._terminate_process_handler)
+    # the agent's own lines about a failed process ("failed (exitcode: 2) ...", "Sending process ... closing
+    # signal"): the processes say what went wrong, and _failed_exit what they could not say
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     try:
         distributed_run.main(argv)
     except SignalException as stop:
         sys.exit(128 + int(stop.sigval))
     except ChildFailedError as failed:
-        if failed.failures and all(f.exitcode == 130 for f in failed.failures.values()):
-            sys.exit(130)
-        raise
+        world = next((a.split("=", 1)[1] for a in argv if a.startswith("--nproc_per_node=")), "?")
+        sys.exit(_failed_exit(failed, world=world))
+
+
+def _failed_exit(failed, world: str) -> int:
+    """The exit code for torchrun's ``ChildFailedError``, after one line on stderr where the processes
+    could not say why themselves: 130 when every failed process was interrupted; a failed process's
+    own 1 or 2 (an mlsctl error, said in one sentence above); else "process R was killed by SIGKILL"."""
+    import signal
+
+    codes = {rank: failure.exitcode for rank, failure in failed.failures.items()}
+    if codes and all(code == 130 for code in codes.values()):
+        return 130
+    rank, first = failed.get_first_failure()
+    if first.exitcode in (1, 2):
+        return first.exitcode
+    if first.exitcode < 0:
+        try:
+            name = signal.Signals(-first.exitcode).name
+        except ValueError:
+            name = f"signal {-first.exitcode}"
+        what = f"was killed by {name}" + (" (the kernel's out-of-memory killer sends it: lower optim.batch_size or "
+                                          "data.workers)" if name == "SIGKILL" else "")
+    else:
+        what = f"exited with code {first.exitcode}"
+    print(f"error: training process {rank} of {world} {what}; the others were stopped", file=sys.stderr, flush=True)
+    return 1
 
 
 if __name__ == "__main__":

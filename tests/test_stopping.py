@@ -146,6 +146,33 @@ def test_the_elastic_agent_acts_on_the_first_stop_signal_and_ignores_the_ones_fo
             signal.signal(signum, handler)
 
 
+@pytest.mark.parametrize("codes, exit_code, said", [
+    ({0: 2, 1: 130}, 2, ""),  # the processes' own one-sentence error (a bad recipe), the other stopped
+    ({0: 1}, 1, ""),
+    ({1: -signal.SIGKILL}, 1, "error: training process 1 of 2 was killed by SIGKILL (the kernel's out-of-memory"),
+    ({0: 139}, 1, "error: training process 0 of 2 exited with code 139; the others were stopped"),
+])
+def test_a_failed_process_is_one_line_not_the_agents_traceback(monkeypatch, capsys, codes, exit_code, said):
+    """A probe (2026-12-05): `accelerate launch --num_processes 2 -m mlsctl pretrain missing.yaml` on a CPU
+    machine printed torchrun's ChildFailedError traceback and report after the processes' one-line error."""
+    import torch.distributed.run as distributed_run
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from mlsctl.launch import run_torchrun
+
+    def agent(argv):
+        raise ChildFailedError("mlsctl", {rank: ProcessFailure(local_rank=rank, pid=1000 + rank, exitcode=code,
+                                                               error_file="/nonexistent")
+                                          for rank, code in codes.items()})
+
+    monkeypatch.setattr(distributed_run, "main", agent)
+    with pytest.raises(SystemExit) as exited:
+        run_torchrun(["--standalone", "--nproc_per_node=2", "-m", "mlsctl"])
+    err = capsys.readouterr().err
+    assert exited.value.code == exit_code and "Traceback" not in err
+    assert err.startswith(said) if said else err == "", err
+
+
 def test_a_stop_after_the_agents_shutdown_window_raises_again():
     # an agent whose first stop was lost (swallowed where it was raised) can still be stopped
     from torch.distributed.elastic.multiprocessing.api import SignalException
