@@ -107,6 +107,10 @@ def test_cli_errors_are_one_sentence(tmp_path, capsys):
     code, _, err = cli("eval", "linear", "--train", str(folders["train"]), "--val", str(folders["val"]),
                        "--multi-label", "--train-labels", str(tmp_path / "bad.jsonl"), capsys=capsys)
     assert code != 0 and "bad.jsonl:1 is not a JSON object" in err
+    # a docs probe (2026-12-05): the train file named for the val images too (the default) lacks them
+    code, _, err = cli("eval", "linear", "--train", str(folders["train"]), "--val", str(folders["val"]),
+                       "--multi-label", "--train-labels", str(tmp_path / "train" / "scenes.jsonl"), capsys=capsys)
+    assert code == 2 and "has no tags for" in err and "give the val images' tags with --val-labels" in err
     # a new-user probe (2026-12-05): --holdout 0 with a sweep silently trained the first lr and wd given
     single = _folders(tmp_path / "single", multi=False)
     code, _, err = cli("eval", "linear", "--train", str(single["train"]), "--val", str(single["val"]), "--holdout", "0",

@@ -36,8 +36,8 @@ DEFAULT_WDS = (0.0, 1e-4)
 # ------------------------------------------------------------------------------------------ labels
 
 
-def multi_labels_for(features, labels_file: Path, what: str) -> list[list[str]]:
-    """The tag list of each row of a feature folder."""
+def multi_labels_for(features, labels_file: Path, what: str, hint: str = "") -> list[list[str]]:
+    """The tag list of each row of a feature folder (``hint``: what to add to the sentence when some are missing)."""
     table = read_multi_labels(labels_file)
     by_location = {}
     for key, tags in table.items():
@@ -51,7 +51,7 @@ def multi_labels_for(features, labels_file: Path, what: str) -> list[list[str]]:
         out.append(tags or [])
     if missing:
         raise UserError(f"labels file {labels_file} has no tags for {len(missing)} images of {what} (first: "
-                        f"{missing[0]}); paths are read relative to the labels file's folder")
+                        f"{missing[0]}); paths are read relative to the labels file's folder{hint}")
     return out
 
 
@@ -183,7 +183,8 @@ def evaluate_linear(train_features, val_features, *, labels: Optional[Path] = No
             raise UserError("--multi-label needs --train-labels (and --val-labels): JSONL or CSV of tag lists, e.g. "
                             "fmnist-scenes' scenes.jsonl")
         train_tags = multi_labels_for(train_features, labels, "train features")
-        val_tags = multi_labels_for(val_features, val_labels or labels, "val features")
+        val_tags = multi_labels_for(val_features, val_labels or labels, "val features",
+                                    "" if val_labels else "; give the val images' tags with --val-labels")
         classes = sorted({t for tags in train_tags for t in tags})
         lookup = {c: i for i, c in enumerate(classes)}
         y_train = torch.zeros(len(train_tags), len(classes))
