@@ -159,6 +159,11 @@ def test_missing_and_wrong_data_are_one_sentence(tmp_path, roots):
     (bare / "JPEGImages").mkdir()
     with pytest.raises(UserError, match="has no trainaug.txt .*or use --split train"):
         open_split("voc", tmp_path / "bare", "trainaug")
+    # a docs probe (2026-12-05): from eval, the sentences named --split, which eval does not have
+    with pytest.raises(UserError, match="has no trainaug.txt .*or use --train-split train"):
+        open_split("voc", tmp_path / "bare", "trainaug", "--train-split")
+    with pytest.raises(UserError, match="^--train-split test is not a split of voc"):
+        open_split("voc", roots["voc"], "test", "--train-split")
     (tmp_path / "broken.tar").write_bytes(b"not a tar at all" * 40)
     with pytest.raises(UserError, match="cannot"):
         open_split("voc", tmp_path / "broken.tar", "val")

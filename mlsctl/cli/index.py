@@ -24,7 +24,7 @@ def build(
     run: Optional[Path] = typer.Option(None, "--run", help="MILE run whose teacher embeds the objects [default: the newest run under ./runs]."),
     out: Path = typer.Option(Path("gallery"), "--out", "-o", help="Gallery folder to write."),
     index: GalleryIndex = typer.Option("flat", "--index", parser=one_of("--index", GalleryIndex), help="flat (exact) or ivfpq (compressed, for large galleries)."),
-    nlist: Optional[int] = typer.Option(None, "--nlist", min=1, help="IVF-PQ lists [default: sqrt(objects)]."),
+    nlist: Optional[int] = typer.Option(None, "--nlist", min=1, help="IVF-PQ lists [default: sqrt(objects), at most objects / 39]."),
     pq_m: Optional[int] = typer.Option(None, "--pq-m", min=1, help="IVF-PQ sub-quantisers (must divide the width) [default: width / 8]."),
     pq_bits: int = typer.Option(8, "--pq-bits", min=1, max=16, help="Bits per PQ code."),
     nprobe: int = typer.Option(32, "--nprobe", min=1, help="IVF lists searched per query."),

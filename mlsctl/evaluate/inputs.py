@@ -40,8 +40,8 @@ def benchmark_splits(dataset: str, root: Optional[Path], train_split: Optional[s
     if root is None:
         raise UserError(f"--dataset {dataset} needs --root: the dataset's folder or its .tar/.zip archive")
     default_train, default_val = datasets.default_splits(dataset)
-    return (datasets.open_split(dataset, root, train_split or default_train),
-            datasets.open_split(dataset, root, val_split or default_val))
+    return (datasets.open_split(dataset, root, train_split or default_train, "--train-split"),
+            datasets.open_split(dataset, root, val_split or default_val, "--val-split"))
 
 
 def split_features(split, given: Optional[Path], get_model, *, dense: bool, what: str, say: Say = to_stderr,

@@ -211,12 +211,18 @@ def default_splits(name: str) -> tuple[str, str]:
     return reader(name).DEFAULT_SPLITS
 
 
-def open_split(name: str, root: str | os.PathLike, split: str):
-    """One split of dataset ``name`` under ``root`` (a folder or an archive)."""
+def open_split(name: str, root: str | os.PathLike, split: str, option: str = "--split"):
+    """One split of dataset ``name`` under ``root`` (a folder or an archive); ``option`` is the command-line
+    option that chose it (``eval``'s ``--train-split``), which the sentences of mistakes name."""
     module = reader(name)
     if split not in module.SPLITS:
-        raise UserError(f"--split {split} is not a split of {name}; choose one of {', '.join(module.SPLITS)}")
-    return module.read_split(open_tree(root), split)
+        raise UserError(f"{option} {split} is not a split of {name}; choose one of {', '.join(module.SPLITS)}")
+    try:
+        return module.read_split(open_tree(root), split)
+    except UserError as exc:
+        if option != "--split" and "--split " in exc.message:  # a reader's hint names the option to give
+            raise UserError(exc.message.replace("--split ", f"{option} "), exc.exit_code) from None
+        raise
 
 
 def missing(name: str, tree: Tree, expected: str, source: str) -> UserError:
