@@ -200,6 +200,9 @@ class Profile:
     # declared wall seconds of one cell per variant (training and evaluations, process starts included): what
     # --budget-s plans with until a finished cell of the variant has measured it on this device
     estimates: tuple[tuple[str, float], ...] = ()
+    # the device the estimates were measured on (a prefix of device_description()); on another one they are
+    # stretched by OTHER_DEVICE_MARGIN, so that a slower card does not start cells the deadline then stops
+    estimates_device: Optional[str] = None
     about: str = ""
 
 
@@ -255,6 +258,7 @@ PROFILES = {
         # Measured in the first window (profile gpu-700, one H200): 700 steps trained in 35.5 s (DINO) and 16.2 s (the
         # ceiling); each evaluation ~30 s; a cell's wall time random 34 s, DINO 81 s, ceiling 57 s. At 2,100 steps:
         # DINO ~190 s, ceiling ~110 s; the other methods from DINO's time and their cost per step on the CPU.
+        estimates_device="NVIDIA H200",
         estimates=(("random", 35), ("dino", 190), ("supervised", 110), ("cribo-global", 240), ("cribo-cross-view", 250),
                    ("cribo", 250), ("mile", 200), ("mile-backbone", 200), ("sove", 250), ("sove-1judge", 245),
                    ("sove-3judges", 245), ("sove-no-patch", 240), ("random-linear", 60), ("mocov2", 260), ("mls", 270),
@@ -505,6 +509,8 @@ def device_description() -> str:
 
 
 def commit() -> str:
+    if os.environ.get("MLSCTL_COMMIT"):  # a device's copy (scripts/device_prepare.sh): its .git may be stale
+        return os.environ["MLSCTL_COMMIT"]
     try:
         head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True, text=True,
                               check=True).stdout.strip()
@@ -689,7 +695,13 @@ def estimate(cell: Cell, device: str) -> tuple[float, str]:
     if declared is None:
         raise SystemExit(f"error: profile {cell.profile.name} declares no estimate for variant {cell.variant.name} and "
                          f"no finished cell of it on {device} measured one; add it to the profile's estimates")
+    on = cell.profile.estimates_device
+    if on is not None and not device.startswith(on):
+        return float(declared) * OTHER_DEVICE_MARGIN, f"declared for {on}, x{OTHER_DEVICE_MARGIN:g} here"
     return float(declared), "declared"
+
+
+OTHER_DEVICE_MARGIN = 1.4  # an H100 has 70 % of an H200's memory bandwidth; these small models wait on it and on launches
 
 
 class Planner:

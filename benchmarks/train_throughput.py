@@ -186,8 +186,12 @@ def measure_loop(recipe_name: str, overrides: list[str], images: Path, steps: in
         try:
             process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            process.send_signal(signal.SIGTERM)
-            process.wait()
+            process.send_signal(signal.SIGTERM)  # it finishes its step and stops; a device window cannot wait long
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
             raise TimeoutError(f"mlsctl pretrain ran past the budget (see {log})") from None
     if process.returncode:
         tail = (log.read_text().strip().splitlines() or [""])[-1]

@@ -10,14 +10,23 @@ from __future__ import annotations
 
 import datetime
 import functools
+import os
 import subprocess
 from pathlib import Path
 from typing import Optional
 
 
-@functools.lru_cache(maxsize=None)
+COMMIT_VARIABLE = "MLSCTL_COMMIT"  # set by the device scripts: a copy's .git may be stale (scripts/device_prepare.sh)
+
+
 def commit() -> Optional[str]:
-    """The git commit of mlsctl's source tree (``"<sha>"`` or ``"<sha>-dirty"``), or None."""
+    """The git commit of mlsctl's source tree (``"<sha>"`` or ``"<sha>-dirty"``), or None; the environment's
+    ``MLSCTL_COMMIT`` when set (a copy of the tree on a device, whose git metadata may be another commit's)."""
+    return os.environ.get(COMMIT_VARIABLE) or _git_commit()
+
+
+@functools.lru_cache(maxsize=None)
+def _git_commit() -> Optional[str]:
     root = Path(__file__).resolve().parent.parent
     if not (root / ".git").exists():  # an installed copy: site-packages is no checkout of mlsctl
         return None

@@ -6,13 +6,14 @@
 #   bash scripts/device_fidelity.sh --only 'scenes/*/0'                # arguments go to benchmarks/fidelity.py
 #
 # Prepared here first with scripts/device_prepare.sh, and carried with the command (both are git-ignored):
-#   .whl/     wheels of the packages the device lacks (faiss-cpu, pytorch-metric-learning); those that are
-#             missing there are installed into /tmp/site (no index, no network)
+#   .whl/     wheels of the packages the device lacks (pytorch-metric-learning; faiss-cpu only with
+#             WITH_FAISS=1, see scripts/device_wheels.sh: nothing on CUDA needs it); those that are missing
+#             there are installed into /tmp/site (no index, no network)
 #   .fmnist/  the four Fashion-MNIST IDX .gz files the data is generated from (FMNIST_DIR to read others)
 #
 # It generates fmnist-scenes and fmnist-products, runs `benchmarks/fidelity.py --profile $PROFILE
 # --budget-s <what is left of BUDGET_S>` (the cells that fit, in order; a cell still running at the end is
-# stopped and resumes next time; the clock starts with this script) and writes to $OUT (default ./device-out):
+# stopped and runs again, whole, in a later window; the clock starts with this script) and writes to $OUT (default ./device-out):
 #   fidelity-<profile>.tar.gz   the profile's results (cell records, report, progress): merge it here with
 #                               python benchmarks/fidelity.py --profile <profile> --unpack-results FILE
 #   fidelity-<profile>.log      what the suite printed
@@ -53,11 +54,17 @@ if [ "${#missing[@]}" -gt 0 ]; then
   "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" "${missing[@]}"
 fi
 export PYTHONPATH="$site:$repo${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1
+[ -f .whl/COMMIT ] && export MLSCTL_COMMIT="$(cat .whl/COMMIT)"  # what the records name (scripts/device_prepare.sh)
 "$python" - <<'PY'
-import faiss, timm, torch
+import timm, torch
 
+try:  # not carried by default (scripts/device_wheels.sh): on CUDA the evaluations search with torch
+    import faiss
+    found = f"faiss {faiss.__version__}"
+except ImportError:
+    found = "faiss: absent"
 gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU: the CPU"
-print(f"torch {torch.__version__}, timm {timm.__version__}, faiss {faiss.__version__}; {gpu}", flush=True)
+print(f"torch {torch.__version__}, timm {timm.__version__}, {found}; {gpu}", flush=True)
 PY
 
 left=$((BUDGET_S - (SECONDS - started)))

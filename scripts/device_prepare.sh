@@ -23,6 +23,12 @@ for name in "${files[@]}"; do
   cmp -s "$source_dir/$name" ".fmnist/$name" || cp "$source_dir/$name" ".fmnist/$name"
 done
 bash scripts/device_wheels.sh
+# the commit the device's copy is of (its records name it; the copy's .git may be another commit's): prepare
+# again after committing, right before the window
+sha=$(git rev-parse HEAD)
+[ -n "$(git status --porcelain --untracked-files=no)" ] && sha="$sha-dirty"
+echo "$sha" > .whl/COMMIT
+echo "the device's records will name commit $sha (.whl/COMMIT)"
 tree=$( (git ls-files -z; git ls-files -z --others --exclude-standard) | xargs -0 du -bc 2>/dev/null | awk '$2 == "total" { s += $1 } END { print s }')
 fmnist=$(du -bc .fmnist/* | tail -1 | cut -f1)
 whl=$(du -bc .whl/*.whl | tail -1 | cut -f1)

@@ -6,6 +6,8 @@
 #                              copied to benchmarks/results/train_throughput_<device>.json
 #   throughput-logs.tar.gz     each loop's output and metrics, and host_sync.json (benchmarks/host_sync.py), into
 #                              benchmarks/results/device/throughput-logs-<date>/
+#   host_sync.json, cell-logs-<profile>.tar.gz, window.log
+#                              copied to benchmarks/results/device/window-<date>/
 #   backbone.safetensors.part* (scripts/device_window.sh): the command that joins them is printed
 #
 #   bash scripts/device_unpack.sh FOLDER
@@ -39,6 +41,14 @@ if [ -e "$folder/throughput-logs.tar.gz" ]; then
   echo "throughput logs: $dest"
   found=1
 fi
+dest="benchmarks/results/device/window-$(date +%Y-%m-%d)"
+for file in "$folder"/host_sync.json "$folder"/cell-logs-*.tar.gz "$folder"/window.log; do
+  [ -e "$file" ] || continue  # host_sync.json also travels in throughput-logs.tar.gz, when the window got there
+  mkdir -p "$dest"
+  cp "$file" "$dest/"
+  echo "$(basename "$file"): $dest/"
+  [ "$(basename "$file")" = window.log ] || found=1
+done
 if compgen -G "$folder/backbone.safetensors.part*" >/dev/null; then
   echo "backbone weights in parts: python scripts/backbone_weights.py --join $folder/backbone DEST.safetensors"
   found=1

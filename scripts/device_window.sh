@@ -12,8 +12,10 @@
 #      calibration first) in the time left of WINDOW_S but THROUGHPUT_S,
 #   5. the host-device synchronisations of each method's training step (benchmarks/host_sync.py, HOST_SYNC_S),
 #   6. dino_in1k's loop (augment cpu and gpu) against its model step alone (benchmarks/train_throughput.py),
-# writing everything that should come back under $OUT (at most 8 files of 16 MiB, so the
-# weights travel in parts). Stages after the smoke run are independent: one failing does not stop
+# writing everything that should come back under $OUT as soon as it is made (at most 8 files of 16 MiB,
+# so the weights travel in parts: window.log, fidelity-*.tar.gz, cell-logs-*.tar.gz, host_sync.json,
+# throughput.json, throughput-logs.tar.gz; with BACKBONE_S the weights' two parts and backbone-run.tar.gz
+# instead of host_sync.json). Stages after the smoke run are independent: one failing does not stop
 # the others. Prepare it here with scripts/device_prepare.sh; bring the results in with
 # scripts/device_unpack.sh OUT_FOLDER.
 #
@@ -21,7 +23,9 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to the folder that comes back}
-WINDOW_S=${WINDOW_S:-575}      # the whole command; the suite gets what is left
+WINDOW_S=${WINDOW_S:-420}      # the whole command (run it with timeout_s ~480: a session has 900 s of device
+                               # time, machine start included, and a retry must fit); the suite gets what is left
+STOP_GRACE_S=50                # a suite stage running at its deadline gets 30 s to stop, then the report and pack
 BACKBONE_S=${BACKBONE_S:-0}       # weights/ holds a backbone: the window goes to the suite (calibration first)
 THROUGHPUT_S=${THROUGHPUT_S:-75}
 HOST_SYNC_S=${HOST_SYNC_S:-60}
@@ -32,6 +36,7 @@ WORK=fidelity-work/$PROFILE
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/window.log") 2>&1
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+[ -f .whl/COMMIT ] && export MLSCTL_COMMIT="$(cat .whl/COMMIT)"  # what the records name (scripts/device_prepare.sh)
 started=$(date +%s)
 stage() { echo; echo "== $(( $(date +%s) - started ))s: $*"; }
 
@@ -118,11 +123,13 @@ else
   stage "no backbone (BACKBONE_S=0): weights/ keeps its backbone and the suite gets the time"
 fi
 
-LEFT=$(( WINDOW_S - ($(date +%s) - started) - THROUGHPUT_S - HOST_SYNC_S - 10 ))
+LEFT=$(( WINDOW_S - ($(date +%s) - started) - THROUGHPUT_S - HOST_SYNC_S - STOP_GRACE_S - 10 ))
 stage "reproduction suite, profile $PROFILE, within ${LEFT}s (calibration first)"
 if [ "$LEFT" -gt 30 ]; then
   $PY benchmarks/fidelity.py --profile "$PROFILE" --work "$WORK" --fmnist "$FMNIST" --budget-s "$LEFT" \
     --pack-results "$OUT/fidelity-$PROFILE.tar.gz" || echo "FAILED: fidelity"
+  # every stage's log of this window (a cell that failed on the device is told by its own log)
+  [ -d "$WORK" ] && (cd "$WORK" && find . -name '*.log' -print0 | tar --null -czf "$OUT/cell-logs-$PROFILE.tar.gz" -T -)
 fi
 
 stage "host-device synchronisations of the training step on CUDA (benchmarks/host_sync.py, 20 steps a recipe)"
@@ -130,8 +137,11 @@ HS=(--scenes "$DATA/fmnist-scenes/train/images" --products "$DATA/fmnist-product
 [ "$PROFILE" = smoke ] && HS+=(--steps 2)
 # its JSON travels in throughput-logs.tar.gz (at most 8 files come back; the backbone takes 2)
 mkdir -p "$WORK/throughput-logs"
-timeout "$HOST_SYNC_S" $PY benchmarks/host_sync.py "${HS[@]}" --out "$WORK/throughput-logs/host_sync.json" \
+timeout -k 10 "$HOST_SYNC_S" $PY benchmarks/host_sync.py "${HS[@]}" --out "$WORK/throughput-logs/host_sync.json" \
   || echo "FAILED: host sync"
+# at once, kept if the window is cut (with BACKBONE_S the weights take its place among the 8 files that come
+# back, and it travels in throughput-logs.tar.gz only)
+[ "$BACKBONE_S" -eq 0 ] && cp "$WORK/throughput-logs/host_sync.json" "$OUT/host_sync.json" 2>/dev/null
 
 LEFT=$(( WINDOW_S - ($(date +%s) - started) - 5 ))
 stage "throughput of dino_in1k (loop with augment cpu and gpu vs the model step alone) within ${LEFT}s"
@@ -139,11 +149,16 @@ if [ "$PROFILE" = smoke ]; then  # a CPU dry run: the quick recipe, tiny
   TP=(--recipe dino_fmnist_quick --steps 3 --warmup 1 --images 64 --override model.timm_kwargs.embed_dim=32
       model.timm_kwargs.depth=2 model.timm_kwargs.num_heads=2 optim.batch_size=8)
 else
-  TP=(--recipe dino_in1k --rounds 1 --steps 20 --warmup 8 --images 1536)
+  TP=(--recipe dino_in1k --rounds 1 --steps 20 --warmup 8 --images 1536 --augment gpu cpu)  # the headline (gpu) first
 fi
 # the JSON and, in one archive (at most 8 files come back), each loop's output and metrics: a failed loop's log returns
-$PY benchmarks/train_throughput.py "${TP[@]}" --budget-s "$LEFT" --out "$WORK/throughput.json" || echo "FAILED: throughput"
-cp "$WORK/throughput.json" "$OUT/throughput.json" 2>/dev/null
+if [ "$LEFT" -ge 60 ]; then
+  timeout -k 10 "$LEFT" $PY benchmarks/train_throughput.py "${TP[@]}" --budget-s "$((LEFT - 15))" \
+    --out "$WORK/throughput.json" || echo "FAILED: throughput"
+  cp "$WORK/throughput.json" "$OUT/throughput.json" 2>/dev/null
+else
+  echo "SKIPPED: throughput (${LEFT}s left, under 60)"
+fi
 [ -d "$WORK/throughput-logs" ] && tar czf "$OUT/throughput-logs.tar.gz" -C "$WORK" throughput-logs
 
 stage "done"

@@ -414,3 +414,24 @@ def test_every_measured_claim_has_a_margin_positive_exactly_where_it_holds():
         == pytest.approx(-0.5)  # 13.0 -> 12.5 -> 14.0: its smallest step is -0.5
     assert claims["MILE: its AR@10 falls less than mean-cls's from 0 to 50% noise"]["margin"] == pytest.approx(2.0)
     assert claims["MILE > max-pairwise of the trained backbone, AR@10 on fmnist-products"]["margin"] == pytest.approx(-2.0)
+
+
+def test_declared_estimates_are_stretched_on_a_device_they_were_not_measured_on():
+    """A review (2026-12-05): the gpu estimates come from an H200, and a lent H100 planned with them, starting
+    cells its deadline would stop (their work lost on a fresh machine)."""
+    gpu = fidelity.PROFILES["gpu"]
+    cell = next(c for c in fidelity.cells_of(gpu, Path("/nonexistent"), []) if c.variant.name == "dino")
+    assert fidelity.estimate(cell, "NVIDIA H200 (CUDA 13.0)") == (190.0, "declared")
+    seconds, source = fidelity.estimate(cell, "NVIDIA H100 80GB HBM3 (CUDA 13.0)")
+    assert seconds == pytest.approx(190 * fidelity.OTHER_DEVICE_MARGIN) and source.startswith("declared for NVIDIA H200")
+
+
+def test_a_device_copy_names_the_commit_it_was_prepared_from(monkeypatch):
+    """A review (2026-12-05): the first device window's records named the commit of the copy's stale .git;
+    scripts/device_prepare.sh writes .whl/COMMIT and the device scripts export it as MLSCTL_COMMIT."""
+    from mlsctl import provenance
+
+    monkeypatch.setenv("MLSCTL_COMMIT", "0123456789abcdef-dirty")
+    assert provenance.commit() == fidelity.commit() == "0123456789abcdef-dirty"
+    monkeypatch.delenv("MLSCTL_COMMIT")
+    assert provenance.commit() != "0123456789abcdef-dirty"

@@ -244,10 +244,13 @@ class MultiCrop:
         crops: list[torch.Tensor] = [None] * n  # type: ignore[list-item]
         for size in sorted({s for s, _ in self.specs}, reverse=True):
             positions = [c for c, (s, _) in enumerate(self.specs) if s == size]
+            # a slice where the positions run on (always: global crops first, then local): indexing a device
+            # tensor with a Python list copies the list to the device, a wait for the device each time
+            take = (slice(positions[0], positions[-1] + 1) if positions == list(range(positions[0], positions[-1] + 1))
+                    else positions)
             index = torch.arange(b, device=images.device).repeat_interleave(len(positions))
-            cut = ops.crop_resize(images, index, boxes[:, positions].reshape(-1, 4), flips[:, positions].reshape(-1),
-                                  size)
-            coloured = ops.photometric(cut, photometric[:, positions].reshape(b * len(positions), -1).to(cut.device),
+            cut = ops.crop_resize(images, index, boxes[:, take].reshape(-1, 4), flips[:, take].reshape(-1), size)
+            coloured = ops.photometric(cut, photometric[:, take].reshape(b * len(positions), -1).to(cut.device),
                                        blur_kernel_size(size))
             out = ops.normalize(coloured).view(b, len(positions), *coloured.shape[1:])
             for j, c in enumerate(positions):
