@@ -9,6 +9,10 @@ the batch (an anchor with no mined pair adds 0),
 ``1/α · log(1 + Σ_P exp(−α (S_ip − λ))) + 1/β · log(1 + Σ_N exp(β (S_in − λ)))`` with α = 2,
 β = 40, λ = ``base`` = 0.5 (the refinement supplement's values; the MS paper's text has λ = 1),
 ε = 0.1 (the MS authors' code); the library's defaults differ, so they are always passed.
+
+With several processes, :func:`ms_loss_over_processes` mines and scores the step's whole batch, as one
+process holding it would (pytorch-metric-learning's ``DistributedLossWrapper`` does the same, scaling
+the loss's value by the processes; here only its gradient is scaled, so the logged value is the loss).
 """
 
 from __future__ import annotations
@@ -28,3 +32,25 @@ def ms_loss(embeddings: torch.Tensor, labels: torch.Tensor, alpha: float = 2.0, 
     pairs = MultiSimilarityMiner(epsilon=epsilon)(x, labels)
     loss = MultiSimilarityLoss(alpha=alpha, beta=beta, base=base)(x, labels, pairs)
     return loss, {"mined_positive_pairs": float(len(pairs[0])), "mined_negative_pairs": float(len(pairs[2]))}
+
+
+def ms_loss_over_processes(embeddings: torch.Tensor, labels: torch.Tensor, alpha: float = 2.0, beta: float = 40.0,
+                           base: float = 0.5, epsilon: float = 0.1) -> tuple[torch.Tensor, dict[str, float]]:
+    """:func:`ms_loss` of the batch of every process together (in rank order), so that pairs are mined across
+    processes and W processes of batch b compute what one process of batch W·b computes. The other processes'
+    rows take part without gradient; this process's rows get W times the gradient the whole batch's loss has at
+    them, so DDP's mean over the W processes is one process's gradient. The value is the whole batch's loss
+    (the same on every process), and so are the mined pair counts. One process: :func:`ms_loss`."""
+    from mlsctl import dist
+
+    world = dist.world_size()
+    if world == 1:
+        return ms_loss(embeddings, labels, alpha, beta, base, epsilon)
+    with torch.no_grad():
+        counts = dist.gather_cat(torch.tensor([len(embeddings)], device=embeddings.device)).tolist()
+        everything = dist.gather_cat(embeddings.detach())
+        all_labels = dist.gather_cat(labels.to(embeddings.device))
+    start = sum(counts[:dist.rank()])
+    rows = torch.cat([everything[:start], embeddings, everything[start + len(embeddings):]])
+    loss, mined = ms_loss(rows, all_labels, alpha, beta, base, epsilon)
+    return loss + (world - 1) * (loss - loss.detach()), mined

@@ -28,7 +28,7 @@ from mlsctl.data.labels import class_ids, labels_of
 from mlsctl.data.loader import Batch, MultiCropDataset, collate
 from mlsctl.methods.base import Method, StepOutput
 from mlsctl.methods.ms.config import MSConfig
-from mlsctl.methods.multi_similarity import ms_loss
+from mlsctl.methods.multi_similarity import ms_loss_over_processes
 from mlsctl.models.backbone import build_backbone
 
 
@@ -103,5 +103,5 @@ class MS(Method):
     def training_step(self, batch, step):
         cfg = self.cfg
         embeddings = self.backbone(batch.crops[0]).cls
-        loss, mined = ms_loss(embeddings, batch.labels, cfg.alpha, cfg.beta, cfg.base, cfg.epsilon)
+        loss, mined = ms_loss_over_processes(embeddings, batch.labels, cfg.alpha, cfg.beta, cfg.base, cfg.epsilon)
         return StepOutput(loss, terms={"ms": loss.detach()}, metrics=mined)

@@ -57,7 +57,7 @@ import torch.nn.functional as F
 
 from mlsctl.errors import UserError
 from mlsctl.methods.base import Method, StepOutput, metric_value
-from mlsctl.methods.multi_similarity import ms_loss
+from mlsctl.methods.multi_similarity import ms_loss_over_processes
 from mlsctl.methods.refine.config import RefineConfig
 from mlsctl.methods.refine.model import INPUT_SCALES, CrossAttentionBlock, Refiner  # noqa: F401 - re-exported
 
@@ -205,10 +205,11 @@ class Refine(Method):
     def training_step(self, batch: FeatureBatch, step: int) -> StepOutput:
         cfg = self.cfg
         refined = self.refiner(batch.embeddings, batch.neighbours)
-        loss, mined = ms_loss(refined, batch.labels, cfg.alpha, cfg.beta, cfg.base, cfg.epsilon)
+        loss, mined = ms_loss_over_processes(refined, batch.labels, cfg.alpha, cfg.beta, cfg.base, cfg.epsilon)
         metrics = dict(mined)
         if self.logged:  # the loss of the features as they came, a metric only: where it is logged
             with torch.no_grad():
-                before, _ = ms_loss(batch.embeddings, batch.labels, cfg.alpha, cfg.beta, cfg.base, cfg.epsilon)
+                before, _ = ms_loss_over_processes(batch.embeddings, batch.labels, cfg.alpha, cfg.beta, cfg.base,
+                                                   cfg.epsilon)
             metrics["ms_before"] = metric_value(before)
         return StepOutput(loss, terms={"ms": loss.detach()}, metrics=metrics)
