@@ -136,8 +136,9 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, *, title: str | N
     specs.append(("learning rate and weight decay", lambda s: ["lr", "weight_decay"], "value (log scale)",
                   dict(log=True)))
     # runs of methods without a teacher (ms, refine) logged a momentum of 0 before they logged none
-    if any("momentum" in s and any(v != 0 for v in s["momentum"][1]) for _, s in runs):
-        specs.append(("teacher momentum", lambda s: ["momentum"], "EMA momentum", dict(label=lambda n, k: n)))
+    momentum = lambda s: ["momentum"] if "momentum" in s and any(v != 0 for v in s["momentum"][1]) else []  # noqa: E731
+    if any(momentum(s) for _, s in runs):
+        specs.append(("teacher momentum", momentum, "EMA momentum", dict(label=lambda n, k: n)))
     if any_key(lambda k: k == "teacher_entropy"):
         specs.append(("teacher entropy", lambda s: ["teacher_entropy"], "entropy of the teacher's output (nats)",
                       dict(smooth=True, label=lambda n, k: n, entropy=True)))

@@ -66,8 +66,13 @@ def gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     (:func:`host_group`): no device synchronisation. Booleans travel as uint8 (gloo cannot gather
     bool).
     """
+    return gather_cat_with_counts(tensor)[0]
+
+
+def gather_cat_with_counts(tensor: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+    """:func:`gather_cat` and the number of rows each process gave, in rank order."""
     if not is_distributed():
-        return tensor
+        return tensor, [tensor.shape[0]]
     was_bool = tensor.dtype == torch.bool
     local = tensor.to(torch.uint8) if was_bool else tensor
     local = local.contiguous()
@@ -82,7 +87,7 @@ def gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(local) for _ in range(world_size())]
     dist.all_gather(parts, local)
     out = torch.cat([p[:n] for p, n in zip(parts, counts)])
-    return out.bool() if was_bool else out
+    return (out.bool() if was_bool else out), counts
 
 
 @torch.no_grad()

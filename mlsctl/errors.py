@@ -9,7 +9,7 @@
   read-only or forbidden folder, a file too large for the process's limit, exhausted memory —
   into one sentence naming the path and the cause (``None`` for anything else).
   :func:`environment_exit_code` is its exit code: 2 where the path given is the mistake (a file where
-  a folder must be, a name that does not exist), 1 for the machine's failures.
+  a folder must be), 1 for the machine's failures.
 * :func:`first_line` is what such a sentence quotes from a library's exception.
 """
 
@@ -75,12 +75,12 @@ def is_memory_error(exc: BaseException) -> bool:
                                               or "cannot allocate memory" in text)
 
 
-# errors where the path itself is wrong, not the machine: exit code 2, as for other usage errors
-PATH_MISTAKES = {errno.ENOTDIR, errno.EISDIR, errno.ENOENT, errno.EEXIST, errno.ENAMETOOLONG, errno.ELOOP}
-
-
 def environment_exit_code(exc: BaseException) -> int:
-    return 2 if isinstance(exc, OSError) and exc.errno in PATH_MISTAKES else 1
+    """2 (a usage error) where the path given cannot be made because a file stands where a folder must
+    (``--out notes.txt/run``); 1 for everything else, a file vanishing under a running command included."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOTDIR, errno.EEXIST) and exc.filename is not None:
+        return 2 if file_in_the_way(exc.filename) is not None else 1
+    return 1
 
 
 def file_in_the_way(path: "os.PathLike | str") -> "Optional[str]":

@@ -25,8 +25,9 @@ done
 bash scripts/device_wheels.sh
 # the commit the device's copy is of (its records name it; the copy's .git may be another commit's): prepare
 # again after committing, right before the window
-sha=$(git rev-parse HEAD)
-[ -n "$(git status --porcelain --untracked-files=no)" ] && sha="$sha-dirty"
+# (the suite's form, benchmarks/fidelity.py commit(): 12 hex digits, +dirty for changes besides its results)
+sha=$(git rev-parse --short=12 HEAD)
+[ -n "$(git status --porcelain --untracked-files=no -- . ':(exclude)benchmarks/results')" ] && sha="$sha+dirty"
 echo "$sha" > .whl/COMMIT
 echo "the device's records will name commit $sha (.whl/COMMIT)"
 tree=$( (git ls-files -z; git ls-files -z --others --exclude-standard) | xargs -0 du -bc 2>/dev/null | awk '$2 == "total" { s += $1 } END { print s }')

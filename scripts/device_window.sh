@@ -34,6 +34,7 @@ FMNIST=${FMNIST:-.fmnist}
 PY=${PYTHON:-python3}
 WORK=fidelity-work/$PROFILE
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)  # absolute: some stages write to it from inside other folders
 exec > >(tee -a "$OUT/window.log") 2>&1
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 [ -f .whl/COMMIT ] && export MLSCTL_COMMIT="$(cat .whl/COMMIT)"  # what the records name (scripts/device_prepare.sh)

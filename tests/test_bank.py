@@ -194,7 +194,8 @@ def test_two_processes_hold_identical_banks_equal_to_one_process(tmp_path: Path)
 
 def test_the_checksum_sees_rows_swapped_between_slots_and_values_moved_within_a_row():
     """A test review (2026-12-05): the fingerprint that `assert_synchronized` compares summed the vectors
-    and payload, blind to two slots swapped; every such difference now changes it."""
+    and payload, blind to two slots swapped; rows swapped between slots, a payload swapped alone and values
+    moved within a row now change it (a fingerprint: contrived pairs can still collide)."""
     def bank_with(rows, ids):
         bank = MemoryBank(4, 3, {"image_id": Column()})
         bank.enqueue(torch.tensor(rows, dtype=torch.float32), step=0, gather=False,

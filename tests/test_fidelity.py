@@ -431,7 +431,7 @@ def test_a_device_copy_names_the_commit_it_was_prepared_from(monkeypatch):
     scripts/device_prepare.sh writes .whl/COMMIT and the device scripts export it as MLSCTL_COMMIT."""
     from mlsctl import provenance
 
-    monkeypatch.setenv("MLSCTL_COMMIT", "0123456789abcdef-dirty")
-    assert provenance.commit() == fidelity.commit() == "0123456789abcdef-dirty"
+    monkeypatch.setenv("MLSCTL_COMMIT", "0123456789ab+dirty")
+    assert provenance.commit() == fidelity.commit() == "0123456789ab+dirty"
     monkeypatch.delenv("MLSCTL_COMMIT")
-    assert provenance.commit() != "0123456789abcdef-dirty"
+    assert provenance.commit() != "0123456789ab+dirty"

@@ -195,6 +195,7 @@ def test_two_processes_mine_the_pairs_of_one(tmp_path):
         runs[processes] = out
     first = {n: json.loads((runs[n] / "metrics.jsonl").read_text().splitlines()[0]) for n in runs}
     assert first[2]["loss"] == pytest.approx(first[1]["loss"], rel=1e-5)
+    assert first[2]["grad_norm"] == pytest.approx(first[1]["grad_norm"], rel=1e-4)  # the gradient's scale too
     for key in ("mined_positive_pairs", "mined_negative_pairs"):
         assert first[2][key] == first[1][key] > 0, key
     one, two = (load_file(str(next(c for c in Run(runs[n]).checkpoints() if c.step == 1).model_path)) for n in (1, 2))

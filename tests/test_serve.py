@@ -721,7 +721,7 @@ def test_3_a_request_waits_for_a_working_slot_at_most_queue_seconds(monkeypatch)
 
     monkeypatch.setattr(serve, "WORKING", 1)
     monkeypatch.setattr(serve, "QUEUE_SECONDS", 0.3)
-    release = threading.Event()
+    release, working = threading.Event(), threading.Event()
 
     class Slow:
         read_only, limits = False, serve.Limits()
@@ -730,6 +730,7 @@ def test_3_a_request_waits_for_a_working_slot_at_most_queue_seconds(monkeypatch)
             return paths
 
         def search(self, photos, k):
+            working.set()
             release.wait(10)
             return {"photos": photos}
 
@@ -759,7 +760,8 @@ def test_3_a_request_waits_for_a_working_slot_at_most_queue_seconds(monkeypatch)
 
     async def main():
         first = asyncio.create_task(request())
-        await asyncio.sleep(0.1)  # the first holds the only slot
+        while not working.is_set():  # the first holds the only slot
+            await asyncio.sleep(0.01)
         started = time.monotonic()
         status, headers, answer = await request()
         waited = time.monotonic() - started

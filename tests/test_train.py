@@ -240,9 +240,9 @@ def test_a_tracker_that_is_not_installed_is_one_sentence(tmp_path, images, capsy
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
 
 
-def _labelled(root: Path, seed: int = 0) -> Path:
+def _labelled(root: Path, seed: int = 0, per_class: int = 4) -> Path:
     for cls in ("a", "b"):
-        make_images(root / cls, 4, size=(32, 32), seed=ord(cls) + seed)
+        make_images(root / cls, per_class, size=(32, 32), seed=ord(cls) + seed)
     return root
 
 
@@ -250,7 +250,7 @@ def test_the_monitor_logs_knn_and_never_changes_the_losses(tmp_path, images):
     from mlsctl.train import pretrain
 
     _labelled(tmp_path / "mon_train")
-    _labelled(tmp_path / "mon_val", seed=100)  # other images than the memory's
+    _labelled(tmp_path / "mon_val", seed=100, per_class=30)  # other images than the memory's, 60: top-1 in 1/60
     path = write_recipe(tmp_path / "r.yaml", tiny_recipe(images))
     plain = config.load_recipe(str(path))
     watched = config.load_recipe(str(path), ["train.monitor.every=2", f"train.monitor.train={tmp_path / 'mon_train'}",

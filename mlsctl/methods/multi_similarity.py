@@ -37,7 +37,8 @@ def ms_loss(embeddings: torch.Tensor, labels: torch.Tensor, alpha: float = 2.0, 
 def ms_loss_over_processes(embeddings: torch.Tensor, labels: torch.Tensor, alpha: float = 2.0, beta: float = 40.0,
                            base: float = 0.5, epsilon: float = 0.1) -> tuple[torch.Tensor, dict[str, float]]:
     """:func:`ms_loss` of the batch of every process together (in rank order), so that pairs are mined across
-    processes and W processes of batch b compute what one process of batch W·b computes. The other processes'
+    processes and W processes of batch b compute what one process of batch W·b computes (without gradient
+    accumulation; with it, micro-batch m of every process is one pool: docs/accumulation.md). The other processes'
     rows take part without gradient; this process's rows get W times the gradient the whole batch's loss has at
     them, so DDP's mean over the W processes is one process's gradient. The value is the whole batch's loss
     (the same on every process), and so are the mined pair counts. One process: :func:`ms_loss`."""
@@ -47,8 +48,7 @@ def ms_loss_over_processes(embeddings: torch.Tensor, labels: torch.Tensor, alpha
     if world == 1:
         return ms_loss(embeddings, labels, alpha, beta, base, epsilon)
     with torch.no_grad():
-        counts = dist.gather_cat(torch.tensor([len(embeddings)], device=embeddings.device)).tolist()
-        everything = dist.gather_cat(embeddings.detach())
+        everything, counts = dist.gather_cat_with_counts(embeddings.detach())  # the counts travel on the host
         all_labels = dist.gather_cat(labels.to(embeddings.device))
     start = sum(counts[:dist.rank()])
     rows = torch.cat([everything[:start], embeddings, everything[start + len(embeddings):]])

@@ -185,11 +185,13 @@ def _train(run: Run, recipe, accelerator, folder: ImageFolder, dataset, collate_
     if is_main:
         _log_start(run, recipe, accelerator, folder, schedule, plan, trainable, method)
     if start_step >= plan.total_steps:
-        if is_main and method.has_backbone and not run.teacher_weights_path.is_file():
+        lora = recipe.model.lora.enabled
+        exported = run.teacher_weights_path.is_file() and (not lora or run.teacher_adapters_path.is_dir())
+        if is_main and method.has_backbone and not exported:
             # stopped between its last checkpoint and the teacher's export, or the file was removed
             checkpoint.export_teacher(method, run)
-            log.info(f"{run.root} is complete ({start_step} steps) but had no {run.teacher_weights_path.name}: "
-                     f"written from its last checkpoint")
+            log.info(f"{run.root} is complete ({start_step} steps) but had no {run.teacher_weights_path.name}"
+                     f"{' (or adapters)' if lora else ''}: written from its last checkpoint")
         elif is_main:
             log.info(f"{run.root} is already complete ({start_step} steps); nothing to do")
         dist.barrier()

@@ -49,7 +49,7 @@ from mlsctl.methods.sove.ops import cls_loss, judge_overlap, judge_probabilities
 from mlsctl.models.heads import EmbeddingHead
 
 RNG_STREAM = 2**33  # SOVE's generators: (seed, step, RNG_STREAM + stream); stream 0 CLS judges, 1 patch judges,
-# 2 + rank the patch each process stores
+# 2 the patch stored for each image (drawn for the step's whole global batch, taken by each image's place in it)
 
 
 class SOVE(Method):
