@@ -192,8 +192,11 @@ def _fixed_set_options_in_the_code() -> set[str]:
     A or B", "... is not a split of"): every command's option of that name takes a fixed set."""
     names = set()
     pattern = re.compile(r"--([a-z][a-z0-9-]*)(?: \{[^{}]+\} is not (?:one of|a split of)| must be \w+ or \w+)")
+    # ... or names the option it was given, whose default is in the signature (datasets.open_split's option="--split")
+    named = re.compile(r'option: str = "--([a-z][a-z0-9-]*)"(?s:.){0,400}?\{option\} \{[^{}]+\} is not (?:one of|a split of)')
     for path in (REPO / "mlsctl").rglob("*.py"):
-        names |= set(pattern.findall(path.read_text()))
+        text = path.read_text()
+        names |= set(pattern.findall(text)) | set(named.findall(text))
     return names
 
 
