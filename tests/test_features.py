@@ -17,7 +17,7 @@ from mlsctl import features as feats
 from mlsctl.errors import Interrupted, UserError
 from mlsctl.features import Features, Preprocessing, embed_folder
 
-from conftest import cli_env, kill_when, make_images, run_cli, tiny_model
+from conftest import cli, cli_env, kill_when, make_images, run_cli, tiny_model
 from test_images import write_bad_files
 
 
@@ -243,23 +243,23 @@ def test_out_rules(tmp_path: Path):
 
 
 @pytest.mark.slow
-def test_cli_model_choice(tmp_path: Path, finished_run):
+def test_cli_model_choice(tmp_path: Path, finished_run, capsys):
     run_dir, _ = finished_run
     images = make_images(tmp_path / "images", 4)
-    nothing = run_cli("embed", str(images), cwd=tmp_path)
-    assert nothing.returncode == 2 and nothing.stderr.strip().splitlines()[-1].startswith("error: no model given")
-    assert "Traceback" not in nothing.stderr
+    code, _, err = cli("embed", str(images), cwd=tmp_path, capsys=capsys)
+    assert code == 2 and err.strip().splitlines()[-1].startswith("error: no model given") and "Traceback" not in err
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / "tiny").symlink_to(run_dir)
-    default = run_cli("embed", str(images), cwd=tmp_path, check=True)
-    assert "model: teacher of run runs/tiny" in default.stderr
+    code, _, err = cli("embed", str(images), cwd=tmp_path, capsys=capsys)
+    assert code == 0 and "model: teacher of run runs/tiny" in err
     default_folder = tmp_path / feats.default_out(images)
     assert (default_folder / "manifest.json").is_file()
-    weights = run_cli("embed", str(images), "--weights", str(run_dir / "teacher.safetensors"), "--out",
-                      str(tmp_path / "w"), "--json", check=True)
-    assert json.loads(weights.stdout)["model"]["fingerprint"] == Features(default_folder).model["fingerprint"]
-    random = run_cli("embed", str(images), "--run", str(run_dir), "--random-init", "--out", str(tmp_path / "r"), check=True)
-    assert "randomly initialised" in random.stderr
+    code, out, _ = cli("embed", str(images), "--weights", str(run_dir / "teacher.safetensors"), "--out",
+                       str(tmp_path / "w"), "--json", capsys=capsys)
+    assert code == 0 and json.loads(out)["model"]["fingerprint"] == Features(default_folder).model["fingerprint"]
+    code, _, err = cli("embed", str(images), "--run", str(run_dir), "--random-init", "--out", str(tmp_path / "r"),
+                       capsys=capsys)
+    assert code == 0 and "randomly initialised" in err
     assert Features(tmp_path / "r").model["fingerprint"] != Features(tmp_path / "w").model["fingerprint"]
 
 
