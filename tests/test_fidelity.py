@@ -379,15 +379,25 @@ def test_a_claim_whose_gap_is_within_the_seed_spread_says_so():
         assert (found["holds"], found["within_seed_spread"]) == (True, within)
     text = fidelity.markdown(fidelity.summarise(fidelity.PROFILES["cpu"], close))
     assert f"| {name} | yes (within the seed spread) | 11.0, 10.0 |" in text
-    # claims of three values (Table 5's order) and of differences (MILE's fall under noise) have no such mark
-    cribo = scenes("cribo-global", (0.10, 0.11, 0.12)) + scenes("cribo-cross-view", (0.10, 0.11, 0.12)) + \
-        scenes("cribo", (0.10, 0.11, 0.12))
+    # an order (Table 5's) is within the spread when any neighbour gap is (a review, 2026-12-05: SOVE's judges
+    # 11.3 < 11.8 < 12.0 with stds 0.6/0.4/0.4 were marked "yes" with no caveat) ...
+    cribo = scenes("cribo-global", (0.09, 0.10, 0.11)) + scenes("cribo-cross-view", (0.099, 0.101, 0.103)) + \
+        scenes("cribo", (0.1499, 0.15, 0.1501))
+    orders = [c for c in fidelity.summarise(fidelity.PROFILES["cpu"], close + cribo)["claims"]
+              if "order" in c["claim"] and "mIoU" in c["claim"]]
+    assert [(c["holds"], c["within_seed_spread"]) for c in orders] == [(True, True)]  # 0.10 -> 0.101: within 0.01
+    tight = scenes("cribo-global", (0.0999, 0.1, 0.1001)) + scenes("cribo-cross-view", (0.1199, 0.12, 0.1201)) + \
+        scenes("cribo", (0.1499, 0.15, 0.1501))
+    orders = [c for c in fidelity.summarise(fidelity.PROFILES["cpu"], tight)["claims"] if "order" in c["claim"]
+              and "mIoU" in c["claim"]]
+    assert [(c["holds"], c["within_seed_spread"]) for c in orders] == [(True, False)]
+    # ... and differences (MILE's fall under noise) have no such mark
     mile = [record("mile", s, {f"{score}@trained/noise{n}": 0.1 - n / 10 + s / 1000
                                for score in ("mile", "mean-cls", "max-pairwise") for n in (0, 0.5)}, "products")
             for s in range(3)]
-    claims = fidelity.summarise(fidelity.PROFILES["cpu"], close + cribo + mile)["claims"]
-    derived = [c for c in claims if ("order" in c["claim"] or "falls less" in c["claim"]) and c["holds"] is not None]
-    assert len(derived) == 3 and all(c["within_seed_spread"] is None for c in derived), derived
+    claims = fidelity.summarise(fidelity.PROFILES["cpu"], close + mile)["claims"]
+    derived = [c for c in claims if "falls less" in c["claim"] and c["holds"] is not None]
+    assert len(derived) == 2 and all(c["within_seed_spread"] is None for c in derived), derived
 
 
 def test_every_measured_claim_has_a_margin_positive_exactly_where_it_holds():
