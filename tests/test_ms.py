@@ -201,3 +201,42 @@ def test_two_processes_mine_the_pairs_of_one(tmp_path):
     one, two = (load_file(str(next(c for c in Run(runs[n]).checkpoints() if c.step == 1).model_path)) for n in (1, 2))
     # within a tenth of one Adam step (lr 1e-3): a half-batch gradient moved weights by ~2e-3
     assert all(torch.allclose(one[k], two[k], atol=1e-4, rtol=0) for k in one)
+
+
+def _gathered_loss_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as td
+
+    from mlsctl.methods.multi_similarity import ms_loss_over_processes
+
+    td.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        x, y = _pairs_batch()
+        rows = slice(rank * 6, (rank + 1) * 6)
+        local = x[rows].clone().requires_grad_(True)
+        loss, mined = ms_loss_over_processes(local, y[rows])
+        loss.backward()
+        torch.save({"loss": loss.detach(), "grad": local.grad, "mined": mined}, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        td.destroy_process_group()
+
+
+def _pairs_batch():
+    g = torch.Generator().manual_seed(7)
+    return torch.randn(12, 8, generator=g), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5])
+
+
+def test_the_gathered_loss_of_two_processes_is_the_whole_batch_loss(tmp_path):
+    """Each of 2 processes holds half the batch: each gets the whole batch's loss and pair counts, and the mean
+    of their gradients (what DDP applies) is the whole batch's gradient at every row."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_gathered_loss_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    x, y = _pairs_batch()
+    whole = x.clone().requires_grad_(True)
+    loss, mined = ms_loss(whole, y)
+    loss.backward()
+    parts = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for part in parts:
+        assert part["loss"].item() == pytest.approx(loss.item(), rel=1e-6) and part["mined"] == mined
+    # DDP averages a parameter's gradient over the 2 processes: each row's gradient, halved, must be the whole's
+    assert torch.allclose(torch.cat([p["grad"] for p in parts]) / 2, whole.grad, atol=1e-7)
