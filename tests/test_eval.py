@@ -68,6 +68,20 @@ def test_linear_assignment_is_optimal(cost):
     assert cost[np.arange(len(cost)), column].sum() == pytest.approx(best)
 
 
+def test_hungarian_miou_matches_classes_by_the_largest_summed_iou():
+    """The reference (open-hummingbird-eval's PredsmIoU) matches on 1 − IoU; matching on pixel counts, as
+    before (a review, 2026-12-05), can pick another matching. Against every permutation of 5 classes."""
+    import itertools
+
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        confusion = rng.integers(0, 50, size=(5, 5)) * (rng.random((5, 5)) < 0.6)
+        best = max(itertools.permutations(range(5)),
+                   key=lambda perm: float(np.nansum(iou_per_class(confusion[:, list(perm)]))))
+        assert hungarian_mean_iou(confusion) == pytest.approx(mean_iou(confusion[:, list(best)]))
+        assert hungarian_mean_iou(confusion) >= mean_iou(confusion) - 1e-12 or np.isnan(iou_per_class(confusion)).any()
+
+
 def test_hungarian_miou_undoes_a_relabelling():
     rng = np.random.default_rng(0)
     target = rng.integers(0, 4, 500)

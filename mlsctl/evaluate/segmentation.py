@@ -109,8 +109,13 @@ def foreground_background_iou(confusion: np.ndarray, background: int = 0) -> dic
 
 
 def hungarian_mean_iou(confusion: np.ndarray) -> float:
-    """mIoU after re-labelling predictions by the one-to-one matching of predicted to
-    ground-truth classes that maximises the matched pixels. Only meaningful when prediction ids
-    are arbitrary (clusters); for label transfer it can only flatter the plain mIoU."""
-    column = linear_assignment(-confusion)
+    """mIoU after re-labelling predictions by the one-to-one matching of predicted to ground-truth
+    classes that maximises the summed IoU (cost 1 − IoU, as open-hummingbird-eval's ``PredsmIoU``, whose
+    headline number it is). Only meaningful when prediction ids are arbitrary (clusters); for label
+    transfer the identity is one of the matchings, so it is at least the plain mIoU wherever the same
+    classes are scored."""
+    confusion = np.asarray(confusion, dtype=np.float64)
+    union = confusion.sum(1, keepdims=True) + confusion.sum(0, keepdims=True) - confusion
+    iou = np.divide(confusion, union, out=np.zeros_like(confusion), where=union > 0)
+    column = linear_assignment(1.0 - iou)
     return mean_iou(confusion[:, column])

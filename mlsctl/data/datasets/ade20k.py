@@ -9,8 +9,9 @@ Splits: ``train`` (training, 20,210 images) and ``val`` (validation, 2,000). Ann
 grey PNGs: 0 is "other objects" (pixels outside the 150 classes), 1–150 the classes of
 ``objectInfo150``. Mapping (the benchmark's, mmsegmentation's ``reduce_zero_label``): 0 is
 ignored, stored value v becomes class v − 1, so the 150 classes are 0–149. open-hummingbird-eval
-keeps 151 classes and passes 0 as the ignore index to its metric; the scored pixels and classes
-are the same.
+keeps 151 classes and passes 0 as the ignore index to its metric: the scored pixels are the same,
+but its mean runs over 151 classes (the ignored one scores 0) and its memory keeps "other" patches
+(docs/methods.md#eval-knn-seg).
 """
 
 from __future__ import annotations
