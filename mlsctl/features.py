@@ -504,17 +504,24 @@ def _shard_files(out: Path) -> set[str]:
 # ----------------------------------------------------------------------------------- features on demand
 
 
-def cache_dir(images: str | os.PathLike, model, root: str | os.PathLike = "features", dense: bool = True) -> Path:
+def cache_dir(images: str | os.PathLike, model, root: str | os.PathLike = "features", dense: bool = True,
+              resize: str = "square") -> Path:
     """Where commands that take images keep their features: ``features/<model>-<fingerprint>/<folder>-<hash>``
     (the hash of the folder's absolute path keeps two folders of the same name apart), with
-    ``-global`` appended for global features alone (``eval knn``)."""
-    return _model_cache(model, root) / (folder_label(images) + ("" if dense else "-global"))
+    ``-global`` appended for global features alone (``eval knn``) and ``-center-crop`` for images
+    centre-cropped rather than resized whole."""
+    return _model_cache(model, root) / (folder_label(images) + _cache_suffix(dense, resize))
 
 
-def split_cache_dir(split, model, root: str | os.PathLike = "features", dense: bool = True) -> Path:
+def _cache_suffix(dense: bool, resize: str) -> str:
+    return ("" if dense else "-global") + ("" if resize == "square" else f"-{resize}")
+
+
+def split_cache_dir(split, model, root: str | os.PathLike = "features", dense: bool = True,
+                    resize: str = "square") -> Path:
     """:func:`cache_dir` of one split of a benchmark: ``features/<model>-<fingerprint>/<dataset>-<split>-<root label>``."""
     return _model_cache(model, root) / (f"{split.dataset}-{split.split}-{folder_label(split.tree.path)}"
-                                        + ("" if dense else "-global"))
+                                        + _cache_suffix(dense, resize))
 
 
 def _model_cache(model, root: str | os.PathLike) -> Path:
@@ -532,7 +539,7 @@ def features_or_embed(path: str | os.PathLike, get_model: Callable[[], object], 
     if is_feature_folder(path):
         return require_rows(Features(path, what), what)
     model = get_model()
-    out = cache_dir(path, model, dense=dense)
+    out = cache_dir(path, model, dense=dense, resize=embed_options.get("resize", "square"))
     summary = embed_folder(path, out, model, dense=dense, say=say, **embed_options)
     _say_embedded(summary, str(path), out, what, say)
     return require_rows(Features(out, what), what)
@@ -552,7 +559,7 @@ def features_of_split(split, get_model: Callable[[], object], *, dense: bool, wh
     """The features of one split of a benchmark (:mod:`mlsctl.data.datasets`), embedded (or found
     already embedded) under :func:`split_cache_dir` with the model ``get_model()``."""
     model = get_model()
-    out = split_cache_dir(split, model, dense=dense)
+    out = split_cache_dir(split, model, dense=dense, resize=embed_options.get("resize", "square"))
     summary = embed_split(split, out, model, dense=dense, say=say, **embed_options)
     _say_embedded(summary, f"{split.dataset} {split.split} ({split.tree.path})", out, what, say)
     return require_rows(Features(out, what), what)

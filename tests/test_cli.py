@@ -170,7 +170,8 @@ def _library_choices() -> dict[tuple[str, str], tuple[str, ...]]:
              ("embed", "--resize"): features.RESIZE_MODES, ("embed", "--dtype"): tuple(features.DTYPES),
              ("eval knn-seg", "--protocol"): tuple(knn_seg.PROTOCOLS), ("eval knn-seg", "--index"): knn_seg.INDEXES,
              ("eval knn-seg", "--search"): knn_seg.SEARCHES, ("eval knn-seg", "--device"): knn.DEVICES,
-             ("eval knn", "--device"): knn.DEVICES,
+             ("eval knn", "--device"): knn.DEVICES, ("eval knn", "--resize"): features.RESIZE_MODES,
+             ("eval linear", "--resize"): features.RESIZE_MODES,
              ("bank plot", "--projection"): bank_inspect.PROJECTIONS,  # --color-by also takes a labels file
              ("index build", "--index"): gallery.INDEX_KINDS, ("index build", "--dtype"): tuple(gallery.STORAGE_DTYPES),
              ("refine apply", "--dtype"): tuple(features.DTYPES), ("refine plot", "--projection"): refine_plot.PROJECTIONS,

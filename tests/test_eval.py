@@ -21,7 +21,7 @@ from mlsctl.evaluate.segmentation import (confusion_update, hungarian_mean_iou, 
                                           mean_iou)
 from mlsctl.features import Features
 
-from conftest import make_images, run_cli, write_feature_folder
+from conftest import cli, make_images, run_cli, write_feature_folder
 
 # ---------------------------------------------------------------------------------------------- metrics
 
@@ -472,3 +472,29 @@ def test_retrieval_and_recall_refuse_what_they_cannot_score():
             knn_classify(train, labels, train, **{"ks": (1,), **bad})
     with pytest.raises(ValueError, match="got 0 features and 0 labels"):
         knn_classify(torch.zeros(0, 3), torch.zeros(0, dtype=torch.long), train, ks=(1,))
+
+
+def test_eval_knn_and_linear_embed_images_as_dino_with_resize_center_crop(tmp_path: Path, finished_run, capsys):
+    """An evaluation review (2026-12-05): eval knn embedded image folders resized whole, while DINO's k-NN protocol
+    resizes to 256 and centre-crops 224. --resize center-crop embeds that way, into a cache folder of its own."""
+    from mlsctl.features import Features
+
+    run_dir, _ = finished_run
+    for split, seed in (("train", 0), ("val", 50)):
+        for c in ("a", "b"):
+            make_images(tmp_path / split / c, 3, size=(48, 32), seed=seed + ord(c))
+    payloads = {}
+    for resize in ("square", "center-crop"):
+        code, out, err = cli("eval", "knn", "--train", str(tmp_path / "train"), "--val", str(tmp_path / "val"),
+                             "--run", str(run_dir), "--k", "3", "--resize", resize, "--json", "--out",
+                             str(tmp_path / f"{resize}.json"), cwd=tmp_path, capsys=capsys)
+        assert code == 0, err
+        payloads[resize] = json.loads(out)
+    folders = {Features(Path(tmp_path / payloads[r]["train"])).preprocessing["resize"]: payloads[r]["train"]
+               for r in payloads}
+    assert set(folders) == {"square", "center-crop"} and folders["center-crop"].endswith("-global-center-crop")
+    assert folders["square"].endswith("-global")  # the square cache keeps its name: earlier caches are reused
+    code, _, err = cli("eval", "linear", "--train", str(tmp_path / "train"), "--val", str(tmp_path / "val"), "--run",
+                       str(run_dir), "--resize", "center-crop", "--epochs", "2", "--lr", "0.1", "--wd", "0",
+                       "--out", str(tmp_path / "linear.json"), cwd=tmp_path, capsys=capsys)
+    assert code == 0 and "already in" in err  # the centre-cropped features of eval knn, reused

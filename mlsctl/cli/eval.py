@@ -34,6 +34,10 @@ Protocol = Literal["none", "hummingbird"]  # knn_seg.PROTOCOLS
 SegIndex = Literal["flat", "ivf"]  # knn_seg.INDEXES
 Search = Literal["auto", "torch", "faiss"]  # knn_seg.SEARCHES
 Device = Literal["auto", "cpu", "cuda"]  # knn.DEVICES
+Resize = Literal["square", "center-crop"]  # features.RESIZE_MODES
+RESIZE_OPTION = typer.Option("square", "--resize", parser=one_of("--resize", Resize),
+                             help="How images this command embeds are fitted to the model's input: square (the whole image "
+                                  "resized) or center-crop (DINO's protocol: resize to R·8/7, centre crop R).")
 NOT_THIS_EVALUATION = "{option} {value} is not one this evaluation reads; choose one of {choices}"
 
 ROOT_HELP = "The dataset's folder, or its .tar/.zip read in place (with --dataset)."
@@ -204,6 +208,7 @@ def knn(
     k: Optional[list[int]] = typer.Option(None, "--k", min=1, help="Neighbour counts, e.g. --k 10 20 100 200 [default]; a k above the training images votes with all of them."),
     temperature: float = typer.Option(0.07, "--temperature", min=1e-6, help="Vote weight exp(cos/T)."),
     device: Device = typer.Option("auto", "--device", parser=one_of("--device", Device), help=DEVICE_HELP.format(what="neighbour search")),
+    resize: Resize = RESIZE_OPTION,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Results JSON [default: results/knn-<time>.json]."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON instead of a table."),
 ) -> None:
@@ -222,7 +227,7 @@ def knn(
 
     get_model = model_on_demand(run=run, weights=weights, arch=model, random_init=random_init, seed=seed, say=say)
     train_features, val_features, train_labels, val_labels, record = classification_inputs(
-        dataset, root, train_split, val_split, train, val, train_labels, val_labels, get_model, say=say)
+        dataset, root, train_split, val_split, train, val, train_labels, val_labels, get_model, say=say, resize=resize)
     started = time.perf_counter()
     result = lib.evaluate_knn(train_features, val_features, train_labels, val_labels, k or lib.DEFAULT_KS, temperature,
                               device=device)
@@ -261,6 +266,7 @@ def linear(
     epochs: int = typer.Option(100, "--epochs", min=1, help="Epochs of every probe."),
     batch_size: int = typer.Option(256, "--batch-size", min=1, help="Mini-batch of the probe."),
     holdout: float = typer.Option(0.2, "--holdout", min=0.0, max=0.9, help="Share of the training images the sweep is scored on."),
+    resize: Resize = RESIZE_OPTION,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Results JSON [default: results/linear-<time>.json]."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON instead of a table."),
 ) -> None:
@@ -279,7 +285,7 @@ def linear(
         raise UserError(f"--multi-label reads tag lists from --train-labels; --dataset {dataset} has one class per image")
     get_model = model_on_demand(run=run, weights=weights, arch=model, random_init=random_init, seed=seed, say=say)
     train_features, val_features, train_labels, val_labels, record = classification_inputs(
-        dataset, root, train_split, val_split, train, val, train_labels, val_labels, get_model, say=say)
+        dataset, root, train_split, val_split, train, val, train_labels, val_labels, get_model, say=say, resize=resize)
     started = time.perf_counter()
     result = lib.evaluate_linear(train_features, val_features, labels=train_labels, val_labels=val_labels,
                                  multi_label=multi_label, lrs=lr or lib.DEFAULT_LRS, wds=wd or lib.DEFAULT_WDS,

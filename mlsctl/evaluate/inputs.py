@@ -190,18 +190,19 @@ def check_protocol_resolution(preset, overridden: list[str], resolution: Optiona
 
 def classification_inputs(dataset: str, root: Optional[Path], train_split: Optional[str], val_split: Optional[str],
                           train: Optional[Path], val: Optional[Path], train_labels: Optional[Path],
-                          val_labels: Optional[Path], get_model, say: Say = to_stderr) -> tuple:
+                          val_labels: Optional[Path], get_model, say: Say = to_stderr, resize: str = "square") -> tuple:
     """(train features, val features, train labels, val labels, dataset record) of eval knn and
     eval linear: the --train/--val folders with their labels, or the splits of --dataset imagenet
-    (whose labels are the splits themselves)."""
+    (whose labels are the splits themselves). Images are embedded with ``resize`` (``center-crop``:
+    DINO's k-NN and linear protocol); feature folders are taken as they are."""
     from mlsctl.data.datasets import CLASSIFICATION
     from mlsctl.features import features_or_embed
 
     if dataset == "folders":
         if train is None or val is None:
             raise UserError("give --train and --val (feature or image folders), or --dataset imagenet with --root")
-        train_features = features_or_embed(train, get_model, dense=False, what="train features", say=say)
-        val_features = features_or_embed(val, get_model, dense=False, what="val features", say=say)
+        train_features = features_or_embed(train, get_model, dense=False, what="train features", say=say, resize=resize)
+        val_features = features_or_embed(val, get_model, dense=False, what="val features", say=say, resize=resize)
         labels = "folder names" if train_labels is None else str(train_labels)
         record = {"name": "folders", **image_roots(train_features, val_features), "labels": labels}
         shared = shared_images(train_features, val_features)
@@ -213,8 +214,9 @@ def classification_inputs(dataset: str, root: Optional[Path], train_split: Optio
     if train_labels is not None or val_labels is not None:
         raise UserError(f"--dataset {dataset} labels its images itself; drop --train-labels/--val-labels")
     train_data, val_data = benchmark_splits(dataset, root, train_split, val_split, CLASSIFICATION)
-    train_features = split_features(train_data, train, get_model, dense=False, what="train features", say=say)
-    val_features = split_features(val_data, val, get_model, dense=False, what="val features", say=say)
+    train_features = split_features(train_data, train, get_model, dense=False, what="train features", say=say,
+                                    resize=resize)
+    val_features = split_features(val_data, val, get_model, dense=False, what="val features", say=say, resize=resize)
     record = {**train_data.describe(), "train_split": train_data.split, "val_split": val_data.split,
               "train_images": len(train_data), "val_images": len(val_data)}
     record.pop("split")
