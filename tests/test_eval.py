@@ -114,6 +114,24 @@ def test_patch_soft_labels_and_rare_class_sampling():
     assert len(knn_seg.sample_patches(soft, 500, torch.Generator())) == 100
 
 
+def test_majority_patch_labels_are_the_one_hot_of_the_most_frequent_class():
+    """CrIBo's Table 1 labels a memory patch by its majority class (--patch-labels majority); ties go to the lower
+    class; ignored pixels do not count; fully ignored patches stay out, as with soft labels."""
+    mask = np.array([[0, 1, 2, 2],
+                     [1, 1, 2, 255],
+                     [0, 0, 255, 255],
+                     [1, 1, 255, 255]])
+    feature_map = torch.randn(2, 2, 4)
+    pairs = lambda: iter([(0, feature_map, mask)])  # noqa: E731
+    soft = knn_seg.build_memory(pairs(), 3, per_image=None, ignore_index=255, generator=torch.Generator())
+    hard = knn_seg.build_memory(pairs(), 3, per_image=None, ignore_index=255, generator=torch.Generator(),
+                                majority=True)
+    assert torch.equal(hard.features, soft.features) and len(hard.labels) == 3  # the fully ignored patch is out
+    # patches: [0,1,1,1] -> 1; [2,2,2] -> 2; [0,0,1,1] -> a tie, to 0
+    assert hard.labels.tolist() == [[0, 1, 0], [0, 0, 1], [1, 0, 0]]
+    assert soft.labels[2].tolist() == [0.5, 0.5, 0.0]
+
+
 def test_patch_soft_labels_equal_area_pooling_of_the_one_hot_mask():
     """The counting implementation against its definition: adaptive average pooling of the one-hot
     mask (ignored pixels zero), renormalised; cell edges that do not divide the mask included."""
@@ -498,3 +516,17 @@ def test_eval_knn_and_linear_embed_images_as_dino_with_resize_center_crop(tmp_pa
                        str(run_dir), "--resize", "center-crop", "--epochs", "2", "--lr", "0.1", "--wd", "0",
                        "--out", str(tmp_path / "linear.json"), cwd=tmp_path, capsys=capsys)
     assert code == 0 and "already in" in err  # the centre-cropped features of eval knn, reused
+
+
+def test_knn_seg_cli_records_majority_patch_labels(tmp_path: Path, capsys):
+    train_dir, train_masks = _scene_data(tmp_path, "train", 8, 4, 8, 3, seed=0)
+    val_dir, val_masks = _scene_data(tmp_path, "val", 3, 4, 8, 3, seed=1)
+    results = {}
+    for labels in ("soft", "majority"):
+        code, out, err = cli("eval", "knn-seg", "--train", str(train_dir), "--train-masks", str(train_masks), "--val",
+                             str(val_dir), "--val-masks", str(val_masks), "--fraction", "1/1", "--k", "5",
+                             "--patch-labels", labels, "--json", "--out", str(tmp_path / f"{labels}.json"), capsys=capsys)
+        assert code == 0, err
+        results[labels] = json.loads(out)
+        assert results[labels]["settings"]["patch_labels"] == labels
+    assert 0 < results["majority"]["results"][0]["miou"] <= 1

@@ -34,6 +34,7 @@ Protocol = Literal["none", "hummingbird"]  # knn_seg.PROTOCOLS
 SegIndex = Literal["flat", "ivf"]  # knn_seg.INDEXES
 Search = Literal["auto", "torch", "faiss"]  # knn_seg.SEARCHES
 Device = Literal["auto", "cpu", "cuda"]  # knn.DEVICES
+PatchLabels = Literal["soft", "majority"]  # knn_seg.PATCH_LABELS
 Resize = Literal["square", "center-crop"]  # features.RESIZE_MODES
 RESIZE_OPTION = typer.Option("square", "--resize", parser=one_of("--resize", Resize),
                              help="How images this command embeds are fitted to the model's input: square (the whole image "
@@ -96,6 +97,7 @@ def knn_seg(
     nprobe: int = typer.Option(16, "--nprobe", min=1, help="IVF lists searched per query."),
     search: Search = typer.Option("auto", "--search", parser=one_of("--search", Search), help="auto: torch on a GPU, faiss on the CPU (torch without faiss); torch; faiss."),
     device: Device = typer.Option("auto", "--device", parser=one_of("--device", Device), help=DEVICE_HELP.format(what="torch search")),
+    patch_labels: PatchLabels = typer.Option("soft", "--patch-labels", parser=one_of("--patch-labels", PatchLabels), help="A memory patch's label: soft (its class histogram, Hummingbird's) or majority (its most frequent class, CrIBo's Table 1; with --k 50)."),
     data: Path = typer.Option(Path("data/fmnist-scenes"), "--data", help="fmnist-scenes folder used when no --train/--val is given (built when missing)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Results JSON [default: results/knn-seg-<time>.json]."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON instead of tables."),
@@ -138,7 +140,8 @@ def knn_seg(
     fractions = [lib.parse_fraction(f) for f in chosen["fractions"]]
     settings = lib.Settings(k=chosen["k"], temperature=chosen["temperature"], memory_size=chosen["memory_size"],
                             aug_passes=chosen["aug_passes"], ignore_index=inputs.ignore_index, runs=chosen["runs"], seed=seed,
-                            index=index, nlist=nlist, nprobe=nprobe, search=search, device=device)
+                            index=index, nlist=nlist, nprobe=nprobe, search=search, device=device,
+                            patch_labels=patch_labels)
     started = time.perf_counter()
     result = lib.knn_segmentation(train_source, val_source, fractions, settings, augmented=augmented,
                                   names=inputs.names, progress=sys.stderr.isatty())

@@ -277,7 +277,9 @@ class Memory:
 
 
 def build_memory(pairs: Iterator[tuple[int, torch.Tensor, np.ndarray]], num_classes: int, *, per_image: Optional[int],
-                 ignore_index: int, generator: torch.Generator) -> Memory:
+                 ignore_index: int, generator: torch.Generator, majority: bool = False) -> Memory:
+    """The memory of the training patches; each patch's label its class histogram, or with ``majority``
+    the one-hot of its most frequent class (ties to the lower class)."""
     features, labels = [], []
     for row, feature_map, mask in pairs:
         h, w, d = feature_map.shape
@@ -289,7 +291,8 @@ def build_memory(pairs: Iterator[tuple[int, torch.Tensor, np.ndarray]], num_clas
         keep = sample_patches(soft, per_image, generator) if per_image is not None else \
             torch.nonzero(soft.sum(1) > 0).squeeze(1)
         features.append(F.normalize(feature_map.reshape(-1, d).float()[keep], dim=1))
-        labels.append(soft[keep])
+        kept = soft[keep]
+        labels.append(F.one_hot(kept.argmax(1), num_classes).float() if majority else kept)
     if not features or sum(len(f) for f in features) == 0:
         raise UserError("the training masks label no patch (every pixel is ignored); check --train-masks and --ignore-index")
     return Memory(torch.cat(features), torch.cat(labels))
@@ -360,6 +363,9 @@ class FaissSearch:
 
 SEARCHES = ("auto", "torch", "faiss")
 INDEXES = ("flat", "ivf")
+# a memory patch's label: its class histogram (soft, the Hummingbird reference's) or its majority class
+# (one-hot, ties to the lower class: CrIBo's Table 1)
+PATCH_LABELS = ("soft", "majority")
 
 
 def build_search(features: torch.Tensor, settings: "Settings"):
@@ -403,6 +409,7 @@ class Settings:
     query_batch: int = 64  # validation images per search call
     search: str = "auto"  # auto | torch | faiss (build_search)
     device: str = "auto"  # auto | cpu | cuda, of the torch search
+    patch_labels: str = "soft"  # soft | majority (PATCH_LABELS)
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -511,8 +518,10 @@ def evaluate_once(train: FeatureMasks, val: FeatureMasks, rows: Sequence[int], s
         if augmented is not None:
             yield from augmented.pairs(rows)
 
+    if settings.patch_labels not in PATCH_LABELS:
+        raise UserError(f"--patch-labels {settings.patch_labels} is not one of {', '.join(PATCH_LABELS)}")
     memory = build_memory(train_pairs(), num_classes, per_image=per_image, ignore_index=settings.ignore_index,
-                          generator=generator)
+                          generator=generator, majority=settings.patch_labels == "majority")
     index = build_search(memory.features, settings)
     t_memory = time.perf_counter()
     batches = ((dense, [val.mask(row) for row in row_batch.tolist()])
