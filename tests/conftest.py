@@ -226,6 +226,25 @@ def as_killed_at(run_dir: Path, copy: Path, step: int) -> Path:
     return copy
 
 
+def pretrain_on_two_processes_and_one(tmp_path: Path, raw: dict, batch: int) -> dict[int, Path]:
+    """``raw`` trained by 2 processes of ``optim.batch_size`` ``batch`` (``accelerate launch``) and by 1 process of
+    twice that, each with a checkpoint after every step: the run folders, by number of processes."""
+    accelerate = Path(sys.executable).parent / "accelerate"
+    runs = {}
+    for processes in (2, 1):
+        recipe = copy.deepcopy(raw)
+        recipe["optim"]["batch_size"] = batch * (3 - processes)
+        recipe["train"].update(checkpoint_every=1, keep_checkpoints=4)
+        command = ([str(accelerate), "launch", "-q", "--num_processes", "2", "-m", "mlsctl"] if processes == 2
+                   else [sys.executable, "-m", "mlsctl"])
+        out = tmp_path / f"run{processes}"
+        result = subprocess.run([*command, "pretrain", str(write_recipe(tmp_path / f"r{processes}.yaml", recipe)),
+                                 "--out", str(out)], capture_output=True, text=True, env=cli_env(), timeout=300, cwd=REPO)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[processes] = out
+    return runs
+
+
 def sigkill_then_resume(recipe: Path, tmp_path: Path, total_steps: int) -> tuple[Path, Path]:
     """``recipe`` trained uninterrupted into TMP/full, and into TMP/killed killed with SIGKILL once ten
     metrics lines are written, then resumed; returns (full, killed) for the caller to compare. Fails

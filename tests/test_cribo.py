@@ -186,11 +186,7 @@ def test_loss_ablations(tmp_path, losses):
 
 @pytest.mark.slow
 def test_a_two_process_run_holds_identical_object_banks(tmp_path):
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from conftest import REPO, cli_env, make_images, write_recipe
+    from conftest import make_images, pretrain_on_two_processes_and_one
     from mlsctl.bank import load_banks
     from mlsctl.runs import Run
 
@@ -199,18 +195,7 @@ def test_a_two_process_run_holds_identical_object_banks(tmp_path):
                       optim__batch_size=2)
     raw["method"] = {"name": "cribo", "out_dim": 64, "hidden_dim": 64, "bottleneck_dim": 32, "n_clusters": 4,
                      "bank_images": 3, "warmup_teacher_temp_epochs": 0}
-    raw["train"].update(checkpoint_every=1, keep_checkpoints=4)
-    accelerate = Path(sys.executable).parent / "accelerate"
-    runs = {}
-    for processes, batch in ((2, 2), (1, 4)):  # 2 processes of batch 2 against 1 of batch 4
-        raw["optim"]["batch_size"] = batch
-        command = ([str(accelerate), "launch", "--num_processes", "2", "-m", "mlsctl"] if processes == 2
-                   else [sys.executable, "-m", "mlsctl"])
-        out = tmp_path / f"run{processes}"
-        result = subprocess.run([*command, "pretrain", str(write_recipe(tmp_path / f"r{processes}.yaml", raw)),
-                                 "--out", str(out)], capture_output=True, text=True, env=cli_env(), timeout=300, cwd=REPO)
-        assert result.returncode == 0, result.stderr[-3000:]
-        runs[processes] = out
+    runs = pretrain_on_two_processes_and_one(tmp_path, raw, 2)  # 2 processes of batch 2 against 1 of batch 4
     log = (runs[2] / "train.log").read_text()
     assert "memory banks identical on all 2 processes" in log  # checked at every checkpoint
     bank = load_banks(Run(runs[2]).latest().banks_path)["objects"]

@@ -170,29 +170,14 @@ def test_two_processes_mine_the_pairs_of_one(tmp_path):
     """A review (2026-12-05): each process mined pairs in its own half of the batch only (step 1's loss 0.634
     on 2 processes against 0.674 on 1, 8 negative pairs against 47). The loss now mines and scores the
     gathered batch: 2 processes of batch 4 compute the loss, the pairs and the update of 1 process of batch 8."""
-    import subprocess
-    import sys
-
     from safetensors.torch import load_file
 
-    from conftest import REPO, cli_env
+    from conftest import pretrain_on_two_processes_and_one
     from mlsctl.runs import Run
 
-    images = _class_images(tmp_path / "images", 6, 4)
-    runs = {}
-    for processes, batch in ((2, 4), (1, 8)):
-        raw = _ms_recipe(images)
-        raw["optim"].update(batch_size=batch, epochs=1)
-        raw["train"].update(checkpoint_every=1, keep_checkpoints=4)
-        path = write_recipe(tmp_path / f"r{processes}.yaml", raw)
-        accelerate = Path(sys.executable).parent / "accelerate"
-        command = ([str(accelerate), "launch", "-q", "--num_processes", "2", "-m", "mlsctl"] if processes == 2
-                   else [sys.executable, "-m", "mlsctl"])
-        out = tmp_path / f"run{processes}"
-        result = subprocess.run([*command, "pretrain", str(path), "--out", str(out)], capture_output=True, text=True,
-                                env=cli_env(), timeout=300, cwd=REPO)
-        assert result.returncode == 0, result.stderr[-3000:]
-        runs[processes] = out
+    raw = _ms_recipe(_class_images(tmp_path / "images", 6, 4))
+    raw["optim"]["epochs"] = 1
+    runs = pretrain_on_two_processes_and_one(tmp_path, raw, 4)  # 2 processes of batch 4 against 1 of batch 8
     first = {n: json.loads((runs[n] / "metrics.jsonl").read_text().splitlines()[0]) for n in runs}
     assert first[2]["loss"] == pytest.approx(first[1]["loss"], rel=1e-5)
     assert first[2]["grad_norm"] == pytest.approx(first[1]["grad_norm"], rel=1e-4)  # the gradient's scale too

@@ -371,10 +371,7 @@ def test_shipped_recipes_validate(tmp_path):
 
 @pytest.mark.slow
 def test_a_two_process_run_holds_identical_memories(tmp_path):
-    import subprocess
-    import sys
-
-    from conftest import REPO, cli_env
+    from conftest import pretrain_on_two_processes_and_one
     from mlsctl.bank import load_banks
     from mlsctl.runs import Run
 
@@ -383,18 +380,7 @@ def test_a_two_process_run_holds_identical_memories(tmp_path):
                       optim__batch_size=2)
     raw["method"] = {**SOVE_METHOD, "class_memory_size": 24, "patch_memory_size": 12, "cls_anchors": 4,
                      "cls_supports": 2, "patch_anchors": 3}
-    raw["train"].update(checkpoint_every=1, keep_checkpoints=4)
-    accelerate = Path(sys.executable).parent / "accelerate"
-    runs = {}
-    for processes, batch in ((2, 2), (1, 4)):  # 2 processes of batch 2 against 1 of batch 4
-        raw["optim"]["batch_size"] = batch
-        command = ([str(accelerate), "launch", "--num_processes", "2", "-m", "mlsctl"] if processes == 2
-                   else [sys.executable, "-m", "mlsctl"])
-        out = tmp_path / f"run{processes}"
-        result = subprocess.run([*command, "pretrain", str(write_recipe(tmp_path / f"r{processes}.yaml", raw)),
-                                 "--out", str(out)], capture_output=True, text=True, env=cli_env(), timeout=300, cwd=REPO)
-        assert result.returncode == 0, result.stderr[-3000:]
-        runs[processes] = out
+    runs = pretrain_on_two_processes_and_one(tmp_path, raw, 2)  # 2 processes of batch 2 against 1 of batch 4
     assert "memory banks identical on all 2 processes" in (runs[2] / "train.log").read_text()
     banks = load_banks(Run(runs[2]).latest().banks_path)
     assert banks["E_C"].n_written == 16 and banks["E_P"].n_written == 16  # 4 steps x 2 processes x 2 images
