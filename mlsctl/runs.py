@@ -64,15 +64,17 @@ class Checkpoint:
     optimizer_path = property(lambda self: self.path / "optimizer.pt")
     rng_path = property(lambda self: self.path / "rng.pt")
     state_path = property(lambda self: self.path / "state.json")
+    config_path = property(lambda self: self.path / "config.yaml")  # the recipe it was trained with (since 2026-12-06)
 
     def state(self) -> dict:
         try:
             state = json.loads(self.state_path.read_text())
         except (OSError, ValueError) as exc:
-            raise UserError(f"checkpoint {self.path} is damaged ({exc}); delete it to fall back to an earlier one") from None
+            raise UserError(f"{self.state_path} is damaged ({exc}); delete {self.path} to resume from the checkpoint "
+                            f"before it, or start a new run", exit_code=1) from None
         if not (isinstance(state, dict) and isinstance(state.get("step"), int) and isinstance(state.get("format_version"), int)):
-            raise UserError(f"checkpoint {self.path} is damaged (its state.json lacks an integer step or format_version); "
-                            f"delete it to fall back to an earlier one")
+            raise UserError(f"{self.state_path} is damaged (it lacks an integer step or format_version); delete "
+                            f"{self.path} to resume from the checkpoint before it, or start a new run", exit_code=1)
         if state.get("format_version", 0) > RUN_FORMAT_VERSION:
             raise UserError(f"checkpoint {self.path} was written by a newer mlsctl (format {state['format_version']}); upgrade mlsctl")
         return state

@@ -594,14 +594,18 @@ def test_10_damaged_bank_and_checkpoint_files_are_one_sentence(run_copy, capsys)
         def __reduce__(self):
             return (os.system, ("echo owned > /tmp/mlsctl-owned",))
 
-    (checkpoint / "optimizer.pt").write_bytes(pickle.dumps({"optimizer": Evil()}))
-    shutil.copy(sorted((run / "checkpoints").iterdir())[0] / "banks.safetensors", banks)
+    shutil.rmtree(checkpoint)  # the final checkpoint gone: --resume continues from the one before it
+    earlier = sorted((run / "checkpoints").iterdir())[-1]
+    (earlier / "optimizer.pt").write_bytes(pickle.dumps({"optimizer": Evil()}))
     code, _, err = cli("pretrain", str(recipe), "optim.epochs=3", "--out", str(run), "--resume", capsys=capsys)
     assert code == 2  # the changed recipe is refused before any file is read
     config_path = run / "config.yaml"
     saved = yaml.safe_load(config_path.read_text())
     saved["optim"]["epochs"] = 3
     config_path.write_text(yaml.safe_dump(saved))
+    code, _, err = cli("pretrain", str(config_path), "--out", str(run), "--resume", capsys=capsys)
+    assert code == 2 and "was edited after" in err  # nor a hand-edited config.yaml (it was trained on)
+    shutil.copy(earlier / "config.yaml", config_path)  # restored: now the damaged optimizer.pt is reached
     code, _, err = cli("pretrain", str(config_path), "--out", str(run), "--resume", capsys=capsys)
     line = one_sentence(err)
     assert code == 1 and "optimizer.pt" in line and "not loaded" in line

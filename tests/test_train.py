@@ -133,6 +133,32 @@ def test_run_folder_rules(finished_run, tmp_path: Path, capsys):
     assert code == 2 and "--out runs/copy is not empty" in err and not (tmp_path / "runs" / "config").exists()
 
 
+def test_resume_refuses_a_config_yaml_edited_since_the_checkpoint(finished_run, tmp_path: Path, capsys):
+    """RUN/config.yaml resumed as itself (the command a stop prints) compared only with itself: a
+    hand-edited lr, schedule or batch changed the run mid-way, and a finished run trained on. Each
+    checkpoint now keeps the recipe it was trained with, and --resume compares with it."""
+    run_dir, recipe = finished_run
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    config = copy / "config.yaml"
+    original = config.read_text()
+    assert (Run(copy).latest().config_path).read_text() == original
+    teacher = (copy / "teacher.safetensors").read_bytes()
+    for key, old, new in [("optim.epochs", "epochs: 2", "epochs: 4"), ("optim.lr", "lr: 0.001", "lr: 0.002"),
+                          ("optim.batch_size", "batch_size: 4", "batch_size: 8")]:
+        assert f"  {old}\n" in original
+        config.write_text(original.replace(f"  {old}\n", f"  {new}\n", 1))
+        code, _, err = cli("pretrain", str(config), "--out", str(copy), "--resume", capsys=capsys)
+        assert code == 2 and "was edited after step-00000008 was trained" in err and key in err, err
+        assert (copy / "teacher.safetensors").read_bytes() == teacher
+    config.write_text(original.replace("  log_every: 1\n", "  log_every: 2\n", 1))  # a key that may change
+    code, _, err = cli("pretrain", str(config), "--out", str(copy), "--resume", capsys=capsys)
+    assert code == 0 and "already complete (8 steps)" in err
+    config.unlink()
+    code, _, err = cli("pretrain", str(recipe), "--out", str(copy), "--resume", capsys=capsys)
+    assert code == 2 and "checkpoints/step-00000008/config.yaml, the recipe its newest checkpoint" in err
+
+
 def test_init_from_a_run_and_from_a_weights_file(finished_run, images: Path):
     run_dir, recipe_path = finished_run
     from mlsctl.restore import initial_weights as _load_initial_weights
@@ -436,3 +462,18 @@ def test_an_empty_init_from_is_refused(tmp_path, images):
     with pytest.raises(UserError, match="--init-from is empty"):
         pretrain(config.load_recipe(str(path)), tmp_path / "run", init_from="")
     assert not (tmp_path / "run").exists()
+
+
+def test_resume_of_a_run_of_another_method_says_which_methods(tmp_path: Path):
+    """A probe (2026-12-05): a DINO recipe resumed into an MLS run listed five differing keys."""
+    from mlsctl import config as config_lib
+    from mlsctl.errors import UserError
+    from mlsctl.train.run_dir import _check_unchanged
+
+    saved = config_lib.load_recipe("mls_fmnist_quick")
+    with pytest.raises(UserError, match=r"run is a run of method mls, and the recipe trains dino; resume continues"):
+        _check_unchanged(Run(tmp_path / "run"), saved, config_lib.load_recipe("dino_fmnist_quick"))
+    with pytest.raises(UserError, match=r"differs from .*config.yaml at [a-z_.]+(, [a-z_.]+){4} and 1 more; resume"):
+        _check_unchanged(Run(tmp_path / "run"), saved, config_lib.load_recipe(
+            "mls_fmnist_quick", ["optim.lr=0.5", "optim.epochs=3", "method.k=5", "method.temperature=0.3", "seed=4",
+                                 "optim.weight_decay=0.2"]))

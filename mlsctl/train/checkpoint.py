@@ -4,7 +4,8 @@ teacher exported at the end of a run.
 
 A checkpoint holds everything that decides the next step: weights and buffers
 (``model.safetensors``), banks (``banks.safetensors``), optimizer and grad-scaler state
-(``optimizer.pt``), every process's RNG states (``rng.pt``) and ``state.json``.
+(``optimizer.pt``), every process's RNG states (``rng.pt``), ``state.json`` and the recipe it was
+trained with (``config.yaml``: ``--resume`` refuses a ``RUN/config.yaml`` edited since).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from mlsctl import __version__, atomic, dist, provenance
+from mlsctl import __version__, atomic, config, dist, provenance
 from mlsctl.bank import save_banks
 from mlsctl.errors import UserError, first_line
 from mlsctl.restore import read_checkpoint_weights
@@ -98,6 +99,7 @@ def save_checkpoint(run: Run, step: int, method, optimizer, accelerator, recipe,
                  "world_size": accelerator.num_processes, "mlsctl_version": __version__, "torch_version": torch.__version__,
                  "commit": provenance.commit(), "device": provenance.device_name(accelerator.device)}
         atomic.write_json(tmp / "state.json", state)
+        config.save_recipe(recipe, tmp / "config.yaml")  # what --resume compares RUN/config.yaml with
         for f in tmp.iterdir():
             with open(f, "rb") as handle:
                 os.fsync(handle.fileno())
@@ -141,8 +143,11 @@ def load_checkpoint(checkpoint: Checkpoint, method, optimizer, accelerator) -> d
 
     state = checkpoint.state()
     if state.get("world_size") != accelerator.num_processes:
-        raise UserError(f"{checkpoint.path} was written by {state.get('world_size')} processes; resume with the same "
-                        f"number (accelerate launch --num_processes {state.get('world_size')} -m mlsctl pretrain ...)")
+        world = state.get("world_size")
+        how = ("one process (mlsctl pretrain ..., without accelerate launch)" if world == 1 else
+               f"the same number (accelerate launch --num_processes {world} -m mlsctl pretrain ...)")
+        raise UserError(f"{checkpoint.path} was written by {world} process{'' if world == 1 else 'es'} and this resume "
+                        f"runs {accelerator.num_processes}; resume with {how}")
     weights = read_checkpoint_weights(checkpoint.model_path)  # damaged: one sentence saying to delete it
     try:
         method.load_state_dict(weights, strict=True)

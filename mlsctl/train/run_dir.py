@@ -63,6 +63,40 @@ def _same_images(run: Run, saved, recipe, folder: ImageFolder) -> None:
                         f"start a new run with another --out")
 
 
+def _unsafe_changes(before, after) -> list[str]:
+    return [k for k in config_lib.differences(before, after)
+            if k not in RESUME_SAFE_KEYS and not k.startswith("train.monitor.")]
+
+
+def _named(keys: list[str]) -> str:
+    return ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+
+
+def _check_unchanged(run: Run, saved, recipe) -> None:
+    """--resume: the recipe given must compute what RUN/config.yaml computes."""
+    changed = _unsafe_changes(saved, recipe)
+    if not changed:
+        return
+    if saved.method.name != recipe.method.name:
+        what = f"{run.root} is a run of method {saved.method.name}, and the recipe trains {recipe.method.name}"
+    else:
+        what = f"the recipe differs from {run.config_path} at {_named(changed)}"
+    raise UserError(f"{what}; resume continues the saved run as it was: drop those changes, or start a new run with "
+                    f"another --out (with --init-from {run.root} to start from its weights)")
+
+
+def _check_unchanged_since(run: Run, latest, saved) -> None:
+    """--resume: RUN/config.yaml must still say what the newest checkpoint was trained with (its
+    own config.yaml); a hand-edited learning rate, schedule or batch would change the run mid-way."""
+    trained = config_lib.absolute_paths(config_lib.load_recipe(str(latest.config_path)))
+    changed = _unsafe_changes(trained, saved)
+    if changed:
+        raise UserError(f"{run.config_path} was edited after {latest.path.name} was trained: it differs from "
+                        f"{latest.config_path} at {_named(changed)}; copy that file back to {run.config_path} to "
+                        f"resume, or start a new run with another --out (with --init-from {run.root} to start from its "
+                        f"weights)")
+
+
 def open_run_dir(run: Run, recipe, folder: ImageFolder, lock: FolderLock, *, resume: bool,
                   overwrite: bool, init_from: Optional[str]) -> Optional[str]:
     """Process 0, after every input has been validated: lock the run folder, then either check it
@@ -80,18 +114,18 @@ def open_run_dir(run: Run, recipe, folder: ImageFolder, lock: FolderLock, *, res
         if resume:
             if not run.config_path.is_file():
                 if run.own_entries():
+                    latest = run.latest()
+                    source = (f"copy {latest.config_path}, the recipe its newest checkpoint was trained with"
+                              if latest is not None and latest.config_path.is_file()
+                              else "a copy of the recipe it was started with")
                     raise UserError(f"{run.root} holds a run's files but no config.yaml, so it cannot be resumed: "
-                                    f"restore config.yaml (a copy of the recipe it was started with), or start a new "
-                                    f"run with another --out")
+                                    f"restore config.yaml ({source}), or start a new run with another --out")
                 raise UserError(f"nothing to resume in {run.root} (no config.yaml); drop --resume to start a new run")
             saved = config_lib.absolute_paths(config_lib.load_recipe(str(run.config_path)))
-            changed = [k for k in config_lib.differences(saved, recipe)
-                       if k not in RESUME_SAFE_KEYS and not k.startswith("train.monitor.")]
-            if changed:
-                raise UserError(f"the recipe differs from {run.config_path} at {', '.join(changed[:5])}; resume "
-                                f"continues the saved run as it was: drop those changes, or start a new run with --out "
-                                f"(with --init-from {run.root} to start from its weights)")
+            _check_unchanged(run, saved, recipe)
             latest = run.latest()
+            if latest is not None and latest.config_path.is_file():
+                _check_unchanged_since(run, latest, saved)
             if latest is None and run.teacher_weights_path.is_file():  # finished, its checkpoints removed since
                 raise UserError(f"{run.root} has no checkpoint left to resume from, but its finished teacher is in "
                                 f"{run.teacher_weights_path}: start a new run from it with --out NEW --init-from "
