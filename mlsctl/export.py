@@ -87,18 +87,23 @@ def run_pretrained_cfg(net: torch.nn.Module, recipe, record: dict) -> dict:
     trained instead of the tag, licence, source and papers of the timm release the architecture is
     named after (none of which applies to weights this run trained). Only fields of timm's
     ``PretrainedCfg``, so timm reads it back."""
+    step = f"step {record['step']}" if record.get("step") is not None else "its final teacher"
+    return own_pretrained_cfg(net, recipe.model.arch, recipe.model.img_size,
+                              f"{recipe.model.arch} trained with mlsctl {record['mlsctl_version']} ({record['method']}, "
+                              f"run {record['run']}, {step}, data.root {record['data_root']})")
+
+
+def own_pretrained_cfg(net: torch.nn.Module, arch: str, img_size: int, what: str) -> dict:
+    """The ``pretrained_cfg`` of weights that are not a timm release (``what`` says what they are):
+    the architecture's layout fields, ``mlsctl embed``'s preprocessing at ``img_size``, no tag or
+    licence."""
     from timm.models._input import get_model_input_config
 
     own = dict(getattr(net, "pretrained_cfg", None) or {})
-    step = f"step {record['step']}" if record.get("step") is not None else "its final teacher"
-    cfg = {"architecture": recipe.model.arch, **{k: own.get(k) for k in _ARCHITECTURE_CFG_KEYS},
-           **data_config(recipe.model.img_size),
-           "fixed_input_size": bool(get_model_input_config(net)["fixed_input_size"]), "pool_size": None,
-           "num_classes": getattr(net, "num_classes", 0), "custom_load": False,
-           "description": (f"{recipe.model.arch} trained with mlsctl {record['mlsctl_version']} ({record['method']}, "
-                           f"run {record['run']}, {step}, data.root {record['data_root']}); its own weights, not "
-                           f"a timm release: no timm tag or licence applies")}
-    return cfg
+    return {"architecture": arch, **{k: own.get(k) for k in _ARCHITECTURE_CFG_KEYS}, **data_config(img_size),
+            "fixed_input_size": bool(get_model_input_config(net)["fixed_input_size"]), "pool_size": None,
+            "num_classes": getattr(net, "num_classes", 0), "custom_load": False,
+            "description": f"{what}; its own weights, not a timm release: no timm tag or licence applies"}
 
 
 def _set_pretrained_cfg(net: torch.nn.Module, cfg: dict) -> None:
@@ -272,15 +277,22 @@ def _load_export(path: Path) -> torch.nn.Module:
         raise UserError(describe_environment_error(exc) or f"timm cannot load {path} ({first_line(exc)}); {fix}") from None
 
 
-def load_backbone(path: str | Path) -> torch.nn.Module:
-    """The timm model of an exported folder (``config.json`` + ``model.safetensors``) or of a run
-    (its teacher), in eval mode: ``model(x)`` gives the global feature ``mlsctl embed`` stores."""
+def load_backbone(path: str | Path, arch: Optional[str] = None) -> torch.nn.Module:
+    """The timm model of an exported folder (``config.json`` + ``model.safetensors``), of a run (its
+    teacher) or of a weights file (``.safetensors``/``.pth``, as ``--weights`` takes; ``arch``: its
+    timm architecture when the file does not record it), in eval mode: ``model(x)`` gives the global
+    feature ``mlsctl embed`` stores, ``[B, D]``; ``model.forward_features(x)[:, model.num_prefix_tokens:]``
+    the patch tokens ``embed --dense`` stores, ``[B, h·w, D]``. Its ``pretrained_cfg`` holds the
+    preprocessing those features were made with (``timm.data.resolve_data_config({}, model=model)``)."""
 
     path = Path(path)
     if not path.exists():
-        raise UserError(f"{path} does not exist; give an exported model folder (mlsctl export) or a run folder")
+        raise UserError(f"{path} does not exist; give an exported model folder (mlsctl export), a run folder or a "
+                        f"weights file (.safetensors, .pth)")
     if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
         return _load_export(path)
+    if path.is_file():
+        return _load_weights_file(path, arch)
     from mlsctl.restore import is_run_folder
 
     if is_run_folder(path):
@@ -291,4 +303,14 @@ def load_backbone(path: str | Path) -> torch.nn.Module:
         _set_pretrained_cfg(vit, run_pretrained_cfg(vit, recipe, provenance(run, recipe, step)))
         return vit
     raise UserError(f"{path} is neither an exported model folder (config.json + model.safetensors) nor a run folder "
-                    f"(config.yaml); give one of them")
+                    f"(config.yaml); give one of them, or a weights file (.safetensors, .pth)")
+
+
+def _load_weights_file(path: Path, arch: Optional[str]) -> torch.nn.Module:
+    from mlsctl.models.source import from_weights
+
+    choice = from_weights(path, arch)
+    vit = choice.backbone.net.eval()
+    _set_pretrained_cfg(vit, own_pretrained_cfg(vit, choice.info["arch"], choice.info["img_size"],
+                                                f"{choice.info['arch']} with the weights of {path}"))
+    return vit

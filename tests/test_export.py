@@ -196,9 +196,11 @@ def test_24_1_timms_transform_of_the_run_and_of_the_export_is_embeds(finished_ru
 
     run_dir, _ = finished_run
     folder = _odd_images(tmp_path / "odd")
-    cli_ok(capsys, "embed", str(folder), "--run", str(run_dir), "--dtype", "fp32", "--out", str(tmp_path / "feats"))
+    cli_ok(capsys, "embed", str(folder), "--run", str(run_dir), "--dtype", "fp32", "--dense", "--out",
+           str(tmp_path / "feats"))
     features = Features(tmp_path / "feats")
     expected = features.global_features().float()
+    expected_patches = torch.cat([dense for _, dense in features.iter_dense(batch=len(features.files))]).float()
     cli_ok(capsys, "export", str(run_dir), "--out", str(tmp_path / "exp"))
     plain = timm.create_model(  # the README's plain-timm call, with the run's preprocessing in the overlay
         "vit_small_patch16_224", pretrained=True, num_classes=0, img_size=32, patch_size=8, embed_dim=32, depth=2,
@@ -206,15 +208,19 @@ def test_24_1_timms_transform_of_the_run_and_of_the_export_is_embeds(finished_ru
                                                  mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), crop_pct=1.0,
                                                  crop_mode="squash"))
     models = {"load_backbone(run)": load_backbone(run_dir),
+              "load_backbone(weights file)": load_backbone(run_dir / "teacher.safetensors"),  # an API probe: refused
               "timm local-dir export": timm.create_model(f"local-dir:{tmp_path / 'exp'}", pretrained=True),
               "timm + overlay": plain}
     for name, model in models.items():
         config = timm.data.resolve_data_config({}, model=model.eval())
         assert config["input_size"] == (3, 32, 32) and config["crop_mode"] == "squash", (name, config)
         transform = timm.data.create_transform(**config)
+        batch = torch.stack([transform(Image.open(folder / f).convert("RGB")) for f in features.files])
         with torch.no_grad():
-            got = torch.cat([model(transform(Image.open(folder / f).convert("RGB"))[None]) for f in features.files])
+            got = model(batch)
+            patches = model.forward_features(batch)[:, model.num_prefix_tokens:]  # as load_backbone's docstring says
         assert torch.allclose(got, expected, atol=1e-5), (name, float((got - expected).abs().max()))
+        assert torch.allclose(patches, expected_patches.flatten(1, 2), atol=1e-5), name
 
 
 def test_24_1_the_export_says_what_it_is_and_borrows_no_tag_or_licence(finished_run, tmp_path, capsys):
