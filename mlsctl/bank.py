@@ -111,6 +111,11 @@ class QueryFeature:
 
 
 class MemoryBank:
+    """A FIFO ring of ``size`` L2-normalised vectors of width ``dim``, each slot with its payload
+    columns (image id, step, label, ...): :meth:`enqueue` a batch (gathered across processes),
+    :meth:`query` the nearest slots of a batch of queries by cosine, ``ages`` and the payload to see
+    what it holds. The module docstring and docs/banks.md give the semantics the tests pin."""
+
     def __init__(
         self,
         size: int,
@@ -429,6 +434,8 @@ def save_banks(banks: Mapping[str, MemoryBank], path: str | Path) -> None:
     the metadata key ``query_features`` holds each bank's :class:`QueryFeature` as JSON."""
     from safetensors.torch import save_file
 
+    if not isinstance(banks, Mapping):
+        raise TypeError(f"save_banks takes the banks by name, such as {{'cls': bank}}, not a {type(banks).__name__}")
     tensors = {}
     for name, bank in banks.items():
         if "/" in name:
@@ -466,7 +473,18 @@ def read_bank_states(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
 
 
 def load_banks(path: str | Path) -> dict[str, MemoryBank]:
-    """Rebuild every bank of a file from its tensors (and query features) alone."""
+    """Rebuild every bank of a file (``RUN/checkpoints/step-N/banks.safetensors``, or one
+    :func:`save_banks` wrote) from its tensors (and query features) alone, by name. A missing file
+    is a FileNotFoundError, a damaged one a ValueError; both name the file."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path} does not exist; give a banks file such as RUN/checkpoints/step-N/banks.safetensors")
+    try:
+        return _load_banks(path)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+
+
+def _load_banks(path: str | Path) -> dict[str, MemoryBank]:
     states, metadata = _read(path)
     banks = {}
     try:

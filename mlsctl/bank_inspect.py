@@ -38,7 +38,7 @@ def open_banks(run_dir: str | Path, step: Optional[int] = None) -> tuple[Run, Ch
     try:
         banks = load_banks(checkpoint.banks_path)
     except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read {checkpoint.banks_path}: {exc}") from None
+        raise UserError(f"cannot read {exc}") from None  # load_banks names the file
     return run, checkpoint, banks
 
 

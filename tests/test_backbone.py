@@ -28,6 +28,15 @@ def test_outputs_cls_and_patch_grid(size):
     assert out.patches.shape == (2, size[0] // 8, size[1] // 8, 32)
 
 
+def test_a_batch_that_is_not_float_images_is_one_sentence():
+    """An API probe (2026-12-05): one image without its batch dimension gave 'not enough values to
+    unpack', uint8 pixels a conv's dtype error from inside torch."""
+    with pytest.raises(ValueError, match=r"got a torch.float32 tensor of shape \[3, 32, 32\] \(add a batch dimension"):
+        tiny()(torch.randn(3, 32, 32))
+    with pytest.raises(ValueError, match=r"takes normalised float images \[B, C, H, W\], got a torch.uint8"):
+        tiny()(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+
+
 def test_register_tokens_are_not_patches():
     model = Backbone("vit_small_patch16_224", img_size=32, patch_size=8, timm_kwargs={**TINY, "reg_tokens": 4})
     assert model.num_prefix_tokens == 5

@@ -293,3 +293,19 @@ def test_what_a_bank_cannot_store_faithfully_is_refused_and_nothing_held_is_lost
     assert bank._held is not None and len(bank._held) == 2 and bank.filled == 0
     with pytest.raises(ValueError, match=r"query expects queries of shape \[n, 2\], got \[1, 3\]"):
         bank.query(torch.ones(1, 3), 1)
+
+
+def test_load_and_save_banks_name_the_file_and_the_mistake(tmp_path):
+    """An API probe (2026-12-05): a missing file was 'it is not a complete safetensors file (No such
+    file ...)', a weights file 'its banks are not complete', and save_banks(bank) an AttributeError."""
+    from safetensors.torch import save_file
+
+    from mlsctl.bank import load_banks, save_banks
+
+    with pytest.raises(FileNotFoundError, match=r"nope.safetensors does not exist; give a banks file"):
+        load_banks(tmp_path / "nope.safetensors")
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "weights.safetensors"))
+    with pytest.raises(ValueError, match=r"weights.safetensors: its banks are not complete"):
+        load_banks(tmp_path / "weights.safetensors")
+    with pytest.raises(TypeError, match=r"save_banks takes the banks by name, such as \{'cls': bank\}"):
+        save_banks(MemoryBank(4, 2), tmp_path / "b.safetensors")

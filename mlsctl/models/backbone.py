@@ -54,11 +54,20 @@ from mlsctl.models import weights as weights_lib
 
 @dataclass
 class BackboneOutput:
+    """What :class:`Backbone` gives for a batch: ``cls`` [B, D], the global feature (a ViT's CLS token,
+    or its projection with ``embedding_dim``; a CNN's pooled map) and ``patches`` [B, h, w, D], one
+    token per patch on the ``h × w`` grid (a CNN's last feature map)."""
+
     cls: torch.Tensor  # [B, D]
     patches: torch.Tensor  # [B, h, w, D]
 
 
 class Backbone(nn.Module):
+    """A timm model (``arch``; ViT or CNN) built for ``img_size`` at stride ``patch_size``, optionally
+    with LoRA adapters and a mask token (SOVE's masked patches); ``forward(x)`` takes normalised float
+    images [B, C, H, W] (H, W multiples of the patch size) and returns a :class:`BackboneOutput`.
+    The timm module itself is ``.net`` (LoRA unwrapped)."""
+
     def __init__(self, arch: str, *, img_size: int = 224, patch_size: Optional[int] = 16, drop_path_rate: float = 0.0,
                  pretrained: bool = False, weights: Optional[str] = None, timm_kwargs: Optional[dict[str, Any]] = None,
                  lora: Optional[lora_lib.LoraSettings] = None, mask_token: bool = False, embedding_dim: int = 0,
@@ -157,6 +166,9 @@ class Backbone(nn.Module):
             and getattr(self.net, "cls_token", None) is not None
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> BackboneOutput:
+        if x.ndim != 4 or not x.is_floating_point():
+            raise ValueError(f"the backbone takes normalised float images [B, C, H, W], got a {x.dtype} tensor of "
+                             f"shape {list(x.shape)}" + (" (add a batch dimension: x[None])" if x.ndim == 3 else ""))
         b, _, height, width = x.shape
         if height % self.patch_size or width % self.patch_size:
             raise ValueError(f"input {height}x{width} is not a multiple of the patch size {self.patch_size}")
