@@ -477,3 +477,18 @@ def test_resume_of_a_run_of_another_method_says_which_methods(tmp_path: Path):
         _check_unchanged(Run(tmp_path / "run"), saved, config_lib.load_recipe(
             "mls_fmnist_quick", ["optim.lr=0.5", "optim.epochs=3", "method.k=5", "method.temperature=0.3", "seed=4",
                                  "optim.weight_decay=0.2"]))
+
+
+def test_resume_with_images_added_or_removed_at_the_end_names_the_first_one(tmp_path: Path):
+    """A probe (2026-12-05): images added after the last one were 'the lists differ at their end'."""
+    from types import SimpleNamespace
+
+    from mlsctl.errors import UserError
+    from mlsctl.train.run_dir import _same_images
+
+    run = SimpleNamespace(image_list=lambda: ["a.png", "b.png"], images_path=tmp_path / "images.txt", root=tmp_path)
+    recipe = SimpleNamespace(data=SimpleNamespace(root="data"))
+    for listed, said in [(["a.png", "b.png", "c.png"], "'c.png' and any after it are new"),
+                         (["a.png"], "'b.png' and any after it are gone")]:
+        with pytest.raises(UserError, match=said):
+            _same_images(run, recipe, recipe, SimpleNamespace(relpaths=lambda listed=listed: listed))

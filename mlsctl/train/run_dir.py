@@ -56,8 +56,12 @@ def _same_images(run: Run, saved, recipe, folder: ImageFolder) -> None:
                         f"with data.root={saved.data.root}, or start a new run")
     if recorded != listed:
         differs = next((i for i, (a, b) in enumerate(zip(recorded, listed)) if a != b), min(len(recorded), len(listed)))
-        example = (f"image {differs} is {listed[differs]!r}, was {recorded[differs]!r}"
-                   if differs < min(len(recorded), len(listed)) else "the lists differ at their end")
+        if differs < min(len(recorded), len(listed)):
+            example = f"image {differs} is {listed[differs]!r}, was {recorded[differs]!r}"
+        elif len(listed) > len(recorded):
+            example = f"{listed[differs]!r} and any after it are new"
+        else:
+            example = f"{recorded[differs]!r} and any after it are gone"
         raise UserError(f"data.root {recipe.data.root} holds {len(listed)} images, but the run was trained on the "
                         f"{len(recorded)} listed in {run.images_path} ({example}); resume with the same images, or "
                         f"start a new run with another --out")
