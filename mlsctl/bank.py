@@ -111,7 +111,7 @@ class QueryFeature:
 
 
 class MemoryBank:
-    """A FIFO ring of ``size`` L2-normalised vectors of width ``dim``, each slot with its payload
+    """A FIFO ring of ``size`` vectors of width ``dim`` (detached copies of what is enqueued), each slot with its payload
     columns (image id, step, label, ...): :meth:`enqueue` a batch (gathered across processes),
     :meth:`query` the nearest slots of a batch of queries by cosine, ``ages`` and the payload to see
     what it holds. The module docstring and docs/banks.md give the semantics the tests pin."""
@@ -477,7 +477,8 @@ def load_banks(path: str | Path) -> dict[str, MemoryBank]:
     :func:`save_banks` wrote) from its tensors (and query features) alone, by name. A missing file
     is a FileNotFoundError, a damaged one a ValueError; both name the file."""
     if not Path(path).is_file():
-        raise FileNotFoundError(f"{path} does not exist; give a banks file such as RUN/checkpoints/step-N/banks.safetensors")
+        what = "is not a file" if Path(path).exists() else "does not exist"
+        raise FileNotFoundError(f"{path} {what}; give a banks file such as RUN/checkpoints/step-N/banks.safetensors")
     try:
         return _load_banks(path)
     except ValueError as exc:

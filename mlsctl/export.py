@@ -281,7 +281,7 @@ def load_backbone(path: str | Path, arch: Optional[str] = None) -> torch.nn.Modu
     """The timm model of an exported folder (``config.json`` + ``model.safetensors``), of a run (its
     teacher) or of a weights file (``.safetensors``/``.pth``, as ``--weights`` takes; ``arch``: its
     timm architecture when the file does not record it), in eval mode: ``model(x)`` gives the global
-    feature ``mlsctl embed`` stores, ``[B, D]``; ``model.forward_features(x)[:, model.num_prefix_tokens:]``
+    feature ``mlsctl embed`` stores, ``[B, D]``; for a ViT, ``model.forward_features(x)[:, model.num_prefix_tokens:]``
     the patch tokens ``embed --dense`` stores, ``[B, h·w, D]``. Its ``pretrained_cfg`` holds the
     preprocessing those features were made with (``timm.data.resolve_data_config({}, model=model)``)."""
 
@@ -289,10 +289,12 @@ def load_backbone(path: str | Path, arch: Optional[str] = None) -> torch.nn.Modu
     if not path.exists():
         raise UserError(f"{path} does not exist; give an exported model folder (mlsctl export), a run folder or a "
                         f"weights file (.safetensors, .pth)")
-    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
-        return _load_export(path)
     if path.is_file():
         return _load_weights_file(path, arch)
+    if arch is not None:
+        raise UserError(f"arch= applies to a weights file; {path} is a folder, whose architecture is recorded in it")
+    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+        return _load_export(path)
     from mlsctl.restore import is_run_folder
 
     if is_run_folder(path):
@@ -307,8 +309,12 @@ def load_backbone(path: str | Path, arch: Optional[str] = None) -> torch.nn.Modu
 
 
 def _load_weights_file(path: Path, arch: Optional[str]) -> torch.nn.Module:
-    from mlsctl.models.source import from_weights
+    from mlsctl.models.source import from_weights, recorded_model
+    from mlsctl.models.weights import check_weights_file
 
+    if arch is None and recorded_model(check_weights_file(path)) is None:
+        raise UserError(f"{path} does not say which architecture it holds: give load_backbone(..., arch=NAME) with its "
+                        f"timm name (such as vit_small_patch16_224), or load the run or export folder it came from")
     choice = from_weights(path, arch)
     vit = choice.backbone.net.eval()
     _set_pretrained_cfg(vit, own_pretrained_cfg(vit, choice.info["arch"], choice.info["img_size"],

@@ -142,12 +142,11 @@ def _failed_exit(failed, world: str) -> int:
     codes = {rank: failure.exitcode for rank, failure in failed.failures.items()}
     if codes and all(code == 130 for code in codes.values()):
         return 130
-    # a process killed from outside (the out-of-memory killer) first: the others then fail in a collective.
-    # SIGTERM is what torchrun sends the others once one has failed: it names no cause where a process said one.
-    said = sorted((rank, f) for rank, f in failed.failures.items() if f.exitcode in (1, 2))
-    killed = sorted((rank, f) for rank, f in failed.failures.items()
-                    if f.exitcode < 0 and not (said and -f.exitcode == signal.SIGTERM))
-    rank, first = killed[0] if killed else said[0] if said else failed.get_first_failure()
+    # SIGTERM is what torchrun sends the others once one has failed: it is the cause only where every failure is one
+    failures = {rank: f for rank, f in failed.failures.items() if f.exitcode != -signal.SIGTERM} or failed.failures
+    # a process killed from outside (the out-of-memory killer) first: the others then fail in a collective
+    killed = sorted((rank, f) for rank, f in failures.items() if f.exitcode < 0)
+    rank, first = killed[0] if killed else min(failures.items(), key=lambda item: (item[1].timestamp, item[0]))
     if first.exitcode in (1, 2):
         return first.exitcode
     if first.exitcode < 0:

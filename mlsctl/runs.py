@@ -64,7 +64,7 @@ class Checkpoint:
     optimizer_path = property(lambda self: self.path / "optimizer.pt")
     rng_path = property(lambda self: self.path / "rng.pt")
     state_path = property(lambda self: self.path / "state.json")
-    config_path = property(lambda self: self.path / "config.yaml")  # the recipe it was trained with (since 2026-12-06)
+    recipe_path = property(lambda self: self.path / "recipe.yaml")  # the recipe it was trained with (since 2026-12-05)
 
     def state(self) -> dict:
         try:

@@ -208,7 +208,7 @@ def test_24_1_timms_transform_of_the_run_and_of_the_export_is_embeds(finished_ru
                                                  mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), crop_pct=1.0,
                                                  crop_mode="squash"))
     models = {"load_backbone(run)": load_backbone(run_dir),
-              "load_backbone(weights file)": load_backbone(run_dir / "teacher.safetensors"),  # an API probe: refused
+              "load_backbone(weights file)": load_backbone(run_dir / "teacher.safetensors"),  # was refused
               "timm local-dir export": timm.create_model(f"local-dir:{tmp_path / 'exp'}", pretrained=True),
               "timm + overlay": plain}
     for name, model in models.items():
@@ -247,3 +247,20 @@ def test_load_backbone_of_a_missing_path_says_so(tmp_path):
 
     with pytest.raises(UserError, match="nope does not exist; give an exported model folder"):
         load_backbone(tmp_path / "nope")
+
+
+def test_load_backbone_of_a_weights_file_speaks_python(finished_run, tmp_path):
+    """A review (2026-12-05): a file without its architecture said "add --model NAME" to a Python
+    caller, and arch= was ignored for folders."""
+    from safetensors.torch import load_file, save_file
+
+    from mlsctl import load_backbone
+    from mlsctl.errors import UserError
+
+    run_dir, _ = finished_run
+    save_file(load_file(str(run_dir / "teacher.safetensors")), str(tmp_path / "bare.safetensors"))  # no metadata
+    with pytest.raises(UserError, match=r"bare.safetensors does not say which architecture it holds: give "
+                                        r"load_backbone\(\.\.\., arch=NAME\)"):
+        load_backbone(tmp_path / "bare.safetensors")
+    with pytest.raises(UserError, match="arch= applies to a weights file"):
+        load_backbone(run_dir, arch="vit_small_patch16_224")

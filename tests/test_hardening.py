@@ -605,7 +605,7 @@ def test_10_damaged_bank_and_checkpoint_files_are_one_sentence(run_copy, capsys)
     config_path.write_text(yaml.safe_dump(saved))
     code, _, err = cli("pretrain", str(config_path), "--out", str(run), "--resume", capsys=capsys)
     assert code == 2 and "was edited after" in err  # nor a hand-edited config.yaml (it was trained on)
-    shutil.copy(earlier / "config.yaml", config_path)  # restored: now the damaged optimizer.pt is reached
+    shutil.copy(earlier / "recipe.yaml", config_path)  # restored: now the damaged optimizer.pt is reached
     code, _, err = cli("pretrain", str(config_path), "--out", str(run), "--resume", capsys=capsys)
     line = one_sentence(err)
     assert code == 1 and "optimizer.pt" in line and "not loaded" in line

@@ -155,6 +155,7 @@ def test_the_elastic_agent_acts_on_the_first_stop_signal_and_ignores_the_ones_fo
     # 0 refused (a resume with another number of processes), torchrun stopped 1: no "killed by SIGTERM"
     ({0: 2, 1: -signal.SIGTERM}, 2, ""),
     ({1: -signal.SIGTERM}, 1, "error: training process 1 of 2 was killed by SIGTERM; the others were stopped"),
+    ({0: -signal.SIGTERM, 1: 139}, 1, "error: training process 1 of 2 exited with code 139; the others were stopped"),
 ])
 def test_a_failed_process_is_one_line_not_the_agents_traceback(monkeypatch, capsys, codes, exit_code, said):
     """A probe (2026-12-05): `accelerate launch --num_processes 2 -m mlsctl pretrain missing.yaml` on a CPU

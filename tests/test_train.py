@@ -45,7 +45,7 @@ def test_run_layout(finished_run):
     assert records[0]["momentum"] == pytest.approx(0.99) and records[-1]["momentum"] > records[0]["momentum"]
     assert [c.step for c in run.checkpoints()] == [6, 8]  # every 3 steps and at the end, newest 2 kept
     latest = run.latest()
-    for name in ("model.safetensors", "banks.safetensors", "optimizer.pt", "rng.pt", "state.json"):
+    for name in ("model.safetensors", "banks.safetensors", "optimizer.pt", "rng.pt", "state.json", "recipe.yaml"):
         assert (latest.path / name).is_file(), name
     assert latest.state()["step"] == 8 and latest.state()["method"] == "dino"
     banks = load_banks(latest.banks_path)
@@ -136,345 +136,57 @@ def test_run_folder_rules(finished_run, tmp_path: Path, capsys):
 def test_resume_refuses_a_config_yaml_edited_since_the_checkpoint(finished_run, tmp_path: Path, capsys):
     """RUN/config.yaml resumed as itself (the command a stop prints) compared only with itself: a
     hand-edited lr, schedule or batch changed the run mid-way, and a finished run trained on. Each
-    checkpoint now keeps the recipe it was trained with, and --resume compares with it."""
+    checkpoint now keeps the recipe it was trained with (recipe.yaml), and --resume compares with it."""
+    from mlsctl.restore import is_run_folder
+
     run_dir, recipe = finished_run
     copy = tmp_path / "copy"
     shutil.copytree(run_dir, copy)
     config = copy / "config.yaml"
     original = config.read_text()
-    assert (Run(copy).latest().config_path).read_text() == original
+    latest = Run(copy).latest()
+    assert latest.recipe_path.read_text() == original
+    assert not is_run_folder(latest.path) and not Run(latest.path).is_run()  # a checkpoint is not a run folder
     teacher = (copy / "teacher.safetensors").read_bytes()
     for key, old, new in [("optim.epochs", "epochs: 2", "epochs: 4"), ("optim.lr", "lr: 0.001", "lr: 0.002"),
                           ("optim.batch_size", "batch_size: 4", "batch_size: 8")]:
         assert f"  {old}\n" in original
         config.write_text(original.replace(f"  {old}\n", f"  {new}\n", 1))
         code, _, err = cli("pretrain", str(config), "--out", str(copy), "--resume", capsys=capsys)
-        assert code == 2 and "was edited after step-00000008 was trained" in err and key in err, err
+        assert code == 2 and "was edited after step-00000008 was trained: set " in err, err
+        assert f"set {key} back to {old.split(': ')[1]} (as " in err, err
         assert (copy / "teacher.safetensors").read_bytes() == teacher
+    # the recipe it was trained with, given while config.yaml is still edited: resumed, config.yaml put right
+    code, _, err = cli("pretrain", str(recipe), "--out", str(copy), "--resume", capsys=capsys)
+    assert code == 0 and "already complete (8 steps)" in err and config.read_text() == original
     config.write_text(original.replace("  log_every: 1\n", "  log_every: 2\n", 1))  # a key that may change
     code, _, err = cli("pretrain", str(config), "--out", str(copy), "--resume", capsys=capsys)
     assert code == 0 and "already complete (8 steps)" in err
+    code, _, err = cli("pretrain", str(recipe), "optim.lr=0.5", "--out", str(copy), "--resume", capsys=capsys)
+    assert code == 2 and "the recipe differs from" in err and "step-00000008/recipe.yaml at optim.lr;" in err
+    latest.recipe_path.write_text("optim: [\n")
+    code, _, err = cli("pretrain", str(recipe), "--out", str(copy), "--resume", capsys=capsys)
+    assert code == 1 and "recipe.yaml is damaged" in err and f"delete {latest.path} to resume" in err
+    latest.recipe_path.unlink()  # a checkpoint written before recipe.yaml: checked against config.yaml, as then
+    code, _, err = cli("pretrain", str(config), "--out", str(copy), "--resume", capsys=capsys)
+    assert code == 0 and "already complete (8 steps)" in err
+    shutil.copy(copy / "config.yaml", latest.recipe_path)
     config.unlink()
     code, _, err = cli("pretrain", str(recipe), "--out", str(copy), "--resume", capsys=capsys)
-    assert code == 2 and "checkpoints/step-00000008/config.yaml, the recipe its newest checkpoint" in err
-
-
-def test_init_from_a_run_and_from_a_weights_file(finished_run, images: Path):
-    run_dir, recipe_path = finished_run
-    from mlsctl.restore import initial_weights as _load_initial_weights
-
-    recipe = config.load_recipe(str(recipe_path))
-    torch.manual_seed(1)
-    method = DINO(recipe, Schedule(4, 2))
-    assert "all weights" in _load_initial_weights(method, str(run_dir))
-    saved = load_file(str(Run(run_dir).latest().model_path))
-    assert all(torch.equal(v, saved[k]) for k, v in method.state_dict().items())
-
-    torch.manual_seed(2)
-    method = DINO(recipe, Schedule(4, 2))
-    assert "every backbone" in _load_initial_weights(method, str(run_dir / "teacher.safetensors"))
-    for backbone in (method.student.backbone, method.teacher.backbone):
-        for key, value in backbone.net.state_dict().items():
-            assert torch.equal(value, saved[f"teacher.backbone.model.{key}"])
-
-
-def test_bad_files_are_skipped_during_training(tmp_path: Path):
-    images = make_images(tmp_path / "images", 8)
-    write_bad_files(images / "broken")
-    recipe = tiny_recipe(images, optim__epochs=1)
-    recipe["optim"]["batch_size"] = 11  # one step visits every file
-    path = write_recipe(tmp_path / "r.yaml", recipe)
-    result = run_cli("pretrain", str(path), "--out", str(tmp_path / "run"), check=True)
-    warnings = [line for line in result.stderr.splitlines() if line.startswith("skipped broken/")]
-    assert sorted(warnings) == sorted([
-        "skipped broken/empty.png: empty file (0 bytes)",
-        "skipped broken/notes.jpg: not an image file",
-        "skipped broken/truncated.jpg: truncated image data",
-    ])
-    assert f"skipped 3 unreadable files in {images}" in result.stderr
-
-
-def test_two_processes_agree_with_one(tmp_path: Path, images: Path):
-    """2 processes x batch 2 see the images 1 process x batch 4 sees, in the same order: the
-    losses agree to float precision and both ranks' banks equal the single process's bank."""
-    recipe = tiny_recipe(images, optim__epochs=1)
-    recipe["train"]["checkpoint_every"] = 2
-    one = dict(recipe, optim={**recipe["optim"], "batch_size": 4})
-    two = dict(recipe, optim={**recipe["optim"], "batch_size": 2})
-    run_cli("pretrain", str(write_recipe(tmp_path / "one.yaml", one)), "--out", str(tmp_path / "one"), check=True)
-    env = cli_env()
-    accelerate = Path(sys.executable).parent / "accelerate"
-    result = subprocess.run([str(accelerate), "launch", "--num_processes", "2", "-m", "mlsctl", "pretrain",
-                             str(write_recipe(tmp_path / "two.yaml", two)), "--out", str(tmp_path / "two")],
-                            capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "broadcast_buffers" not in result.stderr  # torch's deprecation, once per rank, is ours to silence
-    log = (tmp_path / "two" / "train.log").read_text()
-    assert "2 processes" in log and "memory banks identical on all 2 processes" in log
-    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
-    assert [s for s, _ in a] == [s for s, _ in b]
-    for (_, x), (_, y) in zip(a, b):
-        assert x == pytest.approx(y, rel=1e-4)
-    bank_one = load_banks(Run(tmp_path / "one").latest().banks_path)["cls"]
-    bank_two = load_banks(Run(tmp_path / "two").latest().banks_path)["cls"]
-    assert torch.equal(bank_one.payload["image_id"], bank_two.payload["image_id"])
-    assert torch.allclose(bank_one.vectors, bank_two.vectors, atol=1e-4)
-
-
-def test_a_lora_run_saves_its_adapters_and_a_merged_teacher(tmp_path: Path, images: Path):
-    recipe = tiny_recipe(images, optim__epochs=1)
-    recipe["model"]["lora"] = {"enabled": True, "rank": 2, "alpha": 4.0, "bias": "lora_only"}
-    path = write_recipe(tmp_path / "r.yaml", recipe)
-    run_cli("pretrain", str(path), "--out", str(tmp_path / "run"), check=True)
-    adapters = tmp_path / "run" / "teacher_adapters"
-    assert (adapters / "adapter_model.safetensors").is_file() and (adapters / "adapter_config.json").is_file()
-    merged = load_file(str(tmp_path / "run" / "teacher.safetensors"))
-    assert not any("lora" in k for k in merged)
-    from mlsctl.models.backbone import build_backbone
-
-    plain = config.load_recipe(str(path), ["model.lora.enabled=false", f"model.weights={tmp_path / 'run' / 'teacher.safetensors'}"])
-    build_backbone(plain.model)  # the merged teacher loads strictly into a plain ViT
-
-
-def test_tensorboard_receives_every_metrics_record(tmp_path, images):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    from mlsctl.train import pretrain
-
-    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(images))
-    recipe = config.load_recipe(str(path), ["train.log_with=[tensorboard]"])
-    pretrain(recipe, tmp_path / "run", recipe_source=str(path))
-    events = list((tmp_path / "run" / "trackers").rglob("events.out.tfevents*"))
-    assert events
-    accumulator = EventAccumulator(str(events[0].parent)).Reload()
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    logged = [r for r in rows if "loss" in r]
-    scalars = accumulator.Scalars("loss")
-    assert [s.step for s in scalars] == [r["step"] for r in logged]
-    assert all(abs(s.value - r["loss"]) < 1e-5 for s, r in zip(scalars, logged))
-    assert "lr" in accumulator.Tags()["scalars"]
-
-
-def test_a_tracker_that_is_not_installed_is_one_sentence(tmp_path, images, capsys, monkeypatch):
-    import importlib.util
-
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
-    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(images))
-    code, _, err = cli("pretrain", str(path), "train.log_with=[wandb]", "--out", str(tmp_path / "run"), capsys=capsys)
-    assert code != 0 and "pip install 'mlsctl[wandb]'" in err and len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
-
-
-def _labelled(root: Path, seed: int = 0, per_class: int = 4) -> Path:
-    for cls in ("a", "b"):
-        make_images(root / cls, per_class, size=(32, 32), seed=ord(cls) + seed)
-    return root
-
-
-def test_the_monitor_logs_knn_and_never_changes_the_losses(tmp_path, images):
-    from mlsctl.train import pretrain
-
-    _labelled(tmp_path / "mon_train")
-    _labelled(tmp_path / "mon_val", seed=100, per_class=30)  # other images than the memory's, 60: top-1 in 1/60
-    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(images))
-    plain = config.load_recipe(str(path))
-    watched = config.load_recipe(str(path), ["train.monitor.every=2", f"train.monitor.train={tmp_path / 'mon_train'}",
-                                             f"train.monitor.val={tmp_path / 'mon_val'}", "train.monitor.k=3"])
-    pretrain(plain, tmp_path / "plain", recipe_source=str(path))
-    pretrain(watched, tmp_path / "watched", recipe_source=str(path))
-
-    def rows(run):
-        return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    losses = lambda run: [(r["step"], r["loss"]) for r in rows(run) if "loss" in r]  # noqa: E731
-    assert losses(tmp_path / "plain") == losses(tmp_path / "watched")
-    monitored = [r for r in rows(tmp_path / "watched") if "monitor/knn_top1" in r]
-    assert [r["step"] for r in monitored] == [2, 4, 6, 8]
-    assert all(0 <= r["monitor/knn_top1"] <= 1 and r["time/monitor"] > 0 for r in monitored)
-    # step 8's value is what `eval knn` measures with the teacher of the step-8 checkpoint (the run's last)
-    out = tmp_path / "knn.json"
-    run_cli("eval", "knn", "--train", str(tmp_path / "mon_train"), "--val", str(tmp_path / "mon_val"), "--run",
-            str(tmp_path / "watched"), "--k", "3", "--out", str(out), cwd=tmp_path, check=True)
-    measured = json.loads(out.read_text())["results"][0]
-    assert monitored[-1]["monitor/knn_top1"] == pytest.approx(measured["top1"], abs=1e-9)
-
-
-def test_the_monitor_folders_are_checked_before_training(tmp_path, images, capsys):
-    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(images))
-    code, _, err = cli("pretrain", str(path), "train.monitor.every=2", "--out", str(tmp_path / "run"), capsys=capsys)
-    assert code == 2 and "train.monitor.val are needed" in err
-    code, _, err = cli("pretrain", str(path), "train.monitor.every=2", f"train.monitor.train={images}",
-                       f"train.monitor.val={images}", "--out", str(tmp_path / "run"), capsys=capsys)
-    assert code != 0 and "outside class folders" in err and len(err.strip().splitlines()) == 1
-    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
-
-
-def test_the_monitor_measures_knn_seg_where_masks_are_given(tmp_path, fake_fmnist):
-    from mlsctl.config import MonitorConfig
-    from mlsctl.data.fmnist import build_scenes
-    from mlsctl.models.backbone import Backbone
-    from mlsctl.monitor import Monitor
-
-    build_scenes(tmp_path / "scenes", n_train=6, n_val=3, size=32, source=fake_fmnist, progress=False)
-    for split in ("train", "val"):
-        files = sorted(p.name for p in (tmp_path / "scenes" / split / "images").iterdir())
-        (tmp_path / f"{split}.csv").write_text("".join(f"{f},{'xy'[i % 2]}\n" for i, f in enumerate(files)))
-    cfg = MonitorConfig(every=1, train=str(tmp_path / "scenes/train/images"), val=str(tmp_path / "scenes/val/images"),
-                        train_labels=str(tmp_path / "train.csv"), val_labels=str(tmp_path / "val.csv"),
-                        train_masks=str(tmp_path / "scenes/train/masks"), val_masks=str(tmp_path / "scenes/val/masks"), k=3)
-    monitor = Monitor(cfg, 32, 8)
-    backbone = Backbone("vit_small_patch16_224", img_size=32, patch_size=8,
-                        timm_kwargs={"embed_dim": 32, "depth": 1, "num_heads": 2})
-    result = monitor(backbone, "cpu")
-    assert 0 <= result["monitor/knn_top1"] <= 1 and 0 < result["monitor/knn_seg_miou"] <= 1
-    assert backbone.training  # left as it was
-    # the monitor segments with the code of `eval knn-seg`: the same features (float16, as a feature folder
-    # stores them) give the same mIoU, at that command's default temperature
-    from conftest import write_feature_folder
-    from mlsctl.evaluate import knn_seg
-    from mlsctl.features import Features
-
-    splits = {}
-    for name, split in (("train", monitor.train), ("val", monitor.val)):
-        cls, dense = monitor._embed(backbone, split, "cpu")
-        folder = write_feature_folder(tmp_path / f"feats-{name}", split.files, cls, dense,
-                                      input_root=tmp_path / "scenes" / name / "images")
-        splits[name] = (knn_seg.FeatureMasks(Features(folder), tmp_path / "scenes" / name / "masks", name),
-                        dense.half().float())
-    evaluated = knn_seg.evaluate_once(splits["train"][0], splits["val"][0], list(range(6)),
-                                      knn_seg.Settings(k=cfg.seg_k), monitor.seg_classes, run_seed=0)
-    assert monitor._knn_seg(splits["train"][1], splits["val"][1]) == pytest.approx(evaluated["miou"], abs=1e-12)
-
-
-def test_data_wait_share_says_how_much_of_each_interval_waited_for_the_loader(tmp_path, images, monkeypatch):
-    """metrics.jsonl's data_wait_share: the seconds spent in the loader (with workers=0 the loading
-    itself) over each logged interval's wall time. A loader slowed to 100 ms an image dominates."""
-    import time
-
-    from mlsctl.data import loader
-    from mlsctl.train import pretrain
-
-    def read(run):
-        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        return [r["data_wait_share"] for r in rows if "loss" in r]
-
-    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(images, optim__epochs=1))
-    pretrain(config.load_recipe(str(path)), tmp_path / "fast", recipe_source=str(path))
-    real = loader.MultiCropDataset.__getitem__
-
-    def slow(self, key):
-        time.sleep(0.1)
-        return real(self, key)
-
-    monkeypatch.setattr(loader.MultiCropDataset, "__getitem__", slow)
-    pretrain(config.load_recipe(str(path)), tmp_path / "slow", recipe_source=str(path))
-    fast, slowed = read(tmp_path / "fast"), read(tmp_path / "slow")
-    assert len(fast) == len(slowed) >= 3 and all(0 <= share <= 1 for share in fast + slowed)
-    # 4 images a step: 0.4 s of waiting against the tiny model's few milliseconds; the first interval holds the
-    # start, the last the final checkpoint (0.3 s of it on a busy machine once took the share to 0.55)
-    assert min(slowed[1:-1]) > 0.6 and min(slowed[1:-1]) > max(fast[1:-1]), (fast, slowed)
-
-
-def test_train_log_drops_a_failed_write_quietly_but_not_a_malformed_message(tmp_path, capsys):
-    """train.log's handler: a full disk is reported by the next checkpoint or metrics line, so its own write
-    failures are dropped without a logging traceback; a message that cannot be formatted is our bug and is shown."""
-    import errno
-    import logging
-
-    from mlsctl.train.setup import _RunLogHandler
-
-    handler = _RunLogHandler(tmp_path / "train.log")
-    logger = logging.getLogger("test-train-log")
-    logger.addHandler(handler)
-    logger.propagate = False
-    try:
-        def full_disk(*args):
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-        handler.stream.write = full_disk
-        logger.warning("a line the disk has no room for")
-        assert capsys.readouterr().err == ""
-        logger.warning("%d steps", "many")  # formatting fails before anything is written
-        assert "--- Logging error ---" in capsys.readouterr().err
-    finally:
-        logger.removeHandler(handler)
-        del handler.stream.write  # the file's own write again, then closed
-        handler.close()
-
-
-def test_resume_cuts_metrics_back_keeping_a_damaged_line_and_dropping_a_torn_last_one(tmp_path, caplog):
-    """--resume keeps the records up to its step; a line that is not a record in the middle of the
-    file is not ours to delete (it used to end the file there, dropping every record after it), and
-    a torn last line goes."""
-    from mlsctl.train.metrics import truncate_metrics
-
-    path = tmp_path / "metrics.jsonl"
-    lines = ['{"step": 1, "loss": 3.0}', "not json", '[2]', '{"step": 2, "loss": 2.5}', '{"epoch": 0}',
-             '{"step": 3, "loss": 2.0}', '{"step": 4, "loss": 1.5}', '{"step": 5, "lo']
-    path.write_text("".join(line + "\n" for line in lines))
-    with caplog.at_level("WARNING", logger="mlsctl"):
-        truncate_metrics(path, 3)
-    assert path.read_text().splitlines() == lines[:6]
-    assert [r.getMessage().split(" is not")[0] for r in caplog.records] == [f"{path} line {n}" for n in (2, 3, 5)]
-
-
-def test_a_recipe_edited_in_python_is_checked_like_a_file(tmp_path, images):
-    """An API probe (2026-12-05): pretrain() of a recipe given lr -1 by dataclasses.replace trained (gradient
-    ascent) and wrote a config.yaml every command then refused."""
-    import dataclasses
-
-    from mlsctl.config import ConfigError
-    from mlsctl.train import pretrain
-
-    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(images, optim__epochs=1))
-    recipe = config.load_recipe(str(path))
-    bad = dataclasses.replace(recipe, optim=dataclasses.replace(recipe.optim, lr=-1.0))
-    with pytest.raises(ConfigError, match="'optim.lr' must be > 0.0, got -1.0"):
-        pretrain(bad, tmp_path / "run")
-    assert not (tmp_path / "run").exists()
-
-
-def test_pretrain_in_python_leaves_the_callers_random_state_as_it_was(tmp_path, images):
-    """An API probe (2026-12-05): pretrain() reseeded a notebook's random, NumPy and torch generators."""
-    import random
-
-    import numpy as np
-
-    from mlsctl.train import pretrain
-
-    def draws():
-        return random.random(), float(np.random.rand()), float(torch.rand(1))
-
-    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(images, optim__epochs=1))
-    random.seed(123), np.random.seed(123), torch.manual_seed(123)
-    expected = draws()
-    random.seed(123), np.random.seed(123), torch.manual_seed(123)
-    pretrain(config.load_recipe(str(path)), tmp_path / "run")
-    assert draws() == expected
-
-
-def test_an_empty_init_from_is_refused(tmp_path, images):
-    """A new-user probe (2026-12-05): --init-from "" (an unset shell variable) trained from scratch, silently."""
-    from mlsctl.errors import UserError
-    from mlsctl.train import pretrain
-
-    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(images, optim__epochs=1))
-    with pytest.raises(UserError, match="--init-from is empty"):
-        pretrain(config.load_recipe(str(path)), tmp_path / "run", init_from="")
-    assert not (tmp_path / "run").exists()
+    assert code == 2 and "checkpoints/step-00000008/recipe.yaml, the recipe its newest checkpoint" in err
 
 
 def test_resume_of_a_run_of_another_method_says_which_methods(tmp_path: Path):
     """A probe (2026-12-05): a DINO recipe resumed into an MLS run listed five differing keys."""
     from mlsctl import config as config_lib
     from mlsctl.errors import UserError
-    from mlsctl.train.run_dir import _check_unchanged
+    from mlsctl.train.run_dir import check_resumable
 
     saved = config_lib.load_recipe("mls_fmnist_quick")
     with pytest.raises(UserError, match=r"run is a run of method mls, and the recipe trains dino; resume continues"):
-        _check_unchanged(Run(tmp_path / "run"), saved, config_lib.load_recipe("dino_fmnist_quick"))
+        check_resumable(Run(tmp_path / "run"), saved, None, config_lib.load_recipe("dino_fmnist_quick"))
     with pytest.raises(UserError, match=r"differs from .*config.yaml at [a-z_.]+(, [a-z_.]+){4} and 1 more; resume"):
-        _check_unchanged(Run(tmp_path / "run"), saved, config_lib.load_recipe(
+        check_resumable(Run(tmp_path / "run"), saved, None, config_lib.load_recipe(
             "mls_fmnist_quick", ["optim.lr=0.5", "optim.epochs=3", "method.k=5", "method.temperature=0.3", "seed=4",
                                  "optim.weight_decay=0.2"]))
 

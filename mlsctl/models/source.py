@@ -79,7 +79,7 @@ def from_weights(path: str | Path, arch: Optional[str] = None, *, img_size: Opti
     from mlsctl.models.weights import check_weights_file
 
     path = check_weights_file(path)
-    recorded = _recorded_model(path)
+    recorded = recorded_model(path)
     if arch is None and recorded is None:
         raise UserError(f"--weights {path} does not say which architecture it holds; add --model NAME "
                         f"(a timm ViT such as vit_small_patch16_224)")
@@ -112,7 +112,9 @@ def _patch_size_of(arch: str) -> int:
     return int(found.group(1)) if found else 16
 
 
-def _recorded_model(path: Path) -> Optional[dict]:
+def recorded_model(path: Path) -> Optional[dict]:
+    """The architecture a .safetensors weights file records in its metadata (``model``: arch,
+    img_size, patch_size, timm_kwargs), or None."""
     if path.suffix != ".safetensors" or not path.is_file():
         return None
     from safetensors import safe_open

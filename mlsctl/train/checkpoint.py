@@ -5,7 +5,7 @@ teacher exported at the end of a run.
 A checkpoint holds everything that decides the next step: weights and buffers
 (``model.safetensors``), banks (``banks.safetensors``), optimizer and grad-scaler state
 (``optimizer.pt``), every process's RNG states (``rng.pt``), ``state.json`` and the recipe it was
-trained with (``config.yaml``: ``--resume`` refuses a ``RUN/config.yaml`` edited since).
+trained with (``recipe.yaml``: ``--resume`` refuses a ``RUN/config.yaml`` edited since).
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def save_checkpoint(run: Run, step: int, method, optimizer, accelerator, recipe,
                  "world_size": accelerator.num_processes, "mlsctl_version": __version__, "torch_version": torch.__version__,
                  "commit": provenance.commit(), "device": provenance.device_name(accelerator.device)}
         atomic.write_json(tmp / "state.json", state)
-        config.save_recipe(recipe, tmp / "config.yaml")  # what --resume compares RUN/config.yaml with
+        config.save_recipe(recipe, tmp / "recipe.yaml")  # what --resume compares with (not config.yaml: not a run)
         for f in tmp.iterdir():
             with open(f, "rb") as handle:
                 os.fsync(handle.fileno())

@@ -76,29 +76,49 @@ def _named(keys: list[str]) -> str:
     return ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
 
 
-def _check_unchanged(run: Run, saved, recipe) -> None:
-    """--resume: the recipe given must compute what RUN/config.yaml computes."""
-    changed = _unsafe_changes(saved, recipe)
+def _trained_recipe(latest):
+    """The recipe checkpoint ``latest`` was trained with (its ``recipe.yaml``), or None where it has
+    none (written before 2026-12-05's ninth session)."""
+    if latest is None or not latest.recipe_path.is_file():
+        return None
+    try:
+        return config_lib.absolute_paths(config_lib.load_recipe(str(latest.recipe_path)))
+    except UserError as exc:
+        raise UserError(f"{latest.recipe_path} is damaged ({exc.message}); delete {latest.path} to resume from the "
+                        f"checkpoint before it, or start a new run", exit_code=1) from None
+
+
+def _values(recipe, keys: list[str]) -> str:
+    flat = config_lib.to_dict(recipe)
+
+    def value(key: str):
+        node = flat
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        return node
+
+    return ", ".join(f"{k} back to {value(k)}" for k in keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+
+
+def check_resumable(run: Run, saved, latest, recipe) -> None:
+    """--resume: the recipe given must compute what the run was trained with: the newest
+    checkpoint's own recipe, else (older checkpoints) RUN/config.yaml (``saved``). A RUN/config.yaml
+    edited by hand since (a learning rate, a schedule, a batch) would change the run mid-way."""
+    trained = _trained_recipe(latest)
+    reference, where = (trained, latest.recipe_path) if trained is not None else (saved, run.config_path)
+    changed = _unsafe_changes(reference, recipe)
     if not changed:
         return
-    if saved.method.name != recipe.method.name:
-        what = f"{run.root} is a run of method {saved.method.name}, and the recipe trains {recipe.method.name}"
+    if reference.method.name != recipe.method.name:
+        what = f"{run.root} is a run of method {reference.method.name}, and the recipe trains {recipe.method.name}"
+    elif trained is not None and not _unsafe_changes(saved, recipe):  # the recipe says what RUN/config.yaml says
+        raise UserError(f"{run.config_path} was edited after {latest.path.name} was trained: set {_values(trained, changed)} "
+                        f"(as {latest.recipe_path} has it) to resume, or start a new run with another --out "
+                        f"(with --init-from {run.root} to start from its weights)")
     else:
-        what = f"the recipe differs from {run.config_path} at {_named(changed)}"
+        what = f"the recipe differs from {where} at {_named(changed)}"
     raise UserError(f"{what}; resume continues the saved run as it was: drop those changes, or start a new run with "
                     f"another --out (with --init-from {run.root} to start from its weights)")
-
-
-def _check_unchanged_since(run: Run, latest, saved) -> None:
-    """--resume: RUN/config.yaml must still say what the newest checkpoint was trained with (its
-    own config.yaml); a hand-edited learning rate, schedule or batch would change the run mid-way."""
-    trained = config_lib.absolute_paths(config_lib.load_recipe(str(latest.config_path)))
-    changed = _unsafe_changes(trained, saved)
-    if changed:
-        raise UserError(f"{run.config_path} was edited after {latest.path.name} was trained: it differs from "
-                        f"{latest.config_path} at {_named(changed)}; copy that file back to {run.config_path} to "
-                        f"resume, or start a new run with another --out (with --init-from {run.root} to start from its "
-                        f"weights)")
 
 
 def open_run_dir(run: Run, recipe, folder: ImageFolder, lock: FolderLock, *, resume: bool,
@@ -119,17 +139,15 @@ def open_run_dir(run: Run, recipe, folder: ImageFolder, lock: FolderLock, *, res
             if not run.config_path.is_file():
                 if run.own_entries():
                     latest = run.latest()
-                    source = (f"copy {latest.config_path}, the recipe its newest checkpoint was trained with"
-                              if latest is not None and latest.config_path.is_file()
+                    source = (f"copy {latest.recipe_path}, the recipe its newest checkpoint was trained with"
+                              if latest is not None and latest.recipe_path.is_file()
                               else "a copy of the recipe it was started with")
                     raise UserError(f"{run.root} holds a run's files but no config.yaml, so it cannot be resumed: "
                                     f"restore config.yaml ({source}), or start a new run with another --out")
                 raise UserError(f"nothing to resume in {run.root} (no config.yaml); drop --resume to start a new run")
             saved = config_lib.absolute_paths(config_lib.load_recipe(str(run.config_path)))
-            _check_unchanged(run, saved, recipe)
             latest = run.latest()
-            if latest is not None and latest.config_path.is_file():
-                _check_unchanged_since(run, latest, saved)
+            check_resumable(run, saved, latest, recipe)
             if latest is None and run.teacher_weights_path.is_file():  # finished, its checkpoints removed since
                 raise UserError(f"{run.root} has no checkpoint left to resume from, but its finished teacher is in "
                                 f"{run.teacher_weights_path}: start a new run from it with --out NEW --init-from "
@@ -140,8 +158,8 @@ def open_run_dir(run: Run, recipe, folder: ImageFolder, lock: FolderLock, *, res
             _same_images(run, saved, recipe, folder)
             for stale in run.checkpoints_dir.glob(".step-*.tmp"):
                 shutil.rmtree(stale, ignore_errors=True)
-            if config_lib.differences(saved, recipe):
-                config_lib.save_recipe(recipe, run.config_path)  # data.root moved, logging settings changed
+            if run.config_path.read_text() != config_lib.dump_recipe(recipe):
+                config_lib.save_recipe(recipe, run.config_path)  # data.root moved, logging settings, an edit undone
             return str(latest.path)
         others = [p.name for p in run.root.iterdir() if p.name != LOCK_NAME and p.name not in HIDDEN_ENTRIES]
         if others:
