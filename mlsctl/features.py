@@ -359,7 +359,7 @@ def _embed_parts(tree, out: Path, model, plan: dict, plan_sha: str, relpaths: li
         finished = sum(part_path(k).is_file() for k in range(n_parts))
         if finished:
             say(f"resuming: {finished} of {n_parts} parts already done")
-    device = _device()
+    device = embedding_device()
     backbone.to(device)
     loader = Loader(_Images(tree, relpaths, preprocessing), batch_sampler=batches, num_workers=workers,
                     collate_fn=_collate, worker_init_fn=worker_init, persistent_workers=False,
@@ -419,7 +419,8 @@ def _run_batches(loader, backbone, preprocessing: Preprocessing, device, dense: 
     return forward_s
 
 
-def _device() -> torch.device:
+def embedding_device() -> torch.device:
+    """Where embedding runs: this process's GPU (``LOCAL_RANK``) when there is one, else the CPU."""
     if torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", "0"))
         return torch.device("cuda", local)

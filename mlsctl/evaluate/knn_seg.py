@@ -224,7 +224,11 @@ class AugmentedPasses:
         return cls(source, model.backbone, passes, seed)
 
     def __init__(self, source: FeatureMasks, backbone, passes: int, seed: int, batch: int = 32):
-        self.source, self.features, self.backbone = source, source.features, backbone
+        from mlsctl.features import embedding_device
+
+        # on the device embed uses: the model may still be on the CPU (both feature folders cached)
+        self.device = embedding_device()
+        self.source, self.features, self.backbone = source, source.features, backbone.to(self.device)
         self.passes, self.seed, self.batch = passes, seed, batch
         self.resolution = int(self.features.preprocessing["resolution"])
 
@@ -255,7 +259,7 @@ class AugmentedPasses:
                     inputs.append(to_input(image))
                     crops.append(mask[top:top + height, left:left + width])
                 with torch.inference_mode():
-                    dense = self.backbone(torch.stack(inputs)).patches.float()
+                    dense = self.backbone(torch.stack(inputs).to(self.device)).patches.float().cpu()
                 for row, feature_map, crop in zip(chunk, dense, crops):
                     yield row, feature_map, crop
 
