@@ -124,32 +124,51 @@ def barrier() -> None:
         dist.barrier()
 
 
+def _attempt(fn):
+    """``(failure, result, error)`` of ``fn()``: ``failure`` is None, or the sentence and exit code
+    every process will raise; ``error`` the exception itself."""
+    from mlsctl.errors import UserError, describe_environment_error
+
+    try:
+        return None, fn(), None
+    except UserError as exc:
+        return (exc.message, exc.exit_code), None, exc
+    except Exception as exc:  # noqa: BLE001 - re-raised by the caller, after the other processes know
+        return (describe_environment_error(exc) or f"process {rank()} failed ({type(exc).__name__}: {exc})", 1), \
+            None, exc
+
+
 def on_main(fn):
     """``fn()`` on process 0 only; every process gets its result (which must pickle). When it fails,
     every process raises — a :class:`~mlsctl.errors.UserError` with process 0's sentence — so none
     is left waiting at the next collective."""
-    from mlsctl.errors import UserError, describe_environment_error
+    from mlsctl.errors import UserError
 
-    result, failure = None, None
-    if rank() == 0:
-        try:
-            result = fn()
-        except UserError as exc:
-            failure = (exc.message, exc.exit_code)
-            if not is_distributed():
-                raise
-            error = exc
-        except Exception as exc:  # noqa: BLE001 - re-raised below, after the other processes know
-            failure = (describe_environment_error(exc) or f"process 0 failed ({type(exc).__name__}: {exc})", 1)
-            if not is_distributed():
-                raise
-            error = exc
+    if not is_distributed():
+        return fn()
+    failure, result, error = _attempt(fn) if rank() == 0 else (None, None, None)
     failure, result = all_gather_object((failure, result))[0]
     if failure is not None:
         if rank() == 0:
             raise error
         raise UserError(failure[0], failure[1])
     return result
+
+
+def on_every(fn) -> None:
+    """``fn()`` on every process, each its own share of a job; when one fails, every process raises
+    (the first failed process's sentence), so none is left waiting at the next collective."""
+    from mlsctl.errors import UserError
+
+    if not is_distributed():
+        fn()
+        return
+    failure, _, error = _attempt(fn)
+    failures = [f for f in all_gather_object(failure) if f is not None]
+    if failures:
+        if error is not None:
+            raise error
+        raise UserError(failures[0][0], failures[0][1])
 
 
 def init_from_environment() -> None:

@@ -304,7 +304,7 @@ def _open_feature_folder(out: Path, plan: dict, overwrite: bool, lock: FolderLoc
             if not _same_plan(previous, plan):
                 shutil.rmtree(partial)
         # With --overwrite the features already there stay whole and readable until the new manifest replaces
-        # them (_assemble); nothing else in --out is touched.
+        # them (_write_manifest); nothing else in --out is touched.
         partial.mkdir(parents=True, exist_ok=True)
         _remove_leftovers(out, keep_partial=True)
         if not (partial / "plan.json").is_file():
@@ -377,9 +377,10 @@ def _embed_parts(tree, out: Path, model, plan: dict, plan_sha: str, relpaths: li
                           f"continue" if is_main else "") from None
     bar.close()
     dist.barrier()
+    layout = dist.on_main(lambda: _shard_layout(out, plan_sha, n_parts, parts_per_shard, n_shards, part_path))
+    dist.on_every(lambda: _write_shards(out, layout, bool(plan["grid"]), part_path, dist.rank(), dist.world_size()))
     if is_main:
-        _assemble(out, plan, plan_sha, relpaths, not_images, model, preprocessing, n_parts, parts_per_shard,
-                  n_shards, part_path)
+        _write_manifest(out, plan, plan_sha, layout, relpaths, not_images, model, preprocessing, part_path)
     dist.barrier()
     manifest = json.loads((out / MANIFEST).read_text())
     seconds = time.perf_counter() - started
@@ -427,38 +428,68 @@ def embedding_device() -> torch.device:
     return torch.device("cpu")
 
 
-def _assemble(out: Path, plan: dict, plan_sha: str, relpaths: list[str], not_images: list[list[str]], model,
-              preprocessing: Preprocessing,
-              n_parts: int, parts_per_shard: int, n_shards: int, part_path) -> dict:
-    """Concatenate the parts into shards (row order = file order), then write the manifest."""
+def _part_records(part_path, parts, plan_sha: str):
+    """Each part's (row indices, skipped files), checked to be this embed's."""
     from safetensors import safe_open
 
-    files: list[str] = []
-    skipped: list[list[str]] = []
-    shards = []
+    for k in parts:
+        path = part_path(k)
+        if not path.is_file():
+            raise UserError(f"{path} is missing after every process finished; run the same mlsctl embed command again")
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata() or {}
+            if metadata.get("plan_sha256") != plan_sha:
+                raise UserError(f"{path} belongs to another embed; run with --overwrite")
+            yield k, f.get_tensor("index"), json.loads(metadata["skipped"])
+
+
+def _shard_layout(out: Path, plan_sha: str, n_parts: int, parts_per_shard: int, n_shards: int,
+                  part_path) -> list[dict]:
+    """Each shard's file name, first row and parts (read from the parts' row indices alone)."""
     replaced = _shard_files(out)  # of the features --overwrite replaces: read until the new manifest is in place
+    layout, start = [], 0
     for s in range(n_shards):
-        tensors: dict[str, list[torch.Tensor]] = {"global": [], "dense": []}
-        for k in range(s * parts_per_shard, min((s + 1) * parts_per_shard, n_parts)):
-            path = part_path(k)
-            if not path.is_file():
-                raise UserError(f"{path} is missing after every process finished; run the same mlsctl embed command again")
-            with safe_open(str(path), "pt") as f:
-                if (f.metadata() or {}).get("plan_sha256") != plan_sha:
-                    raise UserError(f"{path} belongs to another embed; run with --overwrite")
-                index = f.get_tensor("index")
-                tensors["global"].append(f.get_tensor("global"))
-                if plan["grid"]:
-                    tensors["dense"].append(f.get_tensor("dense"))
-                skipped += json.loads(f.metadata()["skipped"])
-            files += [relpaths[i] for i in index.tolist()]
-        start = sum(entry["rows"] for entry in shards)
+        parts = list(range(s * parts_per_shard, min((s + 1) * parts_per_shard, n_parts)))
+        rows = sum(len(index) for _, index, _ in _part_records(part_path, parts, plan_sha))
         name = shard_name(s, n_shards)
         if name in replaced:  # a name the replaced manifest still uses: this shard is written beside it
             name = name.replace(".safetensors", f".{plan_sha[:12]}.safetensors")
-        rows = write_shard(out / name, torch.cat(tensors["global"]), start,
-                           torch.cat(tensors["dense"]) if plan["grid"] else None)
-        shards.append({"file": name, "rows": rows})
+        layout.append({"file": name, "start": start, "rows": rows, "parts": parts})
+        start += rows
+    return layout
+
+
+def _write_shards(out: Path, layout: list[dict], dense: bool, part_path, rank: int, world: int) -> None:
+    """Shards ``rank``, ``rank + world``, ... of ``layout``: their parts concatenated (row order =
+    file order). Every process writes its share, so no process waits on one writing them all."""
+    from safetensors import safe_open
+
+    for entry in layout[rank::world]:
+        tensors: dict[str, list[torch.Tensor]] = {"global": [], "dense": []}
+        for k in entry["parts"]:
+            with safe_open(str(part_path(k)), "pt") as f:
+                tensors["global"].append(f.get_tensor("global"))
+                if dense:
+                    tensors["dense"].append(f.get_tensor("dense"))
+        rows = write_shard(out / entry["file"], torch.cat(tensors["global"]), entry["start"],
+                           torch.cat(tensors["dense"]) if dense else None)
+        if rows != entry["rows"]:
+            raise UserError(f"the parts of {out / entry['file']} changed while it was written; run the same mlsctl "
+                            f"embed command again")
+
+
+def _write_manifest(out: Path, plan: dict, plan_sha: str, layout: list[dict], relpaths: list[str],
+                    not_images: list[list[str]], model, preprocessing: Preprocessing, part_path) -> dict:
+    """The manifest, written last: the commit of the new features. Then the replaced shards and
+    the parts go."""
+    files: list[str] = []
+    skipped: list[list[str]] = []
+    for entry in layout:
+        for _, index, part_skipped in _part_records(part_path, entry["parts"], plan_sha):
+            files += [relpaths[i] for i in index.tolist()]
+            skipped += part_skipped
+    replaced = _shard_files(out)
+    shards = [{"file": entry["file"], "rows": entry["rows"]} for entry in layout]
     manifest = feature_manifest(
         input_root=plan["input_root"], model=model.info, preprocessing=preprocessing.to_dict(), dtype=plan["dtype"],
         normalization="none: features are stored as the backbone returns them (after its final norm); consumers "

@@ -31,6 +31,28 @@ def quiet(_line: str) -> None:
     pass
 
 
+def test_shards_written_by_every_process_hold_what_one_shard_holds(tmp_path: Path, monkeypatch):
+    """A scale review (2026-12-05): process 0 alone wrote every shard while the others waited in a
+    barrier (minutes for ImageNet's dense features: past NCCL's timeout). Each process now writes
+    shards rank, rank + W, ...: here one part per shard, written as process 1 and then 0 of 2 would."""
+    images = make_images(tmp_path / "images", 21)
+    write_bad_files(images)
+    model = tiny_model()
+    args = dict(dense=True, batch_size=2, part_size=4, dtype="fp32", say=quiet)
+    embed_folder(images, tmp_path / "one", model, **args)
+    write_shards = feats._write_shards
+    monkeypatch.setattr(feats, "SHARD_BYTES", 1)
+    monkeypatch.setattr(feats, "_write_shards", lambda out, layout, dense, part_path, rank, world: [
+        write_shards(out, layout, dense, part_path, r, 2) for r in (1, 0)])
+    embed_folder(images, tmp_path / "six", model, **args)
+    one, six = (json.loads((tmp_path / f / "manifest.json").read_text()) for f in ("one", "six"))
+    assert len(one["shards"]) == 1 and len(six["shards"]) == 6 and sum(s["rows"] for s in six["shards"]) == 21
+    assert six["files"] == one["files"] and six["skipped"] == one["skipped"] and len(one["skipped"]) > 0
+    a, b = shard_tensors(tmp_path / "one"), shard_tensors(tmp_path / "six")
+    assert all(torch.equal(a[k], b[k]) for k in ("row", "global", "dense"))
+    assert not (tmp_path / "six" / ".partial").exists()
+
+
 def test_format_rows_and_values(tmp_path: Path):
     images = make_images(tmp_path / "images", 11)
     model = tiny_model()

@@ -47,7 +47,7 @@ class ShardInfo:
 
 
 # shard-NNNNN-of-NNNNN.safetensors; written beside the shard of that name it replaces (embed --overwrite), with the
-# first 12 hex digits of its plan's hash before the suffix (mlsctl.features._assemble)
+# first 12 hex digits of its plan's hash before the suffix (mlsctl.features._shard_layout)
 _SHARD_NAME = re.compile(r"shard-\d{5}-of-\d{5}(\.[0-9a-f]{12})?\.safetensors")
 
 
