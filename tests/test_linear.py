@@ -85,6 +85,7 @@ def test_cli_single_label_from_folder_names(tmp_path, capsys):
     assert " chosen" in out and " yes" in out and "top-1 100.00%" in out
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["results"]["top1"] == 1.0 and len(result["sweep"]) == 8 and result["classes"] == 3
+    assert result["protocol"]["device"] == ("cuda" if torch.cuda.is_available() else "cpu")  # --device auto
 
 
 def test_cli_multi_label_map_from_scenes_jsonl(tmp_path, capsys):

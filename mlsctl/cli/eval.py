@@ -269,6 +269,7 @@ def linear(
     epochs: int = typer.Option(100, "--epochs", min=1, help="Epochs of every probe."),
     batch_size: int = typer.Option(256, "--batch-size", min=1, help="Mini-batch of the probe."),
     holdout: float = typer.Option(0.2, "--holdout", min=0.0, max=0.9, help="Share of the training images the sweep is scored on."),
+    device: Device = typer.Option("auto", "--device", parser=one_of("--device", Device), help=DEVICE_HELP.format(what="probe's training")),
     resize: Resize = RESIZE_OPTION,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Results JSON [default: results/linear-<time>.json]."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON instead of a table."),
@@ -282,6 +283,7 @@ def linear(
     from mlsctl.errors import UserError
     from mlsctl.evaluate import linear as lib
     from mlsctl.evaluate.inputs import classification_inputs
+    from mlsctl.evaluate.knn import search_device
     from mlsctl.restore import model_on_demand
 
     if multi_label and dataset != "folders":
@@ -292,7 +294,8 @@ def linear(
     started = time.perf_counter()
     result = lib.evaluate_linear(train_features, val_features, labels=train_labels, val_labels=val_labels,
                                  multi_label=multi_label, lrs=lr or lib.DEFAULT_LRS, wds=wd or lib.DEFAULT_WDS,
-                                 epochs=epochs, batch_size=batch_size, holdout=holdout, seed=seed)
+                                 epochs=epochs, batch_size=batch_size, holdout=holdout, seed=seed,
+                                 device=search_device(device))
     payload = {"command": "eval linear", "dataset": record, **result,
                "seconds": round(time.perf_counter() - started, 3)}
     out = write_result(payload, out, "linear")

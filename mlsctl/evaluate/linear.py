@@ -103,18 +103,22 @@ class ProbeSettings:
     batch_size: int = 256
 
 
-def train_linear(x: torch.Tensor, y: torch.Tensor, settings: ProbeSettings, multi_label: bool, seed: int = 0
-                 ) -> tuple[torch.nn.Linear, torch.Tensor, torch.Tensor]:
+def train_linear(x: torch.Tensor, y: torch.Tensor, settings: ProbeSettings, multi_label: bool, seed: int = 0,
+                 device: Optional[torch.device] = None) -> tuple[torch.nn.Linear, torch.Tensor, torch.Tensor]:
     """A linear layer on standardised ``x`` [N, D]; ``y`` class indices [N] or 0/1 targets [N, C].
-    Returns the layer and the standardisation (mean, std) to apply to new rows."""
+    Returns the layer (on the CPU) and the standardisation (mean, std) to apply to new rows. It
+    trains on ``device`` (the CPU by default); the initialisation and the batch order are drawn on
+    the CPU, so every device trains the same layer to float precision."""
     generator = torch.Generator().manual_seed(seed)
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
-    z = (x - mean) / std
+    device = device or torch.device("cpu")
+    z, y = ((x - mean) / std).to(device), y.to(device)
     n_classes = y.shape[1] if multi_label else int(y.max()) + 1
     layer = torch.nn.Linear(z.shape[1], n_classes)
     with torch.no_grad():
         layer.weight.normal_(0, 0.01, generator=generator)
         layer.bias.zero_()
+    layer.to(device)
     optimizer = torch.optim.SGD(layer.parameters(), lr=settings.lr, momentum=0.9, weight_decay=settings.weight_decay)
     steps_per_epoch = max(1, math.ceil(len(z) / settings.batch_size))
     total = settings.epochs * steps_per_epoch
@@ -122,7 +126,7 @@ def train_linear(x: torch.Tensor, y: torch.Tensor, settings: ProbeSettings, mult
     for _ in range(settings.epochs):
         order = torch.randperm(len(z), generator=generator)
         for start in range(0, len(z), settings.batch_size):
-            rows = order[start:start + settings.batch_size]
+            rows = order[start:start + settings.batch_size].to(device)
             for group in optimizer.param_groups:
                 group["lr"] = settings.lr * 0.5 * (1 + math.cos(math.pi * step / total))
             logits = layer(z[rows])
@@ -132,7 +136,7 @@ def train_linear(x: torch.Tensor, y: torch.Tensor, settings: ProbeSettings, mult
             loss.backward()
             optimizer.step()
             step += 1
-    return layer, mean, std
+    return layer.cpu(), mean, std
 
 
 def predict(layer: torch.nn.Linear, mean: torch.Tensor, std: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -148,7 +152,8 @@ def score(logits: torch.Tensor, y: torch.Tensor, multi_label: bool) -> dict:
 
 
 def sweep(x: torch.Tensor, y: torch.Tensor, multi_label: bool, lrs: Sequence[float], wds: Sequence[float],
-          epochs: int, batch_size: int, holdout: float, seed: int) -> tuple[ProbeSettings, list[dict]]:
+          epochs: int, batch_size: int, holdout: float, seed: int,
+          device: Optional[torch.device] = None) -> tuple[ProbeSettings, list[dict]]:
     """Every (lr, wd) trained on the training rows minus a seeded ``holdout`` share, scored on it."""
     generator = torch.Generator().manual_seed(seed + 1)
     order = torch.randperm(len(x), generator=generator)
@@ -162,7 +167,7 @@ def sweep(x: torch.Tensor, y: torch.Tensor, multi_label: bool, lrs: Sequence[flo
     for lr in lrs:
         for wd in wds:
             settings = ProbeSettings(lr, wd, epochs, batch_size)
-            layer, mean, std = train_linear(x[kept], y[kept], settings, multi_label, seed)
+            layer, mean, std = train_linear(x[kept], y[kept], settings, multi_label, seed, device)
             result = score(predict(layer, mean, std, x[held]), y[held], multi_label)
             rows.append({"lr": lr, "weight_decay": wd, key: result[key]})
     best = max(rows, key=lambda r: (r[key] if not math.isnan(r[key]) else -1.0))
@@ -171,8 +176,10 @@ def sweep(x: torch.Tensor, y: torch.Tensor, multi_label: bool, lrs: Sequence[flo
 
 def evaluate_linear(train_features, val_features, *, labels: Optional[Path] = None, val_labels: Optional[Path] = None,
                     multi_label: bool = False, lrs: Sequence[float] = DEFAULT_LRS, wds: Sequence[float] = DEFAULT_WDS,
-                    epochs: int = 100, batch_size: int = 256, holdout: float = 0.2, seed: int = 0) -> dict:
-    """The linear probe of two feature folders → a JSON-ready dict (sweep, chosen settings, scores)."""
+                    epochs: int = 100, batch_size: int = 256, holdout: float = 0.2, seed: int = 0,
+                    device: Optional[torch.device] = None) -> dict:
+    """The linear probe of two feature folders → a JSON-ready dict (sweep, chosen settings, scores),
+    trained on ``device`` (the CPU by default)."""
     from mlsctl.evaluate.knn import labels_for
 
     train_features.check_same_model(val_features)
@@ -208,10 +215,10 @@ def evaluate_linear(train_features, val_features, *, labels: Optional[Path] = No
         raise UserError(f"--holdout 0 leaves no images to choose among {len(lrs)} learning rates and {len(wds)} weight "
                         f"decays; give one --lr and one --wd, or a --holdout above 0")
     if len(lrs) > 1 or len(wds) > 1:
-        chosen, rows = sweep(x_train, y_train, multi_label, lrs, wds, epochs, batch_size, holdout, seed)
+        chosen, rows = sweep(x_train, y_train, multi_label, lrs, wds, epochs, batch_size, holdout, seed, device)
     else:
         chosen, rows = ProbeSettings(lrs[0], wds[0], epochs, batch_size), []
-    layer, mean, std = train_linear(x_train, y_train, chosen, multi_label, seed)
+    layer, mean, std = train_linear(x_train, y_train, chosen, multi_label, seed, device)
     result = score(predict(layer, mean, std, x_val), y_val, multi_label)
     if multi_label:
         result["ap_per_class"] = dict(zip(classes, result["ap_per_class"]))
@@ -220,5 +227,5 @@ def evaluate_linear(train_features, val_features, *, labels: Optional[Path] = No
             "val_classes_unseen_in_train": unseen, "model": train_features.model,
             "protocol": {"features": "global, standardised with the training rows' mean and std",
                          "optimizer": "SGD momentum 0.9, cosine schedule", "epochs": epochs, "batch_size": batch_size,
-                         "holdout": holdout, "seed": seed},
+                         "holdout": holdout, "seed": seed, "device": str(device or torch.device("cpu"))},
             "sweep": rows, "chosen": {"lr": chosen.lr, "weight_decay": chosen.weight_decay}, "results": result}
