@@ -164,8 +164,8 @@ MAX_PATCHES = 128 * 128
 
 
 def embed_folder(images: str | os.PathLike, out: str | os.PathLike, model, *, dense: bool = False,
-                 resolution: Optional[int] = None, resize: str = "square", batch_size: int = 64, workers: int = 0,
-                 dtype: str = "fp16", part_size: Optional[int] = None, overwrite: bool = False,
+                 resolution: Optional[int] = None, resize: str = "square", batch_size: int = 64,
+                 workers: Optional[int] = None, dtype: str = "fp16", part_size: Optional[int] = None, overwrite: bool = False,
                  max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
                  progress: Optional[bool] = None, say: Callable[[str], None] = to_stderr) -> EmbedSummary:
     """Embed every image under ``images`` with ``model`` (a :class:`~mlsctl.models.source.ModelChoice`)
@@ -185,6 +185,19 @@ def embed_folder(images: str | os.PathLike, out: str | os.PathLike, model, *, de
                          overwrite=overwrite, max_image_pixels=max_image_pixels, progress=progress, say=say)
 
 
+WORKERS_FROM_IMAGES = 1000  # fewer images decode faster in the main process than workers start
+
+
+def default_workers(n_images: int) -> int:
+    """``--workers``' default: none below :data:`WORKERS_FROM_IMAGES` images; else one per core this
+    process may use (its share when several embed together) but one, the main process's, at most 8."""
+    from mlsctl.data.loader import usable_cores
+
+    if n_images < WORKERS_FROM_IMAGES:
+        return 0
+    return max(0, min(8, usable_cores() // dist.world_size() - 1))
+
+
 def embed_split(split, out: str | os.PathLike, model, **options) -> EmbedSummary:
     """Embed the images of one split of a benchmark (:mod:`mlsctl.data.datasets`), read in place
     from its folder or archive; ``files`` of the manifest are the images' paths inside it."""
@@ -193,14 +206,16 @@ def embed_split(split, out: str | os.PathLike, model, **options) -> EmbedSummary
 
 def embed_listing(tree, relpaths: list[str], out: str | os.PathLike, model, *, not_images: Sequence = (),
                   notes: Sequence[str] = (), dense: bool = False, resolution: Optional[int] = None,
-                  resize: str = "square", batch_size: int = 64, workers: int = 0, dtype: str = "fp16",
+                  resize: str = "square", batch_size: int = 64, workers: Optional[int] = None, dtype: str = "fp16",
                   part_size: Optional[int] = None, overwrite: bool = False,
                   max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, progress: Optional[bool] = None,
                   say: Callable[[str], None] = to_stderr) -> EmbedSummary:
-    """Embed the images ``relpaths`` of ``tree`` (a folder or an archive) into ``out``."""
+    """Embed the images ``relpaths`` of ``tree`` (a folder or an archive) into ``out``, decoding
+    them in ``workers`` processes (None: :func:`default_workers`)."""
     from mlsctl.data.images import allow_image_pixels
 
     started = time.perf_counter()
+    workers = default_workers(len(relpaths)) if workers is None else workers
     images, out = Path(tree.path), Path(out)
     not_images = [list(item) for item in not_images]
     if dtype not in DTYPES:

@@ -355,3 +355,16 @@ def test_global_features_come_in_the_order_asked(tmp_path: Path):
         assert torch.equal(features.global_features(rows), every[rows] if rows else every[:0])
     with pytest.raises(ValueError, match="batch of 1 or more"):
         next(features.iter_dense(batch=0))
+
+
+def test_embed_decodes_in_workers_by_default_for_large_folders(monkeypatch):
+    """A scale review (2026-12-05): embed (and every evaluation that embeds) decoded ImageNet in the
+    main process by default, at least an hour while the GPU idled."""
+    import mlsctl.data.loader as loader
+
+    monkeypatch.setattr(loader, "usable_cores", lambda: 16)
+    assert feats.default_workers(999) == 0 and feats.default_workers(1000) == 8
+    monkeypatch.setattr(feats.dist, "world_size", lambda: 8)  # 8 processes share the 16 cores
+    assert feats.default_workers(1_281_167) == 1
+    monkeypatch.setattr(loader, "usable_cores", lambda: 1)
+    assert feats.default_workers(1_281_167) == 0

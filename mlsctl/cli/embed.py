@@ -32,7 +32,7 @@ def embed(
     resolution: Optional[int] = typer.Option(None, "--resolution", min=1, help="Input side in pixels [default: the model's img_size]."),
     resize: Resize = typer.Option("square", "--resize", parser=one_of("--resize", Resize), help="square: whole image to R x R (for dense work); center-crop: DINO k-NN protocol."),
     batch_size: int = typer.Option(64, "--batch-size", "-b", min=1, help="Images per forward pass."),
-    workers: int = typer.Option(0, "--workers", "-w", min=0, help="Image-decoding worker processes."),
+    workers: Optional[int] = typer.Option(None, "--workers", "-w", min=0, help="Image-decoding worker processes [default: none below 1,000 images, else one per usable core but one, at most 8 a process]."),
     dtype: Dtype = typer.Option("fp16", "--dtype", parser=one_of("--dtype", Dtype), help="Stored precision."),
     part_size: Optional[int] = typer.Option(None, "--part-size", min=1, help="Images per resumable part (a multiple of --batch-size) [default: 8 batches]."),
     max_image_pixels: int = typer.Option(89_478_485, "--max-image-pixels", min=1, help="Larger images are skipped as decompression bombs (Pillow's own limit)."),
