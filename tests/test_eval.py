@@ -530,3 +530,18 @@ def test_knn_seg_cli_records_majority_patch_labels(tmp_path: Path, capsys):
         results[labels] = json.loads(out)
         assert results[labels]["settings"]["patch_labels"] == labels
     assert 0 < results["majority"]["results"][0]["miou"] <= 1
+
+
+def test_the_knn_seg_memory_is_the_concatenation_of_its_pieces(monkeypatch):
+    """The memory is gathered in blocks (a peak of its size plus one block, not twice its size)."""
+    from mlsctl.evaluate.knn_seg import _Rows
+
+    generator = torch.Generator().manual_seed(0)
+    pieces = [torch.randn(int(n), 3, generator=generator) for n in torch.randint(0, 9, (40,), generator=generator)]
+    for block_rows in (1, 7, 10_000):
+        monkeypatch.setattr(_Rows, "BLOCK_ROWS", block_rows)
+        rows = _Rows()
+        for piece in pieces:
+            rows.append(piece)
+        assert len(rows) == sum(len(p) for p in pieces)
+        assert torch.equal(rows.cat(), torch.cat(pieces)), block_rows
