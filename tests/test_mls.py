@@ -391,6 +391,30 @@ def test_label_precision_counts_neighbours_carrying_each_tag_against_chance():
     assert label_precision(vectors, ids, tags, k=1)["precision"] == pytest.approx(0.5)
 
 
+def test_label_precision_in_chunks_equals_the_whole_score_matrix(monkeypatch):
+    """A scale review (2026-12-05): label_precision built n x n scores (40 GiB at a 65,536-entry
+    queue); it now scores chunks of rows. Checked against the whole matrix, as it was computed."""
+    import mlsctl.methods.mls.views as views
+
+    generator = torch.Generator().manual_seed(0)
+    n, names = 300, ["a", "b", "c", "d"]
+    vectors, ids = torch.randn(n, 8, generator=generator), torch.randint(0, 120, (n,), generator=generator)
+    draws = torch.rand(n, len(names), generator=generator) < 0.4
+    tags = [frozenset(t for t, on in zip(names, row) if on) or None for row in draws.tolist()]
+    rows = torch.tensor([i for i, t in enumerate(tags) if t])
+    x, image = F.normalize(vectors[rows], dim=1), ids[rows]
+    onehot = torch.tensor([[float(t in tags[i]) for t in names] for i in rows.tolist()])
+    other = image[:, None] != image[None, :]
+    top = (x @ x.T).masked_fill(~other, float("-inf")).topk(5, dim=1).indices
+    pairs = onehot.sum()
+    precision = float((onehot[top].mean(dim=1) * onehot).sum() / pairs)
+    chance = float((((other.float() @ onehot) / other.float().sum(1, keepdim=True)) * onehot).sum() / pairs)
+    for chunk in (1, 37, 4096):
+        monkeypatch.setattr(views, "LABEL_PRECISION_CHUNK", chunk)
+        result = views.label_precision(vectors, ids, tags, k=5)
+        assert result["precision"] == pytest.approx(precision, abs=1e-6) and result["chance"] == pytest.approx(chance)
+
+
 def test_process_dependent_checks_run_at_training_only(tmp_path):
     """A run trained on 8 processes of 32 with groups of 32 is read back in one process (bank
     neighbors, export --step, embed of an unfinished run): building the method must not refuse it."""

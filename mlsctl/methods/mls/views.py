@@ -41,11 +41,14 @@ def entry_tags(bank, image_paths: list[Path], table: dict[str, list[str]], base:
     for key, tags in table.items():
         location = Path(key) if Path(key).is_absolute() else base / key
         by_path[str(location.resolve())] = frozenset(tags)
-    resolved = [str(Path(p).resolve()) for p in image_paths]
-    out: list[Optional[frozenset]] = []
-    for image_id, step in zip(bank.payload["image_id"].tolist(), bank.payload["step"].tolist()):
-        out.append(by_path.get(resolved[image_id]) if step >= 0 and 0 <= image_id < len(resolved) else None)
-    return out
+    written = [(image_id, step >= 0 and 0 <= image_id < len(image_paths))
+               for image_id, step in zip(bank.payload["image_id"].tolist(), bank.payload["step"].tolist())]
+    # only the images the bank holds (a queue of thousands), not every training image (1.28 M stats)
+    resolved = {image_id: str(Path(image_paths[image_id]).resolve()) for image_id, ok in written if ok}
+    return [by_path.get(resolved[image_id]) if ok else None for image_id, ok in written]
+
+
+LABEL_PRECISION_CHUNK = 1024  # queue entries scored at a time: 1024 x 65,536 floats is 256 MiB
 
 
 def label_precision(vectors: torch.Tensor, image_ids: torch.Tensor, tags: list[Optional[frozenset]], k: int) -> dict:
@@ -62,14 +65,19 @@ def label_precision(vectors: torch.Tensor, image_ids: torch.Tensor, tags: list[O
     onehot = torch.zeros(len(rows), len(names))
     for r, i in enumerate(rows.tolist()):
         onehot[r, [index[t] for t in tags[i]]] = 1.0
-    other = ids[:, None] != ids[None, :]
-    scores = (x @ x.T).masked_fill(~other, float("-inf"))
-    top = scores.topk(k, dim=1).indices
-    neighbour_share = onehot[top].mean(dim=1)  # [n, T]: share of the k neighbours carrying each tag
+    shares = []  # [n, T] in row chunks: the share of each entry's k neighbours carrying each tag
+    for start in range(0, len(rows), LABEL_PRECISION_CHUNK):  # never the n x n scores (40 GiB at a 65,536 queue)
+        scores = x[start:start + LABEL_PRECISION_CHUNK] @ x.T
+        scores.masked_fill_(ids[start:start + LABEL_PRECISION_CHUNK, None] == ids[None, :], float("-inf"))
+        shares.append(onehot[scores.topk(k, dim=1).indices].mean(dim=1))
+    neighbour_share = torch.cat(shares)
     pairs = onehot.sum()
     precision = float((neighbour_share * onehot).sum() / pairs)
-    others = other.float()
-    prevalence = (others @ onehot) / others.sum(dim=1, keepdim=True)  # [n, T] among the other images' entries
+    # [n, T]: each tag's share among the entries of the other images (all entries less its image's own)
+    _, image_of = torch.unique(ids, return_inverse=True)
+    per_image = torch.zeros(int(image_of.max()) + 1, len(names)).index_add_(0, image_of, onehot)
+    per_image_entries = torch.bincount(image_of).float()
+    prevalence = (onehot.sum(0)[None] - per_image[image_of]) / (len(rows) - per_image_entries[image_of])[:, None]
     chance = float((prevalence * onehot).sum() / pairs)
     return {"precision": precision, "chance": chance, "k": k, "queries": len(rows)}
 
