@@ -171,7 +171,7 @@ def _library_choices() -> dict[tuple[str, str], tuple[str, ...]]:
              ("eval knn-seg", "--protocol"): tuple(knn_seg.PROTOCOLS), ("eval knn-seg", "--index"): knn_seg.INDEXES,
              ("eval knn-seg", "--search"): knn_seg.SEARCHES, ("eval knn-seg", "--device"): knn.DEVICES,
              ("eval knn-seg", "--patch-labels"): knn_seg.PATCH_LABELS,
-             ("eval knn", "--device"): knn.DEVICES, ("eval knn", "--resize"): features.RESIZE_MODES,
+             ("eval knn", "--device"): knn.DEVICES, ("eval linear", "--device"): knn.DEVICES, ("eval knn", "--resize"): features.RESIZE_MODES,
              ("eval linear", "--resize"): features.RESIZE_MODES,
              ("bank plot", "--projection"): bank_inspect.PROJECTIONS,  # --color-by also takes a labels file
              ("index build", "--index"): gallery.INDEX_KINDS, ("index build", "--dtype"): tuple(gallery.STORAGE_DTYPES),

@@ -438,7 +438,7 @@ def test_loader_workers_read_an_archive_through_their_own_handles(tmp_path, kind
             except Exception:  # noqa: BLE001 - a read at a wrong offset may not even parse
                 return names[i], "unreadable"
 
-    wrong = [name for name, digest in DataLoader(Members(), batch_size=None, num_workers=3)
+    wrong = [name for name, digest in DataLoader(Members(), batch_size=None, num_workers=2)
              if digest != hashlib.sha256(payloads[name]).hexdigest()]
     assert wrong == []
     own = tree._open()
