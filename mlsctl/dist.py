@@ -127,21 +127,21 @@ def barrier() -> None:
 def _attempt(fn):
     """``(failure, result, error)`` of ``fn()``: ``failure`` is None, or the sentence and exit code
     every process will raise; ``error`` the exception itself."""
-    from mlsctl.errors import UserError, describe_environment_error
+    from mlsctl.errors import UserError, describe_environment_error, environment_exit_code
 
     try:
         return None, fn(), None
     except UserError as exc:
         return (exc.message, exc.exit_code), None, exc
     except Exception as exc:  # noqa: BLE001 - re-raised by the caller, after the other processes know
-        return (describe_environment_error(exc) or f"process {rank()} failed ({type(exc).__name__}: {exc})", 1), \
-            None, exc
+        return (describe_environment_error(exc) or f"process {rank()} failed ({type(exc).__name__}: {exc})",
+                environment_exit_code(exc)), None, exc
 
 
 def on_main(fn):
     """``fn()`` on process 0 only; every process gets its result (which must pickle). When it fails,
-    every process raises — a :class:`~mlsctl.errors.UserError` with process 0's sentence — so none
-    is left waiting at the next collective."""
+    every process raises — process 0 its own exception, the others a :class:`~mlsctl.errors.UserError`
+    with its sentence and exit code — so none is left waiting at the next collective."""
     from mlsctl.errors import UserError
 
     if not is_distributed():
@@ -156,8 +156,9 @@ def on_main(fn):
 
 
 def on_every(fn) -> None:
-    """``fn()`` on every process, each its own share of a job; when one fails, every process raises
-    (the first failed process's sentence), so none is left waiting at the next collective."""
+    """``fn()`` on every process, each its own share of a job; when one fails, every process raises —
+    a failed one its own exception, the others a :class:`~mlsctl.errors.UserError` with the first
+    failed process's sentence and exit code — so none is left waiting at the next collective."""
     from mlsctl.errors import UserError
 
     if not is_distributed():

@@ -120,8 +120,8 @@ def _plan_difference(old: dict, new: dict) -> str:
 class _Images(torch.utils.data.Dataset):
     """The images ``relpaths`` of a tree (a folder or an archive, :mod:`mlsctl.data.archive`)."""
 
-    def __init__(self, tree, relpaths: list[str], preprocessing: Preprocessing):
-        self.tree, self.relpaths, self.preprocessing = tree, relpaths, preprocessing
+    def __init__(self, tree, relpaths: list[str], preprocessing: Preprocessing, max_pixels: int):
+        self.tree, self.relpaths, self.preprocessing, self.max_pixels = tree, relpaths, preprocessing, max_pixels
 
     def __len__(self) -> int:
         return len(self.relpaths)
@@ -130,7 +130,7 @@ class _Images(torch.utils.data.Dataset):
         from mlsctl.data.images import BadImage
 
         try:
-            return index, self.preprocessing.pixels(self.tree.load_rgb(self.relpaths[index])), None
+            return index, self.preprocessing.pixels(self.tree.load_rgb(self.relpaths[index], self.max_pixels)), None
         except BadImage as exc:
             return index, None, str(exc)
 
@@ -190,12 +190,18 @@ WORKERS_FROM_IMAGES = 1000  # fewer images decode faster in the main process tha
 
 def default_workers(n_images: int) -> int:
     """``--workers``' default: none below :data:`WORKERS_FROM_IMAGES` images; else one per core this
-    process may use (its share when several embed together) but one, the main process's, at most 8."""
+    process may use but one (the main process's), at least 1 and at most 8. Its cores are its
+    affinity mask where that is narrower than the machine (Slurm's ``--cpus-per-task``, numactl:
+    already this process's share), else the machine's cores divided among the node's processes
+    (``LOCAL_WORLD_SIZE``, as torchrun and Accelerate set it)."""
     from mlsctl.data.loader import usable_cores
 
     if n_images < WORKERS_FROM_IMAGES:
         return 0
-    return max(0, min(8, usable_cores() // dist.world_size() - 1))
+    cores = usable_cores()
+    if cores >= (os.cpu_count() or cores):  # not pinned: the node's processes share the machine
+        cores //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return min(8, max(1, cores - 1)) if cores >= 2 else 0
 
 
 def embed_split(split, out: str | os.PathLike, model, **options) -> EmbedSummary:
@@ -376,7 +382,8 @@ def _embed_parts(tree, out: Path, model, plan: dict, plan_sha: str, relpaths: li
             say(f"resuming: {finished} of {n_parts} parts already done")
     device = embedding_device()
     backbone.to(device)
-    loader = Loader(_Images(tree, relpaths, preprocessing), batch_sampler=batches, num_workers=workers,
+    loader = Loader(_Images(tree, relpaths, preprocessing, plan["max_image_pixels"]), batch_sampler=batches,
+                    num_workers=workers,
                     collate_fn=_collate, worker_init_fn=worker_init, persistent_workers=False,
                     pin_memory=device.type == "cuda", workers_key="--workers")
     from tqdm import tqdm
@@ -394,9 +401,10 @@ def _embed_parts(tree, out: Path, model, plan: dict, plan_sha: str, relpaths: li
     dist.barrier()
     layout = dist.on_main(lambda: _shard_layout(out, plan_sha, n_parts, parts_per_shard, n_shards, part_path))
     dist.on_every(lambda: _write_shards(out, layout, bool(plan["grid"]), part_path, dist.rank(), dist.world_size()))
-    if is_main:
+    def commit() -> None:  # the manifest stays on process 0 (1.28 M file names for ImageNet)
         _write_manifest(out, plan, plan_sha, layout, relpaths, not_images, model, preprocessing, part_path)
-    dist.barrier()
+
+    dist.on_main(commit)
     manifest = json.loads((out / MANIFEST).read_text())
     seconds = time.perf_counter() - started
     return EmbedSummary(out, len(manifest["files"]), manifest["skipped"], seconds, n_todo / max(seconds, 1e-9),

@@ -60,3 +60,41 @@ def test_counts_and_logged_scalars_travel_on_the_host_when_the_default_group_is_
         assert on_default == [["all_gather", [4, 2], True], ["all_gather", [2], True]], result["calls"]
         assert [call for call in result["calls"] if not call[2]] == [
             ["all_gather", [1], False], ["all_gather", [1], False], ["all_reduce", [2], False]]
+
+
+def _failing_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    from mlsctl import dist
+    from mlsctl.errors import UserError
+
+    torch_dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    outcomes = {}
+
+    def share() -> None:  # process 1's share fails, process 0's does not
+        if rank == 1:
+            raise UserError("shard 1 could not be written", exit_code=1)
+
+    def on_zero() -> int:
+        raise OSError(28, "No space left on device")
+
+    for name, call in (("on_every", lambda: dist.on_every(share)), ("on_main", lambda: dist.on_main(on_zero))):
+        try:
+            call()
+            outcomes[name] = "returned"
+        except UserError as exc:
+            outcomes[name] = [type(exc).__name__, exc.message, exc.exit_code]
+        except OSError as exc:
+            outcomes[name] = [type(exc).__name__, str(exc)]
+    outcomes["after"] = dist.all_gather_object(rank)  # nobody was left waiting at a collective
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(outcomes))
+    dist.close()
+
+
+def test_a_failure_in_one_process_is_raised_by_every_process(tmp_path: Path):
+    """on_every (each process writes its share of embed's shards) and on_main: the failed process
+    raises its own error, the others its sentence, and none waits for ever at the next collective."""
+    mp.spawn(_failing_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    zero, one = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
+    assert zero["on_every"] == one["on_every"] == ["UserError", "shard 1 could not be written", 1]
+    assert zero["on_main"] == ["OSError", "[Errno 28] No space left on device"]
+    assert one["on_main"][0] == "UserError" and one["on_main"][2] == 1 and "space" in one["on_main"][1]
+    assert zero["after"] == one["after"] == [0, 1]

@@ -362,9 +362,25 @@ def test_embed_decodes_in_workers_by_default_for_large_folders(monkeypatch):
     main process by default, at least an hour while the GPU idled."""
     import mlsctl.data.loader as loader
 
-    monkeypatch.setattr(loader, "usable_cores", lambda: 16)
+    monkeypatch.setattr(feats.os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(loader, "usable_cores", lambda: 64)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     assert feats.default_workers(999) == 0 and feats.default_workers(1000) == 8
-    monkeypatch.setattr(feats.dist, "world_size", lambda: 8)  # 8 processes share the 16 cores
-    assert feats.default_workers(1_281_167) == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # 8 processes of this node share its 64 cores (a review: the global
+    assert feats.default_workers(1_281_167) == 7  # world size divided them, 1 worker a process on 4 nodes)
+    monkeypatch.setattr(loader, "usable_cores", lambda: 4)  # pinned to 4 cores (srun --cpus-per-task=4): its own share
+    assert feats.default_workers(1_281_167) == 3
     monkeypatch.setattr(loader, "usable_cores", lambda: 1)
     assert feats.default_workers(1_281_167) == 0
+
+
+def test_embed_max_image_pixels_is_the_limit_images_are_decoded_under(tmp_path: Path):
+    """A review (2026-12-05): --max-image-pixels only raised Pillow's global limit, and each image
+    was still checked against the default one, so a lower limit refused nothing."""
+    from PIL import Image
+
+    images = make_images(tmp_path / "images", 3)  # 48 x 40 = 1,920 pixels each
+    Image.new("RGB", (8, 8)).save(images / "small.png")
+    summary = embed_folder(images, tmp_path / "f", tiny_model(), max_image_pixels=100, say=quiet)
+    assert summary.rows == 1 and len(summary.skipped) == 3
+    assert all("more than 100 pixels" in reason for _, reason in summary.skipped)

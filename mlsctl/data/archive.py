@@ -66,14 +66,16 @@ class Tree:
         """How a message names one file of the tree."""
         return str(self.path / relpath)
 
-    def load_rgb(self, relpath: str):
-        """One image of the tree decoded to 8-bit RGB (:func:`mlsctl.data.images.load_rgb`); a file
-        that is not a decodable image raises :class:`~mlsctl.data.images.BadImage`."""
-        from mlsctl.data.images import decode_rgb, load_rgb
+    def load_rgb(self, relpath: str, max_pixels: Optional[int] = None):
+        """One image of the tree decoded to 8-bit RGB (:func:`mlsctl.data.images.load_rgb`), refused
+        above ``max_pixels`` (None: the default limit); a file that is not a decodable image raises
+        :class:`~mlsctl.data.images.BadImage`."""
+        from mlsctl.data.images import DEFAULT_MAX_IMAGE_PIXELS, decode_rgb, load_rgb
 
+        limit = DEFAULT_MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
         if self.kind == "folder":
-            return load_rgb(self.path / relpath)
-        return decode_rgb(self.read_bytes(relpath))
+            return load_rgb(self.path / relpath, limit)
+        return decode_rgb(self.read_bytes(relpath), limit)
 
     def __getstate__(self) -> dict:
         return {"path": self.path}

@@ -303,9 +303,11 @@ def build_memory(pairs: Iterator[tuple[int, torch.Tensor, np.ndarray]], num_clas
 
 
 class _Rows:
-    """Rows appended a few at a time and concatenated once, at a peak of their size plus one block:
-    ``torch.cat`` of a list of per-image pieces holds both the pieces and the result (over twice
-    the memory: about 83 GiB for COCO's 23 M patches of ViT-S at 224 px, against 36)."""
+    """Rows appended a few at a time and concatenated once, at a resident peak of their size plus one
+    block: ``torch.cat`` of a list of per-image pieces holds both the pieces and the result (over
+    twice the memory: about 83 GiB for COCO's 23 M patches of ViT-S at 224 px, against 36). The
+    result is allocated whole before the blocks are copied in and freed one by one, so its pages
+    become resident as the blocks go (the address space still briefly holds both)."""
 
     BLOCK_ROWS = 1 << 20
 

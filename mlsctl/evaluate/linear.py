@@ -107,8 +107,9 @@ def train_linear(x: torch.Tensor, y: torch.Tensor, settings: ProbeSettings, mult
                  device: Optional[torch.device] = None) -> tuple[torch.nn.Linear, torch.Tensor, torch.Tensor]:
     """A linear layer on standardised ``x`` [N, D]; ``y`` class indices [N] or 0/1 targets [N, C].
     Returns the layer (on the CPU) and the standardisation (mean, std) to apply to new rows. It
-    trains on ``device`` (the CPU by default); the initialisation and the batch order are drawn on
-    the CPU, so every device trains the same layer to float precision."""
+    trains on ``device`` (the CPU by default) in full fp32 (no TF32); the initialisation and the
+    batch order are drawn on the CPU, so a GPU trains the same probe up to the order of its float
+    sums, which 100 epochs of SGD may amplify."""
     generator = torch.Generator().manual_seed(seed)
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
     device = device or torch.device("cpu")
@@ -119,6 +120,17 @@ def train_linear(x: torch.Tensor, y: torch.Tensor, settings: ProbeSettings, mult
         layer.weight.normal_(0, 0.01, generator=generator)
         layer.bias.zero_()
     layer.to(device)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False  # full float32, whatever the process set for training
+    try:
+        _sgd(layer, z, y, settings, multi_label, generator, device)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    return layer.cpu(), mean, std
+
+
+def _sgd(layer: torch.nn.Linear, z: torch.Tensor, y: torch.Tensor, settings: ProbeSettings, multi_label: bool,
+         generator: torch.Generator, device: torch.device) -> None:
     optimizer = torch.optim.SGD(layer.parameters(), lr=settings.lr, momentum=0.9, weight_decay=settings.weight_decay)
     steps_per_epoch = max(1, math.ceil(len(z) / settings.batch_size))
     total = settings.epochs * steps_per_epoch
@@ -136,7 +148,6 @@ def train_linear(x: torch.Tensor, y: torch.Tensor, settings: ProbeSettings, mult
             loss.backward()
             optimizer.step()
             step += 1
-    return layer.cpu(), mean, std
 
 
 def predict(layer: torch.nn.Linear, mean: torch.Tensor, std: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -56,7 +56,7 @@ def label_precision(vectors: torch.Tensor, image_ids: torch.Tensor, tags: list[O
     excluded) that carry that tag, averaged over (entry, tag) pairs; chance is the same average of
     each tag's share among all other entries (what k random neighbours would give)."""
     rows = torch.tensor([i for i, t in enumerate(tags) if t], dtype=torch.long)
-    if len(rows) <= k:
+    if len(rows) <= k or len(torch.unique(image_ids[rows])) < 2:  # no neighbour from another image to count
         return {}
     x = F.normalize(vectors[rows].float(), dim=1)
     ids = image_ids[rows]
