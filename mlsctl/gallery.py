@@ -71,7 +71,10 @@ class SetModel(MILESetModel):
 
     @torch.no_grad()
     def image_tokens(self, images: Sequence, batch_size: int = 64) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """PIL images → CLS [n, D] and, with ``attend: patches``, patch tokens [n, p, D]."""
+        """Photos (PIL images, or paths read with :func:`load_images`) → CLS [n, D] and, with
+        ``attend: patches``, patch tokens [n, p, D]: what :meth:`fold` takes."""
+        if any(isinstance(image, (str, os.PathLike)) for image in images):
+            images = [load_images([image])[0] if isinstance(image, (str, os.PathLike)) else image for image in images]
         preprocessing = self.preprocessor()
         return self.pixel_tokens(torch.stack([preprocessing.pixels(img) for img in images]), batch_size)
 
@@ -443,7 +446,10 @@ class Gallery:
 
     # ------------------------------------------------------------------ search
     def search(self, latent: torch.Tensor, k: int) -> list[tuple[str, float]]:
-        """The ``k`` objects nearest to one set latent (cosine), best first."""
+        """The ``k`` objects nearest to one set latent [D] (cosine), best first: ``(object id, cosine)``."""
+        if latent.ndim != 1:
+            raise ValueError(f"search takes one set latent of shape [{self.dim}], got {list(latent.shape)}; for a batch "
+                             f"[q, {self.dim}] use search_many")
         return self.search_many(latent[None], k)[0]
 
     def search_many(self, latents: torch.Tensor, k: int) -> list[list[tuple[str, float]]]:

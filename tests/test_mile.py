@@ -205,6 +205,12 @@ def test_folding_one_by_one_with_index_add_equals_embedding_the_set(mile_run, tm
     assert torch.allclose(Gallery(gallery).latent("obj0"), whole, atol=1e-5)
     record = json.loads(out)  # the fields of serve's answer to the same add
     assert (record["object"], record["created"], record["photos"], record["objects"]) == ("obj0", False, 3, len(stored))
+    # the Python of docs/loading.md: photo paths as they are, and one latent to search with (an API probe:
+    # paths failed inside PIL, and a latent of another shape was told the batch shape [q, D])
+    from_paths = model.fold(None, *model.image_tokens([str(p) for p in photos]))
+    assert torch.equal(from_paths, whole) and Gallery(gallery).search(whole, 1)[0][0] in ("again", "obj0")
+    with pytest.raises(ValueError, match=r"search takes one set latent of shape \[\d+\], got \[1, \d+\]; for a batch"):
+        Gallery(gallery).search(whole[None], 1)
 
 
 def test_search_ranks_objects_and_refuses_another_model(mile_run, tmp_path, capsys):
