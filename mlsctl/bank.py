@@ -111,10 +111,10 @@ class QueryFeature:
 
 
 class MemoryBank:
-    """A FIFO ring of ``size`` vectors of width ``dim`` (detached copies of what is enqueued), each slot with its payload
-    columns (image id, step, label, ...): :meth:`enqueue` a batch (gathered across processes),
-    :meth:`query` the nearest slots of a batch of queries by cosine, ``ages`` and the payload to see
-    what it holds. The module docstring and docs/banks.md give the semantics the tests pin."""
+    """A FIFO ring of ``size`` vectors of width ``dim`` (detached copies of what is enqueued), each
+    slot with its payload columns (image id, step, label, ...): :meth:`enqueue` a batch (gathered
+    across processes), :meth:`query` the nearest slots of a batch of queries by cosine, ``ages`` and
+    the payload to see what it holds. The module docstring and docs/banks.md give the semantics the tests pin."""
 
     def __init__(
         self,

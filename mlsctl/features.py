@@ -401,6 +401,7 @@ def _embed_parts(tree, out: Path, model, plan: dict, plan_sha: str, relpaths: li
     dist.barrier()
     layout = dist.on_main(lambda: _shard_layout(out, plan_sha, n_parts, parts_per_shard, n_shards, part_path))
     dist.on_every(lambda: _write_shards(out, layout, bool(plan["grid"]), part_path, dist.rank(), dist.world_size()))
+
     def commit() -> None:  # the manifest stays on process 0 (1.28 M file names for ImageNet)
         _write_manifest(out, plan, plan_sha, layout, relpaths, not_images, model, preprocessing, part_path)
 

@@ -73,8 +73,7 @@ class SetModel(MILESetModel):
     def image_tokens(self, images: Sequence, batch_size: int = 64) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Photos (PIL images, or paths read with :func:`load_images`) → CLS [n, D] and, with
         ``attend: patches``, patch tokens [n, p, D]: what :meth:`fold` takes."""
-        if any(isinstance(image, (str, os.PathLike)) for image in images):
-            images = [load_images([image])[0] if isinstance(image, (str, os.PathLike)) else image for image in images]
+        images = [load_images([image])[0] if isinstance(image, (str, os.PathLike)) else image for image in images]
         preprocessing = self.preprocessor()
         return self.pixel_tokens(torch.stack([preprocessing.pixels(img) for img in images]), batch_size)
 

@@ -97,7 +97,7 @@ def _values(recipe, keys: list[str]) -> str:
             node = node.get(part) if isinstance(node, dict) else None
         return node
 
-    return ", ".join(f"{k} back to {value(k)}" for k in keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+    return _named([f"{k} back to {value(k)}" for k in keys])
 
 
 def check_resumable(run: Run, saved, latest, recipe) -> None:
