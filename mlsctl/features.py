@@ -117,8 +117,11 @@ def _plan_difference(old: dict, new: dict) -> str:
     return ", ".join(dict.fromkeys(changed))
 
 
-class _Images(torch.utils.data.Dataset):
-    """The images ``relpaths`` of a tree (a folder or an archive, :mod:`mlsctl.data.archive`)."""
+class TreeImages(torch.utils.data.Dataset):
+    """The images ``relpaths`` of a tree (a folder or an archive, :mod:`mlsctl.data.archive`),
+    decoded and resized by ``preprocessing`` (uint8 [3, R, R]); item ``i`` is ``(i, pixels, None)``,
+    or ``(i, None, reason)`` for a file that is not a decodable image. Batches of it go through
+    :func:`collate_images`."""
 
     def __init__(self, tree, relpaths: list[str], preprocessing: Preprocessing, max_pixels: int):
         self.tree, self.relpaths, self.preprocessing, self.max_pixels = tree, relpaths, preprocessing, max_pixels
@@ -135,7 +138,9 @@ class _Images(torch.utils.data.Dataset):
             return index, None, str(exc)
 
 
-def _collate(items):
+def collate_images(items):
+    """:class:`TreeImages` items → row indices [b], pixels [b, 3, R, R] (None when all were
+    unreadable) and the unreadable ones as ``(index, reason)``."""
     ok = [(i, x) for i, x, _ in items if x is not None]
     indices = torch.tensor([i for i, _ in ok], dtype=torch.long)
     pixels = torch.stack([x for _, x in ok]) if ok else None
@@ -382,9 +387,9 @@ def _embed_parts(tree, out: Path, model, plan: dict, plan_sha: str, relpaths: li
             say(f"resuming: {finished} of {n_parts} parts already done")
     device = embedding_device()
     backbone.to(device)
-    loader = Loader(_Images(tree, relpaths, preprocessing, plan["max_image_pixels"]), batch_sampler=batches,
+    loader = Loader(TreeImages(tree, relpaths, preprocessing, plan["max_image_pixels"]), batch_sampler=batches,
                     num_workers=workers,
-                    collate_fn=_collate, worker_init_fn=worker_init, persistent_workers=False,
+                    collate_fn=collate_images, worker_init_fn=worker_init, persistent_workers=False,
                     pin_memory=device.type == "cuda", workers_key="--workers")
     from tqdm import tqdm
 

@@ -34,6 +34,7 @@ import json
 import logging
 import os
 import re
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +45,10 @@ import torch
 
 from mlsctl import __version__, atomic, threads
 from mlsctl.console import to_stderr
+from mlsctl.data.archive import Tree
+from mlsctl.data.loader import Loader, worker_init
 from mlsctl.errors import UserError, first_line
+from mlsctl.features import TreeImages, collate_images, default_workers, embedding_device
 from mlsctl.locks import LOCK_NAME, FolderLock
 from mlsctl.methods.mile.set_model import MILESetModel
 
@@ -80,19 +84,38 @@ class SetModel(MILESetModel):
     @torch.no_grad()
     def pixel_tokens(self, pixels: torch.Tensor, batch_size: int = 64) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Images already resized by :meth:`preprocessor` (uint8 [n, 3, R, R]) → what
-        :meth:`image_tokens` returns (the server keeps only these small copies of its photos)."""
+        :meth:`image_tokens` returns (the server keeps only these small copies of its photos), on
+        the CPU, computed on the model's :attr:`device`."""
         preprocessing = self.preprocessor()
         cls, tokens = [], []
         for start in range(0, len(pixels), batch_size):
-            out = self.backbone.backbone(preprocessing.normalize(pixels[start:start + batch_size]))
-            cls.append(out.cls.float())
+            batch = pixels[start:start + batch_size].to(self.device, non_blocking=True)
+            out = self.backbone.backbone(preprocessing.normalize(batch))
+            cls.append(out.cls.float().cpu())
             if self.attend == "patches":
-                tokens.append(out.patches.flatten(1, 2).float())
+                tokens.append(out.patches.flatten(1, 2).float().cpu())
+        return torch.cat(cls), (torch.cat(tokens) if tokens else None)
+
+    @torch.no_grad()
+    def path_tokens(self, paths: Sequence[Path], *, batch_size: int = 64, workers: Optional[int] = None,
+                    progress: Optional[bool] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Photo files → what :meth:`image_tokens` returns, decoded in loader workers
+        (:func:`photo_batches`) a batch at a time: for many photos, where :meth:`image_tokens` of
+        :func:`load_images` would hold every decoded photo at once."""
+        cls, tokens = [], []
+        for _, pixels in photo_batches(paths, self.preprocessor(), batch_size=batch_size, workers=workers,
+                                       progress=progress):
+            batch_cls, batch_tokens = self.pixel_tokens(pixels, batch_size)
+            cls.append(batch_cls)
+            if batch_tokens is not None:
+                tokens.append(batch_tokens)
         return torch.cat(cls), (torch.cat(tokens) if tokens else None)
 
 
-def load_set_model(run_dir: str | os.PathLike) -> SetModel:
-    """The teacher backbone and set encoder of a MILE run's latest checkpoint."""
+def load_set_model(run_dir: str | os.PathLike, device: Optional[torch.device | str] = None) -> SetModel:
+    """The teacher backbone and set encoder of a MILE run's latest checkpoint, on ``device`` (None:
+    where ``mlsctl embed`` runs, :func:`mlsctl.features.embedding_device`: this process's GPU when
+    there is one)."""
     from mlsctl.models.source import model_choice
     from mlsctl.restore import method_from_checkpoint, open_run, recipe_of
 
@@ -104,8 +127,9 @@ def load_set_model(run_dir: str | os.PathLike) -> SetModel:
     method.eval()
     backbone = model_choice(method.teacher_backbone(), f"teacher of MILE run {run.root} at step {checkpoint.step}",
                             "run-checkpoint", str(checkpoint.path), recipe.model.img_size)
-    return SetModel(backbone, method.teacher_encoder(), recipe.method.attend, recipe.data.global_crops.size,
-                    str(run.root), checkpoint.step)
+    model = SetModel(backbone, method.teacher_encoder(), recipe.method.attend, recipe.data.global_crops.size,
+                     str(run.root), checkpoint.step)
+    return model.to(device if device is not None else embedding_device())
 
 
 def choose_set_model(run_dir: Optional[str | os.PathLike], say: Callable[[str], None] = to_stderr) -> SetModel:
@@ -211,6 +235,40 @@ def read_query_sets(path: Path) -> list[tuple[int, Optional[str], list[Path]]]:
 def ranked(found: Sequence[tuple[str, float]]) -> list[dict]:
     """Search results as the JSON of ``search --json`` and of the service: rank (1 first), object, score."""
     return [{"rank": i + 1, "object": object_id, "score": score} for i, (object_id, score) in enumerate(found)]
+
+
+def photo_batches(paths: Sequence[Path], preprocessing, *, batch_size: int = 64, workers: Optional[int] = None,
+                  progress: Optional[bool] = None):
+    """``(first row, uint8 pixels [b, 3, R, R])`` of ``paths`` in order, ``batch_size`` at a time,
+    decoded and resized by ``preprocessing`` in ``workers`` loader processes (None:
+    :func:`mlsctl.features.default_workers`), with a progress bar on a terminal (``progress``);
+    the first unreadable photo stops it with one sentence naming it."""
+    from tqdm import tqdm
+
+    workers = default_workers(len(paths)) if workers is None else workers
+    batches = [list(range(start, min(start + batch_size, len(paths)))) for start in range(0, len(paths), batch_size)]
+    loader = Loader(_Photos(Tree("."), [str(p) for p in paths], preprocessing, None), batch_sampler=batches,
+                    num_workers=workers, collate_fn=collate_images, worker_init_fn=worker_init if workers else None,
+                    workers_key="--workers")
+    show = progress if progress is not None else sys.stderr.isatty()
+    with tqdm(total=len(paths), unit="photo", desc="photos", disable=not show, leave=False, dynamic_ncols=True) as bar:
+        for batch, (indices, pixels, unreadable) in zip(batches, loader):
+            if unreadable:
+                index, reason = unreadable[0]
+                raise UserError(f"cannot read {paths[index]}: {reason}")
+            yield batch[0], pixels
+            bar.update(len(batch))
+
+
+class _Photos(TreeImages):
+    """:class:`~mlsctl.features.TreeImages` of photo paths, where a file that cannot be opened (gone,
+    no permission) is unreadable too, as :func:`load_images` has it."""
+
+    def __getitem__(self, index: int):
+        try:
+            return super().__getitem__(index)
+        except OSError as exc:
+            return index, None, str(exc)
 
 
 def load_images(paths: Sequence[Path]) -> list:
@@ -849,12 +907,32 @@ def check_gallery_target(out: Path, overwrite: bool) -> None:
             raise UserError(f"{out} already holds a gallery; add --overwrite to rebuild it (or add images with mlsctl index add)")
 
 
-def build_gallery(source: str | os.PathLike, model: SetModel, out: str | os.PathLike, settings: IndexSettings,
-                  *, overwrite: bool = False, progress: bool = True, storage_dtype: str = "fp32") -> dict:
-    """One set embedding per object of ``source``: ``ROOT/<object_id>/*`` images, or a feature
-    folder of them written by ``mlsctl embed`` with the same run (files fold in name order)."""
-    from tqdm import tqdm
+def _object_tokens(groups: dict[str, list[Path]], model: SetModel, batch_size: int, workers: Optional[int],
+                   progress: Optional[bool]):
+    """``(object_id, CLS [t, D], tokens [t, p, D] or None)`` of each object of ``groups`` in order:
+    the photos of all objects go through the model in batches (:func:`photo_batches`), and each
+    object comes out as soon as its last photo has, so at most a batch of tokens is held."""
+    paths = [path for object_paths in groups.values() for path in object_paths]
+    objects = iter(groups.items())
+    object_id, object_paths = next(objects, (None, []))
+    cls, tokens = torch.empty(0, model.dim), None  # rows embedded, not yet handed out
+    for _, pixels in photo_batches(paths, model.preprocessor(), batch_size=batch_size, workers=workers, progress=progress):
+        batch_cls, batch_tokens = model.pixel_tokens(pixels, batch_size)
+        cls = torch.cat([cls, batch_cls])
+        tokens = batch_tokens if tokens is None else torch.cat([tokens, batch_tokens])  # None: attend cls
+        while object_id is not None and len(object_paths) <= len(cls):
+            n = len(object_paths)
+            yield object_id, cls[:n], (tokens[:n] if tokens is not None else None)
+            cls, tokens = cls[n:], (tokens[n:] if tokens is not None else None)
+            object_id, object_paths = next(objects, (None, []))
 
+
+def build_gallery(source: str | os.PathLike, model: SetModel, out: str | os.PathLike, settings: IndexSettings,
+                  *, overwrite: bool = False, progress: Optional[bool] = None, storage_dtype: str = "fp32",
+                  workers: Optional[int] = None, batch_size: int = 64) -> dict:
+    """One set embedding per object of ``source``: ``ROOT/<object_id>/*`` images (decoded in
+    ``workers`` loader processes and embedded ``batch_size`` at a time, :func:`photo_batches`), or a feature folder of them written by
+    ``mlsctl embed`` with the same run (files fold in name order)."""
     from mlsctl.features import is_feature_folder
 
     out = Path(out)
@@ -868,13 +946,10 @@ def build_gallery(source: str | os.PathLike, model: SetModel, out: str | os.Path
             latents.append(model.fold(None, cls.float()))
             counts.append(len(cls))
     else:
-        groups = object_folders(source)
-        for object_id, paths in tqdm(groups.items(), desc="gallery", unit="object", disable=None if progress else True,
-                                     leave=False):
-            cls, tokens = model.image_tokens(load_images(paths))
+        for object_id, cls, tokens in _object_tokens(object_folders(source), model, batch_size, workers, progress):
             ids.append(object_id)
             latents.append(model.fold(None, cls, tokens))
-            counts.append(len(paths))
+            counts.append(len(cls))
     if not ids:
         raise UserError(f"{source} holds no object")
     manifest = {"kind": "mlsctl-gallery", "format_version": GALLERY_FORMAT_VERSION, "mlsctl_version": __version__,

@@ -186,6 +186,66 @@ def test_noise_replaces_the_asked_fraction_with_photos_of_other_objects():
     assert noisy_sets(sets, 0.0, sets, 0) == sets
 
 
+def test_noise_draws_the_photo_the_definition_names():
+    """The noise picks ``others[r]``, ``others`` being every photo of the objects but i, in order (the
+    definition, and how it was computed until it cost O(objects x photos) a set); kept without
+    building ``others``, the same draws give the same sets."""
+    def by_definition(query_rows, fraction, pool, seed):
+        rng = np.random.default_rng(seed)
+        out = []
+        for i, rows in enumerate(query_rows):
+            rows = list(rows)
+            others = [r for j, p in enumerate(pool) if j != i for r in p]
+            for position in rng.choice(len(rows), size=min(int(round(fraction * len(rows))), len(rows)), replace=False):
+                rows[position] = int(others[rng.integers(0, len(others))])
+            out.append(rows)
+        return out
+
+    rng = np.random.default_rng(1)
+    for trial in range(20):
+        sizes = rng.integers(1, 7, size=int(rng.integers(2, 9)))
+        starts = np.cumsum([0, *sizes])
+        sets = [list(range(int(a), int(b))) for a, b in zip(starts[:-1], starts[1:])]
+        for fraction in (0.25, 0.5, 0.9):
+            assert noisy_sets(sets, fraction, sets, trial) == by_definition(sets, fraction, sets, trial)
+
+
+def test_a_gallery_built_in_batches_across_objects_equals_folding_each_object_alone(mile_run, tmp_path):
+    """index build sends every photo through the model in batches that cross objects (decoded in
+    loader workers) and folds an object once its last photo is out; each latent equals the one
+    from that object's photos alone, with CLS and with patch tokens as the set encoder's context."""
+    import dataclasses
+
+    from mlsctl.gallery import Gallery, IndexSettings, build_gallery, load_images, load_set_model, object_folders
+
+    trained = load_set_model(mile_run / "run")
+    groups = object_folders(mile_run / "train")
+    for attend, workers in (("cls", 0), ("patches", 2)):
+        model = dataclasses.replace(trained, attend=attend)
+        build_gallery(mile_run / "train", model, tmp_path / attend, IndexSettings(), batch_size=4, workers=workers,
+                      progress=False)
+        gallery = Gallery(tmp_path / attend)
+        assert gallery.ids == list(groups) and [gallery.count(o) for o in groups] == [3] * 6
+        for object_id, paths in groups.items():
+            alone = model.fold(None, *model.image_tokens(load_images(paths)))
+            assert torch.allclose(gallery.latent(object_id), alone, atol=1e-5), (attend, object_id)
+
+
+def test_a_photo_that_cannot_be_read_stops_a_build_naming_it(mile_run, tmp_path):
+    import shutil
+
+    from mlsctl.errors import UserError
+    from mlsctl.gallery import IndexSettings, build_gallery, load_set_model
+
+    shutil.copytree(mile_run / "gallery", tmp_path / "photos")
+    (tmp_path / "photos" / "obj3" / "9.png").write_bytes(b"not a png")
+    for workers in (0, 2):
+        with pytest.raises(UserError, match=r"cannot read .*obj3/9\.png"):
+            build_gallery(tmp_path / "photos", load_set_model(mile_run / "run"), tmp_path / f"g{workers}",
+                          IndexSettings(), workers=workers, progress=False)
+        assert not (tmp_path / f"g{workers}" / "gallery.json").exists()
+
+
 def test_folding_one_by_one_with_index_add_equals_embedding_the_set(mile_run, tmp_path, capsys):
     from mlsctl.gallery import Gallery, load_images, load_set_model
 

@@ -393,6 +393,7 @@ def retrieval(
     query_size: str = typer.Option("4", "--query-size", help="Photos per query set, drawn at random (seeded) as the authors do, or 'all'."),
     noise: Optional[list[str]] = typer.Option(None, "--noise", help="Fractions of each query set replaced with random photos [default: 0 0.25 0.5]."),
     seed: int = typer.Option(0, "--seed", help="Seed of the query-photo draw and of the noise."),
+    workers: Optional[int] = typer.Option(None, "--workers", "-w", min=0, help="Image-decoding worker processes [default: as mlsctl embed's]."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Results JSON [default: results/retrieval-<time>.json]."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON instead of a table."),
 ) -> None:
@@ -415,7 +416,8 @@ def retrieval(
     size = _query_size(query_size)
     model = choose_set_model(run, say=say)
     payload = {"command": "eval retrieval",
-               **evaluate_set_model(model, gallery, query, query_size=size, noise=fractions, seed=seed, say=say)}
+               **evaluate_set_model(model, gallery, query, query_size=size, noise=fractions, seed=seed, workers=workers,
+                                  say=say)}
     out = write_result(payload, out, "retrieval")
     if as_json:
         print(json.dumps(payload, indent=2))

@@ -30,6 +30,7 @@ def build(
     nprobe: int = typer.Option(32, "--nprobe", min=1, help="IVF lists searched per query."),
     refine: int = typer.Option(10, "--refine", min=1, help="IVF-PQ candidates per result, re-ranked with exact cosines."),
     dtype: StorageDtype = typer.Option("fp32", "--dtype", parser=one_of("--dtype", StorageDtype), help="Stored latents: fp32, or fp16 (half the disk; later adds fold from rounded latents)."),
+    workers: Optional[int] = typer.Option(None, "--workers", "-w", min=0, help="Image-decoding worker processes [default: as mlsctl embed's]."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a gallery already in --out."),
     as_json: bool = typer.Option(False, "--json", help="Print the gallery record as JSON."),
 ) -> None:
@@ -41,7 +42,8 @@ def build(
 
     check_gallery_target(out, overwrite)  # before the model loads
     settings = IndexSettings(index, nlist, pq_m, pq_bits, nprobe, refine)
-    record = build_gallery(source, choose_set_model(run, say=say), out, settings, overwrite=overwrite, storage_dtype=dtype)
+    record = build_gallery(source, choose_set_model(run, say=say), out, settings, overwrite=overwrite, storage_dtype=dtype,
+                           workers=workers)
     if as_json:
         print(json.dumps(record, indent=2))
         return

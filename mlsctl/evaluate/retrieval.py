@@ -100,13 +100,16 @@ def noisy_sets(query_rows: list[list[int]], fraction: float, pool: list[list[int
     if fraction <= 0:
         return [list(r) for r in query_rows]
     rng = np.random.default_rng(seed)
+    lent = np.array([r for p in pool for r in p], dtype=np.int64)  # pool's photos in order; pool[i] is
+    starts = np.cumsum([0] + [len(p) for p in pool])                # lent[starts[i]:starts[i + 1]]
     out = []
     for i, rows in enumerate(query_rows):
         rows = list(rows)
         n = int(round(fraction * len(rows)))
-        others = [r for j, p in enumerate(pool) if j != i for r in p]
+        own = int(starts[i + 1] - starts[i])
         for position in rng.choice(len(rows), size=min(n, len(rows)), replace=False):
-            rows[position] = int(others[rng.integers(0, len(others))])
+            other = int(rng.integers(0, len(lent) - own))  # the other-th photo of the objects but i
+            rows[position] = int(lent[other if other < starts[i] else other + own])
         out.append(rows)
     return out
 
@@ -199,7 +202,7 @@ def paired_photos(gallery, query) -> PairedPhotos:
 
 
 def evaluate_set_model(model, gallery, query, *, query_size: Optional[int], noise: Sequence[float], seed: int,
-                       say=to_stderr) -> dict:
+                       workers: Optional[int] = None, say=to_stderr) -> dict:
     """``mlsctl eval retrieval``: the set model of a MILE run (:class:`~mlsctl.gallery.SetModel`)
     on the objects ``gallery`` and ``query`` share — MILE and the single-image baselines with its
     trained teacher, the baselines again with the backbone the run started from (as the authors
@@ -207,7 +210,7 @@ def evaluate_set_model(model, gallery, query, *, query_size: Optional[int], nois
     import dataclasses
     import time
 
-    from mlsctl.gallery import load_images
+    from mlsctl.gallery import photo_batches
     from mlsctl.restore import from_run_start
 
     photos = paired_photos(gallery, query)
@@ -219,20 +222,30 @@ def evaluate_set_model(model, gallery, query, *, query_size: Optional[int], nois
         fewer = sum(size < query_size for size in sizes)
         say(f"note: {fewer} of {len(sizes)} objects have fewer than {query_size} query photos; their sets hold all "
             f"they have ({sizes[0]}{'' if sizes[0] == sizes[-1] else f' to {sizes[-1]}'} photos a set)")
-    images = load_images(photos.paths)
-    say(f"embedding {len(photos.paths)} photos of {len(photos.objects)} objects with the trained teacher and with the "
+    used = sorted({row for rows in photos.gallery_rows + query_rows for row in rows})  # not the query photos left out
+    new_row = {row: i for i, row in enumerate(used)}
+    gallery_rows = [[new_row[row] for row in rows] for rows in photos.gallery_rows]
+    query_rows = [[new_row[row] for row in rows] for rows in query_rows]
+    say(f"embedding {len(used)} photos of {len(photos.objects)} objects with the trained teacher and with the "
         f"backbone the run started from")
     started = time.perf_counter()
-    cls, tokens = model.image_tokens(images)
-    results = evaluate_retrieval(model, photos.gallery_rows, query_rows, cls, tokens, noise=noise, seed=seed)
     start = dataclasses.replace(model, backbone=from_run_start(model.run))
-    start_cls, _ = start.image_tokens(images)
-    results += evaluate_retrieval(start, photos.gallery_rows, query_rows, start_cls, None, noise=noise, seed=seed,
+    start.backbone.backbone.to(model.device)
+    cls, tokens, start_cls = [], [], []
+    for _, pixels in photo_batches([photos.paths[row] for row in used], model.preprocessor(), workers=workers):
+        batch_cls, batch_tokens = model.pixel_tokens(pixels)
+        cls.append(batch_cls)
+        tokens.append(batch_tokens)
+        start_cls.append(start.pixel_tokens(pixels)[0])
+    cls, start_cls = torch.cat(cls), torch.cat(start_cls)
+    tokens = torch.cat(tokens) if model.attend == "patches" else None
+    results = evaluate_retrieval(model, gallery_rows, query_rows, cls, tokens, noise=noise, seed=seed)
+    results += evaluate_retrieval(start, gallery_rows, query_rows, start_cls, None, noise=noise, seed=seed,
                                   methods=("max-pairwise", "mean-cls"), backbone="start")
     return {"gallery": str(gallery), "query": str(query), "run": model.run, "step": model.step,
             "fingerprint": model.fingerprint,
             "model": {**model.backbone.info, "step": model.step, "set_fingerprint": model.fingerprint},
             "start": start.backbone.description, "query_size": query_size if query_size is not None else "all",
             "query_set_sizes": {"min": sizes[0], "max": sizes[-1], "mean": sum(sizes) / len(sizes)},
-            "seed": seed, "objects": len(photos.objects), "photos": len(photos.paths),
+            "seed": seed, "objects": len(photos.objects), "photos": len(photos.paths), "photos_embedded": len(used),
             "seconds": time.perf_counter() - started, "results": [r.to_dict() for r in results]}

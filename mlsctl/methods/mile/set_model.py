@@ -30,6 +30,17 @@ class MILESetModel:
     def dim(self) -> int:
         return self.backbone.backbone.embed_dim
 
+    @property
+    def device(self) -> torch.device:
+        """Where the backbone and the set encoder are (:meth:`to`)."""
+        return next(self.encoder.parameters()).device
+
+    def to(self, device: torch.device | str) -> "MILESetModel":
+        """Move the backbone and the set encoder to ``device``; returns the model."""
+        self.backbone.backbone.to(device)
+        self.encoder.to(device)
+        return self
+
     @functools.cached_property
     def fingerprint(self) -> str:
         from mlsctl.models.source import fingerprint
@@ -39,7 +50,10 @@ class MILESetModel:
     @torch.no_grad()
     def fold(self, latent: Optional[torch.Tensor], cls: torch.Tensor, tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Fold images (CLS [t, D], tokens [t, p, D]) one by one into ``latent`` [D] (None: a new set,
-        ``L_0 = e_0``)."""
+        ``L_0 = e_0``), on the model's :attr:`device`; the latent comes back on ``cls``'s device."""
+        home, device = cls.device, self.device
+        cls, latent = cls.to(device), (latent.to(device) if latent is not None else None)
+        tokens = tokens.to(device) if tokens is not None else None
         start = 0
         if latent is None:
             latent, start = cls[0], 1
@@ -47,4 +61,4 @@ class MILESetModel:
         for t in range(start, cls.shape[0]):
             context = cls[t][None, None] if tokens is None else tokens[t][None]
             latent = self.encoder.fold(latent, context)
-        return latent[0]
+        return latent[0].to(home)
