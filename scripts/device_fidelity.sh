@@ -8,7 +8,7 @@
 # Prepared here first with scripts/device_prepare.sh, and carried with the command (both are git-ignored):
 #   .whl/     wheels of the packages the device lacks (pytorch-metric-learning; faiss-cpu only with
 #             WITH_FAISS=1, see scripts/device_wheels.sh: nothing on CUDA needs it); those that are missing
-#             there are installed into /tmp/site (no index, no network)
+#             there are installed into $SITE, /tmp/site by default (no index, no network)
 #   .fmnist/  the four Fashion-MNIST IDX .gz files the data is generated from (FMNIST_DIR to read others)
 #
 # It generates fmnist-scenes and fmnist-products, runs `benchmarks/fidelity.py --profile $PROFILE
@@ -40,7 +40,7 @@ for name in train-images-idx3-ubyte.gz train-labels-idx1-ubyte.gz t10k-images-id
 done
 
 # the wheels of .whl/ whose package is not installed here
-site=/tmp/site
+site=${SITE:-/tmp/site}
 missing=()
 for wheel in .whl/*.whl; do
   [ -e "$wheel" ] || continue

@@ -38,13 +38,18 @@ OUT=$(cd "$OUT" && pwd)  # absolute: some stages write to it from inside other f
 exec > >(tee -a "$OUT/window.log") 2>&1
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 [ -f .whl/COMMIT ] && export MLSCTL_COMMIT="$(cat .whl/COMMIT)"  # what the records name (scripts/device_prepare.sh)
+SITE=${SITE:-/tmp/site}        # where the carried wheels are installed (a fresh folder on the device)
 started=$(date +%s)
+failures=0
 stage() { echo; echo "== $(( $(date +%s) - started ))s: $*"; }
+failed() { echo "FAILED: $*"; failures=$((failures + 1)); }  # the stage's own output says why
+# the first line names the window (scripts/device_unpack.sh files its logs by it, and keeps dry runs apart)
+echo "window started $(date -u +%Y-%m-%dT%H%M%SZ) at commit ${MLSCTL_COMMIT:-unknown}, profile $PROFILE"
 
 stage "set-up"
 if compgen -G ".whl/*.whl" > /dev/null; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl || exit 1
+  export PYTHONPATH=$SITE:$PWD
 else
   export PYTHONPATH=$PWD
 fi
@@ -56,11 +61,14 @@ print(f"torch {torch.__version__} (CUDA {torch.version.cuda}, available: {torch.
 PY
 mlsctl() { $PY -m mlsctl "$@"; }
 
-stage "data (fmnist-scenes 2,000/500, fmnist-products 1,000/200 objects) from $FMNIST"
 DATA=$WORK/data
 if [ "$PROFILE" = smoke ]; then  # the sizes of the suite's smoke profile, which reuses this data
   SCENES=(--n-train 16 --n-val 4 --size 32); PRODUCTS=(--n-train 8 --n-eval 4 --photos 4 --gallery-photos 2 --size 32)
-else SCENES=(); PRODUCTS=(); fi
+  stage "data (smoke: fmnist-scenes 16/4, fmnist-products 8/4 objects) from $FMNIST"
+else
+  SCENES=(); PRODUCTS=()
+  stage "data (fmnist-scenes 2,000/500, fmnist-products 1,000/200 objects) from $FMNIST"
+fi
 mlsctl data fmnist-scenes --out "$DATA/fmnist-scenes" --source "$FMNIST" "${SCENES[@]}" || exit 1
 mlsctl data fmnist-products --out "$DATA/fmnist-products" --source "$FMNIST" "${PRODUCTS[@]}" || exit 1
 mkdir -p "$DATA/fmnist-backbone"
@@ -106,18 +114,18 @@ print(round(statistics.median(r['images_per_s'] for r in rows[-3:]), 1))")
   RUN=runs/dino_fmnist_backbone
   WARM=$(( EPOCHS / 10 ))
   if mlsctl pretrain "${BACKBONE[@]}" optim.epochs=$EPOCHS optim.warmup_epochs=$WARM --out $RUN --overwrite; then
-    $PY scripts/backbone_weights.py $RUN "$OUT/backbone" || echo "FAILED: bf16 weights"
+    $PY scripts/backbone_weights.py $RUN "$OUT/backbone" || failed "bf16 weights"
     SC=$DATA/fmnist-scenes
     for model in trained random; do
       extra=(); [ $model = random ] && extra=(--random-init --seed 0)
       mlsctl eval knn-seg --train $SC/train/images --train-masks $SC/train/masks --val $SC/val/images \
         --val-masks $SC/val/masks --run $RUN "${extra[@]}" --fraction 1/1 --k 30 --out $RUN/knn-seg-$model.json \
-        || echo "FAILED: knn-seg $model"
+        || failed "knn-seg $model"
     done
     tar czf "$OUT/backbone-run.tar.gz" $RUN/config.yaml $RUN/metrics.jsonl $RUN/train.log $RUN/summary.json \
       $RUN/knn-seg-*.json runs/window-smoke/summary.json 2>/dev/null
   else
-    echo "FAILED: backbone"
+    failed "backbone"
     tar czf "$OUT/backbone-run.tar.gz" $RUN/train.log runs/window-smoke/summary.json 2>/dev/null
   fi
 else
@@ -128,9 +136,11 @@ LEFT=$(( WINDOW_S - ($(date +%s) - started) - THROUGHPUT_S - HOST_SYNC_S - STOP_
 stage "reproduction suite, profile $PROFILE, within ${LEFT}s (calibration first)"
 if [ "$LEFT" -gt 30 ]; then
   $PY benchmarks/fidelity.py --profile "$PROFILE" --work "$WORK" --fmnist "$FMNIST" --budget-s "$LEFT" \
-    --pack-results "$OUT/fidelity-$PROFILE.tar.gz" || echo "FAILED: fidelity"
+    --pack-results "$OUT/fidelity-$PROFILE.tar.gz" || failed "fidelity"
   # every stage's log of this window (a cell that failed on the device is told by its own log)
   [ -d "$WORK" ] && (cd "$WORK" && find . -name '*.log' -print0 | tar --null -czf "$OUT/cell-logs-$PROFILE.tar.gz" -T -)
+else
+  failed "fidelity: skipped, ${LEFT}s left (at least 31 needed; lower BACKBONE_S, THROUGHPUT_S or HOST_SYNC_S)"
 fi
 
 stage "host-device synchronisations of the training step on CUDA (benchmarks/host_sync.py, 20 steps a recipe)"
@@ -139,23 +149,24 @@ HS=(--scenes "$DATA/fmnist-scenes/train/images" --products "$DATA/fmnist-product
 # its JSON travels in throughput-logs.tar.gz (at most 8 files come back; the backbone takes 2)
 mkdir -p "$WORK/throughput-logs"
 timeout -k 10 "$HOST_SYNC_S" $PY benchmarks/host_sync.py "${HS[@]}" --out "$WORK/throughput-logs/host_sync.json" \
-  || echo "FAILED: host sync"
+  || failed "host sync"
 # at once, kept if the window is cut (with BACKBONE_S the weights take its place among the 8 files that come
 # back, and it travels in throughput-logs.tar.gz only)
 [ "$BACKBONE_S" -eq 0 ] && cp "$WORK/throughput-logs/host_sync.json" "$OUT/host_sync.json" 2>/dev/null
 
 LEFT=$(( WINDOW_S - ($(date +%s) - started) - 5 ))
-stage "throughput of dino_in1k (loop with augment cpu and gpu vs the model step alone) within ${LEFT}s"
 if [ "$PROFILE" = smoke ]; then  # a CPU dry run: the quick recipe, tiny
+  stage "throughput of a tiny dino_fmnist_quick (the loop against the model step alone) within ${LEFT}s"
   TP=(--recipe dino_fmnist_quick --steps 3 --warmup 1 --images 64 --override model.timm_kwargs.embed_dim=32
       model.timm_kwargs.depth=2 model.timm_kwargs.num_heads=2 optim.batch_size=8)
 else
+  stage "throughput of dino_in1k (loop with augment cpu and gpu vs the model step alone) within ${LEFT}s"
   TP=(--recipe dino_in1k --rounds 1 --steps 20 --warmup 8 --images 1536 --augment gpu cpu)  # the headline (gpu) first
 fi
 # the JSON and, in one archive (at most 8 files come back), each loop's output and metrics: a failed loop's log returns
 if [ "$LEFT" -ge 60 ]; then
   timeout -k 10 "$LEFT" $PY benchmarks/train_throughput.py "${TP[@]}" --budget-s "$((LEFT - 15))" \
-    --out "$WORK/throughput.json" || echo "FAILED: throughput"
+    --out "$WORK/throughput.json" || failed "throughput"
   cp "$WORK/throughput.json" "$OUT/throughput.json" 2>/dev/null
 else
   echo "SKIPPED: throughput (${LEFT}s left, under 60)"
@@ -164,3 +175,5 @@ fi
 
 stage "done"
 ls -la "$OUT"
+# the exit status says whether every stage ran: files come back either way
+[ "$failures" -eq 0 ] || { echo "$failures stage(s) FAILED (the lines above that start with FAILED:)"; exit 1; }
