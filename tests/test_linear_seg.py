@@ -57,3 +57,26 @@ def test_features_without_dense_maps_are_one_sentence(tmp_path, capsys):
     code, _, err = cli("eval", "linear-seg", "--train", str(folder), "--train-masks", str(tmp_path / "m"), "--val",
                        str(folder), "--val-masks", str(tmp_path / "m"), capsys=capsys)
     assert code != 0 and "has no dense features" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_soft_label_cache_gives_back_the_dense_labels_and_keeps_only_their_non_zeros():
+    """Kept for every training image across epochs, dense soft labels cost h·w·C floats an image
+    (about 12 GiB for ADE20K at 512 px); the cache keeps non-zeros and gives back the same rows."""
+    from mlsctl.evaluate.knn_seg import patch_soft_labels
+    from mlsctl.evaluate.linear_seg import SoftLabelCache
+
+    rng = np.random.default_rng(0)
+    cache, reads = SoftLabelCache(150, 255), []
+    masks = {0: np.kron(rng.integers(0, 150, size=(8, 8)), np.ones((8, 8), dtype=np.int64)),  # one class a patch
+             1: rng.integers(0, 150, size=(61, 47)),  # patch cells sharing rows and columns, many classes a patch
+             2: np.full((16, 16), 255)}  # every pixel ignored: all-zero rows
+    masks[1][rng.random(masks[1].shape) < 0.2] = 255
+    for _ in range(2):  # the second pass reads the cache, not the masks
+        for row, mask in masks.items():
+            got = cache.get(row, lambda mask=mask, row=row: reads.append(row) or mask, (8, 8))
+            assert torch.equal(got, patch_soft_labels(mask, (8, 8), 150, 255))
+    assert reads == [0, 1, 2]
+    one_class = 8 * 64  # 64 patches of one class: one entry each
+    cache = SoftLabelCache(150, 255)
+    cache.get(0, lambda: masks[0], (8, 8))
+    assert cache.nbytes() == one_class  # against 64 x 150 x 4 bytes dense: 1/75
