@@ -98,3 +98,41 @@ def test_a_failure_in_one_process_is_raised_by_every_process(tmp_path: Path):
     assert zero["on_main"] == ["OSError", "[Errno 28] No space left on device"]
     assert one["on_main"][0] == "UserError" and one["on_main"][2] == 1 and "space" in one["on_main"][1]
     assert zero["after"] == one["after"] == [0, 1]
+
+
+def _listing_worker(rank: int, world: int, init_file: str, out_dir: str, root: str) -> None:
+    from mlsctl import dist
+    from mlsctl.data import images
+    from mlsctl.data.images import ImageFolder
+    from mlsctl.methods.refine.method import FeatureData
+
+    torch_dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    if rank == 1:  # the training loop lists data.root on process 0 only: process 1 must never walk it
+        images.scan_images = lambda *args, **kwargs: (_ for _ in ()).throw(AssertionError("process 1 listed"))
+    folder = dist.on_main(lambda: ImageFolder(Path(root) / "images", "data.root", max_pixels=123_456_789))
+    features = dist.on_main(lambda: FeatureData(str(Path(root) / "features")))
+    from PIL import Image
+
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps({
+        "relpaths": folder.relpaths(), "pixels": Image.MAX_IMAGE_PIXELS, "size": folder.load(1).size,
+        "features": [len(features), features.relpaths()]}))
+    dist.close()
+
+
+def test_the_training_data_is_listed_by_process_0_and_sent_to_the_others(tmp_path: Path):
+    """Every process used to walk data.root itself (1.28 M stats each, W walks of an NFS folder at
+    once, and lists that differ when files come and go during the walks); process 0 lists it and the
+    others get its listing, with Pillow's limit set, and a feature folder travels as its path."""
+    import numpy as np
+    from PIL import Image
+
+    from conftest import write_feature_folder
+
+    for i, name in enumerate(["b/2.png", "a/1.png", "a/3.jpg"]):
+        (tmp_path / "images" / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((8, 4 + i, 3), 40 * i, np.uint8)).save(tmp_path / "images" / name)
+    write_feature_folder(tmp_path / "features", ["x/0.png", "y/1.png"], torch.randn(2, 4))
+    mp.spawn(_listing_worker, args=(2, str(tmp_path / "init"), str(tmp_path), str(tmp_path)), nprocs=2, join=True)
+    zero, one = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
+    assert zero == one and zero["relpaths"] == ["a/1.png", "a/3.jpg", "b/2.png"] and zero["size"] == [6, 8]
+    assert zero["pixels"] == 123_456_789 and zero["features"] == [2, ["x/0.png", "y/1.png"]]

@@ -421,6 +421,12 @@ class ImageFolder:
         self.max_pixels = max_pixels
         allow_image_pixels(max_pixels)
 
+    def __setstate__(self, state: dict) -> None:
+        """Unpickled in another process (the training loop lists ``data.root`` on process 0 only and
+        sends the listing to the others; a spawned loader worker): Pillow's limit is set there too."""
+        self.__dict__.update(state)
+        allow_image_pixels(self.max_pixels)
+
     def __len__(self) -> int:
         return len(self._relpaths)
 

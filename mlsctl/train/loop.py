@@ -98,7 +98,9 @@ def _pretrain(recipe, out: str | Path, *, resume: bool, init_from: Optional[str]
     for key, message in method_cls.check_training(recipe, world, accelerator.device.type):
         raise UserError(f"{setup.source_of(key, recipe_source, overridden)}: '{key}' {message}")
     setup.seed_everything(recipe.seed + rank)
-    folder = method_cls.open_data(recipe)
+    # data.root is listed once, by process 0, and every process gets that listing: the same images in
+    # the same rows even while files come and go, and one walk of a large folder (on NFS) instead of W
+    folder = dist.on_main(lambda: method_cls.open_data(recipe))
     dataset, collate_fn = method_cls.build_dataset(recipe, folder)
     probe = method_cls.batch_sampler(recipe, dataset, world_size=world, rank=rank)
     schedule = Schedule(probe.steps_per_epoch, recipe.optim.epochs)

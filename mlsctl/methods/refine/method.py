@@ -75,6 +75,10 @@ class FeatureData:
         self.features = Features(path, f"{what} (a feature folder)")
         self.root = Path(path)
         self.scan = _NoNotes()
+        self.what = what
+
+    def __reduce__(self):  # sent to another process as its path: the folder is opened there
+        return FeatureData, (str(self.root), self.what)
 
     def relpaths(self) -> list[str]:
         return list(self.features.files)
