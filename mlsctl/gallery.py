@@ -103,8 +103,8 @@ class SetModel(MILESetModel):
         (:func:`photo_batches`) a batch at a time: for many photos, where :meth:`image_tokens` of
         :func:`load_images` would hold every decoded photo at once."""
         cls, tokens = [], []
-        for _, pixels in photo_batches(paths, self.preprocessor(), batch_size=batch_size, workers=workers,
-                                       progress=progress):
+        for _, pixels, _ in photo_batches(paths, self.preprocessor(), batch_size=batch_size, workers=workers,
+                                          progress=progress):
             batch_cls, batch_tokens = self.pixel_tokens(pixels, batch_size)
             cls.append(batch_cls)
             if batch_tokens is not None:
@@ -238,11 +238,13 @@ def ranked(found: Sequence[tuple[str, float]]) -> list[dict]:
 
 
 def photo_batches(paths: Sequence[Path], preprocessing, *, batch_size: int = 64, workers: Optional[int] = None,
-                  progress: Optional[bool] = None):
-    """``(first row, uint8 pixels [b, 3, R, R])`` of ``paths`` in order, ``batch_size`` at a time,
-    decoded and resized by ``preprocessing`` in ``workers`` loader processes (None:
-    :func:`mlsctl.features.default_workers`), with a progress bar on a terminal (``progress``);
-    the first unreadable photo stops it with one sentence naming it."""
+                  progress: Optional[bool] = None, strict: bool = True):
+    """``(rows, pixels, unreadable)`` of ``paths`` in order, ``batch_size`` photos a batch, decoded
+    and resized by ``preprocessing`` in ``workers`` loader processes (None:
+    :func:`mlsctl.features.default_workers`), with a progress bar on a terminal (``progress``):
+    ``rows`` the batch's rows (a consecutive range), ``pixels`` uint8 [b, 3, R, R] of those that
+    could be read (None if none) and ``unreadable`` ``[(row, reason)]`` of the others. ``strict``:
+    the first unreadable photo stops it instead, with one sentence naming it."""
     from tqdm import tqdm
 
     workers = default_workers(len(paths)) if workers is None else workers
@@ -252,12 +254,40 @@ def photo_batches(paths: Sequence[Path], preprocessing, *, batch_size: int = 64,
                     workers_key="--workers")
     show = progress if progress is not None else sys.stderr.isatty()
     with tqdm(total=len(paths), unit="photo", desc="photos", disable=not show, leave=False, dynamic_ncols=True) as bar:
-        for batch, (indices, pixels, unreadable) in zip(batches, loader):
-            if unreadable:
-                index, reason = unreadable[0]
-                raise UserError(f"cannot read {paths[index]}: {reason}")
-            yield batch[0], pixels
-            bar.update(len(batch))
+        for rows, (_, pixels, unreadable) in zip(batches, loader):
+            if unreadable and strict:
+                row, reason = unreadable[0]
+                raise UserError(f"cannot read {paths[row]}: {reason}")
+            yield rows, pixels, unreadable
+            bar.update(len(rows))
+
+
+def set_tokens(sets: Sequence[Sequence[Path]], model: SetModel, *, batch_size: int = 64,
+               workers: Optional[int] = None, progress: Optional[bool] = None, strict: bool = True):
+    """``(CLS [t, D], tokens [t, p, D] or None, unreadable)`` of each set of photo paths in
+    ``sets``, in order: the photos of all sets go through the model ``batch_size`` at a time
+    (decoded by :func:`photo_batches`, so a batch spans sets and fills a GPU however small the
+    sets), and each set comes out as soon as its last photo has, so at most a batch of tokens is
+    held. ``unreadable`` is ``[(path, reason)]`` of the set's photos that could not be read (its
+    CLS and tokens are then of the others); ``strict``: the first one stops it instead."""
+    paths = [path for photos in sets for path in photos]
+    cls, tokens = torch.empty(0, model.dim), None  # rows embedded, not yet handed out
+    unreadable: dict[int, str] = {}
+    current, first = 0, 0  # the set handed out next, and its first row
+    for rows, pixels, batch_unreadable in photo_batches(paths, model.preprocessor(), batch_size=batch_size,
+                                                        workers=workers, progress=progress, strict=strict):
+        unreadable.update(batch_unreadable)
+        if pixels is not None:
+            batch_cls, batch_tokens = model.pixel_tokens(pixels, batch_size)
+            cls = torch.cat([cls, batch_cls])
+            tokens = batch_tokens if tokens is None else torch.cat([tokens, batch_tokens])  # None: attend cls
+        while current < len(sets) and first + len(sets[current]) <= rows[-1] + 1:
+            end = first + len(sets[current])
+            failed = [(paths[row], unreadable.pop(row)) for row in range(first, end) if row in unreadable]
+            n = end - first - len(failed)
+            yield cls[:n], (tokens[:n] if tokens is not None else None), failed
+            cls, tokens = cls[n:], (tokens[n:] if tokens is not None else None)
+            current, first = current + 1, end
 
 
 class _Photos(TreeImages):
@@ -907,31 +937,11 @@ def check_gallery_target(out: Path, overwrite: bool) -> None:
             raise UserError(f"{out} already holds a gallery; add --overwrite to rebuild it (or add images with mlsctl index add)")
 
 
-def _object_tokens(groups: dict[str, list[Path]], model: SetModel, batch_size: int, workers: Optional[int],
-                   progress: Optional[bool]):
-    """``(object_id, CLS [t, D], tokens [t, p, D] or None)`` of each object of ``groups`` in order:
-    the photos of all objects go through the model in batches (:func:`photo_batches`), and each
-    object comes out as soon as its last photo has, so at most a batch of tokens is held."""
-    paths = [path for object_paths in groups.values() for path in object_paths]
-    objects = iter(groups.items())
-    object_id, object_paths = next(objects, (None, []))
-    cls, tokens = torch.empty(0, model.dim), None  # rows embedded, not yet handed out
-    for _, pixels in photo_batches(paths, model.preprocessor(), batch_size=batch_size, workers=workers, progress=progress):
-        batch_cls, batch_tokens = model.pixel_tokens(pixels, batch_size)
-        cls = torch.cat([cls, batch_cls])
-        tokens = batch_tokens if tokens is None else torch.cat([tokens, batch_tokens])  # None: attend cls
-        while object_id is not None and len(object_paths) <= len(cls):
-            n = len(object_paths)
-            yield object_id, cls[:n], (tokens[:n] if tokens is not None else None)
-            cls, tokens = cls[n:], (tokens[n:] if tokens is not None else None)
-            object_id, object_paths = next(objects, (None, []))
-
-
 def build_gallery(source: str | os.PathLike, model: SetModel, out: str | os.PathLike, settings: IndexSettings,
                   *, overwrite: bool = False, progress: Optional[bool] = None, storage_dtype: str = "fp32",
                   workers: Optional[int] = None, batch_size: int = 64) -> dict:
     """One set embedding per object of ``source``: ``ROOT/<object_id>/*`` images (decoded in
-    ``workers`` loader processes and embedded ``batch_size`` at a time, :func:`photo_batches`), or a feature folder of them written by
+    ``workers`` loader processes and embedded ``batch_size`` at a time, :func:`set_tokens`), or a feature folder of them written by
     ``mlsctl embed`` with the same run (files fold in name order)."""
     from mlsctl.features import is_feature_folder
 
@@ -946,7 +956,9 @@ def build_gallery(source: str | os.PathLike, model: SetModel, out: str | os.Path
             latents.append(model.fold(None, cls.float()))
             counts.append(len(cls))
     else:
-        for object_id, cls, tokens in _object_tokens(object_folders(source), model, batch_size, workers, progress):
+        groups = object_folders(source)
+        for object_id, (cls, tokens, _) in zip(groups, set_tokens(list(groups.values()), model, batch_size=batch_size,
+                                                                  workers=workers, progress=progress)):
             ids.append(object_id)
             latents.append(model.fold(None, cls, tokens))
             counts.append(len(cls))

@@ -231,6 +231,29 @@ def test_a_gallery_built_in_batches_across_objects_equals_folding_each_object_al
             assert torch.allclose(gallery.latent(object_id), alone, atol=1e-5), (attend, object_id)
 
 
+def test_query_sets_embedded_in_batches_across_sets_equal_each_set_alone_and_an_unreadable_photo_costs_its_set(
+        mile_run, tmp_path):
+    """search --sets embeds the photos of many sets in batches across sets (decoded in workers);
+    each set's CLS equal its photos embedded alone, and a set with an unreadable photo (or of
+    unreadable photos only) is told so while the sets around it are unchanged."""
+    from mlsctl.gallery import load_images, load_set_model, set_tokens
+
+    model = load_set_model(mile_run / "run")
+    photos = sorted((mile_run / "train").rglob("*.png"))
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    sets = [photos[0:3], photos[3:4], [photos[4], bad, photos[5]], [bad], photos[6:11], photos[11:12]]
+    for workers in (0, 2):
+        out = list(set_tokens(sets, model, batch_size=4, workers=workers, strict=False))
+        assert len(out) == len(sets)
+        for photos_of_set, (cls, tokens, unreadable) in zip(sets, out):
+            readable = [p for p in photos_of_set if p != bad]
+            assert [path for path, _ in unreadable] == [bad] * (len(photos_of_set) - len(readable))
+            assert tokens is None and len(cls) == len(readable)
+            if readable:
+                assert torch.allclose(cls, model.image_tokens(load_images(readable))[0], atol=1e-5)
+
+
 def test_a_photo_that_cannot_be_read_stops_a_build_naming_it(mile_run, tmp_path):
     import shutil
 

@@ -122,6 +122,7 @@ def search(
     index: Optional[Path] = typer.Option(None, "--index", help="Gallery folder [default: the newest gallery under the current directory]."),
     k: int = typer.Option(10, "-k", "--k", min=1, help="Objects to return."),
     run: Optional[Path] = typer.Option(None, "--run", help="Run to embed with [default: the gallery's run]."),
+    workers: Optional[int] = typer.Option(None, "--workers", "-w", min=0, help="Image-decoding worker processes for --sets [default: as mlsctl embed's]."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Find the objects of a gallery that a set of photos shows, ranked by cosine of MILE set embeddings.
@@ -131,7 +132,7 @@ def search(
     Many sets, one model load: mlsctl search --sets queries.jsonl --index galleries/products > results.jsonl
     """
     from mlsctl.errors import UserError
-    from mlsctl.gallery import Gallery, choose_set_model, load_images, newest_gallery, ranked, read_query_sets
+    from mlsctl.gallery import Gallery, choose_set_model, load_images, newest_gallery, ranked, read_query_sets, set_tokens
 
     if (images is None) == (sets is None):
         raise UserError("give the photos of one set with --set, or a JSONL file of sets with --sets")
@@ -147,15 +148,15 @@ def search(
         queries = read_query_sets(sets)
         started = time.perf_counter()
         failed = []
-        for number, query_id, photos in queries:
+        embedded = set_tokens([photos for _, _, photos in queries], model, workers=workers, strict=False)
+        for (number, query_id, photos), (cls, tokens, unreadable) in zip(queries, embedded):
             record = {"id": query_id, "set": [str(p) for p in photos]}
-            try:
-                images_of_set = load_images(photos)
-            except UserError as exc:  # one unreadable photo costs its own set, not the rest of the file
+            if unreadable:  # one unreadable photo costs its own set, not the rest of the file
                 failed.append(number)
-                print(json.dumps({**record, "error": f"--sets {sets} line {number}: {exc}"}), flush=True)
+                path, reason = unreadable[0]
+                print(json.dumps({**record, "error": f"--sets {sets} line {number}: cannot read {path}: {reason}"}),
+                      flush=True)
                 continue
-            cls, tokens = model.image_tokens(images_of_set)
             found = target.search(model.fold(None, cls, tokens), k)
             print(json.dumps({**record, "results": ranked(found)}), flush=True)
         seconds = time.perf_counter() - started

@@ -232,7 +232,7 @@ def evaluate_set_model(model, gallery, query, *, query_size: Optional[int], nois
     start = dataclasses.replace(model, backbone=from_run_start(model.run))
     start.backbone.backbone.to(model.device)
     cls, tokens, start_cls = [], [], []
-    for _, pixels in photo_batches([photos.paths[row] for row in used], model.preprocessor(), workers=workers):
+    for _, pixels, _ in photo_batches([photos.paths[row] for row in used], model.preprocessor(), workers=workers):
         batch_cls, batch_tokens = model.pixel_tokens(pixels)
         cls.append(batch_cls)
         tokens.append(batch_tokens)
