@@ -40,7 +40,9 @@ def _rows(health, bank) -> list[tuple[str, str]]:
         ("effective rank", f"{_fmt(health.effective_rank, 1)} of {min(health.sample, health.dim)}"),
         ("uniformity", _fmt(health.uniformity)),
         ("near-duplicates", f"{health.near_duplicates} ({100 * health.duplicate_rate:.2f}%) at cos >= "
-                            f"{health.duplicate_threshold:g}"),
+                            f"{health.duplicate_threshold:g}" + (f", of {health.duplicate_rows} sampled entries each "
+                                                                  f"against every older one"
+                                                                  if health.duplicate_rows < health.written else "")),
         ("payload", ", ".join(f"{k}{list(c.shape) if c.shape else ''}" for k, c in bank.columns.items())),
         ("query feature", (f"{qf.feature}{' → ' + qf.projection if qf.projection else ''} "
                            f"[{qf.start}:{qf.stop if qf.stop is not None else health.dim}]") if qf else "-"),
