@@ -254,6 +254,28 @@ def test_query_sets_embedded_in_batches_across_sets_equal_each_set_alone_and_an_
                 assert torch.allclose(cls, model.image_tokens(load_images(readable))[0], atol=1e-5)
 
 
+def test_search_sets_answers_in_input_order_whatever_the_search_batch(mile_run, tmp_path, capsys, monkeypatch):
+    """search --sets searches its sets' latents together, SEARCH_BATCH at a time; the lines come out
+    in input order, errors in their place, the same whether batches hold 2 sets or all."""
+    from mlsctl.cli import index as index_cli
+
+    gallery = tmp_path / "g"
+    cli_ok(capsys, "index", "build", str(mile_run / "gallery"), "--run", str(mile_run / "run"), "--out", str(gallery))
+    photos = sorted((mile_run / "query").rglob("*.png"))
+    sets = tmp_path / "sets.jsonl"
+    lines = [{"id": f"s{i}", "photos": [str(p)] if i not in (1, 4) else ["missing.png"]} for i, p in enumerate(photos)]
+    sets.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    answers = {}
+    for batch in (2, 256):
+        monkeypatch.setattr(index_cli, "SEARCH_BATCH", batch)
+        code, out, _ = cli("search", "--sets", str(sets), "--index", str(gallery), "-k", "3", capsys=capsys)
+        answers[batch] = [json.loads(line) for line in out.splitlines()]
+        assert code == 2 and [a["id"] for a in answers[batch]] == [f"s{i}" for i in range(len(photos))]
+        assert ["error" in a for a in answers[batch]] == [i in (1, 4) for i in range(len(photos))]
+    assert answers[2] == answers[256]
+    assert all(a["results"][0]["object"] == f"obj{i}" for i, a in enumerate(answers[2]) if "results" in a)
+
+
 def test_a_photo_that_cannot_be_read_stops_a_build_naming_it(mile_run, tmp_path):
     import shutil
 

@@ -51,6 +51,7 @@ def build(
           + (f" (nlist {settings.nlist}, m {settings.m}, {pq_bits} bits, nprobe {nprobe})" if index == "ivfpq" else ""))
 
 
+SEARCH_BATCH = 256  # sets that search --sets searches at once (flat, 200k objects: 88 ms a set alone, 34 ms batched)
 RETRAIN_SHARE = 0.2  # objects written since the IVF quantiser was trained, above which `index add` says so
 
 
@@ -132,6 +133,8 @@ def search(
     Many sets, one model load: mlsctl search --sets queries.jsonl --index galleries/products > results.jsonl
     """
     from mlsctl.errors import UserError
+    import torch
+
     from mlsctl.gallery import Gallery, choose_set_model, load_images, newest_gallery, ranked, read_query_sets, set_tokens
 
     if (images is None) == (sets is None):
@@ -149,16 +152,27 @@ def search(
         started = time.perf_counter()
         failed = []
         embedded = set_tokens([photos for _, _, photos in queries], model, workers=workers, strict=False)
+        pending: list[tuple[dict, object]] = []  # (record, its latent or its error), in input order
+
+        def answer() -> None:  # one search for every pending latent, the lines in input order
+            latents = [latent for _, latent in pending if not isinstance(latent, str)]
+            found = iter(target.search_many(torch.stack(latents), k) if latents else [])
+            for record, latent in pending:
+                record.update({"error": latent} if isinstance(latent, str) else {"results": ranked(next(found))})
+                print(json.dumps(record), flush=True)
+            pending.clear()
+
         for (number, query_id, photos), (cls, tokens, unreadable) in zip(queries, embedded):
             record = {"id": query_id, "set": [str(p) for p in photos]}
             if unreadable:  # one unreadable photo costs its own set, not the rest of the file
                 failed.append(number)
                 path, reason = unreadable[0]
-                print(json.dumps({**record, "error": f"--sets {sets} line {number}: cannot read {path}: {reason}"}),
-                      flush=True)
-                continue
-            found = target.search(model.fold(None, cls, tokens), k)
-            print(json.dumps({**record, "results": ranked(found)}), flush=True)
+                pending.append((record, f"--sets {sets} line {number}: cannot read {path}: {reason}"))
+            else:
+                pending.append((record, model.fold(None, cls, tokens)))
+            if len(pending) >= SEARCH_BATCH:
+                answer()
+        answer()
         seconds = time.perf_counter() - started
         searched = len(queries) - len(failed)
         say(f"searched {searched} sets in {seconds:.2f}s ({searched / max(seconds, 1e-9):.1f} sets/s)")
