@@ -101,7 +101,7 @@ def refine(refiner, queries: torch.Tensor, context: torch.Tensor, k: int, exclud
 
     from mlsctl.methods.refine.neighbours import nearest_neighbours
 
-    rows, _ = nearest_neighbours(queries, context, k, exclude)
+    rows, _ = nearest_neighbours(queries, context, k, exclude, progress=progress)
     context = torch.nn.functional.normalize(context.float(), dim=-1)
     outs, states, attentions = [], [], []
     for start in tqdm(range(0, len(queries), batch), desc="refine", unit="batch", disable=not progress):
@@ -183,8 +183,9 @@ def apply_refinement(run_dir: str | Path, feats_dir: str | Path, out: str | Path
             f"(fingerprint {str(features.model.get('fingerprint'))[:12]} vs "
             f"{str(loaded.train_model.get('fingerprint'))[:12]})")
 
-    refined = refine(loaded.refiner, features.global_features(), context.global_features(), k, exclude,
-                     progress=progress)
+    embeddings = features.global_features()  # the context, when it is the features themselves: read once
+    refined = refine(loaded.refiner, embeddings, embeddings if context is features else context.global_features(), k,
+                     exclude, progress=progress)
     context_id = _digest(str(context.model.get("fingerprint")), *context.files)
     refiner_record = {"run": str(loaded.run.resolve()), "step": loaded.step, "fingerprint": loaded.fingerprint,
                       "blocks": len(loaded.refiner.blocks), "k": k, "context": str(Path(context.path).resolve()),

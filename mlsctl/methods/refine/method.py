@@ -48,6 +48,7 @@ vectors).
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -55,6 +56,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from mlsctl import dist
 from mlsctl.errors import UserError
 from mlsctl.methods.base import Method, StepOutput, metric_value
 from mlsctl.methods.multi_similarity import ms_loss_over_processes
@@ -119,7 +121,8 @@ class ContextDataset(torch.utils.data.Dataset):
         self.embeddings = F.normalize(embeddings.float(), dim=-1)
         self.labels, self.classes = labels, classes
         rows = torch.arange(len(embeddings))
-        self.neighbour_rows, _ = nearest_neighbours(self.embeddings, self.embeddings, k, exclude=rows)
+        self.neighbour_rows, _ = nearest_neighbours(self.embeddings, self.embeddings, k, exclude=rows,
+                                                    progress=sys.stderr.isatty() and dist.rank() == 0)
 
     def __len__(self) -> int:
         return len(self.embeddings)

@@ -30,12 +30,17 @@ def check_reference_size(rows: int, k: int, excluding: bool, what: str, fix: str
 
 
 def nearest_neighbours(queries: torch.Tensor, reference: torch.Tensor, k: int,
-                       exclude: Optional[torch.Tensor] = None, chunk: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
-    """(indices [n, k] int64, cosine similarities [n, k]) of each query's k nearest reference rows."""
+                       exclude: Optional[torch.Tensor] = None, chunk: int = 8192,
+                       progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices [n, k] int64, cosine similarities [n, k]) of each query's k nearest reference rows;
+    ``progress``: a bar over the queries (an exact search of 1 M against 1 M takes hours on a CPU).
+    A reference that is the queries themselves (the same tensor) is normalised once."""
+    from tqdm import tqdm
+
     faiss = threads.faiss()
 
     q = np.ascontiguousarray(F.normalize(queries.float(), dim=-1).numpy())
-    r = np.ascontiguousarray(F.normalize(reference.float(), dim=-1).numpy())
+    r = q if reference is queries else np.ascontiguousarray(F.normalize(reference.float(), dim=-1).numpy())
     excluding = exclude is not None and bool((exclude >= 0).any())
     wanted = k + 1 if excluding else k
     if wanted > len(r):
@@ -43,10 +48,13 @@ def nearest_neighbours(queries: torch.Tensor, reference: torch.Tensor, k: int,
     index = faiss.IndexFlatIP(r.shape[1])
     index.add(r)
     sims, idx = [], []
-    for start in range(0, len(q), chunk):
-        s, i = index.search(q[start:start + chunk], wanted)
-        sims.append(s)
-        idx.append(i)
+    with tqdm(total=len(q), desc="neighbours", unit="query", disable=not progress, leave=False,
+              dynamic_ncols=True) as bar:
+        for start in range(0, len(q), chunk):
+            s, i = index.search(q[start:start + chunk], wanted)
+            sims.append(s)
+            idx.append(i)
+            bar.update(len(s))
     similarity = torch.from_numpy(np.concatenate(sims)) if sims else torch.empty(0, wanted)
     indices = torch.from_numpy(np.concatenate(idx)).long() if idx else torch.empty(0, wanted, dtype=torch.long)
     if not excluding:
