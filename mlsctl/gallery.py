@@ -145,7 +145,7 @@ def choose_set_model(run_dir: Optional[str | os.PathLike], say: Callable[[str], 
         run_dir = found.root
     model = load_set_model(run_dir)
     say(f"model: {model.backbone.description} (backbone {model.backbone.fingerprint[:12]}, with its set encoder "
-        f"{model.fingerprint[:12]})")
+        f"{model.fingerprint[:12]}), on {model.device}")
     return model
 
 

@@ -998,7 +998,7 @@ def serve(gallery: Path, run: Optional[Path], host: str, port: int, root: Option
                                    read_only=read_only, limits=limits)
         shown_host = f"[{host}]" if ":" in host else host
         base = f"http://{shown_host}:{port}"
-        say(f"serving {gallery} ({len(service.gallery)} objects, model {service.model.fingerprint[:12]}) on {base}"
+        say(f"serving {gallery} ({len(service.gallery)} objects, model {service.model.fingerprint[:12]} on {service.model.device}) on {base}"
             f"{' read-only' if read_only else ''} — {API}")
         if token_path is not None:  # its path, never the token: this line may end up in a journal
             say(f"writes need the token in {token_path} (mode 0600, valid while this server runs): "
