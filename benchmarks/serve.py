@@ -75,7 +75,7 @@ def main() -> None:
     if len(photos) < 2:
         parser.error(f"--photos {args.photos} holds {len(photos)} PNG files; give a folder of at least 2")
     pairs = [[(p.name, p.read_bytes()) for p in photos[i:i + 2]] for i in range(0, len(photos) - 1, 2)]
-    model = load_set_model(args.run)
+    model = load_set_model(args.run, device="cpu")  # its metadata only: the server it measures holds the GPU
     work = Path(tempfile.mkdtemp(prefix="mlsctl-serve-"))
     process = None
     try:

@@ -139,7 +139,7 @@ class Server:
 
 
 def synthetic_gallery(run: Path, folder: Path, objects: int) -> Path:
-    model = load_set_model(run)
+    model = load_set_model(run, device="cpu")  # its metadata only: the server it measures holds the GPU
     manifest = {"kind": "mlsctl-gallery", "source": "synthetic",
                 "model": {"run": str(Path(run).resolve()), "step": model.step, "fingerprint": model.fingerprint,
                           "attend": model.attend, "dim": model.dim, "resolution": model.resolution},

@@ -85,11 +85,14 @@ class SetModel(MILESetModel):
     def pixel_tokens(self, pixels: torch.Tensor, batch_size: int = 64) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Images already resized by :meth:`preprocessor` (uint8 [n, 3, R, R]) → what
         :meth:`image_tokens` returns (the server keeps only these small copies of its photos), on
-        the CPU, computed on the model's :attr:`device`."""
+        the CPU, computed where the backbone is."""
         preprocessing = self.preprocessor()
+        device = next(self.backbone.backbone.parameters()).device
+        if not len(pixels):
+            return torch.empty(0, self.dim), (torch.empty(0, 0, self.dim) if self.attend == "patches" else None)
         cls, tokens = [], []
         for start in range(0, len(pixels), batch_size):
-            batch = pixels[start:start + batch_size].to(self.device, non_blocking=True)
+            batch = pixels[start:start + batch_size].to(device, non_blocking=True)
             out = self.backbone.backbone(preprocessing.normalize(batch))
             cls.append(out.cls.float().cpu())
             if self.attend == "patches":
@@ -104,11 +107,13 @@ class SetModel(MILESetModel):
         :func:`load_images` would hold every decoded photo at once."""
         cls, tokens = [], []
         for _, pixels, _ in photo_batches(paths, self.preprocessor(), batch_size=batch_size, workers=workers,
-                                          progress=progress):
+                                          progress=progress, pin_memory=self.device.type == "cuda"):
             batch_cls, batch_tokens = self.pixel_tokens(pixels, batch_size)
             cls.append(batch_cls)
             if batch_tokens is not None:
                 tokens.append(batch_tokens)
+        if not cls:
+            return self.pixel_tokens(torch.empty(0, 3, self.resolution, self.resolution, dtype=torch.uint8))
         return torch.cat(cls), (torch.cat(tokens) if tokens else None)
 
 
@@ -238,10 +243,11 @@ def ranked(found: Sequence[tuple[str, float]]) -> list[dict]:
 
 
 def photo_batches(paths: Sequence[Path], preprocessing, *, batch_size: int = 64, workers: Optional[int] = None,
-                  progress: Optional[bool] = None, strict: bool = True):
+                  progress: Optional[bool] = None, strict: bool = True, pin_memory: bool = False):
     """``(rows, pixels, unreadable)`` of ``paths`` in order, ``batch_size`` photos a batch, decoded
     and resized by ``preprocessing`` in ``workers`` loader processes (None:
-    :func:`mlsctl.features.default_workers`), with a progress bar on a terminal (``progress``):
+    :func:`mlsctl.features.default_workers`), with a progress bar on a terminal (``progress=False``:
+    never), in pinned memory with ``pin_memory`` (for a GPU):
     ``rows`` the batch's rows (a consecutive range), ``pixels`` uint8 [b, 3, R, R] of those that
     could be read (None if none) and ``unreadable`` ``[(row, reason)]`` of the others. ``strict``:
     the first unreadable photo stops it instead, with one sentence naming it."""
@@ -251,8 +257,8 @@ def photo_batches(paths: Sequence[Path], preprocessing, *, batch_size: int = 64,
     batches = [list(range(start, min(start + batch_size, len(paths)))) for start in range(0, len(paths), batch_size)]
     loader = Loader(_Photos(Tree("."), [str(p) for p in paths], preprocessing, None), batch_sampler=batches,
                     num_workers=workers, collate_fn=collate_images, worker_init_fn=worker_init if workers else None,
-                    workers_key="--workers")
-    show = progress if progress is not None else sys.stderr.isatty()
+                    pin_memory=pin_memory, workers_key="--workers")
+    show = progress is not False and sys.stderr.isatty()
     with tqdm(total=len(paths), unit="photo", desc="photos", disable=not show, leave=False, dynamic_ncols=True) as bar:
         for rows, (_, pixels, unreadable) in zip(batches, loader):
             if unreadable and strict:
@@ -267,27 +273,30 @@ def set_tokens(sets: Sequence[Sequence[Path]], model: SetModel, *, batch_size: i
     """``(CLS [t, D], tokens [t, p, D] or None, unreadable)`` of each set of photo paths in
     ``sets``, in order: the photos of all sets go through the model ``batch_size`` at a time
     (decoded by :func:`photo_batches`, so a batch spans sets and fills a GPU however small the
-    sets), and each set comes out as soon as its last photo has, so at most a batch of tokens is
-    held. ``unreadable`` is ``[(path, reason)]`` of the set's photos that could not be read (its
+    sets), and each set comes out as soon as its last photo has: the tokens held are at most a
+    batch's and those of the set being embedded. ``unreadable`` is ``[(path, reason)]`` of the set's photos that could not be read (its
     CLS and tokens are then of the others); ``strict``: the first one stops it instead."""
     paths = [path for photos in sets for path in photos]
-    cls, tokens = torch.empty(0, model.dim), None  # rows embedded, not yet handed out
+    waiting: list[tuple[torch.Tensor, Optional[torch.Tensor]]] = []  # embedded rows not yet handed out, by batch
     unreadable: dict[int, str] = {}
     current, first = 0, 0  # the set handed out next, and its first row
     for rows, pixels, batch_unreadable in photo_batches(paths, model.preprocessor(), batch_size=batch_size,
-                                                        workers=workers, progress=progress, strict=strict):
+                                                        workers=workers, progress=progress, strict=strict,
+                                                        pin_memory=model.device.type == "cuda"):
         unreadable.update(batch_unreadable)
         if pixels is not None:
-            batch_cls, batch_tokens = model.pixel_tokens(pixels, batch_size)
-            cls = torch.cat([cls, batch_cls])
-            tokens = batch_tokens if tokens is None else torch.cat([tokens, batch_tokens])  # None: attend cls
-        while current < len(sets) and first + len(sets[current]) <= rows[-1] + 1:
-            end = first + len(sets[current])
-            failed = [(paths[row], unreadable.pop(row)) for row in range(first, end) if row in unreadable]
-            n = end - first - len(failed)
-            yield cls[:n], (tokens[:n] if tokens is not None else None), failed
-            cls, tokens = cls[n:], (tokens[n:] if tokens is not None else None)
-            current, first = current + 1, end
+            waiting.append(model.pixel_tokens(pixels, batch_size))
+        if current < len(sets) and first + len(sets[current]) <= rows[-1] + 1:  # a set ends in this batch
+            cls = torch.cat([c for c, _ in waiting]) if waiting else torch.empty(0, model.dim)
+            tokens = torch.cat([t for _, t in waiting]) if waiting and waiting[0][1] is not None else None
+            while current < len(sets) and first + len(sets[current]) <= rows[-1] + 1:
+                end = first + len(sets[current])
+                failed = [(paths[row], unreadable.pop(row)) for row in range(first, end) if row in unreadable]
+                n = end - first - len(failed)
+                yield cls[:n], (tokens[:n] if tokens is not None else None), failed
+                cls, tokens = cls[n:], (tokens[n:] if tokens is not None else None)
+                current, first = current + 1, end
+            waiting = [(cls, tokens)] if len(cls) else []
 
 
 class _Photos(TreeImages):

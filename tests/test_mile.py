@@ -252,6 +252,8 @@ def test_query_sets_embedded_in_batches_across_sets_equal_each_set_alone_and_an_
             assert tokens is None and len(cls) == len(readable)
             if readable:
                 assert torch.allclose(cls, model.image_tokens(load_images(readable))[0], atol=1e-5)
+    cls, tokens = model.path_tokens([])  # no photo: no rows, not a torch.cat error
+    assert cls.shape == (0, model.dim) and tokens is None
 
 
 def test_search_sets_answers_in_input_order_whatever_the_search_batch(mile_run, tmp_path, capsys, monkeypatch):

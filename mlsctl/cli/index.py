@@ -30,7 +30,7 @@ def build(
     nprobe: int = typer.Option(32, "--nprobe", min=1, help="IVF lists searched per query."),
     refine: int = typer.Option(10, "--refine", min=1, help="IVF-PQ candidates per result, re-ranked with exact cosines."),
     dtype: StorageDtype = typer.Option("fp32", "--dtype", parser=one_of("--dtype", StorageDtype), help="Stored latents: fp32, or fp16 (half the disk; later adds fold from rounded latents)."),
-    workers: Optional[int] = typer.Option(None, "--workers", "-w", min=0, help="Image-decoding worker processes [default: as mlsctl embed's]."),
+    workers: Optional[int] = typer.Option(None, "--workers", "-w", min=0, help="Image-decoding worker processes, for a folder of images [default: as mlsctl embed's]."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a gallery already in --out."),
     as_json: bool = typer.Option(False, "--json", help="Print the gallery record as JSON."),
 ) -> None:

@@ -229,10 +229,11 @@ def evaluate_set_model(model, gallery, query, *, query_size: Optional[int], nois
     say(f"embedding {len(used)} photos of {len(photos.objects)} objects with the trained teacher and with the "
         f"backbone the run started from")
     started = time.perf_counter()
-    start = dataclasses.replace(model, backbone=from_run_start(model.run))
+    start = dataclasses.replace(model, backbone=from_run_start(model.run), attend="cls")  # its baselines need CLS only
     start.backbone.backbone.to(model.device)
     cls, tokens, start_cls = [], [], []
-    for _, pixels, _ in photo_batches([photos.paths[row] for row in used], model.preprocessor(), workers=workers):
+    for _, pixels, _ in photo_batches([photos.paths[row] for row in used], model.preprocessor(), workers=workers,
+                                      pin_memory=model.device.type == "cuda"):
         batch_cls, batch_tokens = model.pixel_tokens(pixels)
         cls.append(batch_cls)
         tokens.append(batch_tokens)
