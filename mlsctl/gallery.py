@@ -48,7 +48,7 @@ from mlsctl.console import to_stderr
 from mlsctl.data.archive import Tree
 from mlsctl.data.loader import Loader, worker_init
 from mlsctl.errors import UserError, first_line
-from mlsctl.features import TreeImages, collate_images, default_workers, embedding_device
+from mlsctl.features import TreeImages, collate_images, default_workers, embedding_device, is_feature_folder
 from mlsctl.locks import LOCK_NAME, FolderLock
 from mlsctl.methods.mile.set_model import MILESetModel
 
@@ -117,7 +117,8 @@ class SetModel(MILESetModel):
         return torch.cat(cls), (torch.cat(tokens) if tokens else None)
 
 
-def load_set_model(run_dir: str | os.PathLike, device: Optional[torch.device | str] = None) -> SetModel:
+def load_set_model(run_dir: str | os.PathLike,
+                   device: Optional[torch.device | str] = None) -> SetModel:
     """The teacher backbone and set encoder of a MILE run's latest checkpoint, on ``device`` (None:
     where ``mlsctl embed`` runs, :func:`mlsctl.features.embedding_device`: this process's GPU when
     there is one)."""
@@ -274,8 +275,9 @@ def set_tokens(sets: Sequence[Sequence[Path]], model: SetModel, *, batch_size: i
     ``sets``, in order: the photos of all sets go through the model ``batch_size`` at a time
     (decoded by :func:`photo_batches`, so a batch spans sets and fills a GPU however small the
     sets), and each set comes out as soon as its last photo has: the tokens held are at most a
-    batch's and those of the set being embedded. ``unreadable`` is ``[(path, reason)]`` of the set's photos that could not be read (its
-    CLS and tokens are then of the others); ``strict``: the first one stops it instead."""
+    batch's and those of the set being embedded. ``unreadable`` is ``[(path, reason)]`` of the
+    set's photos that could not be read (its CLS and tokens are then of the others); ``strict``:
+    the first one stops it instead."""
     paths = [path for photos in sets for path in photos]
     waiting: list[tuple[torch.Tensor, Optional[torch.Tensor]]] = []  # embedded rows not yet handed out, by batch
     unreadable: dict[int, str] = {}
@@ -950,10 +952,8 @@ def build_gallery(source: str | os.PathLike, model: SetModel, out: str | os.Path
                   *, overwrite: bool = False, progress: Optional[bool] = None, storage_dtype: str = "fp32",
                   workers: Optional[int] = None, batch_size: int = 64) -> dict:
     """One set embedding per object of ``source``: ``ROOT/<object_id>/*`` images (decoded in
-    ``workers`` loader processes and embedded ``batch_size`` at a time, :func:`set_tokens`), or a feature folder of them written by
-    ``mlsctl embed`` with the same run (files fold in name order)."""
-    from mlsctl.features import is_feature_folder
-
+    ``workers`` loader processes and embedded ``batch_size`` at a time, :func:`set_tokens`), or a
+    feature folder of them written by ``mlsctl embed`` with the same run (files fold in name order)."""
     out = Path(out)
     check_gallery_target(out, overwrite)
     if storage_dtype not in STORAGE_DTYPES:
