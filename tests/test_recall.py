@@ -76,6 +76,24 @@ def test_map_at_r_equals_a_brute_force_count(classes, ks):
     assert recall_at_k(x, y, ks)["map_at_r"] == pytest.approx(_brute_force_map_at_r(x, y), abs=1e-6)
 
 
+@pytest.mark.parametrize("chunk", [1, 7, 50, 10_000])
+def test_queries_in_chunks_give_what_the_library_gives_for_the_whole_set(chunk):
+    """The calculator sees QUERY_CHUNK queries at a time (the whole-set call holds n x k arrays and a
+    classes x n matrix: ~60 GB for ImageNet); weighted by their retrievable queries, the chunks'
+    metrics are the library's own on the whole set."""
+    from mlsctl.evaluate.recall import recall_calculator
+
+    x, y = _data(classes=15)
+    y[0], y[1] = 99, 98  # two classes of one embedding: queries left out, in the first chunks
+    ks = [1, 2, 4, 8, 16]
+    k = int(torch.unique(y, return_counts=True)[1].max()) + 8  # beyond the largest class, as recall_at_k asks
+    whole = recall_calculator(ks, k).get_accuracy(F.normalize(x, dim=-1), y.float())
+    result = recall_at_k(x, y, ks, chunk=chunk)
+    assert [result["recall"][str(K)] for K in ks] == pytest.approx([whole[f"recall_at_{K}"] for K in ks], abs=1e-12)
+    assert result["precision_at_1"] == pytest.approx(whole["precision_at_1"], abs=1e-12)
+    assert result["map_at_r"] == pytest.approx(whole["mean_average_precision_at_r"], abs=1e-12)
+
+
 def test_a_query_never_finds_itself_but_finds_its_duplicate():
     # rows 0 and 1 are the same vector in two classes; rows 2 and 3 are each other's nearest, of two classes
     x = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.9, 0.44]])

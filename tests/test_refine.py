@@ -331,3 +331,25 @@ def test_report_of_a_refine_run_shows_what_it_has(trained, capsys):
                     str(tmp / "no-results"))
     page = (tmp / "refine-report.html").read_text()
     assert "training curves" in page and "trains on features and has no backbone, so no patch map" in page
+
+
+def test_two_processes_train_what_one_does(tmp_path):
+    """Process 0 searches the neighbours and lists the feature folder, and sends both to the others
+    (the folder travels as its path): 2 processes of batch 8 take the step of 1 process of batch 16."""
+    import yaml
+    from safetensors.torch import load_file
+
+    from conftest import REPO, pretrain_on_two_processes_and_one
+    from mlsctl.runs import Run
+
+    x, y = _clusters(n_classes=12, per_class=5)  # 3 steps of 16: step 1's checkpoint is among the 4 kept
+    raw = yaml.safe_load((REPO / "recipes" / "refine.yaml").read_text())
+    raw["data"]["root"] = str(_folder(tmp_path / "feats", x, y))
+    raw["method"].update(blocks=2, neighbours=4, zero_init=False)
+    raw["optim"]["epochs"] = 1
+    raw["train"]["log_every"] = 1
+    runs = pretrain_on_two_processes_and_one(tmp_path, raw, 8)
+    first = {n: json.loads((runs[n] / "metrics.jsonl").read_text().splitlines()[0]) for n in runs}
+    assert first[2]["loss"] == pytest.approx(first[1]["loss"], rel=1e-5) and first[1]["loss"] > 0
+    one, two = (load_file(str(next(c for c in Run(runs[n]).checkpoints() if c.step == 1).model_path)) for n in (1, 2))
+    assert all(torch.allclose(one[k], two[k], atol=1e-6, rtol=0) for k in one)

@@ -6,16 +6,25 @@ gallery, the query itself excluded); Recall@K is the share of queries with at le
 their class among their K nearest neighbours by cosine. K = 1, 2, 4, 8, and for large sets
 (more than :data:`LARGE_SET` embeddings, as SOP's 60,502) also 10, 100, 1000.
 
-The computation is pytorch-metric-learning's ``AccuracyCalculator`` with its faiss k-NN
-(``FaissKNN`` over an exact inner-product index, on L2-normalised embeddings: cosine), which
-removes each query from its own neighbours by index. Recall@K is added to it as one more
-calculator function per K (:func:`recall_calculator`); its own ``precision_at_1`` (equal to
-R@1) and ``mean_average_precision_at_r`` (MAP@R) come along. Queries whose class has no other
-embedding cannot be retrieved and are left out by the library (counted in ``lone_queries``).
+The metrics are pytorch-metric-learning's ``AccuracyCalculator`` functions: Recall@K is added to
+it as one more calculator function per K (:func:`recall_calculator`); its own ``precision_at_1``
+(equal to R@1) and ``mean_average_precision_at_r`` (MAP@R) come along. Queries whose class has no
+other embedding cannot be retrieved and are left out, as the library leaves them out (counted in
+``lone_queries``). The neighbours are an exact faiss inner-product search on L2-normalised
+embeddings (cosine), each query removed from its own neighbours by index, as the library's
+``FaissKNN`` does.
+
+Where this departs from calling ``AccuracyCalculator.get_accuracy`` on the whole set: the queries
+go through it :data:`QUERY_CHUNK` at a time (with a progress bar on a terminal) and every metric,
+a mean over the chunk's retrievable queries, is weighted by their number. The whole-set call holds
+several n × k arrays and a classes × n matrix at once (SOP's 60,502 embeddings with k = 1,000:
+about 4.5 GB; ImageNet's 1.28 M: about 60 GB); a chunk holds QUERY_CHUNK × k. The values are the
+same to rounding (tested against the whole-set call and against brute force).
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -28,6 +37,7 @@ from mlsctl.errors import UserError
 DEFAULT_KS = (1, 2, 4, 8)
 LARGE_KS = (10, 100, 1000)
 LARGE_SET = 10_000
+QUERY_CHUNK = 8192  # queries through the calculator at a time: 8,192 × (k + 1) neighbours
 
 
 def default_ks(n: int) -> list[int]:
@@ -62,10 +72,51 @@ def recall_calculator(ks: Sequence[int], k: int):
                             knn_func=FaissKNN(index_init_fn=faiss.IndexFlatIP), device=torch.device("cpu"))
 
 
-def recall_at_k(embeddings: torch.Tensor, labels: torch.Tensor, ks: Optional[Sequence[int]] = None) -> dict:
-    """R@K of every K (each embedding a query against all others) → a JSON-ready dict. Exact
-    duplicate vectors tie, and the search orders tied neighbours by row: with duplicates of
-    different classes, R@K depends on the rows' order (deduplicate first)."""
+def chunked_accuracy(calculator, x: torch.Tensor, labels: torch.Tensor, k: int, chunk: int = QUERY_CHUNK,
+                     progress: bool = False) -> dict[str, float]:
+    """``calculator.get_accuracy(x, labels)`` (every row a query against all the others, itself
+    excluded), ``chunk`` queries at a time: each metric is the mean over the retrievable queries,
+    so the chunks' values are weighted by their number of them."""
+    from tqdm import tqdm
+
+    faiss = threads.faiss()
+    labels = labels.float()  # as the library compares them
+    unique, counts = torch.unique(labels, return_counts=True)  # the library's label counts, reference = all
+    lone = unique[counts < 2]  # a query of these has no other of its class
+    index = faiss.IndexFlatIP(x.shape[1])
+    array = x.numpy()
+    index.add(array)
+    functions = calculator.get_function_dict()
+    totals, weight = dict.fromkeys(functions, 0.0), 0
+    with tqdm(total=len(x), desc="recall", unit="query", disable=not progress, leave=False, dynamic_ncols=True) as bar:
+        for start in range(0, len(x), chunk):
+            query_labels = labels[start:start + chunk]
+            distances, rows = (torch.from_numpy(a) for a in index.search(array[start:start + chunk], k + 1))
+            own = rows == torch.arange(start, start + len(rows))[:, None]
+            own[~own.any(1), -1] = True  # itself beyond k + 1 (ties): the last goes, as in the library
+            rows, distances = rows[~own].view(len(rows), k), distances[~own].view(len(rows), k)
+            retrievable = ~torch.isin(query_labels, lone)
+            present = torch.isin(unique, query_labels)
+            values = calculator._get_accuracy(
+                functions, query=x[start:start + chunk], reference=x, query_labels=query_labels, reference_labels=labels,
+                ref_includes_query=True, label_comparison_fn=calculator.label_comparison_fn,
+                label_counts=(unique[present], counts[present]), knn_labels=labels[rows], knn_distances=distances,
+                lone_query_labels=lone, not_lone_query_mask=retrievable)
+            n = int(retrievable.sum())
+            if n:
+                for name, value in values.items():
+                    totals[name] += value * n
+                weight += n
+            bar.update(len(rows))
+    return {name: total / weight if weight else float("nan") for name, total in totals.items()}
+
+
+def recall_at_k(embeddings: torch.Tensor, labels: torch.Tensor, ks: Optional[Sequence[int]] = None,
+                chunk: int = QUERY_CHUNK, progress: bool = False) -> dict:
+    """R@K of every K (each embedding a query against all others) → a JSON-ready dict, ``chunk``
+    queries at a time (:func:`chunked_accuracy`). Exact duplicate vectors tie, and the search
+    orders tied neighbours by row: with duplicates of different classes, R@K depends on the rows'
+    order (deduplicate first)."""
     n = len(embeddings)
     finite = torch.isfinite(embeddings).all(dim=-1) if n else torch.ones(0, dtype=torch.bool)
     if not bool(finite.all()):
@@ -86,8 +137,7 @@ def recall_at_k(embeddings: torch.Tensor, labels: torch.Tensor, ks: Optional[Seq
         raise UserError(f"{n} embeddings are too few for Recall@{ks[0]} (each query needs {ks[0]} others)")
     k = min(n - 1, max(max(kept), int(counts.max())))  # MAP@R needs R = class size - 1 (the library asks one more)
     x = F.normalize(embeddings.float(), dim=-1)
-    calculator = recall_calculator(kept, k)
-    values = calculator.get_accuracy(x, labels.float())
+    values = chunked_accuracy(recall_calculator(kept, k), x, labels, k, chunk, progress)
     lone = int(counts[counts < 2].sum())
     return {"embeddings": n, "classes": len(classes), "queries": n - lone, "lone_queries": lone,
             "recall": {str(K): values[f"recall_at_{K}"] for K in kept}, "ks_too_large": [K for K in ks if K not in kept],
@@ -107,7 +157,7 @@ def evaluate_recall(features, labels_file: Optional[Path] = None, ks: Optional[S
         bad = (~finite).nonzero().flatten().tolist()
         raise UserError(f"features {features.path}: {len(bad)} of {len(finite)} embeddings hold NaN or inf (first: "
                         f"{features.files[bad[0]]}); embed the folder again (a diverged model or a damaged shard)")
-    result = recall_at_k(embeddings, labels, ks)
+    result = recall_at_k(embeddings, labels, ks, progress=sys.stderr.isatty())
     return {"features": str(features.path), "labels": str(labels_file) if labels_file else "folder names",
             "protocol": "every embedding a query against all the others (itself excluded), cosine, exact faiss search",
             "model": features.model, **result}

@@ -121,8 +121,9 @@ class ContextDataset(torch.utils.data.Dataset):
         self.embeddings = F.normalize(embeddings.float(), dim=-1)
         self.labels, self.classes = labels, classes
         rows = torch.arange(len(embeddings))
-        self.neighbour_rows, _ = nearest_neighbours(self.embeddings, self.embeddings, k, exclude=rows,
-                                                    progress=sys.stderr.isatty() and dist.rank() == 0)
+        # searched by process 0 and sent to the others (the same rows everywhere, one search instead of W)
+        self.neighbour_rows = dist.on_main(lambda: nearest_neighbours(self.embeddings, self.embeddings, k, exclude=rows,
+                                                                      progress=sys.stderr.isatty())[0])
 
     def __len__(self) -> int:
         return len(self.embeddings)
