@@ -990,37 +990,28 @@ def serve(gallery: Path, run: Optional[Path], host: str, port: int, root: Option
     token_path = None
     service = None
     try:
-        service = GalleryService(gallery, run, root, limits, read_only)
-        if token is None and not read_only:
-            token_path = write_token(Path(gallery))
-            token = token_path.read_text().strip()
-        policy = Policy.for_server(host, allow_hosts, token=token, token_everywhere=token_file is not None,
-                                   read_only=read_only, limits=limits)
-        shown_host = f"[{host}]" if ":" in host else host
-        base = f"http://{shown_host}:{port}"
-        say(f"serving {gallery} ({len(service.gallery)} objects, model {service.model.fingerprint[:12]} on {service.model.device}) on {base}"
-            f"{' read-only' if read_only else ''} — {API}")
-        if token_path is not None:  # its path, never the token: this line may end up in a journal
-            say(f"writes need the token in {token_path} (mode 0600, valid while this server runs): "
-                f"curl -H \"Authorization: Bearer $(cat {token_path})\" -F photos=@a.png {base}/objects/ID/photos")
-        elif token_file is not None:
-            say(f"every request but GET /health needs the token of {token_file}: curl -H \"Authorization: Bearer "
-                f"$(cat {token_file})\" -F photos=@a.png {base}/search")
-        _log_to_stderr()
-        _return_freed_memory()
-        # photos that make Pillow warn are refused or decoded all the same; the log stays one line a request
-        warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
-        config = uvicorn.Config(create_app(service, policy, docs), log_level="warning", access_log=False,
-                                limit_concurrency=MAX_CONNECTIONS, proxy_headers=False, server_header=False,
-                                timeout_keep_alive=5, timeout_graceful_shutdown=SHUTDOWN_SECONDS,
-                                http=head_timeout_protocol(max_connections_per_client))
         try:
+            service = GalleryService(gallery, run, root, limits, read_only)
+            if token is None and not read_only:
+                token_path = write_token(Path(gallery))
+                token = token_path.read_text().strip()
+            policy = Policy.for_server(host, allow_hosts, token=token, token_everywhere=token_file is not None,
+                                       read_only=read_only, limits=limits)
+            _log_to_stderr()
+            _return_freed_memory()
+            # photos that make Pillow warn are refused or decoded all the same; the log stays one line a request
+            warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
+            config = uvicorn.Config(create_app(service, policy, docs), log_level="warning", access_log=False,
+                                    limit_concurrency=MAX_CONNECTIONS, proxy_headers=False, server_header=False,
+                                    timeout_keep_alive=5, timeout_graceful_shutdown=SHUTDOWN_SECONDS,
+                                    http=head_timeout_protocol(max_connections_per_client))
+            _say_serving(say, gallery, service, host, port, read_only, token_path, token_file)  # it answers next
             uvicorn.Server(config).run(sockets=[sock])
-        except Terminated:  # SIGTERM, once uvicorn has answered the requests under way: a service's ordinary stop
-            pass
+        except Terminated:  # SIGTERM (while starting, or once uvicorn has answered the requests under way): a
+            pass            # service's ordinary stop
         except KeyboardInterrupt:  # Ctrl-C, the same way; exit code 130 as every interrupted command
-            raise Interrupted(service.summary()) from None
-        say(service.summary())
+            raise Interrupted(service.summary() if service is not None else "") from None
+        say(service.summary() if service is not None else f"stopped before serving {gallery}; nothing was changed")
     finally:
         if token_path is not None:
             try:
@@ -1030,6 +1021,20 @@ def serve(gallery: Path, run: Optional[Path], host: str, port: int, root: Option
         if service is not None:
             service.close()
         sock.close()
+
+
+def _say_serving(say, gallery, service, host: str, port: int, read_only: bool, token_path, token_file) -> None:
+    """The lines a starting server says once it is about to answer: where, and how to write to it."""
+    shown_host = f"[{host}]" if ":" in host else host
+    base = f"http://{shown_host}:{port}"
+    say(f"serving {gallery} ({len(service.gallery)} objects, model {service.model.fingerprint[:12]} on "
+        f"{service.model.device}) on {base}{' read-only' if read_only else ''} — {API}")
+    if token_path is not None:  # its path, never the token: this line may end up in a journal
+        say(f"writes need the token in {token_path} (mode 0600, valid while this server runs): "
+            f"curl -H \"Authorization: Bearer $(cat {token_path})\" -F photos=@a.png {base}/objects/ID/photos")
+    elif token_file is not None:
+        say(f"every request but GET /health needs the token of {token_file}: curl -H \"Authorization: Bearer "
+            f"$(cat {token_file})\" -F photos=@a.png {base}/search")
 
 
 def client_of(address: str) -> str:

@@ -1132,3 +1132,28 @@ def test_9_the_token_file_is_never_written_through_a_planted_link(tmp_path):
     planted.unlink()
     token = write_token(tmp_path)
     assert stat.S_IMODE(token.stat().st_mode) == 0o600 and len(token.read_text().strip()) >= 32
+
+
+def test_a_sigterm_while_the_server_starts_is_an_ordinary_stop(mile_run, tmp_path):
+    """A probe (2026-12-06): "serving ..." was said before the app was built, and a SIGTERM in that
+    window (a service manager restarting it) ended with "interrupted" and exit 130. The line now
+    comes when the server is about to answer, and a SIGTERM while it starts is a stop: exit 0."""
+    import signal
+
+    from mlsctl.locks import LOCK_NAME
+
+    gallery = built_gallery(mile_run, tmp_path)
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen([sys.executable, "-m", "mlsctl", "serve", str(gallery), "--port", str(free_port())],
+                                   env=cli_env(), stderr=out, stdout=out)
+    deadline = time.time() + 60
+    while time.time() < deadline and process.poll() is None and not (gallery / LOCK_NAME).exists():
+        time.sleep(0.01)  # the server holds the gallery: it has started, the model is loading
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 0, log.read_text()
+    text = log.read_text()
+    assert "Traceback" not in text and "interrupted" not in text
+    assert text.splitlines()[-1] in (f"stopped before serving {gallery}; nothing was changed",
+                                     f"nothing to save: no photos were added to {gallery} (6 objects)")
+    assert not (gallery / ".mlsctl.token").exists()
