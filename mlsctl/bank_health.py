@@ -236,6 +236,7 @@ class BankHealth:
 
 
 EXACT_DUPLICATES_UP_TO = 16_384  # written entries whose near-duplicates bank inspect counts one by one (~3 s)
+DUPLICATE_SAMPLE = 2048  # at least this many entries estimate the near-duplicate rate above that (whatever sample)
 
 
 @torch.no_grad()
@@ -246,10 +247,10 @@ def bank_health(bank: MemoryBank, name: str, step: int, *, sample: Optional[int]
 
     The pairwise indicators use a fixed random sample of ``sample`` entries written by training
     (None: all of them). Near-duplicates: every written entry is checked against every older one
-    up to ``exact_duplicates_up_to`` written entries (None: always); above, the sampled entries
-    are, each against every older entry (an unbiased estimate of the rate, at sample × n instead of
-    n² / 2 cosines: a 1.6 M-entry CrIBo bank took hours); with ``duplicates_on_sample`` (the
-    trainer's cheap variant) the sample is checked against itself only. A prefilled bank's random
+    up to ``exact_duplicates_up_to`` written entries (None: always); above, the sampled entries (at
+    least :data:`DUPLICATE_SAMPLE` of them) are, each against every older entry (an unbiased
+    estimate of the rate, at sample × n instead of n² / 2 cosines: a 1.6 M-entry CrIBo bank took
+    hours); with ``duplicates_on_sample`` (the trainer's cheap variant) the sample is checked against itself only. A prefilled bank's random
     start entries are left out of every indicator."""
     order = bank.written_order().cpu()
     vectors = bank.vectors.detach().cpu()[order]
@@ -263,8 +264,8 @@ def bank_health(bank: MemoryBank, name: str, step: int, *, sample: Optional[int]
         duplicate_vectors, duplicate_rows = sampled, None
     elif exact_duplicates_up_to is None or n <= exact_duplicates_up_to:
         duplicate_vectors, duplicate_rows = vectors, None
-    else:
-        duplicate_vectors, duplicate_rows = vectors, rows
+    else:  # a small --sample would make a noisy estimate: at least DUPLICATE_SAMPLE entries
+        duplicate_vectors, duplicate_rows = vectors, sample_rows(n, max(len(rows), DUPLICATE_SAMPLE), seed)
     labels = None
     if LABEL_COLUMN in bank.payload:
         values, counts = bank.payload[LABEL_COLUMN].cpu()[order].unique(return_counts=True)

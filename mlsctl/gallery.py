@@ -211,13 +211,13 @@ def object_folders(root: str | os.PathLike) -> dict[str, list[Path]]:
     return {k: sorted(v) for k, v in sorted(groups.items())}
 
 
-def read_query_sets(path: Path) -> list[tuple[int, Optional[str], list[Path]]]:
-    """--sets FILE: one JSON object per line, {"photos": [paths...], "id": optional}; relative
-    paths are relative to the file's folder. (line number, id, photos) of each set (``mlsctl search
-    --sets``)."""
+def read_query_sets(path: Path) -> list[tuple[int, object, list[Path]]]:
+    """--sets FILE: one JSON object per line, {"photos": [paths...], "id": optional, any JSON value,
+    given back as it is}; relative paths are relative to the file's folder. (line number, id,
+    photos) of each set (``mlsctl search --sets``)."""
     sets = []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark (Windows editors) is not data
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"--sets {path} cannot be read ({getattr(exc, 'strerror', None) or exc})") from None
     for number, line in enumerate(lines, 1):
@@ -232,7 +232,7 @@ def read_query_sets(path: Path) -> list[tuple[int, Optional[str], list[Path]]]:
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             raise UserError(f"--sets {path} line {number} is not a JSON object with a non-empty list of paths "
                             f"'photos' (and an optional 'id')") from None
-        sets.append((number, None if query_id is None else str(query_id), [path.parent / p for p in photos]))
+        sets.append((number, query_id, [path.parent / p for p in photos]))  # the id comes back as given
     if not sets:
         raise UserError(f"--sets {path} holds no query set")
     return sets
@@ -254,8 +254,8 @@ def photo_batches(paths: Sequence[Path], preprocessing, *, batch_size: int = 64,
     the first unreadable photo stops it instead, with one sentence naming it."""
     from tqdm import tqdm
 
-    workers = default_workers(len(paths)) if workers is None else workers
     batches = [list(range(start, min(start + batch_size, len(paths)))) for start in range(0, len(paths), batch_size)]
+    workers = min(default_workers(len(paths)) if workers is None else workers, len(batches))  # no idle workers
     loader = Loader(_Photos(Tree("."), [str(p) for p in paths], preprocessing, None), batch_sampler=batches,
                     num_workers=workers, collate_fn=collate_images, worker_init_fn=worker_init if workers else None,
                     pin_memory=pin_memory, workers_key="--workers")
@@ -308,8 +308,8 @@ class _Photos(TreeImages):
     def __getitem__(self, index: int):
         try:
             return super().__getitem__(index)
-        except OSError as exc:
-            return index, None, str(exc)
+        except OSError as exc:  # the message names the photo: its reason need not
+            return index, None, exc.strerror or str(exc)
 
 
 def load_images(paths: Sequence[Path]) -> list:
@@ -966,11 +966,20 @@ def build_gallery(source: str | os.PathLike, model: SetModel, out: str | os.Path
             counts.append(len(cls))
     else:
         groups = object_folders(source)
-        for object_id, (cls, tokens, _) in zip(groups, set_tokens(list(groups.values()), model, batch_size=batch_size,
-                                                                  workers=workers, progress=progress)):
-            ids.append(object_id)
-            latents.append(model.fold(None, cls, tokens))
-            counts.append(len(cls))
+        unreadable = []  # every photo that cannot be read, named at the end: not one per attempt
+        for object_id, (cls, tokens, failed) in zip(groups, set_tokens(list(groups.values()), model,
+                                                                       batch_size=batch_size, workers=workers,
+                                                                       progress=progress, strict=False)):
+            unreadable += failed
+            if not failed:
+                ids.append(object_id)
+                latents.append(model.fold(None, cls, tokens))
+                counts.append(len(cls))
+        if unreadable:
+            shown = "; ".join(f"{path} ({reason})" for path, reason in unreadable[:5])
+            raise UserError(f"{len(unreadable)} photo{'s' if len(unreadable) != 1 else ''} of {source} cannot be read: "
+                            f"{shown}{'; ...' if len(unreadable) > 5 else ''}; replace or remove "
+                            f"{'them' if len(unreadable) != 1 else 'it'} and build again (nothing was written)")
     if not ids:
         raise UserError(f"{source} holds no object")
     manifest = {"kind": "mlsctl-gallery", "format_version": GALLERY_FORMAT_VERSION, "mlsctl_version": __version__,

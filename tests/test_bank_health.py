@@ -119,19 +119,24 @@ def test_pairwise_indicators_match_brute_force(n, dim, seed):
 
 def test_above_the_exact_limit_the_sampled_entries_are_checked_against_every_older_one():
     """bank inspect and report counted near-duplicates over every pair of written entries: hours for
-    a 1.6 M-entry CrIBo bank. Above ``exact_duplicates_up_to`` the sampled entries are checked, each
-    against every older entry, which estimates the same rate; the trainer's variant is unchanged."""
+    a 1.6 M-entry CrIBo bank. Above ``exact_duplicates_up_to`` the sampled entries (at least 2048,
+    whatever --sample: a probe's --sample 2 said 100 %) are checked, each against every older
+    entry, which estimates the same rate; the trainer's variant is unchanged."""
+    from mlsctl.bank_health import DUPLICATE_SAMPLE
+
     generator = torch.Generator().manual_seed(0)
-    originals = torch.randn(200, 16, generator=generator)
-    vectors = torch.cat([originals, originals[:50] + 1e-4 * torch.randn(50, 16, generator=generator)])  # 50 copies
-    bank = bank_of(vectors)
+    originals = torch.randn(2400, 16, generator=generator)
+    copies = originals[:600] + 1e-4 * torch.randn(600, 16, generator=generator)
+    bank = bank_of(torch.cat([originals, copies]))  # rows 2400..2999 copy older ones: a rate of 20 %
     exact = bank_health(bank, "b", step=1, sample=100)
-    assert (exact.duplicate_rows, exact.near_duplicates) == (250, 50)
-    estimate = bank_health(bank, "b", step=1, sample=100, exact_duplicates_up_to=249)
-    rows = sample_rows(250, 100, 0)
-    assert estimate.duplicate_rows == 100 and estimate.near_duplicates == int((rows >= 200).sum()) > 0
+    assert (exact.duplicate_rows, exact.near_duplicates) == (3000, 600)
+    for sample in (2, 100, 2500):
+        estimate = bank_health(bank, "b", step=1, sample=sample, exact_duplicates_up_to=2999)
+        rows = sample_rows(3000, max(sample, DUPLICATE_SAMPLE), 0)
+        assert estimate.duplicate_rows == len(rows) and estimate.near_duplicates == int((rows >= 2400).sum())
+        assert 0.17 < estimate.duplicate_rate < 0.23 and estimate.sample == sample
     within = bank_health(bank, "b", step=1, sample=100, duplicates_on_sample=True)
-    assert within.duplicate_rows == 100 and within.near_duplicates <= estimate.near_duplicates
+    assert within.duplicate_rows == 100 and within.near_duplicates < 5
 
 
 def test_sample_is_fixed_sorted_and_within_range():

@@ -68,7 +68,7 @@ def _fill(health) -> str:
 def inspect(
     run: Path = RUN_ARG,
     step: Optional[int] = STEP_OPT,
-    sample: int = typer.Option(2048, "--sample", min=2, help="Entries sampled for the pairwise indicators."),
+    sample: int = typer.Option(2048, "--sample", min=2, max=16384, help="Entries sampled for the pairwise indicators (their cost grows with its square)."),
     duplicate_threshold: float = typer.Option(0.999, "--duplicate-threshold", min=-1.0, max=1.0,
                                               help="Cosine at or above which an entry duplicates an older one."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),

@@ -145,10 +145,10 @@ def search(
             raise UserError("no --index given and no gallery under the current directory; build one with mlsctl index build")
         say(f"gallery: {index} (the newest under the current directory)")
     target = Gallery(index)
+    queries = read_query_sets(sets) if sets is not None else None  # a bad file is told before the model loads
     model = choose_set_model(run or Path(target.manifest["model"]["run"]), say=say)
     target.check_model(model)
-    if sets is not None:
-        queries = read_query_sets(sets)
+    if queries is not None:
         started = time.perf_counter()
         failed = []
         embedded = set_tokens([photos for _, _, photos in queries], model, workers=workers, strict=False)
@@ -167,7 +167,8 @@ def search(
             if unreadable:  # one unreadable photo costs its own set, not the rest of the file
                 failed.append(number)
                 path, reason = unreadable[0]
-                pending.append((record, f"--sets {sets} line {number}: cannot read {path}: {reason}"))
+                more = f" (and {len(unreadable) - 1} more of its photos)" if len(unreadable) > 1 else ""
+                pending.append((record, f"--sets {sets} line {number}: cannot read {path}: {reason}{more}"))
             else:
                 pending.append((record, model.fold(None, cls, tokens)))
             if len(pending) >= SEARCH_BATCH:
