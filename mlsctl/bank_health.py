@@ -250,8 +250,8 @@ def bank_health(bank: MemoryBank, name: str, step: int, *, sample: Optional[int]
     up to ``exact_duplicates_up_to`` written entries (None: always); above, the sampled entries (at
     least :data:`DUPLICATE_SAMPLE` of them) are, each against every older entry (an unbiased
     estimate of the rate, at sample × n instead of n² / 2 cosines: a 1.6 M-entry CrIBo bank took
-    hours); with ``duplicates_on_sample`` (the trainer's cheap variant) the sample is checked against itself only. A prefilled bank's random
-    start entries are left out of every indicator."""
+    hours); with ``duplicates_on_sample`` (the trainer's cheap variant) the sample is checked
+    against itself only. A prefilled bank's random start entries are left out of every indicator."""
     order = bank.written_order().cpu()
     vectors = bank.vectors.detach().cpu()[order]
     n = vectors.shape[0]

@@ -148,7 +148,8 @@ def on_main(fn):
         return fn()
     failure, result, error = _attempt(fn) if rank() == 0 else (None, None, None)
     sent = [(failure, result)]
-    dist.broadcast_object_list(sent, src=0)  # one copy to each process (a listing of 1.28 M images is ~50 MB)
+    # one copy to each process (a listing of 1.28 M images is ~50 MB), host to host: not through the GPUs
+    dist.broadcast_object_list(sent, src=0, group=host_group())
     failure, result = sent[0]
     if failure is not None:
         if rank() == 0:
