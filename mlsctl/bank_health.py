@@ -235,7 +235,7 @@ class BankHealth:
         return {f"bank/{self.name}/{k}": (float(v) if v is not None else None) for k, v in values.items()}
 
 
-EXACT_DUPLICATES_UP_TO = 16_384  # written entries whose near-duplicates bank inspect counts one by one (~3 s)
+EXACT_DUPLICATES_UP_TO = 16_384  # written entries whose near-duplicates are counted pair by pair (1.4 s at 384)
 DUPLICATE_SAMPLE = 2048  # at least this many entries estimate the near-duplicate rate above that (whatever sample)
 
 

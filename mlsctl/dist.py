@@ -7,6 +7,7 @@ never inside a loss.
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -25,6 +26,8 @@ def rank() -> int:
 
 
 _HOST_GROUP: tuple = (None, None)  # (the default group it was made for, a gloo group over the same processes)
+_MAIN_GROUP: tuple = (None, None)  # the same, for on_main: with WAIT_FOR_MAIN as its timeout
+WAIT_FOR_MAIN = timedelta(hours=24)
 
 
 def host_group():
@@ -45,16 +48,29 @@ def host_group():
     return _HOST_GROUP[1]
 
 
+def _main_group():
+    """The gloo group :func:`on_main` waits in: every process, with a day's timeout. The others wait
+    there while process 0 works alone (listing millions of files on NFS, an exact neighbour search
+    of a million rows), which may take longer than a group's default 30 minutes; a process that
+    dies closes its connections, so no one waits a day for a dead one. Made collectively at the
+    first call, as :func:`host_group`."""
+    global _MAIN_GROUP
+    world = dist.group.WORLD
+    if _MAIN_GROUP[0] is not world:
+        _MAIN_GROUP = (world, dist.new_group(backend="gloo", timeout=WAIT_FOR_MAIN))
+    return _MAIN_GROUP[1]
+
+
 def close() -> None:
     """Destroy this process's process groups (the default one and :func:`host_group`'s) before it
     exits, as every command does last. Left to the interpreter's exit, gloo's threads aborted a
     process now and then ("terminate called without an active exception", SIGABRT: 5-11 of 20
     two-process exits of a bare script, 0 of 80 after this), and NCCL warns that the group was
     not destroyed."""
-    global _HOST_GROUP
+    global _HOST_GROUP, _MAIN_GROUP
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()  # every group, the host group too
-    _HOST_GROUP = (None, None)
+        dist.destroy_process_group()  # every group, the host and main groups too
+    _HOST_GROUP = _MAIN_GROUP = (None, None)
 
 
 @torch.no_grad()
@@ -148,8 +164,9 @@ def on_main(fn):
         return fn()
     failure, result, error = _attempt(fn) if rank() == 0 else (None, None, None)
     sent = [(failure, result)]
-    # one copy to each process (a listing of 1.28 M images is ~50 MB), host to host: not through the GPUs
-    dist.broadcast_object_list(sent, src=0, group=host_group())
+    # one copy to each process (a listing of 1.28 M images is ~50 MB), host to host (not through the GPUs),
+    # in a group whose timeout outlasts what process 0 may do alone meanwhile
+    dist.broadcast_object_list(sent, src=0, group=_main_group())
     failure, result = sent[0]
     if failure is not None:
         if rank() == 0:

@@ -18,7 +18,7 @@
 set -euo pipefail
 folder="${1:?give the folder the files of a device window were copied to}"
 cd "$(dirname "$0")/.."
-python="${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}"  # make venv's, else python3
+python="${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}"  # the venv's (make venv), else python3
 found=0
 stamp=$(date -u +%Y-%m-%dT%H%M%SZ)
 root=benchmarks/results/device

@@ -35,6 +35,7 @@ PY=${PYTHON:-python3}
 WORK=fidelity-work/$PROFILE
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)  # absolute: some stages write to it from inside other folders
+: > "$OUT/window.log"  # a fresh log: its first line names this window (an OUT used before held another's)
 exec > >(tee -a "$OUT/window.log") 2>&1
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 [ -f .whl/COMMIT ] && export MLSCTL_COMMIT="$(cat .whl/COMMIT)"  # what the records name (scripts/device_prepare.sh)
@@ -99,7 +100,7 @@ if [ "$BACKBONE_S" -gt 0 ]; then
       [ -n "$fallback" ] && echo "FALLBACK: the backbone trains with $fallback" && BACKBONE+=($fallback)
       break
     fi
-    echo "FAILED: smoke run with '${fallback:-the recipe as it is}'"
+    echo "smoke run failed with '${fallback:-the recipe as it is}' (the next fallback follows, if any)"
   done
   [ $smoke_ok = yes ] || exit 1
   # the steady speed: the median of the last three logged intervals (the first ones include start-up)

@@ -136,3 +136,26 @@ def test_the_training_data_is_listed_by_process_0_and_sent_to_the_others(tmp_pat
     zero, one = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
     assert zero == one and zero["relpaths"] == ["a/1.png", "a/3.jpg", "b/2.png"] and zero["size"] == [6, 8]
     assert zero["pixels"] == 123_456_789 and zero["features"] == [2, ["x/0.png", "y/1.png"]]
+
+
+def _slow_main_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import datetime
+    import time
+
+    from mlsctl import dist
+
+    # the default group times out after 2 s; process 0 then works alone for 4 (a listing on NFS, a
+    # neighbour search: hours at scale, past a group's default 30 minutes)
+    torch_dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                                  timeout=datetime.timedelta(seconds=2))
+    result = dist.on_main(lambda: time.sleep(4) or "listed")
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+    dist.close()
+
+
+def test_the_others_wait_for_process_0_longer_than_a_group_timeout(tmp_path: Path):
+    """A review (2026-12-06): the others waited for on_main's result in a group with the default
+    timeout, so a search of hours on process 0 killed them after 30 minutes. on_main's group waits
+    a day (a process that dies closes its connections, so a dead one is not waited for)."""
+    mp.spawn(_slow_main_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    assert [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)] == ["listed", "listed"]

@@ -157,22 +157,26 @@ def search(
         def answer() -> None:  # one search for every pending latent, the lines in input order
             latents = [latent for _, latent in pending if not isinstance(latent, str)]
             found = iter(target.search_many(torch.stack(latents), k) if latents else [])
-            for record, latent in pending:
+            while pending:  # each line leaves the list as it is printed: never printed twice
+                record, latent = pending.pop(0)
                 record.update({"error": latent} if isinstance(latent, str) else {"results": ranked(next(found))})
                 print(json.dumps(record), flush=True)
-            pending.clear()
 
-        for (number, query_id, photos), (cls, tokens, unreadable) in zip(queries, embedded):
-            record = {"id": query_id, "set": [str(p) for p in photos]}
-            if unreadable:  # one unreadable photo costs its own set, not the rest of the file
-                failed.append(number)
-                path, reason = unreadable[0]
-                more = f" (and {len(unreadable) - 1} more of its photos)" if len(unreadable) > 1 else ""
-                pending.append((record, f"--sets {sets} line {number}: cannot read {path}: {reason}{more}"))
-            else:
-                pending.append((record, model.fold(None, cls, tokens)))
-            if len(pending) >= SEARCH_BATCH:
-                answer()
+        try:
+            for (number, query_id, photos), (cls, tokens, unreadable) in zip(queries, embedded):
+                record = {"id": query_id, "set": [str(p) for p in photos]}
+                if unreadable:  # one unreadable photo costs its own set, not the rest of the file
+                    failed.append(number)
+                    path, reason = unreadable[0]
+                    more = f" (and {len(unreadable) - 1} more of its photos)" if len(unreadable) > 1 else ""
+                    pending.append((record, f"--sets {sets} line {number}: cannot read {path}: {reason}{more}"))
+                else:
+                    pending.append((record, model.fold(None, cls, tokens)))
+                if len(pending) >= SEARCH_BATCH:
+                    answer()
+        except KeyboardInterrupt:  # the sets already searched are printed before the interruption is said
+            answer()
+            raise
         answer()
         seconds = time.perf_counter() - started
         searched = len(queries) - len(failed)
