@@ -102,19 +102,13 @@ class SetModel(MILESetModel):
     @torch.no_grad()
     def path_tokens(self, paths: Sequence[Path], *, batch_size: int = 64, workers: Optional[int] = None,
                     progress: Optional[bool] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Photo files → what :meth:`image_tokens` returns, decoded in loader workers
-        (:func:`photo_batches`) a batch at a time: for many photos, where :meth:`image_tokens` of
+        """Photo files → what :meth:`image_tokens` returns, decoded in loader workers a batch at a
+        time (:func:`set_tokens` of one set): for many photos, where :meth:`image_tokens` of
         :func:`load_images` would hold every decoded photo at once."""
-        cls, tokens = [], []
-        for _, pixels, _ in photo_batches(paths, self.preprocessor(), batch_size=batch_size, workers=workers,
-                                          progress=progress, pin_memory=self.device.type == "cuda"):
-            batch_cls, batch_tokens = self.pixel_tokens(pixels, batch_size)
-            cls.append(batch_cls)
-            if batch_tokens is not None:
-                tokens.append(batch_tokens)
-        if not cls:
+        if not paths:
             return self.pixel_tokens(torch.empty(0, 3, self.resolution, self.resolution, dtype=torch.uint8))
-        return torch.cat(cls), (torch.cat(tokens) if tokens else None)
+        cls, tokens, _ = next(set_tokens([paths], self, batch_size=batch_size, workers=workers, progress=progress))
+        return cls, tokens
 
 
 def load_set_model(run_dir: str | os.PathLike,
