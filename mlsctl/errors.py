@@ -75,6 +75,38 @@ def is_memory_error(exc: BaseException) -> bool:
                                               or "cannot allocate memory" in text)
 
 
+def killed_loader_worker(exc: BaseException) -> Optional[str]:
+    """The signal's name (SIGBUS) in PyTorch's "DataLoader worker (pid N) is killed by signal: NAME", raised
+    from its SIGCHLD handler wherever the parent happens to be (so :class:`~mlsctl.data.loader.WatchedWorkers`
+    cannot always catch it), along ``exc``'s chain; None for any other error."""
+    import re
+    import signal
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        found = re.match(r"DataLoader worker \(pid \d+\) is killed by signal: ([^.]+)\.", str(exc))
+        if isinstance(exc, RuntimeError) and found:
+            names = {signal.strsignal(number): number.name for number in signal.valid_signals()
+                     if isinstance(number, signal.Signals)}
+            return names.get(found.group(1).strip(), found.group(1).strip())
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def worker_killed_message(signal_name: str, workers_key: str) -> str:
+    """One sentence for a data loader worker ended by a signal (``SIGBUS``, ``SIGKILL``, ...)."""
+    said = f"a data loader worker was killed by {signal_name}"
+    if signal_name == "SIGBUS":
+        return (f"{said}: shared memory (/dev/shm) ran out, which a container has 64 MB of unless started with a "
+                f"larger --shm-size; enlarge /dev/shm, or lower {workers_key} (0 loads in the main process, "
+                f"without shared memory) or the batch size")
+    if signal_name == "SIGKILL":
+        return (f"{said}, most likely by the kernel for lack of memory; lower {workers_key}, the batch size or the "
+                f"image size, or free memory")
+    return f"{said}; run again with {workers_key} 0 to see the error in the main process"
+
+
 def environment_exit_code(exc: BaseException) -> int:
     """2 (a usage error) where the path given cannot be made because a file stands where a folder must
     (``--out notes.txt/run``); 1 for everything else, a file vanishing under a running command included."""
@@ -103,6 +135,9 @@ def describe_environment_error(exc: BaseException) -> Optional[str]:
         where = "the GPU" if gpu else "this machine"
         return (f"out of memory on {where}; lower optim.batch_size / --batch-size, use smaller images or a smaller "
                 f"model, or free memory")
+    killed = killed_loader_worker(exc)
+    if killed is not None:
+        return worker_killed_message(killed, "the workers (data.workers, --workers)")
     if not isinstance(exc, OSError) or exc.errno is None:
         return None
     cause, fix = CAUSES.get(exc.errno, (exc.strerror or os.strerror(exc.errno), "check the path"))

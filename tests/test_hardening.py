@@ -453,6 +453,11 @@ def test_7_data_max_image_pixels_is_a_recipe_key():
 # ----------------------------------------------------------------------------------- 8. the environment
 
 
+def _chained(error: BaseException, cause: BaseException) -> BaseException:
+    error.__cause__ = cause
+    return error
+
+
 @pytest.mark.parametrize("error, words", [
     (OSError(errno.ENOSPC, "No space left on device", "/data/run/x"), ["/data/run/x", "no space left"]),
     (OSError(errno.EROFS, "Read-only file system", "/ro/run"), ["/ro/run", "read-only"]),
@@ -460,6 +465,13 @@ def test_7_data_max_image_pixels_is_a_recipe_key():
     (OSError(errno.EFBIG, "File too large", "/x"), ["/x", "ulimit -f"]),
     (MemoryError(), ["out of memory on this machine"]),
     (RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"), ["out of memory"]),
+    # PyTorch's SIGCHLD handler, wherever the parent is when a loader worker dies (its words, torch 2.x)
+    (RuntimeError("DataLoader worker (pid 6480) is killed by signal: Bus error. It is possible that dataloader's "
+                  "workers are out of shared memory. Please try to raise your shared memory limit."),
+     ["killed by SIGBUS", "/dev/shm", "--shm-size", "--workers"]),
+    (_chained(RuntimeError("DataLoader worker (pid(s) 6488) exited unexpectedly"),
+              RuntimeError("DataLoader worker (pid 6488) is killed by signal: Killed. ")),
+     ["killed by SIGKILL", "lack of memory"]),
 ])
 def test_8_errors_of_the_environment_are_one_sentence(error, words, monkeypatch, capsys, tmp_path):
     def raises(*args, **kwargs):
@@ -470,6 +482,35 @@ def test_8_errors_of_the_environment_are_one_sentence(error, words, monkeypatch,
     code, _, err = cli("embed", str(tmp_path), capsys=capsys)
     line = one_sentence(err)
     assert code == 1 and all(w in line for w in words), line
+
+
+class _KillsItsWorker(torch.utils.data.Dataset):
+    def __init__(self, signum):
+        self.signum = signum
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, index):
+        if index == 3:
+            os.kill(os.getpid(), self.signum)
+        return torch.zeros(2)
+
+
+@pytest.mark.parametrize("signum, words", [(signal.SIGBUS, ["SIGBUS", "/dev/shm", "lower --workers"]),
+                                           (signal.SIGKILL, ["SIGKILL", "lack of memory"])])
+def test_8_a_loader_worker_the_kernel_kills_is_one_sentence(signum, words):
+    """Noticed 2026-12-05: a worker killed for want of /dev/shm (a container's 64 MB) ended embed, index build or
+    training with PyTorch's traceback, or with "connection reset by peer"; the loader now says which signal, the
+    likely cause and the fix, once, after shutting its other workers down."""
+    from mlsctl.data.loader import Loader
+
+    loader = Loader(_KillsItsWorker(signum), batch_size=2, num_workers=1, workers_key="--workers")
+    with pytest.raises(UserError) as stopped:
+        for _ in loader:
+            pass
+    assert stopped.value.exit_code == 1 and all(w in stopped.value.message for w in words), stopped.value.message
+    time.sleep(0.2)  # no second error from PyTorch's SIGCHLD handler once the loader has said it
 
 
 def test_8_an_out_path_under_a_file_names_the_file_and_exits_2(capsys, tmp_path):

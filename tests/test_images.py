@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,51 @@ def test_bad_files_raise_bad_image_with_reasons(tmp_path: Path):
             load_rgb(tmp_path / name)
         assert str(info.value) == reason
 
+
+
+def test_a_file_the_file_system_refuses_is_skipped_with_its_reason(tmp_path: Path, monkeypatch):
+    """Noticed 2026-12-05: an unreadable file read 'cannot decode ([Errno 13] Permission denied: ...)', and a file
+    removed after the listing stopped training with a traceback from a loader worker. Both are now skipped with
+    their reason; an error that is the machine's (too many open files) is not blamed on the file."""
+    import errno
+
+    import PIL.Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+    with pytest.raises(BadImage, match=r"^gone \(no such file: removed or renamed after the folder was listed\)$"):
+        load_rgb(tmp_path / "removed.png")
+    real_open = PIL.Image.open
+
+    def refuse(code):
+        def open_(fp, *args, **kwargs):
+            if isinstance(fp, (str, Path)):
+                raise OSError(code, os.strerror(code), str(fp))
+            return real_open(fp, *args, **kwargs)
+        return open_
+
+    monkeypatch.setattr(PIL.Image, "open", refuse(errno.EACCES))
+    with pytest.raises(BadImage, match=r"^cannot read it \(permission denied\)$"):
+        load_rgb(tmp_path / "ok.png")
+    monkeypatch.setattr(PIL.Image, "open", refuse(errno.EIO))
+    with pytest.raises(BadImage, match=r"^cannot read it \(input/output error"):
+        load_rgb(tmp_path / "ok.png")
+    monkeypatch.setattr(PIL.Image, "open", refuse(errno.EMFILE))
+    with pytest.raises(OSError) as machine:
+        load_rgb(tmp_path / "ok.png")
+    assert not isinstance(machine.value, BadImage) and machine.value.errno == errno.EMFILE
+
+
+def test_training_skips_a_file_removed_after_the_listing(tmp_path: Path):
+    root = tmp_path / "data"
+    root.mkdir()
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (40, 40), (0, 128, 0)).save(root / name)
+    folder = ImageFolder(root)
+    (root / "a.png").unlink()
+    dataset = MultiCropDataset(folder, MultiCrop(16, (0.5, 1.0), n_local=0, photometric="none"), seed=0)
+    batch = collate([dataset[(0, 0)]])
+    assert batch.image_ids.tolist() == [1]
+    assert batch.skipped == [("a.png", "gone (no such file: removed or renamed after the folder was listed)")]
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "LA", "P", "CMYK", "I;16", "I", "F", "1"])
 def test_every_mode_becomes_8bit_rgb(tmp_path: Path, mode: str):

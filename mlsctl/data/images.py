@@ -12,13 +12,15 @@
 * :func:`load_rgb` decodes one file fully, applies the EXIF orientation and converts every mode to
   8-bit RGB (grayscale, palette, RGBA/LA composited on white, CMYK, 16- and 32-bit integer and
   float images rescaled). Anything that cannot be decoded (zero bytes, truncated, not an image,
-  more pixels than the limit, not enough memory) raises :class:`BadImage` with a short reason.
+  more pixels than the limit, not enough memory) or read (permission denied, removed since the
+  listing, an I/O error) raises :class:`BadImage` with a short reason.
 * :class:`SkipLog` prints one warning line per skipped file and a count at the end.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import re
@@ -322,9 +324,31 @@ def load_rgb(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     """Decode ``path`` completely into an 8-bit RGB image with EXIF orientation applied; an image of
     more than ``max_pixels`` pixels is refused before it is decoded."""
     path = Path(path)
-    if path.stat().st_size == 0:
-        raise BadImage("empty file (0 bytes)")
+    try:
+        if path.stat().st_size == 0:
+            raise BadImage("empty file (0 bytes)")
+    except OSError as exc:
+        raise _unreadable(exc) from None
     return _decode(path, max_pixels)
+
+
+# A file the file system will not hand over is skipped like one that cannot be decoded; any other
+# OSError (too many open files, ...) is the machine's, not the file's, and is raised as it is.
+_FILE_ERRORS = {
+    errno.EACCES: "cannot read it (permission denied)",
+    errno.EPERM: "cannot read it (operation not permitted)",
+    errno.ENOENT: "gone (no such file: removed or renamed after the folder was listed)",
+    errno.EISDIR: "a folder, not a file",
+    errno.ELOOP: "a link that leads back to itself",
+    errno.EIO: "cannot read it (input/output error: a failing disk or network file system)",
+}
+
+
+def _unreadable(exc: OSError) -> Exception:
+    """:class:`BadImage` naming why the file system refused a file, or ``exc`` itself when the
+    cause is not the file's."""
+    reason = _FILE_ERRORS.get(exc.errno)
+    return BadImage(reason) if reason else exc
 
 
 def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, formats: Sequence[str] = IMAGE_FORMATS,
@@ -364,6 +388,8 @@ def _decode(source, max_pixels: int, formats: Sequence[str] = IMAGE_FORMATS, qui
     except MemoryError:
         raise BadImage("not enough memory to decode it") from None
     except OSError as exc:
+        if exc.errno is not None and exc.filename is not None:  # the file system's refusal, not the decoder's
+            raise _unreadable(exc) from None
         text = str(exc)
         if "truncated" in text.lower():
             raise BadImage("truncated image data") from None

@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mlsctl.data.images import BadImage, ImageFolder
 from mlsctl.data.multicrop import MultiCrop, normalize_on_device
-from mlsctl.errors import UserError
+from mlsctl.errors import UserError, worker_killed_message
 
 
 PERMUTATION_STREAM = 2**32  # an "index" no image has: the seed of an epoch's permutation
@@ -373,13 +373,18 @@ def usable_cores() -> int:
 
 class Loader(DataLoader):
     """torch's DataLoader whose warning about more workers than cores is one line naming the
-    option to lower (``workers_key``), once per process and setting, in the ``mlsctl`` log."""
+    option to lower (``workers_key``), once per process and setting, in the ``mlsctl`` log, and
+    whose worker killed by a signal ends the command with one sentence (:class:`WatchedWorkers`)."""
 
     warned: set = set()
 
     def __init__(self, *args, workers_key: str = "data.workers", **kwargs):
         self.workers_key = workers_key
         super().__init__(*args, **kwargs)
+
+    def __iter__(self):
+        batches = super().__iter__()
+        return WatchedWorkers(batches, self.workers_key) if self.num_workers else batches
 
     def check_worker_number_rationality(self) -> None:  # noqa: D102 - torch's hook, called by __init__ and iter()
         cores, workers = usable_cores(), self.num_workers
@@ -399,3 +404,49 @@ def make_loader(dataset: Dataset, sampler: StepBatchSampler, workers: int, pin_m
     return Loader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate_fn,
                   pin_memory=pin_memory, worker_init_fn=init if workers else None,
                   prefetch_factor=4 if workers else None, persistent_workers=workers > 0)
+
+
+class WatchedWorkers:
+    """The batches of a loader with workers. A worker the kernel kills (out of shared memory in
+    ``/dev/shm``: SIGBUS; out of memory: SIGKILL) reaches the parent as a lost connection, an
+    end of file or PyTorch's "DataLoader worker ... exited unexpectedly", whichever comes first:
+    each becomes one sentence naming the signal, the likely cause and the fix, after the other
+    workers are shut down (so no second error follows from PyTorch's SIGCHLD handler).
+    :meth:`shutdown` ends the workers now instead of when the iterator is collected."""
+
+    def __init__(self, batches, workers_key: str):
+        self.batches, self.workers_key = batches, workers_key
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            return next(self.batches)
+        except StopIteration:
+            raise
+        except Exception as exc:  # noqa: BLE001 - re-raised unless a worker was killed
+            killed = self._killed_worker()
+            if killed is None:
+                raise
+            self.shutdown()
+            raise UserError(worker_killed_message(killed, self.workers_key), exit_code=1) from exc
+
+    def _killed_worker(self) -> Optional[str]:
+        """The name of the signal that ended one of the workers (SIGBUS), None when they are all alive
+        or exited on their own."""
+        import signal
+
+        for worker in getattr(self.batches, "_workers", ()):  # PyTorch's multiprocessing iterator keeps them here
+            code = worker.exitcode
+            if code is not None and code < 0:
+                try:
+                    return signal.Signals(-code).name
+                except ValueError:
+                    return f"signal {-code}"
+        return None
+
+    def shutdown(self) -> None:
+        shutdown = getattr(self.batches, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()

@@ -261,7 +261,7 @@ def _end_loader(batches) -> None:
     not whenever the iterator is collected: a traceback kept for ``--debug`` keeps it alive, and the
     workers of a run on several processes ignore SIGTERM (:mod:`mlsctl.train.stopping`), so the
     interpreter's last terminate-and-join of its children could wait on them."""
-    shutdown = getattr(batches, "_shutdown_workers", None)  # only PyTorch's iterator with workers has it
+    shutdown = getattr(batches, "shutdown", None)  # only a loader with workers has it (WatchedWorkers)
     if shutdown is not None:
         shutdown()
 
