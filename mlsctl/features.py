@@ -17,10 +17,13 @@ Writing (:func:`embed_folder`) is resumable and exact. The candidate files are c
 ``part_size`` images (a multiple of the batch size; batches never cross a part, so a batch holds
 the same images however often the job was interrupted); each finished part is written atomically
 to ``FEATS/.partial/``. A rerun of the same command skips the finished parts; after the last one,
-the parts are concatenated into the shards in file order, each shard is renamed into place and the
-manifest is written. With several processes (``accelerate launch -m mlsctl embed``) part ``k``
-belongs to process ``k mod world_size`` and process 0 assembles the shards, so the output is the
-same folder one process writes.
+the parts are concatenated into the shards in file order: each shard is renamed into place, its
+parts' row indices and skipped files are kept in a small record (``.partial/shard-NNNNN.json``) and
+its parts are deleted, so the features never take much more than their own size on disk (one
+shard more; keeping every part until the end took twice their size). The manifest, written from
+the records, commits the folder. With several processes (``accelerate launch -m mlsctl embed``)
+part ``k`` belongs to process ``k mod world_size`` and each process assembles shards ``rank,
+rank + world_size, ...``, so the output is the same folder one process writes.
 
 Reading (:class:`Features`, in the data layer: :mod:`mlsctl.data.shards`, re-exported here) goes
 through ``safetensors.safe_open`` (memory-mapped), shard by shard; a damaged, unfinished or foreign
@@ -328,6 +331,9 @@ def _open_feature_folder(out: Path, plan: dict, overwrite: bool, lock: FolderLoc
             except (OSError, ValueError):
                 previous = {}
             if not _same_plan(previous, plan):
+                listed = _shard_files(out)
+                for name in _recorded_shard_files(partial) - listed:  # shards it had assembled
+                    (out / name).unlink(missing_ok=True)
                 shutil.rmtree(partial)
         # With --overwrite the features already there stay whole and readable until the new manifest replaces
         # them (_write_manifest); nothing else in --out is touched.
@@ -350,8 +356,9 @@ def _remove_leftovers(out: Path, keep_partial: bool = False) -> None:
     if (out / MANIFEST).is_file():
         listed = _shard_files(out)
         if listed:
+            kept = listed | (_recorded_shard_files(out / PARTIAL) if keep_partial else set())
             for shard in out.glob("shard-*.safetensors"):
-                if shard.name not in listed:
+                if shard.name not in kept:  # (an unfinished --overwrite's assembled shards stay)
                     shard.unlink(missing_ok=True)
     if not keep_partial and (out / PARTIAL).is_dir():
         shutil.rmtree(out / PARTIAL, ignore_errors=True)
@@ -370,9 +377,11 @@ def _embed_parts(tree, out: Path, model, plan: dict, plan_sha: str, relpaths: li
 
     # ---------------------------------------------------------------- this process's parts
     part_path = lambda k: partial / f"part-{k:05d}.safetensors"  # noqa: E731
+    assembled = set(_assembled_parts(partial, plan_sha))  # parts already in a shard (a kill while assembling)
+    is_done = lambda k: k in assembled or part_path(k).is_file()  # noqa: E731
     mine = [k for k in range(n_parts) if k % dist.world_size() == dist.rank()]
-    done = [k for k in mine if part_path(k).is_file()]
-    todo = [k for k in mine if not part_path(k).is_file()]
+    done = [k for k in mine if is_done(k)]
+    todo = [k for k in mine if not is_done(k)]
     batches = []
     for k in todo:
         stop = min((k + 1) * part_size, len(relpaths))
@@ -382,7 +391,7 @@ def _embed_parts(tree, out: Path, model, plan: dict, plan_sha: str, relpaths: li
         say(f"embedding {len(relpaths)} images from {tree.path} with {model.description}")
         for line in notes:
             say(line)
-        finished = sum(part_path(k).is_file() for k in range(n_parts))
+        finished = sum(is_done(k) for k in range(n_parts))
         if finished:
             say(f"resuming: {finished} of {n_parts} parts already done")
     device = embedding_device()
@@ -398,17 +407,19 @@ def _embed_parts(tree, out: Path, model, plan: dict, plan_sha: str, relpaths: li
     try:
         forward_s = _run_batches(loader, backbone, preprocessing, device, dense, torch_dtype, relpaths, part_size, todo,
                                  bar, part_path, grid, plan_sha)
+        bar.close()
+        dist.barrier()
+        layout = dist.on_main(lambda: _shard_layout(out, plan_sha, n_parts, parts_per_shard, n_shards, part_path))
+        dist.on_every(lambda: _write_shards(out, layout, bool(plan["grid"]), part_path, dist.rank(),
+                                            dist.world_size()))
     except KeyboardInterrupt:
-        finished = sum(part_path(k).is_file() for k in range(n_parts))
+        assembled = set(_assembled_parts(partial, plan_sha))
+        finished = sum(k in assembled or part_path(k).is_file() for k in range(n_parts))
         raise Interrupted(f"{finished} of {n_parts} parts are saved in {partial}; run the same command again to "
                           f"continue" if is_main else "") from None
-    bar.close()
-    dist.barrier()
-    layout = dist.on_main(lambda: _shard_layout(out, plan_sha, n_parts, parts_per_shard, n_shards, part_path))
-    dist.on_every(lambda: _write_shards(out, layout, bool(plan["grid"]), part_path, dist.rank(), dist.world_size()))
 
     def commit() -> None:  # the manifest stays on process 0 (1.28 M file names for ImageNet)
-        _write_manifest(out, plan, plan_sha, layout, relpaths, not_images, model, preprocessing, part_path)
+        _write_manifest(out, plan, plan_sha, layout, relpaths, not_images, model, preprocessing)
 
     dist.on_main(commit)
     manifest = json.loads((out / MANIFEST).read_text())
@@ -457,11 +468,51 @@ def embedding_device() -> torch.device:
     return torch.device("cpu")
 
 
-def _part_records(part_path, parts, plan_sha: str):
-    """Each part's (row indices, skipped files), checked to be this embed's."""
+def _record_path(partial: Path, shard: int) -> Path:
+    """The record of shard ``shard`` once assembled: its file, rows and its parts' row indices and skipped files."""
+    return partial / f"shard-{shard:05d}.json"
+
+
+def _shard_records(partial: Path) -> dict[int, dict]:
+    """The records of the shards already assembled (their parts are gone), by shard number."""
+    records = {}
+    for path in sorted(partial.glob("shard-*.json")):
+        try:
+            record = json.loads(path.read_text())
+            records[int(record["shard"])] = record
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"{path} cannot be read ({exc}); run the same mlsctl embed command with --overwrite") from None
+    return records
+
+
+def _recorded_shard_files(partial: Path) -> set[str]:
+    try:
+        return {record["file"] for record in _shard_records(partial).values()}
+    except UserError:
+        return set()
+
+
+def _assembled_parts(partial: Path, plan_sha: str) -> dict[int, tuple[list[int], list]]:
+    """Part → (row indices, skipped files) of every part already assembled into a shard of this embed."""
+    parts = {}
+    for record in _shard_records(partial).values():
+        if record.get("plan_sha256") != plan_sha:
+            raise UserError(f"{_record_path(partial, record['shard'])} belongs to another embed; run with --overwrite")
+        for part in record["parts"]:
+            parts[part["part"]] = (part["index"], part["skipped"])
+    return parts
+
+
+def _part_records(part_path, parts, plan_sha: str, assembled: dict):
+    """Each part's (row indices, skipped files), checked to be this embed's: from its record when its
+    shard is assembled (``assembled``: :func:`_assembled_parts`), else from the part."""
     from safetensors import safe_open
 
     for k in parts:
+        if k in assembled:
+            index, skipped = assembled[k]
+            yield k, torch.tensor(index, dtype=torch.long), skipped
+            continue
         path = part_path(k)
         if not path.is_file():
             raise UserError(f"{path} is missing after every process finished; run the same mlsctl embed command again")
@@ -474,48 +525,76 @@ def _part_records(part_path, parts, plan_sha: str):
 
 def _shard_layout(out: Path, plan_sha: str, n_parts: int, parts_per_shard: int, n_shards: int,
                   part_path) -> list[dict]:
-    """Each shard's file name, first row and parts (read from the parts' row indices alone)."""
+    """Each shard's number, file name, first row and parts (read from the parts' row indices alone),
+    and whether it is already assembled."""
+    partial = part_path(0).parent
+    records = _shard_records(partial)
+    assembled = _assembled_parts(partial, plan_sha)
     replaced = _shard_files(out)  # of the features --overwrite replaces: read until the new manifest is in place
     layout, start = [], 0
     for s in range(n_shards):
         parts = list(range(s * parts_per_shard, min((s + 1) * parts_per_shard, n_parts)))
-        rows = sum(len(index) for _, index, _ in _part_records(part_path, parts, plan_sha))
-        name = shard_name(s, n_shards)
-        if name in replaced:  # a name the replaced manifest still uses: this shard is written beside it
-            name = name.replace(".safetensors", f".{plan_sha[:12]}.safetensors")
-        layout.append({"file": name, "start": start, "rows": rows, "parts": parts})
+        rows = sum(len(index) for _, index, _ in _part_records(part_path, parts, plan_sha, assembled))
+        if s in records:  # assembled before a kill: its file stays
+            name = records[s]["file"]
+            if not (out / name).is_file():
+                raise UserError(f"{out / name}, assembled by an earlier run of this embed, is missing; run the same "
+                                f"mlsctl embed command with --overwrite")
+        else:
+            name = shard_name(s, n_shards)
+            if name in replaced:  # a name the replaced manifest still uses: this shard is written beside it
+                name = name.replace(".safetensors", f".{plan_sha[:12]}.safetensors")
+        layout.append({"shard": s, "file": name, "start": start, "rows": rows, "parts": parts,
+                       "assembled": s in records})
         start += rows
     return layout
 
 
 def _write_shards(out: Path, layout: list[dict], dense: bool, part_path, rank: int, world: int) -> None:
     """Shards ``rank``, ``rank + world``, ... of ``layout``: their parts concatenated (row order =
-    file order). Every process writes its share, so no process waits on one writing them all."""
+    file order), then their record written and their parts deleted. Every process writes its share,
+    so no process waits on one writing them all."""
     from safetensors import safe_open
 
+    partial = part_path(0).parent
     for entry in layout[rank::world]:
+        if entry["assembled"]:
+            continue
         tensors: dict[str, list[torch.Tensor]] = {"global": [], "dense": []}
+        record = {"shard": entry["shard"], "file": entry["file"], "rows": entry["rows"], "parts": []}
         for k in entry["parts"]:
             with safe_open(str(part_path(k)), "pt") as f:
                 tensors["global"].append(f.get_tensor("global"))
                 if dense:
                     tensors["dense"].append(f.get_tensor("dense"))
+                metadata = f.metadata() or {}
+                record["plan_sha256"] = metadata.get("plan_sha256")
+                record["parts"].append({"part": k, "index": f.get_tensor("index").tolist(),
+                                        "skipped": json.loads(metadata["skipped"])})
         rows = write_shard(out / entry["file"], torch.cat(tensors["global"]), entry["start"],
                            torch.cat(tensors["dense"]) if dense else None)
         if rows != entry["rows"]:
             raise UserError(f"the parts of {out / entry['file']} changed while it was written; run the same mlsctl "
                             f"embed command again")
+        atomic.write_text(_record_path(partial, entry["shard"]), json.dumps(record))  # then the parts may go
+        for k in entry["parts"]:
+            part_path(k).unlink(missing_ok=True)
 
 
 def _write_manifest(out: Path, plan: dict, plan_sha: str, layout: list[dict], relpaths: list[str],
-                    not_images: list[list[str]], model, preprocessing: Preprocessing, part_path) -> dict:
-    """The manifest, written last: the commit of the new features. Then the replaced shards and
-    the parts go."""
+                    not_images: list[list[str]], model, preprocessing: Preprocessing) -> dict:
+    """The manifest, from the shards' records, written last: the commit of the new features. Then
+    the replaced shards and the records go."""
+    assembled = _assembled_parts(out / PARTIAL, plan_sha)
     files: list[str] = []
     skipped: list[list[str]] = []
     for entry in layout:
-        for _, index, part_skipped in _part_records(part_path, entry["parts"], plan_sha):
-            files += [relpaths[i] for i in index.tolist()]
+        for k in entry["parts"]:
+            if k not in assembled:
+                raise UserError(f"part {k} of {out} was never assembled into its shard; run the same mlsctl embed "
+                                f"command again")
+            index, part_skipped = assembled[k]
+            files += [relpaths[i] for i in index]
             skipped += part_skipped
     replaced = _shard_files(out)
     shards = [{"file": entry["file"], "rows": entry["rows"]} for entry in layout]

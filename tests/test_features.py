@@ -183,6 +183,70 @@ def test_overwrite_keeps_the_old_features_until_the_new_ones_are_complete(tmp_pa
     assert torch.equal(Features(out).global_features(), reference["global"].float())  # read like any folder
 
 
+
+def test_each_shard_takes_the_place_of_its_parts_on_disk(tmp_path: Path, monkeypatch):
+    """Noticed 2026-12-05: every part stayed in .partial/ until the manifest was written, so an embed took twice
+    its features' size on disk at the end (hundreds of GB for dense features of a large set). Each shard's parts
+    now go as soon as it is written."""
+    images = make_images(tmp_path / "images", 13)
+    write_bad_files(images)
+    options = dict(dense=True, batch_size=2, part_size=4, say=quiet)
+    monkeypatch.setattr(feats, "SHARD_BYTES", 1)  # one part a shard: 16 files, 4 parts, 4 shards
+    parts_seen = []
+    real_write_shard = feats.write_shard
+
+    def watching(path, *args, **kwargs):
+        parts_seen.append(sorted(p.name for p in (path.parent / ".partial").glob("part-*")))
+        return real_write_shard(path, *args, **kwargs)
+
+    monkeypatch.setattr(feats, "write_shard", watching)
+    embed_folder(images, tmp_path / "feats", tiny_model(), **options)
+    assert parts_seen == [[f"part-{k:05d}.safetensors" for k in range(s, 4)] for s in range(4)]
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_an_embed_stopped_while_it_assembles_its_shards_continues_without_embedding_again(tmp_path, monkeypatch,
+                                                                                         overwrite):
+    images = make_images(tmp_path / "images", 13)
+    write_bad_files(images)
+    options = dict(dense=True, batch_size=2, part_size=4, say=quiet)
+    monkeypatch.setattr(feats, "SHARD_BYTES", 1)
+    embed_folder(images, tmp_path / "reference", tiny_model(seed=1), **options)
+    out = tmp_path / "feats"
+    if overwrite:  # features of another model that must stay readable until the new ones are complete
+        embed_folder(images, out, tiny_model(seed=0), **options)
+        old = shard_tensors(out)
+    real_write_shard = feats.write_shard
+    calls = {"n": 0}
+
+    def stopped_at_the_third(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_write_shard(*args, **kwargs)
+
+    monkeypatch.setattr(feats, "write_shard", stopped_at_the_third)
+    with pytest.raises(Interrupted, match="4 of 4 parts are saved.*run the same command again"):
+        embed_folder(images, out, tiny_model(seed=1), overwrite=overwrite, **options)
+    monkeypatch.setattr(feats, "write_shard", real_write_shard)
+    assert len(list((out / ".partial").glob("part-*"))) == 2 and len(list((out / ".partial").glob("shard-*"))) == 2
+    if overwrite:
+        kept = shard_tensors(out)
+        assert all(torch.equal(old[k], kept[k]) for k in old)
+
+    def no_forward_pass(*args, **kwargs):
+        raise AssertionError("a part already embedded was embedded again")
+
+    monkeypatch.setattr(feats, "_write_part", no_forward_pass)
+    resumed = embed_folder(images, out, tiny_model(seed=1), overwrite=overwrite, **options)
+    assert resumed.resumed_parts == 4
+    new, reference = shard_tensors(out), shard_tensors(tmp_path / "reference")
+    assert all(torch.equal(new[k], reference[k]) for k in reference)
+    made, expected = (json.loads((f / "manifest.json").read_text()) for f in (out, tmp_path / "reference"))
+    assert made["files"] == expected["files"] and made["skipped"] == expected["skipped"]
+    assert {p.name for p in out.glob("shard-*")} == {s["file"] for s in made["shards"]}
+    assert not (out / ".partial").exists()
+
 @pytest.mark.slow
 def test_sigkill_at_any_moment_then_rerun_is_exact(tmp_path: Path, finished_run):
     run_dir, _ = finished_run
