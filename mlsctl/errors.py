@@ -102,8 +102,8 @@ def worker_killed_message(signal_name: str, workers_key: str) -> str:
                 f"larger --shm-size; enlarge /dev/shm, or lower {workers_key} (0 loads in the main process, "
                 f"without shared memory) or the batch size")
     if signal_name == "SIGKILL":
-        return (f"{said}, most likely by the kernel for lack of memory; lower {workers_key}, the batch size or the "
-                f"image size, or free memory")
+        return (f"{said}, most likely by the kernel for lack of memory (or by a scheduler's time limit); lower "
+                f"{workers_key}, the batch size or the image size, or free memory")
     return f"{said}; run again with {workers_key} 0 to see the error in the main process"
 
 

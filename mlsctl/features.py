@@ -20,7 +20,7 @@ to ``FEATS/.partial/``. A rerun of the same command skips the finished parts; af
 the parts are concatenated into the shards in file order: each shard is renamed into place, its
 parts' row indices and skipped files are kept in a small record (``.partial/shard-NNNNN.json``) and
 its parts are deleted, so the features never take much more than their own size on disk (one
-shard more; keeping every part until the end took twice their size). The manifest, written from
+shard more for each process; keeping every part until the end took twice their size). The manifest, written from
 the records, commits the folder. With several processes (``accelerate launch -m mlsctl embed``)
 part ``k`` belongs to process ``k mod world_size`` and each process assembles shards ``rank,
 rank + world_size, ...``, so the output is the same folder one process writes.
@@ -338,6 +338,7 @@ def _open_feature_folder(out: Path, plan: dict, overwrite: bool, lock: FolderLoc
         # With --overwrite the features already there stay whole and readable until the new manifest replaces
         # them (_write_manifest); nothing else in --out is touched.
         partial.mkdir(parents=True, exist_ok=True)
+        _drop_unusable_records(out, partial, _sha256_lines([json.dumps(plan, sort_keys=True)]))
         _remove_leftovers(out, keep_partial=True)
         if not (partial / "plan.json").is_file():
             atomic.write_json(partial / "plan.json", plan)
@@ -473,29 +474,55 @@ def _record_path(partial: Path, shard: int) -> Path:
     return partial / f"shard-{shard:05d}.json"
 
 
-def _shard_records(partial: Path) -> dict[int, dict]:
-    """The records of the shards already assembled (their parts are gone), by shard number."""
+def _read_record(path: Path) -> Optional[dict]:
+    """A shard's record, None when it cannot be read (it is written atomically: only a hand can break it)."""
+    try:
+        record = json.loads(path.read_text())
+        int(record["shard"]), str(record["file"]), list(record["parts"])
+        return record
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _shard_records(partial: Path, shards: Optional[Sequence[int]] = None) -> dict[int, dict]:
+    """The records of the shards already assembled (their parts are gone), by shard number: every
+    record in ``partial``, or those of ``shards`` each opened by its name (a listing of the folder
+    on a network file system can lag behind what another process just wrote)."""
+    paths = sorted(partial.glob("shard-*.json")) if shards is None else [_record_path(partial, s) for s in shards]
     records = {}
-    for path in sorted(partial.glob("shard-*.json")):
-        try:
-            record = json.loads(path.read_text())
-            records[int(record["shard"])] = record
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise UserError(f"{path} cannot be read ({exc}); run the same mlsctl embed command with --overwrite") from None
+    for path in paths:
+        record = _read_record(path)
+        if record is None:
+            raise UserError(f"{path} cannot be read; run the same mlsctl embed command again")
+        records[int(record["shard"])] = record
     return records
 
 
 def _recorded_shard_files(partial: Path) -> set[str]:
-    try:
-        return {record["file"] for record in _shard_records(partial).values()}
-    except UserError:
-        return set()
+    files = set()
+    for path in partial.glob("shard-*.json"):
+        record = _read_record(path)
+        if record is not None:
+            files.add(record["file"])
+    return files
 
 
-def _assembled_parts(partial: Path, plan_sha: str) -> dict[int, tuple[list[int], list]]:
-    """Part → (row indices, skipped files) of every part already assembled into a shard of this embed."""
+def _drop_unusable_records(out: Path, partial: Path, plan_sha: str) -> None:
+    """Before an embed continues: forget the records it cannot use — unreadable, of another plan, or
+    whose shard is gone (deleted to free space) — so their parts are embedded again instead of the
+    run failing for ever."""
+    for path in partial.glob("shard-*.json"):
+        record = _read_record(path)
+        if record is None or record.get("plan_sha256") != plan_sha or not (out / record["file"]).is_file():
+            path.unlink(missing_ok=True)
+
+
+def _assembled_parts(partial: Path, plan_sha: str, shards: Optional[Sequence[int]] = None
+                     ) -> dict[int, tuple[list[int], list]]:
+    """Part → (row indices, skipped files) of every part already assembled into a shard of this embed
+    (of ``shards`` only, when given: :func:`_shard_records`)."""
     parts = {}
-    for record in _shard_records(partial).values():
+    for record in _shard_records(partial, shards).values():
         if record.get("plan_sha256") != plan_sha:
             raise UserError(f"{_record_path(partial, record['shard'])} belongs to another embed; run with --overwrite")
         for part in record["parts"]:
@@ -537,9 +564,9 @@ def _shard_layout(out: Path, plan_sha: str, n_parts: int, parts_per_shard: int, 
         rows = sum(len(index) for _, index, _ in _part_records(part_path, parts, plan_sha, assembled))
         if s in records:  # assembled before a kill: its file stays
             name = records[s]["file"]
-            if not (out / name).is_file():
-                raise UserError(f"{out / name}, assembled by an earlier run of this embed, is missing; run the same "
-                                f"mlsctl embed command with --overwrite")
+            if not (out / name).is_file():  # checked as the run began (_drop_unusable_records): removed since
+                raise UserError(f"{out / name}, assembled by an earlier run of this embed, was removed while this one "
+                                f"ran; run the same mlsctl embed command again")
         else:
             name = shard_name(s, n_shards)
             if name in replaced:  # a name the replaced manifest still uses: this shard is written beside it
@@ -585,14 +612,13 @@ def _write_manifest(out: Path, plan: dict, plan_sha: str, layout: list[dict], re
                     not_images: list[list[str]], model, preprocessing: Preprocessing) -> dict:
     """The manifest, from the shards' records, written last: the commit of the new features. Then
     the replaced shards and the records go."""
-    assembled = _assembled_parts(out / PARTIAL, plan_sha)
+    assembled = _assembled_parts(out / PARTIAL, plan_sha, [entry["shard"] for entry in layout])
     files: list[str] = []
     skipped: list[list[str]] = []
     for entry in layout:
         for k in entry["parts"]:
-            if k not in assembled:
-                raise UserError(f"part {k} of {out} was never assembled into its shard; run the same mlsctl embed "
-                                f"command again")
+            if k not in assembled:  # the record says which parts it holds: only a hand could make this
+                raise UserError(f"part {k} of {out} is in no shard's record; run the same mlsctl embed command again")
             index, part_skipped = assembled[k]
             files += [relpaths[i] for i in index]
             skipped += part_skipped

@@ -247,6 +247,35 @@ def test_an_embed_stopped_while_it_assembles_its_shards_continues_without_embedd
     assert {p.name for p in out.glob("shard-*")} == {s["file"] for s in made["shards"]}
     assert not (out / ".partial").exists()
 
+
+def test_a_shard_removed_before_the_rerun_is_embedded_again(tmp_path: Path, monkeypatch):
+    """A review (2026-12-06): a shard assembled before a stop and deleted afterwards (to free space) made every
+    rerun fail with advice (--overwrite) that kept the same state. Its record is dropped as the rerun begins and
+    its parts are embedded again."""
+    images = make_images(tmp_path / "images", 16)
+    options = dict(dense=False, batch_size=2, part_size=4, say=quiet)
+    monkeypatch.setattr(feats, "SHARD_BYTES", 1)
+    embed_folder(images, tmp_path / "reference", tiny_model(), **options)
+    out = tmp_path / "feats"
+    real_write_shard = feats.write_shard
+
+    def stopped_at_the_third(*args, calls=[]):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_write_shard(*args)
+
+    monkeypatch.setattr(feats, "write_shard", stopped_at_the_third)
+    with pytest.raises(Interrupted):
+        embed_folder(images, out, tiny_model(), **options)
+    monkeypatch.setattr(feats, "write_shard", real_write_shard)
+    record = json.loads((out / ".partial" / "shard-00001.json").read_text())
+    (out / record["file"]).unlink()
+    resumed = embed_folder(images, out, tiny_model(), **options)
+    assert resumed.resumed_parts == 3  # parts 0, 2 and 3; part 1 embedded again
+    new, reference = shard_tensors(out), shard_tensors(tmp_path / "reference")
+    assert all(torch.equal(new[k], reference[k]) for k in reference)
+
 @pytest.mark.slow
 def test_sigkill_at_any_moment_then_rerun_is_exact(tmp_path: Path, finished_run):
     run_dir, _ = finished_run

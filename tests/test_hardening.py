@@ -513,6 +513,42 @@ def test_8_a_loader_worker_the_kernel_kills_is_one_sentence(signum, words):
     time.sleep(0.2)  # no second error from PyTorch's SIGCHLD handler once the loader has said it
 
 
+class _FailsInItsWorker(torch.utils.data.Dataset):
+    def __init__(self, error):
+        self.error = error
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, index):
+        if index == 2:
+            raise self.error
+        return torch.zeros(2)
+
+
+@pytest.mark.parametrize("error", [
+    UserError("none of the 3 files in /data could be decoded as an image (the first, a.png: no such file)"),
+    FileNotFoundError(errno.ENOENT, "No such file or directory", "/data/unmounted/a.png"),
+    OSError(errno.EIO, "Input/output error", "/data/b.png"),
+])
+def test_8_an_error_in_a_loader_worker_is_said_as_in_the_main_process(error):
+    """A review (2026-12-06): PyTorch re-raises a worker's exception with the worker's whole traceback as its
+    message, so a UserError raised while loading (data.workers > 0) printed "error: Caught UserError in DataLoader
+    worker process 0. Original Traceback ..." and an OSError lost its errno (the generic bug line). The loader
+    rebuilds both from the traceback's last line."""
+    from mlsctl.data.loader import Loader
+    from mlsctl.errors import describe_environment_error
+
+    with pytest.raises(type(error)) as raised:
+        for _ in Loader(_FailsInItsWorker(error), batch_size=1, num_workers=1):
+            pass
+    if isinstance(error, UserError):
+        assert raised.value.message == error.message
+    else:
+        assert (raised.value.errno, raised.value.filename) == (error.errno, error.filename)
+        assert describe_environment_error(raised.value) == describe_environment_error(error)
+
+
 def test_8_an_out_path_under_a_file_names_the_file_and_exits_2(capsys, tmp_path):
     """A new-user probe (2026-12-05): `--out afile/sub` was "cannot use afile: File exists" (report, plot) or
     named export's temporary folder, with exit 1; the sentence now names the file in the way (exit 2, a usage

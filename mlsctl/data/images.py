@@ -13,7 +13,8 @@
   8-bit RGB (grayscale, palette, RGBA/LA composited on white, CMYK, 16- and 32-bit integer and
   float images rescaled). Anything that cannot be decoded (zero bytes, truncated, not an image,
   more pixels than the limit, not enough memory) or read (permission denied, removed since the
-  listing, an I/O error) raises :class:`BadImage` with a short reason.
+  listing) raises :class:`BadImage` with a short reason; a missing folder or an I/O error is the
+  machine's, not the file's, and stops the command.
 * :class:`SkipLog` prints one warning line per skipped file and a count at the end.
 """
 
@@ -328,27 +329,30 @@ def load_rgb(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
         if path.stat().st_size == 0:
             raise BadImage("empty file (0 bytes)")
     except OSError as exc:
-        raise _unreadable(exc) from None
+        raise _unreadable(exc, path) from None
     return _decode(path, max_pixels)
 
 
-# A file the file system will not hand over is skipped like one that cannot be decoded; any other
-# OSError (too many open files, ...) is the machine's, not the file's, and is raised as it is.
+# A file the file system refuses is skipped like one that cannot be decoded. Any other OSError is the
+# machine's, not the file's, and is raised as it is: too many open files, an input/output error (a
+# failing disk or network file system: skipping would commit files as unreadable for good during an
+# outage), and a missing file whose folder is missing too (an unmounted or renamed root).
 _FILE_ERRORS = {
     errno.EACCES: "cannot read it (permission denied)",
     errno.EPERM: "cannot read it (operation not permitted)",
-    errno.ENOENT: "gone (no such file: removed or renamed after the folder was listed)",
+    errno.ENOENT: "no such file",
     errno.EISDIR: "a folder, not a file",
     errno.ELOOP: "a link that leads back to itself",
-    errno.EIO: "cannot read it (input/output error: a failing disk or network file system)",
 }
 
 
-def _unreadable(exc: OSError) -> Exception:
-    """:class:`BadImage` naming why the file system refused a file, or ``exc`` itself when the
-    cause is not the file's."""
+def _unreadable(exc: OSError, path: Path) -> Exception:
+    """:class:`BadImage` naming why the file system refused the file ``path``, or ``exc`` itself
+    when the cause is not the file's."""
     reason = _FILE_ERRORS.get(exc.errno)
-    return BadImage(reason) if reason else exc
+    if reason is None or (exc.errno == errno.ENOENT and not path.parent.is_dir()):
+        return exc
+    return BadImage(reason)
 
 
 def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, formats: Sequence[str] = IMAGE_FORMATS,
@@ -389,7 +393,7 @@ def _decode(source, max_pixels: int, formats: Sequence[str] = IMAGE_FORMATS, qui
         raise BadImage("not enough memory to decode it") from None
     except OSError as exc:
         if exc.errno is not None and exc.filename is not None:  # the file system's refusal, not the decoder's
-            raise _unreadable(exc) from None
+            raise _unreadable(exc, Path(os.fsdecode(exc.filename))) from None
         text = str(exc)
         if "truncated" in text.lower():
             raise BadImage("truncated image data") from None

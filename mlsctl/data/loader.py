@@ -407,11 +407,18 @@ def make_loader(dataset: Dataset, sampler: StepBatchSampler, workers: int, pin_m
 
 
 class WatchedWorkers:
-    """The batches of a loader with workers. A worker the kernel kills (out of shared memory in
-    ``/dev/shm``: SIGBUS; out of memory: SIGKILL) reaches the parent as a lost connection, an
-    end of file or PyTorch's "DataLoader worker ... exited unexpectedly", whichever comes first:
-    each becomes one sentence naming the signal, the likely cause and the fix, after the other
-    workers are shut down (so no second error follows from PyTorch's SIGCHLD handler).
+    """The batches of a loader with workers, whose failures reach the user as one sentence:
+
+    * A worker the kernel kills (out of shared memory in ``/dev/shm``: SIGBUS; out of memory:
+      SIGKILL) reaches the parent as a lost connection, an end of file or PyTorch's "DataLoader
+      worker ... exited unexpectedly", whichever comes first: each becomes a sentence naming the
+      signal, the likely cause and the fix, after the other workers are shut down (so no second
+      error follows from PyTorch's SIGCHLD handler).
+    * PyTorch re-raises a worker's exception as a new one of its type whose message is the
+      worker's whole traceback ("Caught UserError in DataLoader worker process 0. Original
+      Traceback ..."): a :class:`~mlsctl.errors.UserError` or an ``OSError`` (a missing folder, an
+      I/O error) is rebuilt from its last line, so the CLI says it as it would in the main process.
+
     :meth:`shutdown` ends the workers now instead of when the iterator is collected."""
 
     def __init__(self, batches, workers_key: str):
@@ -425,28 +432,56 @@ class WatchedWorkers:
             return next(self.batches)
         except StopIteration:
             raise
-        except Exception as exc:  # noqa: BLE001 - re-raised unless a worker was killed
-            killed = self._killed_worker()
-            if killed is None:
-                raise
-            self.shutdown()
-            raise UserError(worker_killed_message(killed, self.workers_key), exit_code=1) from exc
+        except Exception as exc:  # noqa: BLE001 - re-raised as it is unless a worker was killed or failed
+            killed = self._killed_worker(wait=isinstance(exc, (ConnectionError, EOFError, RuntimeError)))
+            if killed is not None:
+                self.shutdown()
+                raise UserError(worker_killed_message(killed, self.workers_key), exit_code=1) from exc
+            original = worker_exception(exc)
+            if original is not None:
+                raise original from None
+            raise
 
-    def _killed_worker(self) -> Optional[str]:
-        """The name of the signal that ended one of the workers (SIGBUS), None when they are all alive
-        or exited on their own."""
+    def _killed_worker(self, wait: bool) -> Optional[str]:
+        """The name of the signal that ended one of the workers (SIGBUS), None when they are all
+        alive or exited on their own. ``wait``: the error may have come before the worker's exit
+        code did (its connection closes as it dies), so look again for up to a second."""
         import signal
+        import time
 
-        for worker in getattr(self.batches, "_workers", ()):  # PyTorch's multiprocessing iterator keeps them here
-            code = worker.exitcode
-            if code is not None and code < 0:
-                try:
-                    return signal.Signals(-code).name
-                except ValueError:
-                    return f"signal {-code}"
-        return None
+        workers = getattr(self.batches, "_workers", ())  # PyTorch's multiprocessing iterator keeps them here
+        deadline = time.monotonic() + (1.0 if wait else 0.0)
+        while True:
+            for worker in workers:
+                code = worker.exitcode
+                if code is not None and code < 0:
+                    try:
+                        return signal.Signals(-code).name
+                    except ValueError:
+                        return f"signal {-code}"
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.05)
 
     def shutdown(self) -> None:
         shutdown = getattr(self.batches, "_shutdown_workers", None)
         if shutdown is not None:
             shutdown()
+
+
+def worker_exception(exc: BaseException) -> Optional[BaseException]:
+    """The :class:`~mlsctl.errors.UserError` or ``OSError`` a loader worker raised, rebuilt from the
+    last line of the traceback PyTorch puts in the message of its copy (None for anything else)."""
+    import re
+
+    text = str(exc)
+    if not re.match(r"Caught \w+ in DataLoader worker process \d+", text):
+        return None
+    last = text.rstrip().splitlines()[-1]
+    if isinstance(exc, UserError):
+        found = re.match(r"(?:[\w.]+\.)?\w+: (.*)$", last)  # "mlsctl.errors.UserError: the sentence"
+        return UserError(found.group(1), exc.exit_code) if found else None
+    if isinstance(exc, OSError):
+        found = re.match(r"\w+: \[Errno (\d+)\] ([^:]+)(?:: '(.*)')?$", last)
+        return type(exc)(int(found.group(1)), found.group(2), found.group(3)) if found else None
+    return None
