@@ -883,6 +883,38 @@ def test_12_a_stop_that_reaches_one_of_two_processes_stops_both_after_the_same_s
     assert f"pretrain {run / 'config.yaml'} --out {run} --resume" in ours[-1]
 
 
+@pytest.mark.slow
+def test_12_the_processes_of_a_job_whose_launcher_is_killed_stop_and_say_how_to_resume(tmp_path, images):
+    """A probe (2026-12-06): torchrun starts each process in a session of its own, so after `kill -KILL -- -PGID`
+    of `accelerate launch` (or the OOM killer taking the launcher) the processes went on alone, writing into --out
+    and holding its lock. They now notice their parent is gone and stop as on SIGTERM, together, after a step."""
+    import psutil
+
+    from mlsctl.launch import RELAUNCH_ARGV
+
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(images, optim__epochs=400, train__checkpoint_every=2))
+    run = tmp_path / "run"
+    env = {**cli_env(), RELAUNCH_ARGV: json.dumps(["pretrain", str(recipe), "--out", str(run)]),
+           "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    with open(tmp_path / "err.txt", "w") as err:
+        agent = subprocess.Popen([sys.executable, "-m", "mlsctl.launch", "--standalone", "--nproc_per_node=2", "-m",
+                                  "mlsctl"], env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        deadline = time.time() + 240
+        while time.time() < deadline and agent.poll() is None and not any(
+                p.name >= "step-00000004" for p in (run / "checkpoints").glob("step-*")):
+            time.sleep(0.05)
+        training = [p for p in psutil.Process(agent.pid).children() if p.environ().get("LOCAL_RANK") is not None]
+        assert len(training) == 2
+        agent.kill()
+        agent.wait()
+        gone, alive = psutil.wait_procs(training, timeout=60)
+    assert not alive, "the processes went on without their launcher"
+    lines = [line for line in (tmp_path / "err.txt").read_text().splitlines() if not re.match(r"[DIWE]\d{4} ", line)]
+    assert "Traceback" not in "\n".join(lines)
+    assert any(line.startswith("interrupted: the last checkpoint is step ") and "--resume" in line for line in lines)
+    assert not (run / ".mlsctl.lock").exists()
+
+
 def test_12_a_loader_worker_stops_once_on_the_first_signal_and_ignores_the_next():
     # a launcher's stop (torch.distributed.run forwards SIGINT, then SIGTERM) reaches each worker twice: the second
     # KeyboardInterrupt landed outside PyTorch's worker loop, in a traceback and a worker that exited with 1

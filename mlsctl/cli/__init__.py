@@ -177,6 +177,29 @@ def _stop_on_sigterm() -> None:
         pass
 
 
+def _stop_when_orphaned(check_every: float = 1.0) -> None:
+    """A process of a job that torchrun started (``accelerate launch`` with several processes) runs
+    in a session of its own, so a stop of the launcher's process group does not reach it, and a
+    launcher killed outright (SIGKILL, the OOM killer) left it training or embedding into ``--out``
+    alone, holding the folder's lock. Such a process watches its parent and, once it is gone, stops
+    as on SIGTERM: it says what it saved, and the run continues with the same command."""
+    import os
+    import signal
+    import threading
+    import time
+
+    if "TORCHELASTIC_RUN_ID" not in os.environ:  # set by torchrun for the processes it starts
+        return
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(check_every)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="mlsctl-orphan-watch", daemon=True).start()
+
+
 def _one_line_usage_errors() -> None:
     """click prints a usage error as four lines (usage, a hint, a blank line, the error); ours are one
     line, ``error: ...``, with where to look: the same for a mistyped option as for a bad value."""
@@ -260,6 +283,7 @@ def main() -> None:
     from mlsctl.data.images import unreported_skips
 
     _stop_on_sigterm()
+    _stop_when_orphaned()
     unreported_skips()  # a fresh command (tests run several in one process)
     argv, debug = _take_debug_flag(sys.argv[1:])
     _one_line_usage_errors()
