@@ -319,10 +319,15 @@ def _open_feature_folder(out: Path, plan: dict, overwrite: bool, lock: FolderLoc
                 previous = json.loads((partial / "plan.json").read_text())
             except (OSError, ValueError):
                 previous = {}
+            difference = _plan_difference(previous, plan)
+            if difference in ("image list", "image count, image list"):  # the same command, other files there now
+                raise UserError(f"--out {out} holds an unfinished embed of another list of images "
+                                f"({previous.get('candidates', '?')} then, {plan['candidates']} now: files were added "
+                                f"to or removed from {plan['input_root']} since it began); its parts cannot be reused: "
+                                f"add --overwrite to begin again with the images there now")
             if not _same_plan(previous, plan):
-                raise UserError(f"--out {out} holds an unfinished embed made differently "
-                                f"({_plan_difference(previous, plan) or 'unknown'}); run the original command again to "
-                                f"finish it, or add --overwrite")
+                raise UserError(f"--out {out} holds an unfinished embed made differently ({difference or 'unknown'}); "
+                                f"run the original command again to finish it, or add --overwrite")
         elif contents and not is_feature_folder(out):
             raise UserError(f"--out {out} exists and is not a feature folder; choose another --out (or empty it)")
         if overwrite and partial.is_dir():  # an unfinished embed: continued when it is this one, else begun again
@@ -735,4 +740,5 @@ def _say_embedded(summary: EmbedSummary, source: str, out: Path, what: str, say:
     if summary.reused:
         say(f"{what}: using the features of {source} already in {out}")
     else:
-        say(f"{what}: embedded {summary.rows} images of {source} into {out} ({summary.images_per_s:.0f} images/s)")
+        rate = f"{summary.images_per_s:.0f} images/s" if summary.images_per_s else "from parts embedded before"
+        say(f"{what}: embedded {summary.rows} images of {source} into {out} ({rate})")

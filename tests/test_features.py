@@ -276,6 +276,32 @@ def test_a_shard_removed_before_the_rerun_is_embedded_again(tmp_path: Path, monk
     new, reference = shard_tensors(out), shard_tensors(tmp_path / "reference")
     assert all(torch.equal(new[k], reference[k]) for k in reference)
 
+
+def test_an_unfinished_embed_whose_images_changed_says_so(tmp_path: Path, monkeypatch):
+    """A probe (2026-12-06): files removed during an embed that then stopped made the same command answer "holds
+    an unfinished embed made differently (image count, image list); run the original command again" - the command
+    just run. It now says the images changed and that only --overwrite begins again."""
+    images = make_images(tmp_path / "images", 12)
+    options = dict(batch_size=2, part_size=4, say=quiet)
+    real_write = feats._write_part
+
+    def stopped_at_the_second(*args, calls=[]):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real_write(*args)
+
+    monkeypatch.setattr(feats, "_write_part", stopped_at_the_second)
+    with pytest.raises(Interrupted):
+        embed_folder(images, tmp_path / "feats", tiny_model(), **options)
+    monkeypatch.setattr(feats, "_write_part", real_write)
+    next(images.rglob("*.png")).unlink()
+    with pytest.raises(UserError, match=r"unfinished embed of another list of images \(12 then, 11 now: files were "
+                                        r"added to or removed from .*add --overwrite to begin again"):
+        embed_folder(images, tmp_path / "feats", tiny_model(), **options)
+    done = embed_folder(images, tmp_path / "feats", tiny_model(), overwrite=True, **options)
+    assert done.rows == 11
+
 @pytest.mark.slow
 def test_sigkill_at_any_moment_then_rerun_is_exact(tmp_path: Path, finished_run):
     run_dir, _ = finished_run

@@ -98,8 +98,9 @@ def embed(
         typer.echo(f"{summary.out} already holds these features ({summary.rows} rows); nothing to do")
         return
     skipped = f", {len(summary.skipped)} skipped (listed in manifest.json)" if summary.skipped else ""
-    typer.echo(f"wrote {summary.rows} rows{skipped} to {summary.out}/ in {summary.seconds:.1f}s "
-               f"({summary.images_per_s:.1f} images/s)")
+    rate = (f"{summary.images_per_s:.1f} images/s" if summary.images_per_s
+            else "every part was embedded before: joined into shards only")
+    typer.echo(f"wrote {summary.rows} rows{skipped} to {summary.out}/ in {summary.seconds:.1f}s ({rate})")
     if summary.rows == 0:  # the folder records why; a script must not take it for features
         raise UserError(f"none of the {len(summary.skipped)} files could be read as an image (the reasons are above "
                         f"and in {summary.out}/manifest.json); no evaluation can use {summary.out}", exit_code=1)
