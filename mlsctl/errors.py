@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 from typing import Optional
 
 
@@ -40,6 +41,19 @@ class Interrupted(UserError):
 
     def __init__(self, message: str):
         super().__init__(message, exit_code=130)
+
+
+def annotate(exc: BaseException, *, resume_hint: Optional[str] = None, run_log: Optional[str] = None) -> None:
+    """What the CLI adds to the last line it prints for ``exc``: ``resume_hint`` (a run stopped by
+    the machine after a checkpoint: the command that continues it), and ``run_log`` (a run's
+    ``train.log``, which gets the same line: a launcher killed outright takes the terminal's copy
+    with it)."""
+    for name, value in (("mlsctl_resume_hint", resume_hint), ("mlsctl_run_log", run_log)):
+        if value is not None:
+            try:
+                setattr(exc, name, value)
+            except (AttributeError, TypeError):  # an exception type without attributes of its own
+                pass
 
 
 def first_line(exc: BaseException, limit: int = 160) -> str:
@@ -94,13 +108,18 @@ def killed_loader_worker(exc: BaseException) -> Optional[str]:
     return None
 
 
+def shared_memory_message(workers_key: str, said: str = "the data loader workers ran out of shared memory") -> str:
+    """One sentence for batches that do not fit in ``/dev/shm`` on their way from the loader's workers."""
+    return (f"{said}: /dev/shm is full, which a container has 64 MB of unless started with a larger --shm-size; "
+            f"enlarge /dev/shm, or lower {workers_key} (0 loads in the main process, without shared memory) or the "
+            f"batch size")
+
+
 def worker_killed_message(signal_name: str, workers_key: str) -> str:
     """One sentence for a data loader worker ended by a signal (``SIGBUS``, ``SIGKILL``, ...)."""
     said = f"a data loader worker was killed by {signal_name}"
     if signal_name == "SIGBUS":
-        return (f"{said}: shared memory (/dev/shm) ran out, which a container has 64 MB of unless started with a "
-                f"larger --shm-size; enlarge /dev/shm, or lower {workers_key} (0 loads in the main process, "
-                f"without shared memory) or the batch size")
+        return shared_memory_message(workers_key, said)
     if signal_name == "SIGKILL":
         return (f"{said}, most likely by the kernel for lack of memory (or by a scheduler's time limit); lower "
                 f"{workers_key}, the batch size or the image size, or free memory")
@@ -138,6 +157,11 @@ def describe_environment_error(exc: BaseException) -> Optional[str]:
     killed = killed_loader_worker(exc)
     if killed is not None:
         return worker_killed_message(killed, "the workers (data.workers, --workers)")
+    if isinstance(exc, RuntimeError) and "unable to allocate shared memory" in str(exc):
+        return shared_memory_message("the workers (data.workers, --workers)")
+    if isinstance(exc, RuntimeError) and re.search(r"gloo.*Connection (closed|reset) by peer", str(exc), re.S):
+        return ("another process of this run stopped or failed (its own message says why), and this one stopped "
+                "with it")
     if not isinstance(exc, OSError) or exc.errno is None:
         return None
     cause, fix = CAUSES.get(exc.errno, (exc.strerror or os.strerror(exc.errno), "check the path"))
@@ -151,4 +175,18 @@ def describe_environment_error(exc: BaseException) -> Optional[str]:
             what = "it" if os.path.abspath(blocking) == os.path.abspath(path) else blocking
             return f"cannot use {path}: {what} is a file, not a folder; choose another path"
     second = f" → {exc.filename2}" if getattr(exc, "filename2", None) else ""
+    if exc.errno == errno.ENOENT and not second:
+        gone = _missing_folder(path)
+        if gone is not None:  # a file the command listed, under a folder that went away (unmounted, renamed)
+            return f"cannot use {path}: the folder {gone} does not exist (renamed, moved or unmounted?); check the path"
     return f"cannot use {path}{second}: {cause}; {fix}"
+
+
+def _missing_folder(path: str) -> Optional[str]:
+    """The highest missing folder above ``path`` whose own parent exists, None when ``path``'s folder exists."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(folder):
+        return None
+    while not os.path.isdir(os.path.dirname(folder)) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    return folder

@@ -14,6 +14,7 @@ import signal
 import struct
 import subprocess
 import sys
+import textwrap
 import time
 import zlib
 from pathlib import Path
@@ -472,6 +473,12 @@ def _chained(error: BaseException, cause: BaseException) -> BaseException:
     (_chained(RuntimeError("DataLoader worker (pid(s) 6488) exited unexpectedly"),
               RuntimeError("DataLoader worker (pid 6488) is killed by signal: Killed. ")),
      ["killed by SIGKILL", "lack of memory"]),
+    # the other process of a 2-process run, when one failed (its words, gloo)
+    (RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:14261"),
+     ["another process of this run stopped or failed"]),
+    # a listed image whose folder went away while the command ran (unmounted, renamed)
+    (FileNotFoundError(errno.ENOENT, "No such file or directory", "/gone-mount/images/a/1.png"),
+     ["the folder /gone-mount does not exist", "unmounted"]),
 ])
 def test_8_errors_of_the_environment_are_one_sentence(error, words, monkeypatch, capsys, tmp_path):
     def raises(*args, **kwargs):
@@ -511,6 +518,41 @@ def test_8_a_loader_worker_the_kernel_kills_is_one_sentence(signum, words):
             pass
     assert stopped.value.exit_code == 1 and all(w in stopped.value.message for w in words), stopped.value.message
     time.sleep(0.2)  # no second error from PyTorch's SIGCHLD handler once the loader has said it
+
+
+def test_8_batches_that_do_not_fit_in_dev_shm_are_one_sentence_not_a_hang(tmp_path):
+    """A probe (2026-12-06): with a full /dev/shm (a container's 64 MB) a worker's batch failed in its queue-feeding
+    thread, which printed a traceback and dropped the batch, and training waited for it for ever. Batches are moved
+    to shared memory in the worker's loop now, whose error reaches the parent: one sentence. Runs in a mount
+    namespace of its own with a 256 KB /dev/shm, where this machine allows it."""
+    script = tmp_path / "shm.py"
+    script.write_text(textwrap.dedent("""
+        import torch
+        from mlsctl.data.loader import Loader
+        from mlsctl.errors import UserError
+
+        class OneMegabyte(torch.utils.data.Dataset):
+            def __len__(self):
+                return 64
+
+            def __getitem__(self, index):
+                return torch.zeros(256, 1024)
+
+        try:
+            for _ in Loader(OneMegabyte(), batch_size=4, num_workers=1, collate_fn=torch.stack, workers_key="--workers"):
+                pass
+            print("no error")
+        except UserError as error:
+            print(error.message)
+    """))
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=256k tmpfs /dev/shm"],
+                           capture_output=True)
+    if probe.returncode:
+        pytest.skip("this machine cannot mount a tmpfs in a mount namespace of its own (needs root and unshare)")
+    done = subprocess.run(["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o size=256k tmpfs /dev/shm && exec "
+                           f"{sys.executable} {script}"], env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert done.stdout.startswith("the data loader workers ran out of shared memory: /dev/shm is full"), done.stdout
+    assert "lower --workers" in done.stdout
 
 
 class _FailsInItsWorker(torch.utils.data.Dataset):
@@ -633,6 +675,33 @@ def test_8_a_full_disk_and_a_read_only_disk_are_one_sentence(finished_run, small
     subprocess.run(["mount", "-o", "remount,ro", str(small_mount)], check=True)
     result = run_cli("pretrain", str(recipe), "--out", str(small_mount / "run"))
     assert result.returncode == 1 and "read-only" in one_sentence(result.stderr)
+
+
+def test_8_a_run_the_machine_stops_after_a_checkpoint_says_how_to_continue_in_train_log_too(tmp_path, images,
+                                                                                              monkeypatch, capsys):
+    """A probe (2026-12-06): a run stopped mid-way by the machine (a full disk, a killed loader worker, its image
+    folder unmounted) said what failed but not that its last checkpoint continues it, and its train.log did not
+    say how it ended (a launcher killed outright takes stderr with it). Now both say the error and the command
+    that continues; a usage error (whose sentence names its fix) gets no such hint."""
+    from mlsctl.train import checkpoint
+
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(images))
+    run = tmp_path / "run"
+    real_save, saves = checkpoint.save_checkpoint, []
+
+    def full_disk_at_the_second(run_, step, *args, **kwargs):
+        saves.append(step)
+        if len(saves) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(run / "checkpoints" / ".step.tmp"))
+        return real_save(run_, step, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", full_disk_at_the_second)
+    code, _, err = cli("pretrain", str(recipe), "--out", str(run), capsys=capsys)
+    last = err.strip().splitlines()[-1]
+    assert code == 1 and last.startswith("error: cannot use ") and "no space left on the device" in last, err
+    assert last.endswith(f"; the last checkpoint is step 3 ({run / 'checkpoints' / 'step-00000003'}); continue with: "
+                         f"mlsctl pretrain {run / 'config.yaml'} --out {run} --resume")
+    assert (run / "train.log").read_text().strip().splitlines()[-1].endswith(last)
 
 
 # ----------------------------------------------------------------------------------- 9. names that are not UTF-8
@@ -912,6 +981,7 @@ def test_12_the_processes_of_a_job_whose_launcher_is_killed_stop_and_say_how_to_
     lines = [line for line in (tmp_path / "err.txt").read_text().splitlines() if not re.match(r"[DIWE]\d{4} ", line)]
     assert "Traceback" not in "\n".join(lines)
     assert any(line.startswith("interrupted: the last checkpoint is step ") and "--resume" in line for line in lines)
+    assert "interrupted: the last checkpoint is step " in (run / "train.log").read_text().splitlines()[-1]
     assert not (run / ".mlsctl.lock").exists()
 
 
@@ -1526,3 +1596,18 @@ def test_10_checkpoint_weights_are_readable_like_every_other_file_and_unreadable
     with pytest.raises(UserError, match="permission denied") as refused:
         read_checkpoint_weights(latest / "model.safetensors")
     assert "delete" not in str(refused.value)
+
+
+def test_12_the_last_line_to_a_stderr_nobody_reads_is_let_go(monkeypatch):
+    """A probe (2026-12-06): once `accelerate launch` was killed outright, the pipe it read its processes' stderr
+    through was gone: writing "interrupted: ..." raised BrokenPipeError, and the process ended with 1 instead of
+    its exit code (the line is in train.log: test_8_a_run_the_machine_stops_...)."""
+    import io
+
+    from mlsctl.cli import _tell
+
+    read, write = os.pipe()
+    os.close(read)
+    monkeypatch.setattr(sys, "stderr", io.TextIOWrapper(io.FileIO(write, "w"), write_through=True))
+    _tell("interrupted: the last checkpoint is step 4")  # raised BrokenPipeError
+    _tell("a second line")  # to /dev/null now

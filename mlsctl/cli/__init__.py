@@ -268,9 +268,47 @@ def _exit_stopped(code: int) -> None:
 
 def _tell(line: str) -> None:
     """One line on stderr in one write: other processes of a job (torchrun's agent, the other
-    ranks) write to the same stream, and print's separate newline let their lines land inside ours."""
-    sys.stderr.write(line + "\n")
-    sys.stderr.flush()
+    ranks) write to the same stream, and print's separate newline let their lines land inside ours.
+    A stderr nobody reads any more (the pipe of a launcher killed outright) is let go quietly."""
+    import os
+
+    try:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+    except (BrokenPipeError, ValueError):  # ValueError: a closed stream
+        try:  # the interpreter's own flush at exit would fail on it again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
+        except (OSError, ValueError):
+            pass
+
+
+def _end(exc: BaseException, line: str) -> None:
+    """The line that ends the command, with how to continue a run the machine stopped after a
+    checkpoint; said on stderr and, for a run, at the end of its train.log too."""
+    import time
+
+    hint = getattr(exc, "mlsctl_resume_hint", None)
+    if hint:
+        line = f"{line}; {hint}"
+    _tell(line)
+    log = getattr(exc, "mlsctl_run_log", None)
+    if log:
+        try:
+            with open(log, "a", encoding="utf-8") as run_log:
+                run_log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+        except OSError:  # the disk that stopped the run, perhaps: stderr has said it
+            pass
+
+
+def _ignore_further_stops() -> None:
+    """The command is ending: a second SIGTERM (a launcher forwarding the one its group already got)
+    must not raise inside the interpreter's shutdown ("Exception ignored in threading ... Terminated")."""
+    import signal
+
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    except ValueError:  # not the main thread
+        pass
 
 
 def main() -> None:
@@ -290,26 +328,30 @@ def main() -> None:
     try:
         _run_app(argv)
     except Interrupted as exc:
+        _ignore_further_stops()
         if exc.message:
-            _tell(f"interrupted: {exc.message}")
+            _end(exc, f"interrupted: {exc.message}")
         _exit_stopped(130)
     except UserError as exc:
         if debug:
             raise
+        _ignore_further_stops()
         for line in unreported_skips():  # files a scan left out may be why (too few images)
             _tell(line)
-        _tell(f"error: {exc.message}")
+        _end(exc, f"error: {exc.message}")
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
+        _ignore_further_stops()
         _tell("interrupted")
         sys.exit(130)
     except Exception as exc:  # noqa: BLE001 - the last line of defence against tracebacks
         if debug:
             raise
+        _ignore_further_stops()
         message = describe_environment_error(exc)
         if message is None:
             first = (str(exc).strip().splitlines() or [""])[0][:300]
             message = (f"internal error ({type(exc).__name__}{': ' + first if first else ''}); run the command again "
                        f"with --debug for the traceback and report it")
-        _tell(f"error: {message}")
+        _end(exc, f"error: {message}")
         sys.exit(environment_exit_code(exc))

@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mlsctl.data.images import BadImage, ImageFolder
 from mlsctl.data.multicrop import MultiCrop, normalize_on_device
-from mlsctl.errors import UserError, worker_killed_message
+from mlsctl.errors import UserError, shared_memory_message, worker_killed_message
 
 
 PERMUTATION_STREAM = 2**32  # an "index" no image has: the seed of an epoch's permutation
@@ -380,6 +380,8 @@ class Loader(DataLoader):
 
     def __init__(self, *args, workers_key: str = "data.workers", **kwargs):
         self.workers_key = workers_key
+        if kwargs.get("num_workers") and kwargs.get("collate_fn") is not None:
+            kwargs["collate_fn"] = InSharedMemory(kwargs["collate_fn"])
         super().__init__(*args, **kwargs)
 
     def __iter__(self):
@@ -404,6 +406,38 @@ def make_loader(dataset: Dataset, sampler: StepBatchSampler, workers: int, pin_m
     return Loader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate_fn,
                   pin_memory=pin_memory, worker_init_fn=init if workers else None,
                   prefetch_factor=4 if workers else None, persistent_workers=workers > 0)
+
+
+class InSharedMemory:
+    """A collate function whose batch, made in a loader worker, is moved to shared memory
+    (``/dev/shm``) there, as PyTorch's own ``default_collate`` allocates it. Otherwise the move
+    happens in the worker's queue-feeding thread, where a full ``/dev/shm`` (a container's 64 MB)
+    is a traceback printed by that thread and a batch that never arrives: training waited for ever.
+    Here it fails in the worker's loop, which sends the error to the parent
+    (:class:`WatchedWorkers` says it in one sentence). The copy is the one the queue made anyway."""
+
+    def __init__(self, collate_fn):
+        self.collate_fn = collate_fn
+
+    def __call__(self, samples):
+        batch = self.collate_fn(samples)
+        if torch.utils.data.get_worker_info() is not None:
+            _share_tensors(batch)
+        return batch
+
+
+def _share_tensors(value) -> None:
+    if isinstance(value, torch.Tensor):
+        value.share_memory_()
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for item in dataclasses.fields(value):
+            _share_tensors(getattr(value, item.name))
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _share_tensors(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            _share_tensors(item)
 
 
 class WatchedWorkers:
@@ -437,6 +471,9 @@ class WatchedWorkers:
             if killed is not None:
                 self.shutdown()
                 raise UserError(worker_killed_message(killed, self.workers_key), exit_code=1) from exc
+            if "unable to allocate shared memory" in str(exc):  # a worker's batch did not fit in /dev/shm
+                self.shutdown()
+                raise UserError(shared_memory_message(self.workers_key), exit_code=1) from None
             original = worker_exception(exc)
             if original is not None:
                 raise original from None

@@ -41,7 +41,7 @@ from mlsctl import __version__, atomic, config as config_lib, dist, methods, pro
 from mlsctl.data.images import ImageFolder, SkipLog
 from mlsctl.data.loader import make_loader
 from mlsctl.device import synchronize
-from mlsctl.errors import Interrupted, UserError
+from mlsctl.errors import Interrupted, UserError, annotate
 from mlsctl.locks import FolderLock
 from mlsctl.runs import Checkpoint, Run
 from mlsctl.schedules import Schedule
@@ -136,18 +136,33 @@ def _pretrain(recipe, out: str | Path, *, resume: bool, init_from: Optional[str]
         message = run_dir.interrupted(run, resume_from is None, is_main, accelerator.num_processes)
         if isinstance(stop, StoppedTogether):  # no process is inside a collective: the groups end cleanly
             dist.close()  # (left to the interpreter's exit, gloo's threads could abort the process)
-        raise Interrupted(message if is_main else "") from None
+        stopped = Interrupted(message if is_main else "")
+        _say_in_run_log(stopped, run, is_main)
+        raise stopped from None
     except BaseException as exc:
         if is_main and resume_from is None and run.latest() is None:
             run_dir.undo_start(run)
+        raised = exc
         if isinstance(exc, OSError) and exc.filename is None:  # a write to an open file (metrics.jsonl, train.log)
-            raise OSError(exc.errno, exc.strerror, str(run.root)) from exc
-        raise
+            raised = OSError(exc.errno, exc.strerror, str(run.root))
+        usage = isinstance(exc, UserError) and exc.exit_code == 2  # its sentence says the fix; --resume is not it
+        if isinstance(exc, Exception) and not usage and run.latest() is not None:  # the machine failed mid-run
+            annotate(raised, resume_hint=run_dir.interrupted(run, False, is_main, accelerator.num_processes))
+        _say_in_run_log(raised, run, is_main)
+        if raised is exc:
+            raise
+        raise raised from exc
     finally:
         setup.close_logging()
         if is_main:
             lock.release()
     return summary
+
+
+def _say_in_run_log(exc: BaseException, run: Run, is_main: bool) -> None:
+    """The run's train.log gets the line that ends the command (unless the start was undone)."""
+    if is_main and run.log_path.is_file():
+        annotate(exc, run_log=str(run.log_path))
 
 
 @dataclass
