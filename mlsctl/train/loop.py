@@ -133,14 +133,17 @@ def _pretrain(recipe, out: str | Path, *, resume: bool, init_from: Optional[str]
         summary = _train(run, recipe, accelerator, folder, dataset, collate_fn, schedule, method, optimizer, groups,
                          Checkpoint(Path(resume_from)) if resume_from else None, monitor)
     except KeyboardInterrupt as stop:
+        undone = resume_from is None and run.latest() is None  # then the folder is put back as it was
         message = run_dir.interrupted(run, resume_from is None, is_main, accelerator.num_processes)
         if isinstance(stop, StoppedTogether):  # no process is inside a collective: the groups end cleanly
             dist.close()  # (left to the interpreter's exit, gloo's threads could abort the process)
         stopped = Interrupted(message if is_main else "")
-        _say_in_run_log(stopped, run, is_main)
+        if not undone:
+            _say_in_run_log(stopped, run, is_main)
         raise stopped from None
     except BaseException as exc:
-        if is_main and resume_from is None and run.latest() is None:
+        undone = resume_from is None and run.latest() is None
+        if is_main and undone:
             run_dir.undo_start(run)
         raised = exc
         if isinstance(exc, OSError) and exc.filename is None:  # a write to an open file (metrics.jsonl, train.log)
@@ -148,7 +151,8 @@ def _pretrain(recipe, out: str | Path, *, resume: bool, init_from: Optional[str]
         usage = isinstance(exc, UserError) and exc.exit_code == 2  # its sentence says the fix; --resume is not it
         if isinstance(exc, Exception) and not usage and run.latest() is not None:  # the machine failed mid-run
             annotate(raised, resume_hint=run_dir.interrupted(run, False, is_main, accelerator.num_processes))
-        _say_in_run_log(raised, run, is_main)
+        if not undone:
+            _say_in_run_log(raised, run, is_main)
         if raised is exc:
             raise
         raise raised from exc
@@ -160,7 +164,8 @@ def _pretrain(recipe, out: str | Path, *, resume: bool, init_from: Optional[str]
 
 
 def _say_in_run_log(exc: BaseException, run: Run, is_main: bool) -> None:
-    """The run's train.log gets the line that ends the command (unless the start was undone)."""
+    """The run's train.log gets the line that ends the command (not after an undone start: the folder
+    is as it was before, every byte, an --overwrite's old run included)."""
     if is_main and run.log_path.is_file():
         annotate(exc, run_log=str(run.log_path))
 
