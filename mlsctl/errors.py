@@ -22,10 +22,14 @@ from typing import Optional
 
 
 class UserError(Exception):
-    def __init__(self, message: str, exit_code: int = 2):
+    """``resumable``: the machine's failure, not the request's (a killed loader worker, a full
+    ``/dev/shm``), after which a run continues with ``--resume`` once it is fixed."""
+
+    def __init__(self, message: str, exit_code: int = 2, resumable: bool = False):
         super().__init__(message)
         self.message = message
         self.exit_code = exit_code
+        self.resumable = resumable
 
     def __str__(self) -> str:
         return self.message
@@ -184,9 +188,12 @@ def describe_environment_error(exc: BaseException) -> Optional[str]:
 
 def _missing_folder(path: str) -> Optional[str]:
     """The highest missing folder above ``path`` whose own parent exists, None when ``path``'s folder exists."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(folder):
+    try:
+        folder = os.path.dirname(os.path.abspath(path))  # (raises where the working folder itself is gone)
+        if os.path.isdir(folder):
+            return None
+        while not os.path.isdir(os.path.dirname(folder)) and os.path.dirname(folder) != folder:
+            folder = os.path.dirname(folder)
+        return folder
+    except OSError:
         return None
-    while not os.path.isdir(os.path.dirname(folder)) and os.path.dirname(folder) != folder:
-        folder = os.path.dirname(folder)
-    return folder

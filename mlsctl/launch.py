@@ -25,6 +25,11 @@ def _requested_processes(argv: list[str]) -> int:
 
 RELAUNCH_ARGV = "MLSCTL_RELAUNCH_ARGV"
 
+# The process that started this one, read as ``python -m mlsctl`` begins (this module is its first
+# import): a launcher that dies during the seconds of imports that follow still counts as gone
+# (:func:`mlsctl.cli._stop_when_orphaned`).
+PARENT_AT_START = os.getppid()
+
 
 def relaunched_argv() -> list[str] | None:
     """The command-line arguments :func:`relaunch_for_accelerate_on_cpu` passed on, if any."""
@@ -70,7 +75,26 @@ def relaunch_for_accelerate_on_cpu() -> None:
     os.environ[RELAUNCH_ARGV] = json.dumps(sys.argv[1:])
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or wanted) // wanted)))
     os.environ["ACCELERATE_USE_CPU"] = "true"
+    _stop_with_parent()
     os.execv(sys.executable, command)
+
+
+def _stop_with_parent() -> None:
+    """The agent this process becomes (``torch.distributed.run``) gets SIGTERM when ``accelerate
+    launch``, its parent, dies — killed outright, say — and stops its processes as on any stop
+    (they say how to resume) instead of training on without a launcher. Linux's parent-death signal
+    outlives ``execv``; elsewhere nothing changes."""
+    import ctypes
+    import signal
+
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux
+        return
+    if os.getppid() != parent:  # it died before the signal was asked for
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 REPEATED_STOP_WINDOW_S = 60.0  # the agent's shutdown: SIGTERM, 30 s, SIGKILL; and a margin

@@ -473,6 +473,9 @@ def _chained(error: BaseException, cause: BaseException) -> BaseException:
     (_chained(RuntimeError("DataLoader worker (pid(s) 6488) exited unexpectedly"),
               RuntimeError("DataLoader worker (pid 6488) is killed by signal: Killed. ")),
      ["killed by SIGKILL", "lack of memory"]),
+    # a full /dev/shm met where PyTorch moves a tensor to shared memory (its words)
+    (RuntimeError("unable to allocate shared memory(shm) for file </torch_7192_4281727654_5>: No space left on "
+                  "device (28)"), ["/dev/shm is full", "--shm-size"]),
     # the other process of a 2-process run, when one failed (its words, gloo)
     (RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer [127.0.0.1]:14261"),
      ["another process of this run stopped or failed"]),
@@ -702,6 +705,31 @@ def test_8_a_run_the_machine_stops_after_a_checkpoint_says_how_to_continue_in_tr
     assert last.endswith(f"; the last checkpoint is step 3 ({run / 'checkpoints' / 'step-00000003'}); continue with: "
                          f"mlsctl pretrain {run / 'config.yaml'} --out {run} --resume")
     assert (run / "train.log").read_text().strip().splitlines()[-1].endswith(last)
+
+
+def test_8_no_resume_hint_where_resume_is_not_the_fix(run_copy, monkeypatch, capsys):
+    """A review (2026-12-06) of the hint above: an --overwrite that failed before its first checkpoint put the old
+    run back and then told the user to --resume it (the run they meant to replace), and a damaged checkpoint's
+    sentence ("delete ... to resume from the checkpoint before it") was followed by "continue with ... --resume",
+    which fails the same way."""
+    from mlsctl.train import checkpoint
+
+    run, recipe = run_copy
+    before = tree(run)
+
+    def full_disk(run_, step, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(run / "checkpoints" / ".step.tmp"))
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", full_disk)
+    code, _, err = cli("pretrain", str(recipe), "--out", str(run), "--overwrite", capsys=capsys)
+    assert code == 1 and "no space left" in err and "--resume" not in err, err
+    assert tree(run) == before  # train.log too
+    monkeypatch.undo()
+    latest = sorted((run / "checkpoints").glob("step-*"))[-1]
+    (latest / "model.safetensors").write_bytes(b"not a safetensors file")
+    code, _, err = cli("pretrain", str(run / "config.yaml"), "--out", str(run), "--resume", capsys=capsys)
+    last = err.strip().splitlines()[-1]
+    assert code == 1 and f"delete {latest}" in last and "continue with" not in last, err
 
 
 # ----------------------------------------------------------------------------------- 9. names that are not UTF-8
@@ -953,35 +981,47 @@ def test_12_a_stop_that_reaches_one_of_two_processes_stops_both_after_the_same_s
 
 
 @pytest.mark.slow
-def test_12_the_processes_of_a_job_whose_launcher_is_killed_stop_and_say_how_to_resume(tmp_path, images):
+@pytest.mark.parametrize("killed", ["torchrun", "accelerate"])
+def test_12_the_processes_of_a_job_whose_launcher_is_killed_stop_and_say_how_to_resume(tmp_path, images, killed):
     """A probe (2026-12-06): torchrun starts each process in a session of its own, so after `kill -KILL -- -PGID`
     of `accelerate launch` (or the OOM killer taking the launcher) the processes went on alone, writing into --out
-    and holding its lock. They now notice their parent is gone and stop as on SIGTERM, together, after a step."""
+    and holding its lock. They now notice their parent is gone and stop as on SIGTERM, together, after a step.
+    "accelerate": only `accelerate launch` is killed; torchrun's agent, which mlsctl became on this machine
+    without GPUs, gets SIGTERM with it (Linux's parent-death signal) and stops its processes. The last line goes
+    to train.log too: the killed launcher took the pipe of their stderr with it."""
     import psutil
 
     from mlsctl.launch import RELAUNCH_ARGV
 
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(images, optim__epochs=400, train__checkpoint_every=2))
     run = tmp_path / "run"
-    env = {**cli_env(), RELAUNCH_ARGV: json.dumps(["pretrain", str(recipe), "--out", str(run)]),
-           "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    args = ["pretrain", str(recipe), "--out", str(run)]
+    if killed == "torchrun":
+        env = {**cli_env(), RELAUNCH_ARGV: json.dumps(args), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+        command = [sys.executable, "-m", "mlsctl.launch", "--standalone", "--nproc_per_node=2", "-m", "mlsctl"]
+    else:
+        env = cli_env()
+        command = [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_processes", "2", "-m", "mlsctl",
+                   *args]
     with open(tmp_path / "err.txt", "w") as err:
-        agent = subprocess.Popen([sys.executable, "-m", "mlsctl.launch", "--standalone", "--nproc_per_node=2", "-m",
-                                  "mlsctl"], env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        launcher = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
         deadline = time.time() + 240
-        while time.time() < deadline and agent.poll() is None and not any(
+        while time.time() < deadline and launcher.poll() is None and not any(
                 p.name >= "step-00000004" for p in (run / "checkpoints").glob("step-*")):
             time.sleep(0.05)
-        training = [p for p in psutil.Process(agent.pid).children() if p.environ().get("LOCAL_RANK") is not None]
+        descendants = psutil.Process(launcher.pid).children(recursive=True)
+        training = [p for p in descendants if p.environ().get("LOCAL_RANK") is not None]
         assert len(training) == 2
-        agent.kill()
-        agent.wait()
-        gone, alive = psutil.wait_procs(training, timeout=60)
-    assert not alive, "the processes went on without their launcher"
+        launcher.kill()
+        launcher.wait()
+        _, alive = psutil.wait_procs(descendants, timeout=60)
+    assert not alive, "processes went on without their launcher"
     lines = [line for line in (tmp_path / "err.txt").read_text().splitlines() if not re.match(r"[DIWE]\d{4} ", line)]
     assert "Traceback" not in "\n".join(lines)
-    assert any(line.startswith("interrupted: the last checkpoint is step ") and "--resume" in line for line in lines)
-    assert "interrupted: the last checkpoint is step " in (run / "train.log").read_text().splitlines()[-1]
+    if killed == "torchrun":
+        assert any(line.startswith("interrupted: the last checkpoint is step ") and "--resume" in line for line in lines)
+    last = (run / "train.log").read_text().splitlines()[-1]
+    assert "interrupted: the last checkpoint is step " in last and "--resume" in last
     assert not (run / ".mlsctl.lock").exists()
 
 

@@ -188,9 +188,11 @@ def _stop_when_orphaned(check_every: float = 1.0) -> None:
     import threading
     import time
 
+    from mlsctl.launch import PARENT_AT_START
+
     if "TORCHELASTIC_RUN_ID" not in os.environ:  # set by torchrun for the processes it starts
         return
-    parent = os.getppid()
+    parent = PARENT_AT_START
 
     def watch() -> None:
         while os.getppid() == parent:
@@ -260,8 +262,11 @@ def _exit_stopped(code: int) -> None:
     import os
 
     if "torch.distributed" in sys.modules and os.environ.get("WORLD_SIZE", "1") not in ("", "1"):  # torchrun's
-        sys.stdout.flush()
-        sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a launcher killed outright took the pipe with it
+                pass
         os._exit(code)
     sys.exit(code)
 

@@ -470,10 +470,10 @@ class WatchedWorkers:
             killed = self._killed_worker(wait=isinstance(exc, (ConnectionError, EOFError, RuntimeError)))
             if killed is not None:
                 self.shutdown()
-                raise UserError(worker_killed_message(killed, self.workers_key), exit_code=1) from exc
+                raise UserError(worker_killed_message(killed, self.workers_key), exit_code=1, resumable=True) from exc
             if "unable to allocate shared memory" in str(exc):  # a worker's batch did not fit in /dev/shm
                 self.shutdown()
-                raise UserError(shared_memory_message(self.workers_key), exit_code=1) from None
+                raise UserError(shared_memory_message(self.workers_key), exit_code=1, resumable=True) from None
             original = worker_exception(exc)
             if original is not None:
                 raise original from None

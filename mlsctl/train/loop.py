@@ -133,7 +133,7 @@ def _pretrain(recipe, out: str | Path, *, resume: bool, init_from: Optional[str]
         summary = _train(run, recipe, accelerator, folder, dataset, collate_fn, schedule, method, optimizer, groups,
                          Checkpoint(Path(resume_from)) if resume_from else None, monitor)
     except KeyboardInterrupt as stop:
-        undone = resume_from is None and run.latest() is None  # then the folder is put back as it was
+        undone = resume_from is None and _latest(run) is None  # then the folder is put back as it was
         message = run_dir.interrupted(run, resume_from is None, is_main, accelerator.num_processes)
         if isinstance(stop, StoppedTogether):  # no process is inside a collective: the groups end cleanly
             dist.close()  # (left to the interpreter's exit, gloo's threads could abort the process)
@@ -142,14 +142,17 @@ def _pretrain(recipe, out: str | Path, *, resume: bool, init_from: Optional[str]
             _say_in_run_log(stopped, run, is_main)
         raise stopped from None
     except BaseException as exc:
-        undone = resume_from is None and run.latest() is None
+        latest = _latest(run)  # before an undone --overwrite puts the old run (and its checkpoints) back
+        undone = resume_from is None and latest is None
         if is_main and undone:
             run_dir.undo_start(run)
         raised = exc
         if isinstance(exc, OSError) and exc.filename is None:  # a write to an open file (metrics.jsonl, train.log)
             raised = OSError(exc.errno, exc.strerror, str(run.root))
-        usage = isinstance(exc, UserError) and exc.exit_code == 2  # its sentence says the fix; --resume is not it
-        if isinstance(exc, Exception) and not usage and run.latest() is not None:  # the machine failed mid-run
+        # The machine stopped the run (a full disk, a killed worker): say that --resume continues it. Not for a
+        # UserError, whose sentence names its own fix (a damaged checkpoint to delete), unless it is the machine's.
+        machine = isinstance(exc, Exception) and (not isinstance(exc, UserError) or getattr(exc, "resumable", False))
+        if is_main and machine and latest is not None and not undone:
             annotate(raised, resume_hint=run_dir.interrupted(run, False, is_main, accelerator.num_processes))
         if not undone:
             _say_in_run_log(raised, run, is_main)
@@ -161,6 +164,15 @@ def _pretrain(recipe, out: str | Path, *, resume: bool, init_from: Optional[str]
         if is_main:
             lock.release()
     return summary
+
+
+def _latest(run: Run):
+    """The run's newest checkpoint, None when there is none or it cannot be read now (the unmount
+    that stopped the run, perhaps: its own error is the one to report)."""
+    try:
+        return run.latest()
+    except (OSError, UserError):
+        return None
 
 
 def _say_in_run_log(exc: BaseException, run: Run, is_main: bool) -> None:
