@@ -526,8 +526,13 @@ def _assembled_parts(partial: Path, plan_sha: str, shards: Optional[Sequence[int
                      ) -> dict[int, tuple[list[int], list]]:
     """Part → (row indices, skipped files) of every part already assembled into a shard of this embed
     (of ``shards`` only, when given: :func:`_shard_records`)."""
+    return _parts_in(_shard_records(partial, shards), partial, plan_sha)
+
+
+def _parts_in(records: dict[int, dict], partial: Path, plan_sha: str) -> dict[int, tuple[list[int], list]]:
+    """:func:`_assembled_parts` of records already read."""
     parts = {}
-    for record in _shard_records(partial, shards).values():
+    for record in records.values():
         if record.get("plan_sha256") != plan_sha:
             raise UserError(f"{_record_path(partial, record['shard'])} belongs to another embed; run with --overwrite")
         for part in record["parts"]:
@@ -561,7 +566,7 @@ def _shard_layout(out: Path, plan_sha: str, n_parts: int, parts_per_shard: int, 
     and whether it is already assembled."""
     partial = part_path(0).parent
     records = _shard_records(partial)
-    assembled = _assembled_parts(partial, plan_sha)
+    assembled = _parts_in(records, partial, plan_sha)
     replaced = _shard_files(out)  # of the features --overwrite replaces: read until the new manifest is in place
     layout, start = [], 0
     for s in range(n_shards):

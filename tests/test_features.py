@@ -31,6 +31,18 @@ def quiet(_line: str) -> None:
     pass
 
 
+def stopped_at_call(real, n: int):
+    """``real`` that raises KeyboardInterrupt (a Ctrl-C) instead of its ``n``-th call."""
+    calls = []
+
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    return wrapper
+
+
 def test_shards_written_by_every_process_hold_what_one_shard_holds(tmp_path: Path, monkeypatch):
     """A scale review (2026-12-05): process 0 alone wrote every shard while the others waited in a
     barrier (minutes for ImageNet's dense features: past NCCL's timeout). Each process now writes
@@ -105,15 +117,7 @@ def test_interrupted_embed_resumes_to_identical_tensors(tmp_path: Path, monkeypa
     embed_folder(images, tmp_path / "full", model, **options)
 
     real_write = feats._write_part
-    calls = {"n": 0}
-
-    def dying_write(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt  # Ctrl-C while it writes its third part
-        real_write(*args, **kwargs)
-
-    monkeypatch.setattr(feats, "_write_part", dying_write)
+    monkeypatch.setattr(feats, "_write_part", stopped_at_call(real_write, 3))  # Ctrl-C as it writes its third part
     with pytest.raises(Interrupted, match="2 of 4 parts are saved"):
         embed_folder(images, tmp_path / "cut", model, **options)
     monkeypatch.setattr(feats, "_write_part", real_write)
@@ -145,15 +149,7 @@ def test_overwrite_keeps_the_old_features_until_the_new_ones_are_complete(tmp_pa
     embed_folder(images, tmp_path / "reference", tiny_model(seed=1), **options)
 
     real_write = feats._write_part
-    calls = {"n": 0}
-
-    def dying_write(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        real_write(*args, **kwargs)
-
-    monkeypatch.setattr(feats, "_write_part", dying_write)
+    monkeypatch.setattr(feats, "_write_part", stopped_at_call(real_write, 3))
     with pytest.raises(Interrupted, match="2 of 4 parts are saved.*run the same command again"):
         embed_folder(images, out, tiny_model(seed=1), overwrite=True, **options)
     monkeypatch.setattr(feats, "_write_part", real_write)
@@ -217,15 +213,7 @@ def test_an_embed_stopped_while_it_assembles_its_shards_continues_without_embedd
         embed_folder(images, out, tiny_model(seed=0), **options)
         old = shard_tensors(out)
     real_write_shard = feats.write_shard
-    calls = {"n": 0}
-
-    def stopped_at_the_third(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real_write_shard(*args, **kwargs)
-
-    monkeypatch.setattr(feats, "write_shard", stopped_at_the_third)
+    monkeypatch.setattr(feats, "write_shard", stopped_at_call(real_write_shard, 3))
     with pytest.raises(Interrupted, match="4 of 4 parts are saved.*run the same command again"):
         embed_folder(images, out, tiny_model(seed=1), overwrite=overwrite, **options)
     monkeypatch.setattr(feats, "write_shard", real_write_shard)
@@ -258,14 +246,7 @@ def test_a_shard_removed_before_the_rerun_is_embedded_again(tmp_path: Path, monk
     embed_folder(images, tmp_path / "reference", tiny_model(), **options)
     out = tmp_path / "feats"
     real_write_shard = feats.write_shard
-
-    def stopped_at_the_third(*args, calls=[]):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_write_shard(*args)
-
-    monkeypatch.setattr(feats, "write_shard", stopped_at_the_third)
+    monkeypatch.setattr(feats, "write_shard", stopped_at_call(real_write_shard, 3))
     with pytest.raises(Interrupted):
         embed_folder(images, out, tiny_model(), **options)
     monkeypatch.setattr(feats, "write_shard", real_write_shard)
@@ -284,14 +265,7 @@ def test_an_unfinished_embed_whose_images_changed_says_so(tmp_path: Path, monkey
     images = make_images(tmp_path / "images", 12)
     options = dict(batch_size=2, part_size=4, say=quiet)
     real_write = feats._write_part
-
-    def stopped_at_the_second(*args, calls=[]):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        real_write(*args)
-
-    monkeypatch.setattr(feats, "_write_part", stopped_at_the_second)
+    monkeypatch.setattr(feats, "_write_part", stopped_at_call(real_write, 2))
     with pytest.raises(Interrupted):
         embed_folder(images, tmp_path / "feats", tiny_model(), **options)
     monkeypatch.setattr(feats, "_write_part", real_write)

@@ -494,15 +494,19 @@ def test_8_errors_of_the_environment_are_one_sentence(error, words, monkeypatch,
     assert code == 1 and all(w in line for w in words), line
 
 
-class _KillsItsWorker(torch.utils.data.Dataset):
-    def __init__(self, signum):
-        self.signum = signum
+class _FailsInItsWorker(torch.utils.data.Dataset):
+    """Item 2 ends its loader worker: killed by ``signum``, or raising ``error``."""
+
+    def __init__(self, signum: int = 0, error: Exception | None = None):
+        self.signum, self.error = signum, error
 
     def __len__(self):
-        return 8
+        return 4
 
     def __getitem__(self, index):
-        if index == 3:
+        if index == 2:
+            if self.error is not None:
+                raise self.error
             os.kill(os.getpid(), self.signum)
         return torch.zeros(2)
 
@@ -515,12 +519,11 @@ def test_8_a_loader_worker_the_kernel_kills_is_one_sentence(signum, words):
     likely cause and the fix, once, after shutting its other workers down."""
     from mlsctl.data.loader import Loader
 
-    loader = Loader(_KillsItsWorker(signum), batch_size=2, num_workers=1, workers_key="--workers")
+    loader = Loader(_FailsInItsWorker(signum), batch_size=1, num_workers=1, workers_key="--workers")
     with pytest.raises(UserError) as stopped:
         for _ in loader:
             pass
     assert stopped.value.exit_code == 1 and all(w in stopped.value.message for w in words), stopped.value.message
-    time.sleep(0.2)  # no second error from PyTorch's SIGCHLD handler once the loader has said it
 
 
 def test_8_batches_that_do_not_fit_in_dev_shm_are_one_sentence_not_a_hang(tmp_path):
@@ -558,19 +561,6 @@ def test_8_batches_that_do_not_fit_in_dev_shm_are_one_sentence_not_a_hang(tmp_pa
     assert "lower --workers" in done.stdout
 
 
-class _FailsInItsWorker(torch.utils.data.Dataset):
-    def __init__(self, error):
-        self.error = error
-
-    def __len__(self):
-        return 4
-
-    def __getitem__(self, index):
-        if index == 2:
-            raise self.error
-        return torch.zeros(2)
-
-
 @pytest.mark.parametrize("error", [
     UserError("none of the 3 files in /data could be decoded as an image (the first, a.png: no such file)"),
     FileNotFoundError(errno.ENOENT, "No such file or directory", "/data/unmounted/a.png"),
@@ -585,7 +575,7 @@ def test_8_an_error_in_a_loader_worker_is_said_as_in_the_main_process(error):
     from mlsctl.errors import describe_environment_error
 
     with pytest.raises(type(error)) as raised:
-        for _ in Loader(_FailsInItsWorker(error), batch_size=1, num_workers=1):
+        for _ in Loader(_FailsInItsWorker(error=error), batch_size=1, num_workers=1):
             pass
     if isinstance(error, UserError):
         assert raised.value.message == error.message

@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mlsctl.data.images import BadImage, ImageFolder
 from mlsctl.data.multicrop import MultiCrop, normalize_on_device
-from mlsctl.errors import UserError, shared_memory_message, worker_killed_message
+from mlsctl.errors import UserError, killed_loader_worker, shared_memory_message, worker_killed_message
 
 
 PERMUTATION_STREAM = 2**32  # an "index" no image has: the seed of an epoch's permutation
@@ -467,7 +467,13 @@ class WatchedWorkers:
         except StopIteration:
             raise
         except Exception as exc:  # noqa: BLE001 - re-raised as it is unless a worker was killed or failed
-            killed = self._killed_worker(wait=isinstance(exc, (ConnectionError, EOFError, RuntimeError)))
+            try:
+                killed = killed_loader_worker(exc) or self._killed_worker(
+                    wait=isinstance(exc, (ConnectionError, EOFError, RuntimeError)))
+            except RuntimeError as late:  # PyTorch's SIGCHLD handler, raising while the workers are looked at
+                killed = killed_loader_worker(late)
+                if killed is None:
+                    raise
             if killed is not None:
                 self.shutdown()
                 raise UserError(worker_killed_message(killed, self.workers_key), exit_code=1, resumable=True) from exc
@@ -503,7 +509,11 @@ class WatchedWorkers:
     def shutdown(self) -> None:
         shutdown = getattr(self.batches, "_shutdown_workers", None)
         if shutdown is not None:
-            shutdown()
+            try:
+                shutdown()
+            except RuntimeError as late:  # the SIGCHLD handler of a worker that died, already said
+                if killed_loader_worker(late) is None:
+                    raise
 
 
 def worker_exception(exc: BaseException) -> Optional[BaseException]:
