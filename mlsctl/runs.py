@@ -43,7 +43,7 @@ HIDDEN_ENTRIES = (REPLACED, REPLACING, RESTORING, DISCARDED)
 
 # What mlsctl pretrain writes in a run folder; `--overwrite` replaces these and nothing else.
 RUN_ENTRIES = ("config.yaml", "start.json", "metrics.jsonl", "train.log", "summary.json", "images.txt",
-               "teacher.safetensors", "teacher_adapters", "checkpoints", "trackers", "report.html")
+               "teacher.safetensors", "teacher_adapters", "checkpoints", "trackers", "report.html", "cache")
 
 
 class Checkpoint:
@@ -112,6 +112,7 @@ class Run:
     teacher_adapters_path = property(lambda self: self.root / "teacher_adapters")
     images_path = property(lambda self: self.root / "images.txt")
     start_path = property(lambda self: self.root / "start.json")
+    cache_dir = property(lambda self: self.root / "cache")  # what a method derived from the data once (prepare_dataset)
 
     def init_from(self) -> Optional[str]:
         """The --init-from of the run's start (absolute), or None (also for runs before start.json)."""

@@ -294,6 +294,72 @@ def test_plots_are_drawn(trained, capsys):
     assert code == 2 and "is not a sweep JSON" in err
 
 
+def test_neighbours_are_kept_for_resume_and_searched_again_only_when_they_cannot_serve(tmp_path, monkeypatch, caplog):
+    """A resumed run read the neighbours of every training embedding from a search again (hours for 1 M
+    on a CPU); they are kept in the run's cache/ with what they were searched for."""
+    from safetensors.torch import load_file, save_file
+
+    from mlsctl.methods.refine import method as refine_method
+    from mlsctl.methods.refine import neighbours as search
+
+    x, y = _clusters()
+    kept = tmp_path / "cache" / refine_method.NEIGHBOURS_FILE
+    first = ContextDataset(x, y, 4, [str(i) for i in range(12)], "test", search=False)
+    assert first.neighbour_rows is None
+    rows = first.find_neighbours(kept)
+    assert torch.equal(rows, ContextDataset(x, y, 4, [str(i) for i in range(12)], "test").neighbour_rows)
+    assert torch.equal(load_file(str(kept))["neighbour_rows"], rows)
+    searches = []
+    real = search.nearest_neighbours
+    monkeypatch.setattr(search, "nearest_neighbours", lambda *a, **kw: searches.append(1) or real(*a, **kw))
+
+    def found(embeddings=x, k=4) -> torch.Tensor:
+        return ContextDataset(embeddings, y, k, [str(i) for i in range(12)], "test", search=False).find_neighbours(kept)
+
+    assert torch.equal(found(), rows) and searches == []  # read back: no search
+    assert found(k=3).shape == (len(x), 3) and searches == [1]  # another k: searched again, and kept
+    assert found(k=3).shape == (len(x), 3) and searches == [1]
+    moved = x.clone()
+    moved[0] = -moved[0]
+    assert not torch.equal(found(moved, k=3), found(k=3)) and searches == [1, 1, 1]  # other embeddings
+    caplog.set_level("INFO", logger="mlsctl")
+    for damage in (b"not safetensors", None):
+        if damage:
+            kept.write_bytes(damage)
+        else:  # the right metadata, rows out of range
+            save_file({"neighbour_rows": torch.full((len(x), 3), 10**6)}, str(kept), {"k": "3", "embeddings_sha256":
+                                                                                     refine_method._digest(first.embeddings)})
+        before = len(searches)
+        assert found(k=3).shape == (len(x), 3) and len(searches) == before + 1
+    assert "cannot read" in caplog.text and "another shape or range" in caplog.text
+
+
+def test_a_resumed_refine_run_reads_its_neighbours_back(trained, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from mlsctl.methods.refine import neighbours as search
+    from mlsctl.runs import Run
+
+    source, train = trained
+    assert (source / "run" / "cache" / "neighbours.safetensors").is_file()
+    killed = tmp_path / "killed"
+    shutil.copytree(source / "run", killed)
+    latest = Run(killed).latest()
+    for checkpoint in Run(killed).checkpoints():
+        if checkpoint.step >= latest.step:
+            shutil.rmtree(checkpoint.path)
+    (killed / "summary.json").unlink()
+    stopped_at = Run(killed).latest().step
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("the neighbours were searched again")
+
+    monkeypatch.setattr(search, "nearest_neighbours", no_search)
+    _, err = cli_ok(capsys, *_train_args(train, killed, "method.zero_init=false"), "--resume")
+    assert f"resuming {killed} from step {stopped_at}" in err and "neighbours read from" in err
+    assert Run(killed).latest().step == 18
+
+
 @pytest.mark.slow
 def test_refine_resumes_exactly_after_sigkill(tmp_path):
     from safetensors.torch import load_file
@@ -313,7 +379,7 @@ def test_refine_resumes_exactly_after_sigkill(tmp_path):
     stopped_at = Run(killed).latest().step
     assert 0 < stopped_at < 400
     result = run_cli(*args, "--out", str(killed), "--resume", check=True)
-    assert f"resuming {killed} from step {stopped_at}" in result.stderr
+    assert f"resuming {killed} from step {stopped_at}" in result.stderr and "neighbours read from" in result.stderr
 
     def losses(run: Path) -> list[float]:
         return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]

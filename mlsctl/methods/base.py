@@ -252,6 +252,13 @@ class Method(nn.Module):
         return MultiCropDataset(folder, cls.multicrop(recipe), recipe.seed, **cls.data_path(recipe)), collate
 
     @classmethod
+    def prepare_dataset(cls, dataset, cache_dir: Path) -> None:
+        """Work on the data that a run does once, after every input is validated and the run folder is
+        locked; every process calls it. What it derives may be kept in ``cache_dir`` (the run's
+        ``cache/``, created on demand, replaced and removed with the run) and read back by ``--resume``.
+        Refinement keeps its neighbour search there; the image methods have nothing to prepare."""
+
+    @classmethod
     def batch_sampler(cls, recipe: Recipe, dataset, *, world_size: int = 1, rank: int = 0, start_step: int = 0,
                       total_steps: int | None = None) -> StepBatchSampler:
         return StepBatchSampler(len(dataset), recipe.optim.batch_size, world_size=world_size, rank=rank,

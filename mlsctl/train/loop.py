@@ -233,6 +233,7 @@ def _train(run: Run, recipe, accelerator, folder: ImageFolder, dataset, collate_
     if start_step:
         log.info(f"resuming {run.root} from step {start_step}")
 
+    type(method).prepare_dataset(dataset, run.cache_dir)  # once the folder is locked: work kept for --resume
     sampler = type(method).batch_sampler(recipe, dataset, world_size=world, rank=accelerator.process_index,
                                          start_step=start_step, total_steps=plan.total_steps)
     loader = make_loader(dataset, sampler, recipe.data.workers, pin_memory=accelerator.device.type == "cuda",

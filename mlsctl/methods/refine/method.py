@@ -9,7 +9,9 @@ Symbols and their names here:
 * its context: the k (``method.neighbours``, 8) nearest neighbours of e⁰ by cosine among the
   training embeddings, itself excluded (:func:`mlsctl.methods.refine.neighbours.nearest_neighbours`, an
   exact faiss index). The embeddings are frozen, so every row's neighbours are searched once,
-  before the first step; at inference the reference is the gallery (``mlsctl refine apply``);
+  before the first step, and kept in the run's ``cache/neighbours.safetensors`` for ``--resume``
+  (searched again only when the embeddings or k differ); at inference the reference is the gallery
+  (``mlsctl refine apply``);
 * a block t (:class:`~mlsctl.methods.refine.model.CrossAttentionBlock`, T = ``method.blocks`` = 8 of
   them, single head, as the Perceiver): the query is the running embedding x, keys and values the
   neighbours n (the original e⁰ of the neighbours in every block)::
@@ -48,6 +50,7 @@ vectors).
 
 from __future__ import annotations
 
+import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,7 +60,7 @@ import torch
 import torch.nn.functional as F
 
 from mlsctl import dist
-from mlsctl.errors import UserError
+from mlsctl.errors import UserError, first_line
 from mlsctl.methods.base import Method, StepOutput, metric_value
 from mlsctl.methods.multi_similarity import ms_loss_over_processes
 from mlsctl.methods.refine.config import RefineConfig
@@ -111,19 +114,50 @@ class FeatureBatch:
                             self.rows.to(device), self.neighbour_rows.to(device), self.skipped)
 
 
-class ContextDataset(torch.utils.data.Dataset):
-    """Every training embedding with its k neighbours among the others (searched once)."""
+NEIGHBOURS_FILE = "neighbours.safetensors"  # in the run's cache/ (mlsctl.runs.Run.cache_dir)
 
-    def __init__(self, embeddings: torch.Tensor, labels: torch.Tensor, k: int, classes: list[str], what: str):
-        from mlsctl.methods.refine.neighbours import check_reference_size, nearest_neighbours
+
+class ContextDataset(torch.utils.data.Dataset):
+    """Every training embedding with its k neighbours among the others, searched once per run:
+    ``search=False`` leaves :attr:`neighbour_rows` to :meth:`find_neighbours`, which the training loop
+    calls once the run folder is locked (:meth:`Refine.prepare_dataset`) and which keeps them there."""
+
+    def __init__(self, embeddings: torch.Tensor, labels: torch.Tensor, k: int, classes: list[str], what: str,
+                 search: bool = True):
+        from mlsctl.methods.refine.neighbours import check_reference_size
 
         check_reference_size(len(embeddings), k, True, what, "lower method.neighbours or give more embeddings")
         self.embeddings = F.normalize(embeddings.float(), dim=-1)
-        self.labels, self.classes = labels, classes
-        rows = torch.arange(len(embeddings))
-        # searched by process 0 and sent to the others (the same rows everywhere, one search instead of W)
-        self.neighbour_rows = dist.on_main(lambda: nearest_neighbours(self.embeddings, self.embeddings, k, exclude=rows,
-                                                                      progress=sys.stderr.isatty())[0])
+        self.labels, self.classes, self.k = labels, classes, k
+        self.neighbour_rows: Optional[torch.Tensor] = None
+        if search:
+            self.find_neighbours()
+
+    def find_neighbours(self, kept: Optional[Path] = None) -> torch.Tensor:
+        """:attr:`neighbour_rows` [n, k], searched by process 0 and sent to the others (the same rows
+        everywhere, one search instead of W). With ``kept`` (a file), they are read from it when it
+        holds the neighbours of these embeddings for this k, and otherwise searched and written there:
+        a resumed run does not search 1 M embeddings again (an exact search of that size takes hours
+        on a CPU)."""
+        self.neighbour_rows = dist.on_main(lambda: self._kept_or_searched(kept))
+        return self.neighbour_rows
+
+    def _kept_or_searched(self, kept: Optional[Path]) -> torch.Tensor:
+        from mlsctl.methods.refine.neighbours import nearest_neighbours
+
+        if kept is None:
+            return self._search(nearest_neighbours)
+        about = {"k": str(self.k), "embeddings_sha256": _digest(self.embeddings)}
+        rows = _read_kept(kept, about, len(self.embeddings))
+        if rows is None:
+            rows = self._search(nearest_neighbours)
+            _keep(kept, rows, about)
+        return rows
+
+    def _search(self, nearest_neighbours) -> torch.Tensor:
+        rows = torch.arange(len(self.embeddings))
+        return nearest_neighbours(self.embeddings, self.embeddings, self.k, exclude=rows,
+                                  progress=sys.stderr.isatty())[0]
 
     def __len__(self) -> int:
         return len(self.embeddings)
@@ -138,6 +172,45 @@ class ContextDataset(torch.utils.data.Dataset):
                             neighbour_rows)
 
 
+def _digest(embeddings: torch.Tensor) -> str:
+    import hashlib
+
+    return hashlib.sha256(memoryview(embeddings.contiguous().numpy()).cast("B")).hexdigest()  # no copy of them
+
+
+def _read_kept(path: Path, about: dict, rows: int) -> Optional[torch.Tensor]:
+    """The neighbour rows kept in ``path`` when its metadata is ``about`` and its shape fits, else None
+    (no file, a damaged one, or one searched for other embeddings or another k: searched again)."""
+    from safetensors import SafetensorError, safe_open
+
+    log = logging.getLogger("mlsctl")
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), "pt") as f:
+            if f.metadata() != about:
+                log.info(f"{path} was searched for other embeddings or another k: searching again")
+                return None
+            kept = f.get_tensor("neighbour_rows")
+    except (SafetensorError, OSError, KeyError, ValueError) as exc:
+        log.warning(f"cannot read {path} ({first_line(exc)}): searching the neighbours again")
+        return None
+    if kept.dtype != torch.int64 or tuple(kept.shape) != (rows, int(about["k"])) or not (
+            (kept >= 0) & (kept < rows)).all():
+        log.warning(f"{path} holds neighbour rows of another shape or range: searching the neighbours again")
+        return None
+    log.info(f"neighbours read from {path} (searched when the run started)")
+    return kept
+
+
+def _keep(path: Path, rows: torch.Tensor, about: dict) -> None:
+    from safetensors.torch import save_file
+
+    from mlsctl import atomic
+
+    atomic.write_with(path, lambda tmp: save_file({"neighbour_rows": rows.contiguous()}, str(tmp), metadata=about))
+
+
 # ------------------------------------------------------------------------------------------ the method
 
 
@@ -149,7 +222,7 @@ def refine_dataset(recipe, data: FeatureData) -> ContextDataset:
     names = labels_of(data.features.files, Path(data.features.input_root),
                       Path(cfg.labels_file) if cfg.labels_file else None, what, "--labels FILE (method.labels_file)")
     labels, classes = class_ids(names, what)
-    return ContextDataset(data.features.global_features(), labels, cfg.neighbours, classes, what)
+    return ContextDataset(data.features.global_features(), labels, cfg.neighbours, classes, what, search=False)
 
 
 class Refine(Method):
@@ -194,6 +267,10 @@ class Refine(Method):
     def build_dataset(cls, recipe, data: FeatureData):
         dataset = refine_dataset(recipe, data)
         return dataset, dataset.collate
+
+    @classmethod
+    def prepare_dataset(cls, dataset: ContextDataset, cache_dir: Path) -> None:
+        dataset.find_neighbours(cache_dir / NEIGHBOURS_FILE)
 
     @classmethod
     def batch_sampler(cls, recipe, dataset, *, world_size=1, rank=0, start_step=0, total_steps=None):
