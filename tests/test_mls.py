@@ -477,3 +477,23 @@ def test_the_loss_switches_reach_the_step(tmp_path, kind):
 def test_group_batchnorm_refuses_a_batch_that_does_not_split():
     with pytest.raises(ValueError, match="does not split into groups of 4"):
         GroupBatchNorm2d(3, 4)(torch.randn(6, 3, 2, 2))
+
+
+def test_label_metrics_are_measured_where_logged_and_count_the_images_own_views(tmp_path):
+    """A review (2026-12-06): the label metrics cost a [B, D] product and a top-k every step, logged or not."""
+    method, batch = _method(tmp_path)
+    method.logged = False
+    assert method.training_step(batch, 0).metrics == {}  # the queues now hold this batch's 4 images
+    method.logged = True
+    q_g = method.queue_g.vectors.clone()
+    out = method.training_step(batch, 1)
+    with torch.no_grad():
+        g1, _ = method.query(batch.crops[0])
+    scores = F.normalize(g1.float(), dim=-1) @ q_g.T
+    top = scores.topk(3, dim=1)
+    ids = method.queue_g.payload["image_id"]  # entries 0-3: step 0's batch, 4-7: this one's, then never written
+    before = torch.arange(len(ids)) < 4
+    own_rows = (ids[None, :] == batch.image_ids[:, None]) & before[None, :]
+    expected_share = own_rows.gather(1, top.indices).float().sum() / top.indices.numel()
+    assert 0 < float(expected_share) and float(out.metrics["labels/self_share"]) == pytest.approx(float(expected_share))
+    assert float(out.metrics["labels/kth_cosine"]) == pytest.approx(float(top.values[:, -1].mean()), abs=1e-6)

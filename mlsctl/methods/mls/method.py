@@ -18,7 +18,7 @@ image (payload ``image_id`` and ``box`` in both):
 * ``Q_g``: the key encoder's backbone features g2;
 * ``Q_z``: the key encoder's projections z2.
 
-Losses (pure functions below; the queues as they were before the batch, then g2, z2 enqueued):
+Losses (pure functions in :mod:`mlsctl.methods.mls.ops`; the queues as they were before the batch, then g2, z2 enqueued):
 
 * pseudo-labels ``y`` [B, D]: exactly k ones per row, the top-k of ``g1 · Q_gᵀ``
   (``label_queue: z`` takes them from ``z1 · Q_zᵀ`` instead: the one-queue ablation);
@@ -229,15 +229,22 @@ class MLS(Method):
             loss, terms, labels = mls_loss(z1, z2, label_features, label_queue, q_z, k=cfg.k,
                                            temperature=cfg.temperature, weight=cfg.lambda_ml, kind=cfg.multi_label_loss)
         metrics = {}
-        with torch.no_grad(), torch.autocast(view1.device.type, enabled=False):
-            chosen = labels.bool()
-            written = self.queue_g.written_mask()  # random starting entries belong to no image
-            same_image = (self.queue_g.payload["image_id"][None, :] == batch.image_ids[:, None]) & written[None, :]
-            # kept on the device, read only where logged
-            metrics["labels/self_share"] = metric_ratio((chosen & same_image).sum(), chosen.sum().clamp_min(1))
-            metrics["labels/kth_cosine"] = metric_value(
-                (label_features @ label_queue.T).topk(cfg.k, dim=1).values[:, -1].mean())
+        if self.logged:  # label metrics where they are logged (kept on the device, read there)
+            metrics = self._label_metrics(labels, label_features, label_queue, batch.image_ids, view1.device.type)
         box = batch.boxes[:, 1].float()
         self.queue_g.enqueue(g2, step=step, image_id=batch.image_ids, box=box)
         self.queue_z.enqueue(z2, step=step, image_id=batch.image_ids, box=box)
         return StepOutput(loss, terms=terms, metrics=metrics)
+
+    def _label_metrics(self, labels, label_features, label_queue, image_ids, device_type: str) -> dict:
+        """``labels/self_share``: pseudo-labels that are the image's own earlier views; ``labels/kth_cosine``:
+        the k-th largest cosine of a row, the score an entry needs to be a label."""
+        metrics = {}
+        with torch.no_grad(), torch.autocast(device_type, enabled=False):
+            chosen = labels.bool()
+            written = self.queue_g.written_mask()  # random starting entries belong to no image
+            same_image = (self.queue_g.payload["image_id"][None, :] == image_ids[:, None]) & written[None, :]
+            metrics["labels/self_share"] = metric_ratio((chosen & same_image).sum(), chosen.sum().clamp_min(1))
+            metrics["labels/kth_cosine"] = metric_value(
+                (label_features @ label_queue.T).topk(self.cfg.k, dim=1).values[:, -1].mean())
+        return metrics
