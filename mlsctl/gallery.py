@@ -187,8 +187,10 @@ def check_object_id(object_id: str, where: str = "--object") -> str:
 
 
 def object_folders(root: str | os.PathLike) -> dict[str, list[Path]]:
-    """``ROOT/<object_id>/*`` images, files sorted by name (the folding order). Files whose names
-    cannot be stored are skipped and reported (see :func:`~mlsctl.data.images.scan_images`)."""
+    """``ROOT/<object_id>/*`` images, files in the order of their paths relative to ``ROOT`` as strings
+    (the folding order: the scan's, the order of a feature folder's rows and of ``eval retrieval``'s
+    sets, so a gallery built from the images and one built from their features fold alike). Files whose
+    names cannot be stored are skipped and reported (see :func:`~mlsctl.data.images.scan_images`)."""
     from mlsctl.data.images import require_images, scan_images
 
     root = Path(root)
@@ -202,7 +204,7 @@ def object_folders(root: str | os.PathLike) -> dict[str, list[Path]]:
         if len(rel.parts) < 2:
             raise UserError(f"{path} is not inside an object folder; put each object's images in {root}/<object_id>/")
         groups.setdefault(check_object_id(rel.parts[0], "object folder"), []).append(path)
-    return {k: sorted(v) for k, v in sorted(groups.items())}
+    return dict(sorted(groups.items()))  # each list in the scan's order: by relative path, as a string
 
 
 def read_query_sets(path: Path) -> list[tuple[int, object, list[Path]]]:

@@ -116,6 +116,14 @@ def test_object_sets_are_fresh_each_epoch_padded_and_deterministic(tmp_path):
     from mlsctl.gallery import object_folders
 
     assert {k: len(v) for k, v in object_folders(tmp_path).items()} == {"a": 6, "b": 3}
+    # a review (2026-12-06): "b/back.png" and "b/back/0.png" folded in one order from the images (sorted as
+    # paths) and in the other from their features (as strings): one gallery, two latents
+    Image.new("RGB", (20, 20), (0, 0, 90)).save(tmp_path / "b" / "back.png")
+    with_file = ImageFolder(tmp_path)
+    in_training = [with_file.relpath(r) for o in find_objects(with_file) if o.object_id == "b" for r in o.rows]
+    assert in_training == ["b/0.png", "b/1.png", "b/back.png", "b/back/0.png"]
+    assert [p.relative_to(tmp_path).as_posix() for p in object_folders(tmp_path)["b"]] == in_training
+    (tmp_path / "b" / "back.png").unlink()
     (tmp_path / "b" / "back" / "0.png").unlink()
     (tmp_path / "b" / "back").rmdir()
     folder = ImageFolder(tmp_path)
@@ -430,6 +438,8 @@ def test_paper_recipes_use_dinov2_with_registers_as_the_authors():
         recipe = config.load_recipe(name)
         assert recipe.model.arch == "vit_large_patch14_reg4_dinov2.lvd142m"
         assert recipe.method.norm_last_layer is False and recipe.model.drop_path_rate == 0.0
+        # a review (2026-12-06): the authors' code multiplies its lr of 5e-6 by its 8 processes
+        assert recipe.optim.lr == 5e-6 * 8 and not recipe.optim.scale_lr and recipe.optim.batch_size == 3
     for name in ("cribo_coco", "cribo_in1k"):
         recipe = config.load_recipe(name)
         assert recipe.method.norm_last_layer is False and recipe.optim.clip_grad == 0.0
