@@ -50,6 +50,20 @@ def test_ms_loss_and_miner_equal_a_hand_computation():
     assert float(loss2) == pytest.approx(_hand_ms(x, y, 1, 10, 0.3, 0.3), rel=1e-5)
 
 
+def test_ms_loss_is_float32_under_bf16_autocast():
+    """A review (2026-12-06): under the loop's autocast the similarity matrix came out in bf16, and
+    with beta = 40 the loss moved and mined pairs flipped."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 32, generator=g)
+    y = torch.arange(64) // 4
+    plain, plain_mined = ms_loss(x, y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast, cast_mined = ms_loss(x, y)
+    assert cast.dtype == torch.float32 and float(cast) == pytest.approx(float(plain), rel=1e-6)
+    assert cast_mined == plain_mined
+    assert float(plain) == pytest.approx(_hand_ms(x.numpy().astype(np.float64), y.tolist(), 2, 40, 0.5, 0.1), rel=1e-4)
+
+
 def test_m_per_class_batches_are_deterministic_per_step_and_resume_exactly():
     from pytorch_metric_learning.utils import common_functions
 
