@@ -1,7 +1,10 @@
 """Per-step schedules as pure functions of the step (so a resumed run needs no scheduler state).
 
 These follow DINO's ``cosine_scheduler``: a linear warm-up from ``warmup_start`` reaching ``start``
-at ``warmup_steps``, then a half cosine from ``start`` to ``end`` over the remaining steps.
+at ``warmup_steps``, then a half cosine from ``start`` to ``end`` over the remaining steps. One
+departure: DINO's warm-up is ``np.linspace(warmup_start, start, warmup_steps)``, which reaches
+``start`` one step earlier (at ``warmup_steps - 1``); ours is theirs × (W − 1)/W during warm-up
+(docs/methods.md#dino-departures).
 """
 
 from __future__ import annotations

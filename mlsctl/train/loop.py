@@ -320,8 +320,7 @@ def _train_one_step(t: _Training, step: int) -> metrics.Step:
         bank.release()  # the step's writes, after its last micro-batch
     if t.accelerator.scaler is not None:
         t.accelerator.unscale_gradients()
-    grad_norm = optim.clip_gradients(t.trainable, t.plan.cfg.clip_grad, t.plan.cfg.clip_grad_mode, t.accelerator)
-    optim.freeze_last_layer(t.last_layer, step, t.plan)
+    grad_norm = optim.gradients_to_apply(t.trainable, t.last_layer, step, t.plan, t.accelerator)
     t.optimizer.step()
     pairs = t.method.ema_pairs()
     momentum = t.method.ema_momentum(step) if pairs else None  # a method without a teacher logs none

@@ -93,6 +93,16 @@ def clip_gradients(parameters: list[torch.nn.Parameter], threshold: float, mode:
     return total
 
 
+def gradients_to_apply(trainable: list[torch.nn.Parameter], last_layer: list[torch.nn.Parameter], step: int,
+                       plan: Plan, accelerator) -> torch.Tensor:
+    """The step's gradients as the optimiser takes them: the last layer's dropped while it is frozen,
+    then the rest clipped (:func:`clip_gradients`; DINO clips first, which is the same for its
+    per-parameter clipping, but a global norm must not count gradients that are not applied).
+    Returns the norm of the gradients applied, before clipping."""
+    freeze_last_layer(last_layer, step, plan)
+    return clip_gradients(trainable, plan.cfg.clip_grad, plan.cfg.clip_grad_mode, accelerator)
+
+
 def freeze_last_layer(parameters: list[torch.nn.Parameter], step: int, plan: Plan) -> None:
     """For the first ``optim.freeze_last_layer_epochs`` the last layer is not updated: its gradients dropped."""
     if step < plan.freeze_steps:
