@@ -33,6 +33,17 @@ def exact(latents: torch.Tensor, queries: torch.Tensor, k: int) -> np.ndarray:
     return scores.topk(k, dim=1).indices.numpy()
 
 
+def test_a_small_ivfpq_gallery_gets_one_sentence_instead_of_faiss_warnings(capfd, caplog):
+    """A new-user probe (2026-12-06): a 1,000-object IVF-PQ gallery printed 16 lines of faiss's
+    "WARNING clustering 1000 points to 256 centroids: please provide at least 9984 training points"."""
+    from mlsctl.gallery import train_index
+
+    caplog.set_level("WARNING", logger="mlsctl")
+    index = train_index(F.normalize(clustered(400), dim=1).numpy(), IndexSettings("ivfpq", nlist=4, m=4, nbits=8))
+    assert index.is_trained and "WARNING clustering" not in capfd.readouterr().err
+    assert "fewer than the 9,984 faiss asks for" in caplog.text and "--index flat" in caplog.text
+
+
 @pytest.mark.parametrize("kind", ["flat", "ivfpq"])
 def test_search_equals_exact_search(tmp_path, kind):
     latents = clustered(400)

@@ -177,6 +177,12 @@ def test_init_from_crosses_the_embedding_layer_both_ways(tmp_path, capsys, finis
     _, err = cli_ok(capsys, "pretrain", str(dino_recipe), "--out", str(tmp_path / "dino"), "--init-from",
                     str(tmp_path / "ms"), "optim.epochs=1")
     assert "initialised every backbone from" in err and "freshly" not in err, err
+    # a new-user probe (2026-12-06): "pretrain RUN/config.yaml" reproduced such a run from a random start, silently
+    _, err = cli_ok(capsys, "pretrain", str(tmp_path / "dino" / "config.yaml"), "--out", str(tmp_path / "again"))
+    assert f"started from the weights of {tmp_path / 'ms'}" in err and f"add --init-from {tmp_path / 'ms'}" in err
+    _, err = cli_ok(capsys, "pretrain", str(tmp_path / "dino" / "config.yaml"), "--out", str(tmp_path / "same"),
+                    "--init-from", str(tmp_path / "ms"))
+    assert "started from the weights" not in err
 
 
 @pytest.mark.slow

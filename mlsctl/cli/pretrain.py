@@ -9,6 +9,27 @@ from mlsctl.cli import app
 from mlsctl.cli._options import OverridesCommand
 
 
+def _note_weights_of_the_run(recipe_path: Path) -> None:
+    """A run's RUN/config.yaml given again reproduces its run only with the weights it started from,
+    which its start.json holds, not the recipe: say so when they are not given again."""
+    import sys
+
+    from mlsctl.errors import UserError
+    from mlsctl.runs import Run
+
+    if recipe_path.name != "config.yaml":
+        return
+    source = Run(recipe_path.parent)
+    try:
+        started_from = source.init_from()
+    except UserError:  # a damaged start.json: nothing to tell
+        return
+    if started_from:
+        print(f"mlsctl: note: {source.root} started from the weights of {started_from} (its start.json; the recipe "
+              f"does not hold them), and this run starts without them: add --init-from {started_from} to "
+              f"reproduce it", file=sys.stderr)
+
+
 @app.command(context_settings={"allow_interspersed_args": True}, cls=OverridesCommand)
 def pretrain(
     recipe: str = typer.Argument(..., help="Recipe YAML file, or the name of a shipped recipe (see `mlsctl recipes`)."),
@@ -31,5 +52,7 @@ def pretrain(
     if out is None:  # a run's resolved recipe (RUN/config.yaml) is named after its run, not "config"
         run_recipe = recipe_path.name == "config.yaml" and (recipe_path.parent / "metrics.jsonl").is_file()
         out = Path("runs") / (recipe_path.resolve().parent.name if run_recipe else recipe_path.stem)
+    if not resume and init_from is None:
+        _note_weights_of_the_run(recipe_path)
     train.pretrain(loaded, out, resume=resume, init_from=init_from, overwrite=overwrite, recipe_source=str(recipe_path),
                    overridden=list(config.parse_overrides(overrides or [])))
