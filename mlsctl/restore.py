@@ -182,16 +182,25 @@ def method_name_of(run: Run) -> Optional[str]:
     return name if isinstance(name, str) else None
 
 
-def newest_run(root: Union[str, Path] = "runs", method: Optional[str] = None) -> Optional[Run]:
+def newest_run(root: Union[str, Path] = "runs", method: Optional[str] = None,
+               with_backbone: bool = False) -> Optional[Run]:
     """The run under ``root`` whose teacher export or latest checkpoint is the most recent; with
-    ``method``, among the runs of that method only (a gallery needs a MILE run)."""
+    ``method``, among the runs of that method only (a gallery needs a MILE run); ``with_backbone``:
+    among the runs of methods that train one (not refinement, which trains on features)."""
+    from mlsctl import methods
+
     root = Path(root)
     if not root.is_dir():
         return None
     best, best_time = None, -1.0
     for path in root.iterdir():
         run = Run(path)
-        if not is_run_folder(run) or (method is not None and method_name_of(run) != method):
+        if not is_run_folder(run):
+            continue
+        name = method_name_of(run) if method is not None or with_backbone else None
+        if method is not None and name != method:
+            continue
+        if with_backbone and (name not in methods.names() or not methods.method_class(name).has_backbone):
             continue
         stamps = [p.stat().st_mtime for p in (run.teacher_weights_path,) if p.is_file()]
         latest = run.latest()
@@ -267,6 +276,37 @@ def from_run_start(run_dir: Union[str, Path]) -> ModelChoice:
                         str(run.root), recipe.model.img_size)
 
 
+def model_of_features(record: dict) -> Optional[ModelChoice]:
+    """The model a feature folder's manifest names (its ``model`` record), rebuilt from where it was
+    loaded and checked by fingerprint; None when it cannot be rebuilt (its file moved or changed since,
+    or a source such as timm's cache that is not kept)."""
+    source, path = record.get("source"), record.get("path")
+    if not isinstance(path, str) or not path:
+        return None
+    seed = record.get("seed", 0)
+    try:
+        if source == "run":
+            choice = from_run(Path(path).parent)
+        elif source == "run-checkpoint":
+            checkpoint = Checkpoint(Path(path))
+            run = Run(checkpoint.path.parent.parent)
+            choice = from_checkpoint(recipe_of(run), checkpoint, run)
+        elif source == "run-start":
+            choice = from_run_start(path)
+        elif source == "weights":
+            choice = from_weights(path, record.get("arch"), img_size=record.get("img_size"),
+                                  patch_size=record.get("patch_size"))
+        elif source == "random-init" and isinstance(seed, int):
+            choice = (from_run(path, random_init=True, seed=seed) if Path(path).is_dir()
+                      else from_weights(path, record.get("arch"), img_size=record.get("img_size"),
+                                        patch_size=record.get("patch_size"), random_init=True, seed=seed))
+        else:
+            return None
+    except UserError:
+        return None
+    return choice if choice.fingerprint == record.get("fingerprint") else None
+
+
 def model_on_demand(*, say=None, **choice):
     """A callable giving :func:`choose_model` of ``choice`` (``run``, ``weights``, ``arch``,
     ``random_init``, ``seed``), chosen — and said, with ``say`` — the first time it is called, then
@@ -294,7 +334,7 @@ def choose_model(*, run: Optional[Union[str, Path]] = None, weights: Optional[Un
     if arch is not None and run is None:
         raise UserError("--model names the architecture of a --weights file; add --weights FILE, or use --run RUN")
     if run is None:
-        found = newest_run(runs_root)
+        found = newest_run(runs_root, with_backbone=True)
         if found is None:
             if random_init:
                 raise UserError(f"--random-init needs --run RUN (no run under {runs_root}/ to take the architecture from)")

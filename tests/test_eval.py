@@ -431,6 +431,15 @@ def test_cli_knn_seg_embeds_image_folders_with_a_run(tmp_path: Path, finished_ru
     again = run_cli(*args, cwd=tmp_path, check=True)
     assert "already in" in again.stderr
     assert json.loads(again.stdout)["results"][0]["miou"] == payload["results"][0]["miou"]
+    # a new-user probe (2026-12-06): feature folders and --aug-passes without --run took the newest run under
+    # ./runs (or timm's DINOv2), then refused it as "not the model of" the features; their manifest names it
+    kept = {json.loads(m.read_text())["input_root"]: m.parent for m in (tmp_path / "features").rglob("manifest.json")}
+    train_features, val_features = (kept[str(tmp_path / split / "images")] for split in ("train", "val"))
+    result = run_cli("eval", "knn-seg", "--train", str(train_features), "--train-masks", str(tmp_path / "train" / "masks"),
+                     "--val", str(val_features), "--val-masks", str(tmp_path / "val" / "masks"), "--fraction", "1/1",
+                     "--aug-passes", "1", "--json", cwd=tmp_path, check=True)
+    assert f"(the model of {train_features})" in result.stderr
+    assert json.loads(result.stdout)["results"][0]["miou"] == payload["results"][0]["miou"]
 
 
 @pytest.mark.slow

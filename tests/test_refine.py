@@ -419,3 +419,22 @@ def test_two_processes_train_what_one_does(tmp_path):
     assert first[2]["loss"] == pytest.approx(first[1]["loss"], rel=1e-5) and first[1]["loss"] > 0
     one, two = (load_file(str(next(c for c in Run(runs[n]).checkpoints() if c.step == 1).model_path)) for n in (1, 2))
     assert all(torch.allclose(one[k], two[k], atol=1e-6, rtol=0) for k in one)
+
+
+def test_commands_that_embed_skip_refine_runs_when_taking_the_newest_run(trained, finished_run, tmp_path):
+    """A new-user probe (2026-12-06): after a refine train, embed and eval without --run took the refine
+    run and failed ("a refine run has no backbone"), while eval retrieval skipped to a MILE run."""
+    import os
+    import shutil
+
+    from mlsctl.restore import choose_model, newest_run
+
+    runs = tmp_path / "runs"
+    shutil.copytree(finished_run[0], runs / "dino")
+    shutil.copytree(trained[0] / "run", runs / "refine")
+    later = max(p.stat().st_mtime for p in (runs / "dino").rglob("*")) + 100
+    for path in (runs / "refine").rglob("*"):
+        os.utime(path, (later, later))
+    assert newest_run(runs).root.name == "refine"
+    assert newest_run(runs, with_backbone=True).root.name == "dino"
+    assert choose_model(runs_root=runs).description.startswith(f"teacher of run {runs / 'dino'}")

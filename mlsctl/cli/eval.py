@@ -135,8 +135,9 @@ def knn_seg(
              f"on {inputs.benchmark}")
     train_source = lib.FeatureMasks(train_features, inputs.train_masks, "train features")
     val_source = lib.FeatureMasks(val_features, inputs.val_masks, "val features")
-    augmented = lib.AugmentedPasses.of_model(train_source, get_model(), chosen["aug_passes"], seed) \
-        if chosen["aug_passes"] else None
+    augmented = lib.AugmentedPasses.of_model(train_source, _model_of_training(train_features, get_model, run, weights,
+                                                                         random_init, say),
+                                             chosen["aug_passes"], seed) if chosen["aug_passes"] else None
     fractions = [lib.parse_fraction(f) for f in chosen["fractions"]]
     settings = lib.Settings(k=chosen["k"], temperature=chosen["temperature"], memory_size=chosen["memory_size"],
                             aug_passes=chosen["aug_passes"], ignore_index=inputs.ignore_index, runs=chosen["runs"], seed=seed,
@@ -191,6 +192,23 @@ def _print_knn_seg(payload: dict, settings, train_images: int, out: Path) -> Non
                f"protocol {payload['protocol']['name']}: k={settings.k} T={settings.temperature} memory={memory} "
                f"aug-passes={settings.aug_passes} index={settings.index}, search {results[0]['runs'][0]['search']}; "
                f"results written to {out}")
+
+
+def _model_of_training(train_features, get_model, run, weights, random_init: bool, say):
+    """The model that re-embeds the training images for --aug-passes: the one given, or, with no
+    --run/--weights, the one the training features' manifest names (not the newest run)."""
+    from mlsctl.errors import UserError
+    from mlsctl.restore import model_of_features
+
+    if run is not None or weights is not None or random_init or get_model.chosen is not None:
+        return get_model()
+    found = model_of_features(train_features.model)
+    if found is None:
+        raise UserError(f"--aug-passes re-embeds the training images, and the model that made {train_features.path} "
+                        f"({train_features.model.get('path')}) cannot be loaded again as it was; give it with --run RUN "
+                        f"or --weights FILE")
+    say(f"model: {found.description} (the model of {train_features.path})")
+    return found
 
 
 @app.command("knn")
