@@ -26,7 +26,7 @@ import math
 from pathlib import Path
 from typing import Optional, Sequence
 
-from mlsctl import atomic
+from mlsctl.outputs import save_figure
 from mlsctl.errors import UserError
 from mlsctl.runs import Run, metrics_record
 
@@ -208,7 +208,7 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, *, title: str | N
         ax.axis("off")
     figure.suptitle(title or ("training curves of " + ", ".join(n for n, _ in runs)))
     figure.tight_layout(rect=(0, 0, 1, 1 - 0.4 / (4.25 * rows)))  # room for the title
-    atomic.write_with(out, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
+    save_figure(figure, out, dpi=100)
     plt.close(figure)
     return {"out": str(out), "runs": [n for n, _ in runs], "panels": panels,
             "smoothed": {k: round(v, 2) for k, v in sorted(smoothed.items())}, "markers": sorted(markers)}

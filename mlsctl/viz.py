@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from mlsctl import atomic
+from mlsctl.outputs import save_figure, save_image
 
 
 def pca_components(dense: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
@@ -117,7 +117,7 @@ def pca_figure(images: Sequence[Optional[object]], colours: torch.Tensor, names:
             draw.rectangle([x, y + 1, x + 11, y + 12], fill=swatch)
             draw.text((x + 16, y + 1), text, fill=(30, 30, 30), font=font)
             x += 16 + int(draw.textlength(text, font=font)) + 18
-    atomic.write_with(out, lambda tmp: canvas.save(tmp, format="PNG"))
+    save_image(canvas, out)
     return out
 
 
@@ -194,7 +194,7 @@ def neighbour_grid(query, tiles: Sequence[tuple[Optional[object], str]], out: Pa
             canvas.paste(tile, (x, y))
         for j, part in enumerate(text.split("\n")[:2]):
             _label(draw, (x, y + cell + 2 + j * line), part, cell)
-    atomic.write_with(out, lambda tmp: canvas.save(tmp, format="PNG"))
+    save_image(canvas, out)
     return out
 
 
@@ -243,6 +243,6 @@ def scatter_plot(points: torch.Tensor, values: torch.Tensor, out: Path, *, title
     ax.set_title("\n".join(textwrap.wrap(title, 100, break_long_words=False)), fontsize=10)
     ax.grid(alpha=0.3)
     figure.tight_layout()
-    atomic.write_with(out, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
+    save_figure(figure, out, dpi=100)
     plt.close(figure)
     return out

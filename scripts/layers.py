@@ -29,7 +29,7 @@ from pathlib import Path
 # bottom first; a name is the first component below mlsctl (a module or a package)
 LAYERS: list[tuple[str, ...]] = [
     ("errors", "atomic", "locks", "registry", "config", "dist", "device", "schedules", "provenance", "runs", "threads",
-     "launch", "console", "__version__"),
+     "launch", "console", "outputs", "__version__"),
     ("data", "models", "bank", "bank_health"),
     ("methods",),
     ("restore", "evaluate", "features", "gallery", "refine", "bank_inspect", "export", "report", "viz", "curves",

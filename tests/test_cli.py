@@ -341,6 +341,45 @@ def test_a_picture_is_written_only_under_a_png_name(capsys, tmp_path):
         assert code == 2 and "must end in .png" in err, (args, err)
 
 
+def test_an_out_never_replaces_an_input_and_is_checked_before_the_work(capsys, tmp_path):
+    """A probe (2026-12-06): `eval ... --out` wrote its JSON over a feature folder's manifest or shard, a run's
+    weights, the labels file it read or an image, and the picture commands over input images, all with exit 0;
+    a folder or an empty --out failed after the work, naming the temporary file."""
+    from PIL import Image
+
+    from conftest import cli, write_feature_folder
+    from mlsctl.outputs import check_picture_target, check_results_target, save_image
+
+    names = [f"c{i}/{j}.png" for i in range(2) for j in range(3)]
+    feats = write_feature_folder(tmp_path / "f", names, torch.randn(6, 8))
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(photo)
+    before = {p: p.read_bytes() for p in (feats / "manifest.json", photo)}
+    for out, words in ((feats / "manifest.json", "is not a results file of mlsctl"),
+                       (photo, "is not a results file of mlsctl"), (tmp_path, "is a folder"),
+                       (photo / "r.json", f"{photo} is a file, not a folder"), (" ", "--out is empty")):
+        code, _, err = cli("eval", "knn", "--train", str(feats), "--val", str(feats), "--k", "1", "--out", str(out),
+                           capsys=capsys)
+        assert code == 2 and words in err and "top-1" not in err and ".tmp" not in err, (out, err)
+    assert all(p.read_bytes() == data for p, data in before.items())
+    code, _, err = cli("eval", "knn", "--train", str(feats), "--val", str(feats), "--k", "1", "--out",
+                       str(tmp_path / "r.json"), capsys=capsys)
+    assert code == 0
+    code, _, err = cli("eval", "knn", "--train", str(feats), "--val", str(feats), "--k", "1", "--out",
+                       str(tmp_path / "r.json"), capsys=capsys)
+    assert code == 0, err  # an earlier results file is replaced
+    for args in (["plot", str(tmp_path), "--out", str(photo)], ["viz", "pca", str(feats), "--out", str(photo)],
+                 ["bank", "plot", str(tmp_path), "--out", str(photo)],
+                 ["refine", "plot", str(tmp_path), str(feats), "--out", str(photo)]):
+        code, _, err = cli(*args, capsys=capsys)
+        assert code == 2 and "is not a picture mlsctl drew" in err, (args, err)
+    assert photo.read_bytes() == before[photo]
+    drawn = tmp_path / "drawn.png"
+    save_image(Image.new("RGB", (4, 4)), drawn)
+    check_picture_target(drawn)  # a picture of ours is replaced
+    check_results_target(tmp_path / "r.json")
+
+
 def test_usage_errors_are_one_line_like_every_other_error(capsys):
     """click printed a usage error as four lines (usage, a hint, a blank line, 'Error: ...'); every other
     refusal is one 'error: ...' line: now these are too, with the help to read."""

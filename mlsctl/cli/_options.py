@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, get_args
 
 import typer
@@ -75,13 +76,27 @@ _KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 
 def png_file(option: str) -> Callable:
-    """A callback for an option naming the PNG a command draws: any other ending is refused in one
-    sentence (the picture would be PNG data under a .jpg or .txt name)."""
+    """A callback for an option naming the PNG a command draws, checked before any work: a name that
+    does not end in .png (PNG data under a .jpg name), a folder, or an existing file that is not a
+    picture mlsctl drew (an input image) is refused in one sentence (:mod:`mlsctl.outputs`)."""
     def check(value):
-        if value is not None and str(value).lower().endswith(".png") is False:
-            from mlsctl.errors import UserError
+        if value is not None:
+            from mlsctl.outputs import check_picture_target
 
-            raise UserError(f"{option} {value} must end in .png: the picture is written as a PNG")
+            check_picture_target(Path(value), option)
+        return value
+
+    return check
+
+
+def results_file(option: str = "--out") -> Callable:
+    """A callback for an evaluation's results JSON, checked before any work: it may be new or replace
+    an earlier results file, never another file (:mod:`mlsctl.outputs`)."""
+    def check(value):
+        if value is not None:
+            from mlsctl.outputs import check_results_target
+
+            check_results_target(Path(value), option)
         return value
 
     return check

@@ -26,7 +26,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from mlsctl import atomic
+from mlsctl.outputs import save_figure
 from mlsctl.errors import UserError
 
 PROJECTIONS = ("pca", "tsne")
@@ -135,7 +135,7 @@ def drift_figure(run_dir: str | Path, feats_dir: str | Path, out: str | Path, *,
                     f"(T = {T} blocks, k = {k}, context {Path(context.path).name})")
     figure.tight_layout()
     out = Path(out)
-    atomic.write_with(out, lambda tmp: figure.savefig(tmp, format="png", dpi=110))
+    save_figure(figure, out, dpi=110)
     plt.close(figure)
     return {"out": str(out), "points": n, "blocks": T, "k": k, "projection": projection,
             "query": {"file": features.files[int(chosen[pick])], "class": q_class, "nearest_class_fixed": fixed}}
@@ -197,7 +197,7 @@ def grid_figure(sweep: str | Path, out: str | Path, title: str = "") -> dict:
     figure.colorbar(image, ax=axis, label="R@1 (%)")
     figure.tight_layout()
     out = Path(out)
-    atomic.write_with(out, lambda tmp: figure.savefig(tmp, format="png", dpi=110))
+    save_figure(figure, out, dpi=110)
     plt.close(figure)
     return {"out": str(out), "blocks": blocks, "k": ks,
             "r1": {f"{b}x{k}": (None if np.isnan(mean[a, c]) else round(float(mean[a, c]), 2))

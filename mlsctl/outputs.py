@@ -1,0 +1,103 @@
+"""What a command's ``--out`` may replace: nothing but an earlier output of the same kind.
+
+A results JSON or a picture written over the file a command reads — a feature folder's manifest or
+shard, a run's weights, a labels file, a training image — destroyed it and the command said
+"written" (a probe, 2026-12-06). These checks run when the command line is read, before any work:
+
+* :func:`check_results_target`: a results file (``eval --out``) may replace only an earlier results
+  file of mlsctl (a JSON object with ``command`` and ``written``, as
+  :func:`mlsctl.evaluate.results.write_result` writes);
+* :func:`check_picture_target`: a picture (``plot``, ``viz pca``, ``bank plot``, ``bank neighbors``,
+  ``refine plot``) may replace only a PNG that mlsctl or matplotlib drew (its ``Software`` text
+  chunk); :func:`save_figure` and :func:`save_image` write that chunk.
+
+Both refuse an empty path, a folder, and a path under a file, naming the user's path, never the
+temporary file an atomic write would have used.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mlsctl import atomic
+from mlsctl.errors import UserError
+
+PNG_SOFTWARE = "mlsctl"  # the PNG text chunk "Software" of every picture mlsctl draws
+_DRAWN_BY = (PNG_SOFTWARE, "Matplotlib")  # pictures an earlier mlsctl drew through matplotlib say "Matplotlib ..."
+_RESULTS_READ_LIMIT = 512 * 2**20  # a results file is JSON of at most a few MB; a larger file is something else
+
+
+def check_place(out: Path, option: str, what: str) -> None:
+    """``out`` can be a file: not empty, not a folder, not under a file."""
+    if not str(out).strip():
+        raise UserError(f"{option} is empty; give the path of the {what} to write")
+    if out.is_dir():
+        raise UserError(f"{option} {out} is a folder; give the path of the {what} to write inside it, such as "
+                        f"{out / ('result.json' if what == 'results file' else 'picture.png')}")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"{option} {out}: {parent} is a file, not a folder; choose another path")
+            break
+
+
+def is_results_file(path: Path) -> bool:
+    """``path`` holds a results JSON that mlsctl wrote (an object with ``command`` and ``written``)."""
+    try:
+        if path.stat().st_size > _RESULTS_READ_LIMIT:
+            return False
+        with open(path, "rb") as f:
+            if f.read(1) != b"{":
+                return False
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and "command" in record and "written" in record
+
+
+def check_results_target(out: Path, option: str = "--out") -> None:
+    check_place(out, option, "results file")
+    if out.exists() and not is_results_file(out):
+        raise UserError(f"{option} {out} exists and is not a results file of mlsctl (it may be one of the inputs); "
+                        f"choose another path, or delete it first if it is not needed")
+
+
+def drawn_by_us(path: Path) -> bool:
+    """``path`` is a PNG that mlsctl (or matplotlib, through which earlier versions drew) wrote."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            software = image.info.get("Software", "") if image.format == "PNG" else ""
+    except (OSError, UnidentifiedImageError, ValueError):
+        return False
+    return isinstance(software, str) and software.startswith(_DRAWN_BY)
+
+
+def check_picture_target(out: Path, option: str = "--out") -> None:
+    if not str(out).lower().endswith(".png"):
+        raise UserError(f"{option} {out} must end in .png: the picture is written as a PNG")
+    check_place(out, option, "picture")
+    if out.exists() and not drawn_by_us(out):
+        raise UserError(f"{option} {out} exists and is not a picture mlsctl drew (it may be an input image); choose "
+                        f"another path, or delete it first if it is not needed")
+
+
+def save_figure(figure, out: Path, dpi: int) -> None:
+    """A matplotlib figure as a PNG, atomically, marked as mlsctl's."""
+    from mlsctl import __version__
+
+    atomic.write_with(out, lambda tmp: figure.savefig(tmp, format="png", dpi=dpi,
+                                                      metadata={"Software": f"{PNG_SOFTWARE} {__version__}"}))
+
+
+def save_image(image, out: Path) -> None:
+    """A PIL image as a PNG, atomically, marked as mlsctl's."""
+    from PIL.PngImagePlugin import PngInfo
+
+    from mlsctl import __version__
+
+    info = PngInfo()
+    info.add_text("Software", f"{PNG_SOFTWARE} {__version__}")
+    atomic.write_with(out, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
