@@ -43,6 +43,19 @@ def test_register_tokens_are_not_patches():
     assert model(torch.randn(1, 3, 32, 32)).patches.shape == (1, 4, 4, 32)
 
 
+def test_a_vit_without_class_token_gives_its_pooled_feature_not_a_patch():
+    """A review (2026-12-06): with timm's class_token=False the global feature was tokens[:, 0], the top-left patch."""
+    model = Backbone("vit_small_patch16_224", img_size=32, patch_size=8,
+                     timm_kwargs={**TINY, "class_token": False, "global_pool": "avg"}).eval()
+    assert not model.has_cls_token
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out = model(x)
+        tokens = model.net.forward_features(x)
+    assert not torch.allclose(out.cls, out.patches[:, 0, 0])
+    assert torch.allclose(out.cls, model.net.fc_norm(tokens.mean(1)), atol=1e-5)  # timm's average pool and its norm
+
+
 def test_forward_crops_equals_separate_forwards():
     model = tiny()
     crops = [torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32), torch.randn(2, 3, 16, 16)]

@@ -347,9 +347,29 @@ def test_knn_votes_are_weighted_by_similarity():
     scores = knn.knn_classify(train, labels, query, ks=(3,), temperature=0.07)[3][0]
     cos0 = 1 / np.hypot(1, 0.2)
     cos1 = 0.2 / np.hypot(1, 0.2)
-    assert scores.tolist() == pytest.approx([np.exp(cos0 / 0.07), 2 * np.exp(cos1 / 0.07)], rel=1e-5)
+    # exp(cos / T), relative to the nearest neighbour's (the same ranking, no overflow)
+    assert scores.tolist() == pytest.approx([1.0, 2 * np.exp((cos1 - cos0) / 0.07)], rel=1e-5)
     assert knn.accuracy(torch.tensor([[0.1, 0.5, 0.4]]), torch.tensor([2]), 1) == 0.0
     assert knn.accuracy(torch.tensor([[0.1, 0.5, 0.4]]), torch.tensor([2]), 2) == 1.0
+
+
+def test_knn_scores_stay_finite_at_a_small_temperature_and_top_5_needs_votes():
+    """A probe (2026-12-06): exp(cos / T) overflowed to inf for T below ~0.011, and T = 0.001 gave top-1 12 %
+    where the nearest neighbour alone gives 8 %. A review: top-5 was filled with classes no neighbour voted for."""
+    torch.manual_seed(0)
+    train, labels = F.normalize(torch.randn(60, 8), dim=1), torch.arange(60) % 10
+    queries = F.normalize(torch.randn(30, 8), dim=1)
+    scores = knn.knn_classify(train, labels, queries, ks=(20,), temperature=0.001)[20]
+    assert torch.isfinite(scores).all()
+    nearest = labels[(queries @ train.T).argmax(1)]
+    assert torch.equal(scores.argmax(1), nearest)  # at T -> 0 the nearest neighbour decides
+    one_class = torch.zeros(4, 10)
+    one_class[:, 7] = 3.0  # every neighbour voted for class 7
+    assert knn.accuracy(one_class, torch.tensor([7, 1, 2, 3]), 5) == 0.25  # the unvoted classes are no hits
+    assert knn.accuracy(torch.rand(4, 3), torch.tensor([0, 1, 2, 0]), 5) is None  # 3 classes: no top-5
+    from mlsctl.evaluate.linear import top_k_accuracy
+
+    assert top_k_accuracy(torch.rand(4, 3), torch.tensor([0, 1, 2, 0]), 5) is None
 
 
 def test_labels_from_folders_and_files(tmp_path: Path):
@@ -554,3 +574,18 @@ def test_the_knn_seg_memory_is_the_concatenation_of_its_pieces(monkeypatch):
             rows.append(piece)
         assert len(rows) == sum(len(p) for p in pieces)
         assert torch.equal(rows.cat(), torch.cat(pieces)), block_rows
+
+
+def test_knn_and_linear_refuse_features_that_hold_nan_or_inf(tmp_path: Path, capsys):
+    """A probe (2026-12-06): eval recall refused NaN and inf embeddings, eval knn and eval linear scored them."""
+    from conftest import cli
+
+    names = [f"c{i % 2}/{i}.png" for i in range(8)]
+    good = write_feature_folder(tmp_path / "good", names, torch.randn(8, 4))
+    x = torch.randn(8, 4)
+    x[3, 1], x[6, 0] = float("nan"), float("inf")
+    bad = write_feature_folder(tmp_path / "bad", names, x)
+    for command in (["knn", "--train", str(good), "--val", str(bad), "--k", "1"],
+                    ["linear", "--train", str(bad), "--val", str(good), "--epochs", "1", "--lr", "0.1", "--wd", "0"]):
+        code, _, err = cli("eval", *command, capsys=capsys)
+        assert code == 2 and f"features {bad}: 2 of 8 embeddings hold NaN or inf (first: c1/3.png)" in err, err

@@ -223,6 +223,17 @@ class Features:
         found = torch.cat(parts) if parts else torch.empty(0, self.dim, dtype=dtype)
         return found if back is None or not len(back) else found[torch.from_numpy(back.reshape(-1))]
 
+    def finite_global_features(self) -> torch.Tensor:
+        """:meth:`global_features` of every row, refused in one sentence when one holds NaN or inf (a
+        diverged model or a damaged shard): a k-NN vote or a probe would score it silently."""
+        embeddings = self.global_features()
+        finite = torch.isfinite(embeddings).all(dim=-1)
+        if not bool(finite.all()):
+            bad = (~finite).nonzero().flatten().tolist()
+            raise UserError(f"features {self.path}: {len(bad)} of {len(finite)} embeddings hold NaN or inf (first: "
+                            f"{self.files[bad[0]]}); embed the folder again (a diverged model or a damaged shard)")
+        return embeddings
+
     def iter_dense(self, rows: Optional[Sequence[int]] = None, batch: int = 64,
                    dtype=torch.float32) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield ``(rows [b], dense [b, h, w, D])`` in row order (sorted, whatever the order of ``rows``:

@@ -115,7 +115,9 @@ def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, queri
     for start in range(0, len(queries), chunk):
         q = F.normalize(queries[start:start + chunk].float(), dim=1)
         similarity, index = exact_search(train, q, k_max, query_chunk=chunk)
-        weights = (similarity / temperature).exp()
+        # exp(cos / T) relative to the query's nearest neighbour: the same votes up to a factor per query,
+        # which no ranking sees, and no overflow (exp(1 / 0.01) is inf in float32: a probe, 2026-12-06)
+        weights = ((similarity - similarity.amax(1, keepdim=True)) / temperature).exp()
         neighbour_labels = train_labels[index]
         for k in ks:
             kk = min(k, k_max)
@@ -125,11 +127,17 @@ def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, queri
     return {k: torch.cat(v) if v else torch.zeros(0, num_classes) for k, v in out.items()}
 
 
-def accuracy(scores: torch.Tensor, labels: torch.Tensor, top: int) -> float:
+def accuracy(scores: torch.Tensor, labels: torch.Tensor, top: int) -> Optional[float]:
+    """The share of queries whose label is among their ``top`` highest-scoring classes; a class no
+    neighbour voted for (score 0) is never a hit, though DINO's ``eval_knn.py`` fills its top 5 with
+    such classes in arbitrary order (with 10 classes and every neighbour wrong it scored top-5 50 %).
+    None (no top-5) when there are fewer than ``top`` classes: it would be 100 % by construction."""
     if len(labels) == 0:
         return float("nan")
-    top = min(top, scores.shape[1])
-    hits = (scores.topk(top, dim=1).indices == labels[:, None]).any(1)
+    if top > scores.shape[1]:
+        return None
+    found = scores.topk(top, dim=1)
+    hits = ((found.indices == labels[:, None]) & (found.values > 0)).any(1)
     return float(hits.float().mean())
 
 
@@ -157,7 +165,8 @@ def evaluate_knn(train_features, val_features, train_labels=None, val_labels=Non
     train_y = torch.tensor([lookup[c] for c in train_names])
     val_y = torch.tensor([lookup.get(c, -1) for c in val_names])
     ks = sorted(set(ks))
-    scores = knn_classify(train_features.global_features(), train_y, val_features.global_features(), ks, temperature,
+    scores = knn_classify(train_features.finite_global_features(), train_y, val_features.finite_global_features(), ks,
+                          temperature,
                           num_classes=len(classes), device=search_on)
     return {"train": str(train_features.path), "val": str(val_features.path), "train_images": len(train_features),
             "val_images": len(val_features), "classes": len(classes),

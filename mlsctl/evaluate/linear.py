@@ -85,10 +85,13 @@ def mean_average_precision(scores: torch.Tensor, targets: torch.Tensor) -> tuple
     return (sum(present) / len(present) if present else float("nan")), aps
 
 
-def top_k_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
+def top_k_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> Optional[float]:
+    """None when there are fewer than ``k`` classes (top-5 of 3 classes is 100 % by construction;
+    DINO's ``eval_linear.py`` skips it too)."""
     if len(labels) == 0:
         return float("nan")
-    k = min(k, logits.shape[1])
+    if k > logits.shape[1]:
+        return None
     return float((logits.topk(k, dim=1).indices == labels[:, None]).any(1).float().mean())
 
 
@@ -194,8 +197,8 @@ def evaluate_linear(train_features, val_features, *, labels: Optional[Path] = No
     from mlsctl.evaluate.knn import labels_for
 
     train_features.check_same_model(val_features)
-    x_train = train_features.global_features().float()
-    x_val = val_features.global_features().float()
+    x_train = train_features.finite_global_features().float()
+    x_val = val_features.finite_global_features().float()
     if multi_label:
         if labels is None:
             raise UserError("--multi-label needs --train-labels (and --val-labels): JSONL or CSV of tag lists, e.g. "

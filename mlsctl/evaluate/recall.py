@@ -151,12 +151,7 @@ def evaluate_recall(features, labels_file: Optional[Path] = None, ks: Optional[S
 
     names = labels_for(features, labels_file, "features", "--labels")
     labels, _ = class_ids(names, f"features {features.path}")
-    embeddings = features.global_features()
-    finite = torch.isfinite(embeddings).all(dim=-1)
-    if not bool(finite.all()):
-        bad = (~finite).nonzero().flatten().tolist()
-        raise UserError(f"features {features.path}: {len(bad)} of {len(finite)} embeddings hold NaN or inf (first: "
-                        f"{features.files[bad[0]]}); embed the folder again (a diverged model or a damaged shard)")
+    embeddings = features.finite_global_features()
     result = recall_at_k(embeddings, labels, ks, progress=sys.stderr.isatty())
     return {"features": str(features.path), "labels": str(labels_file) if labels_file else "folder names",
             "protocol": "every embedding a query against all the others (itself excluded), cosine, exact faiss search",

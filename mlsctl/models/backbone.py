@@ -196,7 +196,12 @@ class Backbone(nn.Module):
             finally:
                 handle.remove()
         patches = tokens[:, self.num_prefix_tokens:].reshape(b, h, w, -1)
-        cls = self.net.forward_head(tokens) if self.embedding_dim else tokens[:, 0]
+        if self.embedding_dim:
+            cls = self.net.forward_head(tokens)
+        elif self.has_cls_token:
+            cls = tokens[:, 0]
+        else:  # no class token (timm's class_token=False): its pooled feature, not the first patch (a review, 2026-12-06)
+            cls = self.net.forward_head(tokens, pre_logits=True)
         return BackboneOutput(cls=cls, patches=patches)
 
     def _masking_hook(self, mask: torch.Tensor):
