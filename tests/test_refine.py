@@ -245,6 +245,9 @@ def test_apply_bad_input_is_one_sentence(trained, capsys):
         (_folder(tmp / "wide", torch.randn(10, 24), torch.arange(10) % 2), [], "holds 24-d features, but run"),
         (_folder(tmp / "few", x[:4], y[:4]), [], "fewer than the 5 a query needs"),
         (train, ["--out", str(train)], "is the features folder"),
+        # a probe (2026-12-06): --overwrite replaced the run's own training features with refined ones
+        (_folder(tmp / "other", x, y), ["--out", str(train), "--overwrite"],
+         f"is the training features of run {tmp / 'run'} (its data.root) folder"),
     ]
     for feats, extra, message in cases:
         args = ["refine", "apply", str(tmp / "run"), str(feats)] + (extra or ["--out", str(tmp / "bad")])
@@ -321,7 +324,9 @@ def test_neighbours_are_kept_for_resume_and_searched_again_only_when_they_cannot
     assert found(k=3).shape == (len(x), 3) and searches == [1]
     moved = x.clone()
     moved[0] = -moved[0]
-    assert not torch.equal(found(moved, k=3), found(k=3)) and searches == [1, 1, 1]  # other embeddings
+    with pytest.raises(UserError, match="the features in data.root changed since this run started"):
+        found(moved, k=3)  # the same k, other embeddings: a resume onto re-embedded features (a probe, 2026-12-06)
+    assert searches == [1]
     caplog.set_level("INFO", logger="mlsctl")
     for damage in (b"not safetensors", None):
         if damage:

@@ -44,6 +44,7 @@ class RefinerRun:
     total_steps: Optional[int]
     fingerprint: str
     train_model: Optional[dict]  # the model record of the features the run trained on (None when moved)
+    train_root: Optional[Path] = None  # the run's data.root: the features it trained on
 
     @property
     def dim(self) -> int:
@@ -89,7 +90,8 @@ def load_refiner(run_dir: str | Path) -> RefinerRun:
     identity = fingerprint(refiner)  # the weights; input_scale (not a weight) joins it when not the default
     if cfg.input_scale != "sqrt_d":
         identity = hashlib.sha256(f"{identity}|input_scale={cfg.input_scale}".encode()).hexdigest()
-    return RefinerRun(refiner.eval(), cfg, run.root, checkpoint.step, state.get("total_steps"), identity, train_model)
+    return RefinerRun(refiner.eval(), cfg, run.root, checkpoint.step, state.get("total_steps"), identity, train_model,
+                      Path(recipe.data.root) if recipe.data.root else None)
 
 
 @torch.no_grad()
@@ -164,8 +166,9 @@ def apply_refinement(run_dir: str | Path, feats_dir: str | Path, out: str | Path
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype} is not one of {', '.join(DTYPES)}")
     out = Path(out)
-    for name, source in (("features", features.path), ("context features", context.path)):
-        if out.resolve() == Path(source).resolve():
+    for name, source in (("features", features.path), ("context features", context.path),
+                         (f"training features of run {loaded.run} (its data.root)", loaded.train_root)):
+        if source is not None and out.resolve() == Path(source).resolve():
             raise UserError(f"--out {out} is the {name} folder; write the refined features to another folder")
     if out.exists():
         if not out.is_dir():

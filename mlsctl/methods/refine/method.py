@@ -188,8 +188,15 @@ def _read_kept(path: Path, about: dict, rows: int) -> Optional[torch.Tensor]:
         return None
     try:
         with safe_open(str(path), "pt") as f:
-            if f.metadata() != about:
-                log.info(f"{path} was searched for other embeddings or another k: searching again")
+            metadata = f.metadata() or {}
+            if metadata.get("k") == about["k"] and metadata.get("embeddings_sha256") != about["embeddings_sha256"]:
+                # the file is this run's own (k is a key --resume keeps): data.root holds other features now
+                raise UserError(f"the features in data.root changed since this run started (their SHA-256 is not the "
+                                f"one its neighbour search recorded in {path}): a resumed run would go on training "
+                                f"on other features. Put back the features it started with, or start a new run "
+                                f"(another --out, or --overwrite)")
+            if metadata != about:
+                log.info(f"{path} was searched for another k: searching again")
                 return None
             kept = f.get_tensor("neighbour_rows")
     except (SafetensorError, OSError, KeyError, ValueError) as exc:
