@@ -80,3 +80,24 @@ def test_the_soft_label_cache_gives_back_the_dense_labels_and_keeps_only_their_n
     cache = SoftLabelCache(150, 255)
     cache.get(0, lambda: masks[0], (8, 8))
     assert cache.nbytes() == one_class  # against 64 x 150 x 4 bytes dense: 1/75
+
+
+def test_a_mask_value_outside_the_named_classes_is_one_sentence_in_both_evaluations(tmp_path, capsys):
+    """A probe (2026-12-06): with meta.json naming 3 classes, val masks holding 42 made a 43-class confusion
+    matrix (a lower mIoU, exit 0), and training masks holding it an internal error of linear-seg."""
+    train, val = _split(tmp_path, "train", 8, 0), _split(tmp_path, "val", 4, 1)
+    for split in ("train", "val"):
+        (tmp_path / split / "meta.json").write_text(json.dumps({"classes": ["a", "b", "c"]}))
+    out, _ = cli_ok(capsys, "eval", "linear-seg", "--train", str(train), "--train-masks", str(tmp_path / "train" / "masks"),
+                    "--val", str(val), "--val-masks", str(tmp_path / "val" / "masks"), "--epochs", "1", "--json")
+    assert json.loads(out)["classes"] == ["a", "b", "c"]  # the names are read
+    for split in ("val", "train"):
+        broken = tmp_path / split / "masks" / "001.png"
+        mask = np.array(Image.open(broken))
+        mask[0, 0] = 42
+        Image.fromarray(mask).save(broken)
+        for command in (["linear-seg", "--epochs", "1"], ["knn-seg", "--fraction", "1/1"]):
+            code, _, err = cli("eval", *command, "--train", str(train), "--train-masks", str(tmp_path / "train" / "masks"),
+                               "--val", str(val), "--val-masks", str(tmp_path / "val" / "masks"), capsys=capsys)
+            assert code == 2 and f"mask {broken} holds class 42, but the class names (meta.json) give 3 classes" in err, \
+                (split, command, err)

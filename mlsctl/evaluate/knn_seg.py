@@ -192,15 +192,31 @@ class FeatureMasks:
             self.split = None
             self.masks = match_masks(features.files, Path(masks), f"{what.split()[0]} masks")
         self.grid = features.grid
+        self.classes: Optional[int] = None  # with class names: every mask value must be one of them
+        self.ignore_index = 255
 
     def __len__(self) -> int:
         return len(self.features)
+
+    def limit_classes(self, num_classes: int, ignore_index: int) -> None:
+        """Refuse a mask holding a class id beyond the ``num_classes`` the class names give (a value
+        outside the list became a class of its own in the confusion matrix, and a training mask's
+        an internal error of linear-seg: a probe, 2026-12-06)."""
+        self.classes, self.ignore_index = num_classes, ignore_index
 
     def mask(self, row: int) -> np.ndarray:
         """The label mask of ``row`` (class ids; the ignore index where nothing is scored)."""
         if self.split is not None:
             return self.split.read_mask(self.features.files[row])
-        return read_mask(self.masks[row])
+        mask = read_mask(self.masks[row])
+        if self.classes is not None:
+            valid = mask[mask != self.ignore_index]
+            if valid.size and (int(valid.max()) >= self.classes or int(valid.min()) < 0):
+                bad = int(valid.max()) if int(valid.max()) >= self.classes else int(valid.min())
+                raise UserError(f"mask {self.masks[row]} holds class {bad}, but the class names (meta.json) give "
+                                f"{self.classes} classes, 0 to {self.classes - 1}, and the ignore label is "
+                                f"{self.ignore_index}; fix the mask, or the class list")
+        return mask
 
     def pairs(self, rows: Optional[Sequence[int]] = None, batch: int = 32) -> Iterator[tuple[int, torch.Tensor, np.ndarray]]:
         for row_batch, dense in self.features.iter_dense(rows, batch=batch):
@@ -605,6 +621,9 @@ def knn_segmentation(train: FeatureMasks, val: FeatureMasks, fractions: Sequence
     train.features.check_same_model(val.features)
     # class names (meta.json) fix the class count; without them every training mask is scanned once
     num_classes = len(names) if names else num_classes_of(train, settings.ignore_index)
+    if names:
+        for source in (train, val):
+            source.limit_classes(num_classes, settings.ignore_index)
     results = []
     n = len(train)
     plan = [(fraction, list(range(settings.runs)) if fraction < 1 else [0]) for fraction in fractions]

@@ -124,6 +124,9 @@ def evaluate_linear_seg(train: FeatureMasks, val: FeatureMasks, *, epochs: int =
 
     train.features.check_same_model(val.features)
     num_classes = len(names) if names else num_classes_of(train, ignore_index)
+    if names:
+        for source in (train, val):
+            source.limit_classes(num_classes, ignore_index)
     bar = tqdm(total=epochs * len(train) + len(val), unit="img", desc="linear-seg", disable=not progress,
                dynamic_ncols=True)
     started = time.perf_counter()
