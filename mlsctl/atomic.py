@@ -13,6 +13,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import resource
 import tempfile
 from pathlib import Path
@@ -84,6 +85,10 @@ def explain_write_failure(exc: BaseException, written: str | os.PathLike, target
     if isinstance(exc, OSError):
         return
     written, target = Path(written), Path(target)
+    quoted = re.search(r"\(os error (\d+)\)", str(exc))  # a Rust library's io::Error (safetensors)
+    if quoted and int(quoted.group(1)) in (errno.EFBIG, errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO):
+        number = int(quoted.group(1))
+        raise OSError(number, os.strerror(number), str(target)) from exc
     try:
         size = written.stat().st_size if written.exists() else 0
     except OSError:

@@ -166,6 +166,10 @@ def describe_environment_error(exc: BaseException) -> Optional[str]:
     if isinstance(exc, RuntimeError) and re.search(r"gloo.*Connection (closed|reset) by peer", str(exc), re.S):
         return ("another process of this run stopped or failed (its own message says why), and this one stopped "
                 "with it")
+    quoted = re.search(r"\(os error (\d+)\)", str(exc)) if not isinstance(exc, OSError) else None
+    if quoted and int(quoted.group(1)) in CAUSES:  # a Rust library's io::Error (safetensors): no path in it
+        cause, fix = CAUSES[int(quoted.group(1))]
+        return f"{cause}; {fix}"
     if not isinstance(exc, OSError) or exc.errno is None:
         return None
     cause, fix = CAUSES.get(exc.errno, (exc.strerror or os.strerror(exc.errno), "check the path"))

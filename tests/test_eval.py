@@ -589,3 +589,14 @@ def test_knn_and_linear_refuse_features_that_hold_nan_or_inf(tmp_path: Path, cap
                     ["linear", "--train", str(bad), "--val", str(good), "--epochs", "1", "--lr", "0.1", "--wd", "0"]):
         code, _, err = cli("eval", *command, capsys=capsys)
         assert code == 2 and f"features {bad}: 2 of 8 embeddings hold NaN or inf (first: c1/3.png)" in err, err
+
+
+def test_linear_refuses_learning_rates_and_decays_it_cannot_train_with(tmp_path: Path, capsys):
+    """A probe (2026-12-06): --lr -1 and --wd -1 were internal errors, --lr nan and --lr 0 were accepted."""
+    from conftest import cli
+
+    feats = write_feature_folder(tmp_path / "f", [f"c{i % 2}/{i}.png" for i in range(8)], torch.randn(8, 4))
+    for option, value in (("--lr", "-1"), ("--lr", "nan"), ("--lr", "0"), ("--wd", "-1"), ("--wd", "inf")):
+        code, _, err = cli("eval", "linear", "--train", str(feats), "--val", str(feats), option, value, "--epochs", "1",
+                           capsys=capsys)
+        assert code == 2 and f"{option} {float(value)}: every value must be a finite number" in err, (option, value, err)

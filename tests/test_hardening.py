@@ -1641,3 +1641,24 @@ def test_12_the_last_line_to_a_stderr_nobody_reads_is_let_go(monkeypatch):
     monkeypatch.setattr(sys, "stderr", io.TextIOWrapper(io.FileIO(write, "w"), write_through=True))
     _tell("interrupted: the last checkpoint is step 4")  # raised BrokenPipeError
     _tell("a second line")  # to /dev/null now
+
+
+def test_a_rust_librarys_io_error_is_the_machine_s_sentence(tmp_path):
+    """A probe (2026-12-06): under `ulimit -f`, export, bank export and embed said "internal error (SafetensorError:
+    Error while serializing: I/O error: File too large (os error 27))"; safetensors quotes the errno in its text."""
+    from mlsctl import atomic
+    from mlsctl.errors import describe_environment_error
+
+    class SafetensorLikeError(Exception):
+        pass
+
+    def writer(tmp):
+        raise SafetensorLikeError("Error while serializing: I/O error: File too large (os error 27)")
+
+    with pytest.raises(OSError) as raised:
+        atomic.write_with(tmp_path / "w.safetensors", writer)
+    assert raised.value.errno == errno.EFBIG and raised.value.filename == str(tmp_path / "w.safetensors")
+    assert not list(tmp_path.iterdir())  # no temporary file left
+    assert describe_environment_error(SafetensorLikeError("I/O error: No space left on device (os error 28)")) == \
+        "no space left on the device; free some space or write somewhere else"
+    assert describe_environment_error(SafetensorLikeError("header too large")) is None

@@ -232,3 +232,15 @@ def test_report_never_writes_over_a_file_that_is_not_a_report(finished_run, tmp_
     cli_ok(capsys, "report", str(run_dir), "--out", str(notes), "--results", str(tmp_path), "--patch-images", "1",
            "--overwrite")
     assert notes.read_text().startswith("<!DOCTYPE html>")
+
+
+def test_a_results_folder_that_is_not_there_is_one_sentence(finished_run, tmp_path, capsys):
+    """A probe (2026-12-06): `report RUN --results nonexist` reported "0 evaluations" without a word."""
+    from conftest import cli
+
+    run_dir, _ = finished_run
+    (tmp_path / "afile").write_text("x")
+    for given, words in ((tmp_path / "nonexist", "does not exist"), (tmp_path / "afile", "is a file")):
+        code, _, err = cli("report", str(run_dir), "--out", str(tmp_path / "r.html"), "--results", str(given),
+                           capsys=capsys)
+        assert code == 2 and f"--results {given} {words}" in err and not (tmp_path / "r.html").exists(), err

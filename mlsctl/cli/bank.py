@@ -111,7 +111,7 @@ def neighbors(
     bank: Optional[str] = typer.Option(None, "--bank", help="Bank name [default: the run's only bank]."),
     out: Path = typer.Option(Path("neighbors.png"), "--out", "-o", callback=png_file("--out"), help="PNG grid to write."),
     step: Optional[int] = STEP_OPT,
-    cell: int = typer.Option(128, "--cell", min=32, help="Side of each crop in pixels."),
+    cell: int = typer.Option(128, "--cell", min=32, max=1024, help="Side of each crop in pixels."),
     as_json: bool = typer.Option(False, "--json", help="Also print the entries as JSON."),
 ) -> None:
     """Embed an image with the run's teacher and draw its nearest bank entries as crops of their sources.

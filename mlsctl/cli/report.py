@@ -24,8 +24,13 @@ def report(
 
     Example: mlsctl report runs/dino_fmnist_quick --out report.html
     """
+    from mlsctl.errors import UserError
     from mlsctl.report import write_report
 
+    for folder in results or []:  # the default ./results may be absent (no evaluation yet); a folder given must exist
+        if not folder.is_dir():
+            raise UserError(f"--results {folder} {'is a file' if folder.exists() else 'does not exist'}; give a "
+                            f"folder of mlsctl eval result JSONs (their --out folder, ./results by default)")
     target = out or (run / "report.html")
     record = write_report(run, target, results=results or [Path("results")], patch_images=patch_images,
                           overwrite=overwrite)

@@ -15,7 +15,7 @@ def pca(
     features: Path = typer.Argument(..., help="Feature folder with dense features (mlsctl embed --dense)."),
     out: Path = typer.Option(Path("pca.png"), "--out", "-o", callback=png_file("--out"), help="PNG to write."),
     n: int = typer.Option(16, "--n", min=1, help="Images to show (the first n rows)."),
-    cell: Optional[int] = typer.Option(None, "--cell", min=16, help="Side of each drawn image in pixels "
+    cell: Optional[int] = typer.Option(None, "--cell", min=16, max=1024, help="Side of each drawn image in pixels "
                                        "[default: the model's input size times the smallest whole factor reaching 128]."),
 ) -> None:
     """PCA of dense features as RGB patch maps, each beside its image as the model saw it, with a legend.
