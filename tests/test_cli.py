@@ -387,6 +387,9 @@ def test_usage_errors_are_one_line_like_every_other_error(capsys):
                                                         "(see mlsctl eval knn -h)"),
                        (["eval", "knn", "--k", "abc"], "error: Invalid value for '--k'"),
                        (["evall"], "error: No such command 'evall'. Did you mean 'eval'? (see mlsctl -h)"),
-                       (["pretrain"], "error: Missing argument 'recipe' (see mlsctl pretrain -h)")):
+                       (["pretrain"], "error: Missing argument 'recipe' (see mlsctl pretrain -h)"),
+                       # a new-user probe (2026-12-06): an option without its value pointed at "mlsctl -h"
+                       (["eval", "knn", "--k"], "error: Option '--k' requires an argument (see mlsctl eval knn -h)"),
+                       (["search", "--set"], "error: Option '--set' requires an argument (see mlsctl search -h)")):
         code, out, err = cli(*args, capsys=capsys)
         assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and err.startswith(said), (args, err)

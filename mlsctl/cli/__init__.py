@@ -217,6 +217,28 @@ def _one_line_usage_errors() -> None:
         typer_click = click
     for module in {click, typer_click}:
         module.exceptions.UsageError.show = show
+        _name_the_command_of_parser_errors(module)
+
+
+def _name_the_command_of_parser_errors(click_module) -> None:
+    """click's parser raises "Option '--k' requires an argument" without the command's context, so the
+    line pointed at ``mlsctl -h`` instead of ``mlsctl eval knn -h`` (a probe, 2026-12-06): the context of
+    the command whose arguments were being parsed is put on the error."""
+    command_class = click_module.core.Command
+    if getattr(command_class.parse_args, "mlsctl_names_context", False):
+        return
+    parse_args = command_class.parse_args
+
+    def parse_args_naming_the_command(self, ctx, args):
+        try:
+            return parse_args(self, ctx, args)
+        except click_module.exceptions.UsageError as exc:
+            if exc.ctx is None:
+                exc.ctx = ctx
+            raise
+
+    parse_args_naming_the_command.mlsctl_names_context = True
+    command_class.parse_args = parse_args_naming_the_command
 
 
 def _run_app(argv: list[str]) -> None:
