@@ -215,3 +215,31 @@ def test_strict_build_fails_on_a_broken_link_an_anchor_and_a_page_outside_the_na
     out = result.stdout + result.stderr
     assert result.returncode != 0
     assert "no-such-heading" in out and "no-such-page.md" in out and "orphan.md" in out, out
+
+
+def test_the_commands_table_lists_every_option_of_every_command():
+    """A new user's probe (2026-12-06): the README calls docs/commands.md "every option", and its table lacked
+    seventeen options of eight commands."""
+    from typer.main import get_command
+
+    from mlsctl.cli import app
+
+    text = (REPO / "docs" / "commands.md").read_text(encoding="utf-8")
+    rows = [line for line in text.split("## Errors")[0].splitlines() if line.startswith("| `mlsctl")]
+
+    def commands(command, path):
+        if hasattr(command, "commands"):
+            for name, sub in command.commands.items():
+                yield from commands(sub, [*path, name])
+        else:
+            yield " ".join(path), command
+
+    missing = {}
+    for path, command in commands(get_command(app), []):
+        row = next((r for r in rows if r.startswith(f"| `mlsctl {path} ") or r.startswith(f"| `mlsctl {path}`")), None)
+        assert row is not None, f"no row for mlsctl {path}"
+        absent = [p.opts[-1] for p in command.params if type(p).__name__.endswith("Option") and "--help" not in p.opts
+                  and not any(re.search(rf"{re.escape(o)}\b", row) for o in p.opts)]
+        if absent:
+            missing[path] = absent
+    assert not missing, missing

@@ -53,6 +53,8 @@ ROOT_OPTION = typer.Option(None, "--root", help=ROOT_HELP)
 TRAIN_SPLIT_OPTION = typer.Option(None, "--train-split", parser=one_of("--train-split", Split),
                                   help="Training split of --dataset (trainval, trainaug: voc only) [default: the "
                                        "protocol's: voc trainaug, the others train].")
+CLS_TRAIN_SPLIT_OPTION = typer.Option(None, "--train-split", parser=one_of("--train-split", Split),
+                                      help="Training split of --dataset [default: train].")
 VAL_SPLIT_OPTION = typer.Option(None, "--val-split", parser=one_of("--val-split", Split),
                                 help="Validation split of --dataset [default: val].")
 DEVICE_HELP = "Device of the {what}: auto (the GPU when there is one), cpu, cuda."
@@ -217,7 +219,7 @@ def knn(
     val: Optional[Path] = GLOBAL_VAL_OPTION,
     dataset: ClsDataset = CLS_DATASET_OPTION,
     root: Optional[Path] = ROOT_OPTION,
-    train_split: Optional[Split] = TRAIN_SPLIT_OPTION,
+    train_split: Optional[Split] = CLS_TRAIN_SPLIT_OPTION,
     val_split: Optional[Split] = VAL_SPLIT_OPTION,
     run: Optional[Path] = RUN_OPTION,
     weights: Optional[Path] = WEIGHTS_OPTION,
@@ -272,7 +274,7 @@ def linear(
     val: Optional[Path] = GLOBAL_VAL_OPTION,
     dataset: ClsDataset = CLS_DATASET_OPTION,
     root: Optional[Path] = ROOT_OPTION,
-    train_split: Optional[Split] = TRAIN_SPLIT_OPTION,
+    train_split: Optional[Split] = CLS_TRAIN_SPLIT_OPTION,
     val_split: Optional[Split] = VAL_SPLIT_OPTION,
     run: Optional[Path] = RUN_OPTION,
     weights: Optional[Path] = WEIGHTS_OPTION,
@@ -280,7 +282,7 @@ def linear(
     random_init: bool = RANDOM_INIT_OPTION,
     seed: int = typer.Option(0, "--seed", help="Seed of --random-init, the held-out split and the training."),
     train_labels: Optional[Path] = typer.Option(None, "--train-labels", help="Labels: CSV/JSONL of path,label [default: folder names]; with --multi-label a JSONL/CSV of tag lists (fmnist-scenes' scenes.jsonl works)."),
-    val_labels: Optional[Path] = typer.Option(None, "--val-labels", help="Labels of --val [default: folder names; with --multi-label: --train-labels]."),
+    val_labels: Optional[Path] = typer.Option(None, "--val-labels", help="Labels of --val [default: folder names; with --multi-label: the --train-labels file, which must then list the val images too (fmnist-scenes: give val/scenes.jsonl)]."),
     multi_label: bool = typer.Option(False, "--multi-label", help="Several tags per image: binary cross-entropy, scored by mAP."),
     lr: Optional[list[float]] = typer.Option(None, "--lr", help="Learning rates of the sweep [default: 0.001 0.01 0.1 1]."),
     wd: Optional[list[float]] = typer.Option(None, "--wd", help="Weight decays of the sweep [default: 0 1e-4]."),
@@ -404,7 +406,8 @@ def linear_seg(
         return
     typer.echo(table(["class", "IoU %"], [[name, pct(result["iou_per_class"][c] if c < len(result["iou_per_class"]) else None)]
                                           for c, name in enumerate(result["classes"])]))
-    typer.echo(f"\nmIoU {pct(result['miou'])}%, foreground IoU {pct(result['foreground_iou'])}%, pixel accuracy "
+    foreground = f", foreground IoU {pct(result['foreground_iou'])}%" if "foreground_iou" in result else ""
+    typer.echo(f"\nmIoU {pct(result['miou'])}%{foreground}, pixel accuracy "
                f"{pct(result['pixel_accuracy'])}% on {len(val_features)} val images ({epochs} epochs, lr {lr:g}, "
                f"train loss {result['train_loss_per_epoch'][0]:.3f} -> {result['train_loss_per_epoch'][-1]:.3f}, "
                f"{result['seconds']['total']:.1f}s); results written to {out}")

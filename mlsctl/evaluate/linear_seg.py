@@ -71,6 +71,9 @@ class SoftLabelCache:
         return sum(where.nbytes + values.nbytes for where, values, _ in self.rows.values())
 
 
+BACKGROUND_NAMES = ("background", "_background_", "__background__", "bg")
+
+
 def train_linear_seg(train: FeatureMasks, num_classes: int, *, epochs: int = 10, lr: float = 0.1,
                      weight_decay: float = 0.0, image_batch: int = 32, ignore_index: int = 255, seed: int = 0,
                      progress=None) -> tuple[torch.nn.Linear, torch.Tensor, torch.Tensor, list[float]]:
@@ -150,7 +153,11 @@ def evaluate_linear_seg(train: FeatureMasks, val: FeatureMasks, *, epochs: int =
     return {"classes": classes, "num_classes": num_classes, "miou": mean_iou(confusion),
             "pixel_accuracy": pixel_accuracy(confusion),
             "iou_per_class": [None if np.isnan(v) else float(v) for v in iou_per_class(confusion)],
-            **foreground_background_iou(confusion), "train_loss_per_epoch": losses,
+            # foreground = every class but 0, which is a background only where its name says so (ADE20K's
+            # class 0 is "wall", Cityscapes' "road": a review, 2026-12-06); without names, as fmnist-scenes
+            **(foreground_background_iou(confusion) if not names or names[0].strip().lower() in BACKGROUND_NAMES
+               else {}),
+            "train_loss_per_epoch": losses,
             "settings": {"epochs": epochs, "lr": lr, "weight_decay": weight_decay, "image_batch": image_batch,
                          "ignore_index": ignore_index, "seed": seed,
                          "protocol": "1x1 linear layer on standardised frozen patch features, trained on per-patch "
