@@ -107,16 +107,32 @@ def default_out(images: str | os.PathLike) -> Path:
 
 
 _PLAN_KEYS = ("format_version", "candidates", "candidates_sha256", "fingerprint", "preprocessing", "dtype", "dense",
-              "batch_size", "part_size", "parts_per_shard", "dim", "grid")
+              "batch_size", "part_size", "parts_per_shard", "dim", "grid", "contents_sha256")
+# contents_sha256: of every image's relative path, size and modification time (a folder's images; None for an
+# archive's). A plan recorded before it existed (None) is taken as the same contents: it cannot be checked.
+_UNCHECKED_WHEN_ABSENT = ("contents_sha256",)
+
+
+def _differs(a: dict, b: dict, key: str) -> bool:
+    if key in _UNCHECKED_WHEN_ABSENT and (a.get(key) is None or b.get(key) is None):
+        return False
+    return a.get(key) != b.get(key)
+
+
+def _plan_sha(plan: dict) -> str:
+    """The hash the parts and shards of a plan carry. It leaves the contents out: they are checked when
+    the folder is opened, and an unfinished embed of a version that did not record them keeps its parts."""
+    return _sha256_lines([json.dumps({k: v for k, v in plan.items() if k != "contents_sha256"}, sort_keys=True)])
 
 
 def _same_plan(a: dict, b: dict) -> bool:
-    return all(a.get(k) == b.get(k) for k in _PLAN_KEYS)
+    return not any(_differs(a, b, k) for k in _PLAN_KEYS)
 
 
 def _plan_difference(old: dict, new: dict) -> str:
-    names = {"fingerprint": "model", "candidates_sha256": "image list", "candidates": "image count"}
-    changed = [names.get(k, k) for k in _PLAN_KEYS if old.get(k) != new.get(k)]
+    names = {"fingerprint": "model", "candidates_sha256": "image list", "candidates": "image count",
+             "contents_sha256": "image contents"}
+    changed = [names.get(k, k) for k in _PLAN_KEYS if _differs(old, new, k)]
     return ", ".join(dict.fromkeys(changed))
 
 
@@ -174,10 +190,11 @@ MAX_PATCHES = 128 * 128
 def embed_folder(images: str | os.PathLike, out: str | os.PathLike, model, *, dense: bool = False,
                  resolution: Optional[int] = None, resize: str = "square", batch_size: int = 64,
                  workers: Optional[int] = None, dtype: str = "fp16", part_size: Optional[int] = None, overwrite: bool = False,
-                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, refresh: bool = False,
                  progress: Optional[bool] = None, say: Callable[[str], None] = to_stderr) -> EmbedSummary:
     """Embed every image under ``images`` with ``model`` (a :class:`~mlsctl.models.source.ModelChoice`)
-    into the feature folder ``out``; see the module docstring for the format and resume rules."""
+    into the feature folder ``out``; see the module docstring for the format and resume rules
+    (``refresh``: :func:`embed_listing`'s)."""
     from mlsctl.data.archive import Tree
     from mlsctl.data.images import require_images, scan_images
 
@@ -187,10 +204,11 @@ def embed_folder(images: str | os.PathLike, out: str | os.PathLike, model, *, de
     relpaths = [f.relative_to(images).as_posix() for f in scan.files]
     not_images = [[p.relative_to(images).as_posix(), f"not an image file (extension {p.suffix or 'none'})"]
                   for p in scan.others] + [list(item) for item in scan.skipped]
-    return embed_listing(Tree(images), relpaths, out, model, not_images=not_images,
+    return embed_listing(Tree(images), relpaths, out, model, not_images=not_images, file_stats=scan.file_stats,
                          notes=scan.notes("image folder"), dense=dense, resolution=resolution, resize=resize,
                          batch_size=batch_size, workers=workers, dtype=dtype, part_size=part_size,
-                         overwrite=overwrite, max_image_pixels=max_image_pixels, progress=progress, say=say)
+                         overwrite=overwrite, refresh=refresh, max_image_pixels=max_image_pixels, progress=progress,
+                         say=say)
 
 
 WORKERS_FROM_IMAGES = 1000  # fewer images decode faster in the main process than workers start
@@ -219,13 +237,16 @@ def embed_split(split, out: str | os.PathLike, model, **options) -> EmbedSummary
 
 
 def embed_listing(tree, relpaths: list[str], out: str | os.PathLike, model, *, not_images: Sequence = (),
-                  notes: Sequence[str] = (), dense: bool = False, resolution: Optional[int] = None,
+                  file_stats: Optional[Sequence[tuple[int, int]]] = None, notes: Sequence[str] = (),
+                  dense: bool = False, resolution: Optional[int] = None,
                   resize: str = "square", batch_size: int = 64, workers: Optional[int] = None, dtype: str = "fp16",
-                  part_size: Optional[int] = None, overwrite: bool = False,
+                  part_size: Optional[int] = None, overwrite: bool = False, refresh: bool = False,
                   max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, progress: Optional[bool] = None,
                   say: Callable[[str], None] = to_stderr) -> EmbedSummary:
     """Embed the images ``relpaths`` of ``tree`` (a folder or an archive) into ``out``, decoding
-    them in ``workers`` processes (None: :func:`default_workers`)."""
+    them in ``workers`` processes (None: :func:`default_workers`). ``file_stats``: each image's (size,
+    modification time), so a folder whose images changed under the same names is not taken as done;
+    ``refresh`` (the evaluations' feature caches): a folder made otherwise is replaced, not refused."""
     from mlsctl.data.images import allow_image_pixels
 
     started = time.perf_counter()
@@ -266,19 +287,21 @@ def embed_listing(tree, relpaths: list[str], out: str | os.PathLike, model, *, n
     plan = {
         "format_version": FORMAT_VERSION, "input_root": str(images.resolve()), "candidates": len(relpaths),
         "candidates_sha256": _sha256_lines(relpaths), "fingerprint": model.fingerprint,
+        "contents_sha256": _sha256_lines([f"{p}\t{size}\t{mtime}" for p, (size, mtime) in zip(relpaths, file_stats)])
+        if file_stats is not None else None,
         "preprocessing": preprocessing.to_dict(), "dtype": {"fp16": "float16", "fp32": "float32"}[dtype],
         "dense": dense, "batch_size": batch_size, "part_size": part_size, "parts_per_shard": parts_per_shard,
         "max_image_pixels": max_image_pixels,
         "n_parts": n_parts, "n_shards": n_shards, "dim": backbone.embed_dim, "grid": list(grid) if grid else None,
     }
-    plan_sha = _sha256_lines([json.dumps(plan, sort_keys=True)])
+    plan_sha = _plan_sha(plan)
     is_main = dist.rank() == 0
 
     # ---------------------------------------------------------------- the state of --out
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; choose a folder")
     lock = FolderLock(out, "feature folder")
-    reused = dist.on_main(lambda: _open_feature_folder(out, plan, overwrite, lock))
+    reused = dist.on_main(lambda: _open_feature_folder(out, plan, overwrite, lock, refresh))
     if reused is not None:
         if is_main:
             lock.release()
@@ -293,12 +316,15 @@ def embed_listing(tree, relpaths: list[str], out: str | os.PathLike, model, *, n
             lock.release()
 
 
-def _open_feature_folder(out: Path, plan: dict, overwrite: bool, lock: FolderLock) -> Optional[dict]:
+def _open_feature_folder(out: Path, plan: dict, overwrite: bool, lock: FolderLock, refresh: bool = False) -> Optional[dict]:
     """Process 0: lock ``out`` and get it ready for this plan. Returns the manifest of a complete
     folder made the same way (nothing to do), else None with ``.partial/`` prepared. Anything that
-    is not a feature folder is never touched, --overwrite or not."""
+    is not a feature folder is never touched, --overwrite or not. ``refresh``: a feature folder made
+    otherwise (complete or not) is replaced as with ``overwrite``; one made the same way is kept."""
     lock.acquire()
     try:
+        if refresh and not overwrite:
+            overwrite = _made_otherwise(out, plan)
         partial = out / PARTIAL
         contents = [p for p in out.iterdir() if p.name != LOCK_NAME]
         if (out / MANIFEST).is_file():
@@ -320,7 +346,12 @@ def _open_feature_folder(out: Path, plan: dict, overwrite: bool, lock: FolderLoc
             except (OSError, ValueError):
                 previous = {}
             difference = _plan_difference(previous, plan)
-            if difference in ("image list", "image count, image list"):  # the same command, other files there now
+            if difference == "image contents":  # the same command, the same names, other images under them
+                raise UserError(f"--out {out} holds an unfinished embed of images that changed since it began (a size "
+                                f"or modification time in {plan['input_root']} differs); its parts cannot be reused: "
+                                f"add --overwrite to begin again with the images there now")
+            if difference in ("image list", "image count, image list") or (
+                    difference.startswith(("image list", "image count")) and difference.endswith("image contents")):
                 raise UserError(f"--out {out} holds an unfinished embed of another list of images "
                                 f"({previous.get('candidates', '?')} then, {plan['candidates']} now: files were added "
                                 f"to or removed from {plan['input_root']} since it began); its parts cannot be reused: "
@@ -343,7 +374,7 @@ def _open_feature_folder(out: Path, plan: dict, overwrite: bool, lock: FolderLoc
         # With --overwrite the features already there stay whole and readable until the new manifest replaces
         # them (_write_manifest); nothing else in --out is touched.
         partial.mkdir(parents=True, exist_ok=True)
-        _drop_unusable_records(out, partial, _sha256_lines([json.dumps(plan, sort_keys=True)]))
+        _drop_unusable_records(out, partial, _plan_sha(plan))
         _remove_leftovers(out, keep_partial=True)
         if not (partial / "plan.json").is_file():
             atomic.write_json(partial / "plan.json", plan)
@@ -708,6 +739,19 @@ def _model_cache(model, root: str | os.PathLike) -> Path:
     return Path(root) / f"{label}-{model.fingerprint[:8]}"
 
 
+def _made_otherwise(out: Path, plan: dict) -> bool:
+    """``out`` is a feature folder (complete, or an unfinished embed) of another plan than ``plan``."""
+    for record in (out / MANIFEST, out / PARTIAL / "plan.json"):
+        if record.is_file():
+            try:
+                found = json.loads(record.read_text())
+            except (OSError, ValueError):
+                return False  # damaged: left to the usual refusal
+            previous = found.get("plan", {}) if record.name == MANIFEST and isinstance(found, dict) else found
+            return isinstance(previous, dict) and not _same_plan(previous, plan)
+    return False
+
+
 def features_or_embed(path: str | os.PathLike, get_model: Callable[[], object], *, dense: bool, what: str,
                       say: Callable[[str], None] = to_stderr, **embed_options) -> Features:
     """``path`` itself when it is a feature folder; otherwise ``path`` is a folder of images,
@@ -716,7 +760,8 @@ def features_or_embed(path: str | os.PathLike, get_model: Callable[[], object], 
         return require_rows(Features(path, what), what)
     model = get_model()
     out = cache_dir(path, model, dense=dense, resize=embed_options.get("resize", "square"))
-    summary = embed_folder(path, out, model, dense=dense, say=say, **embed_options)
+    # a cache: images changed, added or removed since it was made are embedded again, not refused
+    summary = embed_folder(path, out, model, dense=dense, say=say, refresh=True, **embed_options)
     _say_embedded(summary, str(path), out, what, say)
     return require_rows(Features(out, what), what)
 
@@ -736,7 +781,7 @@ def features_of_split(split, get_model: Callable[[], object], *, dense: bool, wh
     already embedded) under :func:`split_cache_dir` with the model ``get_model()``."""
     model = get_model()
     out = split_cache_dir(split, model, dense=dense, resize=embed_options.get("resize", "square"))
-    summary = embed_split(split, out, model, dense=dense, say=say, **embed_options)
+    summary = embed_split(split, out, model, dense=dense, say=say, refresh=True, **embed_options)
     _say_embedded(summary, f"{split.dataset} {split.split} ({split.tree.path})", out, what, say)
     return require_rows(Features(out, what), what)
 

@@ -477,3 +477,56 @@ def test_embed_max_image_pixels_is_the_limit_images_are_decoded_under(tmp_path: 
     summary = embed_folder(images, tmp_path / "f", tiny_model(), max_image_pixels=100, say=quiet)
     assert summary.rows == 1 and len(summary.skipped) == 3
     assert all("more than 100 pixels" in reason for _, reason in summary.skipped)
+
+
+def test_images_changed_under_the_same_names_are_not_taken_as_embedded(tmp_path: Path, monkeypatch):
+    """A probe (2026-12-06): after the images of a folder were generated again under the same names, embed said
+    "already holds these features ... nothing to do", and eval knn reused its cached features (top-1 6.67 % where
+    the new images give 15 %). Each image's size and modification time are now part of what a folder was made of."""
+    import os
+
+    from PIL import Image
+
+    images = make_images(tmp_path / "images", 6)
+    options = dict(batch_size=2, part_size=2, say=quiet)
+    out = tmp_path / "feats"
+    embed_folder(images, out, tiny_model(), **options)
+    assert embed_folder(images, out, tiny_model(), **options).reused
+    changed = sorted(images.rglob("*.png"))[2]
+    Image.new("RGB", (48, 40), (250, 0, 250)).save(changed)
+    os.utime(changed, ns=(10**18, 10**18))  # a new time, whatever the file system's resolution
+    with pytest.raises(UserError, match=r"already holds features made differently \(image contents\); add --overwrite"):
+        embed_folder(images, out, tiny_model(), **options)
+    row = Features(out).files.index(changed.relative_to(images).as_posix())
+    before = Features(out).global_features()[row]
+    embed_folder(images, out, tiny_model(), overwrite=True, **options)
+    assert not torch.equal(Features(out).global_features()[row], before)
+
+    # an evaluation's cache is embedded again, not refused and not reused
+    lines = []
+    cached = feats.features_or_embed(images, lambda: tiny_model(), dense=False, what="train features",
+                                     say=lines.append, batch_size=2)
+    assert "embedded 6 images" in lines[-1]
+    feats.features_or_embed(images, lambda: tiny_model(), dense=False, what="train features", say=lines.append,
+                            batch_size=2)
+    assert "already in" in lines[-1]
+    os.utime(changed, ns=(2 * 10**18, 2 * 10**18))
+    feats.features_or_embed(images, lambda: tiny_model(), dense=False, what="train features", say=lines.append,
+                            batch_size=2)
+    assert "embedded 6 images" in lines[-1] and Features(cached.path).manifest["plan"]["contents_sha256"]
+
+    # a folder embedded before sizes and times were recorded is still taken as it is
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["plan"]["contents_sha256"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert embed_folder(images, out, tiny_model(), **options).reused
+
+    # an unfinished embed whose images changed since it began
+    unfinished = tmp_path / "unfinished"
+    monkeypatch.setattr(feats, "_write_part", stopped_at_call(feats._write_part, 2))
+    with pytest.raises(Interrupted):
+        embed_folder(images, unfinished, tiny_model(), **options)
+    monkeypatch.undo()
+    os.utime(changed, ns=(3 * 10**18, 3 * 10**18))
+    with pytest.raises(UserError, match="unfinished embed of images that changed since it began"):
+        embed_folder(images, unfinished, tiny_model(), **options)

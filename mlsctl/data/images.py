@@ -96,6 +96,9 @@ class ImageScan:
 
     root: Path
     files: list[Path] = field(default_factory=list)  # images, sorted by relative path
+    # (size, modification time in ns) of each of files, from the scan's own stat: what embed's resume
+    # and its feature caches compare to see an image changed under the same name
+    file_stats: list[tuple[int, int]] = field(default_factory=list)
     others: list[Path] = field(default_factory=list)  # other visible files
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (relative path, reason)
     links_skipped: int = 0  # links to folders or files already visited (loops, duplicates)
@@ -127,7 +130,7 @@ def scan_images(root: str | os.PathLike, what: str = "image folder") -> ImageSca
     scan = ImageScan(root, what=what)
     seen_folders = {(root_stat.st_dev, root_stat.st_ino)}
     seen_files: set[tuple[int, int]] = set()
-    found: list[tuple[str, Path]] = []
+    found: list[tuple[str, Path, tuple[int, int]]] = []
     pending = [(root, "")]  # depth first, names sorted: which of two links to one file is kept is fixed
     while pending:
         folder, rel = pending.pop()
@@ -151,13 +154,17 @@ def scan_images(root: str | os.PathLike, what: str = "image folder") -> ImageSca
                 if name_problem(name) is None:
                     scan.others.append(Path(entry.path))
                 continue
-            if is_folder and _first_visit(entry, relpath, "folder", seen_folders, scan):
-                subfolders.append((Path(entry.path), relpath))
-            elif not is_folder and _first_visit(entry, relpath, "file", seen_files, scan):
-                found.append((relpath, Path(entry.path)))
+            if is_folder:
+                if _first_visit(entry, relpath, "folder", seen_folders, scan) is not None:
+                    subfolders.append((Path(entry.path), relpath))
+                continue
+            st = _first_visit(entry, relpath, "file", seen_files, scan)
+            if st is not None:
+                found.append((relpath, Path(entry.path), (st.st_size, st.st_mtime_ns)))
         pending += reversed(subfolders)
     found.sort(key=lambda item: item[0])
-    scan.files = [path for _, path in found]
+    scan.files = [path for _, path, _ in found]
+    scan.file_stats = [stat for _, _, stat in found]
     scan.others.sort(key=lambda p: p.relative_to(root).as_posix())
     if scan.skipped:
         _UNREPORTED.append(scan)
@@ -180,26 +187,28 @@ def unreported_skips() -> list[str]:
     return lines
 
 
-def _first_visit(entry: os.DirEntry, relpath: str, kind: str, seen: set[tuple[int, int]], scan: ImageScan) -> bool:
-    """Whether ``entry`` (a folder or an image) is listed: its name can be stored, its target
-    exists, and no link led to the same real folder or file before (a skipped link is counted)."""
+def _first_visit(entry: os.DirEntry, relpath: str, kind: str, seen: set[tuple[int, int]],
+                 scan: ImageScan) -> Optional[os.stat_result]:
+    """The stat of ``entry`` (a folder or an image) when it is listed: its name can be stored, its
+    target exists, and no link led to the same real folder or file before (a skipped link is
+    counted); None when it is not."""
     problem = name_problem(entry.name)
     if problem:
         scan.skipped.append((printable_name(relpath), f"{kind} name {problem}; rename it"))
-        return False
+        return None
     try:
         st = entry.stat()  # follows links
     except OSError as exc:
         reason = (f"folder cannot be read ({exc.strerror or exc})" if kind == "folder"
                   else "broken link (its target does not exist)")
         scan.skipped.append((printable_name(relpath), reason))
-        return False
+        return None
     key = (st.st_dev, st.st_ino)
     if key in seen:
         scan.links_skipped += 1
-        return False
+        return None
     seen.add(key)
-    return True
+    return st
 
 
 def find_images(root: str | os.PathLike, what: str = "image folder", others: list[Path] | None = None) -> list[Path]:
@@ -447,7 +456,7 @@ class ImageFolder:
         require_images(self.scan, what)
         self._relpaths = np.array([f.relative_to(self.root).as_posix().encode("utf-8", "surrogateescape")
                                    for f in self.scan.files])
-        self.scan.files = []  # the array holds them
+        self.scan.files, self.scan.file_stats = [], []  # the array holds them; training compares no contents
         self.max_pixels = max_pixels
         allow_image_pixels(max_pixels)
 
