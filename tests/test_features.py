@@ -530,3 +530,14 @@ def test_images_changed_under_the_same_names_are_not_taken_as_embedded(tmp_path:
     os.utime(changed, ns=(3 * 10**18, 3 * 10**18))
     with pytest.raises(UserError, match="unfinished embed of images that changed since it began"):
         embed_folder(images, unfinished, tiny_model(), **options)
+
+
+def test_embed_counts_unreadable_images_apart_from_other_files(tmp_path: Path, finished_run, capsys):
+    """A new-user probe (2026-12-06): "embedding 23 images" ended "wrote 20 rows, 4 skipped", a README among them."""
+    run_dir, _ = finished_run
+    images = make_images(tmp_path / "images", 4)
+    write_bad_files(images)
+    (images / "README.txt").write_text("about these images")
+    code, out, err = cli("embed", str(images), "--run", str(run_dir), "--out", str(tmp_path / "f"), capsys=capsys)
+    assert code == 0 and "embedding 7 images" in err
+    assert "wrote 4 rows, 3 images skipped and 1 other file left out (listed in manifest.json)" in out, out

@@ -44,6 +44,23 @@ def test_missing_and_empty_folders_are_clear_errors(tmp_path: Path):
         find_images(tmp_path / "empty")
 
 
+
+def test_a_missing_benchmark_folder_names_the_command_that_builds_it(tmp_path: Path, capsys):
+    """A new-user probe (2026-12-06): `pretrain ms_fmnist_products` without its data said only "check the path"."""
+    from conftest import cli
+
+    for root, command in ((tmp_path / "data" / "fmnist-sop" / "train", "mlsctl data fmnist-products --layout sop --out "),
+                          (tmp_path / "data" / "fmnist-scenes" / "train" / "images", "mlsctl data fmnist-scenes --out "),
+                          (tmp_path / "data" / "fmnist-products" / "train", "mlsctl data fmnist-products --out ")):
+        with pytest.raises(UserError, match=f"does not exist; build it with: {command}"):
+            find_images(root)
+    with pytest.raises(UserError, match="does not exist; check the path"):
+        find_images(tmp_path / "mine")
+    # embed says so before it loads a model (it used to ask for one first)
+    code, _, err = cli("embed", str(tmp_path / "nope"), "--out", str(tmp_path / "f"), capsys=capsys)
+    assert code == 2 and f"image folder {tmp_path / 'nope'} does not exist" in err
+
+
 def test_bad_files_raise_bad_image_with_reasons(tmp_path: Path):
     expected = write_bad_files(tmp_path)
     for name, reason in expected.items():

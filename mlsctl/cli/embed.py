@@ -63,6 +63,12 @@ def embed(
         if root is None:
             raise UserError(f"--dataset {dataset} needs --root: the dataset's folder or its .tar/.zip archive")
         benchmark = open_split(dataset, root, split or "val")
+    elif not Path(images).is_dir():  # what is cheap to check goes before the model loads (a probe, 2026-12-06)
+        from mlsctl.data.images import scan_images
+
+        scan_images(images, "image folder")  # its sentence for a missing folder or a file
+    if part_size is not None and part_size % batch_size:
+        raise UserError(f"--part-size {part_size} must be a multiple of --batch-size {batch_size}")
     dist.init_from_environment()
     choice = choose_model(run=run, weights=weights, arch=model, random_init=random_init, seed=seed)
     main = dist.rank() == 0
@@ -97,7 +103,12 @@ def embed(
     if summary.reused:
         typer.echo(f"{summary.out} already holds these features ({summary.rows} rows); nothing to do")
         return
-    skipped = f", {len(summary.skipped)} skipped (listed in manifest.json)" if summary.skipped else ""
+    # "embedding 23 images" then "20 rows, 4 skipped" (a probe, 2026-12-06): files that are no images apart
+    others = sum(1 for _, reason in summary.skipped if reason.startswith("not an image file (extension"))
+    bad = len(summary.skipped) - others
+    parts = ([f"{bad} image{'s' if bad != 1 else ''} skipped"] if bad else []) + \
+        ([f"{others} other file{'s' if others != 1 else ''} left out"] if others else [])
+    skipped = f", {' and '.join(parts)} (listed in manifest.json)" if parts else ""
     rate = (f"{summary.images_per_s:.1f} images/s" if summary.images_per_s
             else "every part was embedded before: joined into shards only")
     typer.echo(f"wrote {summary.rows} rows{skipped} to {summary.out}/ in {summary.seconds:.1f}s ({rate})")

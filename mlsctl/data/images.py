@@ -116,13 +116,32 @@ class ImageScan:
         return lines
 
 
+# the benchmarks `mlsctl data` builds, by the folder the shipped recipes expect them in
+_BENCHMARK_COMMANDS = (("fmnist-sop", "mlsctl data fmnist-products --layout sop --out {}"),
+                       ("fmnist-scenes", "mlsctl data fmnist-scenes --out {}"),
+                       ("fmnist-products", "mlsctl data fmnist-products --out {}"))
+
+
+def _how_to_make(root: Path) -> str:
+    """The command that builds a missing benchmark folder the shipped recipes point at (a new user's
+    probe, 2026-12-06: "data.root .../data/fmnist-sop/train does not exist; check the path"), else
+    "check the path"."""
+    for depth, part in enumerate(reversed(root.parts)):
+        for name, command in _BENCHMARK_COMMANDS:
+            if part == name and depth <= 3:
+                built = Path(*root.parts[:len(root.parts) - depth])
+                shown = os.path.relpath(built) if not os.path.relpath(built).startswith("..") else str(built)
+                return f"build it with: {command.format(shown)}"
+    return "check the path"
+
+
 def scan_images(root: str | os.PathLike, what: str = "image folder") -> ImageScan:
     """Images under ``root`` (see the module docstring); raises when ``root`` is not a folder."""
     root = Path(root)
     try:
         root_stat = root.stat()
     except FileNotFoundError:
-        raise UserError(f"{what} {root} does not exist; check the path") from None
+        raise UserError(f"{what} {root} does not exist; {_how_to_make(root)}") from None
     except OSError as exc:
         raise UserError(f"{what} {root} cannot be read ({exc.strerror}); check the path and its permissions") from None
     if not stat.S_ISDIR(root_stat.st_mode):
