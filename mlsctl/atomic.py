@@ -59,7 +59,9 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     try:
         try:
             yield tmp_path
-        except OSError:
+        except OSError as exc:
+            if exc.filename is None and exc.errno is not None:  # a writer's own error names no file: name the target
+                raise OSError(exc.errno, exc.strerror or os.strerror(exc.errno), str(target)) from exc
             raise
         except Exception as exc:
             explain_write_failure(exc, tmp_path, target)

@@ -73,8 +73,17 @@ class FolderLock:
         program = "mlsctl" if Path(sys.argv[0]).name in ("mlsctl", "__main__.py") else sys.argv[0]
         record = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join([program, *sys.argv[1:]]),
                   "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-        os.ftruncate(fd, 0)
-        os.write(fd, (json.dumps(record) + "\n").encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, (json.dumps(record) + "\n").encode())
+        except OSError as exc:  # a full disk: leave no lock file, and no folder this call made (a probe, 2026-12-06)
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+            os.close(fd)
+            self._remove_created_folder()
+            raise OSError(exc.errno, exc.strerror, str(self.path)) from exc
         self._fd = fd
         _HELD_FDS.add(fd)
         return self

@@ -1662,3 +1662,28 @@ def test_a_rust_librarys_io_error_is_the_machine_s_sentence(tmp_path):
     assert describe_environment_error(SafetensorLikeError("I/O error: No space left on device (os error 28)")) == \
         "no space left on the device; free some space or write somewhere else"
     assert describe_environment_error(SafetensorLikeError("header too large")) is None
+
+
+def test_a_lock_that_cannot_be_written_leaves_nothing_behind(tmp_path, monkeypatch):
+    """A probe (2026-12-06): `refine train` on a full disk left its new --out with an empty .mlsctl.lock, and the
+    full-disk sentences of eval, plot, report and viz named no file."""
+    from mlsctl import atomic, locks
+    from mlsctl.errors import describe_environment_error
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(locks.os, "write", full)
+    with pytest.raises(OSError) as raised:
+        locks.FolderLock(tmp_path / "new" / "out", "run").acquire()
+    assert raised.value.filename == str(tmp_path / "new" / "out" / locks.LOCK_NAME)
+    assert not (tmp_path / "new").exists()
+    monkeypatch.undo()
+
+    def writer(tmp):
+        raise OSError(errno.ENOSPC, "No space left on device")  # as matplotlib's or json's write, without a name
+
+    with pytest.raises(OSError) as raised:
+        atomic.write_with(tmp_path / "r.json", writer)
+    assert describe_environment_error(raised.value) == (f"cannot use {tmp_path / 'r.json'}: no space left on the "
+                                                        f"device; free some space or write somewhere else")
