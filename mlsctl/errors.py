@@ -151,6 +151,11 @@ def file_in_the_way(path: "os.PathLike | str") -> "Optional[str]":
         current = parent
 
 
+# what a writer's quoted "(os error N)" may be taken for: the machine refusing a write (any other errno
+# in a library's text, "(os error 2)" say, may be a bug or a read of something else, and keeps its text)
+_WRITE_ERRNOS = (errno.EFBIG, errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)
+
+
 def describe_environment_error(exc: BaseException) -> Optional[str]:
     """One sentence for an error of the environment, or None when ``exc`` is something else."""
     if is_memory_error(exc):
@@ -167,7 +172,7 @@ def describe_environment_error(exc: BaseException) -> Optional[str]:
         return ("another process of this run stopped or failed (its own message says why), and this one stopped "
                 "with it")
     quoted = re.search(r"\(os error (\d+)\)", str(exc)) if not isinstance(exc, OSError) else None
-    if quoted and int(quoted.group(1)) in CAUSES:  # a Rust library's io::Error (safetensors): no path in it
+    if quoted and int(quoted.group(1)) in _WRITE_ERRNOS:  # a Rust library's io::Error (safetensors): no path in it
         cause, fix = CAUSES[int(quoted.group(1))]
         return f"{cause}; {fix}"
     if not isinstance(exc, OSError) or exc.errno is None:

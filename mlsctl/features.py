@@ -119,6 +119,15 @@ def _differs(a: dict, b: dict, key: str) -> bool:
     return a.get(key) != b.get(key)
 
 
+def contents_sha256(relpaths: Sequence[str], file_stats: Sequence[tuple[int, int]]) -> str:
+    """The SHA-256 of every image's relative path, size and modification time in whole seconds (a copy
+    to a file system of coarser times, with ``cp -p`` or rsync, keeps it)."""
+    digest = hashlib.sha256()
+    for relpath, (size, mtime_ns) in zip(relpaths, file_stats):
+        digest.update(f"{relpath}\t{size}\t{mtime_ns // 10**9}\n".encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()
+
+
 def _plan_sha(plan: dict) -> str:
     """The hash the parts and shards of a plan carry. It leaves the contents out: they are checked when
     the folder is opened, and an unfinished embed of a version that did not record them keeps its parts."""
@@ -204,7 +213,9 @@ def embed_folder(images: str | os.PathLike, out: str | os.PathLike, model, *, de
     relpaths = [f.relative_to(images).as_posix() for f in scan.files]
     not_images = [[p.relative_to(images).as_posix(), f"not an image file (extension {p.suffix or 'none'})"]
                   for p in scan.others] + [list(item) for item in scan.skipped]
-    return embed_listing(Tree(images), relpaths, out, model, not_images=not_images, file_stats=scan.file_stats,
+    contents = contents_sha256(relpaths, scan.file_stats)
+    scan.file_stats = []  # 1.28 M tuples need not live through the embed
+    return embed_listing(Tree(images), relpaths, out, model, not_images=not_images, contents=contents,
                          notes=scan.notes("image folder"), dense=dense, resolution=resolution, resize=resize,
                          batch_size=batch_size, workers=workers, dtype=dtype, part_size=part_size,
                          overwrite=overwrite, refresh=refresh, max_image_pixels=max_image_pixels, progress=progress,
@@ -237,15 +248,15 @@ def embed_split(split, out: str | os.PathLike, model, **options) -> EmbedSummary
 
 
 def embed_listing(tree, relpaths: list[str], out: str | os.PathLike, model, *, not_images: Sequence = (),
-                  file_stats: Optional[Sequence[tuple[int, int]]] = None, notes: Sequence[str] = (),
+                  contents: Optional[str] = None, notes: Sequence[str] = (),
                   dense: bool = False, resolution: Optional[int] = None,
                   resize: str = "square", batch_size: int = 64, workers: Optional[int] = None, dtype: str = "fp16",
                   part_size: Optional[int] = None, overwrite: bool = False, refresh: bool = False,
                   max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, progress: Optional[bool] = None,
                   say: Callable[[str], None] = to_stderr) -> EmbedSummary:
     """Embed the images ``relpaths`` of ``tree`` (a folder or an archive) into ``out``, decoding
-    them in ``workers`` processes (None: :func:`default_workers`). ``file_stats``: each image's (size,
-    modification time), so a folder whose images changed under the same names is not taken as done;
+    them in ``workers`` processes (None: :func:`default_workers`). ``contents``: :func:`contents_sha256` of
+    the images, so a folder whose images changed under the same names is not taken as done;
     ``refresh`` (the evaluations' feature caches): a folder made otherwise is replaced, not refused."""
     from mlsctl.data.images import allow_image_pixels
 
@@ -287,8 +298,7 @@ def embed_listing(tree, relpaths: list[str], out: str | os.PathLike, model, *, n
     plan = {
         "format_version": FORMAT_VERSION, "input_root": str(images.resolve()), "candidates": len(relpaths),
         "candidates_sha256": _sha256_lines(relpaths), "fingerprint": model.fingerprint,
-        "contents_sha256": _sha256_lines([f"{p}\t{size}\t{mtime}" for p, (size, mtime) in zip(relpaths, file_stats)])
-        if file_stats is not None else None,
+        "contents_sha256": contents,
         "preprocessing": preprocessing.to_dict(), "dtype": {"fp16": "float16", "fp32": "float32"}[dtype],
         "dense": dense, "batch_size": batch_size, "part_size": part_size, "parts_per_shard": parts_per_shard,
         "max_image_pixels": max_image_pixels,
@@ -712,23 +722,26 @@ def _shard_files(out: Path) -> set[str]:
 
 
 def cache_dir(images: str | os.PathLike, model, root: str | os.PathLike = "features", dense: bool = True,
-              resize: str = "square") -> Path:
+              resize: str = "square", resolution: Optional[int] = None) -> Path:
     """Where commands that take images keep their features: ``features/<model>-<fingerprint>/<folder>-<hash>``
     (the hash of the folder's absolute path keeps two folders of the same name apart), with
-    ``-global`` appended for global features alone (``eval knn``) and ``-center-crop`` for images
-    centre-cropped rather than resized whole."""
-    return _model_cache(model, root) / (folder_label(images) + _cache_suffix(dense, resize))
+    ``-global`` appended for global features alone (``eval knn``), ``-center-crop`` for images
+    centre-cropped rather than resized whole, and ``-rN`` for a resolution other than the model's
+    (``--protocol hummingbird``'s 512 px): each evaluation's features have a folder of their own, so
+    one never replaces another's (a review, 2026-12-06)."""
+    return _model_cache(model, root) / (folder_label(images) + _cache_suffix(model, dense, resize, resolution))
 
 
-def _cache_suffix(dense: bool, resize: str) -> str:
-    return ("" if dense else "-global") + ("" if resize == "square" else f"-{resize}")
+def _cache_suffix(model, dense: bool, resize: str, resolution: Optional[int]) -> str:
+    other = resolution is not None and resolution != model.info.get("img_size")
+    return ("" if dense else "-global") + ("" if resize == "square" else f"-{resize}") + (f"-r{resolution}" if other else "")
 
 
 def split_cache_dir(split, model, root: str | os.PathLike = "features", dense: bool = True,
-                    resize: str = "square") -> Path:
+                    resize: str = "square", resolution: Optional[int] = None) -> Path:
     """:func:`cache_dir` of one split of a benchmark: ``features/<model>-<fingerprint>/<dataset>-<split>-<root label>``."""
     return _model_cache(model, root) / (f"{split.dataset}-{split.split}-{folder_label(split.tree.path)}"
-                                        + _cache_suffix(dense, resize))
+                                        + _cache_suffix(model, dense, resize, resolution))
 
 
 def _model_cache(model, root: str | os.PathLike) -> Path:
@@ -759,7 +772,8 @@ def features_or_embed(path: str | os.PathLike, get_model: Callable[[], object], 
     if is_feature_folder(path):
         return require_rows(Features(path, what), what)
     model = get_model()
-    out = cache_dir(path, model, dense=dense, resize=embed_options.get("resize", "square"))
+    out = cache_dir(path, model, dense=dense, resize=embed_options.get("resize", "square"),
+                    resolution=embed_options.get("resolution"))
     # a cache: images changed, added or removed since it was made are embedded again, not refused
     summary = embed_folder(path, out, model, dense=dense, say=say, refresh=True, **embed_options)
     _say_embedded(summary, str(path), out, what, say)
@@ -780,7 +794,8 @@ def features_of_split(split, get_model: Callable[[], object], *, dense: bool, wh
     """The features of one split of a benchmark (:mod:`mlsctl.data.datasets`), embedded (or found
     already embedded) under :func:`split_cache_dir` with the model ``get_model()``."""
     model = get_model()
-    out = split_cache_dir(split, model, dense=dense, resize=embed_options.get("resize", "square"))
+    out = split_cache_dir(split, model, dense=dense, resize=embed_options.get("resize", "square"),
+                          resolution=embed_options.get("resolution"))
     summary = embed_split(split, out, model, dense=dense, say=say, refresh=True, **embed_options)
     _say_embedded(summary, f"{split.dataset} {split.split} ({split.tree.path})", out, what, say)
     return require_rows(Features(out, what), what)

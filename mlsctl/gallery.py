@@ -122,7 +122,7 @@ def load_set_model(run_dir: str | os.PathLike,
     run = open_run(run_dir, hint="give a MILE run written by mlsctl pretrain")
     recipe = recipe_of(run)
     if recipe.method.name != "mile":
-        raise UserError(f"run {run.root} trained {recipe.method.name}, not mile; galleries need a MILE run's set encoder")
+        raise UserError(f"run {run.root} trained {recipe.method.name}, not mile; set embeddings (galleries, eval retrieval, search) need a MILE run's set encoder")
     recipe, method, checkpoint = method_from_checkpoint(run, recipe=recipe)
     method.eval()
     backbone = model_choice(method.teacher_backbone(), f"teacher of MILE run {run.root} at step {checkpoint.step}",

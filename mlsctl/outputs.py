@@ -6,7 +6,7 @@ shard, a run's weights, a labels file, a training image — destroyed it and the
 
 * :func:`check_results_target`: a results file (``eval --out``) may replace only an earlier results
   file of mlsctl (a JSON object with ``command`` and ``written``, as
-  :func:`mlsctl.evaluate.results.write_result` writes);
+  :func:`mlsctl.evaluate.results.write_result` writes, or an older one whose ``command`` is an eval);
 * :func:`check_picture_target`: a picture (``plot``, ``viz pca``, ``bank plot``, ``bank neighbors``,
   ``refine plot``) may replace only a PNG that mlsctl or matplotlib drew (its ``Software`` text
   chunk); :func:`save_figure` and :func:`save_image` write that chunk.
@@ -53,7 +53,10 @@ def is_results_file(path: Path) -> bool:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return isinstance(record, dict) and "command" in record and "written" in record
+    if not isinstance(record, dict):
+        return False
+    command = record.get("command")  # results written before 2026-12-05 have no "written" stamp
+    return "written" in record and "command" in record or isinstance(command, str) and command.startswith("eval ")
 
 
 def check_results_target(out: Path, option: str = "--out") -> None:

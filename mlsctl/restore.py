@@ -285,7 +285,9 @@ def model_of_features(record: dict) -> Optional[ModelChoice]:
         return None
     seed = record.get("seed", 0)
     try:
-        if source == "run":
+        if source == "dinov2":  # the default model of a folder embedded without --run or --weights
+            choice = dinov2_small()
+        elif source == "run":
             choice = from_run(Path(path).parent)
         elif source == "run-checkpoint":
             checkpoint = Checkpoint(Path(path))

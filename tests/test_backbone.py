@@ -270,3 +270,12 @@ def test_model_weights_of_a_folder_names_the_file_inside(tmp_path):
     (tmp_path / "run" / "teacher.safetensors").write_bytes(b"")
     with pytest.raises(UserError, match=r"is a folder; give a .safetensors or .pth file; did you mean .*run/teacher"):
         check_weights_file(tmp_path / "run")
+
+
+def test_a_vit_without_class_token_or_pooling_gives_the_mean_of_its_patches():
+    """A review (2026-12-06): with global_pool '' timm's forward_head pools nothing, and the global feature was 3-D."""
+    model = Backbone("vit_small_patch16_224", img_size=32, patch_size=8,
+                     timm_kwargs={**TINY, "class_token": False, "global_pool": ""}).eval()
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 32, 32))
+    assert out.cls.shape == (2, 32) and torch.allclose(out.cls, out.patches.mean(dim=(1, 2)))

@@ -49,6 +49,7 @@ def test_inspect_counts_what_training_wrote_into_a_prefilled_queue(finished_run,
     report = json.loads(out)["banks"]["Q_g"]
     assert (report["filled"], report["written"], report["fill"], report["n_written"]) == (1024, 48, 48 / 1024, 48)
     assert report["status"] == "partial collapse" and report["duplicate_rate"] == pytest.approx(1 / 3)
+    assert report["payload"] == {"step": [], "image_id": []} and report["query_feature"] is None  # the table's rows too
     code, out, err = cli("bank", "inspect", str(run_dir), capsys=capsys)
     rows = {line.split("  ")[0]: line for line in out.splitlines()}
     assert "4.7% (48/1024) written by training; 976 slots still hold the random start" in rows["fill"]

@@ -360,12 +360,18 @@ def test_knn_scores_stay_finite_at_a_small_temperature_and_top_5_needs_votes():
     train, labels = F.normalize(torch.randn(60, 8), dim=1), torch.arange(60) % 10
     queries = F.normalize(torch.randn(30, 8), dim=1)
     scores = knn.knn_classify(train, labels, queries, ks=(20,), temperature=0.001)[20]
-    assert torch.isfinite(scores).all()
+    assert not torch.isnan(scores).any() and (scores < float("inf")).all()  # -inf: classes no neighbour voted for
     nearest = labels[(queries @ train.T).argmax(1)]
     assert torch.equal(scores.argmax(1), nearest)  # at T -> 0 the nearest neighbour decides
-    one_class = torch.zeros(4, 10)
+    one_class = torch.full((4, 10), float("-inf"))
     one_class[:, 7] = 3.0  # every neighbour voted for class 7
     assert knn.accuracy(one_class, torch.tensor([7, 1, 2, 3]), 5) == 0.25  # the unvoted classes are no hits
+    # a review: a voter 0.15 below the nearest weighs exp(-150) = 0 in float32 at T = 0.001, and is still a vote
+    train2 = F.normalize(torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]]), dim=1)
+    scores2 = knn.knn_classify(train2, torch.tensor([0, 1, 2]), torch.tensor([[1.0, 0.0]]), ks=(2,),
+                               temperature=0.001)[2]
+    assert knn.accuracy(scores2, torch.tensor([1]), 5) is None  # 3 classes
+    assert torch.isinf(scores2[0, 2]) and scores2[0, 1] == 0 and knn.accuracy(scores2, torch.tensor([1]), 2) == 1.0
     assert knn.accuracy(torch.rand(4, 3), torch.tensor([0, 1, 2, 0]), 5) is None  # 3 classes: no top-5
     from mlsctl.evaluate.linear import top_k_accuracy
 

@@ -541,3 +541,15 @@ def test_embed_counts_unreadable_images_apart_from_other_files(tmp_path: Path, f
     code, out, err = cli("embed", str(images), "--run", str(run_dir), "--out", str(tmp_path / "f"), capsys=capsys)
     assert code == 0 and "embedding 7 images" in err
     assert "wrote 4 rows, 3 images skipped and 1 other file left out (listed in manifest.json)" in out, out
+
+
+def test_each_resolution_an_evaluation_embeds_at_has_a_cache_folder_of_its_own():
+    """A review (2026-12-06): knn-seg's hummingbird protocol (512 px) and linear-seg (the model's size) shared one
+    cache folder; with caches embedded again when made otherwise, each would have replaced the other's."""
+    from types import SimpleNamespace
+
+    model = SimpleNamespace(info={"source": "weights", "path": "/w/b.safetensors", "arch": "vit", "img_size": 96,
+                                  "fingerprint": "a" * 64}, fingerprint="a" * 64)
+    base = feats.cache_dir("/data/x", model)
+    assert feats.cache_dir("/data/x", model, resolution=96) == base
+    assert feats.cache_dir("/data/x", model, resolution=512) == base.with_name(base.name + "-r512")

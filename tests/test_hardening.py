@@ -1447,6 +1447,7 @@ def test_23_8_plot_and_report_on_a_metrics_line_that_is_not_an_object(finished_r
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
     lines = (copy / "metrics.jsonl").read_text().splitlines()
+    (tmp_path / "none").mkdir()  # an empty results folder (one that is not there is refused)
     for bad in ("[1,2]", "null", '{"loss": 1}', "[" * 100_000 + "]" * 100_000, "garbage, not JSON"):  # the last:
         # a probe found a line that is not JSON taken for a killed run's torn last line anywhere in the file
         (copy / "metrics.jsonl").write_text("\n".join([lines[0], bad, *lines[1:]]) + "\n")
@@ -1687,3 +1688,20 @@ def test_a_lock_that_cannot_be_written_leaves_nothing_behind(tmp_path, monkeypat
         atomic.write_with(tmp_path / "r.json", writer)
     assert describe_environment_error(raised.value) == (f"cannot use {tmp_path / 'r.json'}: no space left on the "
                                                         f"device; free some space or write somewhere else")
+
+
+def test_older_results_files_may_be_replaced_and_other_quoted_errnos_keep_their_text(tmp_path):
+    """A review (2026-12-06): results files written before the "written" stamp were refused as --out; and any
+    library text quoting "(os error 2)" read as "it does not exist"."""
+    import json
+
+    from mlsctl.errors import describe_environment_error
+    from mlsctl.outputs import check_results_target
+
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"command": "eval knn", "results": []}))
+    check_results_target(old)
+    (tmp_path / "other.json").write_text(json.dumps({"command": "something else"}))
+    with pytest.raises(UserError, match="is not a results file of mlsctl"):
+        check_results_target(tmp_path / "other.json")
+    assert describe_environment_error(ValueError("reading the index: (os error 2)")) is None

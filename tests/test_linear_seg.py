@@ -106,3 +106,27 @@ def test_a_mask_value_outside_the_named_classes_is_one_sentence_in_both_evaluati
                                "--val", str(val), "--val-masks", str(tmp_path / "val" / "masks"), capsys=capsys)
             assert code == 2 and f"mask {broken} holds class 42, but the class names (meta.json) give 3 classes" in err, \
                 (split, command, err)
+
+
+def test_a_mask_of_another_aspect_than_its_image_as_shown_is_one_sentence(tmp_path, capsys):
+    """A review (2026-12-06): images are turned by their EXIF orientation, masks are not, and predictions are
+    upsampled to whatever shape the mask has: a phone photo's mask in raw pixel order was scored transposed."""
+    images = tmp_path / "images"
+    images.mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned by 90 degrees: 40 x 60 (w x h) of raw pixels shows as 60 x 40
+    for i in range(4):
+        Image.new("RGB", (40, 60), (50 * i, 0, 0)).save(images / f"{i}.jpg", exif=exif)
+    files = [f"{i}.jpg" for i in range(4)]
+    feats = write_feature_folder(tmp_path / "f", files, torch.randn(4, 8), torch.randn(4, 2, 2, 8), input_root=images)
+    for masks, shape, fine in (("raw", (60, 40), False), ("shown", (40, 60), True), ("half", (20, 30), True)):
+        (tmp_path / masks).mkdir()
+        for i in range(4):
+            Image.fromarray((np.arange(shape[0] * shape[1]).reshape(shape) % 2).astype(np.uint8)).save(
+                tmp_path / masks / f"{i}.png")
+        code, _, err = cli("eval", "linear-seg", "--train", str(feats), "--train-masks", str(tmp_path / masks), "--val",
+                           str(feats), "--val-masks", str(tmp_path / masks), "--epochs", "1", capsys=capsys)
+        if fine:
+            assert code == 0, (masks, err)
+        else:
+            assert code == 2 and "is 40x60 px, but its image" in err and "is 60x40 as shown" in err, err

@@ -333,7 +333,7 @@ def test_neighbours_are_kept_for_resume_and_searched_again_only_when_they_cannot
             kept.write_bytes(damage)
         else:  # the right metadata, rows out of range
             save_file({"neighbour_rows": torch.full((len(x), 3), 10**6)}, str(kept), {"k": "3", "embeddings_sha256":
-                                                                                     refine_method._digest(first.embeddings)})
+                                                                                     first.features_sha256})
         before = len(searches)
         assert found(k=3).shape == (len(x), 3) and len(searches) == before + 1
     assert "cannot read" in caplog.text and "another shape or range" in caplog.text
@@ -398,6 +398,7 @@ def test_refine_resumes_exactly_after_sigkill(tmp_path):
 def test_report_of_a_refine_run_shows_what_it_has(trained, capsys):
     """A probe (2026-12-05): `report` refused a refine run ('has no backbone') although `plot` draws its curves."""
     tmp, _ = trained
+    (tmp / "no-results").mkdir(exist_ok=True)  # empty (one that is not there is refused)
     _, err = cli_ok(capsys, "report", str(tmp / "run"), "--out", str(tmp / "refine-report.html"), "--results",
                     str(tmp / "no-results"))
     page = (tmp / "refine-report.html").read_text()
@@ -443,3 +444,21 @@ def test_commands_that_embed_skip_refine_runs_when_taking_the_newest_run(trained
     assert newest_run(runs).root.name == "refine"
     assert newest_run(runs, with_backbone=True).root.name == "dino"
     assert choose_model(runs_root=runs).description.startswith(f"teacher of run {runs / 'dino'}")
+
+
+def test_a_neighbour_search_that_cannot_be_kept_is_a_warning(tmp_path, monkeypatch, caplog):
+    """A review (2026-12-06): the kept search is an optimisation; a full disk writing it stopped the run."""
+    import errno
+
+    from mlsctl import atomic
+    from mlsctl.methods.refine import method as refine_method
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "n.safetensors"))
+
+    monkeypatch.setattr(atomic, "write_with", full)
+    x, y = _clusters()
+    caplog.set_level("WARNING", logger="mlsctl")
+    rows = ContextDataset(x, y, 4, [str(i) for i in range(12)], "t", search=False).find_neighbours(tmp_path / "n.safetensors")
+    assert rows.shape == (len(x), 4) and "not kept for --resume" in caplog.text
+    assert refine_method.NEIGHBOURS_FILE == "neighbours.safetensors"

@@ -86,6 +86,11 @@ def inspect(
     views = method_views(run_, banks)
     if as_json:
         out = {name: h.to_dict() for name, h in healths.items()}
+        for name, bank in banks.items():  # what the table shows besides the indicators (a probe, 2026-12-06)
+            qf = bank.query_feature
+            out[name]["payload"] = {k: list(c.shape) for k, c in bank.columns.items()}
+            out[name]["query_feature"] = ({"feature": qf.feature, "projection": qf.projection, "start": qf.start,
+                                           "stop": qf.stop} if qf else None)
         for name, rows in views.items():
             out[name]["method"] = {label.replace(" ", "_"): value for label, _, value in rows}
         print(json.dumps({"run": str(run_.root), "step": checkpoint.step, "banks": out}, indent=2))

@@ -205,6 +205,13 @@ def _model_of_training(train_features, get_model, run, weights, random_init: boo
     if run is not None or weights is not None or random_init or get_model.chosen is not None:
         return get_model()
     found = model_of_features(train_features.model)
+    if found is None:  # what a command without --run would take (the newest run, DINOv2), if it made them
+        try:
+            default = get_model()
+        except UserError:
+            default = None
+        if default is not None and default.fingerprint == train_features.model.get("fingerprint"):
+            return default
     if found is None:
         raise UserError(f"--aug-passes re-embeds the training images, and the model that made {train_features.path} "
                         f"({train_features.model.get('path')}) cannot be loaded again as it was; give it with --run RUN "
@@ -342,7 +349,8 @@ def linear(
         typer.echo(table(["class", "AP %"], [[c, pct(a, 2)] for c, a in scores["ap_per_class"].items()]))
         typer.echo(f"\nmAP {pct(scores['mAP'], 2)}%", nl=False)
     else:
-        typer.echo(f"top-1 {pct(scores['top1'], 2)}%, top-5 {pct(scores['top5'], 2)}%", nl=False)
+        top5 = f", top-5 {pct(scores['top5'], 2)}%" if scores["top5"] is not None else " (no top-5: fewer than 5 classes)"
+        typer.echo(f"top-1 {pct(scores['top1'], 2)}%{top5}", nl=False)
     typer.echo(f" on {result['val_images']} val images ({result['train_images']} train, {result['classes']} classes, "
                f"lr {result['chosen']['lr']:g}, wd {result['chosen']['weight_decay']:g}); results written to {out}")
     if result["val_classes_unseen_in_train"]:

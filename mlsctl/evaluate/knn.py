@@ -96,8 +96,9 @@ def _exact_search_chunks(memory: torch.Tensor, queries: torch.Tensor, k: int, qu
 def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, queries: torch.Tensor,
                  ks: Sequence[int] = DEFAULT_KS, temperature: float = 0.07, num_classes: Optional[int] = None,
                  chunk: int = 1024, device: Optional[torch.device] = None) -> dict[int, torch.Tensor]:
-    """Class scores [q, C] for each k in ``ks`` (weighted votes of the k nearest neighbours),
-    searched on ``device`` [default: the training features' device]."""
+    """Class scores [q, C] for each k in ``ks`` (weighted votes of the k nearest neighbours, relative to
+    the nearest one's weight; -inf for a class none of them voted for), searched on ``device``
+    [default: the training features' device]."""
     if len(train_features) == 0 or len(train_features) != len(train_labels):
         raise ValueError(f"knn_classify needs training features and one label each, got {len(train_features)} features "
                          f"and {len(train_labels)} labels")
@@ -123,21 +124,26 @@ def knn_classify(train_features: torch.Tensor, train_labels: torch.Tensor, queri
             kk = min(k, k_max)
             votes = torch.zeros(len(q), num_classes)
             votes.scatter_add_(1, neighbour_labels[:, :kk], weights[:, :kk])
-            out[k].append(votes)
+            voted = torch.zeros(len(q), num_classes, dtype=torch.bool)
+            voted.scatter_(1, neighbour_labels[:, :kk], True)
+            # a class no neighbour voted for scores -inf: never in a top 5, even where a voter's weight underflows
+            # to 0 (at T = 0.001 a neighbour 0.15 below the nearest weighs exp(-150))
+            out[k].append(votes.masked_fill_(~voted, float("-inf")))
     return {k: torch.cat(v) if v else torch.zeros(0, num_classes) for k, v in out.items()}
 
 
 def accuracy(scores: torch.Tensor, labels: torch.Tensor, top: int) -> Optional[float]:
     """The share of queries whose label is among their ``top`` highest-scoring classes; a class no
-    neighbour voted for (score 0) is never a hit, though DINO's ``eval_knn.py`` fills its top 5 with
-    such classes in arbitrary order (with 10 classes and every neighbour wrong it scored top-5 50 %).
+    neighbour voted for (score -inf, :func:`knn_classify`) is never a hit, though DINO's ``eval_knn.py``
+    fills its top 5 with such classes in arbitrary order (with 10 classes and every neighbour wrong it
+    scored top-5 50 %).
     None (no top-5) when there are fewer than ``top`` classes: it would be 100 % by construction."""
     if len(labels) == 0:
         return float("nan")
     if top > scores.shape[1]:
         return None
     found = scores.topk(top, dim=1)
-    hits = ((found.indices == labels[:, None]) & (found.values > 0)).any(1)
+    hits = ((found.indices == labels[:, None]) & (found.values > float("-inf"))).any(1)
     return float(hits.float().mean())
 
 

@@ -194,6 +194,7 @@ class FeatureMasks:
         self.grid = features.grid
         self.classes: Optional[int] = None  # with class names: every mask value must be one of them
         self.ignore_index = 255
+        self._shapes_checked: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.features)
@@ -204,11 +205,38 @@ class FeatureMasks:
         an internal error of linear-seg: a probe, 2026-12-06)."""
         self.classes, self.ignore_index = num_classes, ignore_index
 
+    def _check_shape(self, row: int, mask: np.ndarray) -> None:
+        """Refuse a mask whose aspect is not its image's as the image is shown (after its EXIF
+        orientation): predictions are upsampled to the mask, so a phone photo turned by its EXIF tag
+        while its mask follows the raw pixels was scored against the mask transposed, silently (a
+        review, 2026-12-06). A mask at another resolution of the same aspect is fine; an image that
+        cannot be opened (moved since it was embedded) is not checked."""
+        from PIL import Image
+
+        from mlsctl.data.images import exif_orientation
+
+        try:
+            with Image.open(self.features.image_path(row)) as image:
+                width, height = image.size
+                if exif_orientation(image) in (5, 6, 7, 8):
+                    width, height = height, width
+        except (OSError, ValueError):
+            return
+        mask_height, mask_width = mask.shape[:2]
+        if abs(mask_width * height - mask_height * width) > max(width, height, mask_width, mask_height):
+            raise UserError(f"mask {self.masks[row]} is {mask_width}x{mask_height} px, but its image "
+                            f"{self.features.image_path(row)} is {width}x{height} as shown (after its EXIF "
+                            f"orientation): another aspect, so the predictions would be scored against a distorted "
+                            f"mask; fix the mask (or the image's orientation)")
+
     def mask(self, row: int) -> np.ndarray:
         """The label mask of ``row`` (class ids; the ignore index where nothing is scored)."""
         if self.split is not None:
             return self.split.read_mask(self.features.files[row])
         mask = read_mask(self.masks[row])
+        if row not in self._shapes_checked:
+            self._check_shape(row, mask)
+            self._shapes_checked.add(row)
         if self.classes is not None:
             valid = mask[mask != self.ignore_index]
             if valid.size and (int(valid.max()) >= self.classes or int(valid.min()) < 0):

@@ -202,6 +202,8 @@ class Backbone(nn.Module):
             cls = tokens[:, 0]
         else:  # no class token (timm's class_token=False): its pooled feature, not the first patch (a review, 2026-12-06)
             cls = self.net.forward_head(tokens, pre_logits=True)
+            if cls.ndim == 3:  # global_pool '' pools nothing: the mean of the patch tokens
+                cls = patches.mean(dim=(1, 2))
         return BackboneOutput(cls=cls, patches=patches)
 
     def _masking_hook(self, mask: torch.Tensor):

@@ -126,7 +126,8 @@ def fitted_state(vit: torch.nn.Module, state: Mapping[str, torch.Tensor], source
             details = [f"{k} {list(state[k].shape)} vs {list(target[k].shape)}" for k in wrong]
             parts.append(f"{len(wrong)} keys of another shape ({_summarise(details)})")
         raise UserError(f"weights in {source} do not fit model.arch: " + "; ".join(parts)
-                        + "; check model.arch, model.patch_size and model.timm_kwargs")
+                        + "; check the architecture: model.arch, model.patch_size and model.timm_kwargs in a recipe, "
+                          "--model with --weights")
     return state
 
 

@@ -10,7 +10,8 @@ Symbols and their names here:
   training embeddings, itself excluded (:func:`mlsctl.methods.refine.neighbours.nearest_neighbours`, an
   exact faiss index). The embeddings are frozen, so every row's neighbours are searched once,
   before the first step, and kept in the run's ``cache/neighbours.safetensors`` for ``--resume``
-  (searched again only when the embeddings or k differ); at inference the reference is the gallery
+  (with k and the SHA-256 of the stored features: a resume onto other features is refused); at
+  inference the reference is the gallery
   (``mlsctl refine apply``);
 * a block t (:class:`~mlsctl.methods.refine.model.CrossAttentionBlock`, T = ``method.blocks`` = 8 of
   them, single head, as the Perceiver): the query is the running embedding x, keys and values the
@@ -126,7 +127,11 @@ class ContextDataset(torch.utils.data.Dataset):
                  search: bool = True):
         from mlsctl.methods.refine.neighbours import check_reference_size
 
-        check_reference_size(len(embeddings), k, True, what, "lower method.neighbours or give more embeddings")
+        check_reference_size(len(embeddings), k, True, what,
+                             "lower method.neighbours (refine train --k) or give more embeddings")
+        # the features as stored identify them: their normalisation's last bits depend on the CPU's kernels
+        # (AVX512 and the default kernel gave two hashes of the same rows: a review, 2026-12-06)
+        self.features_sha256 = _digest(embeddings.float())
         self.embeddings = F.normalize(embeddings.float(), dim=-1)
         self.labels, self.classes, self.k = labels, classes, k
         self.neighbour_rows: Optional[torch.Tensor] = None
@@ -147,7 +152,7 @@ class ContextDataset(torch.utils.data.Dataset):
 
         if kept is None:
             return self._search(nearest_neighbours)
-        about = {"k": str(self.k), "embeddings_sha256": _digest(self.embeddings)}
+        about = {"k": str(self.k), "embeddings_sha256": self.features_sha256}
         rows = _read_kept(kept, about, len(self.embeddings))
         if rows is None:
             rows = self._search(nearest_neighbours)
@@ -211,11 +216,17 @@ def _read_kept(path: Path, about: dict, rows: int) -> Optional[torch.Tensor]:
 
 
 def _keep(path: Path, rows: torch.Tensor, about: dict) -> None:
+    """Keep the search for ``--resume``; one that cannot be written (a full disk) costs a search then."""
     from safetensors.torch import save_file
 
     from mlsctl import atomic
+    from mlsctl.errors import describe_environment_error
 
-    atomic.write_with(path, lambda tmp: save_file({"neighbour_rows": rows.contiguous()}, str(tmp), metadata=about))
+    try:
+        atomic.write_with(path, lambda tmp: save_file({"neighbour_rows": rows.contiguous()}, str(tmp), metadata=about))
+    except OSError as exc:
+        logging.getLogger("mlsctl").warning(f"the neighbour search is not kept for --resume "
+                                            f"({describe_environment_error(exc) or exc}); a resume searches again")
 
 
 # ------------------------------------------------------------------------------------------ the method
