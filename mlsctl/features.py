@@ -45,7 +45,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from mlsctl.console import to_stderr
+from mlsctl.console import LogProgress, to_stderr
 from mlsctl import __version__, atomic
 from mlsctl import dist
 from mlsctl.data.images import DEFAULT_MAX_IMAGE_PIXELS
@@ -450,7 +450,10 @@ def _embed_parts(tree, out: Path, model, plan: dict, plan_sha: str, relpaths: li
     from tqdm import tqdm
 
     show = (progress if progress is not None else sys.stderr.isatty()) and is_main
-    bar = tqdm(total=n_todo, unit="img", disable=not show, desc="embed", dynamic_ncols=True)
+    if is_main and progress is None and not show:  # a log, not a terminal: a line every 30 s
+        bar = LogProgress(n_todo, "embed", say=say)
+    else:
+        bar = tqdm(total=n_todo, unit="img", disable=not show, desc="embed", dynamic_ncols=True)
     try:
         forward_s = _run_batches(loader, backbone, preprocessing, device, dense, torch_dtype, relpaths, part_size, todo,
                                  bar, part_path, grid, plan_sha)

@@ -553,3 +553,20 @@ def test_each_resolution_an_evaluation_embeds_at_has_a_cache_folder_of_its_own()
     base = feats.cache_dir("/data/x", model)
     assert feats.cache_dir("/data/x", model, resolution=96) == base
     assert feats.cache_dir("/data/x", model, resolution=512) == base.with_name(base.name + "-r512")
+
+
+def test_a_log_gets_a_progress_line_every_half_minute():
+    """A new-user probe (2026-12-06): with stderr in a log file, embed said nothing for 69 s between its first
+    and last lines."""
+    from mlsctl.console import LogProgress
+
+    now, lines = [0.0], []
+    progress = LogProgress(1000, "embed", every=30.0, say=lines.append, clock=lambda: now[0])
+    for _ in range(9):
+        now[0] += 10.0
+        progress.update(100)
+    assert lines == ["embed: 300 of 1,000 images, 10/s, about 70 s left",
+                     "embed: 600 of 1,000 images, 10/s, about 40 s left",
+                     "embed: 900 of 1,000 images, 10/s, about 10 s left"]
+    progress.update(100)  # done: the command's own last line says so
+    assert len(lines) == 3

@@ -9,6 +9,7 @@ from typing import Literal, Optional
 import typer
 
 from mlsctl.cli._format import pct, say, table
+from mlsctl.console import counted
 from mlsctl.cli._options import MODEL_OPTION, RANDOM_INIT_OPTION, RUN_OPTION, WEIGHTS_OPTION, one_of, results_file
 from mlsctl.evaluate.results import write_result
 
@@ -416,7 +417,7 @@ def linear_seg(
                                           for c, name in enumerate(result["classes"])]))
     foreground = f", foreground IoU {pct(result['foreground_iou'])}%" if "foreground_iou" in result else ""
     typer.echo(f"\nmIoU {pct(result['miou'])}%{foreground}, pixel accuracy "
-               f"{pct(result['pixel_accuracy'])}% on {len(val_features)} val images ({epochs} epochs, lr {lr:g}, "
+               f"{pct(result['pixel_accuracy'])}% on {len(val_features)} val images ({counted(epochs, 'epoch')}, lr {lr:g}, "
                f"train loss {result['train_loss_per_epoch'][0]:.3f} -> {result['train_loss_per_epoch'][-1]:.3f}, "
                f"{result['seconds']['total']:.1f}s); results written to {out}")
 

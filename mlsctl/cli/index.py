@@ -8,6 +8,7 @@ from typing import Literal, Optional
 import typer
 
 from mlsctl.cli._format import say, table
+from mlsctl.console import counted
 from mlsctl.cli._options import one_of
 
 app = typer.Typer(rich_markup_mode=None, help="Build and grow galleries of objects for image-set search (MILE set embeddings in faiss).",
@@ -82,7 +83,7 @@ def add(
         print(json.dumps({"gallery": str(gallery), "object": object_id, "created": created, "photos": count,
                           "objects": len(target), "written_since_training": round(share, 4)}, indent=2))
     else:
-        print(f"{'created' if created else 'updated'} {object_id} in {gallery}: {count} photos folded, "
+        print(f"{'created' if created else 'updated'} {object_id} in {gallery}: {counted(count, 'photo')} folded, "
               f"{len(target)} objects")
     if share > RETRAIN_SHARE:
         say(f"{100 * share:.0f}% of the objects were written after the IVF index was trained, so recall may have "

@@ -9,6 +9,7 @@ import typer
 
 from mlsctl.cli import app
 from mlsctl.cli._options import RUN_ARGUMENT
+from mlsctl.console import counted
 
 
 @app.command("report")
@@ -44,5 +45,5 @@ def report(
         counts.append(f"{record['comparisons']} of comparison models")
     if record["unmatched"]:
         counts.append(f"{record['unmatched']} unmatched")
-    print(f"wrote {target} ({record['bytes'] / 1e6:.1f} MB, {record['images']} pictures, {', '.join(counts)}); "
+    print(f"wrote {target} ({record['bytes'] / 1e6:.1f} MB, {counted(record['images'], 'picture')}, {', '.join(counts)}); "
           f"open it in any browser")

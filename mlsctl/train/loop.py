@@ -41,6 +41,7 @@ from mlsctl import __version__, atomic, config as config_lib, dist, methods, pro
 from mlsctl.data.images import ImageFolder, SkipLog
 from mlsctl.data.loader import make_loader
 from mlsctl.device import synchronize
+from mlsctl.console import counted
 from mlsctl.errors import Interrupted, UserError, annotate
 from mlsctl.locks import FolderLock
 from mlsctl.runs import Checkpoint, Run
@@ -224,10 +225,10 @@ def _train(run: Run, recipe, accelerator, folder: ImageFolder, dataset, collate_
         if is_main and method.has_backbone and not exported:
             # stopped between its last checkpoint and the teacher's export, or the file was removed
             checkpoint.export_teacher(method, run)
-            log.info(f"{run.root} is complete ({start_step} steps) but had no {run.teacher_weights_path.name}"
+            log.info(f"{run.root} is complete ({counted(start_step, 'step')}) but had no {run.teacher_weights_path.name}"
                      f"{' (or adapters)' if lora else ''}: written from its last checkpoint")
         elif is_main:
-            log.info(f"{run.root} is already complete ({start_step} steps); nothing to do")
+            log.info(f"{run.root} is already complete ({counted(start_step, 'step')}); nothing to do")
         dist.barrier()
         return RunSummary(run.root, start_step, 0.0, None, 0.0, already_complete=True)
     if start_step:
@@ -371,7 +372,8 @@ def _log_start(run: Run, recipe, accelerator, folder: ImageFolder, schedule: Sch
              f"{n_params / 1e6:.2f}M trainable parameters")
     made = (f" ({recipe.optim.batch_size} x {world} process{'es' if world > 1 else ''} x {accumulate} "
             f"accumulated micro-batches)" if accumulate > 1 else "")
-    log.info(f"{schedule.steps_per_epoch} steps/epoch x {recipe.optim.epochs} epochs = {plan.total_steps} steps of "
+    log.info(f"{schedule.steps_per_epoch} step{'s' if schedule.steps_per_epoch != 1 else ''}/epoch x "
+             f"{counted(recipe.optim.epochs, 'epoch')} = {counted(plan.total_steps, 'step')} of "
              f"{type(method).elements(plan.batch_global)}{made} | peak lr {plan.peak_lr:.3g} | run: {run.root}")
     log.info(type(method).describe_data(recipe, accelerator.device))
 
@@ -401,7 +403,7 @@ def _finish(run: Run, accelerator, method, folder: ImageFolder, plan: optim.Plan
                    "precision": "fp32" if accelerator.mixed_precision == "no" else accelerator.mixed_precision,
                    "mlsctl_version": __version__, "commit": provenance.commit(), "torch_version": torch.__version__}
         atomic.write_json(run.summary_path, summary)
-        log.info(f"done: {steps_run} steps in {elapsed:.0f}s ({throughput:.1f} {type(method).speed_unit()}), "
+        log.info(f"done: {counted(steps_run, 'step')} in {elapsed:.0f}s ({throughput:.1f} {type(method).speed_unit()}), "
                  f"final loss {loss_value:.4f}; run in {run.root}")
     dist.barrier()
     return RunSummary(run.root, total_steps, throughput, loss_value, elapsed)
