@@ -93,6 +93,11 @@ def test_a_mask_value_outside_the_named_classes_is_one_sentence_in_both_evaluati
     assert json.loads(out)["classes"] == ["a", "b", "c"]  # the names are read
     assert "foreground_iou" not in json.loads(out)  # class 0 is no background (a review, 2026-12-06: ADE20K's "wall")
     (tmp_path / "train" / "meta.json").write_text(json.dumps({"classes": ["background", "b", "c"]}))
+    # a probe (2026-12-06): val's own meta.json was ignored, so two class lists could disagree silently
+    code, _, err = cli("eval", "linear-seg", "--train", str(train), "--train-masks", str(tmp_path / "train" / "masks"),
+                       "--val", str(val), "--val-masks", str(tmp_path / "val" / "masks"), "--epochs", "1", capsys=capsys)
+    assert code == 2 and "class names of the training masks" in err and "differ" in err, err
+    (tmp_path / "val" / "meta.json").write_text(json.dumps({"classes": ["background", "b", "c"]}))
     out, _ = cli_ok(capsys, "eval", "linear-seg", "--train", str(train), "--train-masks", str(tmp_path / "train" / "masks"),
                     "--val", str(val), "--val-masks", str(tmp_path / "val" / "masks"), "--epochs", "1", "--json")
     assert 0 <= json.loads(out)["foreground_iou"] <= 1

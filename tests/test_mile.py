@@ -347,6 +347,10 @@ def test_search_ranks_objects_and_refuses_another_model(mile_run, tmp_path, caps
     (gallery / "gallery.json").write_text(json.dumps(manifest))
     code, _, err = cli("search", "--set", *photos, "--index", str(gallery), capsys=capsys)
     assert code == 2 and "differs" in err and "Traceback" not in err
+    # a new-user probe (2026-12-06): a photo that is not there was told after the model had loaded
+    code, _, err = cli("search", "--set", photos[0], str(tmp_path / "missing.png"), "--index", str(gallery),
+                       capsys=capsys)
+    assert code == 2 and f"--set {tmp_path / 'missing.png'} is not a file" in err and "model" not in err, err
 
 
 def test_eval_retrieval_reports_every_method_and_noise(mile_run, tmp_path):

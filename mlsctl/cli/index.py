@@ -147,6 +147,10 @@ def search(
         say(f"gallery: {index} (the newest under the current directory)")
     target = Gallery(index)
     queries = read_query_sets(sets) if sets is not None else None  # a bad file is told before the model loads
+    missing = [str(p) for p in (images or []) if not Path(p).is_file()]
+    if missing:  # as cheap to check as the file: before the model loads (a new-user probe, 2026-12-06)
+        raise UserError(f"--set {missing[0]} is not a file" + (f" (nor {len(missing) - 1} more of the photos)"
+                                                              if len(missing) > 1 else "") + "; check the path")
     model = choose_set_model(run or Path(target.manifest["model"]["run"]), say=say)
     target.check_model(model)
     if queries is not None:

@@ -159,8 +159,14 @@ def segmentation_inputs(dataset: str, root: Optional[Path], train_split: Optiona
     record = {"name": "folders", **image_roots(train_features, val_features), "masks": str(train_masks),
               "ignore_index": ignore_index,
               "mapping": {"rule": "none: mask values are the class ids", "ignored_values": [ignore_index]}}
-    return SegmentationInputs(train_features, val_features, train_masks, val_masks, record, class_names(train_masks),
-                              ignore_index, benchmark)
+    names, val_names = class_names(train_masks), class_names(val_masks)
+    if names is not None and val_names is not None and names != val_names:  # a probe, 2026-12-06: val's was ignored
+        raise UserError(f"the class names of the training masks ({train_masks}) and of the val masks ({val_masks}) differ "
+                        f"({', '.join(names[:4])}{', ...' if len(names) > 4 else ''} against "
+                        f"{', '.join(val_names[:4])}{', ...' if len(val_names) > 4 else ''}): one class id would mean "
+                        f"two classes; make their meta.json agree")
+    return SegmentationInputs(train_features, val_features, train_masks, val_masks, record, names, ignore_index,
+                              benchmark)
 
 
 def resolve_protocol(lib, name: str, given: dict) -> tuple:
