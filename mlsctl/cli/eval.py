@@ -148,7 +148,7 @@ def knn_seg(
                             patch_labels=patch_labels)
     started = time.perf_counter()
     result = lib.knn_segmentation(train_source, val_source, fractions, settings, augmented=augmented,
-                                  names=inputs.names, progress=sys.stderr.isatty())
+                                  names=inputs.names, progress=None)
     payload = {
         "command": "eval knn-seg",
         "dataset": record,

@@ -26,6 +26,7 @@ random resized crops 0.5–1 and colour jitter 0.1, mask cropped alike).
 from __future__ import annotations
 
 import json
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -642,8 +643,10 @@ def training_rows(n: int, fraction: Fraction, run_seed: int) -> list[int]:
 
 def knn_segmentation(train: FeatureMasks, val: FeatureMasks, fractions: Sequence[Fraction], settings: Settings, *,
                      augmented: Optional[AugmentedPasses] = None, names: Optional[list[str]] = None,
-                     progress: bool = False) -> dict:
-    """Every fraction (runs for fractions < 1, one run for 1/1) → a JSON-ready result."""
+                     progress: Optional[bool] = False) -> dict:
+    """Every fraction (runs for fractions < 1, one run for 1/1) → a JSON-ready result. ``progress``: a
+    bar (True), nothing (False), or as the CLI wants it (None: a bar on a terminal, a line every 30 s in
+    a log)."""
     from tqdm import tqdm
 
     train.features.check_same_model(val.features)
@@ -655,8 +658,13 @@ def knn_segmentation(train: FeatureMasks, val: FeatureMasks, fractions: Sequence
     results = []
     n = len(train)
     plan = [(fraction, list(range(settings.runs)) if fraction < 1 else [0]) for fraction in fractions]
-    bar = tqdm(total=sum(len(r) for _, r in plan) * len(val), unit="img", desc="knn-seg", disable=not progress,
-               dynamic_ncols=True)
+    total = sum(len(r) for _, r in plan) * len(val)
+    if progress is None and not sys.stderr.isatty():  # the CLI's default in a log file: a line every 30 s
+        from mlsctl.console import LogProgress
+
+        bar = LogProgress(total, "knn-seg", unit="val images segmented")
+    else:  # progress None on a terminal: a bar
+        bar = tqdm(total=total, unit="img", desc="knn-seg", disable=progress is False, dynamic_ncols=True)
     for fraction, runs in plan:
         count = max(1, round(n * fraction))
         outcomes = []
