@@ -135,3 +135,14 @@ def test_a_mask_of_another_aspect_than_its_image_as_shown_is_one_sentence(tmp_pa
             assert code == 0, (masks, err)
         else:
             assert code == 2 and "is 40x60 px, but its image" in err and "is 60x40 as shown" in err, err
+
+
+def test_val_masks_with_no_labelled_pixel_are_one_sentence(tmp_path, capsys):
+    """A probe (2026-12-06): val masks that are all the ignore label gave "mIoU -%" with exit 0."""
+    train, val = _split(tmp_path, "train", 8, 0), _split(tmp_path, "val", 4, 1)
+    for mask in (tmp_path / "val" / "masks").iterdir():
+        Image.fromarray(np.full((16, 16), 255, dtype=np.uint8)).save(mask)
+    for command in (["linear-seg", "--epochs", "1"], ["knn-seg", "--fraction", "1/1"]):
+        code, _, err = cli("eval", *command, "--train", str(train), "--train-masks", str(tmp_path / "train" / "masks"),
+                           "--val", str(val), "--val-masks", str(tmp_path / "val" / "masks"), capsys=capsys)
+        assert code == 2 and "no pixel of the val masks" in err and "nothing to score" in err, (command, err)

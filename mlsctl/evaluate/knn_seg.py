@@ -551,6 +551,12 @@ def protocol(name: str) -> Protocol:
     return PROTOCOLS[name]
 
 
+def no_labelled_pixels(val: FeatureMasks, ignore_index: int) -> str:
+    """The sentence for val masks that score nothing (a probe, 2026-12-06: "mIoU -%", exit 0)."""
+    return (f"no pixel of the val masks of {val.features.path} is labelled (every one is the ignore label "
+            f"{ignore_index}), so there is nothing to score; check the masks or --ignore-index")
+
+
 def num_classes_of(source: FeatureMasks, ignore_index: int) -> int:
     """The class count of a source without class names: the largest class id in its masks, plus one."""
     if source.split is not None:
@@ -672,6 +678,8 @@ def knn_segmentation(train: FeatureMasks, val: FeatureMasks, fractions: Sequence
             run_seed = settings.seed + run
             rows = training_rows(n, fraction, run_seed)
             outcomes.append(evaluate_once(train, val, rows, settings, num_classes, run_seed, augmented, bar.update))
+            if not outcomes[-1]["confusion"].sum():
+                raise UserError(no_labelled_pixels(val, settings.ignore_index))
         confusion_classes = max(o["confusion"].shape[0] for o in outcomes)
         per_class = np.full((len(outcomes), confusion_classes), np.nan)
         for i, o in enumerate(outcomes):

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mlsctl.evaluate.knn_seg import FeatureMasks, num_classes_of, patch_soft_labels
+from mlsctl.errors import UserError
+from mlsctl.evaluate.knn_seg import FeatureMasks, no_labelled_pixels, num_classes_of, patch_soft_labels
 from mlsctl.evaluate.segmentation import (confusion_update, foreground_background_iou, iou_per_class, mean_iou,
                                           pixel_accuracy)
 
@@ -149,6 +150,8 @@ def evaluate_linear_seg(train: FeatureMasks, val: FeatureMasks, *, epochs: int =
                 confusion = confusion_update(confusion, mask, prediction[0].argmax(0).numpy(), ignore_index)
             bar.update(b)
     bar.close()
+    if not confusion.sum():
+        raise UserError(no_labelled_pixels(val, ignore_index))
     classes = list(names or []) + [str(c) for c in range(len(names or []), num_classes)]
     return {"classes": classes, "num_classes": num_classes, "miou": mean_iou(confusion),
             "pixel_accuracy": pixel_accuracy(confusion),
