@@ -305,6 +305,11 @@ def test_damaged_or_foreign_folders_are_clear_errors(tmp_path: Path):
     with pytest.raises(UserError, match=f"manifest.json is a file, not a feature folder; give the folder {out} that"):
         Features(out / "manifest.json")
     manifest = json.loads((out / "manifest.json").read_text())
+    twice = dict(manifest, files=[manifest["files"][0], *manifest["files"][:-1]])  # a probe (2026-12-06)
+    (out / "manifest.json").write_text(json.dumps(twice))
+    with pytest.raises(UserError, match=f"'files' lists {manifest['files'][0]} twice"):
+        Features(out)
+    (out / "manifest.json").write_text(json.dumps(manifest))
     shard = out / manifest["shards"][0]["file"]
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 2])

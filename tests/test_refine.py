@@ -462,3 +462,11 @@ def test_a_neighbour_search_that_cannot_be_kept_is_a_warning(tmp_path, monkeypat
     rows = ContextDataset(x, y, 4, [str(i) for i in range(12)], "t", search=False).find_neighbours(tmp_path / "n.safetensors")
     assert rows.shape == (len(x), 4) and "not kept for --resume" in caplog.text
     assert refine_method.NEIGHBOURS_FILE == "neighbours.safetensors"
+
+
+def test_a_refine_run_inside_its_feature_folder_is_refused_in_words_that_fit(trained, tmp_path, capsys):
+    """A probe (2026-12-06): the refusal spoke of "a picture drawn into the run would become a training image"."""
+    _, train = trained
+    code, _, err = cli(*_train_args(train, train / "run"), capsys=capsys)
+    assert code == 2 and "inside data.root" in err and "among the features it trains on" in err, err
+    assert "picture" not in err and not (train / "run").exists()

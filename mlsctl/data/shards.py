@@ -59,6 +59,10 @@ def _manifest_problem(m: dict) -> Optional[str]:
     """What in a manifest has the wrong type, or None."""
     if not (isinstance(m["files"], list) and all(isinstance(f, str) for f in m["files"])):
         return "'files' must be a list of paths"
+    if len(set(m["files"])) != len(m["files"]):  # one image, two rows: every k-NN vote would count it twice
+        seen: set = set()
+        twice = next(f for f in m["files"] if f in seen or seen.add(f))
+        return f"'files' lists {twice} twice"
     shards = m["shards"]
     if not (isinstance(shards, list) and all(isinstance(e, dict) and isinstance(e.get("file"), str)
                                              and _SHARD_NAME.fullmatch(e["file"]) and _is_count(e.get("rows"))
