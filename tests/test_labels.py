@@ -245,3 +245,14 @@ def test_mls_bank_inspect_shows_a_tags_file_that_is_not_utf8_as_its_sentence(tmp
     views = queue_views(recipe, {"q_y": None}, [tmp_path / "a.png"])
     assert views == {"q_y": [("tags", f"not shown: labels file {bad} is not UTF-8 text (a binary or damaged file?); "
                                       f"give a CSV or JSONL file", None)]}
+
+
+def test_a_tags_file_given_as_class_labels_says_to_add_multi_label(tmp_path):
+    """A probe (2026-12-06): fmnist-scenes' scenes.jsonl given to a plain eval linear said only that a row is not
+    {path, label}."""
+    from mlsctl.data.labels import read_labels_file
+
+    for record in ({"path": "a.png", "tags": ["x", "y"]}, {"path": "a.png", "label": ["x", "y"]}):
+        (tmp_path / "s.jsonl").write_text(json.dumps(record) + "\n")
+        with pytest.raises(UserError, match="add --multi-label"):
+            read_labels_file(tmp_path / "s.jsonl")

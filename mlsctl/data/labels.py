@@ -137,7 +137,11 @@ def read_labels_file(path: Path) -> dict[str, str]:
     """``path`` → class label, as written in a JSONL or CSV labels file (see the module's rules)."""
     def from_json(record: dict, malformed: str):
         if "path" not in record or "label" not in record:
+            if any(key in record for key in ("labels", "tags", "items")):  # a tags file (fmnist-scenes' scenes.jsonl)
+                raise _Bad(f"{malformed}: it lists several tags for an image; with eval linear, add --multi-label")
             raise _Bad(malformed)
+        if isinstance(record["label"], list):
+            raise _Bad(f"{malformed}: its label is a list of tags; with eval linear, add --multi-label")
         return _scalar(record["path"], "path", malformed), _scalar(record["label"], "label", malformed)
 
     def from_csv(cells: list[str]):
