@@ -12,6 +12,7 @@ from typing import Optional
 
 from mlsctl import atomic, config as config_lib
 from mlsctl.data.images import ImageFolder
+from mlsctl.data.shards import is_feature_folder
 from mlsctl.errors import UserError
 from mlsctl.locks import LOCK_NAME, FolderLock
 from mlsctl.runs import HIDDEN_ENTRIES, REPLACED, Run
@@ -41,16 +42,10 @@ def check_out_outside_data(out: Path, recipe) -> None:
     and the run could no longer be resumed (its images.txt would no longer match)."""
     data_root = os.path.realpath(recipe.data.root) if recipe.data.root else None
     if data_root and os.path.commonpath([os.path.realpath(out), data_root]) == data_root:
-        inside = ("a picture drawn into the run would become a training image" if not _is_feature_folder(data_root)
+        inside = ("a picture drawn into the run would become a training image" if not is_feature_folder(data_root)
                   else "the run's files would sit among the features it trains on")
         raise UserError(f"--out {out} is inside data.root ({recipe.data.root}): {inside}, and the run could no longer "
                         f"be resumed; choose an --out outside it")
-
-
-def _is_feature_folder(path: str) -> bool:
-    from mlsctl.data.shards import is_feature_folder
-
-    return is_feature_folder(path)
 
 
 def _same_images(run: Run, saved, recipe, folder: ImageFolder) -> None:
