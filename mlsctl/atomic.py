@@ -48,20 +48,28 @@ def usual_permissions(path: str | os.PathLike) -> None:
     os.chmod(path, 0o666 & ~_UMASK)
 
 
+def _about(exc: OSError, target: Path) -> OSError:
+    return OSError(exc.errno, exc.strerror or os.strerror(exc.errno), str(target))
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path in the target's folder; rename it onto ``target`` on success."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as exc:  # a read-only or full folder: the user's path, not the temporary name
+        raise _about(exc, target) from exc
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         try:
             yield tmp_path
         except OSError as exc:
-            if exc.filename is None and exc.errno is not None:  # a writer's own error names no file: name the target
-                raise OSError(exc.errno, exc.strerror or os.strerror(exc.errno), str(target)) from exc
+            # a writer's own error names no file, or the temporary one: name the target (a probe, 2026-12-06)
+            if exc.errno is not None and exc.filename in (None, str(tmp_path), tmp_path):
+                raise _about(exc, target) from exc
             raise
         except Exception as exc:
             explain_write_failure(exc, tmp_path, target)

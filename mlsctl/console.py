@@ -33,10 +33,21 @@ class LogProgress:
             self.last = now
             rate = self.done / max(now - self.started, 1e-9)
             left = (self.total - self.done) / rate if rate > 0 else float("inf")
-            self.say(f"{self.what}: {self.done:,} of {self.total:,} {self.unit}, {rate:.0f}/s, about {left:.0f} s left")
+            shown = f"{rate:.0f}/s" if rate >= 10 else f"{rate:.2g}/s"
+            self.say(f"{self.what}: {self.done:,} of {self.total:,} {self.unit}, {shown}, about {_duration(left)} left")
 
     def close(self) -> None:
         pass
+
+
+def _duration(seconds: float) -> str:
+    if seconds != seconds or seconds == float("inf"):
+        return "an unknown time"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def counted(n: int, word: str, plural: str = "") -> str:

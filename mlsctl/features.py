@@ -140,7 +140,7 @@ def _same_plan(a: dict, b: dict) -> bool:
 
 def _plan_difference(old: dict, new: dict) -> str:
     names = {"fingerprint": "model", "candidates_sha256": "image list", "candidates": "image count",
-             "contents_sha256": "image contents"}
+             "contents_sha256": "image sizes or modification times"}
     changed = [names.get(k, k) for k in _PLAN_KEYS if _differs(old, new, k)]
     return ", ".join(dict.fromkeys(changed))
 
@@ -356,12 +356,13 @@ def _open_feature_folder(out: Path, plan: dict, overwrite: bool, lock: FolderLoc
             except (OSError, ValueError):
                 previous = {}
             difference = _plan_difference(previous, plan)
-            if difference == "image contents":  # the same command, the same names, other images under them
+            if difference == "image sizes or modification times":  # the same names, other images under them
                 raise UserError(f"--out {out} holds an unfinished embed of images that changed since it began (a size "
                                 f"or modification time in {plan['input_root']} differs); its parts cannot be reused: "
                                 f"add --overwrite to begin again with the images there now")
             if difference in ("image list", "image count, image list") or (
-                    difference.startswith(("image list", "image count")) and difference.endswith("image contents")):
+                    difference.startswith(("image list", "image count"))
+                    and difference.endswith("image sizes or modification times")):
                 raise UserError(f"--out {out} holds an unfinished embed of another list of images "
                                 f"({previous.get('candidates', '?')} then, {plan['candidates']} now: files were added "
                                 f"to or removed from {plan['input_root']} since it began); its parts cannot be reused: "
@@ -764,7 +765,12 @@ def _made_otherwise(out: Path, plan: dict) -> bool:
             except (OSError, ValueError):
                 return False  # damaged: left to the usual refusal
             previous = found.get("plan", {}) if record.name == MANIFEST and isinstance(found, dict) else found
-            return isinstance(previous, dict) and not _same_plan(previous, plan)
+            if not isinstance(previous, dict):
+                return False
+            # a cache that cannot say what its images were (made before contents were recorded) is made again
+            # once, rather than trusted (a probe, 2026-12-06: a pre-upgrade cache kept serving changed images)
+            unchecked = previous.get("contents_sha256") is None and plan.get("contents_sha256") is not None
+            return unchecked or not _same_plan(previous, plan)
     return False
 
 

@@ -8,23 +8,27 @@ shard, a run's weights, a labels file, a training image — destroyed it and the
   file of mlsctl (a JSON object with ``command`` and ``written``, as
   :func:`mlsctl.evaluate.results.write_result` writes, or an older one whose ``command`` is an eval);
 * :func:`check_picture_target`: a picture (``plot``, ``viz pca``, ``bank plot``, ``bank neighbors``,
-  ``refine plot``) may replace only a PNG that mlsctl or matplotlib drew (its ``Software`` text
-  chunk); :func:`save_figure` and :func:`save_image` write that chunk.
+  ``refine plot``) may replace only a PNG that mlsctl drew (its ``Software`` text chunk, which
+  :func:`save_figure` and :func:`save_image` write).
 
-Both refuse an empty path, a folder, and a path under a file, naming the user's path, never the
-temporary file an atomic write would have used.
+Both refuse an empty path, a folder, something that is not a regular file (a FIFO would make the
+check wait for ever), a path under a file, and a folder this process cannot write into (a read-only
+file system: said before the work, not after it), naming the user's path, never the temporary file
+an atomic write would have used. :func:`mlsctl.evaluate.results.write_result` checks again when the
+work is done, for a file the command itself made meanwhile (a feature cache's manifest).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from mlsctl import atomic
 from mlsctl.errors import UserError
 
-PNG_SOFTWARE = "mlsctl"  # the PNG text chunk "Software" of every picture mlsctl draws
-_DRAWN_BY = (PNG_SOFTWARE, "Matplotlib")  # pictures an earlier mlsctl drew through matplotlib say "Matplotlib ..."
+PNG_SOFTWARE = "mlsctl"  # the PNG text chunk "Software" of every picture mlsctl draws (matplotlib's own mark is
+# not enough: plt.imsave writes it into data sets' images and masks too, a probe found on 2026-12-06)
 _RESULTS_READ_LIMIT = 512 * 2**20  # a results file is JSON of at most a few MB; a larger file is something else
 
 
@@ -35,10 +39,15 @@ def check_place(out: Path, option: str, what: str) -> None:
     if out.is_dir():
         raise UserError(f"{option} {out} is a folder; give the path of the {what} to write inside it, such as "
                         f"{out / ('result.json' if what == 'results file' else 'picture.png')}")
+    if out.exists() and not out.is_file():
+        raise UserError(f"{option} {out} is not a regular file (a device, a pipe or a socket); give a file path")
     for parent in out.parents:
         if parent.exists():
             if not parent.is_dir():
                 raise UserError(f"{option} {out}: {parent} is a file, not a folder; choose another path")
+            if not os.access(parent, os.W_OK):
+                raise UserError(f"{option} {out}: this process cannot write into {parent} (read-only or not "
+                                f"permitted); choose another path")
             break
 
 
@@ -67,7 +76,7 @@ def check_results_target(out: Path, option: str = "--out") -> None:
 
 
 def drawn_by_us(path: Path) -> bool:
-    """``path`` is a PNG that mlsctl (or matplotlib, through which earlier versions drew) wrote."""
+    """``path`` is a PNG that mlsctl wrote (since 2026-12-06: its ``Software`` text chunk)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -75,7 +84,7 @@ def drawn_by_us(path: Path) -> bool:
             software = image.info.get("Software", "") if image.format == "PNG" else ""
     except (OSError, UnidentifiedImageError, ValueError):
         return False
-    return isinstance(software, str) and software.startswith(_DRAWN_BY)
+    return isinstance(software, str) and software.startswith(PNG_SOFTWARE)
 
 
 def check_picture_target(out: Path, option: str = "--out") -> None:

@@ -299,3 +299,18 @@ def test_export_into_the_run_folder_is_refused(finished_run, tmp_path, capsys):
         code, _, err = cli("bank", "export", str(run), "--out", str(target), "--overwrite", capsys=capsys)
         assert code == 2 and "inside the run folder" in err, err
     assert {t: t.read_bytes() for t in targets} == before
+
+
+def test_the_neighbour_grid_never_replaces_its_own_query(finished_run, tmp_path, capsys):
+    """A probe (2026-12-06): `bank neighbors -q grid.png --out grid.png` (a grid drawn before) replaced its query."""
+    from PIL import Image
+
+    from conftest import cli
+    from mlsctl.outputs import save_image
+
+    run, _ = finished_run
+    grid = tmp_path / "grid.png"
+    save_image(Image.new("RGB", (48, 40), (10, 120, 10)), grid)
+    before = grid.read_bytes()
+    code, _, err = cli("bank", "neighbors", str(run), "--query", str(grid), "--out", str(grid), capsys=capsys)
+    assert code == 2 and "is the --query image" in err and grid.read_bytes() == before

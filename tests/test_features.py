@@ -500,7 +500,7 @@ def test_images_changed_under_the_same_names_are_not_taken_as_embedded(tmp_path:
     changed = sorted(images.rglob("*.png"))[2]
     Image.new("RGB", (48, 40), (250, 0, 250)).save(changed)
     os.utime(changed, ns=(10**18, 10**18))  # a new time, whatever the file system's resolution
-    with pytest.raises(UserError, match=r"already holds features made differently \(image contents\); add --overwrite"):
+    with pytest.raises(UserError, match=r"already holds features made differently \(image sizes or modification times\); add --overwrite"):
         embed_folder(images, out, tiny_model(), **options)
     row = Features(out).files.index(changed.relative_to(images).as_posix())
     before = Features(out).global_features()[row]
@@ -575,3 +575,31 @@ def test_a_log_gets_a_progress_line_every_half_minute():
                      "embed: 900 of 1,000 images, 10/s, about 10 s left"]
     progress.update(100)  # done: the command's own last line says so
     assert len(lines) == 3
+
+
+def test_a_cache_from_before_sizes_and_times_were_recorded_is_embedded_once_more(tmp_path: Path):
+    """A probe (2026-12-06): an evaluation's cache written by an earlier mlsctl (no contents digest) kept serving
+    images changed since; `embed` itself still takes such a folder as it is."""
+    images = make_images(tmp_path / "images", 4)
+    lines = []
+    cached = feats.features_or_embed(images, lambda: tiny_model(), dense=False, what="train features",
+                                     say=lines.append, batch_size=2)
+    manifest = json.loads((cached.path / "manifest.json").read_text())
+    del manifest["plan"]["contents_sha256"]
+    (cached.path / "manifest.json").write_text(json.dumps(manifest))
+    feats.features_or_embed(images, lambda: tiny_model(), dense=False, what="train features", say=lines.append,
+                            batch_size=2)
+    assert "embedded 4 images" in lines[-1]
+    feats.features_or_embed(images, lambda: tiny_model(), dense=False, what="train features", say=lines.append,
+                            batch_size=2)
+    assert "already in" in lines[-1]
+
+
+def test_progress_lines_read_well_at_any_speed():
+    from mlsctl.console import LogProgress
+
+    now, lines = [0.0], []
+    slow = LogProgress(100_000, "embed", every=30.0, say=lines.append, clock=lambda: now[0])
+    now[0] = 40.0
+    slow.update(52)
+    assert lines == ["embed: 52 of 100,000 images, 1.3/s, about 21.4 h left"]

@@ -1705,3 +1705,48 @@ def test_older_results_files_may_be_replaced_and_other_quoted_errnos_keep_their_
     with pytest.raises(UserError, match="is not a results file of mlsctl"):
         check_results_target(tmp_path / "other.json")
     assert describe_environment_error(ValueError("reading the index: (os error 2)")) is None
+
+
+def test_outputs_refuse_what_a_second_probe_slipped_past(tmp_path, monkeypatch, capsys):
+    """A probe of the --out checks (2026-12-06): a PNG plt.imsave wrote (matplotlib's mark) was replaced; a FIFO
+    made the check wait for ever; a read-only folder failed after the work, naming the temporary file; a results
+    file the command itself made meanwhile (a cache manifest) was replaced; two evaluations in one second shared
+    one default file."""
+    import os
+    import tempfile
+
+    import numpy as np
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    from mlsctl import atomic
+    from mlsctl.errors import describe_environment_error
+    from mlsctl.evaluate.results import default_path, write_result
+    from mlsctl.outputs import check_picture_target, check_results_target
+
+    info = PngInfo()
+    info.add_text("Software", "Matplotlib version3.10, https://matplotlib.org/")
+    Image.fromarray(np.zeros((4, 4, 3), dtype=np.uint8)).save(tmp_path / "imsaved.png", pnginfo=info)
+    with pytest.raises(UserError, match="is not a picture mlsctl drew"):
+        check_picture_target(tmp_path / "imsaved.png")
+    os.mkfifo(tmp_path / "fifo.json")
+    with pytest.raises(UserError, match="is not a regular file"):
+        check_results_target(tmp_path / "fifo.json")
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    with pytest.raises(UserError, match=f"cannot write into {tmp_path}"):
+        check_results_target(tmp_path / "new.json")
+    monkeypatch.undo()
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / ".r.json.abc.tmp"))
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    with pytest.raises(OSError) as raised:
+        atomic.write_text(tmp_path / "r.json", "{}")
+    assert ".tmp" not in describe_environment_error(raised.value) and str(tmp_path / "r.json") in str(raised.value)
+    monkeypatch.undo()
+    (tmp_path / "feats").mkdir()
+    (tmp_path / "feats" / "manifest.json").write_text('{"kind": "mlsctl-features"}')  # made during the command
+    with pytest.raises(UserError, match="is not a results file of mlsctl"):
+        write_result({"command": "eval knn"}, tmp_path / "feats" / "manifest.json", "knn")
+    assert default_path("knn").name.endswith(f"-{os.getpid()}.json")

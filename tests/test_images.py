@@ -251,3 +251,10 @@ def test_an_image_folder_keeps_its_paths_in_one_array_that_workers_share(tmp_pat
     assert folder.relpaths() == sorted(p.relative_to(root).as_posix() for p in root.rglob("*.png"))
     assert "sub/café é.png" in folder.relpaths()
     assert folder.load(folder.relpaths().index("sub/café é.png")).size == (8, 8)
+
+
+def test_a_typo_under_a_built_benchmark_is_no_call_to_build_it(tmp_path: Path):
+    """A probe (2026-12-06): `embed data/fmnist-scenes/val/imagess` advised building fmnist-scenes, which was there."""
+    (tmp_path / "data" / "fmnist-scenes" / "val" / "images").mkdir(parents=True)
+    with pytest.raises(UserError, match="does not exist; check the path"):
+        find_images(tmp_path / "data" / "fmnist-scenes" / "val" / "imagess")

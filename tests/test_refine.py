@@ -247,7 +247,7 @@ def test_apply_bad_input_is_one_sentence(trained, capsys):
         (train, ["--out", str(train)], "is the features folder"),
         # a probe (2026-12-06): --overwrite replaced the run's own training features with refined ones
         (_folder(tmp / "other", x, y), ["--out", str(train), "--overwrite"],
-         f"is the training features of run {tmp / 'run'} (its data.root) folder"),
+         f"is the folder of the features run {tmp / 'run'} trained on (its data.root)"),
     ]
     for feats, extra, message in cases:
         args = ["refine", "apply", str(tmp / "run"), str(feats)] + (extra or ["--out", str(tmp / "bad")])
@@ -470,3 +470,13 @@ def test_a_refine_run_inside_its_feature_folder_is_refused_in_words_that_fit(tra
     code, _, err = cli(*_train_args(train, train / "run"), capsys=capsys)
     assert code == 2 and "inside data.root" in err and "among the features it trains on" in err, err
     assert "picture" not in err and not (train / "run").exists()
+
+
+def test_two_pictures_never_share_one_file(trained, tmp_path, capsys):
+    """A probe (2026-12-06): refine plot --out X --grid-out X wrote both to X, the drift picture lost."""
+    tmp, train = trained
+    sweep = tmp_path / "grid.json"
+    sweep.write_text("{}")
+    code, _, err = cli("refine", "plot", str(tmp / "run"), str(train), "--out", str(tmp_path / "same.png"),
+                       "--sweep", str(sweep), "--grid-out", str(tmp_path / "same.png"), capsys=capsys)
+    assert code == 2 and "--out and --grid-out are both" in err and not (tmp_path / "same.png").exists()

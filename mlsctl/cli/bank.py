@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -132,6 +133,8 @@ def neighbors(
     from mlsctl.restore import from_checkpoint, recipe_of
     from mlsctl.viz import neighbour_grid
 
+    if os.path.abspath(out) == os.path.abspath(query):  # a probe (2026-12-06): the grid replaced its own query
+        raise UserError(f"--out {out} is the --query image; write the grid somewhere else")
     try:
         image = load_rgb(query)
     except (BadImage, OSError) as exc:

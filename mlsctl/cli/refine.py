@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Literal, Optional
@@ -118,6 +119,10 @@ def plot(
     """
     from mlsctl.refine.plot import drift_figure, grid_figure
 
+    if sweep is not None and os.path.abspath(out) == os.path.abspath(grid_out):  # the second replaced the first
+        from mlsctl.errors import UserError
+
+        raise UserError(f"--out and --grid-out are both {out}; give the two pictures two names")
     drawn = {"drift": drift_figure(run, features, out, context_dir=context, labels_file=labels, points=points,
                                    projection=projection, seed=seed)}
     if sweep is not None:

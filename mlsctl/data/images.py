@@ -128,8 +128,8 @@ def _how_to_make(root: Path) -> str:
     "check the path"."""
     for depth, part in enumerate(reversed(root.parts)):
         for name, command in _BENCHMARK_COMMANDS:
-            if part == name and depth <= 3:
-                built = Path(*root.parts[:len(root.parts) - depth])
+            built = Path(*root.parts[:len(root.parts) - depth])
+            if part == name and depth <= 3 and not built.exists():  # built already: a typo below it, not a build
                 shown = os.path.relpath(built) if not os.path.relpath(built).startswith("..") else str(built)
                 return f"build it with: {command.format(shown)}"
     return "check the path"

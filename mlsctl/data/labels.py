@@ -212,7 +212,8 @@ def labels_of(files: Sequence[str], root: Path, labels_file: Optional[Path], wha
             missing.append(relpath)
         out.append(label)
     if missing:
-        raise UserError(f"labels file {labels_file} has no label for {len(missing)} images of {what} (first: {missing[0]})")
+        raise UserError(f"labels file {labels_file} has no label for {len(missing)} image{'s' if len(missing) != 1 else ''} "
+                        f"of {what} (first: {missing[0]})")
     return out
 
 

@@ -6,14 +6,17 @@ calls an evaluation function and writes its result here gets the same treatment 
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Optional
 
 
 def default_path(evaluation: str) -> Path:
-    """``results/<evaluation>-<YYYYmmdd-HHMMSS>.json``, relative to the working directory."""
-    return Path("results") / f"{evaluation}-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    """``results/<evaluation>-<YYYYmmdd-HHMMSS>-<process id>.json``, relative to the working directory:
+    two evaluations ending in the same second (a sweep's jobs) wrote one file, and the first one's
+    results were lost (a probe, 2026-12-06)."""
+    return Path("results") / f"{evaluation}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json"
 
 
 def write_result(payload: dict, out: Optional[Path], evaluation: str) -> Path:
@@ -21,7 +24,11 @@ def write_result(payload: dict, out: Optional[Path], evaluation: str) -> Path:
     returns the path written."""
     from mlsctl import atomic, provenance
 
+    from mlsctl.outputs import check_results_target
+
     path = Path(out) if out is not None else default_path(evaluation)
+    # checked again now the work is done: the command may have made the file since (a cache manifest of its own)
+    check_results_target(path)
     payload["written"] = provenance.stamp()
     atomic.write_json(path, payload)
     return path

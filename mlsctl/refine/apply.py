@@ -166,10 +166,10 @@ def apply_refinement(run_dir: str | Path, feats_dir: str | Path, out: str | Path
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype} is not one of {', '.join(DTYPES)}")
     out = Path(out)
-    for name, source in (("features", features.path), ("context features", context.path),
-                         (f"training features of run {loaded.run} (its data.root)", loaded.train_root)):
+    for name, source in (("the features folder", features.path), ("the context features folder", context.path),
+                         (f"the folder of the features run {loaded.run} trained on (its data.root)", loaded.train_root)):
         if source is not None and out.resolve() == Path(source).resolve():
-            raise UserError(f"--out {out} is the {name} folder; write the refined features to another folder")
+            raise UserError(f"--out {out} is {name}; write the refined features to another folder")
     if out.exists():
         if not out.is_dir():
             raise UserError(f"--out {out} is a file; choose a folder")
