@@ -384,7 +384,7 @@ def test_labels_from_folders_and_files(tmp_path: Path):
     (tmp_path / "labels.csv").write_text("path,label\ncat/1.png,x\ndog/2.png,y\n")
     assert knn.labels_for(Features(feats), tmp_path / "labels.csv", "train") == ["x", "y"]
     (tmp_path / "labels.jsonl").write_text('{"path": "cat/1.png", "label": 3}\n')
-    with pytest.raises(UserError, match="no label for 1 images"):
+    with pytest.raises(UserError, match="no label for 1 image "):
         knn.labels_for(Features(feats), tmp_path / "labels.jsonl", "train")
     flat = write_feature_folder(tmp_path / "g", ["1.png"], torch.randn(1, 4))
     with pytest.raises(UserError, match="not inside a class folder.*give it with --train-labels"):

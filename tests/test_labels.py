@@ -132,7 +132,7 @@ def test_labels_of_folders_or_a_file_and_class_ids(tmp_path):
     assert labels_of(["cat/1.png", "dog/2.png"], tmp_path, None, "x") == ["cat", "dog"]
     write(tmp_path / "l.csv", f"cat/1.png,a\n{tmp_path / 'dog/2.png'},b\n")  # relative or absolute keys
     assert labels_of(["cat/1.png", "dog/2.png"], tmp_path, tmp_path / "l.csv", "x") == ["a", "b"]
-    with pytest.raises(UserError, match=r"has no label for 1 images of x \(first: c/3.png\)"):
+    with pytest.raises(UserError, match=r"has no label for 1 image of x \(first: c/3.png\)"):
         labels_of(["cat/1.png", "c/3.png"], tmp_path, tmp_path / "l.csv", "x")
     ids, classes = class_ids(["b", "a", "b"], "x")
     assert ids.tolist() == [1, 0, 1] and classes == ["a", "b"]
