@@ -360,7 +360,9 @@ def test_a_resumed_refine_run_reads_its_neighbours_back(trained, tmp_path, monke
         raise AssertionError("the neighbours were searched again")
 
     monkeypatch.setattr(search, "nearest_neighbours", no_search)
-    _, err = cli_ok(capsys, *_train_args(train, killed, "method.zero_init=false"), "--resume")
+    # a probe (2026-12-06): without the options the run started with, --resume fell back on the shipped recipe
+    # ("too few classes for batches of 128"); it now continues from the run's own config.yaml
+    _, err = cli_ok(capsys, "refine", "train", str(train), "--out", str(killed), "--resume")
     assert f"resuming {killed} from step {stopped_at}" in err and "neighbours read from" in err
     assert Run(killed).latest().step == 18
 

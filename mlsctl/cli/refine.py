@@ -40,11 +40,18 @@ def train(
 
     Each embedding attends to its k nearest neighbours among the training embeddings (itself
     excluded); the shared training loop (checkpoints, --resume, metrics.jsonl) runs recipes/refine.yaml
-    with data.root set to FEATURES.
+    with data.root set to FEATURES. With --resume it continues from the run's own config.yaml: the
+    options it started with need not be given again.
     """
     from mlsctl import config, train as train_lib
 
-    recipe_path = config.resolve_recipe_path(recipe)
+    out = out if out is not None else Path("runs") / f"refine-{features.resolve().name}"
+    if resume and recipe == "refine" and (out / "config.yaml").is_file():
+        # the run's own recipe, as `pretrain RUN/config.yaml --resume`: the options it started with need not be
+        # given again (a probe, 2026-12-06: without them the shipped recipe's batch of 128 was refused)
+        recipe_path = out / "config.yaml"
+    else:
+        recipe_path = config.resolve_recipe_path(recipe)
     items = [f"data.root={features}"]
     given_overrides = config.parse_overrides(list(overrides or []))
     for option, key, value in (("--labels", "method.labels_file", labels), ("--blocks", "method.blocks", blocks),
@@ -62,7 +69,6 @@ def train(
 
         raise UserError(f"--recipe {recipe} is a {loaded.method.name} recipe; refine train runs a refine recipe "
                         f"(recipes/refine.yaml)")
-    out = out if out is not None else Path("runs") / f"refine-{features.resolve().name}"
     train_lib.pretrain(loaded, out, resume=resume, init_from=init_from, overwrite=overwrite,
                        recipe_source=str(recipe_path),
                        overridden=list(config.parse_overrides(items + list(overrides or []))))
