@@ -780,6 +780,10 @@ def features_or_embed(path: str | os.PathLike, get_model: Callable[[], object], 
     embedded (or found already embedded) under :func:`cache_dir` with the model ``get_model()``."""
     if is_feature_folder(path):
         return require_rows(Features(path, what), what)
+    if not Path(path).is_dir():  # said before a model loads (a probe, 2026-12-06)
+        from mlsctl.data.images import scan_images
+
+        scan_images(path, f"{what} (a folder of images)")
     model = get_model()
     out = cache_dir(path, model, dense=dense, resize=embed_options.get("resize", "square"),
                     resolution=embed_options.get("resolution"))

@@ -606,3 +606,13 @@ def test_linear_refuses_learning_rates_and_decays_it_cannot_train_with(tmp_path:
         code, _, err = cli("eval", "linear", "--train", str(feats), "--val", str(feats), option, value, "--epochs", "1",
                            capsys=capsys)
         assert code == 2 and f"{option} {float(value)}: every value must be a finite number" in err, (option, value, err)
+
+
+def test_a_missing_image_folder_is_said_before_a_model_loads(tmp_path: Path, capsys):
+    """A probe (2026-12-06): eval knn and linear-seg loaded (or looked for) a model before seeing their folder was
+    not there."""
+    from conftest import cli
+
+    code, _, err = cli("eval", "knn", "--train", str(tmp_path / "nope"), "--val", str(tmp_path / "nope2"), capsys=capsys)
+    assert code == 2 and f"train features (a folder of images) {tmp_path / 'nope'} does not exist" in err
+    assert "model" not in err.replace("(a folder of images)", "")
