@@ -75,6 +75,16 @@ def check_results_target(out: Path, option: str = "--out") -> None:
                         f"choose another path, or delete it first if it is not needed")
 
 
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """``a`` and ``b`` name one file: the same path, through a symbolic link, or a hard link."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return False
+
+
 def drawn_by_us(path: Path) -> bool:
     """``path`` is a PNG that mlsctl wrote (since 2026-12-06: its ``Software`` text chunk)."""
     from PIL import Image, UnidentifiedImageError

@@ -314,3 +314,10 @@ def test_the_neighbour_grid_never_replaces_its_own_query(finished_run, tmp_path,
     before = grid.read_bytes()
     code, _, err = cli("bank", "neighbors", str(run), "--query", str(grid), "--out", str(grid), capsys=capsys)
     assert code == 2 and "is the --query image" in err and grid.read_bytes() == before
+    # a review (2026-12-06): through a symbolic or a hard link it was not seen
+    (tmp_path / "soft.png").symlink_to(grid)
+    (tmp_path / "hard.png").hardlink_to(grid)
+    for other in ("soft.png", "hard.png"):
+        code, _, err = cli("bank", "neighbors", str(run), "--query", str(grid), "--out", str(tmp_path / other),
+                           capsys=capsys)
+        assert code == 2 and "is the --query image" in err and grid.read_bytes() == before, (other, err)

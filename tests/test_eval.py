@@ -614,5 +614,19 @@ def test_a_missing_image_folder_is_said_before_a_model_loads(tmp_path: Path, cap
     from conftest import cli
 
     code, _, err = cli("eval", "knn", "--train", str(tmp_path / "nope"), "--val", str(tmp_path / "nope2"), capsys=capsys)
-    assert code == 2 and f"train features (a folder of images) {tmp_path / 'nope'} does not exist" in err
-    assert "model" not in err.replace("(a folder of images)", "")
+    assert code == 2 and f"--train {tmp_path / 'nope'} does not exist" in err and "model" not in err, err
+    # a review (2026-12-06): a missing --val, masks or labels file was found after --train had been embedded
+    images = make_images(tmp_path / "images", 4)
+    (tmp_path / "masks").mkdir()
+    for command, missing in (
+            (["knn", "--train", str(images), "--val", str(tmp_path / "nope")], "--val"),
+            (["knn", "--train", str(images), "--val", str(images), "--train-labels", str(tmp_path / "l.csv")],
+             "--train-labels"),
+            (["linear", "--train", str(images), "--val", str(images), "--val-labels", str(tmp_path / "l.csv")],
+             "--val-labels"),
+            (["linear-seg", "--train", str(images), "--train-masks", str(tmp_path / "masks"), "--val", str(images),
+              "--val-masks", str(tmp_path / "nope")], "--val-masks"),
+            (["knn-seg", "--train", str(images), "--train-masks", str(tmp_path / "nope"), "--val", str(images),
+              "--val-masks", str(tmp_path / "masks")], "--train-masks")):
+        code, _, err = cli("eval", *command, capsys=capsys)
+        assert code == 2 and f"{missing} " in err and "does not exist" in err and "model" not in err, (command, err)

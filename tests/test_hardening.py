@@ -1750,3 +1750,29 @@ def test_outputs_refuse_what_a_second_probe_slipped_past(tmp_path, monkeypatch, 
     with pytest.raises(UserError, match="is not a results file of mlsctl"):
         write_result({"command": "eval knn"}, tmp_path / "feats" / "manifest.json", "knn")
     assert default_path("knn").name.endswith(f"-{os.getpid()}.json")
+
+
+def test_default_results_files_are_never_replaced_and_their_folder_is_checked_before_the_work(tmp_path, monkeypatch,
+                                                                                               capsys):
+    """A review (2026-12-06): two results of one process in one second (a script's two write_result calls, or jobs
+    on two machines with the same process id) went to one default file, the first lost; a ``results`` that is a file
+    was found after the evaluation, in a sentence naming an --out never given."""
+    import json
+
+    from conftest import write_feature_folder
+    from mlsctl.evaluate.results import write_result
+
+    monkeypatch.chdir(tmp_path)
+    first = write_result({"command": "eval knn", "n": 1}, None, "knn")
+    second = write_result({"command": "eval knn", "n": 2}, None, "knn")
+    assert first != second and second.name.startswith(first.stem)
+    assert [json.loads(p.read_text())["n"] for p in (first, second)] == [1, 2]
+
+    other = tmp_path / "other"
+    other.mkdir()
+    monkeypatch.chdir(other)
+    (other / "results").write_text("not a folder")
+    feats = write_feature_folder(tmp_path / "f", [f"c{i % 2}/{i}.png" for i in range(6)], torch.randn(6, 4))
+    code, _, err = cli("eval", "knn", "--train", str(feats), "--val", str(feats), capsys=capsys)
+    assert code == 2 and "results are written to results/ by default" in err and "give --out" in err, err
+    assert "--out results" not in err

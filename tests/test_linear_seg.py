@@ -113,9 +113,10 @@ def test_a_mask_value_outside_the_named_classes_is_one_sentence_in_both_evaluati
                 (split, command, err)
 
 
-def test_a_mask_of_another_aspect_than_its_image_as_shown_is_one_sentence(tmp_path, capsys):
+def test_a_mask_in_the_raw_order_of_a_turned_image_is_one_sentence(tmp_path, capsys):
     """A review (2026-12-06): images are turned by their EXIF orientation, masks are not, and predictions are
-    upsampled to whatever shape the mask has: a phone photo's mask in raw pixel order was scored transposed."""
+    upsampled to whatever shape the mask has: a phone photo's mask in raw pixel order was scored transposed.
+    Masks of another aspect that line up (resized whole to a square, as for the model) are scored."""
     images = tmp_path / "images"
     images.mkdir()
     exif = Image.Exif()
@@ -124,7 +125,8 @@ def test_a_mask_of_another_aspect_than_its_image_as_shown_is_one_sentence(tmp_pa
         Image.new("RGB", (40, 60), (50 * i, 0, 0)).save(images / f"{i}.jpg", exif=exif)
     files = [f"{i}.jpg" for i in range(4)]
     feats = write_feature_folder(tmp_path / "f", files, torch.randn(4, 8), torch.randn(4, 2, 2, 8), input_root=images)
-    for masks, shape, fine in (("raw", (60, 40), False), ("shown", (40, 60), True), ("half", (20, 30), True)):
+    for masks, shape, fine in (("raw", (60, 40), False), ("shown", (40, 60), True), ("half", (20, 30), True),
+                               ("square", (32, 32), True)):  # resized whole, as the model sees the image: lines up
         (tmp_path / masks).mkdir()
         for i in range(4):
             Image.fromarray((np.arange(shape[0] * shape[1]).reshape(shape) % 2).astype(np.uint8)).save(
@@ -134,7 +136,30 @@ def test_a_mask_of_another_aspect_than_its_image_as_shown_is_one_sentence(tmp_pa
         if fine:
             assert code == 0, (masks, err)
         else:
-            assert code == 2 and "is 40x60 px, but its image" in err and "is 60x40 as shown" in err, err
+            assert code == 2 and "is 40x60 px, the raw pixel order of its image" in err and "as 60x40" in err, err
+
+
+def test_training_masks_with_no_labelled_pixel_are_one_sentence_and_an_unlabelled_batch_is_skipped(tmp_path, capsys):
+    """A review (2026-12-06): linear-seg trained on training masks that were all the ignore label, with loss nan,
+    and printed a made-up mIoU with exit 0. One batch of unlabelled masks among labelled ones made the loss of
+    that batch NaN, and with it the layer."""
+    from mlsctl.evaluate.knn_seg import FeatureMasks
+    from mlsctl.evaluate.linear_seg import train_linear_seg
+    from mlsctl.features import Features
+
+    train = _split(tmp_path, "train", 16, 0)
+    masks = sorted((tmp_path / "train" / "masks").iterdir())
+    for mask in masks[:8]:  # the first batch of 8 labels nothing
+        Image.fromarray(np.full((16, 16), 255, dtype=np.uint8)).save(mask)
+    layer, _, _, losses = train_linear_seg(FeatureMasks(Features(train), tmp_path / "train" / "masks", "train"), 3,
+                                           epochs=2, image_batch=8)
+    assert all(np.isfinite(losses)) and bool(torch.isfinite(layer.weight).all())
+    for mask in masks[8:]:
+        Image.fromarray(np.full((16, 16), 255, dtype=np.uint8)).save(mask)
+    val = _split(tmp_path, "val", 4, 1)
+    code, _, err = cli("eval", "linear-seg", "--train", str(train), "--train-masks", str(tmp_path / "train" / "masks"),
+                       "--val", str(val), "--val-masks", str(tmp_path / "val" / "masks"), "--epochs", "1", capsys=capsys)
+    assert code == 2 and "the training masks label no patch" in err, err
 
 
 def test_val_masks_with_no_labelled_pixel_are_one_sentence(tmp_path, capsys):

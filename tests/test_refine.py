@@ -367,6 +367,20 @@ def test_a_resumed_refine_run_reads_its_neighbours_back(trained, tmp_path, monke
     assert Run(killed).latest().step == 18
 
 
+def test_resume_on_a_run_of_another_method_names_the_run_not_a_recipe(trained, tmp_path, capsys):
+    """A review (2026-12-06): --resume on a DINO run's folder said "--recipe refine is a dino recipe"."""
+    import shutil
+
+    from conftest import cli
+
+    _, train = trained
+    other = tmp_path / "dino-run"
+    other.mkdir()
+    shutil.copy(Path(__file__).parents[1] / "recipes" / "dino_fmnist_quick.yaml", other / "config.yaml")
+    code, _, err = cli("refine", "train", str(train), "--out", str(other), "--resume", capsys=capsys)
+    assert code == 2 and f"--out {other} holds a run of method dino" in err and "--recipe" not in err, err
+
+
 @pytest.mark.slow
 def test_refine_resumes_exactly_after_sigkill(tmp_path):
     from safetensors.torch import load_file

@@ -91,12 +91,17 @@ def png_file(option: str) -> Callable:
 
 def results_file(option: str = "--out") -> Callable:
     """A callback for an evaluation's results JSON, checked before any work: it may be new or replace
-    an earlier results file, never another file (:mod:`mlsctl.outputs`)."""
+    an earlier results file, never another file (:mod:`mlsctl.outputs`); without it, the default
+    folder ``results/`` must be writable (:func:`mlsctl.evaluate.results.check_default_place`)."""
     def check(value):
         if value is not None:
             from mlsctl.outputs import check_results_target
 
             check_results_target(Path(value), option)
+        else:
+            from mlsctl.evaluate.results import check_default_place
+
+            check_default_place()
         return value
 
     return check

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -132,8 +131,9 @@ def neighbors(
     from mlsctl.errors import UserError
     from mlsctl.restore import from_checkpoint, recipe_of
     from mlsctl.viz import neighbour_grid
+    from mlsctl.outputs import same_file
 
-    if os.path.abspath(out) == os.path.abspath(query):  # a probe (2026-12-06): the grid replaced its own query
+    if same_file(out, query):  # a probe (2026-12-06): the grid replaced its own query
         raise UserError(f"--out {out} is the --query image; write the grid somewhere else")
     try:
         image = load_rgb(query)

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Literal, Optional
@@ -67,6 +66,9 @@ def train(
     if loaded.method.name != "refine":
         from mlsctl.errors import UserError
 
+        if recipe_path == out / "config.yaml":
+            raise UserError(f"--out {out} holds a run of method {loaded.method.name} ({recipe_path}); refine train "
+                            f"--resume continues a refine run: give the --out of one")
         raise UserError(f"--recipe {recipe} is a {loaded.method.name} recipe; refine train runs a refine recipe "
                         f"(recipes/refine.yaml)")
     train_lib.pretrain(loaded, out, resume=resume, init_from=init_from, overwrite=overwrite,
@@ -123,9 +125,10 @@ def plot(
 
     Example: mlsctl refine plot runs/refine features/ms-test --out drift.png --sweep benchmarks/results/refine/cpu/grid.json
     """
+    from mlsctl.outputs import same_file
     from mlsctl.refine.plot import drift_figure, grid_figure
 
-    if sweep is not None and os.path.abspath(out) == os.path.abspath(grid_out):  # the second replaced the first
+    if sweep is not None and same_file(out, grid_out):  # the second replaced the first
         from mlsctl.errors import UserError
 
         raise UserError(f"--out and --grid-out are both {out}; give the two pictures two names")

@@ -18,7 +18,8 @@ class Preprocessing:
 
     ``square``: the whole image resized to ``resolution``² (patch maps cover the whole image, so
     they line up with segmentation masks). ``center-crop``: shorter side to ``resolution``·256/224,
-    then the central ``resolution``² (DINO's k-NN protocol; not for dense evaluation).
+    then the central ``resolution``² (DINO's k-NN protocol: torchvision's ``Resize(256)`` and
+    ``CenterCrop(224)`` at 224, with their rounding of sizes and offsets; not for dense evaluation).
     """
 
     resolution: int
@@ -33,13 +34,12 @@ class Preprocessing:
         r = self.resolution
         if self.resize == "square":
             img = img.resize((r, r), Image.BICUBIC)
-        else:
+        else:  # torchvision's Resize(short) + CenterCrop(r), pixel for pixel (tests/test_preprocessing.py)
             short = round(r * 256 / 224)
             w, h = img.size
-            scale = short / min(w, h)
-            img = img.resize((max(r, round(w * scale)), max(r, round(h * scale))), Image.BICUBIC)
-            w, h = img.size
-            left, top = (w - r) // 2, (h - r) // 2
+            new_w, new_h = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+            img = img.resize((new_w, new_h), Image.BICUBIC)
+            top, left = int(round((new_h - r) / 2.0)), int(round((new_w - r) / 2.0))
             img = img.crop((left, top, left + r, top + r))
         return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
 
@@ -54,5 +54,8 @@ class Preprocessing:
         return self.normalize(self.pixels(img)[None])[0]
 
     def to_dict(self) -> dict:
-        return {"resize": self.resize, "resolution": self.resolution, "interpolation": "bicubic",
-                "mean": list(self.mean), "std": list(self.std)}
+        recorded = {"resize": self.resize, "resolution": self.resolution, "interpolation": "bicubic",
+                    "mean": list(self.mean), "std": list(self.std)}
+        if self.resize == "center-crop":  # sizes and offsets rounded as torchvision rounds them (since 2026-12-06;
+            recorded["rounding"] = "torchvision"  # features embedded before, 1 px apart at most, are made again)
+        return recorded

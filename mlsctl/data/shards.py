@@ -175,8 +175,12 @@ class Features:
                             f"embed both with the same one")
         differing = [key for key in sorted(set(self.preprocessing) | set(other.preprocessing))
                      if self.preprocessing.get(key) != other.preprocessing.get(key)]
+        if "resize" in differing and "rounding" in differing:  # a centre crop's rounding goes with its resize
+            differing.remove("rounding")
         if differing:
-            shown = ", ".join(f"{key} {self.preprocessing.get(key)} vs {other.preprocessing.get(key)}" for key in differing)
+            shown = ", ".join(f"{key} {self.preprocessing.get(key)} vs {other.preprocessing.get(key)}"
+                              if key != "rounding" else "the centre crop's rounding: one was embedded by an mlsctl "
+                              "before 2026-12-06, so embed it again" for key in differing)
             raise UserError(f"{self.what} {self.path} and {other.what} {other.path} were embedded with different "
                             f"preprocessing ({shown}); embed both with the same --resize and --resolution")
 

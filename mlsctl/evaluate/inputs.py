@@ -153,6 +153,9 @@ def segmentation_inputs(dataset: str, root: Optional[Path], train_split: Optiona
         raise UserError("give all of --train, --train-masks, --val and --val-masks, "
                         + ("or none of them (to evaluate on fmnist-scenes), " if fmnist is not None else "")
                         + "or --dataset with --root")
+    if benchmark is None:
+        check_inputs_exist(("--train", train, "images"), ("--val", val, "images"), ("--train-masks", train_masks, "masks"),
+                           ("--val-masks", val_masks, "masks"))
     options = {} if is_feature_pair(train, val) else embed_options()
     train_features = features_or_embed(train, get_model, dense=True, what="train features", say=say, **options)
     val_features = features_or_embed(val, get_model, dense=True, what="val features", say=say, **options)
@@ -167,6 +170,25 @@ def segmentation_inputs(dataset: str, root: Optional[Path], train_split: Optiona
                         f"two classes; make their meta.json agree")
     return SegmentationInputs(train_features, val_features, train_masks, val_masks, record, names, ignore_index,
                               benchmark)
+
+
+def check_inputs_exist(*given: tuple[str, Optional[Path], str]) -> None:
+    """Every path an evaluation was given, ``(option, path, kind)`` with kind ``images`` (a feature
+    folder, a folder of images or an archive), ``masks`` (a folder) or ``labels`` (a file), exists:
+    said before a model loads and before the first folder is embedded (a review, 2026-12-06: a typo
+    in --val or --val-masks was found after --train had been embedded)."""
+    for option, path, kind in given:
+        if path is None:
+            continue
+        path = Path(path)
+        if kind == "images" and not path.exists():
+            raise UserError(f"{option} {path} does not exist; give a feature folder (mlsctl embed) or a folder of images")
+        if kind == "masks" and not path.is_dir():
+            raise UserError(f"{option} {path} {'is not a folder' if path.exists() else 'does not exist'}; give the "
+                            f"folder of masks (one PNG of class ids per image, the same relative names)")
+        if kind == "labels" and not path.is_file():
+            raise UserError(f"{option} {path} {'is not a file' if path.exists() else 'does not exist'}; give a CSV "
+                            f"(path,label) or JSONL labels file")
 
 
 def resolve_protocol(lib, name: str, given: dict) -> tuple:
@@ -207,6 +229,8 @@ def classification_inputs(dataset: str, root: Optional[Path], train_split: Optio
     if dataset == "folders":
         if train is None or val is None:
             raise UserError("give --train and --val (feature or image folders), or --dataset imagenet with --root")
+        check_inputs_exist(("--train", train, "images"), ("--val", val, "images"), ("--train-labels", train_labels, "labels"),
+                           ("--val-labels", val_labels, "labels"))
         train_features = features_or_embed(train, get_model, dense=False, what="train features", say=say, resize=resize)
         val_features = features_or_embed(val, get_model, dense=False, what="val features", say=say, resize=resize)
         labels = "folder names" if train_labels is None else str(train_labels)

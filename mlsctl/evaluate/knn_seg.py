@@ -207,28 +207,34 @@ class FeatureMasks:
         self.classes, self.ignore_index = num_classes, ignore_index
 
     def _check_shape(self, row: int, mask: np.ndarray) -> None:
-        """Refuse a mask whose aspect is not its image's as the image is shown (after its EXIF
-        orientation): predictions are upsampled to the mask, so a phone photo turned by its EXIF tag
-        while its mask follows the raw pixels was scored against the mask transposed, silently (a
-        review, 2026-12-06). A mask at another resolution of the same aspect is fine; an image that
-        cannot be opened (moved since it was embedded) is not checked."""
+        """Refuse a mask in the raw pixel order of an image shown turned by its EXIF orientation (5–8,
+        a quarter turn): the image is embedded as shown and predictions are upsampled to the mask, so
+        such a mask was scored transposed, silently (a review, 2026-12-06). Only that case: a mask of
+        the shown aspect at any resolution, or resized to another aspect as the whole image is for the
+        model (a square), lines up and is scored as it is. An image that cannot be opened (moved since
+        it was embedded, or beyond Pillow's pixel limit) is not checked."""
         from PIL import Image
 
         from mlsctl.data.images import exif_orientation
 
         try:
             with Image.open(self.features.image_path(row)) as image:
-                width, height = image.size
-                if exif_orientation(image) in (5, 6, 7, 8):
-                    width, height = height, width
-        except (OSError, ValueError):
+                width, height = image.size  # of the raw pixels
+                turned = exif_orientation(image) in (5, 6, 7, 8)
+        except (OSError, ValueError, Image.DecompressionBombError):
+            return
+        if not turned:
             return
         mask_height, mask_width = mask.shape[:2]
-        if abs(mask_width * height - mask_height * width) > max(width, height, mask_width, mask_height):
-            raise UserError(f"mask {self.masks[row]} is {mask_width}x{mask_height} px, but its image "
-                            f"{self.features.image_path(row)} is {width}x{height} as shown (after its EXIF "
-                            f"orientation): another aspect, so the predictions would be scored against a distorted "
-                            f"mask; fix the mask (or the image's orientation)")
+
+        def same_aspect(w: int, h: int) -> bool:
+            return abs(mask_width * h - mask_height * w) <= max(w, h, mask_width, mask_height)
+
+        if same_aspect(width, height) and not same_aspect(height, width):
+            raise UserError(f"mask {self.masks[row]} is {mask_width}x{mask_height} px, the raw pixel order of its image "
+                            f"{self.features.image_path(row)}, which is shown (and embedded) turned by its EXIF "
+                            f"orientation, as {height}x{width}: the predictions would be scored against the mask "
+                            f"transposed; turn the mask as the image is shown (or drop the image's orientation tag)")
 
     def mask(self, row: int) -> np.ndarray:
         """The label mask of ``row`` (class ids; the ignore index where nothing is scored)."""

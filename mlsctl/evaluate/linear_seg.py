@@ -19,6 +19,7 @@ to its mask size, its argmax is the prediction, counted in a streaming confusion
 from __future__ import annotations
 
 import math
+import sys
 import time
 from typing import Optional
 
@@ -88,7 +89,7 @@ def train_linear_seg(train: FeatureMasks, num_classes: int, *, epochs: int = 10,
     optimizer = torch.optim.SGD(layer.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
     n = len(train)
     steps_per_epoch = math.ceil(n / image_batch)
-    total, step, losses = epochs * steps_per_epoch, 0, []
+    total, step, losses, labelled = epochs * steps_per_epoch, 0, [], 0
     labels = SoftLabelCache(num_classes, ignore_index)
     for _ in range(epochs):
         # blocks of consecutive images in a fresh random order: each batch is one contiguous read
@@ -105,6 +106,12 @@ def train_linear_seg(train: FeatureMasks, num_classes: int, *, epochs: int = 10,
                 y.append(soft[keep])
             x = (torch.cat(x).float() - mean) / std
             y = torch.cat(y)
+            labelled += len(y)
+            if not len(y):  # a batch whose masks label nothing: its mean loss is NaN, and so would be the layer
+                step += 1
+                if progress is not None:
+                    progress(len(rows))
+                continue
             for group in optimizer.param_groups:
                 group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
             loss = -(y * F.log_softmax(layer(x), dim=1)).sum(1).mean()
@@ -116,14 +123,19 @@ def train_linear_seg(train: FeatureMasks, num_classes: int, *, epochs: int = 10,
             epoch_batches += 1
             if progress is not None:
                 progress(len(rows))
+        if not labelled:  # the first epoch has read every mask (a review, 2026-12-06: "mIoU 25.0%", loss nan)
+            raise UserError("the training masks label no patch (every pixel is ignored); check --train-masks and "
+                            "--ignore-index")
         losses.append(epoch_loss / max(epoch_batches, 1))
     return layer, mean, std, losses
 
 
 def evaluate_linear_seg(train: FeatureMasks, val: FeatureMasks, *, epochs: int = 10, lr: float = 0.1,
                         weight_decay: float = 0.0, image_batch: int = 32, ignore_index: int = 255, seed: int = 0,
-                        names: Optional[list[str]] = None, progress: bool = False) -> dict:
-    """Train on ``train``, score on ``val`` → a JSON-ready result (mIoU, IoU per class, confusion)."""
+                        names: Optional[list[str]] = None, progress: Optional[bool] = False) -> dict:
+    """Train on ``train``, score on ``val`` → a JSON-ready result (mIoU, IoU per class, confusion).
+    ``progress``: a bar (True), nothing (False), or as the CLI wants it (None: a bar on a terminal, a
+    line every 30 s in a log, as knn-seg)."""
     from tqdm import tqdm
 
     train.features.check_same_model(val.features)
@@ -131,8 +143,13 @@ def evaluate_linear_seg(train: FeatureMasks, val: FeatureMasks, *, epochs: int =
     if names:
         for source in (train, val):
             source.limit_classes(num_classes, ignore_index)
-    bar = tqdm(total=epochs * len(train) + len(val), unit="img", desc="linear-seg", disable=not progress,
-               dynamic_ncols=True)
+    total = epochs * len(train) + len(val)
+    if progress is None and not sys.stderr.isatty():
+        from mlsctl.console import LogProgress
+
+        bar = LogProgress(total, "linear-seg", unit="images (training epochs, then val)")
+    else:
+        bar = tqdm(total=total, unit="img", desc="linear-seg", disable=progress is False, dynamic_ncols=True)
     started = time.perf_counter()
     layer, mean, std, losses = train_linear_seg(train, num_classes, epochs=epochs, lr=lr, weight_decay=weight_decay,
                                                 image_batch=image_batch, ignore_index=ignore_index, seed=seed,

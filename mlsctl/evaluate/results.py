@@ -1,4 +1,4 @@
-"""The result files of the evaluations: one JSON object each, ``results/<evaluation>-<time>.json``
+"""The result files of the evaluations: one JSON object each, ``results/<evaluation>-<time>-<pid>.json``
 unless named, stamped (``written``: date, mlsctl version, commit). ``mlsctl report`` finds a run's
 results among them by the ``model`` fingerprint they record (docs/report.md), so a script that
 calls an evaluation function and writes its result here gets the same treatment as the CLI's.
@@ -11,24 +11,67 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from mlsctl.errors import UserError
+
+DEFAULT_FOLDER = Path("results")
+
 
 def default_path(evaluation: str) -> Path:
     """``results/<evaluation>-<YYYYmmdd-HHMMSS>-<process id>.json``, relative to the working directory:
     two evaluations ending in the same second (a sweep's jobs) wrote one file, and the first one's
-    results were lost (a probe, 2026-12-06)."""
-    return Path("results") / f"{evaluation}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json"
+    results were lost (a probe, 2026-12-06). :func:`write_result` never replaces a file of this name:
+    it adds ``-2``, ``-3``, … (two results of one process in one second, or jobs on two machines
+    with the same process id)."""
+    return DEFAULT_FOLDER / f"{evaluation}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json"
+
+
+def check_default_place() -> None:
+    """Before the work of an evaluation without ``--out``: the default folder ``results/`` can be made
+    or written into (said before the work, not after it)."""
+    folder = DEFAULT_FOLDER.absolute()
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"results are written to {DEFAULT_FOLDER}/ by default, but {folder} is a file; give --out FILE "
+                        f"to write them elsewhere")
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise UserError(f"results are written to {DEFAULT_FOLDER}/ by default, but this process cannot write into "
+                        f"{existing} (read-only or not permitted); give --out FILE to write them elsewhere")
+
+
+def _claim_default_path(evaluation: str) -> Path:
+    """A new file of :func:`default_path`'s name (or with ``-2``, ``-3``, …), created empty and
+    exclusively, so that no other writer picks it; the atomic write then fills it."""
+    check_default_place()
+    first = default_path(evaluation)
+    first.parent.mkdir(parents=True, exist_ok=True)
+    for attempt in range(1, 1000):
+        path = first if attempt == 1 else first.with_name(f"{first.stem}-{attempt}.json")
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        except FileExistsError:
+            continue
+        return path
+    raise UserError(f"{first.parent} holds 999 results named {first.stem}-N.json; give --out FILE")
 
 
 def write_result(payload: dict, out: Optional[Path], evaluation: str) -> Path:
-    """Stamp ``payload`` (``written``) and write it atomically to ``out`` (or :func:`default_path`);
-    returns the path written."""
+    """Stamp ``payload`` (``written``) and write it atomically to ``out`` (or a new file of
+    :func:`default_path`'s name, never an existing one); returns the path written."""
     from mlsctl import atomic, provenance
 
     from mlsctl.outputs import check_results_target
 
-    path = Path(out) if out is not None else default_path(evaluation)
+    payload["written"] = provenance.stamp()
+    if out is None:
+        path = _claim_default_path(evaluation)
+        try:
+            atomic.write_json(path, payload)
+        except BaseException:
+            path.unlink(missing_ok=True)  # the empty file it claimed
+            raise
+        return path
+    path = Path(out)
     # checked again now the work is done: the command may have made the file since (a cache manifest of its own)
     check_results_target(path)
-    payload["written"] = provenance.stamp()
     atomic.write_json(path, payload)
     return path
