@@ -87,6 +87,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -203,6 +204,10 @@ class Profile:
     # the device the estimates were measured on (a prefix of device_description()); on another one they are
     # stretched by OTHER_DEVICE_MARGIN, so that a slower card does not start cells the deadline then stops
     estimates_device: Optional[str] = None
+    # the variants whose first-seed cells calibrate the benchmark (issue 22, item 7): while one of them is
+    # pending, --budget-s hands out no other cell (a method's cell on a benchmark the calibration may yet
+    # change would be wasted device time)
+    calibration: tuple[str, ...] = ()
     about: str = ""
 
 
@@ -259,6 +264,7 @@ PROFILES = {
         # ceiling); each evaluation ~30 s; a cell's wall time random 34 s, DINO 81 s, ceiling 57 s. At 2,100 steps:
         # DINO ~190 s, ceiling ~110 s; the other methods from DINO's time and their cost per step on the CPU.
         estimates_device="NVIDIA H200",
+        calibration=("random", "dino", "supervised"),
         estimates=(("random", 35), ("dino", 190), ("supervised", 110), ("cribo-global", 240), ("cribo-cross-view", 250),
                    ("cribo", 250), ("mile", 200), ("mile-backbone", 200), ("sove", 250), ("sove-1judge", 245),
                    ("sove-3judges", 245), ("sove-no-patch", 240), ("random-linear", 60), ("mocov2", 260), ("mls", 270),
@@ -482,9 +488,16 @@ def mlsctl(args: list[str], cwd: Path, log: Path, threads: int, deadline: Option
 
 def build_data(profile: Profile, work: Path, fmnist: Path, threads: int, deadline: Optional[float] = None) -> None:
     data = work / "data"
-    for name, options in (("fmnist-scenes", profile.scenes_data), ("fmnist-products", profile.products_data)):
-        mlsctl(["data", name, "--out", str(data / name), "--source", str(fmnist), *options], work, work / "data.log",
-               threads, deadline)
+
+    def build(name: str, options: tuple[str, ...]) -> None:
+        mlsctl(["data", name, "--out", str(data / name), "--source", str(fmnist), *options], work,
+               work / f"data-{name}.log", threads, deadline)
+
+    # the two at once: each builds in one process (about 50 s one after the other in the first device window)
+    with ThreadPoolExecutor(2) as pool:
+        for future in [pool.submit(build, "fmnist-scenes", profile.scenes_data),
+                       pool.submit(build, "fmnist-products", profile.products_data)]:
+            future.result()
     for split in ("train", "val"):
         largest_item_labels(data / "fmnist-scenes" / split)
 
@@ -713,6 +726,11 @@ class Planner:
 
         self.queue = list(cells)
         self.deadline = None if budget_s is None else CLOCK() + budget_s
+        # the pending calibration cells (the profile's calibration variants, first seed): the others wait for them,
+        # and run only where the calibration holds
+        self.calibration = {c.id for c in cells if c.seed == c.profile.seeds[0] and c.variant.name in c.profile.calibration}
+        self.calibration_failed = None if self.calibration or not cells else calibration_failure(cells[0].profile,
+                                                                                               cells[0].work)
         self.device = device
         self.estimates: dict[str, tuple[float, str]] = {}  # of the cells considered, when they were
         self.left_for_later: dict[str, str] = {}
@@ -729,6 +747,13 @@ class Planner:
                 cell = self.queue.pop(0)
                 if self.deadline is None:
                     return cell
+                if self.calibration and cell.id not in self.calibration:
+                    self.left_for_later[cell.id] = (f"waits for the calibration ({', '.join(sorted(self.calibration))} "
+                                                    f"pending): it may change the benchmark")
+                    continue
+                if self.calibration_failed:
+                    self.left_for_later[cell.id] = f"not run: {self.calibration_failed}"
+                    continue
                 # estimated now: a cell of the same variant that finished in this run has measured it
                 seconds, source = self.estimates[cell.id] = estimate(cell, self.device)
                 left = self.seconds_left()
@@ -736,6 +761,60 @@ class Planner:
                     return cell
                 self.left_for_later[cell.id] = f"did not fit: {source} estimate {seconds:.0f}s, {max(0.0, left):.0f}s left"
             return None
+
+    def finished(self, cell: Cell) -> None:
+        """``cell`` is done: once every calibration cell is, the calibration is judged, and the other cells
+        are handed out only where it holds."""
+        with self.lock:
+            if cell.id in self.calibration:
+                self.calibration.discard(cell.id)
+                if not self.calibration:
+                    self.calibration_failed = calibration_failure(cell.profile, cell.work)
+
+
+def calibration_state(profile: Profile, work: Path) -> str:
+    """``none`` (the profile calibrates nothing), ``pending``, ``passed`` or ``failed: why``."""
+    if not profile.calibration:
+        return "none"
+    by_name = {v.name: v for v in VARIANTS}
+    if not all(is_done(Cell(profile, by_name[name], profile.seeds[0], work)) for name in profile.calibration):
+        return "pending"
+    failure = calibration_failure(profile, work)
+    return "passed" if failure is None else f"failed: {failure}"
+
+
+def calibration_failure(profile: Profile, work: Path) -> Optional[str]:
+    """Why the finished calibration of ``profile`` (its first seed) does not let the methods be compared, or
+    None where it does (or the profile has none): DINO at least CALIBRATION_MARGIN mIoU above the random
+    init, the supervised ceiling at least CEILING_MARGIN above both (issue 22, item 7). Where it fails, the
+    benchmark or the budget is wrong, not the methods: change it once, for every method alike."""
+    if not profile.calibration:
+        return None
+    by_name = {v.name: v for v in VARIANTS}
+    miou = {}
+    for name in ("random", "dino", "supervised"):
+        cell = Cell(profile, by_name[name], profile.seeds[0], work)
+        if not is_done(cell):
+            return None
+        miou[name] = json.loads(cell.result_path.read_text())["metrics"]["miou"]
+    reasons = []
+    if miou["dino"] - miou["random"] < CALIBRATION_MARGIN:
+        reasons.append(f"DINO {100 * miou['dino']:.1f} is not {100 * CALIBRATION_MARGIN:.0f} mIoU points above the "
+                       f"random init {100 * miou['random']:.1f}")
+    if miou["supervised"] - max(miou["dino"], miou["random"]) < CEILING_MARGIN:
+        reasons.append(f"the supervised ceiling {100 * miou['supervised']:.1f} is not {100 * CEILING_MARGIN:.0f} points "
+                       f"above both")
+    if not reasons:
+        return None
+    return ("the calibration failed (" + "; ".join(reasons) + "): change the benchmark or the budget, once, for "
+            "every method alike (issue 22, item 7; docs/reproduction.md)")
+
+
+def metrics_line(metrics: dict, limit: int = 400) -> str:
+    """A finished cell's metrics on one line of the log (a window's log comes back even where its archive
+    does not)."""
+    shown = ", ".join(f"{key} {value:.4f}" for key, value in metrics.items() if isinstance(value, (int, float)))
+    return shown if len(shown) <= limit else shown[:limit - 3] + "..."
 
 
 def write_progress(profile: Profile, cells: list[Cell], planner: Optional[Planner], stopped: dict[str, str],
@@ -1077,15 +1156,19 @@ def pack_results(profile: Profile, out: Path) -> int:
     return len(files)
 
 
-def unpack_results(profile: Profile, archive: Path) -> list[str]:
+def unpack_results(profile: Profile, archive: Path, work: Optional[Path] = None) -> tuple[list[str], dict[str, str]]:
     """Merge an archive of :func:`pack_results` into ``RESULTS/<profile>/``: its cell records replace
-    those of the same cells (the report is then rebuilt from every record); returns the cells merged."""
+    those of the same cells (the report is then rebuilt from every record). A record is not merged where
+    the cell is declared otherwise here now (its spec_sha differs: the archive was made before a change of
+    the suite) or where the record here finished later (windows unpacked out of order). Returns the
+    cells merged and, for those left out, why."""
     import tarfile
 
     if not archive.is_file():
         raise SystemExit(f"error: {archive} is not a file; give the archive --pack-results wrote")
     cells = RESULTS / profile.name / "cells"
-    merged = []
+    merged, skipped = [], {}
+    by_name = {v.name: v for v in VARIANTS}
     with tarfile.open(archive, "r:gz") as tar:
         members = tar.getmembers()
         others = sorted({m.name.split("/", 1)[0] for m in members} - {profile.name})
@@ -1100,9 +1183,23 @@ def unpack_results(profile: Profile, archive: Path) -> list[str]:
             record = json.loads(tar.extractfile(member).read())
             if record.get("profile") != profile.name or "spec_sha" not in record:
                 raise SystemExit(f"error: {member.name} in {archive} is not a cell record of profile {profile.name}")
-            atomic.write_json(cells / parts[2], record)
+            variant = by_name.get(record.get("spec", {}).get("variant"))
+            if variant is None:
+                skipped[record["cell"]] = "its variant is not declared here"
+                continue
+            here = Cell(profile, variant, int(record["cell"].rsplit("/", 1)[1]), work or Path("fidelity-work") / profile.name)
+            if here.spec_sha() != record["spec_sha"]:
+                skipped[record["cell"]] = "declared otherwise here now (another spec_sha): run the cell again"
+                continue
+            local = cells / parts[2]
+            if local.is_file():
+                kept = json.loads(local.read_text())
+                if kept.get("spec_sha") == record["spec_sha"] and str(kept.get("finished", "")) > str(record.get("finished", "")):
+                    skipped[record["cell"]] = f"the record here finished later ({kept.get('finished')})"
+                    continue
+            atomic.write_json(local, record)
             merged.append(record["cell"])
-    return merged
+    return merged, skipped
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -1120,7 +1217,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--budget-s", type=float,
                         help="run only the pending cells whose estimate fits in this many seconds (data included), "
                              "stop a cell still running at the end (SIGTERM; it resumes next time) and exit 0")
+    parser.add_argument("--deadline-epoch", type=float, metavar="UNIX_TIME",
+                        help="with or without --budget-s, end by this time (seconds since the epoch): a device script "
+                             "passes its own deadline, so the suite's start and imports count too")
     parser.add_argument("--list", action="store_true", help="list the cells and their state, run nothing")
+    parser.add_argument("--calibration-state", action="store_true",
+                        help="print the profile's calibration state (none, pending, passed, failed: why), run nothing")
     parser.add_argument("--summary", action="store_true", help="only rebuild the report from finished cells")
     parser.add_argument("--pack-results", type=Path, metavar="FILE.tar.gz",
                         help="at the end, write the profile's results (cell records, report) into this archive")
@@ -1134,11 +1236,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     cells = cells_of(profile, work, options.only)
     if options.budget_s is not None and options.budget_s <= 0:
         raise SystemExit(f"error: --budget-s must be positive, got {options.budget_s:g}")
+    if options.deadline_epoch is not None:
+        left = max(0.001, options.deadline_epoch - time.time())
+        options.budget_s = left if options.budget_s is None else min(options.budget_s, left)
     if options.unpack_results is not None:
-        merged = unpack_results(profile, options.unpack_results.resolve())
+        merged, skipped = unpack_results(profile, options.unpack_results.resolve(), work)
         write_report(profile)
         print(f"merged {len(merged)} cell records from {options.unpack_results} into {RESULTS / profile.name}: "
               f"{', '.join(merged) or 'none'}")
+        for cell_id, why in skipped.items():
+            print(f"not merged: {cell_id}: {why}")
+        return 0
+    if options.calibration_state:
+        print(calibration_state(profile, work))
         return 0
     failures: dict[str, str] = {}
     stopped: dict[str, str] = {}
@@ -1151,6 +1261,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"{cell.id:32s} {state}{extra}")
         return 0
     if not options.summary:
+        if profile.estimates_device is not None:
+            import torch
+
+            if not torch.cuda.is_available():  # its evaluation-only cells would finish on the CPU and count as done
+                raise SystemExit(f"error: profile {profile.name} runs on a CUDA GPU ({profile.estimates_device}), and "
+                                 f"torch sees none here; use --profile smoke for a dry run")
         jobs = options.jobs or profile.jobs
         threads = max(1, (os.cpu_count() or 1) // jobs)
         started = time.perf_counter()
@@ -1170,11 +1286,18 @@ def main(argv: Optional[list[str]] = None) -> int:
         except RuntimeError as exc:
             raise SystemExit(f"error: the data could not be built: {exc}") from None
 
+        pack_lock = threading.Lock()
+
         def worker() -> None:
             while (cell := planner.next()) is not None:
                 try:
                     record = run_cell(cell, threads, options.rerun, planner.deadline)
-                    print(f"{cell.id}: done in {sum(record['seconds_this_session'].values()):.0f}s", flush=True)
+                    print(f"{cell.id}: done in {sum(record['seconds_this_session'].values()):.0f}s; "
+                          f"{metrics_line(record['metrics'])}", flush=True)
+                    planner.finished(cell)
+                    if options.pack_results is not None:  # at once: a window cut later still brings this cell back
+                        with pack_lock:
+                            pack_results(profile, options.pack_results.resolve())
                 except OutOfTime as exc:
                     stopped[cell.id] = f"{exc}; resumes from its last checkpoint in {work}"
                     print(f"{cell.id}: {exc}", flush=True)

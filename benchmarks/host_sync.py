@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import sys
 import tempfile
 import time
@@ -124,10 +123,12 @@ def main() -> int:
     options = parser.parse_args()
     import torch
 
+    from mlsctl import atomic
+
     out = Path(options.out)
     if not torch.cuda.is_available():
         print("host_sync: needs CUDA (torch.cuda.set_sync_debug_mode); nothing measured")
-        out.write_text(json.dumps({"skipped": "no CUDA device"}) + "\n")
+        atomic.write_json(out, {"skipped": "no CUDA device"})
         return 0
     roots = {"scenes": options.scenes, "products": options.products}
     results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "settings": list(SETTINGS),
@@ -143,7 +144,7 @@ def main() -> int:
                                                      steps=options.steps)
             except Exception as exc:  # noqa: BLE001 - one recipe failing leaves the others measured
                 results["recipes"][name] = {"error": f"{type(exc).__name__}: {exc}"}
-            out.write_text(json.dumps(results, indent=1) + "\n")
+            atomic.write_json(out, results)  # after every recipe, whole: a window cut short keeps the others
     print(f"{'recipe':22s} {'steps':>6s} {'syncs':>6s} {'max/step':>8s}  where")
     for name, r in results["recipes"].items():
         if "error" in r:

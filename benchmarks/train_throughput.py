@@ -185,6 +185,10 @@ def measure_loop(recipe_name: str, overrides: list[str], images: Path, steps: in
         process = subprocess.Popen(args, stdout=handle, stderr=handle, env=env)
         try:
             process.wait(timeout=timeout)
+        except KeyboardInterrupt:  # this benchmark is stopped: its loop with it
+            process.kill()
+            process.wait()
+            raise
         except subprocess.TimeoutExpired:
             process.send_signal(signal.SIGTERM)  # it finishes its step and stops; a device window cannot wait long
             try:
@@ -235,6 +239,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--override", nargs="*", default=[], help="KEY=VALUE for every recipe (after this machine's)")
     parser.add_argument("--budget-s", type=float, help="start no measure that would not end within this many seconds")
     parser.add_argument("--out", type=Path, help="the JSON [default: benchmarks/results/train_throughput_<device>.json]")
+    parser.add_argument("--logs", type=Path, help="each loop's output [default: OUT's name with -logs, beside it]")
     options = parser.parse_args(argv)
     started = time.perf_counter()
     if options.steps < 1 or options.warmup < 1:
@@ -245,7 +250,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     out = options.out or RESULTS / f"train_throughput_{device_slug()}.json"
     measures = ["model", *(f"loop-{a}" for a in options.augment)]
     paths = {f"loop-{a}": augment_overrides(a) for a in options.augment}
-    logs = out.with_name(out.stem + "-logs")  # each loop's output, kept beside the JSON (a device's comes back)
+    logs = options.logs or out.with_name(out.stem + "-logs")  # each loop's output (a device's comes back)
     tmp = Path(tempfile.mkdtemp(prefix="train-throughput-"))
     results: dict[str, dict] = {}
     try:
@@ -266,24 +271,23 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"images ready in {time.perf_counter() - started:.0f}s; measuring {', '.join(measures)} of "
               f"{', '.join(recipes)}, {options.rounds} rounds", flush=True)
 
-        stopped = run_rounds(plans, measures, paths, options, results, tmp, logs, started)
+        def save(stopped: str = "") -> None:  # after every measure: a window cut short keeps what was measured
+            write_record(out, results, measures, options, cuda, started, stopped)
+
+        previous = signal.signal(signal.SIGTERM, _stop_on_sigterm)
+        try:
+            stopped = run_rounds(plans, measures, paths, options, results, tmp, logs, started, save)
+        except KeyboardInterrupt:  # SIGTERM (a device window's timeout) or Ctrl-C: what was measured is written
+            stopped = "stopped by a signal"
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     except UserError as exc:
         raise SystemExit(f"error: {exc.message}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if stopped:
         print(f"stopped: {stopped}", flush=True)
-    for row in results.values():
-        row["median"] = {m: statistics.median(row[m]) if row[m] else None for m in measures}
-        for measure in measures[1:]:  # the ratio of each round (a loop and the model measured beside it)
-            pairs = [round(loop / model, 3) for loop, model in zip(row[measure], row["model"])]
-            row[f"{measure}/model per round"] = pairs
-            row[f"{measure}/model"] = statistics.median(pairs) if pairs else None
-    record = {"device": torch.cuda.get_device_name(0) if cuda else f"CPU, {os.cpu_count()} cores",
-              "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
-              "steps": options.steps, "warmup": options.warmup, "rounds": options.rounds, "stopped": stopped or None,
-              "seconds": round(time.perf_counter() - started, 1), "recipes": results}
-    atomic.write_json(out, record)
+    write_record(out, results, measures, options, cuda, started, stopped)
     print(f"\n{'recipe':20} {'model':>10} " + " ".join(f"{m:>10} {m + '/model':>15}" for m in measures[1:]))
     for name, row in results.items():
         cells = [_number(row["median"]["model"], 10, 1)]
@@ -301,8 +305,28 @@ def _number(value: Optional[float], width: int, digits: int) -> str:
     return f"{value:{width}.{digits}f}" if value is not None else f"{'-':>{width}}"
 
 
+def _stop_on_sigterm(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def write_record(out: Path, results: dict, measures: list[str], options, cuda: bool, started: float,
+                 stopped: str) -> None:
+    """The JSON of what was measured so far (medians and each round's loop/model ratio), atomically."""
+    for row in results.values():
+        row["median"] = {m: statistics.median(row[m]) if row[m] else None for m in measures}
+        for measure in measures[1:]:  # the ratio of each round (a loop and the model measured beside it)
+            pairs = [round(loop / model, 3) for loop, model in zip(row[measure], row["model"])]
+            row[f"{measure}/model per round"] = pairs
+            row[f"{measure}/model"] = statistics.median(pairs) if pairs else None
+    record = {"device": torch.cuda.get_device_name(0) if cuda else f"CPU, {os.cpu_count()} cores",
+              "machine": platform.processor() or platform.machine(), "torch": torch.__version__,
+              "steps": options.steps, "warmup": options.warmup, "rounds": options.rounds, "stopped": stopped or None,
+              "seconds": round(time.perf_counter() - started, 1), "recipes": results}
+    atomic.write_json(out, record)
+
+
 def run_rounds(plans: dict, measures: list[str], paths: dict[str, list[str]], options, results: dict, tmp: Path,
-               logs: Path, started: float) -> str:
+               logs: Path, started: float, save=lambda stopped="": None) -> str:
     """Each measure of each recipe in turn, ``options.rounds`` times; returns why it stopped early, or "".
     A loop that fails is recorded under its recipe's ``failed`` (with its log in ``logs``) and the other
     measures go on: one broken data path does not cost a device window the rest."""
@@ -340,6 +364,7 @@ def run_rounds(plans: dict, measures: list[str], paths: dict[str, list[str]], op
                     note = "" if waited is None else f", {waited:.0%} waiting for data"
                 print(f"round {round_index + 1} {name:20} {measure:9} {value:10.1f} images/s "
                       f"({durations[(name, measure)]:.0f}s{note})", flush=True)
+                save()
     return ""
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device window of the fidelity suite, in one command, without network (see docs/reproduction.md):
 #
-#   BUDGET_S=420 OUT=/path/to/out bash scripts/device_fidelity.sh     # on the GPU machine, from the repo root
+#   BUDGET_S=500 OUT=/path/to/out bash scripts/device_fidelity.sh     # on the GPU machine (timeout_s BUDGET_S + 70)
 #   PROFILE=smoke BUDGET_S=120 bash scripts/device_fidelity.sh        # the dry run, on any CPU
 #   bash scripts/device_fidelity.sh --only 'scenes/*/0'                # arguments go to benchmarks/fidelity.py
 #
@@ -12,8 +12,10 @@
 #   .fmnist/  the four Fashion-MNIST IDX .gz files the data is generated from (FMNIST_DIR to read others)
 #
 # It generates fmnist-scenes and fmnist-products, runs `benchmarks/fidelity.py --profile $PROFILE
-# --budget-s <what is left of BUDGET_S>` (the cells that fit, in order; a cell still running at the end is
-# stopped and runs again, whole, in a later window; the clock starts with this script) and writes to $OUT (default ./device-out):
+# --deadline-epoch <this script's start + BUDGET_S>` (the cells that fit, in order, calibration first and
+# nothing else until it holds; a cell still running at the end is stopped and runs again, whole, in a later
+# window; the clock starts with this script) and writes to $OUT (default ./device-out), each finished
+# cell's record at once:
 #   fidelity-<profile>.tar.gz   the profile's results (cell records, report, progress): merge it here with
 #                               python benchmarks/fidelity.py --profile <profile> --unpack-results FILE
 #   fidelity-<profile>.log      what the suite printed
@@ -24,7 +26,8 @@ set -euo pipefail
 started=$SECONDS
 cd "$(dirname "$0")/.."
 repo="$PWD"
-BUDGET_S="${BUDGET_S:-420}"
+BUDGET_S="${BUDGET_S:-500}"
+deadline=$(( $(date +%s) + BUDGET_S ))
 PROFILE="${PROFILE:-gpu}"
 OUT="${OUT:-$repo/device-out}"
 FMNIST_DIR="${FMNIST_DIR:-$repo/.fmnist}"
@@ -74,7 +77,7 @@ if [ "$left" -le 0 ]; then
 fi
 archive="$OUT/fidelity-$PROFILE.tar.gz"
 set +e
-"$python" benchmarks/fidelity.py --profile "$PROFILE" --fmnist "$FMNIST_DIR" --budget-s "$left" \
+"$python" benchmarks/fidelity.py --profile "$PROFILE" --fmnist "$FMNIST_DIR" --deadline-epoch "$deadline" \
   --pack-results "$archive" "$@" > "$OUT/fidelity-$PROFILE.log" 2>&1
 status=$?
 set -e

@@ -35,4 +35,6 @@ fmnist=$(du -bc .fmnist/* | tail -1 | cut -f1)
 whl=$(du -bc .whl/*.whl | tail -1 | cut -f1)
 awk -v t="$tree" -v f="$fmnist" -v w="$whl" 'BEGIN {
   printf "the device receives: working tree %.1f MiB + .fmnist %.1f MiB + .whl %.1f MiB = %.1f MiB (limit 64 MiB)\n",
-    t / 1048576, f / 1048576, w / 1048576, (t + f + w) / 1048576 }'
+    t / 1048576, f / 1048576, w / 1048576, (t + f + w) / 1048576
+  if (t + f + w > 62 * 1048576) {  # 2 MiB below the limit: a file written meanwhile would make the call refused
+    print "error: over 62 MiB; remove untracked files (git status) or carry less" > "/dev/stderr"; exit 1 } }'

@@ -33,6 +33,13 @@ mkdir -p "$root"
 destination='import json, re, sys
 device = json.load(open(sys.argv[1]))["device"]
 print("benchmarks/results/train_throughput_" + re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-") + ".json")'
+# exit 0 when the first JSON holds at least as many measured values as the second
+measured='import json, sys
+def count(path):
+    recipes = json.load(open(path)).get("recipes", {})
+    return sum(len(v) for row in recipes.values() for k, v in row.items()
+               if isinstance(v, list) and (k == "model" or k.startswith("loop-")) and "/" not in k and " " not in k)
+sys.exit(0 if count(sys.argv[1]) >= count(sys.argv[2]) else 1)'
 for archive in "$folder"/fidelity-*.tar.gz; do
   [ -e "$archive" ] || continue
   profile="$(basename "$archive" .tar.gz)"
@@ -44,9 +51,16 @@ for json in "$folder"/throughput.json "$folder"/train_throughput_*.json; do
   [ -e "$json" ] || continue
   dest="$("$python" -c "$destination" "$json")"
   [ "$root" = benchmarks/results/device ] || dest="$root/$(basename "$dest")"
+  found=1
+  # a window that measured less than the file here (stopped early, its loops failed) keeps the file here
+  if [ -e "$dest" ] && ! "$python" -c "$measured" "$json" "$dest"; then
+    kept="$root/window-$stamp/$(basename "$json")"
+    mkdir -p "$(dirname "$kept")"; cp "$json" "$kept"
+    echo "throughput: $json measured less than $dest, which is kept; the window's JSON is in $kept"
+    continue
+  fi
   cp "$json" "$dest"
   echo "throughput: $json -> $dest"
-  found=1
 done
 if [ -e "$folder/throughput-logs.tar.gz" ]; then
   dest="$root/throughput-logs-$stamp"

@@ -20,6 +20,17 @@ python="${PYTHON:-python3}"
 wheels=(pytorch-metric-learning==2.9.0)
 [ "${WITH_FAISS:-0}" = 1 ] && wheels+=(faiss-cpu==1.15.1)
 mkdir -p .whl
+# only the wheels listed: one left from another version or a WITH_FAISS=1 run would make pip refuse the set on the
+# device (two versions of one package) or push the transfer past 64 MiB
+for present in .whl/*.whl; do
+  [ -e "$present" ] || continue
+  keep=0
+  for wheel in "${wheels[@]}"; do
+    name="${wheel%%==*}"; version="${wheel##*==}"
+    case "$(basename "$present")" in "${name//-/_}-${version}-"*) keep=1 ;; esac
+  done
+  [ "$keep" = 1 ] || { echo "removing $present (not listed)"; rm -f "$present"; }
+done
 "$python" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   -d .whl "${wheels[@]}"

@@ -8,8 +8,11 @@
 #      run's speed), its teacher as bf16 safetensors, knn-seg of it and of its random init
 #      (BACKBONE_S=0, the default since weights/ holds the CPU-trained backbone, skips steps 2 and 3;
 #      BACKBONE_S=360, the issue's ~6 minutes, trains one about 3 times longer than it),
-#   4. the reproduction suite's pending cells (benchmarks/fidelity.py --profile gpu --budget-s;
-#      calibration first) in the time left of WINDOW_S but THROUGHPUT_S,
+#   4. the reproduction suite's pending cells (benchmarks/fidelity.py --profile gpu --deadline-epoch;
+#      calibration first, and nothing else until it has passed) in the time left of WINDOW_S but
+#      THROUGHPUT_S and HOST_SYNC_S (both 0 by default while the calibration is pending: it needs ~335 s
+#      of an H200, and the measures can wait for a later window); each finished cell's record is packed
+#      into $OUT at once, so a window cut short still brings back the cells it finished,
 #   5. the host-device synchronisations of each method's training step (benchmarks/host_sync.py, HOST_SYNC_S),
 #   6. dino_in1k's loop (augment cpu and gpu) against its model step alone (benchmarks/train_throughput.py),
 # writing everything that should come back under $OUT as soon as it is made (at most 8 files of 16 MiB,
@@ -19,17 +22,24 @@
 # the others. Prepare it here with scripts/device_prepare.sh; bring the results in with
 # scripts/device_unpack.sh OUT_FOLDER.
 #
-#   OUT=/tmp/out WINDOW_S=200 BACKBONE_S=20 THROUGHPUT_S=30 HOST_SYNC_S=20 PROFILE=smoke bash scripts/device_window.sh  # CPU dry run
+# How to run it (docs/reproduction.md, "Device windows"): a session has 900 s of device time, the machine's
+# start (1-2 minutes) included, and a fresh machine needs 4 minutes left to start: one window a session.
+# Ask for the kind the estimates were measured on, nvidia-h200 (an H100 is planned with 1.4x the time),
+# with timeout_s = WINDOW_S + 50 (WINDOW_S 540 -> timeout_s 590). Where it fails in its first minute
+# (set-up), run it again on the still-warm machine with WINDOW_S = budget_left_s - 90.
+#
+#   OUT=/tmp/out WINDOW_S=240 BACKBONE_S=20 THROUGHPUT_S=30 HOST_SYNC_S=20 PROFILE=smoke bash scripts/device_window.sh  # CPU dry run
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:?set OUT to the folder that comes back}
-WINDOW_S=${WINDOW_S:-420}      # the whole command (run it with timeout_s ~480: a session has 900 s of device
-                               # time, machine start included, and a retry must fit); the suite gets what is left
+WINDOW_S=${WINDOW_S:-540}      # the whole command (run it with timeout_s = WINDOW_S + 50); the suite gets what is left
 STOP_GRACE_S=50                # a suite stage running at its deadline gets 30 s to stop, then the report and pack
 BACKBONE_S=${BACKBONE_S:-0}       # weights/ holds a backbone: the window goes to the suite (calibration first)
-THROUGHPUT_S=${THROUGHPUT_S:-75}
-HOST_SYNC_S=${HOST_SYNC_S:-60}
 PROFILE=${PROFILE:-gpu}
+if [ "$PROFILE" != smoke ] && [ "$BACKBONE_S" -gt 0 ] && [ $((BACKBONE_S + 240)) -gt "$WINDOW_S" ]; then  # set-up, smoke run, evals
+  echo "error: BACKBONE_S=$BACKBONE_S does not fit in WINDOW_S=$WINDOW_S (set-up, its smoke run and its two evaluations take about 240 s more); lower it"
+  exit 2
+fi
 FMNIST=${FMNIST:-.fmnist}
 PY=${PYTHON:-python3}
 WORK=fidelity-work/$PROFILE
@@ -37,6 +47,8 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)  # absolute: some stages write to it from inside other folders
 : > "$OUT/window.log"  # a fresh log: its first line names this window (an OUT used before held another's)
 exec > >(tee -a "$OUT/window.log") 2>&1
+TEE_PID=$!
+trap 'exec 1>&- 2>&-; wait $TEE_PID 2>/dev/null' EXIT  # the log's last lines reach window.log before the end
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 [ -f .whl/COMMIT ] && export MLSCTL_COMMIT="$(cat .whl/COMMIT)"  # what the records name (scripts/device_prepare.sh)
 SITE=${SITE:-/tmp/site}        # where the carried wheels are installed (a fresh folder on the device)
@@ -55,12 +67,22 @@ else
   export PYTHONPATH=$PWD
 fi
 nvidia-smi -L 2>/dev/null || echo "no nvidia-smi"
-$PY - <<'PY' || exit 1
+PROFILE=$PROFILE $PY - <<'PY' || exit 1
+import os, sys
 import torch, timm, accelerate
 print(f"torch {torch.__version__} (CUDA {torch.version.cuda}, available: {torch.cuda.is_available()}), timm {timm.__version__}, "
       f"accelerate {accelerate.__version__}, {torch.get_num_threads()} threads")
+if os.environ["PROFILE"] != "smoke" and not torch.cuda.is_available():
+    sys.exit(f"error: profile {os.environ['PROFILE']} needs the GPU and torch sees none: stopping before the window is spent on the CPU")
 PY
 mlsctl() { $PY -m mlsctl "$@"; }
+CALIBRATION=$($PY benchmarks/fidelity.py --profile "$PROFILE" --calibration-state 2>&1 | tail -1)
+echo "calibration of profile $PROFILE: $CALIBRATION"
+if [ "$CALIBRATION" = pending ]; then  # the measures wait for a later window unless asked for
+  THROUGHPUT_S=${THROUGHPUT_S:-0}; HOST_SYNC_S=${HOST_SYNC_S:-0}
+else
+  THROUGHPUT_S=${THROUGHPUT_S:-75}; HOST_SYNC_S=${HOST_SYNC_S:-60}
+fi
 
 DATA=$WORK/data
 if [ "$PROFILE" = smoke ]; then  # the sizes of the suite's smoke profile, which reuses this data
@@ -70,8 +92,10 @@ else
   SCENES=(); PRODUCTS=()
   stage "data (fmnist-scenes 2,000/500, fmnist-products 1,000/200 objects) from $FMNIST"
 fi
-mlsctl data fmnist-scenes --out "$DATA/fmnist-scenes" --source "$FMNIST" "${SCENES[@]}" || exit 1
+# the two data sets at once (each builds in one process; about 50 s one after the other in the first window)
+mlsctl data fmnist-scenes --out "$DATA/fmnist-scenes" --source "$FMNIST" "${SCENES[@]}" & scenes_pid=$!
 mlsctl data fmnist-products --out "$DATA/fmnist-products" --source "$FMNIST" "${PRODUCTS[@]}" || exit 1
+wait $scenes_pid || exit 1
 mkdir -p "$DATA/fmnist-backbone"
 ln -sfn ../fmnist-scenes/train/images "$DATA/fmnist-backbone/scenes"
 ln -sfn ../fmnist-products/train "$DATA/fmnist-backbone/products"
@@ -114,7 +138,8 @@ print(round(statistics.median(r['images_per_s'] for r in rows[-3:]), 1))")
   stage "the backbone: $EPOCHS epochs"
   RUN=runs/dino_fmnist_backbone
   WARM=$(( EPOCHS / 10 ))
-  if mlsctl pretrain "${BACKBONE[@]}" optim.epochs=$EPOCHS optim.warmup_epochs=$WARM --out $RUN --overwrite; then
+  if timeout -k 10 $((BACKBONE_S + 60)) $PY -m mlsctl pretrain "${BACKBONE[@]}" optim.epochs=$EPOCHS \
+       optim.warmup_epochs=$WARM --out $RUN --overwrite; then
     $PY scripts/backbone_weights.py $RUN "$OUT/backbone" || failed "bf16 weights"
     SC=$DATA/fmnist-scenes
     for model in trained random; do
@@ -136,7 +161,8 @@ fi
 LEFT=$(( WINDOW_S - ($(date +%s) - started) - THROUGHPUT_S - HOST_SYNC_S - STOP_GRACE_S - 10 ))
 stage "reproduction suite, profile $PROFILE, within ${LEFT}s (calibration first)"
 if [ "$LEFT" -gt 30 ]; then
-  $PY benchmarks/fidelity.py --profile "$PROFILE" --work "$WORK" --fmnist "$FMNIST" --budget-s "$LEFT" \
+  # the deadline as a time, so that the suite's own start and imports count against it
+  $PY benchmarks/fidelity.py --profile "$PROFILE" --work "$WORK" --fmnist "$FMNIST" --deadline-epoch "$(( $(date +%s) + LEFT ))" \
     --pack-results "$OUT/fidelity-$PROFILE.tar.gz" || failed "fidelity"
   # every stage's log of this window (a cell that failed on the device is told by its own log)
   [ -d "$WORK" ] && (cd "$WORK" && find . -name '*.log' -print0 | tar --null -czf "$OUT/cell-logs-$PROFILE.tar.gz" -T -)
@@ -144,16 +170,21 @@ else
   failed "fidelity: skipped, ${LEFT}s left (at least 31 needed; lower BACKBONE_S, THROUGHPUT_S or HOST_SYNC_S)"
 fi
 
-stage "host-device synchronisations of the training step on CUDA (benchmarks/host_sync.py, 20 steps a recipe)"
-HS=(--scenes "$DATA/fmnist-scenes/train/images" --products "$DATA/fmnist-products/train")
-[ "$PROFILE" = smoke ] && HS+=(--steps 2)
-# its JSON travels in throughput-logs.tar.gz (at most 8 files come back; the backbone takes 2)
 mkdir -p "$WORK/throughput-logs"
-timeout -k 10 "$HOST_SYNC_S" $PY benchmarks/host_sync.py "${HS[@]}" --out "$WORK/throughput-logs/host_sync.json" \
-  || failed "host sync"
-# at once, kept if the window is cut (with BACKBONE_S the weights take its place among the 8 files that come
-# back, and it travels in throughput-logs.tar.gz only)
-[ "$BACKBONE_S" -eq 0 ] && cp "$WORK/throughput-logs/host_sync.json" "$OUT/host_sync.json" 2>/dev/null
+HS_S=$(( WINDOW_S - ($(date +%s) - started) - 20 ))
+[ "$HS_S" -gt "$HOST_SYNC_S" ] && HS_S=$HOST_SYNC_S
+if [ "$HS_S" -ge 20 ]; then
+  stage "host-device synchronisations of the training step on CUDA (benchmarks/host_sync.py, 20 steps a recipe) within ${HS_S}s"
+  HS=(--scenes "$DATA/fmnist-scenes/train/images" --products "$DATA/fmnist-products/train")
+  [ "$PROFILE" = smoke ] && HS+=(--steps 2)
+  # written after every recipe: straight into $OUT when there is room among the 8 files that come back (with
+  # BACKBONE_S the weights take two, and it travels in throughput-logs.tar.gz)
+  HS_OUT="$WORK/throughput-logs/host_sync.json"; [ "$BACKBONE_S" -eq 0 ] && HS_OUT="$OUT/host_sync.json"
+  timeout -k 10 "$HS_S" $PY benchmarks/host_sync.py "${HS[@]}" --out "$HS_OUT" || failed "host sync"
+  [ "$BACKBONE_S" -eq 0 ] && cp "$HS_OUT" "$WORK/throughput-logs/host_sync.json" 2>/dev/null
+else
+  stage "host-device synchronisations: not measured in this window (HOST_SYNC_S=$HOST_SYNC_S, ${HS_S}s left)"
+fi
 
 LEFT=$(( WINDOW_S - ($(date +%s) - started) - 5 ))
 if [ "$PROFILE" = smoke ]; then  # a CPU dry run: the quick recipe, tiny
@@ -166,9 +197,10 @@ else
 fi
 # the JSON and, in one archive (at most 8 files come back), each loop's output and metrics: a failed loop's log returns
 if [ "$LEFT" -ge 60 ]; then
-  timeout -k 10 "$LEFT" $PY benchmarks/train_throughput.py "${TP[@]}" --budget-s "$((LEFT - 15))" \
-    --out "$WORK/throughput.json" || failed "throughput"
-  cp "$WORK/throughput.json" "$OUT/throughput.json" 2>/dev/null
+  # its own budget well inside the timeout (a loop stopped at the budget takes up to 15 s more); on the timeout's
+  # SIGTERM it writes what it measured, and it writes that after every measure too
+  timeout -k 10 "$LEFT" $PY benchmarks/train_throughput.py "${TP[@]}" --budget-s "$((LEFT - 40))" \
+    --out "$OUT/throughput.json" --logs "$WORK/throughput-logs" || failed "throughput"
 else
   echo "SKIPPED: throughput (${LEFT}s left, under 60)"
 fi

@@ -160,6 +160,93 @@ def test_pack_and_unpack_results_merges_the_cells_of_a_device_window(budget_suit
         fidelity.main(["--profile", "cpu", "--results", str(here), "--unpack-results", str(archive)])
 
 
+@pytest.mark.parametrize("dino_miou,passes", [(0.20, True), (0.12, False)])
+def test_no_other_cell_runs_before_the_calibration_holds(tmp_path: Path, monkeypatch, capsys, dino_miou, passes):
+    """A review (2026-12-06): with DINO too long for the time left, a window filled it with other cells, on a
+    benchmark the calibration might yet change; and the methods ran whether or not the calibration held."""
+    import dataclasses
+
+    profile = dataclasses.replace(fidelity.PROFILES["smoke"], seeds=(0, 1), calibration=("random", "dino", "supervised"),
+                                  estimates=(("random", 30), ("dino", 50), ("supervised", 40), ("mile", 20)))
+    monkeypatch.setitem(fidelity.PROFILES, "smoke", profile)
+    clock = FakeClock()
+    monkeypatch.setattr(fidelity, "CLOCK", clock)
+    monkeypatch.setattr(fidelity, "build_data", lambda *args, **kwargs: None)
+    miou = {"random": 0.10, "dino": dino_miou, "supervised": 0.40, "mile": None}
+    ran, packed = [], []
+
+    seconds = {"random": 30, "dino": 55, "supervised": 40, "mile": 20}
+
+    def fake_run_cell(cell, threads, rerun, deadline=None):
+        clock.now += seconds[cell.variant.name]
+        ran.append(cell.id)
+        record = fake_record(cell, seconds[cell.variant.name])
+        if miou[cell.variant.name] is not None:
+            record["metrics"] = {"miou": miou[cell.variant.name]}
+        fidelity.atomic.write_json(cell.result_path, record)
+        return record
+
+    monkeypatch.setattr(fidelity, "run_cell", fake_run_cell)
+    real_pack = fidelity.pack_results
+    monkeypatch.setattr(fidelity, "pack_results", lambda *args: packed.append(list(ran)) or real_pack(*args))
+
+    def run(budget: str) -> None:
+        ran.clear()
+        assert fidelity.main(["--profile", "smoke", "--work", str(tmp_path / "work"), "--results", str(tmp_path / "r"),
+                              "--only", "scenes/random/*", "scenes/dino/*", "scenes/supervised/*", "products/*",
+                              "--budget-s", budget, "--pack-results", str(tmp_path / "w.tar.gz")]) == 0
+
+    run("110")  # random/0 and dino/0 fit, 25 s are left: not supervised/0 (40), and mile/0 (20) does not run instead
+    assert ran == ["scenes/random/0", "scenes/dino/0"]
+    assert packed == [["scenes/random/0"], ["scenes/random/0", "scenes/dino/0"], ["scenes/random/0", "scenes/dino/0"]]
+    progress = {r["cell"]: r for r in json.loads((tmp_path / "r" / "smoke" / "progress.json").read_text())["cells"]}
+    assert progress["products/mile/0"]["why"].startswith("waits for the calibration (scenes/supervised/0 pending)")
+    run("1000")
+    if passes:
+        assert ran == ["scenes/supervised/0", "products/mile/0", "scenes/random/1", "scenes/dino/1",
+                       "scenes/supervised/1", "products/mile/1"]
+    else:
+        assert ran == ["scenes/supervised/0"]
+        progress = {r["cell"]: r for r in json.loads((tmp_path / "r" / "smoke" / "progress.json").read_text())["cells"]}
+        assert "the calibration failed (DINO 12.0 is not 5 mIoU points above the random init 10.0)" in \
+            progress["products/mile/0"]["why"]
+        run("1000")  # judged again from the records: still nothing but the calibration
+        assert ran == []
+
+
+def test_unpack_keeps_a_later_record_and_refuses_one_declared_otherwise(budget_suite, tmp_path: Path, capsys):
+    """A review (2026-12-06): windows unpacked out of order, or an archive made before a change of the suite,
+    replaced the records here without a word."""
+    run, ran, results = budget_suite
+    archive = tmp_path / "window.tar.gz"
+    assert run("--budget-s", "100", "--pack-results", str(archive)) == 0  # random/0, dino/0
+    here = tmp_path / "here" / "smoke" / "cells"
+    here.mkdir(parents=True)
+    later = json.loads((results / "cells" / "scenes-random-seed0.json").read_text())
+    later["finished"], later["metrics"] = "2999-01-01 00:00:00", {"miou": 0.3}
+    (here / "scenes-random-seed0.json").write_text(json.dumps(later))
+    import tarfile
+
+    other = tmp_path / "other.tar.gz"
+    with tarfile.open(archive) as source, tarfile.open(other, "w:gz") as target:
+        for member in source.getmembers():
+            data = source.extractfile(member).read()
+            if member.name.endswith("scenes-dino-seed0.json"):
+                record = json.loads(data)
+                record["spec_sha"] = "0" * 16
+                data = json.dumps(record).encode()
+            member.size = len(data)
+            import io
+
+            target.addfile(member, io.BytesIO(data))
+    assert fidelity.main(["--profile", "smoke", "--results", str(tmp_path / "here"), "--unpack-results", str(other)]) == 0
+    out = capsys.readouterr().out
+    assert "merged 0 cell records" in out
+    assert "not merged: scenes/random/0: the record here finished later (2999-01-01 00:00:00)" in out
+    assert "not merged: scenes/dino/0: declared otherwise here now" in out
+    assert json.loads((here / "scenes-random-seed0.json").read_text())["metrics"] == {"miou": 0.3}
+
+
 FAKE_MLSCTL = '''
 import json, signal, sys, time
 from pathlib import Path

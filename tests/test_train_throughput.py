@@ -51,6 +51,34 @@ def test_a_failed_loop_is_recorded_and_the_other_measures_still_run(bench, tmp_p
     assert "FAILED round 1 loop-cpu" in capsys.readouterr().out
 
 
+def test_a_stop_keeps_the_json_of_what_was_measured(bench, tmp_path: Path, monkeypatch):
+    """A review (2026-12-06): a device window's timeout sent SIGTERM before the JSON, written only at the end,
+    existed, so a window cut short brought back no throughput at all."""
+    import os
+    import signal
+
+    calls = []
+
+    def fake_loop(name, overrides, images, steps, warmup, work, timeout, log):
+        calls.append(name)
+        if len(calls) == 2:  # the second loop: the window's timeout arrives
+            os.kill(os.getpid(), signal.SIGTERM)
+        return 9.0, 0.25
+
+    monkeypatch.setattr(bench, "measure_model", lambda recipe, steps, warmup: 10.0)
+    monkeypatch.setattr(bench, "measure_loop", fake_loop)
+    monkeypatch.setattr(bench, "make_images", lambda folder, *args: folder.mkdir(parents=True))
+    out = tmp_path / "tp.json"
+    before = signal.getsignal(signal.SIGTERM)
+    assert bench.main(["--recipe", "dino_fmnist_quick", "--rounds", "3", "--steps", "1", "--warmup", "1",
+                       "--augment", "gpu", "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    assert record["stopped"] == "stopped by a signal"
+    row = record["recipes"]["dino_fmnist_quick"]
+    assert row["model"] == [10.0] and row["loop-gpu"] == [9.0] and row["loop-gpu/model"] == 0.9
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
 def test_a_loop_log_holds_the_command_and_the_runs_metrics(bench, tmp_path: Path):
     images = bench.make_images(tmp_path / "images", 8, (32, 32), "PNG")
     log = tmp_path / "logs" / "loop.log"
