@@ -131,10 +131,91 @@ def upload_formats() -> tuple[str, ...]:
     frame Pillow lays out (up to its own size, not the header's) while opening it: a 43-byte GIF
     took 171 MiB to measure. Nor TIFF: Pillow copies a tag's data once for each tag pointing at it
     while it opens the file (a 1 MB TIFF of 1,500 such tags cost 1.5 GB), and libtiff decodes a
-    whole tile however small the image (a 1 MB 64x64 TIFF declaring one 32768x32768 tile took 1 GB)."""
+    whole tile however small the image (a 1 MB 64x64 TIFF declaring one 32768x32768 tile took 1 GB).
+    Nor AVIF: its decoder decodes the whole coded frame whatever size the header (``ispe``) gives, then
+    crops it: a 1,888-byte file saying 64x64 decoded 16384x8192 pixels (+484 MB; an attacker's probe,
+    2026-12-06). BMP only uncompressed (:func:`check_structure`)."""
     from mlsctl.data.images import IMAGE_FORMATS
 
-    return tuple(f for f in ("PNG", "JPEG", "WEBP", "BMP", "AVIF") if f in IMAGE_FORMATS)
+    return tuple(f for f in ("PNG", "JPEG", "WEBP", "BMP") if f in IMAGE_FORMATS)
+
+
+MAX_JPEG_SEGMENTS = 512  # before the first scan; a camera's JPEG has about 10 to 30 (APPn, DQT, DHT, SOF)
+MAX_PNG_CHUNKS = 20_000  # a 20 MiB PNG in 1 KiB IDAT chunks has about 20,000; writers use 8 to 64 KiB
+MAX_PNG_ANCILLARY_CHUNKS = 1_000  # chunks other than IDAT (text, colour, time ...): photos have a handful
+PNG_TEXT_BYTES = 1 << 20  # Pillow's limits on a PNG's text: one chunk, decompressed, and all of them together
+
+
+def check_structure(f: BinaryIO) -> Optional[str]:
+    """Why a photo's structure is refused before Pillow opens it, or None. Pillow parses a JPEG's
+    segments and a PNG's chunks in Python, one at a time, keeping each: 5.2 million empty APP15
+    segments (a 20 MB JPEG) took 12 s of CPU and 700 MB, and 64 PNGs of 64 zTXt chunks inflating to
+    1 MB each 19 s (an attacker's probe, 2026-12-06); the decode charge counts pixels, not these."""
+    head = f.read(8)
+    f.seek(0)
+    if head[:2] == b"\xff\xd8":
+        return _jpeg_structure(f)
+    if head == b"\x89PNG\r\n\x1a\n":
+        return _png_structure(f)
+    return None
+
+
+def _jpeg_structure(f: BinaryIO) -> Optional[str]:
+    """The segments before the first scan (SOS): at most MAX_JPEG_SEGMENTS."""
+    import struct
+
+    f.seek(2)
+    segments = 0
+    while True:
+        if f.read(1) != b"\xff":
+            return None  # not at a marker, or the end: Pillow says what is wrong with it
+        marker, fill = f.read(1), 0
+        while marker == b"\xff":  # fill bytes before a marker
+            marker, fill = f.read(1), fill + 1
+            if fill > 4096:
+                return "a JPEG padded with thousands of fill bytes between its segments"
+        if marker in (b"", b"\xda", b"\xd9"):  # the end, the first scan, the end of the image
+            return None
+        segments += 1
+        if segments > MAX_JPEG_SEGMENTS:
+            return (f"a JPEG with more than {MAX_JPEG_SEGMENTS} segments before its image data (photos have about "
+                    f"10 to 30)")
+        if b"\xd0" <= marker <= b"\xd7" or marker == b"\x01":  # markers without a length
+            continue
+        length = f.read(2)
+        if len(length) < 2:
+            return None
+        f.seek(struct.unpack(">H", length)[0] - 2, 1)
+
+
+def _png_structure(f: BinaryIO) -> Optional[str]:
+    """At most MAX_PNG_CHUNKS chunks, of which MAX_PNG_ANCILLARY_CHUNKS are not IDAT."""
+    import struct
+
+    f.seek(8)
+    chunks = ancillary = 0
+    while True:
+        header = f.read(8)
+        if len(header) < 8:
+            return None
+        length, kind = struct.unpack(">I4s", header)
+        if kind == b"IEND":
+            return None
+        chunks += 1
+        ancillary += kind != b"IDAT"
+        if chunks > MAX_PNG_CHUNKS or ancillary > MAX_PNG_ANCILLARY_CHUNKS:
+            return (f"a PNG of more than {MAX_PNG_CHUNKS:,} chunks, or of more than {MAX_PNG_ANCILLARY_CHUNKS:,} "
+                    f"besides its image data (photos have a handful)")
+        f.seek(length + 4, 1)  # the data and its CRC
+
+
+def limit_png_text() -> None:
+    """Pillow's limits on a PNG's text chunks, lowered for the server's process (64 MB by default: a
+    request of 64 photos could make it inflate 4 GB of zTXt)."""
+    from PIL import PngImagePlugin
+
+    PngImagePlugin.MAX_TEXT_CHUNK = PNG_TEXT_BYTES
+    PngImagePlugin.MAX_TEXT_MEMORY = PNG_TEXT_BYTES
 
 
 def jpeg_scans(f: BinaryIO) -> int:
@@ -328,6 +409,10 @@ class GalleryService:
         for photo in photos:
             if photo.size == 0:
                 raise RequestError(400, f"{_shown(photo.name)} cannot be used: empty file (0 bytes)")
+            with photo.open() as f:
+                refused = check_structure(f)
+            if refused:
+                raise RequestError(400, f"{_shown(photo.name)} cannot be used: {refused}")
             try:  # Pillow's warnings: filtered for the whole process at start (catch_warnings is not thread-safe)
                 with photo.open() as f, Image.open(f, formats=upload_formats()) as img:
                     width, height = img.size
@@ -340,6 +425,11 @@ class GalleryService:
                 else:
                     reason = f"its header cannot be read ({type(exc).__name__})"
                 raise RequestError(400, f"{_shown(photo.name)} cannot be used: {reason}") from None
+            if image_format == "BMP" and info.get("compression", 0) not in (0, 3):  # BI_RGB, BI_BITFIELDS
+                # Pillow decodes run-length BMPs in Python, without bounds: a 1.3 KB 4,000,000 x 1 RLE8 file took
+                # 1.9 GB, a 39 KB one 10 s of CPU (an attacker's probe, 2026-12-06)
+                raise RequestError(400, f"{_shown(photo.name)} cannot be used: a compressed (run-length) BMP; send it "
+                                        f"as PNG or JPEG")
             if image_format in ("JPEG", "MPO"):  # Pillow calls a JPEG with an MPF segment of 2 images MPO
                 with photo.open() as f:
                     scans = jpeg_scans(f)
@@ -627,7 +717,7 @@ class Guard:
         method, path = scope["method"], scope["path"]
         # any method: a page on another site must not write, nor learn from a GET's outcome which objects exist
         origin = headers.get("origin", [None])[0]
-        site = headers.get("sec-fetch-site", [None])[0]
+        site = (headers.get("sec-fetch-site", [None])[0] or "").lower() or None
         if (origin is not None and not _same_origin(origin, host)) or site in ("cross-site", "same-site"):
             return (403, f"a request from another origin ({_shown(origin or site or '?', 60)}) may not {method} "
                          f"here; call the API from the client's own code, not from a web page", None), False
@@ -863,16 +953,32 @@ def create_app(service: GalleryService, policy: Optional[Policy] = None, docs: b
 
     @app.post("/objects/{object_id}/photos")
     async def add(object_id: str, request: Request):
+        check_path_utf8(request.scope)
         service.check_id(object_id)  # before the body is read
         async with photos_of(request) as photos, working_slot():
             return await _threaded(service.add, object_id, photos)
 
     @app.get("/objects/{object_id}")
-    def get(object_id: str):
+    def get(object_id: str, request: Request):
+        check_path_utf8(request.scope)
         service.check_id(object_id)
         return service.get(object_id)
 
+    limit_png_text()
     return Guard(app, policy)
+
+
+def check_path_utf8(scope: dict) -> None:
+    """The request's path, percent-decoded, is UTF-8: the server decodes it replacing what is not, so
+    ids ``caf%E9`` and ``caf%E8`` (Latin-1) both became ``caf\ufffd``, one object (an attacker's probe,
+    2026-12-06)."""
+    from urllib.parse import unquote_to_bytes
+
+    try:
+        unquote_to_bytes(scope.get("raw_path") or b"").decode("utf-8")
+    except UnicodeDecodeError:
+        raise RequestError(400, "the object id in the path is not valid UTF-8: percent-encode the UTF-8 bytes of "
+                                "the id (curl and requests do)") from None
 
 
 def _form_error(detail: str) -> RequestError:
@@ -956,9 +1062,11 @@ def read_token_file(path: Path) -> str:
     return text
 
 
-def write_token(gallery: Path) -> Path:
-    """A fresh token in ``GALLERY/.mlsctl.token``, mode 0600 from its creation."""
+def write_token(gallery: Path) -> tuple[Path, str]:
+    """A fresh token in ``GALLERY/.mlsctl.token``, mode 0600 from its creation: (its path, the token,
+    as generated: never read back from a file another writer could replace meanwhile)."""
     path = gallery / TOKEN_NAME
+    token = secrets.token_urlsafe(32)
     tmp = gallery / f".{TOKEN_NAME}.{os.getpid()}.tmp"
     try:  # a new file, never one planted there (a link to another file would be overwritten)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
@@ -966,12 +1074,12 @@ def write_token(gallery: Path) -> Path:
         raise UserError(f"{tmp} exists; remove it (a leftover of a stopped server, or planted) and start again") from None
     try:
         os.fchmod(fd, 0o600)
-        os.write(fd, (secrets.token_urlsafe(32) + "\n").encode())
+        os.write(fd, (token + "\n").encode())
         os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    return path
+    return path, token
 
 
 def serve(gallery: Path, run: Optional[Path], host: str, port: int, root: Optional[Path], max_upload_mb: float,
@@ -993,8 +1101,7 @@ def serve(gallery: Path, run: Optional[Path], host: str, port: int, root: Option
         try:
             service = GalleryService(gallery, run, root, limits, read_only)
             if token is None and not read_only:
-                token_path = write_token(Path(gallery))
-                token = token_path.read_text().strip()
+                token_path, token = write_token(Path(gallery))
             policy = Policy.for_server(host, allow_hosts, token=token, token_everywhere=token_file is not None,
                                        read_only=read_only, limits=limits)
             _log_to_stderr()

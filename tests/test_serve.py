@@ -281,6 +281,14 @@ def test_an_upload_equals_index_add_of_the_same_file(server, tmp_path):
     ("POST", "/search", {"files": "tiff"}, 400, "not an image file in a format this server takes"),
     ("POST", "/search", {"files": "scans"}, 400, "a JPEG of 71 scans"),
     ("POST", "/search", {"files": "mpo-scans"}, 400, "a JPEG of 72 scans"),  # a review: as an MPO it was not counted
+    # an attacker's probe (2026-12-06): libavif decodes the whole coded frame whatever the header says; Pillow
+    # decodes a run-length BMP in Python without bounds, and parses a JPEG's segments and a PNG's chunks one by one
+    ("POST", "/search", {"files": "avif"}, 400, "not an image file in a format this server takes (PNG, JPEG, WEBP, BMP)"),
+    ("POST", "/search", {"files": "rle-bmp"}, 400, "a compressed (run-length) BMP"),
+    ("POST", "/search", {"files": "jpeg-segments"}, 400, "a JPEG with more than 512 segments"),
+    ("POST", "/search", {"files": "png-chunks"}, 400, "besides its image data"),
+    ("POST", "/objects/caf%E9/photos", {"files": "one"}, 400, "not valid UTF-8"),
+    ("GET", "/objects/caf%E9", {}, 400, "not valid UTF-8"),
 ])
 def test_bad_requests_get_one_sentence_and_the_server_lives_on(server, method, path, kwargs, status, words):
     if kwargs.get("files") == "one":
@@ -291,6 +299,8 @@ def test_bad_requests_get_one_sentence_and_the_server_lives_on(server, method, p
         kwargs = {"files": [("a.gif", bomb(20, format="GIF"))]}
     elif kwargs.get("files") == "tiff":
         kwargs = {"files": [("a.tif", bomb(20, format="TIFF"))]}
+    elif kwargs.get("files") in ("avif", "rle-bmp", "jpeg-segments", "png-chunks"):
+        kwargs = {"files": [("a.img", crafted(kwargs["files"]))]}
     elif kwargs.get("files") == "scans":  # 70 start-of-scan markers in a comment, beside the JPEG's own scan
         jpeg = bomb(20, format="JPEG")
         comment = b"\xff\xda" * 70
@@ -308,6 +318,65 @@ def test_bad_requests_get_one_sentence_and_the_server_lives_on(server, method, p
     assert got == status and words in answer["error"] and set(answer) == {"error"}, answer
     assert str(server.mile_run) not in answer["error"]  # the server's folders are nobody's business
     assert call(server.base, "GET", "/health")[0] == 200
+
+
+def crafted(kind: str) -> bytes:
+    """Small files whose decoding (or opening) costs far more than their header says."""
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    if kind == "avif":
+        Image.new("RGB", (16, 16)).save(buffer, "AVIF")
+        return buffer.getvalue()
+    if kind == "rle-bmp":  # 8-bit RLE of 100 x 1: a "delta" code, then the end of the bitmap
+        pixels = b"\x00\x02\xff\x00\x00\x01"
+        info = struct.pack("<IiiHHIIiiII", 40, 100, 1, 1, 8, 1, len(pixels), 2835, 2835, 256, 0)
+        palette = b"\x00\x00\x00\x00" * 256
+        offset = 14 + len(info) + len(palette)
+        return b"BM" + struct.pack("<IHHI", offset + len(pixels), 0, 0, offset) + info + palette + pixels
+    if kind == "jpeg-segments":  # 600 empty APP15 segments before a 16 x 16 JPEG's own
+        Image.new("RGB", (16, 16)).save(buffer, "JPEG")
+        jpeg = buffer.getvalue()
+        return jpeg[:2] + b"\xff\xef\x00\x02" * 600 + jpeg[2:]
+    Image.new("RGB", (16, 16)).save(buffer, "PNG")  # png-chunks: 1,001 private ancillary chunks before its IDAT
+    png = buffer.getvalue()
+    chunk = struct.pack(">I4s", 0, b"prIv") + struct.pack(">I", zlib.crc32(b"prIv"))
+    at = png.index(b"IDAT") - 4
+    return png[:at] + chunk * 1001 + png[at:]
+
+
+def test_a_photo_s_structure_within_the_limits_is_taken():
+    """The walks of check_structure pass what cameras and writers make: JPEGs with EXIF, progressive
+    ones, fill bytes before a marker, PNGs whose image data is split into thousands of IDAT chunks."""
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    from mlsctl.serve import check_structure
+
+    image = Image.effect_noise((300, 200), 60).convert("RGB")
+    for fmt, options in (("JPEG", {"quality": 90, "exif": Image.Exif()}), ("JPEG", {"progressive": True}),
+                         ("PNG", {"compress_level": 1})):
+        buffer = io.BytesIO()
+        image.save(buffer, fmt, **options)
+        assert check_structure(io.BytesIO(buffer.getvalue())) is None, (fmt, options)
+    png = buffer.getvalue()  # its IDAT data in chunks of 16 bytes: 2,000 and more chunks, still an ordinary PNG
+    at = png.index(b"IDAT") - 4
+    length = struct.unpack(">I", png[at:at + 4])[0]
+    data = png[at + 8:at + 8 + length]
+    chunks = b"".join(struct.pack(">I4s", len(part), b"IDAT") + part + struct.pack(">I", zlib.crc32(b"IDAT" + part))
+                      for part in (data[i:i + 16] for i in range(0, len(data), 16)))
+    split = png[:at] + chunks + png[at + 12 + length:]
+    assert len(data) // 16 > 2000 and check_structure(io.BytesIO(split)) is None
+    assert Image.open(io.BytesIO(split)).convert("RGB").tobytes() == image.tobytes()
+    assert check_structure(io.BytesIO(b"\xff\xd8\xff\xff\xff\xfe\x00\x02\xff\xda")) is None  # fill bytes
+    assert "fill bytes" in check_structure(io.BytesIO(b"\xff\xd8" + b"\xff" * 5000 + b"\xda"))
 
 
 def test_json_nested_100000_deep_is_a_400(server):
@@ -1131,8 +1200,8 @@ def test_9_the_token_file_is_never_written_through_a_planted_link(tmp_path):
         write_token(tmp_path)
     assert victim.read_text() == "keep me"
     planted.unlink()
-    token = write_token(tmp_path)
-    assert stat.S_IMODE(token.stat().st_mode) == 0o600 and len(token.read_text().strip()) >= 32
+    path, token = write_token(tmp_path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and path.read_text().strip() == token and len(token) >= 32
 
 
 def test_a_sigterm_while_the_server_starts_is_an_ordinary_stop(mile_run, tmp_path):
