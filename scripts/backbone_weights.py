@@ -16,7 +16,10 @@ import argparse
 import hashlib
 import json
 import sys
+import tempfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # mlsctl from this checkout, installed or not
 
 PART_BYTES = 15 * 2**20
 
@@ -26,6 +29,8 @@ def to_bf16(run: Path, out_prefix: Path) -> list[Path]:
     import yaml
     from safetensors import safe_open
     from safetensors.torch import save_file
+
+    from mlsctl import atomic
 
     teacher = run / "teacher.safetensors"
     with safe_open(str(teacher), "pt") as handle:
@@ -43,16 +48,20 @@ def to_bf16(run: Path, out_prefix: Path) -> list[Path]:
     }, sort_keys=True)
     out = out_prefix.with_name(out_prefix.name + ".safetensors")
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(out), metadata=metadata)
-    data = out.read_bytes()
+    # written whole outside the folder first: a device window cut while the whole 20 MB file sat in $OUT would
+    # leave a file over the 16 MiB that come back, and no parts (a review, 2026-12-06)
+    with tempfile.TemporaryDirectory() as tmp:
+        whole = Path(tmp) / out.name
+        save_file(state, str(whole), metadata=metadata)
+        data = whole.read_bytes()
     if len(data) <= PART_BYTES:
+        atomic.write_bytes(out, data)
         return [out]
     parts = []
     for i in range(0, len(data), PART_BYTES):
         part = out.with_name(f"{out.name}.part{i // PART_BYTES}")
-        part.write_bytes(data[i:i + PART_BYTES])
+        atomic.write_bytes(part, data[i:i + PART_BYTES])
         parts.append(part)
-    out.unlink()
     return parts
 
 

@@ -6,7 +6,7 @@
 #                              copied to benchmarks/results/train_throughput_<device>.json
 #   throughput-logs.tar.gz     each loop's output and metrics, and host_sync.json (benchmarks/host_sync.py), into
 #                              benchmarks/results/device/throughput-logs-<window>/
-#   host_sync.json, cell-logs-<profile>.tar.gz, window.log
+#   host_sync.json, cell-logs-<profile>.tar.gz, window.log, fidelity-<profile>.log (scripts/device_fidelity.sh)
 #                              copied to benchmarks/results/device/window-<window>/
 #   backbone-run.tar.gz        the backbone run's recipe, metrics, log and knn-seg results, into
 #                              benchmarks/results/device/window-<window>/backbone-run/
@@ -70,12 +70,12 @@ if [ -e "$folder/throughput-logs.tar.gz" ]; then
   found=1
 fi
 dest="$root/window-$stamp"
-for file in "$folder"/host_sync.json "$folder"/cell-logs-*.tar.gz "$folder"/window.log; do
+for file in "$folder"/host_sync.json "$folder"/cell-logs-*.tar.gz "$folder"/window.log "$folder"/fidelity-*.log; do
   [ -e "$file" ] || continue  # host_sync.json also travels in throughput-logs.tar.gz, when the window got there
   mkdir -p "$dest"
   cp "$file" "$dest/"
   echo "$(basename "$file"): $dest/"
-  [ "$(basename "$file")" = window.log ] || found=1
+  case "$(basename "$file")" in window.log|fidelity-*.log) ;; *) found=1 ;; esac
 done
 if [ -e "$folder/backbone-run.tar.gz" ]; then
   mkdir -p "$dest/backbone-run"

@@ -176,6 +176,8 @@ def test_a_runs_teacher_becomes_the_bf16_weights_file_and_comes_back_from_its_pa
     monkeypatch.setattr(backbone_weights, "PART_BYTES", whole.stat().st_size // 3 + 1)
     parts = backbone_weights.to_bf16(run, tmp_path / "parts" / "bb")
     assert len(parts) == 3 and not (tmp_path / "parts" / "bb.safetensors").exists()
+    # nothing else ever sat in the folder that comes back from a device (the whole file was over its 16 MiB)
+    assert sorted(p.name for p in (tmp_path / "parts").iterdir()) == [p.name for p in parts]
     joined = backbone_weights.join(tmp_path / "parts" / "bb", tmp_path / "joined.safetensors")
     assert joined.read_bytes() == b"".join(part.read_bytes() for part in parts)
     with safe_open(str(joined), "pt") as a, safe_open(str(whole), "pt") as b:  # (safetensors orders metadata freely)
