@@ -158,6 +158,7 @@ VARIANTS = (
     Variant("scenes", "mls-k40", "mls_fmnist_quick", ("method.k=40",), image_knn=True, linear=True),
     Variant("scenes", "mls-one-queue", "mls_fmnist_quick", ("method.label_queue=z",), image_knn=True, linear=True),
 )
+VARIANT_BENCHMARK = {v.name: v.benchmark for v in VARIANTS}
 CALIBRATION = ("random", "dino", "supervised")  # item 7 of issue 22: is the benchmark able to tell methods apart?
 CALIBRATION_MARGIN = 0.05  # DINO over random init, mIoU (fractions)
 CEILING_MARGIN = 0.10  # the supervised ceiling over the better of DINO and random init: what "well above" means here
@@ -719,65 +720,97 @@ OTHER_DEVICE_MARGIN = 1.4  # an H100 has 70 % of an H200's memory bandwidth; the
 
 class Planner:
     """Hands out the pending cells in order, each only while its estimate fits the time left (``budget_s``
-    None: no limit); thread-safe for --jobs > 1. Remembers why a cell was left for a later run."""
+    None: no limit); thread-safe for --jobs > 1. Remembers why a cell was left for a later run.
+
+    The calibration gate (a profile's ``calibration``, issue 22 item 7): while a calibration cell of the
+    profile's first seed is not done — selected in this run or not — no other cell of its benchmark is
+    handed out, and once they are all done, those cells run only where :func:`calibration_failure` finds
+    nothing. A worker asking while calibration cells run elsewhere waits for them."""
 
     def __init__(self, cells: list[Cell], budget_s: Optional[float], device: str):
-        import threading
-
         self.queue = list(cells)
         self.deadline = None if budget_s is None else CLOCK() + budget_s
-        # the pending calibration cells (the profile's calibration variants, first seed): the others wait for them,
-        # and run only where the calibration holds
-        self.calibration = {c.id for c in cells if c.seed == c.profile.seeds[0] and c.variant.name in c.profile.calibration}
-        self.calibration_failed = None if self.calibration or not cells else calibration_failure(cells[0].profile,
-                                                                                               cells[0].work)
         self.device = device
         self.estimates: dict[str, tuple[float, str]] = {}  # of the cells considered, when they were
         self.left_for_later: dict[str, str] = {}
-        self.lock = threading.Lock()
+        self.condition = threading.Condition()
+        self.running: set[str] = set()
+        profile, work = (cells[0].profile, cells[0].work) if cells else (None, None)
+        self.profile, self.work = profile, work
+        self.gated = set() if profile is None else {VARIANT_BENCHMARK[name] for name in profile.calibration}
+        # the calibration cells not done yet, whether this run selected them or not
+        self.calibration = set() if profile is None else {
+            c.id for c in calibration_cells(profile, work) if not is_done(c)}
+        self.calibration_failed = None if self.calibration or profile is None else calibration_failure(profile, work)
 
     def seconds_left(self) -> float:
         return float("inf") if self.deadline is None else self.deadline - CLOCK()
 
+    def _waits(self, cell: Cell) -> bool:
+        return bool(self.calibration) and cell.variant.benchmark in self.gated and cell.id not in self.calibration
+
     def next(self) -> Optional[Cell]:
         """The first pending cell whose estimate fits the time left; those before it never will (time only
-        runs out), so they are left for a later run."""
-        with self.lock:
-            while self.queue:
-                cell = self.queue.pop(0)
-                if self.deadline is None:
+        runs out), so they are left for a later run. Cells behind the calibration gate stay queued while a
+        calibration cell may still finish in this run."""
+        with self.condition:
+            while True:
+                waiting = False
+                for cell in list(self.queue):
+                    if self._waits(cell):
+                        waiting = True
+                        continue
+                    self.queue.remove(cell)
+                    if self.calibration_failed and cell.variant.benchmark in self.gated:
+                        self.left_for_later[cell.id] = f"not run: {self.calibration_failed}"
+                        continue
+                    if self.deadline is not None:
+                        # estimated now: a cell of the same variant that finished in this run has measured it
+                        seconds, source = self.estimates[cell.id] = estimate(cell, self.device)
+                        left = self.seconds_left()
+                        if seconds > left:
+                            self.left_for_later[cell.id] = (f"did not fit: {source} estimate {seconds:.0f}s, "
+                                                            f"{max(0.0, left):.0f}s left")
+                            continue
+                    self.running.add(cell.id)
                     return cell
-                if self.calibration and cell.id not in self.calibration:
+                if waiting and self.calibration & self.running:  # a calibration cell runs elsewhere: wait for it
+                    self.condition.wait(timeout=5.0)
+                    continue
+                for cell in self.queue:  # the calibration cannot finish in this run
                     self.left_for_later[cell.id] = (f"waits for the calibration ({', '.join(sorted(self.calibration))} "
-                                                    f"pending): it may change the benchmark")
-                    continue
-                if self.calibration_failed:
-                    self.left_for_later[cell.id] = f"not run: {self.calibration_failed}"
-                    continue
-                # estimated now: a cell of the same variant that finished in this run has measured it
-                seconds, source = self.estimates[cell.id] = estimate(cell, self.device)
-                left = self.seconds_left()
-                if seconds <= left:
-                    return cell
-                self.left_for_later[cell.id] = f"did not fit: {source} estimate {seconds:.0f}s, {max(0.0, left):.0f}s left"
-            return None
+                                                    f"not done): it may change the benchmark")
+                self.queue.clear()
+                return None
 
     def finished(self, cell: Cell) -> None:
-        """``cell`` is done: once every calibration cell is, the calibration is judged, and the other cells
-        are handed out only where it holds."""
-        with self.lock:
+        """``cell`` is done: once every calibration cell is, the calibration is judged."""
+        with self.condition:
+            self.running.discard(cell.id)
             if cell.id in self.calibration:
                 self.calibration.discard(cell.id)
                 if not self.calibration:
                     self.calibration_failed = calibration_failure(cell.profile, cell.work)
+            self.condition.notify_all()
+
+    def given_up(self, cell: Cell) -> None:
+        """``cell`` failed or was stopped at the deadline: a calibration cell among them stays not done."""
+        with self.condition:
+            self.running.discard(cell.id)
+            self.condition.notify_all()
+
+
+def calibration_cells(profile: Profile, work: Path) -> list[Cell]:
+    """The cells that calibrate ``profile``'s benchmark: its calibration variants, first seed."""
+    by_name = {v.name: v for v in VARIANTS}
+    return [Cell(profile, by_name[name], profile.seeds[0], work) for name in profile.calibration]
 
 
 def calibration_state(profile: Profile, work: Path) -> str:
     """``none`` (the profile calibrates nothing), ``pending``, ``passed`` or ``failed: why``."""
     if not profile.calibration:
         return "none"
-    by_name = {v.name: v for v in VARIANTS}
-    if not all(is_done(Cell(profile, by_name[name], profile.seeds[0], work)) for name in profile.calibration):
+    if not all(is_done(cell) for cell in calibration_cells(profile, work)):
         return "pending"
     failure = calibration_failure(profile, work)
     return "passed" if failure is None else f"failed: {failure}"
@@ -1188,13 +1221,18 @@ def unpack_results(profile: Profile, archive: Path, work: Optional[Path] = None)
                 skipped[record["cell"]] = "its variant is not declared here"
                 continue
             here = Cell(profile, variant, int(record["cell"].rsplit("/", 1)[1]), work or Path("fidelity-work") / profile.name)
-            if here.spec_sha() != record["spec_sha"]:
+            try:
+                current = here.spec_sha()
+            except SystemExit as exc:  # a weights file the cell reads is missing here
+                skipped[record["cell"]] = f"cannot be checked here ({exc})"
+                continue
+            if current != record["spec_sha"]:
                 skipped[record["cell"]] = "declared otherwise here now (another spec_sha): run the cell again"
                 continue
             local = cells / parts[2]
             if local.is_file():
                 kept = json.loads(local.read_text())
-                if kept.get("spec_sha") == record["spec_sha"] and str(kept.get("finished", "")) > str(record.get("finished", "")):
+                if kept.get("spec_sha") == record["spec_sha"] and (kept.get("finished") or "") > (record.get("finished") or ""):
                     skipped[record["cell"]] = f"the record here finished later ({kept.get('finished')})"
                     continue
             atomic.write_json(local, record)
@@ -1236,9 +1274,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     cells = cells_of(profile, work, options.only)
     if options.budget_s is not None and options.budget_s <= 0:
         raise SystemExit(f"error: --budget-s must be positive, got {options.budget_s:g}")
-    if options.deadline_epoch is not None:
-        left = max(0.001, options.deadline_epoch - time.time())
-        options.budget_s = left if options.budget_s is None else min(options.budget_s, left)
     if options.unpack_results is not None:
         merged, skipped = unpack_results(profile, options.unpack_results.resolve(), work)
         write_report(profile)
@@ -1271,8 +1306,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         threads = max(1, (os.cpu_count() or 1) // jobs)
         started = time.perf_counter()
         pending = [c for c in cells if options.rerun or not is_done(c)]
-        planner = Planner(pending, options.budget_s, device_description())
-        budget = "" if options.budget_s is None else f", within {options.budget_s:.0f}s"
+        device = device_description()  # (CUDA's start)
+        budget_s = options.budget_s
+        if options.deadline_epoch is not None:  # now, after the imports and CUDA's start: they count against it
+            left = max(0.001, options.deadline_epoch - time.time())
+            budget_s = left if budget_s is None else min(budget_s, left)
+        planner = Planner(pending, budget_s, device)
+        budget = "" if budget_s is None else f", within {budget_s:.0f}s"
         print(f"fidelity suite, profile {profile.name}: {len(cells)} cells ({len(cells) - len(pending)} done), "
               f"{jobs} at a time{budget}; work in {work}", flush=True)
         for cell in cells:
@@ -1292,18 +1332,25 @@ def main(argv: Optional[list[str]] = None) -> int:
             while (cell := planner.next()) is not None:
                 try:
                     record = run_cell(cell, threads, options.rerun, planner.deadline)
-                    print(f"{cell.id}: done in {sum(record['seconds_this_session'].values()):.0f}s; "
-                          f"{metrics_line(record['metrics'])}", flush=True)
-                    planner.finished(cell)
-                    if options.pack_results is not None:  # at once: a window cut later still brings this cell back
-                        with pack_lock:
-                            pack_results(profile, options.pack_results.resolve())
                 except OutOfTime as exc:
+                    planner.given_up(cell)
                     stopped[cell.id] = f"{exc}; resumes from its last checkpoint in {work}"
                     print(f"{cell.id}: {exc}", flush=True)
+                    continue
                 except Exception as exc:  # one failed cell does not stop the others; the rerun retries it
+                    planner.given_up(cell)
                     failures[cell.id] = str(exc)
                     print(f"{cell.id}: FAILED: {exc}", flush=True)
+                    continue
+                planner.finished(cell)
+                print(f"{cell.id}: done in {sum(record['seconds_this_session'].values()):.0f}s; "
+                      f"{metrics_line(record['metrics'])}", flush=True)
+                if options.pack_results is not None:  # at once: a window cut later still brings this cell back
+                    try:
+                        with pack_lock:
+                            pack_results(profile, options.pack_results.resolve())
+                    except (OSError, SystemExit) as exc:  # the record is written; the pack at the end tries again
+                        print(f"{cell.id}: could not pack the results into {options.pack_results} ({exc})", flush=True)
 
         with ThreadPoolExecutor(jobs) as pool:
             for future in [pool.submit(worker) for _ in range(jobs)]:

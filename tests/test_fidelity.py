@@ -196,22 +196,59 @@ def test_no_other_cell_runs_before_the_calibration_holds(tmp_path: Path, monkeyp
                               "--only", "scenes/random/*", "scenes/dino/*", "scenes/supervised/*", "products/*",
                               "--budget-s", budget, "--pack-results", str(tmp_path / "w.tar.gz")]) == 0
 
-    run("110")  # random/0 and dino/0 fit, 25 s are left: not supervised/0 (40), and mile/0 (20) does not run instead
-    assert ran == ["scenes/random/0", "scenes/dino/0"]
-    assert packed == [["scenes/random/0"], ["scenes/random/0", "scenes/dino/0"], ["scenes/random/0", "scenes/dino/0"]]
+    # random/0 and dino/0 fit, 25 s are left: not supervised/0 (40), and no other scenes cell runs instead; MILE's
+    # cells (fmnist-products, which the calibration does not concern) go on
+    run("110")
+    assert ran == ["scenes/random/0", "scenes/dino/0", "products/mile/0"]
+    assert packed == [["scenes/random/0"], ["scenes/random/0", "scenes/dino/0"], ran[:3], ran[:3]]
     progress = {r["cell"]: r for r in json.loads((tmp_path / "r" / "smoke" / "progress.json").read_text())["cells"]}
-    assert progress["products/mile/0"]["why"].startswith("waits for the calibration (scenes/supervised/0 pending)")
+    assert progress["scenes/random/1"]["why"].startswith("waits for the calibration (scenes/supervised/0 not done)")
     run("1000")
     if passes:
-        assert ran == ["scenes/supervised/0", "products/mile/0", "scenes/random/1", "scenes/dino/1",
-                       "scenes/supervised/1", "products/mile/1"]
+        assert ran == ["scenes/supervised/0", "scenes/random/1", "scenes/dino/1", "scenes/supervised/1", "products/mile/1"]
     else:
-        assert ran == ["scenes/supervised/0"]
+        assert ran == ["scenes/supervised/0", "products/mile/1"]
         progress = {r["cell"]: r for r in json.loads((tmp_path / "r" / "smoke" / "progress.json").read_text())["cells"]}
         assert "the calibration failed (DINO 12.0 is not 5 mIoU points above the random init 10.0)" in \
-            progress["products/mile/0"]["why"]
-        run("1000")  # judged again from the records: still nothing but the calibration
+            progress["scenes/random/1"]["why"]
+        run("1000")  # judged again from the records: no scenes cell but the calibration's
         assert ran == []
+    # --only without the calibration's cells does not get past it (a review, 2026-12-06)
+    (tmp_path / "r" / "smoke" / "cells" / "scenes-supervised-seed0.json").unlink()
+    ran.clear()
+    assert fidelity.main(["--profile", "smoke", "--work", str(tmp_path / "work"), "--results", str(tmp_path / "r"),
+                          "--only", "scenes/dino/1", "--rerun", "--budget-s", "1000"]) == 0
+    assert ran == []
+
+
+def test_with_two_workers_the_calibration_gate_waits_and_loses_no_cell(tmp_path: Path, monkeypatch):
+    """A review (2026-12-06): with --jobs 2, a worker asking while the other still trained DINO took every other
+    cell off the queue for good, and nothing ran after the calibration passed."""
+    import dataclasses
+    import threading
+
+    profile = dataclasses.replace(fidelity.PROFILES["smoke"], seeds=(0, 1), calibration=("random", "dino", "supervised"),
+                                  jobs=2)
+    monkeypatch.setitem(fidelity.PROFILES, "smoke", profile)
+    monkeypatch.setattr(fidelity, "build_data", lambda *args, **kwargs: None)
+    miou = {"random": 0.10, "dino": 0.20, "supervised": 0.40}
+    ran, lock = [], threading.Lock()
+
+    def fake_run_cell(cell, threads, rerun, deadline=None):
+        time.sleep(1.0 if cell.variant.name == "dino" and cell.seed == 0 else 0.05)  # DINO/0 outlasts the others
+        with lock:
+            ran.append(cell.id)
+        record = fake_record(cell, 1)
+        record["metrics"] = {"miou": miou[cell.variant.name]}
+        fidelity.atomic.write_json(cell.result_path, record)
+        return record
+
+    monkeypatch.setattr(fidelity, "run_cell", fake_run_cell)
+    assert fidelity.main(["--profile", "smoke", "--work", str(tmp_path / "work"), "--results", str(tmp_path / "r"),
+                          "--only", "scenes/random/*", "scenes/dino/*", "scenes/supervised/*"]) == 0
+    assert sorted(ran) == sorted(f"scenes/{v}/{s}" for v in miou for s in (0, 1))
+    calibration = {"scenes/random/0", "scenes/dino/0", "scenes/supervised/0"}
+    assert set(ran[:3]) == calibration  # nothing else before the calibration was done
 
 
 def test_unpack_keeps_a_later_record_and_refuses_one_declared_otherwise(budget_suite, tmp_path: Path, capsys):
