@@ -387,8 +387,11 @@ class MemoryBank:
                 raise ValueError(f"bank payload '{name}' shape differs: saved {list(saved.shape)}, "
                                  f"expected {list(self.payload[name].shape)}")
             self.payload[name] = saved.to(device=device, dtype=self.payload[name].dtype).clone()
-        self.ptr = int(state["ptr"])
-        self.n_written = int(state["n_written"])
+        ptr, n_written = int(state["ptr"]), int(state["n_written"])
+        if not (0 <= ptr < max(self.size, 1) and n_written >= 0):  # a probe, 2026-12-06: an internal error later
+            raise ValueError(f"bank pointer {ptr} or count {n_written} is impossible for a bank of {self.size} rows: "
+                             f"the file is damaged")
+        self.ptr, self.n_written = ptr, n_written
         self._prefilled = bool(int(state["prefilled"]))
 
     @classmethod

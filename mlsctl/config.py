@@ -326,8 +326,8 @@ def _plural(description: str) -> str:
 
 
 def _show(value: Any) -> str:
-    if isinstance(value, str):
-        return repr(value)
+    if isinstance(value, str):  # (a whole foreign file read as YAML is one string: the sentence quotes its start)
+        return repr(value if len(value) <= 80 else value[:77] + "...")
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -684,12 +684,16 @@ def read_yaml(path: Path) -> Any:
     except UnicodeDecodeError:
         raise ConfigError(f"{path} is not UTF-8 text; point at a recipe YAML file") from None
     try:
-        return bounded_yaml(text, str(path))
+        data = bounded_yaml(text, str(path))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or "invalid syntax"
         raise ConfigError(f"{path} is not valid YAML{where} ({problem}); fix the syntax") from None
+    if data is None:  # an empty file trained (or showed) every default, silently (a probe, 2026-12-06)
+        raise ConfigError(f"{path} is empty (or holds only comments); a recipe is a YAML mapping of keys: start from "
+                          f"a shipped one (mlsctl recipes)")
+    return data
 
 
 def load_recipe(name_or_path: str, overrides: Optional[list[str]] = None) -> Recipe:

@@ -21,6 +21,7 @@ preprocessing (:func:`data_config`).
 from __future__ import annotations
 
 import errno
+import glob
 import math
 import os
 import shutil
@@ -145,7 +146,7 @@ def export_timm(run_dir: str | Path, out: str | Path, *, step: Optional[int] = N
                       "num_classes": model.embedding_dim, **dict(model.timm_kwargs or {})}
     origin = provenance(run, recipe, checkpoint_step, fingerprint(vit))
     _set_pretrained_cfg(vit, run_pretrained_cfg(vit, recipe, origin))
-    tmp = out.parent / f".{out.name}.export-tmp"
+    tmp = out.parent / f".{out.name}.export-tmp-{os.getpid()}"  # per process: two exports never share it
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         save_for_hf(vit, str(tmp), model_config={"architecture": model.arch, "mlsctl": origin}, model_args=model_args,
@@ -159,6 +160,9 @@ def export_timm(run_dir: str | Path, out: str | Path, *, step: Optional[int] = N
         for f in tmp.iterdir():  # readable by whoever the folder is given to, as the umask allows
             os.chmod(f, 0o666 & ~umask)
         atomic._fsync_dir(tmp)
+        if not overwrite and out.exists() and any(out.iterdir()):  # another export finished there meanwhile
+            raise UserError(f"--out {out} received another export while this one was written; add --overwrite to "
+                            f"replace it, or choose another --out")
         _swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -215,6 +219,20 @@ def _recover(out: Path) -> None:
             os.replace(aside, out)
         else:
             shutil.rmtree(aside, ignore_errors=True)
+    for tmp in out.parent.glob(f".{glob.escape(out.name)}.export-tmp-*"):  # of an export killed while writing
+        pid = tmp.name.rsplit("-", 1)[1]
+        if pid.isdigit() and not _alive(int(pid)) and tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 # The largest value a model argument of config.json may have before anything is built (an edited

@@ -162,6 +162,10 @@ def _visible(c: str) -> bool:
     return unicodedata.category(c) not in ("Cf", "Cc", "Cn", "Zs", "Zl", "Zp", "Mn", "Me") and c not in _BLANK_CHARACTERS
 
 
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
 def check_object_id(object_id: str, where: str = "--object") -> str:
     """Refuse an object id the gallery cannot store and find again: empty or blank, made only of
     invisible characters (U+200B, U+2060, ...), longer than :data:`MAX_OBJECT_ID_CHARS`
@@ -219,8 +223,8 @@ def read_query_sets(path: Path) -> list[tuple[int, object, list[Path]]]:
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
+        try:  # NaN and Infinity are no JSON: an id of them came back as invalid JSON (a probe, 2026-12-06)
+            record = json.loads(line, parse_constant=_no_constant)
             photos = record["photos"]
             if not (isinstance(photos, list) and photos and all(isinstance(p, str) for p in photos)):
                 raise ValueError
@@ -748,8 +752,11 @@ def read_manifest(path: Path) -> dict:
     if not (isinstance(model, dict) and isinstance(model.get("fingerprint"), str) and isinstance(model.get("run"), str)):
         problem = "'model' must hold the run and fingerprint"
     elif not (isinstance(index, dict) and set(index) <= known and index.get("kind") in ("flat", "ivfpq")
-              and all(v is None or (isinstance(v, int) and not isinstance(v, bool)) for k, v in index.items() if k != "kind")):
-        problem = "'index' must hold kind flat|ivfpq and integer settings"
+              and all(v is None or (isinstance(v, int) and not isinstance(v, bool) and 1 <= v < 2**31)
+                      for k, v in index.items() if k != "kind")
+              and all(isinstance(index.get(k, 1), int) for k in ("nprobe", "refine"))):
+        # (a probe, 2026-12-06: nprobe -1, 0 or null, refine 0 were internal errors of the search)
+        problem = "'index' must hold kind flat|ivfpq and settings that are positive integers (nprobe and refine set)"
     elif not all(isinstance(manifest.get(k), int) and manifest[k] >= 0 for k in ("rows", "objects", "dim", "indexed_rows")):
         problem = "'rows', 'objects', 'dim' and 'indexed_rows' must be counts"
     elif manifest.get("storage_dtype") not in STORAGE_DTYPES:
@@ -941,8 +948,13 @@ def _feature_groups(source: Path, model: SetModel) -> dict[str, torch.Tensor]:
     return {object_id: cls[r] for object_id, r in sorted(rows.items())}
 
 
-def check_gallery_target(out: Path, overwrite: bool) -> None:
-    """``--out`` of index build: a new or empty folder, or a gallery with ``overwrite``."""
+def check_gallery_target(out: Path, overwrite: bool, source: Optional[str | os.PathLike] = None) -> None:
+    """``--out`` of index build: a new or empty folder, or a gallery with ``overwrite``; never inside
+    the images ``source`` it is built from (a probe, 2026-12-06: its files sat among the objects)."""
+    if source is not None and not is_feature_folder(source):
+        source_folder, target = Path(source).resolve(), Path(out).resolve()
+        if target == source_folder or source_folder in target.parents:
+            raise UserError(f"--out {out} is inside the images it is built from ({source}); choose an --out outside it")
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; give a folder for the gallery")
     if out.exists() and any(p for p in out.iterdir() if p.name != LOCK_NAME):
@@ -959,7 +971,7 @@ def build_gallery(source: str | os.PathLike, model: SetModel, out: str | os.Path
     ``workers`` loader processes and embedded ``batch_size`` at a time, :func:`set_tokens`), or a
     feature folder of them written by ``mlsctl embed`` with the same run (files fold in name order)."""
     out = Path(out)
-    check_gallery_target(out, overwrite)
+    check_gallery_target(out, overwrite, source)
     if storage_dtype not in STORAGE_DTYPES:
         raise UserError(f"--dtype must be fp32 or fp16, got {storage_dtype!r}")
     ids, latents, counts = [], [], []
@@ -993,6 +1005,9 @@ def build_gallery(source: str | os.PathLike, model: SetModel, out: str | os.Path
                           "arch": model.backbone.info["arch"]},
                 "preprocessing": model.preprocessing(), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
     with FolderLock(out, "gallery"):
+        # again under the lock: another build into the same new --out may have finished meanwhile (a probe,
+        # 2026-12-06: both said "built", the second replacing the first without --overwrite)
+        check_gallery_target(out, overwrite)
         manifest = write_gallery(out, ids, torch.stack(latents), counts, settings, manifest, storage_dtype)
     return dict(manifest, images=int(sum(counts)))
 

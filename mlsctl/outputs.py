@@ -47,7 +47,7 @@ def check_place(out: Path, option: str, what: str) -> None:
                 raise UserError(f"{option} {out}: {parent} is a file, not a folder; choose another path")
             if not os.access(parent, os.W_OK):
                 raise UserError(f"{option} {out}: this process cannot write into {parent} (read-only or not "
-                                f"permitted); choose another path")
+                                f"permitted); choose another path", exit_code=1)  # the machine's, as elsewhere
             break
 
 

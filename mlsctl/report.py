@@ -555,6 +555,9 @@ def check_report_target(out: Path, overwrite: bool = False) -> None:
         raise UserError(f"--out {out} must end in .html: the report is one HTML page")
     if out.is_dir():
         raise UserError(f"--out {out} is a folder; give a file name ending in .html")
+    from mlsctl.outputs import check_place
+
+    check_place(out, "--out", "report")  # a folder it cannot write into, said before the work (a probe, 2026-12-06)
     if out.exists() and not overwrite and not is_report(out):
         raise UserError(f"--out {out} exists and is not an mlsctl report; add --overwrite to replace it, or choose "
                         f"another --out")

@@ -140,6 +140,11 @@ def features_pca(features, out: Path, n: int = 16, cell: Optional[int] = None) -
     from mlsctl.features import Preprocessing
 
     dense = torch.cat([d for _, d in features.iter_dense(rows)])
+    finite = torch.isfinite(dense.reshape(len(rows), -1)).all(1)
+    if not bool(finite.all()):  # the PCA's SVD fails on them (a probe, 2026-12-06: an internal error)
+        bad = [features.files[r] for r, ok in zip(rows, finite.tolist()) if not ok]
+        raise UserError(f"the dense features of {len(bad)} of these images in {features.path} hold NaN or inf "
+                        f"(first: {bad[0]}); embed the folder again with --overwrite")
     seen = features.preprocessing
     model_input = Preprocessing(int(seen.get("resolution", 224)), seen.get("resize", "square"))
     size = model_input.resolution

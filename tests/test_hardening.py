@@ -1776,3 +1776,115 @@ def test_default_results_files_are_never_replaced_and_their_folder_is_checked_be
     code, _, err = cli("eval", "knn", "--train", str(feats), "--val", str(feats), capsys=capsys)
     assert code == 2 and "results are written to results/ by default" in err and "give --out" in err, err
     assert "--out results" not in err
+
+
+# ----------------------------------------------------------------------------------- a hostile user's probe, 2026-12-06
+
+
+@pytest.mark.parametrize("key,value,words", [
+    ("resolution", 1_000_000, "'preprocessing.resolution' must be an image size of 1 to 16384"),
+    ("resolution", 0, "'preprocessing.resolution'"), ("resolution", "abc", "'preprocessing.resolution'"),
+    ("resize", "weird", "'preprocessing.resize' must be one of square, center-crop"),
+    ("std", [0, 0, 0], "'preprocessing.std' must be 3 finite numbers above 0"),
+    ("mean", ["a", "b", "c"], "'preprocessing.mean' must be 3 finite numbers")])
+def test_an_edited_preprocessing_in_a_feature_manifest_is_one_sentence(tmp_path, key, value, words):
+    """A resolution of 1,000,000 made viz pca take every byte of memory (killed by the kernel); 0, -5 or "abc"
+    were internal errors; an unknown resize or a zero std were taken."""
+    import json
+
+    from conftest import write_feature_folder
+    from mlsctl.features import Features
+
+    feats = write_feature_folder(tmp_path / "f", ["a.png", "b.png"], torch.randn(2, 4), torch.randn(2, 2, 2, 4))
+    manifest = json.loads((feats / "manifest.json").read_text())
+    manifest["preprocessing"][key] = value
+    (feats / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match=re.escape(words)):
+        Features(feats)
+
+
+def test_damaged_values_in_galleries_banks_and_features_are_one_sentence(tmp_path, finished_run):
+    """nprobe 0 or null and refine 0 in gallery.json, a negative bank count, NaN dense features: each was an internal
+    error of faiss, torch or numpy."""
+    import json
+
+    from conftest import write_feature_folder
+    from mlsctl.bank import MemoryBank
+    from mlsctl.gallery import Gallery, IndexSettings, write_gallery
+    from mlsctl.viz import features_pca
+
+    manifest = {"kind": "mlsctl-gallery", "model": {"run": "/r", "step": 1, "fingerprint": "f" * 64}}
+    write_gallery(tmp_path / "g", ["a", "b"], torch.randn(2, 8), [1, 1], IndexSettings(), manifest)
+    written = json.loads((tmp_path / "g" / "gallery.json").read_text())
+    for key, value in (("nprobe", 0), ("nprobe", None), ("refine", 0), ("nprobe", -1)):
+        (tmp_path / "g" / "gallery.json").write_text(json.dumps({**written, "index": {**written["index"], key: value}}))
+        with pytest.raises(UserError, match="settings that are positive integers"):
+            Gallery(tmp_path / "g")
+
+    bank = MemoryBank(4, 3)
+    state = {k: v.clone() for k, v in bank.state_dict().items()}
+    state["n_written"] = torch.tensor(-1)
+    with pytest.raises(ValueError, match="the file is damaged"):
+        MemoryBank(4, 3).load_state_dict(state)
+
+    dense = torch.randn(2, 2, 2, 4)
+    dense[0, 0, 0, 0] = float("nan")
+    feats = write_feature_folder(tmp_path / "f", ["a.png", "b.png"], torch.randn(2, 4), dense)
+    from mlsctl.features import Features
+
+    with pytest.raises(UserError, match="hold NaN or inf \\(first: a.png\\)"):
+        features_pca(Features(feats), tmp_path / "p.png")
+
+
+def test_commands_refuse_what_a_hostile_user_tried(tmp_path, capsys, finished_run, monkeypatch):
+    """A NaN query id came back as invalid JSON; an empty recipe showed every default; a run given twice was drawn
+    twice; a data set of 10^14 scenes began to fill the disk; a gallery could be built inside its own images."""
+    from conftest import cli, make_images
+    from mlsctl.gallery import read_query_sets
+
+    (tmp_path / "q.jsonl").write_text('{"photos": ["a.png"], "id": NaN}\n')
+    with pytest.raises(UserError, match="line 1 is not a JSON object"):
+        read_query_sets(tmp_path / "q.jsonl")
+    (tmp_path / "empty.yaml").write_text("# nothing\n")
+    code, _, err = cli("recipes", "--show", str(tmp_path / "empty.yaml"), capsys=capsys)
+    assert code == 2 and "is empty (or holds only comments)" in err, err
+    run, _ = finished_run
+    code, _, err = cli("plot", str(run), str(run) + "/", "--out", str(tmp_path / "c.png"), capsys=capsys)
+    assert code == 2 and "give each run once" in err, err
+    code, _, err = cli("data", "fmnist-scenes", "--out", str(tmp_path / "d"), "--n-train", "99999999999999",
+                       capsys=capsys)
+    assert code == 2 and "--n-train" in err, err
+    objects = tmp_path / "objects"
+    for name in ("o1", "o2"):
+        make_images(objects / name, 2)
+    code, _, err = cli("index", "build", str(objects), "--run", str(run), "--out", str(objects / "g"), capsys=capsys)
+    assert code == 2 and "is inside the images it is built from" in err, err
+
+
+def test_a_failed_or_killed_build_leaves_no_building_folder(tmp_path):
+    """Two builds of one --out deleted each other's files (one shared .NAME.building), and a stopped build left
+    its 2.9 GB folder behind."""
+    from mlsctl.data.fmnist import building
+
+    out = tmp_path / "scenes"
+    (tmp_path / ".scenes.building").mkdir()  # of an older mlsctl
+    (tmp_path / ".scenes.building-999999999").mkdir()  # of a process that is gone
+    alive = tmp_path / f".scenes.building-{os.getppid()}"  # of one that still runs
+    alive.mkdir()
+    with pytest.raises(RuntimeError):
+        with building(out) as tmp:
+            assert tmp.name == f".scenes.building-{os.getpid()}"
+            raise RuntimeError("stopped")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [alive.name]
+
+
+def test_an_export_killed_while_writing_leaves_its_folder_to_the_next_and_two_never_share_one(tmp_path):
+    """Two exports to one --out shared one temporary folder and one deleted it under the other."""
+    from mlsctl.export import _recover
+
+    out = tmp_path / "ex"
+    gone, alive = tmp_path / ".ex.export-tmp-999999999", tmp_path / f".ex.export-tmp-{os.getppid()}"
+    gone.mkdir()
+    alive.mkdir()
+    _recover(out)
+    assert not gone.exists() and alive.exists()

@@ -17,9 +17,9 @@ app = typer.Typer(rich_markup_mode=None, help="Build benchmark data sets.", no_a
 @app.command("fmnist-scenes")
 def fmnist_scenes(
     out: Path = typer.Option(Path("data/fmnist-scenes"), "--out", "-o", help="Output folder."),
-    n_train: int = typer.Option(2000, "--n-train", min=1, help="Train scenes (items from the Fashion-MNIST train split)."),
-    n_val: int = typer.Option(500, "--n-val", min=1, help="Val scenes (items from the Fashion-MNIST test split)."),
-    size: int = typer.Option(96, "--size", min=32, help="Canvas side in pixels."),
+    n_train: int = typer.Option(2000, "--n-train", min=1, max=1_000_000, help="Train scenes (items from the Fashion-MNIST train split)."),
+    n_val: int = typer.Option(500, "--n-val", min=1, max=1_000_000, help="Val scenes (items from the Fashion-MNIST test split)."),
+    size: int = typer.Option(96, "--size", min=32, max=2048, help="Canvas side in pixels."),
     seed: int = typer.Option(0, "--seed", min=0, help="Seed; a build is deterministic for a seed."),
     source: Path = typer.Option(Path(DEFAULT_FMNIST_SOURCE), "--source", envvar=FMNIST_SOURCE_ENV,
                                 help="Folder with the Fashion-MNIST IDX files (Debian package dataset-fashion-mnist)."),
@@ -45,11 +45,11 @@ def fmnist_scenes(
 @app.command("fmnist-products")
 def fmnist_products(
     out: Path = typer.Option(Path("data/fmnist-products"), "--out", "-o", help="Output folder."),
-    n_train: int = typer.Option(1000, "--n-train", min=1, help="Training objects (items of the Fashion-MNIST train split)."),
-    n_eval: int = typer.Option(200, "--n-eval", min=2, help="Evaluation objects (items of the Fashion-MNIST test split)."),
-    photos: int = typer.Option(8, "--photos", min=2, help="Photos per object."),
+    n_train: int = typer.Option(1000, "--n-train", min=1, max=60_000, help="Training objects (items of the Fashion-MNIST train split)."),
+    n_eval: int = typer.Option(200, "--n-eval", min=2, max=10_000, help="Evaluation objects (items of the Fashion-MNIST test split)."),
+    photos: int = typer.Option(8, "--photos", min=2, max=1000, help="Photos per object."),
     gallery_photos: int = typer.Option(4, "--gallery-photos", min=1, help="Photos of an evaluation object in the gallery; the rest are queries."),
-    size: int = typer.Option(64, "--size", min=32, help="Photo side in pixels."),
+    size: int = typer.Option(64, "--size", min=32, max=2048, help="Photo side in pixels."),
     seed: int = typer.Option(0, "--seed", min=0, help="Seed; a build is deterministic for a seed."),
     source: Path = typer.Option(Path(DEFAULT_FMNIST_SOURCE), "--source", envvar=FMNIST_SOURCE_ENV,
                                 help="Folder with the Fashion-MNIST IDX files (Debian package dataset-fashion-mnist)."),

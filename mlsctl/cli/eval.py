@@ -96,7 +96,7 @@ def knn_seg(
     seed: int = typer.Option(0, "--seed", help="Seed of the subsets and the memory sampling."),
     index: SegIndex = typer.Option("flat", "--index", parser=one_of("--index", SegIndex), help="flat: exact inner product; ivf: faiss IVF for large memories."),
     nlist: Optional[int] = typer.Option(None, "--nlist", min=1, help="IVF lists [default: 4 sqrt(memory)]."),
-    nprobe: int = typer.Option(16, "--nprobe", min=1, help="IVF lists searched per query."),
+    nprobe: int = typer.Option(16, "--nprobe", min=1, max=2**31 - 1, help="IVF lists searched per query."),
     search: Search = typer.Option("auto", "--search", parser=one_of("--search", Search), help="auto: torch on a GPU, faiss on the CPU (torch without faiss); torch; faiss."),
     device: Device = typer.Option("auto", "--device", parser=one_of("--device", Device), help=DEVICE_HELP.format(what="torch search")),
     patch_labels: PatchLabels = typer.Option("soft", "--patch-labels", parser=one_of("--patch-labels", PatchLabels), help="A memory patch's label: soft (its class histogram, Hummingbird's) or majority (its most frequent class, CrIBo's Table 1; with --k 50)."),

@@ -25,11 +25,11 @@ def build(
     run: Optional[Path] = typer.Option(None, "--run", help="MILE run whose teacher embeds the objects [default: the newest run under ./runs]."),
     out: Path = typer.Option(Path("gallery"), "--out", "-o", help="Gallery folder to write."),
     index: GalleryIndex = typer.Option("flat", "--index", parser=one_of("--index", GalleryIndex), help="flat (exact) or ivfpq (compressed, for large galleries)."),
-    nlist: Optional[int] = typer.Option(None, "--nlist", min=1, help="IVF-PQ lists [default: sqrt(objects), at most objects / 39]."),
+    nlist: Optional[int] = typer.Option(None, "--nlist", min=1, max=2**31 - 1, help="IVF-PQ lists [default: sqrt(objects), at most objects / 39]."),
     pq_m: Optional[int] = typer.Option(None, "--pq-m", min=1, help="IVF-PQ sub-quantisers (must divide the width) [default: width / 8]."),
     pq_bits: int = typer.Option(8, "--pq-bits", min=1, max=16, help="Bits per PQ code."),
-    nprobe: int = typer.Option(32, "--nprobe", min=1, help="IVF lists searched per query."),
-    refine: int = typer.Option(10, "--refine", min=1, help="IVF-PQ candidates per result, re-ranked with exact cosines."),
+    nprobe: int = typer.Option(32, "--nprobe", min=1, max=2**31 - 1, help="IVF lists searched per query."),
+    refine: int = typer.Option(10, "--refine", min=1, max=10_000, help="IVF-PQ candidates per result, re-ranked with exact cosines."),
     dtype: StorageDtype = typer.Option("fp32", "--dtype", parser=one_of("--dtype", StorageDtype), help="Stored latents: fp32, or fp16 (half the disk; later adds fold from rounded latents)."),
     workers: Optional[int] = typer.Option(None, "--workers", "-w", min=0, help="Image-decoding worker processes, for a folder of images [default: as mlsctl embed's]."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a gallery already in --out."),
@@ -41,7 +41,7 @@ def build(
     """
     from mlsctl.gallery import IndexSettings, build_gallery, check_gallery_target, choose_set_model
 
-    check_gallery_target(out, overwrite)  # before the model loads
+    check_gallery_target(out, overwrite, source)  # before the model loads
     settings = IndexSettings(index, nlist, pq_m, pq_bits, nprobe, refine)
     record = build_gallery(source, choose_set_model(run, say=say), out, settings, overwrite=overwrite, storage_dtype=dtype,
                            workers=workers)

@@ -23,8 +23,17 @@ def plot(
 
     Example: mlsctl plot runs/dino_fmnist_quick runs/sove_fmnist_quick --out curves.png
     """
+    import os
+
     from mlsctl.curves import plot_runs
 
+    seen: dict[str, Path] = {}
+    for run in runs:  # a probe (2026-12-06): `plot run ./run run/` drew one run three times under one name
+        first = seen.setdefault(os.path.realpath(run), run)
+        if first is not run:
+            from mlsctl.errors import UserError
+
+            raise UserError(f"{run} is {first} again; give each run once")
     result = plot_runs(runs, out, title=title)
     if as_json:
         print(json.dumps(result, indent=2))

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import os
 import colorsys
+import contextlib
+import glob
 import gzip
 import json
 import shutil
@@ -206,20 +208,46 @@ def build_scenes(out: str | Path, n_train: int = 2000, n_val: int = 500, size: i
                 largest_item_labels(out / split)
         return existing
     splits = {name: load_split(source, fmnist_split) for name, (fmnist_split, _) in _SPLITS.items()}
-    tmp = out.parent / f".{out.name}.building"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    for split, n in (("train", n_train), ("val", n_val)):
-        images, labels = splits[split]
-        _build_split(tmp, split, images, labels, n, size, seed, progress)
-        largest_item_labels(tmp / split)
-    meta = {"format_version": SCENES_FORMAT_VERSION, "generator": "fmnist-scenes", "parameters": params,
-            "source": str(source), "classes": ["background", *CLASSES], "ignore_index": IGNORE_INDEX,
-            "splits": {"train": "Fashion-MNIST train", "val": "Fashion-MNIST test (t10k)"}}
-    atomic.write_json(tmp / "meta.json", meta)
-    replace_folder(tmp, out)
+    with building(out) as tmp:
+        for split, n in (("train", n_train), ("val", n_val)):
+            images, labels = splits[split]
+            _build_split(tmp, split, images, labels, n, size, seed, progress)
+            largest_item_labels(tmp / split)
+        meta = {"format_version": SCENES_FORMAT_VERSION, "generator": "fmnist-scenes", "parameters": params,
+                "source": str(source), "classes": ["background", *CLASSES], "ignore_index": IGNORE_INDEX,
+                "splits": {"train": "Fashion-MNIST train", "val": "Fashion-MNIST test (t10k)"}}
+        atomic.write_json(tmp / "meta.json", meta)
+        replace_folder(tmp, out)
     return meta
+
+
+@contextlib.contextmanager
+def building(out: Path):
+    """A folder of its own for this process to build ``out`` in (``.NAME.building-PID`` beside it),
+    removed when the build fails or is stopped; those of builds killed before (dead processes) go too.
+    Two builds of one ``out`` at once no longer delete each other's files (a probe, 2026-12-06)."""
+    for stale in out.parent.glob(f".{glob.escape(out.name)}.building*"):
+        pid = stale.name.rsplit("-", 1)[-1]
+        if stale.is_dir() and not stale.is_symlink() and not (pid.isdigit() and _alive(int(pid))):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = out.parent / f".{out.name}.building-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def largest_item_labels(split: Path) -> Path:

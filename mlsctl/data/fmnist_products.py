@@ -33,7 +33,8 @@ import numpy as np
 from PIL import Image
 
 from mlsctl import atomic
-from mlsctl.data.fmnist import CLASSES, DEFAULT_SOURCE, background, load_split, replace_folder, reusable_build
+from mlsctl.data.fmnist import (CLASSES, DEFAULT_SOURCE, background, building, load_split, replace_folder,
+                                reusable_build)
 from mlsctl.errors import UserError
 
 PRODUCTS_FORMAT_VERSION = 1
@@ -118,41 +119,36 @@ def build_products(out: str | Path, n_train: int = 1000, n_eval: int = 200, phot
     existing = reusable_build(out, "fmnist-products", params, overwrite)
     if existing is not None:
         return existing
-    tmp = out.parent / f".{out.name}.building"
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    records = []
-    for split, fmnist_split, n in (("train", "train", n_train), ("eval", "test", n_eval)):
-        images, labels = load_split(source, fmnist_split)
-        if n > len(images):
-            raise UserError(f"--n-{split} {n} exceeds the {len(images)} items of the Fashion-MNIST {fmnist_split} split")
-        chosen = np.random.default_rng([seed, _SPLIT_CODES[split]]).choice(len(images), size=n, replace=False)
-        for i in tqdm(range(n), desc=f"fmnist-products {split}", unit="object", disable=None if progress else True,
-                      leave=False):
-            index = int(chosen[i])
-            object_id = f"{'tr' if split == 'train' else 'ev'}{i:05d}"
-            colour = _object_colour(np.random.default_rng([seed, _SPLIT_CODES[split], i, 10_000]))
-            for k in range(photos):
-                rng = np.random.default_rng([seed, _SPLIT_CODES[split], i, k])
-                photo = make_photo(rng, images[index], colour, images, size)
-                part = "train" if split == "train" else "test" if layout == "sop" else (
-                    "gallery" if k < gallery_photos else "query")
-                folder = tmp / part / object_id
-                folder.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(photo, mode="RGB").save(folder / f"{k:02d}.png")
-            records.append({"object_id": object_id, "split": split, "class": int(labels[index]),
-                            "class_name": CLASSES[int(labels[index])], "source_index": index,
-                            "colour_hsv": [round(c, 3) for c in colour]})
-    (tmp / "objects.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    splits = ({"train": "Fashion-MNIST train", "test": "Fashion-MNIST test (t10k), every photo of each evaluation object"}
-              if layout == "sop" else
-              {"train": "Fashion-MNIST train", "gallery": "Fashion-MNIST test (t10k)",
-               "query": "Fashion-MNIST test (t10k), other photos of the gallery objects"})
-    meta = {"format_version": PRODUCTS_FORMAT_VERSION, "generator": "fmnist-products", "parameters": params,
-            "source": str(source), "classes": CLASSES, "splits": splits}
-    atomic.write_json(tmp / "meta.json", meta)
-    replace_folder(tmp, out)
+    with building(out) as tmp:
+        records = []
+        for split, fmnist_split, n in (("train", "train", n_train), ("eval", "test", n_eval)):
+            images, labels = load_split(source, fmnist_split)
+            if n > len(images):
+                raise UserError(f"--n-{split} {n} exceeds the {len(images)} items of the Fashion-MNIST {fmnist_split} split")
+            chosen = np.random.default_rng([seed, _SPLIT_CODES[split]]).choice(len(images), size=n, replace=False)
+            for i in tqdm(range(n), desc=f"fmnist-products {split}", unit="object", disable=None if progress else True,
+                          leave=False):
+                index = int(chosen[i])
+                object_id = f"{'tr' if split == 'train' else 'ev'}{i:05d}"
+                colour = _object_colour(np.random.default_rng([seed, _SPLIT_CODES[split], i, 10_000]))
+                for k in range(photos):
+                    rng = np.random.default_rng([seed, _SPLIT_CODES[split], i, k])
+                    photo = make_photo(rng, images[index], colour, images, size)
+                    part = "train" if split == "train" else "test" if layout == "sop" else (
+                        "gallery" if k < gallery_photos else "query")
+                    folder = tmp / part / object_id
+                    folder.mkdir(parents=True, exist_ok=True)
+                    Image.fromarray(photo, mode="RGB").save(folder / f"{k:02d}.png")
+                records.append({"object_id": object_id, "split": split, "class": int(labels[index]),
+                                "class_name": CLASSES[int(labels[index])], "source_index": index,
+                                "colour_hsv": [round(c, 3) for c in colour]})
+        (tmp / "objects.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        splits = ({"train": "Fashion-MNIST train", "test": "Fashion-MNIST test (t10k), every photo of each evaluation object"}
+                  if layout == "sop" else
+                  {"train": "Fashion-MNIST train", "gallery": "Fashion-MNIST test (t10k)",
+                   "query": "Fashion-MNIST test (t10k), other photos of the gallery objects"})
+        meta = {"format_version": PRODUCTS_FORMAT_VERSION, "generator": "fmnist-products", "parameters": params,
+                "source": str(source), "classes": CLASSES, "splits": splits}
+        atomic.write_json(tmp / "meta.json", meta)
+        replace_folder(tmp, out)
     return meta

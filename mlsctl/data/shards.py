@@ -55,6 +55,24 @@ def _is_count(value, low: int = 0) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= low
 
 
+def _preprocessing_problem(p: dict) -> Optional[str]:
+    """What in a manifest's ``preprocessing`` cannot be what embed wrote (a probe, 2026-12-06: a resolution
+    of 1,000,000 made viz pca take every byte of memory, 0 a ZeroDivisionError), or None."""
+    from mlsctl.data.preprocessing import RESIZE_MODES
+
+    if "resolution" in p and not (_is_count(p["resolution"], 1) and p["resolution"] <= 16384):
+        return f"'preprocessing.resolution' must be an image size of 1 to 16384 pixels, got {p['resolution']!r}"
+    if "resize" in p and p["resize"] not in RESIZE_MODES:
+        return f"'preprocessing.resize' must be one of {', '.join(RESIZE_MODES)}, got {p['resize']!r}"
+    for key in ("mean", "std"):
+        values = p.get(key, [0.5, 0.5, 0.5])
+        if not (isinstance(values, list) and len(values) == 3
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) for v in values)
+                and (key == "mean" or all(v > 0 for v in values))):
+            return f"'preprocessing.{key}' must be 3 finite numbers{' above 0' if key == 'std' else ''}, got {values!r}"
+    return None
+
+
 def _manifest_problem(m: dict) -> Optional[str]:
     """What in a manifest has the wrong type, or None."""
     if not (isinstance(m["files"], list) and all(isinstance(f, str) for f in m["files"])):
@@ -78,6 +96,9 @@ def _manifest_problem(m: dict) -> Optional[str]:
     for key in ("model", "preprocessing"):
         if not isinstance(m[key], dict):
             return f"'{key}' must be a mapping"
+    problem = _preprocessing_problem(m["preprocessing"])
+    if problem:
+        return problem
     if not isinstance(m["input_root"], str):
         return "'input_root' must be a path"
     skipped = m.get("skipped", [])

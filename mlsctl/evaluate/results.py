@@ -35,7 +35,7 @@ def check_default_place() -> None:
     existing = next(p for p in (folder, *folder.parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK):
         raise UserError(f"results are written to {DEFAULT_FOLDER}/ by default, but this process cannot write into "
-                        f"{existing} (read-only or not permitted); give --out FILE to write them elsewhere")
+                        f"{existing} (read-only or not permitted); give --out FILE to write them elsewhere", exit_code=1)
 
 
 def _claim_default_path(evaluation: str) -> Path:
