@@ -32,6 +32,7 @@ import torch
 
 from mlsctl import atomic
 from mlsctl.errors import UserError, first_line
+from mlsctl.locks import process_alive
 from mlsctl.runs import Run
 
 
@@ -221,18 +222,9 @@ def _recover(out: Path) -> None:
             shutil.rmtree(aside, ignore_errors=True)
     for tmp in out.parent.glob(f".{glob.escape(out.name)}.export-tmp-*"):  # of an export killed while writing
         pid = tmp.name.rsplit("-", 1)[1]
-        if pid.isdigit() and not _alive(int(pid)) and tmp.is_dir() and not tmp.is_symlink():
+        if pid.isdigit() and not process_alive(int(pid)) and tmp.is_dir() and not tmp.is_symlink():
             shutil.rmtree(tmp, ignore_errors=True)
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # The largest value a model argument of config.json may have before anything is built (an edited

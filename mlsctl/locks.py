@@ -124,3 +124,15 @@ class FolderLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def process_alive(pid: int) -> bool:
+    """A process of this id runs on this machine (one of another user's counts too): whether a
+    temporary folder named after it (``.NAME.building-PID``, ``.NAME.export-tmp-PID``) may be removed."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

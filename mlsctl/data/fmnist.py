@@ -35,6 +35,7 @@ from PIL import Image
 from mlsctl import atomic
 from mlsctl.data import DEFAULT_FMNIST_SOURCE, FMNIST_SOURCE_ENV
 from mlsctl.errors import UserError
+from mlsctl.locks import process_alive
 
 DEFAULT_SOURCE, SOURCE_ENV = DEFAULT_FMNIST_SOURCE, FMNIST_SOURCE_ENV
 
@@ -228,7 +229,7 @@ def building(out: Path):
     Two builds of one ``out`` at once no longer delete each other's files (a probe, 2026-12-06)."""
     for stale in out.parent.glob(f".{glob.escape(out.name)}.building*"):
         pid = stale.name.rsplit("-", 1)[-1]
-        if stale.is_dir() and not stale.is_symlink() and not (pid.isdigit() and _alive(int(pid))):
+        if stale.is_dir() and not stale.is_symlink() and not (pid.isdigit() and process_alive(int(pid))):
             shutil.rmtree(stale, ignore_errors=True)
     tmp = out.parent / f".{out.name}.building-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -239,15 +240,6 @@ def building(out: Path):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def largest_item_labels(split: Path) -> Path:
