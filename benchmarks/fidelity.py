@@ -738,9 +738,11 @@ class Planner:
         profile, work = (cells[0].profile, cells[0].work) if cells else (None, None)
         self.profile, self.work = profile, work
         self.gated = set() if profile is None else {VARIANT_BENCHMARK[name] for name in profile.calibration}
-        # the calibration cells not done yet, whether this run selected them or not
+        # the calibration cells not done yet, whether this run selected them or not, and those it runs again
+        # (--rerun): the others are judged on their new records
+        queued = {c.id for c in cells}
         self.calibration = set() if profile is None else {
-            c.id for c in calibration_cells(profile, work) if not is_done(c)}
+            c.id for c in calibration_cells(profile, work) if not is_done(c) or c.id in queued}
         self.calibration_failed = None if self.calibration or profile is None else calibration_failure(profile, work)
 
     def seconds_left(self) -> float:

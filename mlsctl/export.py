@@ -25,6 +25,7 @@ import glob
 import math
 import os
 import shutil
+import socket
 from pathlib import Path
 from typing import Optional
 
@@ -32,7 +33,7 @@ import torch
 
 from mlsctl import atomic
 from mlsctl.errors import UserError, first_line
-from mlsctl.locks import process_alive
+from mlsctl.locks import own_temporary
 from mlsctl.runs import Run
 
 
@@ -147,7 +148,7 @@ def export_timm(run_dir: str | Path, out: str | Path, *, step: Optional[int] = N
                       "num_classes": model.embedding_dim, **dict(model.timm_kwargs or {})}
     origin = provenance(run, recipe, checkpoint_step, fingerprint(vit))
     _set_pretrained_cfg(vit, run_pretrained_cfg(vit, recipe, origin))
-    tmp = out.parent / f".{out.name}.export-tmp-{os.getpid()}"  # per process: two exports never share it
+    tmp = out.parent / f".{out.name}.export-tmp-{socket.gethostname()}-{os.getpid()}"  # per process: never shared
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         save_for_hf(vit, str(tmp), model_config={"architecture": model.arch, "mlsctl": origin}, model_args=model_args,
@@ -220,9 +221,10 @@ def _recover(out: Path) -> None:
             os.replace(aside, out)
         else:
             shutil.rmtree(aside, ignore_errors=True)
-    for tmp in out.parent.glob(f".{glob.escape(out.name)}.export-tmp-*"):  # of an export killed while writing
-        pid = tmp.name.rsplit("-", 1)[1]
-        if pid.isdigit() and not process_alive(int(pid)) and tmp.is_dir() and not tmp.is_symlink():
+    prefix = f".{out.name}.export-tmp"
+    for tmp in out.parent.glob(f"{glob.escape(prefix)}-*"):  # of an export killed while writing
+        _, gone = own_temporary(tmp.name, prefix)
+        if gone and tmp.is_dir() and not tmp.is_symlink():
             shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -131,8 +131,21 @@ def process_alive(pid: int) -> bool:
     temporary folder named after it (``.NAME.building-PID``, ``.NAME.export-tmp-PID``) may be removed."""
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # (a number no process id can be)
         return False
     except PermissionError:
         return True
     return True
+
+
+def own_temporary(name: str, prefix: str) -> tuple[bool, bool]:
+    """For a temporary folder ``PREFIX-HOST-PID`` (or an older ``PREFIX-PID`` or ``PREFIX``): (it was
+    made on this machine, the process that made it is gone). Another machine's (a shared file system)
+    is never taken for dead."""
+    rest = name[len(prefix):].lstrip("-")
+    host, _, pid = rest.rpartition("-")
+    if not pid.isdigit():
+        return True, True  # an older mlsctl's shared name: nobody's now
+    if host and host != socket.gethostname():
+        return False, False
+    return True, not process_alive(int(pid))

@@ -142,7 +142,8 @@ def upload_formats() -> tuple[str, ...]:
 
 MAX_JPEG_SEGMENTS = 512  # before the first scan; a camera's JPEG has about 10 to 30 (APPn, DQT, DHT, SOF)
 MAX_PNG_CHUNKS = 20_000  # a 20 MiB PNG in 1 KiB IDAT chunks has about 20,000; writers use 8 to 64 KiB
-MAX_PNG_ANCILLARY_CHUNKS = 1_000  # chunks other than IDAT (text, colour, time ...): photos have a handful
+MAX_PNG_ANCILLARY_CHUNKS = 1_000  # chunks besides the image data (text, colour, time ...): photos have a handful
+PNG_IMAGE_CHUNKS = (b"IDAT", b"fdAT", b"fcTL")  # an APNG's frames are image data too (only its first is decoded)
 PNG_TEXT_BYTES = 1 << 20  # Pillow's limits on a PNG's text: one chunk, decompressed, and all of them together
 
 
@@ -202,7 +203,7 @@ def _png_structure(f: BinaryIO) -> Optional[str]:
         if kind == b"IEND":
             return None
         chunks += 1
-        ancillary += kind != b"IDAT"
+        ancillary += kind not in PNG_IMAGE_CHUNKS
         if chunks > MAX_PNG_CHUNKS or ancillary > MAX_PNG_ANCILLARY_CHUNKS:
             return (f"a PNG of more than {MAX_PNG_CHUNKS:,} chunks, or of more than {MAX_PNG_ANCILLARY_CHUNKS:,} "
                     f"besides its image data (photos have a handful)")
@@ -422,6 +423,8 @@ class GalleryService:
                     reason = f"not an image file in a format this server takes ({', '.join(upload_formats())})"
                 elif isinstance(exc, Image.DecompressionBombError):
                     reason = "more pixels than the limit"
+                elif isinstance(exc, ValueError) and ("text chunks" in str(exc) or "Decompressed Data" in str(exc)):
+                    reason = f"a PNG whose text is over {PNG_TEXT_BYTES // 2**20} MiB (this server's limit)"
                 else:
                     reason = f"its header cannot be read ({type(exc).__name__})"
                 raise RequestError(400, f"{_shown(photo.name)} cannot be used: {reason}") from None

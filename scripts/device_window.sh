@@ -98,7 +98,8 @@ else
   stage "data (fmnist-scenes 2,000/500, fmnist-products 1,000/200 objects) from $FMNIST"
 fi
 # the two data sets at once (each builds in one process; about 50 s one after the other in the first window)
-mlsctl data fmnist-scenes --out "$DATA/fmnist-scenes" --source "$FMNIST" "${SCENES[@]}" & scenes_pid=$!
+# (exec: $! is then python's own pid, which a kill reaches; through the shell function it was a subshell's)
+( exec $PY -m mlsctl data fmnist-scenes --out "$DATA/fmnist-scenes" --source "$FMNIST" "${SCENES[@]}" ) & scenes_pid=$!
 mlsctl data fmnist-products --out "$DATA/fmnist-products" --source "$FMNIST" "${PRODUCTS[@]}" \
   || { kill "$scenes_pid" 2>/dev/null; wait "$scenes_pid" 2>/dev/null; exit 1; }
 wait $scenes_pid || exit 1

@@ -569,3 +569,29 @@ def test_a_device_copy_names_the_commit_it_was_prepared_from(monkeypatch):
     assert provenance.commit() == fidelity.commit() == "0123456789ab+dirty"
     monkeypatch.delenv("MLSCTL_COMMIT")
     assert provenance.commit() != "0123456789ab+dirty"
+
+
+def test_a_calibration_run_again_with_rerun_is_judged_on_its_new_records(tmp_path: Path, monkeypatch):
+    """A review (2026-12-06): with --rerun the calibration cells already done ran again without holding the
+    other scenes cells, and the calibration was judged on their old records."""
+    import dataclasses
+
+    profile = dataclasses.replace(fidelity.PROFILES["smoke"], seeds=(0,), calibration=("random", "dino", "supervised"))
+    monkeypatch.setitem(fidelity.PROFILES, "smoke", profile)
+    cells = fidelity.cells_of(profile, tmp_path / "work", ["scenes/random/*", "scenes/dino/*", "scenes/supervised/*",
+                                                            "scenes/cribo/*"])
+
+    def record(cell, miou):
+        data = fake_record(cell, 1)
+        data["metrics"] = {"miou": miou}
+        fidelity.atomic.write_json(cell.result_path, data)
+
+    for cell, miou in zip(cells, (0.10, 0.30, 0.50, 0.2)):  # done, and holding
+        record(cell, miou)
+    planner = fidelity.Planner(cells, None, "CPU")  # --rerun: every selected cell again
+    handed = [planner.next() for _ in range(3)]
+    assert [c.variant.name for c in handed] == ["random", "dino", "supervised"]
+    for cell, miou in zip(handed, (0.10, 0.11, 0.50)):  # run again: DINO no longer 5 points above random
+        record(cell, miou)
+        planner.finished(cell)
+    assert planner.next() is None and "the calibration failed (DINO 11.0" in planner.left_for_later["scenes/cribo/0"]

@@ -1763,6 +1763,10 @@ def test_default_results_files_are_never_replaced_and_their_folder_is_checked_be
     from mlsctl.evaluate.results import write_result
 
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "results").symlink_to(tmp_path / "nowhere")  # a dangling link: refused before the work
+    with pytest.raises(UserError, match="is a link to .*nowhere, which does not exist"):
+        write_result({"command": "eval knn", "n": 0}, None, "knn")
+    (tmp_path / "results").unlink()
     first = write_result({"command": "eval knn", "n": 1}, None, "knn")
     second = write_result({"command": "eval knn", "n": 2}, None, "knn")
     assert first != second and second.name.startswith(first.stem)
@@ -1864,26 +1868,33 @@ def test_commands_refuse_what_a_hostile_user_tried(tmp_path, capsys, finished_ru
 def test_a_failed_or_killed_build_leaves_no_building_folder(tmp_path):
     """Two builds of one --out deleted each other's files (one shared .NAME.building), and a stopped build left
     its 2.9 GB folder behind."""
+    import socket
+
     from mlsctl.data.fmnist import building
 
-    out = tmp_path / "scenes"
+    out, host = tmp_path / "scenes", socket.gethostname()
     (tmp_path / ".scenes.building").mkdir()  # of an older mlsctl
-    (tmp_path / ".scenes.building-999999999").mkdir()  # of a process that is gone
-    alive = tmp_path / f".scenes.building-{os.getppid()}"  # of one that still runs
-    alive.mkdir()
+    (tmp_path / f".scenes.building-{host}-999999999").mkdir()  # of a process that is gone
+    (tmp_path / ".scenes.building-99999999999999999999999").mkdir()  # no process id at all
+    alive = tmp_path / f".scenes.building-{host}-{os.getppid()}"  # of one that still runs
+    elsewhere = tmp_path / ".scenes.building-another-machine-999999999"  # a shared file system: not ours to judge
+    for kept in (alive, elsewhere):
+        kept.mkdir()
     with pytest.raises(RuntimeError):
         with building(out) as tmp:
-            assert tmp.name == f".scenes.building-{os.getpid()}"
+            assert tmp.name == f".scenes.building-{host}-{os.getpid()}"
             raise RuntimeError("stopped")
-    assert sorted(p.name for p in tmp_path.iterdir()) == [alive.name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([alive.name, elsewhere.name])
 
 
 def test_an_export_killed_while_writing_leaves_its_folder_to_the_next_and_two_never_share_one(tmp_path):
     """Two exports to one --out shared one temporary folder and one deleted it under the other."""
+    import socket
+
     from mlsctl.export import _recover
 
-    out = tmp_path / "ex"
-    gone, alive = tmp_path / ".ex.export-tmp-999999999", tmp_path / f".ex.export-tmp-{os.getppid()}"
+    out, host = tmp_path / "ex", socket.gethostname()
+    gone, alive = tmp_path / f".ex.export-tmp-{host}-999999999", tmp_path / f".ex.export-tmp-{host}-{os.getppid()}"
     gone.mkdir()
     alive.mkdir()
     _recover(out)

@@ -287,6 +287,7 @@ def test_an_upload_equals_index_add_of_the_same_file(server, tmp_path):
     ("POST", "/search", {"files": "rle-bmp"}, 400, "a compressed (run-length) BMP"),
     ("POST", "/search", {"files": "jpeg-segments"}, 400, "a JPEG with more than 512 segments"),
     ("POST", "/search", {"files": "png-chunks"}, 400, "besides its image data"),
+    ("POST", "/search", {"files": "png-text"}, 400, "a PNG whose text is over 1 MiB"),  # not "header cannot be read"
     ("POST", "/objects/caf%E9/photos", {"files": "one"}, 400, "not valid UTF-8"),
     ("GET", "/objects/caf%E9", {}, 400, "not valid UTF-8"),
 ])
@@ -299,7 +300,7 @@ def test_bad_requests_get_one_sentence_and_the_server_lives_on(server, method, p
         kwargs = {"files": [("a.gif", bomb(20, format="GIF"))]}
     elif kwargs.get("files") == "tiff":
         kwargs = {"files": [("a.tif", bomb(20, format="TIFF"))]}
-    elif kwargs.get("files") in ("avif", "rle-bmp", "jpeg-segments", "png-chunks"):
+    elif kwargs.get("files") in ("avif", "rle-bmp", "jpeg-segments", "png-chunks", "png-text"):
         kwargs = {"files": [("a.img", crafted(kwargs["files"]))]}
     elif kwargs.get("files") == "scans":  # 70 start-of-scan markers in a comment, beside the JPEG's own scan
         jpeg = bomb(20, format="JPEG")
@@ -342,6 +343,14 @@ def crafted(kind: str) -> bytes:
         Image.new("RGB", (16, 16)).save(buffer, "JPEG")
         jpeg = buffer.getvalue()
         return jpeg[:2] + b"\xff\xef\x00\x02" * 600 + jpeg[2:]
+    if kind == "png-text":  # two text chunks of 700 KB: a generator's workflow JSON, over the server's 1 MiB
+        from PIL.PngImagePlugin import PngInfo
+
+        info = PngInfo()
+        info.add_text("workflow", "x" * 700_000, zip=True)  # compressed: a 3 KB upload
+        info.add_text("prompt", "y" * 700_000, zip=True)
+        Image.new("RGB", (16, 16)).save(buffer, "PNG", pnginfo=info)
+        return buffer.getvalue()
     Image.new("RGB", (16, 16)).save(buffer, "PNG")  # png-chunks: 1,001 private ancillary chunks before its IDAT
     png = buffer.getvalue()
     chunk = struct.pack(">I4s", 0, b"prIv") + struct.pack(">I", zlib.crc32(b"prIv"))
@@ -375,6 +384,10 @@ def test_a_photo_s_structure_within_the_limits_is_taken():
     split = png[:at] + chunks + png[at + 12 + length:]
     assert len(data) // 16 > 2000 and check_structure(io.BytesIO(split)) is None
     assert Image.open(io.BytesIO(split)).convert("RGB").tobytes() == image.tobytes()
+    frames = [Image.new("RGB", (8, 8), (i % 256, 0, 0)) for i in range(600)]  # an APNG's frames are image data
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "PNG", save_all=True, append_images=frames[1:])
+    assert check_structure(io.BytesIO(buffer.getvalue())) is None
     assert check_structure(io.BytesIO(b"\xff\xd8\xff\xff\xff\xfe\x00\x02\xff\xda")) is None  # fill bytes
     assert "fill bytes" in check_structure(io.BytesIO(b"\xff\xd8" + b"\xff" * 5000 + b"\xda"))
 

@@ -249,16 +249,16 @@ def _run_app(argv: list[str]) -> None:
         app(args=expand_multi_values(argv), prog_name="mlsctl")
     except SystemExit as end:  # click ends every command with one
         if end.code in (None, 0):
+            _close_process_groups()
             # the work is done and said: a stop arriving now must not turn it into a failure (a probe, 2026-12-06:
             # a gallery swapped in and "built" said, then exit 143)
             _ignore_further_stops()
-            _close_process_groups()
         stop = _ctrl_c_behind(end)
         if stop is not None:  # typer turns Ctrl-C into a silent exit 130: say it, as for every stopped command
             raise stop from None
         raise
-    _ignore_further_stops()
     _close_process_groups()
+    _ignore_further_stops()
 
 
 def _ctrl_c_behind(end: SystemExit) -> Optional[KeyboardInterrupt]:

@@ -25,6 +25,7 @@ import glob
 import gzip
 import json
 import shutil
+import socket
 import struct
 from pathlib import Path
 from typing import Optional
@@ -35,7 +36,7 @@ from PIL import Image
 from mlsctl import atomic
 from mlsctl.data import DEFAULT_FMNIST_SOURCE, FMNIST_SOURCE_ENV
 from mlsctl.errors import UserError
-from mlsctl.locks import process_alive
+from mlsctl.locks import own_temporary
 
 DEFAULT_SOURCE, SOURCE_ENV = DEFAULT_FMNIST_SOURCE, FMNIST_SOURCE_ENV
 
@@ -227,11 +228,12 @@ def building(out: Path):
     """A folder of its own for this process to build ``out`` in (``.NAME.building-PID`` beside it),
     removed when the build fails or is stopped; those of builds killed before (dead processes) go too.
     Two builds of one ``out`` at once no longer delete each other's files (a probe, 2026-12-06)."""
-    for stale in out.parent.glob(f".{glob.escape(out.name)}.building*"):
-        pid = stale.name.rsplit("-", 1)[-1]
-        if stale.is_dir() and not stale.is_symlink() and not (pid.isdigit() and process_alive(int(pid))):
+    prefix = f".{out.name}.building"
+    for stale in out.parent.glob(f"{glob.escape(prefix)}*"):
+        _, gone = own_temporary(stale.name, prefix)
+        if gone and stale.is_dir() and not stale.is_symlink():
             shutil.rmtree(stale, ignore_errors=True)
-    tmp = out.parent / f".{out.name}.building-{os.getpid()}"
+    tmp = out.parent / f"{prefix}-{socket.gethostname()}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:

@@ -29,6 +29,9 @@ def check_default_place() -> None:
     """Before the work of an evaluation without ``--out``: the default folder ``results/`` can be made
     or written into (said before the work, not after it)."""
     folder = DEFAULT_FOLDER.absolute()
+    if folder.is_symlink() and not folder.exists():  # a dangling link: making the folder would fail after the work
+        raise UserError(f"results are written to {DEFAULT_FOLDER}/ by default, but {folder} is a link to "
+                        f"{os.readlink(folder)}, which does not exist; create it, or give --out FILE")
     if folder.exists() and not folder.is_dir():
         raise UserError(f"results are written to {DEFAULT_FOLDER}/ by default, but {folder} is a file; give --out FILE "
                         f"to write them elsewhere")
