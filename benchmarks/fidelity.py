@@ -650,7 +650,7 @@ def run_cell(cell: Cell, threads: int, rerun: bool, deadline: Optional[float] = 
     if not marker.is_file():  # the cell's first start: the code it started with
         atomic.write_json(marker, {"spec_sha": cell.spec_sha(), "spec": cell.spec(), "commit": commit()})
     started_at_commit = json.loads(marker.read_text()).get("commit")  # None: a cell started before this was kept
-    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())  # UTC: records of a device and of here compare
     seconds = {"train": 0.0, "eval": 0.0}
     if cell.variant.recipe is not None:
         seconds["train"] = train(cell, threads, deadline) or 0.0
@@ -667,7 +667,7 @@ def run_cell(cell: Cell, threads: int, rerun: bool, deadline: Optional[float] = 
         # the code may change while a cell runs: the commit its first start saw and the one its training ended at
         # (the run's summary.json); "commit" is the one at the record's writing
         "commit_at_start": started_at_commit, "trained_at_commit": summary.get("commit"),
-        "started": started, "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "started": started, "finished": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
         "seconds_this_session": {k: round(v, 1) for k, v in seconds.items()},
         "train_seconds_total": summary.get("seconds"),
         # what --budget-s plans this variant with on this device: every stage's wall time, in every session
