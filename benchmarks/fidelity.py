@@ -265,7 +265,7 @@ PROFILES = {
         # ceiling); each evaluation ~30 s; a cell's wall time random 34 s, DINO 81 s, ceiling 57 s. At 2,100 steps:
         # DINO ~190 s, ceiling ~110 s; the other methods from DINO's time and their cost per step on the CPU.
         estimates_device="NVIDIA H200",
-        calibration=("random", "dino", "supervised"),
+        calibration=CALIBRATION,
         estimates=(("random", 35), ("dino", 190), ("supervised", 110), ("cribo-global", 240), ("cribo-cross-view", 250),
                    ("cribo", 250), ("mile", 200), ("mile-backbone", 200), ("sove", 250), ("sove-1judge", 245),
                    ("sove-3judges", 245), ("sove-no-patch", 240), ("random-linear", 60), ("mocov2", 260), ("mls", 270),
@@ -736,7 +736,6 @@ class Planner:
         self.condition = threading.Condition()
         self.running: set[str] = set()
         profile, work = (cells[0].profile, cells[0].work) if cells else (None, None)
-        self.profile, self.work = profile, work
         self.gated = set() if profile is None else {VARIANT_BENCHMARK[name] for name in profile.calibration}
         # the calibration cells not done yet, whether this run selected them or not, and those it runs again
         # (--rerun): the others are judged on their new records
@@ -825,13 +824,11 @@ def calibration_failure(profile: Profile, work: Path) -> Optional[str]:
     benchmark or the budget is wrong, not the methods: change it once, for every method alike."""
     if not profile.calibration:
         return None
-    by_name = {v.name: v for v in VARIANTS}
     miou = {}
-    for name in ("random", "dino", "supervised"):
-        cell = Cell(profile, by_name[name], profile.seeds[0], work)
+    for cell in calibration_cells(profile, work):
         if not is_done(cell):
             return None
-        miou[name] = json.loads(cell.result_path.read_text())["metrics"]["miou"]
+        miou[cell.variant.name] = json.loads(cell.result_path.read_text())["metrics"]["miou"]
     reasons = []
     if miou["dino"] - miou["random"] < CALIBRATION_MARGIN:
         reasons.append(f"DINO {100 * miou['dino']:.1f} is not {100 * CALIBRATION_MARGIN:.0f} mIoU points above the "

@@ -40,6 +40,16 @@ class LogProgress:
         pass
 
 
+def progress_bar(total: int, what: str, log_unit: str, progress):
+    """Progress of a long library call: a tqdm bar (``progress`` True), nothing (False), or as the CLI
+    wants it (None: a bar on a terminal, a :class:`LogProgress` line every 30 s in a log)."""
+    if progress is None and not sys.stderr.isatty():
+        return LogProgress(total, what, unit=log_unit)
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="img", desc=what, disable=progress is False, dynamic_ncols=True)
+
+
 def _duration(seconds: float) -> str:
     if seconds != seconds or seconds == float("inf"):
         return "an unknown time"

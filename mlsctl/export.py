@@ -33,7 +33,7 @@ import torch
 
 from mlsctl import atomic
 from mlsctl.errors import UserError, first_line
-from mlsctl.locks import own_temporary
+from mlsctl.locks import abandoned_temporary
 from mlsctl.runs import Run
 
 
@@ -223,8 +223,7 @@ def _recover(out: Path) -> None:
             shutil.rmtree(aside, ignore_errors=True)
     prefix = f".{out.name}.export-tmp"
     for tmp in out.parent.glob(f"{glob.escape(prefix)}-*"):  # of an export killed while writing
-        _, gone = own_temporary(tmp.name, prefix)
-        if gone and tmp.is_dir() and not tmp.is_symlink():
+        if abandoned_temporary(tmp.name, prefix) and tmp.is_dir() and not tmp.is_symlink():
             shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -138,14 +138,14 @@ def process_alive(pid: int) -> bool:
     return True
 
 
-def own_temporary(name: str, prefix: str) -> tuple[bool, bool]:
-    """For a temporary folder ``PREFIX-HOST-PID`` (or an older ``PREFIX-PID`` or ``PREFIX``): (it was
-    made on this machine, the process that made it is gone). Another machine's (a shared file system)
-    is never taken for dead."""
+def abandoned_temporary(name: str, prefix: str) -> bool:
+    """A temporary folder ``PREFIX-HOST-PID`` (or an older ``PREFIX-PID`` or ``PREFIX``) was made on this
+    machine by a process that is gone: it may be removed. Another machine's (a shared file system) is
+    never taken for abandoned."""
     rest = name[len(prefix):].lstrip("-")
     host, _, pid = rest.rpartition("-")
     if not pid.isdigit():
-        return True, True  # an older mlsctl's shared name: nobody's now
+        return True  # an older mlsctl's shared name: nobody's now
     if host and host != socket.gethostname():
-        return False, False
-    return True, not process_alive(int(pid))
+        return False
+    return not process_alive(int(pid))

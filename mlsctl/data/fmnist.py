@@ -36,7 +36,7 @@ from PIL import Image
 from mlsctl import atomic
 from mlsctl.data import DEFAULT_FMNIST_SOURCE, FMNIST_SOURCE_ENV
 from mlsctl.errors import UserError
-from mlsctl.locks import own_temporary
+from mlsctl.locks import abandoned_temporary
 
 DEFAULT_SOURCE, SOURCE_ENV = DEFAULT_FMNIST_SOURCE, FMNIST_SOURCE_ENV
 
@@ -230,8 +230,7 @@ def building(out: Path):
     Two builds of one ``out`` at once no longer delete each other's files (a probe, 2026-12-06)."""
     prefix = f".{out.name}.building"
     for stale in out.parent.glob(f"{glob.escape(prefix)}*"):
-        _, gone = own_temporary(stale.name, prefix)
-        if gone and stale.is_dir() and not stale.is_symlink():
+        if abandoned_temporary(stale.name, prefix) and stale.is_dir() and not stale.is_symlink():
             shutil.rmtree(stale, ignore_errors=True)
     tmp = out.parent / f"{prefix}-{socket.gethostname()}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

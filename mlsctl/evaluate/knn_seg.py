@@ -26,7 +26,6 @@ random resized crops 0.5–1 and colour jitter 0.1, mask cropped alike).
 from __future__ import annotations
 
 import json
-import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -659,7 +658,7 @@ def knn_segmentation(train: FeatureMasks, val: FeatureMasks, fractions: Sequence
     """Every fraction (runs for fractions < 1, one run for 1/1) → a JSON-ready result. ``progress``: a
     bar (True), nothing (False), or as the CLI wants it (None: a bar on a terminal, a line every 30 s in
     a log)."""
-    from tqdm import tqdm
+    from mlsctl.console import progress_bar
 
     train.features.check_same_model(val.features)
     # class names (meta.json) fix the class count; without them every training mask is scanned once
@@ -671,12 +670,7 @@ def knn_segmentation(train: FeatureMasks, val: FeatureMasks, fractions: Sequence
     n = len(train)
     plan = [(fraction, list(range(settings.runs)) if fraction < 1 else [0]) for fraction in fractions]
     total = sum(len(r) for _, r in plan) * len(val)
-    if progress is None and not sys.stderr.isatty():  # the CLI's default in a log file: a line every 30 s
-        from mlsctl.console import LogProgress
-
-        bar = LogProgress(total, "knn-seg", unit="val images segmented")
-    else:  # progress None on a terminal: a bar
-        bar = tqdm(total=total, unit="img", desc="knn-seg", disable=progress is False, dynamic_ncols=True)
+    bar = progress_bar(total, "knn-seg", "val images segmented", progress)
     for fraction, runs in plan:
         count = max(1, round(n * fraction))
         outcomes = []

@@ -19,7 +19,6 @@ to its mask size, its argmax is the prediction, counted in a streaming confusion
 from __future__ import annotations
 
 import math
-import sys
 import time
 from typing import Optional
 
@@ -136,20 +135,14 @@ def evaluate_linear_seg(train: FeatureMasks, val: FeatureMasks, *, epochs: int =
     """Train on ``train``, score on ``val`` → a JSON-ready result (mIoU, IoU per class, confusion).
     ``progress``: a bar (True), nothing (False), or as the CLI wants it (None: a bar on a terminal, a
     line every 30 s in a log, as knn-seg)."""
-    from tqdm import tqdm
+    from mlsctl.console import progress_bar
 
     train.features.check_same_model(val.features)
     num_classes = len(names) if names else num_classes_of(train, ignore_index)
     if names:
         for source in (train, val):
             source.limit_classes(num_classes, ignore_index)
-    total = epochs * len(train) + len(val)
-    if progress is None and not sys.stderr.isatty():
-        from mlsctl.console import LogProgress
-
-        bar = LogProgress(total, "linear-seg", unit="images (training epochs, then val)")
-    else:
-        bar = tqdm(total=total, unit="img", desc="linear-seg", disable=progress is False, dynamic_ncols=True)
+    bar = progress_bar(epochs * len(train) + len(val), "linear-seg", "images (training epochs, then val)", progress)
     started = time.perf_counter()
     layer, mean, std, losses = train_linear_seg(train, num_classes, epochs=epochs, lr=lr, weight_decay=weight_decay,
                                                 image_batch=image_batch, ignore_index=ignore_index, seed=seed,
