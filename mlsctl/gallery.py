@@ -190,6 +190,62 @@ def check_object_id(object_id: str, where: str = "--object") -> str:
     return object_id
 
 
+class LookalikeId(UserError):
+    """A new id that reads like a stored one (:func:`lookalike_key`): the service answers 409."""
+
+
+def lookalike_key(object_id: str) -> str:
+    """What a reader sees of an id: its Unicode composition unified (NFC: a folder made on macOS
+    names ``café`` with a combining accent, a browser sends it precomposed), invisible format
+    characters (U+200B, U+2060, soft hyphens, ...) dropped, and whitespace runs cut to one space
+    and off both ends. Two ids with one key are look-alikes: a gallery never gets both."""
+    import unicodedata
+
+    shown = "".join(c for c in unicodedata.normalize("NFC", object_id) if unicodedata.category(c) != "Cf")
+    return " ".join(shown.split())
+
+
+def printable(object_id: str) -> str:
+    """An id as a message shows it: invisible characters and spaces other than U+0020 spelt as
+    escapes and a decomposed id marked, cut at 80 characters, so that two look-alikes read apart."""
+    import unicodedata
+
+    shown = "".join(c if c == " " or (unicodedata.category(c) not in ("Cf", "Cc", "Zs", "Zl", "Zp")
+                                      and c not in _BLANK_CHARACTERS)
+                    else c.encode("unicode_escape").decode("ascii") for c in object_id[:80])
+    if unicodedata.normalize("NFC", object_id) != object_id:
+        shown += " [decomposed]"
+    return shown + ("..." if len(object_id) > 80 else "")
+
+
+def new_id_problem(object_id: str, lookalike: Optional[str] = None) -> Optional[str]:
+    """Why ``object_id`` cannot name a new object (None if it can): whitespace at an end (a slip of
+    whoever built the URL or named the folder), or ``lookalike``, an id already taken with the same
+    :func:`lookalike_key`. Ids already stored stay reachable as they are; only new ones are held to
+    this. The sentence follows the id: ``f"{where} '{printable(id)}' {problem}"``."""
+    if object_id != object_id.strip():
+        return f"begins or ends with whitespace; remove it (the id '{printable(object_id.strip())}')"
+    if lookalike is not None:
+        return (f"looks like the object '{printable(lookalike)}' (they differ only in whitespace, invisible "
+                f"characters or Unicode composition); use '{printable(lookalike)}' or another name")
+    return None
+
+
+def check_new_ids(ids: Sequence[str], where: str) -> None:
+    """The ids of a new gallery (folder names, feature paths' first parts): none with whitespace at
+    an end, no two look-alikes (:func:`lookalike_key`)."""
+    seen: dict[str, str] = {}
+    for object_id in ids:
+        problem = new_id_problem(object_id)
+        if problem:
+            raise UserError(f"{where} '{printable(object_id)}' {problem}")
+        other = seen.setdefault(lookalike_key(object_id), object_id)
+        if other != object_id:
+            raise UserError(f"{where}s '{printable(other)}' and '{printable(object_id)}' differ only in whitespace, "
+                            f"invisible characters or Unicode composition, so they would read as one object; merge "
+                            f"or rename one")
+
+
 def object_folders(root: str | os.PathLike) -> dict[str, list[Path]]:
     """``ROOT/<object_id>/*`` images, files in the order of their paths relative to ``ROOT`` as strings
     (the folding order: the scan's, the order of a feature folder's rows and of ``eval retrieval``'s
@@ -208,6 +264,7 @@ def object_folders(root: str | os.PathLike) -> dict[str, list[Path]]:
         if len(rel.parts) < 2:
             raise UserError(f"{path} is not inside an object folder; put each object's images in {root}/<object_id>/")
         groups.setdefault(check_object_id(rel.parts[0], "object folder"), []).append(path)
+    check_new_ids(sorted(groups), f"{root}: object folder")
     return dict(sorted(groups.items()))  # each list in the scan's order: by relative path, as a string
 
 
@@ -460,6 +517,7 @@ class Gallery:
         except (OSError, ValueError, UnicodeDecodeError) as exc:
             raise UserError(f"{self.path} is damaged ({getattr(exc, 'strerror', None) or exc}); {rebuild}") from None
         self.row_of: dict[str, int] = dict(zip(self.row_ids, range(self.rows)))  # the last row of an id wins
+        self._lookalikes: Optional[dict[str, str]] = None  # lookalike_key -> stored id, made when first asked
         self.index = self._open_index()
 
     # ------------------------------------------------------------------ files
@@ -585,12 +643,33 @@ class Gallery:
         cls, tokens = model.image_tokens(images)
         return self.fold_into(model.fold, object_id, cls, tokens, len(images))
 
+    def lookalike(self, object_id: str) -> Optional[str]:
+        """The stored id that reads like ``object_id`` but is another string (:func:`lookalike_key`),
+        or None. The keys are computed once per opened gallery, then kept up to date by :meth:`append`."""
+        if self._lookalikes is None:
+            self._lookalikes = {}
+            for stored in self.row_of:
+                self._lookalikes.setdefault(lookalike_key(stored), stored)
+        found = self._lookalikes.get(lookalike_key(object_id))
+        return None if found == object_id else found
+
+    def check_new_id(self, object_id: str, where: str = "object id") -> None:
+        """Refuse ``object_id`` as a new object's id (:func:`new_id_problem`): a :class:`LookalikeId`
+        where it reads like a stored one, a UserError where whitespace ends it."""
+        lookalike = self.lookalike(object_id)
+        problem = new_id_problem(object_id, lookalike)
+        if problem:
+            kind = UserError if object_id != object_id.strip() else LookalikeId
+            raise kind(f"{where} '{printable(object_id)}' {problem}")
+
     def fold_into(self, fold, object_id: str, cls: torch.Tensor, tokens: Optional[torch.Tensor],
                   photos: int) -> tuple[bool, int]:
         """Fold the embedded ``photos`` (``cls``, ``tokens``) into ``object_id``'s latent with ``fold``
         (the set model's :meth:`~SetModel.fold`: a server passes it wrapped in its model lock) and commit
         the row; returns (created, images now folded)."""
         created = object_id not in self.row_of
+        if created:
+            self.check_new_id(object_id)
         latent = fold(None if created else self.latent(object_id), cls, tokens)
         count = photos + (0 if created else self.count(object_id))
         self.append([object_id], latent[None], [count])
@@ -649,6 +728,9 @@ class Gallery:
         self.latents = self._map(LATENTS, self.dtype, (self.rows, self.dim))
         self.unit = self._map(UNIT, self.dtype, (self.rows, self.dim))
         self.counts = self._map(COUNTS, np.int64, (self.rows,))
+        if self._lookalikes is not None:
+            for object_id in ids:
+                self._lookalikes.setdefault(lookalike_key(object_id), object_id)
 
     def save_index(self) -> None:
         """Write the in-memory index (IVF-PQ) as a new file named by its row count, commit it in the
@@ -944,6 +1026,7 @@ def _feature_groups(source: Path, model: SetModel) -> dict[str, torch.Tensor]:
         if len(parts) < 2:
             raise UserError(f"{name} in {source} is not inside an object folder")
         rows.setdefault(check_object_id(parts[0], "object folder"), []).append(row)
+    check_new_ids(sorted(rows), f"{source}: object folder")
     cls = features.global_features()
     return {object_id: cls[r] for object_id, r in sorted(rows.items())}
 

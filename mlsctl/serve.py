@@ -503,6 +503,21 @@ class GalleryService:
         except UserError as exc:
             raise RequestError(400, exc.message) from None
 
+    def check_new_id(self, object_id: str) -> None:
+        """An id that would create an object is held to :func:`~mlsctl.gallery.new_id_problem`: no
+        whitespace at an end (400), no look-alike of a stored id (409); stored ids pass as they are."""
+        with self.index_lock:
+            if object_id not in self.gallery.row_of:
+                self._check_new_id_unlocked(object_id)
+
+    def _check_new_id_unlocked(self, object_id: str) -> None:
+        from mlsctl.gallery import LookalikeId
+
+        try:
+            self.gallery.check_new_id(object_id)
+        except UserError as exc:
+            raise RequestError(409 if isinstance(exc, LookalikeId) else 400, exc.message) from None
+
     def add(self, object_id: str, photos: list[Photo]) -> dict:
         self.check_id(object_id)
         cls, tokens = self.tokens(photos)
@@ -511,6 +526,8 @@ class GalleryService:
                 return self.model.fold(previous, cls, tokens)
 
         with self.index_lock:
+            if object_id not in self.gallery.row_of:  # again: a look-alike may have been added meanwhile
+                self._check_new_id_unlocked(object_id)
             created, count = self.gallery.fold_into(fold, object_id, cls, tokens, len(photos))
             total = len(self.gallery)
             self.added["requests"] += 1
@@ -519,9 +536,13 @@ class GalleryService:
         return {"object": object_id, "created": created, "photos": count, "objects": total}
 
     def get(self, object_id: str) -> dict:
+        from mlsctl.gallery import printable
+
         with self.index_lock:
             if object_id not in self.gallery.row_of:
-                raise RequestError(404, f"no object '{_shown(object_id)}' in the gallery")
+                lookalike = self.gallery.lookalike(object_id)
+                hint = f"; did you mean '{printable(lookalike)}'?" if lookalike else ""
+                raise RequestError(404, f"no object '{printable(object_id)}' in the gallery{hint}")
             return {"object": object_id, "photos": self.gallery.count(object_id)}
 
     def summary(self) -> str:
@@ -958,6 +979,7 @@ def create_app(service: GalleryService, policy: Optional[Policy] = None, docs: b
     async def add(object_id: str, request: Request):
         check_path_utf8(request.scope)
         service.check_id(object_id)  # before the body is read
+        service.check_new_id(object_id)
         async with photos_of(request) as photos, working_slot():
             return await _threaded(service.add, object_id, photos)
 

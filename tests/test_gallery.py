@@ -4,6 +4,7 @@ os.replace of a swap), retrain."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -315,3 +316,58 @@ def test_a_search_or_add_the_gallery_cannot_answer_is_refused(tmp_path):
     with pytest.raises(ValueError, match="nothing was added"):
         gallery.append(["new"], torch.full((1, 16), float("nan")), [1])
     assert "new" not in Gallery(tmp_path / "g").row_of and gallery.rows == 20
+
+
+def test_a_new_id_that_reads_like_a_stored_one_is_refused_and_stored_ones_stay_reachable(tmp_path):
+    """Fourteenth session: "x", "x ", "x\u200b" and NFC/NFD "café" were four objects one reader cannot tell apart."""
+    import unicodedata
+
+    from mlsctl.errors import UserError
+    from mlsctl.gallery import LookalikeId, check_new_ids, lookalike_key
+
+    nfc, nfd = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
+    assert nfc != nfd and lookalike_key(nfc) == lookalike_key(nfd) == "café"
+    assert lookalike_key(" a \u200b\u00a0 b\u2060 ") == lookalike_key("a b") == "a b"
+    assert lookalike_key("a-b") != lookalike_key("a b") and lookalike_key("A") != lookalike_key("a")  # ids, not words
+    # an older gallery may hold look-alikes already: both stay reachable and updatable
+    write_gallery(tmp_path / "g", ["x", "x ", nfd], clustered(3), [1] * 3, IndexSettings(), MANIFEST)
+    gallery = Gallery(tmp_path / "g")
+
+    def fold(previous, cls, tokens):
+        return cls.mean(0) if previous is None else previous + cls.mean(0)
+
+    assert gallery.fold_into(fold, "x ", torch.ones(1, 16), None, 1) == (False, 2)
+    assert gallery.fold_into(fold, nfd, torch.ones(1, 16), None, 1) == (False, 2)
+    for new, lookalike in ((nfc, True), ("\u200bx", True), ("x\u00a0", False), ("  x", False)):
+        with pytest.raises(UserError) as refused:  # a look-alike (409 in serve), or whitespace at an end (400)
+            gallery.fold_into(fold, new, torch.ones(1, 16), None, 1)
+        assert new not in gallery.row_of and isinstance(refused.value, LookalikeId) == lookalike
+    assert gallery.lookalike(nfc) == nfd and gallery.lookalike("x") is None and gallery.lookalike("y") is None
+    assert gallery.fold_into(fold, "y", torch.ones(1, 16), None, 1) == (True, 1)
+    with pytest.raises(LookalikeId, match="'y\\\\u2060' looks like the object 'y'"):  # known to the cache at once
+        gallery.fold_into(fold, "y\u2060", torch.ones(1, 16), None, 1)
+    assert Gallery(tmp_path / "g").ids == ["x", "x ", nfd, "y"]
+    # a new gallery's own ids
+    with pytest.raises(UserError, match=re.escape(f"folders '{nfd} [decomposed]' and '{nfc}' differ only in")):
+        check_new_ids(sorted([nfc, nfd]), "images: object folder")
+    with pytest.raises(UserError, match="'b ' begins or ends with whitespace; remove it"):
+        check_new_ids(["a", "b "], "images: object folder")
+    check_new_ids(["a", "b", "a b", "A"], "images: object folder")
+
+
+def test_object_folders_that_read_alike_are_refused(tmp_path):
+    import unicodedata
+
+    from PIL import Image
+
+    from mlsctl.errors import UserError
+    from mlsctl.gallery import object_folders
+
+    for name in (unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café"), "tea"):
+        (tmp_path / "images" / name).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "images" / name / "0.png")
+    with pytest.raises(UserError, match="differ only in whitespace, invisible characters or Unicode composition"):
+        object_folders(tmp_path / "images")
+    (tmp_path / "images" / unicodedata.normalize("NFD", "café") / "0.png").unlink()
+    (tmp_path / "images" / unicodedata.normalize("NFD", "café")).rmdir()
+    assert list(object_folders(tmp_path / "images")) == [unicodedata.normalize("NFC", "café"), "tea"]

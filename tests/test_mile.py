@@ -395,9 +395,10 @@ def test_bad_object_ids_are_refused_and_the_gallery_works_from_any_directory(mil
     files = lambda g: {p.relative_to(g).as_posix(): p.read_bytes() for p in g.rglob("*") if p.is_file()}  # noqa: E731
     before = files(tmp_path / "g")
     photo = str(sorted((mile_run / "query" / "obj1").iterdir())[0])
-    for bad in ("a\nb", "   ", ""):
+    for bad in ("a\nb", "   ", "", "obj1 ", "obj\u200b1"):  # the last two: a new id reading like a stored one
         code, _, err = cli("index", "add", str(tmp_path / "g"), "--object", bad, photo, capsys=capsys)
         assert code == 2 and err.startswith("error: --object") and "Traceback" not in err
+    assert "looks like the object 'obj1'" in err and "model:" not in err  # said before the model loads
     assert files(tmp_path / "g") == before
     # ... and grown and searched from another
     elsewhere = tmp_path / "elsewhere"

@@ -290,6 +290,11 @@ def test_an_upload_equals_index_add_of_the_same_file(server, tmp_path):
     ("POST", "/search", {"files": "png-text"}, 400, "a PNG whose text is over 1 MiB"),  # not "header cannot be read"
     ("POST", "/objects/caf%E9/photos", {"files": "one"}, 400, "not valid UTF-8"),
     ("GET", "/objects/caf%E9", {}, 400, "not valid UTF-8"),
+    # look-alike ids (2026-12-06, fourteenth session): "obj0 " and a zero-width "obj0" became objects of their own
+    ("POST", "/objects/obj0%20/photos", {"files": "one"}, 400, "'obj0 ' begins or ends with whitespace"),
+    ("POST", "/objects/%E2%80%8Bobj0/photos", {"files": "one"}, 409, "'\\u200bobj0' looks like the object 'obj0'"),
+    ("POST", "/objects/ob%E2%81%A0j0/photos", {"files": "one"}, 409, "'ob\\u2060j0' looks like the object 'obj0'"),
+    ("GET", "/objects/obj0%20", {}, 404, "no object 'obj0 ' in the gallery; did you mean 'obj0'?"),
 ])
 def test_bad_requests_get_one_sentence_and_the_server_lives_on(server, method, path, kwargs, status, words):
     if kwargs.get("files") == "one":
@@ -820,6 +825,8 @@ def test_3_a_request_waits_for_a_working_slot_at_most_queue_seconds(monkeypatch)
         def check_id(self, object_id):
             pass
 
+        check_new_id = check_id
+
     app = serve.create_app(Slow(), serve.Policy.for_server("127.0.0.1"))
     body = json.dumps({"paths": ["a.png"]}).encode()
 
@@ -1111,6 +1118,8 @@ def test_6_an_unexpected_failure_is_a_500_sentence_without_paths_and_one_log_lin
         def check_id(self, object_id):
             pass
 
+        check_new_id = check_id
+
     app = serve.create_app(Failing(), serve.Policy.for_server("127.0.0.1"))
     with TestClient(app, base_url="http://127.0.0.1:8000") as client, caplog.at_level("WARNING", "mlsctl.serve"):
         answer = client.post("/search", files=[("photos", ("a.png", b"x"))])
@@ -1147,6 +1156,8 @@ def test_9_every_request_is_one_log_line_with_no_token_query_or_body(caplog):
 
         def check_id(self, object_id):
             pass
+
+        check_new_id = check_id
 
         def health(self):
             return {"status": "ok"}

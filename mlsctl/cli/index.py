@@ -76,6 +76,8 @@ def add(
     photos = load_images(images)
     with FolderLock(gallery, "gallery"):
         target = Gallery(gallery, recover=True)
+        if object_id not in target.row_of:
+            target.check_new_id(object_id, "--object")
         model = choose_set_model(run or Path(target.manifest["model"]["run"]), say=say)
         created, count = target.add(model, object_id, photos)
     share = target.added_since_training()
