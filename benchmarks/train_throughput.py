@@ -114,11 +114,14 @@ def device_slug() -> str:
 
 
 def measure_model(recipe, steps: int, warmup: int) -> float:
-    """Images/s of the model step alone on batches already on the device (the recipe's crops, made once)."""
+    """Images/s of the model step alone on batches already on the device (the recipe's crops, made once):
+    forward, backward, the method's end of step (DINO's centre), the recipe's gradient clipping, the
+    optimiser and the EMA — the loop's step without its data, logging and checkpoints."""
     from mlsctl.data.images import ImageFolder
     from mlsctl.data.loader import StepBatchSampler, make_loader
     from mlsctl.schedules import Schedule
     from mlsctl.train import ema_update, param_groups
+    from mlsctl.train.optim import clip_gradients
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     method_cls = methods.method_class(recipe.method.name)
@@ -134,6 +137,7 @@ def measure_model(recipe, steps: int, warmup: int) -> float:
     for bank in method.banks().values():  # as pretrain does: the banks live on the training device
         bank.to(device)
     optimizer = torch.optim.AdamW(param_groups(method), lr=1e-4, fused=device.type == "cuda")
+    trainable = [p for group in optimizer.param_groups for p in group["params"]]  # as the loop clips them
     precision = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp16_or_bf16": torch.bfloat16,
                  "auto": torch.bfloat16 if device.type == "cuda" else None}.get(recipe.train.precision)
     autocast = torch.autocast(device.type, dtype=precision or torch.float32, enabled=precision is not None)
@@ -147,6 +151,8 @@ def measure_model(recipe, steps: int, warmup: int) -> float:
             out = method.training_step(batches[i % len(batches)], i)
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
+        method.end_step(i)
+        clip_gradients(trainable, recipe.optim.clip_grad, recipe.optim.clip_grad_mode, None)
         optimizer.step()
         ema_update(method.ema_pairs(), 0.996)
     if device.type == "cuda":

@@ -10,6 +10,8 @@ device, which ``tensor.to("cuda")``, ``torch.tensor(..., device="cuda")`` and ``
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 
@@ -29,3 +31,23 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type != "cuda" or tensor.device.type != "cpu":
         return tensor.to(device)
     return tensor.pin_memory().to(device, non_blocking=True)
+
+
+@contextlib.contextmanager
+def full_float32(device_type: str):
+    """A block in full float32 whatever training set: autocast off, and on CUDA TF32 matrix products
+    off too (the loop turns them on for speed; their 10 mantissa bits put a cosine ~5e-4 off, enough
+    to reorder near ties), both as before on exit. For a step's choices and sharp logits — nearest
+    neighbours, top-k pseudo-labels, cluster assignments, mined pairs, judges' scores at τ = 0.04 —
+    not for the large products where TF32 is the point (a review of the CUDA paths, 2026-12-06:
+    "float32" blocks ran in TF32, and CrIBo's clustering and bank search in bf16)."""
+    with torch.autocast(device_type, enabled=False):
+        if device_type != "cuda":
+            yield
+            return
+        saved = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        try:
+            yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = saved

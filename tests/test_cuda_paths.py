@@ -114,3 +114,68 @@ def test_a_checkpoint_keeps_only_its_own_gpu_s_rng_and_resumes_on_a_machine_with
     del old_format["cuda_device"]
     checkpoint.set_rng_state(old_format)
     assert resuming.states[1].tolist() == [9, 1] and resuming.states[0].tolist() == [0, 7]
+
+
+def test_full_float32_turns_off_autocast_and_cuda_s_tf32_and_puts_both_back():
+    """A review of the CUDA paths (2026-12-06): the steps' "float32" blocks ran in TF32 on CUDA."""
+    from mlsctl.device import full_float32
+
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True  # as the training loop sets it on CUDA
+    try:
+        a = torch.randn(4, 4)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert (a @ a).dtype == torch.bfloat16
+            with full_float32("cpu"):
+                assert (a @ a).dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+            with full_float32("cuda"):
+                assert not torch.backends.cuda.matmul.allow_tf32
+            assert (a @ a).dtype == torch.bfloat16 and torch.backends.cuda.matmul.allow_tf32
+        with pytest.raises(KeyError), full_float32("cuda"):
+            raise KeyError("a failing block")
+        assert torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def test_cribo_clusters_pools_and_searches_its_bank_in_float32_under_bf16_autocast(tmp_path, monkeypatch):
+    """The same review: under bf16 autocast (the default on CUDA) CrIBo's clustering, object pooling
+    and cycle-consistent bank search ran in bf16; a simulation on 3,200 bank entries changed the
+    nearest entry of 19 % of the queries and the cycle check of 9.5 %."""
+    from test_cribo import _batch, _cribo
+
+    from mlsctl.methods.cribo import method as cribo_method
+
+    seen = []
+
+    def recording(fn):
+        def wrapped(*args, **kwargs):
+            probe = torch.ones(2, 2) @ torch.ones(2, 2)
+            seen.append((fn.__name__, torch.is_autocast_enabled("cpu"), probe.dtype,
+                         {a.dtype for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()}))
+            return fn(*args, **kwargs)
+        return wrapped
+
+    for name in ("joint_clustering", "pool_objects", "cycle_consistent_neighbours"):
+        monkeypatch.setattr(cribo_method, name, recording(getattr(cribo_method, name)))
+    method, recipe = _cribo(tmp_path)
+    batch = _batch(recipe)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for step in range(3):  # the bank fills, then it is searched
+            out = method.training_step(batch, step)
+    assert {name for name, *_ in seen} == {"joint_clustering", "pool_objects", "cycle_consistent_neighbours"}
+    assert all(not enabled and probe == torch.float32 and dtypes <= {torch.float32} for _, enabled, probe, dtypes in seen), seen
+    assert torch.isfinite(out.loss)
+
+
+def test_pretrain_puts_the_caller_s_tf32_switches_back():
+    from mlsctl.train import setup
+
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        with setup.caller_matmul_precision():
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as make_accelerator on CUDA
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

@@ -4,12 +4,21 @@ pictures turn one image into a model input (resize mode, resolution, mean/std), 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 RESIZE_MODES = ("square", "center-crop")
+
+
+@functools.lru_cache(maxsize=16)
+def _scaled_statistics(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """mean·255 and std·255 as [1, 3, 1, 1] tensors on ``device``, made once: a ``torch.tensor`` on
+    CUDA per batch is a copy from pageable memory that waits for the device's queue."""
+    scaled = torch.tensor([mean, std], dtype=torch.float32).view(2, 1, 3, 1, 1) * 255
+    return tuple(scaled.to(device).unbind(0))
 
 
 @dataclass(frozen=True)
@@ -45,8 +54,7 @@ class Preprocessing:
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 [B, 3, R, R] → float, scaled to [0, 1] and standardised by mean/std."""
-        mean = torch.tensor(self.mean, device=pixels.device).view(1, 3, 1, 1) * 255
-        std = torch.tensor(self.std, device=pixels.device).view(1, 3, 1, 1) * 255
+        mean, std = _scaled_statistics(self.mean, self.std, pixels.device)
         return (pixels.float() - mean) / std
 
     def __call__(self, img) -> torch.Tensor:

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from mlsctl.data.labels import csv_rows, labels_of, read_labels_file, read_text_file  # noqa: F401 - re-exported
+from mlsctl.device import full_float32
 from mlsctl.errors import UserError
 
 DEFAULT_KS = (10, 20, 100, 200)
@@ -58,14 +59,8 @@ def exact_search(memory: torch.Tensor, queries: torch.Tensor, k: int, *, query_c
     if scores_per_chunk is None:
         scores_per_chunk = SCORES_PER_CHUNK["cuda" if device.type == "cuda" else "cpu"]
     memory = memory.float()
-    if device.type == "cuda":  # full float32 products, whatever the process set for training
-        tf32 = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = False
-        try:
-            return _exact_search_chunks(memory, queries, k, query_chunk, scores_per_chunk)
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = tf32
-    return _exact_search_chunks(memory, queries, k, query_chunk, scores_per_chunk)
+    with full_float32(device.type):  # full float32 products, whatever the process set for training
+        return _exact_search_chunks(memory, queries, k, query_chunk, scores_per_chunk)
 
 
 def _exact_search_chunks(memory: torch.Tensor, queries: torch.Tensor, k: int, query_chunk: int,

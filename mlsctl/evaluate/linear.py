@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from mlsctl.data.labels import read_multi_labels
+from mlsctl.device import full_float32
 from mlsctl.errors import UserError
 
 DEFAULT_LRS = (0.001, 0.01, 0.1, 1.0)
@@ -123,12 +124,8 @@ def train_linear(x: torch.Tensor, y: torch.Tensor, settings: ProbeSettings, mult
         layer.weight.normal_(0, 0.01, generator=generator)
         layer.bias.zero_()
     layer.to(device)
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False  # full float32, whatever the process set for training
-    try:
+    with full_float32(torch.device(device).type):  # whatever the process set for training
         _sgd(layer, z, y, settings, multi_label, generator, device)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
     return layer.cpu(), mean, std
 
 

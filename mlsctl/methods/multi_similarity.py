@@ -30,7 +30,9 @@ def ms_loss(embeddings: torch.Tensor, labels: torch.Tensor, alpha: float = 2.0, 
     from pytorch_metric_learning.losses import MultiSimilarityLoss
     from pytorch_metric_learning.miners import MultiSimilarityMiner
 
-    with torch.autocast(embeddings.device.type, enabled=False):
+    from mlsctl.device import full_float32
+
+    with full_float32(embeddings.device.type):
         x = F.normalize(embeddings.float(), dim=-1)
         pairs = MultiSimilarityMiner(epsilon=epsilon)(x, labels)
         loss = MultiSimilarityLoss(alpha=alpha, beta=beta, base=base)(x, labels, pairs)

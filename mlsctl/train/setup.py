@@ -149,6 +149,18 @@ def caller_random_states():
             torch.cuda.set_rng_state_all(saved[3])
 
 
+@contextlib.contextmanager
+def caller_matmul_precision():
+    """CUDA's TF32 switches (matrix products, cuDNN) as they were on entry, put back on exit: the
+    Accelerator of a run turns them on (:func:`make_accelerator`), and an ``embed`` or evaluation in
+    the same process (a notebook) should not inherit that."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))

@@ -41,6 +41,7 @@ import torch
 import torch.nn as nn
 
 from mlsctl.bank import Column, MemoryBank, QueryFeature
+from mlsctl.device import full_float32
 from mlsctl.methods.base import Method, StepOutput, metric_ratio
 from mlsctl.methods.cribo.config import CrIBoConfig
 from mlsctl.methods.cribo.ops import (clustering_seeds, cycle_consistent_neighbours, joint_clustering, object_boxes,
@@ -143,6 +144,7 @@ class CrIBo(Method):
         b = len(batch)
         k = cfg.n_clusters
         timer = self.timer(crops[0].device)  # time/...: on the logged steps only
+        device_type = crops[0].device.type
 
         with torch.no_grad():
             teacher_out = self.teacher.backbone(torch.cat(crops[:2]))
@@ -150,14 +152,15 @@ class CrIBo(Method):
             n = h * w
             teacher_tokens = teacher_out.patches.reshape(2, b, n, -1).transpose(0, 1).reshape(b, 2 * n, -1).float()
             positions = torch.cat([patch_positions(batch.boxes[:, v], batch.flips[:, v], (h, w)) for v in (0, 1)], 1)
-            with timer("time/clustering"):
+            # the clustering, the objects and the bank's neighbours in full float32 under bf16/fp16 (docs/methods.md)
+            with timer("time/clustering"), full_float32(device_type):
                 seeds = clustering_seeds(self.recipe.seed, step, self.global_rows(b), 2 * n, k)
                 assignment = joint_clustering(teacher_tokens, positions, k, iterations=cfg.cluster_iterations,
                                               lambda_pos=cfg.lambda_pos, sinkhorn_strength=cfg.sinkhorn_strength,
                                               sinkhorn_iterations=cfg.sinkhorn_iterations,
                                               normalize_per_image=cfg.cost_normalization == "image",
                                               seed_indices=seeds)
-            teacher_objects, valid = pool_objects(teacher_tokens, assignment, k)  # [B, 2, K, D], [B, K]
+                teacher_objects, valid = pool_objects(teacher_tokens, assignment, k)  # [B, 2, K, D], [B, K]
             # the valid objects as (image, cluster) rows, in valid's row-major order: the step's one host
             # synchronisation for their number (indexing by them, forward and backward, needs none)
             image_rows, cluster_ids = valid.nonzero(as_tuple=True)
@@ -170,7 +173,8 @@ class CrIBo(Method):
         student_outs = self.student.backbone.forward_crops(crops)
         student_cls_logits = self.student.head(torch.cat([o.cls for o in student_outs])).float()
         student_tokens = torch.stack([student_outs[0].patches, student_outs[1].patches], 1).reshape(b, 2 * n, -1)
-        student_objects, _ = pool_objects(student_tokens.float(), assignment, k)
+        with full_float32(device_type):
+            student_objects, _ = pool_objects(student_tokens.float(), assignment, k)
         s1, s2 = student_objects[image_rows, 0, cluster_ids], student_objects[image_rows, 1, cluster_ids]
         student_object_logits = self.student.head.objects(torch.cat([s1, s2])).float()
         s1_logits, s2_logits = student_object_logits.chunk(2)
@@ -193,10 +197,11 @@ class CrIBo(Method):
         with timer("time/retrieval"):
             if filled and n_objects:
                 with torch.no_grad():
-                    stored = self.bank.vectors[:filled]
-                    bank1, bank2 = stored[:, :self.dim], stored[:, self.dim:]
-                    nearest1, ok1 = cycle_consistent_neighbours(t1, t2, bank1, bank2)
-                    nearest2, ok2 = cycle_consistent_neighbours(t2, t1, bank2, bank1)
+                    with full_float32(device_type):
+                        stored = self.bank.vectors[:filled].float()
+                        bank1, bank2 = stored[:, :self.dim], stored[:, self.dim:]
+                        nearest1, ok1 = cycle_consistent_neighbours(t1, t2, bank1, bank2)
+                        nearest2, ok2 = cycle_consistent_neighbours(t2, t1, bank2, bank1)
                     pairs = ok1.sum() + ok2.sum()
                     ratio = metric_ratio(pairs, 2 * n_objects)  # on the device, read where logged
                     # on once the bank has been filled; where no pair passed the cycle check the loss

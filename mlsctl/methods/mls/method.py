@@ -62,7 +62,7 @@ import torch.nn.functional as F
 from mlsctl import dist
 from mlsctl.bank import Column, MemoryBank, QueryFeature
 from mlsctl.data.loader import sample_seed
-from mlsctl.device import to_device
+from mlsctl.device import full_float32, to_device
 from mlsctl.errors import UserError
 from mlsctl.methods.base import Method, StepOutput, metric_ratio, metric_value
 from mlsctl.methods.mls.config import MLSConfig
@@ -223,7 +223,7 @@ class MLS(Method):
         with torch.no_grad():
             g2, z2 = self._encode_keys(view2, step)
         q_g, q_z = self.queue_g.vectors.clone(), self.queue_z.vectors.clone()  # as before this batch
-        with torch.autocast(view1.device.type, enabled=False):  # logits and top-k in float32 under bf16/fp16
+        with full_float32(view1.device.type):  # logits and top-k in float32 under bf16/fp16 (and without TF32)
             g1, z1, g2, z2 = g1.float(), z1.float(), g2.float(), z2.float()
             label_features, label_queue = (g1, q_g) if cfg.label_queue == "g" else (z1, q_z)
             loss, terms, labels = mls_loss(z1, z2, label_features, label_queue, q_z, k=cfg.k,
@@ -240,7 +240,7 @@ class MLS(Method):
         """``labels/self_share``: pseudo-labels that are the image's own earlier views; ``labels/kth_cosine``:
         the k-th largest cosine of a row, the score an entry needs to be a label."""
         metrics = {}
-        with torch.no_grad(), torch.autocast(device_type, enabled=False):
+        with torch.no_grad(), full_float32(device_type):
             chosen = labels.bool()
             written = self.queue_g.written_mask()  # random starting entries belong to no image
             same_image = (self.queue_g.payload["image_id"][None, :] == image_ids[:, None]) & written[None, :]

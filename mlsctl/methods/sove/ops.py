@@ -44,7 +44,7 @@ from typing import Literal, Optional, Sequence
 
 import torch
 
-from mlsctl.device import to_device
+from mlsctl.device import full_float32, to_device
 
 LOG_FLOOR = 1e-12  # the clamp of every log: a vote of 0 costs log(1e-12), not inf
 
@@ -149,7 +149,7 @@ def sample_judges(memory: torch.Tensor, n_tasks: int, n_anchors: int, k: int, *,
     anchors), scores clamped to [0, 1], the anchor itself with score ``1 − eps``. With
     ``anchor_selection="half"`` a uniform random half of the anchors is kept afterwards (the
     authors' default); the randomness all comes from ``generator`` (a CPU generator)."""
-    with torch.autocast(memory.device.type, enabled=False):  # the search and scores in float32 under mixed precision
+    with full_float32(memory.device.type):  # the search and scores in float32 under mixed precision (and without TF32)
         return _sample_judges(memory, n_tasks, n_anchors, k, eps, generator, anchor_selection, chunk, search)
 
 
@@ -190,7 +190,7 @@ def judge_probabilities(u: torch.Tensor, vectors: torch.Tensor, scores: torch.Te
     """``P(u; τ) = softmax(u · Dᵀ / τ) · Y`` [B, K] for embeddings ``u`` [B, d] and one task's judges
     ``vectors`` [K, k+1, d] with ``scores`` [K, k+1], without building Y (module docstring). Computed
     in float32 also under autocast (a bf16 logit at tau=0.04 would be off by about 0.1)."""
-    with torch.autocast(u.device.type, enabled=False):
+    with full_float32(u.device.type):
         return _judge_probabilities(u, vectors, scores, temperature)
 
 
