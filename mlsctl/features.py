@@ -200,7 +200,8 @@ def embed_folder(images: str | os.PathLike, out: str | os.PathLike, model, *, de
                  resolution: Optional[int] = None, resize: str = "square", batch_size: int = 64,
                  workers: Optional[int] = None, dtype: str = "fp16", part_size: Optional[int] = None, overwrite: bool = False,
                  max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, refresh: bool = False,
-                 progress: Optional[bool] = None, say: Callable[[str], None] = to_stderr) -> EmbedSummary:
+                 progress: Optional[bool] = None, say: Callable[[str], None] = to_stderr,
+                 dense_cache: Optional[Path] = None) -> EmbedSummary:
     """Embed every image under ``images`` with ``model`` (a :class:`~mlsctl.models.source.ModelChoice`)
     into the feature folder ``out``; see the module docstring for the format and resume rules
     (``refresh``: :func:`embed_listing`'s)."""
@@ -219,7 +220,7 @@ def embed_folder(images: str | os.PathLike, out: str | os.PathLike, model, *, de
                          notes=scan.notes("image folder"), dense=dense, resolution=resolution, resize=resize,
                          batch_size=batch_size, workers=workers, dtype=dtype, part_size=part_size,
                          overwrite=overwrite, refresh=refresh, max_image_pixels=max_image_pixels, progress=progress,
-                         say=say)
+                         say=say, dense_cache=dense_cache)
 
 
 WORKERS_FROM_IMAGES = 1000  # fewer images decode faster in the main process than workers start
@@ -253,11 +254,14 @@ def embed_listing(tree, relpaths: list[str], out: str | os.PathLike, model, *, n
                   resize: str = "square", batch_size: int = 64, workers: Optional[int] = None, dtype: str = "fp16",
                   part_size: Optional[int] = None, overwrite: bool = False, refresh: bool = False,
                   max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, progress: Optional[bool] = None,
-                  say: Callable[[str], None] = to_stderr) -> EmbedSummary:
+                  say: Callable[[str], None] = to_stderr, dense_cache: Optional[Path] = None) -> EmbedSummary:
     """Embed the images ``relpaths`` of ``tree`` (a folder or an archive) into ``out``, decoding
     them in ``workers`` processes (None: :func:`default_workers`). ``contents``: :func:`contents_sha256` of
     the images, so a folder whose images changed under the same names is not taken as done;
-    ``refresh`` (the evaluations' feature caches): a folder made otherwise is replaced, not refused."""
+    ``refresh`` (the evaluations' feature caches): a folder made otherwise is replaced, not refused.
+    ``dense_cache`` (global features asked for): a feature folder that may hold these images' dense
+    maps too, made by the same plan otherwise (``eval knn-seg``'s cache of them); complete, it is the
+    answer as it is (the summary's ``out``) and nothing is embedded."""
     from mlsctl.data.images import allow_image_pixels
 
     started = time.perf_counter()
@@ -306,6 +310,16 @@ def embed_listing(tree, relpaths: list[str], out: str | os.PathLike, model, *, n
     }
     plan_sha = _plan_sha(plan)
     is_main = dist.rank() == 0
+    if dense_cache is not None and not dense:
+        dense_grid = (resolution // patch, resolution // patch)
+        dense_parts_per_shard = max(1, SHARD_BYTES // (backbone.embed_dim * torch_dtype.itemsize
+                                                        * (1 + dense_grid[0] * dense_grid[1]) * part_size))
+        found = complete_feature_folder(Path(dense_cache), dict(
+            plan, dense=True, grid=list(dense_grid), parts_per_shard=dense_parts_per_shard,
+            n_shards=(n_parts + dense_parts_per_shard - 1) // dense_parts_per_shard))
+        if found is not None:
+            return EmbedSummary(Path(dense_cache), len(found["files"]), found["skipped"], time.perf_counter() - started,
+                                0.0, model.description, reused=True)
 
     # ---------------------------------------------------------------- the state of --out
     if out.exists() and not out.is_dir():
@@ -324,6 +338,20 @@ def embed_listing(tree, relpaths: list[str], out: str | os.PathLike, model, *, n
     finally:
         if is_main:
             lock.release()
+
+
+def complete_feature_folder(folder: Path, plan: dict) -> Optional[dict]:
+    """The manifest of ``folder`` where it is a complete feature folder made by ``plan`` (its images'
+    contents recorded and the same), else None. Reads only: nothing is locked, changed or removed."""
+    if not (folder / MANIFEST).is_file() or _made_otherwise(folder, plan):
+        return None
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("plan"), dict):
+        return None
+    return manifest if isinstance(manifest.get("files"), list) and isinstance(manifest.get("skipped"), list) else None
 
 
 def _open_feature_folder(out: Path, plan: dict, overwrite: bool, lock: FolderLock, refresh: bool = False) -> Optional[dict]:
@@ -785,12 +813,14 @@ def features_or_embed(path: str | os.PathLike, get_model: Callable[[], object], 
 
         scan_images(path, f"{what} (a folder of images)")
     model = get_model()
-    out = cache_dir(path, model, dense=dense, resize=embed_options.get("resize", "square"),
-                    resolution=embed_options.get("resolution"))
-    # a cache: images changed, added or removed since it was made are embedded again, not refused
-    summary = embed_folder(path, out, model, dense=dense, say=say, refresh=True, **embed_options)
-    _say_embedded(summary, str(path), out, what, say)
-    return require_rows(Features(out, what), what)
+    where = {"resize": embed_options.get("resize", "square"), "resolution": embed_options.get("resolution")}
+    out = cache_dir(path, model, dense=dense, **where)
+    # a cache: images changed, added or removed since it was made are embedded again, not refused; global
+    # features are read from a complete dense cache of the same images where there is one (eval knn-seg's)
+    summary = embed_folder(path, out, model, dense=dense, say=say, refresh=True,
+                           dense_cache=None if dense else cache_dir(path, model, dense=True, **where), **embed_options)
+    _say_embedded(summary, str(path), summary.out, what, say)
+    return require_rows(Features(summary.out, what), what)
 
 
 def require_rows(features: Features, what: str) -> Features:
@@ -807,11 +837,12 @@ def features_of_split(split, get_model: Callable[[], object], *, dense: bool, wh
     """The features of one split of a benchmark (:mod:`mlsctl.data.datasets`), embedded (or found
     already embedded) under :func:`split_cache_dir` with the model ``get_model()``."""
     model = get_model()
-    out = split_cache_dir(split, model, dense=dense, resize=embed_options.get("resize", "square"),
-                          resolution=embed_options.get("resolution"))
-    summary = embed_split(split, out, model, dense=dense, say=say, refresh=True, **embed_options)
-    _say_embedded(summary, f"{split.dataset} {split.split} ({split.tree.path})", out, what, say)
-    return require_rows(Features(out, what), what)
+    where = {"resize": embed_options.get("resize", "square"), "resolution": embed_options.get("resolution")}
+    out = split_cache_dir(split, model, dense=dense, **where)
+    summary = embed_split(split, out, model, dense=dense, say=say, refresh=True,
+                          dense_cache=None if dense else split_cache_dir(split, model, dense=True, **where), **embed_options)
+    _say_embedded(summary, f"{split.dataset} {split.split} ({split.tree.path})", summary.out, what, say)
+    return require_rows(Features(summary.out, what), what)
 
 
 def _say_embedded(summary: EmbedSummary, source: str, out: Path, what: str, say: Callable[[str], None]) -> None:

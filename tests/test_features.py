@@ -603,3 +603,27 @@ def test_progress_lines_read_well_at_any_speed():
     now[0] = 40.0
     slow.update(52)
     assert lines == ["embed: 52 of 100,000 images, 1.3/s, about 21.4 h left"]
+
+
+def test_global_features_are_read_from_a_complete_dense_cache_of_the_same_images(tmp_path: Path):
+    """eval knn after eval knn-seg on one folder embedded it a second time for its global features."""
+    import os
+    import shutil
+
+    images = make_images(tmp_path / "images", 4)
+    lines = []
+    dense = feats.features_or_embed(images, lambda: tiny_model(), dense=True, what="train features", say=lines.append)
+    found = feats.features_or_embed(images, lambda: tiny_model(), dense=False, what="train features", say=lines.append)
+    assert found.path == dense.path and f"already in {dense.path}" in lines[-1]
+    assert not dense.path.with_name(dense.path.name + "-global").exists()
+    assert torch.equal(found.global_features(), dense.global_features())
+    # made otherwise (another dtype: another plan) or stale: global features of their own, the dense cache untouched
+    other = feats.features_or_embed(images, lambda: tiny_model(), dense=False, what="train features", say=lines.append,
+                                    dtype="fp32")
+    assert other.path == dense.path.with_name(dense.path.name + "-global") and "embedded 4 images" in lines[-1]
+    changed = sorted(images.rglob("*.png"))[0]
+    os.utime(changed, ns=(10**18, 10**18))
+    shutil.rmtree(other.path)
+    again = feats.features_or_embed(images, lambda: tiny_model(), dense=False, what="train features", say=lines.append)
+    assert again.path == other.path and "embedded 4 images" in lines[-1]
+    assert (dense.path / "manifest.json").is_file()
