@@ -577,6 +577,22 @@ def model_args(cell: Cell) -> list[str]:
     return ["--run", str(cell.run)]
 
 
+def utc_now() -> str:
+    """A cell record's time: UTC, said so, so that records of a device and of here compare."""
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+
+
+def record_time(text: Optional[str]) -> float:
+    """Seconds since the epoch of a record's ``started``/``finished`` (:func:`utc_now`; records written
+    before 2026-12-06 carry no zone and were written in UTC too); 0 for none or one that cannot be read."""
+    import calendar
+
+    try:
+        return calendar.timegm(time.strptime((text or "").removesuffix(" UTC"), "%Y-%m-%d %H:%M:%S"))
+    except ValueError:
+        return 0.0
+
+
 def evaluate(cell: Cell, threads: int, deadline: Optional[float] = None) -> tuple[dict, float]:
     """The cell's evaluation through the same mlsctl command for every variant; its results JSON."""
     out = cell.folder / "eval.json"
@@ -650,7 +666,7 @@ def run_cell(cell: Cell, threads: int, rerun: bool, deadline: Optional[float] = 
     if not marker.is_file():  # the cell's first start: the code it started with
         atomic.write_json(marker, {"spec_sha": cell.spec_sha(), "spec": cell.spec(), "commit": commit()})
     started_at_commit = json.loads(marker.read_text()).get("commit")  # None: a cell started before this was kept
-    started = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())  # UTC: records of a device and of here compare
+    started = utc_now()
     seconds = {"train": 0.0, "eval": 0.0}
     if cell.variant.recipe is not None:
         seconds["train"] = train(cell, threads, deadline) or 0.0
@@ -667,7 +683,7 @@ def run_cell(cell: Cell, threads: int, rerun: bool, deadline: Optional[float] = 
         # the code may change while a cell runs: the commit its first start saw and the one its training ended at
         # (the run's summary.json); "commit" is the one at the record's writing
         "commit_at_start": started_at_commit, "trained_at_commit": summary.get("commit"),
-        "started": started, "finished": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+        "started": started, "finished": utc_now(),
         "seconds_this_session": {k: round(v, 1) for k, v in seconds.items()},
         "train_seconds_total": summary.get("seconds"),
         # what --budget-s plans this variant with on this device: every stage's wall time, in every session
@@ -1231,7 +1247,8 @@ def unpack_results(profile: Profile, archive: Path, work: Optional[Path] = None)
             local = cells / parts[2]
             if local.is_file():
                 kept = json.loads(local.read_text())
-                if kept.get("spec_sha") == record["spec_sha"] and (kept.get("finished") or "") > (record.get("finished") or ""):
+                if kept.get("spec_sha") == record["spec_sha"] and record_time(kept.get("finished")) > record_time(
+                        record.get("finished")):
                     skipped[record["cell"]] = f"the record here finished later ({kept.get('finished')})"
                     continue
             atomic.write_json(local, record)

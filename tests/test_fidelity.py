@@ -595,3 +595,11 @@ def test_a_calibration_run_again_with_rerun_is_judged_on_its_new_records(tmp_pat
         record(cell, miou)
         planner.finished(cell)
     assert planner.next() is None and "the calibration failed (DINO 11.0" in planner.left_for_later["scenes/cribo/0"]
+
+
+def test_record_times_say_utc_and_compare_with_those_written_without_a_zone():
+    now = fidelity.utc_now()
+    assert now.endswith(" UTC") and fidelity.record_time(now) > fidelity.record_time("2026-12-06 09:00:00")
+    assert fidelity.record_time("2026-12-06 10:00:00") == fidelity.record_time("2026-12-06 10:00:00 UTC") > 0
+    assert fidelity.record_time("2026-12-06 09:00:00 UTC") < fidelity.record_time("2026-12-06 10:00:00")
+    assert fidelity.record_time(None) == fidelity.record_time("yesterday") == 0.0
