@@ -610,7 +610,6 @@ def evaluate(cell: Cell, threads: int, deadline: Optional[float] = None) -> tupl
             args = ["eval", "retrieval", "--gallery", str(products / "gallery"), "--query", str(products / "query"),
                     "--run", str(cell.run), *cell.profile.retrieval, "--seed", "0", "--out", str(out)]
         seconds = mlsctl(args, cell.folder, cell.folder / "cell.log", threads, deadline, cell.timing_path)
-        shutil.rmtree(cell.folder / "features", ignore_errors=True)  # the cached features: not needed again
     result = json.loads(out.read_text())
     knn_out = cell.folder / "eval-knn.json"
     if cell.variant.image_knn:
@@ -621,7 +620,6 @@ def evaluate(cell: Cell, threads: int, deadline: Optional[float] = None) -> tupl
                     "--train-labels", str(scenes / "train" / "largest-item.csv"), "--val-labels",
                     str(scenes / "val" / "largest-item.csv"), *model, *cell.profile.image_knn, "--out", str(knn_out)]
             seconds += mlsctl(args, cell.folder, cell.folder / "cell.log", threads, deadline, cell.timing_path)
-            shutil.rmtree(cell.folder / "features", ignore_errors=True)
         result["image_knn"] = json.loads(knn_out.read_text())
     linear_out = cell.folder / "eval-linear.json"
     if cell.variant.linear:
@@ -632,8 +630,9 @@ def evaluate(cell: Cell, threads: int, deadline: Optional[float] = None) -> tupl
                     "--multi-label", "--train-labels", str(scenes / "train" / "scenes.jsonl"), "--val-labels",
                     str(scenes / "val" / "scenes.jsonl"), *model, *cell.profile.linear, "--out", str(linear_out)]
             seconds += mlsctl(args, cell.folder, cell.folder / "cell.log", threads, deadline, cell.timing_path)
-            shutil.rmtree(cell.folder / "features", ignore_errors=True)
         result["linear"] = json.loads(linear_out.read_text())
+    # the cached features, kept until here: eval knn and linear read the global features of knn-seg's dense cache
+    shutil.rmtree(cell.folder / "features", ignore_errors=True)
     return result, seconds
 
 
