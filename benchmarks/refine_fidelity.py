@@ -29,10 +29,10 @@ objects (``test/``) are disjoint, so the test classes are unseen, as in SOP. Eve
    ``mlsctl refine train`` on the training embeddings (``--blocks T --k k --seed S``), ``mlsctl
    refine apply`` to test/ with test/ as the context (itself excluded; the DML protocol's gallery is
    the whole test set), ``mlsctl eval recall``;
-   and the ablation of the √d input scaling (ours, not the paper's: ``docs/methods.md#context-refinement``):
-   every (T, k) of the profile's ``ablation`` trained and evaluated again with
-   ``method.input_scale=none``, the blocks on the unit vectors themselves (the smoke profile: the
-   default cell only);
+   and the ablation of the √d input scaling (ours, not the paper's, the default until 2026-12-06:
+   ``docs/methods.md#context-refinement``): every (T, k) of the profile's ``ablation`` trained and
+   evaluated again with ``method.input_scale=sqrt_d``, the blocks on √d·x and √d·n instead of the unit
+   vectors (the smoke profile: the default cell only);
 3. refinement on top of self-supervised features: ``mlsctl pretrain dino_fmnist_quick`` on the
    training photos (one run, the profile's budget) or, for a profile with ``ssl_weights``, that
    weights file as it is (``mlsctl embed --weights``, no training); its test/ and train/ features,
@@ -78,7 +78,7 @@ class Profile:
     ks: tuple[int, ...]
     ssl_overrides: tuple[str, ...]
     about: str
-    ablation: tuple[tuple[int, int], ...] = ()  # (T, k) cells also run with method.input_scale=none
+    ablation: tuple[tuple[int, int], ...] = ()  # (T, k) cells also run with method.input_scale=sqrt_d
     start: str = "from scratch"  # where the MS baseline's ViT starts, as the report names it
     # where the self-supervised features come from: None, a DINO run (dino_fmnist_quick with ssl_overrides);
     # a weights file, its own features as they are (`embed --weights`, no training, ssl_overrides unused)
@@ -87,10 +87,13 @@ class Profile:
     compare: tuple[str, ...] = ()  # profiles whose MS baseline (their summary.json, when run) the report lists too
 
 
-# the ablation's setting against the default (sqrt_d): each block on the unit vectors themselves
-ABLATION = {"input_scale": "none"}
+# the ablation's setting against the default (none, the supplement's unit vectors): each block on √d·x and √d·n
+ABLATION = {"input_scale": "sqrt_d"}
 ABLATION_OVERRIDES = tuple(f"method.{key}={value}" for key, value in ABLATION.items())
-ABLATION_SUFFIX = "-" + "-".join(f"{key.replace('_', '')}-{value}" for key, value in ABLATION.items())
+# cells are named by their input scale: a cell of a work folder made while sqrt_d was the default (named
+# T8-k8) is never taken for one of the default now
+DEFAULT_SUFFIX = "-inputscale-none"
+ABLATION_SUFFIX = "-" + "-".join(f"{key.replace('_', '')}-{value.replace('_', '')}" for key, value in ABLATION.items())
 
 
 TINY_VIT = ("model.img_size=32", "model.patch_size=8", "model.timm_kwargs.embed_dim=32", "model.timm_kwargs.depth=2",
@@ -204,8 +207,8 @@ def run_seed(profile: Profile, work: Path, data: Path, seed: int, threads: int) 
 
 
 def cell_name(blocks: int, k: int, overrides: tuple[str, ...] = ()) -> str:
-    """``T8-k8`` for a grid cell, ``T8-k8-inputscale-none`` for its ablation."""
-    return f"T{blocks}-k{k}" + (ABLATION_SUFFIX if overrides else "")
+    """``T8-k8-inputscale-none`` for a grid cell, ``T8-k8-inputscale-sqrtd`` for its ablation."""
+    return f"T{blocks}-k{k}" + (ABLATION_SUFFIX if overrides else DEFAULT_SUFFIX)
 
 
 def refine_cell(profile: Profile, folder: Path, feats: dict, blocks: int, k: int, seed: int, overrides: tuple[str, ...],
@@ -257,7 +260,7 @@ def run_ssl(profile: Profile, work: Path, data: Path, threads: int) -> list[dict
     blocks, k = max(profile.blocks), max(k for k in profile.ks if k <= 8)
     rows = []
     for seed in profile.seeds:
-        run, result = folder / f"refine-seed{seed}", folder / f"recall-refined-seed{seed}.json"
+        run, result = folder / f"refine-seed{seed}{DEFAULT_SUFFIX}", folder / f"recall-refined-seed{seed}{DEFAULT_SUFFIX}.json"
         if not result.is_file():
             if not (run / "summary.json").is_file():
                 mlsctl(["refine", "train", str(feats["train"]), "--blocks", str(blocks), "--k", str(k), "--seed",
@@ -413,9 +416,9 @@ def markdown(summary: dict, profile: Profile) -> str:
             return [_stat(stats.get(K)) for K in ks_shown]
 
         lines += ["", "## Ablation: the √d input scaling (ours, not in the paper)", "",
-                  f"`method.input_scale: sqrt_d` (the default) runs every block on √d·x and √d·n; `{variant}` runs "
-                  "the blocks on the unit vectors, as the supplement writes them. Same seeds, data and steps; "
-                  "Recall@K in %.", "",
+                  f"`method.input_scale: none` (the default) runs the blocks on the unit vectors, as the supplement "
+                  f"writes them; `{variant}` (our default until 2026-12-06) runs every block on √d·x and √d·n. Same "
+                  "seeds, data and steps; Recall@K in %.", "",
                   "| T | k | input scale | " + " | ".join(f"R@{K}" for K in ks_shown) + " |",
                   "| --- | --- | --- | " + " | ".join("---" for _ in ks_shown) + " |"]
         baselines = set()
@@ -424,7 +427,7 @@ def markdown(summary: dict, profile: Profile) -> str:
             if k_ not in baselines:  # the baseline once per k, above its cells
                 baselines.add(k_)
                 lines.append(f"| 0 | {k_} | baseline (e⁰) | " + " | ".join(cell(table.get(f"0x{k_}", {}))) + " |")
-            lines += [f"| {b} | {k_} | √d (default) | " + " | ".join(cell(pair["default"])) + " |",
+            lines += [f"| {b} | {k_} | none (default) | " + " | ".join(cell(pair["default"])) + " |",
                       f"| {b} | {k_} | {variant.split('=')[-1]} | " + " | ".join(cell(pair[variant])) + " |"]
     lines += ["", "## Claims (the paper's direction, never its numbers)", "", "| claim | holds | before | after |",
               "| --- | --- | --- | --- |"]
@@ -518,8 +521,8 @@ def _finished_ssl(profile: Profile, work: Path) -> list[dict]:
     folder = work / "dino"
     blocks, k = max(profile.blocks), max(k for k in profile.ks if k <= 8)
     return [{"seed": s, "blocks": blocks, "k": k, "before": recall_of(folder / "recall-before.json"),
-             "after": recall_of(folder / f"recall-refined-seed{s}.json")}
-            for s in profile.seeds if (folder / f"recall-refined-seed{s}.json").is_file()]
+             "after": recall_of(folder / f"recall-refined-seed{s}{DEFAULT_SUFFIX}.json")}
+            for s in profile.seeds if (folder / f"recall-refined-seed{s}{DEFAULT_SUFFIX}.json").is_file()]
 
 
 if __name__ == "__main__":

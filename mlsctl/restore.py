@@ -52,7 +52,7 @@ def recipe_of(run: Run):
     """The run's resolved recipe (``RUN/config.yaml``)."""
     from mlsctl import config as config_lib
 
-    return config_lib.load_recipe(str(run.config_path))
+    return config_lib.load_run_recipe(run.config_path)
 
 
 def build_method(recipe):

@@ -131,7 +131,7 @@ class Run:
         from mlsctl import config as config_lib
 
         try:
-            config_lib.load_recipe(str(self.config_path))
+            config_lib.load_run_recipe(self.config_path)
         except UserError:
             return False
         return True

@@ -78,31 +78,31 @@ def _block_by_hand(block: CrossAttentionBlock, x: torch.Tensor, n: torch.Tensor,
     return F.normalize(h + block.fc2(F.silu(block.fc1(block.norm(h)))), dim=-1)
 
 
-def test_input_scale_sqrt_d_is_the_default_computation_and_none_differs():
+def test_input_scale_none_is_the_default_computation_and_sqrt_d_differs():
     from mlsctl import config
 
     torch.manual_seed(2)
     x, n = F.normalize(torch.randn(4, 16), dim=1), F.normalize(torch.randn(4, 5, 16), dim=1)
     torch.manual_seed(3)
-    default = CrossAttentionBlock(16, zero_init=False)
+    scaled = CrossAttentionBlock(16, zero_init=False, input_scale="sqrt_d")
     torch.manual_seed(3)
-    plain = CrossAttentionBlock(16, zero_init=False, input_scale="none")
-    assert all(torch.equal(a, b) for a, b in zip(default.state_dict().values(), plain.state_dict().values()))
+    default = CrossAttentionBlock(16, zero_init=False)
+    assert all(torch.equal(a, b) for a, b in zip(default.state_dict().values(), scaled.state_dict().values()))
     with torch.no_grad():
-        scaled, _ = default(x, n)
-        unscaled, _ = plain(x, n)
-        assert torch.equal(scaled, _block_by_hand(default, x, n, 16 ** 0.5))  # bit for bit: today's outputs
-        assert torch.equal(unscaled, _block_by_hand(plain, x, n, 1.0))
-    assert not torch.allclose(scaled, unscaled, atol=1e-3)
+        on_unit_vectors, _ = default(x, n)
+        on_sqrt_d, _ = scaled(x, n)
+        assert torch.equal(on_sqrt_d, _block_by_hand(scaled, x, n, 16 ** 0.5))  # bit for bit: the outputs of old runs
+        assert torch.equal(on_unit_vectors, _block_by_hand(default, x, n, 1.0))  # the supplement's equations
+    assert not torch.allclose(on_sqrt_d, on_unit_vectors, atol=1e-3)
     torch.manual_seed(4)
     a = Refiner(16, blocks=2, zero_init=False)(x, n)
     torch.manual_seed(4)
-    b = Refiner(16, blocks=2, zero_init=False, input_scale="sqrt_d")(x, n)
+    b = Refiner(16, blocks=2, zero_init=False, input_scale="none")(x, n)
     assert torch.equal(a, b)
     with pytest.raises(ValueError, match="input_scale"):
         CrossAttentionBlock(16, input_scale="sqrt")
-    recipe = config.load_recipe("refine", ["method.input_scale=none"])
-    assert recipe.method.input_scale == "none" and config.load_recipe("refine").method.input_scale == "sqrt_d"
+    recipe = config.load_recipe("refine", ["method.input_scale=sqrt_d"])
+    assert recipe.method.input_scale == "sqrt_d" and config.load_recipe("refine").method.input_scale == "none"
     with pytest.raises(config.ConfigError, match="sqrt_d"):
         config.load_recipe("refine", ["method.input_scale=sqrt"])
 
@@ -219,7 +219,7 @@ def test_apply_writes_features_every_eval_reads_and_never_shows_a_query_itself(t
     cli_ok(capsys, "refine", "apply", str(tmp / "run"), str(test), "--out", str(tmp / "refined"), "--overwrite")
 
 
-def test_a_run_loads_with_its_input_scale_and_none_has_its_own_fingerprint(trained, tmp_path):
+def test_a_run_loads_with_its_input_scale_and_one_saved_without_it_with_sqrt_d(trained, tmp_path):
     import shutil
 
     from mlsctl.models.source import fingerprint
@@ -227,15 +227,25 @@ def test_a_run_loads_with_its_input_scale_and_none_has_its_own_fingerprint(train
 
     tmp, _ = trained
     default = load_refiner(tmp / "run")
-    assert default.refiner.input_scale == "sqrt_d" and default.fingerprint == fingerprint(default.refiner)  # as before
+    assert default.refiner.input_scale == "none" and default.fingerprint != fingerprint(default.refiner)
     copy = tmp_path / "run"
     shutil.copytree(tmp / "run", copy)
     recipe = yaml.safe_load((copy / "config.yaml").read_text())
-    recipe["method"]["input_scale"] = "none"
+    recipe["method"]["input_scale"] = "sqrt_d"
     (copy / "config.yaml").write_text(yaml.safe_dump(recipe))
-    plain = load_refiner(copy)
-    assert all(block.input_scale == "none" for block in plain.refiner.blocks)
-    assert plain.fingerprint != default.fingerprint  # same weights, another computation
+    scaled = load_refiner(copy)
+    assert all(block.input_scale == "sqrt_d" for block in scaled.refiner.blocks)
+    assert scaled.fingerprint == fingerprint(scaled.refiner) != default.fingerprint  # same weights, another computation
+    # a run saved before input_scale existed (its config.yaml has no such key) was trained with sqrt_d, and
+    # loads so: in refine apply, in the restored method and when resumed
+    del recipe["method"]["input_scale"]
+    (copy / "config.yaml").write_text(yaml.safe_dump(recipe))
+    old = load_refiner(copy)
+    assert all(block.input_scale == "sqrt_d" for block in old.refiner.blocks) and old.fingerprint == scaled.fingerprint
+    from mlsctl import config
+
+    assert config.load_run_recipe(copy / "config.yaml").method.input_scale == "sqrt_d"
+    assert config.load_recipe(str(copy / "config.yaml")).method.input_scale == "none"  # a recipe file: today's default
 
 
 def test_apply_bad_input_is_one_sentence(trained, capsys):

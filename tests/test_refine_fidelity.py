@@ -43,24 +43,24 @@ def test_the_input_scale_ablation_sits_beside_its_grid_cell_and_smoke_runs_only_
             for blocks in (1, 2, 4, 8):
                 grid.append({"blocks": blocks, "k": k, "seed": seed, "recall": {"1": 0.12 + 0.001 * seed, "8": 0.41}})
         for blocks, k in profile.ablation:
-            ablation.append({"blocks": blocks, "k": k, "seed": seed, "input_scale": "none",
+            ablation.append({"blocks": blocks, "k": k, "seed": seed, "input_scale": "sqrt_d",
                              "recall": {"1": 0.09 + 0.001 * seed, "8": 0.38}})
     summary = refine_fidelity.summarise(profile, grid, [], ablation)
-    assert summary["ablation"]["variant"] == "input_scale=none"
+    assert summary["ablation"]["variant"] == "input_scale=sqrt_d"
     assert list(summary["ablation"]["cells"]) == ["1x8", "2x8", "4x8", "8x8"]
     pair = summary["ablation"]["cells"]["8x8"]
-    assert pair["default"]["1"]["mean"] == pytest.approx(12.1) and pair["input_scale=none"]["1"]["mean"] == pytest.approx(9.1)
+    assert pair["default"]["1"]["mean"] == pytest.approx(12.1) and pair["input_scale=sqrt_d"]["1"]["mean"] == pytest.approx(9.1)
     assert [c["claim"] for c in summary["claims"]] == [c["claim"] for c in refine_fidelity.summarise(profile, grid, [])["claims"]]
     text = refine_fidelity.markdown(summary, profile)
     assert "## Ablation: the √d input scaling (ours, not in the paper)" in text
     assert text.count("| 0 | 8 | baseline (e⁰) | 10.00 ± 0.00 | 40.00 ± 0.00 |") == 1
-    assert "| 8 | 8 | √d (default) | 12.10 ± 0.10 | 41.00 ± 0.00 |" in text
-    assert "| 8 | 8 | none | 9.10 ± 0.10 | 38.00 ± 0.00 |" in text
+    assert "| 8 | 8 | none (default) | 12.10 ± 0.10 | 41.00 ± 0.00 |" in text
+    assert "| 8 | 8 | sqrt_d | 9.10 ± 0.10 | 38.00 ± 0.00 |" in text
     assert "Ablation" not in refine_fidelity.markdown(refine_fidelity.summarise(profile, grid, []), profile)
     # the ablation's runs: the same refine train with the override, in their own folders
-    assert refine_fidelity.ABLATION_OVERRIDES == ("method.input_scale=none",)
-    assert refine_fidelity.cell_name(8, 8, refine_fidelity.ABLATION_OVERRIDES) == "T8-k8-inputscale-none"
-    assert refine_fidelity.cell_name(8, 8) == "T8-k8"
+    assert refine_fidelity.ABLATION_OVERRIDES == ("method.input_scale=sqrt_d",)
+    assert refine_fidelity.cell_name(8, 8, refine_fidelity.ABLATION_OVERRIDES) == "T8-k8-inputscale-sqrtd"
+    assert refine_fidelity.cell_name(8, 8) == "T8-k8-inputscale-none"  # never a cell of the old default (T8-k8)
     smoke = refine_fidelity.PROFILES["smoke"]
     assert smoke.ablation == (tuple(refine_fidelity.summarise(smoke, [], [])["default"]),)
 

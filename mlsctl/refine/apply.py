@@ -87,7 +87,9 @@ def load_refiner(run_dir: str | Path) -> RefinerRun:
             train_model = json.loads(manifest.read_text()).get("model")
         except (OSError, ValueError):
             train_model = None
-    identity = fingerprint(refiner)  # the weights; input_scale (not a weight) joins it when not the default
+    # the weights; input_scale (not a weight) joins it when not sqrt_d, the computation of every run made before
+    # input_scale existed (their fingerprints stay as they were)
+    identity = fingerprint(refiner)
     if cfg.input_scale != "sqrt_d":
         identity = hashlib.sha256(f"{identity}|input_scale={cfg.input_scale}".encode()).hexdigest()
     return RefinerRun(refiner.eval(), cfg, run.root, checkpoint.step, state.get("total_steps"), identity, train_model,

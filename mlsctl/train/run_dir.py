@@ -85,7 +85,7 @@ def _trained_recipe(latest):
     if latest is None or not latest.recipe_path.is_file():
         return None
     try:
-        return config_lib.absolute_paths(config_lib.load_recipe(str(latest.recipe_path)))
+        return config_lib.absolute_paths(config_lib.load_run_recipe(latest.recipe_path))
     except UserError as exc:
         raise UserError(f"{latest.recipe_path} is damaged ({exc.message}); delete {latest.path} to resume from the "
                         f"checkpoint before it, or start a new run", exit_code=1) from None
@@ -148,7 +148,7 @@ def open_run_dir(run: Run, recipe, folder: ImageFolder, lock: FolderLock, *, res
                     raise UserError(f"{run.root} holds a run's files but no config.yaml, so it cannot be resumed: "
                                     f"restore config.yaml ({source}), or start a new run with another --out")
                 raise UserError(f"nothing to resume in {run.root} (no config.yaml); drop --resume to start a new run")
-            saved = config_lib.absolute_paths(config_lib.load_recipe(str(run.config_path)))
+            saved = config_lib.absolute_paths(config_lib.load_run_recipe(run.config_path))
             latest = run.latest()
             check_resumable(run, saved, latest, recipe)
             if latest is None and run.teacher_weights_path.is_file():  # finished, its checkpoints removed since

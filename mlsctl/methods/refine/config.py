@@ -4,13 +4,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Optional
+from typing import ClassVar, Literal, Optional
 
 from mlsctl.config import MethodConfig, param
 
 
 @dataclass
 class RefineConfig(MethodConfig):
+    # what a saved run recipe without the key was trained with (mlsctl.config.load_run_recipe)
+    SAVED_DEFAULTS: ClassVar[dict] = {"input_scale": "sqrt_d"}
+
     name: str = param("refine", help="context refinement of the embeddings in the feature folder data.root")
     labels_file: Optional[str] = param(None, path=True, help="CSV/JSONL of path,label for the feature rows' files; "
                                                              "default: each file's folder is its class")
@@ -19,9 +22,10 @@ class RefineConfig(MethodConfig):
     out_dim: int = param(0, help="d2 of the optional final linear layer d1 -> d2 (+ normalisation); 0 = none", ge=0)
     mlp_ratio: float = param(2.0, help="MLP width of a block, in multiples of d1", gt=0.0)
     zero_init: bool = param(True, help="W_o and W_2 start at zero: every block starts as the identity")
-    input_scale: Literal["sqrt_d", "none"] = param(
-        "sqrt_d", help="sqrt_d: each block works on sqrt(d1) x and sqrt(d1) n (unit variance per coordinate; ours, "
-                       "not in the paper); none: on the unit vectors themselves (docs/methods.md#context-refinement)")
+    input_scale: Literal["none", "sqrt_d"] = param(
+        "none", help="none: each block works on the unit vectors themselves, as the supplement writes it; sqrt_d: on "
+                     "sqrt(d1) x and sqrt(d1) n (unit variance per coordinate; ours, the default until 2026-12-06; "
+                     "docs/methods.md#context-refinement)")
     positives_per_class: int = param(2, help="embeddings of each class in a batch", ge=2)
     alpha: float = param(2.0, help="Multi-Similarity alpha", gt=0.0)
     beta: float = param(40.0, help="Multi-Similarity beta", gt=0.0)

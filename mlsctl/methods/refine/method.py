@@ -37,16 +37,16 @@ d → ``mlp_ratio``·d → d with SiLU (the supplement names SiLU for the projec
 LayerNorm before the MLP is the only norm; with ``zero_init`` (default) W_o and W_2 start at zero,
 so every block starts as the identity and refinement starts from the baseline's retrieval
 (``tests/test_refine.py`` checks that identity blocks return their input); the other layers use
-PyTorch's default initialisation. A block works on √d·x and √d·n (unit variance per coordinate
-instead of unit norm; ``input_scale: sqrt_d``, the default — the supplement has no such factor,
-and ``input_scale: none`` runs the blocks on the unit vectors themselves, the ablation row of
-``benchmarks/refine_fidelity.py``): the normalisation after the block removes the factor, but the
-branches now act on the scale the LayerNorm (which outputs unit variance), the attention's 1/√d
-and Adam's steps assume. On unit-norm rows the MLP branch (after the LayerNorm) was √d ≈ 23 times
-the residual and Adam's first steps of lr 1e-4 on a 512-wide W_2 moved e^t by about its own norm:
-the refined loss rose above the baseline's for hundreds of steps (measured on fmnist-products, see
-``benchmarks/results/refine``), and every attention was near uniform (logits q·k/√d of unit
-vectors).
+PyTorch's default initialisation. A block works on the unit vectors x and n themselves
+(``input_scale: none``, the default, as the supplement writes it). ``input_scale: sqrt_d``, our
+default until 2026-12-06 and the ablation row of ``benchmarks/refine_fidelity.py``, works on √d·x
+and √d·n (unit variance per coordinate), the scale the LayerNorm, the attention's 1/√d and Adam's
+steps assume: on unit-norm rows the MLP branch (after the LayerNorm) is √d ≈ 23 times the residual,
+and on the CPU profile the refined loss rose above the baseline's for hundreds of steps. It was
+dropped as the default because it is not the paper's and did not help where measured: warm-started
+MS features, 3 seeds, T = k = 8, R@1 4.27 ± 0.63 with it against 4.75 ± 0.27 without
+(``benchmarks/results/refine/backbone``). Runs saved without the key load with ``sqrt_d``, the
+computation they were trained with (``RefineConfig.SAVED_DEFAULTS``).
 """
 
 from __future__ import annotations

@@ -15,13 +15,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-INPUT_SCALES = ("sqrt_d", "none")  # method.input_scale: what a block multiplies its unit-norm inputs by
+INPUT_SCALES = ("none", "sqrt_d")  # method.input_scale: what a block multiplies its unit-norm inputs by
 
 
 class CrossAttentionBlock(nn.Module):
     """One single-head cross-attention block: x [B, d] attends to its neighbours [B, k, d]."""
 
-    def __init__(self, dim: int, mlp_ratio: float = 2.0, zero_init: bool = True, input_scale: str = "sqrt_d"):
+    def __init__(self, dim: int, mlp_ratio: float = 2.0, zero_init: bool = True, input_scale: str = "none"):
         super().__init__()
         if input_scale not in INPUT_SCALES:
             raise ValueError(f"input_scale must be one of {', '.join(INPUT_SCALES)}, got {input_scale!r}")
@@ -52,7 +52,7 @@ class Refiner(nn.Module):
     """T blocks and the optional final linear layer d1 → d2."""
 
     def __init__(self, dim: int, blocks: int = 8, out_dim: int = 0, mlp_ratio: float = 2.0, zero_init: bool = True,
-                 input_scale: str = "sqrt_d"):
+                 input_scale: str = "none"):
         super().__init__()
         self.dim, self.out_dim, self.input_scale = dim, out_dim or dim, input_scale
         self.blocks = nn.ModuleList(CrossAttentionBlock(dim, mlp_ratio, zero_init, input_scale) for _ in range(blocks))
