@@ -701,18 +701,19 @@ def load_recipe(name_or_path: str, overrides: Optional[list[str]] = None) -> Rec
     return from_dict(read_yaml(path), source=str(path), overrides=parse_overrides(overrides or []))
 
 
-def load_run_recipe(path: str | Path) -> Recipe:
-    """A run's saved recipe (``RUN/config.yaml``, a checkpoint's ``recipe.yaml``). A run stores every
-    key, so a key its file lacks did not exist when it was trained: it takes the value that run's code
-    computed with, ``SAVED_DEFAULTS`` of the method's config class, where a default changed later
-    (refine's ``input_scale``: ``sqrt_d`` before 2026-12-06, ``none`` since), else today's default."""
+def load_run_recipe(path: str | Path, overrides: Optional[list[str]] = None) -> Recipe:
+    """A run's saved recipe (``RUN/config.yaml``, a checkpoint's ``recipe.yaml``), with ``overrides``.
+    A run stores every key, so a key its file lacks did not exist when it was trained: it takes the
+    value that run's code computed with, ``SAVED_DEFAULTS`` of the method's config class, where a
+    default changed later (refine's ``input_scale``: ``sqrt_d`` before 2026-12-06, ``none`` since),
+    else today's default."""
     path = Path(path)
     data = read_yaml(path)
     method = data.get("method") if isinstance(data, dict) else None
     if isinstance(method, dict) and isinstance(method.get("name"), str) and method["name"] in registry.names():
         for key, value in getattr(registry.config_class(method["name"]), "SAVED_DEFAULTS", {}).items():
             method.setdefault(key, value)
-    return from_dict(data, source=str(path))
+    return from_dict(data, source=str(path), overrides=parse_overrides(overrides or []))
 
 
 def absolute_paths(obj: Any) -> Any:

@@ -246,6 +246,15 @@ def test_a_run_loads_with_its_input_scale_and_one_saved_without_it_with_sqrt_d(t
 
     assert config.load_run_recipe(copy / "config.yaml").method.input_scale == "sqrt_d"
     assert config.load_recipe(str(copy / "config.yaml")).method.input_scale == "none"  # a recipe file: today's default
+    for saved in copy.glob("checkpoints/*/recipe.yaml"):  # and a checkpoint's own copy, as old checkpoints had none
+        checkpoint_recipe = yaml.safe_load(saved.read_text())
+        del checkpoint_recipe["method"]["input_scale"]
+        saved.write_text(yaml.safe_dump(checkpoint_recipe))
+    _, train = trained
+    for command in (("refine", "train", str(train), "--out", str(copy), "--resume"),
+                    ("pretrain", str(copy / "config.yaml"), "--out", str(copy), "--resume")):
+        resumed = run_cli(*command)
+        assert resumed.returncode == 0 and "already complete" in resumed.stderr, resumed.stderr  # not "differs"
 
 
 def test_apply_bad_input_is_one_sentence(trained, capsys):

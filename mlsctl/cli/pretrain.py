@@ -48,9 +48,11 @@ def pretrain(
     from mlsctl import config, train
 
     recipe_path = config.resolve_recipe_path(recipe)
-    loaded = config.load_recipe(str(recipe_path), overrides or [])
-    if out is None:  # a run's resolved recipe (RUN/config.yaml) is named after its run, not "config"
-        run_recipe = recipe_path.name == "config.yaml" and (recipe_path.parent / "metrics.jsonl").is_file()
+    # a run's resolved recipe (RUN/config.yaml): read as the run saved it (keys it predates take the values it
+    # was trained with), and a default --out named after its run, not "config"
+    run_recipe = recipe_path.name == "config.yaml" and (recipe_path.parent / "metrics.jsonl").is_file()
+    loaded = (config.load_run_recipe if run_recipe else config.load_recipe)(str(recipe_path), overrides or [])
+    if out is None:
         out = Path("runs") / (recipe_path.resolve().parent.name if run_recipe else recipe_path.stem)
     if not resume and init_from is None:
         _note_weights_of_the_run(recipe_path)
