@@ -482,6 +482,14 @@ def test_cli_knn_seg_without_arguments_evaluates_the_newest_run_on_fmnist_scenes
     assert "background" in result.stdout and "ankle boot" in result.stdout
     saved = json.loads(next((tmp_path / "results").glob("knn-seg-*.json")).read_text())
     assert saved["train"]["images"] == 8 and saved["val"]["images"] == 3 and len(saved["classes"]) == 11
+    # foreground IoU, the README's headline figure, printed and saved (a new user's probe, 2026-12-06: only demo.sh
+    # computed it), per run and as each fraction's mean
+    from mlsctl.evaluate.segmentation import foreground_background_iou
+
+    whole, quarter = saved["results"]
+    assert "foreground IoU %" in result.stdout
+    assert whole["foreground_iou"] == foreground_background_iou(whole["runs"][0]["confusion"])["foreground_iou"]
+    assert quarter["foreground_iou"] == pytest.approx(np.mean([r["foreground_iou"] for r in quarter["runs"]]))
 
 
 def test_foreground_background_iou_merges_every_item_class():

@@ -176,10 +176,13 @@ def _print_knn_seg(payload: dict, settings, train_images: int, out: Path) -> Non
             for c, name in enumerate(payload["classes"])]
     typer.echo(table(headers, rows))
     typer.echo("")
+    foreground = "foreground_iou" in results[0]  # where class 0 is a background (foreground_scores)
     summary = [[r["fraction"], r["train_images"], len(r["runs"]),
                 f"{pct(r['miou'])}" + (f" ± {pct(r['miou_std'])}" if len(r["runs"]) > 1 else ""),
+                *([pct(r["foreground_iou"])] if foreground else []),
                 pct(r["miou_hungarian"]), f"{sum(x['seconds']['total'] for x in r['runs']):.1f}"] for r in results]
-    typer.echo(table(["fraction", "train images", "runs", "mIoU %", "(Hungarian mIoU %)", "seconds"], summary))
+    typer.echo(table(["fraction", "train images", "runs", "mIoU %", *(["foreground IoU %"] if foreground else []),
+                      "(Hungarian mIoU %)", "seconds"], summary))
     for images in sorted({r["train_images"] for r in results}):
         same = [r["fraction"] for r in results if r["train_images"] == images]
         if len(same) > 1:

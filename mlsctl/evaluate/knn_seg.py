@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 
 from mlsctl.errors import UserError
-from mlsctl.evaluate.segmentation import (confusion_update, hungarian_mean_iou, iou_per_class, mean_iou,
-                                          pixel_accuracy)
+from mlsctl.evaluate.segmentation import (confusion_update, foreground_scores, hungarian_mean_iou, iou_per_class,
+                                          mean_iou, pixel_accuracy)
 
 MASK_EXTENSIONS = (".png", ".bmp", ".tif", ".tiff")
 
@@ -690,7 +690,11 @@ def knn_segmentation(train: FeatureMasks, val: FeatureMasks, fractions: Sequence
             warnings.simplefilter("ignore", RuntimeWarning)
             class_mean = np.nanmean(per_class, 0) if len(outcomes) else per_class[0]
         for o in outcomes:
+            o.update(foreground_scores(o["confusion"], names))  # where class 0 is a background
             o["confusion"] = o["confusion"].tolist()  # [true, predicted] pixel counts, for other summaries
+        foreground = ({"foreground_iou": float(np.mean([o["foreground_iou"] for o in outcomes])),
+                       "binary_miou": float(np.mean([o["binary_miou"] for o in outcomes]))}
+                      if "foreground_iou" in outcomes[0] else {})
         results.append({
             "fraction": f"{fraction.numerator}/{fraction.denominator}",
             "train_images": count,
@@ -698,6 +702,7 @@ def knn_segmentation(train: FeatureMasks, val: FeatureMasks, fractions: Sequence
             "miou_std": float(mious.std(ddof=1)) if len(mious) > 1 else 0.0,
             "miou_hungarian": float(np.mean([o["miou_hungarian"] for o in outcomes])),
             "iou_per_class": [None if np.isnan(v) else float(v) for v in class_mean],
+            **foreground,
             "runs": outcomes,
         })
     bar.close()

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from mlsctl.errors import UserError
 from mlsctl.evaluate.knn_seg import FeatureMasks, no_labelled_pixels, num_classes_of, patch_soft_labels
-from mlsctl.evaluate.segmentation import (confusion_update, foreground_background_iou, iou_per_class, mean_iou,
+from mlsctl.evaluate.segmentation import (confusion_update, foreground_scores, iou_per_class, mean_iou,
                                           pixel_accuracy)
 
 
@@ -70,9 +70,6 @@ class SoftLabelCache:
 
     def nbytes(self) -> int:
         return sum(where.nbytes + values.nbytes for where, values, _ in self.rows.values())
-
-
-BACKGROUND_NAMES = ("background", "_background_", "__background__", "bg")
 
 
 def train_linear_seg(train: FeatureMasks, num_classes: int, *, epochs: int = 10, lr: float = 0.1,
@@ -166,10 +163,7 @@ def evaluate_linear_seg(train: FeatureMasks, val: FeatureMasks, *, epochs: int =
     return {"classes": classes, "num_classes": num_classes, "miou": mean_iou(confusion),
             "pixel_accuracy": pixel_accuracy(confusion),
             "iou_per_class": [None if np.isnan(v) else float(v) for v in iou_per_class(confusion)],
-            # foreground = every class but 0, which is a background only where its name says so (ADE20K's
-            # class 0 is "wall", Cityscapes' "road": a review, 2026-12-06); without names, as fmnist-scenes
-            **(foreground_background_iou(confusion) if not names or names[0].strip().lower() in BACKGROUND_NAMES
-               else {}),
+            **foreground_scores(confusion, names),  # foreground = every class but 0, where 0 is a background
             "train_loss_per_epoch": losses,
             "settings": {"epochs": epochs, "lr": lr, "weight_decay": weight_decay, "image_batch": image_batch,
                          "ignore_index": ignore_index, "seed": seed,

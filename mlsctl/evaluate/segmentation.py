@@ -95,6 +95,18 @@ def linear_assignment(cost: np.ndarray) -> np.ndarray:
     return column
 
 
+BACKGROUND_NAMES = ("background", "_background_", "__background__", "bg")
+
+
+def foreground_scores(confusion: np.ndarray, names) -> dict[str, float]:
+    """:func:`foreground_background_iou` where class 0 is a background — its name says so, or there are
+    no names (fmnist-scenes' masks) — else nothing: ADE20K's class 0 is "wall", Cityscapes' "road" (a
+    review, 2026-12-06)."""
+    if names and names[0].strip().lower() not in BACKGROUND_NAMES:
+        return {}
+    return foreground_background_iou(confusion)
+
+
 def foreground_background_iou(confusion: np.ndarray, background: int = 0) -> dict[str, float]:
     """IoU of foreground and background with every class but ``background`` merged into one
     foreground (fmnist-scenes: class 0 is the background, 1..10 the items), and their mean. At small
