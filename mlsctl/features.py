@@ -64,7 +64,7 @@ __all__ = [
     "DTYPES", "FORMAT_VERSION", "MANIFEST", "PARTIAL", "SHARD_BYTES", "Features", "ShardInfo", "is_feature_folder",
     "shard_name",
     # here
-    "EmbedSummary", "folder_label", "default_out", "embed_folder", "embed_split", "embed_listing", "cache_dir",
+    "EmbedSummary", "folder_label", "model_label", "default_out", "embed_folder", "embed_split", "embed_listing", "cache_dir",
     "split_cache_dir", "features_or_embed", "features_of_split",
 ]
 
@@ -100,10 +100,22 @@ def folder_label(images: str | os.PathLike) -> str:
     return f"{tail}-{hashlib.sha256(absolute.encode('utf-8', 'surrogateescape')).hexdigest()[:6]}"
 
 
-def default_out(images: str | os.PathLike) -> Path:
-    """``./features/<folder label>/`` (see :func:`folder_label`): ``train/images`` and
-    ``val/images`` get different folders."""
-    return Path("features") / folder_label(images)
+def default_out(images: str | os.PathLike, model) -> Path:
+    """``./features/<folder label>-<model label>/`` (:func:`folder_label`, :func:`model_label`):
+    ``train/images`` and ``val/images`` get different folders, and so do two models' features of one
+    folder (a new user's run-through, 2026-12-06: the second run's embed was refused, and the
+    ``--overwrite`` it suggested would have deleted the first's)."""
+    return Path("features") / f"{folder_label(images)}-{model_label(model)}"
+
+
+def model_label(model) -> str:
+    """A model's name in folder names: its run's folder, its weights file or architecture, and the
+    first 8 hex digits of its backbone fingerprint (``dino-4c64b87c``)."""
+    source = model.info.get("path") or model.info["arch"]
+    label = Path(source).parent.name if model.info["source"] in ("run", "run-checkpoint") else model.info["source"]
+    if model.info["source"] == "random-init":
+        label = "random-" + Path(source).name
+    return f"{label}-{model.fingerprint[:8]}"
 
 
 _PLAN_KEYS = ("format_version", "candidates", "candidates_sha256", "fingerprint", "preprocessing", "dtype", "dense",
@@ -777,11 +789,7 @@ def split_cache_dir(split, model, root: str | os.PathLike = "features", dense: b
 
 
 def _model_cache(model, root: str | os.PathLike) -> Path:
-    source = model.info.get("path") or model.info["arch"]
-    label = Path(source).parent.name if model.info["source"] in ("run", "run-checkpoint") else model.info["source"]
-    if model.info["source"] == "random-init":
-        label = "random-" + Path(source).name
-    return Path(root) / f"{label}-{model.fingerprint[:8]}"
+    return Path(root) / model_label(model)
 
 
 def _made_otherwise(out: Path, plan: dict) -> bool:

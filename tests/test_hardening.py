@@ -1308,13 +1308,21 @@ def test_19_bank_export_with_the_option_first(finished_run, tmp_path, capsys):
 # ----------------------------------------------------------------------------------- 20. default feature folders
 
 
-def test_20_default_embed_outputs_of_train_and_val_images_differ(tmp_path):
+def test_20_default_embed_outputs_of_train_and_val_images_and_of_two_models_differ(tmp_path):
+    """A new user's run-through (2026-12-06): a second run's embed of one folder was refused, and the
+    --overwrite it suggested would have deleted the first run's features."""
+    from types import SimpleNamespace
+
     from mlsctl.features import default_out
 
-    train, val = default_out(tmp_path / "train" / "images"), default_out(tmp_path / "val" / "images")
+    dino = SimpleNamespace(info={"source": "run", "path": "/r/dino/teacher.safetensors", "arch": "vit"}, fingerprint="a" * 64)
+    cribo = SimpleNamespace(info={"source": "run", "path": "/r/cribo/teacher.safetensors", "arch": "vit"},
+                            fingerprint="b" * 64)
+    train, val = default_out(tmp_path / "train" / "images", dino), default_out(tmp_path / "val" / "images", dino)
     assert train != val and train.parent == val.parent == Path("features")
-    assert "train-images" in train.name and "val-images" in val.name
-    assert default_out(tmp_path / "train" / "images") == train  # the same command resumes into the same folder
+    assert "train-images" in train.name and "val-images" in val.name and train.name.endswith("-dino-aaaaaaaa")
+    assert default_out(tmp_path / "train" / "images", dino) == train  # the same command resumes into the same folder
+    assert default_out(tmp_path / "train" / "images", cribo).name.endswith("-cribo-bbbbbbbb")
 
 
 # ----------------------------------------------------------------------------------- 21. paths from any directory

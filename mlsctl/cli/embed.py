@@ -22,7 +22,7 @@ def embed(
     dataset: Optional[Dataset] = typer.Option(None, "--dataset", parser=one_of("--dataset", Dataset), help="Embed one split of a benchmark read from --root."),
     root: Optional[Path] = typer.Option(None, "--root", help="The dataset's folder, or its .tar/.zip read in place (with --dataset)."),
     split: Optional[Split] = typer.Option(None, "--split", parser=one_of("--split", Split), help="Split of --dataset (trainval, trainaug: voc only) [default: val]."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Feature folder [default: features/<last three parts of the images path>-<hash of it>, or features/<dataset>-<split>-<root label>]."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Feature folder [default: features/<last three parts of the images path>-<hash of it>-<model>-<fingerprint>, or features/<dataset>-<split>-<root label>-<model>-<fingerprint>]."),
     run: Optional[Path] = RUN_OPTION,
     weights: Optional[Path] = WEIGHTS_OPTION,
     model: Optional[str] = MODEL_OPTION,
@@ -51,7 +51,7 @@ def embed(
     """
     from mlsctl import dist
     from mlsctl.errors import UserError
-    from mlsctl.features import default_out, embed_folder, embed_split, folder_label
+    from mlsctl.features import default_out, embed_folder, embed_split, folder_label, model_label
     from mlsctl.restore import choose_model
 
     if (images is None) == (dataset is None):
@@ -79,13 +79,14 @@ def embed(
                    say=say)
     if benchmark is not None:
         out = out if out is not None else Path("features") / (f"{benchmark.dataset}-{benchmark.split}-"
-                                                              f"{folder_label(benchmark.tree.path)}")
+                                                              f"{folder_label(benchmark.tree.path)}-"
+                                                              f"{model_label(choice)}")
         summary = embed_split(benchmark, out, choice, **options)
     else:
         if out is not None and _inside(out, images):  # the default (features/ of the working folder) may be
             raise UserError(f"--out {out} is inside the images folder {images}: every later embed of that folder "
                             f"would list the features' files as images it could not read; choose an --out outside it")
-        out = out if out is not None else default_out(images)
+        out = out if out is not None else default_out(images, choice)
         summary = embed_folder(images, out, choice, **options)
     if not main:
         return
