@@ -464,6 +464,17 @@ def _unknown_key(cls: type, key: str, path: str, ctx: _Context) -> ConfigError:
     return ctx.fail(path, message)
 
 
+def _other_method_keys(name: str, key_path: str, override: str, ctx: _Context) -> ConfigError:
+    """``method.name=cribo`` over a dino recipe: the recipe's method keys are dino's (a new user's
+    run-through, 2026-12-06: "unknown key 'method.monitor_bank_size'; remove it", a key of the
+    shipped recipe that no override can remove)."""
+    ours = [stem for stem in shipped_recipes() if stem == name or stem.startswith(name + "_")]
+    start = (f"start from a {name} recipe ({', '.join(ours[:3])}; mlsctl recipes lists them)" if ours
+             else f"start from a recipe of {name}")
+    return ConfigError(f"command-line override '{override}': {ctx.source} holds the method keys of its own method "
+                       f"('{key_path}' is not a key of {name}), which an override cannot take away; {start}")
+
+
 def _field_default(f: dataclasses.Field) -> Any:
     if f.default is not dataclasses.MISSING:
         return f.default
@@ -479,14 +490,18 @@ def _build(cls: type, data: Any, path: str, ctx: _Context, default: Any = None) 
         data = {}
     if not isinstance(data, dict):
         raise ctx.fail(path, f"'{path or 'the recipe'}' must be a mapping of keys, got {_show(data)}")
-    if cls is MethodConfig:
+    method_section = cls is MethodConfig
+    if method_section:
         cls = _method_config_class(data, path, ctx)
         default = None
     hints = get_type_hints(cls)
     known = {f.name: f for f in fields(cls)}
     for key in data:
         if key not in known:
-            raise _unknown_key(cls, str(key), f"{path}.{key}" if path else str(key), ctx)
+            key_path = f"{path}.{key}" if path else str(key)
+            if method_section and f"{path}.name" in ctx.overrides and key_path not in ctx.overrides:
+                raise _other_method_keys(data["name"], key_path, ctx.overrides[f"{path}.name"], ctx)
+            raise _unknown_key(cls, str(key), key_path, ctx)
     values = {}
     for name, f in known.items():
         field_default = getattr(default, name) if default is not None else _field_default(f)

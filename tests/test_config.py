@@ -238,3 +238,13 @@ def test_a_recipe_without_a_method_section_has_the_default_methods_keys(tmp_path
     recipe = config.load_recipe(str(tmp_path / "r.yaml"))
     assert recipe.method == DINOConfig()
     assert "method.out_dim" in {row["key"] for row in config.recipe_keys(recipe)}
+
+
+def test_another_method_by_override_names_the_recipes_to_start_from():
+    """A new user's run-through (2026-12-06): "unknown key 'method.monitor_bank_size' ...; remove it", a key of
+    the shipped recipe that no override can remove."""
+    with pytest.raises(config.ConfigError) as refused:
+        config.load_recipe("dino_fmnist_quick", ["method.name=cribo"])
+    message = str(refused.value)
+    assert message.startswith("command-line override 'method.name=cribo'") and "cribo_fmnist_quick" in message
+    assert "'method.monitor_bank_size' is not a key of cribo" in message and "remove it" not in message
