@@ -198,3 +198,29 @@ def test_a_run_taken_for_want_of_a_model_flag_is_named_when_it_cannot_serve(fini
     (taken / "teacher.safetensors").write_bytes((taken / "teacher.safetensors").read_bytes()[:100])
     with pytest.raises(UserError, match=f"the newest run under .*runs/ was taken \\({taken}\\).*give --run RUN"):
         choose_model(runs_root=tmp_path / "runs")
+
+
+def test_a_missing_weights_file_of_the_repository_names_its_copy(tmp_path, monkeypatch):
+    """A new user's run-through (2026-12-06): mile_fmnist_backbone run by name from another folder failed with
+    "weights file /elsewhere/weights/dino_fmnist_backbone.safetensors does not exist" and no more."""
+    from mlsctl.errors import UserError
+    from mlsctl.models.weights import check_weights_file
+
+    monkeypatch.chdir(tmp_path)
+    shipped = Path(__file__).resolve().parents[1] / "weights" / "dino_fmnist_backbone.safetensors"
+    with pytest.raises(UserError, match=f"the repository's is {shipped}: run from the repository's folder"):
+        check_weights_file(tmp_path / "weights" / "dino_fmnist_backbone.safetensors")
+    with pytest.raises(UserError, match="give a local .safetensors or .pth file"):
+        check_weights_file(tmp_path / "weights" / "nothing-of-ours.safetensors")
+
+
+def test_the_shipped_backbone_s_missing_data_gets_its_build_commands(tmp_path, monkeypatch):
+    from mlsctl.data.images import scan_images
+    from mlsctl.errors import UserError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError) as refused:
+        scan_images(tmp_path / "data" / "fmnist-backbone", "data.root")
+    assert ("mlsctl data fmnist-scenes --out data/fmnist-scenes && mlsctl data fmnist-products --out "
+            "data/fmnist-products && mkdir -p data/fmnist-backbone && ln -sfn ../fmnist-scenes/train/images "
+            "data/fmnist-backbone/scenes") in refused.value.message

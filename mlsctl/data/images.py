@@ -117,9 +117,14 @@ class ImageScan:
 
 
 # the benchmarks `mlsctl data` builds, by the folder the shipped recipes expect them in
-_BENCHMARK_COMMANDS = (("fmnist-sop", "mlsctl data fmnist-products --layout sop --out {}"),
-                       ("fmnist-scenes", "mlsctl data fmnist-scenes --out {}"),
-                       ("fmnist-products", "mlsctl data fmnist-products --out {}"))
+_BENCHMARK_COMMANDS = (("fmnist-sop", "mlsctl data fmnist-products --layout sop --out {0}"),
+                       ("fmnist-scenes", "mlsctl data fmnist-scenes --out {0}"),
+                       ("fmnist-products", "mlsctl data fmnist-products --out {0}"),
+                       # the shipped backbone's training images: the two benchmarks' training images, linked
+                       ("fmnist-backbone", "mlsctl data fmnist-scenes --out {1}/fmnist-scenes && mlsctl data "
+                                           "fmnist-products --out {1}/fmnist-products && mkdir -p {0} && ln -sfn "
+                                           "../fmnist-scenes/train/images {0}/scenes && ln -sfn ../fmnist-products/train "
+                                           "{0}/products (recipes/dino_fmnist_backbone.yaml)"))
 
 
 def _how_to_make(root: Path) -> str:
@@ -131,7 +136,7 @@ def _how_to_make(root: Path) -> str:
             built = Path(*root.parts[:len(root.parts) - depth])
             if part == name and depth <= 3 and not built.exists():  # built already: a typo below it, not a build
                 shown = os.path.relpath(built) if not os.path.relpath(built).startswith("..") else str(built)
-                return f"build it with: {command.format(shown)}"
+                return f"build it with: {command.format(shown, os.path.dirname(shown) or '.')}"
     return "check the path"
 
 

@@ -42,6 +42,12 @@ def check_weights_file(path: str | Path) -> Path:
         raise UserError(f"weights file {path} is a folder; give a .safetensors or .pth file{hint} (a run or checkpoint "
                         f"folder is what --init-from takes)")
     if not path.is_file():
+        # the shipped recipes name weights/ of the repository relative to the working folder (a new user's
+        # run-through, 2026-12-06: run by name from elsewhere, they failed without saying where the file is)
+        shipped = Path(__file__).resolve().parents[2] / "weights" / path.name
+        if path.parent.name == "weights" and shipped.is_file() and shipped != path.resolve():
+            raise UserError(f"weights file {path} does not exist; the repository's is {shipped}: run from the "
+                            f"repository's folder, or set model.weights={shipped}")
         raise UserError(f"weights file {path} does not exist; give a local .safetensors or .pth file")
     if path.suffix not in WEIGHTS_SUFFIXES:
         raise UserError(f"weights file {path} must end in .safetensors or .pth")
