@@ -61,6 +61,7 @@ def test_a_missing_foreign_or_damaged_weights_file_is_named_as_such(tmp_path):
 @pytest.mark.skipif(not BACKBONE.is_file(), reason="weights/dino_fmnist_backbone.safetensors is not in this checkout")
 def test_the_shipped_backbone_loads_through_model_weights_and_says_what_it_is():
     from mlsctl import config
+    from mlsctl.errors import UserError
     from mlsctl.models.backbone import build_backbone
 
     with safe_open(str(BACKBONE), "pt") as handle:
@@ -74,6 +75,13 @@ def test_the_shipped_backbone_loads_through_model_weights_and_says_what_it_is():
     with safe_open(str(BACKBONE), "pt") as handle:
         expected = handle.get_tensor("blocks.0.attn.qkv.weight").float()
     assert torch.equal(backbone.net.state_dict()["blocks.0.attn.qkv.weight"], expected)
+    # into another recipe's ViT: what to set, read off the file (a new user's run-through, 2026-12-06: 600 characters
+    # of key lists and "check the architecture")
+    quick = config.load_recipe(str(REPO / "recipes" / "dino_fmnist_quick.yaml"), [f"model.weights={BACKBONE}"])
+    with pytest.raises(UserError, match="the file records its architecture: set model.arch=vit_small_patch16_224 "
+                                        "model.img_size=96 model.patch_size=8 model.timm_kwargs.depth=8 "
+                                        "model.timm_kwargs.embed_dim=320 model.timm_kwargs.num_heads=5"):
+        build_backbone(quick.model, drop_path_rate=0.0)
 
 
 # ------------------------------------------------------------- loading without initialising (issue 24, item 6)

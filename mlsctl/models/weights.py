@@ -131,10 +131,27 @@ def fitted_state(vit: torch.nn.Module, state: Mapping[str, torch.Tensor], source
         if wrong:
             details = [f"{k} {list(state[k].shape)} vs {list(target[k].shape)}" for k in wrong]
             parts.append(f"{len(wrong)} keys of another shape ({_summarise(details)})")
-        raise UserError(f"weights in {source} do not fit model.arch: " + "; ".join(parts)
-                        + "; check the architecture: model.arch, model.patch_size and model.timm_kwargs in a recipe, "
-                          "--model with --weights")
+        raise UserError(f"weights in {source} do not fit model.arch: " + "; ".join(parts) + "; "
+                        + (_recorded_architecture(source) or "check the architecture: model.arch, model.patch_size and "
+                                                             "model.timm_kwargs in a recipe, --model with --weights"))
     return state
+
+
+def _recorded_architecture(source: str) -> str:
+    """What to set for a weights file that records its architecture (mlsctl's exports and weights/ do):
+    a new user's run-through (2026-12-06) got 600 characters of key lists and no architecture."""
+    from mlsctl.models.source import recorded_model
+
+    try:
+        spec = recorded_model(Path(source))
+    except UserError:
+        return ""
+    if not spec or "timm_kwargs" not in spec:
+        return ""
+    settings = [f"model.arch={spec['arch']}"] + [f"model.{key}={spec[key]}" for key in ("img_size", "patch_size")
+                                                 if key in spec]
+    settings += [f"model.timm_kwargs.{key}={value}" for key, value in (spec.get("timm_kwargs") or {}).items()]
+    return f"the file records its architecture: set {' '.join(settings)}"
 
 
 def load_into_vit(vit: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
