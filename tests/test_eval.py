@@ -638,3 +638,11 @@ def test_a_missing_image_folder_is_said_before_a_model_loads(tmp_path: Path, cap
               "--val-masks", str(tmp_path / "masks")], "--train-masks")):
         code, _, err = cli("eval", *command, capsys=capsys)
         assert code == 2 and f"{missing} " in err and "does not exist" in err and "model" not in err, (command, err)
+
+
+def test_knn_seg_without_a_model_builds_no_benchmark_first(tmp_path: Path):
+    """A new user's run-through (2026-12-06): in a folder without runs it built the 2,000/500-scene benchmark,
+    then said that there was no model."""
+    result = run_cli("eval", "knn-seg", cwd=tmp_path)
+    assert result.returncode == 2 and "no model given" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "data").exists()

@@ -144,6 +144,7 @@ def segmentation_inputs(dataset: str, root: Optional[Path], train_split: Optiona
         from mlsctl.data.fmnist import build_scenes
 
         if not (fmnist / "meta.json").is_file():
+            get_model()  # the model first: with none to evaluate, nothing is built (a new user's run-through)
             say(f"fmnist-scenes not found in {fmnist}; building it (mlsctl data fmnist-scenes --out {fmnist})")
             build_scenes(fmnist, progress=sys.stderr.isatty())
         train, train_masks = fmnist / "train" / "images", fmnist / "train" / "masks"
