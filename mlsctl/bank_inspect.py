@@ -282,7 +282,9 @@ def entry_colours(bank: MemoryBank, name: str, slots: torch.Tensor, color_by: st
         return EntryColours(image_ids, "label", "source image", names, other_name="images")
     from mlsctl.data.labels import read_labels_file
 
-    table = read_labels_file(path)
+    # bank plot has no --multi-label (a new user's run-through, 2026-12-06: the hint said to add it)
+    table = read_labels_file(path, "bank plot colours one label per image: give a path,label file (fmnist-scenes: "
+                                   "train/largest-item.csv)")
     root = sources.root if sources is not None else None
     found = []
     for image_id in image_ids.tolist():

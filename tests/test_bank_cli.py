@@ -252,7 +252,10 @@ def test_plot_colour_by_source_and_labels_file_and_bad_files_get_one_sentence(so
     unlabelled.write_text("elsewhere/a.png,cat\n")
     one_column = tmp_path / "one.csv"
     one_column.write_text(f"{relpaths[0]}\n")
+    tags = tmp_path / "scenes.jsonl"  # a new user's run-through (2026-12-06): told to add bank plot's --multi-label
+    tags.write_text(json.dumps({"path": relpaths[0], "labels": ["cat", "dog"]}) + "\n")
     for colour, message in ((str(bad_json), f"{bad_json}:2 is not a JSON object with 'path' and 'label'"),
+                            (str(tags), "it lists several tags for an image; bank plot colours one label per image"),
                             (str(unlabelled), f"labels file {unlabelled} labels none of the 6 entries drawn"),
                             (str(one_column), f"{one_column}:1 needs two columns, path and label"),
                             ("colour", "--color-by 'colour' is neither age, label, source nor an existing labels file")):

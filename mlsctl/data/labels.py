@@ -133,15 +133,16 @@ def _rows(path: Path, what: str, headers: Sequence[Sequence[str]], from_json: Ca
     return rows
 
 
-def read_labels_file(path: Path) -> dict[str, str]:
-    """``path`` → class label, as written in a JSONL or CSV labels file (see the module's rules)."""
+def read_labels_file(path: Path, tags_hint: str = "with eval linear, add --multi-label") -> dict[str, str]:
+    """``path`` → class label, as written in a JSONL or CSV labels file (see the module's rules).
+    ``tags_hint``: what to do instead when the file lists several tags per image (the caller's fix)."""
     def from_json(record: dict, malformed: str):
         if "path" not in record or "label" not in record:
             if any(key in record for key in ("labels", "tags", "items")):  # a tags file (fmnist-scenes' scenes.jsonl)
-                raise _Bad(f"{malformed}: it lists several tags for an image; with eval linear, add --multi-label")
+                raise _Bad(f"{malformed}: it lists several tags for an image; {tags_hint}")
             raise _Bad(malformed)
         if isinstance(record["label"], list):
-            raise _Bad(f"{malformed}: its label is a list of tags; with eval linear, add --multi-label")
+            raise _Bad(f"{malformed}: its label is a list of tags; {tags_hint}")
         return _scalar(record["path"], "path", malformed), _scalar(record["label"], "label", malformed)
 
     def from_csv(cells: list[str]):
