@@ -47,10 +47,19 @@ def pca_rgb(dense: torch.Tensor) -> torch.Tensor:
     return pca_components(dense)[0]
 
 
-def _label(draw, xy, text: str, width: int) -> None:
+def caption_font():
+    """DejaVu Sans at 11 px, the font matplotlib ships: Pillow's default bitmap font draws only ASCII (a new
+    user's run-through, 2026-12-06: ``café ü.png`` came out as ``caf□□.png``)."""
+    from pathlib import Path
+
+    import matplotlib
     from PIL import ImageFont
 
-    font = ImageFont.load_default()
+    return ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"), 11)
+
+
+def _label(draw, xy, text: str, width: int) -> None:
+    font = caption_font()
     while text and draw.textlength(text, font=font) > width:
         text = text[:-2] + "…" if len(text) > 2 else ""
     draw.text(xy, text, fill=(30, 30, 30), font=font)
@@ -69,14 +78,14 @@ def pca_figure(images: Sequence[Optional[object]], colours: torch.Tensor, names:
                cell: int = 128, pairs_per_row: int = 4, legend: Sequence[str] = ()) -> Path:
     """Draw ``image | PCA map`` pairs; a missing image (None) is drawn as a labelled grey cell. The
     ``legend`` lines go under the grid, with three swatches saying which component is which colour."""
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw
 
     n = len(names)
     rows = (n + pairs_per_row - 1) // pairs_per_row
     caption = 14
     gap = 8
     width = pairs_per_row * (2 * cell + gap) + gap
-    font = ImageFont.load_default()
+    font = caption_font()
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     wrapped = []
     for line in legend:  # wrapped to the figure's width
