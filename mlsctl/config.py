@@ -457,6 +457,10 @@ def _unknown_key(cls: type, key: str, path: str, ctx: _Context) -> ConfigError:
         close_full = by_leaf or difflib.get_close_matches(path, candidates, n=1, cutoff=0.7)
         suggestion = close_full[0] if close_full else ""
     message = f"unknown key '{path}' ({takes})"
+    if key in ("steps", "max_steps", "iterations", "max_iters", "num_steps", "epochs") and path != "optim.epochs":
+        # other trainers count steps; here a run's length is its epochs (a new user's run-through, 2026-12-06)
+        return ctx.fail(path, message + "; a run's length is optim.epochs (its steps: epochs x images / "
+                                        "optim.batch_size, printed when it starts)")
     if suggestion:
         message += f"; did you mean '{suggestion}'?"
     else:
@@ -538,9 +542,17 @@ def _method_config_class(data: dict, path: str, ctx: _Context) -> type:
 def parse_overrides(items: list[str]) -> dict[str, str]:
     """``["optim.lr=1e-4"]`` → ``{"optim.lr": "optim.lr=1e-4"}`` (key → original text)."""
     out = {}
-    for item in items:
-        key, sep, _ = item.partition("=")
+    for i, item in enumerate(items):
+        key, sep, value = item.partition("=")
         key = key.strip()
+        # `data.root = x` reaches us as three words, `data.root= x` as two (a new user's run-through, 2026-12-06)
+        before = (not sep and i + 1 < len(items) and items[i + 1].startswith("=")) or (
+            sep and not value and i + 1 < len(items) and "=" not in items[i + 1])
+        if before or item.startswith("="):
+            start = i if before else max(0, i - 1)
+            name = items[start].partition("=")[0].strip() or "key"
+            raise ConfigError(f"override '{' '.join(items[start:start + 3])}' has spaces around '=': write it as one "
+                              f"word, {name}=VALUE")
         if not sep or not key or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
             raise ConfigError(f"override '{item}' must look like key.sub=value (for example optim.lr=1e-4)")
         out[key] = item

@@ -248,3 +248,15 @@ def test_another_method_by_override_names_the_recipes_to_start_from():
     message = str(refused.value)
     assert message.startswith("command-line override 'method.name=cribo'") and "cribo_fmnist_quick" in message
     assert "'method.monitor_bank_size' is not a key of cribo" in message and "remove it" not in message
+
+
+@pytest.mark.parametrize("words", [["data.root", "=", "x"], ["data.root", "=x"], ["data.root=", "x"]])
+def test_an_override_with_spaces_around_the_equals_sign_is_told_so(words):
+    """A new user's run-through (2026-12-06): `data.root = x` was told to "look like key.sub=value"."""
+    with pytest.raises(config.ConfigError, match="has spaces around '=': write it as one word, data.root=VALUE"):
+        config.parse_overrides(["optim.lr=1e-4", *words])
+
+
+def test_a_step_count_key_is_pointed_to_optim_epochs():
+    with pytest.raises(config.ConfigError, match="unknown key 'train.steps'.*a run's length is optim.epochs"):
+        config.load_recipe("dino_fmnist_quick", ["train.steps=20"])

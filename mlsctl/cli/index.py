@@ -150,6 +150,9 @@ def search(
     target = Gallery(index)
     queries = read_query_sets(sets) if sets is not None else None  # a bad file is told before the model loads
     missing = [str(p) for p in (images or []) if not Path(p).is_file()]
+    if missing and missing[0].startswith("-"):  # `search --set --index G`: an option taken for a photo
+        raise UserError(f"--set got '{missing[0]}' where a photo should be: give the photos right after --set "
+                        f"(search --set a.png b.png --index G)")
     if missing:  # as cheap to check as the file: before the model loads (a new-user probe, 2026-12-06)
         raise UserError(f"--set {missing[0]} is not a file" + (f" (nor {len(missing) - 1} more of the photos)"
                                                               if len(missing) > 1 else "") + "; check the path")

@@ -143,7 +143,8 @@ class Features:
             raise UserError(f"{what} {path} is a file, not a feature folder; give the folder{holder} that mlsctl embed "
                             f"wrote (it holds {MANIFEST} and the shards)")
         if not path.is_dir():
-            raise UserError(f"{what} {path} does not exist; create it with mlsctl embed")
+            raise UserError(f"{what} {path} does not exist; create it with mlsctl embed (refined features: mlsctl "
+                            f"refine apply)")
         manifest_path = path / MANIFEST
         if not manifest_path.is_file():
             if (path / PARTIAL).is_dir():
