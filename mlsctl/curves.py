@@ -146,7 +146,7 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, *, title: str | N
         specs.append(("memory-bank health", lambda s: sorted(k for k in s if k.startswith("bank/") and k.endswith("/mean_cosine")),
                       "mean pairwise cosine (1 = collapsed)",
                       dict(label=lambda n, k: f"{n}: {k[len('bank/'):]}",
-                           empty="no bank health records (train.bank_health_every)")))
+                           empty="no bank health records (every train.bank_health_every steps: 0, or a run shorter than it)")))
     if any_key(lambda k: k.startswith("monitor/")):
         specs.append(("quality monitor", lambda s: sorted(k for k in s if k.startswith("monitor/")), "score", {}))
     else:

@@ -150,7 +150,7 @@ def _architecture(recipe, model) -> str:
     if cfg.lora.enabled:
         text += f", LoRA rank {cfg.lora.rank} on {', '.join(cfg.lora.targets)}"
     if model is not None:
-        text += f"; {sum(p.numel() for p in model.backbone.net.parameters()) / 1e6:.2f} M parameters"
+        text += f"; {sum(p.numel() for p in model.backbone.net.parameters()) / 1e6:.2f} M backbone parameters"
     return text
 
 
@@ -289,7 +289,11 @@ def _banks(run: Run, recipe) -> str:
         with tempfile.TemporaryDirectory() as tmp:
             out = neighbour_grid(query, neighbour_tiles(found, sources, 96), Path(tmp) / "n.png",
                                  title=f"bank '{name}' · step {checkpoint.step} · 8 nearest of {bank.written}", cell=96)
+            # the query is a training image: entries of its own earlier views, where the bank still holds them, come
+            # first (a new user's run-through, 2026-12-06, took the top hit at cosine 0.98 for a finding)
             parts.append(f"<h3>bank '{html.escape(name)}': nearest entries of {html.escape(query_path.name)}</h3>"
+                         f"<p class=\"note\">{html.escape(query_path.name)} is the first training image: entries "
+                         f"written from its own earlier views, where the bank still holds them, come first.</p>"
                          f'<img alt="neighbours in {html.escape(name)}" src="{_png_uri(out)}">')
     return "".join(parts)
 

@@ -166,7 +166,7 @@ def test_24_2_the_summary_says_when_with_what_and_on_what_a_run_was_trained(fini
     assert f"commit {commit[:12]}" in text if commit else "no commit (not run from a git checkout)" in text
     assert re.search(r"date \d{4}-\d\d-\d\d \d\d:\d\d to \d{4}-\d\d-\d\d \d\d:\d\d ", text)
     assert re.search(r"device cpu, fp32, 1 process ", text)
-    assert "vit_small_patch16_224 (embed_dim 32, depth 2, num_heads 2), 32 px, patch 8; 0.03 M parameters" in text
+    assert "vit_small_patch16_224 (embed_dim 32, depth 2, num_heads 2), 32 px, patch 8; 0.03 M backbone parameters" in text
     assert f"final loss {summary['final_loss']:.4g} " in text and str(summary["final_loss"]) not in text
     for path in [run / "summary.json", *run.glob("checkpoints/*/state.json")]:  # as an older mlsctl wrote them
         record = json.loads(path.read_text())
