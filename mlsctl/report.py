@@ -388,6 +388,8 @@ def _classify(result: dict, path: Path, run: Run, weights: RunWeights) -> Option
     with what it is) or ``unmatched`` (with the reason)."""
     model = result.get("model") if isinstance(result.get("model"), dict) else {}
     in_run = path.parent.resolve() == (run.root / "results").resolve()
+    if isinstance(model.get("refiner"), dict):
+        return _classify_refined(model, in_run, weights)
     claims = weights.inside(model.get("path"))
     fingerprint = model.get("fingerprint")
     if not isinstance(fingerprint, str) or not fingerprint:
@@ -406,6 +408,23 @@ def _classify(result: dict, path: Path, run: Run, weights: RunWeights) -> Option
     started = isinstance(model.get("path"), str) and str(Path(model["path"]).resolve()) in weights.start_paths
     if in_run or claims or started:
         return "comparison", _compared_model(model, weights)
+    return None
+
+
+def _classify_refined(model: dict, in_run: bool, weights: RunWeights) -> Optional[tuple[str, str]]:
+    """A result on features ``refine apply`` wrote (``model.refiner``): the refine run's own result, or a
+    comparison in the report of the run whose features were refined (a new user's run-through,
+    2026-12-06: it was "unmatched: ... the run was trained again", and the refine run's report showed
+    none)."""
+    refiner = model["refiner"]
+    step = f" at step {refiner['step']}" if isinstance(refiner.get("step"), int) else ""
+    source = model.get("path") or model.get("arch") or "?"
+    if weights.inside(refiner.get("run")):
+        return "own", f"this run's refiner{step}, on the features of {source}"
+    base = weights.match(dict(model, fingerprint=model.get("base_fingerprint")))
+    if base is not None or in_run:
+        of = f"this run's features ({base})" if base is not None else f"the features of {source}"
+        return "comparison", f"{of} refined by {refiner.get('run')}{step}"
     return None
 
 

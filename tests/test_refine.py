@@ -515,3 +515,15 @@ def test_two_pictures_never_share_one_file(trained, tmp_path, capsys):
     code, _, err = cli("refine", "plot", str(tmp / "run"), str(train), "--out", str(tmp_path / "same.png"),
                        "--sweep", str(sweep), "--grid-out", str(tmp_path / "same.png"), capsys=capsys)
     assert code == 2 and "--out and --grid-out are both" in err and not (tmp_path / "same.png").exists()
+
+
+def test_the_refine_run_s_report_lists_the_evaluations_of_its_refined_features(trained, tmp_path, capsys):
+    """A new user's run-through (2026-12-06): `report` of a refine run showed "0 evaluations of the run's weights"
+    for an `eval recall` of features it refined."""
+    tmp, train = trained
+    cli_ok(capsys, "refine", "apply", str(tmp / "run"), str(train), "--out", str(tmp_path / "refined"))
+    cli_ok(capsys, "eval", "recall", str(tmp_path / "refined"), "--out", str(tmp_path / "results" / "after.json"))
+    out, _ = cli_ok(capsys, "report", str(tmp / "run"), "--out", str(tmp_path / "r.html"), "--results",
+                    str(tmp_path / "results"), "--json")
+    assert [Path(p).name for p in json.loads(out)["results"]["own"]] == ["after.json"]
+    assert "this run&#x27;s refiner at step 18, on the features of" in (tmp_path / "r.html").read_text()

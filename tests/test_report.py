@@ -128,12 +128,18 @@ def test_24_2_evaluations_are_matched_to_the_run_by_fingerprint(finished_run, tm
                         "old": {k: v for k, v in trained["model"].items() if k != "fingerprint"},
                         "stale": {**trained["model"], "fingerprint": "0" * 64},
                         "other": {"source": "weights", "path": str(tmp_path / "theirs.safetensors"),
-                                  "fingerprint": "1" * 64}}.items():
+                                  "fingerprint": "1" * 64},
+                        # features of this run refined by a refine run (refine apply's record): a comparison here, not
+                        # "unmatched: trained again" (a new user's run-through, 2026-12-06)
+                        "refined": {**trained["model"], "fingerprint": "2" * 64,
+                                    "base_fingerprint": trained["model"]["fingerprint"],
+                                    "refiner": {"run": str(tmp_path / "refiner-run"), "step": 18,
+                                                "fingerprint": "3" * 64}}}.items():
         (results / f"{name}.json").write_text(json.dumps({**trained, "model": model}))
     out, _ = cli_ok(capsys, "report", str(run), "--out", str(tmp_path / "r.html"), "--results", str(results),
                     "--patch-images", "1", "--json")
     shown = {group: sorted(Path(p).stem for p in paths) for group, paths in json.loads(out)["results"].items()}
-    assert shown == {"own": ["checkpoint", "trained"], "comparison": ["random"], "unmatched": ["old", "stale"]}
+    assert shown == {"own": ["checkpoint", "trained"], "comparison": ["random", "refined"], "unmatched": ["old", "stale"]}
     page = (tmp_path / "r.html").read_text()
     own, comparisons, unmatched = (page.index(f"<h3>{title}") for title in
                                    ("This run&#x27;s weights", "Comparison models", "Unmatched"))
@@ -141,8 +147,10 @@ def test_24_2_evaluations_are_matched_to_the_run_by_fingerprint(finished_run, tm
     assert own < page.index(f"eval knn · final teacher (step {steps})") < comparisons
     assert own < page.index(f"eval knn · teacher of the checkpoint at step {first.step}") < comparisons
     assert comparisons < page.index("random init (seed 0) of this run&#x27;s architecture") < unmatched
+    assert comparisons < page.index(f"this run&#x27;s features (final teacher (step {steps})) refined by "
+                                    f"{tmp_path / 'refiner-run'} at step 18") < unmatched
     assert unmatched < page.index("records no fingerprint") and unmatched < page.index("trained again")
-    assert page.count(f"data: train {data / 'train'}, val {data / 'val'} (labels: folder names)") == 5
+    assert page.count(f"data: train {data / 'train'}, val {data / 'val'} (labels: folder names)") == 6
     assert trained["model"]["fingerprint"] == from_run(run).fingerprint and trained["written"]["date"]
 
 
