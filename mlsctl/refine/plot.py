@@ -97,7 +97,7 @@ def drift_figure(run_dir: str | Path, feats_dir: str | Path, out: str | Path, *,
     classes = sorted(set(labels) | {context_names[int(r)] for r in neighbour_rows})
     cmap = plt.get_cmap("tab20")
     colour = {c: cmap(i % 20) for i, c in enumerate(classes)}
-    figure, (left, right) = plt.subplots(1, 2, figsize=(15, 7))
+    figure, (left, right) = plt.subplots(1, 2, figsize=(18, 7))
     for i in range(n):
         c = colour[labels[i]]
         left.plot(tracks[:, i, 0], tracks[:, i, 1], "-", color=c, alpha=0.55, linewidth=0.8)
@@ -117,18 +117,26 @@ def drift_figure(run_dir: str | Path, feats_dir: str | Path, out: str | Path, *,
     cos_before = context_x[neighbour_rows] @ states[0, pick]
     cos_after = context_x[neighbour_rows] @ states[-1, pick]
     last_attention = attentions[-1, pick] if attentions.numel() else torch.full((k,), 1.0 / k)
+    # each square numbered, its values in a table beside the panel: labels beside squares that lie close together
+    # piled up unreadably (a new user's run-through, 2026-12-06)
+    rows_text = [f"{'':2} {'class':<12} {'a':>5} {'cos e⁰→e^' + str(T):>14}"]
     for j, row in enumerate(neighbour_rows.tolist()):
         name = context_names[row]
         same = name == q_class
         right.scatter(neighbour_xy[j, 0], neighbour_xy[j, 1], s=60 + 1500 * float(last_attention[j]), marker="s",
                       color=[colour[name]], edgecolors="green" if same else "red", linewidths=2.5)
-        right.annotate(f"a {float(last_attention[j]):.2f}, cos {float(cos_before[j]):.2f}→{float(cos_after[j]):.2f}",
-                       neighbour_xy[j], textcoords="offset points", xytext=(6, 6), fontsize=8)
+        right.annotate(str(j + 1), neighbour_xy[j], textcoords="offset points", xytext=(5, 5), fontsize=9,
+                       fontweight="bold")
+        rows_text.append(f"{j + 1:>2} {name[:12]:<12} {float(last_attention[j]):5.2f} "
+                         f"{float(cos_before[j]):6.2f} → {float(cos_after[j]):5.2f}")
+    right.text(1.02, 1.0, "\n".join(rows_text), transform=right.transAxes, va="top", ha="left", fontsize=8,
+               family="monospace")
     right.scatter([], [], marker="s", color="grey", edgecolors="green", linewidths=2, label="neighbour, same class")
     right.scatter([], [], marker="s", color="grey", edgecolors="red", linewidths=2, label="neighbour, other class")
     how = ("its nearest neighbour turns from another class to its own" if fixed
            else "no sampled query's nearest neighbour turns to its own class; the first one")
-    right.set_title(f"one query and its {k} neighbours (square area, a: last block's attention; cos: to e⁰ → e^{T})\n"
+    right.set_title(f"one query and its {k} neighbours, numbered (square area and a: the last block's attention; "
+                    f"cos: to the query's e⁰ → e^{T})\n"
                     f"query shown: {how}", fontsize=10)
     right.legend(fontsize=8, loc="best")
     figure.suptitle(f"context refinement drift: {Path(feats_dir).name} refined by {Path(run_dir).name} "
