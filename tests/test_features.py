@@ -543,9 +543,11 @@ def test_embed_counts_unreadable_images_apart_from_other_files(tmp_path: Path, f
     images = make_images(tmp_path / "images", 4)
     write_bad_files(images)
     (images / "README.txt").write_text("about these images")
+    (images / "bad\nname.png").write_bytes((images / sorted(p.name for p in images.glob("*.png"))[0]).read_bytes())
     code, out, err = cli("embed", str(images), "--run", str(run_dir), "--out", str(tmp_path / "f"), capsys=capsys)
+    assert err.count("skipped bad\\nname.png") == 1  # said when the scan finds it, not again at the end (2026-12-06)
     assert code == 0 and "embedding 7 images" in err
-    assert "wrote 4 rows, 3 images skipped and 1 other file left out (listed in manifest.json)" in out, out
+    assert "wrote 4 rows, 4 images skipped and 1 other file left out (listed in manifest.json)" in out, out
 
 
 def test_each_resolution_an_evaluation_embeds_at_has_a_cache_folder_of_its_own():

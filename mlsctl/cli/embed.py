@@ -74,9 +74,15 @@ def embed(
     main = dist.rank() == 0
     if main:
         say(f"model: {choice.description} (backbone fingerprint {choice.fingerprint[:12]})")
+    said: set[str] = set()  # the scan's "skipped" lines, said as it starts: not repeated at the end
+
+    def say_once(line: str) -> None:
+        said.add(line)
+        say(line)
+
     options = dict(dense=dense, resolution=resolution, resize=resize, batch_size=batch_size, workers=workers,
                    dtype=dtype, part_size=part_size, overwrite=overwrite, max_image_pixels=max_image_pixels,
-                   say=say)
+                   say=say_once)
     if benchmark is not None:
         out = out if out is not None else Path("features") / (f"{benchmark.dataset}-{benchmark.split}-"
                                                               f"{folder_label(benchmark.tree.path)}-"
@@ -100,7 +106,8 @@ def embed(
                             f"{summary.out}/manifest.json); no evaluation can use {summary.out}", exit_code=1)
         return
     for path, reason in summary.skipped:
-        typer.echo(f"skipped {path}: {reason}", err=True)
+        if f"skipped {path}: {reason}" not in said:  # a new user's run-through (2026-12-06): said twice
+            typer.echo(f"skipped {path}: {reason}", err=True)
     if summary.reused:
         typer.echo(f"{summary.out} already holds these features ({summary.rows} rows); nothing to do")
         return
