@@ -457,7 +457,8 @@ def _unknown_key(cls: type, key: str, path: str, ctx: _Context) -> ConfigError:
         close_full = by_leaf or difflib.get_close_matches(path, candidates, n=1, cutoff=0.7)
         suggestion = close_full[0] if close_full else ""
     message = f"unknown key '{path}' ({takes})"
-    if key in ("steps", "max_steps", "iterations", "max_iters", "num_steps", "epochs") and path != "optim.epochs":
+    if (key in ("steps", "max_steps", "iterations", "max_iters", "num_steps", "epochs") and not close
+            and not path.startswith("method.")):
         # other trainers count steps; here a run's length is its epochs (a new user's run-through, 2026-12-06)
         return ctx.fail(path, message + "; a run's length is optim.epochs (its steps: epochs x images / "
                                         "optim.batch_size, printed when it starts)")
@@ -466,6 +467,11 @@ def _unknown_key(cls: type, key: str, path: str, ctx: _Context) -> ConfigError:
     else:
         message += "; remove it"
     return ctx.fail(path, message)
+
+
+def _key_of_another_method(key: str, name: str) -> bool:
+    return any(key in {f.name for f in fields(registry.config_class(other))} for other in registry.names()
+               if other != name)
 
 
 def _other_method_keys(name: str, key_path: str, override: str, ctx: _Context) -> ConfigError:
@@ -503,7 +509,8 @@ def _build(cls: type, data: Any, path: str, ctx: _Context, default: Any = None) 
     for key in data:
         if key not in known:
             key_path = f"{path}.{key}" if path else str(key)
-            if method_section and f"{path}.name" in ctx.overrides and key_path not in ctx.overrides:
+            if (method_section and f"{path}.name" in ctx.overrides and key_path not in ctx.overrides
+                    and _key_of_another_method(str(key), data["name"])):
                 raise _other_method_keys(data["name"], key_path, ctx.overrides[f"{path}.name"], ctx)
             raise _unknown_key(cls, str(key), key_path, ctx)
     values = {}
@@ -548,11 +555,19 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
         # `data.root = x` reaches us as three words, `data.root= x` as two (a new user's run-through, 2026-12-06)
         before = (not sep and i + 1 < len(items) and items[i + 1].startswith("=")) or (
             sep and not value and i + 1 < len(items) and "=" not in items[i + 1])
+        if item.startswith("=") and (i == 0 or "=" in items[i - 1]):  # not the value of the word before
+            raise ConfigError(f"override '{item}' begins with '=' and follows no key of its own; write each override "
+                              f"as one word, key=VALUE")
         if before or item.startswith("="):
-            start = i if before else max(0, i - 1)
+            start = i if before else i - 1
+            words = [items[start]]  # the key, then the words up to and including the value
+            for word in items[start + 1:]:
+                words.append(word)
+                if word != "=":
+                    break
             name = items[start].partition("=")[0].strip() or "key"
-            raise ConfigError(f"override '{' '.join(items[start:start + 3])}' has spaces around '=': write it as one "
-                              f"word, {name}=VALUE")
+            raise ConfigError(f"override '{' '.join(words)}' has spaces around '=': write it as one word, "
+                              f"{name}=VALUE")
         if not sep or not key or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
             raise ConfigError(f"override '{item}' must look like key.sub=value (for example optim.lr=1e-4)")
         out[key] = item
@@ -726,6 +741,17 @@ def read_yaml(path: Path) -> Any:
 def load_recipe(name_or_path: str, overrides: Optional[list[str]] = None) -> Recipe:
     path = resolve_recipe_path(name_or_path)
     return from_dict(read_yaml(path), source=str(path), overrides=parse_overrides(overrides or []))
+
+
+def is_run_recipe(path: str | Path) -> bool:
+    """Whether ``path`` is a run's own resolved recipe (``RUN/config.yaml`` beside its metrics.jsonl)."""
+    path = Path(path)
+    return path.name == "config.yaml" and (path.parent / "metrics.jsonl").is_file()
+
+
+def load_recipe_or_run(path: str | Path, overrides: Optional[list[str]] = None) -> Recipe:
+    """A recipe file, or a run's own recipe read as the run saved it (:func:`load_run_recipe`)."""
+    return (load_run_recipe if is_run_recipe(path) else load_recipe)(str(path), overrides)
 
 
 def load_run_recipe(path: str | Path, overrides: Optional[list[str]] = None) -> Recipe:

@@ -45,9 +45,30 @@ def full_float32(device_type: str):
         if device_type != "cuda":
             yield
             return
-        saved = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = False
+        saved = matmul_precision()
+        torch.set_float32_matmul_precision("highest")
         try:
             yield
         finally:
-            torch.backends.cuda.matmul.allow_tf32 = saved
+            restore_matmul_precision(saved)
+
+
+def matmul_precision() -> tuple:
+    """torch's float32 matrix-product precision as set now ("highest", "high", "medium"; None where
+    a caller mixed torch's two APIs for it, which torch then refuses to read) and the older switch
+    ``torch.backends.cuda.matmul.allow_tf32``: what :func:`restore_matmul_precision` puts back. Read
+    and set through ``torch.set_float32_matmul_precision``, so that a caller's "medium" survives (a
+    review, 2026-12-06: setting the older switch alone left torch unable to say its precision)."""
+    try:
+        precision = torch.get_float32_matmul_precision()
+    except RuntimeError:
+        precision = None
+    return precision, torch.backends.cuda.matmul.allow_tf32
+
+
+def restore_matmul_precision(saved: tuple) -> None:
+    precision, allow_tf32 = saved
+    if precision is not None:
+        torch.set_float32_matmul_precision(precision)
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = allow_tf32

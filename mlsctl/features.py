@@ -109,10 +109,12 @@ def default_out(images: str | os.PathLike, model) -> Path:
 
 
 def model_label(model) -> str:
-    """A model's name in folder names: its run's folder, its weights file or architecture, and the
-    first 8 hex digits of its backbone fingerprint (``dino-4c64b87c``)."""
+    """A model's name in folder names and the first 8 hex digits of its backbone fingerprint
+    (``dino-4c64b87c``): a run's folder name (also for a checkpoint of it), ``weights`` for a weights
+    file, ``random-<name of the run or file whose architecture it is>``, else the model's source."""
     source = model.info.get("path") or model.info["arch"]
-    label = Path(source).parent.name if model.info["source"] in ("run", "run-checkpoint") else model.info["source"]
+    label = {"run": Path(source).parent.name, "run-checkpoint": Path(source).parent.parent.name}.get(
+        model.info["source"], model.info["source"])
     if model.info["source"] == "random-init":
         label = "random-" + Path(source).name
     return f"{label}-{model.fingerprint[:8]}"

@@ -198,10 +198,18 @@ def lookalike_key(object_id: str) -> str:
     """What a reader sees of an id: its Unicode composition unified (NFC: a folder made on macOS
     names ``café`` with a combining accent, a browser sends it precomposed), invisible format
     characters (U+200B, U+2060, soft hyphens, ...) dropped, and whitespace runs cut to one space
-    and off both ends. Two ids with one key are look-alikes: a gallery never gets both."""
+    and off both ends. Two ids with one key are look-alikes: a gallery never gets both. The joiners
+    U+200C and U+200D between two visible characters stay: they change how Persian or Indic text and
+    emoji sequences are drawn (a review, 2026-12-06)."""
     import unicodedata
 
-    shown = "".join(c for c in unicodedata.normalize("NFC", object_id) if unicodedata.category(c) != "Cf")
+    text = unicodedata.normalize("NFC", object_id)
+
+    def drawn(i: int) -> bool:
+        return 0 <= i < len(text) and unicodedata.category(text[i]) != "Cf" and not text[i].isspace()
+
+    shown = "".join(c for i, c in enumerate(text) if unicodedata.category(c) != "Cf"
+                    or (c in "\u200c\u200d" and drawn(i - 1) and drawn(i + 1)))
     return " ".join(shown.split())
 
 
@@ -264,7 +272,6 @@ def object_folders(root: str | os.PathLike) -> dict[str, list[Path]]:
         if len(rel.parts) < 2:
             raise UserError(f"{path} is not inside an object folder; put each object's images in {root}/<object_id>/")
         groups.setdefault(check_object_id(rel.parts[0], "object folder"), []).append(path)
-    check_new_ids(sorted(groups), f"{root}: object folder")
     return dict(sorted(groups.items()))  # each list in the scan's order: by relative path, as a string
 
 
@@ -1065,6 +1072,7 @@ def build_gallery(source: str | os.PathLike, model: SetModel, out: str | os.Path
             counts.append(len(cls))
     else:
         groups = object_folders(source)
+        check_new_ids(list(groups), f"{source}: object folder")  # before anything is embedded
         unreadable = []  # every photo that cannot be read, named at the end: not one per attempt
         for object_id, (cls, tokens, failed) in zip(groups, set_tokens(list(groups.values()), model,
                                                                        batch_size=batch_size, workers=workers,

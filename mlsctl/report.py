@@ -323,6 +323,18 @@ class RunWeights:
         start = [recipe.model.weights, run.init_from()]
         self.start_paths = {str(Path(p).resolve()) for p in start if p}
 
+    def refiner_fingerprint(self) -> Optional[str]:
+        """The fingerprint of a refine run's refiner (its latest checkpoint), as ``refine apply`` records it;
+        None for a run of another method or one without a checkpoint."""
+        if not hasattr(self, "_refiner_fingerprint"):
+            from mlsctl.refine.apply import load_refiner
+
+            try:
+                self._refiner_fingerprint = load_refiner(self.run.root).fingerprint
+            except UserError:
+                self._refiner_fingerprint = None
+        return self._refiner_fingerprint
+
     def inside(self, path) -> bool:
         """Whether ``path`` (a result's model path) is the run folder or a file in it."""
         if not isinstance(path, str) or not path:
@@ -420,11 +432,18 @@ def _classify_refined(model: dict, in_run: bool, weights: RunWeights) -> Optiona
     step = f" at step {refiner['step']}" if isinstance(refiner.get("step"), int) else ""
     source = model.get("path") or model.get("arch") or "?"
     if weights.inside(refiner.get("run")):
+        if refiner.get("fingerprint") != weights.refiner_fingerprint():
+            return "unmatched", (f"refined by this run's refiner{step}, whose fingerprint is not that of its refiner "
+                                 f"now: the run was trained again since")
         return "own", f"this run's refiner{step}, on the features of {source}"
     base = weights.match(dict(model, fingerprint=model.get("base_fingerprint")))
-    if base is not None or in_run:
-        of = f"this run's features ({base})" if base is not None else f"the features of {source}"
-        return "comparison", f"{of} refined by {refiner.get('run')}{step}"
+    if base is not None:
+        return "comparison", f"this run's features ({base}) refined by {refiner.get('run')}{step}"
+    if weights.inside(model.get("path")):
+        return "unmatched", (f"features of {source} refined by {refiner.get('run')}{step}, but they were not embedded "
+                             f"with this run's weights now: the run was trained again since")
+    if in_run:
+        return "comparison", f"the features of {source} refined by {refiner.get('run')}{step}"
     return None
 
 

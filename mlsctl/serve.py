@@ -333,6 +333,8 @@ class GalleryService:
         self.index_lock = threading.Lock()
         self.model_lock = threading.Lock()  # one forward pass at a time: torch threads are shared anyway
         self.added = {"requests": 0, "photos": 0, "objects": 0}  # adds answered this session (under index_lock)
+        if not read_only:
+            self.gallery.lookalike("")  # the look-alike keys of every stored id, made now rather than in a request
 
     def close(self) -> None:
         self.lock_file.release()
@@ -979,7 +981,9 @@ def create_app(service: GalleryService, policy: Optional[Policy] = None, docs: b
     async def add(object_id: str, request: Request):
         check_path_utf8(request.scope)
         service.check_id(object_id)  # before the body is read
-        service.check_new_id(object_id)
+        # a new id's rules, in a worker thread: they read the gallery under its lock, which a search or an add
+        # may hold (on the event loop that wait stalled every request, /health included: a review, 2026-12-06)
+        await _threaded(service.check_new_id, object_id)
         async with photos_of(request) as photos, working_slot():
             return await _threaded(service.add, object_id, photos)
 

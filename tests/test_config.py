@@ -260,3 +260,18 @@ def test_an_override_with_spaces_around_the_equals_sign_is_told_so(words):
 def test_a_step_count_key_is_pointed_to_optim_epochs():
     with pytest.raises(config.ConfigError, match="unknown key 'train.steps'.*a run's length is optim.epochs"):
         config.load_recipe("dino_fmnist_quick", ["train.steps=20"])
+
+
+def test_those_hints_stay_out_of_the_way_of_other_mistakes():
+    """A review (2026-12-06): the step-count hint hid cribo's "did you mean method.cluster_iterations"; the
+    other-method message answered a misspelt key when method.name named the recipe's own method; the spaces
+    message quoted the next override too."""
+    with pytest.raises(config.ConfigError, match="did you mean 'method.cluster_iterations'") as refused:
+        config.load_recipe("cribo_fmnist_quick", ["method.iterations=3"])
+    assert "optim.epochs" not in str(refused.value)
+    with pytest.raises(config.ConfigError, match="unknown key 'method.bogus'.*remove it"):
+        config.load_recipe("dino_fmnist_quick", ["method.name=dino", "method.bogus=1"])
+    with pytest.raises(config.ConfigError, match=r"^override 'optim.lr= 5' has spaces"):
+        config.parse_overrides(["optim.lr=", "5", "seed=1"])
+    with pytest.raises(config.ConfigError, match="override '=' begins with '=' and follows no key of its own"):
+        config.parse_overrides(["seed=1", "=", "optim.lr=1"])

@@ -117,25 +117,28 @@ def test_a_checkpoint_keeps_only_its_own_gpu_s_rng_and_resumes_on_a_machine_with
 
 
 def test_full_float32_turns_off_autocast_and_cuda_s_tf32_and_puts_both_back():
-    """A review of the CUDA paths (2026-12-06): the steps' "float32" blocks ran in TF32 on CUDA."""
+    """A review of the CUDA paths (2026-12-06): the steps' "float32" blocks ran in TF32 on CUDA; a second
+    review: a caller's torch.set_float32_matmul_precision("medium") must come back as it was."""
     from mlsctl.device import full_float32
 
-    saved = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True  # as the training loop sets it on CUDA
+    saved = torch.get_float32_matmul_precision()
     try:
-        a = torch.randn(4, 4)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert (a @ a).dtype == torch.bfloat16
-            with full_float32("cpu"):
-                assert (a @ a).dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
-            with full_float32("cuda"):
-                assert not torch.backends.cuda.matmul.allow_tf32
-            assert (a @ a).dtype == torch.bfloat16 and torch.backends.cuda.matmul.allow_tf32
-        with pytest.raises(KeyError), full_float32("cuda"):
-            raise KeyError("a failing block")
-        assert torch.backends.cuda.matmul.allow_tf32
+        for caller in ("high", "medium"):  # the loop's setting on CUDA, and a caller's own
+            torch.set_float32_matmul_precision(caller)
+            a = torch.randn(4, 4)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                assert (a @ a).dtype == torch.bfloat16
+                with full_float32("cpu"):
+                    assert (a @ a).dtype == torch.float32 and torch.get_float32_matmul_precision() == caller
+                with full_float32("cuda"):
+                    assert torch.get_float32_matmul_precision() == "highest"
+                    assert not torch.backends.cuda.matmul.allow_tf32
+                assert (a @ a).dtype == torch.bfloat16 and torch.get_float32_matmul_precision() == caller
+            with pytest.raises(KeyError), full_float32("cuda"):
+                raise KeyError("a failing block")
+            assert torch.get_float32_matmul_precision() == caller
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = saved
+        torch.set_float32_matmul_precision(saved)
 
 
 def test_cribo_clusters_pools_and_searches_its_bank_in_float32_under_bf16_autocast(tmp_path, monkeypatch):
@@ -168,14 +171,21 @@ def test_cribo_clusters_pools_and_searches_its_bank_in_float32_under_bf16_autoca
     assert torch.isfinite(out.loss)
 
 
-def test_pretrain_puts_the_caller_s_tf32_switches_back():
-    from mlsctl.train import setup
+def test_pretrain_puts_the_caller_s_tf32_switches_back(monkeypatch):
+    from mlsctl.train import loop
 
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    def training(*args, **kwargs):  # what make_accelerator does on CUDA
+        torch.set_float32_matmul_precision("high")
+        torch.backends.cudnn.allow_tf32 = True
+        return "summary"
+
+    saved = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    monkeypatch.setattr(loop, "_pretrain", training)
     try:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-        with setup.caller_matmul_precision():
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as make_accelerator on CUDA
-        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        torch.set_float32_matmul_precision("highest")
+        torch.backends.cudnn.allow_tf32 = False
+        assert loop.pretrain(None, "unused") == "summary"
+        assert torch.get_float32_matmul_precision() == "highest" and not torch.backends.cudnn.allow_tf32
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        torch.set_float32_matmul_precision(saved[0])
+        torch.backends.cudnn.allow_tf32 = saved[1]

@@ -606,7 +606,7 @@ def test_8_an_out_path_under_a_file_names_the_file_and_exits_2(capsys, tmp_path)
 
 
 class _FakeChoice:
-    description, fingerprint, info = "a model", "0" * 64, {}
+    description, fingerprint, info = "a model", "0" * 64, {"source": "weights", "path": "/w.safetensors", "arch": "vit"}
 
 
 def test_8_debug_shows_the_traceback(monkeypatch, capsys, tmp_path):
@@ -1323,6 +1323,9 @@ def test_20_default_embed_outputs_of_train_and_val_images_and_of_two_models_diff
     assert "train-images" in train.name and "val-images" in val.name and train.name.endswith("-dino-aaaaaaaa")
     assert default_out(tmp_path / "train" / "images", dino) == train  # the same command resumes into the same folder
     assert default_out(tmp_path / "train" / "images", cribo).name.endswith("-cribo-bbbbbbbb")
+    unfinished = SimpleNamespace(info={"source": "run-checkpoint", "path": "/r/cribo/checkpoints/step-40", "arch": "vit"},
+                                 fingerprint="c" * 64)  # a run's checkpoint: named after the run, not "checkpoints"
+    assert default_out(tmp_path / "train" / "images", unfinished).name.endswith("-cribo-cccccccc")
 
 
 # ----------------------------------------------------------------------------------- 21. paths from any directory

@@ -523,7 +523,11 @@ def test_the_refine_run_s_report_lists_the_evaluations_of_its_refined_features(t
     tmp, train = trained
     cli_ok(capsys, "refine", "apply", str(tmp / "run"), str(train), "--out", str(tmp_path / "refined"))
     cli_ok(capsys, "eval", "recall", str(tmp_path / "refined"), "--out", str(tmp_path / "results" / "after.json"))
+    stale = json.loads((tmp_path / "results" / "after.json").read_text())  # as if the run was trained again since
+    stale["model"]["refiner"]["fingerprint"] = "0" * 64
+    (tmp_path / "results" / "stale.json").write_text(json.dumps(stale))
     out, _ = cli_ok(capsys, "report", str(tmp / "run"), "--out", str(tmp_path / "r.html"), "--results",
                     str(tmp_path / "results"), "--json")
     assert [Path(p).name for p in json.loads(out)["results"]["own"]] == ["after.json"]
+    assert [Path(p).name for p in json.loads(out)["results"]["unmatched"]] == ["stale.json"]
     assert "this run&#x27;s refiner at step 18, on the features of" in (tmp_path / "r.html").read_text()

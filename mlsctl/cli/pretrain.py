@@ -50,8 +50,8 @@ def pretrain(
     recipe_path = config.resolve_recipe_path(recipe)
     # a run's resolved recipe (RUN/config.yaml): read as the run saved it (keys it predates take the values it
     # was trained with), and a default --out named after its run, not "config"
-    run_recipe = recipe_path.name == "config.yaml" and (recipe_path.parent / "metrics.jsonl").is_file()
-    loaded = (config.load_run_recipe if run_recipe else config.load_recipe)(str(recipe_path), overrides or [])
+    run_recipe = config.is_run_recipe(recipe_path)
+    loaded = config.load_recipe_or_run(recipe_path, overrides or [])
     if out is None:
         out = Path("runs") / (recipe_path.resolve().parent.name if run_recipe else recipe_path.stem)
     if not resume and init_from is None:

@@ -62,8 +62,7 @@ def train(
             raise UserError(f"{option} and the override {key}=... both set {key}; give one of them")
         if value is not None and key != "data.root":
             items.append(f"{key}={value}")
-    read = config.load_run_recipe if recipe_path == out / "config.yaml" else config.load_recipe
-    loaded = read(str(recipe_path), items + list(overrides or []))
+    loaded = config.load_recipe_or_run(recipe_path, items + list(overrides or []))
     if loaded.method.name != "refine":
         from mlsctl.errors import UserError
 

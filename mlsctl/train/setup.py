@@ -68,7 +68,7 @@ def make_accelerator(recipe, run_root: Optional[Path] = None):
     precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16", "auto": "bf16" if cuda else "no",
                  "fp16_or_bf16": "fp16" if cuda else "bf16"}[recipe.train.precision]
     if cuda:  # TF32 matrix products and convolutions for what runs in float32 (Ampere and newer)
-        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")
         torch.backends.cudnn.allow_tf32 = True
     if precision == "fp16" and not torch.cuda.is_available():
         raise UserError("train.precision=fp16 needs a CUDA GPU; use train.precision=bf16 or fp32 on a CPU")
@@ -154,11 +154,14 @@ def caller_matmul_precision():
     """CUDA's TF32 switches (matrix products, cuDNN) as they were on entry, put back on exit: the
     Accelerator of a run turns them on (:func:`make_accelerator`), and an ``embed`` or evaluation in
     the same process (a notebook) should not inherit that."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    from mlsctl.device import matmul_precision, restore_matmul_precision
+
+    saved, cudnn = matmul_precision(), torch.backends.cudnn.allow_tf32
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        restore_matmul_precision(saved)
+        torch.backends.cudnn.allow_tf32 = cudnn
 
 
 def seed_everything(seed: int) -> None:
