@@ -108,6 +108,11 @@ def test_group_batchnorm_normalises_each_group_by_itself_and_averages_running_st
     grouped.eval()
     assert torch.allclose(grouped(x), F.batch_norm(x, grouped.running_mean, grouped.running_var, grouped.weight,
                                                    grouped.bias, False, 0.0, grouped.eps), atol=1e-6)
+    # a channels-last input (CNNs on CUDA) keeps its layout and its values
+    grouped.train()
+    channels_last = grouped(x.contiguous(memory_format=torch.channels_last))
+    assert channels_last.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(channels_last, expected, atol=1e-6)
 
 
 def _method(tmp_path, model=CNN, n_images=8, **method):

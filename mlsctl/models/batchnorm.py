@@ -78,7 +78,12 @@ class GroupBatchNorm2d(nn.BatchNorm2d):
             with torch.no_grad():
                 self.running_mean.copy_(running_mean.view(groups, c).mean(0))
                 self.running_var.copy_(running_var.view(groups, c).mean(0))
-        return out.reshape(self.group_size, groups, c, *x.shape[2:]).transpose(0, 1).reshape(x.shape)
+        out = out.reshape(self.group_size, groups, c, *x.shape[2:]).transpose(0, 1).reshape(x.shape)
+        if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            # a channels-last network (the loop's speed-up for CNNs on CUDA) gets its layout back, so the next
+            # convolution does not convert it again (a review of the CUDA paths, 2026-12-06)
+            out = out.contiguous(memory_format=torch.channels_last)
+        return out
 
 
 def batchnorm_layers(module: nn.Module) -> list[nn.Module]:
