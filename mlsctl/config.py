@@ -457,8 +457,8 @@ def _unknown_key(cls: type, key: str, path: str, ctx: _Context) -> ConfigError:
         close_full = by_leaf or difflib.get_close_matches(path, candidates, n=1, cutoff=0.7)
         suggestion = close_full[0] if close_full else ""
     message = f"unknown key '{path}' ({takes})"
-    if (key in ("steps", "max_steps", "iterations", "max_iters", "num_steps", "epochs") and not close
-            and not path.startswith("method.")):
+    # not under method: cribo's method.iterations is a typo of its cluster or Sinkhorn iterations
+    if key in ("steps", "max_steps", "iterations", "max_iters", "num_steps", "epochs") and not path.startswith("method."):
         # other trainers count steps; here a run's length is its epochs (a new user's run-through, 2026-12-06)
         return ctx.fail(path, message + "; a run's length is optim.epochs (its steps: epochs x images / "
                                         "optim.batch_size, printed when it starts)")
@@ -555,11 +555,12 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
         # `data.root = x` reaches us as three words, `data.root= x` as two (a new user's run-through, 2026-12-06)
         before = (not sep and i + 1 < len(items) and items[i + 1].startswith("=")) or (
             sep and not value and i + 1 < len(items) and "=" not in items[i + 1])
-        if item.startswith("=") and (i == 0 or "=" in items[i - 1]):  # not the value of the word before
+        if item.startswith("=") and (i == 0 or ("=" in items[i - 1] and not items[i - 1].endswith("="))):
+            # not the value of the word before
             raise ConfigError(f"override '{item}' begins with '=' and follows no key of its own; write each override "
                               f"as one word, key=VALUE")
         if before or item.startswith("="):
-            start = i if before else i - 1
+            start = i - 1 if item.startswith("=") else i
             words = [items[start]]  # the key, then the words up to and including the value
             for word in items[start + 1:]:
                 words.append(word)

@@ -11,6 +11,7 @@ device, which ``tensor.to("cuda")``, ``torch.tensor(..., device="cuda")`` and ``
 from __future__ import annotations
 
 import contextlib
+from typing import Optional
 
 import torch
 
@@ -45,30 +46,51 @@ def full_float32(device_type: str):
         if device_type != "cuda":
             yield
             return
-        saved = matmul_precision()
-        torch.set_float32_matmul_precision("highest")
+        saved = precision_switches()
+        set_tf32(matmul=False)
         try:
             yield
         finally:
-            restore_matmul_precision(saved)
+            restore_precision_switches(saved)
 
 
-def matmul_precision() -> tuple:
-    """torch's float32 matrix-product precision as set now ("highest", "high", "medium"; None where
-    a caller mixed torch's two APIs for it, which torch then refuses to read) and the older switch
-    ``torch.backends.cuda.matmul.allow_tf32``: what :func:`restore_matmul_precision` puts back. Read
-    and set through ``torch.set_float32_matmul_precision``, so that a caller's "medium" survives (a
-    review, 2026-12-06: setting the older switch alone left torch unable to say its precision)."""
-    try:
-        precision = torch.get_float32_matmul_precision()
-    except RuntimeError:
-        precision = None
-    return precision, torch.backends.cuda.matmul.allow_tf32
+def _switches() -> list[tuple[object, str]]:
+    """Where torch keeps its float32 precision for matrix products (cuBLAS, oneDNN) and cuDNN
+    convolutions: the per-backend strings of newer torch (``fp32_precision``: "none", "ieee", "tf32"),
+    else the older booleans (``allow_tf32``). Only these are read and written: reading the older ones
+    after a caller set the newer ones raises in torch 2.14 (a review, 2026-12-06)."""
+    found = []
+    for owner, legacy in ((torch.backends.cuda.matmul, torch.backends.cuda.matmul),
+                          (getattr(getattr(torch.backends, "mkldnn", None), "matmul", None), None),
+                          (getattr(torch.backends.cudnn, "conv", None), torch.backends.cudnn)):
+        if owner is not None and hasattr(owner, "fp32_precision"):
+            found.append((owner, "fp32_precision"))
+        elif legacy is not None:
+            found.append((legacy, "allow_tf32"))
+    return found
 
 
-def restore_matmul_precision(saved: tuple) -> None:
-    precision, allow_tf32 = saved
-    if precision is not None:
-        torch.set_float32_matmul_precision(precision)
-    else:
-        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+def precision_switches() -> list[tuple[object, str, object]]:
+    """The values of :func:`_switches`, for :func:`restore_precision_switches`."""
+    return [(owner, name, getattr(owner, name)) for owner, name in _switches()]
+
+
+def restore_precision_switches(saved: list[tuple[object, str, object]]) -> None:
+    """Put back what :func:`precision_switches` read; a switch that did not change is not written (a
+    "none" that defers to torch's global setting stays "none")."""
+    for owner, name, value in saved:
+        if getattr(owner, name) != value:
+            setattr(owner, name, value)
+
+
+def set_tf32(*, matmul: Optional[bool] = None, conv: Optional[bool] = None) -> None:
+    """TF32 on or off for CUDA's float32 matrix products (cuBLAS) and cuDNN convolutions, through
+    whichever switches this torch has (:func:`_switches`); the CPU's (oneDNN) are left alone."""
+    for flag, owner, legacy in ((matmul, torch.backends.cuda.matmul, torch.backends.cuda.matmul),
+                                (conv, getattr(torch.backends.cudnn, "conv", None), torch.backends.cudnn)):
+        if flag is None:
+            continue
+        if owner is not None and hasattr(owner, "fp32_precision"):
+            owner.fp32_precision = "tf32" if flag else "ieee"
+        else:
+            legacy.allow_tf32 = flag

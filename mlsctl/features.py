@@ -791,6 +791,10 @@ def split_cache_dir(split, model, root: str | os.PathLike = "features", dense: b
 
 
 def _model_cache(model, root: str | os.PathLike) -> Path:
+    # the evaluations' caches keep the names they had: a checkpoint's under "checkpoints-<fp8>" (renamed, every
+    # existing cache of one would be embedded again once; a review, 2026-12-06)
+    if model.info["source"] == "run-checkpoint":
+        return Path(root) / f"checkpoints-{model.fingerprint[:8]}"
     return Path(root) / model_label(model)
 
 

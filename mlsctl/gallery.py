@@ -194,23 +194,34 @@ class LookalikeId(UserError):
     """A new id that reads like a stored one (:func:`lookalike_key`): the service answers 409."""
 
 
+_JOINERS = frozenset("\u200c\u200d")
+
+
 def lookalike_key(object_id: str) -> str:
     """What a reader sees of an id: its Unicode composition unified (NFC: a folder made on macOS
     names ``café`` with a combining accent, a browser sends it precomposed), invisible format
     characters (U+200B, U+2060, soft hyphens, ...) dropped, and whitespace runs cut to one space
-    and off both ends. Two ids with one key are look-alikes: a gallery never gets both. The joiners
-    U+200C and U+200D between two visible characters stay: they change how Persian or Indic text and
-    emoji sequences are drawn (a review, 2026-12-06)."""
+    and off both ends. Two ids with one key are look-alikes: a gallery never gets both. One joiner
+    (U+200C, U+200D) stays where both its neighbours are letters or symbols beyond the Latin blocks:
+    there it changes how Persian or Indic text and emoji sequences are drawn, while ``b\u200dob``
+    reads as ``bob`` (reviews, 2026-12-06)."""
     import unicodedata
 
-    text = unicodedata.normalize("NFC", object_id)
+    text = [c for c in unicodedata.normalize("NFC", object_id)
+            if unicodedata.category(c) != "Cf" or c in _JOINERS]  # the other invisible characters first
 
-    def drawn(i: int) -> bool:
-        return 0 <= i < len(text) and unicodedata.category(text[i]) != "Cf" and not text[i].isspace()
+    def joins(c: Optional[str]) -> bool:
+        return (c is not None and ord(c) > 0x24F and c not in _JOINERS and not c.isspace()
+                and unicodedata.category(c)[0] in "LSM")
 
-    shown = "".join(c for i, c in enumerate(text) if unicodedata.category(c) != "Cf"
-                    or (c in "\u200c\u200d" and drawn(i - 1) and drawn(i + 1)))
-    return " ".join(shown.split())
+    kept: list[str] = []
+    for i, c in enumerate(text):
+        if c in _JOINERS:
+            following = next((d for d in text[i + 1:] if d not in _JOINERS), None)
+            if not (kept and kept[-1] not in _JOINERS and joins(kept[-1]) and joins(following)):
+                continue  # a run of joiners counts as its first
+        kept.append(c)
+    return " ".join(unicodedata.normalize("NFC", "".join(kept)).split())  # composed again where a joiner left
 
 
 def printable(object_id: str) -> str:

@@ -323,17 +323,21 @@ class RunWeights:
         start = [recipe.model.weights, run.init_from()]
         self.start_paths = {str(Path(p).resolve()) for p in start if p}
 
-    def refiner_fingerprint(self) -> Optional[str]:
-        """The fingerprint of a refine run's refiner (its latest checkpoint), as ``refine apply`` records it;
-        None for a run of another method or one without a checkpoint."""
-        if not hasattr(self, "_refiner_fingerprint"):
+    def refiner_fingerprint(self, step) -> Optional[str]:
+        """The fingerprint of a refine run's refiner at checkpoint ``step`` (else its latest), as ``refine
+        apply`` records it; None where it cannot be read (another method, no such checkpoint kept, a
+        damaged file: the report goes on)."""
+        key = step if isinstance(step, int) and not isinstance(step, bool) else None
+        cache = self.__dict__.setdefault("_refiner_fingerprints", {})
+        if key not in cache:
             from mlsctl.refine.apply import load_refiner
 
             try:
-                self._refiner_fingerprint = load_refiner(self.run.root).fingerprint
-            except UserError:
-                self._refiner_fingerprint = None
-        return self._refiner_fingerprint
+                found = load_refiner(self.run.root, step=key)
+                cache[key] = found.fingerprint if key is None or found.step == key else None
+            except Exception:  # noqa: BLE001 - a report lists what it can; the result is then unmatched
+                cache[key] = None
+        return cache[key]
 
     def inside(self, path) -> bool:
         """Whether ``path`` (a result's model path) is the run folder or a file in it."""
@@ -432,14 +436,20 @@ def _classify_refined(model: dict, in_run: bool, weights: RunWeights) -> Optiona
     step = f" at step {refiner['step']}" if isinstance(refiner.get("step"), int) else ""
     source = model.get("path") or model.get("arch") or "?"
     if weights.inside(refiner.get("run")):
-        if refiner.get("fingerprint") != weights.refiner_fingerprint():
-            return "unmatched", (f"refined by this run's refiner{step}, whose fingerprint is not that of its refiner "
-                                 f"now: the run was trained again since")
+        recorded, now = refiner.get("fingerprint"), weights.refiner_fingerprint(refiner.get("step"))
+        if not isinstance(recorded, str) or not recorded:
+            return "unmatched", "records no fingerprint of the refiner (written by an older mlsctl)"
+        if now is None:
+            return "unmatched", (f"refined by this run's refiner{step}, a checkpoint this run no longer keeps (or cannot "
+                                 f"read), so it cannot be told from another training of it")
+        if recorded != now:
+            return "unmatched", (f"refined by this run's refiner{step}, whose fingerprint is not that of its checkpoint "
+                                 f"there now: the run was trained again since")
         return "own", f"this run's refiner{step}, on the features of {source}"
     base = weights.match(dict(model, fingerprint=model.get("base_fingerprint")))
     if base is not None:
         return "comparison", f"this run's features ({base}) refined by {refiner.get('run')}{step}"
-    if weights.inside(model.get("path")):
+    if weights.inside(model.get("path")) and model.get("source") in ("run", "run-checkpoint", "weights"):
         return "unmatched", (f"features of {source} refined by {refiner.get('run')}{step}, but they were not embedded "
                              f"with this run's weights now: the run was trained again since")
     if in_run:

@@ -322,6 +322,8 @@ class GalleryService:
             self.gallery = Gallery(gallery_path, recover=not read_only)  # a read-only server changes nothing
             self.model = load_set_model(run or Path(self.gallery.manifest["model"]["run"]))
             self.gallery.check_model(self.model)
+            if not read_only:
+                self.gallery.lookalike("")  # the look-alike keys of every stored id, made now rather than in a request
         except BaseException:
             self.lock_file.release()
             raise
@@ -333,8 +335,6 @@ class GalleryService:
         self.index_lock = threading.Lock()
         self.model_lock = threading.Lock()  # one forward pass at a time: torch threads are shared anyway
         self.added = {"requests": 0, "photos": 0, "objects": 0}  # adds answered this session (under index_lock)
-        if not read_only:
-            self.gallery.lookalike("")  # the look-alike keys of every stored id, made now rather than in a request
 
     def close(self) -> None:
         self.lock_file.release()

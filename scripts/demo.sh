@@ -57,9 +57,11 @@ print(f"  {'model':42} {'mIoU':>6} {'foreground IoU':>15}")
 for model, label in (("backbone", f"backbone in weights/ (DINO, {trained['steps']:,} steps)"),
                      ("random", "same architecture, random init")):
     first = json.load(open(f"results/demo-knn-seg-{model}.json"))["results"][0]
-    # a result kept from an mlsctl before eval knn-seg saved it: computed from its confusion matrix
-    fg = first.get("foreground_iou", foreground_background_iou(first["runs"][0]["confusion"])["foreground_iou"])
-    print(f"  {label:42} {100 * first['miou']:5.1f}% {100 * fg:14.1f}%")
+    fg = first.get("foreground_iou")
+    if fg is None and all("confusion" in run for run in first["runs"]):  # kept from an mlsctl before it was saved
+        fg = sum(foreground_background_iou(run["confusion"])["foreground_iou"] for run in first["runs"]) / len(first["runs"])
+    shown = f"{100 * fg:14.1f}%" if fg is not None else f"{'n/a':>15}"
+    print(f"  {label:42} {100 * first['miou']:5.1f}% {shown}")
 print("The backbone finds the items (foreground) far better than chance but hardly tells their ten classes\n"
       "apart (weights/README.md says why); per-class IoU: results/demo-knn-seg-backbone.json")
 PY

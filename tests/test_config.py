@@ -275,3 +275,12 @@ def test_those_hints_stay_out_of_the_way_of_other_mistakes():
         config.parse_overrides(["optim.lr=", "5", "seed=1"])
     with pytest.raises(config.ConfigError, match="override '=' begins with '=' and follows no key of its own"):
         config.parse_overrides(["seed=1", "=", "optim.lr=1"])
+
+
+def test_a_step_count_under_optim_is_not_taken_for_accumulation():
+    """A second review (2026-12-06): optim.num_steps=5 was answered "did you mean 'optim.accumulate_steps'?"."""
+    with pytest.raises(config.ConfigError, match="a run's length is optim.epochs") as refused:
+        config.load_recipe("dino_fmnist_quick", ["optim.num_steps=5"])
+    assert "accumulate_steps'?" not in str(refused.value)
+    with pytest.raises(config.ConfigError, match="override 'data.root= = x' has spaces around '='"):
+        config.parse_overrides(["data.root=", "=", "x"])

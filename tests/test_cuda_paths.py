@@ -116,29 +116,37 @@ def test_a_checkpoint_keeps_only_its_own_gpu_s_rng_and_resumes_on_a_machine_with
     assert resuming.states[1].tolist() == [9, 1] and resuming.states[0].tolist() == [0, 7]
 
 
+def _cuda_tf32() -> bool:
+    matmul = torch.backends.cuda.matmul
+    return matmul.fp32_precision == "tf32" if hasattr(matmul, "fp32_precision") else matmul.allow_tf32
+
+
 def test_full_float32_turns_off_autocast_and_cuda_s_tf32_and_puts_both_back():
     """A review of the CUDA paths (2026-12-06): the steps' "float32" blocks ran in TF32 on CUDA; a second
-    review: a caller's torch.set_float32_matmul_precision("medium") must come back as it was."""
-    from mlsctl.device import full_float32
+    and a third review: a caller's own settings — torch's newer per-backend ones included, whose older
+    switches torch 2.14 then refuses to read — come back as they were, and the CPU's are not touched."""
+    from mlsctl.device import full_float32, precision_switches, restore_precision_switches, set_tf32
 
-    saved = torch.get_float32_matmul_precision()
+    saved = precision_switches()
     try:
-        for caller in ("high", "medium"):  # the loop's setting on CUDA, and a caller's own
-            torch.set_float32_matmul_precision(caller)
-            a = torch.randn(4, 4)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                assert (a @ a).dtype == torch.bfloat16
-                with full_float32("cpu"):
-                    assert (a @ a).dtype == torch.float32 and torch.get_float32_matmul_precision() == caller
-                with full_float32("cuda"):
-                    assert torch.get_float32_matmul_precision() == "highest"
-                    assert not torch.backends.cuda.matmul.allow_tf32
-                assert (a @ a).dtype == torch.bfloat16 and torch.get_float32_matmul_precision() == caller
-            with pytest.raises(KeyError), full_float32("cuda"):
-                raise KeyError("a failing block")
-            assert torch.get_float32_matmul_precision() == caller
+        set_tf32(matmul=True)  # as the training loop sets it on CUDA
+        if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+            torch.backends.mkldnn.matmul.fp32_precision = "bf16"  # a caller's CPU setting, through the newer API
+        before = precision_switches()
+        a = torch.randn(4, 4)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert (a @ a).dtype == torch.bfloat16
+            with full_float32("cpu"):
+                assert (a @ a).dtype == torch.float32 and _cuda_tf32()
+            with full_float32("cuda"):
+                assert not _cuda_tf32()
+            assert (a @ a).dtype == torch.bfloat16 and _cuda_tf32()
+        with pytest.raises(KeyError), full_float32("cuda"):
+            raise KeyError("a failing block")
+        assert precision_switches() == before
     finally:
-        torch.set_float32_matmul_precision(saved)
+        restore_precision_switches(saved)
+    assert precision_switches() == saved
 
 
 def test_cribo_clusters_pools_and_searches_its_bank_in_float32_under_bf16_autocast(tmp_path, monkeypatch):
@@ -172,20 +180,14 @@ def test_cribo_clusters_pools_and_searches_its_bank_in_float32_under_bf16_autoca
 
 
 def test_pretrain_puts_the_caller_s_tf32_switches_back(monkeypatch):
+    from mlsctl.device import precision_switches, set_tf32
     from mlsctl.train import loop
 
     def training(*args, **kwargs):  # what make_accelerator does on CUDA
-        torch.set_float32_matmul_precision("high")
-        torch.backends.cudnn.allow_tf32 = True
+        set_tf32(matmul=True, conv=True)
         return "summary"
 
-    saved = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    before = precision_switches()
     monkeypatch.setattr(loop, "_pretrain", training)
-    try:
-        torch.set_float32_matmul_precision("highest")
-        torch.backends.cudnn.allow_tf32 = False
-        assert loop.pretrain(None, "unused") == "summary"
-        assert torch.get_float32_matmul_precision() == "highest" and not torch.backends.cudnn.allow_tf32
-    finally:
-        torch.set_float32_matmul_precision(saved[0])
-        torch.backends.cudnn.allow_tf32 = saved[1]
+    assert loop.pretrain(None, "unused") == "summary"
+    assert precision_switches() == before  # "none" stays "none": nothing written that did not change

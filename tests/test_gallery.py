@@ -333,6 +333,11 @@ def test_a_new_id_that_reads_like_a_stored_one_is_refused_and_stored_ones_stay_r
     assert lookalike_key("\u0645\u200c\u06cc") != lookalike_key("\u0645\u06cc")
     assert lookalike_key("\U0001f468\u200d\U0001f4bb") != lookalike_key("\U0001f468\U0001f4bb")
     assert lookalike_key("x\u200d") == lookalike_key("\u200cx") == lookalike_key("x")
+    # ... but not between Latin letters (a second review: "b\u200dob" would have sat beside "bob"), and a run of
+    # joiners or other invisible characters beside one counts once
+    assert lookalike_key("b\u200dob") == lookalike_key("b\u200cob") == lookalike_key("bob")
+    assert lookalike_key("a\u200d\u0301") == lookalike_key("a\u0301")
+    assert lookalike_key("\u0645\u200c\u200c\u06cc") == lookalike_key("\u0645\u200b\u200c\u06cc") == lookalike_key("\u0645\u200c\u06cc")
     # an older gallery may hold look-alikes already: both stay reachable and updatable
     write_gallery(tmp_path / "g", ["x", "x ", nfd], clustered(3), [1] * 3, IndexSettings(), MANIFEST)
     gallery = Gallery(tmp_path / "g")

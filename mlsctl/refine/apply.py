@@ -51,8 +51,9 @@ class RefinerRun:
         return self.refiner.dim
 
 
-def load_refiner(run_dir: str | Path) -> RefinerRun:
-    """The refiner of a ``refine train`` run's latest checkpoint, in eval mode."""
+def load_refiner(run_dir: str | Path, step: Optional[int] = None) -> RefinerRun:
+    """The refiner of a ``refine train`` run's latest checkpoint (or of its checkpoint at ``step``, when
+    that one is kept), in eval mode."""
     from safetensors.torch import load_file
 
     from mlsctl.methods.refine.model import Refiner
@@ -63,7 +64,9 @@ def load_refiner(run_dir: str | Path) -> RefinerRun:
     recipe = recipe_of(run)
     if recipe.method.name != "refine":
         raise UserError(f"{run_dir} is a run of method {recipe.method.name}, not a refinement; give the --out of mlsctl refine train")
-    checkpoint = run.latest()
+    checkpoint = run.latest() if step is None else next((c for c in run.checkpoints() if c.step == step), None)
+    if checkpoint is None and step is not None:
+        raise UserError(f"run {run_dir} keeps no checkpoint at step {step}")
     if checkpoint is None:
         raise UserError(f"run {run_dir} has no checkpoint yet; wait for its first one (or finish it with mlsctl refine "
                         f"train ... --resume)")

@@ -68,8 +68,9 @@ def make_accelerator(recipe, run_root: Optional[Path] = None):
     precision = {"fp32": "no", "bf16": "bf16", "fp16": "fp16", "auto": "bf16" if cuda else "no",
                  "fp16_or_bf16": "fp16" if cuda else "bf16"}[recipe.train.precision]
     if cuda:  # TF32 matrix products and convolutions for what runs in float32 (Ampere and newer)
-        torch.set_float32_matmul_precision("high")
-        torch.backends.cudnn.allow_tf32 = True
+        from mlsctl.device import set_tf32
+
+        set_tf32(matmul=True, conv=True)
     if precision == "fp16" and not torch.cuda.is_available():
         raise UserError("train.precision=fp16 needs a CUDA GPU; use train.precision=bf16 or fp32 on a CPU")
     ddp = DistributedDataParallelKwargs(broadcast_buffers=False, find_unused_parameters=method_cls.find_unused_parameters)
@@ -154,14 +155,13 @@ def caller_matmul_precision():
     """CUDA's TF32 switches (matrix products, cuDNN) as they were on entry, put back on exit: the
     Accelerator of a run turns them on (:func:`make_accelerator`), and an ``embed`` or evaluation in
     the same process (a notebook) should not inherit that."""
-    from mlsctl.device import matmul_precision, restore_matmul_precision
+    from mlsctl.device import precision_switches, restore_precision_switches
 
-    saved, cudnn = matmul_precision(), torch.backends.cudnn.allow_tf32
+    saved = precision_switches()
     try:
         yield
     finally:
-        restore_matmul_precision(saved)
-        torch.backends.cudnn.allow_tf32 = cudnn
+        restore_precision_switches(saved)
 
 
 def seed_everything(seed: int) -> None:
