@@ -260,7 +260,8 @@ def run_ssl(profile: Profile, work: Path, data: Path, threads: int) -> list[dict
     blocks, k = max(profile.blocks), max(k for k in profile.ks if k <= 8)
     rows = []
     for seed in profile.seeds:
-        run, result = folder / f"refine-seed{seed}{DEFAULT_SUFFIX}", folder / f"recall-refined-seed{seed}{DEFAULT_SUFFIX}.json"
+        run = folder / f"refine-seed{seed}{DEFAULT_SUFFIX}"
+        result = folder / f"recall-refined-seed{seed}{DEFAULT_SUFFIX}.json"
         if not result.is_file():
             if not (run / "summary.json").is_file():
                 mlsctl(["refine", "train", str(feats["train"]), "--blocks", str(blocks), "--k", str(k), "--seed",

@@ -458,7 +458,8 @@ def _unknown_key(cls: type, key: str, path: str, ctx: _Context) -> ConfigError:
         suggestion = close_full[0] if close_full else ""
     message = f"unknown key '{path}' ({takes})"
     # not under method: cribo's method.iterations is a typo of its cluster or Sinkhorn iterations
-    if key in ("steps", "max_steps", "iterations", "max_iters", "num_steps", "epochs") and not path.startswith("method."):
+    step_counts = ("steps", "max_steps", "iterations", "max_iters", "num_steps", "epochs")
+    if key in step_counts and not path.startswith("method."):
         # other trainers count steps; here a run's length is its epochs (a new user's run-through, 2026-12-06)
         return ctx.fail(path, message + "; a run's length is optim.epochs (its steps: epochs x images / "
                                         "optim.batch_size, printed when it starts)")

@@ -54,25 +54,27 @@ def full_float32(device_type: str):
             restore_precision_switches(saved)
 
 
-def _switches() -> list[tuple[object, str]]:
-    """Where torch keeps its float32 precision for matrix products (cuBLAS, oneDNN) and cuDNN
-    convolutions: the per-backend strings of newer torch (``fp32_precision``: "none", "ieee", "tf32"),
-    else the older booleans (``allow_tf32``). Only these are read and written: reading the older ones
-    after a caller set the newer ones raises in torch 2.14 (a review, 2026-12-06)."""
-    found = []
-    for owner, legacy in ((torch.backends.cuda.matmul, torch.backends.cuda.matmul),
-                          (getattr(getattr(torch.backends, "mkldnn", None), "matmul", None), None),
-                          (getattr(torch.backends.cudnn, "conv", None), torch.backends.cudnn)):
-        if owner is not None and hasattr(owner, "fp32_precision"):
-            found.append((owner, "fp32_precision"))
-        elif legacy is not None:
-            found.append((legacy, "allow_tf32"))
-    return found
+def _switch(owner, legacy) -> Optional[tuple[object, str]]:
+    """Where torch keeps one float32 precision: ``owner``'s per-backend string of newer torch
+    (``fp32_precision``: "none", "ieee", "tf32"), else ``legacy``'s older boolean (``allow_tf32``). Only
+    these are read and written: reading the older ones after a caller set the newer ones raises in
+    torch 2.14 (a review, 2026-12-06)."""
+    if owner is not None and hasattr(owner, "fp32_precision"):
+        return owner, "fp32_precision"
+    return (legacy, "allow_tf32") if legacy is not None else None
+
+
+def _cuda_switches() -> tuple:
+    """CUDA's switches: (cuBLAS matrix products, cuDNN convolutions)."""
+    return (_switch(torch.backends.cuda.matmul, torch.backends.cuda.matmul),
+            _switch(getattr(torch.backends.cudnn, "conv", None), torch.backends.cudnn))
 
 
 def precision_switches() -> list[tuple[object, str, object]]:
-    """The values of :func:`_switches`, for :func:`restore_precision_switches`."""
-    return [(owner, name, getattr(owner, name)) for owner, name in _switches()]
+    """The values of CUDA's switches and the CPU's (oneDNN) matrix products, for
+    :func:`restore_precision_switches`."""
+    cpu = _switch(getattr(getattr(torch.backends, "mkldnn", None), "matmul", None), None)
+    return [(owner, name, getattr(owner, name)) for owner, name in filter(None, (*_cuda_switches(), cpu))]
 
 
 def restore_precision_switches(saved: list[tuple[object, str, object]]) -> None:
@@ -85,12 +87,7 @@ def restore_precision_switches(saved: list[tuple[object, str, object]]) -> None:
 
 def set_tf32(*, matmul: Optional[bool] = None, conv: Optional[bool] = None) -> None:
     """TF32 on or off for CUDA's float32 matrix products (cuBLAS) and cuDNN convolutions, through
-    whichever switches this torch has (:func:`_switches`); the CPU's (oneDNN) are left alone."""
-    for flag, owner, legacy in ((matmul, torch.backends.cuda.matmul, torch.backends.cuda.matmul),
-                                (conv, getattr(torch.backends.cudnn, "conv", None), torch.backends.cudnn)):
-        if flag is None:
-            continue
-        if owner is not None and hasattr(owner, "fp32_precision"):
-            owner.fp32_precision = "tf32" if flag else "ieee"
-        else:
-            legacy.allow_tf32 = flag
+    whichever switches this torch has (:func:`_switch`); the CPU's (oneDNN) are left alone."""
+    for flag, (owner, name) in zip((matmul, conv), _cuda_switches()):
+        if flag is not None:
+            setattr(owner, name, ("tf32" if flag else "ieee") if name == "fp32_precision" else flag)

@@ -64,8 +64,8 @@ __all__ = [
     "DTYPES", "FORMAT_VERSION", "MANIFEST", "PARTIAL", "SHARD_BYTES", "Features", "ShardInfo", "is_feature_folder",
     "shard_name",
     # here
-    "EmbedSummary", "folder_label", "model_label", "default_out", "embed_folder", "embed_split", "embed_listing", "cache_dir",
-    "split_cache_dir", "features_or_embed", "features_of_split",
+    "EmbedSummary", "folder_label", "model_label", "default_out", "embed_folder", "embed_split", "embed_listing",
+    "cache_dir", "split_cache_dir", "features_or_embed", "features_of_split",
 ]
 
 # --------------------------------------------------------------------------------------------- writing
@@ -309,8 +309,7 @@ def embed_listing(tree, relpaths: list[str], out: str | os.PathLike, model, *, n
     preprocessing = Preprocessing(resolution, resize)
     grid = (resolution // patch, resolution // patch) if dense else None
     torch_dtype = DTYPES[dtype]
-    bytes_per_row = backbone.embed_dim * torch_dtype.itemsize * (1 + (grid[0] * grid[1] if grid else 0))
-    parts_per_shard = max(1, SHARD_BYTES // (bytes_per_row * part_size))
+    parts_per_shard = _parts_per_shard(backbone.embed_dim * torch_dtype.itemsize, grid, part_size)
     n_parts = (len(relpaths) + part_size - 1) // part_size
     n_shards = (n_parts + parts_per_shard - 1) // parts_per_shard
     plan = {
@@ -326,8 +325,7 @@ def embed_listing(tree, relpaths: list[str], out: str | os.PathLike, model, *, n
     is_main = dist.rank() == 0
     if dense_cache is not None and not dense:
         dense_grid = (resolution // patch, resolution // patch)
-        dense_parts_per_shard = max(1, SHARD_BYTES // (backbone.embed_dim * torch_dtype.itemsize
-                                                        * (1 + dense_grid[0] * dense_grid[1]) * part_size))
+        dense_parts_per_shard = _parts_per_shard(backbone.embed_dim * torch_dtype.itemsize, dense_grid, part_size)
         found = complete_feature_folder(Path(dense_cache), dict(
             plan, dense=True, grid=list(dense_grid), parts_per_shard=dense_parts_per_shard,
             n_shards=(n_parts + dense_parts_per_shard - 1) // dense_parts_per_shard))
@@ -352,6 +350,12 @@ def embed_listing(tree, relpaths: list[str], out: str | os.PathLike, model, *, n
     finally:
         if is_main:
             lock.release()
+
+
+def _parts_per_shard(bytes_per_vector: int, grid, part_size: int) -> int:
+    """Parts of ``part_size`` rows in one shard of about :data:`SHARD_BYTES`: a row is the global vector
+    and, with a ``grid``, one vector per patch."""
+    return max(1, SHARD_BYTES // (bytes_per_vector * (1 + (grid[0] * grid[1] if grid else 0)) * part_size))
 
 
 def complete_feature_folder(folder: Path, plan: dict) -> Optional[dict]:
@@ -853,8 +857,9 @@ def features_of_split(split, get_model: Callable[[], object], *, dense: bool, wh
     model = get_model()
     where = {"resize": embed_options.get("resize", "square"), "resolution": embed_options.get("resolution")}
     out = split_cache_dir(split, model, dense=dense, **where)
-    summary = embed_split(split, out, model, dense=dense, say=say, refresh=True,
-                          dense_cache=None if dense else split_cache_dir(split, model, dense=True, **where), **embed_options)
+    dense_cache = None if dense else split_cache_dir(split, model, dense=True, **where)
+    summary = embed_split(split, out, model, dense=dense, say=say, refresh=True, dense_cache=dense_cache,
+                          **embed_options)
     _say_embedded(summary, f"{split.dataset} {split.split} ({split.tree.path})", summary.out, what, say)
     return require_rows(Features(summary.out, what), what)
 

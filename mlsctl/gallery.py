@@ -225,13 +225,15 @@ def lookalike_key(object_id: str) -> str:
 
 
 def printable(object_id: str) -> str:
-    """An id as a message shows it: invisible characters and spaces other than U+0020 spelt as
-    escapes and a decomposed id marked, cut at 80 characters, so that two look-alikes read apart."""
+    """An id as a message shows it: :func:`~mlsctl.data.images.printable_name`, with invisible
+    characters and spaces other than U+0020 spelt as escapes too and a decomposed id marked, cut at 80
+    characters, so that two look-alikes read apart."""
     import unicodedata
 
-    shown = "".join(c if c == " " or (unicodedata.category(c) not in ("Cf", "Cc", "Zs", "Zl", "Zp")
-                                      and c not in _BLANK_CHARACTERS)
-                    else c.encode("unicode_escape").decode("ascii") for c in object_id[:80])
+    from mlsctl.data.images import printable_name
+
+    shown = "".join(c if c == " " or (unicodedata.category(c) not in ("Cf", "Zs") and c not in _BLANK_CHARACTERS)
+                    else c.encode("unicode_escape").decode("ascii") for c in printable_name(object_id[:80]))
     if unicodedata.normalize("NFC", object_id) != object_id:
         shown += " [decomposed]"
     return shown + ("..." if len(object_id) > 80 else "")

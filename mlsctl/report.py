@@ -440,8 +440,8 @@ def _classify_refined(model: dict, in_run: bool, weights: RunWeights) -> Optiona
         if not isinstance(recorded, str) or not recorded:
             return "unmatched", "records no fingerprint of the refiner (written by an older mlsctl)"
         if now is None:
-            return "unmatched", (f"refined by this run's refiner{step}, a checkpoint this run no longer keeps (or cannot "
-                                 f"read), so it cannot be told from another training of it")
+            return "unmatched", (f"refined by this run's refiner{step}, a checkpoint this run no longer keeps (or "
+                                 f"cannot read), so it cannot be told from another training of it")
         if recorded != now:
             return "unmatched", (f"refined by this run's refiner{step}, whose fingerprint is not that of its checkpoint "
                                  f"there now: the run was trained again since")

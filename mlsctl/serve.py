@@ -510,15 +510,10 @@ class GalleryService:
         whitespace at an end (400), no look-alike of a stored id (409); stored ids pass as they are."""
         with self.index_lock:
             if object_id not in self.gallery.row_of:
-                self._check_new_id_unlocked(object_id)
-
-    def _check_new_id_unlocked(self, object_id: str) -> None:
-        from mlsctl.gallery import LookalikeId
-
-        try:
-            self.gallery.check_new_id(object_id)
-        except UserError as exc:
-            raise RequestError(409 if isinstance(exc, LookalikeId) else 400, exc.message) from None
+                try:
+                    self.gallery.check_new_id(object_id)
+                except UserError as exc:
+                    raise _new_id_refusal(exc) from None
 
     def add(self, object_id: str, photos: list[Photo]) -> dict:
         self.check_id(object_id)
@@ -528,9 +523,10 @@ class GalleryService:
                 return self.model.fold(previous, cls, tokens)
 
         with self.index_lock:
-            if object_id not in self.gallery.row_of:  # again: a look-alike may have been added meanwhile
-                self._check_new_id_unlocked(object_id)
-            created, count = self.gallery.fold_into(fold, object_id, cls, tokens, len(photos))
+            try:  # a new id is checked again there: a look-alike may have been added meanwhile
+                created, count = self.gallery.fold_into(fold, object_id, cls, tokens, len(photos))
+            except UserError as exc:
+                raise _new_id_refusal(exc) from None
             total = len(self.gallery)
             self.added["requests"] += 1
             self.added["photos"] += len(photos)
@@ -566,6 +562,14 @@ class GalleryService:
             objects = len(self.gallery)
         return {"status": "ok", "gallery": self.gallery.path.name, "objects": objects,
                 "model": self.model.fingerprint[:12], "index": self.gallery.settings.kind, "read_only": self.read_only}
+
+
+def _new_id_refusal(exc: UserError) -> RequestError:
+    """A new object id the gallery refuses (:meth:`~mlsctl.gallery.Gallery.check_new_id`): 409 for a
+    look-alike of a stored id, 400 otherwise."""
+    from mlsctl.gallery import LookalikeId
+
+    return RequestError(409 if isinstance(exc, LookalikeId) else 400, exc.message)
 
 
 def _count(n: int, noun: str) -> str:

@@ -671,8 +671,9 @@ def knn_segmentation(train: FeatureMasks, val: FeatureMasks, fractions: Sequence
     plan = [(fraction, list(range(settings.runs)) if fraction < 1 else [0]) for fraction in fractions]
     total = sum(len(r) for _, r in plan) * len(val)
     # each val image once per fraction and run: "320 of 8,000 val images" puzzled a new user with 500 of them
-    bar = progress_bar(total, "knn-seg", "val images segmented" if total == len(val) else
-                       f"val image segmentations ({len(val):,} images x {total // len(val)} fractions and runs)", progress)
+    unit = ("val images segmented" if total == len(val) else
+            f"val image segmentations ({len(val):,} images x {total // len(val)} fractions and runs)")
+    bar = progress_bar(total, "knn-seg", unit, progress)
     for fraction, runs in plan:
         count = max(1, round(n * fraction))
         outcomes = []
