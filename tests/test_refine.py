@@ -316,6 +316,28 @@ def test_plots_are_drawn(trained, capsys):
     assert code == 2 and "is not a sweep JSON" in err
 
 
+def test_drift_query_turns_to_its_own_class_as_retrieval_sees_it(trained, capsys):
+    """The drift picture's query: e⁰'s nearest neighbour among the context's e⁰ of another class, e^T's among
+    the context's e^T (what refine apply writes and eval recall compares) of its own; the pick compared e^T with
+    the unrefined context before (a review, 2026-12-06)."""
+    from mlsctl.features import Features
+
+    tmp, train = trained
+    out, _ = cli_ok(capsys, "refine", "plot", str(tmp / "run"), str(train), "--points", "96", "--out",
+                    str(tmp / "drift-pick.png"), "--json")
+    query = json.loads(out)["drift"]["query"]
+    assert query["nearest_class_fixed"], query  # the fixture has such queries; the test checks the pick
+    cli_ok(capsys, "refine", "apply", str(tmp / "run"), str(train), "--out", str(tmp / "refined-pick"))
+    before, after = Features(train), Features(tmp / "refined-pick")
+    row = before.files.index(query["file"])
+    classes = [f.split("/")[0] for f in before.files]
+    for features, wanted in ((before, False), (after, True)):
+        x = F.normalize(features.global_features().float(), dim=-1)
+        scores = x @ x[row]
+        scores[row] = -2.0
+        assert (classes[int(scores.argmax())] == query["class"]) is wanted
+
+
 def test_neighbours_are_kept_for_resume_and_searched_again_only_when_they_cannot_serve(tmp_path, monkeypatch, caplog):
     """A resumed run read the neighbours of every training embedding from a search again (hours for 1 M
     on a CPU); they are kept in the run's cache/ with what they were searched for."""

@@ -77,15 +77,22 @@ def drift_figure(run_dir: str | Path, feats_dir: str | Path, out: str | Path, *,
     n, T = len(chosen), states.shape[0] - 1
     labels = [names[i] for i in chosen.tolist()]
 
-    # the query of the right panel
-    def nearest_class(x: torch.Tensor, own: int) -> str:
-        idx, _ = nearest_neighbours(x[None], context_x, 1, torch.tensor([own]))
+    # the query of the right panel: one whose nearest neighbour turns to its own class as retrieval sees it, e⁰
+    # among the context's e⁰ and e^T among the context's e^T (eval recall compares refined with refined features;
+    # against the unrefined context the pick measured a mixture of the two)
+    check_reference_size(len(context), k, True, f"context features {context.path}", "give a larger context or a smaller --k")
+    refined_context = torch.nn.functional.normalize(
+        refine(loaded.refiner, context.global_features(), context_x, k, torch.arange(len(context))), dim=-1)
+
+    def nearest_class(x: torch.Tensor, own: int, among: torch.Tensor) -> str:
+        idx, _ = nearest_neighbours(x[None], among, 1, torch.tensor([own]))
         return context_names[int(idx[0, 0])]
 
     pick, fixed = 0, False
     for i in range(n):
         own = int(exclude_all[chosen[i]])
-        if nearest_class(states[0, i], own) != labels[i] and nearest_class(states[-1, i], own) == labels[i]:
+        if (nearest_class(states[0, i], own, context_x) != labels[i]
+                and nearest_class(states[-1, i], own, refined_context) == labels[i]):
             pick, fixed = i, True
             break
     neighbour_rows = rows[pick]
@@ -133,7 +140,8 @@ def drift_figure(run_dir: str | Path, feats_dir: str | Path, out: str | Path, *,
                family="monospace")
     right.scatter([], [], marker="s", color="grey", edgecolors="green", linewidths=2, label="neighbour, same class")
     right.scatter([], [], marker="s", color="grey", edgecolors="red", linewidths=2, label="neighbour, other class")
-    how = ("its nearest neighbour turns from another class to its own" if fixed
+    how = ("its nearest neighbour turns from another class to its own (e⁰ among the context's e⁰, e^T among its "
+           "e^T)" if fixed
            else "no sampled query's nearest neighbour turns to its own class; the first one")
     right.set_title(f"one query and its {k} neighbours, numbered (square area and a: the last block's attention; "
                     f"cos: to the query's e⁰ → e^{T})\n"
