@@ -293,6 +293,30 @@ def test_sigkill_at_any_moment_then_rerun_is_exact(tmp_path: Path, finished_run)
     assert not (killed / ".partial").exists()
 
 
+def test_a_folder_replaced_while_it_is_read_is_one_sentence(tmp_path: Path):
+    """An evaluation reading a cache another command replaces (a concurrent eval knn-seg of another plan):
+    a shard gone was a raw FileNotFoundError; one rewritten under its name was read as if nothing happened."""
+    import os
+    import shutil
+
+    from conftest import write_feature_folder
+
+    files = [f"c{i % 2}/{i}.png" for i in range(6)]
+    out = write_feature_folder(tmp_path / "feats", files, torch.randn(6, 8))
+    features = Features(out)
+    assert features.global_features().shape == (6, 8)
+    shard = features.shards[0].path
+    rewritten = tmp_path / "rewritten"
+    write_feature_folder(rewritten, files, torch.randn(6, 8))
+    os.replace(rewritten / shard.name, shard)  # the same name, another file
+    with pytest.raises(UserError, match="changed while it was read .* run the command again"):
+        features.global_features()
+    shutil.rmtree(out)
+    with pytest.raises(UserError, match="changed while it was read"):
+        features.global_features([0, 1])
+    assert Features(write_feature_folder(out, files, torch.randn(6, 8))).global_features().shape == (6, 8)
+
+
 def test_damaged_or_foreign_folders_are_clear_errors(tmp_path: Path):
     images = make_images(tmp_path / "images", 5)
     out = tmp_path / "feats"

@@ -44,6 +44,12 @@ class ShardInfo:
     path: Path
     rows: int
     start: int  # first row of this shard in the concatenation
+    identity: tuple = ()  # (device, inode, size, mtime) when the folder was opened: a replaced shard is told apart
+
+
+def _identity(path: Path) -> tuple:
+    found = os.stat(path)
+    return found.st_dev, found.st_ino, found.st_size, found.st_mtime_ns
 
 
 # shard-NNNNN-of-NNNNN.safetensors; written beside the shard of that name it replaces (embed --overwrite), with the
@@ -176,6 +182,7 @@ class Features:
         if not shard.path.is_file():
             raise UserError(f"{self.what} {self.path} is damaged: {shard.path.name} is missing; embed it again with --overwrite")
         try:
+            shard.identity = _identity(shard.path)
             with safe_open(str(shard.path), "pt") as f:
                 shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
         except Exception as exc:
@@ -207,6 +214,24 @@ class Features:
                             f"preprocessing ({shown}); embed both with the same --resize and --resolution")
 
     # ------------------------------------------------------------------ access
+    def _open_shard(self, shard: ShardInfo):
+        """``safe_open`` of a shard that is still the one this folder held when it was opened: another
+        command may replace a feature folder while this one reads it (an evaluation's cache, rebuilt by
+        a concurrent ``eval knn-seg`` of another plan), and a shard gone or rewritten is one sentence,
+        not a raw FileNotFoundError or rows of the other plan read silently."""
+        from safetensors import safe_open
+
+        changed = UserError(f"{self.what} {self.path} changed while it was read ({shard.path.name} was replaced or "
+                            f"removed, by another command writing that folder); run the command again")
+        try:
+            opened = safe_open(str(shard.path), "pt")
+            same = _identity(shard.path) == shard.identity  # checked after the open: the mapped file is the one seen
+        except FileNotFoundError:
+            raise changed from None
+        if not same:
+            raise changed
+        return opened
+
     def __len__(self) -> int:
         return len(self.files)
 
@@ -242,12 +267,10 @@ class Features:
     def global_features(self, rows: Optional[Sequence[int]] = None, dtype=torch.float32) -> torch.Tensor:
         """Global features [n, D] of every row, or of ``rows`` in the order given (row i of the
         result is ``rows[i]``; a row asked twice comes twice)."""
-        from safetensors import safe_open
-
         wanted, back = (None, None) if rows is None else np.unique(np.asarray(rows, dtype=np.int64), return_inverse=True)
         parts = []
         for shard, local in self._shard_rows(wanted):
-            with safe_open(str(shard.path), "pt") as f:
+            with self._open_shard(shard) as f:
                 tensor = f.get_tensor("global")
             parts.append((tensor if local is None else tensor[torch.from_numpy(local)]).to(dtype))
         found = torch.cat(parts) if parts else torch.empty(0, self.dim, dtype=dtype)
@@ -268,8 +291,6 @@ class Features:
                    dtype=torch.float32) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield ``(rows [b], dense [b, h, w, D])`` in row order (sorted, whatever the order of ``rows``:
         each batch names its rows), reading at most one shard slice at a time."""
-        from safetensors import safe_open
-
         if batch < 1:
             raise ValueError(f"iter_dense needs a batch of 1 or more, got {batch}")
 
@@ -277,7 +298,7 @@ class Features:
             raise UserError(f"{self.what} {self.path} has no dense features; embed it with --dense")
         for shard, local in self._shard_rows(rows):
             local = np.arange(shard.rows) if local is None else local
-            with safe_open(str(shard.path), "pt") as f:
+            with self._open_shard(shard) as f:
                 dense = f.get_slice("dense")
                 for i in range(0, len(local), batch):
                     chunk = local[i:i + batch]
