@@ -64,7 +64,7 @@ __all__ = [
     "DTYPES", "FORMAT_VERSION", "MANIFEST", "PARTIAL", "SHARD_BYTES", "Features", "ShardInfo", "is_feature_folder",
     "shard_name",
     # here
-    "EmbedSummary", "folder_label", "model_label", "default_out", "embed_folder", "embed_split", "embed_listing",
+    "EmbedSummary", "folder_label", "model_label", "embed_folder", "embed_split", "embed_listing",
     "cache_dir", "split_cache_dir", "features_or_embed", "features_of_split",
 ]
 
@@ -98,14 +98,6 @@ def folder_label(images: str | os.PathLike) -> str:
     absolute = os.path.abspath(images)
     tail = "-".join(Path(absolute).parts[-3:]).replace("/", "")
     return f"{tail}-{hashlib.sha256(absolute.encode('utf-8', 'surrogateescape')).hexdigest()[:6]}"
-
-
-def default_out(images: str | os.PathLike, model) -> Path:
-    """``./features/<folder label>-<model label>/`` (:func:`folder_label`, :func:`model_label`):
-    ``train/images`` and ``val/images`` get different folders, and so do two models' features of one
-    folder (a new user's run-through, 2026-12-06: the second run's embed was refused, and the
-    ``--overwrite`` it suggested would have deleted the first's)."""
-    return Path("features") / f"{folder_label(images)}-{model_label(model)}"
 
 
 def model_label(model) -> str:
@@ -773,13 +765,14 @@ def _shard_files(out: Path) -> set[str]:
 
 def cache_dir(images: str | os.PathLike, model, root: str | os.PathLike = "features", dense: bool = True,
               resize: str = "square", resolution: Optional[int] = None) -> Path:
-    """Where commands that take images keep their features: ``features/<model>-<fingerprint>/<folder>-<hash>``
-    (the hash of the folder's absolute path keeps two folders of the same name apart), with
-    ``-global`` appended for global features alone (``eval knn``), ``-center-crop`` for images
-    centre-cropped rather than resized whole, and ``-rN`` for a resolution other than the model's
-    (``--protocol hummingbird``'s 512 px): each evaluation's features have a folder of their own, so
-    one never replaces another's (a review, 2026-12-06)."""
-    return _model_cache(model, root) / (folder_label(images) + _cache_suffix(model, dense, resize, resolution))
+    """Where the features of a folder of images live unless told otherwise, for ``embed`` (its default
+    ``--out``) and the commands that take images (``eval knn-seg --train IMAGES``, which reuse them):
+    ``features/<model>-<fingerprint>/<folder>-<hash>`` (:func:`model_label`, :func:`folder_label`: two
+    folders of the same name, or two models' features of one folder, never share one), with ``-global``
+    appended for global features alone, ``-center-crop`` for images centre-cropped rather than resized
+    whole, and ``-rN`` for a resolution other than the model's (``--protocol hummingbird``'s 512 px): each
+    kind of features has a folder of its own, so one never replaces another's (a review, 2026-12-06)."""
+    return Path(root) / model_label(model) / (folder_label(images) + _cache_suffix(model, dense, resize, resolution))
 
 
 def _cache_suffix(model, dense: bool, resize: str, resolution: Optional[int]) -> str:
@@ -790,16 +783,8 @@ def _cache_suffix(model, dense: bool, resize: str, resolution: Optional[int]) ->
 def split_cache_dir(split, model, root: str | os.PathLike = "features", dense: bool = True,
                     resize: str = "square", resolution: Optional[int] = None) -> Path:
     """:func:`cache_dir` of one split of a benchmark: ``features/<model>-<fingerprint>/<dataset>-<split>-<root label>``."""
-    return _model_cache(model, root) / (f"{split.dataset}-{split.split}-{folder_label(split.tree.path)}"
-                                        + _cache_suffix(model, dense, resize, resolution))
-
-
-def _model_cache(model, root: str | os.PathLike) -> Path:
-    # the evaluations' caches keep the names they had: a checkpoint's under "checkpoints-<fp8>" (renamed, every
-    # existing cache of one would be embedded again once; a review, 2026-12-06)
-    if model.info["source"] == "run-checkpoint":
-        return Path(root) / f"checkpoints-{model.fingerprint[:8]}"
-    return Path(root) / model_label(model)
+    return Path(root) / model_label(model) / (f"{split.dataset}-{split.split}-{folder_label(split.tree.path)}"
+                                              + _cache_suffix(model, dense, resize, resolution))
 
 
 def _made_otherwise(out: Path, plan: dict) -> bool:

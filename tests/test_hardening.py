@@ -1310,22 +1310,41 @@ def test_19_bank_export_with_the_option_first(finished_run, tmp_path, capsys):
 
 def test_20_default_embed_outputs_of_train_and_val_images_and_of_two_models_differ(tmp_path):
     """A new user's run-through (2026-12-06): a second run's embed of one folder was refused, and the
-    --overwrite it suggested would have deleted the first run's features."""
+    --overwrite it suggested would have deleted the first run's features. The default is the folder the
+    evaluations read (a code-health review: an embed, then an eval of the same images, embedded twice)."""
     from types import SimpleNamespace
 
-    from mlsctl.features import default_out
+    from mlsctl.features import cache_dir
 
-    dino = SimpleNamespace(info={"source": "run", "path": "/r/dino/teacher.safetensors", "arch": "vit"}, fingerprint="a" * 64)
+    dino = SimpleNamespace(info={"source": "run", "path": "/r/dino/teacher.safetensors", "arch": "vit", "img_size": 64},
+                           fingerprint="a" * 64)
     cribo = SimpleNamespace(info={"source": "run", "path": "/r/cribo/teacher.safetensors", "arch": "vit"},
                             fingerprint="b" * 64)
-    train, val = default_out(tmp_path / "train" / "images", dino), default_out(tmp_path / "val" / "images", dino)
-    assert train != val and train.parent == val.parent == Path("features")
-    assert "train-images" in train.name and "val-images" in val.name and train.name.endswith("-dino-aaaaaaaa")
-    assert default_out(tmp_path / "train" / "images", dino) == train  # the same command resumes into the same folder
-    assert default_out(tmp_path / "train" / "images", cribo).name.endswith("-cribo-bbbbbbbb")
+    train, val = cache_dir(tmp_path / "train" / "images", dino), cache_dir(tmp_path / "val" / "images", dino)
+    assert train != val and train.parent == val.parent == Path("features") / "dino-aaaaaaaa"
+    assert "train-images" in train.name and "val-images" in val.name
+    assert cache_dir(tmp_path / "train" / "images", dino) == train  # the same command resumes into the same folder
+    assert cache_dir(tmp_path / "train" / "images", cribo).parent.name == "cribo-bbbbbbbb"
     unfinished = SimpleNamespace(info={"source": "run-checkpoint", "path": "/r/cribo/checkpoints/step-40", "arch": "vit"},
                                  fingerprint="c" * 64)  # a run's checkpoint: named after the run, not "checkpoints"
-    assert default_out(tmp_path / "train" / "images", unfinished).name.endswith("-cribo-cccccccc")
+    assert cache_dir(tmp_path / "train" / "images", unfinished).parent.name == "cribo-cccccccc"
+    kinds = {cache_dir(tmp_path / "x", dino, dense=d, resize=r, resolution=n)
+             for d in (True, False) for r in ("square", "center-crop") for n in (None, 64, 96)}
+    assert len(kinds) == 8  # the model's own resolution given or not is one folder
+
+
+def test_20_an_embed_with_the_default_out_is_what_the_evaluations_read(finished_run, tmp_path, capsys, monkeypatch):
+    from mlsctl.features import features_or_embed
+    from mlsctl.restore import from_run
+
+    run, _ = finished_run
+    images = make_images(tmp_path / "images", 6)
+    monkeypatch.chdir(tmp_path)
+    code, out, err = cli("embed", str(images), "--run", str(run), "--dense", "--json", capsys=capsys)
+    assert code == 0, err
+    said = []
+    found = features_or_embed(images, lambda: from_run(run), dense=True, what="train features", say=said.append)
+    assert found.path.resolve() == (tmp_path / json.loads(out)["out"]).resolve() and "already in" in said[-1], said
 
 
 # ----------------------------------------------------------------------------------- 21. paths from any directory

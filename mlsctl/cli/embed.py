@@ -22,7 +22,7 @@ def embed(
     dataset: Optional[Dataset] = typer.Option(None, "--dataset", parser=one_of("--dataset", Dataset), help="Embed one split of a benchmark read from --root."),
     root: Optional[Path] = typer.Option(None, "--root", help="The dataset's folder, or its .tar/.zip read in place (with --dataset)."),
     split: Optional[Split] = typer.Option(None, "--split", parser=one_of("--split", Split), help="Split of --dataset (trainval, trainaug: voc only) [default: val]."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Feature folder [default: features/<last three parts of the images path>-<hash of it>-<model>-<fingerprint>, or features/<dataset>-<split>-<root label>-<model>-<fingerprint>]."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Feature folder [default: features/<model>-<fingerprint>/<last three parts of the images path>-<hash of it>, or .../<dataset>-<split>-<root label>, with -global without --dense: the folder the evaluations read]."),
     run: Optional[Path] = RUN_OPTION,
     weights: Optional[Path] = WEIGHTS_OPTION,
     model: Optional[str] = MODEL_OPTION,
@@ -51,7 +51,7 @@ def embed(
     """
     from mlsctl import dist
     from mlsctl.errors import UserError
-    from mlsctl.features import default_out, embed_folder, embed_split, folder_label, model_label
+    from mlsctl.features import cache_dir, embed_folder, embed_split, split_cache_dir
     from mlsctl.restore import choose_model
 
     if (images is None) == (dataset is None):
@@ -83,16 +83,17 @@ def embed(
     options = dict(dense=dense, resolution=resolution, resize=resize, batch_size=batch_size, workers=workers,
                    dtype=dtype, part_size=part_size, overwrite=overwrite, max_image_pixels=max_image_pixels,
                    say=say_once)
+    # the default --out is the folder the evaluations keep these features in (an embed, then an eval of the same
+    # images, embedded them twice: a code-health review, 2026-12-06)
+    where = dict(dense=dense, resize=resize, resolution=resolution)
     if benchmark is not None:
-        out = out if out is not None else Path("features") / (f"{benchmark.dataset}-{benchmark.split}-"
-                                                              f"{folder_label(benchmark.tree.path)}-"
-                                                              f"{model_label(choice)}")
+        out = out if out is not None else split_cache_dir(benchmark, choice, **where)
         summary = embed_split(benchmark, out, choice, **options)
     else:
         if out is not None and _inside(out, images):  # the default (features/ of the working folder) may be
             raise UserError(f"--out {out} is inside the images folder {images}: every later embed of that folder "
                             f"would list the features' files as images it could not read; choose an --out outside it")
-        out = out if out is not None else default_out(images, choice)
+        out = out if out is not None else cache_dir(images, choice, **where)
         summary = embed_folder(images, out, choice, **options)
     if not main:
         return
