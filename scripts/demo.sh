@@ -3,7 +3,7 @@
 # build fmnist-scenes, embed its scenes with the backbone and with the same architecture at random,
 # compare their dense k-NN segmentation and draw PCA patch maps; then build fmnist-products,
 # fine-tune MILE from the backbone for a few steps, index the gallery objects and search with two
-# photos of one object. About 6-8 minutes on a 2-core CPU; running it again reuses the data, the
+# photos of one object. About 5-8 minutes on a 2-core CPU (284-505 s measured); running it again reuses the data, the
 # features, the results and the finished run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
