@@ -1,7 +1,8 @@
-"""Atomic file output: write to a temporary sibling, flush to disk, then rename over the target.
+"""Atomic output: write to a temporary sibling, flush to disk, then rename over the target.
 
 A reader (or a run resumed after SIGKILL) therefore sees either the old file or the complete new
-one, never a torn write. When a library writer fails without saying why (torch's C++ stream says
+one, never a torn write; whole folders (an export, a data build, refined features, a checkpoint)
+are put in place by :func:`swap_folder`, in one step where the system can exchange two paths. When a library writer fails without saying why (torch's C++ stream says
 ``basic_ios::clear: iostream error``, safetensors its own error), :func:`explain_write_failure`
 finds the cause — a full disk or the process's file-size limit — and raises it as the
 :class:`OSError` it is, with the target's path, so the CLI can say it in one sentence.
@@ -15,12 +16,14 @@ import json
 import os
 import re
 import resource
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Flush a folder's entries (a rename into it) to disk; a file system that cannot is let be."""
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:
@@ -78,7 +81,7 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
             os.fsync(f.fileno())
         usual_permissions(tmp_path)  # mkstemp makes 0600
         os.replace(tmp_path, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -131,3 +134,58 @@ def write_with(target: str | os.PathLike, writer: Callable[[Path], None]) -> Non
     """Atomic output for libraries that write to a path themselves (safetensors, torch.save, PIL)."""
     with atomic_path(target) as tmp:
         writer(tmp)
+
+
+# ------------------------------------------------------------------------------------------ whole folders
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the
+    system or the file system cannot."""
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    AT_FDCWD, RENAME_EXCHANGE = -100, 2
+    if renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), str(a), None, str(b))
+
+
+def aside_of(out: Path) -> Path:
+    """Where :func:`swap_folder` puts ``out`` for a moment where the system cannot exchange two paths."""
+    return out.parent / f".{out.name}.swap-old"
+
+
+def swap_folder(new: str | os.PathLike, out: str | os.PathLike) -> None:
+    """Put the finished folder ``new`` where ``out`` is, in one step: the two are exchanged atomically
+    and the old one (now at ``new``) removed, so a reader of ``out`` sees the old folder or the new
+    one, and a kill at any moment loses neither. Where an exchange is impossible (not Linux), ``out``
+    is renamed aside first; a kill between the two renames is undone by :func:`recover_swap`, which
+    whoever writes ``out`` calls before it starts."""
+    new, out = Path(new), Path(out)
+    if not out.exists():
+        os.replace(new, out)
+    elif _exchange(new, out):
+        shutil.rmtree(new, ignore_errors=True)
+    else:
+        os.replace(out, aside_of(out))
+        os.replace(new, out)
+        shutil.rmtree(aside_of(out), ignore_errors=True)
+    fsync_dir(out.parent)
+
+
+def recover_swap(out: str | os.PathLike) -> None:
+    """Undo what an interrupted :func:`swap_folder` left: the old folder renamed aside goes back to
+    ``out`` when ``out`` is missing, and is removed otherwise."""
+    out = Path(out)
+    aside = aside_of(out)
+    if aside.is_dir() and not aside.is_symlink():
+        if not out.exists():
+            os.replace(aside, out)
+        else:
+            shutil.rmtree(aside, ignore_errors=True)

@@ -20,7 +20,6 @@ preprocessing (:func:`data_config`).
 
 from __future__ import annotations
 
-import errno
 import glob
 import math
 import os
@@ -157,15 +156,13 @@ def export_timm(run_dir: str | Path, out: str | Path, *, step: Optional[int] = N
                   "method": recipe.method.name, "data_root": recipe.data.root, "fingerprint": origin["fingerprint"],
                   "model_args": model_args, "load": f"timm.create_model('local-dir:{out.resolve()}', pretrained=True)"}
         atomic.write_json(tmp / "mlsctl.json", record)
-        umask = os.umask(0)
-        os.umask(umask)
         for f in tmp.iterdir():  # readable by whoever the folder is given to, as the umask allows
-            os.chmod(f, 0o666 & ~umask)
-        atomic._fsync_dir(tmp)
+            atomic.usual_permissions(f)
+        atomic.fsync_dir(tmp)
         if not overwrite and out.exists() and any(out.iterdir()):  # another export finished there meanwhile
             raise UserError(f"--out {out} received another export while this one was written; add --overwrite to "
                             f"replace it, or choose another --out")
-        _swap_into_place(tmp, out)
+        atomic.swap_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         _recover(out)
@@ -173,54 +170,10 @@ def export_timm(run_dir: str | Path, out: str | Path, *, step: Optional[int] = N
     return {**record, "out": str(out), "files": sorted(p.name for p in out.iterdir())}
 
 
-def _aside(out: Path) -> Path:
-    return out.parent / f".{out.name}.export-old"
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two existing paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the
-    system or the file system cannot."""
-    import ctypes
-
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    AT_FDCWD, RENAME_EXCHANGE = -100, 2
-    if renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
-        return False
-    raise OSError(code, os.strerror(code), str(a), None, str(b))
-
-
-def _swap_into_place(new: Path, out: Path) -> None:
-    """Put the finished export ``new`` where ``out`` is, in one step: the two folders are exchanged
-    atomically and the old one (now at ``new``) removed; a reader of ``out`` sees the old export or
-    the new one. Where an exchange is impossible (not Linux), ``out`` is renamed aside first, and a
-    kill between the two renames is undone by the next export (:func:`_recover`)."""
-    if not out.exists():
-        os.replace(new, out)
-    elif _exchange(new, out):
-        shutil.rmtree(new, ignore_errors=True)
-    else:
-        os.replace(out, _aside(out))
-        os.replace(new, out)
-        shutil.rmtree(_aside(out), ignore_errors=True)
-    atomic._fsync_dir(out.parent)
-
-
 def _recover(out: Path) -> None:
-    """Undo what an interrupted swap left: an export renamed aside goes back to ``out`` when ``out``
-    is missing, and is removed otherwise."""
-    aside = _aside(out)
-    if aside.is_dir() and not aside.is_symlink():
-        if not out.exists():
-            os.replace(aside, out)
-        else:
-            shutil.rmtree(aside, ignore_errors=True)
+    """Undo what an interrupted export left: a swap cut short (:func:`mlsctl.atomic.recover_swap`) and
+    the temporary folders of exports killed while writing."""
+    atomic.recover_swap(out)
     prefix = f".{out.name}.export-tmp"
     for tmp in out.parent.glob(f"{glob.escape(prefix)}-*"):  # of an export killed while writing
         if abandoned_temporary(tmp.name, prefix) and tmp.is_dir() and not tmp.is_symlink():

@@ -899,14 +899,14 @@ def write_gallery(path: Path, ids: list[str], latents: torch.Tensor, counts, set
             name = f"index.{len(ids)}.faiss"
             faiss.write_index(index, str(tmp / name))
             _fsync(tmp / name)
-        atomic._fsync_dir(tmp)
+        atomic.fsync_dir(tmp)
         os.replace(tmp, path / version)
     except BaseException:
         import shutil
 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    atomic._fsync_dir(path)
+    atomic.fsync_dir(path)
     manifest = dict(manifest, format_version=GALLERY_FORMAT_VERSION, index=settings.to_dict(), index_asked=asked,
                     rows=len(ids), objects=len(ids), indexed_rows=len(ids), trained_rows=len(ids),
                     dim=int(raw.shape[1]), storage_dtype=storage_dtype, data=version, index_file=name,
@@ -1014,9 +1014,9 @@ def recover_gallery(path: Path) -> None:
             os.link(path / name, tmp / name)
         except OSError:  # a file system without hard links
             shutil.copy2(path / name, tmp / name)
-    atomic._fsync_dir(tmp)
+    atomic.fsync_dir(tmp)
     os.replace(tmp, path / version)
-    atomic._fsync_dir(path)
+    atomic.fsync_dir(path)
     moved = dict(manifest, format_version=GALLERY_FORMAT_VERSION, data=version,
                  index_file=INDEX if INDEX in names and manifest["index"]["kind"] != "flat" else None)
     atomic.write_json(path / MANIFEST, moved)

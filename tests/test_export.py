@@ -97,7 +97,7 @@ def test_5_overwrite_swaps_the_export_in_one_step(finished_run, tmp_path, capsys
     two renames where there is none) leaves --out holding the old export or the new one, whole."""
     import os
 
-    from mlsctl import export
+    from mlsctl import atomic, export
     from mlsctl.runs import Run
 
     run_dir, _ = finished_run
@@ -108,7 +108,7 @@ def test_5_overwrite_swaps_the_export_in_one_step(finished_run, tmp_path, capsys
     cli_ok(capsys, "export", str(run_dir), "--out", str(tmp_path / "ref"))
     new = _export_state(tmp_path / "ref")
     assert old != new and old[0] == first
-    real_replace, real_exchange = os.replace, export._exchange
+    real_replace, real_exchange = os.replace, atomic._exchange
     for exchange in (True, False):  # Linux's exchange, and the fallback of two renames
         for n in range(1, 4):
             for when in ("before", "after"):
@@ -126,13 +126,13 @@ def test_5_overwrite_swaps_the_export_in_one_step(finished_run, tmp_path, capsys
                     return wrapped
 
                 monkeypatch.setattr(os, "replace", step(real_replace))
-                monkeypatch.setattr(export, "_exchange", step(real_exchange) if exchange else lambda a, b: False)
+                monkeypatch.setattr(atomic, "_exchange", step(real_exchange) if exchange else lambda a, b: False)
                 try:
                     export.export_timm(run_dir, out, overwrite=True)
                 except Killed:
                     pass
                 monkeypatch.setattr(os, "replace", real_replace)
-                monkeypatch.setattr(export, "_exchange", real_exchange)
+                monkeypatch.setattr(atomic, "_exchange", real_exchange)
                 assert _export_state(out) in (old, new), (exchange, n, when)
                 assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # nothing left over
                 export.export_timm(run_dir, out, step=first, overwrite=True)  # back to the old one
@@ -146,7 +146,7 @@ def test_5_a_kill_between_the_fallback_renames_is_undone_by_the_next_export(fini
     out = tmp_path / "exp"
     cli_ok(capsys, "export", str(run_dir), "--out", str(out))
     state = _export_state(out)
-    os.replace(out, tmp_path / ".exp.export-old")  # where a kill after the first rename leaves it
+    os.replace(out, tmp_path / ".exp.swap-old")  # where a kill after the first rename leaves it
     code, _, err = cli("export", str(run_dir), "--out", str(out), capsys=capsys)  # the old export is back, so:
     assert code == 2 and "add --overwrite" in err and _export_state(out) == state
 

@@ -229,6 +229,7 @@ def building(out: Path):
     removed when the build fails or is stopped; those of builds killed before (dead processes) go too.
     Two builds of one ``out`` at once no longer delete each other's files (a probe, 2026-12-06)."""
     prefix = f".{out.name}.building"
+    atomic.recover_swap(out)  # a build killed while it swapped its folder in
     for stale in out.parent.glob(f"{glob.escape(prefix)}*"):
         if abandoned_temporary(stale.name, prefix) and stale.is_dir() and not stale.is_symlink():
             shutil.rmtree(stale, ignore_errors=True)
@@ -286,7 +287,5 @@ def reusable_build(out: Path, generator: str, params: dict, overwrite: bool) -> 
 
 
 def replace_folder(tmp: Path, out: Path) -> None:
-    """Put a completely built ``tmp`` in place of ``out``."""
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    """Put a completely built ``tmp`` in place of ``out``, in one step (:func:`mlsctl.atomic.swap_folder`)."""
+    atomic.swap_folder(tmp, out)

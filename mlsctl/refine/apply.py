@@ -218,6 +218,7 @@ def write_features(out: Path, global_: torch.Tensor, source, model: dict, *, ove
     per_shard = max(1, SHARD_BYTES // bytes_per_row)
     n_shards = max(1, -(-n // per_shard))
     tmp = out.parent / f".{out.name}.refine-tmp"
+    atomic.recover_swap(out)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -232,11 +233,9 @@ def write_features(out: Path, global_: torch.Tensor, source, model: dict, *, ove
             dim=global_.shape[1], grid=None, files=source.files, skipped=source.skipped, shards=shards,
             plan={"refined_from": str(Path(source.path).resolve())})
         atomic.write_json(tmp / MANIFEST, manifest)
-        if out.exists():
-            if not overwrite:  # appeared meanwhile
-                raise UserError(f"--out {out} appeared while refining; add --overwrite or choose another --out")
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        if out.exists() and not overwrite:  # appeared meanwhile
+            raise UserError(f"--out {out} appeared while refining; add --overwrite or choose another --out")
+        atomic.swap_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -106,9 +106,7 @@ def save_checkpoint(run: Run, step: int, method, optimizer, accelerator, recipe,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a failed write (full disk) leaves no half checkpoint behind
         raise
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    atomic.swap_folder(tmp, final)  # a step saved again (a resumed run) replaces its checkpoint in one step
     run.discard_replaced()  # the run that --overwrite set aside, kept until this first checkpoint
     for old in run.checkpoints()[:-keep]:
         shutil.rmtree(old.path, ignore_errors=True)

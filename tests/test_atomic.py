@@ -1,0 +1,65 @@
+"""Whole folders put in place by mlsctl.atomic.swap_folder: a reader sees the old folder or the new one,
+and a kill at any moment loses neither (exports, data builds, refined features and checkpoints use it)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+from mlsctl import atomic
+
+
+class Killed(Exception):
+    pass
+
+
+def _folder(path, text):
+    path.mkdir()
+    (path / "file.txt").write_text(text)
+    return path
+
+
+def _state(path):
+    return (path / "file.txt").read_text() if path.is_dir() else None
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_swap_folder_replaces_in_one_step_and_a_kill_loses_nothing(tmp_path, monkeypatch, exchange):
+    real_replace, real_exchange = os.replace, atomic._exchange
+    for n in range(1, 2 if exchange else 3):  # the exchange is one call; the fallback two renames
+        out = tmp_path / "out"
+        if out.exists():
+            atomic.swap_folder(_folder(tmp_path / "reset", "old"), out)
+        else:
+            _folder(out, "old")
+        new = _folder(tmp_path / "new", "new")
+        calls = []
+
+        def kill_at_call_n(real):
+            def wrapped(*args):
+                calls.append(args)
+                result = real(*args)
+                if len(calls) == n:
+                    raise Killed
+                return result
+            return wrapped
+
+        monkeypatch.setattr(os, "replace", kill_at_call_n(real_replace))
+        monkeypatch.setattr(atomic, "_exchange", kill_at_call_n(real_exchange) if exchange else lambda a, b: False)
+        with pytest.raises(Killed):
+            atomic.swap_folder(new, out)
+        monkeypatch.setattr(os, "replace", real_replace)
+        monkeypatch.setattr(atomic, "_exchange", real_exchange)
+        atomic.recover_swap(out)  # what the next writer of out does first
+        assert _state(out) in ("old", "new") and not atomic.aside_of(out).exists()
+        if new.exists():
+            shutil.rmtree(new)
+    atomic.swap_folder(_folder(tmp_path / "new", "last"), out)
+    assert _state(out) == "last" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_swap_folder_into_a_missing_place_is_a_rename(tmp_path):
+    atomic.swap_folder(_folder(tmp_path / "new", "new"), tmp_path / "out")
+    assert _state(tmp_path / "out") == "new" and not (tmp_path / "new").exists()
