@@ -76,38 +76,32 @@ def chunked_accuracy(calculator, x: torch.Tensor, labels: torch.Tensor, k: int, 
                      progress: bool = False) -> dict[str, float]:
     """``calculator.get_accuracy(x, labels)`` (every row a query against all the others, itself
     excluded), ``chunk`` queries at a time: each metric is the mean over the retrievable queries,
-    so the chunks' values are weighted by their number of them."""
-    from tqdm import tqdm
+    so the chunks' values are weighted by their number of them. The neighbours come from the one
+    exact search with self-exclusion (:func:`mlsctl.methods.refine.neighbours.nearest_neighbours`:
+    ``k + 1`` searched, the query's own row dropped by index, the last one on ties, as the library)."""
+    from mlsctl.methods.refine.neighbours import nearest_neighbours
 
-    faiss = threads.faiss()
     labels = labels.float()  # as the library compares them
     unique, counts = torch.unique(labels, return_counts=True)  # the library's label counts, reference = all
     lone = unique[counts < 2]  # a query of these has no other of its class
-    index = faiss.IndexFlatIP(x.shape[1])
-    array = x.numpy()
-    index.add(array)
+    all_rows, all_similarities = nearest_neighbours(x, x, k, torch.arange(len(x)), chunk=chunk, progress=progress)
     functions = calculator.get_function_dict()
     totals, weight = dict.fromkeys(functions, 0.0), 0
-    with tqdm(total=len(x), desc="recall", unit="query", disable=not progress, leave=False, dynamic_ncols=True) as bar:
-        for start in range(0, len(x), chunk):
-            query_labels = labels[start:start + chunk]
-            distances, rows = (torch.from_numpy(a) for a in index.search(array[start:start + chunk], k + 1))
-            own = rows == torch.arange(start, start + len(rows))[:, None]
-            own[~own.any(1), -1] = True  # itself beyond k + 1 (ties): the last goes, as in the library
-            rows, distances = rows[~own].view(len(rows), k), distances[~own].view(len(rows), k)
-            retrievable = ~torch.isin(query_labels, lone)
-            present = torch.isin(unique, query_labels)
-            values = calculator._get_accuracy(
-                functions, query=x[start:start + chunk], reference=x, query_labels=query_labels, reference_labels=labels,
-                ref_includes_query=True, label_comparison_fn=calculator.label_comparison_fn,
-                label_counts=(unique[present], counts[present]), knn_labels=labels[rows], knn_distances=distances,
-                lone_query_labels=lone, not_lone_query_mask=retrievable)
-            n = int(retrievable.sum())
-            if n:
-                for name, value in values.items():
-                    totals[name] += value * n
-                weight += n
-            bar.update(len(rows))
+    for start in range(0, len(x), chunk):
+        query_labels = labels[start:start + chunk]
+        rows, distances = all_rows[start:start + chunk], all_similarities[start:start + chunk]
+        retrievable = ~torch.isin(query_labels, lone)
+        present = torch.isin(unique, query_labels)
+        values = calculator._get_accuracy(
+            functions, query=x[start:start + chunk], reference=x, query_labels=query_labels, reference_labels=labels,
+            ref_includes_query=True, label_comparison_fn=calculator.label_comparison_fn,
+            label_counts=(unique[present], counts[present]), knn_labels=labels[rows], knn_distances=distances,
+            lone_query_labels=lone, not_lone_query_mask=retrievable)
+        n = int(retrievable.sum())
+        if n:
+            for name, value in values.items():
+                totals[name] += value * n
+            weight += n
     return {name: total / weight if weight else float("nan") for name, total in totals.items()}
 
 
