@@ -335,8 +335,8 @@ class RunWeights:
             try:
                 found = load_refiner(self.run.root, step=key)
                 cache[key] = found.fingerprint if key is None or found.step == key else None
-            except Exception:  # noqa: BLE001 - a report lists what it can; the result is then unmatched
-                cache[key] = None
+            except (UserError, OSError, RuntimeError, ValueError):  # a report lists what it can: then unmatched
+                cache[key] = None  # (a checkpoint unreadable, of other shapes, or not a refinement; a bug still shows)
         return cache[key]
 
     def inside(self, path) -> bool:

@@ -32,7 +32,7 @@ import torch
 
 from mlsctl import atomic
 from mlsctl.console import to_stderr
-from mlsctl.errors import UserError, first_line
+from mlsctl.errors import UserError
 
 
 @dataclass
@@ -54,11 +54,9 @@ class RefinerRun:
 def load_refiner(run_dir: str | Path, step: Optional[int] = None) -> RefinerRun:
     """The refiner of a ``refine train`` run's latest checkpoint (or of its checkpoint at ``step``, when
     that one is kept), in eval mode."""
-    from safetensors.torch import load_file
-
     from mlsctl.methods.refine.model import Refiner
     from mlsctl.models.source import fingerprint
-    from mlsctl.restore import open_run, recipe_of
+    from mlsctl.restore import open_run, read_checkpoint_weights, recipe_of
 
     run = open_run(run_dir, hint="give the --out of mlsctl refine train")
     recipe = recipe_of(run)
@@ -71,11 +69,7 @@ def load_refiner(run_dir: str | Path, step: Optional[int] = None) -> RefinerRun:
         raise UserError(f"run {run_dir} has no checkpoint yet; wait for its first one (or finish it with mlsctl refine "
                         f"train ... --resume)")
     state = checkpoint.state()
-    try:
-        weights = load_file(str(checkpoint.model_path))
-    except Exception as exc:
-        raise UserError(f"{checkpoint.model_path} cannot be read ({first_line(exc, 120)}); delete "
-                        f"{checkpoint.path} to use the checkpoint before it") from None
+    weights = read_checkpoint_weights(checkpoint.model_path)  # a damaged, missing or unreadable file: one sentence
     own = {k[len("refiner."):]: v for k, v in weights.items() if k.startswith("refiner.")}
     cfg = recipe.method
     if "blocks.0.q.weight" not in own:
