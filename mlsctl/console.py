@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Optional
 
 
 def to_stderr(line: str) -> None:
@@ -25,13 +26,24 @@ class LogProgress:
         self.clock = clock or time.monotonic
         self.done, self.started = 0, self.clock()
         self.last = self.started
+        self.first: Optional[tuple[float, int]] = None  # (time, count) of the first update
 
     def update(self, n: int) -> None:
         self.done += n
         now = self.clock()
-        if now - self.last >= self.every and self.done < self.total:
+        if self.first is None:
+            self.first = (now, self.done)
+        # the rate from the first update on: the time before it is start-up (a model, a search index), and a first
+        # estimate from the start said a knn-seg of minutes would take far longer (a new user's run-through);
+        # a single update says its count only, once two intervals have passed
+        since, counted_before = self.first
+        steady = self.done > counted_before and now > since
+        if now - self.last >= self.every and self.done < self.total and (steady or now - self.started >= 2 * self.every):
             self.last = now
-            rate = self.done / max(now - self.started, 1e-9)
+            if not steady:  # one update so far: its rate would count the start-up too, so no estimate yet
+                self.say(f"{self.what}: {self.done:,} of {self.total:,} {self.unit} so far")
+                return
+            rate = (self.done - counted_before) / (now - since)
             left = (self.total - self.done) / rate if rate > 0 else float("inf")
             shown = f"{rate:.0f}/s" if rate >= 10 else f"{rate:.2g}/s"
             self.say(f"{self.what}: {self.done:,} of {self.total:,} {self.unit}, {shown}, about {_duration(left)} left")

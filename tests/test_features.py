@@ -626,9 +626,31 @@ def test_progress_lines_read_well_at_any_speed():
 
     now, lines = [0.0], []
     slow = LogProgress(100_000, "embed", every=30.0, say=lines.append, clock=lambda: now[0])
+    now[0] = 10.0
+    slow.update(13)
     now[0] = 40.0
-    slow.update(52)
+    slow.update(39)
     assert lines == ["embed: 52 of 100,000 images, 1.3/s, about 21.4 h left"]
+
+
+def test_progress_estimates_leave_the_start_up_out():
+    """A new user's run-through (2026-12-06): knn-seg's first line, a minute into building its memory, said
+    far more time left than the run took; the rate now runs from the first update."""
+    from mlsctl.console import LogProgress
+
+    now, lines = [0.0], []
+    progress = LogProgress(10_000, "knn-seg", every=30.0, say=lines.append, clock=lambda: now[0])
+    now[0] = 60.0  # start-up, then 100 images a second
+    progress.update(100)
+    assert lines == ["knn-seg: 100 of 10,000 images so far"]  # one update: no rate to estimate from yet
+    for _ in range(30):
+        now[0] += 1.0
+        progress.update(100)
+    assert lines[1:] == ["knn-seg: 3,100 of 10,000 images, 100/s, about 69 s left"]
+    lone, said = LogProgress(10, "x", every=30.0, say=lines.append, clock=lambda: now[0]), len(lines)
+    now[0] += 61.0
+    lone.update(1)  # a single huge batch still shows life after two intervals
+    assert lines[said:] == ["x: 1 of 10 images so far"]
 
 
 def test_global_features_are_read_from_a_complete_dense_cache_of_the_same_images(tmp_path: Path):
