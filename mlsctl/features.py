@@ -46,13 +46,13 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from mlsctl.console import LogProgress, to_stderr
-from mlsctl import __version__, atomic
+from mlsctl import atomic
 from mlsctl import dist
 from mlsctl.data.images import DEFAULT_MAX_IMAGE_PIXELS
 from mlsctl.data.loader import Loader, worker_init
 from mlsctl.data.preprocessing import RESIZE_MODES, Preprocessing
 from mlsctl.data.shards import (DTYPES, FORMAT_VERSION, MANIFEST, PARTIAL, SHARD_BYTES, Features, ShardInfo,
-                                is_feature_folder, shard_name)
+                                feature_manifest, is_feature_folder, shard_name, write_shard)
 from mlsctl.errors import Interrupted, UserError
 from mlsctl.locks import LOCK_NAME, FolderLock
 
@@ -62,7 +62,7 @@ __all__ = [
     "RESIZE_MODES", "Preprocessing",
     # mlsctl.data.shards
     "DTYPES", "FORMAT_VERSION", "MANIFEST", "PARTIAL", "SHARD_BYTES", "Features", "ShardInfo", "is_feature_folder",
-    "shard_name",
+    "shard_name", "write_shard", "feature_manifest",
     # here
     "EmbedSummary", "folder_label", "model_label", "embed_folder", "embed_split", "embed_listing",
     "cache_dir", "split_cache_dir", "features_or_embed", "features_of_split",
@@ -727,28 +727,6 @@ def _write_manifest(out: Path, plan: dict, plan_sha: str, layout: list[dict], re
         (out / name).unlink(missing_ok=True)
     shutil.rmtree(out / PARTIAL, ignore_errors=True)
     return manifest
-
-
-def write_shard(path: Path, global_: torch.Tensor, start: int, dense: Optional[torch.Tensor] = None) -> int:
-    """One shard file of a feature folder, written atomically: ``global`` [n, D], ``dense`` [n, h, w, D]
-    when given, and ``row``, their row numbers in the folder from ``start``. Returns n."""
-    from safetensors.torch import save_file
-
-    shard = {"global": global_.contiguous()}
-    if dense is not None:
-        shard["dense"] = dense.contiguous()
-    shard["row"] = torch.arange(start, start + len(global_), dtype=torch.long)
-    atomic.write_with(path, lambda tmp: save_file(shard, str(tmp), metadata={"format": "mlsctl-features"}))
-    return len(global_)
-
-
-def feature_manifest(*, input_root, model: dict, preprocessing: dict, dtype: str, normalization: str, dim: int,
-                     grid, files: list[str], skipped: list, shards: list[dict], plan: dict) -> dict:
-    """The ``manifest.json`` of a feature folder (docs/formats.md): what every reader checks."""
-    return {"kind": "mlsctl-features", "format_version": FORMAT_VERSION, "mlsctl_version": __version__,
-            "input_root": str(input_root), "model": model, "preprocessing": preprocessing, "dtype": dtype,
-            "normalization": normalization, "dim": int(dim), "grid": grid, "files": list(files),
-            "skipped": list(skipped), "shards": shards, "plan": plan}
 
 
 def _shard_files(out: Path) -> set[str]:

@@ -1,5 +1,6 @@
-"""Reading feature shards: the one format ``embed`` writes (:mod:`mlsctl.features`) and ``eval``,
-``viz``, ``index``, ``bank`` and the refinement method read.
+"""Feature shards, the one format ``embed`` writes (:mod:`mlsctl.features`, through :func:`write_shard`
+and :func:`feature_manifest`, as ``refine apply`` does) and ``eval``, ``viz``, ``index``, ``bank`` and
+the refinement method read (:class:`Features`).
 
 A feature folder holds ``manifest.json`` (written last) and ``shard-NNNNN-of-NNNNN.safetensors``
 files (``global`` [n, D], optional ``dense`` [n, h, w, D], ``row`` [n]; named
@@ -21,6 +22,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 import torch
 
+from mlsctl import __version__, atomic
 from mlsctl.errors import UserError, first_line
 
 FORMAT_VERSION = 1
@@ -32,6 +34,28 @@ DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 
 def shard_name(index: int, count: int) -> str:
     return f"shard-{index:05d}-of-{count:05d}.safetensors"
+
+
+def write_shard(path: Path, global_: torch.Tensor, start: int, dense: Optional[torch.Tensor] = None) -> int:
+    """One shard file of a feature folder, written atomically: ``global`` [n, D], ``dense`` [n, h, w, D]
+    when given, and ``row``, their row numbers in the folder from ``start``. Returns n."""
+    from safetensors.torch import save_file
+
+    shard = {"global": global_.contiguous()}
+    if dense is not None:
+        shard["dense"] = dense.contiguous()
+    shard["row"] = torch.arange(start, start + len(global_), dtype=torch.long)
+    atomic.write_with(path, lambda tmp: save_file(shard, str(tmp), metadata={"format": "mlsctl-features"}))
+    return len(global_)
+
+
+def feature_manifest(*, input_root, model: dict, preprocessing: dict, dtype: str, normalization: str, dim: int,
+                     grid, files: list[str], skipped: list, shards: list[dict], plan: dict) -> dict:
+    """The ``manifest.json`` of a feature folder (docs/formats.md): what every reader checks."""
+    return {"kind": "mlsctl-features", "format_version": FORMAT_VERSION, "mlsctl_version": __version__,
+            "input_root": str(input_root), "model": model, "preprocessing": preprocessing, "dtype": dtype,
+            "normalization": normalization, "dim": int(dim), "grid": grid, "files": list(files),
+            "skipped": list(skipped), "shards": shards, "plan": plan}
 
 
 def is_feature_folder(path: str | os.PathLike) -> bool:

@@ -205,7 +205,7 @@ def apply_refinement(run_dir: str | Path, feats_dir: str | Path, out: str | Path
 def write_features(out: Path, global_: torch.Tensor, source, model: dict, *, overwrite: bool, normalization: str) -> None:
     """A feature folder with the rows of ``source`` (files, input root, preprocessing) and new
     global features, written next to ``out`` and renamed into place."""
-    from mlsctl.features import MANIFEST, SHARD_BYTES, feature_manifest, shard_name, write_shard
+    from mlsctl.data.shards import MANIFEST, SHARD_BYTES, feature_manifest, shard_name, write_shard
 
     n = len(global_)
     bytes_per_row = max(1, global_.shape[1] * global_.element_size())
