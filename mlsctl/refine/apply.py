@@ -74,8 +74,7 @@ def load_refiner(run_dir: str | Path, step: Optional[int] = None) -> RefinerRun:
     cfg = recipe.method
     if "blocks.0.q.weight" not in own:
         raise UserError(f"{checkpoint.model_path} holds no refiner blocks; is {run_dir} a refine run?")
-    refiner = Refiner(own["blocks.0.q.weight"].shape[1], cfg.blocks, cfg.out_dim, cfg.mlp_ratio, cfg.zero_init,
-                      cfg.input_scale)
+    refiner = Refiner.of_config(own["blocks.0.q.weight"].shape[1], cfg)
     refiner.load_state_dict(own, strict=True)
     train_model = None
     manifest = Path(recipe.data.root or "") / "manifest.json"

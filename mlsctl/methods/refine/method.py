@@ -258,7 +258,7 @@ class Refine(Method):
         cfg = self.cfg
         if dim is None:
             dim = FeatureData(recipe.data.root).features.dim
-        self.refiner = Refiner(dim, cfg.blocks, cfg.out_dim, cfg.mlp_ratio, cfg.zero_init, cfg.input_scale)
+        self.refiner = Refiner.of_config(dim, cfg)
 
     @classmethod
     def check_recipe(cls, recipe):

@@ -58,6 +58,12 @@ class Refiner(nn.Module):
         self.blocks = nn.ModuleList(CrossAttentionBlock(dim, mlp_ratio, zero_init, input_scale) for _ in range(blocks))
         self.project = nn.Linear(dim, out_dim) if out_dim else None
 
+    @classmethod
+    def of_config(cls, dim: int, cfg) -> "Refiner":
+        """The refiner a run's ``method`` settings (:class:`~mlsctl.methods.refine.config.RefineConfig`)
+        build for embeddings of width ``dim``: the training method's and ``refine apply``'s one way."""
+        return cls(dim, cfg.blocks, cfg.out_dim, cfg.mlp_ratio, cfg.zero_init, cfg.input_scale)
+
     def forward(self, x: torch.Tensor, neighbours: torch.Tensor, trace: bool = False):
         """e⁰ [B, d1] and its neighbours [B, k, d1] → e^T [B, d2]; with ``trace`` also the list
         e⁰, e¹, ..., e^T (width d1, before the final layer) and each block's attention [B, k]."""
