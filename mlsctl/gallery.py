@@ -320,6 +320,47 @@ def ranked(found: Sequence[tuple[str, float]]) -> list[dict]:
     return [{"rank": i + 1, "object": object_id, "score": score} for i, (object_id, score) in enumerate(found)]
 
 
+SEARCH_BATCH = 256  # sets searched at once by search_sets (flat, 200k objects: 88 ms a set alone, 34 ms batched)
+
+
+def search_sets(gallery: "Gallery", model: SetModel, queries: Sequence[tuple[int, object, list[Path]]], k: int, *,
+                workers: Optional[int] = None, source: str = "--sets", batch: Optional[int] = None):
+    """Search every query set of :func:`read_query_sets` in ``gallery``: yields ``(line number, record)`` in
+    input order, the record ``{"id", "set", "results"}`` (:func:`ranked`) or ``{"id", "set", "error"}`` where
+    a photo of the set cannot be read (that set alone fails). Photos are embedded across sets
+    (:func:`set_tokens`) and ``batch`` sets searched at once; stopped (Ctrl-C), it yields the sets already
+    embedded before the interruption goes on, each once."""
+    import torch
+
+    batch = batch or SEARCH_BATCH
+    pending: list[tuple[int, dict, object]] = []  # (line, record, its latent or its error), in input order
+
+    def answered():
+        latents = [latent for _, _, latent in pending if not isinstance(latent, str)]
+        found = iter(gallery.search_many(torch.stack(latents), k) if latents else [])
+        while pending:  # each record leaves the list as it is given: never twice
+            number, record, latent = pending.pop(0)
+            record.update({"error": latent} if isinstance(latent, str) else {"results": ranked(next(found))})
+            yield number, record
+
+    embedded = set_tokens([photos for _, _, photos in queries], model, workers=workers, strict=False)
+    try:
+        for (number, query_id, photos), (cls, tokens, unreadable) in zip(queries, embedded):
+            record = {"id": query_id, "set": [str(p) for p in photos]}
+            if unreadable:
+                path, reason = unreadable[0]
+                more = f" (and {len(unreadable) - 1} more of its photos)" if len(unreadable) > 1 else ""
+                pending.append((number, record, f"{source} line {number}: cannot read {path}: {reason}{more}"))
+            else:
+                pending.append((number, record, model.fold(None, cls, tokens)))
+            if len(pending) >= batch:
+                yield from answered()
+    except KeyboardInterrupt:  # the sets already embedded are given before the interruption is said
+        yield from answered()
+        raise
+    yield from answered()
+
+
 def photo_batches(paths: Sequence[Path], preprocessing, *, batch_size: int = 64, workers: Optional[int] = None,
                   progress: Optional[bool] = None, strict: bool = True, pin_memory: bool = False):
     """``(rows, pixels, unreadable)`` of ``paths`` in order, ``batch_size`` photos a batch, decoded

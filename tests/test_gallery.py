@@ -386,3 +386,36 @@ def test_index_build_refuses_object_folders_that_read_alike_and_retrieval_reads_
     with pytest.raises(UserError, match="object folder 'tea ' begins or ends with whitespace"):
         build_gallery(tmp_path / "images", None, tmp_path / "g", IndexSettings())
     assert not (tmp_path / "g").exists()
+
+
+def test_search_sets_gives_the_embedded_sets_once_before_a_ctrl_c(monkeypatch):
+    """search --sets printed the sets searched so far on Ctrl-C, each once (b8999e5); the loop moved from the CLI
+    into mlsctl.gallery.search_sets, which keeps that promise."""
+    from types import SimpleNamespace
+
+    from mlsctl import gallery as gallery_lib
+
+    def tokens(sets, model, **kwargs):
+        for i, _ in enumerate(sets):
+            if i == 3:
+                raise KeyboardInterrupt
+            yield torch.full((1, 4), float(i)), None, [("x.png", "damaged")] if i == 1 else []
+
+    monkeypatch.setattr(gallery_lib, "set_tokens", tokens)
+    searched = []
+
+    def search_many(latents, k):
+        searched.append(len(latents))
+        return [[(f"obj{int(latent[0])}", 1.0)] for latent in latents]
+
+    gallery = SimpleNamespace(search_many=search_many)
+    model = SimpleNamespace(fold=lambda state, cls, tokens: cls[0])
+    queries = [(n + 1, f"q{n}", [f"{n}.png"]) for n in range(6)]
+    given = []
+    with pytest.raises(KeyboardInterrupt):
+        for number, record in gallery_lib.search_sets(gallery, model, queries, 1, batch=2):
+            given.append((number, record))
+    assert [n for n, _ in given] == [1, 2, 3]
+    assert given[0][1] == {"id": "q0", "set": ["0.png"], "results": [{"rank": 1, "object": "obj0", "score": 1.0}]}
+    assert given[1][1]["error"] == "--sets line 2: cannot read x.png: damaged"
+    assert given[2][1]["results"][0]["object"] == "obj2" and searched == [1, 1]

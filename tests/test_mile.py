@@ -267,7 +267,7 @@ def test_query_sets_embedded_in_batches_across_sets_equal_each_set_alone_and_an_
 def test_search_sets_answers_in_input_order_whatever_the_search_batch(mile_run, tmp_path, capsys, monkeypatch):
     """search --sets searches its sets' latents together, SEARCH_BATCH at a time; the lines come out
     in input order, errors in their place, the same whether batches hold 2 sets or all."""
-    from mlsctl.cli import index as index_cli
+    from mlsctl import gallery as gallery_lib
 
     gallery = tmp_path / "g"
     cli_ok(capsys, "index", "build", str(mile_run / "gallery"), "--run", str(mile_run / "run"), "--out", str(gallery))
@@ -278,7 +278,7 @@ def test_search_sets_answers_in_input_order_whatever_the_search_batch(mile_run, 
     sets.write_text("\ufeff" + "".join(json.dumps(line) + "\n" for line in lines))  # a BOM, as Windows editors write
     answers = {}
     for batch in (2, 256):
-        monkeypatch.setattr(index_cli, "SEARCH_BATCH", batch)
+        monkeypatch.setattr(gallery_lib, "SEARCH_BATCH", batch)
         code, out, _ = cli("search", "--sets", str(sets), "--index", str(gallery), "-k", "3", capsys=capsys)
         answers[batch] = [json.loads(line) for line in out.splitlines()]
         assert code == 2 and [a["id"] for a in answers[batch]] == [line["id"] for line in lines]

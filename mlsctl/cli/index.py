@@ -52,7 +52,6 @@ def build(
           + (f" (nlist {settings.nlist}, m {settings.m}, {pq_bits} bits, nprobe {nprobe})" if index == "ivfpq" else ""))
 
 
-SEARCH_BATCH = 256  # sets that search --sets searches at once (flat, 200k objects: 88 ms a set alone, 34 ms batched)
 RETRAIN_SHARE = 0.2  # objects written since the IVF quantiser was trained, above which `index add` says so
 
 
@@ -136,9 +135,7 @@ def search(
     Many sets, one model load: mlsctl search --sets queries.jsonl --index galleries/products > results.jsonl
     """
     from mlsctl.errors import UserError
-    import torch
-
-    from mlsctl.gallery import Gallery, choose_set_model, load_images, newest_gallery, ranked, read_query_sets, set_tokens
+    from mlsctl.gallery import Gallery, choose_set_model, load_images, newest_gallery, ranked, read_query_sets, search_sets
 
     if (images is None) == (sets is None):
         raise UserError("give the photos of one set with --set, or a JSONL file of sets with --sets")
@@ -161,33 +158,10 @@ def search(
     if queries is not None:
         started = time.perf_counter()
         failed = []
-        embedded = set_tokens([photos for _, _, photos in queries], model, workers=workers, strict=False)
-        pending: list[tuple[dict, object]] = []  # (record, its latent or its error), in input order
-
-        def answer() -> None:  # one search for every pending latent, the lines in input order
-            latents = [latent for _, latent in pending if not isinstance(latent, str)]
-            found = iter(target.search_many(torch.stack(latents), k) if latents else [])
-            while pending:  # each line leaves the list as it is printed: never printed twice
-                record, latent = pending.pop(0)
-                record.update({"error": latent} if isinstance(latent, str) else {"results": ranked(next(found))})
-                print(json.dumps(record), flush=True)
-
-        try:
-            for (number, query_id, photos), (cls, tokens, unreadable) in zip(queries, embedded):
-                record = {"id": query_id, "set": [str(p) for p in photos]}
-                if unreadable:  # one unreadable photo costs its own set, not the rest of the file
-                    failed.append(number)
-                    path, reason = unreadable[0]
-                    more = f" (and {len(unreadable) - 1} more of its photos)" if len(unreadable) > 1 else ""
-                    pending.append((record, f"--sets {sets} line {number}: cannot read {path}: {reason}{more}"))
-                else:
-                    pending.append((record, model.fold(None, cls, tokens)))
-                if len(pending) >= SEARCH_BATCH:
-                    answer()
-        except KeyboardInterrupt:  # the sets already searched are printed before the interruption is said
-            answer()
-            raise
-        answer()
+        for number, record in search_sets(target, model, queries, k, workers=workers, source=f"--sets {sets}"):
+            if "error" in record:
+                failed.append(number)
+            print(json.dumps(record), flush=True)
         seconds = time.perf_counter() - started
         searched = len(queries) - len(failed)
         say(f"searched {searched} sets in {seconds:.2f}s ({searched / max(seconds, 1e-9):.1f} sets/s)")
