@@ -338,6 +338,17 @@ def test_drift_query_turns_to_its_own_class_as_retrieval_sees_it(trained, capsys
         assert (classes[int(scores.argmax())] == query["class"]) is wanted
 
 
+def test_drift_picture_of_a_refiner_with_a_final_layer(tmp_path, capsys):
+    """method.out_dim: e^T is projected to another width after the blocks; the query pick compares the
+    refined output with the context refined alike (a first version compared the blocks' e^T with it)."""
+    x, y = _clusters(n_classes=8, per_class=4)
+    feats = _folder(tmp_path / "feats", x, y)
+    run_cli(*_train_args(feats, tmp_path / "run"), "method.out_dim=8", "method.zero_init=false", check=True)
+    out, _ = cli_ok(capsys, "refine", "plot", str(tmp_path / "run"), str(feats), "--points", "32", "--out",
+                    str(tmp_path / "drift.png"), "--json")
+    assert json.loads(out)["drift"]["points"] == 32 and (tmp_path / "drift.png").is_file()
+
+
 def test_neighbours_are_kept_for_resume_and_searched_again_only_when_they_cannot_serve(tmp_path, monkeypatch, caplog):
     """A resumed run read the neighbours of every training embedding from a search again (hours for 1 M
     on a CPU); they are kept in the run's cache/ with what they were searched for."""

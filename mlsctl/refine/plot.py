@@ -47,6 +47,23 @@ def _project(points: np.ndarray, projection: str, seed: int) -> np.ndarray:
                 ).fit_transform(reduced)
 
 
+def _pick_query(before: torch.Tensor, after: torch.Tensor, context_before: torch.Tensor, context_after: torch.Tensor,
+                own_rows: torch.Tensor, labels: list[str], context_names: list[str]) -> tuple[int, bool]:
+    """(index, True) of the first query whose nearest neighbour turns from another class to its own as
+    retrieval sees it — e⁰ (``before``) among the context's e⁰, the refined output (``after``, final layer
+    included) among the context refined alike (eval recall compares refined with refined features; against
+    the unrefined context the pick measured a mixture of the two) — each query's own row excluded; (0,
+    False) when none does."""
+    from mlsctl.methods.refine.neighbours import nearest_neighbours
+
+    nearest_before, _ = nearest_neighbours(before, context_before, 1, own_rows)
+    nearest_after, _ = nearest_neighbours(after, context_after, 1, own_rows)
+    for i, label in enumerate(labels):
+        if context_names[int(nearest_before[i, 0])] != label and context_names[int(nearest_after[i, 0])] == label:
+            return i, True
+    return 0, False
+
+
 def drift_figure(run_dir: str | Path, feats_dir: str | Path, out: str | Path, *, context_dir: Optional[str | Path] = None,
                  labels_file: Optional[Path] = None, points: int = 500, projection: str = "pca", seed: int = 0,
                  k: Optional[int] = None) -> dict:
@@ -58,7 +75,7 @@ def drift_figure(run_dir: str | Path, feats_dir: str | Path, out: str | Path, *,
 
     from mlsctl.evaluate.knn import labels_for
     from mlsctl.refine.apply import open_inputs, refine, self_rows
-    from mlsctl.methods.refine.neighbours import check_reference_size, nearest_neighbours
+    from mlsctl.methods.refine.neighbours import check_reference_size
 
     if projection not in PROJECTIONS:
         raise UserError(f"--projection {projection} is not one of {', '.join(PROJECTIONS)}")
@@ -73,28 +90,12 @@ def drift_figure(run_dir: str | Path, feats_dir: str | Path, out: str | Path, *,
     chosen = torch.randperm(len(features), generator=generator)[:points].sort().values
     queries = features.global_features(chosen.tolist())
     context_x = torch.nn.functional.normalize(context.global_features(), dim=-1)
-    _, states, attentions, rows = refine(loaded.refiner, queries, context_x, k, exclude_all[chosen], trace=True)
+    refined, states, attentions, rows = refine(loaded.refiner, queries, context_x, k, exclude_all[chosen], trace=True)
     n, T = len(chosen), states.shape[0] - 1
     labels = [names[i] for i in chosen.tolist()]
-
-    # the query of the right panel: one whose nearest neighbour turns to its own class as retrieval sees it, e⁰
-    # among the context's e⁰ and e^T among the context's e^T (eval recall compares refined with refined features;
-    # against the unrefined context the pick measured a mixture of the two)
     check_reference_size(len(context), k, True, f"context features {context.path}", "give a larger context or a smaller --k")
-    refined_context = torch.nn.functional.normalize(
-        refine(loaded.refiner, context.global_features(), context_x, k, torch.arange(len(context))), dim=-1)
-
-    def nearest_class(x: torch.Tensor, own: int, among: torch.Tensor) -> str:
-        idx, _ = nearest_neighbours(x[None], among, 1, torch.tensor([own]))
-        return context_names[int(idx[0, 0])]
-
-    pick, fixed = 0, False
-    for i in range(n):
-        own = int(exclude_all[chosen[i]])
-        if (nearest_class(states[0, i], own, context_x) != labels[i]
-                and nearest_class(states[-1, i], own, refined_context) == labels[i]):
-            pick, fixed = i, True
-            break
+    refined_context = refine(loaded.refiner, context.global_features(), context_x, k, torch.arange(len(context)))
+    pick, fixed = _pick_query(states[0], refined, context_x, refined_context, exclude_all[chosen], labels, context_names)
     neighbour_rows = rows[pick]
     stacked = torch.cat([states.reshape(-1, states.shape[-1]), context_x[neighbour_rows]]).numpy()
     flat = _project(stacked, projection, seed)
