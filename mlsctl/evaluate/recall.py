@@ -77,19 +77,18 @@ def chunked_accuracy(calculator, x: torch.Tensor, labels: torch.Tensor, k: int, 
     """``calculator.get_accuracy(x, labels)`` (every row a query against all the others, itself
     excluded), ``chunk`` queries at a time: each metric is the mean over the retrievable queries,
     so the chunks' values are weighted by their number of them. The neighbours come from the one
-    exact search with self-exclusion (:func:`mlsctl.methods.refine.neighbours.nearest_neighbours`:
-    ``k + 1`` searched, the query's own row dropped by index, the last one on ties, as the library)."""
-    from mlsctl.methods.refine.neighbours import nearest_neighbours
+    exact search with self-exclusion (:func:`mlsctl.methods.refine.neighbours.neighbour_chunks`:
+    ``k + 1`` searched, the query's own row dropped by index, the last one on ties, as the library),
+    one chunk's neighbours held at a time."""
+    from mlsctl.methods.refine.neighbours import neighbour_chunks
 
     labels = labels.float()  # as the library compares them
     unique, counts = torch.unique(labels, return_counts=True)  # the library's label counts, reference = all
     lone = unique[counts < 2]  # a query of these has no other of its class
-    all_rows, all_similarities = nearest_neighbours(x, x, k, torch.arange(len(x)), chunk=chunk, progress=progress)
     functions = calculator.get_function_dict()
     totals, weight = dict.fromkeys(functions, 0.0), 0
-    for start in range(0, len(x), chunk):
+    for start, rows, distances in neighbour_chunks(x, x, k, torch.arange(len(x)), chunk=chunk, progress=progress):
         query_labels = labels[start:start + chunk]
-        rows, distances = all_rows[start:start + chunk], all_similarities[start:start + chunk]
         retrievable = ~torch.isin(query_labels, lone)
         present = torch.isin(unique, query_labels)
         values = calculator._get_accuracy(
