@@ -338,6 +338,25 @@ def test_drift_query_turns_to_its_own_class_as_retrieval_sees_it(trained, capsys
         assert (classes[int(scores.argmax())] == query["class"]) is wanted
 
 
+def test_drift_query_pick_in_a_large_context_refines_only_the_queries_neighbours(trained, capsys, monkeypatch):
+    """A review (2026-12-06): refining the whole context to pick one query is an exact search of the context
+    against itself, hours at 1 M rows; beyond EXACT_PICK_ROWS only the sampled queries' neighbours are refined,
+    and a context of k rows (no row has k others) picks no query instead of refusing the picture."""
+    from mlsctl.refine import apply, plot
+
+    tmp, train = trained
+    sizes = []
+    real = apply.refine
+    monkeypatch.setattr(apply, "refine", lambda refiner, q, *a, **kw: sizes.append(len(q)) or real(refiner, q, *a, **kw))
+    monkeypatch.setattr(plot, "EXACT_PICK_ROWS", 50)
+    drawn = plot.drift_figure(tmp / "run", train, tmp / "drift-large.png", points=10, seed=0)
+    assert sizes[0] == 10 and 4 <= sizes[1] <= 40  # the sampled queries, then at most their 10 x 4 neighbours
+    assert drawn["query"]["nearest_class_fixed"] in (True, False) and (tmp / "drift-large.png").is_file()
+    small = _folder(tmp / "four", *[t[:4] for t in _clusters(n_classes=12, per_class=8)], prefix="s")
+    drawn = plot.drift_figure(tmp / "run", train, tmp / "drift-small.png", points=10, context_dir=small)
+    assert drawn["query"]["nearest_class_fixed"] is False
+
+
 def test_drift_picture_of_a_refiner_with_a_final_layer(tmp_path, capsys):
     """method.out_dim: e^T is projected to another width after the blocks; the query pick compares the
     refined output with the context refined alike (a first version compared the blocks' e^T with it)."""

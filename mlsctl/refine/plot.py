@@ -47,19 +47,40 @@ def _project(points: np.ndarray, projection: str, seed: int) -> np.ndarray:
                 ).fit_transform(reduced)
 
 
-def _pick_query(before: torch.Tensor, after: torch.Tensor, context_before: torch.Tensor, context_after: torch.Tensor,
+EXACT_PICK_ROWS = 20_000  # contexts up to this size are refined whole to pick the query (seconds on a CPU)
+
+
+def _refined_context(refiner, context, context_x: torch.Tensor, k: int, rows: torch.Tensor):
+    """(context rows, their refined features) that the query pick searches: the whole context when it
+    has at most :data:`EXACT_PICK_ROWS` rows; beyond, the sampled queries' k neighbours only (refining
+    every row is an exact search of the context against itself: hours at 1 M rows); None when the
+    context is too small for a row to have k neighbours besides itself."""
+    from mlsctl.refine.apply import refine
+
+    if len(context) <= k:
+        return None
+    ids = torch.arange(len(context)) if len(context) <= EXACT_PICK_ROWS else torch.unique(rows.flatten())
+    return ids, refine(refiner, context.global_features(ids.tolist()), context_x, k, ids)
+
+
+def _pick_query(before: torch.Tensor, after: torch.Tensor, context_before: torch.Tensor, refined_context,
                 own_rows: torch.Tensor, labels: list[str], context_names: list[str]) -> tuple[int, bool]:
     """(index, True) of the first query whose nearest neighbour turns from another class to its own as
     retrieval sees it — e⁰ (``before``) among the context's e⁰, the refined output (``after``, final layer
-    included) among the context refined alike (eval recall compares refined with refined features; against
-    the unrefined context the pick measured a mixture of the two) — each query's own row excluded; (0,
-    False) when none does."""
+    included) among the context refined alike (``refined_context``: :func:`_refined_context`; eval recall
+    compares refined with refined features, and against the unrefined context the pick measured a mixture
+    of the two) — each query's own row excluded; (0, False) when none does."""
     from mlsctl.methods.refine.neighbours import nearest_neighbours
 
+    if refined_context is None:
+        return 0, False
+    ids, refined = refined_context
+    position = {int(row): j for j, row in enumerate(ids)}
     nearest_before, _ = nearest_neighbours(before, context_before, 1, own_rows)
-    nearest_after, _ = nearest_neighbours(after, context_after, 1, own_rows)
+    nearest_after, _ = nearest_neighbours(after, refined, 1, torch.tensor([position.get(int(r), -1) for r in own_rows]))
     for i, label in enumerate(labels):
-        if context_names[int(nearest_before[i, 0])] != label and context_names[int(nearest_after[i, 0])] == label:
+        if (context_names[int(nearest_before[i, 0])] != label
+                and context_names[int(ids[int(nearest_after[i, 0])])] == label):
             return i, True
     return 0, False
 
@@ -93,9 +114,8 @@ def drift_figure(run_dir: str | Path, feats_dir: str | Path, out: str | Path, *,
     refined, states, attentions, rows = refine(loaded.refiner, queries, context_x, k, exclude_all[chosen], trace=True)
     n, T = len(chosen), states.shape[0] - 1
     labels = [names[i] for i in chosen.tolist()]
-    check_reference_size(len(context), k, True, f"context features {context.path}", "give a larger context or a smaller --k")
-    refined_context = refine(loaded.refiner, context.global_features(), context_x, k, torch.arange(len(context)))
-    pick, fixed = _pick_query(states[0], refined, context_x, refined_context, exclude_all[chosen], labels, context_names)
+    pick, fixed = _pick_query(states[0], refined, context_x, _refined_context(loaded.refiner, context, context_x, k, rows),
+                              exclude_all[chosen], labels, context_names)
     neighbour_rows = rows[pick]
     stacked = torch.cat([states.reshape(-1, states.shape[-1]), context_x[neighbour_rows]]).numpy()
     flat = _project(stacked, projection, seed)
@@ -141,9 +161,9 @@ def drift_figure(run_dir: str | Path, feats_dir: str | Path, out: str | Path, *,
                family="monospace")
     right.scatter([], [], marker="s", color="grey", edgecolors="green", linewidths=2, label="neighbour, same class")
     right.scatter([], [], marker="s", color="grey", edgecolors="red", linewidths=2, label="neighbour, other class")
-    how = ("its nearest neighbour turns from another class to its own (e⁰ among the context's e⁰, e^T among its "
-           "e^T)" if fixed
-           else "no sampled query's nearest neighbour turns to its own class; the first one")
+    among = "its e^T" if len(context) <= EXACT_PICK_ROWS else "the e^T of its rows near the sampled queries"
+    how = (f"its nearest neighbour turns from another class to its own (e⁰ among the context's e⁰, e^T among {among})"
+           if fixed else "no sampled query's nearest neighbour turns to its own class; the first one")
     right.set_title(f"one query and its {k} neighbours, numbered (square area and a: the last block's attention; "
                     f"cos: to the query's e⁰ → e^{T})\n"
                     f"query shown: {how}", fontsize=10)
