@@ -140,14 +140,23 @@ def _plan_sha(plan: dict) -> str:
     return _sha256_lines([json.dumps({k: v for k, v in plan.items() if k != "contents_sha256"}, sort_keys=True)])
 
 
-def _same_plan(a: dict, b: dict) -> bool:
-    return not any(_differs(a, b, k) for k in _PLAN_KEYS)
+# how an embed was cut into parts and shards: what resuming an unfinished one needs the same, not its features
+_LAYOUT_KEYS = ("batch_size", "part_size", "parts_per_shard")
 
 
-def _plan_difference(old: dict, new: dict) -> str:
+def _same_plan(a: dict, b: dict, *, complete: bool = False, any_dtype: bool = False) -> bool:
+    """Whether plans ``a`` and ``b`` make the same features. ``complete``: a finished folder, whose batch and
+    shard sizes no longer matter; ``any_dtype``: an evaluation reading it, for which float16 and float32
+    features serve alike (``embed --batch-size 32`` then an eval of the same images embedded them again, and
+    replaced the user's folder: embed's default --out is the evaluations' cache; a review, 2026-12-06)."""
+    ignored = (_LAYOUT_KEYS if complete else ()) + (("dtype",) if any_dtype else ())
+    return not any(_differs(a, b, k) for k in _PLAN_KEYS if k not in ignored)
+
+
+def _plan_difference(old: dict, new: dict, *, complete: bool = False) -> str:
     names = {"fingerprint": "model", "candidates_sha256": "image list", "candidates": "image count",
              "contents_sha256": "image sizes or modification times"}
-    changed = [names.get(k, k) for k in _PLAN_KEYS if _differs(old, new, k)]
+    changed = [names.get(k, k) for k in _PLAN_KEYS if _differs(old, new, k) and not (complete and k in _LAYOUT_KEYS)]
     return ", ".join(dict.fromkeys(changed))
 
 
@@ -381,12 +390,13 @@ def _open_feature_folder(out: Path, plan: dict, overwrite: bool, lock: FolderLoc
             except (OSError, ValueError):
                 existing = {}
             previous = existing.get("plan", {}) if isinstance(existing, dict) else {}
-            if _same_plan(previous, plan) and not overwrite:
+            if _same_plan(previous, plan, complete=True, any_dtype=refresh) and not overwrite:
                 _remove_leftovers(out)  # of an embed killed while it cleaned up
                 return existing
             if not overwrite:
                 raise UserError(f"--out {out} already holds features made differently "
-                                f"({_plan_difference(previous, plan) or 'unknown'}); add --overwrite to replace them or "
+                                f"({_plan_difference(previous, plan, complete=True) or 'unknown'}); add --overwrite to "
+                                f"replace them or "
                                 f"choose another --out")
         elif partial.is_dir() and (partial / "plan.json").is_file() and not overwrite:
             try:
@@ -779,7 +789,8 @@ def _made_otherwise(out: Path, plan: dict) -> bool:
             # a cache that cannot say what its images were (made before contents were recorded) is made again
             # once, rather than trusted (a probe, 2026-12-06: a pre-upgrade cache kept serving changed images)
             unchecked = previous.get("contents_sha256") is None and plan.get("contents_sha256") is not None
-            return unchecked or not _same_plan(previous, plan)
+            complete = record.name == MANIFEST  # read as it is; an unfinished one is resumed only by its own plan
+            return unchecked or not _same_plan(previous, plan, complete=complete, any_dtype=complete)
     return False
 
 

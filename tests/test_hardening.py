@@ -1347,6 +1347,32 @@ def test_20_an_embed_with_the_default_out_is_what_the_evaluations_read(finished_
     assert found.path.resolve() == (tmp_path / json.loads(out)["out"]).resolve() and "already in" in said[-1], said
 
 
+def test_20_evaluations_read_a_default_embed_made_with_other_batch_sizes_or_precision(finished_run, tmp_path, capsys,
+                                                                                     monkeypatch):
+    """A review (2026-12-06): with embed's default --out shared with the evaluations, `embed --batch-size 32` then
+    an eval embedded the images again and replaced the user's folder; batch and shard sizes do not change a
+    finished folder's features, and an evaluation reads float32 features as well as float16."""
+    from mlsctl.features import features_or_embed
+    from mlsctl.restore import from_run
+
+    run, _ = finished_run
+    images = make_images(tmp_path / "images", 6)
+    monkeypatch.chdir(tmp_path)
+    code, out, err = cli("embed", str(images), "--run", str(run), "--batch-size", "2", "--dtype", "fp32", "--json",
+                         capsys=capsys)
+    assert code == 0, err
+    folder = (tmp_path / json.loads(out)["out"]).resolve()
+    before = sorted(p.name for p in folder.iterdir())
+    said = []
+    found = features_or_embed(images, lambda: from_run(run), dense=False, what="train features", say=said.append)
+    assert found.path.resolve() == folder and "already in" in said[-1] and found.dtype == "float32"
+    assert sorted(p.name for p in folder.iterdir()) == before
+    code, _, err = cli("embed", str(images), "--run", str(run), "--batch-size", "3", capsys=capsys)  # fp16 asked
+    assert code == 2 and "made differently (dtype)" in err
+    code, out, err = cli("embed", str(images), "--run", str(run), "--batch-size", "3", "--dtype", "fp32", capsys=capsys)
+    assert code == 0 and "already holds these features" in out, err
+
+
 # ----------------------------------------------------------------------------------- 21. paths from any directory
 
 
