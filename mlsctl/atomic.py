@@ -168,6 +168,8 @@ def swap_folder(new: str | os.PathLike, out: str | os.PathLike) -> None:
     is renamed aside first; a kill between the two renames is undone by :func:`recover_swap`, which
     whoever writes ``out`` calls before it starts."""
     new, out = Path(new), Path(out)
+    if out.is_symlink():  # exchanged, the link would move aside and the new folder land beside its target
+        raise ValueError(f"{out} is a symbolic link: swap into the folder it points to")
     if not out.exists():
         os.replace(new, out)
     elif _exchange(new, out):

@@ -325,23 +325,26 @@ SEARCH_BATCH = 256  # sets searched at once by search_sets (flat, 200k objects: 
 
 def search_sets(gallery: "Gallery", model: SetModel, queries: Sequence[tuple[int, object, list[Path]]], k: int, *,
                 workers: Optional[int] = None, source: str = "--sets", batch: Optional[int] = None):
-    """Search every query set of :func:`read_query_sets` in ``gallery``: yields ``(line number, record)`` in
-    input order, the record ``{"id", "set", "results"}`` (:func:`ranked`) or ``{"id", "set", "error"}`` where
-    a photo of the set cannot be read (that set alone fails). Photos are embedded across sets
-    (:func:`set_tokens`) and ``batch`` sets searched at once; stopped (Ctrl-C), it yields the sets already
-    embedded before the interruption goes on, each once."""
+    """Search every query set of :func:`read_query_sets` in ``gallery``: yields lists of ``(line number,
+    record)`` in input order, ``batch`` sets searched at once, each record ``{"id", "set", "results"}``
+    (:func:`ranked`) or ``{"id", "set", "error"}`` where a photo of the set cannot be read (that set alone
+    fails). Photos are embedded across sets (:func:`set_tokens`). Stopped (Ctrl-C), it yields the sets
+    already embedded before the interruption goes on; a caller that pops each record as it writes it
+    can write the rest of a list it was writing when stopped, each record once."""
     import torch
 
     batch = batch or SEARCH_BATCH
     pending: list[tuple[int, dict, object]] = []  # (line, record, its latent or its error), in input order
 
-    def answered():
+    def answered() -> list[tuple[int, dict]]:
         latents = [latent for _, _, latent in pending if not isinstance(latent, str)]
         found = iter(gallery.search_many(torch.stack(latents), k) if latents else [])
-        while pending:  # each record leaves the list as it is given: never twice
-            number, record, latent = pending.pop(0)
+        out = []
+        for number, record, latent in pending:
             record.update({"error": latent} if isinstance(latent, str) else {"results": ranked(next(found))})
-            yield number, record
+            out.append((number, record))
+        pending.clear()
+        return out
 
     embedded = set_tokens([photos for _, _, photos in queries], model, workers=workers, strict=False)
     try:
@@ -354,11 +357,13 @@ def search_sets(gallery: "Gallery", model: SetModel, queries: Sequence[tuple[int
             else:
                 pending.append((number, record, model.fold(None, cls, tokens)))
             if len(pending) >= batch:
-                yield from answered()
+                yield answered()
     except KeyboardInterrupt:  # the sets already embedded are given before the interruption is said
-        yield from answered()
+        if pending:
+            yield answered()
         raise
-    yield from answered()
+    if pending:
+        yield answered()
 
 
 def photo_batches(paths: Sequence[Path], preprocessing, *, batch_size: int = 64, workers: Optional[int] = None,

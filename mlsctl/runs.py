@@ -228,6 +228,16 @@ class Run:
                  if p.is_dir() and (p / "state.json").is_file() and Checkpoint.is_folder_name(p.name)]
         return sorted(found, key=lambda c: c.step)
 
+    def recover_checkpoint_swaps(self) -> None:
+        """Undo a checkpoint's replacement cut short (:func:`mlsctl.atomic.swap_folder` where the system cannot
+        exchange two folders: a kill between its two renames leaves the old one at ``.step-N.swap-old``).
+        For the process that writes the run, under its lock."""
+        from mlsctl import atomic
+
+        if self.checkpoints_dir.is_dir():
+            for aside in self.checkpoints_dir.glob(".step-*.swap-old"):
+                atomic.recover_swap(self.checkpoints_dir / aside.name[1:-len(".swap-old")])
+
     def latest(self) -> Optional[Checkpoint]:
         found = self.checkpoints()
         return found[-1] if found else None

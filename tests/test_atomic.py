@@ -27,6 +27,10 @@ def _state(path):
 
 @pytest.mark.parametrize("exchange", [True, False])
 def test_swap_folder_replaces_in_one_step_and_a_kill_loses_nothing(tmp_path, monkeypatch, exchange):
+    if exchange and not atomic._exchange(_folder(tmp_path / "a", "a"), _folder(tmp_path / "b", "b")):
+        pytest.skip("this file system cannot exchange two folders (renameat2 RENAME_EXCHANGE)")
+    shutil.rmtree(tmp_path / "a", ignore_errors=True)
+    shutil.rmtree(tmp_path / "b", ignore_errors=True)
     real_replace, real_exchange = os.replace, atomic._exchange
     for n in range(1, 2 if exchange else 3):  # the exchange is one call; the fallback two renames
         out = tmp_path / "out"
@@ -63,3 +67,23 @@ def test_swap_folder_replaces_in_one_step_and_a_kill_loses_nothing(tmp_path, mon
 def test_swap_folder_into_a_missing_place_is_a_rename(tmp_path):
     atomic.swap_folder(_folder(tmp_path / "new", "new"), tmp_path / "out")
     assert _state(tmp_path / "out") == "new" and not (tmp_path / "new").exists()
+
+
+def test_a_checkpoint_replacement_cut_short_is_put_back_by_the_writer(finished_run, tmp_path):
+    """A review (2026-12-06): a kill between swap_folder's two renames of a checkpoint saved again left no step-N,
+    so a resume took an older checkpoint, and a later save of that step failed on the folder left aside."""
+    from mlsctl.runs import Run
+
+    run = Run(shutil.copytree(finished_run[0], tmp_path / "run", symlinks=True))
+    latest = run.latest()
+    latest.path.rename(latest.path.parent / f".{latest.path.name}.swap-old")
+    assert run.latest().step < latest.step  # what a reader sees meanwhile: the checkpoint before
+    run.recover_checkpoint_swaps()  # the writer's first act, under the run's lock
+    assert run.latest().step == latest.step and not list(run.checkpoints_dir.glob(".*"))
+
+
+def test_swap_folder_refuses_a_link(tmp_path):
+    (tmp_path / "target").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    with pytest.raises(ValueError, match="symbolic link"):
+        atomic.swap_folder(_folder(tmp_path / "new", "new"), tmp_path / "link")

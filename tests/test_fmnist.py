@@ -62,6 +62,19 @@ def test_rebuild_is_a_no_op_and_changes_need_overwrite(tmp_path: Path, fake_fmni
     assert len(list((out / "train" / "images").iterdir())) == 4
 
 
+def test_a_build_cut_short_while_it_swapped_its_folder_in_is_put_back_and_reused(tmp_path: Path, fake_fmnist: Path):
+    """--overwrite puts the new build in place with atomic.swap_folder; where the system has no exchange, a kill
+    between its two renames leaves the old build aside, which the next build puts back before deciding."""
+    out = tmp_path / "scenes"
+    build_scenes(out, n_train=3, n_val=2, size=40, source=fake_fmnist, progress=False)
+    out.rename(tmp_path / ".scenes.swap-old")
+    assert build_scenes(out, n_train=3, n_val=2, size=40, source=fake_fmnist, progress=False)["reused"]
+    (tmp_path / "link").symlink_to(out)  # a link's target is rebuilt and the link kept
+    build_scenes(tmp_path / "link", n_train=4, n_val=2, size=40, source=fake_fmnist, overwrite=True, progress=False)
+    assert (tmp_path / "link").is_symlink() and len(list((out / "train" / "images").iterdir())) == 4
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
 def test_overwrite_never_replaces_a_folder_that_is_not_a_build(tmp_path: Path, fake_fmnist: Path):
     from mlsctl.data.fmnist_products import build_products
 

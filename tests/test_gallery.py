@@ -413,8 +413,8 @@ def test_search_sets_gives_the_embedded_sets_once_before_a_ctrl_c(monkeypatch):
     queries = [(n + 1, f"q{n}", [f"{n}.png"]) for n in range(6)]
     given = []
     with pytest.raises(KeyboardInterrupt):
-        for number, record in gallery_lib.search_sets(gallery, model, queries, 1, batch=2):
-            given.append((number, record))
+        for records in gallery_lib.search_sets(gallery, model, queries, 1, batch=2):
+            given += records
     assert [n for n, _ in given] == [1, 2, 3]
     assert given[0][1] == {"id": "q0", "set": ["0.png"], "results": [{"rank": 1, "object": "obj0", "score": 1.0}]}
     assert given[1][1]["error"] == "--sets line 2: cannot read x.png: damaged"

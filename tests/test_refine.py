@@ -217,6 +217,17 @@ def test_apply_writes_features_every_eval_reads_and_never_shows_a_query_itself(t
     code, _, err = cli("refine", "apply", str(tmp / "run"), str(test), "--out", str(tmp / "refined"), capsys=capsys)
     assert code == 2 and "add --overwrite" in err
     cli_ok(capsys, "refine", "apply", str(tmp / "run"), str(test), "--out", str(tmp / "refined"), "--overwrite")
+    # a review (2026-12-06): a link given as --out was exchanged for a real folder (its target kept the old
+    # features) and a second --overwrite failed on the link left at the temporary path
+    (tmp / "link").symlink_to(tmp / "refined")
+    for _ in range(2):
+        cli_ok(capsys, "refine", "apply", str(tmp / "run"), str(test), "--out", str(tmp / "link"), "--overwrite")
+    assert (tmp / "link").is_symlink() and (tmp / "link" / "manifest.json").is_file()
+    assert not [p.name for p in tmp.iterdir() if p.name.startswith(".")]
+    # a replacement cut short between its two renames (no exchange on that system): put back before the checks
+    (tmp / "refined").rename(tmp / ".refined.swap-old")
+    code, _, err = cli("refine", "apply", str(tmp / "run"), str(test), "--out", str(tmp / "refined"), capsys=capsys)
+    assert code == 2 and "add --overwrite" in err and (tmp / "refined" / "manifest.json").is_file()
 
 
 def test_a_run_loads_with_its_input_scale_and_one_saved_without_it_with_sqrt_d(trained, tmp_path):

@@ -32,6 +32,15 @@ def test_summary_compares_the_default_cell_with_the_baseline_over_seeds():
     text = refine_fidelity.markdown(summary, profile)
     assert "| 8 | 9.10 ± 0.10 | 18.10 ± 0.10 | 9.10 ± 0.10 |" in text  # the grid row T = 8 over k = 4, 8, 16
     assert "| 0 | 10.00 ± 0.00 | 10.00 ± 0.00 | 10.00 ± 0.00 |" in text
+    # R@1 +8.1 points against a spread of 0.1: established; R@8 -1 against 0: a direction, not a spread
+    assert [c["within_seed_spread"] for c in summary["claims"]] == [False, False, False]
+    close = [dict(r, recall={"1": r["recall"]["1"] - 0.0805 if r["blocks"] == 8 and r["k"] == 8 else r["recall"]["1"],
+                             "8": r["recall"]["8"]}) for r in grid]
+    claims = refine_fidelity.summarise(profile, close, [])["claims"]  # +0.05 against a spread of 0.1
+    assert claims[0]["holds"] and claims[0]["within_seed_spread"]
+    assert "yes (within the seed spread)" in refine_fidelity.markdown(refine_fidelity.summarise(profile, close, []), profile)
+    one_seed = refine_fidelity.summarise(profile, [r for r in close if r["seed"] == 0], [])["claims"]
+    assert one_seed[0]["within_seed_spread"] is None  # one seed: no spread to compare with
 
 
 def test_the_input_scale_ablation_sits_beside_its_grid_cell_and_smoke_runs_only_the_default_cell():

@@ -157,11 +157,21 @@ def search(
     target.check_model(model)
     if queries is not None:
         started = time.perf_counter()
-        failed = []
-        for number, record in search_sets(target, model, queries, k, workers=workers, source=f"--sets {sets}"):
-            if "error" in record:
-                failed.append(number)
-            print(json.dumps(record), flush=True)
+        failed, writing = [], []
+
+        def write(records: list) -> None:  # each record leaves the list as it is printed: never printed twice
+            while records:
+                number, record = records.pop(0)
+                if "error" in record:
+                    failed.append(number)
+                print(json.dumps(record), flush=True)
+
+        try:
+            for writing in search_sets(target, model, queries, k, workers=workers, source=f"--sets {sets}"):
+                write(writing)
+        except KeyboardInterrupt:  # stopped while printing a batch: its other lines still come out
+            write(writing)
+            raise
         seconds = time.perf_counter() - started
         searched = len(queries) - len(failed)
         say(f"searched {searched} sets in {seconds:.2f}s ({searched / max(seconds, 1e-9):.1f} sets/s)")

@@ -202,6 +202,7 @@ def build_scenes(out: str | Path, n_train: int = 2000, n_val: int = 500, size: i
     if n_train < 1 or n_val < 1:
         raise UserError("--n-train and --n-val must be at least 1")
     out = Path(out)
+    out = out.resolve() if out.is_symlink() else out  # a link's target is rebuilt, the link kept
     params = {"n_train": n_train, "n_val": n_val, "size": size, "seed": seed}
     existing = reusable_build(out, "fmnist-scenes", params, overwrite)
     if existing is not None:
@@ -229,7 +230,6 @@ def building(out: Path):
     removed when the build fails or is stopped; those of builds killed before (dead processes) go too.
     Two builds of one ``out`` at once no longer delete each other's files (a probe, 2026-12-06)."""
     prefix = f".{out.name}.building"
-    atomic.recover_swap(out)  # a build killed while it swapped its folder in
     for stale in out.parent.glob(f"{glob.escape(prefix)}*"):
         if abandoned_temporary(stale.name, prefix) and stale.is_dir() and not stale.is_symlink():
             shutil.rmtree(stale, ignore_errors=True)
@@ -262,6 +262,7 @@ def reusable_build(out: Path, generator: str, params: dict, overwrite: bool) -> 
     """The meta record of ``out`` when it was built by ``generator`` with ``params`` (and no
     ``overwrite``); None when it should be built. ``overwrite`` replaces only a folder that
     ``generator`` built: anything else (a non-empty folder of other files) is never deleted."""
+    atomic.recover_swap(out)  # a build killed while it swapped its folder in: the old one back first
     if not out.exists():
         return None
     if not out.is_dir():

@@ -253,6 +253,7 @@ class Features:
         except FileNotFoundError:
             raise changed from None
         if not same:
+            opened.__exit__(None, None, None)
             raise changed
         return opened
 

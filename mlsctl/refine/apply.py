@@ -164,6 +164,9 @@ def apply_refinement(run_dir: str | Path, feats_dir: str | Path, out: str | Path
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype} is not one of {', '.join(DTYPES)}")
     out = Path(out)
+    if out.is_symlink():  # the refined folder replaces the link's target, not the link (a review, 2026-12-06)
+        out = out.resolve()
+    atomic.recover_swap(out)  # a replacement cut short before the --out checks, not after hours of refining
     for name, source in (("the features folder", features.path), ("the context features folder", context.path),
                          (f"the folder of the features run {loaded.run} trained on (its data.root)", loaded.train_root)):
         if source is not None and out.resolve() == Path(source).resolve():
@@ -211,7 +214,8 @@ def write_features(out: Path, global_: torch.Tensor, source, model: dict, *, ove
     per_shard = max(1, SHARD_BYTES // bytes_per_row)
     n_shards = max(1, -(-n // per_shard))
     tmp = out.parent / f".{out.name}.refine-tmp"
-    atomic.recover_swap(out)
+    if tmp.is_symlink():
+        tmp.unlink()
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:

@@ -80,6 +80,7 @@ def save_checkpoint(run: Run, step: int, method, optimizer, accelerator, recipe,
         dist.barrier()
         return None
     final = run.checkpoints_dir / checkpoint_dirname(step)
+    atomic.recover_swap(final)  # a replacement of this step cut short (two renames where no exchange exists)
     tmp = run.checkpoints_dir / f".{final.name}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)

@@ -133,6 +133,7 @@ def open_run_dir(run: Run, recipe, folder: ImageFolder, lock: FolderLock, *, res
     lock.acquire()
     try:
         recovered = run.recover_replacement() if run.root.is_dir() else None
+        run.recover_checkpoint_swaps()
         if recovered and resume:  # the run to resume was the killed new one: it has no checkpoint
             raise UserError(f"{recovered}: that new run left nothing to resume. Run the same --resume again to continue "
                             f"the run it replaced, or start the new one again with --overwrite")
