@@ -195,12 +195,26 @@ class LookalikeId(UserError):
 
 
 _JOINERS = frozenset("\u200c\u200d")
+# Unicode's default-ignorable code points (DerivedCoreProperties.txt) beyond the format characters (Cf): the
+# combining grapheme joiner, variation selectors, Hangul and Khmer fillers, Mongolian free variation selectors,
+# ... which draw nothing (a hostile probe, 2026-12-06: 'obj0' + U+3164 or U+FE0F was taken as a new object)
+_IGNORABLE_RANGES = ((0x034F, 0x034F), (0x115F, 0x1160), (0x17B4, 0x17B5), (0x180B, 0x180F), (0x3164, 0x3164),
+                     (0xFE00, 0xFE0F), (0xFFA0, 0xFFA0), (0x1BCA0, 0x1BCA3), (0x1D173, 0x1D17A), (0xE0000, 0xE0FFF))
+
+
+def _draws_nothing(c: str) -> bool:
+    """A character a reader cannot see: a format character, a default-ignorable one, or a blank filler."""
+    import unicodedata
+
+    point = ord(c)
+    return (unicodedata.category(c) == "Cf" or c in _BLANK_CHARACTERS
+            or any(low <= point <= high for low, high in _IGNORABLE_RANGES))
 
 
 def lookalike_key(object_id: str) -> str:
     """What a reader sees of an id: its Unicode composition unified (NFC: a folder made on macOS
     names ``café`` with a combining accent, a browser sends it precomposed), invisible format
-    characters (U+200B, U+2060, soft hyphens, ...) dropped, and whitespace runs cut to one space
+    characters (U+200B, U+2060, soft hyphens, variation selectors, fillers, ...) dropped, and whitespace runs cut to one space
     and off both ends. Two ids with one key are look-alikes: a gallery never gets both. One joiner
     (U+200C, U+200D) stays where both its neighbours are letters or symbols beyond the Latin blocks:
     there it changes how Persian or Indic text and emoji sequences are drawn, while ``b\u200dob``
@@ -208,7 +222,7 @@ def lookalike_key(object_id: str) -> str:
     import unicodedata
 
     text = [c for c in unicodedata.normalize("NFC", object_id)
-            if unicodedata.category(c) != "Cf" or c in _JOINERS]  # the other invisible characters first
+            if not _draws_nothing(c) or c in _JOINERS]  # the other invisible characters first
 
     def joins(c: Optional[str]) -> bool:
         return (c is not None and ord(c) > 0x24F and c not in _JOINERS and not c.isspace()
@@ -232,7 +246,7 @@ def printable(object_id: str) -> str:
 
     from mlsctl.data.images import printable_name
 
-    shown = "".join(c if c == " " or (unicodedata.category(c) not in ("Cf", "Zs") and c not in _BLANK_CHARACTERS)
+    shown = "".join(c if c == " " or (unicodedata.category(c) != "Zs" and not _draws_nothing(c))
                     else c.encode("unicode_escape").decode("ascii") for c in printable_name(object_id[:80]))
     if unicodedata.normalize("NFC", object_id) != object_id:
         shown += " [decomposed]"

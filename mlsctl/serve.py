@@ -116,6 +116,9 @@ WORST_BYTES_PER_PIXEL = 35
 # ... where a format's decoder needs more than the mode says (measured by a probe, 2026-12-05, 40 MP photos, +10%):
 # libwebp decodes into RGBA canvases before Pillow's image (16 and 32 bytes a pixel), libavif 10.5 and 28
 BYTES_PER_PIXEL_BY_FORMAT = {"WEBP": {"RGB": 18, "RGBA": 36, "RGBa": 36}, "AVIF": {"RGB": 12, "RGBA": 31, "RGBa": 31}}
+# ... and a progressive JPEG in colour holds its whole coefficient array while it decodes: 10.04 bytes a pixel
+# measured at 16 MP without chroma subsampling (a hostile probe, 2026-12-06), +10%; grey and CMYK stay in charge
+PROGRESSIVE_JPEG_BYTES_PER_PIXEL = {"RGB": 12, "YCbCr": 12}
 # ... and per row and per column, what decoding and resizing hold besides the pixels: 30-38 bytes were
 # measured for a 10,000,000 x 1 and a 1 x 10,000,000 greyscale PNG (44 bytes per pixel in all), which the
 # per-pixel cost alone let through at a sixth of their memory.
@@ -232,7 +235,10 @@ def decode_bytes(mode: str, info: dict, image_format: Optional[str] = None) -> i
     if mode == "P" and "transparency" in info:
         mode = "RGBA"
     by_format = BYTES_PER_PIXEL_BY_FORMAT.get(image_format or "", {})
-    return by_format.get(mode, BYTES_PER_PIXEL.get(mode, WORST_BYTES_PER_PIXEL))
+    cost = by_format.get(mode, BYTES_PER_PIXEL.get(mode, WORST_BYTES_PER_PIXEL))
+    if image_format in ("JPEG", "MPO") and (info.get("progressive") or info.get("progression")):
+        cost = max(cost, PROGRESSIVE_JPEG_BYTES_PER_PIXEL.get(mode, cost))
+    return cost
 
 
 class RequestError(Exception):
@@ -412,8 +418,11 @@ class GalleryService:
         for photo in photos:
             if photo.size == 0:
                 raise RequestError(400, f"{_shown(photo.name)} cannot be used: empty file (0 bytes)")
-            with photo.open() as f:
-                refused = check_structure(f)
+            try:
+                with photo.open() as f:
+                    refused = check_structure(f)
+            except PermissionError:  # a --root path the server's user may not read: the client's to fix, no 500
+                raise RequestError(403, f"{_shown(photo.name)} cannot be read by the server (permission denied)") from None
             if refused:
                 raise RequestError(400, f"{_shown(photo.name)} cannot be used: {refused}")
             try:  # Pillow's warnings: filtered for the whole process at start (catch_warnings is not thread-safe)
@@ -688,7 +697,7 @@ class Guard:
 
         async def tracked_send(message):
             if message["type"] == "http.response.start":
-                state["status"] = message["status"]
+                state["answering"] = message["status"]
                 headers = list(message.get("headers", []))
                 oversized = declared is None or declared > self.policy.limits.max_request_bytes
                 if not body["done"] and oversized and not any(k.lower() == b"connection" for k, _ in headers):
@@ -700,30 +709,42 @@ class Guard:
             elif message["type"] == "http.response.body" and (state["status"] or 0) >= 400 and len(state["error"]) < 4096:
                 state["error"] += message.get("body", b"")
             await send(message)
+            if message["type"] == "http.response.start":  # the status the client got: logged as such
+                state["status"] = message["status"]
 
         failure = None
+
+        async def answer(status: int, sentence: str, headers: Optional[dict] = None) -> None:
+            # a refusal may find the connection closed already: the client gone, or the HTTP server having
+            # answered a malformed request itself (h11's plain 400) — nothing to send then, and no traceback
+            # in the log for it (a hostile probe, 2026-12-06: one 90-byte request wrote 28 lines)
+            try:
+                await _answer(tracked_send, status, sentence, headers)
+            except Exception:  # noqa: BLE001 - the connection cannot take an answer; the log line says so
+                state["unanswered"] = f"{status} {sentence}"
+
         try:
             refusal, body["authenticated"] = self.refusal(scope)
             if refusal is not None:
-                await _answer(tracked_send, *refusal)
+                await answer(*refusal)
                 return
             limit, length = self.body_limit(scope)
             if length is not None and length > limit:
-                await _answer(tracked_send, 413, f"the request body is {length:,} bytes, over the limit of {limit:,}",
-                              {"Connection": "close"})
+                await answer(413, f"the request body is {length:,} bytes, over the limit of {limit:,}",
+                             {"Connection": "close"})
                 return
             await self.app(scope, _counted(receive, limit, self, body), tracked_send)
         except RequestError as exc:  # refused here, before the application saw the request
             if state["status"] is None:
-                await _answer(tracked_send, exc.status, exc.message, exc.headers)
+                await answer(exc.status, exc.message, exc.headers)
         except Exception as exc:  # the app's 500 handler answered already; say it in one line
             failure = exc
             if state["status"] is None:
-                try:
-                    await _answer(tracked_send, 500, _client_sentence(exc))
-                except Exception:  # noqa: BLE001 - the client is gone
-                    pass
+                await answer(500, _client_sentence(exc))
         finally:
+            if state["status"] is None and "unanswered" in state and failure is None:
+                state["error"] = json.dumps({"error": f"the connection closed before the answer "
+                                                      f"({state['unanswered']}) could be sent"}).encode()
             self.receiving[body["authenticated"]] -= body["received"]
             self.log_request(scope, state["status"], state["error"], failure, state["started"])
 

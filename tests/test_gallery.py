@@ -338,6 +338,10 @@ def test_a_new_id_that_reads_like_a_stored_one_is_refused_and_stored_ones_stay_r
     assert lookalike_key("b\u200dob") == lookalike_key("b\u200cob") == lookalike_key("bob")
     assert lookalike_key("a\u200d\u0301") == lookalike_key("a\u0301")
     assert lookalike_key("\u0645\u200c\u200c\u06cc") == lookalike_key("\u0645\u200b\u200c\u06cc") == lookalike_key("\u0645\u200c\u06cc")
+    # default-ignorable characters that are no format characters draw nothing either (a hostile probe, 2026-12-06)
+    for invisible in ("\u3164", "\u034f", "\ufe0f", "\U000e0100", "\u2800", "\u115f", "\u1160", "\uffa0", "\u17b4"):
+        assert lookalike_key("obj0" + invisible) == lookalike_key(invisible + "obj0") == "obj0", hex(ord(invisible))
+    assert lookalike_key("\u2764\ufe0f") == lookalike_key("\u2764")  # an emoji with its presentation selector
     # an older gallery may hold look-alikes already: both stay reachable and updatable
     write_gallery(tmp_path / "g", ["x", "x ", nfd], clustered(3), [1] * 3, IndexSettings(), MANIFEST)
     gallery = Gallery(tmp_path / "g")

@@ -799,6 +799,34 @@ def test_3_the_guard_bounds_bodies_across_requests_and_in_time(monkeypatch):
     asyncio.run(main())
 
 
+def test_3_a_refusal_the_connection_cannot_take_is_one_log_line(caplog):
+    """A hostile probe (2026-12-06): a chunked request whose bad chunk h11 answered itself (a plain 400) made the
+    guard's 411 fail on the closed connection: 28 lines of traceback in the log, and its line said 411."""
+    import asyncio
+    import logging
+
+    from mlsctl import serve
+
+    async def app(scope, receive, send):  # never reached
+        raise AssertionError
+
+    guard = serve.Guard(app, serve.Policy.for_server("127.0.0.1", token=None, limits=serve.Limits(1000, 4000, 10**6)))
+    scope = {"type": "http", "method": "POST", "path": "/search", "raw_path": b"/search",
+             "headers": [(b"host", b"127.0.0.1:8000"), (b"transfer-encoding", b"chunked")]}
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def closed(message):
+        raise RuntimeError("Can't send data when our state is MUST_CLOSE")
+
+    with caplog.at_level(logging.INFO, logger="mlsctl.serve"):
+        asyncio.run(guard(scope, receive, closed))  # nothing escapes
+    lines = [r.getMessage() for r in caplog.records if r.name == "mlsctl.serve"]
+    assert len(lines) == 1 and lines[0].startswith("POST /search - ") and "connection closed before the answer (411" in lines[0]
+    assert not any(r.exc_info for r in caplog.records)
+
+
 def test_3_a_request_waits_for_a_working_slot_at_most_queue_seconds(monkeypatch):
     """A request that arrived while every working slot was busy waited for as long as they stayed busy; now it
     waits QUEUE_SECONDS and is told to retry (503, Retry-After), and the slot it never got is not lost."""
@@ -903,6 +931,17 @@ def test_3_webp_and_avif_are_charged_what_their_decoders_need():
     assert decode_bytes("RGB", {}, "WEBP") == 18 and decode_bytes("RGBA", {}, "WEBP") == 36
     assert decode_bytes("RGB", {}, "AVIF") == 12 and decode_bytes("RGBA", {}, "AVIF") == 31
     assert decode_bytes("P", {"transparency": 0}, "PNG") == 26
+    # a progressive colour JPEG holds its coefficients: 10 bytes a pixel measured (a hostile probe, 2026-12-06)
+    from io import BytesIO
+
+    from PIL import Image
+
+    for progressive, expected in ((False, 9), (True, 12)):
+        data = BytesIO()
+        Image.new("RGB", (16, 16), "red").save(data, "JPEG", progressive=progressive, subsampling=0)
+        with Image.open(data) as img:
+            assert decode_bytes(img.mode, dict(img.info), img.format) == expected
+    assert decode_bytes("L", {"progressive": 1}, "JPEG") == 7 and decode_bytes("CMYK", {"progression": 1}, "JPEG") == 13
 
 
 @contextlib.contextmanager
