@@ -903,10 +903,6 @@ def _client_sentence(exc: BaseException) -> str:
 def create_app(service: GalleryService, policy: Optional[Policy] = None, docs: bool = False):
     """The FastAPI application over one :class:`GalleryService`, behind its :class:`Guard`."""
     from fastapi import FastAPI, Request
-    from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
-    from starlette.exceptions import HTTPException
-    from starlette.requests import ClientDisconnect
 
     from mlsctl import __version__
 
@@ -914,20 +910,101 @@ def create_app(service: GalleryService, policy: Optional[Policy] = None, docs: b
     app = FastAPI(title="mlsctl gallery", version=__version__, docs_url="/docs" if docs else None,
                   redoc_url="/redoc" if docs else None, openapi_url="/openapi.json" if docs else None,
                   redirect_slashes=False)  # /objects/X/ is a 404 sentence, not a 307 with an empty body
+    _answer_errors_in_one_sentence(app)
     slots = asyncio.Semaphore(WORKING)
 
-    @asynccontextmanager
-    async def working_slot():
+    @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: what load balancers and uptime checks send
+    def health():
+        return service.health()
+
+    @app.post("/search")
+    async def search(request: Request, k: int = 10):
+        if not 1 <= k <= 1000:
+            raise RequestError(400, f"k must be between 1 and 1000, got {k}")
+        async with _photos_of(service, request) as photos, _working_slot(slots):
+            return await _threaded(service.search, photos, k)
+
+    @app.post("/objects/{object_id}/photos")
+    async def add(object_id: str, request: Request):
+        check_path_utf8(request.scope)
+        service.check_id(object_id)  # before the body is read
+        # a new id's rules, in a worker thread: they read the gallery under its lock, which a search or an add
+        # may hold (on the event loop that wait stalled every request, /health included: a review, 2026-12-06)
+        await _threaded(service.check_new_id, object_id)
+        async with _photos_of(service, request) as photos, _working_slot(slots):
+            return await _threaded(service.add, object_id, photos)
+
+    @app.get("/objects/{object_id}")
+    def get(object_id: str, request: Request):
+        check_path_utf8(request.scope)
+        service.check_id(object_id)
+        return service.get(object_id)
+
+    limit_png_text()
+    return Guard(app, policy)
+
+
+@asynccontextmanager
+async def _working_slot(slots: asyncio.Semaphore):
+    """One of the :data:`WORKING` slots for decoding and embedding, waited for at most
+    :data:`QUEUE_SECONDS` (then 503, retry)."""
+    try:
+        await asyncio.wait_for(slots.acquire(), QUEUE_SECONDS)
+    except asyncio.TimeoutError:
+        raise RequestError(503, f"the server is busy (all {WORKING} working slots): this request waited "
+                                f"{QUEUE_SECONDS:g} s for one; retry in a few seconds",
+                           {"Retry-After": "5"}) from None
+    try:
+        yield
+    finally:
+        slots.release()
+
+
+@asynccontextmanager
+async def _photos_of(service: GalleryService, request):
+    """The photos of a request: a JSON body ``{"paths": [...]}`` under the service's ``--root``, or
+    multipart files named ``photos`` (closed when the request is done)."""
+    from starlette.exceptions import HTTPException
+
+    kind = request.headers.get("content-type", "").lower()
+    if kind.startswith("application/json"):
         try:
-            await asyncio.wait_for(slots.acquire(), QUEUE_SECONDS)
-        except asyncio.TimeoutError:
-            raise RequestError(503, f"the server is busy (all {WORKING} working slots): this request waited "
-                                    f"{QUEUE_SECONDS:g} s for one; retry in a few seconds",
-                               {"Retry-After": "5"}) from None
-        try:
-            yield
-        finally:
-            slots.release()
+            body = json.loads(await request.body())
+        except (ValueError, UnicodeDecodeError):
+            raise RequestError(400, "the JSON body cannot be parsed") from None
+        except RecursionError:
+            raise RequestError(400, "the JSON body is nested too deep") from None
+        if not isinstance(body, dict) or "paths" not in body:
+            raise RequestError(400, "the JSON body must be {\"paths\": [...]}")
+        yield service.paths(body["paths"])
+        return
+    if not kind.startswith("multipart/form-data"):
+        raise RequestError(415, "send photos as multipart files named 'photos' (curl -F photos=@a.png), or a JSON "
+                                "body {\"paths\": [...]}")
+    try:
+        form = await request.form(max_files=MAX_PHOTOS, max_fields=MAX_FIELDS, max_part_size=MAX_FIELD_BYTES)
+    except HTTPException as exc:
+        raise _form_error(str(exc.detail)) from None
+    try:
+        files = []
+        for item in form.getlist("photos"):
+            if isinstance(item, str):
+                raise RequestError(400, "'photos' must be files (curl -F photos=@a.png)")
+            files.append((item.filename or "upload", item.size or 0, item.file))
+        yield service.uploads(files)
+    finally:
+        await form.close()
+
+
+def _answer_errors_in_one_sentence(app) -> None:
+    """The application's error answers: ``{"error": one sentence}`` with a 4xx for what the client can
+    fix (a refusal, a request that does not fit the API, an unknown route), 499 for a client gone, and a
+    500 that names no path of the server."""
+    from fastapi import Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
 
     @app.exception_handler(RequestError)
     async def request_error(_, exc: RequestError):
@@ -959,67 +1036,6 @@ def create_app(service: GalleryService, policy: Optional[Policy] = None, docs: b
     @app.exception_handler(Exception)
     async def unexpected(_, exc: Exception):
         return JSONResponse({"error": _client_sentence(exc)}, status_code=500)
-
-    @asynccontextmanager
-    async def photos_of(request: Request):
-        kind = request.headers.get("content-type", "").lower()
-        if kind.startswith("application/json"):
-            try:
-                body = json.loads(await request.body())
-            except (ValueError, UnicodeDecodeError):
-                raise RequestError(400, "the JSON body cannot be parsed") from None
-            except RecursionError:
-                raise RequestError(400, "the JSON body is nested too deep") from None
-            if not isinstance(body, dict) or "paths" not in body:
-                raise RequestError(400, "the JSON body must be {\"paths\": [...]}")
-            yield service.paths(body["paths"])
-            return
-        if not kind.startswith("multipart/form-data"):
-            raise RequestError(415, "send photos as multipart files named 'photos' (curl -F photos=@a.png), or a JSON "
-                                    "body {\"paths\": [...]}")
-        try:
-            form = await request.form(max_files=MAX_PHOTOS, max_fields=MAX_FIELDS, max_part_size=MAX_FIELD_BYTES)
-        except HTTPException as exc:
-            raise _form_error(str(exc.detail)) from None
-        try:
-            files = []
-            for item in form.getlist("photos"):
-                if isinstance(item, str):
-                    raise RequestError(400, "'photos' must be files (curl -F photos=@a.png)")
-                files.append((item.filename or "upload", item.size or 0, item.file))
-            yield service.uploads(files)
-        finally:
-            await form.close()
-
-    @app.api_route("/health", methods=["GET", "HEAD"])  # HEAD: what load balancers and uptime checks send
-    def health():
-        return service.health()
-
-    @app.post("/search")
-    async def search(request: Request, k: int = 10):
-        if not 1 <= k <= 1000:
-            raise RequestError(400, f"k must be between 1 and 1000, got {k}")
-        async with photos_of(request) as photos, working_slot():
-            return await _threaded(service.search, photos, k)
-
-    @app.post("/objects/{object_id}/photos")
-    async def add(object_id: str, request: Request):
-        check_path_utf8(request.scope)
-        service.check_id(object_id)  # before the body is read
-        # a new id's rules, in a worker thread: they read the gallery under its lock, which a search or an add
-        # may hold (on the event loop that wait stalled every request, /health included: a review, 2026-12-06)
-        await _threaded(service.check_new_id, object_id)
-        async with photos_of(request) as photos, working_slot():
-            return await _threaded(service.add, object_id, photos)
-
-    @app.get("/objects/{object_id}")
-    def get(object_id: str, request: Request):
-        check_path_utf8(request.scope)
-        service.check_id(object_id)
-        return service.get(object_id)
-
-    limit_png_text()
-    return Guard(app, policy)
 
 
 def check_path_utf8(scope: dict) -> None:
