@@ -453,7 +453,7 @@ def markdown(summary: dict, profile: Profile) -> str:
         a = "–" if c["after"] is None else f"{c['after']:.2f}"
         lines.append(f"| {c['claim']} | {verdict} | {b} | {a} |")
     p = summary["provenance"]
-    lines += ["", f"Provenance: {p['device']}, commit {p['commit']}.", ""]
+    lines += ["", f"Provenance: {p['device']}, commit {p['commit']}" + (f" ({p['note']})." if p.get("note") else "."), ""]
     return "\n".join(lines)
 
 
