@@ -156,6 +156,22 @@ def _exchange(a: Path, b: Path) -> bool:
     raise OSError(code, os.strerror(code), str(a), None, str(b))
 
 
+def followed(out: str | os.PathLike, flag: str = "--out") -> Path:
+    """``out``, or the folder it links to where it is a symbolic link (a folder written in place of a
+    link is written where the link points, and the link kept); a link that cannot be followed (a loop)
+    is one sentence."""
+    from mlsctl.errors import UserError
+
+    out = Path(out)
+    if not out.is_symlink():
+        return out
+    try:
+        return out.resolve(strict=False)
+    except (RuntimeError, OSError) as exc:  # Python 3.11 raises RuntimeError for a loop, 3.13 OSError
+        raise UserError(f"{flag} {out} is a symbolic link that cannot be followed ({type(exc).__name__}: a loop?); "
+                        f"give a folder") from None
+
+
 def aside_of(out: Path) -> Path:
     """Where :func:`swap_folder` puts ``out`` for a moment where the system cannot exchange two paths."""
     return out.parent / f".{out.name}.swap-old"

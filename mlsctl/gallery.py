@@ -202,6 +202,27 @@ _IGNORABLE_RANGES = ((0x034F, 0x034F), (0x115F, 0x1160), (0x17B4, 0x17B5), (0x18
                      (0xFE00, 0xFE0F), (0xFFA0, 0xFFA0), (0x1BCA0, 0x1BCA3), (0x1D173, 0x1D17A), (0xE0000, 0xE0FFF))
 
 
+def _conjoining_jamo(c: str) -> bool:
+    point = ord(c)
+    return 0x1100 <= point <= 0x11FF or 0xA960 <= point <= 0xA97F or 0xD7B0 <= point <= 0xD7FF
+
+
+def _drawn_in_context(text: str, i: int) -> bool:
+    """Whether ``text[i]``, a character that draws nothing alone, changes what its neighbours draw: a
+    Hangul choseong or jungseong filler (U+115F, U+1160) beside conjoining jamo (it makes a syllable
+    block of its own: U+1100 U+1160 U+1161 is two blocks, 가 one), a tag character in a flag's tag
+    sequence after U+1F3F4 (England, Scotland and Wales are three flags; a review, 2026-12-06)."""
+    c = text[i]
+    if c in "\u115f\u1160":
+        return any(0 <= j < len(text) and _conjoining_jamo(text[j]) for j in (i - 1, i + 1))
+    if 0xE0020 <= ord(c) <= 0xE007F:
+        j = i
+        while j > 0 and 0xE0020 <= ord(text[j - 1]) <= 0xE007F:
+            j -= 1
+        return j > 0 and text[j - 1] == "\U0001F3F4"
+    return False
+
+
 def _draws_nothing(c: str) -> bool:
     """A character a reader cannot see: a format character, a default-ignorable one, or a blank filler."""
     import unicodedata
@@ -221,8 +242,9 @@ def lookalike_key(object_id: str) -> str:
     reads as ``bob`` (reviews, 2026-12-06)."""
     import unicodedata
 
-    text = [c for c in unicodedata.normalize("NFC", object_id)
-            if not _draws_nothing(c) or c in _JOINERS]  # the other invisible characters first
+    source = unicodedata.normalize("NFC", object_id)
+    text = [c for i, c in enumerate(source)
+            if not _draws_nothing(c) or c in _JOINERS or _drawn_in_context(source, i)]  # other invisible ones first
 
     def joins(c: Optional[str]) -> bool:
         return (c is not None and ord(c) > 0x24F and c not in _JOINERS and not c.isspace()

@@ -394,6 +394,8 @@ class GalleryService:
                 if inside and not path.is_file():
                     raise RequestError(404, f"{_shown(given)} does not exist under the served root")
                 size = path.stat().st_size if inside else 0
+            except PermissionError:  # as measure() says it of a photo it may not open (a review, 2026-12-06)
+                raise RequestError(403, f"{_shown(given)} cannot be read by the server (permission denied)") from None
             except OSError as exc:
                 raise RequestError(400, f"{_shown(given)} cannot be read ({exc.strerror or type(exc).__name__})") from None
             except (ValueError, RuntimeError):  # a NUL byte that slipped through, a symlink loop
@@ -708,7 +710,12 @@ class Guard:
                     message = dict(message, headers=headers + [(b"connection", b"close")])
             elif message["type"] == "http.response.body" and (state["status"] or 0) >= 400 and len(state["error"]) < 4096:
                 state["error"] += message.get("body", b"")
-            await send(message)
+            try:
+                await send(message)
+            except Exception:
+                if message["type"] == "http.response.start":  # the connection cannot take an answer any more
+                    state["closed"] = True
+                raise
             if message["type"] == "http.response.start":  # the status the client got: logged as such
                 state["status"] = message["status"]
 
@@ -738,9 +745,12 @@ class Guard:
             if state["status"] is None:
                 await answer(exc.status, exc.message, exc.headers)
         except Exception as exc:  # the app's 500 handler answered already; say it in one line
-            failure = exc
-            if state["status"] is None:
-                await answer(500, _client_sentence(exc))
+            if state.get("closed"):  # the app's answer found the connection closed: nothing failed in the app
+                state["unanswered"] = f"{state['answering']}"
+            else:
+                failure = exc
+                if state["status"] is None:
+                    await answer(500, _client_sentence(exc))
         finally:
             if state["status"] is None and "unanswered" in state and failure is None:
                 state["error"] = json.dumps({"error": f"the connection closed before the answer "

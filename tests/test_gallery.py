@@ -342,6 +342,11 @@ def test_a_new_id_that_reads_like_a_stored_one_is_refused_and_stored_ones_stay_r
     for invisible in ("\u3164", "\u034f", "\ufe0f", "\U000e0100", "\u2800", "\u115f", "\u1160", "\uffa0", "\u17b4"):
         assert lookalike_key("obj0" + invisible) == lookalike_key(invisible + "obj0") == "obj0", hex(ord(invisible))
     assert lookalike_key("\u2764\ufe0f") == lookalike_key("\u2764")  # an emoji with its presentation selector
+    # ... unless they change what their neighbours draw (a review): Hangul fillers beside conjoining jamo, flag tags
+    assert lookalike_key("\u1100\u1160\u1161") != lookalike_key("\uac00") and lookalike_key("\u1100\u1160\u11a8") != lookalike_key("\u1100\u11a8")
+    england, scotland = ("\U0001f3f4" + "".join(chr(0xE0000 + ord(c)) for c in tag) + "\U000e007f" for tag in ("gbeng", "gbsct"))
+    assert lookalike_key(england) != lookalike_key(scotland) != lookalike_key("\U0001f3f4")
+    assert lookalike_key("x\U000e0067") == "x"
     # an older gallery may hold look-alikes already: both stay reachable and updatable
     write_gallery(tmp_path / "g", ["x", "x ", nfd], clustered(3), [1] * 3, IndexSettings(), MANIFEST)
     gallery = Gallery(tmp_path / "g")

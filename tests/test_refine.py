@@ -227,7 +227,13 @@ def test_apply_writes_features_every_eval_reads_and_never_shows_a_query_itself(t
     # a replacement cut short between its two renames (no exchange on that system): put back before the checks
     (tmp / "refined").rename(tmp / ".refined.swap-old")
     code, _, err = cli("refine", "apply", str(tmp / "run"), str(test), "--out", str(tmp / "refined"), capsys=capsys)
-    assert code == 2 and "add --overwrite" in err and (tmp / "refined" / "manifest.json").is_file()
+    assert code == 2 and "already holds features" in err and (tmp / "refined" / "manifest.json").is_file()
+    # an empty folder given as --out is written without --overwrite (it refined, then refused: a review)
+    (tmp / "empty").mkdir()
+    cli_ok(capsys, "refine", "apply", str(tmp / "run"), str(test), "--out", str(tmp / "empty"))
+    (tmp / "loop").symlink_to(tmp / "loop")
+    code, _, err = cli("refine", "apply", str(tmp / "run"), str(test), "--out", str(tmp / "loop"), capsys=capsys)
+    assert code == 2 and "cannot be followed" in err and "internal error" not in err
 
 
 def test_a_run_loads_with_its_input_scale_and_one_saved_without_it_with_sqrt_d(trained, tmp_path):

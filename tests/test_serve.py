@@ -827,6 +827,36 @@ def test_3_a_refusal_the_connection_cannot_take_is_one_log_line(caplog):
     assert not any(r.exc_info for r in caplog.records)
 
 
+def test_3_an_answer_the_connection_cannot_take_is_no_internal_error(caplog):
+    """A review (2026-12-06): where the application's answer found the connection closed, the guard sent a 500 onto
+    it and logged an internal error."""
+    import asyncio
+    import logging
+
+    from mlsctl import serve
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+
+    guard = serve.Guard(app, serve.Policy.for_server("127.0.0.1", token=None, limits=serve.Limits(1000, 4000, 10**6)))
+    scope = {"type": "http", "method": "GET", "path": "/health", "raw_path": b"/health",
+             "headers": [(b"host", b"127.0.0.1:8000")]}
+    sends = []
+
+    async def receive():
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def closed(message):
+        sends.append(message["type"])
+        raise RuntimeError("Can't send data when our state is MUST_CLOSE")
+
+    with caplog.at_level(logging.INFO, logger="mlsctl.serve"):
+        asyncio.run(guard(scope, receive, closed))
+    lines = [r.getMessage() for r in caplog.records if r.name == "mlsctl.serve"]
+    assert sends == ["http.response.start"]  # no second answer tried
+    assert len(lines) == 1 and "connection closed before the answer (200)" in lines[0] and "internal" not in lines[0]
+
+
 def test_3_a_request_waits_for_a_working_slot_at_most_queue_seconds(monkeypatch):
     """A request that arrived while every working slot was busy waited for as long as they stayed busy; now it
     waits QUEUE_SECONDS and is told to retry (503, Retry-After), and the slot it never got is not lost."""

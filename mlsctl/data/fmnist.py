@@ -202,7 +202,7 @@ def build_scenes(out: str | Path, n_train: int = 2000, n_val: int = 500, size: i
     if n_train < 1 or n_val < 1:
         raise UserError("--n-train and --n-val must be at least 1")
     out = Path(out)
-    out = out.resolve() if out.is_symlink() else out  # a link's target is rebuilt, the link kept
+    out = atomic.followed(out)  # a link's target is rebuilt, the link kept
     params = {"n_train": n_train, "n_val": n_val, "size": size, "seed": seed}
     existing = reusable_build(out, "fmnist-scenes", params, overwrite)
     if existing is not None:

@@ -112,7 +112,7 @@ def build_products(out: str | Path, n_train: int = 1000, n_eval: int = 200, phot
     if n_train < 1 or n_eval < 2:
         raise UserError("--n-train must be at least 1 and --n-eval at least 2")
     out = Path(out)
-    out = out.resolve() if out.is_symlink() else out  # a link's target is rebuilt, the link kept
+    out = atomic.followed(out)  # a link's target is rebuilt, the link kept
     params = {"n_train": n_train, "n_eval": n_eval, "photos": photos, "gallery_photos": gallery_photos,
               "size": size, "seed": seed}
     if layout != "retrieval":  # builds of the default layout keep the parameters they always had

@@ -164,8 +164,7 @@ def apply_refinement(run_dir: str | Path, feats_dir: str | Path, out: str | Path
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype} is not one of {', '.join(DTYPES)}")
     out = Path(out)
-    if out.is_symlink():  # the refined folder replaces the link's target, not the link (a review, 2026-12-06)
-        out = out.resolve()
+    out = atomic.followed(out)  # the refined folder replaces the link's target, not the link (a review, 2026-12-06)
     atomic.recover_swap(out)  # a replacement cut short before the --out checks, not after hours of refining
     for name, source in (("the features folder", features.path), ("the context features folder", context.path),
                          (f"the folder of the features run {loaded.run} trained on (its data.root)", loaded.train_root)):
@@ -230,7 +229,7 @@ def write_features(out: Path, global_: torch.Tensor, source, model: dict, *, ove
             dim=global_.shape[1], grid=None, files=source.files, skipped=source.skipped, shards=shards,
             plan={"refined_from": str(Path(source.path).resolve())})
         atomic.write_json(tmp / MANIFEST, manifest)
-        if out.exists() and not overwrite:  # appeared meanwhile
+        if out.exists() and any(out.iterdir()) and not overwrite:  # appeared meanwhile (an empty folder was fine)
             raise UserError(f"--out {out} appeared while refining; add --overwrite or choose another --out")
         atomic.swap_folder(tmp, out)
     except BaseException:
