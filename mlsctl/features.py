@@ -752,27 +752,29 @@ def _shard_files(out: Path) -> set[str]:
 
 
 def cache_dir(images: str | os.PathLike, model, root: str | os.PathLike = "features", dense: bool = True,
-              resize: str = "square", resolution: Optional[int] = None) -> Path:
+              resize: str = "square", resolution: Optional[int] = None, dtype: str = "fp16") -> Path:
     """Where the features of a folder of images live unless told otherwise, for ``embed`` (its default
     ``--out``) and the commands that take images (``eval knn-seg --train IMAGES``, which reuse them):
     ``features/<model>-<fingerprint>/<folder>-<hash>`` (:func:`model_label`, :func:`folder_label`: two
     folders of the same name, or two models' features of one folder, never share one), with ``-global``
     appended for global features alone, ``-center-crop`` for images centre-cropped rather than resized
-    whole, and ``-rN`` for a resolution other than the model's (``--protocol hummingbird``'s 512 px): each
-    kind of features has a folder of its own, so one never replaces another's (a review, 2026-12-06)."""
-    return Path(root) / model_label(model) / (folder_label(images) + _cache_suffix(model, dense, resize, resolution))
+    whole, ``-rN`` for a resolution other than the model's (``--protocol hummingbird``'s 512 px) and ``-fp32``
+    for ``embed --dtype fp32``: each kind of features has a folder of its own, so one never replaces
+    another's (reviews, 2026-12-06)."""
+    return Path(root) / model_label(model) / (folder_label(images) + _cache_suffix(model, dense, resize, resolution, dtype))
 
 
-def _cache_suffix(model, dense: bool, resize: str, resolution: Optional[int]) -> str:
+def _cache_suffix(model, dense: bool, resize: str, resolution: Optional[int], dtype: str = "fp16") -> str:
     other = resolution is not None and resolution != model.info.get("img_size")
-    return ("" if dense else "-global") + ("" if resize == "square" else f"-{resize}") + (f"-r{resolution}" if other else "")
+    return (("" if dense else "-global") + ("" if resize == "square" else f"-{resize}") + (f"-r{resolution}" if other else "")
+            + ("" if dtype == "fp16" else f"-{dtype}"))
 
 
 def split_cache_dir(split, model, root: str | os.PathLike = "features", dense: bool = True,
-                    resize: str = "square", resolution: Optional[int] = None) -> Path:
+                    resize: str = "square", resolution: Optional[int] = None, dtype: str = "fp16") -> Path:
     """:func:`cache_dir` of one split of a benchmark: ``features/<model>-<fingerprint>/<dataset>-<split>-<root label>``."""
     return Path(root) / model_label(model) / (f"{split.dataset}-{split.split}-{folder_label(split.tree.path)}"
-                                              + _cache_suffix(model, dense, resize, resolution))
+                                              + _cache_suffix(model, dense, resize, resolution, dtype))
 
 
 def _made_otherwise(out: Path, plan: dict) -> bool:
@@ -805,7 +807,8 @@ def features_or_embed(path: str | os.PathLike, get_model: Callable[[], object], 
 
         scan_images(path, f"{what} (a folder of images)")
     model = get_model()
-    where = {"resize": embed_options.get("resize", "square"), "resolution": embed_options.get("resolution")}
+    where = {"resize": embed_options.get("resize", "square"), "resolution": embed_options.get("resolution"),
+             "dtype": embed_options.get("dtype", "fp16")}
     out = cache_dir(path, model, dense=dense, **where)
     # a cache: images changed, added or removed since it was made are embedded again, not refused; global
     # features are read from a complete dense cache of the same images where there is one (eval knn-seg's)
@@ -829,7 +832,8 @@ def features_of_split(split, get_model: Callable[[], object], *, dense: bool, wh
     """The features of one split of a benchmark (:mod:`mlsctl.data.datasets`), embedded (or found
     already embedded) under :func:`split_cache_dir` with the model ``get_model()``."""
     model = get_model()
-    where = {"resize": embed_options.get("resize", "square"), "resolution": embed_options.get("resolution")}
+    where = {"resize": embed_options.get("resize", "square"), "resolution": embed_options.get("resolution"),
+             "dtype": embed_options.get("dtype", "fp16")}
     out = split_cache_dir(split, model, dense=dense, **where)
     dense_cache = None if dense else split_cache_dir(split, model, dense=True, **where)
     summary = embed_split(split, out, model, dense=dense, say=say, refresh=True, dense_cache=dense_cache,

@@ -664,10 +664,10 @@ def test_global_features_are_read_from_a_complete_dense_cache_of_the_same_images
     assert found.path == dense.path and f"already in {dense.path}" in lines[-1]
     assert not dense.path.with_name(dense.path.name + "-global").exists()
     assert torch.equal(found.global_features(), dense.global_features())
-    # another precision asked: the dense cache's float16 features serve an evaluation as well (a review, 2026-12-06)
-    same = feats.features_or_embed(images, lambda: tiny_model(), dense=False, what="train features", say=lines.append,
-                                   dtype="fp32")
-    assert same.path == dense.path and "already in" in lines[-1]
+    # another precision asked: a folder of its own (-fp32), never the float16 one replaced (a new user, 2026-12-06)
+    other = feats.features_or_embed(images, lambda: tiny_model(), dense=False, what="train features", say=lines.append,
+                                    dtype="fp32")
+    assert other.path == dense.path.with_name(dense.path.name + "-global-fp32") and other.dtype == "float32"
     # made otherwise (an image changed since): global features of their own, the dense cache untouched
     changed = sorted(images.rglob("*.png"))[0]
     os.utime(changed, ns=(10**18, 10**18))

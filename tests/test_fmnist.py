@@ -73,6 +73,20 @@ def test_a_build_cut_short_while_it_swapped_its_folder_in_is_put_back_and_reused
     build_scenes(tmp_path / "link", n_train=4, n_val=2, size=40, source=fake_fmnist, overwrite=True, progress=False)
     assert (tmp_path / "link").is_symlink() and len(list((out / "train" / "images").iterdir())) == 4
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    # a new user (2026-12-06): --overwrite deleted files put into the build's folder; refused, naming them
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match=r"holds notes.txt, which the fmnist-scenes build did not make; .*move it out"):
+        build_scenes(out, n_train=3, n_val=2, size=40, source=fake_fmnist, overwrite=True, progress=False)
+    assert (out / "notes.txt").read_text() == "mine"
+    (out / "notes.txt").unlink()
+    build_scenes(out, n_train=3, n_val=2, size=40, source=fake_fmnist, overwrite=True, progress=False)
+    from mlsctl.data.fmnist_products import build_products
+
+    for layout in ("retrieval", "sop"):  # an overwrite of an untouched build finds nothing foreign
+        products = tmp_path / f"products-{layout}"
+        for overwrite in (False, True):
+            build_products(products, n_train=4, n_eval=3, source=fake_fmnist, layout=layout, overwrite=overwrite,
+                           progress=False, **({"seed": 1} if overwrite else {}))
 
 
 def test_overwrite_never_replaces_a_folder_that_is_not_a_build(tmp_path: Path, fake_fmnist: Path):

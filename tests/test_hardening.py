@@ -1351,26 +1351,31 @@ def test_20_evaluations_read_a_default_embed_made_with_other_batch_sizes_or_prec
                                                                                      monkeypatch):
     """A review (2026-12-06): with embed's default --out shared with the evaluations, `embed --batch-size 32` then
     an eval embedded the images again and replaced the user's folder; batch and shard sizes do not change a
-    finished folder's features, and an evaluation reads float32 features as well as float16."""
+    finished folder's features. A new user then found `embed --dtype fp32` refused by the float16 folder it
+    had made before under the same default name: float32 features have a folder of their own."""
     from mlsctl.features import features_or_embed
     from mlsctl.restore import from_run
 
     run, _ = finished_run
     images = make_images(tmp_path / "images", 6)
     monkeypatch.chdir(tmp_path)
-    code, out, err = cli("embed", str(images), "--run", str(run), "--batch-size", "2", "--dtype", "fp32", "--json",
-                         capsys=capsys)
+    code, out, err = cli("embed", str(images), "--run", str(run), "--batch-size", "2", "--json", capsys=capsys)
     assert code == 0, err
     folder = (tmp_path / json.loads(out)["out"]).resolve()
     before = sorted(p.name for p in folder.iterdir())
     said = []
     found = features_or_embed(images, lambda: from_run(run), dense=False, what="train features", say=said.append)
-    assert found.path.resolve() == folder and "already in" in said[-1] and found.dtype == "float32"
+    assert found.path.resolve() == folder and "already in" in said[-1] and found.dtype == "float16"
     assert sorted(p.name for p in folder.iterdir()) == before
-    code, _, err = cli("embed", str(images), "--run", str(run), "--batch-size", "3", capsys=capsys)  # fp16 asked
-    assert code == 2 and "made differently (dtype)" in err
-    code, out, err = cli("embed", str(images), "--run", str(run), "--batch-size", "3", "--dtype", "fp32", capsys=capsys)
+    code, out, err = cli("embed", str(images), "--run", str(run), "--dtype", "fp32", "--json", capsys=capsys)
+    assert code == 0 and json.loads(out)["out"].endswith("-global-fp32"), err
+    code, out, err = cli("embed", str(images), "--run", str(run), "--batch-size", "3", capsys=capsys)
     assert code == 0 and "already holds these features" in out, err
+    code, _, err = cli("embed", str(images), "--run", str(run), "--out", str(folder), "--dtype", "fp32", capsys=capsys)
+    assert code == 2 and "made differently (dtype)" in err  # an --out given: refused, not replaced
+    monkeypatch.chdir(images)  # a new user (2026-12-06): `cd images; mlsctl embed .` wrote features/ among the images
+    code, _, err = cli("embed", ".", "--run", str(run), capsys=capsys)
+    assert code == 2 and "the default --out" in err and "inside the images folder" in err and not (images / "features").exists()
 
 
 # ----------------------------------------------------------------------------------- 21. paths from any directory

@@ -482,7 +482,7 @@ def test_gallery_from_features_must_match_how_queries_are_embedded(mile_run, tmp
     lines = [json.loads(line) for line in out.splitlines()]
     assert [line["id"] for line in lines] == ["a", "b", "c"] and "results" in lines[0] and "results" in lines[2]
     assert "line 2: cannot read" in lines[1]["error"] and "nope.png" in lines[1]["error"]
-    assert code == 2 and "1 of the 3 sets" in err and "(lines 2)" in err
+    assert code == 2 and "1 of the 3 sets" in err and "(line 2)" in err
     # retrieval refuses folders of unrelated objects
     shutil.copytree(mile_run / "query", tmp_path / "other")
     for i, folder in enumerate(sorted((tmp_path / "other").iterdir())[:4]):

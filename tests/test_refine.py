@@ -228,6 +228,11 @@ def test_apply_writes_features_every_eval_reads_and_never_shows_a_query_itself(t
     (tmp / "refined").rename(tmp / ".refined.swap-old")
     code, _, err = cli("refine", "apply", str(tmp / "run"), str(test), "--out", str(tmp / "refined"), capsys=capsys)
     assert code == 2 and "already holds features" in err and (tmp / "refined" / "manifest.json").is_file()
+    (tmp / "refined" / "notes.txt").write_text("mine")  # --overwrite replaced it with the folder (a new user)
+    code, _, err = cli("refine", "apply", str(tmp / "run"), str(test), "--out", str(tmp / "refined"), "--overwrite",
+                       capsys=capsys)
+    assert code == 2 and "holds notes.txt besides the features" in err and (tmp / "refined" / "notes.txt").is_file()
+    (tmp / "refined" / "notes.txt").unlink()
     # an empty folder given as --out is written without --overwrite (it refined, then refused: a review)
     (tmp / "empty").mkdir()
     cli_ok(capsys, "refine", "apply", str(tmp / "run"), str(test), "--out", str(tmp / "empty"))

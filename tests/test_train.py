@@ -112,6 +112,10 @@ def test_run_folder_rules(finished_run, tmp_path: Path, capsys):
     shutil.copytree(run_dir, copy)
     code, _, err = cli("pretrain", str(recipe), "--out", str(copy), capsys=capsys)
     assert code == 2 and "is not empty: add --resume" in err
+    (tmp_path / "notes").mkdir()  # a new user (2026-12-06): told to --resume or --overwrite, both of which failed
+    (tmp_path / "notes" / "a.txt").write_text("mine")
+    code, _, err = cli("pretrain", str(recipe), "--out", str(tmp_path / "notes"), capsys=capsys)
+    assert code == 2 and "is not empty and holds no run (a.txt): choose another --out" in err
     code, _, err = cli("pretrain", str(recipe), "--out", str(copy), "--resume", capsys=capsys)
     assert code == 0 and "already complete (8 steps)" in err
     (copy / "teacher.safetensors").unlink()  # a run stopped before its teacher was written, or a removed file

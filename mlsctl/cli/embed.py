@@ -85,14 +85,18 @@ def embed(
                    say=say_once)
     # the default --out is the folder the evaluations keep these features in (an embed, then an eval of the same
     # images, embedded them twice: a code-health review, 2026-12-06)
-    where = dict(dense=dense, resize=resize, resolution=resolution)
+    where = dict(dense=dense, resize=resize, resolution=resolution, dtype=dtype)
     if benchmark is not None:
         out = out if out is not None else split_cache_dir(benchmark, choice, **where)
         summary = embed_split(benchmark, out, choice, **options)
     else:
-        if out is not None and _inside(out, images):  # the default (features/ of the working folder) may be
+        if out is not None and _inside(out, images):
             raise UserError(f"--out {out} is inside the images folder {images}: every later embed of that folder "
                             f"would list the features' files as images it could not read; choose an --out outside it")
+        if out is None and _inside(cache_dir(images, choice, **where), images):  # run from inside the images folder
+            raise UserError(f"the default --out ({cache_dir(images, choice, **where)}, under the working folder) is "
+                            f"inside the images folder {images}: every later embed of that folder would list the "
+                            f"features' files as images it could not read; run from another folder or give --out")
         out = out if out is not None else cache_dir(images, choice, **where)
         summary = embed_folder(images, out, choice, **options)
     if not main:

@@ -137,7 +137,9 @@ def search(
     from mlsctl.errors import UserError
     from mlsctl.gallery import Gallery, choose_set_model, load_images, newest_gallery, ranked, read_query_sets, search_sets
 
-    if (images is None) == (sets is None):
+    if images is not None and sets is not None:
+        raise UserError("give the photos of one set with --set or a JSONL file of sets with --sets, not both")
+    if images is None and sets is None:
         raise UserError("give the photos of one set with --set, or a JSONL file of sets with --sets")
     if index is None:
         index = newest_gallery(".")
@@ -174,11 +176,12 @@ def search(
             raise
         seconds = time.perf_counter() - started
         searched = len(queries) - len(failed)
-        say(f"searched {searched} sets in {seconds:.2f}s ({searched / max(seconds, 1e-9):.1f} sets/s)")
+        say(f"searched {counted(searched, 'set')} in {seconds:.2f}s ({searched / max(seconds, 1e-9):.1f} sets/s)")
         if failed:
-            raise UserError(f"{len(failed)} of the {len(queries)} sets of {sets} could not be searched (lines "
-                            f"{', '.join(map(str, failed[:10]))}{', ...' if len(failed) > 10 else ''}): their output "
-                            f"lines say why under 'error'")
+            raise UserError(f"{len(failed)} of the {counted(len(queries), 'set')} of {sets} could not be searched "
+                            f"(line{'s' if len(failed) > 1 else ''} {', '.join(map(str, failed[:10]))}"
+                            f"{', ...' if len(failed) > 10 else ''}): "
+                            f"{'their output lines say' if len(failed) > 1 else 'its output line says'} why under 'error'")
         return
     cls, tokens = model.image_tokens(load_images(images))
     found = target.search(model.fold(None, cls, tokens), k)

@@ -282,9 +282,23 @@ def reusable_build(out: Path, generator: str, params: dict, overwrite: bool) -> 
         raise UserError(f"{out} exists and is not a {generator} folder; choose another --out (--overwrite only "
                         f"replaces a {generator} build)")
     if ours and not overwrite:
-        raise UserError(f"{out} holds {generator} built with {existing.get('parameters')}; "
-                        f"add --overwrite to rebuild it with {params}")
+        raise UserError(f"{out} holds {generator} built with {_shown_parameters(existing.get('parameters'))}; "
+                        f"add --overwrite to rebuild it with {_shown_parameters(params)}")
+    if ours:  # --overwrite replaces the whole folder: what the build did not make would go with it
+        made = {"meta.json", "objects.jsonl", *(existing.get("splits") or {})}
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in made and not p.name.startswith("."))
+        if foreign:  # a new user (2026-12-06): --overwrite deleted a features/ folder and notes kept there
+            raise UserError(f"{out} holds {', '.join(foreign[:3])}{' and more' if len(foreign) > 3 else ''}, which the "
+                            f"{generator} build did not make; --overwrite replaces the whole folder, so move "
+                            f"{'them' if len(foreign) > 1 else 'it'} out first")
     return None
+
+
+def _shown_parameters(params) -> str:
+    """A build's parameters as a message says them: ``n_train 2000, n_val 500, size 96, seed 0``."""
+    if not isinstance(params, dict):
+        return "unknown parameters"
+    return ", ".join(f"{key} {value}" for key, value in params.items())
 
 
 def replace_folder(tmp: Path, out: Path) -> None:

@@ -179,6 +179,12 @@ def apply_refinement(run_dir: str | Path, feats_dir: str | Path, out: str | Path
             if not overwrite:
                 raise UserError(f"--out {out} already holds features; add --overwrite to replace them or choose "
                                 f"another --out")
+            foreign = sorted(p.name for p in out.iterdir()
+                             if not (p.name == "manifest.json" or p.name.startswith((".", "shard-"))))
+            if foreign:  # --overwrite replaces the whole folder (a new user, 2026-12-06: a notes.txt went with it)
+                raise UserError(f"--out {out} holds {', '.join(foreign[:3])}{' and more' if len(foreign) > 3 else ''}"
+                                f" besides the features; --overwrite replaces the whole folder, so move "
+                                f"{'them' if len(foreign) > 1 else 'it'} out first")
     if loaded.total_steps and loaded.step < loaded.total_steps:
         say(f"note: run {loaded.run} is not finished (step {loaded.step} of {loaded.total_steps}); using that checkpoint")
     if loaded.train_model and loaded.train_model.get("fingerprint") != features.model.get("fingerprint"):

@@ -122,6 +122,7 @@ def drift_figure(run_dir: str | Path, feats_dir: str | Path, out: str | Path, *,
     tracks = flat[: (T + 1) * n].reshape(T + 1, n, 2)
     neighbour_xy = flat[(T + 1) * n:]
 
+    sup = str(T).translate(str.maketrans("0123456789", "⁰¹²³⁴⁵⁶⁷⁸⁹"))  # e⁸, as e⁰ is drawn (not e^8)
     classes = sorted(set(labels) | {context_names[int(r)] for r in neighbour_rows})
     cmap = plt.get_cmap("tab20")
     colour = {c: cmap(i % 20) for i, c in enumerate(classes)}
@@ -131,15 +132,16 @@ def drift_figure(run_dir: str | Path, feats_dir: str | Path, out: str | Path, *,
         left.plot(tracks[:, i, 0], tracks[:, i, 1], "-", color=c, alpha=0.55, linewidth=0.8)
         left.scatter(tracks[0, i, 0], tracks[0, i, 1], s=10, facecolors="none", edgecolors=[c], linewidths=0.6)
         left.scatter(tracks[-1, i, 0], tracks[-1, i, 1], s=14, color=[c])
-    left.set_title(f"{n} embeddings, e⁰ (circle) → e^{T} (dot), one colour per class "
-                   f"({len(set(labels))} classes, colours repeat)", fontsize=10)
+    repeat = ", colours repeat" if len(classes) > 20 else ""  # tab20: said only where it happens (a new user)
+    left.set_title(f"{n} embeddings, e⁰ (circle) → e{sup} (dot), one colour per class "
+                   f"({len(set(labels))} classes{repeat})", fontsize=10)
     left.set_xlabel(f"{projection.upper()} 1")
     left.set_ylabel(f"{projection.upper()} 2")
 
     q_track = tracks[:, pick]
     q_class = labels[pick]
     right.plot(q_track[:, 0], q_track[:, 1], "-o", color="black", markersize=3, linewidth=1.5,
-               label=f"query ({q_class}) e⁰ (circle) → e^{T} (star)")
+               label=f"query ({q_class}) e⁰ (circle) → e{sup} (star, its class colour)")
     right.scatter(q_track[0, 0], q_track[0, 1], s=120, facecolors="none", edgecolors="black", linewidths=2)
     right.scatter(q_track[-1, 0], q_track[-1, 1], s=220, marker="*", color=[colour[q_class]], edgecolors="black")
     cos_before = context_x[neighbour_rows] @ states[0, pick]
@@ -147,25 +149,30 @@ def drift_figure(run_dir: str | Path, feats_dir: str | Path, out: str | Path, *,
     last_attention = attentions[-1, pick] if attentions.numel() else torch.full((k,), 1.0 / k)
     # each square numbered, its values in a table beside the panel: labels beside squares that lie close together
     # piled up unreadably (a new user's run-through, 2026-12-06)
-    rows_text = [f"{'':2} {'class':<12} {'a':>5} {'cos e⁰→e^' + str(T):>14}"]
+    rows_text = [f"{'':2} {'class':<12} {'same':>4} {'a':>5} {'cos e⁰→e' + sup:>13}"]
     for j, row in enumerate(neighbour_rows.tolist()):
         name = context_names[row]
         same = name == q_class
+        # fill: the neighbour's class colour; frame: solid black for the query's class, dashed grey for another
+        # (green and red frames read as class colours of the palette: a new user, 2026-12-06)
         right.scatter(neighbour_xy[j, 0], neighbour_xy[j, 1], s=60 + 1500 * float(last_attention[j]), marker="s",
-                      color=[colour[name]], edgecolors="green" if same else "red", linewidths=2.5)
+                      color=[colour[name]], edgecolors="black" if same else "grey", linewidths=2.5 if same else 1.5,
+                      linestyles="solid" if same else "dashed")
         right.annotate(str(j + 1), neighbour_xy[j], textcoords="offset points", xytext=(5, 5), fontsize=9,
                        fontweight="bold")
-        rows_text.append(f"{j + 1:>2} {name[:12]:<12} {float(last_attention[j]):5.2f} "
+        rows_text.append(f"{j + 1:>2} {name[:12]:<12} {'yes' if same else 'no':>4} {float(last_attention[j]):5.2f} "
                          f"{float(cos_before[j]):6.2f} → {float(cos_after[j]):5.2f}")
     right.text(1.02, 1.0, "\n".join(rows_text), transform=right.transAxes, va="top", ha="left", fontsize=8,
                family="monospace")
-    right.scatter([], [], marker="s", color="grey", edgecolors="green", linewidths=2, label="neighbour, same class")
-    right.scatter([], [], marker="s", color="grey", edgecolors="red", linewidths=2, label="neighbour, other class")
-    among = "its e^T" if len(context) <= EXACT_PICK_ROWS else "the e^T of its rows near the sampled queries"
-    how = (f"its nearest neighbour turns from another class to its own (e⁰ among the context's e⁰, e^T among {among})"
+    right.scatter([], [], marker="s", color="white", edgecolors="black", linewidths=2.5,
+                  label="neighbour of the query's class (fill: its class colour)")
+    right.scatter([], [], marker="s", color="white", edgecolors="grey", linewidths=1.5, linestyles="dashed",
+                  label="neighbour of another class")
+    among = f"its e{sup}" if len(context) <= EXACT_PICK_ROWS else f"the e{sup} of its rows near the sampled queries"
+    how = (f"its nearest neighbour turns from another class to its own (e⁰ among the context's e⁰, e{sup} among {among})"
            if fixed else "no sampled query's nearest neighbour turns to its own class; the first one")
     right.set_title(f"one query and its {k} neighbours, numbered (square area and a: the last block's attention; "
-                    f"cos: to the query's e⁰ → e^{T})\n"
+                    f"cos: to the query's e⁰ → e{sup})\n"
                     f"query shown: {how}", fontsize=10)
     right.legend(fontsize=8, loc="best")
     figure.suptitle(f"context refinement drift: {Path(feats_dir).name} refined by {Path(run_dir).name} "

@@ -167,6 +167,10 @@ def open_run_dir(run: Run, recipe, folder: ImageFolder, lock: FolderLock, *, res
             return str(latest.path)
         others = [p.name for p in run.root.iterdir() if p.name != LOCK_NAME and p.name not in HIDDEN_ENTRIES]
         if others:
+            if not overwrite and not run.config_path.is_file():  # no run there: --resume and --overwrite would fail too
+                shown = ", ".join(sorted(others)[:4]) + (", ..." if len(others) > 4 else "")
+                raise UserError(f"--out {run.root} is not empty and holds no run ({shown}): choose another --out, "
+                                f"or empty it")
             if not overwrite:
                 raise UserError(f"--out {run.root} is not empty: add --resume to continue it, --overwrite to replace "
                                 f"it, or choose another --out")
