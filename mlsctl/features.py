@@ -338,6 +338,10 @@ def embed_listing(tree, relpaths: list[str], out: str | os.PathLike, model, *, n
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; choose a folder")
     lock = FolderLock(out, "feature folder")
+    if refresh and not overwrite and is_main:  # an evaluation's cache replaced: said, with why (a new user, 2026-12-06:
+        why = _why_made_otherwise(out, plan)  # an interrupted embed's parts went without a word)
+        if why is not None:
+            say(f"{out}: {why}; embedding again")
     reused = dist.on_main(lambda: _open_feature_folder(out, plan, overwrite, lock, refresh))
     if reused is not None:
         if is_main:
@@ -779,21 +783,30 @@ def split_cache_dir(split, model, root: str | os.PathLike = "features", dense: b
 
 def _made_otherwise(out: Path, plan: dict) -> bool:
     """``out`` is a feature folder (complete, or an unfinished embed) of another plan than ``plan``."""
+    return _why_made_otherwise(out, plan) is not None
+
+
+def _why_made_otherwise(out: Path, plan: dict) -> Optional[str]:
+    """Why ``out`` is a feature folder made otherwise than by ``plan`` (what differs, and whether it was
+    finished), or None where it is not one or was made the same way."""
     for record in (out / MANIFEST, out / PARTIAL / "plan.json"):
         if record.is_file():
             try:
                 found = json.loads(record.read_text())
             except (OSError, ValueError):
-                return False  # damaged: left to the usual refusal
+                return None  # damaged: left to the usual refusal
             previous = found.get("plan", {}) if record.name == MANIFEST and isinstance(found, dict) else found
             if not isinstance(previous, dict):
-                return False
+                return None
+            complete = record.name == MANIFEST  # read as it is; an unfinished one is resumed only by its own plan
+            what, was = ("the features there", "were") if complete else ("the unfinished embed there", "was")
             # a cache that cannot say what its images were (made before contents were recorded) is made again
             # once, rather than trusted (a probe, 2026-12-06: a pre-upgrade cache kept serving changed images)
-            unchecked = previous.get("contents_sha256") is None and plan.get("contents_sha256") is not None
-            complete = record.name == MANIFEST  # read as it is; an unfinished one is resumed only by its own plan
-            return unchecked or not _same_plan(previous, plan, complete=complete, any_dtype=complete)
-    return False
+            if previous.get("contents_sha256") is None and plan.get("contents_sha256") is not None:
+                return f"{what} recorded no sizes or times of its images (an older mlsctl)"
+            if not _same_plan(previous, plan, complete=complete, any_dtype=complete):
+                return f"{what} {was} made otherwise ({_plan_difference(previous, plan, complete=complete) or 'unknown'})"
+    return None
 
 
 def features_or_embed(path: str | os.PathLike, get_model: Callable[[], object], *, dense: bool, what: str,

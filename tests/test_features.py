@@ -673,4 +673,8 @@ def test_global_features_are_read_from_a_complete_dense_cache_of_the_same_images
     os.utime(changed, ns=(10**18, 10**18))
     again = feats.features_or_embed(images, lambda: tiny_model(), dense=False, what="train features", say=lines.append)
     assert again.path == dense.path.with_name(dense.path.name + "-global") and "embedded 4 images" in lines[-1]
+    # the dense cache itself, asked for again: replaced, and said why (a new user, 2026-12-06: without a word)
+    feats.features_or_embed(images, lambda: tiny_model(), dense=True, what="train features", say=lines.append)
+    assert f"{dense.path}: the features there were made otherwise (image sizes or modification times); embedding again" \
+        in lines and "embedded 4 images" in lines[-1]
     assert (dense.path / "manifest.json").is_file()
