@@ -331,8 +331,10 @@ def read_query_sets(path: Path) -> list[tuple[int, object, list[Path]]]:
     sets = []
     try:
         lines = path.read_text(encoding="utf-8-sig").splitlines()  # a byte-order mark (Windows editors) is not data
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"--sets {path} cannot be read ({getattr(exc, 'strerror', None) or exc})") from None
+    except UnicodeDecodeError:  # a UTF-16 file (a Windows editor's "Unicode"): the codec's own words said nothing
+        raise UserError(f"--sets {path} is not UTF-8 text; save it as UTF-8 (one JSON object per line)") from None
+    except OSError as exc:
+        raise UserError(f"--sets {path} cannot be read ({exc.strerror or exc})") from None
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue

@@ -152,3 +152,11 @@ def test_scenes_carry_a_labels_file_of_their_largest_item(tmp_path, fake_fmnist)
     (tmp_path / "s" / "val" / "labels.csv").unlink()  # an older build: the file comes back on the next build call
     build_scenes(tmp_path / "s", n_train=4, n_val=2, size=32, source=fake_fmnist, progress=False)
     assert (tmp_path / "s" / "val" / "labels.csv").is_file()
+
+
+def test_small_photo_counts_and_their_gallery_share_are_one_sentence(tmp_path: Path, fake_fmnist: Path):
+    """A new user (2026-12-06): --photos 4 failed on --gallery-photos, never given (its default is 4)."""
+    from mlsctl.data.fmnist_products import build_products
+
+    with pytest.raises(UserError, match=r"--gallery-photos \(4; 4 when not given\) .* give --gallery-photos 2 with --photos 4"):
+        build_products(tmp_path / "p", n_train=2, n_eval=2, photos=4, source=fake_fmnist, progress=False)

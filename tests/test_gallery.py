@@ -428,3 +428,14 @@ def test_search_sets_gives_the_embedded_sets_once_before_a_ctrl_c(monkeypatch):
     assert given[0][1] == {"id": "q0", "set": ["0.png"], "results": [{"rank": 1, "object": "obj0", "score": 1.0}]}
     assert given[1][1]["error"] == "--sets line 2: cannot read x.png: damaged"
     assert given[2][1]["results"][0]["object"] == "obj2" and searched == [1, 1]
+
+
+def test_a_query_sets_file_in_utf16_is_one_sentence(tmp_path):
+    """A new user (2026-12-06): a JSONL saved as UTF-16 got the codec's own message."""
+    from mlsctl.errors import UserError
+    from mlsctl.gallery import read_query_sets
+
+    path = tmp_path / "q.jsonl"
+    path.write_text('{"photos": ["a.png"]}\n', encoding="utf-16")
+    with pytest.raises(UserError, match=r"is not UTF-8 text; save it as UTF-8"):
+        read_query_sets(path)

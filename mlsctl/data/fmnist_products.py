@@ -106,7 +106,8 @@ def build_products(out: str | Path, n_train: int = 1000, n_eval: int = 200, phot
     if layout == "sop":
         gallery_photos = min(gallery_photos, photos - 1)  # unused: every evaluation photo goes to test/
     if not 1 <= gallery_photos < photos:
-        raise UserError(f"--gallery-photos must be between 1 and --photos - 1 ({photos - 1}), got {gallery_photos}")
+        raise UserError(f"--gallery-photos ({gallery_photos}; 4 when not given) must be between 1 and --photos - 1 "
+                        f"({photos - 1}): give --gallery-photos {max(1, photos // 2)} with --photos {photos}")
     if size < 32:
         raise UserError(f"--size must be at least 32 pixels, got {size}")
     if n_train < 1 or n_eval < 2:
