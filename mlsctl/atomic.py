@@ -172,6 +172,19 @@ def followed(out: str | os.PathLike, flag: str = "--out") -> Path:
                         f"give a folder") from None
 
 
+def refuse_others(out: Path, ours: Callable[[str], bool], named: str, besides: str) -> None:
+    """Before ``--overwrite`` swaps a whole new folder in for ``out``: one sentence naming the entries of
+    ``out`` that are not its owner's (``ours`` false; hidden entries are the tools' own), which would go
+    with it (a new user, 2026-12-06: a features/ folder and notes kept in a data build were deleted).
+    ``named``: how the message names ``out``; ``besides``: what the entries are besides, as a clause."""
+    from mlsctl.errors import UserError
+
+    others = sorted(p.name for p in out.iterdir() if not (ours(p.name) or p.name.startswith(".")))
+    if others:
+        raise UserError(f"{named} holds {', '.join(others[:3])}{' and more' if len(others) > 3 else ''}{besides}; "
+                        f"--overwrite replaces the whole folder, so move {'them' if len(others) > 1 else 'it'} out first")
+
+
 def aside_of(out: Path) -> Path:
     """Where :func:`swap_folder` puts ``out`` for a moment where the system cannot exchange two paths."""
     return out.parent / f".{out.name}.swap-old"

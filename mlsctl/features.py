@@ -338,11 +338,7 @@ def embed_listing(tree, relpaths: list[str], out: str | os.PathLike, model, *, n
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; choose a folder")
     lock = FolderLock(out, "feature folder")
-    if refresh and not overwrite and is_main:  # an evaluation's cache replaced: said, with why (a new user, 2026-12-06:
-        why = _why_made_otherwise(out, plan)  # an interrupted embed's parts went without a word)
-        if why is not None:
-            say(f"{out}: {why}; embedding again")
-    reused = dist.on_main(lambda: _open_feature_folder(out, plan, overwrite, lock, refresh))
+    reused = dist.on_main(lambda: _open_feature_folder(out, plan, overwrite, lock, refresh, say))
     if reused is not None:
         if is_main:
             lock.release()
@@ -377,7 +373,8 @@ def complete_feature_folder(folder: Path, plan: dict) -> Optional[dict]:
     return manifest if isinstance(manifest.get("files"), list) and isinstance(manifest.get("skipped"), list) else None
 
 
-def _open_feature_folder(out: Path, plan: dict, overwrite: bool, lock: FolderLock, refresh: bool = False) -> Optional[dict]:
+def _open_feature_folder(out: Path, plan: dict, overwrite: bool, lock: FolderLock, refresh: bool = False,
+                         say: Callable[[str], None] = to_stderr) -> Optional[dict]:
     """Process 0: lock ``out`` and get it ready for this plan. Returns the manifest of a complete
     folder made the same way (nothing to do), else None with ``.partial/`` prepared. Anything that
     is not a feature folder is never touched, --overwrite or not. ``refresh``: a feature folder made
@@ -385,7 +382,10 @@ def _open_feature_folder(out: Path, plan: dict, overwrite: bool, lock: FolderLoc
     lock.acquire()
     try:
         if refresh and not overwrite:
-            overwrite = _made_otherwise(out, plan)
+            why = _why_made_otherwise(out, plan)
+            overwrite = why is not None
+            if why is not None:  # an evaluation's cache replaced: said, with why (a new user, 2026-12-06: an
+                say(f"{out}: {why}; embedding again")  # interrupted embed's parts went without a word)
         partial = out / PARTIAL
         contents = [p for p in out.iterdir() if p.name != LOCK_NAME]
         if (out / MANIFEST).is_file():
@@ -781,6 +781,12 @@ def split_cache_dir(split, model, root: str | os.PathLike = "features", dense: b
                                               + _cache_suffix(model, dense, resize, resolution, dtype))
 
 
+def _cache_options(embed_options: dict) -> dict:
+    """What of an evaluation's embed options names its cache folder (:func:`cache_dir`)."""
+    return {"resize": embed_options.get("resize", "square"), "resolution": embed_options.get("resolution"),
+            "dtype": embed_options.get("dtype", "fp16")}
+
+
 def _made_otherwise(out: Path, plan: dict) -> bool:
     """``out`` is a feature folder (complete, or an unfinished embed) of another plan than ``plan``."""
     return _why_made_otherwise(out, plan) is not None
@@ -820,8 +826,7 @@ def features_or_embed(path: str | os.PathLike, get_model: Callable[[], object], 
 
         scan_images(path, f"{what} (a folder of images)")
     model = get_model()
-    where = {"resize": embed_options.get("resize", "square"), "resolution": embed_options.get("resolution"),
-             "dtype": embed_options.get("dtype", "fp16")}
+    where = _cache_options(embed_options)
     out = cache_dir(path, model, dense=dense, **where)
     # a cache: images changed, added or removed since it was made are embedded again, not refused; global
     # features are read from a complete dense cache of the same images where there is one (eval knn-seg's)
@@ -845,8 +850,7 @@ def features_of_split(split, get_model: Callable[[], object], *, dense: bool, wh
     """The features of one split of a benchmark (:mod:`mlsctl.data.datasets`), embedded (or found
     already embedded) under :func:`split_cache_dir` with the model ``get_model()``."""
     model = get_model()
-    where = {"resize": embed_options.get("resize", "square"), "resolution": embed_options.get("resolution"),
-             "dtype": embed_options.get("dtype", "fp16")}
+    where = _cache_options(embed_options)
     out = split_cache_dir(split, model, dense=dense, **where)
     dense_cache = None if dense else split_cache_dir(split, model, dense=True, **where)
     summary = embed_split(split, out, model, dense=dense, say=say, refresh=True, dense_cache=dense_cache,

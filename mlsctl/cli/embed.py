@@ -93,11 +93,12 @@ def embed(
         if out is not None and _inside(out, images):
             raise UserError(f"--out {out} is inside the images folder {images}: every later embed of that folder "
                             f"would list the features' files as images it could not read; choose an --out outside it")
-        if out is None and _inside(cache_dir(images, choice, **where), images):  # run from inside the images folder
-            raise UserError(f"the default --out ({cache_dir(images, choice, **where)}, under the working folder) is "
-                            f"inside the images folder {images}: every later embed of that folder would list the "
-                            f"features' files as images it could not read; run from another folder or give --out")
-        out = out if out is not None else cache_dir(images, choice, **where)
+        if out is None:
+            out = cache_dir(images, choice, **where)
+            if _inside(out, images):  # run from inside the images folder
+                raise UserError(f"the default --out ({out}, under the working folder) is inside the images folder "
+                                f"{images}: every later embed of that folder would list the features' files as images "
+                                f"it could not read; run from another folder or give --out")
         summary = embed_folder(images, out, choice, **options)
     if not main:
         return

@@ -201,7 +201,6 @@ def build_scenes(out: str | Path, n_train: int = 2000, n_val: int = 500, size: i
         raise UserError(f"--size must be at least 32 pixels to hold items, got {size}")
     if n_train < 1 or n_val < 1:
         raise UserError("--n-train and --n-val must be at least 1")
-    out = Path(out)
     out = atomic.followed(out)  # a link's target is rebuilt, the link kept
     params = {"n_train": n_train, "n_val": n_val, "size": size, "seed": seed}
     existing = reusable_build(out, "fmnist-scenes", params, overwrite)
@@ -286,11 +285,7 @@ def reusable_build(out: Path, generator: str, params: dict, overwrite: bool) -> 
                         f"add --overwrite to rebuild it with {_shown_parameters(params)}")
     if ours:  # --overwrite replaces the whole folder: what the build did not make would go with it
         made = {"meta.json", "objects.jsonl", *(existing.get("splits") or {})}
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in made and not p.name.startswith("."))
-        if foreign:  # a new user (2026-12-06): --overwrite deleted a features/ folder and notes kept there
-            raise UserError(f"{out} holds {', '.join(foreign[:3])}{' and more' if len(foreign) > 3 else ''}, which the "
-                            f"{generator} build did not make; --overwrite replaces the whole folder, so move "
-                            f"{'them' if len(foreign) > 1 else 'it'} out first")
+        atomic.refuse_others(out, made.__contains__, str(out), f", which the {generator} build did not make")
     return None
 
 

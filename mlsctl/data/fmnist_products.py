@@ -112,7 +112,6 @@ def build_products(out: str | Path, n_train: int = 1000, n_eval: int = 200, phot
         raise UserError(f"--size must be at least 32 pixels, got {size}")
     if n_train < 1 or n_eval < 2:
         raise UserError("--n-train must be at least 1 and --n-eval at least 2")
-    out = Path(out)
     out = atomic.followed(out)  # a link's target is rebuilt, the link kept
     params = {"n_train": n_train, "n_eval": n_eval, "photos": photos, "gallery_photos": gallery_photos,
               "size": size, "seed": seed}

@@ -153,7 +153,7 @@ def apply_refinement(run_dir: str | Path, feats_dir: str | Path, out: str | Path
                      dtype: str = "fp32", progress: bool = False, say=to_stderr) -> dict:
     """Refine ``feats_dir`` with the run's refiner and ``context_dir`` (default: ``feats_dir``);
     write the refined feature folder ``out``. Returns a JSON-ready summary."""
-    from mlsctl.features import DTYPES, is_feature_folder
+    from mlsctl.features import DTYPES, MANIFEST, is_feature_folder
     from mlsctl.methods.refine.neighbours import check_reference_size
 
     loaded, features, context = open_inputs(run_dir, feats_dir, context_dir)
@@ -163,7 +163,6 @@ def apply_refinement(run_dir: str | Path, feats_dir: str | Path, out: str | Path
                          "give a larger context or a smaller --k")
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype} is not one of {', '.join(DTYPES)}")
-    out = Path(out)
     out = atomic.followed(out)  # the refined folder replaces the link's target, not the link (a review, 2026-12-06)
     atomic.recover_swap(out)  # a replacement cut short before the --out checks, not after hours of refining
     for name, source in (("the features folder", features.path), ("the context features folder", context.path),
@@ -179,12 +178,8 @@ def apply_refinement(run_dir: str | Path, feats_dir: str | Path, out: str | Path
             if not overwrite:
                 raise UserError(f"--out {out} already holds features; add --overwrite to replace them or choose "
                                 f"another --out")
-            foreign = sorted(p.name for p in out.iterdir()
-                             if not (p.name == "manifest.json" or p.name.startswith((".", "shard-"))))
-            if foreign:  # --overwrite replaces the whole folder (a new user, 2026-12-06: a notes.txt went with it)
-                raise UserError(f"--out {out} holds {', '.join(foreign[:3])}{' and more' if len(foreign) > 3 else ''}"
-                                f" besides the features; --overwrite replaces the whole folder, so move "
-                                f"{'them' if len(foreign) > 1 else 'it'} out first")
+            atomic.refuse_others(out, lambda name: name == MANIFEST or name.startswith("shard-"), f"--out {out}",
+                                 " besides the features")
     if loaded.total_steps and loaded.step < loaded.total_steps:
         say(f"note: run {loaded.run} is not finished (step {loaded.step} of {loaded.total_steps}); using that checkpoint")
     if loaded.train_model and loaded.train_model.get("fingerprint") != features.model.get("fingerprint"):
