@@ -347,10 +347,53 @@ def read_query_sets(path: Path) -> list[tuple[int, object, list[Path]]]:
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             raise UserError(f"--sets {path} line {number} is not a JSON object with a non-empty list of paths "
                             f"'photos' (and an optional 'id')") from None
-        sets.append((number, query_id, [path.parent / p for p in photos]))  # the id comes back as given
+        sets.append((number, query_id, [_beside(path.parent, p) for p in photos]))  # the id comes back as given
     if not sets:
         raise UserError(f"--sets {path} holds no query set")
     return sets
+
+
+def _beside(folder: Path, photo: str) -> Path:
+    """``photo`` of a --sets file in ``folder``, relative to it: ``q/../x`` said as ``x`` where both name
+    the same file (they differ where ``q`` is a link to elsewhere: then as joined)."""
+    joined = folder / photo
+    plain = Path(os.path.normpath(joined))
+    if plain != joined:
+        try:
+            if not os.path.samefile(joined, plain):
+                return joined
+        except OSError:  # either is missing: the joined path is the one read, and said if unreadable
+            return joined
+    return plain
+
+
+def _set_error(source: str, number: int, unreadable: Sequence[tuple[Path, str]]) -> str:
+    """The 'error' of a query set some of whose photos cannot be read: the first named, the others counted."""
+    path, reason = unreadable[0]
+    more = f" (and {len(unreadable) - 1} more of its photos)" if len(unreadable) > 1 else ""
+    return f"{source} line {number}: cannot read {path}: {reason}{more}"
+
+
+def missing_sets(queries: Sequence[tuple[int, object, list[Path]]], source: str = "--sets") -> Optional[list]:
+    """The records of :func:`search_sets` where no query set can be searched because a photo of each
+    cannot be opened (told without loading a model); None where some set's photos all open."""
+    records = []
+    for number, query_id, photos in queries:
+        missing = [(p, reason) for p in photos if (reason := _unopenable(p))]
+        if not missing:
+            return None
+        records.append((number, {"id": query_id, "set": [str(p) for p in photos],
+                                 "error": _set_error(source, number, missing)}))
+    return records
+
+
+def _unopenable(path: Path) -> Optional[str]:
+    """Why ``path`` cannot be opened for reading (as :class:`_Photos` says it), or None."""
+    try:
+        with open(path, "rb"):
+            return None
+    except OSError as exc:
+        return exc.strerror or str(exc)
 
 
 def ranked(found: Sequence[tuple[str, float]]) -> list[dict]:
@@ -389,9 +432,7 @@ def search_sets(gallery: "Gallery", model: SetModel, queries: Sequence[tuple[int
         for (number, query_id, photos), (cls, tokens, unreadable) in zip(queries, embedded):
             record = {"id": query_id, "set": [str(p) for p in photos]}
             if unreadable:
-                path, reason = unreadable[0]
-                more = f" (and {len(unreadable) - 1} more of its photos)" if len(unreadable) > 1 else ""
-                pending.append((number, record, f"{source} line {number}: cannot read {path}: {reason}{more}"))
+                pending.append((number, record, _set_error(source, number, unreadable)))
             else:
                 pending.append((number, record, model.fold(None, cls, tokens)))
             if len(pending) >= batch:

@@ -439,3 +439,19 @@ def test_a_query_sets_file_in_utf16_is_one_sentence(tmp_path):
     path.write_text('{"photos": ["a.png"]}\n', encoding="utf-16")
     with pytest.raises(UserError, match=r"is not UTF-8 text; save it as UTF-8"):
         read_query_sets(path)
+
+
+def test_query_set_paths_are_said_plainly_where_they_name_the_same_file(tmp_path):
+    """A new user (2026-12-06): photos given as ../x beside a --sets file in q/ came back as q/../x.png."""
+    from mlsctl.gallery import read_query_sets
+
+    (tmp_path / "q").mkdir()
+    (tmp_path / "x.png").write_bytes(b"")
+    (tmp_path / "elsewhere" / "deep").mkdir(parents=True)
+    (tmp_path / "elsewhere" / "x.png").write_bytes(b"")
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere" / "deep")  # link/.. is elsewhere, not tmp_path
+    sets = tmp_path / "q" / "sets.jsonl"
+    sets.write_text('{"photos": ["../x.png", "./../x.png", "../link/../x.png", "../missing/../y.png"]}\n')
+    [(_, _, photos)] = read_query_sets(sets)
+    assert photos == [tmp_path / "x.png", tmp_path / "x.png", tmp_path / "q/../link/../x.png",
+                      tmp_path / "q/../missing/../y.png"]

@@ -451,7 +451,7 @@ def test_paper_recipes_use_dinov2_with_registers_as_the_authors():
         assert recipe.optim.min_lr == 1e-5 and recipe.train.precision == "fp16_or_bf16"
 
 
-def test_gallery_from_features_must_match_how_queries_are_embedded(mile_run, tmp_path, capsys):
+def test_gallery_from_features_must_match_how_queries_are_embedded(mile_run, tmp_path, capsys, monkeypatch):
     import shutil
 
     from conftest import cli
@@ -483,6 +483,18 @@ def test_gallery_from_features_must_match_how_queries_are_embedded(mile_run, tmp
     assert [line["id"] for line in lines] == ["a", "b", "c"] and "results" in lines[0] and "results" in lines[2]
     assert "line 2: cannot read" in lines[1]["error"] and "nope.png" in lines[1]["error"]
     assert code == 2 and "1 of the 3 sets" in err and "(line 2)" in err
+    # a new-user probe (2026-12-06): every set missing a photo still loaded the model first
+    sets.write_text(json.dumps({"id": "a", "photos": ["nope.png"]}) + "\n" + json.dumps({"photos": ["gone/"]}) + "\n")
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model loaded for sets none of which can be searched")
+
+    with monkeypatch.context() as patched:
+        patched.setattr("mlsctl.gallery.choose_set_model", no_model)
+        code, out, err = cli("search", "--sets", str(sets), "--index", str(tmp_path / "g2"), "-k", "2", capsys=capsys)
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [line["id"] for line in lines] == ["a", None] and code == 2 and "2 of the 2 sets" in err, err
+    assert lines[0]["error"] == f"--sets {sets} line 1: cannot read {tmp_path / 'nope.png'}: No such file or directory"
     # retrieval refuses folders of unrelated objects
     shutil.copytree(mile_run / "query", tmp_path / "other")
     for i, folder in enumerate(sorted((tmp_path / "other").iterdir())[:4]):

@@ -135,7 +135,8 @@ def search(
     Many sets, one model load: mlsctl search --sets queries.jsonl --index galleries/products > results.jsonl
     """
     from mlsctl.errors import UserError
-    from mlsctl.gallery import Gallery, choose_set_model, load_images, newest_gallery, ranked, read_query_sets, search_sets
+    from mlsctl.gallery import (Gallery, choose_set_model, load_images, missing_sets, newest_gallery, ranked,
+                                read_query_sets, search_sets)
 
     if images is not None and sets is not None:
         raise UserError("give the photos of one set with --set or a JSONL file of sets with --sets, not both")
@@ -155,8 +156,10 @@ def search(
     if missing:  # as cheap to check as the file: before the model loads (a new-user probe, 2026-12-06)
         raise UserError(f"--set {missing[0]} is not a file" + (f" (nor {len(missing) - 1} more of the photos)"
                                                               if len(missing) > 1 else "") + "; check the path")
-    model = choose_set_model(run or Path(target.manifest["model"]["run"]), say=say)
-    target.check_model(model)
+    unsearchable = missing_sets(queries, source=f"--sets {sets}") if queries is not None else None
+    model = None if unsearchable else choose_set_model(run or Path(target.manifest["model"]["run"]), say=say)
+    if model is not None:
+        target.check_model(model)
     if queries is not None:
         started = time.perf_counter()
         failed, writing = [], []
@@ -169,7 +172,8 @@ def search(
                 print(json.dumps(record), flush=True)
 
         try:
-            for writing in search_sets(target, model, queries, k, workers=workers, source=f"--sets {sets}"):
+            for writing in ([unsearchable] if unsearchable else  # every set misses a photo: no model loaded
+                            search_sets(target, model, queries, k, workers=workers, source=f"--sets {sets}")):
                 write(writing)
         except KeyboardInterrupt:  # stopped while printing a batch: its other lines still come out
             write(writing)
