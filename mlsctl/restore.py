@@ -223,7 +223,7 @@ def from_run(run_dir: Union[str, Path], *, random_init: bool = False, seed: int 
         torch.manual_seed(seed)
         plain = dataclasses.replace(model_cfg, lora=dataclasses.replace(model_cfg.lora, enabled=False))
         backbone = build_backbone(plain, drop_path_rate=0.0, load_weights=False)
-        choice = model_choice(backbone, f"randomly initialised {model_cfg.arch} (architecture of run {run.root}, seed {seed})",
+        choice = model_choice(backbone, f"randomly initialised {backbone.name} (architecture of run {run.root}, seed {seed})",
                               "random-init", str(run.root), model_cfg.img_size)
         choice.info["seed"] = seed
         return choice

@@ -38,6 +38,9 @@ def test_random_init_of_a_weights_file_is_its_architecture_seeded(tmp_path):
     a, b = choose_model(weights=path, random_init=True, seed=0), choose_model(weights=path, random_init=True, seed=0)
     other = choose_model(weights=path, random_init=True, seed=1)
     assert a.info["source"] == "random-init" and "architecture of" in a.description
+    # a new user (2026-12-06): the width-32 ViT of patch 8 was said to be a vit_small_patch16_224
+    reshaped = "vit_small_patch16_224 reshaped to width 32, depth 2, patch 8"
+    assert a.description.startswith(f"randomly initialised {reshaped} (") and loaded.description.startswith(reshaped)
     assert a.fingerprint == b.fingerprint != other.fingerprint
     assert a.fingerprint != loaded.fingerprint
     assert a.backbone.embed_dim == loaded.backbone.embed_dim == 32

@@ -147,12 +147,24 @@ class Backbone(nn.Module):
                     state.update(fresh)
             weights_lib.load_into_vit(model, state, str(weights))
         self.arch = arch
+        self.timm_kwargs = dict(timm_kwargs or {})
+        self.reshaped = bool(timm_kwargs) or (self.kind == "vit" and f"patch{stride}" not in arch)
         self.patch_size = stride
         self.width = model.num_features
         self.embedding_dim = embedding_dim
         self.embed_dim = embedding_dim or model.num_features
         self.model: nn.Module = lora_lib.apply_lora(model, lora) if lora is not None and lora.enabled else model
         self.mask_token = nn.Parameter(torch.zeros(1, self.width)) if mask_token else None
+
+    @property
+    def name(self) -> str:
+        """``arch`` as timm names it, with the shape it was built in where model.timm_kwargs or
+        model.patch_size change it: a width-320 ViT of patch 8 is no ``vit_small_patch16_224``."""
+        if not self.reshaped:
+            return self.arch
+        if self.kind == "vit":
+            return f"{self.arch} reshaped to width {self.width}, depth {len(self.net.blocks)}, patch {self.patch_size}"
+        return f"{self.arch} built with timm_kwargs {self.timm_kwargs}"
 
     @property
     def net(self) -> nn.Module:

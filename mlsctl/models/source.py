@@ -98,11 +98,11 @@ def from_weights(path: str | Path, arch: Optional[str] = None, *, img_size: Opti
     backbone = Backbone(spec["arch"], img_size=size, patch_size=patch, weights=None if random_init else str(path),
                         timm_kwargs=spec.get("timm_kwargs"), embedding_dim=spec.get("embedding_dim", 0), skip_init=True)
     if random_init:
-        choice = model_choice(backbone, f"randomly initialised {spec['arch']} (architecture of {path}, seed {seed})",
+        choice = model_choice(backbone, f"randomly initialised {backbone.name} (architecture of {path}, seed {seed})",
                               "random-init", str(path), size)
         choice.info["seed"] = seed
         return choice
-    return model_choice(backbone, f"{spec['arch']} with weights {path}", "weights", str(path), size)
+    return model_choice(backbone, f"{backbone.name} with weights {path}", "weights", str(path), size)
 
 
 def _patch_size_of(arch: str) -> int:
