@@ -239,6 +239,11 @@ def test_apply_writes_features_every_eval_reads_and_never_shows_a_query_itself(t
     (tmp / "loop").symlink_to(tmp / "loop")
     code, _, err = cli("refine", "apply", str(tmp / "run"), str(test), "--out", str(tmp / "loop"), capsys=capsys)
     assert code == 2 and "cannot be followed" in err and "internal error" not in err
+    # a new user (2026-12-06): refined features refined again, with only a note of "another model"
+    for args in ((str(tmp / "refined"),), (str(test), "--context", str(tmp / "refined"))):
+        code, _, err = cli("refine", "apply", str(tmp / "run"), *args, "--out", str(tmp / "twice"), capsys=capsys)
+        assert code == 2 and "are refined already" in err and f"give {test.resolve()}" in err
+        assert not (tmp / "twice").exists()
 
 
 def test_a_run_loads_with_its_input_scale_and_one_saved_without_it_with_sqrt_d(trained, tmp_path):

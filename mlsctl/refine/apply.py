@@ -139,8 +139,14 @@ def open_inputs(run_dir, feats_dir, context_dir=None):
     loaded = load_refiner(run_dir)
     features = Features(feats_dir, "features")
     context = Features(context_dir, "context features") if context_dir is not None else features
-    check_dims(loaded, features, "features")
-    check_dims(loaded, context, "context features")
+    for folder, role in ((features, "features"), (context, "context features")):
+        check_dims(loaded, folder, role)
+        refined = folder.model.get("refiner")
+        if isinstance(refined, dict):  # a new user (2026-12-06): refined twice, with only a note on the model
+            source = (folder.manifest.get("plan") or {}).get("refined_from")
+            raise UserError(f"{role} {folder.path} are refined already (refine apply of run {refined.get('run')}); "
+                            f"a refiner takes the unrefined features it was trained on"
+                            + (f": give {source}" if source else ""))
     return loaded, features, context
 
 
