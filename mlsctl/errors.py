@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+from pathlib import Path
 from typing import Optional
 
 
@@ -171,6 +172,9 @@ def describe_environment_error(exc: BaseException) -> Optional[str]:
     if isinstance(exc, RuntimeError) and re.search(r"gloo.*Connection (closed|reset) by peer", str(exc), re.S):
         return ("another process of this run stopped or failed (its own message says why), and this one stopped "
                 "with it")
+    looped = re.fullmatch(r"Symlink loop from '(.*)'", str(exc)) if isinstance(exc, RuntimeError) else None
+    if looped:  # Path.resolve() before Python 3.13 says a link loop as a RuntimeError
+        return _loop_message(looped.group(1))
     quoted = re.search(r"\(os error (\d+)\)", str(exc)) if not isinstance(exc, OSError) else None
     if quoted and int(quoted.group(1)) in _WRITE_ERRNOS:  # a Rust library's io::Error (safetensors): no path in it
         cause, fix = CAUSES[int(quoted.group(1))]
@@ -188,11 +192,31 @@ def describe_environment_error(exc: BaseException) -> Optional[str]:
             what = "it" if os.path.abspath(blocking) == os.path.abspath(path) else blocking
             return f"cannot use {path}: {what} is a file, not a folder; choose another path"
     second = f" → {exc.filename2}" if getattr(exc, "filename2", None) else ""
+    if exc.errno == errno.ELOOP and not second:
+        loop = _looping_link(path)
+        if loop is not None:  # name the link, not a temporary folder beside --out (a new user, 2026-12-06)
+            return _loop_message(loop)
     if exc.errno == errno.ENOENT and not second:
         gone = _missing_folder(path)
         if gone is not None:  # a file the command listed, under a folder that went away (unmounted, renamed)
             return f"cannot use {path}: the folder {gone} does not exist (renamed, moved or unmounted?); check the path"
     return f"cannot use {path}{second}: {cause}; {fix}"
+
+
+def _loop_message(link: str) -> str:
+    return f"cannot use {link}: it is a symbolic link that loops (too many levels of links); fix or remove the link"
+
+
+def _looping_link(path: str) -> Optional[str]:
+    """The first part of ``path``, as given, that cannot be followed for a link loop; None if none does."""
+    parts = Path(path).parts
+    for end in range(1, len(parts) + 1):
+        prefix = Path(*parts[:end])
+        try:
+            os.stat(prefix)
+        except OSError as exc:
+            return str(prefix) if exc.errno == errno.ELOOP else None
+    return None
 
 
 def _missing_folder(path: str) -> Optional[str]:

@@ -379,6 +379,28 @@ def test_5_symlink_loops_cost_nothing_and_every_image_is_listed_once(tmp_path):
     assert "skipped 5 symbolic links" in scan.notes("data.root")[-1]
 
 
+def test_5_a_link_loop_above_out_is_named_not_the_temporary_folder_beside_out(tmp_path, monkeypatch):
+    """A new user (2026-12-06): `--out loop/sub` said "cannot use loop/.sub.building-…: too many levels of symbolic
+    links", a path they never gave; `export --out loop` was an internal error (Path.resolve's RuntimeError)."""
+    import errno
+    import os
+
+    from mlsctl.errors import describe_environment_error
+
+    monkeypatch.chdir(tmp_path)
+    os.symlink("loop", "loop")
+    with pytest.raises(OSError) as raised:
+        os.mkdir("loop/.sub.building-host-1")
+    assert raised.value.errno == errno.ELOOP
+    expected = "cannot use loop: it is a symbolic link that loops (too many levels of links); fix or remove the link"
+    assert describe_environment_error(raised.value) == expected
+    with pytest.raises((RuntimeError, OSError)) as raised:
+        Path("loop").resolve(strict=True)
+    assert "cannot use " in describe_environment_error(raised.value) and "symbolic link that loops" in \
+        describe_environment_error(raised.value)
+    assert describe_environment_error(RuntimeError("Symlink loop from '/x/loop'")) == expected.replace("loop:", "/x/loop:", 1)
+
+
 # ----------------------------------------------------------------------------------- 6. YAML alias bomb
 
 
