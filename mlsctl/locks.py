@@ -39,18 +39,22 @@ def close_inherited_locks() -> None:
 
 
 class FolderLock:
-    def __init__(self, folder: str | os.PathLike, what: str = "folder"):
+    """``beside``: the lock file is ``.NAME.mlsctl.lock`` next to the folder, not in it, for a folder
+    that is replaced whole (a data build swaps a new folder in: a lock inside would go with the old)."""
+
+    def __init__(self, folder: str | os.PathLike, what: str = "folder", *, beside: bool = False):
         self.folder = Path(folder)
         self.what = what
-        self.path = self.folder / LOCK_NAME
+        self.path = self.folder.parent / f".{self.folder.name}{LOCK_NAME}" if beside else self.folder / LOCK_NAME
         self.created_folder = False
         self._created: list[Path] = []  # the folders acquire made, innermost first
         self._fd: int | None = None
 
     def acquire(self) -> "FolderLock":
-        if not self.folder.exists():
-            missing = [self.folder, *(p for p in self.folder.parents if not p.exists())]
-            self.folder.mkdir(parents=True)
+        home = self.path.parent
+        if not home.exists():
+            missing = [home, *(p for p in home.parents if not p.exists())]
+            home.mkdir(parents=True)
             self.created_folder, self._created = True, missing
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)

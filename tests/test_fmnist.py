@@ -89,6 +89,22 @@ def test_a_build_cut_short_while_it_swapped_its_folder_in_is_put_back_and_reused
                            progress=False, **({"seed": 1} if overwrite else {}))
 
 
+def test_a_second_build_of_one_folder_at_once_is_refused_naming_the_first(tmp_path: Path, fake_fmnist: Path):
+    """Two builds of one --out at once raced in the recovery of a swap cut short (a lock beside the folder,
+    which a build replaces whole: one inside would go with the old folder)."""
+    from mlsctl.data.fmnist_products import build_products
+    from mlsctl.locks import FolderLock
+
+    for name, build, sizes in (("scenes", build_scenes, {"n_val": 2}), ("products", build_products, {"n_eval": 3})):
+        out = tmp_path / "data" / name
+        with FolderLock(out, "the data set", beside=True):
+            with pytest.raises(UserError, match=rf"the data set {out} is being written by process \d+ on "):
+                build(out, n_train=3, source=fake_fmnist, progress=False, **sizes)
+            assert not out.exists()
+        build(out, n_train=3, source=fake_fmnist, progress=False, **sizes)
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["products", "scenes"]  # no lock file left
+
+
 def test_overwrite_never_replaces_a_folder_that_is_not_a_build(tmp_path: Path, fake_fmnist: Path):
     from mlsctl.data.fmnist_products import build_products
 

@@ -36,7 +36,7 @@ from PIL import Image
 from mlsctl import atomic
 from mlsctl.data import DEFAULT_FMNIST_SOURCE, FMNIST_SOURCE_ENV
 from mlsctl.errors import UserError
-from mlsctl.locks import abandoned_temporary
+from mlsctl.locks import FolderLock, abandoned_temporary
 
 DEFAULT_SOURCE, SOURCE_ENV = DEFAULT_FMNIST_SOURCE, FMNIST_SOURCE_ENV
 
@@ -203,13 +203,19 @@ def build_scenes(out: str | Path, n_train: int = 2000, n_val: int = 500, size: i
         raise UserError("--n-train and --n-val must be at least 1")
     out = atomic.followed(out)  # a link's target is rebuilt, the link kept
     params = {"n_train": n_train, "n_val": n_val, "size": size, "seed": seed}
-    existing = reusable_build(out, "fmnist-scenes", params, overwrite)
-    if existing is not None:
-        for split in ("train", "val"):  # a build of an older mlsctl gets its labels file
-            if not (out / split / "labels.csv").is_file():
-                largest_item_labels(out / split)
-        return existing
-    splits = {name: load_split(source, fmnist_split) for name, (fmnist_split, _) in _SPLITS.items()}
+    with FolderLock(out, "the data set", beside=True):
+        existing = reusable_build(out, "fmnist-scenes", params, overwrite)
+        if existing is not None:
+            for split in ("train", "val"):  # a build of an older mlsctl gets its labels file
+                if not (out / split / "labels.csv").is_file():
+                    largest_item_labels(out / split)
+            return existing
+        splits = {name: load_split(source, fmnist_split) for name, (fmnist_split, _) in _SPLITS.items()}
+        return _build_scenes(out, splits, params, source, progress)
+
+
+def _build_scenes(out: Path, splits: dict, params: dict, source, progress: bool) -> dict:
+    n_train, n_val, size, seed = (params[key] for key in ("n_train", "n_val", "size", "seed"))
     with building(out) as tmp:
         for split, n in (("train", n_train), ("val", n_val)):
             images, labels = splits[split]

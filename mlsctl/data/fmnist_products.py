@@ -36,6 +36,7 @@ from mlsctl import atomic
 from mlsctl.data.fmnist import (CLASSES, DEFAULT_SOURCE, background, building, load_split, replace_folder,
                                 reusable_build)
 from mlsctl.errors import UserError
+from mlsctl.locks import FolderLock
 
 PRODUCTS_FORMAT_VERSION = 1
 _SPLIT_CODES = {"train": 0, "eval": 1}
@@ -97,8 +98,6 @@ def build_products(out: str | Path, n_train: int = 1000, n_eval: int = 200, phot
                    size: int = 64, seed: int = 0, source: str | Path = DEFAULT_SOURCE, overwrite: bool = False,
                    progress: bool = True, layout: str = "retrieval") -> dict:
     """Build fmnist-products into ``out``; returns the meta record. Idempotent for equal parameters."""
-    from tqdm import tqdm
-
     if layout not in LAYOUTS:
         raise UserError(f"--layout {layout} is not one of {', '.join(LAYOUTS)}")
     if photos < 2:
@@ -117,9 +116,16 @@ def build_products(out: str | Path, n_train: int = 1000, n_eval: int = 200, phot
               "size": size, "seed": seed}
     if layout != "retrieval":  # builds of the default layout keep the parameters they always had
         params["layout"] = layout
-    existing = reusable_build(out, "fmnist-products", params, overwrite)
-    if existing is not None:
-        return existing
+    with FolderLock(out, "the data set", beside=True):
+        existing = reusable_build(out, "fmnist-products", params, overwrite)
+        return existing if existing is not None else _build_products(out, params, layout, source, progress)
+
+
+def _build_products(out: Path, params: dict, layout: str, source, progress: bool) -> dict:
+    from tqdm import tqdm
+
+    n_train, n_eval, photos, gallery_photos, size, seed = (
+        params[key] for key in ("n_train", "n_eval", "photos", "gallery_photos", "size", "seed"))
     with building(out) as tmp:
         records = []
         for split, fmnist_split, n in (("train", "train", n_train), ("eval", "test", n_eval)):
