@@ -746,9 +746,10 @@ def load_recipe(name_or_path: str, overrides: Optional[list[str]] = None) -> Rec
 
 
 def is_run_recipe(path: str | Path) -> bool:
-    """Whether ``path`` is a run's own resolved recipe (``RUN/config.yaml`` beside its metrics.jsonl)."""
-    path = Path(path)
-    return path.name == "config.yaml" and (path.parent / "metrics.jsonl").is_file()
+    """Whether ``path`` is a run's own resolved recipe (:func:`mlsctl.runs.run_of_config`)."""
+    from mlsctl.runs import run_of_config
+
+    return run_of_config(path) is not None
 
 
 def load_recipe_or_run(path: str | Path, overrides: Optional[list[str]] = None) -> Recipe:

@@ -259,9 +259,7 @@ def load_backbone(path: str | Path, arch: Optional[str] = None) -> torch.nn.Modu
         raise UserError(f"arch= applies to a weights file; {path} is a folder, whose architecture is recorded in it")
     if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
         return _load_export(path)
-    from mlsctl.restore import is_run_folder
-
-    if is_run_folder(path):
+    if Run(path).has_config():
         from mlsctl.models import lora
 
         run, recipe, choice, step = _teacher(path, None)

@@ -32,17 +32,11 @@ from mlsctl.runs import Checkpoint, Run
 PRETRAIN_HINT = "give a folder written by mlsctl pretrain"
 
 
-def is_run_folder(path: Union[str, Path, Run]) -> bool:
-    """Whether ``path`` looks like a run: it holds a ``config.yaml`` (read later, with its own errors)."""
-    run = path if isinstance(path, Run) else Run(path)
-    return run.config_path.is_file()
-
-
 def open_run(path: Union[str, Path], *, hint: str = PRETRAIN_HINT, flag: str = "") -> Run:
     """The run at ``path``, or the one "not a run folder" error: ``{flag} {path} is not a run
     folder (no config.yaml); {hint}`` (``flag``: the option that named it, such as ``--run``)."""
     run = Run(path)
-    if not is_run_folder(run):
+    if not run.has_config():
         named = f"{flag} {path}" if flag else f"{path}"
         raise UserError(f"{named} is not a run folder (no config.yaml); {hint}")
     return run
@@ -195,7 +189,7 @@ def newest_run(root: Union[str, Path] = "runs", method: Optional[str] = None,
     best, best_time = None, -1.0
     for path in root.iterdir():
         run = Run(path)
-        if not is_run_folder(run):
+        if not run.has_config():
             continue
         name = method_name_of(run) if method is not None or with_backbone else None
         if method is not None and name != method:

@@ -99,6 +99,14 @@ def metrics_record(line: str) -> Optional[dict]:
     return record if isinstance(step, (int, float)) and not isinstance(step, bool) else None
 
 
+def run_of_config(path: str | Path) -> Optional["Run"]:
+    """The run whose own resolved recipe ``path`` is (``RUN/config.yaml`` beside the run's
+    metrics.jsonl), or None for any other file (a recipe a user named config.yaml)."""
+    path = Path(path)
+    run = Run(path.parent)
+    return run if path.name == run.config_path.name and run.metrics_path.is_file() else None
+
+
 class Run:
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -124,9 +132,14 @@ class Run:
             raise UserError(f"{self.start_path} is damaged; it says what the run's weights started from") from None
         return value if isinstance(value, str) else None
 
+    def has_config(self) -> bool:
+        """Whether the folder looks like a run: it holds a ``config.yaml`` (read later, with its own
+        errors). The one cheap test of "is this a run" (:meth:`is_run` reads the file too)."""
+        return self.config_path.is_file()
+
     def is_run(self) -> bool:
         """Whether the folder holds an mlsctl run: a config.yaml that reads as a recipe."""
-        if not self.config_path.is_file():
+        if not self.has_config():
             return False
         from mlsctl import config as config_lib
 

@@ -284,3 +284,22 @@ def test_a_step_count_under_optim_is_not_taken_for_accumulation():
     assert "accumulate_steps'?" not in str(refused.value)
     with pytest.raises(config.ConfigError, match="override 'data.root= = x' has spaces around '='"):
         config.parse_overrides(["data.root=", "=", "x"])
+
+
+def test_a_run_is_told_one_way_from_its_folder_or_its_config_file(tmp_path):
+    """Run.has_config (looks like a run), Run.is_run (its recipe reads) and runs.run_of_config (a path is a
+    run's own recipe, beside its metrics) — one module says what a run is (a code-health review)."""
+    from mlsctl.runs import Run, run_of_config
+
+    recipe = config.load_recipe("dino_fmnist_quick", [f"data.root={tmp_path}"])
+    run = tmp_path / "run"
+    run.mkdir()
+    assert not Run(run).has_config() and not Run(run).is_run()
+    (run / "config.yaml").write_text("not: [a recipe\n")
+    assert Run(run).has_config() and not Run(run).is_run()
+    config.save_recipe(recipe, run / "config.yaml")
+    assert Run(run).is_run() and run_of_config(run / "config.yaml") is None  # a user's config.yaml: a recipe
+    assert not config.is_run_recipe(run / "config.yaml")
+    (run / "metrics.jsonl").write_text("")
+    assert run_of_config(run / "config.yaml").root == run and config.is_run_recipe(run / "config.yaml")
+    assert run_of_config(run / "metrics.jsonl") is None

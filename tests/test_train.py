@@ -141,7 +141,6 @@ def test_resume_refuses_a_config_yaml_edited_since_the_checkpoint(finished_run, 
     """RUN/config.yaml resumed as itself (the command a stop prints) compared only with itself: a
     hand-edited lr, schedule or batch changed the run mid-way, and a finished run trained on. Each
     checkpoint now keeps the recipe it was trained with (recipe.yaml), and --resume compares with it."""
-    from mlsctl.restore import is_run_folder
 
     run_dir, recipe = finished_run
     copy = tmp_path / "copy"
@@ -150,7 +149,7 @@ def test_resume_refuses_a_config_yaml_edited_since_the_checkpoint(finished_run, 
     original = config.read_text()
     latest = Run(copy).latest()
     assert latest.recipe_path.read_text() == original
-    assert not is_run_folder(latest.path) and not Run(latest.path).is_run()  # a checkpoint is not a run folder
+    assert not Run(latest.path).has_config() and not Run(latest.path).is_run()  # a checkpoint is not a run folder
     teacher = (copy / "teacher.safetensors").read_bytes()
     for key, old, new in [("optim.epochs", "epochs: 2", "epochs: 4"), ("optim.lr", "lr: 0.001", "lr: 0.002"),
                           ("optim.batch_size", "batch_size: 4", "batch_size: 8")]:

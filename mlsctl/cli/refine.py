@@ -43,9 +43,10 @@ def train(
     options it started with need not be given again.
     """
     from mlsctl import config, train as train_lib
+    from mlsctl.runs import Run
 
     out = out if out is not None else Path("runs") / f"refine-{features.resolve().name}"
-    if resume and recipe == "refine" and (out / "config.yaml").is_file():
+    if resume and recipe == "refine" and Run(out).has_config():
         # the run's own recipe, as `pretrain RUN/config.yaml --resume`: the options it started with need not be
         # given again (a probe, 2026-12-06: without them the shipped recipe's batch of 128 was refused)
         recipe_path = out / "config.yaml"

@@ -140,7 +140,7 @@ def open_run_dir(run: Run, recipe, folder: ImageFolder, lock: FolderLock, *, res
         if recovered:
             print(f"mlsctl: {recovered}", file=sys.stderr)
         if resume:
-            if not run.config_path.is_file():
+            if not run.has_config():
                 if run.own_entries():
                     latest = run.latest()
                     source = (f"copy {latest.recipe_path}, the recipe its newest checkpoint was trained with"
@@ -167,7 +167,7 @@ def open_run_dir(run: Run, recipe, folder: ImageFolder, lock: FolderLock, *, res
             return str(latest.path)
         others = [p.name for p in run.root.iterdir() if p.name != LOCK_NAME and p.name not in HIDDEN_ENTRIES]
         if others:
-            if not overwrite and not run.config_path.is_file():  # no run there: --resume and --overwrite would fail too
+            if not overwrite and not run.has_config():  # no run there: --resume and --overwrite would fail too
                 shown = ", ".join(sorted(others)[:4]) + (", ..." if len(others) > 4 else "")
                 raise UserError(f"--out {run.root} is not empty and holds no run ({shown}): choose another --out, "
                                 f"or empty it")
