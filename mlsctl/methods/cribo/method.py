@@ -35,6 +35,7 @@ means over each micro-batch's own objects, as over each process's (docs/accumula
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -140,82 +141,23 @@ class CrIBo(Method):
 
     def training_step(self, batch, step):
         cfg = self.cfg
-        crops = batch.crops
-        b = len(batch)
-        k = cfg.n_clusters
-        timer = self.timer(crops[0].device)  # time/...: on the logged steps only
-        device_type = crops[0].device.type
-
-        with torch.no_grad():
-            teacher_out = self.teacher.backbone(torch.cat(crops[:2]))
-            h, w = teacher_out.patches.shape[1:3]
-            n = h * w
-            teacher_tokens = teacher_out.patches.reshape(2, b, n, -1).transpose(0, 1).reshape(b, 2 * n, -1).float()
-            positions = torch.cat([patch_positions(batch.boxes[:, v], batch.flips[:, v], (h, w)) for v in (0, 1)], 1)
-            # the clustering, the objects and the bank's neighbours in full float32 under bf16/fp16 (docs/methods.md)
-            with timer("time/clustering"), full_float32(device_type):
-                seeds = clustering_seeds(self.recipe.seed, step, self.global_rows(b), 2 * n, k)
-                assignment = joint_clustering(teacher_tokens, positions, k, iterations=cfg.cluster_iterations,
-                                              lambda_pos=cfg.lambda_pos, sinkhorn_strength=cfg.sinkhorn_strength,
-                                              sinkhorn_iterations=cfg.sinkhorn_iterations,
-                                              normalize_per_image=cfg.cost_normalization == "image",
-                                              seed_indices=seeds)
-                teacher_objects, valid = pool_objects(teacher_tokens, assignment, k)  # [B, 2, K, D], [B, K]
-            # the valid objects as (image, cluster) rows, in valid's row-major order: the step's one host
-            # synchronisation for their number (indexing by them, forward and backward, needs none)
-            image_rows, cluster_ids = valid.nonzero(as_tuple=True)
-            n_objects = len(image_rows)
-            t1 = teacher_objects[image_rows, 0, cluster_ids]  # [V, D]
-            t2 = teacher_objects[image_rows, 1, cluster_ids]
-            teacher_cls_logits = self.teacher.head(teacher_out.cls).float()
-            teacher_object_logits = self.teacher.head.objects(torch.cat([t1, t2])).float()
-
-        student_outs = self.student.backbone.forward_crops(crops)
-        student_cls_logits = self.student.head(torch.cat([o.cls for o in student_outs])).float()
-        student_tokens = torch.stack([student_outs[0].patches, student_outs[1].patches], 1).reshape(b, 2 * n, -1)
-        with full_float32(device_type):
-            student_objects, _ = pool_objects(student_tokens.float(), assignment, k)
-        s1, s2 = student_objects[image_rows, 0, cluster_ids], student_objects[image_rows, 1, cluster_ids]
-        student_object_logits = self.student.head.objects(torch.cat([s1, s2])).float()
-        s1_logits, s2_logits = student_object_logits.chunk(2)
+        timer = self.timer(batch.crops[0].device)  # time/...: on the logged steps only
+        objects = self._teacher_objects(batch, step, timer)
+        student_cls_logits, s1_logits, s2_logits = self._student_logits(batch.crops, objects)
 
         temperature = self._temperature(step, cfg.warmup_teacher_temp, cfg.teacher_temp)
         object_temperature = self._temperature(step, cfg.object_warmup_teacher_temp, cfg.object_teacher_temp)
         terms = {}
-        targets = teacher_probabilities(teacher_cls_logits, self.center, temperature)
-        terms["global"] = dino_loss(student_cls_logits.chunk(len(crops)), targets.chunk(2), cfg.student_temp)
-        object_targets = teacher_probabilities(teacher_object_logits, self.object_center, object_temperature)
+        targets = teacher_probabilities(objects.teacher_cls_logits, self.center, temperature)
+        terms["global"] = dino_loss(student_cls_logits.chunk(len(batch.crops)), targets.chunk(2), cfg.student_temp)
+        object_targets = teacher_probabilities(objects.teacher_object_logits, self.object_center, object_temperature)
         p1, p2 = object_targets.chunk(2)
         zero = student_cls_logits.new_zeros(())
         terms["cross_view"] = (cross_view_object_loss(p1, p2, s1_logits, s2_logits, cfg.object_student_temp)
-                               if n_objects else zero)
-
-        # cross-image: neighbours from the bank before this batch enters it
-        ratio = 0.0
-        terms["cross_image"] = zero
-        filled = self.bank.filled
+                               if objects.count else zero)
         with timer("time/retrieval"):
-            if filled and n_objects:
-                with torch.no_grad():
-                    with full_float32(device_type):
-                        stored = self.bank.vectors[:filled].float()
-                        bank1, bank2 = stored[:, :self.dim], stored[:, self.dim:]
-                        nearest1, ok1 = cycle_consistent_neighbours(t1, t2, bank1, bank2)
-                        nearest2, ok2 = cycle_consistent_neighbours(t2, t1, bank2, bank1)
-                    pairs = ok1.sum() + ok2.sum()
-                    ratio = metric_ratio(pairs, 2 * n_objects)  # on the device, read where logged
-                    # on once the bank has been filled; where no pair passed the cycle check the loss
-                    # below is 0 (each direction's sum over no pair), as the term's zero would be
-                    active = cfg.cross_image_loss and self.bank.n_written >= self.bank.size
-                    if active:
-                        neighbour_logits = self.teacher.head.objects(
-                            torch.cat([bank1[nearest1], bank2[nearest2]])).float()
-                        q1, q2 = teacher_probabilities(neighbour_logits, self.object_center,
-                                                       object_temperature).chunk(2)
-                if active:
-                    terms["cross_image"] = cross_image_object_loss(q1, q2, s1_logits, s2_logits, ok1.float(),
-                                                                   ok2.float(), cfg.object_student_temp)
-
+            terms["cross_image"], ratio = self._cross_image_term(objects, s1_logits, s2_logits, object_temperature,
+                                                                 zero)
         loss = zero
         for name, on in (("global", cfg.global_loss), ("cross_view", cfg.cross_view_loss),
                          ("cross_image", cfg.cross_image_loss)):
@@ -223,17 +165,114 @@ class CrIBo(Method):
                 loss = loss + terms[name]
 
         with torch.no_grad(), timer("time/bank"):
-            self.step_centers.add("center", self.center, teacher_cls_logits, cfg.center_momentum)
-            self.step_centers.add("object_center", self.object_center, teacher_object_logits,
-                                  cfg.object_center_momentum)
-            view1_boxes = batch.boxes[:, 0].float()
-            extent = torch.stack([view1_boxes[:, 2] - view1_boxes[:, 0], view1_boxes[:, 3] - view1_boxes[:, 1]], 1)
-            grid = extent.new_full((2,), w)  # [w, h], filled on the device (no copy from the host)
-            grid[1] = h
-            regions = object_boxes(positions[:, :n], assignment[:, :n], k, extent / grid)
-            self.bank.enqueue(torch.cat([t1, t2], 1), step=step, image_id=batch.image_ids.to(t1.device)[image_rows],
-                              box=view1_boxes[image_rows], box_view2=batch.boxes[image_rows, 1].float(),
-                              region=regions[image_rows, cluster_ids], cluster_id=cluster_ids)
-        metrics = {"bootstrap_ratio": ratio, "objects_per_image": n_objects / b, "teacher_temp": temperature,
-                   "object_teacher_temp": object_temperature, **timer.seconds}
+            self._remember(batch, step, objects)
+        metrics = {"bootstrap_ratio": ratio, "objects_per_image": objects.count / len(batch),
+                   "teacher_temp": temperature, "object_teacher_temp": object_temperature, **timer.seconds}
         return StepOutput(loss, terms={k: v.detach() for k, v in terms.items()}, metrics=metrics)
+
+    @torch.no_grad()
+    def _teacher_objects(self, batch, step: int, timer) -> "_Objects":
+        """The teacher's view of the step: both global views' tokens clustered jointly into K clusters,
+        the clusters present in both views its objects (``c_1^k``, ``c_2^k``), and the teacher's logits."""
+        cfg, crops, b, k = self.cfg, batch.crops, len(batch), self.cfg.n_clusters
+        device_type = crops[0].device.type
+        teacher_out = self.teacher.backbone(torch.cat(crops[:2]))
+        h, w = teacher_out.patches.shape[1:3]
+        n = h * w
+        teacher_tokens = teacher_out.patches.reshape(2, b, n, -1).transpose(0, 1).reshape(b, 2 * n, -1).float()
+        positions = torch.cat([patch_positions(batch.boxes[:, v], batch.flips[:, v], (h, w)) for v in (0, 1)], 1)
+        # the clustering, the objects and the bank's neighbours in full float32 under bf16/fp16 (docs/methods.md)
+        with timer("time/clustering"), full_float32(device_type):
+            seeds = clustering_seeds(self.recipe.seed, step, self.global_rows(b), 2 * n, k)
+            assignment = joint_clustering(teacher_tokens, positions, k, iterations=cfg.cluster_iterations,
+                                          lambda_pos=cfg.lambda_pos, sinkhorn_strength=cfg.sinkhorn_strength,
+                                          sinkhorn_iterations=cfg.sinkhorn_iterations,
+                                          normalize_per_image=cfg.cost_normalization == "image",
+                                          seed_indices=seeds)
+            teacher_objects, valid = pool_objects(teacher_tokens, assignment, k)  # [B, 2, K, D], [B, K]
+        # the valid objects as (image, cluster) rows, in valid's row-major order: the step's one host
+        # synchronisation for their number (indexing by them, forward and backward, needs none)
+        image_rows, cluster_ids = valid.nonzero(as_tuple=True)
+        t1 = teacher_objects[image_rows, 0, cluster_ids]  # [V, D]
+        t2 = teacher_objects[image_rows, 1, cluster_ids]
+        return _Objects(assignment=assignment, positions=positions, grid=(h, w), image_rows=image_rows,
+                        cluster_ids=cluster_ids, t1=t1, t2=t2,
+                        teacher_cls_logits=self.teacher.head(teacher_out.cls).float(),
+                        teacher_object_logits=self.teacher.head.objects(torch.cat([t1, t2])).float())
+
+    def _student_logits(self, crops, objects: "_Objects") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The student's CLS logits of every crop, and its object logits of view 1 and view 2: its tokens
+        pooled by the teacher's assignment."""
+        k, (h, w) = self.cfg.n_clusters, objects.grid
+        student_outs = self.student.backbone.forward_crops(crops)
+        student_cls_logits = self.student.head(torch.cat([o.cls for o in student_outs])).float()
+        b = len(objects.assignment)
+        student_tokens = torch.stack([student_outs[0].patches, student_outs[1].patches], 1).reshape(b, 2 * h * w, -1)
+        with full_float32(crops[0].device.type):
+            student_objects, _ = pool_objects(student_tokens.float(), objects.assignment, k)
+        rows, ids = objects.image_rows, objects.cluster_ids
+        s1, s2 = student_objects[rows, 0, ids], student_objects[rows, 1, ids]
+        s1_logits, s2_logits = self.student.head.objects(torch.cat([s1, s2])).float().chunk(2)
+        return student_cls_logits, s1_logits, s2_logits
+
+    def _cross_image_term(self, objects: "_Objects", s1_logits, s2_logits, object_temperature: float, zero):
+        """The cross-image object loss against the bank's cycle-consistent neighbours, as it was before
+        this batch enters it, and the bootstrapping ratio (pairs over 2 × objects; 0.0 with no bank)."""
+        filled = self.bank.filled
+        if not (filled and objects.count):
+            return zero, 0.0
+        t1, t2 = objects.t1, objects.t2
+        with torch.no_grad():
+            with full_float32(t1.device.type):
+                stored = self.bank.vectors[:filled].float()
+                bank1, bank2 = stored[:, :self.dim], stored[:, self.dim:]
+                nearest1, ok1 = cycle_consistent_neighbours(t1, t2, bank1, bank2)
+                nearest2, ok2 = cycle_consistent_neighbours(t2, t1, bank2, bank1)
+            ratio = metric_ratio(ok1.sum() + ok2.sum(), 2 * objects.count)  # on the device, read where logged
+            # on once the bank has been filled; where no pair passed the cycle check the loss below is 0
+            # (each direction's sum over no pair), as the term's zero would be
+            if not (self.cfg.cross_image_loss and self.bank.n_written >= self.bank.size):
+                return zero, ratio
+            neighbour_logits = self.teacher.head.objects(torch.cat([bank1[nearest1], bank2[nearest2]])).float()
+            q1, q2 = teacher_probabilities(neighbour_logits, self.object_center, object_temperature).chunk(2)
+        return cross_image_object_loss(q1, q2, s1_logits, s2_logits, ok1.float(), ok2.float(),
+                                       self.cfg.object_student_temp), ratio
+
+    def _remember(self, batch, step: int, objects: "_Objects") -> None:
+        """The step's centres and its objects into the bank, with their payload (view boxes, the object's
+        box in view 1, cluster id)."""
+        cfg, (h, w) = self.cfg, objects.grid
+        self.step_centers.add("center", self.center, objects.teacher_cls_logits, cfg.center_momentum)
+        self.step_centers.add("object_center", self.object_center, objects.teacher_object_logits,
+                              cfg.object_center_momentum)
+        n = h * w
+        view1_boxes = batch.boxes[:, 0].float()
+        extent = torch.stack([view1_boxes[:, 2] - view1_boxes[:, 0], view1_boxes[:, 3] - view1_boxes[:, 1]], 1)
+        grid = extent.new_full((2,), w)  # [w, h], filled on the device (no copy from the host)
+        grid[1] = h
+        regions = object_boxes(objects.positions[:, :n], objects.assignment[:, :n], cfg.n_clusters, extent / grid)
+        rows, ids, t1 = objects.image_rows, objects.cluster_ids, objects.t1
+        self.bank.enqueue(torch.cat([t1, objects.t2], 1), step=step, image_id=batch.image_ids.to(t1.device)[rows],
+                          box=view1_boxes[rows], box_view2=batch.boxes[rows, 1].float(),
+                          region=regions[rows, ids], cluster_id=ids)
+
+
+@dataclass
+class _Objects:
+    """The step's objects as the teacher found them: the joint assignment of both views' tokens
+    [B, 2N] to K clusters, their positions, the token grid (h, w), the valid objects as rows
+    ``image_rows`` / ``cluster_ids`` (present in both views), their pooled teacher vectors ``t1`` /
+    ``t2`` (``c_1^k``, ``c_2^k``; [V, D]) and the teacher's CLS and object logits."""
+    assignment: torch.Tensor
+    positions: torch.Tensor
+    grid: tuple[int, int]
+    image_rows: torch.Tensor
+    cluster_ids: torch.Tensor
+    t1: torch.Tensor
+    t2: torch.Tensor
+    teacher_cls_logits: torch.Tensor
+    teacher_object_logits: torch.Tensor
+
+    @property
+    def count(self) -> int:
+        return len(self.image_rows)
