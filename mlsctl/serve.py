@@ -1189,6 +1189,7 @@ def serve(gallery: Path, run: Optional[Path], host: str, port: int, root: Option
             # photos that make Pillow warn are refused or decoded all the same; the log stays one line a request
             warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
             config = uvicorn.Config(create_app(service, policy, docs), log_level="warning", access_log=False,
+                                    log_config=uvicorn_log_config(),
                                     limit_concurrency=MAX_CONNECTIONS, proxy_headers=False, server_header=False,
                                     timeout_keep_alive=5, timeout_graceful_shutdown=SHUTDOWN_SECONDS,
                                     http=head_timeout_protocol(max_connections_per_client))
@@ -1374,12 +1375,61 @@ def _return_freed_memory() -> None:
         pass
 
 
+class OneLineFormatter(logging.Formatter):
+    """The service's log line: ``2026-12-06 17:40:01 message``, one line whatever it says (an
+    exception as its type and first line, never a traceback)."""
+
+    def __init__(self):
+        super().__init__("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S")
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if record.exc_info and record.exc_info[1] is not None:
+            from mlsctl.errors import first_line
+
+            message += f" ({type(record.exc_info[1]).__name__}: {first_line(record.exc_info[1])})"
+        return f"{self.formatTime(record, self.datefmt)} {' '.join(message.splitlines())}"
+
+
+class LibraryWords(logging.Filter):
+    """uvicorn's and python-multipart's warnings as the service says things: what happened and how it
+    was answered. uvicorn's advice to install a WebSocket library is dropped (the service has no
+    WebSocket route: a client asking for one is answered as plain HTTP)."""
+
+    SAID = {"Invalid HTTP request received.": "a request that is not valid HTTP was answered 400",
+            "Unsupported upgrade request.": "a request to upgrade its connection (a WebSocket?) was answered as plain "
+                                            "HTTP: the service has no WebSocket route"}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message.startswith("No supported WebSocket library detected"):
+            return False
+        if record.name.startswith(("python_multipart", "multipart")):
+            message = f"a multipart body: {message}"
+        record.msg, record.args = self.SAID.get(message, message), None
+        return True
+
+
+def uvicorn_log_config() -> dict:
+    """logging.config's dictionary for uvicorn: its warnings and python-multipart's on stderr in the
+    service's one-line format (:class:`OneLineFormatter`, :class:`LibraryWords`); no access log."""
+    handler = {"class": "logging.StreamHandler", "formatter": "line", "stream": "ext://sys.stderr",
+               "filters": ["words"]}
+    quiet = {"handlers": ["stderr"], "level": "WARNING", "propagate": False}
+    return {"version": 1, "disable_existing_loggers": False,
+            "filters": {"words": {"()": LibraryWords}}, "formatters": {"line": {"()": OneLineFormatter}},
+            "handlers": {"stderr": handler},
+            "loggers": {"uvicorn": quiet, "uvicorn.error": {"level": "WARNING"},
+                        "uvicorn.access": {"handlers": [], "level": "WARNING", "propagate": False},
+                        "python_multipart": quiet, "multipart": quiet}}
+
+
 def _log_to_stderr() -> None:
     import sys
 
     if not log.handlers:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        handler.setFormatter(OneLineFormatter())
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         log.propagate = False

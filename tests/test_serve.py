@@ -985,8 +985,8 @@ def uvicorn_in_a_thread(app, per_client=None, **config):
 
     port = free_port()
     protocol = serve.head_timeout_protocol() if per_client is None else serve.head_timeout_protocol(per_client)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical",
-                                           http=protocol, **config))
+    config.setdefault("log_level", "critical")
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, http=protocol, **config))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     try:
@@ -1097,6 +1097,42 @@ def test_3_one_client_cannot_hold_every_connection(caplog):
     refusals = [r.getMessage() for r in caplog.records if "the most one client may" in r.getMessage()]
     assert len(refusals) == 1, refusals
     assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == []
+
+
+def test_3_uvicorn_and_multipart_warnings_are_log_lines_of_the_service(capsys):
+    """A probe (2026-12-06): a malformed request or an Upgrade header wrote uvicorn's own lines ("WARNING:  Invalid
+    HTTP request received.", advice to pip install a WebSocket library) beside the service's dated one-line log."""
+    import logging
+    import re
+
+    from mlsctl import serve
+
+    async def app(scope, receive, send):
+        if scope["type"] != "http":
+            return
+        logging.getLogger("python_multipart.multipart").warning("Skipping data after last boundary %s", "x\ny")
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    with uvicorn_in_a_thread(app, log_config=serve.uvicorn_log_config(), log_level="warning") as (_, port):
+        assert raw_exchange(port, "NOT HTTP AT ALL\r\n\r\n")[0] == 400
+        upgrade = "GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+        assert raw_exchange(port, upgrade)[0] == 200
+    lines = capsys.readouterr().err.splitlines()
+    dated = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d "
+    assert [re.sub(dated, "", line) for line in lines if re.match(dated, line)] == [
+        "a request that is not valid HTTP was answered 400",
+        "a request to upgrade its connection (a WebSocket?) was answered as plain HTTP: the service has no WebSocket route",
+        "a multipart body: Skipping data after last boundary x y"], lines
+    assert not [line for line in lines if not re.match(dated, line) and "Uvicorn running" not in line], lines
+    record = logging.LogRecord("mlsctl.serve", logging.ERROR, __file__, 1, "failed", None, None)
+    try:
+        raise ValueError("first\nsecond")
+    except ValueError:
+        import sys
+
+        record.exc_info = sys.exc_info()
+    assert re.fullmatch(dated + r"failed \(ValueError: first\)", serve.OneLineFormatter().format(record))
 
 
 def test_3_a_client_is_an_ipv4_address_an_ipv6_64_or_all_of_loopback():
