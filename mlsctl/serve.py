@@ -829,9 +829,7 @@ class Guard:
         if failure is None and status is not None and status < 400:
             log.info(line)
             return
-        if status == 499:  # starlette's ClientDisconnect, answered by the app's handler
-            message = "the client went away before the request was read"
-        elif failure is not None:
+        if failure is not None:
             first = (str(failure).strip().splitlines() or [""])[0][:200]
             message = f"internal error ({type(failure).__name__}{': ' + first if first else ''})"
         else:
@@ -932,6 +930,7 @@ def create_app(service: GalleryService, policy: Optional[Policy] = None, docs: b
         if not 1 <= k <= 1000:
             raise RequestError(400, f"k must be between 1 and 1000, got {k}")
         async with _photos_of(service, request) as photos, _working_slot(slots):
+            await _still_waited_for(request)
             return await _threaded(service.search, photos, k)
 
     @app.post("/objects/{object_id}/photos")
@@ -942,6 +941,7 @@ def create_app(service: GalleryService, policy: Optional[Policy] = None, docs: b
         # may hold (on the event loop that wait stalled every request, /health included: a review, 2026-12-06)
         await _threaded(service.check_new_id, object_id)
         async with _photos_of(service, request) as photos, _working_slot(slots):
+            await _still_waited_for(request)
             return await _threaded(service.add, object_id, photos)
 
     @app.get("/objects/{object_id}")
@@ -968,6 +968,16 @@ async def _working_slot(slots: asyncio.Semaphore):
         yield
     finally:
         slots.release()
+
+
+async def _still_waited_for(request) -> None:
+    """Before the work of a request that has its slot: a client that hung up meanwhile (its photos
+    read, then waiting up to :data:`QUEUE_SECONDS` for a slot) gets none of it — no embedding for
+    nobody, no photos added that their sender will never know of (499, one log line)."""
+    from starlette.requests import ClientDisconnect
+
+    if await request.is_disconnected():
+        raise ClientDisconnect("before its work began (its photos read, no work done)")
 
 
 @asynccontextmanager
@@ -1041,7 +1051,7 @@ def _answer_errors_in_one_sentence(app) -> None:
 
     @app.exception_handler(ClientDisconnect)
     async def gone(_, exc: ClientDisconnect):
-        return JSONResponse({"error": "the client went away"}, status_code=499)
+        return JSONResponse({"error": f"the client went away {str(exc) or 'before the request was read'}"}, status_code=499)
 
     @app.exception_handler(Exception)
     async def unexpected(_, exc: Exception):

@@ -923,6 +923,84 @@ def test_3_a_request_waits_for_a_working_slot_at_most_queue_seconds(monkeypatch)
     asyncio.run(main())
 
 
+def test_3_a_client_gone_while_its_request_waited_for_a_slot_gets_no_work_done(monkeypatch, caplog):
+    """Left by a probe (2026-12-06): a request whose client hung up while it waited for a working slot was embedded
+    (or its photos added) all the same once the slot came, for nobody; now it ends there with 499."""
+    import asyncio
+    import threading
+
+    from mlsctl import serve
+
+    monkeypatch.setattr(serve, "WORKING", 1)
+    release, working = threading.Event(), threading.Event()
+    done = []
+
+    class Slow:
+        read_only, limits = False, serve.Limits()
+
+        def paths(self, paths):
+            return paths
+
+        def search(self, photos, k):
+            done.append(("search", photos))
+            working.set()
+            release.wait(10)
+            return {"photos": photos}
+
+        def add(self, object_id, photos):
+            done.append(("add", photos))
+            return {"object": object_id}
+
+        def check_id(self, object_id):
+            pass
+
+        check_new_id = check_id
+
+    app = serve.create_app(Slow(), serve.Policy.for_server("127.0.0.1"))
+
+    async def request(path, photo, hang_up: asyncio.Event):
+        body = json.dumps({"paths": [photo]}).encode()
+        scope = {"type": "http", "method": "POST", "path": path, "raw_path": path.encode(), "query_string": b"",
+                 "headers": [(b"host", b"127.0.0.1:8000"), (b"content-type", b"application/json"),
+                             (b"content-length", str(len(body)).encode())]}
+        chunks = [{"type": "http.request", "body": body, "more_body": False}]
+        sent = []
+
+        async def receive():
+            if chunks:
+                return chunks.pop()
+            await hang_up.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            sent.append(message)
+
+        await app(scope, receive, send)
+        return sent[0]["status"], json.loads(sent[1]["body"])
+
+    async def main():
+        never, gone = asyncio.Event(), asyncio.Event()
+        first = asyncio.create_task(request("/search", "a.png", never))
+        while not working.is_set():  # the first holds the only slot
+            await asyncio.sleep(0.01)
+        waiting = [asyncio.create_task(request(path, "b.png", gone)) for path in ("/search", "/objects/x/photos")]
+        await asyncio.sleep(0.1)
+        gone.set()  # both clients hang up while they wait
+        await asyncio.sleep(0.1)
+        release.set()
+        assert (await first)[0] == 200
+        for task in waiting:
+            status, answer = await task
+            assert status == 499 and answer["error"].startswith("the client went away before its work began"), answer
+        assert done == [("search", ["a.png"])]  # nothing embedded or added for them
+        assert (await request("/search", "c.png", never))[0] == 200  # and the slot came back
+
+    with caplog.at_level("INFO", logger="mlsctl.serve"):
+        asyncio.run(main())
+    gone_lines = [r.getMessage() for r in caplog.records if " 499 " in r.getMessage()]
+    assert len(gone_lines) == 2 and all("before its work began" in line for line in gone_lines), gone_lines
+
+
 def test_3_a_connection_that_reads_none_of_its_answers_is_aborted(monkeypatch):
     """A probe: a client that asked for answers and never read them held its connection (and a slot) for good;
     once the server cannot write for WRITE_STALL_SECONDS, the connection is aborted."""
