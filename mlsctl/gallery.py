@@ -388,12 +388,18 @@ def missing_sets(queries: Sequence[tuple[int, object, list[Path]]], source: str 
 
 
 def _unopenable(path: Path) -> Optional[str]:
-    """Why ``path`` cannot be opened for reading (as :class:`_Photos` says it), or None."""
+    """Why ``path`` cannot be opened for reading (as :class:`_Photos` says it), or None (also for
+    what is no regular file or folder, a FIFO say, which is not opened here: the reader says it)."""
+    import stat
+
     try:
-        with open(path, "rb"):
-            return None
+        mode = os.stat(path).st_mode
+        if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+            with open(path, "rb"):
+                return None
     except OSError as exc:
         return exc.strerror or str(exc)
+    return None
 
 
 def ranked(found: Sequence[tuple[str, float]]) -> list[dict]:
