@@ -316,6 +316,25 @@ def check_export_target(out: Path, run: Optional[Run], overwrite: bool) -> None:
     if run is not None and out.resolve().is_relative_to(run.root.resolve()):
         raise UserError(f"--out {out} is inside the run folder {run.root}, whose files are the run's own (a "
                         f"checkpoint's banks.safetensors, the teacher); write the export outside it")
+    # a new user (2026-12-06): --overwrite replaced another run's teacher, its banks, a feature shard
+    if run is not None and out.exists() and not is_bank_export(out):
+        raise UserError(f"--out {out} is not a bank export (another run's weights or banks, a feature shard?); "
+                        f"--overwrite replaces only a file bank export wrote: choose another --out")
+
+
+EXPORT_FORMAT = "mlsctl bank export"  # the metadata's "format" (exports before 2026-12-06: "order" and "banks")
+
+
+def is_bank_export(path: Path) -> bool:
+    """Whether ``path`` is a safetensors file :func:`export_banks` wrote (by its metadata)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as opened:
+            metadata = opened.metadata() or {}
+    except Exception:  # noqa: BLE001 - anything safetensors cannot read as a header is no export of ours
+        return False
+    return metadata.get("format") == EXPORT_FORMAT or (metadata.get("order") == "oldest first" and "banks" in metadata)
 
 
 def export_banks(banks: dict[str, MemoryBank], out: str | Path, *, run: Run, checkpoint: Checkpoint) -> dict:
@@ -330,7 +349,8 @@ def export_banks(banks: dict[str, MemoryBank], out: str | Path, *, run: Run, che
         for column, value in bank.payload.items():
             tensors[f"{name}/{column}"] = value.cpu()[order].contiguous()
         shapes[name] = list(tensors[f"{name}/vectors"].shape)
-    metadata = {"run": str(run.root), "step": str(checkpoint.step), "banks": json.dumps(shapes),
-                "order": "oldest first", "images": str(run.images_path) if run.images_path.is_file() else ""}
+    metadata = {"format": EXPORT_FORMAT, "run": str(run.root.resolve()), "step": str(checkpoint.step),
+                "banks": json.dumps(shapes), "order": "oldest first",
+                "images": str(run.images_path.resolve()) if run.images_path.is_file() else ""}
     atomic.write_with(out, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
     return shapes

@@ -302,6 +302,26 @@ def test_export_into_the_run_folder_is_refused(finished_run, tmp_path, capsys):
         code, _, err = cli("bank", "export", str(run), "--out", str(target), "--overwrite", capsys=capsys)
         assert code == 2 and "inside the run folder" in err, err
     assert {t: t.read_bytes() for t in targets} == before
+    # a new user (2026-12-06): the same --overwrite replaced ANOTHER run's teacher and checkpoint banks, a feature
+    # shard, a copied weights file: it replaces only a file bank export wrote
+    other = tmp_path / "other"
+    shutil.copytree(run_dir, other)
+    foreign = [other / "teacher.safetensors", *sorted(other.glob("checkpoints/*/banks.safetensors"))[-1:],
+               tmp_path / "not-even-safetensors.safetensors"]
+    foreign[-1].write_text("hello")
+    before = {t: t.read_bytes() for t in foreign}
+    for target in foreign:
+        code, _, err = cli("bank", "export", str(run), "--out", str(target), "--overwrite", capsys=capsys)
+        assert code == 2 and "is not a bank export" in err, err
+    assert {t: t.read_bytes() for t in foreign} == before
+    mine = tmp_path / "mine.safetensors"
+    for overwrite in ((), ("--overwrite",)):
+        code, _, err = cli("bank", "export", str(run), "--out", str(mine), *overwrite, capsys=capsys)
+        assert code == 0, err
+    from safetensors import safe_open
+
+    with safe_open(str(mine), "pt") as opened:  # provenance a moved file keeps
+        assert opened.metadata()["run"] == str(run.resolve()) and Path(opened.metadata()["images"]).is_absolute()
 
 
 def test_the_neighbour_grid_never_replaces_its_own_query(finished_run, tmp_path, capsys):

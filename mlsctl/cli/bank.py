@@ -241,5 +241,8 @@ def export(
     shapes = export_banks(chosen, out, run=run_, checkpoint=checkpoint)
     for name, shape in shapes.items():
         columns = ", ".join(f"{name}/{c}" for c in ["vectors", *chosen[name].payload])
-        say(f"{name}: {shape[0]} entries x {shape[1]} ({columns})")
+        steps = chosen[name].payload.get("step")
+        start = int((steps[chosen[name].order()] < 0).sum()) if steps is not None else 0
+        start = f"; {start} of them the random start, step -1" if start else ""  # as bank inspect says it
+        say(f"{name}: {shape[0]} entries x {shape[1]} ({columns}{start})")
     say(f"wrote {out}")
