@@ -9,7 +9,9 @@ shard, a run's weights, a labels file, a training image — destroyed it and the
   :func:`mlsctl.evaluate.results.write_result` writes, or an older one whose ``command`` is an eval);
 * :func:`check_picture_target`: a picture (``plot``, ``viz pca``, ``bank plot``, ``bank neighbors``,
   ``refine plot``) may replace only a PNG that mlsctl drew (its ``Software`` text chunk, which
-  :func:`save_figure` and :func:`save_image` write).
+  :func:`save_figure` and :func:`save_image` write);
+* :func:`check_outside_images`: nor is it drawn among the images the command reads or its run
+  trains on (checked once the inputs are open).
 
 Both refuse an empty path, a folder, something that is not a regular file (a FIFO would make the
 check wait for ever), a path under a file, and a folder this process cannot write into (a read-only
@@ -104,6 +106,18 @@ def check_picture_target(out: Path, option: str = "--out") -> None:
     if out.exists() and not drawn_by_us(out):
         raise UserError(f"{option} {out} exists and is not a picture mlsctl drew (it may be an input image); choose "
                         f"another path, or delete it first if it is not needed")
+
+
+def check_outside_images(out: Path, images, whose: str, option: str = "--out") -> None:
+    """A picture is never drawn inside ``images``, a folder of images a command reads or a run trains
+    on (``whose`` says which): there it would become one of them (a new user, 2026-12-06: ``bank plot``'s
+    default bank.png landed in the run's data.root, which its ``--resume`` then refused)."""
+    if images is None:
+        return
+    inside = Path(os.path.realpath(out)).is_relative_to(os.path.realpath(images))
+    if inside:
+        raise UserError(f"{option} {out} is inside {images}, {whose}: a picture there would become one of its "
+                        f"images; write it elsewhere with {option}")
 
 
 def save_figure(figure, out: Path, dpi: int) -> None:

@@ -42,6 +42,17 @@ def open_run(path: Union[str, Path], *, hint: str = PRETRAIN_HINT, flag: str = "
     return run
 
 
+def training_images(run: Run) -> Optional[Path]:
+    """The folder of images ``run`` trains on (its recipe's data.root), None where its config cannot
+    be read or names none: what a picture must not be drawn into
+    (:func:`mlsctl.outputs.check_outside_images`)."""
+    try:
+        root = recipe_of(run).data.root
+    except UserError:
+        return None
+    return Path(root) if root else None
+
+
 def recipe_of(run: Run):
     """The run's resolved recipe (``RUN/config.yaml``)."""
     from mlsctl import config as config_lib

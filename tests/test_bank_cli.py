@@ -344,3 +344,23 @@ def test_the_neighbour_grid_never_replaces_its_own_query(finished_run, tmp_path,
         code, _, err = cli("bank", "neighbors", str(run), "--query", str(grid), "--out", str(tmp_path / other),
                            capsys=capsys)
         assert code == 2 and "is the --query image" in err and grid.read_bytes() == before, (other, err)
+
+
+def test_pictures_are_never_drawn_among_the_images_the_run_trains_on(finished_run, tmp_path, monkeypatch, capsys):
+    """A new user (2026-12-06): `bank plot` run from inside the run's data.root wrote bank.png there (so did
+    `bank neighbors` and `plot`); the pictures became training images and the run's --resume was refused."""
+    from conftest import cli
+
+    run, _ = finished_run
+    images = run.parent / "images"
+    query = next(images.iterdir())
+    before = sorted(p.name for p in images.iterdir())
+    monkeypatch.chdir(images)  # the default --out lands here
+    for args in (("bank", "plot", str(run), "--projection", "pca"), ("bank", "neighbors", str(run), "-q", str(query)),
+                 ("plot", str(run)), ("bank", "plot", str(run), "--out", str(images / "sub" / "b.png"))):
+        code, _, err = cli(*args, capsys=capsys)
+        assert code == 2 and f"the images run {run} trains on (its data.root)" in err, (args, err)
+    assert sorted(p.name for p in images.iterdir()) == before
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli("plot", str(run), capsys=capsys)
+    assert code == 0 and (tmp_path / "curves.png").is_file(), err

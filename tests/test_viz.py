@@ -45,3 +45,16 @@ def test_viz_pca_draws_the_input_pixel_for_pixel_with_a_legend(tmp_path):
     grid_height = 8 + 128 + 14 + 8
     legend = figure[grid_height:]
     assert legend.shape[0] > 30 and (legend < 100).any()  # the legend's text under the grid
+
+
+def test_viz_pca_never_draws_among_the_images_of_its_features(tmp_path, capsys):
+    """As bank plot (a new user, 2026-12-06): pca.png in the features' image folder would become one of them."""
+    from conftest import cli
+
+    images = tmp_path / "images"
+    images.mkdir()
+    folder = write_feature_folder(tmp_path / "feats", ["a.png"], torch.randn(1, 8), dense=torch.randn(1, 2, 2, 8),
+                                  input_root=images)
+    code, _, err = cli("viz", "pca", str(folder), "--out", str(images / "pca.png"), capsys=capsys)
+    assert code == 2 and f"is inside {images}, the images of the feature folder {folder}" in err
+    assert list(images.iterdir()) == []

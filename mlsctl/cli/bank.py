@@ -129,9 +129,9 @@ def neighbors(
                                      open_banks)
     from mlsctl.data.images import BadImage, load_rgb
     from mlsctl.errors import UserError
-    from mlsctl.restore import from_checkpoint, recipe_of
+    from mlsctl.outputs import check_outside_images, same_file
+    from mlsctl.restore import from_checkpoint, recipe_of, training_images
     from mlsctl.viz import neighbour_grid
-    from mlsctl.outputs import same_file
 
     if same_file(out, query):  # a probe (2026-12-06): the grid replaced its own query
         raise UserError(f"--out {out} is the --query image; write the grid somewhere else")
@@ -140,6 +140,7 @@ def neighbors(
     except (BadImage, OSError) as exc:
         raise UserError(f"cannot read --query {query}: {exc}") from None
     run_, checkpoint, banks = open_banks(run, step)
+    check_outside_images(out, training_images(run_), f"the images run {run_.root} trains on (its data.root)")
     name, chosen = choose_bank(banks, bank, run_)
     if chosen.written == 0:
         raise UserError(f"bank '{name}' holds no entry written by training at step {checkpoint.step} (only its random "
@@ -192,9 +193,12 @@ def plot(
     from mlsctl.bank_health import sample_rows
     from mlsctl.bank_inspect import SourceImages, choose_bank, entry_colours, open_banks, project_2d
     from mlsctl.errors import UserError
+    from mlsctl.outputs import check_outside_images
+    from mlsctl.restore import training_images
     from mlsctl.viz import scatter_plot
 
     run_, checkpoint, banks = open_banks(run, step)
+    check_outside_images(out, training_images(run_), f"the images run {run_.root} trains on (its data.root)")
     name, chosen = choose_bank(banks, bank, run_)
     order = chosen.written_order().cpu()
     rows = order[sample_rows(len(order), sample)]  # a fixed sample of the written entries, oldest first

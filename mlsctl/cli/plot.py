@@ -34,6 +34,12 @@ def plot(
             from mlsctl.errors import UserError
 
             raise UserError(f"{run} is {first} again; give each run once")
+    from mlsctl.outputs import check_outside_images
+    from mlsctl.restore import training_images
+    from mlsctl.runs import Run
+
+    for run in runs:
+        check_outside_images(out, training_images(Run(run)), f"the images run {run} trains on (its data.root)")
     result = plot_runs(runs, out, title=title)
     if as_json:
         print(json.dumps(result, indent=2))

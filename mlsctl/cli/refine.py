@@ -126,13 +126,18 @@ def plot(
 
     Example: mlsctl refine plot runs/refine features/ms-test --out drift.png --sweep benchmarks/results/refine/cpu/grid.json
     """
-    from mlsctl.outputs import same_file
+    from mlsctl.features import Features
+    from mlsctl.outputs import check_outside_images, same_file
     from mlsctl.refine.plot import drift_figure, grid_figure
 
     if sweep is not None and same_file(out, grid_out):  # the second replaced the first
         from mlsctl.errors import UserError
 
         raise UserError(f"--out and --grid-out are both {out}; give the two pictures two names")
+    for folder in dict.fromkeys([features, context or features]):
+        images = Features(folder).input_root
+        for option, picture in (("--out", out), *((("--grid-out", grid_out),) if sweep is not None else ())):
+            check_outside_images(picture, images, f"the images of the feature folder {folder}", option)
     drawn = {"drift": drift_figure(run, features, out, context_dir=context, labels_file=labels, points=points,
                                    projection=projection, seed=seed)}
     if sweep is not None:

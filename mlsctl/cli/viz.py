@@ -27,5 +27,9 @@ def pca(
     from mlsctl.features import Features
     from mlsctl.viz import features_pca
 
-    written = features_pca(Features(features), out, n=n, cell=cell)
+    from mlsctl.outputs import check_outside_images
+
+    folder = Features(features)
+    check_outside_images(out, folder.input_root, f"the images of the feature folder {features}")
+    written = features_pca(folder, out, n=n, cell=cell)
     typer.echo(f"wrote {written}")
