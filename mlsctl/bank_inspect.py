@@ -205,12 +205,21 @@ def neighbour_tiles(neighbours: Sequence[Neighbour], sources: SourceImages, cell
 PROJECTIONS = ("auto", "pca", "tsne")
 
 
+TSNE_SMALLEST = 5  # entries below which t-SNE's perplexity cannot be below their number (auto: PCA)
+
+
 def project_2d(vectors: torch.Tensor, method: str = "auto", seed: int = 0) -> tuple[torch.Tensor, str]:
     """[n, D] → ([n, 2], the method used): PCA of the L2-normalised vectors, or t-SNE when
-    ``method`` is "tsne" (or "auto" with scikit-learn installed)."""
+    ``method`` is "tsne" (or "auto" with scikit-learn installed and at least :data:`TSNE_SMALLEST`
+    vectors)."""
     if method not in PROJECTIONS:
         raise UserError(f"--projection {method} is not one of {', '.join(PROJECTIONS)}")
     unit = F.normalize(vectors.double(), dim=1)
+    if method == "tsne" and len(unit) < TSNE_SMALLEST:  # a new user (2026-12-06): --sample 2 crashed in t-SNE
+        raise UserError(f"t-SNE needs at least {TSNE_SMALLEST} entries ({len(unit)} here); draw more with --sample "
+                        f"or use --projection pca")
+    if method == "auto" and len(unit) < TSNE_SMALLEST:
+        method = "pca"
     if method in ("auto", "tsne"):
         try:
             from sklearn.manifold import TSNE
@@ -284,7 +293,7 @@ def entry_colours(bank: MemoryBank, name: str, slots: torch.Tensor, color_by: st
 
     # bank plot has no --multi-label (a new user's run-through, 2026-12-06: the hint said to add it)
     table = read_labels_file(path, "bank plot colours one label per image: give a path,label file (fmnist-scenes: "
-                                   "train/largest-item.csv)")
+                                   "train/labels.csv)")
     root = sources.root if sources is not None else None
     found = []
     for image_id in image_ids.tolist():

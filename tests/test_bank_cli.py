@@ -364,3 +364,16 @@ def test_pictures_are_never_drawn_among_the_images_the_run_trains_on(finished_ru
     monkeypatch.chdir(tmp_path)
     code, _, err = cli("plot", str(run), capsys=capsys)
     assert code == 0 and (tmp_path / "curves.png").is_file(), err
+
+
+def test_a_projection_of_fewer_entries_than_t_sne_takes_is_pca_or_one_sentence():
+    """A new user (2026-12-06): bank plot --sample 2 (which --help allows) crashed inside t-SNE."""
+    from mlsctl.bank_inspect import TSNE_SMALLEST, project_2d
+    from mlsctl.errors import UserError
+
+    pytest.importorskip("sklearn")
+    for n in range(2, TSNE_SMALLEST + 2):
+        points, used = project_2d(torch.randn(n, 8))
+        assert points.shape == (n, 2) and used == ("PCA" if n < TSNE_SMALLEST else "t-SNE")
+    with pytest.raises(UserError, match=f"t-SNE needs at least {TSNE_SMALLEST} entries"):
+        project_2d(torch.randn(2, 8), "tsne")
