@@ -744,6 +744,17 @@ class Gallery:
     def fingerprint(self) -> str:
         return self.manifest["model"]["fingerprint"]
 
+    def built_with_run(self) -> Path:
+        """The run the gallery was built with (its manifest's), said in one sentence when it has moved
+        away (a new user, 2026-12-06: the error named only the old path, as if the user had typed it)."""
+        from mlsctl.runs import Run
+
+        run = Path(self.manifest["model"]["run"])
+        if not Run(run).has_config():
+            raise UserError(f"gallery {self.path} was built with run {run}, which is not there any more (no "
+                            f"config.yaml); give the run's new place with --run")
+        return run
+
     def check_model(self, model: "SetModel") -> None:
         if model.dim != self.dim:
             raise UserError(f"{self.path / MANIFEST} says its rows have {self.dim} dimensions but the model of "
@@ -964,7 +975,9 @@ def read_manifest(path: Path) -> dict:
     """gallery.json, checked for the fields and types the gallery needs."""
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
-        raise UserError(f"{path} is not a gallery (no {MANIFEST}); build one with mlsctl index build")
+        what = " but a run folder" if (path / "config.yaml").is_file() else ""
+        raise UserError(f"{path} is not a gallery{what} (no {MANIFEST}); give a gallery folder, or build one with "
+                        f"mlsctl index build")
     try:
         manifest = json.loads(manifest_path.read_text())
     except (OSError, ValueError) as exc:

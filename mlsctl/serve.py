@@ -326,7 +326,7 @@ class GalleryService:
         self.lock_file = FolderLock(gallery_path, "gallery").acquire()
         try:
             self.gallery = Gallery(gallery_path, recover=not read_only)  # a read-only server changes nothing
-            self.model = load_set_model(run or Path(self.gallery.manifest["model"]["run"]))
+            self.model = load_set_model(run or self.gallery.built_with_run())
             self.gallery.check_model(self.model)
             if not read_only:
                 self.gallery.lookalike("")  # the look-alike keys of every stored id, made now rather than in a request

@@ -329,6 +329,14 @@ def test_folding_one_by_one_with_index_add_equals_embedding_the_set(mile_run, tm
     assert torch.equal(from_paths, whole) and Gallery(gallery).search(whole, 1)[0][0] in ("again", "obj0")
     with pytest.raises(ValueError, match=r"search takes one set latent of shape \[\d+\], got \[1, \d+\]; for a batch"):
         Gallery(gallery).search(whole[None], 1)
+    # a new user (2026-12-06): a run folder given as GALLERY while it trained was "being written by ... pretrain"
+    from conftest import cli
+    from mlsctl.locks import FolderLock
+
+    with FolderLock(mile_run / "run", "run"):
+        for args in (("add", str(mile_run / "run"), "--object", "x", str(photos[0])), ("retrain", str(mile_run / "run"))):
+            code, _, err = cli("index", *args, capsys=capsys)
+            assert code == 2 and "is not a gallery but a run folder (no gallery.json)" in err, err
 
 
 def test_search_ranks_objects_and_refuses_another_model(mile_run, tmp_path, capsys):
@@ -351,6 +359,19 @@ def test_search_ranks_objects_and_refuses_another_model(mile_run, tmp_path, caps
     code, _, err = cli("search", "--set", photos[0], str(tmp_path / "missing.png"), "--index", str(gallery),
                        capsys=capsys)
     assert code == 2 and f"--set {tmp_path / 'missing.png'} is not a file" in err and "model" not in err, err
+    # a new user (2026-12-06): the gallery's run moved away; the error named its old path only
+    import shutil
+
+    shutil.copytree(mile_run / "run", tmp_path / "moving")
+    cli_ok(capsys, "index", "build", str(mile_run / "gallery"), "--run", str(tmp_path / "moving"), "--out",
+           str(tmp_path / "g-moved"))
+    (tmp_path / "moving").rename(tmp_path / "moved")
+    code, _, err = cli("search", "--set", photos[0], "--index", str(tmp_path / "g-moved"), capsys=capsys)
+    assert code == 2 and f"was built with run {tmp_path / 'moving'}, which is not there any more" in err
+    assert "--run" in err
+    out, _ = cli_ok(capsys, "search", "--set", photos[0], "--index", str(tmp_path / "g-moved"), "--run",
+                    str(tmp_path / "moved"), "--json")
+    assert json.loads(out)["results"]
 
 
 def test_eval_retrieval_reports_every_method_and_noise(mile_run, tmp_path):

@@ -68,16 +68,17 @@ def add(
     Appends one row to the gallery, whatever its size. Example:
     mlsctl index add galleries/products --object ev00007 new1.png new2.png
     """
-    from mlsctl.gallery import Gallery, check_object_id, choose_set_model, load_images
+    from mlsctl.gallery import Gallery, check_object_id, choose_set_model, load_images, read_manifest
     from mlsctl.locks import FolderLock
 
     check_object_id(object_id)
+    read_manifest(gallery)  # a run folder given as GALLERY is said so, not locked (and "being written" by its run)
     photos = load_images(images)
     with FolderLock(gallery, "gallery"):
         target = Gallery(gallery, recover=True)
         if object_id not in target.row_of:
             target.check_new_id(object_id, "--object")
-        model = choose_set_model(run or Path(target.manifest["model"]["run"]), say=say)
+        model = choose_set_model(run or target.built_with_run(), say=say)
         created, count = target.add(model, object_id, photos)
     share = target.added_since_training()
     if as_json:
@@ -101,9 +102,10 @@ def retrain(
     After many objects from clusters the index never saw, recall falls; this restores it, atomically.
     Example: mlsctl index retrain galleries/products
     """
-    from mlsctl.gallery import Gallery
+    from mlsctl.gallery import Gallery, read_manifest
     from mlsctl.locks import FolderLock
 
+    read_manifest(gallery)  # not a gallery: said before the folder is locked
     started = time.perf_counter()
     with FolderLock(gallery, "gallery"):
         target = Gallery(gallery, recover=True)
@@ -157,7 +159,7 @@ def search(
         raise UserError(f"--set {missing[0]} is not a file" + (f" (nor {len(missing) - 1} more of the photos)"
                                                               if len(missing) > 1 else "") + "; check the path")
     unsearchable = missing_sets(queries, source=f"--sets {sets}") if queries is not None else None
-    model = None if unsearchable else choose_set_model(run or Path(target.manifest["model"]["run"]), say=say)
+    model = None if unsearchable else choose_set_model(run or target.built_with_run(), say=say)
     if model is not None:
         target.check_model(model)
     if queries is not None:
