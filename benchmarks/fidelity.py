@@ -529,8 +529,9 @@ def commit() -> str:
         head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True, text=True,
                               check=True).stdout.strip()
         # the suite's own results are not the code: a clone that only wrote results is not dirty
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                ":(exclude)benchmarks/results"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no", "--",
+                                ".", ":(exclude)benchmarks/results"], cwd=REPO, capture_output=True,
+                               text=True).stdout.strip()
         return head + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):  # a packed copy (fidelity_pack.py) says its commit in COMMIT
         return (REPO / "COMMIT").read_text().strip() if (REPO / "COMMIT").is_file() else "unknown"

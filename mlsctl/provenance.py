@@ -33,7 +33,10 @@ def _git_commit() -> Optional[str]:
 
     def git(*args: str) -> Optional[str]:
         try:
-            done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+            # --no-optional-locks: `git status` would take .git/index.lock, and a developer's own git command at
+            # that moment fail (a new user, 2026-12-06)
+            done = subprocess.run(["git", "--no-optional-locks", "-C", str(root), *args], capture_output=True,
+                                  text=True, timeout=10)
         except (OSError, subprocess.SubprocessError):
             return None
         return done.stdout.strip() if done.returncode == 0 else None
