@@ -83,16 +83,37 @@ def smoothing_span(n: int) -> Optional[float]:
     return None if n <= MARKER_POINTS else max(2.0, n * SMOOTH_SHARE)
 
 
-def _output_classes(run_dir: str | Path) -> Optional[int]:
-    """``method.out_dim`` of the run's config.yaml (the K of DINO's teacher distribution), when it has one."""
+def _config_int(run_dir: str | Path, section: str, key: str) -> Optional[int]:
+    """An integer ``section.key`` of the run's config.yaml, None where it has none."""
     import yaml
 
     try:
         config = yaml.safe_load(Run(run_dir).config_path.read_text(encoding="utf-8"))
-        value = config["method"]["out_dim"]
+        value = config[section][key]
     except (OSError, UnicodeDecodeError, yaml.YAMLError, KeyError, TypeError):
         return None
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 1 else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _output_classes(run_dir: str | Path) -> Optional[int]:
+    """``method.out_dim`` of the run's config.yaml (the K of DINO's teacher distribution), when it has one."""
+    value = _config_int(run_dir, "method", "out_dim")
+    return value if value is not None and value > 1 else None
+
+
+def _no_bank_health(run_dirs: Sequence, runs: list) -> str:
+    """Why the bank-health panel is empty, run by run, wrapped to fit its panel (a new user, 2026-12-06:
+    one long sentence ran over the next panels)."""
+    import textwrap
+
+    reasons = []
+    for run_dir, (name, series) in zip(run_dirs, runs):
+        every = _config_int(run_dir, "train", "bank_health_every")
+        last = max((steps[-1] for steps, _ in series.values() if steps), default=0)
+        reasons.append(f"{name}: never (train.bank_health_every 0)" if every == 0 else
+                       f"{name}: every {every} steps, a run of {last} steps" if every else f"{name}: not recorded")
+    return "\n".join(["no bank health recorded"] + [textwrap.fill(r, 48) for r in reasons[:4]]
+                     + ([f"(and {len(reasons) - 4} more runs)"] if len(reasons) > 4 else []))
 
 
 def single_term_duplicates(series: dict[str, tuple[list[int], list[float]]]) -> bool:
@@ -146,7 +167,7 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, *, title: str | N
         specs.append(("memory-bank health", lambda s: sorted(k for k in s if k.startswith("bank/") and k.endswith("/mean_cosine")),
                       "mean pairwise cosine (1 = collapsed)",
                       dict(label=lambda n, k: f"{n}: {k[len('bank/'):]}",
-                           empty="no bank health records (every train.bank_health_every steps: 0, or a run shorter than it)")))
+                           empty=_no_bank_health(run_dirs, runs))))
     if any_key(lambda k: k.startswith("monitor/")):
         specs.append(("quality monitor", lambda s: sorted(k for k in s if k.startswith("monitor/")), "score", {}))
     else:

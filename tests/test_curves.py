@@ -95,3 +95,19 @@ def test_short_names_tell_runs_apart():
 def test_plot_of_a_folder_that_is_not_a_run_is_one_sentence(tmp_path, capsys):
     code, _, err = cli("plot", str(tmp_path), capsys=capsys)
     assert code != 0 and "has no metrics.jsonl" in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_empty_bank_health_panel_says_why_run_by_run_within_its_panel(tmp_path):
+    """A new user (2026-12-06): one 95-character sentence ran over the neighbouring panels."""
+    from mlsctl.curves import _no_bank_health
+
+    records = [{"step": s, "loss": 1.0, "bank_fill/cls": 0.5} for s in (20, 40, 72)]
+    rare = fake_run(tmp_path / "rare", records, "train: {bank_health_every: 1000}\n")
+    never = fake_run(tmp_path / "never", records, "train: {bank_health_every: 0}\n")
+    runs = [("rare", {"loss": ([20, 40, 72], [1.0] * 3)}), ("never", {"loss": ([20], [1.0])})]
+    said = _no_bank_health([rare, never], runs)
+    assert said.splitlines() == ["no bank health recorded", "rare: every 1000 steps, a run of 72 steps",
+                                 "never: never (train.bank_health_every 0)"]
+    assert all(len(line) <= 48 for line in said.splitlines())
+    result = plot_runs([rare, never], tmp_path / "p.png")
+    assert result["panels"]["memory-bank health"] == []
