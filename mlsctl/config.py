@@ -3,8 +3,8 @@
 A recipe is read into a :class:`Recipe`. Every mistake becomes one :class:`ConfigError` sentence
 naming the key path, what was expected and, where one is close, a did-you-mean suggestion:
 
-    recipes/dino_fmnist_quick.yaml: unknown key 'optim.lrr' (optim takes batch_size, epochs, lr,
-    ...); did you mean 'optim.lr'?
+    recipes/dino_fmnist_quick.yaml: unknown key 'optim.lrr' (optim takes batch_size,
+    accumulate_steps, epochs, lr, ... every key of the section); did you mean 'optim.lr'?
 
 Dotted ``key=value`` overrides (``optim.lr=1e-4 data.root=/x``) are applied to the YAML before
 validation; their values are parsed as YAML scalars. Numbers written as ``1e-4`` (which YAML 1.1

@@ -114,8 +114,8 @@ BYTES_PER_PIXEL = {"1": 7, "L": 7, "P": 11, "RGB": 9, "YCbCr": 9, "LAB": 9, "HSV
                    "I;16N": 31, "I": 35, "F": 35}
 WORST_BYTES_PER_PIXEL = 35
 # ... where a format's decoder needs more than the mode says (measured by a probe, 2026-12-05, 40 MP photos, +10%):
-# libwebp decodes into RGBA canvases before Pillow's image (16 and 32 bytes a pixel), libavif 10.5 and 28
-BYTES_PER_PIXEL_BY_FORMAT = {"WEBP": {"RGB": 18, "RGBA": 36, "RGBa": 36}, "AVIF": {"RGB": 12, "RGBA": 31, "RGBa": 31}}
+# libwebp decodes into RGBA canvases before Pillow's image (16 and 32 bytes a pixel); AVIF is not taken (below)
+BYTES_PER_PIXEL_BY_FORMAT = {"WEBP": {"RGB": 18, "RGBA": 36, "RGBa": 36}}
 # ... and a progressive JPEG in colour holds its whole coefficient array while it decodes: 10.04 bytes a pixel
 # measured at 16 MP without chroma subsampling (a hostile probe, 2026-12-06), +10%; grey and CMYK stay in charge
 PROGRESSIVE_JPEG_BYTES_PER_PIXEL = {"RGB": 12, "YCbCr": 12}

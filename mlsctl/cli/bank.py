@@ -227,7 +227,7 @@ def export(
     out: Path = typer.Option(..., "--out", "-o", help="safetensors file to write (a name ending in .safetensors)."),
     bank: Optional[list[str]] = typer.Option(None, "--bank", help="Banks to export [default: all]."),
     step: Optional[int] = STEP_OPT,
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out file."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier bank export at --out (any other file is refused)."),
 ) -> None:
     """Write the valid entries of the banks (vectors and payload columns, oldest first) to one safetensors file.
 
