@@ -339,6 +339,22 @@ class RunWeights:
                 cache[key] = None  # (a checkpoint unreadable, of other shapes, or not a refinement; a bug still shows)
         return cache[key]
 
+    def random_init_fingerprint(self, seed) -> Optional[str]:
+        """The fingerprint of this run's architecture randomly initialised with ``seed``, as ``--run RUN
+        --random-init --seed`` builds it: a random-init result of this run is matched by it, not by the
+        path it recorded (a new user, 2026-12-06: a copied run's report dropped its random-init comparison)."""
+        if not self.has_backbone or not isinstance(seed, int) or isinstance(seed, bool):
+            return None
+        cache = self.__dict__.setdefault("_random_fingerprints", {})
+        if seed not in cache:
+            from mlsctl.restore import choose_model
+
+            try:
+                cache[seed] = choose_model(run=self.run.root, random_init=True, seed=seed).fingerprint
+            except (UserError, OSError, RuntimeError, ValueError):  # the report goes on without the match
+                cache[seed] = None
+        return cache[seed]
+
     def inside(self, path) -> bool:
         """Whether ``path`` (a result's model path) is the run folder or a file in it."""
         if not isinstance(path, str) or not path:
@@ -403,7 +419,7 @@ def _classify(result: dict, path: Path, run: Run, weights: RunWeights) -> Option
     that has no place in it: ``own`` (the run's weights, by fingerprint), ``comparison`` (labelled
     with what it is) or ``unmatched`` (with the reason)."""
     model = result.get("model") if isinstance(result.get("model"), dict) else {}
-    in_run = path.parent.resolve() == (run.root / "results").resolve()
+    in_run = path.parent.resolve() in ((run.root / "results").resolve(), run.root.resolve())
     if isinstance(model.get("refiner"), dict):
         return _classify_refined(model, in_run, weights)
     claims = weights.inside(model.get("path"))
@@ -416,6 +432,8 @@ def _classify(result: dict, path: Path, run: Run, weights: RunWeights) -> Option
     own = weights.match(model)
     if own is not None:
         return "own", own
+    if model.get("source") == "random-init" and fingerprint == weights.random_init_fingerprint(model.get("seed")):
+        return "comparison", _compared_model(dict(model, path=str(weights.root)), weights)
     if claims and model.get("source") in ("run", "run-checkpoint", "weights"):
         step = weights.named_step(model)
         what = f"the checkpoint at step {step}" if step is not None else "its teacher"
@@ -508,10 +526,15 @@ def _evaluation(result: dict, source: Path, label: str) -> str:
              f"<p>data: {html.escape(_data(result))}<br><span class=\"note\">{html.escape(_made(result, source))}; "
              f"{html.escape(str(source))}</span></p>")
     if command == "eval knn-seg":
+        # foreground IoU where the classes have a background (results since 2026-12-05): at small budgets it
+        # moves before the per-class mIoU does (a new user, 2026-12-06: the page left it out)
+        foreground = any("foreground_iou" in r for r in result.get("results", []))
         rows = [[r["fraction"], r["train_images"], len(r.get("runs", [])) or 1,
                  _pct(r["miou"]) + (f" ± {_pct(r['miou_std'])}" if len(r.get("runs", [])) > 1 else ""),
-                 _pct(r.get("miou_hungarian"))] for r in result.get("results", [])]
-        return title + _table(["fraction", "train images", "runs", "mIoU %", "Hungarian mIoU %"], rows)
+                 _pct(r.get("miou_hungarian")), *([_pct(r.get("foreground_iou"))] if foreground else [])]
+                for r in result.get("results", [])]
+        return title + _table(["fraction", "train images", "runs", "mIoU %", "Hungarian mIoU %",
+                               *(["foreground IoU %"] if foreground else [])], rows)
     if command == "eval linear-seg":
         return title + _table(["mIoU %", "foreground IoU %", "pixel accuracy %"],
                               [[_pct(result.get("miou")), _pct(result.get("foreground_iou")),
@@ -549,7 +572,7 @@ def _evaluations(run: Run, folders: Sequence[Path], weights: RunWeights) -> tupl
     found: dict[str, list] = {group: [] for group, _ in GROUPS}
     skipped: list[str] = []
     seen: set = set()
-    for folder in [run.root / "results", *folders]:
+    for folder in [run.root / "results", run.root, *folders]:  # RUN itself: results kept beside the run's files
         for path in sorted(Path(folder).glob("*.json")) if Path(folder).is_dir() else []:
             if path.resolve() in seen:
                 continue

@@ -252,3 +252,44 @@ def test_a_results_folder_that_is_not_there_is_one_sentence(finished_run, tmp_pa
         code, _, err = cli("report", str(run_dir), "--out", str(tmp_path / "r.html"), "--results", str(given),
                            capsys=capsys)
         assert code == 2 and f"--results {given} {words}" in err and not (tmp_path / "r.html").exists(), err
+
+
+def test_a_knn_seg_table_shows_foreground_iou_where_the_result_has_it(tmp_path):
+    """A new user (2026-12-06): the report's knn-seg table left out foreground IoU, the README's first metric."""
+    from mlsctl.report import _evaluation
+
+    row = {"fraction": "1/1", "train_images": 20, "miou": 0.111, "miou_std": 0.0, "miou_hungarian": 0.116}
+    older = _evaluation({"command": "eval knn-seg", "results": [row]}, tmp_path / "r.json", "x")
+    newer = _evaluation({"command": "eval knn-seg", "results": [dict(row, foreground_iou=0.494)]},
+                        tmp_path / "r.json", "x")
+    assert "foreground IoU %" not in older and "foreground IoU %" in newer and "49.40" in newer
+
+
+def test_a_copied_run_keeps_its_random_init_comparison_and_results_beside_it_count(finished_run, tmp_path, capsys,
+                                                                                   monkeypatch):
+    """A new user (2026-12-06): the random-init result of a copied run was left out without a word (matched by the
+    path it recorded, the original run's), and results kept in RUN itself were not looked at."""
+    import shutil
+
+    from conftest import cli
+
+    run, _ = finished_run
+    images = run.parent / "images"
+    monkeypatch.chdir(tmp_path)  # the evaluation's feature cache
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,label\n" + "".join(f"{p.relative_to(images).as_posix()},{i % 2}\n"
+                                               for i, p in enumerate(sorted(images.rglob("*.png")))))
+    out = tmp_path / "random.json"
+    code, _, err = cli("eval", "knn", "--train", str(images), "--val", str(images), "--train-labels", str(labels),
+                       "--val-labels", str(labels), "--run", str(run), "--random-init", "--k", "1", "--out", str(out),
+                       capsys=capsys)
+    assert code == 0, err
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    shutil.copy(out, copy / "random.json")  # kept beside the run's files, recorded with the original's path
+    (tmp_path / "none").mkdir()
+    code, printed, err = cli("report", str(copy), "--results", str(tmp_path / "none"), "--out",
+                             str(tmp_path / "r.html"), "--json", capsys=capsys)
+    assert code == 0, err
+    report = json.loads(printed[printed.index("{"):])
+    assert report["results"]["comparison"] == [str(copy / "random.json")], report["results"]
