@@ -189,9 +189,10 @@ def neighbour_tiles(neighbours: Sequence[Neighbour], sources: SourceImages, cell
     """(tile or None, caption) per neighbour; None draws a labelled blank."""
     tiles = []
     for n in neighbours:
-        caption = f"cos {n.score:.2f} · step {n.step}"
+        # three decimals: 0.995 is no collapse, and "cos 1.00" under every tile read as one (a new user, 2026-12-06)
+        caption = f"cos {n.score:.3f}\nstep {n.step}"
         if n.image_id is None:
-            tiles.append((None, caption + " · no image_id"))
+            tiles.append((None, caption + "\nno image_id"))
             continue
         image, where = sources.load(n.image_id)
         if image is None:

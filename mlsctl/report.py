@@ -248,12 +248,19 @@ def _patch_maps(run: Run, recipe, n: int, model) -> str:
         dense = model.backbone(torch.stack([preprocessing(img) for img in images])).patches.float()
     seen = [Image.fromarray(preprocessing.pixels(img).permute(1, 2, 0).numpy()) for img in images]
     with tempfile.TemporaryDirectory() as tmp:
-        out = pca_figure(seen, pca_rgb(dense), [p.name for p in read], Path(tmp) / "pca.png")
+        # under data.root, as the bank's neighbours are named: 00.png repeats in every object folder (a new user)
+        out = pca_figure(seen, pca_rgb(dense), [_under(p, sources.root) for p in read], Path(tmp) / "pca.png")
         uri = _png_uri(out)
     unread = f" Left out, unreadable: {html.escape(', '.join(skipped))}." if skipped else ""
     return (f"<p>{html.escape(model.description)}: {len(images)} of the first {len(paths)} training images at {size} px, "
             f"each patch coloured by the first three principal components of the teacher's patch tokens.{unread}</p>"
             f'<img alt="PCA patch maps" src="{uri}">')
+
+
+def _under(path: Path, root) -> str:
+    """``path`` relative to ``root`` (data.root) where it is under it, else as it is."""
+    path = Path(path)
+    return path.relative_to(root).as_posix() if root is not None and path.is_relative_to(root) else str(path)
 
 
 def _banks(run: Run, recipe) -> str:
@@ -291,8 +298,9 @@ def _banks(run: Run, recipe) -> str:
                                  title=f"bank '{name}' · step {checkpoint.step} · 8 nearest of {bank.written}", cell=96)
             # the query is a training image: entries of its own earlier views, where the bank still holds them, come
             # first (a new user's run-through, 2026-12-06, took the top hit at cosine 0.98 for a finding)
-            parts.append(f"<h3>bank '{html.escape(name)}': nearest entries of {html.escape(query_path.name)}</h3>"
-                         f"<p class=\"note\">{html.escape(query_path.name)} is the first training image: entries "
+            shown = html.escape(_under(query_path, sources.root))
+            parts.append(f"<h3>bank '{html.escape(name)}': nearest entries of {shown}</h3>"
+                         f"<p class=\"note\">{shown} is the first training image: entries "
                          f"written from its own earlier views, where the bank still holds them, come first.</p>"
                          f'<img alt="neighbours in {html.escape(name)}" src="{_png_uri(out)}">')
     return "".join(parts)

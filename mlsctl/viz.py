@@ -58,11 +58,21 @@ def caption_font():
     return ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"), 11)
 
 
-def _label(draw, xy, text: str, width: int) -> None:
+def fitted(draw, text: str, width: int, keep_end: bool = False) -> str:
+    """``text`` within ``width`` pixels of the caption font, cut with "…" at its end, or at its start
+    with ``keep_end`` (a path: its file name is what tells tiles apart; a new user, 2026-12-06, read
+    "images/00000…" under every tile)."""
     font = caption_font()
     while text and draw.textlength(text, font=font) > width:
-        text = text[:-2] + "…" if len(text) > 2 else ""
-    draw.text(xy, text, fill=(30, 30, 30), font=font)
+        if len(text) <= 2:
+            text = ""
+        else:
+            text = "…" + text[2:] if keep_end else text[:-2] + "…"
+    return text
+
+
+def _label(draw, xy, text: str, width: int, keep_end: bool = False) -> None:
+    draw.text(xy, fitted(draw, text, width, keep_end), fill=(30, 30, 30), font=caption_font())
 
 
 def _resized(image, cell: int):
@@ -114,7 +124,7 @@ def pca_figure(images: Sequence[Optional[object]], colours: torch.Tensor, names:
             canvas.paste(_resized(image, cell), (x, y))
         patch_map = (colours[i].numpy() * 255).round().astype(np.uint8)
         canvas.paste(Image.fromarray(patch_map).resize((cell, cell), Image.NEAREST), (x + cell, y))
-        _label(draw, (x, y + cell + 1), names[i], 2 * cell)
+        _label(draw, (x, y + cell + 1), names[i], 2 * cell, keep_end=True)
     if legend:
         y = grid_height
         for j, line in enumerate(wrapped):
@@ -182,11 +192,11 @@ def features_pca(features, out: Path, n: int = 16, cell: Optional[int] = None) -
 def neighbour_grid(query, tiles: Sequence[tuple[Optional[object], str]], out: Path, *, title: str,
                    cell: int = 128, per_row: int = 8) -> Path:
     """The query image, then one cell per neighbour (a PIL image, or None for a labelled blank),
-    each with its caption lines under it."""
+    each with its caption lines under it (at most 3; the last of several, a path, keeps its end)."""
     from PIL import Image, ImageDraw
 
     gap, line = 8, 12
-    caption = 2 * line + 2
+    caption = 3 * line + 2
     columns = min(per_row, len(tiles)) + 1
     rows = max(1, (len(tiles) + per_row - 1) // per_row)
     width = columns * (cell + gap) + gap
@@ -206,8 +216,9 @@ def neighbour_grid(query, tiles: Sequence[tuple[Optional[object], str]], out: Pa
             _label(draw, (x + 4, y + cell // 2 - 6), "source image missing", cell - 8)
         else:
             canvas.paste(tile, (x, y))
-        for j, part in enumerate(text.split("\n")[:2]):
-            _label(draw, (x, y + cell + 2 + j * line), part, cell)
+        parts = text.split("\n")[:3]
+        for j, part in enumerate(parts):
+            _label(draw, (x, y + cell + 2 + j * line), part, cell, keep_end=len(parts) > 1 and j == len(parts) - 1)
     save_image(canvas, out)
     return out
 

@@ -58,3 +58,24 @@ def test_viz_pca_never_draws_among_the_images_of_its_features(tmp_path, capsys):
     code, _, err = cli("viz", "pca", str(folder), "--out", str(images / "pca.png"), capsys=capsys)
     assert code == 2 and f"is inside {images}, the images of the feature folder {folder}" in err
     assert list(images.iterdir()) == []
+
+
+def test_captions_keep_a_paths_end_and_cosines_three_decimals():
+    """A new user (2026-12-06): captions read "images/00000…" under every tile, and 0.995 as "cos 1.00"."""
+    from PIL import Image, ImageDraw
+
+    from mlsctl.bank_inspect import Neighbour, neighbour_tiles
+    from mlsctl.viz import fitted
+
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    path = "products/tr00012/this-is-a-long-folder/000123.png"
+    assert fitted(draw, path, 96, keep_end=True).endswith("000123.png") and fitted(draw, path, 96).startswith("prod")
+    assert fitted(draw, path, 96, keep_end=True).startswith("…") and fitted(draw, "short", 96) == "short"
+
+    class NoSources:
+        def load(self, image_id):
+            return None, f"missing: /data/{path}"
+
+    near = Neighbour(slot=0, score=0.9954, step=12, image_id=3, image=None, box=None, region=None, label=None)
+    [(tile, caption)] = neighbour_tiles([near], NoSources(), 96)
+    assert tile is None and caption.split("\n") == ["cos 0.995", "step 12", f"missing: /data/{path}"]
