@@ -455,3 +455,24 @@ def test_query_set_paths_are_said_plainly_where_they_name_the_same_file(tmp_path
     [(_, _, photos)] = read_query_sets(sets)
     assert photos == [tmp_path / "x.png", tmp_path / "x.png", tmp_path / "q/../link/../x.png",
                       tmp_path / "q/../missing/../y.png"]
+
+
+def test_objects_gathered_from_many_sub_folders_are_said_before_anything_is_embedded(tmp_path, caplog):
+    """A new user (2026-12-06): `index build data/prod` (the data set's root, not its gallery/) built three objects,
+    gallery, query and train, each folding 40 items' photos, without a word."""
+    from conftest import make_images
+
+    from mlsctl.gallery import object_folders
+
+    for part in ("gallery", "query"):
+        for item in range(5):
+            make_images(tmp_path / "prod" / part / f"ev{item:05d}", 2, size=(8, 8))
+    with caplog.at_level("WARNING", logger="mlsctl"):
+        groups = object_folders(tmp_path / "prod")
+    assert list(groups) == ["gallery", "query"]
+    [warning] = [r.getMessage() for r in caplog.records if "sub-folders" in r.getMessage()]
+    assert "2 of the 2 objects" in warning and f"give {tmp_path / 'prod' / 'gallery'} instead" in warning
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mlsctl"):
+        assert len(object_folders(tmp_path / "prod" / "gallery")) == 5
+    assert not [r for r in caplog.records if "sub-folders" in r.getMessage()]
