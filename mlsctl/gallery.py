@@ -1282,7 +1282,8 @@ def build_gallery(source: str | os.PathLike, model: SetModel, out: str | os.Path
 
 
 def newest_gallery(root: str | os.PathLike = ".", max_depth: int = 4) -> Optional[Path]:
-    """The gallery under ``root`` (at most ``max_depth`` folders down) whose manifest is newest."""
+    """The gallery under ``root`` (at most ``max_depth`` folders down) whose manifest is newest, of
+    those that read as galleries (a manifest of ours whose data folder is there)."""
     root = Path(root)
     best, best_time = None, -1.0
     skip = {".git", ".venv", "node_modules", "__pycache__"}
@@ -1291,10 +1292,10 @@ def newest_gallery(root: str | os.PathLike = ".", max_depth: int = 4) -> Optiona
         subdirs[:] = [d for d in subdirs if d not in skip and depth < max_depth]
         if MANIFEST in files:
             path = Path(directory) / MANIFEST
-            try:
-                if json.loads(path.read_text()).get("kind") != "mlsctl-gallery":
+            try:  # a damaged gallery (its data folder gone) is passed over, not chosen to fail (a new user)
+                if not data_folder(Path(directory), read_manifest(Path(directory))).is_dir():
                     continue
-            except (OSError, ValueError, AttributeError):
+            except (UserError, OSError, KeyError, TypeError):
                 continue
             stamp = path.stat().st_mtime
             if stamp > best_time:

@@ -348,6 +348,16 @@ def test_search_ranks_objects_and_refuses_another_model(mile_run, tmp_path, caps
     assert report["results"][0]["object"] == "obj3"  # its own gallery photos: the same set embedding
     assert report["results"][0]["score"] == pytest.approx(1.0, abs=1e-5)
     assert "newest under the current directory" in err and "galleries/g" in err
+    # a new user (2026-12-06): a newer but damaged gallery (its data folder gone) was chosen, and failed
+    import shutil
+
+    damaged = tmp_path / "galleries" / "zz-damaged"
+    shutil.copytree(gallery, damaged)
+    for data in damaged.glob("v0*"):
+        shutil.rmtree(data)
+    (damaged / "gallery.json").touch()
+    out, err = cli_ok(capsys, "search", "--set", *photos, "-k", "3", "--json", cwd=tmp_path)
+    assert "galleries/g " in err and "zz-damaged" not in err
     table, _ = cli_ok(capsys, "search", "--set", *photos, "--index", str(gallery))
     assert "obj3" in table.splitlines()[2]
     manifest = json.loads((gallery / "gallery.json").read_text())
