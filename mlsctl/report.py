@@ -193,15 +193,29 @@ def _summary(run: Run, recipe, weights: "RunWeights") -> str:
         rows.append(("photos / s", _number(summary["photos_per_s"], 3)))
     elif "images_per_s" in summary:
         rows.append(("images / s", _number(summary["images_per_s"], 3)))
-    if "seconds" in summary:
+    sessions = summary.get("sessions") if isinstance(summary.get("sessions"), list) else []
+    if len(sessions) > 1:  # a resumed run: every session, not the last one's time and commit alone
+        total = summary.get("seconds_all_sessions")
+        rows.append(("training time", f"{_duration(total) if total is not None else 'not known'} in "
+                                      f"{len(sessions)} sessions"))
+        rows.append(("sessions", "; ".join(_session_text(s) for s in sessions if isinstance(s, dict))))
+    elif "seconds" in summary:
         rows.append(("training time", _duration(summary["seconds"])))
-    if summary.get("resumed_from"):
+    if summary.get("resumed_from") and len(sessions) <= 1:
         rows.append(("resumed from step", summary["resumed_from"]))
     if summary.get("skipped_files"):
         rows.append(("unreadable training files skipped", summary["skipped_files"]))
     rows.append(("this report", f"written {_when(provenance.now())} by mlsctl {__version__}, "
                                 f"{_commit_text({'commit': provenance.commit()})}"))
     return _table(["", ""], rows)
+
+
+def _session_text(session: dict) -> str:
+    """One training session in words: its steps, seconds, commit and device."""
+    first = session.get("from_step")
+    steps = f"steps {first if first is not None else '?'}–{session.get('to_step', '?')}"
+    seconds = _duration(session["seconds"]) if session.get("seconds") is not None else "time not recorded"
+    return f"{steps} ({seconds}, {_commit_text(session)}, {session.get('device') or 'device not recorded'})"
 
 
 def _read_summary(run: Run) -> dict:

@@ -183,6 +183,16 @@ def test_24_2_the_summary_says_when_with_what_and_on_what_a_run_was_trained(fini
     text = " ".join(re.sub(r"<[^>]+>", " ", _summary(Run(run), recipe, weights)).split())
     assert re.search(r"date \d{4}-\d\d-\d\d \d\d:\d\d to \d{4}-\d\d-\d\d \d\d:\d\d \(train\.log\)", text)
     assert re.search(r"device cpu, fp32, 1 process ", text) and "commit not recorded" in text
+    # a resumed run (a new user, 2026-12-06: only the last session's time and commit were shown)
+    record = json.loads((run / "summary.json").read_text())
+    record.update(resumed_from=4, seconds=2.0, seconds_all_sessions=5.0, sessions=[
+        {"from_step": 0, "to_step": 4, "seconds": 3.0, "commit": "a" * 40, "device": "cuda (NVIDIA H200)"},
+        {"from_step": 4, "to_step": 8, "seconds": 2.0, "commit": "b" * 40 + "-dirty", "device": "cpu"}])
+    (run / "summary.json").write_text(json.dumps(record))
+    text = " ".join(re.sub(r"<[^>]+>", " ", _summary(Run(run), recipe, weights)).split())
+    assert "training time 5.0 s in 2 sessions" in text
+    assert (f"sessions steps 0–4 (3.0 s, commit {'a' * 12}, cuda (NVIDIA H200)); steps 4–8 (2.0 s, commit "
+            f"{'b' * 12}-dirty, cpu)") in text
 
 
 def test_an_unreadable_training_image_is_left_out_of_the_patch_maps_and_named(finished_run, tmp_path, capsys,

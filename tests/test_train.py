@@ -104,6 +104,13 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path: Path, images
     banks_a = load_banks(Run(killed).latest().banks_path)["cls"]
     banks_b = load_banks(Run(full).latest().banks_path)["cls"]
     assert torch.equal(banks_a.vectors, banks_b.vectors) and banks_a.ptr == banks_b.ptr
+    # a new user (2026-12-06): a resumed run's summary gave its last session's time and commit only
+    summary = json.loads((killed / "summary.json").read_text())
+    first, second = summary["sessions"]
+    assert first["from_step"] == 0 and first["to_step"] == second["from_step"] == summary["resumed_from"]
+    assert second["to_step"] == 48 and all(s["commit"] == summary["commit"] and s["seconds"] > 0 for s in (first, second))
+    assert summary["seconds_all_sessions"] == round(first["seconds"] + second["seconds"], 1)
+    assert [s["to_step"] for s in json.loads((full / "summary.json").read_text())["sessions"]] == [48]
 
 
 def test_run_folder_rules(finished_run, tmp_path: Path, capsys):

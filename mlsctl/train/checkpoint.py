@@ -15,7 +15,7 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -69,8 +69,10 @@ def _write_file(path: Path, writer) -> None:
     atomic.usual_permissions(path)
 
 
-def save_checkpoint(run: Run, step: int, method, optimizer, accelerator, recipe, keep: int) -> Optional[Path]:
-    """Write checkpoint ``step`` atomically (a temporary folder renamed into place)."""
+def save_checkpoint(run: Run, step: int, method, optimizer, accelerator, recipe, keep: int,
+                    sessions: Sequence[dict] = ()) -> Optional[Path]:
+    """Write checkpoint ``step`` atomically (a temporary folder renamed into place); ``sessions``: the
+    training sessions up to it (:class:`mlsctl.train.loop.Sessions`), kept in its state.json."""
     from safetensors.torch import save_file
 
     rng_states = dist.all_gather_object(rng_state())
@@ -98,7 +100,8 @@ def save_checkpoint(run: Run, step: int, method, optimizer, accelerator, recipe,
         state = {"format_version": RUN_FORMAT_VERSION, "step": step, "epoch": method.schedule.epoch(step),
                  "total_steps": method.schedule.total_steps, "method": recipe.method.name,
                  "world_size": accelerator.num_processes, "mlsctl_version": __version__, "torch_version": torch.__version__,
-                 "commit": provenance.commit(), "device": provenance.device_name(accelerator.device)}
+                 "commit": provenance.commit(), "device": provenance.device_name(accelerator.device),
+                 "sessions": list(sessions)}
         atomic.write_json(tmp / "state.json", state)
         config.save_recipe(recipe, tmp / "recipe.yaml")  # what --resume compares with (not config.yaml: not a run)
         for f in tmp.iterdir():

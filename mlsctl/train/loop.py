@@ -183,6 +183,34 @@ def _say_in_run_log(exc: BaseException, run: Run, is_main: bool) -> None:
         annotate(exc, run_log=str(run.log_path))
 
 
+class Sessions:
+    """The training sessions of a run (one per start or ``--resume``): each its first and last step,
+    seconds, commit and device, kept in every checkpoint's state.json and in summary.json, so a resumed
+    run's provenance is not its last session's alone (a new user, 2026-12-06). A checkpoint written
+    before sessions were kept gives one earlier session of unknown seconds."""
+
+    def __init__(self, resumed: Optional[dict], start_step: int, device):
+        earlier = (resumed or {}).get("sessions")
+        if resumed is not None and not isinstance(earlier, list):
+            earlier = [{"from_step": None, "to_step": start_step, "seconds": None, "commit": resumed.get("commit"),
+                        "device": resumed.get("device")}]
+        self.earlier: list = list(earlier or [])
+        self.current = {"from_step": start_step, "started": provenance.now(), "commit": provenance.commit(),
+                        "device": provenance.device_name(device)}
+        self.started = time.perf_counter()
+
+    def upto(self, step: int) -> list[dict]:
+        """Every session, this one up to ``step``."""
+        seconds = round(time.perf_counter() - self.started, 1)
+        return [*self.earlier, dict(self.current, to_step=step, seconds=seconds)]
+
+    @staticmethod
+    def seconds(sessions: list[dict]) -> Optional[float]:
+        """Their training seconds in all, None where one of them is not known."""
+        known = [s.get("seconds") for s in sessions]
+        return None if any(not isinstance(v, (int, float)) for v in known) else round(sum(known), 1)
+
+
 @dataclass
 class _Training:
     """What every step of a run works with."""
@@ -208,7 +236,7 @@ def _train(run: Run, recipe, accelerator, folder: ImageFolder, dataset, collate_
     last_layer = method.last_layer_parameters()
     if is_main:
         run_dir.record_images(run, folder)
-    start_step, rng_state = 0, None
+    start_step, rng_state, state = 0, None, None
     if resume_from is not None:
         state = checkpoint.load_checkpoint(resume_from, method, optimizer, accelerator)
         start_step, rng_state = state["step"], state["rng"]
@@ -246,6 +274,7 @@ def _train(run: Run, recipe, accelerator, folder: ImageFolder, dataset, collate_
     if rng_state is not None:
         checkpoint.set_rng_state(rng_state)
     records = metrics.Records(run, recipe, accelerator, method, start_step, interactive=sys.stderr.isatty())
+    sessions = Sessions(state, start_step, accelerator.device)
     started = time.perf_counter()
     with StepBoundaryStop(world) as stop:  # several processes stop together, between two steps
         try:
@@ -253,18 +282,18 @@ def _train(run: Run, recipe, accelerator, folder: ImageFolder, dataset, collate_
             training = _Training(accelerator, model, method, optimizer, plan, trainable, last_layer,
                                  list(method.banks().values()), batches, getattr(dataset, "on_device", None),
                                  SkipLog(folder.root), metrics.LossWatch(accelerator.device))
-            _run_steps(training, records, run, recipe, start_step, monitor, stop)
+            _run_steps(training, records, run, recipe, start_step, monitor, stop, sessions)
         finally:
             records.close()
             _end_loader(batches)
         # A stop that arrives from here on is only marked: the run is complete, and its last
         # collectives (the teacher's export, the final barrier) run on every process.
         return _finish(run, accelerator, method, folder, plan, training.skips, start_step, records.loss,
-                       time.perf_counter() - started)
+                       time.perf_counter() - started, sessions)
 
 
 def _run_steps(t: _Training, records: metrics.Records, run: Run, recipe, start_step: int, monitor,
-               stop: StepBoundaryStop) -> None:
+               stop: StepBoundaryStop, sessions: Sessions) -> None:
     """The steps left: each trained, recorded and checkpointed on schedule; after each but the
     last, the processes agree whether to stop (:mod:`mlsctl.train.stopping`)."""
     total = t.plan.total_steps
@@ -285,7 +314,7 @@ def _run_steps(t: _Training, records: metrics.Records, run: Run, recipe, start_s
         if saved:
             records.sync()
             checkpoint.save_checkpoint(run, done, t.method, t.optimizer, t.accelerator, recipe,
-                                       recipe.train.keep_checkpoints)
+                                       recipe.train.keep_checkpoints, sessions.upto(done))
         if done < total:
             stop.check()
 
@@ -379,7 +408,7 @@ def _log_start(run: Run, recipe, accelerator, folder: ImageFolder, schedule: Sch
 
 
 def _finish(run: Run, accelerator, method, folder: ImageFolder, plan: optim.Plan, skips: SkipLog, start_step: int,
-            loss_value: Optional[float], elapsed: float) -> RunSummary:
+            loss_value: Optional[float], elapsed: float, sessions: Sessions) -> RunSummary:
     """The end of a run: skipped files reported, the teacher exported, summary.json."""
     is_main, world, total_steps = accelerator.is_main_process, accelerator.num_processes, plan.total_steps
     steps_run = total_steps - start_step
@@ -402,6 +431,8 @@ def _finish(run: Run, accelerator, method, folder: ImageFolder, plan: optim.Plan
                    "device": provenance.device_name(accelerator.device),
                    "precision": "fp32" if accelerator.mixed_precision == "no" else accelerator.mixed_precision,
                    "mlsctl_version": __version__, "commit": provenance.commit(), "torch_version": torch.__version__}
+        every = sessions.upto(total_steps)
+        summary.update(sessions=every, seconds_all_sessions=Sessions.seconds(every))
         atomic.write_json(run.summary_path, summary)
         log.info(f"done: {counted(steps_run, 'step')} in {elapsed:.0f}s ({throughput:.1f} {type(method).speed_unit()}), "
                  f"final loss {loss_value:.4f}; run in {run.root}")
