@@ -34,7 +34,10 @@ def open_banks(run_dir: str | Path, step: Optional[int] = None) -> tuple[Run, Ch
     run = open_run(run_dir)
     checkpoint = run.checkpoint(step)
     if not checkpoint.banks_path.is_file():
-        raise UserError(f"checkpoint {checkpoint.path} has no banks.safetensors; it is incomplete, delete it")
+        others = [c.step for c in run.checkpoints() if c.step != checkpoint.step and c.banks_path.is_file()]
+        raise UserError(f"checkpoint {checkpoint.path} has no banks.safetensors (it is incomplete); "
+                        + (f"look at another with --step ({', '.join(map(str, others[-3:]))})" if others else
+                           "the run keeps no other checkpoint to look at"))
     try:
         banks = load_banks(checkpoint.banks_path)
     except (OSError, ValueError) as exc:
@@ -275,8 +278,12 @@ def entry_colours(bank: MemoryBank, name: str, slots: torch.Tensor, color_by: st
         return EntryColours(payload[LABEL_COLUMN].long(), "label", "label")
     path = None if color_by in COLOUR_KEYWORDS else Path(color_by)
     if path is not None and not path.is_file():
-        raise UserError(f"--color-by {color_by!r} is neither age, label, source nor an existing labels file; give one "
-                        f"of those (a labels file is a CSV or JSONL of path,label)")
+        import difflib
+
+        close = difflib.get_close_matches(color_by, COLOUR_KEYWORDS, n=1)  # as the other options (a new user)
+        raise UserError(f"--color-by {color_by!r} is neither age, label, source nor an existing labels file"
+                        + (f"; did you mean '{close[0]}'?" if close else "; give one of those (a labels file is a "
+                                                                          "CSV or JSONL of path,label)"))
     if IMAGE_COLUMN not in payload:
         raise UserError(f"bank '{name}' has no '{IMAGE_COLUMN}' payload (it has {', '.join(bank.payload)}), so its "
                         f"entries have no source image; use --color-by age")

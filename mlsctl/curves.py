@@ -55,7 +55,10 @@ def read_metrics(run_dir: str | Path) -> dict[str, tuple[list[int], list[float]]
             steps.append(step)
             values.append(float(value))
     if not series:
-        raise UserError(f"{run.metrics_path} holds no metrics yet")
+        torn = bool(lines) and metrics_record(lines[-1]) is None  # the only line, not a record (a new user)
+        raise UserError(f"{run.metrics_path} holds no metrics yet" + (
+            f" (its last line is not a metrics record: a write cut short, or damage: "
+            f"{lines[-1][:40] + ('...' if len(lines[-1]) > 40 else '')})" if torn else ""))
     return series
 
 

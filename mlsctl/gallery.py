@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from mlsctl import __version__, atomic, threads
-from mlsctl.console import to_stderr
+from mlsctl.console import counted, to_stderr
 from mlsctl.data.archive import Tree
 from mlsctl.data.loader import Loader, worker_init
 from mlsctl.errors import UserError, first_line
@@ -587,7 +587,7 @@ def train_index(unit: np.ndarray, settings: IndexSettings):
     if d % m:
         raise UserError(f"--pq-m {m} must divide the embedding width {d}")
     if n < 39 * nlist or n < 2 ** settings.nbits:
-        raise UserError(f"IVF-PQ with {nlist} lists and {settings.nbits}-bit codes needs at least "
+        raise UserError(f"IVF-PQ with {counted(nlist, 'list')} and {settings.nbits}-bit codes needs at least "
                         f"{max(39 * nlist, 2 ** settings.nbits)} objects to train, the gallery has {n}; use --index flat")
     settings.nlist, settings.m = nlist, m
     index = faiss.IndexIVFPQ(faiss.IndexFlatIP(d), d, nlist, m, settings.nbits, faiss.METRIC_INNER_PRODUCT)
@@ -783,9 +783,9 @@ class Gallery:
                             f"model's); rebuild the gallery with mlsctl index build")
         if model.fingerprint != self.fingerprint:
             raise UserError(f"gallery {self.path} was built with model {self.fingerprint[:12]} "
-                            f"({self.manifest['model']['run']} at step {self.manifest['model']['step']}); the query model "
-                            f"{model.fingerprint[:12]} ({model.run} at step {model.step}) differs: rebuild the gallery "
-                            f"or query with its run")
+                            f"({self.manifest['model']['run']} at step {self.manifest['model']['step']}); the model "
+                            f"given {model.fingerprint[:12]} ({model.run} at step {model.step}) differs: use the "
+                            f"gallery's run (leave --run out), or rebuild the gallery with this one")
         recorded = self.manifest.get("preprocessing")
         if recorded is not None and recorded != model.preprocessing():
             raise UserError(f"gallery {self.path} embedded its photos with {recorded}, queries are embedded with "

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from pathlib import Path
 from typing import Optional, Union
 
@@ -38,6 +39,16 @@ def open_run(path: Union[str, Path], *, hint: str = PRETRAIN_HINT, flag: str = "
     run = Run(path)
     if not run.has_config():
         named = f"{flag} {path}" if flag else f"{path}"
+        path = Path(path)
+        # what it is instead, where that says the fix (a new user, 2026-12-06)
+        if not path.exists():
+            raise UserError(f"{named} does not exist; {hint}")
+        if path.name == "config.yaml" and Run(path.parent).has_config():
+            raise UserError(f"{named} is the run's config.yaml; give its folder {path.parent}")
+        step = re.fullmatch(r"step-0*(\d+)", path.name)
+        if step and path.parent.name == "checkpoints" and Run(path.parent.parent).has_config():
+            raise UserError(f"{named} is a checkpoint of the run {path.parent.parent}; give the run (with --step "
+                            f"{step.group(1)} where the command takes one)")
         raise UserError(f"{named} is not a run folder (no config.yaml); {hint}")
     return run
 

@@ -80,6 +80,17 @@ def test_bad_run_and_step_get_one_line(finished_run, tmp_path):
     assert result.returncode == 2 and "not a run folder" in result.stderr and "Traceback" not in result.stderr
     result = run_cli("bank", "inspect", str(run), "--step", "5")
     assert result.returncode == 2 and "no checkpoint at step 5" in result.stderr and "Traceback" not in result.stderr
+    # a new user (2026-12-06): an incomplete checkpoint was to be deleted, the only resume point of the run
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    steps = [int(p.name.split("-")[1]) for p in sorted((copy / "checkpoints").iterdir())]
+    (copy / "checkpoints" / f"step-{steps[-1]:08d}" / "banks.safetensors").unlink()
+    result = run_cli("bank", "inspect", str(copy))
+    assert result.returncode == 2 and "delete" not in result.stderr, result.stderr
+    assert (f"has no banks.safetensors (it is incomplete); look at another with --step ({steps[-2]})" in result.stderr
+            if len(steps) > 1 else "keeps no other checkpoint" in result.stderr)
+    result = run_cli("bank", "inspect", str(copy / "config.yaml"))
+    assert result.returncode == 2 and f"is the run's config.yaml; give its folder {copy}" in result.stderr
 
 
 @pytest.fixture

@@ -678,3 +678,15 @@ def test_global_features_are_read_from_a_complete_dense_cache_of_the_same_images
     assert f"{dense.path}: the features there were made otherwise (image sizes or modification times); embedding again" \
         in lines and "embedded 4 images" in lines[-1]
     assert (dense.path / "manifest.json").is_file()
+
+
+def test_a_run_folder_given_as_features_says_to_embed_with_it(tmp_path):
+    """A new user (2026-12-06): `eval recall runs/x` and `viz pca runs/x` said only "is not a feature folder"."""
+    from mlsctl.data.shards import Features
+    from mlsctl.errors import UserError
+
+    (tmp_path / "config.yaml").write_text("method: {name: dino}\n")
+    (tmp_path / "metrics.jsonl").write_text("")
+    with pytest.raises(UserError, match=rf"features {tmp_path} is a run folder, not a feature folder; embed images "
+                                        rf"with it first: mlsctl embed IMAGES --run {tmp_path}$"):
+        Features(tmp_path, "features")

@@ -22,6 +22,17 @@ def test_open_run_refuses_a_folder_without_config_yaml_in_one_sentence(tmp_path)
     with pytest.raises(UserError) as caught:
         open_run(tmp_path, flag="--run", hint="give a MILE run")
     assert str(caught.value) == f"--run {tmp_path} is not a run folder (no config.yaml); give a MILE run"
+    # what it is instead, with the fix (a new user, 2026-12-06: each was "is not a run folder (no config.yaml)")
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-00000012").mkdir(parents=True)
+    (run / "config.yaml").write_text("method: {name: dino}\n")
+    for path, said in ((tmp_path / "nowhere", "does not exist; give a folder written by mlsctl pretrain"),
+                       (run / "config.yaml", f"is the run's config.yaml; give its folder {run}"),
+                       (run / "checkpoints" / "step-00000012",
+                        f"is a checkpoint of the run {run}; give the run (with --step 12 where the command takes one)")):
+        with pytest.raises(UserError) as caught:
+            open_run(path)
+        assert str(caught.value) == f"{path} {said}"
 
 
 def test_a_run_and_its_checkpoint_give_the_same_method_and_teacher(finished_run):

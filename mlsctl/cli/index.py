@@ -42,6 +42,11 @@ def build(
     from mlsctl.gallery import IndexSettings, build_gallery, check_gallery_target, choose_set_model
 
     check_gallery_target(out, overwrite, source)  # before the model loads
+    if not source.exists():  # so is a source that is not there (a new user, 2026-12-06: said after the model line)
+        from mlsctl.errors import UserError
+
+        raise UserError(f"gallery images {source} does not exist; give a folder with one sub-folder of photos per "
+                        f"object, or their feature folder")
     settings = IndexSettings(index, nlist, pq_m, pq_bits, nprobe, refine)
     record = build_gallery(source, choose_set_model(run, say=say), out, settings, overwrite=overwrite, storage_dtype=dtype,
                            workers=workers)
@@ -85,8 +90,9 @@ def add(
         print(json.dumps({"gallery": str(gallery), "object": object_id, "created": created, "photos": count,
                           "objects": len(target), "written_since_training": round(share, 4)}, indent=2))
     else:
-        print(f"{'created' if created else 'updated'} {object_id} in {gallery}: {counted(count, 'photo')} folded, "
-              f"{len(target)} objects")
+        added = counted(len(photos), "photo")  # "4 photos folded" after adding 2 read as 4 added (a new user)
+        print(f"{'created' if created else 'updated'} {object_id} in {gallery}: {added} added"
+              + ("" if created else f", {count} folded in all") + f"; {len(target)} objects")
     if share > RETRAIN_SHARE:
         say(f"{100 * share:.0f}% of the objects were written after the IVF index was trained, so recall may have "
              f"dropped: run mlsctl index retrain {gallery}")
