@@ -189,8 +189,10 @@ def describe_environment_error(exc: BaseException) -> Optional[str]:
     if exc.errno in (errno.ENOTDIR, errno.EEXIST):  # mkdir or open under a file: name the file
         blocking = file_in_the_way(path)
         if blocking is not None:
-            what = "it" if os.path.abspath(blocking) == os.path.abspath(path) else blocking
-            return f"cannot use {path}: {what} is a file, not a folder; choose another path"
+            if os.path.abspath(blocking) == os.path.abspath(path):
+                return f"cannot use {path}: it is a file, not a folder; choose another path"
+            # the file, not the path under it: that may be a temporary folder beside --out the user never gave
+            return f"cannot write under {blocking}: it is a file, not a folder; choose another path"
     second = f" → {exc.filename2}" if getattr(exc, "filename2", None) else ""
     if exc.errno == errno.ELOOP and not second:
         loop = _looping_link(path)
