@@ -246,7 +246,7 @@ def test_resuming_from_a_checkpoint_equals_the_uninterrupted_run(mls_cnn_run, tm
         assert all(torch.equal(sa[k], sb[k]) for k in sa), name
 
 
-def test_a_cnn_run_works_with_embed_eval_viz_and_bank(mls_cnn_run, tmp_path, capsys):
+def test_a_cnn_run_works_with_embed_eval_viz_and_bank(mls_cnn_run, tmp_path, capsys, monkeypatch):
     run_dir, _, scenes = mls_cnn_run
     out, _ = cli_ok(capsys, "embed", str(scenes / "val" / "images"), "--run", str(run_dir), "--dense", "--out",
                     str(tmp_path / "val"))
@@ -273,6 +273,11 @@ def test_a_cnn_run_works_with_embed_eval_viz_and_bank(mls_cnn_run, tmp_path, cap
         assert sum(tags.values()) >= 12  # every entry counted once per tag of its scene
         precision = inspected[name]["method"]["label_precision"]
         assert 0 <= precision["precision"] <= 1 and precision["k"] == 3
+    # two banks side by side were 330 characters wide (a new user, 2026-12-06): one table each beyond the terminal
+    monkeypatch.setenv("COLUMNS", "100")
+    out, _ = cli_ok(capsys, "bank", "inspect", str(run_dir))
+    assert out.count("bank  ") >= 1 and [line.split()[1] for line in out.splitlines() if line.startswith("bank ")] \
+        == ["Q_g", "Q_z"], out
     cli_ok(capsys, "bank", "neighbors", str(run_dir), "--bank", "Q_z", "--query",
            str(next((scenes / "val" / "images").glob("*.png"))), "-k", "3", "--out", str(tmp_path / "nb.png"))
     assert (tmp_path / "nb.png").stat().st_size > 0

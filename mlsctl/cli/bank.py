@@ -1,12 +1,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Literal, Optional
 
 import typer
 
 from mlsctl.cli._format import say, table
+from mlsctl.console import counted
 from mlsctl.cli._options import RUN_ARGUMENT, one_of, png_file
 
 app = typer.Typer(rich_markup_mode=None, help="Look inside the memory banks of a run: health, neighbours, projection, export.",
@@ -104,8 +106,15 @@ def inspect(
     keys = list(next(iter(columns.values())))
     for values in columns.values():
         keys += [k for k in values if k not in keys]
-    print(table(["bank", *columns], [[k, *(c.get(k, "") for c in columns.values())] for k in keys],
-                right=[False] * (len(columns) + 1)))
+    side_by_side = table(["bank", *columns], [[k, *(c.get(k, "") for c in columns.values())] for k in keys],
+                         right=[False] * (len(columns) + 1))
+    if len(columns) == 1 or max(map(len, side_by_side.splitlines())) <= shutil.get_terminal_size((120, 24)).columns:
+        print(side_by_side)
+        return
+    # banks side by side wider than the terminal (MLS: two columns of long status cells, 330 characters; a new
+    # user, 2026-12-06): one table per bank, one under the other
+    print("\n\n".join(table(["bank", name], [[k, v] for k, v in values.items()], right=[False, False])
+                       for name, values in columns.items()))
 
 
 @app.command("neighbors")
@@ -153,6 +162,8 @@ def neighbors(
     if sources.note:
         say(sources.note)
     found = nearest_entries(chosen, vector, k, sources)
+    if len(found) < k:  # -k 1000 of a 256-entry bank drew all 256 without a word (a new user, 2026-12-06)
+        say(f"note: bank '{name}' holds {counted(len(found), 'entry', 'entries')} written by training; all are drawn")
     tiles = neighbour_tiles(found, sources, cell)
     missing = sum(tile is None for tile, _ in tiles)
     title = f"{run_.root.name} · bank '{name}' · step {checkpoint.step} · {len(found)} nearest of {chosen.written}"

@@ -123,8 +123,10 @@ def retrain(
                           "rows": manifest["rows"], "index": manifest["index"]["kind"], "seconds": round(seconds, 3),
                           "manifest": manifest}, indent=2))
         return
-    print(f"retrained {gallery}: {manifest['objects']} objects ({before} rows before, {manifest['rows']} now), index "
-          f"{manifest['index']['kind']}, {seconds:.1f}s")
+    flat = manifest["index"]["kind"] == "flat"  # no quantiser to train: its superseded rows dropped (a new user)
+    print(f"{'compacted' if flat else 'retrained'} {gallery}: {manifest['objects']} objects ({before} rows before, "
+          f"{manifest['rows']} now), index {manifest['index']['kind']}"
+          f"{' (exact: nothing to train)' if flat else ''}, {seconds:.1f}s")
 
 
 def search(

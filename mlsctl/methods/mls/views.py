@@ -101,7 +101,7 @@ def queue_views(recipe, banks, image_paths: Optional[list[Path]]) -> dict[str, l
             views[name] = [("tags", f"no entry comes from an image listed in {path}", None)]
             continue
         top = counts.most_common()
-        shown = ", ".join(f"{tag}: {n}" for tag, n in top[:8]) + (", ..." if len(top) > 8 else "")
+        shown = ", ".join(f"{tag}: {n}" for tag, n in top[:5]) + (", ..." if len(top) > 5 else "")  # (--json: all)
         rows = [("tags", f"{len(top)} tags over {tagged} entries ({path.name}); {shown}", dict(top))]
         precision = label_precision(bank.vectors, bank.payload["image_id"], tags, recipe.method.k)
         if precision:
