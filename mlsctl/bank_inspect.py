@@ -212,8 +212,10 @@ PROJECTIONS = ("auto", "pca", "tsne")
 TSNE_SMALLEST = 5  # entries below which t-SNE's perplexity cannot be below their number (auto: PCA)
 
 
-def project_2d(vectors: torch.Tensor, method: str = "auto", seed: int = 0) -> tuple[torch.Tensor, str]:
-    """[n, D] → ([n, 2], the method used): PCA of the L2-normalised vectors, or t-SNE when
+def project_2d(vectors: torch.Tensor, method: str = "auto", seed: int = 0
+               ) -> tuple[torch.Tensor, str, Optional[tuple[float, float]]]:
+    """[n, D] → ([n, 2], the method used, PCA's two shares of the variance or None for t-SNE): PCA of
+    the L2-normalised vectors, or t-SNE when
     ``method`` is "tsne" (or "auto" with scikit-learn installed and at least :data:`TSNE_SMALLEST`
     vectors)."""
     if method not in PROJECTIONS:
@@ -233,13 +235,15 @@ def project_2d(vectors: torch.Tensor, method: str = "auto", seed: int = 0) -> tu
         else:
             perplexity = float(min(30, max(2, (len(unit) - 1) // 3)))
             points = TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(unit.numpy())
-            return torch.as_tensor(points), "t-SNE"
+            return torch.as_tensor(points), "t-SNE", None
     centred = unit - unit.mean(0, keepdim=True)
-    _, _, v = torch.linalg.svd(centred, full_matrices=False)
+    _, s, v = torch.linalg.svd(centred, full_matrices=False)
     points = centred @ v[:2].T
     if points.shape[1] < 2:
         points = torch.cat([points, points.new_zeros(len(points), 2 - points.shape[1])], 1)
-    return points, "PCA"
+    variance = s.square()
+    shares = (variance[:2] / variance.sum().clamp_min(1e-12)).tolist() + [0.0, 0.0]
+    return points, "PCA", (shares[0], shares[1])
 
 
 COLOUR_KEYWORDS = ("age", "label", "source")

@@ -261,8 +261,13 @@ def scatter_plot(points: torch.Tensor, values: torch.Tensor, out: Path, *, title
                        label=f"{name} ({int(chosen.sum())})")
         ax.legend(fontsize=8, markerscale=2.5, loc="best")
     else:
+        from matplotlib.ticker import MaxNLocator
+
         drawn = ax.scatter(pts[:, 0], pts[:, 1], s=6, c=values.double().numpy(), cmap="viridis")
-        figure.colorbar(drawn, ax=ax, label=f"{colour_by} (steps)")
+        bar = figure.colorbar(drawn, ax=ax, label=f"{colour_by} (steps)")
+        if not values.is_floating_point():  # whole steps: no 1.25 between 1 and 2 (a new user, 2026-12-06)
+            bar.locator = MaxNLocator(integer=True)
+            bar.update_ticks()
     ax.set_xlabel(axis_names[0])
     ax.set_ylabel(axis_names[1])
     ax.set_title("\n".join(textwrap.wrap(title, 100, break_long_words=False)), fontsize=10)

@@ -384,7 +384,8 @@ def test_a_projection_of_fewer_entries_than_t_sne_takes_is_pca_or_one_sentence()
 
     pytest.importorskip("sklearn")
     for n in range(2, TSNE_SMALLEST + 2):
-        points, used = project_2d(torch.randn(n, 8))
+        points, used, shares = project_2d(torch.randn(n, 8))
         assert points.shape == (n, 2) and used == ("PCA" if n < TSNE_SMALLEST else "t-SNE")
+        assert (shares is None) == (used == "t-SNE") and (shares is None or 0 < shares[1] <= shares[0] <= 1)
     with pytest.raises(UserError, match=f"t-SNE needs at least {TSNE_SMALLEST} entries"):
         project_2d(torch.randn(2, 8), "tsne")

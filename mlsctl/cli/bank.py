@@ -220,11 +220,12 @@ def plot(
     colours = entry_colours(chosen, name, rows, color_by, checkpoint.step, sources)
     if sources is not None and sources.note:
         say(sources.note)
-    points, used = project_2d(chosen.vectors.cpu()[rows].float(), projection)
+    points, used, shares = project_2d(chosen.vectors.cpu()[rows].float(), projection)
     left_out = chosen.filled - len(order)
     title = (f"{run_.root.name} · bank '{name}' · step {checkpoint.step} · {used} of {len(rows)} written entries"
              f"{f' ({left_out} random-start entries left out)' if left_out else ''} · colour: {colours.caption}")
-    axes = ("t-SNE 1", "t-SNE 2") if used == "t-SNE" else ("principal component 1", "principal component 2")
+    axes = (("t-SNE 1", "t-SNE 2") if shares is None else  # PCA's shares of the variance, as viz pca says them
+            tuple(f"principal component {i + 1} ({100 * share:.0f}% of the variance)" for i, share in enumerate(shares)))
     scatter_plot(points, colours.values, out, title=title, colour_by=colours.mode, axis_names=axes,
                  label_names=colours.names, unlabelled=colours.unlabelled, other_name=colours.other_name)
     if colours.missing:
