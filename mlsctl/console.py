@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from typing import Optional
 
@@ -75,3 +76,21 @@ def _duration(seconds: float) -> str:
 def counted(n: int, word: str, plural: str = "") -> str:
     """``1 epoch``, ``2 epochs``, ``1,204 photos``: a count with its noun in the right number."""
     return f"{n:,} {word if n == 1 else (plural or word + 's')}"
+
+
+@contextlib.contextmanager
+def stops_deferred():
+    """Ctrl-C and SIGTERM held back while the block runs, and delivered when it ends: a record printed
+    and marked printed is never cut in two nor printed twice (``search --sets``: a stop landing between
+    the two dropped one record). Outside the main thread (where no handler runs) nothing is held."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)

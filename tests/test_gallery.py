@@ -476,3 +476,21 @@ def test_objects_gathered_from_many_sub_folders_are_said_before_anything_is_embe
     with caplog.at_level("WARNING", logger="mlsctl"):
         assert len(object_folders(tmp_path / "prod" / "gallery")) == 5
     assert not [r for r in caplog.records if "sub-folders" in r.getMessage()]
+
+
+def test_a_stop_during_a_printed_record_is_held_until_the_record_is_done():
+    """search --sets pops each record as it prints it: a Ctrl-C landing between the two dropped the record
+    (left by the last session); stops_deferred holds it until both are done."""
+    import os
+    import signal
+
+    from mlsctl.console import stops_deferred
+
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with stops_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            done.append("printed")
+            done.append("popped")
+        done.append("never")  # the held stop arrives as the block ends
+    assert done == ["printed", "popped"]

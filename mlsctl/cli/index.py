@@ -8,7 +8,7 @@ from typing import Literal, Optional
 import typer
 
 from mlsctl.cli._format import say, table
-from mlsctl.console import counted
+from mlsctl.console import counted, stops_deferred
 from mlsctl.cli._options import one_of
 
 app = typer.Typer(rich_markup_mode=None, help="Build and grow galleries of objects for image-set search (MILE set embeddings in faiss).",
@@ -176,10 +176,12 @@ def search(
 
         def write(records: list) -> None:  # each record leaves the list as it is printed: never printed twice
             while records:
-                number, record = records.pop(0)
+                with stops_deferred():  # nor lost: a stop between the print and the pop is held till both are done
+                    number, record = records[0]
+                    print(json.dumps(record), flush=True)
+                    records.pop(0)
                 if "error" in record:
                     failed.append(number)
-                print(json.dumps(record), flush=True)
 
         try:
             for writing in ([unsearchable] if unsearchable else  # every set misses a photo: no model loaded
