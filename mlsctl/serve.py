@@ -315,6 +315,18 @@ def _shown(name: str, limit: int = 80) -> str:
     return out if len(out) <= limit else out[:limit] + "..."
 
 
+def _open_checked(path: Path, checked: os.stat_result, given: str):
+    """``path`` opened for reading only if it is still the file checked under ``--root`` (same device
+    and inode): a folder on the path swapped for a link to elsewhere between the check and the open
+    would otherwise have the server read a file outside the root (left by the last session's probe)."""
+    f = open(path, "rb")
+    opened = os.fstat(f.fileno())
+    if (opened.st_dev, opened.st_ino) != (checked.st_dev, checked.st_ino):
+        f.close()
+        raise RequestError(409, f"{_shown(given)} changed while the request was read; send it again")
+    return f
+
+
 class GalleryService:
     """The gallery and its model, loaded once; what the endpoints call."""
 
@@ -393,7 +405,8 @@ class GalleryService:
                 inside = path == self.root or self.root in path.parents
                 if inside and not path.is_file():
                     raise RequestError(404, f"{_shown(given)} does not exist under the served root")
-                size = path.stat().st_size if inside else 0
+                found = path.stat() if inside else None
+                size = found.st_size if found is not None else 0
             except PermissionError:  # as measure() says it of a photo it may not open (a review, 2026-12-06)
                 raise RequestError(403, f"{_shown(given)} cannot be read by the server (permission denied)") from None
             except OSError as exc:
@@ -403,7 +416,7 @@ class GalleryService:
             if not inside:
                 raise RequestError(403, f"{_shown(given)} is outside the served root")
             self._check_size(given, size)
-            photos.append(Photo(given, size, lambda path=path: open(path, "rb")))
+            photos.append(Photo(given, size, lambda path=path, found=found: _open_checked(path, found, given)))
         if sum(p.size for p in photos) > self.limits.max_request_bytes:
             raise RequestError(413, f"the {len(photos)} files hold {sum(p.size for p in photos):,} bytes, over the "
                                     f"request limit of {self.limits.max_request_bytes:,}")

@@ -1434,3 +1434,25 @@ def test_a_sigterm_while_the_server_starts_is_an_ordinary_stop(mile_run, tmp_pat
     assert text.splitlines()[-1] in (f"stopped before serving {gallery}; nothing was changed",
                                      f"nothing to save: no photos were added to {gallery} (6 objects)")
     assert not (gallery / ".mlsctl.token").exists()
+
+
+def test_a_root_path_swapped_after_its_check_is_not_read(tmp_path):
+    """Left by a probe (2026-12-06): a folder on a --root path swapped for a link to elsewhere between the check and
+    the open had the server read a file outside the root; the open now checks it is the file that was checked."""
+    import os
+
+    from mlsctl import serve
+
+    root = tmp_path / "root"
+    (root / "sub").mkdir(parents=True)
+    (root / "sub" / "a.png").write_bytes(b"mine")
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "a.png").write_bytes(b"secret")
+    checked = (root / "sub" / "a.png").stat()
+    with serve._open_checked(root / "sub" / "a.png", checked, "sub/a.png") as f:
+        assert f.read() == b"mine"
+    (root / "sub").rename(tmp_path / "moved")
+    os.symlink(tmp_path / "outside", root / "sub")  # the swap
+    with pytest.raises(serve.RequestError) as refused:
+        serve._open_checked(root / "sub" / "a.png", checked, "sub/a.png")
+    assert refused.value.status == 409 and "changed while the request was read" in str(refused.value)
