@@ -857,6 +857,13 @@ def test_3_an_answer_the_connection_cannot_take_is_no_internal_error(caplog):
     assert len(lines) == 1 and "connection closed before the answer (200)" in lines[0] and "internal" not in lines[0]
 
 
+def _json_request(path: str, body: bytes) -> dict:
+    """The ASGI scope of a POST of ``body`` (JSON) to ``path`` from 127.0.0.1."""
+    return {"type": "http", "method": "POST", "path": path, "raw_path": path.encode(), "query_string": b"",
+            "headers": [(b"host", b"127.0.0.1:8000"), (b"content-type", b"application/json"),
+                        (b"content-length", str(len(body)).encode())]}
+
+
 def test_3_a_request_waits_for_a_working_slot_at_most_queue_seconds(monkeypatch):
     """A request that arrived while every working slot was busy waited for as long as they stayed busy; now it
     waits QUEUE_SECONDS and is told to retry (503, Retry-After), and the slot it never got is not lost."""
@@ -889,11 +896,7 @@ def test_3_a_request_waits_for_a_working_slot_at_most_queue_seconds(monkeypatch)
     body = json.dumps({"paths": ["a.png"]}).encode()
 
     async def request():
-        scope = {"type": "http", "method": "POST", "path": "/search", "raw_path": b"/search", "query_string": b"",
-                 "headers": [(b"host", b"127.0.0.1:8000"), (b"content-type", b"application/json"),
-                             (b"content-length", str(len(body)).encode())]}
-        chunks = [{"type": "http.request", "body": body, "more_body": False}]
-        sent = []
+        scope, chunks, sent = _json_request("/search", body), [{"type": "http.request", "body": body}], []
 
         async def receive():
             if chunks:
@@ -960,11 +963,7 @@ def test_3_a_client_gone_while_its_request_waited_for_a_slot_gets_no_work_done(m
 
     async def request(path, photo, hang_up: asyncio.Event):
         body = json.dumps({"paths": [photo]}).encode()
-        scope = {"type": "http", "method": "POST", "path": path, "raw_path": path.encode(), "query_string": b"",
-                 "headers": [(b"host", b"127.0.0.1:8000"), (b"content-type", b"application/json"),
-                             (b"content-length", str(len(body)).encode())]}
-        chunks = [{"type": "http.request", "body": body, "more_body": False}]
-        sent = []
+        scope, chunks, sent = _json_request(path, body), [{"type": "http.request", "body": body}], []
 
         async def receive():
             if chunks:
