@@ -28,16 +28,21 @@ from mlsctl.errors import UserError
 from mlsctl.runs import Checkpoint, Run
 
 
-def open_banks(run_dir: str | Path, step: Optional[int] = None) -> tuple[Run, Checkpoint, dict[str, MemoryBank]]:
+def open_banks(run_dir: str | Path, step: Optional[int] = None,
+               has_step_option: bool = True) -> tuple[Run, Checkpoint, dict[str, MemoryBank]]:
+    """The run, its checkpoint ``step`` (default: the latest) and that checkpoint's banks;
+    ``has_step_option``: whether the caller's user can choose another with ``--step`` (the report cannot)."""
     from mlsctl.restore import open_run
 
     run = open_run(run_dir)
     checkpoint = run.checkpoint(step)
     if not checkpoint.banks_path.is_file():
         others = [c.step for c in run.checkpoints() if c.step != checkpoint.step and c.banks_path.is_file()]
+        shown = ", ".join(map(str, others[-3:]))
         raise UserError(f"checkpoint {checkpoint.path} has no banks.safetensors (it is incomplete); "
-                        + (f"look at another with --step ({', '.join(map(str, others[-3:]))})" if others else
-                           "the run keeps no other checkpoint to look at"))
+                        + ("the run keeps no other checkpoint to look at" if not others else
+                           f"look at another with --step ({shown})" if has_step_option else
+                           f"mlsctl bank inspect --step ({shown}) looks at another"))
     try:
         banks = load_banks(checkpoint.banks_path)
     except (OSError, ValueError) as exc:
@@ -324,21 +329,23 @@ def entry_colours(bank: MemoryBank, name: str, slots: torch.Tensor, color_by: st
                         unlabelled=f"not in {path.name}", missing=missing)
 
 
-def check_export_target(out: Path, run: Optional[Run], overwrite: bool) -> None:
-    """``bank export --out``: a file name ending in .safetensors, new (or ``overwrite``), and never
-    inside the run folder, whose files are the run's own (a checkpoint's banks.safetensors, the
-    teacher); ``run`` None checks what needs no run."""
+def check_export_target(out: Path, run: Run, overwrite: bool) -> None:
+    """``bank export --out``: a file name ending in .safetensors, new (or ``overwrite`` of an earlier
+    bank export), and never inside the run folder, whose files are the run's own (a checkpoint's
+    banks.safetensors, the teacher); checked before the banks are read."""
     if out.suffix != ".safetensors":
         raise UserError(f"--out {out} must end in .safetensors: the file is a safetensors file whatever its name")
     if out.is_dir():
         raise UserError(f"--out {out} is a folder; give a file name ending in .safetensors")
+    if out.exists() and not out.is_file():  # a FIFO would make the header read below wait for ever (a review)
+        raise UserError(f"--out {out} is not a regular file (a device, a pipe or a socket); give a file path")
     if out.exists() and not overwrite:
         raise UserError(f"--out {out} exists; add --overwrite to replace it, or choose another --out")
-    if run is not None and out.resolve().is_relative_to(run.root.resolve()):
+    if out.resolve().is_relative_to(run.root.resolve()):
         raise UserError(f"--out {out} is inside the run folder {run.root}, whose files are the run's own (a "
                         f"checkpoint's banks.safetensors, the teacher); write the export outside it")
     # a new user (2026-12-06): --overwrite replaced another run's teacher, its banks, a feature shard
-    if run is not None and out.exists() and not is_bank_export(out):
+    if out.exists() and not is_bank_export(out):
         raise UserError(f"--out {out} is not a bank export (another run's weights or banks, a feature shard?); "
                         f"--overwrite replaces only a file bank export wrote: choose another --out")
 

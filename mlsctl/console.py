@@ -82,15 +82,23 @@ def counted(n: int, word: str, plural: str = "") -> str:
 def stops_deferred():
     """Ctrl-C and SIGTERM held back while the block runs, and delivered when it ends: a record printed
     and marked printed is never cut in two nor printed twice (``search --sets``: a stop landing between
-    the two dropped one record). Outside the main thread (where no handler runs) nothing is held."""
+    the two dropped one record). Held at Python's level: the block's handlers only note the signal, and
+    the previous handlers get it afterwards (a signal mask would hold it for this thread alone, and the
+    kernel gives a process's signal to any other: torch's, a loader's). Outside the main thread (where
+    no handler runs) nothing is held."""
     import signal
     import threading
 
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    noted: list[int] = []
+    stops = (signal.SIGINT, signal.SIGTERM)
+    previous = {signum: signal.signal(signum, lambda signum, frame: noted.append(signum)) for signum in stops}
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(noted):
+            signal.raise_signal(signum)

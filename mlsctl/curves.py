@@ -87,13 +87,13 @@ def smoothing_span(n: int) -> Optional[float]:
 
 
 def _config_int(run_dir: str | Path, section: str, key: str) -> Optional[int]:
-    """An integer ``section.key`` of the run's config.yaml, None where it has none."""
-    import yaml
+    """An integer ``section.key`` of the run's config.yaml (read with the recipes' bounds), None where
+    it has none."""
+    from mlsctl.config import read_yaml
 
     try:
-        config = yaml.safe_load(Run(run_dir).config_path.read_text(encoding="utf-8"))
-        value = config[section][key]
-    except (OSError, UnicodeDecodeError, yaml.YAMLError, KeyError, TypeError):
+        value = read_yaml(Run(run_dir).config_path)[section][key]
+    except (UserError, OSError, KeyError, TypeError):
         return None
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
@@ -111,6 +111,8 @@ def _no_bank_health(run_dirs: Sequence, runs: list) -> str:
 
     reasons = []
     for run_dir, (name, series) in zip(run_dirs, runs):
+        if not any(key.startswith("bank_fill/") for key in series):  # a run of a method with no bank: no reason
+            continue
         every = _config_int(run_dir, "train", "bank_health_every")
         last = max((steps[-1] for steps, _ in series.values() if steps), default=0)
         reasons.append(f"{name}: never (train.bank_health_every 0)" if every == 0 else

@@ -192,7 +192,7 @@ def describe_environment_error(exc: BaseException) -> Optional[str]:
             if os.path.abspath(blocking) == os.path.abspath(path):
                 return f"cannot use {path}: it is a file, not a folder; choose another path"
             # the file, not the path under it: that may be a temporary folder beside --out the user never gave
-            return f"cannot write under {blocking}: it is a file, not a folder; choose another path"
+            return f"cannot use a path under {blocking}: it is a file, not a folder; choose another path"
     second = f" → {exc.filename2}" if getattr(exc, "filename2", None) else ""
     if exc.errno == errno.ELOOP and not second:
         loop = _looping_link(path)

@@ -423,7 +423,10 @@ def _open_feature_folder(out: Path, plan: dict, overwrite: bool, lock: FolderLoc
                 raise UserError(f"--out {out} holds an unfinished embed made differently ({difference or 'unknown'}); "
                                 f"run the original command again to finish it, or add --overwrite")
         elif contents and not is_feature_folder(out):
-            kind = ("a run folder" if (out / "config.yaml").is_file() else "a gallery" if (out / "gallery.json").is_file()
+            from mlsctl.gallery import MANIFEST as GALLERY_MANIFEST
+            from mlsctl.runs import Run
+
+            kind = ("a run folder" if Run(out).has_config() else "a gallery" if (out / GALLERY_MANIFEST).is_file()
                     else "not a feature folder")  # never "empty it" for a run's folder (a new user, 2026-12-06)
             raise UserError(f"--out {out} exists and is {kind}; choose another --out"
                             + (" (or empty it)" if kind == "not a feature folder" else ""))

@@ -772,8 +772,9 @@ class Gallery:
 
         run = Path(self.manifest["model"]["run"])
         if not Run(run).has_config():
-            raise UserError(f"gallery {self.path} was built with run {run}, which is not there any more (no "
-                            f"config.yaml); give the run's new place with --run")
+            gone = "which has no config.yaml any more" if run.is_dir() else "which is not there any more"
+            raise UserError(f"gallery {self.path} was built with run {run}, {gone}; give the run's new place with "
+                            f"--run")
         return run
 
     def check_model(self, model: "SetModel") -> None:
@@ -781,6 +782,11 @@ class Gallery:
             raise UserError(f"{self.path / MANIFEST} says its rows have {self.dim} dimensions but the model of "
                             f"{model.run} embeds {model.dim} (the manifest was edited, or the gallery is another "
                             f"model's); rebuild the gallery with mlsctl index build")
+        built = self.manifest["model"]
+        if model.fingerprint != self.fingerprint and os.path.realpath(model.run) == os.path.realpath(built["run"]):
+            raise UserError(f"run {model.run} has trained on since gallery {self.path} was built (step {built['step']} "
+                            f"then, {model.step} now: another model); rebuild the gallery with mlsctl index build "
+                            f"--overwrite")  # not "leave --run out": it was (a review, 2026-12-06)
         if model.fingerprint != self.fingerprint:
             raise UserError(f"gallery {self.path} was built with model {self.fingerprint[:12]} "
                             f"({self.manifest['model']['run']} at step {self.manifest['model']['step']}); the model "
@@ -996,7 +1002,9 @@ def read_manifest(path: Path) -> dict:
     """gallery.json, checked for the fields and types the gallery needs."""
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
-        what = " but a run folder" if (path / "config.yaml").is_file() else ""
+        from mlsctl.runs import Run
+
+        what = " but a run folder" if Run(path).has_config() else ""
         raise UserError(f"{path} is not a gallery{what} (no {MANIFEST}); give a gallery folder, or build one with "
                         f"mlsctl index build")
     try:
@@ -1292,10 +1300,16 @@ def newest_gallery(root: str | os.PathLike = ".", max_depth: int = 4) -> Optiona
         subdirs[:] = [d for d in subdirs if d not in skip and depth < max_depth]
         if MANIFEST in files:
             path = Path(directory) / MANIFEST
-            try:  # a damaged gallery (its data folder gone) is passed over, not chosen to fail (a new user)
-                if not data_folder(Path(directory), read_manifest(Path(directory))).is_dir():
+            try:
+                manifest = json.loads(path.read_text())
+                if manifest.get("kind") != "mlsctl-gallery":
                     continue
-            except (UserError, OSError, KeyError, TypeError):
+                # one whose data folder is gone is passed over, not chosen to fail (a new user, 2026-12-06); one of
+                # an older or newer format is still chosen, for Gallery() to say how to rebuild it (a review)
+                if isinstance(manifest.get("format_version"), int) and manifest["format_version"] >= 3 \
+                        and not data_folder(Path(directory), manifest).is_dir():
+                    continue
+            except (OSError, ValueError, AttributeError, TypeError, KeyError, RecursionError):
                 continue
             stamp = path.stat().st_mtime
             if stamp > best_time:

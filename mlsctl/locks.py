@@ -7,6 +7,9 @@ lock left by a dead process is simply taken over by the next command: there is n
 delete by hand. The lock file is removed when the lock is released; a folder the lock had to create
 is removed again if it is still empty (a refused or failed command leaves no trace).
 
+A folder that is replaced whole (a data build swaps a new folder in) is locked from beside it:
+``FolderLock(folder, beside=True)`` takes ``.NAME.mlsctl.lock`` next to the folder.
+
 Readers (``bank inspect``, ``embed --run`` of a running run, ``search``) take no lock.
 """
 

@@ -12,12 +12,13 @@ Sections (each present even when empty, saying why):
   (:func:`mlsctl.viz.pca_rgb`), beside the images as the model saw them;
 * **memory banks** — every bank's health (:mod:`mlsctl.bank_health`) and, for banks with a query
   feature, the neighbours of the first training image (:func:`mlsctl.viz.neighbour_grid`);
-* **evaluations** — the result JSONs of ``mlsctl eval`` under ``RUN/results/`` and the ``--results``
-  folders, matched to the run by the fingerprint of the weights they evaluated (the sha256 that
+* **evaluations** — the result JSONs of ``mlsctl eval`` under ``RUN/results/``, in ``RUN`` and in the
+  ``--results`` folders, matched to the run by the fingerprint of the weights they evaluated (the sha256 that
   feature manifests and results record, :mod:`mlsctl.models.source`), in three groups: *this
   run's weights* (its final teacher, or the teacher of one of its checkpoints: the fingerprint
-  equals theirs); *comparison models* (a random init of the run's architecture, the weights the run
-  started from, or any other model of a result under ``RUN/results/``), each labelled with what it
+  equals theirs); *comparison models* (a random init of the run's architecture, matched by the
+  fingerprint of that architecture at the result's seed, the weights the run started from, or any
+  other model of a result under ``RUN/results/`` or in ``RUN``), each labelled with what it
   is; *unmatched* (a result that records no fingerprint, from an older mlsctl, or one recorded as
   this run's whose fingerprint is none of its weights: trained again since). Each names its data
   (dataset and root, or image folders, and splits) and when and with which mlsctl it was made.
@@ -212,10 +213,12 @@ def _summary(run: Run, recipe, weights: "RunWeights") -> str:
 
 def _session_text(session: dict) -> str:
     """One training session in words: its steps, seconds, commit and device."""
-    first = session.get("from_step")
-    steps = f"steps {first if first is not None else '?'}–{session.get('to_step', '?')}"
+    first, device = session.get("from_step"), session.get("device") or "device not recorded"
+    if first is None:  # before sessions were kept: what wrote the checkpoint it resumed from, not all before it
+        return (f"steps up to {session.get('to_step', '?')} (time not recorded; its checkpoint written with "
+                f"{_commit_text(session)}, {device})")
     seconds = _duration(session["seconds"]) if session.get("seconds") is not None else "time not recorded"
-    return f"{steps} ({seconds}, {_commit_text(session)}, {session.get('device') or 'device not recorded'})"
+    return f"steps {first}–{session.get('to_step', '?')} ({seconds}, {_commit_text(session)}, {device})"
 
 
 def _read_summary(run: Run) -> dict:
@@ -251,7 +254,7 @@ def _patch_maps(run: Run, recipe, n: int, model) -> str:
             images.append(load_rgb(path))
             read.append(path)
         except (BadImage, OSError, TypeError) as exc:
-            skipped.append(f"{path.name} ({exc if isinstance(exc, BadImage) else first_line(exc, 80)})")
+            skipped.append(f"{_under(path, sources.root)} ({exc if isinstance(exc, BadImage) else first_line(exc, 80)})")
     if not images:
         return _note(f"no training image of {run.root} could be read (data.root {sources.root}), so no patch map")
     if model is None:
@@ -286,16 +289,19 @@ def _banks(run: Run, recipe) -> str:
 
     if run.latest() is None:
         return _note("no checkpoint yet, so no bank to show")
-    _, checkpoint, banks = open_banks(run.root)
+    try:
+        _, checkpoint, banks = open_banks(run.root, has_step_option=False)
+    except UserError as exc:  # an incomplete latest checkpoint: a note in this section, not a failed page (a review)
+        return _note(str(exc))
     if not banks:
         return _note(f"the method {recipe.method.name} keeps no memory bank")
     healths = {name: bank_health(bank, name, checkpoint.step, sample=1024) for name, bank in banks.items()}
     # in bank inspect's words and units (a new user, 2026-12-06: raw keys and a rate of 0.078 here, 7.81% there)
-    def shown(value: float, digits: int, scale: float = 1.0, unit: str = "") -> str:
+    def number(value: float, digits: int, scale: float = 1.0, unit: str = "") -> str:
         return "–" if value != value else f"{scale * value:.{digits}f}{unit}"  # nan: too few entries
 
-    rows = [[name, h.written, h.size, h.dim, shown(h.mean_cosine, 3), shown(h.effective_rank, 1),
-             shown(h.uniformity, 3), shown(h.duplicate_rate, 2, 100, "%"), h.status_line()]
+    rows = [[name, h.written, h.size, h.dim, number(h.mean_cosine, 3), number(h.effective_rank, 1),
+             number(h.uniformity, 3), number(h.duplicate_rate, 2, 100, "%"), h.status_line()]
             for name, h in healths.items()]
     parts = [_table(["bank", "entries written", "slots", "width", "mean pairwise cosine", "effective rank",
                      "uniformity", "near-duplicates", "status"], rows)]
@@ -366,18 +372,25 @@ class RunWeights:
                 cache[key] = None  # (a checkpoint unreadable, of other shapes, or not a refinement; a bug still shows)
         return cache[key]
 
-    def random_init_fingerprint(self, seed) -> Optional[str]:
-        """The fingerprint of this run's architecture randomly initialised with ``seed``, as ``--run RUN
-        --random-init --seed`` builds it: a random-init result of this run is matched by it, not by the
-        path it recorded (a new user, 2026-12-06: a copied run's report dropped its random-init comparison)."""
+    def random_init_fingerprint(self, model: dict) -> Optional[str]:
+        """The fingerprint of this run's architecture randomly initialised with the seed of a result's
+        ``model``, as ``--run RUN --random-init --seed`` builds it: a random-init result of this run is
+        matched by it, not by the path it recorded (a new user, 2026-12-06: a copied run's report dropped
+        its random-init comparison). Built only where the result's architecture is this run's (its
+        name, width and patch), each seed once, without touching the report's random state."""
+        seed = model.get("seed")
         if not self.has_backbone or not isinstance(seed, int) or isinstance(seed, bool):
+            return None
+        ours = self.final.info if self.final is not None else {}
+        if any(key in model and key in ours and model[key] != ours[key] for key in ("arch", "embed_dim", "patch_size")):
             return None
         cache = self.__dict__.setdefault("_random_fingerprints", {})
         if seed not in cache:
             from mlsctl.restore import choose_model
 
             try:
-                cache[seed] = choose_model(run=self.run.root, random_init=True, seed=seed).fingerprint
+                with torch.random.fork_rng():
+                    cache[seed] = choose_model(run=self.run.root, random_init=True, seed=seed).fingerprint
             except (UserError, OSError, RuntimeError, ValueError):  # the report goes on without the match
                 cache[seed] = None
         return cache[seed]
@@ -459,7 +472,7 @@ def _classify(result: dict, path: Path, run: Run, weights: RunWeights) -> Option
     own = weights.match(model)
     if own is not None:
         return "own", own
-    if model.get("source") == "random-init" and fingerprint == weights.random_init_fingerprint(model.get("seed")):
+    if model.get("source") == "random-init" and fingerprint == weights.random_init_fingerprint(model):
         return "comparison", _compared_model(dict(model, path=str(weights.root)), weights)
     if claims and model.get("source") in ("run", "run-checkpoint", "weights"):
         step = weights.named_step(model)
@@ -626,8 +639,8 @@ def _evaluations(run: Run, folders: Sequence[Path], weights: RunWeights) -> tupl
     notes = "".join(_note(line) for line in skipped)
     shown = {group: [str(path) for path, _ in entries] for group, entries in found.items()}
     if not any(found.values()):
-        return notes + _note("no evaluation of this run found (results of mlsctl eval under RUN/results/ or "
-                             "--results)"), shown, skipped
+        return notes + _note("no evaluation of this run found (results of mlsctl eval under RUN/results/, in RUN "
+                             "or in --results)"), shown, skipped
     parts = []
     for group, title in GROUPS:
         if found[group]:

@@ -28,7 +28,7 @@ import torch
 
 from mlsctl.errors import UserError
 from mlsctl.models.source import ModelChoice, dinov2_small, from_weights, model_choice
-from mlsctl.runs import Checkpoint, Run
+from mlsctl.runs import Checkpoint, Run, run_of_config
 
 PRETRAIN_HINT = "give a folder written by mlsctl pretrain"
 
@@ -41,9 +41,11 @@ def open_run(path: Union[str, Path], *, hint: str = PRETRAIN_HINT, flag: str = "
         named = f"{flag} {path}" if flag else f"{path}"
         path = Path(path)
         # what it is instead, where that says the fix (a new user, 2026-12-06)
+        if os.path.islink(path) and not path.exists():  # a link that loops, or leads nowhere (a review)
+            raise UserError(f"{named} is a symbolic link that loops or leads nowhere; {hint}")
         if not path.exists():
             raise UserError(f"{named} does not exist; {hint}")
-        if path.name == "config.yaml" and Run(path.parent).has_config():
+        if run_of_config(path) is not None:
             raise UserError(f"{named} is the run's config.yaml; give its folder {path.parent}")
         step = re.fullmatch(r"step-0*(\d+)", path.name)
         if step and path.parent.name == "checkpoints" and Run(path.parent.parent).has_config():

@@ -416,7 +416,8 @@ class GalleryService:
             if not inside:
                 raise RequestError(403, f"{_shown(given)} is outside the served root")
             self._check_size(given, size)
-            photos.append(Photo(given, size, lambda path=path, found=found: _open_checked(path, found, given)))
+            photos.append(Photo(given, size, lambda path=path, found=found, given=given:
+                                _open_checked(path, found, given)))
         if sum(p.size for p in photos) > self.limits.max_request_bytes:
             raise RequestError(413, f"the {len(photos)} files hold {sum(p.size for p in photos):,} bytes, over the "
                                     f"request limit of {self.limits.max_request_bytes:,}")
@@ -1429,7 +1430,9 @@ class LibraryWords(logging.Filter):
             return False
         if record.name.startswith(("python_multipart", "multipart")):
             message = f"a multipart body: {message}"
-        record.msg, record.args = self.SAID.get(message, message), None
+        if message in self.SAID:  # said in full: h11's own exception adds nothing for the operator
+            message, record.exc_info, record.exc_text = self.SAID[message], None, None
+        record.msg, record.args = message, None
         return True
 
 

@@ -325,6 +325,12 @@ def test_export_into_the_run_folder_is_refused(finished_run, tmp_path, capsys):
         code, _, err = cli("bank", "export", str(run), "--out", str(target), "--overwrite", capsys=capsys)
         assert code == 2 and "is not a bank export" in err, err
     assert {t: t.read_bytes() for t in foreign} == before
+    import os
+
+    os.mkfifo(tmp_path / "pipe.safetensors")  # its header read waited for ever (a review, 2026-12-06)
+    code, _, err = cli("bank", "export", str(run), "--out", str(tmp_path / "pipe.safetensors"), "--overwrite",
+                       capsys=capsys)
+    assert code == 2 and "is not a regular file" in err
     mine = tmp_path / "mine.safetensors"
     for overwrite in ((), ("--overwrite",)):
         code, _, err = cli("bank", "export", str(run), "--out", str(mine), *overwrite, capsys=capsys)

@@ -104,8 +104,10 @@ def test_an_empty_bank_health_panel_says_why_run_by_run_within_its_panel(tmp_pat
     records = [{"step": s, "loss": 1.0, "bank_fill/cls": 0.5} for s in (20, 40, 72)]
     rare = fake_run(tmp_path / "rare", records, "train: {bank_health_every: 1000}\n")
     never = fake_run(tmp_path / "never", records, "train: {bank_health_every: 0}\n")
-    runs = [("rare", {"loss": ([20, 40, 72], [1.0] * 3)}), ("never", {"loss": ([20], [1.0])})]
-    said = _no_bank_health([rare, never], runs)
+    fill = {"bank_fill/cls": ([20], [0.5])}
+    runs = [("rare", {"loss": ([20, 40, 72], [1.0] * 3), **fill}), ("never", {"loss": ([20], [1.0]), **fill}),
+            ("nobank", {"loss": ([20], [1.0])})]  # a method that keeps no bank gives no reason (a review)
+    said = _no_bank_health([rare, never, rare], runs)
     assert said.splitlines() == ["no bank health recorded", "rare: every 1000 steps, a run of 72 steps",
                                  "never: never (train.bank_health_every 0)"]
     assert all(len(line) <= 48 for line in said.splitlines())

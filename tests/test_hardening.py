@@ -616,14 +616,15 @@ def test_8_an_out_path_under_a_file_names_the_file_and_exits_2(capsys, tmp_path)
     blocking.write_text("mine")
     assert file_in_the_way(blocking / "a" / "b") == str(blocking) and file_in_the_way(tmp_path / "new") is None
     error = NotADirectoryError(errno.ENOTDIR, "Not a directory", str(blocking / "sub"))
-    assert describe_environment_error(error) == f"cannot write under {blocking}: it is a file, not a folder; choose another path"
+    assert describe_environment_error(error) == (f"cannot use a path under {blocking}: it is a file, not a folder; "
+                                                 f"choose another path")
     assert environment_exit_code(error) == 2 and environment_exit_code(OSError(errno.ENOSPC, "full", "/x")) == 1
     # a file that vanished under a running command is no usage error (a scheduler may retry on 1)
     assert environment_exit_code(FileNotFoundError(errno.ENOENT, "No such file", str(tmp_path / "gone"))) == 1
     for command in (["data", "fmnist-scenes", "--out", str(blocking / "sub")],
                     ["data", "fmnist-products", "--out", str(blocking / "sub")]):
         code, _, err = cli(*command, capsys=capsys)
-        assert code == 2 and f"cannot write under {blocking}: it is a file, not a folder" in one_sentence(err), err
+        assert code == 2 and f"cannot use a path under {blocking}: it is a file, not a folder" in one_sentence(err), err
     assert blocking.read_text() == "mine"
 
 

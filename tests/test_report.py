@@ -294,12 +294,25 @@ def test_a_copied_run_keeps_its_random_init_comparison_and_results_beside_it_cou
                        "--val-labels", str(labels), "--run", str(run), "--random-init", "--k", "1", "--out", str(out),
                        capsys=capsys)
     assert code == 0, err
+    code, _, err = cli("eval", "knn", "--train", str(images), "--val", str(images), "--train-labels", str(labels),
+                       "--val-labels", str(labels), "--run", str(run), "--random-init", "--seed", "1", "--k", "1",
+                       "--out", str(tmp_path / "other-seed.json"), capsys=capsys)
+    assert code == 0, err
     copy = tmp_path / "copy"
     shutil.copytree(run, copy)
-    shutil.copy(out, copy / "random.json")  # kept beside the run's files, recorded with the original's path
-    (tmp_path / "none").mkdir()
-    code, printed, err = cli("report", str(copy), "--results", str(tmp_path / "none"), "--out",
-                             str(tmp_path / "r.html"), "--json", capsys=capsys)
+    results = tmp_path / "results"  # away from the copy: matched by fingerprint alone (a review: in RUN any counts)
+    results.mkdir()
+    shutil.copy(out, results / "random.json")  # recorded with the original run's path
+    other = json.loads((tmp_path / "other-seed.json").read_text())  # a seed whose fingerprint is another
+    other["model"]["seed"] = 0
+    (results / "relabelled.json").write_text(json.dumps(other))
+    code, printed, err = cli("report", str(copy), "--results", str(results), "--out", str(tmp_path / "r.html"),
+                             "--json", capsys=capsys)
     assert code == 0, err
     report = json.loads(printed[printed.index("{"):])
-    assert report["results"]["comparison"] == [str(copy / "random.json")], report["results"]
+    assert report["results"]["comparison"] == [str(results / "random.json")], report["results"]
+    shutil.copy(out, copy / "beside.json")  # results kept in RUN itself are read too
+    code, printed, err = cli("report", str(copy), "--results", str(results), "--out", str(tmp_path / "r.html"),
+                             "--overwrite", "--json", capsys=capsys)
+    report = json.loads(printed[printed.index("{"):])
+    assert str(copy / "beside.json") in report["results"]["comparison"], report["results"]

@@ -26,7 +26,11 @@ def test_open_run_refuses_a_folder_without_config_yaml_in_one_sentence(tmp_path)
     run = tmp_path / "run"
     (run / "checkpoints" / "step-00000012").mkdir(parents=True)
     (run / "config.yaml").write_text("method: {name: dino}\n")
+    (run / "metrics.jsonl").write_text("")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
     for path, said in ((tmp_path / "nowhere", "does not exist; give a folder written by mlsctl pretrain"),
+                       (tmp_path / "loop", "is a symbolic link that loops or leads nowhere; give a folder written by "
+                                           "mlsctl pretrain"),
                        (run / "config.yaml", f"is the run's config.yaml; give its folder {run}"),
                        (run / "checkpoints" / "step-00000012",
                         f"is a checkpoint of the run {run}; give the run (with --step 12 where the command takes one)")):

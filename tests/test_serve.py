@@ -1456,3 +1456,16 @@ def test_a_root_path_swapped_after_its_check_is_not_read(tmp_path):
     with pytest.raises(serve.RequestError) as refused:
         serve._open_checked(root / "sub" / "a.png", checked, "sub/a.png")
     assert refused.value.status == 409 and "changed while the request was read" in str(refused.value)
+    # through the service's own path check, the photo named is the one that changed (a review: the last's was)
+    (root / "sub").unlink()
+    (tmp_path / "moved").rename(root / "sub")
+    (root / "b.png").write_bytes(b"other")
+    service = serve.GalleryService.__new__(serve.GalleryService)
+    service.root, service.limits = root.resolve(), serve.Limits()
+    photos = service.paths(["sub/a.png", "b.png"])
+    (root / "sub").rename(tmp_path / "moved")
+    os.symlink(tmp_path / "outside", root / "sub")
+    with pytest.raises(serve.RequestError, match=r"^sub/a.png changed while"):
+        photos[0].open()
+    with photos[1].open() as f:
+        assert f.read() == b"other"

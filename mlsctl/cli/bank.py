@@ -247,10 +247,10 @@ def export(
     """
     from mlsctl.bank_inspect import check_export_target, choose_bank, export_banks, open_banks
     from mlsctl.errors import UserError
+    from mlsctl.runs import Run
 
-    check_export_target(out, None, overwrite)
+    check_export_target(out, Run(run), overwrite)  # before the banks are read
     run_, checkpoint, banks = open_banks(run, step)
-    check_export_target(out, run_, overwrite)
     if not banks:  # an empty file would look like an export
         raise UserError(f"run {run_.root} has no memory bank (its method keeps none): nothing to export")
     chosen = dict(choose_bank(banks, b, run_) for b in bank) if bank else banks

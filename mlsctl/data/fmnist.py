@@ -203,6 +203,9 @@ def build_scenes(out: str | Path, n_train: int = 2000, n_val: int = 500, size: i
         raise UserError("--n-train and --n-val must be at least 1")
     out = atomic.followed(out)  # a link's target is rebuilt, the link kept
     params = {"n_train": n_train, "n_val": n_val, "size": size, "seed": seed}
+    as_is = built_as_asked(out, "fmnist-scenes", params, overwrite, ("train/labels.csv", "val/labels.csv"))
+    if as_is is not None:  # nothing to write: no lock (a data set on a read-only mount is reused; a review)
+        return as_is
     with FolderLock(out, "the data set", beside=True):
         existing = reusable_build(out, "fmnist-scenes", params, overwrite)
         if existing is not None:
@@ -261,6 +264,23 @@ def largest_item_labels(split: Path) -> Path:
     out = split / "labels.csv"
     atomic.write_text(out, "path,label\n" + "\n".join(rows) + "\n")
     return out
+
+
+def built_as_asked(out: Path, generator: str, params: dict, overwrite: bool,
+                   needed: tuple[str, ...] = ()) -> Optional[dict]:
+    """The meta record of ``out`` when it is exactly the build asked for (``generator``, ``params``, the
+    ``needed`` files, no ``overwrite``, no swap cut short beside it), read without writing anything;
+    None otherwise (then :func:`reusable_build`, under the build's lock, decides)."""
+    if overwrite or atomic.aside_of(out).exists() or not (out / "meta.json").is_file():
+        return None
+    try:
+        existing = json.loads((out / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not (isinstance(existing, dict) and existing.get("generator", "fmnist-scenes") == generator
+            and existing.get("parameters") == params and all((out / name).is_file() for name in needed)):
+        return None
+    return dict(existing, reused=True)
 
 
 def reusable_build(out: Path, generator: str, params: dict, overwrite: bool) -> Optional[dict]:

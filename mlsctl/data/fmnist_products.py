@@ -33,8 +33,8 @@ import numpy as np
 from PIL import Image
 
 from mlsctl import atomic
-from mlsctl.data.fmnist import (CLASSES, DEFAULT_SOURCE, background, building, load_split, replace_folder,
-                                reusable_build)
+from mlsctl.data.fmnist import (CLASSES, DEFAULT_SOURCE, background, building, built_as_asked, load_split,
+                                replace_folder, reusable_build)
 from mlsctl.errors import UserError
 from mlsctl.locks import FolderLock
 
@@ -116,6 +116,9 @@ def build_products(out: str | Path, n_train: int = 1000, n_eval: int = 200, phot
               "size": size, "seed": seed}
     if layout != "retrieval":  # builds of the default layout keep the parameters they always had
         params["layout"] = layout
+    as_is = built_as_asked(out, "fmnist-products", params, overwrite)
+    if as_is is not None:  # nothing to write: no lock (a data set on a read-only mount is reused; a review)
+        return as_is
     with FolderLock(out, "the data set", beside=True):
         existing = reusable_build(out, "fmnist-products", params, overwrite)
         return existing if existing is not None else _build_products(out, params, layout, source, progress)

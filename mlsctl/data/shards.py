@@ -180,7 +180,9 @@ class Features:
             if (path / PARTIAL).is_dir():
                 raise UserError(f"{what} {path} is unfinished (its embed was interrupted); run the same mlsctl embed "
                                 f"command again to complete it")
-            if (path / "config.yaml").is_file() and (path / "metrics.jsonl").is_file():  # a new user, 2026-12-06
+            from mlsctl.runs import Run
+
+            if Run(path).has_config():  # a new user, 2026-12-06
                 raise UserError(f"{what} {path} is a run folder, not a feature folder; embed images with it first: "
                                 f"mlsctl embed IMAGES --run {path}")
             raise UserError(f"{what} {path} is not a feature folder (no {MANIFEST}); create one with mlsctl embed")

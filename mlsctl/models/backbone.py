@@ -41,6 +41,7 @@ whose head has another shape (an ImageNet classifier) leaves the layer freshly i
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -60,6 +61,9 @@ class BackboneOutput:
 
     cls: torch.Tensor  # [B, D]
     patches: torch.Tensor  # [B, h, w, D]
+
+
+_SHAPE_KWARGS = {"embed_dim", "depth", "num_heads", "mlp_ratio"}  # timm_kwargs that make another ViT than arch names
 
 
 class Backbone(nn.Module):
@@ -148,7 +152,10 @@ class Backbone(nn.Module):
             weights_lib.load_into_vit(model, state, str(weights))
         self.arch = arch
         self.timm_kwargs = dict(timm_kwargs or {})
-        self.reshaped = bool(timm_kwargs) or (self.kind == "vit" and f"patch{stride}" not in arch)
+        named_patch = re.search(r"patch(\d+)", arch)  # timm's name says the patch where it has one
+        self.reshaped = (bool(self.timm_kwargs) if self.kind != "vit" else
+                         bool(_SHAPE_KWARGS & set(self.timm_kwargs))
+                         or (named_patch is not None and int(named_patch.group(1)) != stride))
         self.patch_size = stride
         self.width = model.num_features
         self.embedding_dim = embedding_dim

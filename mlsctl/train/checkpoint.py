@@ -70,7 +70,7 @@ def _write_file(path: Path, writer) -> None:
 
 
 def save_checkpoint(run: Run, step: int, method, optimizer, accelerator, recipe, keep: int,
-                    sessions: Sequence[dict] = ()) -> Optional[Path]:
+                    sessions: Optional[Sequence[dict]] = None) -> Optional[Path]:
     """Write checkpoint ``step`` atomically (a temporary folder renamed into place); ``sessions``: the
     training sessions up to it (:class:`mlsctl.train.loop.Sessions`), kept in its state.json."""
     from safetensors.torch import save_file
@@ -101,7 +101,7 @@ def save_checkpoint(run: Run, step: int, method, optimizer, accelerator, recipe,
                  "total_steps": method.schedule.total_steps, "method": recipe.method.name,
                  "world_size": accelerator.num_processes, "mlsctl_version": __version__, "torch_version": torch.__version__,
                  "commit": provenance.commit(), "device": provenance.device_name(accelerator.device),
-                 "sessions": list(sessions)}
+                 **({"sessions": list(sessions)} if sessions is not None else {})}  # none given: none claimed
         atomic.write_json(tmp / "state.json", state)
         config.save_recipe(recipe, tmp / "recipe.yaml")  # what --resume compares with (not config.yaml: not a run)
         for f in tmp.iterdir():

@@ -185,18 +185,19 @@ def _say_in_run_log(exc: BaseException, run: Run, is_main: bool) -> None:
 
 class Sessions:
     """The training sessions of a run (one per start or ``--resume``): each its first and last step,
-    seconds, commit and device, kept in every checkpoint's state.json and in summary.json, so a resumed
-    run's provenance is not its last session's alone (a new user, 2026-12-06). A checkpoint written
-    before sessions were kept gives one earlier session of unknown seconds."""
+    start time, seconds, commit and device, kept in every checkpoint's state.json and in summary.json,
+    so a resumed run's provenance is not its last session's alone (a new user, 2026-12-06). A session
+    counts up to the checkpoint it left: work lost after it (a kill) is not in the seconds. A checkpoint
+    written before sessions were kept gives one earlier session of unknown seconds."""
 
-    def __init__(self, resumed: Optional[dict], start_step: int, device):
+    def __init__(self, resumed: Optional[dict], start_step: int, device, is_main: bool = True):
         earlier = (resumed or {}).get("sessions")
         if resumed is not None and not isinstance(earlier, list):
             earlier = [{"from_step": None, "to_step": start_step, "seconds": None, "commit": resumed.get("commit"),
                         "device": resumed.get("device")}]
         self.earlier: list = list(earlier or [])
-        self.current = {"from_step": start_step, "started": provenance.now(), "commit": provenance.commit(),
-                        "device": provenance.device_name(device)}
+        self.current = {"from_step": start_step, "started": provenance.now(),  # git runs on process 0 alone
+                        "commit": provenance.commit() if is_main else None, "device": provenance.device_name(device)}
         self.started = time.perf_counter()
 
     def upto(self, step: int) -> list[dict]:
@@ -274,7 +275,7 @@ def _train(run: Run, recipe, accelerator, folder: ImageFolder, dataset, collate_
     if rng_state is not None:
         checkpoint.set_rng_state(rng_state)
     records = metrics.Records(run, recipe, accelerator, method, start_step, interactive=sys.stderr.isatty())
-    sessions = Sessions(state, start_step, accelerator.device)
+    sessions = Sessions(state, start_step, accelerator.device, is_main)
     started = time.perf_counter()
     with StepBoundaryStop(world) as stop:  # several processes stop together, between two steps
         try:
