@@ -42,7 +42,7 @@ def open_banks(run_dir: str | Path, step: Optional[int] = None,
         raise UserError(f"checkpoint {checkpoint.path} has no banks.safetensors (it is incomplete); "
                         + ("the run keeps no other checkpoint to look at" if not others else
                            f"look at another with --step ({shown})" if has_step_option else
-                           f"mlsctl bank inspect --step ({shown}) looks at another"))
+                           f"mlsctl bank inspect {run.root} --step N looks at another (N: {shown})"))
     try:
         banks = load_banks(checkpoint.banks_path)
     except (OSError, ValueError) as exc:

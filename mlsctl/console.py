@@ -93,12 +93,27 @@ def stops_deferred():
         yield
         return
     noted: list[int] = []
-    stops = (signal.SIGINT, signal.SIGTERM)
-    previous = {signum: signal.signal(signum, lambda signum, frame: noted.append(signum)) for signum in stops}
+    previous: dict = {}
+
+    def restore() -> None:
+        while previous:
+            signum, handler = previous.popitem()
+            signal.signal(signum, handler)
+
+    def note(signum, frame) -> None:
+        if noted:  # a second stop is not held: a print blocked on a full pipe would hold stops for ever
+            restore()
+            noted.clear()
+            signal.raise_signal(signum)
+            return
+        noted.append(signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(signum) is not None:  # None: a handler Python did not install, which it cannot put back
+            previous[signum] = signal.signal(signum, note)
     try:
         yield
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        for signum in dict.fromkeys(noted):
+        restore()
+        for signum in sorted(set(noted), key=lambda s: s != signal.SIGTERM):  # a SIGTERM is said as one, first
             signal.raise_signal(signum)

@@ -784,14 +784,14 @@ class Gallery:
                             f"model's); rebuild the gallery with mlsctl index build")
         built = self.manifest["model"]
         if model.fingerprint != self.fingerprint and os.path.realpath(model.run) == os.path.realpath(built["run"]):
-            raise UserError(f"run {model.run} has trained on since gallery {self.path} was built (step {built['step']} "
-                            f"then, {model.step} now: another model); rebuild the gallery with mlsctl index build "
-                            f"--overwrite")  # not "leave --run out": it was (a review, 2026-12-06)
+            raise UserError(f"run {model.run} is no longer the model gallery {self.path} was built with (step "
+                            f"{built['step']} then, {model.step} now: trained on or again since); rebuild the gallery "
+                            f"with mlsctl index build --overwrite")  # not "leave --run out": it was (a review)
         if model.fingerprint != self.fingerprint:
             raise UserError(f"gallery {self.path} was built with model {self.fingerprint[:12]} "
                             f"({self.manifest['model']['run']} at step {self.manifest['model']['step']}); the model "
-                            f"given {model.fingerprint[:12]} ({model.run} at step {model.step}) differs: use the "
-                            f"gallery's run (leave --run out), or rebuild the gallery with this one")
+                            f"given {model.fingerprint[:12]} ({model.run} at step {model.step}) differs: search with the "
+                            f"run the gallery was built with, or rebuild the gallery with this one")
         recorded = self.manifest.get("preprocessing")
         if recorded is not None and recorded != model.preprocessing():
             raise UserError(f"gallery {self.path} embedded its photos with {recorded}, queries are embedded with "
@@ -1009,8 +1009,9 @@ def read_manifest(path: Path) -> dict:
                         f"mlsctl index build")
     try:
         manifest = json.loads(manifest_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{manifest_path} is damaged ({exc}); rebuild the gallery with mlsctl index build") from None
+    except (OSError, ValueError, RecursionError) as exc:
+        reason = "nested too deep" if isinstance(exc, RecursionError) else exc
+        raise UserError(f"{manifest_path} is damaged ({reason}); rebuild the gallery with mlsctl index build") from None
     if not isinstance(manifest, dict) or manifest.get("kind") != "mlsctl-gallery":
         raise UserError(f"{manifest_path} is not an mlsctl gallery manifest")
     version = manifest.get("format_version")
@@ -1306,7 +1307,7 @@ def newest_gallery(root: str | os.PathLike = ".", max_depth: int = 4) -> Optiona
                     continue
                 # one whose data folder is gone is passed over, not chosen to fail (a new user, 2026-12-06); one of
                 # an older or newer format is still chosen, for Gallery() to say how to rebuild it (a review)
-                if isinstance(manifest.get("format_version"), int) and manifest["format_version"] >= 3 \
+                if manifest.get("format_version") in range(3, GALLERY_FORMAT_VERSION + 1) \
                         and not data_folder(Path(directory), manifest).is_dir():
                     continue
             except (OSError, ValueError, AttributeError, TypeError, KeyError, RecursionError):

@@ -389,7 +389,7 @@ class RunWeights:
             from mlsctl.restore import choose_model
 
             try:
-                with torch.random.fork_rng():
+                with torch.random.fork_rng(devices=[]):  # the CPU's state alone: no GPU woken by a report
                     cache[seed] = choose_model(run=self.run.root, random_init=True, seed=seed).fingerprint
             except (UserError, OSError, RuntimeError, ValueError):  # the report goes on without the match
                 cache[seed] = None

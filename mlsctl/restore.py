@@ -45,8 +45,10 @@ def open_run(path: Union[str, Path], *, hint: str = PRETRAIN_HINT, flag: str = "
             raise UserError(f"{named} is a symbolic link that loops or leads nowhere; {hint}")
         if not path.exists():
             raise UserError(f"{named} does not exist; {hint}")
-        if run_of_config(path) is not None:
+        if run_of_config(path) is not None or (path.name == "config.yaml" and (path.parent / "checkpoints").is_dir()):
             raise UserError(f"{named} is the run's config.yaml; give its folder {path.parent}")
+        if path.is_file():
+            raise UserError(f"{named} is a file, not a run folder; {hint}")
         step = re.fullmatch(r"step-0*(\d+)", path.name)
         if step and path.parent.name == "checkpoints" and Run(path.parent.parent).has_config():
             raise UserError(f"{named} is a checkpoint of the run {path.parent.parent}; give the run (with --step "

@@ -364,7 +364,7 @@ def test_search_ranks_objects_and_refuses_another_model(mile_run, tmp_path, caps
     manifest["model"]["fingerprint"] = "0" * 64
     (gallery / "gallery.json").write_text(json.dumps(manifest))
     code, _, err = cli("search", "--set", *photos, "--index", str(gallery), capsys=capsys)
-    assert code == 2 and "has trained on since gallery" in err and "leave --run out" not in err, err
+    assert code == 2 and "is no longer the model gallery" in err and "trained on or again since" in err, err
     # a new-user probe (2026-12-06): a photo that is not there was told after the model had loaded
     code, _, err = cli("search", "--set", photos[0], str(tmp_path / "missing.png"), "--index", str(gallery),
                        capsys=capsys)

@@ -314,5 +314,6 @@ def test_a_copied_run_keeps_its_random_init_comparison_and_results_beside_it_cou
     shutil.copy(out, copy / "beside.json")  # results kept in RUN itself are read too
     code, printed, err = cli("report", str(copy), "--results", str(results), "--out", str(tmp_path / "r.html"),
                              "--overwrite", "--json", capsys=capsys)
+    assert code == 0, err
     report = json.loads(printed[printed.index("{"):])
     assert str(copy / "beside.json") in report["results"]["comparison"], report["results"]

@@ -32,6 +32,7 @@ def test_open_run_refuses_a_folder_without_config_yaml_in_one_sentence(tmp_path)
                        (tmp_path / "loop", "is a symbolic link that loops or leads nowhere; give a folder written by "
                                            "mlsctl pretrain"),
                        (run / "config.yaml", f"is the run's config.yaml; give its folder {run}"),
+                       (run / "metrics.jsonl", "is a file, not a run folder; give a folder written by mlsctl pretrain"),
                        (run / "checkpoints" / "step-00000012",
                         f"is a checkpoint of the run {run}; give the run (with --step 12 where the command takes one)")):
         with pytest.raises(UserError) as caught:

@@ -247,9 +247,9 @@ def export(
     """
     from mlsctl.bank_inspect import check_export_target, choose_bank, export_banks, open_banks
     from mlsctl.errors import UserError
-    from mlsctl.runs import Run
+    from mlsctl.restore import open_run
 
-    check_export_target(out, Run(run), overwrite)  # before the banks are read
+    check_export_target(out, open_run(run), overwrite)  # a run, then --out, before the banks are read
     run_, checkpoint, banks = open_banks(run, step)
     if not banks:  # an empty file would look like an export
         raise UserError(f"run {run_.root} has no memory bank (its method keeps none): nothing to export")

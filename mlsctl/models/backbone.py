@@ -40,8 +40,8 @@ whose head has another shape (an ImageNet classifier) leaves the layer freshly i
 
 from __future__ import annotations
 
+import functools
 import logging
-import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -63,7 +63,15 @@ class BackboneOutput:
     patches: torch.Tensor  # [B, h, w, D]
 
 
-_SHAPE_KWARGS = {"embed_dim", "depth", "num_heads", "mlp_ratio"}  # timm_kwargs that make another ViT than arch names
+@functools.lru_cache(maxsize=None)
+def _default_shape(arch: str) -> tuple[int, int, int]:
+    """(width, depth, patch) of timm's ``arch`` as timm builds it by default (on the meta device: no
+    memory, no weights): what :attr:`Backbone.name` compares a built ViT with."""
+    import timm
+
+    with torch.device("meta"):
+        default = timm.create_model(arch, pretrained=False, num_classes=0)
+    return default.num_features, len(default.blocks), int(default.patch_embed.patch_size[0])
 
 
 class Backbone(nn.Module):
@@ -152,10 +160,8 @@ class Backbone(nn.Module):
             weights_lib.load_into_vit(model, state, str(weights))
         self.arch = arch
         self.timm_kwargs = dict(timm_kwargs or {})
-        named_patch = re.search(r"patch(\d+)", arch)  # timm's name says the patch where it has one
         self.reshaped = (bool(self.timm_kwargs) if self.kind != "vit" else
-                         bool(_SHAPE_KWARGS & set(self.timm_kwargs))
-                         or (named_patch is not None and int(named_patch.group(1)) != stride))
+                         (model.num_features, len(model.blocks), stride) != _default_shape(arch))
         self.patch_size = stride
         self.width = model.num_features
         self.embedding_dim = embedding_dim
