@@ -605,6 +605,9 @@ GROUPS = (("own", "This run's weights"),
           ("unmatched", "Unmatched (not known to be this run's weights)"))
 
 
+RESULT_READ_LIMIT = 64 * 2**20  # the largest JSON the report reads as a result (results are kilobytes to a few MB)
+
+
 def _evaluations(run: Run, folders: Sequence[Path], weights: RunWeights) -> tuple[str, dict, list[str]]:
     """The evaluations section, the files shown in each group (:data:`GROUPS`), and one note per
     file skipped: a JSON file that cannot be read, or an eval result that is not of the form its
@@ -618,6 +621,9 @@ def _evaluations(run: Run, folders: Sequence[Path], weights: RunWeights) -> tupl
                 continue
             seen.add(path.resolve())
             try:
+                if path.stat().st_size > RESULT_READ_LIMIT:  # not read whole: no eval result is this large (a review)
+                    skipped.append(f"skipped {path}: {path.stat().st_size:,} bytes, more than any eval result holds")
+                    continue
                 result = json.loads(path.read_text(encoding="utf-8"))
             except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
                 reason = ("nested too deep" if isinstance(exc, RecursionError) else

@@ -56,7 +56,7 @@ def test_report_renders_in_headless_chromium(finished_run, tmp_path, capsys):
         assert f"<h2>{section}</h2>" in dom
 
 
-def test_report_skips_a_strangers_or_a_damaged_result_with_a_note(finished_run, tmp_path, capsys):
+def test_report_skips_a_strangers_or_a_damaged_result_with_a_note(finished_run, tmp_path, capsys, monkeypatch):
     """Issue 23, item 8: a malformed eval result — the run's own, or a stranger's in ./results, the
     default — is skipped with a note; a damaged summary.json is one sentence naming it."""
     from conftest import cli
@@ -80,6 +80,14 @@ def test_report_skips_a_strangers_or_a_damaged_result_with_a_note(finished_run, 
     assert "knn.json: not the result that eval knn writes (no 'top1')" in err and "deep.json: not readable JSON" in err
     page = (tmp_path / "r.html").read_text()
     assert "50.00" in page and page.count('class="note">skipped') == 3
+    # a JSON far larger than any result, in RUN itself, is not read whole (a review, 2026-12-06)
+    from mlsctl import report
+
+    monkeypatch.setattr(report, "RESULT_READ_LIMIT", 100)
+    (run / "huge.json").write_text(json.dumps({"command": "eval knn", "pad": "x" * 200}))
+    out, err = cli_ok(capsys, "report", str(run), "--out", str(tmp_path / "r.html"), "--overwrite", "--json",
+                      cwd=tmp_path)
+    assert f"skipped {run / 'huge.json'}: " in err and "more than any eval result holds" in err
     for damage in ('{"steps": 4', "[1, 2]", "[" * 100_000 + "]" * 100_000):
         (run / "summary.json").write_text(damage)
         code, _, err = cli("report", str(run), "--out", str(tmp_path / "r.html"), capsys=capsys)
