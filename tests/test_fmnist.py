@@ -113,6 +113,11 @@ def test_a_second_build_of_one_folder_at_once_is_refused_naming_the_first(tmp_pa
     monkeypatch.setattr("mlsctl.data.fmnist_products.FolderLock", no_lock)
     for name, build, sizes in (("scenes", build_scenes, {"n_val": 2}), ("products", build_products, {"n_eval": 3})):
         assert build(tmp_path / "data" / name, n_train=3, source=fake_fmnist, progress=False, **sizes)["reused"]
+    # ... but one being rebuilt meanwhile (its lock file there) is not called reused: the lock decides (a review)
+    monkeypatch.undo()
+    with FolderLock(tmp_path / "data" / "scenes", "the data set", beside=True):
+        with pytest.raises(UserError, match="is being written by process"):
+            build_scenes(tmp_path / "data" / "scenes", n_train=3, n_val=2, source=fake_fmnist, progress=False)
 
 
 def test_overwrite_never_replaces_a_folder_that_is_not_a_build(tmp_path: Path, fake_fmnist: Path):

@@ -36,7 +36,7 @@ from PIL import Image
 from mlsctl import atomic
 from mlsctl.data import DEFAULT_FMNIST_SOURCE, FMNIST_SOURCE_ENV
 from mlsctl.errors import UserError
-from mlsctl.locks import FolderLock, abandoned_temporary
+from mlsctl.locks import LOCK_NAME, FolderLock, abandoned_temporary
 
 DEFAULT_SOURCE, SOURCE_ENV = DEFAULT_FMNIST_SOURCE, FMNIST_SOURCE_ENV
 
@@ -272,6 +272,8 @@ def built_as_asked(out: Path, generator: str, params: dict, overwrite: bool,
     ``needed`` files, no ``overwrite``, no swap cut short beside it), read without writing anything;
     None otherwise (then :func:`reusable_build`, under the build's lock, decides)."""
     if overwrite or atomic.aside_of(out).exists() or not (out / "meta.json").is_file():
+        return None
+    if (out.parent / f".{out.name}{LOCK_NAME}").exists():  # a build of it under way: wait for its lock instead
         return None
     try:
         existing = json.loads((out / "meta.json").read_text())
