@@ -97,6 +97,12 @@ class SourceImages:
             self.relpaths = []
             self.note = f"{run.root} has no images.txt and its data.root {self.root} is gone"
 
+    def shown(self, path) -> str:
+        """``path`` as pictures and tables name a source image: under ``data.root`` where it is there
+        (object folders repeat file names such as 00.png), else as it is."""
+        path = Path(path)
+        return path.relative_to(self.root).as_posix() if path.is_relative_to(self.root) else str(path)
+
     def path(self, image_id: int) -> Optional[Path]:
         if 0 <= image_id < len(self.relpaths):
             return self.root / self.relpaths[image_id]

@@ -254,7 +254,7 @@ def _patch_maps(run: Run, recipe, n: int, model) -> str:
             images.append(load_rgb(path))
             read.append(path)
         except (BadImage, OSError, TypeError) as exc:
-            skipped.append(f"{_under(path, sources.root)} ({exc if isinstance(exc, BadImage) else first_line(exc, 80)})")
+            skipped.append(f"{sources.shown(path)} ({exc if isinstance(exc, BadImage) else first_line(exc, 80)})")
     if not images:
         return _note(f"no training image of {run.root} could be read (data.root {sources.root}), so no patch map")
     if model is None:
@@ -266,18 +266,12 @@ def _patch_maps(run: Run, recipe, n: int, model) -> str:
     seen = [Image.fromarray(preprocessing.pixels(img).permute(1, 2, 0).numpy()) for img in images]
     with tempfile.TemporaryDirectory() as tmp:
         # under data.root, as the bank's neighbours are named: 00.png repeats in every object folder (a new user)
-        out = pca_figure(seen, pca_rgb(dense), [_under(p, sources.root) for p in read], Path(tmp) / "pca.png")
+        out = pca_figure(seen, pca_rgb(dense), [sources.shown(p) for p in read], Path(tmp) / "pca.png")
         uri = _png_uri(out)
     unread = f" Left out, unreadable: {html.escape(', '.join(skipped))}." if skipped else ""
     return (f"<p>{html.escape(model.description)}: {len(images)} of the first {len(paths)} training images at {size} px, "
             f"each patch coloured by the first three principal components of the teacher's patch tokens.{unread}</p>"
             f'<img alt="PCA patch maps" src="{uri}">')
-
-
-def _under(path: Path, root) -> str:
-    """``path`` relative to ``root`` (data.root) where it is under it, else as it is."""
-    path = Path(path)
-    return path.relative_to(root).as_posix() if root is not None and path.is_relative_to(root) else str(path)
 
 
 def _banks(run: Run, recipe) -> str:
@@ -323,7 +317,7 @@ def _banks(run: Run, recipe) -> str:
                                  title=f"bank '{name}' · step {checkpoint.step} · 8 nearest of {bank.written}", cell=96)
             # the query is a training image: entries of its own earlier views, where the bank still holds them, come
             # first (a new user's run-through, 2026-12-06, took the top hit at cosine 0.98 for a finding)
-            shown = html.escape(_under(query_path, sources.root))
+            shown = html.escape(sources.shown(query_path))
             parts.append(f"<h3>bank '{html.escape(name)}': nearest entries of {shown}</h3>"
                          f"<p class=\"note\">{shown} is the first training image: entries "
                          f"written from its own earlier views, where the bank still holds them, come first.</p>"

@@ -168,13 +168,7 @@ def neighbors(
     missing = sum(tile is None for tile, _ in tiles)
     title = f"{run_.root.name} · bank '{name}' · step {checkpoint.step} · {len(found)} nearest of {chosen.written}"
     neighbour_grid(image, tiles, out, title=title, cell=cell)
-    def shown(image) -> str:  # relative to data.root: object folders often repeat file names (00.png, ...)
-        if not image:
-            return "-"
-        path = Path(image)
-        return path.relative_to(sources.root).as_posix() if path.is_relative_to(sources.root) else str(path)
-
-    rows = [[i + 1, f"{n.score:.3f}", n.step, n.image_id, shown(n.image),
+    rows = [[i + 1, f"{n.score:.3f}", n.step, n.image_id, sources.shown(n.image) if n.image else "-",
              "yes" if tile is not None else "missing"] for i, (n, (tile, _)) in enumerate(zip(found, tiles))]
     if as_json:
         print(json.dumps({"run": str(run_.root), "step": checkpoint.step, "bank": name, "query": str(query),
