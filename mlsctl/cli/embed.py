@@ -9,6 +9,7 @@ import typer
 from mlsctl.cli import app
 from mlsctl.cli._format import say
 from mlsctl.cli._options import MODEL_OPTION, RANDOM_INIT_OPTION, RUN_OPTION, WEIGHTS_OPTION, one_of
+from mlsctl.errors import UserError
 
 Dataset = Literal["voc", "ade20k", "cityscapes", "coco-stuff", "coco-things", "imagenet"]  # datasets.DATASETS
 Split = Literal["train", "val", "trainval", "trainaug"]  # every dataset's SPLITS
@@ -50,7 +51,6 @@ def embed(
     accelerate launch --num_processes 2 -m mlsctl embed IMAGES --run RUN
     """
     from mlsctl import dist
-    from mlsctl.errors import UserError
     from mlsctl.features import cache_dir, embed_folder, embed_split, split_cache_dir
     from mlsctl.restore import choose_model
 
@@ -90,26 +90,38 @@ def embed(
         out = out if out is not None else split_cache_dir(benchmark, choice, **where)
         summary = embed_split(benchmark, out, choice, **options)
     else:
-        if out is not None and _inside(out, images):
-            raise UserError(f"--out {out} is inside the images folder {images}: every later embed of that folder "
-                            f"would list the features' files as images it could not read; choose an --out outside it")
-        if out is None:
-            out = cache_dir(images, choice, **where)
-            if _inside(out, images):  # run from inside the images folder
-                raise UserError(f"the default --out ({out}, under the working folder) is inside the images folder "
-                                f"{images}: every later embed of that folder would list the features' files as images "
-                                f"it could not read; run from another folder or give --out")
+        out = _folder_out(images, out, cache_dir(images, choice, **where) if out is None else None)
         summary = embed_folder(images, out, choice, **options)
-    if not main:
-        return
+    if main:
+        _report(summary, choice, benchmark, said, as_json)
+
+
+def _folder_out(images: Path, out: Optional[Path], default: Optional[Path]) -> Path:
+    """``--out`` for a folder of images (``default`` where it was left out), never inside the folder."""
+    if out is not None and _inside(out, images):
+        raise UserError(f"--out {out} is inside the images folder {images}: every later embed of that folder "
+                        f"would list the features' files as images it could not read; choose an --out outside it")
+    if out is None:
+        out = default
+        if _inside(out, images):  # run from inside the images folder
+            raise UserError(f"the default --out ({out}, under the working folder) is inside the images folder "
+                            f"{images}: every later embed of that folder would list the features' files as images "
+                            f"it could not read; run from another folder or give --out")
+    return out
+
+
+def _report(summary, choice, benchmark, said: set[str], as_json: bool) -> None:
+    """What ``embed`` wrote, as JSON or lines (the skipped files not said already as the scan went);
+    no row at all is an error (exit code 1): a script must not take the folder for features."""
+    no_rows = (f"none of the {len(summary.skipped)} files could be read as an image (reasons in "
+               f"{summary.out}/manifest.json); no evaluation can use {summary.out}")
     if as_json:
         typer.echo(json.dumps({"out": str(summary.out), "rows": summary.rows, "skipped": summary.skipped,
                                "seconds": round(summary.seconds, 3), "images_per_s": round(summary.images_per_s, 2),
                                "model": choice.info, "reused": summary.reused,
                                "dataset": benchmark.describe() if benchmark is not None else None}, indent=2))
         if summary.rows == 0:
-            raise UserError(f"none of the {len(summary.skipped)} files could be read as an image (reasons in "
-                            f"{summary.out}/manifest.json); no evaluation can use {summary.out}", exit_code=1)
+            raise UserError(no_rows, exit_code=1)
         return
     for path, reason in summary.skipped:
         if f"skipped {path}: {reason}" not in said:  # a new user's run-through (2026-12-06): said twice
@@ -126,9 +138,8 @@ def embed(
     rate = (f"{summary.images_per_s:.1f} images/s" if summary.images_per_s
             else "every part was embedded before: joined into shards only")
     typer.echo(f"wrote {summary.rows} rows{skipped} to {summary.out}/ in {summary.seconds:.1f}s ({rate})")
-    if summary.rows == 0:  # the folder records why; a script must not take it for features
-        raise UserError(f"none of the {len(summary.skipped)} files could be read as an image (the reasons are above "
-                        f"and in {summary.out}/manifest.json); no evaluation can use {summary.out}", exit_code=1)
+    if summary.rows == 0:  # the folder records why
+        raise UserError(no_rows.replace("(reasons in", "(the reasons are above and in"), exit_code=1)
 
 
 def _inside(path: Path, folder: Path) -> bool:
