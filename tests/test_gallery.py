@@ -488,6 +488,9 @@ def test_a_stop_during_a_printed_record_is_held_until_the_record_is_done():
 
     from mlsctl.console import stops_deferred
 
+    # Python's own Ctrl-C handler, as in a terminal: a test run started in the background (`pytest &`) inherits
+    # SIGINT ignored, and stops_deferred rightly gives the stop back to that (it failed so, 2026-12-06)
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
     # another thread, as torch's and the loader's in `search --sets`: a signal mask held the stop for the main
     # thread alone, and the kernel gave it to this one (a review, 2026-12-06)
     other = threading.Event()
@@ -515,3 +518,4 @@ def test_a_stop_during_a_printed_record_is_held_until_the_record_is_done():
             time.sleep(0.1)
             done.append("second held")
     assert done == ["first held"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    signal.signal(signal.SIGINT, inherited)
