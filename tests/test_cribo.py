@@ -313,3 +313,51 @@ def test_the_three_terms_weigh_one_each_at_a_uniform_start(tmp_path):
         assert out.terms[name].item() == pytest.approx(math.log(32), rel=1e-5), name
     assert out.metrics["bootstrap_ratio"] > 0  # some pairs passed the cycle check: the term is on
     assert out.terms["cross_image"].item() == pytest.approx(math.log(32), rel=1e-5)
+
+
+def test_neighbours_come_from_the_objects_of_the_newest_s_images_as_in_the_authors_queue(tmp_path):
+    """The paper counts the bank in images (S): the authors' queue keeps S images, newest first, each with
+    its valid objects, and drops the last images of its oldest batch first. Steps of 4 images with 0 to 4
+    objects each, S = 6: the pool is what that queue holds, whatever more the S·K slots still keep. (An
+    image without objects among the kept part of the oldest step would be passed over: docs/methods.md.)"""
+    method, _ = _cribo(tmp_path, bank_images=6)  # 6 x 4 clusters = 24 slots
+    bank, images_per_step = method.bank, 4
+    objects_of = {0: [4, 3, 2, 4], 1: [1, 2, 0, 3], 2: [2, 4, 1, 1], 3: [3, 4, 0, 2]}
+    queue: list[tuple[int, int, int]] = []  # (step, place in the step's batch, objects): newest first
+    for step, counts in objects_of.items():
+        pool = method._newest_images(step, images_per_step)[:bank.filled]
+        found = {(int(bank.payload["step"][i]), int(bank.payload["image_id"][i]) % 100)
+                 for i in pool.nonzero().flatten().tolist()}
+        assert found == {(s, place) for s, place, n in queue if n}, step
+        places = torch.tensor([place for place, n in enumerate(counts) for _ in range(n)])
+        bank.enqueue(torch.randn(len(places), 2 * method.dim), step=step, image_id=step * 100 + places,
+                     box=torch.zeros(len(places), 4), box_view2=torch.zeros(len(places), 4),
+                     region=torch.zeros(len(places), 4), cluster_id=torch.zeros(len(places), dtype=torch.long))
+        queue = ([(step, place, n) for place, n in enumerate(counts)] + queue)[:6]
+    assert bank.n_written > bank.size  # the slots wrapped: older objects were overwritten, others kept beyond S
+    pool = method._newest_images(4, images_per_step)
+    assert int(pool.sum()) == sum(n for _, _, n in queue) == 3 + 4 + 0 + 2 + 2 + 4
+
+
+def test_the_cycle_check_never_passes_outside_the_pool():
+    from mlsctl.methods.cribo.ops import cycle_consistent_neighbours
+
+    objects = torch.eye(3)
+    nearest, ok = cycle_consistent_neighbours(objects, objects, objects, objects)
+    assert ok.all() and nearest.tolist() == [0, 1, 2]
+    pool = torch.tensor([True, False, True])
+    nearest, ok = cycle_consistent_neighbours(objects, objects, objects, objects, pool)
+    assert ok.tolist() == [True, False, True] and bool(pool[nearest].all())
+    _, ok = cycle_consistent_neighbours(objects, objects, objects, objects, torch.zeros(3, dtype=torch.bool))
+    assert not ok.any()
+
+
+def test_a_run_too_short_for_its_bank_says_the_cross_image_loss_stays_off(tmp_path):
+    """A new user's probe (2026-12-06): a CrIBo run shorter than its bank logged loss/cross_image 0.0 at every
+    step, and nothing said why."""
+    method, _ = _cribo(tmp_path, bank_images=8)  # Schedule(2 steps an epoch, 2 epochs): 4 steps
+    assert not method.run_notes(4 * 4)  # 3 steps x 4 images = 12 >= 8 before the last step
+    notes = method.run_notes(4 * 2)  # 3 x 2 = 6 < 8
+    assert len(notes) == 1 and "stays off" in notes[0] and "method.bank_images=8" in notes[0]
+    off, _ = _cribo(tmp_path, bank_images=8, cross_image_loss=False)
+    assert not off.run_notes(4 * 2)

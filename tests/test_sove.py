@@ -19,7 +19,7 @@ from mlsctl.methods.sove.ops import (cls_loss, judge_overlap, judge_probabilitie
                                      sample_judges, soft_labels)
 from mlsctl.schedules import Schedule
 
-from conftest import as_killed_at, cli, cli_ok, make_images, tiny_recipe, write_recipe
+from conftest import REPO, as_killed_at, cli, cli_ok, make_images, tiny_recipe, write_recipe
 
 SOVE_METHOD = {"name": "sove", "hidden_dim": 64, "bottleneck_dim": 32, "class_memory_size": 64, "patch_memory_size": 32,
                "cls_anchors": 6, "cls_supports": 3, "cls_tasks": 2, "patch_anchors": 4, "warmup_teacher_temp_epochs": 0}
@@ -323,7 +323,7 @@ def test_bank_commands_show_both_memories_and_the_judge_overlap(sove_run, tmp_pa
 
 
 @pytest.mark.parametrize("override, words", [
-    ("method.class_memory_size=16", "cannot hold 6 concepts with 3 supports"),
+    ("method.class_memory_size=8", "cannot hold 6 anchors and a pool of k=3 supports"),
     ("method.cls_supports=64", "k=64 must be smaller than the memory"),
     ("method.mask_ratio=1.0", "mask_ratio' must be < 1.0"),
     ("model.arch=resnet18", "needs a Vision Transformer"),  # a CNN: no patch tokens to mask
@@ -339,13 +339,19 @@ def test_bad_settings_are_one_sentence_before_training(tmp_path, capsys, overrid
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
 
 
-def test_the_authors_half_selection_may_draw_more_anchors_than_fit_as_concepts(tmp_path):
+def test_judges_may_share_memory_entries_as_in_the_paper(tmp_path):
+    """A memory entry may belong to several pseudo-classes (the paper's section 2.2.1): K(k+1) judges may
+    outnumber the memory, as the paper's own K = 8,192, k = 8 on 65,536 entries do; only the K anchors and
+    a pool of k supports beside them must fit."""
     raw = tiny_recipe(tmp_path)
-    raw["method"] = {**SOVE_METHOD, "class_memory_size": 64, "cls_anchors": 24, "cls_supports": 3,
-                     "anchor_selection": "half"}  # 12 concepts x 4 judges = 48 <= 64, 24 anchors drawn
+    raw["method"] = {**SOVE_METHOD, "class_memory_size": 64, "cls_anchors": 24, "cls_supports": 3}  # 96 judges
     assert not SOVE.check_recipe(config.from_dict(raw))
-    raw["method"]["anchor_selection"] = "all"  # 24 x 4 = 96 > 64
-    assert SOVE.check_recipe(config.from_dict(raw))
+    raw["method"]["cls_anchors"] = 62  # 62 anchors leave a pool of 2 for k = 3
+    assert [key for key, _ in SOVE.check_recipe(config.from_dict(raw))] == ["method.class_memory_size"]
+    paper = config.load_recipe(REPO / "recipes" / "sove_in1k.yaml", ["method.cls_anchors=8192"])
+    assert not SOVE.check_recipe(paper)
+    judges = sample_judges(unit(64, 8), 1, 24, 3, eps=0.1, generator=torch.Generator().manual_seed(0))
+    assert judges.slots.shape == (1, 24, 4) and judges.slots.unique().numel() < 96
 
 
 def test_half_selection_halves_the_cls_anchors_only_as_the_authors_code_does(tmp_path):

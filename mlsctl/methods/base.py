@@ -161,6 +161,12 @@ class Method(nn.Module):
     def check_recipe(cls, recipe: Recipe) -> list[tuple[str, str]]:
         return []
 
+    def run_notes(self, elements: int) -> list[str]:
+        """What this run, of ``elements`` batch elements (images, sets) in all, will not do that its
+        recipe asks for: one sentence each, logged as warnings when it starts (:meth:`recipe_notes`
+        for what the recipe alone shows)."""
+        return []
+
     @classmethod
     def check_training(cls, recipe: Recipe, world_size: int, device_type: str) -> list[tuple[str, str]]:
         """Constraints that depend on how the run trains (processes, device), checked by

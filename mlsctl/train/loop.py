@@ -127,7 +127,8 @@ def _pretrain(recipe, out: str | Path, *, resume: bool, init_from: Optional[str]
     try:
         setup.setup_logging(run, is_main, rank, sys.stderr.isatty())
         if is_main:
-            for line in [*folder.scan.notes("data.root"), *method_cls.recipe_notes(recipe)]:
+            elements = schedule.total_steps * recipe.optim.batch_size * recipe.optim.accumulate_steps * world
+            for line in [*folder.scan.notes("data.root"), *method_cls.recipe_notes(recipe), *method.run_notes(elements)]:
                 log.warning(line)
         if initialised:
             log.info(f"initialised {initialised}")

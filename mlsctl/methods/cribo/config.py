@@ -37,7 +37,7 @@ class CrIBoConfig(TeacherStudentConfig):
     sinkhorn_iterations: int = param(5, help="Sinkhorn scalings per round", ge=1)
     cost_normalization: Literal["image", "batch"] = param(
         "image", help="min-max of the cost per image, or over the batch (official code)")
-    bank_images: int = param(25000, help="S: the object bank holds S x K objects", ge=1)
+    bank_images: int = param(25000, help="S: neighbours come from the objects of the newest S images (the bank has room for S x K)", ge=1)
     global_loss: bool = param(True, help="use the global (CLS) loss")
     cross_view_loss: bool = param(True, help="use the cross-view object loss")
     cross_image_loss: bool = param(True, help="use the cross-image object loss")

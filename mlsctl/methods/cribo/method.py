@@ -18,7 +18,7 @@ all three):
   against the student's object of the other view, for the pairs that pass the cycle check
   (:func:`~mlsctl.methods.cribo.ops.cycle_consistent_neighbours`); each direction averaged over
   its own valid pairs, then the two directions averaged. The authors divide both directions by
-  the first direction's count, a slip we do not copy. On once the bank has been filled.
+  the first direction's count, a slip we do not copy. On once S images have been written.
 
 The object bank (``objects``) stores pre-head teacher object vectors of both views side by side
 ([2D]) with payload image id, both view boxes (``box`` is view 1's), the object's bounding box in
@@ -41,6 +41,7 @@ from typing import ClassVar
 import torch
 import torch.nn as nn
 
+from mlsctl import dist
 from mlsctl.bank import Column, MemoryBank, QueryFeature
 from mlsctl.device import full_float32
 from mlsctl.methods.base import Method, StepOutput, metric_ratio
@@ -121,6 +122,15 @@ class CrIBo(Method):
             errors.append(("method.n_clusters", f"{cfg.n_clusters} clusters for {tokens} tokens per image; lower it"))
         return errors
 
+    def run_notes(self, elements: int) -> list[str]:
+        steps = self.schedule.total_steps
+        per_step = elements // max(steps, 1)
+        if self.cfg.cross_image_loss and (steps - 1) * per_step < self.cfg.bank_images:
+            return [f"the cross-image loss comes on once method.bank_images={self.cfg.bank_images} images have been "
+                    f"written; this run writes {(steps - 1) * per_step} before its last step ({steps} steps of "
+                    f"{per_step} images), so it stays off: lower method.bank_images or train longer"]
+        return []
+
     def ema_pairs(self):
         return [(self.student, self.teacher)]
 
@@ -156,8 +166,9 @@ class CrIBo(Method):
         terms["cross_view"] = (cross_view_object_loss(p1, p2, s1_logits, s2_logits, cfg.object_student_temp)
                                if objects.count else zero)
         with timer("time/retrieval"):
+            accumulate = self.micro_batch[1]
             terms["cross_image"], ratio = self._cross_image_term(objects, s1_logits, s2_logits, object_temperature,
-                                                                 zero)
+                                                                 zero, step, len(batch) * accumulate * dist.world_size())
         loss = zero
         for name, on in (("global", cfg.global_loss), ("cross_view", cfg.cross_view_loss),
                          ("cross_image", cfg.cross_image_loss)):
@@ -215,9 +226,11 @@ class CrIBo(Method):
         s1_logits, s2_logits = self.student.head.objects(torch.cat([s1, s2])).float().chunk(2)
         return student_cls_logits, s1_logits, s2_logits
 
-    def _cross_image_term(self, objects: "_Objects", s1_logits, s2_logits, object_temperature: float, zero):
-        """The cross-image object loss against the bank's cycle-consistent neighbours, as it was before
-        this batch enters it, and the bootstrapping ratio (pairs over 2 × objects; 0.0 with no bank)."""
+    def _cross_image_term(self, objects: "_Objects", s1_logits, s2_logits, object_temperature: float, zero,
+                          step: int, images_per_step: int):
+        """The cross-image object loss against the cycle-consistent neighbours among the objects of the
+        newest S images in the bank (:meth:`_newest_images`), as it was before this batch enters it, and the
+        bootstrapping ratio (pairs over 2 × objects; 0.0 with no bank). On once S images have been written."""
         filled = self.bank.filled
         if not (filled and objects.count):
             return zero, 0.0
@@ -226,17 +239,41 @@ class CrIBo(Method):
             with full_float32(t1.device.type):
                 stored = self.bank.vectors[:filled].float()
                 bank1, bank2 = stored[:, :self.dim], stored[:, self.dim:]
-                nearest1, ok1 = cycle_consistent_neighbours(t1, t2, bank1, bank2)
-                nearest2, ok2 = cycle_consistent_neighbours(t2, t1, bank2, bank1)
+                pool = self._newest_images(step, images_per_step)[:filled]
+                nearest1, ok1 = cycle_consistent_neighbours(t1, t2, bank1, bank2, pool)
+                nearest2, ok2 = cycle_consistent_neighbours(t2, t1, bank2, bank1, pool)
             ratio = metric_ratio(ok1.sum() + ok2.sum(), 2 * objects.count)  # on the device, read where logged
-            # on once the bank has been filled; where no pair passed the cycle check the loss below is 0
+            # on once S images have been written; where no pair passed the cycle check the loss below is 0
             # (each direction's sum over no pair), as the term's zero would be
-            if not (self.cfg.cross_image_loss and self.bank.n_written >= self.bank.size):
+            if not (self.cfg.cross_image_loss and step * images_per_step >= self.cfg.bank_images):
                 return zero, ratio
             neighbour_logits = self.teacher.head.objects(torch.cat([bank1[nearest1], bank2[nearest2]])).float()
             q1, q2 = teacher_probabilities(neighbour_logits, self.object_center, object_temperature).chunk(2)
         return cross_image_object_loss(q1, q2, s1_logits, s2_logits, ok1.float(), ok2.float(),
                                        self.cfg.object_student_temp), ratio
+
+    def _newest_images(self, step: int, images_per_step: int) -> torch.Tensor:
+        """[bank size] bool: the slots holding the objects of the newest S images (``method.bank_images``),
+        the paper's M_1, M_2 ("the size of the queues in terms of the number of images", as the authors'
+        queue keeps them). The bank has room for S·K objects, more than S images leave (only the clusters
+        present in both views are objects), so older images' objects may still be there: they are left
+        out. Every step writes ``images_per_step`` images, its objects in the order of the step's global
+        batch: steps ``step − q .. step − 1`` are in whole, with ``q, r = divmod(S, images_per_step)``, and
+        of step ``step − q − 1`` the first r images that have objects, as the authors' queue keeps the
+        first images of its oldest batch. No host synchronisation."""
+        bank, (q, r) = self.bank, divmod(self.cfg.bank_images, images_per_step)
+        order = bank.order()  # oldest first; one step's objects lie together, in its batch's order
+        steps, ids = bank.payload["step"][order], bank.payload["image_id"][order]
+        keep = steps >= max(step - q, 0)
+        if r:
+            oldest = steps == step - q - 1
+            same_image = torch.zeros_like(oldest)
+            same_image[1:] = oldest[:-1] & (ids[1:] == ids[:-1])
+            image = torch.cumsum((oldest & ~same_image).long(), 0)  # 1, 2, ... along the oldest step's objects
+            keep |= oldest & (image <= r)
+        pool = torch.zeros(bank.size, dtype=torch.bool, device=order.device)
+        pool[order] = keep
+        return pool
 
     def _remember(self, batch, step: int, objects: "_Objects") -> None:
         """The step's centres and its objects into the bank, with their payload (view boxes, the object's

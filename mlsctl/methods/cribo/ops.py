@@ -195,13 +195,19 @@ def object_boxes(positions: torch.Tensor, assignment: torch.Tensor, k: int, patc
 
 @torch.no_grad()
 def cycle_consistent_neighbours(queries: torch.Tensor, others: torch.Tensor, bank_same: torch.Tensor,
-                                bank_other: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                                bank_other: torch.Tensor, pool: Optional[torch.Tensor] = None
+                                ) -> tuple[torch.Tensor, torch.Tensor]:
     """For each object (``queries`` [Q, D], view a), its nearest bank entry by cosine among
-    ``bank_same`` [M, D] (the bank's view-a vectors); then that entry's view-b vector
-    (``bank_other``) finds its nearest object among ``others`` [Q, D] (the batch's view-b
-    objects). Returns (entry index [Q], valid [Q]): valid iff the cycle returns to the query."""
+    ``bank_same`` [M, D] (the bank's view-a vectors; only the rows where ``pool`` [M] is true, if
+    given); then that entry's view-b vector (``bank_other``) finds its nearest object among
+    ``others`` [Q, D] (the batch's view-b objects). Returns (entry index [Q], valid [Q]): valid iff
+    the cycle returns to the query (never, with an empty pool)."""
     q = F.normalize(queries.float(), dim=-1)
     bank_a = F.normalize(bank_same.float(), dim=-1)
-    nearest = (q @ bank_a.T).argmax(1)
+    similarity = q @ bank_a.T
+    if pool is not None:
+        similarity = similarity.masked_fill(~pool, float("-inf"))
+    nearest = similarity.argmax(1)
     back = (F.normalize(bank_other.float()[nearest], dim=-1) @ F.normalize(others.float(), dim=-1).T).argmax(1)
-    return nearest, back == torch.arange(len(q), device=q.device)
+    valid = back == torch.arange(len(q), device=q.device)
+    return nearest, valid if pool is None else valid & pool[nearest]

@@ -102,14 +102,12 @@ class SOVE(Method):
                                    ("patch", "patch_memory_size", cfg.patch_memory_size)):
             anchors, supports = getattr(cfg, f"{task}_anchors"), getattr(cfg, f"{task}_supports")
             selection = cls.anchor_selection_for(cfg, task)
-            concepts = anchors // 2 if selection == "half" else anchors
             if supports >= size:
                 errors.append((f"method.{task}_supports", f"k={supports} must be smaller than the memory "
                                                           f"(method.{memory}={size}); lower it"))
-            elif concepts * (supports + 1) > size or anchors + supports > size:
-                errors.append((f"method.{memory}", f"{size} entries cannot hold {concepts} concepts with {supports} "
-                                                   f"supports each ({concepts * (supports + 1)} judges, drawn from "
-                                                   f"{anchors} anchors); raise method.{memory} or lower "
+            elif anchors + supports > size:  # each task's supports come from the memory less its K anchors
+                errors.append((f"method.{memory}", f"{size} entries cannot hold {anchors} anchors and a pool of "
+                                                   f"k={supports} supports beside them; raise method.{memory} or lower "
                                                    f"method.{task}_anchors"))
             if selection == "half" and anchors < 4:
                 errors.append((f"method.{task}_anchors", "must be at least 4 with anchor_selection=half"))
