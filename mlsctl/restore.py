@@ -160,7 +160,7 @@ def initial_weights(method, source: str) -> str:
             raise UserError(f"--init-from {source} holds weights of another shape than this "
                             f"{method.recipe.method.name} run's ({', '.join(differ[:3])}{', ...' if len(differ) > 3 else ''}); "
                             f"start from a run with the same settings")
-        state = backbone_state(saved, keep_head=True)
+        state = _teacher_backbone_state(checkpoint, saved)
     else:
         state = backbone_state(read_state_dict(path), keep_head=True)
         if not method.backbones():
@@ -173,6 +173,28 @@ def initial_weights(method, source: str) -> str:
         load_into_vit(backbone.net, wanted, str(source))
     return f"every backbone from {source}" + (" (the embedding layer of model.embedding_dim freshly initialised: the "
                                                 "source has none of its shape)" if fresh_heads else "")
+
+
+def _teacher_backbone_state(checkpoint: Checkpoint, saved: dict) -> dict:
+    """The teacher backbone of a checkpoint of another method or settings, in timm's layout: taken
+    from that method itself, built from the recipe the checkpoint was trained with (each method keeps
+    its teacher under names of its own: MLS's is its key encoder, ``key.backbone``), or, where no
+    recipe of it can be read, from the layout of its keys."""
+    from mlsctl import config as config_lib
+    from mlsctl.models.weights import backbone_state, built_with
+
+    recipe_file = checkpoint.recipe_path if checkpoint.recipe_path.is_file() else \
+        Run(checkpoint.path.parent.parent).config_path
+    try:
+        recipe = config_lib.load_run_recipe(recipe_file)
+    except (UserError, OSError):
+        return backbone_state(saved, keep_head=True)
+    recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, weights=None, pretrained=False))
+    try:
+        method = built_with(lambda: build_method(recipe), saved)
+    except RuntimeError:  # a recipe edited since the checkpoint was written: its keys' layout is all there is
+        return backbone_state(saved, keep_head=True)
+    return {name: value.detach() for name, value in method.teacher_backbone().net.state_dict().items()}
 
 
 def _with_own_head(vit, state: dict) -> tuple[dict, bool]:
@@ -342,7 +364,30 @@ def model_on_demand(*, say=None, **choice):
         return get_model.chosen
 
     get_model.chosen = None
+    get_model.given = any(choice.get(key) for key in ("run", "weights", "arch", "random_init"))
     return get_model
+
+
+def model_that_made(features, get_model, need: str, say=None) -> ModelChoice:
+    """The model that made a feature folder (``features``, a :class:`~mlsctl.data.shards.Features`),
+    to embed images that go with them when the user named no model: the one their manifest names,
+    loaded again and checked by fingerprint (:func:`model_of_features`), or ``get_model()``'s default
+    where it is that model; ``get_model`` (:func:`model_on_demand`) keeps it, said with ``say``. Else
+    one sentence: ``need`` (why a model is needed) and how to name it."""
+    found = model_of_features(features.model)
+    if found is None:  # what a command without --run would take (the newest run, DINOv2), if it made them
+        try:
+            default = get_model()
+        except UserError:
+            default = None
+        if default is not None and default.fingerprint == features.model.get("fingerprint"):
+            return default
+        raise UserError(f"{need}, and the model that made {features.path} ({features.model.get('path')}) cannot be "
+                        f"loaded again as it was; give it with --run RUN or --weights FILE")
+    get_model.chosen = found
+    if say is not None:
+        say(f"model: {found.description} (the model of {features.path})")
+    return found
 
 
 def choose_model(*, run: Optional[Union[str, Path]] = None, weights: Optional[Union[str, Path]] = None,

@@ -561,6 +561,31 @@ def test_eval_knn_and_linear_embed_images_as_dino_with_resize_center_crop(tmp_pa
     assert code == 0 and "already in" in err  # the centre-cropped features of eval knn, reused
 
 
+def test_images_beside_features_are_embedded_with_the_features_model(tmp_path: Path, finished_run, capsys):
+    """A new user's probe (2026-12-06): eval knn --train FEATURES --val IMAGES embedded the val images with the
+    newest run under ./runs (another model), then refused to compare them. With no model named, the one the
+    features' manifest names embeds them; a model named that is not theirs is refused before any image is."""
+    run_dir, _ = finished_run
+    for split, seed in (("train", 0), ("val", 50)):
+        for c in ("a", "b"):
+            make_images(tmp_path / split / c, 3, size=(32, 32), seed=seed + ord(c))
+    code, _, err = cli("embed", str(tmp_path / "train"), "--run", str(run_dir), "--out", str(tmp_path / "tf"),
+                       capsys=capsys)
+    assert code == 0, err
+    work = tmp_path / "work"  # no runs here: the default model would be DINOv2, which is not on this machine
+    work.mkdir()
+    code, out, err = cli("eval", "knn", "--train", str(tmp_path / "tf"), "--val", str(tmp_path / "val"), "--k", "3",
+                         "--json", "--out", str(tmp_path / "knn.json"), cwd=work, capsys=capsys)
+    assert code == 0, err
+    assert f"(the model of {tmp_path / 'tf'})" in err
+    val = Features(work / json.loads(out)["val"])
+    assert val.model["fingerprint"] == Features(tmp_path / "tf").model["fingerprint"]
+    code, _, err = cli("eval", "knn", "--train", str(tmp_path / "tf"), "--val", str(tmp_path / "val"), "--run",
+                       str(run_dir), "--random-init", "--k", "3", cwd=work, capsys=capsys)
+    assert code == 2 and "come from another model" in err and "leave the model out" in err, err
+    assert sorted(p.name for p in (work / "features").iterdir()) == [val.path.parent.name]  # nothing embedded
+
+
 def test_knn_seg_cli_records_majority_patch_labels(tmp_path: Path, capsys):
     train_dir, train_masks = _scene_data(tmp_path, "train", 8, 4, 8, 3, seed=0)
     val_dir, val_masks = _scene_data(tmp_path, "val", 3, 4, 8, 3, seed=1)

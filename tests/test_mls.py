@@ -507,3 +507,25 @@ def test_label_metrics_are_measured_where_logged_and_count_the_images_own_views(
     expected_share = own_rows.gather(1, top.indices).float().sum() / top.indices.numel()
     assert 0 < float(expected_share) and float(out.metrics["labels/self_share"]) == pytest.approx(float(expected_share))
     assert float(out.metrics["labels/kth_cosine"]) == pytest.approx(float(top.values[:, -1].mean()), abs=1e-6)
+
+
+def test_init_from_an_mls_run_takes_its_key_encoder(tmp_path, capsys, finished_run):
+    """A new user's probe (2026-12-06): --init-from an MLS run into another method was refused for 'missing 54
+    keys ... unexpected key.backbone.model...': the run's teacher, its key encoder, is taken from the method."""
+    from safetensors.torch import load_file
+
+    from mlsctl.restore import build_method, initial_weights
+
+    images = make_images(tmp_path / "images", 8, size=(32, 32))
+    raw = mls_recipe(images)
+    raw["optim"]["epochs"] = 1
+    cli_ok(capsys, "pretrain", str(write_recipe(tmp_path / "mls.yaml", raw)), "--out", str(tmp_path / "mls"))
+    teacher = load_file(str(tmp_path / "mls" / "teacher.safetensors"))
+    _, dino_recipe = finished_run
+    torch.manual_seed(1)
+    dino = build_method(config.load_recipe(str(dino_recipe)))
+    for source in (tmp_path / "mls", next((tmp_path / "mls" / "checkpoints").iterdir())):
+        assert initial_weights(dino, str(source)).startswith("every backbone from")
+        for backbone in dino.backbones():
+            state = backbone.net.state_dict()
+            assert all(torch.equal(state[key], value.to(state[key].dtype)) for key, value in teacher.items()), source

@@ -202,25 +202,11 @@ def _print_knn_seg(payload: dict, settings, train_images: int, out: Path) -> Non
 def _model_of_training(train_features, get_model, run, weights, random_init: bool, say):
     """The model that re-embeds the training images for --aug-passes: the one given, or, with no
     --run/--weights, the one the training features' manifest names (not the newest run)."""
-    from mlsctl.errors import UserError
-    from mlsctl.restore import model_of_features
+    from mlsctl.restore import model_that_made
 
     if run is not None or weights is not None or random_init or get_model.chosen is not None:
         return get_model()
-    found = model_of_features(train_features.model)
-    if found is None:  # what a command without --run would take (the newest run, DINOv2), if it made them
-        try:
-            default = get_model()
-        except UserError:
-            default = None
-        if default is not None and default.fingerprint == train_features.model.get("fingerprint"):
-            return default
-    if found is None:
-        raise UserError(f"--aug-passes re-embeds the training images, and the model that made {train_features.path} "
-                        f"({train_features.model.get('path')}) cannot be loaded again as it was; give it with --run RUN "
-                        f"or --weights FILE")
-    say(f"model: {found.description} (the model of {train_features.path})")
-    return found
+    return model_that_made(train_features, get_model, "--aug-passes re-embeds the training images", say)
 
 
 @app.command("knn")

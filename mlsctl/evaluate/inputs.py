@@ -57,6 +57,32 @@ def split_features(split, given: Optional[Path], get_model, *, dense: bool, what
     return require_rows(Features(given, what), what)
 
 
+def model_beside_features(sides: tuple[Optional[Path], Optional[Path]], get_model, say: Say = to_stderr) -> None:
+    """Where one side (--train, --val) is a feature folder and the other is to be embedded (images, or
+    ``None``: a benchmark split), the features' model is the one to embed it with: a model given
+    (--run, --weights, --model, --random-init) is checked against them before any image is embedded,
+    and with none given, the model their manifest names is loaded again
+    (:func:`~mlsctl.restore.model_that_made`), not the newest run (a new user's probe, 2026-12-06:
+    the val images were embedded with another run's model, then refused). ``get_model`` keeps it."""
+    from mlsctl.features import Features, is_feature_folder
+    from mlsctl.restore import model_that_made
+
+    given = [Features(path, f"--{side} features") for side, path in zip(("train", "val"), sides)
+             if path is not None and is_feature_folder(path)]
+    if not given or len(given) == len(sides):
+        return
+    features = given[0]
+    if not getattr(get_model, "given", False):
+        model_that_made(features, get_model, f"the images beside {features.what} {features.path} are embedded "
+                                              f"with the model that made them", say)
+        return
+    model = get_model()
+    if model.fingerprint != features.model.get("fingerprint"):
+        raise UserError(f"{features.what} {features.path} come from another model ({features.model.get('path')}) than "
+                        f"{model.description}, which would embed the images beside them; leave the model out to embed "
+                        f"them with theirs, or give features of one model on both sides")
+
+
 def is_feature_pair(train: Path, val: Path) -> bool:
     """Both ``train`` and ``val`` are feature folders (nothing to embed)."""
     from mlsctl.features import is_feature_folder
@@ -133,6 +159,7 @@ def segmentation_inputs(dataset: str, root: Optional[Path], train_split: Optiona
         if given:
             raise UserError(f"--dataset {dataset} reads the masks from --root; drop --{given[0]}")
         train_data, val_data = benchmark_splits(dataset, root, train_split, val_split, SEGMENTATION)
+        model_beside_features((train, val), get_model, say)
         options = embed_options() if train is None or val is None else {}
         train_features = split_features(train_data, train, get_model, dense=True, what="train features", say=say,
                                         **options)
@@ -157,6 +184,7 @@ def segmentation_inputs(dataset: str, root: Optional[Path], train_split: Optiona
     if benchmark is None:
         check_inputs_exist(("--train", train, "images"), ("--val", val, "images"), ("--train-masks", train_masks, "masks"),
                            ("--val-masks", val_masks, "masks"))
+    model_beside_features((train, val), get_model, say)
     options = {} if is_feature_pair(train, val) else embed_options()
     train_features = features_or_embed(train, get_model, dense=True, what="train features", say=say, **options)
     val_features = features_or_embed(val, get_model, dense=True, what="val features", say=say, **options)
@@ -232,6 +260,7 @@ def classification_inputs(dataset: str, root: Optional[Path], train_split: Optio
             raise UserError("give --train and --val (feature or image folders), or --dataset imagenet with --root")
         check_inputs_exist(("--train", train, "images"), ("--val", val, "images"), ("--train-labels", train_labels, "labels"),
                            ("--val-labels", val_labels, "labels"))
+        model_beside_features((train, val), get_model, say)
         train_features = features_or_embed(train, get_model, dense=False, what="train features", say=say, resize=resize)
         val_features = features_or_embed(val, get_model, dense=False, what="val features", say=say, resize=resize)
         labels = "folder names" if train_labels is None else str(train_labels)
@@ -245,6 +274,7 @@ def classification_inputs(dataset: str, root: Optional[Path], train_split: Optio
     if train_labels is not None or val_labels is not None:
         raise UserError(f"--dataset {dataset} labels its images itself; drop --train-labels/--val-labels")
     train_data, val_data = benchmark_splits(dataset, root, train_split, val_split, CLASSIFICATION)
+    model_beside_features((train, val), get_model, say)
     train_features = split_features(train_data, train, get_model, dense=False, what="train features", say=say,
                                     resize=resize)
     val_features = split_features(val_data, val, get_model, dense=False, what="val features", say=say, resize=resize)
