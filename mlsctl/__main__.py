@@ -11,6 +11,6 @@ _argv = relaunched_argv()
 if _argv is not None:
     sys.argv[1:] = _argv
 
-from mlsctl.cli import main  # noqa: E402
+from mlsctl.cli import run  # noqa: E402
 
-main()
+run()

@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
 import torch
 
 from mlsctl import __version__
@@ -26,11 +27,33 @@ def test_help_and_version_import_no_torch():
     from conftest import cli_env
 
     report = "import atexit, sys; atexit.register(lambda: print(sorted({'torch', 'timm', 'faiss'} & set(sys.modules))))\n"
-    for start in ("from mlsctl.cli import main; sys.argv = ['mlsctl', '--help']; main()",
+    for start in ("from mlsctl.cli import run; sys.argv = ['mlsctl', '--help']; run()",
                   "import runpy; sys.argv = ['mlsctl', '--help']; runpy.run_module('mlsctl', run_name='__main__')"):
         result = subprocess.run([sys.executable, "-c", report + start], capture_output=True, text=True, env=cli_env())
         assert result.returncode == 0 and "search" in result.stdout, result.stderr
         assert result.stdout.strip().splitlines()[-1] == "[]", start
+
+
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_a_stop_while_a_finished_command_exits_keeps_its_exit_code(signum):
+    """A new user's probe (2026-12-06): a Ctrl-C just after `pretrain` said `done:` gave exit 130 and no word
+    (Python took 1.3 s to tear its modules down). The program now leaves at once after its atexit handlers,
+    and a stop meanwhile ends it with the command's own code: 0 for work done, 2 for a usage error."""
+    import subprocess
+    import sys
+
+    from conftest import cli_env
+
+    stop = (f"import atexit, os, signal, sys, time\n"
+            f"atexit.register(lambda: (os.kill(os.getpid(), signal.{signum}), time.sleep(2), print('never')))\n")
+    for args, code in ((["recipes"], 0), (["recipes", "--show", "no-such-recipe"], 2)):
+        start = f"from mlsctl.cli import run; sys.argv = ['mlsctl', *{args!r}]; run()"
+        result = subprocess.run([sys.executable, "-c", stop + start], capture_output=True, text=True, env=cli_env(),
+                                timeout=60)
+        assert result.returncode == code, (args, result.stderr)
+        assert "never" not in result.stdout and "Traceback" not in result.stderr and "Interrupt" not in result.stderr
+        if code == 0:
+            assert "dino_fmnist_quick" in result.stdout  # what the command printed came out
 
 
 def test_a_method_and_its_banks_read_without_torchvision():
