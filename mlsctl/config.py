@@ -135,9 +135,10 @@ class ModelConfig:
     def check(self) -> list[tuple[str, str]]:
         if self.weights is not None and self.pretrained:
             return [("pretrained", "cannot be true together with model.weights; choose one")]
-        problem = timm_kwargs_problem(self.timm_kwargs)
-        if problem:
-            return [("timm_kwargs", problem)]
+        issue = timm_kwargs_issue(self.timm_kwargs)
+        if issue:
+            key, problem = issue
+            return [(f"timm_kwargs.{key}" if key else "timm_kwargs", problem)]
         return []
 
 
@@ -150,19 +151,53 @@ TIMM_ARCH_KEYS = ("embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "q
                   "norm_layer", "proj_bias", "in_chans", "output_stride")
 
 
-def timm_kwargs_problem(kwargs: Any) -> Optional[str]:
-    """Why ``kwargs`` may not go to timm.create_model, or None."""
+# what each of them takes (None, timm's own default, is taken by all): a wrong type was timm's TypeError
+# ("unsupported operand type(s) for +: 'int' and 'str"; a new user's probe, 2026-12-06)
+_TIMM_INTEGERS = ("embed_dim", "depth", "num_heads", "reg_tokens", "in_chans", "output_stride")
+_TIMM_NUMBERS = ("mlp_ratio", "init_values", "drop_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_rate",
+                 "attn_drop_rate")
+_TIMM_SWITCHES = ("qkv_bias", "qk_norm", "class_token", "no_embed_class", "pre_norm", "final_norm", "fc_norm",
+                  "dynamic_img_pad", "proj_bias")
+
+
+def _timm_value_problem(key: str, value: Any) -> Optional[str]:
+    if value is None:
+        return None
+    if key in _TIMM_INTEGERS and (isinstance(value, bool) or not isinstance(value, int)):
+        return f"must be an integer, got {_show(value)}"
+    if key in _TIMM_NUMBERS and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        return f"must be a number, got {_show(value)}"
+    if key in _TIMM_SWITCHES and not isinstance(value, bool):
+        return f"must be true or false, got {_show(value)}"
+    if key not in _TIMM_INTEGERS + _TIMM_NUMBERS + _TIMM_SWITCHES and not isinstance(value, str):
+        return f"must be a name (text), got {_show(value)}"
+    return None
+
+
+def timm_kwargs_issue(kwargs: Any) -> Optional[tuple[Optional[str], str]]:
+    """Why ``kwargs`` may not go to timm.create_model: (the key whose value is wrong, or None, and the
+    sentence), or None."""
     if not isinstance(kwargs, dict):
-        return f"must be a mapping of timm architecture arguments, got {_show(kwargs)}"
+        return None, f"must be a mapping of timm architecture arguments, got {_show(kwargs)}"
     for key, value in kwargs.items():
         if key not in TIMM_ARCH_KEYS:
             close = difflib.get_close_matches(str(key), TIMM_ARCH_KEYS, n=1, cutoff=0.6)
             hint = f"; did you mean '{close[0]}'?" if close else ""
-            return (f"key '{key}' is not an architecture argument mlsctl passes to timm (it takes "
-                    f"{', '.join(TIMM_ARCH_KEYS[:6])}, ...){hint}")
-        if not (value is None or isinstance(value, (bool, int, float, str))):
-            return f"'{key}' must be a number, text, true/false or null, got {_show(value)}"
+            return None, (f"key '{key}' is not an architecture argument mlsctl passes to timm (it takes "
+                          f"{', '.join(TIMM_ARCH_KEYS[:6])}, ...){hint}")
+        problem = _timm_value_problem(str(key), value)
+        if problem:
+            return str(key), problem
     return None
+
+
+def timm_kwargs_problem(kwargs: Any) -> Optional[str]:
+    """Why ``kwargs`` may not go to timm.create_model, in one sentence, or None."""
+    issue = timm_kwargs_issue(kwargs)
+    if issue is None:
+        return None
+    key, problem = issue
+    return f"'{key}' {problem}" if key else problem
 
 
 @dataclass

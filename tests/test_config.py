@@ -84,6 +84,20 @@ def test_cross_field_checks():
     assert "low <= high" in error_of({"data": {"local_crops": {"scale": [0.5, 0.1]}}})
 
 
+def test_timm_kwargs_of_the_wrong_type_are_named_before_timm_sees_them():
+    """A new user's probe (2026-12-06): model.timm_kwargs.depth=abc reached timm, whose TypeError ("unsupported
+    operand type(s) for +") came with a list of arguments the user never set and a hint about num_heads."""
+    for kwargs, words in (({"depth": "abc"}, "'model.timm_kwargs.depth' must be an integer, got 'abc'"),
+                          ({"embed_dim": True}, "'model.timm_kwargs.embed_dim' must be an integer"),
+                          ({"mlp_ratio": "4x"}, "'model.timm_kwargs.mlp_ratio' must be a number"),
+                          ({"qkv_bias": 1}, "'model.timm_kwargs.qkv_bias' must be true or false"),
+                          ({"act_layer": 3}, "'model.timm_kwargs.act_layer' must be a name")):
+        assert words in error_of({"model": {"timm_kwargs": kwargs}}), kwargs
+    recipe = config.from_dict({"model": {"timm_kwargs": {"depth": 2, "mlp_ratio": 4, "init_values": None,
+                                                         "qkv_bias": False, "global_pool": "avg"}}})
+    assert recipe.model.timm_kwargs["mlp_ratio"] == 4
+
+
 def test_yaml_float_forms_and_overrides():
     recipe = config.from_dict({"optim": {"lr": "1e-4"}}, overrides=config.parse_overrides(
         ["optim.min_lr=1e-6", "data.root=/x", "method.out_dim=128", "model.timm_kwargs.depth=2"]))

@@ -210,6 +210,13 @@ def test_apply_writes_features_every_eval_reads_and_never_shows_a_query_itself(t
     out, _ = cli_ok(capsys, "refine", "apply", str(tmp / "run"), str(test), "--context", str(half), "--out",
                     str(tmp / "refined-half"), "--json")
     assert json.loads(out)["self_excluded"] == 24
+    # a new user's probe (2026-12-06): a context of another model was searched without a word (two spaces)
+    other = write_feature_folder(tmp / "other-model", features.files[:24], features.global_features()[:24],
+                                 input_root=features.input_root, fingerprint="e" * 64)
+    for command, written in (("apply", tmp / "mixed"), ("plot", tmp / "mixed.png")):
+        code, _, err = cli("refine", command, str(tmp / "run"), str(test), "--context", str(other), "--out",
+                           str(written), capsys=capsys)
+        assert code == 2 and "come from different models" in err and not written.exists(), err
     # another context (the training set): nothing to exclude
     out, _ = cli_ok(capsys, "refine", "apply", str(tmp / "run"), str(test), "--context", str(train), "--out",
                     str(tmp / "refined-train"), "--json")

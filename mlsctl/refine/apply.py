@@ -147,6 +147,8 @@ def open_inputs(run_dir, feats_dir, context_dir=None):
             raise UserError(f"{role} {folder.path} are refined already (refine apply of run {refined.get('run')}); "
                             f"a refiner takes the unrefined features it was trained on"
                             + (f": give {source}" if source else ""))
+    if context is not features:  # a new user's probe (2026-12-06): neighbours searched across two models' spaces
+        features.check_same_model(context)
     return loaded, features, context
 
 
