@@ -325,24 +325,14 @@ def object_folders(root: str | os.PathLike) -> dict[str, list[Path]]:
     return dict(sorted(groups.items()))  # each list in the scan's order: by relative path, as a string
 
 
-NESTED_FOLDERS = 4  # sub-folders of one object from which object_folders suspects the data set's root was given
-
-
 def _say_nested_objects(root: Path, groups: dict[str, list[Path]]) -> None:
-    """A warning, before anything is embedded, where objects gather their photos from many sub-folders:
-    the data set's root given for its gallery (a new user, 2026-12-06: ``index build data/prod`` built
-    three objects, gallery, query and train, of 40 items each)."""
-    nested = {}
-    for object_id, paths in groups.items():
-        folders = {p.relative_to(root).parts[1] for p in paths if len(p.relative_to(root).parts) > 2}
-        if len(folders) >= NESTED_FOLDERS:
-            nested[object_id] = (len(paths), len(folders))
-    if nested:
-        object_id, (photos, folders) = max(nested.items(), key=lambda item: item[1][1])
-        logging.getLogger("mlsctl").warning(
-            f"{len(nested)} of the {len(groups)} objects of {root} gather their photos from {NESTED_FOLDERS} or more "
-            f"sub-folders ('{object_id}': {photos} photos in {folders} sub-folders); objects are the folders right "
-            f"under {root}: if those sub-folders are the objects, give {root / object_id} instead")
+    """A warning, before anything is embedded, where objects gather their photos from many sub-folders
+    (:func:`~mlsctl.data.objects.nested_groups_note`)."""
+    from mlsctl.data.objects import nested_groups_note
+
+    note = nested_groups_note(root, {name: [p.relative_to(root) for p in paths] for name, paths in groups.items()})
+    if note:
+        logging.getLogger("mlsctl").warning(note)
 
 
 def read_query_sets(path: Path) -> list[tuple[int, object, list[Path]]]:

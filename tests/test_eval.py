@@ -212,6 +212,11 @@ def test_knn_seg_equals_brute_force(tmp_path: Path):
     ivf = knn_seg.evaluate_once(train, val, list(range(6)), knn_seg.Settings(k=5, temperature=0.1, index="ivf",
                                                                             nlist=2, nprobe=2), 3, run_seed=0)
     assert ivf["miou"] == pytest.approx(outcome["miou"])
+    # an --nlist above the memory's patches (a small fraction's memory) is one list per patch: faiss's C++
+    # assertion was an internal error after the larger fractions' work (a new user's probe, 2026-12-06)
+    few = knn_seg.evaluate_once(train, val, [0], knn_seg.Settings(k=5, temperature=0.1, index="ivf", nlist=100_000,
+                                                                   nprobe=100_000), 3, run_seed=0)
+    assert few["memory_patches"] == 16 and "nlist 16," in few["search"]
 
 
 def test_fractions_runs_and_bounded_memory(tmp_path: Path):
@@ -584,6 +589,20 @@ def test_images_beside_features_are_embedded_with_the_features_model(tmp_path: P
                        str(run_dir), "--random-init", "--k", "3", cwd=work, capsys=capsys)
     assert code == 2 and "come from another model" in err and "leave the model out" in err, err
     assert sorted(p.name for p in (work / "features").iterdir()) == [val.path.parent.name]  # nothing embedded
+
+
+def test_a_memory_size_below_one_patch_per_image_is_said(tmp_path: Path, capsys):
+    """A new user's probe (2026-12-06): --memory-size 10 for 96 images held 96 patches (one each) while the
+    summary said memory=10; the same table as --memory-size 100, without a word."""
+    train_dir, train_masks = _scene_data(tmp_path, "train", 8, 4, 8, 3, seed=0)
+    val_dir, val_masks = _scene_data(tmp_path, "val", 3, 4, 8, 3, seed=1)
+    args = ["eval", "knn-seg", "--train", str(train_dir), "--train-masks", str(train_masks), "--val", str(val_dir),
+            "--val-masks", str(val_masks), "--fraction", "1/1", "--k", "5", "--out", str(tmp_path / "r.json")]
+    code, out, err = cli(*args, "--memory-size", "2", capsys=capsys)
+    assert code == 0 and "note: --memory-size 2 is less than one patch per training image; each image gave one " \
+                          "(8 patches)" in out, err
+    code, out, _ = cli(*args, "--memory-size", "16", capsys=capsys)
+    assert code == 0 and "--memory-size 16 is less" not in out
 
 
 def test_knn_seg_cli_records_majority_patch_labels(tmp_path: Path, capsys):

@@ -39,6 +39,13 @@ def test_export_loads_in_timm_and_equals_embed(finished_run, tmp_path, capsys):
         again = load_backbone(tmp_path / "exp")(transform(Image.open(folder / features.files[0]).convert("RGB"))[None])
         from_run = load_backbone(run_dir)(transform(Image.open(folder / features.files[0]).convert("RGB"))[None])
     assert torch.allclose(again[0], expected[0], atol=1e-5) and torch.allclose(from_run[0], expected[0], atol=1e-5)
+    # a new user's probe (2026-12-06): --weights EXPORT was refused, and EXPORT/model.safetensors asked for --model,
+    # which cannot name the reshaped ViT; both read its architecture from the export's mlsctl.json
+    for weights in (tmp_path / "exp", tmp_path / "exp" / "model.safetensors"):
+        out = tmp_path / f"via-{weights.name}"
+        cli_ok(capsys, "embed", str(folder), "--weights", str(weights), "--dtype", "fp32", "--out", str(out))
+        assert Features(out).model["fingerprint"] == features.model["fingerprint"]
+        assert torch.equal(Features(out).global_features(), features.global_features())
 
 
 def test_export_refuses_to_overwrite_what_it_did_not_write(finished_run, tmp_path, capsys):

@@ -25,6 +25,18 @@ def test_missing_source_names_the_debian_package(tmp_path: Path):
         load_split(tmp_path / "none", "train")
 
 
+def test_a_file_cut_inside_its_gzip_stream_is_one_sentence(tmp_path: Path, fake_fmnist: Path):
+    """A new user's probe (2026-12-06): a .gz cut short (a download stopped) raised EOFError, which click took for
+    Ctrl-D: the command printed only "Aborted!", even with --debug."""
+    cut = fake_fmnist / "t10k-images-idx3-ubyte.gz"
+    cut.write_bytes(cut.read_bytes()[:40])
+    with pytest.raises(UserError, match="t10k-images-idx3-ubyte.gz is truncated or damaged"):
+        load_split(fake_fmnist, "test")
+    result = run_cli("data", "fmnist-scenes", "--out", str(tmp_path / "s"), "--n-train", "3", "--n-val", "2",
+                     "--source", str(fake_fmnist))
+    assert result.returncode == 2 and "is truncated or damaged" in result.stderr and "Aborted" not in result.stderr
+
+
 def test_build_is_complete_and_deterministic(tmp_path: Path, fake_fmnist: Path):
     meta = build_scenes(tmp_path / "a", n_train=6, n_val=4, size=48, seed=3, source=fake_fmnist, progress=False)
     build_scenes(tmp_path / "b", n_train=6, n_val=4, size=48, seed=3, source=fake_fmnist, progress=False)

@@ -1670,6 +1670,13 @@ def test_12_the_resume_command_after_a_stop_has_the_processes_that_wrote_the_che
                         f"--out {run.root} --resume")
     one = run_dir.interrupted(run, fresh=False, is_main=True, processes=1)
     assert one.endswith(f"continue with: mlsctl pretrain {run.config_path} --out {run.root} --resume")
+    # a new user's probe (2026-12-06): a folder with a space, pasted as printed, named another recipe
+    import shlex
+
+    spaced = SimpleNamespace(root=tmp_path / "my run", config_path=tmp_path / "my run" / "config.yaml",
+                             latest=run.latest)
+    command = run_dir.interrupted(spaced, fresh=False, is_main=True).split("continue with: ")[1]
+    assert shlex.split(command) == ["mlsctl", "pretrain", str(spaced.config_path), "--out", str(spaced.root), "--resume"]
 
 
 def test_a_value_refused_by_a_method_is_attributed_to_where_it_was_set(tmp_path, capsys):

@@ -633,3 +633,16 @@ def test_without_run_the_newest_mile_run_is_taken_not_the_newest_run(mile_run, f
     code, _, err = cli("index", "build", str(mile_run / "gallery"), "--out", str(tmp_path / "g2"), cwd=tmp_path,
                        capsys=capsys)
     assert code == 2 and "no MILE run under ./runs" in err
+
+
+def test_a_data_sets_root_given_as_data_root_is_said(mile_run, tmp_path, capsys):
+    """A new user's probe (2026-12-06): data.root one level too high made MILE's objects train, gallery and query
+    (test photos trained on), and the refusal of too few objects for a batch advised a smaller batch only."""
+    raw = tiny_recipe(mile_run, data__local_crops={"count": 0, "size": 16, "scale": [0.1, 0.4]}, optim__batch_size=4,
+                      optim__epochs=1)
+    raw["method"] = {"name": "mile", "set_length": 2, "cross_heads": 2, "out_dim": 64, "hidden_dim": 64,
+                     "bottleneck_dim": 32, "warmup_teacher_temp_epochs": 0}
+    code, _, err = cli("pretrain", str(write_recipe(tmp_path / "r.yaml", raw)), "--out", str(tmp_path / "run"),
+                       capsys=capsys)
+    assert code == 2 and "fewer than one global batch" in err and "3 of the 3 objects" in err, err
+    assert f"give {mile_run / 'gallery'} instead" in err and not (tmp_path / "run").exists()

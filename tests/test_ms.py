@@ -245,3 +245,17 @@ def test_the_gathered_loss_of_two_processes_is_the_whole_batch_loss(tmp_path):
         assert part["loss"].item() == pytest.approx(loss.item(), rel=1e-6) and part["mined"] == mined
     # DDP averages a parameter's gradient over the 2 processes: each row's gradient, halved, must be the whole's
     assert torch.allclose(torch.cat([p["grad"] for p in parts]) / 2, whole.grad, atol=1e-7)
+
+
+def test_class_folders_under_several_splits_are_said(tmp_path, capsys):
+    """A new user's probe (2026-12-06): data.root one level too high trained on the test split's classes too."""
+    for split, classes in (("train", range(3)), ("test", range(3, 5))):
+        for c in classes:
+            make_images(tmp_path / "data" / split / f"class{c}", 4, seed=c)
+    raw = _ms_recipe(tmp_path / "data")
+    raw["optim"]["epochs"] = 1
+    _, err = cli_ok(capsys, "pretrain", str(write_recipe(tmp_path / "r.yaml", raw)), "--out", str(tmp_path / "run"))
+    assert "holds the splits test, train" in err and f"give data.root={tmp_path / 'data' / 'train'} instead" in err
+    _, err = cli_ok(capsys, "pretrain", str(write_recipe(tmp_path / "t.yaml", _ms_recipe(tmp_path / "data" / "train"))),
+                    "--out", str(tmp_path / "train-run"), "optim.epochs=1")
+    assert "holds the splits" not in err

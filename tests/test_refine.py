@@ -617,3 +617,9 @@ def test_the_refine_run_s_report_lists_the_evaluations_of_its_refined_features(t
     assert [Path(p).name for p in json.loads(out)["results"]["own"]] == ["after.json"]
     assert [Path(p).name for p in json.loads(out)["results"]["unmatched"]] == ["stale.json"]
     assert "this run&#x27;s refiner at step 18, on the features of" in (tmp_path / "r.html").read_text()
+
+
+def test_the_refine_recipe_without_data_root_asks_for_a_feature_folder(capsys):
+    """A new user's probe (2026-12-06): `pretrain refine` asked for data.root=/path/to/images."""
+    code, _, err = cli("pretrain", "refine", capsys=capsys)
+    assert code == 2 and "data.root=FEATURES, a feature folder of mlsctl embed" in err and "images" not in err, err

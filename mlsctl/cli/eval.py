@@ -192,6 +192,10 @@ def _print_knn_seg(payload: dict, settings, train_images: int, out: Path) -> Non
     if voted and voted[0] < settings.k:
         typer.echo(f"note: --k {settings.k} is more than the memory holds; patches voted with all of it "
                    f"({', '.join(map(str, voted))} patches)")
+    held = sorted({run["memory_patches"] for r in results for run in r["runs"]})
+    if settings.memory_size is not None and held and held[-1] > settings.memory_size:
+        typer.echo(f"note: --memory-size {settings.memory_size} is less than one patch per training image; each image "
+                   f"gave one ({', '.join(f'{n:,}' for n in held)} patches)")
     memory = "all labelled patches" if settings.memory_size is None else settings.memory_size
     typer.echo(f"\n{record['name']} ({record.get('train_split', 'train')} -> {record.get('val_split', 'val')}), "
                f"protocol {payload['protocol']['name']}: k={settings.k} T={settings.temperature} memory={memory} "

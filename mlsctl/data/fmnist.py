@@ -54,12 +54,21 @@ _FILES = {
 
 
 def _read_idx(path: Path) -> np.ndarray:
+    import zlib
+
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:  # a download cut short: click took EOFError for Ctrl-D
+        raise UserError(f"{path} is truncated or damaged ({exc}); reinstall dataset-fashion-mnist") from None
+    if len(data) < 4:
+        raise UserError(f"{path} is truncated; reinstall dataset-fashion-mnist")
     zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
     if zero != 0 or dtype_code != 0x08:
         raise UserError(f"{path} is not an IDX file of unsigned bytes; reinstall dataset-fashion-mnist")
+    if len(data) < 4 + 4 * ndim:
+        raise UserError(f"{path} is truncated; reinstall dataset-fashion-mnist")
     shape = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
     array = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if array.size != int(np.prod(shape)):

@@ -64,6 +64,28 @@ def find_objects(folder: ImageFolder, objects_file: Optional[str | os.PathLike] 
     return [ObjectImages(object_id, sorted(rows)) for object_id, rows in sorted(groups.items())]
 
 
+NESTED_FOLDERS = 4  # sub-folders of one group from which a data set's root given for its split is suspected
+
+
+def nested_groups_note(root: Path, groups: dict, what: str = "objects") -> Optional[str]:
+    """A warning where groups of images (objects, classes: the folders right under ``root``; ``groups``
+    maps each to its images' paths relative to ``root``) gather their images from
+    :data:`NESTED_FOLDERS` or more sub-folders: the data set's root given for one of its splits (new
+    users, 2026-12-06: ``index build data/prod`` built three objects, gallery, query and train; MILE and
+    Multi-Similarity trained on them, test photos included). None where nothing looks so."""
+    nested = {}
+    for name, paths in groups.items():
+        folders = {Path(p).parts[1] for p in paths if len(Path(p).parts) > 2}
+        if len(folders) >= NESTED_FOLDERS:
+            nested[name] = (len(paths), len(folders))
+    if not nested:
+        return None
+    name, (images, folders) = max(nested.items(), key=lambda item: item[1][1])
+    return (f"{len(nested)} of the {len(groups)} {what} of {root} gather their images from {NESTED_FOLDERS} or more "
+            f"sub-folders ('{name}': {images} images in {folders} sub-folders); {what} are the folders right under "
+            f"{root}: if those sub-folders are the {what}, give {Path(root) / name} instead")
+
+
 def choose_set(n_images: int, set_length: int, rng: np.random.Generator) -> list[int]:
     """Positions of a set: ``set_length`` distinct images in random order, or all of them plus
     random duplicates when there are fewer."""

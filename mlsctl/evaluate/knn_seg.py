@@ -402,7 +402,9 @@ def build_index(features: torch.Tensor, kind: str = "flat", nlist: Optional[int]
     if kind == "flat":
         index = faiss.IndexFlatIP(dim)
     elif kind == "ivf":
-        nlist = nlist or max(1, min(int(4 * np.sqrt(len(array))), len(array) // 39))
+        # at most one list per memory patch: a small fraction's memory (1/128) is smaller than an --nlist chosen
+        # for the whole one, and faiss cannot train more centroids than points (a new user's probe, 2026-12-06)
+        nlist = min(nlist or max(1, min(int(4 * np.sqrt(len(array))), len(array) // 39)), len(array))
         quantizer = faiss.IndexFlatIP(dim)
         index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_INNER_PRODUCT)
         index.train(array)
@@ -448,7 +450,7 @@ class FaissSearch:
     def __init__(self, features: torch.Tensor, kind: str, nlist: Optional[int], nprobe: int):
         self.index = build_index(features, kind, nlist, nprobe)
         self.description = "exact, faiss IndexFlatIP on cpu" if kind == "flat" else \
-            f"approximate, faiss IndexIVFFlat on cpu (nprobe {nprobe})"
+            f"approximate, faiss IndexIVFFlat on cpu (nlist {self.index.nlist}, nprobe {nprobe})"
 
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         _import_faiss("the faiss search")  # faiss's threads in the calling thread

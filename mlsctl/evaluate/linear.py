@@ -52,7 +52,7 @@ def multi_labels_for(features, labels_file: Path, what: str, hint: str = "") -> 
         out.append(tags or [])
     if missing:
         raise UserError(f"labels file {labels_file} has no tags for {len(missing)} images of {what} (first: "
-                        f"{missing[0]}); paths are read relative to the labels file's folder{hint}")
+                        f"{missing[0]}); paths are read relative to the labels file's folder, then to the images folder{hint}")
     return out
 
 

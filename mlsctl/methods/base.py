@@ -120,6 +120,8 @@ class Method(nn.Module):
     #: what one batch element is (``optim.batch_size`` counts them, and so does ``images_per_s`` in
     #: metrics.jsonl and summary.json); :meth:`elements` and :meth:`speed_unit` word it
     batch_element: ClassVar[str] = "image"
+    # what data.root names, for the sentence of a recipe that sets none
+    data_root_hint: ClassVar[str] = "add data.root=/path/to/images"
 
     def __init__(self, recipe: Recipe, schedule: Schedule):
         super().__init__()
@@ -159,6 +161,12 @@ class Method(nn.Module):
 
     @classmethod
     def check_recipe(cls, recipe: Recipe) -> list[tuple[str, str]]:
+        return []
+
+    @classmethod
+    def data_notes(cls, recipe: Recipe, dataset) -> list[str]:
+        """What the data as built (:meth:`build_dataset`) suggests is not what was meant: one sentence
+        each, logged when the run starts, and added to the sentence of a refusal of the data's size."""
         return []
 
     def run_notes(self, elements: int) -> list[str]:

@@ -113,8 +113,10 @@ def _patch_size_of(arch: str) -> int:
 
 
 def recorded_model(path: Path) -> Optional[dict]:
-    """The architecture a .safetensors weights file records in its metadata (``model``: arch,
-    img_size, patch_size, timm_kwargs), or None."""
+    """The architecture a .safetensors weights file records (``model``: arch, img_size, patch_size,
+    timm_kwargs, embedding_dim), in its metadata (``teacher.safetensors``) or, for the
+    ``model.safetensors`` of a ViT that ``mlsctl export`` wrote, in the ``mlsctl.json`` beside it;
+    or None."""
     if path.suffix != ".safetensors" or not path.is_file():
         return None
     from safetensors import safe_open
@@ -126,26 +128,55 @@ def recorded_model(path: Path) -> Optional[dict]:
         raise UserError(f"cannot read weights from {path} ({first_line(exc, 200)}); is it a complete .safetensors "
                         f"file?") from None
     if "model" in metadata:
-        from mlsctl.config import timm_kwargs_problem
-
         try:
             spec = json.loads(metadata["model"])
         except json.JSONDecodeError:
             return None
-        if not isinstance(spec, dict) or not isinstance(spec.get("arch"), str):
-            raise UserError(f"--weights {path} records a model description mlsctl did not write; add --model NAME")
-        problem = timm_kwargs_problem(spec.get("timm_kwargs") or {})
-        for key in ("img_size", "patch_size"):
-            if key in spec and not (isinstance(spec[key], int) and 0 < spec[key] <= 65536):
-                problem = problem or f"{key} must be a positive integer, got {spec[key]!r}"
-        if problem:
-            raise UserError(f"--weights {path} records timm_kwargs that mlsctl does not pass to timm ({problem}); "
-                            f"it was not exported by mlsctl: add --model NAME")
-        embedding = spec.get("embedding_dim", 0)
-        if not (isinstance(embedding, int) and 0 <= embedding <= 65536):
-            raise UserError(f"--weights {path} records an embedding_dim mlsctl did not write; add --model NAME")
-        return {k: spec[k] for k in ("arch", "img_size", "patch_size", "timm_kwargs", "embedding_dim") if k in spec}
-    return {"arch": metadata["arch"]} if "arch" in metadata else None
+    else:
+        spec = _export_record(path)
+        if spec is None:
+            return {"arch": metadata["arch"]} if "arch" in metadata else None
+    return _checked_spec(spec, path)
+
+
+def _export_record(path: Path) -> Optional[dict]:
+    """The architecture of an export's ``model.safetensors`` from its ``mlsctl.json`` (``model_args``
+    of a ViT: the export's timm arguments, img_size, patch_size and the embedding layer's width as
+    num_classes), or None (no such record, or a CNN's, which does not record its stride). A new user's
+    probe (2026-12-06): ``--weights EXPORT/model.safetensors`` asked for ``--model``, which cannot name a
+    reshaped ViT."""
+    record_path = path.parent / "mlsctl.json"
+    if path.name != "model.safetensors" or not record_path.is_file():
+        return None
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    args = record.get("model_args") if isinstance(record, dict) else None
+    if not (record.get("format") == "timm" and isinstance(record.get("architecture"), str) and isinstance(args, dict)
+            and "patch_size" in args):
+        return None
+    own = ("img_size", "patch_size", "dynamic_img_size", "num_classes")
+    return {"arch": record["architecture"], "img_size": args.get("img_size"), "patch_size": args["patch_size"],
+            "timm_kwargs": {k: v for k, v in args.items() if k not in own}, "embedding_dim": args.get("num_classes") or 0}
+
+
+def _checked_spec(spec, path: Path) -> dict:
+    from mlsctl.config import timm_kwargs_problem
+
+    if not isinstance(spec, dict) or not isinstance(spec.get("arch"), str):
+        raise UserError(f"--weights {path} records a model description mlsctl did not write; add --model NAME")
+    problem = timm_kwargs_problem(spec.get("timm_kwargs") or {})
+    for key in ("img_size", "patch_size"):
+        if key in spec and not (isinstance(spec[key], int) and 0 < spec[key] <= 65536):
+            problem = problem or f"{key} must be a positive integer, got {spec[key]!r}"
+    if problem:
+        raise UserError(f"--weights {path} records timm_kwargs that mlsctl does not pass to timm ({problem}); "
+                        f"it was not exported by mlsctl: add --model NAME")
+    embedding = spec.get("embedding_dim", 0)
+    if not (isinstance(embedding, int) and 0 <= embedding <= 65536):
+        raise UserError(f"--weights {path} records an embedding_dim mlsctl did not write; add --model NAME")
+    return {k: spec[k] for k in ("arch", "img_size", "patch_size", "timm_kwargs", "embedding_dim") if k in spec}
 
 
 def dinov2_small() -> ModelChoice:

@@ -36,6 +36,8 @@ def check_weights_file(path: str | Path) -> Path:
     """A weights file that exists and has a name this reader takes, else one sentence (checked first,
     before anything is read from it or built for it)."""
     path = Path(path)
+    if path.is_dir() and (path / "mlsctl.json").is_file() and (path / "model.safetensors").is_file():
+        return path / "model.safetensors"  # a folder of mlsctl export: its weights (their architecture beside them)
     if path.is_dir():
         inside = [name for name in ("teacher.safetensors", "model.safetensors") if (path / name).is_file()]
         hint = f"; did you mean {path / inside[0]}?" if inside else ""

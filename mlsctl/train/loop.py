@@ -103,7 +103,13 @@ def _pretrain(recipe, out: str | Path, *, resume: bool, init_from: Optional[str]
     # the same rows even while files come and go, and one walk of a large folder (on NFS) instead of W
     folder = dist.on_main(lambda: method_cls.open_data(recipe))
     dataset, collate_fn = method_cls.build_dataset(recipe, folder)
-    probe = method_cls.batch_sampler(recipe, dataset, world_size=world, rank=rank)
+    data_notes = method_cls.data_notes(recipe, dataset)
+    try:
+        probe = method_cls.batch_sampler(recipe, dataset, world_size=world, rank=rank)
+    except UserError as exc:  # too few objects for a batch: the note may say why (a data set's root given)
+        if not data_notes:
+            raise
+        raise UserError(f"{exc.message}; note: {data_notes[0]}", exit_code=exc.exit_code) from None
     schedule = Schedule(probe.steps_per_epoch, recipe.optim.epochs)
     torch.manual_seed(recipe.seed)  # identical initial weights on every process
     method = method_cls(recipe, schedule).to(accelerator.device)
@@ -128,7 +134,8 @@ def _pretrain(recipe, out: str | Path, *, resume: bool, init_from: Optional[str]
         setup.setup_logging(run, is_main, rank, sys.stderr.isatty())
         if is_main:
             elements = schedule.total_steps * recipe.optim.batch_size * recipe.optim.accumulate_steps * world
-            for line in [*folder.scan.notes("data.root"), *method_cls.recipe_notes(recipe), *method.run_notes(elements)]:
+            for line in [*folder.scan.notes("data.root"), *method_cls.recipe_notes(recipe), *data_notes,
+                         *method.run_notes(elements)]:
                 log.warning(line)
         if initialised:
             log.info(f"initialised {initialised}")

@@ -218,9 +218,12 @@ def interrupted(run: Run, fresh: bool, is_main: bool, processes: int = 1) -> str
         if is_main and fresh:
             undo_start(run)
         return f"nothing was saved (no checkpoint yet) and {run.root} is as it was before this start"
+    import shlex
+
     launch = f"accelerate launch --num_processes {processes} -m mlsctl" if processes > 1 else "mlsctl"
+    # quoted: a path with a space, pasted as printed, named another recipe (a new user's probe, 2026-12-06)
     return (f"the last checkpoint is step {latest.step} ({latest.path}); continue with: "
-            f"{launch} pretrain {run.config_path} --out {run.root} --resume")
+            f"{launch} pretrain {shlex.quote(str(run.config_path))} --out {shlex.quote(str(run.root))} --resume")
 
 
 def record_images(run: Run, folder: ImageFolder) -> None:

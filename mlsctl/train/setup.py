@@ -42,7 +42,7 @@ def check_recipe(recipe, method_cls, source: str, overridden: Sequence[str] = ()
     it refuses would train, then be refused by every command that reads its config.yaml."""
     config_lib.from_dict(config_lib.to_dict(recipe), source)
     if recipe.data.root is None:
-        raise UserError(f"{source}: data.root is not set; add data.root=/path/to/images")
+        raise UserError(f"{source}: data.root is not set; {method_cls.data_root_hint}")
     for key, message in method_cls.check_recipe(recipe):
         raise UserError(f"{source_of(key, source, overridden)}: '{key}' {message}")
 

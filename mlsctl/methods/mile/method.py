@@ -25,6 +25,7 @@ docs/methods.md#mile-departures).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -163,6 +164,17 @@ class MILE(Method):
 
     def last_layer_parameters(self):
         return list(self.student.head.dino.last_layer.parameters())
+
+    @classmethod
+    def data_notes(cls, recipe, dataset):
+        from mlsctl.data.objects import nested_groups_note
+
+        if recipe.method.objects_file:
+            return []
+        folder = dataset.folder
+        note = nested_groups_note(Path(folder.root), {o.object_id: [folder.relpath(r) for r in o.rows]
+                                                      for o in dataset.objects})
+        return [f"data.root: {note}"] if note else []
 
     def teacher_backbone(self):
         return self.teacher.backbone

@@ -40,6 +40,9 @@ class LabelledBatch(Batch):
     labels: Optional[torch.Tensor] = None  # [B] class index
 
 
+SPLIT_NAMES = frozenset({"train", "training", "val", "valid", "validation", "test", "testing", "gallery", "query"})
+
+
 class LabelledCrops(MultiCropDataset):
     """Random resized crops of a labelled image folder; ``labels`` [n] class indices."""
 
@@ -93,6 +96,20 @@ class MS(Method):
 
         return MPerClassStepSampler.of_recipe(recipe, dataset.labels, recipe.method.m_per_class, world_size=world_size,
                                               rank=rank, start_step=start_step, total_steps=total_steps)
+
+    @classmethod
+    def data_notes(cls, recipe, dataset):
+        """Class folders under several splits of a data set (``train/``, ``test/``): its root was given,
+        and the test classes are trained on (a new user's probe, 2026-12-06)."""
+        if recipe.method.labels_file:
+            return []
+        splits = sorted({Path(p).parts[0] for p in dataset.folder.relpaths() if len(Path(p).parts) > 2})
+        if len(splits) < 2 or not set(splits) <= SPLIT_NAMES:
+            return []
+        root = Path(dataset.folder.root)
+        return [f"data.root {root} holds the splits {', '.join(splits)}: the class folders of all of them are "
+                f"trained on, {'test' if 'test' in splits else splits[-1]} classes included; give data.root="
+                f"{root / ('train' if 'train' in splits else splits[0])} instead"]
 
     def ema_momentum(self, step: int) -> float:
         return 0.0  # no EMA teacher

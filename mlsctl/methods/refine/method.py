@@ -252,6 +252,8 @@ class Refine(Method):
     Config = RefineConfig
     has_backbone = False  # it refines features: no backbone to export
     batch_element = "embedding"
+    data_root_hint = ("add data.root=FEATURES, a feature folder of mlsctl embed (or run mlsctl refine train "
+                      "FEATURES)")
 
     def __init__(self, recipe, schedule, dim: Optional[int] = None):
         super().__init__(recipe, schedule)
