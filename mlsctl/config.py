@@ -498,6 +498,12 @@ def _unknown_key(cls: type, key: str, path: str, ctx: _Context) -> ConfigError:
         # other trainers count steps; here a run's length is its epochs (a new user's run-through, 2026-12-06)
         return ctx.fail(path, message + "; a run's length is optim.epochs (its steps: epochs x images / "
                                         "optim.batch_size, printed when it starts)")
+    owners = [name for name in registry.names() if path == f"method.{key}"
+              and key in {f.name for f in fields(registry.config_class(name))}]
+    if owners:  # another method's key on this one's recipe (a new user's probe, 2026-12-06)
+        recipes = [stem for stem in shipped_recipes() if stem.startswith(owners[0] + "_")]
+        return ctx.fail(path, message + f"; '{key}' is a key of {' and '.join(owners)}: remove it, or start from a "
+                                        f"recipe of {owners[0]}" + (f" ({', '.join(recipes[:2])})" if recipes else ""))
     if suggestion:
         message += f"; did you mean '{suggestion}'?"
     else:
@@ -665,6 +671,9 @@ def resolve_recipe_path(name_or_path: str) -> Path:
     if not path.exists() and stem in shipped and len(path.parts) <= 2:
         return shipped[stem]
     if path.is_dir():
+        if (path / "config.yaml").is_file():  # a run folder (a new user's probe, 2026-12-06: `pretrain runs/x --resume`)
+            raise ConfigError(f"{name_or_path} is a folder; a run's recipe is its config.yaml: give "
+                              f"{path / 'config.yaml'} (with --out {path} --resume to continue that run)")
         raise ConfigError(f"{name_or_path} is a folder; give a recipe YAML file (see `mlsctl recipes`)")
     close = difflib.get_close_matches(stem, list(shipped), n=1, cutoff=0.6)
     hint = f"; did you mean '{close[0]}'?" if close else "; `mlsctl recipes` lists the shipped ones"

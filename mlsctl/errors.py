@@ -63,8 +63,17 @@ def annotate(exc: BaseException, *, resume_hint: Optional[str] = None, run_log: 
 
 def first_line(exc: BaseException, limit: int = 160) -> str:
     """The first line of ``exc``'s message, at most ``limit`` characters: its type's name where the message
-    is empty (for the "(…)" that our one-sentence errors quote from a library's exception)."""
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:limit]
+    is empty (for the "(…)" that our one-sentence errors quote from a library's exception). A longer line
+    ends with the last whole sentence that fits, or is cut at a word with "…" (a new user's probe,
+    2026-12-06: torch's "... there is a high likelihood that your checkpoint file is" ended mid-sentence)."""
+    line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if len(line) <= limit:
+        return line
+    cut = line[:limit]
+    sentence = cut.rfind(". ")
+    if sentence > 0:
+        return cut[:sentence + 1]
+    return cut[:cut.rfind(" ")].rstrip(" ,;:") + "…" if " " in cut else cut
 
 
 # errno → (what happened, what to do)

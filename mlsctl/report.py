@@ -540,7 +540,9 @@ def _data(result: dict) -> str:
             or (f"features {features}" if features else "–")
     text = f"train {side['train']}, val {side['val']}"
     if dataset.get("masks"):
-        text += f" (masks {dataset['masks']})"
+        val_masks = dataset.get("val_masks")
+        text += (f" (masks {dataset['masks']}, val {val_masks})" if val_masks and val_masks != dataset["masks"]
+                 else f" (masks {dataset['masks']})")
     elif dataset.get("labels"):
         text += f" (labels: {dataset['labels']})"
     return text

@@ -156,9 +156,13 @@ def initial_weights(method, source: str) -> str:
             method.load_state_dict(saved, strict=True)
             return f"all weights of {checkpoint.path}"
         if not method.backbones():  # a method on features: its own weights or nothing
+            name, other = method.recipe.method.name, _checkpoint_recipe(checkpoint)
+            if other is not None and other.method.name != name:  # a new user's probe, 2026-12-06: "another shape"
+                raise UserError(f"--init-from {source} is a run of {other.method.name}; a {name} run starts from the "
+                                f"weights of another {name} run")
             differ = sorted(set(saved) ^ set(own)) or [k for k in own if saved[k].shape != own[k].shape]
             raise UserError(f"--init-from {source} holds weights of another shape than this "
-                            f"{method.recipe.method.name} run's ({', '.join(differ[:3])}{', ...' if len(differ) > 3 else ''}); "
+                            f"{name} run's ({', '.join(differ[:3])}{', ...' if len(differ) > 3 else ''}); "
                             f"start from a run with the same settings")
         state = _teacher_backbone_state(checkpoint, saved)
     else:
@@ -180,14 +184,10 @@ def _teacher_backbone_state(checkpoint: Checkpoint, saved: dict) -> dict:
     from that method itself, built from the recipe the checkpoint was trained with (each method keeps
     its teacher under names of its own: MLS's is its key encoder, ``key.backbone``), or, where no
     recipe of it can be read, from the layout of its keys."""
-    from mlsctl import config as config_lib
     from mlsctl.models.weights import backbone_state, built_with
 
-    recipe_file = checkpoint.recipe_path if checkpoint.recipe_path.is_file() else \
-        Run(checkpoint.path.parent.parent).config_path
-    try:
-        recipe = config_lib.load_run_recipe(recipe_file)
-    except (UserError, OSError):
+    recipe = _checkpoint_recipe(checkpoint)
+    if recipe is None:
         return backbone_state(saved, keep_head=True)
     recipe = dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, weights=None, pretrained=False))
     try:
@@ -195,6 +195,19 @@ def _teacher_backbone_state(checkpoint: Checkpoint, saved: dict) -> dict:
     except RuntimeError:  # a recipe edited since the checkpoint was written: its keys' layout is all there is
         return backbone_state(saved, keep_head=True)
     return {name: value.detach() for name, value in method.teacher_backbone().net.state_dict().items()}
+
+
+def _checkpoint_recipe(checkpoint: Checkpoint):
+    """The recipe a checkpoint was trained with (its recipe.yaml, else its run's config.yaml), or None
+    where neither can be read."""
+    from mlsctl import config as config_lib
+
+    recipe_file = checkpoint.recipe_path if checkpoint.recipe_path.is_file() else \
+        Run(checkpoint.path.parent.parent).config_path
+    try:
+        return config_lib.load_run_recipe(recipe_file)
+    except (UserError, OSError):
+        return None
 
 
 def _with_own_head(vit, state: dict) -> tuple[dict, bool]:

@@ -108,6 +108,23 @@ def test_yaml_float_forms_and_overrides():
     assert recipe.model.timm_kwargs == {"depth": 2}
 
 
+def test_a_run_folder_given_as_the_recipe_names_its_config(tmp_path):
+    """A new user's probe (2026-12-06): `pretrain runs/x --resume` said only "is a folder; give a recipe"."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("seed: 0\n")
+    with pytest.raises(ConfigError, match="a run's recipe is its config.yaml: give .*run/config.yaml .*--resume"):
+        config.resolve_recipe_path(str(tmp_path / "run"))
+    with pytest.raises(ConfigError, match="is a folder; give a recipe YAML file"):
+        config.resolve_recipe_path(str(tmp_path))
+
+
+def test_a_key_of_another_method_names_that_method():
+    """A new user's probe (2026-12-06): method.queue_size on a dino recipe said only "remove it"."""
+    message = error_of({"method": {"name": "dino", "queue_size": 10}})
+    assert "'queue_size' is a key of mls: remove it, or start from a recipe of mls (mls_" in message, message
+    assert "did you mean 'method.out_dim'" in error_of({"method": {"name": "dino", "out_dimm": 10}})
+
+
 def test_malformed_override():
     with pytest.raises(ConfigError, match="must look like key.sub=value"):
         config.parse_overrides(["optim.lr"])

@@ -117,6 +117,14 @@ def test_cli_errors_are_one_sentence(tmp_path, capsys):
     code, _, err = cli("eval", "linear", "--train", str(single["train"]), "--val", str(single["val"]), "--holdout", "0",
                        "--lr", "1", "0.001", capsys=capsys)
     assert code == 2 and "--holdout 0 leaves no images to choose among 2 learning rates and 2 weight decays" in err
+    # a new user's probe (2026-12-06): --holdout 0.01 held out one image, every setting tied, the first "chosen"
+    code, out, err = cli("eval", "linear", "--train", str(single["train"]), "--val", str(single["val"]), "--holdout",
+                         "0.01", "--epochs", "2", "--lr", "0.01", "0.1", "--wd", "0", "--out", str(tmp_path / "tiny.json"),
+                         capsys=capsys)
+    saved = json.loads((tmp_path / "tiny.json").read_text())
+    assert code == 0 and saved["protocol"]["holdout_images"] == 1, err
+    assert [r["top1"] for r in saved["sweep"]] == [1.0, 1.0]
+    assert "scored the same on the 1 held-out image, so the first was chosen" in out, out
 
 
 def test_binary_labels_and_metrics_files_are_one_sentence(tmp_path, capsys, finished_run):

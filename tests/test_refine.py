@@ -176,6 +176,19 @@ def test_train_can_start_from_another_refine_run(trained, capsys):
     assert code == 2 and "weights of another shape" in err and "every backbone" not in err
 
 
+
+def test_train_from_a_run_of_another_method_says_so(trained, finished_run, capsys):
+    """A new user's probe (2026-12-06): refine train --init-from an ms run was refused for weights "of another
+    shape", while the run was of another method."""
+    from conftest import cli
+
+    tmp, train = trained
+    dino_run, _ = finished_run
+    code, _, err = cli(*_train_args(train, tmp / "from-dino", "--epochs", "1", "--init-from", str(dino_run)),
+                       capsys=capsys)
+    assert code == 2 and "is a run of dino; a refine run starts from the weights of another refine run" in err, err
+
+
 def test_apply_writes_features_every_eval_reads_and_never_shows_a_query_itself(trained, capsys):
     from mlsctl.features import Features
     from mlsctl.refine.apply import load_refiner, refine, self_rows

@@ -125,7 +125,13 @@ def knn_seg(
     def embed_options() -> dict:
         if resolution is None and preset.input_size is None:
             return {}
-        return {"resolution": resolution or preset.resolution(get_model().backbone.patch_size)}
+        if resolution is not None:
+            return {"resolution": resolution}
+        side = preset.resolution(get_model().backbone.patch_size)
+        # (h/p)² tokens an image: 4,096 at 512 px for a patch of 8, the wait a new user could not explain
+        say(f"images are embedded at {side} px, protocol {preset.name}'s input size "
+            f"({(side // get_model().backbone.patch_size) ** 2:,} patches an image); --resolution sets another")
+        return {"resolution": side}
 
     inputs = inputs_lib.segmentation_inputs(dataset, root, train_split, val_split,
                                             dict(train=train, train_masks=train_masks, val=val, val_masks=val_masks),
@@ -338,6 +344,10 @@ def linear(
                          [[r["lr"], r["weight_decay"], pct(r[key], 2),
                            "yes" if (r["lr"], r["weight_decay"]) == (best["lr"], best["weight_decay"]) else ""]
                           for r in result["sweep"]]))
+        held = result["protocol"]["holdout_images"]
+        if len({r[key] for r in result["sweep"]}) == 1:  # a new user's probe: --holdout 0.01 held out 1 image
+            typer.echo(f"note: every setting scored the same on the {held} held-out image{'s' if held != 1 else ''}, "
+                       f"so the first was chosen; raise --holdout to tell them apart")
         typer.echo("")
     scores = result["results"]
     if multi_label:

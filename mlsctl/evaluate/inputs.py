@@ -189,6 +189,7 @@ def segmentation_inputs(dataset: str, root: Optional[Path], train_split: Optiona
     train_features = features_or_embed(train, get_model, dense=True, what="train features", say=say, **options)
     val_features = features_or_embed(val, get_model, dense=True, what="val features", say=say, **options)
     record = {"name": "folders", **image_roots(train_features, val_features), "masks": str(train_masks),
+              "val_masks": str(val_masks),  # "masks" alone read as if one folder served both (a new user's probe)
               "ignore_index": ignore_index,
               "mapping": {"rule": "none: mask values are the class ids", "ignored_values": [ignore_index]}}
     names, val_names = class_names(train_masks), class_names(val_masks)

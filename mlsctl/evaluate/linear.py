@@ -238,5 +238,6 @@ def evaluate_linear(train_features, val_features, *, labels: Optional[Path] = No
             "val_classes_unseen_in_train": unseen, "model": train_features.model,
             "protocol": {"features": "global, standardised with the training rows' mean and std",
                          "optimizer": "SGD momentum 0.9, cosine schedule", "epochs": epochs, "batch_size": batch_size,
-                         "holdout": holdout, "seed": seed, "device": str(device or torch.device("cpu"))},
+                         "holdout": holdout, "holdout_images": max(1, int(round(holdout * len(x_train)))) if rows else 0,
+                         "seed": seed, "device": str(device or torch.device("cpu"))},
             "sweep": rows, "chosen": {"lr": chosen.lr, "weight_decay": chosen.weight_decay}, "results": result}
