@@ -636,3 +636,19 @@ def test_the_refine_recipe_without_data_root_asks_for_a_feature_folder(capsys):
     """A new user's probe (2026-12-06): `pretrain refine` asked for data.root=/path/to/images."""
     code, _, err = cli("pretrain", "refine", capsys=capsys)
     assert code == 2 and "data.root=FEATURES, a feature folder of mlsctl embed" in err and "images" not in err, err
+
+
+def test_a_refinement_that_raises_its_own_training_loss_says_so(trained, capsys):
+    """A new user's probe (2026-12-06): at the defaults on weak features the refined loss stayed above the
+    unrefined one (ms_before) for the whole run, and nothing said so."""
+    tmp, train = trained
+    _, err = cli_ok(capsys, *_train_args(train, tmp / "wild", "optim.lr=5"))
+    assert "stayed above the unrefined ones'" in err and "try a lower optim.lr" in err, err
+    from types import SimpleNamespace
+
+    from mlsctl.methods.refine.method import Refine
+
+    below = [(0.70, 0.72)] * 6 + [(0.73, 0.72)] * 4  # above at 4 of 10 logged steps: helping, said nothing
+    assert Refine.end_notes(SimpleNamespace(logged_losses=below)) == []
+    assert Refine.end_notes(SimpleNamespace(logged_losses=[(0.8, 0.7)] * 4)) == []  # too few steps to tell
+    assert len(Refine.end_notes(SimpleNamespace(logged_losses=[(0.73, 0.72)] * 6))) == 1

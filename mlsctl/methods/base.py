@@ -169,6 +169,11 @@ class Method(nn.Module):
         each, logged when the run starts, and added to the sentence of a refusal of the data's size."""
         return []
 
+    def end_notes(self) -> list[str]:
+        """What the run's own metrics say went wrong, one sentence each, logged as warnings when it
+        finishes (before ``done:``)."""
+        return []
+
     def run_notes(self, elements: int) -> list[str]:
         """What this run, of ``elements`` batch elements (images, sets) in all, will not do that its
         recipe asks for: one sentence each, logged as warnings when it starts (:meth:`recipe_notes`

@@ -430,6 +430,8 @@ def _finish(run: Run, accelerator, method, folder: ImageFolder, plan: optim.Plan
         if merged.summary():
             log.warning(merged.summary())
         checkpoint.export_teacher(method, run)
+        for line in method.end_notes():
+            log.warning(line)
         if world > 1 and method.banks():
             log.info(f"memory banks identical on all {world} processes (checked at every checkpoint)")
         summary = {"steps": total_steps, "resumed_from": start_step, "seconds": round(elapsed, 2),
