@@ -56,6 +56,21 @@ def test_a_stop_while_a_finished_command_exits_keeps_its_exit_code(signum):
             assert "dino_fmnist_quick" in result.stdout  # what the command printed came out
 
 
+def test_a_command_started_with_stdout_or_stderr_closed_ends_well():
+    """A review (2026-12-06): the exit's flush met sys.stdout = None (a daemon's `>&-`): a traceback, exit 1."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import cli_env
+
+    for fd in (1, 2):
+        result = subprocess.run([sys.executable, "-m", "mlsctl", "recipes"], env=cli_env(), timeout=60,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE if fd == 1 else subprocess.DEVNULL,
+                                preexec_fn=lambda fd=fd: os.close(fd))
+        assert result.returncode == 0, (fd, result.stderr)
+
+
 def test_a_method_and_its_banks_read_without_torchvision():
     """`bank inspect` needs a method's class and its banks, not the augmentation: torchvision (which imports
     torch._dynamo, seconds on a small CPU) is imported where crops are made."""

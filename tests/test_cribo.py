@@ -319,7 +319,8 @@ def test_neighbours_come_from_the_objects_of_the_newest_s_images_as_in_the_autho
     """The paper counts the bank in images (S): the authors' queue keeps S images, newest first, each with
     its valid objects, and drops the last images of its oldest batch first. Steps of 4 images with 0 to 4
     objects each, S = 6: the pool is what that queue holds, whatever more the S·K slots still keep. (An
-    image without objects among the kept part of the oldest step would be passed over: docs/methods.md.)"""
+    image without objects among the kept part of the oldest step would be passed over, and images with all
+    K objects can push the oldest step's first images out of the slots: docs/methods.md.)"""
     method, _ = _cribo(tmp_path, bank_images=6)  # 6 x 4 clusters = 24 slots
     bank, images_per_step = method.bank, 4
     objects_of = {0: [4, 3, 2, 4], 1: [1, 2, 0, 3], 2: [2, 4, 1, 1], 3: [3, 4, 0, 2]}
@@ -337,6 +338,18 @@ def test_neighbours_come_from_the_objects_of_the_newest_s_images_as_in_the_autho
     assert bank.n_written > bank.size  # the slots wrapped: older objects were overwritten, others kept beyond S
     pool = method._newest_images(4, images_per_step)
     assert int(pool.sum()) == sum(n for _, _, n in queue) == 3 + 4 + 0 + 2 + 2 + 4
+    # every image with all K = 4 objects: the newest 2 steps (32 objects) outgrow the 24 slots, the oldest step's
+    # first images are overwritten first and its later ones stand in; still S = 6 images, those still there
+    full, _ = _cribo(tmp_path, bank_images=6)
+    for step in range(4):
+        places = torch.arange(4).repeat_interleave(4)
+        full.bank.enqueue(torch.randn(16, 2 * full.dim), step=step, image_id=step * 100 + places,
+                          box=torch.zeros(16, 4), box_view2=torch.zeros(16, 4), region=torch.zeros(16, 4),
+                          cluster_id=torch.zeros(16, dtype=torch.long))
+    pool = full._newest_images(4, images_per_step)
+    images = {(int(full.bank.payload["step"][i]), int(full.bank.payload["image_id"][i]) % 100)
+              for i in pool.nonzero().flatten().tolist()}
+    assert images == {(3, 0), (3, 1), (3, 2), (3, 3), (2, 2), (2, 3)} and int(pool.sum()) == 6 * 4
 
 
 def test_the_cycle_check_never_passes_outside_the_pool():

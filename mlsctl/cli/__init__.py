@@ -391,6 +391,8 @@ def _flush_streams() -> bool:
     """Flush stdout and stderr; False where stdout could not be (a reader that went away)."""
     flushed = True
     for stream in (sys.stdout, sys.stderr):
+        if stream is None:  # started with it closed (`>&-`): nothing to flush (a review, 2026-12-06)
+            continue
         try:
             stream.flush()
         except (OSError, ValueError):

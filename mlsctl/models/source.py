@@ -152,13 +152,18 @@ def _export_record(path: Path) -> Optional[dict]:
         record = json.loads(record_path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    args = record.get("model_args") if isinstance(record, dict) else None
+    if not isinstance(record, dict):  # hand-edited into a list or a number (a review, 2026-12-06)
+        return None
+    args = record.get("model_args")
     if not (record.get("format") == "timm" and isinstance(record.get("architecture"), str) and isinstance(args, dict)
             and "patch_size" in args):
         return None
     own = ("img_size", "patch_size", "dynamic_img_size", "num_classes")
-    return {"arch": record["architecture"], "img_size": args.get("img_size"), "patch_size": args["patch_size"],
+    spec = {"arch": record["architecture"], "patch_size": args["patch_size"],
             "timm_kwargs": {k: v for k, v in args.items() if k not in own}, "embedding_dim": args.get("num_classes") or 0}
+    if "img_size" in args:  # else timm's default for the architecture
+        spec["img_size"] = args["img_size"]
+    return spec
 
 
 def _checked_spec(spec, path: Path) -> dict:

@@ -260,7 +260,10 @@ class CrIBo(Method):
         out. Every step writes ``images_per_step`` images, its objects in the order of the step's global
         batch: steps ``step − q .. step − 1`` are in whole, with ``q, r = divmod(S, images_per_step)``, and
         of step ``step − q − 1`` the first r images that have objects, as the authors' queue keeps the
-        first images of its oldest batch. No host synchronisation."""
+        first images of its oldest batch — of those still in the bank: where nearly every image has all K
+        objects, the newest (q + 1) steps outgrow the S·K slots and that step's first images are
+        overwritten first, so its later ones stand in (still S images; a review, 2026-12-06). No host
+        synchronisation."""
         bank, (q, r) = self.bank, divmod(self.cfg.bank_images, images_per_step)
         order = bank.order()  # oldest first; one step's objects lie together, in its batch's order
         steps, ids = bank.payload["step"][order], bank.payload["image_id"][order]
