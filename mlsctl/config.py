@@ -132,6 +132,18 @@ class ModelConfig:
     embedding_dim: int = param(0, help="a linear embedding layer width -> embedding_dim on the CLS token (timm's "
                                        "head; the global feature embed stores); 0 = none", ge=0)
 
+    def __post_init__(self):
+        # YAML 1.1 reads 1e-5 (no dot) as text: a number argument so written is taken as the number, as the
+        # recipe's own float keys take it (a review, 2026-12-06: init_values: 1e-5, DINOv2's LayerScale)
+        if isinstance(self.timm_kwargs, dict):
+            for key in _TIMM_NUMBERS:
+                value = self.timm_kwargs.get(key)
+                if isinstance(value, str):
+                    try:
+                        self.timm_kwargs[key] = float(value)
+                    except ValueError:
+                        pass
+
     def check(self) -> list[tuple[str, str]]:
         if self.weights is not None and self.pretrained:
             return [("pretrained", "cannot be true together with model.weights; choose one")]

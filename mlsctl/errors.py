@@ -71,7 +71,7 @@ def first_line(exc: BaseException, limit: int = 160) -> str:
         return line
     cut = line[:limit]
     sentence = cut.rfind(". ")
-    if sentence > 0:
+    if sentence >= limit // 2:  # a sentence that keeps most of the line ("e.g. " early on is no sentence's end)
         return cut[:sentence + 1]
     return cut[:cut.rfind(" ")].rstrip(" ,;:") + "…" if " " in cut else cut
 

@@ -330,7 +330,8 @@ def _say_nested_objects(root: Path, groups: dict[str, list[Path]]) -> None:
     (:func:`~mlsctl.data.objects.nested_groups_note`)."""
     from mlsctl.data.objects import nested_groups_note
 
-    note = nested_groups_note(root, {name: [p.relative_to(root) for p in paths] for name, paths in groups.items()})
+    note = nested_groups_note(root, {name: [p.relative_to(root) for p in paths] for name, paths in groups.items()},
+                              prefer=("gallery",))
     if note:
         logging.getLogger("mlsctl").warning(note)
 

@@ -182,8 +182,9 @@ def initial_weights(method, source: str) -> str:
 def _teacher_backbone_state(checkpoint: Checkpoint, saved: dict) -> dict:
     """The teacher backbone of a checkpoint of another method or settings, in timm's layout: taken
     from that method itself, built from the recipe the checkpoint was trained with (each method keeps
-    its teacher under names of its own: MLS's is its key encoder, ``key.backbone``), or, where no
-    recipe of it can be read, from the layout of its keys."""
+    its teacher under names of its own: MLS's, the query encoder it releases, is ``query.backbone``; a
+    LoRA run's adapters are merged, as in its export), or, where no recipe of it can be read, from the
+    layout of its keys."""
     from mlsctl.models.weights import backbone_state, built_with
 
     recipe = _checkpoint_recipe(checkpoint)
@@ -194,7 +195,10 @@ def _teacher_backbone_state(checkpoint: Checkpoint, saved: dict) -> dict:
         method = built_with(lambda: build_method(recipe), saved)
     except RuntimeError:  # a recipe edited since the checkpoint was written: its keys' layout is all there is
         return backbone_state(saved, keep_head=True)
-    return {name: value.detach() for name, value in method.teacher_backbone().net.state_dict().items()}
+    from mlsctl.models import lora
+
+    vit = lora.merged_vit(method.teacher_backbone().model)  # a LoRA run's adapters merged, as its export has them
+    return {name: value.detach() for name, value in vit.state_dict().items()}
 
 
 def _checkpoint_recipe(checkpoint: Checkpoint):
@@ -387,7 +391,14 @@ def model_that_made(features, get_model, need: str, say=None) -> ModelChoice:
     loaded again and checked by fingerprint (:func:`model_of_features`), or ``get_model()``'s default
     where it is that model; ``get_model`` (:func:`model_on_demand`) keeps it, said with ``say``. Else
     one sentence: ``need`` (why a model is needed) and how to name it."""
-    found = model_of_features(features.model)
+    record = features.model
+    if isinstance(record.get("refiner"), dict):  # a review (2026-12-06): "give --run", which can never match
+        raise UserError(f"{need}, and {features.path} are refined features (refine apply): embed the other side too "
+                        f"and refine it with the same run, or give the unrefined features")
+    if not record.get("fingerprint"):
+        raise UserError(f"{need}, and the manifest of {features.path} records no model to embed them with: give "
+                        f"images on both sides, or features of one model")
+    found = model_of_features(record)
     if found is None:  # what a command without --run would take (the newest run, DINOv2), if it made them
         try:
             default = get_model()

@@ -71,6 +71,21 @@ def test_a_command_started_with_stdout_or_stderr_closed_ends_well():
         assert result.returncode == 0, (fd, result.stderr)
 
 
+def test_a_library_message_quoted_in_ours_ends_at_a_sentence_or_a_word():
+    """A new user's probe and a review (2026-12-06): torch's message was cut mid-sentence ("... that your checkpoint
+    file is"), then at an early "e.g. " ("Failed to load, e.g.")."""
+    from mlsctl.errors import first_line
+
+    torch_text = ("PytorchStreamReader failed reading zip archive: failed finding central directory. This is an internal "
+                  "miniz error. If you are seeing this error, there is a high likelihood that your checkpoint file is "
+                  "corrupted")
+    assert first_line(RuntimeError(torch_text)) == ("PytorchStreamReader failed reading zip archive: failed finding "
+                                                    "central directory. This is an internal miniz error.")
+    cut = first_line(RuntimeError("Failed to load, e.g. the file " + "word " * 60), 200)
+    assert cut.startswith("Failed to load, e.g. the file word") and cut.endswith("word…") and len(cut) <= 201
+    assert first_line(RuntimeError("short. message")) == "short. message"
+
+
 def test_a_method_and_its_banks_read_without_torchvision():
     """`bank inspect` needs a method's class and its banks, not the augmentation: torchvision (which imports
     torch._dynamo, seconds on a small CPU) is imported where crops are made."""

@@ -96,6 +96,10 @@ def test_timm_kwargs_of_the_wrong_type_are_named_before_timm_sees_them():
     recipe = config.from_dict({"model": {"timm_kwargs": {"depth": 2, "mlp_ratio": 4, "init_values": None,
                                                          "qkv_bias": False, "global_pool": "avg"}}})
     assert recipe.model.timm_kwargs["mlp_ratio"] == 4
+    # YAML 1.1 reads 1e-5 as text (a review, 2026-12-06): a number argument so written is the number
+    recipe = config.from_dict({"model": {"timm_kwargs": {"init_values": "1e-5"}}},
+                              overrides=config.parse_overrides(["model.timm_kwargs.drop_rate=1e-1"]))
+    assert recipe.model.timm_kwargs == {"init_values": 1e-5, "drop_rate": 0.1}
 
 
 def test_yaml_float_forms_and_overrides():

@@ -589,6 +589,19 @@ def test_images_beside_features_are_embedded_with_the_features_model(tmp_path: P
                        str(run_dir), "--random-init", "--k", "3", cwd=work, capsys=capsys)
     assert code == 2 and "come from another model" in err and "leave the model out" in err, err
     assert sorted(p.name for p in (work / "features").iterdir()) == [val.path.parent.name]  # nothing embedded
+    # a review (2026-12-06): features whose manifest names no fingerprint, or refined ones, got circular advice
+    import shutil
+
+    for name, change in (("no-fingerprint", lambda m: m["model"].pop("fingerprint")),
+                         ("refined", lambda m: m["model"].update(refiner={"run": "r"}))):
+        shutil.copytree(tmp_path / "tf", tmp_path / name)
+        manifest = json.loads((tmp_path / name / "manifest.json").read_text())
+        change(manifest)
+        (tmp_path / name / "manifest.json").write_text(json.dumps(manifest))
+        code, _, err = cli("eval", "knn", "--train", str(tmp_path / name), "--val", str(tmp_path / "val"), "--k", "3",
+                           cwd=work, capsys=capsys)
+        words = "records no model to embed them with" if name == "no-fingerprint" else "are refined features"
+        assert code == 2 and words in err and "--run" not in err, err
 
 
 def test_a_memory_size_below_one_patch_per_image_is_said(tmp_path: Path, capsys):

@@ -645,4 +645,4 @@ def test_a_data_sets_root_given_as_data_root_is_said(mile_run, tmp_path, capsys)
     code, _, err = cli("pretrain", str(write_recipe(tmp_path / "r.yaml", raw)), "--out", str(tmp_path / "run"),
                        capsys=capsys)
     assert code == 2 and "fewer than one global batch" in err and "3 of the 3 objects" in err, err
-    assert f"give {mile_run / 'gallery'} instead" in err and not (tmp_path / "run").exists()
+    assert f"give {mile_run / 'train'} instead" in err and not (tmp_path / "run").exists()  # the training split

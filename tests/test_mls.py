@@ -509,9 +509,10 @@ def test_label_metrics_are_measured_where_logged_and_count_the_images_own_views(
     assert float(out.metrics["labels/kth_cosine"]) == pytest.approx(float(top.values[:, -1].mean()), abs=1e-6)
 
 
-def test_init_from_an_mls_run_takes_its_key_encoder(tmp_path, capsys, finished_run):
+def test_init_from_an_mls_run_takes_its_released_encoder(tmp_path, capsys, finished_run):
     """A new user's probe (2026-12-06): --init-from an MLS run into another method was refused for 'missing 54
-    keys ... unexpected key.backbone.model...': the run's teacher, its key encoder, is taken from the method."""
+    keys ... unexpected key.backbone.model...': the run's teacher, the query encoder it exports, is taken
+    from the method."""
     from safetensors.torch import load_file
 
     from mlsctl.restore import build_method, initial_weights

@@ -256,6 +256,19 @@ def test_class_folders_under_several_splits_are_said(tmp_path, capsys):
     raw["optim"]["epochs"] = 1
     _, err = cli_ok(capsys, "pretrain", str(write_recipe(tmp_path / "r.yaml", raw)), "--out", str(tmp_path / "run"))
     assert "holds the splits test, train" in err and f"give data.root={tmp_path / 'data' / 'train'} instead" in err
+    # a review (2026-12-06): other spellings advised the test split; without a training split none is advised
+    from types import SimpleNamespace
+
+    from mlsctl.methods.ms.method import MS
+
+    def note(*splits):
+        files = [f"{split}/c{i}/x.png" for i, split in enumerate(splits)]
+        dataset = SimpleNamespace(folder=SimpleNamespace(relpaths=lambda: files, root=str(tmp_path / "x")))
+        return MS.data_notes(SimpleNamespace(method=SimpleNamespace(labels_file=None)), dataset)
+
+    assert f"give data.root={tmp_path / 'x' / 'Training'} instead" in note("Training", "Testing")[0]
+    assert "those of test and val included; give the training split's folder" in note("val", "test")[0]
+    assert note("train", "cars") == []
     _, err = cli_ok(capsys, "pretrain", str(write_recipe(tmp_path / "t.yaml", _ms_recipe(tmp_path / "data" / "train"))),
                     "--out", str(tmp_path / "train-run"), "optim.epochs=1")
     assert "holds the splits" not in err

@@ -89,3 +89,28 @@ def test_no_method_package_imports_another():
     finally:
         sys.path.remove(str(REPO / "scripts"))
     assert cross_method_imports(REPO) == []
+
+
+def test_init_from_a_lora_run_of_other_settings_takes_its_merged_teacher(tmp_path, capsys, finished_run):
+    """A review (2026-12-06): --init-from a LoRA run into another method or settings was refused for peft's keys
+    (base_layer, lora_A), blamed on model.arch; the source's teacher is taken with its adapters merged."""
+    import torch
+    from safetensors.torch import load_file
+
+    from mlsctl import config
+    from mlsctl.restore import build_method, initial_weights
+
+    from conftest import cli_ok, make_images, tiny_recipe, write_recipe
+
+    raw = tiny_recipe(make_images(tmp_path / "images", 8, size=(32, 32)))
+    raw["model"]["lora"] = {"enabled": True, "rank": 2, "alpha": 4}
+    raw["optim"]["epochs"] = 1
+    cli_ok(capsys, "pretrain", str(write_recipe(tmp_path / "lora.yaml", raw)), "--out", str(tmp_path / "lora"))
+    teacher = load_file(str(tmp_path / "lora" / "teacher.safetensors"))  # merged by the export
+    _, dino_recipe = finished_run
+    torch.manual_seed(1)
+    dino = build_method(config.load_recipe(str(dino_recipe)))  # no LoRA, another seed: other settings
+    assert initial_weights(dino, str(tmp_path / "lora")).startswith("every backbone from")
+    for backbone in dino.backbones():
+        state = backbone.net.state_dict()
+        assert all(torch.equal(state[key], value.to(state[key].dtype)) for key, value in teacher.items())

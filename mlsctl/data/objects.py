@@ -67,12 +67,14 @@ def find_objects(folder: ImageFolder, objects_file: Optional[str | os.PathLike] 
 NESTED_FOLDERS = 4  # sub-folders of one group from which a data set's root given for its split is suspected
 
 
-def nested_groups_note(root: Path, groups: dict, what: str = "objects") -> Optional[str]:
+def nested_groups_note(root: Path, groups: dict, what: str = "objects",
+                       prefer: tuple[str, ...] = ()) -> Optional[str]:
     """A warning where groups of images (objects, classes: the folders right under ``root``; ``groups``
     maps each to its images' paths relative to ``root``) gather their images from
     :data:`NESTED_FOLDERS` or more sub-folders: the data set's root given for one of its splits (new
     users, 2026-12-06: ``index build data/prod`` built three objects, gallery, query and train; MILE and
-    Multi-Similarity trained on them, test photos included). None where nothing looks so."""
+    Multi-Similarity trained on them, test photos included). The folder it advises is the first named in
+    ``prefer`` (case-folded), else the one with the most sub-folders. None where nothing looks so."""
     nested = {}
     for name, paths in groups.items():
         folders = {Path(p).parts[1] for p in paths if len(Path(p).parts) > 2}
@@ -80,7 +82,11 @@ def nested_groups_note(root: Path, groups: dict, what: str = "objects") -> Optio
             nested[name] = (len(paths), len(folders))
     if not nested:
         return None
-    name, (images, folders) = max(nested.items(), key=lambda item: item[1][1])
+    # the folder to give: one named as ``prefer`` says (MILE trains on "train", a gallery is "gallery"), else the
+    # one with the most sub-folders (a review, 2026-12-06: the largest could be a test split)
+    preferred = [name for name in nested if str(name).casefold() in prefer]
+    name = preferred[0] if preferred else max(nested, key=lambda n: nested[n][1])
+    images, folders = nested[name]
     return (f"{len(nested)} of the {len(groups)} {what} of {root} gather their images from {NESTED_FOLDERS} or more "
             f"sub-folders ('{name}': {images} images in {folders} sub-folders); {what} are the folders right under "
             f"{root}: if those sub-folders are the {what}, give {Path(root) / name} instead")

@@ -72,7 +72,7 @@ def model_beside_features(sides: tuple[Optional[Path], Optional[Path]], get_mode
     if not given or len(given) == len(sides):
         return
     features = given[0]
-    if not getattr(get_model, "given", False):
+    if not getattr(get_model, "given", False) or isinstance(features.model.get("refiner"), dict):
         model_that_made(features, get_model, f"the images beside {features.what} {features.path} are embedded "
                                               f"with the model that made them", say)
         return

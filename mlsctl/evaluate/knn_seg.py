@@ -450,7 +450,7 @@ class FaissSearch:
     def __init__(self, features: torch.Tensor, kind: str, nlist: Optional[int], nprobe: int):
         self.index = build_index(features, kind, nlist, nprobe)
         self.description = "exact, faiss IndexFlatIP on cpu" if kind == "flat" else \
-            f"approximate, faiss IndexIVFFlat on cpu (nlist {self.index.nlist}, nprobe {nprobe})"
+            f"approximate, faiss IndexIVFFlat on cpu (nlist {self.index.nlist}, nprobe {min(nprobe, self.index.nlist)})"
 
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         _import_faiss("the faiss search")  # faiss's threads in the calling thread

@@ -173,7 +173,7 @@ class MILE(Method):
             return []
         folder = dataset.folder
         note = nested_groups_note(Path(folder.root), {o.object_id: [folder.relpath(r) for r in o.rows]
-                                                      for o in dataset.objects})
+                                                      for o in dataset.objects}, prefer=("train", "training"))
         return [f"data.root: {note}"] if note else []
 
     def teacher_backbone(self):

@@ -41,6 +41,7 @@ class LabelledBatch(Batch):
 
 
 SPLIT_NAMES = frozenset({"train", "training", "val", "valid", "validation", "test", "testing", "gallery", "query"})
+TRAINING_SPLITS = ("train", "training")
 
 
 class LabelledCrops(MultiCropDataset):
@@ -104,12 +105,14 @@ class MS(Method):
         if recipe.method.labels_file:
             return []
         splits = sorted({Path(p).parts[0] for p in dataset.folder.relpaths() if len(Path(p).parts) > 2})
-        if len(splits) < 2 or not set(splits) <= SPLIT_NAMES:
+        if len(splits) < 2 or not {name.casefold() for name in splits} <= SPLIT_NAMES:
             return []
         root = Path(dataset.folder.root)
-        return [f"data.root {root} holds the splits {', '.join(splits)}: the class folders of all of them are "
-                f"trained on, {'test' if 'test' in splits else splits[-1]} classes included; give data.root="
-                f"{root / ('train' if 'train' in splits else splits[0])} instead"]
+        training = next((name for name in splits if name.casefold() in TRAINING_SPLITS), None)
+        held_out = [name for name in splits if name != training]
+        give = f"; give data.root={root / training} instead" if training else "; give the training split's folder"
+        return [f"data.root {root} holds the splits {', '.join(splits)}: the class folders of all of them are trained "
+                f"on, those of {' and '.join(held_out)} included{give}"]
 
     def ema_momentum(self, step: int) -> float:
         return 0.0  # no EMA teacher
