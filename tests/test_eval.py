@@ -270,7 +270,16 @@ def test_torch_search_equals_faiss_flat(scores_per_chunk):
     faiss_scores, faiss_ids = index.search(queries.numpy(), 30)
     scores, ids = knn.exact_search(memory, queries, 30, query_chunk=37, scores_per_chunk=scores_per_chunk)
     assert ids.dtype == torch.int64 and scores.dtype == torch.float32 and ids.shape == (500, 30)
-    assert torch.equal(ids, torch.from_numpy(faiss_ids))
+    # the same ids in the same order, but for rows two memory rows tie to float32 rounding: there faiss and torch
+    # may take them in either order (faiss-cpu 1.15.1 put row 308's tie of 3e-8 the other way round, 2026-12-06);
+    # whatever either puts at a place has the score the other has there, computed exactly
+    faiss_ids = torch.from_numpy(faiss_ids)
+    swapped = (ids != faiss_ids).nonzero()
+    assert len(swapped) <= 10, swapped
+    exact = (memory.double()[ids] * queries.double()[:, None]).sum(-1)
+    faiss_exact = (memory.double()[faiss_ids] * queries.double()[:, None]).sum(-1)
+    assert torch.allclose(exact, faiss_exact, atol=1e-6, rtol=0)
+    assert all(len(set(row)) == 30 for row in ids.tolist())
     assert torch.allclose(scores, torch.from_numpy(faiss_scores), atol=1e-5, rtol=0)
     assert bool((scores[:, :-1] >= scores[:, 1:]).all())  # descending, as faiss returns them
     with pytest.raises(ValueError, match="exceeds"):
