@@ -234,8 +234,17 @@ def test_apply_writes_features_every_eval_reads_and_never_shows_a_query_itself(t
     out, _ = cli_ok(capsys, "refine", "apply", str(tmp / "run"), str(test), "--context", str(train), "--out",
                     str(tmp / "refined-train"), "--json")
     assert json.loads(out)["self_excluded"] == 0
-    code, _, err = cli("refine", "apply", str(tmp / "run"), str(test), "--out", str(tmp / "refined"), capsys=capsys)
-    assert code == 2 and "add --overwrite" in err
+    # as embed (a review, 2026-12-06): the same command again finds its work done; made otherwise, it asks
+    written = {p.name: p.stat().st_mtime_ns for p in (tmp / "refined").iterdir()}
+    out, _ = cli_ok(capsys, "refine", "apply", str(tmp / "run"), str(test), "--out", str(tmp / "refined"))
+    assert out.strip() == f"{tmp / 'refined'} already holds these refined features (48 rows); nothing to do"
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp / "refined").iterdir()} == written
+    out, _ = cli_ok(capsys, "refine", "apply", str(tmp / "run"), str(test), "--out", str(tmp / "refined"), "--json")
+    assert json.loads(out)["reused"] is True and json.loads(out)["rows"] == 48
+    for other_way in (["--k", "3"], ["--dtype", "fp16"], ["--context", str(train)]):
+        code, _, err = cli("refine", "apply", str(tmp / "run"), str(test), "--out", str(tmp / "refined"), *other_way,
+                           capsys=capsys)
+        assert code == 2 and "add --overwrite" in err, (other_way, err)
     cli_ok(capsys, "refine", "apply", str(tmp / "run"), str(test), "--out", str(tmp / "refined"), "--overwrite")
     # a review (2026-12-06): a link given as --out was exchanged for a real folder (its target kept the old
     # features) and a second --overwrite failed on the link left at the temporary path
@@ -246,8 +255,8 @@ def test_apply_writes_features_every_eval_reads_and_never_shows_a_query_itself(t
     assert not [p.name for p in tmp.iterdir() if p.name.startswith(".")]
     # a replacement cut short between its two renames (no exchange on that system): put back before the checks
     (tmp / "refined").rename(tmp / ".refined.swap-old")
-    code, _, err = cli("refine", "apply", str(tmp / "run"), str(test), "--out", str(tmp / "refined"), capsys=capsys)
-    assert code == 2 and "already holds features" in err and (tmp / "refined" / "manifest.json").is_file()
+    out, _ = cli_ok(capsys, "refine", "apply", str(tmp / "run"), str(test), "--out", str(tmp / "refined"))
+    assert "already holds these refined features" in out and (tmp / "refined" / "manifest.json").is_file()
     (tmp / "refined" / "notes.txt").write_text("mine")  # --overwrite replaced it with the folder (a new user)
     code, _, err = cli("refine", "apply", str(tmp / "run"), str(test), "--out", str(tmp / "refined"), "--overwrite",
                        capsys=capsys)
@@ -652,3 +661,33 @@ def test_a_refinement_that_raises_its_own_training_loss_says_so(trained, capsys)
     assert Refine.end_notes(SimpleNamespace(logged_losses=below)) == []
     assert Refine.end_notes(SimpleNamespace(logged_losses=[(0.8, 0.7)] * 4)) == []  # too few steps to tell
     assert len(Refine.end_notes(SimpleNamespace(logged_losses=[(0.73, 0.72)] * 6))) == 1
+
+
+def test_a_stopped_refine_run_says_the_refine_command_that_continues_it(trained, tmp_path, monkeypatch, capsys):
+    """A review (2026-12-06): a refine train stopped mid-way said "continue with: mlsctl pretrain RUN/config.yaml
+    --out RUN --resume", another command than the one the user typed. It now names refine train's own --resume,
+    and that command, pasted as printed, continues the run to its end."""
+    import errno
+    import shlex
+
+    from mlsctl.train import checkpoint
+
+    _, train = trained
+    run = tmp_path / "stopped run"  # a space: the command is quoted
+    real_save, saves = checkpoint.save_checkpoint, []
+
+    def full_disk_at_the_second(run_, step, *args, **kwargs):
+        saves.append(step)
+        if len(saves) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(run / "checkpoints" / ".step.tmp"))
+        return real_save(run_, step, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", full_disk_at_the_second)
+    code, _, err = cli(*_train_args(train, run), capsys=capsys)
+    last = err.strip().splitlines()[-1]
+    command = shlex.join(["refine", "train", str(train), "--out", str(run), "--resume"])
+    assert code == 1 and last.endswith(f"step 4 ({run / 'checkpoints' / 'step-00000004'}); continue with: mlsctl "
+                                       f"{command}"), err
+    monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
+    _, err = cli_ok(capsys, *shlex.split(command))  # without --blocks, --k, --epochs: the run's config.yaml has them
+    assert f"resuming {run} from step 4" in err and "done:" in err

@@ -72,9 +72,14 @@ def train(
                             f"--resume continues a refine run: give the --out of one")
         raise UserError(f"--recipe {recipe} is a {loaded.method.name} recipe; refine train runs a refine recipe "
                         f"(recipes/refine.yaml)")
+    import shlex
+
+    # --resume reads the run's own config.yaml: the options and overrides it started with need not be given
+    continue_with = shlex.join(["refine", "train", str(features), "--out", str(out), "--resume"])
     train_lib.pretrain(loaded, out, resume=resume, init_from=init_from, overwrite=overwrite,
                        recipe_source=str(recipe_path),
-                       overridden=list(config.parse_overrides(items + list(overrides or []))))
+                       overridden=list(config.parse_overrides(items + list(overrides or []))),
+                       resume_command=continue_with)
 
 
 @app.command("apply")
@@ -100,6 +105,9 @@ def apply(
                                progress=sys.stderr.isatty(), say=say)
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
+        return
+    if summary["reused"]:
+        typer.echo(f"{summary['out']} already holds these refined features ({summary['rows']} rows); nothing to do")
         return
     excluded = f", itself excluded for {summary['self_excluded']}" if summary["self_excluded"] else ""
     typer.echo(f"wrote {summary['rows']} refined embeddings ({summary['dim']}-d) to {summary['out']}/ (run "

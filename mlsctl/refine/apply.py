@@ -177,12 +177,24 @@ def apply_refinement(run_dir: str | Path, feats_dir: str | Path, out: str | Path
                          (f"the folder of the features run {loaded.run} trained on (its data.root)", loaded.train_root)):
         if source is not None and out.resolve() == Path(source).resolve():
             raise UserError(f"--out {out} is {name}; write the refined features to another folder")
+    context_id = _digest(str(context.model.get("fingerprint")), *context.files)
+    refiner_record = {"run": str(loaded.run.resolve()), "step": loaded.step, "fingerprint": loaded.fingerprint,
+                      "blocks": len(loaded.refiner.blocks), "k": k, "context": str(Path(context.path).resolve()),
+                      "context_rows": len(context), "self_excluded": int((exclude >= 0).sum())}
+    model = {**features.model, "refiner": refiner_record,
+             "base_fingerprint": features.model.get("fingerprint"),
+             "fingerprint": _digest(str(features.model.get("fingerprint")), loaded.fingerprint, str(k), context_id)}
+    summary = {"out": str(out), "rows": len(features), "dim": loaded.dim, "k": k, "run": str(loaded.run),
+               "step": loaded.step, "context": str(context.path), "context_rows": len(context),
+               "self_excluded": refiner_record["self_excluded"], "reused": False}
     if out.exists():
         if not out.is_dir():
             raise UserError(f"--out {out} is a file; choose a folder")
         if any(out.iterdir()):
             if not is_feature_folder(out):
                 raise UserError(f"--out {out} exists and is not a feature folder; choose another --out")
+            if not overwrite and _holds(out, model["fingerprint"], features, dtype):  # as embed: run twice, once
+                return {**summary, "reused": True}
             if not overwrite:
                 raise UserError(f"--out {out} already holds features; add --overwrite to replace them or choose "
                                 f"another --out")
@@ -198,18 +210,23 @@ def apply_refinement(run_dir: str | Path, feats_dir: str | Path, out: str | Path
     embeddings = features.global_features()  # the context, when it is the features themselves: read once
     refined = refine(loaded.refiner, embeddings, embeddings if context is features else context.global_features(), k,
                      exclude, progress=progress)
-    context_id = _digest(str(context.model.get("fingerprint")), *context.files)
-    refiner_record = {"run": str(loaded.run.resolve()), "step": loaded.step, "fingerprint": loaded.fingerprint,
-                      "blocks": len(loaded.refiner.blocks), "k": k, "context": str(Path(context.path).resolve()),
-                      "context_rows": len(context), "self_excluded": int((exclude >= 0).sum())}
-    model = {**features.model, "refiner": refiner_record,
-             "base_fingerprint": features.model.get("fingerprint"),
-             "fingerprint": _digest(str(features.model.get("fingerprint")), loaded.fingerprint, str(k), context_id)}
     write_features(out, refined.to(DTYPES[dtype]), features, model, overwrite=overwrite,
                    normalization="L2-normalised: the refined embeddings e^T of mlsctl refine apply")
-    return {"out": str(out), "rows": len(refined), "dim": refined.shape[1], "k": k, "run": str(loaded.run),
-            "step": loaded.step, "context": str(context.path), "context_rows": len(context),
-            "self_excluded": refiner_record["self_excluded"]}
+    return summary
+
+
+def _holds(out: Path, fingerprint: str, features, dtype: str) -> bool:
+    """Whether ``out`` is a complete feature folder of these refined features: the same source rows,
+    refiner, k and context (the model fingerprint), stored in ``dtype``."""
+    from mlsctl.features import Features
+
+    try:
+        existing = Features(out, "--out")
+        return (existing.model.get("fingerprint") == fingerprint and list(existing.files) == list(features.files)
+                and str(existing.input_root) == str(features.input_root)
+                and existing.dtype == {"fp16": "float16", "fp32": "float32"}[dtype])
+    except UserError:  # damaged or unfinished: replaced only with --overwrite, as before
+        return False
 
 
 def write_features(out: Path, global_: torch.Tensor, source, model: dict, *, overwrite: bool, normalization: str) -> None:

@@ -63,19 +63,21 @@ class RunSummary:
 
 
 def pretrain(recipe, out: str | Path, *, resume: bool = False, init_from: Optional[str] = None,
-             overwrite: bool = False, recipe_source: str = "recipe", overridden: Sequence[str] = ()) -> RunSummary:
+             overwrite: bool = False, recipe_source: str = "recipe", overridden: Sequence[str] = (),
+             resume_command: Optional[str] = None) -> RunSummary:
     """``mlsctl pretrain``: train ``recipe`` into the run folder ``out`` (``--resume`` continues it
     exactly, ``--init-from`` starts from weights, ``--overwrite`` replaces an earlier run).
     ``overridden``: the keys set on the command line, which a refusal of their values names instead of
-    the recipe file. Training seeds Python's, NumPy's and torch's global generators from the recipe;
+    the recipe file. ``resume_command``: the words after ``mlsctl`` that continue the run, said when it
+    stops (default ``pretrain RUN/config.yaml --out RUN --resume``). Training seeds Python's, NumPy's and torch's global generators from the recipe;
     the caller's states are put back when it returns (a notebook's draws go on as they would have)."""
     with setup.caller_random_states(), setup.caller_matmul_precision():
         return _pretrain(recipe, out, resume=resume, init_from=init_from, overwrite=overwrite,
-                         recipe_source=recipe_source, overridden=overridden)
+                         recipe_source=recipe_source, overridden=overridden, resume_command=resume_command)
 
 
 def _pretrain(recipe, out: str | Path, *, resume: bool, init_from: Optional[str], overwrite: bool,
-              recipe_source: str, overridden: Sequence[str]) -> RunSummary:
+              recipe_source: str, overridden: Sequence[str], resume_command: Optional[str]) -> RunSummary:
     run = Run(out)
     recipe = config_lib.absolute_paths(recipe)  # config.yaml is read from any working directory
     method_cls = methods.method_class(recipe.method.name)
@@ -143,7 +145,8 @@ def _pretrain(recipe, out: str | Path, *, resume: bool, init_from: Optional[str]
                          Checkpoint(Path(resume_from)) if resume_from else None, monitor)
     except KeyboardInterrupt as stop:
         undone = resume_from is None and _latest(run) is None  # then the folder is put back as it was
-        message = run_dir.interrupted(run, resume_from is None, is_main, accelerator.num_processes)
+        message = run_dir.interrupted(run, resume_from is None, is_main, accelerator.num_processes,
+                                      resume_command)
         if isinstance(stop, StoppedTogether):  # no process is inside a collective: the groups end cleanly
             dist.close()  # (left to the interpreter's exit, gloo's threads could abort the process)
         stopped = Interrupted(message if is_main else "")
@@ -162,7 +165,8 @@ def _pretrain(recipe, out: str | Path, *, resume: bool, init_from: Optional[str]
         # UserError, whose sentence names its own fix (a damaged checkpoint to delete), unless it is the machine's.
         machine = isinstance(exc, Exception) and (not isinstance(exc, UserError) or getattr(exc, "resumable", False))
         if is_main and machine and latest is not None and not undone:
-            annotate(raised, resume_hint=run_dir.interrupted(run, False, is_main, accelerator.num_processes))
+            hint = run_dir.interrupted(run, False, is_main, accelerator.num_processes, resume_command)
+            annotate(raised, resume_hint=hint)
         if not undone:
             _say_in_run_log(raised, run, is_main)
         if raised is exc:

@@ -210,9 +210,10 @@ def undo_start(run: Run) -> None:
             entry.unlink(missing_ok=True)
 
 
-def interrupted(run: Run, fresh: bool, is_main: bool, processes: int = 1) -> str:
+def interrupted(run: Run, fresh: bool, is_main: bool, processes: int = 1, resume_command: str | None = None) -> str:
     """What Ctrl-C leaves behind, and the command that continues (with as many processes: a
-    checkpoint resumes with the number that wrote it)."""
+    checkpoint resumes with the number that wrote it). ``resume_command``: the words after ``mlsctl``
+    that continue the run when its own command is not ``pretrain RUN/config.yaml`` (``refine train``)."""
     latest = run.latest()
     if latest is None:
         if is_main and fresh:
@@ -222,8 +223,9 @@ def interrupted(run: Run, fresh: bool, is_main: bool, processes: int = 1) -> str
 
     launch = f"accelerate launch --num_processes {processes} -m mlsctl" if processes > 1 else "mlsctl"
     # quoted: a path with a space, pasted as printed, named another recipe (a new user's probe, 2026-12-06)
-    return (f"the last checkpoint is step {latest.step} ({latest.path}); continue with: "
-            f"{launch} pretrain {shlex.quote(str(run.config_path))} --out {shlex.quote(str(run.root))} --resume")
+    if resume_command is None:
+        resume_command = f"pretrain {shlex.quote(str(run.config_path))} --out {shlex.quote(str(run.root))} --resume"
+    return f"the last checkpoint is step {latest.step} ({latest.path}); continue with: {launch} {resume_command}"
 
 
 def record_images(run: Run, folder: ImageFolder) -> None:
