@@ -390,7 +390,9 @@ class Loader(DataLoader):
             # and a forked child's first import can fail on Python 3.11's import locks ("KeyError: <thread id>" in
             # importlib's acquire, python/cpython#87712): the worker died and the command with "worker exited
             # unexpectedly" (two runs in three of a test's worker, numpy 2.4.6, 2026-12-06)
-            import numpy.random  # noqa: F401
+            import importlib
+
+            importlib.import_module("numpy.random")
         batches = super().__iter__()
         return WatchedWorkers(batches, self.workers_key) if self.num_workers else batches
 
