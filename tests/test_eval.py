@@ -598,6 +598,26 @@ def test_images_beside_features_are_embedded_with_the_features_model(tmp_path: P
                        str(run_dir), "--random-init", "--k", "3", cwd=work, capsys=capsys)
     assert code == 2 and "come from another model" in err and "leave the model out" in err, err
     assert sorted(p.name for p in (work / "features").iterdir()) == [val.path.parent.name]  # nothing embedded
+    # a review (2026-12-06): images prepared otherwise than the features (another --resize, --resolution) were
+    # refused only once embedded; now before, with the options that embed them as the features were
+    embedded = sorted(p.name for p in (work / "features").rglob("*"))
+    code, _, err = cli("eval", "knn", "--train", str(tmp_path / "tf"), "--val", str(tmp_path / "val"), "--resize",
+                       "center-crop", "--k", "3", cwd=work, capsys=capsys)
+    assert code == 2 and "were embedded with resize square, and the images beside them would be embedded with " \
+                         "resize center-crop; give --resize square to embed them so" in " ".join(err.split()), err
+    code, _, err = cli("embed", str(tmp_path / "train"), "--run", str(run_dir), "--resolution", "48", "--dense",
+                       "--out", str(tmp_path / "tf48"), capsys=capsys)
+    assert code == 0, err
+    for folder in ("train-masks", "val-masks"):
+        (tmp_path / folder).mkdir()
+    code, _, err = cli("eval", "knn-seg", "--train", str(tmp_path / "tf48"), "--train-masks", str(tmp_path / "train-masks"),
+                       "--val", str(tmp_path / "val"), "--val-masks", str(tmp_path / "val-masks"), cwd=work, capsys=capsys)
+    assert code == 2 and "were embedded with resolution 48, and the images beside them would be embedded with " \
+                         "resolution 32; give --resolution 48 to embed them so" in " ".join(err.split()), err
+    code, _, err = cli("eval", "knn", "--train", str(tmp_path / "tf48"), "--val", str(tmp_path / "val"), "--k", "3",
+                       cwd=work, capsys=capsys)  # knn has no --resolution: embed says how
+    assert code == 2 and "embed them so with mlsctl embed --resize square --resolution 48" in " ".join(err.split()), err
+    assert sorted(p.name for p in (work / "features").rglob("*")) == embedded  # nothing embedded
     # a review (2026-12-06): features whose manifest names no fingerprint, or refined ones, got circular advice
     import shutil
 

@@ -57,30 +57,59 @@ def split_features(split, given: Optional[Path], get_model, *, dense: bool, what
     return require_rows(Features(given, what), what)
 
 
-def model_beside_features(sides: tuple[Optional[Path], Optional[Path]], get_model, say: Say = to_stderr) -> None:
+def model_beside_features(sides: tuple[Optional[Path], Optional[Path]], get_model, say: Say = to_stderr,
+                          embed_options: Callable[[], dict] = dict, options_taken: tuple[str, ...] = ()) -> Optional[dict]:
     """Where one side (--train, --val) is a feature folder and the other is to be embedded (images, or
     ``None``: a benchmark split), the features' model is the one to embed it with: a model given
     (--run, --weights, --model, --random-init) is checked against them before any image is embedded,
     and with none given, the model their manifest names is loaded again
     (:func:`~mlsctl.restore.model_that_made`), not the newest run (a new user's probe, 2026-12-06:
-    the val images were embedded with another run's model, then refused). ``get_model`` keeps it."""
+    the val images were embedded with another run's model, then refused). ``get_model`` keeps it.
+    The images would be embedded as ``embed_options()`` says (resize, resolution): that too is checked
+    against the features now (:func:`_check_preprocessing_beside`; ``options_taken``: those of the two
+    the command has as options). Returns those options where one
+    side is to be embedded beside features, else None (nothing was asked of ``embed_options``)."""
     from mlsctl.features import Features, is_feature_folder
     from mlsctl.restore import model_that_made
 
     given = [Features(path, f"--{side} features") for side, path in zip(("train", "val"), sides)
              if path is not None and is_feature_folder(path)]
     if not given or len(given) == len(sides):
-        return
+        return None
     features = given[0]
     if not getattr(get_model, "given", False) or isinstance(features.model.get("refiner"), dict):
         model_that_made(features, get_model, f"the images beside {features.what} {features.path} are embedded "
                                               f"with the model that made them", say)
-        return
-    model = get_model()
-    if model.fingerprint != features.model.get("fingerprint"):
-        raise UserError(f"{features.what} {features.path} come from another model ({features.model.get('path')}) than "
-                        f"{model.description}, which would embed the images beside them; leave the model out to embed "
-                        f"them with theirs, or give features of one model on both sides")
+    else:
+        model = get_model()
+        if model.fingerprint != features.model.get("fingerprint"):
+            raise UserError(f"{features.what} {features.path} come from another model ({features.model.get('path')}) "
+                            f"than {model.description}, which would embed the images beside them; leave the model out "
+                            f"to embed them with theirs, or give features of one model on both sides")
+    options = embed_options()
+    _check_preprocessing_beside(features, get_model(), options, options_taken)
+    return options
+
+
+def _check_preprocessing_beside(features, model, options: dict, options_taken: tuple[str, ...]) -> None:
+    """The images beside ``features`` are to be embedded with ``options``: refused before any image is,
+    when that is not how the features were (a review, 2026-12-06: the refusal came after embedding them)."""
+    from mlsctl.data.preprocessing import Preprocessing
+
+    planned = Preprocessing(options.get("resolution") or model.info["img_size"], options.get("resize", "square")).to_dict()
+    recorded = features.preprocessing
+    differing = [key for key in ("resize", "resolution") if planned.get(key) != recorded.get(key)]
+    if not differing:
+        return  # other keys (a centre crop's rounding of an older mlsctl): the comparison after embedding says them
+    shown = ", ".join(f"{key} {recorded.get(key)}" for key in differing)
+    planned_shown = ", ".join(f"{key} {planned.get(key)}" for key in differing)
+    if all(key in options_taken for key in differing):
+        fix = "give " + " and ".join(f"--{key} {recorded.get(key)}" for key in differing) + " to embed them so"
+    else:
+        fix = (f"embed them so with mlsctl embed --resize {recorded.get('resize')} --resolution "
+               f"{recorded.get('resolution')} and the features' model, and give that feature folder")
+    raise UserError(f"{features.what} {features.path} were embedded with {shown}, and the images beside them would be "
+                    f"embedded with {planned_shown}; {fix}, or give features embedded alike on both sides")
 
 
 def is_feature_pair(train: Path, val: Path) -> bool:
@@ -159,8 +188,8 @@ def segmentation_inputs(dataset: str, root: Optional[Path], train_split: Optiona
         if given:
             raise UserError(f"--dataset {dataset} reads the masks from --root; drop --{given[0]}")
         train_data, val_data = benchmark_splits(dataset, root, train_split, val_split, SEGMENTATION)
-        model_beside_features((train, val), get_model, say)
-        options = embed_options() if train is None or val is None else {}
+        beside = model_beside_features((train, val), get_model, say, embed_options, ("resolution",))
+        options = beside if beside is not None else embed_options() if train is None or val is None else {}
         train_features = split_features(train_data, train, get_model, dense=True, what="train features", say=say,
                                         **options)
         val_features = split_features(val_data, val, get_model, dense=True, what="val features", say=say, **options)
@@ -184,8 +213,8 @@ def segmentation_inputs(dataset: str, root: Optional[Path], train_split: Optiona
     if benchmark is None:
         check_inputs_exist(("--train", train, "images"), ("--val", val, "images"), ("--train-masks", train_masks, "masks"),
                            ("--val-masks", val_masks, "masks"))
-    model_beside_features((train, val), get_model, say)
-    options = {} if is_feature_pair(train, val) else embed_options()
+    beside = model_beside_features((train, val), get_model, say, embed_options, ("resolution",))
+    options = beside if beside is not None else {} if is_feature_pair(train, val) else embed_options()
     train_features = features_or_embed(train, get_model, dense=True, what="train features", say=say, **options)
     val_features = features_or_embed(val, get_model, dense=True, what="val features", say=say, **options)
     record = {"name": "folders", **image_roots(train_features, val_features), "masks": str(train_masks),
@@ -261,7 +290,7 @@ def classification_inputs(dataset: str, root: Optional[Path], train_split: Optio
             raise UserError("give --train and --val (feature or image folders), or --dataset imagenet with --root")
         check_inputs_exist(("--train", train, "images"), ("--val", val, "images"), ("--train-labels", train_labels, "labels"),
                            ("--val-labels", val_labels, "labels"))
-        model_beside_features((train, val), get_model, say)
+        model_beside_features((train, val), get_model, say, lambda: {"resize": resize}, ("resize",))
         train_features = features_or_embed(train, get_model, dense=False, what="train features", say=say, resize=resize)
         val_features = features_or_embed(val, get_model, dense=False, what="val features", say=say, resize=resize)
         labels = "folder names" if train_labels is None else str(train_labels)
@@ -275,7 +304,7 @@ def classification_inputs(dataset: str, root: Optional[Path], train_split: Optio
     if train_labels is not None or val_labels is not None:
         raise UserError(f"--dataset {dataset} labels its images itself; drop --train-labels/--val-labels")
     train_data, val_data = benchmark_splits(dataset, root, train_split, val_split, CLASSIFICATION)
-    model_beside_features((train, val), get_model, say)
+    model_beside_features((train, val), get_model, say, lambda: {"resize": resize}, ("resize",))
     train_features = split_features(train_data, train, get_model, dense=False, what="train features", say=say,
                                     resize=resize)
     val_features = split_features(val_data, val, get_model, dense=False, what="val features", say=say, resize=resize)
