@@ -378,6 +378,33 @@ def test_imagenet_solution_csv_labels_and_its_malformed_rows(tmp_path):
             open_split("imagenet", broken, "val")
 
 
+def test_a_data_set_inside_one_folder_of_its_own_is_found(tmp_path):
+    """A review (2026-12-06): an archive made from its folder (``tar -cf imagenet-mini.tar imagenet-mini/``, a zip
+    with macOS's __MACOSX beside it) or a download one level deeper was "not in its standard layout". The one
+    folder at the top is looked into, as are the standard prefixes inside it; two folders at the top are not."""
+    import shutil
+    import zipfile
+
+    root = mini.make_imagenet(tmp_path / "outer" / "imagenet-mini", flat_val=True)
+    (root / "val.txt").unlink()  # Kaggle's csv, at the top of what the root wraps
+    rows = [f"{p.stem},{mini.SYNSETS[(int(p.stem[-8:]) - 1) // 2]} 1" for p in sorted((root / "val").glob("*.JPEG"))]
+    (root / "LOC_val_solution.csv").write_text("ImageId,PredictionString\n" + "\n".join(rows) + "\n")
+    tar = mini.make_tar(tmp_path / "outer", tmp_path / "imagenet-mini.tar")
+    archive = mini.make_zip(tmp_path / "outer", tmp_path / "imagenet-mini.zip")
+    with zipfile.ZipFile(archive, "a") as z:
+        z.writestr("__MACOSX/imagenet-mini/._val.txt", b"")
+    for given in (tmp_path / "outer", tar, archive):
+        val = open_split("imagenet", given, "val")
+        assert val.labels == [s for s in mini.SYNSETS for _ in range(2)], given
+        assert val.images[0] == "imagenet-mini/val/ILSVRC2012_val_00000001.JPEG"
+        assert np.asarray(val.tree.load_rgb(val.images[0])).shape[2] == 3
+    voc = mini.make_voc(tmp_path / "voc-outer" / "download")  # download/VOCdevkit/VOC2012: a standard prefix, inside
+    assert len(open_split("voc", tmp_path / "voc-outer", "val")) == len(open_split("voc", voc, "val"))
+    shutil.copytree(root, tmp_path / "outer" / "second")
+    with pytest.raises(UserError, match="standard layout"):
+        open_split("imagenet", tmp_path / "outer", "val")
+
+
 def test_a_listing_that_is_not_utf8_is_one_sentence_naming_it(tmp_path):
     """Listing and annotation files are read as UTF-8 or refused (no silent replacement character)."""
     import shutil

@@ -386,6 +386,15 @@ def test_shipped_recipes_validate(tmp_path):
     assert (paper.model.arch, paper.optim.optimizer, paper.optim.lr, paper.optim.weight_decay, paper.optim.epochs,
             paper.method.queue_size, paper.method.k, paper.method.temperature, paper.method.momentum_teacher) == \
         ("resnet50", "sgd", 0.3, 1e-4, 400, 4096, 20, 0.2, 0.995)
+    assert MLS.recipe_notes(paper) == []  # constant momentum, as MoCo's
+    # a review (2026-12-06): MoCo-v2's 0.999 given as momentum_teacher alone fell to 0.995 on a cosine, unsaid
+    moco = config.load_recipe(str(root / "mocov2_coco.yaml"), [f"data.root={tmp_path}", "method.momentum_teacher=0.999"])
+    assert MLS.recipe_notes(moco) == ["the key encoder's momentum goes from method.momentum_teacher=0.999 to "
+                                      "method.momentum_teacher_end=0.995 on a cosine; MoCo keeps it constant: set both "
+                                      "to one value for that"]
+    both = config.load_recipe(str(root / "mocov2_coco.yaml"), [f"data.root={tmp_path}", "method.momentum_teacher=0.999",
+                                                               "method.momentum_teacher_end=0.999"])
+    assert MLS.recipe_notes(both) == []
 
 
 def test_label_precision_counts_neighbours_carrying_each_tag_against_chance():

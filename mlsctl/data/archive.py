@@ -56,6 +56,11 @@ class Tree:
     def is_dir(self, relpath: str) -> bool:
         return (self.path / relpath).is_dir() if relpath else self.path.is_dir()
 
+    def top(self) -> tuple[list[str], list[str]]:
+        """(folders, files) at the top of the tree, sorted."""
+        entries = sorted(self.path.iterdir()) if self.path.is_dir() else []
+        return [e.name for e in entries if e.is_dir()], [e.name for e in entries if not e.is_dir()]
+
     def read_bytes(self, relpath: str) -> bytes:
         try:
             return (self.path / relpath).read_bytes()
@@ -129,6 +134,10 @@ class _ArchiveTree(Tree):
 
     def location(self, relpath: str) -> str:
         return f"{self.path}:{relpath}"
+
+    def top(self) -> tuple[list[str], list[str]]:
+        members = self._index()
+        return sorted(d for d in self._dirs if d and "/" not in d), sorted(n for n in members if "/" not in n)
 
     def _member(self, relpath: str):
         member = self._index().get(_member_name(relpath))

@@ -150,11 +150,25 @@ def lookup_table(pairs: dict[int, int], size: int = 256, default: int = INVALID)
 
 
 def find_base(tree: Tree, candidates: Sequence[str], required: Sequence[str]) -> Optional[str]:
-    """The first of ``candidates`` (prefixes inside the tree) under which every ``required`` folder exists."""
-    for base in candidates:
-        if all(tree.is_dir(f"{base}/{r}" if base else r) for r in required):
-            return base
+    """The first of ``candidates`` (prefixes inside the tree) under which every ``required`` folder exists;
+    failing that, the same inside the tree's one top folder (:func:`wrapper`)."""
+    outer = wrapper(tree)
+    for top in ("",) if outer is None else ("", outer):
+        for base in candidates:
+            base = join(top, base)
+            if all(tree.is_dir(join(base, r)) for r in required):
+                return base
     return None
+
+
+def wrapper(tree: Tree) -> Optional[str]:
+    """The one folder at the top of ``tree`` with nothing else beside it (macOS's ``__MACOSX`` and
+    hidden entries aside): the folder an archive was made from (``tar -cf x.tar x/``, a zip of a
+    folder), or one more level of a download (``imagenet-mini/train/...``). None otherwise."""
+    folders, files = tree.top()
+    folders = [f for f in folders if f != "__MACOSX" and not f.startswith(".")]
+    files = [f for f in files if not f.startswith(".")]
+    return folders[0] if len(folders) == 1 and not files else None
 
 
 def join(base: str, *parts: str) -> str:

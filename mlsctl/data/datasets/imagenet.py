@@ -20,7 +20,7 @@ import io
 from typing import Optional
 
 from mlsctl.data.archive import Tree
-from mlsctl.data.datasets import ClassificationSplit, find_base, join, missing, read_lines, read_text
+from mlsctl.data.datasets import ClassificationSplit, find_base, join, missing, read_lines, read_text, wrapper
 from mlsctl.errors import UserError
 
 SPLITS = ("train", "val")
@@ -53,8 +53,10 @@ def _split_file_labels(tree: Tree, base: str, split: str, class_names: list[str]
                 label = class_names[int(label)]
             table[name.rsplit("/", 1)[-1]] = label
         return table
-    solution = f"LOC_{split}_solution.csv"
-    if tree.is_file(solution):
+    # at the top of the root (Kaggle's layout), or of the one folder the root wraps it in
+    solution = next((path for path in (f"LOC_{split}_solution.csv", join(wrapper(tree) or "", f"LOC_{split}_solution.csv"))
+                     if tree.is_file(path)), None)
+    if solution is not None:
         rows = csv.reader(io.StringIO(read_text(tree, solution)))
         table = {}
         try:

@@ -39,8 +39,8 @@ steps: 16 of COCO's 462 per epoch, 32 of the quick recipes' 744); the loss is as
 query, view 2 → key) as in MoCo-v2; the same τ serves both terms; labels and BCE
 logits come from the queues only (not from this batch's keys); the released model — what ``embed`` and every eval use
 — is the *query* encoder's backbone, as MoCo releases ``encoder_q``. The supplement says once that
-``Q_g`` holds "g_1 of view1" and once that both queues hold view-2 features; we take g2,
-which is what runs (key encoder, no gradient, as every entry of ``Q_z``;
+``Q_g`` holds "g_1 of view1" and once that both queues hold view-2 features, as the main paper's
+Fig. 2 does (its caption as a reviewer quoted it); we take g2, which is what runs (key encoder, no gradient, as every entry of ``Q_z``;
 docs/methods.md#mls-choices-where-the-paper-is-silent).
 
 BatchNorm (``key_bn``; :mod:`mlsctl.models.batchnorm`): ``shuffle`` (default: MoCo's own defence,
@@ -177,6 +177,15 @@ class MLS(Method):
             return [("method.k", f"{cfg.k} pseudo-labels cannot come from a queue of {cfg.queue_size} entries; lower "
                                  f"method.k or raise method.queue_size")]
         return []
+
+    @classmethod
+    def recipe_notes(cls, recipe) -> list[str]:
+        notes, cfg = super().recipe_notes(recipe), recipe.method
+        if cfg.momentum_teacher != cfg.momentum_teacher_end:  # a review (2026-12-06): 0.999 alone fell to 0.995
+            notes.append(f"the key encoder's momentum goes from method.momentum_teacher={cfg.momentum_teacher} to "
+                         f"method.momentum_teacher_end={cfg.momentum_teacher_end} on a cosine; MoCo keeps it constant: "
+                         f"set both to one value for that")
+        return notes
 
     # ------------------------------------------------------------------ declared to the loop
     def ema_pairs(self):
