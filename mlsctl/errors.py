@@ -36,6 +36,11 @@ class UserError(Exception):
         return self.message
 
 
+class TooLittleData(UserError):
+    """The data hold too few items (or classes) for one batch: where a method has a note on its data
+    (a data set's root given as ``data.root``), the note may say why, and goes with this error only."""
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (a service manager, a scheduler, ``kill``): stops a command as Ctrl-C does; a server,
     for which it is the ordinary way to stop, ends normally on it (exit code 0)."""

@@ -86,10 +86,15 @@ def test_m_per_class_batches_are_deterministic_per_step_and_resume_exactly():
 
 def test_m_per_class_bad_sizes_are_one_sentence():
     labels = np.repeat(np.arange(3), 4)
-    with pytest.raises(UserError, match="not a multiple of 2 samples per class"):
+    from mlsctl.errors import TooLittleData
+
+    with pytest.raises(UserError, match="not a multiple of 2 samples per class") as raised:
         MPerClassStepSampler(labels, 2, 5)
-    with pytest.raises(UserError, match="3 classes, too few for batches of 8"):
+    assert not isinstance(raised.value, TooLittleData)  # a data note (a data set's root given) does not go with it
+    with pytest.raises(TooLittleData, match="3 classes, too few for batches of 8"):
         MPerClassStepSampler(labels, 2, 8)
+    with pytest.raises(TooLittleData, match="12 items, fewer than one global batch of 16"):
+        MPerClassStepSampler(list(range(8)) + [0, 1, 2, 3], 2, 16)
 
 
 def _class_images(root: Path, classes: int, per_class: int) -> Path:
@@ -272,3 +277,7 @@ def test_class_folders_under_several_splits_are_said(tmp_path, capsys):
     _, err = cli_ok(capsys, "pretrain", str(write_recipe(tmp_path / "t.yaml", _ms_recipe(tmp_path / "data" / "train"))),
                     "--out", str(tmp_path / "train-run"), "optim.epochs=1")
     assert "holds the splits" not in err
+    # the note goes with a refusal of too little data only (TooLittleData; it went with any refusal of the batches)
+    code, _, err = cli("pretrain", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "big"), "optim.batch_size=64",
+                       capsys=capsys)
+    assert code == 2 and "too few for batches of 64" in err and "; note: " in err and "holds the splits" in err, err

@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mlsctl.data.images import BadImage, ImageFolder
 from mlsctl.data.multicrop import MultiCrop, normalize_on_device
-from mlsctl.errors import UserError, killed_loader_worker, shared_memory_message, worker_killed_message
+from mlsctl.errors import TooLittleData, UserError, killed_loader_worker, shared_memory_message, worker_killed_message
 
 
 PERMUTATION_STREAM = 2**32  # an "index" no image has: the seed of an epoch's permutation
@@ -81,7 +81,7 @@ class StepBatchSampler(Sampler):
         self.global_batch = batch_size * accumulate_steps * world_size  # the images of one optimiser step
         self.steps_per_epoch = n_items // self.global_batch
         if self.steps_per_epoch == 0:
-            raise UserError(f"the data has {elements(n_items)}, fewer than one global batch of {self.global_batch} "
+            raise TooLittleData(f"the data has {elements(n_items)}, fewer than one global batch of {self.global_batch} "
                             f"({global_batch_text(batch_size, world_size, accumulate_steps)}); "
                             f"{lower_batch_text(accumulate_steps)}")
         self.start_step = start_step

@@ -24,7 +24,7 @@ import numpy as np
 from torch.utils.data import Sampler
 
 from mlsctl.data.loader import global_batch_text, lower_batch_text, micro_batches, sample_seed
-from mlsctl.errors import UserError
+from mlsctl.errors import TooLittleData, UserError
 
 M_PER_CLASS_STREAM = 2**32 + 1  # an "index" no item has: the seed of an epoch's m-per-class draw
 
@@ -44,11 +44,11 @@ class MPerClassStepSampler(Sampler):
                             f"multiple of {m}")
         if n_classes * m < self.global_batch:
             made = f" ({global_batch_text(batch_size, world_size, accumulate_steps)})" if accumulate_steps > 1 else ""
-            raise UserError(f"{what} has {n_classes} classes, too few for batches of {self.global_batch}{made} with {m} "
+            raise TooLittleData(f"{what} has {n_classes} classes, too few for batches of {self.global_batch}{made} with {m} "
                             f"samples per class (at least {-(-self.global_batch // m)} classes); {lower}")
         self.steps_per_epoch = len(self.labels) // self.global_batch
         if self.steps_per_epoch == 0:
-            raise UserError(f"{what} has {len(self.labels)} items, fewer than one global batch of {self.global_batch}; "
+            raise TooLittleData(f"{what} has {len(self.labels)} items, fewer than one global batch of {self.global_batch}; "
                             f"{lower}")
         self.start_step = start_step
         self.total_steps = total_steps if total_steps is not None else self.steps_per_epoch

@@ -42,7 +42,7 @@ from mlsctl.data.images import ImageFolder, SkipLog
 from mlsctl.data.loader import make_loader
 from mlsctl.device import synchronize
 from mlsctl.console import counted
-from mlsctl.errors import Interrupted, UserError, annotate
+from mlsctl.errors import Interrupted, TooLittleData, UserError, annotate
 from mlsctl.locks import FolderLock
 from mlsctl.runs import Checkpoint, Run
 from mlsctl.schedules import Schedule
@@ -108,10 +108,10 @@ def _pretrain(recipe, out: str | Path, *, resume: bool, init_from: Optional[str]
     data_notes = method_cls.data_notes(recipe, dataset)
     try:
         probe = method_cls.batch_sampler(recipe, dataset, world_size=world, rank=rank)
-    except UserError as exc:  # too few objects for a batch: the note may say why (a data set's root given)
+    except TooLittleData as exc:  # too few objects for a batch: the note may say why (a data set's root given)
         if not data_notes:
             raise
-        raise UserError(f"{exc.message}; note: {data_notes[0]}", exit_code=exc.exit_code) from None
+        raise TooLittleData(f"{exc.message}; note: {data_notes[0]}", exit_code=exc.exit_code) from None
     schedule = Schedule(probe.steps_per_epoch, recipe.optim.epochs)
     torch.manual_seed(recipe.seed)  # identical initial weights on every process
     method = method_cls(recipe, schedule).to(accelerator.device)
