@@ -132,11 +132,29 @@ def load_set_model(run_dir: str | os.PathLike,
     return model.to(device if device is not None else embedding_device())
 
 
-def choose_set_model(run_dir: Optional[str | os.PathLike], say: Callable[[str], None] = to_stderr) -> SetModel:
-    """:func:`load_set_model` of ``run_dir``, or of the newest MILE run under ./runs when it is None;
-    says which model it is (backbone and set-encoder fingerprints)."""
+def run_of_features(source: str | os.PathLike) -> Optional[Path]:
+    """The run whose teacher (or checkpoint) embedded the feature folder ``source``, where its manifest
+    names one that is still there; else None."""
+    from mlsctl.features import Features
+
+    record = Features(source).model
+    path = record.get("path")
+    if not isinstance(path, str) or record.get("source") not in ("run", "run-checkpoint"):
+        return None
+    run = Path(path).parent if record["source"] == "run" else Path(path).parent.parent
+    return run if run.is_dir() else None
+
+
+def choose_set_model(run_dir: Optional[str | os.PathLike], say: Callable[[str], None] = to_stderr,
+                     features: Optional[str | os.PathLike] = None) -> SetModel:
+    """:func:`load_set_model` of ``run_dir``; when it is None, of the run that embedded ``features`` (a
+    feature folder the gallery is built from), else of the newest MILE run under ./runs. Says which
+    model it is (backbone and set-encoder fingerprints)."""
     from mlsctl.restore import newest_run
 
+    if run_dir is None and features is not None and is_feature_folder(features):
+        # the run that made them, not the newest (a new user's probe, 2026-12-06: refused as another model)
+        run_dir = run_of_features(features)
     if run_dir is None:
         found = newest_run("runs", method="mile")
         if found is None:
@@ -169,8 +187,8 @@ def _no_constant(name: str):
 def check_object_id(object_id: str, where: str = "--object") -> str:
     """Refuse an object id the gallery cannot store and find again: empty or blank, made only of
     invisible characters (U+200B, U+2060, ...), longer than :data:`MAX_OBJECT_ID_CHARS`
-    characters, with a control character (a newline would split objects.txt), not valid UTF-8, or
-    ``.`` or ``..`` (the service's URLs could not name it)."""
+    characters, with a control character (a newline would split objects.txt), not valid UTF-8,
+    ``.`` or ``..``, or with a ``/`` (the service's URLs could not name it)."""
     from mlsctl.data.images import name_problem, printable_name
 
     if len(object_id) > MAX_OBJECT_ID_CHARS:
@@ -180,6 +198,9 @@ def check_object_id(object_id: str, where: str = "--object") -> str:
         raise UserError(f"{where} {object_id!r} is empty or blank; give each object a visible id")
     if object_id in (".", ".."):  # a URL drops these segments: /objects/../photos never reaches the object
         raise UserError(f"{where} '{object_id}' cannot be an object id (URLs drop '.' and '..'); give it a name")
+    if "/" in object_id:  # a new user's probe (2026-12-06): stored by index add, then out of serve's reach
+        raise UserError(f"{where} '{printable_name(object_id)}' contains '/', which the service's URLs "
+                        f"(/objects/<id>) cannot carry; give an id without it")
     problem = name_problem(object_id)
     if problem:
         raise UserError(f"{where} '{printable_name(object_id)}' {problem}; object ids are single-line text")
@@ -647,11 +668,13 @@ class Gallery:
     memory (a flat index is built from the live rows when the gallery opens; an IVF-PQ index is
     read from ``index.faiss`` and brought up to date with the rows written since it was saved)."""
 
-    def __init__(self, path: str | os.PathLike, recover: bool = False):
+    def __init__(self, path: str | os.PathLike, recover: bool = False, with_index: bool = True):
         """Open the gallery as its manifest commits it. ``recover`` (writers, under the gallery's
         lock): first finish what a killed writer left — a gallery of the previous layout moves into a
-        version folder, and folders and files no manifest names are removed."""
+        version folder, and folders and files no manifest names are removed. ``with_index=False``: the
+        rows only (:meth:`retrain` makes the index again from them, a damaged or missing one included)."""
         self.path = Path(path)
+        self.with_index = with_index
         if recover:
             recover_gallery(self.path)
         for attempt in range(3):
@@ -681,7 +704,7 @@ class Gallery:
             raise UserError(f"{self.path} is damaged ({getattr(exc, 'strerror', None) or exc}); {rebuild}") from None
         self.row_of: dict[str, int] = dict(zip(self.row_ids, range(self.rows)))  # the last row of an id wins
         self._lookalikes: Optional[dict[str, str]] = None  # lookalike_key -> stored id, made when first asked
-        self.index = self._open_index()
+        self.index = self._open_index() if self.with_index else None
 
     # ------------------------------------------------------------------ files
     def _map(self, name: str, dtype, shape: tuple[int, ...]) -> np.ndarray:
@@ -725,19 +748,21 @@ class Gallery:
                 index.add_with_ids(np.asarray(self.unit[block], dtype=np.float32), block)
             return index
         index_path = self.data / (index_file(self.manifest) or INDEX)
+        # the rows hold every object (those added since the build too): the index is made again from them
+        # (a new user's probe, 2026-12-06: "rebuild with index build" dropped every later add)
+        again = f"make it again from the gallery's rows with mlsctl index retrain {self.path}"
         if not index_path.is_file():
-            raise UserError(f"{index_path} is missing; rebuild the gallery with mlsctl index build")
+            raise UserError(f"{index_path} is missing; {again}")
         try:
             index = faiss.read_index(str(index_path))
-        except Exception as exc:  # faiss raises RuntimeError with its C++ message for any junk
-            raise UserError(f"{index_path} is not a faiss index ({first_line(exc)}); rebuild the gallery with "
-                            f"mlsctl index build") from None
+        except Exception:  # faiss raises RuntimeError with its C++ message (its source lines) for any junk
+            raise UserError(f"{index_path} is damaged (faiss cannot read it as an index); {again}") from None
         if index.d != self.dim:
-            raise UserError(f"{index_path} indexes {index.d} dimensions, the gallery has {self.dim}; rebuild it")
+            raise UserError(f"{index_path} indexes {index.d} dimensions, the gallery has {self.dim}; {again}")
         saved = int(self.manifest["indexed_rows"])
         if saved > self.rows or index.ntotal > saved:
             raise UserError(f"{self.path} is inconsistent ({index.ntotal} indexed of {saved} rows, {self.rows} "
-                            f"committed); rebuild it with mlsctl index build")
+                            f"committed); {again}")
         # rows written since the index was saved: the rows they supersede leave it (an id written
         # again after the save), the live ones join it
         dead = []
@@ -781,8 +806,8 @@ class Gallery:
         if model.fingerprint != self.fingerprint:
             raise UserError(f"gallery {self.path} was built with model {self.fingerprint[:12]} "
                             f"({self.manifest['model']['run']} at step {self.manifest['model']['step']}); the model "
-                            f"given {model.fingerprint[:12]} ({model.run} at step {model.step}) differs: search with the "
-                            f"run the gallery was built with, or rebuild the gallery with this one")
+                            f"given {model.fingerprint[:12]} ({model.run} at step {model.step}) differs: leave --run out to "
+                            f"embed with the run the gallery was built with, or rebuild the gallery with this one")
         recorded = self.manifest.get("preprocessing")
         if recorded is not None and recorded != model.preprocessing():
             raise UserError(f"gallery {self.path} embedded its photos with {recorded}, queries are embedded with "
@@ -1232,9 +1257,44 @@ def check_gallery_target(out: Path, overwrite: bool, source: Optional[str | os.P
             raise UserError(f"{out} already holds a gallery; add --overwrite to rebuild it (or add images with mlsctl index add)")
 
 
+def _source_counts(source, groups: Optional[dict[str, list[Path]]]) -> dict[str, int]:
+    """Photos per object of what a build reads: ``groups`` of its image folders, or a feature folder's rows."""
+    if groups is not None:
+        return {object_id: len(paths) for object_id, paths in groups.items()}
+    from mlsctl.features import Features
+
+    counts: dict[str, int] = {}
+    for name in Features(source).files:
+        counts[Path(name).parts[0]] = counts.get(Path(name).parts[0], 0) + 1
+    return counts
+
+
+def _say_what_a_rebuild_drops(out: Path, source_counts: dict[str, int], say: Callable[[str], None]) -> None:
+    """Before --overwrite embeds anything: the objects and photos of the gallery in ``out`` that the
+    source does not hold (added with ``index add`` or ``serve`` since its build), which the rebuilt
+    gallery will not have (a new user's probe, 2026-12-06: they went without a word)."""
+    try:
+        old = Gallery(out)
+    except UserError:  # damaged or not a gallery: it is replaced, nothing in it can be counted
+        return
+    gone = [object_id for object_id in old.ids if object_id not in source_counts]
+    more = {object_id: old.count(object_id) - source_counts[object_id] for object_id in old.ids
+            if object_id in source_counts and old.count(object_id) > source_counts[object_id]}
+    if not gone and not more:
+        return
+    parts = []
+    if gone:
+        shown = ", ".join(printable(i) for i in gone[:3]) + (", ..." if len(gone) > 3 else "")
+        parts.append(f"{counted(len(gone), 'object')} that the source does not have ({shown})")
+    if more:
+        parts.append(f"{counted(sum(more.values()), 'photo')} more than the source for {counted(len(more), 'object')}")
+    say(f"note: --overwrite replaces {out}, which holds {' and '.join(parts)}: added with mlsctl index add or serve "
+        f"since it was built, they will not be in the rebuilt gallery (stop now to keep them)")
+
+
 def build_gallery(source: str | os.PathLike, model: SetModel, out: str | os.PathLike, settings: IndexSettings,
                   *, overwrite: bool = False, progress: Optional[bool] = None, storage_dtype: str = "fp32",
-                  workers: Optional[int] = None, batch_size: int = 64) -> dict:
+                  workers: Optional[int] = None, batch_size: int = 64, say: Callable[[str], None] = to_stderr) -> dict:
     """One set embedding per object of ``source``: ``ROOT/<object_id>/*`` images (decoded in
     ``workers`` loader processes and embedded ``batch_size`` at a time, :func:`set_tokens`), or a
     feature folder of them written by ``mlsctl embed`` with the same run (files fold in name order)."""
@@ -1243,13 +1303,17 @@ def build_gallery(source: str | os.PathLike, model: SetModel, out: str | os.Path
     if storage_dtype not in STORAGE_DTYPES:
         raise UserError(f"--dtype must be fp32 or fp16, got {storage_dtype!r}")
     ids, latents, counts = [], [], []
-    if is_feature_folder(source):
+    if out.is_dir():  # a server or another writer holding it: said now, not after every photo is embedded
+        FolderLock(out, "gallery").acquire().release()
+    groups = None if is_feature_folder(source) else object_folders(source)
+    if overwrite:
+        _say_what_a_rebuild_drops(out, _source_counts(source, groups), say)
+    if groups is None:
         for object_id, cls in _feature_groups(Path(source), model).items():
             ids.append(object_id)
             latents.append(model.fold(None, cls.float()))
             counts.append(len(cls))
     else:
-        groups = object_folders(source)
         check_new_ids(list(groups), f"{source}: object folder")  # before anything is embedded
         unreadable = []  # every photo that cannot be read, named at the end: not one per attempt
         for object_id, (cls, tokens, failed) in zip(groups, set_tokens(list(groups.values()), model,

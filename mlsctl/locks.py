@@ -45,9 +45,11 @@ class FolderLock:
     """``beside``: the lock file is ``.NAME.mlsctl.lock`` next to the folder, not in it, for a folder
     that is replaced whole (a data build swaps a new folder in: a lock inside would go with the old)."""
 
-    def __init__(self, folder: str | os.PathLike, what: str = "folder", *, beside: bool = False):
+    def __init__(self, folder: str | os.PathLike, what: str = "folder", *, beside: bool = False,
+                 doing: str = "being written"):
         self.folder = Path(folder)
         self.what = what
+        self.doing = doing  # what another command is told the holder does ("being served read-only")
         self.path = self.folder.parent / f".{self.folder.name}{LOCK_NAME}" if beside else self.folder / LOCK_NAME
         self.created_folder = False
         self._created: list[Path] = []  # the folders acquire made, innermost first
@@ -64,10 +66,10 @@ class FolderLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = self._holder(fd)
+                holder, doing = self._holder(fd)
                 os.close(fd)
                 self._remove_created_folder()
-                raise UserError(f"{self.what} {self.folder} is being written by {holder}; wait for it to finish or stop "
+                raise UserError(f"{self.what} {self.folder} is {doing} by {holder}; wait for it to finish or stop "
                                 f"it, then run this command again", exit_code=1) from None
             # The holder before us may have removed the file after we opened it: lock the file that is there.
             try:
@@ -79,7 +81,7 @@ class FolderLock:
             os.close(fd)
         program = "mlsctl" if Path(sys.argv[0]).name in ("mlsctl", "__main__.py") else sys.argv[0]
         record = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join([program, *sys.argv[1:]]),
-                  "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+                  "started": time.strftime("%Y-%m-%d %H:%M:%S"), "doing": self.doing}
         try:
             os.ftruncate(fd, 0)
             os.write(fd, (json.dumps(record) + "\n").encode())
@@ -96,14 +98,16 @@ class FolderLock:
         return self
 
     @staticmethod
-    def _holder(fd: int) -> str:
+    def _holder(fd: int) -> tuple[str, str]:
+        """(who holds the lock, what it does: "being written" unless its record says otherwise)."""
         try:
             os.lseek(fd, 0, os.SEEK_SET)
             record = json.loads(os.read(fd, 65536).decode() or "{}")
+            doing = record.get("doing") if isinstance(record.get("doing"), str) else "being written"
             return (f"process {record['pid']} on {record['host']} (`{record['command']}`, started "
-                    f"{record['started']})")
-        except (OSError, ValueError, KeyError, TypeError):
-            return "another process"
+                    f"{record['started']})"), doing
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return "another process", "being written"
 
     def release(self) -> None:
         if self._fd is None:

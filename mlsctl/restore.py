@@ -294,8 +294,8 @@ def from_run(run_dir: Union[str, Path], *, random_init: bool = False, seed: int 
                             str(run.teacher_weights_path), model_cfg.img_size)
     checkpoint = run.latest()
     if checkpoint is None:
-        raise UserError(f"run {run.root} has neither teacher.safetensors nor a checkpoint yet; wait for its first "
-                        f"checkpoint or choose another --run")
+        raise UserError(f"run {run.root} has neither teacher.safetensors nor a checkpoint: it has not written its "
+                        f"first checkpoint yet, or it is no training run; wait for that checkpoint or give another run")
     choice = from_checkpoint(recipe, checkpoint, run)
     choice.description += " (no final export yet)"
     return choice
@@ -431,7 +431,10 @@ def choose_model(*, run: Optional[Union[str, Path]] = None, weights: Optional[Un
                 raise UserError(f"--random-init needs --run RUN (no run under {runs_root}/ to take the architecture from)")
             return dinov2_small()
         try:
-            return from_run(found.root, random_init=random_init, seed=seed)
+            choice = from_run(found.root, random_init=random_init, seed=seed)
+            # said wherever the description is (a new user's probe, 2026-12-06: `embed` used it without a word)
+            choice.description += f" (the newest run under {runs_root}/: no --run or --weights given)"
+            return choice
         except UserError as exc:  # say that the run was chosen for the user, and which
             raise UserError(f"no --run or --weights was given, so the newest run under {runs_root}/ was taken "
                             f"({found.root}): {exc.message}; or give --run RUN or --weights FILE",

@@ -335,7 +335,10 @@ class GalleryService:
         from mlsctl.gallery import Gallery, load_set_model
         from mlsctl.locks import FolderLock
 
-        self.lock_file = FolderLock(gallery_path, "gallery").acquire()
+        # a read-only server holds the lock too (writers would change the gallery under its in-memory index);
+        # others are told it serves, not that it writes (a new user's probe, 2026-12-06)
+        self.lock_file = FolderLock(gallery_path, "gallery",
+                                    doing="being served read-only" if read_only else "being written").acquire()
         try:
             self.gallery = Gallery(gallery_path, recover=not read_only)  # a read-only server changes nothing
             self.model = load_set_model(run or self.gallery.built_with_run())
@@ -1193,6 +1196,9 @@ def serve(gallery: Path, run: Optional[Path], host: str, port: int, root: Option
     import uvicorn
 
     limits = Limits.from_mib(max_upload_mb, max_request_mb, decode_budget_mb)
+    if root is not None and not Path(root).is_dir():  # a new user's probe (2026-12-06): every request was a 404
+        raise UserError(f"--root {root} {'is not a folder' if Path(root).exists() else 'does not exist'}; give the "
+                        f"folder whose photos requests may name by path, or leave --root out (uploads only)")
     addresses = resolve_host(host, port)
     if not is_loopback(addresses) and token_file is None:
         raise UserError(f"--host {host} listens beyond this machine, so anyone who reaches it could use the gallery: "

@@ -396,6 +396,7 @@ def test_cli_model_choice(tmp_path: Path, finished_run, capsys):
     (tmp_path / "runs" / "tiny").symlink_to(run_dir)
     code, _, err = cli("embed", str(images), cwd=tmp_path, capsys=capsys)
     assert code == 0 and "model: teacher of run runs/tiny" in err
+    assert "(the newest run under runs/: no --run or --weights given)" in err  # said (a new user's probe, 2026-12-06)
     default_folder = next((tmp_path / "features").glob(f"tiny-*/{feats.folder_label(images)}-global"))
     assert (default_folder / "manifest.json").is_file()
     code, out, _ = cli("embed", str(images), "--weights", str(run_dir / "teacher.safetensors"), "--out",

@@ -203,3 +203,26 @@ def test_small_photo_counts_and_their_gallery_share_are_one_sentence(tmp_path: P
 
     with pytest.raises(UserError, match=r"--gallery-photos \(4; 4 when not given\) .* give --gallery-photos 2 with --photos 4"):
         build_products(tmp_path / "p", n_train=2, n_eval=2, photos=4, source=fake_fmnist, progress=False)
+
+
+def test_a_build_inside_another_data_set_gallery_run_or_feature_folder_is_refused(tmp_path: Path, fake_fmnist: Path):
+    """A new user's probe (2026-12-06): `data fmnist-products --out data/products/gallery/nested` built, and the
+    next `index build data/products/gallery` took "nested" for an object of 32 photos."""
+    from mlsctl.data.fmnist_products import build_products
+
+    products = tmp_path / "products"
+    build_products(products, n_train=2, n_eval=2, photos=4, gallery_photos=2, source=fake_fmnist, progress=False)
+    (tmp_path / "gallery").mkdir()
+    (tmp_path / "gallery" / "gallery.json").write_text("{}")
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run" / "config.yaml").write_text("{}")
+    for parent, kind in ((products, "a data set built by mlsctl data"), (tmp_path / "gallery", "a gallery"),
+                         (tmp_path / "run", "a run folder")):
+        for build in (lambda out: build_products(out, n_train=2, n_eval=2, photos=4, gallery_photos=2,
+                                                 source=fake_fmnist, progress=False),
+                      lambda out: build_scenes(out, n_train=2, n_val=1, size=40, source=fake_fmnist, progress=False)):
+            out = parent / "gallery" / "nested"
+            with pytest.raises(UserError, match=f"is inside {parent}, {kind}: the new images would become part of it"):
+                build(out)
+            assert not out.exists()
+    build_scenes(tmp_path / "elsewhere" / "scenes", n_train=2, n_val=1, size=40, source=fake_fmnist, progress=False)

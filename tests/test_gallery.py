@@ -132,6 +132,34 @@ def test_retrain_compacts_and_restores_recall_on_new_clusters(tmp_path):
     assert after > before and Gallery(tmp_path / "g").rows == 1200
 
 
+def test_a_damaged_index_file_is_made_again_from_the_rows_by_retrain(tmp_path, capsys):
+    """A new user's probe (2026-12-06): a damaged IVF index file was "not a faiss index (Error in
+    std::unique_ptr<faiss::Index> ...); rebuild the gallery with mlsctl index build", which drops every object
+    added since the build, and index retrain refused it too. The rows hold every object: retrain makes the index
+    again from them, and the message says so."""
+    import json
+
+    from conftest import cli, cli_ok
+    from mlsctl.errors import UserError
+
+    settings = IndexSettings("ivfpq", nlist=4, m=4, nbits=6, nprobe=4, refine=50)
+    latents = clustered(300, seed=3, centres=4)
+    write_gallery(tmp_path / "g", [f"a{i}" for i in range(300)], latents, [1] * 300, settings, MANIFEST)
+    Gallery(tmp_path / "g").append(["added"], latents[:1], [1])  # an add since the build
+    for damage in (lambda f: f.write_bytes(b"not an index"), lambda f: f.unlink()):
+        damage(next(Gallery(tmp_path / "g").data.glob("index.*.faiss")))
+        with pytest.raises(UserError, match=re.escape(f"; make it again from the gallery's rows with mlsctl index "
+                                                      f"retrain {tmp_path / 'g'}")) as raised:
+            Gallery(tmp_path / "g")
+        assert "faiss::" not in raised.value.message
+        code, _, err = cli("search", "--index", str(tmp_path / "g"), "--set", "x.png", capsys=capsys)
+        assert code == 2 and "mlsctl index retrain" in err, err
+        out, _ = cli_ok(capsys, "index", "retrain", str(tmp_path / "g"), "--json")
+        assert json.loads(out)["objects"] == 301
+        gallery = Gallery(tmp_path / "g")
+        assert "added" in gallery.ids and gallery.search(latents[5], 1)[0][0] in ("a5", "added")
+
+
 # ----------------------------------------------------------------------------------- swaps are atomic (issue 23, item 4)
 
 SETTINGS = IndexSettings("ivfpq", nlist=4, m=4, nbits=6, nprobe=4, refine=50)

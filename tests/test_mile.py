@@ -646,3 +646,58 @@ def test_a_data_sets_root_given_as_data_root_is_said(mile_run, tmp_path, capsys)
                        capsys=capsys)
     assert code == 2 and "fewer than one global batch" in err and "3 of the 3 objects" in err, err
     assert f"give {mile_run / 'train'} instead" in err and not (tmp_path / "run").exists()  # the training split
+
+
+def test_gallery_probe_of_2026_12_06(mile_run, tmp_path, capsys):
+    """A new user's probe of the gallery side (2026-12-06): --overwrite dropped objects and photos added since the
+    build without a word; a damaged IVF index file sent users to a rebuild (dropping those adds) and retrain
+    refused it; index build FEATS took the newest run, not the one that embedded them; '/' in an id was stored
+    by index add and out of serve's reach; --nlist with a flat index was taken and ignored; a photo given twice
+    was folded twice unsaid; another run's add advised to "search". (The damaged index: tests/test_gallery.py.)"""
+    import shutil
+
+    from conftest import cli
+    from mlsctl.gallery import Gallery
+
+    run = str(mile_run / "run")
+    gallery = tmp_path / "g"
+    cli_ok(capsys, "index", "build", str(mile_run / "gallery"), "--run", run, "--out", str(gallery))
+    photo = str(sorted((mile_run / "query" / "obj1").iterdir())[0])
+    _, err = cli_ok(capsys, "index", "add", str(gallery), "--object", "new", photo, photo)
+    assert f"note: {photo} is given 2 times: it is folded in 2 times" in err
+    cli_ok(capsys, "index", "add", str(gallery), "--object", "obj0", photo)
+    code, _, err = cli("index", "add", str(gallery), "--object", "a/b", photo, capsys=capsys)
+    assert code == 2 and "contains '/', which the service's URLs (/objects/<id>) cannot carry" in err, err
+    # --overwrite says, before embedding, what the rebuild drops
+    copy = tmp_path / "copy"
+    shutil.copytree(gallery, copy)
+    _, err = cli_ok(capsys, "index", "build", str(mile_run / "gallery"), "--run", run, "--out", str(copy), "--overwrite")
+    assert (f"note: --overwrite replaces {copy}, which holds 1 object that the source does not have (new) and 1 photo "
+            f"more than the source for 1 object: added with mlsctl index add or serve") in " ".join(err.split()), err
+    assert "new" not in Gallery(copy).ids
+    _, err = cli_ok(capsys, "index", "build", str(mile_run / "gallery"), "--run", run, "--out", str(copy), "--overwrite")
+    assert "note: --overwrite" not in err  # nothing to drop
+    code, _, err = cli("index", "build", str(mile_run / "gallery"), "--run", run, "--out", str(tmp_path / "flat"),
+                       "--nlist", "4", capsys=capsys)
+    assert code == 2 and "--nlist sets up an IVF-PQ index, and --index flat" in err and not (tmp_path / "flat").exists()
+    # features: the run that embedded them, not the newest under ./runs (another model: its teacher moved a little)
+    from safetensors.torch import load_file, save_file
+
+    cli_ok(capsys, "embed", str(mile_run / "gallery"), "--run", run, "--dtype", "fp32", "--out", str(tmp_path / "f32"))
+    work = tmp_path / "work"
+    other = work / "runs" / "other"
+    shutil.copytree(mile_run / "run", other)
+    weights = load_file(other / "teacher.safetensors")
+    save_file({k: v + 0.01 if v.is_floating_point() else v for k, v in weights.items()}, other / "teacher.safetensors")
+    code, _, err = cli("index", "build", str(tmp_path / "f32"), "--out", str(tmp_path / "from-features"), cwd=work,
+                       capsys=capsys)
+    assert code == 0 and f"teacher of MILE run {run} at step" in err, err
+    # another model given to an add: leave --run out (there is no search in an add)
+    from types import SimpleNamespace
+
+    from mlsctl.errors import UserError
+
+    stored = Gallery(gallery)
+    elsewhere = SimpleNamespace(dim=stored.dim, fingerprint="0" * 64, run=str(tmp_path / "elsewhere"), step=1)
+    with pytest.raises(UserError, match="leave --run out to embed with the run the gallery was built with"):
+        stored.check_model(elsewhere)

@@ -1469,3 +1469,24 @@ def test_a_root_path_swapped_after_its_check_is_not_read(tmp_path):
         photos[0].open()
     with photos[1].open() as f:
         assert f.read() == b"other"
+
+
+def test_a_root_that_is_no_folder_is_refused_at_start_and_a_read_only_server_is_said_as_serving(tmp_path, capsys):
+    """A new user's probe (2026-12-06): `serve --root /nonexistent` started, and every request by path was a 404;
+    a second server or an `index add` beside a --read-only server was told the gallery was "being written"."""
+    from mlsctl.errors import UserError
+    from mlsctl.locks import FolderLock
+
+    (tmp_path / "a-file").write_text("x")
+    for root, words in ((tmp_path / "nope", "does not exist"), (tmp_path / "a-file", "is not a folder")):
+        code, _, err = cli("serve", str(tmp_path / "gallery"), "--root", str(root), capsys=capsys)
+        assert code == 2 and f"--root {root} {words}; give the folder whose photos requests may name" in err, err
+    (tmp_path / "gallery").mkdir()
+    with FolderLock(tmp_path / "gallery", "gallery", doing="being served read-only"):
+        with pytest.raises(UserError, match=r"^gallery .* is being served read-only by process \d+ on .*; wait for it "
+                                            r"to finish or stop it") as raised:
+            FolderLock(tmp_path / "gallery", "gallery").acquire()
+        assert raised.value.exit_code == 1
+    with FolderLock(tmp_path / "gallery", "gallery"):
+        with pytest.raises(UserError, match=r"is being written by process"):
+            FolderLock(tmp_path / "gallery", "gallery").acquire()

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Literal, Optional
@@ -22,7 +23,7 @@ StorageDtype = Literal["fp32", "fp16"]  # gallery.STORAGE_DTYPES
 @app.command("build")
 def build(
     source: Path = typer.Argument(..., help="Images in one folder per object (ROOT/<object_id>/*), or their feature folder from mlsctl embed."),
-    run: Optional[Path] = typer.Option(None, "--run", help="MILE run whose teacher embeds the objects [default: the newest run under ./runs]."),
+    run: Optional[Path] = typer.Option(None, "--run", help="MILE run whose teacher embeds the objects [default: the run that embedded a feature folder given, else the newest MILE run under ./runs]."),
     out: Path = typer.Option(Path("gallery"), "--out", "-o", help="Gallery folder to write."),
     index: GalleryIndex = typer.Option("flat", "--index", parser=one_of("--index", GalleryIndex), help="flat (exact) or ivfpq (compressed, for large galleries)."),
     nlist: Optional[int] = typer.Option(None, "--nlist", min=1, max=2**31 - 1, help="IVF-PQ lists [default: sqrt(objects), at most objects / 39]."),
@@ -47,9 +48,16 @@ def build(
 
         raise UserError(f"gallery images {source} does not exist; give a folder with one sub-folder of photos per "
                         f"object, or their feature folder")
+    given = [name for name, value in (("--nlist", nlist), ("--pq-m", pq_m)) if value is not None]
+    if index == "flat" and given:  # a new user's probe (2026-12-06): taken without a word, and nothing done with them
+        from mlsctl.errors import UserError
+
+        raise UserError(f"{' and '.join(given)} set{'s' if len(given) == 1 else ''} up an IVF-PQ index, and --index flat "
+                        f"(the default) searches exactly without one; add --index ivfpq, or leave "
+                        f"{'it' if len(given) == 1 else 'them'} out")
     settings = IndexSettings(index, nlist, pq_m, pq_bits, nprobe, refine)
-    record = build_gallery(source, choose_set_model(run, say=say), out, settings, overwrite=overwrite, storage_dtype=dtype,
-                           workers=workers)
+    record = build_gallery(source, choose_set_model(run, say=say, features=source), out, settings, overwrite=overwrite, storage_dtype=dtype,
+                           workers=workers, say=say)
     if as_json:
         print(json.dumps(record, indent=2))
         return
@@ -78,6 +86,13 @@ def add(
 
     check_object_id(object_id)
     read_manifest(gallery)  # a run folder given as GALLERY is said so, not locked (and "being written" by its run)
+    seen: dict[str, int] = {}
+    for image in images:
+        seen[os.path.realpath(image)] = seen.get(os.path.realpath(image), 0) + 1
+    for image in images:  # a new user's probe (2026-12-06): "2 photos added" for one photo given twice
+        times = seen.pop(os.path.realpath(image), 1)  # said once, at its first mention
+        if times > 1:
+            say(f"note: {image} is given {times} times: it is folded in {times} times, as photos of their own")
     photos = load_images(images)
     with FolderLock(gallery, "gallery"):
         target = Gallery(gallery, recover=True)
@@ -114,7 +129,7 @@ def retrain(
     read_manifest(gallery)  # not a gallery: said before the folder is locked
     started = time.perf_counter()
     with FolderLock(gallery, "gallery"):
-        target = Gallery(gallery, recover=True)
+        target = Gallery(gallery, recover=True, with_index=False)  # made again: a damaged one is no obstacle
         before = target.rows
         manifest = target.retrain()
     seconds = time.perf_counter() - started

@@ -211,6 +211,7 @@ def build_scenes(out: str | Path, n_train: int = 2000, n_val: int = 500, size: i
     if n_train < 1 or n_val < 1:
         raise UserError("--n-train and --n-val must be at least 1")
     out = atomic.followed(out)  # a link's target is rebuilt, the link kept
+    check_out_outside_others(out)
     params = {"n_train": n_train, "n_val": n_val, "size": size, "seed": seed}
     as_is = built_as_asked(out, "fmnist-scenes", params, overwrite, ("train/labels.csv", "val/labels.csv"))
     if as_is is not None:  # nothing to write: no lock (a data set on a read-only mount is reused; a review)
@@ -273,6 +274,30 @@ def largest_item_labels(split: Path) -> Path:
     out = split / "labels.csv"
     atomic.write_text(out, "path,label\n" + "\n".join(rows) + "\n")
     return out
+
+
+def check_out_outside_others(out: Path) -> None:
+    """A data build's ``--out`` is not inside a folder another mlsctl command reads as a whole: a data
+    set, a gallery's source, a gallery, a run or a feature folder (a new user's probe, 2026-12-06:
+    ``--out data/products/gallery/nested`` became an object of the next ``index build`` of that gallery)."""
+    from mlsctl.data.shards import is_feature_folder
+
+    for parent in Path(os.path.abspath(out)).parents:
+        kind = ("a data set built by mlsctl data" if (parent / "meta.json").is_file() and _is_build(parent / "meta.json")
+                else "a gallery" if (parent / "gallery.json").is_file()
+                else "a run folder" if (parent / "config.yaml").is_file() and (parent / "checkpoints").is_dir()
+                else "a feature folder" if is_feature_folder(parent) else None)
+        if kind is not None:
+            raise UserError(f"--out {out} is inside {parent}, {kind}: the new images would become part of it; choose "
+                            f"an --out outside it")
+
+
+def _is_build(meta_path: Path) -> bool:
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and isinstance(meta.get("parameters"), dict)
 
 
 def built_as_asked(out: Path, generator: str, params: dict, overwrite: bool,

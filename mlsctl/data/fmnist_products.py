@@ -33,8 +33,8 @@ import numpy as np
 from PIL import Image
 
 from mlsctl import atomic
-from mlsctl.data.fmnist import (CLASSES, DEFAULT_SOURCE, background, building, built_as_asked, load_split,
-                                replace_folder, reusable_build)
+from mlsctl.data.fmnist import (CLASSES, DEFAULT_SOURCE, background, building, built_as_asked,
+                                check_out_outside_others, load_split, replace_folder, reusable_build)
 from mlsctl.errors import UserError
 from mlsctl.locks import FolderLock
 
@@ -112,6 +112,7 @@ def build_products(out: str | Path, n_train: int = 1000, n_eval: int = 200, phot
     if n_train < 1 or n_eval < 2:
         raise UserError("--n-train must be at least 1 and --n-eval at least 2")
     out = atomic.followed(out)  # a link's target is rebuilt, the link kept
+    check_out_outside_others(out)
     params = {"n_train": n_train, "n_eval": n_eval, "photos": photos, "gallery_photos": gallery_photos,
               "size": size, "seed": seed}
     if layout != "retrieval":  # builds of the default layout keep the parameters they always had
