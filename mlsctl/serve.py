@@ -761,6 +761,14 @@ class Guard:
         except RequestError as exc:  # refused here, before the application saw the request
             if state["status"] is None:
                 await answer(exc.status, exc.message, exc.headers)
+        except asyncio.CancelledError:
+            # the server stopped and this request outlived SHUTDOWN_SECONDS (an upload still arriving): uvicorn
+            # cancels it, and answered a plain-text 500 (a new user's probe, 2026-12-06); a 503 in JSON instead,
+            # and the log line says it. The cancellation ends here: the server is closing this connection anyway
+            if state["status"] is None:
+                await answer(503, f"the server stopped before this request was done (it had {SHUTDOWN_SECONDS:.0f} s "
+                                  f"to finish); send it again once the server is back", {"Retry-After": "30",
+                                                                                        "Connection": "close"})
         except Exception as exc:  # the app's 500 handler answered already; say it in one line
             if state.get("closed"):  # the app's answer found the connection closed: nothing failed in the app
                 state["unanswered"] = f"{state['answering']}"
@@ -814,6 +822,9 @@ class Guard:
         if needs_token and not authenticated:
             return (401, "the bearer token is wrong; send the one in the server's token file",
                     {"WWW-Authenticate": "Bearer"}), False
+        unknown = _unknown_query_parameter(path, scope.get("query_string", b""))
+        if unknown is not None:  # a new user's probe (2026-12-06): /search?kk=2 gave the default 10 results unsaid
+            return (400, unknown, None), authenticated
         return None, authenticated
 
     def body_limit(self, scope) -> tuple[int, Optional[int]]:
@@ -855,6 +866,25 @@ class Guard:
             except (ValueError, AttributeError, UnicodeDecodeError):
                 message = body[:200].decode("utf-8", "replace")
         log.warning(f"{line}: {message}")
+
+
+# the query parameters each path takes; the others take none, but /health takes any (uptime checks may add a
+# cache-busting one)
+QUERY_PARAMETERS = {"/search": ("k",)}
+
+
+def _unknown_query_parameter(path: str, query: bytes) -> Optional[str]:
+    """The sentence for a query parameter ``path`` does not take (a typo would be ignored), or None."""
+    from urllib.parse import parse_qsl
+
+    if path == "/health":
+        return None
+    taken = QUERY_PARAMETERS.get(path, ())
+    for name, _ in parse_qsl(query.decode("latin-1"), keep_blank_values=True):
+        if name not in taken:  # not named: the sentence is logged, and no query string is (docs/service.md)
+            return (f"the request has a query parameter {path if taken else 'this endpoint'} does not take: it takes "
+                    f"{'only ' + ', '.join(taken) if taken else 'none'}")
+    return None
 
 
 def _declared_length(scope) -> Optional[int]:

@@ -257,6 +257,9 @@ def test_an_upload_equals_index_add_of_the_same_file(server, tmp_path):
     ("POST", "/objects/a%2Fb/photos", {"files": "one"}, 400, "cannot contain '/'"),
     ("POST", "/search", {"files": [("p.png", b"x")] * 65}, 413, "at most 64"),
     ("POST", "/search?k=many", {"files": "one"}, 400, "does not fit the API"),
+    # a new user's probe (2026-12-06): a misspelt parameter gave the default answer unsaid
+    ("POST", "/search?kk=2", {"files": "one"}, 400, "a query parameter /search does not take: it takes only k"),
+    ("GET", "/objects/obj0?full=1", {}, 400, "a query parameter this endpoint does not take: it takes none"),
     ("POST", "/search", {"headers": {"Content-Type": "multipart/form-data"}}, 400, "no boundary"),
     ("POST", "/search", {"headers": {"Content-Type": "text/plain"}}, 415, "multipart"),
     ("GET", "/docs", {}, 404, "no such endpoint"),
@@ -857,6 +860,47 @@ def test_3_an_answer_the_connection_cannot_take_is_no_internal_error(caplog):
     assert len(lines) == 1 and "connection closed before the answer (200)" in lines[0] and "internal" not in lines[0]
 
 
+def test_3_a_request_the_server_stops_under_is_answered_503_in_json(caplog):
+    """A new user's probe (2026-12-06): an upload still arriving SHUTDOWN_SECONDS after a SIGTERM was cancelled by
+    uvicorn, which answered a plain-text 500 and logged the request with no status. The guard answers 503 in
+    JSON (Retry-After, the connection closed) and logs that."""
+    import asyncio
+    import logging
+
+    from mlsctl import serve
+
+    async def app(scope, receive, send):  # reads a body that keeps arriving
+        while True:
+            await receive()
+
+    guard = serve.Guard(app, serve.Policy.for_server("127.0.0.1", token=None, limits=serve.Limits(10**6, 10**7, 10**8)))
+    scope = {"type": "http", "method": "POST", "path": "/search", "raw_path": b"/search", "query_string": b"",
+             "headers": [(b"host", b"127.0.0.1:8000"), (b"content-length", b"1000000")]}
+    sent = []
+
+    async def receive():
+        await asyncio.sleep(0.01)
+        return {"type": "http.request", "body": b"x" * 10, "more_body": True}
+
+    async def send(message):
+        sent.append(message)
+
+    async def stopped_server():
+        task = asyncio.create_task(guard(scope, receive, send))
+        await asyncio.sleep(0.1)
+        task.cancel(msg="Task cancelled, timeout graceful shutdown exceeded")  # what uvicorn does
+        await task  # the cancellation ends in the guard, with the answer sent
+
+    with caplog.at_level(logging.INFO, logger="mlsctl.serve"):
+        asyncio.run(stopped_server())
+    start, body = sent
+    assert start["status"] == 503 and (b"retry-after", b"30") in start["headers"]
+    assert (b"connection", b"close") in start["headers"]
+    assert json.loads(body["body"])["error"].startswith("the server stopped before this request was done")
+    lines = [r.getMessage() for r in caplog.records if r.name == "mlsctl.serve"]
+    assert len(lines) == 1 and lines[0].startswith("POST /search 503 "), lines
+
+
 def _json_request(path: str, body: bytes) -> dict:
     """The ASGI scope of a POST of ``body`` (JSON) to ``path`` from 127.0.0.1."""
     return {"type": "http", "method": "POST", "path": path, "raw_path": path.encode(), "query_string": b"",
@@ -1350,7 +1394,8 @@ def test_9_every_request_is_one_log_line_with_no_token_query_or_body(caplog):
     upload = [("photos", ("name-of-the-photo.png", b"BODY-BYTES"))]
     with TestClient(app, base_url="http://127.0.0.1:8000") as client, caplog.at_level("INFO", "mlsctl.serve"):
         assert client.get("/health").status_code == 200
-        assert client.post("/search?k=3&secret=q", files=upload).status_code == 200
+        assert client.post("/search?k=3", files=upload).status_code == 200
+        assert client.post("/search?k=3&secret=q", files=upload).status_code == 400  # its name unsaid in the log
         assert client.post("/objects/a%20b/photos", files=upload, headers={"Authorization": f"Bearer {token}"}
                            ).status_code == 200
         assert client.post("/objects/x/photos", files=upload, headers={"Authorization": "Bearer wrong-" + token}
@@ -1360,14 +1405,15 @@ def test_9_every_request_is_one_log_line_with_no_token_query_or_body(caplog):
     parsed = [re.fullmatch(r"([A-Z]+) (\S+(?: \S+)?) (\d{3}) (\d+\.\d)ms(?:: (.+))?", line) for line in lines]
     assert all(parsed), lines
     assert [m.groups()[:3] for m in parsed] == [("GET", "/health", "200"), ("POST", "/search", "200"),
-                                                ("POST", "/objects/a b/photos", "200"),
+                                                ("POST", "/search", "400"), ("POST", "/objects/a b/photos", "200"),
                                                 ("POST", "/objects/x/photos", "401"), ("GET", "/nowhere", "404")]
-    assert [m.group(5) is None for m in parsed] == [True, True, True, False, False]
-    assert "token is wrong" in parsed[3].group(5) and "no such endpoint" in parsed[4].group(5)
-    assert [r.levelname for r in caplog.records if r.name == "mlsctl.serve"] == ["INFO"] * 3 + ["WARNING"] * 2
+    assert [m.group(5) is None for m in parsed] == [True, True, False, True, False, False]
+    assert "token is wrong" in parsed[4].group(5) and "no such endpoint" in parsed[5].group(5)
+    assert [r.levelname for r in caplog.records if r.name == "mlsctl.serve"] == ["INFO"] * 2 + ["WARNING", "INFO"] + \
+        ["WARNING"] * 2
     text = "\n".join(lines)
     assert token not in text and "the-token" not in text and "BODY-BYTES" not in text and "secret=q" not in text
-    assert "k=3" not in text and "name-of-the-photo" not in text
+    assert "k=3" not in text and "name-of-the-photo" not in text and "secret" not in text
 
 
 def test_9_a_stop_says_what_the_session_saved():
