@@ -33,6 +33,8 @@ from mlsctl.runs import Run, metrics_record
 
 def read_metrics(run_dir: str | Path) -> dict[str, tuple[list[int], list[float]]]:
     run = Run(run_dir)
+    if not Path(run_dir).exists():
+        raise UserError(f"run {run_dir} does not exist; give a run folder written by mlsctl pretrain")
     if not run.metrics_path.is_file():
         raise UserError(f"{run_dir} has no metrics.jsonl; give a run folder written by mlsctl pretrain")
     series: dict[str, tuple[list[int], list[float]]] = {}

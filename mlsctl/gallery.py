@@ -701,7 +701,8 @@ class Gallery:
             self.unit = self._map(UNIT, self.dtype, (self.rows, self.dim))
             self.counts = self._map(COUNTS, np.int64, (self.rows,))
         except (OSError, ValueError, UnicodeDecodeError) as exc:
-            raise UserError(f"{self.path} is damaged ({getattr(exc, 'strerror', None) or exc}); {rebuild}") from None
+            where = f"{exc.filename}: " if isinstance(exc, OSError) and exc.filename else ""  # the file, named
+            raise UserError(f"{self.path} is damaged ({where}{getattr(exc, 'strerror', None) or exc}); {rebuild}") from None
         self.row_of: dict[str, int] = dict(zip(self.row_ids, range(self.rows)))  # the last row of an id wins
         self._lookalikes: Optional[dict[str, str]] = None  # lookalike_key -> stored id, made when first asked
         self.index = self._open_index() if self.with_index else None
@@ -1017,6 +1018,8 @@ def _append_rows(path: Path, start: int, ids_bytes: int, ids: Sequence[str], lat
 def read_manifest(path: Path) -> dict:
     """gallery.json, checked for the fields and types the gallery needs."""
     manifest_path = path / MANIFEST
+    if not Path(path).exists():  # a new user's probe (2026-12-06): "is not a gallery (no gallery.json)" for a typo
+        raise UserError(f"gallery {path} does not exist; give a gallery folder, or build one with mlsctl index build")
     if not manifest_path.is_file():
         from mlsctl.runs import Run
 

@@ -95,6 +95,8 @@ def test_short_names_tell_runs_apart():
 def test_plot_of_a_folder_that_is_not_a_run_is_one_sentence(tmp_path, capsys):
     code, _, err = cli("plot", str(tmp_path), capsys=capsys)
     assert code != 0 and "has no metrics.jsonl" in err and len(err.strip().splitlines()) == 1
+    code, _, err = cli("plot", str(tmp_path / "nope"), capsys=capsys)  # a typo is said as such (a probe, 2026-12-06)
+    assert code == 2 and f"run {tmp_path / 'nope'} does not exist" in err
 
 
 def test_an_empty_bank_health_panel_says_why_run_by_run_within_its_panel(tmp_path):

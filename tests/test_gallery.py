@@ -158,6 +158,11 @@ def test_a_damaged_index_file_is_made_again_from_the_rows_by_retrain(tmp_path, c
         assert json.loads(out)["objects"] == 301
         gallery = Gallery(tmp_path / "g")
         assert "added" in gallery.ids and gallery.search(latents[5], 1)[0][0] in ("a5", "added")
+    code, _, err = cli("search", "--index", str(tmp_path / "nope"), "--set", "x.png", capsys=capsys)
+    assert code == 2 and f"gallery {tmp_path / 'nope'} does not exist" in err  # not "no gallery.json" (a typo)
+    (gallery.data / "objects.txt").unlink()
+    with pytest.raises(UserError, match=re.escape(f"is damaged ({gallery.data / 'objects.txt'}: No such file")):
+        Gallery(tmp_path / "g")
 
 
 # ----------------------------------------------------------------------------------- swaps are atomic (issue 23, item 4)

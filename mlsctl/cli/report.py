@@ -17,7 +17,7 @@ def report(
     run: Path = RUN_ARGUMENT,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="HTML file to write, ending in .html [default: RUN/report.html]."),
     results: Optional[list[Path]] = typer.Option(None, "--results", help="Folders of mlsctl eval result JSONs to search for this run's evaluations [default: ./results]."),
-    patch_images: int = typer.Option(8, "--patch-images", min=1, help="Training images drawn with PCA patch maps."),
+    patch_images: int = typer.Option(8, "--patch-images", min=1, max=256, help="Training images drawn with PCA patch maps (at most 256: each is embedded in the page)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an --out file that is not an earlier report (an earlier one is always replaced)."),
     as_json: bool = typer.Option(False, "--json", help="Print what was written as JSON."),
 ) -> None:
