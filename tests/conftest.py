@@ -136,6 +136,24 @@ def kill_when(args: list[str], ready, timeout: float = 240) -> subprocess.Popen:
     return process
 
 
+def full_disk_at_the_second_checkpoint(monkeypatch, run: Path) -> None:
+    """The second checkpoint of the run in ``run`` fails as a full disk does (ENOSPC): a run the machine stops
+    after a checkpoint."""
+    import errno
+
+    from mlsctl.train import checkpoint
+
+    real_save, saves = checkpoint.save_checkpoint, []
+
+    def full_disk_at_the_second(run_, step, *args, **kwargs):
+        saves.append(step)
+        if len(saves) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(run / "checkpoints" / ".step.tmp"))
+        return real_save(run_, step, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", full_disk_at_the_second)
+
+
 def run_cli(*args: str, cwd: Path | None = None, check: bool = False, timeout: int = 300) -> subprocess.CompletedProcess:
     result = subprocess.run([sys.executable, "-m", "mlsctl", *args], capture_output=True, text=True, cwd=cwd,
                             env=cli_env(), timeout=timeout)

@@ -699,19 +699,11 @@ def test_8_a_run_the_machine_stops_after_a_checkpoint_says_how_to_continue_in_tr
     folder unmounted) said what failed but not that its last checkpoint continues it, and its train.log did not
     say how it ended (a launcher killed outright takes stderr with it). Now both say the error and the command
     that continues; a usage error (whose sentence names its fix) gets no such hint."""
-    from mlsctl.train import checkpoint
+    from conftest import full_disk_at_the_second_checkpoint
 
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(images))
     run = tmp_path / "run"
-    real_save, saves = checkpoint.save_checkpoint, []
-
-    def full_disk_at_the_second(run_, step, *args, **kwargs):
-        saves.append(step)
-        if len(saves) == 2:
-            raise OSError(errno.ENOSPC, "No space left on device", str(run / "checkpoints" / ".step.tmp"))
-        return real_save(run_, step, *args, **kwargs)
-
-    monkeypatch.setattr(checkpoint, "save_checkpoint", full_disk_at_the_second)
+    full_disk_at_the_second_checkpoint(monkeypatch, run)
     code, _, err = cli("pretrain", str(recipe), "--out", str(run), capsys=capsys)
     last = err.strip().splitlines()[-1]
     assert code == 1 and last.startswith("error: cannot use ") and "no space left on the device" in last, err

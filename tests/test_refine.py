@@ -667,22 +667,15 @@ def test_a_stopped_refine_run_says_the_refine_command_that_continues_it(trained,
     """A review (2026-12-06): a refine train stopped mid-way said "continue with: mlsctl pretrain RUN/config.yaml
     --out RUN --resume", another command than the one the user typed. It now names refine train's own --resume,
     and that command, pasted as printed, continues the run to its end."""
-    import errno
     import shlex
 
+    from conftest import full_disk_at_the_second_checkpoint
     from mlsctl.train import checkpoint
 
     _, train = trained
     run = tmp_path / "stopped run"  # a space: the command is quoted
-    real_save, saves = checkpoint.save_checkpoint, []
-
-    def full_disk_at_the_second(run_, step, *args, **kwargs):
-        saves.append(step)
-        if len(saves) == 2:
-            raise OSError(errno.ENOSPC, "No space left on device", str(run / "checkpoints" / ".step.tmp"))
-        return real_save(run_, step, *args, **kwargs)
-
-    monkeypatch.setattr(checkpoint, "save_checkpoint", full_disk_at_the_second)
+    real_save = checkpoint.save_checkpoint
+    full_disk_at_the_second_checkpoint(monkeypatch, run)
     code, _, err = cli(*_train_args(train, run), capsys=capsys)
     last = err.strip().splitlines()[-1]
     command = shlex.join(["refine", "train", str(train), "--out", str(run), "--resume"])
