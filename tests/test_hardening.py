@@ -826,7 +826,7 @@ def _index(gallery: Path) -> Path:
 
 @pytest.mark.parametrize("damage, words", [
     (lambda g: _index(g).unlink(), r"index\.300\.faiss is missing"),
-    (lambda g: _index(g).write_bytes(b"junk" * 10), "not a faiss index"),
+    (lambda g: _index(g).write_bytes(b"junk" * 10), r"is damaged \(faiss cannot read it as an index\); make it again from the gallery.s rows"),
     (lambda g: (_data(g) / "latents.bin").write_bytes((_data(g) / "latents.bin").read_bytes()[:100]), "latents.bin is missing or shorter"),
     (lambda g: (_data(g) / "objects.txt").unlink(), "is damaged"),
     (lambda g: (g / "gallery.json").write_text(json.dumps({**json.loads((g / "gallery.json").read_text()), "data": "../../etc"})), "is damaged"),
