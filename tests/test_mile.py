@@ -701,3 +701,27 @@ def test_gallery_probe_of_2026_12_06(mile_run, tmp_path, capsys):
     elsewhere = SimpleNamespace(dim=stored.dim, fingerprint="0" * 64, run=str(tmp_path / "elsewhere"), step=1)
     with pytest.raises(UserError, match="leave --run out to embed with the run the gallery was built with"):
         stored.check_model(elsewhere)
+    # the gallery index given to eval retrieval, which takes photos, was "contains no images"
+    code, _, err = cli("eval", "retrieval", "--gallery", str(gallery), "--query", str(mile_run / "query"), "--run", run,
+                       capsys=capsys)
+    assert code == 2 and f"--gallery {gallery} is a gallery index (mlsctl index build); eval retrieval takes photos" \
+        in " ".join(err.split()), err
+
+
+def test_an_objects_file_of_fewer_photos_than_data_root_is_said(mile_run, tmp_path, capsys):
+    """A new user's probe (2026-12-06): with method.objects_file the run's first line said "mile on 8000 images"
+    (the images under data.root) for 64 objects of 512 photos; a note says what it trains on."""
+    from conftest import cli
+
+    objects = tmp_path / "objects.csv"
+    rows = [f"obj{o},obj{o}/{k}.png" for o in range(4) for k in range(2)]  # 4 objects of 2 photos, of 18 images
+    objects.write_text("object_id,path\n" + "\n".join(rows) + "\n")
+    raw = tiny_recipe(mile_run / "train", data__local_crops={"count": 0, "size": 16, "scale": [0.1, 0.4]},
+                      optim__batch_size=2, optim__epochs=1)
+    raw["method"] = {"name": "mile", "set_length": 2, "cross_heads": 2, "out_dim": 64, "hidden_dim": 64,
+                     "bottleneck_dim": 32, "warmup_teacher_temp_epochs": 0, "objects_file": str(objects)}
+    code, _, err = cli("pretrain", str(write_recipe(tmp_path / "r.yaml", raw)), "--out", str(tmp_path / "run"),
+                       capsys=capsys)
+    assert code == 0, err
+    assert (f"method.objects_file {objects} lists 4 objects of 8 photos: the run trains on those, not on all 18 "
+            f"images under data.root") in " ".join(err.split()), err

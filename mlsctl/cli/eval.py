@@ -455,6 +455,11 @@ def retrieval(
         if not 0 <= fractions[-1] < 1:
             raise UserError(f"--noise takes fractions in [0, 1), got {value}")
     size = _query_size(query_size)
+    for option, folder in (("--gallery", gallery), ("--query", query)):
+        if (Path(folder) / "gallery.json").is_file():  # a new user's probe (2026-12-06): "contains no images"
+            raise UserError(f"{option} {folder} is a gallery index (mlsctl index build); eval retrieval takes photos: "
+                            f"a folder with one sub-folder of photos per object, such as the one the gallery was "
+                            f"built from")
     model = choose_set_model(run, say=say)
     payload = {"command": "eval retrieval",
                **evaluate_set_model(model, gallery, query, query_size=size, noise=fractions, seed=seed, workers=workers,

@@ -169,9 +169,15 @@ class MILE(Method):
     def data_notes(cls, recipe, dataset):
         from mlsctl.data.objects import nested_groups_note
 
-        if recipe.method.objects_file:
-            return []
         folder = dataset.folder
+        if recipe.method.objects_file:
+            # the run's first line counts the images under data.root; say what it trains on (a new user's
+            # probe, 2026-12-06: "mile on 8000 images" for 64 objects of 512 photos)
+            photos = sum(len(o.rows) for o in dataset.objects)
+            if photos < len(folder):
+                return [f"method.objects_file {recipe.method.objects_file} lists {len(dataset.objects)} objects of "
+                        f"{photos} photos: the run trains on those, not on all {len(folder)} images under data.root"]
+            return []
         note = nested_groups_note(Path(folder.root), {o.object_id: [folder.relpath(r) for r in o.rows]
                                                       for o in dataset.objects}, prefer=("train", "training"))
         return [f"data.root: {note}"] if note else []
