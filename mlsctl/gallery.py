@@ -1277,7 +1277,7 @@ def _say_what_a_rebuild_drops(out: Path, source_counts: dict[str, int], say: Cal
     source does not hold (added with ``index add`` or ``serve`` since its build), which the rebuilt
     gallery will not have (a new user's probe, 2026-12-06: they went without a word)."""
     try:
-        old = Gallery(out)
+        old = Gallery(out, with_index=False)  # ids and counts only: no index built or read for them
     except UserError:  # damaged or not a gallery: it is replaced, nothing in it can be counted
         return
     gone = [object_id for object_id in old.ids if object_id not in source_counts]

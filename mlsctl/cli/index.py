@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -56,8 +57,9 @@ def build(
                         f"(the default) searches exactly without one; add --index ivfpq, or leave "
                         f"{'it' if len(given) == 1 else 'them'} out")
     settings = IndexSettings(index, nlist, pq_m, pq_bits, nprobe, refine)
-    record = build_gallery(source, choose_set_model(run, say=say, features=source), out, settings, overwrite=overwrite, storage_dtype=dtype,
-                           workers=workers, say=say)
+    model = choose_set_model(run, say=say, features=source)
+    record = build_gallery(source, model, out, settings, overwrite=overwrite, storage_dtype=dtype, workers=workers,
+                           say=say)
     if as_json:
         print(json.dumps(record, indent=2))
         return
@@ -86,13 +88,12 @@ def add(
 
     check_object_id(object_id)
     read_manifest(gallery)  # a run folder given as GALLERY is said so, not locked (and "being written" by its run)
-    seen: dict[str, int] = {}
-    for image in images:
-        seen[os.path.realpath(image)] = seen.get(os.path.realpath(image), 0) + 1
-    for image in images:  # a new user's probe (2026-12-06): "2 photos added" for one photo given twice
-        times = seen.pop(os.path.realpath(image), 1)  # said once, at its first mention
-        if times > 1:
-            say(f"note: {image} is given {times} times: it is folded in {times} times, as photos of their own")
+    files = [os.path.realpath(image) for image in images]
+    times = Counter(files)
+    for image, file in zip(images, files):  # a new user's probe (2026-12-06): "2 photos added" for one photo twice
+        given = times.pop(file, 1)  # said once, at its first mention
+        if given > 1:
+            say(f"note: {image} is given {given} times: it is folded in {given} times, as photos of their own")
     photos = load_images(images)
     with FolderLock(gallery, "gallery"):
         target = Gallery(gallery, recover=True)

@@ -283,7 +283,7 @@ def check_out_outside_others(out: Path) -> None:
     from mlsctl.data.shards import is_feature_folder
 
     for parent in Path(os.path.abspath(out)).parents:
-        kind = ("a data set built by mlsctl data" if (parent / "meta.json").is_file() and _is_build(parent / "meta.json")
+        kind = ("a data set built by mlsctl data" if _is_build(parent / "meta.json")
                 else "a gallery" if (parent / "gallery.json").is_file()
                 else "a run folder" if (parent / "config.yaml").is_file() and (parent / "checkpoints").is_dir()
                 else "a feature folder" if is_feature_folder(parent) else None)
@@ -293,6 +293,9 @@ def check_out_outside_others(out: Path) -> None:
 
 
 def _is_build(meta_path: Path) -> bool:
+    """Whether ``meta_path`` is the meta.json of a data build (it records the build's parameters)."""
+    if not meta_path.is_file():
+        return False
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, ValueError):

@@ -82,8 +82,8 @@ class StepBatchSampler(Sampler):
         self.steps_per_epoch = n_items // self.global_batch
         if self.steps_per_epoch == 0:
             raise TooLittleData(f"the data has {elements(n_items)}, fewer than one global batch of {self.global_batch} "
-                            f"({global_batch_text(batch_size, world_size, accumulate_steps)}); "
-                            f"{lower_batch_text(accumulate_steps)}")
+                                f"({global_batch_text(batch_size, world_size, accumulate_steps)}); "
+                                f"{lower_batch_text(accumulate_steps)}")
         self.start_step = start_step
         self.total_steps = total_steps if total_steps is not None else self.steps_per_epoch
 

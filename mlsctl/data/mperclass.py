@@ -44,12 +44,12 @@ class MPerClassStepSampler(Sampler):
                             f"multiple of {m}")
         if n_classes * m < self.global_batch:
             made = f" ({global_batch_text(batch_size, world_size, accumulate_steps)})" if accumulate_steps > 1 else ""
-            raise TooLittleData(f"{what} has {n_classes} classes, too few for batches of {self.global_batch}{made} with {m} "
-                            f"samples per class (at least {-(-self.global_batch // m)} classes); {lower}")
+            raise TooLittleData(f"{what} has {n_classes} classes, too few for batches of {self.global_batch}{made} "
+                                f"with {m} samples per class (at least {-(-self.global_batch // m)} classes); {lower}")
         self.steps_per_epoch = len(self.labels) // self.global_batch
         if self.steps_per_epoch == 0:
-            raise TooLittleData(f"{what} has {len(self.labels)} items, fewer than one global batch of {self.global_batch}; "
-                            f"{lower}")
+            raise TooLittleData(f"{what} has {len(self.labels)} items, fewer than one global batch of "
+                                f"{self.global_batch}; {lower}")
         self.start_step = start_step
         self.total_steps = total_steps if total_steps is not None else self.steps_per_epoch
 

@@ -96,7 +96,8 @@ def _check_preprocessing_beside(features, model, options: dict, options_taken: t
     when that is not how the features were (a review, 2026-12-06: the refusal came after embedding them)."""
     from mlsctl.data.preprocessing import Preprocessing
 
-    planned = Preprocessing(options.get("resolution") or model.info["img_size"], options.get("resize", "square")).to_dict()
+    resolution = options.get("resolution") or model.info["img_size"]
+    planned = Preprocessing(resolution, options.get("resize", "square")).to_dict()
     recorded = features.preprocessing
     differing = [key for key in ("resize", "resolution") if planned.get(key) != recorded.get(key)]
     if not differing:

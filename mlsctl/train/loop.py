@@ -69,8 +69,9 @@ def pretrain(recipe, out: str | Path, *, resume: bool = False, init_from: Option
     exactly, ``--init-from`` starts from weights, ``--overwrite`` replaces an earlier run).
     ``overridden``: the keys set on the command line, which a refusal of their values names instead of
     the recipe file. ``resume_command``: the words after ``mlsctl`` that continue the run, said when it
-    stops (default ``pretrain RUN/config.yaml --out RUN --resume``). Training seeds Python's, NumPy's and torch's global generators from the recipe;
-    the caller's states are put back when it returns (a notebook's draws go on as they would have)."""
+    stops (default ``pretrain RUN/config.yaml --out RUN --resume``). Training seeds Python's, NumPy's
+    and torch's global generators from the recipe; the caller's states are put back when it returns (a
+    notebook's draws go on as they would have)."""
     with setup.caller_random_states(), setup.caller_matmul_precision():
         return _pretrain(recipe, out, resume=resume, init_from=init_from, overwrite=overwrite,
                          recipe_source=recipe_source, overridden=overridden, resume_command=resume_command)

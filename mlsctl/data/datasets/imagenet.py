@@ -54,8 +54,8 @@ def _split_file_labels(tree: Tree, base: str, split: str, class_names: list[str]
             table[name.rsplit("/", 1)[-1]] = label
         return table
     # at the top of the root (Kaggle's layout), or of the one folder the root wraps it in
-    solution = next((path for path in (f"LOC_{split}_solution.csv", join(wrapper(tree) or "", f"LOC_{split}_solution.csv"))
-                     if tree.is_file(path)), None)
+    name = f"LOC_{split}_solution.csv"
+    solution = next((path for path in (name, join(wrapper(tree) or "", name)) if tree.is_file(path)), None)
     if solution is not None:
         rows = csv.reader(io.StringIO(read_text(tree, solution)))
         table = {}

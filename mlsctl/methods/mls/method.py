@@ -40,8 +40,8 @@ query, view 2 → key) as in MoCo-v2; the same τ serves both terms; labels and 
 logits come from the queues only (not from this batch's keys); the released model — what ``embed`` and every eval use
 — is the *query* encoder's backbone, as MoCo releases ``encoder_q``. The supplement says once that
 ``Q_g`` holds "g_1 of view1" and once that both queues hold view-2 features, as the main paper's
-Fig. 2 does (its caption as a reviewer quoted it); we take g2, which is what runs (key encoder, no gradient, as every entry of ``Q_z``;
-docs/methods.md#mls-choices-where-the-paper-is-silent).
+Fig. 2 does (its caption as a reviewer quoted it); we take g2, which is what runs (key encoder, no
+gradient, as every entry of ``Q_z``; docs/methods.md#mls-choices-where-the-paper-is-silent).
 
 BatchNorm (``key_bn``; :mod:`mlsctl.models.batchnorm`): ``shuffle`` (default: MoCo's own defence,
 and the only one that works in any number of processes on any device) computes BatchNorm
