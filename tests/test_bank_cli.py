@@ -174,8 +174,12 @@ def test_plot_colours_by_label_and_age(planted_run, finished_run, tmp_path):
     run, *_ = planted_run
     for colour in ("label", "age"):
         out = tmp_path / f"{colour}.png"
-        run_cli("bank", "plot", str(run), "--out", str(out), "--color-by", colour, "--projection", "pca", check=True)
+        result = run_cli("bank", "plot", str(run), "--out", str(out), "--color-by", colour, "--projection", "pca",
+                         "--json", check=True)
         assert Image.open(out).size[0] > 300
+        drawn = json.loads(result.stdout)  # what the title says, for scripts (a left-over of the 18th session)
+        assert (drawn["out"], drawn["projection"], drawn["bank"]) == (str(out), "PCA", "planted")
+        assert drawn["drawn"] == drawn["written"] > 1 and len(drawn["variance_shares"]) == 2
     result = run_cli("bank", "plot", str(finished_run[0]), "--out", str(tmp_path / "x.png"), "--color-by", "label")
     assert result.returncode == 2 and "no 'label' payload" in result.stderr and "--color-by age" in result.stderr
 
@@ -188,8 +192,11 @@ def test_export_is_readable_with_safetensors_alone(finished_run, tmp_path):
 
     run, _ = finished_run
     out = tmp_path / "bank.safetensors"
-    run_cli("bank", "export", str(run), "--out", str(out), check=True)
+    said = json.loads(run_cli("bank", "export", str(run), "--out", str(out), "--json", check=True).stdout)
     bank = load_banks(Run(run).latest().banks_path)["cls"]
+    assert said["out"] == str(out) and said["step"] == 8
+    assert set(said["banks"]["cls"].pop("tensors")) == {"cls/vectors", "cls/step", "cls/image_id", "cls/box"}
+    assert said["banks"] == {"cls": {"entries": bank.filled, "dim": bank.vectors.shape[1], "random_start": 0}}
     with safe_open(str(out), framework="pt") as f:
         assert set(f.keys()) == {"cls/vectors", "cls/step", "cls/image_id", "cls/box"}
         order = bank.order()

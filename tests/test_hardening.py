@@ -1384,6 +1384,9 @@ def test_20_evaluations_read_a_default_embed_made_with_other_batch_sizes_or_prec
     assert sorted(p.name for p in folder.iterdir()) == before
     code, out, err = cli("embed", str(images), "--run", str(run), "--dtype", "fp32", "--json", capsys=capsys)
     assert code == 0 and json.loads(out)["out"].endswith("-global-fp32"), err
+    assert json.loads(out)["images_per_s"] > 0
+    code, out, err = cli("embed", str(images), "--run", str(run), "--dtype", "fp32", "--json", capsys=capsys)
+    assert code == 0 and json.loads(out)["reused"] and json.loads(out)["images_per_s"] is None, err  # was 0.0
     code, out, err = cli("embed", str(images), "--run", str(run), "--batch-size", "3", capsys=capsys)
     assert code == 0 and "already holds these features" in out, err
     code, _, err = cli("embed", str(images), "--run", str(run), "--out", str(folder), "--dtype", "fp32", capsys=capsys)

@@ -190,6 +190,7 @@ def plot(
     projection: Projection = typer.Option("auto", "--projection", parser=one_of("--projection", Projection), help="pca, tsne (needs scikit-learn), or auto: t-SNE when scikit-learn is installed."),
     sample: int = typer.Option(2000, "--sample", min=2, help="Entries drawn (a fixed random sample)."),
     step: Optional[int] = STEP_OPT,
+    as_json: bool = typer.Option(False, "--json", help="Print what was drawn as JSON."),
 ) -> None:
     """A 2-D projection of a sample of the entries training wrote, coloured by age, label, source image or a labels file.
 
@@ -224,6 +225,12 @@ def plot(
                  label_names=colours.names, unlabelled=colours.unlabelled, other_name=colours.other_name)
     if colours.missing:
         say(f"{colours.missing} of {len(rows)} entries have a source image that {color_by} does not label; drawn grey")
+    if as_json:  # the numbers the title and the closing line say
+        print(json.dumps({"run": str(run_.root), "step": checkpoint.step, "bank": name, "out": str(out),
+                          "projection": used, "colour": colours.caption, "drawn": len(rows), "written": len(order),
+                          "random_start_left_out": left_out, "unlabelled": colours.missing,
+                          "variance_shares": None if shares is None else [float(x) for x in shares]}, indent=2))
+        return
     say(f"wrote {out} ({used} of {len(rows)} of {len(order)} written entries)")
 
 
@@ -234,6 +241,7 @@ def export(
     bank: Optional[list[str]] = typer.Option(None, "--bank", help="Banks to export [default: all]."),
     step: Optional[int] = STEP_OPT,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an earlier bank export at --out (any other file is refused)."),
+    as_json: bool = typer.Option(False, "--json", help="Print what was written as JSON."),
 ) -> None:
     """Write the valid entries of the banks (vectors and payload columns, oldest first) to one safetensors file.
 
@@ -249,10 +257,16 @@ def export(
         raise UserError(f"run {run_.root} has no memory bank (its method keeps none): nothing to export")
     chosen = dict(choose_bank(banks, b, run_) for b in bank) if bank else banks
     shapes = export_banks(chosen, out, run=run_, checkpoint=checkpoint)
+    written = {}
     for name, shape in shapes.items():
-        columns = ", ".join(f"{name}/{c}" for c in ["vectors", *chosen[name].payload])
+        columns = [f"{name}/{c}" for c in ["vectors", *chosen[name].payload]]
         steps = chosen[name].payload.get("step")
         start = int((steps[chosen[name].order()] < 0).sum()) if steps is not None else 0
-        start = f"; {start} of them the random start, step -1" if start else ""  # as bank inspect says it
-        say(f"{name}: {shape[0]} entries x {shape[1]} ({columns}{start})")
+        written[name] = {"entries": shape[0], "dim": shape[1], "tensors": columns, "random_start": start}
+        if not as_json:
+            said = f"; {start} of them the random start, step -1" if start else ""  # as bank inspect says it
+            say(f"{name}: {shape[0]} entries x {shape[1]} ({', '.join(columns)}{said})")
+    if as_json:
+        print(json.dumps({"run": str(run_.root), "step": checkpoint.step, "out": str(out), "banks": written}, indent=2))
+        return
     say(f"wrote {out}")
