@@ -335,8 +335,7 @@ def embed_listing(tree, relpaths: list[str], out: str | os.PathLike, model, *, n
                                 0.0, model.description, reused=True)
 
     # ---------------------------------------------------------------- the state of --out
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; choose a folder")
+    check_feature_target(out)
     lock = FolderLock(out, "feature folder")
     reused = dist.on_main(lambda: _open_feature_folder(out, plan, overwrite, lock, refresh, say))
     if reused is not None:
@@ -371,6 +370,22 @@ def complete_feature_folder(folder: Path, plan: dict) -> Optional[dict]:
     if not isinstance(manifest, dict) or not isinstance(manifest.get("plan"), dict):
         return None
     return manifest if isinstance(manifest.get("files"), list) and isinstance(manifest.get("skipped"), list) else None
+
+
+def check_feature_target(out: Path) -> None:
+    """``out`` may become a feature folder: it is one, or new, or an empty folder. Cheap, so said
+    before a model loads; :func:`_open_feature_folder` asks again under the folder's lock."""
+    from mlsctl.gallery import MANIFEST as GALLERY_MANIFEST
+    from mlsctl.runs import Run
+
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; choose a folder")
+    if not out.is_dir() or is_feature_folder(out) or not any(p.name != LOCK_NAME for p in out.iterdir()):
+        return
+    kind = ("a run folder" if Run(out).has_config() else "a gallery" if (out / GALLERY_MANIFEST).is_file()
+            else "not a feature folder")  # never "empty it" for a run's folder (a new user, 2026-12-06)
+    raise UserError(f"--out {out} exists and is {kind}; choose another --out"
+                    + (" (or empty it)" if kind == "not a feature folder" else ""))
 
 
 def _open_feature_folder(out: Path, plan: dict, overwrite: bool, lock: FolderLock, refresh: bool = False,
@@ -423,13 +438,7 @@ def _open_feature_folder(out: Path, plan: dict, overwrite: bool, lock: FolderLoc
                 raise UserError(f"--out {out} holds an unfinished embed made differently ({difference or 'unknown'}); "
                                 f"run the original command again to finish it, or add --overwrite")
         elif contents and not is_feature_folder(out):
-            from mlsctl.gallery import MANIFEST as GALLERY_MANIFEST
-            from mlsctl.runs import Run
-
-            kind = ("a run folder" if Run(out).has_config() else "a gallery" if (out / GALLERY_MANIFEST).is_file()
-                    else "not a feature folder")  # never "empty it" for a run's folder (a new user, 2026-12-06)
-            raise UserError(f"--out {out} exists and is {kind}; choose another --out"
-                            + (" (or empty it)" if kind == "not a feature folder" else ""))
+            check_feature_target(out)
         if overwrite and partial.is_dir():  # an unfinished embed: continued when it is this one, else begun again
             try:
                 previous = json.loads((partial / "plan.json").read_text())

@@ -552,3 +552,13 @@ def test_a_stop_during_a_printed_record_is_held_until_the_record_is_done():
             done.append("second held")
     assert done == ["first held"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
     signal.signal(signal.SIGINT, inherited)
+
+
+def test_folder_kind_tells_a_gallery_by_the_manifest_the_gallery_module_writes(tmp_path):
+    """data.kinds sits a layer below gallery and names its manifest itself: the two must agree."""
+    from mlsctl import gallery
+    from mlsctl.data.kinds import GALLERY_MANIFEST, folder_kind
+
+    assert GALLERY_MANIFEST == gallery.MANIFEST
+    (tmp_path / gallery.MANIFEST).write_text("{}")
+    assert folder_kind(tmp_path) == "a gallery" and folder_kind(tmp_path / "other") is None

@@ -1362,6 +1362,26 @@ def test_20_an_embed_with_the_default_out_is_what_the_evaluations_read(finished_
     assert found.path.resolve() == (tmp_path / json.loads(out)["out"]).resolve() and "already in" in said[-1], said
 
 
+def test_20_embed_refuses_what_is_no_images_and_no_feature_folder_before_the_model_loads(finished_run, tmp_path,
+                                                                                           capsys):
+    """A gallery probe (2026-12-06): a run folder given as the images, or --out inside the images, a file
+    or a run, was refused only after the model had loaded (seconds, and a "model:" line first)."""
+    run, _ = finished_run
+    images = make_images(tmp_path / "images", 2)
+    (tmp_path / "afile").write_text("mine")
+    for args, said in ((["embed", str(run)], "is a run folder, not a folder of images; give it with --run"),
+                       (["embed", str(images), "--out", str(images / "f")], "is inside the images folder"),
+                       (["embed", str(images), "--out", str(tmp_path / "afile")], "afile is a file; choose a folder"),
+                       (["embed", str(images), "--out", str(run)], "exists and is a run folder; choose another")):
+        code, _, err = cli(*args, "--run", str(run), capsys=capsys)
+        assert code == 2 and said in err and "model:" not in err, (args, err)
+    assert (tmp_path / "afile").read_text() == "mine" and not (images / "f").exists()
+    code, out, err = cli("embed", str(images), "--run", str(run), "--out", str(tmp_path / "feats"), capsys=capsys)
+    assert code == 0, err
+    code, _, err = cli("embed", str(tmp_path / "feats"), "--run", str(run), capsys=capsys)
+    assert code == 2 and "is a feature folder, not a folder of images" in err and "model:" not in err, err
+
+
 def test_20_evaluations_read_a_default_embed_made_with_other_batch_sizes_or_precision(finished_run, tmp_path, capsys,
                                                                                      monkeypatch):
     """A review (2026-12-06): with embed's default --out shared with the evaluations, `embed --batch-size 32` then

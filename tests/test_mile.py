@@ -423,6 +423,10 @@ def test_bad_object_ids_are_refused_and_the_gallery_works_from_any_directory(mil
                        capsys=capsys)
     assert code == 2 and "gfile is a file; give a folder for the gallery" in err and "model:" not in err
     assert (tmp_path / "gfile").read_text() == "mine"
+    for source, kind in (("run", "a run folder"), (str(tmp_path / "g"), "a gallery")):  # said before the model loads
+        code, _, err = cli("index", "build", source, "--run", "run", "--out", str(tmp_path / "g2"), cwd=mile_run,
+                           capsys=capsys)
+        assert code == 2 and f"is {kind}; give a folder with one sub-folder" in err and "model:" not in err, err
     files = lambda g: {p.relative_to(g).as_posix(): p.read_bytes() for p in g.rglob("*") if p.is_file()}  # noqa: E731
     before = files(tmp_path / "g")
     photo = str(sorted((mile_run / "query" / "obj1").iterdir())[0])

@@ -51,7 +51,7 @@ def embed(
     accelerate launch --num_processes 2 -m mlsctl embed IMAGES --run RUN
     """
     from mlsctl import dist
-    from mlsctl.features import cache_dir, embed_folder, embed_split, split_cache_dir
+    from mlsctl.features import cache_dir, check_feature_target, embed_folder, embed_split, split_cache_dir
     from mlsctl.restore import choose_model
 
     if (images is None) == (dataset is None):
@@ -67,6 +67,12 @@ def embed(
         from mlsctl.data.images import scan_images
 
         scan_images(images, "image folder")  # its sentence for a missing folder or a file
+    else:
+        _check_images_folder(Path(images))
+        if out is not None:
+            _folder_out(images, out, None)
+    if out is not None:
+        check_feature_target(out)
     if part_size is not None and part_size % batch_size:
         raise UserError(f"--part-size {part_size} must be a multiple of --batch-size {batch_size}")
     dist.init_from_environment()
@@ -94,6 +100,22 @@ def embed(
         summary = embed_folder(images, out, choice, **options)
     if main:
         _report(summary, choice, benchmark, said, as_json)
+
+
+_NOT_IMAGES = {  # folder_kind → what to give instead (a gallery probe, 2026-12-06: said after the model loaded)
+    "a run folder": "give it with --run (the model that embeds), and a folder of images to embed",
+    "a gallery": "give the folder of photos it was built from (its gallery.json names it as source)",
+    "a feature folder": "it is embedded already: the evaluations, index build and refine take it as it is",
+}
+
+
+def _check_images_folder(images: Path) -> None:
+    """The folder of images is not a run, a gallery or a feature folder (told before the model loads)."""
+    from mlsctl.data.kinds import folder_kind
+
+    kind = folder_kind(images)
+    if kind in _NOT_IMAGES:
+        raise UserError(f"{images} is {kind}, not a folder of images; {_NOT_IMAGES[kind]}")
 
 
 def _folder_out(images: Path, out: Optional[Path], default: Optional[Path]) -> Path:

@@ -11,6 +11,7 @@ import typer
 
 from mlsctl.cli._format import say, table
 from mlsctl.console import counted, stops_deferred
+from mlsctl.errors import UserError
 from mlsctl.cli._options import one_of
 
 app = typer.Typer(rich_markup_mode=None, help="Build and grow galleries of objects for image-set search (MILE set embeddings in faiss).",
@@ -41,18 +42,19 @@ def build(
 
     Example: mlsctl index build data/fmnist-products/gallery --run runs/mile_fmnist_quick --out galleries/products
     """
+    from mlsctl.data.kinds import folder_kind
     from mlsctl.gallery import IndexSettings, build_gallery, check_gallery_target, choose_set_model
 
     check_gallery_target(out, overwrite, source)  # before the model loads
     if not source.exists():  # so is a source that is not there (a new user, 2026-12-06: said after the model line)
-        from mlsctl.errors import UserError
-
         raise UserError(f"gallery images {source} does not exist; give a folder with one sub-folder of photos per "
                         f"object, or their feature folder")
+    kind = folder_kind(source)
+    if kind in ("a run folder", "a gallery"):  # said before the model loads, not after (a probe, 2026-12-06)
+        raise UserError(f"gallery images {source} is {kind}; give a folder with one sub-folder of photos per object, "
+                        f"or their feature folder" + (" (a run goes to --run)" if kind == "a run folder" else ""))
     given = [name for name, value in (("--nlist", nlist), ("--pq-m", pq_m)) if value is not None]
     if index == "flat" and given:  # a new user's probe (2026-12-06): taken without a word, and nothing done with them
-        from mlsctl.errors import UserError
-
         raise UserError(f"{' and '.join(given)} set{'s' if len(given) == 1 else ''} up an IVF-PQ index, and --index flat "
                         f"(the default) searches exactly without one; add --index ivfpq, or leave "
                         f"{'it' if len(given) == 1 else 'them'} out")
@@ -160,7 +162,6 @@ def search(
 
     Many sets, one model load: mlsctl search --sets queries.jsonl --index galleries/products > results.jsonl
     """
-    from mlsctl.errors import UserError
     from mlsctl.gallery import (Gallery, choose_set_model, load_images, missing_sets, newest_gallery, ranked,
                                 read_query_sets, search_sets)
 

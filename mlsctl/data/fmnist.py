@@ -280,27 +280,13 @@ def check_out_outside_others(out: Path) -> None:
     """A data build's ``--out`` is not inside a folder another mlsctl command reads as a whole: a data
     set, a gallery's source, a gallery, a run or a feature folder (a new user's probe, 2026-12-06:
     ``--out data/products/gallery/nested`` became an object of the next ``index build`` of that gallery)."""
-    from mlsctl.data.shards import is_feature_folder
+    from mlsctl.data.kinds import folder_kind
 
     for parent in Path(os.path.abspath(out)).parents:
-        kind = ("a data set built by mlsctl data" if _is_build(parent / "meta.json")
-                else "a gallery" if (parent / "gallery.json").is_file()
-                else "a run folder" if (parent / "config.yaml").is_file() and (parent / "checkpoints").is_dir()
-                else "a feature folder" if is_feature_folder(parent) else None)
+        kind = folder_kind(parent)
         if kind is not None:
             raise UserError(f"--out {out} is inside {parent}, {kind}: the new images would become part of it; choose "
                             f"an --out outside it")
-
-
-def _is_build(meta_path: Path) -> bool:
-    """Whether ``meta_path`` is the meta.json of a data build (it records the build's parameters)."""
-    if not meta_path.is_file():
-        return False
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(meta, dict) and isinstance(meta.get("parameters"), dict)
 
 
 def built_as_asked(out: Path, generator: str, params: dict, overwrite: bool,

@@ -1,0 +1,42 @@
+"""What kind of mlsctl folder a path is, told from a file or two with nothing loaded.
+
+For the refusals that must come before a model loads or anything is written: a run folder or a
+gallery given where images go (``embed``, ``index build``), a data build into another folder that
+a command reads as a whole (``data``)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+from mlsctl.data.shards import is_feature_folder
+
+GALLERY_MANIFEST = "gallery.json"  # mlsctl.gallery.MANIFEST, which sits a layer above
+
+
+def folder_kind(path: str | os.PathLike) -> Optional[str]:
+    """"a data set built by mlsctl data", "a gallery", "a run folder" (its ``config.yaml`` and
+    ``checkpoints/``), "a feature folder", or None for any other path."""
+    path = Path(path)
+    if is_data_build(path / "meta.json"):
+        return "a data set built by mlsctl data"
+    if (path / GALLERY_MANIFEST).is_file():
+        return "a gallery"
+    if (path / "config.yaml").is_file() and (path / "checkpoints").is_dir():
+        return "a run folder"
+    if is_feature_folder(path):
+        return "a feature folder"
+    return None
+
+
+def is_data_build(meta_path: Path) -> bool:
+    """Whether ``meta_path`` is the meta.json of a data build (it records the build's parameters)."""
+    if not meta_path.is_file():
+        return False
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and isinstance(meta.get("parameters"), dict)
