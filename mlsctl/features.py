@@ -55,6 +55,7 @@ from mlsctl.data.shards import (DTYPES, FORMAT_VERSION, MANIFEST, PARTIAL, SHARD
                                 feature_manifest, is_feature_folder, shard_name, write_shard)
 from mlsctl.errors import Interrupted, UserError
 from mlsctl.locks import LOCK_NAME, FolderLock
+from mlsctl.outputs import inside
 
 # the package face of the shard format: what embed writes, and (from the data layer) how it is read
 __all__ = [
@@ -211,6 +212,40 @@ def _write_part(path: Path, global_: list, dense: list, indices: list, skipped: 
 MAX_PATCHES = 128 * 128
 
 
+CACHE_ROOT = "features"  # under the working folder: the evaluations' feature caches, embed's default --out
+
+
+def check_images_folder(images: Path) -> None:
+    """A folder of images to embed is not a run, a gallery or a feature folder (cheap: said before a
+    model loads, by ``embed`` and the evaluations alike)."""
+    from mlsctl.data.kinds import folder_kind
+
+    kind = folder_kind(images)
+    if kind in _NOT_IMAGES:
+        raise UserError(f"{images} is {kind}, not a folder of images; {_NOT_IMAGES[kind]}")
+
+
+_NOT_IMAGES = {  # folder_kind → what to give instead (a gallery probe, 2026-12-06: said after the model loaded)
+    "a run folder": "give it with --run (the model that embeds), and a folder of images to embed",
+    "a gallery": "give the folder of photos it was built from (its gallery.json names it as source)",
+    "a feature folder": "it is embedded already: the evaluations, index build and refine take it as it is",
+}
+
+
+def check_outside_images_folder(out: str | os.PathLike, images: str | os.PathLike, *,
+                                default: Optional[str] = None) -> None:
+    """Features are never written inside the folder of images they come from: every later embed of it
+    would list their files as images it could not read. ``default`` names an ``out`` nobody gave (the
+    default --out, the evaluations' cache), whose fix is to run from another folder."""
+    if not inside(out, images):
+        return
+    why = "every later embed of that folder would list the features' files as images it could not read"
+    if default is None:
+        raise UserError(f"--out {out} is inside the images folder {images}: {why}; choose an --out outside it")
+    raise UserError(f"{default} ({out}, under the working folder) is inside the images folder {images}: {why}; run "
+                    f"from another folder" + (" or give --out" if "--out" in default else ""))
+
+
 def embed_folder(images: str | os.PathLike, out: str | os.PathLike, model, *, dense: bool = False,
                  resolution: Optional[int] = None, resize: str = "square", batch_size: int = 64,
                  workers: Optional[int] = None, dtype: str = "fp16", part_size: Optional[int] = None, overwrite: bool = False,
@@ -224,6 +259,8 @@ def embed_folder(images: str | os.PathLike, out: str | os.PathLike, model, *, de
     from mlsctl.data.images import require_images, scan_images
 
     images = Path(images)
+    check_outside_images_folder(out, images)
+    check_images_folder(images)
     scan = scan_images(images, "image folder")
     require_images(scan, "image folder")
     relpaths = [f.relative_to(images).as_posix() for f in scan.files]
@@ -770,7 +807,7 @@ def _shard_files(out: Path) -> set[str]:
 # ----------------------------------------------------------------------------------- features on demand
 
 
-def cache_dir(images: str | os.PathLike, model, root: str | os.PathLike = "features", dense: bool = True,
+def cache_dir(images: str | os.PathLike, model, root: str | os.PathLike = CACHE_ROOT, dense: bool = True,
               resize: str = "square", resolution: Optional[int] = None, dtype: str = "fp16") -> Path:
     """Where the features of a folder of images live unless told otherwise, for ``embed`` (its default
     ``--out``) and the commands that take images (``eval knn-seg --train IMAGES``, which reuse them):
@@ -789,7 +826,7 @@ def _cache_suffix(model, dense: bool, resize: str, resolution: Optional[int], dt
             + ("" if dtype == "fp16" else f"-{dtype}"))
 
 
-def split_cache_dir(split, model, root: str | os.PathLike = "features", dense: bool = True,
+def split_cache_dir(split, model, root: str | os.PathLike = CACHE_ROOT, dense: bool = True,
                     resize: str = "square", resolution: Optional[int] = None, dtype: str = "fp16") -> Path:
     """:func:`cache_dir` of one split of a benchmark: ``features/<model>-<fingerprint>/<dataset>-<split>-<root label>``."""
     return Path(root) / model_label(model) / (f"{split.dataset}-{split.split}-{folder_label(split.tree.path)}"
@@ -840,6 +877,9 @@ def features_or_embed(path: str | os.PathLike, get_model: Callable[[], object], 
         from mlsctl.data.images import scan_images
 
         scan_images(path, f"{what} (a folder of images)")
+    check_images_folder(Path(path))
+    # run from inside the images, the cache would lie among them (a code-health review, 2026-12-07)
+    check_outside_images_folder(CACHE_ROOT, path, default="the evaluations' feature cache")
     model = get_model()
     where = _cache_options(embed_options)
     out = cache_dir(path, model, dense=dense, **where)

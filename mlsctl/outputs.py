@@ -108,14 +108,18 @@ def check_picture_target(out: Path, option: str = "--out") -> None:
                         f"another path, or delete it first if it is not needed")
 
 
+def inside(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
+    """Whether ``path`` is ``folder`` or lies under it, links resolved (neither need exist)."""
+    return Path(os.path.realpath(path)).is_relative_to(os.path.realpath(folder))
+
+
 def check_outside_images(out: Path, images, whose: str, option: str = "--out") -> None:
     """A picture is never drawn inside ``images``, a folder of images a command reads or a run trains
     on (``whose`` says which): there it would become one of them (a new user, 2026-12-06: ``bank plot``'s
     default bank.png landed in the run's data.root, which its ``--resume`` then refused)."""
     if images is None:
         return
-    inside = Path(os.path.realpath(out)).is_relative_to(os.path.realpath(images))
-    if inside:
+    if inside(out, images):
         raise UserError(f"{option} {out} is inside {images}, {whose}: a picture there would become one of its "
                         f"images; write it elsewhere with {option}")
 

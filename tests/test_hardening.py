@@ -1380,6 +1380,12 @@ def test_20_embed_refuses_what_is_no_images_and_no_feature_folder_before_the_mod
     assert code == 0, err
     code, _, err = cli("embed", str(tmp_path / "feats"), "--run", str(run), capsys=capsys)
     assert code == 2 and "is a feature folder, not a folder of images" in err and "model:" not in err, err
+    # an evaluation run from inside the images wrote its feature cache among them (a code-health review, 2026-12-07)
+    code, _, err = cli("eval", "knn", "--train", ".", "--val", ".", "--run", str(run), cwd=images, capsys=capsys)
+    assert code == 2 and "the evaluations' feature cache (features, under the working folder) is inside" in err, err
+    assert not (images / "features").exists()
+    code, _, err = cli("eval", "knn", "--train", str(run), "--val", str(images), "--run", str(run), capsys=capsys)
+    assert code == 2 and "is a run folder, not a folder of images" in err, err
 
 
 def test_20_evaluations_read_a_default_embed_made_with_other_batch_sizes_or_precision(finished_run, tmp_path, capsys,

@@ -51,7 +51,8 @@ def embed(
     accelerate launch --num_processes 2 -m mlsctl embed IMAGES --run RUN
     """
     from mlsctl import dist
-    from mlsctl.features import cache_dir, check_feature_target, embed_folder, embed_split, split_cache_dir
+    from mlsctl.features import (CACHE_ROOT, cache_dir, check_feature_target, check_images_folder,
+                                 check_outside_images_folder, embed_folder, embed_split, split_cache_dir)
     from mlsctl.restore import choose_model
 
     if (images is None) == (dataset is None):
@@ -68,9 +69,9 @@ def embed(
 
         scan_images(images, "image folder")  # its sentence for a missing folder or a file
     else:
-        _check_images_folder(Path(images))
-        if out is not None:
-            _folder_out(images, out, None)
+        check_images_folder(Path(images))
+        check_outside_images_folder(CACHE_ROOT if out is None else out, images,
+                                    default="the default --out" if out is None else None)
     if out is not None:
         check_feature_target(out)
     if part_size is not None and part_size % batch_size:
@@ -96,40 +97,12 @@ def embed(
         out = out if out is not None else split_cache_dir(benchmark, choice, **where)
         summary = embed_split(benchmark, out, choice, **options)
     else:
-        out = _folder_out(images, out, cache_dir(images, choice, **where) if out is None else None)
+        if out is None:
+            out = cache_dir(images, choice, **where)
+            check_outside_images_folder(out, images, default="the default --out")  # a link inside, at most
         summary = embed_folder(images, out, choice, **options)
     if main:
         _report(summary, choice, benchmark, said, as_json)
-
-
-_NOT_IMAGES = {  # folder_kind → what to give instead (a gallery probe, 2026-12-06: said after the model loaded)
-    "a run folder": "give it with --run (the model that embeds), and a folder of images to embed",
-    "a gallery": "give the folder of photos it was built from (its gallery.json names it as source)",
-    "a feature folder": "it is embedded already: the evaluations, index build and refine take it as it is",
-}
-
-
-def _check_images_folder(images: Path) -> None:
-    """The folder of images is not a run, a gallery or a feature folder (told before the model loads)."""
-    from mlsctl.data.kinds import folder_kind
-
-    kind = folder_kind(images)
-    if kind in _NOT_IMAGES:
-        raise UserError(f"{images} is {kind}, not a folder of images; {_NOT_IMAGES[kind]}")
-
-
-def _folder_out(images: Path, out: Optional[Path], default: Optional[Path]) -> Path:
-    """``--out`` for a folder of images (``default`` where it was left out), never inside the folder."""
-    if out is not None and _inside(out, images):
-        raise UserError(f"--out {out} is inside the images folder {images}: every later embed of that folder "
-                        f"would list the features' files as images it could not read; choose an --out outside it")
-    if out is None:
-        out = default
-        if _inside(out, images):  # run from inside the images folder
-            raise UserError(f"the default --out ({out}, under the working folder) is inside the images folder "
-                            f"{images}: every later embed of that folder would list the features' files as images "
-                            f"it could not read; run from another folder or give --out")
-    return out
 
 
 def _report(summary, choice, benchmark, said: set[str], as_json: bool) -> None:
@@ -163,10 +136,3 @@ def _report(summary, choice, benchmark, said: set[str], as_json: bool) -> None:
     typer.echo(f"wrote {summary.rows} rows{skipped} to {summary.out}/ in {summary.seconds:.1f}s ({rate})")
     if summary.rows == 0:  # the folder records why
         raise UserError(no_rows.replace("(reasons in", "(the reasons are above and in"), exit_code=1)
-
-
-def _inside(path: Path, folder: Path) -> bool:
-    """Whether ``path`` is ``folder`` or lies under it (links resolved)."""
-    import os
-
-    return os.path.commonpath([os.path.realpath(path), os.path.realpath(folder)]) == os.path.realpath(folder)
