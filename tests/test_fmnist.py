@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from mlsctl.data.fmnist import CLASSES, DEFAULT_SOURCE, build_scenes, load_split
+from mlsctl.data.fmnist_products import build_products
 from mlsctl.errors import UserError
 
 from conftest import run_cli
@@ -166,7 +167,12 @@ def test_the_fashion_mnist_folder_can_be_named_by_fmnist_dir(tmp_path: Path, fak
     code, out, _ = cli("data", "fmnist-scenes", "--out", str(tmp_path / "s"), "--n-train", "3", "--n-val", "2",
                        "--size", "40", capsys=capsys)
     assert code == 0 and "built" in out
+    # and the library, as eval knn-seg's own build of the scenes calls it (a code-health review, 2026-12-07: the
+    # builders read the Debian package's folder whatever FMNIST_DIR said)
+    assert build_scenes(tmp_path / "lib", n_train=2, n_val=1, size=40, progress=False)["source"] == str(fake_fmnist)
     monkeypatch.setenv("FMNIST_DIR", str(tmp_path / "none"))
+    with pytest.raises(UserError, match="none"):
+        build_products(tmp_path / "lib-p", n_train=2, n_eval=2, progress=False)
     code, _, err = cli("data", "fmnist-products", "--out", str(tmp_path / "p"), capsys=capsys)
     assert code == 2 and str(tmp_path / "none") in err and "FMNIST_DIR" in err
     monkeypatch.delenv("FMNIST_DIR")

@@ -204,8 +204,10 @@ def _build_split(out: Path, split: str, images: np.ndarray, labels: np.ndarray, 
 
 
 def build_scenes(out: str | Path, n_train: int = 2000, n_val: int = 500, size: int = 96, seed: int = 0,
-                 source: str | Path = DEFAULT_SOURCE, overwrite: bool = False, progress: bool = True) -> dict:
-    """Build fmnist-scenes into ``out``; returns the meta record. Idempotent for equal parameters."""
+                 source: Optional[str | Path] = None, overwrite: bool = False, progress: bool = True) -> dict:
+    """Build fmnist-scenes into ``out`` from the Fashion-MNIST files in ``source`` (default:
+    :func:`fmnist_source`); returns the meta record. Idempotent for equal parameters."""
+    source = fmnist_source() if source is None else source
     if size < 32:
         raise UserError(f"--size must be at least 32 pixels to hold items, got {size}")
     if n_train < 1 or n_val < 1:

@@ -28,13 +28,14 @@ from __future__ import annotations
 import colorsys
 import json
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 from PIL import Image
 
 from mlsctl import atomic
-from mlsctl.data.fmnist import (CLASSES, DEFAULT_SOURCE, background, building, built_as_asked,
-                                check_out_outside_others, load_split, replace_folder, reusable_build)
+from mlsctl.data.fmnist import (CLASSES, background, building, built_as_asked,
+                                check_out_outside_others, fmnist_source, load_split, replace_folder, reusable_build)
 from mlsctl.errors import UserError
 from mlsctl.locks import FolderLock
 
@@ -95,9 +96,11 @@ LAYOUTS = ("retrieval", "sop")
 
 
 def build_products(out: str | Path, n_train: int = 1000, n_eval: int = 200, photos: int = 8, gallery_photos: int = 4,
-                   size: int = 64, seed: int = 0, source: str | Path = DEFAULT_SOURCE, overwrite: bool = False,
+                   size: int = 64, seed: int = 0, source: Optional[str | Path] = None, overwrite: bool = False,
                    progress: bool = True, layout: str = "retrieval") -> dict:
-    """Build fmnist-products into ``out``; returns the meta record. Idempotent for equal parameters."""
+    """Build fmnist-products into ``out`` from the Fashion-MNIST files in ``source`` (default:
+    :func:`~mlsctl.data.fmnist.fmnist_source`); returns the meta record. Idempotent for equal parameters."""
+    source = fmnist_source() if source is None else source
     if layout not in LAYOUTS:
         raise UserError(f"--layout {layout} is not one of {', '.join(LAYOUTS)}")
     if photos < 2:
