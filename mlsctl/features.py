@@ -412,17 +412,15 @@ def complete_feature_folder(folder: Path, plan: dict) -> Optional[dict]:
 def check_feature_target(out: Path) -> None:
     """``out`` may become a feature folder: it is one, or new, or an empty folder. Cheap, so said
     before a model loads; :func:`_open_feature_folder` asks again under the folder's lock."""
-    from mlsctl.gallery import MANIFEST as GALLERY_MANIFEST
-    from mlsctl.runs import Run
+    from mlsctl.data.kinds import folder_kind
 
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; choose a folder")
     if not out.is_dir() or is_feature_folder(out) or not any(p.name != LOCK_NAME for p in out.iterdir()):
         return
-    kind = ("a run folder" if Run(out).has_config() else "a gallery" if (out / GALLERY_MANIFEST).is_file()
-            else "not a feature folder")  # never "empty it" for a run's folder (a new user, 2026-12-06)
-    raise UserError(f"--out {out} exists and is {kind}; choose another --out"
-                    + (" (or empty it)" if kind == "not a feature folder" else ""))
+    kind = folder_kind(out)  # never "empty it" for a run's folder or a gallery (a new user, 2026-12-06)
+    raise UserError(f"--out {out} exists and is {kind or 'not a feature folder'}; choose another --out"
+                    + (" (or empty it)" if kind is None else ""))
 
 
 def _open_feature_folder(out: Path, plan: dict, overwrite: bool, lock: FolderLock, refresh: bool = False,

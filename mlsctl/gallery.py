@@ -46,6 +46,7 @@ import torch
 from mlsctl import __version__, atomic, threads
 from mlsctl.console import counted, to_stderr
 from mlsctl.data.archive import Tree
+from mlsctl.data.kinds import GALLERY_MANIFEST
 from mlsctl.data.loader import Loader, worker_init
 from mlsctl.errors import UserError, first_line
 from mlsctl.features import TreeImages, collate_images, default_workers, embedding_device, is_feature_folder
@@ -56,7 +57,7 @@ log = logging.getLogger("mlsctl")
 
 GALLERY_FORMAT_VERSION = 3
 READABLE_FORMAT_VERSION = 2  # format 2 (row files beside gallery.json) is read, and moved by writers
-MANIFEST = "gallery.json"
+MANIFEST = GALLERY_MANIFEST
 
 
 # ---------------------------------------------------------------------------------------- the model

@@ -137,6 +137,13 @@ class Run:
         errors). The one cheap test of "is this a run" (:meth:`is_run` reads the file too)."""
         return self.config_path.is_file()
 
+    def written_by_pretrain(self) -> bool:
+        """Whether ``pretrain`` wrote the folder: its ``config.yaml`` with ``start.json`` (written with
+        it), ``checkpoints/`` or ``metrics.jsonl`` beside it; no file is read. The test of "a run" where
+        a folder of images is expected, which a config.yaml of one's own among images does not pass."""
+        return self.has_config() and (self.start_path.is_file() or self.checkpoints_dir.is_dir()
+                                      or self.metrics_path.is_file())
+
     def is_run(self) -> bool:
         """Whether the folder holds an mlsctl run: a config.yaml that reads as a recipe."""
         if not self.has_config():

@@ -554,11 +554,16 @@ def test_a_stop_during_a_printed_record_is_held_until_the_record_is_done():
     signal.signal(signal.SIGINT, inherited)
 
 
-def test_folder_kind_tells_a_gallery_by_the_manifest_the_gallery_module_writes(tmp_path):
-    """data.kinds sits a layer below gallery and names its manifest itself: the two must agree."""
-    from mlsctl import gallery
-    from mlsctl.data.kinds import GALLERY_MANIFEST, folder_kind
 
-    assert GALLERY_MANIFEST == gallery.MANIFEST
+def test_folder_kind_needs_what_pretrain_writes_beside_a_config_yaml(tmp_path):
+    """A config.yaml of one's own among images is no run (embed would refuse the folder); a run that
+    has just started (config.yaml and start.json, no checkpoint yet) is one (a code-health review, 2026-12-07)."""
+    from mlsctl import gallery
+    from mlsctl.data.kinds import folder_kind
+
+    (tmp_path / "config.yaml").write_text("mine: 1\n")
+    assert folder_kind(tmp_path) is None
+    (tmp_path / "start.json").write_text("{}")
+    assert folder_kind(tmp_path) == "a run folder"
     (tmp_path / gallery.MANIFEST).write_text("{}")
     assert folder_kind(tmp_path) == "a gallery" and folder_kind(tmp_path / "other") is None

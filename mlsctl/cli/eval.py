@@ -442,6 +442,7 @@ def retrieval(
 
     Example: mlsctl eval retrieval --gallery data/fmnist-products/gallery --query data/fmnist-products/query --run runs/mile_fmnist_quick --noise 0 0.25 0.5
     """
+    from mlsctl.data.kinds import folder_kind
     from mlsctl.errors import UserError
     from mlsctl.evaluate.retrieval import evaluate_set_model
     from mlsctl.gallery import choose_set_model
@@ -456,7 +457,7 @@ def retrieval(
             raise UserError(f"--noise takes fractions in [0, 1), got {value}")
     size = _query_size(query_size)
     for option, folder in (("--gallery", gallery), ("--query", query)):
-        if (Path(folder) / "gallery.json").is_file():  # a new user's probe (2026-12-06): "contains no images"
+        if folder_kind(folder) == "a gallery":  # a new user's probe (2026-12-06): "contains no images"
             raise UserError(f"{option} {folder} is a gallery index (mlsctl index build); eval retrieval takes photos: "
                             f"a folder with one sub-folder of photos per object, such as the one the gallery was "
                             f"built from")

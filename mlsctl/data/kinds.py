@@ -12,19 +12,20 @@ from pathlib import Path
 from typing import Optional
 
 from mlsctl.data.shards import is_feature_folder
+from mlsctl.runs import Run
 
-GALLERY_MANIFEST = "gallery.json"  # mlsctl.gallery.MANIFEST, which sits a layer above
+GALLERY_MANIFEST = "gallery.json"  # a gallery's record (mlsctl.gallery, a layer above, writes it)
 
 
 def folder_kind(path: str | os.PathLike) -> Optional[str]:
-    """"a data set built by mlsctl data", "a gallery", "a run folder" (its ``config.yaml`` and
-    ``checkpoints/``), "a feature folder", or None for any other path."""
+    """"a data set built by mlsctl data", "a gallery", "a run folder"
+    (:meth:`~mlsctl.runs.Run.written_by_pretrain`), "a feature folder", or None for any other path."""
     path = Path(path)
     if is_data_build(path / "meta.json"):
         return "a data set built by mlsctl data"
     if (path / GALLERY_MANIFEST).is_file():
         return "a gallery"
-    if (path / "config.yaml").is_file() and (path / "checkpoints").is_dir():
+    if Run(path).written_by_pretrain():
         return "a run folder"
     if is_feature_folder(path):
         return "a feature folder"
