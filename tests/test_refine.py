@@ -265,6 +265,18 @@ def test_apply_writes_features_every_eval_reads_and_never_shows_a_query_itself(t
     # an empty folder given as --out is written without --overwrite (it refined, then refused: a review)
     (tmp / "empty").mkdir()
     cli_ok(capsys, "refine", "apply", str(tmp / "run"), str(test), "--out", str(tmp / "empty"))
+    # a code-health review (2026-12-07): a folder holding only the lock file a killed embed left was "not a
+    # feature folder", and two refines into one --out shared (and emptied) one temporary folder
+    from mlsctl.locks import LOCK_NAME, FolderLock
+
+    (tmp / "left").mkdir()
+    (tmp / "left" / LOCK_NAME).write_text("")
+    cli_ok(capsys, "refine", "apply", str(tmp / "run"), str(test), "--out", str(tmp / "left"))
+    with FolderLock(tmp / "held", "feature folder", beside=True):
+        code, _, err = cli("refine", "apply", str(tmp / "run"), str(test), "--out", str(tmp / "held"), capsys=capsys)
+    assert code == 1 and f"feature folder {tmp / 'held'} is being written by" in err and not (tmp / "held").exists()
+    code, _, err = cli("refine", "apply", str(tmp / "run"), str(test), "--out", str(tmp / "run"), capsys=capsys)
+    assert code == 2 and "exists and is a run folder; choose another --out" in err, err
     (tmp / "loop").symlink_to(tmp / "loop")
     code, _, err = cli("refine", "apply", str(tmp / "run"), str(test), "--out", str(tmp / "loop"), capsys=capsys)
     assert code == 2 and "cannot be followed" in err and "internal error" not in err

@@ -156,12 +156,21 @@ def _digest(*parts: str) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 
-def apply_refinement(run_dir: str | Path, feats_dir: str | Path, out: str | Path, *,
-                     context_dir: Optional[str | Path] = None, k: Optional[int] = None, overwrite: bool = False,
-                     dtype: str = "fp32", progress: bool = False, say=to_stderr) -> dict:
+def apply_refinement(run_dir: str | Path, feats_dir: str | Path, out: str | Path, **options) -> dict:
     """Refine ``feats_dir`` with the run's refiner and ``context_dir`` (default: ``feats_dir``);
-    write the refined feature folder ``out``. Returns a JSON-ready summary."""
-    from mlsctl.features import DTYPES, MANIFEST, is_feature_folder
+    write the refined feature folder ``out``. Returns a JSON-ready summary. Holds a lock beside
+    ``out`` (it is swapped in whole: a lock inside would go with the old folder), so that two refines
+    into one --out cannot share its temporary folder (a code-health review, 2026-12-07)."""
+    from mlsctl.locks import FolderLock
+
+    with FolderLock(atomic.followed(out), "feature folder", beside=True):
+        return _apply_refinement(run_dir, feats_dir, out, **options)
+
+
+def _apply_refinement(run_dir: str | Path, feats_dir: str | Path, out: str | Path, *,
+                      context_dir: Optional[str | Path] = None, k: Optional[int] = None, overwrite: bool = False,
+                      dtype: str = "fp32", progress: bool = False, say=to_stderr) -> dict:
+    from mlsctl.features import DTYPES, MANIFEST, check_feature_target, is_feature_folder
     from mlsctl.methods.refine.neighbours import check_reference_size
 
     loaded, features, context = open_inputs(run_dir, feats_dir, context_dir)
@@ -187,19 +196,15 @@ def apply_refinement(run_dir: str | Path, feats_dir: str | Path, out: str | Path
     summary = {"out": str(out), "rows": len(features), "dim": loaded.dim, "k": k, "run": str(loaded.run),
                "step": loaded.step, "context": str(context.path), "context_rows": len(context),
                "self_excluded": refiner_record["self_excluded"], "reused": False}
-    if out.exists():
-        if not out.is_dir():
-            raise UserError(f"--out {out} is a file; choose a folder")
-        if any(out.iterdir()):
-            if not is_feature_folder(out):
-                raise UserError(f"--out {out} exists and is not a feature folder; choose another --out")
-            if not overwrite and _holds(out, model["fingerprint"], features, dtype):  # as embed: run twice, once
-                return {**summary, "reused": True}
-            if not overwrite:
-                raise UserError(f"--out {out} already holds features; add --overwrite to replace them or choose "
-                                f"another --out")
-            atomic.refuse_others(out, lambda name: name == MANIFEST or name.startswith("shard-"), f"--out {out}",
-                                 " besides the features")
+    check_feature_target(out)  # a file, or a folder of anything but features (a run, a gallery): named, refused
+    if is_feature_folder(out):
+        if not overwrite and _holds(out, model["fingerprint"], features, dtype):  # as embed: run twice, once
+            return {**summary, "reused": True}
+        if not overwrite:
+            raise UserError(f"--out {out} already holds features; add --overwrite to replace them or choose "
+                            f"another --out")
+        atomic.refuse_others(out, lambda name: name == MANIFEST or name.startswith("shard-"), f"--out {out}",
+                             " besides the features")
     if loaded.total_steps and loaded.step < loaded.total_steps:
         say(f"note: run {loaded.run} is not finished (step {loaded.step} of {loaded.total_steps}); using that checkpoint")
     if loaded.train_model and loaded.train_model.get("fingerprint") != features.model.get("fingerprint"):
@@ -213,6 +218,7 @@ def apply_refinement(run_dir: str | Path, feats_dir: str | Path, out: str | Path
     write_features(out, refined.to(DTYPES[dtype]), features, model, overwrite=overwrite,
                    normalization="L2-normalised: the refined embeddings e^T of mlsctl refine apply")
     return summary
+
 
 
 def _holds(out: Path, fingerprint: str, features, dtype: str) -> bool:
@@ -233,6 +239,7 @@ def write_features(out: Path, global_: torch.Tensor, source, model: dict, *, ove
     """A feature folder with the rows of ``source`` (files, input root, preprocessing) and new
     global features, written next to ``out`` and renamed into place."""
     from mlsctl.data.shards import MANIFEST, SHARD_BYTES, feature_manifest, shard_name, write_shard
+    from mlsctl.locks import LOCK_NAME
 
     n = len(global_)
     bytes_per_row = max(1, global_.shape[1] * global_.element_size())
@@ -255,7 +262,7 @@ def write_features(out: Path, global_: torch.Tensor, source, model: dict, *, ove
             dim=global_.shape[1], grid=None, files=source.files, skipped=source.skipped, shards=shards,
             plan={"refined_from": str(Path(source.path).resolve())})
         atomic.write_json(tmp / MANIFEST, manifest)
-        if out.exists() and any(out.iterdir()) and not overwrite:  # appeared meanwhile (an empty folder was fine)
+        if out.exists() and any(p.name != LOCK_NAME for p in out.iterdir()) and not overwrite:  # appeared meanwhile
             raise UserError(f"--out {out} appeared while refining; add --overwrite or choose another --out")
         atomic.swap_folder(tmp, out)
     except BaseException:
