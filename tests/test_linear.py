@@ -11,6 +11,7 @@ from mlsctl.evaluate.linear import (ProbeSettings, average_precision, mean_avera
                                     train_linear)
 
 from conftest import cli, cli_ok, write_feature_folder
+from mlsctl.errors import UserError
 
 
 def test_average_precision_matches_a_hand_computed_case():
@@ -140,3 +141,13 @@ def test_binary_labels_and_metrics_files_are_one_sentence(tmp_path, capsys, fini
     (run / "metrics.jsonl").write_bytes(b"\xff\xfe\x00garbage")
     code, _, err = cli("plot", str(run), "--out", str(tmp_path / "c.png"), capsys=capsys)
     assert code != 0 and "is not UTF-8 text" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_library_refuses_a_sweep_torch_cannot_train_as_the_cli_does():
+    """A code-health review (2026-12-07): the check of --lr and --wd lived in the CLI alone, so a library
+    call with lrs=[-1] met torch's "Invalid learning rate" (and nan trained)."""
+    from mlsctl.evaluate.linear import evaluate_linear
+
+    for lrs, wds, said in (([-1.0], [0.0], "--lr -1.0"), ([float("nan")], [0.0], "--lr nan"), ([0.1], [-1e-4], "--wd")):
+        with pytest.raises(UserError, match=said):
+            evaluate_linear(None, None, lrs=lrs, wds=wds)  # refused before the features are read

@@ -61,8 +61,6 @@ def embed(
     if dataset is not None:
         from mlsctl.data.datasets import open_split
 
-        if root is None:
-            raise UserError(f"--dataset {dataset} needs --root: the dataset's folder or its .tar/.zip archive")
         benchmark = open_split(dataset, root, split or "val")
     elif not Path(images).is_dir():  # what is cheap to check goes before the model loads (a probe, 2026-12-06)
         from mlsctl.data.images import scan_images

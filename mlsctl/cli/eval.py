@@ -316,13 +316,7 @@ def linear(
 
     if multi_label and dataset != "folders":
         raise UserError(f"--multi-label reads tag lists from --train-labels; --dataset {dataset} has one class per image")
-    import math
-
-    # a probe (2026-12-06): --lr -1 was torch's "internal error (ValueError: Invalid learning rate)", --lr nan ran
-    for option, values, smallest in (("--lr", lr or [], "above 0"), ("--wd", wd or [], "0 or more")):
-        for value in values:
-            if not math.isfinite(value) or value < 0 or (option == "--lr" and value == 0):
-                raise UserError(f"{option} {value}: every value must be a finite number {smallest}")
+    lib.check_sweep(lr or [], wd or [])  # before the model loads
     get_model = model_on_demand(run=run, weights=weights, arch=model, random_init=random_init, seed=seed, say=say)
     train_features, val_features, train_labels, val_labels, record = classification_inputs(
         dataset, root, train_split, val_split, train, val, train_labels, val_labels, get_model, say=say, resize=resize)

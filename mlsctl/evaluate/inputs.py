@@ -37,8 +37,6 @@ def benchmark_splits(dataset: str, root: Optional[Path], train_split: Optional[s
     if dataset not in kinds:
         raise UserError(f"--dataset {dataset} is not one this evaluation reads; choose one of "
                         f"{', '.join(kinds + ('folders',))}")
-    if root is None:
-        raise UserError(f"--dataset {dataset} needs --root: the dataset's folder or its .tar/.zip archive")
     default_train, default_val = datasets.default_splits(dataset)
     return (datasets.open_split(dataset, root, train_split or default_train, "--train-split"),
             datasets.open_split(dataset, root, val_split or default_val, "--val-split"))
@@ -134,9 +132,11 @@ def image_roots(train_features, val_features) -> dict:
     return {"train_root": str(train_features.input_root), "val_root": str(val_features.input_root)}
 
 
-def dataset_record(train_split, val_split) -> dict:
-    """The result JSON's account of a benchmark: name, root, splits, classes, ignore label, mapping."""
-    record = val_split.describe()
+def dataset_record(train_split, val_split, described=None) -> dict:
+    """The result JSON's account of a benchmark: name, root, splits, classes, ignore label, mapping, as
+    ``described`` (default: the val split; classification: the train split, whose classes the probe
+    and k-NN predict) describes them."""
+    record = (described or val_split).describe()
     record.pop("split")
     record.pop("images")
     return {**record, "train_split": train_split.split, "val_split": val_split.split,
@@ -309,8 +309,4 @@ def classification_inputs(dataset: str, root: Optional[Path], train_split: Optio
     train_features = split_features(train_data, train, get_model, dense=False, what="train features", say=say,
                                     resize=resize)
     val_features = split_features(val_data, val, get_model, dense=False, what="val features", say=say, resize=resize)
-    record = {**train_data.describe(), "train_split": train_data.split, "val_split": val_data.split,
-              "train_images": len(train_data), "val_images": len(val_data)}
-    record.pop("split")
-    record.pop("images")
-    return train_features, val_features, train_data, val_data, record
+    return train_features, val_features, train_data, val_data, dataset_record(train_data, val_data, train_data)

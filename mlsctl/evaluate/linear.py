@@ -185,6 +185,16 @@ def sweep(x: torch.Tensor, y: torch.Tensor, multi_label: bool, lrs: Sequence[flo
     return ProbeSettings(best["lr"], best["weight_decay"], epochs, batch_size), rows
 
 
+def check_sweep(lrs: Sequence[float], wds: Sequence[float]) -> None:
+    """Every learning rate a finite number above 0, every weight decay one of 0 or more (a probe,
+    2026-12-06: --lr -1 was torch's "Invalid learning rate", --lr nan ran); cheap, so ``eval linear``
+    says it before a model loads."""
+    for option, values, smallest in (("--lr", lrs, "above 0"), ("--wd", wds, "0 or more")):
+        for value in values:
+            if not math.isfinite(value) or value < 0 or (option == "--lr" and value == 0):
+                raise UserError(f"{option} {value}: every value must be a finite number {smallest}")
+
+
 def evaluate_linear(train_features, val_features, *, labels: Optional[Path] = None, val_labels: Optional[Path] = None,
                     multi_label: bool = False, lrs: Sequence[float] = DEFAULT_LRS, wds: Sequence[float] = DEFAULT_WDS,
                     epochs: int = 100, batch_size: int = 256, holdout: float = 0.2, seed: int = 0,
@@ -193,6 +203,7 @@ def evaluate_linear(train_features, val_features, *, labels: Optional[Path] = No
     trained on ``device`` (the CPU by default)."""
     from mlsctl.evaluate.knn import labels_for
 
+    check_sweep(lrs, wds)
     train_features.check_same_model(val_features)
     x_train = train_features.finite_global_features().float()
     x_val = val_features.finite_global_features().float()

@@ -225,9 +225,12 @@ def default_splits(name: str) -> tuple[str, str]:
     return reader(name).DEFAULT_SPLITS
 
 
-def open_split(name: str, root: str | os.PathLike, split: str, option: str = "--split"):
-    """One split of dataset ``name`` under ``root`` (a folder or an archive); ``option`` is the command-line
-    option that chose it (``eval``'s ``--train-split``), which the sentences of mistakes name."""
+def open_split(name: str, root: Optional[str | os.PathLike], split: str, option: str = "--split"):
+    """One split of dataset ``name`` under ``root`` (a folder or an archive; None: the sentence that
+    asks for ``--root``); ``option`` is the command-line option that chose it (``eval``'s
+    ``--train-split``), which the sentences of mistakes name."""
+    if root is None:
+        raise UserError(f"--dataset {name} needs --root: the dataset's folder or its .tar/.zip archive")
     module = reader(name)
     if split not in module.SPLITS:
         raise UserError(f"{option} {split} is not a split of {name}; choose one of {', '.join(module.SPLITS)}")
