@@ -125,18 +125,24 @@ def check_outside_images(out: Path, images, whose: str, option: str = "--out") -
 
 
 def save_figure(figure, out: Path, dpi: int) -> None:
-    """A matplotlib figure as a PNG, atomically, marked as mlsctl's."""
+    """A matplotlib figure as a PNG, atomically, marked as mlsctl's (never over a file it did not
+    draw: :func:`check_picture_target`, asked again for library callers)."""
     from mlsctl import __version__
+
+    check_picture_target(Path(out))
 
     atomic.write_with(out, lambda tmp: figure.savefig(tmp, format="png", dpi=dpi,
                                                       metadata={"Software": f"{PNG_SOFTWARE} {__version__}"}))
 
 
 def save_image(image, out: Path) -> None:
-    """A PIL image as a PNG, atomically, marked as mlsctl's."""
+    """A PIL image as a PNG, atomically, marked as mlsctl's (as :func:`save_figure`, never over a file
+    it did not draw)."""
     from PIL.PngImagePlugin import PngInfo
 
     from mlsctl import __version__
+
+    check_picture_target(Path(out))
 
     info = PngInfo()
     info.add_text("Software", f"{PNG_SOFTWARE} {__version__}")

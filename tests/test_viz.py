@@ -79,3 +79,28 @@ def test_captions_keep_a_paths_end_and_cosines_three_decimals():
     near = Neighbour(slot=0, score=0.9954, step=12, image_id=3, image=None, box=None, region=None, label=None)
     [(tile, caption)] = neighbour_tiles([near], NoSources(), 96)
     assert tile is None and caption.split("\n") == ["cos 0.995", "step 12", f"missing: /data/{path}"]
+
+
+def test_the_library_never_draws_over_a_picture_it_did_not_draw(tmp_path):
+    """A code-health review (2026-12-07): only the CLI asked, so a library call of a drawer replaced an input
+    image at its ``out``; an earlier picture of mlsctl's is replaced."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from mlsctl.errors import UserError
+    from mlsctl.outputs import save_figure, save_image
+
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (4, 4), (1, 2, 3)).save(photo)
+    before = photo.read_bytes()
+    figure = plt.figure()
+    for save in (lambda out: save_image(Image.new("RGB", (4, 4)), out), lambda out: save_figure(figure, out, dpi=20)):
+        with pytest.raises(UserError, match="is not a picture mlsctl drew"):
+            save(photo)
+        assert photo.read_bytes() == before
+        save(tmp_path / "ours.png")
+        save(tmp_path / "ours.png")  # its own earlier picture: replaced
+    plt.close(figure)
