@@ -52,6 +52,7 @@ from mlsctl.errors import UserError, first_line
 from mlsctl.features import TreeImages, collate_images, default_workers, embedding_device, is_feature_folder
 from mlsctl.locks import LOCK_NAME, FolderLock
 from mlsctl.methods.mile.set_model import MILESetModel
+from mlsctl.runs import RUNS_ROOT
 
 log = logging.getLogger("mlsctl")
 
@@ -157,7 +158,7 @@ def choose_set_model(run_dir: Optional[str | os.PathLike], say: Callable[[str], 
         # the run that made them, not the newest (a new user's probe, 2026-12-06: refused as another model)
         run_dir = run_of_features(features)
     if run_dir is None:
-        found = newest_run("runs", method="mile")
+        found = newest_run(RUNS_ROOT, method="mile")
         if found is None:
             raise UserError("no --run given and no MILE run under ./runs; train one with mlsctl pretrain "
                             "mile_fmnist_quick, or give --run RUN")

@@ -28,7 +28,7 @@ import torch
 
 from mlsctl.errors import UserError
 from mlsctl.models.source import ModelChoice, dinov2_small, from_weights, model_choice
-from mlsctl.runs import Checkpoint, Run, run_of_config
+from mlsctl.runs import RUNS_ROOT, Checkpoint, Run, run_of_config
 
 PRETRAIN_HINT = "give a folder written by mlsctl pretrain"
 
@@ -241,7 +241,7 @@ def method_name_of(run: Run) -> Optional[str]:
     return name if isinstance(name, str) else None
 
 
-def newest_run(root: Union[str, Path] = "runs", method: Optional[str] = None,
+def newest_run(root: Union[str, Path] = RUNS_ROOT, method: Optional[str] = None,
                with_backbone: bool = False) -> Optional[Run]:
     """The run under ``root`` whose teacher export or latest checkpoint is the most recent; with
     ``method``, among the runs of that method only (a gallery needs a MILE run); ``with_backbone``:
@@ -416,7 +416,7 @@ def model_that_made(features, get_model, need: str, say=None) -> ModelChoice:
 
 def choose_model(*, run: Optional[Union[str, Path]] = None, weights: Optional[Union[str, Path]] = None,
                  arch: Optional[str] = None, random_init: bool = False, seed: int = 0,
-                 runs_root: Union[str, Path] = "runs") -> ModelChoice:
+                 runs_root: Union[str, Path] = RUNS_ROOT) -> ModelChoice:
     """The model flags of ``embed`` and of every command that embeds (see :mod:`mlsctl.models.source`)."""
     if run is not None and weights is not None:
         raise UserError("give either --run or --weights, not both")

@@ -107,6 +107,9 @@ def run_of_config(path: str | Path) -> Optional["Run"]:
     return run if path.name == run.config_path.name and run.metrics_path.is_file() else None
 
 
+RUNS_ROOT = "runs"  # under the working folder: pretrain's default --out, where "the newest run" is looked for
+
+
 class Run:
     def __init__(self, root: str | Path):
         self.root = Path(root)

@@ -7,6 +7,7 @@ import typer
 
 from mlsctl.cli import app
 from mlsctl.cli._options import OverridesCommand
+from mlsctl.runs import RUNS_ROOT
 
 
 def _note_weights_of_the_run(recipe_path: Path) -> None:
@@ -53,7 +54,7 @@ def pretrain(
     run_recipe = config.is_run_recipe(recipe_path)
     loaded = config.load_recipe_or_run(recipe_path, overrides or [])
     if out is None:
-        out = Path("runs") / (recipe_path.resolve().parent.name if run_recipe else recipe_path.stem)
+        out = Path(RUNS_ROOT) / (recipe_path.resolve().parent.name if run_recipe else recipe_path.stem)
     if not resume and init_from is None:
         _note_weights_of_the_run(recipe_path)
     train.pretrain(loaded, out, resume=resume, init_from=init_from, overwrite=overwrite, recipe_source=str(recipe_path),

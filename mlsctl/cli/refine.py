@@ -9,6 +9,7 @@ import typer
 
 from mlsctl.cli._format import say
 from mlsctl.cli._options import OverridesCommand, one_of, png_file
+from mlsctl.runs import RUNS_ROOT
 
 app = typer.Typer(rich_markup_mode=None, no_args_is_help=True,
                   help="Context refinement: embeddings attend to their nearest neighbours (train, apply, plot).")
@@ -45,7 +46,7 @@ def train(
     from mlsctl import config, train as train_lib
     from mlsctl.runs import Run
 
-    out = out if out is not None else Path("runs") / f"refine-{features.resolve().name}"
+    out = out if out is not None else Path(RUNS_ROOT) / f"refine-{features.resolve().name}"
     if resume and recipe == "refine" and Run(out).has_config():
         # the run's own recipe, as `pretrain RUN/config.yaml --resume`: the options it started with need not be
         # given again (a probe, 2026-12-06: without them the shipped recipe's batch of 128 was refused)
