@@ -248,7 +248,7 @@ def _fixed_set_options_in_the_code() -> set[str]:
     names = set()
     pattern = re.compile(r"--([a-z][a-z0-9-]*)(?: \{[^{}]+\} is not (?:one of|a split of)| must be \w+ or \w+)")
     # ... or names the option it was given, whose default is in the signature (datasets.open_split's option="--split")
-    named = re.compile(r'option: str = "--([a-z][a-z0-9-]*)"(?s:.){0,400}?\{option\} \{[^{}]+\} is not (?:one of|a split of)')
+    named = re.compile(r'option: str = "--([a-z][a-z0-9-]*)"(?s:.){0,800}?\{option\} \{[^{}]+\} is not (?:one of|a split of)')
     for path in (REPO / "mlsctl").rglob("*.py"):
         text = path.read_text()
         names |= set(pattern.findall(text)) | set(named.findall(text))
