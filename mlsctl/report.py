@@ -40,6 +40,7 @@ from typing import Optional, Sequence
 import torch
 
 from mlsctl import atomic
+from mlsctl.console import counted
 from mlsctl.errors import UserError, first_line
 from mlsctl.runs import Run
 
@@ -155,6 +156,14 @@ def _architecture(recipe, model) -> str:
     return text
 
 
+def _method_shape(recipe) -> str:
+    """What a run without a backbone trains, from its recipe (refine: T blocks over k neighbours)."""
+    method = recipe.method
+    if hasattr(method, "blocks") and hasattr(method, "neighbours"):
+        return f"T = {method.blocks} cross-attention blocks over k = {method.neighbours} neighbours"
+    return f"{method.name}"
+
+
 def _summary(run: Run, recipe, weights: "RunWeights") -> str:
     from mlsctl import __version__, provenance
 
@@ -165,9 +174,13 @@ def _summary(run: Run, recipe, weights: "RunWeights") -> str:
     log = _log_facts(run)
     rows.append(("run", f"{run.root.name} ({run.root.resolve()})"))
     rows.append(("method", state.get("method", recipe.method.name)))
-    rows.append(("architecture", _architecture(recipe, weights.final)))
+    # a run without a backbone (refine: blocks over features) showed the schema's ViT and counted its embeddings as
+    # images (a probe, 2026-12-07)
+    rows.append(("architecture", _architecture(recipe, weights.final) if weights.has_backbone else
+                 f"no backbone: the method trains on features (data.root) ({_method_shape(recipe)})"))
     images = run.image_list()
-    rows.append(("training data", f"{recipe.data.root}" + (f" ({len(images):,} images)" if images is not None else "")))
+    unit = "images" if weights.has_backbone else "embeddings"
+    rows.append(("training data", f"{recipe.data.root}" + (f" ({len(images):,} {unit})" if images is not None else "")))
     rows.append(("steps", f"{summary.get('steps', state.get('step', '–'))}" +
                  ("" if summary else f" (running or stopped; latest checkpoint {state.get('step', '–')})")))
     if summary.get("finished"):
@@ -193,7 +206,7 @@ def _summary(run: Run, recipe, weights: "RunWeights") -> str:
         rows.append(("sets / s", _number(summary["sets_per_s"], 3)))
         rows.append(("photos / s", _number(summary["photos_per_s"], 3)))
     elif "images_per_s" in summary:
-        rows.append(("images / s", _number(summary["images_per_s"], 3)))
+        rows.append((f"{unit} / s", _number(summary["images_per_s"], 3)))
     sessions = summary.get("sessions") if isinstance(summary.get("sessions"), list) else []
     if len(sessions) > 1:  # a resumed run: every session, not the last one's time and commit alone
         total = summary.get("seconds_all_sessions")
@@ -289,7 +302,9 @@ def _banks(run: Run, recipe) -> str:
         return _note(str(exc))
     if not banks:
         return _note(f"the method {recipe.method.name} keeps no memory bank")
-    healths = {name: bank_health(bank, name, checkpoint.step, sample=1024) for name, bank in banks.items()}
+    # bank inspect's sample (its default), so that the two give the same figures (a probe, 2026-12-07: 0.272 here,
+    # 0.276 there, from samples of 1,024 and 2,048 entries)
+    healths = {name: bank_health(bank, name, checkpoint.step) for name, bank in banks.items()}
     # in bank inspect's words and units (a new user, 2026-12-06: raw keys and a rate of 0.078 here, 7.81% there)
     def number(value: float, digits: int, scale: float = 1.0, unit: str = "") -> str:
         return "–" if value != value else f"{scale * value:.{digits}f}{unit}"  # nan: too few entries
@@ -298,7 +313,10 @@ def _banks(run: Run, recipe) -> str:
              number(h.uniformity, 3), number(h.duplicate_rate, 2, 100, "%"), h.status_line()]
             for name, h in healths.items()]
     parts = [_table(["bank", "entries written", "slots", "width", "mean pairwise cosine", "effective rank",
-                     "uniformity", "near-duplicates", "status"], rows)]
+                     "uniformity", "near-duplicates", "status"], rows),
+             _note("the pairwise indicators over a fixed sample of "
+                   + ", ".join(f"{h.sample:,} entries of '{name}'" for name, h in healths.items())
+                   + f", as mlsctl bank inspect {run.root} computes them")]
     sources = SourceImages(run)
     query_path = sources.path(0)
     try:
@@ -315,12 +333,16 @@ def _banks(run: Run, recipe) -> str:
         with tempfile.TemporaryDirectory() as tmp:
             out = neighbour_grid(query, neighbour_tiles(found, sources, 96), Path(tmp) / "n.png",
                                  title=f"bank '{name}' · step {checkpoint.step} · 8 nearest of {bank.written}", cell=96)
-            # the query is a training image: entries of its own earlier views, where the bank still holds them, come
-            # first (a new user's run-through, 2026-12-06, took the top hit at cosine 0.98 for a finding)
+            # the query is a training image, so the bank may hold entries of its own earlier views (a new user's
+            # run-through, 2026-12-06, took the top hit at cosine 0.98 for a finding): how many, and how many of
+            # them are among the 8, counted, not assumed (a probe, 2026-12-07: "come first" held for none)
             shown = html.escape(sources.shown(query_path))
+            own = int((bank.payload["image_id"][bank.written_mask()] == 0).sum()) if "image_id" in bank.payload else 0
+            among = sum(n.image_id == 0 for n in found)
             parts.append(f"<h3>bank '{html.escape(name)}': nearest entries of {shown}</h3>"
-                         f"<p class=\"note\">{shown} is the first training image: entries "
-                         f"written from its own earlier views, where the bank still holds them, come first.</p>"
+                         f"<p class=\"note\">{shown} is the first training image: the bank holds "
+                         f"{counted(own, 'entry', 'entries')} written from its own earlier views, {among} of them "
+                         f"among these {len(found)}.</p>"
                          f'<img alt="neighbours in {html.escape(name)}" src="{_png_uri(out)}">')
     return "".join(parts)
 

@@ -43,6 +43,15 @@ def test_report_is_one_self_contained_page_with_every_section(finished_run, tmp_
     assert not re.search(r'(src|href)="(https?:|//|file:)', page)  # nothing fetched: every picture is a data URI
     assert page.count('src="data:image/png;base64,') == record["images"]
     assert "top-1 %" in page and "50.00" in page
+    # the note under the neighbours counts the query's own entries, not assumes them first (a probe, 2026-12-07)
+    from mlsctl.bank import load_banks
+    from mlsctl.runs import Run
+
+    bank = load_banks(Run(finished_run[0]).latest().banks_path)["cls"]
+    own = int((bank.payload["image_id"][bank.written_mask()] == 0).sum())
+    said = re.search(r"the bank holds (\d+) entr(?:y|ies) written from its own earlier views, (\d+) of them among "
+                     r"these (\d+)", page)
+    assert said and said.group(1) == str(own) and int(said.group(2)) <= min(own, 8), said
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium is not installed (Debian package chromium)")
