@@ -36,17 +36,20 @@ def open_banks(run_dir: str | Path, step: Optional[int] = None,
 
     run = open_run(run_dir)
     checkpoint = run.checkpoint(step)
-    if not checkpoint.banks_path.is_file():
+
+    def another() -> str:  # the checkpoints to look at instead
         others = [c.step for c in run.checkpoints() if c.step != checkpoint.step and c.banks_path.is_file()]
         shown = ", ".join(map(str, others[-3:]))
-        raise UserError(f"checkpoint {checkpoint.path} has no banks.safetensors (it is incomplete); "
-                        + ("the run keeps no other checkpoint to look at" if not others else
-                           f"look at another with --step ({shown})" if has_step_option else
-                           f"mlsctl bank inspect {run.root} --step N looks at another (N: {shown})"))
+        return ("the run keeps no other checkpoint to look at" if not others else
+                f"look at another with --step ({shown})" if has_step_option else
+                f"mlsctl bank inspect {run.root} --step N looks at another (N: {shown})")
+
+    if not checkpoint.banks_path.is_file():
+        raise UserError(f"checkpoint {checkpoint.path} has no banks.safetensors (it is incomplete); {another()}")
     try:
         banks = load_banks(checkpoint.banks_path)
-    except (OSError, ValueError) as exc:
-        raise UserError(f"cannot read {exc}") from None  # load_banks names the file
+    except (OSError, ValueError) as exc:  # load_banks names the file; a damaged one gets the same way out as a
+        raise UserError(f"cannot read {exc}; {another()}") from None  # missing one (a probe, 2026-12-07)
     return run, checkpoint, banks
 
 
@@ -204,7 +207,7 @@ def neighbour_tiles(neighbours: Sequence[Neighbour], sources: SourceImages, cell
     tiles = []
     for n in neighbours:
         # three decimals: 0.995 is no collapse, and "cos 1.00" under every tile read as one (a new user, 2026-12-06)
-        caption = f"cos {n.score:.3f}\nstep {n.step}"
+        caption = f"cos {n.score:.3f}\nstep {n.step + 1}"  # as metrics.jsonl counts it (the column: from 0)
         if n.image_id is None:
             tiles.append((None, caption + "\nno image_id"))
             continue

@@ -145,6 +145,9 @@ def test_neighbors_draws_the_right_crops_and_blanks_missing_images(planted_run, 
     assert found[0]["image"] == str(sources.path(1)) and found[0]["box"] == boxes[1].tolist()
     assert found[1]["image_id"] == 4 and found[1]["image"].endswith("gone.png")  # 0.9 x the query + noise
     assert "1 source image missing, drawn blank" in result.stderr
+    # what the table shows, for scripts too (a probe, 2026-12-07): the drawn column, and steps as metrics.jsonl's
+    assert report["missing"] == 1 and [n["drawn"] for n in found] == [True, False, True][:len(found)]
+    assert all(n["written_in_step"] == n["step"] + 1 for n in found)
     grid = Image.open(out).convert("RGB")
     # layout of mlsctl.viz.neighbour_grid: gap 8, title band 18, query first, then the neighbours
     cell, gap, top = 64, 8, 18

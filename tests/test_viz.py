@@ -78,7 +78,8 @@ def test_captions_keep_a_paths_end_and_cosines_three_decimals():
 
     near = Neighbour(slot=0, score=0.9954, step=12, image_id=3, image=None, box=None, region=None, label=None)
     [(tile, caption)] = neighbour_tiles([near], NoSources(), 96)
-    assert tile is None and caption.split("\n") == ["cos 0.995", "step 12", f"missing: /data/{path}"]
+    # the payload counts steps from 0, the caption as metrics.jsonl does (from 1)
+    assert tile is None and caption.split("\n") == ["cos 0.995", "step 13", f"missing: /data/{path}"]
 
 
 def test_the_library_never_draws_over_a_picture_it_did_not_draw(tmp_path):

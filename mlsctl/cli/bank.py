@@ -168,13 +168,17 @@ def neighbors(
     missing = sum(tile is None for tile, _ in tiles)
     title = f"{run_.root.name} · bank '{name}' · step {checkpoint.step} · {len(found)} nearest of {chosen.written}"
     neighbour_grid(image, tiles, out, title=title, cell=cell)
-    rows = [[i + 1, f"{n.score:.3f}", n.step, n.image_id, sources.shown(n.image) if n.image else "-",
+    # written in step n.step + 1: the payload's step is the step's index from 0, metrics.jsonl and the checkpoints
+    # count steps done (a probe, 2026-12-07: "written at 10" was the step logged as 11)
+    rows = [[i + 1, f"{n.score:.3f}", n.step + 1, n.image_id, sources.shown(n.image) if n.image else "-",
              "yes" if tile is not None else "missing"] for i, (n, (tile, _)) in enumerate(zip(found, tiles))]
     if as_json:
         print(json.dumps({"run": str(run_.root), "step": checkpoint.step, "bank": name, "query": str(query),
-                          "out": str(out), "neighbours": [asdict(n) for n in found]}, indent=2))
+                          "out": str(out), "missing": missing,
+                          "neighbours": [dict(asdict(n), written_in_step=n.step + 1, drawn=tile is not None)
+                                         for n, (tile, _) in zip(found, tiles)]}, indent=2))
     else:
-        print(table(["#", "cosine", "written at", "image_id", f"image (in {sources.root})", "drawn"], rows))
+        print(table(["#", "cosine", "written in step", "image_id", f"image (in {sources.root})", "drawn"], rows))
     say(f"wrote {out}" + (f" ({missing} source image{'s' if missing != 1 else ''} missing, drawn blank)" if missing else ""))
 
 
