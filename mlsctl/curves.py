@@ -26,7 +26,7 @@ import math
 from pathlib import Path
 from typing import Optional, Sequence
 
-from mlsctl.outputs import save_figure
+from mlsctl.outputs import pyplot, save_figure
 from mlsctl.errors import UserError
 from mlsctl.runs import Run, metrics_record
 
@@ -145,10 +145,7 @@ def short_names(run_dirs: Sequence[str | Path]) -> list[str]:
 def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, *, title: str | None = None) -> dict:
     """Draw the runs' curves to ``out`` (PNG); returns what each panel shows, which series were
     smoothed (with their EMA span in points) and which were drawn with markers."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     run_dirs = list(run_dirs)
     runs = list(zip(short_names(run_dirs), (read_metrics(r) for r in run_dirs)))

@@ -124,6 +124,19 @@ def check_outside_images(out: Path, images, whose: str, option: str = "--out") -
                         f"images; write it elsewhere with {option}")
 
 
+def pyplot():
+    """matplotlib's pyplot, drawing to files (Agg), with text drawn as written: no ``$...$`` math (a
+    probe, 2026-12-07: ``plot --title '$x^$'`` and a run folder named ``exp$^_1$`` ended in an
+    internal error, and a balanced pair of ``$`` came out as math)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    matplotlib.rcParams["text.parse_math"] = False
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def save_figure(figure, out: Path, dpi: int) -> None:
     """A matplotlib figure as a PNG, atomically, marked as mlsctl's (never over a file it did not
     draw: :func:`check_picture_target`, asked again for library callers)."""

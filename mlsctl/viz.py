@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from mlsctl.outputs import save_figure, save_image
+from mlsctl.outputs import pyplot, save_figure, save_image
 
 
 def pca_components(dense: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
@@ -235,10 +235,7 @@ def scatter_plot(points: torch.Tensor, values: torch.Tensor, out: Path, *, title
     by ``label_names``, the rest grey as ``other_name``) or by a continuous value such as age in steps (a colour
     bar), with axes. With ``unlabelled``, points whose label is negative have none: drawn as light
     grey crosses under that name."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     pts = points.double().numpy()
     figure, ax = plt.subplots(figsize=(8.5, 7))

@@ -115,3 +115,12 @@ def test_an_empty_bank_health_panel_says_why_run_by_run_within_its_panel(tmp_pat
     assert all(len(line) <= 48 for line in said.splitlines())
     result = plot_runs([rare, never], tmp_path / "p.png")
     assert result["panels"]["memory-bank health"] == []
+
+
+def test_dollar_signs_in_a_title_or_a_run_name_are_drawn_as_written(tmp_path):
+    """A probe (2026-12-07): ``plot --title '$x^$'`` and a run folder named ``exp$^_1$`` ended in matplotlib's
+    math-text error ("internal error"); a balanced pair of ``$`` was drawn as math."""
+    records = [{"step": s, "loss": 3.0 - s / 10, "lr": 1e-3} for s in range(1, 9)]
+    run = fake_run(tmp_path / "exp$^_1$", records)
+    result = plot_runs([run], tmp_path / "c.png", title="$x^$ and $\\alpha$")
+    assert result["runs"] == ["exp$^_1$"] and Image.open(tmp_path / "c.png").size[0] > 300

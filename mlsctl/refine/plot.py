@@ -26,7 +26,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from mlsctl.outputs import save_figure
+from mlsctl.outputs import pyplot, save_figure
 from mlsctl.errors import UserError
 
 PROJECTIONS = ("pca", "tsne")
@@ -89,10 +89,7 @@ def drift_figure(run_dir: str | Path, feats_dir: str | Path, out: str | Path, *,
                  labels_file: Optional[Path] = None, points: int = 500, projection: str = "pca", seed: int = 0,
                  k: Optional[int] = None) -> dict:
     """Draw the drift picture of ``feats_dir`` refined by the run; returns what was drawn."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     from mlsctl.evaluate.knn import labels_for
     from mlsctl.refine.apply import open_inputs, refine, self_rows
@@ -203,10 +200,7 @@ def read_sweep(path: Path) -> list[dict]:
 
 def grid_figure(sweep: str | Path, out: str | Path, title: str = "") -> dict:
     """The R@1 heat map over blocks (rows) × neighbours (columns) of a sweep."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = read_sweep(Path(sweep))
     blocks = sorted({r["blocks"] for r in rows})
