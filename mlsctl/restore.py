@@ -113,8 +113,15 @@ def read_checkpoint_weights(model_path: Union[str, Path]) -> dict:
                         exit_code=1) from None
     except Exception as exc:  # truncated or foreign: safetensors' own error
         problem = first_line(exc)
-    raise UserError(f"{model_path} cannot be read ({problem}); delete {Path(model_path).parent} to use the checkpoint "
-                    f"before it", exit_code=1)
+    # the others first: --step reads one and deletes nothing (a probe, 2026-12-07: export --step 12 of a damaged
+    # checkpoint was told only to delete it)
+    folder = Path(model_path).parent
+    others = [c.step for c in Run(folder.parent.parent).checkpoints()
+              if c.path != folder and c.model_path.is_file()] if Checkpoint.is_folder_name(folder.name) else []
+    another = (f"read another checkpoint with --step ({', '.join(map(str, others[-3:]))}) where the command takes it, "
+               f"or " if others else "")
+    raise UserError(f"{model_path} cannot be read ({problem}); {another}delete {folder} to use the checkpoint before "
+                    f"it", exit_code=1)
 
 
 def method_from_checkpoint(source: Union[Run, Checkpoint, str, Path], step: Optional[int] = None, *, recipe=None):
@@ -289,7 +296,14 @@ def from_run(run_dir: Union[str, Path], *, random_init: bool = False, seed: int 
     if run.teacher_weights_path.is_file():
         plain = dataclasses.replace(model_cfg, weights=str(run.teacher_weights_path), pretrained=False,
                                     lora=dataclasses.replace(model_cfg.lora, enabled=False))
-        backbone = build_backbone(plain, drop_path_rate=0.0, skip_init=True)
+        try:
+            backbone = build_backbone(plain, drop_path_rate=0.0, skip_init=True)
+        except UserError as exc:  # damaged: the checkpoint it was written from is the way round (a probe, 2026-12-07)
+            if not exc.message.startswith(f"cannot read weights from {run.teacher_weights_path}"):
+                raise
+            raise UserError(f"{exc.message.rstrip('?').rsplit('; is it', 1)[0]}: {run.teacher_weights_path.name} is the "
+                            f"final teacher, copied from the last checkpoint when training ended; move it out of the "
+                            f"run and its latest checkpoint's teacher is read instead", exc.exit_code) from None
         return model_choice(backbone, f"teacher of run {run.root} ({run.teacher_weights_path.name})", "run",
                             str(run.teacher_weights_path), model_cfg.img_size)
     checkpoint = run.latest()

@@ -766,6 +766,8 @@ def test_10_damaged_bank_and_checkpoint_files_are_one_sentence(run_copy, capsys)
     banks.write_bytes(banks.read_bytes()[:200])
     code, _, err = cli("bank", "inspect", str(run), capsys=capsys)
     assert code == 2 and "banks.safetensors" in one_sentence(err) and "not a complete safetensors file" in err
+    earlier = [c.name for c in sorted((run / "checkpoints").iterdir())[:-1] if (c / "banks.safetensors").is_file()]
+    assert not earlier or "look at another with --step" in err  # as for a missing one (a probe, 2026-12-07)
     # a pickle that would run code when loaded without weights_only
     import pickle
 
@@ -789,6 +791,31 @@ def test_10_damaged_bank_and_checkpoint_files_are_one_sentence(run_copy, capsys)
     line = one_sentence(err)
     assert code == 1 and "optimizer.pt" in line and "not loaded" in line
     assert "weights_only" not in err and not Path("/tmp/mlsctl-owned").exists()
+
+
+def test_10_a_damaged_teacher_or_checkpoint_says_the_way_round_it(run_copy, tmp_path, capsys):
+    """A probe (2026-12-07): a truncated teacher.safetensors asked "is it a complete file?", and a damaged
+    checkpoint told `export --step N` only to delete it; the checkpoints it was copied from, or the other
+    checkpoints, are the way round (nothing deleted)."""
+    run, _ = run_copy
+    teacher = run / "teacher.safetensors"
+    teacher.write_bytes(teacher.read_bytes()[:-100])
+    code, _, err = cli("export", str(run), "--out", str(tmp_path / "e"), capsys=capsys)
+    assert code == 2 and "move it out of the run and its latest checkpoint's teacher is read instead" in one_sentence(err)
+    teacher.unlink()
+    last = sorted((run / "checkpoints").iterdir())[-1]
+    earlier = last.parent / "step-00000004"  # a second checkpoint, as checkpoint_every would keep
+    shutil.copytree(last, earlier)
+    state = json.loads((earlier / "state.json").read_text())
+    (earlier / "state.json").write_text(json.dumps(dict(state, step=4)))
+    model = last / "model.safetensors"
+    model.write_bytes(model.read_bytes()[:-100])
+    code, _, err = cli("export", str(run), "--out", str(tmp_path / "e"), capsys=capsys)
+    line = one_sentence(err)
+    assert code == 1 and "model.safetensors cannot be read" in line, line
+    assert re.search(r"read another checkpoint with --step \(([0-9]+, )*4(, [0-9]+)*\) where the command takes it", line), line
+    code, _, err = cli("export", str(run), "--out", str(tmp_path / "e"), "--step", "4", capsys=capsys)
+    assert code == 0, err
 
 
 def test_10_damaged_feature_manifests_are_one_sentence(tmp_path):

@@ -518,6 +518,12 @@ def test_resume_on_a_run_of_another_method_names_the_run_not_a_recipe(trained, t
     shutil.copy(Path(__file__).parents[1] / "recipes" / "dino_fmnist_quick.yaml", other / "config.yaml")
     code, _, err = cli("refine", "train", str(train), "--out", str(other), "--resume", capsys=capsys)
     assert code == 2 and f"--out {other} holds a run of method dino" in err and "--recipe" not in err, err
+    # a probe (2026-12-07): another method's recipe with --labels said "unknown key method.labels_file"
+    labels = tmp_path / "labels.csv"
+    labels.write_text("path,label\n")
+    code, _, err = cli("refine", "train", str(train), "--recipe", "dino_fmnist_quick", "--labels", str(labels),
+                       "--out", str(tmp_path / "r"), capsys=capsys)
+    assert code == 2 and "--recipe dino_fmnist_quick is a dino recipe; refine train runs a refine recipe" in err, err
 
 
 @pytest.mark.slow
@@ -558,6 +564,9 @@ def test_report_of_a_refine_run_shows_what_it_has(trained, capsys):
                     str(tmp / "no-results"))
     page = (tmp / "refine-report.html").read_text()
     assert "training curves" in page and "trains on features and has no backbone, so no patch map" in page
+    # and its summary names no ViT it does not have, nor its embeddings images (a probe, 2026-12-07)
+    assert "no backbone: the method trains on features" in page and "cross-attention blocks over k =" in page
+    assert "vit_small_patch16_224, 224 px" not in page and "embeddings / s" in page and " images)" not in page
 
 
 def test_two_processes_train_what_one_does(tmp_path):
@@ -635,6 +644,10 @@ def test_two_pictures_never_share_one_file(trained, tmp_path, capsys):
     code, _, err = cli("refine", "plot", str(tmp / "run"), str(train), "--out", str(tmp_path / "same.png"),
                        "--sweep", str(sweep), "--grid-out", str(tmp_path / "same.png"), capsys=capsys)
     assert code == 2 and "--out and --grid-out are both" in err and not (tmp_path / "same.png").exists()
+    # a probe (2026-12-07): --grid-out without --sweep was taken without a word, and no grid drawn
+    code, _, err = cli("refine", "plot", str(tmp / "run"), str(train), "--out", str(tmp_path / "drift.png"),
+                       "--grid-out", str(tmp_path / "grid.png"), capsys=capsys)
+    assert code == 2 and "give the sweep with --sweep FILE" in err and not (tmp_path / "drift.png").exists()
 
 
 def test_the_refine_run_s_report_lists_the_evaluations_of_its_refined_features(trained, tmp_path, capsys):

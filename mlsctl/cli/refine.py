@@ -64,14 +64,17 @@ def train(
             raise UserError(f"{option} and the override {key}=... both set {key}; give one of them")
         if value is not None and key != "data.root":
             items.append(f"{key}={value}")
-    loaded = config.load_recipe_or_run(recipe_path, items + list(overrides or []))
-    if loaded.method.name != "refine":
+    # the recipe's method first: another method's recipe met --labels as "unknown key method.labels_file" (a probe,
+    # 2026-12-07), a key the user never typed
+    method = config.load_recipe_or_run(recipe_path, items[:1]).method.name
+    loaded = config.load_recipe_or_run(recipe_path, items + list(overrides or [])) if method == "refine" else None
+    if method != "refine":
         from mlsctl.errors import UserError
 
         if recipe_path == out / "config.yaml":
-            raise UserError(f"--out {out} holds a run of method {loaded.method.name} ({recipe_path}); refine train "
+            raise UserError(f"--out {out} holds a run of method {method} ({recipe_path}); refine train "
                             f"--resume continues a refine run: give the --out of one")
-        raise UserError(f"--recipe {recipe} is a {loaded.method.name} recipe; refine train runs a refine recipe "
+        raise UserError(f"--recipe {recipe} is a {method} recipe; refine train runs a refine recipe "
                         f"(recipes/refine.yaml)")
     import shlex
 
@@ -127,7 +130,7 @@ def plot(
     projection: Projection = typer.Option("pca", "--projection", parser=one_of("--projection", Projection), help="pca, or tsne (PCA to 50 dimensions, then t-SNE; needs scikit-learn)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the sample and of t-SNE."),
     sweep: Optional[Path] = typer.Option(None, "--sweep", help="Sweep JSON (blocks x k x seeds, from benchmarks/refine_fidelity.py): also draw the R@1 grid."),
-    grid_out: Path = typer.Option(Path("refine-grid.png"), "--grid-out", callback=png_file("--grid-out"), help="PNG of the R@1 grid (with --sweep)."),
+    grid_out: Optional[Path] = typer.Option(None, "--grid-out", callback=png_file("--grid-out"), help="PNG of the R@1 grid (with --sweep) [default: refine-grid.png]."),
     as_json: bool = typer.Option(False, "--json", help="Print what was drawn as JSON."),
 ) -> None:
     """Draw how embeddings move from e0 to eT (tracks coloured by class; one query with its neighbours),
@@ -139,9 +142,13 @@ def plot(
     from mlsctl.outputs import check_outside_images, same_file
     from mlsctl.refine.plot import drift_figure, grid_figure
 
-    if sweep is not None and same_file(out, grid_out):  # the second replaced the first
-        from mlsctl.errors import UserError
+    from mlsctl.errors import UserError
 
+    if sweep is None and grid_out is not None:  # taken without a word, and nothing drawn (a probe, 2026-12-07)
+        raise UserError(f"--grid-out {grid_out} names the R@1 grid of a sweep; give the sweep with --sweep FILE, or "
+                        f"leave --grid-out out")
+    grid_out = Path("refine-grid.png") if grid_out is None else grid_out
+    if sweep is not None and same_file(out, grid_out):  # the second replaced the first
         raise UserError(f"--out and --grid-out are both {out}; give the two pictures two names")
     for folder in dict.fromkeys([features, context or features]):
         images = Features(folder).input_root
