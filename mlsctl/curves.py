@@ -185,7 +185,7 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, *, title: str | N
     columns = 3
     rows = (len(specs) + columns - 1) // columns
     figure, axes = plt.subplots(rows, columns, figsize=(16, 4.25 * rows), squeeze=False)
-    panels, smoothed, markers = {}, {}, set()
+    panels, smoothed, markers, empty, not_drawn = {}, {}, set(), {}, {}
     for ax, (panel, keys_of, ylabel, options) in zip(axes.flat, specs):
         label_of = options.get("label", lambda n, k: f"{n}: {k}")
         drawn = []
@@ -193,6 +193,11 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, *, title: str | N
             colour = colours[r % len(colours)]
             for i, key in enumerate(k for k in keys_of(series) if k in series):
                 steps, values = series[key]
+                # a weight decay of 0 was listed in the legend and invisible on the log axis (a probe, 2026-12-07)
+                if options.get("log") and all(v <= 0 for v in values):
+                    not_drawn.setdefault(panel, []).append(
+                        f"{label_of(name, key)}: {'0' if all(v == 0 for v in values) else 'not above 0'} throughout")
+                    continue
                 style = STYLES[i % len(STYLES)]
                 span = smoothing_span(len(values)) if options.get("smooth") else None
                 if span is None:
@@ -221,11 +226,14 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, *, title: str | N
             ax.text(0.01, 0.02, "log K: uniform outputs (collapse to uniform)\n0: one-hot outputs (a collapse "
                                 "when all pick the same one)",
                     transform=ax.transAxes, fontsize=7, color="0.35")
+        if panel in not_drawn:  # said in the panel: a log axis has no place for them
+            ax.text(0.01, 0.02, "\n".join(not_drawn[panel]) + " (not drawn on a log axis)", transform=ax.transAxes,
+                    fontsize=7, color="0.35")
         if drawn:
             ax.legend(fontsize=7, loc="best")
         else:
-            ax.text(0.5, 0.5, options.get("empty") or "not logged by these runs", ha="center", va="center",
-                    transform=ax.transAxes, color="grey")
+            empty[panel] = options.get("empty") or "not logged by these runs"
+            ax.text(0.5, 0.5, empty[panel], ha="center", va="center", transform=ax.transAxes, color="grey")
         ax.set_title(panel)
         ax.grid(alpha=0.3)
         panels[panel] = sorted(set(drawn))
@@ -236,4 +244,5 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, *, title: str | N
     save_figure(figure, out, dpi=100)
     plt.close(figure)
     return {"out": str(out), "runs": [n for n, _ in runs], "panels": panels,
-            "smoothed": {k: round(v, 2) for k, v in sorted(smoothed.items())}, "markers": sorted(markers)}
+            "smoothed": {k: round(v, 2) for k, v in sorted(smoothed.items())}, "markers": sorted(markers),
+            "empty": empty, "not_drawn": not_drawn}  # why a panel is empty, and what a log axis left out

@@ -301,9 +301,10 @@ def from_run(run_dir: Union[str, Path], *, random_init: bool = False, seed: int 
         except UserError as exc:  # damaged: the checkpoint it was written from is the way round (a probe, 2026-12-07)
             if not exc.message.startswith(f"cannot read weights from {run.teacher_weights_path}"):
                 raise
-            raise UserError(f"{exc.message.rstrip('?').rsplit('; is it', 1)[0]}: {run.teacher_weights_path.name} is the "
-                            f"final teacher, copied from the last checkpoint when training ended; move it out of the "
-                            f"run and its latest checkpoint's teacher is read instead", exc.exit_code) from None
+            cause = exc.message.rstrip("?").rsplit("; is it", 1)[0]
+            raise UserError(f"{cause}: {run.teacher_weights_path.name} is the final teacher, copied from the last "
+                            f"checkpoint when training ended; move it out of the run and its latest checkpoint's "
+                            f"teacher is read instead", exc.exit_code) from None
         return model_choice(backbone, f"teacher of run {run.root} ({run.teacher_weights_path.name})", "run",
                             str(run.teacher_weights_path), model_cfg.img_size)
     checkpoint = run.latest()

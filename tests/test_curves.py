@@ -124,3 +124,15 @@ def test_dollar_signs_in_a_title_or_a_run_name_are_drawn_as_written(tmp_path):
     run = fake_run(tmp_path / "exp$^_1$", records)
     result = plot_runs([run], tmp_path / "c.png", title="$x^$ and $\\alpha$")
     assert result["runs"] == ["exp$^_1$"] and Image.open(tmp_path / "c.png").size[0] > 300
+
+
+def test_an_empty_panel_says_why_and_a_log_axis_names_what_it_cannot_draw(tmp_path):
+    """A probe (2026-12-07): a weight decay of 0 was listed in the legend but invisible on the log axis, and
+    `plot --json` gave an empty bank-health panel without the reason the picture shows."""
+    records = [{"step": s, "loss": 3.0 - s / 10, "lr": 1e-3, "weight_decay": 0.0, "bank_fill/q": 0.5}
+               for s in range(1, 9)]
+    result = plot_runs([fake_run(tmp_path / "r", records)], tmp_path / "c.png")
+    assert result["panels"]["learning rate and weight decay"] == ["lr"]
+    assert result["not_drawn"] == {"learning rate and weight decay": ["r: weight_decay: 0 throughout"]}
+    assert result["panels"]["memory-bank health"] == []
+    assert "no bank health recorded" in result["empty"]["memory-bank health"]

@@ -43,9 +43,9 @@ def check_weights_file(path: str | Path) -> Path:
         hint = f"; did you mean {path / inside[0]}?" if inside else ""
         # a run folder goes elsewhere, by command (a probe, 2026-12-07: embed --weights RUN was sent to --init-from,
         # which only pretrain has)
-        raise UserError(f"weights file {path} is a folder; give a .safetensors or .pth file{hint} (a run folder is what "
-                        f"--run takes in embed, eval, index build and search; pretrain takes a run or checkpoint with "
-                        f"--init-from)")
+        raise UserError(f"weights file {path} is a folder; give a .safetensors or .pth file{hint} (a run folder is "
+                        f"what --run takes in embed, eval, index build and search; pretrain takes a run or checkpoint "
+                        f"with --init-from)")
     if not path.is_file():
         # the shipped recipes name weights/ of the repository relative to the working folder (a new user's
         # run-through, 2026-12-06: run by name from elsewhere, they failed without saying where the file is)

@@ -26,8 +26,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-from mlsctl.outputs import pyplot, save_figure
+from mlsctl.console import counted
 from mlsctl.errors import UserError
+from mlsctl.outputs import pyplot, save_figure
 
 PROJECTIONS = ("pca", "tsne")
 
@@ -131,7 +132,7 @@ def drift_figure(run_dir: str | Path, feats_dir: str | Path, out: str | Path, *,
         left.scatter(tracks[-1, i, 0], tracks[-1, i, 1], s=14, color=[c])
     repeat = ", colours repeat" if len(classes) > 20 else ""  # tab20: said only where it happens (a new user)
     left.set_title(f"{n} embeddings, e⁰ (circle) → e{sup} (dot), one colour per class "
-                   f"({len(set(labels))} classes{repeat})", fontsize=10)
+                   f"({counted(len(set(labels)), 'class', 'classes')}{repeat})", fontsize=10)
     left.set_xlabel(f"{projection.upper()} 1")
     left.set_ylabel(f"{projection.upper()} 2")
 
