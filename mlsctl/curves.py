@@ -26,7 +26,7 @@ import math
 from pathlib import Path
 from typing import Optional, Sequence
 
-from mlsctl.outputs import pyplot, save_figure
+from mlsctl.outputs import literal_text, pyplot, save_figure
 from mlsctl.errors import UserError
 from mlsctl.runs import Run, metrics_record
 
@@ -142,6 +142,7 @@ def short_names(run_dirs: Sequence[str | Path]) -> list[str]:
     return [str(Path(r)) for r in run_dirs]
 
 
+@literal_text
 def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, *, title: str | None = None) -> dict:
     """Draw the runs' curves to ``out`` (PNG); returns what each panel shows, which series were
     smoothed (with their EMA span in points) and which were drawn with markers."""
@@ -232,7 +233,8 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, *, title: str | N
         if drawn:
             ax.legend(fontsize=7, loc="best")
         else:
-            empty[panel] = options.get("empty") or "not logged by these runs"
+            empty[panel] = ("nothing above 0 to draw on a log axis" if panel in not_drawn
+                            else options.get("empty") or "not logged by these runs")
             ax.text(0.5, 0.5, empty[panel], ha="center", va="center", transform=ax.transAxes, color="grey")
         ax.set_title(panel)
         ax.grid(alpha=0.3)

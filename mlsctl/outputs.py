@@ -125,16 +125,29 @@ def check_outside_images(out: Path, images, whose: str, option: str = "--out") -
 
 
 def pyplot():
-    """matplotlib's pyplot, drawing to files (Agg), with text drawn as written: no ``$...$`` math (a
-    probe, 2026-12-07: ``plot --title '$x^$'`` and a run folder named ``exp$^_1$`` ended in an
-    internal error, and a balanced pair of ``$`` came out as math)."""
+    """matplotlib's pyplot, drawing to files (Agg)."""
     import matplotlib
 
     matplotlib.use("Agg")
-    matplotlib.rcParams["text.parse_math"] = False
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def literal_text(draw):
+    """A drawer whose text is drawn as written: no ``$...$`` math (a probe, 2026-12-07: ``plot --title
+    '$x^$'`` and a run folder named ``exp$^_1$`` ended in an internal error, and a balanced pair of ``$``
+    came out as math). Set for the drawing only, so a caller's own figures keep their math text."""
+    import functools
+
+    @functools.wraps(draw)
+    def drawing(*args, **kwargs):
+        import matplotlib
+
+        with matplotlib.rc_context({"text.parse_math": False}):
+            return draw(*args, **kwargs)
+
+    return drawing
 
 
 def save_figure(figure, out: Path, dpi: int) -> None:

@@ -299,7 +299,8 @@ def from_run(run_dir: Union[str, Path], *, random_init: bool = False, seed: int 
         try:
             backbone = build_backbone(plain, drop_path_rate=0.0, skip_init=True)
         except UserError as exc:  # damaged: the checkpoint it was written from is the way round (a probe, 2026-12-07)
-            if not exc.message.startswith(f"cannot read weights from {run.teacher_weights_path}"):
+            damaged = exc.message.startswith(f"cannot read weights from {run.teacher_weights_path}")
+            if not damaged or run.latest() is None:  # no checkpoint to read instead: the reader's own sentence
                 raise
             cause = exc.message.rstrip("?").rsplit("; is it", 1)[0]
             raise UserError(f"{cause}: {run.teacher_weights_path.name} is the final teacher, copied from the last "

@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from mlsctl.outputs import pyplot, save_figure, save_image
+from mlsctl.outputs import literal_text, pyplot, save_figure, save_image
 
 
 def pca_components(dense: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
@@ -228,6 +228,7 @@ LABEL_PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b
                  "#000000")
 
 
+@literal_text
 def scatter_plot(points: torch.Tensor, values: torch.Tensor, out: Path, *, title: str, colour_by: str,
                  axis_names: tuple[str, str] = ("component 1", "component 2"), label_names: Optional[dict] = None,
                  unlabelled: Optional[str] = None, other_name: str = "labels") -> Path:

@@ -124,6 +124,9 @@ def test_dollar_signs_in_a_title_or_a_run_name_are_drawn_as_written(tmp_path):
     run = fake_run(tmp_path / "exp$^_1$", records)
     result = plot_runs([run], tmp_path / "c.png", title="$x^$ and $\\alpha$")
     assert result["runs"] == ["exp$^_1$"] and Image.open(tmp_path / "c.png").size[0] > 300
+    import matplotlib
+
+    assert matplotlib.rcParams["text.parse_math"] is True  # for the drawing only: a caller's figures keep math text
 
 
 def test_an_empty_panel_says_why_and_a_log_axis_names_what_it_cannot_draw(tmp_path):

@@ -554,7 +554,6 @@ def test_a_stop_during_a_printed_record_is_held_until_the_record_is_done():
     signal.signal(signal.SIGINT, inherited)
 
 
-
 def test_folder_kind_needs_what_pretrain_writes_beside_a_config_yaml(tmp_path):
     """A config.yaml of one's own among images is no run (embed would refuse the folder); a run that
     has just started (config.yaml and start.json, no checkpoint yet) is one (a code-health review, 2026-12-07)."""
@@ -565,5 +564,14 @@ def test_folder_kind_needs_what_pretrain_writes_beside_a_config_yaml(tmp_path):
     assert folder_kind(tmp_path) is None
     (tmp_path / "start.json").write_text("{}")
     assert folder_kind(tmp_path) == "a run folder"
-    (tmp_path / gallery.MANIFEST).write_text("{}")
+    # a gallery, a feature folder: told by the kind their record begins with, not by a file name (a review,
+    # 2026-12-07: a manifest.json or gallery.json of one's own among images made embed refuse the folder)
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "manifest.json").write_text('{"photos": []}')
+    (images / gallery.MANIFEST).write_text('{"source": "mine"}')
+    assert folder_kind(images) is None
+    (images / "manifest.json").write_text('{"kind": "mlsctl-features", "format_version": 1}')
+    assert folder_kind(images) == "a feature folder"
+    (tmp_path / gallery.MANIFEST).write_text('{"kind": "mlsctl-gallery", "format_version": 1}')
     assert folder_kind(tmp_path) == "a gallery" and folder_kind(tmp_path / "other") is None

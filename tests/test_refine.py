@@ -648,6 +648,12 @@ def test_two_pictures_never_share_one_file(trained, tmp_path, capsys):
     code, _, err = cli("refine", "plot", str(tmp / "run"), str(train), "--out", str(tmp_path / "drift.png"),
                        "--grid-out", str(tmp_path / "grid.png"), capsys=capsys)
     assert code == 2 and "give the sweep with --sweep FILE" in err and not (tmp_path / "drift.png").exists()
+    # the default --grid-out is checked before drawing, as a given one is (a review, 2026-12-07)
+    (tmp_path / "refine-grid.png").write_bytes(b"a picture of mine")
+    code, _, err = cli("refine", "plot", str(tmp / "run"), str(train), "--out", str(tmp_path / "drift.png"),
+                       "--sweep", str(sweep), cwd=tmp_path, capsys=capsys)
+    assert code == 2 and "--grid-out refine-grid.png exists and is not a picture mlsctl drew" in err, err
+    assert not (tmp_path / "drift.png").exists() and (tmp_path / "refine-grid.png").read_bytes() == b"a picture of mine"
 
 
 def test_the_refine_run_s_report_lists_the_evaluations_of_its_refined_features(trained, tmp_path, capsys):

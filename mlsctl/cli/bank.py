@@ -232,7 +232,7 @@ def plot(
     if as_json:  # the numbers the title and the closing line say
         print(json.dumps({"run": str(run_.root), "step": checkpoint.step, "bank": name, "out": str(out),
                           "projection": used, "colour": colours.caption, "drawn": len(rows), "written": len(order),
-                          "random_start_left_out": left_out, "unlabelled": colours.missing,
+                          "random_start_left_out": left_out, "not_labelled": colours.missing,
                           "variance_shares": None if shares is None else [float(x) for x in shares]}, indent=2))
         return
     say(f"wrote {out} ({used} of {len(rows)} of {len(order)} written entries)")

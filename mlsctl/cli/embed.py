@@ -109,7 +109,8 @@ def _report(summary, choice, benchmark, said: set[str], as_json: bool) -> None:
     no_rows = (f"none of the {len(summary.skipped)} files could be read as an image (reasons in "
                f"{summary.out}/manifest.json); no evaluation can use {summary.out}")
     if as_json:
-        rate = round(summary.images_per_s, 2) or None  # null, not 0.0, when nothing was embedded this time
+        # null, not 0.0, when nothing was embedded this time (reused, or every part embedded before)
+        rate = None if summary.reused or not summary.images_per_s else round(summary.images_per_s, 2)
         typer.echo(json.dumps({"out": str(summary.out), "rows": summary.rows, "skipped": summary.skipped,
                                "seconds": round(summary.seconds, 3), "images_per_s": rate,
                                "model": choice.info, "reused": summary.reused,

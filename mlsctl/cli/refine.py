@@ -66,8 +66,12 @@ def train(
             items.append(f"{key}={value}")
     # the recipe's method first: another method's recipe met --labels as "unknown key method.labels_file" (a probe,
     # 2026-12-07), a key the user never typed
-    method = config.load_recipe_or_run(recipe_path, items[:1]).method.name
-    loaded = config.load_recipe_or_run(recipe_path, items + list(overrides or [])) if method == "refine" else None
+    raw = config.read_yaml(recipe_path)  # its method as written: the file is checked whole with the overrides below
+    written = raw.get("method") if isinstance(raw, dict) else None
+    method = written.get("name") if isinstance(written, dict) else None
+    if not isinstance(method, str) or method == "refine":
+        loaded = config.load_recipe_or_run(recipe_path, items + list(overrides or []))
+        method = loaded.method.name
     if method != "refine":
         from mlsctl.errors import UserError
 
@@ -147,7 +151,11 @@ def plot(
     if sweep is None and grid_out is not None:  # taken without a word, and nothing drawn (a probe, 2026-12-07)
         raise UserError(f"--grid-out {grid_out} names the R@1 grid of a sweep; give the sweep with --sweep FILE, or "
                         f"leave --grid-out out")
-    grid_out = Path("refine-grid.png") if grid_out is None else grid_out
+    if sweep is not None and grid_out is None:  # the default, checked as a given one is (before anything is drawn)
+        from mlsctl.outputs import check_picture_target
+
+        grid_out = Path("refine-grid.png")
+        check_picture_target(grid_out, "--grid-out")
     if sweep is not None and same_file(out, grid_out):  # the second replaced the first
         raise UserError(f"--out and --grid-out are both {out}; give the two pictures two names")
     for folder in dict.fromkeys([features, context or features]):

@@ -136,7 +136,7 @@ def dataset_record(train_split, val_split, described=None) -> dict:
     """The result JSON's account of a benchmark: name, root, splits, classes, ignore label, mapping, as
     ``described`` (default: the val split; classification: the train split, whose classes the probe
     and k-NN predict) describes them."""
-    record = (described or val_split).describe()
+    record = (val_split if described is None else described).describe()
     record.pop("split")
     record.pop("images")
     return {**record, "train_split": train_split.split, "val_split": val_split.split,

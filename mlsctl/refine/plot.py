@@ -28,7 +28,7 @@ import torch
 
 from mlsctl.console import counted
 from mlsctl.errors import UserError
-from mlsctl.outputs import pyplot, save_figure
+from mlsctl.outputs import literal_text, pyplot, save_figure
 
 PROJECTIONS = ("pca", "tsne")
 
@@ -86,6 +86,7 @@ def _pick_query(before: torch.Tensor, after: torch.Tensor, context_before: torch
     return 0, False
 
 
+@literal_text
 def drift_figure(run_dir: str | Path, feats_dir: str | Path, out: str | Path, *, context_dir: Optional[str | Path] = None,
                  labels_file: Optional[Path] = None, points: int = 500, projection: str = "pca", seed: int = 0,
                  k: Optional[int] = None) -> dict:
@@ -199,6 +200,7 @@ def read_sweep(path: Path) -> list[dict]:
     return rows
 
 
+@literal_text
 def grid_figure(sweep: str | Path, out: str | Path, title: str = "") -> dict:
     """The R@1 heat map over blocks (rows) × neighbours (columns) of a sweep."""
     plt = pyplot()
