@@ -1414,6 +1414,19 @@ def test_20_embed_refuses_what_is_no_images_and_no_feature_folder_before_the_mod
     assert not (images / "features").exists()
     code, _, err = cli("eval", "knn", "--train", str(run), "--val", str(images), "--run", str(run), capsys=capsys)
     assert code == 2 and "is a run folder, not a folder of images" in err, err
+    # a manifest.json of one's own (a review, 2026-12-07): among images it was "a feature folder", and as --out
+    # with --overwrite the folder was replaced whole
+    (images / "manifest.json").write_text('{"photos": ["a.png"]}')
+    code, out, err = cli("embed", str(images), "--run", str(run), "--out", str(tmp_path / "f2"), "--json",
+                         capsys=capsys)
+    assert code == 0 and json.loads(out)["rows"] == 2 and ["manifest.json", "not an image file (extension .json)"] \
+        in json.loads(out)["skipped"], err
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "manifest.json").write_text('{"photos": ["a.png"]}')
+    code, _, err = cli("embed", str(images), "--run", str(run), "--out", str(mine), "--overwrite", capsys=capsys)
+    assert code == 2 and "exists and is not a feature folder; choose another --out (or empty it)" in err, err
+    assert (mine / "manifest.json").read_text() == '{"photos": ["a.png"]}'
 
 
 def test_20_evaluations_read_a_default_embed_made_with_other_batch_sizes_or_precision(finished_run, tmp_path, capsys,

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from mlsctl.data.shards import MANIFEST, PARTIAL, is_feature_folder
+from mlsctl.data.shards import is_feature_folder
 from mlsctl.runs import Run
 
 GALLERY_MANIFEST = "gallery.json"  # a gallery's record (mlsctl.gallery, a layer above, writes it)
@@ -20,8 +20,8 @@ GALLERY_MANIFEST = "gallery.json"  # a gallery's record (mlsctl.gallery, a layer
 def folder_kind(path: str | os.PathLike) -> Optional[str]:
     """"a data set built by mlsctl data", "a gallery", "a run folder"
     (:meth:`~mlsctl.runs.Run.written_by_pretrain`), "a feature folder", or None for any other path.
-    A gallery's and a feature folder's record are told by the kind they begin with, not by their
-    names alone: a ``manifest.json`` or ``gallery.json`` of one's own among images is no reason to
+    A gallery's and a feature folder's record (:func:`~mlsctl.data.shards.is_feature_folder`) are
+    told by the kind they begin with, not by their names alone: a ``manifest.json`` or ``gallery.json`` of one's own among images is no reason to
     refuse them (a review, 2026-12-07)."""
     path = Path(path)
     if is_data_build(path / "meta.json"):
@@ -30,8 +30,7 @@ def folder_kind(path: str | os.PathLike) -> Optional[str]:
         return "a gallery"
     if Run(path).written_by_pretrain():
         return "a run folder"
-    if is_feature_folder(path) and ((path / PARTIAL / "plan.json").is_file()
-                                    or _begins_with_kind(path / MANIFEST, "mlsctl-features")):
+    if is_feature_folder(path):
         return "a feature folder"
     return None
 

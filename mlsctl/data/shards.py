@@ -59,8 +59,24 @@ def feature_manifest(*, input_root, model: dict, preprocessing: dict, dtype: str
 
 
 def is_feature_folder(path: str | os.PathLike) -> bool:
+    """An unfinished embed (``.partial/``), or a ``manifest.json`` that names our kind in its first
+    4 KB (``"kind"`` is written first; a manifest can be hundreds of MB) or lies beside shards (a
+    damaged one, said when read). A ``manifest.json`` of one's own among images is not one: such a
+    folder was refused by ``embed`` as features, and replaced whole by ``embed --out X --overwrite``
+    (a review, 2026-12-07)."""
     path = Path(path)
-    return (path / MANIFEST).is_file() or (path / PARTIAL).is_dir()
+    if (path / PARTIAL).is_dir():
+        return True
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        return False
+    try:
+        with open(manifest, "rb") as handle:
+            if b'"mlsctl-features"' in handle.read(4096):
+                return True
+    except OSError:  # unreadable: said when read, as a feature folder's
+        return True
+    return any(path.glob("shard-*.safetensors"))
 
 
 @dataclass
