@@ -219,7 +219,7 @@ def test_a_build_inside_another_data_set_gallery_run_or_feature_folder_is_refuse
     products = tmp_path / "products"
     build_products(products, n_train=2, n_eval=2, photos=4, gallery_photos=2, source=fake_fmnist, progress=False)
     (tmp_path / "gallery").mkdir()
-    (tmp_path / "gallery" / "gallery.json").write_text("{}")
+    (tmp_path / "gallery" / "gallery.json").write_text('{"kind": "mlsctl-gallery", "format_version": 2}')
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     (tmp_path / "run" / "config.yaml").write_text("{}")
     for parent, kind in ((products, "a data set built by mlsctl data"), (tmp_path / "gallery", "a gallery"),
