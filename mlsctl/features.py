@@ -215,6 +215,13 @@ MAX_PATCHES = 128 * 128
 CACHE_ROOT = "features"  # under the working folder: the evaluations' feature caches, embed's default --out
 
 
+_NOT_IMAGES = {  # folder_kind → what to give instead (a gallery probe, 2026-12-06: said after the model loaded)
+    "a run folder": "give it with --run (the model that embeds), and a folder of images to embed",
+    "a gallery": "give the folder of photos it was built from (its gallery.json names it as source)",
+    "a feature folder": "it is embedded already: the evaluations, index build and refine take it as it is",
+}
+
+
 def check_images_folder(images: Path) -> None:
     """A folder of images to embed is not a run, a gallery or a feature folder (cheap: said before a
     model loads, by ``embed`` and the evaluations alike)."""
@@ -223,13 +230,6 @@ def check_images_folder(images: Path) -> None:
     kind = folder_kind(images)
     if kind in _NOT_IMAGES:
         raise UserError(f"{images} is {kind}, not a folder of images; {_NOT_IMAGES[kind]}")
-
-
-_NOT_IMAGES = {  # folder_kind → what to give instead (a gallery probe, 2026-12-06: said after the model loaded)
-    "a run folder": "give it with --run (the model that embeds), and a folder of images to embed",
-    "a gallery": "give the folder of photos it was built from (its gallery.json names it as source)",
-    "a feature folder": "it is embedded already: the evaluations, index build and refine take it as it is",
-}
 
 
 def check_outside_images_folder(out: str | os.PathLike, images: str | os.PathLike, *,

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from mlsctl.data.shards import is_feature_folder
+from mlsctl.data.shards import is_feature_folder, names_kind
 from mlsctl.runs import Run
 
 GALLERY_MANIFEST = "gallery.json"  # a gallery's record (mlsctl.gallery, a layer above, writes it)
@@ -21,28 +21,18 @@ def folder_kind(path: str | os.PathLike) -> Optional[str]:
     """"a data set built by mlsctl data", "a gallery", "a run folder"
     (:meth:`~mlsctl.runs.Run.written_by_pretrain`), "a feature folder", or None for any other path.
     A gallery's and a feature folder's record (:func:`~mlsctl.data.shards.is_feature_folder`) are
-    told by the kind they begin with, not by their names alone: a ``manifest.json`` or ``gallery.json`` of one's own among images is no reason to
-    refuse them (a review, 2026-12-07)."""
+    told by the kind they begin with, not by their names alone: a ``manifest.json`` or
+    ``gallery.json`` of one's own among images is no reason to refuse them (a review, 2026-12-07)."""
     path = Path(path)
     if is_data_build(path / "meta.json"):
         return "a data set built by mlsctl data"
-    if _begins_with_kind(path / GALLERY_MANIFEST, "mlsctl-gallery"):
+    if names_kind(path / GALLERY_MANIFEST, "mlsctl-gallery"):
         return "a gallery"
     if Run(path).written_by_pretrain():
         return "a run folder"
     if is_feature_folder(path):
         return "a feature folder"
     return None
-
-
-def _begins_with_kind(record: Path, kind: str) -> bool:
-    """Whether the JSON file ``record`` names ``kind`` in its first 4 KB (mlsctl writes ``"kind"``
-    first; a feature folder's manifest can be hundreds of MB, not parsed to be told apart)."""
-    try:
-        with open(record, "rb") as handle:
-            return f'"{kind}"'.encode() in handle.read(4096)
-    except OSError:  # not there, a folder, unreadable
-        return False
 
 
 def is_data_build(meta_path: Path) -> bool:

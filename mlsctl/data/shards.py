@@ -70,13 +70,20 @@ def is_feature_folder(path: str | os.PathLike) -> bool:
     manifest = path / MANIFEST
     if not manifest.is_file():
         return False
-    try:
-        with open(manifest, "rb") as handle:
-            if b'"mlsctl-features"' in handle.read(4096):
-                return True
-    except OSError:  # unreadable: said when read, as a feature folder's
-        return True
+    if not os.access(manifest, os.R_OK) or names_kind(manifest, "mlsctl-features"):
+        return True  # an unreadable one is said when read, as a feature folder's
     return any(path.glob("shard-*.safetensors"))
+
+
+def names_kind(record: Path, kind: str) -> bool:
+    """Whether the JSON record ``record`` (a feature manifest, a gallery.json) names ``kind`` in its
+    first 4 KB: mlsctl writes ``"kind"`` first, and a manifest can be hundreds of MB, not parsed to
+    be told apart. False where it cannot be read."""
+    try:
+        with open(record, "rb") as handle:
+            return f'"{kind}"'.encode() in handle.read(4096)
+    except OSError:  # not there, a folder, unreadable
+        return False
 
 
 @dataclass
