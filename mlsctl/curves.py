@@ -222,6 +222,12 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, *, title: str | N
         ax.set_ylabel(ylabel)
         if options.get("log") and drawn:
             ax.set_yscale("log")
+            # plain tick text: the default log labels are math text ("$\\mathdefault{10^{-3}}$"), which
+            # literal_text draws as written
+            from matplotlib.ticker import LogFormatter
+
+            ax.yaxis.set_major_formatter(LogFormatter())
+            ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
         if options.get("entropy"):
             ax.set_ylim(bottom=0)
             ax.text(0.01, 0.02, "log K: uniform outputs (collapse to uniform)\n0: one-hot outputs (a collapse "
