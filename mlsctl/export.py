@@ -48,7 +48,7 @@ def _teacher(run_dir: Path, step: Optional[int]):
     recipe = recipe_of(run)
     if step is None:
         choice = from_run(run_dir)
-        checkpoint_step = run.latest().step if run.latest() is not None else None
+        checkpoint_step = run.final_teacher_step()
     else:
         checkpoint = run.checkpoint(step)
         choice = from_checkpoint(recipe, checkpoint, run)

@@ -168,7 +168,7 @@ def _summary(run: Run, recipe, weights: "RunWeights") -> str:
     from mlsctl import __version__, provenance
 
     rows = []
-    summary = _read_summary(run)
+    summary = run.summary()
     latest = run.latest()
     state = latest.state() if latest is not None else {}
     log = _log_facts(run)
@@ -232,23 +232,6 @@ def _session_text(session: dict) -> str:
                 f"{_commit_text(session)}, {device})")
     seconds = _duration(session["seconds"]) if session.get("seconds") is not None else "time not recorded"
     return f"steps {first}–{session.get('to_step', '?')} ({seconds}, {_commit_text(session)}, {device})"
-
-
-def _read_summary(run: Run) -> dict:
-    """summary.json (written when a run finishes), or {} for a run that has not finished."""
-    if not run.summary_path.is_file():
-        return {}
-    try:
-        summary = json.loads(run.summary_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
-        reason = getattr(exc, "strerror", None) or ("nested too deep" if isinstance(exc, RecursionError) else
-                                                    first_line(exc, 100))
-        raise UserError(f"{run.summary_path} is damaged ({reason}); mlsctl pretrain writes it when the run ends: "
-                        f"remove it to report the run as unfinished") from None
-    if not isinstance(summary, dict):
-        raise UserError(f"{run.summary_path} is damaged (a JSON {type(summary).__name__}, not an object); remove it "
-                        f"to report the run as unfinished")
-    return summary
 
 
 def _patch_maps(run: Run, recipe, n: int, model) -> str:
@@ -364,8 +347,7 @@ class RunWeights:
         #: False for a method on features (refine): no backbone, so no teacher, patch map or fingerprint
         self.has_backbone = methods.method_class(recipe.method.name).has_backbone
         self.final = from_run(run.root) if self.has_backbone and (has_teacher or latest is not None) else None
-        steps = _read_summary(run).get("steps") if has_teacher else None
-        self.final_step = steps if isinstance(steps, int) else (latest.step if latest is not None else None)
+        self.final_step = run.final_teacher_step()
         self.final_label = ("final teacher" if has_teacher else "teacher of the latest checkpoint") + \
             (f" (step {self.final_step})" if self.final_step is not None else "")
         self._checkpoints: dict[int, Optional[str]] = {}

@@ -32,7 +32,7 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from mlsctl.errors import UserError
+from mlsctl.errors import UserError, first_line
 
 RUN_FORMAT_VERSION = 1
 
@@ -124,6 +124,32 @@ class Run:
     images_path = property(lambda self: self.root / "images.txt")
     start_path = property(lambda self: self.root / "start.json")
     cache_dir = property(lambda self: self.root / "cache")  # what a method derived from the data once (prepare_dataset)
+
+    def summary(self) -> dict:
+        """summary.json (written when a run finishes), or {} for a run that has not finished."""
+        if not self.summary_path.is_file():
+            return {}
+        try:
+            summary = json.loads(self.summary_path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+            reason = getattr(exc, "strerror", None) or ("nested too deep" if isinstance(exc, RecursionError) else
+                                                        first_line(exc, 100))
+            raise UserError(f"{self.summary_path} is damaged ({reason}); mlsctl pretrain writes it when the run ends: "
+                            f"remove it and the run counts as unfinished") from None
+        if not isinstance(summary, dict):
+            raise UserError(f"{self.summary_path} is damaged (a JSON {type(summary).__name__}, not an object); remove "
+                            f"it and the run counts as unfinished")
+        return summary
+
+    def final_teacher_step(self) -> Optional[int]:
+        """The step of the teacher ``--run RUN`` reads (:func:`mlsctl.restore.from_run`): the last step of
+        a finished run (summary.json) for teacher.safetensors, else the latest checkpoint's; None with
+        neither (also for a teacher whose run kept no checkpoint and wrote no summary)."""
+        latest = self.latest()
+        steps = self.summary().get("steps") if self.teacher_weights_path.is_file() else None
+        if isinstance(steps, int) and not isinstance(steps, bool):
+            return steps
+        return latest.step if latest is not None else None
 
     def init_from(self) -> Optional[str]:
         """The --init-from of the run's start (absolute), or None (also for runs before start.json)."""
