@@ -229,34 +229,56 @@ LABEL_PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b
 
 
 @literal_text
+def legend_groups(values: torch.Tensor, *, label_names: Optional[dict] = None, unlabelled: Optional[str] = None,
+                  other_name: str = "labels", shown: int = 10) -> list[dict]:
+    """The legend of a scatter plot coloured by integer ``values``, in the order it is drawn: with
+    ``unlabelled``, the points of negative value (``kind`` "unlabelled"); the classes beyond the
+    ``shown`` most frequent, together (``kind`` "other", ``classes`` how many); then the ``shown``
+    most frequent classes, most frequent first, ties by value (``kind`` "class", ``value``). Each
+    has its ``name`` as the legend writes it (without the count), ``count`` and ``mask`` (a bool tensor)."""
+    none = (values < 0) if unlabelled is not None else torch.zeros(len(values), dtype=torch.bool)
+    groups = []
+    if bool(none.any()):
+        groups.append({"kind": "unlabelled", "name": unlabelled, "count": int(none.sum()), "mask": none})
+    labels, counts = values[~none].unique(return_counts=True)
+    top = [int(labels[i]) for i in counts.argsort(descending=True, stable=True)[:shown]]
+    rest = ~torch.isin(values, torch.tensor(top, dtype=values.dtype)) & ~none
+    if bool(rest.any()):
+        groups.append({"kind": "other", "name": f"{len(labels) - len(top)} other {other_name}",
+                       "classes": len(labels) - len(top), "count": int(rest.sum()), "mask": rest})
+    for label in top:
+        chosen = (values == label) & ~none
+        groups.append({"kind": "class", "value": label, "name": str((label_names or {}).get(label, f"label {label}")),
+                       "count": int(chosen.sum()), "mask": chosen})
+    return groups
+
+
 def scatter_plot(points: torch.Tensor, values: torch.Tensor, out: Path, *, title: str, colour_by: str,
                  axis_names: tuple[str, str] = ("component 1", "component 2"), label_names: Optional[dict] = None,
-                 unlabelled: Optional[str] = None, other_name: str = "labels") -> Path:
+                 unlabelled: Optional[str] = None, other_name: str = "labels") -> list[dict]:
     """2-D points (matplotlib) coloured by an integer label (a legend of the 10 most frequent, named
     by ``label_names``, the rest grey as ``other_name``) or by a continuous value such as age in steps (a colour
     bar), with axes. With ``unlabelled``, points whose label is negative have none: drawn as light
-    grey crosses under that name."""
+    grey crosses under that name. Returns the legend's groups (:func:`legend_groups`; none for a colour bar)."""
     plt = pyplot()
 
     pts = points.double().numpy()
     figure, ax = plt.subplots(figsize=(8.5, 7))
+    groups = []
     if colour_by == "label":
-        none = (values < 0) if unlabelled is not None else torch.zeros(len(values), dtype=torch.bool)
-        if bool(none.any()):
-            ax.scatter(pts[none.numpy(), 0], pts[none.numpy(), 1], s=10, marker="x", linewidths=0.8, color="0.8",
-                       label=f"{unlabelled} ({int(none.sum())})")
-        labels, counts = values[~none].unique(return_counts=True)
-        top = [int(labels[i]) for i in counts.argsort(descending=True, stable=True)[:10]]
-        palette = LABEL_PALETTE
-        rest = ~torch.isin(values, torch.tensor(top, dtype=values.dtype)) & ~none
-        if bool(rest.any()):
-            ax.scatter(pts[rest.numpy(), 0], pts[rest.numpy(), 1], s=6, color="0.6",
-                       label=f"{len(labels) - len(top)} other {other_name} ({int(rest.sum())})")
-        for i, label in enumerate(top):
-            chosen = (values == label).numpy() & ~none.numpy()
-            name = (label_names or {}).get(label, f"label {label}")
-            ax.scatter(pts[chosen, 0], pts[chosen, 1], s=6, color=palette[i % len(palette)],
-                       label=f"{name} ({int(chosen.sum())})")
+        groups = legend_groups(values, label_names=label_names, unlabelled=unlabelled, other_name=other_name)
+        classes = 0
+        for group in groups:
+            chosen = group["mask"].numpy()
+            label = f"{group['name']} ({group['count']})"
+            if group["kind"] == "unlabelled":
+                ax.scatter(pts[chosen, 0], pts[chosen, 1], s=10, marker="x", linewidths=0.8, color="0.8", label=label)
+            elif group["kind"] == "other":
+                ax.scatter(pts[chosen, 0], pts[chosen, 1], s=6, color="0.6", label=label)
+            else:
+                ax.scatter(pts[chosen, 0], pts[chosen, 1], s=6, color=LABEL_PALETTE[classes % len(LABEL_PALETTE)],
+                           label=label)
+                classes += 1
         ax.legend(fontsize=8, markerscale=2.5, loc="best")
     else:
         from matplotlib.ticker import MaxNLocator
@@ -273,4 +295,4 @@ def scatter_plot(points: torch.Tensor, values: torch.Tensor, out: Path, *, title
     figure.tight_layout()
     save_figure(figure, out, dpi=100)
     plt.close(figure)
-    return out
+    return [{k: v for k, v in group.items() if k != "mask"} for group in groups]

@@ -183,6 +183,9 @@ def test_plot_colours_by_label_and_age(planted_run, finished_run, tmp_path):
         drawn = json.loads(result.stdout)  # what the title says, for scripts (a left-over of the 18th session)
         assert (drawn["out"], drawn["projection"], drawn["bank"]) == (str(out), "PCA", "planted")
         assert drawn["drawn"] == drawn["written"] > 1 and len(drawn["variance_shares"]) == 2
+        # the legend's groups and counts, most frequent first (a probe of the 19th session): labels 0, 1, 1, 2, 2, 2
+        expected = [{"kind": "class", "value": v, "name": f"label {v}", "count": c} for v, c in ((2, 3), (1, 2), (0, 1))]
+        assert drawn["legend"] == (expected if colour == "label" else [])
     result = run_cli("bank", "plot", str(finished_run[0]), "--out", str(tmp_path / "x.png"), "--color-by", "label")
     assert result.returncode == 2 and "no 'label' payload" in result.stderr and "--color-by age" in result.stderr
 

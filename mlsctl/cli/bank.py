@@ -225,7 +225,7 @@ def plot(
              f"{f' ({left_out} random-start entries left out)' if left_out else ''} · colour: {colours.caption}")
     axes = (("t-SNE 1", "t-SNE 2") if shares is None else  # PCA's shares of the variance, as viz pca says them
             tuple(f"principal component {i + 1} ({100 * share:.0f}% of the variance)" for i, share in enumerate(shares)))
-    scatter_plot(points, colours.values, out, title=title, colour_by=colours.mode, axis_names=axes,
+    legend = scatter_plot(points, colours.values, out, title=title, colour_by=colours.mode, axis_names=axes,
                  label_names=colours.names, unlabelled=colours.unlabelled, other_name=colours.other_name)
     if colours.missing:
         say(f"{colours.missing} of {len(rows)} entries have a source image that {color_by} does not label; drawn grey")
@@ -233,7 +233,8 @@ def plot(
         print(json.dumps({"run": str(run_.root), "step": checkpoint.step, "bank": name, "out": str(out),
                           "projection": used, "colour": colours.caption, "drawn": len(rows), "written": len(order),
                           "random_start_left_out": left_out, "not_labelled": colours.missing,
-                          "variance_shares": None if shares is None else [float(x) for x in shares]}, indent=2))
+                          "variance_shares": None if shares is None else [float(x) for x in shares],
+                          "legend": legend}, indent=2))
         return
     say(f"wrote {out} ({used} of {len(rows)} of {len(order)} written entries)")
 
