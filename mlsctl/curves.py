@@ -142,6 +142,23 @@ def short_names(run_dirs: Sequence[str | Path]) -> list[str]:
     return [str(Path(r)) for r in run_dirs]
 
 
+def _uniform_entropy_lines(ax, runs: list[tuple[str, str, Optional[int]]]) -> None:
+    """log K, the entropy of uniform outputs over a run's K classes, as a dotted line: one grey line
+    where the runs share K (four runs drew four lines and four legend entries on one height, and the
+    legend covered the panel's note: a probe, 2026-12-07), else one in each run's colour."""
+    known = [(name, colour, k) for name, colour, k in runs if k is not None]
+    if not known:
+        return
+    if len({k for _, _, k in known}) == 1:
+        k = known[0][2]
+        ax.axhline(math.log(k), color="0.4", linewidth=1, linestyle=(0, (1, 2)),
+                   label=f"log K = {math.log(k):.2f} (uniform over K = {k}" + (", every run)" if len(known) > 1 else ")"))
+        return
+    for name, colour, k in known:
+        ax.axhline(math.log(k), color=colour, linewidth=1, linestyle=(0, (1, 2)),
+                   label=f"{name}: log K = {math.log(k):.2f} (uniform over K = {k})")
+
+
 @literal_text
 def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, *, title: str | None = None) -> dict:
     """Draw the runs' curves to ``out`` (PNG); returns what each panel shows, which series were
@@ -213,11 +230,9 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, *, title: str | N
                             label=f"{label_of(name, key)} (EMA, span {span:.0f})")
                     smoothed[key] = max(span, smoothed.get(key, 0.0))
                 drawn.append(key)
-            if options.get("entropy") and "teacher_entropy" in series:
-                classes = _output_classes(run_dirs[r])
-                if classes is not None:  # the entropy of the uniform distribution: collapse to uniform
-                    ax.axhline(math.log(classes), color=colour, linewidth=1, linestyle=(0, (1, 2)),
-                               label=f"{name}: log K = {math.log(classes):.2f} (uniform over K = {classes})")
+        if options.get("entropy"):  # the entropy of the uniform distribution: collapse to uniform
+            _uniform_entropy_lines(ax, [(name, colours[r % len(colours)], _output_classes(run_dirs[r]))
+                                        for r, (name, series) in enumerate(runs) if "teacher_entropy" in series])
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
         if options.get("log") and drawn:
@@ -228,17 +243,20 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, *, title: str | N
 
             ax.yaxis.set_major_formatter(LogFormatter())
             ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
+        notes = []  # said in the panel, as the legend's title where it has one: the legend covered them (a probe)
         if options.get("entropy"):
             ax.set_ylim(bottom=0)
-            ax.text(0.01, 0.02, "log K: uniform outputs (collapse to uniform)\n0: one-hot outputs (a collapse "
-                                "when all pick the same one)",
-                    transform=ax.transAxes, fontsize=7, color="0.35")
-        if panel in not_drawn:  # said in the panel: a log axis has no place for them
-            ax.text(0.01, 0.02, "\n".join(not_drawn[panel]) + " (not drawn on a log axis)", transform=ax.transAxes,
-                    fontsize=7, color="0.35")
+            notes.append("log K: uniform outputs (collapse to uniform)\n0: one-hot outputs (a collapse "
+                         "when all pick the same one)")
+        if panel in not_drawn:  # a log axis has no place for them
+            notes.append("\n".join(not_drawn[panel]) + " (not drawn on a log axis)")
         if drawn:
-            ax.legend(fontsize=7, loc="best")
-        else:
+            legend = ax.legend(fontsize=7, loc="best", title="\n".join(notes) or None, title_fontsize=7,
+                               alignment="left")
+            legend.get_title().set_color("0.35")
+        elif notes:
+            ax.text(0.01, 0.02, "\n".join(notes), transform=ax.transAxes, fontsize=7, color="0.35")
+        if not drawn:
             empty[panel] = ("nothing above 0 to draw on a log axis" if panel in not_drawn
                             else options.get("empty") or "not logged by these runs")
             ax.text(0.5, 0.5, empty[panel], ha="center", va="center", transform=ax.transAxes, color="grey")

@@ -228,7 +228,6 @@ LABEL_PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b
                  "#000000")
 
 
-@literal_text
 def legend_groups(values: torch.Tensor, *, label_names: Optional[dict] = None, unlabelled: Optional[str] = None,
                   other_name: str = "labels", shown: int = 10) -> list[dict]:
     """The legend of a scatter plot coloured by integer ``values``, in the order it is drawn: with
@@ -253,6 +252,7 @@ def legend_groups(values: torch.Tensor, *, label_names: Optional[dict] = None, u
     return groups
 
 
+@literal_text
 def scatter_plot(points: torch.Tensor, values: torch.Tensor, out: Path, *, title: str, colour_by: str,
                  axis_names: tuple[str, str] = ("component 1", "component 2"), label_names: Optional[dict] = None,
                  unlabelled: Optional[str] = None, other_name: str = "labels") -> list[dict]:

@@ -139,3 +139,38 @@ def test_an_empty_panel_says_why_and_a_log_axis_names_what_it_cannot_draw(tmp_pa
     assert result["not_drawn"] == {"learning rate and weight decay": ["r: weight_decay: 0 throughout"]}
     assert result["panels"]["memory-bank health"] == []
     assert "no bank health recorded" in result["empty"]["memory-bank health"]
+
+
+def test_runs_that_share_k_get_one_uniform_entropy_line_and_notes_head_the_legend():
+    """A probe (2026-12-07): four DINO runs drew four log K lines at one height, four legend entries,
+    and the legend covered the panel's note on what log K and 0 mean."""
+    import math
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    from mlsctl.curves import _uniform_entropy_lines
+
+    figure, ax = plt.subplots()
+    _uniform_entropy_lines(ax, [(n, "C0", 64) for n in "abcd"] + [("e", "C1", None)])
+    assert [(line.get_ydata()[0], line.get_label()) for line in ax.lines] == [
+        (math.log(64), "log K = 4.16 (uniform over K = 64, every run)")]
+    figure, ax = plt.subplots()
+    _uniform_entropy_lines(ax, [("a", "C0", 64), ("b", "C1", 256)])
+    assert [line.get_label() for line in ax.lines] == ["a: log K = 4.16 (uniform over K = 64)",
+                                                       "b: log K = 5.55 (uniform over K = 256)"]
+    plt.close("all")
+
+
+def test_a_panels_note_heads_its_legend(tmp_path, monkeypatch):
+    import matplotlib.legend
+
+    titles = []
+    original = matplotlib.legend.Legend.set_title
+    monkeypatch.setattr(matplotlib.legend.Legend, "set_title",
+                        lambda self, title, prop=None: (titles.append(title), original(self, title, prop))[1])
+    records = [{"step": s, "loss": 3.0 - s / 10, "lr": 1e-3, "weight_decay": 0.0} for s in range(1, 9)]
+    plot_runs([fake_run(tmp_path / "r", records)], tmp_path / "c.png")
+    assert "r: weight_decay: 0 throughout (not drawn on a log axis)" in titles

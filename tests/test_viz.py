@@ -105,3 +105,16 @@ def test_the_library_never_draws_over_a_picture_it_did_not_draw(tmp_path):
         save(tmp_path / "ours.png")
         save(tmp_path / "ours.png")  # its own earlier picture: replaced
     plt.close(figure)
+
+
+def test_a_bank_scatter_draws_dollar_signs_as_written_and_returns_its_legend(tmp_path):
+    """Run names and image paths hold ``$`` (the 19th session drew them as math, or failed); the legend's
+    groups are what ``bank plot --json`` prints."""
+    from mlsctl.viz import scatter_plot
+
+    values = torch.tensor([0, 0, 1, -1])
+    legend = scatter_plot(torch.randn(4, 2, generator=torch.Generator().manual_seed(0)), values, tmp_path / "s.png",
+                          title="$x^$", colour_by="label", label_names={0: "exp$^_1$", 1: "b"}, unlabelled="not $in")
+    assert [(g["kind"], g["name"], g["count"]) for g in legend] == [("unlabelled", "not $in", 1),
+                                                                    ("class", "exp$^_1$", 2), ("class", "b", 1)]
+    assert (tmp_path / "s.png").stat().st_size > 1000
