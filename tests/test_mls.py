@@ -72,6 +72,26 @@ def test_multi_label_losses_equal_their_closed_forms_on_a_hand_made_queue():
     assert float(multi_label_loss(z1, queue, y, 0.5, "knn_softmax")) == pytest.approx(softmax, rel=1e-6)
 
 
+
+def test_multi_label_losses_are_per_entry_means_over_two_images_with_two_labels_each():
+    """Two images, k = 2: pins what one image with one label cannot (a fidelity review, 2026-12-07). Eq. 10 of the
+    supplement (as its Eq. 14 expands it) is a mean of logs over the positives, not Eq. 11's log of their sum; each
+    loss is a mean over the batch, not a sum."""
+    z1 = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    queue = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    y = torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]])
+    # logits p/τ with τ = 0.5: [2, 0, -2] and [0, 2, 0]; softplus(-x) = -log σ(x), log(1 - σ(x)) = -softplus(x)
+    sp = lambda x: math.log1p(math.exp(-x))  # noqa: E731  -log σ(x)
+    bce = ((sp(2) + sp(0) + sp(2)) / 3 + (sp(0) + sp(2) + sp(0)) / 3) / 2  # Eq. 9: row 0's third is -log(1 - σ(-2))
+    assert float(multi_label_loss(z1, queue, y, 0.5, "bce")) == pytest.approx(bce, rel=1e-6)
+    bce_pos = ((sp(2) + sp(0)) / 3 + (sp(2) + sp(0)) / 3) / 2  # Eq. 15: the positives only, still over D = 3
+    assert float(multi_label_loss(z1, queue, y, 0.5, "bce_pos")) == pytest.approx(bce_pos, rel=1e-6)
+    z0, z1_ = math.exp(2) + 1 + math.exp(-2), 1 + math.exp(2) + 1
+    knn = (-(2 - math.log(z0) + 0 - math.log(z0)) / 2 - (2 - math.log(z1_) + 0 - math.log(z1_)) / 2) / 2
+    assert float(multi_label_loss(z1, queue, y, 0.5, "knn_softmax")) == pytest.approx(knn, rel=1e-6)
+    log_of_sum = (-math.log((math.exp(2) + 1) / z0) - math.log((math.exp(2) + 1) / z1_)) / 2  # Eq. 11's reading
+    assert abs(knn - log_of_sum) > 0.5
+
 def test_info_nce_equals_its_closed_form_and_lambda_zero_is_moco_alone():
     z1, z2, queue = unit(3, 8, 0), unit(3, 8, 1), unit(10, 8, 2)
     expected = torch.stack([-(z1[i] @ z2[i] / 0.2) + torch.logsumexp(torch.cat([(z1[i] @ z2[i])[None], queue @ z1[i]])

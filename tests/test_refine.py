@@ -4,6 +4,7 @@ shard format of refined features, exact resume after SIGKILL, plots, bad input."
 from __future__ import annotations
 
 import json
+import math
 import signal
 from pathlib import Path
 
@@ -77,6 +78,35 @@ def _block_by_hand(block: CrossAttentionBlock, x: torch.Tensor, n: torch.Tensor,
     h = x + block.o(torch.einsum("bk,bkd->bd", attention, v))
     return F.normalize(h + block.fc2(F.silu(block.fc1(block.norm(h)))), dim=-1)
 
+
+
+def test_one_block_equals_the_supplements_equations_worked_by_hand():
+    """d = 2, k = 2, weights chosen so each step can be worked with a pencil (a fidelity review, 2026-12-07:
+    the other block tests compare forward with a copy of itself). q = x + SiLU(W_q x) (the skip around the
+    query projection), k_j, v_j = SiLU(W n_j), a = softmax(q·k/√d), h = x + W_o Σ a_j v_j,
+    h = h + W_2 SiLU(W_1 LN(h)), out = h / |h|."""
+    block = CrossAttentionBlock(2, mlp_ratio=0.5, zero_init=False)
+    with torch.no_grad():
+        for layer in block.q, block.k, block.v:
+            layer.weight.copy_(torch.eye(2))
+            layer.bias.zero_()
+        block.o.weight.copy_(0.5 * torch.eye(2))
+        block.o.bias.zero_()
+        block.fc1.weight.copy_(torch.tensor([[1.0, 0.0]]))
+        block.fc2.weight.copy_(torch.tensor([[1.0], [0.0]]))
+        block.fc1.bias.zero_()
+        block.fc2.bias.zero_()
+        out, attention = block(torch.tensor([[1.0, 0.0]]), torch.tensor([[[1.0, 0.0], [0.0, 1.0]]]))
+    silu = lambda t: t / (1 + math.exp(-t))  # noqa: E731
+    s1 = silu(1.0)
+    q = (1 + s1, 0.0)  # x + SiLU(x)
+    a1 = 1 / (1 + math.exp(-(q[0] * s1 - 0.0) / math.sqrt(2)))  # softmax of (q·k1, q·k2) = ((1+s1)s1, 0), over √2
+    h = (1 + 0.5 * a1 * s1, 0.5 * (1 - a1) * s1)  # x + 0.5 (a1 (s1, 0) + a2 (0, s1))
+    c = (h[0] - h[1]) / 2  # LayerNorm of two coordinates: (c, -c) / sqrt(c² + eps)
+    h = (h[0] + silu(c / math.sqrt(c * c + 1e-5)), h[1])
+    norm = math.hypot(*h)
+    assert attention[0].tolist() == pytest.approx([a1, 1 - a1], rel=1e-6)
+    assert out[0].tolist() == pytest.approx([h[0] / norm, h[1] / norm], rel=1e-6)
 
 def test_input_scale_none_is_the_default_computation_and_sqrt_d_differs():
     from mlsctl import config
@@ -419,7 +449,7 @@ def test_drift_query_pick_in_a_large_context_refines_only_the_queries_neighbours
     monkeypatch.setattr(plot, "EXACT_PICK_ROWS", 50)
     drawn = plot.drift_figure(tmp / "run", train, tmp / "drift-large.png", points=10, seed=0)
     assert sizes[0] == 10 and 4 <= sizes[1] <= 40  # the sampled queries, then at most their 10 x 4 neighbours
-    assert drawn["query"]["nearest_class_fixed"] in (True, False) and (tmp / "drift-large.png").is_file()
+    assert isinstance(drawn["query"]["nearest_class_fixed"], bool) and (tmp / "drift-large.png").is_file()
     small = _folder(tmp / "four", *[t[:4] for t in _clusters(n_classes=12, per_class=8)], prefix="s")
     drawn = plot.drift_figure(tmp / "run", train, tmp / "drift-small.png", points=10, context_dir=small)
     assert drawn["query"]["nearest_class_fixed"] is False

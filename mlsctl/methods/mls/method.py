@@ -2,7 +2,7 @@
 (docs/methods.md#mls-and-moco-v2). No public implementation exists: this is the
 reference one, and every choice the paper leaves open is stated here.
 
-Networks (MoCo-v2): a query encoder φ_q — backbone + projector f_q (MLP D→2048→256, ReLU, no BN)
+Networks (MoCo-v2): a query encoder φ_q — backbone + projector f_q (MLP C→2048→256, ReLU, no BN; C the backbone's width)
 — and a key (momentum) encoder φ_k, f_k, an EMA of the query encoder (m = 0.995) that gets no
 gradient. For an image, view 1 goes through the query encoder and view 2 through the key encoder:
 

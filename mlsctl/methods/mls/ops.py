@@ -30,7 +30,8 @@ def multi_label_loss(query: torch.Tensor, queue: torch.Tensor, labels: torch.Ten
 
     * ``bce`` (MLS, Eq. 9): ``-1/D Σ_i [y_i log σ(p_i/τ) + (1 - y_i) log(1 - σ(p_i/τ))]``;
     * ``bce_pos`` (supplement Eq. 15): ``-1/D Σ_i y_i log σ(p_i/τ)``;
-    * ``knn_softmax`` (supplement Eq. 10): ``-1/N_pos Σ_{i: y_i=1} log softmax(p/τ)_i``;
+    * ``knn_softmax`` (supplement Eq. 10): ``-1/N_pos Σ_{i: y_i=1} log softmax(p/τ)_i``, a mean of logs as
+      its Eq. 14 expands it (its Eq. 11's log of a sum differs for k > 1);
 
     each averaged over the batch."""
     logits = (query @ queue.T) / temperature

@@ -41,12 +41,14 @@ PyTorch's default initialisation. A block works on the unit vectors x and n them
 (``input_scale: none``, the default, as the supplement writes it). ``input_scale: sqrt_d``, our
 default until 2026-12-06 and the ablation row of ``benchmarks/refine_fidelity.py``, works on √d·x
 and √d·n (unit variance per coordinate), the scale the LayerNorm, the attention's 1/√d and Adam's
-steps assume: on unit-norm rows the MLP branch (after the LayerNorm) is √d ≈ 23 times the residual,
-and on the CPU profile the refined loss rose above the baseline's for hundreds of steps. It was
-dropped as the default because it is not the paper's and did not help where measured: warm-started
-MS features, 3 seeds, T = k = 8, R@1 4.27 ± 0.63 with it against 4.75 ± 0.27 without
-(``benchmarks/results/refine/backbone``). Runs saved without the key load with ``sqrt_d``, the
-computation they were trained with (``RefineConfig.SAVED_DEFAULTS``).
+steps assume (on unit-norm rows the LayerNorm's output, the MLP's input, is √d ≈ 23 times the
+residual). It was dropped as the default because it is not the paper's. Where both were measured
+(3 seeds, T = k = 8) they disagree: on warm-started MS features R@1 4.27 ± 0.63 with it against
+4.75 ± 0.27 without (``benchmarks/results/refine/backbone``); on MS from scratch 11.40 ± 1.00 with it
+against 10.33 ± 0.59 without (baseline 12.29), where the refined training loss of blocks on unit
+vectors stays above the unrefined one for the whole 124 steps (docs/methods.md#context-refinement).
+Runs saved without the key load with ``sqrt_d``, the computation they were trained with
+(``RefineConfig.SAVED_DEFAULTS``).
 """
 
 from __future__ import annotations
