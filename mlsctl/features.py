@@ -373,7 +373,7 @@ def embed_listing(tree, relpaths: list[str], out: str | os.PathLike, model, *, n
 
     # ---------------------------------------------------------------- the state of --out
     check_feature_target(out)
-    lock = FolderLock(out, "feature folder")
+    lock = FolderLock(out, "feature folder", also_beside=True)  # refine apply locks beside --out
     reused = dist.on_main(lambda: _open_feature_folder(out, plan, overwrite, lock, refresh, say))
     if reused is not None:
         if is_main:

@@ -8,7 +8,10 @@ delete by hand. The lock file is removed when the lock is released; a folder the
 is removed again if it is still empty (a refused or failed command leaves no trace).
 
 A folder that is replaced whole (a data build swaps a new folder in) is locked from beside it:
-``FolderLock(folder, beside=True)`` takes ``.NAME.mlsctl.lock`` next to the folder.
+``FolderLock(folder, beside=True)`` takes ``.NAME.mlsctl.lock`` next to the folder. A folder written
+in place by one command and replaced whole by another (``embed`` resumes a feature folder part by
+part, ``refine apply`` swaps one in) is locked in both places by the first (``also_beside``), so the
+two exclude each other.
 
 Readers (``bank inspect``, ``embed --run`` of a running run, ``search``) take no lock.
 """
@@ -46,8 +49,11 @@ class FolderLock:
     that is replaced whole (a data build swaps a new folder in: a lock inside would go with the old)."""
 
     def __init__(self, folder: str | os.PathLike, what: str = "folder", *, beside: bool = False,
-                 doing: str = "being written"):
+                 doing: str = "being written", also_beside: bool = False):
         self.folder = Path(folder)
+        #: the lock beside the folder, taken first, of a lock inside it that also excludes the commands
+        #: that replace the folder whole (a review, 2026-12-07: embed and refine apply into one --out)
+        self._beside = FolderLock(folder, what, beside=True, doing=doing) if also_beside and not beside else None
         self.what = what
         self.doing = doing  # what another command is told the holder does ("being served read-only")
         self.path = self.folder.parent / f".{self.folder.name}{LOCK_NAME}" if beside else self.folder / LOCK_NAME
@@ -56,6 +62,16 @@ class FolderLock:
         self._fd: int | None = None
 
     def acquire(self) -> "FolderLock":
+        if self._beside is None:
+            return self._acquire()
+        self._beside.acquire()
+        try:
+            return self._acquire()
+        except BaseException:
+            self._beside.release()
+            raise
+
+    def _acquire(self) -> "FolderLock":
         home = self.path.parent
         if not home.exists():
             missing = [home, *(p for p in home.parents if not p.exists())]
@@ -110,6 +126,11 @@ class FolderLock:
             return "another process", "being written"
 
     def release(self) -> None:
+        self._release()
+        if self._beside is not None:
+            self._beside.release()
+
+    def _release(self) -> None:
         if self._fd is None:
             return
         try:

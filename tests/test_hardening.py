@@ -1114,6 +1114,27 @@ def test_13_a_second_writer_is_refused_with_the_holder_named(tmp_path):
     assert not (tmp_path / "run").exists()  # the lock created the folder and took it away again
 
 
+
+def test_13_a_folder_written_in_place_and_one_swapped_in_whole_exclude_each_other(tmp_path):
+    """embed locks its --out inside and beside; refine apply, which swaps a whole folder in, beside only (a
+    review, 2026-12-07: each took its own lock, so the two could write one --out at once)."""
+    from mlsctl.locks import LOCK_NAME, FolderLock
+
+    out = tmp_path / "deep" / "feats"
+    embedding = FolderLock(out, "feature folder", also_beside=True).acquire()
+    assert (out / LOCK_NAME).is_file() and (out.parent / f".feats{LOCK_NAME}").is_file()
+    with pytest.raises(UserError, match="is being written by"):
+        FolderLock(out, "feature folder", beside=True).acquire()
+    embedding.release()
+    assert not (tmp_path / "deep").exists()  # both locks' files and the folders they made are gone
+    refining = FolderLock(out, "feature folder", beside=True).acquire()
+    with pytest.raises(UserError, match="is being written by"):
+        FolderLock(out, "feature folder", also_beside=True).acquire()
+    assert not out.exists()  # the refused lock took the beside lock's folder as it was and made nothing
+    refining.release()
+    FolderLock(out, "feature folder", also_beside=True).acquire().release()
+    assert not (tmp_path / "deep").exists()
+
 def test_13_the_lock_of_a_dead_process_is_taken_over(tmp_path):
     from mlsctl.locks import LOCK_NAME, FolderLock
 

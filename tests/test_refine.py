@@ -305,6 +305,10 @@ def test_apply_writes_features_every_eval_reads_and_never_shows_a_query_itself(t
     with FolderLock(tmp / "held", "feature folder", beside=True):
         code, _, err = cli("refine", "apply", str(tmp / "run"), str(test), "--out", str(tmp / "held"), capsys=capsys)
     assert code == 1 and f"feature folder {tmp / 'held'} is being written by" in err and not (tmp / "held").exists()
+    with FolderLock(tmp / "embedding", "feature folder", also_beside=True):  # what embed holds on its --out
+        code, _, err = cli("refine", "apply", str(tmp / "run"), str(test), "--out", str(tmp / "embedding"),
+                           capsys=capsys)
+    assert code == 1 and "is being written by" in err and not (tmp / "embedding").exists()
     code, _, err = cli("refine", "apply", str(tmp / "run"), str(test), "--out", str(tmp / "run"), capsys=capsys)
     assert code == 2 and "exists and is a run folder; choose another --out" in err, err
     (tmp / "loop").symlink_to(tmp / "loop")
