@@ -845,7 +845,8 @@ class Gallery:
     # ------------------------------------------------------------------ writing (under the gallery's lock)
     def add(self, model: "SetModel", object_id: str, images: Sequence) -> tuple[bool, int]:
         """Fold ``images`` into ``object_id`` (created when new); returns (created, images now folded).
-        Costs one appended row, whatever the gallery's size (see the module's format notes)."""
+        Costs one appended row, whatever the gallery's size (see the module's format notes). The
+        caller holds the gallery's lock (:func:`add_to_gallery` takes it; a server holds it)."""
         check_object_id(object_id)
         self.check_model(model)
         cls, tokens = model.image_tokens(images)
@@ -969,7 +970,8 @@ class Gallery:
 
     def retrain(self) -> dict:
         """Compact the gallery to its live rows and re-train the IVF-PQ quantiser on them; written
-        as a new version folder and swapped in by one atomic replace of the manifest (:func:`write_gallery`)."""
+        as a new version folder and swapped in by one atomic replace of the manifest (:func:`write_gallery`).
+        The caller holds the gallery's lock (:func:`retrain_gallery` takes it)."""
         live = self.live_rows()
         ids = [self.row_ids[r] for r in live]
         latents = np.asarray(self.latents[live], dtype=np.float32)
@@ -1348,6 +1350,34 @@ def build_gallery(source: str | os.PathLike, model: SetModel, out: str | os.Path
         check_gallery_target(out, overwrite)
         manifest = write_gallery(out, ids, torch.stack(latents), counts, settings, manifest, storage_dtype)
     return dict(manifest, images=int(sum(counts)))
+
+def add_to_gallery(path: str | os.PathLike, object_id: str, photos: Sequence, *, run: Optional[str | os.PathLike] = None,
+                   say: Callable[[str], None] = to_stderr) -> tuple["Gallery", bool, int]:
+    """``mlsctl index add``: fold the decoded ``photos`` into ``object_id`` (created when new) with
+    ``run``'s model (default: the gallery's run), under the gallery's lock; returns (the gallery as
+    written, created, photos now folded into the object). A server holds the lock for its lifetime
+    and calls :meth:`Gallery.add` itself."""
+    path = Path(path)
+    check_object_id(object_id)
+    read_manifest(path)  # a run folder given as the gallery is said so, not locked (and "being written" by its run)
+    with FolderLock(path, "gallery"):
+        target = Gallery(path, recover=True)
+        if object_id not in target.row_of:
+            target.check_new_id(object_id, "--object")
+        model = choose_set_model(run or target.built_with_run(), say=say)
+        created, count = target.add(model, object_id, photos)
+    return target, created, count
+
+
+def retrain_gallery(path: str | os.PathLike) -> tuple[int, dict]:
+    """``mlsctl index retrain``: :meth:`Gallery.retrain` under the gallery's lock, a damaged index no
+    obstacle (it is made again); returns (rows before, the new manifest)."""
+    path = Path(path)
+    read_manifest(path)  # not a gallery: said before the folder is locked
+    with FolderLock(path, "gallery"):
+        target = Gallery(path, recover=True, with_index=False)
+        before = target.rows
+        return before, target.retrain()
 
 
 def newest_gallery(root: str | os.PathLike = ".", max_depth: int = 4) -> Optional[Path]:

@@ -132,6 +132,24 @@ def test_retrain_compacts_and_restores_recall_on_new_clusters(tmp_path):
     assert after > before and Gallery(tmp_path / "g").rows == 1200
 
 
+
+def test_the_library_takes_the_gallery_lock_for_retrain_and_add(tmp_path):
+    """A code-health review (2026-12-07): only the CLI took the lock, so a library caller's retrain could swap a
+    version in under a server's in-memory index."""
+    from mlsctl.errors import UserError
+    from mlsctl.gallery import add_to_gallery, retrain_gallery
+    from mlsctl.locks import FolderLock
+
+    write_gallery(tmp_path / "g", [f"a{i}" for i in range(40)], clustered(40, seed=1), [1] * 40,
+                  IndexSettings("flat"), MANIFEST)
+    with FolderLock(tmp_path / "g", "gallery", doing="being served read-only"):
+        with pytest.raises(UserError, match="being served read-only"):
+            retrain_gallery(tmp_path / "g")
+        with pytest.raises(UserError, match="being served read-only"):
+            add_to_gallery(tmp_path / "g", "a1", [])
+    before, manifest = retrain_gallery(tmp_path / "g")
+    assert before == manifest["rows"] == 40
+
 def test_a_damaged_index_file_is_made_again_from_the_rows_by_retrain(tmp_path, capsys):
     """A new user's probe (2026-12-06): a damaged IVF index file was "not a faiss index (Error in
     std::unique_ptr<faiss::Index> ...); rebuild the gallery with mlsctl index build", which drops every object

@@ -85,11 +85,10 @@ def add(
     Appends one row to the gallery, whatever its size. Example:
     mlsctl index add galleries/products --object ev00007 new1.png new2.png
     """
-    from mlsctl.gallery import Gallery, check_object_id, choose_set_model, load_images, read_manifest
-    from mlsctl.locks import FolderLock
+    from mlsctl.gallery import add_to_gallery, check_object_id, load_images, read_manifest
 
     check_object_id(object_id)
-    read_manifest(gallery)  # a run folder given as GALLERY is said so, not locked (and "being written" by its run)
+    read_manifest(gallery)  # a run folder given as GALLERY is said so before the photos are read
     files = [os.path.realpath(image) for image in images]
     times = Counter(files)
     for image, file in zip(images, files):  # a new user's probe (2026-12-06): "2 photos added" for one photo twice
@@ -97,12 +96,7 @@ def add(
         if given > 1:
             say(f"note: {image} is given {given} times: it is folded in {given} times, as photos of their own")
     photos = load_images(images)
-    with FolderLock(gallery, "gallery"):
-        target = Gallery(gallery, recover=True)
-        if object_id not in target.row_of:
-            target.check_new_id(object_id, "--object")
-        model = choose_set_model(run or target.built_with_run(), say=say)
-        created, count = target.add(model, object_id, photos)
+    target, created, count = add_to_gallery(gallery, object_id, photos, run=run, say=say)
     share = target.added_since_training()
     if as_json:
         print(json.dumps({"gallery": str(gallery), "object": object_id, "created": created, "photos": count,
@@ -126,15 +120,10 @@ def retrain(
     After many objects from clusters the index never saw, recall falls; this restores it, atomically.
     Example: mlsctl index retrain galleries/products
     """
-    from mlsctl.gallery import Gallery, read_manifest
-    from mlsctl.locks import FolderLock
+    from mlsctl.gallery import retrain_gallery
 
-    read_manifest(gallery)  # not a gallery: said before the folder is locked
     started = time.perf_counter()
-    with FolderLock(gallery, "gallery"):
-        target = Gallery(gallery, recover=True, with_index=False)  # made again: a damaged one is no obstacle
-        before = target.rows
-        manifest = target.retrain()
+    before, manifest = retrain_gallery(gallery)
     seconds = time.perf_counter() - started
     if as_json:
         print(json.dumps({"gallery": str(gallery), "objects": manifest["objects"], "rows_before": before,
