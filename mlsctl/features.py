@@ -105,9 +105,11 @@ def model_label(model) -> str:
     """A model's name in folder names and the first 8 hex digits of its backbone fingerprint
     (``dino-4c64b87c``): a run's folder name (also for a checkpoint of it), ``weights`` for a weights
     file, ``random-<name of the run or file whose architecture it is>``, else the model's source."""
+    from mlsctl.runs import run_of_model
+
     source = model.info.get("path") or model.info["arch"]
-    label = {"run": Path(source).parent.name, "run-checkpoint": Path(source).parent.parent.name}.get(
-        model.info["source"], model.info["source"])
+    run = run_of_model(model.info["source"], model.info.get("path"))
+    label = run.name if run is not None else model.info["source"]
     if model.info["source"] == "random-init":
         label = "random-" + Path(source).name
     return f"{label}-{model.fingerprint[:8]}"

@@ -138,13 +138,11 @@ def run_of_features(source: str | os.PathLike) -> Optional[Path]:
     """The run whose teacher (or checkpoint) embedded the feature folder ``source``, where its manifest
     names one that is still there; else None."""
     from mlsctl.features import Features
+    from mlsctl.runs import run_of_model
 
     record = Features(source).model
-    path = record.get("path")
-    if not isinstance(path, str) or record.get("source") not in ("run", "run-checkpoint"):
-        return None
-    run = Path(path).parent if record["source"] == "run" else Path(path).parent.parent
-    return run if run.is_dir() else None
+    run = run_of_model(record.get("source"), record.get("path"))
+    return run if run is not None and run.is_dir() else None
 
 
 def choose_set_model(run_dir: Optional[str | os.PathLike], say: Callable[[str], None] = to_stderr,
@@ -152,7 +150,7 @@ def choose_set_model(run_dir: Optional[str | os.PathLike], say: Callable[[str], 
     """:func:`load_set_model` of ``run_dir``; when it is None, of the run that embedded ``features`` (a
     feature folder the gallery is built from), else of the newest MILE run under ./runs. Says which
     model it is (backbone and set-encoder fingerprints)."""
-    from mlsctl.restore import newest_run
+    from mlsctl.restore import load_default_run, newest_run
 
     if run_dir is None and features is not None and is_feature_folder(features):
         # the run that made them, not the newest (a new user's probe, 2026-12-06: refused as another model)
@@ -160,10 +158,12 @@ def choose_set_model(run_dir: Optional[str | os.PathLike], say: Callable[[str], 
     if run_dir is None:
         found = newest_run(RUNS_ROOT, method="mile")
         if found is None:
-            raise UserError("no --run given and no MILE run under ./runs; train one with mlsctl pretrain "
-                            "mile_fmnist_quick, or give --run RUN")
-        run_dir = found.root
-    model = load_set_model(run_dir)
+            raise UserError(f"no --run given and no MILE run under {RUNS_ROOT}/; train one with mlsctl pretrain "
+                            f"mile_fmnist_quick, or give --run RUN")
+        model = load_default_run(load_set_model, found, RUNS_ROOT, "--run", "MILE run")
+        model.backbone.description += f" (the newest MILE run under {RUNS_ROOT}/: no --run given)"
+    else:
+        model = load_set_model(run_dir)
     say(f"model: {model.backbone.description} (backbone {model.backbone.fingerprint[:12]}, with its set encoder "
         f"{model.fingerprint[:12]}), on {model.device}")
     return model

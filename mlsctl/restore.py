@@ -28,7 +28,7 @@ import torch
 
 from mlsctl.errors import UserError
 from mlsctl.models.source import ModelChoice, dinov2_small, from_weights, model_choice
-from mlsctl.runs import RUNS_ROOT, Checkpoint, Run, run_of_config
+from mlsctl.runs import RUNS_ROOT, Checkpoint, Run, run_of_config, run_of_model
 
 PRETRAIN_HINT = "give a folder written by mlsctl pretrain"
 
@@ -363,11 +363,10 @@ def model_of_features(record: dict) -> Optional[ModelChoice]:
         if source == "dinov2":  # the default model of a folder embedded without --run or --weights
             choice = dinov2_small()
         elif source == "run":
-            choice = from_run(Path(path).parent)
+            choice = from_run(run_of_model(source, path))
         elif source == "run-checkpoint":
-            checkpoint = Checkpoint(Path(path))
-            run = Run(checkpoint.path.parent.parent)
-            choice = from_checkpoint(recipe_of(run), checkpoint, run)
+            run = Run(run_of_model(source, path))
+            choice = from_checkpoint(recipe_of(run), Checkpoint(Path(path)), run)
         elif source == "run-start":
             choice = from_run_start(path)
         elif source == "weights":
@@ -446,13 +445,22 @@ def choose_model(*, run: Optional[Union[str, Path]] = None, weights: Optional[Un
             if random_init:
                 raise UserError(f"--random-init needs --run RUN (no run under {runs_root}/ to take the architecture from)")
             return dinov2_small()
-        try:
-            choice = from_run(found.root, random_init=random_init, seed=seed)
-            # said wherever the description is (a new user's probe, 2026-12-06: `embed` used it without a word)
-            choice.description += f" (the newest run under {runs_root}/: no --run or --weights given)"
-            return choice
-        except UserError as exc:  # say that the run was chosen for the user, and which
-            raise UserError(f"no --run or --weights was given, so the newest run under {runs_root}/ was taken "
-                            f"({found.root}): {exc.message}; or give --run RUN or --weights FILE",
-                            exc.exit_code) from None
+        choice = load_default_run(lambda root: from_run(root, random_init=random_init, seed=seed), found, runs_root,
+                                  "--run or --weights")
+        # said wherever the description is (a new user's probe, 2026-12-06: `embed` used it without a word)
+        choice.description += f" (the newest run under {runs_root}/: no --run or --weights given)"
+        return choice
     return from_run(run, random_init=random_init, seed=seed)
+
+
+def load_default_run(load, found: Run, runs_root: Union[str, Path], flags: str, what: str = "run"):
+    """``load(found.root)`` for the run :func:`newest_run` found because a command was given none of
+    ``flags``: the one rule of every command that picks its model by default (``embed`` and the
+    evaluations; the galleries, among MILE runs). A run that cannot be loaded is named as the one
+    taken for the user; the caller adds to the model's description that it was taken by default."""
+    try:
+        return load(found.root)
+    except UserError as exc:  # say that the run was chosen for the user, and which
+        examples = " or ".join({"--run": "--run RUN", "--weights": "--weights FILE"}.get(f, f) for f in flags.split(" or "))
+        raise UserError(f"no {flags} was given, so the newest {what} under {runs_root}/ was taken ({found.root}): "
+                        f"{exc.message}; or give {examples}", exc.exit_code) from None

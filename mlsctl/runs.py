@@ -110,6 +110,19 @@ def run_of_config(path: str | Path) -> Optional["Run"]:
 RUNS_ROOT = "runs"  # under the working folder: pretrain's default --out, where "the newest run" is looked for
 
 
+
+def run_of_model(source: object, path: object) -> Optional[Path]:
+    """The run folder a model was read from, by the ``source`` and ``path`` a model record keeps
+    (:class:`mlsctl.models.source.ModelChoice`'s info, a feature folder's manifest): ``run`` reads
+    RUN/teacher.safetensors, ``run-checkpoint`` RUN/checkpoints/step-N; None for any other source."""
+    if not isinstance(path, str) or not path:
+        return None
+    if source == "run":
+        return Path(path).parent
+    if source == "run-checkpoint":
+        return Path(path).parent.parent
+    return None
+
 class Run:
     def __init__(self, root: str | Path):
         self.root = Path(root)

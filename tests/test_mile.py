@@ -633,10 +633,16 @@ def test_without_run_the_newest_mile_run_is_taken_not_the_newest_run(mile_run, f
     code, _, err = cli("index", "build", str(mile_run / "gallery"), "--out", str(tmp_path / "g"), cwd=tmp_path,
                        capsys=capsys)
     assert code == 0 and "teacher of MILE run runs/mile " in err, err
+    assert "(the newest MILE run under runs/: no --run given)" in err  # said, as embed says it (one rule, 2026-12-07)
+    (tmp_path / "runs" / "mile" / "checkpoints").rename(tmp_path / "kept")
+    (tmp_path / "runs" / "mile" / "teacher.safetensors").touch()  # newest again, and unreadable as a MILE run
+    code, _, err = cli("index", "build", str(mile_run / "gallery"), "--out", str(tmp_path / "g3"), cwd=tmp_path,
+                       capsys=capsys)
+    assert code == 2 and "no --run was given, so the newest MILE run under runs/ was taken (runs/mile)" in err, err
     shutil.rmtree(tmp_path / "runs" / "mile")
     code, _, err = cli("index", "build", str(mile_run / "gallery"), "--out", str(tmp_path / "g2"), cwd=tmp_path,
                        capsys=capsys)
-    assert code == 2 and "no MILE run under ./runs" in err
+    assert code == 2 and "no MILE run under runs/" in err
 
 
 def test_a_data_sets_root_given_as_data_root_is_said(mile_run, tmp_path, capsys):
