@@ -580,6 +580,19 @@ class IndexSettings:
     def to_dict(self) -> dict:
         return dict(vars(self))
 
+    def check(self) -> "IndexSettings":
+        """The settings of a new index: a known kind, and no IVF-PQ settings for a flat index, which
+        has nothing they could set (galleries built before this check may store them: read as they are,
+        dropped by their next retrain)."""
+        if self.kind not in INDEX_KINDS:
+            raise UserError(f"--index {self.kind} is not one of {', '.join(INDEX_KINDS)}")
+        given = [name for name, value in (("--nlist", self.nlist), ("--pq-m", self.m)) if value is not None]
+        if self.kind == "flat" and given:  # a new user's probe (2026-12-06): taken without a word, and nothing done
+            raise UserError(f"{' and '.join(given)} set{'s' if len(given) == 1 else ''} up an IVF-PQ index, and "
+                            f"--index flat (the default) searches exactly without one; add --index ivfpq, or leave "
+                            f"{'it' if len(given) == 1 else 'them'} out")
+        return self
+
 
 def _normalized(latents) -> np.ndarray:
     """Rows L2-normalised as float32 (a zero row stays zero), in numpy: no tensor round trip."""
@@ -976,7 +989,8 @@ class Gallery:
         ids = [self.row_ids[r] for r in live]
         latents = np.asarray(self.latents[live], dtype=np.float32)
         counts = np.asarray(self.counts[live], dtype=np.int64)
-        asked = self.manifest.get("index_asked") or {}
+        # a flat index has no lists to ask for (a gallery built before IndexSettings.check may store some)
+        asked = (self.manifest.get("index_asked") or {}) if self.settings.kind != "flat" else {}
         settings = IndexSettings(**{**self.settings.to_dict(), "nlist": asked.get("nlist"), "m": asked.get("m")})
         write_gallery(self.path, ids, torch.from_numpy(latents), counts, settings, self.manifest,
                       self.manifest["storage_dtype"])
@@ -1306,6 +1320,7 @@ def build_gallery(source: str | os.PathLike, model: SetModel, out: str | os.Path
     ``workers`` loader processes and embedded ``batch_size`` at a time, :func:`set_tokens`), or a
     feature folder of them written by ``mlsctl embed`` with the same run (files fold in name order)."""
     out = Path(out)
+    settings.check()
     check_gallery_target(out, overwrite, source)
     if storage_dtype not in STORAGE_DTYPES:
         raise UserError(f"--dtype must be fp32 or fp16, got {storage_dtype!r}")

@@ -150,6 +150,25 @@ def test_the_library_takes_the_gallery_lock_for_retrain_and_add(tmp_path):
     before, manifest = retrain_gallery(tmp_path / "g")
     assert before == manifest["rows"] == 40
 
+
+def test_ivfpq_settings_for_a_flat_index_are_refused_by_the_library_and_dropped_from_old_galleries(tmp_path):
+    """Only the CLI refused --nlist with a flat index (a code-health review, 2026-12-07); galleries built before
+    stored it, and must still open and retrain."""
+    from mlsctl.errors import UserError
+    from mlsctl.gallery import build_gallery, retrain_gallery
+
+    with pytest.raises(UserError, match="--nlist and --pq-m set up an IVF-PQ index"):
+        build_gallery(tmp_path / "src", None, tmp_path / "new", IndexSettings("flat", nlist=4, m=2))
+    with pytest.raises(UserError, match="--index hnsw is not one of flat, ivfpq"):
+        IndexSettings("hnsw").check()
+    assert not (tmp_path / "new").exists()
+    old = write_gallery(tmp_path / "g", [f"a{i}" for i in range(40)], clustered(40, seed=1), [1] * 40,
+                        IndexSettings("flat", nlist=4), MANIFEST)  # as a gallery of before the check
+    assert old["index"]["nlist"] == 4 and old["index_asked"]["nlist"] == 4
+    assert Gallery(tmp_path / "g").search(clustered(40, seed=1)[3], 1)[0][0] == "a3"
+    _, manifest = retrain_gallery(tmp_path / "g")
+    assert manifest["index"]["nlist"] is None and manifest["index_asked"] == {"nlist": None, "m": None}
+
 def test_a_damaged_index_file_is_made_again_from_the_rows_by_retrain(tmp_path, capsys):
     """A new user's probe (2026-12-06): a damaged IVF index file was "not a faiss index (Error in
     std::unique_ptr<faiss::Index> ...); rebuild the gallery with mlsctl index build", which drops every object

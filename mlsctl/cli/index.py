@@ -53,12 +53,7 @@ def build(
     if kind in ("a run folder", "a gallery"):  # said before the model loads, not after (a probe, 2026-12-06)
         raise UserError(f"gallery images {source} is {kind}; give a folder with one sub-folder of photos per object, "
                         f"or their feature folder" + (" (a run goes to --run)" if kind == "a run folder" else ""))
-    given = [name for name, value in (("--nlist", nlist), ("--pq-m", pq_m)) if value is not None]
-    if index == "flat" and given:  # a new user's probe (2026-12-06): taken without a word, and nothing done with them
-        raise UserError(f"{' and '.join(given)} set{'s' if len(given) == 1 else ''} up an IVF-PQ index, and --index flat "
-                        f"(the default) searches exactly without one; add --index ivfpq, or leave "
-                        f"{'it' if len(given) == 1 else 'them'} out")
-    settings = IndexSettings(index, nlist, pq_m, pq_bits, nprobe, refine)
+    settings = IndexSettings(index, nlist, pq_m, pq_bits, nprobe, refine).check()  # before the model loads
     model = choose_set_model(run, say=say, features=source)
     record = build_gallery(source, model, out, settings, overwrite=overwrite, storage_dtype=dtype, workers=workers,
                            say=say)
