@@ -383,9 +383,8 @@ def embed_listing(tree, relpaths: list[str], out: str | os.PathLike, model, *, n
         return EmbedSummary(out, len(reused["files"]), reused["skipped"], time.perf_counter() - started, 0.0,
                             model.description, reused=True)
     try:
-        return _embed_parts(tree, out, model, plan, plan_sha, relpaths, not_images, notes, preprocessing, grid, dense,
-                            batch_size, part_size, parts_per_shard, n_parts, n_shards, workers, torch_dtype, progress,
-                            say, started)
+        job = _EmbedJob(tree, relpaths, not_images, notes, preprocessing, grid, torch_dtype, workers, plan, plan_sha)
+        return _embed_parts(job, out, model, progress, say, started)
     finally:
         if is_main:
             lock.release()
@@ -516,14 +515,36 @@ def _remove_leftovers(out: Path, keep_partial: bool = False) -> None:
         shutil.rmtree(out / PARTIAL, ignore_errors=True)
 
 
-def _embed_parts(tree, out: Path, model, plan: dict, plan_sha: str, relpaths: list[str],
-                 not_images: list[list[str]], notes: Sequence[str], preprocessing: Preprocessing, grid, dense: bool,
-                 batch_size: int,
-                 part_size: int, parts_per_shard: int, n_parts: int, n_shards: int, workers: int,
-                 torch_dtype: torch.dtype, progress: Optional[bool], say: Callable[[str], None],
+@dataclass
+class _EmbedJob:
+    """What :func:`embed_listing` settled before an image is read: the images, how they become
+    pixels, and the plan (recorded in the manifest: a folder made by the same plan is done), which
+    says how the rows split into parts and the parts into shards."""
+
+    tree: object
+    relpaths: list[str]
+    not_images: list[list[str]]
+    notes: Sequence[str]
+    preprocessing: Preprocessing
+    grid: Optional[tuple[int, int]]
+    torch_dtype: torch.dtype
+    workers: int
+    plan: dict
+    plan_sha: str
+
+    dense = property(lambda self: self.plan["dense"])
+    batch_size = property(lambda self: self.plan["batch_size"])
+    part_size = property(lambda self: self.plan["part_size"])
+    parts_per_shard = property(lambda self: self.plan["parts_per_shard"])
+    n_parts = property(lambda self: self.plan["n_parts"])
+    n_shards = property(lambda self: self.plan["n_shards"])
+
+
+def _embed_parts(job: _EmbedJob, out: Path, model, progress: Optional[bool], say: Callable[[str], None],
                  started: float) -> EmbedSummary:
     """Embed this process's unfinished parts, then (process 0) assemble the shards and the manifest."""
-    backbone = model.backbone
+    backbone, relpaths, plan, plan_sha = model.backbone, job.relpaths, job.plan, job.plan_sha
+    n_parts, part_size, batch_size = job.n_parts, job.part_size, job.batch_size
     partial = out / PARTIAL
     is_main = dist.rank() == 0
 
@@ -540,16 +561,16 @@ def _embed_parts(tree, out: Path, model, plan: dict, plan_sha: str, relpaths: li
         batches += [list(range(s, min(s + batch_size, stop))) for s in range(k * part_size, stop, batch_size)]
     n_todo = sum(len(b) for b in batches)
     if is_main:
-        say(f"embedding {len(relpaths)} images from {tree.path} with {model.description}")
-        for line in notes:
+        say(f"embedding {len(relpaths)} images from {job.tree.path} with {model.description}")
+        for line in job.notes:
             say(line)
         finished = sum(is_done(k) for k in range(n_parts))
         if finished:
             say(f"resuming: {finished} of {n_parts} parts already done")
     device = embedding_device()
     backbone.to(device)
-    loader = Loader(TreeImages(tree, relpaths, preprocessing, plan["max_image_pixels"]), batch_sampler=batches,
-                    num_workers=workers,
+    loader = Loader(TreeImages(job.tree, relpaths, job.preprocessing, plan["max_image_pixels"]), batch_sampler=batches,
+                    num_workers=job.workers,
                     collate_fn=collate_images, worker_init_fn=worker_init, persistent_workers=False,
                     pin_memory=device.type == "cuda", workers_key="--workers")
     from tqdm import tqdm
@@ -560,11 +581,11 @@ def _embed_parts(tree, out: Path, model, plan: dict, plan_sha: str, relpaths: li
     else:
         bar = tqdm(total=n_todo, unit="img", disable=not show, desc="embed", dynamic_ncols=True)
     try:
-        forward_s = _run_batches(loader, backbone, preprocessing, device, dense, torch_dtype, relpaths, part_size, todo,
-                                 bar, part_path, grid, plan_sha)
+        forward_s = _run_batches(loader, backbone, job, device, todo, bar, part_path)
         bar.close()
         dist.barrier()
-        layout = dist.on_main(lambda: _shard_layout(out, plan_sha, n_parts, parts_per_shard, n_shards, part_path))
+        layout = dist.on_main(lambda: _shard_layout(out, plan_sha, n_parts, job.parts_per_shard, job.n_shards,
+                                                    part_path))
         dist.on_every(lambda: _write_shards(out, layout, bool(plan["grid"]), part_path, dist.rank(),
                                             dist.world_size()))
     except KeyboardInterrupt:
@@ -574,7 +595,7 @@ def _embed_parts(tree, out: Path, model, plan: dict, plan_sha: str, relpaths: li
                           f"continue" if is_main else "") from None
 
     def commit() -> None:  # the manifest stays on process 0 (1.28 M file names for ImageNet)
-        _write_manifest(out, plan, plan_sha, layout, relpaths, not_images, model, preprocessing)
+        _write_manifest(out, plan, plan_sha, layout, relpaths, job.not_images, model, job.preprocessing)
 
     dist.on_main(commit)
     manifest = json.loads((out / MANIFEST).read_text())
@@ -583,10 +604,11 @@ def _embed_parts(tree, out: Path, model, plan: dict, plan_sha: str, relpaths: li
                         model.description, resumed_parts=len(done), timings={"forward_s": forward_s})
 
 
-def _run_batches(loader, backbone, preprocessing: Preprocessing, device, dense: bool, torch_dtype, relpaths: list[str],
-                 part_size: int, todo: list[int], bar, part_path, grid, plan_sha: str) -> float:
+def _run_batches(loader, backbone, job: _EmbedJob, device, todo: list[int], bar, part_path) -> float:
     """The forward passes; each part is written as soon as its last batch is done. Returns the
     seconds spent in forward passes."""
+    preprocessing, dense, torch_dtype, relpaths, part_size = (job.preprocessing, job.dense, job.torch_dtype,
+                                                              job.relpaths, job.part_size)
     buffers = {"global": [], "dense": [], "index": [], "skipped": []}
     current = todo[0] if todo else None
     forward_s = 0.0
@@ -608,7 +630,7 @@ def _run_batches(loader, backbone, preprocessing: Preprocessing, device, dense: 
             bar.update(len(indices) + len(skipped))
             if batch_indices[-1] == min((part + 1) * part_size, len(relpaths)) - 1:
                 _write_part(part_path(part), buffers["global"], buffers["dense"], buffers["index"], buffers["skipped"],
-                            backbone.embed_dim, grid, torch_dtype, plan_sha)
+                            backbone.embed_dim, job.grid, torch_dtype, job.plan_sha)
                 buffers = {"global": [], "dense": [], "index": [], "skipped": []}
                 position = todo.index(part)
                 current = todo[position + 1] if position + 1 < len(todo) else None
