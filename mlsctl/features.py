@@ -588,21 +588,30 @@ def _embed_parts(job: _EmbedJob, out: Path, model, progress: Optional[bool], say
                                                     part_path))
         dist.on_every(lambda: _write_shards(out, layout, bool(plan["grid"]), part_path, dist.rank(),
                                             dist.world_size()))
+        # the manifest stays on process 0 (1.28 M file names for ImageNet)
+        dist.on_main(lambda: _write_manifest(out, plan, plan_sha, layout, relpaths, job.not_images, model,
+                                             job.preprocessing))
     except KeyboardInterrupt:
-        assembled = set(_assembled_parts(partial, plan_sha))
-        finished = sum(k in assembled or part_path(k).is_file() for k in range(n_parts))
-        raise Interrupted(f"{finished} of {n_parts} parts are saved in {partial}; run the same command again to "
-                          f"continue" if is_main else "") from None
-
-    def commit() -> None:  # the manifest stays on process 0 (1.28 M file names for ImageNet)
-        _write_manifest(out, plan, plan_sha, layout, relpaths, job.not_images, model, job.preprocessing)
-
-    dist.on_main(commit)
+        raise Interrupted(_stopped_at(out, plan_sha, n_parts, part_path) if is_main else "") from None
     manifest = json.loads((out / MANIFEST).read_text())
     seconds = time.perf_counter() - started
     return EmbedSummary(out, len(manifest["files"]), manifest["skipped"], seconds, n_todo / max(seconds, 1e-9),
                         model.description, resumed_parts=len(done), timings={"forward_s": forward_s})
 
+
+
+def _stopped_at(out: Path, plan_sha: str, n_parts: int, part_path) -> str:
+    """What an embed stopped by Ctrl-C leaves: parts saved, or (stopped as the manifest was committed)
+    a complete folder. A stop while the shards were joined said only "interrupted" (a probe, 2026-12-07)."""
+    partial = out / PARTIAL
+    if not partial.is_dir() and (out / MANIFEST).is_file():
+        return f"stopped after the features were written: {out} is complete"
+    try:
+        assembled = set(_assembled_parts(partial, plan_sha))
+        finished = sum(k in assembled or part_path(k).is_file() for k in range(n_parts))
+    except (OSError, UserError):  # a shard's record half read: the next run reads them again
+        return f"the parts saved in {partial} are kept; run the same command again to continue"
+    return f"{finished} of {n_parts} parts are saved in {partial}; run the same command again to continue"
 
 def _run_batches(loader, backbone, job: _EmbedJob, device, todo: list[int], bar, part_path) -> float:
     """The forward passes; each part is written as soon as its last batch is done. Returns the

@@ -1098,6 +1098,28 @@ def test_12_ctrl_c_during_embed_says_how_many_parts_are_saved(tmp_path, monkeypa
         features.embed_folder(tmp_path / "images", tmp_path / "f", tiny_model(), batch_size=4, part_size=4,
                               say=lambda line: None)
     assert not (tmp_path / "f" / ".mlsctl.lock").exists()
+    # a probe (2026-12-07): stopped while the shards were joined or the manifest written, it said only "interrupted"
+    monkeypatch.setattr(features, "_write_part", real)
+    for stage, match in (("_write_shards", r"3 of 3 parts are saved in .*\.partial; run the same command again"),
+                         ("_write_manifest", r"3 of 3 parts are saved in .*\.partial; run the same command again")):
+        with monkeypatch.context() as patch:
+            patch.setattr(features, stage, lambda *args, **kwargs: (_ for _ in ()).throw(KeyboardInterrupt))
+            with pytest.raises(Interrupted, match=match):
+                features.embed_folder(tmp_path / "images", tmp_path / "f", tiny_model(), batch_size=4, part_size=4,
+                                      say=lambda line: None)
+    summary = features.embed_folder(tmp_path / "images", tmp_path / "f", tiny_model(), batch_size=4, part_size=4,
+                                    say=lambda line: None)
+    assert summary.rows == 12 and not summary.reused and summary.resumed_parts == 3
+    real_manifest = features._write_manifest
+
+    def commit_then_stop(*args, **kwargs):
+        real_manifest(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(features, "_write_manifest", commit_then_stop)
+    with pytest.raises(Interrupted, match="stopped after the features were written: .* is complete"):
+        features.embed_folder(tmp_path / "images", tmp_path / "g", tiny_model(), batch_size=4, part_size=4,
+                              say=lambda line: None)
 
 
 # ----------------------------------------------------------------------------------- 13. one writer per folder
