@@ -213,7 +213,8 @@ def neighbour_grid(query, tiles: Sequence[tuple[Optional[object], str]], out: Pa
         x, y = gap + (c + 1) * (cell + gap), top + r * (cell + caption + gap)
         if tile is None:
             draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=(205, 205, 205))
-            _label(draw, (x + 4, y + cell // 2 - 6), "source image missing", cell - 8)
+            for j, words in enumerate(("source image", "missing")):  # one line was cut at 128 px (a probe)
+                _label(draw, (x + 4, y + cell // 2 - line + j * line), words, cell - 8)
         else:
             canvas.paste(tile, (x, y))
         parts = text.split("\n")[:3]
