@@ -38,7 +38,7 @@ def open_banks(run_dir: str | Path, step: Optional[int] = None,
     checkpoint = run.checkpoint(step)
 
     def another() -> str:  # the checkpoints to look at instead
-        others = [c.step for c in run.checkpoints() if c.step != checkpoint.step and c.banks_path.is_file()]
+        others = run.other_checkpoint_steps(checkpoint.path, checkpoint.banks_path.name)
         shown = ", ".join(map(str, others[-3:]))
         return ("the run keeps no other checkpoint to look at" if not others else
                 f"look at another with --step ({shown})" if has_step_option else

@@ -26,7 +26,7 @@ from typing import Optional, Union
 
 import torch
 
-from mlsctl.errors import UserError
+from mlsctl.errors import UnreadableWeights, UserError
 from mlsctl.models.source import ModelChoice, dinov2_small, from_weights, model_choice
 from mlsctl.runs import RUNS_ROOT, Checkpoint, Run, run_of_config, run_of_model
 
@@ -116,8 +116,8 @@ def read_checkpoint_weights(model_path: Union[str, Path]) -> dict:
     # the others first: --step reads one and deletes nothing (a probe, 2026-12-07: export --step 12 of a damaged
     # checkpoint was told only to delete it)
     folder = Path(model_path).parent
-    others = [c.step for c in Run(folder.parent.parent).checkpoints()
-              if c.path != folder and c.model_path.is_file()] if Checkpoint.is_folder_name(folder.name) else []
+    others = (Run(folder.parent.parent).other_checkpoint_steps(folder, Path(model_path).name)
+              if Checkpoint.is_folder_name(folder.name) else [])
     another = (f"read another checkpoint with --step ({', '.join(map(str, others[-3:]))}) where the command takes it, "
                f"or " if others else "")
     raise UserError(f"{model_path} cannot be read ({problem}); {another}delete {folder} to use the checkpoint before "
@@ -298,14 +298,12 @@ def from_run(run_dir: Union[str, Path], *, random_init: bool = False, seed: int 
                                     lora=dataclasses.replace(model_cfg.lora, enabled=False))
         try:
             backbone = build_backbone(plain, drop_path_rate=0.0, skip_init=True)
-        except UserError as exc:  # damaged: the checkpoint it was written from is the way round (a probe, 2026-12-07)
-            damaged = exc.message.startswith(f"cannot read weights from {run.teacher_weights_path}")
-            if not damaged or run.latest() is None:  # no checkpoint to read instead: the reader's own sentence
+        except UnreadableWeights as exc:  # the checkpoint it was written from is the way round (a probe, 2026-12-07)
+            if Path(exc.path) != run.teacher_weights_path or run.latest() is None:  # nothing to read instead
                 raise
-            cause = exc.message.rstrip("?").rsplit("; is it", 1)[0]
-            raise UserError(f"{cause}: {run.teacher_weights_path.name} is the final teacher, copied from the last "
-                            f"checkpoint when training ended; move it out of the run and its latest checkpoint's "
-                            f"teacher is read instead", exc.exit_code) from None
+            raise UserError(f"cannot read weights from {exc.path} ({exc.reason}): {run.teacher_weights_path.name} is "
+                            f"the final teacher, copied from the last checkpoint when training ended; move it out of "
+                            f"the run and its latest checkpoint's teacher is read instead", exc.exit_code) from None
         return model_choice(backbone, f"teacher of run {run.root} ({run.teacher_weights_path.name})", "run",
                             str(run.teacher_weights_path), model_cfg.img_size)
     checkpoint = run.latest()

@@ -300,6 +300,11 @@ class Run:
             for aside in self.checkpoints_dir.glob(".step-*.swap-old"):
                 atomic.recover_swap(self.checkpoints_dir / aside.name[1:-len(".swap-old")])
 
+    def other_checkpoint_steps(self, than: Path, holding: str) -> list[int]:
+        """The steps of the run's complete checkpoints, but the one at ``than``, that hold the file
+        ``holding``, oldest first: what to read instead of a damaged or incomplete checkpoint."""
+        return [c.step for c in self.checkpoints() if c.path != Path(than) and (c.path / holding).is_file()]
+
     def latest(self) -> Optional[Checkpoint]:
         found = self.checkpoints()
         return found[-1] if found else None

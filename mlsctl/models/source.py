@@ -31,7 +31,7 @@ from typing import Optional
 
 import torch
 
-from mlsctl.errors import UserError, first_line
+from mlsctl.errors import UnreadableWeights, UserError, first_line
 from mlsctl.models.backbone import Backbone
 
 DINOV2_ARCH = "vit_small_patch14_dinov2.lvd142m"
@@ -125,8 +125,7 @@ def recorded_model(path: Path) -> Optional[dict]:
         with safe_open(str(path), "pt") as f:
             metadata = f.metadata() or {}
     except Exception as exc:  # safetensors' own error for a truncated or foreign file, OSError
-        raise UserError(f"cannot read weights from {path} ({first_line(exc, 200)}); is it a complete .safetensors "
-                        f"file?") from None
+        raise UnreadableWeights(path, first_line(exc, 200), ".safetensors") from None
     if "model" in metadata:
         try:
             spec = json.loads(metadata["model"])

@@ -21,7 +21,7 @@ from typing import Callable, Mapping, TypeVar
 
 import torch
 
-from mlsctl.errors import UserError, first_line
+from mlsctl.errors import UnreadableWeights, UserError, first_line
 
 CONTAINER_KEYS = ("teacher", "state_dict", "model", "student", "module")
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -71,7 +71,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     except UserError:
         raise
     except Exception as exc:  # torch/safetensors raise many types for foreign or damaged files
-        raise UserError(f"cannot read weights from {path} ({first_line(exc, 200)}); is it a complete .safetensors/.pth file?") from None
+        raise UnreadableWeights(path, first_line(exc, 200)) from None
     return _unwrap(state, path)
 
 
