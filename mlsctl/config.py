@@ -625,6 +625,8 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
                               f"{name}=VALUE")
         if not sep or not key or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
             raise ConfigError(f"override '{item}' must look like key.sub=value (for example optim.lr=1e-4)")
+        if key in out:  # the last one won without a word (a new user's probe, 2026-12-07)
+            raise ConfigError(f"{key} is overridden twice ('{out[key]}', then '{item}'); give it once")
         out[key] = item
     return out
 
@@ -637,6 +639,10 @@ def _parse_scalar(text: str) -> Any:
 
 
 def apply_overrides(data: dict, overrides: dict[str, str]) -> dict:
+    """The recipe ``data`` with ``overrides`` applied in order. A mapping given for a section merges
+    into it, key by key: ``data.global_crops={count: 2}`` sets the count and keeps the recipe's size
+    and scale, as ``data.global_crops.count=2`` does (it replaced the section, so the keys it did not
+    name fell back to their defaults without a word: a new user's probe, 2026-12-07)."""
     data = _copy(data)
     for key, item in overrides.items():
         value = _parse_scalar(item.partition("=")[2])
@@ -646,8 +652,19 @@ def apply_overrides(data: dict, overrides: dict[str, str]) -> dict:
             if not isinstance(node.get(part), dict):
                 node[part] = {}
             node = node[part]
-        node[parts[-1]] = value
+        if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
+            node[parts[-1]] = _merged(node[parts[-1]], value)
+        else:
+            node[parts[-1]] = value
     return data
+
+
+def _merged(base: dict, update: dict) -> dict:
+    """``base`` with ``update``'s keys set, mappings merged the same way, depth by depth."""
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def from_dict(data: Any, source: str = "recipe", overrides: Optional[dict[str, str]] = None) -> Recipe:

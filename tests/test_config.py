@@ -134,6 +134,21 @@ def test_malformed_override():
         config.parse_overrides(["optim.lr"])
 
 
+
+def test_a_mapping_override_merges_into_its_section_and_a_key_given_twice_is_refused():
+    """A new user's probe (2026-12-07): data.global_crops={count: 2} replaced the section, so its size and scale
+    fell back to 224 and (0.25, 1.0) without a word; optim.lr given twice took the last without a word."""
+    raw = {"data": {"global_crops": {"count": 2, "size": 32, "scale": [0.4, 1.0]}},
+           "model": {"timm_kwargs": {"embed_dim": 32, "depth": 2}}}
+    overrides = config.parse_overrides(["data.global_crops={count: 2}", "model.timm_kwargs={depth: 1, num_heads: 2}"])
+    recipe = config.from_dict(raw, overrides=overrides)
+    assert (recipe.data.global_crops.size, list(recipe.data.global_crops.scale)) == (32, [0.4, 1.0])
+    assert recipe.model.timm_kwargs == {"embed_dim": 32, "depth": 1, "num_heads": 2}
+    assert config.apply_overrides({"a": {"b": {"c": 1, "d": 2}}}, {"a": "a={b: {c: 3}}"}) == {"a": {"b": {"c": 3, "d": 2}}}
+    assert config.apply_overrides({"a": 1}, {"a": "a={b: 2}"}) == {"a": {"b": 2}}  # a value that was no mapping: set
+    with pytest.raises(ConfigError, match=r"optim.lr is overridden twice \('optim.lr=1e-3', then 'optim.lr=2e-3'\)"):
+        config.parse_overrides(["optim.lr=1e-3", "optim.lr=2e-3"])
+
 def test_newer_format_is_refused():
     assert "newer than this mlsctl reads" in error_of({"format_version": 99})
 
