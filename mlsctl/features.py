@@ -329,7 +329,9 @@ def embed_listing(tree, relpaths: list[str], out: str | os.PathLike, model, *, n
     backbone = model.backbone
     if dense and getattr(backbone, "embedding_dim", 0):
         raise UserError(f"{model.description} ends in an embedding layer (model.embedding_dim "
-                        f"{backbone.embedding_dim}), whose features are global only; drop --dense")
+                        f"{backbone.embedding_dim}), whose features are global only: patch features (embed --dense, "
+                        f"eval knn-seg and linear-seg) need a model without one, such as the run it was fine-tuned "
+                        f"from")  # "drop --dense" went to evaluations that have no --dense (a new user's probe)
     patch = backbone.patch_size
     resolution = resolution or model.info["img_size"]
     if resolution % patch:

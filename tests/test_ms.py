@@ -150,7 +150,7 @@ def test_ms_trains_and_embed_writes_the_embedding_layer(tmp_path, capsys):
         assert torch.allclose(vit(x), feats.global_features([0, 1, 2]), atol=1e-4)
     code, _, err = cli("embed", str(images), "--run", str(tmp_path / "run"), "--dense", "--out", str(tmp_path / "d"),
                        capsys=capsys)
-    assert code == 2 and "drop --dense" in err and len(err.strip().splitlines()) == 2  # the model line + the error
+    assert code == 2 and "patch features (embed --dense, eval knn-seg" in err and len(err.strip().splitlines()) == 2
 
 
 def test_ms_bad_labels_are_one_sentence(tmp_path, capsys):
