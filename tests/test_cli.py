@@ -380,7 +380,7 @@ def test_knn_says_when_val_images_are_training_images(capsys, tmp_path):
     write_feature_folder(tmp_path / "f", names, torch.randn(6, 8))
     code, out, err = cli("eval", "knn", "--train", str(tmp_path / "f"), "--val", str(tmp_path / "f"), "--k", "1",
                          "--out", str(tmp_path / "r.json"), capsys=capsys)
-    assert code == 0 and "note: 6 of the 6 val images are training images too" in err
+    assert code == 0 and "note: 6 of the 6 val images are training images too" in out  # with the results
     assert json.loads((tmp_path / "r.json").read_text())["dataset"]["val_images_in_train"] == 6
 
 

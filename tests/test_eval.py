@@ -672,8 +672,27 @@ def test_segmentation_says_when_val_images_are_training_images(tmp_path: Path, c
                              str(train_dir), "--val-masks", str(train_masks), *extra,
                              "--out", str(tmp_path / f"{command}.json"), capsys=capsys)
         assert code == 0, err
-        assert "note: 4 of the 4 val images are training images too" in err + out
+        assert "note: 4 of the 4 val images are training images too" in out  # with the results, not before them
         assert json.loads((tmp_path / f"{command}.json").read_text())["dataset"]["val_images_in_train"] == 4
+
+
+def test_one_class_and_unseen_val_classes_are_refused_not_scored(tmp_path: Path, capsys):
+    """A new user's probe (2026-12-07): one class scored 100 % in eval knn, knn-seg and linear-seg, and val classes
+    none of which train holds gave 0.00 for every k (eval linear and recall refused such data already)."""
+    one = [f"only/{j}.png" for j in range(4)]
+    write_feature_folder(tmp_path / "one", one, torch.randn(4, 8))
+    code, _, err = cli("eval", "knn", "--train", str(tmp_path / "one"), "--val", str(tmp_path / "one"), capsys=capsys)
+    assert code == 2 and "the training labels name 1 class (only)" in err and "Traceback" not in err
+    write_feature_folder(tmp_path / "a", [f"{c}/{j}.png" for c in "ab" for j in range(2)], torch.randn(4, 8))
+    write_feature_folder(tmp_path / "b", [f"{c}/{j}.png" for c in "cd" for j in range(2)], torch.randn(4, 8))
+    code, _, err = cli("eval", "knn", "--train", str(tmp_path / "a"), "--val", str(tmp_path / "b"), capsys=capsys)
+    assert code == 2 and "none of the 2 val classes occurs in training" in err and "eval recall" in err
+    train_dir, train_masks = _scene_data(tmp_path, "train", 3, 4, 8, 1, seed=0)  # masks of class 0 only
+    val_dir, val_masks = _scene_data(tmp_path, "val", 2, 4, 8, 1, seed=1)
+    for command in ("knn-seg", "linear-seg"):
+        code, _, err = cli("eval", command, "--train", str(train_dir), "--train-masks", str(train_masks), "--val",
+                           str(val_dir), "--val-masks", str(val_masks), capsys=capsys)
+        assert code == 2 and "hold one class (0) and no class names" in err, err
 
 def test_the_knn_seg_memory_is_the_concatenation_of_its_pieces(monkeypatch):
     """The memory is gathered in blocks (a peak of its size plus one block, not twice its size)."""

@@ -202,6 +202,7 @@ def _print_knn_seg(payload: dict, settings, train_images: int, out: Path) -> Non
     if settings.memory_size is not None and held and held[-1] > settings.memory_size:
         typer.echo(f"note: --memory-size {settings.memory_size} is less than one patch per training image; each image "
                    f"gave one ({', '.join(f'{n:,}' for n in held)} patches)")
+    _say_shared(record, payload["val"]["images"])
     memory = "all labelled patches" if settings.memory_size is None else settings.memory_size
     typer.echo(f"\n{record['name']} ({record.get('train_split', 'train')} -> {record.get('val_split', 'val')}), "
                f"protocol {payload['protocol']['name']}: k={settings.k} T={settings.temperature} memory={memory} "
@@ -270,6 +271,7 @@ def knn(
                                                    pct(r["top1"], 2), pct(r["top5"], 2)] for r in results]))
     if unknown:
         typer.echo(f"note: {len(unknown)} val classes never occur in train (counted as errors): {', '.join(unknown[:5])}")
+    _say_shared(record, result["val_images"])
     if any(r["top5"] is None for r in results):
         typer.echo("no top-5 (-): fewer than 5 classes")
     typer.echo(f"\n{result['train_images']} train / {result['val_images']} val images, {result['classes']} classes, "
@@ -355,6 +357,7 @@ def linear(
     if result["val_classes_unseen_in_train"]:
         unseen = result["val_classes_unseen_in_train"]
         typer.echo(f"note: {len(unseen)} val classes never occur in train: {', '.join(unseen[:5])}")
+    _say_shared(record, result["val_images"])
 
 
 @app.command("linear-seg")
@@ -418,6 +421,16 @@ def linear_seg(
                f"{pct(result['pixel_accuracy'])}% on {len(val_features)} val images ({counted(epochs, 'epoch')}, lr {lr:g}, "
                f"train loss {result['train_loss_per_epoch'][0]:.3f} -> {result['train_loss_per_epoch'][-1]:.3f}, "
                f"{result['seconds']['total']:.1f}s); results written to {out}")
+    _say_shared(inputs.record, len(val_features))
+
+
+def _say_shared(record: dict, val_images) -> None:
+    """With the results: how many val images are training images too (evaluate.inputs.record_shared_images)."""
+    from mlsctl.evaluate.inputs import shared_images_note
+
+    note = shared_images_note(record, val_images)
+    if note is not None:
+        typer.echo(note)
 
 
 @app.command("retrieval")

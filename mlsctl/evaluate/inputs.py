@@ -127,16 +127,22 @@ def shared_images(train_features, val_features) -> int:
     return len(files(train_features) & files(val_features))
 
 
-def note_shared_images(train_features, val_features, record: dict, say: Say = to_stderr) -> None:
-    """Say, and record in the result JSON's dataset record (``val_images_in_train``), how many val images
-    are training images too: the scores then measure memory, not generalisation. Every evaluation of a
-    train and a val split (a new user's probe, 2026-12-07: knn-seg of one folder as both scored 41.5 %
-    mIoU, 6.7 % on its own val images, without a word)."""
+def record_shared_images(train_features, val_features, record: dict) -> None:
+    """Record in the result JSON's dataset record (``val_images_in_train``) how many val images are
+    training images too (the same files): the scores then measure memory, not generalisation. Every
+    evaluation of a train and a val split records it and says it with its results
+    (:func:`shared_images_note`; a new user's probe, 2026-12-07: knn-seg of one folder as both scored
+    41.5 % mIoU, 6.7 % on its own val images, without a word)."""
     shared = shared_images(train_features, val_features)
     if shared:
         record["val_images_in_train"] = shared
-        say(f"note: {shared} of the {len(val_features)} val images are training images too (the same files): "
-            f"the scores measure memory, not generalisation")
+
+
+def shared_images_note(record: dict, val_images: int) -> Optional[str]:
+    """The note on val images that are training images too (:func:`record_shared_images`), or None."""
+    shared = record.get("val_images_in_train")
+    return (f"note: {shared} of the {val_images} val images are training images too (the same files): the scores "
+            f"measure memory, not generalisation") if shared else None
 
 
 def image_roots(train_features, val_features) -> dict:
@@ -207,7 +213,7 @@ def segmentation_inputs(dataset: str, root: Optional[Path], train_split: Optiona
                                         **options)
         val_features = split_features(val_data, val, get_model, dense=True, what="val features", say=say, **options)
         record = dataset_record(train_data, val_data)
-        note_shared_images(train_features, val_features, record, say)
+        record_shared_images(train_features, val_features, record)
         return SegmentationInputs(train_features, val_features, train_data, val_data, record, train_data.classes,
                                   train_data.ignore_index)
     benchmark = None
@@ -236,7 +242,7 @@ def segmentation_inputs(dataset: str, root: Optional[Path], train_split: Optiona
               "val_masks": str(val_masks),  # "masks" alone read as if one folder served both (a new user's probe)
               "ignore_index": ignore_index,
               "mapping": {"rule": "none: mask values are the class ids", "ignored_values": [ignore_index]}}
-    note_shared_images(train_features, val_features, record, say)
+    record_shared_images(train_features, val_features, record)
     names, val_names = class_names(train_masks), class_names(val_masks)
     if names is not None and val_names is not None and names != val_names:  # a probe, 2026-12-06: val's was ignored
         raise UserError(f"the class names of the training masks ({train_masks}) and of the val masks ({val_masks}) differ "
@@ -313,7 +319,7 @@ def classification_inputs(dataset: str, root: Optional[Path], train_split: Optio
                   # the val labels were not recorded (a new user's probe, 2026-12-07)
                   "labels": "folder names" if train_labels is None else str(train_labels),
                   "val_labels": "folder names" if val_labels is None else str(val_labels)}
-        note_shared_images(train_features, val_features, record, say)
+        record_shared_images(train_features, val_features, record)
         return train_features, val_features, train_labels, val_labels, record
     if train_labels is not None or val_labels is not None:
         raise UserError(f"--dataset {dataset} labels its images itself; drop --train-labels/--val-labels")
@@ -323,5 +329,5 @@ def classification_inputs(dataset: str, root: Optional[Path], train_split: Optio
                                     resize=resize)
     val_features = split_features(val_data, val, get_model, dense=False, what="val features", say=say, resize=resize)
     record = dataset_record(train_data, val_data, train_data)
-    note_shared_images(train_features, val_features, record, say)
+    record_shared_images(train_features, val_features, record)
     return train_features, val_features, train_data, val_data, record

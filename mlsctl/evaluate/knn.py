@@ -162,6 +162,14 @@ def evaluate_knn(train_features, val_features, train_labels=None, val_labels=Non
     train_names = labels_for(train_features, train_labels, "train features", "--train-labels")
     val_names = labels_for(val_features, val_labels, "val features", "--val-labels")
     classes = sorted(set(train_names))
+    # one class scored 100 %, and val classes none of which train holds 0 % for every k (a new user's probe, 2026-12-07)
+    if len(classes) < 2:
+        raise UserError(f"the training labels name 1 class ({classes[0]}): every val image would be called it; k-NN "
+                        f"classification needs at least 2")
+    if not set(val_names) & set(classes):
+        raise UserError(f"none of the {len(set(val_names))} val classes occurs in training (e.g. {val_names[0]}): k-NN "
+                        f"classification can only name training classes; for unseen classes (retrieval splits such "
+                        f"as SOP's) use mlsctl eval recall")
     lookup = {c: i for i, c in enumerate(classes)}
     train_y = torch.tensor([lookup[c] for c in train_names])
     val_y = torch.tensor([lookup.get(c, -1) for c in val_names])

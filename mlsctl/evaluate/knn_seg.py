@@ -565,17 +565,36 @@ def no_labelled_pixels(val: FeatureMasks, ignore_index: int) -> str:
 
 
 def num_classes_of(source: FeatureMasks, ignore_index: int) -> int:
-    """The class count of a source without class names: the largest class id in its masks, plus one."""
+    """The class count of a source without class names: the largest class id in its masks, plus one
+    (at least 2: masks of one class scored 100 % mIoU, a probe of 2026-12-07)."""
     if source.split is not None:
         return source.split.num_classes
-    top = 0
+    top, labelled = 0, False
     for row in range(len(source)):
         mask = source.mask(row)
         valid = mask[mask != ignore_index]
         if valid.size:
-            top = max(top, int(valid.max()))
+            top, labelled = max(top, int(valid.max())), True
+    if top == 0 and labelled:  # none labelled: said as such where the patches are read
+        raise UserError(f"the training masks of {source.features.path} hold one class (0) and no class names: every "
+                        f"pixel would be called it, so segmentation needs at least 2 (e.g. background and objects); "
+                        f"check the masks or --ignore-index")
     return top + 1
 
+
+
+def segmentation_classes(train: FeatureMasks, val: FeatureMasks, names, ignore_index: int) -> int:
+    """The class count of a segmentation evaluation (knn-seg, linear-seg): class names (meta.json) fix
+    it, and masks holding a class beyond them are refused; without them every training mask is scanned
+    once (:func:`num_classes_of`). One class is refused: it scores 100 %."""
+    if not names:
+        return num_classes_of(train, ignore_index)
+    if len(names) < 2:
+        raise UserError(f"the class names of {train.features.path}'s masks name one class ({names[0]}): every pixel "
+                        f"would be called it, so segmentation needs at least 2")
+    for source in (train, val):
+        source.limit_classes(len(names), ignore_index)
+    return len(names)
 
 def segment_batches(memory: Memory, index, batches: Iterable[tuple[torch.Tensor, list[np.ndarray]]], num_classes: int,
                     settings: Settings, progress: Optional[Callable[[int], None]] = None) -> tuple[np.ndarray, float]:
@@ -663,11 +682,7 @@ def knn_segmentation(train: FeatureMasks, val: FeatureMasks, fractions: Sequence
     from mlsctl.console import progress_bar
 
     train.features.check_same_model(val.features)
-    # class names (meta.json) fix the class count; without them every training mask is scanned once
-    num_classes = len(names) if names else num_classes_of(train, settings.ignore_index)
-    if names:
-        for source in (train, val):
-            source.limit_classes(num_classes, settings.ignore_index)
+    num_classes = segmentation_classes(train, val, names, settings.ignore_index)
     results = []
     n = len(train)
     plan = [(fraction, list(range(settings.runs)) if fraction < 1 else [0]) for fraction in fractions]

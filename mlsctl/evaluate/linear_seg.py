@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from mlsctl.errors import UserError
-from mlsctl.evaluate.knn_seg import FeatureMasks, no_labelled_pixels, num_classes_of, patch_soft_labels
+from mlsctl.evaluate.knn_seg import FeatureMasks, no_labelled_pixels, patch_soft_labels, segmentation_classes
 from mlsctl.evaluate.segmentation import (confusion_update, foreground_scores, iou_per_class, mean_iou,
                                           pixel_accuracy)
 
@@ -135,10 +135,7 @@ def evaluate_linear_seg(train: FeatureMasks, val: FeatureMasks, *, epochs: int =
     from mlsctl.console import progress_bar
 
     train.features.check_same_model(val.features)
-    num_classes = len(names) if names else num_classes_of(train, ignore_index)
-    if names:
-        for source in (train, val):
-            source.limit_classes(num_classes, ignore_index)
+    num_classes = segmentation_classes(train, val, names, ignore_index)
     bar = progress_bar(epochs * len(train) + len(val), "linear-seg", "images (training epochs, then val)", progress)
     started = time.perf_counter()
     layer, mean, std, losses = train_linear_seg(train, num_classes, epochs=epochs, lr=lr, weight_decay=weight_decay,
