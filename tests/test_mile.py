@@ -542,6 +542,11 @@ def test_gallery_from_features_must_match_how_queries_are_embedded(mile_run, tmp
     code, _, err = cli("eval", "retrieval", "--gallery", str(mile_run / "gallery"), "--query", str(mile_run / "gallery"),
                        "--run", run, "--out", str(tmp_path / "r.json"), capsys=capsys)
     assert code == 2 and "share" in err and "photos" in err and "give other photos of the objects" in err
+    # copies count (a new user's probe, 2026-12-07: two builds of one seed, byte-identical, scored R@1 100 %)
+    shutil.copytree(mile_run / "gallery", tmp_path / "copies")
+    code, _, err = cli("eval", "retrieval", "--gallery", str(mile_run / "gallery"), "--query", str(tmp_path / "copies"),
+                       "--run", run, "--out", str(tmp_path / "r.json"), capsys=capsys)
+    assert code == 2 and "identical photos" in err and "the same bytes" in err, err
     most = max(len(list(folder.iterdir())) for folder in (mile_run / "query").iterdir())
     code, out, err = cli("eval", "retrieval", "--gallery", str(mile_run / "gallery"), "--query", str(mile_run / "query"),
                          "--run", run, "--noise", "0", "--query-size", str(most + 5), "--out", str(tmp_path / "r.json"),

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
@@ -171,6 +172,35 @@ class PairedPhotos:
     query_objects: int
 
 
+
+def identical_files(first: Sequence[Path], second: Sequence[Path]) -> list[tuple[Path, Path]]:
+    """The files of ``second`` whose bytes equal a file of ``first``'s, each with one such file of
+    ``first``. Only files of equal size are read (and each at most once), so folders of distinct
+    photos cost a ``stat`` each."""
+    import hashlib
+
+    by_size: dict[int, list[Path]] = {}
+    for path in first:
+        by_size.setdefault(path.stat().st_size, []).append(path)
+    digests: dict[Path, bytes] = {}
+
+    def digest(path: Path) -> bytes:
+        if path not in digests:
+            hasher = hashlib.sha256()
+            with open(path, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    hasher.update(block)
+            digests[path] = hasher.digest()
+        return digests[path]
+
+    found = []
+    for path in second:
+        same_size = by_size.get(path.stat().st_size, [])
+        match = next((other for other in same_size if digest(other) == digest(path)), None) if same_size else None
+        if match is not None:
+            found.append((match, path))
+    return found
+
 def paired_photos(gallery, query) -> PairedPhotos:
     """The objects of two ``ROOT/<object_id>/*`` folders, refused (one sentence) when they share
     fewer than 2 objects or under half of the smaller folder's: they are not photos of the same
@@ -192,6 +222,13 @@ def paired_photos(gallery, query) -> PairedPhotos:
     if shared:
         raise UserError(f"{gallery} and {query} share {len(shared)} photos (e.g. {min(shared)}): a query set of the "
                         f"gallery's own photos finds its object trivially; give other photos of the objects as --query")
+    # copies count as the same photos: two builds of one seed gave R@1 100 % without a word (a new user's probe)
+    copies = identical_files([p for o in objects for p in gallery_groups[o]], [p for o in objects for p in query_groups[o]])
+    if copies:
+        first, second = copies[0]
+        raise UserError(f"{gallery} and {query} hold {len(copies)} identical photos (e.g. {first} and {second}, the same "
+                        f"bytes): a query set of copies of the gallery's photos finds its object trivially; give other "
+                        f"photos of the objects as --query")
     paths, gallery_rows, query_rows = [], [], []
     for o in objects:
         gallery_rows.append(list(range(len(paths), len(paths) + len(gallery_groups[o]))))
