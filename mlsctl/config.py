@@ -470,6 +470,10 @@ def _coerce(value: Any, tp: Any, path: str, meta: dict, ctx: _Context, default: 
     if origin is list:
         (arg,) = get_args(tp)
         if not isinstance(value, (list, tuple)):
+            if value is not None and not isinstance(value, dict):
+                # the bracket hint alone advised [tensorboardd], itself refused (a new user's probe, 2026-12-07):
+                # an item that would be refused in brackets too is refused as such, with its own hint
+                _coerce(value, arg, f"{path}[0]", meta, ctx)
             raise ctx.fail(path, f"'{path}' must be {_describe(tp)}, got {_show(value)}{_bracket_hint(value, 1)}")
         return [_coerce(v, arg, f"{path}[{i}]", meta, ctx) for i, v in enumerate(value)]
     if origin is dict or tp is dict:

@@ -143,6 +143,9 @@ def initial_weights(method, source: str) -> str:
     from mlsctl.models.weights import backbone_state, load_into_vit, read_state_dict
 
     path = Path(source)
+    if not path.exists():  # "give a local .safetensors or .pth file" left out the folders it takes (a new user)
+        raise UserError(f"--init-from {source} does not exist; give a run folder, a checkpoint folder "
+                        f"(RUN/checkpoints/step-NNNNNNNN) or a .safetensors or .pth weights file")
     if path.is_dir():
         if (path / "checkpoints").is_dir() and Run(path).checkpoints():
             checkpoint = Run(path).checkpoint()

@@ -279,3 +279,11 @@ def test_a_vit_without_class_token_or_pooling_gives_the_mean_of_its_patches():
     with torch.no_grad():
         out = model(torch.randn(2, 3, 32, 32))
     assert out.cls.shape == (2, 32) and torch.allclose(out.cls, out.patches.mean(dim=(1, 2)))
+
+
+def test_a_mistyped_arch_is_told_the_closest_name_of_its_family():
+    """A new user's probe (2026-12-07): model.arch=vit_tinyy was offered gcvit_tiny."""
+    with pytest.raises(UserError, match=r"model.arch 'vit_tinyy' is not a timm model; did you mean 'vit_tiny_patch16_"):
+        Backbone("vit_tinyy", img_size=32, patch_size=8)
+    with pytest.raises(UserError, match=r"did you mean 'convnext_tiny'\?"):
+        Backbone("convnxt_tiny", img_size=32)

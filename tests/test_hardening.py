@@ -248,7 +248,8 @@ def test_2_edges_a_training_probe_found_are_one_sentence_each(run_copy, tmp_path
     assert code == 0
     empty = tmp_path / "empty"
     empty.mkdir()
-    for source, words in ((exported, "every backbone from"), (empty, "is neither a run with a checkpoint")):
+    for source, words in ((exported, "every backbone from"), (empty, "is neither a run with a checkpoint"),
+                          (tmp_path / "nope", "does not exist; give a run folder, a checkpoint folder")):
         code, _, err = cli("pretrain", str(recipe), "--init-from", str(source), "--out", str(tmp_path / f"i-{source.name}"),
                            capsys=capsys)
         assert "Traceback" not in err and "internal error" not in err

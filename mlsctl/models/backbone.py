@@ -74,6 +74,21 @@ def _default_shape(arch: str) -> tuple[int, int, int]:
     return default.num_features, len(default.blocks), int(default.patch_embed.patch_size[0])
 
 
+
+def closest_model_name(arch: str, names: list[str]) -> Optional[str]:
+    """The timm name a mistyped ``arch`` most likely meant: difflib's closest among the names that
+    share its longest prefix of 4 characters or more (its family: ``vit_tinyy`` → ``vit_tiny_patch16_224``,
+    where difflib over every name offered ``gcvit_tiny``: a new user's probe, 2026-12-07); else
+    difflib's closest of all."""
+    import difflib
+
+    for length in range(len(arch), 3, -1):
+        sharing = [name for name in names if name.startswith(arch[:length])]
+        if sharing:
+            return difflib.get_close_matches(arch, sharing, n=1, cutoff=0.0)[0]
+    close = difflib.get_close_matches(arch, names, n=1)
+    return close[0] if close else None
+
 class Backbone(nn.Module):
     """A timm model (``arch``; ViT or CNN) built for ``img_size`` at stride ``patch_size``, optionally
     with LoRA adapters and a mask token (SOVE's masked patches); ``forward(x)`` takes normalised float
@@ -93,10 +108,8 @@ class Backbone(nn.Module):
         if problem:
             raise UserError(f"model.timm_kwargs: {problem}")
         if not timm.is_model(arch):
-            import difflib
-
-            close = difflib.get_close_matches(arch, timm.list_models(), n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else "; see timm.list_models()"
+            close = closest_model_name(arch, timm.list_models())
+            hint = f"; did you mean '{close}'?" if close else "; see timm.list_models()"
             raise UserError(f"model.arch '{arch}' is not a timm model{hint}")
         self.kind = architecture_kind(arch)
         kwargs = dict(timm_kwargs or {})

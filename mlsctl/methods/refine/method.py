@@ -245,7 +245,7 @@ def refine_dataset(recipe, data: FeatureData) -> ContextDataset:
     cfg = recipe.method
     what = f"data.root {data.root}"
     names = labels_of(data.features.files, Path(data.features.input_root),
-                      Path(cfg.labels_file) if cfg.labels_file else None, what, "--labels FILE (method.labels_file)")
+                      Path(cfg.labels_file) if cfg.labels_file else None, what, "method.labels_file=FILE (refine train: --labels FILE)")
     labels, classes = class_ids(names, what)
     return ContextDataset(data.features.global_features(), labels, cfg.neighbours, classes, what, search=False)
 
