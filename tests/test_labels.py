@@ -132,8 +132,14 @@ def test_labels_of_folders_or_a_file_and_class_ids(tmp_path):
     assert labels_of(["cat/1.png", "dog/2.png"], tmp_path, None, "x") == ["cat", "dog"]
     write(tmp_path / "l.csv", f"cat/1.png,a\n{tmp_path / 'dog/2.png'},b\n")  # relative or absolute keys
     assert labels_of(["cat/1.png", "dog/2.png"], tmp_path, tmp_path / "l.csv", "x") == ["a", "b"]
-    with pytest.raises(UserError, match=r"has no label for 1 image of x \(first: c/3.png\)"):
+    with pytest.raises(UserError, match=r"has no label for 1 image of x \(first: c/3.png\); its paths are read "
+                                        r"relative to the images folder .*, then to the labels file's folder"):
         labels_of(["cat/1.png", "c/3.png"], tmp_path, tmp_path / "l.csv", "x")
+    # relative to the labels file's folder, as linear --multi-label reads them (a new user's probe, 2026-12-07)
+    (tmp_path / "split").mkdir()
+    write(tmp_path / "split" / "labels.csv", "images/000.png,a\nimages/001.png,b\n")
+    assert labels_of(["000.png", "001.png"], tmp_path / "split" / "images", tmp_path / "split" / "labels.csv",
+                     "x") == ["a", "b"]
     ids, classes = class_ids(["b", "a", "b"], "x")
     assert ids.tolist() == [1, 0, 1] and classes == ["a", "b"]
     with pytest.raises(UserError, match="x has a single class"):

@@ -206,15 +206,24 @@ def labels_of(files: Sequence[str], root: Path, labels_file: Optional[Path], wha
                             f"labels file (CSV or JSONL of path,label): give it with {option}")
         return names
     table = read_labels_file(Path(labels_file))
+    # paths relative to the labels file's folder too, as linear --multi-label reads them (a new user's probe,
+    # 2026-12-07: images/000000.png, relative to the file beside images/, was "no label" without a way out)
+    by_location = {}
+    for key, label in table.items():
+        location = Path(key) if Path(key).is_absolute() else Path(labels_file).parent / key
+        by_location.setdefault(str(location.resolve()), label)
     out, missing = [], []
     for relpath in files:
         label = table.get(relpath, table.get(str(root / relpath)))
+        if label is None:
+            label = by_location.get(str((root / relpath).resolve()))
         if label is None:
             missing.append(relpath)
         out.append(label)
     if missing:
         raise UserError(f"labels file {labels_file} has no label for {len(missing)} image{'s' if len(missing) != 1 else ''} "
-                        f"of {what} (first: {missing[0]})")
+                        f"of {what} (first: {missing[0]}); its paths are read relative to the images folder {root}, "
+                        f"then to the labels file's folder")
     return out
 
 
