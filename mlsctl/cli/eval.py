@@ -194,10 +194,11 @@ def _print_knn_seg(payload: dict, settings, train_images: int, out: Path) -> Non
         if len(same) > 1:
             typer.echo(f"note: fractions {', '.join(same)} all use {images} training image{'s' if images != 1 else ''} "
                        f"(of {train_images}): too few training images to tell them apart")
-    voted = sorted({run["k"] for r in results for run in r["runs"]})
-    if voted and voted[0] < settings.k:
-        typer.echo(f"note: --k {settings.k} is more than the memory holds; patches voted with all of it "
-                   f"({', '.join(map(str, voted))} patches)")
+    # only the runs whose memory held fewer than k: "(16, 30 patches)" listed a run that voted with k (a probe)
+    voted = sorted({run["k"] for r in results for run in r["runs"] if run["k"] < settings.k})
+    if voted:
+        typer.echo(f"note: --k {settings.k} is more than the memory of some runs holds; their patches voted with all "
+                   f"of it ({', '.join(map(str, voted))} patches)")
     held = sorted({run["memory_patches"] for r in results for run in r["runs"]})
     if settings.memory_size is not None and held and held[-1] > settings.memory_size:
         typer.echo(f"note: --memory-size {settings.memory_size} is less than one patch per training image; each image "
