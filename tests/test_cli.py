@@ -446,3 +446,20 @@ def test_usage_errors_are_one_line_like_every_other_error(capsys):
                        (["search", "--set"], "error: Option '--set' requires an argument (see mlsctl search -h)")):
         code, out, err = cli(*args, capsys=capsys)
         assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and err.startswith(said), (args, err)
+
+
+def test_replacing_the_results_of_another_evaluation_is_said(capsys, tmp_path):
+    """A new user's probe (2026-12-07): eval knn --out over eval knn-seg's results file replaced it without a word."""
+    from conftest import cli, write_feature_folder
+
+    names = [f"c{i}/{j}.png" for i in range(2) for j in range(4)]
+    write_feature_folder(tmp_path / "a", names, torch.randn(8, 8, generator=torch.Generator().manual_seed(0)))
+    write_feature_folder(tmp_path / "b", names, torch.randn(8, 8, generator=torch.Generator().manual_seed(1)),
+                         fingerprint="f" * 64)
+    args = ["--train", str(tmp_path / "a"), "--val", str(tmp_path / "b"), "--out", str(tmp_path / "r.json")]
+    code, _, err = cli("eval", "knn", *args, "--k", "1", capsys=capsys)
+    assert code == 0 and "held the results" not in err, err
+    code, _, err = cli("eval", "knn", *args, "--k", "2", capsys=capsys)  # the same evaluation again: no note
+    assert code == 0 and "held the results" not in err, err
+    code, _, err = cli("eval", "linear", *args, "--epochs", "1", "--lr", "0.1", "--wd", "0", capsys=capsys)
+    assert code == 0 and f"note: {tmp_path / 'r.json'} held the results of eval knn; replaced by these" in err, err

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from mlsctl.console import to_stderr
 from mlsctl.errors import UserError
 
 DEFAULT_FOLDER = Path("results")
@@ -57,9 +58,10 @@ def _claim_default_path(evaluation: str) -> Path:
     raise UserError(f"{first.parent} holds 999 results named {first.stem}-N.json; give --out FILE")
 
 
-def write_result(payload: dict, out: Optional[Path], evaluation: str) -> Path:
+def write_result(payload: dict, out: Optional[Path], evaluation: str, say=to_stderr) -> Path:
     """Stamp ``payload`` (``written``) and write it atomically to ``out`` (or a new file of
-    :func:`default_path`'s name, never an existing one); returns the path written."""
+    :func:`default_path`'s name, never an existing one); returns the path written. Replacing the
+    results of another evaluation is said."""
     from mlsctl import atomic, provenance
 
     from mlsctl.outputs import check_results_target
@@ -76,5 +78,19 @@ def write_result(payload: dict, out: Optional[Path], evaluation: str) -> Path:
     path = Path(out)
     # checked again now the work is done: the command may have made the file since (a cache manifest of its own)
     check_results_target(path)
+    replaced = _command_of(path)
     atomic.write_json(path, payload)
+    if replaced is not None and replaced != payload.get("command"):  # knn over knn-seg's file went without a word
+        say(f"note: {path} held the results of {replaced}; replaced by these")  # (a new user's probe, 2026-12-07)
     return path
+
+
+def _command_of(path: Path) -> Optional[str]:
+    """The ``command`` of the results file at ``path``, or None (no file, or none recorded)."""
+    import json
+
+    try:
+        command = json.loads(path.read_text(encoding="utf-8")).get("command")
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return None
+    return command if isinstance(command, str) else None
