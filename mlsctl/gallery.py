@@ -218,6 +218,8 @@ class LookalikeId(UserError):
 
 
 _JOINERS = frozenset("\u200c\u200d")
+# the explicit bidirectional embeddings, overrides and isolates (U+202A-U+202E, U+2066-U+2069)
+_BIDI_CONTROLS = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 # Unicode's default-ignorable code points (DerivedCoreProperties.txt) beyond the format characters (Cf): the
 # combining grapheme joiner, variation selectors, Hangul and Khmer fillers, Mongolian free variation selectors,
 # ... which draw nothing (a hostile probe, 2026-12-06: 'obj0' + U+3164 or U+FE0F was taken as a new object)
@@ -305,6 +307,10 @@ def new_id_problem(object_id: str, lookalike: Optional[str] = None) -> Optional[
     this. The sentence follows the id: ``f"{where} '{printable(id)}' {problem}"``."""
     if object_id != object_id.strip():
         return f"begins or ends with whitespace; remove it (the id '{printable(object_id.strip())}')"
+    controls = sorted({f"U+{ord(c):04X}" for c in object_id if c in _BIDI_CONTROLS})
+    if controls:  # an attacker's probe (2026-12-07): U+202E made answers and tables show the id reversed
+        return (f"holds bidirectional controls ({', '.join(controls)}), which draw the text around them reversed "
+                f"or reordered in answers and tables; give an id without them")
     if lookalike is not None:
         return (f"looks like the object '{printable(lookalike)}' (they differ only in whitespace, invisible "
                 f"characters or Unicode composition); use '{printable(lookalike)}' or another name")

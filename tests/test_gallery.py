@@ -399,6 +399,9 @@ def test_a_new_id_that_reads_like_a_stored_one_is_refused_and_stored_ones_stay_r
     assert nfc != nfd and lookalike_key(nfc) == lookalike_key(nfd) == "café"
     assert lookalike_key(" a \u200b\u00a0 b\u2060 ") == lookalike_key("a b") == "a b"
     assert lookalike_key("a-b") != lookalike_key("a b") and lookalike_key("A") != lookalike_key("a")  # ids, not words
+    # an attacker's probe (2026-12-07): a bidi override was taken, and answers and tables showed the id reversed
+    with pytest.raises(UserError, match=r"holds bidirectional controls \(U\+202E\)"):
+        check_new_ids(["ok", "\u202eabc"], "object folder")
     # a joiner between two visible characters is drawn (Persian, emoji sequences); at an end or beside a space it is not
     assert lookalike_key("\u0645\u200c\u06cc") != lookalike_key("\u0645\u06cc")
     assert lookalike_key("\U0001f468\u200d\U0001f4bb") != lookalike_key("\U0001f468\U0001f4bb")
