@@ -604,8 +604,11 @@ def _method_config_class(data: dict, path: str, ctx: _Context) -> type:
 # Loading, overrides, dumping.
 
 
-def parse_overrides(items: list[str]) -> dict[str, str]:
-    """``["optim.lr=1e-4"]`` → ``{"optim.lr": "optim.lr=1e-4"}`` (key → original text)."""
+def parse_overrides(items: list[str], unique: bool = False) -> dict[str, str]:
+    """``["optim.lr=1e-4"]`` → ``{"optim.lr": "optim.lr=1e-4"}`` (key → original text). A key given
+    twice: the last one counts, as scripts composing overrides rely on; ``unique`` (what a user typed:
+    the commands' own arguments) refuses it instead, where the last one won without a word (a new
+    user's probe, 2026-12-07)."""
     out = {}
     for i, item in enumerate(items):
         key, sep, value = item.partition("=")
@@ -629,7 +632,7 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
                               f"{name}=VALUE")
         if not sep or not key or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
             raise ConfigError(f"override '{item}' must look like key.sub=value (for example optim.lr=1e-4)")
-        if key in out:  # the last one won without a word (a new user's probe, 2026-12-07)
+        if key in out and unique:
             raise ConfigError(f"{key} is overridden twice ('{out[key]}', then '{item}'); give it once")
         out[key] = item
     return out

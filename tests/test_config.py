@@ -147,7 +147,11 @@ def test_a_mapping_override_merges_into_its_section_and_a_key_given_twice_is_ref
     assert config.apply_overrides({"a": {"b": {"c": 1, "d": 2}}}, {"a": "a={b: {c: 3}}"}) == {"a": {"b": {"c": 3, "d": 2}}}
     assert config.apply_overrides({"a": 1}, {"a": "a={b: 2}"}) == {"a": {"b": 2}}  # a value that was no mapping: set
     with pytest.raises(ConfigError, match=r"optim.lr is overridden twice \('optim.lr=1e-3', then 'optim.lr=2e-3'\)"):
-        config.parse_overrides(["optim.lr=1e-3", "optim.lr=2e-3"])
+        config.parse_overrides(["optim.lr=1e-3", "optim.lr=2e-3"], unique=True)
+    # scripts composing overrides (the benchmarks: a profile's, then a cell's) keep the last one
+    assert config.parse_overrides(["data.workers=4", "data.workers=0"]) == {"data.workers": "data.workers=0"}
+    result = run_cli("pretrain", "dino_fmnist_quick", "optim.lr=1e-3", "optim.lr=2e-3", "--out", "unused")
+    assert result.returncode == 2 and "optim.lr is overridden twice" in result.stderr, result.stderr
 
 def test_newer_format_is_refused():
     assert "newer than this mlsctl reads" in error_of({"format_version": 99})

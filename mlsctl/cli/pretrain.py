@@ -48,6 +48,7 @@ def pretrain(
     """
     from mlsctl import config, train
 
+    config.parse_overrides(overrides or [], unique=True)  # a key typed twice is refused, not the last one taken
     recipe_path = config.resolve_recipe_path(recipe)
     # a run's resolved recipe (RUN/config.yaml): read as the run saved it (keys it predates take the values it
     # was trained with), and a default --out named after its run, not "config"
