@@ -222,12 +222,14 @@ def limit_png_text() -> None:
     PngImagePlugin.MAX_TEXT_MEMORY = PNG_TEXT_BYTES
 
 
-def jpeg_scans(f: BinaryIO) -> int:
+def jpeg_scans(f: BinaryIO, max_bytes: int) -> int:
     """How many scans (SOS markers, FF DA) a JPEG holds: in its entropy-coded data a byte FF is
     always followed by 00 or a restart marker, so every FF DA is a marker. A baseline JPEG has one
     scan for its components, a progressive one about ten; a file repeating a scan thousands of times
-    decodes for minutes (each scan is a pass over the whole image)."""
-    return f.read().count(b"\xff\xda")  # at most --max-upload-mb, which the decode charge holds already
+    decodes for minutes (each scan is a pass over the whole image). Only its first ``max_bytes`` are
+    read (--max-upload-mb, which the decode charge holds already): a --root file may grow after its
+    size was checked (an attacker's probe, 2026-12-07)."""
+    return f.read(max_bytes).count(b"\xff\xda")
 
 
 def decode_bytes(mode: str, info: dict, image_format: Optional[str] = None) -> int:
@@ -315,16 +317,54 @@ def _shown(name: str, limit: int = 80) -> str:
     return out if len(out) <= limit else out[:limit] + "..."
 
 
-def _open_checked(path: Path, checked: os.stat_result, given: str):
+def _open_checked(path: Path, checked: os.stat_result, given: str, max_bytes: int):
     """``path`` opened for reading only if it is still the file checked under ``--root`` (same device
     and inode): a folder on the path swapped for a link to elsewhere between the check and the open
-    would otherwise have the server read a file outside the root (left by the last session's probe)."""
+    would otherwise have the server read a file outside the root (left by the last session's probe).
+    And only if it still has the size checked: a file grown in place (same inode) to 2 GiB after its
+    check was read whole into memory by the header checks (an attacker's probe, 2026-12-07). What is
+    read is bounded by that size all the same (:class:`_Bounded`), for a file that grows after this
+    check."""
     f = open(path, "rb")
     opened = os.fstat(f.fileno())
     if (opened.st_dev, opened.st_ino) != (checked.st_dev, checked.st_ino):
         f.close()
         raise RequestError(409, f"{_shown(given)} changed while the request was read; send it again")
-    return f
+    if opened.st_size != checked.st_size:
+        f.close()
+        if opened.st_size > max_bytes:
+            raise RequestError(413, f"{_shown(given)} grew to {opened.st_size:,} bytes while the request was read, "
+                                    f"over the limit of {max_bytes:,} per photo")
+        raise RequestError(409, f"{_shown(given)} changed size while the request was read; send it again")
+    return _Bounded(f, checked.st_size)
+
+
+class _Bounded:
+    """A file of which at most its first ``size`` bytes are read, whatever a reader asks (Pillow's
+    WebP reader reads the whole file as it opens it): a --root file may grow after it was checked."""
+
+    def __init__(self, file: BinaryIO, size: int):
+        self.file, self.size = file, size
+
+    def read(self, n: Optional[int] = -1) -> bytes:
+        left = max(self.size - self.file.tell(), 0)
+        return self.file.read(left if n is None or n < 0 else min(n, left))
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self.file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.file.tell()
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
 
 
 class GalleryService:
@@ -420,7 +460,7 @@ class GalleryService:
                 raise RequestError(403, f"{_shown(given)} is outside the served root")
             self._check_size(given, size)
             photos.append(Photo(given, size, lambda path=path, found=found, given=given:
-                                _open_checked(path, found, given)))
+                                _open_checked(path, found, given, self.limits.max_upload_bytes)))
         if sum(p.size for p in photos) > self.limits.max_request_bytes:
             raise RequestError(413, f"the {len(photos)} files hold {sum(p.size for p in photos):,} bytes, over the "
                                     f"request limit of {self.limits.max_request_bytes:,}")
@@ -448,6 +488,8 @@ class GalleryService:
                 with photo.open() as f, Image.open(f, formats=upload_formats()) as img:
                     width, height = img.size
                     mode, info, image_format = img.mode, dict(img.info), img.format
+            except RequestError:  # the file changed since it was checked (_open_checked)
+                raise
             except Exception as exc:  # noqa: BLE001 - whatever a reader raises on a malformed header is the client's
                 if isinstance(exc, UnidentifiedImageError):
                     reason = f"not an image file in a format this server takes ({', '.join(upload_formats())})"
@@ -465,7 +507,7 @@ class GalleryService:
                                         f"as PNG or JPEG")
             if image_format in ("JPEG", "MPO"):  # Pillow calls a JPEG with an MPF segment of 2 images MPO
                 with photo.open() as f:
-                    scans = jpeg_scans(f)
+                    scans = jpeg_scans(f, self.limits.max_upload_bytes)
                 if scans > MAX_JPEG_SCANS:
                     raise RequestError(400, f"{_shown(photo.name)} cannot be used: a JPEG of {scans:,} scans (photos "
                                             f"have 1 to about 10; this server decodes at most {MAX_JPEG_SCANS})")

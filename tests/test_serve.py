@@ -1495,12 +1495,12 @@ def test_a_root_path_swapped_after_its_check_is_not_read(tmp_path):
     (tmp_path / "outside").mkdir()
     (tmp_path / "outside" / "a.png").write_bytes(b"secret")
     checked = (root / "sub" / "a.png").stat()
-    with serve._open_checked(root / "sub" / "a.png", checked, "sub/a.png") as f:
+    with serve._open_checked(root / "sub" / "a.png", checked, "sub/a.png", 2**20) as f:
         assert f.read() == b"mine"
     (root / "sub").rename(tmp_path / "moved")
     os.symlink(tmp_path / "outside", root / "sub")  # the swap
     with pytest.raises(serve.RequestError) as refused:
-        serve._open_checked(root / "sub" / "a.png", checked, "sub/a.png")
+        serve._open_checked(root / "sub" / "a.png", checked, "sub/a.png", 2**20)
     assert refused.value.status == 409 and "changed while the request was read" in str(refused.value)
     # through the service's own path check, the photo named is the one that changed (a review: the last's was)
     (root / "sub").unlink()
@@ -1515,6 +1515,91 @@ def test_a_root_path_swapped_after_its_check_is_not_read(tmp_path):
         photos[0].open()
     with photos[1].open() as f:
         assert f.read() == b"other"
+
+
+class _ReadsRecorded:
+    """A file whose reads are recorded (bytes returned by each), and which may run ``then`` at its first read."""
+
+    def __init__(self, file, reads: list, then=None):
+        self.file, self.reads, self.then = file, reads, then
+
+    def read(self, n=-1):
+        if self.then is not None:
+            self.then, then = None, self.then
+            then()
+        data = self.file.read(n)
+        self.reads.append(len(data))
+        return data
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+        return False
+
+
+def _root_service(root: Path, **limits):
+    from mlsctl import serve
+
+    service = serve.GalleryService.__new__(serve.GalleryService)
+    service.root, service.limits = root.resolve(), serve.Limits(**limits)
+    return service
+
+
+@pytest.mark.parametrize("format", ["JPEG", "WEBP"])
+def test_a_root_file_grown_after_its_check_is_refused_and_never_read_whole(tmp_path, monkeypatch, format):
+    """An attacker's probe, 2026-12-07: a --root file grown in place (same inode, sparse) to 2 GiB after its size was
+    checked was read whole into memory (jpeg_scans read it all; Pillow's WebP reader reads the file as it opens it).
+    Grown before an open, it is refused (413 over the limit); grown after the open's check, no read goes past the
+    size that was checked."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    from mlsctl import serve
+
+    limit, grown = 64 * 1024, 8 * 2**20
+    data = BytesIO()
+    Image.new("RGB", (16, 16), "red").save(data, format)
+    root = tmp_path / "root"
+    root.mkdir()
+    name = f"a.{format.lower()}"
+    (root / name).write_bytes(data.getvalue())
+    reads: list[int] = []
+    real_open = open
+    monkeypatch.setattr(serve, "open", lambda *a, **k: _ReadsRecorded(real_open(*a, **k), reads), raising=False)
+    service = _root_service(root, max_upload_bytes=limit)
+    photos = service.paths([name])
+    os.truncate(root / name, grown)  # between the check and the open
+    with pytest.raises(serve.RequestError) as refused:
+        service.measure(photos)
+    assert refused.value.status == 413 and f"{name} grew to {grown:,} bytes while the request was read" in str(
+        refused.value)
+    assert not reads  # refused before a byte was read
+    os.truncate(root / name, len(data.getvalue()))  # and a change of size within the limit: 409
+    photos = service.paths([name])
+    os.truncate(root / name, len(data.getvalue()) + 1)
+    with pytest.raises(serve.RequestError, match="changed size while the request was read") as refused:
+        service.measure(photos)
+    assert refused.value.status == 409
+    # grown after the open checked it: every read stops at the size that was checked
+    os.truncate(root / name, len(data.getvalue()))
+    photos = service.paths([name])
+    monkeypatch.setattr(serve, "open", lambda *a, **k: _ReadsRecorded(
+        real_open(*a, **k), reads, then=lambda: os.truncate(root / name, grown)), raising=False)
+    with photos[0].open() as f:  # the reads that took the whole file: Pillow's WebP header, jpeg_scans
+        if format == "WEBP":
+            with Image.open(f) as img:
+                assert img.size == (16, 16)
+        else:
+            assert serve.jpeg_scans(f, limit) == 1
+    assert reads and max(reads) <= len(data.getvalue()), reads
+    with pytest.raises(serve.RequestError, match="grew to"):  # and the next open refuses it
+        service.measure(photos)
 
 
 def test_a_root_that_is_no_folder_is_refused_at_start_and_a_read_only_server_is_said_as_serving(tmp_path, capsys):
