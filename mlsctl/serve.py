@@ -324,12 +324,27 @@ def _open_checked(path: Path, checked: os.stat_result, given: str, max_bytes: in
     And only if it still has the size checked: a file grown in place (same inode) to 2 GiB after its
     check was read whole into memory by the header checks (an attacker's probe, 2026-12-07). What is
     read is bounded by that size all the same (:class:`_Bounded`), for a file that grows after this
-    check."""
-    f = open(path, "rb")
-    opened = os.fstat(f.fileno())
-    if (opened.st_dev, opened.st_ino) != (checked.st_dev, checked.st_ino):
-        f.close()
+    check. A file removed or replaced meanwhile is the client's 404 (a 500 "internal error
+    (FileNotFoundError)" until 2026-12-07, an attacker's probe); one replaced by a FIFO is not waited
+    on (opened without blocking, then refused as not the file checked)."""
+    gone = RequestError(404, f"{_shown(given)} does not exist under the served root (it was removed or replaced "
+                             f"while the request waited)")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        raise gone from None
+    except PermissionError:
+        raise RequestError(403, f"{_shown(given)} cannot be read by the server (permission denied)") from None
+    except OSError as exc:
+        raise RequestError(400, f"{_shown(given)} cannot be read ({exc.strerror or type(exc).__name__})") from None
+    opened = os.fstat(fd)
+    same = (opened.st_dev, opened.st_ino) == (checked.st_dev, checked.st_ino)  # a new file may reuse the inode
+    if not same or not stat.S_ISREG(opened.st_mode):
+        os.close(fd)
+        if stat.S_ISDIR(opened.st_mode):  # a folder opens for reading: it is no file of the root
+            raise gone
         raise RequestError(409, f"{_shown(given)} changed while the request was read; send it again")
+    f = open(fd, "rb")
     if opened.st_size != checked.st_size:
         f.close()
         if opened.st_size > max_bytes:

@@ -1602,6 +1602,43 @@ def test_a_root_file_grown_after_its_check_is_refused_and_never_read_whole(tmp_p
         service.measure(photos)
 
 
+def test_a_root_file_removed_or_replaced_while_its_request_waits_is_a_404_sentence(tmp_path):
+    """An attacker's probe, 2026-12-07: a --root file deleted (or replaced by a folder) while its request waited was
+    a 500 "internal error (FileNotFoundError)"; it is the client's 404, and a FIFO put in its place is not waited on."""
+    import shutil
+    import threading
+
+    from mlsctl import serve
+
+    root = tmp_path / "root"
+    (root / "sub").mkdir(parents=True)
+    service = _root_service(root)
+    replacements = {"removed": lambda p: p.unlink(), "a folder": lambda p: (p.unlink(), p.mkdir()),
+                    "its folder a file": lambda p: (p.unlink(), p.parent.rmdir(), p.parent.write_bytes(b"x"))}
+    for what, replace in replacements.items():
+        shutil.rmtree(root / "sub") if (root / "sub").is_dir() else (root / "sub").unlink()
+        (root / "sub").mkdir()
+        (root / "sub" / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+        photos = service.paths(["sub/a.png"])
+        replace(root / "sub" / "a.png")
+        with pytest.raises(serve.RequestError) as refused:
+            service.measure(photos)
+        assert refused.value.status == 404 and str(refused.value) == (
+            "sub/a.png does not exist under the served root (it was removed or replaced while the request waited)"), what
+    (root / "sub").unlink()
+    (root / "sub").mkdir()
+    (root / "sub" / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    photos = service.paths(["sub/a.png"])
+    (root / "sub" / "a.png").unlink()
+    os.mkfifo(root / "sub" / "a.png")
+    outcome = []
+    opener = threading.Thread(target=lambda: outcome.append(pytest.raises(serve.RequestError, photos[0].open)),
+                              daemon=True)
+    opener.start()
+    opener.join(10)
+    assert outcome and outcome[0].value.status == 409, "the open waited on a FIFO"
+
+
 def test_a_root_that_is_no_folder_is_refused_at_start_and_a_read_only_server_is_said_as_serving(tmp_path, capsys):
     """A new user's probe (2026-12-06): `serve --root /nonexistent` started, and every request by path was a 404;
     a second server or an `index add` beside a --read-only server was told the gallery was "being written"."""
