@@ -90,6 +90,7 @@ MAX_JSON_BYTES = 2**20
 MAX_FIELDS = 8  # multipart fields that are not files (none is used)
 MAX_FIELD_BYTES = 4096
 MAX_PATH_CHARS = 1024
+MIN_LIMIT_BYTES = 1024  # the least --max-upload-mb, --max-request-mb and --decode-budget-mb may be
 BODY_SECONDS = 60.0  # a request body must arrive within this time
 BODY_GRACE_SECONDS = 5.0  # ... and, after these seconds, at MIN_BODY_RATE at least
 MIN_BODY_RATE = 64 * 1024  # bytes per second
@@ -266,6 +267,9 @@ class Limits:
                               ("--decode-budget-mb", decode_budget_mb)):
             if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 < value <= 2**20):
                 raise UserError(f"{option} must be a number of MiB above 0 and at most {2**20:,}, got {value}")
+            if int(value * 2**20) < MIN_LIMIT_BYTES:  # 1e-9 MiB was taken as a limit of 0 bytes (a probe, 2026-12-07)
+                raise UserError(f"{option} {value:g} is {int(value * 2**20):,} bytes, under the least a limit may be "
+                                f"(1 KiB): give {option} 0.001 or more")
         if max_upload_mb > max_request_mb:
             raise UserError(f"--max-upload-mb {max_upload_mb:g} is over --max-request-mb {max_request_mb:g}: a photo "
                             f"must fit in a request; raise --max-request-mb or lower --max-upload-mb")

@@ -1323,6 +1323,11 @@ def test_7_a_busy_port_an_unknown_host_and_absurd_limits_are_one_sentence(tmp_pa
                           ("--max-request-mb", "-1"), ("--decode-budget-mb", "inf"), ("--max-upload-mb", "100")):
         code, _, err = cli("serve", str(tmp_path / "g"), option, value, capsys=capsys)
         assert code == 2 and option in one_sentence(err), (option, value, err)
+    # an attacker's probe, 2026-12-07: limits that round to 0 bytes were taken
+    for option in ("--max-upload-mb", "--max-request-mb", "--decode-budget-mb"):
+        code, _, err = cli("serve", str(tmp_path / "g"), option, "1e-9", capsys=capsys)
+        assert code == 2 and one_sentence(err).endswith(
+            f"{option} 1e-09 is 0 bytes, under the least a limit may be (1 KiB): give {option} 0.001 or more"), err
     assert not (tmp_path / "g").exists()
 
 
