@@ -1644,6 +1644,42 @@ def test_a_root_file_removed_or_replaced_while_its_request_waits_is_a_404_senten
     assert outcome and outcome[0].value.status == 409, "the open waited on a FIFO"
 
 
+def test_an_empty_path_is_said_so_and_head_is_answered_wherever_get_is(tmp_path):
+    """An attacker's probe, 2026-12-07: {"paths": [""]} was told `" does not exist under the served root"` (a blank
+    name), and HEAD /objects/ID was a 405 where GET answers."""
+    from fastapi.testclient import TestClient
+
+    from mlsctl import serve
+
+    (tmp_path / "root").mkdir()
+    service = _root_service(tmp_path / "root")
+    with pytest.raises(serve.RequestError) as refused:
+        service.paths([""])
+    assert refused.value.status == 400 and str(refused.value) == (
+        "'paths' holds an empty path; name a file under the served root")
+
+    class Objects:
+        read_only, limits = True, serve.Limits()
+
+        def check_id(self, object_id):
+            pass
+
+        def get(self, object_id):
+            if object_id != "obj0":
+                raise serve.RequestError(404, f"no object '{object_id}' in the gallery")
+            return {"object": object_id, "photos": 3}
+
+        def health(self):
+            return {"status": "ok"}
+
+    app = serve.create_app(Objects(), serve.Policy.for_server("127.0.0.1", read_only=True))
+    with TestClient(app, base_url="http://127.0.0.1:8000") as client:
+        for path, status in (("/objects/obj0", 200), ("/objects/nope", 404), ("/health", 200)):
+            got, head = client.get(path), client.head(path)
+            assert got.status_code == head.status_code == status and head.content == b"", (path, head)
+            assert head.headers["content-length"] == got.headers["content-length"]
+
+
 def test_a_root_that_is_no_folder_is_refused_at_start_and_a_read_only_server_is_said_as_serving(tmp_path, capsys):
     """A new user's probe (2026-12-06): `serve --root /nonexistent` started, and every request by path was a 404;
     a second server or an `index add` beside a --read-only server was told the gallery was "being written"."""
