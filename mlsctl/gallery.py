@@ -217,6 +217,14 @@ class LookalikeId(UserError):
     """A new id that reads like a stored one (:func:`lookalike_key`): the service answers 409."""
 
 
+class DamagedGallery(UserError):
+    """The gallery's files hold what no writer of ours writes (NaN rows): its operator's to rebuild, not a
+    client's mistake (the service answers 500 with a sentence that names no path)."""
+
+
+REBUILD = "rebuild it with mlsctl index build --overwrite (index retrain copies the rows, so it cannot mend them)"
+
+
 _JOINERS = frozenset("\u200c\u200d")
 # Unicode's default-ignorable code points (DerivedCoreProperties.txt) beyond the format characters (Cf): the
 # combining grapheme joiner, variation selectors, Hangul and Khmer fillers, Mongolian free variation selectors,
@@ -715,6 +723,7 @@ class Gallery:
             self.latents = self._map(LATENTS, self.dtype, (self.rows, self.dim))
             self.unit = self._map(UNIT, self.dtype, (self.rows, self.dim))
             self.counts = self._map(COUNTS, np.int64, (self.rows,))
+            self._check_rows()
         except (OSError, ValueError, UnicodeDecodeError) as exc:
             where = f"{exc.filename}: " if isinstance(exc, OSError) and exc.filename else ""  # the file, named
             raise UserError(f"{self.path} is damaged ({where}{getattr(exc, 'strerror', None) or exc}); {rebuild}") from None
@@ -723,6 +732,23 @@ class Gallery:
         self.index = self._open_index() if self.with_index else None
 
     # ------------------------------------------------------------------ files
+    def _check_rows(self) -> None:
+        """The committed rows read as what the manifest says they are. A row file may be longer than its
+        committed rows (an interrupted append leaves a tail, of any length, that the next append cuts
+        off), so a size beyond them proves nothing: a manifest saying fp16 over fp32 files, or a narrower
+        ``dim``, was read without a word and gave nonsense scores (an attacker's probe, 2026-12-07). But
+        unit.bin's rows are unit vectors (or zero, for a zero latent), which rows read with another
+        width or dtype are not: a few rows spread over the committed ones are checked."""
+        if not self.rows or not self.dim:
+            return
+        sample = np.unique(np.linspace(0, self.rows - 1, num=min(self.rows, 8)).round().astype(np.int64))
+        with np.errstate(all="ignore"):  # fp32 bytes read as fp16 may be inf
+            norms = np.linalg.norm(np.asarray(self.unit[sample], dtype=np.float32), axis=1)
+        if not np.all((np.abs(norms - 1) < 0.01) | (norms == 0)):  # False for NaN
+            raise ValueError(f"the rows of {UNIT} do not read as unit vectors of width {self.dim} in "
+                             f"{self.manifest['storage_dtype']}: they hold NaN or inf, or {MANIFEST}'s dim or "
+                             f"storage_dtype is not the files'")
+
     def _map(self, name: str, dtype, shape: tuple[int, ...]) -> np.ndarray:
         path = self.data / name
         need = int(np.prod(shape)) * np.dtype(dtype).itemsize
@@ -892,7 +918,13 @@ class Gallery:
         created = object_id not in self.row_of
         if created:
             self.check_new_id(object_id)
-        latent = fold(None if created else self.latent(object_id), cls, tokens)
+        previous = None if created else self.latent(object_id)
+        if previous is not None and not bool(torch.isfinite(previous).all()):
+            # a damaged latents.bin: its NaN would reach append's check as "internal error (ValueError)" (a probe,
+            # 2026-12-07); nothing folded into that row can be mended by retrain, which copies it
+            raise DamagedGallery(f"gallery {self.path} is damaged: the stored latent of '{printable(object_id)}' holds "
+                                 f"NaN or inf, so no photo can be folded into it; {REBUILD}")
+        latent = fold(previous, cls, tokens)
         count = photos + (0 if created else self.count(object_id))
         self.append([object_id], latent[None], [count])
         return created, count
@@ -989,6 +1021,11 @@ class Gallery:
         ids = [self.row_ids[r] for r in live]
         latents = np.asarray(self.latents[live], dtype=np.float32)
         counts = np.asarray(self.counts[live], dtype=np.int64)
+        bad = [ids[i] for i in np.flatnonzero(~np.isfinite(latents).all(axis=1))] if latents.size else []
+        if bad:  # copied, they would answer every search with NaN scores (a probe, 2026-12-07)
+            named = ", ".join(f"'{printable(i)}'" for i in bad[:5]) + (f" and {len(bad) - 5:,} more" if len(bad) > 5 else "")
+            raise DamagedGallery(f"gallery {self.path} is damaged: the stored latents of {counted(len(bad), 'object')} "
+                                 f"({named}) hold NaN or inf, and retrain would copy them; {REBUILD}")
         # a flat index has no lists to ask for (a gallery built before IndexSettings.check may store some)
         asked = (self.manifest.get("index_asked") or {}) if self.settings.kind != "flat" else {}
         settings = IndexSettings(**{**self.settings.to_dict(), "nlist": asked.get("nlist"), "m": asked.get("m")})

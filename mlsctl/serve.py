@@ -607,6 +607,8 @@ class GalleryService:
                     raise _new_id_refusal(exc) from None
 
     def add(self, object_id: str, photos: list[Photo]) -> dict:
+        from mlsctl.gallery import DamagedGallery, printable
+
         self.check_id(object_id)
         cls, tokens = self.tokens(photos)
         def fold(previous, cls, tokens):
@@ -616,6 +618,10 @@ class GalleryService:
         with self.index_lock:
             try:  # a new id is checked again there: a look-alike may have been added meanwhile
                 created, count = self.gallery.fold_into(fold, object_id, cls, tokens, len(photos))
+            except DamagedGallery:  # the operator's to mend, not the client's; its sentence names the server's path
+                raise RequestError(500, f"the gallery's stored latent of '{printable(object_id)}' holds NaN or inf, "
+                                        f"so no photo can be folded into it; the server's operator must rebuild the "
+                                        f"gallery") from None
             except UserError as exc:
                 raise _new_id_refusal(exc) from None
             total = len(self.gallery)

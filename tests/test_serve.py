@@ -1680,6 +1680,30 @@ def test_an_empty_path_is_said_so_and_head_is_answered_wherever_get_is(tmp_path)
             assert head.headers["content-length"] == got.headers["content-length"]
 
 
+def test_an_add_into_a_damaged_row_is_a_500_sentence_without_the_gallery_s_path():
+    """An attacker's probe, 2026-12-07: a NaN row of latents.bin made an add end in "internal error (ValueError)";
+    the library now says the gallery is damaged (naming its path: the CLI's sentence), which a client must not read."""
+    import threading
+
+    from mlsctl import serve
+    from mlsctl.gallery import REBUILD, DamagedGallery
+
+    class Damaged:
+        path = Path("/srv/secret/gallery")
+
+        def fold_into(self, fold, object_id, cls, tokens, photos):
+            raise DamagedGallery(f"gallery {self.path} is damaged: the stored latent of 'o3' holds NaN; {REBUILD}")
+
+    service = serve.GalleryService.__new__(serve.GalleryService)
+    service.gallery, service.index_lock, service.model_lock = Damaged(), threading.Lock(), threading.Lock()
+    service.tokens = lambda photos: (None, None)
+    with pytest.raises(serve.RequestError) as refused:
+        service.add("o3", [])
+    assert refused.value.status == 500 and "/srv" not in str(refused.value) and str(refused.value) == (
+        "the gallery's stored latent of 'o3' holds NaN or inf, so no photo can be folded into it; the server's "
+        "operator must rebuild the gallery")
+
+
 def test_a_root_that_is_no_folder_is_refused_at_start_and_a_read_only_server_is_said_as_serving(tmp_path, capsys):
     """A new user's probe (2026-12-06): `serve --root /nonexistent` started, and every request by path was a 404;
     a second server or an `index add` beside a --read-only server was told the gallery was "being written"."""
