@@ -78,10 +78,16 @@ class SetModel(MILESetModel):
     @torch.no_grad()
     def image_tokens(self, images: Sequence, batch_size: int = 64) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Photos (PIL images, or paths read with :func:`load_images`) → CLS [n, D] and, with
-        ``attend: patches``, patch tokens [n, p, D]: what :meth:`fold` takes."""
-        images = [load_images([image])[0] if isinstance(image, (str, os.PathLike)) else image for image in images]
+        ``attend: patches``, patch tokens [n, p, D]: what :meth:`fold` takes. A path is decoded and
+        resized to the model's input at once, so only that small copy of it is kept (as the server
+        keeps its photos): 40 phone photos of 4000x3000, all decoded before any was resized, took
+        2.65 GB in `index add` and `search --set` (an attacker's probe, 2026-12-07)."""
         preprocessing = self.preprocessor()
-        return self.pixel_tokens(torch.stack([preprocessing.pixels(img) for img in images]), batch_size)
+        pixels = [preprocessing.pixels(load_images([image])[0] if isinstance(image, (str, os.PathLike)) else image)
+                  for image in images]
+        if not pixels:
+            return self.pixel_tokens(torch.empty(0, 3, self.resolution, self.resolution, dtype=torch.uint8))
+        return self.pixel_tokens(torch.stack(pixels), batch_size)
 
     @torch.no_grad()
     def pixel_tokens(self, pixels: torch.Tensor, batch_size: int = 64) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -1405,7 +1411,8 @@ def build_gallery(source: str | os.PathLike, model: SetModel, out: str | os.Path
 
 def add_to_gallery(path: str | os.PathLike, object_id: str, photos: Sequence, *, run: Optional[str | os.PathLike] = None,
                    say: Callable[[str], None] = to_stderr) -> tuple["Gallery", bool, int]:
-    """``mlsctl index add``: fold the decoded ``photos`` into ``object_id`` (created when new) with
+    """``mlsctl index add``: fold ``photos`` (paths, each decoded and resized as it is read, or decoded
+    images: :meth:`SetModel.image_tokens`) into ``object_id`` (created when new) with
     ``run``'s model (default: the gallery's run), under the gallery's lock; returns (the gallery as
     written, created, photos now folded into the object). A server holds the lock for its lifetime
     and calls :meth:`Gallery.add` itself."""
