@@ -794,3 +794,34 @@ def test_index_add_and_search_keep_each_photo_only_resized_and_give_the_latents_
                        capsys=capsys)
     assert code != 0 and err.strip().endswith(f"{tmp_path / 'nope.png'} is not a file; check the path"), err
     assert len(decoded) == 9
+
+
+def test_a_photo_over_the_pixel_limit_is_told_only_the_ways_its_command_has(mile_run, tmp_path, capsys):
+    """An attacker's probe, 2026-12-07: `search --set huge.png` was told "raise the limit: data.max_image_pixels,
+    --max-image-pixels", which neither search nor index add has. The way to raise it is named only where the command
+    has one: a recipe's data.max_image_pixels (pretraining), embed's --max-image-pixels."""
+    from test_hardening import png_header_only
+
+    from mlsctl.data.archive import Tree
+    from mlsctl.data.images import ImageFolder
+    from mlsctl.features import Preprocessing, TreeImages
+
+    png_header_only(tmp_path / "huge.png", 10000, 10000)
+    gallery = tmp_path / "g"
+    run_cli("index", "build", str(mile_run / "gallery"), "--run", str(mile_run / "run"), "--out", str(gallery),
+            check=True)
+    shrink = "10000x10000 is more than 89,478,485 pixels (a decompression bomb, or an image to shrink below the limit)"
+    for args in (("search", "--set", str(tmp_path / "huge.png"), "--index", str(gallery)),
+                 ("index", "add", str(gallery), "--object", "huge", str(tmp_path / "huge.png"))):
+        code, _, err = cli(*args, capsys=capsys)
+        assert code == 2 and err.strip().endswith(f"cannot read {tmp_path / 'huge.png'}: {shrink}"), err
+        assert "max_image_pixels" not in err and "--max-image-pixels" not in err
+    (tmp_path / "images").mkdir()
+    (tmp_path / "huge.png").rename(tmp_path / "images" / "huge.png")
+    reasons = {"": "an image to shrink below the limit)", "--max-image-pixels": "raise the limit: --max-image-pixels)"}
+    for raise_with, words in reasons.items():  # what embed (and index build, which has no such option) skip it for
+        _, pixels, reason = TreeImages(Tree(tmp_path / "images"), ["huge.png"], Preprocessing(32, "square"),
+                                       89_478_485, raise_with)[0]
+        assert pixels is None and reason.endswith(words), reason
+    with pytest.raises(Exception, match=r"raise the limit: data.max_image_pixels\)$"):  # pretraining's recipe key
+        ImageFolder(tmp_path / "images").load(0)
