@@ -166,11 +166,13 @@ def _plan_difference(old: dict, new: dict, *, complete: bool = False) -> str:
 class TreeImages(torch.utils.data.Dataset):
     """The images ``relpaths`` of a tree (a folder or an archive, :mod:`mlsctl.data.archive`),
     decoded and resized by ``preprocessing`` (uint8 [3, R, R]); item ``i`` is ``(i, pixels, None)``,
-    or ``(i, None, reason)`` for a file that is not a decodable image. Batches of it go through
-    :func:`collate_images`."""
+    or ``(i, None, reason)`` for a file that is not a decodable image (``raise_with``: the option that
+    raises ``max_pixels``, named in the reason of a larger one, where the command has one). Batches of
+    it go through :func:`collate_images`."""
 
-    def __init__(self, tree, relpaths: list[str], preprocessing: Preprocessing, max_pixels: int):
+    def __init__(self, tree, relpaths: list[str], preprocessing: Preprocessing, max_pixels: int, raise_with: str = ""):
         self.tree, self.relpaths, self.preprocessing, self.max_pixels = tree, relpaths, preprocessing, max_pixels
+        self.raise_with = raise_with
 
     def __len__(self) -> int:
         return len(self.relpaths)
@@ -179,7 +181,8 @@ class TreeImages(torch.utils.data.Dataset):
         from mlsctl.data.images import BadImage
 
         try:
-            return index, self.preprocessing.pixels(self.tree.load_rgb(self.relpaths[index], self.max_pixels)), None
+            image = self.tree.load_rgb(self.relpaths[index], self.max_pixels, self.raise_with)
+            return index, self.preprocessing.pixels(image), None
         except BadImage as exc:
             return index, None, str(exc)
 
@@ -253,7 +256,7 @@ def embed_folder(images: str | os.PathLike, out: str | os.PathLike, model, *, de
                  workers: Optional[int] = None, dtype: str = "fp16", part_size: Optional[int] = None, overwrite: bool = False,
                  max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, refresh: bool = False,
                  progress: Optional[bool] = None, say: Callable[[str], None] = to_stderr,
-                 dense_cache: Optional[Path] = None) -> EmbedSummary:
+                 dense_cache: Optional[Path] = None, raise_with: str = "") -> EmbedSummary:
     """Embed every image under ``images`` with ``model`` (a :class:`~mlsctl.models.source.ModelChoice`)
     into the feature folder ``out``; see the module docstring for the format and resume rules
     (``refresh``: :func:`embed_listing`'s)."""
@@ -274,7 +277,7 @@ def embed_folder(images: str | os.PathLike, out: str | os.PathLike, model, *, de
                          notes=scan.notes("image folder"), dense=dense, resolution=resolution, resize=resize,
                          batch_size=batch_size, workers=workers, dtype=dtype, part_size=part_size,
                          overwrite=overwrite, refresh=refresh, max_image_pixels=max_image_pixels, progress=progress,
-                         say=say, dense_cache=dense_cache)
+                         say=say, dense_cache=dense_cache, raise_with=raise_with)
 
 
 WORKERS_FROM_IMAGES = 1000  # fewer images decode faster in the main process than workers start
@@ -308,14 +311,17 @@ def embed_listing(tree, relpaths: list[str], out: str | os.PathLike, model, *, n
                   resize: str = "square", batch_size: int = 64, workers: Optional[int] = None, dtype: str = "fp16",
                   part_size: Optional[int] = None, overwrite: bool = False, refresh: bool = False,
                   max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, progress: Optional[bool] = None,
-                  say: Callable[[str], None] = to_stderr, dense_cache: Optional[Path] = None) -> EmbedSummary:
+                  say: Callable[[str], None] = to_stderr, dense_cache: Optional[Path] = None,
+                  raise_with: str = "") -> EmbedSummary:
     """Embed the images ``relpaths`` of ``tree`` (a folder or an archive) into ``out``, decoding
     them in ``workers`` processes (None: :func:`default_workers`). ``contents``: :func:`contents_sha256` of
     the images, so a folder whose images changed under the same names is not taken as done;
     ``refresh`` (the evaluations' feature caches): a folder made otherwise is replaced, not refused.
     ``dense_cache`` (global features asked for): a feature folder that may hold these images' dense
     maps too, made by the same plan otherwise (``eval knn-seg``'s cache of them); complete, it is the
-    answer as it is (the summary's ``out``) and nothing is embedded."""
+    answer as it is (the summary's ``out``) and nothing is embedded. ``raise_with``: the option that
+    raises ``max_image_pixels`` (embed's --max-image-pixels), named where a larger image is skipped;
+    callers without one (index build) pass none, and no option is named."""
     from mlsctl.data.images import allow_image_pixels
 
     started = time.perf_counter()
@@ -385,7 +391,8 @@ def embed_listing(tree, relpaths: list[str], out: str | os.PathLike, model, *, n
         return EmbedSummary(out, len(reused["files"]), reused["skipped"], time.perf_counter() - started, 0.0,
                             model.description, reused=True)
     try:
-        job = _EmbedJob(tree, relpaths, not_images, notes, preprocessing, grid, torch_dtype, workers, plan, plan_sha)
+        job = _EmbedJob(tree, relpaths, not_images, notes, preprocessing, grid, torch_dtype, workers, plan, plan_sha,
+                        raise_with)
         return _embed_parts(job, out, model, progress, say, started)
     finally:
         if is_main:
@@ -533,6 +540,7 @@ class _EmbedJob:
     workers: int
     plan: dict
     plan_sha: str
+    raise_with: str = ""  # the option that raises max_image_pixels, named in a larger image's skip reason
 
     dense = property(lambda self: self.plan["dense"])
     batch_size = property(lambda self: self.plan["batch_size"])
@@ -571,7 +579,8 @@ def _embed_parts(job: _EmbedJob, out: Path, model, progress: Optional[bool], say
             say(f"resuming: {finished} of {n_parts} parts already done")
     device = embedding_device()
     backbone.to(device)
-    loader = Loader(TreeImages(job.tree, relpaths, job.preprocessing, plan["max_image_pixels"]), batch_sampler=batches,
+    loader = Loader(TreeImages(job.tree, relpaths, job.preprocessing, plan["max_image_pixels"], job.raise_with),
+                    batch_sampler=batches,
                     num_workers=job.workers,
                     collate_fn=collate_images, worker_init_fn=worker_init, persistent_workers=False,
                     pin_memory=device.type == "cuda", workers_key="--workers")

@@ -78,10 +78,16 @@ class SetModel(MILESetModel):
     @torch.no_grad()
     def image_tokens(self, images: Sequence, batch_size: int = 64) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Photos (PIL images, or paths read with :func:`load_images`) → CLS [n, D] and, with
-        ``attend: patches``, patch tokens [n, p, D]: what :meth:`fold` takes."""
-        images = [load_images([image])[0] if isinstance(image, (str, os.PathLike)) else image for image in images]
+        ``attend: patches``, patch tokens [n, p, D]: what :meth:`fold` takes. A path is decoded and
+        resized to the model's input at once, so only that small copy of it is kept (as the server
+        keeps its photos): 40 phone photos of 4000x3000, all decoded before any was resized, took
+        2.65 GB in `index add` and `search --set` (an attacker's probe, 2026-12-07)."""
         preprocessing = self.preprocessor()
-        return self.pixel_tokens(torch.stack([preprocessing.pixels(img) for img in images]), batch_size)
+        pixels = [preprocessing.pixels(load_images([image])[0] if isinstance(image, (str, os.PathLike)) else image)
+                  for image in images]
+        if not pixels:
+            return self.pixel_tokens(torch.empty(0, 3, self.resolution, self.resolution, dtype=torch.uint8))
+        return self.pixel_tokens(torch.stack(pixels), batch_size)
 
     @torch.no_grad()
     def pixel_tokens(self, pixels: torch.Tensor, batch_size: int = 64) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -215,6 +221,14 @@ def check_object_id(object_id: str, where: str = "--object") -> str:
 
 class LookalikeId(UserError):
     """A new id that reads like a stored one (:func:`lookalike_key`): the service answers 409."""
+
+
+class DamagedGallery(UserError):
+    """The gallery's files hold what no writer of ours writes (NaN rows): its operator's to rebuild, not a
+    client's mistake (the service answers 500 with a sentence that names no path)."""
+
+
+REBUILD = "rebuild it with mlsctl index build --overwrite (index retrain copies the rows, so it cannot mend them)"
 
 
 _JOINERS = frozenset("\u200c\u200d")
@@ -721,6 +735,7 @@ class Gallery:
             self.latents = self._map(LATENTS, self.dtype, (self.rows, self.dim))
             self.unit = self._map(UNIT, self.dtype, (self.rows, self.dim))
             self.counts = self._map(COUNTS, np.int64, (self.rows,))
+            self._check_rows()
         except (OSError, ValueError, UnicodeDecodeError) as exc:
             where = f"{exc.filename}: " if isinstance(exc, OSError) and exc.filename else ""  # the file, named
             raise UserError(f"{self.path} is damaged ({where}{getattr(exc, 'strerror', None) or exc}); {rebuild}") from None
@@ -729,6 +744,23 @@ class Gallery:
         self.index = self._open_index() if self.with_index else None
 
     # ------------------------------------------------------------------ files
+    def _check_rows(self) -> None:
+        """The committed rows read as what the manifest says they are. A row file may be longer than its
+        committed rows (an interrupted append leaves a tail, of any length, that the next append cuts
+        off), so a size beyond them proves nothing: a manifest saying fp16 over fp32 files, or a narrower
+        ``dim``, was read without a word and gave nonsense scores (an attacker's probe, 2026-12-07). But
+        unit.bin's rows are unit vectors (or zero, for a zero latent), which rows read with another
+        width or dtype are not: a few rows spread over the committed ones are checked."""
+        if not self.rows or not self.dim:
+            return
+        sample = np.unique(np.linspace(0, self.rows - 1, num=min(self.rows, 8)).round().astype(np.int64))
+        with np.errstate(all="ignore"):  # fp32 bytes read as fp16 may be inf
+            norms = np.linalg.norm(np.asarray(self.unit[sample], dtype=np.float32), axis=1)
+        if not np.all((np.abs(norms - 1) < 0.01) | (norms == 0)):  # False for NaN
+            raise ValueError(f"the rows of {UNIT} do not read as unit vectors of width {self.dim} in "
+                             f"{self.manifest['storage_dtype']}: they hold NaN or inf, or {MANIFEST}'s dim or "
+                             f"storage_dtype is not the files'")
+
     def _map(self, name: str, dtype, shape: tuple[int, ...]) -> np.ndarray:
         path = self.data / name
         need = int(np.prod(shape)) * np.dtype(dtype).itemsize
@@ -898,7 +930,13 @@ class Gallery:
         created = object_id not in self.row_of
         if created:
             self.check_new_id(object_id)
-        latent = fold(None if created else self.latent(object_id), cls, tokens)
+        previous = None if created else self.latent(object_id)
+        if previous is not None and not bool(torch.isfinite(previous).all()):
+            # a damaged latents.bin: its NaN would reach append's check as "internal error (ValueError)" (a probe,
+            # 2026-12-07); nothing folded into that row can be mended by retrain, which copies it
+            raise DamagedGallery(f"gallery {self.path} is damaged: the stored latent of '{printable(object_id)}' holds "
+                                 f"NaN or inf, so no photo can be folded into it; {REBUILD}")
+        latent = fold(previous, cls, tokens)
         count = photos + (0 if created else self.count(object_id))
         self.append([object_id], latent[None], [count])
         return created, count
@@ -995,6 +1033,11 @@ class Gallery:
         ids = [self.row_ids[r] for r in live]
         latents = np.asarray(self.latents[live], dtype=np.float32)
         counts = np.asarray(self.counts[live], dtype=np.int64)
+        bad = [ids[i] for i in np.flatnonzero(~np.isfinite(latents).all(axis=1))] if latents.size else []
+        if bad:  # copied, they would answer every search with NaN scores (a probe, 2026-12-07)
+            named = ", ".join(f"'{printable(i)}'" for i in bad[:5]) + (f" and {len(bad) - 5:,} more" if len(bad) > 5 else "")
+            raise DamagedGallery(f"gallery {self.path} is damaged: the stored latents of {counted(len(bad), 'object')} "
+                                 f"({named}) hold NaN or inf, and retrain would copy them; {REBUILD}")
         # a flat index has no lists to ask for (a gallery built before IndexSettings.check may store some)
         asked = (self.manifest.get("index_asked") or {}) if self.settings.kind != "flat" else {}
         settings = IndexSettings(**{**self.settings.to_dict(), "nlist": asked.get("nlist"), "m": asked.get("m")})
@@ -1374,7 +1417,8 @@ def build_gallery(source: str | os.PathLike, model: SetModel, out: str | os.Path
 
 def add_to_gallery(path: str | os.PathLike, object_id: str, photos: Sequence, *, run: Optional[str | os.PathLike] = None,
                    say: Callable[[str], None] = to_stderr) -> tuple["Gallery", bool, int]:
-    """``mlsctl index add``: fold the decoded ``photos`` into ``object_id`` (created when new) with
+    """``mlsctl index add``: fold ``photos`` (paths, each decoded and resized as it is read, or decoded
+    images: :meth:`SetModel.image_tokens`) into ``object_id`` (created when new) with
     ``run``'s model (default: the gallery's run), under the gallery's lock; returns (the gallery as
     written, created, photos now folded into the object). A server holds the lock for its lifetime
     and calls :meth:`Gallery.add` itself."""

@@ -90,6 +90,7 @@ MAX_JSON_BYTES = 2**20
 MAX_FIELDS = 8  # multipart fields that are not files (none is used)
 MAX_FIELD_BYTES = 4096
 MAX_PATH_CHARS = 1024
+MIN_LIMIT_BYTES = 1024  # the least --max-upload-mb, --max-request-mb and --decode-budget-mb may be
 BODY_SECONDS = 60.0  # a request body must arrive within this time
 BODY_GRACE_SECONDS = 5.0  # ... and, after these seconds, at MIN_BODY_RATE at least
 MIN_BODY_RATE = 64 * 1024  # bytes per second
@@ -222,12 +223,14 @@ def limit_png_text() -> None:
     PngImagePlugin.MAX_TEXT_MEMORY = PNG_TEXT_BYTES
 
 
-def jpeg_scans(f: BinaryIO) -> int:
+def jpeg_scans(f: BinaryIO, max_bytes: int) -> int:
     """How many scans (SOS markers, FF DA) a JPEG holds: in its entropy-coded data a byte FF is
     always followed by 00 or a restart marker, so every FF DA is a marker. A baseline JPEG has one
     scan for its components, a progressive one about ten; a file repeating a scan thousands of times
-    decodes for minutes (each scan is a pass over the whole image)."""
-    return f.read().count(b"\xff\xda")  # at most --max-upload-mb, which the decode charge holds already
+    decodes for minutes (each scan is a pass over the whole image). Only its first ``max_bytes`` are
+    read (--max-upload-mb, which the decode charge holds already): a --root file may grow after its
+    size was checked (an attacker's probe, 2026-12-07)."""
+    return f.read(max_bytes).count(b"\xff\xda")
 
 
 def decode_bytes(mode: str, info: dict, image_format: Optional[str] = None) -> int:
@@ -264,6 +267,9 @@ class Limits:
                               ("--decode-budget-mb", decode_budget_mb)):
             if not (isinstance(value, (int, float)) and math.isfinite(value) and 0 < value <= 2**20):
                 raise UserError(f"{option} must be a number of MiB above 0 and at most {2**20:,}, got {value}")
+            if int(value * 2**20) < MIN_LIMIT_BYTES:  # 1e-9 MiB was taken as a limit of 0 bytes (a probe, 2026-12-07)
+                raise UserError(f"{option} {value:g} is {int(value * 2**20):,} bytes, under the least a limit may be "
+                                f"(1 KiB): give {option} 0.001 or more")
         if max_upload_mb > max_request_mb:
             raise UserError(f"--max-upload-mb {max_upload_mb:g} is over --max-request-mb {max_request_mb:g}: a photo "
                             f"must fit in a request; raise --max-request-mb or lower --max-upload-mb")
@@ -315,16 +321,69 @@ def _shown(name: str, limit: int = 80) -> str:
     return out if len(out) <= limit else out[:limit] + "..."
 
 
-def _open_checked(path: Path, checked: os.stat_result, given: str):
+def _open_checked(path: Path, checked: os.stat_result, given: str, max_bytes: int):
     """``path`` opened for reading only if it is still the file checked under ``--root`` (same device
     and inode): a folder on the path swapped for a link to elsewhere between the check and the open
-    would otherwise have the server read a file outside the root (left by the last session's probe)."""
-    f = open(path, "rb")
-    opened = os.fstat(f.fileno())
-    if (opened.st_dev, opened.st_ino) != (checked.st_dev, checked.st_ino):
-        f.close()
+    would otherwise have the server read a file outside the root (left by the last session's probe).
+    And only if it still has the size checked: a file grown in place (same inode) to 2 GiB after its
+    check was read whole into memory by the header checks (an attacker's probe, 2026-12-07). What is
+    read is bounded by that size all the same (:class:`_Bounded`), for a file that grows after this
+    check. A file removed or replaced meanwhile is the client's 404 (a 500 "internal error
+    (FileNotFoundError)" until 2026-12-07, an attacker's probe); one replaced by a FIFO is not waited
+    on (opened without blocking, then refused as not the file checked)."""
+    gone = RequestError(404, f"{_shown(given)} does not exist under the served root (it was removed or replaced "
+                             f"while the request waited)")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        raise gone from None
+    except PermissionError:
+        raise RequestError(403, f"{_shown(given)} cannot be read by the server (permission denied)") from None
+    except OSError as exc:
+        raise RequestError(400, f"{_shown(given)} cannot be read ({exc.strerror or type(exc).__name__})") from None
+    opened = os.fstat(fd)
+    same = (opened.st_dev, opened.st_ino) == (checked.st_dev, checked.st_ino)  # a new file may reuse the inode
+    if not same or not stat.S_ISREG(opened.st_mode):
+        os.close(fd)
+        if stat.S_ISDIR(opened.st_mode):  # a folder opens for reading: it is no file of the root
+            raise gone
         raise RequestError(409, f"{_shown(given)} changed while the request was read; send it again")
-    return f
+    f = open(fd, "rb")
+    if opened.st_size != checked.st_size:
+        f.close()
+        if opened.st_size > max_bytes:
+            raise RequestError(413, f"{_shown(given)} grew to {opened.st_size:,} bytes while the request was read, "
+                                    f"over the limit of {max_bytes:,} per photo")
+        raise RequestError(409, f"{_shown(given)} changed size while the request was read; send it again")
+    return _Bounded(f, checked.st_size)
+
+
+class _Bounded:
+    """A file of which at most its first ``size`` bytes are read, whatever a reader asks (Pillow's
+    WebP reader reads the whole file as it opens it): a --root file may grow after it was checked."""
+
+    def __init__(self, file: BinaryIO, size: int):
+        self.file, self.size = file, size
+
+    def read(self, n: Optional[int] = -1) -> bytes:
+        left = max(self.size - self.file.tell(), 0)
+        return self.file.read(left if n is None or n < 0 else min(n, left))
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self.file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.file.tell()
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
 
 
 class GalleryService:
@@ -398,6 +457,8 @@ class GalleryService:
         self._check_count(len(paths))
         photos = []
         for given in paths:
+            if not given:  # it resolves to the root itself: said with a blank name until 2026-12-07 (a probe)
+                raise RequestError(400, "'paths' holds an empty path; name a file under the served root")
             if len(given) > MAX_PATH_CHARS:
                 raise RequestError(400, f"a path of {len(given):,} characters; paths have at most {MAX_PATH_CHARS}")
             problem = name_problem(given)
@@ -420,7 +481,7 @@ class GalleryService:
                 raise RequestError(403, f"{_shown(given)} is outside the served root")
             self._check_size(given, size)
             photos.append(Photo(given, size, lambda path=path, found=found, given=given:
-                                _open_checked(path, found, given)))
+                                _open_checked(path, found, given, self.limits.max_upload_bytes)))
         if sum(p.size for p in photos) > self.limits.max_request_bytes:
             raise RequestError(413, f"the {len(photos)} files hold {sum(p.size for p in photos):,} bytes, over the "
                                     f"request limit of {self.limits.max_request_bytes:,}")
@@ -448,6 +509,8 @@ class GalleryService:
                 with photo.open() as f, Image.open(f, formats=upload_formats()) as img:
                     width, height = img.size
                     mode, info, image_format = img.mode, dict(img.info), img.format
+            except RequestError:  # the file changed since it was checked (_open_checked)
+                raise
             except Exception as exc:  # noqa: BLE001 - whatever a reader raises on a malformed header is the client's
                 if isinstance(exc, UnidentifiedImageError):
                     reason = f"not an image file in a format this server takes ({', '.join(upload_formats())})"
@@ -465,7 +528,7 @@ class GalleryService:
                                         f"as PNG or JPEG")
             if image_format in ("JPEG", "MPO"):  # Pillow calls a JPEG with an MPF segment of 2 images MPO
                 with photo.open() as f:
-                    scans = jpeg_scans(f)
+                    scans = jpeg_scans(f, self.limits.max_upload_bytes)
                 if scans > MAX_JPEG_SCANS:
                     raise RequestError(400, f"{_shown(photo.name)} cannot be used: a JPEG of {scans:,} scans (photos "
                                             f"have 1 to about 10; this server decodes at most {MAX_JPEG_SCANS})")
@@ -544,6 +607,8 @@ class GalleryService:
                     raise _new_id_refusal(exc) from None
 
     def add(self, object_id: str, photos: list[Photo]) -> dict:
+        from mlsctl.gallery import DamagedGallery, printable
+
         self.check_id(object_id)
         cls, tokens = self.tokens(photos)
         def fold(previous, cls, tokens):
@@ -553,6 +618,10 @@ class GalleryService:
         with self.index_lock:
             try:  # a new id is checked again there: a look-alike may have been added meanwhile
                 created, count = self.gallery.fold_into(fold, object_id, cls, tokens, len(photos))
+            except DamagedGallery:  # the operator's to mend, not the client's; its sentence names the server's path
+                raise RequestError(500, f"the gallery's stored latent of '{printable(object_id)}' holds NaN or inf, "
+                                        f"so no photo can be folded into it; the server's operator must rebuild the "
+                                        f"gallery") from None
             except UserError as exc:
                 raise _new_id_refusal(exc) from None
             total = len(self.gallery)
@@ -991,7 +1060,7 @@ def create_app(service: GalleryService, policy: Optional[Policy] = None, docs: b
             await _still_waited_for(request)
             return await _threaded(service.add, object_id, photos)
 
-    @app.get("/objects/{object_id}")
+    @app.api_route("/objects/{object_id}", methods=["GET", "HEAD"])  # HEAD: wherever GET works (was 405, a probe)
     def get(object_id: str, request: Request):
         check_path_utf8(request.scope)
         service.check_id(object_id)

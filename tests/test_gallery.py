@@ -615,3 +615,51 @@ def test_folder_kind_needs_what_pretrain_writes_beside_a_config_yaml(tmp_path):
     assert folder_kind(images) == "a feature folder"
     (tmp_path / gallery.MANIFEST).write_text('{"kind": "mlsctl-gallery", "format_version": 1}')
     assert folder_kind(tmp_path) == "a gallery" and folder_kind(tmp_path / "other") is None
+
+
+def test_a_damaged_gallery_is_one_sentence_naming_the_rebuild_and_a_manifest_unlike_its_files_is_refused(tmp_path):
+    """An attacker's probe, 2026-12-07: NaN in latents.bin made `index add` end in "internal error (ValueError: the set
+    latents to add ... hold NaN or inf)" and `index retrain` copy the NaN rows into the new gallery; a manifest saying
+    fp16 (or a narrower dim) over fp32 row files opened without a word and gave nonsense scores. A torn tail beyond
+    the committed rows (an interrupted append) still opens."""
+    import json
+
+    from mlsctl.errors import UserError
+    from mlsctl.gallery import DamagedGallery, retrain_gallery
+
+    latents = clustered(20)
+    ids = [f"o{i}" for i in range(20)]
+    write_gallery(tmp_path / "g", ids, latents, [1] * 20, IndexSettings(), MANIFEST)
+    gallery = Gallery(tmp_path / "g")
+    data = gallery.data
+    with open(data / "latents.bin", "r+b") as f:  # o3's and o11's stored latents
+        for row in (3, 11):
+            f.seek(row * 16 * 4)
+            f.write(np.full(16, np.nan, dtype=np.float32).tobytes())
+    gallery = Gallery(tmp_path / "g")  # searches still work: unit.bin is whole
+    assert gallery.search(latents[0], 1)[0][0] == "o0"
+    with pytest.raises(DamagedGallery) as damaged:
+        gallery.fold_into(lambda previous, cls, tokens: previous + cls, "o3", torch.zeros(16), None, 1)
+    assert str(damaged.value) == (
+        f"gallery {tmp_path / 'g'} is damaged: the stored latent of 'o3' holds NaN or inf, so no photo can be folded "
+        f"into it; rebuild it with mlsctl index build --overwrite (index retrain copies the rows, so it cannot mend "
+        f"them)")
+    gallery.fold_into(lambda previous, cls, tokens: previous + cls, "o4", torch.zeros(16), None, 1)  # others: as ever
+    with pytest.raises(DamagedGallery, match=r"the stored latents of 2 objects \('o3', 'o11'\) hold NaN or inf, and "
+                                             r"retrain would copy them; rebuild it with mlsctl index build --overwrite"):
+        retrain_gallery(tmp_path / "g")
+    assert Gallery(tmp_path / "g").rows == 21  # nothing was rewritten
+    # a manifest that does not describe its row files
+    write_gallery(tmp_path / "h", ids, latents, [1] * 20, IndexSettings(), MANIFEST)
+    manifest = json.loads((tmp_path / "h" / "gallery.json").read_text())
+    for change, words in (({"storage_dtype": "fp16"}, "of width 16 in fp16"), ({"dim": 8}, "of width 8 in fp32")):
+        (tmp_path / "h" / "gallery.json").write_text(json.dumps(dict(manifest, **change)))
+        with pytest.raises(UserError, match=f"is damaged \\(the rows of unit.bin do not read as unit vectors {words}: "
+                                            f"they hold NaN or inf, or gallery.json's dim or storage_dtype is not the files'\\); rebuild"):
+            Gallery(tmp_path / "h")
+    (tmp_path / "h" / "gallery.json").write_text(json.dumps(manifest))
+    data = Gallery(tmp_path / "h").data
+    for name in ("latents.bin", "unit.bin", "counts.bin", "objects.txt"):  # a torn append: any tail
+        with open(data / name, "ab") as f:
+            f.write(b"\x01" * 37)
+    assert Gallery(tmp_path / "h").search(latents[5], 1)[0][0] == "o5"

@@ -740,3 +740,93 @@ def test_an_objects_file_of_fewer_photos_than_data_root_is_said(mile_run, tmp_pa
     assert code == 0, err
     assert (f"method.objects_file {objects} lists 4 objects of 8 photos: the run trains on those, not on all 18 "
             f"images under data.root") in " ".join(err.split()), err
+
+
+def test_index_add_and_search_keep_each_photo_only_resized_and_give_the_latents_of_before(mile_run, tmp_path,
+                                                                                           monkeypatch, capsys):
+    """An attacker's probe, 2026-12-07: `index add` and `search --set` decoded every photo whole before any was
+    resized (40 phone photos of 4000x3000 took 2.65 GB). Each photo is now resized to the model's input as it is
+    decoded: a photo decoded is freed before the next is, what reaches the model is [n, 3, R, R], and the latents
+    are those of the previous path. And `index add` checks the lock and its paths before decoding any photo."""
+    import gc
+    import weakref
+
+    from mlsctl import gallery as gallery_lib
+    from mlsctl.gallery import Gallery, SetModel, load_images, load_set_model
+    from mlsctl.locks import FolderLock
+
+    rng = np.random.default_rng(5)
+    photos = []
+    for k in range(3):
+        photos.append(tmp_path / f"p{k}.png")
+        Image.fromarray(rng.integers(0, 255, (150, 200, 3), dtype=np.uint8)).save(photos[-1])
+    model = load_set_model(mile_run / "run")
+    resolution = model.resolution
+    previous = model.pixel_tokens(torch.stack([model.preprocessor().pixels(i) for i in load_images(photos)]))
+    gallery = tmp_path / "g"
+    run_cli("index", "build", str(mile_run / "gallery"), "--run", str(mile_run / "run"), "--out", str(gallery),
+            check=True)
+
+    decoded, kept = [], []
+    real_load, real_tokens = gallery_lib.load_images, SetModel.pixel_tokens
+
+    def load_one_at_a_time(paths):
+        gc.collect()
+        assert not [ref for ref in decoded if ref() is not None], "a decoded photo was kept"
+        images = real_load(paths)
+        decoded.extend(weakref.ref(image) for image in images)
+        return images
+
+    def recorded(self, pixels, batch_size=64):
+        kept.append(tuple(pixels.shape))
+        return real_tokens(self, pixels, batch_size)
+
+    monkeypatch.setattr(gallery_lib, "load_images", load_one_at_a_time)
+    monkeypatch.setattr(SetModel, "pixel_tokens", recorded)
+    cls, _ = model.image_tokens([str(p) for p in photos])
+    assert kept == [(3, 3, resolution, resolution)] and torch.equal(cls, previous[0]) and len(decoded) == 3
+    out, _ = cli_ok(capsys, "search", "--set", *map(str, photos), "--index", str(gallery), "-k", "6", "--json")
+    found = Gallery(gallery).search(model.fold(None, *previous), 6)
+    assert [(r["object"], r["score"]) for r in json.loads(out)["results"]] == [(o, s) for o, s in found]
+    cli_ok(capsys, "index", "add", str(gallery), "--object", "phones", *map(str, photos))
+    assert kept[-1] == (3, 3, resolution, resolution) and len(decoded) == 9
+    assert torch.equal(Gallery(gallery).latent("phones"), model.fold(None, *previous))
+    # what is cheap to check is checked before a photo is decoded: the lock, the paths
+    with FolderLock(gallery, "gallery"):
+        code, _, err = cli("index", "add", str(gallery), "--object", "phones", str(photos[0]), capsys=capsys)
+        assert code == 1 and "is being written by process" in err
+    code, _, err = cli("index", "add", str(gallery), "--object", "phones", str(photos[0]), str(tmp_path / "nope.png"),
+                       capsys=capsys)
+    assert code != 0 and err.strip().endswith(f"{tmp_path / 'nope.png'} is not a file; check the path"), err
+    assert len(decoded) == 9
+
+
+def test_a_photo_over_the_pixel_limit_is_told_only_the_ways_its_command_has(mile_run, tmp_path, capsys):
+    """An attacker's probe, 2026-12-07: `search --set huge.png` was told "raise the limit: data.max_image_pixels,
+    --max-image-pixels", which neither search nor index add has. The way to raise it is named only where the command
+    has one: a recipe's data.max_image_pixels (pretraining), embed's --max-image-pixels."""
+    from test_hardening import png_header_only
+
+    from mlsctl.data.archive import Tree
+    from mlsctl.data.images import ImageFolder
+    from mlsctl.features import Preprocessing, TreeImages
+
+    png_header_only(tmp_path / "huge.png", 10000, 10000)
+    gallery = tmp_path / "g"
+    run_cli("index", "build", str(mile_run / "gallery"), "--run", str(mile_run / "run"), "--out", str(gallery),
+            check=True)
+    shrink = "10000x10000 is more than 89,478,485 pixels (a decompression bomb, or an image to shrink below the limit)"
+    for args in (("search", "--set", str(tmp_path / "huge.png"), "--index", str(gallery)),
+                 ("index", "add", str(gallery), "--object", "huge", str(tmp_path / "huge.png"))):
+        code, _, err = cli(*args, capsys=capsys)
+        assert code == 2 and err.strip().endswith(f"cannot read {tmp_path / 'huge.png'}: {shrink}"), err
+        assert "max_image_pixels" not in err and "--max-image-pixels" not in err
+    (tmp_path / "images").mkdir()
+    (tmp_path / "huge.png").rename(tmp_path / "images" / "huge.png")
+    reasons = {"": "an image to shrink below the limit)", "--max-image-pixels": "raise the limit: --max-image-pixels)"}
+    for raise_with, words in reasons.items():  # what embed (and index build, which has no such option) skip it for
+        _, pixels, reason = TreeImages(Tree(tmp_path / "images"), ["huge.png"], Preprocessing(32, "square"),
+                                       89_478_485, raise_with)[0]
+        assert pixels is None and reason.endswith(words), reason
+    with pytest.raises(Exception, match=r"raise the limit: data.max_image_pixels\)$"):  # pretraining's recipe key
+        ImageFolder(tmp_path / "images").load(0)

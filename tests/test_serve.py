@@ -1323,6 +1323,11 @@ def test_7_a_busy_port_an_unknown_host_and_absurd_limits_are_one_sentence(tmp_pa
                           ("--max-request-mb", "-1"), ("--decode-budget-mb", "inf"), ("--max-upload-mb", "100")):
         code, _, err = cli("serve", str(tmp_path / "g"), option, value, capsys=capsys)
         assert code == 2 and option in one_sentence(err), (option, value, err)
+    # an attacker's probe, 2026-12-07: limits that round to 0 bytes were taken
+    for option in ("--max-upload-mb", "--max-request-mb", "--decode-budget-mb"):
+        code, _, err = cli("serve", str(tmp_path / "g"), option, "1e-9", capsys=capsys)
+        assert code == 2 and one_sentence(err).endswith(
+            f"{option} 1e-09 is 0 bytes, under the least a limit may be (1 KiB): give {option} 0.001 or more"), err
     assert not (tmp_path / "g").exists()
 
 
@@ -1495,12 +1500,12 @@ def test_a_root_path_swapped_after_its_check_is_not_read(tmp_path):
     (tmp_path / "outside").mkdir()
     (tmp_path / "outside" / "a.png").write_bytes(b"secret")
     checked = (root / "sub" / "a.png").stat()
-    with serve._open_checked(root / "sub" / "a.png", checked, "sub/a.png") as f:
+    with serve._open_checked(root / "sub" / "a.png", checked, "sub/a.png", 2**20) as f:
         assert f.read() == b"mine"
     (root / "sub").rename(tmp_path / "moved")
     os.symlink(tmp_path / "outside", root / "sub")  # the swap
     with pytest.raises(serve.RequestError) as refused:
-        serve._open_checked(root / "sub" / "a.png", checked, "sub/a.png")
+        serve._open_checked(root / "sub" / "a.png", checked, "sub/a.png", 2**20)
     assert refused.value.status == 409 and "changed while the request was read" in str(refused.value)
     # through the service's own path check, the photo named is the one that changed (a review: the last's was)
     (root / "sub").unlink()
@@ -1515,6 +1520,188 @@ def test_a_root_path_swapped_after_its_check_is_not_read(tmp_path):
         photos[0].open()
     with photos[1].open() as f:
         assert f.read() == b"other"
+
+
+class _ReadsRecorded:
+    """A file whose reads are recorded (bytes returned by each), and which may run ``then`` at its first read."""
+
+    def __init__(self, file, reads: list, then=None):
+        self.file, self.reads, self.then = file, reads, then
+
+    def read(self, n=-1):
+        if self.then is not None:
+            self.then, then = None, self.then
+            then()
+        data = self.file.read(n)
+        self.reads.append(len(data))
+        return data
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+        return False
+
+
+def _root_service(root: Path, **limits):
+    from mlsctl import serve
+
+    service = serve.GalleryService.__new__(serve.GalleryService)
+    service.root, service.limits = root.resolve(), serve.Limits(**limits)
+    return service
+
+
+@pytest.mark.parametrize("format", ["JPEG", "WEBP"])
+def test_a_root_file_grown_after_its_check_is_refused_and_never_read_whole(tmp_path, monkeypatch, format):
+    """An attacker's probe, 2026-12-07: a --root file grown in place (same inode, sparse) to 2 GiB after its size was
+    checked was read whole into memory (jpeg_scans read it all; Pillow's WebP reader reads the file as it opens it).
+    Grown before an open, it is refused (413 over the limit); grown after the open's check, no read goes past the
+    size that was checked."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    from mlsctl import serve
+
+    limit, grown = 64 * 1024, 8 * 2**20
+    data = BytesIO()
+    Image.new("RGB", (16, 16), "red").save(data, format)
+    root = tmp_path / "root"
+    root.mkdir()
+    name = f"a.{format.lower()}"
+    (root / name).write_bytes(data.getvalue())
+    reads: list[int] = []
+    real_open = open
+    monkeypatch.setattr(serve, "open", lambda *a, **k: _ReadsRecorded(real_open(*a, **k), reads), raising=False)
+    service = _root_service(root, max_upload_bytes=limit)
+    photos = service.paths([name])
+    os.truncate(root / name, grown)  # between the check and the open
+    with pytest.raises(serve.RequestError) as refused:
+        service.measure(photos)
+    assert refused.value.status == 413 and f"{name} grew to {grown:,} bytes while the request was read" in str(
+        refused.value)
+    assert not reads  # refused before a byte was read
+    os.truncate(root / name, len(data.getvalue()))  # and a change of size within the limit: 409
+    photos = service.paths([name])
+    os.truncate(root / name, len(data.getvalue()) + 1)
+    with pytest.raises(serve.RequestError, match="changed size while the request was read") as refused:
+        service.measure(photos)
+    assert refused.value.status == 409
+    # grown after the open checked it: every read stops at the size that was checked
+    os.truncate(root / name, len(data.getvalue()))
+    photos = service.paths([name])
+    monkeypatch.setattr(serve, "open", lambda *a, **k: _ReadsRecorded(
+        real_open(*a, **k), reads, then=lambda: os.truncate(root / name, grown)), raising=False)
+    with photos[0].open() as f:  # the reads that took the whole file: Pillow's WebP header, jpeg_scans
+        if format == "WEBP":
+            with Image.open(f) as img:
+                assert img.size == (16, 16)
+        else:
+            assert serve.jpeg_scans(f, limit) == 1
+    assert reads and max(reads) <= len(data.getvalue()), reads
+    with pytest.raises(serve.RequestError, match="grew to"):  # and the next open refuses it
+        service.measure(photos)
+
+
+def test_a_root_file_removed_or_replaced_while_its_request_waits_is_a_404_sentence(tmp_path):
+    """An attacker's probe, 2026-12-07: a --root file deleted (or replaced by a folder) while its request waited was
+    a 500 "internal error (FileNotFoundError)"; it is the client's 404, and a FIFO put in its place is not waited on."""
+    import shutil
+    import threading
+
+    from mlsctl import serve
+
+    root = tmp_path / "root"
+    (root / "sub").mkdir(parents=True)
+    service = _root_service(root)
+    replacements = {"removed": lambda p: p.unlink(), "a folder": lambda p: (p.unlink(), p.mkdir()),
+                    "its folder a file": lambda p: (p.unlink(), p.parent.rmdir(), p.parent.write_bytes(b"x"))}
+    for what, replace in replacements.items():
+        shutil.rmtree(root / "sub") if (root / "sub").is_dir() else (root / "sub").unlink()
+        (root / "sub").mkdir()
+        (root / "sub" / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+        photos = service.paths(["sub/a.png"])
+        replace(root / "sub" / "a.png")
+        with pytest.raises(serve.RequestError) as refused:
+            service.measure(photos)
+        assert refused.value.status == 404 and str(refused.value) == (
+            "sub/a.png does not exist under the served root (it was removed or replaced while the request waited)"), what
+    (root / "sub").unlink()
+    (root / "sub").mkdir()
+    (root / "sub" / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    photos = service.paths(["sub/a.png"])
+    (root / "sub" / "a.png").unlink()
+    os.mkfifo(root / "sub" / "a.png")
+    outcome = []
+    opener = threading.Thread(target=lambda: outcome.append(pytest.raises(serve.RequestError, photos[0].open)),
+                              daemon=True)
+    opener.start()
+    opener.join(10)
+    assert outcome and outcome[0].value.status == 409, "the open waited on a FIFO"
+
+
+def test_an_empty_path_is_said_so_and_head_is_answered_wherever_get_is(tmp_path):
+    """An attacker's probe, 2026-12-07: {"paths": [""]} was told `" does not exist under the served root"` (a blank
+    name), and HEAD /objects/ID was a 405 where GET answers."""
+    from fastapi.testclient import TestClient
+
+    from mlsctl import serve
+
+    (tmp_path / "root").mkdir()
+    service = _root_service(tmp_path / "root")
+    with pytest.raises(serve.RequestError) as refused:
+        service.paths([""])
+    assert refused.value.status == 400 and str(refused.value) == (
+        "'paths' holds an empty path; name a file under the served root")
+
+    class Objects:
+        read_only, limits = True, serve.Limits()
+
+        def check_id(self, object_id):
+            pass
+
+        def get(self, object_id):
+            if object_id != "obj0":
+                raise serve.RequestError(404, f"no object '{object_id}' in the gallery")
+            return {"object": object_id, "photos": 3}
+
+        def health(self):
+            return {"status": "ok"}
+
+    app = serve.create_app(Objects(), serve.Policy.for_server("127.0.0.1", read_only=True))
+    with TestClient(app, base_url="http://127.0.0.1:8000") as client:
+        for path, status in (("/objects/obj0", 200), ("/objects/nope", 404), ("/health", 200)):
+            got, head = client.get(path), client.head(path)
+            assert got.status_code == head.status_code == status and head.content == b"", (path, head)
+            assert head.headers["content-length"] == got.headers["content-length"]
+
+
+def test_an_add_into_a_damaged_row_is_a_500_sentence_without_the_gallery_s_path():
+    """An attacker's probe, 2026-12-07: a NaN row of latents.bin made an add end in "internal error (ValueError)";
+    the library now says the gallery is damaged (naming its path: the CLI's sentence), which a client must not read."""
+    import threading
+
+    from mlsctl import serve
+    from mlsctl.gallery import REBUILD, DamagedGallery
+
+    class Damaged:
+        path = Path("/srv/secret/gallery")
+
+        def fold_into(self, fold, object_id, cls, tokens, photos):
+            raise DamagedGallery(f"gallery {self.path} is damaged: the stored latent of 'o3' holds NaN; {REBUILD}")
+
+    service = serve.GalleryService.__new__(serve.GalleryService)
+    service.gallery, service.index_lock, service.model_lock = Damaged(), threading.Lock(), threading.Lock()
+    service.tokens = lambda photos: (None, None)
+    with pytest.raises(serve.RequestError) as refused:
+        service.add("o3", [])
+    assert refused.value.status == 500 and "/srv" not in str(refused.value) and str(refused.value) == (
+        "the gallery's stored latent of 'o3' holds NaN or inf, so no photo can be folded into it; the server's "
+        "operator must rebuild the gallery")
 
 
 def test_a_root_that_is_no_folder_is_refused_at_start_and_a_read_only_server_is_said_as_serving(tmp_path, capsys):

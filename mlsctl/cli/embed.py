@@ -87,7 +87,7 @@ def embed(
 
     options = dict(dense=dense, resolution=resolution, resize=resize, batch_size=batch_size, workers=workers,
                    dtype=dtype, part_size=part_size, overwrite=overwrite, max_image_pixels=max_image_pixels,
-                   say=say_once)
+                   say=say_once, raise_with="--max-image-pixels")
     # the default --out is the folder the evaluations keep these features in (an embed, then an eval of the same
     # images, embedded them twice: a code-health review, 2026-12-06)
     where = dict(dense=dense, resize=resize, resolution=resolution, dtype=dtype)

@@ -71,16 +71,16 @@ class Tree:
         """How a message names one file of the tree."""
         return str(self.path / relpath)
 
-    def load_rgb(self, relpath: str, max_pixels: Optional[int] = None):
+    def load_rgb(self, relpath: str, max_pixels: Optional[int] = None, raise_with: str = ""):
         """One image of the tree decoded to 8-bit RGB (:func:`mlsctl.data.images.load_rgb`), refused
         above ``max_pixels`` (None: the default limit); a file that is not a decodable image raises
-        :class:`~mlsctl.data.images.BadImage`."""
+        :class:`~mlsctl.data.images.BadImage` (naming ``raise_with`` for a larger one, if given)."""
         from mlsctl.data.images import DEFAULT_MAX_IMAGE_PIXELS, decode_rgb, load_rgb
 
         limit = DEFAULT_MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
         if self.kind == "folder":
-            return load_rgb(self.path / relpath, limit)
-        return decode_rgb(self.read_bytes(relpath), limit)
+            return load_rgb(self.path / relpath, limit, raise_with)
+        return decode_rgb(self.read_bytes(relpath), limit, raise_with=raise_with)
 
     def __getstate__(self) -> dict:
         return {"path": self.path}

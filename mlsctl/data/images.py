@@ -42,7 +42,7 @@ log = logging.getLogger("mlsctl")
 
 # Pillow's own guard against decompression bombs (89,478,485 pixels, about 9459²): a larger image
 # is skipped like any other bad file. Pretraining raises it with data.max_image_pixels, embed with
-# --max-image-pixels.
+# --max-image-pixels; the message names that way (``raise_with``) only where the caller has one.
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 
 # Formats Pillow registers but that are not raster photographs it can decode by itself (stubs that
@@ -354,16 +354,17 @@ def allow_image_pixels(max_pixels: int) -> None:
         Image.MAX_IMAGE_PIXELS = max_pixels
 
 
-def load_rgb(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+def load_rgb(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, raise_with: str = "") -> Image.Image:
     """Decode ``path`` completely into an 8-bit RGB image with EXIF orientation applied; an image of
-    more than ``max_pixels`` pixels is refused before it is decoded."""
+    more than ``max_pixels`` pixels is refused before it is decoded, the refusal naming ``raise_with``
+    (the caller's option or key for the limit) if it has one."""
     path = Path(path)
     try:
         if path.stat().st_size == 0:
             raise BadImage("empty file (0 bytes)")
     except OSError as exc:
         raise _unreadable(exc, path) from None
-    return _decode(path, max_pixels)
+    return _decode(path, max_pixels, raise_with=raise_with)
 
 
 # A file the file system refuses is skipped like one that cannot be decoded. Any other OSError is the
@@ -389,7 +390,7 @@ def _unreadable(exc: OSError, path: Path) -> Exception:
 
 
 def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, formats: Sequence[str] = IMAGE_FORMATS,
-               quiet: bool = True) -> Image.Image:
+               quiet: bool = True, raise_with: str = "") -> Image.Image:
     """:func:`load_rgb` for the bytes of an image file (an archive member, an upload), in one of
     ``formats``; ``quiet=False`` leaves Pillow's warnings to the process's filters (``catch_warnings``
     swaps them process-wide, which threads decoding at once must not do)."""
@@ -397,12 +398,15 @@ def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, formats:
 
     if not data:
         raise BadImage("empty file (0 bytes)")
-    return _decode(io.BytesIO(data), max_pixels, formats, quiet)
+    return _decode(io.BytesIO(data), max_pixels, formats, quiet, raise_with)
 
 
-def _decode(source, max_pixels: int, formats: Sequence[str] = IMAGE_FORMATS, quiet: bool = True) -> Image.Image:
-    too_large = (f"more than {max_pixels:,} pixels (a decompression bomb, or raise the limit: data.max_image_pixels, "
-                 f"--max-image-pixels)")
+def _decode(source, max_pixels: int, formats: Sequence[str] = IMAGE_FORMATS, quiet: bool = True,
+            raise_with: str = "") -> Image.Image:
+    # the way to raise the limit only where the command has one: `search --set huge.png` was told to raise
+    # data.max_image_pixels or --max-image-pixels, neither of which it has (an attacker's probe, 2026-12-07)
+    too_large = (f"more than {max_pixels:,} pixels (a decompression bomb, or "
+                 + (f"raise the limit: {raise_with})" if raise_with else "an image to shrink below the limit)"))
     try:
         with warnings.catch_warnings() if quiet else contextlib.nullcontext():
             if quiet:
@@ -500,4 +504,4 @@ class ImageFolder:
         return [p.decode("utf-8", "surrogateescape") for p in self._relpaths.tolist()]
 
     def load(self, index: int) -> Image.Image:
-        return load_rgb(self.root / self.relpath(index), self.max_pixels)
+        return load_rgb(self.root / self.relpath(index), self.max_pixels, raise_with="data.max_image_pixels")
