@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import signal
 from pathlib import Path
 
@@ -292,6 +293,20 @@ def test_apply_writes_features_every_eval_reads_and_never_shows_a_query_itself(t
                        capsys=capsys)
     assert code == 2 and "holds notes.txt besides the features" in err and (tmp / "refined" / "notes.txt").is_file()
     (tmp / "refined" / "notes.txt").unlink()
+    # a new user's probe, 2026-12-07: hidden names were skipped, and only the top level was looked at
+    for mine, named in ((tmp / "refined" / ".git" / "HEAD", ".git/"),
+                        (tmp / "refined" / ".partial" / "notes.txt", ".partial/notes.txt")):
+        mine.parent.mkdir(exist_ok=True)
+        mine.write_text("mine")
+        code, _, err = cli("refine", "apply", str(tmp / "run"), str(test), "--out", str(tmp / "refined"), "--overwrite",
+                           capsys=capsys)
+        assert code == 2 and f"holds {named} besides the features" in err and mine.read_text() == "mine", err
+        shutil.rmtree(mine.parent)
+    (tmp / "refined" / ".partial").mkdir()  # an unfinished embed's own names are the features'
+    (tmp / "refined" / ".partial" / "plan.json").write_text("{}")
+    (tmp / "refined" / ".manifest.json.abcd1234.tmp").write_text("{")
+    cli_ok(capsys, "refine", "apply", str(tmp / "run"), str(test), "--out", str(tmp / "refined"), "--overwrite")
+    assert sorted(p.name for p in (tmp / "refined").iterdir() if p.name.startswith(".")) == []
     # an empty folder given as --out is written without --overwrite (it refined, then refused: a review)
     (tmp / "empty").mkdir()
     cli_ok(capsys, "refine", "apply", str(tmp / "run"), str(test), "--out", str(tmp / "empty"))
