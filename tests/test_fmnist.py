@@ -308,3 +308,23 @@ def test_overwrite_refuses_what_the_build_did_not_make_anywhere_in_its_folder(tm
     (out.parent / "train-aside").rename(out / "train")
     assert build(2)["parameters"]["seed"] == 2
 
+
+def test_files_put_into_a_build_while_it_was_rebuilt_are_refused_before_the_swap(tmp_path: Path, fake_fmnist: Path,
+                                                                                  monkeypatch):
+    """A new user's probe, 2026-12-07 (the same hole): what appears in the old folder during an --overwrite build
+    would go with it; the check is made again just before the new folder is swapped in."""
+    import mlsctl.data.fmnist as fmnist
+
+    out = tmp_path / "scenes"
+    build_scenes(out, n_train=3, n_val=2, size=32, source=fake_fmnist, progress=False)
+    real = fmnist._build_split
+
+    def and_meanwhile(*args, **kwargs):
+        real(*args, **kwargs)
+        (out / "val" / "masks" / ".hidden-notes").write_text("mine")
+
+    monkeypatch.setattr(fmnist, "_build_split", and_meanwhile)
+    with pytest.raises(UserError, match=r"holds val/masks/\.hidden-notes, which the fmnist-scenes build did not make"):
+        build_scenes(out, n_train=4, n_val=2, size=32, source=fake_fmnist, overwrite=True, progress=False)
+    assert (out / "val" / "masks" / ".hidden-notes").read_text() == "mine" and len(list((out / "train" / "images").iterdir())) == 3
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # its own folder removed

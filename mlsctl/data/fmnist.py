@@ -240,7 +240,7 @@ def _build_scenes(out: Path, splits: dict, params: dict, source, progress: bool)
                 "source": str(source), "classes": ["background", *CLASSES], "ignore_index": IGNORE_INDEX,
                 "splits": {"train": "Fashion-MNIST train", "val": "Fashion-MNIST test (t10k)"}}
         atomic.write_json(tmp / "meta.json", meta)
-        replace_folder(tmp, out)
+        replace_folder(tmp, out, "fmnist-scenes", scenes_layout)
     return meta
 
 
@@ -367,6 +367,18 @@ def _shown_parameters(params) -> str:
     return ", ".join(f"{key} {value}" for key, value in params.items())
 
 
-def replace_folder(tmp: Path, out: Path) -> None:
-    """Put a completely built ``tmp`` in place of ``out``, in one step (:func:`mlsctl.atomic.swap_folder`)."""
+def replace_folder(tmp: Path, out: Path, generator: str, layout: Callable[[dict], atomic.Layout]) -> None:
+    """Put a completely built ``tmp`` in place of ``out``, in one step (:func:`mlsctl.atomic.swap_folder`),
+    once more refusing what the earlier build did not make (``layout`` of its meta record), which may
+    have been put there while this one was built."""
+    if out.is_dir():
+        refuse_foreign(out, generator, layout(_read_meta(out) or {}))
     atomic.swap_folder(tmp, out)
+
+
+def _read_meta(out: Path) -> Optional[dict]:
+    try:
+        meta = json.loads((out / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None

@@ -180,5 +180,5 @@ def _build_products(out: Path, params: dict, layout: str, source, progress: bool
         meta = {"format_version": PRODUCTS_FORMAT_VERSION, "generator": "fmnist-products", "parameters": params,
                 "source": str(source), "classes": CLASSES, "splits": splits}
         atomic.write_json(tmp / "meta.json", meta)
-        replace_folder(tmp, out)
+        replace_folder(tmp, out, "fmnist-products", products_layout)
     return meta

@@ -238,7 +238,7 @@ def _holds(out: Path, fingerprint: str, features, dtype: str) -> bool:
 def write_features(out: Path, global_: torch.Tensor, source, model: dict, *, overwrite: bool, normalization: str) -> None:
     """A feature folder with the rows of ``source`` (files, input root, preprocessing) and new
     global features, written next to ``out`` and renamed into place."""
-    from mlsctl.data.shards import MANIFEST, SHARD_BYTES, feature_manifest, shard_name, write_shard
+    from mlsctl.data.shards import FEATURES_LAYOUT, MANIFEST, SHARD_BYTES, feature_manifest, shard_name, write_shard
     from mlsctl.locks import LOCK_NAME
 
     n = len(global_)
@@ -264,6 +264,8 @@ def write_features(out: Path, global_: torch.Tensor, source, model: dict, *, ove
         atomic.write_json(tmp / MANIFEST, manifest)
         if out.exists() and any(p.name != LOCK_NAME for p in out.iterdir()) and not overwrite:  # appeared meanwhile
             raise UserError(f"--out {out} appeared while refining; add --overwrite or choose another --out")
+        if overwrite and out.is_dir():  # what was put there while refining goes no more than what was before
+            atomic.refuse_others(out, FEATURES_LAYOUT, f"--out {out}", " besides the features")
         atomic.swap_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
