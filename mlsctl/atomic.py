@@ -19,7 +19,7 @@ import resource
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 
 def fsync_dir(directory: Path) -> None:
@@ -172,16 +172,85 @@ def followed(out: str | os.PathLike, flag: str = "--out") -> Path:
                         f"give a folder") from None
 
 
-def refuse_others(out: Path, ours: Callable[[str], bool], named: str, besides: str) -> None:
-    """Before ``--overwrite`` swaps a whole new folder in for ``out``: one sentence naming the entries of
-    ``out`` that are not its owner's (``ours`` false; hidden entries are the tools' own), which would go
-    with it (a new user, 2026-12-06: a features/ folder and notes kept in a data build were deleted).
+#: What a tool writes in a folder it replaces whole, for :func:`refuse_others`: each key a regular expression
+#: a whole name matches, its value ``None`` for a regular file or the layout of a folder (checked in turn).
+Layout = Mapping[str, Optional["Layout"]]
+
+# atomic_path's temporary name (mkstemp: 8 characters of [a-z0-9_]) of a file the layout names: the
+# leftover of a write killed there, the tool's own
+_TEMPORARY = re.compile(r"\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp")
+_UNKNOWN = object()
+
+
+def _rule(layout: Layout, name: str):
+    for pattern, inner in layout.items():
+        if re.fullmatch(pattern, name):
+            return inner
+    return _UNKNOWN
+
+
+def foreign_entries(out: Path, layout: Layout, limit: int = 4) -> list[str]:
+    """The first ``limit`` entries anywhere under ``out`` (in name order, paths relative to ``out``, a
+    folder's with a trailing ``/``) that ``layout`` does not describe: other names, hidden ones
+    included, a folder where a file belongs or the reverse, links and other special files, and a
+    folder that cannot be read (what is in it cannot be vouched for). The tools' own names are not
+    foreign: ``.mlsctl.lock`` at the top (a lock taken inside) and the temporary file of an atomic
+    write of a file the layout names. Only names are read (``scandir``), not contents: cheap for
+    large folders; a foreign folder is named, not entered."""
+    from mlsctl.locks import LOCK_NAME
+
+    found: list[str] = []
+
+    def walk(folder: Path, rules: Layout, prefix: str) -> None:
+        try:
+            with os.scandir(folder) as listing:
+                entries = sorted(listing, key=lambda e: e.name)
+        except OSError:  # what is in it cannot be vouched for
+            found.append(f"{prefix or './'} (unreadable)")
+            return
+        for entry in entries:
+            if len(found) >= limit:
+                return
+            name = entry.name
+            try:
+                kind = ("link" if entry.is_symlink() else "dir" if entry.is_dir(follow_symlinks=False)
+                        else "file" if entry.is_file(follow_symlinks=False) else "other")
+            except OSError:
+                kind = "other"
+            shown = prefix + name + ("/" if kind == "dir" else "")
+            inner = _rule(rules, name)
+            if inner is _UNKNOWN:
+                temporary = _TEMPORARY.fullmatch(name)
+                own = (kind == "file" and ((not prefix and name == LOCK_NAME) or (
+                    temporary is not None and _rule(rules, temporary["target"]) is None)))
+                if not own:
+                    found.append(shown)
+            elif inner is None:
+                if kind != "file":
+                    found.append(shown)
+            elif kind != "dir":
+                found.append(shown)
+            else:
+                walk(Path(entry.path), inner, shown)
+
+    walk(out, layout, "")
+    return found
+
+
+def refuse_others(out: Path, layout: Layout, named: str, besides: str) -> None:
+    """Before ``--overwrite`` swaps a whole new folder in for ``out``: one sentence naming the first
+    entries anywhere under ``out`` that ``layout`` (what its owner writes) does not describe
+    (:func:`foreign_entries`: hidden ones too), which would go with it (a new user, 2026-12-06: a
+    features/ folder and notes kept in a data build were deleted; a new user's probe, 2026-12-07: so
+    were a hidden ``.git/``, a folder inside a split and a stray image among the images).
     ``named``: how the message names ``out``; ``besides``: what the entries are besides, as a clause."""
     from mlsctl.errors import UserError
 
-    others = sorted(p.name for p in out.iterdir() if not (ours(p.name) or p.name.startswith(".")))
+    others = foreign_entries(out, layout)
     if others:
-        raise UserError(f"{named} holds {', '.join(others[:3])}{' and more' if len(others) > 3 else ''}{besides}; "
+        shown = (f"{', '.join(others[:3])} and more" if len(others) > 3
+                 else others[0] if len(others) == 1 else f"{', '.join(others[:-1])} and {others[-1]}")
+        raise UserError(f"{named} holds {shown}{besides}; "
                         f"--overwrite replaces the whole folder, so move {'them' if len(others) > 1 else 'it'} out first")
 
 

@@ -87,3 +87,35 @@ def test_swap_folder_refuses_a_link(tmp_path):
     (tmp_path / "link").symlink_to(tmp_path / "target")
     with pytest.raises(ValueError, match="symbolic link"):
         atomic.swap_folder(_folder(tmp_path / "new", "new"), tmp_path / "link")
+
+
+def test_foreign_entries_walk_the_whole_tree_hidden_names_included(tmp_path):
+    """A new user's probe, 2026-12-07: refuse_others looked at the top level only and skipped every hidden name, so
+    --overwrite deleted a `.git/`, a folder inside a split and a stray image. Only names are read, never contents."""
+    layout = {r"meta\.json": None, "train": {"images": {r"\d{6}\.png": None}, r"labels\.csv": None}}
+    out = tmp_path / "build"
+    (out / "train" / "images").mkdir(parents=True)
+    for name in ("meta.json", "train/labels.csv", "train/images/000000.png", "train/images/000001.png"):
+        (out / name).write_text("x")
+    assert atomic.foreign_entries(out, layout) == []
+    # the tools' own: a lock taken inside, an atomic write of a listed file killed before its rename
+    (out / ".mlsctl.lock").write_text("")
+    (out / "train" / ".labels.csv.a1b2c3d4.tmp").write_text("")
+    assert atomic.foreign_entries(out, layout) == []
+    (out / ".git").mkdir()
+    (out / ".git" / "HEAD").write_text("ref")
+    (out / "train" / "my_feats").mkdir()
+    (out / "train" / "images" / "my_extra.png").write_text("x")
+    (out / "train" / "images" / ".mlsctl.lock").write_text("")  # a lock file's name is the tools' at the top only
+    (out / "train" / ".notes.a1b2c3d4.tmp").write_text("")  # the temporary name of a file the build does not write
+    (out / "train" / "images" / "000002.png").mkdir()  # a folder where a file belongs
+    (out / "meta.json").unlink()
+    (out / "meta.json").symlink_to(tmp_path / "elsewhere")  # a link, even with a listed name
+    assert atomic.foreign_entries(out, layout, limit=10) == [
+        ".git/", "meta.json", "train/.notes.a1b2c3d4.tmp", "train/images/.mlsctl.lock", "train/images/000002.png/",
+        "train/images/my_extra.png", "train/my_feats/"]
+    assert atomic.foreign_entries(out, layout) == [".git/", "meta.json", "train/.notes.a1b2c3d4.tmp",
+                                                   "train/images/.mlsctl.lock"]
+    with pytest.raises(Exception, match=r"^B holds \.git/, meta\.json, train/\.notes\.a1b2c3d4\.tmp and more; "
+                                        r"--overwrite replaces the whole folder, so move them out first$"):
+        atomic.refuse_others(out, layout, "B", "")

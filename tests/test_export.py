@@ -78,6 +78,18 @@ def test_export_overwrite_keeps_foreign_files_and_files_are_readable(finished_ru
     (tmp_path / "exp" / "notes.txt").write_text("mine")
     code, _, err = cli("export", str(run_dir), "--out", str(tmp_path / "exp"), "--overwrite", capsys=capsys)
     assert code != 0 and "notes.txt" in err and (tmp_path / "exp" / "notes.txt").read_text() == "mine"
+    # a new user's probe, 2026-12-07: a hidden folder, and a folder under an export file's name, go with the swap too
+    (tmp_path / "exp" / "notes.txt").unlink()
+    (tmp_path / "exp" / ".git").mkdir()
+    code, _, err = cli("export", str(run_dir), "--out", str(tmp_path / "exp"), "--overwrite", capsys=capsys)
+    assert code != 0 and "also holds .git/, which export did not write" in err and (tmp_path / "exp" / ".git").is_dir()
+    (tmp_path / "exp" / ".git").rmdir()
+    (tmp_path / "exp" / "model.safetensors").rename(tmp_path / "model.safetensors")
+    (tmp_path / "exp" / "model.safetensors").mkdir()
+    (tmp_path / "exp" / "model.safetensors" / "mine.txt").write_text("mine")
+    code, _, err = cli("export", str(run_dir), "--out", str(tmp_path / "exp"), "--overwrite", capsys=capsys)
+    assert code != 0 and "also holds model.safetensors/, which" in err, err
+    assert (tmp_path / "exp" / "model.safetensors" / "mine.txt").read_text() == "mine"
     code, _, err = cli("export", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x"), capsys=capsys)
     assert code != 0 and "does not exist" in err
 

@@ -232,3 +232,99 @@ def test_a_build_inside_another_data_set_gallery_run_or_feature_folder_is_refuse
                 build(out)
             assert not out.exists()
     build_scenes(tmp_path / "elsewhere" / "scenes", n_train=2, n_val=1, size=40, source=fake_fmnist, progress=False)
+
+
+def _foreign_cases(out: Path, generator: str) -> list[tuple[Path, str]]:
+    """(a path the user put into a build, how the refusal names it), one case at a time."""
+    if generator == "fmnist-scenes":
+        return [(out / ".git" / "HEAD", r"\.git/"), (out / "train" / "my_feats" / "f.txt", "train/my_feats/"),
+                (out / "train" / "images" / "my_extra.png", "train/images/my_extra.png")]
+    return [(out / ".dvc" / "config", r"\.dvc/"), (out / "test" / "ev00000" / "mine" / "notes.txt", "test/ev00000/mine/"),
+            (out / "test" / "ev00001" / "my_extra.png", "test/ev00001/my_extra.png")]
+
+
+@pytest.mark.parametrize("generator", ["fmnist-scenes", "fmnist-products"])
+def test_overwrite_refuses_what_the_build_did_not_make_anywhere_in_its_folder(tmp_path: Path, fake_fmnist: Path,
+                                                                              generator: str):
+    """A new user's probe, 2026-12-07: `--overwrite` of a build holding a hidden `.git/` (`.dvc/`), a folder inside a
+    split (`train/my_feats/`, `test/ev00000/mine/`) or a stray image among the images said "built" and deleted
+    them: only the top level was checked, hidden names skipped. Each is refused, named, and kept."""
+    if generator == "fmnist-scenes":
+        def build(seed: int, overwrite: bool = True):
+            return build_scenes(out, n_train=4, n_val=3, size=32, seed=seed, source=fake_fmnist, overwrite=overwrite,
+                                progress=False)
+    else:
+        def build(seed: int, overwrite: bool = True):
+            return build_products(out, n_train=3, n_eval=2, photos=2, gallery_photos=1, size=32, seed=seed,
+                                  layout="sop", source=fake_fmnist, overwrite=overwrite, progress=False)
+    out = tmp_path / "data" / "x"
+    build(0, overwrite=False)
+    images = sorted(p.relative_to(out) for p in out.rglob("*.png"))
+    for path, named in _foreign_cases(out, generator):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("mine")
+        with pytest.raises(UserError, match=rf"^{out} holds {named}, which the {generator} build did not make; "
+                                            rf"--overwrite replaces the whole folder, so move it out first$"):
+            build(1)
+        assert path.read_text() == "mine" and json.loads((out / "meta.json").read_text())["parameters"]["seed"] == 0
+        path.unlink()
+        if path.parent != out and not any(path.parent.iterdir()) and path.parent.name not in ("images",):
+            path.parent.rmdir()
+    # all three at once: the first few named in one sentence; the CLI says it as the probe saw it (rc 2, no "built")
+    for path, _ in _foreign_cases(out, generator):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("mine")
+    with pytest.raises(UserError, match=r"holds \S+, \S+ and \S+, which .* move them out first"):
+        build(1)
+    args = (["--n-train", "4", "--n-val", "3"] if generator == "fmnist-scenes" else
+            ["--n-train", "3", "--n-eval", "2", "--photos", "2", "--gallery-photos", "1", "--layout", "sop"])
+    result = run_cli("data", generator, "--out", str(out), *args, "--size", "32", "--seed", "2", "--overwrite",
+                     "--source", str(fake_fmnist))
+    assert result.returncode == 2 and "built" not in result.stdout and "move them out first" in result.stderr
+    for path, _ in _foreign_cases(out, generator):
+        assert path.read_text() == "mine"
+        path.unlink()
+    for path in sorted({p.parent for p, _ in _foreign_cases(out, generator)}, key=lambda p: -len(p.parts)):
+        if path != out and not any(path.iterdir()):
+            path.rmdir()
+    assert sorted(p.relative_to(out) for p in out.rglob("*.png")) == images
+    # the project's own names are no obstacle: a lock file taken inside, an atomic write killed (labels.csv,
+    # meta.json), an earlier build killed while it built or swapped (beside); a normal --overwrite rebuilds
+    (out / ".mlsctl.lock").write_text("")
+    (out / ".meta.json.k2x_9a0b.tmp").write_text("{")
+    if generator == "fmnist-scenes":
+        (out / "train" / ".labels.csv.ab12cd34.tmp").write_text("path")
+    (out.parent / f".x.building-{__import__('socket').gethostname()}-999999999").mkdir()
+    ((out.parent / ".x.building-oldhost-1") / "train").mkdir(parents=True)  # another machine's: left alone
+    assert build(1)["parameters"]["seed"] == 1 and not (out / ".mlsctl.lock").exists()
+    assert sorted(p.name for p in out.parent.iterdir()) == [".x.building-oldhost-1", "x"]
+    assert build(1, overwrite=False)["reused"]
+    # a file named like the build's where a folder belongs (or the reverse) is not the build's either
+    (out / "train").rename(out.parent / "train-aside")
+    (out / "train").write_text("mine")
+    with pytest.raises(UserError, match=r"holds train, which"):
+        build(2)
+    (out / "train").unlink()
+    (out.parent / "train-aside").rename(out / "train")
+    assert build(2)["parameters"]["seed"] == 2
+
+
+def test_files_put_into_a_build_while_it_was_rebuilt_are_refused_before_the_swap(tmp_path: Path, fake_fmnist: Path,
+                                                                                  monkeypatch):
+    """A new user's probe, 2026-12-07 (the same hole): what appears in the old folder during an --overwrite build
+    would go with it; the check is made again just before the new folder is swapped in."""
+    import mlsctl.data.fmnist as fmnist
+
+    out = tmp_path / "scenes"
+    build_scenes(out, n_train=3, n_val=2, size=32, source=fake_fmnist, progress=False)
+    real = fmnist._build_split
+
+    def and_meanwhile(*args, **kwargs):
+        real(*args, **kwargs)
+        (out / "val" / "masks" / ".hidden-notes").write_text("mine")
+
+    monkeypatch.setattr(fmnist, "_build_split", and_meanwhile)
+    with pytest.raises(UserError, match=r"holds val/masks/\.hidden-notes, which the fmnist-scenes build did not make"):
+        build_scenes(out, n_train=4, n_val=2, size=32, source=fake_fmnist, overwrite=True, progress=False)
+    assert (out / "val" / "masks" / ".hidden-notes").read_text() == "mine" and len(list((out / "train" / "images").iterdir())) == 3
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # its own folder removed

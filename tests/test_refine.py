@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import signal
 from pathlib import Path
 
@@ -207,6 +208,26 @@ def test_train_can_start_from_another_refine_run(trained, capsys):
 
 
 
+def test_apply_overwrite_refuses_what_was_put_into_out_while_it_refined(trained, capsys, monkeypatch):
+    """A new user's probe, 2026-12-07 (the same hole as the data builds'): what appears in --out while refine apply
+    --overwrite works would go with the old folder; the check is made again just before the swap."""
+    import mlsctl.refine.apply as apply
+
+    tmp, train = trained
+    out = tmp / "refined-meanwhile"
+    cli_ok(capsys, "refine", "apply", str(tmp / "run"), str(train), "--out", str(out))
+    real = apply.refine
+
+    def and_meanwhile(*args, **kwargs):
+        (out / ".notes").write_text("mine")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(apply, "refine", and_meanwhile)
+    code, _, err = cli("refine", "apply", str(tmp / "run"), str(train), "--out", str(out), "--k", "3", "--overwrite",
+                       capsys=capsys)
+    assert code == 2 and "holds .notes besides the features" in err and (out / ".notes").read_text() == "mine", err
+    assert not [p.name for p in tmp.iterdir() if p.name.startswith(".refined-meanwhile")]  # its temporary folder went
+
 def test_train_from_a_run_of_another_method_says_so(trained, finished_run, capsys):
     """A new user's probe (2026-12-06): refine train --init-from an ms run was refused for weights "of another
     shape", while the run was of another method."""
@@ -292,6 +313,20 @@ def test_apply_writes_features_every_eval_reads_and_never_shows_a_query_itself(t
                        capsys=capsys)
     assert code == 2 and "holds notes.txt besides the features" in err and (tmp / "refined" / "notes.txt").is_file()
     (tmp / "refined" / "notes.txt").unlink()
+    # a new user's probe, 2026-12-07: hidden names were skipped, and only the top level was looked at
+    for mine, named in ((tmp / "refined" / ".git" / "HEAD", ".git/"),
+                        (tmp / "refined" / ".partial" / "notes.txt", ".partial/notes.txt")):
+        mine.parent.mkdir(exist_ok=True)
+        mine.write_text("mine")
+        code, _, err = cli("refine", "apply", str(tmp / "run"), str(test), "--out", str(tmp / "refined"), "--overwrite",
+                           capsys=capsys)
+        assert code == 2 and f"holds {named} besides the features" in err and mine.read_text() == "mine", err
+        shutil.rmtree(mine.parent)
+    (tmp / "refined" / ".partial").mkdir()  # an unfinished embed's own names are the features'
+    (tmp / "refined" / ".partial" / "plan.json").write_text("{}")
+    (tmp / "refined" / ".manifest.json.abcd1234.tmp").write_text("{")
+    cli_ok(capsys, "refine", "apply", str(tmp / "run"), str(test), "--out", str(tmp / "refined"), "--overwrite")
+    assert sorted(p.name for p in (tmp / "refined").iterdir() if p.name.startswith(".")) == []
     # an empty folder given as --out is written without --overwrite (it refined, then refused: a review)
     (tmp / "empty").mkdir()
     cli_ok(capsys, "refine", "apply", str(tmp / "run"), str(test), "--out", str(tmp / "empty"))

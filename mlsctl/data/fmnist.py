@@ -28,7 +28,7 @@ import shutil
 import socket
 import struct
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 from PIL import Image
@@ -219,7 +219,7 @@ def build_scenes(out: str | Path, n_train: int = 2000, n_val: int = 500, size: i
     if as_is is not None:  # nothing to write: no lock (a data set on a read-only mount is reused; a review)
         return as_is
     with FolderLock(out, "the data set", beside=True):
-        existing = reusable_build(out, "fmnist-scenes", params, overwrite)
+        existing = reusable_build(out, "fmnist-scenes", params, overwrite, scenes_layout)
         if existing is not None:
             for split in ("train", "val"):  # a build of an older mlsctl gets its labels file
                 if not (out / split / "labels.csv").is_file():
@@ -240,7 +240,7 @@ def _build_scenes(out: Path, splits: dict, params: dict, source, progress: bool)
                 "source": str(source), "classes": ["background", *CLASSES], "ignore_index": IGNORE_INDEX,
                 "splits": {"train": "Fashion-MNIST train", "val": "Fashion-MNIST test (t10k)"}}
         atomic.write_json(tmp / "meta.json", meta)
-        replace_folder(tmp, out)
+        replace_folder(tmp, out, "fmnist-scenes", scenes_layout)
     return meta
 
 
@@ -310,10 +310,12 @@ def built_as_asked(out: Path, generator: str, params: dict, overwrite: bool,
     return dict(existing, reused=True)
 
 
-def reusable_build(out: Path, generator: str, params: dict, overwrite: bool) -> Optional[dict]:
+def reusable_build(out: Path, generator: str, params: dict, overwrite: bool,
+                   layout: Callable[[dict], atomic.Layout]) -> Optional[dict]:
     """The meta record of ``out`` when it was built by ``generator`` with ``params`` (and no
     ``overwrite``); None when it should be built. ``overwrite`` replaces only a folder that
-    ``generator`` built: anything else (a non-empty folder of other files) is never deleted."""
+    ``generator`` built, holding nothing anywhere but what it made (``layout`` of its meta record):
+    anything else (a non-empty folder of other files, a file added to a build) is never deleted."""
     atomic.recover_swap(out)  # a build killed while it swapped its folder in: the old one back first
     if not out.exists():
         return None
@@ -337,9 +339,25 @@ def reusable_build(out: Path, generator: str, params: dict, overwrite: bool) -> 
         raise UserError(f"{out} holds {generator} built with {_shown_parameters(existing.get('parameters'))}; "
                         f"add --overwrite to rebuild it with {_shown_parameters(params)}")
     if ours:  # --overwrite replaces the whole folder: what the build did not make would go with it
-        made = {"meta.json", "objects.jsonl", *(existing.get("splits") or {})}
-        atomic.refuse_others(out, made.__contains__, str(out), f", which the {generator} build did not make")
+        refuse_foreign(out, generator, layout(existing))
     return None
+
+
+def refuse_foreign(out: Path, generator: str, made: atomic.Layout) -> None:
+    """Before a build replaces ``out`` whole: one sentence naming what anywhere in it the build did not
+    make (``made``, its layout), hidden names included (a new user's probe, 2026-12-07: ``.git/``,
+    ``train/my_feats/`` and a stray ``train/images/my_extra.png`` went with an --overwrite)."""
+    atomic.refuse_others(out, made, str(out), f", which the {generator} build did not make")
+
+
+_SCENE_IMAGES = {r"\d{6,}\.png": None}  # {i:06d}.png
+_SCENE_SPLIT = {"images": _SCENE_IMAGES, "masks": _SCENE_IMAGES, r"scenes\.jsonl": None, r"labels\.csv": None}
+#: What an fmnist-scenes build writes (:func:`_build_scenes`), for :func:`refuse_foreign`.
+SCENES_LAYOUT: atomic.Layout = {r"meta\.json": None, "train": _SCENE_SPLIT, "val": _SCENE_SPLIT}
+
+
+def scenes_layout(meta: dict) -> atomic.Layout:
+    return SCENES_LAYOUT
 
 
 def _shown_parameters(params) -> str:
@@ -349,6 +367,18 @@ def _shown_parameters(params) -> str:
     return ", ".join(f"{key} {value}" for key, value in params.items())
 
 
-def replace_folder(tmp: Path, out: Path) -> None:
-    """Put a completely built ``tmp`` in place of ``out``, in one step (:func:`mlsctl.atomic.swap_folder`)."""
+def replace_folder(tmp: Path, out: Path, generator: str, layout: Callable[[dict], atomic.Layout]) -> None:
+    """Put a completely built ``tmp`` in place of ``out``, in one step (:func:`mlsctl.atomic.swap_folder`),
+    once more refusing what the earlier build did not make (``layout`` of its meta record), which may
+    have been put there while this one was built."""
+    if out.is_dir():
+        refuse_foreign(out, generator, layout(_read_meta(out) or {}))
     atomic.swap_folder(tmp, out)
+
+
+def _read_meta(out: Path) -> Optional[dict]:
+    try:
+        meta = json.loads((out / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None

@@ -95,6 +95,22 @@ def _object_colour(rng: np.random.Generator) -> tuple[float, float, float]:
 LAYOUTS = ("retrieval", "sop")
 
 
+def _objects(prefix: str) -> atomic.Layout:
+    return {prefix + r"\d{5,}": {r"\d{2,}\.png": None}}  # {tr,ev}{i:05d}/{k:02d}.png
+
+
+_PARTS = {"retrieval": {"train": _objects("tr"), "gallery": _objects("ev"), "query": _objects("ev")},
+          "sop": {"train": _objects("tr"), "test": _objects("ev")}}
+
+
+def products_layout(meta: dict) -> atomic.Layout:
+    """What an fmnist-products build of this meta record wrote (:func:`_build_products`), by its layout
+    (``parameters.layout``, ``retrieval`` when absent): for :func:`~mlsctl.data.fmnist.refuse_foreign`."""
+    params = meta.get("parameters") if isinstance(meta.get("parameters"), dict) else {}
+    parts = _PARTS["sop" if params.get("layout") == "sop" else "retrieval"]
+    return {r"meta\.json": None, r"objects\.jsonl": None, **parts}
+
+
 def build_products(out: str | Path, n_train: int = 1000, n_eval: int = 200, photos: int = 8, gallery_photos: int = 4,
                    size: int = 64, seed: int = 0, source: Optional[str | Path] = None, overwrite: bool = False,
                    progress: bool = True, layout: str = "retrieval") -> dict:
@@ -124,7 +140,7 @@ def build_products(out: str | Path, n_train: int = 1000, n_eval: int = 200, phot
     if as_is is not None:  # nothing to write: no lock (a data set on a read-only mount is reused; a review)
         return as_is
     with FolderLock(out, "the data set", beside=True):
-        existing = reusable_build(out, "fmnist-products", params, overwrite)
+        existing = reusable_build(out, "fmnist-products", params, overwrite, products_layout)
         return existing if existing is not None else _build_products(out, params, layout, source, progress)
 
 
@@ -164,5 +180,5 @@ def _build_products(out: Path, params: dict, layout: str, source, progress: bool
         meta = {"format_version": PRODUCTS_FORMAT_VERSION, "generator": "fmnist-products", "parameters": params,
                 "source": str(source), "classes": CLASSES, "splits": splits}
         atomic.write_json(tmp / "meta.json", meta)
-        replace_folder(tmp, out)
+        replace_folder(tmp, out, "fmnist-products", products_layout)
     return meta

@@ -102,6 +102,12 @@ def _identity(path: Path) -> tuple:
 # shard-NNNNN-of-NNNNN.safetensors; written beside the shard of that name it replaces (embed --overwrite), with the
 # first 12 hex digits of its plan's hash before the suffix (mlsctl.features._shard_layout)
 _SHARD_NAME = re.compile(r"shard-\d{5}-of-\d{5}(\.[0-9a-f]{12})?\.safetensors")
+#: What embed and refine apply write in a feature folder, for :func:`mlsctl.atomic.refuse_others`: the manifest,
+#: the shards, and ``.partial/`` of an unfinished embed (its plan, parts and records of the shards assembled)
+FEATURES_LAYOUT: atomic.Layout = {
+    re.escape(MANIFEST): None, _SHARD_NAME.pattern: None,
+    re.escape(PARTIAL): {r"plan\.json": None, r"part-\d{5,}\.safetensors": None, r"shard-\d{5,}\.json": None},
+}
 
 
 def _is_count(value, low: int = 0) -> bool:

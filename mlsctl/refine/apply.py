@@ -170,7 +170,8 @@ def apply_refinement(run_dir: str | Path, feats_dir: str | Path, out: str | Path
 def _apply_refinement(run_dir: str | Path, feats_dir: str | Path, out: str | Path, *,
                       context_dir: Optional[str | Path] = None, k: Optional[int] = None, overwrite: bool = False,
                       dtype: str = "fp32", progress: bool = False, say=to_stderr) -> dict:
-    from mlsctl.features import DTYPES, MANIFEST, check_feature_target, is_feature_folder
+    from mlsctl.data.shards import FEATURES_LAYOUT
+    from mlsctl.features import DTYPES, check_feature_target, is_feature_folder
     from mlsctl.methods.refine.neighbours import check_reference_size
 
     loaded, features, context = open_inputs(run_dir, feats_dir, context_dir)
@@ -203,8 +204,7 @@ def _apply_refinement(run_dir: str | Path, feats_dir: str | Path, out: str | Pat
         if not overwrite:
             raise UserError(f"--out {out} already holds features; add --overwrite to replace them or choose "
                             f"another --out")
-        atomic.refuse_others(out, lambda name: name == MANIFEST or name.startswith("shard-"), f"--out {out}",
-                             " besides the features")
+        atomic.refuse_others(out, FEATURES_LAYOUT, f"--out {out}", " besides the features")
     if loaded.total_steps and loaded.step < loaded.total_steps:
         say(f"note: run {loaded.run} is not finished (step {loaded.step} of {loaded.total_steps}); using that checkpoint")
     if loaded.train_model and loaded.train_model.get("fingerprint") != features.model.get("fingerprint"):
@@ -238,7 +238,7 @@ def _holds(out: Path, fingerprint: str, features, dtype: str) -> bool:
 def write_features(out: Path, global_: torch.Tensor, source, model: dict, *, overwrite: bool, normalization: str) -> None:
     """A feature folder with the rows of ``source`` (files, input root, preprocessing) and new
     global features, written next to ``out`` and renamed into place."""
-    from mlsctl.data.shards import MANIFEST, SHARD_BYTES, feature_manifest, shard_name, write_shard
+    from mlsctl.data.shards import FEATURES_LAYOUT, MANIFEST, SHARD_BYTES, feature_manifest, shard_name, write_shard
     from mlsctl.locks import LOCK_NAME
 
     n = len(global_)
@@ -264,6 +264,8 @@ def write_features(out: Path, global_: torch.Tensor, source, model: dict, *, ove
         atomic.write_json(tmp / MANIFEST, manifest)
         if out.exists() and any(p.name != LOCK_NAME for p in out.iterdir()) and not overwrite:  # appeared meanwhile
             raise UserError(f"--out {out} appeared while refining; add --overwrite or choose another --out")
+        if overwrite and out.is_dir():  # what was put there while refining goes no more than what was before
+            atomic.refuse_others(out, FEATURES_LAYOUT, f"--out {out}", " besides the features")
         atomic.swap_folder(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
