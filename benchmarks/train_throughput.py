@@ -180,9 +180,10 @@ def measure_loop(recipe_name: str, overrides: list[str], images: Path, steps: in
     files = sorted(images.iterdir())
     for i in range(total * batch):
         (subset / f"{i:07d}{files[i % len(files)].suffix}").symlink_to(files[i % len(files)])
-    args = [sys.executable, "-m", "mlsctl", "pretrain", recipe_name, *overrides, f"data.root={subset}", "optim.epochs=1",
-            "optim.warmup_epochs=0", f"train.log_every={warmup}", f"train.checkpoint_every={total}",
-            "--out", str(work / "run")]
+    # one override per key, the last one given (pretrain refuses a key typed twice; a profile sets epochs too)
+    composed = config.parse_overrides([*overrides, f"data.root={subset}", "optim.epochs=1", "optim.warmup_epochs=0",
+                                       f"train.log_every={warmup}", f"train.checkpoint_every={total}"])
+    args = [sys.executable, "-m", "mlsctl", "pretrain", recipe_name, *composed.values(), "--out", str(work / "run")]
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), HF_HUB_OFFLINE="1")
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as handle:

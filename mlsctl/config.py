@@ -470,11 +470,13 @@ def _coerce(value: Any, tp: Any, path: str, meta: dict, ctx: _Context, default: 
     if origin is list:
         (arg,) = get_args(tp)
         if not isinstance(value, (list, tuple)):
-            if value is not None and not isinstance(value, dict):
-                # the bracket hint alone advised [tensorboardd], itself refused (a new user's probe, 2026-12-07):
-                # an item that would be refused in brackets too is refused as such, with its own hint
-                _coerce(value, arg, f"{path}[0]", meta, ctx)
-            raise ctx.fail(path, f"'{path}' must be {_describe(tp)}, got {_show(value)}{_bracket_hint(value, 1)}")
+            hint = _bracket_hint(value, 1)
+            choices = [str(c) for c in get_args(arg)] if get_origin(arg) is Literal else None
+            if choices and isinstance(value, str) and "," not in value and value not in choices:
+                # the bracket hint alone advised [tensorboardd], itself refused (a new user's probe, 2026-12-07)
+                close = difflib.get_close_matches(value, choices, n=1, cutoff=0.5)
+                hint = f"; did you mean [{close[0]}]?" if close else f"; write a list in brackets of {', '.join(choices)}"
+            raise ctx.fail(path, f"'{path}' must be {_describe(tp)}, got {_show(value)}{hint}")
         return [_coerce(v, arg, f"{path}[{i}]", meta, ctx) for i, v in enumerate(value)]
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
@@ -604,11 +606,10 @@ def _method_config_class(data: dict, path: str, ctx: _Context) -> type:
 # Loading, overrides, dumping.
 
 
-def parse_overrides(items: list[str], unique: bool = False) -> dict[str, str]:
+def parse_overrides(items: list[str]) -> dict[str, str]:
     """``["optim.lr=1e-4"]`` → ``{"optim.lr": "optim.lr=1e-4"}`` (key → original text). A key given
-    twice: the last one counts, as scripts composing overrides rely on; ``unique`` (what a user typed:
-    the commands' own arguments) refuses it instead, where the last one won without a word (a new
-    user's probe, 2026-12-07)."""
+    twice: the last one counts, as scripts composing a profile's overrides and a cell's rely on
+    (:func:`repeated_overrides` names them, for the commands to say)."""
     out = {}
     for i, item in enumerate(items):
         key, sep, value = item.partition("=")
@@ -632,10 +633,19 @@ def parse_overrides(items: list[str], unique: bool = False) -> dict[str, str]:
                               f"{name}=VALUE")
         if not sep or not key or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
             raise ConfigError(f"override '{item}' must look like key.sub=value (for example optim.lr=1e-4)")
-        if key in out and unique:
-            raise ConfigError(f"{key} is overridden twice ('{out[key]}', then '{item}'); give it once")
         out[key] = item
     return out
+
+
+def repeated_overrides(items: list[str]) -> list[str]:
+    """A note for each key given more than once among ``items`` (the last one counts): the last one
+    won without a word (a new user's probe, 2026-12-07). Not refused: scripts compose overrides so."""
+    last = parse_overrides(items)
+    seen: dict[str, list[str]] = {}
+    for item in items:
+        seen.setdefault(item.partition("=")[0].strip(), []).append(item)
+    return [f"note: {key} is given {len(given)} times ({', '.join(given)}); the last one, {last[key]}, counts"
+            for key, given in seen.items() if len(given) > 1]
 
 
 def _parse_scalar(text: str) -> Any:
@@ -646,10 +656,12 @@ def _parse_scalar(text: str) -> Any:
 
 
 def apply_overrides(data: dict, overrides: dict[str, str]) -> dict:
-    """The recipe ``data`` with ``overrides`` applied in order. A mapping given for a section merges
-    into it, key by key: ``data.global_crops={count: 2}`` sets the count and keeps the recipe's size
-    and scale, as ``data.global_crops.count=2`` does (it replaced the section, so the keys it did not
-    name fell back to their defaults without a word: a new user's probe, 2026-12-07)."""
+    """The recipe ``data`` with ``overrides`` applied in order. A mapping given for a section of the
+    schema merges into it, key by key: ``data.global_crops={count: 2}`` sets the count and keeps the
+    recipe's size and scale, as ``data.global_crops.count=2`` does (it replaced the section, so the keys
+    it did not name fell back to their defaults without a word: a new user's probe, 2026-12-07). A
+    free-form mapping (``model.timm_kwargs``) is replaced, so ``{}`` clears it; so is the method
+    section given another method's ``name`` (``method={name: dino}`` switches methods)."""
     data = _copy(data)
     for key, item in overrides.items():
         value = _parse_scalar(item.partition("=")[2])
@@ -659,11 +671,31 @@ def apply_overrides(data: dict, overrides: dict[str, str]) -> dict:
             if not isinstance(node.get(part), dict):
                 node[part] = {}
             node = node[part]
-        if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
-            node[parts[-1]] = _merged(node[parts[-1]], value)
+        current = node.get(parts[-1])
+        if isinstance(value, dict) and isinstance(current, dict) and _merges(parts, current, value):
+            node[parts[-1]] = _merged(current, value)
         else:
             node[parts[-1]] = value
     return data
+
+
+def _merges(parts: list[str], current: dict, value: dict) -> bool:
+    """Whether a mapping ``value`` given for the key ``parts`` merges into ``current``: where the
+    schema makes that key a section (a dataclass), not a free-form mapping, and, for the method
+    section, where ``value`` names no other method."""
+    if parts == ["method"] and "name" in value and value["name"] != current.get("name"):
+        return False
+    cls: Any = Recipe
+    for part in parts:
+        if cls is MethodConfig or not is_dataclass(cls):  # a method's own keys: sections where they are mappings
+            return True
+        hints = get_type_hints(cls)
+        if part not in hints:
+            return True  # an unknown key: refused by name when the recipe is checked
+        cls = hints[part]
+        if get_origin(cls) in (Union, types.UnionType):
+            cls = next((a for a in get_args(cls) if a is not type(None)), cls)
+    return is_dataclass(cls)
 
 
 def _merged(base: dict, update: dict) -> dict:

@@ -18,6 +18,7 @@ Readers (``bank inspect``, ``embed --run`` of a running run, ``search``) take no
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -56,7 +57,11 @@ class FolderLock:
         self._beside = FolderLock(folder, what, beside=True, doing=doing) if also_beside and not beside else None
         self.what = what
         self.doing = doing  # what another command is told the holder does ("being served read-only")
-        self.path = self.folder.parent / f".{self.folder.name}{LOCK_NAME}" if beside else self.folder / LOCK_NAME
+        if beside:  # beside where the folder really is: "--out ." (no name) and a link to it lock one file (a review)
+            real = Path(os.path.realpath(self.folder))
+            self.path = real.parent / f".{real.name}{LOCK_NAME}"
+        else:
+            self.path = self.folder / LOCK_NAME
         self.created_folder = False
         self._created: list[Path] = []  # the folders acquire made, innermost first
         self._fd: int | None = None
@@ -64,7 +69,13 @@ class FolderLock:
     def acquire(self) -> "FolderLock":
         if self._beside is None:
             return self._acquire()
-        self._beside.acquire()
+        try:
+            self._beside.acquire()
+        except OSError as exc:  # a parent this user cannot write (a bind mount's /): nothing can swap a folder in
+            if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):  # there either, so the lock inside is
+                raise  # the whole story (a review, 2026-12-07)
+            self._beside = None
+            return self._acquire()
         try:
             return self._acquire()
         except BaseException:

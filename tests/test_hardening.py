@@ -1138,7 +1138,7 @@ def test_13_a_second_writer_is_refused_with_the_holder_named(tmp_path):
 
 
 
-def test_13_a_folder_written_in_place_and_one_swapped_in_whole_exclude_each_other(tmp_path):
+def test_13_a_folder_written_in_place_and_one_swapped_in_whole_exclude_each_other(tmp_path, monkeypatch):
     """embed locks its --out inside and beside; refine apply, which swaps a whole folder in, beside only (a
     review, 2026-12-07: each took its own lock, so the two could write one --out at once)."""
     from mlsctl.locks import LOCK_NAME, FolderLock
@@ -1157,6 +1157,27 @@ def test_13_a_folder_written_in_place_and_one_swapped_in_whole_exclude_each_othe
     refining.release()
     FolderLock(out, "feature folder", also_beside=True).acquire().release()
     assert not (tmp_path / "deep").exists()
+    # a review (2026-12-07): through a link, and as "." (a name-less path), both lock the one file beside the folder
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    with FolderLock(tmp_path / "link", "feature folder", beside=True):
+        assert (tmp_path / f".real{LOCK_NAME}").is_file()
+        with pytest.raises(UserError, match="is being written by"):
+            FolderLock(tmp_path / "real", "feature folder", also_beside=True).acquire()
+    monkeypatch.chdir(tmp_path / "real")
+    with FolderLock(Path("."), "feature folder", also_beside=True):
+        assert (tmp_path / f".real{LOCK_NAME}").is_file() and not (tmp_path / "real" / f"..{LOCK_NAME}").exists()
+    # a parent this user cannot write: the lock inside alone (nothing can swap a folder in there either)
+    real_acquire = FolderLock._acquire
+
+    def refused_beside(self):
+        if self.path.name.startswith(".real"):
+            raise PermissionError(13, "Permission denied", str(self.path))
+        return real_acquire(self)
+
+    monkeypatch.setattr(FolderLock, "_acquire", refused_beside)
+    with FolderLock(tmp_path / "real", "feature folder", also_beside=True):
+        assert (tmp_path / "real" / LOCK_NAME).is_file()
 
 def test_13_the_lock_of_a_dead_process_is_taken_over(tmp_path):
     from mlsctl.locks import LOCK_NAME, FolderLock

@@ -140,6 +140,17 @@ def test_labels_of_folders_or_a_file_and_class_ids(tmp_path):
     write(tmp_path / "split" / "labels.csv", "images/000.png,a\nimages/001.png,b\n")
     assert labels_of(["000.png", "001.png"], tmp_path / "split" / "images", tmp_path / "split" / "labels.csv",
                      "x") == ["a", "b"]
+    # two links to one file are two images with their own labels (a review: resolve() gave both the first one's)
+    (tmp_path / "pool").mkdir()
+    (tmp_path / "pool" / "a.png").write_bytes(b"x")
+    for name in ("cat", "pet"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        (tmp_path / "data" / name / "1.png").symlink_to(tmp_path / "pool" / "a.png")
+    write(tmp_path / "links.csv", "data/cat/1.png,cat\ndata/pet/1.png,pet\n")
+    assert labels_of(["cat/1.png", "pet/1.png"], tmp_path / "data", tmp_path / "links.csv", "x") == ["cat", "pet"]
+    write(tmp_path / "twice.csv", "data/cat/1.png,cat\ndata/./cat/1.png,dog\n")
+    with pytest.raises(UserError, match=r"labels .*cat/1.png twice, as 'cat' \(data/cat/1.png\) and 'dog'"):
+        labels_of(["cat/1.png"], tmp_path / "data", tmp_path / "twice.csv", "x")
     ids, classes = class_ids(["b", "a", "b"], "x")
     assert ids.tolist() == [1, 0, 1] and classes == ["a", "b"]
     with pytest.raises(UserError, match="x has a single class"):

@@ -6,6 +6,7 @@ from typing import Optional
 import typer
 
 from mlsctl.cli import app
+from mlsctl.cli._format import say
 from mlsctl.cli._options import OverridesCommand
 from mlsctl.runs import RUNS_ROOT
 
@@ -48,7 +49,8 @@ def pretrain(
     """
     from mlsctl import config, train
 
-    config.parse_overrides(overrides or [], unique=True)  # a key typed twice is refused, not the last one taken
+    for note in config.repeated_overrides(overrides or []):  # the last one counts: said, not silent
+        say(note)
     recipe_path = config.resolve_recipe_path(recipe)
     # a run's resolved recipe (RUN/config.yaml): read as the run saved it (keys it predates take the values it
     # was trained with), and a default --out named after its run, not "config"

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -194,6 +195,25 @@ def read_objects_file(path: Path) -> list[tuple[str, str]]:
     return [(object_id, relpath) for relpath, object_id in rows]
 
 
+
+def _location(path: Path) -> str:
+    """A path made absolute and normal (``..`` folded) without following links: two links to one
+    file are two images, each with its own label (``resolve`` gave both the first one's: a review)."""
+    return os.path.normpath(os.path.abspath(path))
+
+
+def _by_location(table: dict[str, str], labels_file: Path) -> dict[str, str]:
+    """The labels of ``table`` by location, its relative paths taken from ``labels_file``'s folder; a
+    location two keys name with two labels is refused."""
+    found: dict[str, tuple[str, str]] = {}
+    for key, label in table.items():
+        location = _location(Path(key) if Path(key).is_absolute() else labels_file.parent / key)
+        other = found.setdefault(location, (key, label))
+        if other[1] != label:
+            raise UserError(f"labels file {labels_file} labels {location} twice, as '{other[1]}' ({other[0]}) and "
+                            f"'{label}' ({key}); give each image one label")
+    return {location: label for location, (_, label) in found.items()}
+
 def labels_of(files: Sequence[str], root: Path, labels_file: Optional[Path], what: str,
               option: str = "a labels file option") -> list[str]:
     """The label of each file (relative to ``root``): its folder name, or its row of ``labels_file``
@@ -206,17 +226,14 @@ def labels_of(files: Sequence[str], root: Path, labels_file: Optional[Path], wha
                             f"labels file (CSV or JSONL of path,label): give it with {option}")
         return names
     table = read_labels_file(Path(labels_file))
-    # paths relative to the labels file's folder too, as linear --multi-label reads them (a new user's probe,
-    # 2026-12-07: images/000000.png, relative to the file beside images/, was "no label" without a way out)
-    by_location = {}
-    for key, label in table.items():
-        location = Path(key) if Path(key).is_absolute() else Path(labels_file).parent / key
-        by_location.setdefault(str(location.resolve()), label)
+    by_location: Optional[dict[str, str]] = None
     out, missing = [], []
     for relpath in files:
         label = table.get(relpath, table.get(str(root / relpath)))
-        if label is None:
-            label = by_location.get(str((root / relpath).resolve()))
+        if label is None:  # paths relative to the labels file's folder too, as linear --multi-label reads them (a new
+            # user's probe, 2026-12-07: images/000000.png, relative to the file beside images/, was "no label")
+            by_location = by_location if by_location is not None else _by_location(table, Path(labels_file))
+            label = by_location.get(_location(root / relpath))
         if label is None:
             missing.append(relpath)
         out.append(label)

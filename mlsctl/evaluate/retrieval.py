@@ -193,10 +193,17 @@ def identical_files(first: Sequence[Path], second: Sequence[Path]) -> list[tuple
             digests[path] = hasher.digest()
         return digests[path]
 
-    found = []
+    by_digest: dict[int, dict[bytes, Path]] = {}  # per size, the first's files by digest: each read once (a review:
+    found = []  # comparing each query with every gallery file of its size was quadratic for photos of one size)
     for path in second:
-        same_size = by_size.get(path.stat().st_size, [])
-        match = next((other for other in same_size if digest(other) == digest(path)), None) if same_size else None
+        size = path.stat().st_size
+        if size not in by_size:
+            continue
+        if size not in by_digest:
+            by_digest[size] = {}
+            for other in by_size[size]:
+                by_digest[size].setdefault(digest(other), other)
+        match = by_digest[size].get(digest(path))
         if match is not None:
             found.append((match, path))
     return found
