@@ -41,7 +41,6 @@ class TooLittleData(UserError):
     (a data set's root given as ``data.root``), the note may say why, and goes with this error only."""
 
 
-
 class UnreadableWeights(UserError):
     """A weights file that exists but cannot be read (truncated, foreign): ``path`` and the reader's
     ``reason``, so a caller who knows where the file came from can say the way round it (a run's
@@ -50,6 +49,7 @@ class UnreadableWeights(UserError):
     def __init__(self, path, reason: str, expected: str = ".safetensors/.pth"):
         super().__init__(f"cannot read weights from {path} ({reason}); is it a complete {expected} file?")
         self.path, self.reason = path, reason
+
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM (a service manager, a scheduler, ``kill``): stops a command as Ctrl-C does; a server,

@@ -610,7 +610,6 @@ def _embed_parts(job: _EmbedJob, out: Path, model, progress: Optional[bool], say
                         model.description, resumed_parts=len(done), timings={"forward_s": forward_s})
 
 
-
 def _stopped_at(out: Path, plan_sha: str, n_parts: int, part_path) -> str:
     """What an embed stopped by Ctrl-C leaves: parts saved, or (stopped as the manifest was committed)
     a complete folder. A stop while the shards were joined said only "interrupted" (a probe, 2026-12-07)."""
@@ -623,6 +622,7 @@ def _stopped_at(out: Path, plan_sha: str, n_parts: int, part_path) -> str:
     except (OSError, UserError):  # a shard's record half read: the next run reads them again
         return f"the parts saved in {partial} are kept; run the same command again to continue"
     return f"{finished} of {n_parts} parts are saved in {partial}; run the same command again to continue"
+
 
 def _run_batches(loader, backbone, job: _EmbedJob, device, todo: list[int], bar, part_path) -> float:
     """The forward passes; each part is written as soon as its last batch is done. Returns the

@@ -1415,6 +1415,7 @@ def build_gallery(source: str | os.PathLike, model: SetModel, out: str | os.Path
         manifest = write_gallery(out, ids, torch.stack(latents), counts, settings, manifest, storage_dtype)
     return dict(manifest, images=int(sum(counts)))
 
+
 def add_to_gallery(path: str | os.PathLike, object_id: str, photos: Sequence, *, run: Optional[str | os.PathLike] = None,
                    say: Callable[[str], None] = to_stderr) -> tuple["Gallery", bool, int]:
     """``mlsctl index add``: fold ``photos`` (paths, each decoded and resized as it is read, or decoded

@@ -110,7 +110,6 @@ def run_of_config(path: str | Path) -> Optional["Run"]:
 RUNS_ROOT = "runs"  # under the working folder: pretrain's default --out, where "the newest run" is looked for
 
 
-
 def run_of_model(source: object, path: object) -> Optional[Path]:
     """The run folder a model was read from, by the ``source`` and ``path`` a model record keeps
     (:class:`mlsctl.models.source.ModelChoice`'s info, a feature folder's manifest): ``run`` reads
@@ -122,6 +121,7 @@ def run_of_model(source: object, path: object) -> Optional[Path]:
     if source == "run-checkpoint":
         return Path(path).parent.parent
     return None
+
 
 class Run:
     def __init__(self, root: str | Path):

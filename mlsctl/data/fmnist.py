@@ -263,7 +263,6 @@ def building(out: Path):
         raise
 
 
-
 def largest_item_labels(split: Path) -> Path:
     """``SPLIT/labels.csv`` (``path,label``, paths relative to ``SPLIT/images``): each scene's
     image-level label for ``eval knn``, ``eval linear`` and ``train.monitor`` — the class covering

@@ -195,7 +195,6 @@ def read_objects_file(path: Path) -> list[tuple[str, str]]:
     return [(object_id, relpath) for relpath, object_id in rows]
 
 
-
 def _location(path: Path) -> str:
     """A path made absolute and normal (``..`` folded) without following links: two links to one
     file are two images, each with its own label (``resolve`` gave both the first one's: a review)."""
@@ -213,6 +212,7 @@ def _by_location(table: dict[str, str], labels_file: Path) -> dict[str, str]:
             raise UserError(f"labels file {labels_file} labels {location} twice, as '{other[1]}' ({other[0]}) and "
                             f"'{label}' ({key}); give each image one label")
     return {location: label for location, (_, label) in found.items()}
+
 
 def labels_of(files: Sequence[str], root: Path, labels_file: Optional[Path], what: str,
               option: str = "a labels file option") -> list[str]:

@@ -582,7 +582,6 @@ def num_classes_of(source: FeatureMasks, ignore_index: int) -> int:
     return top + 1
 
 
-
 def segmentation_classes(train: FeatureMasks, val: FeatureMasks, names, ignore_index: int) -> int:
     """The class count of a segmentation evaluation (knn-seg, linear-seg): class names (meta.json) fix
     it, and masks holding a class beyond them are refused; without them every training mask is scanned
@@ -595,6 +594,7 @@ def segmentation_classes(train: FeatureMasks, val: FeatureMasks, names, ignore_i
     for source in (train, val):
         source.limit_classes(len(names), ignore_index)
     return len(names)
+
 
 def segment_batches(memory: Memory, index, batches: Iterable[tuple[torch.Tensor, list[np.ndarray]]], num_classes: int,
                     settings: Settings, progress: Optional[Callable[[int], None]] = None) -> tuple[np.ndarray, float]:

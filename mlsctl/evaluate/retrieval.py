@@ -172,7 +172,6 @@ class PairedPhotos:
     query_objects: int
 
 
-
 def identical_files(first: Sequence[Path], second: Sequence[Path]) -> list[tuple[Path, Path]]:
     """The files of ``second`` whose bytes equal a file of ``first``'s, each with one such file of
     ``first``. Only files of equal size are read (and each at most once), so folders of distinct
@@ -207,6 +206,7 @@ def identical_files(first: Sequence[Path], second: Sequence[Path]) -> list[tuple
         if match is not None:
             found.append((match, path))
     return found
+
 
 def paired_photos(gallery, query) -> PairedPhotos:
     """The objects of two ``ROOT/<object_id>/*`` folders, refused (one sentence) when they share

@@ -74,7 +74,6 @@ def _default_shape(arch: str) -> tuple[int, int, int]:
     return default.num_features, len(default.blocks), int(default.patch_embed.patch_size[0])
 
 
-
 def closest_model_name(arch: str, names: list[str]) -> Optional[str]:
     """The timm name a mistyped ``arch`` most likely meant: difflib's closest among the names that
     share its longest prefix of 4 characters or more (its family: ``vit_tinyy`` → ``vit_tiny_patch16_224``,
@@ -88,6 +87,7 @@ def closest_model_name(arch: str, names: list[str]) -> Optional[str]:
             return difflib.get_close_matches(arch, sharing, n=1, cutoff=0.0)[0]
     close = difflib.get_close_matches(arch, names, n=1)
     return close[0] if close else None
+
 
 class Backbone(nn.Module):
     """A timm model (``arch``; ViT or CNN) built for ``img_size`` at stride ``patch_size``, optionally

@@ -220,7 +220,6 @@ def _apply_refinement(run_dir: str | Path, feats_dir: str | Path, out: str | Pat
     return summary
 
 
-
 def _holds(out: Path, fingerprint: str, features, dtype: str) -> bool:
     """Whether ``out`` is a complete feature folder of these refined features: the same source rows,
     refiner, k and context (the model fingerprint), stored in ``dtype``."""

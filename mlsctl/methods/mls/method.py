@@ -70,6 +70,7 @@ from mlsctl.methods.mls.ops import mls_loss
 from mlsctl.models.backbone import Backbone, BackboneOutput, architecture_kind, build_backbone
 from mlsctl.models.batchnorm import batchnorm_layers, convert_to_group_batchnorm, convert_to_sync_batchnorm
 
+
 def architecture_kind_or_none(arch: str) -> Optional[str]:
     import timm
 
