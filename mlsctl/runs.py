@@ -158,10 +158,10 @@ class Run:
         """The step of the teacher ``--run RUN`` reads (:func:`mlsctl.restore.from_run`): the last step of
         a finished run (summary.json) for teacher.safetensors, else the latest checkpoint's; None with
         neither (also for a teacher whose run kept no checkpoint and wrote no summary)."""
-        latest = self.latest()
         steps = self.summary().get("steps") if self.teacher_weights_path.is_file() else None
         if isinstance(steps, int) and not isinstance(steps, bool):
             return steps
+        latest = self.latest()
         return latest.step if latest is not None else None
 
     def init_from(self) -> Optional[str]:
