@@ -59,8 +59,8 @@ and "the ceiling >= 10 points above both".
 the time left (the data build counts); a cell's estimate is the longest wall time a finished cell of
 the same variant and declaration took on this device (``timing`` in the cell records, keyed by
 :func:`device_description`), else the profile's declared ``estimates``. A stage still running at the
-deadline gets SIGTERM (mlsctl stops as on Ctrl-C: a pretrain keeps its last checkpoint and saves
-nothing new), the report and ``progress.json`` (each cell done or pending, why, its estimate) are
+deadline gets SIGTERM (mlsctl stops as on Ctrl-C: a pretrain finishes its step and saves it as a
+checkpoint), the report and ``progress.json`` (each cell done or pending, why, its estimate) are
 written and the suite exits 0. ``--pack-results FILE`` writes the records and the report into one
 archive (a device gives back a few files only); ``--unpack-results FILE`` merges one here. See
 docs/reproduction.md.
@@ -434,7 +434,7 @@ def run_stage(command: list[str], cwd: Path, log: Path, threads: int, deadline: 
     """Run ``command`` (output appended to ``log``) and return its wall seconds; raises on failure.
 
     ``deadline`` (a ``time.monotonic()`` value): at that moment the process gets SIGTERM (mlsctl stops
-    as on Ctrl-C: a pretrain keeps its last checkpoint, nothing new is saved), SIGKILL
+    as on Ctrl-C: a pretrain finishes its step and saves it as a checkpoint), SIGKILL
     :data:`STOP_GRACE_S` later, and :class:`OutOfTime` is raised. ``timing``: a JSON file whose
     ``seconds`` accumulates the wall time of every stage of a cell, stopped ones included."""
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),

@@ -1,4 +1,4 @@
-"""mlsctl.train.stopping: a run of several processes stops between two steps, on all of them.
+"""mlsctl.train.stopping: a run stops between two steps (on all its processes), and saves that step.
 
 The collective is a maximum over one process here (a gloo group of one); two real processes are
 tested in tests/test_hardening.py (a stop that reaches one of two processes)."""
@@ -35,13 +35,14 @@ def one_process_group(restored_signals):
 def test_a_signal_during_a_step_stops_at_the_next_check_and_later_ones_are_ignored(one_process_group, signum):
     with pytest.raises(StoppedTogether) as stopped:
         with StepBoundaryStop(world=2) as stop:
-            stop.check()  # nothing asked yet
+            assert not stop.asked()  # nothing asked yet
             os.kill(os.getpid(), signum)  # in the middle of a step: marked, nothing raised here
             os.kill(os.getpid(), signal.SIGTERM)  # a launcher forwards the stop again
             assert stop.signum == signum
-            stop.check()
-            pytest.fail("check() did not stop")
+            assert stop.asked() and stop.saves_its_step
+            stop.stop(saved_step=2)
     assert stopped.value.signum == signum and isinstance(stopped.value, KeyboardInterrupt)
+    assert stopped.value.saved_step == 2
     # the shutdown under way is not broken by the launchers' repeated signals
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
@@ -62,7 +63,7 @@ def test_a_process_that_could_not_install_handlers_still_takes_part(one_process_
     try:
         def steps():  # not the main thread: signal.signal raises ValueError there
             with StepBoundaryStop(world=2) as stop:
-                stop.check()
+                stop.asked()
         thread = threading.Thread(target=steps)
         thread.start()
         thread.join()
@@ -78,7 +79,7 @@ def test_without_a_stop_the_previous_handlers_come_back(one_process_group):
     signal.signal(signal.SIGTERM, mine)
     with StepBoundaryStop(world=2) as stop:
         assert signal.getsignal(signal.SIGTERM) is not mine
-        stop.check()
+        assert not stop.asked()
     assert signal.getsignal(signal.SIGTERM) is mine
 
 
@@ -87,19 +88,54 @@ def test_an_ignored_sigint_stays_ignored(one_process_group):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     with StepBoundaryStop(world=2) as stop:
         os.kill(os.getpid(), signal.SIGINT)
-        stop.check()
+        assert not stop.asked()
         assert stop.signum == 0
     assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
 
-def test_one_process_stops_at_once_as_before(restored_signals):
-    # world 1: the command's own handlers stay; Ctrl-C raises where it lands, no collective is made
-    with StepBoundaryStop(world=1) as stop:
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+def test_a_stop_in_the_first_step_of_one_process_raises_at_once(restored_signals):
+    # nothing to save yet: a start stopped at once leaves --out as it found it, as before
+    with StepBoundaryStop(world=1):
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
             signal.sigtimedwait([], 0.01) if hasattr(signal, "sigtimedwait") else None
-        stop.check()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_one_process_stops_after_the_step_under_way_and_a_second_stop_at_once(restored_signals, caplog, signum):
+    class Terminated(KeyboardInterrupt):
+        pass
+
+    def as_the_cli(signum, frame):  # mlsctl.cli turns SIGTERM into a KeyboardInterrupt
+        raise Terminated
+
+    signal.signal(signal.SIGTERM, as_the_cli)
+    with StepBoundaryStop(world=1) as stop:
+        assert not stop.asked()  # the first step is done: from here a stop waits for the step under way
+        os.kill(os.getpid(), signum)  # marked, nothing raised
+        assert stop.signum == signum and "stopping after step 2, which will be saved" in caplog.text
+        with pytest.raises(KeyboardInterrupt):  # Ctrl-C twice (or the scheduler's second word): at once
+            os.kill(os.getpid(), signum)
+            signal.sigtimedwait([], 0.01) if hasattr(signal, "sigtimedwait") else None
+        assert stop.asked() and stop.saves_its_step
+    # one process has no launcher forwarding stops: the handlers come back as they were
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) is as_the_cli
+
+
+def test_one_process_leaves_a_default_sigterm_alone(restored_signals):
+    # a library's caller that kept SIGTERM's default: the process ends on it, as it would without mlsctl
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    with StepBoundaryStop(world=1):
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+
+
+def test_a_stop_agreed_after_the_first_step_of_a_session_is_not_saved(one_process_group):
+    with StepBoundaryStop(world=2) as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.asked() and not stop.saves_its_step
 
 
 def test_the_elastic_agent_acts_on_the_first_stop_signal_and_ignores_the_ones_forwarded_after_it(monkeypatch):

@@ -113,6 +113,70 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path: Path, images
     assert [s["to_step"] for s in json.loads((full / "summary.json").read_text())["sessions"]] == [48]
 
 
+
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
+def test_a_stop_saves_the_step_under_way_and_resume_equals_an_uninterrupted_run(tmp_path: Path, images: Path,
+                                                                              capsys, signum):
+    """A new user (2026-12-07): Ctrl-C or a scheduler's SIGTERM lost every step since the last
+    checkpoint. The step under way now ends, is written as a checkpoint, and --resume goes on from it,
+    bit for bit as a run that was never stopped."""
+    import os
+    import signal
+
+    recipe = tiny_recipe(images)
+    recipe["train"]["checkpoint_every"] = 3
+    path = write_recipe(tmp_path / "r.yaml", recipe)
+    cli("pretrain", str(path), "--out", str(tmp_path / "full"), capsys=capsys)
+    training_step, sent = DINO.training_step, getattr(signal, signum)
+
+    def stopped_in_step_5(self, batch, step):
+        if step == 4:  # in the middle of step 5: after its forward, before its backward
+            os.kill(os.getpid(), sent)
+        return training_step(self, batch, step)
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even under `make test &`
+    try:
+        DINO.training_step = stopped_in_step_5
+        code, _, err = cli("pretrain", str(path), "--out", str(tmp_path / "stopped"), capsys=capsys)
+    finally:
+        DINO.training_step = training_step
+        signal.signal(signal.SIGINT, previous)
+    assert code == 130 and "Traceback" not in err, err
+    assert "stopping after step 5, which will be saved as a checkpoint" in err
+    assert f"the last checkpoint is step 5, written at the stop ({tmp_path / 'stopped'}" in err
+    assert Run(tmp_path / "stopped").latest().step == 5 and not (tmp_path / "stopped" / "summary.json").exists()
+    code, _, err = cli("pretrain", str(path), "--out", str(tmp_path / "stopped"), "--resume", capsys=capsys)
+    assert code == 0 and "from step 5" in err
+    full, stopped = tmp_path / "full", tmp_path / "stopped"
+    assert losses(stopped) == losses(full)
+    a, b = load_file(str(stopped / "teacher.safetensors")), load_file(str(full / "teacher.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    a, b = (load_file(str(Run(run).latest().model_path)) for run in (stopped, full))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # student, teacher and centre
+    banks = [load_banks(Run(run).latest().banks_path)["cls"] for run in (stopped, full)]
+    assert torch.equal(banks[0].vectors, banks[1].vectors) and banks[0].ptr == banks[1].ptr
+
+
+def test_a_stop_in_the_first_step_leaves_out_as_it_was(tmp_path: Path, images: Path, capsys):
+    # nothing saved: a start stopped at once (a wrong --overwrite, perhaps) leaves --out as it found it
+    import os
+    import signal
+
+    path = write_recipe(tmp_path / "r.yaml", tiny_recipe(images))
+    training_step = DINO.training_step
+
+    def stopped_in_step_1(self, batch, step):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return training_step(self, batch, step)
+
+    try:
+        DINO.training_step = stopped_in_step_1
+        code, _, err = cli("pretrain", str(path), "--out", str(tmp_path / "run"), capsys=capsys)
+    finally:
+        DINO.training_step = training_step
+    assert code == 130 and "nothing was saved" in err.strip().splitlines()[-1], err
+    assert not (tmp_path / "run").exists()
+
 def test_run_folder_rules(finished_run, tmp_path: Path, capsys):
     run_dir, recipe = finished_run
     copy = tmp_path / "copy"

@@ -312,11 +312,11 @@ def worker_init(_: int) -> None:
 
 
 def worker_init_leaving_stops_to_the_parent(worker_id: int) -> None:
-    """:func:`worker_init` for a training process of a run on several processes: the worker ignores
-    SIGINT and SIGTERM, and ends when its parent shuts the loader down (or dies). That parent stops
-    only after the step under way, with the other processes (:mod:`mlsctl.train.stopping`); a
-    worker that stopped on the job's signal would leave it waiting for a batch that never comes
-    (PyTorch's "DataLoader worker ... exited unexpectedly")."""
+    """:func:`worker_init` for a training loader: the worker ignores SIGINT and SIGTERM, and ends
+    when its parent shuts the loader down (or dies). That parent stops only after the step under way
+    (with the other processes of a run on several: :mod:`mlsctl.train.stopping`); a worker that
+    stopped on the job's signal would leave it waiting for a batch that never comes (PyTorch's
+    "DataLoader worker ... exited unexpectedly")."""
     import signal
 
     worker_init(worker_id)
@@ -406,13 +406,12 @@ class Loader(DataLoader):
 
 
 def make_loader(dataset: Dataset, sampler: StepBatchSampler, workers: int, pin_memory: bool = False,
-                collate_fn=collate, stops_from_parent: bool = False) -> DataLoader:
-    """The training loader. ``stops_from_parent``: its workers ignore Ctrl-C and SIGTERM (a run on
-    several processes stops between steps: :func:`worker_init_leaving_stops_to_the_parent`)."""
+                collate_fn=collate) -> DataLoader:
+    """The training loader. Its workers ignore Ctrl-C and SIGTERM: a run stops between two steps
+    (:func:`worker_init_leaving_stops_to_the_parent`)."""
     check_batches_fit(dataset, sampler, workers)
-    init = worker_init_leaving_stops_to_the_parent if stops_from_parent else worker_init
-    return Loader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate_fn,
-                  pin_memory=pin_memory, worker_init_fn=init if workers else None,
+    return Loader(dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate_fn, pin_memory=pin_memory,
+                  worker_init_fn=worker_init_leaving_stops_to_the_parent if workers else None,
                   prefetch_factor=4 if workers else None, persistent_workers=workers > 0)
 
 

@@ -147,7 +147,7 @@ def _pretrain(recipe, out: str | Path, *, resume: bool, init_from: Optional[str]
     except KeyboardInterrupt as stop:
         undone = resume_from is None and _latest(run) is None  # then the folder is put back as it was
         message = run_dir.interrupted(run, resume_from is None, is_main, accelerator.num_processes,
-                                      resume_command)
+                                      resume_command, saved_at_stop=getattr(stop, "saved_step", None))
         if isinstance(stop, StoppedTogether):  # no process is inside a collective: the groups end cleanly
             dist.close()  # (left to the interpreter's exit, gloo's threads could abort the process)
         stopped = Interrupted(message if is_main else "")
@@ -280,7 +280,7 @@ def _train(run: Run, recipe, accelerator, folder: ImageFolder, dataset, collate_
     sampler = type(method).batch_sampler(recipe, dataset, world_size=world, rank=accelerator.process_index,
                                          start_step=start_step, total_steps=plan.total_steps)
     loader = make_loader(dataset, sampler, recipe.data.workers, pin_memory=accelerator.device.type == "cuda",
-                         collate_fn=collate_fn, stops_from_parent=world > 1)
+                         collate_fn=collate_fn)
     # The iterator draws its base seed from torch's global RNG: make it before the checkpoint's RNG
     # state is restored, as the uninterrupted run made it before its first step, or the resumed run's
     # global draws (drop path) are one behind.
@@ -290,7 +290,7 @@ def _train(run: Run, recipe, accelerator, folder: ImageFolder, dataset, collate_
     records = metrics.Records(run, recipe, accelerator, method, start_step, interactive=sys.stderr.isatty())
     sessions = Sessions(state, start_step, accelerator.device, is_main)
     started = time.perf_counter()
-    with StepBoundaryStop(world) as stop:  # several processes stop together, between two steps
+    with StepBoundaryStop(world) as stop:  # a stop ends the step under way (every process's), saved
         try:
             model.train()
             training = _Training(accelerator, model, method, optimizer, plan, trainable, last_layer,
@@ -309,7 +309,8 @@ def _train(run: Run, recipe, accelerator, folder: ImageFolder, dataset, collate_
 def _run_steps(t: _Training, records: metrics.Records, run: Run, recipe, start_step: int, monitor,
                stop: StepBoundaryStop, sessions: Sessions) -> None:
     """The steps left: each trained, recorded and checkpointed on schedule; after each but the
-    last, the processes agree whether to stop (:mod:`mlsctl.train.stopping`)."""
+    last, the processes agree whether to stop, and a stop writes the checkpoint of the step it
+    stops after (:mod:`mlsctl.train.stopping`)."""
     total = t.plan.total_steps
     for step in range(start_step, total):
         done = step + 1
@@ -317,7 +318,8 @@ def _run_steps(t: _Training, records: metrics.Records, run: Run, recipe, start_s
         t.method.logged = logged  # the method times its own operations (time/...) on these steps only
         stepped = _train_one_step(t, step)
         records.stepped(t.plan.batch_global, stepped.waited)
-        saved = done % recipe.train.checkpoint_every == 0 or done == total
+        stopping = done < total and stop.asked()
+        saved = done % recipe.train.checkpoint_every == 0 or done == total or (stopping and stop.saves_its_step)
         if logged or saved:
             t.watch.check(t.method.banks())
         health = records.health(done, monitor, stepped)
@@ -329,8 +331,8 @@ def _run_steps(t: _Training, records: metrics.Records, run: Run, recipe, start_s
             records.sync()
             checkpoint.save_checkpoint(run, done, t.method, t.optimizer, t.accelerator, recipe,
                                        recipe.train.keep_checkpoints, sessions.upto(done))
-        if done < total:
-            stop.check()
+        if stopping:
+            stop.stop(done if saved else None)
 
 
 def _end_loader(batches) -> None:

@@ -210,10 +210,12 @@ def undo_start(run: Run) -> None:
             entry.unlink(missing_ok=True)
 
 
-def interrupted(run: Run, fresh: bool, is_main: bool, processes: int = 1, resume_command: str | None = None) -> str:
+def interrupted(run: Run, fresh: bool, is_main: bool, processes: int = 1, resume_command: str | None = None,
+                saved_at_stop: int | None = None) -> str:
     """What Ctrl-C leaves behind, and the command that continues (with as many processes: a
     checkpoint resumes with the number that wrote it). ``resume_command``: the words after ``mlsctl``
-    that continue the run when its own command is not ``pretrain RUN/config.yaml`` (``refine train``)."""
+    that continue the run when its own command is not ``pretrain RUN/config.yaml`` (``refine train``);
+    ``saved_at_stop``: the step the run stopped after, when its checkpoint was written then."""
     latest = run.latest()
     if latest is None:
         if is_main and fresh:
@@ -225,7 +227,9 @@ def interrupted(run: Run, fresh: bool, is_main: bool, processes: int = 1, resume
     # quoted: a path with a space, pasted as printed, named another recipe (a new user's probe, 2026-12-06)
     if resume_command is None:
         resume_command = f"pretrain {shlex.quote(str(run.config_path))} --out {shlex.quote(str(run.root))} --resume"
-    return f"the last checkpoint is step {latest.step} ({latest.path}); continue with: {launch} {resume_command}"
+    at_stop = ", written at the stop" if saved_at_stop == latest.step else ""
+    return (f"the last checkpoint is step {latest.step}{at_stop} ({latest.path}); "
+            f"continue with: {launch} {resume_command}")
 
 
 def record_images(run: Run, folder: ImageFolder) -> None:
