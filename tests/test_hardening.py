@@ -1016,6 +1016,7 @@ def test_12_a_stop_that_reaches_one_of_two_processes_stops_both_after_the_same_s
     assert process.returncode == 130 and "Traceback" not in err and "error" not in err.lower(), err
     ours = [line for line in err.strip().splitlines() if not re.match(r"[DIWE]\d{4} \d\d:", line)]
     assert ours[-1].startswith("interrupted: the last checkpoint is step "), err
+    assert ", written at the stop" in ours[-1], err  # the step both finished is saved
     assert f"pretrain {run / 'config.yaml'} --out {run} --resume" in ours[-1]
 
 
