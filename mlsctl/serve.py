@@ -699,8 +699,36 @@ class Policy:
 
     @classmethod
     def for_server(cls, host: str, allow_hosts: Sequence[str] = (), **kwargs) -> "Policy":
+        check_allow_hosts(allow_hosts)
         names = {_host_name(host), "localhost", "127.0.0.1", "::1"} | {_host_name(h) for h in allow_hosts}
         return cls(frozenset(n for n in names if n), **kwargs)
+
+
+def check_allow_hosts(allow_hosts: Sequence[str]) -> None:
+    """Refuse an ``--allow-host`` that no ``Host`` header can equal: a pattern (``*``,
+    ``*.example.com``, ``.example.com``) or a URL was kept as a literal name, which matched nothing,
+    so the server started and refused every request through its proxy (a known issue of the
+    twentieth session). Names are matched exactly, and the check cannot be turned off: it is what
+    stops DNS rebinding."""
+    for given in allow_hosts:
+        value = given.strip()
+        name = _host_name(value)
+        if any(c in name for c in "*?") or name.startswith("."):
+            raise UserError(f"--allow-host '{_shown(value, 60)}' is a pattern, but host names are matched exactly: "
+                            f"give each name clients use, one --allow-host each (--allow-host search.example.com "
+                            f"--allow-host www.example.com); no option allows every Host, since the check is what "
+                            f"stops DNS rebinding")
+        try:
+            ipaddress.ip_address(value)  # a bare IPv6 address, whose colons split_host takes for a port's
+            continue
+        except ValueError:
+            pass
+        try:
+            split_host(value)
+        except (ValueError, IndexError):
+            raise UserError(f"--allow-host '{_shown(value, 60)}' is not a host name: give the name clients put in "
+                            f"the URL, without scheme or path (search.example.com, or search.example.com:8443)"
+                            ) from None
 
 
 def _host_name(value: str) -> str:
@@ -1295,6 +1323,7 @@ def serve(gallery: Path, run: Optional[Path], host: str, port: int, root: Option
     import uvicorn
 
     limits = Limits.from_mib(max_upload_mb, max_request_mb, decode_budget_mb)
+    check_allow_hosts(allow_hosts)  # before the model loads, as every other option
     if root is not None and not Path(root).is_dir():  # a new user's probe (2026-12-06): every request was a 404
         raise UserError(f"--root {root} {'is not a folder' if Path(root).exists() else 'does not exist'}; give the "
                         f"folder whose photos requests may name by path, or leave --root out (uploads only)")

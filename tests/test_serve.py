@@ -552,6 +552,28 @@ def test_1_listening_beyond_loopback_needs_a_token_file_and_a_private_one(mile_r
     assert code == 2 and "at least 16 printable ASCII characters" in one_sentence(err)
 
 
+def test_1_an_allow_host_pattern_or_url_is_refused_at_start_not_kept_as_a_name_nothing_matches(tmp_path, capsys):
+    """Left over from the twentieth session: `--allow-host '*'` and `--allow-host '*.example.com'` were kept as
+    literal names, so the server started and refused every request sent through them; a URL the same way."""
+    from test_hardening import one_sentence
+
+    from mlsctl.errors import UserError
+    from mlsctl.serve import Policy
+
+    for value, words in (("*", "is a pattern, but host names are matched exactly"),
+                         ("*.example.com", "is a pattern, but host names are matched exactly"),
+                         (".example.com", "is a pattern"),
+                         ("https://search.example.com/", "is not a host name: give the name clients put in the URL")):
+        code, _, err = cli("serve", str(tmp_path / "g"), "--allow-host", "search.example", "--allow-host", value,
+                           capsys=capsys)  # said before the gallery is looked at, as every other option
+        assert code == 2 and f"--allow-host '{value}' {words}" in one_sentence(err), err
+        with pytest.raises(UserError, match="--allow-host"):
+            Policy.for_server("127.0.0.1", [value])
+    assert "no option allows every Host" in cli("serve", str(tmp_path / "g"), "--allow-host", "*", capsys=capsys)[2]
+    policy = Policy.for_server("127.0.0.1", ["Search.Example:8443", "::1", "[fe80::1]", "10.1.2.3"])
+    assert {"search.example", "fe80::1", "10.1.2.3"} <= policy.hosts
+
+
 # ----------------------------------------------------------------------------------- 2. what a request may decode
 
 
