@@ -1702,6 +1702,70 @@ def test_an_empty_path_is_said_so_and_head_is_answered_wherever_get_is(tmp_path)
             assert head.headers["content-length"] == got.headers["content-length"]
 
 
+def test_unknown_keys_of_a_json_body_and_unknown_multipart_fields_are_a_400_naming_the_key(caplog):
+    """Left over from the twentieth session: unknown query parameters were refused (400), unknown body keys
+    ignored: {"paths": [...], "k": 2} gave the default 10 results, {"path": [...]} said only the shape. Now a key
+    or field the API does not take is a 400 naming it (where it reads as a name: the sentence is logged) and
+    the one taken; nothing is searched or added."""
+    from fastapi.testclient import TestClient
+
+    from mlsctl import serve
+
+    done = []
+
+    class Recorded:
+        read_only, limits = False, serve.Limits()
+
+        def paths(self, paths):
+            return paths
+
+        def uploads(self, files):
+            return [name for name, _, _ in files]
+
+        def search(self, photos, k):
+            done.append(("search", photos, k))
+            return {"photos": len(photos)}
+
+        def add(self, object_id, photos):
+            done.append(("add", object_id, photos))
+            return {"object": object_id}
+
+        def check_id(self, object_id):
+            pass
+
+        check_new_id = check_id
+
+    caplog.set_level("INFO", logger="mlsctl.serve")
+    policy = serve.Policy.for_server("127.0.0.1", token="t" * 32)
+    app = serve.create_app(Recorded(), policy)
+    token = {"Authorization": "Bearer " + "t" * 32}
+    photos = [("photos", ("a.png", b"x")), ("k", (None, "5"))]
+    with TestClient(app, base_url="http://127.0.0.1:8000") as client:
+        for path, kwargs, words in (
+                ("/search", {"json": {"paths": ["a.png"], "k": 5}},
+                 "the JSON body has a key the API does not take ('k'); it takes only 'paths' (k goes in the query "
+                 "string: /search?k=5)"),
+                ("/objects/o1/photos", {"json": {"path": ["a.png"]}},
+                 "the JSON body has a key the API does not take ('path'); it takes only 'paths'"),
+                ("/search", {"json": {"paths": ["a.png"], "z": 1, "\u202ey": 2, "q" * 41: 3}},
+                 "the JSON body has a key the API does not take ('z' and 2 more); it takes only 'paths'"),
+                ("/search", {"json": {"paths": ["a.png"], "\u202ey": 2}},
+                 "the JSON body has a key the API does not take (not named here: not a plain name); it takes only "
+                 "'paths'"),
+                ("/search", {"files": photos},
+                 "the multipart body has a field the API does not take ('k'); it takes only 'photos' (k goes in "
+                 "the query string: /search?k=5)"),
+                ("/objects/o1/photos", {"files": [("photos", ("a.png", b"x")), ("photo", ("b.png", b"y"))]},
+                 "the multipart body has a field the API does not take ('photo'); it takes only 'photos'")):
+            answer = client.post(path, headers=token, **kwargs)
+            assert answer.status_code == 400 and answer.json() == {"error": words}, (path, answer.json())
+        assert done == []  # nothing searched or added
+        assert client.post("/search?k=3", json={"paths": ["a.png"]}).status_code == 200
+        assert client.post("/objects/o1/photos", files=photos[:1], headers=token).status_code == 200
+    assert done == [("search", ["a.png"], 3), ("add", "o1", ["a.png"])]
+    assert "\u202e" not in caplog.text and "q" * 41 not in caplog.text  # no key but a plain name reaches the log
+
+
 def test_an_add_into_a_damaged_row_is_a_500_sentence_without_the_gallery_s_path():
     """An attacker's probe, 2026-12-07: a NaN row of latents.bin made an add end in "internal error (ValueError)";
     the library now says the gallery is damaged (naming its path: the CLI's sentence), which a client must not read."""
