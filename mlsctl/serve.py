@@ -1318,7 +1318,10 @@ def read_token_file(path: Path) -> str:
 
 def write_token(gallery: Path) -> tuple[Path, str]:
     """A fresh token in ``GALLERY/.mlsctl.token``, mode 0600 from its creation: (its path, the token,
-    as generated: never read back from a file another writer could replace meanwhile)."""
+    as generated: never read back from a file another writer could replace meanwhile). Written into a
+    temporary file renamed over it; where the write or the rename fails (a full disk, a gallery folder
+    made read-only meanwhile), the temporary file is removed: it held the token, and it would block the
+    next start (a known issue of the twentieth session)."""
     path = gallery / TOKEN_NAME
     token = secrets.token_urlsafe(32)
     tmp = gallery / f".{TOKEN_NAME}.{os.getpid()}.tmp"
@@ -1327,12 +1330,19 @@ def write_token(gallery: Path) -> tuple[Path, str]:
     except FileExistsError:
         raise UserError(f"{tmp} exists; remove it (a leftover of a stopped server, or planted) and start again") from None
     try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, (token + "\n").encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        try:
+            os.fchmod(fd, 0o600)  # 0600 whatever the umask took off
+            os.write(fd, (token + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:  # a stop (Ctrl-C, SIGTERM) too: no copy of the token is left behind
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
     return path, token
 
 

@@ -1484,6 +1484,33 @@ def test_9_the_token_file_is_never_written_through_a_planted_link(tmp_path):
     assert stat.S_IMODE(path.stat().st_mode) == 0o600 and path.read_text().strip() == token and len(token) >= 32
 
 
+def test_9_a_token_file_whose_rename_fails_leaves_no_copy_of_the_token_behind(tmp_path, monkeypatch):
+    """Left over from the twentieth session: where os.replace failed, the temporary file holding the token
+    stayed in the gallery folder (and blocked the next start: "exists; remove it")."""
+    import errno
+
+    from mlsctl.serve import TOKEN_NAME, write_token
+
+    real_replace, seen = os.replace, []
+
+    def full_disk(src, dst, *args, **kwargs):
+        seen.append((Path(src).read_text().strip(), stat.S_IMODE(os.stat(src).st_mode)))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    old_umask = os.umask(0)  # the file is private whatever the umask
+    try:
+        with pytest.raises(OSError, match="No space left"):
+            write_token(tmp_path)
+    finally:
+        os.umask(old_umask)
+    assert len(seen) == 1 and len(seen[0][0]) >= 32 and seen[0][1] == 0o600  # it was written, privately
+    assert list(tmp_path.iterdir()) == []  # no temporary file with the token, and no token file
+    monkeypatch.setattr(os, "replace", real_replace)
+    path, token = write_token(tmp_path)  # the next start is not blocked by a leftover
+    assert path == tmp_path / TOKEN_NAME and path.read_text().strip() == token and list(tmp_path.iterdir()) == [path]
+
+
 def test_a_sigterm_while_the_server_starts_is_an_ordinary_stop(mile_run, tmp_path):
     """A probe (2026-12-06): "serving ..." was said before the app was built, and a SIGTERM in that
     window (a service manager restarting it) ended with "interrupted" and exit 130. The line now
