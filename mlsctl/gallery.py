@@ -576,15 +576,37 @@ class _Photos(TreeImages):
 
 
 def load_images(paths: Sequence[Path]) -> list:
-    from mlsctl.data.images import BadImage, load_rgb
+    from mlsctl.data.images import load_rgb
 
-    images = []
+    return [_read_photo(load_rgb, path) for path in paths]
+
+
+def check_photos(photos: Sequence) -> None:
+    """What can be said of the photos given as paths before a model loads (decoded images pass): each
+    is a file, and its header opens as an image within the pixel limit (:func:`mlsctl.data.images.check_image`).
+    `index add` said a corrupt photo only after its model had loaded (a known issue of the twentieth
+    session). :func:`load_images` decodes them later all the same, saying in the same words what the
+    header does not show (damaged image data) or what changed in between."""
+    from mlsctl.data.images import check_image
+
+    paths = [photo for photo in photos if isinstance(photo, (str, os.PathLike))]
+    missing = [str(path) for path in paths if not Path(path).is_file()]
+    if missing:  # every missing one counted, before any photo is read
+        raise UserError(f"{missing[0]} is not a file" + (f" (nor {len(missing) - 1} more of the photos)"
+                                                         if len(missing) > 1 else "") + "; check the path")
     for path in paths:
-        try:
-            images.append(load_rgb(path))
-        except (BadImage, OSError) as exc:
-            raise UserError(f"cannot read {path}: {exc}") from None
-    return images
+        _read_photo(check_image, path)
+
+
+def _read_photo(read: Callable, path):
+    """``read(path)`` (:func:`~mlsctl.data.images.load_rgb`, or the header check of :func:`check_photos`);
+    a photo it cannot read is one sentence naming the photo (the same from both)."""
+    from mlsctl.data.images import BadImage
+
+    try:
+        return read(path)
+    except (BadImage, OSError) as exc:
+        raise UserError(f"cannot read {path}: {exc}") from None
 
 
 # ---------------------------------------------------------------------------------------- index
@@ -1424,8 +1446,12 @@ def add_to_gallery(path: str | os.PathLike, object_id: str, photos: Sequence, *,
     written, created, photos now folded into the object). A server holds the lock for its lifetime
     and calls :meth:`Gallery.add` itself."""
     path = Path(path)
+    # what is cheap to check first, each before the next, and all before the model loads: the id, the gallery (a
+    # run folder given as the gallery is said so, not locked and "being written" by its run), the photos' paths
+    # and headers (a corrupt photo was said only after the model had loaded)
     check_object_id(object_id)
-    read_manifest(path)  # a run folder given as the gallery is said so, not locked (and "being written" by its run)
+    read_manifest(path)
+    check_photos(photos)
     with FolderLock(path, "gallery"):
         target = Gallery(path, recover=True)
         if object_id not in target.row_of:

@@ -151,6 +151,52 @@ def test_the_library_takes_the_gallery_lock_for_retrain_and_add(tmp_path):
     assert before == manifest["rows"] == 40
 
 
+def test_index_add_says_a_photo_it_cannot_read_before_the_model_loads_and_after_the_id_and_the_gallery(
+        tmp_path, monkeypatch, capsys):
+    """Left over from the twentieth session: `index add` said a corrupt photo only after its model had loaded
+    (seconds to minutes). The photos' headers are read first; a bad id and a gallery that is none are still said
+    before the photos, and the CLI no longer checks them itself before the library does it again."""
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    from mlsctl import gallery as gallery_lib
+    from test_hardening import one_sentence
+
+    from conftest import cli
+
+    loaded = []
+
+    def no_model(*args, **kwargs):
+        loaded.append(args)
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(gallery_lib, "choose_set_model", no_model)
+    write_gallery(tmp_path / "g", [f"a{i}" for i in range(40)], clustered(40, seed=1), [1] * 40,
+                  IndexSettings("flat"), MANIFEST)
+    good, corrupt, empty, huge = (tmp_path / name for name in ("good.png", "corrupt.png", "empty.png", "huge.png"))
+    Image.new("RGB", (8, 8)).save(good)
+    corrupt.write_bytes(b"no image at all" * 10)
+    empty.write_bytes(b"")
+    huge.write_bytes(b"\x89PNG\r\n\x1a\n" + b"".join(  # a header saying 20000x10000, and no pixels
+        len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+        for kind, data in ((b"IHDR", struct.pack(">IIBBBBB", 20_000, 10_000, 8, 0, 0, 0, 0)), (b"IEND", b""))))
+    for args, words in (
+            (["a1", str(good), str(corrupt)], f"cannot read {corrupt}: not an image file"),
+            (["new", str(empty), str(good)], f"cannot read {empty}: empty file (0 bytes)"),
+            (["a1", str(huge)], f"cannot read {huge}: 200,000,000 pixels is more than 89,478,485 pixels"),
+            (["a1", str(good), str(tmp_path / "nope.png"), str(corrupt)], f"{tmp_path / 'nope.png'} is not a file"),
+            (["", str(corrupt)], "--object '' is empty or blank"),  # the id first, then the gallery, then photos
+            (["a/1", str(corrupt)], "--object 'a/1' contains '/'")):
+        code, _, err = cli("index", "add", str(tmp_path / "g"), "--object", args[0], *args[1:], capsys=capsys)
+        assert code == 2 and words in one_sentence(err), (args, err)
+    code, _, err = cli("index", "add", str(tmp_path / "nowhere"), "--object", "a1", str(corrupt), capsys=capsys)
+    assert code == 2 and f"gallery {tmp_path / 'nowhere'} does not exist" in one_sentence(err), err
+    assert loaded == []  # every refusal came before the model was asked for
+    assert Gallery(tmp_path / "g").rows == 40
+
+
 def test_ivfpq_settings_for_a_flat_index_are_refused_by_the_library_and_dropped_from_old_galleries(tmp_path):
     """Only the CLI refused --nlist with a flat index (a code-health review, 2026-12-07); galleries built before
     stored it, and must still open and retrain."""
