@@ -195,6 +195,15 @@ def test_index_add_says_a_photo_it_cannot_read_before_the_model_loads_and_after_
     assert code == 2 and f"gallery {tmp_path / 'nowhere'} does not exist" in one_sentence(err), err
     assert loaded == []  # every refusal came before the model was asked for
     assert Gallery(tmp_path / "g").rows == 40
+    from mlsctl.errors import UserError
+
+    def stop(*args, **kwargs):
+        raise UserError("the model would load here")
+
+    monkeypatch.setattr(gallery_lib, "choose_set_model", stop)  # a photo given twice is said once, then the model
+    code, _, err = cli("index", "add", str(tmp_path / "g"), "--object", "a1", str(good), f"{tmp_path}/./good.png",
+                       "--run", str(tmp_path), capsys=capsys)
+    assert code == 2 and err.count("is given 2 times") == 1 and "the model would load here" in one_sentence(err), err
 
 
 def test_ivfpq_settings_for_a_flat_index_are_refused_by_the_library_and_dropped_from_old_galleries(tmp_path):
