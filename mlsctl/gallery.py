@@ -885,15 +885,19 @@ class Gallery:
         return run
 
     def check_model(self, model: "SetModel") -> None:
-        if model.dim != self.dim:
-            raise UserError(f"{self.path / MANIFEST} says its rows have {self.dim} dimensions but the model of "
-                            f"{model.run} embeds {model.dim} (the manifest was edited, or the gallery is another "
-                            f"model's); rebuild the gallery with mlsctl index build")
+        """Refuse a model whose latents this gallery's are not: the gallery's run trained on since, a model
+        of another width, another model, other preprocessing. (A manifest whose ``dim`` was edited is
+        refused at open: :meth:`_check_rows`.)"""
         built = self.manifest["model"]
         if model.fingerprint != self.fingerprint and os.path.realpath(model.run) == os.path.realpath(built["run"]):
             raise UserError(f"run {model.run} is no longer the model gallery {self.path} was built with (step "
                             f"{built['step']} then, {model.step} now: trained on or again since); rebuild the gallery "
                             f"with mlsctl index build --overwrite")  # not "leave --run out": it was (a review)
+        if model.dim != self.dim:  # said as another model, not as an edited manifest (a known issue, 2026-12-07)
+            raise UserError(f"gallery {self.path} holds latents of {self.dim} dimensions, from the model of "
+                            f"{built['run']} at step {built['step']}; the model given ({model.run} at step "
+                            f"{model.step}) embeds {model.dim}: leave --run out to embed with the run the gallery "
+                            f"was built with, or rebuild the gallery with this one")
         if model.fingerprint != self.fingerprint:
             raise UserError(f"gallery {self.path} was built with model {self.fingerprint[:12]} "
                             f"({self.manifest['model']['run']} at step {self.manifest['model']['step']}); the model "

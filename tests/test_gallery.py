@@ -206,6 +206,65 @@ def test_index_add_says_a_photo_it_cannot_read_before_the_model_loads_and_after_
     assert code == 2 and err.count("is given 2 times") == 1 and "the model would load here" in one_sentence(err), err
 
 
+def tiny_set_model(width: int, run: Path, seed: int = 0):
+    """A MILE set model over a tiny random ViT of ``width`` (patch 8, 32 px), said to be ``run``'s, at step 1."""
+    from mlsctl.gallery import SetModel
+    from mlsctl.methods.mile.method import SetEncoder
+    from mlsctl.models.backbone import Backbone
+    from mlsctl.models.source import model_choice
+
+    torch.manual_seed(seed)
+    backbone = Backbone("vit_small_patch16_224", img_size=32, patch_size=8,
+                        timm_kwargs={"embed_dim": width, "depth": 1, "num_heads": 2})
+    return SetModel(model_choice(backbone, f"tiny ViT of width {width}", "test", None, 32), SetEncoder(width, 2), "cls",
+                    32, str(run), 1).to("cpu")
+
+
+def test_a_gallery_of_a_model_of_another_width_is_refused_in_one_sentence_by_add_and_search(
+        tmp_path, monkeypatch, capsys):
+    """Left over from the twentieth session: the width check was reached by no test once a gallery whose manifest
+    is unlike its rows was refused at open. A consistent gallery of a model of width 32, then `index add` and
+    `search` with a model of width 48: one sentence naming both models and the fix (it blamed an edited manifest);
+    the gallery's own run trained to another width is said as trained on."""
+    from PIL import Image
+
+    from mlsctl import gallery as gallery_lib
+    from mlsctl.errors import UserError
+    from mlsctl.gallery import build_gallery
+    from test_hardening import one_sentence
+
+    from conftest import cli
+
+    rng = np.random.default_rng(0)
+    for o in range(3):
+        (tmp_path / "photos" / f"obj{o}").mkdir(parents=True)
+        for k in range(2):
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "photos" / f"obj{o}" / f"{k}.png")
+    narrow, wide = tiny_set_model(32, tmp_path / "run-a"), tiny_set_model(48, tmp_path / "run-b")
+    build_gallery(tmp_path / "photos", narrow, tmp_path / "g", IndexSettings(), workers=0, progress=False,
+                  say=lambda line: None)
+    gallery = Gallery(tmp_path / "g")
+    assert gallery.dim == 32
+    gallery.check_model(narrow)  # its own model passes
+    words = (f"gallery {tmp_path / 'g'} holds latents of 32 dimensions, from the model of {tmp_path / 'run-a'} at step "
+             f"1; the model given ({tmp_path / 'run-b'} at step 1) embeds 48: leave --run out to embed with the run the "
+             f"gallery was built with, or rebuild the gallery with this one")
+    with pytest.raises(UserError) as refused:
+        gallery.check_model(wide)
+    assert refused.value.message == words
+    monkeypatch.setattr(gallery_lib, "choose_set_model", lambda *args, **kwargs: wide)
+    photo = str(tmp_path / "photos" / "obj1" / "0.png")
+    for args in (("index", "add", str(tmp_path / "g"), "--object", "obj1", photo, "--run", str(tmp_path / "run-b")),
+                 ("search", "--set", photo, "--index", str(tmp_path / "g"), "--run", str(tmp_path / "run-b"))):
+        code, out, err = cli(*args, capsys=capsys)
+        assert code == 2 and one_sentence(err) == f"error: {words}" and out == "", (args, err)
+    assert Gallery(tmp_path / "g").rows == 3  # nothing was added
+    retrained = tiny_set_model(48, tmp_path / "run-a")  # the gallery's own run, trained again at another width
+    with pytest.raises(UserError, match=f"run {tmp_path / 'run-a'} is no longer the model gallery .* trained on or "
+                                        f"again since\\); rebuild the gallery with mlsctl index build --overwrite"):
+        gallery.check_model(retrained)
+
+
 def test_ivfpq_settings_for_a_flat_index_are_refused_by_the_library_and_dropped_from_old_galleries(tmp_path):
     """Only the CLI refused --nlist with a flat index (a code-health review, 2026-12-07); galleries built before
     stored it, and must still open and retrain."""
