@@ -132,7 +132,6 @@ def test_retrain_compacts_and_restores_recall_on_new_clusters(tmp_path):
     assert after > before and Gallery(tmp_path / "g").rows == 1200
 
 
-
 def test_the_library_takes_the_gallery_lock_for_retrain_and_add(tmp_path):
     """A code-health review (2026-12-07): only the CLI took the lock, so a library caller's retrain could swap a
     version in under a server's in-memory index."""
@@ -282,6 +281,7 @@ def test_ivfpq_settings_for_a_flat_index_are_refused_by_the_library_and_dropped_
     assert Gallery(tmp_path / "g").search(clustered(40, seed=1)[3], 1)[0][0] == "a3"
     _, manifest = retrain_gallery(tmp_path / "g")
     assert manifest["index"]["nlist"] is None and manifest["index_asked"] == {"nlist": None, "m": None}
+
 
 def test_a_damaged_index_file_is_made_again_from_the_rows_by_retrain(tmp_path, capsys):
     """A new user's probe (2026-12-06): a damaged IVF index file was "not a faiss index (Error in
