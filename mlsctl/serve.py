@@ -52,10 +52,11 @@ So the server's memory stays under its idle size + the decode budget + twice the
 allowances + a few MB per working request, whatever the requests (docs/service.md has the measurements).
 
 Bad requests get a 4xx with ``{"error": "one sentence"}``, FastAPI's own answers (404, 405, 422)
-included, and a query parameter, a JSON key or a multipart field the endpoint does not take (400); an unexpected failure a 500 with one sentence and no path; the server keeps serving.
+included, and so does a query parameter, a JSON key or a multipart field the endpoint does not take
+(400); an unexpected failure a 500 with one sentence and no path; the server keeps serving.
 Every request is one line in the server's log (stderr): method, path, status and milliseconds, and
 for a failed request the sentence its client got; never a header (the token), a query string or a
-body. Stopped (SIGTERM, Ctrl-C), the server says what it saved: every add was written to disk
+body (but the name of a body key it refuses, where that reads as a name). Stopped (SIGTERM, Ctrl-C), the server says what it saved: every add was written to disk
 before it was answered, so there is nothing left to write at the end (:meth:`GalleryService.summary`).
 SIGTERM ends it normally (exit code 0: a service manager's stop); Ctrl-C as every interrupted command (130).
 """
@@ -1166,10 +1167,11 @@ async def _photos_of(service: GalleryService, request):
 
 def _refuse_unknown_keys(what: str, keys, taken: str, path: str) -> None:
     """A 400 for a body's key (a JSON key, a multipart field) other than ``taken``, as for a query
-    parameter the endpoint does not take: ignored, a typo (``{"path": ...}``) or a misplaced option
-    (``{"k": 5}``) gave an answer to another question than the one asked (a known issue of the twentieth
-    session). A key is named only where it reads as a name (letters, digits, ``_.-``, at most 40
-    characters): the sentence is logged, and the log holds no other part of a body (docs/service.md)."""
+    parameter the endpoint does not take. Ignored, a typo (``{"path": ...}``) or a misplaced option
+    (``{"k": 5}``) went unsaid: the request was answered as if the key were not there (a known issue
+    of the twentieth session). A key is named only where it reads as a name (letters, digits, ``_.-``,
+    at most 40 characters): the sentence is logged, and the log holds no other part of a body
+    (docs/service.md)."""
     unknown = {key for key in keys if key != taken}
     if not unknown:
         return
