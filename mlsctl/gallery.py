@@ -576,15 +576,52 @@ class _Photos(TreeImages):
 
 
 def load_images(paths: Sequence[Path]) -> list:
-    from mlsctl.data.images import BadImage, load_rgb
+    from mlsctl.data.images import load_rgb
 
-    images = []
+    return [_read_photo(load_rgb, path) for path in paths]
+
+
+def check_photos(photos: Sequence) -> None:
+    """What can be said of the photos given as paths before a model loads (decoded images pass): each
+    is a file, and its header opens as an image within the pixel limit (:func:`mlsctl.data.images.check_image`).
+    `index add` said a corrupt photo only after its model had loaded (a known issue of the twentieth
+    session). :func:`load_images` decodes them later all the same, saying in the same words what the
+    header does not show (damaged image data) or what changed in between."""
+    from mlsctl.data.images import check_image
+
+    paths = [photo for photo in photos if isinstance(photo, (str, os.PathLike))]
+    missing = [str(path) for path in paths if not Path(path).is_file()]
+    if missing:  # every missing one counted, before any photo is read
+        raise UserError(f"{missing[0]} is not a file" + (f" (nor {len(missing) - 1} more of the photos)"
+                                                         if len(missing) > 1 else "") + "; check the path")
     for path in paths:
-        try:
-            images.append(load_rgb(path))
-        except (BadImage, OSError) as exc:
-            raise UserError(f"cannot read {path}: {exc}") from None
-    return images
+        _read_photo(check_image, path)
+
+
+def _read_photo(read: Callable, path):
+    """``read(path)`` (:func:`~mlsctl.data.images.load_rgb`, or the header check of :func:`check_photos`);
+    a photo it cannot read is one sentence naming the photo (the same from both)."""
+    from mlsctl.data.images import BadImage
+
+    try:
+        return read(path)
+    except (BadImage, OSError) as exc:
+        raise UserError(f"cannot read {path}: {exc}") from None
+
+
+def _say_repeated_photos(photos: Sequence, say: Callable[[str], None]) -> None:
+    """A note for each photo path given more than once (another name of one file too): it is folded in
+    as often, as photos of their own (a new user's probe, 2026-12-06: "2 photos added" for one photo
+    given twice)."""
+    from collections import Counter
+
+    given = [photo for photo in photos if isinstance(photo, (str, os.PathLike))]
+    files = [os.path.realpath(photo) for photo in given]
+    times = Counter(files)
+    for photo, file in zip(given, files):
+        repeated = times.pop(file, 1)  # said once, at its first mention
+        if repeated > 1:
+            say(f"note: {photo} is given {repeated} times: it is folded in {repeated} times, as photos of their own")
 
 
 # ---------------------------------------------------------------------------------------- index
@@ -848,15 +885,19 @@ class Gallery:
         return run
 
     def check_model(self, model: "SetModel") -> None:
-        if model.dim != self.dim:
-            raise UserError(f"{self.path / MANIFEST} says its rows have {self.dim} dimensions but the model of "
-                            f"{model.run} embeds {model.dim} (the manifest was edited, or the gallery is another "
-                            f"model's); rebuild the gallery with mlsctl index build")
+        """Refuse a model whose latents this gallery's are not: the gallery's run trained on since, a model
+        of another width, another model, other preprocessing. (A manifest whose ``dim`` was edited is
+        refused at open: :meth:`_check_rows`.)"""
         built = self.manifest["model"]
         if model.fingerprint != self.fingerprint and os.path.realpath(model.run) == os.path.realpath(built["run"]):
             raise UserError(f"run {model.run} is no longer the model gallery {self.path} was built with (step "
                             f"{built['step']} then, {model.step} now: trained on or again since); rebuild the gallery "
                             f"with mlsctl index build --overwrite")  # not "leave --run out": it was (a review)
+        if model.dim != self.dim:  # said as another model, not as an edited manifest (a known issue, 2026-12-07)
+            raise UserError(f"gallery {self.path} holds latents of {self.dim} dimensions, from the model of "
+                            f"{built['run']} at step {built['step']}; the model given ({model.run} at step "
+                            f"{model.step}) embeds {model.dim}: leave --run out to embed with the run the gallery "
+                            f"was built with, or rebuild the gallery with this one")
         if model.fingerprint != self.fingerprint:
             raise UserError(f"gallery {self.path} was built with model {self.fingerprint[:12]} "
                             f"({self.manifest['model']['run']} at step {self.manifest['model']['step']}); the model "
@@ -1424,8 +1465,13 @@ def add_to_gallery(path: str | os.PathLike, object_id: str, photos: Sequence, *,
     written, created, photos now folded into the object). A server holds the lock for its lifetime
     and calls :meth:`Gallery.add` itself."""
     path = Path(path)
+    # what is cheap to check first, each before the next, and all before the model loads: the id, the gallery (a
+    # run folder given as the gallery is said so, not locked and "being written" by its run), the photos' paths
+    # and headers (a corrupt photo was said only after the model had loaded)
     check_object_id(object_id)
-    read_manifest(path)  # a run folder given as the gallery is said so, not locked (and "being written" by its run)
+    read_manifest(path)
+    check_photos(photos)
+    _say_repeated_photos(photos, say)
     with FolderLock(path, "gallery"):
         target = Gallery(path, recover=True)
         if object_id not in target.row_of:

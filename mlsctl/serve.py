@@ -52,10 +52,11 @@ So the server's memory stays under its idle size + the decode budget + twice the
 allowances + a few MB per working request, whatever the requests (docs/service.md has the measurements).
 
 Bad requests get a 4xx with ``{"error": "one sentence"}``, FastAPI's own answers (404, 405, 422)
-included; an unexpected failure a 500 with one sentence and no path; the server keeps serving.
+included, and so does a query parameter, a JSON key or a multipart field the endpoint does not take
+(400); an unexpected failure a 500 with one sentence and no path; the server keeps serving.
 Every request is one line in the server's log (stderr): method, path, status and milliseconds, and
 for a failed request the sentence its client got; never a header (the token), a query string or a
-body. Stopped (SIGTERM, Ctrl-C), the server says what it saved: every add was written to disk
+body (but the name of a body key it refuses, where that reads as a name). Stopped (SIGTERM, Ctrl-C), the server says what it saved: every add was written to disk
 before it was answered, so there is nothing left to write at the end (:meth:`GalleryService.summary`).
 SIGTERM ends it normally (exit code 0: a service manager's stop); Ctrl-C as every interrupted command (130).
 """
@@ -69,6 +70,7 @@ import json
 import logging
 import math
 import os
+import re
 import secrets
 import socket
 import stat
@@ -699,8 +701,36 @@ class Policy:
 
     @classmethod
     def for_server(cls, host: str, allow_hosts: Sequence[str] = (), **kwargs) -> "Policy":
+        check_allow_hosts(allow_hosts)
         names = {_host_name(host), "localhost", "127.0.0.1", "::1"} | {_host_name(h) for h in allow_hosts}
         return cls(frozenset(n for n in names if n), **kwargs)
+
+
+def check_allow_hosts(allow_hosts: Sequence[str]) -> None:
+    """Refuse an ``--allow-host`` that no ``Host`` header can equal: a pattern (``*``,
+    ``*.example.com``, ``.example.com``) or a URL was kept as a literal name, which matched nothing,
+    so the server started and refused every request through its proxy (a known issue of the
+    twentieth session). Names are matched exactly, and the check cannot be turned off: it is what
+    stops DNS rebinding."""
+    for given in allow_hosts:
+        value = given.strip()
+        name = _host_name(value)
+        if any(c in name for c in "*?") or name.startswith("."):
+            raise UserError(f"--allow-host '{_shown(value, 60)}' is a pattern, but host names are matched exactly: "
+                            f"give each name clients use, one --allow-host each (--allow-host search.example.com "
+                            f"--allow-host www.example.com); no option allows every Host, since the check is what "
+                            f"stops DNS rebinding")
+        try:
+            ipaddress.ip_address(value)  # a bare IPv6 address, whose colons split_host takes for a port's
+            continue
+        except ValueError:
+            pass
+        try:
+            split_host(value)
+        except (ValueError, IndexError):
+            raise UserError(f"--allow-host '{_shown(value, 60)}' is not a host name: give the name clients put in "
+                            f"the URL, without scheme or path (search.example.com, or search.example.com:8443)"
+                            ) from None
 
 
 def _host_name(value: str) -> str:
@@ -1110,6 +1140,8 @@ async def _photos_of(service: GalleryService, request):
             raise RequestError(400, "the JSON body cannot be parsed") from None
         except RecursionError:
             raise RequestError(400, "the JSON body is nested too deep") from None
+        if isinstance(body, dict):
+            _refuse_unknown_keys("the JSON body has a key", body, "paths", request.url.path)
         if not isinstance(body, dict) or "paths" not in body:
             raise RequestError(400, "the JSON body must be {\"paths\": [...]}")
         yield service.paths(body["paths"])
@@ -1122,6 +1154,7 @@ async def _photos_of(service: GalleryService, request):
     except HTTPException as exc:
         raise _form_error(str(exc.detail)) from None
     try:
+        _refuse_unknown_keys("the multipart body has a field", form.keys(), "photos", request.url.path)
         files = []
         for item in form.getlist("photos"):
             if isinstance(item, str):
@@ -1130,6 +1163,23 @@ async def _photos_of(service: GalleryService, request):
         yield service.uploads(files)
     finally:
         await form.close()
+
+
+def _refuse_unknown_keys(what: str, keys, taken: str, path: str) -> None:
+    """A 400 for a body's key (a JSON key, a multipart field) other than ``taken``, as for a query
+    parameter the endpoint does not take. Ignored, a typo (``{"path": ...}``) or a misplaced option
+    (``{"k": 5}``) went unsaid: the request was answered as if the key were not there (a known issue
+    of the twentieth session). A key is named only where it reads as a name (letters, digits, ``_.-``,
+    at most 40 characters): the sentence is logged, and the log holds no other part of a body
+    (docs/service.md)."""
+    unknown = {key for key in keys if key != taken}
+    if not unknown:
+        return
+    named = sorted(key for key in unknown if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]{0,39}", key))
+    first = f"'{named[0]}'" if named else "not named here: not a plain name"
+    more = f" and {len(unknown) - 1} more" if len(unknown) > 1 else ""
+    hint = " (k goes in the query string: /search?k=5)" if path == "/search" and "k" in unknown else ""
+    raise RequestError(400, f"{what} the API does not take ({first}{more}); it takes only '{taken}'{hint}")
 
 
 def _answer_errors_in_one_sentence(app) -> None:
@@ -1270,7 +1320,10 @@ def read_token_file(path: Path) -> str:
 
 def write_token(gallery: Path) -> tuple[Path, str]:
     """A fresh token in ``GALLERY/.mlsctl.token``, mode 0600 from its creation: (its path, the token,
-    as generated: never read back from a file another writer could replace meanwhile)."""
+    as generated: never read back from a file another writer could replace meanwhile). Written into a
+    temporary file renamed over it; where the write or the rename fails (a full disk, a gallery folder
+    made read-only meanwhile), the temporary file is removed: it held the token, and it would block the
+    next start (a known issue of the twentieth session)."""
     path = gallery / TOKEN_NAME
     token = secrets.token_urlsafe(32)
     tmp = gallery / f".{TOKEN_NAME}.{os.getpid()}.tmp"
@@ -1279,12 +1332,19 @@ def write_token(gallery: Path) -> tuple[Path, str]:
     except FileExistsError:
         raise UserError(f"{tmp} exists; remove it (a leftover of a stopped server, or planted) and start again") from None
     try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, (token + "\n").encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        try:
+            os.fchmod(fd, 0o600)  # 0600 whatever the umask took off
+            os.write(fd, (token + "\n").encode())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:  # a stop (Ctrl-C, SIGTERM) too: no copy of the token is left behind
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        raise
     return path, token
 
 
@@ -1295,6 +1355,7 @@ def serve(gallery: Path, run: Optional[Path], host: str, port: int, root: Option
     import uvicorn
 
     limits = Limits.from_mib(max_upload_mb, max_request_mb, decode_budget_mb)
+    check_allow_hosts(allow_hosts)  # before the model loads, as every other option
     if root is not None and not Path(root).is_dir():  # a new user's probe (2026-12-06): every request was a 404
         raise UserError(f"--root {root} {'is not a folder' if Path(root).exists() else 'does not exist'}; give the "
                         f"folder whose photos requests may name by path, or leave --root out (uploads only)")

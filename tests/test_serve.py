@@ -552,6 +552,28 @@ def test_1_listening_beyond_loopback_needs_a_token_file_and_a_private_one(mile_r
     assert code == 2 and "at least 16 printable ASCII characters" in one_sentence(err)
 
 
+def test_1_an_allow_host_pattern_or_url_is_refused_at_start_not_kept_as_a_name_nothing_matches(tmp_path, capsys):
+    """Left over from the twentieth session: `--allow-host '*'` and `--allow-host '*.example.com'` were kept as
+    literal names, so the server started and refused every request sent through them; a URL the same way."""
+    from test_hardening import one_sentence
+
+    from mlsctl.errors import UserError
+    from mlsctl.serve import Policy
+
+    for value, words in (("*", "is a pattern, but host names are matched exactly"),
+                         ("*.example.com", "is a pattern, but host names are matched exactly"),
+                         (".example.com", "is a pattern"),
+                         ("https://search.example.com/", "is not a host name: give the name clients put in the URL")):
+        code, _, err = cli("serve", str(tmp_path / "g"), "--allow-host", "search.example", "--allow-host", value,
+                           capsys=capsys)  # said before the gallery is looked at, as every other option
+        assert code == 2 and f"--allow-host '{value}' {words}" in one_sentence(err), err
+        with pytest.raises(UserError, match="--allow-host"):
+            Policy.for_server("127.0.0.1", [value])
+    assert "no option allows every Host" in cli("serve", str(tmp_path / "g"), "--allow-host", "*", capsys=capsys)[2]
+    policy = Policy.for_server("127.0.0.1", ["Search.Example:8443", "::1", "[fe80::1]", "10.1.2.3"])
+    assert {"search.example", "fe80::1", "10.1.2.3"} <= policy.hosts
+
+
 # ----------------------------------------------------------------------------------- 2. what a request may decode
 
 
@@ -1462,6 +1484,33 @@ def test_9_the_token_file_is_never_written_through_a_planted_link(tmp_path):
     assert stat.S_IMODE(path.stat().st_mode) == 0o600 and path.read_text().strip() == token and len(token) >= 32
 
 
+def test_9_a_token_file_whose_rename_fails_leaves_no_copy_of_the_token_behind(tmp_path, monkeypatch):
+    """Left over from the twentieth session: where os.replace failed, the temporary file holding the token
+    stayed in the gallery folder (and blocked the next start: "exists; remove it")."""
+    import errno
+
+    from mlsctl.serve import TOKEN_NAME, write_token
+
+    real_replace, seen = os.replace, []
+
+    def full_disk(src, dst, *args, **kwargs):
+        seen.append((Path(src).read_text().strip(), stat.S_IMODE(os.stat(src).st_mode)))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    old_umask = os.umask(0)  # the file is private whatever the umask
+    try:
+        with pytest.raises(OSError, match="No space left"):
+            write_token(tmp_path)
+    finally:
+        os.umask(old_umask)
+    assert len(seen) == 1 and len(seen[0][0]) >= 32 and seen[0][1] == 0o600  # it was written, privately
+    assert list(tmp_path.iterdir()) == []  # no temporary file with the token, and no token file
+    monkeypatch.setattr(os, "replace", real_replace)
+    path, token = write_token(tmp_path)  # the next start is not blocked by a leftover
+    assert path == tmp_path / TOKEN_NAME and path.read_text().strip() == token and list(tmp_path.iterdir()) == [path]
+
+
 def test_a_sigterm_while_the_server_starts_is_an_ordinary_stop(mile_run, tmp_path):
     """A probe (2026-12-06): "serving ..." was said before the app was built, and a SIGTERM in that
     window (a service manager restarting it) ended with "interrupted" and exit 130. The line now
@@ -1678,6 +1727,70 @@ def test_an_empty_path_is_said_so_and_head_is_answered_wherever_get_is(tmp_path)
             got, head = client.get(path), client.head(path)
             assert got.status_code == head.status_code == status and head.content == b"", (path, head)
             assert head.headers["content-length"] == got.headers["content-length"]
+
+
+def test_unknown_keys_of_a_json_body_and_unknown_multipart_fields_are_a_400_naming_the_key(caplog):
+    """Left over from the twentieth session: unknown query parameters were refused (400), unknown body keys
+    ignored: {"paths": [...], "k": 2} gave the default 10 results, {"path": [...]} said only the shape. Now a key
+    or field the API does not take is a 400 naming it (where it reads as a name: the sentence is logged) and
+    the one taken; nothing is searched or added."""
+    from fastapi.testclient import TestClient
+
+    from mlsctl import serve
+
+    done = []
+
+    class Recorded:
+        read_only, limits = False, serve.Limits()
+
+        def paths(self, paths):
+            return paths
+
+        def uploads(self, files):
+            return [name for name, _, _ in files]
+
+        def search(self, photos, k):
+            done.append(("search", photos, k))
+            return {"photos": len(photos)}
+
+        def add(self, object_id, photos):
+            done.append(("add", object_id, photos))
+            return {"object": object_id}
+
+        def check_id(self, object_id):
+            pass
+
+        check_new_id = check_id
+
+    caplog.set_level("INFO", logger="mlsctl.serve")
+    policy = serve.Policy.for_server("127.0.0.1", token="t" * 32)
+    app = serve.create_app(Recorded(), policy)
+    token = {"Authorization": "Bearer " + "t" * 32}
+    photos = [("photos", ("a.png", b"x")), ("k", (None, "5"))]
+    with TestClient(app, base_url="http://127.0.0.1:8000") as client:
+        for path, kwargs, words in (
+                ("/search", {"json": {"paths": ["a.png"], "k": 5}},
+                 "the JSON body has a key the API does not take ('k'); it takes only 'paths' (k goes in the query "
+                 "string: /search?k=5)"),
+                ("/objects/o1/photos", {"json": {"path": ["a.png"]}},
+                 "the JSON body has a key the API does not take ('path'); it takes only 'paths'"),
+                ("/search", {"json": {"paths": ["a.png"], "z": 1, "\u202ey": 2, "q" * 41: 3}},
+                 "the JSON body has a key the API does not take ('z' and 2 more); it takes only 'paths'"),
+                ("/search", {"json": {"paths": ["a.png"], "\u202ey": 2}},
+                 "the JSON body has a key the API does not take (not named here: not a plain name); it takes only "
+                 "'paths'"),
+                ("/search", {"files": photos},
+                 "the multipart body has a field the API does not take ('k'); it takes only 'photos' (k goes in "
+                 "the query string: /search?k=5)"),
+                ("/objects/o1/photos", {"files": [("photos", ("a.png", b"x")), ("photo", ("b.png", b"y"))]},
+                 "the multipart body has a field the API does not take ('photo'); it takes only 'photos'")):
+            answer = client.post(path, headers=token, **kwargs)
+            assert answer.status_code == 400 and answer.json() == {"error": words}, (path, answer.json())
+        assert done == []  # nothing searched or added
+        assert client.post("/search?k=3", json={"paths": ["a.png"]}).status_code == 200
+        assert client.post("/objects/o1/photos", files=photos[:1], headers=token).status_code == 200
+    assert done == [("search", ["a.png"], 3), ("add", "o1", ["a.png"])]
+    assert "\u202e" not in caplog.text and "q" * 41 not in caplog.text  # no key but a plain name reaches the log
 
 
 def test_an_add_into_a_damaged_row_is_a_500_sentence_without_the_gallery_s_path():

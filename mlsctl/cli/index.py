@@ -1,9 +1,7 @@
 from __future__ import annotations
 
 import json
-import os
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -80,22 +78,11 @@ def add(
     Appends one row to the gallery, whatever its size. Example:
     mlsctl index add galleries/products --object ev00007 new1.png new2.png
     """
-    from mlsctl.gallery import add_to_gallery, check_object_id, read_manifest
+    from mlsctl.gallery import add_to_gallery
 
-    check_object_id(object_id)
-    read_manifest(gallery)  # a run folder given as GALLERY is said so before the photos are read
-    missing = [str(image) for image in images if not image.is_file()]
-    if missing:  # as cheap as the lock and the id: said before the model loads and a photo is decoded
-        raise UserError(f"{missing[0]} is not a file" + (f" (nor {len(missing) - 1} more of the photos)"
-                                                         if len(missing) > 1 else "") + "; check the path")
-    files = [os.path.realpath(image) for image in images]
-    times = Counter(files)
-    for image, file in zip(images, files):  # a new user's probe (2026-12-06): "2 photos added" for one photo twice
-        given = times.pop(file, 1)  # said once, at its first mention
-        if given > 1:
-            say(f"note: {image} is given {given} times: it is folded in {given} times, as photos of their own")
-    # the photos as paths: each is decoded and resized to the model's input in turn (a probe, 2026-12-07: 40 phone
-    # photos, all decoded first, took 2.65 GB), after the lock, the id and the model are checked
+    # the id, the gallery and the photos (paths, headers) are checked first, in that order; then the lock and the
+    # model. Each photo is decoded and resized to the model's input in turn (a probe, 2026-12-07: 40 phone photos,
+    # all decoded first, took 2.65 GB)
     target, created, count = add_to_gallery(gallery, object_id, images, run=run, say=say)
     share = target.added_since_training()
     if as_json:

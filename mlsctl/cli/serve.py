@@ -18,7 +18,7 @@ def serve(
     root: Optional[Path] = typer.Option(None, "--root", help="Folder whose files requests may name by path [default: none; uploads only]."),
     read_only: bool = typer.Option(False, "--read-only", help="Serve searches only: no request can change the gallery."),
     token_file: Optional[Path] = typer.Option(None, "--token-file", help="File holding the bearer token every request but GET /health must send (mode 0600) [default: a token generated into GALLERY/.mlsctl.token, needed by writes]."),
-    allow_host: Optional[list[str]] = typer.Option(None, "--allow-host", help="Another Host name clients may use (the server's DNS name, a proxy's); repeatable [default: the bound address, localhost]."),
+    allow_host: Optional[list[str]] = typer.Option(None, "--allow-host", help="Another Host name clients may use (the server's DNS name, a proxy's), matched exactly (no patterns); repeatable [default: the bound address, localhost]."),
     max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", help="Largest photo file accepted, in MiB."),
     max_request_mb: float = typer.Option(64.0, "--max-request-mb", help="Largest request body, in MiB (JSON bodies: 1 MiB)."),
     decode_budget_mb: float = typer.Option(1024.0, "--decode-budget-mb", help="Memory all requests together may use to decode photos, in MiB; a photo that needs more is refused."),

@@ -14,7 +14,8 @@
   float images rescaled). Anything that cannot be decoded (zero bytes, truncated, not an image,
   more pixels than the limit, not enough memory) or read (permission denied, removed since the
   listing) raises :class:`BadImage` with a short reason; a missing folder or an I/O error is the
-  machine's, not the file's, and stops the command.
+  machine's, not the file's, and stops the command. :func:`check_image` refuses what the header
+  alone shows (all of that but damaged image data) without decoding.
 * :class:`SkipLog` prints one warning line per skipped file and a count at the end.
 """
 
@@ -358,13 +359,25 @@ def load_rgb(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     """Decode ``path`` completely into an 8-bit RGB image with EXIF orientation applied; an image of
     more than ``max_pixels`` pixels is refused before it is decoded, the refusal naming ``raise_with``
     (the caller's option or key for the limit) if it has one."""
-    path = Path(path)
+    return _decode(_not_empty(Path(path)), max_pixels, raise_with=raise_with)
+
+
+def check_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, raise_with: str = "") -> None:
+    """What :func:`load_rgb` refuses of ``path`` that its header shows, without decoding it (a
+    header costs a read of a few KB): a file that cannot be read, is empty, is no image Pillow
+    identifies, or has more than ``max_pixels`` pixels raises the same :class:`BadImage`. Damaged
+    image data past the header (a truncated file) is found only by decoding it."""
+    _decode(_not_empty(Path(path)), max_pixels, raise_with=raise_with, header_only=True)
+
+
+def _not_empty(path: Path) -> Path:
+    """``path``, refused as :class:`BadImage` where it is empty or the file system refuses it (:func:`_unreadable`)."""
     try:
         if path.stat().st_size == 0:
             raise BadImage("empty file (0 bytes)")
     except OSError as exc:
         raise _unreadable(exc, path) from None
-    return _decode(path, max_pixels, raise_with=raise_with)
+    return path
 
 
 # A file the file system refuses is skipped like one that cannot be decoded. Any other OSError is the
@@ -402,7 +415,9 @@ def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, formats:
 
 
 def _decode(source, max_pixels: int, formats: Sequence[str] = IMAGE_FORMATS, quiet: bool = True,
-            raise_with: str = "") -> Image.Image:
+            raise_with: str = "", header_only: bool = False) -> Optional[Image.Image]:
+    """``source`` decoded (None with ``header_only``: opened, identified and sized only), or the
+    :class:`BadImage` of why not."""
     # the way to raise the limit only where the command has one: `search --set huge.png` was told to raise
     # data.max_image_pixels or --max-image-pixels, neither of which it has (an attacker's probe, 2026-12-07)
     too_large = (f"more than {max_pixels:,} pixels (a decompression bomb, or "
@@ -415,6 +430,8 @@ def _decode(source, max_pixels: int, formats: Sequence[str] = IMAGE_FORMATS, qui
                 width, height = img.size
                 if width * height > max_pixels:
                     raise BadImage(f"{width}x{height} is {too_large}")
+                if header_only:
+                    return None
                 img.load()
                 return _to_rgb(apply_exif_orientation(img))
     except BadImage:
