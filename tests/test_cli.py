@@ -482,9 +482,13 @@ def test_usage_errors_are_one_line_like_every_other_error(capsys):
         assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and err.startswith(said), (args, err)
 
 
-def test_replacing_the_results_of_another_evaluation_is_said(capsys, tmp_path):
-    """A new user's probe (2026-12-07): eval knn --out over eval knn-seg's results file replaced it without a word."""
+def test_replacing_the_results_of_another_evaluation_is_said_before_the_work(capsys, tmp_path, monkeypatch):
+    """A new user's probe (2026-12-07): eval knn --out over eval knn-seg's results file replaced it without a word;
+    then it was said once they were gone (a review, 2026-12-07). It is said before the work, while a user can still
+    stop it; replaced, not refused, as an earlier results file of mlsctl is (scripts rerun into one file)."""
     from conftest import cli, write_feature_folder
+
+    from mlsctl.evaluate import linear
 
     names = [f"c{i}/{j}.png" for i in range(2) for j in range(4)]
     write_feature_folder(tmp_path / "a", names, torch.randn(8, 8, generator=torch.Generator().manual_seed(0)))
@@ -492,8 +496,26 @@ def test_replacing_the_results_of_another_evaluation_is_said(capsys, tmp_path):
                          fingerprint="f" * 64)
     args = ["--train", str(tmp_path / "a"), "--val", str(tmp_path / "b"), "--out", str(tmp_path / "r.json")]
     code, _, err = cli("eval", "knn", *args, "--k", "1", capsys=capsys)
-    assert code == 0 and "held the results" not in err, err
+    assert code == 0 and "the results of" not in err, err
     code, _, err = cli("eval", "knn", *args, "--k", "2", capsys=capsys)  # the same evaluation again: no note
-    assert code == 0 and "held the results" not in err, err
+    assert code == 0 and "the results of" not in err, err
+    said = (f"note: {tmp_path / 'r.json'} holds the results of eval knn; this eval linear replaces them when it is "
+            f"done (give another --out to keep them)")
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:  # stopped in the work: said already, and the results are still there
+        patch.setattr(linear, "evaluate_linear", stopped)
+        code, _, err = cli("eval", "linear", *args, "--epochs", "1", capsys=capsys)
+    assert code == 130 and said in err, err
+    assert json.loads((tmp_path / "r.json").read_text())["command"] == "eval knn"
     code, _, err = cli("eval", "linear", *args, "--epochs", "1", "--lr", "0.1", "--wd", "0", capsys=capsys)
-    assert code == 0 and f"note: {tmp_path / 'r.json'} held the results of eval knn; replaced by these" in err, err
+    assert code == 0 and said in err and "held the results" not in err, err  # said once
+    assert json.loads((tmp_path / "r.json").read_text())["command"] == "eval linear"
+    # a script writing through the library, which said nothing before: said once they are replaced, as before
+    from mlsctl.evaluate.results import write_result
+
+    notes = []
+    write_result({"command": "eval recall"}, tmp_path / "r.json", "recall", say=notes.append)
+    assert notes == [f"note: {tmp_path / 'r.json'} held the results of eval linear; replaced by these"]
