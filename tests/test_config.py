@@ -195,6 +195,7 @@ def test_a_key_set_directly_and_through_a_mapping_is_said_and_the_last_counts():
                   ["model.timm_kwargs={depth: 1}", "model.timm_kwargs.num_heads=2"]):
         assert config.repeated_overrides(quiet) == [], quiet
 
+
 def test_newer_format_is_refused():
     assert "newer than this mlsctl reads" in error_of({"format_version": 99})
 
