@@ -180,6 +180,17 @@ Layout = Mapping[str, Optional["Layout"]]
 # leftover of a write killed there, the tool's own
 _TEMPORARY = re.compile(r"\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp")
 _UNKNOWN = object()
+# What file browsers leave in a folder they showed: macOS Finder's .DS_Store and the ._NAME AppleDouble files it
+# writes on disks that are not Apple's, Windows Explorer's Thumbs.db and desktop.ini, KDE Dolphin's .directory
+_LITTER = re.compile(r"\.DS_Store|\._.+|Thumbs\.db|desktop\.ini|\.directory")
+
+
+def is_litter(name: str) -> bool:
+    """Whether a regular file named ``name`` is a file browser's litter, which goes with a folder its tool
+    replaces as if the tool had written it (a folder looked at in Finder was refused by every --overwrite:
+    a user cannot see a .DS_Store to move it out, and nothing of theirs is in it). Exactly these names, and
+    only as regular files: anything else may be the user's and is refused."""
+    return _LITTER.fullmatch(name) is not None
 
 
 def _rule(layout: Layout, name: str):
@@ -194,9 +205,10 @@ def foreign_entries(out: Path, layout: Layout, limit: int = 4) -> list[str]:
     folder's with a trailing ``/``) that ``layout`` does not describe: other names, hidden ones
     included, a folder where a file belongs or the reverse, links and other special files, and a
     folder that cannot be read (what is in it cannot be vouched for). The tools' own names are not
-    foreign: ``.mlsctl.lock`` at the top (a lock taken inside) and the temporary file of an atomic
-    write of a file the layout names. Only names are read (``scandir``), not contents: cheap for
-    large folders; a foreign folder is named, not entered."""
+    foreign: ``.mlsctl.lock`` at the top (a lock taken inside), the temporary file of an atomic write
+    of a file the layout names, and a file browser's litter anywhere (:func:`is_litter`: deleted with
+    the folder). Only names are read (``scandir``), not contents: cheap for large folders; a foreign
+    folder is named, not entered."""
     from mlsctl.locks import LOCK_NAME
 
     found: list[str] = []
@@ -221,7 +233,7 @@ def foreign_entries(out: Path, layout: Layout, limit: int = 4) -> list[str]:
             inner = _rule(rules, name)
             if inner is _UNKNOWN:
                 temporary = _TEMPORARY.fullmatch(name)
-                own = (kind == "file" and ((not prefix and name == LOCK_NAME) or (
+                own = (kind == "file" and ((not prefix and name == LOCK_NAME) or is_litter(name) or (
                     temporary is not None and _rule(rules, temporary["target"]) is None)))
                 if not own:
                     found.append(shown)

@@ -633,19 +633,58 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
                               f"{name}=VALUE")
         if not sep or not key or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
             raise ConfigError(f"override '{item}' must look like key.sub=value (for example optim.lr=1e-4)")
+        out.pop(key, None)  # applied where it was given last: after a mapping given since that sets it too
         out[key] = item
     return out
 
 
+def _override_reach(item: str) -> tuple[list[str], list[str]]:
+    """What the override ``item`` sets, as :func:`apply_overrides` applies it: (the dotted keys it
+    sets, a mapping's followed down to its leaves; the keys whose whole value it replaces, with all
+    that was set below them). A mapping that merges into a section replaces nothing; one that
+    does not (a free-form mapping, the method section switched) replaces its key, as a value does."""
+    key, _, text = item.partition("=")
+    key = key.strip()
+    value = _parse_scalar(text)
+
+    def leaves(path: str, node: Any) -> list[str]:
+        if isinstance(node, dict) and node:
+            return [leaf for sub, inner in node.items() for leaf in leaves(f"{path}.{sub}", inner)]
+        return [path]
+
+    if isinstance(value, dict) and _merges(key.split("."), {}, value):
+        return [leaf for sub, inner in value.items() for leaf in leaves(f"{key}.{sub}", inner)], []
+    return leaves(key, value), [key]
+
+
 def repeated_overrides(items: list[str]) -> list[str]:
     """A note for each key given more than once among ``items`` (the last one counts): the last one
-    won without a word (a new user's probe, 2026-12-07). Not refused: scripts compose overrides so."""
+    won without a word (a new user's probe, 2026-12-07). Not refused: scripts compose overrides so.
+    A key set through a mapping counts too (``data.global_crops.count=2 data.global_crops={count: 3}``:
+    a review, 2026-12-07), and so does one that a later override replaces with the section above it
+    (``model.timm_kwargs.depth=2 model.timm_kwargs={}``); a mapping given twice for one key is said as
+    that key, whose last mapping alone counts."""
     last = parse_overrides(items)
+    reach = [_override_reach(item) for item in items]
+    touched: dict[str, list[str]] = {}  # a leaf → the overrides that set or replace it, from the first that sets it
+    for i, (leaves, _) in enumerate(reach):
+        for leaf in leaves:
+            if leaf in touched:
+                continue
+            touched[leaf] = [item for item, (others, replaced) in zip(items[i:], reach[i:])
+                             if leaf in others or any(leaf == r or leaf.startswith(r + ".") for r in replaced)]
+    notes: dict[str, str] = {}
     seen: dict[str, list[str]] = {}
     for item in items:
         seen.setdefault(item.partition("=")[0].strip(), []).append(item)
-    return [f"note: {key} is given {len(given)} times ({', '.join(given)}); the last one, {last[key]}, counts"
-            for key, given in seen.items() if len(given) > 1]
+    for key, given in seen.items():
+        if len(given) > 1:
+            notes[key] = f"note: {key} is given {len(given)} times ({', '.join(given)}); the last one, {last[key]}, counts"
+    for leaf, given in touched.items():
+        if len({item.partition("=")[0].strip() for item in given}) > 1:  # one key given twice: said as that key
+            notes[leaf] = (f"note: {leaf} is given {len(given)} times ({', '.join(given)}); the last one, {given[-1]}, "
+                           f"counts")
+    return list(notes.values())
 
 
 def _parse_scalar(text: str) -> Any:

@@ -119,3 +119,27 @@ def test_foreign_entries_walk_the_whole_tree_hidden_names_included(tmp_path):
     with pytest.raises(Exception, match=r"^B holds \.git/, meta\.json, train/\.notes\.a1b2c3d4\.tmp and more; "
                                         r"--overwrite replaces the whole folder, so move them out first$"):
         atomic.refuse_others(out, layout, "B", "")
+
+
+def test_a_file_browsers_litter_is_not_foreign_but_only_by_its_exact_names(tmp_path):
+    """A folder looked at in Finder or Explorer holds a .DS_Store (._NAME on a non-Apple disk, Thumbs.db, desktop.ini,
+    .directory), which blocked every --overwrite though nothing of the user's is in it: it goes with the folder. A
+    name that only resembles one, or a folder under one of those names, is still the user's."""
+    layout = {r"meta\.json": None, "train": {"images": {r"\d{6}\.png": None}}}
+    out = tmp_path / "build"
+    (out / "train" / "images").mkdir(parents=True)
+    (out / "meta.json").write_text("{}")
+    litter = [".DS_Store", "Thumbs.db", "desktop.ini", ".directory", "._meta.json", "train/.DS_Store",
+              "train/images/._000000.png", "train/images/Thumbs.db"]
+    for name in litter:
+        (out / name).write_text("x")
+    assert atomic.foreign_entries(out, layout) == []
+    assert all(atomic.is_litter(name.rsplit("/", 1)[-1]) for name in litter)
+    for name in ("thumbs.db", "DS_Store", "notes.DS_Store", "._", "desktop.ini.bak", ".directory2"):
+        assert not atomic.is_litter(name), name
+        (out / "train" / name).write_text("mine")
+    (out / "train" / "images" / "Thumbs.db").unlink()
+    (out / "train" / "images" / "Thumbs.db").mkdir()  # a folder under a litter name: the user's
+    assert atomic.foreign_entries(out, layout, limit=10) == [
+        "train/._", "train/.directory2", "train/DS_Store", "train/desktop.ini.bak", "train/images/Thumbs.db/",
+        "train/notes.DS_Store", "train/thumbs.db"]

@@ -384,6 +384,40 @@ def test_knn_says_when_val_images_are_training_images(capsys, tmp_path):
     assert json.loads((tmp_path / "r.json").read_text())["dataset"]["val_images_in_train"] == 6
 
 
+def test_knn_and_linear_say_when_val_images_are_copies_of_training_images(capsys, tmp_path, monkeypatch):
+    """The twentieth session left it: val images that are byte copies of training images under other paths (a split
+    made by copying, two builds of one seed) were not counted by knn and linear, as they are by eval retrieval."""
+    from conftest import cli, write_feature_folder
+
+    from mlsctl.evaluate import inputs
+
+    train = {f"c{k // 3}/{k % 3}.png": f"image {k}" for k in range(6)}
+    # two copies under other names, one of a training image's name and size but other bytes, one gone since
+    val = {"c0/copy-a.png": "image 1", "c1/copy-b.png": "image 5", "c0/0.png": "image 9", "c1/0.png": "other",
+           "c1/1.png": "image 7", "c1/gone.png": None}
+    for folder, files in (("train-images", train), ("val-images", val)):
+        for name, text in files.items():
+            if text is not None:
+                (tmp_path / folder / name).parent.mkdir(parents=True, exist_ok=True)
+                (tmp_path / folder / name).write_text(text)
+    write_feature_folder(tmp_path / "ft", list(train), torch.randn(6, 8), input_root=tmp_path / "train-images")
+    write_feature_folder(tmp_path / "fv", list(val), torch.randn(6, 8), input_root=tmp_path / "val-images")
+    args = ["--train", str(tmp_path / "ft"), "--val", str(tmp_path / "fv")]
+    for command, extra in (("knn", ["--k", "1"]), ("linear", ["--epochs", "1"])):
+        code, out, err = cli("eval", command, *args, *extra, "--out", str(tmp_path / f"{command}.json"), capsys=capsys)
+        assert code == 0, err
+        assert ("note: 2 of the 6 val images are training images too (byte copies under other paths): the scores "
+                "measure memory, not generalisation") in out, out
+        dataset = json.loads((tmp_path / f"{command}.json").read_text())["dataset"]
+        assert dataset["val_images_in_train"] == 2 and dataset["val_images_in_train_as_copies"] == 2
+    # more to read than the check allows: compared by path only, and said
+    monkeypatch.setattr(inputs, "COPY_CHECK_BYTES", 10)
+    code, out, err = cli("eval", "knn", *args, "--k", "1", "--out", str(tmp_path / "big.json"), capsys=capsys)
+    assert code == 0 and "training images too" not in out and (
+        "note: the val images were compared with the training images by path only") in out, out
+    assert "val_images_in_train" not in json.loads((tmp_path / "big.json").read_text())["dataset"]
+
+
 def test_a_picture_is_written_only_under_a_png_name(capsys, tmp_path):
     """A probe (2026-12-05): `plot --out c.jpg` wrote PNG data under a .jpg name."""
     from conftest import cli
@@ -448,9 +482,13 @@ def test_usage_errors_are_one_line_like_every_other_error(capsys):
         assert code == 2 and out == "" and len(err.strip().splitlines()) == 1 and err.startswith(said), (args, err)
 
 
-def test_replacing_the_results_of_another_evaluation_is_said(capsys, tmp_path):
-    """A new user's probe (2026-12-07): eval knn --out over eval knn-seg's results file replaced it without a word."""
+def test_replacing_the_results_of_another_evaluation_is_said_before_the_work(capsys, tmp_path, monkeypatch):
+    """A new user's probe (2026-12-07): eval knn --out over eval knn-seg's results file replaced it without a word;
+    then it was said once they were gone (a review, 2026-12-07). It is said before the work, while a user can still
+    stop it; replaced, not refused, as an earlier results file of mlsctl is (scripts rerun into one file)."""
     from conftest import cli, write_feature_folder
+
+    from mlsctl.evaluate import linear
 
     names = [f"c{i}/{j}.png" for i in range(2) for j in range(4)]
     write_feature_folder(tmp_path / "a", names, torch.randn(8, 8, generator=torch.Generator().manual_seed(0)))
@@ -458,8 +496,26 @@ def test_replacing_the_results_of_another_evaluation_is_said(capsys, tmp_path):
                          fingerprint="f" * 64)
     args = ["--train", str(tmp_path / "a"), "--val", str(tmp_path / "b"), "--out", str(tmp_path / "r.json")]
     code, _, err = cli("eval", "knn", *args, "--k", "1", capsys=capsys)
-    assert code == 0 and "held the results" not in err, err
+    assert code == 0 and "the results of" not in err, err
     code, _, err = cli("eval", "knn", *args, "--k", "2", capsys=capsys)  # the same evaluation again: no note
-    assert code == 0 and "held the results" not in err, err
+    assert code == 0 and "the results of" not in err, err
+    said = (f"note: {tmp_path / 'r.json'} holds the results of eval knn; this eval linear replaces them when it is "
+            f"done (give another --out to keep them)")
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:  # stopped in the work: said already, and the results are still there
+        patch.setattr(linear, "evaluate_linear", stopped)
+        code, _, err = cli("eval", "linear", *args, "--epochs", "1", capsys=capsys)
+    assert code == 130 and said in err, err
+    assert json.loads((tmp_path / "r.json").read_text())["command"] == "eval knn"
     code, _, err = cli("eval", "linear", *args, "--epochs", "1", "--lr", "0.1", "--wd", "0", capsys=capsys)
-    assert code == 0 and f"note: {tmp_path / 'r.json'} held the results of eval knn; replaced by these" in err, err
+    assert code == 0 and said in err and "held the results" not in err, err  # said once
+    assert json.loads((tmp_path / "r.json").read_text())["command"] == "eval linear"
+    # a script writing through the library, which said nothing before: said once they are replaced, as before
+    from mlsctl.evaluate.results import write_result
+
+    notes = []
+    write_result({"command": "eval recall"}, tmp_path / "r.json", "recall", say=notes.append)
+    assert notes == [f"note: {tmp_path / 'r.json'} held the results of eval linear; replaced by these"]

@@ -168,6 +168,34 @@ def test_a_mapping_override_merges_into_its_section_and_a_key_given_twice_is_ref
                      "--out", "unused")
     assert "note: optim.lr is given 2 times" in result.stderr, result.stderr
 
+
+def test_a_key_set_directly_and_through_a_mapping_is_said_and_the_last_counts():
+    """A review (2026-12-07): data.global_crops.count=2 data.global_crops={count: 3} set one key twice without a
+    word, where optim.lr=1e-3 optim.lr=2e-3 is said; and count=4 given after both lost to the mapping's 3, which
+    was applied where its key was first given. Never refused: scripts compose overrides."""
+    raw = {"data": {"global_crops": {"count": 2, "size": 32, "scale": [0.4, 1.0]}}}
+    items = ["data.global_crops.count=2", "data.global_crops={count: 3}"]
+    assert config.repeated_overrides(items) == [
+        "note: data.global_crops.count is given 2 times (data.global_crops.count=2, data.global_crops={count: 3}); "
+        "the last one, data.global_crops={count: 3}, counts"]
+    assert config.from_dict(raw, overrides=config.parse_overrides(items)).data.global_crops.count == 3
+    items.append("data.global_crops.count=4")
+    assert config.repeated_overrides(items)[0].endswith("the last one, data.global_crops.count=4, counts")
+    assert config.from_dict(raw, overrides=config.parse_overrides(items)).data.global_crops.count == 4
+    assert config.repeated_overrides(["data={global_crops: {size: 48}}", "data.global_crops.size=64"]) == [
+        "note: data.global_crops.size is given 2 times (data={global_crops: {size: 48}}, data.global_crops.size=64); "
+        "the last one, data.global_crops.size=64, counts"]
+    # a key a later mapping replaces with its section (a free-form one is replaced, not merged) is lost: said
+    assert config.repeated_overrides(["model.timm_kwargs.depth=2", "model.timm_kwargs={}"]) == [
+        "note: model.timm_kwargs.depth is given 2 times (model.timm_kwargs.depth=2, model.timm_kwargs={}); "
+        "the last one, model.timm_kwargs={}, counts"]
+    # what composes without loss is not a repeat: other keys of one section, a key set after its section is cleared
+    for quiet in (["data.global_crops={count: 3}", "data.global_crops.size=48"],
+                  ["model.timm_kwargs={}", "model.timm_kwargs.depth=2"],
+                  ["model.timm_kwargs={depth: 1}", "model.timm_kwargs.num_heads=2"]):
+        assert config.repeated_overrides(quiet) == [], quiet
+
+
 def test_newer_format_is_refused():
     assert "newer than this mlsctl reads" in error_of({"format_version": 99})
 

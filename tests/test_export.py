@@ -69,15 +69,23 @@ def test_export_overwrite_keeps_foreign_files_and_files_are_readable(finished_ru
     import os
     import stat
 
+    from mlsctl.export import EXPORT_FILES
+
     run_dir, _ = finished_run
     cli_ok(capsys, "export", str(run_dir), "--out", str(tmp_path / "exp"))
     mode = stat.S_IMODE(os.stat(tmp_path / "exp" / "model.safetensors").st_mode)
     umask = os.umask(0)
     os.umask(umask)
     assert mode == 0o666 & ~umask
+    for litter in (".DS_Store", "._model.safetensors", "desktop.ini"):  # a file browser's: replaced with the export
+        (tmp_path / "exp" / litter).write_text("x")
+    cli_ok(capsys, "export", str(run_dir), "--out", str(tmp_path / "exp"), "--overwrite")
+    assert sorted(p.name for p in (tmp_path / "exp").iterdir()) == sorted(EXPORT_FILES)
+    (tmp_path / "exp" / ".DS_Store").write_text("x")
     (tmp_path / "exp" / "notes.txt").write_text("mine")
     code, _, err = cli("export", str(run_dir), "--out", str(tmp_path / "exp"), "--overwrite", capsys=capsys)
-    assert code != 0 and "notes.txt" in err and (tmp_path / "exp" / "notes.txt").read_text() == "mine"
+    assert code != 0 and "also holds notes.txt, which" in err and (tmp_path / "exp" / "notes.txt").read_text() == "mine"
+    (tmp_path / "exp" / ".DS_Store").unlink()
     # a new user's probe, 2026-12-07: a hidden folder, and a folder under an export file's name, go with the swap too
     (tmp_path / "exp" / "notes.txt").unlink()
     (tmp_path / "exp" / ".git").mkdir()

@@ -296,7 +296,20 @@ def test_overwrite_refuses_what_the_build_did_not_make_anywhere_in_its_folder(tm
         (out / "train" / ".labels.csv.ab12cd34.tmp").write_text("path")
     (out.parent / f".x.building-{__import__('socket').gethostname()}-999999999").mkdir()
     ((out.parent / ".x.building-oldhost-1") / "train").mkdir(parents=True)  # another machine's: left alone
+    # nor is a file browser's litter, anywhere (it blocked the --overwrite of a folder looked at in Finder); a file of
+    # the user's beside it still is, and is named alone
+    image = sorted((out / "train").rglob("*.png"))[0]
+    litter = [out / ".DS_Store", out / "Thumbs.db", out / "desktop.ini", out / "train" / ".directory",
+              image.parent / ".DS_Store", image.parent / f"._{image.name}"]
+    for path in litter:
+        path.write_text("x")
+    (image.parent / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match=rf"holds {image.parent.relative_to(out)}/notes\.txt, which .* move it out"):
+        build(1)
+    assert all(path.exists() for path in litter)
+    (image.parent / "notes.txt").unlink()
     assert build(1)["parameters"]["seed"] == 1 and not (out / ".mlsctl.lock").exists()
+    assert not any(path.exists() for path in litter)
     assert sorted(p.name for p in out.parent.iterdir()) == [".x.building-oldhost-1", "x"]
     assert build(1, overwrite=False)["reused"]
     # a file named like the build's where a folder belongs (or the reverse) is not the build's either

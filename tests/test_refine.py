@@ -325,7 +325,10 @@ def test_apply_writes_features_every_eval_reads_and_never_shows_a_query_itself(t
     (tmp / "refined" / ".partial").mkdir()  # an unfinished embed's own names are the features'
     (tmp / "refined" / ".partial" / "plan.json").write_text("{}")
     (tmp / "refined" / ".manifest.json.abcd1234.tmp").write_text("{")
+    for litter in (".DS_Store", "._manifest.json", "Thumbs.db", ".partial/.DS_Store"):  # a file browser's: no obstacle
+        (tmp / "refined" / litter).write_text("x")
     cli_ok(capsys, "refine", "apply", str(tmp / "run"), str(test), "--out", str(tmp / "refined"), "--overwrite")
+    assert not (tmp / "refined" / "Thumbs.db").exists()
     assert sorted(p.name for p in (tmp / "refined").iterdir() if p.name.startswith(".")) == []
     # an empty folder given as --out is written without --overwrite (it refined, then refused: a review)
     (tmp / "empty").mkdir()

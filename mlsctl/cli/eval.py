@@ -10,7 +10,7 @@ import typer
 from mlsctl.cli._format import pct, say, table
 from mlsctl.console import counted
 from mlsctl.cli._options import MODEL_OPTION, RANDOM_INIT_OPTION, RUN_OPTION, WEIGHTS_OPTION, one_of, results_file
-from mlsctl.evaluate.results import write_result
+from mlsctl.evaluate.results import say_replacing, write_result
 
 app = typer.Typer(rich_markup_mode=None, help="Evaluate features: dense k-NN and linear segmentation, image k-NN classification, linear probes, image-set retrieval, Recall@K.", no_args_is_help=True)
 
@@ -117,6 +117,8 @@ def knn_seg(
     from mlsctl.evaluate import knn_seg as lib
     from mlsctl.restore import model_on_demand
 
+    replacing = say_replacing(out, "eval knn-seg", say)  # before the work: they can still be kept
+
     preset, chosen, overridden = inputs_lib.resolve_protocol(lib, protocol, {
         "k": k, "temperature": temperature, "memory_size": memory_size, "aug_passes": aug_passes, "runs": runs,
         "fractions": tuple(fraction) if fraction else None})
@@ -167,7 +169,7 @@ def knn_seg(
         "note": "miou is the plain mean IoU over classes present in ground truth or predictions; miou_hungarian "
                 "re-matches predicted to true classes first (an extra, for cluster-valued predictions)",
     }
-    out = write_result(payload, out, "knn-seg")
+    out = write_result(payload, out, "knn-seg", replacing=replacing)
     if as_json:
         typer.echo(json.dumps(payload, indent=2))
         return
@@ -256,6 +258,8 @@ def knn(
     from mlsctl.evaluate.inputs import classification_inputs
     from mlsctl.restore import model_on_demand
 
+    replacing = say_replacing(out, "eval knn", say)  # before the work: they can still be kept
+
     get_model = model_on_demand(run=run, weights=weights, arch=model, random_init=random_init, seed=seed, say=say)
     train_features, val_features, train_labels, val_labels, record = classification_inputs(
         dataset, root, train_split, val_split, train, val, train_labels, val_labels, get_model, say=say, resize=resize)
@@ -264,7 +268,7 @@ def knn(
                               device=device)
     payload = {"command": "eval knn", "dataset": record, **result, "seconds": round(time.perf_counter() - started, 3)}
     results, unknown = result["results"], result["val_classes_unseen_in_train"]
-    out = write_result(payload, out, "knn")
+    out = write_result(payload, out, "knn", replacing=replacing)
     if as_json:
         typer.echo(json.dumps(payload, indent=2))
         return
@@ -317,6 +321,8 @@ def linear(
     from mlsctl.evaluate.knn import search_device
     from mlsctl.restore import model_on_demand
 
+    replacing = say_replacing(out, "eval linear", say)  # before the work: they can still be kept
+
     if multi_label and dataset != "folders":
         raise UserError(f"--multi-label reads tag lists from --train-labels; --dataset {dataset} has one class per image")
     lib.check_sweep(lr or [], wd or [])  # before the model loads
@@ -330,7 +336,7 @@ def linear(
                                  device=search_device(device))
     payload = {"command": "eval linear", "dataset": record, **result,
                "seconds": round(time.perf_counter() - started, 3)}
-    out = write_result(payload, out, "linear")
+    out = write_result(payload, out, "linear", replacing=replacing)
     if as_json:
         typer.echo(json.dumps(payload, indent=2))
         return
@@ -397,6 +403,8 @@ def linear_seg(
     from mlsctl.evaluate.inputs import segmentation_inputs, split_records
     from mlsctl.restore import model_on_demand
 
+    replacing = say_replacing(out, "eval linear-seg", say)  # before the work: they can still be kept
+
     get_model = model_on_demand(run=run, weights=weights, arch=model, random_init=random_init, seed=seed, say=say)
     inputs = segmentation_inputs(dataset, root, train_split, val_split,
                                  dict(train=train, train_masks=train_masks, val=val, val_masks=val_masks),
@@ -411,7 +419,7 @@ def linear_seg(
     payload = {"command": "eval linear-seg", "dataset": inputs.record,
                **split_records(train_features, val_features, inputs.train_masks, inputs.val_masks),
                "model": train_features.model, **result}
-    out = write_result(payload, out, "linear-seg")
+    out = write_result(payload, out, "linear-seg", replacing=replacing)
     if as_json:
         typer.echo(json.dumps(payload, indent=2))
         return
@@ -455,6 +463,8 @@ def retrieval(
     from mlsctl.evaluate.retrieval import evaluate_set_model
     from mlsctl.gallery import choose_set_model
 
+    replacing = say_replacing(out, "eval retrieval", say)  # before the work: they can still be kept
+
     fractions = []
     for value in noise or ["0", "0.25", "0.5"]:
         try:
@@ -473,7 +483,7 @@ def retrieval(
     payload = {"command": "eval retrieval",
                **evaluate_set_model(model, gallery, query, query_size=size, noise=fractions, seed=seed, workers=workers,
                                   say=say)}
-    out = write_result(payload, out, "retrieval")
+    out = write_result(payload, out, "retrieval", replacing=replacing)
     if as_json:
         print(json.dumps(payload, indent=2))
         return
@@ -505,11 +515,13 @@ def recall(
     from mlsctl.evaluate.recall import evaluate_recall
     from mlsctl.features import Features, require_rows
 
+    replacing = say_replacing(out, "eval recall", say)  # before the work: they can still be kept
+
     feats = require_rows(Features(features, "features"), "features")
     started = time.perf_counter()
     result = evaluate_recall(feats, labels, k)
     payload = {"command": "eval recall", **result, "seconds": round(time.perf_counter() - started, 3)}
-    out = write_result(payload, out, "recall")
+    out = write_result(payload, out, "recall", replacing=replacing)
     if as_json:
         typer.echo(json.dumps(payload, indent=2))
         return

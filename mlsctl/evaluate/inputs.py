@@ -118,31 +118,77 @@ def is_feature_pair(train: Path, val: Path) -> bool:
     return is_feature_folder(train) and is_feature_folder(val)
 
 
+#: The most bytes of equal-sized images :func:`record_shared_images` reads to find val images that are copies
+#: of training images (1 GiB: seconds); beyond it they are compared by path only, and that is said.
+COPY_CHECK_BYTES = 1 << 30
+
+
+def _image_paths(features) -> list[Path]:
+    root = Path(features.input_root).resolve()
+    return [root / name for name in features.files]
+
+
 def shared_images(train_features, val_features) -> int:
     """How many of the val features' images are files the train features were embedded from too."""
-    def files(features) -> set[str]:
-        root = Path(features.input_root).resolve()
-        return {str(root / name) for name in features.files}
-
-    return len(files(train_features) & files(val_features))
+    return len(set(map(str, _image_paths(train_features))) & set(map(str, _image_paths(val_features))))
 
 
-def record_shared_images(train_features, val_features, record: dict) -> None:
+def copied_images(train_features, val_features, max_bytes: Optional[int] = None) -> int:
+    """How many of the val features' images are byte copies of a training image under another path
+    (two builds of one seed, a split made by copying): sizes first, then SHA-256 of equal sizes only
+    (:func:`mlsctl.evaluate.retrieval.identical_files`, as eval retrieval checks its query photos).
+    Only images still on disk are compared: features embedded from an archive, or whose images were
+    moved since, are scored from the features alone. Raises
+    :class:`~mlsctl.evaluate.retrieval.TooMuchToCompare` where more than ``max_bytes`` (default
+    :data:`COPY_CHECK_BYTES`) would be read."""
+    from mlsctl.evaluate.retrieval import identical_files
+
+    if not (Path(train_features.input_root).is_dir() and Path(val_features.input_root).is_dir()):
+        return 0
+    train = _image_paths(train_features)
+    same = set(train)
+    others = [p for p in _image_paths(val_features) if p not in same]  # one folder as both: nothing to read
+    return len(identical_files(train, others, missing_ok=True,
+                               max_bytes=COPY_CHECK_BYTES if max_bytes is None else max_bytes)) if others else 0
+
+
+def record_shared_images(train_features, val_features, record: dict, copies: bool = False) -> None:
     """Record in the result JSON's dataset record (``val_images_in_train``) how many val images are
     training images too (the same files): the scores then measure memory, not generalisation. Every
     evaluation of a train and a val split records it and says it with its results
     (:func:`shared_images_note`; a new user's probe, 2026-12-07: knn-seg of one folder as both scored
-    41.5 % mIoU, 6.7 % on its own val images, without a word)."""
+    41.5 % mIoU, 6.7 % on its own val images, without a word). ``copies`` (knn and linear of folders):
+    byte copies under other paths count too (:func:`copied_images`, also recorded as
+    ``val_images_in_train_as_copies``); a benchmark's own splits are compared by path only (ImageNet's
+    equal-sized JPEGs would be read whole at every evaluation)."""
+    from mlsctl.evaluate.retrieval import TooMuchToCompare
+
     shared = shared_images(train_features, val_features)
-    if shared:
-        record["val_images_in_train"] = shared
+    copied = 0
+    if copies:
+        try:
+            copied = copied_images(train_features, val_features)
+        except TooMuchToCompare as exc:
+            record["val_images_compared"] = f"by path only ({exc.needed / 2**30:.1f} GiB of images of equal sizes)"
+    if copied:
+        record["val_images_in_train_as_copies"] = copied
+    if shared + copied:
+        record["val_images_in_train"] = shared + copied
 
 
 def shared_images_note(record: dict, val_images: int) -> Optional[str]:
     """The note on val images that are training images too (:func:`record_shared_images`), or None."""
-    shared = record.get("val_images_in_train")
-    return (f"note: {shared} of the {val_images} val images are training images too (the same files): the scores "
-            f"measure memory, not generalisation") if shared else None
+    shared, copied = record.get("val_images_in_train"), record.get("val_images_in_train_as_copies", 0)
+    notes = []
+    if shared:
+        how = ("the same files" if not copied else "byte copies under other paths" if copied == shared
+               else f"{shared - copied} the same files, {copied} byte copies under other paths")
+        notes.append(f"note: {shared} of the {val_images} val images are training images too ({how}): the scores "
+                     f"measure memory, not generalisation")
+    if record.get("val_images_compared"):
+        notes.append(f"note: the val images were compared with the training images {record['val_images_compared']}: "
+                     f"copies under other paths were not looked for")
+    return "\n".join(notes) or None
 
 
 def image_roots(train_features, val_features) -> dict:
@@ -319,7 +365,7 @@ def classification_inputs(dataset: str, root: Optional[Path], train_split: Optio
                   # the val labels were not recorded (a new user's probe, 2026-12-07)
                   "labels": "folder names" if train_labels is None else str(train_labels),
                   "val_labels": "folder names" if val_labels is None else str(val_labels)}
-        record_shared_images(train_features, val_features, record)
+        record_shared_images(train_features, val_features, record, copies=True)
         return train_features, val_features, train_labels, val_labels, record
     if train_labels is not None or val_labels is not None:
         raise UserError(f"--dataset {dataset} labels its images itself; drop --train-labels/--val-labels")

@@ -58,10 +58,25 @@ def _claim_default_path(evaluation: str) -> Path:
     raise UserError(f"{first.parent} holds 999 results named {first.stem}-N.json; give --out FILE")
 
 
-def write_result(payload: dict, out: Optional[Path], evaluation: str, say=to_stderr) -> Path:
+def say_replacing(out: Optional[Path], command: str, say=to_stderr) -> Optional[str]:
+    """Before the work of ``command`` (``eval knn``): say where ``out`` holds another evaluation's
+    results, which it will replace, so that a user can stop it and give another ``--out`` (a review,
+    2026-12-07: it was said only once they were gone). Returns the command whose results ``out``
+    holds, for :func:`write_result`'s ``replacing``. Replaced, not refused: an evaluation's ``--out``
+    replaces an earlier results file of mlsctl, as scripts that rerun into one file rely on."""
+    replaced = _command_of(Path(out)) if out is not None else None
+    if replaced is not None and replaced != command:
+        say(f"note: {out} holds the results of {replaced}; this {command} replaces them when it is done "
+            f"(give another --out to keep them)")
+    return replaced
+
+
+def write_result(payload: dict, out: Optional[Path], evaluation: str, say=to_stderr,
+                 replacing: Optional[str] = None) -> Path:
     """Stamp ``payload`` (``written``) and write it atomically to ``out`` (or a new file of
     :func:`default_path`'s name, never an existing one); returns the path written. Replacing the
-    results of another evaluation is said."""
+    results of another evaluation is said, unless they are those of ``replacing``, said before the
+    work (:func:`say_replacing`)."""
     from mlsctl import atomic, provenance
 
     from mlsctl.outputs import check_results_target
@@ -80,8 +95,9 @@ def write_result(payload: dict, out: Optional[Path], evaluation: str, say=to_std
     check_results_target(path)
     replaced = _command_of(path)
     atomic.write_json(path, payload)
-    if replaced is not None and replaced != payload.get("command"):  # knn over knn-seg's file went without a word
-        say(f"note: {path} held the results of {replaced}; replaced by these")  # (a new user's probe, 2026-12-07)
+    # knn over knn-seg's file went without a word (a new user's probe, 2026-12-07); here, what was not said before
+    if replaced is not None and replaced not in (payload.get("command"), replacing):
+        say(f"note: {path} held the results of {replaced}; replaced by these")
     return path
 
 

@@ -172,37 +172,72 @@ class PairedPhotos:
     query_objects: int
 
 
-def identical_files(first: Sequence[Path], second: Sequence[Path]) -> list[tuple[Path, Path]]:
+class TooMuchToCompare(Exception):
+    """:func:`identical_files` would read more than its ``max_bytes`` (``needed``) to compare files of
+    equal size: the caller says what it compared instead."""
+
+    def __init__(self, needed: int):
+        super().__init__(f"{needed} bytes of files of equal size to compare")
+        self.needed = needed
+
+
+def identical_files(first: Sequence[Path], second: Sequence[Path], *, missing_ok: bool = False,
+                    max_bytes: Optional[int] = None) -> list[tuple[Path, Path]]:
     """The files of ``second`` whose bytes equal a file of ``first``'s, each with one such file of
     ``first``. Only files of equal size are read (and each at most once), so folders of distinct
-    photos cost a ``stat`` each."""
+    photos cost a ``stat`` each. ``missing_ok``: a file that is gone or cannot be read is not
+    compared (an evaluation of feature folders whose images were moved since: the features are
+    what it scores). ``max_bytes``: :class:`TooMuchToCompare` is raised before anything is read
+    where the files of equal size hold more (a large folder of JPEGs shares many sizes)."""
     import hashlib
+
+    def size_of(path: Path) -> Optional[int]:
+        try:
+            return path.stat().st_size
+        except OSError:
+            if not missing_ok:
+                raise
+            return None
 
     by_size: dict[int, list[Path]] = {}
     for path in first:
-        by_size.setdefault(path.stat().st_size, []).append(path)
-    digests: dict[Path, bytes] = {}
+        size = size_of(path)
+        if size is not None:
+            by_size.setdefault(size, []).append(path)
+    candidates = [(path, size) for path in second for size in (size_of(path),) if size in by_size]
+    if max_bytes is not None:
+        needed = (sum(size * len(by_size[size]) for size in {size for _, size in candidates})
+                  + sum(size for _, size in candidates))
+        if needed > max_bytes:
+            raise TooMuchToCompare(needed)
+    digests: dict[Path, Optional[bytes]] = {}
 
-    def digest(path: Path) -> bytes:
+    def digest(path: Path) -> Optional[bytes]:
         if path not in digests:
             hasher = hashlib.sha256()
-            with open(path, "rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    hasher.update(block)
-            digests[path] = hasher.digest()
+            try:
+                with open(path, "rb") as handle:
+                    for block in iter(lambda: handle.read(1 << 20), b""):
+                        hasher.update(block)
+            except OSError:
+                if not missing_ok:
+                    raise
+                digests[path] = None
+            else:
+                digests[path] = hasher.digest()
         return digests[path]
 
     by_digest: dict[int, dict[bytes, Path]] = {}  # per size, the first's files by digest: each read once (a review:
     found = []  # comparing each query with every gallery file of its size was quadratic for photos of one size)
-    for path in second:
-        size = path.stat().st_size
-        if size not in by_size:
-            continue
+    for path, size in candidates:
         if size not in by_digest:
             by_digest[size] = {}
             for other in by_size[size]:
-                by_digest[size].setdefault(digest(other), other)
-        match = by_digest[size].get(digest(path))
+                other_digest = digest(other)
+                if other_digest is not None:
+                    by_digest[size].setdefault(other_digest, other)
+        own = digest(path)
+        match = by_digest[size].get(own) if own is not None else None
         if match is not None:
             found.append((match, path))
     return found
