@@ -245,6 +245,11 @@ class Run:
         shutil.rmtree(trash, ignore_errors=True)
         return True
 
+    @property
+    def replacing_another(self) -> bool:
+        """A start with --overwrite that has no checkpoint yet: the run it replaced waits in ``.replaced/``."""
+        return (self.root / REPLACED).is_dir()
+
     def discard_replaced(self) -> None:
         """The new run has a checkpoint: the run it replaced goes for good. A file that cannot be
         removed now is left for the next start (:meth:`recover_replacement`), not raised: the new

@@ -961,8 +961,24 @@ def test_12_a_stop_sent_to_the_whole_job_with_loader_workers_says_how_to_resume(
                              signum=signum, whole_job=True)
     last = result.stderr.strip().splitlines()[-1]
     assert result.returncode == 130 and "Traceback" not in result.stderr, result.stderr
-    assert last.startswith("interrupted: the last checkpoint is step "), result.stderr
+    assert last.startswith("interrupted: the last checkpoint is step ") and ", written at the stop" in last, last
     assert f"mlsctl pretrain {run / 'config.yaml'} --out {run} --resume" in last
+
+
+@pytest.mark.slow
+def test_12_ctrl_c_to_a_one_process_accelerate_job_saves_the_step_despite_the_launchers_copy(tmp_path, images):
+    # a review (2026-12-07): accelerate launch's one-process launcher terminates its child right after the
+    # terminal's Ctrl-C reached it; that SIGTERM was taken for a second stop, and nothing was saved
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(images, optim__epochs=400, train__checkpoint_every=100))
+    run = tmp_path / "run"
+    metrics = run / "metrics.jsonl"
+    accelerate = (str(Path(sys.executable).parent / "accelerate"), "launch", "--num_processes", "1", "--cpu")
+    result = _interrupt_when(["pretrain", str(recipe), "--out", str(run)],
+                             lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 3,
+                             whole_job=True, launcher=accelerate)
+    ours = [line for line in result.stderr.strip().splitlines() if line.startswith(("stopping", "interrupted"))]
+    assert ours and ours[0].startswith("stopping after step "), result.stderr
+    assert ours[-1].startswith("interrupted: the last checkpoint is step ") and ", written at the stop" in ours[-1]
 
 
 @pytest.mark.slow

@@ -97,31 +97,81 @@ def test_a_stop_in_the_first_step_of_one_process_raises_at_once(restored_signals
     # nothing to save yet: a start stopped at once leaves --out as it found it, as before
     with StepBoundaryStop(world=1):
         with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGINT)
-            signal.sigtimedwait([], 0.01) if hasattr(signal, "sigtimedwait") else None
+            _raised_by_a_signal(signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def _raised_by_a_signal(signum):
+    os.kill(os.getpid(), signum)
+    signal.sigtimedwait([], 0.01) if hasattr(signal, "sigtimedwait") else None
+
+
+class Terminated(KeyboardInterrupt):
+    pass
+
+
+def one_shot_as_the_cli(signum, frame):  # mlsctl.cli: SIGTERM raises once, then is ignored
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Terminated
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_one_process_stops_after_the_step_under_way_and_a_second_stop_at_once(restored_signals, caplog, signum):
-    class Terminated(KeyboardInterrupt):
-        pass
-
-    def as_the_cli(signum, frame):  # mlsctl.cli turns SIGTERM into a KeyboardInterrupt
-        raise Terminated
-
-    signal.signal(signal.SIGTERM, as_the_cli)
-    with StepBoundaryStop(world=1) as stop:
-        assert not stop.asked()  # the first step is done: from here a stop waits for the step under way
-        os.kill(os.getpid(), signum)  # marked, nothing raised
-        assert stop.signum == signum and "stopping after step 2, which will be saved" in caplog.text
-        with pytest.raises(KeyboardInterrupt):  # Ctrl-C twice (or the scheduler's second word): at once
-            os.kill(os.getpid(), signum)
-            signal.sigtimedwait([], 0.01) if hasattr(signal, "sigtimedwait") else None
-        assert stop.asked() and stop.saves_its_step
-    # one process has no launcher forwarding stops: the handlers come back as they were
+def test_one_process_stops_after_the_step_under_way_with_the_commands_own_stop(restored_signals, capfd, signum):
+    signal.signal(signal.SIGTERM, one_shot_as_the_cli)
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        with StepBoundaryStop(world=1, start_step=10, total_steps=20) as stop:
+            assert not stop.asked()  # step 11, the session's first, is done: a stop now waits for step 12
+            os.kill(os.getpid(), signum)  # marked, said at once, nothing raised
+            os.kill(os.getpid(), signal.SIGTERM)  # a launcher's copy (accelerate launch's terminate): ignored
+            assert stop.signum == signum
+            assert "stopping after step 12, which will be saved as a checkpoint" in capfd.readouterr().err
+            assert stop.asked() and stop.saves_its_step
+            stop.stop(saved_step=12)
+    # the command's own handler raised, as where the signal landed before: Terminated for SIGTERM
+    assert type(stopped.value) is (Terminated if signum == signal.SIGTERM else KeyboardInterrupt)
+    assert stopped.value.saved_step == 12
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    assert signal.getsignal(signal.SIGTERM) is as_the_cli
+    # the one-shot handler that ran left SIGTERM ignored for the shutdown under way; one that did not, in place
+    assert signal.getsignal(signal.SIGTERM) is (signal.SIG_IGN if signum == signal.SIGTERM else one_shot_as_the_cli)
+
+
+def test_a_second_stop_of_one_process_stops_at_once(restored_signals, monkeypatch):
+    from mlsctl.train import stopping
+
+    with StepBoundaryStop(world=1) as stop:
+        stop.asked()
+        os.kill(os.getpid(), signal.SIGINT)
+        monkeypatch.setattr(stopping, "REPEAT_WINDOW_S", 0.0)  # not a launcher's copy: Ctrl-C again
+        with pytest.raises(KeyboardInterrupt):
+            _raised_by_a_signal(signal.SIGINT)
+
+
+def test_what_one_process_says_at_the_last_step_and_without_saving(restored_signals, capfd):
+    with StepBoundaryStop(world=1, total_steps=3) as stop:
+        stop.asked(), stop.asked()
+        os.kill(os.getpid(), signal.SIGINT)
+        assert "the run is at its last step (3): it finishes and writes its teacher" in capfd.readouterr().err
+    with StepBoundaryStop(world=1) as stop:
+        stop.saving = False  # an --overwrite start with no checkpoint yet: the replaced run comes back
+        stop.asked(), stop.asked()
+        os.kill(os.getpid(), signal.SIGINT)
+        said = capfd.readouterr().err
+        assert "stopping after step 3; Ctrl-C again stops at once" in said and "saved" not in said
+        assert stop.asked() and not stop.saves_its_step
+
+
+def test_an_applications_handler_gets_the_stop_at_the_step_boundary(restored_signals):
+    seen = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))  # notes it, does not raise
+    try:
+        with StepBoundaryStop(world=1) as stop:
+            stop.asked()
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert seen == [] and stop.asked()
+            stop.stop(saved_step=2)  # handed over: the application goes on
+            assert seen == [signal.SIGTERM] and stop.signum == 0 and not stop.asked()
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def test_one_process_leaves_a_default_sigterm_alone(restored_signals):

@@ -116,7 +116,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path: Path, images
 
 @pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
 def test_a_stop_saves_the_step_under_way_and_resume_equals_an_uninterrupted_run(tmp_path: Path, images: Path,
-                                                                              capsys, signum):
+                                                                              capfd, signum):
     """A new user (2026-12-07): Ctrl-C or a scheduler's SIGTERM lost every step since the last
     checkpoint. The step under way now ends, is written as a checkpoint, and --resume goes on from it,
     bit for bit as a run that was never stopped."""
@@ -126,7 +126,7 @@ def test_a_stop_saves_the_step_under_way_and_resume_equals_an_uninterrupted_run(
     recipe = tiny_recipe(images)
     recipe["train"]["checkpoint_every"] = 3
     path = write_recipe(tmp_path / "r.yaml", recipe)
-    cli("pretrain", str(path), "--out", str(tmp_path / "full"), capsys=capsys)
+    cli("pretrain", str(path), "--out", str(tmp_path / "full"), capsys=capfd)
     training_step, sent = DINO.training_step, getattr(signal, signum)
 
     def stopped_in_step_5(self, batch, step):
@@ -137,7 +137,7 @@ def test_a_stop_saves_the_step_under_way_and_resume_equals_an_uninterrupted_run(
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even under `make test &`
     try:
         DINO.training_step = stopped_in_step_5
-        code, _, err = cli("pretrain", str(path), "--out", str(tmp_path / "stopped"), capsys=capsys)
+        code, _, err = cli("pretrain", str(path), "--out", str(tmp_path / "stopped"), capsys=capfd)
     finally:
         DINO.training_step = training_step
         signal.signal(signal.SIGINT, previous)
@@ -145,7 +145,7 @@ def test_a_stop_saves_the_step_under_way_and_resume_equals_an_uninterrupted_run(
     assert "stopping after step 5, which will be saved as a checkpoint" in err
     assert f"the last checkpoint is step 5, written at the stop ({tmp_path / 'stopped'}" in err
     assert Run(tmp_path / "stopped").latest().step == 5 and not (tmp_path / "stopped" / "summary.json").exists()
-    code, _, err = cli("pretrain", str(path), "--out", str(tmp_path / "stopped"), "--resume", capsys=capsys)
+    code, _, err = cli("pretrain", str(path), "--out", str(tmp_path / "stopped"), "--resume", capsys=capfd)
     assert code == 0 and "from step 5" in err
     full, stopped = tmp_path / "full", tmp_path / "stopped"
     assert losses(stopped) == losses(full)
@@ -176,6 +176,35 @@ def test_a_stop_in_the_first_step_leaves_out_as_it_was(tmp_path: Path, images: P
         DINO.training_step = training_step
     assert code == 130 and "nothing was saved" in err.strip().splitlines()[-1], err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_stop_of_an_overwrite_start_before_its_first_checkpoint_puts_the_old_run_back(finished_run, tmp_path: Path,
+                                                                                      capfd):
+    # a review (2026-12-07): the stop's checkpoint discarded the run --overwrite had set aside; a wrong
+    # --overwrite stopped at once (after a step or two on a GPU) had deleted a finished run
+    import os
+    import signal
+
+    run_dir, recipe = finished_run
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    before = sorted(str(p.relative_to(copy)) for p in copy.rglob("*"))
+    training_step = DINO.training_step
+
+    def stopped_in_step_3(self, batch, step):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return training_step(self, batch, step)
+
+    try:
+        DINO.training_step = stopped_in_step_3
+        code, _, err = cli("pretrain", str(recipe), "train.checkpoint_every=100", "--out", str(copy), "--overwrite",
+                           capsys=capfd)
+    finally:
+        DINO.training_step = training_step
+    assert code == 130 and "stopping after step 3; another SIGTERM stops at once" in err, err
+    assert f"nothing was saved (no checkpoint yet) and {copy} is as it was before this start" in err
+    assert sorted(str(p.relative_to(copy)) for p in copy.rglob("*")) == before
 
 def test_run_folder_rules(finished_run, tmp_path: Path, capsys):
     run_dir, recipe = finished_run

@@ -290,7 +290,11 @@ def _train(run: Run, recipe, accelerator, folder: ImageFolder, dataset, collate_
     records = metrics.Records(run, recipe, accelerator, method, start_step, interactive=sys.stderr.isatty())
     sessions = Sessions(state, start_step, accelerator.device, is_main)
     started = time.perf_counter()
-    with StepBoundaryStop(world) as stop:  # a stop ends the step under way (every process's), saved
+    # a stop ends the step under way (every process's) and saves it, unless the run replaces another
+    # and has no checkpoint yet: then the replaced run comes back, as after a stop in the first step
+    replacing = dist.on_main(lambda: run.replacing_another)
+    with StepBoundaryStop(world, start_step, plan.total_steps, announce=is_main) as stop:
+        stop.saving = not replacing
         try:
             model.train()
             training = _Training(accelerator, model, method, optimizer, plan, trainable, last_layer,
@@ -331,6 +335,7 @@ def _run_steps(t: _Training, records: metrics.Records, run: Run, recipe, start_s
             records.sync()
             checkpoint.save_checkpoint(run, done, t.method, t.optimizer, t.accelerator, recipe,
                                        recipe.train.keep_checkpoints, sessions.upto(done))
+            stop.saving = True  # the replaced run, if any, is gone with this first checkpoint
         if stopping:
             stop.stop(done if saved else None)
 
