@@ -154,6 +154,7 @@ def test_patch_soft_labels_equal_area_pooling_of_the_one_hot_mask():
 def _scene_data(tmp_path: Path, name: str, n: int, grid: int, dim: int, classes: int, seed: int):
     """Random dense features whose patches carry their class in a few dimensions, with masks."""
     rng = np.random.default_rng(seed)
+    noise = torch.Generator().manual_seed(seed)  # not the global RNG: the data was another after another test
     masks_dir = tmp_path / name / "masks"
     masks_dir.mkdir(parents=True)
     files, dense = [], []
@@ -164,7 +165,7 @@ def _scene_data(tmp_path: Path, name: str, n: int, grid: int, dim: int, classes:
         Image.fromarray(mask).save(masks_dir / f"{i:03d}.png")
         files.append(f"{i:03d}.png")
         coarse = torch.from_numpy(mask[::4, ::4].astype(np.int64)).clamp_max(classes - 1)
-        features = torch.randn(grid, grid, dim) + 3.0 * F.one_hot(coarse, dim).float()
+        features = torch.randn(grid, grid, dim, generator=noise) + 3.0 * F.one_hot(coarse, dim).float()
         dense.append(features)
     dense = torch.stack(dense)
     folder = write_feature_folder(tmp_path / name / "feats", files, dense.mean((1, 2)), dense)
