@@ -37,13 +37,12 @@ fmnist:
 demo: venv fmnist
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh
 
-# One pytest process per usable core (pytest-xdist), each running whole test files in their order
-# (the slowest files first: tests/conftest.py FILE_SECONDS):
+# One pytest process per usable core (pytest-xdist), each running whole test files in their order:
 # the tests run single-threaded, so on 2 cores this halves the time. TEST_PROCESSES=0 runs them in one.
 TEST_PROCESSES ?= auto
 
 test: venv fmnist
-	$(BIN)/python -m pytest -q -n $(TEST_PROCESSES) --dist loadfile --no-loadscope-reorder
+	$(BIN)/python -m pytest -q -n $(TEST_PROCESSES) --dist loadfile
 
 # the tests over a minute each (marker long), left out of `make test`
 test-long: venv fmnist

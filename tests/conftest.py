@@ -41,30 +41,6 @@ def _signal_handlers_left_as_found():
         signal.signal(signum, before[signum])
     assert not changed, f"the test left the handler of {', '.join(signal.Signals(s).name for s in changed)} changed"
 
-
-# Seconds each test file took in one run (`pytest -n 2 --dist loadfile --junitxml=...`, summed per file;
-# 2026-12-07, a loaded machine: only the order counts). `make test` hands whole files to its processes
-# in this order, slowest first (pytest-xdist's --no-loadscope-reorder keeps it), so that the files left
-# at the end, when one process may already be idle, are short ones; by default pytest-xdist orders them
-# by their number of tests, which left a 40-second file of 10 tests for the end. A file not listed runs
-# after these, in its collection order: list a new slow one here.
-FILE_SECONDS = {
-    "test_hardening.py": 706, "test_serve.py": 456, "test_refine.py": 292, "test_eval.py": 201,
-    "test_features.py": 144, "test_mile.py": 133, "test_mls.py": 110, "test_ms.py": 107,
-    "test_bank_cli.py": 100, "test_gallery.py": 82, "test_sove.py": 80, "test_augment_path.py": 79,
-    "test_train.py": 76, "test_report.py": 69, "test_cli.py": 47, "test_device_augment.py": 40,
-    "test_cribo.py": 38, "test_dist.py": 30, "test_backbone.py": 25, "test_fidelity.py": 23,
-    "test_contract.py": 23, "test_config.py": 23, "test_fmnist.py": 23, "test_train_throughput.py": 20,
-    "test_bank.py": 19, "test_restore.py": 15, "test_export.py": 14, "test_curves.py": 11,
-    "test_accumulation.py": 10, "test_host_sync.py": 10, "test_datasets.py": 8, "test_refine_fidelity.py": 7,
-    "test_linear_seg.py": 6, "test_threads.py": 6,
-}
-
-
-def pytest_collection_modifyitems(session, config, items):
-    """The slowest files first (:data:`FILE_SECONDS`); each file's tests keep their order."""
-    items.sort(key=lambda item: -FILE_SECONDS.get(item.path.name, 0))
-
 TINY_RECIPE = {
     "description": "tiny test recipe",
     "seed": 0,
