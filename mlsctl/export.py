@@ -127,7 +127,7 @@ def export_timm(run_dir: str | Path, out: str | Path, *, step: Optional[int] = N
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder; choose another --out")
     _recover(out)
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and atomic.holds_anything(out):
         if not (out / "mlsctl.json").is_file():
             raise UserError(f"--out {out} is not empty and not an mlsctl export (no mlsctl.json): choose a new or empty "
                             f"folder (--overwrite replaces exports only)")
@@ -164,7 +164,7 @@ def export_timm(run_dir: str | Path, out: str | Path, *, step: Optional[int] = N
         for f in tmp.iterdir():  # readable by whoever the folder is given to, as the umask allows
             atomic.usual_permissions(f)
         atomic.fsync_dir(tmp)
-        if not overwrite and out.exists() and any(out.iterdir()):  # another export finished there meanwhile
+        if not overwrite and out.exists() and atomic.holds_anything(out):  # another export finished there meanwhile
             raise UserError(f"--out {out} received another export while this one was written; add --overwrite to "
                             f"replace it, or choose another --out")
         atomic.swap_folder(tmp, out)

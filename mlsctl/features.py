@@ -426,7 +426,7 @@ def check_feature_target(out: Path) -> None:
 
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file; choose a folder")
-    if not out.is_dir() or is_feature_folder(out) or not any(p.name != LOCK_NAME for p in out.iterdir()):
+    if not out.is_dir() or is_feature_folder(out) or not atomic.holds_anything(out, besides=(LOCK_NAME,)):
         return
     kind = folder_kind(out)  # never "empty it" for a run's folder or a gallery (a new user, 2026-12-06)
     raise UserError(f"--out {out} exists and is {kind or 'not a feature folder'}; choose another --out"

@@ -143,3 +143,22 @@ def test_a_file_browsers_litter_is_not_foreign_but_only_by_its_exact_names(tmp_p
     assert atomic.foreign_entries(out, layout, limit=10) == [
         "train/._", "train/.directory2", "train/DS_Store", "train/desktop.ini.bak", "train/images/Thumbs.db/",
         "train/notes.DS_Store", "train/thumbs.db"]
+
+
+def test_a_folder_with_only_litter_counts_as_empty(tmp_path):
+    # a helper's finding (2026-12-07): a new folder opened in Finder was "not empty" to pretrain, embed, the
+    # data builds, export and refine apply
+    folder = tmp_path / "out"
+    folder.mkdir()
+    assert not atomic.holds_anything(folder)
+    (folder / ".DS_Store").write_text("x")
+    (folder / "Thumbs.db").write_text("x")
+    (folder / ".mlsctl.lock").write_text("1")
+    assert not atomic.holds_anything(folder, besides=(".mlsctl.lock",))
+    assert atomic.holds_anything(folder)  # the lock, unless named
+    (folder / ".mlsctl.lock").unlink()
+    (folder / "desktop.ini").mkdir()  # a folder under a litter name: the user's
+    assert atomic.holds_anything(folder)
+    (folder / "desktop.ini").rmdir()
+    (folder / "._photo.png").symlink_to(tmp_path)  # a link under a litter name: the user's
+    assert atomic.holds_anything(folder)

@@ -206,6 +206,22 @@ def test_a_stop_of_an_overwrite_start_before_its_first_checkpoint_puts_the_old_r
     assert f"nothing was saved (no checkpoint yet) and {copy} is as it was before this start" in err
     assert sorted(str(p.relative_to(copy)) for p in copy.rglob("*")) == before
 
+
+def test_pretrain_and_embed_take_a_folder_holding_only_a_file_browsers_litter(finished_run, tmp_path: Path, capsys):
+    run_dir, recipe = finished_run
+    for out in (tmp_path / "run", tmp_path / "features"):
+        out.mkdir()
+        (out / ".DS_Store").write_bytes(b"Bud1")
+    code, _, err = cli("pretrain", str(recipe), "optim.epochs=1", "--out", str(tmp_path / "run"), capsys=capsys)
+    assert code == 0, err
+    images = config.load_recipe(str(recipe)).data.root
+    code, _, err = cli("embed", str(images), "--run", str(run_dir), "--out", str(tmp_path / "features"), capsys=capsys)
+    assert code == 0, err
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")  # anything else is still the user's
+    code, _, err = cli("pretrain", str(recipe), "--out", str(tmp_path / "mine"), capsys=capsys)
+    assert code == 2 and "is not empty and holds no run (notes.txt)" in err
+
 def test_run_folder_rules(finished_run, tmp_path: Path, capsys):
     run_dir, recipe = finished_run
     copy = tmp_path / "copy"

@@ -331,7 +331,7 @@ def reusable_build(out: Path, generator: str, params: dict, overwrite: bool,
     if ours and existing.get("parameters") == params and not overwrite:
         existing["reused"] = True
         return existing
-    if not ours and any(out.iterdir()):
+    if not ours and atomic.holds_anything(out):
         raise UserError(f"{out} exists and is not a {generator} folder; choose another --out (--overwrite only "
                         f"replaces a {generator} build)")
     if ours and not overwrite:

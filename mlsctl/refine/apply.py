@@ -261,7 +261,7 @@ def write_features(out: Path, global_: torch.Tensor, source, model: dict, *, ove
             dim=global_.shape[1], grid=None, files=source.files, skipped=source.skipped, shards=shards,
             plan={"refined_from": str(Path(source.path).resolve())})
         atomic.write_json(tmp / MANIFEST, manifest)
-        if out.exists() and any(p.name != LOCK_NAME for p in out.iterdir()) and not overwrite:  # appeared meanwhile
+        if out.exists() and atomic.holds_anything(out, besides=(LOCK_NAME,)) and not overwrite:  # appeared meanwhile
             raise UserError(f"--out {out} appeared while refining; add --overwrite or choose another --out")
         if overwrite and out.is_dir():  # what was put there while refining goes no more than what was before
             atomic.refuse_others(out, FEATURES_LAYOUT, f"--out {out}", " besides the features")

@@ -166,7 +166,7 @@ def open_run_dir(run: Run, recipe, folder: ImageFolder, lock: FolderLock, *, res
                 config_lib.save_recipe(recipe, run.config_path)  # data.root moved, logging settings, an edit undone
             return str(latest.path)
         others = [p.name for p in run.root.iterdir() if p.name != LOCK_NAME and p.name not in HIDDEN_ENTRIES]
-        if others:
+        if others and atomic.holds_anything(run.root, besides=(LOCK_NAME, *HIDDEN_ENTRIES)):
             if not overwrite and not run.has_config():  # no run there: --resume and --overwrite would fail too
                 shown = ", ".join(sorted(others)[:4]) + (", ..." if len(others) > 4 else "")
                 raise UserError(f"--out {run.root} is not empty and holds no run ({shown}): choose another --out, "
