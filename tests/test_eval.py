@@ -662,7 +662,6 @@ def test_knn_seg_cli_records_majority_patch_labels(tmp_path: Path, capsys):
     assert 0 < results["majority"]["results"][0]["miou"] <= 1
 
 
-
 def test_segmentation_says_when_val_images_are_training_images(tmp_path: Path, capsys):
     """A new user's probe (2026-12-07): knn-seg and linear-seg of one folder as train and val said nothing, where
     eval knn and linear say it (41.5 % mIoU against 6.7 % on the model's own val images)."""
@@ -675,6 +674,25 @@ def test_segmentation_says_when_val_images_are_training_images(tmp_path: Path, c
         assert code == 0, err
         assert "note: 4 of the 4 val images are training images too" in out  # with the results, not before them
         assert json.loads((tmp_path / f"{command}.json").read_text())["dataset"]["val_images_in_train"] == 4
+    # byte copies under other paths count too, as in eval knn and linear: one under another name, one under the
+    # training image's own name (a split made by copying); a third has a training image's name but other bytes
+    for split, texts in (("train", ["image 0", "image 1", "image 2", "image 3"]),
+                         ("val", ["image 9", "other", "image 2", "image 1"])):
+        (tmp_path / f"{split}-images").mkdir()
+        for name, text in zip([f"{i:03d}.png" for i in range(4)], texts):
+            (tmp_path / f"{split}-images" / name).write_text(text)
+    val_dir, val_masks = _scene_data(tmp_path, "val", 4, 4, 8, 3, seed=1)
+    for folder, images in ((train_dir, "train-images"), (val_dir, "val-images")):
+        manifest = json.loads((folder / "manifest.json").read_text())
+        manifest["input_root"] = str(tmp_path / images)
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+    code, out, err = cli("eval", "knn-seg", "--train", str(train_dir), "--train-masks", str(train_masks), "--val",
+                         str(val_dir), "--val-masks", str(val_masks), "--fraction", "1/1", "--k", "5",
+                         "--out", str(tmp_path / "copies.json"), capsys=capsys)
+    assert code == 0, err
+    dataset = json.loads((tmp_path / "copies.json").read_text())["dataset"]
+    assert dataset["val_images_in_train"] == 2 and dataset["val_images_in_train_as_copies"] == 2, dataset
+    assert "note: 2 of the 4 val images are training images too (byte copies under other paths)" in out
 
 
 def test_one_class_and_unseen_val_classes_are_refused_not_scored(tmp_path: Path, capsys):
@@ -766,3 +784,12 @@ def test_knn_seg_without_a_model_builds_no_benchmark_first(tmp_path: Path):
     result = run_cli("eval", "knn-seg", cwd=tmp_path)
     assert result.returncode == 2 and "no model given" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "data").exists()
+
+
+def test_the_note_on_shared_val_images_counts_files_and_copies_apart():
+    from mlsctl.evaluate.inputs import shared_images_note
+
+    note = shared_images_note({"val_images_in_train": 3, "val_images_in_train_as_copies": 2}, 10)
+    assert "3 of the 10 val images are training images too (1 the same file, 2 byte copies under other paths)" in note
+    note = shared_images_note({"val_images_in_train": 3, "val_images_in_train_as_copies": 1}, 10)
+    assert "(2 the same files, 1 byte copy under other paths)" in note

@@ -157,7 +157,7 @@ def record_shared_images(train_features, val_features, record: dict, copies: boo
     training images too (the same files): the scores then measure memory, not generalisation. Every
     evaluation of a train and a val split records it and says it with its results
     (:func:`shared_images_note`; a new user's probe, 2026-12-07: knn-seg of one folder as both scored
-    41.5 % mIoU, 6.7 % on its own val images, without a word). ``copies`` (knn and linear of folders):
+    41.5 % mIoU, 6.7 % on its own val images, without a word). ``copies`` (knn, linear, knn-seg and linear-seg of folders):
     byte copies under other paths count too (:func:`copied_images`, also recorded as
     ``val_images_in_train_as_copies``); a benchmark's own splits are compared by path only (ImageNet's
     equal-sized JPEGs would be read whole at every evaluation)."""
@@ -181,8 +181,10 @@ def shared_images_note(record: dict, val_images: int) -> Optional[str]:
     shared, copied = record.get("val_images_in_train"), record.get("val_images_in_train_as_copies", 0)
     notes = []
     if shared:
+        same = shared - copied
         how = ("the same files" if not copied else "byte copies under other paths" if copied == shared
-               else f"{shared - copied} the same files, {copied} byte copies under other paths")
+               else f"{same} the same file{'s' if same != 1 else ''}, {copied} byte cop{'ies' if copied != 1 else 'y'} "
+                    f"under other paths")
         notes.append(f"note: {shared} of the {val_images} val images are training images too ({how}): the scores "
                      f"measure memory, not generalisation")
     if record.get("val_images_compared"):
@@ -288,7 +290,7 @@ def segmentation_inputs(dataset: str, root: Optional[Path], train_split: Optiona
               "val_masks": str(val_masks),  # "masks" alone read as if one folder served both (a new user's probe)
               "ignore_index": ignore_index,
               "mapping": {"rule": "none: mask values are the class ids", "ignored_values": [ignore_index]}}
-    record_shared_images(train_features, val_features, record)
+    record_shared_images(train_features, val_features, record, copies=True)
     names, val_names = class_names(train_masks), class_names(val_masks)
     if names is not None and val_names is not None and names != val_names:  # a probe, 2026-12-06: val's was ignored
         raise UserError(f"the class names of the training masks ({train_masks}) and of the val masks ({val_masks}) differ "
