@@ -192,6 +192,9 @@ def test_index_add_says_a_photo_it_cannot_read_before_the_model_loads_and_after_
         assert code == 2 and words in one_sentence(err), (args, err)
     code, _, err = cli("index", "add", str(tmp_path / "nowhere"), "--object", "a1", str(corrupt), capsys=capsys)
     assert code == 2 and f"gallery {tmp_path / 'nowhere'} does not exist" in one_sentence(err), err
+    # search --set too (the service-fixes helper's finding)
+    code, _, err = cli("search", "--set", str(good), str(corrupt), "--index", str(tmp_path / "g"), capsys=capsys)
+    assert code == 2 and f"cannot read {corrupt}: not an image file" in one_sentence(err), err
     assert loaded == []  # every refusal came before the model was asked for
     assert Gallery(tmp_path / "g").rows == 40
     from mlsctl.errors import UserError

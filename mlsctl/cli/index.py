@@ -138,8 +138,8 @@ def search(
 
     Many sets, one model load: mlsctl search --sets queries.jsonl --index galleries/products > results.jsonl
     """
-    from mlsctl.gallery import (Gallery, choose_set_model, missing_sets, newest_gallery, ranked, read_query_sets,
-                                search_sets)
+    from mlsctl.gallery import (Gallery, check_photos, choose_set_model, missing_sets, newest_gallery, ranked,
+                                read_query_sets, search_sets)
 
     if images is not None and sets is not None:
         raise UserError("give the photos of one set with --set or a JSONL file of sets with --sets, not both")
@@ -159,6 +159,7 @@ def search(
     if missing:  # as cheap to check as the file: before the model loads (a new-user probe, 2026-12-06)
         raise UserError(f"--set {missing[0]} is not a file" + (f" (nor {len(missing) - 1} more of the photos)"
                                                               if len(missing) > 1 else "") + "; check the path")
+    check_photos(images or [])  # their headers too, as index add does: a corrupt photo is said before the model loads
     unsearchable = missing_sets(queries, source=f"--sets {sets}") if queries is not None else None
     model = None if unsearchable else choose_set_model(run or target.built_with_run(), say=say)
     if model is not None:
