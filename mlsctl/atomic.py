@@ -193,13 +193,13 @@ def is_litter(name: str) -> bool:
     return _LITTER.fullmatch(name) is not None
 
 
-
 def holds_anything(folder: Path, besides: tuple[str, ...] = ()) -> bool:
     """Whether ``folder`` holds an entry other than the names ``besides`` and a file browser's litter
     (:func:`is_litter`): a folder looked at in Finder, with only its .DS_Store, counts as empty where a
     command wants a new or an empty one (a helper's finding, 2026-12-07)."""
     return any(entry.name not in besides and not (is_litter(entry.name) and entry.is_file() and not entry.is_symlink())
                for entry in folder.iterdir())
+
 
 def _rule(layout: Layout, name: str):
     for pattern, inner in layout.items():

@@ -140,7 +140,6 @@ def test_malformed_override():
         config.parse_overrides(["optim.lr"])
 
 
-
 def test_a_mapping_override_merges_into_its_section_and_a_key_given_twice_is_refused():
     """A new user's probe (2026-12-07): data.global_crops={count: 2} replaced the section, so its size and scale
     fell back to 224 and (0.25, 1.0) without a word; optim.lr given twice took the last without a word."""

@@ -713,6 +713,7 @@ def test_one_class_and_unseen_val_classes_are_refused_not_scored(tmp_path: Path,
                            str(val_dir), "--val-masks", str(val_masks), capsys=capsys)
         assert code == 2 and "hold one class (0) and no class names" in err, err
 
+
 def test_the_knn_seg_memory_is_the_concatenation_of_its_pieces(monkeypatch):
     """The memory is gathered in blocks (a peak of its size plus one block, not twice its size)."""
     from mlsctl.evaluate.knn_seg import _Rows

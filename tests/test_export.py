@@ -267,7 +267,6 @@ def test_24_1_the_export_says_what_it_is_and_borrows_no_tag_or_licence(finished_
                                 "step": step, "fingerprint": from_run(run_dir).fingerprint}
 
 
-
 def test_the_export_of_a_run_without_checkpoints_names_the_step_of_its_teacher(finished_run, tmp_path, capsys):
     # a new user's probe (2026-12-07): a run whose checkpoints were removed exported "step": null,
     # though summary.json says at which step its teacher.safetensors was written
@@ -284,6 +283,7 @@ def test_the_export_of_a_run_without_checkpoints_names_the_step_of_its_teacher(f
     cli_ok(capsys, "export", str(bare), "--out", str(tmp_path / "exp"), "--overwrite")
     config = json.loads((tmp_path / "exp" / "config.json").read_text())
     assert config["mlsctl"]["step"] is None and "its final teacher" in config["pretrained_cfg"]["description"]
+
 
 def test_load_backbone_of_a_missing_path_says_so(tmp_path):
     """An API probe (2026-12-05): a path that does not exist was 'neither an exported model folder nor a run folder'."""

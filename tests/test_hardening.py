@@ -1110,6 +1110,7 @@ print("stopped", stopped)
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     assert result.returncode == 0 and result.stdout.strip() == "stopped 1", (result.stdout, result.stderr)
 
+
 def test_12_ctrl_c_during_embed_says_how_many_parts_are_saved(tmp_path, monkeypatch):
     from conftest import tiny_model
 
@@ -1168,7 +1169,6 @@ def test_13_a_second_writer_is_refused_with_the_holder_named(tmp_path):
     assert not (tmp_path / "run").exists()  # the lock created the folder and took it away again
 
 
-
 def test_13_a_folder_written_in_place_and_one_swapped_in_whole_exclude_each_other(tmp_path, monkeypatch):
     """embed locks its --out inside and beside; refine apply, which swaps a whole folder in, beside only (a
     review, 2026-12-07: each took its own lock, so the two could write one --out at once)."""
@@ -1209,6 +1209,7 @@ def test_13_a_folder_written_in_place_and_one_swapped_in_whole_exclude_each_othe
     monkeypatch.setattr(FolderLock, "_acquire", refused_beside)
     with FolderLock(tmp_path / "real", "feature folder", also_beside=True):
         assert (tmp_path / "real" / LOCK_NAME).is_file()
+
 
 def test_13_the_lock_of_a_dead_process_is_taken_over(tmp_path):
     from mlsctl.locks import LOCK_NAME, FolderLock

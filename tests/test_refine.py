@@ -80,7 +80,6 @@ def _block_by_hand(block: CrossAttentionBlock, x: torch.Tensor, n: torch.Tensor,
     return F.normalize(h + block.fc2(F.silu(block.fc1(block.norm(h)))), dim=-1)
 
 
-
 def test_one_block_equals_the_supplements_equations_worked_by_hand():
     """d = 2, k = 2, weights chosen so each step can be worked with a pencil (a fidelity review, 2026-12-07:
     the other block tests compare forward with a copy of itself). q = x + SiLU(W_q x) (the skip around the
@@ -108,6 +107,7 @@ def test_one_block_equals_the_supplements_equations_worked_by_hand():
     norm = math.hypot(*h)
     assert attention[0].tolist() == pytest.approx([a1, 1 - a1], rel=1e-6)
     assert out[0].tolist() == pytest.approx([h[0] / norm, h[1] / norm], rel=1e-6)
+
 
 def test_input_scale_none_is_the_default_computation_and_sqrt_d_differs():
     from mlsctl import config
@@ -207,7 +207,6 @@ def test_train_can_start_from_another_refine_run(trained, capsys):
     assert code == 2 and "weights of another shape" in err and "every backbone" not in err
 
 
-
 def test_apply_overwrite_refuses_what_was_put_into_out_while_it_refined(trained, capsys, monkeypatch):
     """A new user's probe, 2026-12-07 (the same hole as the data builds'): what appears in --out while refine apply
     --overwrite works would go with the old folder; the check is made again just before the swap."""
@@ -227,6 +226,7 @@ def test_apply_overwrite_refuses_what_was_put_into_out_while_it_refined(trained,
                        capsys=capsys)
     assert code == 2 and "holds .notes besides the features" in err and (out / ".notes").read_text() == "mine", err
     assert not [p.name for p in tmp.iterdir() if p.name.startswith(".refined-meanwhile")]  # its temporary folder went
+
 
 def test_train_from_a_run_of_another_method_says_so(trained, finished_run, capsys):
     """A new user's probe (2026-12-06): refine train --init-from an ms run was refused for weights "of another

@@ -113,7 +113,6 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path: Path, images
     assert [s["to_step"] for s in json.loads((full / "summary.json").read_text())["sessions"]] == [48]
 
 
-
 @pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
 def test_a_stop_saves_the_step_under_way_and_resume_equals_an_uninterrupted_run(tmp_path: Path, images: Path,
                                                                               capfd, signum):
@@ -221,6 +220,7 @@ def test_pretrain_and_embed_take_a_folder_holding_only_a_file_browsers_litter(fi
     (tmp_path / "mine" / "notes.txt").write_text("mine")  # anything else is still the user's
     code, _, err = cli("pretrain", str(recipe), "--out", str(tmp_path / "mine"), capsys=capsys)
     assert code == 2 and "is not empty and holds no run (notes.txt)" in err
+
 
 def test_run_folder_rules(finished_run, tmp_path: Path, capsys):
     run_dir, recipe = finished_run
