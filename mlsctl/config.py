@@ -638,11 +638,12 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
     return out
 
 
-def _override_reach(item: str) -> tuple[list[str], list[str]]:
+def _override_reach(item: str, method_name: Optional[str] = None) -> tuple[list[str], list[str]]:
     """What the override ``item`` sets, as :func:`apply_overrides` applies it: (the dotted keys it
     sets, a mapping's followed down to its leaves; the keys whose whole value it replaces, with all
     that was set below them). A mapping that merges into a section replaces nothing; one that
-    does not (a free-form mapping, the method section switched) replaces its key, as a value does."""
+    does not (a free-form mapping, the method section switched from ``method_name``, the method the
+    recipe names at that point) replaces its key, as a value does."""
     key, _, text = item.partition("=")
     key = key.strip()
     value = _parse_scalar(text)
@@ -652,20 +653,29 @@ def _override_reach(item: str) -> tuple[list[str], list[str]]:
             return [leaf for sub, inner in node.items() for leaf in leaves(f"{path}.{sub}", inner)]
         return [path]
 
-    if isinstance(value, dict) and _merges(key.split("."), {}, value):
+    if isinstance(value, dict) and _merges(key.split("."), {"name": method_name} if method_name else {}, value):
         return [leaf for sub, inner in value.items() for leaf in leaves(f"{key}.{sub}", inner)], []
     return leaves(key, value), [key]
 
 
-def repeated_overrides(items: list[str]) -> list[str]:
+def repeated_overrides(items: list[str], method_name: Optional[str] = None) -> list[str]:
     """A note for each key given more than once among ``items`` (the last one counts): the last one
     won without a word (a new user's probe, 2026-12-07). Not refused: scripts compose overrides so.
     A key set through a mapping counts too (``data.global_crops.count=2 data.global_crops={count: 3}``:
     a review, 2026-12-07), and so does one that a later override replaces with the section above it
-    (``model.timm_kwargs.depth=2 model.timm_kwargs={}``); a mapping given twice for one key is said as
-    that key, whose last mapping alone counts."""
+    (``model.timm_kwargs.depth=2 model.timm_kwargs={}``, or ``method={name: dino}`` where the recipe's
+    method is another: ``method_name``, the recipe's own, before the overrides); a mapping given twice
+    for one key is said as that key, whose last mapping alone counts."""
     last = parse_overrides(items)
-    reach = [_override_reach(item) for item in items]
+    reach = []
+    for item in items:  # the method named as each override comes: a switch replaces the section, a repeat merges
+        reach.append(_override_reach(item, method_name))
+        key, _, text = item.partition("=")
+        value = _parse_scalar(text)
+        if key.strip() == "method.name" and isinstance(value, str):
+            method_name = value
+        elif key.strip() == "method" and isinstance(value, dict) and isinstance(value.get("name"), str):
+            method_name = value["name"]
     touched: dict[str, list[str]] = {}  # a leaf → the overrides that set or replace it, from the first that sets it
     for i, (leaves, _) in enumerate(reach):
         for leaf in leaves:
@@ -894,6 +904,14 @@ def read_yaml(path: Path) -> Any:
 def load_recipe(name_or_path: str, overrides: Optional[list[str]] = None) -> Recipe:
     path = resolve_recipe_path(name_or_path)
     return from_dict(read_yaml(path), source=str(path), overrides=parse_overrides(overrides or []))
+
+
+def method_named_in(path: str | Path) -> Optional[str]:
+    """The method a recipe file names (``method.name``), before any override; None where it names none."""
+    data = read_yaml(Path(path))
+    method = data.get("method") if isinstance(data, dict) else None
+    name = method.get("name") if isinstance(method, dict) else None
+    return name if isinstance(name, str) else None
 
 
 def is_run_recipe(path: str | Path) -> bool:

@@ -193,6 +193,17 @@ def test_a_key_set_directly_and_through_a_mapping_is_said_and_the_last_counts():
                   ["model.timm_kwargs={}", "model.timm_kwargs.depth=2"],
                   ["model.timm_kwargs={depth: 1}", "model.timm_kwargs.num_heads=2"]):
         assert config.repeated_overrides(quiet) == [], quiet
+    # the method section: a mapping naming the recipe's own method merges (nothing lost, nothing said), one
+    # naming another replaces the section (a review, 2026-12-07: both were said, the first wrongly)
+    same = ["method.set_length=7", "method={name: mile}"]
+    assert config.repeated_overrides(same, method_name="mile") == []
+    assert config.repeated_overrides(same, method_name="dino") == [
+        "note: method.set_length is given 2 times (method.set_length=7, method={name: mile}); "
+        "the last one, method={name: mile}, counts"]
+    # ... and the name the overrides have switched to by then
+    notes = config.repeated_overrides(["method.name=mile", "method.set_length=7", "method={name: mile}"],
+                                      method_name="dino")
+    assert not any("set_length" in note for note in notes) and any("method.name is given 2 times" in n for n in notes)
 
 
 def test_newer_format_is_refused():
@@ -399,3 +410,15 @@ def test_a_run_is_told_one_way_from_its_folder_or_its_config_file(tmp_path):
     (run / "metrics.jsonl").write_text("")
     assert run_of_config(run / "config.yaml").root == run and config.is_run_recipe(run / "config.yaml")
     assert run_of_config(run / "metrics.jsonl") is None
+
+
+def test_pretrain_says_a_repeated_key_and_not_a_mapping_of_its_own_method(tmp_path, capsys):
+    from conftest import REPO, cli
+
+    recipe = str(REPO / "recipes" / "mile_fmnist_quick.yaml")
+    code, _, err = cli("pretrain", recipe, "optim.lr=1e-3", "optim.lr=2e-3", "method.set_length=7",
+                       "method={name: mile}", f"data.root={tmp_path / 'none'}", "--out", str(tmp_path / "run"),
+                       capsys=capsys)
+    assert code == 2 and "does not exist" in err  # the notes come first
+    assert "note: optim.lr is given 2 times (optim.lr=1e-3, optim.lr=2e-3); the last one, optim.lr=2e-3, counts" in err
+    assert "set_length" not in err  # the recipe's own method: merged, nothing lost

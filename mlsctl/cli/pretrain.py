@@ -49,9 +49,9 @@ def pretrain(
     """
     from mlsctl import config, train
 
-    for note in config.repeated_overrides(overrides or []):  # the last one counts: said, not silent
-        say(note)
     recipe_path = config.resolve_recipe_path(recipe)
+    for note in config.repeated_overrides(overrides or [], config.method_named_in(recipe_path)):  # said, not silent
+        say(note)
     # a run's resolved recipe (RUN/config.yaml): read as the run saved it (keys it predates take the values it
     # was trained with), and a default --out named after its run, not "config"
     run_recipe = config.is_run_recipe(recipe_path)

@@ -55,7 +55,7 @@ def train(
         recipe_path = config.resolve_recipe_path(recipe)
     items = [f"data.root={features}"]
     given_overrides = config.parse_overrides(list(overrides or []))
-    for note in config.repeated_overrides(list(overrides or [])):  # the last one counts: said, not silent
+    for note in config.repeated_overrides(list(overrides or []), config.method_named_in(recipe_path)):  # said
         say(note)
     for option, key, value in (("--labels", "method.labels_file", labels), ("--blocks", "method.blocks", blocks),
                                ("--k", "method.neighbours", k), ("--epochs", "optim.epochs", epochs),
