@@ -505,6 +505,8 @@ def test_replacing_the_results_of_another_evaluation_is_said_before_the_work(cap
     def stopped(*args, **kwargs):
         raise KeyboardInterrupt
 
+    code, _, err = cli("eval", "linear", *args, "--lr", "-1", capsys=capsys)  # refused: nothing to say of r.json
+    assert code == 2 and "the results of" not in err, err
     with monkeypatch.context() as patch:  # stopped in the work: said already, and the results are still there
         patch.setattr(linear, "evaluate_linear", stopped)
         code, _, err = cli("eval", "linear", *args, "--epochs", "1", capsys=capsys)

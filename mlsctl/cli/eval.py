@@ -117,11 +117,10 @@ def knn_seg(
     from mlsctl.evaluate import knn_seg as lib
     from mlsctl.restore import model_on_demand
 
-    replacing = say_replacing(out, "eval knn-seg", say)  # before the work: they can still be kept
-
     preset, chosen, overridden = inputs_lib.resolve_protocol(lib, protocol, {
         "k": k, "temperature": temperature, "memory_size": memory_size, "aug_passes": aug_passes, "runs": runs,
         "fractions": tuple(fraction) if fraction else None})
+    replacing = say_replacing(out, "eval knn-seg", say)  # after the refusals, before the work
     get_model = model_on_demand(run=run, weights=weights, arch=model, random_init=random_init, seed=seed, say=say)
 
     def embed_options() -> dict:
@@ -258,8 +257,7 @@ def knn(
     from mlsctl.evaluate.inputs import classification_inputs
     from mlsctl.restore import model_on_demand
 
-    replacing = say_replacing(out, "eval knn", say)  # before the work: they can still be kept
-
+    replacing = say_replacing(out, "eval knn", say)  # after the refusals, before the work
     get_model = model_on_demand(run=run, weights=weights, arch=model, random_init=random_init, seed=seed, say=say)
     train_features, val_features, train_labels, val_labels, record = classification_inputs(
         dataset, root, train_split, val_split, train, val, train_labels, val_labels, get_model, say=say, resize=resize)
@@ -321,11 +319,10 @@ def linear(
     from mlsctl.evaluate.knn import search_device
     from mlsctl.restore import model_on_demand
 
-    replacing = say_replacing(out, "eval linear", say)  # before the work: they can still be kept
-
     if multi_label and dataset != "folders":
         raise UserError(f"--multi-label reads tag lists from --train-labels; --dataset {dataset} has one class per image")
     lib.check_sweep(lr or [], wd or [])  # before the model loads
+    replacing = say_replacing(out, "eval linear", say)  # after the refusals, before the work
     get_model = model_on_demand(run=run, weights=weights, arch=model, random_init=random_init, seed=seed, say=say)
     train_features, val_features, train_labels, val_labels, record = classification_inputs(
         dataset, root, train_split, val_split, train, val, train_labels, val_labels, get_model, say=say, resize=resize)
@@ -403,8 +400,7 @@ def linear_seg(
     from mlsctl.evaluate.inputs import segmentation_inputs, split_records
     from mlsctl.restore import model_on_demand
 
-    replacing = say_replacing(out, "eval linear-seg", say)  # before the work: they can still be kept
-
+    replacing = say_replacing(out, "eval linear-seg", say)  # after the refusals, before the work
     get_model = model_on_demand(run=run, weights=weights, arch=model, random_init=random_init, seed=seed, say=say)
     inputs = segmentation_inputs(dataset, root, train_split, val_split,
                                  dict(train=train, train_masks=train_masks, val=val, val_masks=val_masks),
@@ -463,8 +459,6 @@ def retrieval(
     from mlsctl.evaluate.retrieval import evaluate_set_model
     from mlsctl.gallery import choose_set_model
 
-    replacing = say_replacing(out, "eval retrieval", say)  # before the work: they can still be kept
-
     fractions = []
     for value in noise or ["0", "0.25", "0.5"]:
         try:
@@ -479,6 +473,7 @@ def retrieval(
             raise UserError(f"{option} {folder} is a gallery index (mlsctl index build); eval retrieval takes photos: "
                             f"a folder with one sub-folder of photos per object, such as the one the gallery was "
                             f"built from")
+    replacing = say_replacing(out, "eval retrieval", say)  # after the refusals, before the work
     model = choose_set_model(run, say=say)
     payload = {"command": "eval retrieval",
                **evaluate_set_model(model, gallery, query, query_size=size, noise=fractions, seed=seed, workers=workers,
@@ -515,9 +510,8 @@ def recall(
     from mlsctl.evaluate.recall import evaluate_recall
     from mlsctl.features import Features, require_rows
 
-    replacing = say_replacing(out, "eval recall", say)  # before the work: they can still be kept
-
     feats = require_rows(Features(features, "features"), "features")
+    replacing = say_replacing(out, "eval recall", say)  # after the refusals, before the work
     started = time.perf_counter()
     result = evaluate_recall(feats, labels, k)
     payload = {"command": "eval recall", **result, "seconds": round(time.perf_counter() - started, 3)}
