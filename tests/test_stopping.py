@@ -122,9 +122,11 @@ def test_one_process_stops_after_the_step_under_way_with_the_commands_own_stop(r
         with StepBoundaryStop(world=1, start_step=10, total_steps=20) as stop:
             assert not stop.asked()  # step 11, the session's first, is done: a stop now waits for step 12
             os.kill(os.getpid(), signum)  # marked, said at once, nothing raised
-            os.kill(os.getpid(), signal.SIGTERM)  # a launcher's copy (accelerate launch's terminate): ignored
+            os.kill(os.getpid(), signal.SIGTERM)  # a launcher's copy (accelerate launch's terminate): ignored, said
             assert stop.signum == signum
-            assert "stopping after step 12, which will be saved as a checkpoint" in capfd.readouterr().err
+            said = capfd.readouterr().err
+            assert "stopping after step 12, which will be saved as a checkpoint" in said
+            assert "a stop within 2 s of the first is taken for a copy of it" in said
             assert stop.asked() and stop.saves_its_step
             stop.stop(saved_step=12)
     # the command's own handler raised, as where the signal landed before: Terminated for SIGTERM
@@ -156,7 +158,7 @@ def test_what_one_process_says_at_the_last_step_and_without_saving(restored_sign
         stop.asked(), stop.asked()
         os.kill(os.getpid(), signal.SIGINT)
         said = capfd.readouterr().err
-        assert "stopping after step 3; Ctrl-C again stops at once" in said and "saved" not in said
+        assert "stopping after step 3; Ctrl-C again, 2 s or more from now, stops at once" in said and "saved" not in said
         assert stop.asked() and not stop.saves_its_step
 
 

@@ -95,7 +95,10 @@ class StepBoundaryStop:
         if self.signum:
             if self.world == 1 and now - self._marked_at >= REPEAT_WINDOW_S:
                 self._previous[signum](signum, frame)  # a second stop: at once, where it lands
-            return  # a launcher's forwarded copy
+            elif self.world == 1 and self.announce:  # a launcher's forwarded copy, or a quick second Ctrl-C: said
+                self._write(f"a stop within {REPEAT_WINDOW_S:.0f} s of the first is taken for a copy of it (launchers "
+                            f"forward the stop): stop again to stop at once")
+            return
         if self.world == 1 and not self.steps_done:
             self._previous[signum](signum, frame)  # the first step: nothing to save yet
             return
@@ -107,7 +110,8 @@ class StepBoundaryStop:
         """One line on stderr, written from the signal handler without the logging module (which
         may be in the middle of a write it cannot re-enter); train.log gets the command's last line."""
         step = self.start_step + self.steps_done + 1
-        again = ("Ctrl-C again" if signum == signal.SIGINT else "another SIGTERM") + " stops at once"
+        again = (("Ctrl-C again" if signum == signal.SIGINT else "another SIGTERM")
+                 + (f", {REPEAT_WINDOW_S:.0f} s or more from now," if self.world == 1 else "") + " stops at once")
         if self.total_steps is not None and step >= self.total_steps:
             line = f"the run is at its last step ({step}): it finishes and writes its teacher; {again}"
         elif self.saving:
@@ -115,6 +119,10 @@ class StepBoundaryStop:
                     f"the steps since the last checkpoint")
         else:
             line = f"stopping after step {step}; {again}"
+        self._write(line)
+
+    @staticmethod
+    def _write(line: str) -> None:
         try:
             os.write(2, f"{line}\n".encode())
         except OSError:  # stderr closed (a daemon's `2>&-`)
