@@ -706,6 +706,10 @@ class Policy:
         return cls(frozenset(n for n in names if n), **kwargs)
 
 
+# a DNS name (letters, digits, hyphens inside a label; underscores, which some internal names carry), at most 253
+_HOST_NAME = re.compile(r"(?=.{1,253}$)[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?)*")
+
+
 def check_allow_hosts(allow_hosts: Sequence[str]) -> None:
     """Refuse an ``--allow-host`` that no ``Host`` header can equal: a pattern (``*``,
     ``*.example.com``, ``.example.com``) or a URL was kept as a literal name, which matched nothing,
@@ -726,11 +730,21 @@ def check_allow_hosts(allow_hosts: Sequence[str]) -> None:
         except ValueError:
             pass
         try:
-            split_host(value)
+            name = split_host(value)[0]
+            if not _is_address(name) and (not _HOST_NAME.fullmatch(name) or name.replace(".", "").isdigit()):
+                raise ValueError(value)  # ".", "..", "-", "a..b", "0": kept, they matched nothing (a review, 2026-12-07)
         except (ValueError, IndexError):
             raise UserError(f"--allow-host '{_shown(value, 60)}' is not a host name: give the name clients put in "
                             f"the URL, without scheme or path (search.example.com, or search.example.com:8443)"
                             ) from None
+
+
+def _is_address(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
 
 
 def _host_name(value: str) -> str:
@@ -1175,9 +1189,10 @@ def _refuse_unknown_keys(what: str, keys, taken: str, path: str) -> None:
     unknown = {key for key in keys if key != taken}
     if not unknown:
         return
-    named = sorted(key for key in unknown if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]{0,39}", key))
-    first = f"'{named[0]}'" if named else "not named here: not a plain name"
-    more = f" and {len(unknown) - 1} more" if len(unknown) > 1 else ""
+    named = sorted(key for key in unknown if re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,39}", key))
+    first = (f"'{named[0]}'" if named else "not shown: not a plain name" if len(unknown) == 1
+             else f"not shown: {len(unknown)}, none a plain name")
+    more = f" and {len(unknown) - 1} more" if named and len(unknown) > 1 else ""
     hint = " (k goes in the query string: /search?k=5)" if path == "/search" and "k" in unknown else ""
     raise RequestError(400, f"{what} the API does not take ({first}{more}); it takes only '{taken}'{hint}")
 
@@ -1371,6 +1386,9 @@ def serve(gallery: Path, run: Optional[Path], host: str, port: int, root: Option
         try:
             service = GalleryService(gallery, run, root, limits, read_only)
             if token is None and not read_only:
+                # named first: a stop landing between the rename and this assignment left the token's file behind
+                # (a review, 2026-12-07); one there before is a stopped server's, as this one holds the gallery's lock
+                token_path = Path(gallery) / TOKEN_NAME
                 token_path, token = write_token(Path(gallery))
             policy = Policy.for_server(host, allow_hosts, token=token, token_everywhere=token_file is not None,
                                        read_only=read_only, limits=limits)

@@ -563,15 +563,19 @@ def test_1_an_allow_host_pattern_or_url_is_refused_at_start_not_kept_as_a_name_n
     for value, words in (("*", "is a pattern, but host names are matched exactly"),
                          ("*.example.com", "is a pattern, but host names are matched exactly"),
                          (".example.com", "is a pattern"),
-                         ("https://search.example.com/", "is not a host name: give the name clients put in the URL")):
+                         ("https://search.example.com/", "is not a host name: give the name clients put in the URL"),
+                         # kept and dropped, matching nothing (a review, 2026-12-07)
+                         (".", "is not a host name"), ("..", "is not a host name"), ("-", "is not a host name"),
+                         ("0", "is not a host name"), ("a..b", "is not a host name"), ("a-.b", "is not a host name")):
         code, _, err = cli("serve", str(tmp_path / "g"), "--allow-host", "search.example", "--allow-host", value,
                            capsys=capsys)  # said before the gallery is looked at, as every other option
         assert code == 2 and f"--allow-host '{value}' {words}" in one_sentence(err), err
         with pytest.raises(UserError, match="--allow-host"):
             Policy.for_server("127.0.0.1", [value])
     assert "no option allows every Host" in cli("serve", str(tmp_path / "g"), "--allow-host", "*", capsys=capsys)[2]
-    policy = Policy.for_server("127.0.0.1", ["Search.Example:8443", "::1", "[fe80::1]", "10.1.2.3"])
-    assert {"search.example", "fe80::1", "10.1.2.3"} <= policy.hosts
+    policy = Policy.for_server("127.0.0.1", ["Search.Example:8443", "::1", "[fe80::1]", "10.1.2.3", "10.1.2.4:80",
+                                             "my_host.lan", "example.com."])
+    assert {"search.example", "fe80::1", "10.1.2.3", "10.1.2.4", "my_host.lan", "example.com"} <= policy.hosts
 
 
 # ----------------------------------------------------------------------------------- 2. what a request may decode
@@ -1781,8 +1785,13 @@ def test_unknown_keys_of_a_json_body_and_unknown_multipart_fields_are_a_400_nami
                 ("/search", {"json": {"paths": ["a.png"], "z": 1, "\u202ey": 2, "q" * 41: 3}},
                  "the JSON body has a key the API does not take ('z' and 2 more); it takes only 'paths'"),
                 ("/search", {"json": {"paths": ["a.png"], "\u202ey": 2}},
-                 "the JSON body has a key the API does not take (not named here: not a plain name); it takes only "
+                 "the JSON body has a key the API does not take (not shown: not a plain name); it takes only "
                  "'paths'"),
+                ("/search", {"json": {"paths": ["a.png"], "\u202ey": 2, "q" * 41: 3}},
+                 "the JSON body has a key the API does not take (not shown: 2, none a plain name); it takes only "
+                 "'paths'"),
+                ("/search", {"json": {"paths": ["a.png"], "1abc": 2}},  # a leading digit is still a plain name
+                 "the JSON body has a key the API does not take ('1abc'); it takes only 'paths'"),
                 ("/search", {"files": photos},
                  "the multipart body has a field the API does not take ('k'); it takes only 'photos' (k goes in "
                  "the query string: /search?k=5)"),
