@@ -56,8 +56,9 @@ included, and so does a query parameter, a JSON key or a multipart field the end
 (400); an unexpected failure a 500 with one sentence and no path; the server keeps serving.
 Every request is one line in the server's log (stderr): method, path, status and milliseconds, and
 for a failed request the sentence its client got; never a header (the token), a query string or a
-body (but the name of a body key it refuses, where that reads as a name). Stopped (SIGTERM, Ctrl-C), the server says what it saved: every add was written to disk
-before it was answered, so there is nothing left to write at the end (:meth:`GalleryService.summary`).
+body (but the name of a body key it refuses, where that reads as a name). Stopped (SIGTERM, Ctrl-C),
+the server says what it saved: every add was written to disk before it was answered, so there is
+nothing left to write at the end (:meth:`GalleryService.summary`).
 SIGTERM ends it normally (exit code 0: a service manager's stop); Ctrl-C as every interrupted command (130).
 """
 

@@ -794,3 +794,7 @@ def test_the_note_on_shared_val_images_counts_files_and_copies_apart():
     assert "3 of the 10 val images are training images too (1 the same file, 2 byte copies under other paths)" in note
     note = shared_images_note({"val_images_in_train": 3, "val_images_in_train_as_copies": 1}, 10)
     assert "(2 the same files, 1 byte copy under other paths)" in note
+    assert "(a byte copy under another path)" in shared_images_note({"val_images_in_train": 1,
+                                                                     "val_images_in_train_as_copies": 1}, 10)
+    assert "1 of the 10 val images are training images too (the same file)" in shared_images_note(
+        {"val_images_in_train": 1}, 10)

@@ -182,7 +182,9 @@ def shared_images_note(record: dict, val_images: int) -> Optional[str]:
     notes = []
     if shared:
         same = shared - copied
-        how = ("the same files" if not copied else "byte copies under other paths" if copied == shared
+        how = (("the same files" if shared > 1 else "the same file") if not copied
+               else ("byte copies under other paths" if copied > 1 else "a byte copy under another path")
+               if copied == shared
                else f"{same} the same file{'s' if same != 1 else ''}, {copied} byte cop{'ies' if copied != 1 else 'y'} "
                     f"under other paths")
         notes.append(f"note: {shared} of the {val_images} val images are training images too ({how}): the scores "
