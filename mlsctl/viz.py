@@ -140,12 +140,13 @@ def pca_figure(images: Sequence[Optional[object]], colours: torch.Tensor, names:
     return out
 
 
-def features_pca(features, out: Path, n: int = 16, cell: Optional[int] = None) -> Path:
+def features_pca(features, out: Path, n: int = 16, cell: Optional[int] = None, say=None) -> Path:
     """PCA patch maps of the first ``n`` rows of a feature folder, beside their source images as the
     model saw them: resized (and centre-cropped after ``--resize center-crop``) to the input size of
     the manifest's preprocessing, with the normalisation undone. ``cell`` (the side of each drawn
     image) defaults to the input size times the smallest whole factor that reaches 128 pixels, so
-    every input pixel is drawn as a whole number of pixels."""
+    every input pixel is drawn as a whole number of pixels. ``say`` is told how many source images
+    could not be read (drawn as grey cells; a new user's probe, 2026-12-07: nothing was said)."""
     from mlsctl.data.images import BadImage
     from mlsctl.errors import UserError
 
@@ -186,6 +187,10 @@ def features_pca(features, out: Path, n: int = 16, cell: Optional[int] = None) -
         f"Share of the patch variance: 1st component {100 * shares[0]:.0f} %, 2nd {100 * shares[1]:.0f} %, "
         f"3rd {100 * shares[2]:.0f} %.",
     ]
+    missing = sum(image is None for image in images)
+    if missing and say is not None:
+        say(f"note: {missing} of the {len(images)} source images could not be read (moved, or not on this machine: "
+            f"{features.input_root}); drawn as grey cells")
     return pca_figure(images, colours, [features.files[r] for r in rows], out, cell=cell, legend=legend)
 
 

@@ -408,3 +408,15 @@ def test_a_projection_of_fewer_entries_than_t_sne_takes_is_pca_or_one_sentence()
         assert (shares is None) == (used == "t-SNE") and (shares is None or 0 < shares[1] <= shares[0] <= 1)
     with pytest.raises(UserError, match=f"t-SNE needs at least {TSNE_SMALLEST} entries"):
         project_2d(torch.randn(2, 8), "tsne")
+
+
+def test_inspect_refuses_a_duplicate_threshold_that_is_no_near_duplicate_cosine(finished_run, capsys):
+    # a new user's probe (2026-12-07): -1 called a healthy bank a partial collapse; nan was refused for another reason
+    from conftest import cli
+
+    run_dir, _ = finished_run
+    for value in ("-1", "0", "nan", "1.5"):
+        code, _, err = cli("bank", "inspect", str(run_dir), "--duplicate-threshold", value, capsys=capsys)
+        assert code == 2 and "is not a cosine of near-duplicates: give one above 0 and at most 1" in err, (value, err)
+    code, _, err = cli("bank", "inspect", str(run_dir), "--duplicate-threshold", "1", capsys=capsys)
+    assert code == 0, err

@@ -407,6 +407,9 @@ def test_apply_bad_input_is_one_sentence(trained, capsys):
         # a probe (2026-12-06): --overwrite replaced the run's own training features with refined ones
         (_folder(tmp / "other", x, y), ["--out", str(train), "--overwrite"],
          f"is the folder of the features run {tmp / 'run'} trained on (its data.root)"),
+        # a new user's probe (2026-12-07): --overwrite replaced features embed had written, which are not its own
+        (_folder(tmp / "other2", x, y), ["--out", str(_folder(tmp / "embedded", x, y)), "--overwrite"],
+         f"--out {tmp / 'embedded'} holds features mlsctl embed wrote, not refined ones"),
     ]
     for feats, extra, message in cases:
         args = ["refine", "apply", str(tmp / "run"), str(feats)] + (extra or ["--out", str(tmp / "bad")])

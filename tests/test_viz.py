@@ -118,3 +118,13 @@ def test_a_bank_scatter_draws_dollar_signs_as_written_and_returns_its_legend(tmp
     assert [(g["kind"], g["name"], g["count"]) for g in legend] == [("unlabelled", "not $in", 1),
                                                                     ("class", "exp$^_1$", 2), ("class", "b", 1)]
     assert (tmp_path / "s.png").stat().st_size > 1000
+
+
+def test_viz_pca_says_how_many_source_images_it_could_not_read(tmp_path, capsys):
+    # a new user's probe (2026-12-07): grey "image missing" tiles, and only "wrote pca.png" on the console
+    from conftest import cli, write_feature_folder
+
+    folder = write_feature_folder(tmp_path / "f", ["a.png", "b.png"], torch.randn(2, 8), torch.randn(2, 2, 2, 8),
+                                  input_root=tmp_path / "moved")
+    code, _, err = cli("viz", "pca", str(folder), "--out", str(tmp_path / "p.png"), capsys=capsys)
+    assert code == 0 and "note: 2 of the 2 source images could not be read" in err, err

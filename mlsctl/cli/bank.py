@@ -9,6 +9,7 @@ import typer
 
 from mlsctl.cli._format import say, table
 from mlsctl.console import counted
+from mlsctl.errors import UserError
 from mlsctl.cli._options import RUN_ARGUMENT, one_of, png_file
 
 app = typer.Typer(rich_markup_mode=None, help="Look inside the memory banks of a run: health, neighbours, projection, export.",
@@ -57,6 +58,15 @@ def _rows(health, bank) -> list[tuple[str, str]]:
     return rows
 
 
+def _near_duplicate_cosine(value: float) -> float:
+    """``--duplicate-threshold``: a cosine in (0, 1]. A new user's probe (2026-12-07): -1 called every
+    pair a near-duplicate and a healthy bank a partial collapse; nan was refused for the wrong reason."""
+    if not 0 < value <= 1:  # nan included
+        raise UserError(f"--duplicate-threshold {value:g} is not a cosine of near-duplicates: give one above 0 and at "
+                        f"most 1 (the default 0.999 is within 2.6 degrees)")
+    return value
+
+
 def _fill(health) -> str:
     """The written share of the slots; a prefilled bank says how many still hold its random start."""
     text = f"{100 * health.fill:.1f}% ({health.written}/{health.size})"
@@ -71,8 +81,9 @@ def inspect(
     run: Path = RUN_ARG,
     step: Optional[int] = STEP_OPT,
     sample: int = typer.Option(2048, "--sample", min=2, max=16384, help="Entries sampled for the pairwise indicators (their cost grows with its square)."),
-    duplicate_threshold: float = typer.Option(0.999, "--duplicate-threshold", min=-1.0, max=1.0,
-                                              help="Cosine at or above which an entry duplicates an older one."),
+    duplicate_threshold: float = typer.Option(0.999, "--duplicate-threshold", callback=_near_duplicate_cosine,
+                                              help="Cosine at or above which an entry duplicates an older one "
+                                                   "(above 0, at most 1)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Fill, write pointer, ages, norms, collapse indicators and duplicates of every bank.

@@ -5,6 +5,7 @@ from typing import Optional
 
 import typer
 
+from mlsctl.cli._format import say
 from mlsctl.cli._options import png_file
 
 app = typer.Typer(rich_markup_mode=None, help="Draw features as pictures (PNG).", no_args_is_help=True)
@@ -31,5 +32,5 @@ def pca(
 
     folder = Features(features)
     check_outside_images(out, folder.input_root, f"the images of the feature folder {features}")
-    written = features_pca(folder, out, n=n, cell=cell)
+    written = features_pca(folder, out, n=n, cell=cell, say=say)
     typer.echo(f"wrote {written}")

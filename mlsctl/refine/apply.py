@@ -201,8 +201,11 @@ def _apply_refinement(run_dir: str | Path, feats_dir: str | Path, out: str | Pat
     if is_feature_folder(out):
         if not overwrite and _holds(out, model["fingerprint"], features, dtype):  # as embed: run twice, once
             return {**summary, "reused": True}
+        if _embedded(out):  # a new user's probe (2026-12-07): --overwrite replaced embed's features, which are not ours
+            raise UserError(f"--out {out} holds features mlsctl embed wrote, not refined ones; refine apply replaces "
+                            f"only its own (with --overwrite): choose another --out")
         if not overwrite:
-            raise UserError(f"--out {out} already holds features; add --overwrite to replace them or choose "
+            raise UserError(f"--out {out} already holds refined features; add --overwrite to replace them or choose "
                             f"another --out")
         atomic.refuse_others(out, FEATURES_LAYOUT, f"--out {out}", " besides the features")
     if loaded.total_steps and loaded.step < loaded.total_steps:
@@ -218,6 +221,16 @@ def _apply_refinement(run_dir: str | Path, feats_dir: str | Path, out: str | Pat
     write_features(out, refined.to(DTYPES[dtype]), features, model, overwrite=overwrite,
                    normalization="L2-normalised: the refined embeddings e^T of mlsctl refine apply")
     return summary
+
+
+def _embedded(out: Path) -> bool:
+    """Whether ``out`` is a complete feature folder that mlsctl embed wrote (its model names no refiner)."""
+    from mlsctl.features import Features
+
+    try:
+        return "refiner" not in Features(out, "--out").model
+    except UserError:  # damaged or unfinished: whose it is cannot be read; replaced only with --overwrite, as before
+        return False
 
 
 def _holds(out: Path, fingerprint: str, features, dtype: str) -> bool:
