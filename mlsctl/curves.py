@@ -106,21 +106,32 @@ def _output_classes(run_dir: str | Path) -> Optional[int]:
     return value if value is not None and value > 1 else None
 
 
-def _no_bank_health(run_dirs: Sequence, runs: list) -> str:
-    """Why the bank-health panel is empty, run by run, wrapped to fit its panel (a new user, 2026-12-06:
-    one long sentence ran over the next panels)."""
-    import textwrap
-
+def _bank_health_reasons(run_dirs: Sequence, runs: list) -> list[str]:
+    """Run by run, why a run that keeps a memory bank has no line in the bank-health panel."""
     reasons = []
     for run_dir, (name, series) in zip(run_dirs, runs):
         if not any(key.startswith("bank_fill/") for key in series):  # a run of a method with no bank: no reason
+            continue
+        if any(key.startswith("bank/") and key.endswith("/mean_cosine") for key in series):  # drawn
             continue
         every = _config_int(run_dir, "train", "bank_health_every")
         last = max((steps[-1] for steps, _ in series.values() if steps), default=0)
         reasons.append(f"{name}: never (train.bank_health_every 0)" if every == 0 else
                        f"{name}: every {every} steps, a run of {last} steps" if every else f"{name}: not recorded")
-    return "\n".join(["no bank health recorded"] + [textwrap.fill(r, 48) for r in reasons[:4]]
-                     + ([f"(and {len(reasons) - 4} more runs)"] if len(reasons) > 4 else []))
+    return reasons
+
+
+def _wrapped_reasons(reasons: list[str]) -> list[str]:
+    """Reasons wrapped to fit a panel (a new user, 2026-12-06: one long sentence ran over the next panels)."""
+    import textwrap
+
+    return ([textwrap.fill(r, 48) for r in reasons[:4]]
+            + ([f"(and {len(reasons) - 4} more runs)"] if len(reasons) > 4 else []))
+
+
+def _no_bank_health(run_dirs: Sequence, runs: list) -> str:
+    """Why the bank-health panel is empty, run by run."""
+    return "\n".join(["no bank health recorded"] + _wrapped_reasons(_bank_health_reasons(run_dirs, runs)))
 
 
 def single_term_duplicates(series: dict[str, tuple[list[int], list[float]]]) -> bool:
@@ -189,7 +200,7 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, *, title: str | N
         specs.append(("memory-bank health", lambda s: sorted(k for k in s if k.startswith("bank/") and k.endswith("/mean_cosine")),
                       "mean pairwise cosine (1 = collapsed)",
                       dict(label=lambda n, k: f"{n}: {k[len('bank/'):]}",
-                           empty=_no_bank_health(run_dirs, runs))))
+                           empty=_no_bank_health(run_dirs, runs), unrecorded=_bank_health_reasons(run_dirs, runs))))
     if any_key(lambda k: k.startswith("monitor/")):
         specs.append(("quality monitor", lambda s: sorted(k for k in s if k.startswith("monitor/")), "score", {}))
     else:
@@ -203,7 +214,7 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, *, title: str | N
     columns = 3
     rows = (len(specs) + columns - 1) // columns
     figure, axes = plt.subplots(rows, columns, figsize=(16, 4.25 * rows), squeeze=False)
-    panels, smoothed, markers, empty, not_drawn = {}, {}, set(), {}, {}
+    panels, smoothed, markers, empty, not_drawn, not_recorded = {}, {}, set(), {}, {}, {}
     for ax, (panel, keys_of, ylabel, options) in zip(axes.flat, specs):
         label_of = options.get("label", lambda n, k: f"{n}: {k}")
         drawn = []
@@ -250,6 +261,9 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, *, title: str | N
                          "when all pick the same one)")
         if panel in not_drawn:  # a log axis has no place for them
             notes.append("\n".join(not_drawn[panel]) + " (not drawn on a log axis)")
+        if drawn and options.get("unrecorded"):  # runs with a bank but no record, beside runs with (a probe, 2026-12-07)
+            not_recorded[panel] = options["unrecorded"]
+            notes.append("\n".join(["no bank health recorded:"] + _wrapped_reasons(not_recorded[panel])))
         if drawn:
             legend = ax.legend(fontsize=7, loc="best", title="\n".join(notes) or None, title_fontsize=7,
                                alignment="left")
@@ -271,4 +285,5 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, *, title: str | N
     plt.close(figure)
     return {"out": str(out), "runs": [n for n, _ in runs], "panels": panels,
             "smoothed": {k: round(v, 2) for k, v in sorted(smoothed.items())}, "markers": sorted(markers),
-            "empty": empty, "not_drawn": not_drawn}  # why a panel is empty, and what a log axis left out
+            "empty": empty, "not_drawn": not_drawn,  # why a panel is empty, and what a log axis left out
+            "not_recorded": not_recorded}  # runs a panel has no line of, and why

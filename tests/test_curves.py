@@ -115,6 +115,13 @@ def test_an_empty_bank_health_panel_says_why_run_by_run_within_its_panel(tmp_pat
     assert all(len(line) <= 48 for line in said.splitlines())
     result = plot_runs([rare, never], tmp_path / "p.png")
     assert result["panels"]["memory-bank health"] == []
+    # beside a run with records, the runs without are said in the panel and in --json (a new user's probe,
+    # 2026-12-07: they were left out without a word)
+    kept = fake_run(tmp_path / "kept", [{"step": s, "loss": 1.0, "bank_fill/cls": 0.5, "bank/cls/mean_cosine": 0.3}
+                                        for s in (20, 40)])
+    result = plot_runs([kept, rare], tmp_path / "q.png")
+    assert result["panels"]["memory-bank health"] == ["bank/cls/mean_cosine"]
+    assert result["not_recorded"] == {"memory-bank health": ["rare: every 1000 steps, a run of 72 steps"]}
 
 
 def test_dollar_signs_in_a_title_or_a_run_name_are_drawn_as_written(tmp_path):
