@@ -193,12 +193,16 @@ def is_litter(name: str) -> bool:
     return _LITTER.fullmatch(name) is not None
 
 
+def is_litter_file(entry: Path) -> bool:
+    """Whether ``entry`` is a regular file (not a link) under a litter name (:func:`is_litter`)."""
+    return is_litter(entry.name) and entry.is_file() and not entry.is_symlink()
+
+
 def holds_anything(folder: Path, besides: tuple[str, ...] = ()) -> bool:
     """Whether ``folder`` holds an entry other than the names ``besides`` and a file browser's litter
-    (:func:`is_litter`): a folder looked at in Finder, with only its .DS_Store, counts as empty where a
+    (:func:`is_litter_file`): a folder looked at in Finder, with only its .DS_Store, counts as empty where a
     command wants a new or an empty one (a helper's finding, 2026-12-07)."""
-    return any(entry.name not in besides and not (is_litter(entry.name) and entry.is_file() and not entry.is_symlink())
-               for entry in folder.iterdir())
+    return any(entry.name not in besides and not is_litter_file(entry) for entry in folder.iterdir())
 
 
 def _rule(layout: Layout, name: str):

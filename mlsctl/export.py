@@ -137,8 +137,8 @@ def export_timm(run_dir: str | Path, out: str | Path, *, step: Optional[int] = N
         # included, and a folder or link under one of their names (a new user's probe, 2026-12-07: a data
         # build's check looked at the top level only and skipped hidden names)
         foreign = sorted(p.name + ("/" if p.is_dir() and not p.is_symlink() else "") for p in out.iterdir()
-                         if p.is_symlink() or not p.is_file()
-                         or not (p.name in EXPORT_FILES or atomic.is_litter(p.name)))
+                         if not (p.is_file() and not p.is_symlink() and p.name in EXPORT_FILES)
+                         and not atomic.is_litter_file(p))
         if foreign:
             raise UserError(f"--out {out} also holds {', '.join(foreign[:4])}, which export did not write; move "
                             f"{'them' if len(foreign) > 1 else 'it'} away or choose another --out")

@@ -581,18 +581,19 @@ def load_images(paths: Sequence[Path]) -> list:
     return [_read_photo(load_rgb, path) for path in paths]
 
 
-def check_photos(photos: Sequence) -> None:
+def check_photos(photos: Sequence, option: str = "") -> None:
     """What can be said of the photos given as paths before a model loads (decoded images pass): each
     is a file, and its header opens as an image within the pixel limit (:func:`mlsctl.data.images.check_image`).
     `index add` said a corrupt photo only after its model had loaded (a known issue of the twentieth
     session). :func:`load_images` decodes them later all the same, saying in the same words what the
-    header does not show (damaged image data) or what changed in between."""
+    header does not show (damaged image data) or what changed in between. ``option`` (``--set``)
+    heads the sentence on a missing photo."""
     from mlsctl.data.images import check_image
 
     paths = [photo for photo in photos if isinstance(photo, (str, os.PathLike))]
     missing = [str(path) for path in paths if not Path(path).is_file()]
     if missing:  # every missing one counted, before any photo is read
-        raise UserError(f"{missing[0]} is not a file" + (f" (nor {len(missing) - 1} more of the photos)"
+        raise UserError(f"{option} {missing[0]} is not a file".lstrip() + (f" (nor {len(missing) - 1} more of the photos)"
                                                          if len(missing) > 1 else "") + "; check the path")
     for path in paths:
         _read_photo(check_image, path)

@@ -156,10 +156,8 @@ def search(
     if missing and missing[0].startswith("-"):  # `search --set --index G`: an option taken for a photo
         raise UserError(f"--set got '{missing[0]}' where a photo should be: give the photos right after --set "
                         f"(search --set a.png b.png --index G)")
-    if missing:  # as cheap to check as the file: before the model loads (a new-user probe, 2026-12-06)
-        raise UserError(f"--set {missing[0]} is not a file" + (f" (nor {len(missing) - 1} more of the photos)"
-                                                              if len(missing) > 1 else "") + "; check the path")
-    check_photos(images or [])  # their headers too, as index add does: a corrupt photo is said before the model loads
+    # paths and headers, as index add checks them: before the model loads (new users' probes, 2026-12-06 and -07)
+    check_photos(images or [], option="--set")
     unsearchable = missing_sets(queries, source=f"--sets {sets}") if queries is not None else None
     model = None if unsearchable else choose_set_model(run or target.built_with_run(), say=say)
     if model is not None:

@@ -157,8 +157,8 @@ def record_shared_images(train_features, val_features, record: dict, copies: boo
     training images too (the same files): the scores then measure memory, not generalisation. Every
     evaluation of a train and a val split records it and says it with its results
     (:func:`shared_images_note`; a new user's probe, 2026-12-07: knn-seg of one folder as both scored
-    41.5 % mIoU, 6.7 % on its own val images, without a word). ``copies`` (knn, linear, knn-seg and linear-seg of folders):
-    byte copies under other paths count too (:func:`copied_images`, also recorded as
+    41.5 % mIoU, 6.7 % on its own val images, without a word). ``copies`` (knn, linear, knn-seg and
+    linear-seg of folders): byte copies under other paths count too (:func:`copied_images`, also recorded as
     ``val_images_in_train_as_copies``); a benchmark's own splits are compared by path only (ImageNet's
     equal-sized JPEGs would be read whole at every evaluation)."""
     from mlsctl.evaluate.retrieval import TooMuchToCompare
@@ -181,18 +181,22 @@ def shared_images_note(record: dict, val_images: int) -> Optional[str]:
     shared, copied = record.get("val_images_in_train"), record.get("val_images_in_train_as_copies", 0)
     notes = []
     if shared:
-        same = shared - copied
-        how = (("the same files" if shared > 1 else "the same file") if not copied
-               else ("byte copies under other paths" if copied > 1 else "a byte copy under another path")
-               if copied == shared
-               else f"{same} the same file{'s' if same != 1 else ''}, {copied} byte cop{'ies' if copied != 1 else 'y'} "
-                    f"under other paths")
-        notes.append(f"note: {shared} of the {val_images} val images are training images too ({how}): the scores "
-                     f"measure memory, not generalisation")
+        notes.append(f"note: {shared} of the {val_images} val images are training images too "
+                     f"({_how_shared(shared - copied, copied)}): the scores measure memory, not generalisation")
     if record.get("val_images_compared"):
         notes.append(f"note: the val images were compared with the training images {record['val_images_compared']}: "
                      f"copies under other paths were not looked for")
     return "\n".join(notes) or None
+
+
+def _how_shared(same: int, copied: int) -> str:
+    """How val images are training images: ``same`` the same files, ``copied`` byte copies of them."""
+    files = "the same file" + ("s" if same != 1 else "")
+    if not copied:
+        return files
+    if not same:
+        return "byte copies under other paths" if copied > 1 else "a byte copy under another path"
+    return f"{same} {files}, {copied} byte cop{'ies' if copied != 1 else 'y'} under other paths"
 
 
 def image_roots(train_features, val_features) -> dict:

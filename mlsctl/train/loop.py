@@ -293,8 +293,7 @@ def _train(run: Run, recipe, accelerator, folder: ImageFolder, dataset, collate_
     # a stop ends the step under way (every process's) and saves it, unless the run replaces another
     # and has no checkpoint yet: then the replaced run comes back, as after a stop in the first step
     replacing = dist.on_main(lambda: run.replacing_another)
-    with StepBoundaryStop(world, start_step, plan.total_steps, announce=is_main) as stop:
-        stop.saving = not replacing
+    with StepBoundaryStop(world, start_step, plan.total_steps, announce=is_main, saving=not replacing) as stop:
         try:
             model.train()
             training = _Training(accelerator, model, method, optimizer, plan, trainable, last_layer,

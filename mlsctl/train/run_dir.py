@@ -165,8 +165,9 @@ def open_run_dir(run: Run, recipe, folder: ImageFolder, lock: FolderLock, *, res
             if run.config_path.read_text() != config_lib.dump_recipe(recipe):
                 config_lib.save_recipe(recipe, run.config_path)  # data.root moved, logging settings, an edit undone
             return str(latest.path)
-        others = [p.name for p in run.root.iterdir() if p.name != LOCK_NAME and p.name not in HIDDEN_ENTRIES]
-        if others and atomic.holds_anything(run.root, besides=(LOCK_NAME, *HIDDEN_ENTRIES)):
+        others = [p.name for p in run.root.iterdir()  # a file browser's litter alone: empty (a helper, 2026-12-07)
+                  if p.name != LOCK_NAME and p.name not in HIDDEN_ENTRIES and not atomic.is_litter_file(p)]
+        if others:
             if not overwrite and not run.has_config():  # no run there: --resume and --overwrite would fail too
                 shown = ", ".join(sorted(others)[:4]) + (", ..." if len(others) > 4 else "")
                 raise UserError(f"--out {run.root} is not empty and holds no run ({shown}): choose another --out, "

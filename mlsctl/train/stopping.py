@@ -68,11 +68,12 @@ class StepBoundaryStop:
     processes, once a stop was marked, both stay ignored instead, so that the launchers' repeated
     signals cannot break the shutdown under way (what was saved, how to resume)."""
 
-    def __init__(self, world: int, start_step: int = 0, total_steps: int | None = None, announce: bool = True):
+    def __init__(self, world: int, start_step: int = 0, total_steps: int | None = None, announce: bool = True,
+                 saving: bool = True):
         self.world, self.start_step, self.total_steps, self.announce = world, start_step, total_steps, announce
         self.signum = 0  # the first stop signal received, 0 for none
         self.steps_done = 0  # the steps this session has finished before the last (asked() after each)
-        self.saving = True  # False: a stop now writes no checkpoint (an --overwrite start with none yet)
+        self.saving = saving  # False: a stop now writes no checkpoint (an --overwrite start with none yet)
         self._marked_at = 0.0
         self._previous: dict = {}
 
@@ -114,7 +115,7 @@ class StepBoundaryStop:
                  + (f", {REPEAT_WINDOW_S:.0f} s or more from now," if self.world == 1 else "") + " stops at once")
         if self.total_steps is not None and step >= self.total_steps:
             line = f"the run is at its last step ({step}): it finishes and writes its teacher; {again}"
-        elif self.saving:
+        elif self.saving and self.steps_done:  # several processes: one in the first step is not saved
             line = (f"stopping after step {step}, which will be saved as a checkpoint; {again} and loses "
                     f"the steps since the last checkpoint")
         else:
