@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -155,6 +156,24 @@ def test_labels_of_folders_or_a_file_and_class_ids(tmp_path):
     assert ids.tolist() == [1, 0, 1] and classes == ["a", "b"]
     with pytest.raises(UserError, match="x has a single class"):
         class_ids(["a", "a"], "x")
+
+
+def test_each_images_own_folder_is_its_class_and_a_class_folder_inside_another_is_said(tmp_path, caplog):
+    # In-shop's layout: the leaf folder is the object, its parents are shared (ImageFolder would give "img")
+    files = ["img/MEN/Denim/id_1/a.jpg", "img/MEN/Denim/id_2/b.jpg", "img/WOMEN/Skirts/id_3/c.jpg"]
+    with caplog.at_level(logging.WARNING, logger="mlsctl"):
+        assert labels_of(files, tmp_path, None, "x") == ["img/MEN/Denim/id_1", "img/MEN/Denim/id_2",
+                                                         "img/WOMEN/Skirts/id_3"]
+    assert not caplog.records
+    # a folder holding images beside a sub-folder of images: two classes, said once with the fix
+    files = ["cat/1.png", "cat-x/1.png", "cat/kitten/2.png", "cat/kitten/young/3.png", "dog/4.png", "dog/pup/5.png"]
+    with caplog.at_level(logging.WARNING, logger="mlsctl"):
+        names = labels_of(files, tmp_path, None, "train folder t", "--train-labels")
+    assert names == ["cat", "cat-x", "cat/kitten", "cat/kitten/young", "dog", "dog/pup"]
+    assert [r.getMessage() for r in caplog.records] == [
+        "train folder t: the images in cat/ and those in cat/kitten/ are two classes, as each image's own folder is "
+        "its class (2 more class folders inside class folders); to put them in one class, give a labels file (CSV "
+        "or JSONL of path,label) with --train-labels"]
 
 
 def test_the_old_names_still_import():

@@ -26,16 +26,17 @@ One set of rules for all three:
   path would keep one of the two silently, and MILE would put the image twice into a set;
 * a file without a row is refused.
 
-:func:`labels_of` gives files their class (folder name or labels file) and :func:`class_ids`
-turns class names into indices.
+:func:`labels_of` gives files their class (each file's own folder, however deep, or a labels file)
+and :func:`class_ids` turns class names into indices.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Callable, Optional, Sequence
 
 from mlsctl.errors import UserError
@@ -224,6 +225,8 @@ def labels_of(files: Sequence[str], root: Path, labels_file: Optional[Path], wha
             example = next(f for f, n in zip(files, names) if n in ("", "."))
             raise UserError(f"{what}: {example} is not inside a class folder; images outside class folders need a "
                             f"labels file (CSV or JSONL of path,label): give it with {option}")
+        for line in nested_class_notes(names, what, option):
+            logging.getLogger("mlsctl").warning(line)
         return names
     table = read_labels_file(Path(labels_file))
     by_location: Optional[dict[str, str]] = None
@@ -242,6 +245,25 @@ def labels_of(files: Sequence[str], root: Path, labels_file: Optional[Path], wha
                         f"of {what} (first: {missing[0]}); its paths are read relative to the images folder {root}, "
                         f"then to the labels file's folder")
     return out
+
+
+def nested_class_notes(names: Sequence[str], what: str, option: str) -> list[str]:
+    """A note where a class folder holds another class's folder (``cat/1.png`` and ``cat/kitten/2.png``).
+
+    Each image's own folder is its class, however deep (``img/MEN/Denim/id_00000080/`` is one class of
+    In-shop, a layout torchvision's ImageFolder would fold into the class ``img``), so two folders are
+    never merged; but a folder holding images beside sub-folders of images is ambiguous, and is said."""
+    classes = set(names)
+    nested = sorted((outer, inner) for inner in classes for outer in map(str, PurePosixPath(inner).parents)
+                    if outer in classes)
+    if not nested:
+        return []
+    outer, inner = nested[0]
+    others = len({inner for _, inner in nested}) - 1
+    more = f" ({others} more class folder{'s' if others > 1 else ''} inside class folders)" if others else ""
+    return [f"{what}: the images in {outer}/ and those in {inner}/ are two classes, as each image's own folder "
+            f"is its class{more}; to put them in one class, give a labels file (CSV or JSONL of path,label) with "
+            f"{option}"]
 
 
 def class_ids(names: list[str], what: str):
