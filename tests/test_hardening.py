@@ -1009,6 +1009,35 @@ def test_12_a_stop_sent_to_a_two_process_accelerate_job_says_how_to_resume_witho
     assert f"accelerate launch --num_processes 2 -m mlsctl pretrain {run / 'config.yaml'} --out {run} --resume" in last
 
 
+@pytest.mark.long  # ~80 s: three 2-process runs; one process's stop and resume equality is in test_train.py
+def test_12_two_processes_stopped_and_resumed_equal_two_processes_never_stopped(tmp_path, images):
+    from safetensors.torch import load_file
+
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(images, optim__epochs=20, train__checkpoint_every=1000))
+    accelerate = (str(Path(sys.executable).parent / "accelerate"), "launch", "--num_processes", "2")
+    full, stopped = tmp_path / "full", tmp_path / "stopped"
+    subprocess.run([*accelerate, "-m", "mlsctl", "pretrain", str(recipe), "--out", str(full)], env=cli_env(),
+                   capture_output=True, text=True, timeout=300, check=True)
+    metrics = stopped / "metrics.jsonl"
+    result = _interrupt_when(["pretrain", str(recipe), "--out", str(stopped)],
+                             lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 6,
+                             signum=signal.SIGTERM, whole_job=True, launcher=accelerate)
+    assert ", written at the stop" in result.stderr and not (stopped / "summary.json").exists(), result.stderr
+    step = Run(stopped).latest().step
+    assert 6 <= step < 40, step
+    resumed = subprocess.run([*accelerate, "-m", "mlsctl", "pretrain", str(stopped / "config.yaml"), "--out",
+                              str(stopped), "--resume"], env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0 and f"from step {step}" in resumed.stderr, resumed.stderr[-3000:]
+
+    def losses(run: Path) -> list[tuple[int, float]]:
+        return [(m["step"], m["loss"]) for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+
+    assert len(losses(full)) == 40 and losses(stopped) == losses(full)
+    for a, b in ((load_file(str(stopped / "teacher.safetensors")), load_file(str(full / "teacher.safetensors"))),
+                 [load_file(str(Run(run).latest().model_path)) for run in (stopped, full)]):  # student, teacher, centre
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 1], ids=["no-loader-workers", "loader-workers"])
 def test_12_a_stop_that_reaches_one_of_two_processes_stops_both_after_the_same_step(tmp_path, images, workers):
