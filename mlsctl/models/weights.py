@@ -32,6 +32,17 @@ HEAD_PREFIXES = ("head.", "heads.", "head_", "projection_head.", "prototypes.", 
 WEIGHTS_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 
 
+def load_weights_only(path: str | Path):
+    """``torch.load(path, weights_only=True)`` onto the CPU, without torch's warning about a pickle
+    protocol it did not write ("please file an issue ..."), which is addressed to torch's developers:
+    a file of pickle protocol 4 (``pickle.dumps``) either loads or is refused in the caller's sentence."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def check_weights_file(path: str | Path) -> Path:
     """A weights file that exists and has a name this reader takes, else one sentence (checked first,
     before anything is read from it or built for it)."""
@@ -67,7 +78,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
             state = load_file(str(path))
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = load_weights_only(path)
     except UserError:
         raise
     except Exception as exc:  # torch/safetensors raise many types for foreign or damaged files

@@ -23,6 +23,7 @@ import torch
 from mlsctl import __version__, atomic, config, dist, provenance
 from mlsctl.bank import save_banks
 from mlsctl.errors import UserError, first_line
+from mlsctl.models.weights import load_weights_only
 from mlsctl.restore import read_checkpoint_weights
 from mlsctl.runs import RUN_FORMAT_VERSION, Checkpoint, Run, checkpoint_dirname
 
@@ -129,7 +130,7 @@ def _load_weights_only(checkpoint: Checkpoint, path: Path):
     import pickle
 
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return load_weights_only(path)
     except FileNotFoundError:
         raise _damaged(checkpoint, path.name, "is missing") from None
     except pickle.UnpicklingError:
