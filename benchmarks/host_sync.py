@@ -143,7 +143,8 @@ def main() -> int:
                 results["recipes"][name] = measure(name, root, Path(tmp), options.override,
                                                      steps=options.steps)
             except Exception as exc:  # noqa: BLE001 - one recipe failing leaves the others measured
-                results["recipes"][name] = {"error": f"{type(exc).__name__}: {exc}"}
+                results["recipes"][name] = {"error": f"{type(exc).__name__}: {exc}",
+                                            "traceback": traceback.format_exc()}  # a window's failure, placed
             atomic.write_json(out, results)  # after every recipe, whole: a window cut short keeps the others
     print(f"{'recipe':22s} {'steps':>6s} {'syncs':>6s} {'max/step':>8s}  where")
     for name, r in results["recipes"].items():

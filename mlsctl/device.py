@@ -54,14 +54,27 @@ def full_float32(device_type: str):
             restore_precision_switches(saved)
 
 
-def _switch(owner, legacy) -> Optional[tuple[object, str]]:
+def _switch(owner, legacy) -> Optional[tuple[object, str, object]]:
     """Where torch keeps one float32 precision: ``owner``'s per-backend string of newer torch
-    (``fp32_precision``: "none", "ieee", "tf32"), else ``legacy``'s older boolean (``allow_tf32``). Only
-    these are read and written: reading the older ones after a caller set the newer ones raises in
-    torch 2.14 (a review, 2026-12-06)."""
+    (``fp32_precision``: "none", "ieee", "tf32"), else ``legacy``'s older boolean (``allow_tf32``); with
+    ``legacy``, which :func:`_write` writes. Only the newer string is read where it exists: reading the
+    older ones after a caller set the newer ones raises in torch 2.14 (a review, 2026-12-06)."""
     if owner is not None and hasattr(owner, "fp32_precision"):
-        return owner, "fp32_precision"
-    return (legacy, "allow_tf32") if legacy is not None else None
+        return owner, "fp32_precision", legacy
+    return (legacy, "allow_tf32", None) if legacy is not None else None
+
+
+def _write(switch: tuple[object, str, object], value) -> None:
+    """Set one switch. A newer string's "tf32" or "ieee" goes through the older boolean where torch has
+    one, and torch sets the string to match: "tf32" written to the string alone leaves the older
+    switches and ``torch.get_float32_matmul_precision()`` raising ("a mix of the legacy and new
+    APIs"), which torch.compile's inductor reads before torch 2.13 (a review of the CUDA paths,
+    2026-12-07: ``train.compile: true`` on CUDA would have failed in its lowering)."""
+    owner, name, legacy = switch
+    if name == "fp32_precision" and legacy is not None and value in ("tf32", "ieee"):
+        legacy.allow_tf32 = value == "tf32"
+    else:
+        setattr(owner, name, value)
 
 
 def _cuda_switches() -> tuple:
@@ -70,24 +83,24 @@ def _cuda_switches() -> tuple:
             _switch(getattr(torch.backends.cudnn, "conv", None), torch.backends.cudnn))
 
 
-def precision_switches() -> list[tuple[object, str, object]]:
+def precision_switches() -> list[tuple[tuple[object, str, object], object]]:
     """The values of CUDA's switches and the CPU's (oneDNN) matrix products, for
     :func:`restore_precision_switches`."""
     cpu = _switch(getattr(getattr(torch.backends, "mkldnn", None), "matmul", None), None)
-    return [(owner, name, getattr(owner, name)) for owner, name in filter(None, (*_cuda_switches(), cpu))]
+    return [(switch, getattr(switch[0], switch[1])) for switch in filter(None, (*_cuda_switches(), cpu))]
 
 
-def restore_precision_switches(saved: list[tuple[object, str, object]]) -> None:
+def restore_precision_switches(saved: list[tuple[tuple[object, str, object], object]]) -> None:
     """Put back what :func:`precision_switches` read; a switch that did not change is not written (a
     "none" that defers to torch's global setting stays "none")."""
-    for owner, name, value in saved:
-        if getattr(owner, name) != value:
-            setattr(owner, name, value)
+    for switch, value in saved:
+        if getattr(switch[0], switch[1]) != value:
+            _write(switch, value)
 
 
 def set_tf32(*, matmul: Optional[bool] = None, conv: Optional[bool] = None) -> None:
     """TF32 on or off for CUDA's float32 matrix products (cuBLAS) and cuDNN convolutions, through
     whichever switches this torch has (:func:`_switch`); the CPU's (oneDNN) are left alone."""
-    for flag, (owner, name) in zip((matmul, conv), _cuda_switches()):
-        if flag is not None:
-            setattr(owner, name, ("tf32" if flag else "ieee") if name == "fp32_precision" else flag)
+    for flag, switch in zip((matmul, conv), _cuda_switches()):
+        if flag is not None and switch is not None:
+            _write(switch, ("tf32" if flag else "ieee") if switch[1] == "fp32_precision" else flag)

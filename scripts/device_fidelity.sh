@@ -56,7 +56,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
   echo "installing ${#missing[@]} wheels into $site: ${missing[*]}"
   "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" "${missing[@]}"
 fi
-export PYTHONPATH="$site:$repo${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1
+export PYTHONPATH="$site:$repo${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 MLSCTL_DEBUG=1  # tracebacks come back
 [ -f .whl/COMMIT ] && export MLSCTL_COMMIT="$(cat .whl/COMMIT)"  # what the records name (scripts/device_prepare.sh)
 "$python" - <<'PY'
 import timm, torch

@@ -55,7 +55,8 @@ finish() {
   [ -n "$TEE_PID" ] && wait "$TEE_PID" 2>/dev/null  # the log's last lines reach window.log before the end
 }
 trap finish EXIT
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+# MLSCTL_DEBUG: an unexpected error on the device comes back with its traceback, not one line (a review, 2026-12-07)
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 MLSCTL_DEBUG=1
 [ -f .whl/COMMIT ] && export MLSCTL_COMMIT="$(cat .whl/COMMIT)"  # what the records name (scripts/device_prepare.sh)
 SITE=${SITE:-/tmp/site}        # where the carried wheels are installed (a fresh folder on the device)
 started=$(date +%s)
@@ -73,6 +74,7 @@ else
   export PYTHONPATH=$PWD
 fi
 nvidia-smi -L 2>/dev/null || echo "no nvidia-smi"
+echo "$(nproc) cores; $(df -h --output=avail /dev/shm 2>/dev/null | tail -1 | tr -d ' ') free in /dev/shm (the loader's batches in flight); $(free -g 2>/dev/null | awk '/^Mem:/ {print $7}') GiB of memory available"
 PROFILE=$PROFILE $PY - <<'PY' || exit 1
 import os, sys
 import torch, timm, accelerate

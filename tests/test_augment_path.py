@@ -227,3 +227,10 @@ def test_decoded_batches_in_flight_must_fit_in_memory_and_in_shared_memory(tmp_p
     check_batches_fit(dataset, sampler, workers=0)  # nothing travels through /dev/shm
     cpu_path = MultiCropDataset(ImageFolder(images), transform, seed=0, augment="cpu")
     check_batches_fit(cpu_path, sampler, workers=2)  # crops, not decoded images: not this check's
+    # MILE's sets: set_length photos an item (a review, 2026-12-07: one was counted)
+    sets = SimpleNamespace(resized=dataset.resized, images_per_item=4)
+    with pytest.raises(UserError, match=r"a batch of 8 sets of 4 images 0.09 GiB, with 5 in flight .* more than half"):
+        check_batches_fit(sets, sampler, workers=1)  # 480 MiB > 195 MiB
+    from mlsctl.data.objects import ObjectSetDataset
+
+    assert ObjectSetDataset.images_per_item.fget(SimpleNamespace(set_length=4)) == 4

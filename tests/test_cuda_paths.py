@@ -179,6 +179,32 @@ def test_cribo_clusters_pools_and_searches_its_bank_in_float32_under_bf16_autoca
     assert torch.isfinite(out.loss)
 
 
+def test_tf32_switches_leave_torch_s_older_reads_working_for_torch_compile():
+    """A review of the CUDA paths (2026-12-07): "tf32" written to torch's newer per-backend string alone
+    left ``torch.get_float32_matmul_precision()`` and the older ``allow_tf32`` raising ("a mix of the legacy
+    and new APIs"); torch.compile's inductor reads them (before torch 2.13), so ``train.compile: true``
+    would have failed on CUDA. Now every state set_tf32, full_float32 and the restore leave is readable."""
+    from mlsctl.device import full_float32, precision_switches, restore_precision_switches, set_tf32
+
+    def reads() -> tuple:
+        return (torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32,
+                torch.backends.cudnn.allow_tf32)
+
+    saved = precision_switches()
+    try:
+        set_tf32(matmul=True, conv=True)
+        assert reads() == ("high", True, True) and _cuda_tf32()
+        with full_float32("cuda"):
+            assert reads() == ("highest", False, True) and not _cuda_tf32()
+        assert reads() == ("high", True, True) and _cuda_tf32()
+        set_tf32(matmul=False, conv=False)
+        assert reads() == ("highest", False, False)
+    finally:
+        restore_precision_switches(saved)
+    reads()
+    assert precision_switches() == saved
+
+
 def test_pretrain_puts_the_caller_s_tf32_switches_back(monkeypatch):
     from mlsctl.device import precision_switches, set_tf32
     from mlsctl.train import loop

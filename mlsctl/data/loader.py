@@ -348,10 +348,12 @@ def check_batches_fit(dataset: Dataset, sampler, workers: int) -> None:
     if resized is None or not batch:
         return
     processes = _local_processes()
-    one = batch * 3 * resized.side ** 2
+    per_item = getattr(dataset, "images_per_item", 1)  # MILE's sets: method.set_length photos each
+    one = batch * per_item * 3 * resized.side ** 2
     prefetched = 4 * workers
     available, shared = _free_memory()
-    what = (f"data.decode_size {resized.side} makes a batch of {batch} images {one / 2**30:.2f} GiB, with "
+    items = f"{batch} sets of {per_item} images" if per_item > 1 else f"{batch} images"
+    what = (f"data.decode_size {resized.side} makes a batch of {items} {one / 2**30:.2f} GiB, with "
             f"{prefetched + 1} in flight ({workers} workers x 4 prefetched and the one in use)"
             + (f" in each of the {processes} processes on this machine" if processes > 1 else ""))
     if available is not None and one * (prefetched + 1) * processes > available // 2:

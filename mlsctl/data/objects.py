@@ -134,6 +134,11 @@ class ObjectSetDataset(Dataset):
     def __len__(self) -> int:
         return len(self.objects)
 
+    @property
+    def images_per_item(self) -> int:
+        """Photos decoded for one item, a set (what :func:`mlsctl.data.loader.check_batches_fit` counts)."""
+        return self.set_length
+
     def __getitem__(self, key: tuple[int, int]) -> dict:
         epoch, index = key
         obj = self.objects[index]
