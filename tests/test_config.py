@@ -206,7 +206,6 @@ def test_a_key_set_directly_and_through_a_mapping_is_said_and_the_last_counts():
     assert not any("set_length" in note for note in notes) and any("method.name is given 2 times" in n for n in notes)
 
 
-
 def test_pretrain_and_refine_train_read_their_recipe_once(tmp_path, monkeypatch, capsys):
     """pretrain read its recipe file twice (its method for the repeated-override notes, then the recipe), refine
     train three times: one read now, passed along, with the same notes and the same recipe; a run's own

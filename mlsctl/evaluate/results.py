@@ -101,7 +101,6 @@ def write_result(payload: dict, out: Optional[Path], evaluation: str, say=to_std
     return path
 
 
-
 def results_writer(out: Optional[Path], evaluation: str, say=to_stderr) -> Callable[[dict], Path]:
     """How an ``mlsctl eval`` command (``eval knn``: ``evaluation`` "knn") writes its results, the one way for
     all of them: called after its refusals and before its work, it says where ``out`` holds another
