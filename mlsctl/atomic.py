@@ -180,22 +180,35 @@ Layout = Mapping[str, Optional["Layout"]]
 # leftover of a write killed there, the tool's own
 _TEMPORARY = re.compile(r"\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp")
 _UNKNOWN = object()
-# What file browsers leave in a folder they showed: macOS Finder's .DS_Store and the ._NAME AppleDouble files it
-# writes on disks that are not Apple's, Windows Explorer's Thumbs.db and desktop.ini, KDE Dolphin's .directory
-_LITTER = re.compile(r"\.DS_Store|\._.+|Thumbs\.db|desktop\.ini|\.directory")
-
-
-def is_litter(name: str) -> bool:
-    """Whether a regular file named ``name`` is a file browser's litter, which goes with a folder its tool
-    replaces as if the tool had written it (a folder looked at in Finder was refused by every --overwrite:
-    a user cannot see a .DS_Store to move it out, and nothing of theirs is in it). Exactly these names, and
-    only as regular files: anything else may be the user's and is refused."""
-    return _LITTER.fullmatch(name) is not None
+# What file browsers leave in a folder they showed: macOS Finder's .DS_Store, Windows Explorer's Thumbs.db and
+# desktop.ini, KDE Dolphin's .directory
+_LITTER = re.compile(r"\.DS_Store|Thumbs\.db|desktop\.ini|\.directory")
+# and the AppleDouble files macOS writes on disks that are not Apple's: ``._`` and the name of the file each
+# describes, which may be anything (``._`` + ``_x`` is ``.__x``), so the name cannot tell one from a user's hidden
+# file: its header does, the magic number 0x00051607 and version 2 (RFC 1740)
+APPLE_DOUBLE_HEADER = b"\x00\x05\x16\x07\x00\x02\x00\x00"
 
 
 def is_litter_file(entry: Path) -> bool:
-    """Whether ``entry`` is a regular file (not a link) under a litter name (:func:`is_litter`)."""
-    return is_litter(entry.name) and entry.is_file() and not entry.is_symlink()
+    """Whether ``entry`` is a file browser's litter, which goes with a folder its tool replaces as if the tool
+    had written it (a folder looked at in Finder was refused by every --overwrite: a user cannot see a
+    .DS_Store to move it out, and nothing of theirs is in it): a regular file (not a link) named exactly
+    .DS_Store, Thumbs.db, desktop.ini or .directory, or ``._NAME`` beginning with AppleDouble's header
+    (:data:`APPLE_DOUBLE_HEADER`; a user's ``.__x`` or ``._notes`` was litter by its name: a helper's
+    finding, 2026-12-07). Anything else may be the user's and is refused."""
+    name = entry.name
+    apple_double = name.startswith("._") and len(name) > 2
+    if not (apple_double or _LITTER.fullmatch(name)) or entry.is_symlink() or not entry.is_file():
+        return False
+    return not apple_double or _begins_with(entry, APPLE_DOUBLE_HEADER)
+
+
+def _begins_with(path: Path, header: bytes) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(header)) == header
+    except OSError:  # unreadable: what it holds cannot be vouched for
+        return False
 
 
 def holds_anything(folder: Path, besides: tuple[str, ...] = ()) -> bool:
@@ -218,8 +231,9 @@ def foreign_entries(out: Path, layout: Layout, limit: int = 4) -> list[str]:
     included, a folder where a file belongs or the reverse, links and other special files, and a
     folder that cannot be read (what is in it cannot be vouched for). The tools' own names are not
     foreign: ``.mlsctl.lock`` at the top (a lock taken inside), the temporary file of an atomic write
-    of a file the layout names, and a file browser's litter anywhere (:func:`is_litter`: deleted with
-    the folder). Only names are read (``scandir``), not contents: cheap for large folders; a foreign
+    of a file the layout names, and a file browser's litter anywhere (:func:`is_litter_file`: deleted with
+    the folder). Only names are read (``scandir``), not contents (but the first 8 bytes of a ``._NAME``
+    file, which tell AppleDouble litter from a user's hidden file): cheap for large folders; a foreign
     folder is named, not entered."""
     from mlsctl.locks import LOCK_NAME
 
@@ -245,7 +259,7 @@ def foreign_entries(out: Path, layout: Layout, limit: int = 4) -> list[str]:
             inner = _rule(rules, name)
             if inner is _UNKNOWN:
                 temporary = _TEMPORARY.fullmatch(name)
-                own = (kind == "file" and ((not prefix and name == LOCK_NAME) or is_litter(name) or (
+                own = (kind == "file" and ((not prefix and name == LOCK_NAME) or is_litter_file(Path(entry.path)) or (
                     temporary is not None and _rule(rules, temporary["target"]) is None)))
                 if not own:
                     found.append(shown)

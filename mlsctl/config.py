@@ -901,14 +901,17 @@ def read_yaml(path: Path) -> Any:
     return data
 
 
-def load_recipe(name_or_path: str, overrides: Optional[list[str]] = None) -> Recipe:
+def load_recipe(name_or_path: str, overrides: Optional[list[str]] = None, data: Any = None) -> Recipe:
+    """A recipe file with ``overrides``; ``data``: the file as :func:`read_yaml` read it, where the caller
+    has read it already (it is not read again)."""
     path = resolve_recipe_path(name_or_path)
-    return from_dict(read_yaml(path), source=str(path), overrides=parse_overrides(overrides or []))
+    return from_dict(read_yaml(path) if data is None else data, source=str(path),
+                     overrides=parse_overrides(overrides or []))
 
 
-def method_named_in(path: str | Path) -> Optional[str]:
-    """The method a recipe file names (``method.name``), before any override; None where it names none."""
-    data = read_yaml(Path(path))
+def method_named(data: Any) -> Optional[str]:
+    """The method a recipe's YAML (:func:`read_yaml`) names (``method.name``), before any override; None where
+    it names none."""
     method = data.get("method") if isinstance(data, dict) else None
     name = method.get("name") if isinstance(method, dict) else None
     return name if isinstance(name, str) else None
@@ -921,23 +924,26 @@ def is_run_recipe(path: str | Path) -> bool:
     return run_of_config(path) is not None
 
 
-def load_recipe_or_run(path: str | Path, overrides: Optional[list[str]] = None) -> Recipe:
-    """A recipe file, or a run's own recipe read as the run saved it (:func:`load_run_recipe`)."""
-    return (load_run_recipe if is_run_recipe(path) else load_recipe)(str(path), overrides)
+def load_recipe_or_run(path: str | Path, overrides: Optional[list[str]] = None, data: Any = None) -> Recipe:
+    """A recipe file, or a run's own recipe read as the run saved it (:func:`load_run_recipe`); ``data``: the
+    file as :func:`read_yaml` read it, where the caller has read it already (for :func:`method_named`)."""
+    return (load_run_recipe if is_run_recipe(path) else load_recipe)(str(path), overrides, data)
 
 
-def load_run_recipe(path: str | Path, overrides: Optional[list[str]] = None) -> Recipe:
+def load_run_recipe(path: str | Path, overrides: Optional[list[str]] = None, data: Any = None) -> Recipe:
     """A run's saved recipe (``RUN/config.yaml``, a checkpoint's ``recipe.yaml``), with ``overrides``.
     A run stores every key, so a key its file lacks did not exist when it was trained: it takes the
     value that run's code computed with, ``SAVED_DEFAULTS`` of the method's config class, where a
     default changed later (refine's ``input_scale``: ``sqrt_d`` before 2026-12-06, ``none`` since),
-    else today's default."""
+    else today's default. ``data``: the file as :func:`read_yaml` read it, where the caller has read it
+    already (left as it is)."""
     path = Path(path)
-    data = read_yaml(path)
-    method = data.get("method") if isinstance(data, dict) else None
-    if isinstance(method, dict) and isinstance(method.get("name"), str) and method["name"] in registry.names():
-        for key, value in getattr(registry.config_class(method["name"]), "SAVED_DEFAULTS", {}).items():
-            method.setdefault(key, value)
+    data = read_yaml(path) if data is None else data
+    name = method_named(data)
+    if name in registry.names():
+        method = data["method"]
+        saved = getattr(registry.config_class(name), "SAVED_DEFAULTS", {})
+        data = {**data, "method": {**method, **{key: value for key, value in saved.items() if key not in method}}}
     return from_dict(data, source=str(path), overrides=parse_overrides(overrides or []))
 
 

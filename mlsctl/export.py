@@ -133,7 +133,7 @@ def export_timm(run_dir: str | Path, out: str | Path, *, step: Optional[int] = N
                             f"folder (--overwrite replaces exports only)")
         if not overwrite:
             raise UserError(f"--out {out} holds an earlier export; add --overwrite to replace it, or choose another")
-        # every name but its three files and a file browser's litter (.DS_Store: atomic.is_litter), hidden ones
+        # every name but its three files and a file browser's litter (.DS_Store: atomic.is_litter_file), hidden ones
         # included, and a folder or link under one of their names (a new user's probe, 2026-12-07: a data
         # build's check looked at the top level only and skipped hidden names)
         foreign = sorted(p.name + ("/" if p.is_dir() and not p.is_symlink() else "") for p in out.iterdir()

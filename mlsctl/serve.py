@@ -1015,23 +1015,33 @@ def _declared_length(scope) -> Optional[int]:
     return length
 
 
-async def _within(awaitable, seconds: float):
+async def _within(awaitable, seconds: float, undo: Optional[Callable[[], None]] = None):
     """``await awaitable``, or :class:`asyncio.TimeoutError` after ``seconds``: :func:`asyncio.wait_for`,
     less its loss of a cancellation on Python < 3.12 (CPython gh-86296: a cancel arriving as the awaited
     receive finished was swallowed). uvicorn's graceful shutdown cancels a request still uploading; the
     lost cancel left it reading until its body deadline, then a 408 (a quarter of 200 tries, on the
-    stopped-request test: a final read of the change, 2026-12-07). Not for what holds a resource once
-    done (a semaphore's slot): a cancel here drops the awaited result."""
+    stopped-request test: a final read of the change, 2026-12-07). ``undo`` gives back what the awaited
+    call took (a semaphore's ``release``) where it was done as the wait was cancelled: the cancel is raised,
+    and nothing is held for a request that will not use it; without it such a result is dropped."""
     task = asyncio.ensure_future(awaitable)
     try:
         done, _ = await asyncio.wait({task}, timeout=seconds)
     except asyncio.CancelledError:
-        task.cancel()
+        _drop(task, undo)
         raise
     if not done:
-        task.cancel()
+        _drop(task, undo)
         raise asyncio.TimeoutError
     return task.result()
+
+
+def _drop(task: asyncio.Future, undo: Optional[Callable[[], None]]) -> None:
+    """Give up ``task``, whose result nobody will take: cancelled while it runs (a semaphore's acquire
+    cancelled gives back a slot it was being handed), given back by ``undo`` where it is done."""
+    if not task.done():
+        task.cancel()
+    elif undo is not None and not task.cancelled() and task.exception() is None:
+        undo()
 
 
 def _counted(receive, limit: int, guard: "Guard", body: dict):
@@ -1137,9 +1147,10 @@ def create_app(service: GalleryService, policy: Optional[Policy] = None, docs: b
 @asynccontextmanager
 async def _working_slot(slots: asyncio.Semaphore):
     """One of the :data:`WORKING` slots for decoding and embedding, waited for at most
-    :data:`QUEUE_SECONDS` (then 503, retry)."""
+    :data:`QUEUE_SECONDS` (then 503, retry). A cancel (uvicorn's shutdown) during the wait is raised even
+    where the slot came in the same turn of the loop, and that slot is given back (:func:`_within`)."""
     try:
-        await asyncio.wait_for(slots.acquire(), QUEUE_SECONDS)
+        await _within(slots.acquire(), QUEUE_SECONDS, undo=slots.release)
     except asyncio.TimeoutError:
         raise RequestError(503, f"the server is busy (all {WORKING} working slots): this request waited "
                                 f"{QUEUE_SECONDS:g} s for one; retry in a few seconds",

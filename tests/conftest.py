@@ -252,6 +252,14 @@ def write_idx(path: Path, array: np.ndarray) -> None:
         f.write(header + array.astype(np.uint8).tobytes())
 
 
+def write_litter(path: Path) -> None:
+    """A file browser's litter at ``path``: a ``._NAME`` file as macOS writes it (AppleDouble's header: by its name
+    alone it may be the user's), any other litter name with a byte in it."""
+    from mlsctl.atomic import APPLE_DOUBLE_HEADER
+
+    path.write_bytes(APPLE_DOUBLE_HEADER + bytes(24) if path.name.startswith("._") else b"x")
+
+
 def as_killed_at(run_dir: Path, copy: Path, step: int) -> Path:
     """A copy of a finished run as a kill right after the checkpoint of ``step`` leaves it: later
     checkpoints, summary.json and teacher.safetensors gone."""

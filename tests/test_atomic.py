@@ -129,20 +129,43 @@ def test_a_file_browsers_litter_is_not_foreign_but_only_by_its_exact_names(tmp_p
     out = tmp_path / "build"
     (out / "train" / "images").mkdir(parents=True)
     (out / "meta.json").write_text("{}")
+    apple_double = atomic.APPLE_DOUBLE_HEADER + b"Mac OS X        "
     litter = [".DS_Store", "Thumbs.db", "desktop.ini", ".directory", "._meta.json", "train/.DS_Store",
               "train/images/._000000.png", "train/images/Thumbs.db"]
     for name in litter:
-        (out / name).write_text("x")
+        (out / name).write_bytes(apple_double if "/._" in f"/{name}" else b"x")
     assert atomic.foreign_entries(out, layout) == []
-    assert all(atomic.is_litter(name.rsplit("/", 1)[-1]) for name in litter)
+    assert all(atomic.is_litter_file(out / name) for name in litter)
     for name in ("thumbs.db", "DS_Store", "notes.DS_Store", "._", "desktop.ini.bak", ".directory2"):
-        assert not atomic.is_litter(name), name
-        (out / "train" / name).write_text("mine")
+        (out / "train" / name).write_bytes(apple_double)
+        assert not atomic.is_litter_file(out / "train" / name), name
     (out / "train" / "images" / "Thumbs.db").unlink()
     (out / "train" / "images" / "Thumbs.db").mkdir()  # a folder under a litter name: the user's
     assert atomic.foreign_entries(out, layout, limit=10) == [
         "train/._", "train/.directory2", "train/DS_Store", "train/desktop.ini.bak", "train/images/Thumbs.db/",
         "train/notes.DS_Store", "train/thumbs.db"]
+
+
+def test_a_hidden_file_named_like_apple_double_is_the_users_unless_it_is_one(tmp_path):
+    """A helper's finding (2026-12-07): every ``._NAME`` was litter by its name, so a user's hidden ``.__x`` or
+    ``._notes`` went with the folder an --overwrite replaced and made a folder "empty". macOS names an AppleDouble
+    file ``._`` + the name it describes (``.__x`` is _x's), so its header tells, not its name."""
+    layout = {r"meta\.json": None}
+    out = tmp_path / "build"
+    out.mkdir()
+    for name in (".__x", "._notes", "._meta.json"):
+        (out / name).write_text("my own notes, long enough to hold a header")
+    (out / "._short").write_bytes(atomic.APPLE_DOUBLE_HEADER[:4])  # the magic number alone
+    assert [atomic.is_litter_file(p) for p in sorted(out.iterdir())] == [False] * 4
+    assert atomic.foreign_entries(out, layout) == [".__x", "._meta.json", "._notes", "._short"]
+    assert atomic.holds_anything(out)
+    for path in out.iterdir():  # what macOS writes: the header, then its filler and entries
+        path.write_bytes(atomic.APPLE_DOUBLE_HEADER + b"Mac OS X        " + bytes(16))
+    assert [atomic.is_litter_file(p) for p in sorted(out.iterdir())] == [True] * 4
+    assert atomic.foreign_entries(out, layout) == [] and not atomic.holds_anything(out)
+    os.chmod(out / ".__x", 0)  # unreadable: what it holds cannot be vouched for
+    if os.geteuid() != 0:
+        assert not atomic.is_litter_file(out / ".__x") and atomic.holds_anything(out)
 
 
 def test_a_folder_with_only_litter_counts_as_empty(tmp_path):

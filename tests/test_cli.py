@@ -521,3 +521,23 @@ def test_replacing_the_results_of_another_evaluation_is_said_before_the_work(cap
     notes = []
     write_result({"command": "eval recall"}, tmp_path / "r.json", "recall", say=notes.append)
     assert notes == [f"note: {tmp_path / 'r.json'} held the results of eval linear; replaced by these"]
+
+
+def test_every_eval_writes_its_results_one_way(tmp_path):
+    """The six eval commands each said the note and wrote the results by a pair of calls of their own; one function
+    now: the note when it is made (before the work), none again when the results are written, the path returned."""
+    import inspect
+
+    from mlsctl.cli import eval as eval_cli
+    from mlsctl.evaluate.results import results_writer
+
+    (tmp_path / "r.json").write_text(json.dumps({"command": "eval knn"}))
+    notes = []
+    write = results_writer(tmp_path / "r.json", "recall", say=notes.append)
+    assert notes == [f"note: {tmp_path / 'r.json'} holds the results of eval knn; this eval recall replaces them when "
+                     f"it is done (give another --out to keep them)"]
+    assert write({"command": "eval recall", "recall": {}}) == tmp_path / "r.json" and len(notes) == 1
+    assert json.loads((tmp_path / "r.json").read_text())["command"] == "eval recall"
+    source = inspect.getsource(eval_cli)
+    assert source.count("results_writer(out, ") == source.count("out = write(payload)") == 6
+    assert "say_replacing" not in source and "write_result" not in source

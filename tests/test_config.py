@@ -206,6 +206,38 @@ def test_a_key_set_directly_and_through_a_mapping_is_said_and_the_last_counts():
     assert not any("set_length" in note for note in notes) and any("method.name is given 2 times" in n for n in notes)
 
 
+def test_pretrain_and_refine_train_read_their_recipe_once(tmp_path, monkeypatch, capsys):
+    """pretrain read its recipe file twice (its method for the repeated-override notes, then the recipe), refine
+    train three times: one read now, passed along, with the same notes and the same recipe; a run's own
+    config.yaml too, which keeps the values its run was trained with (SAVED_DEFAULTS), its file untouched."""
+    from mlsctl import train
+
+    from conftest import cli
+
+    reads, started, real = [], [], config.read_yaml
+    monkeypatch.setattr(config, "read_yaml", lambda path: reads.append(Path(path).name) or real(path))
+    monkeypatch.setattr(train, "pretrain", lambda recipe, out, **options: started.append(recipe))
+    recipe = write_recipe(tmp_path / "tiny.yaml", tiny_recipe(tmp_path / "images"))
+    code, _, err = cli("pretrain", str(recipe), "seed=1", "seed=2", "--out", str(tmp_path / "run"), capsys=capsys)
+    assert code == 0 and "note: seed is given 2 times (seed=1, seed=2); the last one, seed=2, counts" in err, err
+    assert started[-1].seed == 2 and reads == ["tiny.yaml"], reads
+    reads.clear()
+    code, _, err = cli("refine", "train", str(tmp_path), "method.neighbours=2", "method.neighbours=3",
+                       "--out", str(tmp_path / "refine"), capsys=capsys)
+    assert code == 0 and "note: method.neighbours is given 2 times" in err, err
+    assert started[-1].method.neighbours == 3 and reads == ["refine.yaml"], reads
+    run = tmp_path / "old-run"  # a refine run's config.yaml that predates input_scale
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("")
+    saved = yaml.safe_load(config.dump_recipe(started[-1]))
+    del saved["method"]["input_scale"]
+    written = write_recipe(run / "config.yaml", saved).read_text()
+    reads.clear()
+    code, _, err = cli("pretrain", str(run / "config.yaml"), "--out", str(tmp_path / "again"), capsys=capsys)
+    assert code == 0 and reads == ["config.yaml"] and (run / "config.yaml").read_text() == written, (err, reads)
+    assert started[-1].method.input_scale == "sqrt_d"  # the value it was trained with, not today's default
+
+
 def test_newer_format_is_refused():
     assert "newer than this mlsctl reads" in error_of({"format_version": 99})
 

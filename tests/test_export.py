@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import cli, cli_ok
+from conftest import cli, cli_ok, write_litter
 
 
 def test_export_loads_in_timm_and_equals_embed(finished_run, tmp_path, capsys):
@@ -78,7 +78,7 @@ def test_export_overwrite_keeps_foreign_files_and_files_are_readable(finished_ru
     os.umask(umask)
     assert mode == 0o666 & ~umask
     for litter in (".DS_Store", "._model.safetensors", "desktop.ini"):  # a file browser's: replaced with the export
-        (tmp_path / "exp" / litter).write_text("x")
+        write_litter(tmp_path / "exp" / litter)
     cli_ok(capsys, "export", str(run_dir), "--out", str(tmp_path / "exp"), "--overwrite")
     assert sorted(p.name for p in (tmp_path / "exp").iterdir()) == sorted(EXPORT_FILES)
     (tmp_path / "exp" / ".DS_Store").write_text("x")

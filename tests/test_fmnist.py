@@ -13,7 +13,7 @@ from mlsctl.data.fmnist import CLASSES, DEFAULT_SOURCE, build_scenes, load_split
 from mlsctl.data.fmnist_products import build_products
 from mlsctl.errors import UserError
 
-from conftest import run_cli
+from conftest import run_cli, write_litter
 
 
 def test_reads_idx_files(fake_fmnist: Path):
@@ -302,7 +302,7 @@ def test_overwrite_refuses_what_the_build_did_not_make_anywhere_in_its_folder(tm
     litter = [out / ".DS_Store", out / "Thumbs.db", out / "desktop.ini", out / "train" / ".directory",
               image.parent / ".DS_Store", image.parent / f"._{image.name}"]
     for path in litter:
-        path.write_text("x")
+        write_litter(path)
     (image.parent / "notes.txt").write_text("mine")
     with pytest.raises(UserError, match=rf"holds {image.parent.relative_to(out)}/notes\.txt, which .* move it out"):
         build(1)

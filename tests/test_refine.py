@@ -18,7 +18,7 @@ from mlsctl.errors import UserError
 from mlsctl.methods.refine import ContextDataset, CrossAttentionBlock, Refiner
 from mlsctl.methods.refine.neighbours import nearest_neighbours
 
-from conftest import cli, cli_ok, kill_when, run_cli, write_feature_folder
+from conftest import cli, cli_ok, kill_when, run_cli, write_feature_folder, write_litter
 
 
 def _clusters(n_classes: int = 12, per_class: int = 8, dim: int = 16, seed: int = 0, noise: float = 0.8):
@@ -326,7 +326,7 @@ def test_apply_writes_features_every_eval_reads_and_never_shows_a_query_itself(t
     (tmp / "refined" / ".partial" / "plan.json").write_text("{}")
     (tmp / "refined" / ".manifest.json.abcd1234.tmp").write_text("{")
     for litter in (".DS_Store", "._manifest.json", "Thumbs.db", ".partial/.DS_Store"):  # a file browser's: no obstacle
-        (tmp / "refined" / litter).write_text("x")
+        write_litter(tmp / "refined" / litter)
     cli_ok(capsys, "refine", "apply", str(tmp / "run"), str(test), "--out", str(tmp / "refined"), "--overwrite")
     assert not (tmp / "refined" / "Thumbs.db").exists()
     assert sorted(p.name for p in (tmp / "refined").iterdir() if p.name.startswith(".")) == []

@@ -1875,3 +1875,60 @@ def test_a_body_read_never_loses_the_cancel_of_a_stopping_server():
     assert asyncio.run(cancelled_as_it_receives(lambda f: serve._within(f, 10))) == "cancelled"
     with pytest.raises(asyncio.TimeoutError):  # and the deadline still holds
         asyncio.run(serve._within(asyncio.sleep(5), 0.01))
+
+
+def test_a_slot_that_comes_as_the_wait_is_cancelled_is_given_back_and_the_cancel_raised(monkeypatch):
+    """The wait for a working slot used asyncio.wait_for, which on Python < 3.12 swallowed a cancel (uvicorn's
+    shutdown) that arrived as the slot came: the stopped request went on to its work. Raising the cancel alone would
+    drop the slot it had been handed, and every later request would wait for a slot that never frees. The slot's
+    release and the cancel land in one turn of the loop here, in both orders; a timeout is still a 503."""
+    import asyncio
+
+    from mlsctl import serve
+
+    async def cancelled_as_the_slot_comes(release_first: bool):
+        slots = asyncio.Semaphore(1)
+        await slots.acquire()  # another request holds the only slot
+        worked = []
+
+        async def request():
+            async with serve._working_slot(slots):
+                worked.append("work")
+
+        task = asyncio.ensure_future(request())
+        for _ in range(3):  # it waits for the slot
+            await asyncio.sleep(0)
+        for step in ((slots.release, task.cancel) if release_first else (task.cancel, slots.release)):
+            step()
+        try:
+            await task
+        except asyncio.CancelledError:
+            return worked, slots.locked()
+        return worked + ["the cancel lost"], slots.locked()
+
+    for release_first in (True, False):
+        assert asyncio.run(cancelled_as_the_slot_comes(release_first)) == ([], False), release_first
+
+    async def given_back_as_cancelled():  # the helper itself: what was done as the cancel came is undone
+        got, undone = asyncio.get_running_loop().create_future(), []
+        task = asyncio.ensure_future(serve._within(got, 10, undo=lambda: undone.append("released")))
+        await asyncio.sleep(0)
+        got.set_result(True)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return undone
+
+    assert asyncio.run(given_back_as_cancelled()) == ["released"]
+    monkeypatch.setattr(serve, "QUEUE_SECONDS", 0.01)
+
+    async def timed_out():
+        slots = asyncio.Semaphore(1)
+        await slots.acquire()
+        with pytest.raises(serve.RequestError) as refused:
+            async with serve._working_slot(slots):
+                pass
+        slots.release()  # the holder's: the timed-out wait took none
+        return refused.value.status, slots.locked()
+
+    assert asyncio.run(timed_out()) == (503, False)

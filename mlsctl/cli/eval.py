@@ -10,7 +10,7 @@ import typer
 from mlsctl.cli._format import pct, say, table
 from mlsctl.console import counted
 from mlsctl.cli._options import MODEL_OPTION, RANDOM_INIT_OPTION, RUN_OPTION, WEIGHTS_OPTION, one_of, results_file
-from mlsctl.evaluate.results import say_replacing, write_result
+from mlsctl.evaluate.results import results_writer
 
 app = typer.Typer(rich_markup_mode=None, help="Evaluate features: dense k-NN and linear segmentation, image k-NN classification, linear probes, image-set retrieval, Recall@K.", no_args_is_help=True)
 
@@ -120,7 +120,7 @@ def knn_seg(
     preset, chosen, overridden = inputs_lib.resolve_protocol(lib, protocol, {
         "k": k, "temperature": temperature, "memory_size": memory_size, "aug_passes": aug_passes, "runs": runs,
         "fractions": tuple(fraction) if fraction else None})
-    replacing = say_replacing(out, "eval knn-seg", say)  # after the refusals, before the work
+    write = results_writer(out, "knn-seg", say)  # after the refusals, before the work
     get_model = model_on_demand(run=run, weights=weights, arch=model, random_init=random_init, seed=seed, say=say)
 
     def embed_options() -> dict:
@@ -168,7 +168,7 @@ def knn_seg(
         "note": "miou is the plain mean IoU over classes present in ground truth or predictions; miou_hungarian "
                 "re-matches predicted to true classes first (an extra, for cluster-valued predictions)",
     }
-    out = write_result(payload, out, "knn-seg", replacing=replacing)
+    out = write(payload)
     if as_json:
         typer.echo(json.dumps(payload, indent=2))
         return
@@ -257,7 +257,7 @@ def knn(
     from mlsctl.evaluate.inputs import classification_inputs
     from mlsctl.restore import model_on_demand
 
-    replacing = say_replacing(out, "eval knn", say)  # after the refusals, before the work
+    write = results_writer(out, "knn", say)  # after the refusals, before the work
     get_model = model_on_demand(run=run, weights=weights, arch=model, random_init=random_init, seed=seed, say=say)
     train_features, val_features, train_labels, val_labels, record = classification_inputs(
         dataset, root, train_split, val_split, train, val, train_labels, val_labels, get_model, say=say, resize=resize)
@@ -266,7 +266,7 @@ def knn(
                               device=device)
     payload = {"command": "eval knn", "dataset": record, **result, "seconds": round(time.perf_counter() - started, 3)}
     results, unknown = result["results"], result["val_classes_unseen_in_train"]
-    out = write_result(payload, out, "knn", replacing=replacing)
+    out = write(payload)
     if as_json:
         typer.echo(json.dumps(payload, indent=2))
         return
@@ -322,7 +322,7 @@ def linear(
     if multi_label and dataset != "folders":
         raise UserError(f"--multi-label reads tag lists from --train-labels; --dataset {dataset} has one class per image")
     lib.check_sweep(lr or [], wd or [])  # before the model loads
-    replacing = say_replacing(out, "eval linear", say)  # after the refusals, before the work
+    write = results_writer(out, "linear", say)  # after the refusals, before the work
     get_model = model_on_demand(run=run, weights=weights, arch=model, random_init=random_init, seed=seed, say=say)
     train_features, val_features, train_labels, val_labels, record = classification_inputs(
         dataset, root, train_split, val_split, train, val, train_labels, val_labels, get_model, say=say, resize=resize)
@@ -333,7 +333,7 @@ def linear(
                                  device=search_device(device))
     payload = {"command": "eval linear", "dataset": record, **result,
                "seconds": round(time.perf_counter() - started, 3)}
-    out = write_result(payload, out, "linear", replacing=replacing)
+    out = write(payload)
     if as_json:
         typer.echo(json.dumps(payload, indent=2))
         return
@@ -400,7 +400,7 @@ def linear_seg(
     from mlsctl.evaluate.inputs import segmentation_inputs, split_records
     from mlsctl.restore import model_on_demand
 
-    replacing = say_replacing(out, "eval linear-seg", say)  # after the refusals, before the work
+    write = results_writer(out, "linear-seg", say)  # after the refusals, before the work
     get_model = model_on_demand(run=run, weights=weights, arch=model, random_init=random_init, seed=seed, say=say)
     inputs = segmentation_inputs(dataset, root, train_split, val_split,
                                  dict(train=train, train_masks=train_masks, val=val, val_masks=val_masks),
@@ -415,7 +415,7 @@ def linear_seg(
     payload = {"command": "eval linear-seg", "dataset": inputs.record,
                **split_records(train_features, val_features, inputs.train_masks, inputs.val_masks),
                "model": train_features.model, **result}
-    out = write_result(payload, out, "linear-seg", replacing=replacing)
+    out = write(payload)
     if as_json:
         typer.echo(json.dumps(payload, indent=2))
         return
@@ -473,12 +473,12 @@ def retrieval(
             raise UserError(f"{option} {folder} is a gallery index (mlsctl index build); eval retrieval takes photos: "
                             f"a folder with one sub-folder of photos per object, such as the one the gallery was "
                             f"built from")
-    replacing = say_replacing(out, "eval retrieval", say)  # after the refusals, before the work
+    write = results_writer(out, "retrieval", say)  # after the refusals, before the work
     model = choose_set_model(run, say=say)
     payload = {"command": "eval retrieval",
                **evaluate_set_model(model, gallery, query, query_size=size, noise=fractions, seed=seed, workers=workers,
                                   say=say)}
-    out = write_result(payload, out, "retrieval", replacing=replacing)
+    out = write(payload)
     if as_json:
         print(json.dumps(payload, indent=2))
         return
@@ -511,11 +511,11 @@ def recall(
     from mlsctl.features import Features, require_rows
 
     feats = require_rows(Features(features, "features"), "features")
-    replacing = say_replacing(out, "eval recall", say)  # after the refusals, before the work
+    write = results_writer(out, "recall", say)  # after the refusals, before the work
     started = time.perf_counter()
     result = evaluate_recall(feats, labels, k)
     payload = {"command": "eval recall", **result, "seconds": round(time.perf_counter() - started, 3)}
-    out = write_result(payload, out, "recall", replacing=replacing)
+    out = write(payload)
     if as_json:
         typer.echo(json.dumps(payload, indent=2))
         return

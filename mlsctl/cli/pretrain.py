@@ -50,12 +50,13 @@ def pretrain(
     from mlsctl import config, train
 
     recipe_path = config.resolve_recipe_path(recipe)
-    for note in config.repeated_overrides(overrides or [], config.method_named_in(recipe_path)):  # said, not silent
+    data = config.read_yaml(recipe_path)  # read once: its method for the notes below, then the recipe
+    for note in config.repeated_overrides(overrides or [], config.method_named(data)):  # said, not silent
         say(note)
     # a run's resolved recipe (RUN/config.yaml): read as the run saved it (keys it predates take the values it
     # was trained with), and a default --out named after its run, not "config"
     run_recipe = config.is_run_recipe(recipe_path)
-    loaded = config.load_recipe_or_run(recipe_path, overrides or [])
+    loaded = config.load_recipe_or_run(recipe_path, overrides or [], data)
     if out is None:
         out = Path(RUNS_ROOT) / (recipe_path.resolve().parent.name if run_recipe else recipe_path.stem)
     if not resume and init_from is None:

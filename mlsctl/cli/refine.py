@@ -55,7 +55,11 @@ def train(
         recipe_path = config.resolve_recipe_path(recipe)
     items = [f"data.root={features}"]
     given_overrides = config.parse_overrides(list(overrides or []))
-    for note in config.repeated_overrides(list(overrides or []), config.method_named_in(recipe_path)):  # said
+    # read once: its method for the notes and the check below (as written: the file is checked whole with the
+    # overrides when it loads), then the recipe
+    raw = config.read_yaml(recipe_path)
+    method = config.method_named(raw)
+    for note in config.repeated_overrides(list(overrides or []), method):  # said
         say(note)
     for option, key, value in (("--labels", "method.labels_file", labels), ("--blocks", "method.blocks", blocks),
                                ("--k", "method.neighbours", k), ("--epochs", "optim.epochs", epochs),
@@ -68,11 +72,8 @@ def train(
             items.append(f"{key}={value}")
     # the recipe's method first: another method's recipe met --labels as "unknown key method.labels_file" (a probe,
     # 2026-12-07), a key the user never typed
-    raw = config.read_yaml(recipe_path)  # its method as written: the file is checked whole with the overrides below
-    written = raw.get("method") if isinstance(raw, dict) else None
-    method = written.get("name") if isinstance(written, dict) else None
-    if not isinstance(method, str) or method == "refine":
-        loaded = config.load_recipe_or_run(recipe_path, items + list(overrides or []))
+    if method is None or method == "refine":
+        loaded = config.load_recipe_or_run(recipe_path, items + list(overrides or []), raw)
         method = loaded.method.name
     if method != "refine":
         from mlsctl.errors import UserError

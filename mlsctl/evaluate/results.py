@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from mlsctl.console import to_stderr
 from mlsctl.errors import UserError
@@ -99,6 +99,15 @@ def write_result(payload: dict, out: Optional[Path], evaluation: str, say=to_std
     if replaced is not None and replaced not in (payload.get("command"), replacing):
         say(f"note: {path} held the results of {replaced}; replaced by these")
     return path
+
+
+def results_writer(out: Optional[Path], evaluation: str, say=to_stderr) -> Callable[[dict], Path]:
+    """How an ``mlsctl eval`` command (``eval knn``: ``evaluation`` "knn") writes its results, the one way for
+    all of them: called after its refusals and before its work, it says where ``out`` holds another
+    evaluation's results, which it will replace (:func:`say_replacing`); what it returns writes the payload
+    when the work is done (:func:`write_result`, which does not say it again) and returns the path written."""
+    replacing = say_replacing(out, f"eval {evaluation}", say)
+    return lambda payload: write_result(payload, out, evaluation, say, replacing=replacing)
 
 
 def _command_of(path: Path) -> Optional[str]:
