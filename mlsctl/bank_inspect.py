@@ -215,8 +215,9 @@ def neighbour_tiles(neighbours: Sequence[Neighbour], sources: SourceImages, cell
         if image is None:
             tiles.append((None, f"{caption}\n{where}"))
         else:
-            shown = Path(where)  # the object folder and the file: names like 00.png repeat in every folder
-            tiles.append((crop_tile(image, n.box, n.region, cell), f"{caption}\n{Path(*shown.parts[-2:]).as_posix()}"))
+            # the path under data.root, as the table beside the grid says it: names like 00.png repeat in every
+            # folder, and a file directly under data.root was shown under the root folder's name (a new user's probe)
+            tiles.append((crop_tile(image, n.box, n.region, cell), f"{caption}\n{sources.shown(where)}"))
     return tiles
 
 
