@@ -125,9 +125,10 @@ def check_resumable(run: Run, saved, latest, recipe) -> None:
 
 
 def open_run_dir(run: Run, recipe, folder: ImageFolder, lock: FolderLock, *, resume: bool,
-                  overwrite: bool, init_from: Optional[str]) -> Optional[str]:
+                  overwrite: bool, init_from: Optional[str], method_cls, dataset) -> Optional[str]:
     """Process 0, after every input has been validated: lock the run folder, then either check it
-    for --resume (returns the checkpoint to continue from) or prepare it for a new run (an
+    for --resume (returns the checkpoint to continue from; ``method_cls`` checks ``dataset`` against what
+    the run was trained on, :meth:`~mlsctl.methods.base.Method.check_resumed_data`) or prepare it for a new run (an
     earlier run in it is replaced only with --overwrite, and only its own files, which are set
     aside until the new run's first checkpoint: :meth:`~mlsctl.runs.Run.set_aside`)."""
     lock.acquire()
@@ -160,6 +161,7 @@ def open_run_dir(run: Run, recipe, folder: ImageFolder, lock: FolderLock, *, res
                 raise UserError(f"nothing to resume in {run.root} (no complete checkpoint); drop --resume and add "
                                 f"--overwrite to start again")
             _same_images(run, saved, recipe, folder)
+            method_cls.check_resumed_data(dataset, run, recipe.data.root, (_trained_recipe(latest) or saved).data.root)
             for stale in run.checkpoints_dir.glob(".step-*.tmp"):
                 shutil.rmtree(stale, ignore_errors=True)
             if run.config_path.read_text() != config_lib.dump_recipe(recipe):
