@@ -240,6 +240,18 @@ def test_train_from_a_run_of_another_method_says_so(trained, finished_run, capsy
     assert code == 2 and "is a run of dino; a refine run starts from the weights of another refine run" in err, err
 
 
+def test_overwrite_names_the_method_of_the_run_it_replaces(trained, finished_run, tmp_path, capsys):
+    """A new user's probe (2026-12-07): refine train --overwrite of a DINO run's folder said "replacing the run in
+    ...", without the method it replaced; other commands name what they replace."""
+    _, train = trained
+    dino = tmp_path / "dino-run"
+    shutil.copytree(finished_run[0], dino)
+    _, err = cli_ok(capsys, *_train_args(train, dino, "--epochs", "1", "--overwrite"))
+    assert f"replacing the dino run (last checkpoint: step 8) in {dino}: it stays in" in err, err
+    _, err = cli_ok(capsys, *_train_args(train, dino, "--epochs", "1", "--overwrite"))
+    assert f"replacing the refine run (last checkpoint: step 6) in {dino}" in err, err
+
+
 def test_apply_writes_features_every_eval_reads_and_never_shows_a_query_itself(trained, capsys):
     from mlsctl.features import Features
     from mlsctl.refine.apply import load_refiner, refine, self_rows
