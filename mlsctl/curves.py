@@ -111,7 +111,8 @@ def throughput_units(run_dir: str | Path, series: dict) -> dict[str, str]:
     2026-12-07, read "images/s"), MILE's ``sets_per_s`` and ``photos_per_s`` instead. A run whose
     config.yaml names no known method keeps the series' own name as its unit."""
     if "sets_per_s" in series:
-        return {key: unit for key, unit in (("sets_per_s", "sets / s"), ("photos_per_s", "photos / s")) if key in series}
+        return {key: unit for key, unit in (("sets_per_s", "sets / s"), ("photos_per_s", "photos / s"))
+                if key in series}
     if "images_per_s" not in series:
         return {}
     from mlsctl.registry import METHODS, method_class

@@ -196,8 +196,8 @@ def open_run_dir(run: Run, recipe, folder: ImageFolder, lock: FolderLock, *, res
                                 f"runs: choose another --out")
             replaced = replaced_run(run)  # before it is set aside
             kept = run.set_aside()
-            print(f"mlsctl: replacing {replaced} in {run.root}: it stays in {run.root / REPLACED} until the new run's first "
-                  f"checkpoint, and comes back if this start fails or is stopped before it"
+            print(f"mlsctl: replacing {replaced} in {run.root}: it stays in {run.root / REPLACED} until the new run's "
+                  f"first checkpoint, and comes back if this start fails or is stopped before it"
                   + (f"; kept {len(kept)} entr{'ies' if len(kept) > 1 else 'y'} that pretrain did not write "
                      f"({', '.join(kept[:4])}{', ...' if len(kept) > 4 else ''})" if kept else ""), file=sys.stderr)
         config_lib.save_recipe(recipe, run.config_path)

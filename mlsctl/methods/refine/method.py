@@ -326,9 +326,9 @@ class Refine(Method):
             raise UserError(f"the features in {given} changed since run {run.root} was trained on them (their SHA-256 "
                             f"is not the one its neighbour search recorded in {kept}): put back the features it was "
                             f"trained on, or start a new run (another --out, or --overwrite)")
-        raise UserError(f"the features {given} are not the features run {run.root} was trained on ({trained_on}): their "
-                        f"SHA-256 is not the one its neighbour search recorded in {kept}; resume with {trained_on}, or "
-                        f"start a new run on {given} (another --out, or --overwrite)")
+        raise UserError(f"the features {given} are not the features run {run.root} was trained on ({trained_on}): "
+                        f"their SHA-256 is not the one its neighbour search recorded in {kept}; resume with "
+                        f"{trained_on}, or start a new run on {given} (another --out, or --overwrite)")
 
     @classmethod
     def batch_sampler(cls, recipe, dataset, *, world_size=1, rank=0, start_step=0, total_steps=None):
