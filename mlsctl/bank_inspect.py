@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -215,8 +216,9 @@ def neighbour_tiles(neighbours: Sequence[Neighbour], sources: SourceImages, cell
         if image is None:
             tiles.append((None, f"{caption}\n{where}"))
         else:
-            shown = Path(where)  # the object folder and the file: names like 00.png repeat in every folder
-            tiles.append((crop_tile(image, n.box, n.region, cell), f"{caption}\n{Path(*shown.parts[-2:]).as_posix()}"))
+            # the path under data.root, as the table beside the grid says it: names like 00.png repeat in every
+            # folder, and a file directly under data.root was shown under the root folder's name (a new user's probe)
+            tiles.append((crop_tile(image, n.box, n.region, cell), f"{caption}\n{sources.shown(where)}"))
     return tiles
 
 
@@ -261,6 +263,7 @@ def project_2d(vectors: torch.Tensor, method: str = "auto", seed: int = 0
 
 
 COLOUR_KEYWORDS = ("age", "label", "source")
+IGNORED_MASK_VALUE = 255  # a mask's pixels that count for no class (eval knn-seg's ignore index)
 
 
 @dataclass
@@ -275,17 +278,22 @@ class EntryColours:
     unlabelled: Optional[str] = None
     missing: int = 0
     other_name: str = "labels"  # what the classes beyond the 10 drawn are called in the legend
+    note: Optional[str] = None  # what the colours are not, said with the picture
+    missing_said: Optional[str] = None  # why the ``missing`` entries are grey ("have no class ..."), where not a file's
 
 
 def entry_colours(bank: MemoryBank, name: str, slots: torch.Tensor, color_by: str, step: int,
                   sources: Optional[SourceImages]) -> EntryColours:
     """Colours of the entries at ``slots`` (written entries) by ``color_by``: ``age`` (steps since
-    the write), ``label`` (the ``label`` payload), ``source`` (the source image, named by its path under ``data.root``)
-    or the path of a labels file (CSV ``path,label`` or JSONL ``{"path", "label"}``, read by
+    the write), ``label`` (the ``label`` payload), ``source`` (the source image, named by its path under ``data.root``),
+    the path of a labels file (CSV ``path,label`` or JSONL ``{"path", "label"}``, read by
     :func:`mlsctl.data.labels.read_labels_file`) whose paths are the source images as the run's
-    images.txt lists them (relative to ``data.root``), absolute paths, or ``image_id`` numbers.
+    images.txt lists them (relative to ``data.root``), absolute paths, or ``image_id`` numbers, or a
+    folder of segmentation masks (:func:`mask_colours`: each entry's own class, for banks of regions).
     Entries whose image the file does not list are grey and counted in ``missing``; a file that
-    labels none of them is refused."""
+    labels none of them is refused. A labels file labels whole images: a bank of regions (objects,
+    patches) is drawn in each entry's image's label, and ``note`` says so (a new user's probe,
+    2026-12-07: fmnist-scenes' labels.csv, each scene's largest item, coloured CrIBo's objects without a word)."""
     payload = {key: value.cpu()[slots] for key, value in bank.payload.items()}
     if color_by == "age":
         return EntryColours(step - payload["step"], "age", "age")
@@ -295,13 +303,14 @@ def entry_colours(bank: MemoryBank, name: str, slots: torch.Tensor, color_by: st
                             f"use --color-by age, source or a labels file")
         return EntryColours(payload[LABEL_COLUMN].long(), "label", "label")
     path = None if color_by in COLOUR_KEYWORDS else Path(color_by)
-    if path is not None and not path.is_file():
+    if path is not None and not path.is_file() and not path.is_dir():
         import difflib
 
         close = difflib.get_close_matches(color_by, COLOUR_KEYWORDS, n=1)  # as the other options (a new user)
-        raise UserError(f"--color-by {color_by!r} is neither age, label, source nor an existing labels file"
-                        + (f"; did you mean '{close[0]}'?" if close else "; give one of those (a labels file is a "
-                                                                          "CSV or JSONL of path,label)"))
+        raise UserError(f"--color-by {color_by!r} is neither age, label, source, an existing labels file nor a folder "
+                        f"of masks" + (f"; did you mean '{close[0]}'?" if close else "; give one of those (a labels "
+                                                                                     "file is a CSV or JSONL of "
+                                                                                     "path,label)"))
     if IMAGE_COLUMN not in payload:
         raise UserError(f"bank '{name}' has no '{IMAGE_COLUMN}' payload (it has {', '.join(bank.payload)}), so its "
                         f"entries have no source image; use --color-by age")
@@ -315,6 +324,8 @@ def entry_colours(bank: MemoryBank, name: str, slots: torch.Tensor, color_by: st
         # the path under data.root, not the bare file name: 01.png of two folders are two images
         names = {int(i): relpath(int(i)) or f"image {int(i)}" for i in image_ids.unique()}
         return EntryColours(image_ids, "label", "source image", names, other_name="images")
+    if path.is_dir():
+        return mask_colours(payload, name, path, [relpath(i) for i in image_ids.tolist()])
     from mlsctl.data.labels import read_labels_file
 
     # bank plot has no --multi-label (a new user's run-through, 2026-12-06: the hint said to add it)
@@ -334,8 +345,57 @@ def entry_colours(bank: MemoryBank, name: str, slots: torch.Tensor, color_by: st
     index = {label: i for i, label in enumerate(classes)}
     values = torch.tensor([index[label] if label is not None else -1 for label in found])
     missing = int((values < 0).sum())
-    return EntryColours(values, "label", f"labels of {path.name}", dict(enumerate(classes)),
-                        unlabelled=f"not in {path.name}", missing=missing)
+    if REGION_COLUMN not in payload:
+        return EntryColours(values, "label", f"labels of {path.name}", dict(enumerate(classes)),
+                            unlabelled=f"not in {path.name}", missing=missing)
+    masks = root.parent / "masks" if root is not None else None  # the fmnist-scenes layout: SPLIT/images, SPLIT/masks
+    note = (f"note: bank '{name}' holds regions of images (objects, patches) and {path} labels whole images, so each "
+            f"entry is drawn in its image's label, not its own class" +
+            (f"; --color-by {masks} colours each by the class covering most of its region" if masks is not None
+             and masks.is_dir() else ""))
+    return EntryColours(values, "label", f"labels of {path.name}, each entry's image", dict(enumerate(classes)),
+                        unlabelled=f"not in {path.name}", missing=missing, note=note)
+
+
+def mask_colours(payload: dict, name: str, masks: Path, relpaths: Sequence[Optional[str]]) -> EntryColours:
+    """Each entry coloured by the class covering most of its ``region`` (original pixels) in its source
+    image's segmentation mask, found in the folder ``masks`` as ``eval knn-seg`` finds them (the image's path
+    under data.root with a mask extension); ignored pixels (255) do not count, ties go to the lower class;
+    class names from a ``meta.json`` beside the masks (fmnist-scenes writes one). An entry whose region holds
+    no counted pixel, or whose image is unknown, is unlabelled."""
+    import numpy as np
+
+    from mlsctl.evaluate.knn_seg import class_names, match_masks, read_mask
+
+    if REGION_COLUMN not in payload:
+        raise UserError(f"--color-by {masks} colours each entry by the class of its region, and bank '{name}' has no "
+                        f"'{REGION_COLUMN}' payload (its entries are whole crops); colour it by a labels file of "
+                        f"path,label instead")
+    known = sorted({relpath for relpath in relpaths if relpath is not None})
+    mask_of = dict(zip(known, match_masks(known, masks, "--color-by")))
+    read: dict[str, np.ndarray] = {}
+    values = []
+    for relpath, region in zip(relpaths, payload[REGION_COLUMN].tolist()):
+        if relpath is None:
+            values.append(-1)
+            continue
+        mask = read.get(relpath)
+        if mask is None:
+            mask = read[relpath] = read_mask(mask_of[relpath])
+        x0, y0 = max(0, math.floor(region[0])), max(0, math.floor(region[1]))
+        x1, y1 = min(mask.shape[1], math.ceil(region[2])), min(mask.shape[0], math.ceil(region[3]))
+        pixels = mask[y0:y1, x0:x1].reshape(-1)
+        counted = pixels[(pixels >= 0) & (pixels != IGNORED_MASK_VALUE)]
+        values.append(int(np.bincount(counted).argmax()) if counted.size else -1)
+    classes = sorted({v for v in values if v >= 0})
+    if not classes:
+        raise UserError(f"no region of the {len(values)} entries drawn holds a class in {masks} (only ignored pixels "
+                        f"{IGNORED_MASK_VALUE}, or regions outside the masks); are they the masks of the run's images?")
+    names = class_names(masks) or []
+    return EntryColours(torch.tensor(values), "label", f"class of each region in {masks.name}",
+                        {c: names[c] if c < len(names) else f"class {c}" for c in classes},
+                        unlabelled="no class in its region", missing=sum(v < 0 for v in values),
+                        missing_said=f"have no class of {masks} in their region, or an unknown source image")
 
 
 def check_export_target(out: Path, run: Run, overwrite: bool) -> None:

@@ -4,15 +4,16 @@
 :func:`plot_runs` draws, with one colour per run (and one line style per term, bank or monitor),
 axes, units and legends, a grid of panels:
 
-* the training loss, and its terms when a run has several (a run whose only term is its total
-  gets no second panel);
+* the training loss (with ``refine``'s ``ms_before``, the loss of its batches unrefined, dashed), and
+  its terms when a run has several (a run whose only term is its total gets no second panel);
 * the learning rate and weight decay, the teacher momentum (methods with a teacher);
 * DINO's teacher entropy (``teacher_entropy``, mean entropy of the teacher's output distribution,
   with ``log K`` — uniform outputs, the collapse DINO's centring invites — drawn when the run's
   config gives ``method.out_dim``), when a run logs it;
 * memory-bank health (the mean pairwise cosine of every bank; methods that keep one);
-* quality monitors (``monitor/...``), or else the throughput: images/s, or for MILE sets/s and
-  photos/s (``sets_per_s``, ``photos_per_s``).
+* quality monitors (``monitor/...``), or else the throughput in the method's batch elements per
+  second (images/s, refine's embeddings/s), or for MILE sets/s and photos/s (``sets_per_s``,
+  ``photos_per_s``).
 
 Noisy per-step series (the loss and its terms, the teacher entropy, the throughput) of more than
 :data:`MARKER_POINTS` points are drawn faint, with a bias-corrected exponential moving average
@@ -88,16 +89,38 @@ def smoothing_span(n: int) -> Optional[float]:
     return None if n <= MARKER_POINTS else max(2.0, n * SMOOTH_SHARE)
 
 
-def _config_int(run_dir: str | Path, section: str, key: str) -> Optional[int]:
-    """An integer ``section.key`` of the run's config.yaml (read with the recipes' bounds), None where
-    it has none."""
+def _config_value(run_dir: str | Path, section: str, key: str):
+    """``section.key`` of the run's config.yaml (read with the recipes' bounds), None where it has none."""
     from mlsctl.config import read_yaml
 
     try:
-        value = read_yaml(Run(run_dir).config_path)[section][key]
+        return read_yaml(Run(run_dir).config_path)[section][key]
     except (UserError, OSError, KeyError, TypeError):
         return None
+
+
+def _config_int(run_dir: str | Path, section: str, key: str) -> Optional[int]:
+    """An integer ``section.key`` of the run's config.yaml, None where it has none."""
+    value = _config_value(run_dir, section, key)
     return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def throughput_units(run_dir: str | Path, series: dict) -> dict[str, str]:
+    """The throughput series a run's panel draws, each with its unit: ``images_per_s`` counts the
+    method's batch elements (embeddings for ``refine``, which trains on features: a new user's probe,
+    2026-12-07, read "images/s"), MILE's ``sets_per_s`` and ``photos_per_s`` instead. A run whose
+    config.yaml names no known method keeps the series' own name as its unit."""
+    if "sets_per_s" in series:
+        return {key: unit for key, unit in (("sets_per_s", "sets / s"), ("photos_per_s", "photos / s"))
+                if key in series}
+    if "images_per_s" not in series:
+        return {}
+    from mlsctl.registry import METHODS, method_class
+
+    method = _config_value(run_dir, "method", "name")
+    if method not in METHODS:
+        return {"images_per_s": "images_per_s"}
+    return {"images_per_s": method_class(method).speed_unit().replace("/", " / ")}
 
 
 def _output_classes(run_dir: str | Path) -> Optional[int]:
@@ -183,7 +206,10 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, *, title: str | N
 
     # (title, which keys of a run, y label, options); a panel that only some methods log is left
     # out when no run logs it, the others say "not logged"
-    specs = [("training loss", lambda s: ["loss"], "loss", dict(smooth=True, label=lambda n, k: n))]
+    # refine's ms_before, the Multi-Similarity loss of its batches unrefined, beside the refined loss it is the baseline
+    # of (a new user's probe, 2026-12-07: it was drawn in no panel)
+    specs = [("training loss", lambda s: ["loss", "ms_before"], "loss",
+              dict(smooth=True, label=lambda n, k: n if k == "loss" else f"{n}: unrefined embeddings ({k})"))]
     terms = lambda s: [] if single_term_duplicates(s) else sorted(k for k in s if k.startswith("loss/"))  # noqa: E731
     if any(terms(s) for _, s in runs):
         specs.append(("loss terms", terms, "loss term", dict(smooth=True)))
@@ -201,15 +227,17 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, *, title: str | N
                       "mean pairwise cosine (1 = collapsed)",
                       dict(label=lambda n, k: f"{n}: {k[len('bank/'):]}",
                            empty=_no_bank_health(run_dirs, runs), unrecorded=_bank_health_reasons(run_dirs, runs))))
+    throughput: dict[str, dict[str, str]] = {}
     if any_key(lambda k: k.startswith("monitor/")):
         specs.append(("quality monitor", lambda s: sorted(k for k in s if k.startswith("monitor/")), "score", {}))
     else:
-        sets = any_key(lambda k: k == "sets_per_s")
-        units = {"images_per_s": "images / s", "sets_per_s": "sets / s", "photos_per_s": "photos / s"}
+        throughput = {name: throughput_units(run_dir, series) for run_dir, (name, series) in zip(run_dirs, runs)}
+        said = {unit for per_run in throughput.values() for unit in per_run.values()}
+        one = next(iter(said)) if len(said) == 1 else None  # one unit: the axis says it, else each line
         specs.append(("throughput",
                       lambda s: ["sets_per_s", "photos_per_s"] if "sets_per_s" in s else ["images_per_s"],
-                      "per second" if sets else "images / s",
-                      dict(smooth=True, label=(lambda n, k: f"{n}: {units[k]}") if sets else (lambda n, k: n))))
+                      one or "per second",
+                      dict(smooth=True, label=(lambda n, k: n) if one else (lambda n, k: f"{n}: {throughput[n][k]}"))))
 
     columns = 3
     rows = (len(specs) + columns - 1) // columns
@@ -286,4 +314,5 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, *, title: str | N
     return {"out": str(out), "runs": [n for n, _ in runs], "panels": panels,
             "smoothed": {k: round(v, 2) for k, v in sorted(smoothed.items())}, "markers": sorted(markers),
             "empty": empty, "not_drawn": not_drawn,  # why a panel is empty, and what a log axis left out
-            "not_recorded": not_recorded}  # runs a panel has no line of, and why
+            "not_recorded": not_recorded,  # runs a panel has no line of, and why
+            "throughput_units": throughput}  # run → its throughput series → unit ({} where monitors are drawn)

@@ -282,7 +282,8 @@ def test_plot_colour_by_source_and_labels_file_and_bad_files_get_one_sentence(so
                             (str(tags), "it lists several tags for an image; bank plot colours one label per image"),
                             (str(unlabelled), f"labels file {unlabelled} labels none of the 6 entries drawn"),
                             (str(one_column), f"{one_column}:1 needs two columns, path and label"),
-                            ("colour", "--color-by 'colour' is neither age, label, source nor an existing labels file")):
+                            ("colour", "--color-by 'colour' is neither age, label, source, an existing labels file nor "
+                                       "a folder of masks")):
         code, _, err = cli("bank", "plot", str(sourced_run), "--color-by", colour, "--out", str(tmp_path / "x.png"),
                            capsys=capsys)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
@@ -300,6 +301,98 @@ def test_colour_by_source_names_each_image_by_its_path_under_the_data_root():
     sources = SimpleNamespace(relpaths=["scenes/01.png", "products/01.png"], root=Path("/data"))
     colours = entry_colours(bank, "b", bank.written_order(), "source", 2, sources)
     assert colours.names == {0: "scenes/01.png", 1: "products/01.png"}
+
+
+def _scenes_split(root: Path) -> Path:
+    """A split in the fmnist-scenes layout (SPLIT/images, SPLIT/masks, meta.json above), two 16 x 16 scenes:
+    scene 0 a t-shirt left and a trouser right; scene 1 background under 4 ignored rows. Its labels.csv labels
+    each scene by its largest item, as fmnist-scenes' does."""
+    import numpy as np
+
+    split = root / "train"
+    (split / "images").mkdir(parents=True)
+    (split / "masks").mkdir()
+    (root / "meta.json").write_text(json.dumps({"classes": ["background", "t-shirt/top", "trouser"]}))
+    first = np.zeros((16, 16), np.uint8)
+    first[:, :8], first[:, 8:] = 1, 2
+    second = np.zeros((16, 16), np.uint8)
+    second[:4] = 255
+    for name, mask in (("000000.png", first), ("000001.png", second)):
+        Image.new("RGB", (16, 16)).save(split / "images" / name)
+        Image.fromarray(mask, mode="L").save(split / "masks" / name)
+    (split / "labels.csv").write_text("path,label\n000000.png,t-shirt/top\n000001.png,background\n")
+    return split
+
+
+def _object_bank(image_ids: list[int], regions: list[list[float]]) -> MemoryBank:
+    bank = MemoryBank(8, 4, {"image_id": Column(), "region": Column((4,), torch.float32)})
+    bank.enqueue(torch.randn(len(image_ids), 4, generator=torch.Generator().manual_seed(0)), step=1, gather=False,
+                 image_id=torch.tensor(image_ids), region=torch.tensor(regions))
+    return bank
+
+
+def test_an_object_bank_is_coloured_by_each_region_s_class_in_the_masks_and_image_labels_are_said_as_such(tmp_path):
+    """A new user's probe (2026-12-07): fmnist-scenes' labels.csv (each scene's largest item) coloured CrIBo's
+    objects by their scene's class, without a word. A labels file of images now says it labels whole images (and
+    where each object's own class is); a folder of masks colours each region by the class covering most of it."""
+    from types import SimpleNamespace
+
+    from mlsctl.bank_inspect import entry_colours
+    from mlsctl.errors import UserError
+
+    split = _scenes_split(tmp_path / "scenes")
+    sources = SimpleNamespace(relpaths=["000000.png", "000001.png"], root=split / "images")
+    bank = _object_bank([0, 0, 1, 1, 0], [[0, 0, 8, 16], [6, 0, 16, 16], [0, 0, 16, 16], [0, 0, 16, 4],
+                                          [0, 0, 8.4, 15.2]])
+    slots = bank.written_order()
+    by_file = entry_colours(bank, "objects", slots, str(split / "labels.csv"), 2, sources)
+    assert [by_file.names[v] for v in by_file.values.tolist()] == ["t-shirt/top"] * 2 + ["background"] * 2 + [
+        "t-shirt/top"]  # the scene's label, as before; now said
+    assert by_file.note == (f"note: bank 'objects' holds regions of images (objects, patches) and "
+                            f"{split / 'labels.csv'} labels whole images, so each entry is drawn in its image's label, "
+                            f"not its own class; --color-by {split / 'masks'} colours each by the class covering most "
+                            f"of its region")
+    by_mask = entry_colours(bank, "objects", slots, str(split / "masks"), 2, sources)
+    assert [by_mask.names.get(v) for v in by_mask.values.tolist()] == ["t-shirt/top", "trouser", "background", None,
+                                                                       "t-shirt/top"]  # an all-ignored region: none
+    assert by_mask.missing == 1 and by_mask.note is None and "no class of" in by_mask.missing_said
+    whole = MemoryBank(4, 4, {"image_id": Column()})  # whole crops: no region to take a class of
+    whole.enqueue(torch.randn(1, 4), step=1, gather=False, image_id=torch.tensor([0]))
+    with pytest.raises(UserError, match="bank 'cls' has no 'region' payload"):
+        entry_colours(whole, "cls", whole.written_order(), str(split / "masks"), 2, sources)
+    assert entry_colours(whole, "cls", whole.written_order(), str(split / "labels.csv"), 2, sources).note is None
+    (split / "masks" / "000001.png").unlink()
+    with pytest.raises(UserError, match="has no mask for 1 of 2 images"):
+        entry_colours(bank, "objects", slots, str(split / "masks"), 2, sources)
+
+
+def test_plot_of_an_object_bank_says_what_a_labels_file_colours(finished_run, tmp_path, capsys):
+    import numpy as np
+
+    from mlsctl.bank_inspect import SourceImages
+    from mlsctl.runs import Run
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run[0], run_dir)
+    relpaths = SourceImages(Run(run_dir)).relpaths[:2]
+    save_banks({"objects": _object_bank([0, 1, 0], [[0, 0, 24, 40], [24, 0, 48, 40], [24, 0, 48, 40]])},
+               Run(run_dir).latest().banks_path)
+    labels = tmp_path / "labels.csv"
+    labels.write_text("".join(f"{p},scene{i}\n" for i, p in enumerate(relpaths)))
+    masks = tmp_path / "masks"
+    for i, relpath in enumerate(relpaths):
+        mask = np.zeros((40, 48), np.uint8)
+        mask[:, 24:] = 1 + i
+        (masks / relpath).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(mask, mode="L").save(masks / relpath)
+    code, _, err = cli("bank", "plot", str(run_dir), "--color-by", str(labels), "--projection", "pca",
+                       "--out", str(tmp_path / "p.png"), capsys=capsys)
+    assert code == 0 and f"and {labels} labels whole images, so each entry is drawn in its image's label" in err, err
+    code, out, err = cli("bank", "plot", str(run_dir), "--color-by", str(masks), "--projection", "pca", "--json",
+                         "--out", str(tmp_path / "m.png"), capsys=capsys)
+    assert code == 0 and "labels whole images" not in err, err
+    legend = {group["name"]: group["count"] for group in json.loads(out)["legend"]}
+    assert legend == {"class 0": 1, "class 1": 1, "class 2": 1}
 
 
 def test_export_of_a_run_without_banks_is_refused(mile_run, tmp_path, capsys):

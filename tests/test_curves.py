@@ -75,6 +75,35 @@ def test_a_run_without_teacher_or_bank_gets_no_panels_for_them(tmp_path):
         assert set(result["panels"]) == {"training loss", "learning rate and weight decay", "throughput"}
 
 
+def test_a_refine_run_s_throughput_counts_embeddings_and_its_unrefined_loss_is_drawn(tmp_path, monkeypatch):
+    """A new user's probe (2026-12-07): a refine run's throughput axis said images/s, where refinement trains on
+    embeddings (its progress line says embeddings/s), and its ms_before was drawn in no panel."""
+    import mlsctl.curves as curves
+
+    drawn = []
+    real = curves.save_figure
+    monkeypatch.setattr(curves, "save_figure", lambda figure, *a, **k: (drawn.append(figure), real(figure, *a, **k)))
+    records = [{"step": s, "loss": 0.7 - s / 100, "loss/ms": 0.7 - s / 100, "ms_before": 0.72, "lr": 1e-4,
+                "images_per_s": 900.0} for s in range(1, 9)]
+    refine = fake_run(tmp_path / "refine", records, "method: {name: refine}\n")
+    result = plot_runs([refine], tmp_path / "r.png")
+    assert result["panels"]["training loss"] == ["loss", "ms_before"]
+    assert result["throughput_units"] == {"refine": {"images_per_s": "embeddings / s"}}
+    axes = {ax.get_title(): ax for ax in drawn[-1].axes}
+    assert axes["throughput"].get_ylabel() == "embeddings / s"
+    legend = [t.get_text() for t in axes["training loss"].get_legend().get_texts()]
+    assert legend == ["refine", "refine: unrefined embeddings (ms_before)"]
+    dino = fake_run(tmp_path / "dino", [{k: v for k, v in r.items() if k != "ms_before"} for r in records],
+                    "method: {name: dino}\n")
+    result = plot_runs([refine, dino], tmp_path / "both.png")  # two units: each line says its own
+    assert result["throughput_units"] == {"refine": {"images_per_s": "embeddings / s"},
+                                          "dino": {"images_per_s": "images / s"}}
+    axes = {ax.get_title(): ax for ax in drawn[-1].axes}
+    assert axes["throughput"].get_ylabel() == "per second"
+    assert [t.get_text() for t in axes["throughput"].get_legend().get_texts()] == ["refine: embeddings / s",
+                                                                                   "dino: images / s"]
+
+
 def test_a_single_term_that_is_not_the_total_keeps_its_panel():
     total = {"loss": ([1, 2], [2.0, 1.0]), "loss/ms": ([1, 2], [2.0, 1.0])}
     weighted = {"loss": ([1, 2], [2.0, 1.0]), "loss/ms": ([1, 2], [1.0, 0.5])}

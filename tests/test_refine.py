@@ -240,6 +240,18 @@ def test_train_from_a_run_of_another_method_says_so(trained, finished_run, capsy
     assert code == 2 and "is a run of dino; a refine run starts from the weights of another refine run" in err, err
 
 
+def test_overwrite_names_the_method_of_the_run_it_replaces(trained, finished_run, tmp_path, capsys):
+    """A new user's probe (2026-12-07): refine train --overwrite of a DINO run's folder said "replacing the run in
+    ...", without the method it replaced; other commands name what they replace."""
+    _, train = trained
+    dino = tmp_path / "dino-run"
+    shutil.copytree(finished_run[0], dino)
+    _, err = cli_ok(capsys, *_train_args(train, dino, "--epochs", "1", "--overwrite"))
+    assert f"replacing the dino run (last checkpoint: step 8) in {dino}: it stays in" in err, err
+    _, err = cli_ok(capsys, *_train_args(train, dino, "--epochs", "1", "--overwrite"))
+    assert f"replacing the refine run (last checkpoint: step 6) in {dino}" in err, err
+
+
 def test_apply_writes_features_every_eval_reads_and_never_shows_a_query_itself(trained, capsys):
     from mlsctl.features import Features
     from mlsctl.refine.apply import load_refiner, refine, self_rows
@@ -579,6 +591,23 @@ def test_a_resumed_refine_run_reads_its_neighbours_back(trained, tmp_path, monke
     _, err = cli_ok(capsys, "refine", "train", str(train), "--out", str(killed), "--resume")
     assert f"resuming {killed} from step {stopped_at}" in err and "neighbours read from" in err
     assert Run(killed).latest().step == 18
+
+
+def test_resuming_a_finished_run_on_other_features_names_both_not_already_complete(trained, tmp_path, capsys):
+    """A new user's probe (2026-12-07): --resume of a finished run given features of the same files with other
+    values said "already complete"; the features' check came only with the neighbour search, after that."""
+    source, train = trained
+    run = tmp_path / "run"
+    shutil.copytree(source / "run", run)
+    config = (run / "config.yaml").read_text()
+    x, y = _clusters(n_classes=12, per_class=8, seed=1)
+    other = _folder(tmp_path / "other-model", x, y, input_root=source / "images")  # the same files, another model
+    code, _, err = cli("refine", "train", str(other), "--out", str(run), "--resume", capsys=capsys)
+    assert code == 2 and "already complete" not in err, err
+    assert f"{other} are not the features run {run} was trained on ({train.resolve()})" in err, err
+    assert len(err.strip().splitlines()) == 1 and (run / "config.yaml").read_text() == config  # left as it was
+    _, err = cli_ok(capsys, "refine", "train", str(train), "--out", str(run), "--resume")  # its own: complete
+    assert "already complete" in err
 
 
 def test_resume_on_a_run_of_another_method_names_the_run_not_a_recipe(trained, tmp_path, capsys):

@@ -82,6 +82,24 @@ def test_captions_keep_a_paths_end_and_cosines_three_decimals():
     assert tile is None and caption.split("\n") == ["cos 0.995", "step 13", f"missing: /data/{path}"]
 
 
+def test_captions_name_a_source_image_by_its_path_under_the_data_root(tmp_path):
+    """A new user's probe (2026-12-07): a file directly under data.root was captioned with the root folder's name
+    (``images/top.png``), and a deeper one lost its upper folders; the table beside the grid says the path under
+    data.root."""
+    from mlsctl.bank_inspect import Neighbour, SourceImages, neighbour_tiles
+
+    root = tmp_path / "images"
+    (root / "shop" / "aisle").mkdir(parents=True)
+    for relpath in ("top.png", "shop/aisle/deep.png"):
+        Image.new("RGB", (8, 8), (90, 40, 20)).save(root / relpath)
+    sources = SourceImages.__new__(SourceImages)  # as a run whose images.txt lists the two
+    vars(sources).update(root=root, note=None, relpaths=["top.png", "shop/aisle/deep.png"])
+    found = [Neighbour(slot=i, score=0.5, step=0, image_id=i, image=None, box=None, region=None, label=None)
+             for i in range(2)]
+    captions = [caption.split("\n")[-1] for _, caption in neighbour_tiles(found, sources, 32)]
+    assert captions == ["top.png", "shop/aisle/deep.png"]
+
+
 def test_the_library_never_draws_over_a_picture_it_did_not_draw(tmp_path):
     """A code-health review (2026-12-07): only the CLI asked, so a library call of a drawer replaced an input
     image at its ``out``; an earlier picture of mlsctl's is replaced."""

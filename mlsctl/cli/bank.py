@@ -197,17 +197,18 @@ def neighbors(
 def plot(
     run: Path = RUN_ARG,
     out: Path = typer.Option(Path("bank.png"), "--out", "-o", callback=png_file("--out"), help="PNG to write."),
-    color_by: str = typer.Option("age", "--color-by", metavar="<age|label|source|FILE>",
-                                 help="age, label (needs a label payload), source (the source image of each entry) or "
-                                      "a labels file (CSV or JSONL of path,label; paths as in RUN/images.txt, "
-                                      "absolute, or image_id)."),
+    color_by: str = typer.Option("age", "--color-by", metavar="<age|label|source|MASKS|FILE>",
+                                 help="age, label (needs a label payload), source (the source image of each entry), "
+                                      "a labels file of whole images (CSV or JSONL of path,label; paths as in "
+                                      "RUN/images.txt, absolute, or image_id) or a folder of segmentation masks "
+                                      "(each region's own class, for banks of regions such as CrIBo's objects)."),
     bank: Optional[str] = typer.Option(None, "--bank", help="Bank name [default: the run's only bank]."),
     projection: Projection = typer.Option("auto", "--projection", parser=one_of("--projection", Projection), help="pca, tsne (needs scikit-learn), or auto: t-SNE when scikit-learn is installed."),
     sample: int = typer.Option(2000, "--sample", min=2, help="Entries drawn (a fixed random sample)."),
     step: Optional[int] = STEP_OPT,
     as_json: bool = typer.Option(False, "--json", help="Print what was drawn as JSON."),
 ) -> None:
-    """A 2-D projection of a sample of the entries training wrote, coloured by age, label, source image or a labels file.
+    """A 2-D projection of a sample of the entries training wrote, coloured by age, label, source image, labels or masks.
 
     Example: mlsctl bank plot runs/dino_fmnist_quick --out bank.png --color-by source
     """
@@ -238,12 +239,15 @@ def plot(
             tuple(f"principal component {i + 1} ({100 * share:.0f}% of the variance)" for i, share in enumerate(shares)))
     legend = scatter_plot(points, colours.values, out, title=title, colour_by=colours.mode, axis_names=axes,
                  label_names=colours.names, unlabelled=colours.unlabelled, other_name=colours.other_name)
+    if colours.note:
+        say(colours.note)
     if colours.missing:
-        say(f"{colours.missing} of {len(rows)} entries have a source image that {color_by} does not label; drawn grey")
+        said = colours.missing_said or f"have a source image that {color_by} does not label"
+        say(f"{colours.missing} of {len(rows)} entries {said}; drawn grey")
     if as_json:  # the numbers the title and the closing line say
         print(json.dumps({"run": str(run_.root), "step": checkpoint.step, "bank": name, "out": str(out),
                           "projection": used, "colour": colours.caption, "drawn": len(rows), "written": len(order),
-                          "random_start_left_out": left_out, "not_labelled": colours.missing,
+                          "random_start_left_out": left_out, "not_labelled": colours.missing, "note": colours.note,
                           "variance_shares": None if shares is None else [float(x) for x in shares],
                           "legend": legend}, indent=2))
         return

@@ -278,6 +278,15 @@ class Method(nn.Module):
         Refinement keeps its neighbour search there; the image methods have nothing to prepare."""
 
     @classmethod
+    def check_resumed_data(cls, dataset, run, given: str, trained_on: str) -> None:
+        """--resume, before anything else is said of the run (a finished one is "already complete"): refuse
+        data that differ from what ``run`` (a :class:`~mlsctl.runs.Run`) was trained on in a way the listing of
+        data.root cannot show (``given``: the data.root of this resume, ``trained_on``: the run's). The image
+        methods have nothing to
+        check beyond the listing (RUN/images.txt); refinement compares the features with those its neighbour
+        search recorded."""
+
+    @classmethod
     def batch_sampler(cls, recipe: Recipe, dataset, *, world_size: int = 1, rank: int = 0, start_step: int = 0,
                       total_steps: int | None = None) -> StepBatchSampler:
         return StepBatchSampler(len(dataset), recipe.optim.batch_size, world_size=world_size, rank=rank,

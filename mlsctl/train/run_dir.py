@@ -124,10 +124,20 @@ def check_resumable(run: Run, saved, latest, recipe) -> None:
                     f"another --out (with --init-from {run.root} to start from its weights)")
 
 
+def replaced_run(run: Run) -> str:
+    """The run ``--overwrite`` replaces, as the line that says so names it: its method and its last
+    checkpoint ("the dino run (last checkpoint: step 200)"). A new user's probe (2026-12-07): ``refine train
+    --overwrite`` of a DINO run's folder said "replacing the run", where other commands name what they replace."""
+    method = config_lib.load_run_recipe(run.config_path).method.name  # it reads: Run.is_run said so
+    latest = run.latest()
+    return f"the {method} run (" + (f"last checkpoint: step {latest.step})" if latest is not None else "no checkpoint)")
+
+
 def open_run_dir(run: Run, recipe, folder: ImageFolder, lock: FolderLock, *, resume: bool,
-                  overwrite: bool, init_from: Optional[str]) -> Optional[str]:
+                  overwrite: bool, init_from: Optional[str], method_cls, dataset) -> Optional[str]:
     """Process 0, after every input has been validated: lock the run folder, then either check it
-    for --resume (returns the checkpoint to continue from) or prepare it for a new run (an
+    for --resume (returns the checkpoint to continue from; ``method_cls`` checks ``dataset`` against what
+    the run was trained on, :meth:`~mlsctl.methods.base.Method.check_resumed_data`) or prepare it for a new run (an
     earlier run in it is replaced only with --overwrite, and only its own files, which are set
     aside until the new run's first checkpoint: :meth:`~mlsctl.runs.Run.set_aside`)."""
     lock.acquire()
@@ -160,6 +170,7 @@ def open_run_dir(run: Run, recipe, folder: ImageFolder, lock: FolderLock, *, res
                 raise UserError(f"nothing to resume in {run.root} (no complete checkpoint); drop --resume and add "
                                 f"--overwrite to start again")
             _same_images(run, saved, recipe, folder)
+            method_cls.check_resumed_data(dataset, run, recipe.data.root, (_trained_recipe(latest) or saved).data.root)
             for stale in run.checkpoints_dir.glob(".step-*.tmp"):
                 shutil.rmtree(stale, ignore_errors=True)
             if run.config_path.read_text() != config_lib.dump_recipe(recipe):
@@ -183,9 +194,10 @@ def open_run_dir(run: Run, recipe, folder: ImageFolder, lock: FolderLock, *, res
                                     f"folder, or choose another --out")
                 raise UserError(f"--out {run.root} is not an mlsctl run (it holds {shown}); --overwrite only replaces "
                                 f"runs: choose another --out")
+            replaced = replaced_run(run)  # before it is set aside
             kept = run.set_aside()
-            print(f"mlsctl: replacing the run in {run.root}: it stays in {run.root / REPLACED} until the new run's first "
-                  f"checkpoint, and comes back if this start fails or is stopped before it"
+            print(f"mlsctl: replacing {replaced} in {run.root}: it stays in {run.root / REPLACED} until the new run's "
+                  f"first checkpoint, and comes back if this start fails or is stopped before it"
                   + (f"; kept {len(kept)} entr{'ies' if len(kept) > 1 else 'y'} that pretrain did not write "
                      f"({', '.join(kept[:4])}{', ...' if len(kept) > 4 else ''})" if kept else ""), file=sys.stderr)
         config_lib.save_recipe(recipe, run.config_path)

@@ -54,6 +54,7 @@ Runs saved without the key load with ``sqrt_d``, the computation they were train
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -222,6 +223,18 @@ def _read_kept(path: Path, about: dict, rows: int) -> Optional[torch.Tensor]:
     return kept
 
 
+def recorded_digest(path: Path) -> Optional[str]:
+    """The SHA-256 of the features whose neighbours ``path`` keeps, None where it is missing or unreadable
+    (then a resume searches them again, and checks nothing here)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return (f.metadata() or {}).get("embeddings_sha256")
+    except (SafetensorError, OSError, ValueError):
+        return None
+
+
 def _keep(path: Path, rows: torch.Tensor, about: dict) -> None:
     """Keep the search for ``--resume``; one that cannot be written (a full disk) costs a search then."""
     from safetensors.torch import save_file
@@ -299,6 +312,23 @@ class Refine(Method):
     @classmethod
     def prepare_dataset(cls, dataset: ContextDataset, cache_dir: Path) -> None:
         dataset.find_neighbours(cache_dir / NEIGHBOURS_FILE)
+
+    @classmethod
+    def check_resumed_data(cls, dataset: ContextDataset, run, given: str, trained_on: str) -> None:
+        """Features of the same files with other values (another model's) pass the listing's check: their
+        SHA-256 against the one the run's neighbour search recorded (a new user's probe, 2026-12-07: a finished
+        run resumed on them said "already complete")."""
+        kept = run.cache_dir / NEIGHBOURS_FILE
+        recorded = recorded_digest(kept) if kept.is_file() else None
+        if recorded is None or recorded == dataset.features_sha256:
+            return
+        if os.path.abspath(given) == os.path.abspath(trained_on):
+            raise UserError(f"the features in {given} changed since run {run.root} was trained on them (their SHA-256 "
+                            f"is not the one its neighbour search recorded in {kept}): put back the features it was "
+                            f"trained on, or start a new run (another --out, or --overwrite)")
+        raise UserError(f"the features {given} are not the features run {run.root} was trained on ({trained_on}): "
+                        f"their SHA-256 is not the one its neighbour search recorded in {kept}; resume with "
+                        f"{trained_on}, or start a new run on {given} (another --out, or --overwrite)")
 
     @classmethod
     def batch_sampler(cls, recipe, dataset, *, world_size=1, rank=0, start_step=0, total_steps=None):
