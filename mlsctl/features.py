@@ -256,10 +256,12 @@ def embed_folder(images: str | os.PathLike, out: str | os.PathLike, model, *, de
                  workers: Optional[int] = None, dtype: str = "fp16", part_size: Optional[int] = None, overwrite: bool = False,
                  max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, refresh: bool = False,
                  progress: Optional[bool] = None, say: Callable[[str], None] = to_stderr,
-                 dense_cache: Optional[Path] = None, raise_with: str = "") -> EmbedSummary:
+                 dense_cache: Optional[Path] = None, raise_with: str = "", listed: Optional[Path] = None,
+                 listed_what: str = "list file") -> EmbedSummary:
     """Embed every image under ``images`` with ``model`` (a :class:`~mlsctl.models.source.ModelChoice`)
     into the feature folder ``out``; see the module docstring for the format and resume rules
-    (``refresh``: :func:`embed_listing`'s)."""
+    (``refresh``: :func:`embed_listing`'s). ``listed``: a file naming the images to embed, and no
+    others (a split file: :func:`mlsctl.data.labels.listed_files`; ``listed_what`` names its option)."""
     from mlsctl.data.archive import Tree
     from mlsctl.data.images import require_images, scan_images
 
@@ -271,10 +273,18 @@ def embed_folder(images: str | os.PathLike, out: str | os.PathLike, model, *, de
     relpaths = [f.relative_to(images).as_posix() for f in scan.files]
     not_images = [[p.relative_to(images).as_posix(), f"not an image file (extension {p.suffix or 'none'})"]
                   for p in scan.others] + [list(item) for item in scan.skipped]
+    if listed is not None:  # the listed images only; what is not listed is not the embed's to report
+        from mlsctl.data.labels import listed_files
+
+        chosen = set(listed_files(relpaths, images, Path(listed), listed_what))
+        kept = [i for i, relpath in enumerate(relpaths) if relpath in chosen]
+        relpaths, scan.file_stats = [relpaths[i] for i in kept], [scan.file_stats[i] for i in kept]
+        not_images = []
+    notes = scan.notes("image folder") if listed is None else []
     contents = contents_sha256(relpaths, scan.file_stats)
     scan.file_stats = []  # 1.28 M tuples need not live through the embed
     return embed_listing(Tree(images), relpaths, out, model, not_images=not_images, contents=contents,
-                         notes=scan.notes("image folder"), dense=dense, resolution=resolution, resize=resize,
+                         notes=notes, dense=dense, resolution=resolution, resize=resize,
                          batch_size=batch_size, workers=workers, dtype=dtype, part_size=part_size,
                          overwrite=overwrite, refresh=refresh, max_image_pixels=max_image_pixels, progress=progress,
                          say=say, dense_cache=dense_cache, raise_with=raise_with)

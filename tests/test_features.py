@@ -691,3 +691,34 @@ def test_a_run_folder_given_as_features_says_to_embed_with_it(tmp_path):
     with pytest.raises(UserError, match=rf"features {tmp_path} is a run folder, not a feature folder; embed images "
                                         rf"with it first: mlsctl embed IMAGES --run {tmp_path}$"):
         Features(tmp_path, "features")
+
+
+def test_embed_files_embeds_the_images_a_split_file_lists_and_no_others(tmp_path: Path, finished_run, capsys):
+    """A new user's probe (2026-12-07): CUB's and In-shop's splits are files, not folders, and nothing
+    embedded part of a folder (a folder of links was the way round, and no doc said it)."""
+    run_dir, _ = finished_run
+    images = make_images(tmp_path / "images", 6)  # img_000, img_003 in sub/
+    (images / "notes.txt").write_text("not listed, not said")
+    split = tmp_path / "train.csv"  # a labels file serves: paths relative to the images, or to its own folder
+    split.write_text("path,label\nimg_001.png,a\nimages/sub/img_003.png,b\n./img_004.png,a\n")
+    code, out, err = cli("embed", str(images), "--run", str(run_dir), "--files", str(split), "--out",
+                         str(tmp_path / "f"), "--json", capsys=capsys)
+    assert code == 0, err
+    assert Features(tmp_path / "f", "f").files == ["img_001.png", "img_004.png", "sub/img_003.png"]
+    assert "notes.txt" not in err + out
+    whole = tmp_path / "whole"  # the same images embedded with the whole folder: the same rows
+    assert cli("embed", str(images), "--run", str(run_dir), "--out", str(whole), capsys=capsys)[0] == 0
+    part, every = Features(tmp_path / "f", "f"), Features(whole, "w")
+    rows = [every.files.index(f) for f in part.files]
+    assert torch.equal(part.global_features(), every.global_features()[rows])
+    (tmp_path / "list.txt").write_text("img_001.png\nmissing.png\nsub/nope.png\n")  # find's output: one a line
+    code, _, err = cli("embed", str(images), "--run", str(run_dir), "--files", str(tmp_path / "list.txt"), "--out",
+                       str(tmp_path / "g"), capsys=capsys)
+    assert code == 2 and ("--files " + str(tmp_path / "list.txt") + " lists 2 paths that are no image under "
+                          f"{images} (first: missing.png)") in err
+    code, _, err = cli("embed", str(images), "--run", str(run_dir), "--files", str(split), capsys=capsys)
+    assert code == 2 and "give the features their own --out" in err
+    (tmp_path / "twice.txt").write_text("img_001.png\nimg_001.png\n")
+    code, _, err = cli("embed", str(images), "--run", str(run_dir), "--files", str(tmp_path / "twice.txt"), "--out",
+                       str(tmp_path / "h"), capsys=capsys)
+    assert code == 2 and "twice.txt:2 lists img_001.png again (first on line 1)" in err

@@ -23,6 +23,7 @@ def embed(
     dataset: Optional[Dataset] = typer.Option(None, "--dataset", parser=one_of("--dataset", Dataset), help="Embed one split of a benchmark read from --root."),
     root: Optional[Path] = typer.Option(None, "--root", help="The dataset's folder, or its .tar/.zip read in place (with --dataset)."),
     split: Optional[Split] = typer.Option(None, "--split", parser=one_of("--split", Split), help="Split of --dataset (trainval, trainaug: voc only) [default: val]."),
+    files: Optional[Path] = typer.Option(None, "--files", help="Embed only the images this file lists (a split file): one path a line, or a CSV whose first column is the path (a labels file path,label), or a JSONL with \"path\"; paths relative to the images folder, to the file's folder, or absolute. Needs --out."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Feature folder [default: features/<model>-<fingerprint>/<last three parts of the images path>-<hash of it>, or .../<dataset>-<split>-<root label>, with -global without --dense: the folder the evaluations read]."),
     run: Optional[Path] = RUN_OPTION,
     weights: Optional[Path] = WEIGHTS_OPTION,
@@ -47,6 +48,8 @@ def embed(
     A benchmark split, read in place from its archive: mlsctl embed --dataset voc --root VOCtrainval_11-May-2012.tar
     --split val --dense --resolution 512 --run runs/x (then eval knn-seg --dataset voc --root ... --val FEATURES)
 
+    Part of a folder (a split file): mlsctl embed CUB_200_2011/images --files train.csv --out features/cub-train --run RUN
+
     Killed and run again, it continues where it stopped. Several processes:
     accelerate launch --num_processes 2 -m mlsctl embed IMAGES --run RUN
     """
@@ -57,6 +60,14 @@ def embed(
 
     if (images is None) == (dataset is None):
         raise UserError("give a folder of images, or --dataset with --root and --split (not both)")
+    if files is not None:
+        if dataset is not None:
+            raise UserError("--files chooses images of a folder; a --dataset split lists its own: drop one")
+        if out is None:  # the default --out is the whole folder's, which the evaluations would take for it
+            raise UserError(f"--files embeds part of {images}: give the features their own --out")
+        from mlsctl.data.labels import read_paths_file
+
+        read_paths_file(files, "--files")  # its mistakes before the model loads; matched to the images as they scan
     benchmark = None
     if dataset is not None:
         from mlsctl.data.datasets import open_split
@@ -98,7 +109,7 @@ def embed(
         if out is None:
             out = cache_dir(images, choice, **where)
             check_outside_images_folder(out, images, default="the default --out")  # a link inside, at most
-        summary = embed_folder(images, out, choice, **options)
+        summary = embed_folder(images, out, choice, listed=files, listed_what="--files", **options)
     if main:
         _report(summary, choice, benchmark, said, as_json)
 

@@ -276,3 +276,62 @@ def class_ids(names: list[str], what: str):
                         f"least two (one folder per class, or a labels file naming them)")
     lookup = {c: i for i, c in enumerate(classes)}
     return torch.tensor([lookup[n] for n in names], dtype=torch.long), classes
+
+
+PATH_HEADERS = ("path", "image", "file", "filename")
+
+
+def read_paths_file(path: Path, what: str) -> list[str]:
+    """The image paths a list file names, in its order (``embed --files``): a JSONL of records with a
+    ``path`` (or ``image``), or else one path a line — a plain list such as ``find``'s output, or a CSV
+    whose first column is the path (a labels file ``path,label`` serves as it is; a first row whose
+    first cell is ``path``, ``image``, ``file`` or ``filename`` is its header). A path listed twice is
+    refused, as in the other labels files."""
+    path = Path(path)
+    text = read_text_file(path, what)
+    found: dict[str, int] = {}
+    if path.suffix.lower() in JSON_SUFFIXES:
+        numbered = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except (json.JSONDecodeError, RecursionError):
+                record = None
+            value = record.get("path", record.get("image")) if isinstance(record, dict) else None
+            if not isinstance(value, str) or not value.strip():
+                raise UserError(f"{path}:{number} is not a JSON object with a \"path\" (a string)")
+            numbered.append((number, value))
+    else:
+        rows = [(number, row[0].strip()) for number, row in csv_rows(text, path) if row and row[0].strip()]
+        numbered = rows[1:] if rows and rows[0][1].lower() in PATH_HEADERS else rows
+    for number, value in numbered:
+        if value in found:
+            raise UserError(f"{path}:{number} lists {value} again (first on line {found[value]}); give each image "
+                            f"one line")
+        found[value] = number
+    if not found:
+        raise UserError(f"{what} {path} lists no image; give one path a line")
+    return list(found)
+
+
+def listed_files(files: Sequence[str], root: Path, list_file: Path, what: str) -> list[str]:
+    """Those of ``files`` (paths relative to ``root``) that ``list_file`` names (:func:`read_paths_file`),
+    in the order of ``files``. A listed path is read relative to ``root``, then to the list file's folder,
+    or as absolute; one that is none of ``files`` (missing, or not an image) is refused, naming the first."""
+    by_location = {_location(root / f): f for f in files}
+    chosen, missing = set(), []
+    for key in read_paths_file(list_file, what):
+        given = Path(key)
+        places = [given] if given.is_absolute() else [root / given, Path(list_file).parent / given]
+        hit = next((by_location[place] for place in map(_location, places) if place in by_location), None)
+        if hit is None:
+            missing.append(key)
+        else:
+            chosen.add(hit)
+    if missing:
+        raise UserError(f"{what} {list_file} lists {len(missing)} path{'s' if len(missing) != 1 else ''} that "
+                        f"{'are' if len(missing) != 1 else 'is'} no image under {root} (first: {missing[0]}); its "
+                        f"paths are read relative to {root}, then to its own folder, or as absolute")
+    return [f for f in files if f in chosen]
