@@ -633,9 +633,29 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
                               f"{name}=VALUE")
         if not sep or not key or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
             raise ConfigError(f"override '{item}' must look like key.sub=value (for example optim.lr=1e-4)")
+        glued = _glued_key(_parse_scalar(value))
+        if glued is not None:  # {embed_dim:64} is YAML for the key "embed_dim:64" (a new user's probe, 2026-12-07)
+            name, _, rest = glued.partition(":")
+            raise ConfigError(f"override '{item}' gives the key '{glued}': YAML needs a space after the colon, as in "
+                              f"{{{name}: {rest}}}")
         out.pop(key, None)  # applied where it was given last: after a mapping given since that sets it too
         out[key] = item
     return out
+
+
+def _glued_key(value: Any) -> Optional[str]:
+    """A mapping's key, at any depth, that YAML read from ``name:value`` without a space (its value
+    None), or None."""
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            if inner is None and isinstance(key, str) and re.fullmatch(r"[A-Za-z_][\w.]*:\S.*", key):
+                return key
+            found = _glued_key(inner)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        return next((found for found in map(_glued_key, value) if found is not None), None)
+    return None
 
 
 def _override_reach(item: str, method_name: Optional[str] = None) -> tuple[list[str], list[str]]:

@@ -541,3 +541,12 @@ def test_every_eval_writes_its_results_one_way(tmp_path):
     source = inspect.getsource(eval_cli)
     assert source.count("results_writer(out, ") == source.count("out = write(payload)") == 6
     assert "say_replacing" not in source and "write_result" not in source
+
+
+def test_tables_line_up_wide_and_combining_characters():
+    # a new user's probe (2026-12-07): search's table was out of line after an id in Japanese
+    from mlsctl.cli._format import display_width, table
+
+    assert display_width("日本") == 4 and display_width("e\u0301") == 1 and display_width("ev00007") == 7
+    lines = table(["object", "cosine"], [["Ünïcode 日本", "0.9"], ["ev00007", "0.5"], ["e\u0301x", "0.1"]]).splitlines()
+    assert {display_width(line) for line in lines} == {20}

@@ -140,6 +140,17 @@ def test_malformed_override():
         config.parse_overrides(["optim.lr"])
 
 
+def test_a_mapping_key_glued_to_its_value_says_yaml_needs_a_space():
+    # a new user's probe (2026-12-07): {embed_dim:64} is YAML for the key 'embed_dim:64', and was said as "not an
+    # architecture argument ... did you mean 'embed_dim'?"
+    with pytest.raises(ConfigError, match=r"override 'model.timm_kwargs=\{embed_dim:64\}' gives the key 'embed_dim:64': "
+                                          r"YAML needs a space after the colon, as in \{embed_dim: 64\}"):
+        config.parse_overrides(["model.timm_kwargs={embed_dim:64}"])
+    with pytest.raises(ConfigError, match="gives the key 'count:2'"):
+        config.parse_overrides(["data={global_crops: {count:2}}"])
+    assert config.parse_overrides(["model.timm_kwargs={embed_dim: 64}", "data.root=C:x", "x.y=http://a"])
+
+
 def test_a_mapping_override_merges_into_its_section_and_a_key_given_twice_is_refused():
     """A new user's probe (2026-12-07): data.global_crops={count: 2} replaced the section, so its size and scale
     fell back to 224 and (0.25, 1.0) without a word; optim.lr given twice took the last without a word."""
