@@ -282,9 +282,8 @@ class Method(nn.Module):
         """--resume, before anything else is said of the run (a finished one is "already complete"): refuse
         data that differ from what ``run`` (a :class:`~mlsctl.runs.Run`) was trained on in a way the listing of
         data.root cannot show (``given``: the data.root of this resume, ``trained_on``: the run's). The image
-        methods have nothing to
-        check beyond the listing (RUN/images.txt); refinement compares the features with those its neighbour
-        search recorded."""
+        methods have nothing to check beyond the listing (RUN/images.txt); refinement compares the features
+        with those its neighbour search recorded."""
 
     @classmethod
     def batch_sampler(cls, recipe: Recipe, dataset, *, world_size: int = 1, rank: int = 0, start_step: int = 0,

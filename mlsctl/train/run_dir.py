@@ -198,7 +198,7 @@ def open_run_dir(run: Run, recipe, folder: ImageFolder, lock: FolderLock, *, res
             kept = run.set_aside()
             print(f"mlsctl: replacing {replaced} in {run.root}: it stays in {run.root / REPLACED} until the new run's "
                   f"first checkpoint, and comes back if this start fails or is stopped before it"
-                  + (f"; kept {len(kept)} entr{'ies' if len(kept) > 1 else 'y'} that pretrain did not write "
+                  + (f"; kept {len(kept)} entr{'ies' if len(kept) > 1 else 'y'} that are not the run's files "
                      f"({', '.join(kept[:4])}{', ...' if len(kept) > 4 else ''})" if kept else ""), file=sys.stderr)
         config_lib.save_recipe(recipe, run.config_path)
         atomic.write_json(run.start_path, {"init_from": os.path.abspath(init_from) if init_from else None})
