@@ -830,3 +830,43 @@ def test_a_photo_over_the_pixel_limit_is_told_only_the_ways_its_command_has(mile
         assert pixels is None and reason.endswith(words), reason
     with pytest.raises(Exception, match=r"raise the limit: data.max_image_pixels\)$"):  # pretraining's recipe key
         ImageFolder(tmp_path / "images").load(0)
+
+
+def test_a_deep_layout_names_the_objects_file_and_the_links_that_make_its_leaf_folders_the_objects(tmp_path, caplog):
+    """A new user's probe (2026-12-07): on In-shop's img/MEN/Denim/id_00000080/01_1_front.jpg MILE's warning said
+    "give .../img/MEN instead", then ".../img/MEN/Boots" (one category) and never named method.objects_file. Leaf
+    folders at one depth are now said to be the likely objects: MILE names the objects file with a command that
+    writes it (run here, and read back: one object per leaf folder), a gallery a folder of links (made here too)."""
+    import subprocess
+    from types import SimpleNamespace
+
+    from mlsctl.data.images import ImageFolder
+    from mlsctl.data.objects import find_objects
+    from mlsctl.gallery import object_folders
+
+    root = tmp_path / "my img"  # a space: the commands quote it
+    for gender in ("MEN", "WOMEN"):
+        for category in ("Denim", "Tees"):
+            for item in range(2):
+                (root / gender / category / f"id_{gender}_{category}_{item}").mkdir(parents=True)
+                for view in ("1_front", "2_side"):
+                    Image.new("RGB", (8, 8), (item * 90, 20, 40)).save(
+                        root / gender / category / f"id_{gender}_{category}_{item}" / f"0{view}.jpg")
+    folder = ImageFolder(root)
+    recipe = SimpleNamespace(method=SimpleNamespace(objects_file=None))
+    [note] = MILE.data_notes(recipe, SimpleNamespace(folder=folder, objects=find_objects(folder)))
+    assert "16 images of" in note and "8 folders 3 levels down" in note and "MEN, WOMEN" in note, note
+    assert "give it with method.objects_file=objects.csv" in note and "instead" not in note, note
+    command = note.split("(one way: ")[1].rsplit("), and give it", 1)[0]
+    subprocess.run(["bash", "-c", command], cwd=tmp_path, check=True)
+    objects = find_objects(folder, tmp_path / "objects.csv")
+    assert [(o.object_id, len(o.rows)) for o in objects][:2] == [("id_MEN_Denim_0", 2), ("id_MEN_Denim_1", 2)]
+    assert len(objects) == 8
+    with caplog.at_level("WARNING", logger="mlsctl"):
+        object_folders(root)
+    [warning] = [r.getMessage() for r in caplog.records if "levels down" in r.getMessage()]
+    assert "give a folder of links to them" in warning and "and give FLAT instead" in warning, warning
+    command = warning.split("one per object (")[1].rsplit("), and give FLAT", 1)[0]
+    subprocess.run(["bash", "-c", command], cwd=tmp_path, check=True)
+    assert {k: len(v) for k, v in object_folders(tmp_path / "FLAT").items()} == {
+        f"id_{g}_{c}_{i}": 2 for g in ("MEN", "WOMEN") for c in ("Denim", "Tees") for i in range(2)}

@@ -17,16 +17,18 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shlex
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Optional
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from mlsctl.console import counted
 from mlsctl.data.images import ImageFolder
-from mlsctl.data.labels import read_objects_file
+from mlsctl.data.labels import SPLIT_NAMES, read_objects_file
 from mlsctl.data.loader import ResizedImages, load_or_next, map_tensors, sample_seed
 from mlsctl.data.multicrop import MultiCrop, normalize_on_device
 from mlsctl.errors import UserError
@@ -67,21 +69,34 @@ def find_objects(folder: ImageFolder, objects_file: Optional[str | os.PathLike] 
 NESTED_FOLDERS = 4  # sub-folders of one group from which a data set's root given for its split is suspected
 
 
-def nested_groups_note(root: Path, groups: dict, what: str = "objects",
-                       prefer: tuple[str, ...] = ()) -> Optional[str]:
+def nested_groups_note(root: Path, groups: dict, what: str = "objects", prefer: tuple[str, ...] = (),
+                       objects_option: Optional[str] = None) -> Optional[str]:
     """A warning where groups of images (objects, classes: the folders right under ``root``; ``groups``
     maps each to its images' paths relative to ``root``) gather their images from
-    :data:`NESTED_FOLDERS` or more sub-folders: the data set's root given for one of its splits (new
-    users, 2026-12-06: ``index build data/prod`` built three objects, gallery, query and train; MILE and
-    Multi-Similarity trained on them, test photos included). The folder it advises is the first named in
-    ``prefer`` (case-folded), else the one with the most sub-folders. None where nothing looks so."""
+    :data:`NESTED_FOLDERS` or more sub-folders, at any depth.
+
+    Two layouts are told apart. The data set's root given for one of its splits (new users,
+    2026-12-06: ``index build data/prod`` built three objects, gallery, query and train; MILE and
+    Multi-Similarity trained on them, test photos included): the groups are split names, or the
+    images do not all sit at one depth; the folder advised is the first named in ``prefer``
+    (case-folded), else the one with the most sub-folders. A deep layout (In-shop's
+    ``img/MEN/Denim/id_00000080/01_1_front.jpg``, a new user's probe, 2026-12-07: the advice to give
+    ``img/MEN``, then ``img/MEN/Boots``, would have trained on one category): every image in a leaf
+    folder at one depth of two or more, the leaf folders being the objects; the fix is an objects
+    file, given with ``objects_option`` (MILE's ``method.objects_file=objects.csv``) or, where there
+    is none (galleries), folders of links to the leaf folders. None where nothing looks so."""
     nested = {}
     for name, paths in groups.items():
-        folders = {Path(p).parts[1] for p in paths if len(Path(p).parts) > 2}
+        folders = {PurePosixPath(Path(p).as_posix()).parent for p in paths if len(Path(p).parts) > 2}
         if len(folders) >= NESTED_FOLDERS:
             nested[name] = (len(paths), len(folders))
     if not nested:
         return None
+    leaves = {PurePosixPath(Path(p).as_posix()).parent for paths in groups.values() for p in paths}
+    depths = {len(leaf.parts) for leaf in leaves}
+    splits = all(str(name).casefold() in SPLIT_NAMES for name in nested)
+    if len(depths) == 1 and min(depths) >= 2 and not splits:
+        return _deep_layout_note(Path(root), groups, sorted(leaves), what, objects_option)
     # the folder to give: one named as ``prefer`` says (MILE trains on "train", a gallery is "gallery"), else the
     # one with the most sub-folders (a review, 2026-12-06: the largest could be a test split)
     preferred = [name for name in nested if str(name).casefold() in prefer]
@@ -90,6 +105,32 @@ def nested_groups_note(root: Path, groups: dict, what: str = "objects",
     return (f"{len(nested)} of the {len(groups)} {what} of {root} gather their images from {NESTED_FOLDERS} or more "
             f"sub-folders ('{name}': {images} images in {folders} sub-folders); {what} are the folders right under "
             f"{root}: if those sub-folders are the {what}, give {Path(root) / name} instead")
+
+
+def _deep_layout_note(root: Path, groups: dict, leaves: list[PurePosixPath], what: str,
+                      objects_option: Optional[str]) -> str:
+    """:func:`nested_groups_note` of a deep layout: each leaf folder is likely one object."""
+    depth = len(leaves[0].parts)
+    example = leaves[0]
+    photos = sum(1 for paths in groups.values() for p in paths if PurePosixPath(Path(p).as_posix()).parent == example)
+    shown = ", ".join(sorted(map(str, groups))[:3]) + (", ..." if len(groups) > 3 else "")
+    said = (f"the {counted(sum(len(p) for p in groups.values()), 'image')} of {root} sit in {len(leaves)} folders "
+            f"{depth} levels down (such as {example}/, {counted(photos, 'image')}), but {what} are the folders right "
+            f"under {root}, here its {counted(len(groups), 'folder')} ({shown})")
+    unique = len({leaf.name for leaf in leaves}) == len(leaves)
+    object_id = "$(NF-1)" if unique else "substr($0, 1, length($0) - length($NF) - 1)"
+    suffixes = sorted({PurePosixPath(Path(p).as_posix()).suffix for paths in groups.values() for p in paths})
+    names = " -o ".join(f"-name '*{s}'" for s in suffixes)
+    if objects_option is not None:
+        listing = (f"(cd {shlex.quote(str(root))} && find . -type f \\( {names} \\) | sed 's|^\\./||' | awk -F/ "
+                   f"'BEGIN {{print \"object_id,path\"}} {{print {object_id} \",\" $0}}') > objects.csv")
+        return (f"{said}: if each of those {len(leaves)} folders is one object, list their images in an objects file, a "
+                f"CSV of object_id,path rows with paths relative to {root} (one way: {listing}), and give it with "
+                f"{objects_option}")
+    top = shlex.quote(str(root.absolute()))  # the links' targets: a relative one would be read from FLAT
+    link = "ln -s \"$d\" FLAT/" if unique else "ln -s \"$d\" \"FLAT/$(echo \"${d#" + f"{top}/" + "}\" | tr / _)\""
+    return (f"{said}: if each of those {len(leaves)} folders is one object, give a folder of links to them, one per "
+            f"object (mkdir FLAT && for d in {top}{'/*' * depth}/; do d=${{d%/}}; {link}; done), and give FLAT instead")
 
 
 def choose_set(n_images: int, set_length: int, rng: np.random.Generator) -> list[int]:

@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from mlsctl.data.labels import class_ids, labels_of
+from mlsctl.data.labels import SPLIT_NAMES, class_ids, labels_of
 from mlsctl.data.loader import Batch, MultiCropDataset, collate
 from mlsctl.methods.base import Method, StepOutput
 from mlsctl.methods.ms.config import MSConfig
@@ -40,7 +40,6 @@ class LabelledBatch(Batch):
     labels: Optional[torch.Tensor] = None  # [B] class index
 
 
-SPLIT_NAMES = frozenset({"train", "training", "val", "valid", "validation", "test", "testing", "gallery", "query"})
 TRAINING_SPLITS = ("train", "training")
 
 
