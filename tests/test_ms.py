@@ -268,8 +268,10 @@ def test_class_folders_under_several_splits_are_said(tmp_path, capsys):
 
     def note(*splits):
         files = [f"{split}/c{i}/x.png" for i, split in enumerate(splits)]
-        dataset = SimpleNamespace(folder=SimpleNamespace(relpaths=lambda: files, root=str(tmp_path / "x")))
-        return MS.data_notes(SimpleNamespace(method=SimpleNamespace(labels_file=None)), dataset)
+        dataset = SimpleNamespace(folder=SimpleNamespace(relpaths=lambda: files, root=str(tmp_path / "x")),
+                                  labels=torch.tensor([0, 0, 1, 1]))
+        return MS.data_notes(SimpleNamespace(method=SimpleNamespace(labels_file=None, m_per_class=2),
+                                             optim=SimpleNamespace(batch_size=4)), dataset)
 
     assert f"give data.root={tmp_path / 'x' / 'Training'} instead" in note("Training", "Testing")[0]
     assert "those of test and val included; give the training split's folder" in note("val", "test")[0]
@@ -281,3 +283,44 @@ def test_class_folders_under_several_splits_are_said(tmp_path, capsys):
     code, _, err = cli("pretrain", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "big"), "optim.batch_size=64",
                        capsys=capsys)
     assert code == 2 and "too few for batches of 64" in err and "; note: " in err and "holds the splits" in err, err
+
+
+def test_classes_short_of_m_per_class_and_steps_that_mined_no_pair_are_said(tmp_path, capsys):
+    """A new user's probe (2026-12-07): In-shop's query split (2 photos per item) at method.m_per_class 4 ended
+    "final loss 0.0000" with 7 of its 15 steps at loss 0 and no mined pair, without a word: the sampler draws a
+    short class's images again, and an image drawn twice in a step is the same crop. The short classes are said
+    before training, the steps that mined nothing at its end (as metrics.jsonl counts them), and the last line
+    gives the mean of the last logged steps beside the last step's loss."""
+    from PIL import Image
+
+    from mlsctl.methods.multi_similarity import MiningCount, short_classes_note
+
+    for c in range(6):  # items of one colour (every crop the same) and of noise: some steps mine nothing
+        (tmp_path / "data" / f"item{c}").mkdir(parents=True)
+        for k in range(2):
+            pixels = np.random.default_rng(10 * c + k).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+            Image.fromarray(pixels if c % 2 else np.full_like(pixels, 40 * c)).save(
+                tmp_path / "data" / f"item{c}" / f"{k}.png")
+    raw = _ms_recipe(tmp_path / "data", m_per_class=4)
+    raw["optim"]["epochs"] = 6
+    raw["train"].update(log_every=1, checkpoint_every=100)
+    _, err = cli_ok(capsys, "pretrain", str(write_recipe(tmp_path / "r.yaml", raw)), "--out", str(tmp_path / "run"))
+    text = " ".join(err.split())
+    assert (f"data.root {tmp_path / 'data'}: 6 of the 6 classes have fewer images than method.m_per_class=4 (fewest: "
+            f"2): a batch takes 4 of each class") in text and "set method.m_per_class=2 (optim.batch_size" in text, text
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    empty = sum(r["mined_positive_pairs"] + r["mined_negative_pairs"] == 0 for r in records)
+    assert len(records) == 6 and 0 < empty < 6, records
+    assert f"found no pair in {empty} of the 6 steps of this session" in text, text
+    recent = sum(r["loss"] for r in records) / 6
+    assert f"final loss {records[-1]['loss']:.4f} (last step; {recent:.4f} over the last 6 logged steps)" in text
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["recent_loss"] == pytest.approx(recent) and summary["recent_loss_steps"] == 6
+    # a step of several micro-batches mined nothing only when none of them did; one image: no positive at all
+    count = MiningCount()
+    for step, pairs in ((0, 0), (0, 3), (1, 0), (1, 0), (2, 5)):
+        count.add(step, {"mined_positive_pairs": float(pairs), "mined_negative_pairs": 0.0})
+    assert "in 1 of the 3 steps" in count.notes()[0]
+    note = short_classes_note(torch.tensor([0, 0, 0, 0, 1, 2, 2]), 4, 8)
+    assert note.startswith("2 of the 3 classes") and "1 of a single image" in note and "give classes of two" in note
+    assert short_classes_note(torch.tensor([0, 0, 1, 1]), 2, 4) is None

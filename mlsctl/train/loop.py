@@ -306,7 +306,7 @@ def _train(run: Run, recipe, accelerator, folder: ImageFolder, dataset, collate_
             _end_loader(batches)
         # A stop that arrives from here on is only marked: the run is complete, and its last
         # collectives (the teacher's export, the final barrier) run on every process.
-        return _finish(run, accelerator, method, folder, plan, training.skips, start_step, records.loss,
+        return _finish(run, accelerator, method, folder, plan, training.skips, start_step, records,
                        time.perf_counter() - started, sessions)
 
 
@@ -429,9 +429,11 @@ def _log_start(run: Run, recipe, accelerator, folder: ImageFolder, schedule: Sch
 
 
 def _finish(run: Run, accelerator, method, folder: ImageFolder, plan: optim.Plan, skips: SkipLog, start_step: int,
-            loss_value: Optional[float], elapsed: float, sessions: Sessions) -> RunSummary:
-    """The end of a run: skipped files reported, the teacher exported, summary.json."""
+            records: metrics.Records, elapsed: float, sessions: Sessions) -> RunSummary:
+    """The end of a run: skipped files reported, the teacher exported, summary.json. The final loss is the
+    last step's (every run logs its last step), with the mean of the last logged steps beside it."""
     is_main, world, total_steps = accelerator.is_main_process, accelerator.num_processes, plan.total_steps
+    loss_value, recent = records.loss, records.recent_loss()
     steps_run = total_steps - start_step
     throughput = steps_run * plan.batch_global / max(elapsed, 1e-9)
     all_skips = dist.all_gather_object(skips.reasons)
@@ -449,7 +451,9 @@ def _finish(run: Run, accelerator, method, folder: ImageFolder, plan: optim.Plan
         summary = {"steps": total_steps, "resumed_from": start_step, "seconds": round(elapsed, 2),
                    "images_per_s": round(throughput, 2),
                    **{key: round(per * throughput, 2) for key, per in type(method).throughput_units(method.recipe).items()},
-                   "final_loss": loss_value, "processes": world,
+                   "final_loss": loss_value,
+                   **({"recent_loss": recent, "recent_loss_steps": len(records.recent)} if recent is not None else {}),
+                   "processes": world,
                    "skipped_files": len(merged.reasons), "finished": provenance.now(),
                    "device": provenance.device_name(accelerator.device),
                    "precision": "fp32" if accelerator.mixed_precision == "no" else accelerator.mixed_precision,
@@ -458,6 +462,12 @@ def _finish(run: Run, accelerator, method, folder: ImageFolder, plan: optim.Plan
         summary.update(sessions=every, seconds_all_sessions=Sessions.seconds(every))
         atomic.write_json(run.summary_path, summary)
         log.info(f"done: {counted(steps_run, 'step')} in {elapsed:.0f}s ({throughput:.1f} {type(method).speed_unit()}), "
-                 f"final loss {loss_value:.4f}; run in {run.root}")
+                 f"final loss {loss_value:.4f}{_recent_text(records)}; run in {run.root}")
     dist.barrier()
     return RunSummary(run.root, total_steps, throughput, loss_value, elapsed)
+
+
+def _recent_text(records: metrics.Records) -> str:
+    """`` (last step; 0.4321 over the last 10 logged steps)``, or nothing where fewer than two were logged."""
+    recent = records.recent_loss()
+    return "" if recent is None else f" (last step; {recent:.4f} over the last {len(records.recent)} logged steps)"
