@@ -208,6 +208,11 @@ def test_two_processes_mine_the_pairs_of_one(tmp_path):
     assert first[2]["grad_norm"] == pytest.approx(first[1]["grad_norm"], rel=1e-4)  # the gradient's scale too
     for key in ("mined_positive_pairs", "mined_negative_pairs"):
         assert first[2][key] == first[1][key] > 0, key
+    # a new user's probe (2026-12-07): the note of class folders inside class folders (make_images's sub/), said
+    # while the data is built, reached stderr only, from each process; now process 0 says it, there and in train.log
+    for n in runs:
+        err, log = (tmp_path / f"stderr{n}.txt").read_text(), (runs[n] / "train.log").read_text()
+        assert err.count("are two classes") == 1 and log.count("are two classes") == 1, (n, err, log)
     one, two = (load_file(str(next(c for c in Run(runs[n]).checkpoints() if c.step == 1).model_path)) for n in (1, 2))
     # within a tenth of one Adam step (lr 1e-3): a half-batch gradient moved weights by ~2e-3
     assert all(torch.allclose(one[k], two[k], atol=1e-4, rtol=0) for k in one)
@@ -324,3 +329,23 @@ def test_classes_short_of_m_per_class_and_steps_that_mined_no_pair_are_said(tmp_
     note = short_classes_note(torch.tensor([0, 0, 0, 0, 1, 2, 2]), 4, 8)
     assert note.startswith("2 of the 3 classes") and "1 of a single image" in note and "give classes of two" in note
     assert short_classes_note(torch.tensor([0, 0, 1, 1]), 2, 4) is None
+
+
+def test_notes_said_while_the_data_is_built_reach_train_log_once(tmp_path, capsys):
+    """A new user's probe (2026-12-07): the notes of class folders inside class folders, for method.labels_file's
+    data.root and train.monitor's folders, went to stderr only (said before train.log was opened), while MILE's
+    objects warning reached train.log. Both are in train.log now, and on the console once."""
+    images = _class_images(tmp_path / "images", 4, 6)  # some images sit in sub/ folders: their own classes
+    raw = _ms_recipe(images)
+    raw["optim"]["epochs"] = 1
+    raw["train"]["monitor"] = {"every": 100, "train": str(images), "val": str(images)}
+    _, err = cli_ok(capsys, "pretrain", str(write_recipe(tmp_path / "r.yaml", raw)), "--out", str(tmp_path / "run"))
+    log = (tmp_path / "run" / "train.log").read_text()
+    for what in (f"data.root {images}: the images in class0/", f"train.monitor.train ({images}): the images",
+                 f"train.monitor.val ({images}): the images"):
+        assert err.count(what) == 1 and log.count(what) == 1, (what, err, log)
+    # a start refused after a note says the note, then its error (on stderr: there is no train.log)
+    raw["optim"]["batch_size"] = 64
+    code, _, err = cli("pretrain", str(write_recipe(tmp_path / "r.yaml", raw)), "--out", str(tmp_path / "run2"),
+                       capsys=capsys)
+    assert code != 0 and err.count("are two classes") == 1 and err.index("are two classes") < err.index("error"), err

@@ -101,41 +101,45 @@ def _pretrain(recipe, out: str | Path, *, resume: bool, init_from: Optional[str]
     is_main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
     for key, message in method_cls.check_training(recipe, world, accelerator.device.type):
         raise UserError(f"{setup.source_of(key, recipe_source, overridden)}: '{key}' {message}")
-    setup.seed_everything(recipe.seed + rank)
-    # data.root is listed once, by process 0, and every process gets that listing: the same images in
-    # the same rows even while files come and go, and one walk of a large folder (on NFS) instead of W
-    folder = dist.on_main(lambda: method_cls.open_data(recipe))
-    dataset, collate_fn = method_cls.build_dataset(recipe, folder)
-    data_notes = method_cls.data_notes(recipe, dataset)
-    try:
-        probe = method_cls.batch_sampler(recipe, dataset, world_size=world, rank=rank)
-    except TooLittleData as exc:  # too few objects for a batch: the note may say why (a data set's root given)
-        if not data_notes:
-            raise
-        raise TooLittleData(f"{exc.message}; note: {data_notes[0]}", exit_code=exc.exit_code) from None
-    schedule = Schedule(probe.steps_per_epoch, recipe.optim.epochs)
-    torch.manual_seed(recipe.seed)  # identical initial weights on every process
-    method = method_cls(recipe, schedule).to(accelerator.device)
-    for name, bank in method.banks().items():
-        bank.to(accelerator.device)
-        bank.name = name
-    optim.check_ema_pairs(method.ema_pairs())
-    setup.speed_up(method, recipe, accelerator.device)
-    groups = optim.param_groups(method, recipe.optim.decay_biases_and_norms)
-    optimizer = optim.build_optimizer(recipe.optim, groups, fused=accelerator.device.type == "cuda")
-    monitor = None
-    if recipe.train.monitor.every and is_main:  # its images are read (and checked) before --out is touched
-        from mlsctl.monitor import Monitor
+    # what is said while the data and the model are built (the notes of labels_of, a monitor's) waits for
+    # train.log: process 0 says it there and on the console once the run's logging is set up
+    with setup.held_notes(is_main) as held:
+        setup.seed_everything(recipe.seed + rank)
+        # data.root is listed once, by process 0, and every process gets that listing: the same images in
+        # the same rows even while files come and go, and one walk of a large folder (on NFS) instead of W
+        folder = dist.on_main(lambda: method_cls.open_data(recipe))
+        dataset, collate_fn = method_cls.build_dataset(recipe, folder)
+        data_notes = method_cls.data_notes(recipe, dataset)
+        try:
+            probe = method_cls.batch_sampler(recipe, dataset, world_size=world, rank=rank)
+        except TooLittleData as exc:  # too few objects for a batch: the note may say why (a data set's root given)
+            if not data_notes:
+                raise
+            raise TooLittleData(f"{exc.message}; note: {data_notes[0]}", exit_code=exc.exit_code) from None
+        schedule = Schedule(probe.steps_per_epoch, recipe.optim.epochs)
+        torch.manual_seed(recipe.seed)  # identical initial weights on every process
+        method = method_cls(recipe, schedule).to(accelerator.device)
+        for name, bank in method.banks().items():
+            bank.to(accelerator.device)
+            bank.name = name
+        optim.check_ema_pairs(method.ema_pairs())
+        setup.speed_up(method, recipe, accelerator.device)
+        groups = optim.param_groups(method, recipe.optim.decay_biases_and_norms)
+        optimizer = optim.build_optimizer(recipe.optim, groups, fused=accelerator.device.type == "cuda")
+        monitor = None
+        if recipe.train.monitor.every and is_main:  # its images are read (and checked) before --out is touched
+            from mlsctl.monitor import Monitor
 
-        monitor = Monitor(recipe.train.monitor, recipe.model.img_size, recipe.model.patch_size)
-    initialised = restore.initial_weights(method, init_from) if init_from and not resume else None
+            monitor = Monitor(recipe.train.monitor, recipe.model.img_size, recipe.model.patch_size)
+        initialised = restore.initial_weights(method, init_from) if init_from and not resume else None
 
-    lock = FolderLock(run.root, "run")
-    resume_from = dist.on_main(lambda: run_dir.open_run_dir(run, recipe, folder, lock, resume=resume,
-                                                            overwrite=overwrite, init_from=init_from,
-                                                            method_cls=method_cls, dataset=dataset))
+        lock = FolderLock(run.root, "run")
+        resume_from = dist.on_main(lambda: run_dir.open_run_dir(run, recipe, folder, lock, resume=resume,
+                                                                overwrite=overwrite, init_from=init_from,
+                                                                method_cls=method_cls, dataset=dataset))
     try:
         setup.setup_logging(run, is_main, rank, sys.stderr.isatty())
+        held.replay()
         if is_main:
             elements = schedule.total_steps * recipe.optim.batch_size * recipe.optim.accumulate_steps * world
             for line in [*folder.scan.notes("data.root"), *method_cls.recipe_notes(recipe), *data_notes,
