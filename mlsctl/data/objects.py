@@ -55,22 +55,30 @@ def find_objects(folder: ImageFolder, objects_file: Optional[str | os.PathLike] 
                                 f"in ROOT/<object_id>/ or list them in method.objects_file")
             groups.setdefault(parts[0], []).append(row)
     else:
-        path = Path(objects_file)
-        if not path.is_file():
-            raise UserError(f"method.objects_file {path} does not exist; give a CSV or JSONL of object_id,path")
-        for object_id, relpath in read_objects_file(path):
-            key = Path(relpath).as_posix()
-            if key not in rows_of:
-                raise UserError(f"{path} lists {relpath}, which is not an image under {folder.root}")
-            groups.setdefault(object_id, []).append(rows_of[key])
+        groups = listed_objects(Path(objects_file), rows_of, folder.root, "method.objects_file")
     return [ObjectImages(object_id, sorted(rows)) for object_id, rows in sorted(groups.items())]
+
+
+def listed_objects(path: Path, listing: dict, root, option: str) -> dict[str, list]:
+    """The objects an objects file (``option``, such as ``method.objects_file``) lists, each with the items of
+    ``listing`` (an image's path relative to ``root``, as a POSIX string → what the caller keeps of it: a row, a
+    path) of its photos, in the file's order; a missing file or a row naming no image of ``listing`` is refused."""
+    if not Path(path).is_file():
+        raise UserError(f"{option} {path} does not exist; give a CSV or JSONL of object_id,path")
+    groups: dict[str, list] = {}
+    for object_id, relpath in read_objects_file(path):
+        key = Path(relpath).as_posix()
+        if key not in listing:
+            raise UserError(f"{path} lists {relpath}, which is not an image under {root}")
+        groups.setdefault(object_id, []).append(listing[key])
+    return groups
 
 
 NESTED_FOLDERS = 4  # sub-folders of one group from which a data set's root given for its split is suspected
 
 
 def nested_groups_note(root: Path, groups: dict, what: str = "objects", prefer: tuple[str, ...] = (),
-                       objects_option: Optional[str] = None) -> Optional[str]:
+                       objects_option: str = "method.objects_file=", objects_name: str = "objects.csv") -> Optional[str]:
     """A warning where groups of images (objects, classes: the folders right under ``root``; ``groups``
     maps each to its images' paths relative to ``root``) gather their images from
     :data:`NESTED_FOLDERS` or more sub-folders, at any depth.
@@ -83,8 +91,9 @@ def nested_groups_note(root: Path, groups: dict, what: str = "objects", prefer: 
     ``img/MEN/Denim/id_00000080/01_1_front.jpg``, a new user's probe, 2026-12-07: the advice to give
     ``img/MEN``, then ``img/MEN/Boots``, would have trained on one category): every image in a leaf
     folder at one depth of two or more, the leaf folders being the objects; the fix is an objects
-    file, given with ``objects_option`` (MILE's ``method.objects_file=objects.csv``) or, where there
-    is none (galleries), folders of links to the leaf folders. None where nothing looks so."""
+    file, ``objects_name`` written by the command the note gives and given as ``objects_option`` and
+    its name (MILE's ``method.objects_file=objects.csv``, ``index build --objects objects.csv``). None
+    where nothing looks so."""
     nested = {}
     for name, paths in groups.items():
         folders = {PurePosixPath(Path(p).as_posix()).parent for p in paths if len(Path(p).parts) > 2}
@@ -96,7 +105,7 @@ def nested_groups_note(root: Path, groups: dict, what: str = "objects", prefer: 
     depths = {len(leaf.parts) for leaf in leaves}
     splits = all(str(name).casefold() in SPLIT_NAMES for name in nested)
     if len(depths) == 1 and min(depths) >= 2 and not splits:
-        return _deep_layout_note(Path(root), groups, sorted(leaves), what, objects_option)
+        return _deep_layout_note(Path(root), groups, sorted(leaves), what, objects_option + objects_name, objects_name)
     # the folder to give: one named as ``prefer`` says (MILE trains on "train", a gallery is "gallery"), else the
     # one with the most sub-folders (a review, 2026-12-06: the largest could be a test split)
     preferred = [name for name in nested if str(name).casefold() in prefer]
@@ -107,30 +116,27 @@ def nested_groups_note(root: Path, groups: dict, what: str = "objects", prefer: 
             f"{root}: if those sub-folders are the {what}, give {Path(root) / name} instead")
 
 
-def _deep_layout_note(root: Path, groups: dict, leaves: list[PurePosixPath], what: str,
-                      objects_option: Optional[str]) -> str:
-    """:func:`nested_groups_note` of a deep layout: each leaf folder is likely one object."""
+def _deep_layout_note(root: Path, groups: dict, leaves: list[PurePosixPath], what: str, given: str,
+                      objects_name: str) -> str:
+    """:func:`nested_groups_note` of a deep layout: each leaf folder is likely one object. The command it
+    gives names each object by its leaf folder, or by the leaf folder's path with ``_`` for ``/`` where two
+    leaf folders share a name (a gallery's ids hold no ``/``)."""
     depth = len(leaves[0].parts)
     example = leaves[0]
     photos = sum(1 for paths in groups.values() for p in paths if PurePosixPath(Path(p).as_posix()).parent == example)
     shown = ", ".join(sorted(map(str, groups))[:3]) + (", ..." if len(groups) > 3 else "")
-    said = (f"the {counted(sum(len(p) for p in groups.values()), 'image')} of {root} sit in {len(leaves)} folders "
-            f"{depth} levels down (such as {example}/, {counted(photos, 'image')}), but {what} are the folders right "
-            f"under {root}, here its {counted(len(groups), 'folder')} ({shown})")
     unique = len({leaf.name for leaf in leaves}) == len(leaves)
-    object_id = "$(NF-1)" if unique else "substr($0, 1, length($0) - length($NF) - 1)"
+    object_id = ("id = $(NF-1)" if unique else
+                 'id = substr($0, 1, length($0) - length($NF) - 1); gsub("/", "_", id)')
     suffixes = sorted({PurePosixPath(Path(p).as_posix()).suffix for paths in groups.values() for p in paths})
     names = " -o ".join(f"-name '*{s}'" for s in suffixes)
-    if objects_option is not None:
-        listing = (f"(cd {shlex.quote(str(root))} && find . -type f \\( {names} \\) | sed 's|^\\./||' | awk -F/ "
-                   f"'BEGIN {{print \"object_id,path\"}} {{print {object_id} \",\" $0}}') > objects.csv")
-        return (f"{said}: if each of those {len(leaves)} folders is one object, list their images in an objects file, a "
-                f"CSV of object_id,path rows with paths relative to {root} (one way: {listing}), and give it with "
-                f"{objects_option}")
-    top = shlex.quote(str(root.absolute()))  # the links' targets: a relative one would be read from FLAT
-    link = "ln -s \"$d\" FLAT/" if unique else "ln -s \"$d\" \"FLAT/$(echo \"${d#" + f"{top}/" + "}\" | tr / _)\""
-    return (f"{said}: if each of those {len(leaves)} folders is one object, give a folder of links to them, one per "
-            f"object (mkdir FLAT && for d in {top}{'/*' * depth}/; do d=${{d%/}}; {link}; done), and give FLAT instead")
+    listing = (f"(cd {shlex.quote(str(root))} && find . -type f \\( {names} \\) | sed 's|^\\./||' | awk -F/ "
+               f"'BEGIN {{print \"object_id,path\"}} {{{object_id}; print id \",\" $0}}') > {objects_name}")
+    return (f"the {counted(sum(len(p) for p in groups.values()), 'image')} of {root} sit in {len(leaves)} folders "
+            f"{depth} levels down (such as {example}/, {counted(photos, 'image')}), but {what} are the folders right "
+            f"under {root}, here its {counted(len(groups), 'folder')} ({shown}): if each of those {len(leaves)} "
+            f"folders is one object, list their images in an objects file, a CSV of object_id,path rows with paths "
+            f"relative to {root} (one way: {listing}), and give it with {given}")
 
 
 def choose_set(n_images: int, set_length: int, rng: np.random.Generator) -> list[int]:

@@ -179,8 +179,7 @@ class MILE(Method):
                         f"{photos} photos: the run trains on those, not on all {len(folder)} images under data.root"]
             return []
         note = nested_groups_note(Path(folder.root), {o.object_id: [folder.relpath(r) for r in o.rows]
-                                                      for o in dataset.objects}, prefer=("train", "training"),
-                                  objects_option="method.objects_file=objects.csv")
+                                                      for o in dataset.objects}, prefer=("train", "training"))
         return [f"data.root: {note}"] if note else []
 
     def teacher_backbone(self):
