@@ -276,7 +276,8 @@ def test_class_folders_under_several_splits_are_said(tmp_path, capsys):
         dataset = SimpleNamespace(folder=SimpleNamespace(relpaths=lambda: files, root=str(tmp_path / "x")),
                                   labels=torch.tensor([0, 0, 1, 1]))
         return MS.data_notes(SimpleNamespace(method=SimpleNamespace(labels_file=None, m_per_class=2),
-                                             optim=SimpleNamespace(batch_size=4)), dataset)
+                                             optim=SimpleNamespace(batch_size=4),
+                                             data=SimpleNamespace(root=str(tmp_path / "x"))), dataset)
 
     assert f"give data.root={tmp_path / 'x' / 'Training'} instead" in note("Training", "Testing")[0]
     assert "those of test and val included; give the training split's folder" in note("val", "test")[0]

@@ -96,9 +96,10 @@ class MiningCount:
 
 def short_classes_note(labels: torch.Tensor, m: int, batch_size: int, per_class: str = "method.m_per_class") -> Optional[str]:
     """A note where classes hold fewer images than a batch takes of each (``m``): the m-per-class sampler
-    draws their images again, and an image drawn twice in a step is the same crop (its seed is the
-    epoch's and the image's), two equal embeddings from which the miner gets nothing (a new user's probe,
-    2026-12-07: In-shop's query split of 2 photos per item at m 4 mined no pair in 7 of 15 steps)."""
+    draws their images again, and an image drawn twice in a step gives two equal embeddings (MS: the same
+    crop, its seed being the epoch's and the image's; refinement: the same features and neighbours), from
+    which the miner gets nothing (a new user's probe, 2026-12-07: In-shop's query split of 2 photos per item
+    at m 4 mined no pair in 7 of 15 steps)."""
     counts = torch.bincount(labels)
     counts = counts[counts > 0]
     short = counts[counts < m]
@@ -111,5 +112,11 @@ def short_classes_note(labels: torch.Tensor, m: int, batch_size: int, per_class:
     singles = int((short == 1).sum())
     lone = f", {singles} of a single image (no positive pair at all)" if singles else ""
     return (f"{len(short)} of the {len(counts)} classes have fewer images than {per_class}={m} (fewest: {fewest}{lone}): "
-            f"a batch takes {m} of each class, drawing its images again, and an image drawn twice in a step is the same "
-            f"crop, which gives the miner no pair; {fix}")
+            f"a batch takes {m} of each class, drawing its images again, and an image drawn twice in a step gives two "
+            f"equal embeddings, which give the miner no pair; {fix}")
+
+
+def labelled_data(recipe) -> str:
+    """Where a Multi-Similarity run's classes come from, as a note names it: its labels file, or ``data.root``."""
+    labels_file = recipe.method.labels_file
+    return f"method.labels_file {labels_file}" if labels_file else f"data.root {recipe.data.root}"

@@ -28,7 +28,7 @@ from mlsctl.data.labels import SPLIT_NAMES, class_ids, labels_of
 from mlsctl.data.loader import Batch, MultiCropDataset, collate
 from mlsctl.methods.base import Method, StepOutput
 from mlsctl.methods.ms.config import MSConfig
-from mlsctl.methods.multi_similarity import MiningCount, ms_loss_over_processes, short_classes_note
+from mlsctl.methods.multi_similarity import MiningCount, labelled_data, ms_loss_over_processes, short_classes_note
 from mlsctl.models.backbone import build_backbone
 
 
@@ -104,9 +104,7 @@ class MS(Method):
         the test classes are trained on (a new user's probe, 2026-12-06); classes of fewer images than
         ``method.m_per_class`` (:func:`~mlsctl.methods.multi_similarity.short_classes_note`)."""
         short = short_classes_note(dataset.labels, recipe.method.m_per_class, recipe.optim.batch_size)
-        labels_file = recipe.method.labels_file
-        where = f"method.labels_file {labels_file}" if labels_file else f"data.root {dataset.folder.root}"
-        return [*cls._splits_notes(recipe, dataset), *([f"{where}: {short}"] if short else [])]
+        return [*cls._splits_notes(recipe, dataset), *([f"{labelled_data(recipe)}: {short}"] if short else [])]
 
     @classmethod
     def _splits_notes(cls, recipe, dataset):
