@@ -853,15 +853,18 @@ def test_a_deep_layout_names_the_objects_file_that_makes_its_leaf_folders_the_ob
                 for view in ("1_front", "2_side"):
                     Image.new("RGB", (8, 8), (item * 90, 20, 40)).save(
                         root / gender / category / f"id_{gender}_{category}_{item}" / f"0{view}.jpg")
+    # a photo linked from elsewhere, as a split made of links is (the probe's): listed by the command too
+    Image.new("RGB", (8, 8), (9, 9, 9)).save(tmp_path / "elsewhere.jpg")
+    (root / "MEN" / "Denim" / "id_MEN_Denim_0" / "03_back.jpg").symlink_to(tmp_path / "elsewhere.jpg")
     folder = ImageFolder(root)
     recipe = SimpleNamespace(method=SimpleNamespace(objects_file=None))
     [note] = MILE.data_notes(recipe, SimpleNamespace(folder=folder, objects=find_objects(folder)))
-    assert "16 images of" in note and "8 folders 3 levels down" in note and "MEN, WOMEN" in note, note
+    assert "17 images of" in note and "8 folders 3 levels down" in note and "MEN, WOMEN" in note, note
     assert "give it with method.objects_file=objects.csv" in note and "instead" not in note, note
     command = note.split("(one way: ")[1].rsplit("), and give it", 1)[0]
     subprocess.run(["bash", "-c", command], cwd=tmp_path, check=True)
     objects = find_objects(folder, tmp_path / "objects.csv")
-    assert [(o.object_id, len(o.rows)) for o in objects][:2] == [("id_MEN_Denim_0", 2), ("id_MEN_Denim_1", 2)]
+    assert [(o.object_id, len(o.rows)) for o in objects][:2] == [("id_MEN_Denim_0", 3), ("id_MEN_Denim_1", 2)]
     assert len(objects) == 8
     with caplog.at_level("WARNING", logger="mlsctl"):
         object_folders(root, option="--query-objects")  # eval retrieval's query
@@ -870,7 +873,8 @@ def test_a_deep_layout_names_the_objects_file_that_makes_its_leaf_folders_the_ob
     command = warning.split("(one way: ")[1].rsplit("), and give it", 1)[0]
     subprocess.run(["bash", "-c", command], cwd=tmp_path, check=True)
     assert {k: len(v) for k, v in object_folders(root, tmp_path / "query-objects.csv").items()} == {
-        f"id_{g}_{c}_{i}": 2 for g in ("MEN", "WOMEN") for c in ("Denim", "Tees") for i in range(2)}
+        f"id_{g}_{c}_{i}": 2 + (g == "MEN" and c == "Denim" and i == 0) for g in ("MEN", "WOMEN")
+        for c in ("Denim", "Tees") for i in range(2)}
     # two leaf folders of one name: the command names each object by its folder's path, '/' made '_' (a gallery's
     # ids hold no '/')
     (root / "WOMEN" / "Tees" / "id_WOMEN_Tees_1").rename(root / "WOMEN" / "Tees" / "id_MEN_Denim_0")

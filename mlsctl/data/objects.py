@@ -130,7 +130,7 @@ def _deep_layout_note(root: Path, groups: dict, leaves: list[PurePosixPath], wha
                  'id = substr($0, 1, length($0) - length($NF) - 1); gsub("/", "_", id)')
     suffixes = sorted({PurePosixPath(Path(p).as_posix()).suffix for paths in groups.values() for p in paths})
     names = " -o ".join(f"-name '*{s}'" for s in suffixes)
-    listing = (f"(cd {shlex.quote(str(root))} && find . -type f \\( {names} \\) | sed 's|^\\./||' | awk -F/ "
+    listing = (f"(cd {shlex.quote(str(root))} && find -L . -type f \\( {names} \\) | sed 's|^\\./||' | awk -F/ "
                f"'BEGIN {{print \"object_id,path\"}} {{{object_id}; print id \",\" $0}}') > {objects_name}")
     return (f"the {counted(sum(len(p) for p in groups.values()), 'image')} of {root} sit in {len(leaves)} folders "
             f"{depth} levels down (such as {example}/, {counted(photos, 'image')}), but {what} are the folders right "
