@@ -346,35 +346,47 @@ def check_new_ids(ids: Sequence[str], where: str) -> None:
                             f"or rename one")
 
 
-def object_folders(root: str | os.PathLike) -> dict[str, list[Path]]:
+def object_folders(root: str | os.PathLike, objects_file: Optional[str | os.PathLike] = None,
+                   option: str = "--objects") -> dict[str, list[Path]]:
     """``ROOT/<object_id>/*`` images, files in the order of their paths relative to ``ROOT`` as strings
     (the folding order: the scan's, the order of a feature folder's rows and of ``eval retrieval``'s
     sets, so a gallery built from the images and one built from their features fold alike). Files whose
-    names cannot be stored are skipped and reported (see :func:`~mlsctl.data.images.scan_images`)."""
+    names cannot be stored are skipped and reported (see :func:`~mlsctl.data.images.scan_images`).
+    With ``objects_file`` (given as ``option``), the objects are those it lists instead, a CSV/JSONL of
+    ``object_id,path`` with paths relative to ``ROOT``, as MILE's ``method.objects_file`` (In-shop's item folders
+    lie three levels down: a new user's probe, 2026-12-07), their photos in the same order."""
     from mlsctl.data.images import require_images, scan_images
+    from mlsctl.data.objects import listed_objects
 
     root = Path(root)
     scan = scan_images(root, "gallery images")
     require_images(scan, "gallery images")
     for line in scan.notes("gallery images"):
         logging.getLogger("mlsctl").warning(line)
+    if objects_file is not None:
+        listing = {path.relative_to(root).as_posix(): path for path in scan.files}
+        listed = listed_objects(Path(objects_file), listing, root, option)
+        order = {path: i for i, path in enumerate(scan.files)}
+        return {check_object_id(object_id, f"{option} {objects_file}: object id"): sorted(paths, key=order.__getitem__)
+                for object_id, paths in sorted(listed.items())}
     groups: dict[str, list[Path]] = {}
     for path in scan.files:
         rel = path.relative_to(root)
         if len(rel.parts) < 2:
-            raise UserError(f"{path} is not inside an object folder; put each object's images in {root}/<object_id>/")
+            raise UserError(f"{path} is not inside an object folder; put each object's images in {root}/<object_id>/, "
+                            f"or list them in an objects file (CSV/JSONL of object_id,path) given with {option}")
         groups.setdefault(check_object_id(rel.parts[0], "object folder"), []).append(path)
-    _say_nested_objects(root, groups)
+    _say_nested_objects(root, groups, option)
     return dict(sorted(groups.items()))  # each list in the scan's order: by relative path, as a string
 
 
-def _say_nested_objects(root: Path, groups: dict[str, list[Path]]) -> None:
+def _say_nested_objects(root: Path, groups: dict[str, list[Path]], option: str) -> None:
     """A warning, before anything is embedded, where objects gather their photos from many sub-folders
-    (:func:`~mlsctl.data.objects.nested_groups_note`)."""
+    (:func:`~mlsctl.data.objects.nested_groups_note`); ``option`` gives an objects file instead."""
     from mlsctl.data.objects import nested_groups_note
 
     note = nested_groups_note(root, {name: [p.relative_to(root) for p in paths] for name, paths in groups.items()},
-                              prefer=("gallery",))
+                              prefer=("gallery",), objects_option=f"{option} ", objects_name=f"{option.lstrip('-')}.csv")
     if note:
         logging.getLogger("mlsctl").warning(note)
 
@@ -1404,13 +1416,23 @@ def _say_what_a_rebuild_drops(out: Path, source_counts: dict[str, int], say: Cal
         f"since it was built, they will not be in the rebuilt gallery (stop now to keep them)")
 
 
+def check_objects_source(source: str | os.PathLike, objects_file: Optional[str | os.PathLike]) -> None:
+    """An objects file lists photos: refused with a feature folder, whose objects are its folders."""
+    if objects_file is not None and is_feature_folder(source):
+        raise UserError(f"--objects lists photos, and {source} is a feature folder; give the photos' folder, or embed "
+                        f"them with one folder per object")
+
+
 def build_gallery(source: str | os.PathLike, model: SetModel, out: str | os.PathLike, settings: IndexSettings,
                   *, overwrite: bool = False, progress: Optional[bool] = None, storage_dtype: str = "fp32",
-                  workers: Optional[int] = None, batch_size: int = 64, say: Callable[[str], None] = to_stderr) -> dict:
-    """One set embedding per object of ``source``: ``ROOT/<object_id>/*`` images (decoded in
-    ``workers`` loader processes and embedded ``batch_size`` at a time, :func:`set_tokens`), or a
-    feature folder of them written by ``mlsctl embed`` with the same run (files fold in name order)."""
+                  workers: Optional[int] = None, batch_size: int = 64, say: Callable[[str], None] = to_stderr,
+                  objects_file: Optional[str | os.PathLike] = None) -> dict:
+    """One set embedding per object of ``source``: ``ROOT/<object_id>/*`` images, or those
+    ``objects_file`` lists (:func:`object_folders`; decoded in ``workers`` loader processes and embedded
+    ``batch_size`` at a time, :func:`set_tokens`), or a feature folder of them written by ``mlsctl embed``
+    with the same run (files fold in name order)."""
     out = Path(out)
+    check_objects_source(source, objects_file)
     settings.check()
     check_gallery_target(out, overwrite, source)
     if storage_dtype not in STORAGE_DTYPES:
@@ -1418,7 +1440,7 @@ def build_gallery(source: str | os.PathLike, model: SetModel, out: str | os.Path
     ids, latents, counts = [], [], []
     if out.is_dir():  # a server or another writer holding it: said now, not after every photo is embedded
         FolderLock(out, "gallery").acquire().release()
-    groups = None if is_feature_folder(source) else object_folders(source)
+    groups = None if is_feature_folder(source) else object_folders(source, objects_file)
     if overwrite:
         _say_what_a_rebuild_drops(out, _source_counts(source, groups), say)
     if groups is None:

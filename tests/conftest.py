@@ -278,7 +278,8 @@ def as_killed_at(run_dir: Path, copy: Path, step: int) -> Path:
 
 def pretrain_on_two_processes_and_one(tmp_path: Path, raw: dict, batch: int) -> dict[int, Path]:
     """``raw`` trained by 2 processes of ``optim.batch_size`` ``batch`` (``accelerate launch``) and by 1 process of
-    twice that, each with a checkpoint after every step: the run folders, by number of processes."""
+    twice that, each with a checkpoint after every step: the run folders, by number of processes (and their stderr
+    in TMP/stderr1.txt and TMP/stderr2.txt)."""
     accelerate = Path(sys.executable).parent / "accelerate"
     runs = {}
     for processes in (2, 1):
@@ -291,6 +292,7 @@ def pretrain_on_two_processes_and_one(tmp_path: Path, raw: dict, batch: int) -> 
         result = subprocess.run([*command, "pretrain", str(write_recipe(tmp_path / f"r{processes}.yaml", recipe)),
                                  "--out", str(out)], capture_output=True, text=True, env=cli_env(), timeout=300, cwd=REPO)
         assert result.returncode == 0, result.stderr[-3000:]
+        (tmp_path / f"stderr{processes}.txt").write_text(result.stderr)  # what the console showed, for the caller
         runs[processes] = out
     return runs
 

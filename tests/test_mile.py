@@ -830,3 +830,103 @@ def test_a_photo_over_the_pixel_limit_is_told_only_the_ways_its_command_has(mile
         assert pixels is None and reason.endswith(words), reason
     with pytest.raises(Exception, match=r"raise the limit: data.max_image_pixels\)$"):  # pretraining's recipe key
         ImageFolder(tmp_path / "images").load(0)
+
+
+def test_a_deep_layout_names_the_objects_file_that_makes_its_leaf_folders_the_objects(tmp_path, caplog):
+    """A new user's probe (2026-12-07): on In-shop's img/MEN/Denim/id_00000080/01_1_front.jpg MILE's warning said
+    "give .../img/MEN instead", then ".../img/MEN/Boots" (one category) and never named method.objects_file. Leaf
+    folders at one depth are now said to be the likely objects: MILE names the objects file with a command that
+    writes it (run here, and read back: one object per leaf folder); a gallery's its own option (--objects,
+    --gallery-objects, --query-objects)."""
+    import subprocess
+    from types import SimpleNamespace
+
+    from mlsctl.data.images import ImageFolder
+    from mlsctl.data.objects import find_objects
+    from mlsctl.gallery import object_folders
+
+    root = tmp_path / "my img"  # a space: the commands quote it
+    for gender in ("MEN", "WOMEN"):
+        for category in ("Denim", "Tees"):
+            for item in range(2):
+                (root / gender / category / f"id_{gender}_{category}_{item}").mkdir(parents=True)
+                for view in ("1_front", "2_side"):
+                    Image.new("RGB", (8, 8), (item * 90, 20, 40)).save(
+                        root / gender / category / f"id_{gender}_{category}_{item}" / f"0{view}.jpg")
+    # a photo linked from elsewhere, as a split made of links is (the probe's): listed by the command too
+    Image.new("RGB", (8, 8), (9, 9, 9)).save(tmp_path / "elsewhere.jpg")
+    (root / "MEN" / "Denim" / "id_MEN_Denim_0" / "03_back.jpg").symlink_to(tmp_path / "elsewhere.jpg")
+    folder = ImageFolder(root)
+    recipe = SimpleNamespace(method=SimpleNamespace(objects_file=None))
+    [note] = MILE.data_notes(recipe, SimpleNamespace(folder=folder, objects=find_objects(folder)))
+    assert "17 images of" in note and "8 folders 3 levels down" in note and "MEN, WOMEN" in note, note
+    assert "give it with method.objects_file=objects.csv" in note and "instead" not in note, note
+    command = note.split("(one way: ")[1].rsplit("), and give it", 1)[0]
+    subprocess.run(["bash", "-c", command], cwd=tmp_path, check=True)
+    objects = find_objects(folder, tmp_path / "objects.csv")
+    assert [(o.object_id, len(o.rows)) for o in objects][:2] == [("id_MEN_Denim_0", 3), ("id_MEN_Denim_1", 2)]
+    assert len(objects) == 8
+    with caplog.at_level("WARNING", logger="mlsctl"):
+        object_folders(root, option="--query-objects")  # eval retrieval's query
+    [warning] = [r.getMessage() for r in caplog.records if "levels down" in r.getMessage()]
+    assert warning.endswith("and give it with --query-objects query-objects.csv"), warning
+    command = warning.split("(one way: ")[1].rsplit("), and give it", 1)[0]
+    subprocess.run(["bash", "-c", command], cwd=tmp_path, check=True)
+    assert {k: len(v) for k, v in object_folders(root, tmp_path / "query-objects.csv").items()} == {
+        f"id_{g}_{c}_{i}": 2 + (g == "MEN" and c == "Denim" and i == 0) for g in ("MEN", "WOMEN")
+        for c in ("Denim", "Tees") for i in range(2)}
+    # two leaf folders of one name: the command names each object by its folder's path, '/' made '_' (a gallery's
+    # ids hold no '/')
+    (root / "WOMEN" / "Tees" / "id_WOMEN_Tees_1").rename(root / "WOMEN" / "Tees" / "id_MEN_Denim_0")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mlsctl"):
+        object_folders(root)
+    [warning] = [r.getMessage() for r in caplog.records if "levels down" in r.getMessage()]
+    subprocess.run(["bash", "-c", warning.split("(one way: ")[1].rsplit("), and give it", 1)[0]], cwd=tmp_path,
+                   check=True)
+    ids = list(object_folders(root, tmp_path / "objects.csv"))
+    assert len(ids) == 8 and "MEN_Denim_id_MEN_Denim_0" in ids and "WOMEN_Tees_id_MEN_Denim_0" in ids, ids
+
+
+def test_index_build_and_eval_retrieval_take_objects_files(mile_run, tmp_path, capsys):
+    """A new user's probe (2026-12-07): In-shop's item folders lie three levels down, and `index build` and `eval
+    retrieval` took object folders only (the probe linked them into flat folders). --objects (index build) and
+    --gallery-objects and --query-objects (eval retrieval) take the objects file MILE's method.objects_file does:
+    the same objects, photos and latents as their folders give."""
+    import shutil
+
+    from mlsctl.gallery import Gallery
+
+    rows = {}
+    for part in ("gallery", "query"):
+        rows[part] = ["object_id,path"]
+        for o in range(6):
+            deep = tmp_path / "img" / ("MEN" if o % 2 else "WOMEN") / f"cat{o % 3}" / f"obj{o}"
+            for photo in sorted((mile_run / part / f"obj{o}").iterdir()):
+                (deep / part).mkdir(parents=True, exist_ok=True)
+                shutil.copy(photo, deep / part / photo.name)
+                rows[part].append(f"obj{o},{(deep / part / photo.name).relative_to(tmp_path / 'img').as_posix()}")
+        (tmp_path / f"{part}.csv").write_text("\n".join(rows[part]) + "\n")
+    run = str(mile_run / "run")
+    cli_ok(capsys, "index", "build", str(mile_run / "gallery"), "--run", run, "--out", str(tmp_path / "g1"))
+    cli_ok(capsys, "index", "build", str(tmp_path / "img"), "--objects", str(tmp_path / "gallery.csv"), "--run", run,
+           "--out", str(tmp_path / "g2"))
+    one, two = Gallery(tmp_path / "g1"), Gallery(tmp_path / "g2")
+    assert one.ids == two.ids == [f"obj{o}" for o in range(6)]
+    assert all(torch.equal(one.latent(o), two.latent(o)) and one.count(o) == two.count(o) == 2 for o in one.ids)
+    results = {}
+    for name, extra in (("folders", ["--gallery", str(mile_run / "gallery"), "--query", str(mile_run / "query")]),
+                        ("files", ["--gallery", str(tmp_path / "img"), "--gallery-objects", str(tmp_path / "gallery.csv"),
+                                   "--query", str(tmp_path / "img"), "--query-objects", str(tmp_path / "query.csv")])):
+        cli_ok(capsys, "eval", "retrieval", *extra, "--run", run, "--noise", "0", "--out", str(tmp_path / f"{name}.json"))
+        results[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    assert results["files"]["results"] == results["folders"]["results"] and results["files"]["objects"] == 6
+    assert results["files"]["query_objects"] == str(tmp_path / "query.csv")
+    # a feature folder's objects are its folders: an objects file with one is refused before the model loads
+    cli_ok(capsys, "embed", str(mile_run / "gallery"), "--run", run, "--out", str(tmp_path / "feats"))
+    code, _, err = cli("index", "build", str(tmp_path / "feats"), "--objects", str(tmp_path / "gallery.csv"), "--out",
+                       str(tmp_path / "g3"), capsys=capsys)
+    assert code == 2 and "is a feature folder; give the photos' folder" in err and "model:" not in err, err
+    code, _, err = cli("index", "build", str(tmp_path / "img"), "--objects", str(tmp_path / "none.csv"), "--run", run,
+                       "--out", str(tmp_path / "g4"), capsys=capsys)
+    assert code == 2 and f"--objects {tmp_path / 'none.csv'} does not exist" in err, err

@@ -208,6 +208,11 @@ def test_two_processes_mine_the_pairs_of_one(tmp_path):
     assert first[2]["grad_norm"] == pytest.approx(first[1]["grad_norm"], rel=1e-4)  # the gradient's scale too
     for key in ("mined_positive_pairs", "mined_negative_pairs"):
         assert first[2][key] == first[1][key] > 0, key
+    # a new user's probe (2026-12-07): the note of class folders inside class folders (make_images's sub/), said
+    # while the data is built, reached stderr only, from each process; now process 0 says it, there and in train.log
+    for n in runs:
+        err, log = (tmp_path / f"stderr{n}.txt").read_text(), (runs[n] / "train.log").read_text()
+        assert err.count("are two classes") == 1 and log.count("are two classes") == 1, (n, err, log)
     one, two = (load_file(str(next(c for c in Run(runs[n]).checkpoints() if c.step == 1).model_path)) for n in (1, 2))
     # within a tenth of one Adam step (lr 1e-3): a half-batch gradient moved weights by ~2e-3
     assert all(torch.allclose(one[k], two[k], atol=1e-4, rtol=0) for k in one)
@@ -268,8 +273,11 @@ def test_class_folders_under_several_splits_are_said(tmp_path, capsys):
 
     def note(*splits):
         files = [f"{split}/c{i}/x.png" for i, split in enumerate(splits)]
-        dataset = SimpleNamespace(folder=SimpleNamespace(relpaths=lambda: files, root=str(tmp_path / "x")))
-        return MS.data_notes(SimpleNamespace(method=SimpleNamespace(labels_file=None)), dataset)
+        dataset = SimpleNamespace(folder=SimpleNamespace(relpaths=lambda: files, root=str(tmp_path / "x")),
+                                  labels=torch.tensor([0, 0, 1, 1]))
+        return MS.data_notes(SimpleNamespace(method=SimpleNamespace(labels_file=None, m_per_class=2),
+                                             optim=SimpleNamespace(batch_size=4),
+                                             data=SimpleNamespace(root=str(tmp_path / "x"))), dataset)
 
     assert f"give data.root={tmp_path / 'x' / 'Training'} instead" in note("Training", "Testing")[0]
     assert "those of test and val included; give the training split's folder" in note("val", "test")[0]
@@ -281,3 +289,64 @@ def test_class_folders_under_several_splits_are_said(tmp_path, capsys):
     code, _, err = cli("pretrain", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "big"), "optim.batch_size=64",
                        capsys=capsys)
     assert code == 2 and "too few for batches of 64" in err and "; note: " in err and "holds the splits" in err, err
+
+
+def test_classes_short_of_m_per_class_and_steps_that_mined_no_pair_are_said(tmp_path, capsys):
+    """A new user's probe (2026-12-07): In-shop's query split (2 photos per item) at method.m_per_class 4 ended
+    "final loss 0.0000" with 7 of its 15 steps at loss 0 and no mined pair, without a word: the sampler draws a
+    short class's images again, and an image drawn twice in a step is the same crop. The short classes are said
+    before training, the steps that mined nothing at its end (as metrics.jsonl counts them), and the last line
+    gives the mean of the last logged steps beside the last step's loss."""
+    from PIL import Image
+
+    from mlsctl.methods.multi_similarity import MiningCount, short_classes_note
+
+    for c in range(6):  # items of one colour (every crop the same) and of noise: some steps mine nothing
+        (tmp_path / "data" / f"item{c}").mkdir(parents=True)
+        for k in range(2):
+            pixels = np.random.default_rng(10 * c + k).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+            Image.fromarray(pixels if c % 2 else np.full_like(pixels, 40 * c)).save(
+                tmp_path / "data" / f"item{c}" / f"{k}.png")
+    raw = _ms_recipe(tmp_path / "data", m_per_class=4)
+    raw["optim"]["epochs"] = 6
+    raw["train"].update(log_every=1, checkpoint_every=100)
+    _, err = cli_ok(capsys, "pretrain", str(write_recipe(tmp_path / "r.yaml", raw)), "--out", str(tmp_path / "run"))
+    text = " ".join(err.split())
+    assert (f"data.root {tmp_path / 'data'}: 6 of the 6 classes have fewer images than method.m_per_class=4 (fewest: "
+            f"2): a batch takes 4 of each class") in text and "set method.m_per_class=2 (optim.batch_size" in text, text
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    empty = sum(r["mined_positive_pairs"] + r["mined_negative_pairs"] == 0 for r in records)
+    assert len(records) == 6 and 0 < empty < 6, records
+    assert f"found no pair in {empty} of the 6 steps of this session" in text, text
+    recent = sum(r["loss"] for r in records) / 6
+    assert f"final loss {records[-1]['loss']:.4f} (last step; {recent:.4f} over the last 6 logged steps)" in text
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["recent_loss"] == pytest.approx(recent) and summary["recent_loss_steps"] == 6
+    # a step of several micro-batches mined nothing only when none of them did; one image: no positive at all
+    count = MiningCount()
+    for step, pairs in ((0, 0), (0, 3), (1, 0), (1, 0), (2, 5)):
+        count.add(step, {"mined_positive_pairs": float(pairs), "mined_negative_pairs": 0.0})
+    assert "in 1 of the 3 steps" in count.notes()[0]
+    note = short_classes_note(torch.tensor([0, 0, 0, 0, 1, 2, 2]), 4, 8)
+    assert note.startswith("2 of the 3 classes") and "1 of a single image" in note and "give classes of two" in note
+    assert short_classes_note(torch.tensor([0, 0, 1, 1]), 2, 4) is None
+
+
+def test_notes_said_while_the_data_is_built_reach_train_log_once(tmp_path, capsys):
+    """A new user's probe (2026-12-07): the notes of class folders inside class folders, for method.labels_file's
+    data.root and train.monitor's folders, went to stderr only (said before train.log was opened), while MILE's
+    objects warning reached train.log. Both are in train.log now, and on the console once."""
+    images = _class_images(tmp_path / "images", 4, 6)  # some images sit in sub/ folders: their own classes
+    raw = _ms_recipe(images)
+    raw["optim"]["epochs"] = 1
+    raw["train"]["monitor"] = {"every": 100, "train": str(images), "val": str(images)}
+    _, err = cli_ok(capsys, "pretrain", str(write_recipe(tmp_path / "r.yaml", raw)), "--out", str(tmp_path / "run"))
+    log = (tmp_path / "run" / "train.log").read_text()
+    for what in (f"data.root {images}: the images in class0/", f"train.monitor.train ({images}): the images",
+                 f"train.monitor.val ({images}): the images"):
+        assert err.count(what) == 1 and log.count(what) == 1, (what, err, log)
+    # a start refused after a note says the note, then its error (on stderr: there is no train.log)
+    raw["optim"]["batch_size"] = 64
+    code, _, err = cli("pretrain", str(write_recipe(tmp_path / "r.yaml", raw)), "--out", str(tmp_path / "run2"),
+                       capsys=capsys)
+    assert code != 0 and err.count("are two classes") == 1 and err.index("are two classes") < err.index("error"), err

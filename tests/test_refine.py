@@ -793,9 +793,9 @@ def test_a_refinement_that_raises_its_own_training_loss_says_so(trained, capsys)
     from mlsctl.methods.refine.method import Refine
 
     below = [(0.70, 0.72)] * 6 + [(0.73, 0.72)] * 4  # above at 4 of 10 logged steps: helping, said nothing
-    assert Refine.end_notes(SimpleNamespace(logged_losses=below)) == []
-    assert Refine.end_notes(SimpleNamespace(logged_losses=[(0.8, 0.7)] * 4)) == []  # too few steps to tell
-    assert len(Refine.end_notes(SimpleNamespace(logged_losses=[(0.73, 0.72)] * 6))) == 1
+    assert Refine._worse_notes(SimpleNamespace(logged_losses=below)) == []
+    assert Refine._worse_notes(SimpleNamespace(logged_losses=[(0.8, 0.7)] * 4)) == []  # too few steps to tell
+    assert len(Refine._worse_notes(SimpleNamespace(logged_losses=[(0.73, 0.72)] * 6))) == 1
 
 
 def test_a_stopped_refine_run_says_the_refine_command_that_continues_it(trained, tmp_path, monkeypatch, capsys):
@@ -819,3 +819,19 @@ def test_a_stopped_refine_run_says_the_refine_command_that_continues_it(trained,
     monkeypatch.setattr(checkpoint, "save_checkpoint", real_save)
     _, err = cli_ok(capsys, *shlex.split(command))  # without --blocks, --k, --epochs: the run's config.yaml has them
     assert f"resuming {run} from step 4" in err and "done:" in err
+
+
+def test_classes_of_one_embedding_and_steps_that_mined_no_pair_are_said(tmp_path, capsys):
+    """A new user's probe (2026-12-07, of MS; refinement samples its batches alike): a class of fewer embeddings
+    than method.positives_per_class is drawn again, two equal refined embeddings, and a step whose miner finds no
+    pair teaches nothing. Both are said: the first before training, the second at its end, as metrics.jsonl
+    counts them."""
+    x = torch.nn.functional.normalize(torch.randn(32, 16, generator=torch.Generator().manual_seed(0)), dim=1)
+    train = _folder(tmp_path / "train", x, torch.arange(32))  # 32 classes of one embedding each
+    _, err = cli_ok(capsys, *_train_args(train, tmp_path / "run"))
+    text = " ".join(err.split())
+    assert (f"data.root {train}: 32 of the 32 classes have fewer images than method.positives_per_class=2 (fewest: 1, "
+            f"32 of a single image (no positive pair at all))") in text and "give classes of two images" in text, text
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    empty = sum(r["mined_positive_pairs"] + r["mined_negative_pairs"] == 0 for r in records)
+    assert empty and f"the Multi-Similarity miner found no pair in {empty} of the {len(records)} steps" in text, text

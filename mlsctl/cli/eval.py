@@ -442,6 +442,8 @@ def _say_shared(record: dict, val_images) -> None:
 def retrieval(
     gallery: Path = typer.Option(Path("data/fmnist-products/gallery"), "--gallery", help="Gallery photos, one folder per object."),
     query: Path = typer.Option(Path("data/fmnist-products/query"), "--query", help="Query photos of the same objects, one folder per object."),
+    gallery_objects: Optional[Path] = typer.Option(None, "--gallery-objects", help="CSV/JSONL of object_id,path (paths relative to --gallery) naming the objects instead of its folders, as MILE's method.objects_file."),
+    query_objects: Optional[Path] = typer.Option(None, "--query-objects", help="CSV/JSONL of object_id,path (paths relative to --query) naming the objects instead of its folders."),
     run: Optional[Path] = typer.Option(None, "--run", help="MILE run [default: the newest run under ./runs]."),
     query_size: str = typer.Option("4", "--query-size", help="Photos per query set, drawn at random (seeded) as the authors do, or 'all'."),
     noise: Optional[list[str]] = typer.Option(None, "--noise", help="Fractions of each query set replaced with random photos [default: 0 0.25 0.5]."),
@@ -477,7 +479,7 @@ def retrieval(
     model = choose_set_model(run, say=say)
     payload = {"command": "eval retrieval",
                **evaluate_set_model(model, gallery, query, query_size=size, noise=fractions, seed=seed, workers=workers,
-                                  say=say)}
+                                  say=say, gallery_objects=gallery_objects, query_objects=query_objects)}
     out = write(payload)
     if as_json:
         print(json.dumps(payload, indent=2))

@@ -23,6 +23,7 @@ StorageDtype = Literal["fp32", "fp16"]  # gallery.STORAGE_DTYPES
 @app.command("build")
 def build(
     source: Path = typer.Argument(..., help="Images in one folder per object (ROOT/<object_id>/*), or their feature folder from mlsctl embed."),
+    objects: Optional[Path] = typer.Option(None, "--objects", help="CSV/JSONL of object_id,path (paths relative to SOURCE) naming the objects instead of SOURCE's folders, as MILE's method.objects_file."),
     run: Optional[Path] = typer.Option(None, "--run", help="MILE run whose teacher embeds the objects [default: the run that embedded a feature folder given, else the newest MILE run under ./runs]."),
     out: Path = typer.Option(Path("gallery"), "--out", "-o", help="Gallery folder to write."),
     index: GalleryIndex = typer.Option("flat", "--index", parser=one_of("--index", GalleryIndex), help="flat (exact) or ivfpq (compressed, for large galleries)."),
@@ -41,7 +42,7 @@ def build(
     Example: mlsctl index build data/fmnist-products/gallery --run runs/mile_fmnist_quick --out galleries/products
     """
     from mlsctl.data.kinds import folder_kind
-    from mlsctl.gallery import IndexSettings, build_gallery, check_gallery_target, choose_set_model
+    from mlsctl.gallery import IndexSettings, build_gallery, check_gallery_target, check_objects_source, choose_set_model
 
     check_gallery_target(out, overwrite, source)  # before the model loads
     if not source.exists():  # so is a source that is not there (a new user, 2026-12-06: said after the model line)
@@ -52,9 +53,10 @@ def build(
         raise UserError(f"gallery images {source} is {kind}; give a folder with one sub-folder of photos per object, "
                         f"or their feature folder" + (" (a run goes to --run)" if kind == "a run folder" else ""))
     settings = IndexSettings(index, nlist, pq_m, pq_bits, nprobe, refine).check()  # before the model loads
+    check_objects_source(source, objects)
     model = choose_set_model(run, say=say, features=source)
     record = build_gallery(source, model, out, settings, overwrite=overwrite, storage_dtype=dtype, workers=workers,
-                           say=say)
+                           say=say, objects_file=objects)
     if as_json:
         print(json.dumps(record, indent=2))
         return

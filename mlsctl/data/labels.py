@@ -42,6 +42,8 @@ from typing import Callable, Optional, Sequence
 from mlsctl.errors import UserError
 
 JSON_SUFFIXES = (".jsonl", ".json")
+# folder names of a data set's splits: a root that holds them was given for one of them (MS, MILE, galleries)
+SPLIT_NAMES = frozenset({"train", "training", "val", "valid", "validation", "test", "testing", "gallery", "query"})
 
 
 def read_text_file(path: Path, what: str) -> str:

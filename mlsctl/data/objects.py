@@ -17,16 +17,18 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shlex
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Optional
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from mlsctl.console import counted
 from mlsctl.data.images import ImageFolder
-from mlsctl.data.labels import read_objects_file
+from mlsctl.data.labels import SPLIT_NAMES, read_objects_file
 from mlsctl.data.loader import ResizedImages, load_or_next, map_tensors, sample_seed
 from mlsctl.data.multicrop import MultiCrop, normalize_on_device
 from mlsctl.errors import UserError
@@ -53,35 +55,57 @@ def find_objects(folder: ImageFolder, objects_file: Optional[str | os.PathLike] 
                                 f"in ROOT/<object_id>/ or list them in method.objects_file")
             groups.setdefault(parts[0], []).append(row)
     else:
-        path = Path(objects_file)
-        if not path.is_file():
-            raise UserError(f"method.objects_file {path} does not exist; give a CSV or JSONL of object_id,path")
-        for object_id, relpath in read_objects_file(path):
-            key = Path(relpath).as_posix()
-            if key not in rows_of:
-                raise UserError(f"{path} lists {relpath}, which is not an image under {folder.root}")
-            groups.setdefault(object_id, []).append(rows_of[key])
+        groups = listed_objects(Path(objects_file), rows_of, folder.root, "method.objects_file")
     return [ObjectImages(object_id, sorted(rows)) for object_id, rows in sorted(groups.items())]
+
+
+def listed_objects(path: Path, listing: dict, root, option: str) -> dict[str, list]:
+    """The objects an objects file (``option``, such as ``method.objects_file``) lists, each with the items of
+    ``listing`` (an image's path relative to ``root``, as a POSIX string → what the caller keeps of it: a row, a
+    path) of its photos, in the file's order; a missing file or a row naming no image of ``listing`` is refused."""
+    if not Path(path).is_file():
+        raise UserError(f"{option} {path} does not exist; give a CSV or JSONL of object_id,path")
+    groups: dict[str, list] = {}
+    for object_id, relpath in read_objects_file(path):
+        key = Path(relpath).as_posix()
+        if key not in listing:
+            raise UserError(f"{path} lists {relpath}, which is not an image under {root}")
+        groups.setdefault(object_id, []).append(listing[key])
+    return groups
 
 
 NESTED_FOLDERS = 4  # sub-folders of one group from which a data set's root given for its split is suspected
 
 
-def nested_groups_note(root: Path, groups: dict, what: str = "objects",
-                       prefer: tuple[str, ...] = ()) -> Optional[str]:
+def nested_groups_note(root: Path, groups: dict, what: str = "objects", prefer: tuple[str, ...] = (),
+                       objects_option: str = "method.objects_file=", objects_name: str = "objects.csv") -> Optional[str]:
     """A warning where groups of images (objects, classes: the folders right under ``root``; ``groups``
     maps each to its images' paths relative to ``root``) gather their images from
-    :data:`NESTED_FOLDERS` or more sub-folders: the data set's root given for one of its splits (new
-    users, 2026-12-06: ``index build data/prod`` built three objects, gallery, query and train; MILE and
-    Multi-Similarity trained on them, test photos included). The folder it advises is the first named in
-    ``prefer`` (case-folded), else the one with the most sub-folders. None where nothing looks so."""
+    :data:`NESTED_FOLDERS` or more sub-folders, at any depth.
+
+    Two layouts are told apart. The data set's root given for one of its splits (new users,
+    2026-12-06: ``index build data/prod`` built three objects, gallery, query and train; MILE and
+    Multi-Similarity trained on them, test photos included): the groups are split names, or the
+    images do not all sit at one depth; the folder advised is the first named in ``prefer``
+    (case-folded), else the one with the most sub-folders. A deep layout (In-shop's
+    ``img/MEN/Denim/id_00000080/01_1_front.jpg``, a new user's probe, 2026-12-07: the advice to give
+    ``img/MEN``, then ``img/MEN/Boots``, would have trained on one category): every image in a leaf
+    folder at one depth of two or more, the leaf folders being the objects; the fix is an objects
+    file, ``objects_name`` written by the command the note gives and given as ``objects_option`` and
+    its name (MILE's ``method.objects_file=objects.csv``, ``index build --objects objects.csv``). None
+    where nothing looks so."""
     nested = {}
     for name, paths in groups.items():
-        folders = {Path(p).parts[1] for p in paths if len(Path(p).parts) > 2}
+        folders = {PurePosixPath(Path(p).as_posix()).parent for p in paths if len(Path(p).parts) > 2}
         if len(folders) >= NESTED_FOLDERS:
             nested[name] = (len(paths), len(folders))
     if not nested:
         return None
+    leaves = {PurePosixPath(Path(p).as_posix()).parent for paths in groups.values() for p in paths}
+    depths = {len(leaf.parts) for leaf in leaves}
+    splits = all(str(name).casefold() in SPLIT_NAMES for name in nested)
+    if len(depths) == 1 and min(depths) >= 2 and not splits:
+        return _deep_layout_note(Path(root), groups, sorted(leaves), what, objects_option + objects_name, objects_name)
     # the folder to give: one named as ``prefer`` says (MILE trains on "train", a gallery is "gallery"), else the
     # one with the most sub-folders (a review, 2026-12-06: the largest could be a test split)
     preferred = [name for name in nested if str(name).casefold() in prefer]
@@ -90,6 +114,29 @@ def nested_groups_note(root: Path, groups: dict, what: str = "objects",
     return (f"{len(nested)} of the {len(groups)} {what} of {root} gather their images from {NESTED_FOLDERS} or more "
             f"sub-folders ('{name}': {images} images in {folders} sub-folders); {what} are the folders right under "
             f"{root}: if those sub-folders are the {what}, give {Path(root) / name} instead")
+
+
+def _deep_layout_note(root: Path, groups: dict, leaves: list[PurePosixPath], what: str, given: str,
+                      objects_name: str) -> str:
+    """:func:`nested_groups_note` of a deep layout: each leaf folder is likely one object. The command it
+    gives names each object by its leaf folder, or by the leaf folder's path with ``_`` for ``/`` where two
+    leaf folders share a name (a gallery's ids hold no ``/``)."""
+    depth = len(leaves[0].parts)
+    example = leaves[0]
+    photos = sum(1 for paths in groups.values() for p in paths if PurePosixPath(Path(p).as_posix()).parent == example)
+    shown = ", ".join(sorted(map(str, groups))[:3]) + (", ..." if len(groups) > 3 else "")
+    unique = len({leaf.name for leaf in leaves}) == len(leaves)
+    object_id = ("id = $(NF-1)" if unique else
+                 'id = substr($0, 1, length($0) - length($NF) - 1); gsub("/", "_", id)')
+    suffixes = sorted({PurePosixPath(Path(p).as_posix()).suffix for paths in groups.values() for p in paths})
+    names = " -o ".join(f"-name '*{s}'" for s in suffixes)
+    listing = (f"(cd {shlex.quote(str(root))} && find -L . -type f \\( {names} \\) | sed 's|^\\./||' | awk -F/ "
+               f"'BEGIN {{print \"object_id,path\"}} {{{object_id}; print id \",\" $0}}') > {objects_name}")
+    return (f"the {counted(sum(len(p) for p in groups.values()), 'image')} of {root} sit in {len(leaves)} folders "
+            f"{depth} levels down (such as {example}/, {counted(photos, 'image')}), but {what} are the folders right "
+            f"under {root}, here its {counted(len(groups), 'folder')} ({shown}): if each of those {len(leaves)} "
+            f"folders is one object, list their images in an objects file, a CSV of object_id,path rows with paths "
+            f"relative to {root} (one way: {listing}), and give it with {given}")
 
 
 def choose_set(n_images: int, set_length: int, rng: np.random.Generator) -> list[int]:

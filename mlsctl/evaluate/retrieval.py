@@ -243,17 +243,18 @@ def identical_files(first: Sequence[Path], second: Sequence[Path], *, missing_ok
     return found
 
 
-def paired_photos(gallery, query) -> PairedPhotos:
-    """The objects of two ``ROOT/<object_id>/*`` folders, refused (one sentence) when they share
-    fewer than 2 objects or under half of the smaller folder's: they are not photos of the same
-    objects."""
+def paired_photos(gallery, query, gallery_objects=None, query_objects=None) -> PairedPhotos:
+    """The objects of two ``ROOT/<object_id>/*`` folders (or those their objects files list:
+    :func:`~mlsctl.gallery.object_folders`), refused (one sentence) when they share fewer than 2
+    objects or under half of the smaller folder's: they are not photos of the same objects."""
     from mlsctl.errors import UserError
     from mlsctl.gallery import object_folders
 
-    gallery_groups, query_groups = object_folders(gallery), object_folders(query)
+    gallery_groups = object_folders(gallery, gallery_objects, "--gallery-objects")
+    query_groups = object_folders(query, query_objects, "--query-objects")
     objects = [o for o in gallery_groups if o in query_groups]
     if len(objects) < 2:
-        raise UserError(f"{gallery} and {query} share {len(objects)} object folders; retrieval needs at least 2")
+        raise UserError(f"{gallery} and {query} share {len(objects)} objects; retrieval needs at least 2")
     smaller = min(len(gallery_groups), len(query_groups))
     if len(objects) < 0.5 * smaller:
         raise UserError(f"{gallery} ({len(gallery_groups)} objects) and {query} ({len(query_groups)} objects) share only "
@@ -281,18 +282,19 @@ def paired_photos(gallery, query) -> PairedPhotos:
 
 
 def evaluate_set_model(model, gallery, query, *, query_size: Optional[int], noise: Sequence[float], seed: int,
-                       workers: Optional[int] = None, say=to_stderr) -> dict:
+                       workers: Optional[int] = None, say=to_stderr, gallery_objects=None, query_objects=None) -> dict:
     """``mlsctl eval retrieval``: the set model of a MILE run (:class:`~mlsctl.gallery.SetModel`)
-    on the objects ``gallery`` and ``query`` share — MILE and the single-image baselines with its
-    trained teacher, the baselines again with the backbone the run started from (as the authors
-    compute theirs) — as the result JSON's fields."""
+    on the objects ``gallery`` and ``query`` share (their folders, or those ``gallery_objects`` and
+    ``query_objects`` list) — MILE and the single-image baselines with its trained teacher, the
+    baselines again with the backbone the run started from (as the authors compute theirs) — as the
+    result JSON's fields."""
     import dataclasses
     import time
 
     from mlsctl.gallery import photo_batches
     from mlsctl.restore import from_run_start
 
-    photos = paired_photos(gallery, query)
+    photos = paired_photos(gallery, query, gallery_objects, query_objects)
     say(f"{len(photos.objects)} objects in both {gallery} ({photos.gallery_objects}) and {query} "
         f"({photos.query_objects})")
     query_rows = sample_sets(photos.query_rows, query_size, seed)
@@ -322,7 +324,9 @@ def evaluate_set_model(model, gallery, query, *, query_size: Optional[int], nois
     results = evaluate_retrieval(model, gallery_rows, query_rows, cls, tokens, noise=noise, seed=seed)
     results += evaluate_retrieval(start, gallery_rows, query_rows, start_cls, None, noise=noise, seed=seed,
                                   methods=("max-pairwise", "mean-cls"), backbone="start")
-    return {"gallery": str(gallery), "query": str(query), "run": model.run, "step": model.step,
+    listed = {**({"gallery_objects": str(gallery_objects)} if gallery_objects is not None else {}),
+              **({"query_objects": str(query_objects)} if query_objects is not None else {})}
+    return {"gallery": str(gallery), "query": str(query), **listed, "run": model.run, "step": model.step,
             "fingerprint": model.fingerprint,
             "model": {**model.backbone.info, "step": model.step, "set_fingerprint": model.fingerprint},
             "start": start.backbone.description, "query_size": query_size if query_size is not None else "all",

@@ -101,41 +101,45 @@ def _pretrain(recipe, out: str | Path, *, resume: bool, init_from: Optional[str]
     is_main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
     for key, message in method_cls.check_training(recipe, world, accelerator.device.type):
         raise UserError(f"{setup.source_of(key, recipe_source, overridden)}: '{key}' {message}")
-    setup.seed_everything(recipe.seed + rank)
-    # data.root is listed once, by process 0, and every process gets that listing: the same images in
-    # the same rows even while files come and go, and one walk of a large folder (on NFS) instead of W
-    folder = dist.on_main(lambda: method_cls.open_data(recipe))
-    dataset, collate_fn = method_cls.build_dataset(recipe, folder)
-    data_notes = method_cls.data_notes(recipe, dataset)
-    try:
-        probe = method_cls.batch_sampler(recipe, dataset, world_size=world, rank=rank)
-    except TooLittleData as exc:  # too few objects for a batch: the note may say why (a data set's root given)
-        if not data_notes:
-            raise
-        raise TooLittleData(f"{exc.message}; note: {data_notes[0]}", exit_code=exc.exit_code) from None
-    schedule = Schedule(probe.steps_per_epoch, recipe.optim.epochs)
-    torch.manual_seed(recipe.seed)  # identical initial weights on every process
-    method = method_cls(recipe, schedule).to(accelerator.device)
-    for name, bank in method.banks().items():
-        bank.to(accelerator.device)
-        bank.name = name
-    optim.check_ema_pairs(method.ema_pairs())
-    setup.speed_up(method, recipe, accelerator.device)
-    groups = optim.param_groups(method, recipe.optim.decay_biases_and_norms)
-    optimizer = optim.build_optimizer(recipe.optim, groups, fused=accelerator.device.type == "cuda")
-    monitor = None
-    if recipe.train.monitor.every and is_main:  # its images are read (and checked) before --out is touched
-        from mlsctl.monitor import Monitor
+    # what is said while the data and the model are built (the notes of labels_of, a monitor's) waits for
+    # train.log: process 0 says it there and on the console once the run's logging is set up
+    with setup.held_notes(is_main) as held:
+        setup.seed_everything(recipe.seed + rank)
+        # data.root is listed once, by process 0, and every process gets that listing: the same images in
+        # the same rows even while files come and go, and one walk of a large folder (on NFS) instead of W
+        folder = dist.on_main(lambda: method_cls.open_data(recipe))
+        dataset, collate_fn = method_cls.build_dataset(recipe, folder)
+        data_notes = method_cls.data_notes(recipe, dataset)
+        try:
+            probe = method_cls.batch_sampler(recipe, dataset, world_size=world, rank=rank)
+        except TooLittleData as exc:  # too few objects for a batch: the note may say why (a data set's root given)
+            if not data_notes:
+                raise
+            raise TooLittleData(f"{exc.message}; note: {data_notes[0]}", exit_code=exc.exit_code) from None
+        schedule = Schedule(probe.steps_per_epoch, recipe.optim.epochs)
+        torch.manual_seed(recipe.seed)  # identical initial weights on every process
+        method = method_cls(recipe, schedule).to(accelerator.device)
+        for name, bank in method.banks().items():
+            bank.to(accelerator.device)
+            bank.name = name
+        optim.check_ema_pairs(method.ema_pairs())
+        setup.speed_up(method, recipe, accelerator.device)
+        groups = optim.param_groups(method, recipe.optim.decay_biases_and_norms)
+        optimizer = optim.build_optimizer(recipe.optim, groups, fused=accelerator.device.type == "cuda")
+        monitor = None
+        if recipe.train.monitor.every and is_main:  # its images are read (and checked) before --out is touched
+            from mlsctl.monitor import Monitor
 
-        monitor = Monitor(recipe.train.monitor, recipe.model.img_size, recipe.model.patch_size)
-    initialised = restore.initial_weights(method, init_from) if init_from and not resume else None
+            monitor = Monitor(recipe.train.monitor, recipe.model.img_size, recipe.model.patch_size)
+        initialised = restore.initial_weights(method, init_from) if init_from and not resume else None
 
-    lock = FolderLock(run.root, "run")
-    resume_from = dist.on_main(lambda: run_dir.open_run_dir(run, recipe, folder, lock, resume=resume,
-                                                            overwrite=overwrite, init_from=init_from,
-                                                            method_cls=method_cls, dataset=dataset))
+        lock = FolderLock(run.root, "run")
+        resume_from = dist.on_main(lambda: run_dir.open_run_dir(run, recipe, folder, lock, resume=resume,
+                                                                overwrite=overwrite, init_from=init_from,
+                                                                method_cls=method_cls, dataset=dataset))
     try:
         setup.setup_logging(run, is_main, rank, sys.stderr.isatty())
+        held.replay()
         if is_main:
             elements = schedule.total_steps * recipe.optim.batch_size * recipe.optim.accumulate_steps * world
             for line in [*folder.scan.notes("data.root"), *method_cls.recipe_notes(recipe), *data_notes,
@@ -306,7 +310,7 @@ def _train(run: Run, recipe, accelerator, folder: ImageFolder, dataset, collate_
             _end_loader(batches)
         # A stop that arrives from here on is only marked: the run is complete, and its last
         # collectives (the teacher's export, the final barrier) run on every process.
-        return _finish(run, accelerator, method, folder, plan, training.skips, start_step, records.loss,
+        return _finish(run, accelerator, method, folder, plan, training.skips, start_step, records,
                        time.perf_counter() - started, sessions)
 
 
@@ -429,9 +433,11 @@ def _log_start(run: Run, recipe, accelerator, folder: ImageFolder, schedule: Sch
 
 
 def _finish(run: Run, accelerator, method, folder: ImageFolder, plan: optim.Plan, skips: SkipLog, start_step: int,
-            loss_value: Optional[float], elapsed: float, sessions: Sessions) -> RunSummary:
-    """The end of a run: skipped files reported, the teacher exported, summary.json."""
+            records: metrics.Records, elapsed: float, sessions: Sessions) -> RunSummary:
+    """The end of a run: skipped files reported, the teacher exported, summary.json. The final loss is the
+    last step's (every run logs its last step), with the mean of the last logged steps beside it."""
     is_main, world, total_steps = accelerator.is_main_process, accelerator.num_processes, plan.total_steps
+    loss_value, recent = records.loss, records.recent_loss()
     steps_run = total_steps - start_step
     throughput = steps_run * plan.batch_global / max(elapsed, 1e-9)
     all_skips = dist.all_gather_object(skips.reasons)
@@ -449,7 +455,9 @@ def _finish(run: Run, accelerator, method, folder: ImageFolder, plan: optim.Plan
         summary = {"steps": total_steps, "resumed_from": start_step, "seconds": round(elapsed, 2),
                    "images_per_s": round(throughput, 2),
                    **{key: round(per * throughput, 2) for key, per in type(method).throughput_units(method.recipe).items()},
-                   "final_loss": loss_value, "processes": world,
+                   "final_loss": loss_value,
+                   **({"recent_loss": recent, "recent_loss_steps": len(records.recent)} if recent is not None else {}),
+                   "processes": world,
                    "skipped_files": len(merged.reasons), "finished": provenance.now(),
                    "device": provenance.device_name(accelerator.device),
                    "precision": "fp32" if accelerator.mixed_precision == "no" else accelerator.mixed_precision,
@@ -458,6 +466,12 @@ def _finish(run: Run, accelerator, method, folder: ImageFolder, plan: optim.Plan
         summary.update(sessions=every, seconds_all_sessions=Sessions.seconds(every))
         atomic.write_json(run.summary_path, summary)
         log.info(f"done: {counted(steps_run, 'step')} in {elapsed:.0f}s ({throughput:.1f} {type(method).speed_unit()}), "
-                 f"final loss {loss_value:.4f}; run in {run.root}")
+                 f"final loss {loss_value:.4f}{_recent_text(records)}; run in {run.root}")
     dist.barrier()
     return RunSummary(run.root, total_steps, throughput, loss_value, elapsed)
+
+
+def _recent_text(records: metrics.Records) -> str:
+    """`` (last step; 0.4321 over the last 10 logged steps)``, or nothing where fewer than two were logged."""
+    recent = records.recent_loss()
+    return "" if recent is None else f" (last step; {recent:.4f} over the last {len(records.recent)} logged steps)"

@@ -6,6 +6,7 @@ collapsed."""
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ from mlsctl.runs import metrics_record
 
 log = logging.getLogger("mlsctl")
 progress_log = logging.getLogger("mlsctl.progress")
+RECENT_LOGGED = 10  # logged steps whose mean loss the run's last line and summary.json give beside the last one
 
 
 class StepOutputs:
@@ -163,6 +165,7 @@ class Records:
         self.file = open(run.metrics_path, "a") if self.is_main else None
         self.last_time = time.perf_counter()
         self.images_since, self.loss = 0, None  # the last logged loss
+        self.recent = collections.deque(maxlen=RECENT_LOGGED)  # the losses of this session's last logged steps
         self.waited_since = 0.0  # seconds waiting for data since the last logged step
         self.warned: set[tuple[str, str]] = set()  # (bank, status) already reported: partly collapsed, collapsed
         self.shown: dict[str, str] = {}  # the monitor's last k-NN top-1 in the progress bar
@@ -199,6 +202,7 @@ class Records:
         now = time.perf_counter()
         scalars = dist.mean_over_processes(step.outputs.scalars())
         self.loss = scalars["loss"]
+        self.recent.append(self.loss)
         record = {"step": done, "epoch": self.method.schedule.epoch(step.step),
                   **{k: scalars[k] for k in scalars if k.startswith("loss")}}
         record.update({"lr": step.lr, "weight_decay": step.weight_decay,
@@ -225,6 +229,11 @@ class Records:
             self.file.flush()
             progress_log.info(f"step {done}/{self.total_steps} loss {self.loss:.4f} lr {step.lr:.3g} "
                               f"{record['images_per_s']:.1f} {self.unit}")
+
+    def recent_loss(self) -> Optional[float]:
+        """The mean loss of this session's last :data:`RECENT_LOGGED` logged steps; None where fewer than two
+        were logged (the last loss alone is one batch's: Multi-Similarity's is 0 on a batch it mines nothing in)."""
+        return sum(self.recent) / len(self.recent) if len(self.recent) > 1 else None
 
     def sync(self) -> None:
         """metrics.jsonl on disk before a checkpoint is."""

@@ -127,6 +127,48 @@ def setup_logging(run: Run, is_main: bool, rank: int, interactive: bool) -> None
             progress_log.addHandler(console)
 
 
+class _HeldNotes(logging.Handler):
+    """The warnings of the ``mlsctl`` logger said while a run is built (:func:`held_notes`), kept."""
+
+    def __init__(self, is_main: bool):
+        super().__init__(logging.WARNING)
+        self.is_main, self.records = is_main, []
+
+    def emit(self, record) -> None:
+        self.records.append(record)
+
+    def replay(self) -> None:
+        """Process 0 says the notes held through the run's handlers (console and train.log, with the time each
+        was said); the other processes drop theirs: they say what process 0 says."""
+        if self.is_main:
+            for record in self.records:
+                log.handle(record)
+        self.records = []
+
+
+@contextlib.contextmanager
+def held_notes(is_main: bool):
+    """The warnings said through the ``mlsctl`` logger inside the block (``labels_of``'s notes of class folders
+    inside class folders, for ``method.labels_file`` and ``train.monitor``; a backbone's), held for
+    :meth:`_HeldNotes.replay` once :func:`setup_logging` has opened train.log: said before it, they reached
+    stderr only, and once from every process (a new user's probe, 2026-12-07). A start refused inside the block
+    says them on stderr (process 0) before its error, as before."""
+    held, propagate = _HeldNotes(is_main), log.propagate
+    log.addHandler(held)
+    log.propagate = False  # said once, when replayed: not also by a handler of the root logger
+    try:
+        yield held
+    except BaseException:
+        if is_main:
+            for record in held.records:
+                print(record.getMessage(), file=sys.stderr)
+        held.records = []
+        raise
+    finally:
+        log.removeHandler(held)
+        log.propagate = propagate
+
+
 def close_logging() -> None:
     for logger in (log, progress_log):
         for handler in list(logger.handlers):

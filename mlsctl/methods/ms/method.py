@@ -24,11 +24,11 @@ from typing import Optional
 
 import torch
 
-from mlsctl.data.labels import class_ids, labels_of
+from mlsctl.data.labels import SPLIT_NAMES, class_ids, labels_of
 from mlsctl.data.loader import Batch, MultiCropDataset, collate
 from mlsctl.methods.base import Method, StepOutput
 from mlsctl.methods.ms.config import MSConfig
-from mlsctl.methods.multi_similarity import ms_loss_over_processes
+from mlsctl.methods.multi_similarity import MiningCount, labelled_data, ms_loss_over_processes, short_classes_note
 from mlsctl.models.backbone import build_backbone
 
 
@@ -40,7 +40,6 @@ class LabelledBatch(Batch):
     labels: Optional[torch.Tensor] = None  # [B] class index
 
 
-SPLIT_NAMES = frozenset({"train", "training", "val", "valid", "validation", "test", "testing", "gallery", "query"})
 TRAINING_SPLITS = ("train", "training")
 
 
@@ -70,6 +69,7 @@ class MS(Method):
     def __init__(self, recipe, schedule):
         super().__init__(recipe, schedule)
         self.backbone = build_backbone(recipe.model)
+        self.mining = MiningCount()
 
     @classmethod
     def check_recipe(cls, recipe):
@@ -100,8 +100,14 @@ class MS(Method):
 
     @classmethod
     def data_notes(cls, recipe, dataset):
-        """Class folders under several splits of a data set (``train/``, ``test/``): its root was given,
-        and the test classes are trained on (a new user's probe, 2026-12-06)."""
+        """Class folders under several splits of a data set (``train/``, ``test/``): its root was given, and
+        the test classes are trained on (a new user's probe, 2026-12-06); classes of fewer images than
+        ``method.m_per_class`` (:func:`~mlsctl.methods.multi_similarity.short_classes_note`)."""
+        short = short_classes_note(dataset.labels, recipe.method.m_per_class, recipe.optim.batch_size)
+        return [*cls._splits_notes(recipe, dataset), *([f"{labelled_data(recipe)}: {short}"] if short else [])]
+
+    @classmethod
+    def _splits_notes(cls, recipe, dataset):
         if recipe.method.labels_file:
             return []
         splits = sorted({Path(p).parts[0] for p in dataset.folder.relpaths() if len(Path(p).parts) > 2})
@@ -114,6 +120,9 @@ class MS(Method):
         return [f"data.root {root} holds the splits {', '.join(splits)}: the class folders of all of them are trained "
                 f"on, those of {' and '.join(held_out)} included{give}"]
 
+    def end_notes(self) -> list[str]:
+        return self.mining.notes()
+
     def ema_momentum(self, step: int) -> float:
         return 0.0  # no EMA teacher
 
@@ -124,4 +133,5 @@ class MS(Method):
         cfg = self.cfg
         embeddings = self.backbone(batch.crops[0]).cls
         loss, mined = ms_loss_over_processes(embeddings, batch.labels, cfg.alpha, cfg.beta, cfg.base, cfg.epsilon)
+        self.mining.add(step, mined)
         return StepOutput(loss, terms={"ms": loss.detach()}, metrics=mined)

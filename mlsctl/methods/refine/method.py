@@ -67,7 +67,7 @@ from mlsctl import dist
 from mlsctl.data.loader import map_tensors
 from mlsctl.errors import UserError, first_line
 from mlsctl.methods.base import Method, StepOutput, metric_value
-from mlsctl.methods.multi_similarity import ms_loss_over_processes
+from mlsctl.methods.multi_similarity import MiningCount, labelled_data, ms_loss_over_processes, short_classes_note
 from mlsctl.methods.refine.config import RefineConfig
 from mlsctl.methods.refine.model import INPUT_SCALES, CrossAttentionBlock, Refiner  # noqa: F401 - re-exported
 
@@ -277,6 +277,7 @@ class Refine(Method):
             dim = FeatureData(recipe.data.root).features.dim
         self.refiner = Refiner.of_config(dim, cfg)
         self.logged_losses: list[tuple[float, float]] = []  # (refined, unrefined) MS loss of this session's logged steps
+        self.mining = MiningCount()
 
     @classmethod
     def check_recipe(cls, recipe):
@@ -349,6 +350,7 @@ class Refine(Method):
         cfg = self.cfg
         refined = self.refiner(batch.embeddings, batch.neighbours)
         loss, mined = ms_loss_over_processes(refined, batch.labels, cfg.alpha, cfg.beta, cfg.base, cfg.epsilon)
+        self.mining.add(step, mined)
         metrics = dict(mined)
         if self.logged:  # the loss of the features as they came, a metric only: where it is logged
             with torch.no_grad():
@@ -359,7 +361,20 @@ class Refine(Method):
                 self.logged_losses.append((float(loss.detach()), float(before)))
         return StepOutput(loss, terms={"ms": loss.detach()}, metrics=metrics)
 
+    @classmethod
+    def data_notes(cls, recipe, dataset):
+        """Classes of fewer embeddings than ``method.positives_per_class``
+        (:func:`~mlsctl.methods.multi_similarity.short_classes_note`)."""
+        short = short_classes_note(dataset.labels, recipe.method.positives_per_class, recipe.optim.batch_size,
+                                   "method.positives_per_class")
+        return [f"{labelled_data(recipe)}: {short}"] if short else []
+
     def end_notes(self) -> list[str]:
+        """The steps the miner found no pair in (:class:`~mlsctl.methods.multi_similarity.MiningCount`), and
+        :meth:`_worse_notes`."""
+        return [*self.mining.notes(), *self._worse_notes()]
+
+    def _worse_notes(self) -> list[str]:
         """The refined embeddings' loss above the unrefined ones' on most logged steps: refinement made the
         features worse on their own training batches (a new user's probe, 2026-12-06: at the defaults on
         weak features, 0.736 against 0.722 for 200 steps, with nothing said)."""
