@@ -270,8 +270,8 @@ def knn(
     if as_json:
         typer.echo(json.dumps(payload, indent=2))
         return
-    typer.echo(table(["k", "top-1 %", "top-5 %"], [[r["k"] if r["neighbours"] == r["k"] else f"{r['k']} (all {r['neighbours']})",
-                                                   pct(r["top1"], 2), pct(r["top5"], 2)] for r in results]))
+    typer.echo(table(["k", "top-1 %", "top-5 %"], [[lib.k_text(r, result["train_images"]), pct(r["top1"], 2),
+                                                    pct(r["top5"], 2)] for r in results]))
     if unknown:
         typer.echo(f"note: {len(unknown)} val classes never occur in train (counted as errors): {', '.join(unknown[:5])}")
     _say_shared(record, result["val_images"])
