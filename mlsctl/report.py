@@ -185,7 +185,8 @@ def _summary(run: Run, recipe, weights: "RunWeights") -> str:
                  f"no backbone: the method trains on features (data.root) ({_method_shape(recipe)})"))
     images = run.image_list()
     unit = "images" if weights.has_backbone else "embeddings"
-    rows.append(("training data", f"{recipe.data.root}" + (f" ({len(images):,} {unit})" if images is not None else "")))
+    rows.append(("training data", f"{recipe.data.root}" + (f" ({_trained_images(recipe, images, unit)})"
+                                                           if images is not None else "")))
     rows.append(("steps", f"{summary.get('steps', state.get('step', '–'))}" +
                  ("" if summary else f" (running or stopped; latest checkpoint {state.get('step', '–')})")))
     if summary.get("finished"):
@@ -227,6 +228,21 @@ def _summary(run: Run, recipe, weights: "RunWeights") -> str:
     rows.append(("this report", f"written {_when(provenance.now())} by mlsctl {__version__}, "
                                 f"{_commit_text({'commit': provenance.commit()})}"))
     return _table(["", ""], rows)
+
+
+def _trained_images(recipe, images: list[str], unit: str) -> str:
+    """How many of the run's images (images.txt: all under data.root) it trained on: MILE's
+    method.objects_file may list a part of them, and the report counted them all (a new user's probe,
+    2026-12-07: "240 images" for a run on 160)."""
+    from mlsctl import methods
+
+    try:
+        part = methods.method_class(recipe.method.name).trained_images(recipe, images)
+    except UserError as exc:  # the file that chose them is gone or damaged since: the count cannot be made
+        return f"{len(images):,} {unit} under data.root, of which it trained on a part it cannot count now: {exc.message}"
+    if part is None:
+        return f"{len(images):,} {unit}"
+    return f"{part[0]:,} of its {len(images):,} {unit}: {part[1]}"
 
 
 def _session_text(session: dict) -> str:

@@ -768,6 +768,13 @@ def test_an_objects_file_of_fewer_photos_than_data_root_is_said(mile_run, tmp_pa
     assert code == 0, err
     assert (f"method.objects_file {objects} lists 4 objects of 8 photos: the run trains on those, not on all 18 "
             f"images under data.root") in " ".join(err.split()), err
+    # a new user's probe (2026-12-07): the first line and the report still counted data.root's 18
+    assert f"mile on 8 of the 18 images from {mile_run / 'train'}" in (tmp_path / "run" / "train.log").read_text()
+    from mlsctl.report import write_report
+
+    write_report(tmp_path / "run", tmp_path / "report.html", results=(), patch_images=1)
+    assert (f"{mile_run / 'train'} (8 of its 18 images: the photos method.objects_file {objects} lists)"
+            in (tmp_path / "report.html").read_text())
 
 
 def test_index_add_and_search_keep_each_photo_only_resized_and_give_the_latents_of_before(mile_run, tmp_path,

@@ -417,7 +417,9 @@ def _log_start(run: Run, recipe, accelerator, folder: ImageFolder, schedule: Sch
     n_params = sum(p.numel() for p in trainable)
     precision = "fp32" if accelerator.mixed_precision == "no" else accelerator.mixed_precision
     rows = "images" if method.has_backbone else "embeddings"  # a method on features reads feature rows
-    log.info(f"mlsctl {__version__} | {recipe.method.name} on {len(folder)} {rows} from {folder.root} | "
+    part = type(method).trained_images(recipe, [folder.relpath(i) for i in range(len(folder))])
+    count = f"{part[0]} of the {len(folder)}" if part is not None else f"{len(folder)}"
+    log.info(f"mlsctl {__version__} | {recipe.method.name} on {count} {rows} from {folder.root} | "
              f"{world} process{'es' if world > 1 else ''} on {accelerator.device} ({precision}) | "
              f"{n_params / 1e6:.2f}M trainable parameters")
     made = (f" ({recipe.optim.batch_size} x {world} process{'es' if world > 1 else ''} x {accumulate} "
