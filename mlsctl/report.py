@@ -179,6 +179,7 @@ def _summary(run: Run, recipe, weights: "RunWeights") -> str:
     log = _log_facts(run)
     rows.append(("run", f"{run.root.name} ({run.root.resolve()})"))
     rows.append(("method", state.get("method", recipe.method.name)))
+    rows.append(("description", _description(run, recipe)))
     # a run without a backbone (refine: blocks over features) showed the schema's ViT and counted its embeddings as
     # images (a probe, 2026-12-07)
     rows.append(("architecture", _architecture(recipe, weights.final) if weights.has_backbone else
@@ -228,6 +229,29 @@ def _summary(run: Run, recipe, weights: "RunWeights") -> str:
     rows.append(("this report", f"written {_when(provenance.now())} by mlsctl {__version__}, "
                                 f"{_commit_text({'commit': provenance.commit()})}"))
     return _table(["", ""], rows)
+
+
+def _description(run: Run, recipe) -> str:
+    """The recipe's description, marked as the recipe's where keys were set on the command line when the
+    run started (start.json): a ViT-S "ImageNet-pretrained" recipe run with model.pretrained=false and a tiny
+    model kept its description, and the report showed it as the truth (a new user's probe, 2026-12-07)."""
+    from mlsctl import config as config_lib
+
+    text = recipe.description or "(none)"
+    overridden = run.overridden()
+    if overridden is None:
+        return f"{text} (the recipe's description; the keys overridden when the run started are not recorded)"
+    if not overridden or "description" in overridden:  # none, or the user's own description
+        return text
+    flat = config_lib.to_dict(recipe)
+
+    def value(key: str) -> str:
+        found = flat
+        for part in key.split("."):
+            found = found.get(part) if isinstance(found, dict) else None
+        return found if isinstance(found, str) else json.dumps(found)
+
+    return f"{text} (the recipe's description; overridden: {', '.join(f'{k}={value(k)}' for k in overridden)})"
 
 
 def _trained_images(recipe, images: list[str], unit: str) -> str:

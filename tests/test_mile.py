@@ -494,7 +494,7 @@ def test_the_start_backbone_is_what_the_run_started_from(finished_run, tmp_path,
     code, _, err = cli("pretrain", str(recipe), "optim.epochs=1", "--init-from", str(teacher), "--out",
                        str(tmp_path / "r"), capsys=capsys)
     assert code == 0, err
-    assert json.loads((tmp_path / "r" / "start.json").read_text()) == {"init_from": str(teacher)}
+    assert json.loads((tmp_path / "r" / "start.json").read_text()) == {"init_from": str(teacher), "overridden": ["optim.epochs"]}
     assert from_run_start(tmp_path / "r").fingerprint == from_weights(teacher).fingerprint
     # without --init-from: the recipe's seeded random init, which is not the trained teacher
     start = from_run_start(run)

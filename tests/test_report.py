@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import shutil
@@ -385,3 +386,33 @@ def test_a_result_on_val_images_the_model_trained_on_is_flagged(finished_run, tm
     assert "note: 40 of the 50 val images are training images too (the same files)" in page
     assert ("note: 2 evaluations scored val images that are training images too (the page flags them: the scores "
             "measure memory, not generalisation)") in out and "knn.json" in out and "linear.json" not in out
+
+
+def test_a_description_that_overrides_may_contradict_is_marked_as_the_recipes(finished_run, tmp_path):
+    """A new user's probe (2026-12-07): "ViT-S/16 ImageNet-pretrained; GPU" stood in the report of a run with
+    model.pretrained=false and a tiny model. pretrain records the keys set on its command line (start.json), and
+    the summary marks the description as the recipe's, with what was overridden."""
+    from conftest import run_cli, tiny_recipe, write_recipe
+
+    from mlsctl import config as config_lib
+    from mlsctl.report import RunWeights, _summary
+    from mlsctl.runs import Run
+
+    def summary_of(run: Path) -> str:
+        recipe = config_lib.load_recipe(str(run / "config.yaml"))
+        page = _summary(Run(run), recipe, RunWeights(Run(run), recipe))
+        return " ".join(html.unescape(re.sub(r"<[^>]+>", " ", page)).split())
+
+    raw = tiny_recipe(finished_run[0].parent / "images", description="ViT-S/16 ImageNet-pretrained; GPU")
+    recipe = write_recipe(tmp_path / "r.yaml", raw)
+    run_cli("pretrain", str(recipe), "--out", str(tmp_path / "run"), "optim.epochs=1", "model.pretrained=false",
+            check=True)
+    assert json.loads((tmp_path / "run" / "start.json").read_text())["overridden"] == ["optim.epochs", "model.pretrained"]
+    assert ("description ViT-S/16 ImageNet-pretrained; GPU (the recipe's description; overridden: optim.epochs=1, "
+            "model.pretrained=false)") in summary_of(tmp_path / "run")
+    start = json.loads((tmp_path / "run" / "start.json").read_text())
+    (tmp_path / "run" / "start.json").write_text(json.dumps({"init_from": start["init_from"]}))  # an older run's
+    assert "(the recipe's description; the keys overridden when the run started are not recorded)" in \
+        summary_of(tmp_path / "run")
+    run_cli("pretrain", str(recipe), "--out", str(tmp_path / "own"), "optim.epochs=1", "description=mine", check=True)
+    assert "description mine architecture" in summary_of(tmp_path / "own")  # the user's own: shown as it is

@@ -133,7 +133,8 @@ def _pretrain(recipe, out: str | Path, *, resume: bool, init_from: Optional[str]
     lock = FolderLock(run.root, "run")
     resume_from = dist.on_main(lambda: run_dir.open_run_dir(run, recipe, folder, lock, resume=resume,
                                                             overwrite=overwrite, init_from=init_from,
-                                                            method_cls=method_cls, dataset=dataset))
+                                                            method_cls=method_cls, dataset=dataset,
+                                                            overridden=overridden))
     try:
         setup.setup_logging(run, is_main, rank, sys.stderr.isatty())
         if is_main:
