@@ -352,6 +352,10 @@ def test_the_report_keeps_the_consoles_notes_on_what_the_scores_mean(tmp_path):
     assert "2 gallery objects" in retrieval and "25% (0 a set)" in retrieval
     assert "<td>chance</td><td>(a random ranking)</td><td></td><td>95.00</td><td>50.00</td>" in retrieval
     assert "R@2 to R@10 are 100 % by construction" in retrieval
+    del row["replaced_per_set"]  # a result from before it was kept: its query sets' sizes give it
+    retrieval = _evaluation({"command": "eval retrieval", "objects": 2, "query_set_sizes": {"min": 2, "max": 4},
+                             "results": [row]}, tmp_path / "r.json", "x")
+    assert "25% (0-1 a set)" in retrieval
     recall = _evaluation({"command": "eval recall", "embeddings": 4, "classes": 2, "map_at_r": 1.0,
                           "recall": {"1": 1.0, "3": 1.0}, "chance": {"1": 1 / 3, "3": 1.0}, "ks_certain": [3]},
                          tmp_path / "r.json", "x")

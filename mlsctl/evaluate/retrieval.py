@@ -126,10 +126,14 @@ def replaced_record(replaced: Sequence[int]) -> dict:
     return {"photos_replaced": sum(replaced), "replaced_per_set": {"min": min(replaced), "max": max(replaced)}}
 
 
-def replaced_text(record: dict) -> str:
-    """A result's noise in words, with the photos it replaced a set where it records them: ``25 % (1 a set)``."""
+def replaced_text(record: dict, set_sizes: Optional[dict] = None) -> str:
+    """A result's noise in words, with the photos it replaced a set: ``25 % (1 a set)``. Results from before
+    they were recorded give them through the query sets' sizes (``set_sizes``, their ``query_set_sizes``):
+    :func:`replaced_photos` grows with the size, so the smallest and largest sets bound them exactly."""
     noise = f"{100 * record['noise']:.0f}%"
     per_set = record.get("replaced_per_set")
+    if per_set is None and isinstance(set_sizes, dict) and {"min", "max"} <= set_sizes.keys():
+        per_set = {end: replaced_photos(record["noise"], set_sizes[end]) for end in ("min", "max")}
     if not isinstance(per_set, dict) or not record["noise"]:
         return noise
     low, high = per_set.get("min"), per_set.get("max")
