@@ -418,7 +418,7 @@ def _log_start(run: Run, recipe, accelerator, folder: ImageFolder, schedule: Sch
     n_params = sum(p.numel() for p in trainable)
     precision = "fp32" if accelerator.mixed_precision == "no" else accelerator.mixed_precision
     rows = "images" if method.has_backbone else "embeddings"  # a method on features reads feature rows
-    part = type(method).trained_images(recipe, [folder.relpath(i) for i in range(len(folder))])
+    part = type(method).trained_images(recipe, folder.relpaths())
     count = f"{part[0]} of the {len(folder)}" if part is not None else f"{len(folder)}"
     log.info(f"mlsctl {__version__} | {recipe.method.name} on {count} {rows} from {folder.root} | "
              f"{world} process{'es' if world > 1 else ''} on {accelerator.device} ({precision}) | "
