@@ -51,7 +51,7 @@ body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em au
 h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.6em}
 table{border-collapse:collapse;margin:.6em 0;font-size:.9em}td,th{border:1px solid #ddd;padding:.25em .6em;text-align:left}
 th{background:#f4f4f4}pre{background:#f7f7f7;padding:.8em;overflow:auto;font-size:.85em;max-height:30em}
-img{max-width:100%;border:1px solid #eee}.note{color:#777;font-style:italic}
+img{max-width:100%;border:1px solid #eee}.note{color:#777;font-style:italic}.warning{color:#a33;font-weight:bold}
 """
 
 SCRIPT = """
@@ -80,6 +80,11 @@ def _pct(value) -> str:
 
 def _note(text: str) -> str:
     return f'<p class="note">{html.escape(text)}</p>'
+
+
+def _warning(text: str) -> str:
+    """A note that changes what a figure means (the scores of val images the model trained on), set apart."""
+    return f'<p class="warning">{html.escape(text)}</p>'
 
 
 def _number(value, digits: int = 4) -> str:
@@ -174,13 +179,15 @@ def _summary(run: Run, recipe, weights: "RunWeights") -> str:
     log = _log_facts(run)
     rows.append(("run", f"{run.root.name} ({run.root.resolve()})"))
     rows.append(("method", state.get("method", recipe.method.name)))
+    rows.append(("description", _description(run, recipe)))
     # a run without a backbone (refine: blocks over features) showed the schema's ViT and counted its embeddings as
     # images (a probe, 2026-12-07)
     rows.append(("architecture", _architecture(recipe, weights.final) if weights.has_backbone else
                  f"no backbone: the method trains on features (data.root) ({_method_shape(recipe)})"))
     images = run.image_list()
     unit = "images" if weights.has_backbone else "embeddings"
-    rows.append(("training data", f"{recipe.data.root}" + (f" ({len(images):,} {unit})" if images is not None else "")))
+    rows.append(("training data", f"{recipe.data.root}" + (f" ({_trained_images(recipe, images, unit)})"
+                                                           if images is not None else "")))
     rows.append(("steps", f"{summary.get('steps', state.get('step', '–'))}" +
                  ("" if summary else f" (running or stopped; latest checkpoint {state.get('step', '–')})")))
     if summary.get("finished"):
@@ -222,6 +229,44 @@ def _summary(run: Run, recipe, weights: "RunWeights") -> str:
     rows.append(("this report", f"written {_when(provenance.now())} by mlsctl {__version__}, "
                                 f"{_commit_text({'commit': provenance.commit()})}"))
     return _table(["", ""], rows)
+
+
+def _description(run: Run, recipe) -> str:
+    """The recipe's description, marked as the recipe's where keys were set on the command line when the
+    run started (start.json): a ViT-S "ImageNet-pretrained" recipe run with model.pretrained=false and a tiny
+    model kept its description, and the report showed it as the truth (a new user's probe, 2026-12-07)."""
+    from mlsctl import config as config_lib
+
+    text = recipe.description or "(none)"
+    overridden = run.overridden()
+    if overridden is None:
+        return f"{text} (the recipe's description; the keys overridden when the run started are not recorded)"
+    if not overridden or "description" in overridden:  # none, or the user's own description
+        return text
+    flat = config_lib.to_dict(recipe)
+
+    def value(key: str) -> str:
+        found = flat
+        for part in key.split("."):
+            found = found.get(part) if isinstance(found, dict) else None
+        return found if isinstance(found, str) else json.dumps(found)
+
+    return f"{text} (the recipe's description; overridden: {', '.join(f'{k}={value(k)}' for k in overridden)})"
+
+
+def _trained_images(recipe, images: list[str], unit: str) -> str:
+    """How many of the run's images (images.txt: all under data.root) it trained on: MILE's
+    method.objects_file may list a part of them, and the report counted them all (a new user's probe,
+    2026-12-07: "240 images" for a run on 160)."""
+    from mlsctl import methods
+
+    try:
+        part = methods.method_class(recipe.method.name).trained_images(recipe, images)
+    except UserError as exc:  # the file that chose them is gone or damaged since: the count cannot be made
+        return f"{len(images):,} {unit} under data.root, of which it trained on a part it cannot count now: {exc.message}"
+    if part is None:
+        return f"{len(images):,} {unit}"
+    return f"{part[0]:,} of its {len(images):,} {unit}: {part[1]}"
 
 
 def _session_text(session: dict) -> str:
@@ -560,11 +605,56 @@ def _made(result: dict, source: Path) -> str:
     return "date and mlsctl version not recorded"
 
 
+def _shared_warning(result: dict) -> str:
+    """The console's note on val images that are training images too (``dataset.val_images_in_train``), as a
+    warning: the report listed such a result as any other (a new user's probe, 2026-12-07)."""
+    from mlsctl.evaluate.inputs import shared_images_note
+
+    dataset = result.get("dataset")
+    if not isinstance(dataset, dict) or not (dataset.get("val_images_in_train") or dataset.get("val_images_compared")):
+        return ""
+    val = result.get("val")
+    note = shared_images_note(dataset, val["images"] if isinstance(val, dict) else result["val_images"])
+    return "".join(_warning(line) for line in note.splitlines()) if note else ""
+
+
+def _retrieval(result: dict) -> str:
+    """eval retrieval's scores with a random ranking's (its gallery's objects decide both) and the noise's
+    replaced photos."""
+    from mlsctl.evaluate.retrieval import chance_scores, objects_note, replaced_text
+
+    objects = result["objects"]
+    chance = result.get("chance") or chance_scores(objects)  # exact from the objects, for results before it was kept
+    rows = [[r.get("method"), r.get("backbone"), replaced_text(r, result.get("query_set_sizes")), _pct(r.get("AR@10")),
+             _pct(r.get("R@1"))]
+            for r in result.get("results", [])]
+    rows.append(["chance", "(a random ranking)", "", _pct(chance["AR@10"]), _pct(chance["R@1"])])
+    note = objects_note(objects)
+    return (f"<p>{objects} gallery objects</p>" + _table(["score", "backbone", "noise", "AR@10 %", "R@1 %"], rows)
+            + (_note(note) if note else ""))
+
+
+def _recall(result: dict) -> str:
+    """eval recall's scores, with a random ranking's where the result records it (since 2026-12-07)."""
+    recalls = result["recall"]
+    rows = [["scores", *(_pct(v) for v in recalls.values()), _pct(result.get("map_at_r"))]]
+    chance = result.get("chance")
+    if isinstance(chance, dict):
+        rows.append(["chance (a random ranking)", *(_pct(chance.get(k)) for k in recalls), ""])
+    certain = result.get("ks_certain") or []
+    note = (_note(f"R@{', R@'.join(map(str, certain))} {'are' if len(certain) > 1 else 'is'} 100 % by construction "
+                  f"(more than the embeddings of other classes than any query's own)") if certain else "")
+    return (f"<p>{result.get('embeddings', '?')} embeddings of {result.get('classes', '?')} classes</p>"
+            + _table(["", *(f"R@{k} %" for k in recalls), "MAP@R %"], rows) + note)
+
+
 def _evaluation(result: dict, source: Path, label: str) -> str:
+    from mlsctl.evaluate.knn import k_text
+
     command = result.get("command", "?")
     title = (f"<h4>{html.escape(command)} · {html.escape(label)}</h4>"
              f"<p>data: {html.escape(_data(result))}<br><span class=\"note\">{html.escape(_made(result, source))}; "
-             f"{html.escape(str(source))}</span></p>")
+             f"{html.escape(str(source))}</span></p>") + _shared_warning(result)
     if command == "eval knn-seg":
         # foreground IoU where the classes have a background (results since 2026-12-05): at small budgets it
         # moves before the per-class mIoU does (a new user, 2026-12-06: the page left it out)
@@ -581,7 +671,8 @@ def _evaluation(result: dict, source: Path, label: str) -> str:
                                 _pct(result.get("pixel_accuracy"))]])
     if command == "eval knn":
         return title + _table(["k", "top-1 %", "top-5 %"],
-                              [[r["k"], _pct(r["top1"]), _pct(r["top5"])] for r in result.get("results", [])])
+                              [[k_text(r, result.get("train_images")), _pct(r["top1"]), _pct(r["top5"])]
+                               for r in result.get("results", [])])
     if command == "eval linear":
         scores = result.get("results", {})
         chosen = f"{result['chosen']['lr']:g}", f"{result['chosen']['weight_decay']:g}"
@@ -590,13 +681,9 @@ def _evaluation(result: dict, source: Path, label: str) -> str:
         return title + _table(["top-1 %", "top-5 %", "lr", "weight decay"],
                               [[_pct(scores.get("top1")), _pct(scores.get("top5")), *chosen]])
     if command == "eval retrieval":
-        rows = [[r.get("method"), r.get("backbone"), f"{100 * r['noise']:.0f} %", _pct(r.get("AR@10"))]
-                for r in result.get("results", [])]
-        return title + _table(["score", "backbone", "noise", "AR@10 %"], rows)
+        return title + _retrieval(result)
     if command == "eval recall":
-        recalls = result["recall"]
-        return title + _table([f"R@{k} %" for k in recalls] + ["MAP@R %"],
-                              [[_pct(v) for v in recalls.values()] + [_pct(result.get("map_at_r"))]])
+        return title + _recall(result)
     return title + f"<pre>{html.escape(json.dumps(result, indent=1)[:4000])}</pre>"
 
 
@@ -608,12 +695,14 @@ GROUPS = (("own", "This run's weights"),
 RESULT_READ_LIMIT = 64 * 2**20  # the largest JSON the report reads as a result (results are kilobytes to a few MB)
 
 
-def _evaluations(run: Run, folders: Sequence[Path], weights: RunWeights) -> tuple[str, dict, list[str]]:
-    """The evaluations section, the files shown in each group (:data:`GROUPS`), and one note per
-    file skipped: a JSON file that cannot be read, or an eval result that is not of the form its
-    command writes (a stranger's file in ./results must not cost the whole report)."""
+def _evaluations(run: Run, folders: Sequence[Path], weights: RunWeights) -> tuple[str, dict, list[str], list[str]]:
+    """The evaluations section, the files shown in each group (:data:`GROUPS`), one note per
+    file skipped (a JSON file that cannot be read, or an eval result that is not of the form its
+    command writes: a stranger's file in ./results must not cost the whole report), and the files
+    shown whose val images are training images too (:func:`_shared_warning`)."""
     found: dict[str, list] = {group: [] for group, _ in GROUPS}
     skipped: list[str] = []
+    memorised: list[str] = []
     seen: set = set()
     for folder in [run.root / "results", run.root, *folders]:  # RUN itself: results kept beside the run's files
         for path in sorted(Path(folder).glob("*.json")) if Path(folder).is_dir() else []:
@@ -639,6 +728,8 @@ def _evaluations(run: Run, folders: Sequence[Path], weights: RunWeights) -> tupl
             try:
                 found[group].append((path, _evaluation(result, path, label if group != "unmatched" else
                                                        f"unmatched: {label}")))
+                if _shared_warning(result):
+                    memorised.append(str(path))
             except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
                 what = f"no {exc}" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {str(exc)[:60]}"
                 skipped.append(f"skipped {path}: not the result that {str(result['command'])[:40]} writes ({what})")
@@ -646,7 +737,7 @@ def _evaluations(run: Run, folders: Sequence[Path], weights: RunWeights) -> tupl
     shown = {group: [str(path) for path, _ in entries] for group, entries in found.items()}
     if not any(found.values()):
         return notes + _note("no evaluation of this run found (results of mlsctl eval under RUN/results/, in RUN "
-                             "or in --results)"), shown, skipped
+                             "or in --results)"), shown, skipped, memorised
     parts = []
     for group, title in GROUPS:
         if found[group]:
@@ -654,7 +745,7 @@ def _evaluations(run: Run, folders: Sequence[Path], weights: RunWeights) -> tupl
         elif group == "own":
             parts.append(f"<h3>{html.escape(title)}</h3>" + _note("no evaluation of this run's weights found: evaluate them with "
                                                       f"mlsctl eval ... --run {run.root}"))
-    return "".join(parts) + notes, shown, skipped
+    return "".join(parts) + notes, shown, skipped, memorised
 
 
 REPORT_HEAD = '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>mlsctl report: '
@@ -706,7 +797,7 @@ def write_report(run_dir: str | Path, out: str | Path, *, results: Sequence[str 
     body["patch-maps"] = (_patch_maps(run, recipe, patch_images, weights.final) if weights.has_backbone else
                           _note(f"a {recipe.method.name} run trains on features and has no backbone, so no patch map"))
     body["banks"] = _banks(run, recipe)
-    body["evaluations"], shown, skipped = _evaluations(run, [Path(r) for r in results], weights)
+    body["evaluations"], shown, skipped, memorised = _evaluations(run, [Path(r) for r in results], weights)
     titles = {"summary": "Summary", "recipe": "Recipe", "curves": "Training curves", "patch-maps": "PCA patch maps",
               "banks": "Memory banks", "evaluations": "Evaluations"}
     sections = "".join(f'<section id="{key}"><h2>{titles[key]}</h2>{body[key]}</section>' for key in SECTIONS)
@@ -715,4 +806,5 @@ def write_report(run_dir: str | Path, out: str | Path, *, results: Sequence[str 
     atomic.write_text(out, page)
     return {"out": str(out), "sections": list(SECTIONS), "images": page.count("<img "),
             "evaluations": len(shown["own"]), "comparisons": len(shown["comparison"]),
-            "unmatched": len(shown["unmatched"]), "results": shown, "bytes": len(page.encode()), "skipped": skipped}
+            "unmatched": len(shown["unmatched"]), "results": shown, "bytes": len(page.encode()), "skipped": skipped,
+            "val_images_in_train": memorised}

@@ -6,7 +6,8 @@
     RUN/summary.json                    written when training completes: steps, time, speed, final loss,
                                         and when (finished), on what (device, precision, processes) and
                                         with what (mlsctl_version, commit, torch_version) it was trained
-    RUN/start.json                      what the weights started from: {"init_from": path or null}
+    RUN/start.json                      what the weights started from: {"init_from": path or null}, and the
+                                        recipe keys set on the command line ("overridden", since 2026-12-07)
                                         (with the recipe's model.weights and seed, the start is rebuilt
                                         exactly: mlsctl.restore.from_run_start)
     RUN/images.txt                      the training images, one path per line relative to data.root:
@@ -164,15 +165,28 @@ class Run:
         latest = self.latest()
         return latest.step if latest is not None else None
 
+    def _start(self) -> dict:
+        """start.json, or {} for runs before it."""
+        if not self.start_path.is_file():
+            return {}
+        try:
+            start = json.loads(self.start_path.read_text())
+            if not isinstance(start, dict):
+                raise ValueError
+        except (OSError, ValueError):
+            raise UserError(f"{self.start_path} is damaged; it says what the run's weights started from") from None
+        return start
+
     def init_from(self) -> Optional[str]:
         """The --init-from of the run's start (absolute), or None (also for runs before start.json)."""
-        if not self.start_path.is_file():
-            return None
-        try:
-            value = json.loads(self.start_path.read_text()).get("init_from")
-        except (OSError, ValueError, AttributeError):
-            raise UserError(f"{self.start_path} is damaged; it says what the run's weights started from") from None
+        value = self._start().get("init_from")
         return value if isinstance(value, str) else None
+
+    def overridden(self) -> Optional[list[str]]:
+        """The recipe keys set on the command line when the run started (``optim.lr``), or None where
+        they were not recorded (runs before 2026-12-07)."""
+        keys = self._start().get("overridden")
+        return [k for k in keys if isinstance(k, str)] if isinstance(keys, list) else None
 
     def has_config(self) -> bool:
         """Whether the folder looks like a run: it holds a ``config.yaml`` (read later, with its own

@@ -71,6 +71,17 @@ def fitted(draw, text: str, width: int, keep_end: bool = False) -> str:
     return text
 
 
+def path_lines(draw, path: str, width: int) -> list[str]:
+    """A path's caption within ``width`` pixels: one line where it fits, else its folder (its end kept,
+    the folder nearest the file) over its file name. One line cut at its start gave
+    ``…/01_1_front.jpg`` under every In-shop item, whose folders alone tell them apart (a new user's
+    probe, 2026-12-07)."""
+    folder, slash, name = path.rpartition("/")
+    if not slash or draw.textlength(path, font=caption_font()) <= width:
+        return [fitted(draw, path, width, keep_end=True)]
+    return [fitted(draw, folder + "/", width, keep_end=True), fitted(draw, name, width, keep_end=True)]
+
+
 def _label(draw, xy, text: str, width: int, keep_end: bool = False) -> None:
     draw.text(xy, fitted(draw, text, width, keep_end), fill=(30, 30, 30), font=caption_font())
 
@@ -197,11 +208,11 @@ def features_pca(features, out: Path, n: int = 16, cell: Optional[int] = None, s
 def neighbour_grid(query, tiles: Sequence[tuple[Optional[object], str]], out: Path, *, title: str,
                    cell: int = 128, per_row: int = 8) -> Path:
     """The query image, then one cell per neighbour (a PIL image, or None for a labelled blank),
-    each with its caption lines under it (at most 3; the last of several, a path, keeps its end)."""
+    each with its caption lines under it (at most 3; the last of several is a path: :func:`path_lines`)."""
     from PIL import Image, ImageDraw
 
     gap, line = 8, 12
-    caption = 3 * line + 2
+    caption = 4 * line + 2  # a path may take two lines
     columns = min(per_row, len(tiles)) + 1
     rows = max(1, (len(tiles) + per_row - 1) // per_row)
     width = columns * (cell + gap) + gap
@@ -223,8 +234,10 @@ def neighbour_grid(query, tiles: Sequence[tuple[Optional[object], str]], out: Pa
         else:
             canvas.paste(tile, (x, y))
         parts = text.split("\n")[:3]
+        if len(parts) > 1:
+            parts = parts[:-1] + path_lines(draw, parts[-1], cell)
         for j, part in enumerate(parts):
-            _label(draw, (x, y + cell + 2 + j * line), part, cell, keep_end=len(parts) > 1 and j == len(parts) - 1)
+            _label(draw, (x, y + cell + 2 + j * line), part, cell)
     save_image(canvas, out)
     return out
 

@@ -194,6 +194,25 @@ def test_noise_replaces_the_asked_fraction_with_photos_of_other_objects():
     assert noisy_sets(sets, 0.0, sets, 0) == sets
 
 
+def test_chance_and_the_photos_the_noise_replaced_are_recorded():
+    """A new user's probe (2026-12-07): with 2 objects, AR@10 95.0 is a random ranking's and R@2..R@10 are
+    100 % by construction, and the 25 % noise of sets of 2 replaced nothing; each is now recorded and said."""
+    from mlsctl.evaluate.retrieval import chance_scores, evaluate_retrieval, objects_note, replaced_text, trivial_ks
+
+    chance = chance_scores(2)
+    assert chance["AR@10"] == pytest.approx(0.95) and chance["R@1"] == 0.5 and chance["R@2"] == 1.0
+    assert chance_scores(20)["AR@10"] == pytest.approx(np.mean([k / 20 for k in range(1, 11)]))
+    assert trivial_ks(2) == list(range(2, 11)) and trivial_ks(11) == [] and objects_note(11) is None
+    assert objects_note(2).startswith("note: R@2 to R@10 are 100 % by construction: the gallery holds 2 objects")
+    assert objects_note(10).startswith("note: R@10 is 100 % by construction")
+    cls = torch.randn(12, 4, generator=torch.Generator().manual_seed(0))
+    gallery, query = [[0], [1], [2]], [[3, 4], [5, 6, 7, 8], [9, 10, 11]]
+    results = evaluate_retrieval(None, gallery, query, cls, None, noise=(0.0, 0.25), methods=("mean-cls",))
+    records = {r.noise: r.to_dict() for r in results}
+    assert records[0.25]["replaced_per_set"] == {"min": 0, "max": 1} and records[0.25]["photos_replaced"] == 2
+    assert replaced_text(records[0.25]) == "25% (0-1 a set)" and replaced_text(records[0.0]) == "0%"
+
+
 def test_noise_draws_the_photo_the_definition_names():
     """The noise picks ``others[r]``, ``others`` being every photo of the objects but i, in order (the
     definition, and how it was computed until it cost O(objects x photos) a set); kept without
@@ -407,6 +426,15 @@ def test_eval_retrieval_reports_every_method_and_noise(mile_run, tmp_path):
     for r in results:
         assert 0 <= r["R@1"] <= r["R@10"] <= 1 and r["AR@10"] == pytest.approx(np.mean([r[f"R@{k}"] for k in range(1, 11)]))
         assert r["gallery"] == 6 and r["R@6"] == 1.0  # 6 objects: every target is within 6
+    # a new user's probe (2026-12-07): the chance level and the k that take in every object, recorded and said;
+    # sets of 1 photo lose none at 0.5 (round(0.5) = 0), said before the work and shown in the table
+    assert payload["chance"]["R@1"] == pytest.approx(1 / 6) and payload["ks_at_least_objects"] == [6, 7, 8, 9, 10]
+    assert all(r["photos_replaced"] == 0 for r in results)
+    table = run_cli("eval", "retrieval", "--gallery", str(mile_run / "gallery"), "--query", str(mile_run / "query"),
+                    "--run", str(mile_run / "run"), "--noise", "0", "0.5", "--out", str(tmp_path / "r2.json"), check=True)
+    assert "note: noise 50% replaces no photo of any query set (round(0.5 × 1) = 0)" in table.stderr
+    assert "50% (0 a set)" in table.stdout and re.search(r"chance\s+\(a random ranking\)\s+75\.0\s+16\.7 ", table.stdout)
+    assert "note: R@6 to R@10 are 100 % by construction: the gallery holds 6 objects" in table.stdout
 
 
 def test_bad_object_ids_are_refused_and_the_gallery_works_from_any_directory(mile_run, tmp_path, capsys):
@@ -466,7 +494,7 @@ def test_the_start_backbone_is_what_the_run_started_from(finished_run, tmp_path,
     code, _, err = cli("pretrain", str(recipe), "optim.epochs=1", "--init-from", str(teacher), "--out",
                        str(tmp_path / "r"), capsys=capsys)
     assert code == 0, err
-    assert json.loads((tmp_path / "r" / "start.json").read_text()) == {"init_from": str(teacher)}
+    assert json.loads((tmp_path / "r" / "start.json").read_text()) == {"init_from": str(teacher), "overridden": ["optim.epochs"]}
     assert from_run_start(tmp_path / "r").fingerprint == from_weights(teacher).fingerprint
     # without --init-from: the recipe's seeded random init, which is not the trained teacher
     start = from_run_start(run)
@@ -740,6 +768,13 @@ def test_an_objects_file_of_fewer_photos_than_data_root_is_said(mile_run, tmp_pa
     assert code == 0, err
     assert (f"method.objects_file {objects} lists 4 objects of 8 photos: the run trains on those, not on all 18 "
             f"images under data.root") in " ".join(err.split()), err
+    # a new user's probe (2026-12-07): the first line and the report still counted data.root's 18
+    assert f"mile on 8 of the 18 images from {mile_run / 'train'}" in (tmp_path / "run" / "train.log").read_text()
+    from mlsctl.report import write_report
+
+    write_report(tmp_path / "run", tmp_path / "report.html", results=(), patch_images=1)
+    assert (f"{mile_run / 'train'} (8 of its 18 images: the photos method.objects_file {objects} lists)"
+            in (tmp_path / "report.html").read_text())
 
 
 def test_index_add_and_search_keep_each_photo_only_resized_and_give_the_latents_of_before(mile_run, tmp_path,

@@ -130,3 +130,32 @@ def test_eval_recall_cli(tmp_path, capsys):
         code, _, err = cli("eval", "recall", str(feats), "--labels", str(labels), "--out", str(tmp_path / "x.json"),
                            capsys=capsys)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_chance_is_what_every_ranking_gives_on_average_and_a_k_past_the_other_classes_is_certain(tmp_path, capsys):
+    """eval recall's chance row: R@K of a random ranking, against the mean over every order of the others
+    (a new user's probe, 2026-12-07: R@K on few classes, with no chance level and no word that a K past
+    the other classes' embeddings is 100 % by construction)."""
+    import itertools
+
+    from mlsctl.evaluate.recall import certain_ks, chance_recall
+
+    labels = [0, 0, 0, 1, 1, 2]  # a class of one has no query
+    for K in (1, 2, 3, 4):
+        hits = queries = 0
+        for i, own in enumerate(labels):
+            others = [y for j, y in enumerate(labels) if j != i]
+            if own not in others:
+                continue
+            orders = list(itertools.permutations(others))
+            hits += sum(own in order[:K] for order in orders) / len(orders)
+            queries += 1
+        assert chance_recall([3, 2, 1], K) == pytest.approx(hits / queries)
+    assert certain_ks([3, 2, 1], [1, 2, 3, 4, 5]) == [5]  # a query of class 1 has 4 others of other classes
+    x, y = _data(n=4, classes=2)  # two classes of two: any 3 others hold the query's class
+    feats = write_feature_folder(tmp_path / "feats", [f"class{int(c)}/{i}.png" for i, c in enumerate(y)], x)
+    out, _ = cli_ok(capsys, "eval", "recall", str(feats), "--k", "1", "2", "3", "--out", str(tmp_path / "r.json"))
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["chance"] == pytest.approx({"1": 1 / 3, "2": 2 / 3, "3": 1.0}) and result["ks_certain"] == [3]
+    assert "chance (a random ranking)" in out and "33.33" in out
+    assert "note: R@3 is 100 % by construction: any 3 embeddings other than a query hold one of its class" in out

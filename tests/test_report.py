@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import re
 import shutil
@@ -334,3 +335,88 @@ def test_a_copied_run_keeps_its_random_init_comparison_and_results_beside_it_cou
     assert code == 0, err
     report = json.loads(printed[printed.index("{"):])
     assert str(copy / "beside.json") in report["results"]["comparison"], report["results"]
+
+
+def test_the_report_keeps_the_consoles_notes_on_what_the_scores_mean(tmp_path):
+    """A new user's probe (2026-12-07): the report dropped k-NN's effective k (``100 (all 80)``), retrieval's
+    chance level and object count, the photos its noise replaced, and recall's chance; each is shown now."""
+    from mlsctl.report import _evaluation
+
+    knn = _evaluation({"command": "eval knn", "train_images": 80, "results": [
+        {"k": 20, "neighbours": 20, "top1": 0.5, "top5": 0.9}, {"k": 100, "neighbours": 80, "top1": 0.4, "top5": 0.9},
+        {"k": 200, "top1": 0.4, "top5": 0.9}]}, tmp_path / "r.json", "x")  # the last: before "neighbours" was kept
+    assert "<td>20</td>" in knn and knn.count("(all 80)") == 2
+    row = {"method": "mile", "backbone": "trained", "noise": 0.25, "AR@10": 0.95, "R@1": 0.5,
+           "replaced_per_set": {"min": 0, "max": 0}}
+    retrieval = _evaluation({"command": "eval retrieval", "objects": 2, "results": [row]}, tmp_path / "r.json", "x")
+    assert "2 gallery objects" in retrieval and "25% (0 a set)" in retrieval
+    assert "<td>chance</td><td>(a random ranking)</td><td></td><td>95.00</td><td>50.00</td>" in retrieval
+    assert "R@2 to R@10 are 100 % by construction" in retrieval
+    del row["replaced_per_set"]  # a result from before it was kept: its query sets' sizes give it
+    retrieval = _evaluation({"command": "eval retrieval", "objects": 2, "query_set_sizes": {"min": 2, "max": 4},
+                             "results": [row]}, tmp_path / "r.json", "x")
+    assert "25% (0-1 a set)" in retrieval
+    recall = _evaluation({"command": "eval recall", "embeddings": 4, "classes": 2, "map_at_r": 1.0,
+                          "recall": {"1": 1.0, "3": 1.0}, "chance": {"1": 1 / 3, "3": 1.0}, "ks_certain": [3]},
+                         tmp_path / "r.json", "x")
+    assert "<td>chance (a random ranking)</td><td>33.33</td><td>100.00</td>" in recall
+    assert "R@3 is 100 % by construction" in recall
+
+
+def test_a_result_on_val_images_the_model_trained_on_is_flagged(finished_run, tmp_path, capsys):
+    """A new user's probe (2026-12-07): eval knn said "the scores measure memory, not generalisation", and the
+    report listed the result as any other. Flagged on the page and in the terminal, for every evaluation
+    that records it (knn, linear: ``val_images``; knn-seg, linear-seg: ``val.images``)."""
+    run_dir, _ = finished_run
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    (run / "results").mkdir()
+    model = {"source": "run", "path": str(run / "teacher.safetensors"), "fingerprint": _teacher_fingerprint(run)}
+    shared = {"name": "folders", "val_images_in_train": 40, "val_images_in_train_as_copies": 40}
+    (run / "results" / "knn.json").write_text(json.dumps({
+        "command": "eval knn", "model": model, "dataset": shared, "train_images": 120, "val_images": 40,
+        "results": [{"k": 10, "neighbours": 10, "top1": 0.5, "top5": 0.9}]}))
+    (run / "results" / "linear-seg.json").write_text(json.dumps({
+        "command": "eval linear-seg", "model": model, "dataset": dict(shared, val_images_in_train_as_copies=0),
+        "val": {"images": 50}, "miou": 0.3, "pixel_accuracy": 0.8}))
+    (run / "results" / "linear.json").write_text(json.dumps({  # none shared: no flag
+        "command": "eval linear", "model": model, "dataset": {"name": "folders"}, "val_images": 40,
+        "chosen": {"lr": 0.1, "weight_decay": 0.0}, "results": {"top1": 0.5, "top5": 0.9}}))
+    out, _ = cli_ok(capsys, "report", str(run), "--out", str(tmp_path / "report.html"), "--patch-images", "1")
+    page = (tmp_path / "report.html").read_text()
+    assert page.count('<p class="warning">') == 2
+    assert ("note: 40 of the 40 val images are training images too (byte copies under other paths): the scores "
+            "measure memory, not generalisation") in page
+    assert "note: 40 of the 50 val images are training images too (the same files)" in page
+    assert ("note: 2 evaluations scored val images that are training images too (the page flags them: the scores "
+            "measure memory, not generalisation)") in out and "knn.json" in out and "linear.json" not in out
+
+
+def test_a_description_that_overrides_may_contradict_is_marked_as_the_recipes(finished_run, tmp_path):
+    """A new user's probe (2026-12-07): "ViT-S/16 ImageNet-pretrained; GPU" stood in the report of a run with
+    model.pretrained=false and a tiny model. pretrain records the keys set on its command line (start.json), and
+    the summary marks the description as the recipe's, with what was overridden."""
+    from conftest import run_cli, tiny_recipe, write_recipe
+
+    from mlsctl import config as config_lib
+    from mlsctl.report import RunWeights, _summary
+    from mlsctl.runs import Run
+
+    def summary_of(run: Path) -> str:
+        recipe = config_lib.load_recipe(str(run / "config.yaml"))
+        page = _summary(Run(run), recipe, RunWeights(Run(run), recipe))
+        return " ".join(html.unescape(re.sub(r"<[^>]+>", " ", page)).split())
+
+    raw = tiny_recipe(finished_run[0].parent / "images", description="ViT-S/16 ImageNet-pretrained; GPU")
+    recipe = write_recipe(tmp_path / "r.yaml", raw)
+    run_cli("pretrain", str(recipe), "--out", str(tmp_path / "run"), "optim.epochs=1", "model.pretrained=false",
+            check=True)
+    assert json.loads((tmp_path / "run" / "start.json").read_text())["overridden"] == ["optim.epochs", "model.pretrained"]
+    assert ("description ViT-S/16 ImageNet-pretrained; GPU (the recipe's description; overridden: optim.epochs=1, "
+            "model.pretrained=false)") in summary_of(tmp_path / "run")
+    start = json.loads((tmp_path / "run" / "start.json").read_text())
+    (tmp_path / "run" / "start.json").write_text(json.dumps({"init_from": start["init_from"]}))  # an older run's
+    assert "(the recipe's description; the keys overridden when the run started are not recorded)" in \
+        summary_of(tmp_path / "run")
+    run_cli("pretrain", str(recipe), "--out", str(tmp_path / "own"), "optim.epochs=1", "description=mine", check=True)
+    assert "description mine architecture" in summary_of(tmp_path / "own")  # the user's own: shown as it is

@@ -82,6 +82,26 @@ def test_captions_keep_a_paths_end_and_cosines_three_decimals():
     assert tile is None and caption.split("\n") == ["cos 0.995", "step 13", f"missing: /data/{path}"]
 
 
+def test_a_long_path_keeps_the_folder_that_tells_it_apart(tmp_path):
+    """A new user's probe (2026-12-07): In-shop's paths cut to one line at their start read "…/01_1_front.jpg" under
+    every tile of the report's neighbours; the folder nearest the file now gets a line of its own."""
+    from PIL import Image, ImageDraw
+
+    from mlsctl.viz import neighbour_grid, path_lines
+
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    first, second = (path_lines(draw, f"WOMEN/Blouses_Shirts/id_0000{i}/01_1_front.jpg", 96) for i in (1001, 2002))
+    assert first != second and first[1] == second[1] == "01_1_front.jpg"
+    assert first[0].endswith("id_00001001/") and second[0].endswith("id_00002002/")
+    assert path_lines(draw, "cat/1.png", 96) == ["cat/1.png"]
+    [line] = path_lines(draw, "no-folder-but-a-rather-long-name.png", 96)
+    assert line.startswith("…") and line.endswith("long-name.png")
+    tiles = [(Image.new("RGB", (96, 96)), f"cos 0.9\nstep 1\nWOMEN/Blouses_Shirts/id_0000100{i}/01_1_front.jpg")
+             for i in range(2)]
+    out = neighbour_grid(Image.new("RGB", (96, 96)), tiles, tmp_path / "grid.png", title="t", cell=96)
+    assert Image.open(out).size == (3 * (96 + 8) + 8, 18 + 96 + 4 * 12 + 2 + 8 + 8)  # four caption lines
+
+
 def test_captions_name_a_source_image_by_its_path_under_the_data_root(tmp_path):
     """A new user's probe (2026-12-07): a file directly under data.root was captioned with the root folder's name
     (``images/top.png``), and a deeper one lost its upper folders; the table beside the grid says the path under

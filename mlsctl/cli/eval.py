@@ -270,8 +270,8 @@ def knn(
     if as_json:
         typer.echo(json.dumps(payload, indent=2))
         return
-    typer.echo(table(["k", "top-1 %", "top-5 %"], [[r["k"] if r["neighbours"] == r["k"] else f"{r['k']} (all {r['neighbours']})",
-                                                   pct(r["top1"], 2), pct(r["top5"], 2)] for r in results]))
+    typer.echo(table(["k", "top-1 %", "top-5 %"], [[lib.k_text(r, result["train_images"]), pct(r["top1"], 2),
+                                                    pct(r["top5"], 2)] for r in results]))
     if unknown:
         typer.echo(f"note: {len(unknown)} val classes never occur in train (counted as errors): {', '.join(unknown[:5])}")
     _say_shared(record, result["val_images"])
@@ -458,7 +458,7 @@ def retrieval(
     """
     from mlsctl.data.kinds import folder_kind
     from mlsctl.errors import UserError
-    from mlsctl.evaluate.retrieval import evaluate_set_model
+    from mlsctl.evaluate.retrieval import evaluate_set_model, objects_note, replaced_text
     from mlsctl.gallery import choose_set_model
 
     fractions = []
@@ -488,10 +488,15 @@ def retrieval(
     shown = sizes["min"] if sizes["min"] == sizes["max"] else f"{sizes['min']} to {sizes['max']}"
     print(f"image-set retrieval, {payload['objects']} objects ({model.run} at step {model.step}), query sets of "
           f"{shown} photos; R@k in %; start = {payload['start']}:")
-    rows = [[r["method"], r["backbone"], f"{100 * r['noise']:.0f}%", pct(r["AR@10"]),
+    chance = payload["chance"]
+    rows = [[r["method"], r["backbone"], replaced_text(r), pct(r["AR@10"]),
              *(pct(r[f"R@{k}"]) for k in (1, 2, 5, 10))] for r in payload["results"]]
+    rows.append(["chance", "(a random ranking)", "", pct(chance["AR@10"]), *(pct(chance[f"R@{k}"]) for k in (1, 2, 5, 10))])
     print(table(["method", "backbone", "noise", "AR@10", "R@1", "R@2", "R@5", "R@10"], rows,
                 right=[False, False, True, True, True, True, True, True]))
+    note = objects_note(payload["objects"])
+    if note is not None:
+        print(note)
     say(f"wrote {out}")
 
 
@@ -522,8 +527,13 @@ def recall(
         typer.echo(json.dumps(payload, indent=2))
         return
     recalls = result["recall"]
-    typer.echo(table([f"R@{K}" for K in recalls] + ["MAP@R"],
-                     [[pct(v, 2) for v in recalls.values()] + [pct(result["map_at_r"], 2)]]))
+    typer.echo(table(["", *(f"R@{K}" for K in recalls), "MAP@R"],
+                     [["scores", *(pct(v, 2) for v in recalls.values()), pct(result["map_at_r"], 2)],
+                      ["chance (a random ranking)", *(pct(result["chance"][K], 2) for K in recalls), ""]]))
+    certain = result["ks_certain"]
+    if certain:
+        typer.echo(f"note: R@{', R@'.join(map(str, certain))} {'are' if len(certain) > 1 else 'is'} 100 % by "
+                   f"construction: any {certain[0]} embeddings other than a query hold one of its class")
     if result["ks_too_large"]:
         typer.echo(f"note: R@{', R@'.join(map(str, result['ks_too_large']))} left out: the set has {result['embeddings']} embeddings")
     if result["lone_queries"]:

@@ -47,3 +47,8 @@ def report(
         counts.append(f"{record['unmatched']} unmatched")
     print(f"wrote {target} ({record['bytes'] / 1e6:.1f} MB, {counted(record['images'], 'picture')}, {', '.join(counts)}); "
           f"open it in any browser")
+    memorised = record["val_images_in_train"]
+    if memorised:
+        print(f"note: {counted(len(memorised), 'evaluation')} scored val images that are training images too (the "
+              f"page flags {'them' if len(memorised) > 1 else 'it'}: the scores measure memory, not generalisation): "
+              f"{', '.join(memorised)}")

@@ -24,6 +24,7 @@ same to rounding (tested against the whole-set call and against brute force).
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -42,6 +43,34 @@ QUERY_CHUNK = 8192  # queries through the calculator at a time: 8,192 × (k + 1)
 
 def default_ks(n: int) -> list[int]:
     return list(DEFAULT_KS) + (list(LARGE_KS) if n > LARGE_SET else [])
+
+
+def chance_recall(class_sizes: Sequence[int], K: int) -> float:
+    """R@K of a random ranking, exactly: a query of a class of c embeddings (of n) has c - 1 of its class
+    among the n - 1 others, and K of them drawn at random miss all of those with probability
+    C(n - c, K) / C(n - 1, K) (0 where K > n - c: R@K is 1 by construction); the mean over the queries
+    that have another of their class (c ≥ 2). Printed beside the scores, since on few classes a high R@K
+    is no finding (a new user's probe, 2026-12-07)."""
+    n = sum(class_sizes)
+    hits = total = 0.0
+    for c in class_sizes:
+        if c < 2:
+            continue
+        if K > n - c:
+            missed = 0.0
+        else:  # the ratio of binomials through log-gamma: exact to rounding for any n and K
+            missed = math.exp(math.lgamma(n - c + 1) - math.lgamma(n - c - K + 1) - math.lgamma(n) + math.lgamma(n - K))
+        hits += c * (1.0 - missed)
+        total += c
+    return hits / total if total else float("nan")
+
+
+def certain_ks(class_sizes: Sequence[int], ks: Sequence[int]) -> list[int]:
+    """The K of ``ks`` whose R@K is 1 by construction: more than the embeddings of other classes than any
+    query's own, so every query's K nearest hold one of its class."""
+    n = sum(class_sizes)
+    fewest = min(c for c in class_sizes if c >= 2)
+    return [K for K in ks if K > n - fewest]
 
 
 def recall_calculator(ks: Sequence[int], k: int):
@@ -132,8 +161,10 @@ def recall_at_k(embeddings: torch.Tensor, labels: torch.Tensor, ks: Optional[Seq
     x = F.normalize(embeddings.float(), dim=-1)
     values = chunked_accuracy(recall_calculator(kept, k), x, labels, k, chunk, progress)
     lone = int(counts[counts < 2].sum())
+    sizes = counts.tolist()
     return {"embeddings": n, "classes": len(classes), "queries": n - lone, "lone_queries": lone,
             "recall": {str(K): values[f"recall_at_{K}"] for K in kept}, "ks_too_large": [K for K in ks if K not in kept],
+            "chance": {str(K): chance_recall(sizes, K) for K in kept}, "ks_certain": certain_ks(sizes, kept),
             "precision_at_1": values["precision_at_1"], "map_at_r": values["mean_average_precision_at_r"]}
 
 

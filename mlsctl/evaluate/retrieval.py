@@ -51,6 +51,36 @@ def average_recall(recalls: dict[int, float], up_to: int = 10) -> float:
     return sum(recalls[k] for k in range(1, up_to + 1)) / up_to
 
 
+def chance_recalls(objects: int, ks: Sequence[int] = tuple(range(1, 11))) -> dict[int, float]:
+    """R@k of a random ranking of ``objects`` gallery objects, exactly: a query's own object ranks
+    uniformly in 1..objects, so R@k = min(k, objects) / objects. Printed beside the scores because with few
+    objects a large R@k or AR@10 is no finding (a new user's probe, 2026-12-07: AR@10 95.0 of 2 objects, the
+    chance level itself)."""
+    return {k: min(k, objects) / objects for k in ks}
+
+
+def chance_scores(objects: int) -> dict[str, float]:
+    """:func:`chance_recalls` in a result's keys (``AR@10``, ``R@1`` ... ``R@10``)."""
+    recalls = chance_recalls(objects)
+    return {"AR@10": average_recall(recalls), **{f"R@{k}": v for k, v in recalls.items()}}
+
+
+def trivial_ks(objects: int, ks: Sequence[int] = tuple(range(1, 11))) -> list[int]:
+    """The k of ``ks`` whose R@k is 100 % by construction: k of ``objects`` or more takes in every object."""
+    return [k for k in ks if k >= objects]
+
+
+def objects_note(objects: int) -> Optional[str]:
+    """The note on R@k that the number of gallery objects decides (:func:`trivial_ks`), or None."""
+    trivial = trivial_ks(objects)
+    if not trivial:
+        return None
+    ks = f"R@{trivial[0]}" + (f" to R@{trivial[-1]}" if len(trivial) > 1 else "")
+    return (f"note: {ks} {'are' if len(trivial) > 1 else 'is'} 100 % by construction: the gallery holds "
+            f"{objects} objects, so every query's object ranks within {objects}; compare AR@10 and R@k with the "
+            f"chance row (a random ranking), not with 100 %")
+
+
 def max_pairwise_scores(query_sets: list[torch.Tensor], gallery_sets: list[torch.Tensor]) -> torch.Tensor:
     """[Q, G]: max over the pairwise cosines of a query set's and a gallery set's images."""
     gallery = F.normalize(torch.cat(gallery_sets).float(), dim=1)
@@ -75,6 +105,7 @@ class RetrievalResult:
     queries: int
     gallery: int
     backbone: str = "trained"
+    replaced: tuple[int, ...] = ()  # the photos of each query set the noise replaced
 
     @property
     def ar10(self) -> float:
@@ -82,8 +113,31 @@ class RetrievalResult:
 
     def to_dict(self) -> dict:
         return {"method": self.method, "backbone": self.backbone, "noise": self.noise, "AR@10": self.ar10,
-                "queries": self.queries,
-                "gallery": self.gallery, **{f"R@{k}": v for k, v in self.recalls.items()}}
+                "queries": self.queries, "gallery": self.gallery, **replaced_record(self.replaced),
+                **{f"R@{k}": v for k, v in self.recalls.items()}}
+
+
+def replaced_record(replaced: Sequence[int]) -> dict:
+    """How many photos of each query set a noise level replaced, as a result records it: the fraction alone
+    hid that round(0.25 × 2) = 0 replaces none (a new user's probe, 2026-12-07: the 25 % rows equalled the
+    0 % rows)."""
+    if not replaced:
+        return {}
+    return {"photos_replaced": sum(replaced), "replaced_per_set": {"min": min(replaced), "max": max(replaced)}}
+
+
+def replaced_text(record: dict, set_sizes: Optional[dict] = None) -> str:
+    """A result's noise in words, with the photos it replaced a set: ``25 % (1 a set)``. Results from before
+    they were recorded give them through the query sets' sizes (``set_sizes``, their ``query_set_sizes``):
+    :func:`replaced_photos` grows with the size, so the smallest and largest sets bound them exactly."""
+    noise = f"{100 * record['noise']:.0f}%"
+    per_set = record.get("replaced_per_set")
+    if per_set is None and isinstance(set_sizes, dict) and {"min", "max"} <= set_sizes.keys():
+        per_set = {end: replaced_photos(record["noise"], set_sizes[end]) for end in ("min", "max")}
+    if not isinstance(per_set, dict) or not record["noise"]:
+        return noise
+    low, high = per_set.get("min"), per_set.get("max")
+    return f"{noise} ({low if low == high else f'{low}-{high}'} a set)"
 
 
 def sample_sets(sets: list[list[int]], size: Optional[int], seed: int) -> list[list[int]]:
@@ -95,8 +149,14 @@ def sample_sets(sets: list[list[int]], size: Optional[int], seed: int) -> list[l
     return [[s[i] for i in sorted(rng.choice(len(s), size, replace=False))] if len(s) > size else list(s) for s in sets]
 
 
+def replaced_photos(fraction: float, size: int) -> int:
+    """The photos of a query set of ``size`` that the noise ``fraction`` replaces: round(fraction × size),
+    rounded half to even (a set of 2 loses none at 0.25)."""
+    return min(int(round(fraction * size)), size) if fraction > 0 else 0
+
+
 def noisy_sets(query_rows: list[list[int]], fraction: float, pool: list[list[int]], seed: int) -> list[list[int]]:
-    """Replace round(fraction × |Q|) photos of each query set (at random positions) with random
+    """Replace :func:`replaced_photos` photos of each query set (at random positions) with random
     photos of other objects (``pool[i]``: the photos objects other than i may lend)."""
     if fraction <= 0:
         return [list(r) for r in query_rows]
@@ -106,9 +166,8 @@ def noisy_sets(query_rows: list[list[int]], fraction: float, pool: list[list[int
     out = []
     for i, rows in enumerate(query_rows):
         rows = list(rows)
-        n = int(round(fraction * len(rows)))
         own = int(starts[i + 1] - starts[i])
-        for position in rng.choice(len(rows), size=min(n, len(rows)), replace=False):
+        for position in rng.choice(len(rows), size=replaced_photos(fraction, len(rows)), replace=False):
             other = int(rng.integers(0, len(lent) - own))  # the other-th photo of the objects but i
             rows[position] = int(lent[other if other < starts[i] else other + own])
         out.append(rows)
@@ -143,6 +202,7 @@ def evaluate_retrieval(model, gallery_sets: list[list[int]], query_sets: list[li
     results = []
     for fraction in noise:
         sets = noisy_sets(query_sets, fraction, query_sets, seed)
+        replaced = tuple(replaced_photos(fraction, len(rows)) for rows in query_sets)
         for method in methods:
             if method == "mile":
                 scores = cosine_scores(torch.stack([fold(r) for r in sets]), gallery_latents)
@@ -153,7 +213,7 @@ def evaluate_retrieval(model, gallery_sets: list[list[int]], query_sets: list[li
             else:
                 raise ValueError(f"unknown retrieval method {method!r}")
             results.append(RetrievalResult(method, fraction, recall_at(ranks(scores, targets)), len(sets),
-                                           len(gallery_sets), backbone))
+                                           len(gallery_sets), backbone, replaced))
     return results
 
 
@@ -303,6 +363,11 @@ def evaluate_set_model(model, gallery, query, *, query_size: Optional[int], nois
         fewer = sum(size < query_size for size in sizes)
         say(f"note: {fewer} of {len(sizes)} objects have fewer than {query_size} query photos; their sets hold all "
             f"they have ({sizes[0]}{'' if sizes[0] == sizes[-1] else f' to {sizes[-1]}'} photos a set)")
+    for fraction in noise:
+        if fraction > 0 and not any(replaced_photos(fraction, size) for size in sizes):
+            say(f"note: noise {100 * fraction:.0f}% replaces no photo of any query set (round({fraction:g} × "
+                f"{sizes[-1]}) = 0): its rows score the clean sets again; give larger query sets (--query-size) or "
+                f"a larger --noise")
     used = sorted({row for rows in photos.gallery_rows + query_rows for row in rows})  # not the query photos left out
     new_row = {row: i for i, row in enumerate(used)}
     gallery_rows = [[new_row[row] for row in rows] for rows in photos.gallery_rows]
@@ -332,4 +397,6 @@ def evaluate_set_model(model, gallery, query, *, query_size: Optional[int], nois
             "start": start.backbone.description, "query_size": query_size if query_size is not None else "all",
             "query_set_sizes": {"min": sizes[0], "max": sizes[-1], "mean": sum(sizes) / len(sizes)},
             "seed": seed, "objects": len(photos.objects), "photos": len(photos.paths), "photos_embedded": len(used),
+            # a random ranking's scores, and the k that take in every object (100 % by construction)
+            "chance": chance_scores(len(photos.objects)), "ks_at_least_objects": trivial_ks(len(photos.objects)),
             "seconds": time.perf_counter() - started, "results": [r.to_dict() for r in results]}

@@ -46,7 +46,7 @@ import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Optional
+from typing import ClassVar, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -168,6 +168,13 @@ class Method(nn.Module):
         """What the data as built (:meth:`build_dataset`) suggests is not what was meant: one sentence
         each, logged when the run starts, and added to the sentence of a refusal of the data's size."""
         return []
+
+    @classmethod
+    def trained_images(cls, recipe: Recipe, relpaths: Sequence[str]) -> Optional[tuple[int, str]]:
+        """Where the method trains on a part of the images under data.root (``relpaths``, a run's
+        images.txt): how many of them, and what chose them; None where it trains on all. The run's first
+        line and the report's summary count these, not data.root's (a new user's probe, 2026-12-07)."""
+        return None
 
     def end_notes(self) -> list[str]:
         """What the run's own metrics say went wrong, one sentence each, logged as warnings when it

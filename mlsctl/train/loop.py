@@ -136,7 +136,8 @@ def _pretrain(recipe, out: str | Path, *, resume: bool, init_from: Optional[str]
         lock = FolderLock(run.root, "run")
         resume_from = dist.on_main(lambda: run_dir.open_run_dir(run, recipe, folder, lock, resume=resume,
                                                                 overwrite=overwrite, init_from=init_from,
-                                                                method_cls=method_cls, dataset=dataset))
+                                                                method_cls=method_cls, dataset=dataset,
+                                                                overridden=overridden))
     try:
         setup.setup_logging(run, is_main, rank, sys.stderr.isatty())
         held.replay()
@@ -421,7 +422,9 @@ def _log_start(run: Run, recipe, accelerator, folder: ImageFolder, schedule: Sch
     n_params = sum(p.numel() for p in trainable)
     precision = "fp32" if accelerator.mixed_precision == "no" else accelerator.mixed_precision
     rows = "images" if method.has_backbone else "embeddings"  # a method on features reads feature rows
-    log.info(f"mlsctl {__version__} | {recipe.method.name} on {len(folder)} {rows} from {folder.root} | "
+    part = type(method).trained_images(recipe, folder.relpaths())
+    count = f"{part[0]} of the {len(folder)}" if part is not None else f"{len(folder)}"
+    log.info(f"mlsctl {__version__} | {recipe.method.name} on {count} {rows} from {folder.root} | "
              f"{world} process{'es' if world > 1 else ''} on {accelerator.device} ({precision}) | "
              f"{n_params / 1e6:.2f}M trainable parameters")
     made = (f" ({recipe.optim.batch_size} x {world} process{'es' if world > 1 else ''} x {accumulate} "

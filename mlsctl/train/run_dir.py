@@ -8,7 +8,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from mlsctl import atomic, config as config_lib
 from mlsctl.data.images import ImageFolder
@@ -134,7 +134,8 @@ def replaced_run(run: Run) -> str:
 
 
 def open_run_dir(run: Run, recipe, folder: ImageFolder, lock: FolderLock, *, resume: bool,
-                  overwrite: bool, init_from: Optional[str], method_cls, dataset) -> Optional[str]:
+                  overwrite: bool, init_from: Optional[str], method_cls, dataset,
+                  overridden: Sequence[str] = ()) -> Optional[str]:
     """Process 0, after every input has been validated: lock the run folder, then either check it
     for --resume (returns the checkpoint to continue from; ``method_cls`` checks ``dataset`` against what
     the run was trained on, :meth:`~mlsctl.methods.base.Method.check_resumed_data`) or prepare it for a new run (an
@@ -201,7 +202,10 @@ def open_run_dir(run: Run, recipe, folder: ImageFolder, lock: FolderLock, *, res
                   + (f"; kept {len(kept)} entr{'ies' if len(kept) > 1 else 'y'} that are not the run's files "
                      f"({', '.join(kept[:4])}{', ...' if len(kept) > 4 else ''})" if kept else ""), file=sys.stderr)
         config_lib.save_recipe(recipe, run.config_path)
-        atomic.write_json(run.start_path, {"init_from": os.path.abspath(init_from) if init_from else None})
+        # the keys set on the command line: the recipe's description may no longer say what the run is (the report
+        # marks it: a new user's probe, 2026-12-07)
+        atomic.write_json(run.start_path, {"init_from": os.path.abspath(init_from) if init_from else None,
+                                           "overridden": list(overridden)})
         return None
     except BaseException:
         if run.root.is_dir():  # stopped or failed while setting the old run aside or writing the new recipe

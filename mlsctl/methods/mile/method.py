@@ -166,6 +166,15 @@ class MILE(Method):
         return list(self.student.head.dino.last_layer.parameters())
 
     @classmethod
+    def trained_images(cls, recipe, relpaths):
+        from mlsctl.data.labels import read_objects_file
+
+        if not recipe.method.objects_file:
+            return None
+        listed = {Path(relpath).as_posix() for _, relpath in read_objects_file(Path(recipe.method.objects_file))}
+        return len(listed & set(relpaths)), f"the photos method.objects_file {recipe.method.objects_file} lists"
+
+    @classmethod
     def data_notes(cls, recipe, dataset):
         from mlsctl.data.objects import nested_groups_note
 
