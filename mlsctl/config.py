@@ -251,8 +251,8 @@ class MonitorConfig:
     train: Optional[str] = param(None, help="labelled images the k-NN memory is built from (a folder per class, or "
                                             "train_labels)", path=True)
     val: Optional[str] = param(None, help="labelled images that are classified (and segmented)", path=True)
-    train_labels: Optional[str] = param(None, help="CSV/JSONL of path,label for train [default: folder names]", path=True)
-    val_labels: Optional[str] = param(None, help="CSV/JSONL of path,label for val [default: folder names]", path=True)
+    train_labels: Optional[str] = param(None, help="CSV/JSONL of path,label for train [default: each image's own folder, however deep]", path=True)
+    val_labels: Optional[str] = param(None, help="CSV/JSONL of path,label for val [default: each image's own folder, however deep]", path=True)
     train_masks: Optional[str] = param(None, help="label masks of train: adds knn-seg mIoU", path=True)
     val_masks: Optional[str] = param(None, help="label masks of val", path=True)
     k: int = param(20, help="neighbours of the k-NN classifier", ge=1)

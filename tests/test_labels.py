@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mlsctl.data.labels import (class_ids, labels_of, read_labels_file, read_multi_labels, read_objects_file,
-                                read_text_file)
+from mlsctl.data.labels import (FOLDER_LABELS, class_ids, labels_of, nested_split_hint, read_labels_file,
+                                read_multi_labels, read_objects_file, read_text_file)
 from mlsctl.errors import UserError
 from conftest import REPO, cli, make_images, tiny_recipe, write_feature_folder, write_recipe
 
@@ -176,6 +176,55 @@ def test_each_images_own_folder_is_its_class_and_a_class_folder_inside_another_i
         "or JSONL of path,label) with --train-labels"]
 
 
+def test_val_classes_that_are_folders_of_training_classes_are_named_with_the_fix():
+    """A new user's probe (2026-12-07): val/Boots/ against train/Boots/sub0/ was refused with only "e.g. Boots" and the
+    advice to use eval recall."""
+    options = "--train-labels and --val-labels"
+    assert nested_split_hint(["Boots/sub0", "Boots/sub1", "Shoes/a"], ["Boots", "Shoes"], options) == (
+        "the val class Boots is a folder holding the training classes Boots/sub0 and Boots/sub1 (2 val classes are "
+        "such folders), as each image's own folder is its class; to compare them as one class, give labels files "
+        "(CSV or JSONL of path,label) with --train-labels and --val-labels")
+    assert nested_split_hint(["a/x", "a/y", "a/z"], ["a"], options).startswith(
+        "the val class a is a folder holding the training classes a/x, a/y and 1 more,")
+    assert nested_split_hint(["Boots"], ["Boots/sub0", "Boots/sub1"], options).startswith(
+        "the val class Boots/sub0 lies inside the training class folder Boots (2 val classes lie inside training class "
+        "folders), as each")
+    assert nested_split_hint(["cat", "dog"], ["cow", "cat/x/y"], options).startswith(
+        "the val class cat/x/y lies inside the training class folder cat,")
+    assert nested_split_hint(["cat", "dog"], ["cow", "bird"], options) == ""
+
+
+def test_knn_of_nested_folders_names_the_training_classes_and_the_images_folder(tmp_path, capsys, caplog):
+    """The probe's tree: train/Boots/sub0, train/Boots/sub1 and val/Boots; the note on a class folder beside its
+    sub-folders named the features' cache folder, not the images folder the user gave."""
+    write_feature_folder(tmp_path / "train", [f"Boots/sub{s}/{j}.png" for s in (0, 1) for j in range(2)]
+                         + ["Shoes/1.png", "Shoes/x/2.png"], torch.randn(6, 8), input_root=tmp_path / "images" / "train")
+    write_feature_folder(tmp_path / "val", ["Boots/0.png", "Boots/1.png", "Sandals/2.png"], torch.randn(3, 8),
+                         input_root=tmp_path / "images" / "val")
+    with caplog.at_level(logging.WARNING, logger="mlsctl"):
+        code, _, err = cli("eval", "knn", "--train", str(tmp_path / "train"), "--val", str(tmp_path / "val"),
+                           capsys=capsys)
+    assert code == 2, err
+    assert ("none of the 2 val classes occurs in training (e.g. Boots; training has Boots/sub0): the val class Boots "
+            "is a folder holding the training classes Boots/sub0 and Boots/sub1") in err
+    assert "--train-labels and --val-labels" in err and "eval recall" not in err
+    notes = [r.getMessage() for r in caplog.records]
+    assert any(n.startswith(f"train images {tmp_path / 'images' / 'train'}: the images in Shoes/ and those in Shoes/x/")
+               for n in notes), notes
+
+
+def test_every_default_of_class_labels_says_the_same_rule(capsys):
+    """The docs and help said "folder names", "sub-folder name" and "each file's folder"; results recorded
+    "folder names" (a new user's probe, 2026-12-07)."""
+    for args in (("eval", "knn"), ("eval", "linear"), ("eval", "recall"), ("refine", "train"), ("refine", "plot")):
+        code, out, _ = cli(*args, "--help", capsys=capsys)
+        assert code == 0 and "folder names" not in out and "each file's folder" not in out, args
+        assert FOLDER_LABELS in " ".join(out.replace("│", " ").split()), args
+    for doc in ("README.md", "docs/commands.md", "docs/formats.md", "docs/recipes.md", "docs/datasets.md"):
+        text = (REPO / doc).read_text()
+        assert "folder names" not in text.replace("features folder name", "") and "sub-folder name" not in text, doc
+
+
 def test_the_old_names_still_import():
     from mlsctl.evaluate import knn, linear
     from mlsctl.methods import ms
@@ -292,3 +341,21 @@ def test_a_tags_file_given_as_class_labels_says_to_add_multi_label(tmp_path):
         (tmp_path / "s.jsonl").write_text(json.dumps(record) + "\n")
         with pytest.raises(UserError, match="add --multi-label"):
             read_labels_file(tmp_path / "s.jsonl")
+
+
+def test_the_imagenet_preset_takes_the_folder_under_the_split_and_says_where_images_lie_deeper(tmp_path, caplog):
+    """--dataset imagenet reads ImageNet's definition (the folder under train/), which the docs called "folder name"
+    like the folders' own rule: it stays, and a deeper image is said with the other way (a new user's probe)."""
+    from mlsctl.data.datasets import open_split
+
+    for name in ("train/Boots/sub0/1.png", "train/Boots/sub1/2.png", "train/Shoes/3.png", "val/Boots/4.png"):
+        (tmp_path / "inet" / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "inet" / name)
+    with caplog.at_level(logging.WARNING, logger="mlsctl"):
+        train = open_split("imagenet", tmp_path / "inet", "train")
+        open_split("imagenet", tmp_path / "inet", "val")
+    assert sorted(set(train.labels)) == ["Boots", "Shoes"]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{tmp_path / 'inet' / 'train'}: 2 images lie below their class folder (e.g. Boots/sub0/1.png, of the class "
+        f"Boots): --dataset imagenet takes the folder under the split as the class, as ImageNet does; give "
+        f"--train/--val folders instead to make each image's own folder its class"]

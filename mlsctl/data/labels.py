@@ -42,6 +42,9 @@ from typing import Callable, Optional, Sequence
 from mlsctl.errors import UserError
 
 JSON_SUFFIXES = (".jsonl", ".json")
+# the class of an image where no labels file is given, as results record it and the options' help says it: "folder
+# names" read as the last folder's name, which two parents may share (a new user's probe, 2026-12-07)
+FOLDER_LABELS = "each image's own folder, however deep"
 
 
 def read_text_file(path: Path, what: str) -> str:
@@ -217,7 +220,7 @@ def _by_location(table: dict[str, str], labels_file: Path) -> dict[str, str]:
 
 def labels_of(files: Sequence[str], root: Path, labels_file: Optional[Path], what: str,
               option: str = "a labels file option") -> list[str]:
-    """The label of each file (relative to ``root``): its folder name, or its row of ``labels_file``
+    """The label of each file (relative to ``root``): its own folder (however deep), or its row of ``labels_file``
     (keyed by the relative or the absolute path); ``option`` names where the user gives that file."""
     if labels_file is None:
         names = [Path(f).parent.as_posix() for f in files]
@@ -264,6 +267,34 @@ def nested_class_notes(names: Sequence[str], what: str, option: str) -> list[str
     return [f"{what}: the images in {outer}/ and those in {inner}/ are two classes, as each image's own folder "
             f"is its class{more}; to put them in one class, give a labels file (CSV or JSONL of path,label) with "
             f"{option}"]
+
+
+def nested_split_hint(train: Sequence[str], val: Sequence[str], options: str) -> str:
+    """Why val classes none of which training holds may be the same objects: a val class folder that holds
+    training class folders (``val/Boots/`` against ``train/Boots/sub0/``), or one inside a training class folder;
+    "" where none is. Each image's own folder is its class, so the two splits name such classes apart, and the fix
+    is labels files (``options``), not another evaluation."""
+    train_set, val_set = set(train), set(val)
+    holding: dict[str, list[str]] = {}  # a folder → the training classes inside it
+    for name in sorted(train_set):
+        for parent in map(str, PurePosixPath(name).parents):
+            holding.setdefault(parent, []).append(name)
+    unseen = sorted(val_set - train_set)
+    holders = [v for v in unseen if v in holding]
+    inside = [(v, t) for v in unseen for t in map(str, PurePosixPath(v).parents) if t in train_set]
+    if holders:
+        example, held = holders[0], holding[holders[0]]
+        shown = " and ".join(held) if len(held) <= 2 else f"{held[0]}, {held[1]} and {len(held) - 2} more"
+        count = f" ({len(holders)} val classes are such folders)" if len(holders) > 1 else ""
+        where = f"the val class {example} is a folder holding the training classes {shown}{count}"
+    elif inside:
+        (example, outer), count = inside[0], len({v for v, _ in inside})
+        more = f" ({count} val classes lie inside training class folders)" if count > 1 else ""
+        where = f"the val class {example} lies inside the training class folder {outer}{more}"
+    else:
+        return ""
+    return (f"{where}, as each image's own folder is its class; to compare them as one class, give labels files "
+            f"(CSV or JSONL of path,label) with {options}")
 
 
 def class_ids(names: list[str], what: str):

@@ -224,8 +224,8 @@ def evaluate_linear(train_features, val_features, *, labels: Optional[Path] = No
             y_val[row, [lookup[t] for t in tags if t in lookup]] = 1
         unseen = sorted({t for tags in val_tags for t in tags} - set(classes))
     else:
-        train_names = labels_for(train_features, labels, "train features", "--train-labels")
-        val_names = labels_for(val_features, val_labels, "val features", "--val-labels")
+        train_names = labels_for(train_features, labels, "train", "--train-labels")
+        val_names = labels_for(val_features, val_labels, "val", "--val-labels")
         classes = sorted(set(train_names))
         lookup = {c: i for i, c in enumerate(classes)}
         y_train = torch.tensor([lookup[c] for c in train_names])
