@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import sys
@@ -127,6 +128,59 @@ def test_tags_read_scenes_items_and_allow_an_image_without_tags(tmp_path):
 def test_an_object_has_as_many_rows_as_images_in_file_order(tmp_path):
     path = write(tmp_path / "o.csv", "object_id,path\nx,a/0.png\ny,a/3.png\nx,b/1.png\n")
     assert read_objects_file(path) == [("x", "a/0.png"), ("y", "a/3.png"), ("x", "b/1.png")]
+
+
+def test_paths_as_find_and_macos_write_them_and_relative_to_an_objects_file_name_the_images(tmp_path):
+    """A new user's probe (2026-12-07): ``./`` paths (``find .``) and decomposed Unicode (macOS's é) had "no label";
+    method.objects_file refused paths relative to its own folder, which labels files accept."""
+    import unicodedata
+
+    from mlsctl.data.images import ImageFolder
+    from mlsctl.data.objects import find_objects
+
+    files = ["café/1.png", "tea/2.png"]
+    nfd = unicodedata.normalize("NFD", "café")
+    write(tmp_path / "dot.csv", f"./{nfd}/1.png,a\n./tea/./2.png,b\n")
+    assert labels_of(files, tmp_path, tmp_path / "dot.csv", "x") == ["a", "b"]
+    write(tmp_path / "both.csv", f"{nfd}/1.png,a\ncafé/1.png,b\ntea/2.png,b\n")  # one image, two labels
+    with pytest.raises(UserError, match=r"labels .*café/1.png twice, as 'a' \(.*\) and 'b' \(café/1.png\)"):
+        labels_of(files, tmp_path, tmp_path / "both.csv", "x")
+    # an objects file beside img/, as a labels file may lie
+    for name in ("img/WOMEN/id_1/a.png", "img/WOMEN/id_1/b.png", "img/MEN/id_2/c.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    folder = ImageFolder(tmp_path / "img")
+    write(tmp_path / "objects.csv", "object_id,path\nw,img/WOMEN/id_1/a.png\nw,./img/WOMEN/id_1/b.png\nm,MEN/id_2/c.png\n")
+    assert [(o.object_id, [folder.relpath(r) for r in o.rows]) for o in find_objects(folder, tmp_path / "objects.csv")] == [
+        ("m", ["MEN/id_2/c.png"]), ("w", ["WOMEN/id_1/a.png", "WOMEN/id_1/b.png"])]
+    write(tmp_path / "twice.csv", "w,WOMEN/id_1/a.png\nv,./WOMEN/id_1/a.png\n")
+    with pytest.raises(UserError, match=r"lists the image WOMEN/id_1/a.png twice, as WOMEN/id_1/a.png and "
+                                        r"./WOMEN/id_1/a.png; give each image one row"):
+        find_objects(folder, tmp_path / "twice.csv")
+    write(tmp_path / "elsewhere.csv", "w,other/a.png\n")
+    with pytest.raises(UserError, match=r"lists other/a.png, which is not an image under .*img; its paths are read "
+                                        r"relative to the images folder .*img, then to the objects file's folder"):
+        find_objects(folder, tmp_path / "elsewhere.csv")
+
+
+def test_pandas_index_utf16_exports_and_swapped_object_columns_are_read_or_said(tmp_path):
+    """A new user's probe (2026-12-07): pandas' to_csv (",path,label") had "an empty path", an Excel UTF-16 export
+    was "not UTF-8 text", and an objects file of path,object_id said "lists id_1 again"."""
+    pandas = "\n".join([",path,label", "0,cat/1.png,cat", "1,dog/2.png,dog"]) + "\n"
+    assert read_labels_file(write(tmp_path / "pandas.csv", pandas)) == {"cat/1.png": "cat", "dog/2.png": "dog"}
+    objects = "\n".join([",object_id,path", "0,o1,a.png", "1,o1,b.png"]) + "\n"
+    assert read_objects_file(write(tmp_path / "pandas_objects.csv", objects)) == [("o1", "a.png"), ("o1", "b.png")]
+    for encoding in ("utf-16-le", "utf-16-be"):
+        bom = "\ufeff".encode(encoding)
+        path = write(tmp_path / "excel.csv", bom + "path,label\r\ncafé/1.png,cat\r\n".encode(encoding))
+        assert read_labels_file(path) == {"café/1.png": "cat"}, encoding
+    with pytest.raises(UserError, match=r"excel.csv is not UTF-16 text with damaged characters; give a CSV or JSONL"):
+        read_labels_file(write(tmp_path / "excel.csv", codecs.BOM_UTF16_LE + "\ud800x".encode("utf-16-le", "surrogatepass")))
+    swapped = write(tmp_path / "swapped.csv", "img/id_1/a.jpg,id_1\nimg/id_1/b.jpg,id_1\n")
+    with pytest.raises(UserError, match=r"swapped.csv:1 starts with the image img/id_1/a.jpg and then id_1: the columns "
+                                        r"are object_id,path; swap them"):
+        read_objects_file(swapped)
+    assert read_objects_file(write(tmp_path / "ids.csv", "a.jpg.d,img/b.jpg\n")) == [("a.jpg.d", "img/b.jpg")]
 
 
 def test_labels_of_folders_or_a_file_and_class_ids(tmp_path):

@@ -4,7 +4,8 @@ An *object* is an id with a list of image files. :func:`find_objects` reads them
 
 * a folder per object: ``ROOT/<object_id>/*.jpg`` (any image type :func:`find_images` knows), or
 * a CSV (``object_id,path``, header optional) or JSONL (``{"object_id": ..., "path": ...}``) file
-  whose paths are relative to ``root``.
+  whose paths are relative to ``root``, absolute, or relative to the file's own folder, as a labels
+  file's (:class:`mlsctl.data.labels.ImagePaths`).
 
 :class:`ObjectSetDataset` draws, for every (epoch, object), a set of ``set_length`` images of the
 object afresh (seeded by seed, epoch and object, so resume and multi-process runs are exact):
@@ -26,7 +27,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mlsctl.data.images import ImageFolder
-from mlsctl.data.labels import read_objects_file
+from mlsctl.data.labels import ImagePaths, read_objects_file
 from mlsctl.data.loader import ResizedImages, load_or_next, map_tensors, sample_seed
 from mlsctl.data.multicrop import MultiCrop, normalize_on_device
 from mlsctl.errors import UserError
@@ -42,7 +43,7 @@ def find_objects(folder: ImageFolder, objects_file: Optional[str | os.PathLike] 
     """Objects of ``folder`` (its images grouped by the folder under the root they are in,
     ``ROOT/<object_id>/...``, sub-folders included, as galleries and ``eval retrieval`` group them:
     :func:`mlsctl.gallery.object_folders`), or as ``objects_file`` lists them (paths relative to the
-    folder's root), in a stable order."""
+    folder's root or to the file's folder, or absolute), in a stable order."""
     rows_of = {folder.relpath(i): i for i in range(len(folder))}
     groups: dict[str, list[int]] = {}
     if objects_file is None:
@@ -56,11 +57,15 @@ def find_objects(folder: ImageFolder, objects_file: Optional[str | os.PathLike] 
         path = Path(objects_file)
         if not path.is_file():
             raise UserError(f"method.objects_file {path} does not exist; give a CSV or JSONL of object_id,path")
+        paths, listed = ImagePaths(list(rows_of), folder.root, path, "objects file"), {}
         for object_id, relpath in read_objects_file(path):
-            key = Path(relpath).as_posix()
-            if key not in rows_of:
-                raise UserError(f"{path} lists {relpath}, which is not an image under {folder.root}")
-            groups.setdefault(object_id, []).append(rows_of[key])
+            found = paths.find(relpath)
+            if found is None:
+                raise UserError(f"{path} lists {relpath}, which is not an image under {folder.root}; {paths.where()}")
+            if listed.setdefault(found, relpath) != relpath:  # a.jpg and ./a.jpg: one image, put twice into a set
+                raise UserError(f"{path} lists the image {found} twice, as {listed[found]} and {relpath}; give each "
+                                f"image one row")
+            groups.setdefault(object_id, []).append(rows_of[found])
     return [ObjectImages(object_id, sorted(rows)) for object_id, rows in sorted(groups.items())]
 
 
