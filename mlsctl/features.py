@@ -261,7 +261,7 @@ def embed_folder(images: str | os.PathLike, out: str | os.PathLike, model, *, de
     into the feature folder ``out``; see the module docstring for the format and resume rules
     (``refresh``: :func:`embed_listing`'s)."""
     from mlsctl.data.archive import Tree
-    from mlsctl.data.images import require_images, scan_images
+    from mlsctl.data.images import NOT_AN_IMAGE, require_images, scan_images
 
     images = Path(images)
     check_outside_images_folder(out, images)
@@ -269,7 +269,7 @@ def embed_folder(images: str | os.PathLike, out: str | os.PathLike, model, *, de
     scan = scan_images(images, "image folder")
     require_images(scan, "image folder")
     relpaths = [f.relative_to(images).as_posix() for f in scan.files]
-    not_images = [[p.relative_to(images).as_posix(), f"not an image file (extension {p.suffix or 'none'})"]
+    not_images = [[p.relative_to(images).as_posix(), f"{NOT_AN_IMAGE}{p.suffix or 'none'})"]
                   for p in scan.others] + [list(item) for item in scan.skipped]
     contents = contents_sha256(relpaths, scan.file_stats)
     scan.file_stats = []  # 1.28 M tuples need not live through the embed
