@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import importlib
 import logging
 import os
 import re
@@ -72,7 +73,7 @@ def _register_plugins() -> None:
         pillow_heif.register_heif_opener()
     if ".avif" not in Image.registered_extensions():
         with contextlib.suppress(ImportError):
-            import pillow_avif  # noqa: F401 - registers the AVIF plugin
+            importlib.import_module("pillow_avif")  # registers the AVIF plugin
 
 
 def _image_extensions() -> tuple[str, ...]:
