@@ -147,8 +147,9 @@ def accuracy(scores: torch.Tensor, labels: torch.Tensor, top: int) -> Optional[f
 def labels_for(features, labels_file, what: str, option: str = "a labels option") -> list[str]:
     """The label of each row of a feature folder: from its images' own folders, a labels file, or the
     split of a benchmark it was embedded from (:class:`mlsctl.data.datasets.ClassificationSplit`). Its
-    notes and refusals name the images folder, where the labels' paths are read from: the features of a
-    folder of images lie in a cache folder the user never named (a new user's probe, 2026-12-07)."""
+    notes and refusals name the images folder (``what``: whose, such as ``train``, or ""), where the labels'
+    paths are read from: the features of a folder of images lie in a cache folder the user never named (a new
+    user's probe, 2026-12-07)."""
     from mlsctl.data.datasets import ClassificationSplit
 
     if isinstance(labels_file, ClassificationSplit):
