@@ -282,7 +282,7 @@ class ImagePaths:
 def labels_of(files: Sequence[str], root: Path, labels_file: Optional[Path], what: str,
               option: str = "a labels file option") -> list[str]:
     """The label of each file (relative to ``root``): its own folder (however deep), or its row of ``labels_file``
-    (keyed by the relative or the absolute path); ``option`` names where the user gives that file."""
+    (keyed by paths as :class:`ImagePaths` reads them); ``option`` names where the user gives that file."""
     if labels_file is None:
         names = [Path(f).parent.as_posix() for f in files]
         if any(n in ("", ".") for n in names):
