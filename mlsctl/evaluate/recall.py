@@ -138,7 +138,7 @@ def recall_at_k(embeddings: torch.Tensor, labels: torch.Tensor, ks: Optional[Seq
 
 
 def evaluate_recall(features, labels_file: Optional[Path] = None, ks: Optional[Sequence[int]] = None) -> dict:
-    """Recall@K of a feature folder (labels from the files' folders or a labels file)."""
+    """Recall@K of a feature folder (labels from the images' own folders or a labels file)."""
     from mlsctl.data.labels import FOLDER_LABELS, class_ids
     from mlsctl.evaluate.knn import labels_for
 
