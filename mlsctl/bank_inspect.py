@@ -288,7 +288,8 @@ def entry_colours(bank: MemoryBank, name: str, slots: torch.Tensor, color_by: st
     the write), ``label`` (the ``label`` payload), ``source`` (the source image, named by its path under ``data.root``),
     the path of a labels file (CSV ``path,label`` or JSONL ``{"path", "label"}``, read by
     :func:`mlsctl.data.labels.read_labels_file`) whose paths are the source images as the run's
-    images.txt lists them (relative to ``data.root``), absolute paths, or ``image_id`` numbers, or a
+    images.txt lists them (relative to ``data.root``; read as :class:`mlsctl.data.labels.ImagePaths` reads them),
+    absolute paths, or ``image_id`` numbers, or a
     folder of segmentation masks (:func:`mask_colours`: each entry's own class, for banks of regions).
     Entries whose image the file does not list are grey and counted in ``missing``; a file that
     labels none of them is refused. A labels file labels whole images: a bank of regions (objects,
@@ -326,17 +327,21 @@ def entry_colours(bank: MemoryBank, name: str, slots: torch.Tensor, color_by: st
         return EntryColours(image_ids, "label", "source image", names, other_name="images")
     if path.is_dir():
         return mask_colours(payload, name, path, [relpath(i) for i in image_ids.tolist()])
-    from mlsctl.data.labels import read_labels_file
+    from mlsctl.data.labels import ImagePaths, read_labels_file
 
     # bank plot has no --multi-label (a new user's run-through, 2026-12-06: the hint said to add it)
     table = read_labels_file(path, "bank plot colours one label per image: give a path,label file (fmnist-scenes: "
                                    "train/labels.csv)")
     root = sources.root if sources is not None else None
-    found = []
+    found, by_file = [], None
     for image_id in image_ids.tolist():
         rel = relpath(image_id)
         keys = ([rel, str(root / rel)] if rel is not None else []) + [str(image_id)]
-        found.append(next((table[k] for k in keys if k in table), None))
+        label = next((table[k] for k in keys if k in table), None)
+        if label is None and rel is not None:  # ./ paths, decomposed Unicode, the file's own folder: as labels_of
+            by_file = by_file if by_file is not None else ImagePaths(relpaths, root, path).rows(table)
+            label = by_file.get(rel)
+        found.append(label)
     classes = sorted({label for label in found if label is not None})
     if not classes:
         example = relpath(int(image_ids[0])) or str(int(image_ids[0]))

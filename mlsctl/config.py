@@ -27,7 +27,7 @@ import sys
 import types
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, Optional, Sequence, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -251,8 +251,8 @@ class MonitorConfig:
     train: Optional[str] = param(None, help="labelled images the k-NN memory is built from (a folder per class, or "
                                             "train_labels)", path=True)
     val: Optional[str] = param(None, help="labelled images that are classified (and segmented)", path=True)
-    train_labels: Optional[str] = param(None, help="CSV/JSONL of path,label for train [default: folder names]", path=True)
-    val_labels: Optional[str] = param(None, help="CSV/JSONL of path,label for val [default: folder names]", path=True)
+    train_labels: Optional[str] = param(None, help="CSV/JSONL of path,label for train [default: each image's own folder, however deep]", path=True)
+    val_labels: Optional[str] = param(None, help="CSV/JSONL of path,label for val [default: each image's own folder, however deep]", path=True)
     train_masks: Optional[str] = param(None, help="label masks of train: adds knn-seg mIoU", path=True)
     val_masks: Optional[str] = param(None, help="label masks of val", path=True)
     k: int = param(20, help="neighbours of the k-NN classifier", ge=1)
@@ -982,6 +982,37 @@ def absolute_paths(obj: Any) -> Any:
         elif f.metadata.get("path") and isinstance(value, str) and value:
             changes[f.name] = os.path.abspath(os.path.expanduser(value))
     return dataclasses.replace(obj, **changes)
+
+
+def path_values(obj: Any, prefix: str = "") -> list[tuple[str, str]]:
+    """(dotted key, value) of every set path field (``param(path=True)``) of a recipe or schema dataclass."""
+    found = []
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if is_dataclass(value):
+            found += path_values(value, f"{prefix}{f.name}.")
+        elif f.metadata.get("path") and isinstance(value, str) and value:
+            found.append((f"{prefix}{f.name}", value))
+    return found
+
+
+def check_paths_beside_recipe(recipe: Any, recipe_file: str | Path, overridden: Sequence[str] = ()) -> None:
+    """Refuse a relative path of the recipe file that names nothing from the current folder, which relative
+    paths are read from, but something beside the recipe: ``data.root: inshop/img`` in /tmp/probe22/my.yaml
+    run from /tmp was "/tmp/inshop/img does not exist; check the path" (a new user's probe, 2026-12-07). A
+    path given on the command line (``overridden``) is the shell's, read from the current folder as typed."""
+    import os
+
+    folder = Path(recipe_file).parent
+    if not Path(recipe_file).is_file() or folder.resolve() == Path.cwd().resolve():
+        return
+    for key, value in path_values(recipe):
+        path = os.path.expanduser(value)
+        if key in overridden or os.path.isabs(path) or os.path.exists(path) or not (folder / path).exists():
+            continue
+        raise UserError(f"{recipe_file}: {key} {value} does not exist in the current folder {Path.cwd()}, which "
+                        f"relative paths are read from; {folder.resolve() / path} exists beside the recipe: run from "
+                        f"{folder.resolve()} or give an absolute path")
 
 
 def to_dict(recipe: Any) -> dict:

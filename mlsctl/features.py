@@ -263,7 +263,7 @@ def embed_folder(images: str | os.PathLike, out: str | os.PathLike, model, *, de
     (``refresh``: :func:`embed_listing`'s). ``listed``: a file naming the images to embed, and no
     others (a split file: :func:`mlsctl.data.labels.listed_files`; ``listed_what`` names its option)."""
     from mlsctl.data.archive import Tree
-    from mlsctl.data.images import require_images, scan_images
+    from mlsctl.data.images import NOT_AN_IMAGE, require_images, scan_images
 
     images = Path(images)
     check_outside_images_folder(out, images)
@@ -271,7 +271,7 @@ def embed_folder(images: str | os.PathLike, out: str | os.PathLike, model, *, de
     scan = scan_images(images, "image folder")
     require_images(scan, "image folder")
     relpaths = [f.relative_to(images).as_posix() for f in scan.files]
-    not_images = [[p.relative_to(images).as_posix(), f"not an image file (extension {p.suffix or 'none'})"]
+    not_images = [[p.relative_to(images).as_posix(), f"{NOT_AN_IMAGE}{p.suffix or 'none'})"]
                   for p in scan.others] + [list(item) for item in scan.skipped]
     if listed is not None:  # the listed images only; what is not listed is not the embed's to report
         from mlsctl.data.labels import listed_files

@@ -11,7 +11,7 @@ folder are decoded once, at the start, resized square to the model's img_size) a
   val images with every train patch as memory (the ``eval knn-seg`` label transfer: soft patch
   labels, 30 neighbours by default, softmax(cos/0.02), bilinear upsampling, streaming mIoU).
 
-Labels are folder names or label files, as for ``eval knn``. The monitor never draws from the
+Labels are each image's own folder (however deep) or label files, as for ``eval knn``. The monitor never draws from the
 training's random streams (it runs inside ``torch.random.fork_rng`` and touches no data loader),
 so a run with and without it has identical losses; its seconds are logged as ``time/monitor``.
 """

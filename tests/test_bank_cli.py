@@ -303,6 +303,24 @@ def test_colour_by_source_names_each_image_by_its_path_under_the_data_root():
     assert colours.names == {0: "scenes/01.png", 1: "products/01.png"}
 
 
+def test_colour_by_a_labels_file_reads_its_paths_as_labels_files_are_read(tmp_path):
+    """A new user's probe (2026-12-07): ``./`` paths (``find .``) and decomposed Unicode (macOS) had no label;
+    bank plot's own lookup matched them as literally as labels_of did, and a file beside images/ not at all."""
+    import unicodedata
+    from types import SimpleNamespace
+
+    from mlsctl.bank_inspect import entry_colours
+
+    bank = MemoryBank(4, 8, {"image_id": Column()})
+    bank.enqueue(torch.randn(3, 8, generator=torch.Generator().manual_seed(0)), step=1, gather=False,
+                 image_id=torch.tensor([0, 1, 2]))
+    sources = SimpleNamespace(relpaths=["café/1.png", "tea/2.png", "tea/3.png"], root=tmp_path / "images")
+    labels = tmp_path / "labels.csv"
+    labels.write_text(f"./{unicodedata.normalize('NFD', 'café')}/1.png,a\nimages/tea/2.png,b\n")
+    colours = entry_colours(bank, "b", bank.written_order(), str(labels), 2, sources)
+    assert [colours.names.get(v) for v in colours.values.tolist()] == ["a", "b", None] and colours.missing == 1
+
+
 def _scenes_split(root: Path) -> Path:
     """A split in the fmnist-scenes layout (SPLIT/images, SPLIT/masks, meta.json above), two 16 x 16 scenes:
     scene 0 a t-shirt left and a trouser right; scene 1 background under 4 ignored rows. Its labels.csv labels

@@ -8,7 +8,7 @@ import yaml
 from mlsctl import config, registry
 from mlsctl.config import ConfigError
 
-from conftest import REPO, run_cli, tiny_recipe, write_recipe
+from conftest import REPO, cli, make_images, run_cli, tiny_recipe, write_recipe
 
 
 def error_of(data, overrides=()) -> str:
@@ -465,3 +465,23 @@ def test_pretrain_says_a_repeated_key_and_not_a_mapping_of_its_own_method(tmp_pa
     assert code == 2 and "does not exist" in err  # the notes come first
     assert "note: optim.lr is given 2 times (optim.lr=1e-3, optim.lr=2e-3); the last one, optim.lr=2e-3, counts" in err
     assert "set_length" not in err  # the recipe's own method: merged, nothing lost
+
+
+def test_a_relative_path_found_beside_the_recipe_but_not_here_names_both_folders(tmp_path, capsys):
+    """A new user's probe (2026-12-07): ``data.root: inshop/img`` in a recipe beside inshop/, run from another
+    folder, was "/tmp/inshop/img does not exist; check the path"."""
+    make_images(tmp_path / "exp" / "imgs", 4)
+    recipe = write_recipe(tmp_path / "exp" / "r.yaml", tiny_recipe(Path("imgs")))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    code, _, err = cli("pretrain", str(recipe), "--out", str(tmp_path / "run"), cwd=elsewhere, capsys=capsys)
+    assert code == 2 and (f"{recipe}: data.root imgs does not exist in the current folder {elsewhere}, which relative "
+                          f"paths are read from; {tmp_path / 'exp' / 'imgs'} exists beside the recipe: run from "
+                          f"{tmp_path / 'exp'} or give an absolute path") in err, err
+    assert not (tmp_path / "run").exists()
+    # typed on the command line, the path is the shell's: the folder's own sentence, with the rule
+    code, _, err = cli("pretrain", str(recipe), "data.root=imgs", "--out", str(tmp_path / "run"), cwd=elsewhere,
+                       capsys=capsys)
+    assert code == 2 and (f"data.root {elsewhere / 'imgs'} does not exist; check the path (relative paths are read "
+                          f"from the current folder, {elsewhere})") in err, err
+    assert [key for key, _ in config.path_values(config.load_recipe(str(recipe)))] == ["data.root"]

@@ -1698,7 +1698,8 @@ def test_26_every_imported_package_is_declared():
     declared = {re.split(r"[<>=!~ \[]", d, maxsplit=1)[0].lower().replace("_", "-")
                 for d in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]}
     distribution = {"PIL": "pillow", "yaml": "pyyaml", "faiss": "faiss-cpu", "huggingface_hub": "huggingface-hub"}
-    optional = {"sklearn"}  # guarded by ImportError, with the fallback documented
+    optional = {"sklearn",  # guarded by ImportError, with the fallback documented
+                "pillow_heif"}  # read where installed (HEIC photos); said where missing, with the package to install
     imported = set()
     for path in (REPO / "mlsctl").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):

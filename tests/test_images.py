@@ -3,6 +3,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -258,3 +259,43 @@ def test_a_typo_under_a_built_benchmark_is_no_call_to_build_it(tmp_path: Path):
     (tmp_path / "data" / "fmnist-scenes" / "val" / "images").mkdir(parents=True)
     with pytest.raises(UserError, match="does not exist; check the path"):
         find_images(tmp_path / "data" / "fmnist-scenes" / "val" / "imagess")
+
+
+def test_files_that_are_not_images_are_one_line_and_heic_photos_name_their_plugin(tmp_path, finished_run, capsys,
+                                                                                    monkeypatch):
+    """A new user's probe (2026-12-07): embed said each of 300 annotation files on a line of its own and pretrain
+    none; a phone's .HEIC photos were "not an image file" and "no images (bmp, gif, ...)". Both say one line now,
+    naming the plugin HEIC needs (pillow-heif, which mlsctl registers where it is installed)."""
+    import sys
+    import types
+
+    from conftest import cli, make_images
+    from mlsctl.data import images as images_module
+    from mlsctl.data.images import IMAGE_EXTENSIONS, require_images, scan_images
+
+    if ".heic" in IMAGE_EXTENSIONS:
+        pytest.skip("pillow-heif is installed here: HEIC photos are images")
+    images = make_images(tmp_path / "images", 3, size=(32, 32))
+    for i in range(30):
+        (images / f"ann_{i:02d}.txt").write_text("a box\n")
+    (images / "sub" / "phone.HEIC").write_bytes(b"\0\0\0\x18ftypheic" + bytes(16))
+    (images / "Thumbs.db").write_bytes(b"\0")  # a file browser's, and no one's file
+    hint = "HEIC photos need a Pillow plugin: pip install pillow-heif (mlsctl reads them once it is installed)"
+    note = f"left out 31 files that are not images (30 .txt, 1 .heic; e.g. ann_00.txt); {hint}"
+    assert scan_images(images).notes("data.root") == [f"data.root {images}: {note}"]  # pretrain's notes
+    code, _, err = cli("embed", str(images), "--run", str(finished_run[0]), "--out", str(tmp_path / "f"), capsys=capsys)
+    assert code == 0 and err.count("left out 31 files") == 1 and "ann_01" not in err, err
+    code, out, err = cli("embed", str(images), "--run", str(finished_run[0]), "--out", str(tmp_path / "f"),
+                         capsys=capsys)  # reused: the scan's line is not said, the manifest's is
+    assert code == 0 and "already holds" in out and err.count(note) == 1 and "ann_01" not in err, err
+    with pytest.raises(BadImage, match=re.escape(f"not an image file Pillow here reads: {hint}")):
+        load_rgb(images / "sub" / "phone.HEIC")
+    heic_only = tmp_path / "phone"
+    heic_only.mkdir()
+    (heic_only / "a.heic").write_bytes(b"\0")
+    with pytest.raises(UserError, match=re.escape(f"image folder {heic_only} contains no images Pillow here reads; {hint}")):
+        require_images(scan_images(heic_only), "image folder")
+    registered = []
+    monkeypatch.setitem(sys.modules, "pillow_heif", types.SimpleNamespace(register_heif_opener=lambda: registered.append(1)))
+    images_module._register_plugins()
+    assert registered == [1]

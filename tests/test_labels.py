@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import sys
@@ -13,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mlsctl.data.labels import (class_ids, labels_of, read_labels_file, read_multi_labels, read_objects_file,
-                                read_text_file)
+from mlsctl.data.labels import (FOLDER_LABELS, class_ids, labels_of, nested_split_hint, read_labels_file,
+                                read_multi_labels, read_objects_file, read_text_file)
 from mlsctl.errors import UserError
 from conftest import REPO, cli, make_images, tiny_recipe, write_feature_folder, write_recipe
 
@@ -129,6 +130,59 @@ def test_an_object_has_as_many_rows_as_images_in_file_order(tmp_path):
     assert read_objects_file(path) == [("x", "a/0.png"), ("y", "a/3.png"), ("x", "b/1.png")]
 
 
+def test_paths_as_find_and_macos_write_them_and_relative_to_an_objects_file_name_the_images(tmp_path):
+    """A new user's probe (2026-12-07): ``./`` paths (``find .``) and decomposed Unicode (macOS's é) had "no label";
+    method.objects_file refused paths relative to its own folder, which labels files accept."""
+    import unicodedata
+
+    from mlsctl.data.images import ImageFolder
+    from mlsctl.data.objects import find_objects
+
+    files = ["café/1.png", "tea/2.png"]
+    nfd = unicodedata.normalize("NFD", "café")
+    write(tmp_path / "dot.csv", f"./{nfd}/1.png,a\n./tea/./2.png,b\n")
+    assert labels_of(files, tmp_path, tmp_path / "dot.csv", "x") == ["a", "b"]
+    write(tmp_path / "both.csv", f"{nfd}/1.png,a\ncafé/1.png,b\ntea/2.png,b\n")  # one image, two labels
+    with pytest.raises(UserError, match=r"labels .*café/1.png twice, as 'a' \(.*\) and 'b' \(café/1.png\)"):
+        labels_of(files, tmp_path, tmp_path / "both.csv", "x")
+    # an objects file beside img/, as a labels file may lie
+    for name in ("img/WOMEN/id_1/a.png", "img/WOMEN/id_1/b.png", "img/MEN/id_2/c.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    folder = ImageFolder(tmp_path / "img")
+    write(tmp_path / "objects.csv", "object_id,path\nw,img/WOMEN/id_1/a.png\nw,./img/WOMEN/id_1/b.png\nm,MEN/id_2/c.png\n")
+    assert [(o.object_id, [folder.relpath(r) for r in o.rows]) for o in find_objects(folder, tmp_path / "objects.csv")] == [
+        ("m", ["MEN/id_2/c.png"]), ("w", ["WOMEN/id_1/a.png", "WOMEN/id_1/b.png"])]
+    write(tmp_path / "twice.csv", "w,WOMEN/id_1/a.png\nv,./WOMEN/id_1/a.png\n")
+    with pytest.raises(UserError, match=r"lists the image WOMEN/id_1/a.png twice, as WOMEN/id_1/a.png and "
+                                        r"./WOMEN/id_1/a.png; give each image one row"):
+        find_objects(folder, tmp_path / "twice.csv")
+    write(tmp_path / "elsewhere.csv", "w,other/a.png\n")
+    with pytest.raises(UserError, match=r"lists other/a.png, which is not an image under .*img; its paths are read "
+                                        r"relative to the images folder .*img, then to the objects file's folder"):
+        find_objects(folder, tmp_path / "elsewhere.csv")
+
+
+def test_pandas_index_utf16_exports_and_swapped_object_columns_are_read_or_said(tmp_path):
+    """A new user's probe (2026-12-07): pandas' to_csv (",path,label") had "an empty path", an Excel UTF-16 export
+    was "not UTF-8 text", and an objects file of path,object_id said "lists id_1 again"."""
+    pandas = "\n".join([",path,label", "0,cat/1.png,cat", "1,dog/2.png,dog"]) + "\n"
+    assert read_labels_file(write(tmp_path / "pandas.csv", pandas)) == {"cat/1.png": "cat", "dog/2.png": "dog"}
+    objects = "\n".join([",object_id,path", "0,o1,a.png", "1,o1,b.png"]) + "\n"
+    assert read_objects_file(write(tmp_path / "pandas_objects.csv", objects)) == [("o1", "a.png"), ("o1", "b.png")]
+    for encoding in ("utf-16-le", "utf-16-be"):
+        bom = "\ufeff".encode(encoding)
+        path = write(tmp_path / "excel.csv", bom + "path,label\r\ncafé/1.png,cat\r\n".encode(encoding))
+        assert read_labels_file(path) == {"café/1.png": "cat"}, encoding
+    with pytest.raises(UserError, match=r"excel.csv is not UTF-16 text with damaged characters; give a CSV or JSONL"):
+        read_labels_file(write(tmp_path / "excel.csv", codecs.BOM_UTF16_LE + "\ud800x".encode("utf-16-le", "surrogatepass")))
+    swapped = write(tmp_path / "swapped.csv", "img/id_1/a.jpg,id_1\nimg/id_1/b.jpg,id_1\n")
+    with pytest.raises(UserError, match=r"swapped.csv:1 starts with the image img/id_1/a.jpg and then id_1: the columns "
+                                        r"are object_id,path; swap them"):
+        read_objects_file(swapped)
+    assert read_objects_file(write(tmp_path / "ids.csv", "a.jpg.d,img/b.jpg\n")) == [("a.jpg.d", "img/b.jpg")]
+
+
 def test_labels_of_folders_or_a_file_and_class_ids(tmp_path):
     assert labels_of(["cat/1.png", "dog/2.png"], tmp_path, None, "x") == ["cat", "dog"]
     write(tmp_path / "l.csv", f"cat/1.png,a\n{tmp_path / 'dog/2.png'},b\n")  # relative or absolute keys
@@ -174,6 +228,55 @@ def test_each_images_own_folder_is_its_class_and_a_class_folder_inside_another_i
         "train folder t: the images in cat/ and those in cat/kitten/ are two classes, as each image's own folder is "
         "its class (2 more class folders inside class folders); to put them in one class, give a labels file (CSV "
         "or JSONL of path,label) with --train-labels"]
+
+
+def test_val_classes_that_are_folders_of_training_classes_are_named_with_the_fix():
+    """A new user's probe (2026-12-07): val/Boots/ against train/Boots/sub0/ was refused with only "e.g. Boots" and the
+    advice to use eval recall."""
+    options = "--train-labels and --val-labels"
+    assert nested_split_hint(["Boots/sub0", "Boots/sub1", "Shoes/a"], ["Boots", "Shoes"], options) == (
+        "the val class Boots is a folder holding the training classes Boots/sub0 and Boots/sub1 (2 val classes are "
+        "such folders), as each image's own folder is its class; to compare them as one class, give labels files "
+        "(CSV or JSONL of path,label) with --train-labels and --val-labels")
+    assert nested_split_hint(["a/x", "a/y", "a/z"], ["a"], options).startswith(
+        "the val class a is a folder holding the training classes a/x, a/y and 1 more,")
+    assert nested_split_hint(["Boots"], ["Boots/sub0", "Boots/sub1"], options).startswith(
+        "the val class Boots/sub0 lies inside the training class folder Boots (2 val classes lie inside training class "
+        "folders), as each")
+    assert nested_split_hint(["cat", "dog"], ["cow", "cat/x/y"], options).startswith(
+        "the val class cat/x/y lies inside the training class folder cat,")
+    assert nested_split_hint(["cat", "dog"], ["cow", "bird"], options) == ""
+
+
+def test_knn_of_nested_folders_names_the_training_classes_and_the_images_folder(tmp_path, capsys, caplog):
+    """The probe's tree: train/Boots/sub0, train/Boots/sub1 and val/Boots; the note on a class folder beside its
+    sub-folders named the features' cache folder, not the images folder the user gave."""
+    write_feature_folder(tmp_path / "train", [f"Boots/sub{s}/{j}.png" for s in (0, 1) for j in range(2)]
+                         + ["Shoes/1.png", "Shoes/x/2.png"], torch.randn(6, 8), input_root=tmp_path / "images" / "train")
+    write_feature_folder(tmp_path / "val", ["Boots/0.png", "Boots/1.png", "Sandals/2.png"], torch.randn(3, 8),
+                         input_root=tmp_path / "images" / "val")
+    with caplog.at_level(logging.WARNING, logger="mlsctl"):
+        code, _, err = cli("eval", "knn", "--train", str(tmp_path / "train"), "--val", str(tmp_path / "val"),
+                           capsys=capsys)
+    assert code == 2, err
+    assert ("none of the 2 val classes occurs in training (e.g. Boots; training has Boots/sub0): the val class Boots "
+            "is a folder holding the training classes Boots/sub0 and Boots/sub1") in err
+    assert "--train-labels and --val-labels" in err and "eval recall" not in err
+    notes = [r.getMessage() for r in caplog.records]
+    assert any(n.startswith(f"train images {tmp_path / 'images' / 'train'}: the images in Shoes/ and those in Shoes/x/")
+               for n in notes), notes
+
+
+def test_every_default_of_class_labels_says_the_same_rule(capsys):
+    """The docs and help said "folder names", "sub-folder name" and "each file's folder"; results recorded
+    "folder names" (a new user's probe, 2026-12-07)."""
+    for args in (("eval", "knn"), ("eval", "linear"), ("eval", "recall"), ("refine", "train"), ("refine", "plot")):
+        code, out, _ = cli(*args, "--help", capsys=capsys)
+        assert code == 0 and "folder names" not in out and "each file's folder" not in out, args
+        assert FOLDER_LABELS in " ".join(out.replace("│", " ").split()), args
+    for doc in ("README.md", "docs/commands.md", "docs/formats.md", "docs/recipes.md", "docs/datasets.md"):
+        text = (REPO / doc).read_text()
+        assert "folder names" not in text.replace("features folder name", "") and "sub-folder name" not in text, doc
 
 
 def test_the_old_names_still_import():
@@ -292,3 +395,21 @@ def test_a_tags_file_given_as_class_labels_says_to_add_multi_label(tmp_path):
         (tmp_path / "s.jsonl").write_text(json.dumps(record) + "\n")
         with pytest.raises(UserError, match="add --multi-label"):
             read_labels_file(tmp_path / "s.jsonl")
+
+
+def test_the_imagenet_preset_takes_the_folder_under_the_split_and_says_where_images_lie_deeper(tmp_path, caplog):
+    """--dataset imagenet reads ImageNet's definition (the folder under train/), which the docs called "folder name"
+    like the folders' own rule: it stays, and a deeper image is said with the other way (a new user's probe)."""
+    from mlsctl.data.datasets import open_split
+
+    for name in ("train/Boots/sub0/1.png", "train/Boots/sub1/2.png", "train/Shoes/3.png", "val/Boots/4.png"):
+        (tmp_path / "inet" / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "inet" / name)
+    with caplog.at_level(logging.WARNING, logger="mlsctl"):
+        train = open_split("imagenet", tmp_path / "inet", "train")
+        open_split("imagenet", tmp_path / "inet", "val")
+    assert sorted(set(train.labels)) == ["Boots", "Shoes"]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{tmp_path / 'inet' / 'train'}: 2 images lie below their class folder (e.g. Boots/sub0/1.png, of the class "
+        f"Boots): --dataset imagenet takes the folder under the split as the class, as ImageNet does; give "
+        f"--train/--val folders instead to make each image's own folder its class"]

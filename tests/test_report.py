@@ -168,7 +168,7 @@ def test_24_2_evaluations_are_matched_to_the_run_by_fingerprint(finished_run, tm
     assert comparisons < page.index(f"this run&#x27;s features (final teacher (step {steps})) refined by "
                                     f"{tmp_path / 'refiner-run'} at step 18") < unmatched
     assert unmatched < page.index("records no fingerprint") and unmatched < page.index("trained again")
-    assert page.count(f"data: train {data / 'train'}, val {data / 'val'} (labels: folder names)") == 6
+    assert page.count(f"data: train {data / 'train'}, val {data / 'val'} (labels: each image&#x27;s own folder, however deep)") == 6
     assert trained["model"]["fingerprint"] == from_run(run).fingerprint and trained["written"]["date"]
 
 

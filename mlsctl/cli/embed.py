@@ -117,6 +117,8 @@ def embed(
 def _report(summary, choice, benchmark, said: set[str], as_json: bool) -> None:
     """What ``embed`` wrote, as JSON or lines (the skipped files not said already as the scan went);
     no row at all is an error (exit code 1): a script must not take the folder for features."""
+    from mlsctl.data.images import NOT_AN_IMAGE, others_note
+
     no_rows = (f"none of the {len(summary.skipped)} files could be read as an image (reasons in "
                f"{summary.out}/manifest.json); no evaluation can use {summary.out}")
     if as_json:
@@ -129,17 +131,20 @@ def _report(summary, choice, benchmark, said: set[str], as_json: bool) -> None:
         if summary.rows == 0:
             raise UserError(no_rows, exit_code=1)
         return
+    others = [path for path, reason in summary.skipped if reason.startswith(NOT_AN_IMAGE)]
     for path, reason in summary.skipped:
-        if f"skipped {path}: {reason}" not in said:  # a new user's run-through (2026-12-06): said twice
+        if f"skipped {path}: {reason}" not in said and not reason.startswith(NOT_AN_IMAGE):  # said twice (2026-12-06)
             typer.echo(f"skipped {path}: {reason}", err=True)
+    note = others_note(others)  # one line for them all, as the scan says it (300 lines for 300 .txt files: a probe)
+    if note and not any(line.endswith(note) for line in said):
+        typer.echo(note, err=True)
     if summary.reused:
         typer.echo(f"{summary.out} already holds these features ({summary.rows} rows); nothing to do")
         return
     # "embedding 23 images" then "20 rows, 4 skipped" (a probe, 2026-12-06): files that are no images apart
-    others = sum(1 for _, reason in summary.skipped if reason.startswith("not an image file (extension"))
-    bad = len(summary.skipped) - others
+    bad = len(summary.skipped) - len(others)
     parts = ([f"{bad} image{'s' if bad != 1 else ''} skipped"] if bad else []) + \
-        ([f"{others} other file{'s' if others != 1 else ''} left out"] if others else [])
+        ([f"{len(others)} other file{'s' if len(others) != 1 else ''} left out"] if others else [])
     skipped = f", {' and '.join(parts)} (listed in manifest.json)" if parts else ""
     rate = (f"{summary.images_per_s:.1f} images/s" if summary.images_per_s
             else "every part was embedded before: joined into shards only")

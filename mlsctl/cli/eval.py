@@ -47,8 +47,10 @@ SEG_DATASET_OPTION = typer.Option("folders", "--dataset", parser=one_of("--datas
                                   help="Segmentation benchmark read from --root in its official layout; folders: "
                                        "the --train/--val paths as given.")
 CLS_DATASET_OPTION = typer.Option("folders", "--dataset", parser=one_of("--dataset", ClsDataset, NOT_THIS_EVALUATION),
-                                  help="Classification benchmark read from --root in its official layout; folders: "
-                                       "the --train/--val paths as given.")
+                                  help="Classification benchmark read from --root in its official layout (imagenet: the "
+                                       "class is the folder under train/ and val/, or the split file's label); folders: "
+                                       "the --train/--val paths as given, each image's own folder, however deep, its "
+                                       "class.")
 ROOT_OPTION = typer.Option(None, "--root", help=ROOT_HELP)
 TRAIN_SPLIT_OPTION = typer.Option(None, "--train-split", parser=one_of("--train-split", Split),
                                   help="Training split of --dataset (trainval, trainaug: voc only) [default: the "
@@ -235,8 +237,8 @@ def knn(
     model: Optional[str] = MODEL_OPTION,
     random_init: bool = RANDOM_INIT_OPTION,
     seed: int = typer.Option(0, "--seed", help="Seed of --random-init."),
-    train_labels: Optional[Path] = typer.Option(None, "--train-labels", help="CSV/JSONL of path,label [default: folder names]."),
-    val_labels: Optional[Path] = typer.Option(None, "--val-labels", help="CSV/JSONL of path,label [default: folder names]."),
+    train_labels: Optional[Path] = typer.Option(None, "--train-labels", help="CSV/JSONL of path,label [default: each image's own folder, however deep]."),
+    val_labels: Optional[Path] = typer.Option(None, "--val-labels", help="CSV/JSONL of path,label [default: each image's own folder, however deep]."),
     k: Optional[list[int]] = typer.Option(None, "--k", min=1, help="Neighbour counts, e.g. --k 10 20 100 200 [default]; a k above the training images votes with all of them."),
     temperature: float = typer.Option(0.07, "--temperature", min=1e-6, help="Vote weight exp(cos/T)."),
     device: Device = typer.Option("auto", "--device", parser=one_of("--device", Device), help=DEVICE_HELP.format(what="neighbour search")),
@@ -294,8 +296,8 @@ def linear(
     model: Optional[str] = MODEL_OPTION,
     random_init: bool = RANDOM_INIT_OPTION,
     seed: int = typer.Option(0, "--seed", help="Seed of --random-init, the held-out split and the training."),
-    train_labels: Optional[Path] = typer.Option(None, "--train-labels", help="Labels: CSV/JSONL of path,label [default: folder names]; with --multi-label a JSONL/CSV of tag lists (fmnist-scenes' scenes.jsonl works)."),
-    val_labels: Optional[Path] = typer.Option(None, "--val-labels", help="Labels of --val [default: folder names; with --multi-label: the --train-labels file, which must then list the val images too (fmnist-scenes: give val/scenes.jsonl)]."),
+    train_labels: Optional[Path] = typer.Option(None, "--train-labels", help="Labels: CSV/JSONL of path,label [default: each image's own folder, however deep]; with --multi-label a JSONL/CSV of tag lists (fmnist-scenes' scenes.jsonl works)."),
+    val_labels: Optional[Path] = typer.Option(None, "--val-labels", help="Labels of --val [default: each image's own folder, however deep; with --multi-label: the --train-labels file, which must then list the val images too (fmnist-scenes: give val/scenes.jsonl)]."),
     multi_label: bool = typer.Option(False, "--multi-label", help="Several tags per image: binary cross-entropy, scored by mAP."),
     lr: Optional[list[float]] = typer.Option(None, "--lr", help="Learning rates of the sweep [default: 0.001 0.01 0.1 1]."),
     wd: Optional[list[float]] = typer.Option(None, "--wd", help="Weight decays of the sweep [default: 0 1e-4]."),
@@ -503,7 +505,7 @@ def retrieval(
 @app.command("recall")
 def recall(
     features: Path = typer.Argument(..., help="Feature folder (mlsctl embed, or mlsctl refine apply) of the evaluation set."),
-    labels: Optional[Path] = typer.Option(None, "--labels", help="CSV/JSONL of path,label [default: each file's folder is its class]."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="CSV/JSONL of path,label [default: each image's own folder, however deep]."),
     k: Optional[list[int]] = typer.Option(None, "--k", min=1, help="K of Recall@K, e.g. --k 1 2 4 8 [default: 1 2 4 8, and 10 100 1000 above 10,000 embeddings]."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", callback=results_file(), help="Results JSON [default: results/recall-<time>-<pid>.json]."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON instead of a table."),

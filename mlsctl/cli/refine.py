@@ -23,7 +23,7 @@ Projection = Literal["pca", "tsne"]  # refine.plot.PROJECTIONS
 def train(
     features: Path = typer.Argument(..., help="Feature folder of the training embeddings (mlsctl embed)."),
     overrides: Optional[list[str]] = typer.Argument(None, help="Dotted overrides of the refine recipe: optim.epochs=5 method.mlp_ratio=1", show_default=False),
-    labels: Optional[Path] = typer.Option(None, "--labels", help="CSV/JSONL of path,label [default: each file's folder is its class]."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="CSV/JSONL of path,label [default: each image's own folder, however deep]."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Run folder [default: runs/refine-<features folder name>]."),
     blocks: Optional[int] = typer.Option(None, "--blocks", min=1, help="T, cross-attention blocks [recipe: 8]."),
     k: Optional[int] = typer.Option(None, "--k", min=1, help="Neighbours each embedding attends to [recipe: 8]."),
@@ -131,7 +131,7 @@ def plot(
     run: Path = typer.Argument(..., help="Run folder of mlsctl refine train."),
     features: Path = typer.Argument(..., help="Feature folder whose embeddings are followed through the blocks."),
     context: Optional[Path] = typer.Option(None, "--context", help="Feature folder the neighbours come from [default: FEATURES itself]."),
-    labels: Optional[Path] = typer.Option(None, "--labels", help="CSV/JSONL of path,label [default: folder names]."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="CSV/JSONL of path,label [default: each image's own folder, however deep]."),
     out: Path = typer.Option(Path("refine-drift.png"), "--out", "-o", callback=png_file("--out"), help="PNG of the drift picture."),
     points: int = typer.Option(500, "--points", min=2, help="Embeddings drawn (a seeded sample)."),
     projection: Projection = typer.Option("pca", "--projection", parser=one_of("--projection", Projection), help="pca, or tsne (PCA to 50 dimensions, then t-SNE; needs scikit-learn)."),

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import importlib
 import logging
 import os
 import re
@@ -30,13 +31,15 @@ import stat
 import struct
 import unicodedata
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from mlsctl.atomic import is_litter_file
 from mlsctl.errors import UserError
 
 log = logging.getLogger("mlsctl")
@@ -51,7 +54,30 @@ DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 _NOT_PHOTOS = {"BUFR", "GRIB", "HDF5", "FITS", "MPEG", "EPS", "WMF"}
 
 
+# Photo formats Pillow reads only through a plugin, and the plugin's package: where one is installed it reads
+# them (pillow-heif registered below); where none is, such files are said with the package to install (a new
+# user's probe, 2026-12-07: a phone's .HEIC photos were "not an image file" and "no images (bmp, gif, ...)").
+PLUGINS = {".heic": "pillow-heif", ".heif": "pillow-heif", ".hif": "pillow-heif", ".avif": "pillow-avif-plugin",
+           ".avifs": "pillow-avif-plugin"}
+
+
+def _register_plugins() -> None:
+    """Let Pillow read HEIC/HEIF where pillow-heif is installed, and AVIF where pillow-avif-plugin is (optional
+    packages: no dependency of mlsctl). Pillow reads AVIF itself where it was built with libavif, as recent
+    wheels are; pillow_avif registers itself as it is imported."""
+    try:
+        import pillow_heif
+    except ImportError:
+        pass
+    else:
+        pillow_heif.register_heif_opener()
+    if ".avif" not in Image.registered_extensions():
+        with contextlib.suppress(ImportError):
+            importlib.import_module("pillow_avif")  # registers the AVIF plugin
+
+
 def _image_extensions() -> tuple[str, ...]:
+    _register_plugins()
     Image.init()
     return tuple(sorted(ext for ext, fmt in Image.registered_extensions().items()
                         if fmt in Image.OPEN and fmt not in _NOT_PHOTOS))
@@ -61,6 +87,38 @@ IMAGE_EXTENSIONS = _image_extensions()
 # The formats Pillow may try on a file: those of IMAGE_EXTENSIONS. Anything else (PostScript, which
 # Pillow hands to Ghostscript; vector and page formats) is "not an image file" whatever it is named.
 IMAGE_FORMATS = tuple(sorted({fmt for ext, fmt in Image.registered_extensions().items() if ext in IMAGE_EXTENSIONS}))
+# how a feature folder's manifest begins the reason of a file of the images folder that is not an image (its
+# extension follows), which embed says in one line for them all (others_note)
+NOT_AN_IMAGE = "not an image file (extension "
+# the extensions of PLUGINS that Pillow here cannot read
+NEEDS_PLUGIN = {ext: package for ext, package in PLUGINS.items() if ext not in IMAGE_EXTENSIONS}
+
+
+def plugin_hint(extensions: Iterable[str]) -> str:
+    """What to install for those of ``extensions`` (lower case, with the dot) that need a plugin, or ""."""
+    needing = sorted({e for e in extensions if e in NEEDS_PLUGIN})
+    if not needing:
+        return ""
+    packages = " ".join(sorted({NEEDS_PLUGIN[e] for e in needing}))
+    return (f"{'/'.join(e[1:].upper() for e in needing)} photos need a Pillow plugin: pip install {packages} (mlsctl "
+            f"reads them once it is installed)")
+
+
+def others_note(relpaths: Sequence[str]) -> Optional[str]:
+    """One line for the files of a folder that are not images, or None: how many, their extensions, one example,
+    and the plugin photos of a format Pillow reads only through one need. ``embed`` said each of 300 annotation
+    files on its own line and ``pretrain`` none (a new user's probe, 2026-12-07); both say this line now."""
+    if not relpaths:
+        return None
+    counts = Counter(PurePosixPath(p).suffix.lower() or "(none)" for p in relpaths)
+    shown = ", ".join(f"{n} {ext}" for ext, n in counts.most_common(4))
+    if len(counts) > 4:
+        shown += f" and {len(counts) - 4} more extensions"
+    n = len(relpaths)
+    line = (f"left out {n} file{'s' if n != 1 else ''} that {'are not images' if n != 1 else 'is not an image'} "
+            f"({shown}; e.g. {relpaths[0]})")
+    hint = plugin_hint(counts)
+    return f"{line}; {hint}" if hint else line
 
 
 class BadImage(Exception):
@@ -107,9 +165,13 @@ class ImageScan:
     reported: bool = False  # notes() was called: the skipped entries were shown
 
     def notes(self, what: str) -> list[str]:
-        """One line per skipped entry and one for the skipped links, for the console."""
+        """One line per skipped entry, one for the files that are not images and one for the skipped links,
+        for the console."""
         self.reported = True
         lines = [f"skipped {path}: {reason}" for path, reason in self.skipped]
+        others = others_note([printable_name(p.relative_to(self.root).as_posix()) for p in self.others])
+        if others:
+            lines.append(f"{what} {self.root}: {others}")
         if self.links_skipped:
             n = self.links_skipped
             lines.append(f"{what} {self.root}: skipped {n} symbolic link{'s' if n != 1 else ''} to folders or files "
@@ -138,6 +200,8 @@ def _how_to_make(root: Path) -> str:
             if part == name and depth <= 3 and not built.exists():  # built already: a typo below it, not a build
                 shown = os.path.relpath(built) if not os.path.relpath(built).startswith("..") else str(built)
                 return f"build it with: {command.format(shown, os.path.dirname(shown) or '.')}"
+    if Path.cwd() in root.parents:  # a relative path, as likely as not (a new user's probe, 2026-12-07)
+        return f"check the path (relative paths are read from the current folder, {Path.cwd()})"
     return "check the path"
 
 
@@ -176,7 +240,7 @@ def scan_images(root: str | os.PathLike, what: str = "image folder") -> ImageSca
             except OSError:
                 is_folder = False
             if not is_folder and not name.lower().endswith(IMAGE_EXTENSIONS):
-                if name_problem(name) is None:
+                if name_problem(name) is None and not is_litter_file(Path(entry.path)):  # Thumbs.db is no one's file
                     scan.others.append(Path(entry.path))
                 continue
             if is_folder:
@@ -248,6 +312,9 @@ def find_images(root: str | os.PathLike, what: str = "image folder", others: lis
 
 def require_images(scan: ImageScan, what: str) -> None:
     if not scan.files:
+        hint = plugin_hint({p.suffix.lower() for p in scan.others})
+        if hint:
+            raise UserError(f"{what} {scan.root} contains no images Pillow here reads; {hint}")
         kinds = ", ".join(e[1:] for e in IMAGE_EXTENSIONS if e in (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".gif"))
         raise UserError(f"{what} {scan.root} contains no images ({kinds}, ...); point it at a folder of images")
 
@@ -437,7 +504,8 @@ def _decode(source, max_pixels: int, formats: Sequence[str] = IMAGE_FORMATS, qui
     except BadImage:
         raise
     except UnidentifiedImageError:
-        raise BadImage("not an image file") from None
+        hint = plugin_hint([source.suffix.lower()]) if isinstance(source, Path) else ""
+        raise BadImage(f"not an image file Pillow here reads: {hint}" if hint else "not an image file") from None
     except Image.DecompressionBombError as exc:  # Pillow refuses twice its own limit while opening
         import re
 

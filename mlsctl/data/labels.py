@@ -14,17 +14,22 @@ Three kinds:
 One set of rules for all three:
 
 * a file whose name ends in ``.jsonl`` or ``.json`` is JSONL (one object a line), any other CSV;
-* the text is UTF-8 (a leading byte-order mark is allowed); any other encoding is one sentence
-  naming the file;
+* the text is UTF-8 (a leading byte-order mark is allowed), or UTF-16 with its byte-order mark;
+  any other encoding is one sentence naming the file;
 * blank lines are skipped; in a CSV the first row is a header, and skipped, when its first two
-  cells are the column names (any case); cells are stripped and columns after the second ignored;
+  cells are the column names (any case), or its next two after an empty first cell (pandas'
+  ``to_csv`` with its index, whose column is then dropped from every row); cells are stripped and
+  columns after the second ignored;
 * a row that is not what the kind needs — not a JSON object with those fields (each path, label
   and object id a string or a whole number), fewer than two CSV cells, an empty path, label or
   object id, a CSV row the csv module refuses — is one sentence naming the file and the line
   (``FILE:LINE ...``);
 * a path listed twice is refused, naming both lines, even with the same label: a table keyed by
   path would keep one of the two silently, and MILE would put the image twice into a set;
-* a file without a row is refused.
+* a file without a row is refused;
+* a path names an image relative to the images folder, or absolute, or relative to the file's own
+  folder (:class:`ImagePaths`), compared after ``.`` and ``..`` are folded and Unicode is composed
+  (``./a.jpg`` is ``a.jpg``; an ``é`` that macOS writes decomposed is the composed one).
 
 :func:`labels_of` gives files their class (each file's own folder, however deep, or a labels file)
 and :func:`class_ids` turns class names into indices.
@@ -32,31 +37,44 @@ and :func:`class_ids` turns class names into indices.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import json
 import logging
 import os
+import posixpath
+import unicodedata
 from pathlib import Path, PurePosixPath
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, TypeVar
 
 from mlsctl.errors import UserError
 
 JSON_SUFFIXES = (".jsonl", ".json")
 # folder names of a data set's splits: a root that holds them was given for one of them (MS, MILE, galleries)
 SPLIT_NAMES = frozenset({"train", "training", "val", "valid", "validation", "test", "testing", "gallery", "query"})
+T = TypeVar("T")
+# the class of an image where no labels file is given, as results record it and the options' help says it: "folder
+# names" read as the last folder's name, which two parents may share (a new user's probe, 2026-12-07)
+FOLDER_LABELS = "each image's own folder, however deep"
 
 
-def read_text_file(path: Path, what: str) -> str:
-    """A UTF-8 text file (without its byte-order mark), or one sentence saying it is missing or not one."""
+def read_text_file(path: Path, what: str, utf16: bool = False) -> str:
+    """A UTF-8 text file (without its byte-order mark), or one sentence saying it is missing or not one.
+    ``utf16``: UTF-16 with its byte-order mark is read too, as a user's own files may be (Excel's "Unicode
+    text" and Windows tools' exports: a new user's probe, 2026-12-07); mlsctl's own files never are."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{what} {path} does not exist" + (" (it is a folder)" if path.is_dir() else ""))
     try:
-        return path.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError:
-        raise UserError(f"{what} {path} is not UTF-8 text (a binary or damaged file?); give a CSV or JSONL file") from None
+        data = path.read_bytes()
     except OSError as exc:
         raise UserError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+    utf16 = utf16 and data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE))
+    try:
+        return data.decode("utf-16" if utf16 else "utf-8-sig")
+    except UnicodeDecodeError:
+        kind = "UTF-16 text with damaged characters" if utf16 else "UTF-8 text (a binary or damaged file?)"
+        raise UserError(f"{what} {path} is not {kind}; give a CSV or JSONL file") from None
 
 
 def csv_rows(text: str, path: Path):
@@ -93,7 +111,7 @@ def _rows(path: Path, what: str, headers: Sequence[Sequence[str]], from_json: Ca
     """(key, value) of every row of a labels file of any kind, in the file's order; ``from_json``
     and ``from_csv`` turn a record or the stripped cells of a row into one and raise :class:`_Bad`."""
     path = Path(path)
-    text = read_text_file(path, what)
+    text = read_text_file(path, what, utf16=True)
     malformed_json = f"is not a JSON object with {json_fields}"
     rows, first_line = [], {}
 
@@ -120,15 +138,21 @@ def _rows(path: Path, what: str, headers: Sequence[Sequence[str]], from_json: Ca
                 raise UserError(f"{path}:{number} {malformed_json}")
             add(number, lambda: from_json(record, malformed_json))
     else:
-        header_possible = True
+        header_possible, first = True, 0
         for number, row in csv_rows(text, path):
             cells = [c.strip() for c in row]
             if not any(cells):
                 continue
             if header_possible:
                 header_possible = False
-                if [c.lower() for c in cells[:2]] in [list(h) for h in headers]:
+                names = [c.lower() for c in cells]
+                if names[:2] in [list(h) for h in headers]:
                     continue
+                # pandas' to_csv writes its index first, under an empty name (",path,label": a new user's probe)
+                if names[0] == "" and names[1:3] in [list(h) for h in headers]:
+                    first = 1
+                    continue
+            cells = cells[first:]
             if len(cells) < 2:
                 raise UserError(f"{path}:{number} needs two columns, {csv_columns}")
             add(number, lambda: from_csv(cells))
@@ -190,6 +214,8 @@ def read_objects_file(path: Path) -> list[tuple[str, str]]:
         return _scalar(record["path"], "path", malformed), _scalar(record["object_id"], "object_id", malformed)
 
     def from_csv(cells: list[str]):
+        if looks_like_image(cells[0]) and not looks_like_image(cells[1]):  # path,object_id: every id "listed again"
+            raise _Bad(f"starts with the image {cells[0]} and then {cells[1]}: the columns are object_id,path; swap them")
         return _scalar(cells[1], "path", ""), _scalar(cells[0], "object_id", "")
 
     rows = _rows(path, "objects file", [("object_id", "path")], from_json, from_csv,
@@ -198,29 +224,67 @@ def read_objects_file(path: Path) -> list[tuple[str, str]]:
     return [(object_id, relpath) for relpath, object_id in rows]
 
 
-def _location(path: Path) -> str:
-    """A path made absolute and normal (``..`` folded) without following links: two links to one
-    file are two images, each with its own label (``resolve`` gave both the first one's: a review)."""
-    return os.path.normpath(os.path.abspath(path))
+def looks_like_image(path: str) -> bool:
+    """Whether a cell names an image file by its extension (one Pillow reads)."""
+    from mlsctl.data.images import IMAGE_EXTENSIONS
+
+    return path.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _by_location(table: dict[str, str], labels_file: Path) -> dict[str, str]:
-    """The labels of ``table`` by location, its relative paths taken from ``labels_file``'s folder; a
-    location two keys name with two labels is refused."""
-    found: dict[str, tuple[str, str]] = {}
-    for key, label in table.items():
-        location = _location(Path(key) if Path(key).is_absolute() else labels_file.parent / key)
-        other = found.setdefault(location, (key, label))
-        if other[1] != label:
-            raise UserError(f"labels file {labels_file} labels {location} twice, as '{other[1]}' ({other[0]}) and "
-                            f"'{label}' ({key}); give each image one label")
-    return {location: label for location, (_, label) in found.items()}
+def _normal(path: str) -> str:
+    """A path as a labels file and a folder's listing are compared: ``.`` and ``..`` folded, Unicode composed."""
+    return unicodedata.normalize("NFC", posixpath.normpath(path))
+
+
+def _location(path: str | Path) -> str:
+    """A path made absolute and normal (``..`` folded, Unicode composed) without following links: two links
+    to one file are two images, each with its own label (``resolve`` gave both the first one's: a review)."""
+    return unicodedata.normalize("NFC", os.path.normpath(os.path.abspath(path)))
+
+
+class ImagePaths:
+    """The images ``files`` (relative to ``root``) as a labels or objects file ``listed_in`` names them:
+    relative to ``root``, absolute, or relative to the file's own folder (a file beside ``images/``, as
+    linear --multi-label reads it), compared as :func:`_normal` writes them (``find .`` writes ``./a.jpg``,
+    macOS an ``é`` decomposed: a new user's probe, 2026-12-07)."""
+
+    def __init__(self, files: Sequence[str], root: Path, listed_in: Path, kind: str = "labels file"):
+        self.files, self.root, self.listed_in, self.kind = files, Path(root), Path(listed_in), kind
+        self._relative = {_normal(f): f for f in files}
+        self._located: Optional[dict[str, str]] = None
+
+    def find(self, path: str) -> Optional[str]:
+        """The file of ``files`` that ``path`` names, or None."""
+        key = _normal(path)
+        if not os.path.isabs(key) and key in self._relative:
+            return self._relative[key]
+        if self._located is None:
+            self._located = {_location(self.root / f): f for f in self.files}
+        return self._located.get(_location(key if os.path.isabs(key) else self.listed_in.parent / key))
+
+    def rows(self, table: dict[str, T]) -> dict[str, T]:
+        """The value of each file that a row of ``table`` (a labels or tags file's, by path) names; a file may
+        have none (the caller says so), and one two rows name with two values is refused."""
+        found: dict[str, tuple[str, T]] = {}  # file → (the row's path, its value)
+        for key, value in table.items():
+            relpath = self.find(key)
+            if relpath is None:
+                continue  # a labels file may list more images than the folder holds
+            other = found.setdefault(relpath, (key, value))
+            if other[1] != value:
+                raise UserError(f"{self.kind} {self.listed_in} labels {self.root / relpath} twice, as '{other[1]}' "
+                                f"({other[0]}) and '{value}' ({key}); give each image one row")
+        return {relpath: value for relpath, (_, value) in found.items()}
+
+    def where(self) -> str:
+        """Where the paths are read from, for a message."""
+        return f"its paths are read relative to the images folder {self.root}, then to the {self.kind}'s folder"
 
 
 def labels_of(files: Sequence[str], root: Path, labels_file: Optional[Path], what: str,
               option: str = "a labels file option") -> list[str]:
-    """The label of each file (relative to ``root``): its folder name, or its row of ``labels_file``
-    (keyed by the relative or the absolute path); ``option`` names where the user gives that file."""
+    """The label of each file (relative to ``root``): its own folder (however deep), or its row of ``labels_file``
+    (keyed by paths as :class:`ImagePaths` reads them); ``option`` names where the user gives that file."""
     if labels_file is None:
         names = [Path(f).parent.as_posix() for f in files]
         if any(n in ("", ".") for n in names):
@@ -230,23 +294,13 @@ def labels_of(files: Sequence[str], root: Path, labels_file: Optional[Path], wha
         for line in nested_class_notes(names, what, option):
             logging.getLogger("mlsctl").warning(line)
         return names
-    table = read_labels_file(Path(labels_file))
-    by_location: Optional[dict[str, str]] = None
-    out, missing = [], []
-    for relpath in files:
-        label = table.get(relpath, table.get(str(root / relpath)))
-        if label is None:  # paths relative to the labels file's folder too, as linear --multi-label reads them (a new
-            # user's probe, 2026-12-07: images/000000.png, relative to the file beside images/, was "no label")
-            by_location = by_location if by_location is not None else _by_location(table, Path(labels_file))
-            label = by_location.get(_location(root / relpath))
-        if label is None:
-            missing.append(relpath)
-        out.append(label)
+    paths = ImagePaths(files, root, Path(labels_file))
+    found = paths.rows(read_labels_file(Path(labels_file)))
+    missing = [f for f in files if f not in found]
     if missing:
         raise UserError(f"labels file {labels_file} has no label for {len(missing)} image{'s' if len(missing) != 1 else ''} "
-                        f"of {what} (first: {missing[0]}); its paths are read relative to the images folder {root}, "
-                        f"then to the labels file's folder")
-    return out
+                        f"of {what} (first: {missing[0]}); {paths.where()}")
+    return [found[f] for f in files]
 
 
 def nested_class_notes(names: Sequence[str], what: str, option: str) -> list[str]:
@@ -266,6 +320,34 @@ def nested_class_notes(names: Sequence[str], what: str, option: str) -> list[str
     return [f"{what}: the images in {outer}/ and those in {inner}/ are two classes, as each image's own folder "
             f"is its class{more}; to put them in one class, give a labels file (CSV or JSONL of path,label) with "
             f"{option}"]
+
+
+def nested_split_hint(train: Sequence[str], val: Sequence[str], options: str) -> str:
+    """Why val classes none of which training holds may be the same objects: a val class folder that holds
+    training class folders (``val/Boots/`` against ``train/Boots/sub0/``), or one inside a training class folder;
+    "" where none is. Each image's own folder is its class, so the two splits name such classes apart, and the fix
+    is labels files (``options``), not another evaluation."""
+    train_set, val_set = set(train), set(val)
+    holding: dict[str, list[str]] = {}  # a folder → the training classes inside it
+    for name in sorted(train_set):
+        for parent in map(str, PurePosixPath(name).parents):
+            holding.setdefault(parent, []).append(name)
+    unseen = sorted(val_set - train_set)
+    holders = [v for v in unseen if v in holding]
+    inside = [(v, t) for v in unseen for t in map(str, PurePosixPath(v).parents) if t in train_set]
+    if holders:
+        example, held = holders[0], holding[holders[0]]
+        shown = " and ".join(held) if len(held) <= 2 else f"{held[0]}, {held[1]} and {len(held) - 2} more"
+        count = f" ({len(holders)} val classes are such folders)" if len(holders) > 1 else ""
+        where = f"the val class {example} is a folder holding the training classes {shown}{count}"
+    elif inside:
+        (example, outer), count = inside[0], len({v for v, _ in inside})
+        more = f" ({count} val classes lie inside training class folders)" if count > 1 else ""
+        where = f"the val class {example} lies inside the training class folder {outer}{more}"
+    else:
+        return ""
+    return (f"{where}, as each image's own folder is its class; to compare them as one class, give labels files "
+            f"(CSV or JSONL of path,label) with {options}")
 
 
 def class_ids(names: list[str], what: str):
@@ -290,7 +372,7 @@ def read_paths_file(path: Path, what: str) -> list[str]:
     first cell is ``path``, ``image``, ``file`` or ``filename`` is its header). A path listed twice is
     refused, as in the other labels files."""
     path = Path(path)
-    text = read_text_file(path, what)
+    text = read_text_file(path, what, utf16=True)
     found: dict[str, int] = {}
     if path.suffix.lower() in JSON_SUFFIXES:
         numbered = []
@@ -320,14 +402,13 @@ def read_paths_file(path: Path, what: str) -> list[str]:
 
 def listed_files(files: Sequence[str], root: Path, list_file: Path, what: str) -> list[str]:
     """Those of ``files`` (paths relative to ``root``) that ``list_file`` names (:func:`read_paths_file`),
-    in the order of ``files``. A listed path is read relative to ``root``, then to the list file's folder,
-    or as absolute; one that is none of ``files`` (missing, or not an image) is refused, naming the first."""
-    by_location = {_location(root / f): f for f in files}
+    in the order of ``files``. A listed path is read as :class:`ImagePaths` reads them (relative to ``root``,
+    then to the list file's folder, or absolute); one that is none of ``files`` (missing, or not an image) is
+    refused, naming the first."""
+    paths = ImagePaths(files, root, Path(list_file), "list file")
     chosen, missing = set(), []
     for key in read_paths_file(list_file, what):
-        given = Path(key)
-        places = [given] if given.is_absolute() else [root / given, Path(list_file).parent / given]
-        hit = next((by_location[place] for place in map(_location, places) if place in by_location), None)
+        hit = paths.find(key)
         if hit is None:
             missing.append(key)
         else:

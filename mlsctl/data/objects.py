@@ -4,7 +4,8 @@ An *object* is an id with a list of image files. :func:`find_objects` reads them
 
 * a folder per object: ``ROOT/<object_id>/*.jpg`` (any image type :func:`find_images` knows), or
 * a CSV (``object_id,path``, header optional) or JSONL (``{"object_id": ..., "path": ...}``) file
-  whose paths are relative to ``root``.
+  whose paths are relative to ``root``, absolute, or relative to the file's own folder, as a labels
+  file's (:class:`mlsctl.data.labels.ImagePaths`).
 
 :class:`ObjectSetDataset` draws, for every (epoch, object), a set of ``set_length`` images of the
 object afresh (seeded by seed, epoch and object, so resume and multi-process runs are exact):
@@ -28,7 +29,7 @@ from torch.utils.data import Dataset
 
 from mlsctl.console import counted
 from mlsctl.data.images import ImageFolder
-from mlsctl.data.labels import SPLIT_NAMES, read_objects_file
+from mlsctl.data.labels import SPLIT_NAMES, ImagePaths, read_objects_file
 from mlsctl.data.loader import ResizedImages, load_or_next, map_tensors, sample_seed
 from mlsctl.data.multicrop import MultiCrop, normalize_on_device
 from mlsctl.errors import UserError
@@ -44,7 +45,7 @@ def find_objects(folder: ImageFolder, objects_file: Optional[str | os.PathLike] 
     """Objects of ``folder`` (its images grouped by the folder under the root they are in,
     ``ROOT/<object_id>/...``, sub-folders included, as galleries and ``eval retrieval`` group them:
     :func:`mlsctl.gallery.object_folders`), or as ``objects_file`` lists them (paths relative to the
-    folder's root), in a stable order."""
+    folder's root or to the file's folder, or absolute), in a stable order."""
     rows_of = {folder.relpath(i): i for i in range(len(folder))}
     groups: dict[str, list[int]] = {}
     if objects_file is None:
@@ -63,14 +64,19 @@ def listed_objects(path: Path, listing: dict, root, option: str) -> dict[str, li
     """The objects an objects file (``option``, such as ``method.objects_file``) lists, each with the items of
     ``listing`` (an image's path relative to ``root``, as a POSIX string → what the caller keeps of it: a row, a
     path) of its photos, in the file's order; a missing file or a row naming no image of ``listing`` is refused."""
-    if not Path(path).is_file():
+    path = Path(path)
+    if not path.is_file():
         raise UserError(f"{option} {path} does not exist; give a CSV or JSONL of object_id,path")
+    paths, named = ImagePaths(list(listing), root, path, "objects file"), {}
     groups: dict[str, list] = {}
     for object_id, relpath in read_objects_file(path):
-        key = Path(relpath).as_posix()
-        if key not in listing:
-            raise UserError(f"{path} lists {relpath}, which is not an image under {root}")
-        groups.setdefault(object_id, []).append(listing[key])
+        found = paths.find(relpath)  # ./a.jpg, a decomposed é, a path relative to the file's folder
+        if found is None:
+            raise UserError(f"{path} lists {relpath}, which is not an image under {root}; {paths.where()}")
+        if named.setdefault(found, relpath) != relpath:  # a.jpg and ./a.jpg: one image, put twice into a set
+            raise UserError(f"{path} lists the image {found} twice, as {named[found]} and {relpath}; give each image "
+                            f"one row")
+        groups.setdefault(object_id, []).append(listing[found])
     return groups
 
 

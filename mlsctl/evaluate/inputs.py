@@ -359,6 +359,7 @@ def classification_inputs(dataset: str, root: Optional[Path], train_split: Optio
     (whose labels are the splits themselves). Images are embedded with ``resize`` (``center-crop``:
     DINO's k-NN and linear protocol); feature folders are taken as they are."""
     from mlsctl.data.datasets import CLASSIFICATION
+    from mlsctl.data.labels import FOLDER_LABELS
     from mlsctl.features import features_or_embed
 
     if dataset == "folders":
@@ -371,8 +372,8 @@ def classification_inputs(dataset: str, root: Optional[Path], train_split: Optio
         val_features = features_or_embed(val, get_model, dense=False, what="val features", say=say, resize=resize)
         record = {"name": "folders", **image_roots(train_features, val_features),
                   # the val labels were not recorded (a new user's probe, 2026-12-07)
-                  "labels": "folder names" if train_labels is None else str(train_labels),
-                  "val_labels": "folder names" if val_labels is None else str(val_labels)}
+                  "labels": FOLDER_LABELS if train_labels is None else str(train_labels),
+                  "val_labels": FOLDER_LABELS if val_labels is None else str(val_labels)}
         record_shared_images(train_features, val_features, record, copies=True)
         return train_features, val_features, train_labels, val_labels, record
     if train_labels is not None or val_labels is not None:

@@ -9,7 +9,8 @@ training features so memory stays bounded) and runs where the training features 
 the GPU when one is available (:func:`search_device`), else the CPU. The k-NN segmentation of
 :mod:`mlsctl.evaluate.knn_seg` uses the same search.
 
-Labels come from the folder names of the files (``cat/001.jpg`` → ``cat``) or from a labels file:
+Labels come from each file's own folder, however deep (``cat/001.jpg`` → ``cat``, ``img/MEN/id_1/a.jpg`` →
+``img/MEN/id_1``), or from a labels file:
 CSV (``path,label`` with an optional header) or JSONL (``{"path": ..., "label": ...}``), paths
 relative to the features' input root (or absolute), read by :mod:`mlsctl.data.labels`.
 """
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from mlsctl.data.labels import csv_rows, labels_of, read_labels_file, read_text_file  # noqa: F401 - re-exported
+from mlsctl.data.labels import nested_split_hint
 from mlsctl.device import full_float32
 from mlsctl.errors import UserError
 
@@ -143,13 +145,17 @@ def accuracy(scores: torch.Tensor, labels: torch.Tensor, top: int) -> Optional[f
 
 
 def labels_for(features, labels_file, what: str, option: str = "a labels option") -> list[str]:
-    """The label of each row of a feature folder: from its folder names, a labels file, or the
-    split of a benchmark it was embedded from (:class:`mlsctl.data.datasets.ClassificationSplit`)."""
+    """The label of each row of a feature folder: from its images' own folders, a labels file, or the
+    split of a benchmark it was embedded from (:class:`mlsctl.data.datasets.ClassificationSplit`). Its
+    notes and refusals name the images folder (``what``: whose, such as ``train``, or ""), where the labels'
+    paths are read from: the features of a folder of images lie in a cache folder the user never named (a new
+    user's probe, 2026-12-07)."""
     from mlsctl.data.datasets import ClassificationSplit
 
     if isinstance(labels_file, ClassificationSplit):
         return [labels_file.label_of(f) for f in features.files]
-    return labels_of(features.files, Path(features.input_root), labels_file, f"{what} {features.path}", option)
+    return labels_of(features.files, Path(features.input_root), labels_file,
+                     " ".join(filter(None, (what, "images", str(features.input_root)))), option)
 
 
 def evaluate_knn(train_features, val_features, train_labels=None, val_labels=None,
@@ -159,17 +165,20 @@ def evaluate_knn(train_features, val_features, train_labels=None, val_labels=Non
     ``device`` (:func:`search_device`)."""
     search_on = search_device(device)
     train_features.check_same_model(val_features)
-    train_names = labels_for(train_features, train_labels, "train features", "--train-labels")
-    val_names = labels_for(val_features, val_labels, "val features", "--val-labels")
+    train_names = labels_for(train_features, train_labels, "train", "--train-labels")
+    val_names = labels_for(val_features, val_labels, "val", "--val-labels")
     classes = sorted(set(train_names))
     # one class scored 100 %, and val classes none of which train holds 0 % for every k (a new user's probe, 2026-12-07)
     if len(classes) < 2:
         raise UserError(f"the training labels name 1 class ({classes[0]}): every val image would be called it; k-NN "
                         f"classification needs at least 2")
     if not set(val_names) & set(classes):
-        raise UserError(f"none of the {len(set(val_names))} val classes occurs in training (e.g. {val_names[0]}): k-NN "
-                        f"classification can only name training classes; for unseen classes (retrieval splits such "
-                        f"as SOP's) use mlsctl eval recall")
+        # val/Boots/ against train/Boots/sub0/: labels files, not eval recall, are the fix (a new user's probe)
+        nested = nested_split_hint(classes, val_names, "--train-labels and --val-labels")
+        raise UserError(f"none of the {len(set(val_names))} val classes occurs in training (e.g. {val_names[0]}; "
+                        f"training has {classes[0]}): " + (nested or "k-NN classification can only name training "
+                                                           "classes; for unseen classes (retrieval splits such as "
+                                                           "SOP's) use mlsctl eval recall"))
     lookup = {c: i for i, c in enumerate(classes)}
     train_y = torch.tensor([lookup[c] for c in train_names])
     val_y = torch.tensor([lookup.get(c, -1) for c in val_names])

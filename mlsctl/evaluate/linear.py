@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from mlsctl.data.labels import read_multi_labels
+from mlsctl.data.labels import ImagePaths, read_multi_labels
 from mlsctl.device import full_float32
 from mlsctl.errors import UserError
 
@@ -39,21 +39,13 @@ DEFAULT_WDS = (0.0, 1e-4)
 
 def multi_labels_for(features, labels_file: Path, what: str, hint: str = "") -> list[list[str]]:
     """The tag list of each row of a feature folder (``hint``: what to add to the sentence when some are missing)."""
-    table = read_multi_labels(labels_file)
-    by_location = {}
-    for key, tags in table.items():
-        location = Path(key) if Path(key).is_absolute() else labels_file.parent / key
-        by_location[str(location.resolve())] = tags
-    out, missing = [], []
-    for relpath in features.files:
-        tags = by_location.get(str((Path(features.input_root) / relpath).resolve()), table.get(relpath))
-        if tags is None:
-            missing.append(relpath)
-        out.append(tags or [])
+    paths = ImagePaths(features.files, Path(features.input_root), Path(labels_file))
+    found = paths.rows(read_multi_labels(labels_file))
+    missing = [f for f in features.files if f not in found]
     if missing:
         raise UserError(f"labels file {labels_file} has no tags for {len(missing)} images of {what} (first: "
-                        f"{missing[0]}); paths are read relative to the labels file's folder, then to the images folder{hint}")
-    return out
+                        f"{missing[0]}); {paths.where()}{hint}")
+    return [found[f] for f in features.files]
 
 
 # ------------------------------------------------------------------------------------------ metrics
@@ -224,8 +216,8 @@ def evaluate_linear(train_features, val_features, *, labels: Optional[Path] = No
             y_val[row, [lookup[t] for t in tags if t in lookup]] = 1
         unseen = sorted({t for tags in val_tags for t in tags} - set(classes))
     else:
-        train_names = labels_for(train_features, labels, "train features", "--train-labels")
-        val_names = labels_for(val_features, val_labels, "val features", "--val-labels")
+        train_names = labels_for(train_features, labels, "train", "--train-labels")
+        val_names = labels_for(val_features, val_labels, "val", "--val-labels")
         classes = sorted(set(train_names))
         lookup = {c: i for i, c in enumerate(classes)}
         y_train = torch.tensor([lookup[c] for c in train_names])

@@ -169,14 +169,14 @@ def recall_at_k(embeddings: torch.Tensor, labels: torch.Tensor, ks: Optional[Seq
 
 
 def evaluate_recall(features, labels_file: Optional[Path] = None, ks: Optional[Sequence[int]] = None) -> dict:
-    """Recall@K of a feature folder (labels from the files' folders or a labels file)."""
-    from mlsctl.data.labels import class_ids
+    """Recall@K of a feature folder (labels from the images' own folders or a labels file)."""
+    from mlsctl.data.labels import FOLDER_LABELS, class_ids
     from mlsctl.evaluate.knn import labels_for
 
-    names = labels_for(features, labels_file, "features", "--labels")
+    names = labels_for(features, labels_file, "", "--labels")
     labels, _ = class_ids(names, f"features {features.path}")
     embeddings = features.finite_global_features()
     result = recall_at_k(embeddings, labels, ks, progress=sys.stderr.isatty())
-    return {"features": str(features.path), "labels": str(labels_file) if labels_file else "folder names",
+    return {"features": str(features.path), "labels": str(labels_file) if labels_file else FOLDER_LABELS,
             "protocol": "every embedding a query against all the others (itself excluded), cosine, exact faiss search",
             "model": features.model, **result}

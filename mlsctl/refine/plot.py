@@ -101,8 +101,8 @@ def drift_figure(run_dir: str | Path, feats_dir: str | Path, out: str | Path, *,
         raise UserError(f"--projection {projection} is not one of {', '.join(PROJECTIONS)}")
     loaded, features, context = open_inputs(run_dir, feats_dir, context_dir)
     k = k or loaded.cfg.neighbours
-    names = labels_for(features, labels_file, "features", "--labels")
-    context_names = names if context is features else labels_for(context, labels_file, "context features", "--labels")
+    names = labels_for(features, labels_file, "", "--labels")
+    context_names = names if context is features else labels_for(context, labels_file, "context", "--labels")
     exclude_all = self_rows(features, context)
     check_reference_size(len(context), k, bool((exclude_all >= 0).any()), f"context features {context.path}",
                          "give a larger context or a smaller --k")

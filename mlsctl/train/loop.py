@@ -80,6 +80,7 @@ def pretrain(recipe, out: str | Path, *, resume: bool = False, init_from: Option
 def _pretrain(recipe, out: str | Path, *, resume: bool, init_from: Optional[str], overwrite: bool,
               recipe_source: str, overridden: Sequence[str], resume_command: Optional[str]) -> RunSummary:
     run = Run(out)
+    config_lib.check_paths_beside_recipe(recipe, recipe_source, overridden)  # while its paths are as written
     recipe = config_lib.absolute_paths(recipe)  # config.yaml is read from any working directory
     method_cls = methods.method_class(recipe.method.name)
     setup.check_recipe(recipe, method_cls, recipe_source, overridden)

@@ -2,7 +2,7 @@
 
 Layout (under ``--root``, a folder or an archive)::
 
-    [imagenet/ | ILSVRC/Data/CLS-LOC/]train/<class>/<image>      the class is the folder name
+    [imagenet/ | ILSVRC/Data/CLS-LOC/]train/<class>/<image>      the class is the folder under train/
     [...]val/<class>/<image>                                      (val prepared into class folders)
     [...]val/<image> + a split file                               (val as distributed, flat)
 
@@ -11,12 +11,18 @@ Split files for a flat split: ``<split>.txt`` next to the split folder, lines ``
 Caffe's ``val.txt``), or Kaggle's ``LOC_val_solution.csv`` (``ImageId,PredictionString``, the
 class the first word of the prediction string) at the top of the root. Images are the files
 Pillow reads (:data:`mlsctl.data.images.IMAGE_EXTENSIONS`).
+
+The class is the folder directly under the split, also for an image deeper in it: ImageNet's own
+definition (a split file's class index counts those folders, and published k-NN and linear figures
+use them), where ``--train``/``--val`` folders make each image's own folder, however deep, its class
+(docs/formats.md). Deeper images are said, with the other way (:func:`deeper_note`).
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import logging
 from typing import Optional
 
 from mlsctl.data.archive import Tree
@@ -74,6 +80,20 @@ def _split_file_labels(tree: Tree, base: str, split: str, class_names: list[str]
     return None
 
 
+def deeper_note(folder: str, inside: list[str]) -> None:
+    """A note where images lie below their class folder (``train/Boots/sub0/1.jpg``): this layout makes
+    them the class ``Boots``, as ImageNet's does, and ``--train``/``--val`` would make ``Boots/sub0`` one
+    (a new user's probe, 2026-12-07: the docs called both "folder name")."""
+    deeper = [p for p in inside if p.count("/") > 1]
+    if deeper:
+        n = len(deeper)
+        logging.getLogger("mlsctl").warning(
+            f"{folder}: {n} image{'s' if n != 1 else ''} lie below {'their' if n != 1 else 'its'} class folder (e.g. "
+            f"{deeper[0]}, of the class {deeper[0].split('/', 1)[0]}): --dataset imagenet takes the folder under the "
+            f"split as the class, as ImageNet does; give --train/--val folders instead to make each image's own "
+            f"folder its class")
+
+
 def read_split(tree: Tree, split: str) -> ClassificationSplit:
     base = find_base(tree, BASES, (split,))
     if base is None:
@@ -85,6 +105,7 @@ def read_split(tree: Tree, split: str) -> ClassificationSplit:
     inside = [p[len(folder) + 1:] for p in files]
     if all("/" in p for p in inside):
         labels = [p.split("/", 1)[0] for p in inside]
+        deeper_note(tree.location(folder), inside)
         return ClassificationSplit("imagenet", split, tree, files, labels, f"class folders at '{folder}'")
     train_dir = join(base, "train")
     class_names = sorted({p[len(train_dir) + 1:].split("/", 1)[0] for p in tree.files(train_dir)

@@ -18,8 +18,9 @@ from mlsctl.methods.base_config import TeacherStudentConfig, keys_in_order
 class MILEConfig(TeacherStudentConfig):
     name: str = param("mile", help="MILE")
     set_length: int = param(4, help="images per training set (sampled afresh every epoch)", ge=1)
-    objects_file: Optional[str] = param(None, path=True, help="CSV/JSONL of object_id,path (relative to data.root); "
-                                                   "default: one folder per object under data.root")
+    objects_file: Optional[str] = param(None, path=True, help="CSV/JSONL of object_id,path (relative to data.root or "
+                                                              "to the file's folder, or absolute); default: one "
+                                                              "folder per object under data.root")
     attend: Literal["cls", "patches"] = param("cls", help="what a latent attends to in each image: its CLS or its patch tokens")
     cross_heads: int = param(6, help="attention heads of Φ_CROSS (must divide the backbone width)", ge=1)
     out_dim: int = param(65536, help="prototypes K of the DINO head", ge=2)

@@ -16,7 +16,7 @@ class RefineConfig(MethodConfig):
 
     name: str = param("refine", help="context refinement of the embeddings in the feature folder data.root")
     labels_file: Optional[str] = param(None, path=True, help="CSV/JSONL of path,label for the feature rows' files; "
-                                                             "default: each file's folder is its class")
+                                                             "default: each image's own folder, however deep")
     blocks: int = param(8, help="T: cross-attention blocks", ge=1)
     neighbours: int = param(8, help="k: nearest neighbours each embedding attends to", ge=1)
     out_dim: int = param(0, help="d2 of the optional final linear layer d1 -> d2 (+ normalisation); 0 = none", ge=0)
