@@ -550,3 +550,12 @@ def test_tables_line_up_wide_and_combining_characters():
     assert display_width("日本") == 4 and display_width("e\u0301") == 1 and display_width("ev00007") == 7
     lines = table(["object", "cosine"], [["Ünïcode 日本", "0.9"], ["ev00007", "0.5"], ["e\u0301x", "0.1"]]).splitlines()
     assert {display_width(line) for line in lines} == {20}
+
+
+def test_the_note_on_val_classes_unseen_in_training_counts_in_the_right_number():
+    # a new user's probe (2026-12-07): "note: 1 val classes never occur in train"
+    from mlsctl.cli.eval import _unseen_note
+
+    assert _unseen_note(["Boots"], " (counted as errors)") == ("note: 1 val class never occurs in train (counted as "
+                                                                "errors): Boots")
+    assert _unseen_note(list("abcdef")) == "note: 6 val classes never occur in train: a, b, c, d, e"

@@ -275,7 +275,7 @@ def knn(
     typer.echo(table(["k", "top-1 %", "top-5 %"], [[lib.k_text(r, result["train_images"]), pct(r["top1"], 2),
                                                     pct(r["top5"], 2)] for r in results]))
     if unknown:
-        typer.echo(f"note: {len(unknown)} val classes never occur in train (counted as errors): {', '.join(unknown[:5])}")
+        typer.echo(_unseen_note(unknown, " (counted as errors)"))
     _say_shared(record, result["val_images"])
     if any(r["top5"] is None for r in results):
         typer.echo("no top-5 (-): fewer than 5 classes")
@@ -362,7 +362,7 @@ def linear(
                f"lr {result['chosen']['lr']:g}, wd {result['chosen']['weight_decay']:g}); results written to {out}")
     if result["val_classes_unseen_in_train"]:
         unseen = result["val_classes_unseen_in_train"]
-        typer.echo(f"note: {len(unseen)} val classes never occur in train: {', '.join(unseen[:5])}")
+        typer.echo(_unseen_note(unseen))
     _say_shared(record, result["val_images"])
 
 
@@ -429,6 +429,13 @@ def linear_seg(
                f"train loss {result['train_loss_per_epoch'][0]:.3f} -> {result['train_loss_per_epoch'][-1]:.3f}, "
                f"{result['seconds']['total']:.1f}s); results written to {out}")
     _say_shared(inputs.record, len(val_features))
+
+
+def _unseen_note(classes: list[str], how: str = "") -> str:
+    """The note on val classes that no training image has (``how``: what the scores make of them)."""
+    verb = "occurs" if len(classes) == 1 else "occur"
+    return (f"note: {counted(len(classes), 'val class', 'val classes')} never {verb} in train{how}: "
+            f"{', '.join(classes[:5])}")
 
 
 def _say_shared(record: dict, val_images) -> None:
