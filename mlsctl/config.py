@@ -1008,7 +1008,8 @@ def check_paths_beside_recipe(recipe: Any, recipe_file: str | Path, overridden: 
         return
     for key, value in path_values(recipe):
         path = os.path.expanduser(value)
-        if key in overridden or os.path.isabs(path) or os.path.exists(path) or not (folder / path).exists():
+        typed = any(key == given or key.startswith(given + ".") for given in overridden)  # data={root: x} too
+        if typed or os.path.isabs(path) or os.path.exists(path) or not (folder / path).exists():
             continue
         raise UserError(f"{recipe_file}: {key} {value} does not exist in the current folder {Path.cwd()}, which "
                         f"relative paths are read from; {folder.resolve() / path} exists beside the recipe: run from "

@@ -66,10 +66,10 @@ def _switch(owner, legacy) -> Optional[tuple[object, str, object]]:
 
 def _write(switch: tuple[object, str, object], value) -> None:
     """Set one switch. A newer string's "tf32" or "ieee" goes through the older boolean where torch has
-    one, and torch sets the string to match: "tf32" written to the string alone leaves the older
-    switches and ``torch.get_float32_matmul_precision()`` raising ("a mix of the legacy and new
-    APIs"), which torch.compile's inductor reads before torch 2.13 (a review of the CUDA paths,
-    2026-12-07: ``train.compile: true`` on CUDA would have failed in its lowering)."""
+    one, and torch sets the string to match (cuDNN's sets its RNNs' too, and its "ieee" reads "none"):
+    "tf32" written to the string alone leaves the older switches and ``torch.get_float32_matmul_precision()``
+    raising ("a mix of the legacy and new APIs"), which torch.compile's inductor reads before torch 2.13 (a
+    review of the CUDA paths, 2026-12-07: ``train.compile: true`` on CUDA would have failed in its lowering)."""
     owner, name, legacy = switch
     if name == "fp32_precision" and legacy is not None and value in ("tf32", "ieee"):
         legacy.allow_tf32 = value == "tf32"
@@ -84,10 +84,11 @@ def _cuda_switches() -> tuple:
 
 
 def precision_switches() -> list[tuple[tuple[object, str, object], object]]:
-    """The values of CUDA's switches and the CPU's (oneDNN) matrix products, for
-    :func:`restore_precision_switches`."""
+    """The values of CUDA's switches, cuDNN's RNNs' (which cuDNN's older switch sets with its
+    convolutions') and the CPU's (oneDNN) matrix products, for :func:`restore_precision_switches`."""
+    rnn = _switch(getattr(torch.backends.cudnn, "rnn", None), None)
     cpu = _switch(getattr(getattr(torch.backends, "mkldnn", None), "matmul", None), None)
-    return [(switch, getattr(switch[0], switch[1])) for switch in filter(None, (*_cuda_switches(), cpu))]
+    return [(switch, getattr(switch[0], switch[1])) for switch in filter(None, (*_cuda_switches(), rnn, cpu))]
 
 
 def restore_precision_switches(saved: list[tuple[tuple[object, str, object], object]]) -> None:
@@ -96,6 +97,8 @@ def restore_precision_switches(saved: list[tuple[tuple[object, str, object], obj
     for switch, value in saved:
         if getattr(switch[0], switch[1]) != value:
             _write(switch, value)
+        if getattr(switch[0], switch[1]) != value:  # a caller's own per-backend state, which no older switch
+            setattr(switch[0], switch[1], value)  # says (cuDNN's conv "ieee" beside RNN "tf32"): as it was
 
 
 def set_tf32(*, matmul: Optional[bool] = None, conv: Optional[bool] = None) -> None:

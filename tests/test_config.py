@@ -485,3 +485,10 @@ def test_a_relative_path_found_beside_the_recipe_but_not_here_names_both_folders
     assert code == 2 and (f"data.root {elsewhere / 'imgs'} does not exist; check the path (relative paths are read "
                           f"from the current folder, {elsewhere})") in err, err
     assert [key for key, _ in config.path_values(config.load_recipe(str(recipe)))] == ["data.root"]
+    # a path of a mapping typed on the command line is the shell's too (a review: data={root: imgs} was blamed on
+    # the recipe); a relative folder given to embed is said to be read from the current folder
+    code, _, err = cli("pretrain", str(recipe), "data={root: imgs}", "--out", str(tmp_path / "run"), cwd=elsewhere,
+                       capsys=capsys)
+    assert code == 2 and f"data.root {elsewhere / 'imgs'} does not exist; check the path (relative" in err, err
+    code, _, err = cli("embed", "imgs", "--random-init", "--out", str(tmp_path / "f"), cwd=elsewhere, capsys=capsys)
+    assert code == 2 and f"(relative paths are read from the current folder, {elsewhere})" in err, err

@@ -203,6 +203,18 @@ def test_tf32_switches_leave_torch_s_older_reads_working_for_torch_compile():
         restore_precision_switches(saved)
     reads()
     assert precision_switches() == saved
+    # a caller's own per-backend cuDNN state, which the older switch cannot say, comes back as it was (a review:
+    # its RNNs' TF32 was switched off)
+    if hasattr(torch.backends.cudnn, "rnn"):
+        torch.backends.cudnn.conv.fp32_precision = "ieee"
+        caller = precision_switches()
+        try:
+            set_tf32(matmul=True, conv=True)
+        finally:
+            restore_precision_switches(caller)
+        assert precision_switches() == caller and torch.backends.cudnn.rnn.fp32_precision == "tf32"
+        restore_precision_switches(saved)
+        assert precision_switches() == saved
 
 
 def test_pretrain_puts_the_caller_s_tf32_switches_back(monkeypatch):

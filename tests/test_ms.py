@@ -350,3 +350,18 @@ def test_notes_said_while_the_data_is_built_reach_train_log_once(tmp_path, capsy
     code, _, err = cli("pretrain", str(write_recipe(tmp_path / "r.yaml", raw)), "--out", str(tmp_path / "run2"),
                        capsys=capsys)
     assert code != 0 and err.count("are two classes") == 1 and err.index("are two classes") < err.index("error"), err
+    # nor are they lost where train.log cannot be opened (a review, 2026-12-07)
+    from mlsctl.train import setup
+
+    raw["optim"]["batch_size"] = 8
+
+    def unopened(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    setup_logging, setup.setup_logging = setup.setup_logging, unopened
+    try:
+        code, _, err = cli("pretrain", str(write_recipe(tmp_path / "r.yaml", raw)), "--out", str(tmp_path / "run3"),
+                           capsys=capsys)
+    finally:
+        setup.setup_logging = setup_logging
+    assert code != 0 and err.count("are two classes") == 3 and err.rindex("are two classes") < err.index("error"), err

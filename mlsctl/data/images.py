@@ -200,7 +200,8 @@ def _how_to_make(root: Path) -> str:
             if part == name and depth <= 3 and not built.exists():  # built already: a typo below it, not a build
                 shown = os.path.relpath(built) if not os.path.relpath(built).startswith("..") else str(built)
                 return f"build it with: {command.format(shown, os.path.dirname(shown) or '.')}"
-    if Path.cwd() in root.parents:  # a relative path, as likely as not (a new user's probe, 2026-12-07)
+    # a relative path, or one made absolute from it (pretrain's data.root): a new user's probe, 2026-12-07
+    if not root.is_absolute() or Path.cwd() in root.parents:
         return f"check the path (relative paths are read from the current folder, {Path.cwd()})"
     return "check the path"
 

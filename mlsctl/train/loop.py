@@ -162,6 +162,7 @@ def _pretrain(recipe, out: str | Path, *, resume: bool, init_from: Optional[str]
             _say_in_run_log(stopped, run, is_main)
         raise stopped from None
     except BaseException as exc:
+        held.say_unsaid()  # train.log could not be opened: the notes said while the run was built, on stderr
         latest = _latest(run)  # before an undone --overwrite puts the old run (and its checkpoints) back
         undone = resume_from is None and latest is None
         if is_main and undone:

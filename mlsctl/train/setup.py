@@ -145,6 +145,14 @@ class _HeldNotes(logging.Handler):
                 log.handle(record)
         self.records = []
 
+    def say_unsaid(self) -> None:
+        """A start that fails before :meth:`replay` (refused while the run is built, or train.log not opened):
+        process 0 says the notes still held on stderr, before its error, so none is lost."""
+        if self.is_main:
+            for record in self.records:
+                print(record.getMessage(), file=sys.stderr)
+        self.records = []
+
 
 @contextlib.contextmanager
 def held_notes(is_main: bool):
@@ -159,10 +167,7 @@ def held_notes(is_main: bool):
     try:
         yield held
     except BaseException:
-        if is_main:
-            for record in held.records:
-                print(record.getMessage(), file=sys.stderr)
-        held.records = []
+        held.say_unsaid()
         raise
     finally:
         log.removeHandler(held)

@@ -87,8 +87,9 @@ def deeper_note(folder: str, inside: list[str]) -> None:
     deeper = [p for p in inside if p.count("/") > 1]
     if deeper:
         n = len(deeper)
+        images = f"{n} images lie below their" if n != 1 else "1 image lies below its"
         logging.getLogger("mlsctl").warning(
-            f"{folder}: {n} image{'s' if n != 1 else ''} lie below {'their' if n != 1 else 'its'} class folder (e.g. "
+            f"{folder}: {images} class folder (e.g. "
             f"{deeper[0]}, of the class {deeper[0].split('/', 1)[0]}): --dataset imagenet takes the folder under the "
             f"split as the class, as ImageNet does; give --train/--val folders instead to make each image's own "
             f"folder its class")
