@@ -183,6 +183,18 @@ def test_pandas_index_utf16_exports_and_swapped_object_columns_are_read_or_said(
     assert read_objects_file(write(tmp_path / "ids.csv", "a.jpg.d,img/b.jpg\n")) == [("a.jpg.d", "img/b.jpg")]
 
 
+def test_utf16_without_a_byte_order_mark_is_said_and_a_nul_in_mlsctls_own_files_is_damage(tmp_path):
+    """A review (2026-12-07): ``iconv -t UTF-16LE`` of a labels CSV decoded as UTF-8 with NULs, then "needs two
+    columns"; it is one sentence naming the fix, and a NUL in one of mlsctl's own files is "not UTF-8 text"."""
+    for encoding in ("utf-16-le", "utf-16-be"):
+        path = write(tmp_path / "u16nobom.csv", "path,label\ncat/1.png,cat\n".encode(encoding))
+        with pytest.raises(UserError, match=r"^labels file .*u16nobom.csv looks like UTF-16 without a byte-order "
+                                            r"mark; save it as UTF-8 \(or UTF-16 with its byte-order mark\)$"):
+            read_labels_file(path)
+    with pytest.raises(UserError, match=r"^metrics file .*m.jsonl is not UTF-8 text \(a binary or damaged file\?\)"):
+        read_text_file(write(tmp_path / "m.jsonl", b'{"step": 1}\n\x00\x00\n'), "metrics file")
+
+
 def test_labels_of_folders_or_a_file_and_class_ids(tmp_path):
     assert labels_of(["cat/1.png", "dog/2.png"], tmp_path, None, "x") == ["cat", "dog"]
     write(tmp_path / "l.csv", f"cat/1.png,a\n{tmp_path / 'dog/2.png'},b\n")  # relative or absolute keys

@@ -15,7 +15,7 @@ One set of rules for all three:
 
 * a file whose name ends in ``.jsonl`` or ``.json`` is JSONL (one object a line), any other CSV;
 * the text is UTF-8 (a leading byte-order mark is allowed), or UTF-16 with its byte-order mark;
-  any other encoding is one sentence naming the file;
+  any other encoding, UTF-16 without its mark included, is one sentence naming the file;
 * blank lines are skipped; in a CSV the first row is a header, and skipped, when its first two
   cells are the column names (any case), or its next two after an empty first cell (pandas'
   ``to_csv`` with its index, whose column is then dropped from every row); cells are stripped and
@@ -69,12 +69,18 @@ def read_text_file(path: Path, what: str, utf16: bool = False) -> str:
         data = path.read_bytes()
     except OSError as exc:
         raise UserError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
-    utf16 = utf16 and data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE))
+    bom = utf16 and data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE))
+    kind = "UTF-16 text with damaged characters" if bom else "UTF-8 text (a binary or damaged file?)"
     try:
-        return data.decode("utf-16" if utf16 else "utf-8-sig")
+        text = data.decode("utf-16" if bom else "utf-8-sig")
     except UnicodeDecodeError:
-        kind = "UTF-16 text with damaged characters" if utf16 else "UTF-8 text (a binary or damaged file?)"
         raise UserError(f"{what} {path} is not {kind}; give a CSV or JSONL file") from None
+    if "\x00" in text:  # UTF-16 without its mark decodes as UTF-8 with a NUL in every other byte (a review)
+        if utf16 and not bom:
+            raise UserError(f"{what} {path} looks like UTF-16 without a byte-order mark; save it as UTF-8 (or UTF-16 "
+                            f"with its byte-order mark)")
+        raise UserError(f"{what} {path} is not {kind}; give a CSV or JSONL file")
+    return text
 
 
 def csv_rows(text: str, path: Path):
