@@ -195,6 +195,15 @@ def test_utf16_without_a_byte_order_mark_is_said_and_a_nul_in_mlsctls_own_files_
         read_text_file(write(tmp_path / "m.jsonl", b'{"step": 1}\n\x00\x00\n'), "metrics file")
 
 
+def test_windows_backslash_paths_name_their_images_and_a_file_named_with_a_backslash_wins(tmp_path):
+    """A review (2026-12-07): a labels CSV written on Windows (``cat\\1.png``) had "no label for 3 images"."""
+    files = ["cat/1.png", "cat/sub/2.png", "dog/3.png"]
+    write(tmp_path / "win.csv", "path,label\ncat\\1.png,a\ncat\\sub\\2.png,a\n.\\dog\\3.png,b\n")
+    assert labels_of(files, tmp_path, tmp_path / "win.csv", "x") == ["a", "a", "b"]
+    write(tmp_path / "odd.csv", "path,label\ncat\\1.png,a\ncat/1.png,b\n")  # a Linux file named cat\1.png
+    assert labels_of(["cat/1.png", "cat\\1.png"], tmp_path, tmp_path / "odd.csv", "x") == ["b", "a"]
+
+
 def test_labels_of_folders_or_a_file_and_class_ids(tmp_path):
     assert labels_of(["cat/1.png", "dog/2.png"], tmp_path, None, "x") == ["cat", "dog"]
     write(tmp_path / "l.csv", f"cat/1.png,a\n{tmp_path / 'dog/2.png'},b\n")  # relative or absolute keys

@@ -29,7 +29,8 @@ One set of rules for all three:
 * a file without a row is refused;
 * a path names an image relative to the images folder, or absolute, or relative to the file's own
   folder (:class:`ImagePaths`), compared after ``.`` and ``..`` are folded and Unicode is composed
-  (``./a.jpg`` is ``a.jpg``; an ``é`` that macOS writes decomposed is the composed one).
+  (``./a.jpg`` is ``a.jpg``; an ``é`` that macOS writes decomposed is the composed one); a path with
+  backslashes and no slash that names no file is read with slashes (Windows' ``cat\\1.jpg``).
 
 :func:`labels_of` gives files their class (each file's own folder, however deep, or a labels file)
 and :func:`class_ids` turns class names into indices.
@@ -260,7 +261,15 @@ class ImagePaths:
         self._located: Optional[dict[str, str]] = None
 
     def find(self, path: str) -> Optional[str]:
-        """The file of ``files`` that ``path`` names, or None."""
+        """The file of ``files`` that ``path`` names, or None. A path with backslashes and no slash that names no
+        file is read with ``/`` for ``\\`` (Windows' ``cat\\1.jpg``, "no label" without a hint: a review); a file
+        whose name holds a backslash is found first."""
+        found = self._find(path)
+        if found is None and "\\" in path and "/" not in path:
+            return self._find(path.replace("\\", "/"))
+        return found
+
+    def _find(self, path: str) -> Optional[str]:
         key = _normal(path)
         if not os.path.isabs(key) and key in self._relative:
             return self._relative[key]
