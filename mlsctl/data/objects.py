@@ -67,15 +67,12 @@ def listed_objects(path: Path, listing: dict, root, option: str) -> dict[str, li
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{option} {path} does not exist; give a CSV or JSONL of object_id,path")
-    paths, named = ImagePaths(list(listing), root, path, "objects file"), {}
+    paths = ImagePaths(list(listing), root, path, "objects file")
     groups: dict[str, list] = {}
     for object_id, relpath in read_objects_file(path):
-        found = paths.find(relpath)  # ./a.jpg, a decomposed é, a path relative to the file's folder
+        found = paths.find_once(relpath, "row")  # ./a.jpg, a decomposed é, a path relative to the file's folder
         if found is None:
             raise UserError(f"{path} lists {relpath}, which is not an image under {root}; {paths.where()}")
-        if named.setdefault(found, relpath) != relpath:  # a.jpg and ./a.jpg: one image, put twice into a set
-            raise UserError(f"{path} lists the image {found} twice, as {named[found]} and {relpath}; give each image "
-                            f"one row")
         groups.setdefault(object_id, []).append(listing[found])
     return groups
 
