@@ -14,8 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
-from mlsctl.data.labels import (FOLDER_LABELS, class_ids, labels_of, nested_split_hint, read_labels_file,
-                                read_multi_labels, read_objects_file, read_text_file)
+from mlsctl.data.labels import (FOLDER_LABELS, class_ids, labels_of, listed_files, nested_split_hint,
+                                read_labels_file, read_multi_labels, read_objects_file, read_paths_file, read_text_file)
 from mlsctl.errors import UserError
 from conftest import REPO, cli, make_images, tiny_recipe, write_feature_folder, write_recipe
 
@@ -181,6 +181,50 @@ def test_pandas_index_utf16_exports_and_swapped_object_columns_are_read_or_said(
                                         r"are object_id,path; swap them"):
         read_objects_file(swapped)
     assert read_objects_file(write(tmp_path / "ids.csv", "a.jpg.d,img/b.jpg\n")) == [("a.jpg.d", "img/b.jpg")]
+
+
+def test_utf16_without_a_byte_order_mark_is_said_and_a_nul_in_mlsctls_own_files_is_damage(tmp_path):
+    """A review (2026-12-07): ``iconv -t UTF-16LE`` of a labels CSV decoded as UTF-8 with NULs, then "needs two
+    columns"; it is one sentence naming the fix, and a NUL in one of mlsctl's own files is "not UTF-8 text"."""
+    for encoding in ("utf-16-le", "utf-16-be"):
+        path = write(tmp_path / "u16nobom.csv", "path,label\ncat/1.png,cat\n".encode(encoding))
+        with pytest.raises(UserError, match=r"^labels file .*u16nobom.csv looks like UTF-16 without a byte-order "
+                                            r"mark; save it as UTF-8 \(or UTF-16 with its byte-order mark\)$"):
+            read_labels_file(path)
+    with pytest.raises(UserError, match=r"^metrics file .*m.jsonl is not UTF-8 text \(a binary or damaged file\?\)"):
+        read_text_file(write(tmp_path / "m.jsonl", b'{"step": 1}\n\x00\x00\n'), "metrics file")
+
+
+def test_windows_backslash_paths_name_their_images_and_a_file_named_with_a_backslash_wins(tmp_path):
+    """A review (2026-12-07): a labels CSV written on Windows (``cat\\1.png``) had "no label for 3 images"."""
+    files = ["cat/1.png", "cat/sub/2.png", "dog/3.png"]
+    write(tmp_path / "win.csv", "path,label\ncat\\1.png,a\ncat\\sub\\2.png,a\n.\\dog\\3.png,b\n")
+    assert labels_of(files, tmp_path, tmp_path / "win.csv", "x") == ["a", "a", "b"]
+    write(tmp_path / "odd.csv", "path,label\ncat\\1.png,a\ncat/1.png,b\n")  # a Linux file named cat\1.png
+    assert labels_of(["cat/1.png", "cat\\1.png"], tmp_path, tmp_path / "odd.csv", "x") == ["b", "a"]
+
+
+def test_a_list_file_for_embed_reads_pandas_labels_whole_plain_lines_and_refuses_an_image_named_twice(tmp_path):
+    """A review (2026-12-07) of ``embed --files``: a pandas labels CSV (",path,label") said "first: 0"; ``a.png`` and
+    ``./a.png`` were merged silently; a plain list went through the csv module (no comma or leading quote in a
+    name); and the refusal said where paths are read in its own words, not ImagePaths'."""
+    files = ["cat/1.png", "cat/a,b.png", 'cat/"q.png', "dog/2.png"]
+    pandas = write(tmp_path / "pandas.csv", ",path,label\n0,cat/1.png,a\n1,dog/2.png,b\n")
+    assert read_paths_file(pandas, "--files") == ["cat/1.png", "dog/2.png"]
+    assert listed_files(files, tmp_path, pandas, "--files") == ["cat/1.png", "dog/2.png"]
+    plain = write(tmp_path / "list.txt", 'path\n  cat/a,b.png \n"cat/\"q.png\ncat/"q.png\r\n\n')
+    assert read_paths_file(plain, "--files") == ["cat/a,b.png", '"cat/"q.png', 'cat/"q.png']
+    assert read_paths_file(write(tmp_path / "l.csv", 'path\n"cat/a,b.png"\n'), "--files") == ["cat/a,b.png"]
+    with pytest.raises(UserError, match=r"l.csv:2 has an empty path; give every line one"):
+        read_paths_file(write(tmp_path / "l.csv", "path,label\n,a\n"), "--files")
+    twice = write(tmp_path / "twice.txt", "cat/1.png\n./cat/1.png\n")
+    with pytest.raises(UserError, match=r"twice.txt lists the image cat/1.png twice, as cat/1.png and ./cat/1.png; "
+                                        r"give each image one line$"):
+        listed_files(files, tmp_path, twice, "--files")
+    with pytest.raises(UserError, match=r"^--files .*list.txt lists 1 path that is no image under .* \(first: "
+                                        r"\"cat/\"q.png\); its paths are read relative to the images folder .*, "
+                                        r"then to the list file's folder$"):
+        listed_files(files, tmp_path, plain, "--files")
 
 
 def test_labels_of_folders_or_a_file_and_class_ids(tmp_path):

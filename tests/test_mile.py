@@ -965,3 +965,16 @@ def test_index_build_and_eval_retrieval_take_objects_files(mile_run, tmp_path, c
     code, _, err = cli("index", "build", str(tmp_path / "img"), "--objects", str(tmp_path / "none.csv"), "--run", run,
                        "--out", str(tmp_path / "g4"), capsys=capsys)
     assert code == 2 and f"--objects {tmp_path / 'none.csv'} does not exist" in err, err
+
+
+def test_trained_images_counts_the_objects_files_paths_as_training_reads_them(tmp_path):
+    """A review (2026-12-07): rows ``./cat/1.png``, an absolute path and one relative to the file's folder were 1 image
+    in train.log's first line and the report, where training (listed_objects) read 3."""
+    from types import SimpleNamespace
+
+    root = tmp_path / "images"
+    objects = tmp_path / "objects.csv"
+    objects.write_text(f"object_id,path\no1,./cat/1.png\no1,{root / 'cat' / '2.png'}\no2,images/dog/3.png\n")
+    recipe = SimpleNamespace(method=SimpleNamespace(objects_file=str(objects)), data=SimpleNamespace(root=str(root)))
+    relpaths = ["cat/1.png", "cat/2.png", "dog/3.png", "dog/4.png"]
+    assert MILE.trained_images(recipe, relpaths) == (3, f"the photos method.objects_file {objects} lists")

@@ -15,7 +15,7 @@ One set of rules for all three:
 
 * a file whose name ends in ``.jsonl`` or ``.json`` is JSONL (one object a line), any other CSV;
 * the text is UTF-8 (a leading byte-order mark is allowed), or UTF-16 with its byte-order mark;
-  any other encoding is one sentence naming the file;
+  any other encoding, UTF-16 without its mark included, is one sentence naming the file;
 * blank lines are skipped; in a CSV the first row is a header, and skipped, when its first two
   cells are the column names (any case), or its next two after an empty first cell (pandas'
   ``to_csv`` with its index, whose column is then dropped from every row); cells are stripped and
@@ -29,7 +29,8 @@ One set of rules for all three:
 * a file without a row is refused;
 * a path names an image relative to the images folder, or absolute, or relative to the file's own
   folder (:class:`ImagePaths`), compared after ``.`` and ``..`` are folded and Unicode is composed
-  (``./a.jpg`` is ``a.jpg``; an ``é`` that macOS writes decomposed is the composed one).
+  (``./a.jpg`` is ``a.jpg``; an ``é`` that macOS writes decomposed is the composed one); a path with
+  backslashes and no slash that names no file is read with slashes (Windows' ``cat\\1.jpg``).
 
 :func:`labels_of` gives files their class (each file's own folder, however deep, or a labels file)
 and :func:`class_ids` turns class names into indices.
@@ -69,12 +70,18 @@ def read_text_file(path: Path, what: str, utf16: bool = False) -> str:
         data = path.read_bytes()
     except OSError as exc:
         raise UserError(f"cannot read {what} {path}: {exc.strerror or exc}") from None
-    utf16 = utf16 and data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE))
+    bom = utf16 and data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE))
+    kind = "UTF-16 text with damaged characters" if bom else "UTF-8 text (a binary or damaged file?)"
     try:
-        return data.decode("utf-16" if utf16 else "utf-8-sig")
+        text = data.decode("utf-16" if bom else "utf-8-sig")
     except UnicodeDecodeError:
-        kind = "UTF-16 text with damaged characters" if utf16 else "UTF-8 text (a binary or damaged file?)"
         raise UserError(f"{what} {path} is not {kind}; give a CSV or JSONL file") from None
+    if "\x00" in text:  # UTF-16 without its mark decodes as UTF-8 with a NUL in every other byte (a review)
+        if utf16 and not bom:
+            raise UserError(f"{what} {path} looks like UTF-16 without a byte-order mark; save it as UTF-8 (or UTF-16 "
+                            f"with its byte-order mark)")
+        raise UserError(f"{what} {path} is not {kind}; give a CSV or JSONL file")
+    return text
 
 
 def csv_rows(text: str, path: Path):
@@ -104,6 +111,17 @@ def _scalar(value, name: str, malformed: str) -> str:
     if not text.strip():
         raise _Bad(f"has an empty {name}; give every row one")
     return text
+
+
+def _header_index(cells: Sequence[str], headers: Sequence[Sequence[str]]) -> Optional[int]:
+    """Whether the stripped cells of a CSV's first row are its header: 0 where its first cells are the column names
+    of one of ``headers`` (any case), 1 where they follow an empty cell (pandas' ``to_csv`` writes its index first,
+    under an empty name: ",path,label", a new user's probe), None where the row is no header."""
+    names = [c.lower() for c in cells]
+    for index in (0, 1):
+        if names[:index] == [""] * index and any(names[index:index + len(h)] == list(h) for h in headers):
+            return index
+    return None
 
 
 def _rows(path: Path, what: str, headers: Sequence[Sequence[str]], from_json: Callable, from_csv: Callable,
@@ -145,12 +163,9 @@ def _rows(path: Path, what: str, headers: Sequence[Sequence[str]], from_json: Ca
                 continue
             if header_possible:
                 header_possible = False
-                names = [c.lower() for c in cells]
-                if names[:2] in [list(h) for h in headers]:
-                    continue
-                # pandas' to_csv writes its index first, under an empty name (",path,label": a new user's probe)
-                if names[0] == "" and names[1:3] in [list(h) for h in headers]:
-                    first = 1
+                index = _header_index(cells, headers)
+                if index is not None:
+                    first = index
                     continue
             cells = cells[first:]
             if len(cells) < 2:
@@ -252,9 +267,27 @@ class ImagePaths:
         self.files, self.root, self.listed_in, self.kind = files, Path(root), Path(listed_in), kind
         self._relative = {_normal(f): f for f in files}
         self._located: Optional[dict[str, str]] = None
+        self._named: dict[str, str] = {}  # file → the path that first named it (find_once)
 
     def find(self, path: str) -> Optional[str]:
-        """The file of ``files`` that ``path`` names, or None."""
+        """The file of ``files`` that ``path`` names, or None. A path with backslashes and no slash that names no
+        file is read with ``/`` for ``\\`` (Windows' ``cat\\1.jpg``, "no label" without a hint: a review); a file
+        whose name holds a backslash is found first."""
+        found = self._find(path)
+        if found is None and "\\" in path and "/" not in path:
+            return self._find(path.replace("\\", "/"))
+        return found
+
+    def find_once(self, path: str, unit: str) -> Optional[str]:
+        """:meth:`find`, refusing a file that an earlier path named otherwise (``a.jpg`` and ``./a.jpg``: one image
+        put twice into a set, or listed twice for embed); ``unit``: what the file gives each image, a row or a line."""
+        found = self.find(path)
+        if found is not None and self._named.setdefault(found, path) != path:
+            raise UserError(f"{self.listed_in} lists the image {found} twice, as {self._named[found]} and {path}; "
+                            f"give each image one {unit}")
+        return found
+
+    def _find(self, path: str) -> Optional[str]:
         key = _normal(path)
         if not os.path.isabs(key) and key in self._relative:
             return self._relative[key]
@@ -367,13 +400,16 @@ PATH_HEADERS = ("path", "image", "file", "filename")
 
 def read_paths_file(path: Path, what: str) -> list[str]:
     """The image paths a list file names, in its order (``embed --files``): a JSONL of records with a
-    ``path`` (or ``image``), or else one path a line — a plain list such as ``find``'s output, or a CSV
-    whose first column is the path (a labels file ``path,label`` serves as it is; a first row whose
-    first cell is ``path``, ``image``, ``file`` or ``filename`` is its header). A path listed twice is
-    refused, as in the other labels files."""
+    ``path`` (or ``image``); a CSV (a name ending in ``.csv``) whose first column is the path (a labels
+    file serves as it is: a first row whose first cell is ``path``, ``image``, ``file`` or ``filename`` is
+    its header, pandas' index before it dropped as the labels files' rule drops it); or else a plain list
+    such as ``find``'s output, one path a line, taken whole (a comma or a quote is part of the name) but
+    for the spaces around it (a name that starts or ends with a space is listed in a JSONL), a first line
+    that is one of those header names skipped. A path listed twice is refused, as in the other labels files."""
     path = Path(path)
     text = read_text_file(path, what, utf16=True)
     found: dict[str, int] = {}
+    headers = [(name,) for name in PATH_HEADERS]
     if path.suffix.lower() in JSON_SUFFIXES:
         numbered = []
         for number, line in enumerate(text.splitlines(), 1):
@@ -388,9 +424,19 @@ def read_paths_file(path: Path, what: str) -> list[str]:
                 raise UserError(f"{path}:{number} is not a JSON object with a \"path\" (a string)")
             numbered.append((number, value))
     else:
-        rows = [(number, row[0].strip()) for number, row in csv_rows(text, path) if row and row[0].strip()]
-        numbered = rows[1:] if rows and rows[0][1].lower() in PATH_HEADERS else rows
+        if path.suffix.lower() == ".csv":
+            rows = [(number, [c.strip() for c in row]) for number, row in csv_rows(text, path)]
+        else:  # a comma or a leading quote in a name is no CSV syntax (a review)
+            rows = [(number, [line.strip()]) for number, line in enumerate(text.splitlines(), 1)]
+        rows = [(number, cells) for number, cells in rows if any(cells)]
+        index = _header_index(rows[0][1], headers) if rows else None
+        if index is not None:
+            rows = rows[1:]
+        column = index or 0  # after pandas' index, where its header says so
+        numbered = [(number, cells[column] if len(cells) > column else "") for number, cells in rows]
     for number, value in numbered:
+        if not value:
+            raise UserError(f"{path}:{number} has an empty path; give every line one")
         if value in found:
             raise UserError(f"{path}:{number} lists {value} again (first on line {found[value]}); give each image "
                             f"one line")
@@ -404,17 +450,17 @@ def listed_files(files: Sequence[str], root: Path, list_file: Path, what: str) -
     """Those of ``files`` (paths relative to ``root``) that ``list_file`` names (:func:`read_paths_file`),
     in the order of ``files``. A listed path is read as :class:`ImagePaths` reads them (relative to ``root``,
     then to the list file's folder, or absolute); one that is none of ``files`` (missing, or not an image) is
-    refused, naming the first."""
+    refused, naming the first, and so is an image two paths name (``a.jpg`` and ``./a.jpg``)."""
     paths = ImagePaths(files, root, Path(list_file), "list file")
     chosen, missing = set(), []
     for key in read_paths_file(list_file, what):
-        hit = paths.find(key)
+        hit = paths.find_once(key, "line")
         if hit is None:
             missing.append(key)
         else:
             chosen.add(hit)
     if missing:
         raise UserError(f"{what} {list_file} lists {len(missing)} path{'s' if len(missing) != 1 else ''} that "
-                        f"{'are' if len(missing) != 1 else 'is'} no image under {root} (first: {missing[0]}); its "
-                        f"paths are read relative to {root}, then to its own folder, or as absolute")
+                        f"{'are' if len(missing) != 1 else 'is'} no image under {root} (first: {missing[0]}); "
+                        f"{paths.where()}")
     return [f for f in files if f in chosen]

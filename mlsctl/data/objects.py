@@ -67,17 +67,19 @@ def listed_objects(path: Path, listing: dict, root, option: str) -> dict[str, li
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{option} {path} does not exist; give a CSV or JSONL of object_id,path")
-    paths, named = ImagePaths(list(listing), root, path, "objects file"), {}
+    paths = ImagePaths(list(listing), root, path, "objects file")
     groups: dict[str, list] = {}
     for object_id, relpath in read_objects_file(path):
-        found = paths.find(relpath)  # ./a.jpg, a decomposed é, a path relative to the file's folder
+        found = paths.find_once(relpath, "row")  # ./a.jpg, a decomposed é, a path relative to the file's folder
         if found is None:
             raise UserError(f"{path} lists {relpath}, which is not an image under {root}; {paths.where()}")
-        if named.setdefault(found, relpath) != relpath:  # a.jpg and ./a.jpg: one image, put twice into a set
-            raise UserError(f"{path} lists the image {found} twice, as {named[found]} and {relpath}; give each image "
-                            f"one row")
         groups.setdefault(object_id, []).append(listing[found])
     return groups
+
+
+def _posix(path: str | os.PathLike) -> PurePosixPath:
+    """An image's path relative to the root as a POSIX path (its folder, its suffix)."""
+    return PurePosixPath(Path(path).as_posix())
 
 
 NESTED_FOLDERS = 4  # sub-folders of one group from which a data set's root given for its split is suspected
@@ -102,12 +104,12 @@ def nested_groups_note(root: Path, groups: dict, what: str = "objects", prefer: 
     where nothing looks so."""
     nested = {}
     for name, paths in groups.items():
-        folders = {PurePosixPath(Path(p).as_posix()).parent for p in paths if len(Path(p).parts) > 2}
+        folders = {_posix(p).parent for p in paths if len(Path(p).parts) > 2}
         if len(folders) >= NESTED_FOLDERS:
             nested[name] = (len(paths), len(folders))
     if not nested:
         return None
-    leaves = {PurePosixPath(Path(p).as_posix()).parent for paths in groups.values() for p in paths}
+    leaves = {_posix(p).parent for paths in groups.values() for p in paths}
     depths = {len(leaf.parts) for leaf in leaves}
     splits = all(str(name).casefold() in SPLIT_NAMES for name in nested)
     if len(depths) == 1 and min(depths) >= 2 and not splits:
@@ -129,12 +131,12 @@ def _deep_layout_note(root: Path, groups: dict, leaves: list[PurePosixPath], wha
     leaf folders share a name (a gallery's ids hold no ``/``)."""
     depth = len(leaves[0].parts)
     example = leaves[0]
-    photos = sum(1 for paths in groups.values() for p in paths if PurePosixPath(Path(p).as_posix()).parent == example)
+    photos = sum(1 for paths in groups.values() for p in paths if _posix(p).parent == example)
     shown = ", ".join(sorted(map(str, groups))[:3]) + (", ..." if len(groups) > 3 else "")
     unique = len({leaf.name for leaf in leaves}) == len(leaves)
     object_id = ("id = $(NF-1)" if unique else
                  'id = substr($0, 1, length($0) - length($NF) - 1); gsub("/", "_", id)')
-    suffixes = sorted({PurePosixPath(Path(p).as_posix()).suffix for paths in groups.values() for p in paths})
+    suffixes = sorted({_posix(p).suffix for paths in groups.values() for p in paths})
     names = " -o ".join(f"-name '*{s}'" for s in suffixes)
     listing = (f"(cd {shlex.quote(str(root))} && find -L . -type f \\( {names} \\) | sed 's|^\\./||' | awk -F/ "
                f"'BEGIN {{print \"object_id,path\"}} {{{object_id}; print id \",\" $0}}') > {objects_name}")

@@ -167,12 +167,14 @@ class MILE(Method):
 
     @classmethod
     def trained_images(cls, recipe, relpaths):
-        from mlsctl.data.labels import read_objects_file
+        from mlsctl.data.objects import listed_objects
 
         if not recipe.method.objects_file:
             return None
-        listed = {Path(relpath).as_posix() for _, relpath in read_objects_file(Path(recipe.method.objects_file))}
-        return len(listed & set(relpaths)), f"the photos method.objects_file {recipe.method.objects_file} lists"
+        # read as training reads them (./, absolute, relative to the file's folder: counted exactly, 1 of 3, a review)
+        listed = listed_objects(Path(recipe.method.objects_file), {r: r for r in relpaths}, Path(recipe.data.root),
+                                "method.objects_file")
+        return sum(map(len, listed.values())), f"the photos method.objects_file {recipe.method.objects_file} lists"
 
     @classmethod
     def data_notes(cls, recipe, dataset):
