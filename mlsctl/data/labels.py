@@ -230,7 +230,8 @@ def read_objects_file(path: Path) -> list[tuple[str, str]]:
 
     def from_csv(cells: list[str]):
         if looks_like_image(cells[0]) and not looks_like_image(cells[1]):  # path,object_id: every id "listed again"
-            raise _Bad(f"starts with the image {cells[0]} and then {cells[1]}: the columns are object_id,path; swap them")
+            raise _Bad(f"starts with the image {cells[0]} and then {cells[1]}: the columns are object_id,path; "
+                       f"swap them")
         return _scalar(cells[1], "path", ""), _scalar(cells[0], "object_id", "")
 
     rows = _rows(path, "objects file", [("object_id", "path")], from_json, from_csv,

@@ -86,7 +86,8 @@ NESTED_FOLDERS = 4  # sub-folders of one group from which a data set's root give
 
 
 def nested_groups_note(root: Path, groups: dict, what: str = "objects", prefer: tuple[str, ...] = (),
-                       objects_option: str = "method.objects_file=", objects_name: str = "objects.csv") -> Optional[str]:
+                       objects_option: str = "method.objects_file=",
+                       objects_name: str = "objects.csv") -> Optional[str]:
     """A warning where groups of images (objects, classes: the folders right under ``root``; ``groups``
     maps each to its images' paths relative to ``root``) gather their images from
     :data:`NESTED_FOLDERS` or more sub-folders, at any depth.

@@ -94,7 +94,8 @@ class MiningCount:
                 f"of more classes (a larger optim.batch_size) or classes of more distinct images give it pairs"]
 
 
-def short_classes_note(labels: torch.Tensor, m: int, batch_size: int, per_class: str = "method.m_per_class") -> Optional[str]:
+def short_classes_note(labels: torch.Tensor, m: int, batch_size: int,
+                       per_class: str = "method.m_per_class") -> Optional[str]:
     """A note where classes hold fewer images than a batch takes of each (``m``): the m-per-class sampler
     draws their images again, and an image drawn twice in a step gives two equal embeddings (MS: the same
     crop, its seed being the epoch's and the image's; refinement: the same features and neighbours), from
@@ -111,8 +112,8 @@ def short_classes_note(labels: torch.Tensor, m: int, batch_size: int, per_class:
            f"set {per_class}={fewest} and optim.batch_size a multiple of it")
     singles = int((short == 1).sum())
     lone = f", {singles} of a single image (no positive pair at all)" if singles else ""
-    return (f"{len(short)} of the {len(counts)} classes have fewer images than {per_class}={m} (fewest: {fewest}{lone}): "
-            f"a batch takes {m} of each class, drawing its images again, and an image drawn twice in a step gives two "
+    return (f"{len(short)} of the {len(counts)} classes have fewer images than {per_class}={m} "
+            f"(fewest: {fewest}{lone}): a batch takes {m} of each class, drawing its images again, and an image drawn twice in a step gives two "
             f"equal embeddings, which give the miner no pair; {fix}")
 
 
