@@ -649,14 +649,15 @@ def _retrieval(result: dict) -> str:
 
 def _recall(result: dict) -> str:
     """eval recall's scores, with a random ranking's where the result records it (since 2026-12-07)."""
+    from mlsctl.evaluate.recall import certain_note
+
     recalls = result["recall"]
     rows = [["scores", *(_pct(v) for v in recalls.values()), _pct(result.get("map_at_r"))]]
     chance = result.get("chance")
     if isinstance(chance, dict):
         rows.append(["chance (a random ranking)", *(_pct(chance.get(k)) for k in recalls), ""])
-    certain = result.get("ks_certain") or []
-    note = (_note(f"R@{', R@'.join(map(str, certain))} {'are' if len(certain) > 1 else 'is'} 100 % by construction "
-                  f"(more than the embeddings of other classes than any query's own)") if certain else "")
+    certain = certain_note(result.get("ks_certain") or [])
+    note = _note(certain) if certain else ""
     return (f"<p>{result.get('embeddings', '?')} embeddings of {result.get('classes', '?')} classes</p>"
             + _table(["", *(f"R@{k} %" for k in recalls), "MAP@R %"], rows) + note)
 

@@ -523,7 +523,7 @@ def recall(
 
     After refinement: mlsctl eval recall features/ms-test-refined
     """
-    from mlsctl.evaluate.recall import evaluate_recall
+    from mlsctl.evaluate.recall import certain_note, evaluate_recall
     from mlsctl.features import Features, require_rows
 
     feats = require_rows(Features(features, "features"), "features")
@@ -539,10 +539,9 @@ def recall(
     typer.echo(table(["", *(f"R@{K}" for K in recalls), "MAP@R"],
                      [["scores", *(pct(v, 2) for v in recalls.values()), pct(result["map_at_r"], 2)],
                       ["chance (a random ranking)", *(pct(result["chance"][K], 2) for K in recalls), ""]]))
-    certain = result["ks_certain"]
+    certain = certain_note(result["ks_certain"])
     if certain:
-        typer.echo(f"note: R@{', R@'.join(map(str, certain))} {'are' if len(certain) > 1 else 'is'} 100 % by "
-                   f"construction: any {certain[0]} embeddings other than a query hold one of its class")
+        typer.echo(certain)
     if result["ks_too_large"]:
         typer.echo(f"note: R@{', R@'.join(map(str, result['ks_too_large']))} left out: the set has {result['embeddings']} embeddings")
     if result["lone_queries"]:
