@@ -1417,10 +1417,14 @@ def _say_what_a_rebuild_drops(out: Path, source_counts: dict[str, int], say: Cal
 
 
 def check_objects_source(source: str | os.PathLike, objects_file: Optional[str | os.PathLike]) -> None:
-    """An objects file lists photos: refused with a feature folder, whose objects are its folders."""
+    """An objects file lists photos: refused with a feature folder, whose objects are its folders, and when
+    it is no file (before the model loads)."""
+    from mlsctl.data.objects import check_objects_file
+
     if objects_file is not None and is_feature_folder(source):
         raise UserError(f"--objects lists photos, and {source} is a feature folder; give the photos' folder, or embed "
                         f"them with one folder per object")
+    check_objects_file(objects_file, "--objects")
 
 
 def build_gallery(source: str | os.PathLike, model: SetModel, out: str | os.PathLike, settings: IndexSettings,

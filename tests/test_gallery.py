@@ -150,6 +150,35 @@ def test_the_library_takes_the_gallery_lock_for_retrain_and_add(tmp_path):
     assert before == manifest["rows"] == 40
 
 
+def test_a_missing_objects_file_is_said_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    """A review (2026-12-07): `index build SOURCE --objects MISSING` and `eval retrieval --gallery-objects MISSING`
+    (or --query-objects) said the missing file only after the model had loaded; said first now, in the words
+    the later check uses."""
+    from PIL import Image
+
+    from mlsctl import gallery as gallery_lib
+
+    from conftest import cli
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(gallery_lib, "choose_set_model", no_model)
+    for part in ("gallery", "query"):
+        (tmp_path / part / "obj0").mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / part / "obj0" / "a.png")
+    missing = tmp_path / "none.csv"
+    runs = {"--objects": ["index", "build", str(tmp_path / "gallery"), "--objects", str(missing), "--out",
+                          str(tmp_path / "g")]}
+    for option in ("--gallery-objects", "--query-objects"):
+        runs[option] = ["eval", "retrieval", "--gallery", str(tmp_path / "gallery"), "--query", str(tmp_path / "query"),
+                        option, str(missing), "--out", str(tmp_path / "r.json")]
+    for option, args in runs.items():
+        code, _, err = cli(*args, capsys=capsys)
+        assert code == 2 and f"{option} {missing} does not exist; give a CSV or JSONL of object_id,path" in err, err
+        assert "the model was loaded" not in err, err
+
+
 def test_index_add_says_a_photo_it_cannot_read_before_the_model_loads_and_after_the_id_and_the_gallery(
         tmp_path, monkeypatch, capsys):
     """Left over from the twentieth session: `index add` said a corrupt photo only after its model had loaded

@@ -466,6 +466,7 @@ def retrieval(
     Example: mlsctl eval retrieval --gallery data/fmnist-products/gallery --query data/fmnist-products/query --run runs/mile_fmnist_quick --noise 0 0.25 0.5
     """
     from mlsctl.data.kinds import folder_kind
+    from mlsctl.data.objects import check_objects_file
     from mlsctl.errors import UserError
     from mlsctl.evaluate.retrieval import evaluate_set_model, objects_note, replaced_text
     from mlsctl.gallery import choose_set_model
@@ -484,6 +485,8 @@ def retrieval(
             raise UserError(f"{option} {folder} is a gallery index (mlsctl index build); eval retrieval takes photos: "
                             f"a folder with one sub-folder of photos per object, such as the one the gallery was "
                             f"built from")
+    check_objects_file(gallery_objects, "--gallery-objects")  # before the model loads, not after
+    check_objects_file(query_objects, "--query-objects")
     write = results_writer(out, "retrieval", say)  # after the refusals, before the work
     model = choose_set_model(run, say=say)
     payload = {"command": "eval retrieval",
