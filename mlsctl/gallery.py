@@ -1472,6 +1472,7 @@ def build_gallery(source: str | os.PathLike, model: SetModel, out: str | os.Path
         raise UserError(f"{source} holds no object")
     manifest = {"kind": "mlsctl-gallery", "format_version": GALLERY_FORMAT_VERSION, "mlsctl_version": __version__,
                 "source": os.path.abspath(source),
+                "objects_file": None if objects_file is None else os.path.abspath(objects_file),
                 "model": {"run": os.path.abspath(model.run), "step": model.step, "fingerprint": model.fingerprint,
                           "attend": model.attend, "dim": model.dim, "resolution": model.resolution,
                           "arch": model.backbone.info["arch"]},

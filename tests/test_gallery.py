@@ -296,6 +296,27 @@ def test_a_gallery_of_a_model_of_another_width_is_refused_in_one_sentence_by_add
         gallery.check_model(retrained)
 
 
+def test_a_gallery_records_the_objects_file_it_was_built_from(tmp_path, monkeypatch):
+    """A review (2026-12-07): the gallery's manifest recorded its source but not `index build --objects`, which
+    decides its objects (eval retrieval's results record theirs): ``objects_file``, absolute, or null."""
+    from PIL import Image
+
+    from mlsctl.gallery import build_gallery, read_manifest
+
+    for o in range(2):
+        (tmp_path / "photos" / "deep" / f"obj{o}").mkdir(parents=True)
+        Image.new("RGB", (32, 32), (60 * o, 0, 0)).save(tmp_path / "photos" / "deep" / f"obj{o}" / "0.png")
+    (tmp_path / "objects.csv").write_text("object_id,path\nA,deep/obj0/0.png\nB,deep/obj1/0.png\n")
+    model = tiny_set_model(32, tmp_path / "run")
+    monkeypatch.chdir(tmp_path)  # a relative path is recorded absolute
+    for out, objects in (("listed", "objects.csv"), ("folders", None)):
+        build_gallery(tmp_path / "photos" / "deep" if objects is None else tmp_path / "photos", model, tmp_path / out,
+                      IndexSettings("flat"), workers=0, progress=False, say=lambda line: None, objects_file=objects)
+    assert read_manifest(tmp_path / "listed")["objects_file"] == str(tmp_path / "objects.csv")
+    assert Gallery(tmp_path / "listed").ids == ["A", "B"]
+    assert read_manifest(tmp_path / "folders")["objects_file"] is None
+
+
 def test_ivfpq_settings_for_a_flat_index_are_refused_by_the_library_and_dropped_from_old_galleries(tmp_path):
     """Only the CLI refused --nlist with a flat index (a code-health review, 2026-12-07); galleries built before
     stored it, and must still open and retrain."""
