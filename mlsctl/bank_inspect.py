@@ -325,8 +325,17 @@ def entry_colours(bank: MemoryBank, name: str, slots: torch.Tensor, color_by: st
         # the path under data.root, not the bare file name: 01.png of two folders are two images
         names = {int(i): relpath(int(i)) or f"image {int(i)}" for i in image_ids.unique()}
         return EntryColours(image_ids, "label", "source image", names, other_name="images")
+    entries = [relpath(i) for i in image_ids.tolist()]
     if path.is_dir():
-        return mask_colours(payload, name, path, [relpath(i) for i in image_ids.tolist()])
+        return mask_colours(payload, name, path, entries)
+    return labels_file_colours(payload, name, path, image_ids.tolist(), entries, sources)
+
+
+def labels_file_colours(payload: dict, name: str, path: Path, image_ids: Sequence[int],
+                        relpaths: Sequence[Optional[str]], sources: Optional[SourceImages]) -> EntryColours:
+    """Each entry coloured by its source image's label in the labels file ``path`` (:func:`entry_colours`), keyed
+    by the image's path under data.root (``relpaths``, per entry; None where unknown), its absolute path or its
+    ``image_id``; a bank of regions is drawn in each entry's image's label, and ``note`` says so."""
     from mlsctl.data.labels import ImagePaths, read_labels_file
 
     # bank plot has no --multi-label (a new user's run-through, 2026-12-06: the hint said to add it)
@@ -334,17 +343,16 @@ def entry_colours(bank: MemoryBank, name: str, slots: torch.Tensor, color_by: st
                                    "train/labels.csv)")
     root = sources.root if sources is not None else None
     found, by_file = [], None
-    for image_id in image_ids.tolist():
-        rel = relpath(image_id)
+    for image_id, rel in zip(image_ids, relpaths):
         keys = ([rel, str(root / rel)] if rel is not None else []) + [str(image_id)]
         label = next((table[k] for k in keys if k in table), None)
         if label is None and rel is not None:  # ./ paths, decomposed Unicode, the file's own folder: as labels_of
-            by_file = by_file if by_file is not None else ImagePaths(relpaths, root, path).rows(table)
+            by_file = by_file if by_file is not None else ImagePaths(sources.relpaths, root, path).rows(table)
             label = by_file.get(rel)
         found.append(label)
     classes = sorted({label for label in found if label is not None})
     if not classes:
-        example = relpath(int(image_ids[0])) or str(int(image_ids[0]))
+        example = relpaths[0] or str(image_ids[0])
         raise UserError(f"labels file {path} labels none of the {len(found)} entries drawn (e.g. {example}); key it "
                         f"by the source images as RUN/images.txt lists them, by absolute paths or by image_id")
     index = {label: i for i, label in enumerate(classes)}

@@ -1417,10 +1417,14 @@ def _say_what_a_rebuild_drops(out: Path, source_counts: dict[str, int], say: Cal
 
 
 def check_objects_source(source: str | os.PathLike, objects_file: Optional[str | os.PathLike]) -> None:
-    """An objects file lists photos: refused with a feature folder, whose objects are its folders."""
+    """An objects file lists photos: refused with a feature folder, whose objects are its folders, and when
+    it is no file (before the model loads)."""
+    from mlsctl.data.objects import check_objects_file
+
     if objects_file is not None and is_feature_folder(source):
         raise UserError(f"--objects lists photos, and {source} is a feature folder; give the photos' folder, or embed "
                         f"them with one folder per object")
+    check_objects_file(objects_file, "--objects")
 
 
 def build_gallery(source: str | os.PathLike, model: SetModel, out: str | os.PathLike, settings: IndexSettings,
@@ -1468,6 +1472,7 @@ def build_gallery(source: str | os.PathLike, model: SetModel, out: str | os.Path
         raise UserError(f"{source} holds no object")
     manifest = {"kind": "mlsctl-gallery", "format_version": GALLERY_FORMAT_VERSION, "mlsctl_version": __version__,
                 "source": os.path.abspath(source),
+                "objects_file": None if objects_file is None else os.path.abspath(objects_file),
                 "model": {"run": os.path.abspath(model.run), "step": model.step, "fingerprint": model.fingerprint,
                           "attend": model.attend, "dim": model.dim, "resolution": model.resolution,
                           "arch": model.backbone.info["arch"]},

@@ -605,17 +605,30 @@ def _made(result: dict, source: Path) -> str:
     return "date and mlsctl version not recorded"
 
 
+def _memorised(result: dict) -> bool:
+    """The result scored val images that are training images too (``dataset.val_images_in_train``)."""
+    dataset = result.get("dataset")
+    return isinstance(dataset, dict) and bool(dataset.get("val_images_in_train"))
+
+
 def _shared_warning(result: dict) -> str:
     """The console's note on val images that are training images too (``dataset.val_images_in_train``), as a
-    warning: the report listed such a result as any other (a new user's probe, 2026-12-07)."""
+    warning: the report listed such a result as any other (a new user's probe, 2026-12-07); the note that the
+    images were compared by path only (``dataset.val_images_compared``) as a plain note: it finds none shared."""
     from mlsctl.evaluate.inputs import shared_images_note
 
     dataset = result.get("dataset")
-    if not isinstance(dataset, dict) or not (dataset.get("val_images_in_train") or dataset.get("val_images_compared")):
+    if not isinstance(dataset, dict):
         return ""
-    val = result.get("val")
-    note = shared_images_note(dataset, val["images"] if isinstance(val, dict) else result["val_images"])
-    return "".join(_warning(line) for line in note.splitlines()) if note else ""
+    text = ""
+    if _memorised(result):
+        val = result.get("val")
+        shared = {key: value for key, value in dataset.items() if key != "val_images_compared"}
+        note = shared_images_note(shared, val["images"] if isinstance(val, dict) else result["val_images"])
+        text += "".join(_warning(line) for line in note.splitlines())
+    if dataset.get("val_images_compared"):
+        text += _note(shared_images_note({"val_images_compared": dataset["val_images_compared"]}, 0))
+    return text
 
 
 def _retrieval(result: dict) -> str:
@@ -636,14 +649,15 @@ def _retrieval(result: dict) -> str:
 
 def _recall(result: dict) -> str:
     """eval recall's scores, with a random ranking's where the result records it (since 2026-12-07)."""
+    from mlsctl.evaluate.recall import certain_note
+
     recalls = result["recall"]
     rows = [["scores", *(_pct(v) for v in recalls.values()), _pct(result.get("map_at_r"))]]
     chance = result.get("chance")
     if isinstance(chance, dict):
         rows.append(["chance (a random ranking)", *(_pct(chance.get(k)) for k in recalls), ""])
-    certain = result.get("ks_certain") or []
-    note = (_note(f"R@{', R@'.join(map(str, certain))} {'are' if len(certain) > 1 else 'is'} 100 % by construction "
-                  f"(more than the embeddings of other classes than any query's own)") if certain else "")
+    certain = certain_note(result.get("ks_certain") or [])
+    note = _note(certain) if certain else ""
     return (f"<p>{result.get('embeddings', '?')} embeddings of {result.get('classes', '?')} classes</p>"
             + _table(["", *(f"R@{k} %" for k in recalls), "MAP@R %"], rows) + note)
 
@@ -699,7 +713,7 @@ def _evaluations(run: Run, folders: Sequence[Path], weights: RunWeights) -> tupl
     """The evaluations section, the files shown in each group (:data:`GROUPS`), one note per
     file skipped (a JSON file that cannot be read, or an eval result that is not of the form its
     command writes: a stranger's file in ./results must not cost the whole report), and the files
-    shown whose val images are training images too (:func:`_shared_warning`)."""
+    shown whose val images are training images too (:func:`_memorised`)."""
     found: dict[str, list] = {group: [] for group, _ in GROUPS}
     skipped: list[str] = []
     memorised: list[str] = []
@@ -728,7 +742,7 @@ def _evaluations(run: Run, folders: Sequence[Path], weights: RunWeights) -> tupl
             try:
                 found[group].append((path, _evaluation(result, path, label if group != "unmatched" else
                                                        f"unmatched: {label}")))
-                if _shared_warning(result):
+                if _memorised(result):
                     memorised.append(str(path))
             except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
                 what = f"no {exc}" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {str(exc)[:60]}"

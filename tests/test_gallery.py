@@ -150,6 +150,35 @@ def test_the_library_takes_the_gallery_lock_for_retrain_and_add(tmp_path):
     assert before == manifest["rows"] == 40
 
 
+def test_a_missing_objects_file_is_said_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    """A review (2026-12-07): `index build SOURCE --objects MISSING` and `eval retrieval --gallery-objects MISSING`
+    (or --query-objects) said the missing file only after the model had loaded; said first now, in the words
+    the later check uses."""
+    from PIL import Image
+
+    from mlsctl import gallery as gallery_lib
+
+    from conftest import cli
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(gallery_lib, "choose_set_model", no_model)
+    for part in ("gallery", "query"):
+        (tmp_path / part / "obj0").mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / part / "obj0" / "a.png")
+    missing = tmp_path / "none.csv"
+    runs = {"--objects": ["index", "build", str(tmp_path / "gallery"), "--objects", str(missing), "--out",
+                          str(tmp_path / "g")]}
+    for option in ("--gallery-objects", "--query-objects"):
+        runs[option] = ["eval", "retrieval", "--gallery", str(tmp_path / "gallery"), "--query", str(tmp_path / "query"),
+                        option, str(missing), "--out", str(tmp_path / "r.json")]
+    for option, args in runs.items():
+        code, _, err = cli(*args, capsys=capsys)
+        assert code == 2 and f"{option} {missing} does not exist; give a CSV or JSONL of object_id,path" in err, err
+        assert "the model was loaded" not in err, err
+
+
 def test_index_add_says_a_photo_it_cannot_read_before_the_model_loads_and_after_the_id_and_the_gallery(
         tmp_path, monkeypatch, capsys):
     """Left over from the twentieth session: `index add` said a corrupt photo only after its model had loaded
@@ -265,6 +294,27 @@ def test_a_gallery_of_a_model_of_another_width_is_refused_in_one_sentence_by_add
     with pytest.raises(UserError, match=f"run {tmp_path / 'run-a'} is no longer the model gallery .* trained on or "
                                         f"again since\\); rebuild the gallery with mlsctl index build --overwrite"):
         gallery.check_model(retrained)
+
+
+def test_a_gallery_records_the_objects_file_it_was_built_from(tmp_path, monkeypatch):
+    """A review (2026-12-07): the gallery's manifest recorded its source but not `index build --objects`, which
+    decides its objects (eval retrieval's results record theirs): ``objects_file``, absolute, or null."""
+    from PIL import Image
+
+    from mlsctl.gallery import build_gallery, read_manifest
+
+    for o in range(2):
+        (tmp_path / "photos" / "deep" / f"obj{o}").mkdir(parents=True)
+        Image.new("RGB", (32, 32), (60 * o, 0, 0)).save(tmp_path / "photos" / "deep" / f"obj{o}" / "0.png")
+    (tmp_path / "objects.csv").write_text("object_id,path\nA,deep/obj0/0.png\nB,deep/obj1/0.png\n")
+    model = tiny_set_model(32, tmp_path / "run")
+    monkeypatch.chdir(tmp_path)  # a relative path is recorded absolute
+    for out, objects in (("listed", "objects.csv"), ("folders", None)):
+        build_gallery(tmp_path / "photos" / "deep" if objects is None else tmp_path / "photos", model, tmp_path / out,
+                      IndexSettings("flat"), workers=0, progress=False, say=lambda line: None, objects_file=objects)
+    assert read_manifest(tmp_path / "listed")["objects_file"] == str(tmp_path / "objects.csv")
+    assert Gallery(tmp_path / "listed").ids == ["A", "B"]
+    assert read_manifest(tmp_path / "folders")["objects_file"] is None
 
 
 def test_ivfpq_settings_for_a_flat_index_are_refused_by_the_library_and_dropped_from_old_galleries(tmp_path):

@@ -112,7 +112,9 @@ def test_cli_errors_are_one_sentence(tmp_path, capsys):
     # a docs probe (2026-12-05): the train file named for the val images too (the default) lacks them
     code, _, err = cli("eval", "linear", "--train", str(folders["train"]), "--val", str(folders["val"]),
                        "--multi-label", "--train-labels", str(tmp_path / "train" / "scenes.jsonl"), capsys=capsys)
-    assert code == 2 and "has no tags for" in err and "give the val images' tags with --val-labels" in err
+    assert code == 2 and "give the val images' tags with --val-labels" in err
+    # a review (2026-12-07): the images folder is named, as labels are said, not "val features"
+    assert f"has no tags for 30 images of val images {tmp_path / 'val' / 'images'} (first: 000000.png)" in err, err
     # a new-user probe (2026-12-05): --holdout 0 with a sweep silently trained the first lr and wd given
     single = _folders(tmp_path / "single", multi=False)
     code, _, err = cli("eval", "linear", "--train", str(single["train"]), "--val", str(single["val"]), "--holdout", "0",

@@ -360,7 +360,8 @@ def test_the_report_keeps_the_consoles_notes_on_what_the_scores_mean(tmp_path):
                           "recall": {"1": 1.0, "3": 1.0}, "chance": {"1": 1 / 3, "3": 1.0}, "ks_certain": [3]},
                          tmp_path / "r.json", "x")
     assert "<td>chance (a random ranking)</td><td>33.33</td><td>100.00</td>" in recall
-    assert "R@3 is 100 % by construction" in recall
+    assert html.escape("note: R@3 is 100 % by construction: any 3 embeddings other than a query hold one of its "
+                       "class") in recall  # eval recall's words (recall.certain_note), not the page's own
 
 
 def test_a_result_on_val_images_the_model_trained_on_is_flagged(finished_run, tmp_path, capsys):
@@ -382,9 +383,16 @@ def test_a_result_on_val_images_the_model_trained_on_is_flagged(finished_run, tm
     (run / "results" / "linear.json").write_text(json.dumps({  # none shared: no flag
         "command": "eval linear", "model": model, "dataset": {"name": "folders"}, "val_images": 40,
         "chosen": {"lr": 0.1, "weight_decay": 0.0}, "results": {"top1": 0.5, "top5": 0.9}}))
+    compared = "by path only (3.0 GiB of images of equal sizes)"  # none shared, compared by path: a note, no flag
+    (run / "results" / "compared.json").write_text(json.dumps({
+        "command": "eval knn", "model": model, "dataset": {"name": "folders", "val_images_compared": compared},
+        "train_images": 120, "val_images": 40, "results": [{"k": 10, "neighbours": 10, "top1": 0.5, "top5": 0.9}]}))
     out, _ = cli_ok(capsys, "report", str(run), "--out", str(tmp_path / "report.html"), "--patch-images", "1")
     page = (tmp_path / "report.html").read_text()
     assert page.count('<p class="warning">') == 2
+    assert (f'<p class="note">note: the val images were compared with the training images {compared}: copies under '
+            f"other paths were not looked for</p>") in page
+    assert "compared.json" not in out and "compared.json" in page
     assert ("note: 40 of the 40 val images are training images too (byte copies under other paths): the scores "
             "measure memory, not generalisation") in page
     assert "note: 40 of the 50 val images are training images too (the same files)" in page

@@ -466,6 +466,7 @@ def retrieval(
     Example: mlsctl eval retrieval --gallery data/fmnist-products/gallery --query data/fmnist-products/query --run runs/mile_fmnist_quick --noise 0 0.25 0.5
     """
     from mlsctl.data.kinds import folder_kind
+    from mlsctl.data.objects import check_objects_file
     from mlsctl.errors import UserError
     from mlsctl.evaluate.retrieval import evaluate_set_model, objects_note, replaced_text
     from mlsctl.gallery import choose_set_model
@@ -484,6 +485,8 @@ def retrieval(
             raise UserError(f"{option} {folder} is a gallery index (mlsctl index build); eval retrieval takes photos: "
                             f"a folder with one sub-folder of photos per object, such as the one the gallery was "
                             f"built from")
+    check_objects_file(gallery_objects, "--gallery-objects")  # before the model loads, not after
+    check_objects_file(query_objects, "--query-objects")
     write = results_writer(out, "retrieval", say)  # after the refusals, before the work
     model = choose_set_model(run, say=say)
     payload = {"command": "eval retrieval",
@@ -523,7 +526,7 @@ def recall(
 
     After refinement: mlsctl eval recall features/ms-test-refined
     """
-    from mlsctl.evaluate.recall import evaluate_recall
+    from mlsctl.evaluate.recall import certain_note, evaluate_recall
     from mlsctl.features import Features, require_rows
 
     feats = require_rows(Features(features, "features"), "features")
@@ -539,10 +542,9 @@ def recall(
     typer.echo(table(["", *(f"R@{K}" for K in recalls), "MAP@R"],
                      [["scores", *(pct(v, 2) for v in recalls.values()), pct(result["map_at_r"], 2)],
                       ["chance (a random ranking)", *(pct(result["chance"][K], 2) for K in recalls), ""]]))
-    certain = result["ks_certain"]
+    certain = certain_note(result["ks_certain"])
     if certain:
-        typer.echo(f"note: R@{', R@'.join(map(str, certain))} {'are' if len(certain) > 1 else 'is'} 100 % by "
-                   f"construction: any {certain[0]} embeddings other than a query hold one of its class")
+        typer.echo(certain)
     if result["ks_too_large"]:
         typer.echo(f"note: R@{', R@'.join(map(str, result['ks_too_large']))} left out: the set has {result['embeddings']} embeddings")
     if result["lone_queries"]:

@@ -60,13 +60,19 @@ def find_objects(folder: ImageFolder, objects_file: Optional[str | os.PathLike] 
     return [ObjectImages(object_id, sorted(rows)) for object_id, rows in sorted(groups.items())]
 
 
+def check_objects_file(path: Optional[Path], option: str) -> None:
+    """An objects file given as ``option`` that is no file is refused: the commands that embed say so before
+    the model loads (``index build --objects``, ``eval retrieval --gallery-objects``), not after."""
+    if path is not None and not Path(path).is_file():
+        raise UserError(f"{option} {path} does not exist; give a CSV or JSONL of object_id,path")
+
+
 def listed_objects(path: Path, listing: dict, root, option: str) -> dict[str, list]:
     """The objects an objects file (``option``, such as ``method.objects_file``) lists, each with the items of
     ``listing`` (an image's path relative to ``root``, as a POSIX string → what the caller keeps of it: a row, a
     path) of its photos, in the file's order; a missing file or a row naming no image of ``listing`` is refused."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{option} {path} does not exist; give a CSV or JSONL of object_id,path")
+    check_objects_file(path, option)
     paths = ImagePaths(list(listing), root, path, "objects file")
     groups: dict[str, list] = {}
     for object_id, relpath in read_objects_file(path):

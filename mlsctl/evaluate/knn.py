@@ -154,8 +154,13 @@ def labels_for(features, labels_file, what: str, option: str = "a labels option"
 
     if isinstance(labels_file, ClassificationSplit):
         return [labels_file.label_of(f) for f in features.files]
-    return labels_of(features.files, Path(features.input_root), labels_file,
-                     " ".join(filter(None, (what, "images", str(features.input_root)))), option)
+    return labels_of(features.files, Path(features.input_root), labels_file, images_folder(features, what), option)
+
+
+def images_folder(features, what: str) -> str:
+    """The images folder a feature folder was embedded from, as its labels' and tags' notes and refusals name
+    it: ``train images /data/train`` (``what``: whose, or "")."""
+    return " ".join(filter(None, (what, "images", str(features.input_root))))
 
 
 def evaluate_knn(train_features, val_features, train_labels=None, val_labels=None,

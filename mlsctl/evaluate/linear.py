@@ -26,6 +26,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from mlsctl.console import counted
 from mlsctl.data.labels import ImagePaths, read_multi_labels
 from mlsctl.device import full_float32
 from mlsctl.errors import UserError
@@ -38,13 +39,17 @@ DEFAULT_WDS = (0.0, 1e-4)
 
 
 def multi_labels_for(features, labels_file: Path, what: str, hint: str = "") -> list[list[str]]:
-    """The tag list of each row of a feature folder (``hint``: what to add to the sentence when some are missing)."""
+    """The tag list of each row of a feature folder (``hint``: what to add to the sentence when some are missing);
+    a refusal names the images folder (``what``: whose, such as ``train``), where the tags' paths are read from,
+    as :func:`~mlsctl.evaluate.knn.labels_for` does."""
+    from mlsctl.evaluate.knn import images_folder
+
     paths = ImagePaths(features.files, Path(features.input_root), Path(labels_file))
     found = paths.rows(read_multi_labels(labels_file))
     missing = [f for f in features.files if f not in found]
     if missing:
-        raise UserError(f"labels file {labels_file} has no tags for {len(missing)} images of {what} (first: "
-                        f"{missing[0]}); {paths.where()}{hint}")
+        raise UserError(f"labels file {labels_file} has no tags for {counted(len(missing), 'image')} of "
+                        f"{images_folder(features, what)} (first: {missing[0]}); {paths.where()}{hint}")
     return [found[f] for f in features.files]
 
 
@@ -203,8 +208,8 @@ def evaluate_linear(train_features, val_features, *, labels: Optional[Path] = No
         if labels is None:
             raise UserError("--multi-label needs --train-labels (and --val-labels): JSONL or CSV of tag lists, e.g. "
                             "fmnist-scenes' scenes.jsonl")
-        train_tags = multi_labels_for(train_features, labels, "train features")
-        val_tags = multi_labels_for(val_features, val_labels or labels, "val features",
+        train_tags = multi_labels_for(train_features, labels, "train")
+        val_tags = multi_labels_for(val_features, val_labels or labels, "val",
                                     "" if val_labels else "; give the val images' tags with --val-labels")
         classes = sorted({t for tags in train_tags for t in tags})
         lookup = {c: i for i, c in enumerate(classes)}

@@ -73,6 +73,15 @@ def certain_ks(class_sizes: Sequence[int], ks: Sequence[int]) -> list[int]:
     return [K for K in ks if K > n - fewest]
 
 
+def certain_note(ks: Sequence[int]) -> Optional[str]:
+    """The note on the R@K of ``ks`` that are 100 % by construction (:func:`certain_ks`), or None: said by
+    eval recall and by the report."""
+    if not ks:
+        return None
+    return (f"note: R@{', R@'.join(map(str, ks))} {'are' if len(ks) > 1 else 'is'} 100 % by construction: any "
+            f"{ks[0]} embeddings other than a query hold one of its class")
+
+
 def recall_calculator(ks: Sequence[int], k: int):
     """A pytorch-metric-learning AccuracyCalculator with ``recall_at_K`` for every K of ``ks``,
     searching ``k`` neighbours (exact inner product) for every query."""
