@@ -386,7 +386,8 @@ def _say_nested_objects(root: Path, groups: dict[str, list[Path]], option: str) 
     from mlsctl.data.objects import nested_groups_note
 
     note = nested_groups_note(root, {name: [p.relative_to(root) for p in paths] for name, paths in groups.items()},
-                              prefer=("gallery",), objects_option=f"{option} ", objects_name=f"{option.lstrip('-')}.csv")
+                              prefer=("gallery",), objects_option=f"{option} ",
+                              objects_name=f"{option.lstrip('-')}.csv")
     if note:
         logging.getLogger("mlsctl").warning(note)
 

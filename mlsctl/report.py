@@ -263,7 +263,8 @@ def _trained_images(recipe, images: list[str], unit: str) -> str:
     try:
         part = methods.method_class(recipe.method.name).trained_images(recipe, images)
     except UserError as exc:  # the file that chose them is gone or damaged since: the count cannot be made
-        return f"{len(images):,} {unit} under data.root, of which it trained on a part it cannot count now: {exc.message}"
+        return (f"{len(images):,} {unit} under data.root, of which it trained on a part it cannot count now: "
+                f"{exc.message}")
     if part is None:
         return f"{len(images):,} {unit}"
     return f"{part[0]:,} of its {len(images):,} {unit}: {part[1]}"

@@ -179,7 +179,6 @@ def test_overwrite_keeps_the_old_features_until_the_new_ones_are_complete(tmp_pa
     assert torch.equal(Features(out).global_features(), reference["global"].float())  # read like any folder
 
 
-
 def test_each_shard_takes_the_place_of_its_parts_on_disk(tmp_path: Path, monkeypatch):
     """Noticed 2026-12-05: every part stayed in .partial/ until the manifest was written, so an embed took twice
     its features' size on disk at the end (hundreds of GB for dense features of a large set). Each shard's parts
@@ -275,6 +274,7 @@ def test_an_unfinished_embed_whose_images_changed_says_so(tmp_path: Path, monkey
         embed_folder(images, tmp_path / "feats", tiny_model(), **options)
     done = embed_folder(images, tmp_path / "feats", tiny_model(), overwrite=True, **options)
     assert done.rows == 11
+
 
 @pytest.mark.slow
 def test_sigkill_at_any_moment_then_rerun_is_exact(tmp_path: Path, finished_run):

@@ -45,7 +45,6 @@ def test_missing_and_empty_folders_are_clear_errors(tmp_path: Path):
         find_images(tmp_path / "empty")
 
 
-
 def test_a_missing_benchmark_folder_names_the_command_that_builds_it(tmp_path: Path, capsys):
     """A new-user probe (2026-12-06): `pretrain ms_fmnist_products` without its data said only "check the path"."""
     from conftest import cli
@@ -68,7 +67,6 @@ def test_bad_files_raise_bad_image_with_reasons(tmp_path: Path):
         with pytest.raises(BadImage) as info:
             load_rgb(tmp_path / name)
         assert str(info.value) == reason
-
 
 
 def test_a_file_the_file_system_refuses_is_skipped_with_its_reason(tmp_path: Path, monkeypatch):
@@ -116,6 +114,7 @@ def test_training_skips_a_file_removed_after_the_listing(tmp_path: Path):
     batch = collate([dataset[(0, 0)]])
     assert batch.image_ids.tolist() == [1]
     assert batch.skipped == [("a.png", "no such file")]
+
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "LA", "P", "CMYK", "I;16", "I", "F", "1"])
 def test_every_mode_becomes_8bit_rgb(tmp_path: Path, mode: str):

@@ -503,7 +503,8 @@ def retrieval(
     chance = payload["chance"]
     rows = [[r["method"], r["backbone"], replaced_text(r), pct(r["AR@10"]),
              *(pct(r[f"R@{k}"]) for k in (1, 2, 5, 10))] for r in payload["results"]]
-    rows.append(["chance", "(a random ranking)", "", pct(chance["AR@10"]), *(pct(chance[f"R@{k}"]) for k in (1, 2, 5, 10))])
+    rows.append(["chance", "(a random ranking)", "", pct(chance["AR@10"]),
+                 *(pct(chance[f"R@{k}"]) for k in (1, 2, 5, 10))])
     print(table(["method", "backbone", "noise", "AR@10", "R@1", "R@2", "R@5", "R@10"], rows,
                 right=[False, False, True, True, True, True, True, True]))
     note = objects_note(payload["objects"])

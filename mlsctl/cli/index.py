@@ -42,7 +42,8 @@ def build(
     Example: mlsctl index build data/fmnist-products/gallery --run runs/mile_fmnist_quick --out galleries/products
     """
     from mlsctl.data.kinds import folder_kind
-    from mlsctl.gallery import IndexSettings, build_gallery, check_gallery_target, check_objects_source, choose_set_model
+    from mlsctl.gallery import (IndexSettings, build_gallery, check_gallery_target, check_objects_source,
+                                choose_set_model)
 
     check_gallery_target(out, overwrite, source)  # before the model loads
     if not source.exists():  # so is a source that is not there (a new user, 2026-12-06: said after the model line)

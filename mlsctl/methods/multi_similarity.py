@@ -113,8 +113,8 @@ def short_classes_note(labels: torch.Tensor, m: int, batch_size: int,
     singles = int((short == 1).sum())
     lone = f", {singles} of a single image (no positive pair at all)" if singles else ""
     return (f"{len(short)} of the {len(counts)} classes have fewer images than {per_class}={m} "
-            f"(fewest: {fewest}{lone}): a batch takes {m} of each class, drawing its images again, and an image drawn twice in a step gives two "
-            f"equal embeddings, which give the miner no pair; {fix}")
+            f"(fewest: {fewest}{lone}): a batch takes {m} of each class, drawing its images again, and an image "
+            f"drawn twice in a step gives two equal embeddings, which give the miner no pair; {fix}")
 
 
 def labelled_data(recipe) -> str:
