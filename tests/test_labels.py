@@ -223,7 +223,7 @@ def test_a_list_file_for_embed_reads_pandas_labels_whole_plain_lines_and_refuses
         listed_files(files, tmp_path, twice, "--files")
     with pytest.raises(UserError, match=r"^--files .*list.txt lists 1 path that is no image under .* \(first: "
                                         r"\"cat/\"q.png\); its paths are read relative to the images folder .*, "
-                                        r"then to the list file's folder$"):
+                                        r"then to the list file's folder, or as absolute paths$"):
         listed_files(files, tmp_path, plain, "--files")
 
 

@@ -312,7 +312,8 @@ class ImagePaths:
 
     def where(self) -> str:
         """Where the paths are read from, for a message."""
-        return f"its paths are read relative to the images folder {self.root}, then to the {self.kind}'s folder"
+        return (f"its paths are read relative to the images folder {self.root}, then to the {self.kind}'s folder, "
+                f"or as absolute paths")
 
 
 def labels_of(files: Sequence[str], root: Path, labels_file: Optional[Path], what: str,
