@@ -99,6 +99,21 @@ def csv_rows(text: str, path: Path):
         yield reader.line_num, row
 
 
+def json_records(text: str, path: Path, malformed: str):
+    """(line number, object) of each non-blank line of a JSONL text; a line that is not a JSON object is one
+    sentence, ``FILE:LINE`` and ``malformed``."""
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
+            record = None
+        if not isinstance(record, dict):
+            raise UserError(f"{path}:{number} {malformed}")
+        yield number, record
+
+
 class _Bad(Exception):
     """What is wrong with one row (the rest of a sentence that starts with FILE:LINE)."""
 
@@ -145,15 +160,7 @@ def _rows(path: Path, what: str, headers: Sequence[Sequence[str]], from_json: Ca
         rows.append((key, value))
 
     if path.suffix.lower() in JSON_SUFFIXES:
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except (json.JSONDecodeError, RecursionError):
-                raise UserError(f"{path}:{number} {malformed_json}") from None
-            if not isinstance(record, dict):
-                raise UserError(f"{path}:{number} {malformed_json}")
+        for number, record in json_records(text, path, malformed_json):
             add(number, lambda: from_json(record, malformed_json))
     else:
         header_possible, first = True, 0
@@ -413,17 +420,11 @@ def read_paths_file(path: Path, what: str) -> list[str]:
     found: dict[str, int] = {}
     headers = [(name,) for name in PATH_HEADERS]
     if path.suffix.lower() in JSON_SUFFIXES:
-        numbered = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except (json.JSONDecodeError, RecursionError):
-                record = None
-            value = record.get("path", record.get("image")) if isinstance(record, dict) else None
+        numbered, malformed = [], "is not a JSON object with a \"path\" (a string)"
+        for number, record in json_records(text, path, malformed):
+            value = record.get("path", record.get("image"))
             if not isinstance(value, str) or not value.strip():
-                raise UserError(f"{path}:{number} is not a JSON object with a \"path\" (a string)")
+                raise UserError(f"{path}:{number} {malformed}")
             numbered.append((number, value))
     else:
         if path.suffix.lower() == ".csv":
