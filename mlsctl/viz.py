@@ -262,8 +262,9 @@ def legend_groups(values: torch.Tensor, *, label_names: Optional[dict] = None, u
     top = [int(labels[i]) for i in counts.argsort(descending=True, stable=True)[:shown]]
     rest = ~torch.isin(values, torch.tensor(top, dtype=values.dtype)) & ~none
     if bool(rest.any()):
-        groups.append({"kind": "other", "name": f"{len(labels) - len(top)} other {other_name}",
-                       "classes": len(labels) - len(top), "count": int(rest.sum()), "mask": rest})
+        others = len(labels) - len(top)  # other_name is plural: "1 other labels" read in a legend (2026-12-07)
+        groups.append({"kind": "other", "name": f"{others} other {other_name if others > 1 else other_name[:-1]}",
+                       "classes": others, "count": int(rest.sum()), "mask": rest})
     for label in top:
         chosen = (values == label) & ~none
         groups.append({"kind": "class", "value": label, "name": str((label_names or {}).get(label, f"label {label}")),

@@ -166,3 +166,13 @@ def test_viz_pca_says_how_many_source_images_it_could_not_read(tmp_path, capsys)
                                   input_root=tmp_path / "moved")
     code, _, err = cli("viz", "pca", str(folder), "--out", str(tmp_path / "p.png"), capsys=capsys)
     assert code == 0 and "note: 2 of the 2 source images could not be read" in err, err
+
+
+def test_a_legend_names_the_classes_beyond_those_drawn_in_the_right_number():
+    # looked at (2026-12-07): a bank plot of 11 mask classes said "1 other labels (9)"
+    from mlsctl.viz import legend_groups
+
+    eleven = torch.arange(11).repeat_interleave(torch.arange(20, 9, -1))
+    assert [g["name"] for g in legend_groups(eleven) if g["kind"] == "other"] == ["1 other label"]
+    twelve = torch.arange(12).repeat_interleave(torch.arange(21, 9, -1))
+    assert [g["name"] for g in legend_groups(twelve, other_name="images") if g["kind"] == "other"] == ["2 other images"]
