@@ -276,18 +276,26 @@ def as_killed_at(run_dir: Path, copy: Path, step: int) -> Path:
     return copy
 
 
+# ``python -m mlsctl`` on 2 processes, for the tests that compare what 2 and 1 processes compute: torch.distributed.run,
+# what ``accelerate launch --num_processes 2`` becomes on a machine without GPUs
+# (:func:`mlsctl.launch.relaunch_for_accelerate_on_cpu`), started directly. Accelerate's command line imports timm,
+# torchvision and transformers before it starts anything, and the relaunch imports torch once more: 15 s for
+# `accelerate launch --num_processes 2 -m mlsctl --help` on this 2-core machine against 3.4 s through torchrun, paid by
+# every such test. `accelerate launch` itself is started by test_features' two-process embed and test_hardening's stop
+# tests (test_12_*).
+TWO_PROCESSES = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mlsctl"]
+
+
 def pretrain_on_two_processes_and_one(tmp_path: Path, raw: dict, batch: int) -> dict[int, Path]:
-    """``raw`` trained by 2 processes of ``optim.batch_size`` ``batch`` (``accelerate launch``) and by 1 process of
+    """``raw`` trained by 2 processes of ``optim.batch_size`` ``batch`` (:data:`TWO_PROCESSES`) and by 1 process of
     twice that, each with a checkpoint after every step: the run folders, by number of processes (and their stderr
     in TMP/stderr1.txt and TMP/stderr2.txt)."""
-    accelerate = Path(sys.executable).parent / "accelerate"
     runs = {}
     for processes in (2, 1):
         recipe = copy.deepcopy(raw)
         recipe["optim"]["batch_size"] = batch * (3 - processes)
         recipe["train"].update(checkpoint_every=1, keep_checkpoints=4)
-        command = ([str(accelerate), "launch", "-q", "--num_processes", "2", "-m", "mlsctl"] if processes == 2
-                   else [sys.executable, "-m", "mlsctl"])
+        command = TWO_PROCESSES if processes == 2 else [sys.executable, "-m", "mlsctl"]
         out = tmp_path / f"run{processes}"
         result = subprocess.run([*command, "pretrain", str(write_recipe(tmp_path / f"r{processes}.yaml", recipe)),
                                  "--out", str(out)], capture_output=True, text=True, env=cli_env(), timeout=300, cwd=REPO)

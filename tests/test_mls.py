@@ -21,7 +21,7 @@ from mlsctl.methods.mls.ops import info_nce, mls_loss, multi_label_loss, pseudo_
 from mlsctl.models.batchnorm import GroupBatchNorm2d
 from mlsctl.schedules import Schedule
 
-from conftest import as_killed_at, REPO, cli, cli_env, cli_ok, make_images, tiny_recipe, write_fake_fmnist, write_recipe
+from conftest import as_killed_at, REPO, TWO_PROCESSES, cli, cli_env, cli_ok, make_images, tiny_recipe, write_fake_fmnist, write_recipe
 
 CNN = {"arch": "test_resnet", "img_size": 32, "patch_size": 32, "drop_path_rate": 0.0, "timm_kwargs": {}}
 MLS_METHOD = {"name": "mls", "queue_size": 12, "k": 3, "proj_hidden_dim": 32, "proj_dim": 16, "bn_group_size": 2}
@@ -332,7 +332,6 @@ def test_two_processes_hold_the_queues_and_weights_of_one(tmp_path):
     from mlsctl.runs import Run
 
     images = make_images(tmp_path / "images", 8, size=(64, 64))
-    accelerate = Path(sys.executable).parent / "accelerate"
     runs = {}
     for processes, batch in ((1, 4), (2, 2)):
         raw = mls_recipe(images, CNN)
@@ -341,8 +340,7 @@ def test_two_processes_hold_the_queues_and_weights_of_one(tmp_path):
         raw["train"]["checkpoint_every"] = 4
         path = write_recipe(tmp_path / f"r{processes}.yaml", raw)
         out = tmp_path / f"run{processes}"
-        command = ([str(accelerate), "launch", "--num_processes", "2", "-m", "mlsctl"] if processes == 2
-                   else [sys.executable, "-m", "mlsctl"])
+        command = TWO_PROCESSES if processes == 2 else [sys.executable, "-m", "mlsctl"]
         result = subprocess.run([*command, "pretrain", str(path), "--out", str(out)], capture_output=True, text=True,
                                 env=cli_env(), timeout=300, cwd=REPO)
         assert result.returncode == 0, result.stderr[-3000:]
