@@ -7,11 +7,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import socket
 import struct
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
@@ -157,9 +159,21 @@ def running(gallery: Path, mile_run: Path, *args: str):
         process.wait(timeout=60)
 
 
+_BUILT: dict[Path, Path] = {}  # a MILE run → the gallery `index build` made of its photos, for built_gallery to copy
+
+
 def built_gallery(mile_run: Path, folder: Path) -> Path:
+    """FOLDER/g: the gallery `mlsctl index build` makes of ``mile_run``'s photos. Built once per run and copied for every
+    later caller (a gallery folder holds no path of its own): each build is a process that imports torch, loads the
+    model and embeds every photo, 5 s on this 2-core machine, and seven tests here each need a gallery of their own."""
+    built = _BUILT.get(mile_run)
+    if built is None:
+        built = Path(tempfile.mkdtemp(prefix="built-gallery-", dir=mile_run.parent)) / "g"
+        run_cli("index", "build", str(mile_run / "gallery"), "--run", str(mile_run / "run"), "--out", str(built),
+                check=True)
+        _BUILT[mile_run] = built
     gallery = folder / "g"
-    run_cli("index", "build", str(mile_run / "gallery"), "--run", str(mile_run / "run"), "--out", str(gallery), check=True)
+    shutil.copytree(built, gallery)
     return gallery
 
 
