@@ -10,13 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import cli, run_cli
+from conftest import cli, in_process
 from mlsctl.bank import Column, MemoryBank, QueryFeature, save_banks
 
 
 def test_inspect_reports_every_field_of_the_dino_monitor_bank(finished_run):
     run, _ = finished_run
-    result = run_cli("bank", "inspect", str(run), "--json", check=True)
+    result = in_process("bank", "inspect", str(run), "--json", check=True)
     report = json.loads(result.stdout)
     cls = report["banks"]["cls"]
     # 8 steps x batch 4 = 32 entries into 20 slots
@@ -25,7 +25,7 @@ def test_inspect_reports_every_field_of_the_dino_monitor_bank(finished_run):
     for key in ("dtype", "norm_min", "norm_mean", "norm_max", "mean_cosine", "effective_rank", "uniformity",
                 "near_duplicates", "duplicate_rate", "collapsed"):
         assert key in cls, key
-    table = run_cli("bank", "inspect", str(run), check=True).stdout
+    table = in_process("bank", "inspect", str(run), check=True).stdout
     for line in ("fill", "write pointer", "age min / median / max", "mean pairwise cosine", "effective rank",
                  "uniformity", "near-duplicates", "status"):
         assert line in table, line
@@ -76,20 +76,20 @@ def test_training_logs_bank_health(finished_run):
 
 def test_bad_run_and_step_get_one_line(finished_run, tmp_path):
     run, _ = finished_run
-    result = run_cli("bank", "inspect", str(tmp_path))
+    result = in_process("bank", "inspect", str(tmp_path))
     assert result.returncode == 2 and "not a run folder" in result.stderr and "Traceback" not in result.stderr
-    result = run_cli("bank", "inspect", str(run), "--step", "5")
+    result = in_process("bank", "inspect", str(run), "--step", "5")
     assert result.returncode == 2 and "no checkpoint at step 5" in result.stderr and "Traceback" not in result.stderr
     # a new user (2026-12-06): an incomplete checkpoint was to be deleted, the only resume point of the run
     copy = tmp_path / "copy"
     shutil.copytree(run, copy)
     steps = [int(p.name.split("-")[1]) for p in sorted((copy / "checkpoints").iterdir())]
     (copy / "checkpoints" / f"step-{steps[-1]:08d}" / "banks.safetensors").unlink()
-    result = run_cli("bank", "inspect", str(copy))
+    result = in_process("bank", "inspect", str(copy))
     assert result.returncode == 2 and "delete" not in result.stderr, result.stderr
     assert (f"has no banks.safetensors (it is incomplete); look at another with --step ({steps[-2]})" in result.stderr
             if len(steps) > 1 else "keeps no other checkpoint" in result.stderr)
-    result = run_cli("bank", "inspect", str(copy / "config.yaml"))
+    result = in_process("bank", "inspect", str(copy / "config.yaml"))
     assert result.returncode == 2 and f"is the run's config.yaml; give its folder {copy}" in result.stderr
 
 
@@ -137,7 +137,7 @@ def test_neighbors_draws_the_right_crops_and_blanks_missing_images(planted_run, 
 
     run, sources, images, boxes, regions = planted_run
     out = tmp_path / "grid.png"
-    result = run_cli("bank", "neighbors", str(run), "--query", str(sources.path(1)), "-k", "3", "--out", str(out),
+    result = in_process("bank", "neighbors", str(run), "--query", str(sources.path(1)), "-k", "3", "--out", str(out),
                      "--cell", "64", "--json", check=True)
     report = json.loads(result.stdout)
     found = report["neighbours"]
@@ -157,7 +157,7 @@ def test_neighbors_draws_the_right_crops_and_blanks_missing_images(planted_run, 
     blank = grid.crop((gap + 2 * (cell + gap), top, gap + 2 * (cell + gap) + cell, top + cell))
     assert blank.getpixel((2, 2)) == (205, 205, 205)
     # a new-user probe (2026-12-05): the table showed the file name alone, and object folders repeat names
-    table = run_cli("bank", "neighbors", str(run), "--query", str(sources.path(1)), "-k", "3", "--out", str(out),
+    table = in_process("bank", "neighbors", str(run), "--query", str(sources.path(1)), "-k", "3", "--out", str(out),
                     check=True).stdout
     relative = sources.path(1).relative_to(sources.root).as_posix()
     assert f" {relative} " in table and f"image (in {sources.root})" in table
@@ -166,9 +166,9 @@ def test_neighbors_draws_the_right_crops_and_blanks_missing_images(planted_run, 
 def test_neighbors_refuses_an_unreadable_query_and_an_unknown_bank(planted_run, tmp_path):
     run, sources, *_ = planted_run
     (tmp_path / "bad.png").write_text("not an image")
-    result = run_cli("bank", "neighbors", str(run), "--query", str(tmp_path / "bad.png"), "--out", str(tmp_path / "g.png"))
+    result = in_process("bank", "neighbors", str(run), "--query", str(tmp_path / "bad.png"), "--out", str(tmp_path / "g.png"))
     assert result.returncode == 2 and "--query" in result.stderr and "Traceback" not in result.stderr
-    result = run_cli("bank", "neighbors", str(run), "--query", str(sources.path(0)), "--bank", "nope",
+    result = in_process("bank", "neighbors", str(run), "--query", str(sources.path(0)), "--bank", "nope",
                      "--out", str(tmp_path / "g.png"))
     assert result.returncode == 2 and "no bank 'nope'" in result.stderr and "planted" in result.stderr
 
@@ -177,7 +177,7 @@ def test_plot_colours_by_label_and_age(planted_run, finished_run, tmp_path):
     run, *_ = planted_run
     for colour in ("label", "age"):
         out = tmp_path / f"{colour}.png"
-        result = run_cli("bank", "plot", str(run), "--out", str(out), "--color-by", colour, "--projection", "pca",
+        result = in_process("bank", "plot", str(run), "--out", str(out), "--color-by", colour, "--projection", "pca",
                          "--json", check=True)
         assert Image.open(out).size[0] > 300
         drawn = json.loads(result.stdout)  # what the title says, for scripts (a left-over of the 18th session)
@@ -186,7 +186,7 @@ def test_plot_colours_by_label_and_age(planted_run, finished_run, tmp_path):
         # the legend's groups and counts, most frequent first (a probe of the 19th session): labels 0, 1, 1, 2, 2, 2
         expected = [{"kind": "class", "value": v, "name": f"label {v}", "count": c} for v, c in ((2, 3), (1, 2), (0, 1))]
         assert drawn["legend"] == (expected if colour == "label" else [])
-    result = run_cli("bank", "plot", str(finished_run[0]), "--out", str(tmp_path / "x.png"), "--color-by", "label")
+    result = in_process("bank", "plot", str(finished_run[0]), "--out", str(tmp_path / "x.png"), "--color-by", "label")
     assert result.returncode == 2 and "no 'label' payload" in result.stderr and "--color-by age" in result.stderr
 
 
@@ -198,7 +198,7 @@ def test_export_is_readable_with_safetensors_alone(finished_run, tmp_path):
 
     run, _ = finished_run
     out = tmp_path / "bank.safetensors"
-    said = json.loads(run_cli("bank", "export", str(run), "--out", str(out), "--json", check=True).stdout)
+    said = json.loads(in_process("bank", "export", str(run), "--out", str(out), "--json", check=True).stdout)
     bank = load_banks(Run(run).latest().banks_path)["cls"]
     assert said["out"] == str(out) and said["step"] == 8
     assert set(said["banks"]["cls"].pop("tensors")) == {"cls/vectors", "cls/step", "cls/image_id", "cls/box"}
@@ -213,10 +213,10 @@ def test_export_is_readable_with_safetensors_alone(finished_run, tmp_path):
         assert f.metadata()["step"] == "8"
     # a probe (2026-12-05): a second export replaced the file without a word, and --out x.npy wrote safetensors
     before = out.read_bytes()
-    again = run_cli("bank", "export", str(run), "--out", str(out))
+    again = in_process("bank", "export", str(run), "--out", str(out))
     assert again.returncode == 2 and "--overwrite" in again.stderr and out.read_bytes() == before
-    assert run_cli("bank", "export", str(run), "--out", str(out), "--overwrite").returncode == 0
-    npy = run_cli("bank", "export", str(run), "--out", str(tmp_path / "bank.npy"))
+    assert in_process("bank", "export", str(run), "--out", str(out), "--overwrite").returncode == 0
+    npy = in_process("bank", "export", str(run), "--out", str(tmp_path / "bank.npy"))
     assert npy.returncode == 2 and "must end in .safetensors" in npy.stderr and not (tmp_path / "bank.npy").exists()
 
 

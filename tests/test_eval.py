@@ -21,7 +21,7 @@ from mlsctl.evaluate.segmentation import (confusion_update, hungarian_mean_iou, 
                                           mean_iou)
 from mlsctl.features import Features
 
-from conftest import cli, make_images, run_cli, write_feature_folder
+from conftest import cli, in_process, make_images, write_feature_folder
 
 # ---------------------------------------------------------------------------------------------- metrics
 
@@ -415,23 +415,23 @@ def test_cli_knn_and_knn_seg(tmp_path: Path):
     names = [f"c{i}/{j}.png" for i in range(3) for j in range(6)]
     write_feature_folder(tmp_path / "tr", names, centers.repeat_interleave(6, 0) + torch.randn(18, 8))
     write_feature_folder(tmp_path / "va", names[::2], centers.repeat_interleave(3, 0) + torch.randn(9, 8))
-    result = run_cli("eval", "knn", "--train", str(tmp_path / "tr"), "--val", str(tmp_path / "va"), "--k", "1", "5",
+    result = in_process("eval", "knn", "--train", str(tmp_path / "tr"), "--val", str(tmp_path / "va"), "--k", "1", "5",
                      "--out", str(tmp_path / "knn.json"), check=True)
     assert "100.00" in result.stdout
     saved = json.loads((tmp_path / "knn.json").read_text())
     assert [r["k"] for r in saved["results"]] == [1, 5] and all(r["top1"] == 1.0 for r in saved["results"])
     # a probe (2026-12-05): k 0 and -1 printed accuracies, and a k above the 18 training images said nothing
     for bad in ("0", "-1"):
-        refused = run_cli("eval", "knn", "--train", str(tmp_path / "tr"), "--val", str(tmp_path / "va"), "--k", bad)
+        refused = in_process("eval", "knn", "--train", str(tmp_path / "tr"), "--val", str(tmp_path / "va"), "--k", bad)
         assert refused.returncode == 2 and "--k" in refused.stderr and "top-1" not in refused.stdout
-    result = run_cli("eval", "knn", "--train", str(tmp_path / "tr"), "--val", str(tmp_path / "va"), "--k", "5", "500",
+    result = in_process("eval", "knn", "--train", str(tmp_path / "tr"), "--val", str(tmp_path / "va"), "--k", "5", "500",
                      "--out", str(tmp_path / "knn.json"), check=True)
     assert "500 (all 18)" in result.stdout
     assert [r["neighbours"] for r in json.loads((tmp_path / "knn.json").read_text())["results"]] == [5, 18]
 
     train_dir, train_masks = _scene_data(tmp_path, "train", 8, 4, 8, 3, seed=0)
     val_dir, val_masks = _scene_data(tmp_path, "val", 3, 4, 8, 3, seed=1)
-    result = run_cli("eval", "knn-seg", "--train", str(train_dir), "--train-masks", str(train_masks), "--val",
+    result = in_process("eval", "knn-seg", "--train", str(train_dir), "--train-masks", str(train_masks), "--val",
                      str(val_dir), "--val-masks", str(val_masks), "--fraction", "1/1", "1/2", "--runs", "2",
                      "--k", "5", "--out", str(tmp_path / "seg.json"), check=True)
     assert "Hungarian" in result.stdout and "1/2" in result.stdout
@@ -439,14 +439,14 @@ def test_cli_knn_and_knn_seg(tmp_path: Path):
     assert [r["fraction"] for r in saved["results"]] == ["1/1", "1/2"] and saved["settings"]["k"] == 5
     assert "note:" not in result.stdout
     # a new-user probe (2026-12-05): fractions that round to the same images, and a k above the memory, said nothing
-    result = run_cli("eval", "knn-seg", "--train", str(train_dir), "--train-masks", str(train_masks), "--val",
+    result = in_process("eval", "knn-seg", "--train", str(train_dir), "--train-masks", str(train_masks), "--val",
                      str(val_dir), "--val-masks", str(val_masks), "--fraction", "1/1", "1/64", "1/128", "--runs", "1",
                      "--k", "1000000", "--out", str(tmp_path / "seg.json"), check=True)
     assert "note: fractions 1/64, 1/128 all use 1 training image (of 8)" in result.stdout
     assert "note: --k 1000000 is more than the memory of some runs holds" in result.stdout
     assert all(run["k"] == run["memory_patches"] for r in json.loads((tmp_path / "seg.json").read_text())["results"]
                for run in r["runs"])
-    partial = run_cli("eval", "knn-seg", "--train", str(train_dir))
+    partial = in_process("eval", "knn-seg", "--train", str(train_dir))
     assert partial.returncode == 2 and "give all of --train" in partial.stderr
 
 
@@ -465,18 +465,18 @@ def test_cli_knn_seg_embeds_image_folders_with_a_run(tmp_path: Path, finished_ru
             str(tmp_path / "train" / "masks"), "--val", str(tmp_path / "val" / "images"), "--val-masks",
             str(tmp_path / "val" / "masks"), "--run", str(run_dir), "--fraction", "1/1", "--aug-passes", "1",
             "--json"]
-    result = run_cli(*args, cwd=tmp_path, check=True)
+    result = in_process(*args, cwd=tmp_path, check=True)
     payload = json.loads(result.stdout)
     assert payload["results"][0]["runs"][0]["memory_patches"] == 2 * 6 * 16
     assert "embedded 6 images" in result.stderr
-    again = run_cli(*args, cwd=tmp_path, check=True)
+    again = in_process(*args, cwd=tmp_path, check=True)
     assert "already in" in again.stderr
     assert json.loads(again.stdout)["results"][0]["miou"] == payload["results"][0]["miou"]
     # a new-user probe (2026-12-06): feature folders and --aug-passes without --run took the newest run under
     # ./runs (or timm's DINOv2), then refused it as "not the model of" the features; their manifest names it
     kept = {json.loads(m.read_text())["input_root"]: m.parent for m in (tmp_path / "features").rglob("manifest.json")}
     train_features, val_features = (kept[str(tmp_path / split / "images")] for split in ("train", "val"))
-    result = run_cli("eval", "knn-seg", "--train", str(train_features), "--train-masks", str(tmp_path / "train" / "masks"),
+    result = in_process("eval", "knn-seg", "--train", str(train_features), "--train-masks", str(tmp_path / "train" / "masks"),
                      "--val", str(val_features), "--val-masks", str(tmp_path / "val" / "masks"), "--fraction", "1/1",
                      "--aug-passes", "1", "--json", cwd=tmp_path, check=True)
     assert f"(the model of {train_features})" in result.stderr
@@ -492,7 +492,7 @@ def test_cli_knn_seg_without_arguments_evaluates_the_newest_run_on_fmnist_scenes
     build_scenes(tmp_path / "data" / "fmnist-scenes", n_train=8, n_val=3, size=32, source=fake_fmnist, progress=False)
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / "tiny").symlink_to(run_dir)
-    result = run_cli("eval", "knn-seg", "--fraction", "1/1", "1/4", "--runs", "2", cwd=tmp_path, check=True)
+    result = in_process("eval", "knn-seg", "--fraction", "1/1", "1/4", "--runs", "2", cwd=tmp_path, check=True)
     assert "evaluating teacher of run runs/tiny" in result.stderr and "fmnist-scenes benchmark" in result.stderr
     assert "background" in result.stdout and "ankle boot" in result.stdout
     saved = json.loads(next((tmp_path / "results").glob("knn-seg-*.json")).read_text())
@@ -782,7 +782,7 @@ def test_a_missing_image_folder_is_said_before_a_model_loads(tmp_path: Path, cap
 def test_knn_seg_without_a_model_builds_no_benchmark_first(tmp_path: Path):
     """A new user's run-through (2026-12-06): in a folder without runs it built the 2,000/500-scene benchmark,
     then said that there was no model."""
-    result = run_cli("eval", "knn-seg", cwd=tmp_path)
+    result = in_process("eval", "knn-seg", cwd=tmp_path)
     assert result.returncode == 2 and "no model given" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "data").exists()
 
