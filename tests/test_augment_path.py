@@ -23,7 +23,8 @@ from mlsctl.errors import UserError
 from mlsctl.runs import Run
 from mlsctl.train import pretrain
 
-from conftest import REPO, TWO_PROCESSES, cli_env, make_images, run_cli, sigkill_then_resume, tiny_recipe, write_recipe
+from conftest import (REPO, TWO_PROCESSES, cli_env, in_process, make_images, sigkill_then_resume, tiny_recipe,
+                      write_recipe)
 from test_mls import MLS_METHOD, SGD
 from test_sove import SOVE_METHOD
 
@@ -143,7 +144,7 @@ def test_two_processes_agree_with_one_on_the_gpu_path(tmp_path):
     recipe["data"].update(GPU_PATH)
     one = dict(recipe, optim={**recipe["optim"], "batch_size": 4})
     two = dict(recipe, optim={**recipe["optim"], "batch_size": 2})
-    run_cli("pretrain", str(write_recipe(tmp_path / "one.yaml", one)), "--out", str(tmp_path / "one"), check=True)
+    in_process("pretrain", str(write_recipe(tmp_path / "one.yaml", one)), "--out", str(tmp_path / "one"), check=True)
     result = subprocess.run([*TWO_PROCESSES, "pretrain", str(write_recipe(tmp_path / "two.yaml", two)), "--out",
                              str(tmp_path / "two")], capture_output=True, text=True, env=cli_env(), timeout=300, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -138,7 +138,7 @@ def test_neighbors_draws_the_right_crops_and_blanks_missing_images(planted_run, 
     run, sources, images, boxes, regions = planted_run
     out = tmp_path / "grid.png"
     result = in_process("bank", "neighbors", str(run), "--query", str(sources.path(1)), "-k", "3", "--out", str(out),
-                     "--cell", "64", "--json", check=True)
+                        "--cell", "64", "--json", check=True)
     report = json.loads(result.stdout)
     found = report["neighbours"]
     assert found[0]["image_id"] == 1 and found[0]["score"] == pytest.approx(1.0, abs=1e-5)
@@ -158,7 +158,7 @@ def test_neighbors_draws_the_right_crops_and_blanks_missing_images(planted_run, 
     assert blank.getpixel((2, 2)) == (205, 205, 205)
     # a new-user probe (2026-12-05): the table showed the file name alone, and object folders repeat names
     table = in_process("bank", "neighbors", str(run), "--query", str(sources.path(1)), "-k", "3", "--out", str(out),
-                    check=True).stdout
+                       check=True).stdout
     relative = sources.path(1).relative_to(sources.root).as_posix()
     assert f" {relative} " in table and f"image (in {sources.root})" in table
 
@@ -166,10 +166,11 @@ def test_neighbors_draws_the_right_crops_and_blanks_missing_images(planted_run, 
 def test_neighbors_refuses_an_unreadable_query_and_an_unknown_bank(planted_run, tmp_path):
     run, sources, *_ = planted_run
     (tmp_path / "bad.png").write_text("not an image")
-    result = in_process("bank", "neighbors", str(run), "--query", str(tmp_path / "bad.png"), "--out", str(tmp_path / "g.png"))
+    result = in_process("bank", "neighbors", str(run), "--query", str(tmp_path / "bad.png"), "--out",
+                        str(tmp_path / "g.png"))
     assert result.returncode == 2 and "--query" in result.stderr and "Traceback" not in result.stderr
     result = in_process("bank", "neighbors", str(run), "--query", str(sources.path(0)), "--bank", "nope",
-                     "--out", str(tmp_path / "g.png"))
+                        "--out", str(tmp_path / "g.png"))
     assert result.returncode == 2 and "no bank 'nope'" in result.stderr and "planted" in result.stderr
 
 
@@ -178,7 +179,7 @@ def test_plot_colours_by_label_and_age(planted_run, finished_run, tmp_path):
     for colour in ("label", "age"):
         out = tmp_path / f"{colour}.png"
         result = in_process("bank", "plot", str(run), "--out", str(out), "--color-by", colour, "--projection", "pca",
-                         "--json", check=True)
+                            "--json", check=True)
         assert Image.open(out).size[0] > 300
         drawn = json.loads(result.stdout)  # what the title says, for scripts (a left-over of the 18th session)
         assert (drawn["out"], drawn["projection"], drawn["bank"]) == (str(out), "PCA", "planted")

@@ -8,7 +8,7 @@ import torch
 
 from mlsctl import __version__
 
-from conftest import REPO, cli, cli_ok, run_cli
+from conftest import REPO, cli, cli_ok, in_process, run_cli
 
 
 def test_version_and_help():
@@ -154,9 +154,9 @@ def test_model_options_read_the_same_in_every_command_that_takes_a_model():
 
 
 def test_recipes_lists_shipped_recipes_with_descriptions():
-    table = run_cli("recipes", check=True).stdout
+    table = in_process("recipes", check=True).stdout
     assert "dino_fmnist_quick" in table and "dino_in1k" in table
-    rows = json.loads(run_cli("recipes", "--json", check=True).stdout)
+    rows = json.loads(in_process("recipes", "--json", check=True).stdout)
     assert {r["name"] for r in rows} >= {"dino_fmnist_quick", "dino_in1k"}
     assert all(r["description"] for r in rows)
 
@@ -172,7 +172,7 @@ def test_space_separated_values_become_repeated_options():
 
 
 def test_unknown_command_is_a_usage_error():
-    result = run_cli("pretrian")
+    result = in_process("pretrian")
     assert result.returncode == 2
 
 

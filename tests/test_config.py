@@ -8,7 +8,7 @@ import yaml
 from mlsctl import config, registry
 from mlsctl.config import ConfigError
 
-from conftest import REPO, cli, make_images, run_cli, tiny_recipe, write_recipe
+from conftest import REPO, cli, in_process, make_images, tiny_recipe, write_recipe
 
 
 def error_of(data, overrides=()) -> str:
@@ -174,8 +174,8 @@ def test_a_mapping_override_merges_into_its_section_and_a_key_given_twice_is_ref
     assert config.parse_overrides(["data.workers=4", "data.workers=0"]) == {"data.workers": "data.workers=0"}
     assert config.repeated_overrides(["optim.lr=1e-3", "seed=1", "optim.lr=2e-3"]) == [
         "note: optim.lr is given 2 times (optim.lr=1e-3, optim.lr=2e-3); the last one, optim.lr=2e-3, counts"]
-    result = run_cli("pretrain", "dino_fmnist_quick", "optim.lr=1e-3", "optim.lr=2e-3", "data.root=/nonexistent",
-                     "--out", "unused")
+    result = in_process("pretrain", "dino_fmnist_quick", "optim.lr=1e-3", "optim.lr=2e-3", "data.root=/nonexistent",
+                        "--out", "unused")
     assert "note: optim.lr is given 2 times" in result.stderr, result.stderr
 
 
@@ -319,7 +319,8 @@ def test_reading_a_recipe_imports_no_method_and_no_torch(tmp_path: Path):
 
 
 def test_cli_reports_unknown_key_with_exit_code_2(tmp_path: Path):
-    result = run_cli("pretrain", str(REPO / "recipes" / "dino_fmnist_quick.yaml"), "optim.lrr=1", "--out", str(tmp_path / "x"))
+    result = in_process("pretrain", str(REPO / "recipes" / "dino_fmnist_quick.yaml"), "optim.lrr=1", "--out",
+                        str(tmp_path / "x"))
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "did you mean 'optim.lr'?" in lines[0]
@@ -331,7 +332,7 @@ def test_cli_recipe_validation_error_names_file(tmp_path: Path, images: Path):
     recipe = tiny_recipe(images)
     recipe["optim"]["epochs"] = "many"
     path = write_recipe(tmp_path / "r.yaml", recipe)
-    result = run_cli("pretrain", str(path), "--out", str(tmp_path / "x"))
+    result = in_process("pretrain", str(path), "--out", str(tmp_path / "x"))
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: {path}: 'optim.epochs' must be an integer, got 'many'"
 
@@ -339,7 +340,7 @@ def test_cli_recipe_validation_error_names_file(tmp_path: Path, images: Path):
 def test_missing_data_root_is_a_clear_error(tmp_path: Path):
     data = yaml.safe_load((REPO / "recipes" / "dino_in1k.yaml").read_text())
     path = write_recipe(tmp_path / "r.yaml", data)
-    result = run_cli("pretrain", str(path), "--out", str(tmp_path / "x"))
+    result = in_process("pretrain", str(path), "--out", str(tmp_path / "x"))
     assert result.returncode == 2
     assert "data.root is not set; add data.root=" in result.stderr
 

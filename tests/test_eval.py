@@ -416,7 +416,7 @@ def test_cli_knn_and_knn_seg(tmp_path: Path):
     write_feature_folder(tmp_path / "tr", names, centers.repeat_interleave(6, 0) + torch.randn(18, 8))
     write_feature_folder(tmp_path / "va", names[::2], centers.repeat_interleave(3, 0) + torch.randn(9, 8))
     result = in_process("eval", "knn", "--train", str(tmp_path / "tr"), "--val", str(tmp_path / "va"), "--k", "1", "5",
-                     "--out", str(tmp_path / "knn.json"), check=True)
+                        "--out", str(tmp_path / "knn.json"), check=True)
     assert "100.00" in result.stdout
     saved = json.loads((tmp_path / "knn.json").read_text())
     assert [r["k"] for r in saved["results"]] == [1, 5] and all(r["top1"] == 1.0 for r in saved["results"])
@@ -424,24 +424,24 @@ def test_cli_knn_and_knn_seg(tmp_path: Path):
     for bad in ("0", "-1"):
         refused = in_process("eval", "knn", "--train", str(tmp_path / "tr"), "--val", str(tmp_path / "va"), "--k", bad)
         assert refused.returncode == 2 and "--k" in refused.stderr and "top-1" not in refused.stdout
-    result = in_process("eval", "knn", "--train", str(tmp_path / "tr"), "--val", str(tmp_path / "va"), "--k", "5", "500",
-                     "--out", str(tmp_path / "knn.json"), check=True)
+    result = in_process("eval", "knn", "--train", str(tmp_path / "tr"), "--val", str(tmp_path / "va"), "--k", "5",
+                        "500", "--out", str(tmp_path / "knn.json"), check=True)
     assert "500 (all 18)" in result.stdout
     assert [r["neighbours"] for r in json.loads((tmp_path / "knn.json").read_text())["results"]] == [5, 18]
 
     train_dir, train_masks = _scene_data(tmp_path, "train", 8, 4, 8, 3, seed=0)
     val_dir, val_masks = _scene_data(tmp_path, "val", 3, 4, 8, 3, seed=1)
     result = in_process("eval", "knn-seg", "--train", str(train_dir), "--train-masks", str(train_masks), "--val",
-                     str(val_dir), "--val-masks", str(val_masks), "--fraction", "1/1", "1/2", "--runs", "2",
-                     "--k", "5", "--out", str(tmp_path / "seg.json"), check=True)
+                        str(val_dir), "--val-masks", str(val_masks), "--fraction", "1/1", "1/2", "--runs", "2",
+                        "--k", "5", "--out", str(tmp_path / "seg.json"), check=True)
     assert "Hungarian" in result.stdout and "1/2" in result.stdout
     saved = json.loads((tmp_path / "seg.json").read_text())
     assert [r["fraction"] for r in saved["results"]] == ["1/1", "1/2"] and saved["settings"]["k"] == 5
     assert "note:" not in result.stdout
     # a new-user probe (2026-12-05): fractions that round to the same images, and a k above the memory, said nothing
     result = in_process("eval", "knn-seg", "--train", str(train_dir), "--train-masks", str(train_masks), "--val",
-                     str(val_dir), "--val-masks", str(val_masks), "--fraction", "1/1", "1/64", "1/128", "--runs", "1",
-                     "--k", "1000000", "--out", str(tmp_path / "seg.json"), check=True)
+                        str(val_dir), "--val-masks", str(val_masks), "--fraction", "1/1", "1/64", "1/128", "--runs",
+                        "1", "--k", "1000000", "--out", str(tmp_path / "seg.json"), check=True)
     assert "note: fractions 1/64, 1/128 all use 1 training image (of 8)" in result.stdout
     assert "note: --k 1000000 is more than the memory of some runs holds" in result.stdout
     assert all(run["k"] == run["memory_patches"] for r in json.loads((tmp_path / "seg.json").read_text())["results"]
@@ -476,9 +476,10 @@ def test_cli_knn_seg_embeds_image_folders_with_a_run(tmp_path: Path, finished_ru
     # ./runs (or timm's DINOv2), then refused it as "not the model of" the features; their manifest names it
     kept = {json.loads(m.read_text())["input_root"]: m.parent for m in (tmp_path / "features").rglob("manifest.json")}
     train_features, val_features = (kept[str(tmp_path / split / "images")] for split in ("train", "val"))
-    result = in_process("eval", "knn-seg", "--train", str(train_features), "--train-masks", str(tmp_path / "train" / "masks"),
-                     "--val", str(val_features), "--val-masks", str(tmp_path / "val" / "masks"), "--fraction", "1/1",
-                     "--aug-passes", "1", "--json", cwd=tmp_path, check=True)
+    result = in_process("eval", "knn-seg", "--train", str(train_features), "--train-masks",
+                        str(tmp_path / "train" / "masks"), "--val", str(val_features), "--val-masks",
+                        str(tmp_path / "val" / "masks"), "--fraction", "1/1", "--aug-passes", "1", "--json", cwd=tmp_path,
+                        check=True)
     assert f"(the model of {train_features})" in result.stderr
     assert json.loads(result.stdout)["results"][0]["miou"] == payload["results"][0]["miou"]
 

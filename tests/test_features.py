@@ -17,7 +17,7 @@ from mlsctl import features as feats
 from mlsctl.errors import Interrupted, UserError
 from mlsctl.features import Features, Preprocessing, embed_folder
 
-from conftest import cli, cli_env, kill_when, make_images, run_cli, tiny_model
+from conftest import cli, cli_env, in_process, kill_when, make_images, run_cli, tiny_model
 from test_images import write_bad_files
 
 
@@ -414,7 +414,7 @@ def test_two_processes_write_what_one_writes(tmp_path: Path, finished_run):
     images = make_images(tmp_path / "images", 21)
     write_bad_files(images)
     args = ["embed", str(images), "--run", str(run_dir), "--dense", "--batch-size", "2", "--part-size", "4"]
-    run_cli(*args, "--out", str(tmp_path / "one"), check=True)
+    in_process(*args, "--out", str(tmp_path / "one"), check=True)
     accelerate = Path(sys.executable).parent / "accelerate"
     two = subprocess.run([str(accelerate), "launch", "--num_processes", "2", "-m", "mlsctl", *args, "--out",
                           str(tmp_path / "two")], env=cli_env(), capture_output=True, text=True, timeout=300)

@@ -13,7 +13,7 @@ from mlsctl.data.fmnist import CLASSES, DEFAULT_SOURCE, build_scenes, load_split
 from mlsctl.data.fmnist_products import build_products
 from mlsctl.errors import UserError
 
-from conftest import run_cli, write_litter
+from conftest import in_process, write_litter
 
 
 def test_reads_idx_files(fake_fmnist: Path):
@@ -33,8 +33,8 @@ def test_a_file_cut_inside_its_gzip_stream_is_one_sentence(tmp_path: Path, fake_
     cut.write_bytes(cut.read_bytes()[:40])
     with pytest.raises(UserError, match="t10k-images-idx3-ubyte.gz is truncated or damaged"):
         load_split(fake_fmnist, "test")
-    result = run_cli("data", "fmnist-scenes", "--out", str(tmp_path / "s"), "--n-train", "3", "--n-val", "2",
-                     "--source", str(fake_fmnist))
+    result = in_process("data", "fmnist-scenes", "--out", str(tmp_path / "s"), "--n-train", "3", "--n-val", "2",
+                        "--source", str(fake_fmnist))
     assert result.returncode == 2 and "is truncated or damaged" in result.stderr and "Aborted" not in result.stderr
 
 
@@ -149,10 +149,10 @@ def test_overwrite_never_replaces_a_folder_that_is_not_a_build(tmp_path: Path, f
 
 
 def test_cli_builds_scenes(tmp_path: Path, fake_fmnist: Path):
-    result = run_cli("data", "fmnist-scenes", "--out", str(tmp_path / "s"), "--n-train", "3", "--n-val", "2",
-                     "--size", "40", "--source", str(fake_fmnist), check=True)
+    result = in_process("data", "fmnist-scenes", "--out", str(tmp_path / "s"), "--n-train", "3", "--n-val", "2",
+                        "--size", "40", "--source", str(fake_fmnist), check=True)
     assert "built" in result.stdout
-    missing = run_cli("data", "fmnist-scenes", "--out", str(tmp_path / "t"), "--source", str(tmp_path / "none"))
+    missing = in_process("data", "fmnist-scenes", "--out", str(tmp_path / "t"), "--source", str(tmp_path / "none"))
     assert missing.returncode == 2 and "dataset-fashion-mnist" in missing.stderr and "Traceback" not in missing.stderr
 
 
@@ -278,8 +278,8 @@ def test_overwrite_refuses_what_the_build_did_not_make_anywhere_in_its_folder(tm
         build(1)
     args = (["--n-train", "4", "--n-val", "3"] if generator == "fmnist-scenes" else
             ["--n-train", "3", "--n-eval", "2", "--photos", "2", "--gallery-photos", "1", "--layout", "sop"])
-    result = run_cli("data", generator, "--out", str(out), *args, "--size", "32", "--seed", "2", "--overwrite",
-                     "--source", str(fake_fmnist))
+    result = in_process("data", generator, "--out", str(out), *args, "--size", "32", "--seed", "2", "--overwrite",
+                        "--source", str(fake_fmnist))
     assert result.returncode == 2 and "built" not in result.stdout and "move them out first" in result.stderr
     for path, _ in _foreign_cases(out, generator):
         assert path.read_text() == "mine"

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import cli, cli_ok, run_cli, tiny_recipe, write_recipe
+from conftest import cli, cli_ok, in_process, tiny_recipe, write_recipe
 from mlsctl import config
 from mlsctl.evaluate.retrieval import average_recall, max_pairwise_scores, noisy_sets, ranks, recall_at
 from mlsctl.methods.mile import MILE, CrossBlock, SetEncoder
@@ -327,7 +327,8 @@ def test_folding_one_by_one_with_index_add_equals_embedding_the_set(mile_run, tm
     from mlsctl.gallery import Gallery, load_images, load_set_model
 
     gallery = tmp_path / "g"
-    run_cli("index", "build", str(mile_run / "gallery"), "--run", str(mile_run / "run"), "--out", str(gallery), check=True)
+    in_process("index", "build", str(mile_run / "gallery"), "--run", str(mile_run / "run"), "--out", str(gallery),
+               check=True)
     photos = sorted((mile_run / "gallery" / "obj0").iterdir()) + sorted((mile_run / "query" / "obj0").iterdir())
     for photo in photos:  # fold obj0's photos into a new object, one call per photo
         cli_ok(capsys, "index", "add", str(gallery), "--object", "again", str(photo))
@@ -405,8 +406,8 @@ def test_search_ranks_objects_and_refuses_another_model(mile_run, tmp_path, caps
 
 def test_eval_retrieval_reports_every_method_and_noise(mile_run, tmp_path):
     out = tmp_path / "r.json"
-    run_cli("eval", "retrieval", "--gallery", str(mile_run / "gallery"), "--query", str(mile_run / "query"),
-            "--run", str(mile_run / "run"), "--noise", "0", "0.5", "--out", str(out), check=True)
+    in_process("eval", "retrieval", "--gallery", str(mile_run / "gallery"), "--query", str(mile_run / "query"),
+               "--run", str(mile_run / "run"), "--noise", "0", "0.5", "--out", str(out), check=True)
     payload = json.loads(out.read_text())
     results = payload["results"]
     # issue 24 item 2: a result mlsctl report finds, matched to the run by its teacher's fingerprint
@@ -430,8 +431,9 @@ def test_eval_retrieval_reports_every_method_and_noise(mile_run, tmp_path):
     # sets of 1 photo lose none at 0.5 (round(0.5) = 0), said before the work and shown in the table
     assert payload["chance"]["R@1"] == pytest.approx(1 / 6) and payload["ks_at_least_objects"] == [6, 7, 8, 9, 10]
     assert all(r["photos_replaced"] == 0 for r in results)
-    table = run_cli("eval", "retrieval", "--gallery", str(mile_run / "gallery"), "--query", str(mile_run / "query"),
-                    "--run", str(mile_run / "run"), "--noise", "0", "0.5", "--out", str(tmp_path / "r2.json"), check=True)
+    table = in_process("eval", "retrieval", "--gallery", str(mile_run / "gallery"), "--query", str(mile_run / "query"),
+                       "--run", str(mile_run / "run"), "--noise", "0", "0.5", "--out", str(tmp_path / "r2.json"),
+                       check=True)
     assert "note: noise 50% replaces no photo of any query set (round(0.5 × 1) = 0)" in table.stderr
     assert "50% (0 a set)" in table.stdout and re.search(r"chance\s+\(a random ranking\)\s+75\.0\s+16\.7 ", table.stdout)
     assert "note: R@6 to R@10 are 100 % by construction: the gallery holds 6 objects" in table.stdout
@@ -799,8 +801,8 @@ def test_index_add_and_search_keep_each_photo_only_resized_and_give_the_latents_
     resolution = model.resolution
     previous = model.pixel_tokens(torch.stack([model.preprocessor().pixels(i) for i in load_images(photos)]))
     gallery = tmp_path / "g"
-    run_cli("index", "build", str(mile_run / "gallery"), "--run", str(mile_run / "run"), "--out", str(gallery),
-            check=True)
+    in_process("index", "build", str(mile_run / "gallery"), "--run", str(mile_run / "run"), "--out", str(gallery),
+               check=True)
 
     decoded, kept = [], []
     real_load, real_tokens = gallery_lib.load_images, SetModel.pixel_tokens
@@ -848,8 +850,8 @@ def test_a_photo_over_the_pixel_limit_is_told_only_the_ways_its_command_has(mile
 
     png_header_only(tmp_path / "huge.png", 10000, 10000)
     gallery = tmp_path / "g"
-    run_cli("index", "build", str(mile_run / "gallery"), "--run", str(mile_run / "run"), "--out", str(gallery),
-            check=True)
+    in_process("index", "build", str(mile_run / "gallery"), "--run", str(mile_run / "run"), "--out", str(gallery),
+               check=True)
     shrink = "10000x10000 is more than 89,478,485 pixels (a decompression bomb, or an image to shrink below the limit)"
     for args in (("search", "--set", str(tmp_path / "huge.png"), "--index", str(gallery)),
                  ("index", "add", str(gallery), "--object", "huge", str(tmp_path / "huge.png"))):

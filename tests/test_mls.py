@@ -21,7 +21,8 @@ from mlsctl.methods.mls.ops import info_nce, mls_loss, multi_label_loss, pseudo_
 from mlsctl.models.batchnorm import GroupBatchNorm2d
 from mlsctl.schedules import Schedule
 
-from conftest import as_killed_at, REPO, TWO_PROCESSES, cli, cli_env, cli_ok, make_images, tiny_recipe, write_fake_fmnist, write_recipe
+from conftest import (as_killed_at, REPO, TWO_PROCESSES, cli, cli_env, cli_ok, make_images, tiny_recipe,
+                      write_fake_fmnist, write_recipe)
 
 CNN = {"arch": "test_resnet", "img_size": 32, "patch_size": 32, "drop_path_rate": 0.0, "timm_kwargs": {}}
 MLS_METHOD = {"name": "mls", "queue_size": 12, "k": 3, "proj_hidden_dim": 32, "proj_dim": 16, "bn_group_size": 2}

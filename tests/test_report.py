@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cli_ok
+from conftest import cli_ok, in_process
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -404,7 +404,7 @@ def test_a_description_that_overrides_may_contradict_is_marked_as_the_recipes(fi
     """A new user's probe (2026-12-07): "ViT-S/16 ImageNet-pretrained; GPU" stood in the report of a run with
     model.pretrained=false and a tiny model. pretrain records the keys set on its command line (start.json), and
     the summary marks the description as the recipe's, with what was overridden."""
-    from conftest import run_cli, tiny_recipe, write_recipe
+    from conftest import tiny_recipe, write_recipe
 
     from mlsctl import config as config_lib
     from mlsctl.report import RunWeights, _summary
@@ -417,8 +417,8 @@ def test_a_description_that_overrides_may_contradict_is_marked_as_the_recipes(fi
 
     raw = tiny_recipe(finished_run[0].parent / "images", description="ViT-S/16 ImageNet-pretrained; GPU")
     recipe = write_recipe(tmp_path / "r.yaml", raw)
-    run_cli("pretrain", str(recipe), "--out", str(tmp_path / "run"), "optim.epochs=1", "model.pretrained=false",
-            check=True)
+    in_process("pretrain", str(recipe), "--out", str(tmp_path / "run"), "optim.epochs=1", "model.pretrained=false",
+               check=True)
     assert json.loads((tmp_path / "run" / "start.json").read_text())["overridden"] == ["optim.epochs", "model.pretrained"]
     assert ("description ViT-S/16 ImageNet-pretrained; GPU (the recipe's description; overridden: optim.epochs=1, "
             "model.pretrained=false)") in summary_of(tmp_path / "run")
@@ -426,5 +426,6 @@ def test_a_description_that_overrides_may_contradict_is_marked_as_the_recipes(fi
     (tmp_path / "run" / "start.json").write_text(json.dumps({"init_from": start["init_from"]}))  # an older run's
     assert "(the recipe's description; the keys overridden when the run started are not recorded)" in \
         summary_of(tmp_path / "run")
-    run_cli("pretrain", str(recipe), "--out", str(tmp_path / "own"), "optim.epochs=1", "description=mine", check=True)
+    in_process("pretrain", str(recipe), "--out", str(tmp_path / "own"), "optim.epochs=1", "description=mine",
+               check=True)
     assert "description mine architecture" in summary_of(tmp_path / "own")  # the user's own: shown as it is
