@@ -478,8 +478,8 @@ def test_cli_knn_seg_embeds_image_folders_with_a_run(tmp_path: Path, finished_ru
     train_features, val_features = (kept[str(tmp_path / split / "images")] for split in ("train", "val"))
     result = in_process("eval", "knn-seg", "--train", str(train_features), "--train-masks",
                         str(tmp_path / "train" / "masks"), "--val", str(val_features), "--val-masks",
-                        str(tmp_path / "val" / "masks"), "--fraction", "1/1", "--aug-passes", "1", "--json", cwd=tmp_path,
-                        check=True)
+                        str(tmp_path / "val" / "masks"), "--fraction", "1/1", "--aug-passes", "1", "--json",
+                        cwd=tmp_path, check=True)
     assert f"(the model of {train_features})" in result.stderr
     assert json.loads(result.stdout)["results"][0]["miou"] == payload["results"][0]["miou"]
 
