@@ -321,14 +321,14 @@ def pretrain_on_two_processes_and_one(tmp_path: Path, raw: dict, batch: int) -> 
 
 
 def sigkill_then_resume(recipe: Path, tmp_path: Path, total_steps: int) -> tuple[Path, Path]:
-    """``recipe`` trained uninterrupted into TMP/full, and into TMP/killed killed with SIGKILL once ten
-    metrics lines are written, then resumed; returns (full, killed) for the caller to compare. Fails
+    """``recipe`` trained uninterrupted into TMP/full (in this process), and into TMP/killed by another process killed with
+    SIGKILL once ten metrics lines are written, then resumed (in this process); returns (full, killed) for the caller to compare. Fails
     when the run ended before the kill or had no checkpoint yet."""
     import signal
 
     from mlsctl.runs import Run
 
-    run_cli("pretrain", str(recipe), "--out", str(tmp_path / "full"), check=True)
+    in_process("pretrain", str(recipe), "--out", str(tmp_path / "full"), check=True)
     killed = tmp_path / "killed"
     metrics_path = killed / "metrics.jsonl"
     process = kill_when(["pretrain", str(recipe), "--out", str(killed)],
@@ -337,7 +337,7 @@ def sigkill_then_resume(recipe: Path, tmp_path: Path, total_steps: int) -> tuple
     assert not (killed / "summary.json").exists()
     stopped_at = Run(killed).latest().step
     assert 0 < stopped_at < total_steps
-    result = run_cli("pretrain", str(recipe), "--out", str(killed), "--resume", check=True)
+    result = in_process("pretrain", str(recipe), "--out", str(killed), "--resume", check=True)
     assert f"resuming {killed} from step {stopped_at}" in result.stderr
     return tmp_path / "full", killed
 

@@ -17,7 +17,7 @@ from mlsctl import features as feats
 from mlsctl.errors import Interrupted, UserError
 from mlsctl.features import Features, Preprocessing, embed_folder
 
-from conftest import cli, cli_env, in_process, kill_when, make_images, run_cli, tiny_model
+from conftest import cli, cli_env, in_process, kill_when, make_images, tiny_model
 from test_images import write_bad_files
 
 
@@ -281,12 +281,12 @@ def test_sigkill_at_any_moment_then_rerun_is_exact(tmp_path: Path, finished_run)
     run_dir, _ = finished_run
     images = make_images(tmp_path / "images", 60, size=(64, 64))
     args = ["embed", str(images), "--run", str(run_dir), "--dense", "--batch-size", "2", "--part-size", "4"]
-    run_cli(*args, "--out", str(tmp_path / "full"), check=True)
+    in_process(*args, "--out", str(tmp_path / "full"), check=True)
     killed = tmp_path / "killed"
     process = kill_when([*args, "--out", str(killed)],
                         lambda: len(list((killed / ".partial").glob("part-*.safetensors"))) >= 3)
     assert process.returncode == -signal.SIGKILL, "the embed finished before it could be killed"
-    result = run_cli(*args, "--out", str(killed), check=True)
+    result = in_process(*args, "--out", str(killed), check=True)
     assert "resuming" in result.stderr
     a, b = shard_tensors(tmp_path / "full"), shard_tensors(killed)
     assert all(torch.equal(a[k], b[k]) for k in a)

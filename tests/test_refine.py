@@ -18,7 +18,7 @@ from mlsctl.errors import UserError
 from mlsctl.methods.refine import ContextDataset, CrossAttentionBlock, Refiner
 from mlsctl.methods.refine.neighbours import nearest_neighbours
 
-from conftest import cli, cli_ok, kill_when, run_cli, write_feature_folder, write_litter
+from conftest import cli, cli_ok, in_process, kill_when, run_cli, write_feature_folder, write_litter
 
 
 def _clusters(n_classes: int = 12, per_class: int = 8, dim: int = 16, seed: int = 0, noise: float = 0.8):
@@ -640,7 +640,7 @@ def test_refine_resumes_exactly_after_sigkill(tmp_path):
     feats = _folder(tmp_path / "feats", x, y)
     args = ["refine", "train", str(feats), "--blocks", "2", "--k", "4", "--epochs", "8", "optim.batch_size=20",
             "train.checkpoint_every=25", "train.log_every=1", "method.zero_init=false"]  # 50 x 8 = 400 steps
-    run_cli(*args, "--out", str(tmp_path / "full"), check=True)
+    in_process(*args, "--out", str(tmp_path / "full"), check=True)
     killed = tmp_path / "killed"
     metrics = killed / "metrics.jsonl"
     process = kill_when([*args, "--out", str(killed)],
@@ -648,7 +648,7 @@ def test_refine_resumes_exactly_after_sigkill(tmp_path):
     assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     stopped_at = Run(killed).latest().step
     assert 0 < stopped_at < 400
-    result = run_cli(*args, "--out", str(killed), "--resume", check=True)
+    result = in_process(*args, "--out", str(killed), "--resume", check=True)
     assert f"resuming {killed} from step {stopped_at}" in result.stderr and "neighbours read from" in result.stderr
 
     def losses(run: Path) -> list[float]:
