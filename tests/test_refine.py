@@ -18,7 +18,7 @@ from mlsctl.errors import UserError
 from mlsctl.methods.refine import ContextDataset, CrossAttentionBlock, Refiner
 from mlsctl.methods.refine.neighbours import nearest_neighbours
 
-from conftest import cli, cli_ok, in_process, kill_when, run_cli, write_feature_folder, write_litter
+from conftest import cli, cli_ok, in_process, kill_when, write_feature_folder, write_litter
 
 
 def _clusters(n_classes: int = 12, per_class: int = 8, dim: int = 16, seed: int = 0, noise: float = 0.8):
@@ -177,7 +177,7 @@ def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("refine")
     x, y = _clusters(n_classes=12, per_class=8)
     train = _folder(tmp / "train", x, y)
-    run_cli(*_train_args(train, tmp / "run"), "method.zero_init=false", check=True)
+    in_process(*_train_args(train, tmp / "run"), "method.zero_init=false", check=True)
     return tmp, train
 
 
@@ -405,7 +405,7 @@ def test_a_run_loads_with_its_input_scale_and_one_saved_without_it_with_sqrt_d(t
     _, train = trained
     for command in (("refine", "train", str(train), "--out", str(copy), "--resume"),
                     ("pretrain", str(copy / "config.yaml"), "--out", str(copy), "--resume")):
-        resumed = run_cli(*command)
+        resumed = in_process(*command)
         assert resumed.returncode == 0 and "already complete" in resumed.stderr, resumed.stderr  # not "differs"
 
 
@@ -517,7 +517,7 @@ def test_drift_picture_of_a_refiner_with_a_final_layer(tmp_path, capsys):
     refined output with the context refined alike (a first version compared the blocks' e^T with it)."""
     x, y = _clusters(n_classes=8, per_class=4)
     feats = _folder(tmp_path / "feats", x, y)
-    run_cli(*_train_args(feats, tmp_path / "run"), "method.out_dim=8", "method.zero_init=false", check=True)
+    in_process(*_train_args(feats, tmp_path / "run"), "method.out_dim=8", "method.zero_init=false", check=True)
     out, _ = cli_ok(capsys, "refine", "plot", str(tmp_path / "run"), str(feats), "--points", "32", "--out",
                     str(tmp_path / "drift.png"), "--json")
     assert json.loads(out)["drift"]["points"] == 32 and (tmp_path / "drift.png").is_file()
