@@ -656,7 +656,8 @@ def _recall(result: dict) -> str:
     rows = [["scores", *(_pct(v) for v in recalls.values()), _pct(result.get("map_at_r"))]]
     chance = result.get("chance")
     if isinstance(chance, dict):
-        rows.append(["chance (a random ranking)", *(_pct(chance.get(k)) for k in recalls), ""])
+        rows.append(["chance (a random ranking)", *(_pct(chance.get(k)) for k in recalls),
+                     _pct(result.get("chance_map_at_r"))])  # "–" in results written before it was kept
     certain = certain_note(result.get("ks_certain") or [])
     note = _note(certain) if certain else ""
     return (f"<p>{result.get('embeddings', '?')} embeddings of {result.get('classes', '?')} classes</p>"

@@ -138,7 +138,7 @@ def test_chance_is_what_every_ranking_gives_on_average_and_a_k_past_the_other_cl
     the other classes' embeddings is 100 % by construction)."""
     import itertools
 
-    from mlsctl.evaluate.recall import certain_ks, chance_recall
+    from mlsctl.evaluate.recall import certain_ks, chance_map_at_r, chance_recall
 
     labels = [0, 0, 0, 1, 1, 2]  # a class of one has no query
     for K in (1, 2, 3, 4):
@@ -152,10 +152,25 @@ def test_chance_is_what_every_ranking_gives_on_average_and_a_k_past_the_other_cl
             queries += 1
         assert chance_recall([3, 2, 1], K) == pytest.approx(hits / queries)
     assert certain_ks([3, 2, 1], [1, 2, 3, 4, 5]) == [5]  # a query of class 1 has 4 others of other classes
+    for sizes in ([3, 2, 1], [4, 2], [2, 2, 2], [5, 1]):  # MAP@R: the mean over every order of the others
+        labels = [c for c, size in enumerate(sizes) for _ in range(size)]
+        total = queries = 0
+        for i, own in enumerate(labels):
+            others = [y for j, y in enumerate(labels) if j != i]
+            r = others.count(own)
+            if not r:
+                continue
+            orders = list(itertools.permutations(others))
+            total += sum(sum(order[:p + 1].count(own) / (p + 1) for p in range(r) if order[p] == own) / r
+                         for order in orders) / len(orders)
+            queries += 1
+        assert chance_map_at_r(sizes) == pytest.approx(total / queries), sizes
     x, y = _data(n=4, classes=2)  # two classes of two: any 3 others hold the query's class
     feats = write_feature_folder(tmp_path / "feats", [f"class{int(c)}/{i}.png" for i, c in enumerate(y)], x)
     out, _ = cli_ok(capsys, "eval", "recall", str(feats), "--k", "1", "2", "3", "--out", str(tmp_path / "r.json"))
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["chance"] == pytest.approx({"1": 1 / 3, "2": 2 / 3, "3": 1.0}) and result["ks_certain"] == [3]
+    # R = 1 of N = 3 others: MAP@R is P(the one at rank 1) = 1/3
+    assert result["chance_map_at_r"] == pytest.approx(1 / 3) and out.count("33.33") == 2
     assert "chance (a random ranking)" in out and "33.33" in out
     assert "note: R@3 is 100 % by construction: any 3 embeddings other than a query hold one of its class" in out

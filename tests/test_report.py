@@ -359,9 +359,12 @@ def test_the_report_keeps_the_consoles_notes_on_what_the_scores_mean(tmp_path):
     recall = _evaluation({"command": "eval recall", "embeddings": 4, "classes": 2, "map_at_r": 1.0,
                           "recall": {"1": 1.0, "3": 1.0}, "chance": {"1": 1 / 3, "3": 1.0}, "ks_certain": [3]},
                          tmp_path / "r.json", "x")
-    assert "<td>chance (a random ranking)</td><td>33.33</td><td>100.00</td>" in recall
+    assert "<td>chance (a random ranking)</td><td>33.33</td><td>100.00</td><td>–</td>" in recall  # no MAP@R kept
     assert html.escape("note: R@3 is 100 % by construction: any 3 embeddings other than a query hold one of its "
                        "class") in recall  # eval recall's words (recall.certain_note), not the page's own
+    kept = _evaluation({"command": "eval recall", "embeddings": 4, "classes": 2, "map_at_r": 1.0,
+                        "recall": {"1": 1.0}, "chance": {"1": 1 / 3}, "chance_map_at_r": 1 / 3}, tmp_path / "r.json", "x")
+    assert "<td>chance (a random ranking)</td><td>33.33</td><td>33.33</td>" in kept
 
 
 def test_a_result_on_val_images_the_model_trained_on_is_flagged(finished_run, tmp_path, capsys):

@@ -542,7 +542,8 @@ def recall(
     recalls = result["recall"]
     typer.echo(table(["", *(f"R@{K}" for K in recalls), "MAP@R"],
                      [["scores", *(pct(v, 2) for v in recalls.values()), pct(result["map_at_r"], 2)],
-                      ["chance (a random ranking)", *(pct(result["chance"][K], 2) for K in recalls), ""]]))
+                      ["chance (a random ranking)", *(pct(result["chance"][K], 2) for K in recalls),
+                       pct(result["chance_map_at_r"], 2)]]))
     certain = certain_note(result["ks_certain"])
     if certain:
         typer.echo(certain)

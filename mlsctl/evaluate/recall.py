@@ -65,6 +65,29 @@ def chance_recall(class_sizes: Sequence[int], K: int) -> float:
     return hits / total if total else float("nan")
 
 
+def chance_map_at_r(class_sizes: Sequence[int]) -> float:
+    """MAP@R of a random ranking, exactly. A query of a class of c embeddings (of n) has R = c - 1 of its class
+    among the N = n - 1 others; in a random order the i-th is one of them with probability R / N and, given that,
+    each earlier one is with probability (R - 1) / (N - 1), so the expected precision at i counted where the i-th
+    is of the class is (R / N)(1 + (i - 1)(R - 1) / (N - 1)) / i. MAP@R, the mean of that over i = 1..R, is
+    H_R / N + (R - 1)(R - H_R) / (N (N - 1)) with H_R = 1 + 1/2 + ... + 1/R: about each class's share of the
+    others, R / N, more on few classes. The mean over the queries that have another of their class, as
+    :func:`chance_recall` (a new user's probe, 2026-12-07, found MAP@R without one)."""
+    n = sum(class_sizes)
+    total = weight = 0.0
+    for c in class_sizes:
+        if c < 2:
+            continue
+        relevant, others = c - 1, n - 1
+        harmonic = sum(1.0 / i for i in range(1, relevant + 1))
+        value = harmonic / others
+        if relevant > 1:  # then others > 1 too
+            value += (relevant - 1) * (relevant - harmonic) / (others * (others - 1))
+        total += c * value
+        weight += c
+    return total / weight if weight else float("nan")
+
+
 def certain_ks(class_sizes: Sequence[int], ks: Sequence[int]) -> list[int]:
     """The K of ``ks`` whose R@K is 1 by construction: more than the embeddings of other classes than any
     query's own, so every query's K nearest hold one of its class."""
@@ -174,7 +197,8 @@ def recall_at_k(embeddings: torch.Tensor, labels: torch.Tensor, ks: Optional[Seq
     return {"embeddings": n, "classes": len(classes), "queries": n - lone, "lone_queries": lone,
             "recall": {str(K): values[f"recall_at_{K}"] for K in kept}, "ks_too_large": [K for K in ks if K not in kept],
             "chance": {str(K): chance_recall(sizes, K) for K in kept}, "ks_certain": certain_ks(sizes, kept),
-            "precision_at_1": values["precision_at_1"], "map_at_r": values["mean_average_precision_at_r"]}
+            "precision_at_1": values["precision_at_1"], "map_at_r": values["mean_average_precision_at_r"],
+            "chance_map_at_r": chance_map_at_r(sizes)}
 
 
 def evaluate_recall(features, labels_file: Optional[Path] = None, ks: Optional[Sequence[int]] = None) -> dict:
