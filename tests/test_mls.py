@@ -429,6 +429,31 @@ def test_label_precision_counts_neighbours_carrying_each_tag_against_chance():
     assert label_precision(vectors, ids, tags, k=1)["precision"] == pytest.approx(0.5)
 
 
+def test_queue_tags_read_the_tags_file_s_paths_as_every_labels_file_is_read(tmp_path):
+    """A new user's probe (2026-12-07): the tags of a queue's entries were found by resolving the file's paths against
+    its own folder only: a tags file kept elsewhere, keyed by paths under data.root, tagged nothing, and ``./`` or
+    decomposed-Unicode paths missed. Now they are read as labels files are (ImagePaths)."""
+    import unicodedata
+    from types import SimpleNamespace
+
+    from mlsctl.methods.mls.views import entry_tags
+
+    root = tmp_path / "data" / "train" / "images"
+    names = ["a.png", "b.png", "sub/c.png", "caf\u00e9.png", "d.png"]
+    image_paths = [root / name for name in names]
+    table = {"a.png": ["x"],  # relative to data.root, the file kept elsewhere
+             "./b.png": ["y"],
+             str(root / "sub" / "c.png"): ["x", "y"],  # absolute
+             unicodedata.normalize("NFD", "caf\u00e9.png"): ["z"]}  # macOS' decomposed é
+    bank = SimpleNamespace(payload={"image_id": torch.tensor([0, 1, 2, 3, 4, 0]),
+                                    "step": torch.tensor([3, 3, 3, 3, 3, -1])})  # the last slot: never written
+    tags = entry_tags(bank, image_paths, table, tmp_path / "elsewhere" / "tags.jsonl", root)
+    assert tags == [frozenset({"x"}), frozenset({"y"}), frozenset({"x", "y"}), frozenset({"z"}), None, None]
+    # a file beside images/, keyed relative to its own folder (fmnist-scenes' scenes.jsonl)
+    beside = entry_tags(bank, image_paths, {"images/b.png": ["y"]}, root.parent / "scenes.jsonl", root)
+    assert beside == [None, frozenset({"y"}), None, None, None, None]
+
+
 def test_label_precision_in_chunks_equals_the_whole_score_matrix(monkeypatch):
     """A scale review (2026-12-05): label_precision built n x n scores (40 GiB at a 65,536-entry
     queue); it now scores chunks of rows. Checked against the whole matrix, as it was computed."""

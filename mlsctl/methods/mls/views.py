@@ -35,17 +35,31 @@ def tags_file_of(recipe) -> Optional[Path]:
     return None
 
 
-def entry_tags(bank, image_paths: list[Path], table: dict[str, list[str]], base: Path) -> list[Optional[frozenset]]:
-    """Tags of every slot (None: never written, or an image the tags file does not list)."""
-    by_path = {}
-    for key, tags in table.items():
-        location = Path(key) if Path(key).is_absolute() else base / key
-        by_path[str(location.resolve())] = frozenset(tags)
+def entry_tags(bank, image_paths: list[Path], table: dict[str, list[str]], tags_file: Path,
+               root: Optional[Path]) -> list[Optional[frozenset]]:
+    """Tags of every slot (None: never written, or an image the tags file does not list). The tags file's paths are
+    read as every labels file's (:class:`mlsctl.data.labels.ImagePaths`: relative to ``root``, the run's data.root,
+    to the file's own folder, or absolute; ``./`` and decomposed Unicode folded): a new user's probe (2026-12-07)
+    found this view matching resolved paths against the file's folder only, its own way."""
+    from mlsctl.data.labels import ImagePaths
+
     written = [(image_id, step >= 0 and 0 <= image_id < len(image_paths))
                for image_id, step in zip(bank.payload["image_id"].tolist(), bank.payload["step"].tolist())]
     # only the images the bank holds (a queue of thousands), not every training image (1.28 M stats)
-    resolved = {image_id: str(Path(image_paths[image_id]).resolve()) for image_id, ok in written if ok}
-    return [by_path.get(resolved[image_id]) if ok else None for image_id, ok in written]
+    held = sorted({image_id for image_id, ok in written if ok})
+    base = Path(root) if root is not None else Path(tags_file).parent
+    files = [_under(Path(image_paths[image_id]), base) for image_id in held]
+    found = ImagePaths(files, base, Path(tags_file), "tags file").rows(table)
+    tags = {image_id: frozenset(found[f]) for image_id, f in zip(held, files) if f in found}
+    return [tags.get(image_id) if ok else None for image_id, ok in written]
+
+
+def _under(path: Path, root: Path) -> str:
+    """``path`` relative to ``root`` where it lies under it, else absolute (as :class:`ImagePaths` takes files)."""
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return str(path.absolute())
 
 
 LABEL_PRECISION_CHUNK = 1024  # queue entries scored at a time: 1024 x 65,536 floats is 256 MiB
@@ -94,7 +108,11 @@ def queue_views(recipe, banks, image_paths: Optional[list[Path]]) -> dict[str, l
         return {name: [("tags", f"not shown: {exc}", None)] for name in banks}
     views = {}
     for name, bank in banks.items():
-        tags = entry_tags(bank, image_paths, table, path.parent)
+        try:
+            tags = entry_tags(bank, image_paths, table, path, Path(recipe.data.root) if recipe.data.root else None)
+        except UserError as exc:  # an image two rows give two tag lists
+            views[name] = [("tags", f"not shown: {exc}", None)]
+            continue
         counts = Counter(tag for t in tags if t for tag in t)
         tagged = sum(1 for t in tags if t)
         if not tagged:
