@@ -567,6 +567,7 @@ def test_gallery_from_features_must_match_how_queries_are_embedded(mile_run, tmp
     code, _, err = cli("eval", "retrieval", "--gallery", str(mile_run / "gallery"), "--query", str(tmp_path / "other"),
                        "--run", run, "--out", str(tmp_path / "r.json"), capsys=capsys)
     assert code == 2 and "share only 2 object ids" in err
+    assert "(the ids are the gallery's sub-folders and the query's sub-folders)" in err
     # a new-user probe (2026-12-05): the gallery's own photos as queries scored 100 % without a word, and
     # --query-size beyond the photos there are was reported as the size used
     code, _, err = cli("eval", "retrieval", "--gallery", str(mile_run / "gallery"), "--query", str(mile_run / "gallery"),
@@ -959,6 +960,17 @@ def test_index_build_and_eval_retrieval_take_objects_files(mile_run, tmp_path, c
         results[name] = json.loads((tmp_path / f"{name}.json").read_text())
     assert results["files"]["results"] == results["folders"]["results"] and results["files"]["objects"] == 6
     assert results["files"]["query_objects"] == str(tmp_path / "query.csv")
+    # the refusal of unrelated objects names where the ids came from (a probe, 2026-12-07: "object folders")
+    renamed = (tmp_path / "query.csv").read_text()
+    for o in (1, 2, 3, 4):
+        renamed = renamed.replace(f"obj{o},", f"x{o},")
+    (tmp_path / "renamed.csv").write_text(renamed)
+    code, _, err = cli("eval", "retrieval", "--gallery", str(tmp_path / "img"), "--gallery-objects",
+                       str(tmp_path / "gallery.csv"), "--query", str(tmp_path / "img"), "--query-objects",
+                       str(tmp_path / "renamed.csv"), "--run", run, "--out", str(tmp_path / "x.json"), capsys=capsys)
+    assert code == 2 and ("share only 2 object ids: are they photos of the same objects? Give a gallery and a query "
+                          "whose object ids match (the ids are the object_id column of --gallery-objects and the "
+                          "object_id column of --query-objects)") in err and "model:" not in err, err
     # a feature folder's objects are its folders: an objects file with one is refused before the model loads
     cli_ok(capsys, "embed", str(mile_run / "gallery"), "--run", run, "--out", str(tmp_path / "feats"))
     code, _, err = cli("index", "build", str(tmp_path / "feats"), "--objects", str(tmp_path / "gallery.csv"), "--out",

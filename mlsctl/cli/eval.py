@@ -468,7 +468,7 @@ def retrieval(
     from mlsctl.data.kinds import folder_kind
     from mlsctl.data.objects import check_objects_file
     from mlsctl.errors import UserError
-    from mlsctl.evaluate.retrieval import evaluate_set_model, objects_note, replaced_text
+    from mlsctl.evaluate.retrieval import evaluate_set_model, objects_note, paired_photos, replaced_text
     from mlsctl.gallery import choose_set_model
 
     fractions = []
@@ -487,11 +487,14 @@ def retrieval(
                             f"built from")
     check_objects_file(gallery_objects, "--gallery-objects")  # before the model loads, not after
     check_objects_file(query_objects, "--query-objects")
+    # the objects files' rows and the pairing of the two sides too (a review, 2026-12-07: said after the model line)
+    photos = paired_photos(gallery, query, gallery_objects, query_objects)
     write = results_writer(out, "retrieval", say)  # after the refusals, before the work
     model = choose_set_model(run, say=say)
     payload = {"command": "eval retrieval",
-               **evaluate_set_model(model, gallery, query, query_size=size, noise=fractions, seed=seed, workers=workers,
-                                  say=say, gallery_objects=gallery_objects, query_objects=query_objects)}
+               **evaluate_set_model(model, photos, gallery, query, query_size=size, noise=fractions, seed=seed,
+                                  workers=workers, say=say, gallery_objects=gallery_objects,
+                                  query_objects=query_objects)}
     out = write(payload)
     if as_json:
         print(json.dumps(payload, indent=2))

@@ -303,6 +303,15 @@ def identical_files(first: Sequence[Path], second: Sequence[Path], *, missing_ok
     return found
 
 
+def _ids_from(gallery_objects, query_objects) -> str:
+    """Where the object ids of a gallery and a query come from, for a refusal: the probe of 2026-12-07 read "give
+    folders whose object folders match" with both sides named by objects files."""
+    sides = [f"the object_id column of {option}" if listed is not None else f"{side}'s sub-folders"
+             for side, option, listed in (("the gallery", "--gallery-objects", gallery_objects),
+                                          ("the query", "--query-objects", query_objects))]
+    return f"the ids are {sides[0]} and {sides[1]}"
+
+
 def paired_photos(gallery, query, gallery_objects=None, query_objects=None) -> PairedPhotos:
     """The objects of two ``ROOT/<object_id>/*`` folders (or those their objects files list:
     :func:`~mlsctl.gallery.object_folders`), refused (one sentence) when they share fewer than 2
@@ -314,12 +323,13 @@ def paired_photos(gallery, query, gallery_objects=None, query_objects=None) -> P
     query_groups = object_folders(query, query_objects, "--query-objects")
     objects = [o for o in gallery_groups if o in query_groups]
     if len(objects) < 2:
-        raise UserError(f"{gallery} and {query} share {len(objects)} objects; retrieval needs at least 2")
+        raise UserError(f"{gallery} and {query} share {len(objects)} objects; retrieval needs at least 2 "
+                        f"({_ids_from(gallery_objects, query_objects)})")
     smaller = min(len(gallery_groups), len(query_groups))
     if len(objects) < 0.5 * smaller:
         raise UserError(f"{gallery} ({len(gallery_groups)} objects) and {query} ({len(query_groups)} objects) share only "
-                        f"{len(objects)} object ids: are they photos of the same objects? Give folders whose object "
-                        f"folders match")
+                        f"{len(objects)} object ids: are they photos of the same objects? Give a gallery and a query "
+                        f"whose object ids match ({_ids_from(gallery_objects, query_objects)})")
     shared = {p.resolve() for o in objects for p in gallery_groups[o]} & {p.resolve() for o in objects
                                                                           for p in query_groups[o]}
     if shared:
@@ -341,20 +351,20 @@ def paired_photos(gallery, query, gallery_objects=None, query_objects=None) -> P
     return PairedPhotos(objects, paths, gallery_rows, query_rows, len(gallery_groups), len(query_groups))
 
 
-def evaluate_set_model(model, gallery, query, *, query_size: Optional[int], noise: Sequence[float], seed: int,
-                       workers: Optional[int] = None, say=to_stderr, gallery_objects=None, query_objects=None) -> dict:
-    """``mlsctl eval retrieval``: the set model of a MILE run (:class:`~mlsctl.gallery.SetModel`)
-    on the objects ``gallery`` and ``query`` share (their folders, or those ``gallery_objects`` and
-    ``query_objects`` list) — MILE and the single-image baselines with its trained teacher, the
-    baselines again with the backbone the run started from (as the authors compute theirs) — as the
-    result JSON's fields."""
+def evaluate_set_model(model, photos: PairedPhotos, gallery, query, *, query_size: Optional[int],
+                       noise: Sequence[float], seed: int, workers: Optional[int] = None, say=to_stderr,
+                       gallery_objects=None, query_objects=None) -> dict:
+    """``mlsctl eval retrieval``: the set model of a MILE run (:class:`~mlsctl.gallery.SetModel`) on the objects
+    ``gallery`` and ``query`` share, ``photos`` (:func:`paired_photos` of their folders, or of those
+    ``gallery_objects`` and ``query_objects`` list, paired before the model loads) — MILE and the single-image
+    baselines with its trained teacher, the baselines again with the backbone the run started from (as the authors
+    compute theirs) — as the result JSON's fields."""
     import dataclasses
     import time
 
     from mlsctl.gallery import photo_batches
     from mlsctl.restore import from_run_start
 
-    photos = paired_photos(gallery, query, gallery_objects, query_objects)
     say(f"{len(photos.objects)} objects in both {gallery} ({photos.gallery_objects}) and {query} "
         f"({photos.query_objects})")
     query_rows = sample_sets(photos.query_rows, query_size, seed)
