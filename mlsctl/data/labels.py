@@ -271,8 +271,9 @@ class ImagePaths:
     linear --multi-label reads it), compared as :func:`_normal` writes them (``find .`` writes ``./a.jpg``,
     macOS an ``é`` decomposed: a new user's probe, 2026-12-07)."""
 
-    def __init__(self, files: Sequence[str], root: Path, listed_in: Path, kind: str = "labels file"):
+    def __init__(self, files: Sequence[str], root: Path, listed_in: Path, kind: str = "labels file", option: str = ""):
         self.files, self.root, self.listed_in, self.kind = files, Path(root), Path(listed_in), kind
+        self.option = option  # the option that gave the file, where messages name it ("--files")
         self._relative = {_normal(f): f for f in files}
         self._located: Optional[dict[str, str]] = None
         self._named: dict[str, str] = {}  # file → the path that first named it (find_once)
@@ -291,8 +292,9 @@ class ImagePaths:
         put twice into a set, or listed twice for embed); ``unit``: what the file gives each image, a row or a line."""
         found = self.find(path)
         if found is not None and self._named.setdefault(found, path) != path:
-            raise UserError(f"{self.listed_in} lists the image {found} twice, as {self._named[found]} and {path}; "
-                            f"give each image one {unit}")
+            given = f"{self.option} " if self.option else ""
+            raise UserError(f"{given}{self.listed_in} lists the image {found} twice, as {self._named[found]} and "
+                            f"{path}; give each image one {unit}")
         return found
 
     def _find(self, path: str) -> Optional[str]:
@@ -454,7 +456,7 @@ def listed_files(files: Sequence[str], root: Path, list_file: Path, what: str) -
     in the order of ``files``. A listed path is read as :class:`ImagePaths` reads them (relative to ``root``,
     then to the list file's folder, or absolute); one that is none of ``files`` (missing, or not an image) is
     refused, naming the first, and so is an image two paths name (``a.jpg`` and ``./a.jpg``)."""
-    paths = ImagePaths(files, root, Path(list_file), "list file")
+    paths = ImagePaths(files, root, Path(list_file), "list file", option=what)
     chosen, missing = set(), []
     for key in read_paths_file(list_file, what):
         hit = paths.find_once(key, "line")
