@@ -1431,11 +1431,12 @@ def check_objects_source(source: str | os.PathLike, objects_file: Optional[str |
 def build_gallery(source: str | os.PathLike, model: SetModel, out: str | os.PathLike, settings: IndexSettings,
                   *, overwrite: bool = False, progress: Optional[bool] = None, storage_dtype: str = "fp32",
                   workers: Optional[int] = None, batch_size: int = 64, say: Callable[[str], None] = to_stderr,
-                  objects_file: Optional[str | os.PathLike] = None) -> dict:
+                  objects_file: Optional[str | os.PathLike] = None,
+                  groups: Optional[dict[str, list[Path]]] = None) -> dict:
     """One set embedding per object of ``source``: ``ROOT/<object_id>/*`` images, or those
-    ``objects_file`` lists (:func:`object_folders`; decoded in ``workers`` loader processes and embedded
-    ``batch_size`` at a time, :func:`set_tokens`), or a feature folder of them written by ``mlsctl embed``
-    with the same run (files fold in name order)."""
+    ``objects_file`` lists (:func:`object_folders`, or ``groups`` where the caller read them before the model
+    loaded; decoded in ``workers`` loader processes and embedded ``batch_size`` at a time, :func:`set_tokens`),
+    or a feature folder of them written by ``mlsctl embed`` with the same run (files fold in name order)."""
     out = Path(out)
     check_objects_source(source, objects_file)
     settings.check()
@@ -1445,7 +1446,8 @@ def build_gallery(source: str | os.PathLike, model: SetModel, out: str | os.Path
     ids, latents, counts = [], [], []
     if out.is_dir():  # a server or another writer holding it: said now, not after every photo is embedded
         FolderLock(out, "gallery").acquire().release()
-    groups = None if is_feature_folder(source) else object_folders(source, objects_file)
+    if groups is None and not is_feature_folder(source):
+        groups = object_folders(source, objects_file)
     if overwrite:
         _say_what_a_rebuild_drops(out, _source_counts(source, groups), say)
     if groups is None:

@@ -979,6 +979,10 @@ def test_index_build_and_eval_retrieval_take_objects_files(mile_run, tmp_path, c
     code, _, err = cli("index", "build", str(tmp_path / "img"), "--objects", str(tmp_path / "none.csv"), "--run", run,
                        "--out", str(tmp_path / "g4"), capsys=capsys)
     assert code == 2 and f"--objects {tmp_path / 'none.csv'} does not exist" in err, err
+    (tmp_path / "wrong.csv").write_text("obj0,WOMEN/cat0/obj0/gallery/nothere.png\n")  # its rows: before the model too
+    code, _, err = cli("index", "build", str(tmp_path / "img"), "--objects", str(tmp_path / "wrong.csv"), "--run", run,
+                       "--out", str(tmp_path / "g5"), capsys=capsys)
+    assert code == 2 and "nothere.png" in err and "model:" not in err, err
 
 
 def test_trained_images_counts_the_objects_files_paths_as_training_reads_them(tmp_path):

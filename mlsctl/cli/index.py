@@ -42,8 +42,9 @@ def build(
     Example: mlsctl index build data/fmnist-products/gallery --run runs/mile_fmnist_quick --out galleries/products
     """
     from mlsctl.data.kinds import folder_kind
+    from mlsctl.features import is_feature_folder
     from mlsctl.gallery import (IndexSettings, build_gallery, check_gallery_target, check_objects_source,
-                                choose_set_model)
+                                choose_set_model, object_folders)
 
     check_gallery_target(out, overwrite, source)  # before the model loads
     if not source.exists():  # so is a source that is not there (a new user, 2026-12-06: said after the model line)
@@ -55,9 +56,11 @@ def build(
                         f"or their feature folder" + (" (a run goes to --run)" if kind == "a run folder" else ""))
     settings = IndexSettings(index, nlist, pq_m, pq_bits, nprobe, refine).check()  # before the model loads
     check_objects_source(source, objects)
+    # the objects and their photos (an objects file's rows too) before the model loads (a review, 2026-12-07)
+    groups = None if is_feature_folder(source) else object_folders(source, objects)
     model = choose_set_model(run, say=say, features=source)
     record = build_gallery(source, model, out, settings, overwrite=overwrite, storage_dtype=dtype, workers=workers,
-                           say=say, objects_file=objects)
+                           say=say, objects_file=objects, groups=groups)
     if as_json:
         print(json.dumps(record, indent=2))
         return
