@@ -194,13 +194,36 @@ def cli(*args: str, cwd: Path | None = None, capsys=None) -> tuple[int, str, str
 def in_process(*args: str, cwd: Path | None = None, check: bool = False) -> subprocess.CompletedProcess:
     """:func:`cli` answering as :func:`run_cli` does (``returncode``, ``stdout``, ``stderr``), for the tests of commands
     that need no signal, resource limit or second process: each run_cli starts an interpreter that imports torch
-    again, 3.5 s on this 2-core machine."""
+    again, 3.5 s on this 2-core machine. Its stderr holds what a fresh process's would (a review, 2026-12-07, found
+    an exact-stderr test blind to stray lines): the ``mlsctl`` logger's notes, which pytest's handlers on the root
+    logger would take from Python's last-resort handler, and warnings, under Python's default filters; and the
+    command sees cli_env's ``HF_HUB_OFFLINE=1`` (without it a test of "no model given" asked the Hub)."""
     import contextlib
     import io
+    import logging
+    import warnings
+    from unittest import mock
 
     out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code, _, _ = cli(*args, cwd=cwd)
+    last_resort = logging.StreamHandler(err)  # a fresh process's: the message alone, warnings and above
+    last_resort.setLevel(logging.WARNING)
+    root = logging.getLogger()
+    pytests = root.handlers[:]
+    root.handlers = [last_resort]
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        err.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings(), \
+                mock.patch.dict(os.environ, {"HF_HUB_OFFLINE": "1"}):
+            warnings.resetwarnings()  # Python's defaults: DeprecationWarning and its kin ignored, the rest shown once
+            for quiet in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+                warnings.simplefilter("ignore", quiet)
+            warnings.showwarning = show
+            code, _, _ = cli(*args, cwd=cwd)
+    finally:
+        root.handlers = pytests
     if check and code != 0:
         raise AssertionError(f"mlsctl {' '.join(args)} failed ({code}):\n{out.getvalue()}\n{err.getvalue()}")
     return subprocess.CompletedProcess(["mlsctl", *args], code, out.getvalue(), err.getvalue())
@@ -321,9 +344,9 @@ def pretrain_on_two_processes_and_one(tmp_path: Path, raw: dict, batch: int) -> 
 
 
 def sigkill_then_resume(recipe: Path, tmp_path: Path, total_steps: int) -> tuple[Path, Path]:
-    """``recipe`` trained uninterrupted into TMP/full (in this process), and into TMP/killed by another process killed with
-    SIGKILL once ten metrics lines are written, then resumed (in this process); returns (full, killed) for the caller to compare. Fails
-    when the run ended before the kill or had no checkpoint yet."""
+    """``recipe`` trained uninterrupted into TMP/full (in this process), and into TMP/killed by another process
+    killed with SIGKILL once ten metrics lines are written, then resumed (in this process); returns (full, killed)
+    for the caller to compare. Fails when the run ended before the kill or had no checkpoint yet."""
     import signal
 
     from mlsctl.runs import Run

@@ -323,3 +323,20 @@ def test_resume_with_images_added_or_removed_at_the_end_names_the_first_one(tmp_
                          (["a.png"], "'b.png' and any after it are gone")]:
         with pytest.raises(UserError, match=said):
             _same_images(run, recipe, recipe, SimpleNamespace(relpaths=lambda listed=listed: listed))
+
+
+def test_a_run_gives_the_caller_its_logging_back(tmp_path, capsys, caplog):
+    """A review (2026-12-07): a run left the ``mlsctl`` logger with ``propagate`` False, so a program calling train()
+    no longer received mlsctl's warnings on its own root handlers after the run. Its propagation and level are the
+    caller's again once the run ends."""
+    import logging
+
+    log = logging.getLogger("mlsctl")
+    before = (log.propagate, log.level)
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(make_images(tmp_path / "images", 4), optim__epochs=1))
+    code, _, err = cli("pretrain", str(recipe), "--out", str(tmp_path / "run"), capsys=capsys)
+    assert code == 0, err
+    assert (log.propagate, log.level) == before and not log.handlers
+    with caplog.at_level(logging.WARNING):
+        log.warning("a note after the run")
+    assert "a note after the run" in caplog.text

@@ -105,10 +105,16 @@ class _RunLogHandler(logging.FileHandler):
             super().handleError(record)
 
 
+# logger → (propagate, level) as the caller had them before setup_logging, for close_logging to give back: a program
+# calling train() stopped receiving mlsctl's warnings on its own root handlers after the run (a review, 2026-12-07)
+_CALLERS_LOGGING: dict[str, tuple[bool, int]] = {}
+
+
 def setup_logging(run: Run, is_main: bool, rank: int, interactive: bool) -> None:
     """``mlsctl`` logger: console (warnings only on other ranks) + train.log. The per-step
     ``mlsctl.progress`` lines go to train.log, and to the console only when there is no progress bar."""
     for logger in (log, progress_log):
+        _CALLERS_LOGGING.setdefault(logger.name, (logger.propagate, logger.level))
         for handler in list(logger.handlers):
             handler.close()
             logger.removeHandler(handler)
@@ -175,10 +181,14 @@ def held_notes(is_main: bool):
 
 
 def close_logging() -> None:
+    """The run's handlers closed and removed; the loggers' propagation and level as before :func:`setup_logging`."""
     for logger in (log, progress_log):
         for handler in list(logger.handlers):
             handler.close()
             logger.removeHandler(handler)
+        if logger.name in _CALLERS_LOGGING:
+            logger.propagate, level = _CALLERS_LOGGING.pop(logger.name)
+            logger.setLevel(level)
 
 
 @contextlib.contextmanager
