@@ -432,11 +432,11 @@ def test_label_precision_counts_neighbours_carrying_each_tag_against_chance():
 def test_queue_tags_read_the_tags_file_s_paths_as_every_labels_file_is_read(tmp_path):
     """A new user's probe (2026-12-07): the tags of a queue's entries were found by resolving the file's paths against
     its own folder only: a tags file kept elsewhere, keyed by paths under data.root, tagged nothing, and ``./`` or
-    decomposed-Unicode paths missed. Now they are read as labels files are (ImagePaths)."""
+    decomposed-Unicode paths missed. Now they are read as labels files are (ImagePaths), once for all the queues."""
     import unicodedata
     from types import SimpleNamespace
 
-    from mlsctl.methods.mls.views import entry_tags
+    from mlsctl.methods.mls.views import image_tags, queue_views, written_images
 
     root = tmp_path / "data" / "train" / "images"
     names = ["a.png", "b.png", "sub/c.png", "caf\u00e9.png", "d.png"]
@@ -445,13 +445,23 @@ def test_queue_tags_read_the_tags_file_s_paths_as_every_labels_file_is_read(tmp_
              "./b.png": ["y"],
              str(root / "sub" / "c.png"): ["x", "y"],  # absolute
              unicodedata.normalize("NFD", "caf\u00e9.png"): ["z"]}  # macOS' decomposed é
-    bank = SimpleNamespace(payload={"image_id": torch.tensor([0, 1, 2, 3, 4, 0]),
-                                    "step": torch.tensor([3, 3, 3, 3, 3, -1])})  # the last slot: never written
-    tags = entry_tags(bank, image_paths, table, tmp_path / "elsewhere" / "tags.jsonl", root)
-    assert tags == [frozenset({"x"}), frozenset({"y"}), frozenset({"x", "y"}), frozenset({"z"}), None, None]
-    # a file beside images/, keyed relative to its own folder (fmnist-scenes' scenes.jsonl)
-    beside = entry_tags(bank, image_paths, {"images/b.png": ["y"]}, root.parent / "scenes.jsonl", root)
-    assert beside == [None, frozenset({"y"}), None, None, None, None]
+    bank = SimpleNamespace(payload={"image_id": torch.tensor([0, 1, 2, 3, 4, 0, 9]),
+                                    "step": torch.tensor([3, 3, 3, 3, 3, -1, 3])})  # never written; no such image
+    slots = written_images(bank, len(image_paths))
+    assert slots == [0, 1, 2, 3, 4, None, None]
+    tags = image_tags([i for i in slots if i is not None], image_paths, table, tmp_path / "elsewhere" / "t.jsonl", root)
+    assert tags == {0: frozenset({"x"}), 1: frozenset({"y"}), 2: frozenset({"x", "y"}), 3: frozenset({"z"})}
+    # a file beside images/, keyed relative to its own folder (fmnist-scenes' scenes.jsonl), or with ".."
+    beside = {"images/b.png": ["y"], "../train/images/sub/c.png": ["x"], "images/../images/d.png": ["w"]}
+    assert image_tags(range(5), image_paths, beside, root.parent / "scenes.jsonl", root) == {
+        1: frozenset({"y"}), 2: frozenset({"x"}), 4: frozenset({"w"})}
+    # two rows naming one image with two tag lists: the queues' rows say so instead of tags
+    (tmp_path / "twice.jsonl").write_text('{"path": "a.png", "labels": ["x"]}\n{"path": "./a.png", "labels": ["y"]}\n')
+    recipe = SimpleNamespace(method=SimpleNamespace(tags_file=str(tmp_path / "twice.jsonl"), k=1),
+                             data=SimpleNamespace(root=str(root)))
+    views = queue_views(recipe, {"Q_g": bank, "Q_z": bank}, image_paths)
+    assert [row[0] for row in views["Q_g"]] == ["tags"] and views["Q_g"][0][1].startswith("not shown: ")
+    assert "a.png twice" in views["Q_z"][0][1], views
 
 
 def test_label_precision_in_chunks_equals_the_whole_score_matrix(monkeypatch):

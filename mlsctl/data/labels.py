@@ -275,7 +275,8 @@ class ImagePaths:
         self.files, self.root, self.listed_in, self.kind = files, Path(root), Path(listed_in), kind
         self.option = option  # the option that gave the file, where messages name it ("--files")
         self._relative = {_normal(f): f for f in files}
-        self._located: Optional[dict[str, str]] = None
+        self._located: Optional[dict[str, str]] = None  # _location(root / file) → file
+        self._beside: Optional[dict[str, str]] = None  # a file's path relative to the listing file's folder → file
         self._named: dict[str, str] = {}  # file → the path that first named it (find_once)
 
     def find(self, path: str) -> Optional[str]:
@@ -299,11 +300,19 @@ class ImagePaths:
 
     def _find(self, path: str) -> Optional[str]:
         key = _normal(path)
-        if not os.path.isabs(key) and key in self._relative:
+        relative = not os.path.isabs(key)
+        if relative and key in self._relative:
             return self._relative[key]
         if self._located is None:
             self._located = {_location(self.root / f): f for f in self.files}
-        return self._located.get(_location(key if os.path.isabs(key) else self.listed_in.parent / key))
+        if relative and key != ".." and not key.startswith("../"):
+            # under the file's folder, compared as text: what _location of that folder / key is for a normal key
+            # without "..", at a dictionary lookup a row (a 1.28 M-row tags file: 9 µs a row through _location)
+            if self._beside is None:
+                folder = _location(self.listed_in.parent).rstrip("/") + "/"
+                self._beside = {at[len(folder):]: f for at, f in self._located.items() if at.startswith(folder)}
+            return self._beside.get(key)
+        return self._located.get(_location(key if not relative else self.listed_in.parent / key))
 
     def rows(self, table: dict[str, T]) -> dict[str, T]:
         """The value of each file that a row of ``table`` (a labels or tags file's, by path) names; a file may
