@@ -715,6 +715,24 @@ def test_one_class_and_unseen_val_classes_are_refused_not_scored(tmp_path: Path,
         assert code == 2 and "hold one class (0) and no class names" in err, err
 
 
+def test_val_classes_partly_unseen_because_they_hold_training_classes_say_so(tmp_path: Path, capsys):
+    """A new user's probe (2026-12-07): where some val classes occur in training and others are folders holding
+    training classes (val/Boots/ against train/Boots/sub0/), the note named the unseen classes only; it says why and
+    what to do, as the refusal of wholly unseen classes does (eval knn and eval linear)."""
+    names = [f"{c}/{j}.png" for c in ("Boots/sub0", "Sandal") for j in range(4)]
+    write_feature_folder(tmp_path / "tr", names, torch.randn(8, 8))
+    write_feature_folder(tmp_path / "va", [f"{c}/{j}.png" for c in ("Boots", "Sandal") for j in range(2)],
+                         torch.randn(4, 8))
+    hint = ("the val class Boots is a folder holding the training classes Boots/sub0, as each image's own folder is "
+            "its class; to compare them as one class, give labels files (CSV or JSONL of path,label) with "
+            "--train-labels and --val-labels")
+    for command in ("knn", "linear"):
+        code, out, err = cli("eval", command, "--train", str(tmp_path / "tr"), "--val", str(tmp_path / "va"), "--out",
+                             str(tmp_path / f"{command}.json"), capsys=capsys)
+        assert code == 0 and "never occurs in train" in out and hint in out, (command, out, err)
+        assert json.loads((tmp_path / f"{command}.json").read_text())["val_classes_unseen_hint"] == hint
+
+
 def test_the_knn_seg_memory_is_the_concatenation_of_its_pieces(monkeypatch):
     """The memory is gathered in blocks (a peak of its size plus one block, not twice its size)."""
     from mlsctl.evaluate.knn_seg import _Rows

@@ -275,7 +275,7 @@ def knn(
     typer.echo(table(["k", "top-1 %", "top-5 %"], [[lib.k_text(r, result["train_images"]), pct(r["top1"], 2),
                                                     pct(r["top5"], 2)] for r in results]))
     if unknown:
-        typer.echo(_unseen_note(unknown, " (counted as errors)"))
+        typer.echo(_unseen_note(unknown, " (counted as errors)", result.get("val_classes_unseen_hint", "")))
     _say_shared(record, result["val_images"])
     if any(r["top5"] is None for r in results):
         typer.echo("no top-5 (-): fewer than 5 classes")
@@ -362,7 +362,7 @@ def linear(
                f"lr {result['chosen']['lr']:g}, wd {result['chosen']['weight_decay']:g}); results written to {out}")
     if result["val_classes_unseen_in_train"]:
         unseen = result["val_classes_unseen_in_train"]
-        typer.echo(_unseen_note(unseen))
+        typer.echo(_unseen_note(unseen, hint=result.get("val_classes_unseen_hint", "")))
     _say_shared(record, result["val_images"])
 
 
@@ -431,11 +431,12 @@ def linear_seg(
     _say_shared(inputs.record, len(val_features))
 
 
-def _unseen_note(classes: list[str], how: str = "") -> str:
-    """The note on val classes that no training image has (``how``: what the scores make of them)."""
+def _unseen_note(classes: list[str], how: str = "", hint: str = "") -> str:
+    """The note on val classes that no training image has (``how``: what the scores make of them; ``hint``: why
+    they may be training classes under other folders, :func:`~mlsctl.data.labels.nested_split_hint`)."""
     verb = "occurs" if len(classes) == 1 else "occur"
     return (f"note: {counted(len(classes), 'val class', 'val classes')} never {verb} in train{how}: "
-            f"{', '.join(classes[:5])}")
+            f"{', '.join(classes[:5])}" + (f"; {hint}" if hint else ""))
 
 
 def _say_shared(record: dict, val_images) -> None:

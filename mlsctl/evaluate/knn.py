@@ -193,7 +193,9 @@ def evaluate_knn(train_features, val_features, train_labels=None, val_labels=Non
                           num_classes=len(classes), device=search_on)
     return {"train": str(train_features.path), "val": str(val_features.path), "train_images": len(train_features),
             "val_images": len(val_features), "classes": len(classes),
-            "val_classes_unseen_in_train": sorted(set(val_names) - set(classes)), "temperature": temperature,
+            "val_classes_unseen_in_train": sorted(set(val_names) - set(classes)),
+            "val_classes_unseen_hint": nested_split_hint(classes, val_names, "--train-labels and --val-labels"),
+            "temperature": temperature,
             "search": f"exact (torch matmul + top-k) on {search_on.type}", "model": train_features.model,
             # a k above the training set's size votes with all of it: "neighbours" says how many voted
             "results": [{"k": k, "neighbours": min(k, len(train_features)), "top1": accuracy(scores[k], val_y, 1),

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from mlsctl.console import counted
-from mlsctl.data.labels import ImagePaths, read_multi_labels
+from mlsctl.data.labels import ImagePaths, nested_split_hint, read_multi_labels
 from mlsctl.device import full_float32
 from mlsctl.errors import UserError
 
@@ -220,6 +220,7 @@ def evaluate_linear(train_features, val_features, *, labels: Optional[Path] = No
         for row, tags in enumerate(val_tags):
             y_val[row, [lookup[t] for t in tags if t in lookup]] = 1
         unseen = sorted({t for tags in val_tags for t in tags} - set(classes))
+        hint = ""  # tags are no folders
     else:
         train_names = labels_for(train_features, labels, "train", "--train-labels")
         val_names = labels_for(val_features, val_labels, "val", "--val-labels")
@@ -228,6 +229,7 @@ def evaluate_linear(train_features, val_features, *, labels: Optional[Path] = No
         y_train = torch.tensor([lookup[c] for c in train_names])
         y_val = torch.tensor([lookup.get(c, -1) for c in val_names])
         unseen = sorted(set(val_names) - set(classes))
+        hint = nested_split_hint(classes, val_names, "--train-labels and --val-labels")
     if len(classes) < 2:
         raise UserError(f"the training labels name {len(classes)} class; a linear probe needs at least 2")
     if holdout <= 0 and (len(lrs) > 1 or len(wds) > 1):
@@ -243,7 +245,7 @@ def evaluate_linear(train_features, val_features, *, labels: Optional[Path] = No
         result["ap_per_class"] = dict(zip(classes, result["ap_per_class"]))
     return {"train": str(train_features.path), "val": str(val_features.path), "train_images": len(x_train),
             "val_images": len(x_val), "classes": len(classes), "multi_label": multi_label,
-            "val_classes_unseen_in_train": unseen, "model": train_features.model,
+            "val_classes_unseen_in_train": unseen, "val_classes_unseen_hint": hint, "model": train_features.model,
             "protocol": {"features": "global, standardised with the training rows' mean and std",
                          "optimizer": "SGD momentum 0.9, cosine schedule", "epochs": epochs, "batch_size": batch_size,
                          "holdout": holdout, "holdout_images": max(1, int(round(holdout * len(x_train)))) if rows else 0,
