@@ -242,7 +242,7 @@ def finished_run(tmp_path_factory) -> tuple[Path, Path]:
     tmp = tmp_path_factory.mktemp("run")
     images = make_images(tmp / "images", 16)
     recipe = write_recipe(tmp / "tiny.yaml", tiny_recipe(images))
-    run_cli("pretrain", str(recipe), "--out", str(tmp / "run"), check=True)
+    in_process("pretrain", str(recipe), "--out", str(tmp / "run"), check=True)
     return tmp / "run", recipe
 
 
@@ -400,5 +400,5 @@ def mile_run(tmp_path_factory):
     raw["method"] = {"name": "mile", "set_length": 2, "cross_heads": 2, "out_dim": 64, "hidden_dim": 64,
                      "bottleneck_dim": 32, "warmup_teacher_temp_epochs": 0}
     recipe = write_recipe(tmp / "mile.yaml", raw)
-    run_cli("pretrain", str(recipe), "--out", str(tmp / "run"), check=True)
+    in_process("pretrain", str(recipe), "--out", str(tmp / "run"), check=True)
     return tmp
