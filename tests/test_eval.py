@@ -715,6 +715,27 @@ def test_one_class_and_unseen_val_classes_are_refused_not_scored(tmp_path: Path,
         assert code == 2 and "hold one class (0) and no class names" in err, err
 
 
+def test_a_model_given_beside_two_feature_folders_must_be_the_one_that_made_them(tmp_path: Path, finished_run, capsys):
+    """A new user's probe (2026-12-07): `eval knn --train F --val F --run runs/mls`, F embedded by runs/dino, printed
+    DINO's scores without a word: feature folders are evaluated as they are, so the model given was used for nothing.
+    It is refused where it did not make them, and accepted where it did."""
+    run_dir, _ = finished_run
+    for c in ("a", "b"):
+        make_images(tmp_path / "images" / c, 4, seed=ord(c))
+    code, _, err = cli("embed", str(tmp_path / "images"), "--run", str(run_dir), "--out", str(tmp_path / "f"),
+                       capsys=capsys)
+    assert code == 0, err
+    both = ["--train", str(tmp_path / "f"), "--val", str(tmp_path / "f"), "--k", "2"]
+    code, out, err = cli("eval", "knn", *both, "--run", str(run_dir), "--out", str(tmp_path / "a.json"), capsys=capsys)
+    assert code == 0 and "top-1" in out, err
+    other = ["--run", str(run_dir), "--random-init"]  # another model: the run's architecture, randomly initialised
+    code, out, err = cli("eval", "knn", *both, *other, "--out", str(tmp_path / "b.json"), capsys=capsys)
+    assert code == 2 and f"were made by {run_dir / 'teacher.safetensors'}, not by" in err, err
+    assert "the model given would not be used" in err and "top-1" not in out
+    code, _, err = cli("eval", "linear", *both[:4], *other, "--out", str(tmp_path / "c.json"), capsys=capsys)
+    assert code == 2 and "the model given would not be used" in err, err
+
+
 def test_val_classes_partly_unseen_because_they_hold_training_classes_say_so(tmp_path: Path, capsys):
     """A new user's probe (2026-12-07): where some val classes occur in training and others are folders holding
     training classes (val/Boots/ against train/Boots/sub0/), the note named the unseen classes only; it says why and

@@ -72,7 +72,11 @@ def model_beside_features(sides: tuple[Optional[Path], Optional[Path]], get_mode
 
     given = [Features(path, f"--{side} features") for side, path in zip(("train", "val"), sides)
              if path is not None and is_feature_folder(path)]
-    if not given or len(given) == len(sides):
+    if given and len(given) == len(sides):
+        if getattr(get_model, "given", False):
+            _check_model_given_with_features(given, get_model)
+        return None
+    if not given:
         return None
     features = given[0]
     if not getattr(get_model, "given", False) or isinstance(features.model.get("refiner"), dict):
@@ -87,6 +91,20 @@ def model_beside_features(sides: tuple[Optional[Path], Optional[Path]], get_mode
     options = embed_options()
     _check_preprocessing_beside(features, get_model(), options, options_taken)
     return options
+
+
+def _check_model_given_with_features(given: list, get_model) -> None:
+    """Feature folders on both sides are evaluated as they are: a model given beside them (--run, --weights, --model,
+    --random-init) is used for nothing, so it is refused where it is not the model that made them. A new user's probe
+    (2026-12-07): `eval knn --train DINO-FEATURES --val DINO-FEATURES --run runs/mls` printed DINO's scores as if
+    they were MLS's, without a word."""
+    model = get_model()
+    for features in given:
+        if model.fingerprint != features.model.get("fingerprint"):
+            made_by = features.model.get("path") or "a model its manifest does not name"
+            raise UserError(f"{features.what} {features.path} were made by {made_by}, not by {model.description}; "
+                            f"feature folders are evaluated as they are, so the model given would not be used: leave "
+                            f"it out, or give the image folders to embed them with it")
 
 
 def _check_preprocessing_beside(features, model, options: dict, options_taken: tuple[str, ...]) -> None:
