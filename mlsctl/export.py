@@ -107,9 +107,8 @@ def run_pretrained_cfg(net: torch.nn.Module, recipe, record: dict) -> dict:
     """The ``pretrained_cfg`` of a run's backbone ``net`` (a timm model): the architecture's layout
     fields kept, the run's preprocessing (:func:`data_config`), and a description of what was
     trained instead of the tag, licence, source and papers of the timm release the architecture is
-    named after (none of which applies to weights this run trained); the description says the model's own shape,
-    :func:`model_shape`). Only fields of timm's
-    ``PretrainedCfg``, so timm reads it back."""
+    named after (none of which applies to weights this run trained), naming the model's own shape
+    (:func:`model_shape`). Only fields of timm's ``PretrainedCfg``, so timm reads it back."""
     step = f"step {record['step']}" if record.get("step") is not None else "its final teacher"
     return own_pretrained_cfg(net, recipe.model.arch, recipe.model.img_size,
                               f"{model_shape(net, recipe.model.arch)} trained with mlsctl {record['mlsctl_version']} "
