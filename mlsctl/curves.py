@@ -11,9 +11,9 @@ axes, units and legends, a grid of panels:
   with ``log K`` — uniform outputs, the collapse DINO's centring invites — drawn when the run's
   config gives ``method.out_dim``), when a run logs it;
 * memory-bank health (the mean pairwise cosine of every bank; methods that keep one);
-* quality monitors (``monitor/...``, in percent as ``eval`` prints them), or else the throughput in the method's batch elements per
-  second (images/s, refine's embeddings/s), or for MILE sets/s and photos/s (``sets_per_s``,
-  ``photos_per_s``).
+* quality monitors (``monitor/...``, in percent as ``eval`` prints them), or else the throughput in the
+  method's batch elements per second (images/s, refine's embeddings/s), or for MILE sets/s and photos/s
+  (``sets_per_s``, ``photos_per_s``).
 
 Noisy per-step series (the loss and its terms, the teacher entropy, the throughput) of more than
 :data:`MARKER_POINTS` points are drawn faint, with a bias-corrected exponential moving average
