@@ -11,14 +11,18 @@ axes, units and legends, a grid of panels:
   with ``log K`` — uniform outputs, the collapse DINO's centring invites — drawn when the run's
   config gives ``method.out_dim``), when a run logs it;
 * memory-bank health (the mean pairwise cosine of every bank; methods that keep one);
-* quality monitors (``monitor/...``), or else the throughput in the method's batch elements per
-  second (images/s, refine's embeddings/s), or for MILE sets/s and photos/s (``sets_per_s``,
-  ``photos_per_s``).
+* quality monitors (``monitor/...``, in percent as ``eval`` prints them), or else the throughput in the
+  method's batch elements per second (images/s, refine's embeddings/s), or for MILE sets/s and photos/s
+  (``sets_per_s``, ``photos_per_s``).
 
 Noisy per-step series (the loss and its terms, the teacher entropy, the throughput) of more than
 :data:`MARKER_POINTS` points are drawn faint, with a bias-corrected exponential moving average
 (span: 5 % of the points, :func:`ema`) on top; a series of at most :data:`MARKER_POINTS` points
 is drawn raw with a marker on every point.
+
+Comparing runs (a new user's probe, 2026-12-07, a DINO run beside an MLS run): the loss panel of runs of
+different methods says that each is its own objective; a series equal to an earlier run's in its panel is
+drawn in loose dashes and says "(same as RUN)"; the momentum axis ends at 1 at most.
 """
 
 from __future__ import annotations
@@ -176,6 +180,30 @@ def short_names(run_dirs: Sequence[str | Path]) -> list[str]:
     return [str(Path(r)) for r in run_dirs]
 
 
+MONITOR_NAMES = {"monitor/knn_top1": "k-NN top-1", "monitor/knn_seg_miou": "k-NN segmentation mIoU"}
+
+
+def monitor_label(key: str) -> str:
+    """A quality monitor's legend name with its unit, percent as every ``eval`` prints it (a new user's probe,
+    2026-12-07: the panel drew fractions on an axis labelled "score")."""
+    return f"{MONITOR_NAMES.get(key, key[len('monitor/'):])} %"
+
+
+def methods_of(run_dirs: Sequence[str | Path]) -> list[str]:
+    """The distinct method names of the runs' recipes (config.yaml's ``method.name``), in the runs' order; runs
+    whose config names none are left out."""
+    names = [_config_value(r, "method", "name") for r in run_dirs]
+    return list(dict.fromkeys(n for n in names if isinstance(n, str)))
+
+
+def same_series(a: tuple[list[int], list[float]], b: tuple[list[int], list[float]]) -> bool:
+    """Whether two series have the same values at the same steps (one drawn over the other hides it)."""
+    return a[0] == b[0] and all(math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-12) for x, y in zip(a[1], b[1]))
+
+
+SAME_STYLE = (0, (3, 3))  # a series equal to an earlier run's: loose dashes, the earlier line shows in the gaps
+
+
 def _uniform_entropy_lines(ax, runs: list[tuple[str, str, Optional[int]]]) -> None:
     """log K, the entropy of uniform outputs over a run's K classes, as a dotted line: one grey line
     where the runs share K (four runs drew four lines and four legend entries on one height, and the
@@ -208,8 +236,14 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, *, title: str | N
     # out when no run logs it, the others say "not logged"
     # refine's ms_before, the Multi-Similarity loss of its batches unrefined, beside the refined loss it is the baseline
     # of (a new user's probe, 2026-12-07: it was drawn in no panel)
+    # runs of different methods minimise different objectives (DINO's cross-entropy near log K, MLS's InfoNCE + BCE):
+    # one axis invited "MLS has the lower loss" (a new user's probe, 2026-12-07), so the panel says they differ
+    methods = methods_of(run_dirs)
+    loss_note = (f"each method's own objective ({', '.join(methods)}): not comparable across methods"
+                 if len(methods) > 1 else None)
     specs = [("training loss", lambda s: ["loss", "ms_before"], "loss",
-              dict(smooth=True, label=lambda n, k: n if k == "loss" else f"{n}: unrefined embeddings ({k})"))]
+              dict(smooth=True, label=lambda n, k: n if k == "loss" else f"{n}: unrefined embeddings ({k})",
+                   note=loss_note))]
     terms = lambda s: [] if single_term_duplicates(s) else sorted(k for k in s if k.startswith("loss/"))  # noqa: E731
     if any(terms(s) for _, s in runs):
         specs.append(("loss terms", terms, "loss term", dict(smooth=True)))
@@ -218,7 +252,8 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, *, title: str | N
     # runs of methods without a teacher (ms, refine) logged a momentum of 0 before they logged none
     momentum = lambda s: ["momentum"] if "momentum" in s and any(v != 0 for v in s["momentum"][1]) else []  # noqa: E731
     if any(momentum(s) for _, s in runs):
-        specs.append(("teacher momentum", momentum, "EMA momentum", dict(label=lambda n, k: n)))
+        # a momentum is at most 1: a constant 0.995 (MLS) got an autoscaled axis up to 1.04 (a new user's probe)
+        specs.append(("teacher momentum", momentum, "EMA momentum", dict(label=lambda n, k: n, top=1.0)))
     if any_key(lambda k: k == "teacher_entropy"):
         specs.append(("teacher entropy", lambda s: ["teacher_entropy"], "entropy of the teacher's output (nats)",
                       dict(smooth=True, label=lambda n, k: n, entropy=True)))
@@ -229,7 +264,8 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, *, title: str | N
                            empty=_no_bank_health(run_dirs, runs), unrecorded=_bank_health_reasons(run_dirs, runs))))
     throughput: dict[str, dict[str, str]] = {}
     if any_key(lambda k: k.startswith("monitor/")):
-        specs.append(("quality monitor", lambda s: sorted(k for k in s if k.startswith("monitor/")), "score", {}))
+        specs.append(("quality monitor", lambda s: sorted(k for k in s if k.startswith("monitor/")), "%",
+                      dict(scale=100.0, top=100.0, label=lambda n, k: f"{n}: {monitor_label(k)}")))
     else:
         throughput = {name: throughput_units(run_dir, series) for run_dir, (name, series) in zip(run_dirs, runs)}
         said = {unit for per_run in throughput.values() for unit in per_run.values()}
@@ -242,31 +278,41 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, *, title: str | N
     columns = 3
     rows = (len(specs) + columns - 1) // columns
     figure, axes = plt.subplots(rows, columns, figsize=(16, 4.25 * rows), squeeze=False)
-    panels, smoothed, markers, empty, not_drawn, not_recorded = {}, {}, set(), {}, {}, {}
+    panels, smoothed, markers, empty, not_drawn, not_recorded, same_as, notes_of = {}, {}, set(), {}, {}, {}, {}, {}
     for ax, (panel, keys_of, ylabel, options) in zip(axes.flat, specs):
         label_of = options.get("label", lambda n, k: f"{n}: {k}")
-        drawn = []
+        drawn, earlier = [], {}  # earlier: key → [(run name, series)] drawn in this panel
         for r, (name, series) in enumerate(runs):
             colour = colours[r % len(colours)]
             for i, key in enumerate(k for k in keys_of(series) if k in series):
                 steps, values = series[key]
+                scale = options.get("scale", 1.0)
+                values = [v * scale for v in values] if scale != 1.0 else values
                 # a weight decay of 0 was listed in the legend and invisible on the log axis (a probe, 2026-12-07)
                 if options.get("log") and all(v <= 0 for v in values):
                     not_drawn.setdefault(panel, []).append(
                         f"{label_of(name, key)}: {'0' if all(v == 0 for v in values) else 'not above 0'} throughout")
                     continue
                 style = STYLES[i % len(STYLES)]
+                label = label_of(name, key)
+                # a series equal to an earlier run's lay exactly over it, and the legend listed a line the reader
+                # could not see (a new user's probe, 2026-12-07: DINO's lr and wd under MLS's): dashed, and said
+                twin = next((n for n, s in earlier.get(key, []) if same_series(s, (steps, values))), None)
+                earlier.setdefault(key, []).append((name, (steps, values)))
+                if twin is not None:
+                    style, label = SAME_STYLE, f"{label} (same as {twin})"
+                    same_as.setdefault(panel, []).append(label)
                 span = smoothing_span(len(values)) if options.get("smooth") else None
                 if span is None:
                     few = len(values) <= MARKER_POINTS
-                    ax.plot(steps, values, style, color=colour, linewidth=1.2, label=label_of(name, key),
+                    ax.plot(steps, values, linestyle=style, color=colour, linewidth=1.2, label=label,
                             marker="o" if few else None, markersize=3.5)
                     if few:
                         markers.add(key)
                 else:  # the raw values faint, the trend on top
-                    ax.plot(steps, values, style, color=colour, linewidth=0.7, alpha=0.25)
-                    ax.plot(steps, ema(values, span), style, color=colour, linewidth=1.8,
-                            label=f"{label_of(name, key)} (EMA, span {span:.0f})")
+                    ax.plot(steps, values, linestyle=style, color=colour, linewidth=0.7, alpha=0.25)
+                    ax.plot(steps, ema(values, span), linestyle=style, color=colour, linewidth=1.8,
+                            label=f"{label} (EMA, span {span:.0f})")
                     smoothed[key] = max(span, smoothed.get(key, 0.0))
                 drawn.append(key)
         if options.get("entropy"):  # the entropy of the uniform distribution: collapse to uniform
@@ -282,7 +328,11 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, *, title: str | N
 
             ax.yaxis.set_major_formatter(LogFormatter())
             ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
+        if options.get("top") is not None and drawn and ax.get_ylim()[1] > options["top"]:
+            ax.set_ylim(top=options["top"])  # no room above what the quantity can take (a momentum above 1)
         notes = []  # said in the panel, as the legend's title where it has one: the legend covered them (a probe)
+        if options.get("note") and drawn:
+            notes.append(options["note"])
         if options.get("entropy"):
             ax.set_ylim(bottom=0)
             notes.append("log K: uniform outputs (collapse to uniform)\n0: one-hot outputs (a collapse "
@@ -293,6 +343,7 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, *, title: str | N
             not_recorded[panel] = options["unrecorded"]
             notes.append("\n".join(["no bank health recorded:"] + _wrapped_reasons(not_recorded[panel])))
         if drawn:
+            notes_of[panel] = notes
             legend = ax.legend(fontsize=7, loc="best", title="\n".join(notes) or None, title_fontsize=7,
                                alignment="left")
             legend.get_title().set_color("0.35")
@@ -315,4 +366,6 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, *, title: str | N
             "smoothed": {k: round(v, 2) for k, v in sorted(smoothed.items())}, "markers": sorted(markers),
             "empty": empty, "not_drawn": not_drawn,  # why a panel is empty, and what a log axis left out
             "not_recorded": not_recorded,  # runs a panel has no line of, and why
+            "same_as": same_as,  # the lines equal to an earlier run's, drawn dashed over it, as their legend says
+            "notes": {p: n for p, n in notes_of.items() if n},  # what heads each panel's legend
             "throughput_units": throughput}  # run → its throughput series → unit ({} where monitors are drawn)

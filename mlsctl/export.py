@@ -83,16 +83,36 @@ def provenance(run: Run, recipe, step: Optional[int], fingerprint: Optional[str]
     return {**record, "fingerprint": fingerprint} if fingerprint is not None else record
 
 
+def _side(value) -> str:
+    """A size timm keeps as an int or a pair: ``8``, or ``8×16`` where the two differ."""
+    pair = tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+    return str(pair[0]) if pair[0] == pair[1] else f"{pair[0]}×{pair[1]}"
+
+
+def model_shape(net: torch.nn.Module, arch: str) -> str:
+    """What ``net`` is, read from the model itself: for a ViT its width, depth, patch and input size beside the timm
+    architecture it is built from (a new user's probe, 2026-12-07: an export of a width-128, depth-4, patch-8, 96-px
+    ViT said "vit_small_patch16_224 trained with mlsctl", the name of timm's template that ``model_args``
+    override); any other model, the architecture's name."""
+    patch_embed, blocks = getattr(net, "patch_embed", None), getattr(net, "blocks", None)
+    width = getattr(net, "embed_dim", None)
+    if patch_embed is None or blocks is None or not isinstance(width, int):
+        return arch
+    size = getattr(patch_embed, "img_size", None)
+    return (f"ViT width {width}, depth {len(blocks)}, patch {_side(patch_embed.patch_size)}"
+            + (f", {_side(size)} px" if size is not None else "") + f" (timm's {arch} with model_args)")
+
+
 def run_pretrained_cfg(net: torch.nn.Module, recipe, record: dict) -> dict:
     """The ``pretrained_cfg`` of a run's backbone ``net`` (a timm model): the architecture's layout
     fields kept, the run's preprocessing (:func:`data_config`), and a description of what was
     trained instead of the tag, licence, source and papers of the timm release the architecture is
-    named after (none of which applies to weights this run trained). Only fields of timm's
-    ``PretrainedCfg``, so timm reads it back."""
+    named after (none of which applies to weights this run trained), naming the model's own shape
+    (:func:`model_shape`). Only fields of timm's ``PretrainedCfg``, so timm reads it back."""
     step = f"step {record['step']}" if record.get("step") is not None else "its final teacher"
     return own_pretrained_cfg(net, recipe.model.arch, recipe.model.img_size,
-                              f"{recipe.model.arch} trained with mlsctl {record['mlsctl_version']} ({record['method']}, "
-                              f"run {record['run']}, {step}, data.root {record['data_root']})")
+                              f"{model_shape(net, recipe.model.arch)} trained with mlsctl {record['mlsctl_version']} "
+                              f"({record['method']}, run {record['run']}, {step}, data.root {record['data_root']})")
 
 
 def own_pretrained_cfg(net: torch.nn.Module, arch: str, img_size: int, what: str) -> dict:
@@ -172,7 +192,8 @@ def export_timm(run_dir: str | Path, out: str | Path, *, step: Optional[int] = N
         shutil.rmtree(tmp, ignore_errors=True)
         _recover(out)
         raise
-    return {**record, "out": str(out), "files": sorted(p.name for p in out.iterdir())}
+    return {**record, "out": str(out), "files": sorted(p.name for p in out.iterdir()),
+            "model": model_shape(vit, model.arch)}  # what the `wrote` line says it is
 
 
 def _recover(out: Path) -> None:

@@ -93,8 +93,8 @@ def test_a_refine_run_s_throughput_counts_embeddings_and_its_unrefined_loss_is_d
     assert axes["throughput"].get_ylabel() == "embeddings / s"
     legend = [t.get_text() for t in axes["training loss"].get_legend().get_texts()]
     assert legend == ["refine", "refine: unrefined embeddings (ms_before)"]
-    dino = fake_run(tmp_path / "dino", [{k: v for k, v in r.items() if k != "ms_before"} for r in records],
-                    "method: {name: dino}\n")
+    dino = fake_run(tmp_path / "dino", [{**{k: v for k, v in r.items() if k != "ms_before"}, "images_per_s": 40.0}
+                                        for r in records], "method: {name: dino}\n")  # not "same as refine"
     result = plot_runs([refine, dino], tmp_path / "both.png")  # two units: each line says its own
     assert result["throughput_units"] == {"refine": {"images_per_s": "embeddings / s"},
                                           "dino": {"images_per_s": "images / s"}}
@@ -210,3 +210,72 @@ def test_a_panels_note_heads_its_legend(tmp_path, monkeypatch):
     records = [{"step": s, "loss": 3.0 - s / 10, "lr": 1e-3, "weight_decay": 0.0} for s in range(1, 9)]
     plot_runs([fake_run(tmp_path / "r", records)], tmp_path / "c.png")
     assert "r: weight_decay: 0 throughout (not drawn on a log axis)" in titles
+
+
+def _drawn_axes(monkeypatch):
+    """The axes of every figure plot_runs draws, by panel title (the figure is caught before it is closed)."""
+    import mlsctl.curves as curves
+
+    drawn = []
+    real = curves.save_figure
+    monkeypatch.setattr(curves, "save_figure", lambda figure, *a, **k: (drawn.append(figure), real(figure, *a, **k)))
+    return lambda: {ax.get_title(): ax for ax in drawn[-1].axes}
+
+
+def _dino_and_mls(tmp_path):
+    """A DINO run and an MLS run of one schedule (lr, wd), each its own loss, momentum and k-NN monitor."""
+    dino = fake_run(tmp_path / "dino", [{"step": s, "loss": 6.6 - s / 100, "lr": 1e-3 * s, "weight_decay": 0.04,
+                                         "momentum": 0.996 + s / 2000, "monitor/knn_top1": 0.1 + s / 100}
+                                        for s in range(1, 9)], "method: {name: dino}\n")
+    mls = fake_run(tmp_path / "mls", [{"step": s, "loss": 2.0 - s / 100, "lr": 1e-3 * s, "weight_decay": 0.04,
+                                       "momentum": 0.995, "monitor/knn_top1": 0.12 + s / 100}
+                                      for s in range(1, 9)], "method: {name: mls}\n")
+    return dino, mls
+
+
+def test_the_loss_panel_of_runs_of_different_methods_says_their_objectives_differ(tmp_path, monkeypatch):
+    """A new user's probe (2026-12-07): DINO's cross-entropy and MLS's InfoNCE + BCE on one axis read as
+    "MLS has the lower loss"."""
+    axes = _drawn_axes(monkeypatch)
+    dino, mls = _dino_and_mls(tmp_path)
+    note = "each method's own objective (dino, mls): not comparable across methods"
+    result = plot_runs([dino, mls], tmp_path / "c.png")
+    assert result["notes"]["training loss"] == [note]
+    assert axes()["training loss"].get_legend().get_title().get_text() == note
+    other = fake_run(tmp_path / "dino2", [{"step": 1, "loss": 6.0}], "method: {name: dino}\n")
+    assert "training loss" not in plot_runs([dino, other], tmp_path / "d.png")["notes"]  # one method: comparable
+
+
+def test_the_quality_monitor_is_drawn_in_percent(tmp_path, monkeypatch):
+    """A new user's probe (2026-12-07): the panel drew fractions on a "score" axis where every eval prints %."""
+    axes = _drawn_axes(monkeypatch)
+    dino, _ = _dino_and_mls(tmp_path)
+    plot_runs([dino], tmp_path / "c.png")
+    ax = axes()["quality monitor"]
+    assert ax.get_ylabel() == "%"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["dino: k-NN top-1 %"]
+    assert list(ax.lines[0].get_ydata()) == pytest.approx([100 * (0.1 + s / 100) for s in range(1, 9)])
+
+
+def test_a_constant_momentum_gets_no_axis_above_1(tmp_path, monkeypatch):
+    """A new user's probe (2026-12-07): MLS's constant momentum 0.995 got an axis up to 1.04, which a momentum
+    cannot reach."""
+    axes = _drawn_axes(monkeypatch)
+    _, mls = _dino_and_mls(tmp_path)
+    plot_runs([mls], tmp_path / "c.png")
+    bottom, top = axes()["teacher momentum"].get_ylim()
+    assert top == 1.0 and bottom < 0.995
+
+
+def test_a_series_equal_to_an_earlier_run_s_is_dashed_and_says_so(tmp_path, monkeypatch):
+    """A new user's probe (2026-12-07): DINO's lr and wd lay exactly under MLS's; the legend listed lines the
+    reader could not see."""
+    axes = _drawn_axes(monkeypatch)
+    dino, mls = _dino_and_mls(tmp_path)
+    result = plot_runs([dino, mls], tmp_path / "c.png")
+    assert result["same_as"] == {"learning rate and weight decay": ["mls: lr (same as dino)",
+                                                                    "mls: weight_decay (same as dino)"]}
+    ax = axes()["learning rate and weight decay"]
+    styles = {line.get_label(): line.get_linestyle() for line in ax.lines}
+    assert styles["dino: lr"] == "-" and styles["mls: lr (same as dino)"] == "--"  # matplotlib names any dashes "--"
+    assert [line.get_label() for line in axes()["teacher momentum"].lines] == ["dino", "mls"]  # they differ

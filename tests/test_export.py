@@ -309,3 +309,31 @@ def test_load_backbone_of_a_weights_file_speaks_python(finished_run, tmp_path):
         load_backbone(tmp_path / "bare.safetensors")
     with pytest.raises(UserError, match="arch= applies to a weights file"):
         load_backbone(run_dir, arch="vit_small_patch16_224")
+
+
+def test_the_export_says_the_shape_of_its_vit_not_only_timm_s_template(finished_run, tmp_path, capsys):
+    """A new user's probe (2026-12-07): a width-128, depth-4, patch-8, 96-px ViT was exported as
+    "vit_small_patch16_224 trained with mlsctl", the timm template its model_args override."""
+    run_dir, _ = finished_run
+    out, _ = cli_ok(capsys, "export", str(run_dir), "--out", str(tmp_path / "exp"))
+    config = json.loads((tmp_path / "exp" / "config.json").read_text())
+    args = config["model_args"]  # the numbers from what the export wrote; a size may be a pair (img_size [32, 32])
+    side = lambda v: v if isinstance(v, int) else v[0] if v[0] == v[1] else f"{v[0]}×{v[1]}"  # noqa: E731
+    shape = (f"ViT width {args['embed_dim']}, depth {args['depth']}, patch {side(args['patch_size'])}, "
+             f"{side(args['img_size'])} px (timm's vit_small_patch16_224 with model_args)")
+    assert shape == "ViT width 32, depth 2, patch 8, 32 px (timm's vit_small_patch16_224 with model_args)"
+    assert config["architecture"] == "vit_small_patch16_224"  # timm builds the model from it and model_args
+    assert config["pretrained_cfg"]["description"].startswith(shape + " trained with mlsctl")
+    assert f": {shape} from " in out.splitlines()[0]
+
+
+def test_model_shape_is_read_from_the_model():
+    import timm
+
+    from mlsctl.export import model_shape
+
+    vit = timm.create_model("vit_small_patch16_224", pretrained=False, img_size=(48, 64), patch_size=16, embed_dim=24,
+                            depth=3, num_heads=2)
+    assert model_shape(vit, "vit_small_patch16_224") == ("ViT width 24, depth 3, patch 16, 48×64 px "
+                                                         "(timm's vit_small_patch16_224 with model_args)")
+    assert model_shape(torch.nn.Linear(2, 2), "resnet18") == "resnet18"  # not a ViT: the architecture's name

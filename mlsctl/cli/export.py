@@ -33,6 +33,6 @@ def export(
     if as_json:
         print(json.dumps(record, indent=2))
         return
-    print(f"wrote {out} ({', '.join(record['files'])}): {record['architecture']} from {record['run']}"
+    print(f"wrote {out} ({', '.join(record['files'])}): {record['model']} from {record['run']}"
           f"{' step ' + str(record['step']) if record['step'] is not None else ''}")
     print(f"load it with: {record['load']}", file=sys.stderr)
