@@ -439,6 +439,32 @@ class RunWeights:
                 cache[seed] = None
         return cache[seed]
 
+    def start_fingerprint(self) -> Optional[str]:
+        """The fingerprint of the backbone this run started from, where it started from weights (``model.weights``,
+        ``--init-from``), rebuilt exactly (:func:`~mlsctl.restore.from_run_start`); None where it started from none,
+        or they cannot be rebuilt (a file gone since)."""
+        if not self.start_paths or not self.has_backbone:
+            return None
+        if "_start_fingerprint" not in self.__dict__:
+            from mlsctl.restore import from_run_start
+
+            try:
+                with torch.random.fork_rng(devices=[]):  # from_run_start seeds the CPU's generator
+                    self._start_fingerprint = from_run_start(self.run.root).fingerprint
+            except (UserError, OSError, RuntimeError, ValueError):  # the report goes on, matching by path alone
+                self._start_fingerprint = None
+        return self._start_fingerprint
+
+    def started_from(self, model: dict) -> bool:
+        """Whether a result's model is the weights this run started from: by path, or by fingerprint however the
+        result reached them (an export folder, its model.safetensors, the run that made them). A new user's probe
+        (2026-12-07): matched by resolved path only, a run started from `model.weights=exports/mls` (the folder)
+        dropped the results of exports/mls/model.safetensors and of runs/mls, those very weights."""
+        path, fingerprint = model.get("path"), model.get("fingerprint")
+        if isinstance(path, str) and path and str(Path(path).resolve()) in self.start_paths:
+            return True
+        return isinstance(fingerprint, str) and bool(fingerprint) and fingerprint == self.start_fingerprint()
+
     def inside(self, path) -> bool:
         """Whether ``path`` (a result's model path) is the run folder or a file in it."""
         if not isinstance(path, str) or not path:
@@ -481,16 +507,17 @@ class RunWeights:
 def _compared_model(model: dict, weights: RunWeights) -> str:
     """A comparison model in words, from what the result records."""
     source, path, arch = model.get("source"), model.get("path"), model.get("arch", "?")
-    started = isinstance(path, str) and str(Path(path).resolve()) in weights.start_paths
-    if source == "random-init":
+    if source == "random-init":  # the architecture of the start weights, by path (its fingerprint is another)
+        started = isinstance(path, str) and str(Path(path).resolve()) in weights.start_paths
         seed = f"seed {model['seed']}" if "seed" in model else "seed not recorded"
         of = ("this run's architecture" if weights.inside(path) else
               f"the architecture of {path}" + (", the weights this run started from" if started else ""))
         return f"random init ({seed}) of {of}: untrained {arch}"
+    started = " (the weights this run started from)" if weights.started_from(model) else ""
     if source == "weights":
-        return f"weights {path}" + (" (the weights this run started from)" if started else "")
+        return f"weights {path}{started}"
     if source in ("run", "run-checkpoint"):
-        return f"teacher of another run: {path}"
+        return f"teacher of another run: {path}{started}"
     if source == "run-start":
         return "the backbone this run started from" if weights.inside(path) else f"the start of run {path}"
     if source == "dinov2":
@@ -523,8 +550,7 @@ def _classify(result: dict, path: Path, run: Run, weights: RunWeights) -> Option
         what = f"the checkpoint at step {step}" if step is not None else "its teacher"
         return "unmatched", (f"recorded as {model.get('path')}, but its fingerprint {fingerprint[:12]} is not that of "
                              f"{what} now: the run was trained again, or the checkpoint removed, since it was evaluated")
-    started = isinstance(model.get("path"), str) and str(Path(model["path"]).resolve()) in weights.start_paths
-    if in_run or claims or started:
+    if in_run or claims or weights.started_from(model):
         return "comparison", _compared_model(model, weights)
     return None
 

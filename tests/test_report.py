@@ -432,3 +432,33 @@ def test_a_description_that_overrides_may_contradict_is_marked_as_the_recipes(fi
     in_process("pretrain", str(recipe), "--out", str(tmp_path / "own"), "optim.epochs=1", "description=mine",
                check=True)
     assert "description mine architecture" in summary_of(tmp_path / "own")  # the user's own: shown as it is
+
+
+def test_results_of_the_weights_a_run_started_from_are_matched_by_fingerprint(finished_run, tmp_path, capsys):
+    """A new user's probe (2026-12-07): a run started from `model.weights=exports/mls` (an export folder) left out
+    the results of exports/mls/model.safetensors and of runs/mls, those very weights: the start was matched by
+    resolved path only. It is matched by the fingerprint of the rebuilt start too."""
+    from mlsctl import config as config_lib
+    from mlsctl.report import RunWeights, _classify
+    from mlsctl.restore import from_run
+    from mlsctl.runs import Run
+
+    from conftest import tiny_recipe, write_recipe
+
+    source, _ = finished_run
+    cli_ok(capsys, "export", str(source), "--out", str(tmp_path / "export"))
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe(source.parent / "images", optim__epochs=1))
+    cli_ok(capsys, "pretrain", str(recipe), f"model.weights={tmp_path / 'export'}", "--out", str(tmp_path / "run"))
+    run = Run(tmp_path / "run")
+    weights = RunWeights(run, config_lib.load_recipe(str(run.config_path)))
+    start = from_run(source).fingerprint
+    results = tmp_path / "results"
+    for name, model in (("through-run", {"source": "run", "path": str(source)}),
+                        ("through-file", {"source": "weights", "path": str(tmp_path / "export" / "model.safetensors")}),
+                        ("other", {"source": "weights", "path": str(tmp_path / "elsewhere.safetensors")})):
+        result = {"command": "eval knn", "model": dict(model, fingerprint=start if name != "other" else "0" * 64)}
+        shown = _classify(result, results / f"{name}.json", run, weights)
+        if name == "other":
+            assert shown is None  # another model's result, outside the run: no place in its report
+        else:
+            assert shown[0] == "comparison" and shown[1].endswith("(the weights this run started from)"), shown
