@@ -340,3 +340,20 @@ def test_a_run_gives_the_caller_its_logging_back(tmp_path, capsys, caplog):
     with caplog.at_level(logging.WARNING):
         log.warning("a note after the run")
     assert "a note after the run" in caplog.text
+
+
+def test_the_start_says_where_the_backbone_comes_from_and_a_warm_up_as_long_as_the_run(finished_run, tmp_path, capsys):
+    """A new user's probe (2026-12-07): `pretrain ... model.weights=exports/mls` said nowhere that the weights were
+    loaded, and a 1-epoch run with a 1-epoch warm-up (the learning rate never decaying) said nothing either."""
+    source, _ = finished_run
+    images = make_images(tmp_path / "images", 8)
+    one = write_recipe(tmp_path / "one.yaml", tiny_recipe(images, optim__epochs=1))
+    code, _, err = cli("pretrain", str(one), "--out", str(tmp_path / "a"), capsys=capsys)
+    assert code == 0 and "backbone: randomly initialised (seed 0)" in err, err
+    log = (tmp_path / "a" / "train.log").read_text()
+    assert "note: the learning-rate warm-up (optim.warmup_epochs=1) lasts the whole run of 2 steps" in log
+    assert "note: the learning-rate warm-up" in err and "never decays" in err
+    two = write_recipe(tmp_path / "two.yaml", tiny_recipe(images))  # 2 epochs, 1 of warm-up: no note
+    weights = source / "teacher.safetensors"
+    code, _, err = cli("pretrain", str(two), f"model.weights={weights}", "--out", str(tmp_path / "b"), capsys=capsys)
+    assert code == 0 and f"backbone: weights of model.weights {weights}" in err and "warm-up" not in err, err

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -435,6 +436,23 @@ def _log_start(run: Run, recipe, accelerator, folder: ImageFolder, schedule: Sch
              f"{counted(recipe.optim.epochs, 'epoch')} = {counted(plan.total_steps, 'step')} of "
              f"{type(method).elements(plan.batch_global)}{made} | peak lr {plan.peak_lr:.3g} | run: {run.root}")
     log.info(type(method).describe_data(recipe, accelerator.device))
+    if method.has_backbone:
+        log.info(f"backbone: {_backbone_start(recipe)}")
+    if plan.total_steps > 1 and plan.warmup_steps >= plan.total_steps:  # a new user's probe (2026-12-07)
+        log.warning(f"note: the learning-rate warm-up (optim.warmup_epochs={recipe.optim.warmup_epochs:g}) lasts the "
+                    f"whole run of {counted(plan.total_steps, 'step')}: the learning rate only rises, to "
+                    f"{plan.lr(plan.total_steps - 1):.3g} at the last step, and never decays; give a shorter "
+                    f"optim.warmup_epochs for a short run")
+
+
+def _backbone_start(recipe) -> str:
+    """Where the backbone's weights come from, for the start of train.log: a new user's probe (2026-12-07) found no
+    line saying that `model.weights=` had been loaded (``--init-from``, applied after, says its own line)."""
+    if recipe.model.weights:
+        return f"weights of model.weights {os.path.abspath(recipe.model.weights)}"
+    if recipe.model.pretrained:
+        return f"timm's pretrained weights of {recipe.model.arch}"
+    return f"randomly initialised (seed {recipe.seed})"
 
 
 def _finish(run: Run, accelerator, method, folder: ImageFolder, plan: optim.Plan, skips: SkipLog, start_step: int,
