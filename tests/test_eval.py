@@ -736,6 +736,30 @@ def test_a_model_given_beside_two_feature_folders_must_be_the_one_that_made_them
     assert code == 2 and "the model given would not be used" in err, err
 
 
+def test_images_without_labels_are_refused_before_anything_is_embedded(tmp_path: Path, finished_run, capsys):
+    """A new user's probe (2026-12-07): `eval knn --train scenes/train/images --val scenes/val/images --run RUN`
+    embedded all 500 images, then said they lie outside class folders, without naming the labels.csv beside them."""
+    run_dir, _ = finished_run
+    for split in ("train", "val"):
+        images = tmp_path / split / "images"
+        images.mkdir(parents=True)
+        for j in range(3):
+            Image.fromarray(np.full((16, 16, 3), 40 * j, np.uint8)).save(images / f"{j}.png")
+        (tmp_path / split / "labels.csv").write_text("".join(f"{j}.png,c{j % 2}\n" for j in range(3)))
+    args = ["--train", str(tmp_path / "train" / "images"), "--val", str(tmp_path / "val" / "images"), "--run",
+            str(run_dir)]
+    code, _, err = cli("eval", "knn", *args, "--out", str(tmp_path / "a.json"), capsys=capsys)
+    assert code == 2 and "0.png is not inside a class folder" in err and "model:" not in err, err
+    assert f"give it with --train-labels (there is one beside the images: {tmp_path / 'train' / 'labels.csv'})" in err
+    code, _, err = cli("eval", "knn", *args, "--train-labels", str(tmp_path / "train" / "labels.csv"), "--out",
+                       str(tmp_path / "b.json"), capsys=capsys)
+    assert code == 2 and "give it with --val-labels" in err and "model:" not in err, err
+    code, out, err = cli("eval", "knn", *args, "--train-labels", str(tmp_path / "train" / "labels.csv"),
+                         "--val-labels", str(tmp_path / "val" / "labels.csv"), "--k", "1", "--out",
+                         str(tmp_path / "c.json"), capsys=capsys)
+    assert code == 0 and "top-1" in out, err
+
+
 def test_val_classes_partly_unseen_because_they_hold_training_classes_say_so(tmp_path: Path, capsys):
     """A new user's probe (2026-12-07): where some val classes occur in training and others are folders holding
     training classes (val/Boots/ against train/Boots/sub0/), the note named the unseen classes only; it says why and

@@ -338,14 +338,29 @@ def labels_of(files: Sequence[str], root: Path, labels_file: Optional[Path], wha
               option: str = "a labels file option") -> list[str]:
     """The label of each file (relative to ``root``): its own folder (however deep), or its row of ``labels_file``
     (keyed by paths as :class:`ImagePaths` reads them); ``option`` names where the user gives that file."""
+    names = _labels(files, root, labels_file, what, option)
+    if labels_file is None:
+        for line in nested_class_notes(names, what, option):
+            logging.getLogger("mlsctl").warning(line)
+    return names
+
+
+def check_labels(files: Sequence[str], root: Path, labels_file: Optional[Path], what: str, option: str) -> None:
+    """:func:`labels_of`'s refusals alone (its notes are said once, with the labels): an evaluation checks the images
+    it is about to embed, since a new user's probe (2026-12-07) saw 500 images embedded, then refused."""
+    _labels(files, root, labels_file, what, option)
+
+
+def _labels(files: Sequence[str], root: Path, labels_file: Optional[Path], what: str, option: str) -> list[str]:
     if labels_file is None:
         names = [Path(f).parent.as_posix() for f in files]
         if any(n in ("", ".") for n in names):
             example = next(f for f, n in zip(files, names) if n in ("", "."))
+            candidates = (Path(root) / "labels.csv", Path(root).parent / "labels.csv")  # fmnist-scenes' train/labels.csv
+            beside = next((c for c in candidates if c.is_file()), None)
             raise UserError(f"{what}: {example} is not inside a class folder; images outside class folders need a "
-                            f"labels file (CSV or JSONL of path,label): give it with {option}")
-        for line in nested_class_notes(names, what, option):
-            logging.getLogger("mlsctl").warning(line)
+                            f"labels file (CSV or JSONL of path,label): give it with {option}"
+                            + (f" (there is one beside the images: {beside})" if beside is not None else ""))
         return names
     paths = ImagePaths(files, root, Path(labels_file))
     found = paths.rows(read_labels_file(Path(labels_file)))
