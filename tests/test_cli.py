@@ -2,13 +2,14 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
 
 from mlsctl import __version__
 
-from conftest import REPO, cli, cli_ok, in_process, run_cli
+from conftest import REPO, cli, cli_ok, in_process, run_cli, write_feature_folder
 
 
 def test_version_and_help():
@@ -541,6 +542,20 @@ def test_every_eval_writes_its_results_one_way(tmp_path):
     source = inspect.getsource(eval_cli)
     assert source.count("results_writer(out, ") == source.count("out = write(payload)") == 6
     assert "say_replacing" not in source and "write_result" not in source
+    # with --json, stdout is the payload alone: where it went is said on stderr (a new user's probe, 2026-12-07)
+    assert source.count("say, as_json)  # after the refusals") == 6
+    write = results_writer(tmp_path / "s.json", "recall", say=notes.append, say_path=True)
+    assert write({"command": "eval recall"}) == tmp_path / "s.json"
+    assert notes[-1] == f"results written to {tmp_path / 's.json'}"
+
+
+def test_eval_json_says_on_stderr_where_its_results_went(tmp_path, capsys):
+    x = torch.eye(2, 4).repeat_interleave(3, 0)
+    feats = write_feature_folder(tmp_path / "f", [f"c{i // 3}/{i}.png" for i in range(6)], x)
+    code, out, err = cli("eval", "recall", str(feats), "--json", capsys=capsys)
+    written = sorted(Path("results").glob("recall-*.json"))
+    assert code == 0 and len(written) == 1 and json.loads(out)["recall"], err
+    assert f"results written to {written[0]}" in err
 
 
 def test_tables_line_up_wide_and_combining_characters():

@@ -122,7 +122,7 @@ def knn_seg(
     preset, chosen, overridden = inputs_lib.resolve_protocol(lib, protocol, {
         "k": k, "temperature": temperature, "memory_size": memory_size, "aug_passes": aug_passes, "runs": runs,
         "fractions": tuple(fraction) if fraction else None})
-    write = results_writer(out, "knn-seg", say)  # after the refusals, before the work
+    write = results_writer(out, "knn-seg", say, as_json)  # after the refusals, before the work
     get_model = model_on_demand(run=run, weights=weights, arch=model, random_init=random_init, seed=seed, say=say)
 
     def embed_options() -> dict:
@@ -259,7 +259,7 @@ def knn(
     from mlsctl.evaluate.inputs import classification_inputs
     from mlsctl.restore import model_on_demand
 
-    write = results_writer(out, "knn", say)  # after the refusals, before the work
+    write = results_writer(out, "knn", say, as_json)  # after the refusals, before the work
     get_model = model_on_demand(run=run, weights=weights, arch=model, random_init=random_init, seed=seed, say=say)
     train_features, val_features, train_labels, val_labels, record = classification_inputs(
         dataset, root, train_split, val_split, train, val, train_labels, val_labels, get_model, say=say, resize=resize)
@@ -324,7 +324,7 @@ def linear(
     if multi_label and dataset != "folders":
         raise UserError(f"--multi-label reads tag lists from --train-labels; --dataset {dataset} has one class per image")
     lib.check_sweep(lr or [], wd or [])  # before the model loads
-    write = results_writer(out, "linear", say)  # after the refusals, before the work
+    write = results_writer(out, "linear", say, as_json)  # after the refusals, before the work
     get_model = model_on_demand(run=run, weights=weights, arch=model, random_init=random_init, seed=seed, say=say)
     train_features, val_features, train_labels, val_labels, record = classification_inputs(
         dataset, root, train_split, val_split, train, val, train_labels, val_labels, get_model, say=say, resize=resize)
@@ -402,7 +402,7 @@ def linear_seg(
     from mlsctl.evaluate.inputs import segmentation_inputs, split_records
     from mlsctl.restore import model_on_demand
 
-    write = results_writer(out, "linear-seg", say)  # after the refusals, before the work
+    write = results_writer(out, "linear-seg", say, as_json)  # after the refusals, before the work
     get_model = model_on_demand(run=run, weights=weights, arch=model, random_init=random_init, seed=seed, say=say)
     inputs = segmentation_inputs(dataset, root, train_split, val_split,
                                  dict(train=train, train_masks=train_masks, val=val, val_masks=val_masks),
@@ -490,7 +490,7 @@ def retrieval(
     check_objects_file(query_objects, "--query-objects")
     # the objects files' rows and the pairing of the two sides too (a review, 2026-12-07: said after the model line)
     photos = paired_photos(gallery, query, gallery_objects, query_objects)
-    write = results_writer(out, "retrieval", say)  # after the refusals, before the work
+    write = results_writer(out, "retrieval", say, as_json)  # after the refusals, before the work
     model = choose_set_model(run, say=say)
     payload = {"command": "eval retrieval",
                **evaluate_set_model(model, photos, gallery, query, query_size=size, noise=fractions, seed=seed,
@@ -535,7 +535,7 @@ def recall(
     from mlsctl.features import Features, require_rows
 
     feats = require_rows(Features(features, "features"), "features")
-    write = results_writer(out, "recall", say)  # after the refusals, before the work
+    write = results_writer(out, "recall", say, as_json)  # after the refusals, before the work
     started = time.perf_counter()
     result = evaluate_recall(feats, labels, k)
     payload = {"command": "eval recall", **result, "seconds": round(time.perf_counter() - started, 3)}

@@ -101,13 +101,23 @@ def write_result(payload: dict, out: Optional[Path], evaluation: str, say=to_std
     return path
 
 
-def results_writer(out: Optional[Path], evaluation: str, say=to_stderr) -> Callable[[dict], Path]:
+def results_writer(out: Optional[Path], evaluation: str, say=to_stderr,
+                   say_path: bool = False) -> Callable[[dict], Path]:
     """How an ``mlsctl eval`` command (``eval knn``: ``evaluation`` "knn") writes its results, the one way for
     all of them: called after its refusals and before its work, it says where ``out`` holds another
     evaluation's results, which it will replace (:func:`say_replacing`); what it returns writes the payload
-    when the work is done (:func:`write_result`, which does not say it again) and returns the path written."""
+    when the work is done (:func:`write_result`, which does not say it again) and returns the path written.
+    ``say_path``: say where they were written (with ``--json``, whose stdout is the payload alone: a new user's
+    probe, 2026-12-07, found a script could not tell which results/knn-TIME-PID.json was its own)."""
     replacing = say_replacing(out, f"eval {evaluation}", say)
-    return lambda payload: write_result(payload, out, evaluation, say, replacing=replacing)
+
+    def write(payload: dict) -> Path:
+        path = write_result(payload, out, evaluation, say, replacing=replacing)
+        if say_path:
+            say(f"results written to {path}")
+        return path
+
+    return write
 
 
 def _command_of(path: Path) -> Optional[str]:
