@@ -988,8 +988,12 @@ def test_12_ctrl_c_to_a_one_process_accelerate_job_saves_the_step_despite_the_la
                              lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 3,
                              whole_job=True, launcher=accelerate)
     ours = [line for line in result.stderr.strip().splitlines() if line.startswith(("stopping", "interrupted"))]
-    assert ours and ours[0].startswith("stopping after step "), result.stderr
-    assert ours[-1].startswith("interrupted: the last checkpoint is step ") and ", written at the stop" in ours[-1]
+    assert ours and ours[-1].startswith("interrupted: the last checkpoint is step "), result.stderr
+    assert ", written at the stop" in ours[-1], result.stderr
+    # the launcher's SIGTERM was taken for a copy of the Ctrl-C. The Ctrl-C's announcement ("stopping after step N")
+    # is mlsctl's first line after it, and accelerate's launcher (1.16: _run_subprocess) copies the child's stderr
+    # through itself: the Ctrl-C reaching it too can drop the chunk it was copying, that line (seen, 2026-12-07)
+    assert "stopping after step " in result.stderr or "is taken for a copy of it" in result.stderr, result.stderr
 
 
 @pytest.mark.slow
@@ -1537,7 +1541,10 @@ def test_20_embed_refuses_what_is_no_images_and_no_feature_folder_before_the_mod
     code, _, err = cli("embed", str(tmp_path / "feats"), "--run", str(run), capsys=capsys)
     assert code == 2 and "is a feature folder, not a folder of images" in err and "model:" not in err, err
     # an evaluation run from inside the images wrote its feature cache among them (a code-health review, 2026-12-07)
-    code, _, err = cli("eval", "knn", "--train", ".", "--val", ".", "--run", str(run), cwd=images, capsys=capsys)
+    labels = tmp_path / "labels.csv"  # labelled, as their labels are checked first (before anything is embedded)
+    labels.write_text("".join(f"{p.relative_to(images).as_posix()},c\n" for p in sorted(images.rglob("*.png"))))
+    code, _, err = cli("eval", "knn", "--train", ".", "--val", ".", "--train-labels", str(labels), "--val-labels",
+                       str(labels), "--run", str(run), cwd=images, capsys=capsys)
     assert code == 2 and "the evaluations' feature cache (features, under the working folder) is inside" in err, err
     assert not (images / "features").exists()
     code, _, err = cli("eval", "knn", "--train", str(run), "--val", str(images), "--run", str(run), capsys=capsys)

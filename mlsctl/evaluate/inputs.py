@@ -129,18 +129,24 @@ def _check_preprocessing_beside(features, model, options: dict, options_taken: t
                     f"embedded with {planned_shown}; {fix}, or give features embedded alike on both sides")
 
 
-def check_labels_before_embedding(folder: Path, labels_file: Optional[Path], what: str, option: str) -> None:
-    """Every image of ``folder``, a folder of images to embed, has a label (its class folder, or a row of
-    ``labels_file``): refused before a model loads and anything is embedded, in the words the evaluation would use
-    after (:func:`~mlsctl.data.labels.check_labels`). A feature folder is checked where it is read."""
+def check_labels_before_embedding(sides) -> None:
+    """Every image of the folders of images to embed (``sides``: (train, its labels file), (val, its labels file))
+    has a label (its class folder, or a row of the labels file): refused before a model loads and anything is
+    embedded, in the words the evaluation would use after (:func:`~mlsctl.data.labels.check_labels`), once each
+    side is known to be a folder of images (:func:`~mlsctl.features.check_images_folder`: a run folder given as
+    one is said as such first). A new user's probe (2026-12-07) saw 500 images embedded, then refused. A feature
+    folder's labels are checked where it is read."""
     from mlsctl.data.images import scan_images
     from mlsctl.data.labels import check_labels
-    from mlsctl.features import is_feature_folder
+    from mlsctl.features import check_images_folder, is_feature_folder
 
-    if not Path(folder).is_dir() or is_feature_folder(folder):
-        return
-    files = [path.relative_to(folder).as_posix() for path in scan_images(folder, f"{what} images").files]
-    check_labels(files, Path(folder), labels_file, f"{what} images {folder}", option)
+    folders = [(name, Path(folder), labels) for name, (folder, labels) in zip(("train", "val"), sides)
+               if Path(folder).is_dir() and not is_feature_folder(folder)]
+    for _, folder, _ in folders:
+        check_images_folder(folder)
+    for name, folder, labels in folders:
+        files = [path.relative_to(folder).as_posix() for path in scan_images(folder, f"{name} images").files]
+        check_labels(files, folder, labels, f"{name} images {folder}", f"--{name}-labels")
 
 
 def is_feature_pair(train: Path, val: Path) -> bool:
@@ -399,8 +405,7 @@ def classification_inputs(dataset: str, root: Optional[Path], train_split: Optio
             raise UserError("give --train and --val (feature or image folders), or --dataset imagenet with --root")
         check_inputs_exist(("--train", train, "images"), ("--val", val, "images"), ("--train-labels", train_labels, "labels"),
                            ("--val-labels", val_labels, "labels"))
-        for side, folder, labels in (("train", train, train_labels), ("val", val, val_labels)):
-            check_labels_before_embedding(folder, labels, side, f"--{side}-labels")
+        check_labels_before_embedding(((train, train_labels), (val, val_labels)))
         model_beside_features((train, val), get_model, say, lambda: {"resize": resize}, ("resize",))
         train_features = features_or_embed(train, get_model, dense=False, what="train features", say=say, resize=resize)
         val_features = features_or_embed(val, get_model, dense=False, what="val features", say=say, resize=resize)
