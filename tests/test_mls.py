@@ -73,7 +73,6 @@ def test_multi_label_losses_equal_their_closed_forms_on_a_hand_made_queue():
     assert float(multi_label_loss(z1, queue, y, 0.5, "knn_softmax")) == pytest.approx(softmax, rel=1e-6)
 
 
-
 def test_multi_label_losses_are_per_entry_means_over_two_images_with_two_labels_each():
     """Two images, k = 2: pins what one image with one label cannot (a fidelity review, 2026-12-07). Eq. 10 of the
     supplement (as its Eq. 14 expands it) is a mean of logs over the positives, not Eq. 11's log of their sum; each
@@ -92,6 +91,7 @@ def test_multi_label_losses_are_per_entry_means_over_two_images_with_two_labels_
     assert float(multi_label_loss(z1, queue, y, 0.5, "knn_softmax")) == pytest.approx(knn, rel=1e-6)
     log_of_sum = (-math.log((math.exp(2) + 1) / z0) - math.log((math.exp(2) + 1) / z1_)) / 2  # Eq. 11's reading
     assert abs(knn - log_of_sum) > 0.5
+
 
 def test_info_nce_equals_its_closed_form_and_lambda_zero_is_moco_alone():
     z1, z2, queue = unit(3, 8, 0), unit(3, 8, 1), unit(10, 8, 2)

@@ -356,7 +356,8 @@ def _labels(files: Sequence[str], root: Path, labels_file: Optional[Path], what:
         names = [Path(f).parent.as_posix() for f in files]
         if any(n in ("", ".") for n in names):
             example = next(f for f, n in zip(files, names) if n in ("", "."))
-            candidates = (Path(root) / "labels.csv", Path(root).parent / "labels.csv")  # fmnist-scenes' train/labels.csv
+            # fmnist-scenes writes train/labels.csv beside train/images/
+            candidates = (Path(root) / "labels.csv", Path(root).parent / "labels.csv")
             beside = next((c for c in candidates if c.is_file()), None)
             raise UserError(f"{what}: {example} is not inside a class folder; images outside class folders need a "
                             f"labels file (CSV or JSONL of path,label): give it with {option}"
