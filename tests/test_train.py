@@ -357,3 +357,7 @@ def test_the_start_says_where_the_backbone_comes_from_and_a_warm_up_as_long_as_t
     weights = source / "teacher.safetensors"
     code, _, err = cli("pretrain", str(two), f"model.weights={weights}", "--out", str(tmp_path / "b"), capsys=capsys)
     assert code == 0 and f"backbone: weights of model.weights {weights}" in err and "warm-up" not in err, err
+    # resumed, the weights are the checkpoint's, not model.weights': the line is not said again
+    code, _, err = cli("pretrain", str(tmp_path / "b" / "config.yaml"), "--out", str(tmp_path / "b"), "--resume",
+                       capsys=capsys)
+    assert code == 0 and "already complete" in err and "backbone:" not in err, err

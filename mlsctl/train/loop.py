@@ -269,7 +269,7 @@ def _train(run: Run, recipe, accelerator, folder: ImageFolder, dataset, collate_
     model, optimizer = setup.prepare(accelerator, method, optimizer)
     plan = optim.Plan.of(recipe, schedule, world)
     if is_main:
-        _log_start(run, recipe, accelerator, folder, schedule, plan, trainable, method)
+        _log_start(run, recipe, accelerator, folder, schedule, plan, trainable, method, fresh=resume_from is None)
     if start_step >= plan.total_steps:
         lora = recipe.model.lora.enabled
         exported = run.teacher_weights_path.is_file() and (not lora or run.teacher_adapters_path.is_dir())
@@ -419,8 +419,9 @@ def _forward_backward(t: _Training, step: int) -> tuple[metrics.StepOutputs, flo
 
 
 def _log_start(run: Run, recipe, accelerator, folder: ImageFolder, schedule: Schedule, plan: optim.Plan,
-               trainable: list, method) -> None:
-    """The lines a run starts with: what trains on what, and its steps."""
+               trainable: list, method, fresh: bool = True) -> None:
+    """The lines a run starts with: what trains on what, and its steps; where its backbone's weights come from and a
+    warm-up as long as the run only when it starts (``fresh``): a resumed run's weights are its checkpoint's."""
     world, accumulate = accelerator.num_processes, plan.accumulate
     n_params = sum(p.numel() for p in trainable)
     precision = "fp32" if accelerator.mixed_precision == "no" else accelerator.mixed_precision
@@ -436,6 +437,8 @@ def _log_start(run: Run, recipe, accelerator, folder: ImageFolder, schedule: Sch
              f"{counted(recipe.optim.epochs, 'epoch')} = {counted(plan.total_steps, 'step')} of "
              f"{type(method).elements(plan.batch_global)}{made} | peak lr {plan.peak_lr:.3g} | run: {run.root}")
     log.info(type(method).describe_data(recipe, accelerator.device))
+    if not fresh:
+        return
     if method.has_backbone:
         log.info(f"backbone: {_backbone_start(recipe)}")
     if plan.total_steps > 1 and plan.warmup_steps >= plan.total_steps:  # a new user's probe (2026-12-07)
