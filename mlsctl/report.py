@@ -691,7 +691,9 @@ def _recall(result: dict) -> str:
 
 
 def _evaluation(result: dict, source: Path, label: str) -> str:
-    from mlsctl.evaluate.knn import k_text
+    from mlsctl.evaluate.baselines import interval_text
+    from mlsctl.evaluate.knn import score_table
+    from mlsctl.evaluate.linear import chance_line
 
     command = result.get("command", "?")
     title = (f"<h4>{html.escape(command)} · {html.escape(label)}</h4>"
@@ -712,16 +714,16 @@ def _evaluation(result: dict, source: Path, label: str) -> str:
                               [[_pct(result.get("miou")), _pct(result.get("foreground_iou")),
                                 _pct(result.get("pixel_accuracy"))]])
     if command == "eval knn":
-        return title + _table(["k", "top-1 %", "top-5 %"],
-                              [[k_text(r, result.get("train_images")), _pct(r["top1"]), _pct(r["top5"])]
-                               for r in result.get("results", [])])
+        return title + _table(*score_table(result, _pct))
     if command == "eval linear":
         scores = result.get("results", {})
         chosen = f"{result['chosen']['lr']:g}", f"{result['chosen']['weight_decay']:g}"
+        chance = _note(chance_line(result)) if chance_line(result) else ""  # recorded since 2026-12-07
         if result.get("multi_label"):
-            return title + _table(["mAP %", "lr", "weight decay"], [[_pct(scores.get("mAP")), *chosen]])
-        return title + _table(["top-1 %", "top-5 %", "lr", "weight decay"],
-                              [[_pct(scores.get("top1")), _pct(scores.get("top5")), *chosen]])
+            return title + _table(["mAP %", "lr", "weight decay"], [[_pct(scores.get("mAP")), *chosen]]) + chance
+        return title + _table(["top-1 %", "top-1 95 % interval", "top-5 %", "lr", "weight decay"],
+                              [[_pct(scores.get("top1")), interval_text(scores.get("top1_interval95")),
+                                _pct(scores.get("top5")), *chosen]]) + chance
     if command == "eval retrieval":
         return title + _retrieval(result)
     if command == "eval recall":

@@ -272,8 +272,7 @@ def knn(
     if as_json:
         typer.echo(json.dumps(payload, indent=2))
         return
-    typer.echo(table(["k", "top-1 %", "top-5 %"], [[lib.k_text(r, result["train_images"]), pct(r["top1"], 2),
-                                                    pct(r["top5"], 2)] for r in results]))
+    typer.echo(table(*lib.score_table(result, lambda value: pct(value, 2))))
     if unknown:
         typer.echo(_unseen_note(unknown, " (counted as errors)", result.get("val_classes_unseen_hint", "")))
     _say_shared(record, result["val_images"])
@@ -318,6 +317,7 @@ def linear(
     from mlsctl.errors import UserError
     from mlsctl.evaluate import linear as lib
     from mlsctl.evaluate.inputs import classification_inputs
+    from mlsctl.evaluate.baselines import interval_text
     from mlsctl.evaluate.knn import search_device
     from mlsctl.restore import model_on_demand
 
@@ -357,9 +357,11 @@ def linear(
         typer.echo(f"\nmAP {pct(scores['mAP'], 2)}%", nl=False)
     else:
         top5 = f", top-5 {pct(scores['top5'], 2)}%" if scores["top5"] is not None else " (no top-5: fewer than 5 classes)"
-        typer.echo(f"top-1 {pct(scores['top1'], 2)}%{top5}", nl=False)
+        typer.echo(f"top-1 {pct(scores['top1'], 2)}% (95 % interval {interval_text(scores['top1_interval95'])}){top5}",
+                   nl=False)
     typer.echo(f" on {result['val_images']} val images ({result['train_images']} train, {result['classes']} classes, "
                f"lr {result['chosen']['lr']:g}, wd {result['chosen']['weight_decay']:g}); results written to {out}")
+    typer.echo(lib.chance_line(result))
     if result["val_classes_unseen_in_train"]:
         unseen = result["val_classes_unseen_in_train"]
         typer.echo(_unseen_note(unseen, hint=result.get("val_classes_unseen_hint", "")))

@@ -18,13 +18,14 @@ relative to the features' input root (or absolute), read by :mod:`mlsctl.data.la
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from mlsctl.data.labels import csv_rows, labels_of, read_labels_file, read_text_file  # noqa: F401 - re-exported
 from mlsctl.data.labels import nested_split_hint
+from mlsctl.evaluate.baselines import interval_text, majority_class, wilson_interval
 from mlsctl.device import full_float32
 from mlsctl.errors import UserError
 
@@ -198,8 +199,24 @@ def evaluate_knn(train_features, val_features, train_labels=None, val_labels=Non
             "temperature": temperature,
             "search": f"exact (torch matmul + top-k) on {search_on.type}", "model": train_features.model,
             # a k above the training set's size votes with all of it: "neighbours" says how many voted
+            "chance": majority_class(train_names, val_names),
             "results": [{"k": k, "neighbours": min(k, len(train_features)), "top1": accuracy(scores[k], val_y, 1),
+                         "top1_interval95": wilson_interval(accuracy(scores[k], val_y, 1), len(val_y)),
                          "top5": accuracy(scores[k], val_y, 5)} for k in ks]}
+
+
+def score_table(result: dict, pct: Callable[[Optional[float]], str]) -> tuple[list[str], list[list[str]]]:
+    """The headers and rows of an ``eval knn`` result as the console and the report show them (``pct`` formats a
+    share in %): a row per k with the top-1's 95 % interval (:func:`~mlsctl.evaluate.baselines.wilson_interval`),
+    then the majority-class rule's row, where the result records them (since 2026-12-07: a new user could not
+    tell 12 % on ten classes from the share of the val set's largest class)."""
+    rows = [[k_text(r, result.get("train_images")), pct(r["top1"]), interval_text(r.get("top1_interval95")),
+             pct(r["top5"])] for r in result.get("results", [])]
+    chance = result.get("chance")
+    if isinstance(chance, dict):
+        rows.append([f"majority class: {chance.get('majority_class')}", pct(chance.get("top1")), "",
+                     pct(chance.get("top5"))])
+    return ["k", "top-1 %", "top-1 95 % interval", "top-5 %"], rows
 
 
 def k_text(row: dict, train_images: Optional[int]) -> str:

@@ -30,6 +30,7 @@ from mlsctl.console import counted
 from mlsctl.data.labels import ImagePaths, nested_split_hint, read_multi_labels
 from mlsctl.device import full_float32
 from mlsctl.errors import UserError
+from mlsctl.evaluate.baselines import majority_class, random_ranking_map, wilson_interval
 
 DEFAULT_LRS = (0.001, 0.01, 0.1, 1.0)
 DEFAULT_WDS = (0.0, 1e-4)
@@ -243,6 +244,11 @@ def evaluate_linear(train_features, val_features, *, labels: Optional[Path] = No
     result = score(predict(layer, mean, std, x_val), y_val, multi_label)
     if multi_label:
         result["ap_per_class"] = dict(zip(classes, result["ap_per_class"]))
+        chance = {"rule": "a random ranking of the val images for each class",
+                  "mAP": random_ranking_map([int(p) for p in y_val.sum(0).tolist()], len(y_val))}
+    else:
+        result["top1_interval95"] = wilson_interval(result["top1"], len(y_val))
+        chance = majority_class(train_names, val_names)
     return {"train": str(train_features.path), "val": str(val_features.path), "train_images": len(x_train),
             "val_images": len(x_val), "classes": len(classes), "multi_label": multi_label,
             "val_classes_unseen_in_train": unseen, "val_classes_unseen_hint": hint, "model": train_features.model,
@@ -250,4 +256,22 @@ def evaluate_linear(train_features, val_features, *, labels: Optional[Path] = No
                          "optimizer": "SGD momentum 0.9, cosine schedule", "epochs": epochs, "batch_size": batch_size,
                          "holdout": holdout, "holdout_images": max(1, int(round(holdout * len(x_train)))) if rows else 0,
                          "seed": seed, "device": str(device or torch.device("cpu"))},
-            "sweep": rows, "chosen": {"lr": chosen.lr, "weight_decay": chosen.weight_decay}, "results": result}
+            "sweep": rows, "chosen": {"lr": chosen.lr, "weight_decay": chosen.weight_decay}, "chance": chance,
+            "results": result}
+
+
+def chance_line(result: dict) -> str:
+    """What an ``eval linear`` result's score is measured against, in one line: the majority-class rule's top-1
+    and top-5, or a random ranking's mAP (multi-label), where the result records it (since 2026-12-07)."""
+    chance = result.get("chance")
+    if not isinstance(chance, dict):
+        return ""
+    if "mAP" in chance:
+        return f"chance: a random ranking of the val images scores mAP {_percent(chance['mAP'])}%"
+    top5 = f", top-5 {_percent(chance['top5'])}%" if chance.get("top5") is not None else ""
+    return (f"chance: calling every val image the majority class ({chance.get('majority_class')}) scores top-1 "
+            f"{_percent(chance['top1'])}%{top5}")
+
+
+def _percent(value) -> str:
+    return "-" if value is None or value != value else f"{100 * value:.2f}"
