@@ -103,3 +103,16 @@ def test_eval_linear_records_and_shows_the_majority_class_and_the_interval(tmp_p
     assert saved["results"]["top1_interval95"] == pytest.approx(wilson_interval(saved["results"]["top1"], 10))
     assert "(95 % interval " in out
     assert "chance: calling every val image the majority class (c0) scores top-1 10.00%" in out
+
+
+def test_accuracies_are_exact_shares_not_float32_artefacts():
+    # a new user's probe (2026-12-07): 13 hits of 100 were written as 0.12999999523162842 (a float32 mean)
+    from mlsctl.evaluate.knn import accuracy
+    from mlsctl.evaluate.linear import top_k_accuracy
+    from mlsctl.evaluate.retrieval import recall_at
+
+    labels = torch.tensor([0] * 13 + [1] * 87)
+    scores = torch.tensor([[1.0, 0.0]]).repeat(100, 1)  # every image called class 0
+    assert accuracy(scores, labels, 1) == 0.13 and top_k_accuracy(scores, labels, 1) == 0.13
+    assert recall_at(torch.tensor([1] * 13 + [5] * 87), [1])[1] == 0.13
+    assert json.dumps(majority_class(["a", "b", "b"], ["b"] * 13 + ["a"] * 87)["top1"]) == "0.13"

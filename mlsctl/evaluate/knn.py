@@ -142,7 +142,7 @@ def accuracy(scores: torch.Tensor, labels: torch.Tensor, top: int) -> Optional[f
         return None
     found = scores.topk(top, dim=1)
     hits = ((found.indices == labels[:, None]) & (found.values > float("-inf"))).any(1)
-    return float(hits.float().mean())
+    return float(hits.double().mean())
 
 
 def labels_for(features, labels_file, what: str, option: str = "a labels option") -> list[str]:

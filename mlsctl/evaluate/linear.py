@@ -91,7 +91,7 @@ def top_k_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> Option
         return float("nan")
     if k > logits.shape[1]:
         return None
-    return float((logits.topk(k, dim=1).indices == labels[:, None]).any(1).float().mean())
+    return float((logits.topk(k, dim=1).indices == labels[:, None]).any(1).double().mean())
 
 
 # ------------------------------------------------------------------------------------------ training

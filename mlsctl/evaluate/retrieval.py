@@ -43,7 +43,7 @@ def ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def recall_at(ranks_: torch.Tensor, ks: Sequence[int] = tuple(range(1, 11))) -> dict[int, float]:
-    return {k: float((ranks_ <= k).float().mean()) for k in ks}
+    return {k: float((ranks_ <= k).double().mean()) for k in ks}
 
 
 def average_recall(recalls: dict[int, float], up_to: int = 10) -> float:
