@@ -525,7 +525,7 @@ def _compared_model(model: dict, weights: RunWeights) -> str:
     return f"{source or 'unknown source'}: {path or arch}"
 
 
-def _classify(result: dict, path: Path, run: Run, weights: RunWeights) -> Optional[tuple[str, str]]:
+def classify(result: dict, path: Path, run: Run, weights: RunWeights) -> Optional[tuple[str, str]]:
     """(group, label) of a result for this run's report, or None when it is another model's result
     that has no place in it: ``own`` (the run's weights, by fingerprint), ``comparison`` (labelled
     with what it is) or ``unmatched`` (with the reason)."""
@@ -594,7 +594,7 @@ def _features_root(features) -> Optional[str]:
     return root if isinstance(root, str) else None
 
 
-def _data(result: dict) -> str:
+def data_text(result: dict) -> str:
     """The data an evaluation ran on, in words: benchmark, root and splits, or the image folders."""
     command = result.get("command")
     if command == "eval retrieval":
@@ -697,7 +697,7 @@ def _evaluation(result: dict, source: Path, label: str) -> str:
 
     command = result.get("command", "?")
     title = (f"<h4>{html.escape(command)} · {html.escape(label)}</h4>"
-             f"<p>data: {html.escape(_data(result))}<br><span class=\"note\">{html.escape(_made(result, source))}; "
+             f"<p>data: {html.escape(data_text(result))}<br><span class=\"note\">{html.escape(_made(result, source))}; "
              f"{html.escape(str(source))}</span></p>") + _shared_warning(result)
     if command == "eval knn-seg":
         # foreground IoU where the classes have a background (results since 2026-12-05): at small budgets it
@@ -739,16 +739,15 @@ GROUPS = (("own", "This run's weights"),
 RESULT_READ_LIMIT = 64 * 2**20  # the largest JSON the report reads as a result (results are kilobytes to a few MB)
 
 
-def _evaluations(run: Run, folders: Sequence[Path], weights: RunWeights) -> tuple[str, dict, list[str], list[str]]:
-    """The evaluations section, the files shown in each group (:data:`GROUPS`), one note per
-    file skipped (a JSON file that cannot be read, or an eval result that is not of the form its
-    command writes: a stranger's file in ./results must not cost the whole report), and the files
-    shown whose val images are training images too (:func:`_memorised`)."""
-    found: dict[str, list] = {group: [] for group, _ in GROUPS}
+def read_results(folders: Sequence[Path]) -> tuple[list[tuple[Path, dict]], list[str]]:
+    """Every mlsctl eval result (a JSON object whose ``command`` starts with ``eval``) in ``folders``, each file
+    once, in the folders' order and by name, and one note per file skipped: a JSON file that cannot be read,
+    or one larger than any result (a stranger's file in ./results must not cost the whole report). Folders
+    that do not exist are passed over."""
+    results: list[tuple[Path, dict]] = []
     skipped: list[str] = []
-    memorised: list[str] = []
     seen: set = set()
-    for folder in [run.root / "results", run.root, *folders]:  # RUN itself: results kept beside the run's files
+    for folder in folders:
         for path in sorted(Path(folder).glob("*.json")) if Path(folder).is_dir() else []:
             if path.resolve() in seen:
                 continue
@@ -763,20 +762,38 @@ def _evaluations(run: Run, folders: Sequence[Path], weights: RunWeights) -> tupl
                           getattr(exc, "strerror", None) or first_line(exc, 80))
                 skipped.append(f"skipped {path}: not readable JSON ({reason})")
                 continue
-            if not (isinstance(result, dict) and str(result.get("command", "")).startswith("eval ")):
-                continue  # not an mlsctl eval result
-            placed = _classify(result, path, run, weights)
-            if placed is None:
-                continue  # another model's result
-            group, label = placed
-            try:
-                found[group].append((path, _evaluation(result, path, label if group != "unmatched" else
-                                                       f"unmatched: {label}")))
-                if _memorised(result):
-                    memorised.append(str(path))
-            except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
-                what = f"no {exc}" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {str(exc)[:60]}"
-                skipped.append(f"skipped {path}: not the result that {str(result['command'])[:40]} writes ({what})")
+            if isinstance(result, dict) and str(result.get("command", "")).startswith("eval "):
+                results.append((path, result))  # else not an mlsctl eval result
+    return results, skipped
+
+
+def not_its_form(path: Path, result: dict, exc: Exception) -> str:
+    """The note on a result that is not of the form its command writes (a key missing, a value of another type)."""
+    what = f"no {exc}" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {str(exc)[:60]}"
+    return f"skipped {path}: not the result that {str(result['command'])[:40]} writes ({what})"
+
+
+def _evaluations(run: Run, folders: Sequence[Path], weights: RunWeights) -> tuple[str, dict, list[str], list[str]]:
+    """The evaluations section, the files shown in each group (:data:`GROUPS`), one note per
+    file skipped (a JSON file that cannot be read, or an eval result that is not of the form its
+    command writes: a stranger's file in ./results must not cost the whole report), and the files
+    shown whose val images are training images too (:func:`_memorised`)."""
+    found: dict[str, list] = {group: [] for group, _ in GROUPS}
+    memorised: list[str] = []
+    # RUN itself: results kept beside the run's files
+    results, skipped = read_results([run.root / "results", run.root, *folders])
+    for path, result in results:
+        placed = classify(result, path, run, weights)
+        if placed is None:
+            continue  # another model's result
+        group, label = placed
+        try:
+            found[group].append((path, _evaluation(result, path, label if group != "unmatched" else
+                                                   f"unmatched: {label}")))
+            if _memorised(result):
+                memorised.append(str(path))
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+            skipped.append(not_its_form(path, result, exc))
     notes = "".join(_note(line) for line in skipped)
     shown = {group: [str(path) for path, _ in entries] for group, entries in found.items()}
     if not any(found.values()):

@@ -84,6 +84,19 @@ class Checkpoint:
         return f"Checkpoint({self.path})"
 
 
+def check_distinct(runs) -> None:
+    """Each run folder given once (``plot``, ``compare``): a probe (2026-12-06) found ``plot run ./run run/`` drew
+    one run three times under one name."""
+    import os
+
+    seen: dict[str, Path] = {}
+    for run in runs:
+        first = seen.setdefault(os.path.realpath(run), run)
+        if first is not run:
+            again = "given twice" if str(first) == str(run) else f"{first} again"
+            raise UserError(f"{run} is {again}; give each run once")
+
+
 def checkpoint_dirname(step: int) -> str:
     return f"step-{step:08d}"
 

@@ -38,7 +38,7 @@ RUN_ARGUMENT = typer.Argument(..., help="Run folder (written by mlsctl pretrain)
 # embed, evaluate, look inside the banks, build a gallery and search it (or serve it), refine
 # embeddings, export the backbone, draw and report. A command missing here is listed last.
 COMMAND_ORDER = ("data", "recipes", "pretrain", "embed", "eval", "bank", "index", "search", "serve", "refine",
-                 "export", "plot", "report", "viz")
+                 "export", "plot", "report", "compare", "viz")
 
 
 class WorkflowGroup(TyperGroup):

@@ -23,21 +23,12 @@ def plot(
 
     Example: mlsctl plot runs/dino_fmnist_quick runs/sove_fmnist_quick --out curves.png
     """
-    import os
-
     from mlsctl.curves import plot_runs
-
-    seen: dict[str, Path] = {}
-    for run in runs:  # a probe (2026-12-06): `plot run ./run run/` drew one run three times under one name
-        first = seen.setdefault(os.path.realpath(run), run)
-        if first is not run:
-            from mlsctl.errors import UserError
-
-            raise UserError(f"{run} is {first} again; give each run once")
     from mlsctl.outputs import check_outside_images
     from mlsctl.restore import training_images
-    from mlsctl.runs import Run
+    from mlsctl.runs import Run, check_distinct
 
+    check_distinct(runs)
     for run in runs:
         check_outside_images(out, training_images(Run(run)), f"the images run {run} trains on (its data.root)")
     result = plot_runs(runs, out, title=title)

@@ -52,3 +52,57 @@ def report(
         print(f"note: {counted(len(memorised), 'evaluation')} scored val images that are training images too (the "
               f"page flags {'them' if len(memorised) > 1 else 'it'}: the scores measure memory, not generalisation): "
               f"{', '.join(memorised)}")
+
+
+@app.command("compare")
+def compare(
+    runs: list[Path] = typer.Argument(..., help="Run folders (written by mlsctl pretrain or refine train)."),
+    results: Optional[list[Path]] = typer.Option(None, "--results", help="Folders of mlsctl eval result JSONs to search for the runs' evaluations [default: ./results]; each run's results/ folder is always read."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the comparison as one HTML page, ending in .html, with the runs' training curves."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an --out file that is not an earlier mlsctl page."),
+    as_json: bool = typer.Option(False, "--json", help="Print the tables as JSON (every score as a share, with its result file)."),
+) -> None:
+    """The evaluations of several runs side by side: a table for each evaluation and data set, a row for each model.
+
+    Results are matched to a run by the fingerprint of the weights they evaluated, as in mlsctl report; a random
+    init of a run's architecture and the weights a run started from get rows of their own, and a chance row
+    ends each table where the results record it.
+
+    Example: mlsctl compare runs/dino_fmnist_quick runs/mls_fmnist_quick --out compare.html
+    """
+    import tempfile
+
+    from mlsctl.cli._format import table
+    from mlsctl.compare import NO_RESULTS, _unmatched_notes, compare as compare_runs, table_rows, title, to_json, \
+        write_page
+    from mlsctl.errors import UserError
+    from mlsctl.report import check_report_target
+
+    for folder in results or []:
+        if not folder.is_dir():
+            raise UserError(f"--results {folder} {'is a file' if folder.exists() else 'does not exist'}; give a "
+                            f"folder of mlsctl eval result JSONs (their --out folder, ./results by default)")
+    if out is not None:
+        check_report_target(out, overwrite)
+    compared = compare_runs(runs, results or [Path("results")])
+    if out is not None:
+        from mlsctl.curves import plot_runs
+
+        with tempfile.TemporaryDirectory() as tmp:
+            curves = Path(tmp) / "curves.png"
+            drawn = [run for run in runs if (run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").stat().st_size]
+            if drawn:
+                plot_runs(drawn, curves, title="training curves of " + ", ".join(r.name for r in drawn))
+            write_page(compared, out, curves if drawn else None)
+    for line in [*compared["skipped"], *_unmatched_notes(compared)]:
+        print(line, file=sys.stderr)
+    if as_json:
+        print(json.dumps({**to_json(compared), **({"out": str(out)} if out else {})}, indent=2))
+        return
+    if not compared["tables"]:
+        print(NO_RESULTS)
+    for n, found in enumerate(compared["tables"]):
+        print(("\n" if n else "") + title(found))
+        print(table(*table_rows(found)))
+    if out is not None:
+        print(f"\nwrote {out}; open it in any browser")

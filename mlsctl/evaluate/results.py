@@ -129,3 +129,105 @@ def _command_of(path: Path) -> Optional[str]:
     except (OSError, ValueError, AttributeError, RecursionError):
         return None
     return command if isinstance(command, str) else None
+
+
+def headline(result: dict) -> dict[str, Optional[float]]:
+    """The scores of an eval result that a comparison of models shows, by column name, as shares (0.131 for
+    13.1 %; None where the result has none, such as top-5 of fewer than 5 classes): what each evaluation
+    reports first (docs/formats.md#result-files). ``mlsctl compare`` lines up the results of one evaluation of
+    one data set by these names, so results with other settings (other k, fractions, noise) get other columns.
+
+    * ``eval knn``: ``top-1 k=K`` for every k;
+    * ``eval linear``: ``top-1`` and ``top-5``, or ``mAP`` (multi-label);
+    * ``eval knn-seg``: ``mIoU`` and ``foreground IoU`` (where the classes have a background), with `` F`` for
+      each label fraction F but 1/1;
+    * ``eval linear-seg``: ``mIoU``, ``foreground IoU``, ``pixel accuracy``;
+    * ``eval retrieval``: ``AR@10`` and ``R@1`` of each scoring of the trained model (``mile``, ...), with
+      ``noise N%`` where noise was added; the start backbone's rows are its own model and left out;
+    * ``eval recall``: ``R@K`` for every K, and ``MAP@R``.
+
+    Raises KeyError or TypeError for a result not of the form its command writes."""
+    command, rows = result.get("command"), result.get("results")
+    if command == "eval knn":
+        return {f"top-1 k={row['k']}": row["top1"] for row in rows}
+    if command == "eval linear":
+        return {"mAP": rows["mAP"]} if result.get("multi_label") else {"top-1": rows["top1"], "top-5": rows["top5"]}
+    if command == "eval knn-seg":
+        out: dict[str, Optional[float]] = {}
+        for row in rows:
+            suffix = "" if row["fraction"] == "1/1" else f" {row['fraction']}"
+            out[f"mIoU{suffix}"] = row["miou"]
+            if "foreground_iou" in row:
+                out[f"foreground IoU{suffix}"] = row["foreground_iou"]
+        return out
+    if command == "eval linear-seg":
+        return {"mIoU": result["miou"], **({"foreground IoU": result["foreground_iou"]} if "foreground_iou" in result
+                                           else {}), "pixel accuracy": result["pixel_accuracy"]}
+    if command == "eval retrieval":
+        out = {}
+        for row in rows:
+            if row.get("backbone") == "start":
+                continue
+            noise = f", noise {100 * row['noise']:.0f}%" if row.get("noise") else ""
+            out[f"AR@10 {row['method']}{noise}"] = row["AR@10"]
+            out[f"R@1 {row['method']}{noise}"] = row["R@1"]
+        return out
+    if command == "eval recall":
+        return {**{f"R@{k}": value for k, value in result["recall"].items()}, "MAP@R": result["map_at_r"]}
+    raise KeyError("command")
+
+
+def chance_headline(result: dict) -> Optional[tuple[str, dict[str, Optional[float]]]]:
+    """What the data of an eval result scores by chance, in :func:`headline`'s columns, and its label; None where
+    the result records none (knn-seg and linear-seg record none; knn and linear since 2026-12-07). It depends on
+    the data alone (the labels, the gallery's objects), not on the model."""
+    from mlsctl.evaluate.retrieval import chance_scores
+
+    command, chance = result.get("command"), result.get("chance")
+    if command == "eval retrieval":
+        chance = chance or chance_scores(result["objects"])  # exact from the objects, for results before it was kept
+        columns = headline(result)
+        return "chance (a random ranking)", {name: chance[name.split()[0]] for name in columns}
+    if not isinstance(chance, dict):
+        return None
+    if command == "eval knn":
+        return (f"chance (every image the majority class, {chance['majority_class']})",
+                {name: chance["top1"] for name in headline(result)})
+    if command == "eval linear":
+        if "mAP" in chance:
+            return "chance (a random ranking)", {"mAP": chance["mAP"]}
+        return (f"chance (every image the majority class, {chance['majority_class']})",
+                {"top-1": chance["top1"], "top-5": chance["top5"]})
+    if command == "eval recall":
+        return "chance (a random ranking)", {**{f"R@{k}": value for k, value in chance.items()},
+                                             "MAP@R": result.get("chance_map_at_r")}
+    return None
+
+
+def settings_of(result: dict) -> dict:
+    """The settings of an eval result that change what its scores measure (k-NN's temperature, knn-seg's k,
+    memory and patch labels, the probes' epochs and learning rates, retrieval's query sets), not those that
+    only draw another sample of the same (seeds, the device): two results of one evaluation and data set are
+    compared side by side only where these are equal."""
+    command = result.get("command")
+    if command == "eval knn":
+        return {"temperature": result.get("temperature")}
+    if command == "eval knn-seg":
+        settings = result.get("settings") if isinstance(result.get("settings"), dict) else {}
+        resolution = (result.get("protocol") or {}).get("resolution") if isinstance(result.get("protocol"), dict) \
+            else None
+        return {**{key: value for key, value in settings.items() if key not in ("fractions", "seed", "device")},
+                "resolution": resolution}
+    if command == "eval linear":
+        protocol = result.get("protocol") if isinstance(result.get("protocol"), dict) else {}
+        sweep = result.get("sweep") or []
+        return {**{key: protocol.get(key) for key in ("epochs", "batch_size", "holdout")},
+                "lrs": sorted({row.get("lr") for row in sweep}) if sweep else [(result.get("chosen") or {}).get("lr")],
+                "weight_decays": (sorted({row.get("weight_decay") for row in sweep}) if sweep else
+                                  [(result.get("chosen") or {}).get("weight_decay")])}
+    if command == "eval linear-seg":
+        settings = result.get("settings") if isinstance(result.get("settings"), dict) else {}
+        return {key: value for key, value in settings.items() if key not in ("seed", "protocol")}
+    if command == "eval retrieval":
+        return {"query_size": result.get("query_size")}
+    return {}

@@ -1,0 +1,217 @@
+"""``mlsctl compare RUN RUN ...``: the evaluations of several runs side by side (docs/report.md#compare).
+
+A study trains several runs (methods, seeds, budgets) and evaluates each with ``mlsctl eval``; the results
+lie as JSON files in ``./results`` or ``RUN/results``. :func:`compare` finds them as ``mlsctl report`` does —
+by the fingerprint of the weights each evaluation used (:class:`mlsctl.report.RunWeights`), never by a path
+— and lines them up: one table for each evaluation of one data set under the same settings
+(:func:`mlsctl.evaluate.results.settings_of`), a row for each model, a column for each headline score
+(:func:`mlsctl.evaluate.results.headline`), and last the row of what the data scores by chance where the
+results record it (:func:`mlsctl.evaluate.results.chance_headline`).
+
+Rows are each run's own weights (its final teacher, a checkpoint's teacher, a refine run's refiner), then the
+comparison models the runs' reports show (a random init of a run's architecture, the weights a run started
+from), each model once: a random init of two runs of one architecture at one seed is one model. Where one
+model has several results in a table, the newest is shown and the row says how many there are. Results no run
+claims are left out; results a run's report shows as unmatched (trained again since) are counted, not shown.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+
+@dataclass
+class Row:
+    """One model's scores in one table: ``kind`` is ``own`` (a run's weights), ``comparison`` or ``chance``."""
+
+    model: str
+    kind: str
+    values: dict
+    run: Optional[str] = None
+    file: Optional[str] = None
+    written: str = ""
+    results: int = 1
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "kind": self.kind, "run": self.run, "values": self.values, "file": self.file,
+                "written": self.written or None, "results": self.results}
+
+
+@dataclass
+class Table:
+    """The results of one evaluation (``command``) of one data set (``data``, in words) under one ``settings``."""
+
+    command: str
+    data: str
+    settings: dict
+    columns: list = field(default_factory=list)
+    rows: list = field(default_factory=list)
+    #: the settings in words where tables of this command and data differ in them (else "")
+    differs: str = ""
+
+    def to_dict(self) -> dict:
+        return {"command": self.command, "data": self.data, "settings": self.settings, "columns": self.columns,
+                "rows": [row.to_dict() for row in self.rows]}
+
+
+def _for_run(label: str, name: str) -> str:
+    """A comparison model's label from a run's report ("random init (seed 0) of this run's architecture"), said of
+    the run it belongs to, as a table of several runs needs."""
+    return label.replace("this run's", f"{name}'s").replace("this run", name)
+
+
+def _identity(result: dict) -> str:
+    """What tells one model from another in a result: the backbone's fingerprint, with the refiner's or the set
+    model's where there is one (the same backbone refined, or fine-tuned as a set model, is another model)."""
+    model = result.get("model") if isinstance(result.get("model"), dict) else {}
+    refiner = model.get("refiner") if isinstance(model.get("refiner"), dict) else {}
+    return json.dumps([model.get("fingerprint"), model.get("base_fingerprint"), refiner.get("fingerprint"),
+                       model.get("set_fingerprint")])
+
+
+def _written(result: dict) -> str:
+    written = result.get("written")
+    return str(written.get("date", "")) if isinstance(written, dict) else ""
+
+
+def compare(runs: Sequence[str | Path], results: Sequence[str | Path] = ("results",)) -> dict:
+    """The tables of :mod:`mlsctl.compare` for the run folders ``runs`` and the result folders ``results`` (each
+    run's ``results/`` and its own folder are read too): ``{"runs", "tables", "unmatched", "skipped"}``, tables as
+    :class:`Table`."""
+    from mlsctl.evaluate.results import chance_headline, headline, settings_of
+    from mlsctl.report import RunWeights, classify, data_text, not_its_form, read_results
+    from mlsctl.restore import open_run, recipe_of
+    from mlsctl.runs import check_distinct
+
+    runs = [Path(r) for r in runs]
+    check_distinct(runs)
+    weights = []
+    for path in runs:
+        run = open_run(path)
+        weights.append((str(path).rstrip("/") or str(path), RunWeights(run, recipe_of(run))))
+    folders = [folder for _, w in weights for folder in (w.run.root / "results", w.run.root)]
+    found, skipped = read_results([*folders, *(Path(r) for r in results)])
+    tables: dict[str, Table] = {}
+    chosen: dict[tuple[str, str], tuple[Row, dict]] = {}
+    unmatched: list[str] = []
+    for path, result in found:
+        placed = _place(result, path, weights, classify)
+        if placed is None:
+            continue
+        name, group, label = placed
+        if group == "unmatched":
+            unmatched.append(str(path))
+            continue
+        try:
+            values, data, settings = headline(result), data_text(result), settings_of(result)
+            chance = chance_headline(result)
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+            skipped.append(not_its_form(path, result, exc))
+            continue
+        key = json.dumps([result["command"], data, settings], sort_keys=True, default=str)
+        table = tables.setdefault(key, Table(result["command"], data, settings))
+        for column in [*values, *(chance[1] if chance else ())]:
+            if column not in table.columns:
+                table.columns.append(column)
+        model = f"{name}: {label}" if group == "own" else _for_run(label, name)
+        row = Row(model, group, values, run=name if group == "own" else None, file=str(path),
+                  written=_written(result))
+        earlier = chosen.get((key, _identity(result)))
+        if earlier is not None:
+            row.results = earlier[0].results + 1
+            if earlier[0].written > row.written:  # the newest shown
+                row = Row(**{**earlier[0].__dict__, "results": row.results})
+        chosen[(key, _identity(result))] = (row, chance)
+    for (key, _), (row, chance) in chosen.items():
+        tables[key].rows.append(row)
+        if chance and not any(r.kind == "chance" for r in tables[key].rows):
+            tables[key].rows.append(Row(chance[0], "chance", chance[1]))
+    ordered = _ordered(tables.values(), [name for name, _ in weights])
+    return {"runs": [name for name, _ in weights], "tables": ordered, "unmatched": unmatched, "skipped": skipped}
+
+
+def _place(result: dict, path: Path, weights, classify) -> Optional[tuple[str, str, str]]:
+    """(run name, group, label) of a result among the runs: the run whose own weights it evaluated, else the first
+    run whose report shows it (a comparison model, or unmatched); None where none does."""
+    first = None
+    for name, run_weights in weights:
+        placed = classify(result, path, run_weights.run, run_weights)
+        if placed is None:
+            continue
+        if placed[0] == "own":
+            return name, *placed
+        first = first or (name, *placed)
+    return first
+
+
+def _ordered(tables, run_names: list[str]) -> list[Table]:
+    """Tables by command and data; in each, the runs' rows in the order the runs were given (then by label), the
+    comparison models after them, the chance row last; the settings said where tables of a command and data
+    differ in them."""
+    kinds = {"own": 0, "comparison": 1, "chance": 2}
+    order = {name: i for i, name in enumerate(run_names)}
+    out = sorted(tables, key=lambda t: (t.command, t.data, json.dumps(t.settings, sort_keys=True, default=str)))
+    for table in out:
+        table.rows.sort(key=lambda r: (kinds[r.kind], order.get(r.run, len(order)), r.model))
+        siblings = [t for t in out if (t.command, t.data) == (table.command, table.data)]
+        if len(siblings) > 1:
+            differing = sorted({key for t in siblings for key in {**t.settings, **table.settings}
+                                if t.settings.get(key) != table.settings.get(key)})
+            table.differs = ", ".join(f"{key} {table.settings.get(key)}" for key in differing)
+    return out
+
+
+def percent(value) -> str:
+    """A share as the tables show it: 13.1 (in %), or "–"."""
+    return "–" if value is None or value != value else f"{100 * value:.1f}"
+
+
+def table_rows(table: Table) -> tuple[list[str], list[list[str]]]:
+    """Headers and rows of a :class:`Table` as text (scores in %)."""
+    headers = ["model", *(f"{column} %" for column in table.columns)]
+    rows = [[row.model + (f" (newest of {row.results} results)" if row.results > 1 else ""),
+             *(percent(row.values.get(column)) for column in table.columns)] for row in table.rows]
+    return headers, rows
+
+
+def title(table: Table) -> str:
+    """``eval knn · train data/x/train, val data/x/val (labels: ...)``, with the settings where they tell it apart."""
+    return f"{table.command} · {table.data}" + (f" · {table.differs}" if table.differs else "")
+
+
+def write_page(compared: dict, out: Path, curves: Optional[Path] = None) -> None:
+    """The comparison as one self-contained HTML page (the report's style), with the runs' curves overlaid."""
+    from mlsctl import atomic
+    from mlsctl.report import REPORT_HEAD, STYLE, _note, _png_uri, _table
+
+    names = ", ".join(compared["runs"])
+    parts = [f"<h1>mlsctl compare: {html.escape(names)}</h1>"]
+    if curves is not None:
+        parts.append(f'<h2>Training curves</h2><img alt="training curves" src="{_png_uri(curves)}">')
+    parts.append("<h2>Evaluations</h2>")
+    for table in compared["tables"]:
+        parts.append(f"<h3>{html.escape(title(table))}</h3>" + _table(*table_rows(table)))
+    if not compared["tables"]:
+        parts.append(_note(NO_RESULTS))
+    parts.extend(_note(line) for line in [*compared["skipped"], *_unmatched_notes(compared)])
+    atomic.write_text(out, f"{REPORT_HEAD}compare {html.escape(names)}</title><style>{STYLE}</style></head><body>"
+                           f"{''.join(parts)}</body></html>")
+
+
+NO_RESULTS = ("no evaluation of these runs found (results of mlsctl eval under RUN/results/, in RUN or in --results); "
+              "evaluate them with mlsctl eval ... --run RUN")
+
+
+def _unmatched_notes(compared: dict) -> list[str]:
+    if not compared["unmatched"]:
+        return []
+    return [f"{len(compared['unmatched'])} result(s) recorded as a run's weights that are not its weights now (trained "
+            f"again since) are left out: {', '.join(compared['unmatched'])}"]
+
+
+def to_json(compared: dict) -> dict:
+    return {**compared, "tables": [table.to_dict() for table in compared["tables"]]}

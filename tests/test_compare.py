@@ -1,0 +1,105 @@
+"""mlsctl compare: the evaluations of several runs side by side, matched by the weights' fingerprints."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from conftest import cli, cli_ok
+
+
+def _fingerprints(run, seed: int = 0) -> tuple[str, str]:
+    """The fingerprints of a run's teacher and of a random init of its architecture at ``seed``."""
+    from mlsctl.restore import from_run
+
+    return from_run(run).fingerprint, from_run(run, random_init=True, seed=seed).fingerprint
+
+
+def _retrained(run) -> None:
+    """The run trained again, as another seed would: one tensor of its final teacher moved."""
+    from safetensors.torch import load_file, save_file
+
+    path = run / "teacher.safetensors"
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(path)
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] + 0.01
+    save_file(tensors, path, metadata=metadata)
+
+
+def _knn(path, model: dict, top1: float, date: str = "2026-12-07T10:00:00", k: int = 10, temperature: float = 0.07,
+         train: str = "data/x/train"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({
+        "command": "eval knn", "model": model, "temperature": temperature, "train_images": 60, "val_images": 100,
+        "dataset": {"name": "folders", "train_root": train, "val_root": "data/x/val"},
+        "chance": {"rule": "every val image called the most frequent training class", "majority_class": "coat",
+                   "top1": 0.12, "top5": 0.52},
+        "results": [{"k": k, "neighbours": k, "top1": top1, "top5": 0.9}], "written": {"date": date}}))
+
+
+@pytest.fixture
+def two_runs(finished_run, tmp_path):
+    run_dir, _ = finished_run
+    a, b = tmp_path / "runs" / "dino_a", tmp_path / "runs" / "dino_b"
+    shutil.copytree(run_dir, a)
+    shutil.copytree(run_dir, b)
+    _retrained(b)
+    return a, b
+
+
+def test_compare_lines_up_the_runs_their_random_init_and_chance(two_runs, tmp_path, capsys):
+    a, b = two_runs
+    teacher_a, random_a = _fingerprints(a)
+    teacher_b, random_b = _fingerprints(b)
+    assert teacher_a != teacher_b and random_a == random_b  # one architecture: one random init
+    results = tmp_path / "results"
+    _knn(results / "a.json", {"source": "run", "path": str(a / "teacher.safetensors"), "fingerprint": teacher_a}, 0.31)
+    _knn(results / "b-old.json", {"source": "run", "path": "elsewhere", "fingerprint": teacher_b}, 0.20,
+         date="2026-12-07T09:00:00")
+    _knn(b / "results" / "b.json", {"source": "run", "path": "elsewhere", "fingerprint": teacher_b}, 0.25)
+    _knn(results / "random.json", {"source": "random-init", "path": str(b), "seed": 0, "fingerprint": random_a}, 0.13)
+    _knn(results / "stranger.json", {"source": "weights", "path": "w.safetensors", "fingerprint": "f" * 64}, 0.99)
+    _knn(results / "temperature.json", {"source": "run", "path": "x", "fingerprint": teacher_a}, 0.40,
+         temperature=0.5)
+    (results / "broken.json").write_text("{")
+
+    out, err = cli_ok(capsys, "compare", str(a), str(b), "--results", str(results), "--out", str(tmp_path / "c.html"))
+    assert "skipped" in err and "broken.json" in err
+    lines = out.splitlines()
+    # two tables of one evaluation and data, told apart by the setting they differ in
+    assert "eval knn · train data/x/train, val data/x/val · temperature 0.07" in lines
+    assert "eval knn · train data/x/train, val data/x/val · temperature 0.5" in lines
+    first = lines[lines.index("eval knn · train data/x/train, val data/x/val · temperature 0.07"):][:7]
+    assert first[1].split() == ["model", "top-1", "k=10", "%"]
+    rows = [" ".join(line.split()) for line in first[3:7]]
+    assert rows[0].startswith(f"{a}: final teacher") and rows[0].endswith(" 31.0")
+    # b's two results: the newest shown, and said
+    assert rows[1].startswith(f"{b}: final teacher") and rows[1].endswith("(newest of 2 results) 25.0")
+    assert rows[2].startswith(f"random init (seed 0) of {a}'s architecture") and rows[2].endswith(" 13.0")
+    assert rows[3] == "chance (every image the majority class, coat) 12.0"
+    assert "99.0" not in out  # a model of no run's is left out
+    page = (tmp_path / "c.html").read_text()
+    assert page.count("<table>") == 2 and "31.0" in page and 'alt="training curves"' in page
+
+    record = json.loads(cli_ok(capsys, "compare", str(a), str(b), "--results", str(results), "--json")[0])
+    assert record["runs"] == [str(a), str(b)] and len(record["tables"]) == 2
+    table = next(t for t in record["tables"] if t["settings"] == {"temperature": 0.07})
+    assert [r["kind"] for r in table["rows"]] == ["own", "own", "comparison", "chance"]
+    assert table["rows"][1]["values"] == {"top-1 k=10": 0.25} and table["rows"][1]["results"] == 2
+    assert table["rows"][1]["file"] == str(b / "results" / "b.json")
+
+
+def test_compare_refuses_a_run_given_twice_and_says_when_nothing_is_found(two_runs, tmp_path, capsys):
+    a, _ = two_runs
+    code, _, err = cli("compare", str(a), str(a) + "/", capsys=capsys)
+    assert code == 2 and f"{a} is given twice; give each run once" in err
+    out, _ = cli_ok(capsys, "compare", str(a), "--results", str(tmp_path))
+    assert out.startswith("no evaluation of these runs found")
+    code, _, err = cli("compare", str(a), "--out", str(tmp_path / "c.png"), capsys=capsys)
+    assert code == 2 and "must end in .html" in err
