@@ -290,7 +290,7 @@ def test_commands_are_listed_in_workflow_order(capsys):
     code, out, _ = cli("--help", capsys=capsys)
     listed = re.findall(r"^  ([a-z][\w-]*)  ", out.split("Commands:")[1], re.M)
     assert listed == ["data", "recipes", "pretrain", "embed", "eval", "bank", "index", "search", "serve", "refine",
-                      "export", "plot", "report", "viz"]
+                      "export", "plot", "report", "compare", "viz"]
     assert sorted(listed) == sorted(COMMAND_ORDER) == sorted({c[0] for c in _leaf_commands()})  # none left out
 
 
