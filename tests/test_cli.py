@@ -172,6 +172,25 @@ def test_space_separated_values_become_repeated_options():
     assert expand_multi_values(["embed", "dir", "--k", "1", "2"]) == ["embed", "dir", "--k", "1", "2"]
 
 
+def test_comma_separated_numbers_are_several_values_and_bad_numbers_are_said_plainly(capsys):
+    # a probe (2026-12-07): --k=10,20 got pydantic's "Input should be a valid integer, unable to parse string ..."
+    from mlsctl.cli import expand_multi_values
+
+    assert expand_multi_values(["eval", "knn", "--k", "10,20", "100"]) == ["eval", "knn", "--k", "10", "--k", "20",
+                                                                             "--k", "100"]
+    assert expand_multi_values(["eval", "knn", "--k=10,20"]) == ["eval", "knn", "--k", "10", "--k", "20"]
+    assert expand_multi_values(["eval", "linear", "--lr", "0.1,1e-2"]) == ["eval", "linear", "--lr", "0.1", "--lr",
+                                                                           "1e-2"]
+    # a comma in a value that is no list of numbers stays: a path, a fraction
+    assert expand_multi_values(["eval", "knn-seg", "--fraction", "1/8,1/2"]) == ["eval", "knn-seg", "--fraction",
+                                                                                 "1/8,1/2"]
+    for bad, plain in (("--k=1,x", "'--k': not a whole number"), ("--k=1.5", "'--k': not a whole number")):
+        code, _, err = cli("eval", "knn", "--train", "t", "--val", "v", bad, capsys=capsys)
+        assert code == 2 and plain in err and "Input should" not in err, err
+    code, _, err = cli("eval", "linear", "--train", "t", "--val", "v", "--lr", "fast", capsys=capsys)
+    assert code == 2 and "'--lr': not a number" in err, err
+
+
 def test_unknown_command_is_a_usage_error():
     result = in_process("pretrian")
     assert result.returncode == 2
