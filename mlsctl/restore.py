@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from pathlib import Path
 from typing import Optional, Union
 
@@ -28,34 +27,7 @@ import torch
 
 from mlsctl.errors import UnreadableWeights, UserError
 from mlsctl.models.source import ModelChoice, dinov2_small, from_weights, model_choice
-from mlsctl.runs import RUNS_ROOT, Checkpoint, Run, run_of_config, run_of_model
-
-PRETRAIN_HINT = "give a folder written by mlsctl pretrain"
-
-
-def open_run(path: Union[str, Path], *, hint: str = PRETRAIN_HINT, flag: str = "") -> Run:
-    """The run at ``path``, or the one "not a run folder" error: ``{flag} {path} is not a run
-    folder (no config.yaml); {hint}`` (``flag``: the option that named it, such as ``--run``)."""
-    run = Run(path)
-    if not run.has_config():
-        named = f"{flag} {path}" if flag else f"{path}"
-        path = Path(path)
-        # what it is instead, where that says the fix (a new user, 2026-12-06)
-        if os.path.islink(path) and not path.exists():  # a link that loops, or leads nowhere (a review)
-            raise UserError(f"{named} is a symbolic link that loops or leads nowhere; {hint}")
-        if not path.exists():
-            raise UserError(f"{named} does not exist; {hint}")
-        if run_of_config(path) is not None or (path.name == "config.yaml" and (path.parent / "checkpoints").is_dir()):
-            raise UserError(f"{named} is the run's config.yaml; give its folder {path.parent}")
-        if path.is_file():
-            raise UserError(f"{named} is a file, not a run folder; {hint}")
-        step = re.fullmatch(r"step-0*(\d+)", path.name)
-        if step and path.parent.name == "checkpoints" and Run(path.parent.parent).has_config():
-            raise UserError(f"{named} is a checkpoint of the run {path.parent.parent}; give the run (with --step "
-                            f"{step.group(1)} where the command takes one)")
-        raise UserError(f"{named} is not a run folder (no config.yaml); {hint}")
-    return run
-
+from mlsctl.runs import RUNS_ROOT, Checkpoint, Run, open_run, run_of_model
 
 def training_images(run: Run) -> Optional[Path]:
     """The folder of images ``run`` trains on (its recipe's data.root), None where its config cannot

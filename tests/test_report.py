@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cli_ok, in_process
+from conftest import cli_env, cli_ok, in_process
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -462,3 +462,16 @@ def test_results_of_the_weights_a_run_started_from_are_matched_by_fingerprint(fi
             assert shown is None  # another model's result, outside the run: no place in its report
         else:
             assert shown[0] == "comparison" and shown[1].endswith("(the weights this run started from)"), shown
+
+
+def test_a_path_that_is_no_run_is_refused_before_torch_loads(tmp_path):
+    # a new user's probe (2026-12-07): `report FEATURES` took 4 s of imports to say it was no run
+    import sys
+
+    program = ("import sys\nfrom mlsctl.cli import main\ntry:\n    main()\nexcept SystemExit as end:\n"
+               "    print(end.code, 'torch' in sys.modules)\n")
+    for command in (["report"], ["compare"]):
+        done = subprocess.run([sys.executable, "-c", program, *command, str(tmp_path)], capture_output=True, text=True,
+                              env=cli_env(), timeout=120)
+        assert done.stdout.split() == ["2", "False"], (done.stdout, done.stderr)
+        assert "is not a run folder" in done.stderr

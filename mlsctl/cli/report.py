@@ -26,12 +26,15 @@ def report(
     Example: mlsctl report runs/dino_fmnist_quick --out report.html
     """
     from mlsctl.errors import UserError
-    from mlsctl.report import write_report
+    from mlsctl.runs import open_run
 
+    open_run(run)  # before the imports of the report (torch): a path that is no run is said at once
     for folder in results or []:  # the default ./results may be absent (no evaluation yet); a folder given must exist
         if not folder.is_dir():
             raise UserError(f"--results {folder} {'is a file' if folder.exists() else 'does not exist'}; give a "
                             f"folder of mlsctl eval result JSONs (their --out folder, ./results by default)")
+    from mlsctl.report import write_report
+
     target = out or (run / "report.html")
     record = write_report(run, target, results=results or [Path("results")], patch_images=patch_images,
                           overwrite=overwrite)
@@ -72,10 +75,15 @@ def compare(
     """
     import tempfile
 
+    from mlsctl.errors import UserError
+    from mlsctl.runs import check_distinct, open_run
+
+    check_distinct(runs)
+    for run in runs:  # before the imports of the comparison (torch): a path that is no run is said at once
+        open_run(run)
     from mlsctl.cli._format import table
     from mlsctl.compare import NO_RESULTS, _unmatched_notes, compare as compare_runs, table_rows, title, to_json, \
         write_page
-    from mlsctl.errors import UserError
     from mlsctl.report import check_report_target
 
     for folder in results or []:
