@@ -620,7 +620,9 @@ def data_text(result: dict) -> str:
         text += (f" (masks {dataset['masks']}, val {val_masks})" if val_masks and val_masks != dataset["masks"]
                  else f" (masks {dataset['masks']})")
     elif dataset.get("labels"):
-        text += f" (labels: {dataset['labels']})"
+        val_labels = dataset.get("val_labels")  # recorded since 2026-12-07
+        text += (f" (labels: {dataset['labels']}, val: {val_labels})" if val_labels and val_labels != dataset["labels"]
+                 else f" (labels: {dataset['labels']})")
     return text
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 from fractions import Fraction
 from pathlib import Path
 
@@ -755,9 +756,13 @@ def test_images_without_labels_are_refused_before_anything_is_embedded(tmp_path:
                        str(tmp_path / "b.json"), capsys=capsys)
     assert code == 2 and "give it with --val-labels" in err and "model:" not in err, err
     code, out, err = cli("eval", "knn", *args, "--train-labels", str(tmp_path / "train" / "labels.csv"),
-                         "--val-labels", str(tmp_path / "val" / "labels.csv"), "--k", "1", "--out",
+                         "--val-labels", os.path.relpath(tmp_path / "val" / "labels.csv"), "--k", "1", "--out",
                          str(tmp_path / "c.json"), capsys=capsys)
     assert code == 0 and "top-1" in out, err
+    # both labels files recorded, absolute as the image folders beside them (given relative here)
+    dataset = json.loads((tmp_path / "c.json").read_text())["dataset"]
+    assert dataset["val_labels"] == str(tmp_path / "val" / "labels.csv") and dataset["val_root"] == \
+        str(tmp_path / "val" / "images")
 
 
 def test_val_classes_partly_unseen_because_they_hold_training_classes_say_so(tmp_path: Path, capsys):

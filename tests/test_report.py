@@ -475,3 +475,14 @@ def test_a_path_that_is_no_run_is_refused_before_torch_loads(tmp_path):
                               env=cli_env(), timeout=120)
         assert done.stdout.split() == ["2", "False"], (done.stdout, done.stderr)
         assert "is not a run folder" in done.stderr
+
+
+def test_the_data_line_names_the_val_labels_where_they_differ():
+    from mlsctl.report import data_text
+
+    record = {"name": "folders", "train_root": "/d/train", "val_root": "/d/val", "labels": "/d/train.csv"}
+    result = {"command": "eval knn", "dataset": {**record, "val_labels": "/d/val.csv"}}
+    assert data_text(result) == "train /d/train, val /d/val (labels: /d/train.csv, val: /d/val.csv)"
+    assert data_text({"command": "eval knn", "dataset": {**record, "val_labels": "/d/train.csv"}}) == \
+        "train /d/train, val /d/val (labels: /d/train.csv)"
+    assert data_text({"command": "eval knn", "dataset": record}) == "train /d/train, val /d/val (labels: /d/train.csv)"

@@ -411,8 +411,9 @@ def classification_inputs(dataset: str, root: Optional[Path], train_split: Optio
         val_features = features_or_embed(val, get_model, dense=False, what="val features", say=say, resize=resize)
         record = {"name": "folders", **image_roots(train_features, val_features),
                   # the val labels were not recorded (a new user's probe, 2026-12-07)
-                  "labels": FOLDER_LABELS if train_labels is None else str(train_labels),
-                  "val_labels": FOLDER_LABELS if val_labels is None else str(val_labels)}
+                  # absolute, as the image roots beside them (a probe, 2026-12-07: the report mixed the two)
+                  "labels": FOLDER_LABELS if train_labels is None else str(Path(train_labels).absolute()),
+                  "val_labels": FOLDER_LABELS if val_labels is None else str(Path(val_labels).absolute())}
         record_shared_images(train_features, val_features, record, copies=True)
         return train_features, val_features, train_labels, val_labels, record
     if train_labels is not None or val_labels is not None:
