@@ -705,16 +705,20 @@ def _evaluation(result: dict, source: Path, label: str) -> str:
         # foreground IoU where the classes have a background (results since 2026-12-05): at small budgets it
         # moves before the per-class mIoU does (a new user, 2026-12-06: the page left it out)
         foreground = any("foreground_iou" in r for r in result.get("results", []))
+        # the console's order (a probe, 2026-12-07: the page put Hungarian mIoU before the foreground IoU)
         rows = [[r["fraction"], r["train_images"], len(r.get("runs", [])) or 1,
                  _pct(r["miou"]) + (f" ± {_pct(r['miou_std'])}" if len(r.get("runs", [])) > 1 else ""),
-                 _pct(r.get("miou_hungarian")), *([_pct(r.get("foreground_iou"))] if foreground else [])]
+                 *([_pct(r.get("foreground_iou"))] if foreground else []), _pct(r.get("miou_hungarian"))]
                 for r in result.get("results", [])]
-        return title + _table(["fraction", "train images", "runs", "mIoU %", "Hungarian mIoU %",
-                               *(["foreground IoU %"] if foreground else [])], rows)
+        return title + _table(["fraction", "train images", "runs", "mIoU %", *(["foreground IoU %"] if foreground else []),
+                               "(Hungarian mIoU %)"], rows)
     if command == "eval linear-seg":
+        from mlsctl.evaluate.linear_seg import one_class_note
+
+        note = one_class_note(result)
         return title + _table(["mIoU %", "foreground IoU %", "pixel accuracy %"],
                               [[_pct(result.get("miou")), _pct(result.get("foreground_iou")),
-                                _pct(result.get("pixel_accuracy"))]])
+                                _pct(result.get("pixel_accuracy"))]]) + (_warning(note) if note else "")
     if command == "eval knn":
         return title + _table(*score_table(result, _pct))
     if command == "eval linear":

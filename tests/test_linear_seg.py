@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import html
 import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -40,6 +42,21 @@ def test_separable_patches_are_segmented_perfectly(tmp_path, capsys):
     assert result["miou"] > 0.9 and result["num_classes"] == 3  # bilinear upsampling blurs patch borders only
     assert result["train_loss_per_epoch"][-1] < result["train_loss_per_epoch"][0]
     assert sum(map(sum, result["confusion"])) == 8 * 16 * 16
+    assert result["predicted_classes"] == ["0", "1", "2"]
+
+
+def test_a_probe_that_predicts_one_class_everywhere_is_flagged():
+    # a new user's probe (2026-12-07): a probe predicting background for every pixel was shown as any other result
+    from mlsctl.evaluate.linear_seg import one_class_note
+    from mlsctl.report import _evaluation
+
+    result = {"command": "eval linear-seg", "miou": 0.066, "foreground_iou": 0.0, "pixel_accuracy": 0.66,
+              "predicted_classes": ["background"]}
+    note = one_class_note(result)
+    assert note.startswith("note: the probe predicts background for every val pixel")
+    assert note in html.unescape(_evaluation(result, Path("r.json"), "final teacher"))
+    assert one_class_note({**result, "predicted_classes": ["background", "bag"]}) == ""
+    assert one_class_note({"miou": 0.1}) == ""  # results before it was recorded
 
 
 def test_noise_features_do_not_segment(tmp_path, capsys):

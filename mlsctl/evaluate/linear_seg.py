@@ -161,6 +161,7 @@ def evaluate_linear_seg(train: FeatureMasks, val: FeatureMasks, *, epochs: int =
             "pixel_accuracy": pixel_accuracy(confusion),
             "iou_per_class": [None if np.isnan(v) else float(v) for v in iou_per_class(confusion)],
             **foreground_scores(confusion, names),  # foreground = every class but 0, where 0 is a background
+            "predicted_classes": [classes[c] for c in np.flatnonzero(confusion.sum(0))],
             "train_loss_per_epoch": losses,
             "settings": {"epochs": epochs, "lr": lr, "weight_decay": weight_decay, "image_batch": image_batch,
                          "ignore_index": ignore_index, "seed": seed,
@@ -168,3 +169,16 @@ def evaluate_linear_seg(train: FeatureMasks, val: FeatureMasks, *, epochs: int =
                                      "soft labels (SGD momentum 0.9, cosine); bilinear upsampling, argmax"},
             "seconds": {"train": trained - started, "total": time.perf_counter() - started},
             "confusion": confusion.tolist()}
+
+
+def one_class_note(result: dict) -> str:
+    """The note on a probe that predicts one class for every val pixel (``predicted_classes``, recorded since
+    2026-12-07), or "": its mIoU is that class's IoU over the classes present, and says nothing of the features
+    but that no class is linearly separable from it patch by patch at these settings (a new user's probe: such a
+    probe of a DINO teacher at 496 steps was shown as any other result)."""
+    predicted = result.get("predicted_classes")
+    if not isinstance(predicted, list) or len(predicted) != 1:
+        return ""
+    return (f"note: the probe predicts {predicted[0]} for every val pixel: no other class is linearly separable from "
+            f"it at these settings (more epochs, another --lr, or features of a longer-trained model); eval knn-seg "
+            f"measures the same features without training a probe")
