@@ -189,6 +189,8 @@ def test_comma_separated_numbers_are_several_values_and_bad_numbers_are_said_pla
         assert code == 2 and plain in err and "Input should" not in err, err
     code, _, err = cli("eval", "linear", "--train", "t", "--val", "v", "--lr", "fast", capsys=capsys)
     assert code == 2 and "'--lr': not a number" in err, err
+    code, _, err = cli("eval", "knn-seg", "--runs", "runs/dino", capsys=capsys)  # --runs beside --run
+    assert code == 2 and "--runs counts the seeded draws of each fraction, --run names a run folder" in err, err
 
 
 def test_unknown_command_is_a_usage_error():

@@ -239,6 +239,9 @@ def _one_line_usage_errors() -> None:
         message = self.format_message().rstrip(".")
         for typed, plain in PLAIN_TYPE_ERRORS:  # typer's type checks answer in pydantic's words (a probe, 2026-12-07)
             message = message.replace(typed, plain)
+        param = getattr(self, "param", None)
+        if message.endswith("not a whole number") and "--runs" in (getattr(param, "opts", None) or ()):
+            message += "; --runs counts the seeded draws of each fraction, --run names a run folder"
         _tell(f"error: {message} (see {where})")
 
     try:  # recent typer carries its own copy of click, whose exceptions are the ones raised
