@@ -35,10 +35,16 @@ class Row:
     file: Optional[str] = None
     written: str = ""
     results: int = 1
+    label: str = ""  # what of the run's weights (``final teacher (step 250)``), for merging seeds
+    #: where the row is the mean over runs that differ only in their seed: those runs, and the sample standard
+    #: deviation of each column over them
+    seeds: list = field(default_factory=list)
+    spread: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"model": self.model, "kind": self.kind, "run": self.run, "values": self.values, "file": self.file,
-                "written": self.written or None, "results": self.results}
+                "written": self.written or None, "results": self.results,
+                **({"seeds": self.seeds, "std": self.spread} if self.seeds else {})}
 
 
 @dataclass
@@ -78,10 +84,12 @@ def _written(result: dict) -> str:
     return str(written.get("date", "")) if isinstance(written, dict) else ""
 
 
-def compare(runs: Sequence[str | Path], results: Sequence[str | Path] = ("results",)) -> dict:
+def compare(runs: Sequence[str | Path], results: Sequence[str | Path] = ("results",), *,
+            over_seeds: bool = False) -> dict:
     """The tables of :mod:`mlsctl.compare` for the run folders ``runs`` and the result folders ``results`` (each
     run's ``results/`` and its own folder are read too): ``{"runs", "tables", "unmatched", "skipped"}``, tables as
-    :class:`Table`."""
+    :class:`Table`. ``over_seeds``: the rows of runs whose recipes differ only in their ``seed`` become one row,
+    their mean, with the standard deviation over them (:func:`merge_seeds`)."""
     from mlsctl.evaluate.results import chance_headline, headline, settings_of
     from mlsctl.report import RunWeights, classify, data_text, not_its_form, read_results
     from mlsctl.restore import open_run, recipe_of
@@ -119,7 +127,7 @@ def compare(runs: Sequence[str | Path], results: Sequence[str | Path] = ("result
                 table.columns.append(column)
         model = f"{name}: {label}" if group == "own" else _for_run(label, name)
         row = Row(model, group, values, run=name if group == "own" else None, file=str(path),
-                  written=_written(result))
+                  written=_written(result), label=label)
         earlier = chosen.get((key, _identity(result)))
         if earlier is not None:
             row.results = earlier[0].results + 1
@@ -130,8 +138,66 @@ def compare(runs: Sequence[str | Path], results: Sequence[str | Path] = ("result
         tables[key].rows.append(row)
         if chance and not any(r.kind == "chance" for r in tables[key].rows):
             tables[key].rows.append(Row(chance[0], "chance", chance[1]))
+    if over_seeds:
+        arms = seed_arms(weights)
+        for table in tables.values():
+            table.rows = merge_seeds(table.rows, arms)
     ordered = _ordered(tables.values(), [name for name, _ in weights])
     return {"runs": [name for name, _ in weights], "tables": ordered, "unmatched": unmatched, "skipped": skipped}
+
+
+def seed_arms(weights) -> dict[str, str]:
+    """Run name → the run's recipe without its ``seed`` and ``description`` (canonical JSON): runs of one arm of a
+    study, repeated with other seeds, have the same."""
+    import yaml
+
+    arms = {}
+    for name, run_weights in weights:
+        try:
+            config = yaml.safe_load(run_weights.run.config_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, yaml.YAMLError):
+            config = None
+        if not isinstance(config, dict):
+            arms[name] = f"unreadable {name}"  # an arm of its own
+            continue
+        arms[name] = json.dumps({k: v for k, v in config.items() if k not in ("seed", "description")}, sort_keys=True,
+                                default=str)
+    return arms
+
+
+def merge_seeds(rows: list, arms: dict[str, str]) -> list:
+    """The rows of runs of one arm (:func:`seed_arms`) and the same weights of theirs (``final teacher``, else
+    the same checkpoint step) as one row: each column the mean over the runs that have it, ``spread`` the sample
+    standard deviation (n - 1), ``seeds`` the runs. A run alone in its arm keeps its row."""
+    import re
+    import statistics
+
+    groups: dict[tuple, list] = {}
+    for row in rows:
+        if row.kind == "own":
+            what = re.sub(r" \(step \d+\)$", "", row.label)  # seeds of one recipe may stop at other steps
+            groups.setdefault((arms.get(row.run, row.run), what), []).append(row)
+    out = []
+    for row in rows:
+        group = groups.get((arms.get(row.run, row.run), re.sub(r" \(step \d+\)$", "", row.label))) \
+            if row.kind == "own" else None
+        if group is None or len(group) < 2:
+            out.append(row)
+            continue
+        if row is not group[0]:
+            continue
+        columns = [c for c in dict.fromkeys(c for member in group for c in member.values)]
+        values, spread = {}, {}
+        for column in columns:
+            found = [m.values[column] for m in group if isinstance(m.values.get(column), (int, float))]
+            values[column] = statistics.fmean(found) if found else None
+            spread[column] = statistics.stdev(found) if len(found) > 1 else None
+        names = [m.run for m in group]
+        label = re.sub(r" \(step \d+\)$", "", row.label)
+        out.append(Row(f"{', '.join(names)}: {label} (mean of {len(names)} seeds)", "own", values, run=names[0],
+                       written=max(m.written for m in group), results=sum(m.results for m in group), label=label,
+                       seeds=names, spread=spread))
+    return out
 
 
 def _place(result: dict, path: Path, weights, classify) -> Optional[tuple[str, str, str]]:
@@ -173,8 +239,10 @@ def percent(value) -> str:
 def table_rows(table: Table) -> tuple[list[str], list[list[str]]]:
     """Headers and rows of a :class:`Table` as text (scores in %)."""
     headers = ["model", *(f"{column} %" for column in table.columns)]
-    rows = [[row.model + (f" (newest of {row.results} results)" if row.results > 1 else ""),
-             *(percent(row.values.get(column)) for column in table.columns)] for row in table.rows]
+    rows = [[row.model + (f" (newest of {row.results} results)" if row.results > 1 and not row.seeds else ""),
+             *(percent(row.values.get(column)) + (f" ± {percent(row.spread[column])}" if row.spread.get(column)
+                                                   is not None else "")
+               for column in table.columns)] for row in table.rows]
     return headers, rows
 
 

@@ -103,3 +103,30 @@ def test_compare_refuses_a_run_given_twice_and_says_when_nothing_is_found(two_ru
     assert out.startswith("no evaluation of these runs found")
     code, _, err = cli("compare", str(a), "--out", str(tmp_path / "c.png"), capsys=capsys)
     assert code == 2 and "must end in .html" in err
+
+
+def test_over_seeds_makes_the_runs_of_one_recipe_one_row_with_their_spread(two_runs, tmp_path, capsys):
+    a, b = two_runs
+    c = tmp_path / "runs" / "dino_c"  # another recipe: its batch differs
+    shutil.copytree(a, c)
+    _retrained(c)
+    _retrained(c)
+    (c / "config.yaml").write_text((c / "config.yaml").read_text().replace("batch_size: 4", "batch_size: 2"))
+    assert "batch_size: 2" in (c / "config.yaml").read_text()
+    (b / "config.yaml").write_text((b / "config.yaml").read_text().replace("seed: 0", "seed: 1", 1))
+    results = tmp_path / "results"
+    for run, top1 in ((a, 0.30), (b, 0.20), (c, 0.50)):
+        _knn(results / f"{run.name}.json", {"source": "run", "path": "x", "fingerprint": _fingerprints(run)[0]}, top1)
+    record = json.loads(cli_ok(capsys, "compare", str(a), str(b), str(c), "--results", str(results), "--over-seeds",
+                               "--json")[0])
+    rows = record["tables"][0]["rows"]
+    assert [r["model"] for r in rows][:2] == [f"{a}, {b}: final teacher (mean of 2 seeds)", f"{c}: final teacher (step 8)"]
+    assert rows[0]["values"]["top-1 k=10"] == pytest.approx(0.25) and rows[0]["seeds"] == [str(a), str(b)]
+    assert rows[0]["std"]["top-1 k=10"] == pytest.approx(0.0707107, abs=1e-6)  # sample standard deviation, n - 1
+    out, _ = cli_ok(capsys, "compare", str(a), str(b), str(c), "--results", str(results), "--over-seeds")
+    row = next(line for line in out.splitlines() if "(mean of 2 seeds)" in line)
+    assert row.split()[-3:] == ["25.0", "±", "7.1"]
+    # without --over-seeds, one row a run
+    record = json.loads(cli_ok(capsys, "compare", str(a), str(b), str(c), "--results", str(results), "--json")[0])
+    assert sum(r["kind"] == "own" for r in record["tables"][0]["rows"]) == 3
+

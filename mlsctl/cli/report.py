@@ -63,6 +63,7 @@ def compare(
     results: Optional[list[Path]] = typer.Option(None, "--results", help="Folders of mlsctl eval result JSONs to search for the runs' evaluations [default: ./results]; each run's results/ folder is always read."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the comparison as one HTML page, ending in .html, with the runs' training curves."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an --out file that is not an earlier mlsctl page."),
+    over_seeds: bool = typer.Option(False, "--over-seeds", help="Runs whose recipes differ only in their seed become one row: the mean ± the standard deviation over them."),
     as_json: bool = typer.Option(False, "--json", help="Print the tables as JSON (every score as a share, with its result file)."),
 ) -> None:
     """The evaluations of several runs side by side: a table for each evaluation and data set, a row for each model.
@@ -72,6 +73,8 @@ def compare(
     ends each table where the results record it.
 
     Example: mlsctl compare runs/dino_fmnist_quick runs/mls_fmnist_quick --out compare.html
+
+    Three seeds of each: mlsctl compare runs/dino_s0 runs/dino_s1 runs/dino_s2 runs/mls_s0 runs/mls_s1 runs/mls_s2 --over-seeds
     """
     import tempfile
 
@@ -92,7 +95,7 @@ def compare(
                             f"folder of mlsctl eval result JSONs (their --out folder, ./results by default)")
     if out is not None:
         check_report_target(out, overwrite)
-    compared = compare_runs(runs, results or [Path("results")])
+    compared = compare_runs(runs, results or [Path("results")], over_seeds=over_seeds)
     if out is not None:
         from mlsctl.curves import plot_runs
 
