@@ -710,8 +710,8 @@ def _evaluation(result: dict, source: Path, label: str) -> str:
                  _pct(r["miou"]) + (f" ± {_pct(r['miou_std'])}" if len(r.get("runs", [])) > 1 else ""),
                  *([_pct(r.get("foreground_iou"))] if foreground else []), _pct(r.get("miou_hungarian"))]
                 for r in result.get("results", [])]
-        return title + _table(["fraction", "train images", "runs", "mIoU %", *(["foreground IoU %"] if foreground else []),
-                               "(Hungarian mIoU %)"], rows)
+        return title + _table(["fraction", "train images", "runs", "mIoU %",
+                               *(["foreground IoU %"] if foreground else []), "(Hungarian mIoU %)"], rows)
     if command == "eval linear-seg":
         from mlsctl.evaluate.linear_seg import one_class_note
 

@@ -120,7 +120,8 @@ def test_over_seeds_makes_the_runs_of_one_recipe_one_row_with_their_spread(two_r
     record = json.loads(cli_ok(capsys, "compare", str(a), str(b), str(c), "--results", str(results), "--over-seeds",
                                "--json")[0])
     rows = record["tables"][0]["rows"]
-    assert [r["model"] for r in rows][:2] == [f"{a}, {b}: final teacher (mean of 2 seeds)", f"{c}: final teacher (step 8)"]
+    assert [r["model"] for r in rows][:2] == [f"{a}, {b}: final teacher (mean of 2 seeds)",
+                                              f"{c}: final teacher (step 8)"]
     assert rows[0]["values"]["top-1 k=10"] == pytest.approx(0.25) and rows[0]["seeds"] == [str(a), str(b)]
     assert rows[0]["std"]["top-1 k=10"] == pytest.approx(0.0707107, abs=1e-6)  # sample standard deviation, n - 1
     out, _ = cli_ok(capsys, "compare", str(a), str(b), str(c), "--results", str(results), "--over-seeds")

@@ -74,7 +74,7 @@ def compare(
 
     Example: mlsctl compare runs/dino_fmnist_quick runs/mls_fmnist_quick --out compare.html
 
-    Three seeds of each: mlsctl compare runs/dino_s0 runs/dino_s1 runs/dino_s2 runs/mls_s0 runs/mls_s1 runs/mls_s2 --over-seeds
+    Three seeds an arm: mlsctl compare runs/dino_s0 runs/dino_s1 runs/dino_s2 runs/mls_s0 runs/mls_s1 --over-seeds
     """
     import tempfile
 
@@ -101,7 +101,8 @@ def compare(
 
         with tempfile.TemporaryDirectory() as tmp:
             curves = Path(tmp) / "curves.png"
-            drawn = [run for run in runs if (run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").stat().st_size]
+            drawn = [run for run in runs
+                     if (run / "metrics.jsonl").is_file() and (run / "metrics.jsonl").stat().st_size]
             if drawn:
                 plot_runs(drawn, curves, title="training curves of " + ", ".join(r.name for r in drawn))
             write_page(compared, out, curves if drawn else None)
