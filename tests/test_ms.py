@@ -73,7 +73,7 @@ def test_m_per_class_batches_are_deterministic_per_step_and_resume_exactly():
     assert common_functions.NUMPY_RANDOM is before
     assert len(full) == 20 and all(len(b) == 8 for b in full)
     for batch in full:
-        classes, counts = np.unique(labels[[i for _, i in batch]], return_counts=True)
+        classes, counts = np.unique(labels[[i for _, i, _ in batch]], return_counts=True)
         assert len(classes) == 4 and (counts == 2).all()
     assert [b[0][0] for b in full[:7]] == [0] * 6 + [1]  # 50 // 8 = 6 steps per epoch
     resumed = list(MPerClassStepSampler(labels, 2, 8, seed=3, start_step=13, total_steps=20))
@@ -82,6 +82,35 @@ def test_m_per_class_batches_are_deterministic_per_step_and_resume_exactly():
     assert full[0] != full[6]  # every epoch draws anew
     two = [list(MPerClassStepSampler(labels, 2, 4, world_size=2, rank=r, seed=3, total_steps=20)) for r in range(2)]
     assert [a + b for a, b in zip(*two)] == full  # two processes together see one process's batches
+
+
+def test_an_image_drawn_twice_in_an_epoch_is_two_crops(tmp_path):
+    """A review (2026-12-07): a crop's seed was the epoch's and the image's, so an image the m-per-class sampler
+    drew twice in an epoch (~36 % of the draws on CUB-like data) was the same crop twice, where the MS authors'
+    code crops every draw afresh (a real positive pair). Each draw is now seeded by its place in the epoch:
+    two draws of one image are two crops, and the same draw is the same crop again (resume)."""
+    from PIL import Image
+
+    from mlsctl.data.images import ImageFolder
+    from mlsctl.data.loader import MultiCropDataset
+    from mlsctl.data.multicrop import MultiCrop
+
+    for c in range(4):  # 4 classes of 3 images at m = 4: every batch draws an image of each class twice
+        (tmp_path / f"c{c}").mkdir()
+        for k in range(3):
+            pixels = np.random.default_rng(10 * c + k).integers(0, 255, (40, 40, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / f"c{c}" / f"{k}.png")
+    folder = ImageFolder(tmp_path)
+    labels = [int(p.split("/")[0][1:]) for p in folder.relpaths()]
+    dataset = MultiCropDataset(folder, MultiCrop(16, (0.2, 1.0), n_local=0, photometric="none"), seed=0)
+    batch = next(iter(MPerClassStepSampler(labels, 4, 8, seed=0, total_steps=1)))
+    images = [index for _, index, _ in batch]
+    twice = next(i for i in images if images.count(i) > 1)
+    first, second = [dataset[key] for key in batch if key[1] == twice][:2]
+    assert first["image_id"] == second["image_id"] == twice
+    assert not torch.equal(first["boxes"], second["boxes"]) and not torch.equal(first["crops"][0], second["crops"][0])
+    again = dataset[next(key for key in batch if key[1] == twice)]
+    assert torch.equal(again["crops"][0], first["crops"][0])  # a draw's crop is a function of the seed and step
 
 
 def test_m_per_class_bad_sizes_are_one_sentence():
@@ -294,8 +323,8 @@ def test_class_folders_under_several_splits_are_said(tmp_path, capsys):
 def test_classes_short_of_m_per_class_and_steps_that_mined_no_pair_are_said(tmp_path, capsys):
     """A new user's probe (2026-12-07): In-shop's query split (2 photos per item) at method.m_per_class 4 ended
     "final loss 0.0000" with 7 of its 15 steps at loss 0 and no mined pair, without a word: the sampler draws a
-    short class's images again, and an image drawn twice in a step is the same crop. The short classes are said
-    before training, the steps that mined nothing at its end (as metrics.jsonl counts them), and the last line
+    short class's images again, and an image drawn twice in a step was the same crop (now another crop: of the
+    one-colour items here, an equal one). The short classes are said before training, the steps that mined nothing at its end (as metrics.jsonl counts them), and the last line
     gives the mean of the last logged steps beside the last step's loss."""
     from PIL import Image
 
@@ -314,6 +343,7 @@ def test_classes_short_of_m_per_class_and_steps_that_mined_no_pair_are_said(tmp_
     text = " ".join(err.split())
     assert (f"data.root {tmp_path / 'data'}: 6 of the 6 classes have fewer images than method.m_per_class=4 (fewest: "
             f"2): a batch takes 4 of each class") in text and "set method.m_per_class=2 (optim.batch_size" in text, text
+    assert "a repeat is another crop of the same image" in text and "equal embeddings" not in text, text
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     empty = sum(r["mined_positive_pairs"] + r["mined_negative_pairs"] == 0 for r in records)
     assert len(records) == 6 and 0 < empty < 6, records
@@ -329,6 +359,8 @@ def test_classes_short_of_m_per_class_and_steps_that_mined_no_pair_are_said(tmp_
     assert "in 1 of the 3 steps" in count.notes()[0]
     note = short_classes_note(torch.tensor([0, 0, 0, 0, 1, 2, 2]), 4, 8)
     assert note.startswith("2 of the 3 classes") and "1 of a single image" in note and "give classes of two" in note
+    assert "no positive pair at all" in note and "two equal embeddings" in note  # refinement's: no crops
+    assert "no positive but crops of that image" in short_classes_note(torch.tensor([0, 0, 0, 0, 1]), 4, 8, crops=True)
     assert short_classes_note(torch.tensor([0, 0, 1, 1]), 2, 4) is None
 
 

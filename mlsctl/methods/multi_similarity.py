@@ -94,13 +94,14 @@ class MiningCount:
                 f"of more classes (a larger optim.batch_size) or classes of more distinct images give it pairs"]
 
 
-def short_classes_note(labels: torch.Tensor, m: int, batch_size: int,
-                       per_class: str = "method.m_per_class") -> Optional[str]:
+def short_classes_note(labels: torch.Tensor, m: int, batch_size: int, per_class: str = "method.m_per_class",
+                       crops: bool = False) -> Optional[str]:
     """A note where classes hold fewer images than a batch takes of each (``m``): the m-per-class sampler
-    draws their images again, and an image drawn twice in a step gives two equal embeddings (MS: the same
-    crop, its seed being the epoch's and the image's; refinement: the same features and neighbours), from
-    which the miner gets nothing (a new user's probe, 2026-12-07: In-shop's query split of 2 photos per item
-    at m 4 mined no pair in 7 of 15 steps)."""
+    draws their images again. With ``crops`` (MS) a repeat is another crop of the image (each draw's crop is
+    seeded by the draw: :mod:`mlsctl.data.mperclass`), a positive pair of one photo, which teaches only
+    the crops' differences; without (refinement) it is the same features and neighbours, two equal
+    embeddings from which the miner gets nothing (a new user's probe, 2026-12-07: In-shop's query split of 2
+    photos per item at m 4 mined no pair in 7 of 15 steps, when a repeat was still the same crop)."""
     counts = torch.bincount(labels)
     counts = counts[counts > 0]
     short = counts[counts < m]
@@ -111,10 +112,12 @@ def short_classes_note(labels: torch.Tensor, m: int, batch_size: int,
            f"set {per_class}={fewest} (optim.batch_size a multiple of it)" if batch_size % fewest == 0 else
            f"set {per_class}={fewest} and optim.batch_size a multiple of it")
     singles = int((short == 1).sum())
-    lone = f", {singles} of a single image (no positive pair at all)" if singles else ""
+    alone = "no positive but crops of that image" if crops else "no positive pair at all"
+    lone = f", {singles} of a single image ({alone})" if singles else ""
+    repeat = ("a repeat is another crop of the same image, a positive pair that teaches only the crops' differences"
+              if crops else "an image drawn twice in a step gives two equal embeddings, which give the miner no pair")
     return (f"{len(short)} of the {len(counts)} classes have fewer images than {per_class}={m} "
-            f"(fewest: {fewest}{lone}): a batch takes {m} of each class, drawing its images again, and an image "
-            f"drawn twice in a step gives two equal embeddings, which give the miner no pair; {fix}")
+            f"(fewest: {fewest}{lone}): a batch takes {m} of each class, drawing its images again, and {repeat}; {fix}")
 
 
 def labelled_data(recipe) -> str:
