@@ -50,6 +50,32 @@ def test_ms_loss_and_miner_equal_a_hand_computation():
     assert float(loss2) == pytest.approx(_hand_ms(x, y, 1, 10, 0.3, 0.3), rel=1e-5)
 
 
+def test_ms_miner_leaves_out_some_positives_of_an_anchor():
+    """A review (2026-12-07): the cases above have one positive per anchor (2 per class) or mine every positive
+    (random data), so a miner keeping all the positives of an anchor with a mined negative passed them (0.74738
+    here). 8 classes of 4 around their centres: the miner keeps 70 of the 96 positive pairs, and the loss is the
+    hand computation's (0.69266)."""
+    g = torch.Generator().manual_seed(3)
+    centres = torch.randn(8, 16, generator=g)
+    y = torch.arange(8).repeat_interleave(4)
+    x = centres[y] + 0.9 * torch.randn(32, 16, generator=g)
+    loss, mined = ms_loss(x, y)
+    expected = _hand_ms(x.numpy().astype(np.float64), y.tolist(), 2, 40, 0.5, 0.1)
+    assert float(loss) == pytest.approx(expected, rel=1e-5) and expected == pytest.approx(0.69266, abs=1e-5)
+    assert 0 < mined["mined_positive_pairs"] < 32 * 3 and mined["mined_positive_pairs"] == 70
+    # on this input positive mining matters: keeping every positive of each anchor gives another value
+    u = torch.nn.functional.normalize(x.double(), dim=1)
+    s = u @ u.T
+    every = 0.0
+    for i in range(32):
+        same, other = (y == y[i]) & (torch.arange(32) != i), y != y[i]
+        hard_neg = s[i][other][s[i][other] + 0.1 > s[i][same].min()]
+        if len(hard_neg):
+            every += float(torch.log(1 + torch.exp(-2 * (s[i][same] - 0.5)).sum()) / 2)
+        every += float(torch.log(1 + torch.exp(40 * (hard_neg - 0.5)).sum()) / 40)
+    assert every / 32 == pytest.approx(0.74738, abs=1e-5) and every / 32 > expected + 0.05
+
+
 def test_ms_loss_is_float32_under_bf16_autocast():
     """A review (2026-12-06): under the loop's autocast the similarity matrix came out in bf16, and
     with beta = 40 the loss moved and mined pairs flipped."""
