@@ -64,34 +64,43 @@ def ms_loss_over_processes(embeddings: torch.Tensor, labels: torch.Tensor, alpha
 
 
 class MiningCount:
-    """The optimiser steps of this session whose batches (every micro-batch, every process: the miner sees
-    the whole step's pool) the Multi-Similarity miner found no pair in: their loss is 0 and they teach
-    nothing, which a run's last loss alone does not tell (a new user's probe, 2026-12-07: 7 of 15 steps,
-    and "final loss 0.0000")."""
+    """The optimiser steps of this session whose loss was 0 because of what the Multi-Similarity miner found
+    in their batches (every micro-batch, every process: the miner sees the whole step's pool): no pair, or at
+    most one positive and one negative pair, which pytorch-metric-learning's loss scores 0 (its pair losses
+    need more than one pair to count: :func:`mined_too_little`). Such steps teach nothing, which a run's last
+    loss alone does not tell (a new user's probe, 2026-12-07: 7 of 15 steps, and "final loss 0.0000")."""
 
     def __init__(self):
-        self.steps, self.empty, self._step, self._pairs = 0, 0, None, 0.0
+        self.steps, self.empty, self._step, self._taught = 0, 0, None, False
 
     def add(self, step: int, mined: dict[str, float]) -> None:
         """One batch's mined pair counts (host numbers: the miner's index lists' lengths)."""
         if step != self._step:
             self._close()
             self.steps, self._step = self.steps + 1, step
-        self._pairs += mined["mined_positive_pairs"] + mined["mined_negative_pairs"]
+        self._taught = self._taught or not mined_too_little(mined)
 
     def _close(self) -> None:
-        if self._step is not None and self._pairs == 0:
+        if self._step is not None and not self._taught:
             self.empty += 1
-        self._pairs = 0.0
+        self._taught = False
 
     def notes(self) -> list[str]:
         self._close()
         self._step = None
         if not self.empty:
             return []
-        return [f"the Multi-Similarity miner found no pair in {self.empty} of the {self.steps} steps of this session "
-                f"(loss 0, metrics mined_positive_pairs and mined_negative_pairs): those steps taught nothing; batches "
-                f"of more classes (a larger optim.batch_size) or classes of more distinct images give it pairs"]
+        return [f"the Multi-Similarity miner found too few pairs for a loss (none, or at most one positive and one "
+                f"negative pair) in {self.empty} of the {self.steps} steps of this session (loss 0, metrics "
+                f"mined_positive_pairs and mined_negative_pairs): those steps taught nothing; batches of more classes "
+                f"(a larger optim.batch_size) or classes of more distinct images give it pairs"]
+
+
+def mined_too_little(mined: dict[str, float]) -> bool:
+    """Whether pytorch-metric-learning's Multi-Similarity loss is 0 for a batch of these mined pair counts: at
+    most one positive and one negative pair (``GenericPairLoss`` returns zero losses when every index list of
+    the pairs has at most one entry), where the paper's formula is not 0 for a single anchor's pair of each."""
+    return mined["mined_positive_pairs"] <= 1 and mined["mined_negative_pairs"] <= 1
 
 
 def short_classes_note(labels: torch.Tensor, m: int, batch_size: int, per_class: str = "method.m_per_class",
