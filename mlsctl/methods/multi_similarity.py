@@ -7,8 +7,9 @@ positives with ``S_ip − ε < max_n S_in`` and the negatives with ``S_in + ε >
 similarities S); ``MultiSimilarityLoss(alpha, beta, base)`` is then, averaged over the anchors of
 the batch (an anchor with no mined pair adds 0),
 ``1/α · log(1 + Σ_P exp(−α (S_ip − λ))) + 1/β · log(1 + Σ_N exp(β (S_in − λ)))`` with α = 2,
-β = 40, λ = ``base`` = 0.5 (the refinement supplement's values; the MS paper's text has λ = 1),
-ε = 0.1 (the MS authors' code); the library's defaults differ, so they are always passed.
+β = 40, λ = ``base`` = 0.5, ε = 0.1: the MS authors' released code's values, which the refinement
+supplement's setup follows (the MS paper's text gives β = 50 and λ = 1); the library's defaults differ,
+so they are always passed.
 
 With several processes, :func:`ms_loss_over_processes` mines and scores the step's whole batch, as one
 process holding it would (pytorch-metric-learning's ``DistributedLossWrapper`` does the same, scaling

@@ -2,8 +2,9 @@
 context refinement starts from (the base embeddings e⁰; docs/methods.md#multi-similarity).
 
 * the model: a timm ViT and a linear embedding layer, ``model.embedding_dim`` wide (512 in the
-  paper), L2-normalised (:class:`~mlsctl.models.backbone.Backbone` with ``embedding_dim``: the layer
-  is timm's own ``head``, so ``mlsctl embed`` stores the embedding and an export loads in timm);
+  paper), returned and stored by ``mlsctl embed`` as it is, not L2-normalised: the loss normalises it, as
+  every consumer of stored embeddings does (:class:`~mlsctl.models.backbone.Backbone` with
+  ``embedding_dim``: the layer is timm's own ``head``, so an export loads in timm);
 * the labels: the class of an image is its folder (``data.root/<class>/...``), or its row of
   ``method.labels_file`` (CSV/JSONL of path,label, as ``mlsctl eval knn`` reads them);
 * the batches: ``method.m_per_class`` images of each of ``batch / m`` classes
