@@ -50,7 +50,7 @@ def test_micro_batches_are_the_big_batch_cut_in_order():
     micro = list(MPerClassStepSampler(labels, 2, 4, seed=3, total_steps=7, accumulate_steps=2))
     assert [a + b for a, b in zip(micro[::2], micro[1::2])] == big
     for batch in micro:  # every micro-batch is m-per-class
-        _, counts = np.unique(labels[[i for _, i in batch]], return_counts=True)
+        _, counts = np.unique(labels[[i for _, i, _ in batch]], return_counts=True)
         assert (counts == 2).all()
 
 

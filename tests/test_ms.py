@@ -50,6 +50,50 @@ def test_ms_loss_and_miner_equal_a_hand_computation():
     assert float(loss2) == pytest.approx(_hand_ms(x, y, 1, 10, 0.3, 0.3), rel=1e-5)
 
 
+def test_ms_miner_leaves_out_some_positives_of_an_anchor():
+    """A review (2026-12-07): the cases above have one positive per anchor (2 per class) or mine every positive
+    (random data), so a miner keeping all the positives of an anchor with a mined negative passed them (0.74738
+    here). 8 classes of 4 around their centres: the miner keeps 70 of the 96 positive pairs, and the loss is the
+    hand computation's (0.69266)."""
+    g = torch.Generator().manual_seed(3)
+    centres = torch.randn(8, 16, generator=g)
+    y = torch.arange(8).repeat_interleave(4)
+    x = centres[y] + 0.9 * torch.randn(32, 16, generator=g)
+    loss, mined = ms_loss(x, y)
+    expected = _hand_ms(x.numpy().astype(np.float64), y.tolist(), 2, 40, 0.5, 0.1)
+    assert float(loss) == pytest.approx(expected, rel=1e-5) and expected == pytest.approx(0.69266, abs=1e-5)
+    assert 0 < mined["mined_positive_pairs"] < 32 * 3 and mined["mined_positive_pairs"] == 70
+    # on this input positive mining matters: keeping every positive of each anchor gives another value
+    u = torch.nn.functional.normalize(x.double(), dim=1)
+    s = u @ u.T
+    every = 0.0
+    for i in range(32):
+        same, other = (y == y[i]) & (torch.arange(32) != i), y != y[i]
+        hard_neg = s[i][other][s[i][other] + 0.1 > s[i][same].min()]
+        if len(hard_neg):
+            every += float(torch.log(1 + torch.exp(-2 * (s[i][same] - 0.5)).sum()) / 2)
+        every += float(torch.log(1 + torch.exp(40 * (hard_neg - 0.5)).sum()) / 40)
+    assert every / 32 == pytest.approx(0.74738, abs=1e-5) and every / 32 > expected + 0.05
+
+
+def test_ms_loss_of_one_positive_and_one_negative_pair_is_the_librarys_zero():
+    """A review (2026-12-07): pytorch-metric-learning scores a batch whose miner keeps at most one positive and one
+    negative pair 0 (``GenericPairLoss`` needs more than one pair), where the paper's and the MS authors' formula
+    gives anchor 0's pair terms over the 3 anchors, 0.2510. Ours is the library's: pinned, and said in
+    docs/methods.md."""
+    from conftest import REPO
+
+    angles = [math.radians(a) for a in (0, 60, -25)]  # anchor 0: positive at 60 degrees, negative at 25 below
+    x = torch.tensor([[math.cos(a), math.sin(a)] for a in angles])
+    y = torch.tensor([0, 0, 1])
+    loss, mined = ms_loss(x, y)
+    assert mined == {"mined_positive_pairs": 1.0, "mined_negative_pairs": 1.0}
+    assert float(loss) == 0.0
+    assert _hand_ms(x.numpy().astype(np.float64), y.tolist(), 2, 40, 0.5, 0.1) == pytest.approx(0.2510, abs=1e-4)
+    docs = " ".join((REPO / "docs" / "methods.md").read_text().split())
+    assert ("a batch whose miner keeps at most one positive and one negative pair in all gets a loss of 0" in docs)
+
+
 def test_ms_loss_is_float32_under_bf16_autocast():
     """A review (2026-12-06): under the loop's autocast the similarity matrix came out in bf16, and
     with beta = 40 the loss moved and mined pairs flipped."""
@@ -64,6 +108,37 @@ def test_ms_loss_is_float32_under_bf16_autocast():
     assert float(plain) == pytest.approx(_hand_ms(x.numpy().astype(np.float64), y.tolist(), 2, 40, 0.5, 0.1), rel=1e-4)
 
 
+def test_defaults_and_recipes_carry_the_papers_hyper_parameters():
+    """A review (2026-12-07): no test pinned the values docs/methods.md gives as the paper's. Multi-Similarity's
+    alpha 2, beta 40, lambda 0.5 (the MS authors' code, which the refinement supplement's setup follows) and the
+    miner's epsilon 0.1, in both methods' defaults and every recipe; the refiner's T = 8 blocks, k = 8
+    neighbours, 2 positives per class in batches of 128, Adam at lr 1e-4, constant (no warm-up, min_lr = lr),
+    no weight decay (recipes/refine.yaml, the recipe `refine train` runs); the MS embedding's 512 dimensions."""
+    import yaml
+
+    from conftest import REPO
+    from mlsctl.methods.ms.config import MSConfig
+    from mlsctl.methods.refine.config import RefineConfig
+
+    loss = {"alpha": 2.0, "beta": 40.0, "base": 0.5, "epsilon": 0.1}
+    for config in (MSConfig(), RefineConfig()):
+        assert {k: getattr(config, k) for k in loss} == loss, config
+    refiner = RefineConfig()
+    assert (refiner.blocks, refiner.neighbours, refiner.positives_per_class) == (8, 8, 2)
+    recipes = {p.name: yaml.safe_load(p.read_text()) for p in sorted((REPO / "recipes").glob("ms_*.yaml"))}
+    assert sorted(recipes) == ["ms_cub.yaml", "ms_fmnist_products.yaml"]
+    for name, recipe in recipes.items():
+        assert {k: recipe["method"][k] for k in loss} == loss and recipe["model"]["embedding_dim"] == 512, name
+    refine = yaml.safe_load((REPO / "recipes" / "refine.yaml").read_text())
+    assert {k: refine["method"][k] for k in loss} == loss
+    assert (refine["method"]["blocks"], refine["method"]["neighbours"], refine["method"]["positives_per_class"]) == \
+        (8, 8, 2)
+    optim = refine["optim"]
+    assert (optim["optimizer"], optim["batch_size"], optim["lr"], optim["min_lr"], optim["warmup_epochs"]) == \
+        ("adam", 128, 1e-4, 1e-4, 0)
+    assert optim["weight_decay"] == optim["weight_decay_end"] == 0.0 and optim["scale_lr"] is False
+
+
 def test_m_per_class_batches_are_deterministic_per_step_and_resume_exactly():
     from pytorch_metric_learning.utils import common_functions
 
@@ -73,7 +148,7 @@ def test_m_per_class_batches_are_deterministic_per_step_and_resume_exactly():
     assert common_functions.NUMPY_RANDOM is before
     assert len(full) == 20 and all(len(b) == 8 for b in full)
     for batch in full:
-        classes, counts = np.unique(labels[[i for _, i in batch]], return_counts=True)
+        classes, counts = np.unique(labels[[i for _, i, _ in batch]], return_counts=True)
         assert len(classes) == 4 and (counts == 2).all()
     assert [b[0][0] for b in full[:7]] == [0] * 6 + [1]  # 50 // 8 = 6 steps per epoch
     resumed = list(MPerClassStepSampler(labels, 2, 8, seed=3, start_step=13, total_steps=20))
@@ -82,6 +157,35 @@ def test_m_per_class_batches_are_deterministic_per_step_and_resume_exactly():
     assert full[0] != full[6]  # every epoch draws anew
     two = [list(MPerClassStepSampler(labels, 2, 4, world_size=2, rank=r, seed=3, total_steps=20)) for r in range(2)]
     assert [a + b for a, b in zip(*two)] == full  # two processes together see one process's batches
+
+
+def test_an_image_drawn_twice_in_an_epoch_is_two_crops(tmp_path):
+    """A review (2026-12-07): a crop's seed was the epoch's and the image's, so an image the m-per-class sampler
+    drew twice in an epoch (~36 % of the draws on CUB-like data) was the same crop twice, where the MS authors'
+    code crops every draw afresh (a real positive pair). Each draw is now seeded by its place in the epoch:
+    two draws of one image are two crops, and the same draw is the same crop again (resume)."""
+    from PIL import Image
+
+    from mlsctl.data.images import ImageFolder
+    from mlsctl.data.loader import MultiCropDataset
+    from mlsctl.data.multicrop import MultiCrop
+
+    for c in range(4):  # 4 classes of 3 images at m = 4: every batch draws an image of each class twice
+        (tmp_path / f"c{c}").mkdir()
+        for k in range(3):
+            pixels = np.random.default_rng(10 * c + k).integers(0, 255, (40, 40, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / f"c{c}" / f"{k}.png")
+    folder = ImageFolder(tmp_path)
+    labels = [int(p.split("/")[0][1:]) for p in folder.relpaths()]
+    dataset = MultiCropDataset(folder, MultiCrop(16, (0.2, 1.0), n_local=0, photometric="none"), seed=0)
+    batch = next(iter(MPerClassStepSampler(labels, 4, 8, seed=0, total_steps=1)))
+    images = [index for _, index, _ in batch]
+    twice = next(i for i in images if images.count(i) > 1)
+    first, second = [dataset[key] for key in batch if key[1] == twice][:2]
+    assert first["image_id"] == second["image_id"] == twice
+    assert not torch.equal(first["boxes"], second["boxes"]) and not torch.equal(first["crops"][0], second["crops"][0])
+    again = dataset[next(key for key in batch if key[1] == twice)]
+    assert torch.equal(again["crops"][0], first["crops"][0])  # a draw's crop is a function of the seed and step
 
 
 def test_m_per_class_bad_sizes_are_one_sentence():
@@ -294,9 +398,10 @@ def test_class_folders_under_several_splits_are_said(tmp_path, capsys):
 def test_classes_short_of_m_per_class_and_steps_that_mined_no_pair_are_said(tmp_path, capsys):
     """A new user's probe (2026-12-07): In-shop's query split (2 photos per item) at method.m_per_class 4 ended
     "final loss 0.0000" with 7 of its 15 steps at loss 0 and no mined pair, without a word: the sampler draws a
-    short class's images again, and an image drawn twice in a step is the same crop. The short classes are said
-    before training, the steps that mined nothing at its end (as metrics.jsonl counts them), and the last line
-    gives the mean of the last logged steps beside the last step's loss."""
+    short class's images again, and an image drawn twice in a step was the same crop (now another crop: of the
+    one-colour items here, an equal one). The short classes are said before training, the steps that mined
+    too little for a loss at its end (as metrics.jsonl counts them), and the last line gives the mean of the
+    last logged steps beside the last step's loss."""
     from PIL import Image
 
     from mlsctl.methods.multi_similarity import MiningCount, short_classes_note
@@ -314,10 +419,13 @@ def test_classes_short_of_m_per_class_and_steps_that_mined_no_pair_are_said(tmp_
     text = " ".join(err.split())
     assert (f"data.root {tmp_path / 'data'}: 6 of the 6 classes have fewer images than method.m_per_class=4 (fewest: "
             f"2): a batch takes 4 of each class") in text and "set method.m_per_class=2 (optim.batch_size" in text, text
+    assert "a repeat is another crop of the same image" in text and "equal embeddings" not in text, text
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    empty = sum(r["mined_positive_pairs"] + r["mined_negative_pairs"] == 0 for r in records)
+    empty = sum(r["mined_positive_pairs"] <= 1 and r["mined_negative_pairs"] <= 1 for r in records)
     assert len(records) == 6 and 0 < empty < 6, records
-    assert f"found no pair in {empty} of the 6 steps of this session" in text, text
+    assert all(r["loss"] == 0 for r in records if r["mined_positive_pairs"] <= 1 and r["mined_negative_pairs"] <= 1)
+    assert (f"found too few pairs for a loss (none, or at most one positive and one negative pair) in {empty} of "
+            f"the 6 steps of this session") in text, text
     recent = sum(r["loss"] for r in records) / 6
     assert f"final loss {records[-1]['loss']:.4f} (last step; {recent:.4f} over the last 6 logged steps)" in text
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -327,8 +435,16 @@ def test_classes_short_of_m_per_class_and_steps_that_mined_no_pair_are_said(tmp_
     for step, pairs in ((0, 0), (0, 3), (1, 0), (1, 0), (2, 5)):
         count.add(step, {"mined_positive_pairs": float(pairs), "mined_negative_pairs": 0.0})
     assert "in 1 of the 3 steps" in count.notes()[0]
+    # a review (2026-12-07): a step of one positive and one negative pair has loss 0 too (the library's edge:
+    # test_ms_loss_of_one_positive_and_one_negative_pair_is_the_librarys_zero), and it was not counted
+    count = MiningCount()
+    for step, positive, negative in ((0, 1, 1), (1, 1, 1), (1, 0, 1), (2, 2, 1), (3, 1, 2), (4, 1, 0)):
+        count.add(step, {"mined_positive_pairs": float(positive), "mined_negative_pairs": float(negative)})
+    assert "in 3 of the 5 steps" in count.notes()[0]
     note = short_classes_note(torch.tensor([0, 0, 0, 0, 1, 2, 2]), 4, 8)
     assert note.startswith("2 of the 3 classes") and "1 of a single image" in note and "give classes of two" in note
+    assert "no positive pair at all" in note and "two equal embeddings" in note  # refinement's: no crops
+    assert "no positive but crops of that image" in short_classes_note(torch.tensor([0, 0, 0, 0, 1]), 4, 8, crops=True)
     assert short_classes_note(torch.tensor([0, 0, 1, 1]), 2, 4) is None
 
 

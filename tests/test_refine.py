@@ -138,6 +138,27 @@ def test_input_scale_none_is_the_default_computation_and_sqrt_d_differs():
         config.load_recipe("refine", ["method.input_scale=sqrt"])
 
 
+def test_refinement_in_training_and_in_apply_is_the_same_computation():
+    """A review (2026-12-07): the training step (the dataset's neighbours and batches) and `refine apply` (its own
+    search and normalisation of the context) each feed the refiner; for the same embeddings (stored in fp16, as
+    `mlsctl embed` writes them) and the same neighbours they give the same refined embeddings."""
+    from mlsctl.refine.apply import refine
+
+    g = torch.Generator().manual_seed(0)
+    x = F.normalize(torch.randn(200, 32, generator=g), dim=1).half()
+    y = torch.arange(200) % 20
+    dataset = ContextDataset(x, y, 8, [str(i) for i in range(20)], "t")
+    torch.manual_seed(0)
+    refiner = Refiner(32, blocks=3, zero_init=False).eval()
+    batch = dataset.collate(list(range(200)))
+    with torch.no_grad():
+        trained = refiner(batch.embeddings, batch.neighbours)
+        applied, _, _, rows = refine(refiner, x, x, 8, torch.arange(200), trace=True)
+    assert torch.equal(rows, dataset.neighbour_rows)
+    assert not torch.allclose(trained, batch.embeddings.float(), atol=1e-2)  # the blocks change the embeddings
+    assert torch.allclose(applied, trained, atol=1e-6, rtol=0)
+
+
 def test_neighbours_exclude_the_query_by_index_and_keep_its_duplicates():
     x, y = _clusters()
     x = torch.cat([x, x[:3]])  # rows 96..98 duplicate rows 0..2
@@ -833,5 +854,6 @@ def test_classes_of_one_embedding_and_steps_that_mined_no_pair_are_said(tmp_path
     assert (f"data.root {train}: 32 of the 32 classes have fewer images than method.positives_per_class=2 (fewest: 1, "
             f"32 of a single image (no positive pair at all))") in text and "give classes of two images" in text, text
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    empty = sum(r["mined_positive_pairs"] + r["mined_negative_pairs"] == 0 for r in records)
-    assert empty and f"the Multi-Similarity miner found no pair in {empty} of the {len(records)} steps" in text, text
+    empty = sum(r["mined_positive_pairs"] <= 1 and r["mined_negative_pairs"] <= 1 for r in records)
+    assert empty and (f"miner found too few pairs for a loss (none, or at most one positive and one negative pair) "
+                      f"in {empty} of the {len(records)} steps") in text, text

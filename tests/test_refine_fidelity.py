@@ -95,7 +95,7 @@ def test_the_backbone_profile_starts_ms_from_the_shipped_backbone_and_embeds_it_
     assert recorded["arch"] == "vit_small_patch16_224" and recorded["img_size"] == 96
     assert int(ms["model.patch_size"]) == recorded["patch_size"]
     assert {k: int(ms[f"model.timm_kwargs.{k}"]) for k in recorded["timm_kwargs"]} == recorded["timm_kwargs"]
-    # 64 px photos, 64 px crops (the 12 x 12 grid resampled to 8 x 8 at loading), the paper's fine-tuning lr, 2 epochs
+    # 64 px photos, 64 px crops (the 12 x 12 grid resampled to 8 x 8 at loading), ms_cub's lr 1e-4, 2 epochs
     assert ms["model.img_size"] == ms["data.global_crops.size"] == "64"
     assert float(ms["optim.lr"]) == 1e-4 and ms["optim.epochs"] == "2"
     assert "warm start" in profile.about and "warm start" in profile.start

@@ -11,7 +11,12 @@ Exact resume and process-count independence come from two rules:
   ``r`` takes slice ``r`` of ``batch × A`` and yields it as A micro-batches of ``batch`` in order
   (:func:`micro_batches`): batch B with A = 2 sees the images batch 2B with A = 1 sees.
 * :class:`MultiCropDataset` seeds the augmentation of image ``i`` in epoch ``e`` from
-  ``(seed, epoch, i)``, so a crop never depends on which worker or process drew it.
+  ``(seed, epoch, i)``, so a crop never depends on which worker or process drew it. A sampler that
+  may draw an image more than once in an epoch (:class:`~mlsctl.data.mperclass.MPerClassStepSampler`)
+  gives each draw its position ``p`` in the epoch's order as well, its items being ``(epoch, index, p)``:
+  the crop's seed is then ``(seed, epoch, DRAW_STREAM + p)``, so every draw is a view of its own (a repeat
+  of an image is another crop of it, as with a fresh ``RandomResizedCrop`` per draw), still a function of
+  the seed and the step only.
 
 An image that cannot be decoded is replaced by the next readable one (keeping batch shapes fixed)
 and reported in ``Batch.skipped``; the training loop prints one line per file and a count.
@@ -42,6 +47,7 @@ from mlsctl.errors import TooLittleData, UserError, killed_loader_worker, shared
 
 
 PERMUTATION_STREAM = 2**32  # an "index" no image has: the seed of an epoch's permutation
+DRAW_STREAM = 2**35  # "index" DRAW_STREAM + p: the crop's seed of the draw at position p of an epoch's order
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -225,11 +231,13 @@ class MultiCropDataset(Dataset):
     def __len__(self) -> int:
         return len(self.folder)
 
-    def __getitem__(self, key: tuple[int, int]) -> dict:
-        epoch, index = key
+    def __getitem__(self, key: tuple[int, ...]) -> dict:
+        """``key``: ``(epoch, index)``, the crop seeded by the image; or ``(epoch, index, position)``, a draw of
+        a sampler that repeats images within an epoch, the crop seeded by the draw (the module's docstring)."""
+        epoch, index, *draw = key
         n = len(self.folder)
         i, image, skipped = load_or_next(self.folder, range(n), index, self.resized, f"{n} files in {self.folder.root}")
-        seed = sample_seed(self.seed, epoch, i)
+        seed = sample_seed(self.seed, epoch, DRAW_STREAM + draw[0] if draw else i)
         if self.resized is not None:
             pixels, size = self.resized.get(i, image)
             boxes, flips, photometric = self.transform.plan(*size, seed)

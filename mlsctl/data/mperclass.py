@@ -11,7 +11,13 @@ is then a pure function of ``(seed, s)``, as with :class:`~mlsctl.data.loader.St
 resuming at step ``s`` starts there without drawing the skipped batches, and process ``r`` of ``W``
 takes slice ``r`` of each global batch of ``batch × W`` (with ``batch`` a multiple of ``m``, every
 process's slice is m-per-class too). An epoch is ``len(labels) // (batch × W)`` steps, as for the
-plain sampler. Items are ``(epoch, index)`` like the plain sampler's. With gradient accumulation
+plain sampler. Items are ``(epoch, index, position)``: ``position`` is the draw's place in the epoch's
+order (global batch after global batch), which seeds the draw's crops
+(:class:`~mlsctl.data.loader.MultiCropDataset`): the sampler draws an image again within an epoch (a
+class of fewer than ``m`` images in one batch, and across the epoch's batches, which do not partition
+the data: ~36 % of the draws of a CUB-like epoch), and each draw is a crop of its own, as in the MS
+authors' code (a fresh ``RandomResizedCrop`` and flip per draw), not a copy of the first draw's. The
+position, like the index, is the same for any number of processes and accumulation steps. With gradient accumulation
 (A micro-batches per step) the global batch is ``batch × A × W`` and each process yields its slice
 as A micro-batches (:func:`~mlsctl.data.loader.micro_batches`), each m-per-class too.
 """
@@ -78,15 +84,16 @@ class MPerClassStepSampler(Sampler):
             common_functions.NUMPY_RANDOM = saved
         return order
 
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
         cached_epoch, order = -1, None
+        positions = np.arange(self.steps_per_epoch * self.global_batch)
         for step in range(self.start_step, self.total_steps):
             epoch, position = divmod(step, self.steps_per_epoch)
             if epoch != cached_epoch:
                 cached_epoch, order = epoch, self.epoch_order(epoch)
-            for micro in micro_batches(order, position, self.batch_size, self.accumulate_steps, self.world_size,
+            for micro in micro_batches(positions, position, self.batch_size, self.accumulate_steps, self.world_size,
                                        self.rank):
-                yield [(epoch, int(i)) for i in micro]
+                yield [(epoch, int(order[p]), int(p)) for p in micro]
 
     def __len__(self) -> int:
         return max(0, self.total_steps - self.start_step) * self.accumulate_steps

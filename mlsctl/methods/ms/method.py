@@ -2,13 +2,15 @@
 context refinement starts from (the base embeddings e⁰; docs/methods.md#multi-similarity).
 
 * the model: a timm ViT and a linear embedding layer, ``model.embedding_dim`` wide (512 in the
-  paper), L2-normalised (:class:`~mlsctl.models.backbone.Backbone` with ``embedding_dim``: the layer
-  is timm's own ``head``, so ``mlsctl embed`` stores the embedding and an export loads in timm);
+  paper), returned and stored by ``mlsctl embed`` as it is, not L2-normalised: the loss normalises it, as
+  every consumer of stored embeddings does (:class:`~mlsctl.models.backbone.Backbone` with
+  ``embedding_dim``: the layer is timm's own ``head``, so an export loads in timm);
 * the labels: the class of an image is its folder (``data.root/<class>/...``), or its row of
   ``method.labels_file`` (CSV/JSONL of path,label, as ``mlsctl eval knn`` reads them);
 * the batches: ``method.m_per_class`` images of each of ``batch / m`` classes
   (:class:`~mlsctl.data.mperclass.MPerClassStepSampler`, pytorch-metric-learning's sampler made
-  deterministic per epoch), one random resized crop each (``data.global_crops``, count 1);
+  deterministic per epoch), one random resized crop each (``data.global_crops``, count 1), a crop of its
+  own for every draw of an image (a repeat within an epoch is another crop);
 * the loss: :func:`~mlsctl.methods.multi_similarity.ms_loss` (the miner's pairs, then the loss,
   with α = 2, β = 40, λ = 0.5, ε = 0.1), which context refinement trains with as well.
 
@@ -103,7 +105,7 @@ class MS(Method):
         """Class folders under several splits of a data set (``train/``, ``test/``): its root was given, and
         the test classes are trained on (a new user's probe, 2026-12-06); classes of fewer images than
         ``method.m_per_class`` (:func:`~mlsctl.methods.multi_similarity.short_classes_note`)."""
-        short = short_classes_note(dataset.labels, recipe.method.m_per_class, recipe.optim.batch_size)
+        short = short_classes_note(dataset.labels, recipe.method.m_per_class, recipe.optim.batch_size, crops=True)
         return [*cls._splits_notes(recipe, dataset), *([f"{labelled_data(recipe)}: {short}"] if short else [])]
 
     @classmethod

@@ -370,7 +370,7 @@ class Refine(Method):
         return [f"{labelled_data(recipe)}: {short}"] if short else []
 
     def end_notes(self) -> list[str]:
-        """The steps the miner found no pair in (:class:`~mlsctl.methods.multi_similarity.MiningCount`), and
+        """The steps the miner found too few pairs in (:class:`~mlsctl.methods.multi_similarity.MiningCount`), and
         :meth:`_worse_notes`."""
         return [*self.mining.notes(), *self._worse_notes()]
 
