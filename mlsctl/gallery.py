@@ -754,13 +754,17 @@ class Gallery:
     memory (a flat index is built from the live rows when the gallery opens; an IVF-PQ index is
     read from ``index.faiss`` and brought up to date with the rows written since it was saved)."""
 
-    def __init__(self, path: str | os.PathLike, recover: bool = False, with_index: bool = True):
+    def __init__(self, path: str | os.PathLike, recover: bool = False, with_index: bool = True,
+                 with_unit: bool = True):
         """Open the gallery as its manifest commits it. ``recover`` (writers, under the gallery's
         lock): first finish what a killed writer left — a gallery of the previous layout moves into a
         version folder, and folders and files no manifest names are removed. ``with_index=False``: the
-        rows only (:meth:`retrain` makes the index again from them, a damaged or missing one included)."""
+        rows only (:meth:`retrain` makes the index again from them, a damaged or missing one included).
+        ``with_unit=False`` (with ``with_index=False``): a unit.bin missing or cut short is no obstacle — it is
+        the latents normalised, which :meth:`retrain` writes again (``unit`` is then None)."""
         self.path = Path(path)
         self.with_index = with_index
+        self.with_unit = with_unit or with_index
         if recover:
             recover_gallery(self.path)
         for attempt in range(3):
@@ -784,12 +788,23 @@ class Gallery:
         try:
             self.row_ids, self.ids_bytes = _read_ids(self.data / IDS, self.rows)
             self.latents = self._map(LATENTS, self.dtype, (self.rows, self.dim))
-            self.unit = self._map(UNIT, self.dtype, (self.rows, self.dim))
             self.counts = self._map(COUNTS, np.int64, (self.rows,))
-            self._check_rows()
         except (OSError, ValueError, UnicodeDecodeError) as exc:
-            where = f"{exc.filename}: " if isinstance(exc, OSError) and exc.filename else ""  # the file, named
-            raise UserError(f"{self.path} is damaged ({where}{getattr(exc, 'strerror', None) or exc}); {rebuild}") from None
+            raise UserError(f"{self.path} is damaged ({_what_failed(exc)}); {rebuild}") from None
+        try:
+            self.unit = self._map(UNIT, self.dtype, (self.rows, self.dim))
+        except (OSError, ValueError) as exc:
+            if self.with_unit:
+                # unit.bin is latents.bin normalised: retrain writes it again, nothing lost (a new user's probe,
+                # 2026-12-07: "rebuild" of a gallery grown over the service dropped every object added to it)
+                raise UserError(f"{self.path} is damaged ({_what_failed(exc)}); mlsctl index retrain {self.path} "
+                                f"writes {UNIT} and the index again from {LATENTS}") from None
+            self.unit = None  # missing or cut short: retrain writes it again
+        try:
+            if self.unit is not None:
+                self._check_rows()  # rows that are no unit vectors: a manifest of other dim or dtype, or NaN
+        except ValueError as exc:
+            raise UserError(f"{self.path} is damaged ({exc}); {rebuild}") from None
         self.row_of: dict[str, int] = dict(zip(self.row_ids, range(self.rows)))  # the last row of an id wins
         self._lookalikes: Optional[dict[str, str]] = None  # lookalike_key -> stored id, made when first asked
         self.index = self._open_index() if self.with_index else None
@@ -1101,6 +1116,12 @@ class Gallery:
         reopened = Gallery(self.path)
         self.__dict__.update(reopened.__dict__)
         return self.manifest
+
+
+def _what_failed(exc: Exception) -> str:
+    """A read error of a gallery's files in words, naming the file where the error does."""
+    where = f"{exc.filename}: " if isinstance(exc, OSError) and exc.filename else ""
+    return f"{where}{getattr(exc, 'strerror', None) or exc}"
 
 
 def _read_ids(path: Path, rows: int) -> tuple[list[str], int]:
@@ -1518,7 +1539,7 @@ def retrain_gallery(path: str | os.PathLike) -> tuple[int, dict]:
     path = Path(path)
     read_manifest(path)  # not a gallery: said before the folder is locked
     with FolderLock(path, "gallery"):
-        target = Gallery(path, recover=True, with_index=False)
+        target = Gallery(path, recover=True, with_index=False, with_unit=False)
         before = target.rows
         return before, target.retrain()
 

@@ -784,6 +784,32 @@ def test_folder_kind_needs_what_pretrain_writes_beside_a_config_yaml(tmp_path):
     assert folder_kind(tmp_path) == "a gallery" and folder_kind(tmp_path / "other") is None
 
 
+def test_a_unit_file_cut_short_is_written_again_by_retrain_and_nothing_is_lost(tmp_path, capsys):
+    """A new user's probe (2026-12-07): unit.bin cut short was "damaged ...; rebuild the gallery with mlsctl index
+    build", and the rebuild dropped the 17 objects added over the service since. unit.bin is latents.bin
+    normalised: the message names index retrain, which writes it again from the latents, every object kept."""
+    from conftest import cli
+    from mlsctl.errors import UserError
+    from mlsctl.gallery import retrain_gallery
+
+    latents = clustered(30, seed=4)
+    write_gallery(tmp_path / "g", [f"o{i}" for i in range(30)], latents, [2] * 30, IndexSettings(), MANIFEST)
+    Gallery(tmp_path / "g").append(["added"], latents[:1] * 3, [5])  # an object added since the build
+    unit = Gallery(tmp_path / "g").data / "unit.bin"
+    for damage in (lambda: os.truncate(unit, 1000), lambda: unit.unlink()):
+        damage()
+        with pytest.raises(UserError, match=re.escape(f"; mlsctl index retrain {tmp_path / 'g'} writes unit.bin and "
+                                                      f"the index again from latents.bin")):
+            Gallery(tmp_path / "g")
+        code, _, err = cli("search", "--index", str(tmp_path / "g"), "--set", "x.png", capsys=capsys)
+        assert code == 2 and f"mlsctl index retrain {tmp_path / 'g'}" in err, err
+        before, manifest = retrain_gallery(tmp_path / "g")
+        repaired = Gallery(tmp_path / "g")
+        assert before == 31 and manifest["objects"] == 31 and repaired.count("added") == 5
+        assert repaired.search(latents[7], 1)[0][0] == "o7" and repaired.search(latents[0] * 3, 2)[0][0] in ("o0", "added")
+        unit = repaired.data / "unit.bin"
+
+
 def test_a_damaged_gallery_is_one_sentence_naming_the_rebuild_and_a_manifest_unlike_its_files_is_refused(tmp_path):
     """An attacker's probe, 2026-12-07: NaN in latents.bin made `index add` end in "internal error (ValueError: the set
     latents to add ... hold NaN or inf)" and `index retrain` copy the NaN rows into the new gallery; a manifest saying
