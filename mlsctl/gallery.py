@@ -140,6 +140,20 @@ def load_set_model(run_dir: str | os.PathLike,
     return model.to(device if device is not None else embedding_device())
 
 
+def unfinished_run_note(model: SetModel) -> Optional[str]:
+    """The note for a gallery built with a run that has not finished (no summary.json): its latest checkpoint embeds
+    the objects, and once the run is resumed the gallery refuses it (newer weights) while old checkpoints are
+    rotated away, so the gallery must be built again and what was added to it since is lost (a new user's probe,
+    2026-12-07: nothing said so at the build)."""
+    from mlsctl.runs import Run
+
+    if Run(model.run).summary():
+        return None
+    return (f"note: run {model.run} has not finished: its latest checkpoint (step {model.step}) embeds the objects; "
+            f"resumed, the run answers with newer weights, the gallery refuses them, and it must be built again, "
+            f"without what was added to it since; finish the run before building a gallery to keep")
+
+
 def run_of_features(source: str | os.PathLike) -> Optional[Path]:
     """The run whose teacher (or checkpoint) embedded the feature folder ``source``, where its manifest
     names one that is still there; else None."""

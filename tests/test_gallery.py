@@ -856,3 +856,23 @@ def test_a_damaged_gallery_is_one_sentence_naming_the_rebuild_and_a_manifest_unl
         with open(data / name, "ab") as f:
             f.write(b"\x01" * 37)
     assert Gallery(tmp_path / "h").search(latents[5], 1)[0][0] == "o5"
+
+
+def test_a_gallery_built_with_an_unfinished_run_says_what_resuming_it_does(mile_run, tmp_path, capsys):
+    """A new user's probe (2026-12-07): a gallery built with a run stopped at step 7 stopped working when the run
+    was resumed (its checkpoint rotated away), and only a rebuild that loses what was added helped; nothing said so
+    at the build. A finished run gets no note."""
+    import shutil
+
+    from conftest import cli_ok
+
+    unfinished = tmp_path / "run"
+    shutil.copytree(mile_run / "run", unfinished)
+    (unfinished / "summary.json").unlink()
+    _, err = cli_ok(capsys, "index", "build", str(mile_run / "gallery"), "--run", str(unfinished), "--out",
+                    str(tmp_path / "g"))
+    assert f"note: run {unfinished} has not finished: its latest checkpoint (step " in err
+    assert "finish the run before building a gallery to keep" in err
+    _, err = cli_ok(capsys, "index", "build", str(mile_run / "gallery"), "--run", str(mile_run / "run"), "--out",
+                    str(tmp_path / "h"))
+    assert "has not finished" not in err

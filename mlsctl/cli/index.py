@@ -44,7 +44,7 @@ def build(
     from mlsctl.data.kinds import folder_kind
     from mlsctl.features import is_feature_folder
     from mlsctl.gallery import (IndexSettings, build_gallery, check_gallery_target, check_objects_source,
-                                choose_set_model, object_folders)
+                                choose_set_model, object_folders, unfinished_run_note)
 
     check_gallery_target(out, overwrite, source)  # before the model loads
     if not source.exists():  # so is a source that is not there (a new user, 2026-12-06: said after the model line)
@@ -59,6 +59,8 @@ def build(
     # the objects and their photos (an objects file's rows too) before the model loads (a review, 2026-12-07)
     groups = None if is_feature_folder(source) else object_folders(source, objects)
     model = choose_set_model(run, say=say, features=source)
+    if unfinished_run_note(model):
+        say(unfinished_run_note(model))
     record = build_gallery(source, model, out, settings, overwrite=overwrite, storage_dtype=dtype, workers=workers,
                            say=say, objects_file=objects, groups=groups)
     if as_json:
