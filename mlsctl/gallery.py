@@ -1584,3 +1584,30 @@ def newest_gallery(root: str | os.PathLike = ".", max_depth: int = 4) -> Optiona
             if stamp > best_time:
                 best, best_time = Path(directory), stamp
     return best
+
+
+def describe_gallery(path: str | os.PathLike, objects: bool = False) -> dict:
+    """``mlsctl index info``: what a gallery holds, from its files alone (no model, no index built): its objects,
+    photos folded, rows (superseded ones included, which ``index retrain`` drops), the model that embeds it, the
+    index and its share of objects written since the quantiser was trained, bytes on disk, and with ``objects``
+    each object's id and photo count, oldest first (a new user's probe, 2026-12-07: a gallery grown over the
+    service could only be listed by searching it)."""
+    gallery = Gallery(path, with_index=False, with_unit=False)  # a unit.bin cut short is said, not refused
+    manifest = gallery.manifest
+    live = gallery.live_rows()
+    files = [p for p in gallery.data.rglob("*") if p.is_file()]
+    record = {"gallery": str(gallery.path), "objects": len(gallery), "photos": int(np.asarray(gallery.counts)[live].sum())
+              if len(live) else 0, "rows": gallery.rows, "superseded_rows": gallery.rows - len(live),
+              "dim": gallery.dim, "storage_dtype": manifest["storage_dtype"], "index": dict(manifest["index"]),
+              "written_since_training": gallery.added_since_training(), "model": dict(manifest["model"]),
+              "source": manifest.get("source"), "objects_file": manifest.get("objects_file"),
+              "created": manifest.get("created"), "mlsctl_version": manifest.get("mlsctl_version"),
+              "format_version": manifest["format_version"],
+              "bytes": sum(p.stat().st_size for p in files) + (gallery.path / MANIFEST).stat().st_size}
+    if gallery.unit is None:
+        record["damaged"] = (f"{UNIT} is missing or cut short: searches refuse the gallery until mlsctl index retrain "
+                             f"{gallery.path} writes it again from {LATENTS}")
+    if objects:
+        record["object_photos"] = [{"object": gallery.row_ids[row], "photos": int(gallery.counts[row])}
+                                   for row in live.tolist()]
+    return record

@@ -876,3 +876,27 @@ def test_a_gallery_built_with_an_unfinished_run_says_what_resuming_it_does(mile_
     _, err = cli_ok(capsys, "index", "build", str(mile_run / "gallery"), "--run", str(mile_run / "run"), "--out",
                     str(tmp_path / "h"))
     assert "has not finished" not in err
+
+
+def test_index_info_says_what_a_gallery_holds(mile_run, tmp_path, capsys):
+    """A new user's probe (2026-12-07): there was no way to see what a gallery grown over the service held but
+    searching it with -k 1000."""
+    import json
+
+    from conftest import cli_ok
+
+    gallery = tmp_path / "g"
+    cli_ok(capsys, "index", "build", str(mile_run / "gallery"), "--run", str(mile_run / "run"), "--out", str(gallery))
+    photo = next((mile_run / "query" / "obj1").iterdir())
+    cli_ok(capsys, "index", "add", str(gallery), "--object", "obj1", str(photo))  # a new row for obj1
+    cli_ok(capsys, "index", "add", str(gallery), "--object", "new", str(photo))
+    record = json.loads(cli_ok(capsys, "index", "info", str(gallery), "--objects", "--json")[0])
+    assert record["objects"] == 7 and record["rows"] == 8 and record["superseded_rows"] == 1
+    assert record["photos"] == 6 * 2 + 1 + 1 and record["model"]["run"] == str(mile_run / "run")
+    listed = {o["object"]: o["photos"] for o in record["object_photos"]}
+    assert listed["obj1"] == 3 and listed["new"] == 1 and list(listed)[-2:] == ["obj1", "new"]
+    out, _ = cli_ok(capsys, "index", "info", str(gallery))
+    assert "objects  7 (14 photos folded)" in out and f"1 superseded: mlsctl index retrain {gallery} drops them" in out
+    os.truncate(Gallery(gallery).data / "unit.bin", 10)  # damaged: said, not refused
+    out, _ = cli_ok(capsys, "index", "info", str(gallery))
+    assert "unit.bin is missing or cut short" in out

@@ -105,6 +105,49 @@ def add(
              f"dropped: run mlsctl index retrain {gallery}")
 
 
+@app.command("info")
+def info(
+    gallery: Path = typer.Argument(..., help="Gallery folder (mlsctl index build)."),
+    objects: bool = typer.Option(False, "--objects", help="List every object with its photo count, oldest first."),
+    as_json: bool = typer.Option(False, "--json", help="Print the record as JSON."),
+) -> None:
+    """What a gallery holds: objects, photos, the model that embeds it, its index; with --objects, every object.
+
+    Example: mlsctl index info galleries/products --objects
+    """
+    from mlsctl.gallery import describe_gallery, printable
+
+    record = describe_gallery(gallery, objects=objects)
+    if as_json:
+        print(json.dumps(record, indent=2))
+        return
+    index, model = record["index"], record["model"]
+    settings = "" if index["kind"] == "flat" else (
+        f" (nlist {index.get('nlist')}, m {index.get('m')}, {index.get('nbits')} bits, nprobe {index.get('nprobe')}, "
+        f"refine {index.get('refine')}; {100 * record['written_since_training']:.0f}% of the objects written since "
+        f"it was trained)")
+    superseded = record["superseded_rows"]
+    lines = [("objects", f"{record['objects']:,} ({record['photos']:,} photos folded)"),
+             ("rows", f"{record['rows']:,}" + (f" ({superseded:,} superseded: mlsctl index retrain {gallery} drops "
+                                                f"them)" if superseded else "")),
+             ("model", f"MILE run {model['run']} at step {model['step']} (fingerprint {model['fingerprint'][:12]}, "
+                       f"{model.get('arch')}, attends to {model.get('attend')})"),
+             ("latents", f"width {record['dim']}, {record['storage_dtype']}"),
+             ("index", f"{index['kind']}{settings}"),
+             ("built", f"{record['created']} from {record['source']}"
+              + (f" (objects file {record['objects_file']})" if record["objects_file"] else "")),
+             ("on disk", f"{record['bytes'] / 1e6:.1f} MB")]
+    width = max(len(name) for name, _ in lines)
+    print(f"gallery {gallery}")
+    for name, value in lines:
+        print(f"  {name:<{width}}  {value}")
+    if record.get("damaged"):
+        print(f"  damaged  {record['damaged']}")
+    if objects:
+        print("")
+        print(table(["object", "photos"], [[printable(o["object"]), o["photos"]] for o in record["object_photos"]]))
+
+
 @app.command("retrain")
 def retrain(
     gallery: Path = typer.Argument(..., help="Gallery folder (mlsctl index build)."),
