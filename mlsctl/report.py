@@ -507,6 +507,8 @@ class RunWeights:
 def _compared_model(model: dict, weights: RunWeights) -> str:
     """A comparison model in words, from what the result records."""
     source, path, arch = model.get("source"), model.get("path"), model.get("arch", "?")
+    if isinstance(model.get("embed_dim"), int) and isinstance(model.get("patch_size"), int):
+        arch += f" (width {model['embed_dim']}, patch {model['patch_size']})"  # timm's template alone misled (a probe)
     if source == "random-init":  # the architecture of the start weights, by path (its fingerprint is another)
         started = isinstance(path, str) and str(Path(path).resolve()) in weights.start_paths
         seed = f"seed {model['seed']}" if "seed" in model else "seed not recorded"

@@ -412,12 +412,12 @@ def test_eval_retrieval_reports_every_method_and_noise(mile_run, tmp_path):
     results = payload["results"]
     # issue 24 item 2: a result mlsctl report finds, matched to the run by its teacher's fingerprint
     from mlsctl import config as config_lib
-    from mlsctl.report import RunWeights, _classify
+    from mlsctl.report import RunWeights, classify
     from mlsctl.runs import Run
 
     run = Run(mile_run / "run")
     assert payload["command"] == "eval retrieval" and payload["model"]["step"] == run.latest().step
-    group, _ = _classify(payload, out, run, RunWeights(run, config_lib.load_recipe(str(run.config_path))))
+    group, _ = classify(payload, out, run, RunWeights(run, config_lib.load_recipe(str(run.config_path))))
     assert group == "own"
     assert {(r["method"], r["noise"]) for r in results} == {(m, n) for m in ("mile", "max-pairwise", "mean-cls")
                                                             for n in (0.0, 0.5)}

@@ -439,7 +439,7 @@ def test_results_of_the_weights_a_run_started_from_are_matched_by_fingerprint(fi
     the results of exports/mls/model.safetensors and of runs/mls, those very weights: the start was matched by
     resolved path only. It is matched by the fingerprint of the rebuilt start too."""
     from mlsctl import config as config_lib
-    from mlsctl.report import RunWeights, _classify
+    from mlsctl.report import RunWeights, classify
     from mlsctl.restore import from_run
     from mlsctl.runs import Run
 
@@ -457,7 +457,7 @@ def test_results_of_the_weights_a_run_started_from_are_matched_by_fingerprint(fi
                         ("through-file", {"source": "weights", "path": str(tmp_path / "export" / "model.safetensors")}),
                         ("other", {"source": "weights", "path": str(tmp_path / "elsewhere.safetensors")})):
         result = {"command": "eval knn", "model": dict(model, fingerprint=start if name != "other" else "0" * 64)}
-        shown = _classify(result, results / f"{name}.json", run, weights)
+        shown = classify(result, results / f"{name}.json", run, weights)
         if name == "other":
             assert shown is None  # another model's result, outside the run: no place in its report
         else:

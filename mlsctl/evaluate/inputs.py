@@ -255,7 +255,9 @@ def dataset_record(train_split, val_split, described=None) -> dict:
 
 def masks_text(masks) -> str:
     """A mask folder, or a benchmark split's masks, in words (the result JSON's ``masks``)."""
-    return str(masks) if isinstance(masks, (str, Path)) else f"{masks.dataset} {masks.split} ({masks.tree.path})"
+    # absolute, as the image roots beside them (a probe, 2026-12-07: the report and compare mixed the two)
+    return str(Path(masks).absolute()) if isinstance(masks, (str, Path)) else \
+        f"{masks.dataset} {masks.split} ({masks.tree.path})"
 
 
 def split_records(train_features, val_features, train_masks, val_masks) -> dict:
@@ -330,8 +332,8 @@ def segmentation_inputs(dataset: str, root: Optional[Path], train_split: Optiona
     options = beside if beside is not None else {} if is_feature_pair(train, val) else embed_options()
     train_features = features_or_embed(train, get_model, dense=True, what="train features", say=say, **options)
     val_features = features_or_embed(val, get_model, dense=True, what="val features", say=say, **options)
-    record = {"name": "folders", **image_roots(train_features, val_features), "masks": str(train_masks),
-              "val_masks": str(val_masks),  # "masks" alone read as if one folder served both (a new user's probe)
+    record = {"name": "folders", **image_roots(train_features, val_features), "masks": masks_text(train_masks),
+              "val_masks": masks_text(val_masks),  # "masks" alone read as if one folder served both (a new user's probe)
               "ignore_index": ignore_index,
               "mapping": {"rule": "none: mask values are the class ids", "ignored_values": [ignore_index]}}
     record_shared_images(train_features, val_features, record, copies=True)
