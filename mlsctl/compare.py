@@ -67,7 +67,8 @@ class Table:
 def _for_run(label: str, name: str) -> str:
     """A comparison model's label from a run's report ("random init (seed 0) of this run's architecture"), said of
     the run it belongs to, as a table of several runs needs."""
-    return label.replace("this run's", f"{name}'s").replace("this run", name)
+    # "random init ...: untrained vit_small_patch16_224": in a table of scores, the arch is enough
+    return label.replace("this run's", f"{name}'s").replace("this run", name).replace(": untrained ", ": ")
 
 
 def _identity(result: dict) -> str:

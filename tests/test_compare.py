@@ -81,7 +81,7 @@ def test_compare_lines_up_the_runs_their_random_init_and_chance(two_runs, tmp_pa
     assert rows[0].startswith(f"{a}: final teacher") and rows[0].endswith(" 31.0")
     # b's two results: the newest shown, and said
     assert rows[1].startswith(f"{b}: final teacher") and rows[1].endswith("(newest of 2 results) 25.0")
-    assert rows[2].startswith(f"random init (seed 0) of {a}'s architecture") and rows[2].endswith(" 13.0")
+    assert rows[2].startswith(f"random init (seed 0) of {a}'s architecture: ?") and rows[2].endswith(" 13.0")
     assert rows[3] == "chance (every image the majority class, coat) 12.0"
     assert "99.0" not in out  # a model of no run's is left out
     page = (tmp_path / "c.html").read_text()
