@@ -18,6 +18,7 @@ never load one. Every refusal is one sentence naming the option to change.
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -256,7 +257,7 @@ def dataset_record(train_split, val_split, described=None) -> dict:
 def masks_text(masks) -> str:
     """A mask folder, or a benchmark split's masks, in words (the result JSON's ``masks``)."""
     # absolute, as the image roots beside them (a probe, 2026-12-07: the report and compare mixed the two)
-    return str(Path(masks).absolute()) if isinstance(masks, (str, Path)) else \
+    return os.path.abspath(masks) if isinstance(masks, (str, Path)) else \
         f"{masks.dataset} {masks.split} ({masks.tree.path})"
 
 
@@ -414,8 +415,8 @@ def classification_inputs(dataset: str, root: Optional[Path], train_split: Optio
         record = {"name": "folders", **image_roots(train_features, val_features),
                   # the val labels were not recorded (a new user's probe, 2026-12-07)
                   # absolute, as the image roots beside them (a probe, 2026-12-07: the report mixed the two)
-                  "labels": FOLDER_LABELS if train_labels is None else str(Path(train_labels).absolute()),
-                  "val_labels": FOLDER_LABELS if val_labels is None else str(Path(val_labels).absolute())}
+                  "labels": FOLDER_LABELS if train_labels is None else os.path.abspath(train_labels),
+                  "val_labels": FOLDER_LABELS if val_labels is None else os.path.abspath(val_labels)}
         record_shared_images(train_features, val_features, record, copies=True)
         return train_features, val_features, train_labels, val_labels, record
     if train_labels is not None or val_labels is not None:
