@@ -665,6 +665,38 @@ class IndexSettings:
         return self
 
 
+def default_nlist(n: int) -> int:
+    """IVF lists for ``n`` objects where --nlist is not given: sqrt(n), at most n / 39 (faiss's least per list)."""
+    return max(1, min(int(n ** 0.5), n // 39))
+
+
+def check_index_fits(settings: IndexSettings, n: int, dim: Optional[int] = None) -> None:
+    """Refuse IVF-PQ settings that cannot be trained on ``n`` objects of width ``dim`` (None: not known yet):
+    faiss needs 39 objects a list and one a PQ centroid (2 ** bits), and --pq-m must divide the width. Said
+    before anything is embedded (a new user's probe, 2026-12-07: 16 s of embedding, then the refusal), with
+    the settings that would fit."""
+    if settings.kind != "ivfpq":
+        return
+    nlist = settings.nlist or default_nlist(n)
+    m = settings.m or (max(1, dim // 8) if dim else None)
+    if dim and m and dim % m:
+        raise UserError(f"--pq-m {m} must divide the embedding width {dim}")
+    if n >= 39 * nlist and n >= 2 ** settings.nbits:
+        return
+    need = max(39 * nlist, 2 ** settings.nbits)
+    head = (f"IVF-PQ with {counted(nlist, 'list')} and {settings.nbits}-bit codes needs at least {need:,} objects "
+            f"to train, the gallery has {n:,}")
+    if n < 39:  # one list needs 39: no setting fits
+        raise UserError(f"{head}; IVF-PQ needs at least 39 objects whatever its settings, so use --index flat (exact, "
+                        f"and fast at this size)")
+    fixes = []
+    if n < 39 * nlist:
+        fixes.append(f"--nlist {n // 39} or fewer")
+    if n < 2 ** settings.nbits:
+        fixes.append(f"--pq-bits {n.bit_length() - 1} or fewer")
+    raise UserError(f"{head}; use {' and '.join(fixes)}, or --index flat (exact, and fast at this size)")
+
+
 def _normalized(latents) -> np.ndarray:
     """Rows L2-normalised as float32 (a zero row stays zero), in numpy: no tensor round trip."""
     x = np.asarray(latents.detach().cpu().numpy() if isinstance(latents, torch.Tensor) else latents, dtype=np.float32)
@@ -680,13 +712,9 @@ def train_index(unit: np.ndarray, settings: IndexSettings):
         return faiss.IndexIDMap2(faiss.IndexFlatIP(d))
     if settings.kind not in INDEX_KINDS:
         raise UserError(f"--index {settings.kind} is not one of {', '.join(INDEX_KINDS)}")
-    nlist = settings.nlist or max(1, min(int(n ** 0.5), n // 39))
+    nlist = settings.nlist or default_nlist(n)
     m = settings.m or max(1, d // 8)
-    if d % m:
-        raise UserError(f"--pq-m {m} must divide the embedding width {d}")
-    if n < 39 * nlist or n < 2 ** settings.nbits:
-        raise UserError(f"IVF-PQ with {counted(nlist, 'list')} and {settings.nbits}-bit codes needs at least "
-                        f"{max(39 * nlist, 2 ** settings.nbits)} objects to train, the gallery has {n}; use --index flat")
+    check_index_fits(settings, n, d)
     settings.nlist, settings.m = nlist, m
     index = faiss.IndexIVFPQ(faiss.IndexFlatIP(d), d, nlist, m, settings.nbits, faiss.METRIC_INNER_PRODUCT)
     # faiss asks for 39 training vectors per centroid and prints a warning per sub-quantiser (16 raw
@@ -1382,6 +1410,18 @@ def check_gallery_target(out: Path, overwrite: bool, source: Optional[str | os.P
             raise UserError(f"{out} already holds a gallery; add --overwrite to rebuild it (or add images with mlsctl index add)")
 
 
+def check_gallery_free(out: Path) -> None:
+    """Refuse, in the lock's words, a gallery folder ``out`` that a server or another writer holds: what
+    index build says before its model loads (a new user's probe, 2026-12-07: said after 8.6 s of loading)."""
+    if Path(out).is_dir():
+        FolderLock(out, "gallery").acquire().release()
+
+
+def count_source_objects(source, groups: Optional[dict[str, list[Path]]]) -> int:
+    """The objects a build of ``source`` makes: ``groups`` of its image folders, or a feature folder's."""
+    return len(_source_counts(source, groups))
+
+
 def _source_counts(source, groups: Optional[dict[str, list[Path]]]) -> dict[str, int]:
     """Photos per object of what a build reads: ``groups`` of its image folders, or a feature folder's rows."""
     if groups is not None:
@@ -1444,10 +1484,10 @@ def build_gallery(source: str | os.PathLike, model: SetModel, out: str | os.Path
     if storage_dtype not in STORAGE_DTYPES:
         raise UserError(f"--dtype must be fp32 or fp16, got {storage_dtype!r}")
     ids, latents, counts = [], [], []
-    if out.is_dir():  # a server or another writer holding it: said now, not after every photo is embedded
-        FolderLock(out, "gallery").acquire().release()
+    check_gallery_free(out)  # a server or another writer holding it: said now, not after every photo is embedded
     if groups is None and not is_feature_folder(source):
         groups = object_folders(source, objects_file)
+    check_index_fits(settings, len(_source_counts(source, groups)), model.dim)  # before anything is embedded
     if overwrite:
         _say_what_a_rebuild_drops(out, _source_counts(source, groups), say)
     if groups is None:

@@ -389,6 +389,10 @@ class _Bounded:
         return False
 
 
+SERVED = "stop the server and run this command again, or add photos through its API (POST /objects/ID/photos)"
+SERVED_READ_ONLY = "stop the server and run this command again (it serves read-only: its API adds nothing)"
+
+
 class GalleryService:
     """The gallery and its model, loaded once; what the endpoints call."""
 
@@ -399,8 +403,10 @@ class GalleryService:
 
         # a read-only server holds the lock too (writers would change the gallery under its in-memory index);
         # others are told it serves, not that it writes (a new user's probe, 2026-12-06)
+        # and a server never finishes: others are told to stop it, or to add through it (a new user's probe, 2026-12-07)
         self.lock_file = FolderLock(gallery_path, "gallery",
-                                    doing="being served read-only" if read_only else "being written").acquire()
+                                    doing="being served read-only" if read_only else "being served",
+                                    advice=SERVED_READ_ONLY if read_only else SERVED).acquire()
         try:
             self.gallery = Gallery(gallery_path, recover=not read_only)  # a read-only server changes nothing
             self.model = load_set_model(run or self.gallery.built_with_run())

@@ -830,3 +830,78 @@ def test_a_damaged_gallery_is_one_sentence_naming_the_rebuild_and_a_manifest_unl
         with open(data / name, "ab") as f:
             f.write(b"\x01" * 37)
     assert Gallery(tmp_path / "h").search(latents[5], 1)[0][0] == "o5"
+
+
+def _object_folders(root: Path, n: int, size=(16, 16)) -> Path:
+    """``n`` object folders of one small PNG each."""
+    from PIL import Image
+
+    for o in range(n):
+        (root / f"obj{o:03d}").mkdir(parents=True)
+        Image.new("RGB", size, (o % 256, 0, 0)).save(root / f"obj{o:03d}" / "a.png")
+    return root
+
+
+def test_ivfpq_settings_too_large_for_the_objects_are_refused_before_the_model_loads_with_settings_that_fit(
+        tmp_path, monkeypatch, capsys):
+    """A new user's probe (2026-12-07): `index build SOURCE --index ivfpq` of 150 objects embedded them all (16 s)
+    before "needs at least 256 objects to train ...; use --index flat": the count is known before the model loads,
+    and lower --pq-bits or --nlist fit too."""
+    from mlsctl import gallery as gallery_lib
+    from mlsctl.errors import UserError
+    from mlsctl.gallery import check_index_fits
+    from test_hardening import one_sentence
+
+    from conftest import cli
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(gallery_lib, "choose_set_model", no_model)
+    source = _object_folders(tmp_path / "photos", 40)
+    for extra, words in (
+            ([], "IVF-PQ with 1 list and 8-bit codes needs at least 256 objects to train, the gallery has 40; use "
+                 "--pq-bits 5 or fewer, or --index flat (exact, and fast at this size)"),
+            (["--nlist", "3", "--pq-bits", "4"], "IVF-PQ with 3 lists and 4-bit codes needs at least 117 objects to "
+                                                 "train, the gallery has 40; use --nlist 1 or fewer, or --index flat")):
+        code, _, err = cli("index", "build", str(source), "--out", str(tmp_path / "g"), "--index", "ivfpq", *extra,
+                           capsys=capsys)
+        assert code == 2 and words in one_sentence(err) and "the model was loaded" not in err, err
+    assert not (tmp_path / "g").exists()
+    with pytest.raises(UserError, match="the gallery has 10; IVF-PQ needs at least 39 objects whatever its settings, "
+                                        "so use --index flat"):
+        check_index_fits(IndexSettings("ivfpq"), 10)
+    with pytest.raises(UserError, match="--pq-m 5 must divide the embedding width 32"):
+        check_index_fits(IndexSettings("ivfpq", m=5, nbits=4), 400, 32)
+    check_index_fits(IndexSettings("ivfpq", nbits=5), 40, 32)  # what the sentence offers fits
+    check_index_fits(IndexSettings("flat"), 1)
+
+
+def test_index_build_onto_a_served_gallery_is_refused_before_the_model_loads_and_told_to_stop_the_server(
+        tmp_path, monkeypatch, capsys):
+    """A new user's probe (2026-12-07): `index build --overwrite` onto a gallery `serve` holds loaded its model
+    (8.6 s) before the lock's "wait for it to finish or stop it", and a server never finishes."""
+    from mlsctl import gallery as gallery_lib
+    from mlsctl.locks import FolderLock
+    from mlsctl.serve import SERVED, SERVED_READ_ONLY
+    from test_hardening import one_sentence
+
+    from conftest import cli
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(gallery_lib, "choose_set_model", no_model)
+    source = _object_folders(tmp_path / "photos", 3)
+    write_gallery(tmp_path / "g", [f"a{i}" for i in range(40)], clustered(40, seed=1), [1] * 40,
+                  IndexSettings("flat"), MANIFEST)
+    for doing, advice in (("being served", SERVED), ("being served read-only", SERVED_READ_ONLY)):
+        with FolderLock(tmp_path / "g", "gallery", doing=doing, advice=advice):
+            code, _, err = cli("index", "build", str(source), "--out", str(tmp_path / "g"), "--overwrite",
+                               capsys=capsys)
+        assert code == 1 and "the model was loaded" not in err, err
+        assert re.search(rf"gallery {tmp_path / 'g'} is {doing} by process \d+ .*; stop the server and run this "
+                         rf"command again", one_sentence(err)), err
+        assert "wait for it to finish" not in err
+    assert "add photos through its API (POST /objects/ID/photos)" in SERVED
+    assert Gallery(tmp_path / "g").rows == 40

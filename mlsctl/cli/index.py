@@ -43,8 +43,9 @@ def build(
     """
     from mlsctl.data.kinds import folder_kind
     from mlsctl.features import is_feature_folder
-    from mlsctl.gallery import (IndexSettings, build_gallery, check_gallery_target, check_objects_source,
-                                choose_set_model, object_folders)
+    from mlsctl.gallery import (IndexSettings, build_gallery, check_gallery_free, check_gallery_target,
+                                check_index_fits, check_objects_source, choose_set_model, count_source_objects,
+                                object_folders)
 
     check_gallery_target(out, overwrite, source)  # before the model loads
     if not source.exists():  # so is a source that is not there (a new user, 2026-12-06: said after the model line)
@@ -58,6 +59,8 @@ def build(
     check_objects_source(source, objects)
     # the objects and their photos (an objects file's rows too) before the model loads (a review, 2026-12-07)
     groups = None if is_feature_folder(source) else object_folders(source, objects)
+    check_index_fits(settings, count_source_objects(source, groups))  # IVF-PQ's least objects: before the model
+    check_gallery_free(out)  # a server holding --out: before the model loads, as index add says it
     model = choose_set_model(run, say=say, features=source)
     record = build_gallery(source, model, out, settings, overwrite=overwrite, storage_dtype=dtype, workers=workers,
                            say=say, objects_file=objects, groups=groups)
