@@ -299,32 +299,70 @@ def lookalike_key(object_id: str) -> str:
     return " ".join(unicodedata.normalize("NFC", "".join(kept)).split())  # composed again where a joiner left
 
 
-def printable(object_id: str) -> str:
+def printable(object_id: str, limit: Optional[int] = 80) -> str:
     """An id as a message shows it: :func:`~mlsctl.data.images.printable_name`, with invisible
-    characters and spaces other than U+0020 spelt as escapes too and a decomposed id marked, cut at 80
-    characters, so that two look-alikes read apart."""
+    characters and spaces other than U+0020 spelt as escapes too and a decomposed id marked, cut at ``limit``
+    characters (None: whole, as ``search``'s table shows it), so that two look-alikes read apart."""
     import unicodedata
 
     from mlsctl.data.images import printable_name
 
+    cut = object_id if limit is None else object_id[:limit]
     shown = "".join(c if c == " " or (unicodedata.category(c) != "Zs" and not _draws_nothing(c))
-                    else c.encode("unicode_escape").decode("ascii") for c in printable_name(object_id[:80]))
+                    else c.encode("unicode_escape").decode("ascii") for c in printable_name(cut))
     if unicodedata.normalize("NFC", object_id) != object_id:
         shown += " [decomposed]"
-    return shown + ("..." if len(object_id) > 80 else "")
+    return shown + ("..." if len(cut) < len(object_id) else "")
+
+
+def _format_end(text: str, i: int) -> bool:
+    """``text[i]`` is a Unicode format character (category Cf: U+200B, U+200D, U+2060, U+FEFF, a soft hyphen, ...)
+    that draws nothing where it is (a tag that ends a flag's tag sequence does: :func:`_drawn_in_context`)."""
+    import unicodedata
+
+    return unicodedata.category(text[i]) == "Cf" and not _drawn_in_context(text, i)
+
+
+def _invisible_ends(object_id: str) -> list[str]:
+    """The format characters at either end of ``object_id`` (whitespace between them and the end counts as an end
+    too), as ``U+XXXX``, each once."""
+    found: list[str] = []
+    for order in (range(len(object_id)), range(len(object_id) - 1, -1, -1)):
+        for i in order:
+            if object_id[i].isspace():
+                continue
+            if not _format_end(object_id, i):
+                break
+            found.append(f"U+{ord(object_id[i]):04X}")
+    return list(dict.fromkeys(found))
+
+
+def _trimmed(object_id: str) -> str:
+    """``object_id`` without whitespace and invisible format characters at its ends (what a refusal offers)."""
+    start, end = 0, len(object_id)
+    while start < end and (object_id[start].isspace() or _format_end(object_id, start)):
+        start += 1
+    while end > start and (object_id[end - 1].isspace() or _format_end(object_id, end - 1)):
+        end -= 1
+    return object_id[start:end]
 
 
 def new_id_problem(object_id: str, lookalike: Optional[str] = None) -> Optional[str]:
     """Why ``object_id`` cannot name a new object (None if it can): whitespace at an end (a slip of
-    whoever built the URL or named the folder), or ``lookalike``, an id already taken with the same
+    whoever built the URL or named the folder), bidirectional controls, an invisible format character (category
+    Cf: U+200B, U+200D, U+FEFF, ...) at an end, or ``lookalike``, an id already taken with the same
     :func:`lookalike_key`. Ids already stored stay reachable as they are; only new ones are held to
     this. The sentence follows the id: ``f"{where} '{printable(id)}' {problem}"``."""
     if object_id != object_id.strip():
-        return f"begins or ends with whitespace; remove it (the id '{printable(object_id.strip())}')"
+        return f"begins or ends with whitespace; remove it (the id '{printable(_trimmed(object_id))}')"
     controls = sorted({f"U+{ord(c):04X}" for c in object_id if c in _BIDI_CONTROLS})
     if controls:  # an attacker's probe (2026-12-07): U+202E made answers and tables show the id reversed
         return (f"holds bidirectional controls ({', '.join(controls)}), which draw the text around them reversed "
                 f"or reordered in answers and tables; give an id without them")
+    ends = _invisible_ends(object_id)
+    if ends:  # a new user's probe (2026-12-07): 'x' + U+200B was created, and 'x' then refused as reading like it
+        return (f"begins or ends with an invisible format character ({', '.join(ends)}); remove it (the id "
+                f"'{printable(_trimmed(object_id))}')")
     if lookalike is not None:
         return (f"looks like the object '{printable(lookalike)}' (they differ only in whitespace, invisible "
                 f"characters or Unicode composition); use '{printable(lookalike)}' or another name")
@@ -1001,8 +1039,8 @@ class Gallery:
         where it reads like a stored one, a UserError where whitespace ends it."""
         lookalike = self.lookalike(object_id)
         problem = new_id_problem(object_id, lookalike)
-        if problem:
-            kind = UserError if object_id != object_id.strip() else LookalikeId
+        if problem:  # 409 for a look-alike alone; an id no gallery takes (whitespace or a format character at an end) 400
+            kind = LookalikeId if lookalike is not None and new_id_problem(object_id) is None else UserError
             raise kind(f"{where} '{printable(object_id)}' {problem}")
 
     def fold_into(self, fold, object_id: str, cls: torch.Tensor, tokens: Optional[torch.Tensor],
@@ -1487,7 +1525,7 @@ def build_gallery(source: str | os.PathLike, model: SetModel, out: str | os.Path
     check_gallery_free(out)  # a server or another writer holding it: said now, not after every photo is embedded
     if groups is None and not is_feature_folder(source):
         groups = object_folders(source, objects_file)
-    check_index_fits(settings, len(_source_counts(source, groups)), model.dim)  # before anything is embedded
+    check_index_fits(settings, len(_source_counts(source, groups)), getattr(model, "dim", None))  # before embedding
     if overwrite:
         _say_what_a_rebuild_drops(out, _source_counts(source, groups), say)
     if groups is None:

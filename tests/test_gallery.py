@@ -596,15 +596,15 @@ def test_a_new_id_that_reads_like_a_stored_one_is_refused_and_stored_ones_stay_r
 
     assert gallery.fold_into(fold, "x ", torch.ones(1, 16), None, 1) == (False, 2)
     assert gallery.fold_into(fold, nfd, torch.ones(1, 16), None, 1) == (False, 2)
-    for new, lookalike in ((nfc, True), ("\u200bx", True), ("x\u00a0", False), ("  x", False)):
+    for new, lookalike in ((nfc, True), ("\u200bx", False), ("x\u00a0", False), ("  x", False)):
         with pytest.raises(UserError) as refused:  # a look-alike (409 in serve), or whitespace at an end (400)
             gallery.fold_into(fold, new, torch.ones(1, 16), None, 1)
         assert new not in gallery.row_of and isinstance(refused.value, LookalikeId) == lookalike
     assert gallery.lookalike(nfc) == nfd and gallery.lookalike("x") is None and gallery.lookalike("y") is None
-    assert gallery.fold_into(fold, "y", torch.ones(1, 16), None, 1) == (True, 1)
-    with pytest.raises(LookalikeId, match="'y\\\\u2060' looks like the object 'y'"):  # known to the cache at once
-        gallery.fold_into(fold, "y\u2060", torch.ones(1, 16), None, 1)
-    assert Gallery(tmp_path / "g").ids == ["x", "x ", nfd, "y"]
+    assert gallery.fold_into(fold, "yy", torch.ones(1, 16), None, 1) == (True, 1)
+    with pytest.raises(LookalikeId, match="'y\\\\u2060y' looks like the object 'yy'"):  # known to the cache at once
+        gallery.fold_into(fold, "y\u2060y", torch.ones(1, 16), None, 1)
+    assert Gallery(tmp_path / "g").ids == ["x", "x ", nfd, "yy"]
     # a new gallery's own ids
     with pytest.raises(UserError, match=re.escape(f"folders '{nfd} [decomposed]' and '{nfc}' differ only in")):
         check_new_ids(sorted([nfc, nfd]), "images: object folder")
@@ -905,3 +905,51 @@ def test_index_build_onto_a_served_gallery_is_refused_before_the_model_loads_and
         assert "wait for it to finish" not in err
     assert "add photos through its API (POST /objects/ID/photos)" in SERVED
     assert Gallery(tmp_path / "g").rows == 40
+
+
+def test_a_new_id_with_an_invisible_format_character_at_an_end_is_refused_and_search_tables_spell_them(
+        tmp_path, monkeypatch, capsys):
+    """A new user's probe (2026-12-07): `index add g1 --object $'x\\u200b'` created the object, and `--object x` was
+    then refused as looking like it; a search's table showed the two ids alike. Refused as whitespace at an end is,
+    by index add, index build and the service (one rule); flags' tag sequences, which end in a format character,
+    and joiners inside emoji sequences stay ids."""
+    from mlsctl import gallery as gallery_lib
+    from mlsctl.errors import UserError
+    from mlsctl.gallery import LookalikeId, check_new_ids, new_id_problem
+    from test_hardening import one_sentence
+
+    from conftest import cli
+
+    for bad, codes in (("x\u200b", "U+200B"), ("\ufeffx", "U+FEFF"), ("x\u200d", "U+200D"), ("\u2060x \u00ad", "U+2060, U+00AD"),
+                       ("\u202ax\u202c", None)):
+        problem = new_id_problem(bad)
+        assert problem is not None, bad
+        if codes:
+            assert problem.startswith(f"begins or ends with an invisible format character ({codes}); remove it "
+                                      f"(the id 'x')"), problem
+    england = "\U0001f3f4" + "".join(chr(0xE0000 + ord(c)) for c in "gbeng") + "\U000e007f"
+    for good in ("x", "a\u200bb", england, "\U0001f468\u200d\U0001f4bb", "\u2764\ufe0f"):
+        assert new_id_problem(good) is None, good
+    with pytest.raises(UserError, match=r"object folder 'x\\u200b' begins or ends with an invisible format"):
+        check_new_ids(["a", "x\u200b"], "object folder")
+    monkeypatch.setattr(gallery_lib, "choose_set_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("model")))
+    write_gallery(tmp_path / "g", ["x"], clustered(1), [1], IndexSettings(), MANIFEST)
+    photo = tmp_path / "a.png"
+    from PIL import Image
+
+    Image.new("RGB", (16, 16)).save(photo)
+    code, _, err = cli("index", "add", str(tmp_path / "g"), "--object", "y\u200b", str(photo), capsys=capsys)
+    assert code == 2 and ("--object 'y\\u200b' begins or ends with an invisible format character (U+200B); remove "
+                          "it (the id 'y')") in one_sentence(err) and "model" not in err, err
+    with pytest.raises(UserError) as refused:  # 400 in serve, not the look-alike's 409
+        Gallery(tmp_path / "g").check_new_id("x\u200b")
+    assert not isinstance(refused.value, LookalikeId)
+    # an older gallery may hold such ids: search's table spells the invisible characters out
+    model = tiny_set_model(32, tmp_path / "run")
+    manifest = dict(MANIFEST, model={"run": str(tmp_path / "run"), "step": 1, "fingerprint": model.fingerprint},
+                    preprocessing=model.preprocessing())
+    write_gallery(tmp_path / "h", ["x", "x\u200b"], clustered(2, dim=32), [1, 1], IndexSettings(), manifest)
+    monkeypatch.setattr(gallery_lib, "choose_set_model", lambda *a, **k: model)
+    code, out, err = cli("search", "--set", str(photo), "--index", str(tmp_path / "h"), "--run", str(tmp_path / "run"),
+                         capsys=capsys)
+    assert code == 0 and "x\\u200b" in out and "\u200b" not in out, (out, err)

@@ -309,7 +309,9 @@ def test_an_upload_equals_index_add_of_the_same_file(server, tmp_path):
     ("GET", "/objects/caf%E9", {}, 400, "not valid UTF-8"),
     # look-alike ids (2026-12-06, fourteenth session): "obj0 " and a zero-width "obj0" became objects of their own
     ("POST", "/objects/obj0%20/photos", {"files": "one"}, 400, "'obj0 ' begins or ends with whitespace"),
-    ("POST", "/objects/%E2%80%8Bobj0/photos", {"files": "one"}, 409, "'\\u200bobj0' looks like the object 'obj0'"),
+    ("POST", "/objects/%E2%80%8Bobj0/photos", {"files": "one"}, 400,
+     "'\\u200bobj0' begins or ends with an invisible format character (U+200B); remove it (the id 'obj0')"),
+    ("POST", "/objects/new%EF%BB%BF/photos", {"files": "one"}, 400, "'new\\ufeff' begins or ends with an invisible"),
     ("POST", "/objects/ob%E2%81%A0j0/photos", {"files": "one"}, 409, "'ob\\u2060j0' looks like the object 'obj0'"),
     ("GET", "/objects/obj0%20", {}, 404, "no object 'obj0 ' in the gallery; did you mean 'obj0'?"),
 ])

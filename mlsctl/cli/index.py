@@ -147,8 +147,8 @@ def search(
 
     Many sets, one model load: mlsctl search --sets queries.jsonl --index galleries/products > results.jsonl
     """
-    from mlsctl.gallery import (Gallery, check_photos, choose_set_model, missing_sets, newest_gallery, ranked,
-                                read_query_sets, search_sets)
+    from mlsctl.gallery import (Gallery, check_photos, choose_set_model, missing_sets, newest_gallery, printable,
+                                ranked, read_query_sets, search_sets)
 
     if images is not None and sets is not None:
         raise UserError("give the photos of one set with --set or a JSONL file of sets with --sets, not both")
@@ -207,5 +207,6 @@ def search(
                           "results": ranked(found)},
                          indent=2))
         return
-    print(table(["rank", "object", "cosine"], [[i + 1, o, f"{s:.4f}"] for i, (o, s) in enumerate(found)],
+    # ids as messages show them: invisible characters spelt out, so 'x' and 'x' + U+200B read apart (a new user's probe)
+    print(table(["rank", "object", "cosine"], [[i + 1, printable(o, None), f"{s:.4f}"] for i, (o, s) in enumerate(found)],
                 right=[True, False, True]))
