@@ -1039,7 +1039,7 @@ class Gallery:
         where it reads like a stored one, a UserError where whitespace ends it."""
         lookalike = self.lookalike(object_id)
         problem = new_id_problem(object_id, lookalike)
-        if problem:  # 409 for a look-alike alone; an id no gallery takes (whitespace or a format character at an end) 400
+        if problem:  # 409 for a look-alike alone; 400 for an id no gallery takes (whitespace, Cf at an end)
             kind = LookalikeId if lookalike is not None and new_id_problem(object_id) is None else UserError
             raise kind(f"{where} '{printable(object_id)}' {problem}")
 

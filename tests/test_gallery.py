@@ -920,8 +920,8 @@ def test_a_new_id_with_an_invisible_format_character_at_an_end_is_refused_and_se
 
     from conftest import cli
 
-    for bad, codes in (("x\u200b", "U+200B"), ("\ufeffx", "U+FEFF"), ("x\u200d", "U+200D"), ("\u2060x \u00ad", "U+2060, U+00AD"),
-                       ("\u202ax\u202c", None)):
+    for bad, codes in (("x\u200b", "U+200B"), ("\ufeffx", "U+FEFF"), ("x\u200d", "U+200D"),
+                       ("\u2060x \u00ad", "U+2060, U+00AD"), ("\u202ax\u202c", None)):
         problem = new_id_problem(bad)
         assert problem is not None, bad
         if codes:

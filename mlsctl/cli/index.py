@@ -208,5 +208,6 @@ def search(
                          indent=2))
         return
     # ids as messages show them: invisible characters spelt out, so 'x' and 'x' + U+200B read apart (a new user's probe)
-    print(table(["rank", "object", "cosine"], [[i + 1, printable(o, None), f"{s:.4f}"] for i, (o, s) in enumerate(found)],
+    rows = [[i + 1, printable(o, None), f"{s:.4f}"] for i, (o, s) in enumerate(found)]
+    print(table(["rank", "object", "cosine"], rows,
                 right=[True, False, True]))
