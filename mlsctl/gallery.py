@@ -558,19 +558,22 @@ def search_sets(gallery: "Gallery", model: SetModel, queries: Sequence[tuple[int
 
 
 def photo_batches(paths: Sequence[Path], preprocessing, *, batch_size: int = 64, workers: Optional[int] = None,
-                  progress: Optional[bool] = None, strict: bool = True, pin_memory: bool = False):
+                  progress: Optional[bool] = None, strict: bool = True, pin_memory: bool = False,
+                  photos: bool = False):
     """``(rows, pixels, unreadable)`` of ``paths`` in order, ``batch_size`` photos a batch, decoded
     and resized by ``preprocessing`` in ``workers`` loader processes (None:
     :func:`mlsctl.features.default_workers`), with a progress bar on a terminal (``progress=False``:
     never), in pinned memory with ``pin_memory`` (for a GPU):
     ``rows`` the batch's rows (a consecutive range), ``pixels`` uint8 [b, 3, R, R] of those that
     could be read (None if none) and ``unreadable`` ``[(row, reason)]`` of the others. ``strict``:
-    the first unreadable photo stops it instead, with one sentence naming it."""
+    the first unreadable photo stops it instead, with one sentence naming it. ``photos``: an image that cannot
+    be a photo of an object (:func:`~mlsctl.data.images.photo_shape_problem`) is unreadable too."""
     from tqdm import tqdm
 
     batches = [list(range(start, min(start + batch_size, len(paths)))) for start in range(0, len(paths), batch_size)]
     workers = min(default_workers(len(paths)) if workers is None else workers, len(batches))  # no idle workers
-    loader = Loader(_Photos(Tree("."), [str(p) for p in paths], preprocessing, None), batch_sampler=batches,
+    loader = Loader(_Photos(Tree("."), [str(p) for p in paths], preprocessing, None, photos=photos),
+                    batch_sampler=batches,
                     num_workers=workers, collate_fn=collate_images, worker_init_fn=worker_init if workers else None,
                     pin_memory=pin_memory, workers_key="--workers")
     show = progress is not False and sys.stderr.isatty()
@@ -598,7 +601,7 @@ def set_tokens(sets: Sequence[Sequence[Path]], model: SetModel, *, batch_size: i
     current, first = 0, 0  # the set handed out next, and its first row
     for rows, pixels, batch_unreadable in photo_batches(paths, model.preprocessor(), batch_size=batch_size,
                                                         workers=workers, progress=progress, strict=strict,
-                                                        pin_memory=model.device.type == "cuda"):
+                                                        pin_memory=model.device.type == "cuda", photos=True):
         unreadable.update(batch_unreadable)
         if pixels is not None:
             waiting.append(model.pixel_tokens(pixels, batch_size))
@@ -617,19 +620,30 @@ def set_tokens(sets: Sequence[Sequence[Path]], model: SetModel, *, batch_size: i
 
 class _Photos(TreeImages):
     """:class:`~mlsctl.features.TreeImages` of photo paths, where a file that cannot be opened (gone,
-    no permission) is unreadable too, as :func:`load_images` has it."""
+    no permission) is unreadable too, as :func:`load_images` has it; with ``photos``, so is an image that
+    cannot be a photo of an object (:func:`~mlsctl.data.images.photo_shape_problem`), as there too."""
+
+    def __init__(self, *args, photos: bool = False):
+        super().__init__(*args)
+        self.photos = photos
 
     def __getitem__(self, index: int):
+        from mlsctl.data.images import BadImage, photo_shape_problem
+
         try:
-            return super().__getitem__(index)
+            image = self.tree.load_rgb(self.relpaths[index], self.max_pixels, self.raise_with)
+        except BadImage as exc:
+            return index, None, str(exc)
         except OSError as exc:  # the message names the photo: its reason need not
             return index, None, exc.strerror or str(exc)
+        problem = self.photos and photo_shape_problem(*image.size)  # one rule with load_images and serve's uploads
+        return (index, None, problem) if problem else (index, self.preprocessing.pixels(image), None)
 
 
 def load_images(paths: Sequence[Path]) -> list:
     from mlsctl.data.images import load_rgb
 
-    return [_read_photo(load_rgb, path) for path in paths]
+    return [_read_photo(lambda p: load_rgb(p, photo=True), path) for path in paths]
 
 
 def check_photos(photos: Sequence, option: str = "") -> None:
@@ -647,7 +661,7 @@ def check_photos(photos: Sequence, option: str = "") -> None:
         raise UserError(f"{option} {missing[0]} is not a file".lstrip() + (f" (nor {len(missing) - 1} more of the photos)"
                                                          if len(missing) > 1 else "") + "; check the path")
     for path in paths:
-        _read_photo(check_image, path)
+        _read_photo(lambda p: check_image(p, photo=True), path)
 
 
 def _read_photo(read: Callable, path):

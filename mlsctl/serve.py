@@ -501,7 +501,7 @@ class GalleryService:
         above the per-photo, per-request and decode-budget limits."""
         from PIL import Image, UnidentifiedImageError
 
-        from mlsctl.data.images import DEFAULT_MAX_IMAGE_PIXELS
+        from mlsctl.data.images import DEFAULT_MAX_IMAGE_PIXELS, photo_shape_problem
 
         total = 0
         for photo in photos:
@@ -550,6 +550,9 @@ class GalleryService:
                 raise RequestError(413, f"{_shown(photo.name)} ({width}x{height}, {mode}) needs "
                                         f"{photo.cost / 2**20:,.0f} MiB to decode, more than this server's decode budget "
                                         f"of {self.limits.decode_budget_bytes / 2**20:,.0f} MiB (--decode-budget-mb)")
+            shape = photo_shape_problem(int(width), int(height))  # a 1x1 or 100000x1 was searched with confidence
+            if shape:
+                raise RequestError(400, f"{_shown(photo.name)} cannot be used: {shape}")
             total += photo.pixels
         if total > MAX_REQUEST_PIXELS:
             raise RequestError(413, f"the {len(photos)} photos hold {total:,} pixels, more than {MAX_REQUEST_PIXELS:,} "
@@ -569,7 +572,8 @@ class GalleryService:
                     data = f.read(self.limits.max_upload_bytes + 1)
                 self._check_size(photo.name, len(data))
                 try:
-                    image = decode_rgb(data, max_pixels=max(photo.pixels, 1), formats=upload_formats(), quiet=False)
+                    image = decode_rgb(data, max_pixels=max(photo.pixels, 1), formats=upload_formats(), quiet=False,
+                                       photo=True)
                 except BadImage as exc:
                     raise RequestError(400, f"{_shown(photo.name)} cannot be used: {exc}") from None
                 del data

@@ -953,3 +953,64 @@ def test_a_new_id_with_an_invisible_format_character_at_an_end_is_refused_and_se
     code, out, err = cli("search", "--set", str(photo), "--index", str(tmp_path / "h"), "--run", str(tmp_path / "run"),
                          capsys=capsys)
     assert code == 0 and "x\\u200b" in out and "\u200b" not in out, (out, err)
+
+
+def test_images_too_small_or_too_elongated_to_be_photos_are_refused_by_search_add_and_build(
+        tmp_path, monkeypatch, capsys):
+    """A new user's probe (2026-12-07): a 1x1 PNG and a 100000x1 PNG were searched (rank 1 at 0.9157) and added.
+    One rule (mlsctl.data.images.photo_shape_problem) for search --set, --sets, index add, index build and serve's
+    uploads (test_serve): one sentence naming the file."""
+    import json
+
+    from PIL import Image
+
+    from mlsctl import gallery as gallery_lib
+    from mlsctl.data.images import photo_shape_problem
+    from mlsctl.gallery import build_gallery
+    from test_hardening import one_sentence
+
+    from conftest import cli
+
+    assert photo_shape_problem(8, 8) is None and photo_shape_problem(200, 10) is None
+    assert photo_shape_problem(7, 100) and photo_shape_problem(211, 10)
+    tiny, strip, good = tmp_path / "tiny.png", tmp_path / "strip.png", tmp_path / "good.png"
+    Image.new("RGB", (1, 1)).save(tiny)
+    Image.new("RGB", (100_000, 1)).save(strip)
+    Image.new("RGB", (300, 10)).save(tmp_path / "wide.png")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(good)
+    model = tiny_set_model(32, tmp_path / "run")
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(gallery_lib, "choose_set_model", no_model)
+    (tmp_path / "photos" / "a").mkdir(parents=True)
+    (tmp_path / "photos" / "b").mkdir()
+    Image.open(good).save(tmp_path / "photos" / "a" / "0.png")
+    Image.open(good).save(tmp_path / "photos" / "b" / "0.png")
+    build_gallery(tmp_path / "photos", model, tmp_path / "g", IndexSettings(), workers=0, progress=False,
+                  say=lambda line: None)
+    for args, words in (
+            (["search", "--set", str(good), str(tiny), "--index", str(tmp_path / "g")],
+             f"cannot read {tiny}: 1x1 is too small to show an object (photos need at least 8 pixels on their shorter "
+             f"side)"),
+            (["index", "add", str(tmp_path / "g"), "--object", "a", str(strip)],
+             f"cannot read {strip}: 100000x1 is too small to show an object"),
+            (["index", "add", str(tmp_path / "g"), "--object", "a", str(tmp_path / "wide.png")],
+             "300x10 is a strip, not a photo of an object (its sides are 30:1; photos may be at most 20:1)")):
+        code, _, err = cli(*args, capsys=capsys)
+        assert code == 2 and words in one_sentence(err) and "the model was loaded" not in err, (args, err)
+    assert Gallery(tmp_path / "g").rows == 2
+    monkeypatch.setattr(gallery_lib, "choose_set_model", lambda *a, **k: model)
+    queries = tmp_path / "q.jsonl"
+    queries.write_text("".join(json.dumps({"photos": photos}) + "\n" for photos in ([str(good)], [str(good), str(tiny)])))
+    code, out, err = cli("search", "--sets", str(queries), "--index", str(tmp_path / "g"), "--run",
+                         str(tmp_path / "run"), "--workers", "0", capsys=capsys)
+    records = [json.loads(line) for line in out.splitlines()]
+    assert code == 2 and "results" in records[0] and records[1]["error"] == (
+        f"--sets {queries} line 2: cannot read {tiny}: 1x1 is too small to show an object (photos need at least 8 "
+        f"pixels on their shorter side)"), out
+    Image.open(tiny).save(tmp_path / "photos" / "b" / "1.png")
+    with pytest.raises(Exception, match=r"1 photo of .* cannot be read: .*1\.png \(1x1 is too small to show an object"):
+        build_gallery(tmp_path / "photos", model, tmp_path / "g2", IndexSettings(), workers=0, progress=False,
+                      say=lambda line: None)

@@ -305,6 +305,11 @@ def test_an_upload_equals_index_add_of_the_same_file(server, tmp_path):
     ("POST", "/search", {"files": "jpeg-segments"}, 400, "a JPEG with more than 512 segments"),
     ("POST", "/search", {"files": "png-chunks"}, 400, "besides its image data"),
     ("POST", "/search", {"files": "png-text"}, 400, "a PNG whose text is over 1 MiB"),  # not "header cannot be read"
+    # a new user's probe (2026-12-07): a 1x1 and a 100000x1 PNG were searched and added with confident scores
+    ("POST", "/search", {"files": "1x1"}, 400, "a.png cannot be used: 1x1 is too small to show an object (photos need "
+                                               "at least 8 pixels on their shorter side)"),
+    ("POST", "/objects/obj0/photos", {"files": "400x10"}, 400, "400x10 is a strip, not a photo of an object (its "
+                                                               "sides are 40:1; photos may be at most 20:1)"),
     ("POST", "/objects/caf%E9/photos", {"files": "one"}, 400, "not valid UTF-8"),
     ("GET", "/objects/caf%E9", {}, 400, "not valid UTF-8"),
     # look-alike ids (2026-12-06, fourteenth session): "obj0 " and a zero-width "obj0" became objects of their own
@@ -320,6 +325,9 @@ def test_bad_requests_get_one_sentence_and_the_server_lives_on(server, method, p
         kwargs = {"files": [photo(server.mile_run, "obj0")]}
     elif kwargs.get("files") == "icon":
         kwargs = {"files": [("a.ico", icon_claiming_16x16(bomb(600)))]}
+    elif kwargs.get("files") in ("1x1", "400x10"):
+        side, height = map(int, kwargs["files"].split("x"))
+        kwargs = {"files": [("a.png", bomb(side, "RGB", height=height))]}
     elif kwargs.get("files") == "gif":
         kwargs = {"files": [("a.gif", bomb(20, format="GIF"))]}
     elif kwargs.get("files") == "tiff":
