@@ -453,6 +453,12 @@ def read_query_sets(path: Path) -> list[tuple[int, object, list[Path]]]:
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             raise UserError(f"--sets {path} line {number} is not a JSON object with a non-empty list of paths "
                             f"'photos' (and an optional 'id')") from None
+        unknown = sorted(str(key) for key in record if key not in ("photos", "id"))
+        if unknown:  # ignored, a typo or an option ({"k": 5}) went unsaid; serve refuses them too (a new user's probe)
+            shown = ", ".join(f"'{printable(key, 40)}'" for key in unknown[:3]) + (", ..." if len(unknown) > 3 else "")
+            hint = " (k goes on the command line: -k 5)" if "k" in unknown else ""
+            raise UserError(f"--sets {path} line {number} has {'a key' if len(unknown) == 1 else 'keys'} search "
+                            f"does not take ({shown}); each line takes only 'photos' and 'id'{hint}")
         sets.append((number, query_id, [_beside(path.parent, p) for p in photos]))  # the id comes back as given
     if not sets:
         raise UserError(f"--sets {path} holds no query set")

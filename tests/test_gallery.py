@@ -1014,3 +1014,24 @@ def test_images_too_small_or_too_elongated_to_be_photos_are_refused_by_search_ad
     with pytest.raises(Exception, match=r"1 photo of .* cannot be read: .*1\.png \(1x1 is too small to show an object"):
         build_gallery(tmp_path / "photos", model, tmp_path / "g2", IndexSettings(), workers=0, progress=False,
                       say=lambda line: None)
+
+
+def test_a_query_set_with_a_key_search_does_not_take_is_refused_naming_its_line(tmp_path):
+    """A new user's probe (2026-12-07): `search --sets` ignored {"photos": [...], "k": 5} on a line, where serve
+    refuses a key the API does not take."""
+    import json
+
+    from mlsctl.errors import UserError
+    from mlsctl.gallery import read_query_sets
+
+    sets = tmp_path / "q.jsonl"
+    sets.write_text(json.dumps({"photos": ["a.png"], "id": 1}) + "\n" + json.dumps({"photos": ["a.png"], "k": 5}) + "\n")
+    with pytest.raises(UserError) as refused:
+        read_query_sets(sets)
+    assert refused.value.message == (f"--sets {sets} line 2 has a key search does not take ('k'); each line takes "
+                                     f"only 'photos' and 'id' (k goes on the command line: -k 5)")
+    sets.write_text(json.dumps({"photos": ["a.png"], "ids": 1, "photo": ["b.png"]}) + "\n")
+    with pytest.raises(UserError, match=r"line 1 has keys search does not take \('ids', 'photo'\); each line takes"):
+        read_query_sets(sets)
+    sets.write_text(json.dumps({"id": None, "photos": ["a.png"]}) + "\n")
+    assert read_query_sets(sets) == [(1, None, [tmp_path / "a.png"])]
