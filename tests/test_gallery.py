@@ -1025,7 +1025,8 @@ def test_a_query_set_with_a_key_search_does_not_take_is_refused_naming_its_line(
     from mlsctl.gallery import read_query_sets
 
     sets = tmp_path / "q.jsonl"
-    sets.write_text(json.dumps({"photos": ["a.png"], "id": 1}) + "\n" + json.dumps({"photos": ["a.png"], "k": 5}) + "\n")
+    sets.write_text("".join(json.dumps(line) + "\n" for line in ({"photos": ["a.png"], "id": 1},
+                                                                  {"photos": ["a.png"], "k": 5})))
     with pytest.raises(UserError) as refused:
         read_query_sets(sets)
     assert refused.value.message == (f"--sets {sets} line 2 has a key search does not take ('k'); each line takes "
