@@ -652,6 +652,25 @@ def load_images(paths: Sequence[Path]) -> list:
     return [_read_photo(lambda p: load_rgb(p, photo=True), path) for path in paths]
 
 
+def photos_of_folders(photos: Sequence, option: str = "--set") -> list:
+    """``photos`` with each folder among them replaced by its images, in the order index build folds an object
+    folder's (by path relative to it, as a string: :func:`object_folders`): ``search --set DIR`` searches the
+    object photographed in DIR (a new user's probe, 2026-12-07: "DIR is not a file")."""
+    from mlsctl.data.images import require_images, scan_images
+
+    out = []
+    for photo in photos:
+        if isinstance(photo, (str, os.PathLike)) and Path(photo).is_dir():
+            scan = scan_images(photo, f"{option} folder")
+            require_images(scan, f"{option} folder")
+            for line in scan.notes(f"{option} folder"):
+                log.warning(line)
+            out.extend(scan.files)
+        else:
+            out.append(photo)
+    return out
+
+
 def check_photos(photos: Sequence, option: str = "") -> None:
     """What can be said of the photos given as paths before a model loads (decoded images pass): each
     is a file, and its header opens as an image within the pixel limit (:func:`mlsctl.data.images.check_image`).

@@ -1036,3 +1036,65 @@ def test_a_query_set_with_a_key_search_does_not_take_is_refused_naming_its_line(
         read_query_sets(sets)
     sets.write_text(json.dumps({"id": None, "photos": ["a.png"]}) + "\n")
     assert read_query_sets(sets) == [(1, None, [tmp_path / "a.png"])]
+
+
+def test_search_set_takes_a_folder_as_its_photos_in_the_order_index_build_folds_them(tmp_path, monkeypatch, capsys):
+    """A new user's probe (2026-12-07): `search --set DIR`, the natural set, was "DIR is not a file"."""
+    import json
+
+    from PIL import Image
+
+    from mlsctl import gallery as gallery_lib
+    from mlsctl.gallery import build_gallery
+
+    from conftest import cli
+
+    rng = np.random.default_rng(1)
+    for o in ("a", "b"):
+        (tmp_path / "photos" / o / "sub").mkdir(parents=True)
+        for name in ("2.png", "10.png", "sub/1.png"):
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / "photos" / o / name)
+    model = tiny_set_model(32, tmp_path / "run")
+    build_gallery(tmp_path / "photos", model, tmp_path / "g", IndexSettings(), workers=0, progress=False,
+                  say=lambda line: None)
+    monkeypatch.setattr(gallery_lib, "choose_set_model", lambda *a, **k: model)
+    folder = tmp_path / "photos" / "b"
+    common = ["--index", str(tmp_path / "g"), "--run", str(tmp_path / "run"), "--json"]
+    code, out, err = cli("search", "--set", str(folder), *common, capsys=capsys)
+    assert code == 0, err
+    by_folder = json.loads(out)
+    assert by_folder["set"] == [str(folder / name) for name in ("10.png", "2.png", "sub/1.png")]  # as build folds
+    assert by_folder["results"][0]["object"] == "b" and by_folder["results"][0]["score"] > 0.9999
+    code, out, err = cli("search", "--set", *by_folder["set"], *common, capsys=capsys)
+    assert code == 0 and json.loads(out)["results"] == by_folder["results"], err
+    (tmp_path / "empty").mkdir()
+    code, _, err = cli("search", "--set", str(tmp_path / "empty"), *common, capsys=capsys)
+    assert code == 2 and f"--set folder {tmp_path / 'empty'} contains no images" in err, err
+
+
+def test_an_objects_file_whose_header_names_other_columns_is_said_as_a_header(tmp_path, monkeypatch, capsys):
+    """A new user's probe (2026-12-07): `index build SRC --objects objs.csv` with the header `id,file` said "lists
+    file, which is not an image"."""
+    from mlsctl import gallery as gallery_lib
+    from test_hardening import one_sentence
+
+    from conftest import cli
+
+    from mlsctl.errors import UserError
+
+    def stop(*args, **kwargs):
+        raise UserError("the model would load here")
+
+    monkeypatch.setattr(gallery_lib, "choose_set_model", stop)
+    source = _object_folders(tmp_path / "photos", 2)
+    objects = tmp_path / "objs.csv"
+    objects.write_text("id,file\nx,obj000/a.png\n")
+    code, _, err = cli("index", "build", str(source), "--objects", str(objects), "--out", str(tmp_path / "g"),
+                       capsys=capsys)
+    assert code == 2 and (f"{objects}:1 reads as a header (id,file) with other column names than objects files "
+                          f"take: name them object_id,path, or leave the header out") in one_sentence(err), err
+    for text in ("object_id,path\nx,obj000/a.png\n", "x,obj000/a.png\n"):  # the header it takes, or none
+        objects.write_text(text)
+        code, _, err = cli("index", "build", str(source), "--objects", str(objects), "--out", str(tmp_path / "g"),
+                           capsys=capsys)
+        assert code == 2 and "the model would load here" in err and "header" not in err, err

@@ -133,7 +133,7 @@ def retrain(
 
 
 def search(
-    images: Optional[list[Path]] = typer.Option(None, "--set", help="Photos of one object (space-separated), folded in the order given: the set embedding depends on it, and index build folds an object's photos in file-name order."),
+    images: Optional[list[Path]] = typer.Option(None, "--set", help="Photos of one object (space-separated), folded in the order given: the set embedding depends on it, and index build folds an object's photos in file-name order; a folder gives its photos in that order."),
     sets: Optional[Path] = typer.Option(None, "--sets", help="JSONL of query sets, one per line: {\"photos\": [...], \"id\": ...} (photos folded in the order listed); one JSON line out per set, with 'error' where a photo cannot be read."),
     index: Optional[Path] = typer.Option(None, "--index", help="Gallery folder [default: the newest gallery under the current directory]."),
     k: int = typer.Option(10, "-k", "--k", min=1, help="Objects to return."),
@@ -147,8 +147,8 @@ def search(
 
     Many sets, one model load: mlsctl search --sets queries.jsonl --index galleries/products > results.jsonl
     """
-    from mlsctl.gallery import (Gallery, check_photos, choose_set_model, missing_sets, newest_gallery, printable,
-                                ranked, read_query_sets, search_sets)
+    from mlsctl.gallery import (Gallery, check_photos, choose_set_model, missing_sets, newest_gallery,
+                                photos_of_folders, printable, ranked, read_query_sets, search_sets)
 
     if images is not None and sets is not None:
         raise UserError("give the photos of one set with --set or a JSONL file of sets with --sets, not both")
@@ -161,6 +161,7 @@ def search(
         say(f"gallery: {index} (the newest under the current directory)")
     target = Gallery(index)
     queries = read_query_sets(sets) if sets is not None else None  # a bad file is told before the model loads
+    images = photos_of_folders(images, "--set") if images else images  # a folder: its photos, as build folds them
     missing = [str(p) for p in (images or []) if not Path(p).is_file()]
     if missing and missing[0].startswith("-"):  # `search --set --index G`: an option taken for a photo
         raise UserError(f"--set got '{missing[0]}' where a photo should be: give the photos right after --set "
