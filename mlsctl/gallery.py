@@ -415,7 +415,23 @@ def object_folders(root: str | os.PathLike, objects_file: Optional[str | os.Path
                             f"or list them in an objects file (CSV/JSONL of object_id,path) given with {option}")
         groups.setdefault(check_object_id(rel.parts[0], "object folder"), []).append(path)
     _say_nested_objects(root, groups, option)
+    _say_folders_without_photos(root, groups)
     return dict(sorted(groups.items()))  # each list in the scan's order: by relative path, as a string
+
+
+def _say_folders_without_photos(root: Path, groups: dict[str, list[Path]]) -> None:
+    """A warning naming the folders right under ``root`` that hold no photo, so make no object: `index build` said
+    "5 objects" of 6 folders without a word (a new user's probe, 2026-12-07)."""
+    try:
+        empty = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith(".")
+                       and entry.name not in groups)
+    except OSError:  # the scan read it a moment ago; nothing to add
+        return
+    if empty:
+        shown = ", ".join(f"'{printable(name)}'" for name in empty[:5]) + (", ..." if len(empty) > 5 else "")
+        logging.getLogger("mlsctl").warning(
+            f"{counted(len(empty), 'folder')} of {root} {'holds' if len(empty) == 1 else 'hold'} no photo and "
+            f"{'makes' if len(empty) == 1 else 'make'} no object: {shown}")
 
 
 def _say_nested_objects(root: Path, groups: dict[str, list[Path]], option: str) -> None:

@@ -1098,3 +1098,24 @@ def test_an_objects_file_whose_header_names_other_columns_is_said_as_a_header(tm
         code, _, err = cli("index", "build", str(source), "--objects", str(objects), "--out", str(tmp_path / "g"),
                            capsys=capsys)
         assert code == 2 and "the model would load here" in err and "header" not in err, err
+
+
+def test_object_folders_without_photos_are_named_in_a_warning_before_anything_is_embedded(tmp_path, caplog):
+    """A new user's probe (2026-12-07): `index build` of 6 folders, one empty, said "built gs: 5 objects" and
+    nothing of the sixth."""
+    from mlsctl.gallery import object_folders
+
+    source = _object_folders(tmp_path / "photos", 3)
+    (source / "empty").mkdir()
+    (source / "notes").mkdir()
+    (source / "notes" / "readme.txt").write_text("x")
+    (source / ".hidden").mkdir()
+    caplog.set_level("WARNING", logger="mlsctl")
+    assert list(object_folders(source)) == ["obj000", "obj001", "obj002"]
+    assert f"2 folders of {source} hold no photo and make no object: 'empty', 'notes'" in caplog.text
+    caplog.clear()
+    (source / "empty").rmdir()
+    (source / "notes" / "readme.txt").unlink()
+    (source / "notes").rmdir()
+    object_folders(source)
+    assert "no photo" not in caplog.text
