@@ -30,6 +30,7 @@ the compressed codes and their exact cosines (from the stored latents) re-rank t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -44,7 +45,7 @@ import numpy as np
 import torch
 
 from mlsctl import __version__, atomic, threads
-from mlsctl.console import counted, to_stderr
+from mlsctl.console import LogProgress, counted, to_stderr
 from mlsctl.data.archive import Tree
 from mlsctl.data.kinds import GALLERY_MANIFEST
 from mlsctl.data.loader import Loader, worker_init
@@ -584,9 +585,9 @@ def photo_batches(paths: Sequence[Path], preprocessing, *, batch_size: int = 64,
                   photos: bool = False):
     """``(rows, pixels, unreadable)`` of ``paths`` in order, ``batch_size`` photos a batch, decoded
     and resized by ``preprocessing`` in ``workers`` loader processes (None:
-    :func:`mlsctl.features.default_workers`), with a progress bar on a terminal (``progress=False``:
-    never), in pinned memory with ``pin_memory`` (for a GPU):
-    ``rows`` the batch's rows (a consecutive range), ``pixels`` uint8 [b, 3, R, R] of those that
+    :func:`mlsctl.features.default_workers`), with a progress bar on a terminal and a line every 30 s in a log
+    (:class:`~mlsctl.console.LogProgress`; ``progress=False``: never), in pinned memory with ``pin_memory``
+    (for a GPU): ``rows`` the batch's rows (a consecutive range), ``pixels`` uint8 [b, 3, R, R] of those that
     could be read (None if none) and ``unreadable`` ``[(row, reason)]`` of the others. ``strict``:
     the first unreadable photo stops it instead, with one sentence naming it. ``photos``: an image that cannot
     be a photo of an object (:func:`~mlsctl.data.images.photo_shape_problem`) is unreadable too."""
@@ -599,7 +600,11 @@ def photo_batches(paths: Sequence[Path], preprocessing, *, batch_size: int = 64,
                     num_workers=workers, collate_fn=collate_images, worker_init_fn=worker_init if workers else None,
                     pin_memory=pin_memory, workers_key="--workers")
     show = progress is not False and sys.stderr.isatty()
-    with tqdm(total=len(paths), unit="photo", desc="photos", disable=not show, leave=False, dynamic_ncols=True) as bar:
+    if progress is None and not sys.stderr.isatty():  # a log: a line every 30 s, where a long build said nothing
+        bar = contextlib.nullcontext(LogProgress(len(paths), "embedding", unit="photos"))  # (a new user's probe)
+    else:
+        bar = tqdm(total=len(paths), unit="photo", desc="photos", disable=not show, leave=False, dynamic_ncols=True)
+    with bar as bar:
         for rows, (_, pixels, unreadable) in zip(batches, loader):
             if unreadable and strict:
                 row, reason = unreadable[0]

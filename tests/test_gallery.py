@@ -1119,3 +1119,26 @@ def test_object_folders_without_photos_are_named_in_a_warning_before_anything_is
     (source / "notes").rmdir()
     object_folders(source)
     assert "no photo" not in caplog.text
+
+
+def test_embedding_photos_says_its_progress_in_a_log_where_no_bar_is_drawn(tmp_path, monkeypatch):
+    """A new user's probe (2026-12-07): `index build` with stderr no terminal printed nothing between the model's line
+    and "built" however long it embedded; a log gets mlsctl.console.LogProgress's lines, as embed's."""
+    import functools
+
+    from mlsctl import gallery as gallery_lib
+    from mlsctl.features import Preprocessing
+    from mlsctl.gallery import photo_batches
+
+    source = _object_folders(tmp_path / "photos", 4)
+    paths = sorted(source.rglob("*.png"))
+    said = []
+    ticks = iter(range(0, 1000, 40))  # 40 s between the clock's readings: past LogProgress's 30 s each time
+    monkeypatch.setattr(gallery_lib, "LogProgress", functools.partial(gallery_lib.LogProgress, say=said.append,
+                                                                      clock=lambda: next(ticks)))
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    batches = list(photo_batches(paths, Preprocessing(32, "square"), batch_size=1, workers=0))
+    assert len(batches) == 4 and said and said[-1].startswith("embedding: 3 of 4 photos, "), said
+    said.clear()
+    list(photo_batches(paths, Preprocessing(32, "square"), batch_size=1, workers=0, progress=False))
+    assert said == []
