@@ -1142,3 +1142,21 @@ def test_embedding_photos_says_its_progress_in_a_log_where_no_bar_is_drawn(tmp_p
     said.clear()
     list(photo_batches(paths, Preprocessing(32, "square"), batch_size=1, workers=0, progress=False))
     assert said == []
+
+
+def test_the_ivfpq_summary_gives_the_lists_faiss_searches(tmp_path, monkeypatch, capsys):
+    """A new user's probe (2026-12-07): `index build --index ivfpq` printed "nlist 3, ... nprobe 32", and faiss
+    searches min(nprobe, nlist) lists."""
+    from mlsctl import gallery as gallery_lib
+
+    from conftest import cli
+
+    source = _object_folders(tmp_path / "photos", 80)
+    model = tiny_set_model(32, tmp_path / "run")
+    monkeypatch.setattr(gallery_lib, "choose_set_model", lambda *a, **k: model)
+    code, out, err = cli("index", "build", str(source), "--out", str(tmp_path / "g"), "--index", "ivfpq", "--pq-bits",
+                         "4", "--workers", "0", capsys=capsys)
+    assert code == 0 and "(nlist 2, m 4, 4 bits, nprobe 2: every list, of the 32 asked)" in out, (out, err)
+    code, out, err = cli("index", "build", str(source), "--out", str(tmp_path / "g"), "--index", "ivfpq", "--pq-bits",
+                         "4", "--nprobe", "1", "--workers", "0", "--overwrite", capsys=capsys)
+    assert code == 0 and "(nlist 2, m 4, 4 bits, nprobe 1)" in out, (out, err)

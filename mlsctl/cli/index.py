@@ -67,8 +67,11 @@ def build(
     if as_json:
         print(json.dumps(record, indent=2))
         return
+    # faiss searches min(nprobe, nlist) lists: "nlist 3, ... nprobe 32" read as 32 lists searched (a new user's probe)
+    probed = min(nprobe, settings.nlist or nprobe)
+    probes = f"nprobe {probed}" + (f": every list, of the {nprobe} asked" if probed < nprobe else "")
     print(f"built {out}: {record['objects']} objects from {record['images']} images, index {index}"
-          + (f" (nlist {settings.nlist}, m {settings.m}, {pq_bits} bits, nprobe {nprobe})" if index == "ivfpq" else ""))
+          + (f" (nlist {settings.nlist}, m {settings.m}, {pq_bits} bits, {probes})" if index == "ivfpq" else ""))
 
 
 RETRAIN_SHARE = 0.2  # objects written since the IVF quantiser was trained, above which `index add` says so
