@@ -596,15 +596,14 @@ def photo_batches(paths: Sequence[Path], preprocessing, *, batch_size: int = 64,
     batches = [list(range(start, min(start + batch_size, len(paths)))) for start in range(0, len(paths), batch_size)]
     workers = min(default_workers(len(paths)) if workers is None else workers, len(batches))  # no idle workers
     loader = Loader(_Photos(Tree("."), [str(p) for p in paths], preprocessing, None, photos=photos),
-                    batch_sampler=batches,
-                    num_workers=workers, collate_fn=collate_images, worker_init_fn=worker_init if workers else None,
-                    pin_memory=pin_memory, workers_key="--workers")
+                    batch_sampler=batches, num_workers=workers, collate_fn=collate_images,
+                    worker_init_fn=worker_init if workers else None, pin_memory=pin_memory, workers_key="--workers")
     show = progress is not False and sys.stderr.isatty()
     if progress is None and not sys.stderr.isatty():  # a log: a line every 30 s, where a long build said nothing
-        bar = contextlib.nullcontext(LogProgress(len(paths), "embedding", unit="photos"))  # (a new user's probe)
+        shown = contextlib.nullcontext(LogProgress(len(paths), "embedding", unit="photos"))  # (a new user's probe)
     else:
-        bar = tqdm(total=len(paths), unit="photo", desc="photos", disable=not show, leave=False, dynamic_ncols=True)
-    with bar as bar:
+        shown = tqdm(total=len(paths), unit="photo", desc="photos", disable=not show, leave=False, dynamic_ncols=True)
+    with shown as bar:
         for rows, (_, pixels, unreadable) in zip(batches, loader):
             if unreadable and strict:
                 row, reason = unreadable[0]
