@@ -30,6 +30,7 @@ the compressed codes and their exact cosines (from the stored latents) re-rank t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -44,7 +45,7 @@ import numpy as np
 import torch
 
 from mlsctl import __version__, atomic, threads
-from mlsctl.console import counted, to_stderr
+from mlsctl.console import LogProgress, counted, to_stderr
 from mlsctl.data.archive import Tree
 from mlsctl.data.kinds import GALLERY_MANIFEST
 from mlsctl.data.loader import Loader, worker_init
@@ -313,32 +314,70 @@ def lookalike_key(object_id: str) -> str:
     return " ".join(unicodedata.normalize("NFC", "".join(kept)).split())  # composed again where a joiner left
 
 
-def printable(object_id: str) -> str:
+def printable(object_id: str, limit: Optional[int] = 80) -> str:
     """An id as a message shows it: :func:`~mlsctl.data.images.printable_name`, with invisible
-    characters and spaces other than U+0020 spelt as escapes too and a decomposed id marked, cut at 80
-    characters, so that two look-alikes read apart."""
+    characters and spaces other than U+0020 spelt as escapes too and a decomposed id marked, cut at ``limit``
+    characters (None: whole, as ``search``'s table shows it), so that two look-alikes read apart."""
     import unicodedata
 
     from mlsctl.data.images import printable_name
 
+    cut = object_id if limit is None else object_id[:limit]
     shown = "".join(c if c == " " or (unicodedata.category(c) != "Zs" and not _draws_nothing(c))
-                    else c.encode("unicode_escape").decode("ascii") for c in printable_name(object_id[:80]))
+                    else c.encode("unicode_escape").decode("ascii") for c in printable_name(cut))
     if unicodedata.normalize("NFC", object_id) != object_id:
         shown += " [decomposed]"
-    return shown + ("..." if len(object_id) > 80 else "")
+    return shown + ("..." if len(cut) < len(object_id) else "")
+
+
+def _format_end(text: str, i: int) -> bool:
+    """``text[i]`` is a Unicode format character (category Cf: U+200B, U+200D, U+2060, U+FEFF, a soft hyphen, ...)
+    that draws nothing where it is (a tag that ends a flag's tag sequence does: :func:`_drawn_in_context`)."""
+    import unicodedata
+
+    return unicodedata.category(text[i]) == "Cf" and not _drawn_in_context(text, i)
+
+
+def _invisible_ends(object_id: str) -> list[str]:
+    """The format characters at either end of ``object_id`` (whitespace between them and the end counts as an end
+    too), as ``U+XXXX``, each once."""
+    found: list[str] = []
+    for order in (range(len(object_id)), range(len(object_id) - 1, -1, -1)):
+        for i in order:
+            if object_id[i].isspace():
+                continue
+            if not _format_end(object_id, i):
+                break
+            found.append(f"U+{ord(object_id[i]):04X}")
+    return list(dict.fromkeys(found))
+
+
+def _trimmed(object_id: str) -> str:
+    """``object_id`` without whitespace and invisible format characters at its ends (what a refusal offers)."""
+    start, end = 0, len(object_id)
+    while start < end and (object_id[start].isspace() or _format_end(object_id, start)):
+        start += 1
+    while end > start and (object_id[end - 1].isspace() or _format_end(object_id, end - 1)):
+        end -= 1
+    return object_id[start:end]
 
 
 def new_id_problem(object_id: str, lookalike: Optional[str] = None) -> Optional[str]:
     """Why ``object_id`` cannot name a new object (None if it can): whitespace at an end (a slip of
-    whoever built the URL or named the folder), or ``lookalike``, an id already taken with the same
+    whoever built the URL or named the folder), bidirectional controls, an invisible format character (category
+    Cf: U+200B, U+200D, U+FEFF, ...) at an end, or ``lookalike``, an id already taken with the same
     :func:`lookalike_key`. Ids already stored stay reachable as they are; only new ones are held to
     this. The sentence follows the id: ``f"{where} '{printable(id)}' {problem}"``."""
     if object_id != object_id.strip():
-        return f"begins or ends with whitespace; remove it (the id '{printable(object_id.strip())}')"
+        return f"begins or ends with whitespace; remove it (the id '{printable(_trimmed(object_id))}')"
     controls = sorted({f"U+{ord(c):04X}" for c in object_id if c in _BIDI_CONTROLS})
     if controls:  # an attacker's probe (2026-12-07): U+202E made answers and tables show the id reversed
         return (f"holds bidirectional controls ({', '.join(controls)}), which draw the text around them reversed "
                 f"or reordered in answers and tables; give an id without them")
+    ends = _invisible_ends(object_id)
+    if ends:  # a new user's probe (2026-12-07): 'x' + U+200B was created, and 'x' then refused as reading like it
+        return (f"begins or ends with an invisible format character ({', '.join(ends)}); remove it (the id "
+                f"'{printable(_trimmed(object_id))}')")
     if lookalike is not None:
         return (f"looks like the object '{printable(lookalike)}' (they differ only in whitespace, invisible "
                 f"characters or Unicode composition); use '{printable(lookalike)}' or another name")
@@ -391,7 +430,23 @@ def object_folders(root: str | os.PathLike, objects_file: Optional[str | os.Path
                             f"or list them in an objects file (CSV/JSONL of object_id,path) given with {option}")
         groups.setdefault(check_object_id(rel.parts[0], "object folder"), []).append(path)
     _say_nested_objects(root, groups, option)
+    _say_folders_without_photos(root, groups)
     return dict(sorted(groups.items()))  # each list in the scan's order: by relative path, as a string
+
+
+def _say_folders_without_photos(root: Path, groups: dict[str, list[Path]]) -> None:
+    """A warning naming the folders right under ``root`` that hold no photo, so make no object: `index build` said
+    "5 objects" of 6 folders without a word (a new user's probe, 2026-12-07)."""
+    try:
+        empty = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith(".")
+                       and entry.name not in groups)
+    except OSError:  # the scan read it a moment ago; nothing to add
+        return
+    if empty:
+        shown = ", ".join(f"'{printable(name)}'" for name in empty[:5]) + (", ..." if len(empty) > 5 else "")
+        logging.getLogger("mlsctl").warning(
+            f"{counted(len(empty), 'folder')} of {root} {'holds' if len(empty) == 1 else 'hold'} no photo and "
+            f"{'makes' if len(empty) == 1 else 'make'} no object: {shown}")
 
 
 def _say_nested_objects(root: Path, groups: dict[str, list[Path]], option: str) -> None:
@@ -429,6 +484,12 @@ def read_query_sets(path: Path) -> list[tuple[int, object, list[Path]]]:
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             raise UserError(f"--sets {path} line {number} is not a JSON object with a non-empty list of paths "
                             f"'photos' (and an optional 'id')") from None
+        unknown = sorted(str(key) for key in record if key not in ("photos", "id"))
+        if unknown:  # ignored, a typo or an option ({"k": 5}) went unsaid; serve refuses them too (a new user's probe)
+            shown = ", ".join(f"'{printable(key, 40)}'" for key in unknown[:3]) + (", ..." if len(unknown) > 3 else "")
+            hint = " (k goes on the command line: -k 5)" if "k" in unknown else ""
+            raise UserError(f"--sets {path} line {number} has {'a key' if len(unknown) == 1 else 'keys'} search "
+                            f"does not take ({shown}); each line takes only 'photos' and 'id'{hint}")
         sets.append((number, query_id, [_beside(path.parent, p) for p in photos]))  # the id comes back as given
     if not sets:
         raise UserError(f"--sets {path} holds no query set")
@@ -534,23 +595,29 @@ def search_sets(gallery: "Gallery", model: SetModel, queries: Sequence[tuple[int
 
 
 def photo_batches(paths: Sequence[Path], preprocessing, *, batch_size: int = 64, workers: Optional[int] = None,
-                  progress: Optional[bool] = None, strict: bool = True, pin_memory: bool = False):
+                  progress: Optional[bool] = None, strict: bool = True, pin_memory: bool = False,
+                  photos: bool = False):
     """``(rows, pixels, unreadable)`` of ``paths`` in order, ``batch_size`` photos a batch, decoded
     and resized by ``preprocessing`` in ``workers`` loader processes (None:
-    :func:`mlsctl.features.default_workers`), with a progress bar on a terminal (``progress=False``:
-    never), in pinned memory with ``pin_memory`` (for a GPU):
-    ``rows`` the batch's rows (a consecutive range), ``pixels`` uint8 [b, 3, R, R] of those that
+    :func:`mlsctl.features.default_workers`), with a progress bar on a terminal and a line every 30 s in a log
+    (:class:`~mlsctl.console.LogProgress`; ``progress=False``: never), in pinned memory with ``pin_memory``
+    (for a GPU): ``rows`` the batch's rows (a consecutive range), ``pixels`` uint8 [b, 3, R, R] of those that
     could be read (None if none) and ``unreadable`` ``[(row, reason)]`` of the others. ``strict``:
-    the first unreadable photo stops it instead, with one sentence naming it."""
+    the first unreadable photo stops it instead, with one sentence naming it. ``photos``: an image that cannot
+    be a photo of an object (:func:`~mlsctl.data.images.photo_shape_problem`) is unreadable too."""
     from tqdm import tqdm
 
     batches = [list(range(start, min(start + batch_size, len(paths)))) for start in range(0, len(paths), batch_size)]
     workers = min(default_workers(len(paths)) if workers is None else workers, len(batches))  # no idle workers
-    loader = Loader(_Photos(Tree("."), [str(p) for p in paths], preprocessing, None), batch_sampler=batches,
-                    num_workers=workers, collate_fn=collate_images, worker_init_fn=worker_init if workers else None,
-                    pin_memory=pin_memory, workers_key="--workers")
+    loader = Loader(_Photos(Tree("."), [str(p) for p in paths], preprocessing, None, photos=photos),
+                    batch_sampler=batches, num_workers=workers, collate_fn=collate_images,
+                    worker_init_fn=worker_init if workers else None, pin_memory=pin_memory, workers_key="--workers")
     show = progress is not False and sys.stderr.isatty()
-    with tqdm(total=len(paths), unit="photo", desc="photos", disable=not show, leave=False, dynamic_ncols=True) as bar:
+    if progress is None and not sys.stderr.isatty():  # a log: a line every 30 s, where a long build said nothing
+        shown = contextlib.nullcontext(LogProgress(len(paths), "embedding", unit="photos"))  # (a new user's probe)
+    else:
+        shown = tqdm(total=len(paths), unit="photo", desc="photos", disable=not show, leave=False, dynamic_ncols=True)
+    with shown as bar:
         for rows, (_, pixels, unreadable) in zip(batches, loader):
             if unreadable and strict:
                 row, reason = unreadable[0]
@@ -574,7 +641,7 @@ def set_tokens(sets: Sequence[Sequence[Path]], model: SetModel, *, batch_size: i
     current, first = 0, 0  # the set handed out next, and its first row
     for rows, pixels, batch_unreadable in photo_batches(paths, model.preprocessor(), batch_size=batch_size,
                                                         workers=workers, progress=progress, strict=strict,
-                                                        pin_memory=model.device.type == "cuda"):
+                                                        pin_memory=model.device.type == "cuda", photos=True):
         unreadable.update(batch_unreadable)
         if pixels is not None:
             waiting.append(model.pixel_tokens(pixels, batch_size))
@@ -593,19 +660,49 @@ def set_tokens(sets: Sequence[Sequence[Path]], model: SetModel, *, batch_size: i
 
 class _Photos(TreeImages):
     """:class:`~mlsctl.features.TreeImages` of photo paths, where a file that cannot be opened (gone,
-    no permission) is unreadable too, as :func:`load_images` has it."""
+    no permission) is unreadable too, as :func:`load_images` has it; with ``photos``, so is an image that
+    cannot be a photo of an object (:func:`~mlsctl.data.images.photo_shape_problem`), as there too."""
+
+    def __init__(self, *args, photos: bool = False):
+        super().__init__(*args)
+        self.photos = photos
 
     def __getitem__(self, index: int):
+        from mlsctl.data.images import BadImage, photo_shape_problem
+
         try:
-            return super().__getitem__(index)
+            image = self.tree.load_rgb(self.relpaths[index], self.max_pixels, self.raise_with)
+        except BadImage as exc:
+            return index, None, str(exc)
         except OSError as exc:  # the message names the photo: its reason need not
             return index, None, exc.strerror or str(exc)
+        problem = self.photos and photo_shape_problem(*image.size)  # one rule with load_images and serve's uploads
+        return (index, None, problem) if problem else (index, self.preprocessing.pixels(image), None)
 
 
 def load_images(paths: Sequence[Path]) -> list:
     from mlsctl.data.images import load_rgb
 
-    return [_read_photo(load_rgb, path) for path in paths]
+    return [_read_photo(lambda p: load_rgb(p, photo=True), path) for path in paths]
+
+
+def photos_of_folders(photos: Sequence, option: str = "--set") -> list:
+    """``photos`` with each folder among them replaced by its images, in the order index build folds an object
+    folder's (by path relative to it, as a string: :func:`object_folders`): ``search --set DIR`` searches the
+    object photographed in DIR (a new user's probe, 2026-12-07: "DIR is not a file")."""
+    from mlsctl.data.images import require_images, scan_images
+
+    out = []
+    for photo in photos:
+        if isinstance(photo, (str, os.PathLike)) and Path(photo).is_dir():
+            scan = scan_images(photo, f"{option} folder")
+            require_images(scan, f"{option} folder")
+            for line in scan.notes(f"{option} folder"):
+                log.warning(line)
+            out.extend(scan.files)
+        else:
+            out.append(photo)
+    return out
 
 
 def check_photos(photos: Sequence, option: str = "") -> None:
@@ -623,7 +720,7 @@ def check_photos(photos: Sequence, option: str = "") -> None:
         raise UserError(f"{option} {missing[0]} is not a file".lstrip() + (f" (nor {len(missing) - 1} more of the photos)"
                                                          if len(missing) > 1 else "") + "; check the path")
     for path in paths:
-        _read_photo(check_image, path)
+        _read_photo(lambda p: check_image(p, photo=True), path)
 
 
 def _read_photo(read: Callable, path):
@@ -679,6 +776,38 @@ class IndexSettings:
         return self
 
 
+def default_nlist(n: int) -> int:
+    """IVF lists for ``n`` objects where --nlist is not given: sqrt(n), at most n / 39 (faiss's least per list)."""
+    return max(1, min(int(n ** 0.5), n // 39))
+
+
+def check_index_fits(settings: IndexSettings, n: int, dim: Optional[int] = None) -> None:
+    """Refuse IVF-PQ settings that cannot be trained on ``n`` objects of width ``dim`` (None: not known yet):
+    faiss needs 39 objects a list and one a PQ centroid (2 ** bits), and --pq-m must divide the width. Said
+    before anything is embedded (a new user's probe, 2026-12-07: 16 s of embedding, then the refusal), with
+    the settings that would fit."""
+    if settings.kind != "ivfpq":
+        return
+    nlist = settings.nlist or default_nlist(n)
+    m = settings.m or (max(1, dim // 8) if dim else None)
+    if dim and m and dim % m:
+        raise UserError(f"--pq-m {m} must divide the embedding width {dim}")
+    if n >= 39 * nlist and n >= 2 ** settings.nbits:
+        return
+    need = max(39 * nlist, 2 ** settings.nbits)
+    head = (f"IVF-PQ with {counted(nlist, 'list')} and {settings.nbits}-bit codes needs at least {need:,} objects "
+            f"to train, the gallery has {n:,}")
+    if n < 39:  # one list needs 39: no setting fits
+        raise UserError(f"{head}; IVF-PQ needs at least 39 objects whatever its settings, so use --index flat (exact, "
+                        f"and fast at this size)")
+    fixes = []
+    if n < 39 * nlist:
+        fixes.append(f"--nlist {n // 39} or fewer")
+    if n < 2 ** settings.nbits:
+        fixes.append(f"--pq-bits {n.bit_length() - 1} or fewer")
+    raise UserError(f"{head}; use {' and '.join(fixes)}, or --index flat (exact, and fast at this size)")
+
+
 def _normalized(latents) -> np.ndarray:
     """Rows L2-normalised as float32 (a zero row stays zero), in numpy: no tensor round trip."""
     x = np.asarray(latents.detach().cpu().numpy() if isinstance(latents, torch.Tensor) else latents, dtype=np.float32)
@@ -694,13 +823,9 @@ def train_index(unit: np.ndarray, settings: IndexSettings):
         return faiss.IndexIDMap2(faiss.IndexFlatIP(d))
     if settings.kind not in INDEX_KINDS:
         raise UserError(f"--index {settings.kind} is not one of {', '.join(INDEX_KINDS)}")
-    nlist = settings.nlist or max(1, min(int(n ** 0.5), n // 39))
+    nlist = settings.nlist or default_nlist(n)
     m = settings.m or max(1, d // 8)
-    if d % m:
-        raise UserError(f"--pq-m {m} must divide the embedding width {d}")
-    if n < 39 * nlist or n < 2 ** settings.nbits:
-        raise UserError(f"IVF-PQ with {counted(nlist, 'list')} and {settings.nbits}-bit codes needs at least "
-                        f"{max(39 * nlist, 2 ** settings.nbits)} objects to train, the gallery has {n}; use --index flat")
+    check_index_fits(settings, n, d)
     settings.nlist, settings.m = nlist, m
     index = faiss.IndexIVFPQ(faiss.IndexFlatIP(d), d, nlist, m, settings.nbits, faiss.METRIC_INNER_PRODUCT)
     # faiss asks for 39 training vectors per centroid and prints a warning per sub-quantiser (16 raw
@@ -1002,8 +1127,8 @@ class Gallery:
         where it reads like a stored one, a UserError where whitespace ends it."""
         lookalike = self.lookalike(object_id)
         problem = new_id_problem(object_id, lookalike)
-        if problem:
-            kind = UserError if object_id != object_id.strip() else LookalikeId
+        if problem:  # 409 for a look-alike alone; 400 for an id no gallery takes (whitespace, Cf at an end)
+            kind = LookalikeId if lookalike is not None and new_id_problem(object_id) is None else UserError
             raise kind(f"{where} '{printable(object_id)}' {problem}")
 
     def fold_into(self, fold, object_id: str, cls: torch.Tensor, tokens: Optional[torch.Tensor],
@@ -1417,7 +1542,19 @@ def check_gallery_target(out: Path, overwrite: bool, source: Optional[str | os.P
             raise UserError(f"{out} already holds a gallery; add --overwrite to rebuild it (or add images with mlsctl index add)")
 
 
-def _source_counts(source, groups: Optional[dict[str, list[Path]]]) -> dict[str, int]:
+def check_gallery_free(out: Path) -> None:
+    """Refuse, in the lock's words, a gallery folder ``out`` that a server or another writer holds: what
+    index build says before its model loads (a new user's probe, 2026-12-07: said after 8.6 s of loading)."""
+    if Path(out).is_dir():
+        FolderLock(out, "gallery").acquire().release()
+
+
+def count_source_objects(source, groups: Optional[dict[str, list[Path]]]) -> int:
+    """The objects a build of ``source`` makes: ``groups`` of its image folders, or a feature folder's."""
+    return len(source_counts(source, groups))
+
+
+def source_counts(source, groups: Optional[dict[str, list[Path]]]) -> dict[str, int]:
     """Photos per object of what a build reads: ``groups`` of its image folders, or a feature folder's rows."""
     if groups is not None:
         return {object_id: len(paths) for object_id, paths in groups.items()}
@@ -1429,13 +1566,21 @@ def _source_counts(source, groups: Optional[dict[str, list[Path]]]) -> dict[str,
     return counts
 
 
-def _say_what_a_rebuild_drops(out: Path, source_counts: dict[str, int], say: Callable[[str], None]) -> None:
+def check_what_a_rebuild_drops(out: Path, source_counts: dict[str, int], drop_added: bool = False,
+                               say: Callable[[str], None] = to_stderr) -> None:
     """Before --overwrite embeds anything: the objects and photos of the gallery in ``out`` that the
     source does not hold (added with ``index add`` or ``serve`` since its build), which the rebuilt
-    gallery will not have (a new user's probe, 2026-12-06: they went without a word)."""
+    gallery will not have and nothing can make again (a gallery keeps no photos). Refused unless
+    ``drop_added``, then said (a new user's probe, 2026-12-07: the note said "stop now to keep them" and the
+    build went on, dropping 17 objects uploaded to the service; 2026-12-06: they went without a word). A gallery
+    that cannot be read is replaced with a note: nothing in it can be counted (a gallery of an older format is
+    rebuilt this way)."""
     try:
-        old = Gallery(out, with_index=False)  # ids and counts only: no index built or read for them
-    except UserError:  # damaged or not a gallery: it is replaced, nothing in it can be counted
+        old = Gallery(out, with_index=False, with_unit=False)  # ids and counts only: a damaged unit.bin no obstacle
+    except UserError as exc:  # damaged or not a gallery: it is replaced, nothing in it can be counted
+        if out.is_dir() and (out / MANIFEST).is_file():
+            say(f"note: --overwrite replaces {out}, which cannot be read ({first_line(exc, 160)}), so what it holds "
+                f"beyond the source cannot be counted")
         return
     gone = [object_id for object_id in old.ids if object_id not in source_counts]
     more = {object_id: old.count(object_id) - source_counts[object_id] for object_id in old.ids
@@ -1448,8 +1593,11 @@ def _say_what_a_rebuild_drops(out: Path, source_counts: dict[str, int], say: Cal
         parts.append(f"{counted(len(gone), 'object')} that the source does not have ({shown})")
     if more:
         parts.append(f"{counted(sum(more.values()), 'photo')} more than the source for {counted(len(more), 'object')}")
-    say(f"note: --overwrite replaces {out}, which holds {' and '.join(parts)}: added with mlsctl index add or serve "
-        f"since it was built, they will not be in the rebuilt gallery (stop now to keep them)")
+    held = f"{out} holds {' and '.join(parts)}: added with mlsctl index add or serve since it was built"
+    if not drop_added:
+        raise UserError(f"--overwrite would drop what {held}, which a rebuild from the source cannot make again; add "
+                        f"those photos to the source first, or give --drop-added to rebuild without them")
+    say(f"note: --overwrite --drop-added replaces {out}; {held}, they will not be in the rebuilt gallery")
 
 
 def check_objects_source(source: str | os.PathLike, objects_file: Optional[str | os.PathLike]) -> None:
@@ -1467,7 +1615,7 @@ def build_gallery(source: str | os.PathLike, model: SetModel, out: str | os.Path
                   *, overwrite: bool = False, progress: Optional[bool] = None, storage_dtype: str = "fp32",
                   workers: Optional[int] = None, batch_size: int = 64, say: Callable[[str], None] = to_stderr,
                   objects_file: Optional[str | os.PathLike] = None,
-                  groups: Optional[dict[str, list[Path]]] = None) -> dict:
+                  groups: Optional[dict[str, list[Path]]] = None, drop_added: bool = False) -> dict:
     """One set embedding per object of ``source``: ``ROOT/<object_id>/*`` images, or those
     ``objects_file`` lists (:func:`object_folders`, or ``groups`` where the caller read them before the model
     loaded; decoded in ``workers`` loader processes and embedded ``batch_size`` at a time, :func:`set_tokens`),
@@ -1479,12 +1627,12 @@ def build_gallery(source: str | os.PathLike, model: SetModel, out: str | os.Path
     if storage_dtype not in STORAGE_DTYPES:
         raise UserError(f"--dtype must be fp32 or fp16, got {storage_dtype!r}")
     ids, latents, counts = [], [], []
-    if out.is_dir():  # a server or another writer holding it: said now, not after every photo is embedded
-        FolderLock(out, "gallery").acquire().release()
+    check_gallery_free(out)  # a server or another writer holding it: said now, not after every photo is embedded
     if groups is None and not is_feature_folder(source):
         groups = object_folders(source, objects_file)
+    check_index_fits(settings, len(source_counts(source, groups)), getattr(model, "dim", None))  # before embedding
     if overwrite:
-        _say_what_a_rebuild_drops(out, _source_counts(source, groups), say)
+        check_what_a_rebuild_drops(out, source_counts(source, groups), drop_added, say)
     if groups is None:
         for object_id, cls in _feature_groups(Path(source), model).items():
             ids.append(object_id)

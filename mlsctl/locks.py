@@ -50,13 +50,15 @@ class FolderLock:
     that is replaced whole (a data build swaps a new folder in: a lock inside would go with the old)."""
 
     def __init__(self, folder: str | os.PathLike, what: str = "folder", *, beside: bool = False,
-                 doing: str = "being written", also_beside: bool = False):
+                 doing: str = "being written", also_beside: bool = False, advice: str | None = None):
         self.folder = Path(folder)
         #: the lock beside the folder, taken first, of a lock inside it that also excludes the commands
         #: that replace the folder whole (a review, 2026-12-07: embed and refine apply into one --out)
         self._beside = FolderLock(folder, what, beside=True, doing=doing) if also_beside and not beside else None
         self.what = what
         self.doing = doing  # what another command is told the holder does ("being served read-only")
+        #: what another command is told to do instead of waiting for the holder to finish (a server never does)
+        self.advice = advice
         if beside:  # beside where the folder really is: "--out ." (no name) and a link to it lock one file (a review)
             real = Path(os.path.realpath(self.folder))
             self.path = real.parent / f".{real.name}{LOCK_NAME}"
@@ -93,11 +95,12 @@ class FolderLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder, doing = self._holder(fd)
+                holder, doing, advice = self._holder(fd)
                 os.close(fd)
                 self._remove_created_folder()
-                raise UserError(f"{self.what} {self.folder} is {doing} by {holder}; wait for it to finish or stop "
-                                f"it, then run this command again", exit_code=1) from None
+                raise UserError(f"{self.what} {self.folder} is {doing} by {holder}; "
+                                f"{advice or 'wait for it to finish or stop it, then run this command again'}",
+                                exit_code=1) from None
             # The holder before us may have removed the file after we opened it: lock the file that is there.
             try:
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
@@ -109,6 +112,8 @@ class FolderLock:
         program = "mlsctl" if Path(sys.argv[0]).name in ("mlsctl", "__main__.py") else sys.argv[0]
         record = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join([program, *sys.argv[1:]]),
                   "started": time.strftime("%Y-%m-%d %H:%M:%S"), "doing": self.doing}
+        if self.advice:
+            record["advice"] = self.advice
         try:
             os.ftruncate(fd, 0)
             os.write(fd, (json.dumps(record) + "\n").encode())
@@ -125,16 +130,18 @@ class FolderLock:
         return self
 
     @staticmethod
-    def _holder(fd: int) -> tuple[str, str]:
-        """(who holds the lock, what it does: "being written" unless its record says otherwise)."""
+    def _holder(fd: int) -> tuple[str, str, str | None]:
+        """(who holds the lock, what it does: "being written" unless its record says otherwise, what to do
+        about it where its record says: None for "wait for it to finish or stop it")."""
         try:
             os.lseek(fd, 0, os.SEEK_SET)
             record = json.loads(os.read(fd, 65536).decode() or "{}")
             doing = record.get("doing") if isinstance(record.get("doing"), str) else "being written"
+            advice = record.get("advice") if isinstance(record.get("advice"), str) else None
             return (f"process {record['pid']} on {record['host']} (`{record['command']}`, started "
-                    f"{record['started']})"), doing
+                    f"{record['started']})"), doing, advice
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            return "another process", "being written"
+            return "another process", "being written", None
 
     def release(self) -> None:
         self._release()

@@ -110,6 +110,7 @@ REFUSAL_LOG_SECONDS = 60.0  # a client's refusals are logged once in this time
 REFUSED_LINGER_SECONDS = 2.0  # a connection refused for its address's cap is closed after this, or at its EOF
 TOKEN_NAME = ".mlsctl.token"
 API = "POST /search, POST /objects/ID/photos, GET /objects/ID, GET /health"
+_AUTH_SCHEMES = {"basic", "digest", "token", "negotiate", "ntlm", "hoba", "mutual", "oauth", "apikey", "jwt"}
 
 # Peak memory of decoding one pixel with mlsctl.data.images.decode_rgb, by the mode Pillow reads
 # from the header (measured on 88 MP images, +10%: benchmarks/serve_soak.py --bombs).
@@ -389,6 +390,10 @@ class _Bounded:
         return False
 
 
+SERVED = "stop the server and run this command again, or add photos through its API (POST /objects/ID/photos)"
+SERVED_READ_ONLY = "stop the server and run this command again (it serves read-only: its API adds nothing)"
+
+
 class GalleryService:
     """The gallery and its model, loaded once; what the endpoints call."""
 
@@ -399,8 +404,10 @@ class GalleryService:
 
         # a read-only server holds the lock too (writers would change the gallery under its in-memory index);
         # others are told it serves, not that it writes (a new user's probe, 2026-12-06)
+        # and a server never finishes: others are told to stop it, or to add through it (a new user's probe, 2026-12-07)
         self.lock_file = FolderLock(gallery_path, "gallery",
-                                    doing="being served read-only" if read_only else "being written").acquire()
+                                    doing="being served read-only" if read_only else "being served",
+                                    advice=SERVED_READ_ONLY if read_only else SERVED).acquire()
         try:
             self.gallery = Gallery(gallery_path, recover=not read_only)  # a read-only server changes nothing
             self.model = load_set_model(run or self.gallery.built_with_run())
@@ -470,6 +477,9 @@ class GalleryService:
             try:
                 path = (self.root / given).resolve()
                 inside = path == self.root or self.root in path.parents
+                if inside and path.is_dir():  # said as missing until 2026-12-07 (a new user's probe)
+                    raise RequestError(400, f"{_shown(given)} is a folder under the served root, not an image file; "
+                                            f"name its photos, one path each")
                 if inside and not path.is_file():
                     raise RequestError(404, f"{_shown(given)} does not exist under the served root")
                 found = path.stat() if inside else None
@@ -495,7 +505,7 @@ class GalleryService:
         above the per-photo, per-request and decode-budget limits."""
         from PIL import Image, UnidentifiedImageError
 
-        from mlsctl.data.images import DEFAULT_MAX_IMAGE_PIXELS
+        from mlsctl.data.images import DEFAULT_MAX_IMAGE_PIXELS, photo_shape_problem
 
         total = 0
         for photo in photos:
@@ -517,8 +527,11 @@ class GalleryService:
             except Exception as exc:  # noqa: BLE001 - whatever a reader raises on a malformed header is the client's
                 if isinstance(exc, UnidentifiedImageError):
                     reason = f"not an image file in a format this server takes ({', '.join(upload_formats())})"
-                elif isinstance(exc, Image.DecompressionBombError):
-                    reason = "more pixels than the limit"
+                elif isinstance(exc, Image.DecompressionBombError):  # the numbers, as the CLI gives them (a probe)
+                    found = re.search(r"\((\d+) pixels\)", str(exc))
+                    size = f"{int(found.group(1)):,} pixels, " if found else ""
+                    raise RequestError(413, f"{_shown(photo.name)} holds {size}more than {DEFAULT_MAX_IMAGE_PIXELS:,} "
+                                            f"pixels per photo (a decompression bomb, or a photo to shrink)") from None
                 elif isinstance(exc, ValueError) and ("text chunks" in str(exc) or "Decompressed Data" in str(exc)):
                     reason = f"a PNG whose text is over {PNG_TEXT_BYTES // 2**20} MiB (this server's limit)"
                 else:
@@ -544,6 +557,9 @@ class GalleryService:
                 raise RequestError(413, f"{_shown(photo.name)} ({width}x{height}, {mode}) needs "
                                         f"{photo.cost / 2**20:,.0f} MiB to decode, more than this server's decode budget "
                                         f"of {self.limits.decode_budget_bytes / 2**20:,.0f} MiB (--decode-budget-mb)")
+            shape = photo_shape_problem(int(width), int(height))  # a 1x1 or 100000x1 was searched with confidence
+            if shape:
+                raise RequestError(400, f"{_shown(photo.name)} cannot be used: {shape}")
             total += photo.pixels
         if total > MAX_REQUEST_PIXELS:
             raise RequestError(413, f"the {len(photos)} photos hold {total:,} pixels, more than {MAX_REQUEST_PIXELS:,} "
@@ -563,7 +579,8 @@ class GalleryService:
                     data = f.read(self.limits.max_upload_bytes + 1)
                 self._check_size(photo.name, len(data))
                 try:
-                    image = decode_rgb(data, max_pixels=max(photo.pixels, 1), formats=upload_formats(), quiet=False)
+                    image = decode_rgb(data, max_pixels=max(photo.pixels, 1), formats=upload_formats(), quiet=False,
+                                       photo=True)
                 except BadImage as exc:
                     raise RequestError(400, f"{_shown(photo.name)} cannot be used: {exc}") from None
                 del data
@@ -933,6 +950,12 @@ class Guard:
             what = "this server needs" if policy.token_everywhere else "writes need"
             return (401, f"{what} the server's token: send 'Authorization: Bearer TOKEN' with the token of the "
                          f"file the server named at start", {"WWW-Authenticate": "Bearer"}), False
+        if needs_token and not authenticated and scheme.lower() != "bearer":  # Basic, Token: said as a wrong token
+            # (a new user's probe, 2026-12-07); a scheme is named only where it is a known one: a lone token is none
+            named = (f"the scheme '{scheme}'" if scheme.lower() in _AUTH_SCHEMES
+                     else "a scheme other than Bearer" if credential else "no scheme")
+            return (401, f"the Authorization header has {named}; send 'Authorization: Bearer TOKEN' with the token "
+                         f"of the file the server named at start", {"WWW-Authenticate": "Bearer"}), False
         if needs_token and not authenticated:
             return (401, "the bearer token is wrong; send the one in the server's token file",
                     {"WWW-Authenticate": "Bearer"}), False
@@ -953,6 +976,10 @@ class Guard:
                 length = int(text) if text.isdigit() and len(text) < 20 else -1
             elif key == b"transfer-encoding":
                 chunked = True
+            elif key == b"content-encoding" and value.strip().lower() not in (b"", b"identity"):
+                # read as it came, a gzip body was "not an image" or "not JSON" (a new user's probe, 2026-12-07)
+                raise RequestError(415, f"Content-Encoding {_shown(value.decode('latin-1').strip(), 40)} is not "
+                                        f"supported; send the body uncompressed")
         if length == -1:
             raise RequestError(400, "the Content-Length header is not a number")
         if chunked:  # chunk framing costs the server per chunk: a body of 1-byte chunks took 5 s of CPU a MiB
@@ -1253,7 +1280,10 @@ def _answer_errors_in_one_sentence(app) -> None:
         raw = request.scope.get("raw_path", b"") or b""
         if exc.status_code == 404 and path.startswith("/objects/") and b"%2f" in raw.lower():
             return JSONResponse({"error": "an object id cannot contain '/' (%2F)"}, status_code=400)
-        if exc.status_code == 404:
+        if exc.status_code == 404 and path in ("/docs", "/redoc", "/openapi.json"):  # served with --docs only
+            message = (f"no such endpoint: {method} {path}; the API's pages (/docs, /redoc, /openapi.json) are served "
+                       f"when the server is started with --docs; the API is {API}")
+        elif exc.status_code == 404:
             message = f"no such endpoint: {method} {_shown(path, 100)}; the API is {API}"
         elif exc.status_code == 405:
             message = f"{method} is not allowed on {_shown(path, 100)}; the API is {API}"

@@ -1748,7 +1748,8 @@ def test_23_8_a_labels_field_over_128_kib_or_jsonl_nested_deep_is_one_sentence(k
 
     reader = {"csv": read_labels_file, "multi": read_multi_labels, "objects": read_objects_file}[kind]
     long = tmp_path / "labels.csv"
-    long.write_text("path,label\n" + "a.png," + "x" * 200_000 + "\n")
+    header = {"csv": "path,label", "multi": "path,tags", "objects": "object_id,path"}[kind]  # another's is refused
+    long.write_text(header + "\n" + "a.png," + "x" * 200_000 + "\n")
     with pytest.raises(UserError, match=r"labels.csv:2 is not a CSV row .*field larger than field limit"):
         reader(long)
     deep = tmp_path / "labels.jsonl"

@@ -714,12 +714,21 @@ def test_gallery_probe_of_2026_12_06(mile_run, tmp_path, capsys):
     cli_ok(capsys, "index", "add", str(gallery), "--object", "obj0", photo)
     code, _, err = cli("index", "add", str(gallery), "--object", "a/b", photo, capsys=capsys)
     assert code == 2 and "contains '/', which the service's URLs (/objects/<id>) cannot carry" in err, err
-    # --overwrite says, before embedding, what the rebuild drops
+    # --overwrite refuses, before the model loads, to drop what was added since the build (a new user's probe,
+    # 2026-12-07: a note said "stop now to keep them" and the build went on); --drop-added rebuilds, and says it
     copy = tmp_path / "copy"
     shutil.copytree(gallery, copy)
-    _, err = cli_ok(capsys, "index", "build", str(mile_run / "gallery"), "--run", run, "--out", str(copy), "--overwrite")
-    assert (f"note: --overwrite replaces {copy}, which holds 1 object that the source does not have (new) and 1 photo "
-            f"more than the source for 1 object: added with mlsctl index add or serve") in " ".join(err.split()), err
+    code, _, err = cli("index", "build", str(mile_run / "gallery"), "--run", run, "--out", str(copy), "--overwrite",
+                       capsys=capsys)
+    assert code == 2 and "model:" not in err, err
+    assert (f"--overwrite would drop what {copy} holds 1 object that the source does not have (new) and 1 photo more "
+            f"than the source for 1 object: added with mlsctl index add or serve since it was built, which a rebuild "
+            f"from the source cannot make again; add those photos to the source first, or give --drop-added to "
+            f"rebuild without them") in " ".join(err.split()), err
+    assert "new" in Gallery(copy).ids  # nothing dropped
+    _, err = cli_ok(capsys, "index", "build", str(mile_run / "gallery"), "--run", run, "--out", str(copy), "--overwrite",
+                    "--drop-added")
+    assert f"note: --overwrite --drop-added replaces {copy}; {copy} holds 1 object" in " ".join(err.split()), err
     assert "new" not in Gallery(copy).ids
     _, err = cli_ok(capsys, "index", "build", str(mile_run / "gallery"), "--run", run, "--out", str(copy), "--overwrite")
     assert "note: --overwrite" not in err  # nothing to drop

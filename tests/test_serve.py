@@ -276,9 +276,18 @@ def test_an_upload_equals_index_add_of_the_same_file(server, tmp_path):
     ("GET", "/objects/obj0?full=1", {}, 400, "a query parameter this endpoint does not take: it takes none"),
     ("POST", "/search", {"headers": {"Content-Type": "multipart/form-data"}}, 400, "no boundary"),
     ("POST", "/search", {"headers": {"Content-Type": "text/plain"}}, 415, "multipart"),
-    ("GET", "/docs", {}, 404, "no such endpoint"),
-    ("GET", "/redoc", {}, 404, "no such endpoint"),
+    # a new user's probe (2026-12-07): the pages' 404 did not say how to have them
+    ("GET", "/docs", {}, 404, "no such endpoint: GET /docs; the API's pages (/docs, /redoc, /openapi.json) are served "
+                              "when the server is started with --docs"),
+    ("GET", "/redoc", {}, 404, "no such endpoint: GET /redoc; the API's pages"),
     ("GET", "/openapi.json", {}, 404, "no such endpoint"),
+    # ... a folder named as a photo was "does not exist", a gzip body was read as it came, a Pillow bomb had no numbers
+    ("POST", "/search", {"body": {"paths": ["gallery/obj0"]}}, 400,
+     "gallery/obj0 is a folder under the served root, not an image file; name its photos"),
+    ("POST", "/search", {"body": {"paths": ["gallery/obj0/0.png"]}, "headers": {"Content-Encoding": "gzip"}}, 415,
+     "Content-Encoding gzip is not supported; send the body uncompressed"),
+    ("POST", "/search", {"files": "header-bomb"}, 413,
+     "a.png holds 200,000,000 pixels, more than 89,478,485 pixels per photo (a decompression bomb"),
     ("GET", "/objects/obj0/", {}, 404, "no such endpoint"),  # was a 307 with an empty body
     # item 9: ids
     ("POST", "/objects/%E2%80%8B/photos", {"files": "one"}, 400, "no visible character"),
@@ -305,11 +314,18 @@ def test_an_upload_equals_index_add_of_the_same_file(server, tmp_path):
     ("POST", "/search", {"files": "jpeg-segments"}, 400, "a JPEG with more than 512 segments"),
     ("POST", "/search", {"files": "png-chunks"}, 400, "besides its image data"),
     ("POST", "/search", {"files": "png-text"}, 400, "a PNG whose text is over 1 MiB"),  # not "header cannot be read"
+    # a new user's probe (2026-12-07): a 1x1 and a 100000x1 PNG were searched and added with confident scores
+    ("POST", "/search", {"files": "1x1"}, 400, "a.png cannot be used: 1x1 is too small to show an object (photos need "
+                                               "at least 8 pixels on their shorter side)"),
+    ("POST", "/objects/obj0/photos", {"files": "400x10"}, 400, "400x10 is a strip, not a photo of an object (its "
+                                                               "sides are 40:1; photos may be at most 20:1)"),
     ("POST", "/objects/caf%E9/photos", {"files": "one"}, 400, "not valid UTF-8"),
     ("GET", "/objects/caf%E9", {}, 400, "not valid UTF-8"),
     # look-alike ids (2026-12-06, fourteenth session): "obj0 " and a zero-width "obj0" became objects of their own
     ("POST", "/objects/obj0%20/photos", {"files": "one"}, 400, "'obj0 ' begins or ends with whitespace"),
-    ("POST", "/objects/%E2%80%8Bobj0/photos", {"files": "one"}, 409, "'\\u200bobj0' looks like the object 'obj0'"),
+    ("POST", "/objects/%E2%80%8Bobj0/photos", {"files": "one"}, 400,
+     "'\\u200bobj0' begins or ends with an invisible format character (U+200B); remove it (the id 'obj0')"),
+    ("POST", "/objects/new%EF%BB%BF/photos", {"files": "one"}, 400, "'new\\ufeff' begins or ends with an invisible"),
     ("POST", "/objects/ob%E2%81%A0j0/photos", {"files": "one"}, 409, "'ob\\u2060j0' looks like the object 'obj0'"),
     ("GET", "/objects/obj0%20", {}, 404, "no object 'obj0 ' in the gallery; did you mean 'obj0'?"),
 ])
@@ -318,6 +334,11 @@ def test_bad_requests_get_one_sentence_and_the_server_lives_on(server, method, p
         kwargs = {"files": [photo(server.mile_run, "obj0")]}
     elif kwargs.get("files") == "icon":
         kwargs = {"files": [("a.ico", icon_claiming_16x16(bomb(600)))]}
+    elif kwargs.get("files") in ("1x1", "400x10"):
+        side, height = map(int, kwargs["files"].split("x"))
+        kwargs = {"files": [("a.png", bomb(side, "RGB", height=height))]}
+    elif kwargs.get("files") == "header-bomb":  # a PNG header saying 20000x10000, and no pixels
+        kwargs = {"files": [("a.png", png_header(20_000, 10_000))]}
     elif kwargs.get("files") == "gif":
         kwargs = {"files": [("a.gif", bomb(20, format="GIF"))]}
     elif kwargs.get("files") == "tiff":
@@ -341,6 +362,16 @@ def test_bad_requests_get_one_sentence_and_the_server_lives_on(server, method, p
     assert got == status and words in answer["error"] and set(answer) == {"error"}, answer
     assert str(server.mile_run) not in answer["error"]  # the server's folders are nobody's business
     assert call(server.base, "GET", "/health")[0] == 200
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG of a header saying ``width`` x ``height`` (8-bit grey) and no pixels."""
+    import struct
+    import zlib
+
+    return b"\x89PNG\r\n\x1a\n" + b"".join(
+        len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+        for kind, data in ((b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)), (b"IEND", b"")))
 
 
 def crafted(kind: str) -> bytes:
@@ -468,9 +499,15 @@ def test_1_writes_need_the_token_printed_once_from_a_0600_file_beside_the_lock(s
     one = [photo(server.mile_run, "obj2")]
     for headers, words in (({}, "writes need the server's token"),
                            ({"Authorization": "Bearer " + "x" * 43}, "token is wrong"),
-                           ({"Authorization": server.token}, "token is wrong")):
+                           ({"Authorization": server.token}, "the Authorization header has no scheme; send "
+                                                             "'Authorization: Bearer TOKEN'"),
+                           # a new user's probe (2026-12-07): Token and Basic were told the bearer token is wrong
+                           ({"Authorization": "Token " + server.token}, "the Authorization header has the scheme "
+                                                                        "'Token'; send 'Authorization: Bearer TOKEN'"),
+                           ({"Authorization": "Basic dXNlcjpwYXNz"}, "has the scheme 'Basic'; send 'Authorization: "
+                                                                     "Bearer TOKEN'")):
         status, answer = call(server.base, "POST", "/objects/intruder/photos", files=one, headers=headers)
-        assert status == 401 and words in answer["error"]
+        assert status == 401 and words in answer["error"] and server.token not in answer["error"], answer
     assert call(server.base, "GET", "/objects/intruder")[0] == 404  # nothing was written
     assert call(server.base, "POST", "/objects/owner/photos", files=one, token=server.token)[0] == 200
     assert call(server.base, "POST", "/search", files=one)[0] == 200  # searches stay open on loopback

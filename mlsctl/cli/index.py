@@ -34,7 +34,8 @@ def build(
     refine: int = typer.Option(10, "--refine", min=1, max=10_000, help="IVF-PQ candidates per result, re-ranked with exact cosines."),
     dtype: StorageDtype = typer.Option("fp32", "--dtype", parser=one_of("--dtype", StorageDtype), help="Stored latents: fp32, or fp16 (half the disk; later adds fold from rounded latents)."),
     workers: Optional[int] = typer.Option(None, "--workers", "-w", min=0, help="Image-decoding worker processes, for a folder of images [default: as mlsctl embed's]."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a gallery already in --out."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a gallery already in --out (refused where it holds objects or photos added since its build that the source lacks, unless --drop-added)."),
+    drop_added: bool = typer.Option(False, "--drop-added", help="With --overwrite: rebuild even though the gallery holds objects or photos added since its build (index add, serve) that the source lacks; they are dropped."),
     as_json: bool = typer.Option(False, "--json", help="Print the gallery record as JSON."),
 ) -> None:
     """One MILE set embedding per object, indexed with faiss.
@@ -43,8 +44,9 @@ def build(
     """
     from mlsctl.data.kinds import folder_kind
     from mlsctl.features import is_feature_folder
-    from mlsctl.gallery import (IndexSettings, build_gallery, check_gallery_target, check_objects_source,
-                                choose_set_model, object_folders, unfinished_run_note)
+    from mlsctl.gallery import (IndexSettings, build_gallery, check_gallery_free, check_gallery_target,
+                                check_index_fits, check_objects_source, check_what_a_rebuild_drops, choose_set_model,
+                                count_source_objects, object_folders, source_counts, unfinished_run_note)
 
     check_gallery_target(out, overwrite, source)  # before the model loads
     if not source.exists():  # so is a source that is not there (a new user, 2026-12-06: said after the model line)
@@ -58,16 +60,25 @@ def build(
     check_objects_source(source, objects)
     # the objects and their photos (an objects file's rows too) before the model loads (a review, 2026-12-07)
     groups = None if is_feature_folder(source) else object_folders(source, objects)
+    check_index_fits(settings, count_source_objects(source, groups))  # IVF-PQ's least objects: before the model
+    check_gallery_free(out)  # a server holding --out: before the model loads, as index add says it
+    if drop_added and not overwrite:
+        raise UserError("--drop-added goes with --overwrite: it lets a rebuild drop what was added to the gallery")
+    if overwrite and not drop_added:  # what the rebuild would drop, refused before the model loads
+        check_what_a_rebuild_drops(out, source_counts(source, groups), say=lambda _: None)
     model = choose_set_model(run, say=say, features=source)
     if unfinished_run_note(model):
         say(unfinished_run_note(model))
     record = build_gallery(source, model, out, settings, overwrite=overwrite, storage_dtype=dtype, workers=workers,
-                           say=say, objects_file=objects, groups=groups)
+                           say=say, objects_file=objects, groups=groups, drop_added=drop_added)
     if as_json:
         print(json.dumps(record, indent=2))
         return
+    # faiss searches min(nprobe, nlist) lists: "nlist 3, ... nprobe 32" read as 32 lists searched (a new user's probe)
+    probed = min(nprobe, settings.nlist or nprobe)
+    probes = f"nprobe {probed}" + (f": every list, of the {nprobe} asked" if probed < nprobe else "")
     print(f"built {out}: {record['objects']} objects from {record['images']} images, index {index}"
-          + (f" (nlist {settings.nlist}, m {settings.m}, {pq_bits} bits, nprobe {nprobe})" if index == "ivfpq" else ""))
+          + (f" (nlist {settings.nlist}, m {settings.m}, {pq_bits} bits, {probes})" if index == "ivfpq" else ""))
 
 
 RETRAIN_SHARE = 0.2  # objects written since the IVF quantiser was trained, above which `index add` says so
@@ -175,7 +186,7 @@ def retrain(
 
 
 def search(
-    images: Optional[list[Path]] = typer.Option(None, "--set", help="Photos of one object (space-separated), folded in the order given: the set embedding depends on it, and index build folds an object's photos in file-name order."),
+    images: Optional[list[Path]] = typer.Option(None, "--set", help="Photos of one object (space-separated), folded in the order given: the set embedding depends on it, and index build folds an object's photos in file-name order; a folder gives its photos in that order."),
     sets: Optional[Path] = typer.Option(None, "--sets", help="JSONL of query sets, one per line: {\"photos\": [...], \"id\": ...} (photos folded in the order listed); one JSON line out per set, with 'error' where a photo cannot be read."),
     index: Optional[Path] = typer.Option(None, "--index", help="Gallery folder [default: the newest gallery under the current directory]."),
     k: int = typer.Option(10, "-k", "--k", min=1, help="Objects to return."),
@@ -189,8 +200,8 @@ def search(
 
     Many sets, one model load: mlsctl search --sets queries.jsonl --index galleries/products > results.jsonl
     """
-    from mlsctl.gallery import (Gallery, check_photos, choose_set_model, missing_sets, newest_gallery, ranked,
-                                read_query_sets, search_sets)
+    from mlsctl.gallery import (Gallery, check_photos, choose_set_model, missing_sets, newest_gallery,
+                                photos_of_folders, printable, ranked, read_query_sets, search_sets)
 
     if images is not None and sets is not None:
         raise UserError("give the photos of one set with --set or a JSONL file of sets with --sets, not both")
@@ -203,6 +214,7 @@ def search(
         say(f"gallery: {index} (the newest under the current directory)")
     target = Gallery(index)
     queries = read_query_sets(sets) if sets is not None else None  # a bad file is told before the model loads
+    images = photos_of_folders(images, "--set") if images else images  # a folder: its photos, as build folds them
     missing = [str(p) for p in (images or []) if not Path(p).is_file()]
     if missing and missing[0].startswith("-"):  # `search --set --index G`: an option taken for a photo
         raise UserError(f"--set got '{missing[0]}' where a photo should be: give the photos right after --set "
@@ -249,5 +261,7 @@ def search(
                           "results": ranked(found)},
                          indent=2))
         return
-    print(table(["rank", "object", "cosine"], [[i + 1, o, f"{s:.4f}"] for i, (o, s) in enumerate(found)],
+    # ids as messages show them: invisible characters spelt out, so 'x' and 'x' + U+200B read apart (a new user's probe)
+    rows = [[i + 1, printable(o, None), f"{s:.4f}"] for i, (o, s) in enumerate(found)]
+    print(table(["rank", "object", "cosine"], rows,
                 right=[True, False, True]))

@@ -49,6 +49,25 @@ log = logging.getLogger("mlsctl")
 # --max-image-pixels; the message names that way (``raise_with``) only where the caller has one.
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
 
+# What a photo of an object searched or added to a gallery (search, index add and build, serve's uploads) must
+# be: a 1x1 or a 100000x1 image, resized to the model's square input, was searched and added with confident
+# scores (a new user's probe, 2026-12-07). 8 pixels is the tiny models' patch; 20:1 is wider than a panorama.
+MIN_PHOTO_SIDE = 8
+MAX_PHOTO_ASPECT = 20
+
+
+def photo_shape_problem(width: int, height: int) -> Optional[str]:
+    """Why an image of ``width`` x ``height`` cannot be a photo of an object (None if it can): its shorter side
+    under :data:`MIN_PHOTO_SIDE` pixels, or its sides further apart than :data:`MAX_PHOTO_ASPECT`:1."""
+    short, long = min(width, height), max(width, height)
+    if short < MIN_PHOTO_SIDE:
+        return (f"{width}x{height} is too small to show an object (photos need at least {MIN_PHOTO_SIDE} pixels on "
+                f"their shorter side)")
+    if long > MAX_PHOTO_ASPECT * short:
+        return (f"{width}x{height} is a strip, not a photo of an object (its sides are {long / short:,.0f}:1; photos "
+                f"may be at most {MAX_PHOTO_ASPECT}:1)")
+    return None
+
 # Formats Pillow registers but that are not raster photographs it can decode by itself (stubs that
 # need another library, video, vector and page formats).
 _NOT_PHOTOS = {"BUFR", "GRIB", "HDF5", "FITS", "MPEG", "EPS", "WMF"}
@@ -423,19 +442,22 @@ def allow_image_pixels(max_pixels: int) -> None:
         Image.MAX_IMAGE_PIXELS = max_pixels
 
 
-def load_rgb(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, raise_with: str = "") -> Image.Image:
+def load_rgb(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, raise_with: str = "",
+             photo: bool = False) -> Image.Image:
     """Decode ``path`` completely into an 8-bit RGB image with EXIF orientation applied; an image of
     more than ``max_pixels`` pixels is refused before it is decoded, the refusal naming ``raise_with``
-    (the caller's option or key for the limit) if it has one."""
-    return _decode(_not_empty(Path(path)), max_pixels, raise_with=raise_with)
+    (the caller's option or key for the limit) if it has one; with ``photo``, so is one that cannot be a
+    photo of an object (:func:`photo_shape_problem`)."""
+    return _decode(_not_empty(Path(path)), max_pixels, raise_with=raise_with, photo=photo)
 
 
-def check_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, raise_with: str = "") -> None:
+def check_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, raise_with: str = "",
+                photo: bool = False) -> None:
     """What :func:`load_rgb` refuses of ``path`` that its header shows, without decoding it (a
     header costs a read of a few KB): a file that cannot be read, is empty, is no image Pillow
     identifies, or has more than ``max_pixels`` pixels raises the same :class:`BadImage`. Damaged
     image data past the header (a truncated file) is found only by decoding it."""
-    _decode(_not_empty(Path(path)), max_pixels, raise_with=raise_with, header_only=True)
+    _decode(_not_empty(Path(path)), max_pixels, raise_with=raise_with, header_only=True, photo=photo)
 
 
 def _not_empty(path: Path) -> Path:
@@ -471,7 +493,7 @@ def _unreadable(exc: OSError, path: Path) -> Exception:
 
 
 def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, formats: Sequence[str] = IMAGE_FORMATS,
-               quiet: bool = True, raise_with: str = "") -> Image.Image:
+               quiet: bool = True, raise_with: str = "", photo: bool = False) -> Image.Image:
     """:func:`load_rgb` for the bytes of an image file (an archive member, an upload), in one of
     ``formats``; ``quiet=False`` leaves Pillow's warnings to the process's filters (``catch_warnings``
     swaps them process-wide, which threads decoding at once must not do)."""
@@ -479,13 +501,13 @@ def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, formats:
 
     if not data:
         raise BadImage("empty file (0 bytes)")
-    return _decode(io.BytesIO(data), max_pixels, formats, quiet, raise_with)
+    return _decode(io.BytesIO(data), max_pixels, formats, quiet, raise_with, photo=photo)
 
 
 def _decode(source, max_pixels: int, formats: Sequence[str] = IMAGE_FORMATS, quiet: bool = True,
-            raise_with: str = "", header_only: bool = False) -> Optional[Image.Image]:
+            raise_with: str = "", header_only: bool = False, photo: bool = False) -> Optional[Image.Image]:
     """``source`` decoded (None with ``header_only``: opened, identified and sized only), or the
-    :class:`BadImage` of why not."""
+    :class:`BadImage` of why not (with ``photo``, also where it cannot be a photo: :func:`photo_shape_problem`)."""
     # the way to raise the limit only where the command has one: `search --set huge.png` was told to raise
     # data.max_image_pixels or --max-image-pixels, neither of which it has (an attacker's probe, 2026-12-07)
     too_large = (f"more than {max_pixels:,} pixels (a decompression bomb, or "
@@ -498,6 +520,9 @@ def _decode(source, max_pixels: int, formats: Sequence[str] = IMAGE_FORMATS, qui
                 width, height = img.size
                 if width * height > max_pixels:
                     raise BadImage(f"{width}x{height} is {too_large}")
+                problem = photo_shape_problem(width, height) if photo else None
+                if problem:
+                    raise BadImage(problem)
                 if header_only:
                     return None
                 img.load()

@@ -139,6 +139,20 @@ def _header_index(cells: Sequence[str], headers: Sequence[Sequence[str]]) -> Opt
     return None
 
 
+def _looks_like_a_header(cells: Sequence[str]) -> bool:
+    """Whether a CSV's first row, which is no header this file takes, reads as a header all the same: two or more
+    cells, each a name (letters first, no path separator) and none an image file."""
+    import re
+
+    named = [c for c in cells if c]
+    return (len(named) >= 2 and not any(looks_like_image(c) for c in named)
+            and all(re.fullmatch(r"[A-Za-z][A-Za-z0-9_ -]{0,39}", c) for c in named))
+
+
+def _shown_cells(cells: Sequence[str]) -> str:
+    return ",".join(cells[:4]) + (",..." if len(cells) > 4 else "")
+
+
 def _rows(path: Path, what: str, headers: Sequence[Sequence[str]], from_json: Callable, from_csv: Callable,
           json_fields: str, csv_columns: str, key_name: str) -> list[tuple[str, object]]:
     """(key, value) of every row of a labels file of any kind, in the file's order; ``from_json``
@@ -174,6 +188,10 @@ def _rows(path: Path, what: str, headers: Sequence[Sequence[str]], from_json: Ca
                 if index is not None:
                     first = index
                     continue
+                if _looks_like_a_header(cells):  # `id,file` was "lists file, which is not an image" (a probe)
+                    expected = " or ".join(",".join(h) for h in headers)
+                    raise UserError(f"{path}:{number} reads as a header ({_shown_cells(cells)}) with other column "
+                                    f"names than {what}s take: name them {expected}, or leave the header out")
             cells = cells[first:]
             if len(cells) < 2:
                 raise UserError(f"{path}:{number} needs two columns, {csv_columns}")
