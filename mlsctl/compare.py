@@ -11,14 +11,16 @@ results record it (:func:`mlsctl.evaluate.results.chance_headline`).
 Rows are each run's own weights (its final teacher, a checkpoint's teacher, a refine run's refiner), then the
 comparison models the runs' reports show (a random init of a run's architecture, the weights a run started
 from), each model once: a random init of two runs of one architecture at one seed is one model. Where one
-model has several results in a table, the newest is shown and the row says how many there are. Results no run
-claims are left out; results a run's report shows as unmatched (trained again since) are counted, not shown.
+model has several results in a table, each score comes from the newest result that has it, and the row says how
+many there are. Results no run claims are left out; those a run's report shows as unmatched are named on stderr
+with the reason, not shown.
 """
 
 from __future__ import annotations
 
 import html
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -85,6 +87,19 @@ def _written(result: dict) -> str:
     return str(written.get("date", "")) if isinstance(written, dict) else ""
 
 
+def _instant(date: str) -> float:
+    """A result's ``written.date`` (ISO, local time with its UTC offset) as seconds since the epoch, so that results
+    written in other time zones order by when they were written (a review, 2026-12-07: compared as text, an older
+    result in UTC+1 was shown as the newest); -inf where it is missing or unreadable."""
+    import datetime
+
+    try:
+        when = datetime.datetime.fromisoformat(date)
+    except (TypeError, ValueError):
+        return float("-inf")
+    return when.timestamp()  # one without an offset (written by hand) as this machine's local time
+
+
 def compare(runs: Sequence[str | Path], results: Sequence[str | Path] = ("results",), *,
             over_seeds: bool = False) -> dict:
     """The tables of :mod:`mlsctl.compare` for the run folders ``runs`` and the result folders ``results`` (each
@@ -113,7 +128,7 @@ def compare(runs: Sequence[str | Path], results: Sequence[str | Path] = ("result
             continue
         name, group, label = placed
         if group == "unmatched":
-            unmatched.append(str(path))
+            unmatched.append(f"{path} ({label})")
             continue
         try:
             values, data, settings = headline(result), data_text(result), settings_of(result)
@@ -130,10 +145,11 @@ def compare(runs: Sequence[str | Path], results: Sequence[str | Path] = ("result
         row = Row(model, group, values, run=name if group == "own" else None, file=str(path),
                   written=_written(result), label=label)
         earlier = chosen.get((key, _identity(result)))
-        if earlier is not None:
-            row.results = earlier[0].results + 1
-            if earlier[0].written > row.written:  # the newest shown
-                row = Row(**{**earlier[0].__dict__, "results": row.results})
+        if earlier is not None:  # each score from the newest result that has it (k = 10 in one file, 20 in another)
+            later = _instant(earlier[0].written) > _instant(row.written)
+            older, newer = (row, earlier[0]) if later else (earlier[0], row)
+            row = Row(**{**newer.__dict__, "values": {**older.values, **newer.values},
+                         "results": earlier[0].results + 1})
         chosen[(key, _identity(result))] = (row, chance)
     for (key, _), (row, chance) in chosen.items():
         tables[key].rows.append(row)
@@ -170,18 +186,20 @@ def merge_seeds(rows: list, arms: dict[str, str]) -> list:
     """The rows of runs of one arm (:func:`seed_arms`) and the same weights of theirs (``final teacher``, else
     the same checkpoint step) as one row: each column the mean over the runs that have it, ``spread`` the sample
     standard deviation (n - 1), ``seeds`` the runs. A run alone in its arm keeps its row."""
-    import re
     import statistics
+
+    def what(label: str) -> str:
+        # the final teachers of one recipe's seeds are one arm's, whatever step each ended at; a checkpoint's teacher
+        # only beside the same step's (a review, 2026-12-07: unfinished runs at steps 100 and 124 were averaged)
+        return re.sub(r"^final teacher \(step \d+\)$", "final teacher", label)
 
     groups: dict[tuple, list] = {}
     for row in rows:
         if row.kind == "own":
-            what = re.sub(r" \(step \d+\)$", "", row.label)  # seeds of one recipe may stop at other steps
-            groups.setdefault((arms.get(row.run, row.run), what), []).append(row)
+            groups.setdefault((arms.get(row.run, row.run), what(row.label)), []).append(row)
     out = []
     for row in rows:
-        group = groups.get((arms.get(row.run, row.run), re.sub(r" \(step \d+\)$", "", row.label))) \
-            if row.kind == "own" else None
+        group = groups.get((arms.get(row.run, row.run), what(row.label))) if row.kind == "own" else None
         if group is None or len(group) < 2:
             out.append(row)
             continue
@@ -189,12 +207,12 @@ def merge_seeds(rows: list, arms: dict[str, str]) -> list:
             continue
         columns = [c for c in dict.fromkeys(c for member in group for c in member.values)]
         values, spread = {}, {}
-        for column in columns:
+        for column in columns:  # a score only where every seed has it: one seed's value is no mean (a review)
             found = [m.values[column] for m in group if isinstance(m.values.get(column), (int, float))]
-            values[column] = statistics.fmean(found) if found else None
-            spread[column] = statistics.stdev(found) if len(found) > 1 else None
+            values[column] = statistics.fmean(found) if len(found) == len(group) else None
+            spread[column] = statistics.stdev(found) if len(found) == len(group) else None
         names = [m.run for m in group]
-        label = re.sub(r" \(step \d+\)$", "", row.label)
+        label = what(row.label)
         out.append(Row(f"{', '.join(names)}: {label} (mean of {len(names)} seeds)", "own", values, run=names[0],
                        written=max(m.written for m in group), results=sum(m.results for m in group), label=label,
                        seeds=names, spread=spread))
@@ -223,7 +241,8 @@ def _ordered(tables, run_names: list[str]) -> list[Table]:
     order = {name: i for i, name in enumerate(run_names)}
     out = sorted(tables, key=lambda t: (t.command, t.data, json.dumps(t.settings, sort_keys=True, default=str)))
     for table in out:
-        table.rows.sort(key=lambda r: (kinds[r.kind], order.get(r.run, len(order)), r.model))
+        table.rows.sort(key=lambda r: (kinds[r.kind], order.get(r.run, len(order)),
+                                       re.sub(r"\d+", lambda m: m.group().zfill(12), r.model)))  # step 200 < 1000
         siblings = [t for t in out if (t.command, t.data) == (table.command, table.data)]
         if len(siblings) > 1:
             differing = sorted({key for t in siblings for key in {**t.settings, **table.settings}
@@ -278,8 +297,7 @@ NO_RESULTS = ("no evaluation of these runs found (results of mlsctl eval under R
 def _unmatched_notes(compared: dict) -> list[str]:
     if not compared["unmatched"]:
         return []
-    return [f"{len(compared['unmatched'])} result(s) recorded as a run's weights that are not its weights now (trained "
-            f"again since) are left out: {', '.join(compared['unmatched'])}"]
+    return [f"left out, not known to be a run's weights: {entry}" for entry in compared["unmatched"]]
 
 
 def to_json(compared: dict) -> dict:

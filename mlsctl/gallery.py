@@ -943,7 +943,9 @@ class Gallery:
             if self.unit is not None:
                 self._check_rows()  # rows that are no unit vectors: a manifest of other dim or dtype, or NaN
         except ValueError as exc:
-            raise UserError(f"{self.path} is damaged ({exc}); {rebuild}") from None
+            if self.with_unit or not self._latents_read_finite():
+                raise UserError(f"{self.path} is damaged ({exc}); {rebuild}") from None
+            self.unit = None  # unit.bin damaged, the latents whole: retrain writes it again (a review, 2026-12-07)
         self.row_of: dict[str, int] = dict(zip(self.row_ids, range(self.rows)))  # the last row of an id wins
         self._lookalikes: Optional[dict[str, str]] = None  # lookalike_key -> stored id, made when first asked
         self.index = self._open_index() if self.with_index else None
@@ -965,6 +967,16 @@ class Gallery:
             raise ValueError(f"the rows of {UNIT} do not read as unit vectors of width {self.dim} in "
                              f"{self.manifest['storage_dtype']}: they hold NaN or inf, or {MANIFEST}'s dim or "
                              f"storage_dtype is not the files'")
+
+    def _latents_read_finite(self) -> bool:
+        """The committed latents read as finite numbers (a few rows spread over them, as :meth:`_check_rows`
+        samples): where unit.bin fails its check but these hold, it is unit.bin that is damaged. (fp32 files read
+        as fp16 by an edited manifest read as inf or NaN; a narrower ``dim`` is not told apart.)"""
+        if not self.rows or not self.dim:
+            return True
+        sample = np.unique(np.linspace(0, self.rows - 1, num=min(self.rows, 8)).round().astype(np.int64))
+        with np.errstate(all="ignore"):
+            return bool(np.isfinite(np.asarray(self.latents[sample], dtype=np.float32)).all())
 
     def _map(self, name: str, dtype, shape: tuple[int, ...]) -> np.ndarray:
         path = self.data / name
@@ -1576,15 +1588,15 @@ def check_what_a_rebuild_drops(out: Path, source_counts: dict[str, int], drop_ad
     that cannot be read is replaced with a note: nothing in it can be counted (a gallery of an older format is
     rebuilt this way)."""
     try:
-        old = Gallery(out, with_index=False, with_unit=False)  # ids and counts only: a damaged unit.bin no obstacle
-    except UserError as exc:  # damaged or not a gallery: it is replaced, nothing in it can be counted
+        held = _objects_held(out)  # ids and counts only: damaged latents, unit.bin or index no obstacle
+    except (UserError, OSError, ValueError, UnicodeDecodeError) as exc:  # nothing in it can be counted
         if out.is_dir() and (out / MANIFEST).is_file():
             say(f"note: --overwrite replaces {out}, which cannot be read ({first_line(exc, 160)}), so what it holds "
                 f"beyond the source cannot be counted")
         return
-    gone = [object_id for object_id in old.ids if object_id not in source_counts]
-    more = {object_id: old.count(object_id) - source_counts[object_id] for object_id in old.ids
-            if object_id in source_counts and old.count(object_id) > source_counts[object_id]}
+    gone = [object_id for object_id in held if object_id not in source_counts]
+    more = {object_id: held[object_id] - source_counts[object_id] for object_id in held
+            if object_id in source_counts and held[object_id] > source_counts[object_id]}
     if not gone and not more:
         return
     parts = []
@@ -1598,6 +1610,20 @@ def check_what_a_rebuild_drops(out: Path, source_counts: dict[str, int], drop_ad
         raise UserError(f"--overwrite would drop what {held}, which a rebuild from the source cannot make again; add "
                         f"those photos to the source first, or give --drop-added to rebuild without them")
     say(f"note: --overwrite --drop-added replaces {out}; {held}, they will not be in the rebuilt gallery")
+
+
+def _objects_held(path: Path) -> dict[str, int]:
+    """Photos folded per live object of the gallery at ``path``, read from its ids and counts alone (objects.txt and
+    counts.bin): what a rebuild would drop is counted even where its latents or unit.bin are damaged (a review,
+    2026-12-07: such a gallery was replaced with a note, and what was added to it dropped)."""
+    manifest = read_manifest(path)
+    rows = int(manifest["rows"])
+    ids, _ = _read_ids(data_folder(path, manifest) / IDS, rows)
+    counts_path = data_folder(path, manifest) / COUNTS
+    if counts_path.stat().st_size < rows * 8:
+        raise ValueError(f"{COUNTS} is shorter than its {rows} rows")
+    counts = np.fromfile(counts_path, dtype=np.int64, count=rows)
+    return {object_id: int(counts[row]) for row, object_id in enumerate(ids)}  # the last row of an id wins
 
 
 def check_objects_source(source: str | os.PathLike, objects_file: Optional[str | os.PathLike]) -> None:
@@ -1744,8 +1770,8 @@ def describe_gallery(path: str | os.PathLike, objects: bool = False) -> dict:
     manifest = gallery.manifest
     live = gallery.live_rows()
     files = [p for p in gallery.data.rglob("*") if p.is_file()]
-    record = {"gallery": str(gallery.path), "objects": len(gallery), "photos": int(np.asarray(gallery.counts)[live].sum())
-              if len(live) else 0, "rows": gallery.rows, "superseded_rows": gallery.rows - len(live),
+    photos = int(np.asarray(gallery.counts)[live].sum()) if len(live) else 0
+    record = {"gallery": str(gallery.path), "objects": len(gallery), "photos": photos, "rows": gallery.rows, "superseded_rows": gallery.rows - len(live),
               "dim": gallery.dim, "storage_dtype": manifest["storage_dtype"], "index": dict(manifest["index"]),
               "written_since_training": gallery.added_since_training(), "model": dict(manifest["model"]),
               "source": manifest.get("source"), "objects_file": manifest.get("objects_file"),

@@ -477,7 +477,11 @@ class RunWeights:
 
         if step not in self._checkpoints:
             found = [c for c in self.run.checkpoints() if c.step == step]
-            self._checkpoints[step] = from_checkpoint(self.recipe, found[0], self.run).fingerprint if found else None
+            try:
+                self._checkpoints[step] = (from_checkpoint(self.recipe, found[0], self.run).fingerprint if found
+                                           else None)
+            except (UserError, OSError, RuntimeError, ValueError):  # a damaged checkpoint: its results unmatched, the
+                self._checkpoints[step] = None  # report and compare go on (a review, 2026-12-07: one aborted both)
         return self._checkpoints[step]
 
     def named_step(self, model: dict) -> Optional[int]:
@@ -603,7 +607,8 @@ def data_text(result: dict) -> str:
         return f"gallery {result.get('gallery')}, query sets from {result.get('query')}"
     if command == "eval recall":
         features = result.get("features")
-        root = _features_root(features) if isinstance(features, str) else None
+        root = result.get("input_root") if isinstance(result.get("input_root"), str) else (  # since 2026-12-07
+            _features_root(features) if isinstance(features, str) else None)
         return f"{root or features} (labels: {result.get('labels', '–')})"
     dataset = result.get("dataset") if isinstance(result.get("dataset"), dict) else {}
     name = dataset.get("name")

@@ -131,3 +131,33 @@ def test_over_seeds_makes_the_runs_of_one_recipe_one_row_with_their_spread(two_r
     record = json.loads(cli_ok(capsys, "compare", str(a), str(b), str(c), "--results", str(results), "--json")[0])
     assert sum(r["kind"] == "own" for r in record["tables"][0]["rows"]) == 3
 
+
+def test_review_edges_dates_in_other_zones_partial_seeds_reasons_and_bad_scores(two_runs, tmp_path, capsys):
+    """A review (2026-12-07): results' dates were compared as text (an older one in UTC+1 shown as the newest); a
+    merged row showed one seed's score as the mean of two; every left-out result was said to be "trained again
+    since"; a score that is no number crashed the whole command."""
+    a, b = two_runs
+    teacher_a, _ = _fingerprints(a)
+    teacher_b, _ = _fingerprints(b)
+    (b / "config.yaml").write_text((b / "config.yaml").read_text().replace("seed: 0", "seed: 1", 1))
+    results = tmp_path / "results"
+    own_a = {"source": "run", "path": "x", "fingerprint": teacher_a}
+    _knn(results / "a-late.json", own_a, 0.9, date="2026-12-07T16:30:00+01:00")  # 15:30 UTC: the older
+    _knn(results / "a-early.json", own_a, 0.1, date="2026-12-07T16:00:00+00:00")
+    _knn(results / "b.json", {"source": "run", "path": "x", "fingerprint": teacher_b}, 0.3,
+         date="2026-12-07T16:00:00+00:00")
+    _knn(results / "a-k20.json", own_a, 0.5, k=20)  # only seed a has k = 20
+    _knn(results / "bad.json", own_a, "0.5", k=30)  # a score that is no number
+    _knn(a / "results" / "old.json", {"source": "run", "path": str(a / "teacher.safetensors")}, 0.7)  # no fingerprint
+    record = json.loads(cli_ok(capsys, "compare", str(a), str(b), "--results", str(results), "--json")[0])
+    rows = {r["run"]: r for r in record["tables"][0]["rows"] if r["kind"] == "own"}
+    assert rows[str(a)]["values"]["top-1 k=10"] == 0.1 and rows[str(a)]["file"].endswith("a-early.json")
+    assert any("bad.json" in line and "not the result" in line for line in record["skipped"])
+    assert record["unmatched"] == [f"{a / 'results' / 'old.json'} (records no fingerprint of the weights it evaluated "
+                                   f"(written by an older mlsctl), so it cannot be told from another model's result)"]
+    merged = json.loads(cli_ok(capsys, "compare", str(a), str(b), "--results", str(results), "--over-seeds",
+                               "--json")[0])["tables"][0]["rows"][0]
+    assert merged["values"] == {"top-1 k=10": pytest.approx(0.2), "top-1 k=20": None}  # b has no k = 20
+    _, err = cli_ok(capsys, "compare", str(a), str(b), "--results", str(results))
+    assert "left out, not known to be a run's weights: " in err and "older mlsctl" in err
+

@@ -726,8 +726,8 @@ def test_gallery_probe_of_2026_12_06(mile_run, tmp_path, capsys):
             f"from the source cannot make again; add those photos to the source first, or give --drop-added to "
             f"rebuild without them") in " ".join(err.split()), err
     assert "new" in Gallery(copy).ids  # nothing dropped
-    _, err = cli_ok(capsys, "index", "build", str(mile_run / "gallery"), "--run", run, "--out", str(copy), "--overwrite",
-                    "--drop-added")
+    _, err = cli_ok(capsys, "index", "build", str(mile_run / "gallery"), "--run", run, "--out", str(copy),
+                    "--overwrite", "--drop-added")
     assert f"note: --overwrite --drop-added replaces {copy}; {copy} holds 1 object" in " ".join(err.split()), err
     assert "new" not in Gallery(copy).ids
     _, err = cli_ok(capsys, "index", "build", str(mile_run / "gallery"), "--run", run, "--out", str(copy), "--overwrite")

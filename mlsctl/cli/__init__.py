@@ -91,7 +91,7 @@ def _takes_numbers(option) -> bool:
 
 def _comma_separated_numbers(value: str) -> list[str]:
     """``10,20`` as ``10``, ``20`` where every part is a number; any other value as it is (refused by the option's
-    own check, naming it)."""
+    own check: ``Invalid value for '--k': not a whole number``)."""
     parts = value.split(",")
     return parts if len(parts) > 1 and all(_is_number(part) for part in parts) else [value]
 

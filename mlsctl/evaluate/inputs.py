@@ -334,7 +334,8 @@ def segmentation_inputs(dataset: str, root: Optional[Path], train_split: Optiona
     train_features = features_or_embed(train, get_model, dense=True, what="train features", say=say, **options)
     val_features = features_or_embed(val, get_model, dense=True, what="val features", say=say, **options)
     record = {"name": "folders", **image_roots(train_features, val_features), "masks": masks_text(train_masks),
-              "val_masks": masks_text(val_masks),  # "masks" alone read as if one folder served both (a new user's probe)
+              # "masks" alone read as if one folder served both (a new user's probe)
+              "val_masks": masks_text(val_masks),
               "ignore_index": ignore_index,
               "mapping": {"rule": "none: mask values are the class ids", "ignored_values": [ignore_index]}}
     record_shared_images(train_features, val_features, record, copies=True)

@@ -25,6 +25,7 @@ same to rounding (tested against the whole-set call and against brute force).
 from __future__ import annotations
 
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -210,6 +211,9 @@ def evaluate_recall(features, labels_file: Optional[Path] = None, ks: Optional[S
     labels, _ = class_ids(names, f"features {features.path}")
     embeddings = features.finite_global_features()
     result = recall_at_k(embeddings, labels, ks, progress=sys.stderr.isatty())
-    return {"features": str(features.path), "labels": str(labels_file) if labels_file else FOLDER_LABELS,
+    # the images' root and labels as absolute paths: what the report and compare name the data by, whatever the
+    # working directory then (a review, 2026-12-07: read from the feature folder at report time, it split tables)
+    return {"features": str(features.path), "input_root": os.path.abspath(features.input_root),
+            "labels": os.path.abspath(labels_file) if labels_file else FOLDER_LABELS,
             "protocol": "every embedding a query against all the others (itself excluded), cosine, exact faiss search",
             "model": features.model, **result}

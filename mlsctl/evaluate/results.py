@@ -146,7 +146,16 @@ def headline(result: dict) -> dict[str, Optional[float]]:
       ``noise N%`` where noise was added; the start backbone's rows are its own model and left out;
     * ``eval recall``: ``R@K`` for every K, and ``MAP@R``.
 
-    Raises KeyError or TypeError for a result not of the form its command writes."""
+    Raises KeyError or TypeError for a result not of the form its command writes (a score that is no number
+    included: a review, 2026-12-07, found one crash the whole comparison)."""
+    scores = _headline(result)
+    for name, value in scores.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise TypeError(f"{name} is {type(value).__name__}, not a number")
+    return scores
+
+
+def _headline(result: dict) -> dict[str, Optional[float]]:
     command, rows = result.get("command"), result.get("results")
     if command == "eval knn":
         return {f"top-1 k={row['k']}": row["top1"] for row in rows}
@@ -216,7 +225,8 @@ def settings_of(result: dict) -> dict:
         settings = result.get("settings") if isinstance(result.get("settings"), dict) else {}
         resolution = (result.get("protocol") or {}).get("resolution") if isinstance(result.get("protocol"), dict) \
             else None
-        return {**{key: value for key, value in settings.items() if key not in ("fractions", "seed", "device")},
+        how = ("fractions", "seed", "device", "search", "query_batch")  # what is drawn, or how the search runs
+        return {**{key: value for key, value in settings.items() if key not in how},
                 "resolution": resolution}
     if command == "eval linear":
         protocol = result.get("protocol") if isinstance(result.get("protocol"), dict) else {}
