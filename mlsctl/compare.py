@@ -184,8 +184,8 @@ def seed_arms(weights) -> dict[str, str]:
 
 def merge_seeds(rows: list, arms: dict[str, str]) -> list:
     """The rows of runs of one arm (:func:`seed_arms`) and the same weights of theirs (``final teacher``, else
-    the same checkpoint step) as one row: each column the mean over the runs that have it, ``spread`` the sample
-    standard deviation (n - 1), ``seeds`` the runs. A run alone in its arm keeps its row."""
+    the same checkpoint step) as one row: each column the mean over the runs, ``spread`` the sample standard deviation
+    (n - 1), both None where a run lacks the score; ``seeds`` the runs. A run alone in its arm keeps its row."""
     import statistics
 
     def what(label: str) -> str:
