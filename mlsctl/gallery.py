@@ -137,7 +137,7 @@ def load_set_model(run_dir: str | os.PathLike,
     backbone = model_choice(method.teacher_backbone(), f"teacher of MILE run {run.root} at step {checkpoint.step}",
                             "run-checkpoint", str(checkpoint.path), recipe.model.img_size)
     model = SetModel(backbone, method.teacher_encoder(), recipe.method.attend, recipe.data.global_crops.size,
-                     str(run.root), checkpoint.step)
+                     str(run.root), checkpoint.step, recipe.method.set_length)
     return model.to(device if device is not None else embedding_device())
 
 
@@ -1718,7 +1718,21 @@ def add_to_gallery(path: str | os.PathLike, object_id: str, photos: Sequence, *,
             target.check_new_id(object_id, "--object")
         model = choose_set_model(run or target.built_with_run(), say=say)
         created, count = target.add(model, object_id, photos)
+    if long_set_note(model, object_id, count):
+        say(long_set_note(model, object_id, count))
     return target, created, count
+
+
+def long_set_note(model: SetModel, object_id: str, photos: int) -> Optional[str]:
+    """The note for an object whose photos outnumber, more than twice, the sets its MILE run trained on
+    (``method.set_length``), or None: the set encoder folds photos one after another, and sets much longer than
+    training's are untested; a new user's probe (2026-12-07, a 12-step run) saw an object of 8 photos rank 10th and
+    one of 32 (8 photos given 4 times) 76th for two of its own photos, where one of 4 ranked first."""
+    if not model.set_length or photos <= 2 * model.set_length:
+        return None
+    return (f"note: object '{printable(object_id)}' now folds {photos} photos, more than twice the {model.set_length} a "
+            f"set held when run {model.run} trained (method.set_length): sets much longer than training's are "
+            f"untested, and an object of many photos (or of one photo given again) may rank lower for its own photos")
 
 
 def retrain_gallery(path: str | os.PathLike) -> tuple[int, dict]:

@@ -627,7 +627,7 @@ class GalleryService:
                     raise _new_id_refusal(exc) from None
 
     def add(self, object_id: str, photos: list[Photo]) -> dict:
-        from mlsctl.gallery import DamagedGallery, printable
+        from mlsctl.gallery import DamagedGallery, long_set_note, printable
 
         self.check_id(object_id)
         cls, tokens = self.tokens(photos)
@@ -648,7 +648,9 @@ class GalleryService:
             self.added["requests"] += 1
             self.added["photos"] += len(photos)
             self.added["objects"] += created
-        return {"object": object_id, "created": created, "photos": count, "objects": total}
+        note = long_set_note(self.model, object_id, count)  # many more photos than training's sets (a probe)
+        return {"object": object_id, "created": created, "photos": count, "objects": total,
+                **({"note": note[len("note: "):]} if note else {})}
 
     def get(self, object_id: str) -> dict:
         from mlsctl.gallery import printable

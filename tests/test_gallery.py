@@ -1245,3 +1245,19 @@ def test_the_ivfpq_summary_gives_the_lists_faiss_searches(tmp_path, monkeypatch,
     code, out, err = cli("index", "build", str(source), "--out", str(tmp_path / "g"), "--index", "ivfpq", "--pq-bits",
                          "4", "--nprobe", "1", "--workers", "0", "--overwrite", capsys=capsys)
     assert code == 0 and "(nlist 2, m 4, 4 bits, nprobe 1)" in out, (out, err)
+
+
+def test_an_object_of_many_more_photos_than_training_sets_gets_a_note(mile_run, tmp_path, capsys):
+    """A new user's probe (2026-12-07): an object of 8 photos ranked 10th and one of 32 ranked 76th for its own
+    photos, where one of 4 ranked first; nothing said that sets much longer than the run's method.set_length (2
+    here) are untested."""
+    from conftest import cli_ok
+
+    gallery = tmp_path / "g"
+    cli_ok(capsys, "index", "build", str(mile_run / "gallery"), "--run", str(mile_run / "run"), "--out", str(gallery))
+    photos = [str(p) for p in sorted((mile_run / "train" / "obj1").iterdir())]
+    _, err = cli_ok(capsys, "index", "add", str(gallery), "--object", "obj2", photos[0], photos[1])  # 2 + 2 = 4
+    assert "note: object" not in err
+    _, err = cli_ok(capsys, "index", "add", str(gallery), "--object", "obj1", *photos)  # 2 + 3 = 5
+    assert ("note: object 'obj1' now folds 5 photos, more than twice the 2 a set held when run "
+            f"{mile_run / 'run'} trained (method.set_length)") in " ".join(err.split()), err

@@ -228,10 +228,15 @@ def test_health_search_add_and_get(server):
     status, again = call(base, "POST", "/objects/new%20one/photos", files=[photo(mile_run, "obj1", 1)], token=token)
     assert status == 200 and not again["created"] and again["photos"] == 2
     assert call(base, "GET", "/objects/new%20one") == (200, {"object": "new one", "photos": 2})
+    # more than twice the run's set_length (2): the answer carries the note `index add` says (a probe, 2026-12-07)
+    three = [photo(mile_run, "obj1", 0), photo(mile_run, "obj1", 1), photo(mile_run, "obj2", 0)]
+    status, long = call(base, "POST", "/objects/new%20one/photos", files=three, token=token)
+    assert status == 200 and long["photos"] == 5 and long["note"].startswith("object 'new one' now folds 5 photos")
+    assert "note" not in again
     # persisted: the gallery on disk has the object (its writer is the server, so read-only here)
     from mlsctl.gallery import Gallery
 
-    assert Gallery(gallery).count("new one") == 2
+    assert Gallery(gallery).count("new one") == 5
     # the server holds the gallery: a second writer is refused naming it
     refused = run_cli("index", "add", str(gallery), "--object", "x", str(mile_run / "query" / "obj0" / "2.png"))
     assert refused.returncode == 1 and "mlsctl serve" in refused.stderr

@@ -25,6 +25,7 @@ class MILESetModel:
     resolution: int
     run: str
     step: int
+    set_length: Optional[int] = None  # photos a set held in training (method.set_length), where known
 
     @property
     def dim(self) -> int:
