@@ -1730,9 +1730,10 @@ def long_set_note(model: SetModel, object_id: str, photos: int) -> Optional[str]
     one of 32 (8 photos given 4 times) 76th for two of its own photos, where one of 4 ranked first."""
     if not model.set_length or photos <= 2 * model.set_length:
         return None
-    return (f"note: object '{printable(object_id)}' now folds {photos} photos, more than twice the {model.set_length} a "
-            f"set held when run {model.run} trained (method.set_length): sets much longer than training's are "
-            f"untested, and an object of many photos (or of one photo given again) may rank lower for its own photos")
+    return (f"note: object '{printable(object_id)}' now folds {photos} photos, more than twice the "
+            f"{model.set_length} a set held when run {model.run} trained (method.set_length): sets much longer than "
+            f"training's are untested, and an object of many photos (or of one photo given again) may rank lower for "
+            f"its own photos")
 
 
 def retrain_gallery(path: str | os.PathLike) -> tuple[int, dict]:
