@@ -251,18 +251,17 @@ def _ordered(tables, run_names: list[str]) -> list[Table]:
     return out
 
 
-def percent(value) -> str:
-    """A share as the tables show it: 13.1 (in %), or "–"."""
-    return "–" if value is None or value != value else f"{100 * value:.1f}"
-
-
 def table_rows(table: Table) -> tuple[list[str], list[list[str]]]:
-    """Headers and rows of a :class:`Table` as text (scores in %)."""
+    """Headers and rows of a :class:`Table` as text (scores in %; a merged row's with ± its spread)."""
+    from mlsctl.console import percent
+
+    def cell(row: Row, column: str) -> str:
+        spread = row.spread.get(column)
+        return percent(row.values.get(column), 1, "–") + (f" ± {percent(spread, 1)}" if spread is not None else "")
+
     headers = ["model", *(f"{column} %" for column in table.columns)]
     rows = [[row.model + (f" (newest of {row.results} results)" if row.results > 1 and not row.seeds else ""),
-             *(percent(row.values.get(column)) + (f" ± {percent(row.spread[column])}" if row.spread.get(column)
-                                                   is not None else "")
-               for column in table.columns)] for row in table.rows]
+             *(cell(row, column) for column in table.columns)] for row in table.rows]
     return headers, rows
 
 
@@ -285,7 +284,7 @@ def write_page(compared: dict, out: Path, curves: Optional[Path] = None) -> None
         parts.append(f"<h3>{html.escape(title(table))}</h3>" + _table(*table_rows(table)))
     if not compared["tables"]:
         parts.append(_note(NO_RESULTS))
-    parts.extend(_note(line) for line in [*compared["skipped"], *_unmatched_notes(compared)])
+    parts.extend(_note(line) for line in [*compared["skipped"], *unmatched_notes(compared)])
     atomic.write_text(out, f"{REPORT_HEAD}compare {html.escape(names)}</title><style>{STYLE}</style></head><body>"
                            f"{''.join(parts)}</body></html>")
 
@@ -294,7 +293,7 @@ NO_RESULTS = ("no evaluation of these runs found (results of mlsctl eval under R
               "evaluate them with mlsctl eval ... --run RUN")
 
 
-def _unmatched_notes(compared: dict) -> list[str]:
+def unmatched_notes(compared: dict) -> list[str]:
     if not compared["unmatched"]:
         return []
     return [f"left out, not known to be a run's weights: {entry}" for entry in compared["unmatched"]]

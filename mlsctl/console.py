@@ -73,6 +73,12 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+def percent(share, digits: int = 1, missing: str = "-") -> str:
+    """A share in percent (0.131 → ``13.1``), or ``missing`` where there is none (None or NaN): how the console,
+    the report and the comparison write scores."""
+    return missing if share is None or share != share else f"{100 * share:.{digits}f}"
+
+
 def counted(n: int, word: str, plural: str = "") -> str:
     """``1 epoch``, ``2 epochs``, ``1,204 photos``: a count with its noun in the right number."""
     return f"{n:,} {word if n == 1 else (plural or word + 's')}"

@@ -1718,8 +1718,9 @@ def add_to_gallery(path: str | os.PathLike, object_id: str, photos: Sequence, *,
             target.check_new_id(object_id, "--object")
         model = choose_set_model(run or target.built_with_run(), say=say)
         created, count = target.add(model, object_id, photos)
-    if long_set_note(model, object_id, count):
-        say(long_set_note(model, object_id, count))
+    note = long_set_note(model, object_id, count)
+    if note:
+        say(note)
     return target, created, count
 
 

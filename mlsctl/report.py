@@ -40,7 +40,7 @@ from typing import Optional, Sequence
 import torch
 
 from mlsctl import atomic
-from mlsctl.console import counted
+from mlsctl.console import counted, percent
 from mlsctl.errors import UserError, first_line
 from mlsctl.runs import Run
 
@@ -75,7 +75,7 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
 
 
 def _pct(value) -> str:
-    return "–" if value is None or value != value else f"{100 * value:.2f}"
+    return percent(value, 2, "–")
 
 
 def _note(text: str) -> str:
@@ -731,7 +731,8 @@ def _evaluation(result: dict, source: Path, label: str) -> str:
     if command == "eval linear":
         scores = result.get("results", {})
         chosen = f"{result['chosen']['lr']:g}", f"{result['chosen']['weight_decay']:g}"
-        chance = _note(chance_line(result)) if chance_line(result) else ""  # recorded since 2026-12-07
+        chance = chance_line(result)  # recorded since 2026-12-07
+        chance = _note(chance) if chance else ""
         if result.get("multi_label"):
             return title + _table(["mAP %", "lr", "weight decay"], [[_pct(scores.get("mAP")), *chosen]]) + chance
         return title + _table(["top-1 %", "top-1 95 % interval", "top-5 %", "lr", "weight decay"],

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from mlsctl.console import to_stderr
+from mlsctl.console import percent, to_stderr
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]], right: Sequence[bool] | None = None) -> str:
@@ -33,7 +33,7 @@ def display_width(text: str) -> int:
 
 
 def pct(value: float | None, digits: int = 1) -> str:
-    return "-" if value is None or value != value else f"{100 * value:.{digits}f}"
+    return percent(value, digits)
 
 
 say = to_stderr  # a progress or status line on stderr (stdout stays the result's: tables, or --json)

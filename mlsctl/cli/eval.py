@@ -430,8 +430,9 @@ def linear_seg(
                f"{pct(result['pixel_accuracy'])}% on {len(val_features)} val images ({counted(epochs, 'epoch')}, lr {lr:g}, "
                f"train loss {result['train_loss_per_epoch'][0]:.3f} -> {result['train_loss_per_epoch'][-1]:.3f}, "
                f"{result['seconds']['total']:.1f}s); results written to {out}")
-    if lib.one_class_note(result):
-        typer.echo(lib.one_class_note(result))
+    one_class = lib.one_class_note(result)
+    if one_class:
+        typer.echo(one_class)
     _say_shared(inputs.record, len(val_features))
 
 

@@ -67,8 +67,9 @@ def build(
     if overwrite and not drop_added:  # what the rebuild would drop, refused before the model loads
         check_what_a_rebuild_drops(out, source_counts(source, groups), say=lambda _: None)
     model = choose_set_model(run, say=say, features=source)
-    if unfinished_run_note(model):
-        say(unfinished_run_note(model))
+    unfinished = unfinished_run_note(model)
+    if unfinished:
+        say(unfinished)
     record = build_gallery(source, model, out, settings, overwrite=overwrite, storage_dtype=dtype, workers=workers,
                            say=say, objects_file=objects, groups=groups, drop_added=drop_added)
     if as_json:

@@ -85,7 +85,7 @@ def compare(
     for run in runs:  # before the imports of the comparison (torch): a path that is no run is said at once
         open_run(run)
     from mlsctl.cli._format import table
-    from mlsctl.compare import NO_RESULTS, _unmatched_notes, compare as compare_runs, table_rows, title, to_json, \
+    from mlsctl.compare import NO_RESULTS, unmatched_notes, compare as compare_runs, table_rows, title, to_json, \
         write_page
     from mlsctl.report import check_report_target
 
@@ -106,7 +106,7 @@ def compare(
             if drawn:
                 plot_runs(drawn, curves, title="training curves of " + ", ".join(r.name for r in drawn))
             write_page(compared, out, curves if drawn else None)
-    for line in [*compared["skipped"], *_unmatched_notes(compared)]:
+    for line in [*compared["skipped"], *unmatched_notes(compared)]:
         print(line, file=sys.stderr)
     if as_json:
         print(json.dumps({**to_json(compared), **({"out": str(out)} if out else {})}, indent=2))

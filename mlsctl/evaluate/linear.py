@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from mlsctl.console import counted
+from mlsctl.console import counted, percent
 from mlsctl.data.labels import ImagePaths, nested_split_hint, read_multi_labels
 from mlsctl.device import full_float32
 from mlsctl.errors import UserError
@@ -267,11 +267,8 @@ def chance_line(result: dict) -> str:
     if not isinstance(chance, dict):
         return ""
     if "mAP" in chance:
-        return f"chance: a random ranking of the val images scores mAP {_percent(chance['mAP'])}%"
-    top5 = f", top-5 {_percent(chance['top5'])}%" if chance.get("top5") is not None else ""
+        return f"chance: a random ranking of the val images scores mAP {percent(chance['mAP'], 2)}%"
+    top5 = f", top-5 {percent(chance['top5'], 2)}%" if chance.get("top5") is not None else ""
     return (f"chance: calling every val image the majority class ({chance.get('majority_class')}) scores top-1 "
-            f"{_percent(chance['top1'])}%{top5}")
+            f"{percent(chance['top1'], 2)}%{top5}")
 
-
-def _percent(value) -> str:
-    return "-" if value is None or value != value else f"{100 * value:.2f}"

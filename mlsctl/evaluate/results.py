@@ -223,8 +223,8 @@ def settings_of(result: dict) -> dict:
         return {"temperature": result.get("temperature")}
     if command == "eval knn-seg":
         settings = result.get("settings") if isinstance(result.get("settings"), dict) else {}
-        resolution = (result.get("protocol") or {}).get("resolution") if isinstance(result.get("protocol"), dict) \
-            else None
+        protocol = result.get("protocol")
+        resolution = protocol.get("resolution") if isinstance(protocol, dict) else None
         how = ("fractions", "seed", "device", "search", "query_batch")  # what is drawn, or how the search runs
         return {**{key: value for key, value in settings.items() if key not in how},
                 "resolution": resolution}
