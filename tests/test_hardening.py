@@ -1045,7 +1045,9 @@ def test_12_two_processes_stopped_and_resumed_equal_two_processes_never_stopped(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("workers", [0, 1], ids=["no-loader-workers", "loader-workers"])
+# without loader workers: in make test-long (~15 s); the loader-workers case takes the same path and more
+@pytest.mark.parametrize("workers", [pytest.param(0, marks=pytest.mark.long), 1],
+                         ids=["no-loader-workers", "loader-workers"])
 def test_12_a_stop_that_reaches_one_of_two_processes_stops_both_after_the_same_step(tmp_path, images, workers):
     # Stopping a process in the middle of a step left the other inside the step's all-reduce until the
     # stopped one had exited (then "connection closed by peer"; Accelerate's launcher kills what is alive
@@ -1081,7 +1083,9 @@ def test_12_a_stop_that_reaches_one_of_two_processes_stops_both_after_the_same_s
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("killed", ["torchrun", "accelerate"])
+# "accelerate" in make test-long (~26 s): its stop path (SIGTERM to the agent) is also taken by
+# test_12_a_stop_sent_to_a_two_process_accelerate_job_says_how_to_resume_without_tracebacks
+@pytest.mark.parametrize("killed", ["torchrun", pytest.param("accelerate", marks=pytest.mark.long)])
 def test_12_the_processes_of_a_job_whose_launcher_is_killed_stop_and_say_how_to_resume(tmp_path, images, killed):
     """A probe (2026-12-06): torchrun starts each process in a session of its own, so after `kill -KILL -- -PGID`
     of `accelerate launch` (or the OOM killer taking the launcher) the processes went on alone, writing into --out
