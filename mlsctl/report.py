@@ -717,15 +717,23 @@ def _evaluation(result: dict, source: Path, label: str) -> str:
                  _pct(r["miou"]) + (f" ± {_pct(r['miou_std'])}" if len(r.get("runs", [])) > 1 else ""),
                  *([_pct(r.get("foreground_iou"))] if foreground else []), _pct(r.get("miou_hungarian"))]
                 for r in result.get("results", [])]
+        chance = result.get("chance")  # recorded since 2026-12-07
+        if isinstance(chance, dict):
+            rows.append([f"chance: every pixel {chance.get('majority_class')}", "", "", _pct(chance.get("miou")),
+                         *([_pct(chance.get("foreground_iou"))] if foreground else []), ""])
         return title + _table(["fraction", "train images", "runs", "mIoU %",
                                *(["foreground IoU %"] if foreground else []), "(Hungarian mIoU %)"], rows)
     if command == "eval linear-seg":
         from mlsctl.evaluate.linear_seg import one_class_note
 
         note = one_class_note(result)
-        return title + _table(["mIoU %", "foreground IoU %", "pixel accuracy %"],
-                              [[_pct(result.get("miou")), _pct(result.get("foreground_iou")),
-                                _pct(result.get("pixel_accuracy"))]]) + (_warning(note) if note else "")
+        rows = [["scores", _pct(result.get("miou")), _pct(result.get("foreground_iou")), _pct(result.get("pixel_accuracy"))]]
+        chance = result.get("chance")  # recorded since 2026-12-07
+        if isinstance(chance, dict):
+            rows.append([f"chance: every pixel {chance.get('majority_class')}", _pct(chance.get("miou")),
+                         _pct(chance.get("foreground_iou")), _pct(chance.get("pixel_accuracy"))])
+        return title + _table(["", "mIoU %", "foreground IoU %", "pixel accuracy %"], rows) + (
+            _warning(note) if note else "")
     if command == "eval knn":
         return title + _table(*score_table(result, _pct))
     if command == "eval linear":

@@ -243,6 +243,56 @@ def test_fractions_runs_and_bounded_memory(tmp_path: Path):
     assert again["results"][0]["miou"] == eighth["miou"]  # seeded
 
 
+def test_the_constant_rule_scores_what_calling_every_pixel_one_class_scores():
+    """knn-seg's and linear-seg's chance row (2026-12-07): every val pixel called one class, scored by the same
+    metric code as the model, on the same pixels (the confusion matrix's row sums), by hand."""
+    from mlsctl.evaluate.segmentation import constant_rule, constant_rule_text
+
+    confusion = np.array([[6, 2], [1, 1]])  # 8 background pixels, 2 foreground
+    background = constant_rule(confusion, 0)
+    assert background["miou"] == pytest.approx((8 / 10 + 0) / 2) and background["pixel_accuracy"] == 0.8
+    assert background["foreground_iou"] == 0.0  # no foreground pixel predicted
+    item = constant_rule(confusion, 1)
+    assert item["miou"] == pytest.approx((0 + 2 / 10) / 2) and item["foreground_iou"] == pytest.approx(0.2)
+    # a class absent from the val masks: every true class scores 0, and it takes part in the mean as a prediction
+    assert constant_rule(confusion, 2)["miou"] == 0.0 and constant_rule(confusion, 2)["pixel_accuracy"] == 0.0
+    assert "foreground_iou" not in constant_rule(confusion, 0, ["wall", "floor"])  # class 0 is no background
+    assert constant_rule_text({**background, "majority_class": "background"}) == (
+        "every pixel background: mIoU 40.0%, foreground IoU 0.0%, pixel accuracy 80.0%")
+
+
+def test_knn_seg_records_the_constant_rule_of_the_training_majority_class(tmp_path: Path):
+    """The rule's class is the training masks' most frequent (by patch label mass), counted over every labelled
+    patch, not over the memory's sample, which draws rare classes more often."""
+    from mlsctl.evaluate.segmentation import constant_rule
+
+    mask = np.full((4, 4), 2)
+    mask[0, 0], mask[0, 1] = 0, 1  # 14 patches of class 2, one of 0, one of 1
+    memory = knn_seg.build_memory(iter([(i, torch.randn(4, 4, 8), mask) for i in range(4)]), 3, per_image=2,
+                                  ignore_index=255, generator=torch.Generator().manual_seed(0))
+    assert memory.majority_class() == 2 and memory.class_mass.tolist() == [4, 4, 56]
+    assert int(memory.labels.sum(0).argmax()) != 2  # the sample's majority is another: rare classes drawn first
+
+    train_dir, train_masks = _scene_data(tmp_path, "train", 8, 4, 8, 3, seed=0)
+    for path in sorted(train_masks.iterdir())[:6]:  # class 2 the majority of the training pixels, not of the val's
+        mask = np.array(Image.open(path))
+        mask[mask != 255] = 2
+        Image.fromarray(mask).save(path)
+    val_dir, val_masks = _scene_data(tmp_path, "val", 3, 4, 8, 3, seed=1)
+    train = knn_seg.FeatureMasks(Features(train_dir), train_masks, "train features")
+    val = knn_seg.FeatureMasks(Features(val_dir), val_masks, "val features")
+    result = knn_seg.knn_segmentation(train, val, [Fraction(1), Fraction(1, 4)],
+                                      knn_seg.Settings(k=3, memory_size=16, runs=2), names=["a", "b", "c"])
+    pixels = np.bincount(np.concatenate([np.array(Image.open(p)).ravel() for p in train_masks.iterdir()]))[:3]
+    assert int(pixels.argmax()) == 2 and result["chance"]["majority_class"] == "c"
+    full = result["results"][0]
+    expected = constant_rule(np.array(full["runs"][0]["confusion"]), 2)
+    assert result["chance"]["miou"] == pytest.approx(expected["miou"]) == pytest.approx(full["chance"]["miou"])
+    val_pixels = np.bincount(np.concatenate([np.array(Image.open(p)).ravel() for p in val_masks.iterdir()]))
+    assert expected["pixel_accuracy"] == pytest.approx(val_pixels[2] / val_pixels[:3].sum())
+    assert full["miou"] > result["chance"]["miou"]  # the class is written into the features
+
+
 def test_knn_seg_refuses_mismatched_inputs(tmp_path: Path):
     train_dir, train_masks = _scene_data(tmp_path, "train", 2, 4, 8, 3, seed=0)
     (train_masks / "001.png").unlink()
@@ -437,6 +487,8 @@ def test_cli_knn_and_knn_seg(tmp_path: Path):
                         "--k", "5", "--out", str(tmp_path / "seg.json"), check=True)
     assert "Hungarian" in result.stdout and "1/2" in result.stdout
     saved = json.loads((tmp_path / "seg.json").read_text())
+    chance_row = next(line for line in result.stdout.splitlines() if line.startswith("chance: every pixel "))
+    assert f"{100 * saved['chance']['miou']:.1f}" in chance_row  # the constant rule, last in the table
     assert [r["fraction"] for r in saved["results"]] == ["1/1", "1/2"] and saved["settings"]["k"] == 5
     assert "note:" not in result.stdout
     # a new-user probe (2026-12-05): fractions that round to the same images, and a k above the memory, said nothing

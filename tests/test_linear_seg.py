@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -43,6 +44,12 @@ def test_separable_patches_are_segmented_perfectly(tmp_path, capsys):
     assert result["train_loss_per_epoch"][-1] < result["train_loss_per_epoch"][0]
     assert sum(map(sum, result["confusion"])) == 8 * 16 * 16
     assert result["predicted_classes"] == ["0", "1", "2"]
+    # the constant rule: every pixel the training patches' most frequent class, scored on the same val pixels
+    from mlsctl.evaluate.segmentation import constant_rule
+
+    majority = result["classes"].index(result["chance"]["majority_class"])
+    assert result["chance"]["miou"] == pytest.approx(constant_rule(np.array(result["confusion"]), majority)["miou"])
+    assert result["chance"]["miou"] < 0.5 < result["miou"]
 
 
 def test_a_probe_that_predicts_one_class_everywhere_is_flagged():
@@ -97,6 +104,8 @@ def test_the_soft_label_cache_gives_back_the_dense_labels_and_keeps_only_their_n
     cache = SoftLabelCache(150, 255)
     cache.get(0, lambda: masks[0], (8, 8))
     assert cache.nbytes() == one_class  # against 64 x 150 x 4 bytes dense: 1/75
+    # the class mass (the constant rule's class) is the dense rows' sum
+    assert torch.allclose(cache.class_mass(), patch_soft_labels(masks[0], (8, 8), 150, 255).sum(0).double())
 
 
 def test_a_mask_value_outside_the_named_classes_is_one_sentence_in_both_evaluations(tmp_path, capsys):

@@ -291,6 +291,21 @@ def test_a_knn_seg_table_shows_foreground_iou_where_the_result_has_it(tmp_path):
     newer = _evaluation({"command": "eval knn-seg", "results": [dict(row, foreground_iou=0.494)]},
                         tmp_path / "r.json", "x")
     assert "foreground IoU %" not in older and "foreground IoU %" in newer and "49.40" in newer
+    # the constant rule (recorded since 2026-12-07) last, in the score columns; chance_headline for compare
+    from mlsctl.evaluate.results import chance_headline
+
+    chance = {"miou": 0.064, "foreground_iou": 0.0, "pixel_accuracy": 0.70, "majority_class": "background"}
+    seg = {"command": "eval knn-seg", "chance": chance,
+           "results": [dict(row, foreground_iou=0.494, chance=chance),
+                       dict(row, fraction="1/8", foreground_iou=0.3, chance=dict(chance, miou=0.05))]}
+    assert "<td>chance: every pixel background</td><td></td><td></td><td>6.40</td><td>0.00</td>" in _evaluation(
+        seg, tmp_path / "r.json", "x")
+    assert chance_headline(seg) == ("chance (every pixel the majority class, background)", {
+        "mIoU": 0.064, "foreground IoU": 0.0, "mIoU 1/8": 0.05, "foreground IoU 1/8": 0.0})
+    linear = {"command": "eval linear-seg", "miou": 0.2, "pixel_accuracy": 0.8, "chance": chance}  # no background
+    assert chance_headline(linear)[1] == {"mIoU": 0.064, "pixel accuracy": 0.70}
+    assert "<td>chance: every pixel background</td><td>6.40</td>" in _evaluation(linear, tmp_path / "r.json", "x")
+    assert chance_headline({"command": "eval knn-seg", "results": [row]}) is None  # results before it was kept
 
 
 def test_a_copied_run_keeps_its_random_init_comparison_and_results_beside_it_count(finished_run, tmp_path, capsys,

@@ -190,6 +190,9 @@ def _print_knn_seg(payload: dict, settings, train_images: int, out: Path) -> Non
                 f"{pct(r['miou'])}" + (f" ± {pct(r['miou_std'])}" if len(r["runs"]) > 1 else ""),
                 *([pct(r["foreground_iou"])] if foreground else []),
                 pct(r["miou_hungarian"]), f"{sum(x['seconds']['total'] for x in r['runs']):.1f}"] for r in results]
+    chance = payload["chance"]  # what a segmentation must beat: every pixel the training patches' majority class
+    summary.append([f"chance: every pixel {chance['majority_class']}", "", "", pct(chance["miou"]),
+                    *([pct(chance.get("foreground_iou"))] if foreground else []), "", ""])
     typer.echo(table(["fraction", "train images", "runs", "mIoU %", *(["foreground IoU %"] if foreground else []),
                       "(Hungarian mIoU %)", "seconds"], summary))
     for images in sorted({r["train_images"] for r in results}):
@@ -402,6 +405,7 @@ def linear_seg(
     from mlsctl.evaluate import knn_seg as knn_lib
     from mlsctl.evaluate import linear_seg as lib
     from mlsctl.evaluate.inputs import segmentation_inputs, split_records
+    from mlsctl.evaluate.segmentation import constant_rule_text
     from mlsctl.restore import model_on_demand
 
     write = results_writer(out, "linear-seg", say, as_json)  # after the refusals, before the work
@@ -430,6 +434,7 @@ def linear_seg(
                f"{pct(result['pixel_accuracy'])}% on {len(val_features)} val images ({counted(epochs, 'epoch')}, lr {lr:g}, "
                f"train loss {result['train_loss_per_epoch'][0]:.3f} -> {result['train_loss_per_epoch'][-1]:.3f}, "
                f"{result['seconds']['total']:.1f}s); results written to {out}")
+    typer.echo(f"chance: {constant_rule_text(result['chance'])} (the training patches' most frequent class)")
     one_class = lib.one_class_note(result)
     if one_class:
         typer.echo(one_class)

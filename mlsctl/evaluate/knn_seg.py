@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 
 from mlsctl.errors import UserError
-from mlsctl.evaluate.segmentation import (confusion_update, foreground_scores, hungarian_mean_iou, iou_per_class,
-                                          mean_iou, pixel_accuracy)
+from mlsctl.evaluate.segmentation import (confusion_update, constant_rule, foreground_scores, hungarian_mean_iou,
+                                          iou_per_class, mean_iou, pixel_accuracy)
 
 MASK_EXTENSIONS = (".png", ".bmp", ".tif", ".tiff")
 
@@ -328,6 +328,13 @@ def _crop_box(size: tuple[int, int], generator: torch.Generator) -> tuple[int, i
 class Memory:
     features: torch.Tensor  # [M, D] float32, L2-normalised
     labels: torch.Tensor  # [M, C] soft labels
+    class_mass: torch.Tensor  # [C] the soft labels of every labelled training patch summed, before any sampling
+
+    def majority_class(self) -> int:
+        """The class of most training patches' label mass (ties to the lower class): the constant rule's class
+        (:func:`mlsctl.evaluate.segmentation.constant_rule`). From every labelled patch, not the memory's sample,
+        which draws rare classes more often (:func:`sample_patches`)."""
+        return int(torch.argmax(self.class_mass))
 
 
 def build_memory(pairs: Iterator[tuple[int, torch.Tensor, np.ndarray]], num_classes: int, *, per_image: Optional[int],
@@ -335,6 +342,7 @@ def build_memory(pairs: Iterator[tuple[int, torch.Tensor, np.ndarray]], num_clas
     """The memory of the training patches; each patch's label its class histogram, or with ``majority``
     the one-hot of its most frequent class (ties to the lower class)."""
     features, labels = _Rows(), _Rows()
+    class_mass = torch.zeros(num_classes, dtype=torch.float64)
     for row, feature_map, mask in pairs:
         h, w, d = feature_map.shape
         try:
@@ -342,6 +350,7 @@ def build_memory(pairs: Iterator[tuple[int, torch.Tensor, np.ndarray]], num_clas
         except ValueError as exc:
             raise UserError(f"the mask of training row {row} does not fit the class list ({exc}); fix the masks or "
                             f"the classes of their meta.json") from None
+        class_mass += soft.sum(0, dtype=torch.float64)
         keep = sample_patches(soft, per_image, generator) if per_image is not None else \
             torch.nonzero(soft.sum(1) > 0).squeeze(1)
         features.append(F.normalize(feature_map.reshape(-1, d).float()[keep], dim=1))
@@ -349,7 +358,7 @@ def build_memory(pairs: Iterator[tuple[int, torch.Tensor, np.ndarray]], num_clas
         labels.append(F.one_hot(kept.argmax(1), num_classes).float() if majority else kept)
     if len(features) == 0:
         raise UserError("the training masks label no patch (every pixel is ignored); check --train-masks and --ignore-index")
-    return Memory(features.cat(), labels.cat())
+    return Memory(features.cat(), labels.cat(), class_mass)
 
 
 class _Rows:
@@ -655,6 +664,7 @@ def evaluate_once(train: FeatureMasks, val: FeatureMasks, rows: Sequence[int], s
         "train_images": len(rows),
         "memory_patches": int(len(memory.features)),
         "k": min(settings.k, int(len(memory.features))),  # the neighbours each patch voted with
+        "majority_class": memory.majority_class(),  # of the training patches: the constant rule's class
         "miou": mean_iou(confusion),
         "miou_hungarian": hungarian_mean_iou(confusion),
         "pixel_accuracy": pixel_accuracy(confusion),
@@ -709,6 +719,9 @@ def knn_segmentation(train: FeatureMasks, val: FeatureMasks, fractions: Sequence
         with warnings.catch_warnings():  # a class absent from every run has no mean: NaN, reported as None
             warnings.simplefilter("ignore", RuntimeWarning)
             class_mean = np.nanmean(per_class, 0) if len(outcomes) else per_class[0]
+        # the constant rule with the majority class of the fraction's first run (runs of one fraction draw
+        # training subsets of one size; their majority class is nearly always the same)
+        chance = constant_rule(outcomes[0]["confusion"], outcomes[0]["majority_class"], names)
         for o in outcomes:
             o.update(foreground_scores(o["confusion"], names))  # where class 0 is a background
             o["confusion"] = o["confusion"].tolist()  # [true, predicted] pixel counts, for other summaries
@@ -723,9 +736,14 @@ def knn_segmentation(train: FeatureMasks, val: FeatureMasks, fractions: Sequence
             "miou_hungarian": float(np.mean([o["miou_hungarian"] for o in outcomes])),
             "iou_per_class": [None if np.isnan(v) else float(v) for v in class_mean],
             **foreground,
+            "chance": {**chance, "majority_class": outcomes[0]["majority_class"]},
             "runs": outcomes,
         })
     bar.close()
     classes = list(names or [])
     classes += [str(c) for c in range(len(classes), max(len(r["iou_per_class"]) for r in results))]
-    return {"classes": classes, "num_classes": num_classes, "results": results}
+    for r in results:
+        r["chance"].update(majority_class=classes[r["chance"]["majority_class"]])
+    largest = max(results, key=lambda r: r["train_images"])  # the 1/1 fraction where there is one
+    chance = {"rule": "every val pixel called the training patches' most frequent class", **largest["chance"]}
+    return {"classes": classes, "num_classes": num_classes, "results": results, "chance": chance}

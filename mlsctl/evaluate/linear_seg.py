@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from mlsctl.errors import UserError
 from mlsctl.evaluate.knn_seg import FeatureMasks, no_labelled_pixels, patch_soft_labels, segmentation_classes
-from mlsctl.evaluate.segmentation import (confusion_update, foreground_scores, iou_per_class, mean_iou,
+from mlsctl.evaluate.segmentation import (confusion_update, constant_rule, foreground_scores, iou_per_class, mean_iou,
                                           pixel_accuracy)
 
 
@@ -71,11 +71,21 @@ class SoftLabelCache:
     def nbytes(self) -> int:
         return sum(where.nbytes + values.nbytes for where, values, _ in self.rows.values())
 
+    def class_mass(self) -> torch.Tensor:
+        """[C] the soft labels of every patch read so far, summed (float64): after one epoch, of the whole
+        training set; its argmax is the constant rule's class (:func:`~mlsctl.evaluate.segmentation.constant_rule`)."""
+        mass = torch.zeros(self.num_classes, dtype=torch.float64)
+        for where, values, _ in self.rows.values():
+            mass.index_add_(0, where.long() % self.num_classes, values.double())
+        return mass
+
 
 def train_linear_seg(train: FeatureMasks, num_classes: int, *, epochs: int = 10, lr: float = 0.1,
                      weight_decay: float = 0.0, image_batch: int = 32, ignore_index: int = 255, seed: int = 0,
-                     progress=None) -> tuple[torch.nn.Linear, torch.Tensor, torch.Tensor, list[float]]:
-    """The linear layer, the standardisation (mean, std) and the mean loss of every epoch."""
+                     progress=None, labels: Optional[SoftLabelCache] = None
+                     ) -> tuple[torch.nn.Linear, torch.Tensor, torch.Tensor, list[float]]:
+    """The linear layer, the standardisation (mean, std) and the mean loss of every epoch. ``labels``: the
+    cache of the training patches' soft labels to fill (a new one by default), for the caller to read after."""
     generator = torch.Generator().manual_seed(seed)
     mean, std = _patch_stats(train, image_batch)
     layer = torch.nn.Linear(len(mean), num_classes)
@@ -86,7 +96,7 @@ def train_linear_seg(train: FeatureMasks, num_classes: int, *, epochs: int = 10,
     n = len(train)
     steps_per_epoch = math.ceil(n / image_batch)
     total, step, losses, labelled = epochs * steps_per_epoch, 0, [], 0
-    labels = SoftLabelCache(num_classes, ignore_index)
+    labels = SoftLabelCache(num_classes, ignore_index) if labels is None else labels
     for _ in range(epochs):
         # blocks of consecutive images in a fresh random order: each batch is one contiguous read
         blocks = torch.randperm(steps_per_epoch, generator=generator).tolist()
@@ -138,9 +148,10 @@ def evaluate_linear_seg(train: FeatureMasks, val: FeatureMasks, *, epochs: int =
     num_classes = segmentation_classes(train, val, names, ignore_index)
     bar = progress_bar(epochs * len(train) + len(val), "linear-seg", "images (training epochs, then val)", progress)
     started = time.perf_counter()
+    labels = SoftLabelCache(num_classes, ignore_index)
     layer, mean, std, losses = train_linear_seg(train, num_classes, epochs=epochs, lr=lr, weight_decay=weight_decay,
                                                 image_batch=image_batch, ignore_index=ignore_index, seed=seed,
-                                                progress=bar.update)
+                                                progress=bar.update, labels=labels)
     trained = time.perf_counter()
     confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
     with torch.no_grad():
@@ -157,11 +168,15 @@ def evaluate_linear_seg(train: FeatureMasks, val: FeatureMasks, *, epochs: int =
     if not confusion.sum():
         raise UserError(no_labelled_pixels(val, ignore_index))
     classes = list(names or []) + [str(c) for c in range(len(names or []), num_classes)]
+    majority = int(torch.argmax(labels.class_mass()))
+    chance = {"rule": "every val pixel called the training patches' most frequent class",
+              **constant_rule(confusion, majority, names), "majority_class": classes[majority]}
     return {"classes": classes, "num_classes": num_classes, "miou": mean_iou(confusion),
             "pixel_accuracy": pixel_accuracy(confusion),
             "iou_per_class": [None if np.isnan(v) else float(v) for v in iou_per_class(confusion)],
             **foreground_scores(confusion, names),  # foreground = every class but 0, where 0 is a background
             "predicted_classes": [classes[c] for c in np.flatnonzero(confusion.sum(0))],
+            "chance": chance,
             "train_loss_per_epoch": losses,
             "settings": {"epochs": epochs, "lr": lr, "weight_decay": weight_decay, "image_batch": image_batch,
                          "ignore_index": ignore_index, "seed": seed,

@@ -188,8 +188,8 @@ def _headline(result: dict) -> dict[str, Optional[float]]:
 
 def chance_headline(result: dict) -> Optional[tuple[str, dict[str, Optional[float]]]]:
     """What the data of an eval result scores by chance, in :func:`headline`'s columns, and its label; None where
-    the result records none (knn-seg and linear-seg record none; knn and linear since 2026-12-07). It depends on
-    the data alone (the labels, the gallery's objects), not on the model."""
+    the result records none (knn, linear, knn-seg and linear-seg record it since 2026-12-07). It depends on
+    the data alone (the labels, the masks, the gallery's objects), not on the model."""
     from mlsctl.evaluate.retrieval import chance_scores
 
     command, chance = result.get("command"), result.get("chance")
@@ -210,6 +210,20 @@ def chance_headline(result: dict) -> Optional[tuple[str, dict[str, Optional[floa
     if command == "eval recall":
         return "chance (a random ranking)", {**{f"R@{k}": value for k, value in chance.items()},
                                              "MAP@R": result.get("chance_map_at_r")}
+    if command == "eval knn-seg":  # each fraction's own constant rule (its training subset's majority class)
+        out: dict[str, Optional[float]] = {}
+        for row in result["results"]:
+            suffix = "" if row["fraction"] == "1/1" else f" {row['fraction']}"
+            row_chance = row.get("chance") if isinstance(row.get("chance"), dict) else chance
+            out[f"mIoU{suffix}"] = row_chance.get("miou")
+            if "foreground_iou" in row:
+                out[f"foreground IoU{suffix}"] = row_chance.get("foreground_iou")
+        return f"chance (every pixel the majority class, {chance.get('majority_class')})", out
+    if command == "eval linear-seg":
+        return (f"chance (every pixel the majority class, {chance.get('majority_class')})",
+                {name: chance.get(key) for name, key in (("mIoU", "miou"), ("foreground IoU", "foreground_iou"),
+                                                         ("pixel accuracy", "pixel_accuracy"))
+                 if name in headline(result)})
     return None
 
 
