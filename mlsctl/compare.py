@@ -273,18 +273,18 @@ def title(table: Table) -> str:
 def write_page(compared: dict, out: Path, curves: Optional[Path] = None) -> None:
     """The comparison as one self-contained HTML page (the report's style), with the runs' curves overlaid."""
     from mlsctl import atomic
-    from mlsctl.report import REPORT_HEAD, STYLE, _note, _png_uri, _table
+    from mlsctl.report import REPORT_HEAD, STYLE, html_note, html_table, png_data_uri
 
     names = ", ".join(compared["runs"])
     parts = [f"<h1>mlsctl compare: {html.escape(names)}</h1>"]
     if curves is not None:
-        parts.append(f'<h2>Training curves</h2><img alt="training curves" src="{_png_uri(curves)}">')
+        parts.append(f'<h2>Training curves</h2><img alt="training curves" src="{png_data_uri(curves)}">')
     parts.append("<h2>Evaluations</h2>")
     for table in compared["tables"]:
-        parts.append(f"<h3>{html.escape(title(table))}</h3>" + _table(*table_rows(table)))
+        parts.append(f"<h3>{html.escape(title(table))}</h3>" + html_table(*table_rows(table)))
     if not compared["tables"]:
-        parts.append(_note(NO_RESULTS))
-    parts.extend(_note(line) for line in [*compared["skipped"], *unmatched_notes(compared)])
+        parts.append(html_note(NO_RESULTS))
+    parts.extend(html_note(line) for line in [*compared["skipped"], *unmatched_notes(compared)])
     atomic.write_text(out, f"{REPORT_HEAD}compare {html.escape(names)}</title><style>{STYLE}</style></head><body>"
                            f"{''.join(parts)}</body></html>")
 

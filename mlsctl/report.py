@@ -63,12 +63,14 @@ window.addEventListener('load', function () {
 """
 
 
-def _png_uri(path_or_bytes) -> str:
+def png_data_uri(path_or_bytes) -> str:
+    """A PNG (a file or its bytes) as a data: URI, so that a page is one self-contained file."""
     data = path_or_bytes if isinstance(path_or_bytes, bytes) else Path(path_or_bytes).read_bytes()
     return "data:image/png;base64," + base64.b64encode(data).decode()
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
+def html_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
+    """A table of escaped cells (the report's and ``compare``'s pages)."""
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
@@ -78,7 +80,8 @@ def _pct(value) -> str:
     return percent(value, 2, "–")
 
 
-def _note(text: str) -> str:
+def html_note(text: str) -> str:
+    """A note below a table, escaped."""
     return f'<p class="note">{html.escape(text)}</p>'
 
 
@@ -228,7 +231,7 @@ def _summary(run: Run, recipe, weights: "RunWeights") -> str:
         rows.append(("unreadable training files skipped", summary["skipped_files"]))
     rows.append(("this report", f"written {_when(provenance.now())} by mlsctl {__version__}, "
                                 f"{_commit_text({'commit': provenance.commit()})}"))
-    return _table(["", ""], rows)
+    return html_table(["", ""], rows)
 
 
 def _description(run: Run, recipe) -> str:
@@ -298,9 +301,9 @@ def _patch_maps(run: Run, recipe, n: int, model) -> str:
         except (BadImage, OSError, TypeError) as exc:
             skipped.append(f"{sources.shown(path)} ({exc if isinstance(exc, BadImage) else first_line(exc, 80)})")
     if not images:
-        return _note(f"no training image of {run.root} could be read (data.root {sources.root}), so no patch map")
+        return html_note(f"no training image of {run.root} could be read (data.root {sources.root}), so no patch map")
     if model is None:
-        return _note(f"{run.root} has neither teacher.safetensors nor a checkpoint yet, so no patch map")
+        return html_note(f"{run.root} has neither teacher.safetensors nor a checkpoint yet, so no patch map")
     size = model.info["img_size"] - model.info["img_size"] % model.backbone.patch_size
     preprocessing = Preprocessing(size, "square")
     with torch.no_grad():
@@ -309,7 +312,7 @@ def _patch_maps(run: Run, recipe, n: int, model) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         # under data.root, as the bank's neighbours are named: 00.png repeats in every object folder (a new user)
         out = pca_figure(seen, pca_rgb(dense), [sources.shown(p) for p in read], Path(tmp) / "pca.png")
-        uri = _png_uri(out)
+        uri = png_data_uri(out)
     unread = f" Left out, unreadable: {html.escape(', '.join(skipped))}." if skipped else ""
     return (f"<p>{html.escape(model.description)}: {len(images)} of the first {len(paths)} training images at {size} px, "
             f"each patch coloured by the first three principal components of the teacher's patch tokens.{unread}</p>"
@@ -324,13 +327,13 @@ def _banks(run: Run, recipe) -> str:
     from mlsctl.viz import neighbour_grid
 
     if run.latest() is None:
-        return _note("no checkpoint yet, so no bank to show")
+        return html_note("no checkpoint yet, so no bank to show")
     try:
         _, checkpoint, banks = open_banks(run.root, has_step_option=False)
     except UserError as exc:  # an incomplete latest checkpoint: a note in this section, not a failed page (a review)
-        return _note(str(exc))
+        return html_note(str(exc))
     if not banks:
-        return _note(f"the method {recipe.method.name} keeps no memory bank")
+        return html_note(f"the method {recipe.method.name} keeps no memory bank")
     # bank inspect's sample (its default), so that the two give the same figures (a probe, 2026-12-07: 0.272 here,
     # 0.276 there, from samples of 1,024 and 2,048 entries)
     healths = {name: bank_health(bank, name, checkpoint.step) for name, bank in banks.items()}
@@ -341,9 +344,9 @@ def _banks(run: Run, recipe) -> str:
     rows = [[name, h.written, h.size, h.dim, number(h.mean_cosine, 3), number(h.effective_rank, 1),
              number(h.uniformity, 3), number(h.duplicate_rate, 2, 100, "%"), h.status_line()]
             for name, h in healths.items()]
-    parts = [_table(["bank", "entries written", "slots", "width", "mean pairwise cosine", "effective rank",
+    parts = [html_table(["bank", "entries written", "slots", "width", "mean pairwise cosine", "effective rank",
                      "uniformity", "near-duplicates", "status"], rows),
-             _note("the pairwise indicators over a fixed sample of "
+             html_note("the pairwise indicators over a fixed sample of "
                    + ", ".join(f"{h.sample:,} entries of '{name}'" for name, h in healths.items())
                    + f", as mlsctl bank inspect {run.root} computes them")]
     sources = SourceImages(run)
@@ -372,7 +375,7 @@ def _banks(run: Run, recipe) -> str:
                          f"<p class=\"note\">{shown} is the first training image: the bank holds "
                          f"{counted(own, 'entry', 'entries')} written from its own earlier views, {among} of them "
                          f"among these {len(found)}.</p>"
-                         f'<img alt="neighbours in {html.escape(name)}" src="{_png_uri(out)}">')
+                         f'<img alt="neighbours in {html.escape(name)}" src="{png_data_uri(out)}">')
     return "".join(parts)
 
 
@@ -663,7 +666,7 @@ def _shared_warning(result: dict) -> str:
         note = shared_images_note(shared, val["images"] if isinstance(val, dict) else result["val_images"])
         text += "".join(_warning(line) for line in note.splitlines())
     if dataset.get("val_images_compared"):
-        text += _note(shared_images_note({"val_images_compared": dataset["val_images_compared"]}, 0))
+        text += html_note(shared_images_note({"val_images_compared": dataset["val_images_compared"]}, 0))
     return text
 
 
@@ -679,8 +682,8 @@ def _retrieval(result: dict) -> str:
             for r in result.get("results", [])]
     rows.append(["chance", "(a random ranking)", "", _pct(chance["AR@10"]), _pct(chance["R@1"])])
     note = objects_note(objects)
-    return (f"<p>{objects} gallery objects</p>" + _table(["score", "backbone", "noise", "AR@10 %", "R@1 %"], rows)
-            + (_note(note) if note else ""))
+    return (f"<p>{objects} gallery objects</p>" + html_table(["score", "backbone", "noise", "AR@10 %", "R@1 %"], rows)
+            + (html_note(note) if note else ""))
 
 
 def _recall(result: dict) -> str:
@@ -694,9 +697,9 @@ def _recall(result: dict) -> str:
         rows.append(["chance (a random ranking)", *(_pct(chance.get(k)) for k in recalls),
                      _pct(result.get("chance_map_at_r"))])  # "–" in results written before it was kept
     certain = certain_note(result.get("ks_certain") or [])
-    note = _note(certain) if certain else ""
+    note = html_note(certain) if certain else ""
     return (f"<p>{result.get('embeddings', '?')} embeddings of {result.get('classes', '?')} classes</p>"
-            + _table(["", *(f"R@{k} %" for k in recalls), "MAP@R %"], rows) + note)
+            + html_table(["", *(f"R@{k} %" for k in recalls), "MAP@R %"], rows) + note)
 
 
 def _evaluation(result: dict, source: Path, label: str) -> str:
@@ -721,7 +724,7 @@ def _evaluation(result: dict, source: Path, label: str) -> str:
         if isinstance(chance, dict):
             rows.append([f"chance: every pixel {chance.get('majority_class')}", "", "", _pct(chance.get("miou")),
                          *([_pct(chance.get("foreground_iou"))] if foreground else []), ""])
-        return title + _table(["fraction", "train images", "runs", "mIoU %",
+        return title + html_table(["fraction", "train images", "runs", "mIoU %",
                                *(["foreground IoU %"] if foreground else []), "(Hungarian mIoU %)"], rows)
     if command == "eval linear-seg":
         from mlsctl.evaluate.linear_seg import one_class_note
@@ -732,18 +735,18 @@ def _evaluation(result: dict, source: Path, label: str) -> str:
         if isinstance(chance, dict):
             rows.append([f"chance: every pixel {chance.get('majority_class')}", _pct(chance.get("miou")),
                          _pct(chance.get("foreground_iou")), _pct(chance.get("pixel_accuracy"))])
-        return title + _table(["", "mIoU %", "foreground IoU %", "pixel accuracy %"], rows) + (
+        return title + html_table(["", "mIoU %", "foreground IoU %", "pixel accuracy %"], rows) + (
             _warning(note) if note else "")
     if command == "eval knn":
-        return title + _table(*score_table(result, _pct))
+        return title + html_table(*score_table(result, _pct))
     if command == "eval linear":
         scores = result.get("results", {})
         chosen = f"{result['chosen']['lr']:g}", f"{result['chosen']['weight_decay']:g}"
         chance = chance_line(result)  # recorded since 2026-12-07
-        chance = _note(chance) if chance else ""
+        chance = html_note(chance) if chance else ""
         if result.get("multi_label"):
-            return title + _table(["mAP %", "lr", "weight decay"], [[_pct(scores.get("mAP")), *chosen]]) + chance
-        return title + _table(["top-1 %", "top-1 95 % interval", "top-5 %", "lr", "weight decay"],
+            return title + html_table(["mAP %", "lr", "weight decay"], [[_pct(scores.get("mAP")), *chosen]]) + chance
+        return title + html_table(["top-1 %", "top-1 95 % interval", "top-5 %", "lr", "weight decay"],
                               [[_pct(scores.get("top1")), interval_text(scores.get("top1_interval95")),
                                 _pct(scores.get("top5")), *chosen]]) + chance
     if command == "eval retrieval":
@@ -816,17 +819,17 @@ def _evaluations(run: Run, folders: Sequence[Path], weights: RunWeights) -> tupl
                 memorised.append(str(path))
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
             skipped.append(not_its_form(path, result, exc))
-    notes = "".join(_note(line) for line in skipped)
+    notes = "".join(html_note(line) for line in skipped)
     shown = {group: [str(path) for path, _ in entries] for group, entries in found.items()}
     if not any(found.values()):
-        return notes + _note("no evaluation of this run found (results of mlsctl eval under RUN/results/, in RUN "
+        return notes + html_note("no evaluation of this run found (results of mlsctl eval under RUN/results/, in RUN "
                              "or in --results)"), shown, skipped, memorised
     parts = []
     for group, title in GROUPS:
         if found[group]:
             parts.append(f"<h3>{html.escape(title)}</h3>" + "".join(text for _, text in found[group]))
         elif group == "own":
-            parts.append(f"<h3>{html.escape(title)}</h3>" + _note("no evaluation of this run's weights found: evaluate them with "
+            parts.append(f"<h3>{html.escape(title)}</h3>" + html_note("no evaluation of this run's weights found: evaluate them with "
                                                       f"mlsctl eval ... --run {run.root}"))
     return "".join(parts) + notes, shown, skipped, memorised
 
@@ -874,11 +877,11 @@ def write_report(run_dir: str | Path, out: str | Path, *, results: Sequence[str 
     if run.metrics_path.is_file() and run.metrics_path.stat().st_size:
         with tempfile.TemporaryDirectory() as tmp:
             plot_runs([run.root], Path(tmp) / "curves.png", title=f"training curves of {run.root.name}")
-            body["curves"] = f'<img alt="training curves" src="{_png_uri(Path(tmp) / "curves.png")}">'
+            body["curves"] = f'<img alt="training curves" src="{png_data_uri(Path(tmp) / "curves.png")}">'
     else:
-        body["curves"] = _note("no metrics.jsonl yet")
+        body["curves"] = html_note("no metrics.jsonl yet")
     body["patch-maps"] = (_patch_maps(run, recipe, patch_images, weights.final) if weights.has_backbone else
-                          _note(f"a {recipe.method.name} run trains on features and has no backbone, so no patch map"))
+                          html_note(f"a {recipe.method.name} run trains on features and has no backbone, so no patch map"))
     body["banks"] = _banks(run, recipe)
     body["evaluations"], shown, skipped, memorised = _evaluations(run, [Path(r) for r in results], weights)
     titles = {"summary": "Summary", "recipe": "Recipe", "curves": "Training curves", "patch-maps": "PCA patch maps",
