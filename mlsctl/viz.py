@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import functools
 import textwrap
 from pathlib import Path
 from typing import Optional, Sequence
@@ -47,15 +48,40 @@ def pca_rgb(dense: torch.Tensor) -> torch.Tensor:
     return pca_components(dense)[0]
 
 
+def _caption_font_path() -> str:
+    import matplotlib
+
+    return str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf")
+
+
 def caption_font():
     """DejaVu Sans at 11 px, the font matplotlib ships: Pillow's default bitmap font draws only ASCII (a new
     user's run-through, 2026-12-06: ``café ü.png`` came out as ``caf□□.png``)."""
-    from pathlib import Path
-
-    import matplotlib
     from PIL import ImageFont
 
-    return ImageFont.truetype(str(Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"), 11)
+    return ImageFont.truetype(_caption_font_path(), 11)
+
+
+@functools.lru_cache(maxsize=None)
+def _glyphs():
+    from matplotlib.ft2font import FT2Font
+
+    return FT2Font(_caption_font_path())
+
+
+@functools.lru_cache(maxsize=65536)
+def _drawable_character(c: str) -> str:
+    if c.isspace() or _glyphs().get_char_index(ord(c)):
+        return c
+    return f"\\u{ord(c):04x}" if ord(c) <= 0xFFFF else f"\\U{ord(c):08x}"
+
+
+def drawable(text: str) -> str:
+    """``text`` with each character the caption font has no glyph for written as its escape (``猫.png`` →
+    ``\\u732b.png``): DejaVu Sans has no Chinese, Japanese or Korean characters, and captions of such file names
+    were rows of identical boxes (□□.png under every tile), which tell nothing apart; an escape does, and
+    names the file."""
+    return "".join(_drawable_character(c) for c in text)
 
 
 def fitted(draw, text: str, width: int, keep_end: bool = False) -> str:
@@ -63,6 +89,7 @@ def fitted(draw, text: str, width: int, keep_end: bool = False) -> str:
     with ``keep_end`` (a path: its file name is what tells tiles apart; a new user, 2026-12-06, read
     "images/00000…" under every tile)."""
     font = caption_font()
+    text = drawable(text)
     while text and draw.textlength(text, font=font) > width:
         if len(text) <= 2:
             text = ""
@@ -77,7 +104,7 @@ def path_lines(draw, path: str, width: int) -> list[str]:
     ``…/01_1_front.jpg`` under every In-shop item, whose folders alone tell them apart (a new user's
     probe, 2026-12-07)."""
     folder, slash, name = path.rpartition("/")
-    if not slash or draw.textlength(path, font=caption_font()) <= width:
+    if not slash or draw.textlength(drawable(path), font=caption_font()) <= width:
         return [fitted(draw, path, width, keep_end=True)]
     return [fitted(draw, folder + "/", width, keep_end=True), fitted(draw, name, width, keep_end=True)]
 

@@ -82,6 +82,21 @@ def test_captions_keep_a_paths_end_and_cosines_three_decimals():
     assert tile is None and caption.split("\n") == ["cos 0.995", "step 13", f"missing: /data/{path}"]
 
 
+def test_captions_write_characters_the_font_lacks_as_escapes():
+    """Carried since 2026-12-06: Chinese, Japanese and Korean file names came out as rows of identical boxes (the
+    caption font, DejaVu Sans, has none of their glyphs); each such character is now its escape, so two such names
+    differ on the tile as on disk. Characters the font has (accents, arrows) stay as they are."""
+    from PIL import Image, ImageDraw
+
+    from mlsctl.viz import drawable, fitted
+
+    assert drawable("猫/1.png") == "\\u732b/1.png" and drawable("犬/1.png") == "\\u72ac/1.png"
+    assert drawable("café → ü.png") == "café → ü.png" and drawable("\U0002000b") == "\\U0002000b"
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    assert fitted(draw, "猫.png", 96) == "\\u732b.png"
+    assert fitted(draw, "图片/猫猫猫猫猫猫猫猫猫猫猫猫.png", 96, keep_end=True).endswith(".png")  # cut after escaping
+
+
 def test_a_long_path_keeps_the_folder_that_tells_it_apart(tmp_path):
     """A new user's probe (2026-12-07): In-shop's paths cut to one line at their start read "…/01_1_front.jpg" under
     every tile of the report's neighbours; the folder nearest the file now gets a line of its own."""
