@@ -1313,7 +1313,8 @@ class Gallery:
                                 f"Unicode composition); give '{printable(stored)}' to remove it (nothing was removed)")
             missing.append(object_id)
         if missing and not missing_ok:
-            more = f" (nor are {len(missing) - 1} more of the ids given)" if len(missing) > 1 else ""
+            others = len(missing) - 1
+            more = f" (nor {'is' if others == 1 else 'are'} {others} more of the ids given)" if others else ""
             raise UserError(f"{where} '{printable(missing[0])}' is not in gallery {self.path}{more}; nothing was "
                             f"removed: check the id with mlsctl index info {self.path} --objects, or give "
                             f"--missing-ok to pass over ids that are not there")
