@@ -895,7 +895,7 @@ INDEX_KINDS = ("flat", "ivfpq")
 
 
 class Gallery:
-    """A gallery folder, opened for search (and :meth:`add`, :meth:`retrain` under its lock).
+    """A gallery folder, opened for search (and :meth:`add`, :meth:`remove`, :meth:`retrain` under its lock).
 
     Latents and their normalised rows are memory maps of the row files: only the index is held in
     memory (a flat index is built from the live rows when the gallery opens; an IVF-PQ index is
