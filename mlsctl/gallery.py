@@ -1868,7 +1868,8 @@ def remove_from_gallery(path: str | os.PathLike, ids: Sequence[str], *, missing_
     with FolderLock(path, "gallery"):
         target = Gallery(path, recover=True)
         if purge:
-            _check_purge_fits(target, len(target) - (len(set(ids)) - len(target.absent_ids(ids, True))))
+            wanted = list(dict.fromkeys(ids))
+            _check_purge_fits(target, len(target) - len(wanted) + len(target.absent_ids(wanted, True)))
         removed, missing = target.remove(ids, missing_ok)
         if purge:
             target.retrain()

@@ -486,7 +486,7 @@ SWAPS[swap][1](Path(sys.argv[4]))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("swap", ["build --overwrite", "retrain"])
+@pytest.mark.parametrize("swap", ["build --overwrite", "retrain", "a removal that saves the index"])
 def test_4_sigkill_at_every_os_replace_of_a_swap_leaves_the_old_or_the_new_gallery(swap, tmp_path, monkeypatch):
     import shutil
 
@@ -1394,3 +1394,21 @@ def test_index_remove_is_one_sentence_for_an_id_not_there_and_says_what_it_remov
     record = json.loads(cli_ok(capsys, "index", "remove", g, "o4", "--purge", "--json")[0])
     assert record == {"gallery": g, "removed": ["o4"], "missing": [], "objects": 296, "purged": True}
     assert Gallery(g).rows == 296 and "removed  " not in cli_ok(capsys, "index", "info", g)[0]
+
+
+def test_a_purge_the_ivfpq_index_cannot_train_for_is_refused_before_anything_is_removed_and_a_rebuild_says_removals(
+        tmp_path):
+    from mlsctl.errors import UserError
+    from mlsctl.gallery import check_what_a_rebuild_drops, remove_from_gallery
+
+    settings = IndexSettings("ivfpq", nlist=1, m=4, nbits=5, nprobe=1, refine=10)
+    write_gallery(tmp_path / "g", [f"o{i}" for i in range(40)], clustered(40, seed=3), [1] * 40, settings, MANIFEST)
+    with pytest.raises(UserError, match="--purge retrains the IVF-PQ index, which cannot be trained on the 38 objects "
+                                        "left .*nothing was removed"):
+        remove_from_gallery(tmp_path / "g", ["o1", "o2", "o1"], purge=True)
+    assert Gallery(tmp_path / "g").rows == 40
+    assert remove_from_gallery(tmp_path / "g", ["o1", "o2"])[1:] == (["o1", "o2"], [])
+    said = []
+    check_what_a_rebuild_drops(tmp_path / "g", {f"o{i}": 1 for i in range(40)}, say=said.append)
+    assert said == [f"note: the source holds 2 objects removed from {tmp_path / 'g'} with mlsctl index remove "
+                    f"(o1, o2), which the rebuild brings back; remove them from the source, or with index remove again"]
