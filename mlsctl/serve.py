@@ -1,6 +1,6 @@
 """``mlsctl serve``: a gallery kept loaded behind an HTTP JSON API (FastAPI, served by uvicorn).
 
-A thin face over the library calls ``search`` and ``index add`` use (:mod:`mlsctl.gallery`):
+A thin face over the library calls ``search``, ``index add`` and ``index remove`` use (:mod:`mlsctl.gallery`):
 
 * ``POST /search?k=10`` — photos of one object, as multipart files (``photos``, repeated) or as a
   JSON body ``{"paths": [...]}`` naming files under the server's ``--root``: the ranked objects;
