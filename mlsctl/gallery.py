@@ -1873,7 +1873,18 @@ def remove_from_gallery(path: str | os.PathLike, ids: Sequence[str], *, missing_
         removed, missing = target.remove(ids, missing_ok)
         if purge:
             target.retrain()
+            _say_unpurged_versions(target)
     return target, removed, missing
+
+
+def _say_unpurged_versions(gallery: "Gallery") -> None:
+    """A warning naming each version folder but the current one still in the gallery after a purge (the swap's
+    clean-up could not delete it): it holds the removed latents, which a takedown must not leave unsaid."""
+    left = sorted(p.name for p in gallery.path.iterdir() if _VERSION_NAME.fullmatch(p.name) and p != gallery.data)
+    if left:
+        log.warning(f"{', '.join(left)} in {gallery.path} could not be deleted and still "
+                    f"{'holds' if len(left) == 1 else 'hold'} the removed latents; delete "
+                    f"{'it' if len(left) == 1 else 'them'} (the gallery reads only {gallery.data.name})")
 
 
 def _check_purge_fits(gallery: "Gallery", left: int) -> None:

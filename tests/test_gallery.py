@@ -1431,3 +1431,20 @@ def test_a_removed_id_no_longer_reads_like_a_stored_one(tmp_path):
     gallery.remove(["ab"])  # 'a\u200bb' (stored before look-alikes were refused) still reads like it
     with pytest.raises(LookalikeId, match="looks like the object 'a\\\\u200bb'"):
         gallery.check_new_id("a\u2060b")
+
+
+def test_a_purge_that_cannot_delete_the_old_version_says_it_still_holds_the_removed_latents(tmp_path, monkeypatch,
+                                                                                              caplog):
+    import shutil
+
+    from mlsctl.gallery import remove_from_gallery
+
+    _removal_gallery(tmp_path / "g", "flat")
+    caplog.set_level("WARNING", logger="mlsctl")
+    remove_from_gallery(tmp_path / "g", ["o1"], purge=True)
+    assert "could not be deleted" not in caplog.text and sorted(p.name for p in (tmp_path / "g").iterdir()) == [
+        "gallery.json", "v000002"]
+    monkeypatch.setattr(shutil, "rmtree", lambda *args, **kwargs: None)  # a folder the clean-up cannot delete
+    target = remove_from_gallery(tmp_path / "g", ["o2"], purge=True)[0]
+    assert target.data.name == "v000003" and "o2" not in target.ids
+    assert f"v000002 in {tmp_path / 'g'} could not be deleted and still holds the removed latents" in caplog.text
