@@ -11,12 +11,18 @@ A gallery folder (format 2)::
     GALLERY/latents.bin    raw rows [rows, D] (fp32, or fp16): each object's latent state L, not
                            normalised, so `index add` can fold more photos into it
     GALLERY/unit.bin       the same rows L2-normalised (what search re-ranks with)
-    GALLERY/counts.bin     int64 [rows]: photos folded
+    GALLERY/counts.bin     int64 [rows]: photos folded; -1 (:data:`REMOVED_COUNT`) in a tombstone row
     GALLERY/index.faiss    IVF-PQ only: the index as last saved (a flat index is built at open)
 
 Every file grows by appending, and ``rows`` in gallery.json (written atomically, last) commits an
 append: a kill leaves the gallery as before or after an add, and an add costs the same at 10k or
 1M objects. The row files are memory-mapped, not loaded.
+
+Removing an object (:meth:`Gallery.remove`, ``mlsctl index remove``) appends a tombstone row for its id,
+committed the same way: count -1 (:data:`REMOVED_COUNT`), a zero latent. An id whose last row is a tombstone
+is absent to every reader (ids, searches, counts, ``index info``); its rows stay in the files until
+``index retrain`` writes the live rows alone. A gallery that holds tombstone rows says format 4, which the
+mlsctl of format 3 refuses (it would read them as objects); build and retrain write format 3.
 
 :class:`SetModel` embeds images with a MILE run's teacher: backbone CLS (and patch tokens with
 ``attend: patches``) and the set encoder's recurrence (the model and its fold are
@@ -57,8 +63,10 @@ from mlsctl.runs import RUNS_ROOT
 
 log = logging.getLogger("mlsctl")
 
-GALLERY_FORMAT_VERSION = 3
+GALLERY_FORMAT_VERSION = 4  # the newest format read and written: format 3 that may hold removals (tombstone rows)
+PLAIN_FORMAT_VERSION = 3  # a gallery without tombstone rows, as build, retrain and the move of format 2 write it
 READABLE_FORMAT_VERSION = 2  # format 2 (row files beside gallery.json) is read, and moved by writers
+REMOVED_COUNT = -1  # counts.bin of a tombstone row: `index remove` removed its id (its latent and unit rows are zero)
 MANIFEST = GALLERY_MANIFEST
 
 
@@ -887,7 +895,7 @@ INDEX_KINDS = ("flat", "ivfpq")
 
 
 class Gallery:
-    """A gallery folder, opened for search (and :meth:`add`, :meth:`retrain` under its lock).
+    """A gallery folder, opened for search (and :meth:`add`, :meth:`remove`, :meth:`retrain` under its lock).
 
     Latents and their normalised rows are memory maps of the row files: only the index is held in
     memory (a flat index is built from the live rows when the gallery opens; an IVF-PQ index is
@@ -947,7 +955,15 @@ class Gallery:
                 raise UserError(f"{self.path} is damaged ({exc}); {rebuild}") from None
             self.unit = None  # unit.bin damaged, the latents whole: retrain writes it again (a review, 2026-12-07)
         self.row_of: dict[str, int] = dict(zip(self.row_ids, range(self.rows)))  # the last row of an id wins
+        self.removed_rows = 0  # tombstone rows: objects removed, whose latents stay in the files until retrain
+        if self.manifest["format_version"] >= GALLERY_FORMAT_VERSION:
+            tombstones = np.flatnonzero(np.asarray(self.counts) == REMOVED_COUNT)
+            self.removed_rows = len(tombstones)
+            for row in tombstones.tolist():
+                if self.row_of[self.row_ids[row]] == row:  # removed, not added again since: absent
+                    del self.row_of[self.row_ids[row]]
         self._lookalikes: Optional[dict[str, str]] = None  # lookalike_key -> stored id, made when first asked
+        self._lookalikes_collide = False  # two stored ids share a key (stored before look-alikes were refused)
         self.index = self._open_index() if self.with_index else None
 
     # ------------------------------------------------------------------ files
@@ -990,16 +1006,16 @@ class Gallery:
     @property
     def ids(self) -> list[str]:
         """The live object ids, oldest first."""
-        return [i for row, i in enumerate(self.row_ids) if self.row_of[i] == row]
+        return [i for row, i in enumerate(self.row_ids) if self.row_of.get(i) == row]
 
     def __len__(self) -> int:
         return len(self.row_of)
 
     def live_rows(self, start: int = 0) -> np.ndarray:
-        """The live rows from ``start`` on, ascending."""
+        """The live rows from ``start`` on, ascending (no superseded row, no tombstone, no removed object's)."""
         if len(self.row_of) == self.rows:  # no id was written twice: every row is live
             return np.arange(start, self.rows, dtype=np.int64)
-        return np.array([r for r in range(start, self.rows) if self.row_of[self.row_ids[r]] == r], dtype=np.int64)
+        return np.array([r for r in range(start, self.rows) if self.row_of.get(self.row_ids[r]) == r], dtype=np.int64)
 
     def latent(self, object_id: str) -> torch.Tensor:
         return torch.from_numpy(np.asarray(self.latents[self.row_of[object_id]], dtype=np.float32).copy())
@@ -1035,7 +1051,7 @@ class Gallery:
             raise UserError(f"{self.path} is inconsistent ({index.ntotal} indexed of {saved} rows, {self.rows} "
                             f"committed); {again}")
         # rows written since the index was saved: the rows they supersede leave it (an id written
-        # again after the save), the live ones join it
+        # again after the save, or removed: a tombstone supersedes its row too), the live ones join it
         dead = []
         if len(self.row_of) < self.rows:
             saved_row = dict(zip(self.row_ids[:saved], range(saved)))
@@ -1130,7 +1146,8 @@ class Gallery:
         if self._lookalikes is None:
             self._lookalikes = {}
             for stored in self.row_of:
-                self._lookalikes.setdefault(lookalike_key(stored), stored)
+                if self._lookalikes.setdefault(lookalike_key(stored), stored) != stored:
+                    self._lookalikes_collide = True
         found = self._lookalikes.get(lookalike_key(object_id))
         return None if found == object_id else found
 
@@ -1163,61 +1180,145 @@ class Gallery:
         return created, count
 
     def append(self, ids: Sequence[str], latents: torch.Tensor, counts: Sequence[int]) -> None:
-        """Append rows and commit them (gallery.json's row count, written atomically, last). Where the
+        """Append rows, one per id, and commit them (gallery.json's row count, written atomically, last). A row
+        whose count is :data:`REMOVED_COUNT` is a tombstone (:meth:`remove`): its id leaves the gallery. Where the
         commit fails (a full disk), the gallery in memory is put back as it was, so that searches never
         see rows the files do not hold; the rows written past the committed count are cut off by the
         next append."""
-        faiss = threads.faiss()
-
         for object_id in ids:
             check_object_id(object_id)
+        if len(set(ids)) < len(ids):  # the earlier row of the id would stay in the index, dead
+            raise ValueError(f"the rows to append name an id more than once ({', '.join(ids[:3])}); nothing was added")
         if not bool(torch.isfinite(latents).all()):  # one such row would answer every search with NaN scores
             raise ValueError(f"the set latents to add ({', '.join(ids[:3])}) hold NaN or inf (photos the model could "
                              f"not embed?); nothing was added")
         latents = latents.detach().float().numpy()
-        unit = _normalized(latents)
-        start, ids_bytes, manifest, unsaved = self.rows, self.ids_bytes, self.manifest, getattr(self, "_unsaved", 0)
-        old_rows = np.asarray([self.row_of[i] for i in ids if i in self.row_of], dtype=np.int64)
-        replaced = {i: self.row_of.get(i) for i in ids}
-        new_ids_bytes = _append_rows(self.data, start, ids_bytes, ids, latents.astype(self.dtype),
-                                     unit.astype(self.dtype), np.asarray(counts, dtype=np.int64))
-        rows = np.arange(start, start + len(ids), dtype=np.int64)
-        removed = added = False
+        unit = _normalized(latents).astype(self.dtype)
+        counts = np.asarray(counts, dtype=np.int64)
+        before = (self.rows, self.ids_bytes, self.manifest, getattr(self, "_unsaved", 0), self.removed_rows,
+                  {i: self.row_of.get(i) for i in ids})
+        new_ids_bytes = _append_rows(self.data, self.rows, self.ids_bytes, ids, latents.astype(self.dtype), unit,
+                                     counts)
+        done: dict[str, np.ndarray] = {}  # the index's changes, undone where the commit fails
         try:
-            self.ids_bytes, self.rows = new_ids_bytes, start + len(ids)
-            if len(old_rows):
-                self.index.remove_ids(faiss.IDSelectorBatch(old_rows))
-                removed = True
-            self.row_of.update({object_id: int(row) for object_id, row in zip(ids, rows)})
-            self.row_ids.extend(ids)
-            self.index.add_with_ids(unit.astype(self.dtype).astype(np.float32), rows)
-            added = True
-            self._unsaved = unsaved + len(ids) + len(old_rows)
-            self.manifest = dict(manifest, rows=self.rows, objects=len(self.row_of),
-                                 updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
-            if self.settings.kind != "flat" and self._unsaved > max(1024, self.rows // 100):
-                self.save_index()  # the rows written since the last save stay a small share
-            else:
-                atomic.write_json(self.path / MANIFEST, self.manifest)
+            self._commit_rows(ids, unit.astype(np.float32), counts, new_ids_bytes, done)
         except BaseException:
-            if added:
-                self.index.remove_ids(faiss.IDSelectorBatch(rows))
-            if removed:  # the replaced rows are still on disk, committed: index them again
-                self.index.add_with_ids(np.asarray(self.unit[old_rows], dtype=np.float32), old_rows)
-            del self.row_ids[start:]
-            for object_id, row in replaced.items():
-                if row is None:
-                    self.row_of.pop(object_id, None)
-                else:
-                    self.row_of[object_id] = row
-            self.rows, self.ids_bytes, self.manifest, self._unsaved = start, ids_bytes, manifest, unsaved
+            self._put_back(before, done)
             raise
         self.latents = self._map(LATENTS, self.dtype, (self.rows, self.dim))
         self.unit = self._map(UNIT, self.dtype, (self.rows, self.dim))
         self.counts = self._map(COUNTS, np.int64, (self.rows,))
-        if self._lookalikes is not None:
-            for object_id in ids:
-                self._lookalikes.setdefault(lookalike_key(object_id), object_id)
+        self._update_lookalikes(ids, counts)
+
+    def _commit_rows(self, ids: Sequence[str], unit: np.ndarray, counts: np.ndarray, ids_bytes: int,
+                     done: dict) -> None:
+        """:meth:`append`'s rows, written to the files, taken into memory and the index and committed; ``done``
+        gets the rows taken out of the index (``removed``) and put in (``added``) as it goes."""
+        faiss = threads.faiss()
+
+        start = self.rows
+        rows = np.arange(start, start + len(ids), dtype=np.int64)
+        live = counts != REMOVED_COUNT
+        old_rows = np.asarray([self.row_of[i] for i in ids if i in self.row_of], dtype=np.int64)
+        self.ids_bytes, self.rows = ids_bytes, start + len(ids)
+        if len(old_rows):
+            self.index.remove_ids(faiss.IDSelectorBatch(old_rows))
+            done["removed"] = old_rows
+        for object_id, row, kept in zip(ids, rows.tolist(), live.tolist()):
+            if kept:
+                self.row_of[object_id] = row
+            else:
+                self.row_of.pop(object_id, None)
+        self.row_ids.extend(ids)
+        if live.any():
+            self.index.add_with_ids(unit[live], rows[live])
+            done["added"] = rows[live]
+        self.removed_rows += int((~live).sum())
+        self._unsaved = getattr(self, "_unsaved", 0) + len(ids) + len(old_rows)
+        version = GALLERY_FORMAT_VERSION if self.removed_rows else self.manifest["format_version"]
+        self.manifest = dict(self.manifest, rows=self.rows, objects=len(self.row_of), format_version=version,
+                             updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        if self.settings.kind != "flat" and self._unsaved > max(1024, self.rows // 100):
+            self.save_index()  # the rows written since the last save stay a small share
+        else:
+            atomic.write_json(self.path / MANIFEST, self.manifest)
+
+    def _put_back(self, before: tuple, done: dict) -> None:
+        """The gallery in memory as it was before an :meth:`append` whose commit failed (``done``: what
+        :meth:`_commit_rows` changed in the index)."""
+        faiss = threads.faiss()
+
+        start, ids_bytes, manifest, unsaved, removed_rows, replaced = before
+        if "added" in done:
+            self.index.remove_ids(faiss.IDSelectorBatch(done["added"]))
+        if "removed" in done:  # the replaced rows are still on disk, committed: index them again
+            old_rows = done["removed"]
+            self.index.add_with_ids(np.asarray(self.unit[old_rows], dtype=np.float32), old_rows)
+        del self.row_ids[start:]
+        for object_id, row in replaced.items():
+            if row is None:
+                self.row_of.pop(object_id, None)
+            else:
+                self.row_of[object_id] = row
+        self.rows, self.ids_bytes, self.manifest, self._unsaved = start, ids_bytes, manifest, unsaved
+        self.removed_rows = removed_rows
+
+    def _update_lookalikes(self, ids: Sequence[str], counts: np.ndarray) -> None:
+        """The look-alike keys (:meth:`lookalike`) after rows were appended: an added id's key joins them, a
+        removed id's leaves (all are made again on the next ask where two stored ids share a key)."""
+        if self._lookalikes is None:
+            return
+        for object_id, count in zip(ids, counts.tolist()):
+            key = lookalike_key(object_id)
+            if count != REMOVED_COUNT:
+                if self._lookalikes.setdefault(key, object_id) != object_id:
+                    self._lookalikes_collide = True
+            elif self._lookalikes_collide:
+                self._lookalikes = None  # another stored id may read alike: every key is made again when asked
+                return
+            elif self._lookalikes.get(key) == object_id:
+                del self._lookalikes[key]
+
+    def remove(self, ids: Sequence[str], missing_ok: bool = False, where: str = "object id"
+               ) -> tuple[list[str], list[str]]:
+        """Remove the objects ``ids``: a tombstone row per id (count :data:`REMOVED_COUNT`, a zero latent)
+        appended and committed as an add's row is (:meth:`append`), all or none, each id checked before
+        anything is written; returns (removed, missing). An id not in the gallery is one sentence naming
+        it, unless ``missing_ok`` (then it is in ``missing``); one that reads like a stored id
+        (:func:`lookalike_key`) is refused all the same, naming the stored one. A removed id added again
+        is a new object. The removed latents stay in the row files (and an IVF-PQ index file saved
+        before) until :meth:`retrain`. The caller holds the gallery's lock (:func:`remove_from_gallery`)."""
+        if self.manifest["format_version"] < PLAIN_FORMAT_VERSION:
+            raise UserError(f"gallery {self.path} is of format {self.manifest['format_version']}; open it as its "
+                            f"writer (Gallery(path, recover=True)) to move it to the current format first")
+        wanted = list(dict.fromkeys(ids))  # an id given twice is removed once
+        missing = self.absent_ids(wanted, missing_ok, where)
+        removed = [object_id for object_id in wanted if object_id not in missing]
+        if removed:
+            self.append(removed, torch.zeros(len(removed), self.dim), [REMOVED_COUNT] * len(removed))
+        return removed, missing
+
+    def absent_ids(self, ids: Sequence[str], missing_ok: bool = False, where: str = "object id") -> list[str]:
+        """The ids of ``ids`` that name no object of the gallery; one sentence naming the first unless
+        ``missing_ok``, and one naming the stored id where an id reads like it (whatever ``missing_ok``)."""
+        missing = []
+        for object_id in ids:
+            check_object_id(object_id, where)
+            if object_id in self.row_of:
+                continue
+            stored = self.lookalike(object_id)
+            if stored is not None:
+                raise UserError(f"{where} '{printable(object_id)}' is not in gallery {self.path}, which holds "
+                                f"'{printable(stored)}' (they differ only in whitespace, invisible characters or "
+                                f"Unicode composition); give '{printable(stored)}' to remove it (nothing was removed)")
+            missing.append(object_id)
+        if missing and not missing_ok:
+            others = len(missing) - 1
+            more = f" (nor {'is' if others == 1 else 'are'} {others} more of the ids given)" if others else ""
+            raise UserError(f"{where} '{printable(missing[0])}' is not in gallery {self.path}{more}; nothing was "
+                            f"removed: check the id with mlsctl index info {self.path} --objects, or give "
+                            f"--missing-ok to pass over ids that are not there")
+        return missing
 
     def save_index(self) -> None:
         """Write the in-memory index (IVF-PQ) as a new file named by its row count, commit it in the
@@ -1246,8 +1347,16 @@ class Gallery:
         trained = int(self.manifest.get("trained_rows", self.rows))
         return sum(1 for r in self.row_of.values() if r >= trained) / len(self.row_of)
 
+    def retrain_settings(self) -> IndexSettings:
+        """The index settings :meth:`retrain` trains with: those asked for at the build (lists and
+        sub-quantisers not given are derived from the size again)."""
+        # a flat index has no lists to ask for (a gallery built before IndexSettings.check may store some)
+        asked = (self.manifest.get("index_asked") or {}) if self.settings.kind != "flat" else {}
+        return IndexSettings(**{**self.settings.to_dict(), "nlist": asked.get("nlist"), "m": asked.get("m")})
+
     def retrain(self) -> dict:
-        """Compact the gallery to its live rows and re-train the IVF-PQ quantiser on them; written
+        """Compact the gallery to its live rows (superseded rows, tombstones and removed objects' rows are
+        dropped: this purges removed latents from the files) and re-train the IVF-PQ quantiser on them; written
         as a new version folder and swapped in by one atomic replace of the manifest (:func:`write_gallery`).
         The caller holds the gallery's lock (:func:`retrain_gallery` takes it)."""
         live = self.live_rows()
@@ -1259,10 +1368,7 @@ class Gallery:
             named = ", ".join(f"'{printable(i)}'" for i in bad[:5]) + (f" and {len(bad) - 5:,} more" if len(bad) > 5 else "")
             raise DamagedGallery(f"gallery {self.path} is damaged: the stored latents of {counted(len(bad), 'object')} "
                                  f"({named}) hold NaN or inf, and retrain would copy them; {REBUILD}")
-        # a flat index has no lists to ask for (a gallery built before IndexSettings.check may store some)
-        asked = (self.manifest.get("index_asked") or {}) if self.settings.kind != "flat" else {}
-        settings = IndexSettings(**{**self.settings.to_dict(), "nlist": asked.get("nlist"), "m": asked.get("m")})
-        write_gallery(self.path, ids, torch.from_numpy(latents), counts, settings, self.manifest,
+        write_gallery(self.path, ids, torch.from_numpy(latents), counts, self.retrain_settings(), self.manifest,
                       self.manifest["storage_dtype"])
         reopened = Gallery(self.path)
         self.__dict__.update(reopened.__dict__)
@@ -1394,7 +1500,7 @@ def write_gallery(path: Path, ids: list[str], latents: torch.Tensor, counts, set
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     atomic.fsync_dir(path)
-    manifest = dict(manifest, format_version=GALLERY_FORMAT_VERSION, index=settings.to_dict(), index_asked=asked,
+    manifest = dict(manifest, format_version=PLAIN_FORMAT_VERSION, index=settings.to_dict(), index_asked=asked,
                     rows=len(ids), objects=len(ids), indexed_rows=len(ids), trained_rows=len(ids),
                     dim=int(raw.shape[1]), storage_dtype=storage_dtype, data=version, index_file=name,
                     updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
@@ -1504,7 +1610,7 @@ def recover_gallery(path: Path) -> None:
     atomic.fsync_dir(tmp)
     os.replace(tmp, path / version)
     atomic.fsync_dir(path)
-    moved = dict(manifest, format_version=GALLERY_FORMAT_VERSION, data=version,
+    moved = dict(manifest, format_version=PLAIN_FORMAT_VERSION, data=version,
                  index_file=INDEX if INDEX in names and manifest["index"]["kind"] != "flat" else None)
     atomic.write_json(path / MANIFEST, moved)
     _remove_leftovers(path, moved)
@@ -1587,13 +1693,19 @@ def check_what_a_rebuild_drops(out: Path, source_counts: dict[str, int], drop_ad
     build went on, dropping 17 objects uploaded to the service; 2026-12-06: they went without a word). A gallery
     that cannot be read is replaced with a note: nothing in it can be counted (a gallery of an older format is
     rebuilt this way)."""
+    removed: set[str] = set()
     try:
-        held = _objects_held(out)  # ids and counts only: damaged latents, unit.bin or index no obstacle
+        held = _objects_held(out, removed)  # ids and counts only: damaged latents, unit.bin or index no obstacle
     except (UserError, OSError, ValueError, UnicodeDecodeError) as exc:  # nothing in it can be counted
         if out.is_dir() and (out / MANIFEST).is_file():
             say(f"note: --overwrite replaces {out}, which cannot be read ({first_line(exc, 160)}), so what it holds "
                 f"beyond the source cannot be counted")
         return
+    back = sorted(object_id for object_id in removed if object_id in source_counts)
+    if back:  # a takedown undone by a rebuild, unsaid, would be the worst of surprises
+        shown = ", ".join(printable(i) for i in back[:3]) + (", ..." if len(back) > 3 else "")
+        say(f"note: the source holds {counted(len(back), 'object')} removed from {out} with mlsctl index remove "
+            f"({shown}), which the rebuild brings back; remove them from the source, or with index remove again")
     gone = [object_id for object_id in held if object_id not in source_counts]
     more = {object_id: held[object_id] - source_counts[object_id] for object_id in held
             if object_id in source_counts and held[object_id] > source_counts[object_id]}
@@ -1612,10 +1724,11 @@ def check_what_a_rebuild_drops(out: Path, source_counts: dict[str, int], drop_ad
     say(f"note: --overwrite --drop-added replaces {out}; {held}, they will not be in the rebuilt gallery")
 
 
-def _objects_held(path: Path) -> dict[str, int]:
+def _objects_held(path: Path, removed: Optional[set] = None) -> dict[str, int]:
     """Photos folded per live object of the gallery at ``path``, read from its ids and counts alone (objects.txt and
     counts.bin): what a rebuild would drop is counted even where its latents or unit.bin are damaged (a review,
-    2026-12-07: such a gallery was replaced with a note, and what was added to it dropped)."""
+    2026-12-07: such a gallery was replaced with a note, and what was added to it dropped). ``removed`` gets the
+    ids whose last row is a tombstone (:meth:`Gallery.remove`)."""
     manifest = read_manifest(path)
     rows = int(manifest["rows"])
     ids, _ = _read_ids(data_folder(path, manifest) / IDS, rows)
@@ -1623,7 +1736,10 @@ def _objects_held(path: Path) -> dict[str, int]:
     if counts_path.stat().st_size < rows * 8:
         raise ValueError(f"{COUNTS} is shorter than its {rows} rows")
     counts = np.fromfile(counts_path, dtype=np.int64, count=rows)
-    return {object_id: int(counts[row]) for row, object_id in enumerate(ids)}  # the last row of an id wins
+    held = {object_id: int(counts[row]) for row, object_id in enumerate(ids)}  # the last row of an id wins
+    if removed is not None:
+        removed.update(object_id for object_id, count in held.items() if count == REMOVED_COUNT)
+    return {object_id: count for object_id, count in held.items() if count != REMOVED_COUNT}  # removed: absent
 
 
 def check_objects_source(source: str | os.PathLike, objects_file: Optional[str | os.PathLike]) -> None:
@@ -1682,7 +1798,7 @@ def build_gallery(source: str | os.PathLike, model: SetModel, out: str | os.Path
                             f"{'them' if len(unreadable) != 1 else 'it'} and build again (nothing was written)")
     if not ids:
         raise UserError(f"{source} holds no object")
-    manifest = {"kind": "mlsctl-gallery", "format_version": GALLERY_FORMAT_VERSION, "mlsctl_version": __version__,
+    manifest = {"kind": "mlsctl-gallery", "format_version": PLAIN_FORMAT_VERSION, "mlsctl_version": __version__,
                 "source": os.path.abspath(source),
                 "objects_file": None if objects_file is None else os.path.abspath(objects_file),
                 "model": {"run": os.path.abspath(model.run), "step": model.step, "fingerprint": model.fingerprint,
@@ -1737,6 +1853,50 @@ def long_set_note(model: SetModel, object_id: str, photos: int) -> Optional[str]
             f"its own photos")
 
 
+def remove_from_gallery(path: str | os.PathLike, ids: Sequence[str], *, missing_ok: bool = False,
+                        purge: bool = False) -> tuple["Gallery", list[str], list[str]]:
+    """``mlsctl index remove``: :meth:`Gallery.remove` of ``ids`` under the gallery's lock, all or none;
+    with ``purge``, then :meth:`Gallery.retrain` under the same lock, so that the removed latents leave the
+    files at once (refused before anything is removed where the IVF-PQ index could not be trained on the
+    objects left). Returns (the gallery as written, removed ids, ids not in the gallery)."""
+    path = Path(path)
+    if not ids:
+        raise UserError("give the ids of the objects to remove")
+    for object_id in ids:  # the ids, then the gallery, before the folder is locked
+        check_object_id(object_id, "object id")
+    read_manifest(path)
+    with FolderLock(path, "gallery"):
+        target = Gallery(path, recover=True)
+        if purge:
+            wanted = list(dict.fromkeys(ids))
+            _check_purge_fits(target, len(target) - len(wanted) + len(target.absent_ids(wanted, True)))
+        removed, missing = target.remove(ids, missing_ok)
+        if purge:
+            target.retrain()
+            _say_unpurged_versions(target)
+    return target, removed, missing
+
+
+def _say_unpurged_versions(gallery: "Gallery") -> None:
+    """A warning naming each version folder but the current one still in the gallery after a purge (the swap's
+    clean-up could not delete it): it holds the removed latents, which a takedown must not leave unsaid."""
+    left = sorted(p.name for p in gallery.path.iterdir() if _VERSION_NAME.fullmatch(p.name) and p != gallery.data)
+    if left:
+        log.warning(f"{', '.join(left)} in {gallery.path} could not be deleted and still "
+                    f"{'holds' if len(left) == 1 else 'hold'} the removed latents; delete "
+                    f"{'it' if len(left) == 1 else 'them'} (the gallery reads only {gallery.data.name})")
+
+
+def _check_purge_fits(gallery: "Gallery", left: int) -> None:
+    """Refuse ``--purge`` where the retrain it runs could not train the IVF-PQ index on the ``left`` objects."""
+    try:
+        check_index_fits(gallery.retrain_settings(), left, gallery.dim)
+    except UserError as exc:
+        raise UserError(f"--purge retrains the IVF-PQ index, which cannot be trained on the {left:,} objects left "
+                        f"({first_line(exc, 200)}); remove without --purge (the removed latents stay in the files "
+                        f"until a retrain), or rebuild the gallery with --index flat (nothing was removed)") from None
+
+
 def retrain_gallery(path: str | os.PathLike) -> tuple[int, dict]:
     """``mlsctl index retrain``: :meth:`Gallery.retrain` under the gallery's lock, a damaged index no
     obstacle (it is made again); returns (rows before, the new manifest)."""
@@ -1778,7 +1938,8 @@ def newest_gallery(root: str | os.PathLike = ".", max_depth: int = 4) -> Optiona
 
 def describe_gallery(path: str | os.PathLike, objects: bool = False) -> dict:
     """``mlsctl index info``: what a gallery holds, from its files alone (no model, no index built): its objects,
-    photos folded, rows (superseded ones included, which ``index retrain`` drops), the model that embeds it, the
+    photos folded, rows (superseded ones included, which ``index retrain`` drops; ``removed_rows``: the
+    tombstones of removed objects, whose latents stay in the files until then), the model that embeds it, the
     index and its share of objects written since the quantiser was trained, bytes on disk, and with ``objects``
     each object's id and photo count, oldest first (a new user's probe, 2026-12-07: a gallery grown over the
     service could only be listed by searching it)."""
@@ -1787,7 +1948,8 @@ def describe_gallery(path: str | os.PathLike, objects: bool = False) -> dict:
     live = gallery.live_rows()
     files = [p for p in gallery.data.rglob("*") if p.is_file()]
     photos = int(np.asarray(gallery.counts)[live].sum()) if len(live) else 0
-    record = {"gallery": str(gallery.path), "objects": len(gallery), "photos": photos, "rows": gallery.rows, "superseded_rows": gallery.rows - len(live),
+    record = {"gallery": str(gallery.path), "objects": len(gallery), "photos": photos, "rows": gallery.rows,
+              "superseded_rows": gallery.rows - len(live), "removed_rows": gallery.removed_rows,
               "dim": gallery.dim, "storage_dtype": manifest["storage_dtype"], "index": dict(manifest["index"]),
               "written_since_training": gallery.added_since_training(), "model": dict(manifest["model"]),
               "source": manifest.get("source"), "objects_file": manifest.get("objects_file"),

@@ -1,16 +1,19 @@
 """``mlsctl serve``: a gallery kept loaded behind an HTTP JSON API (FastAPI, served by uvicorn).
 
-A thin face over the library calls ``search`` and ``index add`` use (:mod:`mlsctl.gallery`):
+A thin face over the library calls ``search``, ``index add`` and ``index remove`` use (:mod:`mlsctl.gallery`):
 
 * ``POST /search?k=10`` — photos of one object, as multipart files (``photos``, repeated) or as a
   JSON body ``{"paths": [...]}`` naming files under the server's ``--root``: the ranked objects;
 * ``POST /objects/{id}/photos`` — the same photo inputs, folded into object ``id`` (created when
   new): one appended gallery row, persisted before the answer;
+* ``DELETE /objects/{id}`` — removes object ``id`` (``mlsctl index remove``: one appended tombstone row,
+  persisted before the answer; an unknown id is a 404); searches never return it again;
 * ``GET /objects/{id}`` — how many photos the object has folded; ``GET /health``.
 
 The server holds the gallery's lock for its lifetime (it is the gallery's writer: a concurrent
-``mlsctl index add`` is refused naming it). Photos are embedded outside any lock; the index is
-searched and grown under one lock, so a search during an add sees the gallery before or after it.
+``mlsctl index add`` or ``index remove`` is refused naming it). Photos are embedded outside any lock; the
+index is searched, grown and pruned under one lock, so a search during an add or a removal sees the gallery
+before or after it: the gallery in memory is the one written (no reload).
 
 Who may ask (:class:`Guard`, before a byte of the body is read; docs/service.md says what this
 protects against and what it does not):
@@ -20,8 +23,8 @@ protects against and what it does not):
 * a request whose ``Origin`` is not the server itself, or whose ``Sec-Fetch-Site`` is another
   site's, is refused, whatever its method (a page on another site can send a form without asking
   first, and learn from a ``GET``'s outcome which objects exist; it cannot send the token);
-* writes need ``Authorization: Bearer TOKEN``: a token generated at start into
-  ``GALLERY/.mlsctl.token`` (mode 0600, beside the lock, removed at exit; never printed: the start
+* writes (``POST`` and ``DELETE`` on ``/objects/``) need ``Authorization: Bearer TOKEN``: a token generated
+  at start into ``GALLERY/.mlsctl.token`` (mode 0600, beside the lock, removed at exit; never printed: the start
   line reads it with ``$(cat …)``) or read from
   ``--token-file``; with ``--token-file`` every request but ``GET /health`` needs it; listening
   beyond loopback (``--host 0.0.0.0``) needs ``--token-file``. ``--read-only`` serves searches only.
@@ -109,7 +112,7 @@ SHUTDOWN_SECONDS = 30.0  # after SIGTERM or Ctrl-C, requests under way have this
 REFUSAL_LOG_SECONDS = 60.0  # a client's refusals are logged once in this time
 REFUSED_LINGER_SECONDS = 2.0  # a connection refused for its address's cap is closed after this, or at its EOF
 TOKEN_NAME = ".mlsctl.token"
-API = "POST /search, POST /objects/ID/photos, GET /objects/ID, GET /health"
+API = "POST /search, POST /objects/ID/photos, DELETE /objects/ID, GET /objects/ID, GET /health"
 _AUTH_SCHEMES = {"basic", "digest", "token", "negotiate", "ntlm", "hoba", "mutual", "oauth", "apikey", "jwt"}
 
 # Peak memory of decoding one pixel with mlsctl.data.images.decode_rgb, by the mode Pillow reads
@@ -390,8 +393,9 @@ class _Bounded:
         return False
 
 
-SERVED = "stop the server and run this command again, or add photos through its API (POST /objects/ID/photos)"
-SERVED_READ_ONLY = "stop the server and run this command again (it serves read-only: its API adds nothing)"
+SERVED = ("stop the server and run this command again, or add photos through its API (POST /objects/ID/photos) "
+          "and remove objects (DELETE /objects/ID)")
+SERVED_READ_ONLY = "stop the server and run this command again (it serves read-only: its API changes nothing)"
 
 
 class GalleryService:
@@ -425,6 +429,7 @@ class GalleryService:
         self.index_lock = threading.Lock()
         self.model_lock = threading.Lock()  # one forward pass at a time: torch threads are shared anyway
         self.added = {"requests": 0, "photos": 0, "objects": 0}  # adds answered this session (under index_lock)
+        self.removed = 0  # objects removed this session (under index_lock)
 
     def close(self) -> None:
         self.lock_file.release()
@@ -653,28 +658,49 @@ class GalleryService:
                 **({"note": note[len("note: "):]} if note else {})}
 
     def get(self, object_id: str) -> dict:
+        with self.index_lock:
+            self._check_known(object_id)
+            return {"object": object_id, "photos": self.gallery.count(object_id)}
+
+    def remove(self, object_id: str) -> dict:
+        """``DELETE /objects/{id}``: :meth:`~mlsctl.gallery.Gallery.remove` of one object, committed before the
+        answer; searches after it never return the object (the index in memory is the one written)."""
+        if self.read_only:  # the Guard refuses it first; never written whoever calls
+            raise RequestError(403, "this server is read-only (started with --read-only): it serves searches only")
+        with self.index_lock:
+            self._check_known(object_id)
+            self.gallery.remove([object_id])
+            self.removed += 1
+            return {"object": object_id, "removed": True, "objects": len(self.gallery)}
+
+    def _check_known(self, object_id: str) -> None:
+        """A 404 naming ``object_id`` where the gallery has no such object, and the stored id it reads like
+        (:meth:`~mlsctl.gallery.Gallery.lookalike`). The caller holds the index lock."""
         from mlsctl.gallery import printable
 
-        with self.index_lock:
-            if object_id not in self.gallery.row_of:
-                lookalike = self.gallery.lookalike(object_id)
-                hint = f"; did you mean '{printable(lookalike)}'?" if lookalike else ""
-                raise RequestError(404, f"no object '{printable(object_id)}' in the gallery{hint}")
-            return {"object": object_id, "photos": self.gallery.count(object_id)}
+        if object_id not in self.gallery.row_of:
+            lookalike = self.gallery.lookalike(object_id)
+            hint = f"; did you mean '{printable(lookalike)}'?" if lookalike else ""
+            raise RequestError(404, f"no object '{printable(object_id)}' in the gallery{hint}")
 
     def summary(self) -> str:
         """What the session saved, said when the server stops. Every add was committed to the
         gallery's files before its answer was sent, so nothing is written at the end."""
         with self.index_lock:
-            objects, added = len(self.gallery), dict(self.added)
+            objects, added, removed = len(self.gallery), dict(self.added), self.removed
         path = self.gallery.path
         if self.read_only:
             return f"nothing to save: {path} was served read-only ({_count(objects, 'object')})"
-        if not added["requests"]:
+        if not added["requests"] and not removed:
             return f"nothing to save: no photos were added to {path} ({_count(objects, 'object')})"
-        return (f"saved {path} with {_count(objects, 'object')}: {_count(added['photos'], 'photo')} added this "
-                f"session by {_count(added['requests'], 'request')} ({_count(added['objects'], 'new object')}), each "
-                f"written to disk before it was answered")
+        done = []
+        if added["requests"]:
+            done.append(f"{_count(added['photos'], 'photo')} added this session by "
+                        f"{_count(added['requests'], 'request')} ({_count(added['objects'], 'new object')})")
+        if removed:
+            done.append(f"{_count(removed, 'object')} removed this session")
+        return (f"saved {path} with {_count(objects, 'object')}: {' and '.join(done)}, each written to disk before "
+                f"it was answered")
 
     def health(self) -> dict:
         with self.index_lock:
@@ -817,7 +843,7 @@ def _same_origin(origin: str, host: tuple[str, Optional[int]]) -> bool:
 
 
 def _is_write(method: str, path: str) -> bool:
-    return method == "POST" and path.startswith("/objects/")
+    return method in ("POST", "DELETE") and path.startswith("/objects/")
 
 
 class Guard:
@@ -1162,6 +1188,13 @@ def create_app(service: GalleryService, policy: Optional[Policy] = None, docs: b
         async with _photos_of(service, request) as photos, _working_slot(slots):
             await _still_waited_for(request)
             return await _threaded(service.add, object_id, photos)
+
+    @app.delete("/objects/{object_id}")
+    async def remove(object_id: str, request: Request):
+        check_path_utf8(request.scope)
+        service.check_id(object_id)
+        # under the gallery's lock, which a search or an add may hold: in a worker thread, not on the event loop
+        return await _threaded(service.remove, object_id)
 
     @app.api_route("/objects/{object_id}", methods=["GET", "HEAD"])  # HEAD: wherever GET works (was 405, a probe)
     def get(object_id: str, request: Request):

@@ -412,6 +412,8 @@ SWAPS = {  # what a writer does that replaces files, and the gallery it starts f
     "an add that saves the index": (_old_gallery, lambda p: Gallery(p, recover=True).append(
         [f"a{i}" for i in range(1100)], clustered(1100, seed=10), [1] * 1100)),
     "moving a format-2 gallery": (_legacy, lambda p: Gallery(p, recover=True)),
+    "a removal that saves the index": (_old_gallery, lambda p: Gallery(p, recover=True).remove(
+        [f"o{i}" for i in range(520)])),
 }
 
 
@@ -484,7 +486,7 @@ SWAPS[swap][1](Path(sys.argv[4]))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("swap", ["build --overwrite", "retrain"])
+@pytest.mark.parametrize("swap", ["build --overwrite", "retrain", "a removal that saves the index"])
 def test_4_sigkill_at_every_os_replace_of_a_swap_leaves_the_old_or_the_new_gallery(swap, tmp_path, monkeypatch):
     import shutil
 
@@ -528,6 +530,9 @@ def test_an_add_whose_commit_fails_leaves_the_gallery_in_memory_as_on_disk(tmp_p
                 gallery.append([object_id], latent, [2])
             if kind == "ivfpq":
                 gallery._unsaved = 10**6  # the next attempt saves the index: it fails there
+        with pytest.raises(OSError):  # a removal: the object stays, in memory as on disk
+            gallery.remove(["o6", "o8"])
+        assert gallery.removed_rows == 0 and gallery.count("o6") == 1 and "o8" in gallery.ids
     assert gallery.rows == 250 and len(gallery) == 250 and "new" not in gallery.ids and gallery.count("o5") == 1
     assert gallery.search_many(queries, 5) == before == Gallery(tmp_path / "g").search_many(queries, 5)
     assert torch.equal(gallery.latent("o5"), latents[5])
@@ -1261,3 +1266,185 @@ def test_an_object_of_many_more_photos_than_training_sets_gets_a_note(mile_run, 
     _, err = cli_ok(capsys, "index", "add", str(gallery), "--object", "obj1", *photos)  # 2 + 3 = 5
     assert ("note: object 'obj1' now folds 5 photos, more than twice the 2 a set held when run "
             f"{mile_run / 'run'} trained (method.set_length)") in " ".join(err.split()), err
+
+
+# ----------------------------------------------------------------------------------- removing objects
+
+def _removal_gallery(path: Path, kind: str) -> tuple[Gallery, torch.Tensor]:
+    latents = clustered(300, seed=11)
+    settings = IndexSettings(kind, nlist=4, m=4, nbits=6, nprobe=4, refine=300) if kind == "ivfpq" else IndexSettings()
+    write_gallery(path, [f"o{i}" for i in range(300)], latents, [1] * 300, settings, MANIFEST)
+    return Gallery(path, recover=True), latents
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivfpq"])
+def test_a_removed_object_is_never_returned_by_a_search_even_through_an_index_saved_before(tmp_path, kind):
+    """Removal equals a gallery built without the objects: searches (in memory, and opened again: an IVF-PQ
+    index saved before the removal is replayed past its tombstones, and one saved after holds none), ids, len."""
+    gallery, latents = _removal_gallery(tmp_path / "g", kind)
+    queries = latents[[5, 6, 7, 40]] + 0.01
+    assert gallery.search_many(queries, 1)[0][0][0] == "o5"
+    assert gallery.remove(["o5", "o6", "o5"]) == (["o5", "o6"], [])  # an id given twice is removed once
+    keep = [i for i in range(300) if i not in (5, 6)]
+    settings = IndexSettings(kind, nlist=4, m=4, nbits=6, nprobe=4, refine=300) if kind == "ivfpq" else IndexSettings()
+    write_gallery(tmp_path / "without", [f"o{i}" for i in keep], latents[keep], [1] * 298, settings, MANIFEST)
+    truth = Gallery(tmp_path / "without").search_many(queries, 300)
+    for reopened in (gallery, Gallery(tmp_path / "g")):  # in memory, and the saved index replayed from disk
+        assert reopened.search_many(queries, 300) == truth
+        assert len(reopened) == 298 and reopened.rows == 302 and "o5" not in reopened.ids
+        assert "o5" not in reopened.row_of and reopened.count("o7") == 1 and reopened.removed_rows == 2
+    assert Gallery(tmp_path / "g").manifest["indexed_rows"] == 300  # the index file is still the one saved before
+    gallery._unsaved = 10**6  # IVF-PQ: the next commit saves the index, with the removals in it
+    gallery.remove(["o7"])
+    reopened = Gallery(tmp_path / "g")
+    assert reopened.manifest["indexed_rows"] == (303 if kind == "ivfpq" else 300) and len(reopened) == 297
+    assert all(o not in ("o5", "o6", "o7") for row in reopened.search_many(queries, 300) for o, _ in row)
+
+
+def test_removal_is_all_or_none_and_an_id_not_there_is_one_sentence_unless_missing_ok(tmp_path):
+    from mlsctl.errors import UserError
+
+    gallery, _ = _removal_gallery(tmp_path / "g", "flat")
+    with pytest.raises(UserError, match=r"object id 'nope' is not in gallery .* \(nor is 1 more of the ids given\); "
+                                        r"nothing was removed"):
+        gallery.remove(["o1", "nope", "nada"])
+    for reader in (gallery, Gallery(tmp_path / "g")):  # nothing written
+        assert reader.rows == 300 and "o1" in reader.row_of
+    with pytest.raises(UserError, match="which holds 'o2'.*give 'o2' to remove it"):  # a look-alike: even missing_ok
+        gallery.remove(["o1", "o2\u200b"], missing_ok=True)
+    assert gallery.remove(["o1", "nope"], missing_ok=True) == (["o1"], ["nope"])
+    with pytest.raises(UserError, match="object id 'o1' is not in gallery"):  # removed: absent now
+        gallery.remove(["o1"])
+    assert Gallery(tmp_path / "g").rows == 301 and len(Gallery(tmp_path / "g")) == 299
+
+
+def test_a_removed_object_added_again_is_new_and_retrain_purges_the_removed_latents(tmp_path, monkeypatch):
+    """A takedown: the removed latents stay in the files until retrain writes the live rows alone; a gallery with
+    tombstones says format 4, which a reader of format 3 refuses rather than return removed objects."""
+    import json
+
+    from mlsctl import gallery as gallery_module
+    from mlsctl.errors import UserError
+
+    gallery, latents = _removal_gallery(tmp_path / "g", "flat")
+    gallery.remove(["o3", "o4"])
+    raw = latents[4].numpy().astype(np.float32).tobytes()
+    assert raw in (gallery.data / "latents.bin").read_bytes()  # still on disk
+    assert json.loads((tmp_path / "g" / "gallery.json").read_text())["format_version"] == 4
+    with monkeypatch.context() as older:
+        older.setattr(gallery_module, "GALLERY_FORMAT_VERSION", 3)
+        with pytest.raises(UserError, match="written by a newer mlsctl"):
+            Gallery(tmp_path / "g")
+    folded = []
+
+    def fold(previous, cls, tokens):
+        folded.append(previous)
+        return cls.sum(0)
+
+    assert gallery.fold_into(fold, "o3", latents[:2], None, 2) == (True, 2)  # created again, from its new photos
+    assert folded == [None] and Gallery(tmp_path / "g").count("o3") == 2
+    gallery.retrain()
+    assert gallery.rows == len(gallery) == 299 and gallery.removed_rows == 0 and "o4" not in gallery.ids
+    assert raw not in (gallery.data / "latents.bin").read_bytes()  # purged
+    assert "o4" not in (gallery.data / "objects.txt").read_text().split("\n")
+    assert json.loads((tmp_path / "g" / "gallery.json").read_text())["format_version"] == 3
+
+
+def test_a_kill_during_removals_leaves_the_gallery_as_before_or_after_one(tmp_path):
+    write_gallery(tmp_path / "g", ["seed"], torch.ones(1, 16), [1], IndexSettings(), MANIFEST)
+    script = (f"import torch; from mlsctl.gallery import Gallery\n"
+              f"g = Gallery({str(tmp_path / 'g')!r})\n"
+              f"for i in range(100000):\n"
+              f"    g.append([f'o{{i % 50}}'], torch.full((1, 16), float(i)), [i])\n"
+              f"    g.remove([f'o{{(i - 1) % 50}}'], missing_ok=True)\n"
+              f"    if i == 1: print('removing', flush=True)\n")
+    process = subprocess.Popen([sys.executable, "-c", script], env=cli_env(), stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline() == "removing\n"
+    time.sleep(0.5)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    process.stdout.close()
+    gallery = Gallery(tmp_path / "g")  # opens: the committed rows are whole
+    assert gallery.removed_rows > 0 and len(gallery) <= 3  # o(i) added, o(i - 1) removed: seed and one or two
+    for object_id in gallery.ids[1:]:
+        assert torch.equal(gallery.latent(object_id), torch.full((16,), float(gallery.count(object_id))))
+    assert gallery.search_many(torch.ones(1, 16), 100) == Gallery(tmp_path / "g").search_many(torch.ones(1, 16), 100)
+    gallery.remove(gallery.ids[1:])  # the next writer cuts off a torn tail
+    assert Gallery(tmp_path / "g").ids == ["seed"]
+
+
+def test_index_remove_is_one_sentence_for_an_id_not_there_and_says_what_it_removed(tmp_path, capsys):
+    import json
+
+    from conftest import cli, cli_ok
+    from test_hardening import one_sentence
+
+    _removal_gallery(tmp_path / "g", "flat")
+    g = str(tmp_path / "g")
+    code, _, err = cli("index", "remove", g, "o1", "nope", capsys=capsys)
+    assert code == 2 and "object id 'nope' is not in gallery" in one_sentence(err) and "--missing-ok" in err
+    code, _, err = cli("index", "remove", g, capsys=capsys)
+    assert code == 2 and "give the ids of the objects to remove" in one_sentence(err)
+    (tmp_path / "ids.txt").write_text("o1\n\no2\r\nnope\n")
+    out, err = cli_ok(capsys, "index", "remove", g, "o3", "--objects", str(tmp_path / "ids.txt"), "--missing-ok")
+    assert out == f"removed 3 objects from {g} (o3, o1, o2); 297 objects left\n"
+    assert "1 id not in the gallery, passed over (--missing-ok): nope" in err and "index retrain" in err
+    out, _ = cli_ok(capsys, "index", "info", g)
+    assert "removed  3 removals since the last retrain" in out
+    record = json.loads(cli_ok(capsys, "index", "remove", g, "o4", "--purge", "--json")[0])
+    assert record == {"gallery": g, "removed": ["o4"], "missing": [], "objects": 296, "purged": True}
+    assert Gallery(g).rows == 296 and "removed  " not in cli_ok(capsys, "index", "info", g)[0]
+
+
+def test_a_purge_the_ivfpq_index_cannot_train_for_is_refused_before_anything_is_removed_and_a_rebuild_says_removals(
+        tmp_path):
+    from mlsctl.errors import UserError
+    from mlsctl.gallery import check_what_a_rebuild_drops, remove_from_gallery
+
+    settings = IndexSettings("ivfpq", nlist=1, m=4, nbits=5, nprobe=1, refine=10)
+    write_gallery(tmp_path / "g", [f"o{i}" for i in range(40)], clustered(40, seed=3), [1] * 40, settings, MANIFEST)
+    with pytest.raises(UserError, match="--purge retrains the IVF-PQ index, which cannot be trained on the 38 objects "
+                                        "left .*nothing was removed"):
+        remove_from_gallery(tmp_path / "g", ["o1", "o2", "o1"], purge=True)
+    assert Gallery(tmp_path / "g").rows == 40
+    assert remove_from_gallery(tmp_path / "g", ["o1", "o2"])[1:] == (["o1", "o2"], [])
+    said = []
+    check_what_a_rebuild_drops(tmp_path / "g", {f"o{i}": 1 for i in range(40)}, say=said.append)
+    assert said == [f"note: the source holds 2 objects removed from {tmp_path / 'g'} with mlsctl index remove "
+                    f"(o1, o2), which the rebuild brings back; remove them from the source, or with index remove again"]
+
+
+def test_a_removed_id_no_longer_reads_like_a_stored_one(tmp_path):
+    """The look-alike keys made once per opened gallery (a server makes them at start) lose a removed id's key, so
+    an id that read like it may name a new object; where two stored ids share a key, the other one still counts."""
+    import unicodedata
+
+    from mlsctl.gallery import LookalikeId
+
+    nfc, nfd = "caf\u00e9", unicodedata.normalize("NFD", "caf\u00e9")
+    write_gallery(tmp_path / "g", [nfc, "ab", "a\u200bb"], clustered(3), [1] * 3, IndexSettings(), MANIFEST)
+    gallery = Gallery(tmp_path / "g")
+    with pytest.raises(LookalikeId):
+        gallery.check_new_id(nfd)
+    gallery.remove([nfc])
+    gallery.check_new_id(nfd)  # taken now
+    gallery.remove(["ab"])  # 'a\u200bb' (stored before look-alikes were refused) still reads like it
+    with pytest.raises(LookalikeId, match="looks like the object 'a\\\\u200bb'"):
+        gallery.check_new_id("a\u2060b")
+
+
+def test_a_purge_that_cannot_delete_the_old_version_says_it_still_holds_the_removed_latents(tmp_path, monkeypatch,
+                                                                                              caplog):
+    import shutil
+
+    from mlsctl.gallery import remove_from_gallery
+
+    _removal_gallery(tmp_path / "g", "flat")
+    caplog.set_level("WARNING", logger="mlsctl")
+    remove_from_gallery(tmp_path / "g", ["o1"], purge=True)
+    assert "could not be deleted" not in caplog.text and sorted(p.name for p in (tmp_path / "g").iterdir()) == [
+        "gallery.json", "v000002"]
+    monkeypatch.setattr(shutil, "rmtree", lambda *args, **kwargs: None)  # a folder the clean-up cannot delete
+    target = remove_from_gallery(tmp_path / "g", ["o2"], purge=True)[0]
+    assert target.data.name == "v000003" and "o2" not in target.ids
+    assert f"v000002 in {tmp_path / 'g'} could not be deleted and still holds the removed latents" in caplog.text

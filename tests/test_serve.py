@@ -271,7 +271,7 @@ def test_an_upload_equals_index_add_of_the_same_file(server, tmp_path):
     ("POST", "/search", {"body": {"paths": ["a" * 5000]}}, 400, "at most 1024"),
     ("POST", "/search", {"body": {"paths": ["/".join(["b" * 300] * 3)]}}, 400, "cannot be read"),
     ("GET", "/nowhere", {}, 404, "no such endpoint"),
-    ("DELETE", "/objects/obj1", {}, 405, "not allowed"),
+    ("PUT", "/objects/obj1", {}, 405, "not allowed"),  # DELETE removes it: the test of it has a server of its own
     ("PUT", "/search", {}, 405, "not allowed"),
     ("POST", "/objects/a%2Fb/photos", {"files": "one"}, 400, "cannot contain '/'"),
     ("POST", "/search", {"files": [("p.png", b"x")] * 65}, 413, "at most 64"),
@@ -561,12 +561,45 @@ def test_1_read_only_serves_searches_only(mile_run, tmp_path):
         one = [photo(mile_run, "obj1")]
         status, answer = call(server.base, "POST", "/objects/obj1/photos", files=one)
         assert status == 403 and "read-only" in answer["error"]
+        status, answer = call(server.base, "DELETE", "/objects/obj1")
+        assert status == 403 and "read-only" in answer["error"]
         assert call(server.base, "POST", "/search", files=one)[0] == 200
         assert call(server.base, "GET", "/health")[1]["read_only"] is True
         assert "Bearer" not in server.log.read_text()
     # stopped with SIGTERM (running() ends so), a service's ordinary stop: exit 0, and it says what it saved
     assert server.process.returncode == 0
     assert server.lines()[-1] == f"nothing to save: {gallery} was served read-only (6 objects)"
+
+
+def test_1_delete_removes_an_object_with_the_token_and_searches_never_return_it(mile_run, tmp_path):
+    from mlsctl.gallery import Gallery
+
+    gallery = built_gallery(mile_run, tmp_path)
+    with running(gallery, mile_run) as server:
+        base, token, obj3 = server.base, server.token, [photo(mile_run, "obj3", 0), photo(mile_run, "obj3", 1)]
+        assert call(base, "POST", "/search?k=1", files=obj3)[1]["results"][0]["object"] == "obj3"
+        status, answer = call(base, "DELETE", "/objects/obj3")
+        assert status == 401 and "writes need the server's token" in answer["error"]
+        assert call(base, "DELETE", "/objects/obj3", token="wrong")[0] == 401
+        status, answer = call(base, "DELETE", "/objects/nope", token=token)
+        assert status == 404 and answer == {"error": "no object 'nope' in the gallery"}
+        status, answer = call(base, "DELETE", "/objects/obj3%E2%80%8B", token=token)  # a look-alike: named
+        assert status == 404 and "did you mean 'obj3'?" in answer["error"]
+        assert Gallery(gallery).count("obj3") == 2  # nothing removed by the refusals
+        assert call(base, "DELETE", "/objects/obj3", token=token) == (200, {"object": "obj3", "removed": True,
+                                                                           "objects": 5})
+        status, found = call(base, "POST", "/search?k=1000", files=obj3)  # right after: gone from every answer
+        assert status == 200 and len(found["results"]) == 5 and "obj3" not in {r["object"] for r in found["results"]}
+        assert call(base, "GET", "/objects/obj3")[0] == call(base, "DELETE", "/objects/obj3", token=token)[0] == 404
+        assert call(base, "GET", "/health")[1]["objects"] == 5 and "obj3" not in Gallery(gallery).ids  # on disk
+        status, added = call(base, "POST", "/objects/obj3/photos", files=obj3[:1], token=token)  # a new object
+        assert status == 200 and added["created"] and added["photos"] == 1
+        refused = run_cli("index", "remove", str(gallery), "obj1")  # the server is the gallery's writer
+        assert refused.returncode == 1 and "DELETE /objects/ID" in refused.stderr
+    assert server.process.returncode == 0
+    assert server.lines()[-1] == (f"saved {gallery} with 6 objects: 1 photo added this session by 1 request (1 new "
+                                  f"object) and 1 object removed this session, each written to disk before it was "
+                                  f"answered")
 
 
 def test_1_a_token_file_guards_every_request_but_health(mile_run, tmp_path):
@@ -1519,9 +1552,9 @@ def test_9_a_stop_says_what_the_session_saved():
     class Gallery(list):
         path = Path("galleries/g")
 
-    def summary(size: int, read_only: bool = False, **added) -> str:
+    def summary(size: int, read_only: bool = False, removed: int = 0, **added) -> str:
         stub = SimpleNamespace(gallery=Gallery(range(size)), read_only=read_only, index_lock=threading.Lock(),
-                               added={"requests": 0, "photos": 0, "objects": 0, **added})
+                               added={"requests": 0, "photos": 0, "objects": 0, **added}, removed=removed)
         return GalleryService.summary(stub)
 
     assert summary(5, read_only=True) == "nothing to save: galleries/g was served read-only (5 objects)"
@@ -1531,6 +1564,11 @@ def test_9_a_stop_says_what_the_session_saved():
     assert summary(9, requests=3, photos=7, objects=2) == (
         "saved galleries/g with 9 objects: 7 photos added this session by 3 requests (2 new objects), each written to "
         "disk before it was answered")
+    assert summary(4, removed=2) == ("saved galleries/g with 4 objects: 2 objects removed this session, each written "
+                                     "to disk before it was answered")
+    assert summary(4, removed=1, requests=1, photos=2, objects=0) == (
+        "saved galleries/g with 4 objects: 2 photos added this session by 1 request (0 new objects) and 1 object "
+        "removed this session, each written to disk before it was answered")
 
 
 def test_9_the_token_file_is_never_written_through_a_planted_link(tmp_path):

@@ -12,7 +12,9 @@ from mlsctl.console import counted, stops_deferred
 from mlsctl.errors import UserError
 from mlsctl.cli._options import one_of
 
-app = typer.Typer(rich_markup_mode=None, help="Build and grow galleries of objects for image-set search (MILE set embeddings in faiss).",
+app = typer.Typer(rich_markup_mode=None,
+                  help="Build, grow and prune galleries of objects for image-set search (MILE set embeddings in "
+                       "faiss).",
                   no_args_is_help=True)
 
 
@@ -149,6 +151,10 @@ def info(
              ("built", f"{record['created']} from {record['source']}"
               + (f" (objects file {record['objects_file']})" if record["objects_file"] else "")),
              ("on disk", f"{record['bytes'] / 1e6:.1f} MB")]
+    if record["removed_rows"]:  # a takedown is not done until the latents leave the files: said where it is not
+        lines.insert(2, ("removed", f"{counted(record['removed_rows'], 'removal')} since the last retrain: searches "
+                                    f"never return those objects, and their latents stay in the files until mlsctl "
+                                    f"index retrain {gallery} purges them"))
     width = max(len(name) for name, _ in lines)
     print(f"gallery {gallery}")
     for name, value in lines:
@@ -184,6 +190,64 @@ def retrain(
     print(f"{'compacted' if flat else 'retrained'} {gallery}: {manifest['objects']} objects ({before} rows before, "
           f"{manifest['rows']} now), index {manifest['index']['kind']}"
           f"{' (exact: nothing to train)' if flat else ''}, {seconds:.1f}s")
+
+
+@app.command("remove")
+def remove(
+    gallery: Path = typer.Argument(..., help="Gallery folder (mlsctl index build)."),
+    ids: Optional[list[str]] = typer.Argument(None, help="Ids of the objects to remove."),
+    objects: Optional[Path] = typer.Option(None, "--objects", help="A text file of ids to remove, one per line "
+                                                                   "(blank lines skipped), besides or instead of IDS."),
+    missing_ok: bool = typer.Option(False, "--missing-ok", help="Pass over ids that are not in the gallery instead of "
+                                                                "refusing the whole removal."),
+    purge: bool = typer.Option(False, "--purge", help="Then run index retrain, so that the removed latents leave the "
+                                                      "gallery's files at once (a takedown) [default: they stay until "
+                                                      "the next retrain]."),
+    as_json: bool = typer.Option(False, "--json", help="Print the outcome as JSON (the fields of serve's DELETE "
+                                                       "answer, and more)."),
+) -> None:
+    """Remove objects from a gallery: searches never return them again.
+
+    All or none: every id is checked before anything is written, and one not in the gallery refuses the
+    whole removal (unless --missing-ok). Appends one tombstone row per object; the removed latents stay
+    in the files until mlsctl index retrain (or --purge). Example:
+    mlsctl index remove galleries/products ev00007 ev00012
+    """
+    from mlsctl.gallery import printable, remove_from_gallery
+
+    wanted = list(ids or []) + (_ids_of_file(objects) if objects is not None else [])
+    if not wanted:
+        raise UserError("give the ids of the objects to remove (index remove GALLERY ID ...), or a file of them, one "
+                        "per line, with --objects FILE")
+    target, removed, missing = remove_from_gallery(gallery, wanted, missing_ok=missing_ok, purge=purge)
+    if as_json:
+        print(json.dumps({"gallery": str(gallery), "removed": removed, "missing": missing, "objects": len(target),
+                          "purged": purge}, indent=2))
+        return
+    shown = ", ".join(printable(i) for i in removed[:5]) + (", ..." if len(removed) > 5 else "")
+    print(f"removed {counted(len(removed), 'object')} from {gallery}" + (f" ({shown})" if removed else "")
+          + f"; {counted(len(target), 'object')} left")
+    if missing:
+        absent = ", ".join(printable(i) for i in missing[:5]) + (", ..." if len(missing) > 5 else "")
+        say(f"note: {counted(len(missing), 'id')} not in the gallery, passed over (--missing-ok): {absent}")
+    if removed and not purge:
+        say(f"note: the removed latents stay in the gallery's files until mlsctl index retrain {gallery} purges them "
+            f"(or index remove --purge)")
+
+
+def _ids_of_file(path: Path) -> list[str]:
+    """The ids of ``index remove --objects FILE``: one a line, blank lines skipped, nothing else trimmed (a stored
+    id may end in a space; a typo is told by the gallery, naming the id it reads like)."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not an id
+    except UnicodeDecodeError:
+        raise UserError(f"--objects {path} is not UTF-8 text; save it as UTF-8, one object id per line") from None
+    except OSError as exc:
+        raise UserError(f"--objects {path} cannot be read ({exc.strerror or exc})") from None
+    ids = [line.rstrip("\r") for line in text.split("\n") if line.strip()]
+    if not ids:
+        raise UserError(f"--objects {path} lists no object id; give one id per line")
+    return ids
 
 
 def search(

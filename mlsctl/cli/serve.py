@@ -25,13 +25,15 @@ def serve(
     max_connections_per_client: int = typer.Option(32, "--max-connections-per-client", min=0, help="Connections one client may hold open (an IPv4 address, an IPv6 /64, loopback as one); beyond, 503 (0: no cap, behind a proxy, where every client has the proxy's address)."),
     docs: bool = typer.Option(False, "--docs", help="Serve the API's pages /docs, /redoc and /openapi.json (/docs loads scripts from a CDN)."),
 ) -> None:
-    """Serve a gallery over HTTP: search with photos, fold photos into objects, as JSON.
+    """Serve a gallery over HTTP: search with photos, fold photos into objects, remove objects, as JSON.
 
     Example: mlsctl serve galleries/demo-products   (the gallery's own run embeds the photos)
     then: curl -F photos=@a.png -F photos=@b.png http://127.0.0.1:8000/search
     Writes send the token of the file the server names at start (it never prints the token):
     curl -H "Authorization: Bearer $(cat galleries/demo-products/.mlsctl.token)" -F photos=@c.png
-    http://127.0.0.1:8000/objects/ev00007/photos. What the service protects against: docs/service.md.
+    http://127.0.0.1:8000/objects/ev00007/photos; curl -X DELETE with that header on
+    http://127.0.0.1:8000/objects/ev00007 removes the object.
+    What the service protects against: docs/service.md.
 
     Every request is one line on stderr (method, path, status, ms); Ctrl-C or SIGTERM stops the server,
     which says what the session saved (each add is written to disk before it is answered); exit code 0
