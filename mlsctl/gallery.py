@@ -789,11 +789,13 @@ def default_nlist(n: int) -> int:
     return max(1, min(int(n ** 0.5), n // 39))
 
 
-def check_index_fits(settings: IndexSettings, n: int, dim: Optional[int] = None) -> None:
+def check_index_fits(settings: IndexSettings, n: int, dim: Optional[int] = None, retrain: bool = False) -> None:
     """Refuse IVF-PQ settings that cannot be trained on ``n`` objects of width ``dim`` (None: not known yet):
     faiss needs 39 objects a list and one a PQ centroid (2 ** bits), and --pq-m must divide the width. Said
     before anything is embedded (a new user's probe, 2026-12-07: 16 s of embedding, then the refusal), with
-    the settings that would fit."""
+    the settings that would fit. ``retrain``: for ``index retrain``, which keeps the build's settings, so the
+    build options that would fit are named as those of a new build (a probe: retrain was told to use
+    ``--pq-bits``, an option it does not take)."""
     if settings.kind != "ivfpq":
         return
     nlist = settings.nlist or default_nlist(n)
@@ -805,15 +807,19 @@ def check_index_fits(settings: IndexSettings, n: int, dim: Optional[int] = None)
     need = max(39 * nlist, 2 ** settings.nbits)
     head = (f"IVF-PQ with {counted(nlist, 'list')} and {settings.nbits}-bit codes needs at least {need:,} objects "
             f"to train, the gallery has {n:,}")
+    fixes = []
+    if n >= 39 and n < 39 * nlist:
+        fixes.append(f"--nlist {n // 39} or fewer")
+    if n >= 39 and n < 2 ** settings.nbits:
+        fixes.append(f"--pq-bits {n.bit_length() - 1} or fewer")
+    fit = f"{' and '.join(fixes)}, or --index flat" if fixes else "--index flat"
+    if retrain:
+        raise UserError(f"{head}; a retrain keeps the build's index settings: add objects until it holds {need:,} "
+                        f"(mlsctl index add), or build it again with {fit} (mlsctl index build --overwrite)")
     if n < 39:  # one list needs 39: no setting fits
         raise UserError(f"{head}; IVF-PQ needs at least 39 objects whatever its settings, so use --index flat (exact, "
                         f"and fast at this size)")
-    fixes = []
-    if n < 39 * nlist:
-        fixes.append(f"--nlist {n // 39} or fewer")
-    if n < 2 ** settings.nbits:
-        fixes.append(f"--pq-bits {n.bit_length() - 1} or fewer")
-    raise UserError(f"{head}; use {' and '.join(fixes)}, or --index flat (exact, and fast at this size)")
+    raise UserError(f"{head}; use {fit} (exact, and fast at this size)")
 
 
 def _normalized(latents) -> np.ndarray:
@@ -1890,7 +1896,7 @@ def _say_unpurged_versions(gallery: "Gallery") -> None:
 def _check_purge_fits(gallery: "Gallery", left: int) -> None:
     """Refuse ``--purge`` where the retrain it runs could not train the IVF-PQ index on the ``left`` objects."""
     try:
-        check_index_fits(gallery.retrain_settings(), left, gallery.dim)
+        check_index_fits(gallery.retrain_settings(), left, gallery.dim, retrain=True)
     except UserError as exc:
         raise UserError(f"--purge retrains the IVF-PQ index, which cannot be trained on the {left:,} objects left "
                         f"({first_line(exc, 200)}); remove without --purge (the removed latents stay in the files "
@@ -1904,6 +1910,7 @@ def retrain_gallery(path: str | os.PathLike) -> tuple[int, dict]:
     read_manifest(path)  # not a gallery: said before the folder is locked
     with FolderLock(path, "gallery"):
         target = Gallery(path, recover=True, with_index=False, with_unit=False)
+        check_index_fits(target.retrain_settings(), len(target), target.dim, retrain=True)
         before = target.rows
         return before, target.retrain()
 

@@ -1412,6 +1412,15 @@ def test_a_purge_the_ivfpq_index_cannot_train_for_is_refused_before_anything_is_
     check_what_a_rebuild_drops(tmp_path / "g", {f"o{i}": 1 for i in range(40)}, say=said.append)
     assert said == [f"note: the source holds 2 objects removed from {tmp_path / 'g'} with mlsctl index remove "
                     f"(o1, o2), which the rebuild brings back; remove them from the source, or with index remove again"]
+    # index retrain of the 38 left: refused before anything is written, naming what retrain can do (it was told to
+    # use --pq-bits, an option only index build takes: a probe, 2026-12-07)
+    from mlsctl.gallery import retrain_gallery
+
+    with pytest.raises(UserError, match="IVF-PQ with 1 list and 5-bit codes needs at least 39 objects to train, the "
+                                        "gallery has 38; a retrain keeps the build's index settings: add objects until "
+                                        "it holds 39 \\(mlsctl index add\\), or build it again with --index flat"):
+        retrain_gallery(tmp_path / "g")
+    assert Gallery(tmp_path / "g").rows == 42 and len(Gallery(tmp_path / "g")) == 38
 
 
 def test_a_removed_id_no_longer_reads_like_a_stored_one(tmp_path):
