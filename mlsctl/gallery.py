@@ -591,6 +591,9 @@ def search_sets(gallery: "Gallery", model: SetModel, queries: Sequence[tuple[int
             if unreadable:
                 pending.append((number, record, _set_error(source, number, unreadable)))
             else:
+                note = long_query_note(model, len(photos))
+                if note:  # in a JSON record, as the service's answers: without the console's "note: "
+                    record["note"] = note[len("note: "):]
                 pending.append((number, record, model.fold(None, cls, tokens)))
             if len(pending) >= batch:
                 yield answered()
@@ -1851,12 +1854,30 @@ def long_set_note(model: SetModel, object_id: str, photos: int) -> Optional[str]
     (``method.set_length``), or None: the set encoder folds photos one after another, and sets much longer than
     training's are untested; a new user's probe (2026-12-07, a 12-step run) saw an object of 8 photos rank 10th and
     one of 32 (8 photos given 4 times) 76th for two of its own photos, where one of 4 ranked first."""
-    if not model.set_length or photos <= 2 * model.set_length:
+    if not _much_longer_than_training(model, photos):
         return None
-    return (f"note: object '{printable(object_id)}' now folds {photos} photos, more than twice the "
-            f"{model.set_length} a set held when run {model.run} trained (method.set_length): sets much longer than "
-            f"training's are untested, and an object of many photos (or of one photo given again) may rank lower for "
-            f"its own photos")
+    return (f"note: object '{printable(object_id)}' now folds {photos} photos, {_TRAINED_SETS.format(model=model)}, and "
+            f"an object of many photos (or of one photo given again) may rank lower for its own photos")
+
+
+_TRAINED_SETS = ("more than twice the {model.set_length} a set held when run {model.run} trained (method.set_length): "
+                 "sets much longer than training's are untested")
+
+
+def _much_longer_than_training(model, photos: int) -> bool:
+    """More than twice the photos of a MILE run's training sets (a mean-CLS model has no set length)."""
+    set_length = getattr(model, "set_length", None)
+    return bool(set_length) and photos > 2 * set_length
+
+
+def long_query_note(model: SetModel, photos: int) -> Optional[str]:
+    """:func:`long_set_note`'s counterpart for a query set, or None: the same probe (2026-12-07) saw a query of one
+    photo given again score its own object 0.46 where the photo once scored 0.87; a query of a few of the photos
+    is what the model was trained to fold."""
+    if not _much_longer_than_training(model, photos):
+        return None
+    return (f"note: the query set folds {photos} photos, {_TRAINED_SETS.format(model=model)}: its object may rank "
+            f"lower than for a few of its photos; search with {model.set_length} to {2 * model.set_length} of them")
 
 
 def remove_from_gallery(path: str | os.PathLike, ids: Sequence[str], *, missing_ok: bool = False,

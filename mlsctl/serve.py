@@ -602,7 +602,7 @@ class GalleryService:
 
     # ------------------------------------------------------------------ endpoints
     def search(self, photos: list[Photo], k: int) -> dict:
-        from mlsctl.gallery import ranked
+        from mlsctl.gallery import long_query_note, ranked
 
         started = time.perf_counter()
         cls, tokens = self.tokens(photos)
@@ -610,7 +610,8 @@ class GalleryService:
             latent = self.model.fold(None, cls, tokens)
         with self.index_lock:
             found = self.gallery.search(latent, k)
-        return {"photos": len(photos), "results": ranked(found),
+        note = long_query_note(self.model, len(photos))  # many more photos than training's sets (a probe)
+        return {"photos": len(photos), "results": ranked(found), **({"note": note[len("note: "):]} if note else {}),
                 "seconds": round(time.perf_counter() - started, 4)}
 
     def check_id(self, object_id: str) -> None:

@@ -3,6 +3,7 @@ os.replace of a swap), retrain."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -1266,6 +1267,20 @@ def test_an_object_of_many_more_photos_than_training_sets_gets_a_note(mile_run, 
     _, err = cli_ok(capsys, "index", "add", str(gallery), "--object", "obj1", *photos)  # 2 + 3 = 5
     assert ("note: object 'obj1' now folds 5 photos, more than twice the 2 a set held when run "
             f"{mile_run / 'run'} trained (method.set_length)") in " ".join(err.split()), err
+    # the query side (the same probe: a photo given again lowered its object's score from 0.87 to 0.46)
+    _, err = cli_ok(capsys, "search", "--set", *photos[:2], "--index", str(gallery), "-k", "2")
+    assert "note:" not in err
+    out, err = cli_ok(capsys, "search", "--set", *photos, *photos[:2], "--index", str(gallery), "-k", "2")
+    assert ("note: the query set folds 5 photos, more than twice the 2 a set held when run "
+            f"{mile_run / 'run'} trained") in " ".join(err.split()) and "search with 2 to 4 of them" in err, err
+    out, _ = cli_ok(capsys, "search", "--set", *photos, *photos[:2], "--index", str(gallery), "-k", "2", "--json")
+    assert json.loads(out)["note"].startswith("the query set folds 5 photos")
+    sets = tmp_path / "sets.jsonl"
+    sets.write_text(json.dumps({"photos": photos[:2], "id": "few"}) + "\n"
+                    + json.dumps({"photos": photos + photos[:2], "id": "many"}) + "\n")
+    out, _ = cli_ok(capsys, "search", "--sets", str(sets), "--index", str(gallery), "-k", "2")
+    few, many = (json.loads(line) for line in out.splitlines())
+    assert "note" not in few and many["note"].startswith("the query set folds 5 photos")
 
 
 # ----------------------------------------------------------------------------------- removing objects

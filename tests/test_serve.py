@@ -233,6 +233,8 @@ def test_health_search_add_and_get(server):
     status, long = call(base, "POST", "/objects/new%20one/photos", files=three, token=token)
     assert status == 200 and long["photos"] == 5 and long["note"].startswith("object 'new one' now folds 5 photos")
     assert "note" not in again
+    status, found = call(base, "POST", "/search", files=three + three[:2])  # the query side: 5 photos
+    assert status == 200 and found["note"].startswith("the query set folds 5 photos") and "note" not in by_path
     # persisted: the gallery on disk has the object (its writer is the server, so read-only here)
     from mlsctl.gallery import Gallery
 

@@ -265,8 +265,8 @@ def search(
 
     Many sets, one model load: mlsctl search --sets queries.jsonl --index galleries/products > results.jsonl
     """
-    from mlsctl.gallery import (Gallery, check_photos, choose_set_model, missing_sets, newest_gallery,
-                                photos_of_folders, printable, ranked, read_query_sets, search_sets)
+    from mlsctl.gallery import (Gallery, check_photos, choose_set_model, long_query_note, missing_sets,
+                                newest_gallery, photos_of_folders, printable, ranked, read_query_sets, search_sets)
 
     if images is not None and sets is not None:
         raise UserError("give the photos of one set with --set or a JSONL file of sets with --sets, not both")
@@ -321,11 +321,13 @@ def search(
         return
     cls, tokens = model.image_tokens(images)  # each photo resized as it is decoded: only those copies are kept
     found = target.search(model.fold(None, cls, tokens), k)
+    note = long_query_note(model, len(images))
     if as_json:
-        print(json.dumps({"gallery": str(index), "set": [str(p) for p in images],
-                          "results": ranked(found)},
-                         indent=2))
+        print(json.dumps({"gallery": str(index), "set": [str(p) for p in images], "results": ranked(found),
+                          **({"note": note[len("note: "):]} if note else {})}, indent=2))
         return
+    if note:
+        say(note)
     # ids as messages show them: invisible characters spelt out, so 'x' and 'x' + U+200B read apart (a new user's probe)
     rows = [[i + 1, printable(o, None), f"{s:.4f}"] for i, (o, s) in enumerate(found)]
     print(table(["rank", "object", "cosine"], rows,
