@@ -1823,18 +1823,19 @@ def build_gallery(source: str | os.PathLike, model: SetModel, out: str | os.Path
 
 
 def add_to_gallery(path: str | os.PathLike, object_id: str, photos: Sequence, *, run: Optional[str | os.PathLike] = None,
-                   say: Callable[[str], None] = to_stderr) -> tuple["Gallery", bool, int]:
+                   say: Callable[[str], None] = to_stderr) -> tuple["Gallery", bool, int, int]:
     """``mlsctl index add``: fold ``photos`` (paths, each decoded and resized as it is read, or decoded
-    images: :meth:`SetModel.image_tokens`) into ``object_id`` (created when new) with
-    ``run``'s model (default: the gallery's run), under the gallery's lock; returns (the gallery as
-    written, created, photos now folded into the object). A server holds the lock for its lifetime
-    and calls :meth:`Gallery.add` itself."""
+    images: :meth:`SetModel.image_tokens`; a folder among the paths gives its photos, :func:`photos_of_folders`)
+    into ``object_id`` (created when new) with ``run``'s model (default: the gallery's run), under the
+    gallery's lock; returns (the gallery as written, created, photos now folded into the object, photos
+    added). A server holds the lock for its lifetime and calls :meth:`Gallery.add` itself."""
     path = Path(path)
     # what is cheap to check first, each before the next, and all before the model loads: the id, the gallery (a
     # run folder given as the gallery is said so, not locked and "being written" by its run), the photos' paths
     # and headers (a corrupt photo was said only after the model had loaded)
     check_object_id(object_id)
     read_manifest(path)
+    photos = photos_of_folders(photos, "index add")  # a folder: its photos, as index build folds an object folder
     check_photos(photos)
     _say_repeated_photos(photos, say)
     with FolderLock(path, "gallery"):
@@ -1846,7 +1847,7 @@ def add_to_gallery(path: str | os.PathLike, object_id: str, photos: Sequence, *,
     note = long_set_note(model, object_id, count)
     if note:
         say(note)
-    return target, created, count
+    return target, created, count, len(photos)
 
 
 def long_set_note(model: SetModel, object_id: str, photos: int) -> Optional[str]:

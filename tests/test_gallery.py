@@ -1281,6 +1281,11 @@ def test_an_object_of_many_more_photos_than_training_sets_gets_a_note(mile_run, 
     out, _ = cli_ok(capsys, "search", "--sets", str(sets), "--index", str(gallery), "-k", "2")
     few, many = (json.loads(line) for line in out.splitlines())
     assert "note" not in few and many["note"].startswith("the query set folds 5 photos")
+    # index add of a folder: its photos in file-name order, as index build folds an object folder (a probe)
+    out, _ = cli_ok(capsys, "index", "add", str(gallery), "--object", "folder", str(mile_run / "train" / "obj1"))
+    assert f"created folder in {gallery}: 3 photos added" in out
+    cli_ok(capsys, "index", "add", str(gallery), "--object", "files", *photos)
+    assert torch.equal(Gallery(gallery).latent("folder"), Gallery(gallery).latent("files"))
 
 
 # ----------------------------------------------------------------------------------- removing objects

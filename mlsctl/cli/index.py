@@ -91,7 +91,7 @@ RETRAIN_SHARE = 0.2  # objects written since the IVF quantiser was trained, abov
 def add(
     gallery: Path = typer.Argument(..., help="Gallery folder (mlsctl index build)."),
     object_id: str = typer.Option(..., "--object", help="Object to add to; a new id creates the object."),
-    images: list[Path] = typer.Argument(..., help="Images to fold into the object, in order."),
+    images: list[Path] = typer.Argument(..., help="Images to fold into the object, in order; a folder gives its images in the order index build folds an object folder's."),
     run: Optional[Path] = typer.Option(None, "--run", help="Run to embed with [default: the gallery's run]."),
     as_json: bool = typer.Option(False, "--json", help="Print the outcome as JSON (the fields of serve's answer)."),
 ) -> None:
@@ -104,15 +104,15 @@ def add(
 
     # the id, the gallery and the photos (paths, headers) are checked first, in that order; then the lock and the
     # model. Each photo is decoded and resized to the model's input in turn (a probe, 2026-12-07: 40 phone photos,
-    # all decoded first, took 2.65 GB)
-    target, created, count = add_to_gallery(gallery, object_id, images, run=run, say=say)
+    # all decoded first, took 2.65 GB). A folder gives its photos in the order index build folds an object folder's
+    target, created, count, added = add_to_gallery(gallery, object_id, images, run=run, say=say)
     share = target.added_since_training()
     if as_json:
         print(json.dumps({"gallery": str(gallery), "object": object_id, "created": created, "photos": count,
                           "objects": len(target), "written_since_training": round(share, 4)}, indent=2))
     else:
-        added = counted(len(images), "photo")  # "4 photos folded" after adding 2 read as 4 added (a new user)
-        print(f"{'created' if created else 'updated'} {object_id} in {gallery}: {added} added"
+        # "4 photos folded" after adding 2 read as 4 added (a new user)
+        print(f"{'created' if created else 'updated'} {object_id} in {gallery}: {counted(added, 'photo')} added"
               + ("" if created else f", {count} folded in all") + f"; {len(target)} objects")
     if share > RETRAIN_SHARE:
         say(f"{100 * share:.0f}% of the objects were written after the IVF index was trained, so recall may have "
