@@ -19,15 +19,16 @@ Every file grows by appending, and ``rows`` in gallery.json (written atomically,
 append: a kill leaves the gallery as before or after an add, and an add costs the same at 10k or
 1M objects. The row files are memory-mapped, not loaded.
 
-Two kinds of set model fold an object's photos into its latent, and :func:`load_set_model` picks by the run:
 :class:`SetModel` embeds images with a MILE run's teacher: backbone CLS (and patch tokens with
 ``attend: patches``) and the set encoder's recurrence (the model and its fold are
 :class:`mlsctl.methods.mile.set_model.MILESetModel`; this class adds the photos' preprocessing).
-:class:`MeanCLSSetModel` takes the teacher of a run of any other method: the latent is the sum of the photos' raw CLS
-embeddings, whose cosine is that of their mean (MILE's paper's mean-CLS baseline; ``eval retrieval``'s
-``mean-cls`` scores the same). Both share the photo side, :class:`SetPhotos`. With either, folding images one at a
-time gives the same latent as embedding the set at once (``tests/test_mile.py``, ``tests/test_gallery.py``), which
-is what lets ``index add`` fold new photos into an object without recomputing its earlier ones.
+Two kinds of set model fold an object's photos into its latent, and :func:`load_set_model` picks by the run:
+:class:`SetModel` for a MILE run, :class:`MeanCLSSetModel` for a run of any other method, whose teacher embeds the
+photos and whose latent is the sum of their raw CLS embeddings, with the cosine of their mean (MILE's paper's
+mean-CLS baseline; ``eval retrieval``'s ``mean-cls`` scores the same). Both share the photo side,
+:class:`SetPhotos`. With either, folding images one at a time gives the same latent as embedding the set at once
+(``tests/test_mile.py``, ``tests/test_gallery.py``), which is what lets ``index add`` fold new photos into an
+object without recomputing its earlier ones.
 
 Search is exact with the flat index. With IVF-PQ, faiss returns ``refine × k`` candidates from
 the compressed codes and their exact cosines (from the stored latents) re-rank them.

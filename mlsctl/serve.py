@@ -1487,8 +1487,8 @@ def _say_serving(say, gallery, service, host: str, port: int, read_only: bool, t
     """The lines a starting server says once it is about to answer: where, and how to write to it."""
     shown_host = f"[{host}]" if ":" in host else host
     base = f"http://{shown_host}:{port}"
-    say(f"serving {gallery} ({len(service.gallery)} objects, model {service.model.fingerprint[:12]} of "
-        f"{service.model.kind} sets, on {service.model.device}) on {base}{' read-only' if read_only else ''} — {API}")
+    say(f"serving {gallery} ({len(service.gallery)} objects, model {service.model.fingerprint[:12]} on "
+        f"{service.model.device}) on {base}{' read-only' if read_only else ''} — {API}")
     if token_path is not None:  # its path, never the token: this line may end up in a journal
         say(f"writes need the token in {token_path} (mode 0600, valid while this server runs): "
             f"curl -H \"Authorization: Bearer $(cat {token_path})\" -F photos=@a.png {base}/objects/ID/photos")
