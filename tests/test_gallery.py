@@ -1425,4 +1425,3 @@ def test_an_object_of_many_more_photos_than_training_sets_gets_a_note(mile_run, 
     _, err = cli_ok(capsys, "index", "add", str(gallery), "--object", "obj1", *photos)  # 2 + 3 = 5
     assert ("note: object 'obj1' now folds 5 photos, more than twice the 2 a set held when run "
             f"{mile_run / 'run'} trained (method.set_length)") in " ".join(err.split()), err
-
