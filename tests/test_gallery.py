@@ -460,6 +460,26 @@ def test_index_build_search_info_and_serve_with_a_dino_run_say_its_mean_cls_sets
                          "that is not MILE folds mean-CLS sets)" in err, err
 
 
+def test_a_feature_folder_of_a_dino_run_builds_the_same_mean_cls_gallery_as_its_photos(finished_run, tmp_path,
+                                                                                        capsys):
+    """`index build FEATS` without --run takes the run that embedded them (`mlsctl embed --run` of the DINO run, fp32 at
+    the run's global crop size), a mean-CLS model, and folds the stored CLS rows into the latents the photos give."""
+    from conftest import cli
+
+    photos = object_photos(tmp_path / "photos", objects=3)
+    code, _, err = cli("embed", str(photos), "--run", str(finished_run[0]), "--dtype", "fp32", "--resolution", "32",
+                       "--out", str(tmp_path / "feats"), capsys=capsys)
+    assert code == 0, err
+    code, _, err = cli("index", "build", str(tmp_path / "feats"), "--out", str(tmp_path / "from-feats"), capsys=capsys)
+    assert code == 0 and "mean-CLS sets" in err, err
+    code, _, err = cli("index", "build", str(photos), "--run", str(finished_run[0]), "--out",
+                       str(tmp_path / "from-photos"), "--workers", "0", capsys=capsys)
+    assert code == 0, err
+    from_feats, from_photos = Gallery(tmp_path / "from-feats"), Gallery(tmp_path / "from-photos")
+    assert from_feats.set_model == "mean-cls" and from_feats.fingerprint == from_photos.fingerprint
+    for object_id in ("obj0", "obj1", "obj2"):
+        assert torch.allclose(from_feats.latent(object_id), from_photos.latent(object_id), atol=1e-4)
+
 def test_a_gallery_records_the_objects_file_it_was_built_from(tmp_path, monkeypatch):
     """A review (2026-12-07): the gallery's manifest recorded its source but not `index build --objects`, which
     decides its objects (eval retrieval's results record theirs): ``objects_file``, absolute, or null."""
