@@ -1,9 +1,10 @@
-"""Galleries of objects for image-set search: one MILE set embedding per object, in faiss.
+"""Galleries of objects for image-set search: one set embedding per object, in faiss.
 
 A gallery folder (format 2)::
 
     GALLERY/gallery.json   kind "mlsctl-gallery", format_version, the model (absolute run path,
-                           step, fingerprint of backbone + set encoder, attend, dim), the
+                           step, set_model "mile" or "mean-cls", fingerprint of backbone + set
+                           encoder or of backbone + "mean-cls", attend, dim), the
                            preprocessing of its photos, the index settings, ``rows`` (committed
                            rows), ``objects`` (live ids), ``indexed_rows`` / ``trained_rows`` (rows
                            when index.faiss was saved / its quantiser trained), ``storage_dtype``
@@ -26,9 +27,14 @@ mlsctl of format 3 refuses (it would read them as objects); build and retrain wr
 
 :class:`SetModel` embeds images with a MILE run's teacher: backbone CLS (and patch tokens with
 ``attend: patches``) and the set encoder's recurrence (the model and its fold are
-:class:`mlsctl.methods.mile.set_model.MILESetModel`; this class adds the photos' preprocessing). Folding images one at a time gives the
-same latent as embedding the set at once (``tests/test_mile.py``), which is what lets
-``index add`` fold new photos into an object without recomputing its earlier ones.
+:class:`mlsctl.methods.mile.set_model.MILESetModel`; this class adds the photos' preprocessing).
+Two kinds of set model fold an object's photos into its latent, and :func:`load_set_model` picks by the run:
+:class:`SetModel` for a MILE run, :class:`MeanCLSSetModel` for a run of any other method, whose teacher embeds the
+photos and whose latent is the sum of their raw CLS embeddings, with the cosine of their mean (MILE's paper's
+mean-CLS baseline; ``eval retrieval``'s ``mean-cls`` scores the same). Both share the photo side,
+:class:`SetPhotos`. With either, folding images one at a time gives the same latent as embedding the set at once
+(``tests/test_mile.py``, ``tests/test_gallery.py``), which is what lets ``index add`` fold new photos into an
+object without recomputing its earlier ones.
 
 Search is exact with the flat index. With IVF-PQ, faiss returns ``refine × k`` candidates from
 the compressed codes and their exact cosines (from the stored latents) re-rank them.
@@ -37,6 +43,8 @@ the compressed codes and their exact cosines (from the stored latents) re-rank t
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import json
 import logging
 import os
@@ -45,7 +53,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, ClassVar, Optional, Sequence
 
 import numpy as np
 import torch
@@ -71,9 +79,15 @@ MANIFEST = GALLERY_MANIFEST
 
 
 # ---------------------------------------------------------------------------------------- the model
-class SetModel(MILESetModel):
-    """A MILE set model (:class:`~mlsctl.methods.mile.set_model.MILESetModel`: backbone, set encoder,
-    :meth:`fold`) with the photo side a gallery needs: its preprocessing and the tokens of images."""
+# The kinds of set model, as a gallery records them (model.set_model), and what their sets are in words
+SET_MODEL_KINDS = {"mile": "MILE sets (a MILE run's set encoder folds the photos)",
+                   "mean-cls": "mean-CLS sets (the mean of the photos' CLS embeddings)"}
+
+
+class SetPhotos:
+    """The photo side of a set model, the same for every kind (:class:`SetModel`, :class:`MeanCLSSetModel`): how
+    photos become its inputs (the preprocessing a gallery records) and the CLS (and patch tokens) its
+    ``fold`` takes. A set model using it has ``backbone`` (a ModelChoice), ``resolution``, ``attend`` and ``dim``."""
 
     def preprocessing(self) -> dict:
         """How photos become model inputs (recorded in the gallery: its rows and every query must agree)."""
@@ -128,18 +142,78 @@ class SetModel(MILESetModel):
         return cls, tokens
 
 
+class SetModel(SetPhotos, MILESetModel):
+    """A MILE set model (:class:`~mlsctl.methods.mile.set_model.MILESetModel`: backbone, set encoder,
+    :meth:`fold`) with the photo side a gallery needs (:class:`SetPhotos`)."""
+
+    kind: ClassVar[str] = "mile"  # what a gallery records as model.set_model
+
+
+@dataclass
+class MeanCLSSetModel(SetPhotos):
+    """Any backbone as a set model: a set's latent is the sum of its photos' raw CLS embeddings (not normalised), so
+    its cosine is that of their mean, MILE's paper's mean-CLS baseline (``eval retrieval``'s ``mean-cls``). What a
+    gallery of a run that is not MILE folds with; the photo side is :class:`SetPhotos`, as :class:`SetModel`'s."""
+
+    backbone: object  # ModelChoice of the run's teacher (mlsctl.restore.from_run)
+    resolution: int
+    run: str
+    step: int
+    attend: str = "cls"  # the CLS only: no patch tokens
+    set_length: Optional[int] = None  # no set length a mean holds: no long-set note
+
+    kind: ClassVar[str] = "mean-cls"
+
+    @property
+    def dim(self) -> int:
+        return self.backbone.backbone.embed_dim
+
+    @property
+    def device(self) -> torch.device:
+        """Where the backbone is (:meth:`to`)."""
+        return next(self.backbone.backbone.parameters()).device
+
+    def to(self, device: torch.device | str) -> "MeanCLSSetModel":
+        """Move the backbone to ``device``; returns the model."""
+        self.backbone.backbone.to(device)
+        return self
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """The backbone's fingerprint and the kind: a mean-CLS gallery's fingerprint is never its backbone's alone
+        (nor a MILE set model's, which hashes a set encoder with it)."""
+        return hashlib.sha256((self.backbone.fingerprint + self.kind).encode()).hexdigest()
+
+    @torch.no_grad()
+    def fold(self, latent: Optional[torch.Tensor], cls: torch.Tensor, tokens: Optional[torch.Tensor] = None
+             ) -> torch.Tensor:
+        """Add images' raw CLS rows (CLS [t, D], float32; ``tokens`` unused) one by one to ``latent`` [D] (None: a new
+        set, the first row): the running sum, so folding photos one at a time gives the latent of folding them at
+        once, to the bit. On ``cls``'s device."""
+        rows = cls.float()
+        start = 0
+        if latent is None:
+            latent, start = rows[0].clone(), 1
+        latent = latent.to(rows.device, torch.float32)
+        for t in range(start, rows.shape[0]):
+            latent = latent + rows[t]
+        return latent
+
+
 def load_set_model(run_dir: str | os.PathLike,
-                   device: Optional[torch.device | str] = None) -> SetModel:
-    """The teacher backbone and set encoder of a MILE run's latest checkpoint, on ``device`` (None:
-    where ``mlsctl embed`` runs, :func:`mlsctl.features.embedding_device`: this process's GPU when
-    there is one)."""
+                   device: Optional[torch.device | str] = None) -> SetModel | MeanCLSSetModel:
+    """The set model of a run, on ``device`` (None: where ``mlsctl embed`` runs,
+    :func:`mlsctl.features.embedding_device`: this process's GPU when there is one): of a MILE run, the teacher
+    backbone and set encoder of its latest checkpoint (:class:`SetModel`); of a run of any other method that trains
+    a backbone, the mean-CLS model of its teacher (:class:`MeanCLSSetModel`, what ``mlsctl embed --run`` embeds
+    with: the exported teacher, or the latest checkpoint's)."""
     from mlsctl.models.source import model_choice
     from mlsctl.restore import method_from_checkpoint, open_run, recipe_of
 
-    run = open_run(run_dir, hint="give a MILE run written by mlsctl pretrain")
+    run = open_run(run_dir, hint="give a run written by mlsctl pretrain")
     recipe = recipe_of(run)
     if recipe.method.name != "mile":
-        raise UserError(f"run {run.root} trained {recipe.method.name}, not mile; set embeddings (galleries, eval retrieval, search) need a MILE run's set encoder")
+        return _mean_cls_set_model(run, recipe).to(device if device is not None else embedding_device())
     recipe, method, checkpoint = method_from_checkpoint(run, recipe=recipe)
     method.eval()
     backbone = model_choice(method.teacher_backbone(), f"teacher of MILE run {run.root} at step {checkpoint.step}",
@@ -147,6 +221,21 @@ def load_set_model(run_dir: str | os.PathLike,
     model = SetModel(backbone, method.teacher_encoder(), recipe.method.attend, recipe.data.global_crops.size,
                      str(run.root), checkpoint.step, recipe.method.set_length)
     return model.to(device if device is not None else embedding_device())
+
+
+def _mean_cls_set_model(run, recipe) -> MeanCLSSetModel:
+    """:class:`MeanCLSSetModel` of the teacher of ``run`` (not MILE): its exported teacher, or its latest
+    checkpoint's (:func:`mlsctl.restore.from_run`), at the size of the views it trained on, as a MILE run's."""
+    from mlsctl import methods
+    from mlsctl.restore import from_run
+
+    if not methods.method_class(recipe.method.name).has_backbone:
+        raise UserError(f"run {run.root} trained {recipe.method.name}, which trains no backbone (it refines features); "
+                        f"galleries embed photos with a run that trains one: give a run of mlsctl pretrain")
+    backbone = from_run(run.root)
+    checkpoint = run.latest()
+    step = backbone.info.get("step", checkpoint.step if checkpoint is not None else run.summary().get("steps"))
+    return MeanCLSSetModel(backbone, recipe.data.global_crops.size, str(run.root), step)
 
 
 def unfinished_run_note(model: SetModel) -> Optional[str]:
@@ -175,10 +264,10 @@ def run_of_features(source: str | os.PathLike) -> Optional[Path]:
 
 
 def choose_set_model(run_dir: Optional[str | os.PathLike], say: Callable[[str], None] = to_stderr,
-                     features: Optional[str | os.PathLike] = None) -> SetModel:
+                     features: Optional[str | os.PathLike] = None) -> SetModel | MeanCLSSetModel:
     """:func:`load_set_model` of ``run_dir``; when it is None, of the run that embedded ``features`` (a
     feature folder the gallery is built from), else of the newest MILE run under ./runs. Says which
-    model it is (backbone and set-encoder fingerprints)."""
+    model it is (:func:`set_model_words`: its kind, backbone and set fingerprints)."""
     from mlsctl.restore import load_default_run, newest_run
 
     if run_dir is None and features is not None and is_feature_folder(features):
@@ -187,15 +276,24 @@ def choose_set_model(run_dir: Optional[str | os.PathLike], say: Callable[[str], 
     if run_dir is None:
         found = newest_run(RUNS_ROOT, method="mile")
         if found is None:
-            raise UserError(f"no --run given and no MILE run under {RUNS_ROOT}/; train one with mlsctl pretrain "
-                            f"mile_fmnist_quick, or give --run RUN")
+            raise UserError(f"no --run given and no MILE run under {RUNS_ROOT}/; give --run RUN (a run of any "
+                            f"method: one that is not MILE folds mean-CLS sets), or train one with mlsctl pretrain "
+                            f"mile_fmnist_quick")
         model = load_default_run(load_set_model, found, RUNS_ROOT, "--run", "MILE run")
         model.backbone.description += f" (the newest MILE run under {RUNS_ROOT}/: no --run given)"
     else:
         model = load_set_model(run_dir)
-    say(f"model: {model.backbone.description} (backbone {model.backbone.fingerprint[:12]}, with its set encoder "
-        f"{model.fingerprint[:12]}), on {model.device}")
+    say(f"model: {model.backbone.description} ({set_model_words(model)}), on {model.device}")
     return model
+
+
+def set_model_words(model: SetModel | MeanCLSSetModel) -> str:
+    """How a set model folds its sets, with its fingerprints, as the ``model:`` line says it."""
+    if model.kind == "mean-cls":
+        return (f"mean-CLS sets: the mean of the photos' CLS embeddings; backbone {model.backbone.fingerprint[:12]}, "
+                f"set model {model.fingerprint[:12]}")
+    return (f"MILE sets: backbone {model.backbone.fingerprint[:12]}, with its set encoder "
+            f"{model.fingerprint[:12]}")
 
 
 # ---------------------------------------------------------------------------------------- objects
@@ -1077,6 +1175,12 @@ class Gallery:
     def fingerprint(self) -> str:
         return self.manifest["model"]["fingerprint"]
 
+    @property
+    def set_model(self) -> str:
+        """The kind of set model that folded the gallery's objects (:data:`SET_MODEL_KINDS`); a gallery written before
+        it was recorded is MILE's (no other kind could build one)."""
+        return self.manifest["model"].get("set_model", "mile")
+
     def built_with_run(self) -> Path:
         """The run the gallery was built with (its manifest's), said in one sentence when it has moved
         away (a new user, 2026-12-06: the error named only the old path, as if the user had typed it)."""
@@ -1094,6 +1198,11 @@ class Gallery:
         of another width, another model, other preprocessing. (A manifest whose ``dim`` was edited is
         refused at open: :meth:`_check_rows`.)"""
         built = self.manifest["model"]
+        if model.kind != self.set_model:  # before the run's checks: the same run never gives both kinds
+            raise UserError(f"gallery {self.path} holds {SET_MODEL_KINDS[self.set_model]}, from run "
+                            f"{built['run']}; the model given ({model.run}) folds {SET_MODEL_KINDS[model.kind]}: "
+                            f"leave --run out to embed with the run the gallery was built with, or rebuild the "
+                            f"gallery with this one")
         if model.fingerprint != self.fingerprint and os.path.realpath(model.run) == os.path.realpath(built["run"]):
             raise UserError(f"run {model.run} is no longer the model gallery {self.path} was built with (step "
                             f"{built['step']} then, {model.step} now: trained on or again since); rebuild the gallery "
@@ -1455,6 +1564,8 @@ def read_manifest(path: Path) -> dict:
     problem = None
     if not (isinstance(model, dict) and isinstance(model.get("fingerprint"), str) and isinstance(model.get("run"), str)):
         problem = "'model' must hold the run and fingerprint"
+    elif model.get("set_model", "mile") not in SET_MODEL_KINDS:
+        problem = f"'model.set_model' must be {' or '.join(SET_MODEL_KINDS)}"
     elif not (isinstance(index, dict) and set(index) <= known and index.get("kind") in ("flat", "ivfpq")
               and all(v is None or (isinstance(v, int) and not isinstance(v, bool) and 1 <= v < 2**31)
                       for k, v in index.items() if k != "kind")
@@ -1811,6 +1922,7 @@ def build_gallery(source: str | os.PathLike, model: SetModel, out: str | os.Path
                 "source": os.path.abspath(source),
                 "objects_file": None if objects_file is None else os.path.abspath(objects_file),
                 "model": {"run": os.path.abspath(model.run), "step": model.step, "fingerprint": model.fingerprint,
+                          "set_model": model.kind,
                           "attend": model.attend, "dim": model.dim, "resolution": model.resolution,
                           "arch": model.backbone.info["arch"]},
                 "preprocessing": model.preprocessing(), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
@@ -1867,8 +1979,7 @@ _TRAINED_SETS = ("more than twice the {model.set_length} a set held when run {mo
 
 def _much_longer_than_training(model, photos: int) -> bool:
     """More than twice the photos of a MILE run's training sets (a mean-CLS model has no set length)."""
-    set_length = getattr(model, "set_length", None)
-    return bool(set_length) and photos > 2 * set_length
+    return bool(model.set_length) and photos > 2 * model.set_length
 
 
 def long_query_note(model: SetModel, photos: int) -> Optional[str]:
@@ -1980,7 +2091,8 @@ def describe_gallery(path: str | os.PathLike, objects: bool = False) -> dict:
     record = {"gallery": str(gallery.path), "objects": len(gallery), "photos": photos, "rows": gallery.rows,
               "superseded_rows": gallery.rows - len(live), "removed_rows": gallery.removed_rows,
               "dim": gallery.dim, "storage_dtype": manifest["storage_dtype"], "index": dict(manifest["index"]),
-              "written_since_training": gallery.added_since_training(), "model": dict(manifest["model"]),
+              "written_since_training": gallery.added_since_training(),
+              "model": dict(manifest["model"], set_model=gallery.set_model),
               "source": manifest.get("source"), "objects_file": manifest.get("objects_file"),
               "created": manifest.get("created"), "mlsctl_version": manifest.get("mlsctl_version"),
               "format_version": manifest["format_version"],

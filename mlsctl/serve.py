@@ -707,7 +707,8 @@ class GalleryService:
         with self.index_lock:
             objects = len(self.gallery)
         return {"status": "ok", "gallery": self.gallery.path.name, "objects": objects,
-                "model": self.model.fingerprint[:12], "index": self.gallery.settings.kind, "read_only": self.read_only}
+                "model": self.model.fingerprint[:12], "set_model": self.model.kind, "index": self.gallery.settings.kind,
+                "read_only": self.read_only}
 
 
 def _new_id_refusal(exc: UserError) -> RequestError:

@@ -37,7 +37,7 @@ for split in train val; do
 done
 
 # The memory: 36 patches of each of the 2,000 training scenes (of 144), drawn as the Hummingbird protocol draws
-# them, rare classes first: a quarter of the search of all 288,000 patches, and within a point of its scores
+# them, rare classes first: a quarter of the search of all 288,000 patches (docs/index.md compares the two)
 MEMORY=72000
 echo "== 3/6 dense k-NN segmentation (Hummingbird protocol; memory: $MEMORY patches of the 2,000 training scenes)"
 for model in backbone random; do

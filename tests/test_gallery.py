@@ -297,6 +297,190 @@ def test_a_gallery_of_a_model_of_another_width_is_refused_in_one_sentence_by_add
         gallery.check_model(retrained)
 
 
+# ---------------------------------------------------------------------------------------- mean-CLS set models
+def mean_cls_model(run: Path, seed: int = 0):
+    """The mean-CLS set model of a tiny random ViT (width 32), said to be ``run``'s, at step 1."""
+    from conftest import tiny_model
+    from mlsctl.gallery import MeanCLSSetModel
+
+    return MeanCLSSetModel(tiny_model(seed), 32, str(run), 1).to("cpu")
+
+
+def object_photos(root: Path, objects: int = 4, per_object: int = 2, noise_seed: int = 0) -> Path:
+    """``objects`` folders ``obj<i>`` of ``per_object`` photos (32 px) of a colour each (the same colours for every
+    ``noise_seed``, other noise), under ``root``."""
+    from PIL import Image
+
+    colours, rng = np.random.default_rng(0).uniform(0, 255, (objects, 3)), np.random.default_rng(noise_seed)
+    for o, colour in enumerate(colours):
+        (root / f"obj{o}").mkdir(parents=True, exist_ok=True)
+        for k in range(per_object):
+            pixels = np.clip(colour + rng.normal(0, 40, (32, 32, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / f"obj{o}" / f"{k}.png")
+    return root
+
+
+def test_a_mean_cls_fold_is_the_running_sum_of_raw_cls_one_photo_at_a_time_or_all_at_once(tmp_path):
+    """The latent of a mean-CLS set is the sum of its photos' CLS rows as the backbone gives them (not normalised:
+    eval retrieval's mean-cls means raw CLS), so `index add` folding photos one at a time equals folding them at once,
+    to the bit; its fingerprint is not its backbone's (nor another backbone's)."""
+    model = mean_cls_model(tmp_path / "run")
+    g = torch.Generator().manual_seed(0)
+    cls = torch.randn(5, 32, generator=g) * torch.tensor([0.5, 1.0, 4.0, 9.0, 2.0])[:, None]  # rows of unlike norms
+    at_once = model.fold(None, cls)
+    one_at_a_time = None
+    for row in cls:
+        one_at_a_time = model.fold(one_at_a_time, row[None])
+    in_two = model.fold(model.fold(None, cls[:2]), cls[2:])
+    assert torch.equal(one_at_a_time, at_once) and torch.equal(in_two, at_once)
+    assert torch.allclose(at_once, cls.sum(0), atol=1e-5)
+    assert not torch.allclose(F.normalize(at_once, dim=0), F.normalize(F.normalize(cls, dim=1).sum(0), dim=0),
+                              atol=1e-3)  # the raw rows, not unit ones
+    assert model.fold(None, cls[:1]).data_ptr() != cls.data_ptr()  # a new latent, not a view of the photo's row
+    assert model.dim == 32 and model.attend == "cls" and model.set_length is None and model.kind == "mean-cls"
+    assert model.fingerprint not in (model.backbone.fingerprint, mean_cls_model(tmp_path / "run", seed=1).fingerprint)
+    assert len(model.fingerprint) == 64
+
+
+def test_a_gallery_of_a_dino_run_searches_as_eval_retrievals_mean_cls_and_grows_by_index_add(finished_run, tmp_path):
+    """A run that is not MILE (the tiny DINO run) gives a gallery of mean-CLS sets: each query set ranks the objects,
+    with the cosines, as eval retrieval's mean-cls scores them (its recalls too), the manifest says the kind, and
+    `index add` folds new photos into an object as folding all its photos at once does."""
+    from mlsctl.evaluate.retrieval import evaluate_retrieval, mean_cls_scores, ranks, recall_at
+    from mlsctl.gallery import MeanCLSSetModel, add_to_gallery, build_gallery, load_set_model, read_manifest
+
+    gallery_photos = object_photos(tmp_path / "gallery", objects=5)
+    query_photos = object_photos(tmp_path / "query", objects=5, noise_seed=1)  # other photos of the same objects
+    model = load_set_model(finished_run[0], device="cpu")
+    assert isinstance(model, MeanCLSSetModel) and model.run == str(finished_run[0]) and model.resolution == 32
+    build_gallery(gallery_photos, model, tmp_path / "g", IndexSettings(), workers=0, progress=False,
+                  say=lambda line: None)
+    assert read_manifest(tmp_path / "g")["model"]["set_model"] == "mean-cls"
+    gallery = Gallery(tmp_path / "g")
+    assert gallery.set_model == "mean-cls"
+    ids = [f"obj{o}" for o in range(5)]
+    paths = [sorted((root / o).iterdir()) for root in (gallery_photos, query_photos) for o in ids]
+    cls, _ = model.path_tokens([p for group in paths for p in group], workers=0, progress=False)
+    gallery_sets, query_sets = [list(range(2 * o, 2 * o + 2)) for o in range(5)], [
+        list(range(10 + 2 * o, 12 + 2 * o)) for o in range(5)]
+    for o, rows in enumerate(gallery_sets):  # the stored latent: the sum of the raw CLS rows, not of unit ones
+        assert torch.allclose(gallery.latent(ids[o]), cls[rows].sum(0), atol=1e-4)
+    scores = mean_cls_scores([cls[r] for r in query_sets], [cls[r] for r in gallery_sets])
+    found = gallery.search_many(torch.stack([model.fold(None, cls[r]) for r in query_sets]), 5)
+    for q, row in enumerate(found):
+        expected = sorted(range(5), key=lambda g: -float(scores[q, g]))
+        assert [o for o, _ in row] == [ids[g] for g in expected]
+        assert [s for _, s in row] == pytest.approx([float(scores[q, g]) for g in expected], abs=1e-5)
+    own_ranks = torch.tensor([[o for o, _ in row].index(ids[q]) + 1 for q, row in enumerate(found)])
+    assert torch.equal(own_ranks, ranks(scores, torch.arange(5)))
+    [result] = evaluate_retrieval(model, gallery_sets, query_sets, cls, None, methods=("mean-cls",))
+    assert result.recalls == recall_at(own_ranks)
+    new_photos = paths[5]  # obj0's query photos, folded into obj0
+    _, created, count = add_to_gallery(tmp_path / "g", "obj0", new_photos, say=lambda line: None)
+    assert not created and count == 4
+    assert torch.allclose(Gallery(tmp_path / "g").latent("obj0"), model.fold(None, cls[[0, 1, 10, 11]]), atol=1e-5)
+
+
+def test_a_gallery_refuses_a_set_model_of_the_other_kind_and_one_without_the_key_is_mile(tmp_path):
+    """A MILE model against a gallery of mean-CLS sets (and the other way round) is refused in one sentence that
+    names both kinds, before the fingerprints are compared; a manifest written before galleries recorded their kind
+    (no model.set_model) is a MILE gallery, and an unknown kind is a damaged manifest."""
+    import json
+
+    from mlsctl.errors import UserError
+    from mlsctl.gallery import build_gallery, describe_gallery
+
+    photos = object_photos(tmp_path / "photos", objects=3)
+    mile, mean = tiny_set_model(32, tmp_path / "run-mile"), mean_cls_model(tmp_path / "run-dino")
+    for model, out in ((mile, "g-mile"), (mean, "g-mean")):
+        build_gallery(photos, model, tmp_path / out, IndexSettings(), workers=0, progress=False, say=lambda line: None)
+        Gallery(tmp_path / out).check_model(model)  # its own model passes
+    words = {"mile": "MILE sets (a MILE run's set encoder folds the photos)",
+             "mean-cls": "mean-CLS sets (the mean of the photos' CLS embeddings)"}
+    for out, built, model, other in (("g-mile", "mile", mean, "mean-cls"), ("g-mean", "mean-cls", mile, "mile")):
+        with pytest.raises(UserError) as refused:
+            Gallery(tmp_path / out).check_model(model)
+        run = tmp_path / ("run-mile" if built == "mile" else "run-dino")
+        assert refused.value.message == (
+            f"gallery {tmp_path / out} holds {words[built]}, from run {run}; the model given ({model.run}) folds "
+            f"{words[other]}: leave --run out to embed with the run the gallery was built with, or rebuild the "
+            f"gallery with this one")
+    assert describe_gallery(tmp_path / "g-mean")["model"]["set_model"] == "mean-cls"
+    manifest_path = tmp_path / "g-mile" / "gallery.json"
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["model"].pop("set_model") == "mile"
+    manifest_path.write_text(json.dumps(manifest))  # as galleries were written before the key
+    old = Gallery(tmp_path / "g-mile")
+    assert old.set_model == "mile" and describe_gallery(tmp_path / "g-mile")["model"]["set_model"] == "mile"
+    old.check_model(mile)
+    with pytest.raises(UserError, match="holds MILE sets .* folds mean-CLS sets"):
+        old.check_model(mean)
+    manifest["model"]["set_model"] = "mean"
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match=r"is damaged \('model.set_model' must be mile or mean-cls\)"):
+        Gallery(tmp_path / "g-mile")
+
+
+def test_index_build_search_info_and_serve_with_a_dino_run_say_its_mean_cls_sets(finished_run, tmp_path, capsys):
+    """The CLI with a run that is not MILE: `index build --run` builds and says the model's kind on its model line,
+    `index info` and the service's /health say it, `search` finds an object by its own photos; `eval retrieval`
+    scores the baselines only (no set encoder), and without any MILE run under ./runs the error offers --run."""
+    import json
+
+    from conftest import cli
+    from mlsctl.serve import GalleryService
+
+    photos = object_photos(tmp_path / "photos", objects=3)
+    code, out, err = cli("index", "build", str(photos), "--run", str(finished_run[0]), "--out", str(tmp_path / "g"),
+                         "--workers", "0", capsys=capsys)
+    assert code == 0 and "built " in out, err
+    assert re.search(r"model: teacher of run .*\(mean-CLS sets: the mean of the photos' CLS embeddings; backbone "
+                     r"[0-9a-f]{12}, set model [0-9a-f]{12}\)", err), err
+    code, out, err = cli("index", "info", str(tmp_path / "g"), capsys=capsys)
+    assert code == 0 and f"model    mean-CLS sets of run {finished_run[0]} at step " in out, out
+    code, out, err = cli("search", "--set", str(photos / "obj1" / "0.png"), str(photos / "obj1" / "1.png"),
+                         "--index", str(tmp_path / "g"), "--json", capsys=capsys)
+    assert code == 0, err
+    results = json.loads(out)["results"]
+    assert results[0]["object"] == "obj1" and results[0]["score"] == pytest.approx(1.0, abs=1e-5)
+    service = GalleryService(tmp_path / "g", read_only=True)
+    try:
+        assert service.health()["set_model"] == "mean-cls"
+    finally:
+        service.close()
+    code, out, err = cli("eval", "retrieval", "--gallery", str(photos), "--query", str(object_photos(
+        tmp_path / "query", objects=3, noise_seed=1)), "--run", str(finished_run[0]), "--query-size", "all",
+        "--noise", "0", "--workers", "0", "--json", "--out", str(tmp_path / "r.json"), capsys=capsys)
+    assert code == 0, err
+    payload = json.loads(out)
+    assert payload["model"]["set_model"] == "mean-cls"
+    assert [(r["method"], r["backbone"]) for r in payload["results"]] == [
+        ("max-pairwise", "trained"), ("mean-cls", "trained"), ("max-pairwise", "start"), ("mean-cls", "start")]
+    code, _, err = cli("index", "build", str(photos), "--out", str(tmp_path / "g2"), cwd=tmp_path, capsys=capsys)
+    assert code == 2 and "no --run given and no MILE run under runs/; give --run RUN (a run of any method: one " \
+                         "that is not MILE folds mean-CLS sets)" in err, err
+
+
+def test_a_feature_folder_of_a_dino_run_builds_the_same_mean_cls_gallery_as_its_photos(finished_run, tmp_path,
+                                                                                        capsys):
+    """`index build FEATS` without --run takes the run that embedded them (`mlsctl embed --run` of the DINO run, fp32 at
+    the run's global crop size), a mean-CLS model, and folds the stored CLS rows into the latents the photos give."""
+    from conftest import cli
+
+    photos = object_photos(tmp_path / "photos", objects=3)
+    code, _, err = cli("embed", str(photos), "--run", str(finished_run[0]), "--dtype", "fp32", "--resolution", "32",
+                       "--out", str(tmp_path / "feats"), capsys=capsys)
+    assert code == 0, err
+    code, _, err = cli("index", "build", str(tmp_path / "feats"), "--out", str(tmp_path / "from-feats"), capsys=capsys)
+    assert code == 0 and "mean-CLS sets" in err, err
+    code, _, err = cli("index", "build", str(photos), "--run", str(finished_run[0]), "--out",
+                       str(tmp_path / "from-photos"), "--workers", "0", capsys=capsys)
+    assert code == 0, err
+    from_feats, from_photos = Gallery(tmp_path / "from-feats"), Gallery(tmp_path / "from-photos")
+    assert from_feats.set_model == "mean-cls" and from_feats.fingerprint == from_photos.fingerprint
+    for object_id in ("obj0", "obj1", "obj2"):
+        assert torch.allclose(from_feats.latent(object_id), from_photos.latent(object_id), atol=1e-4)
+
 def test_a_gallery_records_the_objects_file_it_was_built_from(tmp_path, monkeypatch):
     """A review (2026-12-07): the gallery's manifest recorded its source but not `index build --objects`, which
     decides its objects (eval retrieval's results record theirs): ``objects_file``, absolute, or null."""

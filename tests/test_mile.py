@@ -753,7 +753,8 @@ def test_gallery_probe_of_2026_12_06(mile_run, tmp_path, capsys):
     from mlsctl.errors import UserError
 
     stored = Gallery(gallery)
-    elsewhere = SimpleNamespace(dim=stored.dim, fingerprint="0" * 64, run=str(tmp_path / "elsewhere"), step=1)
+    elsewhere = SimpleNamespace(dim=stored.dim, fingerprint="0" * 64, run=str(tmp_path / "elsewhere"), step=1,
+                                kind="mile")
     with pytest.raises(UserError, match="leave --run out to embed with the run the gallery was built with"):
         stored.check_model(elsewhere)
     # the gallery index given to eval retrieval, which takes photos, was "contains no images"

@@ -215,7 +215,7 @@ def icon_claiming_16x16(png: bytes) -> bytes:
 def test_health_search_add_and_get(server):
     base, gallery, mile_run, token = server.base, server.gallery, server.mile_run, server.token
     status, health = call(base, "GET", "/health")
-    assert status == 200 and health["objects"] == 6 and health["status"] == "ok"
+    assert status == 200 and health["objects"] == 6 and health["status"] == "ok" and health["set_model"] == "mile"
     with urllib.request.urlopen(urllib.request.Request(base + "/health", method="HEAD"), timeout=60) as head:
         assert head.status == 200 and head.read() == b""  # what uptime checks send (was 405)
     status, found = call(base, "POST", "/search?k=3", files=[photo(mile_run, "obj3", 0), photo(mile_run, "obj3", 1)])

@@ -464,7 +464,7 @@ def retrieval(
     query: Path = typer.Option(Path("data/fmnist-products/query"), "--query", help="Query photos of the same objects, one folder per object."),
     gallery_objects: Optional[Path] = typer.Option(None, "--gallery-objects", help="CSV/JSONL of object_id,path (paths relative to --gallery) naming the objects instead of its folders, as MILE's method.objects_file."),
     query_objects: Optional[Path] = typer.Option(None, "--query-objects", help="CSV/JSONL of object_id,path (paths relative to --query) naming the objects instead of its folders."),
-    run: Optional[Path] = typer.Option(None, "--run", help="MILE run [default: the newest run under ./runs]."),
+    run: Optional[Path] = typer.Option(None, "--run", help="Run whose teacher embeds the photos: a MILE run scores its set encoder and the baselines, a run of any other method the baselines (max-pairwise, mean-cls) [default: the newest MILE run under ./runs]."),
     query_size: str = typer.Option("4", "--query-size", help="Photos per query set, drawn at random (seeded) as the authors do, or 'all'."),
     noise: Optional[list[str]] = typer.Option(None, "--noise", help="Fractions of each query set replaced with random photos [default: 0 0.25 0.5]."),
     seed: int = typer.Option(0, "--seed", help="Seed of the query-photo draw and of the noise."),
@@ -473,6 +473,8 @@ def retrieval(
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON instead of a table."),
 ) -> None:
     """Image-set retrieval: R@1..R@10 and AR@10 of MILE set embeddings against single-image baselines.
+
+    A run that is not MILE scores the baselines only: max-pairwise and mean-cls (what its galleries search with).
 
     Example: mlsctl eval retrieval --gallery data/fmnist-products/gallery --query data/fmnist-products/query --run runs/mile_fmnist_quick --noise 0 0.25 0.5
     """

@@ -13,8 +13,8 @@ from mlsctl.errors import UserError
 from mlsctl.cli._options import one_of
 
 app = typer.Typer(rich_markup_mode=None,
-                  help="Build, grow and prune galleries of objects for image-set search (MILE set embeddings in "
-                       "faiss).",
+                  help="Build, grow and prune galleries of objects for image-set search (set embeddings in faiss: "
+                       "MILE's, or the mean of the photos' CLS).",
                   no_args_is_help=True)
 
 
@@ -26,7 +26,7 @@ StorageDtype = Literal["fp32", "fp16"]  # gallery.STORAGE_DTYPES
 def build(
     source: Path = typer.Argument(..., help="Images in one folder per object (ROOT/<object_id>/*), or their feature folder from mlsctl embed."),
     objects: Optional[Path] = typer.Option(None, "--objects", help="CSV/JSONL of object_id,path (paths relative to SOURCE) naming the objects instead of SOURCE's folders, as MILE's method.objects_file."),
-    run: Optional[Path] = typer.Option(None, "--run", help="MILE run whose teacher embeds the objects [default: the run that embedded a feature folder given, else the newest MILE run under ./runs]."),
+    run: Optional[Path] = typer.Option(None, "--run", help="Run whose teacher embeds the objects: a MILE run folds sets with its set encoder, a run of any other method takes the mean of the photos' CLS embeddings [default: the run that embedded a feature folder given, else the newest MILE run under ./runs]."),
     out: Path = typer.Option(Path("gallery"), "--out", "-o", help="Gallery folder to write."),
     index: GalleryIndex = typer.Option("flat", "--index", parser=one_of("--index", GalleryIndex), help="flat (exact) or ivfpq (compressed, for large galleries)."),
     nlist: Optional[int] = typer.Option(None, "--nlist", min=1, max=2**31 - 1, help="IVF-PQ lists [default: sqrt(objects), at most objects / 39]."),
@@ -40,8 +40,10 @@ def build(
     drop_added: bool = typer.Option(False, "--drop-added", help="With --overwrite: rebuild even though the gallery holds objects or photos added since its build (index add, serve) that the source lacks; they are dropped."),
     as_json: bool = typer.Option(False, "--json", help="Print the gallery record as JSON."),
 ) -> None:
-    """One MILE set embedding per object, indexed with faiss.
+    """One set embedding per object, indexed with faiss: MILE's with a MILE run, else the mean of the CLS.
 
+    A MILE run's set encoder folds each object's photos; a run of any other method (DINO, CrIBo, SOVE, MLS or MoCo, MS)
+    sums its teacher's CLS embeddings of them, whose cosine is that of their mean (eval retrieval's mean-cls).
     Example: mlsctl index build data/fmnist-products/gallery --run runs/mile_fmnist_quick --out galleries/products
     """
     from mlsctl.data.kinds import folder_kind
@@ -84,6 +86,7 @@ def build(
           + (f" (nlist {settings.nlist}, m {settings.m}, {pq_bits} bits, {probes})" if index == "ivfpq" else ""))
 
 
+SET_MODEL_NAMES = {"mile": "MILE sets", "mean-cls": "mean-CLS sets"}  # what index info calls each kind
 RETRAIN_SHARE = 0.2  # objects written since the IVF quantiser was trained, above which `index add` says so
 
 
@@ -144,8 +147,9 @@ def info(
     lines = [("objects", f"{record['objects']:,} ({record['photos']:,} photos folded)"),
              ("rows", f"{record['rows']:,}" + (f" ({superseded:,} superseded: mlsctl index retrain {gallery} drops "
                                                 f"them)" if superseded else "")),
-             ("model", f"MILE run {model['run']} at step {model['step']} (fingerprint {model['fingerprint'][:12]}, "
-                       f"{model.get('arch')}, attends to {model.get('attend')})"),
+             ("model", f"{SET_MODEL_NAMES[model['set_model']]} of run {model['run']} at step {model['step']} "
+                       f"(fingerprint {model['fingerprint'][:12]}, {model.get('arch')}, attends to "
+                       f"{model.get('attend')})"),
              ("latents", f"width {record['dim']}, {record['storage_dtype']}"),
              ("index", f"{index['kind']}{settings}"),
              ("built", f"{record['created']} from {record['source']}"
@@ -259,7 +263,9 @@ def search(
     workers: Optional[int] = typer.Option(None, "--workers", "-w", min=0, help="Image-decoding worker processes for --sets [default: as mlsctl embed's]."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
-    """Find the objects of a gallery that a set of photos shows, ranked by cosine of MILE set embeddings.
+    """Find the objects of a gallery that a set of photos shows, ranked by cosine of set embeddings.
+
+    The set embedding is the gallery's kind: MILE's (a MILE run's set encoder) or the mean of the photos' CLS.
 
     Example: mlsctl search --set a.png b.png --index galleries/products -k 10
 

@@ -11,7 +11,10 @@ Scores (``backbone`` says which backbone embedded the photos: the MILE-trained t
 * ``mile``: cosine between the MILE set embeddings (the set encoder folds the images in order);
 * ``max-pairwise``: the single-image baseline, max over the |Q|×|G| pairwise cosines of per-image
   CLS (its cost grows with |Q|·|G|);
-* ``mean-cls``: cosine between the means of the per-image CLS.
+* ``mean-cls``: cosine between the means of the per-image CLS (what a gallery of a run that is not MILE
+  searches with: :class:`mlsctl.gallery.MeanCLSSetModel`).
+
+A run of any method can be evaluated: one that is not MILE scores the two baselines only (it has no set encoder).
 
 The noise test replaces a fraction of every query set's photos with random photos of other
 objects (seeded), as the paper's robustness study does.
@@ -95,6 +98,14 @@ def max_pairwise_scores(query_sets: list[torch.Tensor], gallery_sets: list[torch
 
 def cosine_scores(queries: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
     return F.normalize(queries.float(), dim=1) @ F.normalize(gallery.float(), dim=1).T
+
+
+def mean_cls_scores(query_sets: list[torch.Tensor], gallery_sets: list[torch.Tensor]) -> torch.Tensor:
+    """[Q, G]: ``mean-cls``, the cosine between the means of a query set's and a gallery set's raw CLS rows (not
+    normalised before the mean); a gallery of a run that is not MILE scores the same
+    (:class:`mlsctl.gallery.MeanCLSSetModel`)."""
+    return cosine_scores(torch.stack([c.float().mean(0) for c in query_sets]),
+                         torch.stack([c.float().mean(0) for c in gallery_sets]))
 
 
 @dataclass
@@ -198,7 +209,6 @@ def evaluate_retrieval(model, gallery_sets: list[list[int]], query_sets: list[li
     targets = torch.arange(len(query_sets))
     gallery_latents = torch.stack([fold(r) for r in gallery_sets]) if "mile" in methods else None
     gallery_cls = [cls[r] for r in gallery_sets]
-    gallery_mean = torch.stack([c.float().mean(0) for c in gallery_cls])
     results = []
     for fraction in noise:
         sets = noisy_sets(query_sets, fraction, query_sets, seed)
@@ -209,7 +219,7 @@ def evaluate_retrieval(model, gallery_sets: list[list[int]], query_sets: list[li
             elif method == "max-pairwise":
                 scores = max_pairwise_scores([cls[r] for r in sets], gallery_cls)
             elif method == "mean-cls":
-                scores = cosine_scores(torch.stack([cls[r].float().mean(0) for r in sets]), gallery_mean)
+                scores = mean_cls_scores([cls[r] for r in sets], gallery_cls)
             else:
                 raise ValueError(f"unknown retrieval method {method!r}")
             results.append(RetrievalResult(method, fraction, recall_at(ranks(scores, targets)), len(sets),
@@ -351,14 +361,21 @@ def paired_photos(gallery, query, gallery_objects=None, query_objects=None) -> P
     return PairedPhotos(objects, paths, gallery_rows, query_rows, len(gallery_groups), len(query_groups))
 
 
+def trained_methods(model) -> tuple[str, ...]:
+    """The methods ``eval retrieval`` scores with a run's trained teacher: all of :data:`METHODS` for a MILE run's
+    set model, the single-image baselines (``max-pairwise``, ``mean-cls``) for a run of another method, which has no
+    set encoder (its :class:`~mlsctl.gallery.MeanCLSSetModel` folds what ``mean-cls`` scores)."""
+    return METHODS if model.kind == "mile" else ("max-pairwise", "mean-cls")
+
+
 def evaluate_set_model(model, photos: PairedPhotos, gallery, query, *, query_size: Optional[int],
                        noise: Sequence[float], seed: int, workers: Optional[int] = None, say=to_stderr,
                        gallery_objects=None, query_objects=None) -> dict:
-    """``mlsctl eval retrieval``: the set model of a MILE run (:class:`~mlsctl.gallery.SetModel`) on the objects
+    """``mlsctl eval retrieval``: the set model of a run (:func:`mlsctl.gallery.load_set_model`) on the objects
     ``gallery`` and ``query`` share, ``photos`` (:func:`paired_photos` of their folders, or of those
-    ``gallery_objects`` and ``query_objects`` list, paired before the model loads) — MILE and the single-image
-    baselines with its trained teacher, the baselines again with the backbone the run started from (as the authors
-    compute theirs) — as the result JSON's fields."""
+    ``gallery_objects`` and ``query_objects`` list, paired before the model loads) — :func:`trained_methods` with
+    its trained teacher (MILE's sets only for a MILE run), the baselines again with the backbone the run started
+    from (as the authors compute theirs) — as the result JSON's fields."""
     import dataclasses
     import time
 
@@ -396,14 +413,16 @@ def evaluate_set_model(model, photos: PairedPhotos, gallery, query, *, query_siz
         start_cls.append(start.pixel_tokens(pixels)[0])
     cls, start_cls = torch.cat(cls), torch.cat(start_cls)
     tokens = torch.cat(tokens) if model.attend == "patches" else None
-    results = evaluate_retrieval(model, gallery_rows, query_rows, cls, tokens, noise=noise, seed=seed)
+    results = evaluate_retrieval(model, gallery_rows, query_rows, cls, tokens, noise=noise, seed=seed,
+                                 methods=trained_methods(model))
     results += evaluate_retrieval(start, gallery_rows, query_rows, start_cls, None, noise=noise, seed=seed,
                                   methods=("max-pairwise", "mean-cls"), backbone="start")
     listed = {**({"gallery_objects": str(gallery_objects)} if gallery_objects is not None else {}),
               **({"query_objects": str(query_objects)} if query_objects is not None else {})}
     return {"gallery": str(gallery), "query": str(query), **listed, "run": model.run, "step": model.step,
             "fingerprint": model.fingerprint,
-            "model": {**model.backbone.info, "step": model.step, "set_fingerprint": model.fingerprint},
+            "model": {**model.backbone.info, "step": model.step, "set_fingerprint": model.fingerprint,
+                      "set_model": model.kind},
             "start": start.backbone.description, "query_size": query_size if query_size is not None else "all",
             "query_set_sizes": {"min": sizes[0], "max": sizes[-1], "mean": sum(sizes) / len(sizes)},
             "seed": seed, "objects": len(photos.objects), "photos": len(photos.paths), "photos_embedded": len(used),

@@ -4,7 +4,9 @@ into a set's latent one at a time (docs/methods.md#mile).
 :class:`MILESetModel` is the model alone: its width, its fingerprint and :meth:`~MILESetModel.fold`.
 How photos become its inputs (the preprocessing a gallery records) is
 :class:`mlsctl.gallery.SetModel`, which adds it on top and is what ``mlsctl.gallery.load_set_model``
-returns: it needs the feature preprocessing and reads runs back, both above the ``methods`` layer.
+returns for a MILE run: it needs the feature preprocessing and reads runs back, both above the ``methods`` layer.
+(A run of any other method gets :class:`mlsctl.gallery.MeanCLSSetModel`, the mean of its photos' CLS, which
+belongs to no method.)
 """
 
 from __future__ import annotations
