@@ -376,7 +376,7 @@ def test_a_gallery_of_a_dino_run_searches_as_eval_retrievals_mean_cls_and_grows_
     [result] = evaluate_retrieval(model, gallery_sets, query_sets, cls, None, methods=("mean-cls",))
     assert result.recalls == recall_at(own_ranks)
     new_photos = paths[5]  # obj0's query photos, folded into obj0
-    _, created, count = add_to_gallery(tmp_path / "g", "obj0", new_photos, say=lambda line: None)
+    _, created, count, _ = add_to_gallery(tmp_path / "g", "obj0", new_photos, say=lambda line: None)
     assert not created and count == 4
     assert torch.allclose(Gallery(tmp_path / "g").latent("obj0"), model.fold(None, cls[[0, 1, 10, 11]]), atol=1e-5)
 
@@ -848,7 +848,7 @@ def test_search_sets_gives_the_embedded_sets_once_before_a_ctrl_c(monkeypatch):
         return [[(f"obj{int(latent[0])}", 1.0)] for latent in latents]
 
     gallery = SimpleNamespace(search_many=search_many)
-    model = SimpleNamespace(fold=lambda state, cls, tokens: cls[0])
+    model = SimpleNamespace(fold=lambda state, cls, tokens: cls[0], set_length=None)
     queries = [(n + 1, f"q{n}", [f"{n}.png"]) for n in range(6)]
     given = []
     with pytest.raises(KeyboardInterrupt):
