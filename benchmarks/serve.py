@@ -81,7 +81,8 @@ def main() -> None:
     try:
         manifest = {"kind": "mlsctl-gallery", "source": "synthetic",
                     "model": {"run": str(Path(args.run).resolve()), "step": model.step, "fingerprint": model.fingerprint,
-                              "attend": model.attend, "dim": model.dim, "resolution": model.resolution},
+                              "attend": model.attend, "dim": model.dim, "resolution": model.resolution,
+                              "set_model": model.kind},
                     "preprocessing": model.preprocessing()}
         latents = clustered(args.objects, torch.Generator().manual_seed(0), dim=model.dim)
         write_gallery(work / "g", [f"obj{i:07d}" for i in range(args.objects)], latents * 5, [4] * args.objects,

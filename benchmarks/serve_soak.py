@@ -142,7 +142,8 @@ def synthetic_gallery(run: Path, folder: Path, objects: int) -> Path:
     model = load_set_model(run, device="cpu")  # its metadata only: the server it measures holds the GPU
     manifest = {"kind": "mlsctl-gallery", "source": "synthetic",
                 "model": {"run": str(Path(run).resolve()), "step": model.step, "fingerprint": model.fingerprint,
-                          "attend": model.attend, "dim": model.dim, "resolution": model.resolution},
+                          "attend": model.attend, "dim": model.dim, "resolution": model.resolution,
+                          "set_model": model.kind},
                 "preprocessing": model.preprocessing()}
     latents = clustered(objects, torch.Generator().manual_seed(0), dim=model.dim)
     settings = IndexSettings("ivfpq", nprobe=64) if objects >= 10_000 else IndexSettings()

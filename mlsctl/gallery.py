@@ -231,7 +231,8 @@ def _mean_cls_set_model(run, recipe) -> MeanCLSSetModel:
 
     if not methods.method_class(recipe.method.name).has_backbone:
         raise UserError(f"run {run.root} trained {recipe.method.name}, which trains no backbone (it refines features); "
-                        f"galleries embed photos with a run that trains one: give a run of mlsctl pretrain")
+                        f"set embeddings (galleries, search, eval retrieval) need a run that trains one: give a run "
+                        f"of mlsctl pretrain")
     backbone = from_run(run.root)
     checkpoint = run.latest()
     step = backbone.info.get("step", checkpoint.step if checkpoint is not None else run.summary().get("steps"))
@@ -916,7 +917,8 @@ def check_index_fits(settings: IndexSettings, n: int, dim: Optional[int] = None,
     fit = f"{' and '.join(fixes)}, or --index flat" if fixes else "--index flat"
     if retrain:
         raise UserError(f"{head}; a retrain keeps the build's index settings: add objects until it holds {need:,} "
-                        f"(mlsctl index add), or build it again with {fit} (mlsctl index build --overwrite)")
+                        f"(mlsctl index add), or build it again with {fit} (mlsctl index build --overwrite); to purge "
+                        f"removed objects' latents, mlsctl index remove GALLERY --purge keeps the trained index")
     if n < 39:  # one list needs 39: no setting fits
         raise UserError(f"{head}; IVF-PQ needs at least 39 objects whatever its settings, so use --index flat (exact, "
                         f"and fast at this size)")
@@ -1311,6 +1313,7 @@ class Gallery:
             raise ValueError(f"the set latents to add ({', '.join(ids[:3])}) hold NaN or inf (photos the model could "
                              f"not embed?); nothing was added")
         latents = latents.detach().float().numpy()
+        _check_storable(latents, self.dtype, ids, self.path)
         unit = _normalized(latents).astype(self.dtype)
         counts = np.asarray(counts, dtype=np.int64)
         before = (self.rows, self.ids_bytes, self.manifest, getattr(self, "_unsaved", 0), self.removed_rows,
@@ -1433,6 +1436,10 @@ class Gallery:
         if missing and not missing_ok:
             others = len(missing) - 1
             more = f" (nor {'is' if others == 1 else 'are'} {others} more of the ids given)" if others else ""
+            if self.removed_rows and missing[0] in set(self.row_ids):  # its last row is a tombstone
+                raise UserError(f"{where} '{printable(missing[0])}' was removed from gallery {self.path} already"
+                                f"{more}; nothing was removed now (its latent leaves the files with mlsctl index "
+                                f"remove {self.path} --purge, or index retrain)")
             raise UserError(f"{where} '{printable(missing[0])}' is not in gallery {self.path}{more}; nothing was "
                             f"removed: check the id with mlsctl index info {self.path} --objects, or give "
                             f"--missing-ok to pass over ids that are not there")
@@ -1465,6 +1472,18 @@ class Gallery:
         trained = int(self.manifest.get("trained_rows", self.rows))
         return sum(1 for r in self.row_of.values() if r >= trained) / len(self.row_of)
 
+    def check_live_latents(self, live: Optional[np.ndarray] = None) -> np.ndarray:
+        """The latents of the ``live`` rows (default: all) as float32; a damage sentence where one is NaN or inf:
+        copied, it would answer every search with NaN scores (a probe, 2026-12-07)."""
+        live = self.live_rows() if live is None else live
+        latents = np.asarray(self.latents[live], dtype=np.float32)
+        bad = [self.row_ids[live[i]] for i in np.flatnonzero(~np.isfinite(latents).all(axis=1))] if latents.size else []
+        if bad:
+            named = ", ".join(f"'{printable(i)}'" for i in bad[:5]) + (f" and {len(bad) - 5:,} more" if len(bad) > 5 else "")
+            raise DamagedGallery(f"gallery {self.path} is damaged: the stored latents of {counted(len(bad), 'object')} "
+                                 f"({named}) hold NaN or inf, and retrain would copy them; {REBUILD}")
+        return latents
+
     def retrain_settings(self) -> IndexSettings:
         """The index settings :meth:`retrain` trains with: those asked for at the build (lists and
         sub-quantisers not given are derived from the size again)."""
@@ -1472,22 +1491,21 @@ class Gallery:
         asked = (self.manifest.get("index_asked") or {}) if self.settings.kind != "flat" else {}
         return IndexSettings(**{**self.settings.to_dict(), "nlist": asked.get("nlist"), "m": asked.get("m")})
 
-    def retrain(self) -> dict:
+    def retrain(self, keep_quantiser: bool = False) -> dict:
         """Compact the gallery to its live rows (superseded rows, tombstones and removed objects' rows are
-        dropped: this purges removed latents from the files) and re-train the IVF-PQ quantiser on them; written
-        as a new version folder and swapped in by one atomic replace of the manifest (:func:`write_gallery`).
-        The caller holds the gallery's lock (:func:`retrain_gallery` takes it)."""
+        dropped: this purges removed latents from the files) and re-train the IVF-PQ quantiser on them, or with
+        ``keep_quantiser`` keep the trained one (``index remove --purge``: no k-means, and no refusal of a gallery
+        too small to train); written as a new version folder and swapped in by one atomic replace of the
+        manifest (:func:`write_gallery`). The caller holds the gallery's lock (:func:`retrain_gallery`)."""
         live = self.live_rows()
         ids = [self.row_ids[r] for r in live]
-        latents = np.asarray(self.latents[live], dtype=np.float32)
+        latents = self.check_live_latents(live)
         counts = np.asarray(self.counts[live], dtype=np.int64)
-        bad = [ids[i] for i in np.flatnonzero(~np.isfinite(latents).all(axis=1))] if latents.size else []
-        if bad:  # copied, they would answer every search with NaN scores (a probe, 2026-12-07)
-            named = ", ".join(f"'{printable(i)}'" for i in bad[:5]) + (f" and {len(bad) - 5:,} more" if len(bad) > 5 else "")
-            raise DamagedGallery(f"gallery {self.path} is damaged: the stored latents of {counted(len(bad), 'object')} "
-                                 f"({named}) hold NaN or inf, and retrain would copy them; {REBUILD}")
-        write_gallery(self.path, ids, torch.from_numpy(latents), counts, self.retrain_settings(), self.manifest,
-                      self.manifest["storage_dtype"])
+        kept = keep_quantiser and self.settings.kind != "flat"
+        trained_rows = int((live < int(self.manifest.get("trained_rows", self.rows))).sum()) if kept else None
+        write_gallery(self.path, ids, torch.from_numpy(latents), counts,
+                      self.settings if kept else self.retrain_settings(), self.manifest,
+                      self.manifest["storage_dtype"], trained=self.index if kept else None, trained_rows=trained_rows)
         reopened = Gallery(self.path)
         self.__dict__.update(reopened.__dict__)
         return self.manifest
@@ -1564,7 +1582,7 @@ def read_manifest(path: Path) -> dict:
     problem = None
     if not (isinstance(model, dict) and isinstance(model.get("fingerprint"), str) and isinstance(model.get("run"), str)):
         problem = "'model' must hold the run and fingerprint"
-    elif model.get("set_model", "mile") not in SET_MODEL_KINDS:
+    elif not isinstance(model.get("set_model", "mile"), str) or model.get("set_model", "mile") not in SET_MODEL_KINDS:
         problem = f"'model.set_model' must be {' or '.join(SET_MODEL_KINDS)}"
     elif not (isinstance(index, dict) and set(index) <= known and index.get("kind") in ("flat", "ivfpq")
               and all(v is None or (isinstance(v, int) and not isinstance(v, bool) and 1 <= v < 2**31)
@@ -1586,18 +1604,40 @@ def read_manifest(path: Path) -> dict:
     return manifest
 
 
+def _check_storable(latents: np.ndarray, dtype, ids: Sequence[str], path: Path) -> None:
+    """Refuse latents that the storage dtype cannot hold (fp16 ends at 65,504): a mean-CLS latent is a sum that
+    grows with its photos, and an inf row would make the object's next add and every retrain refuse the gallery (a
+    review, 2026-12-07: about 15,600 photos of one object with the project's backbone)."""
+    if dtype == np.float32 or not len(latents):
+        return
+    too_large = np.flatnonzero(np.abs(latents).max(axis=1) > np.finfo(dtype).max)
+    if len(too_large):
+        named = ", ".join(f"'{printable(ids[i])}'" for i in too_large[:3])
+        raise UserError(f"the latents of {counted(len(too_large), 'object')} ({named}) exceed what gallery {path}'s "
+                        f"{np.dtype(dtype).name} rows hold; nothing was written: build the gallery with --dtype fp32")
+
+
 def write_gallery(path: Path, ids: list[str], latents: torch.Tensor, counts, settings: IndexSettings,
-                  manifest: dict, storage_dtype: str = "fp32") -> dict:
+                  manifest: dict, storage_dtype: str = "fp32", trained=None,
+                  trained_rows: Optional[int] = None) -> dict:
     """Write a whole gallery (build, retrain) and swap it in at once: the row files and index go into
     a new version folder (written as ``.vN.tmp``, flushed, renamed ``vN``), then one atomic replace
     of ``gallery.json`` — which names the folder — commits it, and only then is the previous
     version removed. A reader, or a writer killed at any moment, sees the old gallery or the new one
-    (leftovers of a kill are removed by the next writer: :func:`recover_gallery`)."""
+    (leftovers of a kill are removed by the next writer: :func:`recover_gallery`). ``trained``: an IVF-PQ
+    index whose quantiser to keep (emptied and filled with these rows; no k-means: ``index remove --purge``),
+    ``trained_rows`` the first rows it was trained on."""
     dtype = STORAGE_DTYPES[storage_dtype]
     raw = latents.detach().float().numpy()
+    _check_storable(raw, dtype, ids, path)
     unit = _normalized(raw)
     asked = {"nlist": settings.nlist, "m": settings.m}  # None: derived from the size, again at each retrain
-    index = build_index(unit.astype(dtype).astype(np.float32), settings) if len(ids) else None
+    if trained is not None and settings.kind != "flat":
+        index = threads.faiss().clone_index(trained)
+        index.reset()
+        index.add_with_ids(unit.astype(dtype).astype(np.float32), np.arange(len(ids), dtype=np.int64))
+    else:
+        index = build_index(unit.astype(dtype).astype(np.float32), settings) if len(ids) else None
     path.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(path)
     version = _next_version(path)
@@ -1621,7 +1661,8 @@ def write_gallery(path: Path, ids: list[str], latents: torch.Tensor, counts, set
         raise
     atomic.fsync_dir(path)
     manifest = dict(manifest, format_version=PLAIN_FORMAT_VERSION, index=settings.to_dict(), index_asked=asked,
-                    rows=len(ids), objects=len(ids), indexed_rows=len(ids), trained_rows=len(ids),
+                    rows=len(ids), objects=len(ids), indexed_rows=len(ids),
+                    trained_rows=len(ids) if trained_rows is None else trained_rows,
                     dim=int(raw.shape[1]), storage_dtype=storage_dtype, data=version, index_file=name,
                     updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
     atomic.write_json(path / MANIFEST, manifest)  # the swap
@@ -1969,8 +2010,8 @@ def long_set_note(model: SetModel, object_id: str, photos: int) -> Optional[str]
     one of 32 (8 photos given 4 times) 76th for two of its own photos, where one of 4 ranked first."""
     if not _much_longer_than_training(model, photos):
         return None
-    return (f"note: object '{printable(object_id)}' now folds {photos} photos, {_TRAINED_SETS.format(model=model)}, and "
-            f"an object of many photos (or of one photo given again) may rank lower for its own photos")
+    return (f"note: object '{printable(object_id)}' now folds {photos} photos, {_TRAINED_SETS.format(model=model)}, "
+            f"and an object of many photos (or of one photo given again) may rank lower for its own photos")
 
 
 _TRAINED_SETS = ("more than twice the {model.set_length} a set held when run {model.run} trained (method.set_length): "
@@ -1995,11 +2036,12 @@ def long_query_note(model: SetModel, photos: int) -> Optional[str]:
 def remove_from_gallery(path: str | os.PathLike, ids: Sequence[str], *, missing_ok: bool = False,
                         purge: bool = False) -> tuple["Gallery", list[str], list[str]]:
     """``mlsctl index remove``: :meth:`Gallery.remove` of ``ids`` under the gallery's lock, all or none;
-    with ``purge``, then :meth:`Gallery.retrain` under the same lock, so that the removed latents leave the
-    files at once (refused before anything is removed where the IVF-PQ index could not be trained on the
-    objects left). Returns (the gallery as written, removed ids, ids not in the gallery)."""
+    with ``purge``, then the gallery compacted to its live rows under the same lock (:meth:`Gallery.retrain`
+    keeping the IVF-PQ quantiser: no k-means, and never refused for too few objects), so that the removed
+    latents leave the files at once; ``purge`` without ``ids`` purges earlier removals. Returns (the gallery
+    as written, removed ids, ids not in the gallery)."""
     path = Path(path)
-    if not ids:
+    if not ids and not purge:
         raise UserError("give the ids of the objects to remove")
     for object_id in ids:  # the ids, then the gallery, before the folder is locked
         check_object_id(object_id, "object id")
@@ -2007,33 +2049,28 @@ def remove_from_gallery(path: str | os.PathLike, ids: Sequence[str], *, missing_
     with FolderLock(path, "gallery"):
         target = Gallery(path, recover=True)
         if purge:
-            wanted = list(dict.fromkeys(ids))
-            _check_purge_fits(target, len(target) - len(wanted) + len(target.absent_ids(wanted, True)))
-        removed, missing = target.remove(ids, missing_ok)
+            target.check_live_latents()  # a damaged gallery cannot be purged: said before anything is removed
+        removed, missing = target.remove(ids, missing_ok) if ids else ([], [])
         if purge:
-            target.retrain()
+            try:
+                target.retrain(keep_quantiser=True)
+            except (UserError, OSError) as exc:
+                done = f"{counted(len(removed), 'object')} removed, " if removed else ""
+                raise UserError(f"{done}but the purge failed ({first_line(exc, 200)}): run mlsctl index remove "
+                                f"{path} --purge again to purge the removed latents") from None
             _say_unpurged_versions(target)
     return target, removed, missing
 
 
 def _say_unpurged_versions(gallery: "Gallery") -> None:
-    """A warning naming each version folder but the current one still in the gallery after a purge (the swap's
-    clean-up could not delete it): it holds the removed latents, which a takedown must not leave unsaid."""
+    """A warning naming each version folder but the current one still in the gallery after a purge or a retrain
+    (the swap's clean-up could not delete it): it holds the removed latents, which a takedown must not leave
+    unsaid."""
     left = sorted(p.name for p in gallery.path.iterdir() if _VERSION_NAME.fullmatch(p.name) and p != gallery.data)
     if left:
         log.warning(f"{', '.join(left)} in {gallery.path} could not be deleted and still "
                     f"{'holds' if len(left) == 1 else 'hold'} the removed latents; delete "
                     f"{'it' if len(left) == 1 else 'them'} (the gallery reads only {gallery.data.name})")
-
-
-def _check_purge_fits(gallery: "Gallery", left: int) -> None:
-    """Refuse ``--purge`` where the retrain it runs could not train the IVF-PQ index on the ``left`` objects."""
-    try:
-        check_index_fits(gallery.retrain_settings(), left, gallery.dim, retrain=True)
-    except UserError as exc:
-        raise UserError(f"--purge retrains the IVF-PQ index, which cannot be trained on the {left:,} objects left "
-                        f"({first_line(exc, 200)}); remove without --purge (the removed latents stay in the files "
-                        f"until a retrain), or rebuild the gallery with --index flat (nothing was removed)") from None
 
 
 def retrain_gallery(path: str | os.PathLike) -> tuple[int, dict]:
@@ -2045,7 +2082,9 @@ def retrain_gallery(path: str | os.PathLike) -> tuple[int, dict]:
         target = Gallery(path, recover=True, with_index=False, with_unit=False)
         check_index_fits(target.retrain_settings(), len(target), target.dim, retrain=True)
         before = target.rows
-        return before, target.retrain()
+        manifest = target.retrain()
+        _say_unpurged_versions(target)  # the documented purge: an old version left holds what was removed
+        return before, manifest
 
 
 def newest_gallery(root: str | os.PathLike = ".", max_depth: int = 4) -> Optional[Path]:

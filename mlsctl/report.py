@@ -730,7 +730,8 @@ def _evaluation(result: dict, source: Path, label: str) -> str:
         from mlsctl.evaluate.linear_seg import one_class_note
 
         note = one_class_note(result)
-        rows = [["scores", _pct(result.get("miou")), _pct(result.get("foreground_iou")), _pct(result.get("pixel_accuracy"))]]
+        rows = [["scores", _pct(result.get("miou")), _pct(result.get("foreground_iou")),
+                 _pct(result.get("pixel_accuracy"))]]
         chance = result.get("chance")  # recorded since 2026-12-07
         if isinstance(chance, dict):
             rows.append([f"chance: every pixel {chance.get('majority_class')}", _pct(chance.get("miou")),

@@ -42,8 +42,10 @@ MEMORY=72000
 echo "== 3/6 dense k-NN segmentation (Hummingbird protocol; memory: $MEMORY patches of the 2,000 training scenes)"
 for model in backbone random; do
   result="results/demo-knn-seg-$model.json"
-  if [ -f "$result" ] && [ "$result" -nt "$FEATS/$model-train/manifest.json" ] && [ "$result" -nt "$FEATS/$model-val/manifest.json" ] \
-     && python -c "import json, sys; sys.exit(json.load(open('$result'))['settings'].get('memory_size') != $MEMORY)" 2> /dev/null; then
+  if [ -f "$result" ] && [ "$result" -nt "$FEATS/$model-train/manifest.json" ] \
+     && [ "$result" -nt "$FEATS/$model-val/manifest.json" ] \
+     && python -c "import json, sys; sys.exit(json.load(open('$result'))['settings'].get('memory_size') != $MEMORY)" \
+        2> /dev/null; then
     echo "$model: reusing $result"
   else
     mlsctl eval knn-seg --train "$FEATS/$model-train" --train-masks data/fmnist-scenes/train/masks \

@@ -419,6 +419,27 @@ def test_a_gallery_refuses_a_set_model_of_the_other_kind_and_one_without_the_key
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(UserError, match=r"is damaged \('model.set_model' must be mile or mean-cls\)"):
         Gallery(tmp_path / "g-mile")
+    manifest["model"]["set_model"] = ["mile"]  # no string: the same sentence, not a TypeError (a review)
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match=r"is damaged \('model.set_model' must be mile or mean-cls\)"):
+        Gallery(tmp_path / "g-mile")
+
+
+def test_latents_an_fp16_gallery_cannot_hold_are_refused_before_anything_is_written(tmp_path):
+    """A review (2026-12-07): a mean-CLS latent is a sum that grows with its photos; past fp16's 65,504 it was stored
+    as inf, and then the object's next add and every retrain of the gallery refused it as damaged."""
+    from mlsctl.errors import UserError
+
+    big = clustered(3) * 1e5
+    with pytest.raises(UserError, match=r"the latents of 3 objects \('a0', 'a1', 'a2'\) exceed what gallery .*'s "
+                                        r"float16 rows hold; nothing was written: build the gallery with --dtype fp32"):
+        write_gallery(tmp_path / "g", ["a0", "a1", "a2"], big, [1] * 3, IndexSettings(), MANIFEST, "fp16")
+    assert not (tmp_path / "g" / "gallery.json").exists()
+    write_gallery(tmp_path / "g", ["a0", "a1", "a2"], clustered(3), [1] * 3, IndexSettings(), MANIFEST, "fp16")
+    gallery = Gallery(tmp_path / "g", recover=True)
+    with pytest.raises(UserError, match="exceed what gallery"):
+        gallery.append(["a0"], big[:1], [2])
+    assert Gallery(tmp_path / "g").rows == 3 and gallery.rows == 3
 
 
 def test_index_build_search_info_and_serve_with_a_dino_run_say_its_mean_cls_sets(finished_run, tmp_path, capsys):
@@ -1517,8 +1538,8 @@ def test_removal_is_all_or_none_and_an_id_not_there_is_one_sentence_unless_missi
     with pytest.raises(UserError, match="which holds 'o2'.*give 'o2' to remove it"):  # a look-alike: even missing_ok
         gallery.remove(["o1", "o2\u200b"], missing_ok=True)
     assert gallery.remove(["o1", "nope"], missing_ok=True) == (["o1"], ["nope"])
-    with pytest.raises(UserError, match="object id 'o1' is not in gallery"):  # removed: absent now
-        gallery.remove(["o1"])
+    with pytest.raises(UserError, match="object id 'o1' was removed from gallery .* already; nothing was removed now"):
+        gallery.remove(["o1"])  # removed: absent now, and said so (a review: "not in gallery" after a failed purge)
     assert Gallery(tmp_path / "g").rows == 301 and len(Gallery(tmp_path / "g")) == 299
 
 
@@ -1590,41 +1611,57 @@ def test_index_remove_is_one_sentence_for_an_id_not_there_and_says_what_it_remov
     code, _, err = cli("index", "remove", g, capsys=capsys)
     assert code == 2 and "give the ids of the objects to remove" in one_sentence(err)
     (tmp_path / "ids.txt").write_text("o1\n\no2\r\nnope\n")
-    out, err = cli_ok(capsys, "index", "remove", g, "o3", "--objects", str(tmp_path / "ids.txt"), "--missing-ok")
+    (tmp_path / "bad.txt").write_text("o1\n\nshelf/o5\n")  # a bad id is said with its file and line (a review)
+    code, _, err = cli("index", "remove", g, "--ids-file", str(tmp_path / "bad.txt"), capsys=capsys)
+    assert code == 2 and f"--ids-file {tmp_path / 'bad.txt'} line 3: the id 'shelf/o5'" in one_sentence(err), err
+    out, err = cli_ok(capsys, "index", "remove", g, "o3", "--ids-file", str(tmp_path / "ids.txt"), "--missing-ok")
     assert out == f"removed 3 objects from {g} (o3, o1, o2); 297 objects left\n"
     assert "1 id not in the gallery, passed over (--missing-ok): nope" in err and "index retrain" in err
     out, _ = cli_ok(capsys, "index", "info", g)
-    assert "removed  3 removals since the last retrain" in out
+    assert "removed  3 removals since the last purge or retrain" in out
     record = json.loads(cli_ok(capsys, "index", "remove", g, "o4", "--purge", "--json")[0])
     assert record == {"gallery": g, "removed": ["o4"], "missing": [], "objects": 296, "purged": True}
     assert Gallery(g).rows == 296 and "removed  " not in cli_ok(capsys, "index", "info", g)[0]
+    cli_ok(capsys, "index", "remove", g, "o5")
+    out, _ = cli_ok(capsys, "index", "remove", g, "--purge")  # earlier removals purged, without ids
+    assert out == f"purged {g}: the latents of objects removed earlier left its files\n" and Gallery(g).rows == 295
 
 
-def test_a_purge_the_ivfpq_index_cannot_train_for_is_refused_before_anything_is_removed_and_a_rebuild_says_removals(
+def test_a_purge_keeps_the_trained_ivfpq_index_so_a_gallery_too_small_to_train_is_purged_and_a_rebuild_says_removals(
         tmp_path):
+    """A review (2026-12-07): a purge was a full retrain, refused below 39 objects a list, so a takedown from a small
+    IVF-PQ gallery could not leave the files. It now keeps the trained quantiser (no k-means), also afterwards
+    (index remove GALLERY --purge, no ids); index retrain, which trains, still refuses, naming what it can do."""
     from mlsctl.errors import UserError
-    from mlsctl.gallery import check_what_a_rebuild_drops, remove_from_gallery
+    from mlsctl.gallery import check_what_a_rebuild_drops, remove_from_gallery, retrain_gallery
 
     settings = IndexSettings("ivfpq", nlist=1, m=4, nbits=5, nprobe=1, refine=10)
-    write_gallery(tmp_path / "g", [f"o{i}" for i in range(40)], clustered(40, seed=3), [1] * 40, settings, MANIFEST)
-    with pytest.raises(UserError, match="--purge retrains the IVF-PQ index, which cannot be trained on the 38 objects "
-                                        "left .*nothing was removed"):
-        remove_from_gallery(tmp_path / "g", ["o1", "o2", "o1"], purge=True)
-    assert Gallery(tmp_path / "g").rows == 40
+    latents = clustered(40, seed=3)
+    write_gallery(tmp_path / "g", [f"o{i}" for i in range(40)], latents, [1] * 40, settings, MANIFEST)
     assert remove_from_gallery(tmp_path / "g", ["o1", "o2"])[1:] == (["o1", "o2"], [])
     said = []
     check_what_a_rebuild_drops(tmp_path / "g", {f"o{i}": 1 for i in range(40)}, say=said.append)
     assert said == [f"note: the source holds 2 objects removed from {tmp_path / 'g'} with mlsctl index remove "
                     f"(o1, o2), which the rebuild brings back; remove them from the source, or with index remove again"]
-    # index retrain of the 38 left: refused before anything is written, naming what retrain can do (it was told to
-    # use --pq-bits, an option only index build takes: a probe, 2026-12-07)
-    from mlsctl.gallery import retrain_gallery
-
     with pytest.raises(UserError, match="IVF-PQ with 1 list and 5-bit codes needs at least 39 objects to train, the "
                                         "gallery has 38; a retrain keeps the build's index settings: add objects until "
-                                        "it holds 39 \\(mlsctl index add\\), or build it again with --index flat"):
+                                        "it holds 39 \\(mlsctl index add\\), or build it again with --index flat.*"
+                                        "index remove GALLERY --purge keeps the trained index"):
         retrain_gallery(tmp_path / "g")
-    assert Gallery(tmp_path / "g").rows == 42 and len(Gallery(tmp_path / "g")) == 38
+    with pytest.raises(UserError, match="'o1' was removed from gallery .* already"):
+        remove_from_gallery(tmp_path / "g", ["o1"], purge=True)
+    before = Gallery(tmp_path / "g")
+    queries = latents[[5, 6, 30]] + 0.01
+    found = before.search_many(queries, 5)
+    target, removed, _ = remove_from_gallery(tmp_path / "g", [], purge=True)  # the earlier removals purged
+    assert removed == [] and target.rows == len(target) == 38 and target.removed_rows == 0
+    assert target.manifest["format_version"] == 3 and target.manifest["trained_rows"] == 38
+    again = Gallery(tmp_path / "g")
+    assert again.search_many(queries, 5) == found  # the same quantiser and codes: the same answers
+    removed_rows = latents[[1, 2]].numpy().astype(np.float32).tobytes()
+    assert not any(removed_rows[:64] in f.read_bytes() for f in again.data.iterdir())  # gone from the files
+    target, removed, _ = remove_from_gallery(tmp_path / "g", [f"o{i}" for i in range(3, 40)], purge=True)
+    assert len(target) == 1 and Gallery(tmp_path / "g").search_many(queries, 5)[0][0][0] == "o0"
 
 
 def test_a_removed_id_no_longer_reads_like_a_stored_one(tmp_path):

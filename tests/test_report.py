@@ -302,6 +302,8 @@ def test_a_knn_seg_table_shows_foreground_iou_where_the_result_has_it(tmp_path):
         seg, tmp_path / "r.json", "x")
     assert chance_headline(seg) == ("chance (every pixel the majority class, background)", {
         "mIoU": 0.064, "foreground IoU": 0.0, "mIoU 1/8": 0.05, "foreground IoU 1/8": 0.0})
+    seg["results"][1]["chance"]["majority_class"] = "bag"  # a fraction whose subset's majority is another class
+    assert chance_headline(seg)[0] == "chance (every pixel the majority class)"  # a review: it named background
     linear = {"command": "eval linear-seg", "miou": 0.2, "pixel_accuracy": 0.8, "chance": chance}  # no background
     assert chance_headline(linear)[1] == {"mIoU": 0.064, "pixel accuracy": 0.70}
     assert "<td>chance: every pixel background</td><td>6.40</td>" in _evaluation(linear, tmp_path / "r.json", "x")

@@ -156,9 +156,9 @@ def info(
               + (f" (objects file {record['objects_file']})" if record["objects_file"] else "")),
              ("on disk", f"{record['bytes'] / 1e6:.1f} MB")]
     if record["removed_rows"]:  # a takedown is not done until the latents leave the files: said where it is not
-        lines.insert(2, ("removed", f"{counted(record['removed_rows'], 'removal')} since the last retrain: searches "
-                                    f"never return those objects, and their latents stay in the files until mlsctl "
-                                    f"index retrain {gallery} purges them"))
+        lines.insert(2, ("removed", f"{counted(record['removed_rows'], 'removal')} since the last purge or retrain, "
+                                    f"whose latents stay in the files until mlsctl index remove {gallery} --purge (or "
+                                    f"index retrain) purges them"))
     width = max(len(name) for name, _ in lines)
     print(f"gallery {gallery}")
     for name, value in lines:
@@ -200,13 +200,15 @@ def retrain(
 def remove(
     gallery: Path = typer.Argument(..., help="Gallery folder (mlsctl index build)."),
     ids: Optional[list[str]] = typer.Argument(None, help="Ids of the objects to remove."),
-    objects: Optional[Path] = typer.Option(None, "--objects", help="A text file of ids to remove, one per line "
-                                                                   "(blank lines skipped), besides or instead of IDS."),
+    ids_file: Optional[Path] = typer.Option(None, "--ids-file", help="A text file of ids to remove, one per "
+                                                                     "line (blank lines skipped), besides or instead "
+                                                                     "of IDS."),
     missing_ok: bool = typer.Option(False, "--missing-ok", help="Pass over ids that are not in the gallery instead of "
                                                                 "refusing the whole removal."),
-    purge: bool = typer.Option(False, "--purge", help="Then run index retrain, so that the removed latents leave the "
-                                                      "gallery's files at once (a takedown) [default: they stay until "
-                                                      "the next retrain]."),
+    purge: bool = typer.Option(False, "--purge", help="Then compact the gallery, keeping its trained index, so that "
+                                                      "the removed latents leave its files at once (a takedown); "
+                                                      "without IDS, purges earlier removals [default: they stay until "
+                                                      "the next purge or retrain]."),
     as_json: bool = typer.Option(False, "--json", help="Print the outcome as JSON (the fields of serve's DELETE "
                                                        "answer, and more)."),
 ) -> None:
@@ -214,44 +216,52 @@ def remove(
 
     All or none: every id is checked before anything is written, and one not in the gallery refuses the
     whole removal (unless --missing-ok). Appends one tombstone row per object; the removed latents stay
-    in the files until mlsctl index retrain (or --purge). Example:
-    mlsctl index remove galleries/products ev00007 ev00012
+    in the files until --purge (or mlsctl index retrain). Example:
+    mlsctl index remove galleries/products ev00007 ev00012 --purge
     """
     from mlsctl.gallery import printable, remove_from_gallery
 
-    wanted = list(ids or []) + (_ids_of_file(objects) if objects is not None else [])
-    if not wanted:
+    wanted = list(ids or []) + (_ids_of_file(ids_file) if ids_file is not None else [])
+    if not wanted and not purge:
         raise UserError("give the ids of the objects to remove (index remove GALLERY ID ...), or a file of them, one "
-                        "per line, with --objects FILE")
+                        "per line, with --ids-file FILE; --purge alone purges earlier removals")
     target, removed, missing = remove_from_gallery(gallery, wanted, missing_ok=missing_ok, purge=purge)
     if as_json:
         print(json.dumps({"gallery": str(gallery), "removed": removed, "missing": missing, "objects": len(target),
                           "purged": purge}, indent=2))
         return
     shown = ", ".join(printable(i) for i in removed[:5]) + (", ..." if len(removed) > 5 else "")
-    print(f"removed {counted(len(removed), 'object')} from {gallery}" + (f" ({shown})" if removed else "")
-          + f"; {counted(len(target), 'object')} left")
+    if wanted:
+        print(f"removed {counted(len(removed), 'object')} from {gallery}" + (f" ({shown})" if removed else "")
+              + f"; {counted(len(target), 'object')} left")
     if missing:
         absent = ", ".join(printable(i) for i in missing[:5]) + (", ..." if len(missing) > 5 else "")
         say(f"note: {counted(len(missing), 'id')} not in the gallery, passed over (--missing-ok): {absent}")
+    if purge and not removed:
+        print(f"purged {gallery}: the latents of objects removed earlier left its files")
     if removed and not purge:
-        say(f"note: the removed latents stay in the gallery's files until mlsctl index retrain {gallery} purges them "
-            f"(or index remove --purge)")
+        say(f"note: the removed latents stay in the gallery's files until mlsctl index remove {gallery} --purge (or "
+            f"index retrain) purges them")
 
 
 def _ids_of_file(path: Path) -> list[str]:
-    """The ids of ``index remove --objects FILE``: one a line, blank lines skipped, nothing else trimmed (a stored
-    id may end in a space; a typo is told by the gallery, naming the id it reads like)."""
+    """The ids of ``index remove --ids-file FILE``: one a line, blank lines skipped, nothing else trimmed (a stored
+    id may end in a space; a typo is told by the gallery, naming the id it reads like); an id that is no valid id
+    is said with its file and line."""
+    from mlsctl.gallery import check_object_id
+
     try:
         text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not an id
     except UnicodeDecodeError:
-        raise UserError(f"--objects {path} is not UTF-8 text; save it as UTF-8, one object id per line") from None
+        raise UserError(f"--ids-file {path} is not UTF-8 text; save it as UTF-8, one object id per line") from None
     except OSError as exc:
-        raise UserError(f"--objects {path} cannot be read ({exc.strerror or exc})") from None
-    ids = [line.rstrip("\r") for line in text.split("\n") if line.strip()]
-    if not ids:
-        raise UserError(f"--objects {path} lists no object id; give one id per line")
-    return ids
+        raise UserError(f"--ids-file {path} cannot be read ({exc.strerror or exc})") from None
+    lines = [(number, line.rstrip("\r")) for number, line in enumerate(text.split("\n"), 1) if line.strip()]
+    if not lines:
+        raise UserError(f"--ids-file {path} lists no object id; give one id per line")
+    for number, line in lines:
+        check_object_id(line, f"--ids-file {path} line {number}: the id")
+    return [line for _, line in lines]
 
 
 def search(

@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 
 from mlsctl.errors import UserError
-from mlsctl.evaluate.segmentation import (confusion_update, constant_rule, foreground_scores, hungarian_mean_iou,
-                                          iou_per_class, mean_iou, pixel_accuracy)
+from mlsctl.evaluate.segmentation import (CONSTANT_RULE, confusion_update, constant_rule, foreground_scores,
+                                          hungarian_mean_iou, iou_per_class, mean_iou, pixel_accuracy)
 
 MASK_EXTENSIONS = (".png", ".bmp", ".tif", ".tiff")
 
@@ -745,5 +745,5 @@ def knn_segmentation(train: FeatureMasks, val: FeatureMasks, fractions: Sequence
     for r in results:
         r["chance"].update(majority_class=classes[r["chance"]["majority_class"]])
     largest = max(results, key=lambda r: r["train_images"])  # the 1/1 fraction where there is one
-    chance = {"rule": "every val pixel called the training patches' most frequent class", **largest["chance"]}
+    chance = {"rule": CONSTANT_RULE, **largest["chance"]}
     return {"classes": classes, "num_classes": num_classes, "results": results, "chance": chance}

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 
 from mlsctl.errors import UserError
 from mlsctl.evaluate.knn_seg import FeatureMasks, no_labelled_pixels, patch_soft_labels, segmentation_classes
-from mlsctl.evaluate.segmentation import (confusion_update, constant_rule, foreground_scores, iou_per_class, mean_iou,
-                                          pixel_accuracy)
+from mlsctl.evaluate.segmentation import (CONSTANT_RULE, confusion_update, constant_rule, foreground_scores,
+                                          iou_per_class, mean_iou, pixel_accuracy)
 
 
 def _patch_stats(train: FeatureMasks, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -169,7 +169,7 @@ def evaluate_linear_seg(train: FeatureMasks, val: FeatureMasks, *, epochs: int =
         raise UserError(no_labelled_pixels(val, ignore_index))
     classes = list(names or []) + [str(c) for c in range(len(names or []), num_classes)]
     majority = int(torch.argmax(labels.class_mass()))
-    chance = {"rule": "every val pixel called the training patches' most frequent class",
+    chance = {"rule": CONSTANT_RULE,
               **constant_rule(confusion, majority, names), "majority_class": classes[majority]}
     return {"classes": classes, "num_classes": num_classes, "miou": mean_iou(confusion),
             "pixel_accuracy": pixel_accuracy(confusion),

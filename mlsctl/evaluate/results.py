@@ -218,7 +218,10 @@ def chance_headline(result: dict) -> Optional[tuple[str, dict[str, Optional[floa
             out[f"mIoU{suffix}"] = row_chance.get("miou")
             if "foreground_iou" in row:
                 out[f"foreground IoU{suffix}"] = row_chance.get("foreground_iou")
-        return f"chance (every pixel the majority class, {chance.get('majority_class')})", out
+        classes = {(row.get("chance") or chance).get("majority_class") for row in result["results"]
+                   if isinstance(row.get("chance") or chance, dict)}  # one class named only where every fraction has it
+        named = f", {classes.pop()}" if len(classes) == 1 else ""
+        return f"chance (every pixel the majority class{named})", out
     if command == "eval linear-seg":
         return (f"chance (every pixel the majority class, {chance.get('majority_class')})",
                 {name: chance.get(key) for name, key in (("mIoU", "miou"), ("foreground IoU", "foreground_iou"),

@@ -133,6 +133,9 @@ def hungarian_mean_iou(confusion: np.ndarray) -> float:
     return mean_iou(confusion[:, column])
 
 
+CONSTANT_RULE = "every val pixel called the training patches' most frequent class"  # what `chance` records
+
+
 def constant_rule(confusion: np.ndarray, predicted_class: int, names=None) -> dict:
     """What calling every labelled val pixel ``predicted_class`` scores — the **constant rule**, with the
     training masks' most frequent class the segmentation's counterpart of the classifiers' majority class
