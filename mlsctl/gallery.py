@@ -891,7 +891,8 @@ def default_nlist(n: int) -> int:
     return max(1, min(int(n ** 0.5), n // 39))
 
 
-def check_index_fits(settings: IndexSettings, n: int, dim: Optional[int] = None, retrain: bool = False) -> None:
+def check_index_fits(settings: IndexSettings, n: int, dim: Optional[int] = None, retrain: bool = False,
+                     gallery: str = "GALLERY") -> None:
     """Refuse IVF-PQ settings that cannot be trained on ``n`` objects of width ``dim`` (None: not known yet):
     faiss needs 39 objects a list and one a PQ centroid (2 ** bits), and --pq-m must divide the width. Said
     before anything is embedded (a new user's probe, 2026-12-07: 16 s of embedding, then the refusal), with
@@ -918,7 +919,7 @@ def check_index_fits(settings: IndexSettings, n: int, dim: Optional[int] = None,
     if retrain:
         raise UserError(f"{head}; a retrain keeps the build's index settings: add objects until it holds {need:,} "
                         f"(mlsctl index add), or build it again with {fit} (mlsctl index build --overwrite); to purge "
-                        f"removed objects' latents, mlsctl index remove GALLERY --purge keeps the trained index")
+                        f"removed objects' latents, mlsctl index remove {gallery} --purge keeps the trained index")
     if n < 39:  # one list needs 39: no setting fits
         raise UserError(f"{head}; IVF-PQ needs at least 39 objects whatever its settings, so use --index flat (exact, "
                         f"and fast at this size)")
@@ -1880,8 +1881,8 @@ def check_what_a_rebuild_drops(out: Path, source_counts: dict[str, int], drop_ad
         parts.append(f"{counted(sum(more.values()), 'photo')} more than the source for {counted(len(more), 'object')}")
     held = f"{out} holds {' and '.join(parts)}: added with mlsctl index add or serve since it was built"
     if not drop_added:
-        raise UserError(f"--overwrite would drop what {held}, which a rebuild from the source cannot make again; add "
-                        f"those photos to the source first, or give --drop-added to rebuild without them")
+        raise UserError(f"--overwrite would drop what a rebuild from the source cannot make again: {held}; add those "
+                        f"photos to the source first, or give --drop-added to rebuild without them")
     say(f"note: --overwrite --drop-added replaces {out}; {held}, they will not be in the rebuilt gallery")
 
 
@@ -2003,19 +2004,24 @@ def add_to_gallery(path: str | os.PathLike, object_id: str, photos: Sequence, *,
     return target, created, count, len(photos)
 
 
-def long_set_note(model: SetModel, object_id: str, photos: int) -> Optional[str]:
+def long_set_note(model: SetModel, object_id: str, photos: int, name_run: bool = True) -> Optional[str]:
     """The note for an object whose photos outnumber, more than twice, the sets its MILE run trained on
     (``method.set_length``), or None: the set encoder folds photos one after another, and sets much longer than
     training's are untested; a new user's probe (2026-12-07, a 12-step run) saw an object of 8 photos rank 10th and
     one of 32 (8 photos given 4 times) 76th for two of its own photos, where one of 4 ranked first."""
     if not _much_longer_than_training(model, photos):
         return None
-    return (f"note: object '{printable(object_id)}' now folds {photos} photos, {_TRAINED_SETS.format(model=model)}, "
+    return (f"note: object '{printable(object_id)}' now folds {photos} photos, {_trained_sets(model, name_run)}, "
             f"and an object of many photos (or of one photo given again) may rank lower for its own photos")
 
 
-_TRAINED_SETS = ("more than twice the {model.set_length} a set held when run {model.run} trained (method.set_length): "
+_TRAINED_SETS = ("more than twice the {model.set_length} a set held when {run} trained (method.set_length): "
                  "sets much longer than training's are untested")
+
+
+def _trained_sets(model, name_run: bool) -> str:
+    """The long-set notes' clause; without ``name_run`` (the service's answers: no server paths) "the run"."""
+    return _TRAINED_SETS.format(model=model, run=f"run {model.run}" if name_run else "the gallery's run")
 
 
 def _much_longer_than_training(model, photos: int) -> bool:
@@ -2023,13 +2029,13 @@ def _much_longer_than_training(model, photos: int) -> bool:
     return bool(model.set_length) and photos > 2 * model.set_length
 
 
-def long_query_note(model: SetModel, photos: int) -> Optional[str]:
+def long_query_note(model: SetModel, photos: int, name_run: bool = True) -> Optional[str]:
     """:func:`long_set_note`'s counterpart for a query set, or None: the same probe (2026-12-07) saw a query of one
     photo given again score its own object 0.46 where the photo once scored 0.87; a query of a few of the photos
     is what the model was trained to fold."""
     if not _much_longer_than_training(model, photos):
         return None
-    return (f"note: the query set folds {photos} photos, {_TRAINED_SETS.format(model=model)}: its object may rank "
+    return (f"note: the query set folds {photos} photos, {_trained_sets(model, name_run)}: its object may rank "
             f"lower than for a few of its photos; search with {model.set_length} to {2 * model.set_length} of them")
 
 
@@ -2052,12 +2058,15 @@ def remove_from_gallery(path: str | os.PathLike, ids: Sequence[str], *, missing_
             target.check_live_latents()  # a damaged gallery cannot be purged: said before anything is removed
         removed, missing = target.remove(ids, missing_ok) if ids else ([], [])
         if purge:
+            done = f"{counted(len(removed), 'object')} removed, " if removed else ""
+            again = f"run mlsctl index remove {path} --purge again to purge the removed latents"
             try:
                 target.retrain(keep_quantiser=True)
             except (UserError, OSError) as exc:
-                done = f"{counted(len(removed), 'object')} removed, " if removed else ""
-                raise UserError(f"{done}but the purge failed ({first_line(exc, 200)}): run mlsctl index remove "
-                                f"{path} --purge again to purge the removed latents") from None
+                raise UserError(f"{done}but the purge failed ({first_line(exc, 200)}): {again}") from None
+            except KeyboardInterrupt:  # a stop during the purge: the removal is committed, and said so (a probe)
+                log.warning(f"note: {done}but the purge was interrupted: {again}")
+                raise
             _say_unpurged_versions(target)
     return target, removed, missing
 
@@ -2080,7 +2089,7 @@ def retrain_gallery(path: str | os.PathLike) -> tuple[int, dict]:
     read_manifest(path)  # not a gallery: said before the folder is locked
     with FolderLock(path, "gallery"):
         target = Gallery(path, recover=True, with_index=False, with_unit=False)
-        check_index_fits(target.retrain_settings(), len(target), target.dim, retrain=True)
+        check_index_fits(target.retrain_settings(), len(target), target.dim, retrain=True, gallery=str(path))
         before = target.rows
         manifest = target.retrain()
         _say_unpurged_versions(target)  # the documented purge: an old version left holds what was removed

@@ -1619,12 +1619,17 @@ def test_index_remove_is_one_sentence_for_an_id_not_there_and_says_what_it_remov
     assert "1 id not in the gallery, passed over (--missing-ok): nope" in err and "index retrain" in err
     out, _ = cli_ok(capsys, "index", "info", g)
     assert "removed  3 removals since the last purge or retrain" in out
+    (tmp_path / "build.csv").write_text("object_id,path\no7,o7/0.png\n")  # index build's CSV, given here (a probe)
+    code, _, err = cli("index", "remove", g, "--ids-file", str(tmp_path / "build.csv"), capsys=capsys)
+    assert code == 2 and "line 2 reads 'o7,o7/0.png': the file lists one object id a line" in one_sentence(err)
+    out, _ = cli_ok(capsys, "index", "remove", g, "o6", "--purge")  # a takedown is said done (a probe: only --json)
+    assert out.splitlines()[-1] == f"purged {g}: the removed objects' latents, and any of earlier removals, left its files"
     record = json.loads(cli_ok(capsys, "index", "remove", g, "o4", "--purge", "--json")[0])
-    assert record == {"gallery": g, "removed": ["o4"], "missing": [], "objects": 296, "purged": True}
-    assert Gallery(g).rows == 296 and "removed  " not in cli_ok(capsys, "index", "info", g)[0]
+    assert record == {"gallery": g, "removed": ["o4"], "missing": [], "objects": 295, "purged": True}
+    assert Gallery(g).rows == 295 and "removed  " not in cli_ok(capsys, "index", "info", g)[0]
     cli_ok(capsys, "index", "remove", g, "o5")
     out, _ = cli_ok(capsys, "index", "remove", g, "--purge")  # earlier removals purged, without ids
-    assert out == f"purged {g}: the latents of objects removed earlier left its files\n" and Gallery(g).rows == 295
+    assert out == f"purged {g}: the latents of objects removed earlier left its files\n" and Gallery(g).rows == 294
 
 
 def test_a_purge_keeps_the_trained_ivfpq_index_so_a_gallery_too_small_to_train_is_purged_and_a_rebuild_says_removals(
@@ -1646,7 +1651,7 @@ def test_a_purge_keeps_the_trained_ivfpq_index_so_a_gallery_too_small_to_train_i
     with pytest.raises(UserError, match="IVF-PQ with 1 list and 5-bit codes needs at least 39 objects to train, the "
                                         "gallery has 38; a retrain keeps the build's index settings: add objects until "
                                         "it holds 39 \\(mlsctl index add\\), or build it again with --index flat.*"
-                                        "index remove GALLERY --purge keeps the trained index"):
+                                        f"index remove {tmp_path / 'g'} --purge keeps the trained index"):
         retrain_gallery(tmp_path / "g")
     with pytest.raises(UserError, match="'o1' was removed from gallery .* already"):
         remove_from_gallery(tmp_path / "g", ["o1"], purge=True)

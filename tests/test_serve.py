@@ -235,6 +235,7 @@ def test_health_search_add_and_get(server):
     assert "note" not in again
     status, found = call(base, "POST", "/search", files=three + three[:2])  # the query side: 5 photos
     assert status == 200 and found["note"].startswith("the query set folds 5 photos") and "note" not in by_path
+    assert str(mile_run) not in found["note"] + long["note"] and "the gallery's run" in found["note"]  # no paths
     # persisted: the gallery on disk has the object (its writer is the server, so read-only here)
     from mlsctl.gallery import Gallery
 

@@ -148,8 +148,8 @@ def info(
              ("rows", f"{record['rows']:,}" + (f" ({superseded:,} superseded: mlsctl index retrain {gallery} drops "
                                                 f"them)" if superseded else "")),
              ("model", f"{SET_MODEL_NAMES[model['set_model']]} of run {model['run']} at step {model['step']} "
-                       f"(fingerprint {model['fingerprint'][:12]}, {model.get('arch')}, attends to "
-                       f"{model.get('attend')})"),
+                       f"(fingerprint {model['fingerprint'][:12]}, {model.get('arch')}"
+                       + (f", attends to {model.get('attend')})" if model["set_model"] == "mile" else ")")),
              ("latents", f"width {record['dim']}, {record['storage_dtype']}"),
              ("index", f"{index['kind']}{settings}"),
              ("built", f"{record['created']} from {record['source']}"
@@ -237,8 +237,10 @@ def remove(
     if missing:
         absent = ", ".join(printable(i) for i in missing[:5]) + (", ..." if len(missing) > 5 else "")
         say(f"note: {counted(len(missing), 'id')} not in the gallery, passed over (--missing-ok): {absent}")
-    if purge and not removed:
-        print(f"purged {gallery}: the latents of objects removed earlier left its files")
+    if purge:  # a takedown is done when the latents left the files: said (a probe: only --json said "purged")
+        what = ("the removed objects' latents, and any of earlier removals," if removed else
+                "the latents of objects removed earlier")
+        print(f"purged {gallery}: {what} left its files")
     if removed and not purge:
         say(f"note: the removed latents stay in the gallery's files until mlsctl index remove {gallery} --purge (or "
             f"index retrain) purges them")
@@ -260,6 +262,9 @@ def _ids_of_file(path: Path) -> list[str]:
     if not lines:
         raise UserError(f"--ids-file {path} lists no object id; give one id per line")
     for number, line in lines:
+        if "," in line and "/" in line:  # index build's object_id,path CSV, given here (a probe, 2026-12-07)
+            raise UserError(f"--ids-file {path} line {number} reads '{line}': the file lists one object id a line, "
+                            f"not index build's object_id,path rows; give a file of the ids alone")
         check_object_id(line, f"--ids-file {path} line {number}: the id")
     return [line for _, line in lines]
 
@@ -294,6 +299,8 @@ def search(
             raise UserError("no --index given and no gallery under the current directory; build one with mlsctl index build")
         say(f"gallery: {index} (the newest under the current directory)")
     target = Gallery(index)
+    if not len(target):  # every object removed, or none added yet: said, where it printed a bare header (a probe)
+        say(f"note: gallery {index} holds no objects: every search answers nothing")
     queries = read_query_sets(sets) if sets is not None else None  # a bad file is told before the model loads
     images = photos_of_folders(images, "--set") if images else images  # a folder: its photos, as build folds them
     missing = [str(p) for p in (images or []) if not Path(p).is_file()]
