@@ -721,10 +721,10 @@ def test_gallery_probe_of_2026_12_06(mile_run, tmp_path, capsys):
     code, _, err = cli("index", "build", str(mile_run / "gallery"), "--run", run, "--out", str(copy), "--overwrite",
                        capsys=capsys)
     assert code == 2 and "model:" not in err, err
-    assert (f"--overwrite would drop what {copy} holds 1 object that the source does not have (new) and 1 photo more "
-            f"than the source for 1 object: added with mlsctl index add or serve since it was built, which a rebuild "
-            f"from the source cannot make again; add those photos to the source first, or give --drop-added to "
-            f"rebuild without them") in " ".join(err.split()), err
+    assert (f"--overwrite would drop what a rebuild from the source cannot make again: {copy} holds 1 object that the "
+            f"source does not have (new) and 1 photo more than the source for 1 object: added with mlsctl index add or "
+            f"serve since it was built; add those photos to the source first, or give --drop-added to rebuild without "
+            f"them") in " ".join(err.split()), err
     assert "new" in Gallery(copy).ids  # nothing dropped
     _, err = cli_ok(capsys, "index", "build", str(mile_run / "gallery"), "--run", run, "--out", str(copy),
                     "--overwrite", "--drop-added")
