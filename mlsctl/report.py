@@ -830,8 +830,8 @@ def _evaluations(run: Run, folders: Sequence[Path], weights: RunWeights) -> tupl
         if found[group]:
             parts.append(f"<h3>{html.escape(title)}</h3>" + "".join(text for _, text in found[group]))
         elif group == "own":
-            parts.append(f"<h3>{html.escape(title)}</h3>" + html_note("no evaluation of this run's weights found: evaluate them with "
-                                                      f"mlsctl eval ... --run {run.root}"))
+            parts.append(f"<h3>{html.escape(title)}</h3>" + html_note(
+                f"no evaluation of this run's weights found: evaluate them with mlsctl eval ... --run {run.root}"))
     return "".join(parts) + notes, shown, skipped, memorised
 
 
@@ -882,7 +882,8 @@ def write_report(run_dir: str | Path, out: str | Path, *, results: Sequence[str 
     else:
         body["curves"] = html_note("no metrics.jsonl yet")
     body["patch-maps"] = (_patch_maps(run, recipe, patch_images, weights.final) if weights.has_backbone else
-                          html_note(f"a {recipe.method.name} run trains on features and has no backbone, so no patch map"))
+                          html_note(f"a {recipe.method.name} run trains on features and has no backbone, so no "
+                                    f"patch map"))
     body["banks"] = _banks(run, recipe)
     body["evaluations"], shown, skipped, memorised = _evaluations(run, [Path(r) for r in results], weights)
     titles = {"summary": "Summary", "recipe": "Recipe", "curves": "Training curves", "patch-maps": "PCA patch maps",

@@ -1623,7 +1623,8 @@ def test_index_remove_is_one_sentence_for_an_id_not_there_and_says_what_it_remov
     code, _, err = cli("index", "remove", g, "--ids-file", str(tmp_path / "build.csv"), capsys=capsys)
     assert code == 2 and "line 2 reads 'o7,o7/0.png': the file lists one object id a line" in one_sentence(err)
     out, _ = cli_ok(capsys, "index", "remove", g, "o6", "--purge")  # a takedown is said done (a probe: only --json)
-    assert out.splitlines()[-1] == f"purged {g}: the removed objects' latents, and any of earlier removals, left its files"
+    assert out.splitlines()[-1] == (f"purged {g}: the removed objects' latents, and any of earlier removals, left its "
+                                    f"files")
     record = json.loads(cli_ok(capsys, "index", "remove", g, "o4", "--purge", "--json")[0])
     assert record == {"gallery": g, "removed": ["o4"], "missing": [], "objects": 295, "purged": True}
     assert Gallery(g).rows == 295 and "removed  " not in cli_ok(capsys, "index", "info", g)[0]
