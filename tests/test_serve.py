@@ -299,7 +299,9 @@ def test_an_upload_equals_index_add_of_the_same_file(server, tmp_path):
     ("GET", "/objects/obj0/", {}, 404, "no such endpoint"),  # was a 307 with an empty body
     # item 9: ids
     ("POST", "/objects/%E2%80%8B/photos", {"files": "one"}, 400, "no visible character"),
-    ("POST", "/objects/" + "x" * 70000 + "/photos", {"files": "one"}, 400, "at most 256"),
+    # no body: the id is refused before a body is read, and the server closes the connection then, so a client
+    # still sending photos after a 70 KB request line met a broken pipe now and then (a CI run, 2026-12-07)
+    ("POST", "/objects/" + "x" * 70000 + "/photos", {}, 400, "at most 256"),
     # found by a probe (2026-12-05): PostScript went to Ghostscript; a malformed QOI file was a 500 (IndexError)
     ("POST", "/search", {"files": [("a.png", b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n")]}, 400,
      "not an image file"),
