@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -118,14 +119,83 @@ def cli_env() -> dict:
     return env
 
 
-def kill_when(args: list[str], ready, timeout: float = 240) -> subprocess.Popen:
-    """Start ``mlsctl *args``, send SIGKILL as soon as ``ready()`` holds (or at ``timeout``), and
-    return the finished process (its returncode is -SIGKILL unless it ended first)."""
+_FORK_SERVER = []
+
+
+def forked(target, *args) -> multiprocessing.Process:
+    """``target(*args)`` started in a process of its own, forked from a server process that imported torch, faiss and
+    mlsctl once, under :func:`cli_env`'s environment (multiprocessing's forkserver, one per test process): for the
+    tests that kill a process, without the interpreter start and imports (2-5 s on this 2-core machine) of a fresh
+    ``python``. ``target`` must be a module-level function; the process is returned started."""
+    from multiprocessing import forkserver
+    from unittest import mock
+
+    if not _FORK_SERVER:
+        context = multiprocessing.get_context("forkserver")
+        context.set_forkserver_preload(["torch", "faiss", "mlsctl.cli", "mlsctl.gallery"])
+        with mock.patch.dict(os.environ, cli_env()):
+            forkserver.ensure_running()
+        _FORK_SERVER.append(context)
+    process = _FORK_SERVER[0].Process(target=target, args=args)
+    process.start()
+    return process
+
+
+class ForkedMlsctl:
+    """``mlsctl ARGS`` in a :func:`forked` process, its stdout and stderr appended to ``log``, ``environ`` added to
+    its environment; answers as :class:`subprocess.Popen` does where the tests use it (``pid``, ``poll``, ``wait``,
+    ``returncode``, ``send_signal``, ``terminate``)."""
+
+    def __init__(self, args: list[str], log: str | Path = os.devnull, **environ: str):
+        self.args = ["mlsctl", *args]
+        self._process = forked(_mlsctl_into, list(args), str(log), environ)
+        self.pid = self._process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._process.exitcode
+
+    def poll(self) -> int | None:
+        return self._process.exitcode
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        self._process.join(timeout)
+        if self._process.exitcode is None:
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        return self._process.exitcode
+
+    def send_signal(self, signum: int) -> None:
+        if self._process.exitcode is None:
+            os.kill(self.pid, signum)
+
+    def terminate(self) -> None:
+        import signal
+
+        self.send_signal(signal.SIGTERM)
+
+
+def _mlsctl_into(args: list[str], log: str, environ: dict) -> None:
+    """The body of :class:`ForkedMlsctl`'s process."""
+    import tempfile
+
+    from mlsctl.cli import main
+
+    os.environ.update(environ)
+    tempfile.tempdir = None  # TMPDIR read afresh
+    out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    os.dup2(out, 1)
+    os.dup2(out, 2)
+    sys.argv = ["mlsctl", *args]
+    main()
+
+
+def kill_when(args: list[str], ready, timeout: float = 240) -> ForkedMlsctl:
+    """Start ``mlsctl *args`` (:class:`ForkedMlsctl`), send SIGKILL as soon as ``ready()`` holds (or at ``timeout``),
+    and return the finished process (its ``returncode`` -SIGKILL unless it ended first)."""
     import signal
     import time
 
-    process = subprocess.Popen([sys.executable, "-m", "mlsctl", *args], env=cli_env(), stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+    process = ForkedMlsctl(args)
     deadline = time.time() + timeout
     try:
         while time.time() < deadline and process.poll() is None and not ready():
@@ -327,16 +397,20 @@ TWO_PROCESSES = [sys.executable, "-m", "torch.distributed.run", "--standalone", 
 def pretrain_on_two_processes_and_one(tmp_path: Path, raw: dict, batch: int) -> dict[int, Path]:
     """``raw`` trained by 2 processes of ``optim.batch_size`` ``batch`` (:data:`TWO_PROCESSES`) and by 1 process of
     twice that, each with a checkpoint after every step: the run folders, by number of processes (and their stderr
-    in TMP/stderr1.txt and TMP/stderr2.txt)."""
+    in TMP/stderr1.txt and TMP/stderr2.txt). The one-process run trains in the test process (:func:`in_process`:
+    no interpreter start and torch import, ~4 s a test)."""
     runs = {}
     for processes in (2, 1):
         recipe = copy.deepcopy(raw)
         recipe["optim"]["batch_size"] = batch * (3 - processes)
         recipe["train"].update(checkpoint_every=1, keep_checkpoints=4)
-        command = TWO_PROCESSES if processes == 2 else [sys.executable, "-m", "mlsctl"]
         out = tmp_path / f"run{processes}"
-        result = subprocess.run([*command, "pretrain", str(write_recipe(tmp_path / f"r{processes}.yaml", recipe)),
-                                 "--out", str(out)], capture_output=True, text=True, env=cli_env(), timeout=300, cwd=REPO)
+        args = ["pretrain", str(write_recipe(tmp_path / f"r{processes}.yaml", recipe)), "--out", str(out)]
+        if processes == 2:
+            result = subprocess.run([*TWO_PROCESSES, *args], capture_output=True, text=True, env=cli_env(),
+                                    timeout=300, cwd=REPO)
+        else:
+            result = in_process(*args, cwd=REPO)
         assert result.returncode == 0, result.stderr[-3000:]
         (tmp_path / f"stderr{processes}.txt").write_text(result.stderr)  # what the console showed, for the caller
         runs[processes] = out

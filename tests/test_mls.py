@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from mlsctl.methods.mls.ops import info_nce, mls_loss, multi_label_loss, pseudo_
 from mlsctl.models.batchnorm import GroupBatchNorm2d
 from mlsctl.schedules import Schedule
 
-from conftest import (as_killed_at, REPO, TWO_PROCESSES, cli, cli_env, cli_ok, make_images, tiny_recipe,
+from conftest import (as_killed_at, REPO, TWO_PROCESSES, cli, cli_env, cli_ok, in_process, make_images, tiny_recipe,
                       write_fake_fmnist, write_recipe)
 
 CNN = {"arch": "test_resnet", "img_size": 32, "patch_size": 32, "drop_path_rate": 0.0, "timm_kwargs": {}}
@@ -341,9 +340,11 @@ def test_two_processes_hold_the_queues_and_weights_of_one(tmp_path):
         raw["train"]["checkpoint_every"] = 4
         path = write_recipe(tmp_path / f"r{processes}.yaml", raw)
         out = tmp_path / f"run{processes}"
-        command = TWO_PROCESSES if processes == 2 else [sys.executable, "-m", "mlsctl"]
-        result = subprocess.run([*command, "pretrain", str(path), "--out", str(out)], capture_output=True, text=True,
-                                env=cli_env(), timeout=300, cwd=REPO)
+        if processes == 2:
+            result = subprocess.run([*TWO_PROCESSES, "pretrain", str(path), "--out", str(out)], capture_output=True,
+                                    text=True, env=cli_env(), timeout=300, cwd=REPO)
+        else:  # in the test process: no interpreter start
+            result = in_process("pretrain", str(path), "--out", str(out), cwd=REPO)
         assert result.returncode == 0, result.stderr[-3000:]
         runs[processes] = out
     # equal up to float summation order (all-reduced gradients): measured 1e-7 on the weights here

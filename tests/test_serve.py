@@ -12,7 +12,6 @@ import socket
 import struct
 import stat
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -25,7 +24,7 @@ from typing import Optional
 
 import pytest
 
-from conftest import cli, cli_env, run_cli
+from conftest import ForkedMlsctl, cli, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -138,9 +137,7 @@ def running(gallery: Path, mile_run: Path, *args: str):
     tmp.mkdir()
     port = free_port()
     log = folder / f"serve-{port}.log"
-    with open(log, "w") as out:
-        process = subprocess.Popen([sys.executable, "-m", "mlsctl", "serve", str(gallery), "--port", str(port), *args],
-                                   env=dict(cli_env(), TMPDIR=str(tmp)), stderr=out, stdout=out)
+    process = ForkedMlsctl(["serve", str(gallery), "--port", str(port), *args], log, TMPDIR=str(tmp))
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120
@@ -1629,9 +1626,7 @@ def test_a_sigterm_while_the_server_starts_is_an_ordinary_stop(mile_run, tmp_pat
 
     gallery = built_gallery(mile_run, tmp_path)
     log = tmp_path / "serve.log"
-    with open(log, "w") as out:
-        process = subprocess.Popen([sys.executable, "-m", "mlsctl", "serve", str(gallery), "--port", str(free_port())],
-                                   env=cli_env(), stderr=out, stdout=out)
+    process = ForkedMlsctl(["serve", str(gallery), "--port", str(free_port())], log)
     deadline = time.time() + 60
     while time.time() < deadline and process.poll() is None and not (gallery / LOCK_NAME).exists():
         time.sleep(0.01)  # the server holds the gallery: it has started, the model is loading
