@@ -28,6 +28,7 @@ drawn in loose dashes and says "(same as RUN)"; the momentum axis ends at 1 at m
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -221,19 +222,26 @@ def _uniform_entropy_lines(ax, runs: list[tuple[str, str, Optional[int]]]) -> No
                    label=f"{name}: log K = {math.log(k):.2f} (uniform over K = {k})")
 
 
-@literal_text
-def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, *, title: str | None = None) -> dict:
-    """Draw the runs' curves to ``out`` (PNG); returns what each panel shows, which series were
-    smoothed (with their EMA span in points) and which were drawn with markers."""
-    plt = pyplot()
+@dataclass
+class _Drawn:
+    """What :func:`plot_runs` drew and said, panel by panel, for the summary it returns."""
 
-    run_dirs = list(run_dirs)
-    runs = list(zip(short_names(run_dirs), (read_metrics(r) for r in run_dirs)))
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    panels: dict[str, list[str]] = field(default_factory=dict)  # panel → the series keys drawn in it
+    smoothed: dict[str, float] = field(default_factory=dict)  # key → its largest EMA span, in points
+    markers: set[str] = field(default_factory=set)  # keys drawn raw with a marker on every point
+    empty: dict[str, str] = field(default_factory=dict)  # panel → why nothing is drawn in it
+    not_drawn: dict[str, list[str]] = field(default_factory=dict)  # panel → the lines a log axis left out
+    not_recorded: dict[str, list[str]] = field(default_factory=dict)  # panel → the runs without a line, and why
+    same_as: dict[str, list[str]] = field(default_factory=dict)  # panel → the lines equal to an earlier run's
+    notes: dict[str, list[str]] = field(default_factory=dict)  # panel → what heads its legend
+
+
+def _panel_specs(run_dirs: list, runs: list) -> tuple[list[tuple], dict[str, dict[str, str]]]:
+    """The panels the runs' series fill, as (title, which keys of a run, y label, options), and the units of each
+    run's throughput series ({} where the quality monitors take the throughput's place). A panel that only some
+    methods log is left out when no run logs it; the others say "not logged"."""
     any_key = lambda test: any(test(k) for _, s in runs for k in s)  # noqa: E731
 
-    # (title, which keys of a run, y label, options); a panel that only some methods log is left
-    # out when no run logs it, the others say "not logged"
     # refine's ms_before, the Multi-Similarity loss of its batches unrefined, beside the refined loss it is the baseline
     # of (a new user's probe, 2026-12-07: it was drawn in no panel)
     # runs of different methods minimise different objectives (DINO's cross-entropy near log K, MLS's InfoNCE + BCE):
@@ -258,7 +266,8 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, *, title: str | N
         specs.append(("teacher entropy", lambda s: ["teacher_entropy"], "entropy of the teacher's output (nats)",
                       dict(smooth=True, label=lambda n, k: n, entropy=True)))
     if any_key(lambda k: k.startswith(("bank/", "bank_fill/"))):  # a method that keeps a bank
-        specs.append(("memory-bank health", lambda s: sorted(k for k in s if k.startswith("bank/") and k.endswith("/mean_cosine")),
+        specs.append(("memory-bank health",
+                      lambda s: sorted(k for k in s if k.startswith("bank/") and k.endswith("/mean_cosine")),
                       "mean pairwise cosine (1 = collapsed)",
                       dict(label=lambda n, k: f"{n}: {k[len('bank/'):]}",
                            empty=_no_bank_health(run_dirs, runs), unrecorded=_bank_health_reasons(run_dirs, runs))))
@@ -274,98 +283,129 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, *, title: str | N
                       lambda s: ["sets_per_s", "photos_per_s"] if "sets_per_s" in s else ["images_per_s"],
                       one or "per second",
                       dict(smooth=True, label=(lambda n, k: n) if one else (lambda n, k: f"{n}: {throughput[n][k]}"))))
+    return specs, throughput
 
+
+def _draw_lines(ax, panel: str, keys_of, options: dict, runs: list, colours: list, record: _Drawn) -> list[str]:
+    """Each run's series of one panel on ``ax`` (one colour per run, one line style per key): raw with markers
+    when short, else faint with their EMA on top; a series equal to an earlier run's dashed, and said → the keys
+    drawn."""
+    label_of = options.get("label", lambda n, k: f"{n}: {k}")
+    drawn, earlier = [], {}  # earlier: key → [(run name, series)] drawn in this panel
+    for r, (name, series) in enumerate(runs):
+        colour = colours[r % len(colours)]
+        for i, key in enumerate(k for k in keys_of(series) if k in series):
+            steps, values = series[key]
+            scale = options.get("scale", 1.0)
+            values = [v * scale for v in values] if scale != 1.0 else values
+            # a weight decay of 0 was listed in the legend and invisible on the log axis (a probe, 2026-12-07)
+            if options.get("log") and all(v <= 0 for v in values):
+                record.not_drawn.setdefault(panel, []).append(
+                    f"{label_of(name, key)}: {'0' if all(v == 0 for v in values) else 'not above 0'} throughout")
+                continue
+            style = STYLES[i % len(STYLES)]
+            label = label_of(name, key)
+            # a series equal to an earlier run's lay exactly over it, and the legend listed a line the reader
+            # could not see (a new user's probe, 2026-12-07: DINO's lr and wd under MLS's): dashed, and said
+            twin = next((n for n, s in earlier.get(key, []) if same_series(s, (steps, values))), None)
+            earlier.setdefault(key, []).append((name, (steps, values)))
+            if twin is not None:
+                style, label = SAME_STYLE, f"{label} (same as {twin})"
+                record.same_as.setdefault(panel, []).append(label)
+            span = smoothing_span(len(values)) if options.get("smooth") else None
+            if span is None:
+                few = len(values) <= MARKER_POINTS
+                ax.plot(steps, values, linestyle=style, color=colour, linewidth=1.2, label=label,
+                        marker="o" if few else None, markersize=3.5)
+                if few:
+                    record.markers.add(key)
+            else:  # the raw values faint, the trend on top
+                ax.plot(steps, values, linestyle=style, color=colour, linewidth=0.7, alpha=0.25)
+                ax.plot(steps, ema(values, span), linestyle=style, color=colour, linewidth=1.8,
+                        label=f"{label} (EMA, span {span:.0f})")
+                record.smoothed[key] = max(span, record.smoothed.get(key, 0.0))
+            drawn.append(key)
+    return drawn
+
+
+def _set_axes(ax, ylabel: str, options: dict, drawn: list[str]) -> None:
+    """A panel's axis labels, its log scale (with plain tick text) and its top where the quantity has one."""
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    if options.get("log") and drawn:
+        ax.set_yscale("log")
+        # plain tick text: the default log labels are math text ("$\\mathdefault{10^{-3}}$"), which
+        # literal_text draws as written
+        from matplotlib.ticker import LogFormatter
+
+        ax.yaxis.set_major_formatter(LogFormatter())
+        ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
+    if options.get("top") is not None and drawn and ax.get_ylim()[1] > options["top"]:
+        ax.set_ylim(top=options["top"])  # no room above what the quantity can take (a momentum above 1)
+
+
+def _say_panel_notes(ax, panel: str, options: dict, drawn: list[str], record: _Drawn) -> None:
+    """A panel's notes, as its legend's title where it has lines (the legend covered them: a probe), else as text
+    in its corner; an empty panel says why in its middle."""
+    notes = []
+    if options.get("note") and drawn:
+        notes.append(options["note"])
+    if options.get("entropy"):
+        ax.set_ylim(bottom=0)
+        notes.append("log K: uniform outputs (collapse to uniform)\n0: one-hot outputs (a collapse "
+                     "when all pick the same one)")
+    if panel in record.not_drawn:  # a log axis has no place for them
+        notes.append("\n".join(record.not_drawn[panel]) + " (not drawn on a log axis)")
+    if drawn and options.get("unrecorded"):  # runs with a bank but no record, beside runs with (a probe, 2026-12-07)
+        record.not_recorded[panel] = options["unrecorded"]
+        notes.append("\n".join(["no bank health recorded:"] + _wrapped_reasons(record.not_recorded[panel])))
+    if drawn:
+        record.notes[panel] = notes
+        legend = ax.legend(fontsize=7, loc="best", title="\n".join(notes) or None, title_fontsize=7,
+                           alignment="left")
+        legend.get_title().set_color("0.35")
+    elif notes:
+        ax.text(0.01, 0.02, "\n".join(notes), transform=ax.transAxes, fontsize=7, color="0.35")
+    if not drawn:
+        record.empty[panel] = ("nothing above 0 to draw on a log axis" if panel in record.not_drawn
+                               else options.get("empty") or "not logged by these runs")
+        ax.text(0.5, 0.5, record.empty[panel], ha="center", va="center", transform=ax.transAxes, color="grey")
+
+
+@literal_text
+def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, *, title: str | None = None) -> dict:
+    """Draw the runs' curves to ``out`` (PNG); returns what each panel shows, which series were
+    smoothed (with their EMA span in points) and which were drawn with markers."""
+    plt = pyplot()
+
+    run_dirs = list(run_dirs)
+    runs = list(zip(short_names(run_dirs), (read_metrics(r) for r in run_dirs)))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    specs, throughput = _panel_specs(run_dirs, runs)
     columns = 3
     rows = (len(specs) + columns - 1) // columns
     figure, axes = plt.subplots(rows, columns, figsize=(16, 4.25 * rows), squeeze=False)
-    panels, smoothed, markers, empty, not_drawn, not_recorded, same_as, notes_of = {}, {}, set(), {}, {}, {}, {}, {}
+    record = _Drawn()
     for ax, (panel, keys_of, ylabel, options) in zip(axes.flat, specs):
-        label_of = options.get("label", lambda n, k: f"{n}: {k}")
-        drawn, earlier = [], {}  # earlier: key → [(run name, series)] drawn in this panel
-        for r, (name, series) in enumerate(runs):
-            colour = colours[r % len(colours)]
-            for i, key in enumerate(k for k in keys_of(series) if k in series):
-                steps, values = series[key]
-                scale = options.get("scale", 1.0)
-                values = [v * scale for v in values] if scale != 1.0 else values
-                # a weight decay of 0 was listed in the legend and invisible on the log axis (a probe, 2026-12-07)
-                if options.get("log") and all(v <= 0 for v in values):
-                    not_drawn.setdefault(panel, []).append(
-                        f"{label_of(name, key)}: {'0' if all(v == 0 for v in values) else 'not above 0'} throughout")
-                    continue
-                style = STYLES[i % len(STYLES)]
-                label = label_of(name, key)
-                # a series equal to an earlier run's lay exactly over it, and the legend listed a line the reader
-                # could not see (a new user's probe, 2026-12-07: DINO's lr and wd under MLS's): dashed, and said
-                twin = next((n for n, s in earlier.get(key, []) if same_series(s, (steps, values))), None)
-                earlier.setdefault(key, []).append((name, (steps, values)))
-                if twin is not None:
-                    style, label = SAME_STYLE, f"{label} (same as {twin})"
-                    same_as.setdefault(panel, []).append(label)
-                span = smoothing_span(len(values)) if options.get("smooth") else None
-                if span is None:
-                    few = len(values) <= MARKER_POINTS
-                    ax.plot(steps, values, linestyle=style, color=colour, linewidth=1.2, label=label,
-                            marker="o" if few else None, markersize=3.5)
-                    if few:
-                        markers.add(key)
-                else:  # the raw values faint, the trend on top
-                    ax.plot(steps, values, linestyle=style, color=colour, linewidth=0.7, alpha=0.25)
-                    ax.plot(steps, ema(values, span), linestyle=style, color=colour, linewidth=1.8,
-                            label=f"{label} (EMA, span {span:.0f})")
-                    smoothed[key] = max(span, smoothed.get(key, 0.0))
-                drawn.append(key)
+        drawn = _draw_lines(ax, panel, keys_of, options, runs, colours, record)
         if options.get("entropy"):  # the entropy of the uniform distribution: collapse to uniform
             _uniform_entropy_lines(ax, [(name, colours[r % len(colours)], _output_classes(run_dirs[r]))
                                         for r, (name, series) in enumerate(runs) if "teacher_entropy" in series])
-        ax.set_xlabel("step")
-        ax.set_ylabel(ylabel)
-        if options.get("log") and drawn:
-            ax.set_yscale("log")
-            # plain tick text: the default log labels are math text ("$\\mathdefault{10^{-3}}$"), which
-            # literal_text draws as written
-            from matplotlib.ticker import LogFormatter
-
-            ax.yaxis.set_major_formatter(LogFormatter())
-            ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False))
-        if options.get("top") is not None and drawn and ax.get_ylim()[1] > options["top"]:
-            ax.set_ylim(top=options["top"])  # no room above what the quantity can take (a momentum above 1)
-        notes = []  # said in the panel, as the legend's title where it has one: the legend covered them (a probe)
-        if options.get("note") and drawn:
-            notes.append(options["note"])
-        if options.get("entropy"):
-            ax.set_ylim(bottom=0)
-            notes.append("log K: uniform outputs (collapse to uniform)\n0: one-hot outputs (a collapse "
-                         "when all pick the same one)")
-        if panel in not_drawn:  # a log axis has no place for them
-            notes.append("\n".join(not_drawn[panel]) + " (not drawn on a log axis)")
-        if drawn and options.get("unrecorded"):  # runs with a bank but no record, beside runs with (a probe, 2026-12-07)
-            not_recorded[panel] = options["unrecorded"]
-            notes.append("\n".join(["no bank health recorded:"] + _wrapped_reasons(not_recorded[panel])))
-        if drawn:
-            notes_of[panel] = notes
-            legend = ax.legend(fontsize=7, loc="best", title="\n".join(notes) or None, title_fontsize=7,
-                               alignment="left")
-            legend.get_title().set_color("0.35")
-        elif notes:
-            ax.text(0.01, 0.02, "\n".join(notes), transform=ax.transAxes, fontsize=7, color="0.35")
-        if not drawn:
-            empty[panel] = ("nothing above 0 to draw on a log axis" if panel in not_drawn
-                            else options.get("empty") or "not logged by these runs")
-            ax.text(0.5, 0.5, empty[panel], ha="center", va="center", transform=ax.transAxes, color="grey")
+        _set_axes(ax, ylabel, options, drawn)
+        _say_panel_notes(ax, panel, options, drawn, record)
         ax.set_title(panel)
         ax.grid(alpha=0.3)
-        panels[panel] = sorted(set(drawn))
+        record.panels[panel] = sorted(set(drawn))
     for ax in list(axes.flat)[len(specs):]:
         ax.axis("off")
     figure.suptitle(title or ("training curves of " + ", ".join(n for n, _ in runs)))
     figure.tight_layout(rect=(0, 0, 1, 1 - 0.4 / (4.25 * rows)))  # room for the title
     save_figure(figure, out, dpi=100)
     plt.close(figure)
-    return {"out": str(out), "runs": [n for n, _ in runs], "panels": panels,
-            "smoothed": {k: round(v, 2) for k, v in sorted(smoothed.items())}, "markers": sorted(markers),
-            "empty": empty, "not_drawn": not_drawn,  # why a panel is empty, and what a log axis left out
-            "not_recorded": not_recorded,  # runs a panel has no line of, and why
-            "same_as": same_as,  # the lines equal to an earlier run's, drawn dashed over it, as their legend says
-            "notes": {p: n for p, n in notes_of.items() if n},  # what heads each panel's legend
+    return {"out": str(out), "runs": [n for n, _ in runs], "panels": record.panels,
+            "smoothed": {k: round(v, 2) for k, v in sorted(record.smoothed.items())}, "markers": sorted(record.markers),
+            "empty": record.empty, "not_drawn": record.not_drawn,  # why a panel is empty, and what a log axis left out
+            "not_recorded": record.not_recorded,  # runs a panel has no line of, and why
+            "same_as": record.same_as,  # the lines equal to an earlier run's, dashed over it, as their legend says
+            "notes": {p: n for p, n in record.notes.items() if n},  # what heads each panel's legend
             "throughput_units": throughput}  # run → its throughput series → unit ({} where monitors are drawn)

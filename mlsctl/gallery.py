@@ -690,7 +690,7 @@ def search_sets(gallery: "Gallery", model: SetModel, queries: Sequence[tuple[int
             if unreadable:
                 pending.append((number, record, _set_error(source, number, unreadable)))
             else:
-                note = long_query_note(model, len(photos))
+                note = long_set_note(model, len(photos))
                 if note:  # in a JSON record, as the service's answers: without the console's "note: "
                     record["note"] = note[len("note: "):]
                 pending.append((number, record, model.fold(None, cls, tokens)))
@@ -1998,45 +1998,32 @@ def add_to_gallery(path: str | os.PathLike, object_id: str, photos: Sequence, *,
             target.check_new_id(object_id, "--object")
         model = choose_set_model(run or target.built_with_run(), say=say)
         created, count = target.add(model, object_id, photos)
-    note = long_set_note(model, object_id, count)
+    note = long_set_note(model, count, object_id)
     if note:
         say(note)
     return target, created, count, len(photos)
 
 
-def long_set_note(model: SetModel, object_id: str, photos: int, name_run: bool = True) -> Optional[str]:
-    """The note for an object whose photos outnumber, more than twice, the sets its MILE run trained on
-    (``method.set_length``), or None: the set encoder folds photos one after another, and sets much longer than
-    training's are untested; a new user's probe (2026-12-07, a 12-step run) saw an object of 8 photos rank 10th and
-    one of 32 (8 photos given 4 times) 76th for two of its own photos, where one of 4 ranked first."""
-    if not _much_longer_than_training(model, photos):
+def long_set_note(model: SetModel, photos: int, object_id: Optional[str] = None, *,
+                  name_run: bool = True) -> Optional[str]:
+    """The note for a set of more than twice the photos of the sets its MILE run trained on (``method.set_length``;
+    a mean-CLS model has none), or None: object ``object_id``'s folded photos, or without it a query set's. The set
+    encoder folds photos one after another, and sets much longer than training's are untested: a new user's probe
+    (2026-12-07, a 12-step run) saw an object of 8 photos rank 10th and one of 32 (8 photos given 4 times) 76th for
+    two of its own photos, where one of 4 ranked first, and a query of one photo given again score its own object
+    0.46 where the photo once scored 0.87; a query of a few of the photos is what the model was trained to fold.
+    Without ``name_run`` (the service's answers: no server paths) the run is "the gallery's run"."""
+    length = model.set_length
+    if not length or photos <= 2 * length:
         return None
-    return (f"note: object '{printable(object_id)}' now folds {photos} photos, {_trained_sets(model, name_run)}, "
-            f"and an object of many photos (or of one photo given again) may rank lower for its own photos")
-
-
-_TRAINED_SETS = ("more than twice the {model.set_length} a set held when {run} trained (method.set_length): "
-                 "sets much longer than training's are untested")
-
-
-def _trained_sets(model, name_run: bool) -> str:
-    """The long-set notes' clause; without ``name_run`` (the service's answers: no server paths) "the run"."""
-    return _TRAINED_SETS.format(model=model, run=f"run {model.run}" if name_run else "the gallery's run")
-
-
-def _much_longer_than_training(model, photos: int) -> bool:
-    """More than twice the photos of a MILE run's training sets (a mean-CLS model has no set length)."""
-    return bool(model.set_length) and photos > 2 * model.set_length
-
-
-def long_query_note(model: SetModel, photos: int, name_run: bool = True) -> Optional[str]:
-    """:func:`long_set_note`'s counterpart for a query set, or None: the same probe (2026-12-07) saw a query of one
-    photo given again score its own object 0.46 where the photo once scored 0.87; a query of a few of the photos
-    is what the model was trained to fold."""
-    if not _much_longer_than_training(model, photos):
-        return None
-    return (f"note: the query set folds {photos} photos, {_trained_sets(model, name_run)}: its object may rank "
-            f"lower than for a few of its photos; search with {model.set_length} to {2 * model.set_length} of them")
+    run = f"run {model.run}" if name_run else "the gallery's run"
+    trained = (f"more than twice the {length} a set held when {run} trained (method.set_length): "
+               f"sets much longer than training's are untested")
+    if object_id is None:
+        return (f"note: the query set folds {photos} photos, {trained}: its object may rank lower than for a few of "
+                f"its photos; search with {length} to {2 * length} of them")
+    return (f"note: object '{printable(object_id)}' now folds {photos} photos, {trained}, and an object of many "
+            f"photos (or of one photo given again) may rank lower for its own photos")
 
 
 def remove_from_gallery(path: str | os.PathLike, ids: Sequence[str], *, missing_ok: bool = False,

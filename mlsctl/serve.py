@@ -602,7 +602,7 @@ class GalleryService:
 
     # ------------------------------------------------------------------ endpoints
     def search(self, photos: list[Photo], k: int) -> dict:
-        from mlsctl.gallery import long_query_note, ranked
+        from mlsctl.gallery import long_set_note, ranked
 
         started = time.perf_counter()
         cls, tokens = self.tokens(photos)
@@ -610,7 +610,7 @@ class GalleryService:
             latent = self.model.fold(None, cls, tokens)
         with self.index_lock:
             found = self.gallery.search(latent, k)
-        note = long_query_note(self.model, len(photos), name_run=False)  # many photos (a probe); no server path
+        note = long_set_note(self.model, len(photos), name_run=False)  # many photos (a probe); no server path
         return {"photos": len(photos), "results": ranked(found), **({"note": note[len("note: "):]} if note else {}),
                 "seconds": round(time.perf_counter() - started, 4)}
 
@@ -654,7 +654,7 @@ class GalleryService:
             self.added["requests"] += 1
             self.added["photos"] += len(photos)
             self.added["objects"] += created
-        note = long_set_note(self.model, object_id, count, name_run=False)  # many photos (a probe); no server path
+        note = long_set_note(self.model, count, object_id, name_run=False)  # many photos (a probe); no server path
         return {"object": object_id, "created": created, "photos": count, "objects": total,
                 **({"note": note[len("note: "):]} if note else {})}
 

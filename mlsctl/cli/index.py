@@ -286,7 +286,7 @@ def search(
 
     Many sets, one model load: mlsctl search --sets queries.jsonl --index galleries/products > results.jsonl
     """
-    from mlsctl.gallery import (Gallery, check_photos, choose_set_model, long_query_note, missing_sets,
+    from mlsctl.gallery import (Gallery, check_photos, choose_set_model, long_set_note, missing_sets,
                                 newest_gallery, photos_of_folders, printable, ranked, read_query_sets, search_sets)
 
     if images is not None and sets is not None:
@@ -344,7 +344,7 @@ def search(
         return
     cls, tokens = model.image_tokens(images)  # each photo resized as it is decoded: only those copies are kept
     found = target.search(model.fold(None, cls, tokens), k)
-    note = long_query_note(model, len(images))
+    note = long_set_note(model, len(images))
     if as_json:
         print(json.dumps({"gallery": str(index), "set": [str(p) for p in images], "results": ranked(found),
                           **({"note": note[len("note: "):]} if note else {})}, indent=2))

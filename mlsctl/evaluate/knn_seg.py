@@ -683,6 +683,49 @@ def training_rows(n: int, fraction: Fraction, run_seed: int) -> list[int]:
     return sorted(np.random.default_rng(run_seed).choice(n, count, replace=False).tolist())
 
 
+def fraction_result(fraction: Fraction, train_images: int, outcomes: list[dict],
+                    names: Optional[list[str]]) -> dict:
+    """One label fraction's row of the result from its runs' ``outcomes`` (:func:`evaluate_once`): the runs'
+    mean mIoU (and its standard deviation over runs), Hungarian mIoU and per-class IoU, the foreground scores
+    where class 0 is a background, and what the constant rule scores (its class an index, named later). Each
+    outcome gets its foreground scores and its confusion matrix as a list, for the JSON."""
+    mious = np.array([o["miou"] for o in outcomes])
+    class_mean = _mean_iou_per_class(outcomes)
+    # the constant rule with the majority class of the fraction's first run (runs of one fraction draw
+    # training subsets of one size; their majority class is nearly always the same)
+    chance = constant_rule(outcomes[0]["confusion"], outcomes[0]["majority_class"], names)
+    for o in outcomes:
+        o.update(foreground_scores(o["confusion"], names))  # where class 0 is a background
+        o["confusion"] = o["confusion"].tolist()  # [true, predicted] pixel counts, for other summaries
+    foreground = ({"foreground_iou": float(np.mean([o["foreground_iou"] for o in outcomes])),
+                   "binary_miou": float(np.mean([o["binary_miou"] for o in outcomes]))}
+                  if "foreground_iou" in outcomes[0] else {})
+    return {
+        "fraction": f"{fraction.numerator}/{fraction.denominator}",
+        "train_images": train_images,
+        "miou": float(mious.mean()),
+        "miou_std": float(mious.std(ddof=1)) if len(mious) > 1 else 0.0,
+        "miou_hungarian": float(np.mean([o["miou_hungarian"] for o in outcomes])),
+        "iou_per_class": [None if np.isnan(v) else float(v) for v in class_mean],
+        **foreground,
+        "chance": {**chance, "majority_class": outcomes[0]["majority_class"]},
+        "runs": outcomes,
+    }
+
+
+def _mean_iou_per_class(outcomes: list[dict]) -> np.ndarray:
+    """Each class's IoU averaged over the runs that saw it (NaN where none did), over the widest confusion
+    matrix of the runs."""
+    confusion_classes = max(o["confusion"].shape[0] for o in outcomes)
+    per_class = np.full((len(outcomes), confusion_classes), np.nan)
+    for i, o in enumerate(outcomes):
+        values = [np.nan if v is None else v for v in o["iou_per_class"]]
+        per_class[i, :len(values)] = values
+    with warnings.catch_warnings():  # a class absent from every run has no mean: NaN, reported as None
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(per_class, 0) if len(outcomes) else per_class[0]
+
+
 def knn_segmentation(train: FeatureMasks, val: FeatureMasks, fractions: Sequence[Fraction], settings: Settings, *,
                      augmented: Optional[AugmentedPasses] = None, names: Optional[list[str]] = None,
                      progress: Optional[bool] = False) -> dict:
@@ -693,7 +736,6 @@ def knn_segmentation(train: FeatureMasks, val: FeatureMasks, fractions: Sequence
 
     train.features.check_same_model(val.features)
     num_classes = segmentation_classes(train, val, names, settings.ignore_index)
-    results = []
     n = len(train)
     plan = [(fraction, list(range(settings.runs)) if fraction < 1 else [0]) for fraction in fractions]
     total = sum(len(r) for _, r in plan) * len(val)
@@ -701,8 +743,8 @@ def knn_segmentation(train: FeatureMasks, val: FeatureMasks, fractions: Sequence
     unit = ("val images segmented" if total == len(val) else
             f"val image segmentations ({len(val):,} images x {total // len(val)} fractions and runs)")
     bar = progress_bar(total, "knn-seg", unit, progress)
+    results = []
     for fraction, runs in plan:
-        count = max(1, round(n * fraction))
         outcomes = []
         for run in runs:
             run_seed = settings.seed + run
@@ -710,35 +752,7 @@ def knn_segmentation(train: FeatureMasks, val: FeatureMasks, fractions: Sequence
             outcomes.append(evaluate_once(train, val, rows, settings, num_classes, run_seed, augmented, bar.update))
             if not outcomes[-1]["confusion"].sum():
                 raise UserError(no_labelled_pixels(val, settings.ignore_index))
-        confusion_classes = max(o["confusion"].shape[0] for o in outcomes)
-        per_class = np.full((len(outcomes), confusion_classes), np.nan)
-        for i, o in enumerate(outcomes):
-            values = [np.nan if v is None else v for v in o["iou_per_class"]]
-            per_class[i, :len(values)] = values
-        mious = np.array([o["miou"] for o in outcomes])
-        with warnings.catch_warnings():  # a class absent from every run has no mean: NaN, reported as None
-            warnings.simplefilter("ignore", RuntimeWarning)
-            class_mean = np.nanmean(per_class, 0) if len(outcomes) else per_class[0]
-        # the constant rule with the majority class of the fraction's first run (runs of one fraction draw
-        # training subsets of one size; their majority class is nearly always the same)
-        chance = constant_rule(outcomes[0]["confusion"], outcomes[0]["majority_class"], names)
-        for o in outcomes:
-            o.update(foreground_scores(o["confusion"], names))  # where class 0 is a background
-            o["confusion"] = o["confusion"].tolist()  # [true, predicted] pixel counts, for other summaries
-        foreground = ({"foreground_iou": float(np.mean([o["foreground_iou"] for o in outcomes])),
-                       "binary_miou": float(np.mean([o["binary_miou"] for o in outcomes]))}
-                      if "foreground_iou" in outcomes[0] else {})
-        results.append({
-            "fraction": f"{fraction.numerator}/{fraction.denominator}",
-            "train_images": count,
-            "miou": float(mious.mean()),
-            "miou_std": float(mious.std(ddof=1)) if len(mious) > 1 else 0.0,
-            "miou_hungarian": float(np.mean([o["miou_hungarian"] for o in outcomes])),
-            "iou_per_class": [None if np.isnan(v) else float(v) for v in class_mean],
-            **foreground,
-            "chance": {**chance, "majority_class": outcomes[0]["majority_class"]},
-            "runs": outcomes,
-        })
+        results.append(fraction_result(fraction, max(1, round(n * fraction)), outcomes, names))
     bar.close()
     classes = list(names or [])
     classes += [str(c) for c in range(len(classes), max(len(r["iou_per_class"]) for r in results))]

@@ -162,13 +162,7 @@ def _headline(result: dict) -> dict[str, Optional[float]]:
     if command == "eval linear":
         return {"mAP": rows["mAP"]} if result.get("multi_label") else {"top-1": rows["top1"], "top-5": rows["top5"]}
     if command == "eval knn-seg":
-        out: dict[str, Optional[float]] = {}
-        for row in rows:
-            suffix = "" if row["fraction"] == "1/1" else f" {row['fraction']}"
-            out[f"mIoU{suffix}"] = row["miou"]
-            if "foreground_iou" in row:
-                out[f"foreground IoU{suffix}"] = row["foreground_iou"]
-        return out
+        return _knn_seg_columns(rows, lambda row, key: row[key])
     if command == "eval linear-seg":
         return {"mIoU": result["miou"], **({"foreground IoU": result["foreground_iou"]} if "foreground_iou" in result
                                            else {}), "pixel accuracy": result["pixel_accuracy"]}
@@ -184,6 +178,19 @@ def _headline(result: dict) -> dict[str, Optional[float]]:
     if command == "eval recall":
         return {**{f"R@{k}": value for k, value in result["recall"].items()}, "MAP@R": result["map_at_r"]}
     raise KeyError("command")
+
+
+def _knn_seg_columns(rows: list[dict], score: Callable[[dict, str], Optional[float]]) -> dict[str, Optional[float]]:
+    """``eval knn-seg``'s :func:`headline` columns: ``mIoU`` and, where a row has it, ``foreground IoU`` of each
+    label-fraction row, with `` F`` for each fraction F but 1/1; ``score(row, key)`` reads the row's score of
+    ``key`` (``miou``, ``foreground_iou``): the model's, or what chance scores."""
+    out: dict[str, Optional[float]] = {}
+    for row in rows:
+        suffix = "" if row["fraction"] == "1/1" else f" {row['fraction']}"
+        out[f"mIoU{suffix}"] = score(row, "miou")
+        if "foreground_iou" in row:
+            out[f"foreground IoU{suffix}"] = score(row, "foreground_iou")
+    return out
 
 
 def chance_headline(result: dict) -> Optional[tuple[str, dict[str, Optional[float]]]]:
@@ -211,13 +218,10 @@ def chance_headline(result: dict) -> Optional[tuple[str, dict[str, Optional[floa
         return "chance (a random ranking)", {**{f"R@{k}": value for k, value in chance.items()},
                                              "MAP@R": result.get("chance_map_at_r")}
     if command == "eval knn-seg":  # each fraction's own constant rule (its training subset's majority class)
-        out: dict[str, Optional[float]] = {}
-        for row in result["results"]:
-            suffix = "" if row["fraction"] == "1/1" else f" {row['fraction']}"
-            row_chance = row.get("chance") if isinstance(row.get("chance"), dict) else chance
-            out[f"mIoU{suffix}"] = row_chance.get("miou")
-            if "foreground_iou" in row:
-                out[f"foreground IoU{suffix}"] = row_chance.get("foreground_iou")
+        def fraction_chance(row: dict) -> dict:
+            return row["chance"] if isinstance(row.get("chance"), dict) else chance
+
+        out = _knn_seg_columns(result["results"], lambda row, key: fraction_chance(row).get(key))
         classes = {(row.get("chance") or chance).get("majority_class") for row in result["results"]
                    if isinstance(row.get("chance") or chance, dict)}  # one class named only where every fraction has it
         named = f", {classes.pop()}" if len(classes) == 1 else ""

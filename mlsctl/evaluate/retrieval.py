@@ -368,6 +368,37 @@ def trained_methods(model) -> tuple[str, ...]:
     return METHODS if model.kind == "mile" else ("max-pairwise", "mean-cls")
 
 
+def _say_query_set_notes(sizes: list[int], query_size: Optional[int], noise: Sequence[float], say) -> None:
+    """The notes on the sampled query sets (``sizes``, sorted): objects with fewer than ``query_size`` query photos,
+    whose sets hold all they have, and each noise fraction that replaces no photo of any set."""
+    if query_size is not None and sizes[0] < query_size:
+        fewer = sum(size < query_size for size in sizes)
+        say(f"note: {fewer} of {len(sizes)} objects have fewer than {query_size} query photos; their sets hold all "
+            f"they have ({sizes[0]}{'' if sizes[0] == sizes[-1] else f' to {sizes[-1]}'} photos a set)")
+    for fraction in noise:
+        if fraction > 0 and not any(replaced_photos(fraction, size) for size in sizes):
+            say(f"note: noise {100 * fraction:.0f}% replaces no photo of any query set (round({fraction:g} × "
+                f"{sizes[-1]}) = 0): its rows score the clean sets again; give larger query sets (--query-size) or "
+                f"a larger --noise")
+
+
+def _embed_photos(model, start, paths: list, workers: Optional[int]
+                  ) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+    """Each photo's CLS token and patch tokens under the run's trained teacher (the tokens None unless its set model
+    attends to patches), and its CLS token under ``start``, the backbone the run started from: one decoding of
+    each photo for both."""
+    from mlsctl.gallery import photo_batches
+
+    cls, tokens, start_cls = [], [], []
+    for _, pixels, _ in photo_batches(paths, model.preprocessor(), workers=workers,
+                                      pin_memory=model.device.type == "cuda"):
+        batch_cls, batch_tokens = model.pixel_tokens(pixels)
+        cls.append(batch_cls)
+        tokens.append(batch_tokens)
+        start_cls.append(start.pixel_tokens(pixels)[0])
+    return torch.cat(cls), (torch.cat(tokens) if model.attend == "patches" else None), torch.cat(start_cls)
+
+
 def evaluate_set_model(model, photos: PairedPhotos, gallery, query, *, query_size: Optional[int],
                        noise: Sequence[float], seed: int, workers: Optional[int] = None, say=to_stderr,
                        gallery_objects=None, query_objects=None) -> dict:
@@ -379,22 +410,13 @@ def evaluate_set_model(model, photos: PairedPhotos, gallery, query, *, query_siz
     import dataclasses
     import time
 
-    from mlsctl.gallery import photo_batches
     from mlsctl.restore import from_run_start
 
     say(f"{len(photos.objects)} objects in both {gallery} ({photos.gallery_objects}) and {query} "
         f"({photos.query_objects})")
     query_rows = sample_sets(photos.query_rows, query_size, seed)
     sizes = sorted(len(rows) for rows in query_rows)
-    if query_size is not None and sizes[0] < query_size:
-        fewer = sum(size < query_size for size in sizes)
-        say(f"note: {fewer} of {len(sizes)} objects have fewer than {query_size} query photos; their sets hold all "
-            f"they have ({sizes[0]}{'' if sizes[0] == sizes[-1] else f' to {sizes[-1]}'} photos a set)")
-    for fraction in noise:
-        if fraction > 0 and not any(replaced_photos(fraction, size) for size in sizes):
-            say(f"note: noise {100 * fraction:.0f}% replaces no photo of any query set (round({fraction:g} × "
-                f"{sizes[-1]}) = 0): its rows score the clean sets again; give larger query sets (--query-size) or "
-                f"a larger --noise")
+    _say_query_set_notes(sizes, query_size, noise, say)
     used = sorted({row for rows in photos.gallery_rows + query_rows for row in rows})  # not the query photos left out
     new_row = {row: i for i, row in enumerate(used)}
     gallery_rows = [[new_row[row] for row in rows] for rows in photos.gallery_rows]
@@ -404,15 +426,7 @@ def evaluate_set_model(model, photos: PairedPhotos, gallery, query, *, query_siz
     started = time.perf_counter()
     start = dataclasses.replace(model, backbone=from_run_start(model.run), attend="cls")  # its baselines need CLS only
     start.backbone.backbone.to(model.device)
-    cls, tokens, start_cls = [], [], []
-    for _, pixels, _ in photo_batches([photos.paths[row] for row in used], model.preprocessor(), workers=workers,
-                                      pin_memory=model.device.type == "cuda"):
-        batch_cls, batch_tokens = model.pixel_tokens(pixels)
-        cls.append(batch_cls)
-        tokens.append(batch_tokens)
-        start_cls.append(start.pixel_tokens(pixels)[0])
-    cls, start_cls = torch.cat(cls), torch.cat(start_cls)
-    tokens = torch.cat(tokens) if model.attend == "patches" else None
+    cls, tokens, start_cls = _embed_photos(model, start, [photos.paths[row] for row in used], workers)
     results = evaluate_retrieval(model, gallery_rows, query_rows, cls, tokens, noise=noise, seed=seed,
                                  methods=trained_methods(model))
     results += evaluate_retrieval(start, gallery_rows, query_rows, start_cls, None, noise=noise, seed=seed,

@@ -86,6 +86,56 @@ def _pick_query(before: torch.Tensor, after: torch.Tensor, context_before: torch
     return 0, False
 
 
+def _draw_tracks(ax, tracks: np.ndarray, labels: list[str], colour: dict, sup: str, projection: str) -> None:
+    """The left panel: each embedding's track e⁰ → … → e^T (``tracks``: [T + 1, n, 2]) in its class colour, a
+    small circle at e⁰ and a dot at e^T."""
+    n = tracks.shape[1]
+    for i in range(n):
+        c = colour[labels[i]]
+        ax.plot(tracks[:, i, 0], tracks[:, i, 1], "-", color=c, alpha=0.55, linewidth=0.8)
+        ax.scatter(tracks[0, i, 0], tracks[0, i, 1], s=10, facecolors="none", edgecolors=[c], linewidths=0.6)
+        ax.scatter(tracks[-1, i, 0], tracks[-1, i, 1], s=14, color=[c])
+    repeat = ", colours repeat" if len(colour) > 20 else ""  # tab20: said only where it happens (a new user)
+    ax.set_title(f"{n} embeddings, e⁰ (circle) → e{sup} (dot), one colour per class "
+                 f"({counted(len(set(labels)), 'class', 'classes')}{repeat})", fontsize=10)
+    ax.set_xlabel(f"{projection.upper()} 1")
+    ax.set_ylabel(f"{projection.upper()} 2")
+
+
+def _draw_query(ax, q_track: np.ndarray, q_class: str, q_states: torch.Tensor, neighbour_xy: np.ndarray,
+                neighbour_names: list[str], neighbour_x: torch.Tensor, attention: torch.Tensor, colour: dict,
+                sup: str) -> None:
+    """The right panel: the query's track e⁰ → e^T (``q_track``: [T + 1, 2], of its states ``q_states``:
+    [T + 1, d]) and its k context neighbours (``neighbour_x``: their unit rows) as numbered squares (area: the
+    last block's ``attention``), with a table beside the panel of each one's class, attention a and cosine to the
+    query's e⁰ → e^T."""
+    cos_before, cos_after = neighbour_x @ q_states[0], neighbour_x @ q_states[-1]
+    ax.plot(q_track[:, 0], q_track[:, 1], "-o", color="black", markersize=3, linewidth=1.5,
+            label=f"query ({q_class}) e⁰ (circle) → e{sup} (star, its class colour)")
+    ax.scatter(q_track[0, 0], q_track[0, 1], s=120, facecolors="none", edgecolors="black", linewidths=2)
+    ax.scatter(q_track[-1, 0], q_track[-1, 1], s=220, marker="*", color=[colour[q_class]], edgecolors="black")
+    # each square numbered, its values in a table beside the panel: labels beside squares that lie close together
+    # piled up unreadably (a new user's run-through, 2026-12-06)
+    rows_text = [f"{'':2} {'class':<12} {'same':>4} {'a':>5} {'cos e⁰→e' + sup:>13}"]
+    for j, name in enumerate(neighbour_names):
+        same = name == q_class
+        # fill: the neighbour's class colour; frame: solid black for the query's class, dashed grey for another
+        # (green and red frames read as class colours of the palette: a new user, 2026-12-06)
+        ax.scatter(neighbour_xy[j, 0], neighbour_xy[j, 1], s=60 + 1500 * float(attention[j]), marker="s",
+                   color=[colour[name]], edgecolors="black" if same else "grey", linewidths=2.5 if same else 1.5,
+                   linestyles="solid" if same else "dashed")
+        ax.annotate(str(j + 1), neighbour_xy[j], textcoords="offset points", xytext=(5, 5), fontsize=9,
+                    fontweight="bold")
+        rows_text.append(f"{j + 1:>2} {name[:12]:<12} {'yes' if same else 'no':>4} {float(attention[j]):5.2f} "
+                         f"{float(cos_before[j]):6.2f} → {float(cos_after[j]):5.2f}")
+    ax.text(1.02, 1.0, "\n".join(rows_text), transform=ax.transAxes, va="top", ha="left", fontsize=8,
+            family="monospace")
+    ax.scatter([], [], marker="s", color="white", edgecolors="black", linewidths=2.5,
+               label="neighbour of the query's class (fill: its class colour)")
+    ax.scatter([], [], marker="s", color="white", edgecolors="grey", linewidths=1.5, linestyles="dashed",
+               label="neighbour of another class")
+
+
 @literal_text
 def drift_figure(run_dir: str | Path, feats_dir: str | Path, out: str | Path, *, context_dir: Optional[str | Path] = None,
                  labels_file: Optional[Path] = None, points: int = 500, projection: str = "pca", seed: int = 0,
@@ -126,47 +176,12 @@ def drift_figure(run_dir: str | Path, feats_dir: str | Path, out: str | Path, *,
     cmap = plt.get_cmap("tab20")
     colour = {c: cmap(i % 20) for i, c in enumerate(classes)}
     figure, (left, right) = plt.subplots(1, 2, figsize=(18, 7))
-    for i in range(n):
-        c = colour[labels[i]]
-        left.plot(tracks[:, i, 0], tracks[:, i, 1], "-", color=c, alpha=0.55, linewidth=0.8)
-        left.scatter(tracks[0, i, 0], tracks[0, i, 1], s=10, facecolors="none", edgecolors=[c], linewidths=0.6)
-        left.scatter(tracks[-1, i, 0], tracks[-1, i, 1], s=14, color=[c])
-    repeat = ", colours repeat" if len(classes) > 20 else ""  # tab20: said only where it happens (a new user)
-    left.set_title(f"{n} embeddings, e⁰ (circle) → e{sup} (dot), one colour per class "
-                   f"({counted(len(set(labels)), 'class', 'classes')}{repeat})", fontsize=10)
-    left.set_xlabel(f"{projection.upper()} 1")
-    left.set_ylabel(f"{projection.upper()} 2")
-
-    q_track = tracks[:, pick]
+    _draw_tracks(left, tracks, labels, colour, sup, projection)
     q_class = labels[pick]
-    right.plot(q_track[:, 0], q_track[:, 1], "-o", color="black", markersize=3, linewidth=1.5,
-               label=f"query ({q_class}) e⁰ (circle) → e{sup} (star, its class colour)")
-    right.scatter(q_track[0, 0], q_track[0, 1], s=120, facecolors="none", edgecolors="black", linewidths=2)
-    right.scatter(q_track[-1, 0], q_track[-1, 1], s=220, marker="*", color=[colour[q_class]], edgecolors="black")
-    cos_before = context_x[neighbour_rows] @ states[0, pick]
-    cos_after = context_x[neighbour_rows] @ states[-1, pick]
     last_attention = attentions[-1, pick] if attentions.numel() else torch.full((k,), 1.0 / k)
-    # each square numbered, its values in a table beside the panel: labels beside squares that lie close together
-    # piled up unreadably (a new user's run-through, 2026-12-06)
-    rows_text = [f"{'':2} {'class':<12} {'same':>4} {'a':>5} {'cos e⁰→e' + sup:>13}"]
-    for j, row in enumerate(neighbour_rows.tolist()):
-        name = context_names[row]
-        same = name == q_class
-        # fill: the neighbour's class colour; frame: solid black for the query's class, dashed grey for another
-        # (green and red frames read as class colours of the palette: a new user, 2026-12-06)
-        right.scatter(neighbour_xy[j, 0], neighbour_xy[j, 1], s=60 + 1500 * float(last_attention[j]), marker="s",
-                      color=[colour[name]], edgecolors="black" if same else "grey", linewidths=2.5 if same else 1.5,
-                      linestyles="solid" if same else "dashed")
-        right.annotate(str(j + 1), neighbour_xy[j], textcoords="offset points", xytext=(5, 5), fontsize=9,
-                       fontweight="bold")
-        rows_text.append(f"{j + 1:>2} {name[:12]:<12} {'yes' if same else 'no':>4} {float(last_attention[j]):5.2f} "
-                         f"{float(cos_before[j]):6.2f} → {float(cos_after[j]):5.2f}")
-    right.text(1.02, 1.0, "\n".join(rows_text), transform=right.transAxes, va="top", ha="left", fontsize=8,
-               family="monospace")
-    right.scatter([], [], marker="s", color="white", edgecolors="black", linewidths=2.5,
-                  label="neighbour of the query's class (fill: its class colour)")
-    right.scatter([], [], marker="s", color="white", edgecolors="grey", linewidths=1.5, linestyles="dashed",
-                  label="neighbour of another class")
+    _draw_query(right, tracks[:, pick], q_class, states[:, pick], neighbour_xy,
+                [context_names[row] for row in neighbour_rows.tolist()], context_x[neighbour_rows], last_attention,
+                colour, sup)
     among = f"its e{sup}" if len(context) <= EXACT_PICK_ROWS else f"the e{sup} of its rows near the sampled queries"
     how = (f"its nearest neighbour turns from another class to its own (e⁰ among the context's e⁰, e{sup} among {among})"
            if fixed else "no sampled query's nearest neighbour turns to its own class; the first one")
