@@ -46,30 +46,10 @@ def build(
     sums its teacher's CLS embeddings of them, whose cosine is that of their mean (eval retrieval's mean-cls).
     Example: mlsctl index build data/fmnist-products/gallery --run runs/mile_fmnist_quick --out galleries/products
     """
-    from mlsctl.data.kinds import folder_kind
-    from mlsctl.features import is_feature_folder
-    from mlsctl.gallery import (IndexSettings, build_gallery, check_gallery_free, check_gallery_target,
-                                check_index_fits, check_objects_source, check_what_a_rebuild_drops, choose_set_model,
-                                count_source_objects, object_folders, source_counts, unfinished_run_note)
+    from mlsctl.gallery import IndexSettings, build_gallery, choose_set_model, unfinished_run_note
 
-    check_gallery_target(out, overwrite, source)  # before the model loads
-    if not source.exists():  # so is a source that is not there (a new user, 2026-12-06: said after the model line)
-        raise UserError(f"gallery images {source} does not exist; give a folder with one sub-folder of photos per "
-                        f"object, or their feature folder")
-    kind = folder_kind(source)
-    if kind in ("a run folder", "a gallery"):  # said before the model loads, not after (a probe, 2026-12-06)
-        raise UserError(f"gallery images {source} is {kind}; give a folder with one sub-folder of photos per object, "
-                        f"or their feature folder" + (" (a run goes to --run)" if kind == "a run folder" else ""))
-    settings = IndexSettings(index, nlist, pq_m, pq_bits, nprobe, refine).check()  # before the model loads
-    check_objects_source(source, objects)
-    # the objects and their photos (an objects file's rows too) before the model loads (a review, 2026-12-07)
-    groups = None if is_feature_folder(source) else object_folders(source, objects)
-    check_index_fits(settings, count_source_objects(source, groups))  # IVF-PQ's least objects: before the model
-    check_gallery_free(out)  # a server holding --out: before the model loads, as index add says it
-    if drop_added and not overwrite:
-        raise UserError("--drop-added goes with --overwrite: it lets a rebuild drop what was added to the gallery")
-    if overwrite and not drop_added:  # what the rebuild would drop, refused before the model loads
-        check_what_a_rebuild_drops(out, source_counts(source, groups), say=lambda _: None)
+    settings = IndexSettings(index, nlist, pq_m, pq_bits, nprobe, refine)
+    groups = _check_build_before_the_model(source, objects, out, settings, overwrite, drop_added)
     model = choose_set_model(run, say=say, features=source)
     unfinished = unfinished_run_note(model)
     if unfinished:
@@ -84,6 +64,38 @@ def build(
     probes = f"nprobe {probed}" + (f": every list, of the {nprobe} asked" if probed < nprobe else "")
     print(f"built {out}: {record['objects']} objects from {record['images']} images, index {index}"
           + (f" (nlist {settings.nlist}, m {settings.m}, {pq_bits} bits, {probes})" if index == "ivfpq" else ""))
+
+
+def _check_build_before_the_model(source: Path, objects: Optional[Path], out: Path, settings, overwrite: bool,
+                                  drop_added: bool) -> Optional[dict]:
+    """What ``index build`` checks before its model loads (a new user waited for the model to hear of a typo):
+    ``--out``, the source and its objects (an objects file's rows too), the index settings and whether they fit
+    the objects, a server holding ``--out``, and what a rebuild would drop. Returns the source's object folders
+    (None for a feature folder), which the build embeds."""
+    from mlsctl.data.kinds import folder_kind
+    from mlsctl.features import is_feature_folder
+    from mlsctl.gallery import (check_gallery_free, check_gallery_target, check_index_fits, check_objects_source,
+                                check_what_a_rebuild_drops, count_source_objects, object_folders, source_counts)
+
+    check_gallery_target(out, overwrite, source)  # before the model loads
+    if not source.exists():  # so is a source that is not there (a new user, 2026-12-06: said after the model line)
+        raise UserError(f"gallery images {source} does not exist; give a folder with one sub-folder of photos per "
+                        f"object, or their feature folder")
+    kind = folder_kind(source)
+    if kind in ("a run folder", "a gallery"):  # said before the model loads, not after (a probe, 2026-12-06)
+        raise UserError(f"gallery images {source} is {kind}; give a folder with one sub-folder of photos per object, "
+                        f"or their feature folder" + (" (a run goes to --run)" if kind == "a run folder" else ""))
+    settings.check()  # before the model loads
+    check_objects_source(source, objects)
+    # the objects and their photos (an objects file's rows too) before the model loads (a review, 2026-12-07)
+    groups = None if is_feature_folder(source) else object_folders(source, objects)
+    check_index_fits(settings, count_source_objects(source, groups))  # IVF-PQ's least objects: before the model
+    check_gallery_free(out)  # a server holding --out: before the model loads, as index add says it
+    if drop_added and not overwrite:
+        raise UserError("--drop-added goes with --overwrite: it lets a rebuild drop what was added to the gallery")
+    if overwrite and not drop_added:  # what the rebuild would drop, refused before the model loads
+        check_what_a_rebuild_drops(out, source_counts(source, groups), say=lambda _: None)
+    return groups
 
 
 SET_MODEL_NAMES = {"mile": "MILE sets", "mean-cls": "mean-CLS sets"}  # what index info calls each kind
