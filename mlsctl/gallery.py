@@ -23,7 +23,12 @@ Removing an object (:meth:`Gallery.remove`, ``mlsctl index remove``) appends a t
 committed the same way: count -1 (:data:`REMOVED_COUNT`), a zero latent. An id whose last row is a tombstone
 is absent to every reader (ids, searches, counts, ``index info``); its rows stay in the files until
 ``index retrain`` writes the live rows alone. A gallery that holds tombstone rows says format 4, which the
-mlsctl of format 3 refuses (it would read them as objects); build and retrain write format 3.
+mlsctl of format 3 refuses (it would read them as objects); build and retrain write format 3. The ids removed
+(never their latents) outlive the tombstones: a compaction (retrain, ``index remove --purge``) and a rebuild with
+``--overwrite`` write those removed and not added again into ``removed.txt`` of the new version folder
+(:data:`REMOVED_IDS`, counted by the manifest's ``removed_ids``), and the gallery says format 5, which the mlsctl of
+format 4 refuses (its compaction would drop the record, and its rebuild bring the objects back);
+:meth:`Gallery.removed_ids` is that record and the ids tombstoned since, less those added again.
 
 :class:`SetModel` embeds images with a MILE run's teacher: backbone CLS (and patch tokens with
 ``attend: patches``) and the set encoder's recurrence (the model and its fold are
@@ -71,7 +76,8 @@ from mlsctl.runs import RUNS_ROOT
 
 log = logging.getLogger("mlsctl")
 
-GALLERY_FORMAT_VERSION = 4  # the newest format read and written: format 3 that may hold removals (tombstone rows)
+GALLERY_FORMAT_VERSION = 5  # the newest format read and written: format 4 that records removed ids (REMOVED_IDS)
+TOMBSTONE_FORMAT_VERSION = 4  # format 3 that may hold removals (tombstone rows)
 PLAIN_FORMAT_VERSION = 3  # a gallery without tombstone rows, as build, retrain and the move of format 2 write it
 READABLE_FORMAT_VERSION = 2  # format 2 (row files beside gallery.json) is read, and moved by writers
 REMOVED_COUNT = -1  # counts.bin of a tombstone row: `index remove` removed its id (its latent and unit rows are zero)
@@ -1000,6 +1006,7 @@ def search_index(index, unit_rows_: Optional[np.ndarray], queries: np.ndarray, k
 # committed rows, which readers ignore and the next writer cuts off: the gallery is as before or
 # after the add, never torn, and readers never see a row change under them.
 LATENTS, UNIT, COUNTS, IDS, INDEX = "latents.bin", "unit.bin", "counts.bin", "objects.txt", "index.faiss"
+REMOVED_IDS = "removed.txt"  # format 5: the ids removed before the version folder was written, one a line
 STORAGE_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 INDEX_KINDS = ("flat", "ivfpq")
 
@@ -1066,7 +1073,7 @@ class Gallery:
             self.unit = None  # unit.bin damaged, the latents whole: retrain writes it again (a review, 2026-12-07)
         self.row_of: dict[str, int] = dict(zip(self.row_ids, range(self.rows)))  # the last row of an id wins
         self.removed_rows = 0  # tombstone rows: objects removed, whose latents stay in the files until retrain
-        if self.manifest["format_version"] >= GALLERY_FORMAT_VERSION:
+        if self.manifest["format_version"] >= TOMBSTONE_FORMAT_VERSION:
             tombstones = np.flatnonzero(np.asarray(self.counts) == REMOVED_COUNT)
             self.removed_rows = len(tombstones)
             for row in tombstones.tolist():
@@ -1120,6 +1127,18 @@ class Gallery:
 
     def __len__(self) -> int:
         return len(self.row_of)
+
+    def removed_ids(self) -> list[str]:
+        """The ids removed from the gallery (``index remove``, ``DELETE``) and not added again since, oldest first:
+        those recorded when its version folder was written (:data:`REMOVED_IDS`: a purge, a retrain or a rebuild
+        keeps them, ids alone), then those whose last row is a tombstone. ``index build --overwrite`` skips them."""
+        recorded = _recorded_removals(self.data, self.manifest, self.path)
+        tombstoned = (i for i in self.row_ids if i not in self.row_of)  # absent, yet in a row: its last is a tombstone
+        return [i for i in dict.fromkeys([*recorded, *tombstoned]) if i not in self.row_of]
+
+    def was_removed(self, object_id: str) -> bool:
+        """``object_id`` names no object now, and one of that id was removed (:meth:`removed_ids`)."""
+        return object_id not in self.row_of and object_id in set(self.removed_ids())
 
     def live_rows(self, start: int = 0) -> np.ndarray:
         """The live rows from ``start`` on, ascending (no superseded row, no tombstone, no removed object's)."""
@@ -1357,7 +1376,9 @@ class Gallery:
             done["added"] = rows[live]
         self.removed_rows += int((~live).sum())
         self._unsaved = getattr(self, "_unsaved", 0) + len(ids) + len(old_rows)
-        version = GALLERY_FORMAT_VERSION if self.removed_rows else self.manifest["format_version"]
+        version = self.manifest["format_version"]
+        if self.removed_rows:
+            version = max(version, TOMBSTONE_FORMAT_VERSION)
         self.manifest = dict(self.manifest, rows=self.rows, objects=len(self.row_of), format_version=version,
                              updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
         if self.settings.kind != "flat" and self._unsaved > max(1024, self.rows // 100):
@@ -1506,7 +1527,8 @@ class Gallery:
         trained_rows = int((live < int(self.manifest.get("trained_rows", self.rows))).sum()) if kept else None
         write_gallery(self.path, ids, torch.from_numpy(latents), counts,
                       self.settings if kept else self.retrain_settings(), self.manifest,
-                      self.manifest["storage_dtype"], trained=self.index if kept else None, trained_rows=trained_rows)
+                      self.manifest["storage_dtype"], trained=self.index if kept else None, trained_rows=trained_rows,
+                      removed_ids=self.removed_ids())
         reopened = Gallery(self.path)
         self.__dict__.update(reopened.__dict__)
         return self.manifest
@@ -1524,9 +1546,22 @@ def _read_ids(path: Path, rows: int) -> tuple[list[str], int]:
     data = path.read_bytes()
     parts = data.split(b"\n", rows)  # the committed lines, then whatever follows them
     if len(parts) <= rows:
-        raise ValueError(f"{IDS} lists {len(parts) - 1} ids for {rows} committed rows")
+        raise ValueError(f"{path.name} lists {len(parts) - 1} ids for {rows} committed rows")
     length = len(data) - len(parts[-1])
     return (data[:length].decode("utf-8").split("\n")[:-1] if rows else []), length
+
+
+def _recorded_removals(data: Path, manifest: dict, gallery: Path) -> list[str]:
+    """The ids :data:`REMOVED_IDS` of the version folder ``data`` records (format 5; none before), as many as the
+    manifest counts; a file missing or short of them is a damaged gallery, said in one sentence."""
+    count = int(manifest.get("removed_ids", 0)) if manifest["format_version"] >= 5 else 0
+    if not count:
+        return []
+    try:
+        return _read_ids(data / REMOVED_IDS, count)[0]
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"{gallery} is damaged ({_what_failed(exc)}): the record of the ids removed from it cannot "
+                        f"be read; rebuild the gallery with mlsctl index build --overwrite") from None
 
 
 def _append_rows(path: Path, start: int, ids_bytes: int, ids: Sequence[str], latents: np.ndarray,
@@ -1600,6 +1635,9 @@ def read_manifest(path: Path) -> dict:
     elif version >= 3 and not (manifest.get("index_file") is None or (
             isinstance(manifest["index_file"], str) and _INDEX_NAME.fullmatch(manifest["index_file"]))):
         problem = "'index_file' must name an index file (index.N.faiss) or be null"
+    elif version >= 5 and not (isinstance(manifest.get("removed_ids"), int)
+                               and not isinstance(manifest["removed_ids"], bool) and manifest["removed_ids"] > 0):
+        problem = f"'removed_ids' must count the ids of {REMOVED_IDS}"
     if problem:
         raise UserError(f"{manifest_path} is damaged ({problem}); rebuild the gallery with mlsctl index build")
     return manifest
@@ -1620,14 +1658,15 @@ def _check_storable(latents: np.ndarray, dtype, ids: Sequence[str], path: Path) 
 
 def write_gallery(path: Path, ids: list[str], latents: torch.Tensor, counts, settings: IndexSettings,
                   manifest: dict, storage_dtype: str = "fp32", trained=None,
-                  trained_rows: Optional[int] = None) -> dict:
+                  trained_rows: Optional[int] = None, removed_ids: Sequence[str] = ()) -> dict:
     """Write a whole gallery (build, retrain) and swap it in at once: the row files and index go into
     a new version folder (written as ``.vN.tmp``, flushed, renamed ``vN``), then one atomic replace
     of ``gallery.json`` — which names the folder — commits it, and only then is the previous
     version removed. A reader, or a writer killed at any moment, sees the old gallery or the new one
     (leftovers of a kill are removed by the next writer: :func:`recover_gallery`). ``trained``: an IVF-PQ
     index whose quantiser to keep (emptied and filled with these rows; no k-means: ``index remove --purge``),
-    ``trained_rows`` the first rows it was trained on."""
+    ``trained_rows`` the first rows it was trained on. ``removed_ids``: the ids removed from the gallery (ids
+    alone, :meth:`Gallery.removed_ids`), written into the version folder as :data:`REMOVED_IDS` (format 5)."""
     dtype = STORAGE_DTYPES[storage_dtype]
     raw = latents.detach().float().numpy()
     _check_storable(raw, dtype, ids, path)
@@ -1646,6 +1685,9 @@ def write_gallery(path: Path, ids: list[str], latents: torch.Tensor, counts, set
     tmp.mkdir()
     try:
         _append_rows(tmp, 0, 0, ids, raw.astype(dtype), unit.astype(dtype), np.asarray(counts, dtype=np.int64))
+        if removed_ids:
+            (tmp / REMOVED_IDS).write_bytes("".join(f"{i}\n" for i in removed_ids).encode("utf-8"))
+            _fsync(tmp / REMOVED_IDS)
         name = None
         if settings.kind != "flat" and index is not None:
             faiss = threads.faiss()
@@ -1661,8 +1703,10 @@ def write_gallery(path: Path, ids: list[str], latents: torch.Tensor, counts, set
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     atomic.fsync_dir(path)
-    manifest = dict(manifest, format_version=PLAIN_FORMAT_VERSION, index=settings.to_dict(), index_asked=asked,
-                    rows=len(ids), objects=len(ids), indexed_rows=len(ids),
+    manifest = {key: value for key, value in manifest.items() if key != "removed_ids"}
+    manifest = dict(manifest, format_version=GALLERY_FORMAT_VERSION if removed_ids else PLAIN_FORMAT_VERSION,
+                    **({"removed_ids": len(removed_ids)} if removed_ids else {}),
+                    index=settings.to_dict(), index_asked=asked, rows=len(ids), objects=len(ids), indexed_rows=len(ids),
                     trained_rows=len(ids) if trained_rows is None else trained_rows,
                     dim=int(raw.shape[1]), storage_dtype=storage_dtype, data=version, index_file=name,
                     updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
@@ -1847,32 +1891,29 @@ def source_counts(source, groups: Optional[dict[str, list[Path]]]) -> dict[str, 
 
 
 def check_what_a_rebuild_drops(out: Path, source_counts: dict[str, int], drop_added: bool = False,
-                               say: Callable[[str], None] = to_stderr) -> None:
+                               say: Callable[[str], None] = to_stderr) -> Optional[list[str]]:
     """Before --overwrite embeds anything: the objects and photos of the gallery in ``out`` that the
     source does not hold (added with ``index add`` or ``serve`` since its build), which the rebuilt
     gallery will not have and nothing can make again (a gallery keeps no photos). Refused unless
     ``drop_added``, then said (a new user's probe, 2026-12-07: the note said "stop now to keep them" and the
     build went on, dropping 17 objects uploaded to the service; 2026-12-06: they went without a word). A gallery
-    that cannot be read is replaced with a note: nothing in it can be counted (a gallery of an older format is
-    rebuilt this way)."""
-    removed: set[str] = set()
+    that cannot be read is replaced with a note: nothing in it can be counted, nor its removals carried over (a
+    gallery of an older format is rebuilt this way). Returns the ids removed from the gallery
+    (:meth:`Gallery.removed_ids`), which the rebuild skips (:func:`build_gallery`), or None where it cannot be read."""
+    removed: list[str] = []
     try:
         held = _objects_held(out, removed)  # ids and counts only: damaged latents, unit.bin or index no obstacle
     except (UserError, OSError, ValueError, UnicodeDecodeError) as exc:  # nothing in it can be counted
-        if out.is_dir() and (out / MANIFEST).is_file():
+        if out.is_dir() and (out / MANIFEST).is_file():  # a takedown undone by a rebuild, unsaid: the worst surprise
             say(f"note: --overwrite replaces {out}, which cannot be read ({first_line(exc, 160)}), so what it holds "
-                f"beyond the source cannot be counted")
-        return
-    back = sorted(object_id for object_id in removed if object_id in source_counts)
-    if back:  # a takedown undone by a rebuild, unsaid, would be the worst of surprises
-        shown = ", ".join(printable(i) for i in back[:3]) + (", ..." if len(back) > 3 else "")
-        say(f"note: the source holds {counted(len(back), 'object')} removed from {out} with mlsctl index remove "
-            f"({shown}), which the rebuild brings back; remove them from the source, or with index remove again")
+                f"beyond the source cannot be counted, and the objects removed from it (mlsctl index remove) cannot "
+                f"be carried over: the rebuild holds every object of the source")
+        return None
     gone = [object_id for object_id in held if object_id not in source_counts]
     more = {object_id: held[object_id] - source_counts[object_id] for object_id in held
             if object_id in source_counts and held[object_id] > source_counts[object_id]}
     if not gone and not more:
-        return
+        return removed
     parts = []
     if gone:
         shown = ", ".join(printable(i) for i in gone[:3]) + (", ..." if len(gone) > 3 else "")
@@ -1884,15 +1925,36 @@ def check_what_a_rebuild_drops(out: Path, source_counts: dict[str, int], drop_ad
         raise UserError(f"--overwrite would drop what a rebuild from the source cannot make again: {held}; add those "
                         f"photos to the source first, or give --drop-added to rebuild without them")
     say(f"note: --overwrite --drop-added replaces {out}; {held}, they will not be in the rebuilt gallery")
+    return removed
 
 
-def _objects_held(path: Path, removed: Optional[set] = None) -> dict[str, int]:
+def removals_kept_out(source_ids: Sequence[str], removed: Optional[Sequence[str]], out: Path, restore_removed: bool,
+                      say: Callable[[str], None] = to_stderr) -> set[str]:
+    """The objects of the source that a rebuild of ``out`` leaves out: those ``removed`` from the gallery it
+    replaces (:func:`check_what_a_rebuild_drops`), said in one line with how to bring them back; none with
+    ``restore_removed``, which says how many it builds back."""
+    back = [object_id for object_id in (removed or []) if object_id in set(source_ids)]
+    if not back:
+        return set()
+    shown = ", ".join(printable(i) for i in back[:3]) + (", ..." if len(back) > 3 else "")
+    if restore_removed:
+        say(f"note: --restore-removed builds back {counted(len(back), 'object')} of the source removed from {out} "
+            f"with mlsctl index remove ({shown})")
+        return set()
+    say(f"note: skipped {counted(len(back), 'object')} of the source removed from {out} with mlsctl index remove "
+        f"({shown}); give --restore-removed to build them back")
+    return set(back)
+
+
+def _objects_held(path: Path, removed: Optional[list] = None) -> dict[str, int]:
     """Photos folded per live object of the gallery at ``path``, read from its ids and counts alone (objects.txt and
     counts.bin): what a rebuild would drop is counted even where its latents or unit.bin are damaged (a review,
     2026-12-07: such a gallery was replaced with a note, and what was added to it dropped). ``removed`` gets the
-    ids whose last row is a tombstone (:meth:`Gallery.remove`)."""
+    ids removed and not added again (:meth:`Gallery.removed_ids`: those its version folder records, then those whose
+    last row is a tombstone)."""
     manifest = read_manifest(path)
     rows = int(manifest["rows"])
+    recorded = _recorded_removals(data_folder(path, manifest), manifest, path)
     ids, _ = _read_ids(data_folder(path, manifest) / IDS, rows)
     counts_path = data_folder(path, manifest) / COUNTS
     if counts_path.stat().st_size < rows * 8:
@@ -1900,7 +1962,9 @@ def _objects_held(path: Path, removed: Optional[set] = None) -> dict[str, int]:
     counts = np.fromfile(counts_path, dtype=np.int64, count=rows)
     held = {object_id: int(counts[row]) for row, object_id in enumerate(ids)}  # the last row of an id wins
     if removed is not None:
-        removed.update(object_id for object_id, count in held.items() if count == REMOVED_COUNT)
+        tombstoned = [object_id for object_id, count in held.items() if count == REMOVED_COUNT]
+        removed.extend(object_id for object_id in dict.fromkeys([*recorded, *tombstoned])
+                       if held.get(object_id, REMOVED_COUNT) == REMOVED_COUNT)
     return {object_id: count for object_id, count in held.items() if count != REMOVED_COUNT}  # removed: absent
 
 
@@ -1919,11 +1983,14 @@ def build_gallery(source: str | os.PathLike, model: SetModel, out: str | os.Path
                   *, overwrite: bool = False, progress: Optional[bool] = None, storage_dtype: str = "fp32",
                   workers: Optional[int] = None, batch_size: int = 64, say: Callable[[str], None] = to_stderr,
                   objects_file: Optional[str | os.PathLike] = None,
-                  groups: Optional[dict[str, list[Path]]] = None, drop_added: bool = False) -> dict:
+                  groups: Optional[dict[str, list[Path]]] = None, drop_added: bool = False,
+                  restore_removed: bool = False) -> dict:
     """One set embedding per object of ``source``: ``ROOT/<object_id>/*`` images, or those
     ``objects_file`` lists (:func:`object_folders`, or ``groups`` where the caller read them before the model
     loaded; decoded in ``workers`` loader processes and embedded ``batch_size`` at a time, :func:`set_tokens`),
-    or a feature folder of them written by ``mlsctl embed`` with the same run (files fold in name order)."""
+    or a feature folder of them written by ``mlsctl embed`` with the same run (files fold in name order). With
+    ``overwrite``, the objects removed from the gallery it replaces are skipped (a takedown sticks) unless
+    ``restore_removed``, and their ids are recorded in the new gallery (:meth:`Gallery.removed_ids`)."""
     out = Path(out)
     check_objects_source(source, objects_file)
     settings.check()
@@ -1934,11 +2001,15 @@ def build_gallery(source: str | os.PathLike, model: SetModel, out: str | os.Path
     check_gallery_free(out)  # a server or another writer holding it: said now, not after every photo is embedded
     if groups is None and not is_feature_folder(source):
         groups = object_folders(source, objects_file)
-    check_index_fits(settings, len(source_counts(source, groups)), getattr(model, "dim", None))  # before embedding
-    if overwrite:
-        check_what_a_rebuild_drops(out, source_counts(source, groups), drop_added, say)
+    removed, skipped = removals_of_rebuild(source, groups, out, overwrite, drop_added, restore_removed, say)
+    if groups is not None:
+        groups = {object_id: paths for object_id, paths in groups.items() if object_id not in skipped}
+    check_index_fits(settings, len(source_counts(source, groups)) - (len(skipped) if groups is None else 0),
+                     getattr(model, "dim", None))  # before embedding
     if groups is None:
         for object_id, cls in _feature_groups(Path(source), model).items():
+            if object_id in skipped:
+                continue
             ids.append(object_id)
             latents.append(model.fold(None, cls.float()))
             counts.append(len(cls))
@@ -1958,6 +2029,9 @@ def build_gallery(source: str | os.PathLike, model: SetModel, out: str | os.Path
             raise UserError(f"{len(unreadable)} photo{'s' if len(unreadable) != 1 else ''} of {source} cannot be read: "
                             f"{shown}{'; ...' if len(unreadable) > 5 else ''}; replace or remove "
                             f"{'them' if len(unreadable) != 1 else 'it'} and build again (nothing was written)")
+    if not ids and skipped:
+        raise UserError(f"every object of {source} was removed from {out} with mlsctl index remove; give "
+                        f"--restore-removed to build them back (nothing was written)")
     if not ids:
         raise UserError(f"{source} holds no object")
     manifest = {"kind": "mlsctl-gallery", "format_version": PLAIN_FORMAT_VERSION, "mlsctl_version": __version__,
@@ -1972,8 +2046,26 @@ def build_gallery(source: str | os.PathLike, model: SetModel, out: str | os.Path
         # again under the lock: another build into the same new --out may have finished meanwhile (a probe,
         # 2026-12-06: both said "built", the second replacing the first without --overwrite)
         check_gallery_target(out, overwrite)
-        manifest = write_gallery(out, ids, torch.stack(latents), counts, settings, manifest, storage_dtype)
+        built = set(ids)
+        manifest = write_gallery(out, ids, torch.stack(latents), counts, settings, manifest, storage_dtype,
+                                 removed_ids=[object_id for object_id in removed if object_id not in built])
     return dict(manifest, images=int(sum(counts)))
+
+
+def removals_of_rebuild(source, groups: Optional[dict[str, list[Path]]], out: Path, overwrite: bool,
+                        drop_added: bool = False, restore_removed: bool = False,
+                        say: Callable[[str], None] = to_stderr) -> tuple[list[str], set[str]]:
+    """What a build into ``out`` checks of the gallery it replaces (``overwrite``): what it would drop
+    (:func:`check_what_a_rebuild_drops`), then the ids removed from it, recorded again in the new gallery, and those
+    of the source it skips (:func:`removals_kept_out`); returns (removed ids, skipped ids)."""
+    if restore_removed and not overwrite:
+        raise UserError("--restore-removed goes with --overwrite: it builds back the objects removed from the gallery "
+                        "a rebuild replaces")
+    if not overwrite:
+        return [], set()
+    counts = source_counts(source, groups)
+    removed = check_what_a_rebuild_drops(out, counts, drop_added, say) or []
+    return removed, removals_kept_out(list(counts), removed, out, restore_removed, say)
 
 
 def add_to_gallery(path: str | os.PathLike, object_id: str, photos: Sequence, *, run: Optional[str | os.PathLike] = None,
@@ -2127,7 +2219,8 @@ def newest_gallery(root: str | os.PathLike = ".", max_depth: int = 4) -> Optiona
 def describe_gallery(path: str | os.PathLike, objects: bool = False) -> dict:
     """``mlsctl index info``: what a gallery holds, from its files alone (no model, no index built): its objects,
     photos folded, rows (superseded ones included, which ``index retrain`` drops; ``removed_rows``: the
-    tombstones of removed objects, whose latents stay in the files until then), the model that embeds it, the
+    tombstones of removed objects, whose latents stay in the files until then; ``removed_objects``: the ids removed
+    and not added again, which the gallery keeps, purged or not, and a rebuild skips), the model that embeds it, the
     index and its share of objects written since the quantiser was trained, bytes on disk, and with ``objects``
     each object's id and photo count, oldest first (a new user's probe, 2026-12-07: a gallery grown over the
     service could only be listed by searching it)."""
@@ -2138,6 +2231,7 @@ def describe_gallery(path: str | os.PathLike, objects: bool = False) -> dict:
     photos = int(np.asarray(gallery.counts)[live].sum()) if len(live) else 0
     record = {"gallery": str(gallery.path), "objects": len(gallery), "photos": photos, "rows": gallery.rows,
               "superseded_rows": gallery.rows - len(live), "removed_rows": gallery.removed_rows,
+              "removed_objects": len(gallery.removed_ids()),
               "dim": gallery.dim, "storage_dtype": manifest["storage_dtype"], "index": dict(manifest["index"]),
               "written_since_training": gallery.added_since_training(),
               "model": dict(manifest["model"], set_model=gallery.set_model),

@@ -1572,7 +1572,9 @@ def test_a_removed_object_added_again_is_new_and_retrain_purges_the_removed_late
     assert gallery.rows == len(gallery) == 299 and gallery.removed_rows == 0 and "o4" not in gallery.ids
     assert raw not in (gallery.data / "latents.bin").read_bytes()  # purged
     assert "o4" not in (gallery.data / "objects.txt").read_text().split("\n")
-    assert json.loads((tmp_path / "g" / "gallery.json").read_text())["format_version"] == 3
+    # the id alone is kept (o3, added again, is not): format 5, which a reader of format 4 refuses
+    assert json.loads((tmp_path / "g" / "gallery.json").read_text())["format_version"] == 5
+    assert gallery.removed_ids() == ["o4"] and (gallery.data / "removed.txt").read_text() == "o4\n"
 
 
 def test_a_kill_during_removals_leaves_the_gallery_as_before_or_after_one(tmp_path):
@@ -1645,10 +1647,9 @@ def test_a_purge_keeps_the_trained_ivfpq_index_so_a_gallery_too_small_to_train_i
     latents = clustered(40, seed=3)
     write_gallery(tmp_path / "g", [f"o{i}" for i in range(40)], latents, [1] * 40, settings, MANIFEST)
     assert remove_from_gallery(tmp_path / "g", ["o1", "o2"])[1:] == (["o1", "o2"], [])
-    said = []
-    check_what_a_rebuild_drops(tmp_path / "g", {f"o{i}": 1 for i in range(40)}, say=said.append)
-    assert said == [f"note: the source holds 2 objects removed from {tmp_path / 'g'} with mlsctl index remove "
-                    f"(o1, o2), which the rebuild brings back; remove them from the source, or with index remove again"]
+    said = []  # the ids removed, which the rebuild skips (said by removals_kept_out)
+    assert check_what_a_rebuild_drops(tmp_path / "g", {f"o{i}": 1 for i in range(40)}, say=said.append) == ["o1", "o2"]
+    assert said == []
     with pytest.raises(UserError, match="IVF-PQ with 1 list and 5-bit codes needs at least 39 objects to train, the "
                                         "gallery has 38; a retrain keeps the build's index settings: add objects until "
                                         "it holds 39 \\(mlsctl index add\\), or build it again with --index flat.*"
@@ -1661,7 +1662,7 @@ def test_a_purge_keeps_the_trained_ivfpq_index_so_a_gallery_too_small_to_train_i
     found = before.search_many(queries, 5)
     target, removed, _ = remove_from_gallery(tmp_path / "g", [], purge=True)  # the earlier removals purged
     assert removed == [] and target.rows == len(target) == 38 and target.removed_rows == 0
-    assert target.manifest["format_version"] == 3 and target.manifest["trained_rows"] == 38
+    assert target.manifest["format_version"] == 5 and target.manifest["trained_rows"] == 38  # 5: the ids kept
     again = Gallery(tmp_path / "g")
     assert again.search_many(queries, 5) == found  # the same quantiser and codes: the same answers
     removed_rows = latents[[1, 2]].numpy().astype(np.float32).tobytes()
@@ -1704,3 +1705,57 @@ def test_a_purge_that_cannot_delete_the_old_version_says_it_still_holds_the_remo
     target = remove_from_gallery(tmp_path / "g", ["o2"], purge=True)[0]
     assert target.data.name == "v000003" and "o2" not in target.ids
     assert f"v000002 in {tmp_path / 'g'} could not be deleted and still holds the removed latents" in caplog.text
+
+
+def test_a_rebuild_skips_the_objects_removed_from_the_gallery_it_replaces_even_after_a_purge(tmp_path, monkeypatch,
+                                                                                             capsys):
+    """A new user's probe and a review (2026-12-07): index build --overwrite brought back the objects removed with
+    index remove (a note alone said so), and after --purge the gallery no longer knew what was removed. The ids
+    (never the latents) outlive the purge in removed.txt (format 5); a rebuild skips them, says so in one line and
+    keeps the record, --restore-removed builds them back, an id added again leaves the record, and a gallery that
+    cannot be read is said to lose its removals."""
+    from mlsctl import gallery as gallery_lib
+    from mlsctl.errors import UserError
+
+    from conftest import cli, cli_ok
+
+    source = object_photos(tmp_path / "photos", objects=4)
+    model = tiny_set_model(32, tmp_path / "run")
+    monkeypatch.setattr(gallery_lib, "choose_set_model", lambda *a, **k: model)
+    g = str(tmp_path / "g")
+    build = ("index", "build", str(source), "--out", g, "--workers", "0")
+    cli_ok(capsys, *build)
+    cli_ok(capsys, "index", "remove", g, "obj1", "obj2", "--purge")
+    manifest = json.loads((tmp_path / "g" / "gallery.json").read_text())
+    assert manifest["format_version"] == 5 and manifest["removed_ids"] == 2 and Gallery(g).rows == 2
+    assert (Gallery(g).data / "removed.txt").read_text() == "obj1\nobj2\n"  # ids alone
+    with monkeypatch.context() as older:  # an mlsctl of format 4 would drop the record at its next purge
+        older.setattr(gallery_lib, "GALLERY_FORMAT_VERSION", 4)
+        with pytest.raises(UserError, match="written by a newer mlsctl"):
+            Gallery(g)
+    out, err = cli_ok(capsys, *build, "--overwrite")
+    assert (f"note: skipped 2 objects of the source removed from {g} with mlsctl index remove (obj1, obj2); give "
+            f"--restore-removed to build them back") in err
+    assert out.startswith(f"built {g}: 2 objects from 4 images")
+    rebuilt = Gallery(g)
+    assert rebuilt.ids == ["obj0", "obj3"] and rebuilt.removed_ids() == ["obj1", "obj2"]  # the record carried over
+    assert json.loads(cli_ok(capsys, "index", "info", g, "--json")[0])["removed_objects"] == 2
+    assert "2 objects removed, whose ids alone are kept so that index build --overwrite skips them" in cli_ok(
+        capsys, "index", "info", g)[0]
+    cli_ok(capsys, "index", "add", g, "--object", "obj1", str(source / "obj1" / "0.png"), "--run", str(tmp_path))
+    assert Gallery(g).removed_ids() == ["obj2"]
+    cli_ok(capsys, "index", "retrain", g)
+    assert Gallery(g).removed_ids() == ["obj2"] and Gallery(g).manifest["removed_ids"] == 1
+    code, _, err = cli(*build[:-4], "--out", str(tmp_path / "new"), "--restore-removed", capsys=capsys)
+    assert code == 2 and "--restore-removed goes with --overwrite" in err
+    out, err = cli_ok(capsys, *build, "--overwrite", "--restore-removed")
+    assert (f"note: --restore-removed builds back 1 object of the source removed from {g} with mlsctl index remove "
+            f"(obj2)") in err
+    assert sorted(Gallery(g).ids) == ["obj0", "obj1", "obj2", "obj3"] and Gallery(g).removed_ids() == []
+    assert Gallery(g).manifest["format_version"] == 3 and not (Gallery(g).data / "removed.txt").exists()
+    cli_ok(capsys, "index", "remove", g, "obj3")
+    os.truncate(Gallery(g).data / "counts.bin", 8)  # damaged: nothing in it can be read
+    _, err = cli_ok(capsys, *build, "--overwrite")
+    assert (f"note: --overwrite replaces {g}, which cannot be read" in err and "and the objects removed from it "
+            "(mlsctl index remove) cannot be carried over: the rebuild holds every object of the source" in err)
+    assert len(Gallery(g)) == 4

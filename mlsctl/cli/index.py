@@ -38,6 +38,7 @@ def build(
     workers: Optional[int] = typer.Option(None, "--workers", "-w", min=0, help="Image-decoding worker processes, for a folder of images [default: as mlsctl embed's]."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a gallery already in --out (refused where it holds objects or photos added since its build that the source lacks, unless --drop-added)."),
     drop_added: bool = typer.Option(False, "--drop-added", help="With --overwrite: rebuild even though the gallery holds objects or photos added since its build (index add, serve) that the source lacks; they are dropped."),
+    restore_removed: bool = typer.Option(False, "--restore-removed", help="With --overwrite: build back the objects removed from the gallery (index remove, DELETE) that the source still holds [default: they are skipped, and stay removed]."),
     as_json: bool = typer.Option(False, "--json", help="Print the gallery record as JSON."),
 ) -> None:
     """One set embedding per object, indexed with faiss: MILE's with a MILE run, else the mean of the CLS.
@@ -49,13 +50,14 @@ def build(
     from mlsctl.gallery import IndexSettings, build_gallery, choose_set_model, unfinished_run_note
 
     settings = IndexSettings(index, nlist, pq_m, pq_bits, nprobe, refine)
-    groups = _check_build_before_the_model(source, objects, out, settings, overwrite, drop_added)
+    groups = _check_build_before_the_model(source, objects, out, settings, overwrite, drop_added, restore_removed)
     model = choose_set_model(run, say=say, features=source)
     unfinished = unfinished_run_note(model)
     if unfinished:
         say(unfinished)
     record = build_gallery(source, model, out, settings, overwrite=overwrite, storage_dtype=dtype, workers=workers,
-                           say=say, objects_file=objects, groups=groups, drop_added=drop_added)
+                           say=say, objects_file=objects, groups=groups, drop_added=drop_added,
+                           restore_removed=restore_removed)
     if as_json:
         print(json.dumps(record, indent=2))
         return
@@ -67,15 +69,16 @@ def build(
 
 
 def _check_build_before_the_model(source: Path, objects: Optional[Path], out: Path, settings, overwrite: bool,
-                                  drop_added: bool) -> Optional[dict]:
+                                  drop_added: bool, restore_removed: bool) -> Optional[dict]:
     """What ``index build`` checks before its model loads (a new user waited for the model to hear of a typo):
     ``--out``, the source and its objects (an objects file's rows too), the index settings and whether they fit
-    the objects, a server holding ``--out``, and what a rebuild would drop. Returns the source's object folders
+    the objects (those a rebuild skips, removed from the gallery it replaces, left out), a server holding ``--out``,
+    and what a rebuild would drop. Returns the source's object folders
     (None for a feature folder), which the build embeds."""
     from mlsctl.data.kinds import folder_kind
     from mlsctl.features import is_feature_folder
     from mlsctl.gallery import (check_gallery_free, check_gallery_target, check_index_fits, check_objects_source,
-                                check_what_a_rebuild_drops, count_source_objects, object_folders, source_counts)
+                                count_source_objects, object_folders, removals_of_rebuild)
 
     check_gallery_target(out, overwrite, source)  # before the model loads
     if not source.exists():  # so is a source that is not there (a new user, 2026-12-06: said after the model line)
@@ -89,12 +92,12 @@ def _check_build_before_the_model(source: Path, objects: Optional[Path], out: Pa
     check_objects_source(source, objects)
     # the objects and their photos (an objects file's rows too) before the model loads (a review, 2026-12-07)
     groups = None if is_feature_folder(source) else object_folders(source, objects)
-    check_index_fits(settings, count_source_objects(source, groups))  # IVF-PQ's least objects: before the model
     check_gallery_free(out)  # a server holding --out: before the model loads, as index add says it
     if drop_added and not overwrite:
         raise UserError("--drop-added goes with --overwrite: it lets a rebuild drop what was added to the gallery")
-    if overwrite and not drop_added:  # what the rebuild would drop, refused before the model loads
-        check_what_a_rebuild_drops(out, source_counts(source, groups), say=lambda _: None)
+    # what the rebuild would drop, refused before the model loads; the removed objects it skips (said by the build)
+    _, skipped = removals_of_rebuild(source, groups, out, overwrite, drop_added, restore_removed, say=lambda _: None)
+    check_index_fits(settings, count_source_objects(source, groups) - len(skipped))  # IVF-PQ's least objects
     return groups
 
 
@@ -156,7 +159,10 @@ def info(
         f"refine {index.get('refine')}; {100 * record['written_since_training']:.0f}% of the objects written since "
         f"it was trained)")
     superseded = record["superseded_rows"]
-    lines = [("objects", f"{record['objects']:,} ({record['photos']:,} photos folded)"),
+    kept_out = record["removed_objects"]  # a takedown's ids, kept past a purge: what a rebuild skips
+    lines = [("objects", f"{record['objects']:,} ({record['photos']:,} photos folded)"
+                         + (f"; {counted(kept_out, 'object')} removed, whose ids alone are kept so that index build "
+                            f"--overwrite skips them" if kept_out else "")),
              ("rows", f"{record['rows']:,}" + (f" ({superseded:,} superseded: mlsctl index retrain {gallery} drops "
                                                 f"them)" if superseded else "")),
              ("model", f"{SET_MODEL_NAMES[model['set_model']]} of run {model['run']} at step {model['step']} "
