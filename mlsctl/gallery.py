@@ -1458,10 +1458,12 @@ class Gallery:
         if missing and not missing_ok:
             others = len(missing) - 1
             more = f" (nor {'is' if others == 1 else 'are'} {others} more of the ids given)" if others else ""
-            if self.removed_rows and missing[0] in set(self.row_ids):  # its last row is a tombstone
+            if self.was_removed(missing[0]):
+                purged = missing[0] not in set(self.row_ids)  # recorded alone: its rows left at a purge or retrain
                 raise UserError(f"{where} '{printable(missing[0])}' was removed from gallery {self.path} already"
-                                f"{more}; nothing was removed now (its latent leaves the files with mlsctl index "
-                                f"remove {self.path} --purge, or index retrain)")
+                                f"{more}; nothing was removed now" + (" (its latent has left the files)" if purged
+                                else f" (its latent leaves the files with mlsctl index remove {self.path} --purge, or "
+                                     f"index retrain)"))
             raise UserError(f"{where} '{printable(missing[0])}' is not in gallery {self.path}{more}; nothing was "
                             f"removed: check the id with mlsctl index info {self.path} --objects, or give "
                             f"--missing-ok to pass over ids that are not there")

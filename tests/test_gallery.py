@@ -1729,6 +1729,9 @@ def test_a_rebuild_skips_the_objects_removed_from_the_gallery_it_replaces_even_a
     manifest = json.loads((tmp_path / "g" / "gallery.json").read_text())
     assert manifest["format_version"] == 5 and manifest["removed_ids"] == 2 and Gallery(g).rows == 2
     assert (Gallery(g).data / "removed.txt").read_text() == "obj1\nobj2\n"  # ids alone
+    code, _, err = cli("index", "remove", g, "obj1", capsys=capsys)  # purged: still known as removed
+    assert code == 2 and (f"object id 'obj1' was removed from gallery {g} already; nothing was removed now (its "
+                          f"latent has left the files)") in err
     with monkeypatch.context() as older:  # an mlsctl of format 4 would drop the record at its next purge
         older.setattr(gallery_lib, "GALLERY_FORMAT_VERSION", 4)
         with pytest.raises(UserError, match="written by a newer mlsctl"):
