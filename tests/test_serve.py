@@ -627,7 +627,8 @@ def test_a_second_delete_of_an_object_says_it_was_removed_already_as_index_remov
     for purged in (False, True):
         with pytest.raises(serve.RequestError) as refused:
             service.remove("obj1")
-        assert refused.value.status == 404 and str(refused.value) == "object 'obj1' was removed from the gallery already"
+        assert refused.value.status == 404
+        assert str(refused.value) == "object 'obj1' was removed from the gallery already"
         with pytest.raises(serve.RequestError, match="^no object 'nope' in the gallery$"):
             service.remove("nope")
         remove_from_gallery(tmp_path / "g", [], purge=True)
