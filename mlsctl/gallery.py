@@ -1422,40 +1422,45 @@ class Gallery:
             elif self._lookalikes.get(key) == object_id:
                 del self._lookalikes[key]
 
-    def remove(self, ids: Sequence[str], missing_ok: bool = False, where: str = "object id"
-               ) -> tuple[list[str], list[str]]:
+    def remove(self, ids: Sequence[str], missing_ok: bool = False, where: str = "object id",
+               named: Optional[dict[str, str]] = None) -> tuple[list[str], list[str]]:
         """Remove the objects ``ids``: a tombstone row per id (count :data:`REMOVED_COUNT`, a zero latent)
         appended and committed as an add's row is (:meth:`append`), all or none, each id checked before
         anything is written; returns (removed, missing). An id not in the gallery is one sentence naming
         it, unless ``missing_ok`` (then it is in ``missing``); one that reads like a stored id
         (:func:`lookalike_key`) is refused all the same, naming the stored one. A removed id added again
         is a new object. The removed latents stay in the row files (and an IVF-PQ index file saved
-        before) until :meth:`retrain`. The caller holds the gallery's lock (:func:`remove_from_gallery`)."""
+        before) until :meth:`retrain`. ``named``: where an id was given, said in its sentences instead of ``where``
+        (``--ids-file F line N: the id``). The caller holds the gallery's lock (:func:`remove_from_gallery`)."""
         if self.manifest["format_version"] < PLAIN_FORMAT_VERSION:
             raise UserError(f"gallery {self.path} is of format {self.manifest['format_version']}; open it as its "
                             f"writer (Gallery(path, recover=True)) to move it to the current format first")
         wanted = list(dict.fromkeys(ids))  # an id given twice is removed once
-        missing = self.absent_ids(wanted, missing_ok, where)
+        missing = self.absent_ids(wanted, missing_ok, where, named)
         removed = [object_id for object_id in wanted if object_id not in missing]
         if removed:
             self.append(removed, torch.zeros(len(removed), self.dim), [REMOVED_COUNT] * len(removed))
         return removed, missing
 
-    def absent_ids(self, ids: Sequence[str], missing_ok: bool = False, where: str = "object id") -> list[str]:
+    def absent_ids(self, ids: Sequence[str], missing_ok: bool = False, where: str = "object id",
+                   named: Optional[dict[str, str]] = None) -> list[str]:
         """The ids of ``ids`` that name no object of the gallery; one sentence naming the first unless
-        ``missing_ok``, and one naming the stored id where an id reads like it (whatever ``missing_ok``)."""
-        missing = []
+        ``missing_ok``, and one naming the stored id where an id reads like it (whatever ``missing_ok``); each
+        sentence names the id as ``named`` says where it was given (an ``--ids-file`` line), else as ``where``."""
+        named, missing = named or {}, []
         for object_id in ids:
-            check_object_id(object_id, where)
+            check_object_id(object_id, named.get(object_id, where))
             if object_id in self.row_of:
                 continue
             stored = self.lookalike(object_id)
-            if stored is not None:
-                raise UserError(f"{where} '{printable(object_id)}' is not in gallery {self.path}, which holds "
+            if stored is not None:  # its --ids-file line named, as other bad lines are (a review, 2026-12-07)
+                raise UserError(f"{named.get(object_id, where)} '{printable(object_id)}' is not in gallery "
+                                f"{self.path}, which holds "
                                 f"'{printable(stored)}' (they differ only in whitespace, invisible characters or "
                                 f"Unicode composition); give '{printable(stored)}' to remove it (nothing was removed)")
             missing.append(object_id)
         if missing and not missing_ok:
+            where = named.get(missing[0], where)
             others = len(missing) - 1
             more = f" (nor {'is' if others == 1 else 'are'} {others} more of the ids given)" if others else ""
             if self.was_removed(missing[0]):
@@ -2134,23 +2139,24 @@ def long_query_note(model: SetModel, photos: int, name_run: bool = True) -> Opti
 
 
 def remove_from_gallery(path: str | os.PathLike, ids: Sequence[str], *, missing_ok: bool = False,
-                        purge: bool = False) -> tuple["Gallery", list[str], list[str]]:
+                        purge: bool = False, named: Optional[dict[str, str]] = None
+                        ) -> tuple["Gallery", list[str], list[str]]:
     """``mlsctl index remove``: :meth:`Gallery.remove` of ``ids`` under the gallery's lock, all or none;
     with ``purge``, then the gallery compacted to its live rows under the same lock (:meth:`Gallery.retrain`
     keeping the IVF-PQ quantiser: no k-means, and never refused for too few objects), so that the removed
     latents leave the files at once; ``purge`` without ``ids`` purges earlier removals. Returns (the gallery
-    as written, removed ids, ids not in the gallery)."""
+    as written, removed ids, ids not in the gallery). ``named``: where an id was given (:meth:`Gallery.remove`)."""
     path = Path(path)
     if not ids and not purge:
         raise UserError("give the ids of the objects to remove")
     for object_id in ids:  # the ids, then the gallery, before the folder is locked
-        check_object_id(object_id, "object id")
+        check_object_id(object_id, (named or {}).get(object_id, "object id"))
     read_manifest(path)
     with FolderLock(path, "gallery"):
         target = Gallery(path, recover=True)
         if purge:
             target.check_live_latents()  # a damaged gallery cannot be purged: said before anything is removed
-        removed, missing = target.remove(ids, missing_ok) if ids else ([], [])
+        removed, missing = target.remove(ids, missing_ok, named=named) if ids else ([], [])
         if purge:
             done = f"{counted(len(removed), 'object')} removed, " if removed else ""
             again = f"run mlsctl index remove {path} --purge again to purge the removed latents"

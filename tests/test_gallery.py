@@ -1635,6 +1635,26 @@ def test_index_remove_is_one_sentence_for_an_id_not_there_and_says_what_it_remov
     assert out == f"purged {g}: the latents of objects removed earlier left its files\n" and Gallery(g).rows == 294
 
 
+def test_an_ids_file_id_that_reads_like_a_stored_one_or_is_not_there_is_refused_naming_its_line(tmp_path, capsys):
+    """A review (2026-12-07): a look-alike in --ids-file (a stored id but for a trailing space) was refused without
+    its line, where other bad lines name theirs."""
+    from conftest import cli
+    from test_hardening import one_sentence
+
+    _removal_gallery(tmp_path / "g", "flat")
+    g, ids = str(tmp_path / "g"), tmp_path / "ids.txt"
+    ids.write_text("o1\n\no2 \n")
+    code, _, err = cli("index", "remove", g, "--ids-file", str(ids), capsys=capsys)
+    said = one_sentence(err)
+    assert code == 2 and f"--ids-file {ids} line 3: the id 'o2 ' is not in gallery {g}, which holds 'o2'" in said
+    ids.write_text("o1\nnope\no1\n")
+    code, _, err = cli("index", "remove", g, "--ids-file", str(ids), capsys=capsys)
+    assert code == 2 and f"--ids-file {ids} line 2: the id 'nope' is not in gallery {g}; nothing" in one_sentence(err)
+    code, _, err = cli("index", "remove", g, "nope", "--ids-file", str(ids), capsys=capsys)  # given as IDS first
+    assert code == 2 and f"object id 'nope' is not in gallery {g}; nothing" in one_sentence(err)
+    assert Gallery(g).rows == 300  # nothing removed
+
+
 def test_a_purge_keeps_the_trained_ivfpq_index_so_a_gallery_too_small_to_train_is_purged_and_a_rebuild_says_removals(
         tmp_path):
     """A review (2026-12-07): a purge was a full retrain, refused below 39 objects a list, so a takedown from a small

@@ -239,11 +239,13 @@ def remove(
     """
     from mlsctl.gallery import printable, remove_from_gallery
 
-    wanted = list(ids or []) + (_ids_of_file(ids_file) if ids_file is not None else [])
+    from_file = _ids_of_file(ids_file) if ids_file is not None else {}  # id -> its line, for the sentences
+    wanted = list(ids or []) + list(from_file)
+    named = {object_id: where for object_id, where in from_file.items() if object_id not in (ids or [])}
     if not wanted and not purge:
         raise UserError("give the ids of the objects to remove (index remove GALLERY ID ...), or a file of them, one "
                         "per line, with --ids-file FILE; --purge alone purges earlier removals")
-    target, removed, missing = remove_from_gallery(gallery, wanted, missing_ok=missing_ok, purge=purge)
+    target, removed, missing = remove_from_gallery(gallery, wanted, missing_ok=missing_ok, purge=purge, named=named)
     if as_json:
         print(json.dumps({"gallery": str(gallery), "removed": removed, "missing": missing, "objects": len(target),
                           "purged": purge}, indent=2))
@@ -264,10 +266,11 @@ def remove(
             f"index retrain) purges them")
 
 
-def _ids_of_file(path: Path) -> list[str]:
-    """The ids of ``index remove --ids-file FILE``: one a line, blank lines skipped, nothing else trimmed (a stored
-    id may end in a space; a typo is told by the gallery, naming the id it reads like); an id that is no valid id
-    is said with its file and line."""
+def _ids_of_file(path: Path) -> dict[str, str]:
+    """The ids of ``index remove --ids-file FILE``, each with where it is (``--ids-file FILE line N: the id``, for the
+    sentences about it): one a line, blank lines skipped, nothing else trimmed (a stored id may end in a space; a
+    typo is told by the gallery, naming the id it reads like, and the line); an id that is no valid id is said with
+    its file and line."""
     from mlsctl.gallery import check_object_id
 
     try:
@@ -284,7 +287,10 @@ def _ids_of_file(path: Path) -> list[str]:
             raise UserError(f"--ids-file {path} line {number} reads '{line}': the file lists one object id a line, "
                             f"not index build's object_id,path rows; give a file of the ids alone")
         check_object_id(line, f"--ids-file {path} line {number}: the id")
-    return [line for _, line in lines]
+    named: dict[str, str] = {}
+    for number, line in lines:  # an id given twice is removed once: its first line is named
+        named.setdefault(line, f"--ids-file {path} line {number}: the id")
+    return named
 
 
 def search(
