@@ -1655,6 +1655,30 @@ def test_an_ids_file_id_that_reads_like_a_stored_one_or_is_not_there_is_refused_
     assert Gallery(g).rows == 300  # nothing removed
 
 
+def test_index_remove_points_objects_to_ids_file_and_an_id_beginning_with_a_dash_after_double_dash(tmp_path, capsys):
+    """A new user's probe (2026-12-07): `index remove G --objects ids.txt` (index build's option) was typer's "No such
+    option: --objects" alone, and an id such as -neg must be given after -- (its help now says so; given before, it
+    is said so, not "No such option: -n")."""
+    from conftest import cli, cli_ok
+    from test_hardening import one_sentence
+
+    write_gallery(tmp_path / "g", ["-neg", "o1"], clustered(2), [1, 1], IndexSettings(), MANIFEST)
+    g = str(tmp_path / "g")
+    for args in (("--objects", "ids.txt"), ("--objects",)):
+        code, _, err = cli("index", "remove", g, *args, capsys=capsys)
+        assert code == 2 and one_sentence(err) == (
+            "error: index remove takes no --objects: give the ids to remove (index remove GALLERY ID ...), or a text "
+            "file of them, one per line, with --ids-file FILE")
+    code, _, err = cli("index", "remove", g, "-neg", capsys=capsys)
+    assert code == 2 and one_sentence(err) == (
+        "error: index remove has no option -neg; an id beginning with '-' goes after --: mlsctl index remove "
+        "GALLERY -- -neg")
+    help_text = " ".join(cli_ok(capsys, "index", "remove", "--help")[0].split())
+    assert "An id beginning with '-' goes after -- (mlsctl index remove galleries/products -- -neg)" in help_text
+    assert "--objects" not in help_text  # hidden: only there to be refused
+    assert cli_ok(capsys, "index", "remove", g, "--", "-neg")[0] == f"removed 1 object from {g} (-neg); 1 object left\n"
+
+
 def test_a_purge_keeps_the_trained_ivfpq_index_so_a_gallery_too_small_to_train_is_purged_and_a_rebuild_says_removals(
         tmp_path):
     """A review (2026-12-07): a purge was a full retrain, refused below 39 objects a list, so a takedown from a small

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import typer
+from typer.core import TyperCommand
 
 from mlsctl.cli._format import say, table
 from mlsctl.console import counted, stops_deferred
@@ -214,10 +215,31 @@ def retrain(
           f"{' (exact: nothing to train)' if flat else ''}, {seconds:.1f}s")
 
 
-@app.command("remove")
+class DashedIdsCommand(TyperCommand):
+    """``index remove``: an argument beginning with one '-' that is none of its options, before ``--``, is said to be
+    an id to give after ``--`` (``index remove GALLERY -- -neg``), instead of click's "No such option: -n"."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        options = [p for p in self.get_params(ctx) if getattr(p, "param_type_name", "") == "option"]
+        known = {name for p in options for name in p.opts + p.secondary_opts}
+        takes_value = {name for p in options if not p.is_flag for name in p.opts}
+        value_next = False
+        for arg in args:
+            if arg == "--":
+                break
+            # one dash: an id such as -neg (a misspelt --option is click's to say, with the option it reads like)
+            if not value_next and arg.startswith("-") and not arg.startswith("--") and arg != "-" and arg not in known:
+                raise UserError(f"index remove has no option {arg}; an id beginning with '-' goes after --: mlsctl "
+                                f"index remove GALLERY -- {arg}")
+            value_next = not value_next and arg in takes_value
+        return super().parse_args(ctx, args)
+
+
+@app.command("remove", cls=DashedIdsCommand)
 def remove(
     gallery: Path = typer.Argument(..., help="Gallery folder (mlsctl index build)."),
-    ids: Optional[list[str]] = typer.Argument(None, help="Ids of the objects to remove."),
+    ids: Optional[list[str]] = typer.Argument(None, help="Ids of the objects to remove (an id beginning with '-' "
+                                                         "goes after --: index remove GALLERY -- -neg)."),
     ids_file: Optional[Path] = typer.Option(None, "--ids-file", help="A text file of ids to remove, one per "
                                                                      "line (blank lines skipped), besides or instead "
                                                                      "of IDS."),
@@ -229,15 +251,21 @@ def remove(
                                                       "the next purge or retrain]."),
     as_json: bool = typer.Option(False, "--json", help="Print the outcome as JSON (the fields of serve's DELETE "
                                                        "answer, and more)."),
+    objects_option: bool = typer.Option(False, "--objects", hidden=True),  # refused, pointing to --ids-file
 ) -> None:
     """Remove objects from a gallery: searches never return them again.
 
     All or none: every id is checked before anything is written, and one not in the gallery refuses the
     whole removal (unless --missing-ok). Appends one tombstone row per object; the removed latents stay
-    in the files until --purge (or mlsctl index retrain). Example:
+    in the files until --purge (or mlsctl index retrain). An id beginning with '-' goes after --
+    (mlsctl index remove galleries/products -- -neg). Example:
     mlsctl index remove galleries/products ev00007 ev00012 --purge
     """
     from mlsctl.gallery import printable, remove_from_gallery
+
+    if objects_option:  # index build's option, tried here (a new user's probe: typer said "No such option" alone)
+        raise UserError("index remove takes no --objects: give the ids to remove (index remove GALLERY ID ...), or a "
+                        "text file of them, one per line, with --ids-file FILE")
 
     from_file = _ids_of_file(ids_file) if ids_file is not None else {}  # id -> its line, for the sentences
     wanted = list(ids or []) + list(from_file)
