@@ -2229,7 +2229,8 @@ def describe_gallery(path: str | os.PathLike, objects: bool = False) -> dict:
     photos folded, rows (superseded ones included, which ``index retrain`` drops; ``removed_rows``: the
     tombstones of removed objects, whose latents stay in the files until then; ``removed_objects``: the ids removed
     and not added again, which the gallery keeps, purged or not, and a rebuild skips), the model that embeds it, the
-    index and its share of objects written since the quantiser was trained, bytes on disk, and with ``objects``
+    index (IVF-PQ: ``nprobe_effective``, the lists a search reads, at most ``nlist``) and its share of objects
+    written since the quantiser was trained, bytes on disk, and with ``objects``
     each object's id and photo count, oldest first (a new user's probe, 2026-12-07: a gallery grown over the
     service could only be listed by searching it)."""
     gallery = Gallery(path, with_index=False, with_unit=False)  # a unit.bin cut short is said, not refused
@@ -2247,6 +2248,9 @@ def describe_gallery(path: str | os.PathLike, objects: bool = False) -> dict:
               "created": manifest.get("created"), "mlsctl_version": manifest.get("mlsctl_version"),
               "format_version": manifest["format_version"],
               "bytes": sum(p.stat().st_size for p in files) + (gallery.path / MANIFEST).stat().st_size}
+    if manifest["index"]["kind"] != "flat":  # faiss searches min(nprobe, nlist) lists
+        nlist, nprobe = manifest["index"].get("nlist"), manifest["index"]["nprobe"]
+        record["index"]["nprobe_effective"] = min(nprobe, nlist) if nlist else nprobe
     if gallery.unit is None:
         record["damaged"] = (f"{UNIT} is missing or cut short: searches refuse the gallery until mlsctl index retrain "
                              f"{gallery.path} writes it again from {LATENTS}")

@@ -1458,6 +1458,21 @@ def test_the_ivfpq_summary_gives_the_lists_faiss_searches(tmp_path, monkeypatch,
     assert code == 0 and "(nlist 2, m 4, 4 bits, nprobe 1)" in out, (out, err)
 
 
+def test_index_info_gives_the_lists_a_search_reads_and_the_nprobe_asked_where_it_is_more(tmp_path, capsys):
+    """A review (2026-12-07): index info showed "nprobe 32" of an IVF-PQ gallery of 4 lists, where faiss searches
+    min(nprobe, nlist) lists; as index build says it."""
+    from conftest import cli_ok
+
+    for nprobe, said in ((32, "nprobe 4: every list, of the 32 asked"), (2, "nprobe 2")):
+        settings = IndexSettings("ivfpq", nlist=4, m=4, nbits=6, nprobe=nprobe, refine=10)
+        write_gallery(tmp_path / f"g{nprobe}", [f"o{i}" for i in range(300)], clustered(300), [1] * 300, settings,
+                      MANIFEST)
+        out, _ = cli_ok(capsys, "index", "info", str(tmp_path / f"g{nprobe}"))
+        assert f"(nlist 4, m 4, 6 bits, {said}, refine 10;" in out, out
+        record = json.loads(cli_ok(capsys, "index", "info", str(tmp_path / f"g{nprobe}"), "--json")[0])
+        assert record["index"]["nprobe"] == nprobe and record["index"]["nprobe_effective"] == min(nprobe, 4)
+
+
 def test_an_object_of_many_more_photos_than_training_sets_gets_a_note(mile_run, tmp_path, capsys):
     """A new user's probe (2026-12-07): an object of 8 photos ranked 10th and one of 32 ranked 76th for its own
     photos, where one of 4 ranked first; nothing said that sets much longer than the run's method.set_length (2

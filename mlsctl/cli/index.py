@@ -155,8 +155,11 @@ def info(
         print(json.dumps(record, indent=2))
         return
     index, model = record["index"], record["model"]
+    # faiss searches min(nprobe, nlist) lists: "nprobe 32" of a gallery of 1 list read as 32 searched (a review)
+    probed, asked = index.get("nprobe_effective"), index.get("nprobe")
+    probes = f"nprobe {probed}" + (f": every list, of the {asked} asked" if probed != asked else "")
     settings = "" if index["kind"] == "flat" else (
-        f" (nlist {index.get('nlist')}, m {index.get('m')}, {index.get('nbits')} bits, nprobe {index.get('nprobe')}, "
+        f" (nlist {index.get('nlist')}, m {index.get('m')}, {index.get('nbits')} bits, {probes}, "
         f"refine {index.get('refine')}; {100 * record['written_since_training']:.0f}% of the objects written since "
         f"it was trained)")
     superseded = record["superseded_rows"]
