@@ -229,6 +229,15 @@ def load_set_model(run_dir: str | os.PathLike,
     return model.to(device if device is not None else embedding_device())
 
 
+def set_model_kind_of_run(run_dir: str | os.PathLike) -> tuple[str, str]:
+    """(the run's folder as a set model names it, the kind of set model :func:`load_set_model` gives for it:
+    :data:`SET_MODEL_KINDS`), from its config.yaml alone, no weights read: "mile" for a MILE run, else "mean-cls"."""
+    from mlsctl.restore import open_run, recipe_of
+
+    run = open_run(run_dir, hint="give a run written by mlsctl pretrain")
+    return str(run.root), "mile" if recipe_of(run).method.name == "mile" else "mean-cls"
+
+
 def _mean_cls_set_model(run, recipe) -> MeanCLSSetModel:
     """:class:`MeanCLSSetModel` of the teacher of ``run`` (not MILE): its exported teacher, or its latest
     checkpoint's (:func:`mlsctl.restore.from_run`), at the size of the views it trained on, as a MILE run's."""
@@ -271,12 +280,16 @@ def run_of_features(source: str | os.PathLike) -> Optional[Path]:
 
 
 def choose_set_model(run_dir: Optional[str | os.PathLike], say: Callable[[str], None] = to_stderr,
-                     features: Optional[str | os.PathLike] = None) -> SetModel | MeanCLSSetModel:
+                     features: Optional[str | os.PathLike] = None,
+                     gallery: Optional["Gallery"] = None) -> SetModel | MeanCLSSetModel:
     """:func:`load_set_model` of ``run_dir``; when it is None, of the run that embedded ``features`` (a
     feature folder the gallery is built from), else of the newest MILE run under ./runs. Says which
-    model it is (:func:`set_model_words`: its kind, backbone and set fingerprints)."""
+    model it is (:func:`set_model_words`: its kind, backbone and set fingerprints). ``gallery``: the gallery it
+    embeds for, which refuses a run of the other kind before its weights load (:meth:`Gallery.check_run_kind`)."""
     from mlsctl.restore import load_default_run, newest_run
 
+    if gallery is not None and run_dir is not None:
+        gallery.check_run_kind(run_dir)  # a model of the other kind: said before its weights load (a review)
     if run_dir is None and features is not None and is_feature_folder(features):
         # the run that made them, not the newest (a new user's probe, 2026-12-06: refused as another model)
         run_dir = run_of_features(features)
@@ -1215,16 +1228,27 @@ class Gallery:
                             f"--run")
         return run
 
+    def check_run_kind(self, run_dir: str | os.PathLike) -> None:
+        """Refuse, from the run's config.yaml and the manifest alone (before any weights load: a review,
+        2026-12-07), a run whose set model is of the other kind than the gallery's, in :meth:`check_model`'s
+        sentence."""
+        run, kind = set_model_kind_of_run(run_dir)
+        if kind != self.set_model:
+            raise UserError(self._other_kind(run, kind))
+
+    def _other_kind(self, run: str, kind: str) -> str:
+        """The refusal of a model of run ``run`` that folds sets of ``kind``, not the gallery's kind."""
+        return (f"gallery {self.path} holds {SET_MODEL_KINDS[self.set_model]}, from run "
+                f"{self.manifest['model']['run']}; the model given ({run}) folds {SET_MODEL_KINDS[kind]}: leave --run "
+                f"out to embed with the run the gallery was built with, or rebuild the gallery with this one")
+
     def check_model(self, model: "SetModel") -> None:
         """Refuse a model whose latents this gallery's are not: the gallery's run trained on since, a model
         of another width, another model, other preprocessing. (A manifest whose ``dim`` was edited is
         refused at open: :meth:`_check_rows`.)"""
         built = self.manifest["model"]
         if model.kind != self.set_model:  # before the run's checks: the same run never gives both kinds
-            raise UserError(f"gallery {self.path} holds {SET_MODEL_KINDS[self.set_model]}, from run "
-                            f"{built['run']}; the model given ({model.run}) folds {SET_MODEL_KINDS[model.kind]}: "
-                            f"leave --run out to embed with the run the gallery was built with, or rebuild the "
-                            f"gallery with this one")
+            raise UserError(self._other_kind(model.run, model.kind))
         if model.fingerprint != self.fingerprint and os.path.realpath(model.run) == os.path.realpath(built["run"]):
             raise UserError(f"run {model.run} is no longer the model gallery {self.path} was built with (step "
                             f"{built['step']} then, {model.step} now: trained on or again since); rebuild the gallery "
@@ -2095,7 +2119,7 @@ def add_to_gallery(path: str | os.PathLike, object_id: str, photos: Sequence, *,
         target = Gallery(path, recover=True)
         if object_id not in target.row_of:
             target.check_new_id(object_id, "--object")
-        model = choose_set_model(run or target.built_with_run(), say=say)
+        model = choose_set_model(run or target.built_with_run(), say=say, gallery=target)
         created, count = target.add(model, object_id, photos)
     note = long_set_note(model, object_id, count)
     if note:

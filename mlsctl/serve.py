@@ -414,6 +414,8 @@ class GalleryService:
                                     advice=SERVED_READ_ONLY if read_only else SERVED).acquire()
         try:
             self.gallery = Gallery(gallery_path, recover=not read_only)  # a read-only server changes nothing
+            if run is not None:
+                self.gallery.check_run_kind(run)  # a model of the other kind: said before its weights load
             self.model = load_set_model(run or self.gallery.built_with_run())
             self.gallery.check_model(self.model)
             if not read_only:

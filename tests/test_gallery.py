@@ -425,6 +425,47 @@ def test_a_gallery_refuses_a_set_model_of_the_other_kind_and_one_without_the_key
         Gallery(tmp_path / "g-mile")
 
 
+def test_a_run_of_the_other_kind_is_refused_from_the_manifests_before_its_weights_load(mile_run, finished_run, tmp_path,
+                                                                                      monkeypatch, capsys):
+    """A review (2026-12-07): a MILE query model against a mean-CLS gallery (or the reverse) was refused only after
+    the model had loaded; now from the run's config.yaml and the gallery's manifest, in the same sentence, by search,
+    index add and serve."""
+    from mlsctl import gallery as gallery_lib
+    from mlsctl import serve
+    from mlsctl.errors import UserError
+
+    from conftest import cli, cli_ok
+    from test_hardening import one_sentence
+
+    gallery = tmp_path / "g"
+    cli_ok(capsys, "index", "build", str(mile_run / "gallery"), "--run", str(mile_run / "run"), "--out", str(gallery))
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the model's weights were loaded")
+
+    monkeypatch.setattr(gallery_lib, "load_set_model", no_weights)
+    photo, dino = str(next((mile_run / "query" / "obj1").iterdir())), finished_run[0]
+    words = {"mile": "MILE sets (a MILE run's set encoder folds the photos)",
+             "mean-cls": "mean-CLS sets (the mean of the photos' CLS embeddings)"}
+    refusal = (f"gallery {gallery} holds {words['mile']}, from run {mile_run / 'run'}; the model given ({dino}) folds "
+               f"{words['mean-cls']}: leave --run out to embed with the run the gallery was built with, or rebuild "
+               f"the gallery with this one")
+    for args in (("search", "--set", photo, "--index", str(gallery), "--run", str(dino)),
+                 ("index", "add", str(gallery), "--object", "obj1", photo, "--run", str(dino))):
+        code, _, err = cli(*args, capsys=capsys)
+        assert code == 2 and one_sentence(err) == f"error: {refusal}", err
+    with pytest.raises(UserError) as refused:
+        serve.GalleryService(gallery, run=dino)
+    assert refused.value.message == refusal
+    manifest = json.loads((gallery / "gallery.json").read_text())
+    manifest["model"]["set_model"] = "mean-cls"  # the reverse: a MILE run for a gallery of mean-CLS sets
+    (gallery / "gallery.json").write_text(json.dumps(manifest))
+    code, _, err = cli("search", "--set", photo, "--index", str(gallery), "--run", str(mile_run / "run"),
+                       capsys=capsys)
+    assert code == 2 and f"holds {words['mean-cls']}, from run {mile_run / 'run'}; the model given" in err
+    assert f"folds {words['mile']}: leave --run out" in err
+
+
 def test_latents_an_fp16_gallery_cannot_hold_are_refused_before_anything_is_written(tmp_path):
     """A review (2026-12-07): a mean-CLS latent is a sum that grows with its photos; past fp16's 65,504 it was stored
     as inf, and then the object's next add and every retrain of the gallery refused it as damaged."""

@@ -365,7 +365,7 @@ def search(
     # paths and headers, as index add checks them: before the model loads (new users' probes, 2026-12-06 and -07)
     check_photos(images or [], option="--set")
     unsearchable = missing_sets(queries, source=f"--sets {sets}") if queries is not None else None
-    model = None if unsearchable else choose_set_model(run or target.built_with_run(), say=say)
+    model = None if unsearchable else choose_set_model(run or target.built_with_run(), say=say, gallery=target)
     if model is not None:
         target.check_model(model)
     if queries is not None:
