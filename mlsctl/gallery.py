@@ -1544,15 +1544,18 @@ class Gallery:
         asked = (self.manifest.get("index_asked") or {}) if self.settings.kind != "flat" else {}
         return IndexSettings(**{**self.settings.to_dict(), "nlist": asked.get("nlist"), "m": asked.get("m")})
 
-    def retrain(self, keep_quantiser: bool = False) -> dict:
+    def retrain(self, keep_quantiser: bool = False,
+                checked: Optional[tuple[np.ndarray, np.ndarray]] = None) -> dict:
         """Compact the gallery to its live rows (superseded rows, tombstones and removed objects' rows are
         dropped: this purges removed latents from the files) and re-train the IVF-PQ quantiser on them, or with
         ``keep_quantiser`` keep the trained one (``index remove --purge``: no k-means, and no refusal of a gallery
         too small to train); written as a new version folder and swapped in by one atomic replace of the
-        manifest (:func:`write_gallery`). The caller holds the gallery's lock (:func:`retrain_gallery`)."""
+        manifest (:func:`write_gallery`). ``checked``: (rows, their latents) as :meth:`check_live_latents` gave them
+        since, rows that may have left the live ones but none added (``index remove --purge`` checks before it
+        removes): latents.bin is then not read again. The caller holds the gallery's lock (:func:`retrain_gallery`)."""
         live = self.live_rows()
         ids = [self.row_ids[r] for r in live]
-        latents = self.check_live_latents(live)
+        latents = self.check_live_latents(live) if checked is None else _latents_of_rows(checked, live)
         counts = np.asarray(self.counts[live], dtype=np.int64)
         kept = keep_quantiser and self.settings.kind != "flat"
         trained_rows = int((live < int(self.manifest.get("trained_rows", self.rows))).sum()) if kept else None
@@ -1563,6 +1566,15 @@ class Gallery:
         reopened = Gallery(self.path)
         self.__dict__.update(reopened.__dict__)
         return self.manifest
+
+
+def _latents_of_rows(checked: tuple[np.ndarray, np.ndarray], rows: np.ndarray) -> np.ndarray:
+    """The latents of ``rows`` (ascending) out of ``checked`` (ascending rows, their latents), which holds them all."""
+    checked_rows, latents = checked
+    at = np.searchsorted(checked_rows, rows)
+    if len(rows) and (at[-1] >= len(checked_rows) or not np.array_equal(checked_rows[at], rows)):
+        raise ValueError("the rows to write are not all among those whose latents were checked")
+    return latents if len(at) == len(checked_rows) else latents[at]
 
 
 def _what_failed(exc: Exception) -> str:
@@ -2178,14 +2190,16 @@ def remove_from_gallery(path: str | os.PathLike, ids: Sequence[str], *, missing_
     read_manifest(path)
     with FolderLock(path, "gallery"):
         target = Gallery(path, recover=True)
-        if purge:
-            target.check_live_latents()  # a damaged gallery cannot be purged: said before anything is removed
+        checked = None
+        if purge:  # a damaged gallery cannot be purged: said before anything is removed; the purge writes these
+            live = target.live_rows()
+            checked = (live, target.check_live_latents(live))
         removed, missing = target.remove(ids, missing_ok, named=named) if ids else ([], [])
         if purge:
             done = f"{counted(len(removed), 'object')} removed, " if removed else ""
             again = f"run mlsctl index remove {path} --purge again to purge the removed latents"
             try:
-                target.retrain(keep_quantiser=True)
+                target.retrain(keep_quantiser=True, checked=checked)  # latents.bin read once
             except (UserError, OSError) as exc:
                 raise UserError(f"{done}but the purge failed ({first_line(exc, 200)}): {again}") from None
             except KeyboardInterrupt:  # a stop during the purge: the removal is committed, and said so (a probe)

@@ -1771,6 +1771,24 @@ def test_a_purge_keeps_the_trained_ivfpq_index_so_a_gallery_too_small_to_train_i
     assert len(target) == 1 and Gallery(tmp_path / "g").search_many(queries, 5)[0][0][0] == "o0"
 
 
+@pytest.mark.parametrize("kind", ["flat", "ivfpq"])
+def test_a_purge_reads_the_live_latents_once(tmp_path, monkeypatch, kind):
+    """A review (2026-12-07): index remove --purge read every live latent twice, to check them before removing and
+    again to compact; the checked ones are written (the purged gallery is the same)."""
+    from mlsctl.gallery import remove_from_gallery
+
+    _, latents = _removal_gallery(tmp_path / "g", kind)
+    reads = []
+    check = Gallery.check_live_latents
+    monkeypatch.setattr(Gallery, "check_live_latents", lambda self, *a: reads.append(1) or check(self, *a))
+    target = remove_from_gallery(tmp_path / "g", ["o3", "o7"], purge=True)[0]
+    assert len(reads) == 1 and target.rows == len(target) == 298 and target.removed_ids() == ["o3", "o7"]
+    keep = [i for i in range(300) if i not in (3, 7)]
+    assert np.array_equal(np.asarray(Gallery(tmp_path / "g").latents), latents[keep].numpy())
+    remove_from_gallery(tmp_path / "g", [], purge=True)  # nothing removed now: the checked rows are all written
+    assert len(reads) == 2 and np.array_equal(np.asarray(Gallery(tmp_path / "g").latents), latents[keep].numpy())
+
+
 def test_a_removed_id_no_longer_reads_like_a_stored_one(tmp_path):
     """The look-alike keys made once per opened gallery (a server makes them at start) lose a removed id's key, so
     an id that read like it may name a new object; where two stored ids share a key, the other one still counts."""
