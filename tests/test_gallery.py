@@ -82,20 +82,28 @@ def test_appending_new_and_updated_objects_equals_a_rebuild(tmp_path, kind):
         assert reopened.search_many(queries, 5) == Gallery(tmp_path / "rebuilt").search_many(queries, 5)
 
 
-def test_a_kill_during_adds_leaves_a_gallery_as_before_or_after_an_add(tmp_path):
-    write_gallery(tmp_path / "g", ["seed"], torch.ones(1, 16), [1], IndexSettings(), MANIFEST)
+def _kill_while_writing(gallery: Path, then: str, ready: int, seconds: float) -> None:
+    """Run a process that appends rows to ``gallery`` in a loop (row i: object o{i % 50}, latent and count i) and
+    runs the statement ``then`` after each append (the kill tests' varying part: a removal), and SIGKILL it
+    ``seconds`` after it has written ``ready`` + 1 rows (killed while writing, not while importing torch)."""
     script = (f"import torch; from mlsctl.gallery import Gallery\n"
-              f"g = Gallery({str(tmp_path / 'g')!r})\n"
+              f"g = Gallery({str(gallery)!r})\n"
               f"for i in range(100000):\n"
               f"    g.append([f'o{{i % 50}}'], torch.full((1, 16), float(i)), [i])\n"
-              f"    if i == 0: print('adding', flush=True)\n")
+              + (f"    {then}\n" if then else "")
+              + f"    if i == {ready}: print('writing', flush=True)\n")
+    process = subprocess.Popen([sys.executable, "-c", script], env=cli_env(), stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline() == "writing\n"
+    time.sleep(seconds)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    process.stdout.close()
+
+
+def test_a_kill_during_adds_leaves_a_gallery_as_before_or_after_an_add(tmp_path):
+    write_gallery(tmp_path / "g", ["seed"], torch.ones(1, 16), [1], IndexSettings(), MANIFEST)
     for attempt in range(3):
-        process = subprocess.Popen([sys.executable, "-c", script], env=cli_env(), stdout=subprocess.PIPE, text=True)
-        assert process.stdout.readline() == "adding\n"  # killed while adding, not while importing torch
-        time.sleep(0.2 + 0.3 * attempt)
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-        process.stdout.close()
+        _kill_while_writing(tmp_path / "g", "", ready=0, seconds=0.2 + 0.3 * attempt)
         gallery = Gallery(tmp_path / "g")  # opens: the committed rows are whole
         assert len(gallery.ids) > 1
         for object_id in gallery.ids[1:]:
@@ -1635,18 +1643,7 @@ def test_a_removed_object_added_again_is_new_and_retrain_purges_the_removed_late
 
 def test_a_kill_during_removals_leaves_the_gallery_as_before_or_after_one(tmp_path):
     write_gallery(tmp_path / "g", ["seed"], torch.ones(1, 16), [1], IndexSettings(), MANIFEST)
-    script = (f"import torch; from mlsctl.gallery import Gallery\n"
-              f"g = Gallery({str(tmp_path / 'g')!r})\n"
-              f"for i in range(100000):\n"
-              f"    g.append([f'o{{i % 50}}'], torch.full((1, 16), float(i)), [i])\n"
-              f"    g.remove([f'o{{(i - 1) % 50}}'], missing_ok=True)\n"
-              f"    if i == 1: print('removing', flush=True)\n")
-    process = subprocess.Popen([sys.executable, "-c", script], env=cli_env(), stdout=subprocess.PIPE, text=True)
-    assert process.stdout.readline() == "removing\n"
-    time.sleep(0.5)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    process.stdout.close()
+    _kill_while_writing(tmp_path / "g", "g.remove([f'o{(i - 1) % 50}'], missing_ok=True)", ready=1, seconds=0.5)
     gallery = Gallery(tmp_path / "g")  # opens: the committed rows are whole
     assert gallery.removed_rows > 0 and len(gallery) <= 3  # o(i) added, o(i - 1) removed: seed and one or two
     for object_id in gallery.ids[1:]:
