@@ -2040,7 +2040,6 @@ def build_gallery(source: str | os.PathLike, model: SetModel, out: str | os.Path
     check_gallery_target(out, overwrite, source)
     if storage_dtype not in STORAGE_DTYPES:
         raise UserError(f"--dtype must be fp32 or fp16, got {storage_dtype!r}")
-    ids, latents, counts = [], [], []
     check_gallery_free(out)  # a server or another writer holding it: said now, not after every photo is embedded
     if groups is None and not is_feature_folder(source):
         groups = object_folders(source, objects_file)
@@ -2049,29 +2048,8 @@ def build_gallery(source: str | os.PathLike, model: SetModel, out: str | os.Path
         groups = {object_id: paths for object_id, paths in groups.items() if object_id not in skipped}
     check_index_fits(settings, len(source_counts(source, groups)) - (len(skipped) if groups is None else 0),
                      getattr(model, "dim", None))  # before embedding
-    if groups is None:
-        for object_id, cls in _feature_groups(Path(source), model).items():
-            if object_id in skipped:
-                continue
-            ids.append(object_id)
-            latents.append(model.fold(None, cls.float()))
-            counts.append(len(cls))
-    else:
-        check_new_ids(list(groups), f"{source}: object folder")  # before anything is embedded
-        unreadable = []  # every photo that cannot be read, named at the end: not one per attempt
-        for object_id, (cls, tokens, failed) in zip(groups, set_tokens(list(groups.values()), model,
-                                                                       batch_size=batch_size, workers=workers,
-                                                                       progress=progress, strict=False)):
-            unreadable += failed
-            if not failed:
-                ids.append(object_id)
-                latents.append(model.fold(None, cls, tokens))
-                counts.append(len(cls))
-        if unreadable:
-            shown = "; ".join(f"{path} ({reason})" for path, reason in unreadable[:5])
-            raise UserError(f"{len(unreadable)} photo{'s' if len(unreadable) != 1 else ''} of {source} cannot be read: "
-                            f"{shown}{'; ...' if len(unreadable) > 5 else ''}; replace or remove "
-                            f"{'them' if len(unreadable) != 1 else 'it'} and build again (nothing was written)")
+    ids, latents, counts = _embed_objects(source, groups, model, skipped, batch_size=batch_size, workers=workers,
+                                          progress=progress)
     if not ids and skipped:
         raise UserError(f"every object of {source} was removed from {out} with mlsctl index remove; give "
                         f"--restore-removed to build them back (nothing was written)")
@@ -2093,6 +2071,39 @@ def build_gallery(source: str | os.PathLike, model: SetModel, out: str | os.Path
         manifest = write_gallery(out, ids, torch.stack(latents), counts, settings, manifest, storage_dtype,
                                  removed_ids=[object_id for object_id in removed if object_id not in built])
     return dict(manifest, images=int(sum(counts)))
+
+
+def _embed_objects(source, groups: Optional[dict[str, list[Path]]], model: SetModel, skipped: set[str], *,
+                   batch_size: int, workers: Optional[int], progress: Optional[bool]
+                   ) -> tuple[list[str], list[torch.Tensor], list[int]]:
+    """:func:`build_gallery`'s objects folded: (ids, set latents, photos folded), from the photos of ``groups``
+    (every unreadable photo named in one sentence at the end, nothing written), or from a feature folder
+    ``source`` where ``groups`` is None, less the objects ``skipped``."""
+    ids, latents, counts = [], [], []
+    if groups is None:
+        for object_id, cls in _feature_groups(Path(source), model).items():
+            if object_id in skipped:
+                continue
+            ids.append(object_id)
+            latents.append(model.fold(None, cls.float()))
+            counts.append(len(cls))
+        return ids, latents, counts
+    check_new_ids(list(groups), f"{source}: object folder")  # before anything is embedded
+    unreadable = []  # every photo that cannot be read, named at the end: not one per attempt
+    for object_id, (cls, tokens, failed) in zip(groups, set_tokens(list(groups.values()), model,
+                                                                   batch_size=batch_size, workers=workers,
+                                                                   progress=progress, strict=False)):
+        unreadable += failed
+        if not failed:
+            ids.append(object_id)
+            latents.append(model.fold(None, cls, tokens))
+            counts.append(len(cls))
+    if unreadable:
+        shown = "; ".join(f"{path} ({reason})" for path, reason in unreadable[:5])
+        raise UserError(f"{len(unreadable)} photo{'s' if len(unreadable) != 1 else ''} of {source} cannot be read: "
+                        f"{shown}{'; ...' if len(unreadable) > 5 else ''}; replace or remove "
+                        f"{'them' if len(unreadable) != 1 else 'it'} and build again (nothing was written)")
+    return ids, latents, counts
 
 
 def removals_of_rebuild(source, groups: Optional[dict[str, list[Path]]], out: Path, overwrite: bool,
