@@ -74,8 +74,8 @@ def _check_build_before_the_model(source: Path, objects: Optional[Path], out: Pa
     """What ``index build`` checks before its model loads (a new user waited for the model to hear of a typo):
     ``--out``, the source and its objects (an objects file's rows too), the index settings and whether they fit
     the objects (those a rebuild skips, removed from the gallery it replaces, left out), a server holding ``--out``,
-    and what a rebuild would drop. Returns the source's object folders
-    (None for a feature folder), which the build embeds."""
+    and what a rebuild would drop. Returns the source's object folders (None for a feature folder), which the build
+    embeds."""
     from mlsctl.data.kinds import folder_kind
     from mlsctl.features import is_feature_folder
     from mlsctl.gallery import (check_gallery_free, check_gallery_target, check_index_fits, check_objects_source,
@@ -272,7 +272,8 @@ def remove(
 
     from_file = _ids_of_file(ids_file) if ids_file is not None else {}  # id -> its line, for the sentences
     wanted = list(ids or []) + list(from_file)
-    named = {object_id: where for object_id, where in from_file.items() if object_id not in (ids or [])}
+    given = set(ids or [])  # an id given as IDS and in the file is named as given
+    named = {object_id: where for object_id, where in from_file.items() if object_id not in given}
     if not wanted and not purge:
         raise UserError("give the ids of the objects to remove (index remove GALLERY ID ...), or a file of them, one "
                         "per line, with --ids-file FILE; --purge alone purges earlier removals")
