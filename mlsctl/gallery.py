@@ -1976,7 +1976,8 @@ def removals_kept_out(source_ids: Sequence[str], removed: Optional[Sequence[str]
     """The objects of the source that a rebuild of ``out`` leaves out: those ``removed`` from the gallery it
     replaces (:func:`check_what_a_rebuild_drops`), said in one line with how to bring them back; none with
     ``restore_removed``, which says how many it builds back."""
-    back = [object_id for object_id in (removed or []) if object_id in set(source_ids)]
+    in_source = set(source_ids)
+    back = [object_id for object_id in (removed or []) if object_id in in_source]
     if not back:
         return set()
     shown = ", ".join(printable(i) for i in back[:3]) + (", ..." if len(back) > 3 else "")
