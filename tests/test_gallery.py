@@ -550,6 +550,13 @@ def test_a_feature_folder_of_a_dino_run_builds_the_same_mean_cls_gallery_as_its_
     assert from_feats.set_model == "mean-cls" and from_feats.fingerprint == from_photos.fingerprint
     for object_id in ("obj0", "obj1", "obj2"):
         assert torch.allclose(from_feats.latent(object_id), from_photos.latent(object_id), atol=1e-4)
+    code, _, err = cli("index", "remove", str(tmp_path / "from-feats"), "obj1", capsys=capsys)
+    assert code == 0, err
+    code, _, err = cli("index", "build", str(tmp_path / "feats"), "--out", str(tmp_path / "from-feats"), "--overwrite",
+                       capsys=capsys)  # a rebuild from the features skips the removed object too
+    assert code == 0 and "note: skipped 1 object of the source removed from" in err, err
+    assert Gallery(tmp_path / "from-feats").ids == ["obj0", "obj2"]
+    assert Gallery(tmp_path / "from-feats").removed_ids() == ["obj1"]
 
 def test_a_gallery_records_the_objects_file_it_was_built_from(tmp_path, monkeypatch):
     """A review (2026-12-07): the gallery's manifest recorded its source but not `index build --objects`, which
