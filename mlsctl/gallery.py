@@ -23,7 +23,12 @@ Removing an object (:meth:`Gallery.remove`, ``mlsctl index remove``) appends a t
 committed the same way: count -1 (:data:`REMOVED_COUNT`), a zero latent. An id whose last row is a tombstone
 is absent to every reader (ids, searches, counts, ``index info``); its rows stay in the files until
 ``index retrain`` writes the live rows alone. A gallery that holds tombstone rows says format 4, which the
-mlsctl of format 3 refuses (it would read them as objects); build and retrain write format 3.
+mlsctl of format 3 refuses (it would read them as objects); build and retrain write format 3. The ids removed
+(never their latents) outlive the tombstones: a compaction (retrain, ``index remove --purge``) and a rebuild with
+``--overwrite`` write those removed and not added again into ``removed.txt`` of the new version folder
+(:data:`REMOVED_IDS`, counted by the manifest's ``removed_ids``), and the gallery says format 5, which the mlsctl of
+format 4 refuses (its compaction would drop the record, and its rebuild bring the objects back);
+:meth:`Gallery.removed_ids` is that record and the ids tombstoned since, less those added again.
 
 :class:`SetModel` embeds images with a MILE run's teacher: backbone CLS (and patch tokens with
 ``attend: patches``) and the set encoder's recurrence (the model and its fold are
@@ -71,7 +76,8 @@ from mlsctl.runs import RUNS_ROOT
 
 log = logging.getLogger("mlsctl")
 
-GALLERY_FORMAT_VERSION = 4  # the newest format read and written: format 3 that may hold removals (tombstone rows)
+GALLERY_FORMAT_VERSION = 5  # the newest format read and written: format 4 that records removed ids (REMOVED_IDS)
+TOMBSTONE_FORMAT_VERSION = 4  # format 3 that may hold removals (tombstone rows)
 PLAIN_FORMAT_VERSION = 3  # a gallery without tombstone rows, as build, retrain and the move of format 2 write it
 READABLE_FORMAT_VERSION = 2  # format 2 (row files beside gallery.json) is read, and moved by writers
 REMOVED_COUNT = -1  # counts.bin of a tombstone row: `index remove` removed its id (its latent and unit rows are zero)
@@ -223,6 +229,15 @@ def load_set_model(run_dir: str | os.PathLike,
     return model.to(device if device is not None else embedding_device())
 
 
+def set_model_kind_of_run(run_dir: str | os.PathLike) -> tuple[str, str]:
+    """(the run's folder as a set model names it, the kind of set model :func:`load_set_model` gives for it:
+    :data:`SET_MODEL_KINDS`), from its config.yaml alone, no weights read: "mile" for a MILE run, else "mean-cls"."""
+    from mlsctl.restore import open_run, recipe_of
+
+    run = open_run(run_dir, hint="give a run written by mlsctl pretrain")
+    return str(run.root), "mile" if recipe_of(run).method.name == "mile" else "mean-cls"
+
+
 def _mean_cls_set_model(run, recipe) -> MeanCLSSetModel:
     """:class:`MeanCLSSetModel` of the teacher of ``run`` (not MILE): its exported teacher, or its latest
     checkpoint's (:func:`mlsctl.restore.from_run`), at the size of the views it trained on, as a MILE run's."""
@@ -265,12 +280,16 @@ def run_of_features(source: str | os.PathLike) -> Optional[Path]:
 
 
 def choose_set_model(run_dir: Optional[str | os.PathLike], say: Callable[[str], None] = to_stderr,
-                     features: Optional[str | os.PathLike] = None) -> SetModel | MeanCLSSetModel:
+                     features: Optional[str | os.PathLike] = None,
+                     gallery: Optional["Gallery"] = None) -> SetModel | MeanCLSSetModel:
     """:func:`load_set_model` of ``run_dir``; when it is None, of the run that embedded ``features`` (a
     feature folder the gallery is built from), else of the newest MILE run under ./runs. Says which
-    model it is (:func:`set_model_words`: its kind, backbone and set fingerprints)."""
+    model it is (:func:`set_model_words`: its kind, backbone and set fingerprints). ``gallery``: the gallery it
+    embeds for, which refuses a run of the other kind before its weights load (:meth:`Gallery.check_run_kind`)."""
     from mlsctl.restore import load_default_run, newest_run
 
+    if gallery is not None and run_dir is not None:
+        gallery.check_run_kind(run_dir)  # a model of the other kind: said before its weights load (a review)
     if run_dir is None and features is not None and is_feature_folder(features):
         # the run that made them, not the newest (a new user's probe, 2026-12-06: refused as another model)
         run_dir = run_of_features(features)
@@ -1000,6 +1019,7 @@ def search_index(index, unit_rows_: Optional[np.ndarray], queries: np.ndarray, k
 # committed rows, which readers ignore and the next writer cuts off: the gallery is as before or
 # after the add, never torn, and readers never see a row change under them.
 LATENTS, UNIT, COUNTS, IDS, INDEX = "latents.bin", "unit.bin", "counts.bin", "objects.txt", "index.faiss"
+REMOVED_IDS = "removed.txt"  # format 5: the ids removed before the version folder was written, one a line
 STORAGE_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 INDEX_KINDS = ("flat", "ivfpq")
 
@@ -1066,7 +1086,7 @@ class Gallery:
             self.unit = None  # unit.bin damaged, the latents whole: retrain writes it again (a review, 2026-12-07)
         self.row_of: dict[str, int] = dict(zip(self.row_ids, range(self.rows)))  # the last row of an id wins
         self.removed_rows = 0  # tombstone rows: objects removed, whose latents stay in the files until retrain
-        if self.manifest["format_version"] >= GALLERY_FORMAT_VERSION:
+        if self.manifest["format_version"] >= TOMBSTONE_FORMAT_VERSION:
             tombstones = np.flatnonzero(np.asarray(self.counts) == REMOVED_COUNT)
             self.removed_rows = len(tombstones)
             for row in tombstones.tolist():
@@ -1120,6 +1140,18 @@ class Gallery:
 
     def __len__(self) -> int:
         return len(self.row_of)
+
+    def removed_ids(self) -> list[str]:
+        """The ids removed from the gallery (``index remove``, ``DELETE``) and not added again since, oldest first:
+        those recorded when its version folder was written (:data:`REMOVED_IDS`: a purge, a retrain or a rebuild
+        keeps them, ids alone), then those whose last row is a tombstone. ``index build --overwrite`` skips them."""
+        recorded = _recorded_removals(self.data, self.manifest, self.path)
+        tombstoned = (i for i in self.row_ids if i not in self.row_of)  # absent, yet in a row: its last is a tombstone
+        return [i for i in dict.fromkeys([*recorded, *tombstoned]) if i not in self.row_of]
+
+    def was_removed(self, object_id: str) -> bool:
+        """``object_id`` names no object now, and one of that id was removed (:meth:`removed_ids`)."""
+        return object_id not in self.row_of and object_id in set(self.removed_ids())
 
     def live_rows(self, start: int = 0) -> np.ndarray:
         """The live rows from ``start`` on, ascending (no superseded row, no tombstone, no removed object's)."""
@@ -1196,16 +1228,27 @@ class Gallery:
                             f"--run")
         return run
 
+    def check_run_kind(self, run_dir: str | os.PathLike) -> None:
+        """Refuse, from the run's config.yaml and the manifest alone (before any weights load: a review,
+        2026-12-07), a run whose set model is of the other kind than the gallery's, in :meth:`check_model`'s
+        sentence."""
+        run, kind = set_model_kind_of_run(run_dir)
+        if kind != self.set_model:
+            raise UserError(self._other_kind(run, kind))
+
+    def _other_kind(self, run: str, kind: str) -> str:
+        """The refusal of a model of run ``run`` that folds sets of ``kind``, not the gallery's kind."""
+        return (f"gallery {self.path} holds {SET_MODEL_KINDS[self.set_model]}, from run "
+                f"{self.manifest['model']['run']}; the model given ({run}) folds {SET_MODEL_KINDS[kind]}: leave --run "
+                f"out to embed with the run the gallery was built with, or rebuild the gallery with this one")
+
     def check_model(self, model: "SetModel") -> None:
         """Refuse a model whose latents this gallery's are not: the gallery's run trained on since, a model
         of another width, another model, other preprocessing. (A manifest whose ``dim`` was edited is
         refused at open: :meth:`_check_rows`.)"""
         built = self.manifest["model"]
         if model.kind != self.set_model:  # before the run's checks: the same run never gives both kinds
-            raise UserError(f"gallery {self.path} holds {SET_MODEL_KINDS[self.set_model]}, from run "
-                            f"{built['run']}; the model given ({model.run}) folds {SET_MODEL_KINDS[model.kind]}: "
-                            f"leave --run out to embed with the run the gallery was built with, or rebuild the "
-                            f"gallery with this one")
+            raise UserError(self._other_kind(model.run, model.kind))
         if model.fingerprint != self.fingerprint and os.path.realpath(model.run) == os.path.realpath(built["run"]):
             raise UserError(f"run {model.run} is no longer the model gallery {self.path} was built with (step "
                             f"{built['step']} then, {model.step} now: trained on or again since); rebuild the gallery "
@@ -1357,7 +1400,9 @@ class Gallery:
             done["added"] = rows[live]
         self.removed_rows += int((~live).sum())
         self._unsaved = getattr(self, "_unsaved", 0) + len(ids) + len(old_rows)
-        version = GALLERY_FORMAT_VERSION if self.removed_rows else self.manifest["format_version"]
+        version = self.manifest["format_version"]
+        if self.removed_rows:
+            version = max(version, TOMBSTONE_FORMAT_VERSION)
         self.manifest = dict(self.manifest, rows=self.rows, objects=len(self.row_of), format_version=version,
                              updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
         if self.settings.kind != "flat" and self._unsaved > max(1024, self.rows // 100):
@@ -1401,46 +1446,53 @@ class Gallery:
             elif self._lookalikes.get(key) == object_id:
                 del self._lookalikes[key]
 
-    def remove(self, ids: Sequence[str], missing_ok: bool = False, where: str = "object id"
-               ) -> tuple[list[str], list[str]]:
+    def remove(self, ids: Sequence[str], missing_ok: bool = False, where: str = "object id",
+               named: Optional[dict[str, str]] = None) -> tuple[list[str], list[str]]:
         """Remove the objects ``ids``: a tombstone row per id (count :data:`REMOVED_COUNT`, a zero latent)
         appended and committed as an add's row is (:meth:`append`), all or none, each id checked before
         anything is written; returns (removed, missing). An id not in the gallery is one sentence naming
         it, unless ``missing_ok`` (then it is in ``missing``); one that reads like a stored id
         (:func:`lookalike_key`) is refused all the same, naming the stored one. A removed id added again
         is a new object. The removed latents stay in the row files (and an IVF-PQ index file saved
-        before) until :meth:`retrain`. The caller holds the gallery's lock (:func:`remove_from_gallery`)."""
+        before) until :meth:`retrain`. ``named``: where an id was given, said in its sentences instead of ``where``
+        (``--ids-file F line N: the id``). The caller holds the gallery's lock (:func:`remove_from_gallery`)."""
         if self.manifest["format_version"] < PLAIN_FORMAT_VERSION:
             raise UserError(f"gallery {self.path} is of format {self.manifest['format_version']}; open it as its "
                             f"writer (Gallery(path, recover=True)) to move it to the current format first")
         wanted = list(dict.fromkeys(ids))  # an id given twice is removed once
-        missing = self.absent_ids(wanted, missing_ok, where)
+        missing = self.absent_ids(wanted, missing_ok, where, named)
         removed = [object_id for object_id in wanted if object_id not in missing]
         if removed:
             self.append(removed, torch.zeros(len(removed), self.dim), [REMOVED_COUNT] * len(removed))
         return removed, missing
 
-    def absent_ids(self, ids: Sequence[str], missing_ok: bool = False, where: str = "object id") -> list[str]:
+    def absent_ids(self, ids: Sequence[str], missing_ok: bool = False, where: str = "object id",
+                   named: Optional[dict[str, str]] = None) -> list[str]:
         """The ids of ``ids`` that name no object of the gallery; one sentence naming the first unless
-        ``missing_ok``, and one naming the stored id where an id reads like it (whatever ``missing_ok``)."""
-        missing = []
+        ``missing_ok``, and one naming the stored id where an id reads like it (whatever ``missing_ok``); each
+        sentence names the id as ``named`` says where it was given (an ``--ids-file`` line), else as ``where``."""
+        named, missing = named or {}, []
         for object_id in ids:
-            check_object_id(object_id, where)
+            check_object_id(object_id, named.get(object_id, where))
             if object_id in self.row_of:
                 continue
             stored = self.lookalike(object_id)
-            if stored is not None:
-                raise UserError(f"{where} '{printable(object_id)}' is not in gallery {self.path}, which holds "
+            if stored is not None:  # its --ids-file line named, as other bad lines are (a review, 2026-12-07)
+                raise UserError(f"{named.get(object_id, where)} '{printable(object_id)}' is not in gallery "
+                                f"{self.path}, which holds "
                                 f"'{printable(stored)}' (they differ only in whitespace, invisible characters or "
                                 f"Unicode composition); give '{printable(stored)}' to remove it (nothing was removed)")
             missing.append(object_id)
         if missing and not missing_ok:
+            where = named.get(missing[0], where)
             others = len(missing) - 1
             more = f" (nor {'is' if others == 1 else 'are'} {others} more of the ids given)" if others else ""
-            if self.removed_rows and missing[0] in set(self.row_ids):  # its last row is a tombstone
+            if self.was_removed(missing[0]):
+                purged = missing[0] not in set(self.row_ids)  # recorded alone: its rows left at a purge or retrain
                 raise UserError(f"{where} '{printable(missing[0])}' was removed from gallery {self.path} already"
-                                f"{more}; nothing was removed now (its latent leaves the files with mlsctl index "
-                                f"remove {self.path} --purge, or index retrain)")
+                                f"{more}; nothing was removed now" + (" (its latent has left the files)" if purged
+                                else f" (its latent leaves the files with mlsctl index remove {self.path} --purge, or "
+                                     f"index retrain)"))
             raise UserError(f"{where} '{printable(missing[0])}' is not in gallery {self.path}{more}; nothing was "
                             f"removed: check the id with mlsctl index info {self.path} --objects, or give "
                             f"--missing-ok to pass over ids that are not there")
@@ -1492,24 +1544,37 @@ class Gallery:
         asked = (self.manifest.get("index_asked") or {}) if self.settings.kind != "flat" else {}
         return IndexSettings(**{**self.settings.to_dict(), "nlist": asked.get("nlist"), "m": asked.get("m")})
 
-    def retrain(self, keep_quantiser: bool = False) -> dict:
+    def retrain(self, keep_quantiser: bool = False,
+                checked: Optional[tuple[np.ndarray, np.ndarray]] = None) -> dict:
         """Compact the gallery to its live rows (superseded rows, tombstones and removed objects' rows are
         dropped: this purges removed latents from the files) and re-train the IVF-PQ quantiser on them, or with
         ``keep_quantiser`` keep the trained one (``index remove --purge``: no k-means, and no refusal of a gallery
         too small to train); written as a new version folder and swapped in by one atomic replace of the
-        manifest (:func:`write_gallery`). The caller holds the gallery's lock (:func:`retrain_gallery`)."""
+        manifest (:func:`write_gallery`). ``checked``: (rows, their latents) as :meth:`check_live_latents` gave them
+        since, rows that may have left the live ones but none added (``index remove --purge`` checks before it
+        removes): latents.bin is then not read again. The caller holds the gallery's lock (:func:`retrain_gallery`)."""
         live = self.live_rows()
         ids = [self.row_ids[r] for r in live]
-        latents = self.check_live_latents(live)
+        latents = self.check_live_latents(live) if checked is None else _latents_of_rows(checked, live)
         counts = np.asarray(self.counts[live], dtype=np.int64)
         kept = keep_quantiser and self.settings.kind != "flat"
         trained_rows = int((live < int(self.manifest.get("trained_rows", self.rows))).sum()) if kept else None
         write_gallery(self.path, ids, torch.from_numpy(latents), counts,
                       self.settings if kept else self.retrain_settings(), self.manifest,
-                      self.manifest["storage_dtype"], trained=self.index if kept else None, trained_rows=trained_rows)
+                      self.manifest["storage_dtype"], trained=self.index if kept else None, trained_rows=trained_rows,
+                      removed_ids=self.removed_ids())
         reopened = Gallery(self.path)
         self.__dict__.update(reopened.__dict__)
         return self.manifest
+
+
+def _latents_of_rows(checked: tuple[np.ndarray, np.ndarray], rows: np.ndarray) -> np.ndarray:
+    """The latents of ``rows`` (ascending) out of ``checked`` (ascending rows, their latents), which holds them all."""
+    checked_rows, latents = checked
+    at = np.searchsorted(checked_rows, rows)
+    if len(rows) and (at[-1] >= len(checked_rows) or not np.array_equal(checked_rows[at], rows)):
+        raise ValueError("the rows to write are not all among those whose latents were checked")
+    return latents if len(at) == len(checked_rows) else latents[at]
 
 
 def _what_failed(exc: Exception) -> str:
@@ -1524,9 +1589,22 @@ def _read_ids(path: Path, rows: int) -> tuple[list[str], int]:
     data = path.read_bytes()
     parts = data.split(b"\n", rows)  # the committed lines, then whatever follows them
     if len(parts) <= rows:
-        raise ValueError(f"{IDS} lists {len(parts) - 1} ids for {rows} committed rows")
+        raise ValueError(f"{path.name} lists {len(parts) - 1} ids for {rows} committed rows")
     length = len(data) - len(parts[-1])
     return (data[:length].decode("utf-8").split("\n")[:-1] if rows else []), length
+
+
+def _recorded_removals(data: Path, manifest: dict, gallery: Path) -> list[str]:
+    """The ids :data:`REMOVED_IDS` of the version folder ``data`` records (format 5; none before), as many as the
+    manifest counts; a file missing or short of them is a damaged gallery, said in one sentence."""
+    count = int(manifest.get("removed_ids", 0)) if manifest["format_version"] >= 5 else 0
+    if not count:
+        return []
+    try:
+        return _read_ids(data / REMOVED_IDS, count)[0]
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise UserError(f"{gallery} is damaged ({_what_failed(exc)}): the record of the ids removed from it cannot "
+                        f"be read; rebuild the gallery with mlsctl index build --overwrite") from None
 
 
 def _append_rows(path: Path, start: int, ids_bytes: int, ids: Sequence[str], latents: np.ndarray,
@@ -1600,6 +1678,9 @@ def read_manifest(path: Path) -> dict:
     elif version >= 3 and not (manifest.get("index_file") is None or (
             isinstance(manifest["index_file"], str) and _INDEX_NAME.fullmatch(manifest["index_file"]))):
         problem = "'index_file' must name an index file (index.N.faiss) or be null"
+    elif version >= 5 and not (isinstance(manifest.get("removed_ids"), int)
+                               and not isinstance(manifest["removed_ids"], bool) and manifest["removed_ids"] > 0):
+        problem = f"'removed_ids' must count the ids of {REMOVED_IDS}"
     if problem:
         raise UserError(f"{manifest_path} is damaged ({problem}); rebuild the gallery with mlsctl index build")
     return manifest
@@ -1620,14 +1701,15 @@ def _check_storable(latents: np.ndarray, dtype, ids: Sequence[str], path: Path) 
 
 def write_gallery(path: Path, ids: list[str], latents: torch.Tensor, counts, settings: IndexSettings,
                   manifest: dict, storage_dtype: str = "fp32", trained=None,
-                  trained_rows: Optional[int] = None) -> dict:
+                  trained_rows: Optional[int] = None, removed_ids: Sequence[str] = ()) -> dict:
     """Write a whole gallery (build, retrain) and swap it in at once: the row files and index go into
     a new version folder (written as ``.vN.tmp``, flushed, renamed ``vN``), then one atomic replace
     of ``gallery.json`` — which names the folder — commits it, and only then is the previous
     version removed. A reader, or a writer killed at any moment, sees the old gallery or the new one
     (leftovers of a kill are removed by the next writer: :func:`recover_gallery`). ``trained``: an IVF-PQ
     index whose quantiser to keep (emptied and filled with these rows; no k-means: ``index remove --purge``),
-    ``trained_rows`` the first rows it was trained on."""
+    ``trained_rows`` the first rows it was trained on. ``removed_ids``: the ids removed from the gallery (ids
+    alone, :meth:`Gallery.removed_ids`), written into the version folder as :data:`REMOVED_IDS` (format 5)."""
     dtype = STORAGE_DTYPES[storage_dtype]
     raw = latents.detach().float().numpy()
     _check_storable(raw, dtype, ids, path)
@@ -1646,6 +1728,9 @@ def write_gallery(path: Path, ids: list[str], latents: torch.Tensor, counts, set
     tmp.mkdir()
     try:
         _append_rows(tmp, 0, 0, ids, raw.astype(dtype), unit.astype(dtype), np.asarray(counts, dtype=np.int64))
+        if removed_ids:
+            (tmp / REMOVED_IDS).write_bytes("".join(f"{i}\n" for i in removed_ids).encode("utf-8"))
+            _fsync(tmp / REMOVED_IDS)
         name = None
         if settings.kind != "flat" and index is not None:
             faiss = threads.faiss()
@@ -1661,8 +1746,10 @@ def write_gallery(path: Path, ids: list[str], latents: torch.Tensor, counts, set
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     atomic.fsync_dir(path)
-    manifest = dict(manifest, format_version=PLAIN_FORMAT_VERSION, index=settings.to_dict(), index_asked=asked,
-                    rows=len(ids), objects=len(ids), indexed_rows=len(ids),
+    manifest = {key: value for key, value in manifest.items() if key != "removed_ids"}
+    manifest = dict(manifest, format_version=GALLERY_FORMAT_VERSION if removed_ids else PLAIN_FORMAT_VERSION,
+                    **({"removed_ids": len(removed_ids)} if removed_ids else {}),
+                    index=settings.to_dict(), index_asked=asked, rows=len(ids), objects=len(ids), indexed_rows=len(ids),
                     trained_rows=len(ids) if trained_rows is None else trained_rows,
                     dim=int(raw.shape[1]), storage_dtype=storage_dtype, data=version, index_file=name,
                     updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
@@ -1847,32 +1934,29 @@ def source_counts(source, groups: Optional[dict[str, list[Path]]]) -> dict[str, 
 
 
 def check_what_a_rebuild_drops(out: Path, source_counts: dict[str, int], drop_added: bool = False,
-                               say: Callable[[str], None] = to_stderr) -> None:
+                               say: Callable[[str], None] = to_stderr) -> Optional[list[str]]:
     """Before --overwrite embeds anything: the objects and photos of the gallery in ``out`` that the
     source does not hold (added with ``index add`` or ``serve`` since its build), which the rebuilt
     gallery will not have and nothing can make again (a gallery keeps no photos). Refused unless
     ``drop_added``, then said (a new user's probe, 2026-12-07: the note said "stop now to keep them" and the
     build went on, dropping 17 objects uploaded to the service; 2026-12-06: they went without a word). A gallery
-    that cannot be read is replaced with a note: nothing in it can be counted (a gallery of an older format is
-    rebuilt this way)."""
-    removed: set[str] = set()
+    that cannot be read is replaced with a note: nothing in it can be counted, nor its removals carried over (a
+    gallery of an older format is rebuilt this way). Returns the ids removed from the gallery
+    (:meth:`Gallery.removed_ids`), which the rebuild skips (:func:`build_gallery`), or None where it cannot be read."""
+    removed: list[str] = []
     try:
         held = _objects_held(out, removed)  # ids and counts only: damaged latents, unit.bin or index no obstacle
     except (UserError, OSError, ValueError, UnicodeDecodeError) as exc:  # nothing in it can be counted
-        if out.is_dir() and (out / MANIFEST).is_file():
+        if out.is_dir() and (out / MANIFEST).is_file():  # a takedown undone by a rebuild, unsaid: the worst surprise
             say(f"note: --overwrite replaces {out}, which cannot be read ({first_line(exc, 160)}), so what it holds "
-                f"beyond the source cannot be counted")
-        return
-    back = sorted(object_id for object_id in removed if object_id in source_counts)
-    if back:  # a takedown undone by a rebuild, unsaid, would be the worst of surprises
-        shown = ", ".join(printable(i) for i in back[:3]) + (", ..." if len(back) > 3 else "")
-        say(f"note: the source holds {counted(len(back), 'object')} removed from {out} with mlsctl index remove "
-            f"({shown}), which the rebuild brings back; remove them from the source, or with index remove again")
+                f"beyond the source cannot be counted, and the objects removed from it (mlsctl index remove) cannot "
+                f"be carried over: the rebuild holds every object of the source")
+        return None
     gone = [object_id for object_id in held if object_id not in source_counts]
     more = {object_id: held[object_id] - source_counts[object_id] for object_id in held
             if object_id in source_counts and held[object_id] > source_counts[object_id]}
     if not gone and not more:
-        return
+        return removed
     parts = []
     if gone:
         shown = ", ".join(printable(i) for i in gone[:3]) + (", ..." if len(gone) > 3 else "")
@@ -1884,15 +1968,37 @@ def check_what_a_rebuild_drops(out: Path, source_counts: dict[str, int], drop_ad
         raise UserError(f"--overwrite would drop what a rebuild from the source cannot make again: {held}; add those "
                         f"photos to the source first, or give --drop-added to rebuild without them")
     say(f"note: --overwrite --drop-added replaces {out}; {held}, they will not be in the rebuilt gallery")
+    return removed
 
 
-def _objects_held(path: Path, removed: Optional[set] = None) -> dict[str, int]:
+def removals_kept_out(source_ids: Sequence[str], removed: Optional[Sequence[str]], out: Path, restore_removed: bool,
+                      say: Callable[[str], None] = to_stderr) -> set[str]:
+    """The objects of the source that a rebuild of ``out`` leaves out: those ``removed`` from the gallery it
+    replaces (:func:`check_what_a_rebuild_drops`), said in one line with how to bring them back; none with
+    ``restore_removed``, which says how many it builds back."""
+    in_source = set(source_ids)
+    back = [object_id for object_id in (removed or []) if object_id in in_source]
+    if not back:
+        return set()
+    shown = ", ".join(printable(i) for i in back[:3]) + (", ..." if len(back) > 3 else "")
+    if restore_removed:
+        say(f"note: --restore-removed builds back {counted(len(back), 'object')} of the source removed from {out} "
+            f"with mlsctl index remove ({shown})")
+        return set()
+    say(f"note: skipped {counted(len(back), 'object')} of the source removed from {out} with mlsctl index remove "
+        f"({shown}); give --restore-removed to build them back")
+    return set(back)
+
+
+def _objects_held(path: Path, removed: Optional[list] = None) -> dict[str, int]:
     """Photos folded per live object of the gallery at ``path``, read from its ids and counts alone (objects.txt and
     counts.bin): what a rebuild would drop is counted even where its latents or unit.bin are damaged (a review,
     2026-12-07: such a gallery was replaced with a note, and what was added to it dropped). ``removed`` gets the
-    ids whose last row is a tombstone (:meth:`Gallery.remove`)."""
+    ids removed and not added again (:meth:`Gallery.removed_ids`: those its version folder records, then those whose
+    last row is a tombstone)."""
     manifest = read_manifest(path)
     rows = int(manifest["rows"])
+    recorded = _recorded_removals(data_folder(path, manifest), manifest, path)
     ids, _ = _read_ids(data_folder(path, manifest) / IDS, rows)
     counts_path = data_folder(path, manifest) / COUNTS
     if counts_path.stat().st_size < rows * 8:
@@ -1900,7 +2006,9 @@ def _objects_held(path: Path, removed: Optional[set] = None) -> dict[str, int]:
     counts = np.fromfile(counts_path, dtype=np.int64, count=rows)
     held = {object_id: int(counts[row]) for row, object_id in enumerate(ids)}  # the last row of an id wins
     if removed is not None:
-        removed.update(object_id for object_id, count in held.items() if count == REMOVED_COUNT)
+        tombstoned = [object_id for object_id, count in held.items() if count == REMOVED_COUNT]
+        removed.extend(object_id for object_id in dict.fromkeys([*recorded, *tombstoned])
+                       if held.get(object_id, REMOVED_COUNT) == REMOVED_COUNT)
     return {object_id: count for object_id, count in held.items() if count != REMOVED_COUNT}  # removed: absent
 
 
@@ -1919,45 +2027,33 @@ def build_gallery(source: str | os.PathLike, model: SetModel, out: str | os.Path
                   *, overwrite: bool = False, progress: Optional[bool] = None, storage_dtype: str = "fp32",
                   workers: Optional[int] = None, batch_size: int = 64, say: Callable[[str], None] = to_stderr,
                   objects_file: Optional[str | os.PathLike] = None,
-                  groups: Optional[dict[str, list[Path]]] = None, drop_added: bool = False) -> dict:
+                  groups: Optional[dict[str, list[Path]]] = None, drop_added: bool = False,
+                  restore_removed: bool = False) -> dict:
     """One set embedding per object of ``source``: ``ROOT/<object_id>/*`` images, or those
     ``objects_file`` lists (:func:`object_folders`, or ``groups`` where the caller read them before the model
     loaded; decoded in ``workers`` loader processes and embedded ``batch_size`` at a time, :func:`set_tokens`),
-    or a feature folder of them written by ``mlsctl embed`` with the same run (files fold in name order)."""
+    or a feature folder of them written by ``mlsctl embed`` with the same run (files fold in name order). With
+    ``overwrite``, the objects removed from the gallery it replaces are skipped (a takedown sticks) unless
+    ``restore_removed``, and their ids are recorded in the new gallery (:meth:`Gallery.removed_ids`)."""
     out = Path(out)
     check_objects_source(source, objects_file)
     settings.check()
     check_gallery_target(out, overwrite, source)
     if storage_dtype not in STORAGE_DTYPES:
         raise UserError(f"--dtype must be fp32 or fp16, got {storage_dtype!r}")
-    ids, latents, counts = [], [], []
     check_gallery_free(out)  # a server or another writer holding it: said now, not after every photo is embedded
     if groups is None and not is_feature_folder(source):
         groups = object_folders(source, objects_file)
-    check_index_fits(settings, len(source_counts(source, groups)), getattr(model, "dim", None))  # before embedding
-    if overwrite:
-        check_what_a_rebuild_drops(out, source_counts(source, groups), drop_added, say)
-    if groups is None:
-        for object_id, cls in _feature_groups(Path(source), model).items():
-            ids.append(object_id)
-            latents.append(model.fold(None, cls.float()))
-            counts.append(len(cls))
-    else:
-        check_new_ids(list(groups), f"{source}: object folder")  # before anything is embedded
-        unreadable = []  # every photo that cannot be read, named at the end: not one per attempt
-        for object_id, (cls, tokens, failed) in zip(groups, set_tokens(list(groups.values()), model,
-                                                                       batch_size=batch_size, workers=workers,
-                                                                       progress=progress, strict=False)):
-            unreadable += failed
-            if not failed:
-                ids.append(object_id)
-                latents.append(model.fold(None, cls, tokens))
-                counts.append(len(cls))
-        if unreadable:
-            shown = "; ".join(f"{path} ({reason})" for path, reason in unreadable[:5])
-            raise UserError(f"{len(unreadable)} photo{'s' if len(unreadable) != 1 else ''} of {source} cannot be read: "
-                            f"{shown}{'; ...' if len(unreadable) > 5 else ''}; replace or remove "
-                            f"{'them' if len(unreadable) != 1 else 'it'} and build again (nothing was written)")
+    removed, skipped = removals_of_rebuild(source, groups, out, overwrite, drop_added, restore_removed, say)
+    if groups is not None:
+        groups = {object_id: paths for object_id, paths in groups.items() if object_id not in skipped}
+    check_index_fits(settings, len(source_counts(source, groups)) - (len(skipped) if groups is None else 0),
+                     getattr(model, "dim", None))  # before embedding
+    ids, latents, counts = _embed_objects(source, groups, model, skipped, batch_size=batch_size, workers=workers,
+                                          progress=progress)
+    if not ids and skipped:
+        raise UserError(f"every object of {source} was removed from {out} with mlsctl index remove; give "
+                        f"--restore-removed to build them back (nothing was written)")
     if not ids:
         raise UserError(f"{source} holds no object")
     manifest = {"kind": "mlsctl-gallery", "format_version": PLAIN_FORMAT_VERSION, "mlsctl_version": __version__,
@@ -1972,8 +2068,59 @@ def build_gallery(source: str | os.PathLike, model: SetModel, out: str | os.Path
         # again under the lock: another build into the same new --out may have finished meanwhile (a probe,
         # 2026-12-06: both said "built", the second replacing the first without --overwrite)
         check_gallery_target(out, overwrite)
-        manifest = write_gallery(out, ids, torch.stack(latents), counts, settings, manifest, storage_dtype)
+        built = set(ids)
+        manifest = write_gallery(out, ids, torch.stack(latents), counts, settings, manifest, storage_dtype,
+                                 removed_ids=[object_id for object_id in removed if object_id not in built])
     return dict(manifest, images=int(sum(counts)))
+
+
+def _embed_objects(source, groups: Optional[dict[str, list[Path]]], model: SetModel, skipped: set[str], *,
+                   batch_size: int, workers: Optional[int], progress: Optional[bool]
+                   ) -> tuple[list[str], list[torch.Tensor], list[int]]:
+    """:func:`build_gallery`'s objects folded: (ids, set latents, photos folded), from the photos of ``groups``
+    (every unreadable photo named in one sentence at the end, nothing written), or from a feature folder
+    ``source`` where ``groups`` is None, less the objects ``skipped``."""
+    ids, latents, counts = [], [], []
+    if groups is None:
+        for object_id, cls in _feature_groups(Path(source), model).items():
+            if object_id in skipped:
+                continue
+            ids.append(object_id)
+            latents.append(model.fold(None, cls.float()))
+            counts.append(len(cls))
+        return ids, latents, counts
+    check_new_ids(list(groups), f"{source}: object folder")  # before anything is embedded
+    unreadable = []  # every photo that cannot be read, named at the end: not one per attempt
+    for object_id, (cls, tokens, failed) in zip(groups, set_tokens(list(groups.values()), model,
+                                                                   batch_size=batch_size, workers=workers,
+                                                                   progress=progress, strict=False)):
+        unreadable += failed
+        if not failed:
+            ids.append(object_id)
+            latents.append(model.fold(None, cls, tokens))
+            counts.append(len(cls))
+    if unreadable:
+        shown = "; ".join(f"{path} ({reason})" for path, reason in unreadable[:5])
+        raise UserError(f"{len(unreadable)} photo{'s' if len(unreadable) != 1 else ''} of {source} cannot be read: "
+                        f"{shown}{'; ...' if len(unreadable) > 5 else ''}; replace or remove "
+                        f"{'them' if len(unreadable) != 1 else 'it'} and build again (nothing was written)")
+    return ids, latents, counts
+
+
+def removals_of_rebuild(source, groups: Optional[dict[str, list[Path]]], out: Path, overwrite: bool,
+                        drop_added: bool = False, restore_removed: bool = False,
+                        say: Callable[[str], None] = to_stderr) -> tuple[list[str], set[str]]:
+    """What a build into ``out`` checks of the gallery it replaces (``overwrite``): what it would drop
+    (:func:`check_what_a_rebuild_drops`), then the ids removed from it, recorded again in the new gallery, and those
+    of the source it skips (:func:`removals_kept_out`); returns (removed ids, skipped ids)."""
+    if restore_removed and not overwrite:
+        raise UserError("--restore-removed goes with --overwrite: it builds back the objects removed from the gallery "
+                        "a rebuild replaces")
+    if not overwrite:
+        return [], set()
+    counts = source_counts(source, groups)
+    removed = check_what_a_rebuild_drops(out, counts, drop_added, say) or []
+    return removed, removals_kept_out(list(counts), removed, out, restore_removed, say)
 
 
 def add_to_gallery(path: str | os.PathLike, object_id: str, photos: Sequence, *, run: Optional[str | os.PathLike] = None,
@@ -1996,7 +2143,7 @@ def add_to_gallery(path: str | os.PathLike, object_id: str, photos: Sequence, *,
         target = Gallery(path, recover=True)
         if object_id not in target.row_of:
             target.check_new_id(object_id, "--object")
-        model = choose_set_model(run or target.built_with_run(), say=say)
+        model = choose_set_model(run or target.built_with_run(), say=say, gallery=target)
         created, count = target.add(model, object_id, photos)
     note = long_set_note(model, count, object_id)
     if note:
@@ -2027,28 +2174,31 @@ def long_set_note(model: SetModel, photos: int, object_id: Optional[str] = None,
 
 
 def remove_from_gallery(path: str | os.PathLike, ids: Sequence[str], *, missing_ok: bool = False,
-                        purge: bool = False) -> tuple["Gallery", list[str], list[str]]:
+                        purge: bool = False, named: Optional[dict[str, str]] = None
+                        ) -> tuple["Gallery", list[str], list[str]]:
     """``mlsctl index remove``: :meth:`Gallery.remove` of ``ids`` under the gallery's lock, all or none;
     with ``purge``, then the gallery compacted to its live rows under the same lock (:meth:`Gallery.retrain`
     keeping the IVF-PQ quantiser: no k-means, and never refused for too few objects), so that the removed
     latents leave the files at once; ``purge`` without ``ids`` purges earlier removals. Returns (the gallery
-    as written, removed ids, ids not in the gallery)."""
+    as written, removed ids, ids not in the gallery). ``named``: where an id was given (:meth:`Gallery.remove`)."""
     path = Path(path)
     if not ids and not purge:
         raise UserError("give the ids of the objects to remove")
     for object_id in ids:  # the ids, then the gallery, before the folder is locked
-        check_object_id(object_id, "object id")
+        check_object_id(object_id, (named or {}).get(object_id, "object id"))
     read_manifest(path)
     with FolderLock(path, "gallery"):
         target = Gallery(path, recover=True)
-        if purge:
-            target.check_live_latents()  # a damaged gallery cannot be purged: said before anything is removed
-        removed, missing = target.remove(ids, missing_ok) if ids else ([], [])
+        checked = None
+        if purge:  # a damaged gallery cannot be purged: said before anything is removed; the purge writes these
+            live = target.live_rows()
+            checked = (live, target.check_live_latents(live))
+        removed, missing = target.remove(ids, missing_ok, named=named) if ids else ([], [])
         if purge:
             done = f"{counted(len(removed), 'object')} removed, " if removed else ""
             again = f"run mlsctl index remove {path} --purge again to purge the removed latents"
             try:
-                target.retrain(keep_quantiser=True)
+                target.retrain(keep_quantiser=True, checked=checked)  # latents.bin read once
             except (UserError, OSError) as exc:
                 raise UserError(f"{done}but the purge failed ({first_line(exc, 200)}): {again}") from None
             except KeyboardInterrupt:  # a stop during the purge: the removal is committed, and said so (a probe)
@@ -2114,8 +2264,10 @@ def newest_gallery(root: str | os.PathLike = ".", max_depth: int = 4) -> Optiona
 def describe_gallery(path: str | os.PathLike, objects: bool = False) -> dict:
     """``mlsctl index info``: what a gallery holds, from its files alone (no model, no index built): its objects,
     photos folded, rows (superseded ones included, which ``index retrain`` drops; ``removed_rows``: the
-    tombstones of removed objects, whose latents stay in the files until then), the model that embeds it, the
-    index and its share of objects written since the quantiser was trained, bytes on disk, and with ``objects``
+    tombstones of removed objects, whose latents stay in the files until then; ``removed_objects``: the ids removed
+    and not added again, which the gallery keeps, purged or not, and a rebuild skips), the model that embeds it, the
+    index (IVF-PQ: ``nprobe_effective``, the lists a search reads, at most ``nlist``) and its share of objects
+    written since the quantiser was trained, bytes on disk, and with ``objects``
     each object's id and photo count, oldest first (a new user's probe, 2026-12-07: a gallery grown over the
     service could only be listed by searching it)."""
     gallery = Gallery(path, with_index=False, with_unit=False)  # a unit.bin cut short is said, not refused
@@ -2125,6 +2277,7 @@ def describe_gallery(path: str | os.PathLike, objects: bool = False) -> dict:
     photos = int(np.asarray(gallery.counts)[live].sum()) if len(live) else 0
     record = {"gallery": str(gallery.path), "objects": len(gallery), "photos": photos, "rows": gallery.rows,
               "superseded_rows": gallery.rows - len(live), "removed_rows": gallery.removed_rows,
+              "removed_objects": len(gallery.removed_ids()),
               "dim": gallery.dim, "storage_dtype": manifest["storage_dtype"], "index": dict(manifest["index"]),
               "written_since_training": gallery.added_since_training(),
               "model": dict(manifest["model"], set_model=gallery.set_model),
@@ -2132,6 +2285,9 @@ def describe_gallery(path: str | os.PathLike, objects: bool = False) -> dict:
               "created": manifest.get("created"), "mlsctl_version": manifest.get("mlsctl_version"),
               "format_version": manifest["format_version"],
               "bytes": sum(p.stat().st_size for p in files) + (gallery.path / MANIFEST).stat().st_size}
+    if manifest["index"]["kind"] != "flat":  # faiss searches min(nprobe, nlist) lists
+        nlist, nprobe = manifest["index"].get("nlist"), manifest["index"]["nprobe"]
+        record["index"]["nprobe_effective"] = min(nprobe, nlist) if nlist else nprobe
     if gallery.unit is None:
         record["damaged"] = (f"{UNIT} is missing or cut short: searches refuse the gallery until mlsctl index retrain "
                              f"{gallery.path} writes it again from {LATENTS}")

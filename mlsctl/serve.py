@@ -414,6 +414,8 @@ class GalleryService:
                                     advice=SERVED_READ_ONLY if read_only else SERVED).acquire()
         try:
             self.gallery = Gallery(gallery_path, recover=not read_only)  # a read-only server changes nothing
+            if run is not None:
+                self.gallery.check_run_kind(run)  # a model of the other kind: said before its weights load
             self.model = load_set_model(run or self.gallery.built_with_run())
             self.gallery.check_model(self.model)
             if not read_only:
@@ -668,7 +670,11 @@ class GalleryService:
         answer; searches after it never return the object (the index in memory is the one written)."""
         if self.read_only:  # the Guard refuses it first; never written whoever calls
             raise RequestError(403, "this server is read-only (started with --read-only): it serves searches only")
+        from mlsctl.gallery import printable
+
         with self.index_lock:
+            if object_id not in self.gallery.row_of and self.gallery.was_removed(object_id):  # as index remove says
+                raise RequestError(404, f"object '{printable(object_id)}' was removed from the gallery already")
             self._check_known(object_id)
             self.gallery.remove([object_id])
             self.removed += 1

@@ -82,20 +82,28 @@ def test_appending_new_and_updated_objects_equals_a_rebuild(tmp_path, kind):
         assert reopened.search_many(queries, 5) == Gallery(tmp_path / "rebuilt").search_many(queries, 5)
 
 
-def test_a_kill_during_adds_leaves_a_gallery_as_before_or_after_an_add(tmp_path):
-    write_gallery(tmp_path / "g", ["seed"], torch.ones(1, 16), [1], IndexSettings(), MANIFEST)
+def _kill_while_writing(gallery: Path, then: str, ready: int, seconds: float) -> None:
+    """Run a process that appends rows to ``gallery`` in a loop (row i: object o{i % 50}, latent and count i) and
+    runs the statement ``then`` after each append (the kill tests' varying part: a removal), and SIGKILL it
+    ``seconds`` after it has written ``ready`` + 1 rows (killed while writing, not while importing torch)."""
     script = (f"import torch; from mlsctl.gallery import Gallery\n"
-              f"g = Gallery({str(tmp_path / 'g')!r})\n"
+              f"g = Gallery({str(gallery)!r})\n"
               f"for i in range(100000):\n"
               f"    g.append([f'o{{i % 50}}'], torch.full((1, 16), float(i)), [i])\n"
-              f"    if i == 0: print('adding', flush=True)\n")
+              + (f"    {then}\n" if then else "")
+              + f"    if i == {ready}: print('writing', flush=True)\n")
+    process = subprocess.Popen([sys.executable, "-c", script], env=cli_env(), stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline() == "writing\n"
+    time.sleep(seconds)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    process.stdout.close()
+
+
+def test_a_kill_during_adds_leaves_a_gallery_as_before_or_after_an_add(tmp_path):
+    write_gallery(tmp_path / "g", ["seed"], torch.ones(1, 16), [1], IndexSettings(), MANIFEST)
     for attempt in range(3):
-        process = subprocess.Popen([sys.executable, "-c", script], env=cli_env(), stdout=subprocess.PIPE, text=True)
-        assert process.stdout.readline() == "adding\n"  # killed while adding, not while importing torch
-        time.sleep(0.2 + 0.3 * attempt)
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-        process.stdout.close()
+        _kill_while_writing(tmp_path / "g", "", ready=0, seconds=0.2 + 0.3 * attempt)
         gallery = Gallery(tmp_path / "g")  # opens: the committed rows are whole
         assert len(gallery.ids) > 1
         for object_id in gallery.ids[1:]:
@@ -425,6 +433,47 @@ def test_a_gallery_refuses_a_set_model_of_the_other_kind_and_one_without_the_key
         Gallery(tmp_path / "g-mile")
 
 
+def test_a_run_of_the_other_kind_is_refused_from_the_manifests_before_its_weights_load(mile_run, finished_run, tmp_path,
+                                                                                      monkeypatch, capsys):
+    """A review (2026-12-07): a MILE query model against a mean-CLS gallery (or the reverse) was refused only after
+    the model had loaded; now from the run's config.yaml and the gallery's manifest, in the same sentence, by search,
+    index add and serve."""
+    from mlsctl import gallery as gallery_lib
+    from mlsctl import serve
+    from mlsctl.errors import UserError
+
+    from conftest import cli, cli_ok
+    from test_hardening import one_sentence
+
+    gallery = tmp_path / "g"
+    cli_ok(capsys, "index", "build", str(mile_run / "gallery"), "--run", str(mile_run / "run"), "--out", str(gallery))
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the model's weights were loaded")
+
+    monkeypatch.setattr(gallery_lib, "load_set_model", no_weights)
+    photo, dino = str(next((mile_run / "query" / "obj1").iterdir())), finished_run[0]
+    words = {"mile": "MILE sets (a MILE run's set encoder folds the photos)",
+             "mean-cls": "mean-CLS sets (the mean of the photos' CLS embeddings)"}
+    refusal = (f"gallery {gallery} holds {words['mile']}, from run {mile_run / 'run'}; the model given ({dino}) folds "
+               f"{words['mean-cls']}: leave --run out to embed with the run the gallery was built with, or rebuild "
+               f"the gallery with this one")
+    for args in (("search", "--set", photo, "--index", str(gallery), "--run", str(dino)),
+                 ("index", "add", str(gallery), "--object", "obj1", photo, "--run", str(dino))):
+        code, _, err = cli(*args, capsys=capsys)
+        assert code == 2 and one_sentence(err) == f"error: {refusal}", err
+    with pytest.raises(UserError) as refused:
+        serve.GalleryService(gallery, run=dino)
+    assert refused.value.message == refusal
+    manifest = json.loads((gallery / "gallery.json").read_text())
+    manifest["model"]["set_model"] = "mean-cls"  # the reverse: a MILE run for a gallery of mean-CLS sets
+    (gallery / "gallery.json").write_text(json.dumps(manifest))
+    code, _, err = cli("search", "--set", photo, "--index", str(gallery), "--run", str(mile_run / "run"),
+                       capsys=capsys)
+    assert code == 2 and f"holds {words['mean-cls']}, from run {mile_run / 'run'}; the model given" in err
+    assert f"folds {words['mile']}: leave --run out" in err
+
+
 def test_latents_an_fp16_gallery_cannot_hold_are_refused_before_anything_is_written(tmp_path):
     """A review (2026-12-07): a mean-CLS latent is a sum that grows with its photos; past fp16's 65,504 it was stored
     as inf, and then the object's next add and every retrain of the gallery refused it as damaged."""
@@ -501,6 +550,13 @@ def test_a_feature_folder_of_a_dino_run_builds_the_same_mean_cls_gallery_as_its_
     assert from_feats.set_model == "mean-cls" and from_feats.fingerprint == from_photos.fingerprint
     for object_id in ("obj0", "obj1", "obj2"):
         assert torch.allclose(from_feats.latent(object_id), from_photos.latent(object_id), atol=1e-4)
+    code, _, err = cli("index", "remove", str(tmp_path / "from-feats"), "obj1", capsys=capsys)
+    assert code == 0, err
+    code, _, err = cli("index", "build", str(tmp_path / "feats"), "--out", str(tmp_path / "from-feats"), "--overwrite",
+                       capsys=capsys)  # a rebuild from the features skips the removed object too
+    assert code == 0 and "note: skipped 1 object of the source removed from" in err, err
+    assert Gallery(tmp_path / "from-feats").ids == ["obj0", "obj2"]
+    assert Gallery(tmp_path / "from-feats").removed_ids() == ["obj1"]
 
 def test_a_gallery_records_the_objects_file_it_was_built_from(tmp_path, monkeypatch):
     """A review (2026-12-07): the gallery's manifest recorded its source but not `index build --objects`, which
@@ -1458,6 +1514,21 @@ def test_the_ivfpq_summary_gives_the_lists_faiss_searches(tmp_path, monkeypatch,
     assert code == 0 and "(nlist 2, m 4, 4 bits, nprobe 1)" in out, (out, err)
 
 
+def test_index_info_gives_the_lists_a_search_reads_and_the_nprobe_asked_where_it_is_more(tmp_path, capsys):
+    """A review (2026-12-07): index info showed "nprobe 32" of an IVF-PQ gallery of 4 lists, where faiss searches
+    min(nprobe, nlist) lists; as index build says it."""
+    from conftest import cli_ok
+
+    for nprobe, said in ((32, "nprobe 4: every list, of the 32 asked"), (2, "nprobe 2")):
+        settings = IndexSettings("ivfpq", nlist=4, m=4, nbits=6, nprobe=nprobe, refine=10)
+        write_gallery(tmp_path / f"g{nprobe}", [f"o{i}" for i in range(300)], clustered(300), [1] * 300, settings,
+                      MANIFEST)
+        out, _ = cli_ok(capsys, "index", "info", str(tmp_path / f"g{nprobe}"))
+        assert f"(nlist 4, m 4, 6 bits, {said}, refine 10;" in out, out
+        record = json.loads(cli_ok(capsys, "index", "info", str(tmp_path / f"g{nprobe}"), "--json")[0])
+        assert record["index"]["nprobe"] == nprobe and record["index"]["nprobe_effective"] == min(nprobe, 4)
+
+
 def test_an_object_of_many_more_photos_than_training_sets_gets_a_note(mile_run, tmp_path, capsys):
     """A new user's probe (2026-12-07): an object of 8 photos ranked 10th and one of 32 ranked 76th for its own
     photos, where one of 4 ranked first; nothing said that sets much longer than the run's method.set_length (2
@@ -1572,23 +1643,14 @@ def test_a_removed_object_added_again_is_new_and_retrain_purges_the_removed_late
     assert gallery.rows == len(gallery) == 299 and gallery.removed_rows == 0 and "o4" not in gallery.ids
     assert raw not in (gallery.data / "latents.bin").read_bytes()  # purged
     assert "o4" not in (gallery.data / "objects.txt").read_text().split("\n")
-    assert json.loads((tmp_path / "g" / "gallery.json").read_text())["format_version"] == 3
+    # the id alone is kept (o3, added again, is not): format 5, which a reader of format 4 refuses
+    assert json.loads((tmp_path / "g" / "gallery.json").read_text())["format_version"] == 5
+    assert gallery.removed_ids() == ["o4"] and (gallery.data / "removed.txt").read_text() == "o4\n"
 
 
 def test_a_kill_during_removals_leaves_the_gallery_as_before_or_after_one(tmp_path):
     write_gallery(tmp_path / "g", ["seed"], torch.ones(1, 16), [1], IndexSettings(), MANIFEST)
-    script = (f"import torch; from mlsctl.gallery import Gallery\n"
-              f"g = Gallery({str(tmp_path / 'g')!r})\n"
-              f"for i in range(100000):\n"
-              f"    g.append([f'o{{i % 50}}'], torch.full((1, 16), float(i)), [i])\n"
-              f"    g.remove([f'o{{(i - 1) % 50}}'], missing_ok=True)\n"
-              f"    if i == 1: print('removing', flush=True)\n")
-    process = subprocess.Popen([sys.executable, "-c", script], env=cli_env(), stdout=subprocess.PIPE, text=True)
-    assert process.stdout.readline() == "removing\n"
-    time.sleep(0.5)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    process.stdout.close()
+    _kill_while_writing(tmp_path / "g", "g.remove([f'o{(i - 1) % 50}'], missing_ok=True)", ready=1, seconds=0.5)
     gallery = Gallery(tmp_path / "g")  # opens: the committed rows are whole
     assert gallery.removed_rows > 0 and len(gallery) <= 3  # o(i) added, o(i - 1) removed: seed and one or two
     for object_id in gallery.ids[1:]:
@@ -1633,6 +1695,50 @@ def test_index_remove_is_one_sentence_for_an_id_not_there_and_says_what_it_remov
     assert out == f"purged {g}: the latents of objects removed earlier left its files\n" and Gallery(g).rows == 294
 
 
+def test_an_ids_file_id_that_reads_like_a_stored_one_or_is_not_there_is_refused_naming_its_line(tmp_path, capsys):
+    """A review (2026-12-07): a look-alike in --ids-file (a stored id but for a trailing space) was refused without
+    its line, where other bad lines name theirs."""
+    from conftest import cli
+    from test_hardening import one_sentence
+
+    _removal_gallery(tmp_path / "g", "flat")
+    g, ids = str(tmp_path / "g"), tmp_path / "ids.txt"
+    ids.write_text("o1\n\no2 \n")
+    code, _, err = cli("index", "remove", g, "--ids-file", str(ids), capsys=capsys)
+    said = one_sentence(err)
+    assert code == 2 and f"--ids-file {ids} line 3: the id 'o2 ' is not in gallery {g}, which holds 'o2'" in said
+    ids.write_text("o1\nnope\no1\n")
+    code, _, err = cli("index", "remove", g, "--ids-file", str(ids), capsys=capsys)
+    assert code == 2 and f"--ids-file {ids} line 2: the id 'nope' is not in gallery {g}; nothing" in one_sentence(err)
+    code, _, err = cli("index", "remove", g, "nope", "--ids-file", str(ids), capsys=capsys)  # given as IDS first
+    assert code == 2 and f"object id 'nope' is not in gallery {g}; nothing" in one_sentence(err)
+    assert Gallery(g).rows == 300  # nothing removed
+
+
+def test_index_remove_points_objects_to_ids_file_and_an_id_beginning_with_a_dash_after_double_dash(tmp_path, capsys):
+    """A new user's probe (2026-12-07): `index remove G --objects ids.txt` (index build's option) was typer's "No such
+    option: --objects" alone, and an id such as -neg must be given after -- (its help now says so; given before, it
+    is said so, not "No such option: -n")."""
+    from conftest import cli, cli_ok
+    from test_hardening import one_sentence
+
+    write_gallery(tmp_path / "g", ["-neg", "o1"], clustered(2), [1, 1], IndexSettings(), MANIFEST)
+    g = str(tmp_path / "g")
+    for args in (("--objects", "ids.txt"), ("--objects",)):
+        code, _, err = cli("index", "remove", g, *args, capsys=capsys)
+        assert code == 2 and one_sentence(err) == (
+            "error: index remove takes no --objects: give the ids to remove (index remove GALLERY ID ...), or a text "
+            "file of them, one per line, with --ids-file FILE")
+    code, _, err = cli("index", "remove", g, "-neg", capsys=capsys)
+    assert code == 2 and one_sentence(err) == (
+        "error: index remove has no option -neg; an id beginning with '-' goes after --: mlsctl index remove "
+        "GALLERY -- -neg")
+    help_text = " ".join(cli_ok(capsys, "index", "remove", "--help")[0].split())
+    assert "An id beginning with '-' goes after -- (mlsctl index remove galleries/products -- -neg)" in help_text
+    assert "--objects" not in help_text  # hidden: only there to be refused
+    assert cli_ok(capsys, "index", "remove", g, "--", "-neg")[0] == f"removed 1 object from {g} (-neg); 1 object left\n"
+
+
 def test_a_purge_keeps_the_trained_ivfpq_index_so_a_gallery_too_small_to_train_is_purged_and_a_rebuild_says_removals(
         tmp_path):
     """A review (2026-12-07): a purge was a full retrain, refused below 39 objects a list, so a takedown from a small
@@ -1645,10 +1751,9 @@ def test_a_purge_keeps_the_trained_ivfpq_index_so_a_gallery_too_small_to_train_i
     latents = clustered(40, seed=3)
     write_gallery(tmp_path / "g", [f"o{i}" for i in range(40)], latents, [1] * 40, settings, MANIFEST)
     assert remove_from_gallery(tmp_path / "g", ["o1", "o2"])[1:] == (["o1", "o2"], [])
-    said = []
-    check_what_a_rebuild_drops(tmp_path / "g", {f"o{i}": 1 for i in range(40)}, say=said.append)
-    assert said == [f"note: the source holds 2 objects removed from {tmp_path / 'g'} with mlsctl index remove "
-                    f"(o1, o2), which the rebuild brings back; remove them from the source, or with index remove again"]
+    said = []  # the ids removed, which the rebuild skips (said by removals_kept_out)
+    assert check_what_a_rebuild_drops(tmp_path / "g", {f"o{i}": 1 for i in range(40)}, say=said.append) == ["o1", "o2"]
+    assert said == []
     with pytest.raises(UserError, match="IVF-PQ with 1 list and 5-bit codes needs at least 39 objects to train, the "
                                         "gallery has 38; a retrain keeps the build's index settings: add objects until "
                                         "it holds 39 \\(mlsctl index add\\), or build it again with --index flat.*"
@@ -1661,13 +1766,31 @@ def test_a_purge_keeps_the_trained_ivfpq_index_so_a_gallery_too_small_to_train_i
     found = before.search_many(queries, 5)
     target, removed, _ = remove_from_gallery(tmp_path / "g", [], purge=True)  # the earlier removals purged
     assert removed == [] and target.rows == len(target) == 38 and target.removed_rows == 0
-    assert target.manifest["format_version"] == 3 and target.manifest["trained_rows"] == 38
+    assert target.manifest["format_version"] == 5 and target.manifest["trained_rows"] == 38  # 5: the ids kept
     again = Gallery(tmp_path / "g")
     assert again.search_many(queries, 5) == found  # the same quantiser and codes: the same answers
     removed_rows = latents[[1, 2]].numpy().astype(np.float32).tobytes()
     assert not any(removed_rows[:64] in f.read_bytes() for f in again.data.iterdir())  # gone from the files
     target, removed, _ = remove_from_gallery(tmp_path / "g", [f"o{i}" for i in range(3, 40)], purge=True)
     assert len(target) == 1 and Gallery(tmp_path / "g").search_many(queries, 5)[0][0][0] == "o0"
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivfpq"])
+def test_a_purge_reads_the_live_latents_once(tmp_path, monkeypatch, kind):
+    """A review (2026-12-07): index remove --purge read every live latent twice, to check them before removing and
+    again to compact; the checked ones are written (the purged gallery is the same)."""
+    from mlsctl.gallery import remove_from_gallery
+
+    _, latents = _removal_gallery(tmp_path / "g", kind)
+    reads = []
+    check = Gallery.check_live_latents
+    monkeypatch.setattr(Gallery, "check_live_latents", lambda self, *a: reads.append(1) or check(self, *a))
+    target = remove_from_gallery(tmp_path / "g", ["o3", "o7"], purge=True)[0]
+    assert len(reads) == 1 and target.rows == len(target) == 298 and target.removed_ids() == ["o3", "o7"]
+    keep = [i for i in range(300) if i not in (3, 7)]
+    assert np.array_equal(np.asarray(Gallery(tmp_path / "g").latents), latents[keep].numpy())
+    remove_from_gallery(tmp_path / "g", [], purge=True)  # nothing removed now: the checked rows are all written
+    assert len(reads) == 2 and np.array_equal(np.asarray(Gallery(tmp_path / "g").latents), latents[keep].numpy())
 
 
 def test_a_removed_id_no_longer_reads_like_a_stored_one(tmp_path):
@@ -1704,3 +1827,60 @@ def test_a_purge_that_cannot_delete_the_old_version_says_it_still_holds_the_remo
     target = remove_from_gallery(tmp_path / "g", ["o2"], purge=True)[0]
     assert target.data.name == "v000003" and "o2" not in target.ids
     assert f"v000002 in {tmp_path / 'g'} could not be deleted and still holds the removed latents" in caplog.text
+
+
+def test_a_rebuild_skips_the_objects_removed_from_the_gallery_it_replaces_even_after_a_purge(tmp_path, monkeypatch,
+                                                                                             capsys):
+    """A new user's probe and a review (2026-12-07): index build --overwrite brought back the objects removed with
+    index remove (a note alone said so), and after --purge the gallery no longer knew what was removed. The ids
+    (never the latents) outlive the purge in removed.txt (format 5); a rebuild skips them, says so in one line and
+    keeps the record, --restore-removed builds them back, an id added again leaves the record, and a gallery that
+    cannot be read is said to lose its removals."""
+    from mlsctl import gallery as gallery_lib
+    from mlsctl.errors import UserError
+
+    from conftest import cli, cli_ok
+
+    source = object_photos(tmp_path / "photos", objects=4)
+    model = tiny_set_model(32, tmp_path / "run")
+    monkeypatch.setattr(gallery_lib, "choose_set_model", lambda *a, **k: model)
+    g = str(tmp_path / "g")
+    build = ("index", "build", str(source), "--out", g, "--workers", "0")
+    cli_ok(capsys, *build)
+    cli_ok(capsys, "index", "remove", g, "obj1", "obj2", "--purge")
+    manifest = json.loads((tmp_path / "g" / "gallery.json").read_text())
+    assert manifest["format_version"] == 5 and manifest["removed_ids"] == 2 and Gallery(g).rows == 2
+    assert (Gallery(g).data / "removed.txt").read_text() == "obj1\nobj2\n"  # ids alone
+    code, _, err = cli("index", "remove", g, "obj1", capsys=capsys)  # purged: still known as removed
+    assert code == 2 and (f"object id 'obj1' was removed from gallery {g} already; nothing was removed now (its "
+                          f"latent has left the files)") in err
+    with monkeypatch.context() as older:  # an mlsctl of format 4 would drop the record at its next purge
+        older.setattr(gallery_lib, "GALLERY_FORMAT_VERSION", 4)
+        with pytest.raises(UserError, match="written by a newer mlsctl"):
+            Gallery(g)
+    out, err = cli_ok(capsys, *build, "--overwrite")
+    assert (f"note: skipped 2 objects of the source removed from {g} with mlsctl index remove (obj1, obj2); give "
+            f"--restore-removed to build them back") in err
+    assert out.startswith(f"built {g}: 2 objects from 4 images")
+    rebuilt = Gallery(g)
+    assert rebuilt.ids == ["obj0", "obj3"] and rebuilt.removed_ids() == ["obj1", "obj2"]  # the record carried over
+    assert json.loads(cli_ok(capsys, "index", "info", g, "--json")[0])["removed_objects"] == 2
+    assert "2 objects removed, whose ids alone are kept so that index build --overwrite skips them" in cli_ok(
+        capsys, "index", "info", g)[0]
+    cli_ok(capsys, "index", "add", g, "--object", "obj1", str(source / "obj1" / "0.png"), "--run", str(tmp_path))
+    assert Gallery(g).removed_ids() == ["obj2"]
+    cli_ok(capsys, "index", "retrain", g)
+    assert Gallery(g).removed_ids() == ["obj2"] and Gallery(g).manifest["removed_ids"] == 1
+    code, _, err = cli(*build[:-4], "--out", str(tmp_path / "new"), "--restore-removed", capsys=capsys)
+    assert code == 2 and "--restore-removed goes with --overwrite" in err
+    out, err = cli_ok(capsys, *build, "--overwrite", "--restore-removed")
+    assert (f"note: --restore-removed builds back 1 object of the source removed from {g} with mlsctl index remove "
+            f"(obj2)") in err
+    assert sorted(Gallery(g).ids) == ["obj0", "obj1", "obj2", "obj3"] and Gallery(g).removed_ids() == []
+    assert Gallery(g).manifest["format_version"] == 3 and not (Gallery(g).data / "removed.txt").exists()
+    cli_ok(capsys, "index", "remove", g, "obj3")
+    os.truncate(Gallery(g).data / "counts.bin", 8)  # damaged: nothing in it can be read
+    _, err = cli_ok(capsys, *build, "--overwrite")
+    assert (f"note: --overwrite replaces {g}, which cannot be read" in err and "and the objects removed from it "
+            "(mlsctl index remove) cannot be carried over: the rebuild holds every object of the source" in err)
+    assert len(Gallery(g)) == 4

@@ -604,6 +604,34 @@ def test_1_delete_removes_an_object_with_the_token_and_searches_never_return_it(
                                   f"answered")
 
 
+def test_a_second_delete_of_an_object_says_it_was_removed_already_as_index_remove_does(tmp_path):
+    """A review (2026-12-07): a second DELETE /objects/ID was a 404 "no object ...", where index remove says "... was
+    removed already"; so after a purge too (the gallery keeps the ids it removed)."""
+    import threading
+
+    import torch
+
+    from mlsctl import serve
+    from mlsctl.gallery import Gallery, IndexSettings, remove_from_gallery, write_gallery
+
+    ids = ["obj0", "obj1", "obj2"]
+    write_gallery(tmp_path / "g", ids, torch.eye(3, 8) + 0.1, [1] * 3, IndexSettings(),
+                  {"kind": "mlsctl-gallery", "model": {"run": "/r", "step": 1, "fingerprint": "f" * 64}})
+    service = serve.GalleryService.__new__(serve.GalleryService)
+    service.read_only, service.index_lock, service.removed = False, threading.Lock(), 0
+    service.gallery = Gallery(tmp_path / "g", recover=True)
+    assert service.remove("obj1") == {"object": "obj1", "removed": True, "objects": 2}
+    for purged in (False, True):
+        with pytest.raises(serve.RequestError) as refused:
+            service.remove("obj1")
+        assert refused.value.status == 404
+        assert str(refused.value) == "object 'obj1' was removed from the gallery already"
+        with pytest.raises(serve.RequestError, match="^no object 'nope' in the gallery$"):
+            service.remove("nope")
+        remove_from_gallery(tmp_path / "g", [], purge=True)
+        service.gallery = Gallery(tmp_path / "g")
+
+
 def test_1_a_token_file_guards_every_request_but_health(mile_run, tmp_path):
     gallery = built_gallery(mile_run, tmp_path)
     secret = tmp_path / "secret"

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import typer
+from typer.core import TyperCommand
 
 from mlsctl.cli._format import say, table
 from mlsctl.console import counted, stops_deferred
@@ -38,6 +39,7 @@ def build(
     workers: Optional[int] = typer.Option(None, "--workers", "-w", min=0, help="Image-decoding worker processes, for a folder of images [default: as mlsctl embed's]."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a gallery already in --out (refused where it holds objects or photos added since its build that the source lacks, unless --drop-added)."),
     drop_added: bool = typer.Option(False, "--drop-added", help="With --overwrite: rebuild even though the gallery holds objects or photos added since its build (index add, serve) that the source lacks; they are dropped."),
+    restore_removed: bool = typer.Option(False, "--restore-removed", help="With --overwrite: build back the objects removed from the gallery (index remove, DELETE) that the source still holds [default: they are skipped, and stay removed]."),
     as_json: bool = typer.Option(False, "--json", help="Print the gallery record as JSON."),
 ) -> None:
     """One set embedding per object, indexed with faiss: MILE's with a MILE run, else the mean of the CLS.
@@ -46,11 +48,38 @@ def build(
     sums its teacher's CLS embeddings of them, whose cosine is that of their mean (eval retrieval's mean-cls).
     Example: mlsctl index build data/fmnist-products/gallery --run runs/mile_fmnist_quick --out galleries/products
     """
+    from mlsctl.gallery import IndexSettings, build_gallery, choose_set_model, unfinished_run_note
+
+    settings = IndexSettings(index, nlist, pq_m, pq_bits, nprobe, refine)
+    groups = _check_build_before_the_model(source, objects, out, settings, overwrite, drop_added, restore_removed)
+    model = choose_set_model(run, say=say, features=source)
+    unfinished = unfinished_run_note(model)
+    if unfinished:
+        say(unfinished)
+    record = build_gallery(source, model, out, settings, overwrite=overwrite, storage_dtype=dtype, workers=workers,
+                           say=say, objects_file=objects, groups=groups, drop_added=drop_added,
+                           restore_removed=restore_removed)
+    if as_json:
+        print(json.dumps(record, indent=2))
+        return
+    # faiss searches min(nprobe, nlist) lists: "nlist 3, ... nprobe 32" read as 32 lists searched (a new user's probe)
+    probed = min(nprobe, settings.nlist or nprobe)
+    probes = f"nprobe {probed}" + (f": every list, of the {nprobe} asked" if probed < nprobe else "")
+    print(f"built {out}: {record['objects']} objects from {record['images']} images, index {index}"
+          + (f" (nlist {settings.nlist}, m {settings.m}, {pq_bits} bits, {probes})" if index == "ivfpq" else ""))
+
+
+def _check_build_before_the_model(source: Path, objects: Optional[Path], out: Path, settings, overwrite: bool,
+                                  drop_added: bool, restore_removed: bool) -> Optional[dict]:
+    """What ``index build`` checks before its model loads (a new user waited for the model to hear of a typo):
+    ``--out``, the source and its objects (an objects file's rows too), the index settings and whether they fit
+    the objects (those a rebuild skips, removed from the gallery it replaces, left out), a server holding ``--out``,
+    and what a rebuild would drop. Returns the source's object folders (None for a feature folder), which the build
+    embeds."""
     from mlsctl.data.kinds import folder_kind
     from mlsctl.features import is_feature_folder
-    from mlsctl.gallery import (IndexSettings, build_gallery, check_gallery_free, check_gallery_target,
-                                check_index_fits, check_objects_source, check_what_a_rebuild_drops, choose_set_model,
-                                count_source_objects, object_folders, source_counts, unfinished_run_note)
+    from mlsctl.gallery import (check_gallery_free, check_gallery_target, check_index_fits, check_objects_source,
+                                count_source_objects, object_folders, removals_of_rebuild)
 
     check_gallery_target(out, overwrite, source)  # before the model loads
     if not source.exists():  # so is a source that is not there (a new user, 2026-12-06: said after the model line)
@@ -60,30 +89,17 @@ def build(
     if kind in ("a run folder", "a gallery"):  # said before the model loads, not after (a probe, 2026-12-06)
         raise UserError(f"gallery images {source} is {kind}; give a folder with one sub-folder of photos per object, "
                         f"or their feature folder" + (" (a run goes to --run)" if kind == "a run folder" else ""))
-    settings = IndexSettings(index, nlist, pq_m, pq_bits, nprobe, refine).check()  # before the model loads
+    settings.check()  # before the model loads
     check_objects_source(source, objects)
     # the objects and their photos (an objects file's rows too) before the model loads (a review, 2026-12-07)
     groups = None if is_feature_folder(source) else object_folders(source, objects)
-    check_index_fits(settings, count_source_objects(source, groups))  # IVF-PQ's least objects: before the model
     check_gallery_free(out)  # a server holding --out: before the model loads, as index add says it
     if drop_added and not overwrite:
         raise UserError("--drop-added goes with --overwrite: it lets a rebuild drop what was added to the gallery")
-    if overwrite and not drop_added:  # what the rebuild would drop, refused before the model loads
-        check_what_a_rebuild_drops(out, source_counts(source, groups), say=lambda _: None)
-    model = choose_set_model(run, say=say, features=source)
-    unfinished = unfinished_run_note(model)
-    if unfinished:
-        say(unfinished)
-    record = build_gallery(source, model, out, settings, overwrite=overwrite, storage_dtype=dtype, workers=workers,
-                           say=say, objects_file=objects, groups=groups, drop_added=drop_added)
-    if as_json:
-        print(json.dumps(record, indent=2))
-        return
-    # faiss searches min(nprobe, nlist) lists: "nlist 3, ... nprobe 32" read as 32 lists searched (a new user's probe)
-    probed = min(nprobe, settings.nlist or nprobe)
-    probes = f"nprobe {probed}" + (f": every list, of the {nprobe} asked" if probed < nprobe else "")
-    print(f"built {out}: {record['objects']} objects from {record['images']} images, index {index}"
-          + (f" (nlist {settings.nlist}, m {settings.m}, {pq_bits} bits, {probes})" if index == "ivfpq" else ""))
+    # what the rebuild would drop, refused before the model loads; the removed objects it skips (said by the build)
+    _, skipped = removals_of_rebuild(source, groups, out, overwrite, drop_added, restore_removed, say=lambda _: None)
+    check_index_fits(settings, count_source_objects(source, groups) - len(skipped))  # IVF-PQ's least objects
+    return groups
 
 
 SET_MODEL_NAMES = {"mile": "MILE sets", "mean-cls": "mean-CLS sets"}  # what index info calls each kind
@@ -139,12 +155,18 @@ def info(
         print(json.dumps(record, indent=2))
         return
     index, model = record["index"], record["model"]
+    # faiss searches min(nprobe, nlist) lists: "nprobe 32" of a gallery of 1 list read as 32 searched (a review)
+    probed, asked = index.get("nprobe_effective"), index.get("nprobe")
+    probes = f"nprobe {probed}" + (f": every list, of the {asked} asked" if probed != asked else "")
     settings = "" if index["kind"] == "flat" else (
-        f" (nlist {index.get('nlist')}, m {index.get('m')}, {index.get('nbits')} bits, nprobe {index.get('nprobe')}, "
+        f" (nlist {index.get('nlist')}, m {index.get('m')}, {index.get('nbits')} bits, {probes}, "
         f"refine {index.get('refine')}; {100 * record['written_since_training']:.0f}% of the objects written since "
         f"it was trained)")
     superseded = record["superseded_rows"]
-    lines = [("objects", f"{record['objects']:,} ({record['photos']:,} photos folded)"),
+    kept_out = record["removed_objects"]  # a takedown's ids, kept past a purge: what a rebuild skips
+    lines = [("objects", f"{record['objects']:,} ({record['photos']:,} photos folded)"
+                         + (f"; {counted(kept_out, 'object')} removed, whose ids alone are kept so that index build "
+                            f"--overwrite skips them" if kept_out else "")),
              ("rows", f"{record['rows']:,}" + (f" ({superseded:,} superseded: mlsctl index retrain {gallery} drops "
                                                 f"them)" if superseded else "")),
              ("model", f"{SET_MODEL_NAMES[model['set_model']]} of run {model['run']} at step {model['step']} "
@@ -196,10 +218,31 @@ def retrain(
           f"{' (exact: nothing to train)' if flat else ''}, {seconds:.1f}s")
 
 
-@app.command("remove")
+class DashedIdsCommand(TyperCommand):
+    """``index remove``: an argument beginning with one '-' that is none of its options, before ``--``, is said to be
+    an id to give after ``--`` (``index remove GALLERY -- -neg``), instead of click's "No such option: -n"."""
+
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        options = [p for p in self.get_params(ctx) if getattr(p, "param_type_name", "") == "option"]
+        known = {name for p in options for name in p.opts + p.secondary_opts}
+        takes_value = {name for p in options if not p.is_flag for name in p.opts}
+        value_next = False
+        for arg in args:
+            if arg == "--":
+                break
+            # one dash: an id such as -neg (a misspelt --option is click's to say, with the option it reads like)
+            if not value_next and arg.startswith("-") and not arg.startswith("--") and arg != "-" and arg not in known:
+                raise UserError(f"index remove has no option {arg}; an id beginning with '-' goes after --: mlsctl "
+                                f"index remove GALLERY -- {arg}")
+            value_next = not value_next and arg in takes_value
+        return super().parse_args(ctx, args)
+
+
+@app.command("remove", cls=DashedIdsCommand)
 def remove(
     gallery: Path = typer.Argument(..., help="Gallery folder (mlsctl index build)."),
-    ids: Optional[list[str]] = typer.Argument(None, help="Ids of the objects to remove."),
+    ids: Optional[list[str]] = typer.Argument(None, help="Ids of the objects to remove (an id beginning with '-' "
+                                                         "goes after --: index remove GALLERY -- -neg)."),
     ids_file: Optional[Path] = typer.Option(None, "--ids-file", help="A text file of ids to remove, one per "
                                                                      "line (blank lines skipped), besides or instead "
                                                                      "of IDS."),
@@ -211,21 +254,30 @@ def remove(
                                                       "the next purge or retrain]."),
     as_json: bool = typer.Option(False, "--json", help="Print the outcome as JSON (the fields of serve's DELETE "
                                                        "answer, and more)."),
+    objects_option: bool = typer.Option(False, "--objects", hidden=True),  # refused, pointing to --ids-file
 ) -> None:
     """Remove objects from a gallery: searches never return them again.
 
     All or none: every id is checked before anything is written, and one not in the gallery refuses the
     whole removal (unless --missing-ok). Appends one tombstone row per object; the removed latents stay
-    in the files until --purge (or mlsctl index retrain). Example:
+    in the files until --purge (or mlsctl index retrain). An id beginning with '-' goes after --
+    (mlsctl index remove galleries/products -- -neg). Example:
     mlsctl index remove galleries/products ev00007 ev00012 --purge
     """
     from mlsctl.gallery import printable, remove_from_gallery
 
-    wanted = list(ids or []) + (_ids_of_file(ids_file) if ids_file is not None else [])
+    if objects_option:  # index build's option, tried here (a new user's probe: typer said "No such option" alone)
+        raise UserError("index remove takes no --objects: give the ids to remove (index remove GALLERY ID ...), or a "
+                        "text file of them, one per line, with --ids-file FILE")
+
+    from_file = _ids_of_file(ids_file) if ids_file is not None else {}  # id -> its line, for the sentences
+    wanted = list(ids or []) + list(from_file)
+    given = set(ids or [])  # an id given as IDS and in the file is named as given
+    named = {object_id: where for object_id, where in from_file.items() if object_id not in given}
     if not wanted and not purge:
         raise UserError("give the ids of the objects to remove (index remove GALLERY ID ...), or a file of them, one "
                         "per line, with --ids-file FILE; --purge alone purges earlier removals")
-    target, removed, missing = remove_from_gallery(gallery, wanted, missing_ok=missing_ok, purge=purge)
+    target, removed, missing = remove_from_gallery(gallery, wanted, missing_ok=missing_ok, purge=purge, named=named)
     if as_json:
         print(json.dumps({"gallery": str(gallery), "removed": removed, "missing": missing, "objects": len(target),
                           "purged": purge}, indent=2))
@@ -246,10 +298,11 @@ def remove(
             f"index retrain) purges them")
 
 
-def _ids_of_file(path: Path) -> list[str]:
-    """The ids of ``index remove --ids-file FILE``: one a line, blank lines skipped, nothing else trimmed (a stored
-    id may end in a space; a typo is told by the gallery, naming the id it reads like); an id that is no valid id
-    is said with its file and line."""
+def _ids_of_file(path: Path) -> dict[str, str]:
+    """The ids of ``index remove --ids-file FILE``, each with where it is (``--ids-file FILE line N: the id``, for the
+    sentences about it): one a line, blank lines skipped, nothing else trimmed (a stored id may end in a space; a
+    typo is told by the gallery, naming the id it reads like, and the line); an id that is no valid id is said with
+    its file and line."""
     from mlsctl.gallery import check_object_id
 
     try:
@@ -266,7 +319,10 @@ def _ids_of_file(path: Path) -> list[str]:
             raise UserError(f"--ids-file {path} line {number} reads '{line}': the file lists one object id a line, "
                             f"not index build's object_id,path rows; give a file of the ids alone")
         check_object_id(line, f"--ids-file {path} line {number}: the id")
-    return [line for _, line in lines]
+    named: dict[str, str] = {}
+    for number, line in lines:  # an id given twice is removed once: its first line is named
+        named.setdefault(line, f"--ids-file {path} line {number}: the id")
+    return named
 
 
 def search(
@@ -310,7 +366,7 @@ def search(
     # paths and headers, as index add checks them: before the model loads (new users' probes, 2026-12-06 and -07)
     check_photos(images or [], option="--set")
     unsearchable = missing_sets(queries, source=f"--sets {sets}") if queries is not None else None
-    model = None if unsearchable else choose_set_model(run or target.built_with_run(), say=say)
+    model = None if unsearchable else choose_set_model(run or target.built_with_run(), say=say, gallery=target)
     if model is not None:
         target.check_model(model)
     if queries is not None:
