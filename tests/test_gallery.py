@@ -7,7 +7,6 @@ import json
 import os
 import re
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch.nn.functional as F
 
 from mlsctl.gallery import Gallery, IndexSettings, write_gallery
 
-from conftest import cli_env
+from conftest import forked
 
 MANIFEST = {"kind": "mlsctl-gallery", "model": {"run": "/r", "step": 1, "fingerprint": "f" * 64}}
 
@@ -82,28 +81,37 @@ def test_appending_new_and_updated_objects_equals_a_rebuild(tmp_path, kind):
         assert reopened.search_many(queries, 5) == Gallery(tmp_path / "rebuilt").search_many(queries, 5)
 
 
-def _kill_while_writing(gallery: Path, then: str, ready: int, seconds: float) -> None:
-    """Run a process that appends rows to ``gallery`` in a loop (row i: object o{i % 50}, latent and count i) and
-    runs the statement ``then`` after each append (the kill tests' varying part: a removal), and SIGKILL it
-    ``seconds`` after it has written ``ready`` + 1 rows (killed while writing, not while importing torch)."""
-    script = (f"import torch; from mlsctl.gallery import Gallery\n"
-              f"g = Gallery({str(gallery)!r})\n"
-              f"for i in range(100000):\n"
-              f"    g.append([f'o{{i % 50}}'], torch.full((1, 16), float(i)), [i])\n"
-              + (f"    {then}\n" if then else "")
-              + f"    if i == {ready}: print('writing', flush=True)\n")
-    process = subprocess.Popen([sys.executable, "-c", script], env=cli_env(), stdout=subprocess.PIPE, text=True)
-    assert process.stdout.readline() == "writing\n"
+def _append_in_a_loop(gallery: str, remove_the_one_before: bool, ready: int, flag: str) -> None:
+    """Append rows to ``gallery`` in a loop (row i: object o{i % 50}, latent and count i), after each append removing
+    o{i - 1} where asked, and touch ``flag`` once row ``ready`` is written."""
+    g = Gallery(gallery)
+    for i in range(100000):
+        g.append([f"o{i % 50}"], torch.full((1, 16), float(i)), [i])
+        if remove_the_one_before:
+            g.remove([f"o{(i - 1) % 50}"], missing_ok=True)
+        if i == ready:
+            Path(flag).touch()
+
+
+def _kill_while_writing(gallery: Path, remove_the_one_before: bool, ready: int, seconds: float) -> None:
+    """SIGKILL a process running :func:`_append_in_a_loop` ``seconds`` after it has written ``ready`` + 1 rows (killed
+    while writing, not while starting)."""
+    flag = gallery.parent / f"writing-{time.monotonic_ns()}"
+    process = forked(_append_in_a_loop, str(gallery), remove_the_one_before, ready, str(flag))
+    deadline = time.time() + 60
+    while not flag.exists() and process.exitcode is None and time.time() < deadline:
+        time.sleep(0.005)
+    assert flag.exists(), "the writer never started writing"
     time.sleep(seconds)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    process.stdout.close()
+    os.kill(process.pid, signal.SIGKILL)
+    process.join()
+    assert process.exitcode == -signal.SIGKILL
 
 
 def test_a_kill_during_adds_leaves_a_gallery_as_before_or_after_an_add(tmp_path):
     write_gallery(tmp_path / "g", ["seed"], torch.ones(1, 16), [1], IndexSettings(), MANIFEST)
     for attempt in range(3):
-        _kill_while_writing(tmp_path / "g", "", ready=0, seconds=0.2 + 0.3 * attempt)
+        _kill_while_writing(tmp_path / "g", False, ready=0, seconds=0.2 + 0.3 * attempt)
         gallery = Gallery(tmp_path / "g")  # opens: the committed rows are whole
         assert len(gallery.ids) > 1
         for object_id in gallery.ids[1:]:
@@ -728,23 +736,21 @@ def test_4_an_exception_at_every_os_replace_of_a_swap_leaves_the_old_or_the_new_
             assert Gallery(folder).count("after") == 1
 
 
-KILL_SCRIPT = """
-import os, signal, sys
-sys.path[:0] = [{tests!r}, {repo!r}]
-from pathlib import Path
-from test_gallery import SWAPS
-n, when, swap = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-real, calls = os.replace, []
-def replace(*args, **kwargs):
-    calls.append(args)
-    if len(calls) == n and when == "before":
-        os.kill(os.getpid(), signal.SIGKILL)
-    real(*args, **kwargs)
-    if len(calls) == n:
-        os.kill(os.getpid(), signal.SIGKILL)
-os.replace = replace
-SWAPS[swap][1](Path(sys.argv[4]))
-"""
+def _swap_killed_at(n: int, when: str, swap: str, folder: str) -> None:
+    """The writer ``swap`` of :data:`SWAPS` on ``folder``, killed with SIGKILL right ``before`` or ``after`` its
+    ``n``-th ``os.replace``."""
+    real, calls = os.replace, []
+
+    def replace(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == n and when == "before":
+            os.kill(os.getpid(), signal.SIGKILL)
+        real(*args, **kwargs)
+        if len(calls) == n:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    os.replace = replace
+    SWAPS[swap][1](Path(folder))
 
 
 @pytest.mark.slow
@@ -754,14 +760,14 @@ def test_4_sigkill_at_every_os_replace_of_a_swap_leaves_the_old_or_the_new_galle
 
     start, _ = SWAPS[swap]
     total, old, new = _count_replaces(swap, tmp_path, monkeypatch)
-    script = KILL_SCRIPT.format(tests=str(Path(__file__).parent), repo=str(Path(__file__).parent.parent))
     template = start(tmp_path / "template")
     for n in range(1, total + 1):
         for when in ("before", "after"):
             folder = tmp_path / f"{n}-{when}"
             shutil.copytree(template, folder)
-            killed = subprocess.run([sys.executable, "-c", script, str(n), when, swap, str(folder)], env=cli_env())
-            assert killed.returncode == -signal.SIGKILL
+            killed = forked(_swap_killed_at, n, when, swap, str(folder))
+            killed.join()
+            assert killed.exitcode == -signal.SIGKILL
             assert _state(folder) in (old, new), (swap, n, when)
             Gallery(folder, recover=True).append(["after"], torch.ones(1, 16), [1])
             assert Gallery(folder).count("after") == 1
@@ -1650,7 +1656,7 @@ def test_a_removed_object_added_again_is_new_and_retrain_purges_the_removed_late
 
 def test_a_kill_during_removals_leaves_the_gallery_as_before_or_after_one(tmp_path):
     write_gallery(tmp_path / "g", ["seed"], torch.ones(1, 16), [1], IndexSettings(), MANIFEST)
-    _kill_while_writing(tmp_path / "g", "g.remove([f'o{(i - 1) % 50}'], missing_ok=True)", ready=1, seconds=0.5)
+    _kill_while_writing(tmp_path / "g", True, ready=1, seconds=0.5)
     gallery = Gallery(tmp_path / "g")  # opens: the committed rows are whole
     assert gallery.removed_rows > 0 and len(gallery) <= 3  # o(i) added, o(i - 1) removed: seed and one or two
     for object_id in gallery.ids[1:]:
