@@ -84,6 +84,48 @@ def _pretrain(recipe, out: str | Path, *, resume: bool, init_from: Optional[str]
     config_lib.check_paths_beside_recipe(recipe, recipe_source, overridden)  # while its paths are as written
     recipe = config_lib.absolute_paths(recipe)  # config.yaml is read from any working directory
     method_cls = methods.method_class(recipe.method.name)
+    _check_options(recipe, run, method_cls, resume, init_from, overwrite, recipe_source, overridden)
+
+    # Everything is validated before --out is touched: data, model, weights.
+    accelerator = setup.make_accelerator(recipe, run.root.absolute())
+    is_main, world = accelerator.is_main_process, accelerator.num_processes
+    for key, message in method_cls.check_training(recipe, world, accelerator.device.type):
+        raise UserError(f"{setup.source_of(key, recipe_source, overridden)}: '{key}' {message}")
+    # what is said while the data and the model are built (the notes of labels_of, a monitor's) waits for
+    # train.log: process 0 says it there and on the console once the run's logging is set up
+    with setup.held_notes(is_main) as held:
+        built = _build(recipe, run, method_cls, accelerator, resume, init_from, overwrite, overridden)
+    try:
+        setup.setup_logging(run, is_main, accelerator.process_index, sys.stderr.isatty())
+        held.replay()
+        if is_main:
+            elements = built.schedule.total_steps * recipe.optim.batch_size * recipe.optim.accumulate_steps * world
+            for line in [*built.folder.scan.notes("data.root"), *method_cls.recipe_notes(recipe), *built.data_notes,
+                         *built.method.run_notes(elements)]:
+                log.warning(line)
+        if built.initialised:
+            log.info(f"initialised {built.initialised}")
+        summary = _train(run, recipe, accelerator, built.folder, built.dataset, built.collate_fn, built.schedule,
+                         built.method, built.optimizer, built.groups,
+                         Checkpoint(Path(built.resume_from)) if built.resume_from else None, built.monitor)
+    except KeyboardInterrupt as stop:
+        raise _stopped(stop, run, built.resume_from, is_main, world, resume_command) from None
+    except BaseException as exc:
+        held.say_unsaid()  # train.log could not be opened: the notes said while the run was built, on stderr
+        raised = _failed(exc, run, built.resume_from, is_main, world, resume_command)
+        if raised is exc:
+            raise
+        raise raised from exc
+    finally:
+        setup.close_logging()
+        if is_main:
+            built.lock.release()
+    return summary
+
+
+def _check_options(recipe, run: Run, method_cls, resume: bool, init_from: Optional[str], overwrite: bool,
+                   recipe_source: str, overridden: Sequence[str]) -> None:
+    """What ``pretrain`` refuses before anything is built: the recipe, the options together, and ``--out``."""
     setup.check_recipe(recipe, method_cls, recipe_source, overridden)
     if init_from is not None and not str(init_from).strip():  # an unset shell variable: "--init-from $PREV"
         raise UserError("--init-from is empty; give a run, a checkpoint folder or a weights file, or leave it out")
@@ -98,95 +140,100 @@ def _pretrain(recipe, out: str | Path, *, resume: bool, init_from: Optional[str]
     if not resume:
         run_dir.check_out_outside_data(run.root, recipe)
 
-    # Everything is validated before --out is touched: data, model, weights.
-    accelerator = setup.make_accelerator(recipe, run.root.absolute())
-    is_main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
-    for key, message in method_cls.check_training(recipe, world, accelerator.device.type):
-        raise UserError(f"{setup.source_of(key, recipe_source, overridden)}: '{key}' {message}")
-    # what is said while the data and the model are built (the notes of labels_of, a monitor's) waits for
-    # train.log: process 0 says it there and on the console once the run's logging is set up
-    with setup.held_notes(is_main) as held:
-        setup.seed_everything(recipe.seed + rank)
-        # data.root is listed once, by process 0, and every process gets that listing: the same images in
-        # the same rows even while files come and go, and one walk of a large folder (on NFS) instead of W
-        folder = dist.on_main(lambda: method_cls.open_data(recipe))
-        dataset, collate_fn = method_cls.build_dataset(recipe, folder)
-        data_notes = method_cls.data_notes(recipe, dataset)
-        try:
-            probe = method_cls.batch_sampler(recipe, dataset, world_size=world, rank=rank)
-        except TooLittleData as exc:  # too few objects for a batch: the note may say why (a data set's root given)
-            if not data_notes:
-                raise
-            raise TooLittleData(f"{exc.message}; note: {data_notes[0]}", exit_code=exc.exit_code) from None
-        schedule = Schedule(probe.steps_per_epoch, recipe.optim.epochs)
-        torch.manual_seed(recipe.seed)  # identical initial weights on every process
-        method = method_cls(recipe, schedule).to(accelerator.device)
-        for name, bank in method.banks().items():
-            bank.to(accelerator.device)
-            bank.name = name
-        optim.check_ema_pairs(method.ema_pairs())
-        setup.speed_up(method, recipe, accelerator.device)
-        groups = optim.param_groups(method, recipe.optim.decay_biases_and_norms)
-        optimizer = optim.build_optimizer(recipe.optim, groups, fused=accelerator.device.type == "cuda")
-        monitor = None
-        if recipe.train.monitor.every and is_main:  # its images are read (and checked) before --out is touched
-            from mlsctl.monitor import Monitor
 
-            monitor = Monitor(recipe.train.monitor, recipe.model.img_size, recipe.model.patch_size)
-        initialised = restore.initial_weights(method, init_from) if init_from and not resume else None
+@dataclass
+class _Built:
+    """What :func:`_build` made for the loop."""
+    folder: ImageFolder
+    dataset: object
+    collate_fn: object
+    data_notes: list
+    schedule: Schedule
+    method: object
+    groups: list
+    optimizer: torch.optim.Optimizer
+    monitor: object
+    initialised: Optional[str]
+    lock: FolderLock
+    resume_from: Optional[str]
 
-        lock = FolderLock(run.root, "run")
-        resume_from = dist.on_main(lambda: run_dir.open_run_dir(run, recipe, folder, lock, resume=resume,
-                                                                overwrite=overwrite, init_from=init_from,
-                                                                method_cls=method_cls, dataset=dataset,
-                                                                overridden=overridden))
+
+def _build(recipe, run: Run, method_cls, accelerator, resume: bool, init_from: Optional[str], overwrite: bool,
+           overridden: Sequence[str]) -> _Built:
+    """The data, the method (its banks on the device), the optimiser, the monitor and the initial weights, then the
+    run folder locked and opened (process 0; the checkpoint to resume from, if any, for every process)."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    setup.seed_everything(recipe.seed + rank)
+    # data.root is listed once, by process 0, and every process gets that listing: the same images in
+    # the same rows even while files come and go, and one walk of a large folder (on NFS) instead of W
+    folder = dist.on_main(lambda: method_cls.open_data(recipe))
+    dataset, collate_fn = method_cls.build_dataset(recipe, folder)
+    data_notes = method_cls.data_notes(recipe, dataset)
     try:
-        setup.setup_logging(run, is_main, rank, sys.stderr.isatty())
-        held.replay()
-        if is_main:
-            elements = schedule.total_steps * recipe.optim.batch_size * recipe.optim.accumulate_steps * world
-            for line in [*folder.scan.notes("data.root"), *method_cls.recipe_notes(recipe), *data_notes,
-                         *method.run_notes(elements)]:
-                log.warning(line)
-        if initialised:
-            log.info(f"initialised {initialised}")
-        summary = _train(run, recipe, accelerator, folder, dataset, collate_fn, schedule, method, optimizer, groups,
-                         Checkpoint(Path(resume_from)) if resume_from else None, monitor)
-    except KeyboardInterrupt as stop:
-        undone = resume_from is None and _latest(run) is None  # then the folder is put back as it was
-        message = run_dir.interrupted(run, resume_from is None, is_main, accelerator.num_processes,
-                                      resume_command, saved_at_stop=getattr(stop, "saved_step", None))
-        if isinstance(stop, StoppedTogether):  # no process is inside a collective: the groups end cleanly
-            dist.close()  # (left to the interpreter's exit, gloo's threads could abort the process)
-        stopped = Interrupted(message if is_main else "")
-        if not undone:
-            _say_in_run_log(stopped, run, is_main)
-        raise stopped from None
-    except BaseException as exc:
-        held.say_unsaid()  # train.log could not be opened: the notes said while the run was built, on stderr
-        latest = _latest(run)  # before an undone --overwrite puts the old run (and its checkpoints) back
-        undone = resume_from is None and latest is None
-        if is_main and undone:
-            run_dir.undo_start(run)
-        raised = exc
-        if isinstance(exc, OSError) and exc.filename is None:  # a write to an open file (metrics.jsonl, train.log)
-            raised = OSError(exc.errno, exc.strerror, str(run.root))
-        # The machine stopped the run (a full disk, a killed worker): say that --resume continues it. Not for a
-        # UserError, whose sentence names its own fix (a damaged checkpoint to delete), unless it is the machine's.
-        machine = isinstance(exc, Exception) and (not isinstance(exc, UserError) or getattr(exc, "resumable", False))
-        if is_main and machine and latest is not None and not undone:
-            hint = run_dir.interrupted(run, False, is_main, accelerator.num_processes, resume_command)
-            annotate(raised, resume_hint=hint)
-        if not undone:
-            _say_in_run_log(raised, run, is_main)
-        if raised is exc:
+        probe = method_cls.batch_sampler(recipe, dataset, world_size=world, rank=rank)
+    except TooLittleData as exc:  # too few objects for a batch: the note may say why (a data set's root given)
+        if not data_notes:
             raise
-        raise raised from exc
-    finally:
-        setup.close_logging()
-        if is_main:
-            lock.release()
-    return summary
+        raise TooLittleData(f"{exc.message}; note: {data_notes[0]}", exit_code=exc.exit_code) from None
+    schedule = Schedule(probe.steps_per_epoch, recipe.optim.epochs)
+    torch.manual_seed(recipe.seed)  # identical initial weights on every process
+    method = method_cls(recipe, schedule).to(accelerator.device)
+    for name, bank in method.banks().items():
+        bank.to(accelerator.device)
+        bank.name = name
+    optim.check_ema_pairs(method.ema_pairs())
+    setup.speed_up(method, recipe, accelerator.device)
+    groups = optim.param_groups(method, recipe.optim.decay_biases_and_norms)
+    optimizer = optim.build_optimizer(recipe.optim, groups, fused=accelerator.device.type == "cuda")
+    monitor = None
+    if recipe.train.monitor.every and accelerator.is_main_process:  # its images are read before --out is touched
+        from mlsctl.monitor import Monitor
+
+        monitor = Monitor(recipe.train.monitor, recipe.model.img_size, recipe.model.patch_size)
+    initialised = restore.initial_weights(method, init_from) if init_from and not resume else None
+
+    lock = FolderLock(run.root, "run")
+    resume_from = dist.on_main(lambda: run_dir.open_run_dir(run, recipe, folder, lock, resume=resume,
+                                                            overwrite=overwrite, init_from=init_from,
+                                                            method_cls=method_cls, dataset=dataset,
+                                                            overridden=overridden))
+    return _Built(folder, dataset, collate_fn, data_notes, schedule, method, groups, optimizer, monitor, initialised,
+                  lock, resume_from)
+
+
+def _stopped(stop: KeyboardInterrupt, run: Run, resume_from: Optional[str], is_main: bool, world: int,
+             resume_command: Optional[str]) -> Interrupted:
+    """A Ctrl-C or a stop signal: what to raise, saying what was saved and how to resume (and in train.log)."""
+    undone = resume_from is None and _latest(run) is None  # then the folder is put back as it was
+    message = run_dir.interrupted(run, resume_from is None, is_main, world, resume_command,
+                                  saved_at_stop=getattr(stop, "saved_step", None))
+    if isinstance(stop, StoppedTogether):  # no process is inside a collective: the groups end cleanly
+        dist.close()  # (left to the interpreter's exit, gloo's threads could abort the process)
+    stopped = Interrupted(message if is_main else "")
+    if not undone:
+        _say_in_run_log(stopped, run, is_main)
+    return stopped
+
+
+def _failed(exc: BaseException, run: Run, resume_from: Optional[str], is_main: bool, world: int,
+            resume_command: Optional[str]) -> BaseException:
+    """A failure while training: an --overwrite or a new run undone where nothing was saved, else the error to raise,
+    with the hint that --resume continues where the machine stopped the run (and said in train.log)."""
+    latest = _latest(run)  # before an undone --overwrite puts the old run (and its checkpoints) back
+    undone = resume_from is None and latest is None
+    if is_main and undone:
+        run_dir.undo_start(run)
+    raised = exc
+    if isinstance(exc, OSError) and exc.filename is None:  # a write to an open file (metrics.jsonl, train.log)
+        raised = OSError(exc.errno, exc.strerror, str(run.root))
+    # The machine stopped the run (a full disk, a killed worker): say that --resume continues it. Not for a
+    # UserError, whose sentence names its own fix (a damaged checkpoint to delete), unless it is the machine's.
+    machine = isinstance(exc, Exception) and (not isinstance(exc, UserError) or getattr(exc, "resumable", False))
+    if is_main and machine and latest is not None and not undone:
+        annotate(raised, resume_hint=run_dir.interrupted(run, False, is_main, world, resume_command))
+    if not undone:
+        _say_in_run_log(raised, run, is_main)
+    return raised
 
 
 def _latest(run: Run):
@@ -271,17 +318,7 @@ def _train(run: Run, recipe, accelerator, folder: ImageFolder, dataset, collate_
     if is_main:
         _log_start(run, recipe, accelerator, folder, schedule, plan, trainable, method, fresh=resume_from is None)
     if start_step >= plan.total_steps:
-        lora = recipe.model.lora.enabled
-        exported = run.teacher_weights_path.is_file() and (not lora or run.teacher_adapters_path.is_dir())
-        if is_main and method.has_backbone and not exported:
-            # stopped between its last checkpoint and the teacher's export, or the file was removed
-            checkpoint.export_teacher(method, run)
-            log.info(f"{run.root} is complete ({counted(start_step, 'step')}) but had no {run.teacher_weights_path.name}"
-                     f"{' (or adapters)' if lora else ''}: written from its last checkpoint")
-        elif is_main:
-            log.info(f"{run.root} is already complete ({counted(start_step, 'step')}); nothing to do")
-        dist.barrier()
-        return RunSummary(run.root, start_step, 0.0, None, 0.0, already_complete=True)
+        return _already_complete(run, recipe, method, start_step, is_main)
     if start_step:
         log.info(f"resuming {run.root} from step {start_step}")
 
@@ -316,6 +353,21 @@ def _train(run: Run, recipe, accelerator, folder: ImageFolder, dataset, collate_
         # collectives (the teacher's export, the final barrier) run on every process.
         return _finish(run, accelerator, method, folder, plan, training.skips, start_step, records,
                        time.perf_counter() - started, sessions)
+
+
+def _already_complete(run: Run, recipe, method, start_step: int, is_main: bool) -> RunSummary:
+    """A run resumed at its last step: nothing to train; its teacher written if it is missing."""
+    lora = recipe.model.lora.enabled
+    exported = run.teacher_weights_path.is_file() and (not lora or run.teacher_adapters_path.is_dir())
+    if is_main and method.has_backbone and not exported:
+        # stopped between its last checkpoint and the teacher's export, or the file was removed
+        checkpoint.export_teacher(method, run)
+        log.info(f"{run.root} is complete ({counted(start_step, 'step')}) but had no {run.teacher_weights_path.name}"
+                 f"{' (or adapters)' if lora else ''}: written from its last checkpoint")
+    elif is_main:
+        log.info(f"{run.root} is already complete ({counted(start_step, 'step')}); nothing to do")
+    dist.barrier()
+    return RunSummary(run.root, start_step, 0.0, None, 0.0, already_complete=True)
 
 
 def _run_steps(t: _Training, records: metrics.Records, run: Run, recipe, start_step: int, monitor,
