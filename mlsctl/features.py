@@ -338,31 +338,8 @@ def embed_listing(tree, relpaths: list[str], out: str | os.PathLike, model, *, n
     workers = default_workers(len(relpaths)) if workers is None else workers
     images, out = Path(tree.path), Path(out)
     not_images = [list(item) for item in not_images]
-    if dtype not in DTYPES:
-        raise UserError(f"--dtype {dtype} is not one of {', '.join(DTYPES)}")
-    if resize not in RESIZE_MODES:
-        raise UserError(f"--resize {resize} is not one of {', '.join(RESIZE_MODES)}")
-    backbone = model.backbone
-    if dense and getattr(backbone, "embedding_dim", 0):
-        raise UserError(f"{model.description} ends in an embedding layer (model.embedding_dim "
-                        f"{backbone.embedding_dim}), whose features are global only: patch features (embed --dense, "
-                        f"eval knn-seg and linear-seg) need a model without one, such as the run it was fine-tuned "
-                        f"from")  # "drop --dense" went to evaluations that have no --dense (a new user's probe)
-    patch = backbone.patch_size
-    resolution = resolution or model.info["img_size"]
-    if resolution % patch:
-        raise UserError(f"--resolution {resolution} is not a multiple of the model's patch size {patch}; "
-                        f"try {max(patch, round(resolution / patch) * patch)}")
-    if (resolution // patch) ** 2 > MAX_PATCHES:
-        largest = int(MAX_PATCHES ** 0.5) * patch
-        raise UserError(f"--resolution {resolution} gives {(resolution // patch) ** 2:,} patches an image (patch "
-                        f"{patch}), beyond the {MAX_PATCHES:,} this command embeds (attention grows with their square); "
-                        f"use at most {largest}")
-    if batch_size < 1:
-        raise UserError("--batch-size must be at least 1")
-    part_size = part_size or batch_size * 8
-    if part_size % batch_size:
-        raise UserError(f"--part-size {part_size} must be a multiple of --batch-size {batch_size}")
+    resolution, part_size = _checked_plan_options(model, dense, resolution, resize, dtype, batch_size, part_size)
+    backbone, patch = model.backbone, model.backbone.patch_size
     allow_image_pixels(max_image_pixels)
     preprocessing = Preprocessing(resolution, resize)
     grid = (resolution // patch, resolution // patch) if dense else None
@@ -407,6 +384,38 @@ def embed_listing(tree, relpaths: list[str], out: str | os.PathLike, model, *, n
     finally:
         if is_main:
             lock.release()
+
+
+def _checked_plan_options(model, dense: bool, resolution: Optional[int], resize: str, dtype: str, batch_size: int,
+                          part_size: Optional[int]) -> tuple[int, int]:
+    """:func:`embed_listing`'s options checked against the model before anything is read: the resolution (the
+    model's where none is given) and the part size (8 batches where none is given)."""
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype} is not one of {', '.join(DTYPES)}")
+    if resize not in RESIZE_MODES:
+        raise UserError(f"--resize {resize} is not one of {', '.join(RESIZE_MODES)}")
+    backbone = model.backbone
+    if dense and getattr(backbone, "embedding_dim", 0):
+        raise UserError(f"{model.description} ends in an embedding layer (model.embedding_dim "
+                        f"{backbone.embedding_dim}), whose features are global only: patch features (embed --dense, "
+                        f"eval knn-seg and linear-seg) need a model without one, such as the run it was fine-tuned "
+                        f"from")  # "drop --dense" went to evaluations that have no --dense (a new user's probe)
+    patch = backbone.patch_size
+    resolution = resolution or model.info["img_size"]
+    if resolution % patch:
+        raise UserError(f"--resolution {resolution} is not a multiple of the model's patch size {patch}; "
+                        f"try {max(patch, round(resolution / patch) * patch)}")
+    if (resolution // patch) ** 2 > MAX_PATCHES:
+        largest = int(MAX_PATCHES ** 0.5) * patch
+        raise UserError(f"--resolution {resolution} gives {(resolution // patch) ** 2:,} patches an image (patch "
+                        f"{patch}), beyond the {MAX_PATCHES:,} this command embeds (attention grows with their square); "
+                        f"use at most {largest}")
+    if batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    part_size = part_size or batch_size * 8
+    if part_size % batch_size:
+        raise UserError(f"--part-size {part_size} must be a multiple of --batch-size {batch_size}")
+    return resolution, part_size
 
 
 def _parts_per_shard(bytes_per_vector: int, grid, part_size: int) -> int:
