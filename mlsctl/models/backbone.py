@@ -89,6 +89,57 @@ def closest_model_name(arch: str, names: list[str]) -> Optional[str]:
     return close[0] if close else None
 
 
+def _check_timm_settings(arch: str, timm_kwargs: Optional[dict[str, Any]]) -> None:
+    """``model.timm_kwargs`` and ``model.arch`` refused in one sentence where timm would not take them (an unknown
+    arch names the closest timm model)."""
+    import timm
+
+    from mlsctl.config import timm_kwargs_problem
+
+    problem = timm_kwargs_problem(timm_kwargs or {})
+    if problem:
+        raise UserError(f"model.timm_kwargs: {problem}")
+    if not timm.is_model(arch):
+        close = closest_model_name(arch, timm.list_models())
+        hint = f"; did you mean '{close}'?" if close else "; see timm.list_models()"
+        raise UserError(f"model.arch '{arch}' is not a timm model{hint}")
+
+
+def _cnn_stride(arch: str, model: nn.Module, patch_size: Optional[int], lora, mask_token: bool) -> int:
+    """The stride of a timm CNN's last stage (its "patch"), once what a CNN cannot do is refused: a ``patch_size``
+    other than that stride, LoRA (it adapts a ViT's attention), a mask token, or no NCHW feature map."""
+    if getattr(model, "output_fmt", "NCHW") != "NCHW" or not getattr(model, "feature_info", None):
+        raise UserError(f"model.arch '{arch}' is neither a Vision Transformer with patch tokens nor a CNN with "
+                        f"an NCHW feature map; use a timm ViT (vit_*) or CNN (resnet50, convnext_tiny, ...)")
+    stride = int(model.feature_info[-1]["reduction"])
+    if patch_size is not None and patch_size != stride:
+        raise UserError(f"model.arch '{arch}' is a CNN whose last stage has stride {stride}: set "
+                        f"model.patch_size={stride} (a cell of its last stage is its 'patch')")
+    if lora is not None and lora.enabled:
+        raise UserError(f"model.lora adapts a ViT's attention; '{arch}' is a CNN: set model.lora.enabled=false")
+    if mask_token:
+        raise UserError(f"masked image modelling needs a Vision Transformer (a mask token replaces patch "
+                        f"embeddings); model.arch '{arch}' is a CNN")
+    return stride
+
+
+def _load_weights(model: nn.Module, weights, embedding_dim: int) -> None:
+    """``weights`` (a file's backbone) into a built ``model``; with an embedding layer (``embedding_dim``), the file's
+    is taken where its shape fits and the fresh one kept otherwise (said, where the file holds one of another
+    shape)."""
+    state = weights_lib.backbone_state(weights_lib.read_state_dict(weights), keep_head=embedding_dim > 0)
+    if embedding_dim:  # an embedding layer of another shape (or none) in the file: keep the fresh one
+        fresh = {k: v for k, v in model.state_dict().items() if k.startswith("head.")}
+        other = {k: list(state[k].shape) for k, v in fresh.items() if k in state and state[k].shape != v.shape}
+        if other:  # a file without one is the usual start (a self-supervised backbone); another shape is news
+            logging.getLogger("mlsctl").warning(
+                f"{weights} holds an embedding layer of another shape ({other}) than model.embedding_dim "
+                f"{embedding_dim} builds; it starts freshly initialised, the rest of the backbone from the file")
+        if any(k not in state or state[k].shape != v.shape for k, v in fresh.items()):
+            state.update(fresh)
+    weights_lib.load_into_vit(model, state, str(weights))
+
+
 class Backbone(nn.Module):
     """A timm model (``arch``; ViT or CNN) built for ``img_size`` at stride ``patch_size``, optionally
     with LoRA adapters and a mask token (SOVE's masked patches); ``forward(x)`` takes normalised float
@@ -102,15 +153,7 @@ class Backbone(nn.Module):
         super().__init__()
         import timm
 
-        from mlsctl.config import timm_kwargs_problem
-
-        problem = timm_kwargs_problem(timm_kwargs or {})
-        if problem:
-            raise UserError(f"model.timm_kwargs: {problem}")
-        if not timm.is_model(arch):
-            close = closest_model_name(arch, timm.list_models())
-            hint = f"; did you mean '{close}'?" if close else "; see timm.list_models()"
-            raise UserError(f"model.arch '{arch}' is not a timm model{hint}")
+        _check_timm_settings(arch, timm_kwargs)
         self.kind = architecture_kind(arch)
         kwargs = dict(timm_kwargs or {})
         kwargs.update(drop_path_rate=drop_path_rate, num_classes=0)
@@ -142,35 +185,14 @@ class Backbone(nn.Module):
             stride = int(model.patch_embed.patch_size[0])
             self.num_prefix_tokens = model.num_prefix_tokens
         else:
-            if getattr(model, "output_fmt", "NCHW") != "NCHW" or not getattr(model, "feature_info", None):
-                raise UserError(f"model.arch '{arch}' is neither a Vision Transformer with patch tokens nor a CNN with "
-                                f"an NCHW feature map; use a timm ViT (vit_*) or CNN (resnet50, convnext_tiny, ...)")
-            stride = int(model.feature_info[-1]["reduction"])
+            stride = _cnn_stride(arch, model, patch_size, lora, mask_token)
             self.num_prefix_tokens = 0
-            if patch_size is not None and patch_size != stride:
-                raise UserError(f"model.arch '{arch}' is a CNN whose last stage has stride {stride}: set "
-                                f"model.patch_size={stride} (a cell of its last stage is its 'patch')")
-            if lora is not None and lora.enabled:
-                raise UserError(f"model.lora adapts a ViT's attention; '{arch}' is a CNN: set model.lora.enabled=false")
-            if mask_token:
-                raise UserError(f"masked image modelling needs a Vision Transformer (a mask token replaces patch "
-                                f"embeddings); model.arch '{arch}' is a CNN")
         if skip_init:
             state = weights_lib.fitted_state(model, weights_lib.backbone_state(weights_lib.read_state_dict(weights)),
                                              str(weights))
             model = weights_lib.materialise(model, state, create)
         elif weights is not None:
-            state = weights_lib.backbone_state(weights_lib.read_state_dict(weights), keep_head=embedding_dim > 0)
-            if embedding_dim:  # an embedding layer of another shape (or none) in the file: keep the fresh one
-                fresh = {k: v for k, v in model.state_dict().items() if k.startswith("head.")}
-                other = {k: list(state[k].shape) for k, v in fresh.items() if k in state and state[k].shape != v.shape}
-                if other:  # a file without one is the usual start (a self-supervised backbone); another shape is news
-                    logging.getLogger("mlsctl").warning(
-                        f"{weights} holds an embedding layer of another shape ({other}) than model.embedding_dim "
-                        f"{embedding_dim} builds; it starts freshly initialised, the rest of the backbone from the file")
-                if any(k not in state or state[k].shape != v.shape for k, v in fresh.items()):
-                    state.update(fresh)
-            weights_lib.load_into_vit(model, state, str(weights))
+            _load_weights(model, weights, embedding_dim)
         self.arch = arch
         self.timm_kwargs = dict(timm_kwargs or {})
         self.reshaped = (bool(self.timm_kwargs) if self.kind != "vit" else
