@@ -1833,6 +1833,14 @@ def read_manifest(path: Path) -> dict:
     return manifest
 
 
+def _records_of_version(manifest: dict, removed_ids: int, photo_records: int) -> dict:
+    """``manifest`` with the format and the counts of the records of a new version folder (:data:`REMOVED_IDS`,
+    :data:`PHOTO_HASHES`): format 5 where it holds either, format 3 (no tombstones) where neither."""
+    manifest = {key: value for key, value in manifest.items() if key not in ("removed_ids", "photo_hashes")}
+    counts = {key: n for key, n in (("removed_ids", removed_ids), ("photo_hashes", photo_records)) if n}
+    return dict(manifest, format_version=GALLERY_FORMAT_VERSION if counts else PLAIN_FORMAT_VERSION, **counts)
+
+
 def _positive_counts(manifest: dict, *keys: str) -> bool:
     """Each of ``keys`` the manifest holds is a count above 0, and it holds one at least."""
     held = [manifest[key] for key in keys if key in manifest]
@@ -1904,11 +1912,7 @@ def write_gallery(path: Path, ids: list[str], latents: torch.Tensor, counts, set
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     atomic.fsync_dir(path)
-    manifest = {key: value for key, value in manifest.items() if key not in ("removed_ids", "photo_hashes")}
-    newest = removed_ids or len(photo_records)
-    manifest = dict(manifest, format_version=GALLERY_FORMAT_VERSION if newest else PLAIN_FORMAT_VERSION,
-                    **({"removed_ids": len(removed_ids)} if removed_ids else {}),
-                    **({"photo_hashes": len(photo_records)} if len(photo_records) else {}),
+    manifest = dict(_records_of_version(manifest, len(removed_ids), len(photo_records)),
                     index=settings.to_dict(), index_asked=asked, rows=len(ids), objects=len(ids), indexed_rows=len(ids),
                     trained_rows=len(ids) if trained_rows is None else trained_rows,
                     dim=int(raw.shape[1]), storage_dtype=storage_dtype, data=version, index_file=name,
