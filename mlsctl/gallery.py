@@ -1158,7 +1158,8 @@ class Gallery:
                     del self.row_of[self.row_ids[row]]
         self._lookalikes: Optional[dict[str, str]] = None  # lookalike_key -> stored id, made when first asked
         self._lookalikes_collide = False  # two stored ids share a key (stored before look-alikes were refused)
-        self.photo_records = int(self.manifest.get("photo_hashes", 0))  # committed records of PHOTO_HASHES
+        # the committed records of PHOTO_HASHES (format 5: read_manifest checked the count; none before)
+        self.photo_records = int(self.manifest.get("photo_hashes", 0)) if self.manifest["format_version"] >= 5 else 0
         self._held: Optional[HeldPhotos] = None  # PHOTO_HASHES, read when an add first asks (photos_to_fold)
         self._tombstone_of: Optional[dict[str, int]] = None  # id -> its last tombstone row, made with _held
         self.index = self._open_index() if self.with_index else None
@@ -2292,14 +2293,14 @@ def removals_of_rebuild(source, groups: Optional[dict[str, list[Path]]], out: Pa
 
 
 def add_to_gallery(path: str | os.PathLike, object_id: str, photos: Sequence, *, run: Optional[str | os.PathLike] = None,
-                   say: Callable[[str], None] = to_stderr) -> tuple["Gallery", bool, int, int]:
+                   say: Callable[[str], None] = to_stderr) -> tuple["Gallery", bool, int, int, int]:
     """``mlsctl index add``: fold ``photos`` (paths, each decoded and resized as it is read, or decoded
     images: :meth:`SetModel.image_tokens`; a folder among the paths gives its photos, :func:`photos_of_folders`)
     into ``object_id`` (created when new) with ``run``'s model (default: the gallery's run), under the
     gallery's lock; returns (the gallery as written, created, photos now folded into the object, photos
-    added). A photo the object holds already (same bytes, :meth:`Gallery.photos_to_fold`), or given twice, is folded
-    once, and said in one line; where every photo is held already, nothing is written. A server holds the lock for
-    its lifetime and calls :meth:`Gallery.add` itself."""
+    added, photos skipped). A photo the object holds already (same bytes, :meth:`Gallery.photos_to_fold`), or
+    given twice, is folded once, and said in one line; where every photo is held already, nothing is written. A
+    server holds the lock for its lifetime and calls :meth:`Gallery.add` itself."""
     path = Path(path)
     # what is cheap to check first, each before the next, and all before the model loads: the id, the gallery (a
     # run folder given as the gallery is said so, not locked and "being written" by its run), the photos' paths
@@ -2318,17 +2319,17 @@ def add_to_gallery(path: str | os.PathLike, object_id: str, photos: Sequence, *,
         if skipped:
             say(skipped)
         if not chosen and run is None:  # every photo held already: nothing written, no model loaded
-            return target, False, target.count(object_id), 0
+            return target, False, target.count(object_id), 0, len(photos)
         model = choose_set_model(run or target.built_with_run(), say=say, gallery=target)
         if not chosen:  # a --run given is checked all the same: a wrong one is said, not passed over
             target.check_model(model)
-            return target, False, target.count(object_id), 0
+            return target, False, target.count(object_id), 0, len(photos)
         created, count = target.add(model, object_id, [photos[i] for i in chosen],
                                     [digests[i] for i in chosen if digests[i] is not None])
     note = long_set_note(model, count, object_id)
     if note:
         say(note)
-    return target, created, count, len(chosen)
+    return target, created, count, len(chosen), len(photos) - len(chosen)
 
 
 def long_set_note(model: SetModel, photos: int, object_id: Optional[str] = None, *,

@@ -393,7 +393,7 @@ def test_a_gallery_of_a_dino_run_searches_as_eval_retrievals_mean_cls_and_grows_
     [result] = evaluate_retrieval(model, gallery_sets, query_sets, cls, None, methods=("mean-cls",))
     assert result.recalls == recall_at(own_ranks)
     new_photos = paths[5]  # obj0's query photos, folded into obj0
-    _, created, count, _ = add_to_gallery(tmp_path / "g", "obj0", new_photos, say=lambda line: None)
+    _, created, count, _, _ = add_to_gallery(tmp_path / "g", "obj0", new_photos, say=lambda line: None)
     assert not created and count == 4
     assert torch.allclose(Gallery(tmp_path / "g").latent("obj0"), model.fold(None, cls[[0, 1, 10, 11]]), atol=1e-5)
 
@@ -1937,8 +1937,8 @@ def test_an_add_folds_only_the_photos_its_object_does_not_hold_and_a_photo_repea
     cls, tokens = model.image_tokens(folded)
     assert Gallery(g).count("obj0") == 4 and Gallery(g).rows == 5
     assert torch.allclose(Gallery(g).latent("obj0"), model.fold(None, cls, tokens), atol=1e-5)
-    out, _ = cli_ok(capsys, "index", "add", g, "--object", "obj1", str(new), "--run", run)  # another object: folded
-    assert Gallery(g).count("obj1") == 3 and "1 photo added" in out
+    out, _ = cli_ok(capsys, "index", "add", g, "--object", "obj1", str(new), "--run", run, "--json")  # another object
+    assert Gallery(g).count("obj1") == 3 and (json.loads(out)["added"], json.loads(out)["skipped"]) == (1, 0)
     record = json.loads(cli_ok(capsys, "index", "info", g, "--json")[0])
     assert record["photo_digests"] == 8 + 2 + 1
     assert "known    11 photos by their bytes (sha256)" in cli_ok(capsys, "index", "info", g)[0]
@@ -1997,7 +1997,7 @@ def test_a_purge_and_a_retrain_keep_the_photos_known_and_a_removal_drops_its_obj
     build_gallery(source, model, tmp_path / "g", IndexSettings(), workers=0, progress=False, say=lambda line: None)
 
     def add(object_id: str, photo: str) -> tuple[bool, int, int]:
-        _, created, count, added = add_to_gallery(tmp_path / "g", object_id, [source / photo], run=tmp_path / "run",
+        _, created, count, added, _ = add_to_gallery(tmp_path / "g", object_id, [source / photo], run=tmp_path / "run",
                                                     say=lambda line: None)
         return created, count, added
 
@@ -2037,8 +2037,8 @@ def test_a_gallery_of_format_3_or_4_without_photos_known_reads_and_adds(tmp_path
     assert Gallery(tmp_path / "g").manifest["format_version"] == 4 and Gallery(tmp_path / "g").photo_records == 0
     photo = [source / "obj0" / "0.png"]
     added = add_to_gallery(tmp_path / "g", "obj0", photo, run=tmp_path, say=lambda line: None)
-    assert added[2:] == (3, 1)  # not known: folded again
+    assert added[2:] == (3, 1, 0)  # not known: folded again
     manifest = json.loads((tmp_path / "g" / "gallery.json").read_text())
     assert manifest["format_version"] == 5 and manifest["photo_hashes"] == 1 and "removed_ids" not in manifest
-    assert add_to_gallery(tmp_path / "g", "obj0", photo, run=tmp_path, say=lambda line: None)[2:] == (3, 0)  # known
+    assert add_to_gallery(tmp_path / "g", "obj0", photo, run=tmp_path, say=lambda line: None)[2:] == (3, 0, 1)
     assert Gallery(tmp_path / "g").rows == 3 + 1 + 1  # the build, the removal, one add

@@ -124,11 +124,12 @@ def add(
     # the id, the gallery and the photos (paths, headers) are checked first, in that order; then the lock and the
     # model. Each photo is decoded and resized to the model's input in turn (a probe, 2026-12-07: 40 phone photos,
     # all decoded first, took 2.65 GB). A folder gives its photos in the order index build folds an object folder's
-    target, created, count, added = add_to_gallery(gallery, object_id, images, run=run, say=say)
+    target, created, count, added, skipped = add_to_gallery(gallery, object_id, images, run=run, say=say)
     share = target.added_since_training()
     if as_json:
         print(json.dumps({"gallery": str(gallery), "object": object_id, "created": created, "photos": count,
-                          "added": added, "objects": len(target), "written_since_training": round(share, 4)},
+                          "added": added, "skipped": skipped, "objects": len(target),
+                          "written_since_training": round(share, 4)},
                          indent=2))
     else:
         # "4 photos folded" after adding 2 read as 4 added (a new user); photos skipped: said by add_to_gallery
