@@ -551,7 +551,7 @@ def test_a_feature_folder_of_a_dino_run_builds_the_same_mean_cls_gallery_as_its_
                        "--out", str(tmp_path / "feats"), capsys=capsys)
     assert code == 0, err
     code, _, err = cli("index", "build", str(tmp_path / "feats"), "--out", str(tmp_path / "from-feats"), capsys=capsys)
-    assert code == 0 and "mean-CLS sets" in err, err
+    assert code == 0 and "mean-CLS sets" in err and "photo" not in err.replace("photos", ""), err
     code, _, err = cli("index", "build", str(photos), "--run", str(finished_run[0]), "--out",
                        str(tmp_path / "from-photos"), "--workers", "0", capsys=capsys)
     assert code == 0, err
@@ -559,6 +559,9 @@ def test_a_feature_folder_of_a_dino_run_builds_the_same_mean_cls_gallery_as_its_
     assert from_feats.set_model == "mean-cls" and from_feats.fingerprint == from_photos.fingerprint
     for object_id in ("obj0", "obj1", "obj2"):
         assert torch.allclose(from_feats.latent(object_id), from_photos.latent(object_id), atol=1e-4)
+    # features hold no photo bytes: no photo is known (docs/formats.md), and the gallery stays format 3
+    assert from_feats.photo_records == 0 and from_feats.manifest["format_version"] == 3
+    assert from_photos.photo_records == 6 and from_photos.manifest["format_version"] == 5
     code, _, err = cli("index", "remove", str(tmp_path / "from-feats"), "obj1", capsys=capsys)
     assert code == 0, err
     code, _, err = cli("index", "build", str(tmp_path / "feats"), "--out", str(tmp_path / "from-feats"), "--overwrite",
@@ -566,6 +569,7 @@ def test_a_feature_folder_of_a_dino_run_builds_the_same_mean_cls_gallery_as_its_
     assert code == 0 and "note: skipped 1 object of the source removed from" in err, err
     assert Gallery(tmp_path / "from-feats").ids == ["obj0", "obj2"]
     assert Gallery(tmp_path / "from-feats").removed_ids() == ["obj1"]
+
 
 def test_a_gallery_records_the_objects_file_it_was_built_from(tmp_path, monkeypatch):
     """A review (2026-12-07): the gallery's manifest recorded its source but not `index build --objects`, which
@@ -2042,3 +2046,27 @@ def test_a_gallery_of_format_3_or_4_without_photos_known_reads_and_adds(tmp_path
     assert manifest["format_version"] == 5 and manifest["photo_hashes"] == 1 and "removed_ids" not in manifest
     assert add_to_gallery(tmp_path / "g", "obj0", photo, run=tmp_path, say=lambda line: None)[2:] == (3, 0, 1)
     assert Gallery(tmp_path / "g").rows == 3 + 1 + 1  # the build, the removal, one add
+
+
+def test_a_damaged_record_of_the_photos_held_is_one_sentence_and_searches_never_read_it(tmp_path, monkeypatch, capsys):
+    """photos.bin cut short, or a manifest whose photo_hashes is no count: one sentence naming the file or key and the
+    fix, exit 2, never a traceback; a search opens the gallery without reading the record."""
+    from conftest import cli, cli_ok
+    from mlsctl.gallery import PHOTO_HASHES
+    from test_hardening import one_sentence
+
+    _tiny_model_for(monkeypatch, tmp_path / "run")
+    source = object_photos(tmp_path / "photos", objects=2)
+    g = str(tmp_path / "g")
+    cli_ok(capsys, "index", "build", str(source), "--out", g, "--workers", "0")
+    os.truncate(Gallery(g).data / PHOTO_HASHES, 50)
+    assert len(Gallery(g).search(torch.ones(32), 2)) == 2
+    code, _, err = cli("index", "add", g, "--object", "obj0", str(source / "obj1" / "0.png"), "--run",
+                       str(tmp_path / "run"), capsys=capsys)
+    assert code == 2 and one_sentence(err) == (
+        f"error: {g} is damaged (photos.bin is shorter than its 4 records): the record of the photos it holds cannot "
+        f"be read; rebuild the gallery with mlsctl index build --overwrite"), err
+    manifest = json.loads((tmp_path / "g" / "gallery.json").read_text())
+    (tmp_path / "g" / "gallery.json").write_text(json.dumps(dict(manifest, photo_hashes="4")))
+    code, _, err = cli("index", "info", g, capsys=capsys)
+    assert code == 2 and "'photo_hashes' the records of photos.bin" in one_sentence(err), err
