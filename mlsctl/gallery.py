@@ -30,6 +30,16 @@ mlsctl of format 3 refuses (it would read them as objects); build and retrain wr
 format 4 refuses (its compaction would drop the record, and its rebuild bring the objects back);
 :meth:`Gallery.removed_ids` is that record and the ids tombstoned since, less those added again.
 
+Each photo folded from a file or an upload is remembered by the sha256 of its bytes (as read, before decoding) in
+``photos.bin`` of the version folder (:data:`PHOTO_HASHES`: 40-byte records, the row that folded it (int64) and the
+digest, counted by the manifest's ``photo_hashes``; format 5 too). It grows by appending with the row files and is
+committed by the same manifest write, so a kill leaves both as before or after an add. A photo's digest belongs to the
+object of its row, from the object's last tombstone on (a removed object's photos leave with it); an add skips the
+photos the object already holds (:meth:`Gallery.photos_to_fold`), so a retried add, or a rerun of adds killed half-way,
+folds nothing twice. The file is read when an add first asks, not at open (:class:`HeldPhotos`); a compaction writes
+the live objects' records again. A gallery built from a feature folder, or written before format 5, holds no digests
+for its earlier photos: those are not known, and adding them again folds them again.
+
 :class:`SetModel` embeds images with a MILE run's teacher: backbone CLS (and patch tokens with
 ``attend: patches``) and the set encoder's recurrence (the model and its fold are
 :class:`mlsctl.methods.mile.set_model.MILESetModel`; this class adds the photos' preprocessing).
@@ -863,19 +873,18 @@ def _read_photo(read: Callable, path):
         raise UserError(f"cannot read {path}: {exc}") from None
 
 
-def _say_repeated_photos(photos: Sequence, say: Callable[[str], None]) -> None:
-    """A note for each photo path given more than once (another name of one file too): it is folded in
-    as often, as photos of their own (a new user's probe, 2026-12-06: "2 photos added" for one photo
-    given twice)."""
-    from collections import Counter
-
-    given = [photo for photo in photos if isinstance(photo, (str, os.PathLike))]
-    files = [os.path.realpath(photo) for photo in given]
-    times = Counter(files)
-    for photo, file in zip(given, files):
-        repeated = times.pop(file, 1)  # said once, at its first mention
-        if repeated > 1:
-            say(f"note: {photo} is given {repeated} times: it is folded in {repeated} times, as photos of their own")
+def photos_skipped_note(object_id: str, held: int, repeated: int) -> Optional[str]:
+    """The one line of an add that skipped photos (:meth:`Gallery.photos_to_fold`), or None: ``held`` that the object
+    holds already, ``repeated`` that repeat another photo of the add (same bytes: folded once). (A photo given
+    twice was folded twice until 2026-12-07, and a retried add folded its photos again.)"""
+    said = []
+    if held:
+        said.append(f"{counted(held, 'photo')} already in the gallery for '{printable(object_id)}' "
+                    f"(same bytes) {'was' if held == 1 else 'were'} skipped")
+    if repeated:
+        said.append(f"{counted(repeated, 'photo')} repeating another of this add (same bytes) "
+                    f"{'was' if repeated == 1 else 'were'} folded once")
+    return f"note: {'; '.join(said)}" if said else None
 
 
 # ---------------------------------------------------------------------------------------- index
@@ -1020,8 +1029,63 @@ def search_index(index, unit_rows_: Optional[np.ndarray], queries: np.ndarray, k
 # after the add, never torn, and readers never see a row change under them.
 LATENTS, UNIT, COUNTS, IDS, INDEX = "latents.bin", "unit.bin", "counts.bin", "objects.txt", "index.faiss"
 REMOVED_IDS = "removed.txt"  # format 5: the ids removed before the version folder was written, one a line
+PHOTO_HASHES = "photos.bin"  # format 5: one record per photo folded, its row and the sha256 of its bytes
+HASH_RECORD = np.dtype([("row", "<i8"), ("sha256", "V32")])
 STORAGE_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 INDEX_KINDS = ("flat", "ivfpq")
+
+
+def photo_digest(data: bytes) -> bytes:
+    """The sha256 of a photo's bytes, as uploaded or read from its file (before decoding): how a gallery knows a
+    photo it has folded (:data:`PHOTO_HASHES`)."""
+    return hashlib.sha256(data).digest()
+
+
+def file_digest(path: str | os.PathLike) -> bytes:
+    """:func:`photo_digest` of a photo file, read a block at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.digest()
+
+
+class HeldPhotos:
+    """The photo digests of a gallery (:data:`PHOTO_HASHES`) and the rows that folded them, sorted by the digests'
+    first 8 bytes for lookup by binary search (numpy arrays: 40 bytes a photo, no dict of a million entries), with
+    the records committed since they were read kept apart (a dict, as small as this writer's adds)."""
+
+    def __init__(self, records: np.ndarray):
+        keys = _digest_keys(records["sha256"])
+        order = np.argsort(keys, kind="stable")
+        self.keys, self.rows, self.digests = keys[order], records["row"][order], records["sha256"][order]
+        self.fresh: dict[bytes, list[int]] = {}
+
+    def rows_of(self, digest: bytes) -> list[int]:
+        """The rows that folded a photo of ``digest``."""
+        key = np.uint64(int.from_bytes(digest[:8], "little"))
+        low, high = np.searchsorted(self.keys, key, "left"), np.searchsorted(self.keys, key, "right")
+        found = [int(self.rows[i]) for i in range(low, high) if self.digests[i].tobytes() == digest]
+        return found + self.fresh.get(digest, [])
+
+    def add(self, records: np.ndarray) -> None:
+        for row, digest in zip(records["row"].tolist(), records["sha256"]):
+            self.fresh.setdefault(digest.tobytes(), []).append(row)
+
+
+def _digest_keys(digests: np.ndarray) -> np.ndarray:
+    """The first 8 bytes of each 32-byte digest as an unsigned integer."""
+    return np.frombuffer(np.ascontiguousarray(digests).tobytes(), dtype="<u8")[::4].copy()
+
+
+def _hash_records(rows: Sequence[int], digests: Sequence[Sequence[bytes]]) -> np.ndarray:
+    """:data:`HASH_RECORD` records: each of ``digests[i]`` with row ``rows[i]``."""
+    pairs = [(row, digest) for row, of_row in zip(rows, digests) for digest in of_row]
+    records = np.empty(len(pairs), dtype=HASH_RECORD)
+    if pairs:
+        records["row"] = [row for row, _ in pairs]
+        records["sha256"] = np.frombuffer(b"".join(digest for _, digest in pairs), dtype="V32")
+    return records
 
 
 class Gallery:
@@ -1094,6 +1158,10 @@ class Gallery:
                     del self.row_of[self.row_ids[row]]
         self._lookalikes: Optional[dict[str, str]] = None  # lookalike_key -> stored id, made when first asked
         self._lookalikes_collide = False  # two stored ids share a key (stored before look-alikes were refused)
+        # the committed records of PHOTO_HASHES (format 5: read_manifest checked the count; none before)
+        self.photo_records = int(self.manifest.get("photo_hashes", 0)) if self.manifest["format_version"] >= 5 else 0
+        self._held: Optional[HeldPhotos] = None  # PHOTO_HASHES, read when an add first asks (photos_to_fold)
+        self._tombstone_of: Optional[dict[str, int]] = None  # id -> its last tombstone row, made with _held
         self.index = self._open_index() if self.with_index else None
 
     # ------------------------------------------------------------------ files
@@ -1164,6 +1232,68 @@ class Gallery:
 
     def count(self, object_id: str) -> int:
         return int(self.counts[self.row_of[object_id]])
+
+    # ------------------------------------------------------------------ photos held (PHOTO_HASHES)
+    def read_photo_records(self) -> np.ndarray:
+        """The committed records of :data:`PHOTO_HASHES` (none before format 5); a file missing or short of them is
+        a damaged gallery, said in one sentence."""
+        if not self.photo_records:
+            return np.empty(0, dtype=HASH_RECORD)
+        path = self.data / PHOTO_HASHES
+        try:
+            with open(path, "rb") as f:
+                records = np.fromfile(f, dtype=HASH_RECORD, count=self.photo_records)
+        except (OSError, ValueError) as exc:
+            records, problem = None, _what_failed(exc)
+        if records is None or len(records) < self.photo_records:
+            problem = problem if records is None else f"{PHOTO_HASHES} is shorter than its {self.photo_records} records"
+            raise UserError(f"{self.path} is damaged ({problem}): the record of the photos it holds cannot be read; "
+                            f"rebuild the gallery with mlsctl index build --overwrite") from None
+        return records
+
+    def photo_records_of_rows(self, live: np.ndarray) -> np.ndarray:
+        """The :data:`HASH_RECORD` records of the photos the objects of ``live`` rows (ascending, one per object)
+        hold, their rows renumbered as a compaction to these rows writes them (row i: ``live[i]``): a removed
+        object's records, and those of an earlier life of an id removed and added again, are left out."""
+        records = self.read_photo_records()
+        self._held_photos()  # the tombstones
+        new_row = {self.row_ids[row]: i for i, row in enumerate(live.tolist())}
+        owners = [self.row_ids[row] for row in records["row"].tolist()]
+        rows = np.asarray([new_row.get(owner, -1) if self._holds(owner, row) else -1
+                           for owner, row in zip(owners, records["row"].tolist())], dtype=np.int64)
+        kept = records[rows >= 0].copy()
+        kept["row"] = rows[rows >= 0]
+        return kept[np.argsort(kept["row"], kind="stable")]
+
+    def _held_photos(self) -> HeldPhotos:
+        if self._held is None:
+            self._held = HeldPhotos(self.read_photo_records())
+            tombstones = np.flatnonzero(np.asarray(self.counts) == REMOVED_COUNT) if self.removed_rows else []
+            self._tombstone_of = {self.row_ids[row]: row for row in np.asarray(tombstones).tolist()}
+        return self._held
+
+    def _holds(self, object_id: str, row: int) -> bool:
+        """Row ``row`` is one of ``object_id``'s present life: its id, after the id's last tombstone."""
+        return self.row_ids[row] == object_id and row > self._tombstone_of.get(object_id, -1)
+
+    def photos_to_fold(self, object_id: str, digests: Sequence[Optional[bytes]]) -> tuple[list[int], int, int]:
+        """Which photos of an add to ``object_id`` to fold, by their digests (:func:`photo_digest`; None: a photo
+        without bytes to know it by, always folded): (their indices, in order; how many the object holds already;
+        how many repeat an earlier photo of the same add). A new or removed object holds none."""
+        held = self._held_photos() if object_id in self.row_of and self.photo_records else None
+        fold, already, repeated, seen = [], 0, 0, set()
+        for i, digest in enumerate(digests):
+            if digest is None:
+                fold.append(i)
+            elif digest in seen:
+                repeated += 1
+            elif held is not None and any(self._holds(object_id, row) for row in held.rows_of(digest)):
+                already += 1
+                seen.add(digest)
+            else:
+                fold.append(i)
+                seen.add(digest)
+        return fold, already, repeated
 
     # ------------------------------------------------------------------ index
     def _open_index(self):
@@ -1295,14 +1425,16 @@ class Gallery:
                 for score_row, id_row in zip(scores, rows)]
 
     # ------------------------------------------------------------------ writing (under the gallery's lock)
-    def add(self, model: "SetModel", object_id: str, images: Sequence) -> tuple[bool, int]:
+    def add(self, model: "SetModel", object_id: str, images: Sequence, digests: Sequence[bytes] = ()
+            ) -> tuple[bool, int]:
         """Fold ``images`` into ``object_id`` (created when new); returns (created, images now folded).
-        Costs one appended row, whatever the gallery's size (see the module's format notes). The
+        Costs one appended row, whatever the gallery's size (see the module's format notes). ``digests``: those
+        of the images that have them, remembered with the row (:meth:`photos_to_fold` chooses the images). The
         caller holds the gallery's lock (:func:`add_to_gallery` takes it; a server holds it)."""
         check_object_id(object_id)
         self.check_model(model)
         cls, tokens = model.image_tokens(images)
-        return self.fold_into(model.fold, object_id, cls, tokens, len(images))
+        return self.fold_into(model.fold, object_id, cls, tokens, len(images), digests)
 
     def lookalike(self, object_id: str) -> Optional[str]:
         """The stored id that reads like ``object_id`` but is another string (:func:`lookalike_key`),
@@ -1325,10 +1457,11 @@ class Gallery:
             raise kind(f"{where} '{printable(object_id)}' {problem}")
 
     def fold_into(self, fold, object_id: str, cls: torch.Tensor, tokens: Optional[torch.Tensor],
-                  photos: int) -> tuple[bool, int]:
+                  photos: int, digests: Sequence[bytes] = ()) -> tuple[bool, int]:
         """Fold the embedded ``photos`` (``cls``, ``tokens``) into ``object_id``'s latent with ``fold``
         (the set model's :meth:`~SetModel.fold`: a server passes it wrapped in its model lock) and commit
-        the row; returns (created, images now folded)."""
+        the row, with ``digests``, those of the photos that have them (:meth:`photos_to_fold` chose them: none the
+        object holds); returns (created, images now folded)."""
         created = object_id not in self.row_of
         if created:
             self.check_new_id(object_id)
@@ -1340,15 +1473,17 @@ class Gallery:
                                  f"NaN or inf, so no photo can be folded into it; {REBUILD}")
         latent = fold(previous, cls, tokens)
         count = photos + (0 if created else self.count(object_id))
-        self.append([object_id], latent[None], [count])
+        self.append([object_id], latent[None], [count], [list(digests)])
         return created, count
 
-    def append(self, ids: Sequence[str], latents: torch.Tensor, counts: Sequence[int]) -> None:
+    def append(self, ids: Sequence[str], latents: torch.Tensor, counts: Sequence[int],
+               digests: Optional[Sequence[Sequence[bytes]]] = None) -> None:
         """Append rows, one per id, and commit them (gallery.json's row count, written atomically, last). A row
         whose count is :data:`REMOVED_COUNT` is a tombstone (:meth:`remove`): its id leaves the gallery. Where the
         commit fails (a full disk), the gallery in memory is put back as it was, so that searches never
         see rows the files do not hold; the rows written past the committed count are cut off by the
-        next append."""
+        next append. ``digests``: per id, those of the photos its row folds in (:data:`PHOTO_HASHES`), appended and
+        committed with the rows."""
         for object_id in ids:
             check_object_id(object_id)
         if len(set(ids)) < len(ids):  # the earlier row of the id would stay in the index, dead
@@ -1361,15 +1496,21 @@ class Gallery:
         unit = _normalized(latents).astype(self.dtype)
         counts = np.asarray(counts, dtype=np.int64)
         before = (self.rows, self.ids_bytes, self.manifest, getattr(self, "_unsaved", 0), self.removed_rows,
-                  {i: self.row_of.get(i) for i in ids})
+                  {i: self.row_of.get(i) for i in ids}, self.photo_records)
+        records = _hash_records(range(self.rows, self.rows + len(ids)), digests or [])
         new_ids_bytes = _append_rows(self.data, self.rows, self.ids_bytes, ids, latents.astype(self.dtype), unit,
-                                     counts)
+                                     counts, (records, self.photo_records))
         done: dict[str, np.ndarray] = {}  # the index's changes, undone where the commit fails
         try:
+            self.photo_records += len(records)
             self._commit_rows(ids, unit.astype(np.float32), counts, new_ids_bytes, done)
         except BaseException:
             self._put_back(before, done)
             raise
+        if self._held is not None:
+            self._held.add(records)
+            self._tombstone_of.update((i, row) for row, (i, count) in enumerate(zip(ids, counts.tolist()), before[0])
+                                      if count == REMOVED_COUNT)
         self.latents = self._map(LATENTS, self.dtype, (self.rows, self.dim))
         self.unit = self._map(UNIT, self.dtype, (self.rows, self.dim))
         self.counts = self._map(COUNTS, np.int64, (self.rows,))
@@ -1403,8 +1544,11 @@ class Gallery:
         version = self.manifest["format_version"]
         if self.removed_rows:
             version = max(version, TOMBSTONE_FORMAT_VERSION)
+        held = {"photo_hashes": self.photo_records} if self.photo_records else {}
+        if held:  # a reader of format 4 would keep the count and drop the file at a compaction
+            version = max(version, GALLERY_FORMAT_VERSION)
         self.manifest = dict(self.manifest, rows=self.rows, objects=len(self.row_of), format_version=version,
-                             updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
+                             updated=time.strftime("%Y-%m-%dT%H:%M:%S"), **held)
         if self.settings.kind != "flat" and self._unsaved > max(1024, self.rows // 100):
             self.save_index()  # the rows written since the last save stay a small share
         else:
@@ -1415,7 +1559,7 @@ class Gallery:
         :meth:`_commit_rows` changed in the index)."""
         faiss = threads.faiss()
 
-        start, ids_bytes, manifest, unsaved, removed_rows, replaced = before
+        start, ids_bytes, manifest, unsaved, removed_rows, replaced, self.photo_records = before
         if "added" in done:
             self.index.remove_ids(faiss.IDSelectorBatch(done["added"]))
         if "removed" in done:  # the replaced rows are still on disk, committed: index them again
@@ -1562,7 +1706,7 @@ class Gallery:
         write_gallery(self.path, ids, torch.from_numpy(latents), counts,
                       self.settings if kept else self.retrain_settings(), self.manifest,
                       self.manifest["storage_dtype"], trained=self.index if kept else None, trained_rows=trained_rows,
-                      removed_ids=self.removed_ids())
+                      removed_ids=self.removed_ids(), photo_records=self.photo_records_of_rows(live))
         reopened = Gallery(self.path)
         self.__dict__.update(reopened.__dict__)
         return self.manifest
@@ -1608,12 +1752,16 @@ def _recorded_removals(data: Path, manifest: dict, gallery: Path) -> list[str]:
 
 
 def _append_rows(path: Path, start: int, ids_bytes: int, ids: Sequence[str], latents: np.ndarray,
-                 unit: np.ndarray, counts: np.ndarray) -> int:
+                 unit: np.ndarray, counts: np.ndarray, records: Optional[tuple[np.ndarray, int]] = None) -> int:
     """Cut every row file back to ``start`` committed rows (objects.txt to ``ids_bytes``: an
     interrupted append), append the new rows and flush them to disk; returns objects.txt's new
-    length. gallery.json is the caller's to commit."""
+    length. ``records``: (:data:`HASH_RECORD` records to append to :data:`PHOTO_HASHES`, the records it commits
+    now), written the same way where there are any. gallery.json is the caller's to commit."""
     width = latents.shape[1] * latents.dtype.itemsize
-    for name, data, row_bytes in ((LATENTS, latents, width), (UNIT, unit, width), (COUNTS, counts, 8)):
+    files = [(LATENTS, latents, width, start), (UNIT, unit, width, start), (COUNTS, counts, 8, start)]
+    if records is not None and len(records[0]):
+        files.append((PHOTO_HASHES, records[0], HASH_RECORD.itemsize, records[1]))
+    for name, data, row_bytes, start in files:
         with open(path / name, "r+b" if (path / name).exists() else "w+b") as f:
             f.truncate(start * row_bytes)
             f.seek(start * row_bytes)
@@ -1678,12 +1826,26 @@ def read_manifest(path: Path) -> dict:
     elif version >= 3 and not (manifest.get("index_file") is None or (
             isinstance(manifest["index_file"], str) and _INDEX_NAME.fullmatch(manifest["index_file"]))):
         problem = "'index_file' must name an index file (index.N.faiss) or be null"
-    elif version >= 5 and not (isinstance(manifest.get("removed_ids"), int)
-                               and not isinstance(manifest["removed_ids"], bool) and manifest["removed_ids"] > 0):
-        problem = f"'removed_ids' must count the ids of {REMOVED_IDS}"
+    elif version >= 5 and not _positive_counts(manifest, "removed_ids", "photo_hashes"):
+        problem = (f"'removed_ids' must count the ids of {REMOVED_IDS}, and 'photo_hashes' the records of "
+                   f"{PHOTO_HASHES}, at least one of them")
     if problem:
         raise UserError(f"{manifest_path} is damaged ({problem}); rebuild the gallery with mlsctl index build")
     return manifest
+
+
+def _records_of_version(manifest: dict, removed_ids: int, photo_records: int) -> dict:
+    """``manifest`` with the format and the counts of the records of a new version folder (:data:`REMOVED_IDS`,
+    :data:`PHOTO_HASHES`): format 5 where it holds either, format 3 (no tombstones) where neither."""
+    manifest = {key: value for key, value in manifest.items() if key not in ("removed_ids", "photo_hashes")}
+    counts = {key: n for key, n in (("removed_ids", removed_ids), ("photo_hashes", photo_records)) if n}
+    return dict(manifest, format_version=GALLERY_FORMAT_VERSION if counts else PLAIN_FORMAT_VERSION, **counts)
+
+
+def _positive_counts(manifest: dict, *keys: str) -> bool:
+    """Each of ``keys`` the manifest holds is a count above 0, and it holds one at least."""
+    held = [manifest[key] for key in keys if key in manifest]
+    return bool(held) and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in held)
 
 
 def _check_storable(latents: np.ndarray, dtype, ids: Sequence[str], path: Path) -> None:
@@ -1701,7 +1863,8 @@ def _check_storable(latents: np.ndarray, dtype, ids: Sequence[str], path: Path) 
 
 def write_gallery(path: Path, ids: list[str], latents: torch.Tensor, counts, settings: IndexSettings,
                   manifest: dict, storage_dtype: str = "fp32", trained=None,
-                  trained_rows: Optional[int] = None, removed_ids: Sequence[str] = ()) -> dict:
+                  trained_rows: Optional[int] = None, removed_ids: Sequence[str] = (),
+                  photo_records: Optional[np.ndarray] = None) -> dict:
     """Write a whole gallery (build, retrain) and swap it in at once: the row files and index go into
     a new version folder (written as ``.vN.tmp``, flushed, renamed ``vN``), then one atomic replace
     of ``gallery.json`` — which names the folder — commits it, and only then is the previous
@@ -1709,8 +1872,11 @@ def write_gallery(path: Path, ids: list[str], latents: torch.Tensor, counts, set
     (leftovers of a kill are removed by the next writer: :func:`recover_gallery`). ``trained``: an IVF-PQ
     index whose quantiser to keep (emptied and filled with these rows; no k-means: ``index remove --purge``),
     ``trained_rows`` the first rows it was trained on. ``removed_ids``: the ids removed from the gallery (ids
-    alone, :meth:`Gallery.removed_ids`), written into the version folder as :data:`REMOVED_IDS` (format 5)."""
+    alone, :meth:`Gallery.removed_ids`), written into the version folder as :data:`REMOVED_IDS` (format 5).
+    ``photo_records``: the digests of the photos each row folds (:data:`HASH_RECORD`, rows of ``ids``), written
+    as :data:`PHOTO_HASHES` (format 5)."""
     dtype = STORAGE_DTYPES[storage_dtype]
+    photo_records = np.empty(0, dtype=HASH_RECORD) if photo_records is None else photo_records
     raw = latents.detach().float().numpy()
     _check_storable(raw, dtype, ids, path)
     unit = _normalized(raw)
@@ -1727,7 +1893,8 @@ def write_gallery(path: Path, ids: list[str], latents: torch.Tensor, counts, set
     tmp = path / f".{version}.tmp"
     tmp.mkdir()
     try:
-        _append_rows(tmp, 0, 0, ids, raw.astype(dtype), unit.astype(dtype), np.asarray(counts, dtype=np.int64))
+        _append_rows(tmp, 0, 0, ids, raw.astype(dtype), unit.astype(dtype), np.asarray(counts, dtype=np.int64),
+                     (photo_records, 0))
         if removed_ids:
             (tmp / REMOVED_IDS).write_bytes("".join(f"{i}\n" for i in removed_ids).encode("utf-8"))
             _fsync(tmp / REMOVED_IDS)
@@ -1746,9 +1913,7 @@ def write_gallery(path: Path, ids: list[str], latents: torch.Tensor, counts, set
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     atomic.fsync_dir(path)
-    manifest = {key: value for key, value in manifest.items() if key != "removed_ids"}
-    manifest = dict(manifest, format_version=GALLERY_FORMAT_VERSION if removed_ids else PLAIN_FORMAT_VERSION,
-                    **({"removed_ids": len(removed_ids)} if removed_ids else {}),
+    manifest = dict(_records_of_version(manifest, len(removed_ids), len(photo_records)),
                     index=settings.to_dict(), index_asked=asked, rows=len(ids), objects=len(ids), indexed_rows=len(ids),
                     trained_rows=len(ids) if trained_rows is None else trained_rows,
                     dim=int(raw.shape[1]), storage_dtype=storage_dtype, data=version, index_file=name,
@@ -2049,8 +2214,8 @@ def build_gallery(source: str | os.PathLike, model: SetModel, out: str | os.Path
         groups = {object_id: paths for object_id, paths in groups.items() if object_id not in skipped}
     check_index_fits(settings, len(source_counts(source, groups)) - (len(skipped) if groups is None else 0),
                      getattr(model, "dim", None))  # before embedding
-    ids, latents, counts = _embed_objects(source, groups, model, skipped, batch_size=batch_size, workers=workers,
-                                          progress=progress)
+    ids, latents, counts, digests = _embed_objects(source, groups, model, skipped, batch_size=batch_size,
+                                                   workers=workers, progress=progress)
     if not ids and skipped:
         raise UserError(f"every object of {source} was removed from {out} with mlsctl index remove; give "
                         f"--restore-removed to build them back (nothing was written)")
@@ -2070,17 +2235,19 @@ def build_gallery(source: str | os.PathLike, model: SetModel, out: str | os.Path
         check_gallery_target(out, overwrite)
         built = set(ids)
         manifest = write_gallery(out, ids, torch.stack(latents), counts, settings, manifest, storage_dtype,
-                                 removed_ids=[object_id for object_id in removed if object_id not in built])
+                                 removed_ids=[object_id for object_id in removed if object_id not in built],
+                                 photo_records=_hash_records(range(len(ids)), digests))
     return dict(manifest, images=int(sum(counts)))
 
 
 def _embed_objects(source, groups: Optional[dict[str, list[Path]]], model: SetModel, skipped: set[str], *,
                    batch_size: int, workers: Optional[int], progress: Optional[bool]
-                   ) -> tuple[list[str], list[torch.Tensor], list[int]]:
-    """:func:`build_gallery`'s objects folded: (ids, set latents, photos folded), from the photos of ``groups``
-    (every unreadable photo named in one sentence at the end, nothing written), or from a feature folder
-    ``source`` where ``groups`` is None, less the objects ``skipped``."""
-    ids, latents, counts = [], [], []
+                   ) -> tuple[list[str], list[torch.Tensor], list[int], list[list[bytes]]]:
+    """:func:`build_gallery`'s objects folded: (ids, set latents, photos folded, the distinct digests of each
+    object's photo files, :data:`PHOTO_HASHES`), from the photos of ``groups`` (every unreadable photo named in one
+    sentence at the end, nothing written), or from a feature folder ``source`` where ``groups`` is None (no photo
+    bytes: no digests), less the objects ``skipped``."""
+    ids, latents, counts, digests = [], [], [], []
     if groups is None:
         for object_id, cls in _feature_groups(Path(source), model).items():
             if object_id in skipped:
@@ -2088,7 +2255,8 @@ def _embed_objects(source, groups: Optional[dict[str, list[Path]]], model: SetMo
             ids.append(object_id)
             latents.append(model.fold(None, cls.float()))
             counts.append(len(cls))
-        return ids, latents, counts
+            digests.append([])
+        return ids, latents, counts, digests
     check_new_ids(list(groups), f"{source}: object folder")  # before anything is embedded
     unreadable = []  # every photo that cannot be read, named at the end: not one per attempt
     for object_id, (cls, tokens, failed) in zip(groups, set_tokens(list(groups.values()), model,
@@ -2099,12 +2267,13 @@ def _embed_objects(source, groups: Optional[dict[str, list[Path]]], model: SetMo
             ids.append(object_id)
             latents.append(model.fold(None, cls, tokens))
             counts.append(len(cls))
+            digests.append(list(dict.fromkeys(file_digest(path) for path in groups[object_id])))
     if unreadable:
         shown = "; ".join(f"{path} ({reason})" for path, reason in unreadable[:5])
         raise UserError(f"{len(unreadable)} photo{'s' if len(unreadable) != 1 else ''} of {source} cannot be read: "
                         f"{shown}{'; ...' if len(unreadable) > 5 else ''}; replace or remove "
                         f"{'them' if len(unreadable) != 1 else 'it'} and build again (nothing was written)")
-    return ids, latents, counts
+    return ids, latents, counts, digests
 
 
 def removals_of_rebuild(source, groups: Optional[dict[str, list[Path]]], out: Path, overwrite: bool,
@@ -2124,12 +2293,14 @@ def removals_of_rebuild(source, groups: Optional[dict[str, list[Path]]], out: Pa
 
 
 def add_to_gallery(path: str | os.PathLike, object_id: str, photos: Sequence, *, run: Optional[str | os.PathLike] = None,
-                   say: Callable[[str], None] = to_stderr) -> tuple["Gallery", bool, int, int]:
+                   say: Callable[[str], None] = to_stderr) -> tuple["Gallery", bool, int, int, int]:
     """``mlsctl index add``: fold ``photos`` (paths, each decoded and resized as it is read, or decoded
     images: :meth:`SetModel.image_tokens`; a folder among the paths gives its photos, :func:`photos_of_folders`)
     into ``object_id`` (created when new) with ``run``'s model (default: the gallery's run), under the
     gallery's lock; returns (the gallery as written, created, photos now folded into the object, photos
-    added). A server holds the lock for its lifetime and calls :meth:`Gallery.add` itself."""
+    added, photos skipped). A photo the object holds already (same bytes, :meth:`Gallery.photos_to_fold`), or
+    given twice, is folded once, and said in one line; where every photo is held already, nothing is written. A
+    server holds the lock for its lifetime and calls :meth:`Gallery.add` itself."""
     path = Path(path)
     # what is cheap to check first, each before the next, and all before the model loads: the id, the gallery (a
     # run folder given as the gallery is said so, not locked and "being written" by its run), the photos' paths
@@ -2138,17 +2309,27 @@ def add_to_gallery(path: str | os.PathLike, object_id: str, photos: Sequence, *,
     read_manifest(path)
     photos = photos_of_folders(photos, "index add")  # a folder: its photos, as index build folds an object folder
     check_photos(photos)
-    _say_repeated_photos(photos, say)
+    digests = [file_digest(p) if isinstance(p, (str, os.PathLike)) else None for p in photos]  # decoded: no bytes
     with FolderLock(path, "gallery"):
         target = Gallery(path, recover=True)
         if object_id not in target.row_of:
             target.check_new_id(object_id, "--object")
+        chosen, held, repeated = target.photos_to_fold(object_id, digests)
+        skipped = photos_skipped_note(object_id, held, repeated)
+        if skipped:
+            say(skipped)
+        if not chosen and run is None:  # every photo held already: nothing written, no model loaded
+            return target, False, target.count(object_id), 0, len(photos)
         model = choose_set_model(run or target.built_with_run(), say=say, gallery=target)
-        created, count = target.add(model, object_id, photos)
+        if not chosen:  # a --run given is checked all the same: a wrong one is said, not passed over
+            target.check_model(model)
+            return target, False, target.count(object_id), 0, len(photos)
+        created, count = target.add(model, object_id, [photos[i] for i in chosen],
+                                    [digests[i] for i in chosen if digests[i] is not None])
     note = long_set_note(model, count, object_id)
     if note:
         say(note)
-    return target, created, count, len(photos)
+    return target, created, count, len(chosen), len(photos) - len(chosen)
 
 
 def long_set_note(model: SetModel, photos: int, object_id: Optional[str] = None, *,
@@ -2265,7 +2446,9 @@ def describe_gallery(path: str | os.PathLike, objects: bool = False) -> dict:
     """``mlsctl index info``: what a gallery holds, from its files alone (no model, no index built): its objects,
     photos folded, rows (superseded ones included, which ``index retrain`` drops; ``removed_rows``: the
     tombstones of removed objects, whose latents stay in the files until then; ``removed_objects``: the ids removed
-    and not added again, which the gallery keeps, purged or not, and a rebuild skips), the model that embeds it, the
+    and not added again, which the gallery keeps, purged or not, and a rebuild skips; ``photo_digests``: the photos
+    remembered by their bytes, :data:`PHOTO_HASHES`, a removed object's among them until a purge), the model that
+    embeds it, the
     index (IVF-PQ: ``nprobe_effective``, the lists a search reads, at most ``nlist``) and its share of objects
     written since the quantiser was trained, bytes on disk, and with ``objects``
     each object's id and photo count, oldest first (a new user's probe, 2026-12-07: a gallery grown over the
@@ -2277,7 +2460,7 @@ def describe_gallery(path: str | os.PathLike, objects: bool = False) -> dict:
     photos = int(np.asarray(gallery.counts)[live].sum()) if len(live) else 0
     record = {"gallery": str(gallery.path), "objects": len(gallery), "photos": photos, "rows": gallery.rows,
               "superseded_rows": gallery.rows - len(live), "removed_rows": gallery.removed_rows,
-              "removed_objects": len(gallery.removed_ids()),
+              "removed_objects": len(gallery.removed_ids()), "photo_digests": gallery.photo_records,
               "dim": gallery.dim, "storage_dtype": manifest["storage_dtype"], "index": dict(manifest["index"]),
               "written_since_training": gallery.added_since_training(),
               "model": dict(manifest["model"], set_model=gallery.set_model),

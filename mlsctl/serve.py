@@ -634,18 +634,47 @@ class GalleryService:
                 except UserError as exc:
                     raise _new_id_refusal(exc) from None
 
+    def digests(self, photos: list[Photo]) -> list[bytes]:
+        """The sha256 of each photo's bytes as sent (:func:`~mlsctl.gallery.photo_digest`), one photo read at a
+        time: what tells a photo the object holds already (a client's retry after a lost answer)."""
+        from mlsctl.gallery import photo_digest
+
+        out = []
+        for photo in photos:
+            with photo.open() as f:
+                data = f.read(self.limits.max_upload_bytes + 1)
+            self._check_size(photo.name, len(data))
+            out.append(photo_digest(data))
+        return out
+
     def add(self, object_id: str, photos: list[Photo]) -> dict:
+        """``POST /objects/{id}/photos``: the photos the object does not hold yet (by their bytes) folded in and
+        committed before the answer, which counts those ``skipped`` (held already, or repeating another of the
+        request); where none is new, nothing is written (a retry of an add whose answer was lost)."""
         from mlsctl.gallery import DamagedGallery, long_set_note, printable
 
         self.check_id(object_id)
-        cls, tokens = self.tokens(photos)
+        digests = self.digests(photos)  # none: said by tokens()
+        with self.index_lock:  # only the new photos are embedded
+            chosen = self.gallery.photos_to_fold(object_id, digests)[0] if photos else []
+            if photos and not chosen:
+                return self._unchanged(object_id, len(photos))
+        cls, tokens = self.tokens([photos[i] for i in chosen])
         def fold(previous, cls, tokens):
             with self.model_lock:
                 return self.model.fold(previous, cls, tokens)
 
         with self.index_lock:
+            # again under the lock: an add of the same photos (a retry sent before the first was answered) may
+            # have been committed meanwhile
+            kept = self.gallery.photos_to_fold(object_id, [digests[i] for i in chosen])[0] if chosen else []
+            if chosen and not kept:
+                return self._unchanged(object_id, len(photos))
+            if len(kept) < len(chosen):
+                cls, tokens = cls[kept], (None if tokens is None else tokens[kept])
+            folded = [digests[chosen[j]] for j in kept]
             try:  # a new id is checked again there: a look-alike may have been added meanwhile
-                created, count = self.gallery.fold_into(fold, object_id, cls, tokens, len(photos))
+                created, count = self.gallery.fold_into(fold, object_id, cls, tokens, len(folded), folded)
             except DamagedGallery:  # the operator's to mend, not the client's; its sentence names the server's path
                 raise RequestError(500, f"the gallery's stored latent of '{printable(object_id)}' holds NaN or inf, "
                                         f"so no photo can be folded into it; the server's operator must rebuild the "
@@ -654,11 +683,18 @@ class GalleryService:
                 raise _new_id_refusal(exc) from None
             total = len(self.gallery)
             self.added["requests"] += 1
-            self.added["photos"] += len(photos)
+            self.added["photos"] += len(folded)
             self.added["objects"] += created
         note = long_set_note(self.model, count, object_id, name_run=False)  # many photos (a probe); no server path
-        return {"object": object_id, "created": created, "photos": count, "objects": total,
+        return {"object": object_id, "created": created, "photos": count, "added": len(folded),
+                "skipped": len(photos) - len(folded), "objects": total,
                 **({"note": note[len("note: "):]} if note else {})}
+
+    def _unchanged(self, object_id: str, skipped: int) -> dict:
+        """The answer to an add whose photos the object holds every one of already: nothing written. The caller
+        holds the index lock."""
+        return {"object": object_id, "created": False, "photos": self.gallery.count(object_id), "added": 0,
+                "skipped": skipped, "objects": len(self.gallery)}
 
     def get(self, object_id: str) -> dict:
         with self.index_lock:

@@ -251,7 +251,8 @@ def test_index_add_says_a_photo_it_cannot_read_before_the_model_loads_and_after_
     monkeypatch.setattr(gallery_lib, "choose_set_model", stop)  # a photo given twice is said once, then the model
     code, _, err = cli("index", "add", str(tmp_path / "g"), "--object", "a1", str(good), f"{tmp_path}/./good.png",
                        "--run", str(tmp_path), capsys=capsys)
-    assert code == 2 and err.count("is given 2 times") == 1 and "the model would load here" in one_sentence(err), err
+    assert code == 2 and err.count("1 photo repeating another of this add (same bytes) was folded once") == 1 \
+        and "the model would load here" in one_sentence(err), err
 
 
 def tiny_set_model(width: int, run: Path, seed: int = 0):
@@ -392,7 +393,7 @@ def test_a_gallery_of_a_dino_run_searches_as_eval_retrievals_mean_cls_and_grows_
     [result] = evaluate_retrieval(model, gallery_sets, query_sets, cls, None, methods=("mean-cls",))
     assert result.recalls == recall_at(own_ranks)
     new_photos = paths[5]  # obj0's query photos, folded into obj0
-    _, created, count, _ = add_to_gallery(tmp_path / "g", "obj0", new_photos, say=lambda line: None)
+    _, created, count, _, _ = add_to_gallery(tmp_path / "g", "obj0", new_photos, say=lambda line: None)
     assert not created and count == 4
     assert torch.allclose(Gallery(tmp_path / "g").latent("obj0"), model.fold(None, cls[[0, 1, 10, 11]]), atol=1e-5)
 
@@ -550,7 +551,7 @@ def test_a_feature_folder_of_a_dino_run_builds_the_same_mean_cls_gallery_as_its_
                        "--out", str(tmp_path / "feats"), capsys=capsys)
     assert code == 0, err
     code, _, err = cli("index", "build", str(tmp_path / "feats"), "--out", str(tmp_path / "from-feats"), capsys=capsys)
-    assert code == 0 and "mean-CLS sets" in err, err
+    assert code == 0 and "mean-CLS sets" in err and "photo" not in err.replace("photos", ""), err
     code, _, err = cli("index", "build", str(photos), "--run", str(finished_run[0]), "--out",
                        str(tmp_path / "from-photos"), "--workers", "0", capsys=capsys)
     assert code == 0, err
@@ -558,6 +559,9 @@ def test_a_feature_folder_of_a_dino_run_builds_the_same_mean_cls_gallery_as_its_
     assert from_feats.set_model == "mean-cls" and from_feats.fingerprint == from_photos.fingerprint
     for object_id in ("obj0", "obj1", "obj2"):
         assert torch.allclose(from_feats.latent(object_id), from_photos.latent(object_id), atol=1e-4)
+    # features hold no photo bytes: no photo is known (docs/formats.md), and the gallery stays format 3
+    assert from_feats.photo_records == 0 and from_feats.manifest["format_version"] == 3
+    assert from_photos.photo_records == 6 and from_photos.manifest["format_version"] == 5
     code, _, err = cli("index", "remove", str(tmp_path / "from-feats"), "obj1", capsys=capsys)
     assert code == 0, err
     code, _, err = cli("index", "build", str(tmp_path / "feats"), "--out", str(tmp_path / "from-feats"), "--overwrite",
@@ -565,6 +569,7 @@ def test_a_feature_folder_of_a_dino_run_builds_the_same_mean_cls_gallery_as_its_
     assert code == 0 and "note: skipped 1 object of the source removed from" in err, err
     assert Gallery(tmp_path / "from-feats").ids == ["obj0", "obj2"]
     assert Gallery(tmp_path / "from-feats").removed_ids() == ["obj1"]
+
 
 def test_a_gallery_records_the_objects_file_it_was_built_from(tmp_path, monkeypatch):
     """A review (2026-12-07): the gallery's manifest recorded its source but not `index build --objects`, which
@@ -1546,7 +1551,8 @@ def test_an_object_of_many_more_photos_than_training_sets_gets_a_note(mile_run, 
     photos = [str(p) for p in sorted((mile_run / "train" / "obj1").iterdir())]
     _, err = cli_ok(capsys, "index", "add", str(gallery), "--object", "obj2", photos[0], photos[1])  # 2 + 2 = 4
     assert "note: object" not in err
-    _, err = cli_ok(capsys, "index", "add", str(gallery), "--object", "obj1", *photos)  # 2 + 3 = 5
+    others = [str(p) for p in sorted((mile_run / "train" / "obj2").iterdir())]  # obj1 holds its own photos already
+    _, err = cli_ok(capsys, "index", "add", str(gallery), "--object", "obj1", *others)  # 2 + 3 = 5
     assert ("note: object 'obj1' now folds 5 photos, more than twice the 2 a set held when run "
             f"{mile_run / 'run'} trained (method.set_length)") in " ".join(err.split()), err
     # the query side (the same probe: a photo given again lowered its object's score from 0.87 to 0.46)
@@ -1883,10 +1889,184 @@ def test_a_rebuild_skips_the_objects_removed_from_the_gallery_it_replaces_even_a
     assert (f"note: --restore-removed builds back 1 object of the source removed from {g} with mlsctl index remove "
             f"(obj2)") in err
     assert sorted(Gallery(g).ids) == ["obj0", "obj1", "obj2", "obj3"] and Gallery(g).removed_ids() == []
-    assert Gallery(g).manifest["format_version"] == 3 and not (Gallery(g).data / "removed.txt").exists()
+    assert "removed_ids" not in Gallery(g).manifest and not (Gallery(g).data / "removed.txt").exists()
     cli_ok(capsys, "index", "remove", g, "obj3")
     os.truncate(Gallery(g).data / "counts.bin", 8)  # damaged: nothing in it can be read
     _, err = cli_ok(capsys, *build, "--overwrite")
     assert (f"note: --overwrite replaces {g}, which cannot be read" in err and "and the objects removed from it "
             "(mlsctl index remove) cannot be carried over: the rebuild holds every object of the source" in err)
     assert len(Gallery(g)) == 4
+
+
+# ---------------------------------------------------------------------------------------- photos known by their bytes
+def _tiny_model_for(monkeypatch, run: Path):
+    """:func:`tiny_set_model` of width 32 as the model every add and build loads (no run on disk)."""
+    from mlsctl import gallery as gallery_lib
+
+    model = tiny_set_model(32, run)
+    monkeypatch.setattr(gallery_lib, "choose_set_model", lambda *a, **k: model)
+    return model
+
+
+def test_an_add_folds_only_the_photos_its_object_does_not_hold_and_a_photo_repeated_in_it_once(tmp_path, monkeypatch,
+                                                                                              capsys):
+    """A retried add (its answer lost) folded its photos again, and a photo given twice was folded twice: an add
+    folds only the photos the object does not hold by their bytes, a photo repeated in it (by path or by bytes) once,
+    says in one line what it skipped, and writes nothing where every photo is held; another object may hold the
+    same photo."""
+    import shutil
+
+    from conftest import cli_ok
+
+    model = _tiny_model_for(monkeypatch, tmp_path / "run")
+    source = object_photos(tmp_path / "photos", objects=4)
+    more = object_photos(tmp_path / "more", objects=1, noise_seed=1)
+    g, run = str(tmp_path / "g"), str(tmp_path / "run")
+    cli_ok(capsys, "index", "build", str(source), "--out", g, "--workers", "0")
+    manifest = json.loads((tmp_path / "g" / "gallery.json").read_text())
+    assert manifest["format_version"] == 5 and manifest["photo_hashes"] == 8  # 4 objects of 2 photos
+    before = Gallery(g)
+    out, err = cli_ok(capsys, "index", "add", g, "--object", "obj0", str(source / "obj0" / "1.png"), "--run", run)
+    assert "note: 1 photo already in the gallery for 'obj0' (same bytes) was skipped" in err, err
+    assert out.startswith(f"left unchanged obj0 in {g}: 0 photos added, 2 folded in all")
+    after = Gallery(g)
+    assert after.rows == before.rows == 4 and after.count("obj0") == 2
+    assert torch.equal(after.latent("obj0"), before.latent("obj0"))
+    new, copy = more / "obj0" / "0.png", tmp_path / "copy.png"
+    shutil.copyfile(new, copy)  # another file, the same bytes
+    _, err = cli_ok(capsys, "index", "add", g, "--object", "obj0", str(new), str(new), str(copy),
+                    str(source / "obj1" / "0.png"), "--run", run)
+    assert "note: 2 photos repeating another of this add (same bytes) were folded once" in err, err
+    folded = [source / "obj0" / "0.png", source / "obj0" / "1.png", new, source / "obj1" / "0.png"]
+    cls, tokens = model.image_tokens(folded)
+    assert Gallery(g).count("obj0") == 4 and Gallery(g).rows == 5
+    assert torch.allclose(Gallery(g).latent("obj0"), model.fold(None, cls, tokens), atol=1e-5)
+    out, _ = cli_ok(capsys, "index", "add", g, "--object", "obj1", str(new), "--run", run, "--json")  # another object
+    assert Gallery(g).count("obj1") == 3 and (json.loads(out)["added"], json.loads(out)["skipped"]) == (1, 0)
+    record = json.loads(cli_ok(capsys, "index", "info", g, "--json")[0])
+    assert record["photo_digests"] == 8 + 2 + 1
+    assert "known    11 photos by their bytes (sha256)" in cli_ok(capsys, "index", "info", g)[0]
+
+
+def _add_each_object(gallery: str, source: str, run: str) -> None:
+    """The body of a process killed by :func:`test_adds_killed_half_way_and_run_again_give_the_gallery_of_one_run`:
+    ``index add`` of each object folder of ``source`` in turn, as a script adding a folder of objects does."""
+    from mlsctl import gallery as gallery_lib
+
+    model = tiny_set_model(32, Path(run))
+    gallery_lib.choose_set_model = lambda *a, **k: model
+    for folder in sorted(Path(source).iterdir()):
+        gallery_lib.add_to_gallery(gallery, folder.name, [folder], run=run, say=lambda line: None)
+
+
+def test_adds_killed_half_way_and_run_again_give_the_gallery_of_one_run(tmp_path, monkeypatch):
+    """Resume where stopped: the adds of a folder of objects, killed (SIGKILL) after some were committed and run
+    again from the start, give the gallery of one run that was never stopped: the objects committed before the kill
+    are not folded again (the same rows, latents, counts and photos known)."""
+    import shutil
+
+    from mlsctl.gallery import build_gallery
+
+    model = _tiny_model_for(monkeypatch, tmp_path / "run")
+    build_gallery(object_photos(tmp_path / "base", objects=2), model, tmp_path / "g", IndexSettings(), workers=0,
+                  progress=False, say=lambda line: None)
+    shutil.copytree(tmp_path / "g", tmp_path / "once")
+    more = object_photos(tmp_path / "more", objects=5, noise_seed=1)  # obj0, obj1 held: updated; obj2-4 new
+    _add_each_object(str(tmp_path / "once"), str(more), str(tmp_path / "run"))
+    once = Gallery(tmp_path / "once")
+    process = forked(_add_each_object, str(tmp_path / "g"), str(more), str(tmp_path / "run"))
+    deadline = time.time() + 120
+    while process.exitcode is None and time.time() < deadline and \
+            json.loads((tmp_path / "g" / "gallery.json").read_text())["rows"] < 2 + 2:
+        time.sleep(0.005)
+    os.kill(process.pid, signal.SIGKILL)
+    process.join()
+    assert process.exitcode == -signal.SIGKILL, "the adds ended before the kill"
+    assert 2 + 2 <= Gallery(tmp_path / "g").rows < once.rows  # stopped half-way
+    _add_each_object(str(tmp_path / "g"), str(more), str(tmp_path / "run"))  # run again, from the start
+    resumed = Gallery(tmp_path / "g")
+    assert resumed.rows == once.rows == 7 and resumed.row_ids == once.row_ids
+    assert [resumed.count(i) for i in resumed.ids] == [once.count(i) for i in once.ids] == [4, 4, 2, 2, 2]
+    assert np.allclose(np.asarray(resumed.latents, np.float32), np.asarray(once.latents, np.float32), atol=1e-5)
+    assert np.array_equal(resumed.read_photo_records(), once.read_photo_records())
+
+
+def test_a_purge_and_a_retrain_keep_the_photos_known_and_a_removal_drops_its_objects(tmp_path, monkeypatch):
+    """The photos known outlive a compaction (retrain, remove --purge), renumbered to the rows they write; a removed
+    object's go with it, tombstoned or purged, so an id removed and added again is a new object of its new photos."""
+    from mlsctl.gallery import add_to_gallery, build_gallery, file_digest, remove_from_gallery, retrain_gallery
+
+    model = _tiny_model_for(monkeypatch, tmp_path / "run")
+    source = object_photos(tmp_path / "photos", objects=4)
+    build_gallery(source, model, tmp_path / "g", IndexSettings(), workers=0, progress=False, say=lambda line: None)
+
+    def add(object_id: str, photo: str) -> tuple[bool, int, int]:
+        _, created, count, added, _ = add_to_gallery(tmp_path / "g", object_id, [source / photo], run=tmp_path / "run",
+                                                    say=lambda line: None)
+        return created, count, added
+
+    remove_from_gallery(tmp_path / "g", ["obj1"])  # a tombstone: its photos leave with it
+    assert Gallery(tmp_path / "g").photos_to_fold("obj1", [file_digest(source / "obj1" / "0.png")]) == ([0], 0, 0)
+    assert add("obj1", "obj1/0.png") == (True, 1, 1)  # a new object, of its new photo
+    assert add("obj1", "obj1/0.png") == (False, 1, 0)
+    remove_from_gallery(tmp_path / "g", ["obj2"], purge=True)
+    purged = Gallery(tmp_path / "g")
+    assert purged.rows == 3 and purged.photo_records == 2 + 1 + 2  # obj0, obj1 (its new life), obj3
+    for object_id in ("obj0", "obj3"):
+        assert add(object_id, f"{object_id}/1.png") == (False, 2, 0)
+    assert add("obj1", "obj1/1.png") == (False, 2, 1)  # of obj1's removed life: not held
+    assert add("obj2", "obj2/0.png") == (True, 1, 1)  # purged: a new object
+    retrain_gallery(tmp_path / "g")
+    retrained = Gallery(tmp_path / "g")
+    assert retrained.rows == 4 and retrained.photo_records == 2 + 2 + 2 + 1
+    assert retrained.manifest["format_version"] == 5 and retrained.manifest["photo_hashes"] == 7
+    for object_id, photo in (("obj0", "obj0/0.png"), ("obj1", "obj1/1.png"), ("obj2", "obj2/0.png")):
+        assert add(object_id, photo)[2] == 0, object_id
+
+
+def test_a_gallery_of_format_3_or_4_without_photos_known_reads_and_adds(tmp_path, monkeypatch):
+    """A gallery written before the photos were known (format 3, or 4 with a removal; no photos.bin): it opens and
+    takes adds; the photos folded before are not known, so one added again is folded again (docs/formats.md), and
+    from that add on the photos are known (format 5). A feature-folder build knows no photo."""
+    from mlsctl.gallery import PHOTO_HASHES, add_to_gallery, build_gallery, remove_from_gallery
+
+    model = _tiny_model_for(monkeypatch, tmp_path / "run")
+    source = object_photos(tmp_path / "photos", objects=3)
+    build_gallery(source, model, tmp_path / "g", IndexSettings(), workers=0, progress=False, say=lambda line: None)
+    gallery = Gallery(tmp_path / "g")
+    (gallery.data / PHOTO_HASHES).unlink()  # as the mlsctl of format 3 wrote it
+    manifest = {k: v for k, v in gallery.manifest.items() if k != "photo_hashes"}
+    (tmp_path / "g" / "gallery.json").write_text(json.dumps(dict(manifest, format_version=3)))
+    remove_from_gallery(tmp_path / "g", ["obj2"])
+    assert Gallery(tmp_path / "g").manifest["format_version"] == 4 and Gallery(tmp_path / "g").photo_records == 0
+    photo = [source / "obj0" / "0.png"]
+    added = add_to_gallery(tmp_path / "g", "obj0", photo, run=tmp_path, say=lambda line: None)
+    assert added[2:] == (3, 1, 0)  # not known: folded again
+    manifest = json.loads((tmp_path / "g" / "gallery.json").read_text())
+    assert manifest["format_version"] == 5 and manifest["photo_hashes"] == 1 and "removed_ids" not in manifest
+    assert add_to_gallery(tmp_path / "g", "obj0", photo, run=tmp_path, say=lambda line: None)[2:] == (3, 0, 1)
+    assert Gallery(tmp_path / "g").rows == 3 + 1 + 1  # the build, the removal, one add
+
+
+def test_a_damaged_record_of_the_photos_held_is_one_sentence_and_searches_never_read_it(tmp_path, monkeypatch, capsys):
+    """photos.bin cut short, or a manifest whose photo_hashes is no count: one sentence naming the file or key and the
+    fix, exit 2, never a traceback; a search opens the gallery without reading the record."""
+    from conftest import cli, cli_ok
+    from mlsctl.gallery import PHOTO_HASHES
+    from test_hardening import one_sentence
+
+    _tiny_model_for(monkeypatch, tmp_path / "run")
+    source = object_photos(tmp_path / "photos", objects=2)
+    g = str(tmp_path / "g")
+    cli_ok(capsys, "index", "build", str(source), "--out", g, "--workers", "0")
+    os.truncate(Gallery(g).data / PHOTO_HASHES, 50)
+    assert len(Gallery(g).search(torch.ones(32), 2)) == 2
+    code, _, err = cli("index", "add", g, "--object", "obj0", str(source / "obj1" / "0.png"), "--run",
+                       str(tmp_path / "run"), capsys=capsys)
+    assert code == 2 and one_sentence(err) == (
+        f"error: {g} is damaged (photos.bin is shorter than its 4 records): the record of the photos it holds cannot "
+        f"be read; rebuild the gallery with mlsctl index build --overwrite"), err
+    manifest = json.loads((tmp_path / "g" / "gallery.json").read_text())
+    (tmp_path / "g" / "gallery.json").write_text(json.dumps(dict(manifest, photo_hashes="4")))
+    code, _, err = cli("index", "info", g, capsys=capsys)
+    assert code == 2 and "'photo_hashes' the records of photos.bin" in one_sentence(err), err

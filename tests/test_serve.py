@@ -221,12 +221,13 @@ def test_health_search_add_and_get(server):
     status, by_path = call(base, "POST", "/search", body={"paths": ["gallery/obj3/0.png", "gallery/obj3/1.png"]})
     assert status == 200 and by_path["results"][0]["object"] == "obj3"
     status, added = call(base, "POST", "/objects/new%20one/photos", files=[photo(mile_run, "obj1")], token=token)
-    assert status == 200 and added == {"object": "new one", "created": True, "photos": 1, "objects": 7}
+    assert status == 200 and added == {"object": "new one", "created": True, "photos": 1, "added": 1, "skipped": 0,
+                                       "objects": 7}
     status, again = call(base, "POST", "/objects/new%20one/photos", files=[photo(mile_run, "obj1", 1)], token=token)
     assert status == 200 and not again["created"] and again["photos"] == 2
     assert call(base, "GET", "/objects/new%20one") == (200, {"object": "new one", "photos": 2})
     # more than twice the run's set_length (2): the answer carries the note `index add` says (a probe, 2026-12-07)
-    three = [photo(mile_run, "obj1", 0), photo(mile_run, "obj1", 1), photo(mile_run, "obj2", 0)]
+    three = [photo(mile_run, "obj2", 0), photo(mile_run, "obj2", 1), photo(mile_run, "obj3", 0)]  # none held yet
     status, long = call(base, "POST", "/objects/new%20one/photos", files=three, token=token)
     assert status == 200 and long["photos"] == 5 and long["note"].startswith("object 'new one' now folds 5 photos")
     assert "note" not in again
@@ -253,6 +254,30 @@ def test_an_upload_equals_index_add_of_the_same_file(server, tmp_path):
     model = load_set_model(server.mile_run / "run")
     cls, tokens = model.image_tokens(load_images([path]))
     assert Gallery(server.gallery).latent("same").tolist() == model.fold(None, cls, tokens).tolist()
+
+
+def test_a_retried_add_folds_nothing_again_and_says_its_photos_skipped(server):
+    """A client that retried POST /objects/ID/photos after a timeout (the add committed, its answer lost) had the
+    photos folded twice: the retry is a 200 that counts them skipped and writes nothing (no row; the latent and the
+    count as they were); a photo sent twice in one request is folded once, and another object may fold it too."""
+    from mlsctl.gallery import Gallery
+
+    base, token, query = server.base, server.token, server.mile_run / "query"
+    sent = [(p.name, p.read_bytes()) for p in (query / "obj4" / "2.png", query / "obj5" / "2.png")]
+    status, first = call(base, "POST", "/objects/retried/photos", files=sent, token=token)
+    assert status == 200 and first["created"] and (first["photos"], first["added"], first["skipped"]) == (2, 2, 0)
+    before = Gallery(server.gallery)
+    status, again = call(base, "POST", "/objects/retried/photos", files=sent, token=token)
+    assert status == 200 and again == {"object": "retried", "created": False, "photos": 2, "added": 0, "skipped": 2,
+                                       "objects": len(before)}
+    after = Gallery(server.gallery)
+    assert after.rows == before.rows and after.count("retried") == 2
+    assert after.latent("retried").tolist() == before.latent("retried").tolist()
+    status, twice = call(base, "POST", "/objects/twice/photos", files=[sent[0], sent[0]], token=token)
+    assert status == 200 and (twice["photos"], twice["added"], twice["skipped"]) == (1, 1, 1)
+    status, more = call(base, "POST", "/objects/twice/photos", files=sent, token=token)  # one held, one new
+    assert status == 200 and (more["photos"], more["added"], more["skipped"]) == (2, 1, 1)
+    assert Gallery(server.gallery).rows == after.rows + 2
 
 
 @pytest.mark.parametrize("method, path, kwargs, status, words", [
@@ -640,9 +665,10 @@ def test_1_a_token_file_guards_every_request_but_health(mile_run, tmp_path):
     with running(gallery, mile_run, "--token-file", str(secret)) as server:
         assert server.token is None  # nothing generated: the operator's secret is used
         one = [photo(mile_run, "obj1")]
+        new = [("2.png", (mile_run / "query" / "obj1" / "2.png").read_bytes())]  # one obj1 does not hold yet
         assert call(server.base, "GET", "/health")[0] == 200
         for method, path, files in (("POST", "/search", one), ("GET", "/objects/obj1", None),
-                                    ("POST", "/objects/obj1/photos", one)):
+                                    ("POST", "/objects/obj1/photos", new)):
             assert call(server.base, method, path, files=files)[0] == 401
             assert call(server.base, method, path, files=files, token="s3cret-" * 4)[0] == 200
         assert "s3cret" not in server.log.read_text()  # the operator's secret is never printed
@@ -1940,7 +1966,7 @@ def test_an_add_into_a_damaged_row_is_a_500_sentence_without_the_gallery_s_path(
     class Damaged:
         path = Path("/srv/secret/gallery")
 
-        def fold_into(self, fold, object_id, cls, tokens, photos):
+        def fold_into(self, fold, object_id, cls, tokens, photos, digests=()):
             raise DamagedGallery(f"gallery {self.path} is damaged: the stored latent of 'o3' holds NaN; {REBUILD}")
 
     service = serve.GalleryService.__new__(serve.GalleryService)

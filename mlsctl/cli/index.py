@@ -124,14 +124,17 @@ def add(
     # the id, the gallery and the photos (paths, headers) are checked first, in that order; then the lock and the
     # model. Each photo is decoded and resized to the model's input in turn (a probe, 2026-12-07: 40 phone photos,
     # all decoded first, took 2.65 GB). A folder gives its photos in the order index build folds an object folder's
-    target, created, count, added = add_to_gallery(gallery, object_id, images, run=run, say=say)
+    target, created, count, added, skipped = add_to_gallery(gallery, object_id, images, run=run, say=say)
     share = target.added_since_training()
     if as_json:
         print(json.dumps({"gallery": str(gallery), "object": object_id, "created": created, "photos": count,
-                          "objects": len(target), "written_since_training": round(share, 4)}, indent=2))
+                          "added": added, "skipped": skipped, "objects": len(target),
+                          "written_since_training": round(share, 4)},
+                         indent=2))
     else:
-        # "4 photos folded" after adding 2 read as 4 added (a new user)
-        print(f"{'created' if created else 'updated'} {object_id} in {gallery}: {counted(added, 'photo')} added"
+        # "4 photos folded" after adding 2 read as 4 added (a new user); photos skipped: said by add_to_gallery
+        done = "created" if created else "updated" if added else "left unchanged"
+        print(f"{done} {object_id} in {gallery}: {counted(added, 'photo')} added"
               + ("" if created else f", {count} folded in all") + f"; {len(target)} objects")
     if share > RETRAIN_SHARE:
         say(f"{100 * share:.0f}% of the objects were written after the IVF index was trained, so recall may have "
@@ -177,6 +180,9 @@ def info(
              ("built", f"{record['created']} from {record['source']}"
               + (f" (objects file {record['objects_file']})" if record["objects_file"] else "")),
              ("on disk", f"{record['bytes'] / 1e6:.1f} MB")]
+    if record["photo_digests"]:  # what lets an add skip a photo its object holds already
+        lines.insert(1, ("known", f"{record['photo_digests']:,} photos by their bytes (sha256): adding one again to "
+                                  f"its object folds nothing"))
     if record["removed_rows"]:  # a takedown is not done until the latents leave the files: said where it is not
         lines.insert(2, ("removed", f"{counted(record['removed_rows'], 'removal')} since the last purge or retrain, "
                                     f"whose latents stay in the files until mlsctl index remove {gallery} --purge (or "
