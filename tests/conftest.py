@@ -124,9 +124,13 @@ _FORK_SERVER = []
 
 def forked(target, *args) -> multiprocessing.Process:
     """``target(*args)`` started in a process of its own, forked from a server process that imported torch, faiss and
-    mlsctl once, under :func:`cli_env`'s environment (multiprocessing's forkserver, one per test process): for the
-    tests that kill a process, without the interpreter start and imports (2-5 s on this 2-core machine) of a fresh
-    ``python``. ``target`` must be a module-level function; the process is returned started."""
+    mlsctl once (multiprocessing's forkserver, one per test process): for the tests that kill a process or serve,
+    without the interpreter start and imports (2-5 s on this 2-core machine) of a fresh ``python``. The process
+    is as a fresh one would be where the tests look: :func:`cli_env`'s environment of now (TMPDIR read afresh) and
+    Python's default start method for the processes it starts (a forkserver's child inherits ``forkserver``: its
+    loader workers were then children of a second forkserver, which outlived a SIGKILL, and inherited none of
+    the run's files, which hid a bug in closing them; a review, 2026-12-07). ``target`` must be a module-level
+    function; the process is returned started. Left running at the end of the session, it is killed."""
     from multiprocessing import forkserver
     from unittest import mock
 
@@ -136,15 +140,42 @@ def forked(target, *args) -> multiprocessing.Process:
         with mock.patch.dict(os.environ, cli_env()):
             forkserver.ensure_running()
         _FORK_SERVER.append(context)
-    process = _FORK_SERVER[0].Process(target=target, args=args)
+    process = _FORK_SERVER[0].Process(target=_as_a_fresh_process, args=(cli_env(), target, args))
     process.start()
     return process
 
 
+def _as_a_fresh_process(environment: dict, target, args: tuple) -> None:
+    """The body of a :func:`forked` process: ``target(*args)`` under ``environment``."""
+    import tempfile
+
+    os.environ.clear()
+    os.environ.update(environment)
+    tempfile.tempdir = None
+    multiprocessing.set_start_method(None, force=True)  # the platform's default again, not the forkserver
+    target(*args)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_forked_process_outlives_the_tests():
+    """A :func:`forked` process still running (a test failed before stopping it) is killed at the end: multiprocessing
+    would else wait for it at exit, and the test run with it."""
+    import signal
+
+    yield
+    for child in multiprocessing.active_children():
+        try:
+            os.kill(child.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        child.join(5)
+
+
 class ForkedMlsctl:
-    """``mlsctl ARGS`` in a :func:`forked` process, its stdout and stderr appended to ``log``, ``environ`` added to
-    its environment; answers as :class:`subprocess.Popen` does where the tests use it (``pid``, ``poll``, ``wait``,
-    ``returncode``, ``send_signal``, ``terminate``)."""
+    """``mlsctl ARGS`` in a :func:`forked` process through the program's entry point (``mlsctl.cli.run``, as
+    ``python -m mlsctl``), its stdout and stderr written to ``log``, ``environ`` added to its environment; answers
+    as :class:`subprocess.Popen` does where the tests use it (``pid``, ``poll``, ``wait``, ``returncode``,
+    ``send_signal``, ``terminate``)."""
 
     def __init__(self, args: list[str], log: str | Path = os.devnull, **environ: str):
         self.args = ["mlsctl", *args]
@@ -166,27 +197,32 @@ class ForkedMlsctl:
 
     def send_signal(self, signum: int) -> None:
         if self._process.exitcode is None:
-            os.kill(self.pid, signum)
+            try:
+                os.kill(self.pid, signum)
+            except ProcessLookupError:  # ended meanwhile, as Popen.send_signal allows
+                pass
 
     def terminate(self) -> None:
         import signal
 
         self.send_signal(signal.SIGTERM)
 
+    def kill(self) -> None:
+        import signal
+
+        self.send_signal(signal.SIGKILL)
+
 
 def _mlsctl_into(args: list[str], log: str, environ: dict) -> None:
     """The body of :class:`ForkedMlsctl`'s process."""
-    import tempfile
-
-    from mlsctl.cli import main
+    from mlsctl.cli import run
 
     os.environ.update(environ)
-    tempfile.tempdir = None  # TMPDIR read afresh
-    out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     os.dup2(out, 1)
     os.dup2(out, 2)
     sys.argv = ["mlsctl", *args]
-    main()
+    run()
 
 
 def kill_when(args: list[str], ready, timeout: float = 240) -> ForkedMlsctl:

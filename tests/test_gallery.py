@@ -98,13 +98,16 @@ def _kill_while_writing(gallery: Path, remove_the_one_before: bool, ready: int, 
     while writing, not while starting)."""
     flag = gallery.parent / f"writing-{time.monotonic_ns()}"
     process = forked(_append_in_a_loop, str(gallery), remove_the_one_before, ready, str(flag))
-    deadline = time.time() + 60
-    while not flag.exists() and process.exitcode is None and time.time() < deadline:
-        time.sleep(0.005)
-    assert flag.exists(), "the writer never started writing"
-    time.sleep(seconds)
-    os.kill(process.pid, signal.SIGKILL)
-    process.join()
+    try:
+        deadline = time.time() + 60
+        while not flag.exists() and process.exitcode is None and time.time() < deadline:
+            time.sleep(0.005)
+        assert flag.exists(), "the writer never started writing"
+        time.sleep(seconds)
+    finally:
+        if process.exitcode is None:
+            os.kill(process.pid, signal.SIGKILL)
+        process.join()
     assert process.exitcode == -signal.SIGKILL
 
 

@@ -4,6 +4,7 @@ import io
 import logging
 import os
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -298,3 +299,22 @@ def test_files_that_are_not_images_are_one_line_and_heic_photos_name_their_plugi
     monkeypatch.setitem(sys.modules, "pillow_heif", types.SimpleNamespace(register_heif_opener=lambda: registered.append(1)))
     images_module._register_plugins()
     assert registered == [1]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="workers are forked on Linux")
+def test_loader_workers_are_forked_whatever_the_default_start_method():
+    """Python 3.14 makes forkserver Linux's default start method: a loader's workers would then be children of the
+    forkserver, outliving a command killed with SIGKILL (a review, 2026-12-07, saw ~700 MB workers left running);
+    the loader forks them, and they stop with the command."""
+    import multiprocessing
+
+    from mlsctl.data.loader import Loader
+
+    before = multiprocessing.get_start_method(allow_none=True)
+    multiprocessing.set_start_method("forkserver", force=True)
+    try:
+        loader = Loader(list(range(4)), batch_size=2, num_workers=1)
+        assert loader.multiprocessing_context.get_start_method() == "fork"
+        assert Loader(list(range(4)), batch_size=2, num_workers=0).multiprocessing_context is None
+    finally:
+        multiprocessing.set_start_method(before, force=True)

@@ -153,7 +153,11 @@ def running(gallery: Path, mile_run: Path, *args: str):
         yield Server(base, port, gallery, mile_run, token, log, process, tmp)
     finally:
         process.terminate()
-        process.wait(timeout=60)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # a server that ignores SIGTERM fails the test, and is stopped
+            process.kill()
+            raise
 
 
 _BUILT: dict[Path, Path] = {}  # a MILE run → the gallery `index build` made of its photos, for built_gallery to copy

@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Iterator, Optional
 
@@ -381,6 +382,14 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+# Loader workers are forked on Linux, whatever Python's default start method: fork was that default until Python
+# 3.14 made it forkserver, whose workers are children of the forkserver, not of the command: their watchdog then
+# follows the forkserver, which the workers keep alive, so a command killed with SIGKILL left its workers running
+# (~700 MB each; found when tests forked commands from a forkserver, 2026-12-07). Forked, they die with it, and
+# close_inherited_locks sees the run's lock they inherit.
+WORKER_START_METHOD = "fork"
+
+
 class Loader(DataLoader):
     """torch's DataLoader whose warning about more workers than cores is one line naming the
     option to lower (``workers_key``), once per process and setting, in the ``mlsctl`` log, and
@@ -392,6 +401,8 @@ class Loader(DataLoader):
         self.workers_key = workers_key
         if kwargs.get("num_workers") and kwargs.get("collate_fn") is not None:
             kwargs["collate_fn"] = InSharedMemory(kwargs["collate_fn"])
+        if kwargs.get("num_workers") and sys.platform.startswith("linux"):
+            kwargs.setdefault("multiprocessing_context", WORKER_START_METHOD)
         super().__init__(*args, **kwargs)
 
     def __iter__(self):
