@@ -2206,38 +2206,49 @@ def build_gallery(source: str | os.PathLike, model: SetModel, out: str | os.Path
     check_gallery_target(out, overwrite, source)
     if storage_dtype not in STORAGE_DTYPES:
         raise UserError(f"--dtype must be fp32 or fp16, got {storage_dtype!r}")
-    check_gallery_free(out)  # a server or another writer holding it: said now, not after every photo is embedded
-    if groups is None and not is_feature_folder(source):
-        groups = object_folders(source, objects_file)
-    removed, skipped = removals_of_rebuild(source, groups, out, overwrite, drop_added, restore_removed, say)
-    if groups is not None:
-        groups = {object_id: paths for object_id, paths in groups.items() if object_id not in skipped}
-    check_index_fits(settings, len(source_counts(source, groups)) - (len(skipped) if groups is None else 0),
-                     getattr(model, "dim", None))  # before embedding
-    ids, latents, counts, digests = _embed_objects(source, groups, model, skipped, batch_size=batch_size,
-                                                   workers=workers, progress=progress)
-    if not ids and skipped:
-        raise UserError(f"every object of {source} was removed from {out} with mlsctl index remove; give "
-                        f"--restore-removed to build them back (nothing was written)")
-    if not ids:
-        raise UserError(f"{source} holds no object")
-    manifest = {"kind": "mlsctl-gallery", "format_version": PLAIN_FORMAT_VERSION, "mlsctl_version": __version__,
-                "source": os.path.abspath(source),
-                "objects_file": None if objects_file is None else os.path.abspath(objects_file),
-                "model": {"run": os.path.abspath(model.run), "step": model.step, "fingerprint": model.fingerprint,
-                          "set_model": model.kind,
-                          "attend": model.attend, "dim": model.dim, "resolution": model.resolution,
-                          "arch": model.backbone.info["arch"]},
-                "preprocessing": model.preprocessing(), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    with FolderLock(out, "gallery"):
+    with contextlib.ExitStack() as held:
+        rebuild = overwrite and (out / MANIFEST).is_file()
+        if rebuild:  # a rebuild: the gallery's lock from its checks through the swap, so that
+            held.enter_context(FolderLock(out, "gallery"))  # a remove or add meanwhile is refused, not undone
+        else:  # (a probe, 2026-12-07: a removal made during the embedding came back at the swap)
+            check_gallery_free(out)  # a server or another writer holding it: said now, not after the embedding
+        if groups is None and not is_feature_folder(source):
+            groups = object_folders(source, objects_file)
+        removed, skipped = removals_of_rebuild(source, groups, out, overwrite, drop_added, restore_removed, say)
+        if groups is not None:
+            groups = {object_id: paths for object_id, paths in groups.items() if object_id not in skipped}
+        check_index_fits(settings, len(source_counts(source, groups)) - (len(skipped) if groups is None else 0),
+                         getattr(model, "dim", None))  # before embedding
+        ids, latents, counts, digests = _embed_objects(source, groups, model, skipped, batch_size=batch_size,
+                                                       workers=workers, progress=progress)
+        if not ids and skipped:
+            raise UserError(f"every object of {source} was removed from {out} with mlsctl index remove; give "
+                            f"--restore-removed to build them back (nothing was written)")
+        if not ids:
+            raise UserError(f"{source} holds no object")
+        if not rebuild:  # a new gallery: locked for the swap alone
+            held.enter_context(FolderLock(out, "gallery"))
         # again under the lock: another build into the same new --out may have finished meanwhile (a probe,
         # 2026-12-06: both said "built", the second replacing the first without --overwrite)
         check_gallery_target(out, overwrite)
         built = set(ids)
-        manifest = write_gallery(out, ids, torch.stack(latents), counts, settings, manifest, storage_dtype,
+        manifest = write_gallery(out, ids, torch.stack(latents), counts, settings, _build_manifest(source, model,
+                                 objects_file), storage_dtype,
                                  removed_ids=[object_id for object_id in removed if object_id not in built],
                                  photo_records=_hash_records(range(len(ids)), digests))
     return dict(manifest, images=int(sum(counts)))
+
+
+def _build_manifest(source, model: SetModel, objects_file: Optional[str | os.PathLike]) -> dict:
+    """The manifest of a gallery :func:`build_gallery` writes (before :func:`write_gallery` adds its counts)."""
+    return {"kind": "mlsctl-gallery", "format_version": PLAIN_FORMAT_VERSION, "mlsctl_version": __version__,
+            "source": os.path.abspath(source),
+            "objects_file": None if objects_file is None else os.path.abspath(objects_file),
+            "model": {"run": os.path.abspath(model.run), "step": model.step, "fingerprint": model.fingerprint,
+                      "set_model": model.kind,
+                      "attend": model.attend, "dim": model.dim, "resolution": model.resolution,
+                      "arch": model.backbone.info["arch"]},
+            "preprocessing": model.preprocessing(), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
 def _embed_objects(source, groups: Optional[dict[str, list[Path]]], model: SetModel, skipped: set[str], *,

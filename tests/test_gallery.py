@@ -2070,3 +2070,36 @@ def test_a_damaged_record_of_the_photos_held_is_one_sentence_and_searches_never_
     (tmp_path / "g" / "gallery.json").write_text(json.dumps(dict(manifest, photo_hashes="4")))
     code, _, err = cli("index", "info", g, capsys=capsys)
     assert code == 2 and "'photo_hashes' the records of photos.bin" in one_sentence(err), err
+
+
+# ------------------------------------------------------------------------------------------- removals under a rebuild
+def test_a_rebuild_holds_the_gallery_lock_from_its_checks_so_a_remove_or_add_during_the_embedding_is_refused(
+        tmp_path, monkeypatch, capsys):
+    """A probe (2026-12-07): index remove during index build --overwrite's embedding said removed, and the swap then
+    brought the ids back (and dropped an index add made meanwhile): the build took the lock only at the swap."""
+    from mlsctl import gallery as gallery_lib
+    from mlsctl.errors import UserError
+
+    from conftest import cli_ok
+
+    source = object_photos(tmp_path / "photos", objects=4)
+    _tiny_model_for(monkeypatch, tmp_path / "run")
+    g = str(tmp_path / "g")
+    build = ("index", "build", str(source), "--out", g, "--workers", "0")
+    cli_ok(capsys, *build)
+    embed, refused = gallery_lib._embed_objects, []
+
+    def meanwhile(*args, **kwargs):
+        for write in (lambda: gallery_lib.remove_from_gallery(g, ["obj1"]),
+                      lambda: gallery_lib.add_to_gallery(g, "new", [source / "obj1" / "0.png"], run=tmp_path)):
+            with pytest.raises(UserError, match=f"gallery {g} is being written by") as caught:
+                write()
+            refused.append(caught.value.exit_code)
+        return embed(*args, **kwargs)
+
+    monkeypatch.setattr(gallery_lib, "_embed_objects", meanwhile)
+    cli_ok(capsys, *build, "--overwrite")
+    assert refused == [1, 1] and sorted(Gallery(g).ids) == ["obj0", "obj1", "obj2", "obj3"]
+    monkeypatch.setattr(gallery_lib, "_embed_objects", embed)
+    cli_ok(capsys, "index", "remove", g, "obj1")  # the lock is given back after the build
+    assert Gallery(g).removed_ids() == ["obj1"]
