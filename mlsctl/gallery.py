@@ -1162,6 +1162,8 @@ class Gallery:
         self.photo_records = int(self.manifest.get("photo_hashes", 0)) if self.manifest["format_version"] >= 5 else 0
         self._held: Optional[HeldPhotos] = None  # PHOTO_HASHES, read when an add first asks (photos_to_fold)
         self._tombstone_of: Optional[dict[str, int]] = None  # id -> its last tombstone row, made with _held
+        self._recorded: Optional[list[str]] = None  # REMOVED_IDS, read and checked once (recorded_removals)
+        self._recorded_set: Optional[frozenset[str]] = None  # the same as a set (was_removed)
         self.index = self._open_index() if self.with_index else None
 
     # ------------------------------------------------------------------ files
@@ -1213,13 +1215,25 @@ class Gallery:
         """The ids removed from the gallery (``index remove``, ``DELETE``) and not added again since, oldest first:
         those recorded when its version folder was written (:data:`REMOVED_IDS`: a purge, a retrain or a rebuild
         keeps them, ids alone), then those whose last row is a tombstone. ``index build --overwrite`` skips them."""
-        recorded = _recorded_removals(self.data, self.manifest, self.path)
+        recorded = self.recorded_removals()
         tombstoned = (i for i in self.row_ids if i not in self.row_of)  # absent, yet in a row: its last is a tombstone
         return [i for i in dict.fromkeys([*recorded, *tombstoned]) if i not in self.row_of]
 
+    def recorded_removals(self) -> list[str]:
+        """The ids :data:`REMOVED_IDS` of the version folder records, read and checked when first asked and kept
+        (a new version folder is a new :meth:`_open`): a damaged record is one sentence (a probe, 2026-12-07: each
+        DELETE of an unknown id read the file again, 2 s for 2M ids)."""
+        if self._recorded is None:
+            self._recorded = _recorded_removals(self.data, self.manifest, self.path)
+        return self._recorded
+
     def was_removed(self, object_id: str) -> bool:
         """``object_id`` names no object now, and one of that id was removed (:meth:`removed_ids`)."""
-        return object_id not in self.row_of and object_id in set(self.removed_ids())
+        if object_id in self.row_of:
+            return False
+        if self._recorded_set is None:
+            self._recorded_set = frozenset(self.recorded_removals())
+        return object_id in self._recorded_set or object_id in self.row_ids  # an absent id in a row: a tombstone
 
     def live_rows(self, start: int = 0) -> np.ndarray:
         """The live rows from ``start`` on, ascending (no superseded row, no tombstone, no removed object's)."""
@@ -1603,6 +1617,7 @@ class Gallery:
         if self.manifest["format_version"] < PLAIN_FORMAT_VERSION:
             raise UserError(f"gallery {self.path} is of format {self.manifest['format_version']}; open it as its "
                             f"writer (Gallery(path, recover=True)) to move it to the current format first")
+        self.recorded_removals()  # a damaged record: said before anything is written (a probe, 2026-12-07)
         wanted = list(dict.fromkeys(ids))  # an id given twice is removed once
         missing = self.absent_ids(wanted, missing_ok, where, named)
         removed = [object_id for object_id in wanted if object_id not in missing]
@@ -1738,17 +1753,47 @@ def _read_ids(path: Path, rows: int) -> tuple[list[str], int]:
     return (data[:length].decode("utf-8").split("\n")[:-1] if rows else []), length
 
 
+_PLAIN_ID = re.compile(r"[A-Za-z0-9_.-]*[A-Za-z0-9_-][A-Za-z0-9_.-]*")  # ids check_object_id passes, checked fast
+
+
 def _recorded_removals(data: Path, manifest: dict, gallery: Path) -> list[str]:
     """The ids :data:`REMOVED_IDS` of the version folder ``data`` records (format 5; none before), as many as the
-    manifest counts; a file missing or short of them is a damaged gallery, said in one sentence."""
-    count = int(manifest.get("removed_ids", 0)) if manifest["format_version"] >= 5 else 0
-    if not count:
-        return []
-    try:
-        return _read_ids(data / REMOVED_IDS, count)[0]
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise UserError(f"{gallery} is damaged ({_what_failed(exc)}): the record of the ids removed from it cannot "
-                        f"be read; rebuild the gallery with mlsctl index build --overwrite") from None
+    manifest counts, each an id :func:`check_object_id` takes; a record where the format has none, one missing, of
+    another count, or with a line that is no id (blank, a ``\\r`` left of a CRLF) is a damaged gallery, said in
+    one sentence naming the file (and line) (a probe, 2026-12-07: it was trusted, and a rebuild undid takedowns)."""
+    record, version = data / REMOVED_IDS, manifest["format_version"]
+    count = manifest.get("removed_ids", 0) if version >= 5 else 0
+    problem, ids = None, []
+    if version < 5 and ("removed_ids" in manifest or record.exists()):
+        problem = (f"a gallery of format {version} holds {'removed_ids' if 'removed_ids' in manifest else REMOVED_IDS}"
+                   f", which only format 5 has")
+    elif not count and record.exists():
+        problem = f"{record} is there, but {MANIFEST} counts no removed id"
+    elif count:
+        try:
+            ids = record.read_bytes().decode("utf-8").split("\n")
+        except (OSError, UnicodeDecodeError) as exc:
+            problem = _what_failed(exc)
+        else:
+            problem = _record_problem(record, ids, count)
+    if problem:
+        raise UserError(f"{gallery} is damaged ({problem}): the record of the ids removed from it cannot be read; "
+                        f"restore the gallery from a backup, or rebuild it with mlsctl index build --overwrite "
+                        f"--restore-removed, which builds back the removed objects its source holds") from None
+    return ids[:-1]
+
+
+def _record_problem(record: Path, lines: list[str], count: int) -> Optional[str]:
+    """What is wrong with the ``lines`` of :data:`REMOVED_IDS` (split at each ``\\n``) for ``count`` ids, or None."""
+    if lines[-1] != "" or len(lines) - 1 != count:
+        return f"{record} holds {len(lines) - 1} whole lines for the {count} removed ids {MANIFEST} counts"
+    for number, line in enumerate(lines[:-1], 1):
+        if len(line) > MAX_OBJECT_ID_CHARS or not _PLAIN_ID.fullmatch(line):
+            try:
+                check_object_id(line, f"{record} line {number}:")
+            except UserError as exc:
+                return first_line(exc, 200)
+    return None
 
 
 def _append_rows(path: Path, start: int, ids_bytes: int, ids: Sequence[str], latents: np.ndarray,
@@ -2099,23 +2144,31 @@ def source_counts(source, groups: Optional[dict[str, list[Path]]]) -> dict[str, 
 
 
 def check_what_a_rebuild_drops(out: Path, source_counts: dict[str, int], drop_added: bool = False,
-                               say: Callable[[str], None] = to_stderr) -> Optional[list[str]]:
+                               say: Callable[[str], None] = to_stderr, restore_removed: bool = False
+                               ) -> Optional[list[str]]:
     """Before --overwrite embeds anything: the objects and photos of the gallery in ``out`` that the
     source does not hold (added with ``index add`` or ``serve`` since its build), which the rebuilt
     gallery will not have and nothing can make again (a gallery keeps no photos). Refused unless
     ``drop_added``, then said (a new user's probe, 2026-12-07: the note said "stop now to keep them" and the
     build went on, dropping 17 objects uploaded to the service; 2026-12-06: they went without a word). A gallery
-    that cannot be read is replaced with a note: nothing in it can be counted, nor its removals carried over (a
-    gallery of an older format is rebuilt this way). Returns the ids removed from the gallery
-    (:meth:`Gallery.removed_ids`), which the rebuild skips (:func:`build_gallery`), or None where it cannot be read."""
+    that cannot be read (a damaged record of its removals, a bad manifest field, an older format) is refused unless
+    ``restore_removed``, then replaced with a note: its removals cannot be known, and the rebuild would bring the
+    removed objects back (a probe, 2026-12-07: a note said so, and takedowns were undone). Returns the ids removed
+    from the gallery (:meth:`Gallery.removed_ids`), which the rebuild skips (:func:`build_gallery`), or None where
+    it cannot be read."""
     removed: list[str] = []
     try:
         held = _objects_held(out, removed)  # ids and counts only: damaged latents, unit.bin or index no obstacle
     except (UserError, OSError, ValueError, UnicodeDecodeError) as exc:  # nothing in it can be counted
-        if out.is_dir() and (out / MANIFEST).is_file():  # a takedown undone by a rebuild, unsaid: the worst surprise
-            say(f"note: --overwrite replaces {out}, which cannot be read ({first_line(exc, 160)}), so what it holds "
-                f"beyond the source cannot be counted, and the objects removed from it (mlsctl index remove) cannot "
-                f"be carried over: the rebuild holds every object of the source")
+        if not (out.is_dir() and (out / MANIFEST).is_file()):
+            return None
+        if not restore_removed and not _holds_no_removals(out):  # a takedown undone by a rebuild: the worst surprise
+            raise UserError(f"--overwrite would replace {out}, which cannot be read ({first_line(exc, 160)}), so "
+                            f"the objects removed from it (mlsctl index remove) cannot be known and a rebuild would "
+                            f"bring back those its source holds; mend the gallery, or give --restore-removed to "
+                            f"rebuild it with every object of the source (nothing was written)") from None
+        say(f"note: --overwrite replaces {out}, which cannot be read ({first_line(exc, 160)}), so "
+            f"what it holds beyond the source cannot be counted: the rebuild holds every object of the source")
         return None
     gone = [object_id for object_id in held if object_id not in source_counts]
     more = {object_id: held[object_id] - source_counts[object_id] for object_id in held
@@ -2134,6 +2187,18 @@ def check_what_a_rebuild_drops(out: Path, source_counts: dict[str, int], drop_ad
                         f"photos to the source first, or give --drop-added to rebuild without them")
     say(f"note: --overwrite --drop-added replaces {out}; {held}, they will not be in the rebuilt gallery")
     return removed
+
+
+def _holds_no_removals(out: Path) -> bool:
+    """The manifest of the gallery in ``out`` says a format before removals (3 or older: no tombstone, no
+    :data:`REMOVED_IDS`), so a rebuild of it can bring no removed object back."""
+    try:
+        manifest = json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError, RecursionError):
+        return False
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    return (isinstance(version, int) and not isinstance(version, bool) and version < TOMBSTONE_FORMAT_VERSION
+            and "removed_ids" not in manifest)
 
 
 def removals_kept_out(source_ids: Sequence[str], removed: Optional[Sequence[str]], out: Path, restore_removed: bool,
@@ -2299,7 +2364,7 @@ def removals_of_rebuild(source, groups: Optional[dict[str, list[Path]]], out: Pa
     if not overwrite:
         return [], set()
     counts = source_counts(source, groups)
-    removed = check_what_a_rebuild_drops(out, counts, drop_added, say) or []
+    removed = check_what_a_rebuild_drops(out, counts, drop_added, say, restore_removed) or []
     return removed, removals_kept_out(list(counts), removed, out, restore_removed, say)
 
 

@@ -1892,9 +1892,13 @@ def test_a_rebuild_skips_the_objects_removed_from_the_gallery_it_replaces_even_a
     assert "removed_ids" not in Gallery(g).manifest and not (Gallery(g).data / "removed.txt").exists()
     cli_ok(capsys, "index", "remove", g, "obj3")
     os.truncate(Gallery(g).data / "counts.bin", 8)  # damaged: nothing in it can be read
-    _, err = cli_ok(capsys, *build, "--overwrite")
-    assert (f"note: --overwrite replaces {g}, which cannot be read" in err and "and the objects removed from it "
-            "(mlsctl index remove) cannot be carried over: the rebuild holds every object of the source" in err)
+    code, _, err = cli(*build, "--overwrite", capsys=capsys)  # its removals cannot be known: refused
+    assert code == 2 and (f"--overwrite would replace {g}, which cannot be read" in err and "so the objects removed "
+                          "from it (mlsctl index remove) cannot be known and a rebuild would bring back those its "
+                          "source holds; mend the gallery, or give --restore-removed" in err)
+    _, err = cli_ok(capsys, *build, "--overwrite", "--restore-removed")
+    assert (f"note: --overwrite replaces {g}, which cannot be read" in err and "the rebuild holds every object of the "
+            "source" in err)
     assert len(Gallery(g)) == 4
 
 
@@ -2103,3 +2107,82 @@ def test_a_rebuild_holds_the_gallery_lock_from_its_checks_so_a_remove_or_add_dur
     monkeypatch.setattr(gallery_lib, "_embed_objects", embed)
     cli_ok(capsys, "index", "remove", g, "obj1")  # the lock is given back after the build
     assert Gallery(g).removed_ids() == ["obj1"]
+
+
+def _files(path: Path) -> dict[str, bytes]:
+    """Every file under ``path`` (the lock file aside) and its bytes: what a refused command must leave as it was."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))
+            if p.is_file() and p.name != ".mlsctl.lock"}
+
+
+def test_a_damaged_removal_record_refuses_a_removal_with_nothing_written_and_a_rebuild_without_restore_removed(
+        tmp_path, monkeypatch, capsys):
+    """A probe (2026-12-07): with removed.txt missing, index remove --purge committed the removal, then the purge
+    failed, and the rebuild it advised brought every removed object back with a note. The record is read before
+    anything is written, and a rebuild over a gallery whose removals cannot be known needs --restore-removed (a bad
+    manifest field alike)."""
+    from conftest import cli, cli_ok
+
+    source = object_photos(tmp_path / "photos", objects=4)
+    _tiny_model_for(monkeypatch, tmp_path / "run")
+    g = str(tmp_path / "g")
+    build = ("index", "build", str(source), "--out", g, "--workers", "0")
+    cli_ok(capsys, *build)
+    cli_ok(capsys, "index", "remove", g, "obj1", "--purge")
+    record = Gallery(g).data / "removed.txt"
+    record.unlink()
+    before = _files(tmp_path / "g")
+    code, _, err = cli("index", "remove", g, "obj2", "--purge", capsys=capsys)
+    assert code == 2 and err.count("\n") == 1 and "the record of the ids removed from it cannot be read" in err, err
+    assert "removed, but" not in err and _files(tmp_path / "g") == before  # nothing written
+    code, _, err = cli(*build, "--overwrite", capsys=capsys)
+    assert code == 2 and "would bring back those its source holds" in err and "--restore-removed" in err
+    assert _files(tmp_path / "g") == before
+    record.write_text("obj1\n")
+    manifest_path = tmp_path / "g" / "gallery.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest_path.write_text(json.dumps(dict(manifest, storage_dtype="fp8")))  # a bad field: removals unknown
+    code, _, err = cli(*build, "--overwrite", capsys=capsys)
+    assert code == 2 and "'storage_dtype' must be fp32 or fp16" in err and "--restore-removed" in err
+    manifest_path.write_text(json.dumps(manifest))
+    assert sorted(Gallery(g).ids) == ["obj0", "obj2", "obj3"] and Gallery(g).removed_ids() == ["obj1"]
+
+
+@pytest.mark.parametrize("damage", ["format4", "format4_count", "more_lines", "fewer_lines", "blank", "crlf", "slash",
+                                    "no_count", "no_end"])
+def test_a_removal_record_that_is_not_what_format_5_writes_is_a_damaged_gallery_naming_it(tmp_path, damage):
+    """A probe (2026-12-07): removed.txt, or removed_ids, was trusted in a gallery of format 4, with a count other
+    than its lines, and with lines that are no ids. Each is one sentence naming the file (and its line)."""
+    from mlsctl.errors import UserError
+    from mlsctl.gallery import remove_from_gallery
+
+    write_gallery(tmp_path / "g", [f"o{i}" for i in range(4)], clustered(4), [1] * 4, IndexSettings("flat"), MANIFEST,
+                  removed_ids=["gone0", "gone1"])
+    g = Gallery(tmp_path / "g")
+    record, manifest_path = g.data / "removed.txt", tmp_path / "g" / "gallery.json"
+    manifest = json.loads(manifest_path.read_text())
+    expected = {"more_lines": "holds 3 whole lines for the 2 removed ids", "fewer_lines": "holds 1 whole lines",
+                "blank": "line 2: '' is empty or blank", "crlf": "line 1: 'gone0\\r' contains the control character",
+                "slash": "line 2: 'a/b' contains '/'", "no_count": "removed.txt is there, but gallery.json counts no",
+                "no_end": "holds 1 whole lines", "format4": "a gallery of format 4 holds removed_ids",
+                "format4_count": "a gallery of format 4 holds removed.txt"}[damage]
+    if damage.startswith("format4"):
+        manifest["format_version"] = 4
+        if damage == "format4_count":
+            del manifest["removed_ids"]
+    elif damage == "no_count":
+        del manifest["removed_ids"]
+        manifest["photo_hashes"] = 1
+        (g.data / "photos.bin").write_bytes(b"\0" * 40)
+    else:
+        record.write_bytes({"more_lines": b"gone0\ngone1\nx\n", "fewer_lines": b"gone0\n", "blank": b"gone0\n\n",
+                            "crlf": b"gone0\r\ngone1\r\n", "slash": b"gone0\na/b\n",
+                            "no_end": b"gone0\ngone1"}[damage])
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match=re.escape(expected)) as caught:
+        Gallery(tmp_path / "g").removed_ids()
+    assert "\n" not in str(caught.value) and "cannot be read" in str(caught.value)
+    rows = Gallery(tmp_path / "g").rows
+    with pytest.raises(UserError, match=re.escape(expected)):
+        remove_from_gallery(tmp_path / "g", ["o1"])
+    assert Gallery(tmp_path / "g").rows == rows  # nothing written
