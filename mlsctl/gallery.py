@@ -25,10 +25,12 @@ is absent to every reader (ids, searches, counts, ``index info``); its rows stay
 ``index retrain`` writes the live rows alone. A gallery that holds tombstone rows says format 4, which the
 mlsctl of format 3 refuses (it would read them as objects); build and retrain write format 3. The ids removed
 (never their latents) outlive the tombstones: a compaction (retrain, ``index remove --purge``) and a rebuild with
-``--overwrite`` write those removed and not added again into ``removed.txt`` of the new version folder
+``--overwrite`` write the ids ever removed (those added again since included; a rebuild leaves out those it
+builds, ``--restore-removed``) into ``removed.txt`` of the new version folder
 (:data:`REMOVED_IDS`, counted by the manifest's ``removed_ids``), and the gallery says format 5, which the mlsctl of
 format 4 refuses (its compaction would drop the record, and its rebuild bring the objects back);
-:meth:`Gallery.removed_ids` is that record and the ids tombstoned since, less those added again.
+:meth:`Gallery.removed_ids` is that record and the ids tombstoned since, less those added again. A rebuild skips
+every id ever removed in its source, and counts a removed object added again as added since the build.
 
 Each photo folded from a file or an upload is remembered by the sha256 of its bytes (as read, before decoding) in
 ``photos.bin`` of the version folder (:data:`PHOTO_HASHES`: 40-byte records, the row that folded it (int64) and the
@@ -1028,7 +1030,7 @@ def search_index(index, unit_rows_: Optional[np.ndarray], queries: np.ndarray, k
 # committed rows, which readers ignore and the next writer cuts off: the gallery is as before or
 # after the add, never torn, and readers never see a row change under them.
 LATENTS, UNIT, COUNTS, IDS, INDEX = "latents.bin", "unit.bin", "counts.bin", "objects.txt", "index.faiss"
-REMOVED_IDS = "removed.txt"  # format 5: the ids removed before the version folder was written, one a line
+REMOVED_IDS = "removed.txt"  # format 5: the ids ever removed before the version folder was written, one a line
 PHOTO_HASHES = "photos.bin"  # format 5: one record per photo folded, its row and the sha256 of its bytes
 HASH_RECORD = np.dtype([("row", "<i8"), ("sha256", "V32")])
 STORAGE_DTYPES = {"fp32": np.float32, "fp16": np.float16}
@@ -1218,6 +1220,13 @@ class Gallery:
         recorded = self.recorded_removals()
         tombstoned = (i for i in self.row_ids if i not in self.row_of)  # absent, yet in a row: its last is a tombstone
         return [i for i in dict.fromkeys([*recorded, *tombstoned]) if i not in self.row_of]
+
+    def ever_removed_ids(self) -> list[str]:
+        """The ids ever removed from the gallery, those added again since included, oldest first: those
+        :data:`REMOVED_IDS` records, then those of its tombstone rows. What a compaction records, and what
+        ``index build --overwrite`` skips in its source (a re-added one counts as added since the build)."""
+        tombstones = np.flatnonzero(np.asarray(self.counts) == REMOVED_COUNT).tolist() if self.removed_rows else []
+        return list(dict.fromkeys([*self.recorded_removals(), *(self.row_ids[row] for row in tombstones)]))
 
     def recorded_removals(self) -> list[str]:
         """The ids :data:`REMOVED_IDS` of the version folder records, read and checked when first asked and kept
@@ -1721,7 +1730,7 @@ class Gallery:
         write_gallery(self.path, ids, torch.from_numpy(latents), counts,
                       self.settings if kept else self.retrain_settings(), self.manifest,
                       self.manifest["storage_dtype"], trained=self.index if kept else None, trained_rows=trained_rows,
-                      removed_ids=self.removed_ids(), photo_records=self.photo_records_of_rows(live))
+                      removed_ids=self.ever_removed_ids(), photo_records=self.photo_records_of_rows(live))
         reopened = Gallery(self.path)
         self.__dict__.update(reopened.__dict__)
         return self.manifest
@@ -2153,9 +2162,10 @@ def check_what_a_rebuild_drops(out: Path, source_counts: dict[str, int], drop_ad
     build went on, dropping 17 objects uploaded to the service; 2026-12-06: they went without a word). A gallery
     that cannot be read (a damaged record of its removals, a bad manifest field, an older format) is refused unless
     ``restore_removed``, then replaced with a note: its removals cannot be known, and the rebuild would bring the
-    removed objects back (a probe, 2026-12-07: a note said so, and takedowns were undone). Returns the ids removed
-    from the gallery (:meth:`Gallery.removed_ids`), which the rebuild skips (:func:`build_gallery`), or None where
-    it cannot be read."""
+    removed objects back (a probe, 2026-12-07: a note said so, and takedowns were undone). An object removed and
+    added again counts as added (its new photos are not the source's). Returns the ids ever removed from the gallery
+    (:meth:`Gallery.ever_removed_ids`, added again since or not), which the rebuild skips (:func:`build_gallery`), or
+    None where it cannot be read."""
     removed: list[str] = []
     try:
         held = _objects_held(out, removed)  # ids and counts only: damaged latents, unit.bin or index no obstacle
@@ -2170,12 +2180,17 @@ def check_what_a_rebuild_drops(out: Path, source_counts: dict[str, int], drop_ad
         say(f"note: --overwrite replaces {out}, which cannot be read ({first_line(exc, 160)}), so "
             f"what it holds beyond the source cannot be counted: the rebuild holds every object of the source")
         return None
-    gone = [object_id for object_id in held if object_id not in source_counts]
+    again = [object_id for object_id in removed if object_id in held]  # removed, then added again: an add
+    gone = [object_id for object_id in held if object_id not in source_counts and object_id not in again]
     more = {object_id: held[object_id] - source_counts[object_id] for object_id in held
-            if object_id in source_counts and held[object_id] > source_counts[object_id]}
-    if not gone and not more:
+            if object_id in source_counts and held[object_id] > source_counts[object_id] and object_id not in again}
+    if not gone and not more and not again:
         return removed
     parts = []
+    if again:  # the source's photos are those of before the takedown (a probe, 2026-12-07: they came back silently)
+        shown = ", ".join(printable(i) for i in again[:3]) + (", ..." if len(again) > 3 else "")
+        parts.append(f"{counted(len(again), 'object')} removed and added again ({shown}), which the source holds as "
+                     f"before the removal if at all")
     if gone:
         shown = ", ".join(printable(i) for i in gone[:3]) + (", ..." if len(gone) > 3 else "")
         parts.append(f"{counted(len(gone), 'object')} that the source does not have ({shown})")
@@ -2224,8 +2239,8 @@ def _objects_held(path: Path, removed: Optional[list] = None) -> dict[str, int]:
     """Photos folded per live object of the gallery at ``path``, read from its ids and counts alone (objects.txt and
     counts.bin): what a rebuild would drop is counted even where its latents or unit.bin are damaged (a review,
     2026-12-07: such a gallery was replaced with a note, and what was added to it dropped). ``removed`` gets the
-    ids removed and not added again (:meth:`Gallery.removed_ids`: those its version folder records, then those whose
-    last row is a tombstone)."""
+    ids ever removed, those added again since included (:meth:`Gallery.ever_removed_ids`: those its version folder
+    records, then those of its tombstone rows)."""
     manifest = read_manifest(path)
     rows = int(manifest["rows"])
     recorded = _recorded_removals(data_folder(path, manifest), manifest, path)
@@ -2236,9 +2251,8 @@ def _objects_held(path: Path, removed: Optional[list] = None) -> dict[str, int]:
     counts = np.fromfile(counts_path, dtype=np.int64, count=rows)
     held = {object_id: int(counts[row]) for row, object_id in enumerate(ids)}  # the last row of an id wins
     if removed is not None:
-        tombstoned = [object_id for object_id, count in held.items() if count == REMOVED_COUNT]
-        removed.extend(object_id for object_id in dict.fromkeys([*recorded, *tombstoned])
-                       if held.get(object_id, REMOVED_COUNT) == REMOVED_COUNT)
+        tombstoned = [ids[row] for row in np.flatnonzero(counts == REMOVED_COUNT).tolist()]
+        removed.extend(dict.fromkeys([*recorded, *tombstoned]))
     return {object_id: count for object_id, count in held.items() if count != REMOVED_COUNT}  # removed: absent
 
 

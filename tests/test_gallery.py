@@ -1655,9 +1655,9 @@ def test_a_removed_object_added_again_is_new_and_retrain_purges_the_removed_late
     assert gallery.rows == len(gallery) == 299 and gallery.removed_rows == 0 and "o4" not in gallery.ids
     assert raw not in (gallery.data / "latents.bin").read_bytes()  # purged
     assert "o4" not in (gallery.data / "objects.txt").read_text().split("\n")
-    # the id alone is kept (o3, added again, is not): format 5, which a reader of format 4 refuses
+    # the ids alone are kept (o3, added again, too: a rebuild counts it as added): format 5, which format 4 refuses
     assert json.loads((tmp_path / "g" / "gallery.json").read_text())["format_version"] == 5
-    assert gallery.removed_ids() == ["o4"] and (gallery.data / "removed.txt").read_text() == "o4\n"
+    assert gallery.removed_ids() == ["o4"] and (gallery.data / "removed.txt").read_text() == "o3\no4\n"
 
 
 def test_a_kill_during_removals_leaves_the_gallery_as_before_or_after_one(tmp_path):
@@ -1882,12 +1882,12 @@ def test_a_rebuild_skips_the_objects_removed_from_the_gallery_it_replaces_even_a
     cli_ok(capsys, "index", "add", g, "--object", "obj1", str(source / "obj1" / "0.png"), "--run", str(tmp_path))
     assert Gallery(g).removed_ids() == ["obj2"]
     cli_ok(capsys, "index", "retrain", g)
-    assert Gallery(g).removed_ids() == ["obj2"] and Gallery(g).manifest["removed_ids"] == 1
+    assert Gallery(g).removed_ids() == ["obj2"] and Gallery(g).manifest["removed_ids"] == 2  # obj1 added again
     code, _, err = cli(*build[:-4], "--out", str(tmp_path / "new"), "--restore-removed", capsys=capsys)
     assert code == 2 and "--restore-removed goes with --overwrite" in err
-    out, err = cli_ok(capsys, *build, "--overwrite", "--restore-removed")
-    assert (f"note: --restore-removed builds back 1 object of the source removed from {g} with mlsctl index remove "
-            f"(obj2)") in err
+    out, err = cli_ok(capsys, *build, "--overwrite", "--restore-removed", "--drop-added")  # obj1: added again
+    assert (f"note: --restore-removed builds back 2 objects of the source removed from {g} with mlsctl index remove "
+            f"(obj1, obj2)") in err
     assert sorted(Gallery(g).ids) == ["obj0", "obj1", "obj2", "obj3"] and Gallery(g).removed_ids() == []
     assert "removed_ids" not in Gallery(g).manifest and not (Gallery(g).data / "removed.txt").exists()
     cli_ok(capsys, "index", "remove", g, "obj3")
@@ -2186,3 +2186,34 @@ def test_a_removal_record_that_is_not_what_format_5_writes_is_a_damaged_gallery_
     with pytest.raises(UserError, match=re.escape(expected)):
         remove_from_gallery(tmp_path / "g", ["o1"])
     assert Gallery(tmp_path / "g").rows == rows  # nothing written
+
+
+def test_a_rebuild_skips_an_object_removed_and_added_again_in_its_source_and_counts_it_as_added(tmp_path, monkeypatch,
+                                                                                               capsys):
+    """A probe (2026-12-07): an object removed and added again with new photos was rebuilt by index build --overwrite
+    from the source's old (taken-down) photos, the new ones dropped without a word (the check compared counts). An
+    id ever removed is skipped in the source unless --restore-removed, even after a purge (removed.txt keeps it),
+    and the re-added object is an add since the build: refused without --drop-added."""
+    from conftest import cli, cli_ok
+
+    source = object_photos(tmp_path / "photos", objects=4)
+    new = object_photos(tmp_path / "new", objects=4, noise_seed=9)
+    _tiny_model_for(monkeypatch, tmp_path / "run")
+    g = str(tmp_path / "g")
+    build = ("index", "build", str(source), "--out", g, "--workers", "0")
+    cli_ok(capsys, *build)
+    cli_ok(capsys, "index", "remove", g, "obj1")
+    cli_ok(capsys, "index", "add", g, "--object", "obj1", str(new / "obj0" / "0.png"), str(new / "obj0" / "1.png"),
+           str(new / "obj1" / "0.png"), "--run", str(tmp_path))
+    for purge in (False, True):
+        if purge:
+            cli_ok(capsys, "index", "remove", g, "--purge")
+            assert Gallery(g).manifest["removed_ids"] == 1 and Gallery(g).removed_ids() == []  # kept, though live
+        code, _, err = cli(*build, "--overwrite", capsys=capsys)
+        assert code == 2 and (f"--overwrite would drop what a rebuild from the source cannot make again: {g} holds 1 "
+                              f"object removed and added again (obj1)") in err and "--drop-added" in err, err
+        assert Gallery(g).count("obj1") == 3
+    _, err = cli_ok(capsys, *build, "--overwrite", "--drop-added")
+    assert f"note: skipped 1 object of the source removed from {g}" in err
+    rebuilt = Gallery(g)
+    assert sorted(rebuilt.ids) == ["obj0", "obj2", "obj3"] and rebuilt.removed_ids() == ["obj1"]  # stays down
