@@ -2217,3 +2217,31 @@ def test_a_rebuild_skips_an_object_removed_and_added_again_in_its_source_and_cou
     assert f"note: skipped 1 object of the source removed from {g}" in err
     rebuilt = Gallery(g)
     assert sorted(rebuilt.ids) == ["obj0", "obj2", "obj3"] and rebuilt.removed_ids() == ["obj1"]  # stays down
+
+
+def test_ids_files_given_twice_are_both_read_dash_is_standard_input_and_a_lone_cr_is_no_line_break(tmp_path, capsys,
+                                                                                                   monkeypatch):
+    """A probe (2026-12-07): --ids-file A --ids-file B removed B's ids alone, and a lone \\r inside a line split it in
+    two (read_text's universal newlines). Every file is read, '-' reads standard input (once), and a line ends at
+    \\n alone: a \\r left in it is refused as no id, naming its line."""
+    import io
+
+    from conftest import cli, cli_ok
+    from test_hardening import one_sentence
+
+    _removal_gallery(tmp_path / "g", "flat")
+    g, a, b = str(tmp_path / "g"), tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("o1\no2\n")
+    b.write_text("o3\r\no1\n")  # CRLF: the \r before \n is trimmed
+    out, _ = cli_ok(capsys, "index", "remove", g, "--ids-file", str(a), "--ids-file", str(b))
+    assert out.startswith(f"removed 3 objects from {g} (o1, o2, o3)") and Gallery(g).removed_ids() == ["o1", "o2", "o3"]
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"o4\no5\n")))
+    out, _ = cli_ok(capsys, "index", "remove", g, "--ids-file", "-")
+    assert out.startswith(f"removed 2 objects from {g} (o4, o5)")
+    code, _, err = cli("index", "remove", g, "--ids-file", "-", "--ids-file", "-", capsys=capsys)
+    assert code == 2 and "--ids-file - (standard input) is given more than once" in one_sentence(err)
+    a.write_bytes(b"o6\ro7\n")
+    code, _, err = cli("index", "remove", g, "--ids-file", str(a), capsys=capsys)
+    assert code == 2 and f"--ids-file {a} line 1: the id 'o6\\ro7' contains the control character \\r" in one_sentence(
+        err), err
+    assert len(Gallery(g)) == 295

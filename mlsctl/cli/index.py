@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Literal, Optional
@@ -249,9 +250,10 @@ def remove(
     gallery: Path = typer.Argument(..., help="Gallery folder (mlsctl index build)."),
     ids: Optional[list[str]] = typer.Argument(None, help="Ids of the objects to remove (an id beginning with '-' "
                                                          "goes after --: index remove GALLERY -- -neg)."),
-    ids_file: Optional[Path] = typer.Option(None, "--ids-file", help="A text file of ids to remove, one per "
-                                                                     "line (blank lines skipped), besides or instead "
-                                                                     "of IDS."),
+    ids_file: Optional[list[Path]] = typer.Option(None, "--ids-file", help="A text file of ids to remove, one per "
+                                                                           "line (blank lines skipped), besides or "
+                                                                           "instead of IDS; give it again for more "
+                                                                           "files, '-' reads standard input."),
     missing_ok: bool = typer.Option(False, "--missing-ok", help="Pass over ids that are not in the gallery instead of "
                                                                 "refusing the whole removal."),
     purge: bool = typer.Option(False, "--purge", help="Then compact the gallery, keeping its trained index, so that "
@@ -276,7 +278,7 @@ def remove(
         raise UserError("index remove takes no --objects: give the ids to remove (index remove GALLERY ID ...), or a "
                         "text file of them, one per line, with --ids-file FILE")
 
-    from_file = _ids_of_file(ids_file) if ids_file is not None else {}  # id -> its line, for the sentences
+    from_file = _ids_of_files(ids_file or [])  # id -> its file and line, for the sentences
     wanted = list(ids or []) + list(from_file)
     given = set(ids or [])  # an id given as IDS and in the file is named as given
     named = {object_id: where for object_id, where in from_file.items() if object_id not in given}
@@ -304,6 +306,18 @@ def remove(
             f"index retrain) purges them")
 
 
+def _ids_of_files(paths: list[Path]) -> dict[str, str]:
+    """The ids of every ``--ids-file`` given (each read: a probe, 2026-12-07, found the last alone used), in order,
+    each named by the first file and line that lists it; ``-`` is standard input, read once."""
+    if sum(str(path) == "-" for path in paths) > 1:
+        raise UserError("--ids-file - (standard input) is given more than once; standard input can be read once")
+    named: dict[str, str] = {}
+    for path in paths:
+        for object_id, where in _ids_of_file(path).items():
+            named.setdefault(object_id, where)
+    return named
+
+
 def _ids_of_file(path: Path) -> dict[str, str]:
     """The ids of ``index remove --ids-file FILE``, each with where it is (``--ids-file FILE line N: the id``, for the
     sentences about it): one a line, blank lines skipped, nothing else trimmed (a stored id may end in a space; a
@@ -311,13 +325,18 @@ def _ids_of_file(path: Path) -> dict[str, str]:
     its file and line."""
     from mlsctl.gallery import check_object_id
 
-    try:
-        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not an id
+    stdin = str(path) == "-"
+    try:  # lines end at \n alone (read_text would end them at a lone \r too, splitting an id: a probe, 2026-12-07)
+        data = sys.stdin.buffer.read() if stdin else path.read_bytes()
+        text = data.decode("utf-8-sig")  # a byte-order mark (Windows editors) is not an id
     except UnicodeDecodeError:
         raise UserError(f"--ids-file {path} is not UTF-8 text; save it as UTF-8, one object id per line") from None
     except OSError as exc:
         raise UserError(f"--ids-file {path} cannot be read ({exc.strerror or exc})") from None
-    lines = [(number, line.rstrip("\r")) for number, line in enumerate(text.split("\n"), 1) if line.strip()]
+    if stdin:
+        path = Path("- (standard input)")
+    lines = [(number, line[:-1] if line.endswith("\r") else line)  # CRLF: the \r of the line break alone
+             for number, line in enumerate(text.split("\n"), 1) if line.strip()]
     if not lines:
         raise UserError(f"--ids-file {path} lists no object id; give one id per line")
     for number, line in lines:
