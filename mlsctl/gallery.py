@@ -2445,13 +2445,15 @@ def long_set_note(model: SetModel, photos: int, object_id: Optional[str] = None,
 
 
 def remove_from_gallery(path: str | os.PathLike, ids: Sequence[str], *, missing_ok: bool = False,
-                        purge: bool = False, named: Optional[dict[str, str]] = None
-                        ) -> tuple["Gallery", list[str], list[str]]:
+                        purge: bool = False, named: Optional[dict[str, str]] = None,
+                        outcome: Optional[dict] = None) -> tuple["Gallery", list[str], list[str]]:
     """``mlsctl index remove``: :meth:`Gallery.remove` of ``ids`` under the gallery's lock, all or none;
     with ``purge``, then the gallery compacted to its live rows under the same lock (:meth:`Gallery.retrain`
     keeping the IVF-PQ quantiser: no k-means, and never refused for too few objects), so that the removed
     latents leave the files at once; ``purge`` without ``ids`` purges earlier removals. Returns (the gallery
-    as written, removed ids, ids not in the gallery). ``named``: where an id was given (:meth:`Gallery.remove`)."""
+    as written, removed ids, ids not in the gallery). ``named``: where an id was given (:meth:`Gallery.remove`).
+    ``outcome`` gets ``purged``: whether a purge wrote a new version folder (none where every row is live: nothing
+    to purge, nothing written; a probe, 2026-12-07, found a version folder written and "purged" said each time)."""
     path = Path(path)
     if not ids and not purge:
         raise UserError("give the ids of the objects to remove")
@@ -2465,6 +2467,9 @@ def remove_from_gallery(path: str | os.PathLike, ids: Sequence[str], *, missing_
             live = target.live_rows()
             checked = (live, target.check_live_latents(live))
         removed, missing = target.remove(ids, missing_ok, named=named) if ids else ([], [])
+        purge = purge and target.rows > len(target)  # a tombstone or a superseded row to drop
+        if outcome is not None:
+            outcome["purged"] = purge
         if purge:
             done = f"{counted(len(removed), 'object')} removed, " if removed else ""
             again = f"run mlsctl index remove {path} --purge again to purge the removed latents"

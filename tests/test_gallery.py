@@ -1705,6 +1705,11 @@ def test_index_remove_is_one_sentence_for_an_id_not_there_and_says_what_it_remov
     cli_ok(capsys, "index", "remove", g, "o5")
     out, _ = cli_ok(capsys, "index", "remove", g, "--purge")  # earlier removals purged, without ids
     assert out == f"purged {g}: the latents of objects removed earlier left its files\n" and Gallery(g).rows == 294
+    data = Gallery(g).data  # nothing left to purge (a probe, 2026-12-07: "purged" and a new version each time)
+    out, _ = cli_ok(capsys, "index", "remove", g, "--purge")
+    assert out == f"nothing to purge in {g}: it holds no removed object's latent\n" and Gallery(g).data == data
+    record = json.loads(cli_ok(capsys, "index", "remove", g, "--purge", "--json")[0])
+    assert record["purged"] is False and Gallery(g).data == data
 
 
 def test_an_ids_file_id_that_reads_like_a_stored_one_or_is_not_there_is_refused_naming_its_line(tmp_path, capsys):

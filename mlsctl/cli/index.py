@@ -285,10 +285,12 @@ def remove(
     if not wanted and not purge:
         raise UserError("give the ids of the objects to remove (index remove GALLERY ID ...), or a file of them, one "
                         "per line, with --ids-file FILE; --purge alone purges earlier removals")
-    target, removed, missing = remove_from_gallery(gallery, wanted, missing_ok=missing_ok, purge=purge, named=named)
+    outcome: dict = {}
+    target, removed, missing = remove_from_gallery(gallery, wanted, missing_ok=missing_ok, purge=purge, named=named,
+                                                   outcome=outcome)
     if as_json:
         print(json.dumps({"gallery": str(gallery), "removed": removed, "missing": missing, "objects": len(target),
-                          "purged": purge}, indent=2))
+                          "purged": outcome["purged"]}, indent=2))
         return
     shown = ", ".join(printable(i) for i in removed[:5]) + (", ..." if len(removed) > 5 else "")
     if wanted:
@@ -297,7 +299,9 @@ def remove(
     if missing:
         absent = ", ".join(printable(i) for i in missing[:5]) + (", ..." if len(missing) > 5 else "")
         say(f"note: {counted(len(missing), 'id')} not in the gallery, passed over (--missing-ok): {absent}")
-    if purge:  # a takedown is done when the latents left the files: said (a probe: only --json said "purged")
+    if purge and not outcome["purged"]:  # every row live: nothing written (a probe, 2026-12-07)
+        print(f"nothing to purge in {gallery}: it holds no removed object's latent")
+    elif purge:  # a takedown is done when the latents left the files: said (a probe: only --json said "purged")
         what = ("the removed objects' latents, and any of earlier removals," if removed else
                 "the latents of objects removed earlier")
         print(f"purged {gallery}: {what} left its files")
