@@ -1288,6 +1288,14 @@ class Gallery:
         kept["row"] = rows[rows >= 0]
         return kept[np.argsort(kept["row"], kind="stable")]
 
+    def photos_known(self) -> int:
+        """The :data:`PHOTO_HASHES` records the live objects hold (a removed object's, tombstoned and not yet purged,
+        no longer count: a probe, 2026-12-07, found ``index info`` counting them); without a tombstone every record
+        is held, and the file is not read."""
+        if not self.removed_rows or not self.photo_records:
+            return self.photo_records
+        return len(self.photo_records_of_rows(self.live_rows()))
+
     def _held_photos(self) -> HeldPhotos:
         if self._held is None:
             self._held = HeldPhotos(self.read_photo_records())
@@ -2542,8 +2550,8 @@ def describe_gallery(path: str | os.PathLike, objects: bool = False) -> dict:
     photos folded, rows (superseded ones included, which ``index retrain`` drops; ``removed_rows``: the
     tombstones of removed objects, whose latents stay in the files until then; ``removed_objects``: the ids removed
     and not added again, which the gallery keeps, purged or not, and a rebuild skips; ``photo_digests``: the photos
-    remembered by their bytes, :data:`PHOTO_HASHES`, a removed object's among them until a purge), the model that
-    embeds it, the
+    remembered by their bytes that the live objects hold, :data:`PHOTO_HASHES`: a removed object's no longer count,
+    as formats.md says), the model that embeds it, the
     index (IVF-PQ: ``nprobe_effective``, the lists a search reads, at most ``nlist``) and its share of objects
     written since the quantiser was trained, bytes on disk, and with ``objects``
     each object's id and photo count, oldest first (a new user's probe, 2026-12-07: a gallery grown over the
@@ -2555,7 +2563,7 @@ def describe_gallery(path: str | os.PathLike, objects: bool = False) -> dict:
     photos = int(np.asarray(gallery.counts)[live].sum()) if len(live) else 0
     record = {"gallery": str(gallery.path), "objects": len(gallery), "photos": photos, "rows": gallery.rows,
               "superseded_rows": gallery.rows - len(live), "removed_rows": gallery.removed_rows,
-              "removed_objects": len(gallery.removed_ids()), "photo_digests": gallery.photo_records,
+              "removed_objects": len(gallery.removed_ids()), "photo_digests": gallery.photos_known(),
               "dim": gallery.dim, "storage_dtype": manifest["storage_dtype"], "index": dict(manifest["index"]),
               "written_since_training": gallery.added_since_training(),
               "model": dict(manifest["model"], set_model=gallery.set_model),

@@ -2014,8 +2014,12 @@ def test_a_purge_and_a_retrain_keep_the_photos_known_and_a_removal_drops_its_obj
                                                     say=lambda line: None)
         return created, count, added
 
+    from mlsctl.gallery import describe_gallery
+
+    assert describe_gallery(tmp_path / "g")["photo_digests"] == 8
     remove_from_gallery(tmp_path / "g", ["obj1"])  # a tombstone: its photos leave with it
     assert Gallery(tmp_path / "g").photos_to_fold("obj1", [file_digest(source / "obj1" / "0.png")]) == ([0], 0, 0)
+    assert describe_gallery(tmp_path / "g")["photo_digests"] == 6  # index info: they no longer count (a probe)
     assert add("obj1", "obj1/0.png") == (True, 1, 1)  # a new object, of its new photo
     assert add("obj1", "obj1/0.png") == (False, 1, 0)
     remove_from_gallery(tmp_path / "g", ["obj2"], purge=True)
