@@ -1693,6 +1693,9 @@ def test_index_remove_is_one_sentence_for_an_id_not_there_and_says_what_it_remov
     assert "1 id not in the gallery, passed over (--missing-ok): nope" in err and "index retrain" in err
     out, _ = cli_ok(capsys, "index", "info", g)
     assert "removed  3 removals since the last purge or retrain" in out
+    _, err = cli_ok(capsys, "index", "remove", g, "o1", "nope", "--missing-ok")  # removed before: said so
+    assert ("note: 1 id removed already, passed over (--missing-ok): o1" in err and "note: 1 id not in the gallery, "
+            "passed over (--missing-ok): nope" in err)
     (tmp_path / "build.csv").write_text("object_id,path\no7,o7/0.png\n")  # index build's CSV, given here (a probe)
     code, _, err = cli("index", "remove", g, "--ids-file", str(tmp_path / "build.csv"), capsys=capsys)
     assert code == 2 and "line 2 reads 'o7,o7/0.png': the file lists one object id a line" in one_sentence(err)
@@ -1741,7 +1744,7 @@ def test_index_remove_points_objects_to_ids_file_and_an_id_beginning_with_a_dash
 
     write_gallery(tmp_path / "g", ["-neg", "o1"], clustered(2), [1, 1], IndexSettings(), MANIFEST)
     g = str(tmp_path / "g")
-    for args in (("--objects", "ids.txt"), ("--objects",)):
+    for args in (("--objects", "ids.txt"), ("--objects",), ("--objects=ids.txt",)):  # =FILE too (a probe)
         code, _, err = cli("index", "remove", g, *args, capsys=capsys)
         assert code == 2 and one_sentence(err) == (
             "error: index remove takes no --objects: give the ids to remove (index remove GALLERY ID ...), or a text "
@@ -1750,7 +1753,14 @@ def test_index_remove_points_objects_to_ids_file_and_an_id_beginning_with_a_dash
     assert code == 2 and one_sentence(err) == (
         "error: index remove has no option -neg; an id beginning with '-' goes after --: mlsctl index remove "
         "GALLERY -- -neg")
+    code, _, err = cli("index", "remove", g, "--neg", capsys=capsys)  # two dashes, close to no option (a probe)
+    assert code == 2 and one_sentence(err) == (
+        "error: index remove has no option --neg; an id beginning with '-' goes after --: mlsctl index remove "
+        "GALLERY -- --neg")
+    code, _, err = cli("index", "remove", g, "o1", "--purg", capsys=capsys)  # a misspelt option: click's suggestion
+    assert code == 2 and "No such option: --purg" in err and "--purge" in err
     help_text = " ".join(cli_ok(capsys, "index", "remove", "--help")[0].split())
+    assert "JSON: gallery, removed and missing (ids), objects (left) and purged" in help_text
     assert "An id beginning with '-' goes after -- (mlsctl index remove galleries/products -- -neg)" in help_text
     assert "--objects" not in help_text  # hidden: only there to be refused
     assert cli_ok(capsys, "index", "remove", g, "--", "-neg")[0] == f"removed 1 object from {g} (-neg); 1 object left\n"

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import difflib
 import json
 import sys
 import time
@@ -225,6 +226,10 @@ def retrain(
           f"{' (exact: nothing to train)' if flat else ''}, {seconds:.1f}s")
 
 
+_NO_OBJECTS = ("index remove takes no --objects: give the ids to remove (index remove GALLERY ID ...), or a text "
+               "file of them, one per line, with --ids-file FILE")
+
+
 class DashedIdsCommand(TyperCommand):
     """``index remove``: an argument beginning with one '-' that is none of its options, before ``--``, is said to be
     an id to give after ``--`` (``index remove GALLERY -- -neg``), instead of click's "No such option: -n"."""
@@ -237,8 +242,11 @@ class DashedIdsCommand(TyperCommand):
         for arg in args:
             if arg == "--":
                 break
-            # one dash: an id such as -neg (a misspelt --option is click's to say, with the option it reads like)
-            if not value_next and arg.startswith("-") and not arg.startswith("--") and arg != "-" and arg not in known:
+            if not value_next and arg.startswith("--") and arg.split("=", 1)[0] == "--objects":
+                raise UserError(_NO_OBJECTS)  # --objects=FILE too (a probe, 2026-12-07: click's "takes no value")
+            # an id such as -neg or --neg; a misspelt --option is click's to say, with the option it reads like
+            if not value_next and arg.startswith("-") and arg != "-" and arg not in known and not (
+                    arg.startswith("--") and difflib.get_close_matches(arg.split("=", 1)[0], sorted(known))):
                 raise UserError(f"index remove has no option {arg}; an id beginning with '-' goes after --: mlsctl "
                                 f"index remove GALLERY -- {arg}")
             value_next = not value_next and arg in takes_value
@@ -260,8 +268,8 @@ def remove(
                                                       "the removed latents leave its files at once (a takedown); "
                                                       "without IDS, purges earlier removals [default: they stay until "
                                                       "the next purge or retrain]."),
-    as_json: bool = typer.Option(False, "--json", help="Print the outcome as JSON (the fields of serve's DELETE "
-                                                       "answer, and more)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the outcome as JSON: gallery, removed and missing "
+                                                       "(ids), objects (left) and purged."),
     objects_option: bool = typer.Option(False, "--objects", hidden=True),  # refused, pointing to --ids-file
 ) -> None:
     """Remove objects from a gallery: searches never return them again.
@@ -275,8 +283,7 @@ def remove(
     from mlsctl.gallery import printable, remove_from_gallery
 
     if objects_option:  # index build's option, tried here (a new user's probe: typer said "No such option" alone)
-        raise UserError("index remove takes no --objects: give the ids to remove (index remove GALLERY ID ...), or a "
-                        "text file of them, one per line, with --ids-file FILE")
+        raise UserError(_NO_OBJECTS)
 
     from_file = _ids_of_files(ids_file or [])  # id -> its file and line, for the sentences
     wanted = list(ids or []) + list(from_file)
@@ -296,9 +303,7 @@ def remove(
     if wanted:
         print(f"removed {counted(len(removed), 'object')} from {gallery}" + (f" ({shown})" if removed else "")
               + f"; {counted(len(target), 'object')} left")
-    if missing:
-        absent = ", ".join(printable(i) for i in missing[:5]) + (", ..." if len(missing) > 5 else "")
-        say(f"note: {counted(len(missing), 'id')} not in the gallery, passed over (--missing-ok): {absent}")
+    _say_missing(target, missing)
     if purge and not outcome["purged"]:  # every row live: nothing written (a probe, 2026-12-07)
         print(f"nothing to purge in {gallery}: it holds no removed object's latent")
     elif purge:  # a takedown is done when the latents left the files: said (a probe: only --json said "purged")
@@ -308,6 +313,19 @@ def remove(
     if removed and not purge:
         say(f"note: the removed latents stay in the gallery's files until mlsctl index remove {gallery} --purge (or "
             f"index retrain) purges them")
+
+
+def _say_missing(target, missing: list[str]) -> None:
+    """The note on the ids ``--missing-ok`` passed over: those removed before ("removed already", as a refusal
+    says: a probe, 2026-12-07, found them said "not in the gallery"), and those the gallery never held."""
+    from mlsctl.gallery import printable
+
+    before = [object_id for object_id in missing if target.was_removed(object_id)]
+    never = [object_id for object_id in missing if object_id not in set(before)]
+    for ids, what in ((before, "removed already"), (never, "not in the gallery")):
+        if ids:
+            shown = ", ".join(printable(i) for i in ids[:5]) + (", ..." if len(ids) > 5 else "")
+            say(f"note: {counted(len(ids), 'id')} {what}, passed over (--missing-ok): {shown}")
 
 
 def _ids_of_files(paths: list[Path]) -> dict[str, str]:
