@@ -2470,6 +2470,7 @@ def remove_from_gallery(path: str | os.PathLike, ids: Sequence[str], *, missing_
     read_manifest(path)
     with FolderLock(path, "gallery"):
         target = Gallery(path, recover=True)
+        target.recorded_removals()  # a damaged record: one sentence before anything is written (a probe, 2026-12-07)
         checked = None
         if purge:  # a damaged gallery cannot be purged: said before anything is removed; the purge writes these
             live = target.live_rows()
@@ -2484,7 +2485,8 @@ def remove_from_gallery(path: str | os.PathLike, ids: Sequence[str], *, missing_
             try:
                 target.retrain(keep_quantiser=True, checked=checked)  # latents.bin read once
             except (UserError, OSError) as exc:
-                raise UserError(f"{done}but the purge failed ({first_line(exc, 200)}): {again}") from None
+                raise UserError(f"{done}but the purge failed ({first_line(exc, 200)}): {again}" if done else
+                                f"the purge failed ({first_line(exc, 200)}): {again}") from None
             except KeyboardInterrupt:  # a stop during the purge: the removal is committed, and said so (a probe)
                 log.warning(f"note: {done}but the purge was interrupted: {again}")
                 raise

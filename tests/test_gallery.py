@@ -2264,3 +2264,18 @@ def test_ids_files_given_twice_are_both_read_dash_is_standard_input_and_a_lone_c
     assert code == 2 and f"--ids-file {a} line 1: the id 'o6\\ro7' contains the control character \\r" in one_sentence(
         err), err
     assert len(Gallery(g)) == 295
+
+
+def test_a_purge_alone_of_a_gallery_whose_removal_record_is_damaged_is_the_damage_sentence(tmp_path):
+    """The record is read before a purge without ids writes anything: the damage is said, not "but the purge failed"."""
+    from mlsctl.errors import UserError
+    from mlsctl.gallery import remove_from_gallery
+
+    write_gallery(tmp_path / "g", [f"o{i}" for i in range(4)], clustered(4), [1] * 4, IndexSettings("flat"), MANIFEST,
+                  removed_ids=["gone"])
+    remove_from_gallery(tmp_path / "g", ["o1"])
+    (Gallery(tmp_path / "g").data / "removed.txt").write_text("gone\r\n")
+    with pytest.raises(UserError) as caught:
+        remove_from_gallery(tmp_path / "g", [], purge=True)
+    assert str(caught.value).startswith(f"{tmp_path / 'g'} is damaged (") and "purge failed" not in str(caught.value)
+    assert Gallery(tmp_path / "g").rows == 5  # nothing written
