@@ -25,10 +25,12 @@ is absent to every reader (ids, searches, counts, ``index info``); its rows stay
 ``index retrain`` writes the live rows alone. A gallery that holds tombstone rows says format 4, which the
 mlsctl of format 3 refuses (it would read them as objects); build and retrain write format 3. The ids removed
 (never their latents) outlive the tombstones: a compaction (retrain, ``index remove --purge``) and a rebuild with
-``--overwrite`` write those removed and not added again into ``removed.txt`` of the new version folder
+``--overwrite`` write the ids ever removed (those added again since included; a rebuild leaves out those it
+builds, ``--restore-removed``) into ``removed.txt`` of the new version folder
 (:data:`REMOVED_IDS`, counted by the manifest's ``removed_ids``), and the gallery says format 5, which the mlsctl of
 format 4 refuses (its compaction would drop the record, and its rebuild bring the objects back);
-:meth:`Gallery.removed_ids` is that record and the ids tombstoned since, less those added again.
+:meth:`Gallery.removed_ids` is that record and the ids tombstoned since, less those added again. A rebuild skips
+every id ever removed in its source, and counts a removed object added again as added since the build.
 
 Each photo folded from a file or an upload is remembered by the sha256 of its bytes (as read, before decoding) in
 ``photos.bin`` of the version folder (:data:`PHOTO_HASHES`: 40-byte records, the row that folded it (int64) and the
@@ -1028,7 +1030,7 @@ def search_index(index, unit_rows_: Optional[np.ndarray], queries: np.ndarray, k
 # committed rows, which readers ignore and the next writer cuts off: the gallery is as before or
 # after the add, never torn, and readers never see a row change under them.
 LATENTS, UNIT, COUNTS, IDS, INDEX = "latents.bin", "unit.bin", "counts.bin", "objects.txt", "index.faiss"
-REMOVED_IDS = "removed.txt"  # format 5: the ids removed before the version folder was written, one a line
+REMOVED_IDS = "removed.txt"  # format 5: the ids ever removed before the version folder was written, one a line
 PHOTO_HASHES = "photos.bin"  # format 5: one record per photo folded, its row and the sha256 of its bytes
 HASH_RECORD = np.dtype([("row", "<i8"), ("sha256", "V32")])
 STORAGE_DTYPES = {"fp32": np.float32, "fp16": np.float16}
@@ -1162,6 +1164,8 @@ class Gallery:
         self.photo_records = int(self.manifest.get("photo_hashes", 0)) if self.manifest["format_version"] >= 5 else 0
         self._held: Optional[HeldPhotos] = None  # PHOTO_HASHES, read when an add first asks (photos_to_fold)
         self._tombstone_of: Optional[dict[str, int]] = None  # id -> its last tombstone row, made with _held
+        self._recorded: Optional[list[str]] = None  # REMOVED_IDS, read and checked once (recorded_removals)
+        self._recorded_set: Optional[frozenset[str]] = None  # the same as a set (was_removed)
         self.index = self._open_index() if self.with_index else None
 
     # ------------------------------------------------------------------ files
@@ -1213,13 +1217,32 @@ class Gallery:
         """The ids removed from the gallery (``index remove``, ``DELETE``) and not added again since, oldest first:
         those recorded when its version folder was written (:data:`REMOVED_IDS`: a purge, a retrain or a rebuild
         keeps them, ids alone), then those whose last row is a tombstone. ``index build --overwrite`` skips them."""
-        recorded = _recorded_removals(self.data, self.manifest, self.path)
+        recorded = self.recorded_removals()
         tombstoned = (i for i in self.row_ids if i not in self.row_of)  # absent, yet in a row: its last is a tombstone
         return [i for i in dict.fromkeys([*recorded, *tombstoned]) if i not in self.row_of]
 
+    def ever_removed_ids(self) -> list[str]:
+        """The ids ever removed from the gallery, those added again since included, oldest first: those
+        :data:`REMOVED_IDS` records, then those of its tombstone rows. What a compaction records, and what
+        ``index build --overwrite`` skips in its source (a re-added one counts as added since the build)."""
+        tombstones = np.flatnonzero(np.asarray(self.counts) == REMOVED_COUNT).tolist() if self.removed_rows else []
+        return list(dict.fromkeys([*self.recorded_removals(), *(self.row_ids[row] for row in tombstones)]))
+
+    def recorded_removals(self) -> list[str]:
+        """The ids :data:`REMOVED_IDS` of the version folder records, read and checked when first asked and kept
+        (a new version folder is a new :meth:`_open`): a damaged record is one sentence (a probe, 2026-12-07: each
+        DELETE of an unknown id read the file again, 2 s for 2M ids)."""
+        if self._recorded is None:
+            self._recorded = _recorded_removals(self.data, self.manifest, self.path)
+        return self._recorded
+
     def was_removed(self, object_id: str) -> bool:
         """``object_id`` names no object now, and one of that id was removed (:meth:`removed_ids`)."""
-        return object_id not in self.row_of and object_id in set(self.removed_ids())
+        if object_id in self.row_of:
+            return False
+        if self._recorded_set is None:
+            self._recorded_set = frozenset(self.recorded_removals())
+        return object_id in self._recorded_set or object_id in self.row_ids  # an absent id in a row: a tombstone
 
     def live_rows(self, start: int = 0) -> np.ndarray:
         """The live rows from ``start`` on, ascending (no superseded row, no tombstone, no removed object's)."""
@@ -1264,6 +1287,14 @@ class Gallery:
         kept = records[rows >= 0].copy()
         kept["row"] = rows[rows >= 0]
         return kept[np.argsort(kept["row"], kind="stable")]
+
+    def photos_known(self) -> int:
+        """The :data:`PHOTO_HASHES` records the live objects hold (a removed object's, tombstoned and not yet purged,
+        no longer count: a probe, 2026-12-07, found ``index info`` counting them); without a tombstone every record
+        is held, and the file is not read."""
+        if not self.removed_rows or not self.photo_records:
+            return self.photo_records
+        return len(self.photo_records_of_rows(self.live_rows()))
 
     def _held_photos(self) -> HeldPhotos:
         if self._held is None:
@@ -1603,6 +1634,7 @@ class Gallery:
         if self.manifest["format_version"] < PLAIN_FORMAT_VERSION:
             raise UserError(f"gallery {self.path} is of format {self.manifest['format_version']}; open it as its "
                             f"writer (Gallery(path, recover=True)) to move it to the current format first")
+        self.recorded_removals()  # a damaged record: said before anything is written (a probe, 2026-12-07)
         wanted = list(dict.fromkeys(ids))  # an id given twice is removed once
         missing = self.absent_ids(wanted, missing_ok, where, named)
         removed = [object_id for object_id in wanted if object_id not in missing]
@@ -1706,7 +1738,7 @@ class Gallery:
         write_gallery(self.path, ids, torch.from_numpy(latents), counts,
                       self.settings if kept else self.retrain_settings(), self.manifest,
                       self.manifest["storage_dtype"], trained=self.index if kept else None, trained_rows=trained_rows,
-                      removed_ids=self.removed_ids(), photo_records=self.photo_records_of_rows(live))
+                      removed_ids=self.ever_removed_ids(), photo_records=self.photo_records_of_rows(live))
         reopened = Gallery(self.path)
         self.__dict__.update(reopened.__dict__)
         return self.manifest
@@ -1738,17 +1770,47 @@ def _read_ids(path: Path, rows: int) -> tuple[list[str], int]:
     return (data[:length].decode("utf-8").split("\n")[:-1] if rows else []), length
 
 
+_PLAIN_ID = re.compile(r"[A-Za-z0-9_.-]*[A-Za-z0-9_-][A-Za-z0-9_.-]*")  # ids check_object_id passes, checked fast
+
+
 def _recorded_removals(data: Path, manifest: dict, gallery: Path) -> list[str]:
     """The ids :data:`REMOVED_IDS` of the version folder ``data`` records (format 5; none before), as many as the
-    manifest counts; a file missing or short of them is a damaged gallery, said in one sentence."""
-    count = int(manifest.get("removed_ids", 0)) if manifest["format_version"] >= 5 else 0
-    if not count:
-        return []
-    try:
-        return _read_ids(data / REMOVED_IDS, count)[0]
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise UserError(f"{gallery} is damaged ({_what_failed(exc)}): the record of the ids removed from it cannot "
-                        f"be read; rebuild the gallery with mlsctl index build --overwrite") from None
+    manifest counts, each an id :func:`check_object_id` takes; a record where the format has none, one missing, of
+    another count, or with a line that is no id (blank, a ``\\r`` left of a CRLF) is a damaged gallery, said in
+    one sentence naming the file (and line) (a probe, 2026-12-07: it was trusted, and a rebuild undid takedowns)."""
+    record, version = data / REMOVED_IDS, manifest["format_version"]
+    count = manifest.get("removed_ids", 0) if version >= 5 else 0
+    problem, ids = None, []
+    if version < 5 and ("removed_ids" in manifest or record.exists()):
+        problem = (f"a gallery of format {version} holds {'removed_ids' if 'removed_ids' in manifest else REMOVED_IDS}"
+                   f", which only format 5 has")
+    elif not count and record.exists():
+        problem = f"{record} is there, but {MANIFEST} counts no removed id"
+    elif count:
+        try:
+            ids = record.read_bytes().decode("utf-8").split("\n")
+        except (OSError, UnicodeDecodeError) as exc:
+            problem = _what_failed(exc)
+        else:
+            problem = _record_problem(record, ids, count)
+    if problem:
+        raise UserError(f"{gallery} is damaged ({problem}): the record of the ids removed from it cannot be read; "
+                        f"restore the gallery from a backup, or rebuild it with mlsctl index build --overwrite "
+                        f"--restore-removed, which builds back the removed objects its source holds") from None
+    return ids[:-1]
+
+
+def _record_problem(record: Path, lines: list[str], count: int) -> Optional[str]:
+    """What is wrong with the ``lines`` of :data:`REMOVED_IDS` (split at each ``\\n``) for ``count`` ids, or None."""
+    if lines[-1] != "" or len(lines) - 1 != count:
+        return f"{record} holds {len(lines) - 1} whole lines for the {count} removed ids {MANIFEST} counts"
+    for number, line in enumerate(lines[:-1], 1):
+        if len(line) > MAX_OBJECT_ID_CHARS or not _PLAIN_ID.fullmatch(line):
+            try:
+                check_object_id(line, f"{record} line {number}:")
+            except UserError as exc:
+                return first_line(exc, 200)
+    return None
 
 
 def _append_rows(path: Path, start: int, ids_bytes: int, ids: Sequence[str], latents: np.ndarray,
@@ -2099,30 +2161,44 @@ def source_counts(source, groups: Optional[dict[str, list[Path]]]) -> dict[str, 
 
 
 def check_what_a_rebuild_drops(out: Path, source_counts: dict[str, int], drop_added: bool = False,
-                               say: Callable[[str], None] = to_stderr) -> Optional[list[str]]:
+                               say: Callable[[str], None] = to_stderr, restore_removed: bool = False
+                               ) -> Optional[list[str]]:
     """Before --overwrite embeds anything: the objects and photos of the gallery in ``out`` that the
     source does not hold (added with ``index add`` or ``serve`` since its build), which the rebuilt
     gallery will not have and nothing can make again (a gallery keeps no photos). Refused unless
     ``drop_added``, then said (a new user's probe, 2026-12-07: the note said "stop now to keep them" and the
     build went on, dropping 17 objects uploaded to the service; 2026-12-06: they went without a word). A gallery
-    that cannot be read is replaced with a note: nothing in it can be counted, nor its removals carried over (a
-    gallery of an older format is rebuilt this way). Returns the ids removed from the gallery
-    (:meth:`Gallery.removed_ids`), which the rebuild skips (:func:`build_gallery`), or None where it cannot be read."""
+    that cannot be read (a damaged record of its removals, a bad manifest field, an older format) is refused unless
+    ``restore_removed``, then replaced with a note: its removals cannot be known, and the rebuild would bring the
+    removed objects back (a probe, 2026-12-07: a note said so, and takedowns were undone). An object removed and
+    added again counts as added (its new photos are not the source's). Returns the ids ever removed from the gallery
+    (:meth:`Gallery.ever_removed_ids`, added again since or not), which the rebuild skips (:func:`build_gallery`), or
+    None where it cannot be read."""
     removed: list[str] = []
     try:
         held = _objects_held(out, removed)  # ids and counts only: damaged latents, unit.bin or index no obstacle
     except (UserError, OSError, ValueError, UnicodeDecodeError) as exc:  # nothing in it can be counted
-        if out.is_dir() and (out / MANIFEST).is_file():  # a takedown undone by a rebuild, unsaid: the worst surprise
-            say(f"note: --overwrite replaces {out}, which cannot be read ({first_line(exc, 160)}), so what it holds "
-                f"beyond the source cannot be counted, and the objects removed from it (mlsctl index remove) cannot "
-                f"be carried over: the rebuild holds every object of the source")
+        if not (out.is_dir() and (out / MANIFEST).is_file()):
+            return None
+        if not restore_removed and not _holds_no_removals(out):  # a takedown undone by a rebuild: the worst surprise
+            raise UserError(f"--overwrite would replace {out}, which cannot be read ({first_line(exc, 160)}), so "
+                            f"the objects removed from it (mlsctl index remove) cannot be known and a rebuild would "
+                            f"bring back those its source holds; mend the gallery, or give --restore-removed to "
+                            f"rebuild it with every object of the source (nothing was written)") from None
+        say(f"note: --overwrite replaces {out}, which cannot be read ({first_line(exc, 160)}), so "
+            f"what it holds beyond the source cannot be counted: the rebuild holds every object of the source")
         return None
-    gone = [object_id for object_id in held if object_id not in source_counts]
+    again = [object_id for object_id in removed if object_id in held]  # removed, then added again: an add
+    gone = [object_id for object_id in held if object_id not in source_counts and object_id not in again]
     more = {object_id: held[object_id] - source_counts[object_id] for object_id in held
-            if object_id in source_counts and held[object_id] > source_counts[object_id]}
-    if not gone and not more:
+            if object_id in source_counts and held[object_id] > source_counts[object_id] and object_id not in again}
+    if not gone and not more and not again:
         return removed
     parts = []
+    if again:  # the source's photos are those of before the takedown (a probe, 2026-12-07: they came back silently)
+        shown = ", ".join(printable(i) for i in again[:3]) + (", ..." if len(again) > 3 else "")
+        parts.append(f"{counted(len(again), 'object')} removed and added again ({shown}), which the source holds as "
+                     f"before the removal if at all")
     if gone:
         shown = ", ".join(printable(i) for i in gone[:3]) + (", ..." if len(gone) > 3 else "")
         parts.append(f"{counted(len(gone), 'object')} that the source does not have ({shown})")
@@ -2134,6 +2210,18 @@ def check_what_a_rebuild_drops(out: Path, source_counts: dict[str, int], drop_ad
                         f"photos to the source first, or give --drop-added to rebuild without them")
     say(f"note: --overwrite --drop-added replaces {out}; {held}, they will not be in the rebuilt gallery")
     return removed
+
+
+def _holds_no_removals(out: Path) -> bool:
+    """The manifest of the gallery in ``out`` says a format before removals (3 or older: no tombstone, no
+    :data:`REMOVED_IDS`), so a rebuild of it can bring no removed object back."""
+    try:
+        manifest = json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError, RecursionError):
+        return False
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    return (isinstance(version, int) and not isinstance(version, bool) and version < TOMBSTONE_FORMAT_VERSION
+            and "removed_ids" not in manifest)
 
 
 def removals_kept_out(source_ids: Sequence[str], removed: Optional[Sequence[str]], out: Path, restore_removed: bool,
@@ -2159,8 +2247,8 @@ def _objects_held(path: Path, removed: Optional[list] = None) -> dict[str, int]:
     """Photos folded per live object of the gallery at ``path``, read from its ids and counts alone (objects.txt and
     counts.bin): what a rebuild would drop is counted even where its latents or unit.bin are damaged (a review,
     2026-12-07: such a gallery was replaced with a note, and what was added to it dropped). ``removed`` gets the
-    ids removed and not added again (:meth:`Gallery.removed_ids`: those its version folder records, then those whose
-    last row is a tombstone)."""
+    ids ever removed, those added again since included (:meth:`Gallery.ever_removed_ids`: those its version folder
+    records, then those of its tombstone rows)."""
     manifest = read_manifest(path)
     rows = int(manifest["rows"])
     recorded = _recorded_removals(data_folder(path, manifest), manifest, path)
@@ -2171,9 +2259,8 @@ def _objects_held(path: Path, removed: Optional[list] = None) -> dict[str, int]:
     counts = np.fromfile(counts_path, dtype=np.int64, count=rows)
     held = {object_id: int(counts[row]) for row, object_id in enumerate(ids)}  # the last row of an id wins
     if removed is not None:
-        tombstoned = [object_id for object_id, count in held.items() if count == REMOVED_COUNT]
-        removed.extend(object_id for object_id in dict.fromkeys([*recorded, *tombstoned])
-                       if held.get(object_id, REMOVED_COUNT) == REMOVED_COUNT)
+        tombstoned = [ids[row] for row in np.flatnonzero(counts == REMOVED_COUNT).tolist()]
+        removed.extend(dict.fromkeys([*recorded, *tombstoned]))
     return {object_id: count for object_id, count in held.items() if count != REMOVED_COUNT}  # removed: absent
 
 
@@ -2206,38 +2293,49 @@ def build_gallery(source: str | os.PathLike, model: SetModel, out: str | os.Path
     check_gallery_target(out, overwrite, source)
     if storage_dtype not in STORAGE_DTYPES:
         raise UserError(f"--dtype must be fp32 or fp16, got {storage_dtype!r}")
-    check_gallery_free(out)  # a server or another writer holding it: said now, not after every photo is embedded
-    if groups is None and not is_feature_folder(source):
-        groups = object_folders(source, objects_file)
-    removed, skipped = removals_of_rebuild(source, groups, out, overwrite, drop_added, restore_removed, say)
-    if groups is not None:
-        groups = {object_id: paths for object_id, paths in groups.items() if object_id not in skipped}
-    check_index_fits(settings, len(source_counts(source, groups)) - (len(skipped) if groups is None else 0),
-                     getattr(model, "dim", None))  # before embedding
-    ids, latents, counts, digests = _embed_objects(source, groups, model, skipped, batch_size=batch_size,
-                                                   workers=workers, progress=progress)
-    if not ids and skipped:
-        raise UserError(f"every object of {source} was removed from {out} with mlsctl index remove; give "
-                        f"--restore-removed to build them back (nothing was written)")
-    if not ids:
-        raise UserError(f"{source} holds no object")
-    manifest = {"kind": "mlsctl-gallery", "format_version": PLAIN_FORMAT_VERSION, "mlsctl_version": __version__,
-                "source": os.path.abspath(source),
-                "objects_file": None if objects_file is None else os.path.abspath(objects_file),
-                "model": {"run": os.path.abspath(model.run), "step": model.step, "fingerprint": model.fingerprint,
-                          "set_model": model.kind,
-                          "attend": model.attend, "dim": model.dim, "resolution": model.resolution,
-                          "arch": model.backbone.info["arch"]},
-                "preprocessing": model.preprocessing(), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    with FolderLock(out, "gallery"):
+    with contextlib.ExitStack() as held:
+        rebuild = overwrite and (out / MANIFEST).is_file()
+        if rebuild:  # a rebuild: the gallery's lock from its checks through the swap, so that
+            held.enter_context(FolderLock(out, "gallery"))  # a remove or add meanwhile is refused, not undone
+        else:  # (a probe, 2026-12-07: a removal made during the embedding came back at the swap)
+            check_gallery_free(out)  # a server or another writer holding it: said now, not after the embedding
+        if groups is None and not is_feature_folder(source):
+            groups = object_folders(source, objects_file)
+        removed, skipped = removals_of_rebuild(source, groups, out, overwrite, drop_added, restore_removed, say)
+        if groups is not None:
+            groups = {object_id: paths for object_id, paths in groups.items() if object_id not in skipped}
+        check_index_fits(settings, len(source_counts(source, groups)) - (len(skipped) if groups is None else 0),
+                         getattr(model, "dim", None))  # before embedding
+        ids, latents, counts, digests = _embed_objects(source, groups, model, skipped, batch_size=batch_size,
+                                                       workers=workers, progress=progress)
+        if not ids and skipped:
+            raise UserError(f"every object of {source} was removed from {out} with mlsctl index remove; give "
+                            f"--restore-removed to build them back (nothing was written)")
+        if not ids:
+            raise UserError(f"{source} holds no object")
+        if not rebuild:  # a new gallery: locked for the swap alone
+            held.enter_context(FolderLock(out, "gallery"))
         # again under the lock: another build into the same new --out may have finished meanwhile (a probe,
         # 2026-12-06: both said "built", the second replacing the first without --overwrite)
         check_gallery_target(out, overwrite)
         built = set(ids)
-        manifest = write_gallery(out, ids, torch.stack(latents), counts, settings, manifest, storage_dtype,
+        manifest = write_gallery(out, ids, torch.stack(latents), counts, settings, _build_manifest(source, model,
+                                 objects_file), storage_dtype,
                                  removed_ids=[object_id for object_id in removed if object_id not in built],
                                  photo_records=_hash_records(range(len(ids)), digests))
     return dict(manifest, images=int(sum(counts)))
+
+
+def _build_manifest(source, model: SetModel, objects_file: Optional[str | os.PathLike]) -> dict:
+    """The manifest of a gallery :func:`build_gallery` writes (before :func:`write_gallery` adds its counts)."""
+    return {"kind": "mlsctl-gallery", "format_version": PLAIN_FORMAT_VERSION, "mlsctl_version": __version__,
+            "source": os.path.abspath(source),
+            "objects_file": None if objects_file is None else os.path.abspath(objects_file),
+            "model": {"run": os.path.abspath(model.run), "step": model.step, "fingerprint": model.fingerprint,
+                      "set_model": model.kind,
+                      "attend": model.attend, "dim": model.dim, "resolution": model.resolution,
+                      "arch": model.backbone.info["arch"]},
+            "preprocessing": model.preprocessing(), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
 def _embed_objects(source, groups: Optional[dict[str, list[Path]]], model: SetModel, skipped: set[str], *,
@@ -2288,7 +2386,7 @@ def removals_of_rebuild(source, groups: Optional[dict[str, list[Path]]], out: Pa
     if not overwrite:
         return [], set()
     counts = source_counts(source, groups)
-    removed = check_what_a_rebuild_drops(out, counts, drop_added, say) or []
+    removed = check_what_a_rebuild_drops(out, counts, drop_added, say, restore_removed) or []
     return removed, removals_kept_out(list(counts), removed, out, restore_removed, say)
 
 
@@ -2355,13 +2453,15 @@ def long_set_note(model: SetModel, photos: int, object_id: Optional[str] = None,
 
 
 def remove_from_gallery(path: str | os.PathLike, ids: Sequence[str], *, missing_ok: bool = False,
-                        purge: bool = False, named: Optional[dict[str, str]] = None
-                        ) -> tuple["Gallery", list[str], list[str]]:
+                        purge: bool = False, named: Optional[dict[str, str]] = None,
+                        outcome: Optional[dict] = None) -> tuple["Gallery", list[str], list[str]]:
     """``mlsctl index remove``: :meth:`Gallery.remove` of ``ids`` under the gallery's lock, all or none;
     with ``purge``, then the gallery compacted to its live rows under the same lock (:meth:`Gallery.retrain`
     keeping the IVF-PQ quantiser: no k-means, and never refused for too few objects), so that the removed
     latents leave the files at once; ``purge`` without ``ids`` purges earlier removals. Returns (the gallery
-    as written, removed ids, ids not in the gallery). ``named``: where an id was given (:meth:`Gallery.remove`)."""
+    as written, removed ids, ids not in the gallery). ``named``: where an id was given (:meth:`Gallery.remove`).
+    ``outcome`` gets ``purged``: whether a purge wrote a new version folder (none where every row is live: nothing
+    to purge, nothing written; a probe, 2026-12-07, found a version folder written and "purged" said each time)."""
     path = Path(path)
     if not ids and not purge:
         raise UserError("give the ids of the objects to remove")
@@ -2370,18 +2470,23 @@ def remove_from_gallery(path: str | os.PathLike, ids: Sequence[str], *, missing_
     read_manifest(path)
     with FolderLock(path, "gallery"):
         target = Gallery(path, recover=True)
+        target.recorded_removals()  # a damaged record: one sentence before anything is written (a probe, 2026-12-07)
         checked = None
         if purge:  # a damaged gallery cannot be purged: said before anything is removed; the purge writes these
             live = target.live_rows()
             checked = (live, target.check_live_latents(live))
         removed, missing = target.remove(ids, missing_ok, named=named) if ids else ([], [])
+        purge = purge and target.rows > len(target)  # a tombstone or a superseded row to drop
+        if outcome is not None:
+            outcome["purged"] = purge
         if purge:
             done = f"{counted(len(removed), 'object')} removed, " if removed else ""
             again = f"run mlsctl index remove {path} --purge again to purge the removed latents"
             try:
                 target.retrain(keep_quantiser=True, checked=checked)  # latents.bin read once
             except (UserError, OSError) as exc:
-                raise UserError(f"{done}but the purge failed ({first_line(exc, 200)}): {again}") from None
+                raise UserError(f"{done}but the purge failed ({first_line(exc, 200)}): {again}" if done else
+                                f"the purge failed ({first_line(exc, 200)}): {again}") from None
             except KeyboardInterrupt:  # a stop during the purge: the removal is committed, and said so (a probe)
                 log.warning(f"note: {done}but the purge was interrupted: {again}")
                 raise
@@ -2447,8 +2552,8 @@ def describe_gallery(path: str | os.PathLike, objects: bool = False) -> dict:
     photos folded, rows (superseded ones included, which ``index retrain`` drops; ``removed_rows``: the
     tombstones of removed objects, whose latents stay in the files until then; ``removed_objects``: the ids removed
     and not added again, which the gallery keeps, purged or not, and a rebuild skips; ``photo_digests``: the photos
-    remembered by their bytes, :data:`PHOTO_HASHES`, a removed object's among them until a purge), the model that
-    embeds it, the
+    remembered by their bytes that the live objects hold, :data:`PHOTO_HASHES`: a removed object's no longer count,
+    as formats.md says), the model that embeds it, the
     index (IVF-PQ: ``nprobe_effective``, the lists a search reads, at most ``nlist``) and its share of objects
     written since the quantiser was trained, bytes on disk, and with ``objects``
     each object's id and photo count, oldest first (a new user's probe, 2026-12-07: a gallery grown over the
@@ -2460,7 +2565,7 @@ def describe_gallery(path: str | os.PathLike, objects: bool = False) -> dict:
     photos = int(np.asarray(gallery.counts)[live].sum()) if len(live) else 0
     record = {"gallery": str(gallery.path), "objects": len(gallery), "photos": photos, "rows": gallery.rows,
               "superseded_rows": gallery.rows - len(live), "removed_rows": gallery.removed_rows,
-              "removed_objects": len(gallery.removed_ids()), "photo_digests": gallery.photo_records,
+              "removed_objects": len(gallery.removed_ids()), "photo_digests": gallery.photos_known(),
               "dim": gallery.dim, "storage_dtype": manifest["storage_dtype"], "index": dict(manifest["index"]),
               "written_since_training": gallery.added_since_training(),
               "model": dict(manifest["model"], set_model=gallery.set_model),

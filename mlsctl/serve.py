@@ -414,6 +414,9 @@ class GalleryService:
                                     advice=SERVED_READ_ONLY if read_only else SERVED).acquire()
         try:
             self.gallery = Gallery(gallery_path, recover=not read_only)  # a read-only server changes nothing
+            # the record of removed ids, checked and kept in memory now (index info refuses a damaged one alike): a
+            # probe (2026-12-07) found a damaged one served, each DELETE of an unknown id a 500 reading it again
+            self.gallery.recorded_removals()
             if run is not None:
                 self.gallery.check_run_kind(run)  # a model of the other kind: said before its weights load
             self.model = load_set_model(run or self.gallery.built_with_run())
@@ -709,10 +712,14 @@ class GalleryService:
         from mlsctl.gallery import printable
 
         with self.index_lock:
-            if object_id not in self.gallery.row_of and self.gallery.was_removed(object_id):  # as index remove says
-                raise RequestError(404, f"object '{printable(object_id)}' was removed from the gallery already")
-            self._check_known(object_id)
-            self.gallery.remove([object_id])
+            try:
+                if object_id not in self.gallery.row_of and self.gallery.was_removed(object_id):  # as index remove
+                    raise RequestError(404, f"object '{printable(object_id)}' was removed from the gallery already")
+                self._check_known(object_id)
+                self.gallery.remove([object_id])
+            except UserError:  # the gallery's, not the client's (its sentence names the server's path)
+                raise RequestError(503, "the gallery's record of removed objects cannot be read, so no object can be "
+                                        "removed now; the server's operator must mend or rebuild the gallery") from None
             self.removed += 1
             return {"object": object_id, "removed": True, "objects": len(self.gallery)}
 

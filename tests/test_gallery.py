@@ -1658,9 +1658,9 @@ def test_a_removed_object_added_again_is_new_and_retrain_purges_the_removed_late
     assert gallery.rows == len(gallery) == 299 and gallery.removed_rows == 0 and "o4" not in gallery.ids
     assert raw not in (gallery.data / "latents.bin").read_bytes()  # purged
     assert "o4" not in (gallery.data / "objects.txt").read_text().split("\n")
-    # the id alone is kept (o3, added again, is not): format 5, which a reader of format 4 refuses
+    # the ids alone are kept (o3, added again, too: a rebuild counts it as added): format 5, which format 4 refuses
     assert json.loads((tmp_path / "g" / "gallery.json").read_text())["format_version"] == 5
-    assert gallery.removed_ids() == ["o4"] and (gallery.data / "removed.txt").read_text() == "o4\n"
+    assert gallery.removed_ids() == ["o4"] and (gallery.data / "removed.txt").read_text() == "o3\no4\n"
 
 
 def test_a_kill_during_removals_leaves_the_gallery_as_before_or_after_one(tmp_path):
@@ -1696,6 +1696,9 @@ def test_index_remove_is_one_sentence_for_an_id_not_there_and_says_what_it_remov
     assert "1 id not in the gallery, passed over (--missing-ok): nope" in err and "index retrain" in err
     out, _ = cli_ok(capsys, "index", "info", g)
     assert "removed  3 removals since the last purge or retrain" in out
+    _, err = cli_ok(capsys, "index", "remove", g, "o1", "nope", "--missing-ok")  # removed before: said so
+    assert ("note: 1 id removed already, passed over (--missing-ok): o1" in err and "note: 1 id not in the gallery, "
+            "passed over (--missing-ok): nope" in err)
     (tmp_path / "build.csv").write_text("object_id,path\no7,o7/0.png\n")  # index build's CSV, given here (a probe)
     code, _, err = cli("index", "remove", g, "--ids-file", str(tmp_path / "build.csv"), capsys=capsys)
     assert code == 2 and "line 2 reads 'o7,o7/0.png': the file lists one object id a line" in one_sentence(err)
@@ -1708,6 +1711,11 @@ def test_index_remove_is_one_sentence_for_an_id_not_there_and_says_what_it_remov
     cli_ok(capsys, "index", "remove", g, "o5")
     out, _ = cli_ok(capsys, "index", "remove", g, "--purge")  # earlier removals purged, without ids
     assert out == f"purged {g}: the latents of objects removed earlier left its files\n" and Gallery(g).rows == 294
+    data = Gallery(g).data  # nothing left to purge (a probe, 2026-12-07: "purged" and a new version each time)
+    out, _ = cli_ok(capsys, "index", "remove", g, "--purge")
+    assert out == f"nothing to purge in {g}: it holds no removed object's latent\n" and Gallery(g).data == data
+    record = json.loads(cli_ok(capsys, "index", "remove", g, "--purge", "--json")[0])
+    assert record["purged"] is False and Gallery(g).data == data
 
 
 def test_an_ids_file_id_that_reads_like_a_stored_one_or_is_not_there_is_refused_naming_its_line(tmp_path, capsys):
@@ -1739,7 +1747,7 @@ def test_index_remove_points_objects_to_ids_file_and_an_id_beginning_with_a_dash
 
     write_gallery(tmp_path / "g", ["-neg", "o1"], clustered(2), [1, 1], IndexSettings(), MANIFEST)
     g = str(tmp_path / "g")
-    for args in (("--objects", "ids.txt"), ("--objects",)):
+    for args in (("--objects", "ids.txt"), ("--objects",), ("--objects=ids.txt",)):  # =FILE too (a probe)
         code, _, err = cli("index", "remove", g, *args, capsys=capsys)
         assert code == 2 and one_sentence(err) == (
             "error: index remove takes no --objects: give the ids to remove (index remove GALLERY ID ...), or a text "
@@ -1748,7 +1756,14 @@ def test_index_remove_points_objects_to_ids_file_and_an_id_beginning_with_a_dash
     assert code == 2 and one_sentence(err) == (
         "error: index remove has no option -neg; an id beginning with '-' goes after --: mlsctl index remove "
         "GALLERY -- -neg")
+    code, _, err = cli("index", "remove", g, "--neg", capsys=capsys)  # two dashes, close to no option (a probe)
+    assert code == 2 and one_sentence(err) == (
+        "error: index remove has no option --neg; an id beginning with '-' goes after --: mlsctl index remove "
+        "GALLERY -- --neg")
+    code, _, err = cli("index", "remove", g, "o1", "--purg", capsys=capsys)  # a misspelt option: click's suggestion
+    assert code == 2 and "No such option: --purg" in err and "--purge" in err
     help_text = " ".join(cli_ok(capsys, "index", "remove", "--help")[0].split())
+    assert "JSON: gallery, removed and missing (ids), objects (left) and purged" in help_text
     assert "An id beginning with '-' goes after -- (mlsctl index remove galleries/products -- -neg)" in help_text
     assert "--objects" not in help_text  # hidden: only there to be refused
     assert cli_ok(capsys, "index", "remove", g, "--", "-neg")[0] == f"removed 1 object from {g} (-neg); 1 object left\n"
@@ -1885,19 +1900,23 @@ def test_a_rebuild_skips_the_objects_removed_from_the_gallery_it_replaces_even_a
     cli_ok(capsys, "index", "add", g, "--object", "obj1", str(source / "obj1" / "0.png"), "--run", str(tmp_path))
     assert Gallery(g).removed_ids() == ["obj2"]
     cli_ok(capsys, "index", "retrain", g)
-    assert Gallery(g).removed_ids() == ["obj2"] and Gallery(g).manifest["removed_ids"] == 1
+    assert Gallery(g).removed_ids() == ["obj2"] and Gallery(g).manifest["removed_ids"] == 2  # obj1 added again
     code, _, err = cli(*build[:-4], "--out", str(tmp_path / "new"), "--restore-removed", capsys=capsys)
     assert code == 2 and "--restore-removed goes with --overwrite" in err
-    out, err = cli_ok(capsys, *build, "--overwrite", "--restore-removed")
-    assert (f"note: --restore-removed builds back 1 object of the source removed from {g} with mlsctl index remove "
-            f"(obj2)") in err
+    out, err = cli_ok(capsys, *build, "--overwrite", "--restore-removed", "--drop-added")  # obj1: added again
+    assert (f"note: --restore-removed builds back 2 objects of the source removed from {g} with mlsctl index remove "
+            f"(obj1, obj2)") in err
     assert sorted(Gallery(g).ids) == ["obj0", "obj1", "obj2", "obj3"] and Gallery(g).removed_ids() == []
     assert "removed_ids" not in Gallery(g).manifest and not (Gallery(g).data / "removed.txt").exists()
     cli_ok(capsys, "index", "remove", g, "obj3")
     os.truncate(Gallery(g).data / "counts.bin", 8)  # damaged: nothing in it can be read
-    _, err = cli_ok(capsys, *build, "--overwrite")
-    assert (f"note: --overwrite replaces {g}, which cannot be read" in err and "and the objects removed from it "
-            "(mlsctl index remove) cannot be carried over: the rebuild holds every object of the source" in err)
+    code, _, err = cli(*build, "--overwrite", capsys=capsys)  # its removals cannot be known: refused
+    assert code == 2 and (f"--overwrite would replace {g}, which cannot be read" in err and "so the objects removed "
+                          "from it (mlsctl index remove) cannot be known and a rebuild would bring back those its "
+                          "source holds; mend the gallery, or give --restore-removed" in err)
+    _, err = cli_ok(capsys, *build, "--overwrite", "--restore-removed")
+    assert (f"note: --overwrite replaces {g}, which cannot be read" in err and "the rebuild holds every object of the "
+            "source" in err)
     assert len(Gallery(g)) == 4
 
 
@@ -2008,8 +2027,12 @@ def test_a_purge_and_a_retrain_keep_the_photos_known_and_a_removal_drops_its_obj
                                                     say=lambda line: None)
         return created, count, added
 
+    from mlsctl.gallery import describe_gallery
+
+    assert describe_gallery(tmp_path / "g")["photo_digests"] == 8
     remove_from_gallery(tmp_path / "g", ["obj1"])  # a tombstone: its photos leave with it
     assert Gallery(tmp_path / "g").photos_to_fold("obj1", [file_digest(source / "obj1" / "0.png")]) == ([0], 0, 0)
+    assert describe_gallery(tmp_path / "g")["photo_digests"] == 6  # index info: they no longer count (a probe)
     assert add("obj1", "obj1/0.png") == (True, 1, 1)  # a new object, of its new photo
     assert add("obj1", "obj1/0.png") == (False, 1, 0)
     remove_from_gallery(tmp_path / "g", ["obj2"], purge=True)
@@ -2073,3 +2096,189 @@ def test_a_damaged_record_of_the_photos_held_is_one_sentence_and_searches_never_
     (tmp_path / "g" / "gallery.json").write_text(json.dumps(dict(manifest, photo_hashes="4")))
     code, _, err = cli("index", "info", g, capsys=capsys)
     assert code == 2 and "'photo_hashes' the records of photos.bin" in one_sentence(err), err
+
+
+# ------------------------------------------------------------------------------------------- removals under a rebuild
+def test_a_rebuild_holds_the_gallery_lock_from_its_checks_so_a_remove_or_add_during_the_embedding_is_refused(
+        tmp_path, monkeypatch, capsys):
+    """A probe (2026-12-07): index remove during index build --overwrite's embedding said removed, and the swap then
+    brought the ids back (and dropped an index add made meanwhile): the build took the lock only at the swap."""
+    from mlsctl import gallery as gallery_lib
+    from mlsctl.errors import UserError
+
+    from conftest import cli_ok
+
+    source = object_photos(tmp_path / "photos", objects=4)
+    _tiny_model_for(monkeypatch, tmp_path / "run")
+    g = str(tmp_path / "g")
+    build = ("index", "build", str(source), "--out", g, "--workers", "0")
+    cli_ok(capsys, *build)
+    embed, refused = gallery_lib._embed_objects, []
+
+    def meanwhile(*args, **kwargs):
+        for write in (lambda: gallery_lib.remove_from_gallery(g, ["obj1"]),
+                      lambda: gallery_lib.add_to_gallery(g, "new", [source / "obj1" / "0.png"], run=tmp_path)):
+            with pytest.raises(UserError, match=f"gallery {g} is being written by") as caught:
+                write()
+            refused.append(caught.value.exit_code)
+        return embed(*args, **kwargs)
+
+    monkeypatch.setattr(gallery_lib, "_embed_objects", meanwhile)
+    cli_ok(capsys, *build, "--overwrite")
+    assert refused == [1, 1] and sorted(Gallery(g).ids) == ["obj0", "obj1", "obj2", "obj3"]
+    monkeypatch.setattr(gallery_lib, "_embed_objects", embed)
+    cli_ok(capsys, "index", "remove", g, "obj1")  # the lock is given back after the build
+    assert Gallery(g).removed_ids() == ["obj1"]
+
+
+def _files(path: Path) -> dict[str, bytes]:
+    """Every file under ``path`` (the lock file aside) and its bytes: what a refused command must leave as it was."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))
+            if p.is_file() and p.name != ".mlsctl.lock"}
+
+
+def test_a_damaged_removal_record_refuses_a_removal_with_nothing_written_and_a_rebuild_without_restore_removed(
+        tmp_path, monkeypatch, capsys):
+    """A probe (2026-12-07): with removed.txt missing, index remove --purge committed the removal, then the purge
+    failed, and the rebuild it advised brought every removed object back with a note. The record is read before
+    anything is written, and a rebuild over a gallery whose removals cannot be known needs --restore-removed (a bad
+    manifest field alike)."""
+    from conftest import cli, cli_ok
+
+    source = object_photos(tmp_path / "photos", objects=4)
+    _tiny_model_for(monkeypatch, tmp_path / "run")
+    g = str(tmp_path / "g")
+    build = ("index", "build", str(source), "--out", g, "--workers", "0")
+    cli_ok(capsys, *build)
+    cli_ok(capsys, "index", "remove", g, "obj1", "--purge")
+    record = Gallery(g).data / "removed.txt"
+    record.unlink()
+    before = _files(tmp_path / "g")
+    code, _, err = cli("index", "remove", g, "obj2", "--purge", capsys=capsys)
+    assert code == 2 and err.count("\n") == 1 and "the record of the ids removed from it cannot be read" in err, err
+    assert "removed, but" not in err and _files(tmp_path / "g") == before  # nothing written
+    code, _, err = cli(*build, "--overwrite", capsys=capsys)
+    assert code == 2 and "would bring back those its source holds" in err and "--restore-removed" in err
+    assert _files(tmp_path / "g") == before
+    record.write_text("obj1\n")
+    manifest_path = tmp_path / "g" / "gallery.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest_path.write_text(json.dumps(dict(manifest, storage_dtype="fp8")))  # a bad field: removals unknown
+    code, _, err = cli(*build, "--overwrite", capsys=capsys)
+    assert code == 2 and "'storage_dtype' must be fp32 or fp16" in err and "--restore-removed" in err
+    manifest_path.write_text(json.dumps(manifest))
+    assert sorted(Gallery(g).ids) == ["obj0", "obj2", "obj3"] and Gallery(g).removed_ids() == ["obj1"]
+
+
+@pytest.mark.parametrize("damage", ["format4", "format4_count", "more_lines", "fewer_lines", "blank", "crlf", "slash",
+                                    "no_count", "no_end"])
+def test_a_removal_record_that_is_not_what_format_5_writes_is_a_damaged_gallery_naming_it(tmp_path, damage):
+    """A probe (2026-12-07): removed.txt, or removed_ids, was trusted in a gallery of format 4, with a count other
+    than its lines, and with lines that are no ids. Each is one sentence naming the file (and its line)."""
+    from mlsctl.errors import UserError
+    from mlsctl.gallery import remove_from_gallery
+
+    write_gallery(tmp_path / "g", [f"o{i}" for i in range(4)], clustered(4), [1] * 4, IndexSettings("flat"), MANIFEST,
+                  removed_ids=["gone0", "gone1"])
+    g = Gallery(tmp_path / "g")
+    record, manifest_path = g.data / "removed.txt", tmp_path / "g" / "gallery.json"
+    manifest = json.loads(manifest_path.read_text())
+    expected = {"more_lines": "holds 3 whole lines for the 2 removed ids", "fewer_lines": "holds 1 whole lines",
+                "blank": "line 2: '' is empty or blank", "crlf": "line 1: 'gone0\\r' contains the control character",
+                "slash": "line 2: 'a/b' contains '/'", "no_count": "removed.txt is there, but gallery.json counts no",
+                "no_end": "holds 1 whole lines", "format4": "a gallery of format 4 holds removed_ids",
+                "format4_count": "a gallery of format 4 holds removed.txt"}[damage]
+    if damage.startswith("format4"):
+        manifest["format_version"] = 4
+        if damage == "format4_count":
+            del manifest["removed_ids"]
+    elif damage == "no_count":
+        del manifest["removed_ids"]
+        manifest["photo_hashes"] = 1
+        (g.data / "photos.bin").write_bytes(b"\0" * 40)
+    else:
+        record.write_bytes({"more_lines": b"gone0\ngone1\nx\n", "fewer_lines": b"gone0\n", "blank": b"gone0\n\n",
+                            "crlf": b"gone0\r\ngone1\r\n", "slash": b"gone0\na/b\n",
+                            "no_end": b"gone0\ngone1"}[damage])
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match=re.escape(expected)) as caught:
+        Gallery(tmp_path / "g").removed_ids()
+    assert "\n" not in str(caught.value) and "cannot be read" in str(caught.value)
+    rows = Gallery(tmp_path / "g").rows
+    with pytest.raises(UserError, match=re.escape(expected)):
+        remove_from_gallery(tmp_path / "g", ["o1"])
+    assert Gallery(tmp_path / "g").rows == rows  # nothing written
+
+
+def test_a_rebuild_skips_an_object_removed_and_added_again_in_its_source_and_counts_it_as_added(tmp_path, monkeypatch,
+                                                                                               capsys):
+    """A probe (2026-12-07): an object removed and added again with new photos was rebuilt by index build --overwrite
+    from the source's old (taken-down) photos, the new ones dropped without a word (the check compared counts). An
+    id ever removed is skipped in the source unless --restore-removed, even after a purge (removed.txt keeps it),
+    and the re-added object is an add since the build: refused without --drop-added."""
+    from conftest import cli, cli_ok
+
+    source = object_photos(tmp_path / "photos", objects=4)
+    new = object_photos(tmp_path / "new", objects=4, noise_seed=9)
+    _tiny_model_for(monkeypatch, tmp_path / "run")
+    g = str(tmp_path / "g")
+    build = ("index", "build", str(source), "--out", g, "--workers", "0")
+    cli_ok(capsys, *build)
+    cli_ok(capsys, "index", "remove", g, "obj1")
+    cli_ok(capsys, "index", "add", g, "--object", "obj1", str(new / "obj0" / "0.png"), str(new / "obj0" / "1.png"),
+           str(new / "obj1" / "0.png"), "--run", str(tmp_path))
+    for purge in (False, True):
+        if purge:
+            cli_ok(capsys, "index", "remove", g, "--purge")
+            assert Gallery(g).manifest["removed_ids"] == 1 and Gallery(g).removed_ids() == []  # kept, though live
+        code, _, err = cli(*build, "--overwrite", capsys=capsys)
+        assert code == 2 and (f"--overwrite would drop what a rebuild from the source cannot make again: {g} holds 1 "
+                              f"object removed and added again (obj1)") in err and "--drop-added" in err, err
+        assert Gallery(g).count("obj1") == 3
+    _, err = cli_ok(capsys, *build, "--overwrite", "--drop-added")
+    assert f"note: skipped 1 object of the source removed from {g}" in err
+    rebuilt = Gallery(g)
+    assert sorted(rebuilt.ids) == ["obj0", "obj2", "obj3"] and rebuilt.removed_ids() == ["obj1"]  # stays down
+
+
+def test_ids_files_given_twice_are_both_read_dash_is_standard_input_and_a_lone_cr_is_no_line_break(tmp_path, capsys,
+                                                                                                   monkeypatch):
+    """A probe (2026-12-07): --ids-file A --ids-file B removed B's ids alone, and a lone \\r inside a line split it in
+    two (read_text's universal newlines). Every file is read, '-' reads standard input (once), and a line ends at
+    \\n alone: a \\r left in it is refused as no id, naming its line."""
+    import io
+
+    from conftest import cli, cli_ok
+    from test_hardening import one_sentence
+
+    _removal_gallery(tmp_path / "g", "flat")
+    g, a, b = str(tmp_path / "g"), tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("o1\no2\n")
+    b.write_text("o3\r\no1\n")  # CRLF: the \r before \n is trimmed
+    out, _ = cli_ok(capsys, "index", "remove", g, "--ids-file", str(a), "--ids-file", str(b))
+    assert out.startswith(f"removed 3 objects from {g} (o1, o2, o3)") and Gallery(g).removed_ids() == ["o1", "o2", "o3"]
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"o4\no5\n")))
+    out, _ = cli_ok(capsys, "index", "remove", g, "--ids-file", "-")
+    assert out.startswith(f"removed 2 objects from {g} (o4, o5)")
+    code, _, err = cli("index", "remove", g, "--ids-file", "-", "--ids-file", "-", capsys=capsys)
+    assert code == 2 and "--ids-file - (standard input) is given more than once" in one_sentence(err)
+    a.write_bytes(b"o6\ro7\n")
+    code, _, err = cli("index", "remove", g, "--ids-file", str(a), capsys=capsys)
+    assert code == 2 and f"--ids-file {a} line 1: the id 'o6\\ro7' contains the control character \\r" in one_sentence(
+        err), err
+    assert len(Gallery(g)) == 295
+
+
+def test_a_purge_alone_of_a_gallery_whose_removal_record_is_damaged_is_the_damage_sentence(tmp_path):
+    """The record is read before a purge without ids writes anything: the damage is said, not "but the purge failed"."""
+    from mlsctl.errors import UserError
+    from mlsctl.gallery import remove_from_gallery
+
+    write_gallery(tmp_path / "g", [f"o{i}" for i in range(4)], clustered(4), [1] * 4, IndexSettings("flat"), MANIFEST,
+                  removed_ids=["gone"])
+    remove_from_gallery(tmp_path / "g", ["o1"])
+    (Gallery(tmp_path / "g").data / "removed.txt").write_text("gone\r\n")
+    with pytest.raises(UserError) as caught:
+        remove_from_gallery(tmp_path / "g", [], purge=True)
+    assert str(caught.value).startswith(f"{tmp_path / 'g'} is damaged (") and "purge failed" not in str(caught.value)
+    assert Gallery(tmp_path / "g").rows == 5  # nothing written

@@ -2084,3 +2084,45 @@ def test_a_slot_that_comes_as_the_wait_is_cancelled_is_given_back_and_the_cancel
         return refused.value.status, slots.locked()
 
     assert asyncio.run(timed_out()) == (503, False)
+
+
+def test_a_damaged_removal_record_refuses_the_start_and_a_delete_is_a_503_sentence_reading_it_once(tmp_path,
+                                                                                                   monkeypatch):
+    """A probe (2026-12-07): a gallery whose removed.txt was damaged was served, and DELETE of an unknown id then
+    answered 500 "internal error (UserError)"; each such DELETE read removed.txt again (2 s for 2M ids). The start
+    checks it (before the model loads) and keeps it; a record that cannot be read is a 503 naming no path."""
+    import threading
+
+    import torch
+
+    from mlsctl import gallery as gallery_lib
+    from mlsctl import serve
+    from mlsctl.errors import UserError
+    from mlsctl.gallery import Gallery, IndexSettings, write_gallery
+
+    write_gallery(tmp_path / "g", ["obj0", "obj1", "obj2"], torch.eye(3, 8) + 0.1, [1] * 3, IndexSettings(),
+                  {"kind": "mlsctl-gallery", "model": {"run": "/r", "step": 1, "fingerprint": "f" * 64}},
+                  removed_ids=["gone"])
+    record = Gallery(tmp_path / "g").data / "removed.txt"
+    record.write_text("gone\n\n")
+    monkeypatch.setattr(gallery_lib, "load_set_model", lambda *a, **k: pytest.fail("the model loaded"))
+    with pytest.raises(UserError, match="is damaged .*removed.txt holds 2 whole lines"):
+        serve.GalleryService(tmp_path / "g")
+    record.write_text("gone\n")
+    service = serve.GalleryService.__new__(serve.GalleryService)
+    service.read_only, service.index_lock, service.removed = False, threading.Lock(), 0
+    service.gallery = Gallery(tmp_path / "g", recover=True)
+    reads = []
+    recorded = gallery_lib._recorded_removals
+    monkeypatch.setattr(gallery_lib, "_recorded_removals", lambda *a: reads.append(1) or recorded(*a))
+    for _ in range(3):
+        with pytest.raises(serve.RequestError, match="^no object 'nope' in the gallery$"):
+            service.remove("nope")
+    with pytest.raises(serve.RequestError, match="^object 'gone' was removed from the gallery already$"):
+        service.remove("gone")
+    assert reads == [1]  # read once, kept
+    service.gallery = Gallery(tmp_path / "g")
+    record.write_text("gone\r\n")
+    with pytest.raises(serve.RequestError) as refused:
+        service.remove("nope")
+    assert refused.value.status == 503 and str(tmp_path) not in str(refused.value)

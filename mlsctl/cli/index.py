@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import difflib
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Literal, Optional
@@ -224,6 +226,10 @@ def retrain(
           f"{' (exact: nothing to train)' if flat else ''}, {seconds:.1f}s")
 
 
+_NO_OBJECTS = ("index remove takes no --objects: give the ids to remove (index remove GALLERY ID ...), or a text "
+               "file of them, one per line, with --ids-file FILE")
+
+
 class DashedIdsCommand(TyperCommand):
     """``index remove``: an argument beginning with one '-' that is none of its options, before ``--``, is said to be
     an id to give after ``--`` (``index remove GALLERY -- -neg``), instead of click's "No such option: -n"."""
@@ -236,8 +242,11 @@ class DashedIdsCommand(TyperCommand):
         for arg in args:
             if arg == "--":
                 break
-            # one dash: an id such as -neg (a misspelt --option is click's to say, with the option it reads like)
-            if not value_next and arg.startswith("-") and not arg.startswith("--") and arg != "-" and arg not in known:
+            if not value_next and arg.startswith("--") and arg.split("=", 1)[0] == "--objects":
+                raise UserError(_NO_OBJECTS)  # --objects=FILE too (a probe, 2026-12-07: click's "takes no value")
+            # an id such as -neg or --neg; a misspelt --option is click's to say, with the option it reads like
+            if not value_next and arg.startswith("-") and arg != "-" and arg not in known and not (
+                    arg.startswith("--") and difflib.get_close_matches(arg.split("=", 1)[0], sorted(known))):
                 raise UserError(f"index remove has no option {arg}; an id beginning with '-' goes after --: mlsctl "
                                 f"index remove GALLERY -- {arg}")
             value_next = not value_next and arg in takes_value
@@ -249,17 +258,18 @@ def remove(
     gallery: Path = typer.Argument(..., help="Gallery folder (mlsctl index build)."),
     ids: Optional[list[str]] = typer.Argument(None, help="Ids of the objects to remove (an id beginning with '-' "
                                                          "goes after --: index remove GALLERY -- -neg)."),
-    ids_file: Optional[Path] = typer.Option(None, "--ids-file", help="A text file of ids to remove, one per "
-                                                                     "line (blank lines skipped), besides or instead "
-                                                                     "of IDS."),
+    ids_file: Optional[list[Path]] = typer.Option(None, "--ids-file", help="A text file of ids to remove, one per "
+                                                                           "line (blank lines skipped), besides or "
+                                                                           "instead of IDS; give it again for more "
+                                                                           "files, '-' reads standard input."),
     missing_ok: bool = typer.Option(False, "--missing-ok", help="Pass over ids that are not in the gallery instead of "
                                                                 "refusing the whole removal."),
     purge: bool = typer.Option(False, "--purge", help="Then compact the gallery, keeping its trained index, so that "
                                                       "the removed latents leave its files at once (a takedown); "
                                                       "without IDS, purges earlier removals [default: they stay until "
                                                       "the next purge or retrain]."),
-    as_json: bool = typer.Option(False, "--json", help="Print the outcome as JSON (the fields of serve's DELETE "
-                                                       "answer, and more)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the outcome as JSON: gallery, removed and missing "
+                                                       "(ids), objects (left) and purged."),
     objects_option: bool = typer.Option(False, "--objects", hidden=True),  # refused, pointing to --ids-file
 ) -> None:
     """Remove objects from a gallery: searches never return them again.
@@ -273,35 +283,61 @@ def remove(
     from mlsctl.gallery import printable, remove_from_gallery
 
     if objects_option:  # index build's option, tried here (a new user's probe: typer said "No such option" alone)
-        raise UserError("index remove takes no --objects: give the ids to remove (index remove GALLERY ID ...), or a "
-                        "text file of them, one per line, with --ids-file FILE")
+        raise UserError(_NO_OBJECTS)
 
-    from_file = _ids_of_file(ids_file) if ids_file is not None else {}  # id -> its line, for the sentences
+    from_file = _ids_of_files(ids_file or [])  # id -> its file and line, for the sentences
     wanted = list(ids or []) + list(from_file)
     given = set(ids or [])  # an id given as IDS and in the file is named as given
     named = {object_id: where for object_id, where in from_file.items() if object_id not in given}
     if not wanted and not purge:
         raise UserError("give the ids of the objects to remove (index remove GALLERY ID ...), or a file of them, one "
                         "per line, with --ids-file FILE; --purge alone purges earlier removals")
-    target, removed, missing = remove_from_gallery(gallery, wanted, missing_ok=missing_ok, purge=purge, named=named)
+    outcome: dict = {}
+    target, removed, missing = remove_from_gallery(gallery, wanted, missing_ok=missing_ok, purge=purge, named=named,
+                                                   outcome=outcome)
     if as_json:
         print(json.dumps({"gallery": str(gallery), "removed": removed, "missing": missing, "objects": len(target),
-                          "purged": purge}, indent=2))
+                          "purged": outcome["purged"]}, indent=2))
         return
     shown = ", ".join(printable(i) for i in removed[:5]) + (", ..." if len(removed) > 5 else "")
     if wanted:
         print(f"removed {counted(len(removed), 'object')} from {gallery}" + (f" ({shown})" if removed else "")
               + f"; {counted(len(target), 'object')} left")
-    if missing:
-        absent = ", ".join(printable(i) for i in missing[:5]) + (", ..." if len(missing) > 5 else "")
-        say(f"note: {counted(len(missing), 'id')} not in the gallery, passed over (--missing-ok): {absent}")
-    if purge:  # a takedown is done when the latents left the files: said (a probe: only --json said "purged")
+    _say_missing(target, missing)
+    if purge and not outcome["purged"]:  # every row live: nothing written (a probe, 2026-12-07)
+        print(f"nothing to purge in {gallery}: it holds no removed object's latent")
+    elif purge:  # a takedown is done when the latents left the files: said (a probe: only --json said "purged")
         what = ("the removed objects' latents, and any of earlier removals," if removed else
                 "the latents of objects removed earlier")
         print(f"purged {gallery}: {what} left its files")
     if removed and not purge:
         say(f"note: the removed latents stay in the gallery's files until mlsctl index remove {gallery} --purge (or "
             f"index retrain) purges them")
+
+
+def _say_missing(target, missing: list[str]) -> None:
+    """The note on the ids ``--missing-ok`` passed over: those removed before ("removed already", as a refusal
+    says: a probe, 2026-12-07, found them said "not in the gallery"), and those the gallery never held."""
+    from mlsctl.gallery import printable
+
+    before = [object_id for object_id in missing if target.was_removed(object_id)]
+    never = [object_id for object_id in missing if object_id not in set(before)]
+    for ids, what in ((before, "removed already"), (never, "not in the gallery")):
+        if ids:
+            shown = ", ".join(printable(i) for i in ids[:5]) + (", ..." if len(ids) > 5 else "")
+            say(f"note: {counted(len(ids), 'id')} {what}, passed over (--missing-ok): {shown}")
+
+
+def _ids_of_files(paths: list[Path]) -> dict[str, str]:
+    """The ids of every ``--ids-file`` given (each read: a probe, 2026-12-07, found the last alone used), in order,
+    each named by the first file and line that lists it; ``-`` is standard input, read once."""
+    if sum(str(path) == "-" for path in paths) > 1:
+        raise UserError("--ids-file - (standard input) is given more than once; standard input can be read once")
+    named: dict[str, str] = {}
+    for path in paths:
+        for object_id, where in _ids_of_file(path).items():
+            named.setdefault(object_id, where)
+    return named
 
 
 def _ids_of_file(path: Path) -> dict[str, str]:
@@ -311,13 +347,18 @@ def _ids_of_file(path: Path) -> dict[str, str]:
     its file and line."""
     from mlsctl.gallery import check_object_id
 
-    try:
-        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not an id
+    stdin = str(path) == "-"
+    try:  # lines end at \n alone (read_text would end them at a lone \r too, splitting an id: a probe, 2026-12-07)
+        data = sys.stdin.buffer.read() if stdin else path.read_bytes()
+        text = data.decode("utf-8-sig")  # a byte-order mark (Windows editors) is not an id
     except UnicodeDecodeError:
         raise UserError(f"--ids-file {path} is not UTF-8 text; save it as UTF-8, one object id per line") from None
     except OSError as exc:
         raise UserError(f"--ids-file {path} cannot be read ({exc.strerror or exc})") from None
-    lines = [(number, line.rstrip("\r")) for number, line in enumerate(text.split("\n"), 1) if line.strip()]
+    if stdin:
+        path = Path("- (standard input)")
+    lines = [(number, line[:-1] if line.endswith("\r") else line)  # CRLF: the \r of the line break alone
+             for number, line in enumerate(text.split("\n"), 1) if line.strip()]
     if not lines:
         raise UserError(f"--ids-file {path} lists no object id; give one id per line")
     for number, line in lines:
