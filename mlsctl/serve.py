@@ -659,7 +659,7 @@ class GalleryService:
         self.check_id(object_id)
         digests = self.digests(photos)  # none: said by tokens()
         with self.index_lock:  # only the new photos are embedded
-            chosen = self.gallery.photos_to_fold(object_id, digests)[0] if photos else []
+            chosen = self._new_photos(object_id, digests) if photos else []
             if photos and not chosen:
                 return self._unchanged(object_id, len(photos))
         cls, tokens = self.tokens([photos[i] for i in chosen])
@@ -670,7 +670,7 @@ class GalleryService:
         with self.index_lock:
             # again under the lock: an add of the same photos (a retry sent before the first was answered) may
             # have been committed meanwhile
-            kept = self.gallery.photos_to_fold(object_id, [digests[i] for i in chosen])[0] if chosen else []
+            kept = self._new_photos(object_id, [digests[i] for i in chosen]) if chosen else []
             if chosen and not kept:
                 return self._unchanged(object_id, len(photos))
             if len(kept) < len(chosen):
@@ -692,6 +692,18 @@ class GalleryService:
         return {"object": object_id, "created": created, "photos": count, "added": len(folded),
                 "skipped": len(photos) - len(folded), "objects": total,
                 **({"note": note[len("note: "):]} if note else {})}
+
+    def _new_photos(self, object_id: str, digests: list) -> list[int]:
+        """The indices of the photos ``object_id`` does not hold yet (:meth:`~mlsctl.gallery.Gallery.photos_to_fold`);
+        a record of the held photos that cannot be read is the operator's to mend (503; its sentence names the
+        server's path: said in the log only). The caller holds the index lock."""
+        try:
+            return self.gallery.photos_to_fold(object_id, digests)[0]
+        except UserError as exc:
+            log.error(f"an add to '{object_id}' refused: {exc}")
+            raise RequestError(503, "the gallery's record of the photos it holds cannot be read, so no photo can be "
+                                    "added to an object it holds; the server's operator must mend or rebuild the "
+                                    "gallery") from None
 
     def _unchanged(self, object_id: str, skipped: int) -> dict:
         """The answer to an add whose photos the object holds every one of already: nothing written. The caller
@@ -717,9 +729,10 @@ class GalleryService:
                     raise RequestError(404, f"object '{printable(object_id)}' was removed from the gallery already")
                 self._check_known(object_id)
                 self.gallery.remove([object_id])
-            except UserError:  # the gallery's, not the client's (its sentence names the server's path)
-                raise RequestError(503, "the gallery's record of removed objects cannot be read, so no object can be "
-                                        "removed now; the server's operator must mend or rebuild the gallery") from None
+            except UserError as exc:  # the gallery's, not the client's (its sentence names the server's path)
+                log.error(f"a removal of '{object_id}' refused: {exc}")
+                raise RequestError(503, "the gallery cannot remove objects now (damaged, or its disk refuses the "
+                                        "write); the server's operator must look at its log") from None
             self.removed += 1
             return {"object": object_id, "removed": True, "objects": len(self.gallery)}
 

@@ -2092,6 +2092,15 @@ def test_a_damaged_record_of_the_photos_held_is_one_sentence_and_searches_never_
     assert code == 2 and one_sentence(err) == (
         f"error: {g} is damaged (photos.bin is shorter than its 4 records): the record of the photos it holds cannot "
         f"be read; rebuild the gallery with mlsctl index build --overwrite"), err
+    # a review (2026-12-07): a record naming a row past the gallery's was an IndexError ("internal error")
+    cli_ok(capsys, "index", "build", str(source), "--out", g, "--workers", "0", "--overwrite", "--restore-removed")
+    good = Gallery(g).data / PHOTO_HASHES
+    records = np.fromfile(good, dtype=np.dtype([("row", "<i8"), ("digest", "V32")]))
+    records["row"][1] = 99
+    records.tofile(good)
+    code, _, err = cli("index", "add", g, "--object", "obj0", str(source / "obj1" / "0.png"), "--run",
+                       str(tmp_path / "run"), capsys=capsys)
+    assert code == 2 and "(photos.bin names rows outside the gallery's 2)" in one_sentence(err), err
     manifest = json.loads((tmp_path / "g" / "gallery.json").read_text())
     (tmp_path / "g" / "gallery.json").write_text(json.dumps(dict(manifest, photo_hashes="4")))
     code, _, err = cli("index", "info", g, capsys=capsys)
@@ -2282,3 +2291,16 @@ def test_a_purge_alone_of_a_gallery_whose_removal_record_is_damaged_is_the_damag
         remove_from_gallery(tmp_path / "g", [], purge=True)
     assert str(caught.value).startswith(f"{tmp_path / 'g'} is damaged (") and "purge failed" not in str(caught.value)
     assert Gallery(tmp_path / "g").rows == 5  # nothing written
+
+
+def test_a_photo_that_cannot_be_read_to_record_it_is_one_sentence_naming_it(tmp_path):
+    """A review (2026-12-07): a build hashes its photos after embedding them; one gone meanwhile was an OSError, said
+    as "internal error" at the end of the build."""
+    from mlsctl.errors import UserError
+    from mlsctl.gallery import file_digest
+
+    with pytest.raises(UserError) as refused:
+        file_digest(tmp_path / "gone.png")
+    assert str(refused.value) == (f"photo {tmp_path / 'gone.png'} cannot be read to record it (No such file or "
+                                  f"directory): was it moved or changed while the command ran? Run the command again "
+                                  f"once the photos stay put")

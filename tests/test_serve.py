@@ -2126,3 +2126,30 @@ def test_a_damaged_removal_record_refuses_the_start_and_a_delete_is_a_503_senten
     with pytest.raises(serve.RequestError) as refused:
         service.remove("nope")
     assert refused.value.status == 503 and str(tmp_path) not in str(refused.value)
+
+
+def test_an_add_to_an_object_whose_record_of_held_photos_cannot_be_read_is_a_503_naming_no_path(tmp_path):
+    """A review (2026-12-07): photos.bin is read at the first add that needs it, not at start, and a damaged one
+    answered that add with 500 "internal error (UserError)"."""
+    import threading
+
+    import torch
+
+    from mlsctl import serve
+    import numpy as np
+
+    from mlsctl.gallery import HASH_RECORD, Gallery, IndexSettings, write_gallery
+
+    records = np.zeros(2, dtype=HASH_RECORD)
+    records["row"] = [0, 1]
+    write_gallery(tmp_path / "g", ["obj0", "obj1"], torch.eye(2, 8) + 0.1, [1] * 2, IndexSettings(),
+                  {"kind": "mlsctl-gallery", "model": {"run": "/r", "step": 1, "fingerprint": "f" * 64}},
+                  photo_records=records)
+    os.truncate(Gallery(tmp_path / "g").data / "photos.bin", 50)
+    service = serve.GalleryService.__new__(serve.GalleryService)
+    service.read_only, service.index_lock = False, threading.Lock()
+    service.gallery = Gallery(tmp_path / "g")
+    with pytest.raises(serve.RequestError) as refused:
+        service._new_photos("obj0", [b"c" * 32])
+    assert refused.value.status == 503 and str(tmp_path) not in str(refused.value)
+    assert "record of the photos it holds cannot be read" in str(refused.value)

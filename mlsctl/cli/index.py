@@ -321,7 +321,8 @@ def _say_missing(target, missing: list[str]) -> None:
     from mlsctl.gallery import printable
 
     before = [object_id for object_id in missing if target.was_removed(object_id)]
-    never = [object_id for object_id in missing if object_id not in set(before)]
+    removed_before = set(before)
+    never = [object_id for object_id in missing if object_id not in removed_before]
     for ids, what in ((before, "removed already"), (never, "not in the gallery")):
         if ids:
             shown = ", ".join(printable(i) for i in ids[:5]) + (", ..." if len(ids) > 5 else "")
