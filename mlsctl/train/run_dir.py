@@ -137,10 +137,9 @@ def open_run_dir(run: Run, recipe, folder: ImageFolder, lock: FolderLock, *, res
                   overwrite: bool, init_from: Optional[str], method_cls, dataset,
                   overridden: Sequence[str] = ()) -> Optional[str]:
     """Process 0, after every input has been validated: lock the run folder, then either check it
-    for --resume (returns the checkpoint to continue from; ``method_cls`` checks ``dataset`` against what
-    the run was trained on, :meth:`~mlsctl.methods.base.Method.check_resumed_data`) or prepare it for a new run (an
-    earlier run in it is replaced only with --overwrite, and only its own files, which are set
-    aside until the new run's first checkpoint: :meth:`~mlsctl.runs.Run.set_aside`)."""
+    for --resume (returns the checkpoint to continue from: :func:`_checkpoint_to_resume`) or prepare it for a new
+    run (:func:`_prepare_new_run`). A start stopped or failed in between puts back the run it was replacing and
+    releases the lock."""
     lock.acquire()
     try:
         recovered = run.recover_replacement() if run.root.is_dir() else None
@@ -151,67 +150,92 @@ def open_run_dir(run: Run, recipe, folder: ImageFolder, lock: FolderLock, *, res
         if recovered:
             print(f"mlsctl: {recovered}", file=sys.stderr)
         if resume:
-            if not run.has_config():
-                if run.own_entries():
-                    latest = run.latest()
-                    source = (f"copy {latest.recipe_path}, the recipe its newest checkpoint was trained with"
-                              if latest is not None and latest.recipe_path.is_file()
-                              else "a copy of the recipe it was started with")
-                    raise UserError(f"{run.root} holds a run's files but no config.yaml, so it cannot be resumed: "
-                                    f"restore config.yaml ({source}), or start a new run with another --out")
-                raise UserError(f"nothing to resume in {run.root} (no config.yaml); drop --resume to start a new run")
-            saved = config_lib.absolute_paths(config_lib.load_run_recipe(run.config_path))
-            latest = run.latest()
-            check_resumable(run, saved, latest, recipe)
-            if latest is None and run.teacher_weights_path.is_file():  # finished, its checkpoints removed since
-                raise UserError(f"{run.root} has no checkpoint left to resume from, but its finished teacher is in "
-                                f"{run.teacher_weights_path}: start a new run from it with --out NEW --init-from "
-                                f"{run.teacher_weights_path} (--overwrite here would replace it)")
-            if latest is None:
-                raise UserError(f"nothing to resume in {run.root} (no complete checkpoint); drop --resume and add "
-                                f"--overwrite to start again")
-            _same_images(run, saved, recipe, folder)
-            method_cls.check_resumed_data(dataset, run, recipe.data.root, (_trained_recipe(latest) or saved).data.root)
-            for stale in run.checkpoints_dir.glob(".step-*.tmp"):
-                shutil.rmtree(stale, ignore_errors=True)
-            if run.config_path.read_text() != config_lib.dump_recipe(recipe):
-                config_lib.save_recipe(recipe, run.config_path)  # data.root moved, logging settings, an edit undone
-            return str(latest.path)
-        others = [p.name for p in run.root.iterdir()  # a file browser's litter alone: empty (a helper, 2026-12-07)
-                  if p.name != LOCK_NAME and p.name not in HIDDEN_ENTRIES and not atomic.is_litter_file(p)]
-        if others:
-            if not overwrite and not run.has_config():  # no run there: --resume and --overwrite would fail too
-                shown = ", ".join(sorted(others)[:4]) + (", ..." if len(others) > 4 else "")
-                raise UserError(f"--out {run.root} is not empty and holds no run ({shown}): choose another --out, "
-                                f"or empty it")
-            if not overwrite:
-                raise UserError(f"--out {run.root} is not empty: add --resume to continue it, --overwrite to replace "
-                                f"it, or choose another --out")
-            if not run.is_run():
-                shown = ", ".join(sorted(others)[:4]) + (", ..." if len(others) > 4 else "")
-                if run.own_entries():  # a run's files without a readable config.yaml: neither resumed nor replaced
-                    raise UserError(f"--out {run.root} holds a run's files ({shown}) but no readable config.yaml, so it "
-                                    f"can be neither resumed nor replaced safely: move out what you need, delete the "
-                                    f"folder, or choose another --out")
-                raise UserError(f"--out {run.root} is not an mlsctl run (it holds {shown}); --overwrite only replaces "
-                                f"runs: choose another --out")
-            replaced = replaced_run(run)  # before it is set aside
-            kept = run.set_aside()
-            print(f"mlsctl: replacing {replaced} in {run.root}: it stays in {run.root / REPLACED} until the new run's "
-                  f"first checkpoint, and comes back if this start fails or is stopped before it"
-                  + (f"; kept {len(kept)} entr{'ies' if len(kept) > 1 else 'y'} that are not the run's files "
-                     f"({', '.join(kept[:4])}{', ...' if len(kept) > 4 else ''})" if kept else ""), file=sys.stderr)
-        config_lib.save_recipe(recipe, run.config_path)
-        # the keys set on the command line: the recipe's description may no longer say what the run is (the report
-        # marks it: a new user's probe, 2026-12-07)
-        atomic.write_json(run.start_path, {"init_from": os.path.abspath(init_from) if init_from else None,
-                                           "overridden": list(overridden)})
+            return _checkpoint_to_resume(run, recipe, folder, method_cls, dataset)
+        _prepare_new_run(run, recipe, overwrite=overwrite, init_from=init_from, overridden=overridden)
         return None
     except BaseException:
         if run.root.is_dir():  # stopped or failed while setting the old run aside or writing the new recipe
             run.recover_replacement()
         lock.release()
         raise
+
+
+def _check_has_config(run: Run) -> None:
+    """--resume needs RUN/config.yaml; without it, one sentence on where a copy of the recipe is."""
+    if run.has_config():
+        return
+    if run.own_entries():
+        latest = run.latest()
+        source = (f"copy {latest.recipe_path}, the recipe its newest checkpoint was trained with"
+                  if latest is not None and latest.recipe_path.is_file()
+                  else "a copy of the recipe it was started with")
+        raise UserError(f"{run.root} holds a run's files but no config.yaml, so it cannot be resumed: "
+                        f"restore config.yaml ({source}), or start a new run with another --out")
+    raise UserError(f"nothing to resume in {run.root} (no config.yaml); drop --resume to start a new run")
+
+
+def _checkpoint_to_resume(run: Run, recipe, folder: ImageFolder, method_cls, dataset) -> str:
+    """--resume, under the run's lock: the newest complete checkpoint, once the recipe, the images and the
+    method's data (``method_cls`` checks ``dataset`` against what the run was trained on,
+    :meth:`~mlsctl.methods.base.Method.check_resumed_data`) are those the run was trained with."""
+    _check_has_config(run)
+    saved = config_lib.absolute_paths(config_lib.load_run_recipe(run.config_path))
+    latest = run.latest()
+    check_resumable(run, saved, latest, recipe)
+    if latest is None and run.teacher_weights_path.is_file():  # finished, its checkpoints removed since
+        raise UserError(f"{run.root} has no checkpoint left to resume from, but its finished teacher is in "
+                        f"{run.teacher_weights_path}: start a new run from it with --out NEW --init-from "
+                        f"{run.teacher_weights_path} (--overwrite here would replace it)")
+    if latest is None:
+        raise UserError(f"nothing to resume in {run.root} (no complete checkpoint); drop --resume and add "
+                        f"--overwrite to start again")
+    _same_images(run, saved, recipe, folder)
+    method_cls.check_resumed_data(dataset, run, recipe.data.root, (_trained_recipe(latest) or saved).data.root)
+    for stale in run.checkpoints_dir.glob(".step-*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+    if run.config_path.read_text() != config_lib.dump_recipe(recipe):
+        config_lib.save_recipe(recipe, run.config_path)  # data.root moved, logging settings, an edit undone
+    return str(latest.path)
+
+
+def _set_aside_earlier_run(run: Run, others: list[str], overwrite: bool) -> None:
+    """A new run in a folder that is not empty: refused unless --overwrite replaces a run there, whose own files
+    are set aside (:meth:`~mlsctl.runs.Run.set_aside`) until the new run's first checkpoint."""
+    shown = ", ".join(sorted(others)[:4]) + (", ..." if len(others) > 4 else "")
+    if not overwrite and not run.has_config():  # no run there: --resume and --overwrite would fail too
+        raise UserError(f"--out {run.root} is not empty and holds no run ({shown}): choose another --out, "
+                        f"or empty it")
+    if not overwrite:
+        raise UserError(f"--out {run.root} is not empty: add --resume to continue it, --overwrite to replace "
+                        f"it, or choose another --out")
+    if not run.is_run():
+        if run.own_entries():  # a run's files without a readable config.yaml: neither resumed nor replaced
+            raise UserError(f"--out {run.root} holds a run's files ({shown}) but no readable config.yaml, so it "
+                            f"can be neither resumed nor replaced safely: move out what you need, delete the "
+                            f"folder, or choose another --out")
+        raise UserError(f"--out {run.root} is not an mlsctl run (it holds {shown}); --overwrite only replaces "
+                        f"runs: choose another --out")
+    replaced = replaced_run(run)  # before it is set aside
+    kept = run.set_aside()
+    print(f"mlsctl: replacing {replaced} in {run.root}: it stays in {run.root / REPLACED} until the new run's "
+          f"first checkpoint, and comes back if this start fails or is stopped before it"
+          + (f"; kept {len(kept)} entr{'ies' if len(kept) > 1 else 'y'} that are not the run's files "
+             f"({', '.join(kept[:4])}{', ...' if len(kept) > 4 else ''})" if kept else ""), file=sys.stderr)
+
+
+def _prepare_new_run(run: Run, recipe, *, overwrite: bool, init_from: Optional[str],
+                     overridden: Sequence[str]) -> None:
+    """A new run, under the run's lock: an earlier run in the folder is replaced only with --overwrite, and only its
+    own files (:func:`_set_aside_earlier_run`); then the recipe and how the run was started are written."""
+    others = [p.name for p in run.root.iterdir()  # a file browser's litter alone: empty (a helper, 2026-12-07)
+              if p.name != LOCK_NAME and p.name not in HIDDEN_ENTRIES and not atomic.is_litter_file(p)]
+    if others:
+        _set_aside_earlier_run(run, others, overwrite)
+    config_lib.save_recipe(recipe, run.config_path)
+    # the keys set on the command line: the recipe's description may no longer say what the run is (the report
+    # marks it: a new user's probe, 2026-12-07)
+    atomic.write_json(run.start_path, {"init_from": os.path.abspath(init_from) if init_from else None,
+                                       "overridden": list(overridden)})
 
 
 def undo_start(run: Run) -> None:
