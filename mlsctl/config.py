@@ -413,6 +413,8 @@ def _bounds_error(value: float, meta: dict) -> Optional[str]:
 
 
 def _coerce(value: Any, tp: Any, path: str, meta: dict, ctx: _Context, default: Any = None) -> Any:
+    """``value`` read from YAML or ``key=value`` at ``path``, as the schema's type ``tp`` (checked against the field's
+    bounds in ``meta``), or the one sentence of :meth:`_Context.fail` naming the key and what it must be."""
     origin = get_origin(tp)
     if tp is Any:
         return value
@@ -424,66 +426,85 @@ def _coerce(value: Any, tp: Any, path: str, meta: dict, ctx: _Context, default: 
             return None
         return _coerce(value, inner[0], path, meta, ctx)
     if origin is Literal:
-        choices = get_args(tp)
-        if value in choices and type(value) is type(choices[0]):
-            return value
-        message = f"'{path}' must be {_describe(tp)}, got {_show(value)}"
-        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.5)
-        if close:
-            message += f"; did you mean '{close[0]}'?"
-        raise ctx.fail(path, message)
+        return _coerce_choice(value, tp, path, ctx)
     if tp is bool:
         if isinstance(value, bool):
             return value
         raise ctx.fail(path, f"'{path}' must be true or false, got {_show(value)}")
     if tp in (int, float):
-        number: Any = None
-        if isinstance(value, bool):
-            number = None
-        elif isinstance(value, int):
-            number = value
-        elif isinstance(value, float):
-            number = value
-        elif isinstance(value, str) and _FLOAT_TEXT.match(value.strip()):
-            number = float(value)
-        if tp is int and isinstance(number, float):
-            number = int(number) if math.isfinite(number) and number.is_integer() else None
-        if number is None or (isinstance(number, float) and not math.isfinite(number)):
-            raise ctx.fail(path, f"'{path}' must be {_describe(tp)}, got {_show(value)}")
-        number = float(number) if tp is float else number
-        problem = _bounds_error(number, meta)
-        if problem:
-            raise ctx.fail(path, f"'{path}' {problem}, got {number}")
-        return number
+        return _coerce_number(value, tp, path, meta, ctx)
     if tp is str:
-        if isinstance(value, str) and meta.get("path") and not value.strip():
-            # '' would be the current folder: data.root= trained on whatever folder the command ran in
-            raise ctx.fail(path, f"'{path}' is empty; give a path, or null to leave it unset")
-        if isinstance(value, str):
-            return value
-        raise ctx.fail(path, f"'{path}' must be text, got {_show(value)} (quote it in YAML)")
+        return _coerce_text(value, path, meta, ctx)
     if origin is tuple:
         args = get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ctx.fail(path, f"'{path}' must be {_describe(tp)}, got {_show(value)}{_bracket_hint(value, len(args))}")
         return tuple(_coerce(v, a, f"{path}[{i}]", meta, ctx) for i, (v, a) in enumerate(zip(value, args)))
     if origin is list:
-        (arg,) = get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            hint = _bracket_hint(value, 1)
-            choices = [str(c) for c in get_args(arg)] if get_origin(arg) is Literal else None
-            if choices and isinstance(value, str) and "," not in value and value not in choices:
-                # the bracket hint alone advised [tensorboardd], itself refused (a new user's probe, 2026-12-07)
-                close = difflib.get_close_matches(value, choices, n=1, cutoff=0.5)
-                hint = f"; did you mean [{close[0]}]?" if close else f"; write a list in brackets of {', '.join(choices)}"
-            raise ctx.fail(path, f"'{path}' must be {_describe(tp)}, got {_show(value)}{hint}")
-        return [_coerce(v, arg, f"{path}[{i}]", meta, ctx) for i, v in enumerate(value)]
+        return _coerce_list(value, tp, path, meta, ctx)
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise ctx.fail(path, f"'{path}' must be a mapping, got {_show(value)}")
         args = get_args(tp) or (str, Any)
         return {str(k): _coerce(v, args[1], f"{path}.{k}", meta, ctx) for k, v in value.items()}
     raise TypeError(f"unsupported schema type {tp!r} at {path}")  # a bug in the schema, not user input
+
+
+def _coerce_choice(value: Any, tp: Any, path: str, ctx: _Context) -> Any:
+    """One of a ``Literal``'s choices, of the choices' type; else the sentence, with the closest choice."""
+    choices = get_args(tp)
+    if value in choices and type(value) is type(choices[0]):
+        return value
+    message = f"'{path}' must be {_describe(tp)}, got {_show(value)}"
+    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.5)
+    if close:
+        message += f"; did you mean '{close[0]}'?"
+    raise ctx.fail(path, message)
+
+
+def _coerce_number(value: Any, tp: type, path: str, meta: dict, ctx: _Context) -> int | float:
+    """An int or a float (text that reads as a number too: ``key=1e-3``), finite, an int only if whole, within the
+    field's bounds; true and false are not numbers."""
+    number: Any = None
+    if isinstance(value, bool):
+        number = None
+    elif isinstance(value, (int, float)):
+        number = value
+    elif isinstance(value, str) and _FLOAT_TEXT.match(value.strip()):
+        number = float(value)
+    if tp is int and isinstance(number, float):
+        number = int(number) if math.isfinite(number) and number.is_integer() else None
+    if number is None or (isinstance(number, float) and not math.isfinite(number)):
+        raise ctx.fail(path, f"'{path}' must be {_describe(tp)}, got {_show(value)}")
+    number = float(number) if tp is float else number
+    problem = _bounds_error(number, meta)
+    if problem:
+        raise ctx.fail(path, f"'{path}' {problem}, got {number}")
+    return number
+
+
+def _coerce_text(value: Any, path: str, meta: dict, ctx: _Context) -> str:
+    """Text; a path field is never empty."""
+    if isinstance(value, str) and meta.get("path") and not value.strip():
+        # '' would be the current folder: data.root= trained on whatever folder the command ran in
+        raise ctx.fail(path, f"'{path}' is empty; give a path, or null to leave it unset")
+    if isinstance(value, str):
+        return value
+    raise ctx.fail(path, f"'{path}' must be text, got {_show(value)} (quote it in YAML)")
+
+
+def _coerce_list(value: Any, tp: Any, path: str, meta: dict, ctx: _Context) -> list:
+    """A list of the element type; a lone value gets the hint of brackets, or of the closest choice."""
+    (arg,) = get_args(tp)
+    if not isinstance(value, (list, tuple)):
+        hint = _bracket_hint(value, 1)
+        choices = [str(c) for c in get_args(arg)] if get_origin(arg) is Literal else None
+        if choices and isinstance(value, str) and "," not in value and value not in choices:
+            # the bracket hint alone advised [tensorboardd], itself refused (a new user's probe, 2026-12-07)
+            close = difflib.get_close_matches(value, choices, n=1, cutoff=0.5)
+            hint = f"; did you mean [{close[0]}]?" if close else f"; write a list in brackets of {', '.join(choices)}"
+        raise ctx.fail(path, f"'{path}' must be {_describe(tp)}, got {_show(value)}{hint}")
+    return [_coerce(v, arg, f"{path}[{i}]", meta, ctx) for i, v in enumerate(value)]
 
 
 def _all_paths(cls: type, prefix: str = "") -> list[str]:
