@@ -468,10 +468,7 @@ def _open_feature_folder(out: Path, plan: dict, overwrite: bool, lock: FolderLoc
         partial = out / PARTIAL
         contents = [p for p in out.iterdir() if p.name != LOCK_NAME]
         if (out / MANIFEST).is_file():
-            try:
-                existing = json.loads((out / MANIFEST).read_text())
-            except (OSError, ValueError):
-                existing = {}
+            existing = _json_or_empty(out / MANIFEST)
             previous = existing.get("plan", {}) if isinstance(existing, dict) else {}
             if _same_plan(previous, plan, complete=True, any_dtype=refresh) and not overwrite:
                 _remove_leftovers(out)  # of an embed killed while it cleaned up
@@ -482,37 +479,11 @@ def _open_feature_folder(out: Path, plan: dict, overwrite: bool, lock: FolderLoc
                                 f"replace them or "
                                 f"choose another --out")
         elif partial.is_dir() and (partial / "plan.json").is_file() and not overwrite:
-            try:
-                previous = json.loads((partial / "plan.json").read_text())
-            except (OSError, ValueError):
-                previous = {}
-            difference = _plan_difference(previous, plan)
-            if difference == "image sizes or modification times":  # the same names, other images under them
-                raise UserError(f"--out {out} holds an unfinished embed of images that changed since it began (a size "
-                                f"or modification time in {plan['input_root']} differs); its parts cannot be reused: "
-                                f"add --overwrite to begin again with the images there now")
-            if difference in ("image list", "image count, image list") or (
-                    difference.startswith(("image list", "image count"))
-                    and difference.endswith("image sizes or modification times")):
-                raise UserError(f"--out {out} holds an unfinished embed of another list of images "
-                                f"({previous.get('candidates', '?')} then, {plan['candidates']} now: files were added "
-                                f"to or removed from {plan['input_root']} since it began); its parts cannot be reused: "
-                                f"add --overwrite to begin again with the images there now")
-            if not _same_plan(previous, plan):
-                raise UserError(f"--out {out} holds an unfinished embed made differently ({difference or 'unknown'}); "
-                                f"run the original command again to finish it, or add --overwrite")
+            _check_unfinished_embed(out, _json_or_empty(partial / "plan.json"), plan)
         elif contents and not is_feature_folder(out):
             check_feature_target(out)
         if overwrite and partial.is_dir():  # an unfinished embed: continued when it is this one, else begun again
-            try:
-                previous = json.loads((partial / "plan.json").read_text())
-            except (OSError, ValueError):
-                previous = {}
-            if not _same_plan(previous, plan):
-                listed = _shard_files(out)
-                for name in _recorded_shard_files(partial) - listed:  # shards it had assembled
-                    (out / name).unlink(missing_ok=True)
-                shutil.rmtree(partial)
+            _discard_other_unfinished_embed(out, plan)
         # With --overwrite the features already there stay whole and readable until the new manifest replaces
         # them (_write_manifest); nothing else in --out is touched.
         partial.mkdir(parents=True, exist_ok=True)
@@ -524,6 +495,46 @@ def _open_feature_folder(out: Path, plan: dict, overwrite: bool, lock: FolderLoc
     except BaseException:
         lock.release()
         raise
+
+
+def _json_or_empty(path: Path):
+    """The JSON in ``path``, or {} where it cannot be read (a plan or manifest then compares as made otherwise)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _check_unfinished_embed(out: Path, previous, plan: dict) -> None:
+    """An unfinished embed in ``out`` (its ``.partial/plan.json`` says ``previous``) is continued only by the same
+    plan; otherwise one sentence says what changed and that --overwrite begins again."""
+    difference = _plan_difference(previous, plan)
+    if difference == "image sizes or modification times":  # the same names, other images under them
+        raise UserError(f"--out {out} holds an unfinished embed of images that changed since it began (a size "
+                        f"or modification time in {plan['input_root']} differs); its parts cannot be reused: "
+                        f"add --overwrite to begin again with the images there now")
+    if difference in ("image list", "image count, image list") or (
+            difference.startswith(("image list", "image count"))
+            and difference.endswith("image sizes or modification times")):
+        raise UserError(f"--out {out} holds an unfinished embed of another list of images "
+                        f"({previous.get('candidates', '?')} then, {plan['candidates']} now: files were added "
+                        f"to or removed from {plan['input_root']} since it began); its parts cannot be reused: "
+                        f"add --overwrite to begin again with the images there now")
+    if not _same_plan(previous, plan):
+        raise UserError(f"--out {out} holds an unfinished embed made differently ({difference or 'unknown'}); "
+                        f"run the original command again to finish it, or add --overwrite")
+
+
+def _discard_other_unfinished_embed(out: Path, plan: dict) -> None:
+    """--overwrite over an unfinished embed of another plan: its assembled shards and ``.partial/`` go (one of this
+    plan is continued)."""
+    partial = out / PARTIAL
+    if _same_plan(_json_or_empty(partial / "plan.json"), plan):
+        return
+    listed = _shard_files(out)
+    for name in _recorded_shard_files(partial) - listed:  # shards it had assembled
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(partial)
 
 
 def _remove_leftovers(out: Path, keep_partial: bool = False) -> None:
