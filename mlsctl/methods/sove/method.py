@@ -249,22 +249,27 @@ class SOVE(Method):
             terms["patch"] = timed("time/votes", patch_term)
             loss = loss + terms["patch"]
 
-        # memories: view 2's teacher CLS into E_C, one random view-2 teacher patch per image into E_P
         with torch.no_grad(), timer("time/memory"):
-            view2 = batch.boxes[:, 1].float()
-            self.class_memory.enqueue(teacher_cls[b:], step=step, image_id=batch.image_ids, box=view2)
-            h, w = teacher_out.patches.shape[1:3]
-            # one pick per row of the step's global batch, this micro-batch's rows taken: the same picks
-            # however the batch is split over processes and micro-batches
-            rows = self.global_rows(b)
-            picked = torch.randint(0, h * w, (dist.world_size() * self.micro_batch[1] * b,),
-                                   generator=self._generator(step, 2))[rows.start:rows.stop]
-            picked = to_device(picked, teacher_out.patches.device)
-            patch = teacher_out.patches[b:].flatten(1, 2)[torch.arange(b, device=picked.device), picked]
-            self.patch_memory.enqueue(self.teacher.head(patch).float(), step=step, image_id=batch.image_ids, box=view2,
-                                      region=_patch_boxes(view2, batch.flips[:, 1], picked, (h, w)))
+            self._remember(batch, teacher_cls[b:], teacher_out.patches[b:], step)
         metrics = {"teacher_temp": temperature, "masked_share": metric_value(flat_mask.float().mean()), **timer.seconds}
         return StepOutput(loss, terms={k: v.detach() for k, v in terms.items()}, metrics=metrics)
+
+    def _remember(self, batch, view2_cls: torch.Tensor, view2_patches: torch.Tensor, step: int) -> None:
+        """The memories: view 2's teacher CLS into E_C, one random view-2 teacher patch per image into E_P
+        (``view2_patches``: the teacher's patch tokens of view 2, [B, h, w, D], before its head)."""
+        b = len(batch)
+        view2 = batch.boxes[:, 1].float()
+        self.class_memory.enqueue(view2_cls, step=step, image_id=batch.image_ids, box=view2)
+        h, w = view2_patches.shape[1:3]
+        # one pick per row of the step's global batch, this micro-batch's rows taken: the same picks
+        # however the batch is split over processes and micro-batches
+        rows = self.global_rows(b)
+        picked = torch.randint(0, h * w, (dist.world_size() * self.micro_batch[1] * b,),
+                               generator=self._generator(step, 2))[rows.start:rows.stop]
+        picked = to_device(picked, view2_patches.device)
+        patch = view2_patches.flatten(1, 2)[torch.arange(b, device=picked.device), picked]
+        self.patch_memory.enqueue(self.teacher.head(patch).float(), step=step, image_id=batch.image_ids, box=view2,
+                                  region=_patch_boxes(view2, batch.flips[:, 1], picked, (h, w)))
 
 
 def _patch_boxes(boxes: torch.Tensor, flips: torch.Tensor, index: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
