@@ -34,7 +34,7 @@ One trial, both sides fed the same tensors:
   ours too: our method's gate (on once S images have been written) lives in
   ``CrIBo._cross_image_term``, not in the loss.
 
-Ours departs from theirs in one documented place (docs/methods.md#crib-departures): the
+Ours departs from theirs in one documented place (docs/methods.md#cribo-departures): the
 cross-image term averages each direction over its own cycle-consistent pairs where the authors
 divide both by the first direction's count. Its difference is reported as it is (``cross_image``)
 and after recomposing ours with their normalisation (``cross_image_their_norm``: our per-direction

@@ -374,3 +374,67 @@ def test_a_run_too_short_for_its_bank_says_the_cross_image_loss_stays_off(tmp_pa
     assert len(notes) == 1 and "stays off" in notes[0] and "method.bank_images=8" in notes[0]
     off, _ = _cribo(tmp_path, bank_images=8, cross_image_loss=False)
     assert not off.run_notes(4 * 2)
+
+
+def test_loss_equals_the_authors_on_a_fixed_input():
+    """Our three terms, their total, both centre updates and the gradients, on one closed-form input,
+    pinned to what the authors' ``CrIBoLoss.forward`` and ``get_nn_centroids`` gave on it:
+    ``benchmarks/cribo_loss_reference.py`` (``fixed_case``, ``run_fixed_case``; results
+    ``benchmarks/results/cribo_loss_reference.json``, ``fixed_case``) on tileb1/CrIBo at commit 311f569.
+    The input: an identity object head (the object vectors are their logits), 2 images, 3 crops (2 global,
+    1 local), 6 outputs, 3 objects, a bank of 5 entries in which one object's cycle fails in each direction
+    (so both directions count 2 pairs and the authors' normalisation of the cross-image term, by the first
+    direction's count, is ours here: docs/methods.md#cribo-departures); epoch 1 of a 3-epoch temperature
+    warm-up. Composed as ``CrIBo.training_step`` composes them."""
+    from mlsctl.methods.cribo import cross_image_object_loss, cross_view_object_loss
+    from mlsctl.methods.self_distillation import StepCenters, dino_loss, teacher_probabilities
+    from mlsctl.schedules import linear_warmup_epochs
+
+    out, crops, epoch, warmup = 6, 3, 1, 3
+    grid = torch.arange(60, dtype=torch.float32)
+    student_cls = (2 * torch.sin(0.7 * grid[:3 * 2 * out]).reshape(6, out)).requires_grad_()
+    teacher_cls = 2 * torch.cos(0.5 * grid[:2 * 2 * out] + 0.3).reshape(4, out)
+    t = torch.sin(1.3 * grid[:3 * out] + 1.0).reshape(3, out)
+    teacher_objects = torch.cat([t, t + 0.3 * torch.cos(2.1 * grid[:3 * out]).reshape(3, out)])  # c_1, c_2
+    student_objects = (1.5 * torch.cos(0.9 * grid[:2 * 3 * out] + 0.2).reshape(6, out)).requires_grad_()
+    noise = 0.4 * torch.sin(3.7 * grid[:5 * 2 * out] + 0.5).reshape(5, 2 * out)
+    bank = torch.cat([teacher_objects[[2, 0, 1, 2, 0]], teacher_objects[[5, 3, 3, 3, 4]]], 1) + noise
+    bank[3:] = torch.cos(1.7 * grid[:2 * 2 * out]).reshape(2, 2 * out)
+    center, center_c = 0.3 * torch.sin(grid[:out])[None], 0.3 * torch.cos(grid[:out])[None]
+
+    temperature = linear_warmup_epochs(epoch, warmup, 0.04, 0.07)
+    temperature_c = linear_warmup_epochs(epoch, warmup, 0.05, 0.065)
+    t1, t2 = teacher_objects.chunk(2)
+    s1, s2 = student_objects.chunk(2)
+    nearest1, ok1 = cycle_consistent_neighbours(t1, t2, bank[:, :out], bank[:, out:])
+    nearest2, ok2 = cycle_consistent_neighbours(t2, t1, bank[:, out:], bank[:, :out])
+    assert [ok1.int().tolist(), ok2.int().tolist()] == [[1, 0, 1], [1, 0, 1]]
+    assert [nearest1.tolist(), nearest2.tolist()] == [[1, 2, 0], [1, 4, 0]]
+    targets = teacher_probabilities(teacher_cls, center, temperature)
+    global_ = dino_loss(student_cls.chunk(crops), targets.chunk(2), 0.1)
+    p1, p2 = teacher_probabilities(teacher_objects, center_c, temperature_c).chunk(2)
+    cross_view = cross_view_object_loss(p1, p2, s1, s2, 0.12)
+    q1, q2 = teacher_probabilities(torch.cat([bank[nearest1, :out], bank[nearest2, out:]]), center_c,
+                                   temperature_c).chunk(2)
+    cross_image = cross_image_object_loss(q1, q2, s1, s2, ok1.float(), ok2.float(), 0.12)
+    total = global_ + cross_view + cross_image
+    total.backward()
+    centers = StepCenters()
+    new_center, new_center_c = center.clone(), center_c.clone()
+    centers.add("center", new_center, teacher_cls, 0.9)
+    centers.add("object_center", new_center_c, teacher_objects, 0.8)
+    centers.apply()
+
+    # the authors' values (tileb1/CrIBo 311f569, through benchmarks/cribo_loss_reference.py)
+    assert global_.item() == pytest.approx(22.455032348632812, rel=1e-5)
+    assert cross_view.item() == pytest.approx(10.347244262695312, rel=1e-5)
+    assert cross_image.item() == pytest.approx(11.162843704223633, rel=1e-5)
+    assert total.item() == pytest.approx(43.965118408203125, rel=1e-5)
+    assert new_center[0].tolist() == pytest.approx(
+        [-0.001225501298904419, 0.21943266689777374, 0.23310784995555878, 0.024098530411720276,
+         -0.21651332080364227, -0.2662777304649353], abs=1e-6)
+    assert new_center_c[0].tolist() == pytest.approx(
+        [0.3131742477416992, 0.0675029456615448, -0.18159276247024536, -0.19780707359313965,
+         -0.10013313591480255, 0.08401686698198318], abs=1e-6)
+    assert student_cls.grad.abs().sum().item() == pytest.approx(15.00314712524414, rel=1e-5)
+    assert student_objects.grad.abs().sum().item() == pytest.approx(28.347063064575195, rel=1e-5)
