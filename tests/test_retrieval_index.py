@@ -66,6 +66,11 @@ def test_index_scores_equal_the_photo_folder_scores_of_the_same_model_and_photos
     for row in payload["results"]:
         assert row["method"] == "mile" and scores(row) == expected[row["noise"]], row
         assert row["R@1"] < 1 and row["photos_replaced"] == (6 if row["noise"] else 0)  # not trivially all found
+    # mlsctl compare's columns: the gallery's search, and the exact search apart
+    from mlsctl.evaluate.results import headline
+
+    assert set(headline(payload)) == {f"{score} mile{exact}{noise}" for score in ("AR@10", "R@1")
+                                      for exact in ("", " exact") for noise in ("", ", noise 50%")}
     # --json prints what it writes
     out, _ = cli_ok(capsys, "eval", "retrieval", "--index", str(flat_gallery), *common, "--out",
                     str(tmp_path / "again.json"), "--json")
