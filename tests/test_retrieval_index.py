@@ -151,3 +151,36 @@ def test_the_index_cost_note_says_what_the_approximation_loses():
     same = {"search": settings, "results": [row("index", 0.9, 0.6), row("exact", 0.9, 0.6)]}
     assert index_cost_note(same) == ("the index (nprobe 8 of 8 lists, refine 10) retrieves as the exact search does "
                                      "on these queries")
+
+
+def test_an_ivfpq_gallerys_search_is_ranked_as_it_answers_and_loses_what_it_does_not_return(tmp_path, monkeypatch):
+    """:func:`index_ranks` of the gallery's own search: equal to the exact ranks within R@10 for a flat index; an
+    IVF-PQ index searching 1 list of 8 misses objects the exact search ranks first."""
+    import torch
+
+    from mlsctl.evaluate.retrieval import NEVER_FOUND, cosine_scores, index_ranks, ranks, recall_at
+    from mlsctl.gallery import Gallery, IndexSettings, write_gallery
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.nn.functional.normalize(torch.randn(8, 16, generator=g), dim=1)
+    latents = 3 * (centres[torch.randint(0, 8, (400,), generator=g)] + 0.4 * torch.randn(400, 16, generator=g))
+    ids = [f"o{i}" for i in range(400)]
+    queries = latents[:60] + 0.8 * torch.randn(60, 16, generator=g)
+    manifest = {"kind": "mlsctl-gallery", "model": {"run": "/r", "step": 1, "fingerprint": "f" * 64}}
+    exact = recall_at(ranks(cosine_scores(queries, latents), torch.arange(60)))
+    found = {}
+    for kind, settings in (("flat", IndexSettings()),
+                           ("ivfpq", IndexSettings("ivfpq", nlist=8, m=4, nbits=6, nprobe=1, refine=1))):
+        write_gallery(tmp_path / kind, ids, latents, [1] * 400, settings, manifest)
+        rank = index_ranks(Gallery(tmp_path / kind).search_many(queries, 11), ids[:60])
+        found[kind] = recall_at(rank)
+        assert set(rank.tolist()) <= set(range(1, 12)) | {NEVER_FOUND}
+    assert found["flat"] == exact
+    # the exact search, a block of stored latents at a time, ranks as the whole score matrix does
+    from mlsctl.evaluate import retrieval
+
+    monkeypatch.setattr(retrieval, "EXACT_BLOCK", 64)
+    gallery = Gallery(tmp_path / "ivfpq")
+    blocked = retrieval.exact_ranks(queries, gallery, gallery.live_rows(), torch.arange(60))
+    assert torch.equal(blocked, ranks(cosine_scores(queries, latents), torch.arange(60)))
+    assert all(found["ivfpq"][k] <= exact[k] for k in exact) and found["ivfpq"][10] < exact[10]

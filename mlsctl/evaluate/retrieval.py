@@ -452,15 +452,15 @@ def evaluate_set_model(model, photos: PairedPhotos, gallery, query, *, query_siz
 class GalleryQueries:
     """The query objects of ``eval retrieval --index``: ``objects`` (those the gallery holds, in the query's
     order) with their photos ``sets``; ``removed`` (removed from the gallery) and ``absent`` (never in it), left
-    out of R@k; ``latents`` the gallery's live stored latents [G, D] (float32) and ``ids`` their objects, row for
-    row, checked finite (what the exact search scores against)."""
+    out of R@k; ``rows`` the gallery's live rows (their stored latents checked finite: what the exact search
+    scores against) and ``ids`` their objects, row for row."""
     objects: list[str]
     sets: list[list[Path]]
     removed: list[str]
     absent: list[str]
     query_objects: int
     ids: list[str]
-    latents: np.ndarray
+    rows: np.ndarray
     digests_checked: bool  # the query photos were compared with the photos the gallery holds (by their bytes)
 
 
@@ -481,7 +481,8 @@ def gallery_queries(target, query, query_objects=None) -> GalleryQueries:
 
     groups = object_folders(query, query_objects, "--query-objects")
     live = target.live_rows()
-    latents = target.check_live_latents(live)  # a NaN latent: one sentence, before the model loads
+    for start in range(0, len(live), EXACT_BLOCK):  # a NaN latent: one sentence, before the model loads
+        target.check_live_latents(live[start:start + EXACT_BLOCK])
     ids = [target.row_ids[row] for row in live.tolist()]
     held = set(ids)
     objects = [o for o in groups if o in held]
@@ -507,8 +508,33 @@ def gallery_queries(target, query, query_objects=None) -> GalleryQueries:
                     raise UserError(f"{path} is a photo gallery {target.path} holds already (the same bytes, folded "
                                     f"into object '{printable(found)}'): a query set of the gallery's own photos finds "
                                     f"its object trivially; give other photos of the objects as --query")
-    return GalleryQueries(objects, [list(groups[o]) for o in objects], removed, absent, len(groups), ids, latents,
+    return GalleryQueries(objects, [list(groups[o]) for o in objects], removed, absent, len(groups), ids, live,
                           bool(len(records)))
+
+
+EXACT_BLOCK = 65536  # stored latents read and scored at once by the exact search (a block of 384 wide: 100 MB)
+
+
+def exact_ranks(queries: torch.Tensor, target, rows: np.ndarray, own: torch.Tensor) -> torch.Tensor:
+    """:func:`ranks` of set latents ``queries`` [Q, D] against the stored latents of ``target``'s ``rows`` (``own``:
+    the position in ``rows`` of each query's object), cosine, brute force, a block of rows at a time: the score
+    matrix of a large gallery is never held whole. Two passes: each query's own score is taken from the product
+    that scores the others (computed apart, its rounding could differ, and the own object out-rank itself)."""
+    unit = F.normalize(queries.float(), dim=1)
+
+    def blocks():
+        for start in range(0, len(rows), EXACT_BLOCK):
+            block = torch.from_numpy(np.asarray(target.latents[rows[start:start + EXACT_BLOCK]], dtype=np.float32))
+            yield start, unit @ F.normalize(block, dim=1).T
+
+    own_scores = torch.full((len(queries),), math.nan)
+    for start, scores in blocks():
+        inside = (own >= start) & (own < start + scores.shape[1])
+        own_scores[inside] = scores[inside.nonzero()[:, 0], own[inside] - start]
+    counts = torch.zeros(len(queries), dtype=torch.int64)
+    for _, scores in blocks():
+        counts += (scores >= own_scores[:, None]).sum(1)
+    return torch.where(own_scores.isnan(), NEVER_FOUND, counts)
 
 
 def left_out_note(queries: GalleryQueries) -> Optional[str]:
@@ -612,7 +638,6 @@ def evaluate_gallery(target, model, queries: GalleryQueries, query, *, query_siz
     cls = torch.cat(cls)
     tokens = torch.cat(tokens) if model.attend == "patches" else None
     embedded = time.perf_counter()
-    stored = torch.from_numpy(queries.latents)
     position = {object_id: i for i, object_id in enumerate(queries.ids)}
     targets = torch.tensor([position[o] for o in queries.objects], dtype=torch.int64)
     k = min(11, len(queries.ids))  # 11: a tie with the 11th answer counts against a 10th (R@10 exact)
@@ -626,7 +651,7 @@ def evaluate_gallery(target, model, queries: GalleryQueries, query, *, query_siz
         found = target.search_many(latents, k)  # as mlsctl search searches
         seconds["search"] += time.perf_counter() - at
         at = time.perf_counter()
-        exact = ranks(cosine_scores(latents, stored), targets)
+        exact = exact_ranks(latents, target, queries.rows, targets)
         seconds["exact"] += time.perf_counter() - at
         for search, rank in (("index", index_ranks(found, queries.objects)), ("exact", exact)):
             result = RetrievalResult(model.kind, fraction, recall_at(rank), len(sets), len(queries.ids), "trained",
@@ -673,5 +698,8 @@ def index_cost_note(payload: dict) -> str:
         return (f"the index ({words}) retrieves as the exact search does on these queries"
                 + ("" if equal else " (its R@k differ by near-equal cosines rounded apart)"))
     worst = max(pairs, key=lambda p: p[1]["AR@10"] - p[0]["AR@10"])
+    stale = settings.get("written_since_training") or 0
+    retrain = (f"; {100 * stale:.0f}% of the objects were written after its quantiser was trained: mlsctl index "
+               f"retrain may recover them" if stale > 0.2 else "")
     return (f"the index ({words}) costs {100 * cost:.1f} points of AR@10 against the exact search (noise "
-            f"{100 * worst[0]['noise']:.0f}%): objects it did not return among its candidates")
+            f"{100 * worst[0]['noise']:.0f}%): objects it did not return among its candidates{retrain}")
