@@ -184,3 +184,21 @@ def test_an_ivfpq_gallerys_search_is_ranked_as_it_answers_and_loses_what_it_does
     blocked = retrieval.exact_ranks(queries, gallery, gallery.live_rows(), torch.arange(60))
     assert torch.equal(blocked, ranks(cosine_scores(queries, latents), torch.arange(60)))
     assert all(found["ivfpq"][k] <= exact[k] for k in exact) and found["ivfpq"][10] < exact[10]
+
+
+def test_a_mean_cls_gallery_of_a_dino_run_scores_as_the_photo_folder_forms_mean_cls(finished_run, tmp_path, capsys):
+    """A gallery of a run that is not MILE folds mean-CLS sets: --index scores them with its own model as the
+    photo-folder form's mean-cls rows of the trained teacher score the same photos."""
+    from test_gallery import object_photos
+
+    gallery = object_photos(tmp_path / "gallery", objects=8)
+    query = object_photos(tmp_path / "query", objects=8, noise_seed=1)  # other photos of the same objects
+    cli_ok(capsys, "index", "build", str(gallery), "--run", str(finished_run[0]), "--out", str(tmp_path / "g"))
+    common = ("--query", str(query), "--query-size", "all", "--noise", "0", "0.5")
+    cli_ok(capsys, "eval", "retrieval", "--gallery", str(gallery), "--run", str(finished_run[0]), *common, "--out",
+           str(tmp_path / "folders.json"))
+    cli_ok(capsys, "eval", "retrieval", "--index", str(tmp_path / "g"), *common, "--out", str(tmp_path / "index.json"))
+    expected = {r["noise"]: scores(r) for r in json.loads((tmp_path / "folders.json").read_text())["results"]
+                if r["method"] == "mean-cls" and r["backbone"] == "trained"}
+    rows = json.loads((tmp_path / "index.json").read_text())["results"]
+    assert len(rows) == 4 and all(r["method"] == "mean-cls" and scores(r) == expected[r["noise"]] for r in rows), rows
