@@ -111,6 +111,11 @@ def test_refusals_come_before_the_model_loads(mile_run, flat_gallery, tmp_path, 
     query = str(mile_run / "query")
     err = refused("--index", str(tmp_path / "nowhere"), "--query", query)
     assert f"gallery {tmp_path / 'nowhere'} does not exist" in err
+    err = refused("--index", str(mile_run / "gallery"), "--query", query)  # photos given as the gallery index
+    assert "is not a gallery (no gallery.json): --index takes a gallery made by mlsctl index build" in err
+    assert "goes to --gallery" in err
+    err = refused("--index", str(flat_gallery), "--query", str(tmp_path / "no-query"))
+    assert f"--query {tmp_path / 'no-query'} does not exist" in err
     err = refused("--index", str(flat_gallery), "--gallery", str(mile_run / "gallery"), "--query", query)
     assert "--gallery names gallery photos to embed, --index a gallery" in err
     # the gallery's own photos as queries would find their objects trivially

@@ -554,10 +554,17 @@ def _retrieval_of_index(index: Path, query: Path, gallery: Optional[Path], galle
         given = "--gallery" if gallery is not None else "--gallery-objects"
         raise UserError(f"{given} names gallery photos to embed, --index a gallery whose objects are stored: give one of "
                         f"them (--index {index} scores the gallery as it is, with its own model)")
+    kind = folder_kind(index)
+    if index.is_dir() and kind != "a gallery" and not (index / "gallery.json").exists():
+        what = f"{kind}, not a gallery" if kind else "not a gallery (no gallery.json)"
+        raise UserError(f"--index {index} is {what}: --index takes a gallery made by mlsctl index build; a folder of "
+                        f"photos, one sub-folder per object, goes to --gallery")
+    target = Gallery(index)  # missing, damaged: one sentence each
+    if not query.exists():
+        raise UserError(f"--query {query} does not exist; give a folder with one sub-folder of photos per object")
     if folder_kind(query) == "a gallery":
         raise UserError(f"--query {query} is a gallery index (mlsctl index build); --query takes photos: a folder with "
                         f"one sub-folder of photos per object, other photos of the gallery's objects")
-    target = Gallery(index)  # missing, not a gallery, damaged: one sentence each
     check_objects_file(query_objects, "--query-objects")
     queries = gallery_queries(target, query, query_objects)  # the objects, the photos and the latents, before the model
     if run is not None:

@@ -561,8 +561,8 @@ def check_run_for_gallery(target, run) -> None:
     from mlsctl.restore import recipe_of
     from mlsctl.runs import open_run
 
-    target.check_run_kind(run)  # a model of the other kind
     opened = open_run(run, hint="give a run written by mlsctl pretrain", flag="--run")
+    target.check_run_kind(run)  # a model of the other kind
     recipe = recipe_of(opened)
     built = target.manifest["model"]
     given = {"arch": recipe.model.arch, "resolution": recipe.data.global_crops.size}
