@@ -487,7 +487,8 @@ def gallery_queries(target, query, query_objects=None) -> GalleryQueries:
     held = set(ids)
     objects = [o for o in groups if o in held]
     removed = [o for o in groups if o not in held and target.was_removed(o)]
-    absent = [o for o in groups if o not in held and o not in set(removed)]
+    was_removed = set(removed)
+    absent = [o for o in groups if o not in held and o not in was_removed]
     source = f"the object_id column of --query-objects {query_objects}" if query_objects is not None else \
         f"the sub-folders of {query}"
     if not len(target):
@@ -545,8 +546,9 @@ def left_out_note(queries: GalleryQueries) -> Optional[str]:
         return None
     parts = [f"{len(ids)} {what}: {_shown(ids)}" for ids, what in ((queries.removed, "removed from the gallery"),
                                                                     (queries.absent, "never in it")) if ids]
-    return (f"note: {len(queries.removed) + len(queries.absent)} of the {counted(queries.query_objects, 'query object')}"
-            f" are left out of R@k, {'; '.join(parts)}")
+    left = len(queries.removed) + len(queries.absent)
+    return (f"note: {left} of the {counted(queries.query_objects, 'query object')} {'is' if left == 1 else 'are'} "
+            f"left out of R@k, {'; '.join(parts)}")
 
 
 def check_run_for_gallery(target, run) -> None:
@@ -597,8 +599,10 @@ def index_words(settings) -> str:
     """A gallery's search settings in words (its manifest's ``index``)."""
     if settings.kind == "flat":
         return "flat (exact)"
-    return f"ivfpq (nlist {settings.nlist}, m {settings.m}, {settings.nbits} bits, nprobe {settings.nprobe}, " \
-           f"refine {settings.refine})"
+    probed = min(settings.nprobe, settings.nlist) if settings.nlist else settings.nprobe  # faiss reads at most nlist
+    asked = f" of the {settings.nprobe} asked" if probed != settings.nprobe else ""
+    return (f"ivfpq (nlist {settings.nlist}, m {settings.m}, {settings.nbits} bits, nprobe {probed}{asked}, "
+            f"refine {settings.refine})")
 
 
 def evaluate_gallery(target, model, queries: GalleryQueries, query, *, query_size: Optional[int],
@@ -648,7 +652,9 @@ def evaluate_gallery(target, model, queries: GalleryQueries, query, *, query_siz
         latents = torch.stack([model.fold(None, cls[r], tokens[r] if tokens is not None else None) for r in sets])
         latents = latents.float().cpu()
         at = time.perf_counter()
-        found = target.search_many(latents, k)  # as mlsctl search searches
+        finite = torch.isfinite(latents).all(1)  # a set the model folds to NaN: a miss (search_many refuses it)
+        answers = iter(target.search_many(latents[finite], k) if finite.any() else [])  # as mlsctl search searches
+        found = [next(answers) if ok else [] for ok in finite.tolist()]
         seconds["search"] += time.perf_counter() - at
         at = time.perf_counter()
         exact = exact_ranks(latents, target, queries.rows, targets)
