@@ -207,3 +207,23 @@ def test_a_mean_cls_gallery_of_a_dino_run_scores_as_the_photo_folder_forms_mean_
                 if r["method"] == "mean-cls" and r["backbone"] == "trained"}
     rows = json.loads((tmp_path / "index.json").read_text())["results"]
     assert len(rows) == 4 and all(r["method"] == "mean-cls" and scores(r) == expected[r["noise"]] for r in rows), rows
+
+
+def test_an_ivfpq_gallery_is_scored_by_its_own_search_settings_beside_the_exact_search(mile_run, tmp_path, capsys):
+    """A gallery built with IVF-PQ (1 list, 5-bit codes, 1 candidate re-ranked a result) is searched with those
+    settings: its rows never beat the exact ones, the table names the settings, the JSON records them."""
+    from test_gallery import object_photos
+
+    gallery = object_photos(tmp_path / "gallery", objects=40)
+    query = object_photos(tmp_path / "query", objects=40, noise_seed=1)
+    cli_ok(capsys, "index", "build", str(gallery), "--run", str(mile_run / "run"), "--out", str(tmp_path / "g"),
+           "--index", "ivfpq", "--nlist", "1", "--pq-m", "4", "--pq-bits", "5", "--refine", "1")
+    out, _ = cli_ok(capsys, "eval", "retrieval", "--index", str(tmp_path / "g"), "--query", str(query), "--noise", "0",
+                    "--out", str(tmp_path / "r.json"))
+    assert "index: ivfpq (nlist 1, m 4, 5 bits, nprobe 1 of the 32 asked, refine 1)" in out
+    payload = json.loads((tmp_path / "r.json").read_text())
+    assert payload["search"]["kind"] == "ivfpq" and payload["search"]["refine"] == 1 and payload["objects"] == 40
+    index, exact = (next(r for r in payload["results"] if r["search"] == s) for s in ("index", "exact"))
+    assert all(index[f"R@{k}"] <= exact[f"R@{k}"] for k in range(1, 11))
+    assert ("the index (nprobe 1 of 1 lists, refine 1) " + ("retrieves as" if index == {**exact, "search": "index"}
+                                                             else "costs")) in out
