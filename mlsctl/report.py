@@ -677,7 +677,8 @@ def _retrieval(result: dict) -> str:
 
     objects = result["objects"]
     chance = result.get("chance") or chance_scores(objects)  # exact from the objects, for results before it was kept
-    rows = [[r.get("method"), r.get("backbone"), replaced_text(r, result.get("query_set_sizes")), _pct(r.get("AR@10")),
+    rows = [[f"{r.get('method')} ({r['search']})" if r.get("search") else r.get("method"), r.get("backbone"),
+             replaced_text(r, result.get("query_set_sizes")), _pct(r.get("AR@10")),
              _pct(r.get("R@1"))]
             for r in result.get("results", [])]
     rows.append(["chance", "(a random ranking)", "", _pct(chance["AR@10"]), _pct(chance["R@1"])])

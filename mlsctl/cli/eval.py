@@ -460,11 +460,12 @@ def _say_shared(record: dict, val_images) -> None:
 
 @app.command("retrieval")
 def retrieval(
-    gallery: Path = typer.Option(Path("data/fmnist-products/gallery"), "--gallery", help="Gallery photos, one folder per object."),
+    gallery: Optional[Path] = typer.Option(None, "--gallery", help="Gallery photos, one folder per object [default: data/fmnist-products/gallery; not with --index]."),
     query: Path = typer.Option(Path("data/fmnist-products/query"), "--query", help="Query photos of the same objects, one folder per object."),
+    index: Optional[Path] = typer.Option(None, "--index", help="A gallery (mlsctl index build) to score instead of --gallery photos: the query sets are embedded by its own model and searched as mlsctl search searches it (its index and settings, after its adds and removals), and scored exactly too."),
     gallery_objects: Optional[Path] = typer.Option(None, "--gallery-objects", help="CSV/JSONL of object_id,path (paths relative to --gallery) naming the objects instead of its folders, as MILE's method.objects_file."),
     query_objects: Optional[Path] = typer.Option(None, "--query-objects", help="CSV/JSONL of object_id,path (paths relative to --query) naming the objects instead of its folders."),
-    run: Optional[Path] = typer.Option(None, "--run", help="Run whose teacher embeds the photos: a MILE run scores its set encoder and the baselines, a run of any other method the baselines (max-pairwise, mean-cls) [default: the newest MILE run under ./runs]."),
+    run: Optional[Path] = typer.Option(None, "--run", help="Run whose teacher embeds the photos: a MILE run scores its set encoder and the baselines, a run of any other method the baselines (max-pairwise, mean-cls) [default: the newest MILE run under ./runs; with --index, the gallery's run, --run giving its new place if it moved]."),
     query_size: str = typer.Option("4", "--query-size", help="Photos per query set, drawn at random (seeded) as the authors do, or 'all'."),
     noise: Optional[list[str]] = typer.Option(None, "--noise", help="Fractions of each query set replaced with random photos [default: 0 0.25 0.5]."),
     seed: int = typer.Option(0, "--seed", help="Seed of the query-photo draw and of the noise."),
@@ -477,6 +478,9 @@ def retrieval(
     A run that is not MILE scores the baselines only: max-pairwise and mean-cls (what its galleries search with).
 
     Example: mlsctl eval retrieval --gallery data/fmnist-products/gallery --query data/fmnist-products/query --run runs/mile_fmnist_quick --noise 0 0.25 0.5
+
+    A deployed gallery, with its own model, latents and search settings (index and exact search side by side):
+    mlsctl eval retrieval --index galleries/products --query data/fmnist-products/query
     """
     from mlsctl.data.kinds import folder_kind
     from mlsctl.data.objects import check_objects_file
@@ -493,6 +497,11 @@ def retrieval(
         if not 0 <= fractions[-1] < 1:
             raise UserError(f"--noise takes fractions in [0, 1), got {value}")
     size = _query_size(query_size)
+    if index is not None:
+        _retrieval_of_index(index, query, gallery, gallery_objects, query_objects, run, size, fractions, seed, workers,
+                            out, as_json)
+        return
+    gallery = gallery if gallery is not None else Path("data/fmnist-products/gallery")
     for option, folder in (("--gallery", gallery), ("--query", query)):
         if folder_kind(folder) == "a gallery":  # a new user's probe (2026-12-06): "contains no images"
             raise UserError(f"{option} {folder} is a gallery index (mlsctl index build); eval retrieval takes photos: "
@@ -526,6 +535,71 @@ def retrieval(
     note = objects_note(payload["objects"])
     if note is not None:
         print(note)
+    say(f"wrote {out}")
+
+
+def _retrieval_of_index(index: Path, query: Path, gallery: Optional[Path], gallery_objects: Optional[Path],
+                        query_objects: Optional[Path], run: Optional[Path], size: Optional[int], fractions: list[float],
+                        seed: int, workers: Optional[int], out: Optional[Path], as_json: bool) -> None:
+    """``eval retrieval --index GALLERY``: the gallery's retrieval of the query objects, by its index and exactly
+    (:func:`mlsctl.evaluate.retrieval.evaluate_gallery`); every refusal before the model loads."""
+    from mlsctl.data.kinds import folder_kind
+    from mlsctl.data.objects import check_objects_file
+    from mlsctl.errors import UserError
+    from mlsctl.evaluate.retrieval import (check_run_for_gallery, evaluate_gallery, gallery_queries, index_cost_note,
+                                           index_words, left_out_note, objects_note, replaced_text)
+    from mlsctl.gallery import Gallery, choose_set_model
+
+    if gallery is not None or gallery_objects is not None:
+        given = "--gallery" if gallery is not None else "--gallery-objects"
+        raise UserError(f"{given} names gallery photos to embed, --index a gallery whose objects are stored: give one of "
+                        f"them (--index {index} scores the gallery as it is, with its own model)")
+    kind = folder_kind(index)
+    if index.is_dir() and kind != "a gallery" and not (index / "gallery.json").exists():
+        what = f"{kind}, not a gallery" if kind else "not a gallery (no gallery.json)"
+        raise UserError(f"--index {index} is {what}: --index takes a gallery made by mlsctl index build; a folder of "
+                        f"photos, one sub-folder per object, goes to --gallery")
+    target = Gallery(index)  # missing, damaged: one sentence each
+    if not query.exists():
+        raise UserError(f"--query {query} does not exist; give a folder with one sub-folder of photos per object")
+    if folder_kind(query) == "a gallery":
+        raise UserError(f"--query {query} is a gallery index (mlsctl index build); --query takes photos: a folder with "
+                        f"one sub-folder of photos per object, other photos of the gallery's objects")
+    check_objects_file(query_objects, "--query-objects")
+    queries = gallery_queries(target, query, query_objects)  # the objects, the photos and the latents, before the model
+    if run is not None:
+        check_run_for_gallery(target, run)
+    write = results_writer(out, "retrieval", say, as_json)  # after the refusals, before the work
+    say(f"gallery {index}: {len(target)} objects, index {index_words(target.settings)}; {len(queries.objects)} of "
+        f"the {queries.query_objects} query objects of {query} in it")
+    model = choose_set_model(run or target.built_with_run(), say=say, gallery=target)  # as mlsctl search loads it
+    target.check_model(model)
+    payload = {"command": "eval retrieval",
+               **evaluate_gallery(target, model, queries, query, query_size=size, noise=fractions, seed=seed,
+                                  workers=workers, say=say, query_objects=query_objects)}
+    out = write(payload)
+    if as_json:
+        print(json.dumps(payload, indent=2))
+        return
+    sizes = payload["query_set_sizes"]
+    shown = sizes["min"] if sizes["min"] == sizes["max"] else f"{sizes['min']} to {sizes['max']}"
+    print(f"gallery {index} ({payload['objects']} objects, {model.run} at step {model.step}), "
+          f"{payload['queries']} query sets of {shown} photos; R@k in %:")
+    searched = {"index": f"index: {index_words(target.settings)}", "exact": "exact (every stored latent)"}
+    chance = payload["chance"]
+    rows = [[searched[r["search"]], r["method"], replaced_text(r), pct(r["AR@10"]),
+             *(pct(r[f"R@{k}"]) for k in (1, 2, 5, 10))] for r in payload["results"]]
+    rows.append(["chance", "(a random ranking)", "", pct(chance["AR@10"]),
+                 *(pct(chance[f"R@{k}"]) for k in (1, 2, 5, 10))])
+    print(table(["search", "sets", "noise", "AR@10", "R@1", "R@2", "R@5", "R@10"], rows,
+                right=[False, False, True, True, True, True, True, True]))
+    print(index_cost_note(payload))
+    for note in (left_out_note(queries), objects_note(payload["objects"])):
+        if note is not None:
+            print(note)
+    if not queries.digests_checked:
+        print(f"note: gallery {index} records no digests of its photos, so query photos that are its own photos "
+              f"could not be told apart (they would find their objects trivially)")
     say(f"wrote {out}")
 
 

@@ -143,7 +143,8 @@ def headline(result: dict) -> dict[str, Optional[float]]:
       each label fraction F but 1/1;
     * ``eval linear-seg``: ``mIoU``, ``foreground IoU``, ``pixel accuracy``;
     * ``eval retrieval``: ``AR@10`` and ``R@1`` of each scoring of the trained model (``mile``, ...), with
-      ``noise N%`` where noise was added; the start backbone's rows are its own model and left out;
+      ``noise N%`` where noise was added; the start backbone's rows are its own model and left out; of a gallery
+      (``--index``), its search's rows, and its exact rows as ``mile exact``;
     * ``eval recall``: ``R@K`` for every K, and ``MAP@R``.
 
     Raises KeyError or TypeError for a result not of the form its command writes (a score that is no number
@@ -172,8 +173,9 @@ def _headline(result: dict) -> dict[str, Optional[float]]:
             if row.get("backbone") == "start":
                 continue
             noise = f", noise {100 * row['noise']:.0f}%" if row.get("noise") else ""
-            out[f"AR@10 {row['method']}{noise}"] = row["AR@10"]
-            out[f"R@1 {row['method']}{noise}"] = row["R@1"]
+            exact = " exact" if row.get("search") == "exact" else ""  # --index: the gallery's search, and exact
+            out[f"AR@10 {row['method']}{exact}{noise}"] = row["AR@10"]
+            out[f"R@1 {row['method']}{exact}{noise}"] = row["R@1"]
         return out
     if command == "eval recall":
         return {**{f"R@{k}": value for k, value in result["recall"].items()}, "MAP@R": result["map_at_r"]}

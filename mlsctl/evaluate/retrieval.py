@@ -443,3 +443,269 @@ def evaluate_set_model(model, photos: PairedPhotos, gallery, query, *, query_siz
             # a random ranking's scores, and the k that take in every object (100 % by construction)
             "chance": chance_scores(len(photos.objects)), "ks_at_least_objects": trivial_ks(len(photos.objects)),
             "seconds": time.perf_counter() - started, "results": [r.to_dict() for r in results]}
+
+
+# ------------------------------------------------------------------------------------------ a gallery index
+
+
+@dataclass
+class GalleryQueries:
+    """The query objects of ``eval retrieval --index``: ``objects`` (those the gallery holds, in the query's
+    order) with their photos ``sets``; ``removed`` (removed from the gallery) and ``absent`` (never in it), left
+    out of R@k; ``rows`` the gallery's live rows (their stored latents checked finite: what the exact search
+    scores against) and ``ids`` their objects, row for row."""
+    objects: list[str]
+    sets: list[list[Path]]
+    removed: list[str]
+    absent: list[str]
+    query_objects: int
+    ids: list[str]
+    rows: np.ndarray
+    digests_checked: bool  # the query photos were compared with the photos the gallery holds (by their bytes)
+
+
+def _shown(ids: Sequence[str], limit: int = 5) -> str:
+    from mlsctl.gallery import printable
+
+    return ", ".join(printable(i) for i in ids[:limit]) + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
+
+
+def gallery_queries(target, query, query_objects=None) -> GalleryQueries:
+    """The query objects of ``query`` (``ROOT/<object_id>/*``, or those ``query_objects`` lists) that ``target``
+    (an open :class:`~mlsctl.gallery.Gallery`) holds, checked before any model loads: one sentence where it holds
+    none of them, where a query photo is one the gallery holds already (the same bytes: its object would be found
+    trivially; galleries record their photos' sha256 since format 5), or where a stored latent is damaged."""
+    from mlsctl.console import counted
+    from mlsctl.errors import UserError
+    from mlsctl.gallery import file_digest, object_folders, printable
+
+    groups = object_folders(query, query_objects, "--query-objects")
+    live = target.live_rows()
+    for start in range(0, len(live), EXACT_BLOCK):  # a NaN latent: one sentence, before the model loads
+        target.check_live_latents(live[start:start + EXACT_BLOCK])
+    ids = [target.row_ids[row] for row in live.tolist()]
+    held = set(ids)
+    objects = [o for o in groups if o in held]
+    removed = [o for o in groups if o not in held and target.was_removed(o)]
+    was_removed = set(removed)
+    absent = [o for o in groups if o not in held and o not in was_removed]
+    source = f"the object_id column of --query-objects {query_objects}" if query_objects is not None else \
+        f"the sub-folders of {query}"
+    if not len(target):
+        raise UserError(f"gallery {target.path} holds no objects (every one removed, or none added), so no query can "
+                        f"find its own; add objects with mlsctl index add, or build it again with mlsctl index build")
+    if not objects:
+        gone = f", {len(removed)} of them removed from it" if removed else ""
+        raise UserError(f"none of the {counted(len(groups), 'query object')} of {query} is in gallery {target.path} "
+                        f"({len(target)} objects{gone}): the ids are {source} and the gallery's object ids (mlsctl "
+                        f"index info {target.path} --objects lists them)")
+    records = target.photo_records_of_rows(live)
+    if len(records):
+        owner = {bytes(digest): ids[row] for row, digest in zip(records["row"].tolist(), records["sha256"])}
+        for o in objects:
+            for path in groups[o]:
+                found = owner.get(file_digest(path))
+                if found is not None:
+                    raise UserError(f"{path} is a photo gallery {target.path} holds already (the same bytes, folded "
+                                    f"into object '{printable(found)}'): a query set of the gallery's own photos finds "
+                                    f"its object trivially; give other photos of the objects as --query")
+    return GalleryQueries(objects, [list(groups[o]) for o in objects], removed, absent, len(groups), ids, live,
+                          bool(len(records)))
+
+
+EXACT_BLOCK = 65536  # stored latents read and scored at once by the exact search (a block of 384 wide: 100 MB)
+
+
+def exact_ranks(queries: torch.Tensor, target, rows: np.ndarray, own: torch.Tensor) -> torch.Tensor:
+    """:func:`ranks` of set latents ``queries`` [Q, D] against the stored latents of ``target``'s ``rows`` (``own``:
+    the position in ``rows`` of each query's object), cosine, brute force, a block of rows at a time: the score
+    matrix of a large gallery is never held whole. Two passes: each query's own score is taken from the product
+    that scores the others (computed apart, its rounding could differ, and the own object out-rank itself)."""
+    unit = F.normalize(queries.float(), dim=1)
+
+    def blocks():
+        for start in range(0, len(rows), EXACT_BLOCK):
+            block = torch.from_numpy(np.asarray(target.latents[rows[start:start + EXACT_BLOCK]], dtype=np.float32))
+            yield start, unit @ F.normalize(block, dim=1).T
+
+    own_scores = torch.full((len(queries),), math.nan)
+    for start, scores in blocks():
+        inside = (own >= start) & (own < start + scores.shape[1])
+        own_scores[inside] = scores[inside.nonzero()[:, 0], own[inside] - start]
+    counts = torch.zeros(len(queries), dtype=torch.int64)
+    for _, scores in blocks():
+        counts += (scores >= own_scores[:, None]).sum(1)
+    return torch.where(own_scores.isnan(), NEVER_FOUND, counts)
+
+
+def left_out_note(queries: GalleryQueries) -> Optional[str]:
+    """The one note line on the query objects left out of R@k: removed from the gallery, or never in it."""
+    from mlsctl.console import counted
+
+    if not queries.removed and not queries.absent:
+        return None
+    parts = [f"{len(ids)} {what}: {_shown(ids)}" for ids, what in ((queries.removed, "removed from the gallery"),
+                                                                    (queries.absent, "never in it")) if ids]
+    left = len(queries.removed) + len(queries.absent)
+    return (f"note: {left} of the {counted(queries.query_objects, 'query object')} {'is' if left == 1 else 'are'} "
+            f"left out of R@k, {'; '.join(parts)}")
+
+
+def check_run_for_gallery(target, run) -> None:
+    """``eval retrieval --index G --run RUN``: refuse, from the run's config.yaml and the gallery's manifest alone
+    (before any weights load), a run whose model cannot be the one that folded the gallery's latents: a set model of
+    the other kind, another architecture, input size or attention (MILE), or the gallery's own run trained on since
+    (its latest checkpoint is of another step). A run of the same configuration elsewhere (the gallery's run moved)
+    is loaded, and its weights' fingerprint checked as ``mlsctl search`` checks it."""
+    import os
+
+    from mlsctl.errors import UserError
+    from mlsctl.restore import recipe_of
+    from mlsctl.runs import open_run
+
+    opened = open_run(run, hint="give a run written by mlsctl pretrain", flag="--run")
+    target.check_run_kind(run)  # a model of the other kind
+    recipe = recipe_of(opened)
+    built = target.manifest["model"]
+    given = {"arch": recipe.model.arch, "resolution": recipe.data.global_crops.size}
+    if target.set_model == "mile":
+        given["attend"] = recipe.method.attend
+    differ = [f"{key} {built[key]} (the run's: {value})" for key, value in given.items()
+              if built.get(key) is not None and built[key] != value]
+    if differ:
+        raise UserError(f"--run {run} is not the model gallery {target.path} was built with (run {built['run']} at "
+                        f"step {built['step']}): the gallery's {', '.join(differ)}; leave --run out to score the "
+                        f"gallery with its own model")
+    latest = opened.latest()
+    if (target.set_model == "mile" and latest is not None and latest.step != built.get("step")
+            and os.path.realpath(run) == os.path.realpath(built["run"])):
+        raise UserError(f"run {run} is no longer the model gallery {target.path} was built with (step {built['step']} "
+                        f"then, {latest.step} now: trained on or again since); rebuild the gallery with mlsctl index "
+                        f"build --overwrite")
+
+
+def index_ranks(found: list[list[tuple[str, float]]], own: Sequence[str]) -> torch.Tensor:
+    """The rank of each query's own object in the gallery's search answers (``found``, best first, as
+    :meth:`~mlsctl.gallery.Gallery.search_many` gives them): the answers scoring at least as high as it (ties count
+    against it, as :func:`ranks`), :data:`NEVER_FOUND` where the search did not return it."""
+    out = []
+    for answers, object_id in zip(found, own):
+        scores = {o: s for o, s in answers}
+        out.append(sum(s >= scores[object_id] for _, s in answers) if object_id in scores else NEVER_FOUND)
+    return torch.tensor(out, dtype=torch.int64)
+
+
+def index_words(settings) -> str:
+    """A gallery's search settings in words (its manifest's ``index``)."""
+    if settings.kind == "flat":
+        return "flat (exact)"
+    probed = min(settings.nprobe, settings.nlist) if settings.nlist else settings.nprobe  # faiss reads at most nlist
+    asked = f" of the {settings.nprobe} asked" if probed != settings.nprobe else ""
+    return (f"ivfpq (nlist {settings.nlist}, m {settings.m}, {settings.nbits} bits, nprobe {probed}{asked}, "
+            f"refine {settings.refine})")
+
+
+def evaluate_gallery(target, model, queries: GalleryQueries, query, *, query_size: Optional[int],
+                     noise: Sequence[float], seed: int, workers: Optional[int] = None, say=to_stderr,
+                     query_objects=None) -> dict:
+    """``mlsctl eval retrieval --index GALLERY``: each query object's photos (``queries``, :func:`gallery_queries`),
+    ``query_size`` of them drawn with ``seed`` and ``noise`` replaced as the photo-folder form draws them, embedded
+    and folded by the gallery's own set model ``model`` (loaded and checked as ``mlsctl search`` loads it), searched
+    in the gallery as ``mlsctl search`` searches (:meth:`~mlsctl.gallery.Gallery.search_many`: its index and search
+    settings, after every add and removal) and, to show what the approximate index costs, scored exactly (cosine
+    against every live stored latent); as the result JSON's fields."""
+    import time
+
+    from mlsctl.gallery import long_set_note, photo_batches
+
+    paths, rows = [], []
+    for photos in queries.sets:
+        rows.append(list(range(len(paths), len(paths) + len(photos))))
+        paths += photos
+    query_rows = sample_sets(rows, query_size, seed)
+    sizes = sorted(len(r) for r in query_rows)
+    _say_query_set_notes(sizes, query_size, noise, say)
+    long_set = long_set_note(model, sizes[-1])
+    if long_set:
+        say(long_set)
+    used = sorted({row for r in query_rows for row in r})
+    new_row = {row: i for i, row in enumerate(used)}
+    query_rows = [[new_row[row] for row in r] for r in query_rows]
+    say(f"embedding {len(used)} query photos of {len(queries.objects)} objects with the gallery's model")
+    started = time.perf_counter()
+    cls, tokens = [], []
+    for _, pixels, _ in photo_batches([paths[row] for row in used], model.preprocessor(), workers=workers,
+                                      pin_memory=model.device.type == "cuda", photos=True):
+        batch_cls, batch_tokens = model.pixel_tokens(pixels)
+        cls.append(batch_cls)
+        tokens.append(batch_tokens)
+    cls = torch.cat(cls)
+    tokens = torch.cat(tokens) if model.attend == "patches" else None
+    embedded = time.perf_counter()
+    position = {object_id: i for i, object_id in enumerate(queries.ids)}
+    targets = torch.tensor([position[o] for o in queries.objects], dtype=torch.int64)
+    k = min(11, len(queries.ids))  # 11: a tie with the 11th answer counts against a 10th (R@10 exact)
+    results, seconds = [], {"search": 0.0, "exact": 0.0}
+    for fraction in noise:
+        sets = noisy_sets(query_rows, fraction, query_rows, seed)
+        replaced = tuple(replaced_photos(fraction, len(r)) for r in query_rows)
+        latents = torch.stack([model.fold(None, cls[r], tokens[r] if tokens is not None else None) for r in sets])
+        latents = latents.float().cpu()
+        at = time.perf_counter()
+        finite = torch.isfinite(latents).all(1)  # a set the model folds to NaN: a miss (search_many refuses it)
+        answers = iter(target.search_many(latents[finite], k) if finite.any() else [])  # as mlsctl search searches
+        found = [next(answers) if ok else [] for ok in finite.tolist()]
+        seconds["search"] += time.perf_counter() - at
+        at = time.perf_counter()
+        exact = exact_ranks(latents, target, queries.rows, targets)
+        seconds["exact"] += time.perf_counter() - at
+        for search, rank in (("index", index_ranks(found, queries.objects)), ("exact", exact)):
+            result = RetrievalResult(model.kind, fraction, recall_at(rank), len(sets), len(queries.ids), "trained",
+                                     replaced)
+            results.append({**result.to_dict(), "search": search})
+    settings = target.settings
+    listed = {"query_objects": str(query_objects)} if query_objects is not None else {}
+    return {"index": str(target.path), "gallery": str(target.path), "query": str(query), **listed,
+            "run": model.run, "step": model.step, "fingerprint": model.fingerprint,
+            "model": {**model.backbone.info, "step": model.step, "set_fingerprint": model.fingerprint,
+                      "set_model": model.kind},
+            "search": {**settings.to_dict(), "nprobe_effective": (min(settings.nprobe, settings.nlist)
+                                                                  if settings.kind != "flat" and settings.nlist
+                                                                  else None),
+                       "k": k, "written_since_training": round(target.added_since_training(), 4)},
+            "query_size": query_size if query_size is not None else "all",
+            "query_set_sizes": {"min": sizes[0], "max": sizes[-1], "mean": sum(sizes) / len(sizes)},
+            "seed": seed, "objects": len(queries.ids), "queries": len(queries.objects),
+            "query_objects_in_query": queries.query_objects,
+            "left_out": {"removed": queries.removed, "absent": queries.absent},
+            "photos": len(paths), "photos_embedded": len(used),
+            "query_photos_compared_with_gallery": queries.digests_checked,
+            "chance": chance_scores(len(queries.ids)), "ks_at_least_objects": trivial_ks(len(queries.ids)),
+            "seconds": {"embedding": embedded - started, **seconds, "total": time.perf_counter() - started},
+            "results": results}
+
+
+def index_cost_note(payload: dict) -> str:
+    """What the gallery's approximate index costs against the exact search of the same queries, in one line."""
+    rows = payload["results"]
+    pairs = [(a, b) for a in rows if a["search"] == "index" for b in rows
+             if b["search"] == "exact" and b["noise"] == a["noise"]]
+    equal = all(a[f"R@{k}"] == b[f"R@{k}"] for a, b in pairs for k in range(1, 11))
+    if payload["search"]["kind"] == "flat":
+        if equal:
+            return "the gallery's index is flat: it searches exactly, so its rows equal the exact ones"
+        return ("the gallery's index is flat (exact), yet its rows differ from the exact ones: near-equal cosines "
+                "rounded apart (the index scores the stored unit rows, the exact search the latents)")
+    cost = max((b["AR@10"] - a["AR@10"] for a, b in pairs), default=0.0)
+    settings = payload["search"]
+    words = (f"nprobe {settings.get('nprobe_effective') or settings['nprobe']} of {settings['nlist']} lists, refine "
+             f"{settings['refine']}")
+    if equal or cost <= 0:
+        return (f"the index ({words}) retrieves as the exact search does on these queries"
+                + ("" if equal else " (its R@k differ by near-equal cosines rounded apart)"))
+    worst = max(pairs, key=lambda p: p[1]["AR@10"] - p[0]["AR@10"])
+    stale = settings.get("written_since_training") or 0
+    retrain = (f"; {100 * stale:.0f}% of the objects were written after its quantiser was trained: mlsctl index "
+               f"retrain may recover them" if stale > 0.2 else "")
+    return (f"the index ({words}) costs {100 * cost:.1f} points of AR@10 against the exact search (noise "
+            f"{100 * worst[0]['noise']:.0f}%): objects it did not return among its candidates{retrain}")

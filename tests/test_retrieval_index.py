@@ -1,0 +1,229 @@
+"""`eval retrieval --index GALLERY`: a deployed gallery's retrieval, with its own model, latents and search
+settings, by its index and exactly; query objects it does not hold left out and named; refusals before the model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import cli, cli_ok
+
+
+@pytest.fixture(scope="module")
+def flat_gallery(mile_run, tmp_path_factory) -> Path:
+    """A flat gallery of the MILE run's 6 objects, built from the photo-folder form's gallery photos."""
+    out = tmp_path_factory.mktemp("retrieval-index") / "g"
+    code, _, err = cli("index", "build", str(mile_run / "gallery"), "--run", str(mile_run / "run"), "--out", str(out))
+    assert code == 0, err
+    return out
+
+
+def scores(row: dict) -> list:
+    return [row[f"R@{k}"] for k in range(1, 11)]
+
+
+def blended_queries(mile_run: Path, dest: Path) -> Path:
+    """Query photos hard enough that the tiny run ranks some objects below others: each object's 2 photos blend its
+    gallery photo with the next object's (new bytes, none a gallery photo)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    for i in range(6):
+        own = np.asarray(Image.open(mile_run / "gallery" / f"obj{i}" / "0.png"), dtype=np.float64)
+        other = np.asarray(Image.open(mile_run / "gallery" / f"obj{(i + 1) % 6}" / "1.png"), dtype=np.float64)
+        (dest / f"obj{i}").mkdir(parents=True)
+        for k, weight in enumerate((0.45, 0.55)):
+            pixels = weight * own + (1 - weight) * other + rng.normal(0, 10, own.shape)
+            Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(dest / f"obj{i}" / f"m{k}.png")
+    return dest
+
+
+def test_index_scores_equal_the_photo_folder_scores_of_the_same_model_and_photos(mile_run, flat_gallery, tmp_path,
+                                                                                capsys):
+    """A flat gallery built from the gallery photos, searched with the query photos the photo-folder form draws
+    (the same objects, sample and noise), ranks every query as that form's `mile` rows do: R@k identical, by the
+    index and exactly."""
+    folders, indexed = tmp_path / "folders.json", tmp_path / "index.json"
+    query = blended_queries(mile_run, tmp_path / "query")
+    common = ("--query", str(query), "--query-size", "all", "--noise", "0", "0.5", "--seed", "3")
+    cli_ok(capsys, "eval", "retrieval", "--gallery", str(mile_run / "gallery"), "--run", str(mile_run / "run"),
+           *common, "--out", str(folders))
+    out, err = cli_ok(capsys, "eval", "retrieval", "--index", str(flat_gallery), *common, "--out", str(indexed))
+    assert "model:" in err and "search" in out and "exact (every stored latent)" in out
+    assert "the gallery's index is flat: it searches exactly, so its rows equal the exact ones" in out
+    expected = {r["noise"]: scores(r) for r in json.loads(folders.read_text())["results"]
+                if r["method"] == "mile" and r["backbone"] == "trained"}
+    payload = json.loads(indexed.read_text())
+    assert payload["command"] == "eval retrieval" and payload["index"] == str(flat_gallery)
+    assert payload["objects"] == payload["queries"] == 6 and payload["left_out"] == {"removed": [], "absent": []}
+    assert payload["query_photos_compared_with_gallery"] is True
+    assert {(r["search"], r["noise"]) for r in payload["results"]} == {(s, n) for s in ("index", "exact")
+                                                                      for n in (0.0, 0.5)}
+    for row in payload["results"]:
+        assert row["method"] == "mile" and scores(row) == expected[row["noise"]], row
+        assert row["R@1"] < 1 and row["photos_replaced"] == (6 if row["noise"] else 0)  # not trivially all found
+    # mlsctl compare's columns: the gallery's search, and the exact search apart
+    from mlsctl.evaluate.results import headline
+
+    assert set(headline(payload)) == {f"{score} mile{exact}{noise}" for score in ("AR@10", "R@1")
+                                      for exact in ("", " exact") for noise in ("", ", noise 50%")}
+    # --json prints what it writes
+    out, _ = cli_ok(capsys, "eval", "retrieval", "--index", str(flat_gallery), *common, "--out",
+                    str(tmp_path / "again.json"), "--json")
+    assert json.loads(out)["results"] == payload["results"]
+
+
+def test_objects_removed_from_the_gallery_or_never_in_it_are_left_out_and_named(mile_run, flat_gallery, tmp_path,
+                                                                                capsys):
+    gallery = tmp_path / "g"
+    shutil.copytree(flat_gallery, gallery)
+    cli_ok(capsys, "index", "remove", str(gallery), "obj2")
+    query = tmp_path / "query"
+    shutil.copytree(mile_run / "query", query)
+    shutil.copytree(mile_run / "query" / "obj1", query / "stranger")  # an object the gallery never held
+    out, _ = cli_ok(capsys, "eval", "retrieval", "--index", str(gallery), "--query", str(query), "--noise", "0",
+                    "--out", str(tmp_path / "r.json"))
+    assert ("note: 2 of the 7 query objects are left out of R@k, 1 removed from the gallery: obj2; 1 never in it: "
+            "stranger") in out
+    payload = json.loads((tmp_path / "r.json").read_text())
+    assert payload["objects"] == 5 and payload["queries"] == 5
+    assert payload["left_out"] == {"removed": ["obj2"], "absent": ["stranger"]}
+    assert all(r["queries"] == 5 and r["gallery"] == 5 for r in payload["results"])
+    # a query set none of whose objects the gallery holds: one sentence, before the model loads
+    only = tmp_path / "only"
+    shutil.copytree(query / "obj2", only / "obj2")
+    shutil.copytree(query / "stranger", only / "stranger")
+    code, _, err = cli("eval", "retrieval", "--index", str(gallery), "--query", str(only), capsys=capsys)
+    assert code == 2 and "none of the 2 query objects of" in err and "1 of them removed from it" in err
+    assert "model:" not in err and err.count("\n") == 1, err
+
+
+def test_refusals_come_before_the_model_loads(mile_run, flat_gallery, tmp_path, capsys):
+    def refused(*args: str) -> str:
+        code, out, err = cli("eval", "retrieval", *args, capsys=capsys)
+        assert code == 2 and "model:" not in err and "Traceback" not in err and not out, (code, out, err)
+        return err
+
+    query = str(mile_run / "query")
+    err = refused("--index", str(tmp_path / "nowhere"), "--query", query)
+    assert f"gallery {tmp_path / 'nowhere'} does not exist" in err
+    err = refused("--index", str(mile_run / "gallery"), "--query", query)  # photos given as the gallery index
+    assert "is not a gallery (no gallery.json): --index takes a gallery made by mlsctl index build" in err
+    assert "goes to --gallery" in err
+    err = refused("--index", str(flat_gallery), "--query", str(tmp_path / "no-query"))
+    assert f"--query {tmp_path / 'no-query'} does not exist" in err
+    err = refused("--index", str(flat_gallery), "--gallery", str(mile_run / "gallery"), "--query", query)
+    assert "--gallery names gallery photos to embed, --index a gallery" in err
+    # the gallery's own photos as queries would find their objects trivially
+    err = refused("--index", str(flat_gallery), "--query", str(mile_run / "gallery"))
+    assert "is a photo gallery" in err and "holds already (the same bytes" in err
+    # a damaged gallery: a stored latent NaN (the exact search reads the latents)
+    damaged = tmp_path / "damaged"
+    shutil.copytree(flat_gallery, damaged)
+    manifest = json.loads((damaged / "gallery.json").read_text())
+    latents = damaged / manifest["data"] / "latents.bin"
+    values = np.fromfile(latents, dtype=np.float32)
+    values[0] = np.nan
+    values.tofile(latents)
+    err = refused("--index", str(damaged), "--query", query)
+    assert f"gallery {damaged} is damaged: the stored latents of 1 object" in err
+    # a run whose model cannot be the gallery's: another input size in its config.yaml
+    other = tmp_path / "other-run"
+    shutil.copytree(mile_run / "run", other)
+    config = (other / "config.yaml").read_text()
+    size = manifest["model"]["resolution"]
+    assert f"size: {size}\n" in config
+    (other / "config.yaml").write_text(config.replace(f"size: {size}\n", f"size: {size * 2}\n", 1))
+    err = refused("--index", str(flat_gallery), "--query", query, "--run", str(other))
+    assert f"--run {other} is not the model gallery {flat_gallery} was built with" in err
+    assert f"resolution {size} (the run's: {size * 2})" in err
+
+
+def test_the_index_cost_note_says_what_the_approximation_loses():
+    from mlsctl.evaluate.retrieval import index_cost_note
+
+    def row(search, ar, r1):
+        return {"search": search, "noise": 0.0, "AR@10": ar, **{f"R@{k}": r1 if k == 1 else 1.0 for k in range(1, 11)}}
+
+    settings = {"kind": "ivfpq", "nlist": 8, "nprobe": 32, "nprobe_effective": 8, "refine": 10}
+    lossy = {"search": settings, "results": [row("index", 0.8, 0.5), row("exact", 0.9, 0.6)]}
+    assert index_cost_note(lossy) == ("the index (nprobe 8 of 8 lists, refine 10) costs 10.0 points of AR@10 against "
+                                      "the exact search (noise 0%): objects it did not return among its candidates")
+    same = {"search": settings, "results": [row("index", 0.9, 0.6), row("exact", 0.9, 0.6)]}
+    assert index_cost_note(same) == ("the index (nprobe 8 of 8 lists, refine 10) retrieves as the exact search does "
+                                     "on these queries")
+
+
+def test_an_ivfpq_gallerys_search_is_ranked_as_it_answers_and_loses_what_it_does_not_return(tmp_path, monkeypatch):
+    """:func:`index_ranks` of the gallery's own search: equal to the exact ranks within R@10 for a flat index; an
+    IVF-PQ index searching 1 list of 8 misses objects the exact search ranks first."""
+    import torch
+
+    from mlsctl.evaluate.retrieval import NEVER_FOUND, cosine_scores, index_ranks, ranks, recall_at
+    from mlsctl.gallery import Gallery, IndexSettings, write_gallery
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.nn.functional.normalize(torch.randn(8, 16, generator=g), dim=1)
+    latents = 3 * (centres[torch.randint(0, 8, (400,), generator=g)] + 0.4 * torch.randn(400, 16, generator=g))
+    ids = [f"o{i}" for i in range(400)]
+    queries = latents[:60] + 0.8 * torch.randn(60, 16, generator=g)
+    manifest = {"kind": "mlsctl-gallery", "model": {"run": "/r", "step": 1, "fingerprint": "f" * 64}}
+    exact = recall_at(ranks(cosine_scores(queries, latents), torch.arange(60)))
+    found = {}
+    for kind, settings in (("flat", IndexSettings()),
+                           ("ivfpq", IndexSettings("ivfpq", nlist=8, m=4, nbits=6, nprobe=1, refine=1))):
+        write_gallery(tmp_path / kind, ids, latents, [1] * 400, settings, manifest)
+        rank = index_ranks(Gallery(tmp_path / kind).search_many(queries, 11), ids[:60])
+        found[kind] = recall_at(rank)
+        assert set(rank.tolist()) <= set(range(1, 12)) | {NEVER_FOUND}
+    assert found["flat"] == exact
+    # the exact search, a block of stored latents at a time, ranks as the whole score matrix does
+    from mlsctl.evaluate import retrieval
+
+    monkeypatch.setattr(retrieval, "EXACT_BLOCK", 64)
+    gallery = Gallery(tmp_path / "ivfpq")
+    blocked = retrieval.exact_ranks(queries, gallery, gallery.live_rows(), torch.arange(60))
+    assert torch.equal(blocked, ranks(cosine_scores(queries, latents), torch.arange(60)))
+    assert all(found["ivfpq"][k] <= exact[k] for k in exact) and found["ivfpq"][10] < exact[10]
+
+
+def test_a_mean_cls_gallery_of_a_dino_run_scores_as_the_photo_folder_forms_mean_cls(finished_run, tmp_path, capsys):
+    """A gallery of a run that is not MILE folds mean-CLS sets: --index scores them with its own model as the
+    photo-folder form's mean-cls rows of the trained teacher score the same photos."""
+    from test_gallery import object_photos
+
+    gallery = object_photos(tmp_path / "gallery", objects=8)
+    query = object_photos(tmp_path / "query", objects=8, noise_seed=1)  # other photos of the same objects
+    cli_ok(capsys, "index", "build", str(gallery), "--run", str(finished_run[0]), "--out", str(tmp_path / "g"))
+    common = ("--query", str(query), "--query-size", "all", "--noise", "0", "0.5")
+    cli_ok(capsys, "eval", "retrieval", "--gallery", str(gallery), "--run", str(finished_run[0]), *common, "--out",
+           str(tmp_path / "folders.json"))
+    cli_ok(capsys, "eval", "retrieval", "--index", str(tmp_path / "g"), *common, "--out", str(tmp_path / "index.json"))
+    expected = {r["noise"]: scores(r) for r in json.loads((tmp_path / "folders.json").read_text())["results"]
+                if r["method"] == "mean-cls" and r["backbone"] == "trained"}
+    rows = json.loads((tmp_path / "index.json").read_text())["results"]
+    assert len(rows) == 4 and all(r["method"] == "mean-cls" and scores(r) == expected[r["noise"]] for r in rows), rows
+
+
+def test_an_ivfpq_gallery_is_scored_by_its_own_search_settings_beside_the_exact_search(mile_run, tmp_path, capsys):
+    """A gallery built with IVF-PQ (1 list, 5-bit codes, 1 candidate re-ranked a result) is searched with those
+    settings: its rows never beat the exact ones, the table names the settings, the JSON records them."""
+    from test_gallery import object_photos
+
+    gallery = object_photos(tmp_path / "gallery", objects=40)
+    query = object_photos(tmp_path / "query", objects=40, noise_seed=1)
+    cli_ok(capsys, "index", "build", str(gallery), "--run", str(mile_run / "run"), "--out", str(tmp_path / "g"),
+           "--index", "ivfpq", "--nlist", "1", "--pq-m", "4", "--pq-bits", "5", "--refine", "1")
+    out, _ = cli_ok(capsys, "eval", "retrieval", "--index", str(tmp_path / "g"), "--query", str(query), "--noise", "0",
+                    "--out", str(tmp_path / "r.json"))
+    assert "index: ivfpq (nlist 1, m 4, 5 bits, nprobe 1 of the 32 asked, refine 1)" in out
+    payload = json.loads((tmp_path / "r.json").read_text())
+    assert payload["search"]["kind"] == "ivfpq" and payload["search"]["refine"] == 1 and payload["objects"] == 40
+    index, exact = (next(r for r in payload["results"] if r["search"] == s) for s in ("index", "exact"))
+    assert all(index[f"R@{k}"] <= exact[f"R@{k}"] for k in range(1, 11))
+    assert ("the index (nprobe 1 of 1 lists, refine 1) " + ("retrieves as" if index == {**exact, "search": "index"}
+                                                             else "costs")) in out
