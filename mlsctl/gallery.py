@@ -26,7 +26,7 @@ is absent to every reader (ids, searches, counts, ``index info``); its rows stay
 mlsctl of format 3 refuses (it would read them as objects); build and retrain write format 3. The ids removed
 (never their latents) outlive the tombstones: a compaction (retrain, ``index remove --purge``) and a rebuild with
 ``--overwrite`` write the ids ever removed (those added again since included; a rebuild leaves out those it
-builds, ``--restore-removed``) into ``removed.txt`` of the new version folder
+builds, ``--restore-removed`` or ``--restore-removed-id``) into ``removed.txt`` of the new version folder
 (:data:`REMOVED_IDS`, counted by the manifest's ``removed_ids``), and the gallery says format 5, which the mlsctl of
 format 4 refuses (its compaction would drop the record, and its rebuild bring the objects back);
 :meth:`Gallery.removed_ids` is that record and the ids tombstoned since, less those added again. A rebuild skips
@@ -2232,22 +2232,53 @@ def _holds_no_removals(out: Path) -> bool:
 
 
 def removals_kept_out(source_ids: Sequence[str], removed: Optional[Sequence[str]], out: Path, restore_removed: bool,
-                      say: Callable[[str], None] = to_stderr) -> set[str]:
+                      say: Callable[[str], None] = to_stderr, restore_ids: Sequence[str] = (),
+                      source: Optional[str | os.PathLike] = None) -> set[str]:
     """The objects of the source that a rebuild of ``out`` leaves out: those ``removed`` from the gallery it
     replaces (:func:`check_what_a_rebuild_drops`), said in one line with how to bring them back; none with
-    ``restore_removed``, which says how many it builds back."""
+    ``restore_removed``, which says how many it builds back; all but ``restore_ids`` (``--restore-removed-id``: one
+    taken-down object back without undoing the other takedowns), each of which must be a removed object of the
+    source (:func:`_restored_ids`), said with those it builds back."""
     in_source = set(source_ids)
     back = [object_id for object_id in (removed or []) if object_id in in_source]
+    restored = _restored_ids(restore_ids, back, removed or [], out, source)
     if not back:
         return set()
-    shown = ", ".join(printable(i) for i in back[:3]) + (", ..." if len(back) > 3 else "")
-    if restore_removed:
-        say(f"note: --restore-removed builds back {counted(len(back), 'object')} of the source removed from {out} "
-            f"with mlsctl index remove ({shown})")
-        return set()
+    if restore_removed or restored:
+        built = back if restore_removed else [object_id for object_id in back if object_id in restored]
+        option = "--restore-removed" if restore_removed else "--restore-removed-id"
+        say(f"note: {option} builds back {counted(len(built), 'object')} of the source removed from {out} with mlsctl "
+            f"index remove ({_shown_ids(built)})")
+        back = [object_id for object_id in back if object_id not in built]
+        if not back:
+            return set()
     say(f"note: skipped {counted(len(back), 'object')} of the source removed from {out} with mlsctl index remove "
-        f"({shown}); give --restore-removed to build them back")
+        f"({_shown_ids(back)}); give --restore-removed to build them back, or --restore-removed-id ID for one")
     return set(back)
+
+
+def _restored_ids(restore_ids: Sequence[str], back: Sequence[str], removed: Sequence[str], out: Path,
+                  source: Optional[str | os.PathLike]) -> set[str]:
+    """The ids of ``--restore-removed-id``, each one of ``back`` (the removed objects of the source): an id removed
+    from ``out`` that the source lacks cannot be built back, and one never removed is likely a typo; either is one
+    sentence, before anything is embedded."""
+    for object_id in restore_ids:
+        if object_id in back:
+            continue
+        if object_id in removed:
+            raise UserError(f"--restore-removed-id '{printable(object_id)}' was removed from {out}, but "
+                            f"{source if source is not None else 'the source'} holds no such object, so it cannot be "
+                            f"built back; add its photos to the source, or leave the id out")
+        which = (f"the removed objects of the source are {_shown_ids(back, 5)}" if back else
+                 "no object of the source was removed from it")
+        raise UserError(f"--restore-removed-id '{printable(object_id)}' was not removed from {out}, so there is "
+                        f"nothing to build back ({which}); give the id of a removed object, or leave the option out")
+    return set(restore_ids)
+
+
+def _shown_ids(ids: Sequence[str], limit: int = 3) -> str:
+    """The first ``limit`` of ``ids`` as messages show them (:func:`printable`), then "..." where there are more."""
+    return ", ".join(printable(i) for i in ids[:limit]) + (", ..." if len(ids) > limit else "")
 
 
 def _objects_held(path: Path, removed: Optional[list] = None) -> dict[str, int]:
@@ -2287,13 +2318,14 @@ def build_gallery(source: str | os.PathLike, model: SetModel, out: str | os.Path
                   workers: Optional[int] = None, batch_size: int = 64, say: Callable[[str], None] = to_stderr,
                   objects_file: Optional[str | os.PathLike] = None,
                   groups: Optional[dict[str, list[Path]]] = None, drop_added: bool = False,
-                  restore_removed: bool = False) -> dict:
+                  restore_removed: bool = False, restore_ids: Sequence[str] = ()) -> dict:
     """One set embedding per object of ``source``: ``ROOT/<object_id>/*`` images, or those
     ``objects_file`` lists (:func:`object_folders`, or ``groups`` where the caller read them before the model
     loaded; decoded in ``workers`` loader processes and embedded ``batch_size`` at a time, :func:`set_tokens`),
     or a feature folder of them written by ``mlsctl embed`` with the same run (files fold in name order). With
     ``overwrite``, the objects removed from the gallery it replaces are skipped (a takedown sticks) unless
-    ``restore_removed``, and their ids are recorded in the new gallery (:meth:`Gallery.removed_ids`)."""
+    ``restore_removed`` (all) or named in ``restore_ids`` (those alone), and the ids of those skipped are recorded in
+    the new gallery (:meth:`Gallery.removed_ids`)."""
     out = Path(out)
     check_objects_source(source, objects_file)
     settings.check()
@@ -2308,7 +2340,8 @@ def build_gallery(source: str | os.PathLike, model: SetModel, out: str | os.Path
             check_gallery_free(out)  # a server or another writer holding it: said now, not after the embedding
         if groups is None and not is_feature_folder(source):
             groups = object_folders(source, objects_file)
-        removed, skipped = removals_of_rebuild(source, groups, out, overwrite, drop_added, restore_removed, say)
+        removed, skipped = removals_of_rebuild(source, groups, out, overwrite, drop_added, restore_removed, say,
+                                               restore_ids)
         if groups is not None:
             groups = {object_id: paths for object_id, paths in groups.items() if object_id not in skipped}
         check_index_fits(settings, len(source_counts(source, groups)) - (len(skipped) if groups is None else 0),
@@ -2383,18 +2416,24 @@ def _embed_objects(source, groups: Optional[dict[str, list[Path]]], model: SetMo
 
 def removals_of_rebuild(source, groups: Optional[dict[str, list[Path]]], out: Path, overwrite: bool,
                         drop_added: bool = False, restore_removed: bool = False,
-                        say: Callable[[str], None] = to_stderr) -> tuple[list[str], set[str]]:
+                        say: Callable[[str], None] = to_stderr, restore_ids: Sequence[str] = ()
+                        ) -> tuple[list[str], set[str]]:
     """What a build into ``out`` checks of the gallery it replaces (``overwrite``): what it would drop
     (:func:`check_what_a_rebuild_drops`), then the ids removed from it, recorded again in the new gallery, and those
-    of the source it skips (:func:`removals_kept_out`); returns (removed ids, skipped ids)."""
-    if restore_removed and not overwrite:
-        raise UserError("--restore-removed goes with --overwrite: it builds back the objects removed from the gallery "
-                        "a rebuild replaces")
+    of the source it skips (:func:`removals_kept_out`: all, none with ``restore_removed``, all but ``restore_ids``);
+    returns (removed ids, skipped ids)."""
+    for option, given in (("--restore-removed", restore_removed), ("--restore-removed-id", restore_ids)):
+        if given and not overwrite:
+            raise UserError(f"{option} goes with --overwrite: it builds back objects removed from the gallery a "
+                            f"rebuild replaces")
+    if restore_removed and restore_ids:
+        raise UserError("give --restore-removed (every removed object of the source back) or --restore-removed-id ID "
+                        "(those named), not both")
     if not overwrite:
         return [], set()
     counts = source_counts(source, groups)
     removed = check_what_a_rebuild_drops(out, counts, drop_added, say, restore_removed) or []
-    return removed, removals_kept_out(list(counts), removed, out, restore_removed, say)
+    return removed, removals_kept_out(list(counts), removed, out, restore_removed, say, restore_ids, source)
 
 
 def add_to_gallery(path: str | os.PathLike, object_id: str, photos: Sequence, *, run: Optional[str | os.PathLike] = None,

@@ -2304,3 +2304,44 @@ def test_a_photo_that_cannot_be_read_to_record_it_is_one_sentence_naming_it(tmp_
     assert str(refused.value) == (f"photo {tmp_path / 'gone.png'} cannot be read to record it (No such file or "
                                   f"directory): was it moved or changed while the command ran? Run the command again "
                                   f"once the photos stay put")
+
+
+def test_a_rebuild_builds_back_only_the_removed_ids_named_with_restore_removed_id(tmp_path, monkeypatch, capsys):
+    """A review (2026-12-07): --restore-removed brought back every removed object, so a user who wanted one taken-down
+    object back (or had removed and added one again) undid every other takedown. --restore-removed-id ID (repeatable)
+    builds back those named alone: they leave the record, the others stay skipped and recorded; an id that is not among
+    the removed objects of the source is one sentence, nothing written."""
+    from conftest import cli, cli_ok
+    from test_hardening import one_sentence
+
+    source = object_photos(tmp_path / "photos", objects=5)
+    _tiny_model_for(monkeypatch, tmp_path / "run")
+    g = str(tmp_path / "g")
+    build = ("index", "build", str(source), "--out", g, "--workers", "0", "--overwrite")
+    cli_ok(capsys, *build[:-1])
+    cli_ok(capsys, "index", "remove", g, "obj1", "obj2", "obj3", "--purge")
+    cli_ok(capsys, "index", "remove", g, "obj0")
+    for wrong, why in (("obj4", f"'obj4' was not removed from {g}"),
+                       ("nope", f"'nope' was not removed from {g}")):
+        code, _, err = cli(*build, "--restore-removed-id", "obj1", "--restore-removed-id", wrong, capsys=capsys)
+        assert code == 2 and one_sentence(err).startswith(f"error: --restore-removed-id {why}"), err
+        assert "the removed objects of the source are obj1, obj2, obj3, obj0)" in one_sentence(err)
+        assert Gallery(g).rows == 3  # nothing written
+    code, _, err = cli(*build, "--restore-removed", "--restore-removed-id", "obj1", capsys=capsys)
+    assert code == 2 and "not both" in one_sentence(err)
+    code, _, err = cli(*build[:4], str(tmp_path / "new"), "--restore-removed-id", "obj1", capsys=capsys)
+    assert code == 2 and "--restore-removed-id goes with --overwrite" in one_sentence(err)
+    out, err = cli_ok(capsys, *build, "--restore-removed-id", "obj1", "--restore-removed-id", "obj3")
+    assert (f"note: --restore-removed-id builds back 2 objects of the source removed from {g} with mlsctl index "
+            f"remove (obj1, obj3)") in err
+    assert (f"note: skipped 2 objects of the source removed from {g} with mlsctl index remove (obj2, obj0); give "
+            f"--restore-removed to build them back, or --restore-removed-id ID for one") in err
+    rebuilt = Gallery(g)
+    assert sorted(rebuilt.ids) == ["obj1", "obj3", "obj4"] and sorted(rebuilt.removed_ids()) == ["obj0", "obj2"]
+    assert out.startswith(f"built {g}: 3 objects")
+    source_less = tmp_path / "less"  # removed, but the source no longer holds it: not to be built back
+    object_photos(source_less, objects=2)
+    code, _, err = cli("index", "build", str(source_less), "--out", g, "--workers", "0", "--overwrite",
+                       "--restore-removed-id", "obj2", "--drop-added", capsys=capsys)
+    assert code == 2 and one_sentence(err).startswith(
+        f"error: --restore-removed-id 'obj2' was removed from {g}, but {source_less} holds no such object"), err

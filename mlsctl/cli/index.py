@@ -42,6 +42,7 @@ def build(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a gallery already in --out (refused where it holds objects or photos added since its build that the source lacks, unless --drop-added)."),
     drop_added: bool = typer.Option(False, "--drop-added", help="With --overwrite: rebuild even though the gallery holds objects or photos added since its build (index add, serve) that the source lacks; they are dropped."),
     restore_removed: bool = typer.Option(False, "--restore-removed", help="With --overwrite: build back the objects removed from the gallery (index remove, DELETE) that the source still holds [default: they are skipped, and stay removed]."),
+    restore_ids: Optional[list[str]] = typer.Option(None, "--restore-removed-id", metavar="ID", help="With --overwrite: build back this one removed object of the source, the others staying removed; give it again for more."),
     as_json: bool = typer.Option(False, "--json", help="Print the gallery record as JSON."),
 ) -> None:
     """One set embedding per object, indexed with faiss: MILE's with a MILE run, else the mean of the CLS.
@@ -53,14 +54,16 @@ def build(
     from mlsctl.gallery import IndexSettings, build_gallery, choose_set_model, unfinished_run_note
 
     settings = IndexSettings(index, nlist, pq_m, pq_bits, nprobe, refine)
-    groups = _check_build_before_the_model(source, objects, out, settings, overwrite, drop_added, restore_removed)
+    restore_ids = restore_ids or []
+    groups = _check_build_before_the_model(source, objects, out, settings, overwrite, drop_added, restore_removed,
+                                           restore_ids)
     model = choose_set_model(run, say=say, features=source)
     unfinished = unfinished_run_note(model)
     if unfinished:
         say(unfinished)
     record = build_gallery(source, model, out, settings, overwrite=overwrite, storage_dtype=dtype, workers=workers,
                            say=say, objects_file=objects, groups=groups, drop_added=drop_added,
-                           restore_removed=restore_removed)
+                           restore_removed=restore_removed, restore_ids=restore_ids)
     if as_json:
         print(json.dumps(record, indent=2))
         return
@@ -72,7 +75,8 @@ def build(
 
 
 def _check_build_before_the_model(source: Path, objects: Optional[Path], out: Path, settings, overwrite: bool,
-                                  drop_added: bool, restore_removed: bool) -> Optional[dict]:
+                                  drop_added: bool, restore_removed: bool, restore_ids: list[str]
+                                  ) -> Optional[dict]:
     """What ``index build`` checks before its model loads (a new user waited for the model to hear of a typo):
     ``--out``, the source and its objects (an objects file's rows too), the index settings and whether they fit
     the objects (those a rebuild skips, removed from the gallery it replaces, left out), a server holding ``--out``,
@@ -99,7 +103,8 @@ def _check_build_before_the_model(source: Path, objects: Optional[Path], out: Pa
     if drop_added and not overwrite:
         raise UserError("--drop-added goes with --overwrite: it lets a rebuild drop what was added to the gallery")
     # what the rebuild would drop, refused before the model loads; the removed objects it skips (said by the build)
-    _, skipped = removals_of_rebuild(source, groups, out, overwrite, drop_added, restore_removed, say=lambda _: None)
+    _, skipped = removals_of_rebuild(source, groups, out, overwrite, drop_added, restore_removed, say=lambda _: None,
+                                     restore_ids=restore_ids)
     check_index_fits(settings, count_source_objects(source, groups) - len(skipped))  # IVF-PQ's least objects
     return groups
 
