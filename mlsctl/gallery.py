@@ -30,7 +30,7 @@ builds, ``--restore-removed`` or ``--restore-removed-id``) into ``removed.txt`` 
 (:data:`REMOVED_IDS`, counted by the manifest's ``removed_ids``), and the gallery says format 5, which the mlsctl of
 format 4 refuses (its compaction would drop the record, and its rebuild bring the objects back);
 :meth:`Gallery.removed_ids` is that record and the ids tombstoned since, less those added again. A rebuild skips
-every id ever removed in its source, and counts a removed object added again as added since the build.
+every id ever removed in its source (matched by :func:`lookalike_key`, as every reader matches ids), and counts a removed object added again as added since the build.
 
 Each photo folded from a file or an upload is remembered by the sha256 of its bytes (as read, before decoding) in
 ``photos.bin`` of the version folder (:data:`PHOTO_HASHES`: 40-byte records, the row that folded it (int64) and the
@@ -2235,50 +2235,78 @@ def removals_kept_out(source_ids: Sequence[str], removed: Optional[Sequence[str]
                       say: Callable[[str], None] = to_stderr, restore_ids: Sequence[str] = (),
                       source: Optional[str | os.PathLike] = None) -> set[str]:
     """The objects of the source that a rebuild of ``out`` leaves out: those ``removed`` from the gallery it
-    replaces (:func:`check_what_a_rebuild_drops`), said in one line with how to bring them back; none with
-    ``restore_removed``, which says how many it builds back; all but ``restore_ids`` (``--restore-removed-id``: one
-    taken-down object back without undoing the other takedowns), each of which must be a removed object of the
-    source (:func:`_restored_ids`), said with those it builds back."""
-    in_source = set(source_ids)
-    back = [object_id for object_id in (removed or []) if object_id in in_source]
-    restored = _restored_ids(restore_ids, back, removed or [], out, source)
+    replaces (:func:`check_what_a_rebuild_drops`), matched by :func:`lookalike_key` as every other reader matches
+    ids (a folder renamed ``café`` in NFC is the object removed as ``cafe`` + U+0301), said in one line with how to
+    bring them back, and with the removed id where it is spelt otherwise; none with ``restore_removed``, which says
+    how many it builds back; all but ``restore_ids`` (``--restore-removed-id``: one taken-down object back without
+    undoing the other takedowns), each of which must be a removed object of the source (:func:`_restored_ids`)."""
+    matched = removed_in_source(source_ids, removed or [])  # source id -> the removed id it reads as
+    back = list(matched)
+    restored = _restored_ids(restore_ids, matched, removed or [], out, source)
     if not back:
         return set()
     if restore_removed or restored:
         built = back if restore_removed else [object_id for object_id in back if object_id in restored]
         option = "--restore-removed" if restore_removed else "--restore-removed-id"
         say(f"note: {option} builds back {counted(len(built), 'object')} of the source removed from {out} with mlsctl "
-            f"index remove ({_shown_ids(built)})")
+            f"index remove ({_shown_ids(built, matched=matched)})")
         back = [object_id for object_id in back if object_id not in built]
         if not back:
             return set()
     say(f"note: skipped {counted(len(back), 'object')} of the source removed from {out} with mlsctl index remove "
-        f"({_shown_ids(back)}); give --restore-removed to build them back, or --restore-removed-id ID for one")
+        f"({_shown_ids(back, matched=matched)}); give --restore-removed to build them back, or --restore-removed-id ID "
+        f"for one")
     return set(back)
 
 
-def _restored_ids(restore_ids: Sequence[str], back: Sequence[str], removed: Sequence[str], out: Path,
+def removed_in_source(source_ids: Sequence[str], removed: Sequence[str]) -> dict[str, str]:
+    """The ids of the source that read as a ``removed`` id (the same :func:`lookalike_key`), each with that removed
+    id, in the order of ``removed``."""
+    keys: dict[str, str] = {}
+    for object_id in source_ids:
+        keys.setdefault(lookalike_key(object_id), object_id)
+    matched = {}
+    for object_id in removed:
+        found = keys.get(lookalike_key(object_id))
+        if found is not None:
+            matched.setdefault(found, object_id)
+    return matched
+
+
+def _restored_ids(restore_ids: Sequence[str], matched: dict[str, str], removed: Sequence[str], out: Path,
                   source: Optional[str | os.PathLike]) -> set[str]:
-    """The ids of ``--restore-removed-id``, each one of ``back`` (the removed objects of the source): an id removed
-    from ``out`` that the source lacks cannot be built back, and one never removed is likely a typo; either is one
-    sentence, before anything is embedded."""
+    """The source ids that ``--restore-removed-id`` names, each a removed object of the source (``matched``: source
+    id -> removed id), matched by :func:`lookalike_key` as the skip is: an id removed from ``out`` that the source
+    lacks cannot be built back, and one never removed is likely a typo; either is one sentence, before anything is
+    embedded."""
+    by_key = {lookalike_key(object_id): object_id for object_id in matched}
+    removed_keys = {lookalike_key(object_id) for object_id in removed}
+    restored = set()
     for object_id in restore_ids:
-        if object_id in back:
-            continue
-        if object_id in removed:
+        key = lookalike_key(object_id)
+        if key in by_key:
+            restored.add(by_key[key])
+        elif key in removed_keys:
             raise UserError(f"--restore-removed-id '{printable(object_id)}' was removed from {out}, but "
                             f"{source if source is not None else 'the source'} holds no such object, so it cannot be "
                             f"built back; add its photos to the source, or leave the id out")
-        which = (f"the removed objects of the source are {_shown_ids(back, 5)}" if back else
-                 "no object of the source was removed from it")
-        raise UserError(f"--restore-removed-id '{printable(object_id)}' was not removed from {out}, so there is "
-                        f"nothing to build back ({which}); give the id of a removed object, or leave the option out")
-    return set(restore_ids)
+        else:
+            which = (f"the removed objects of the source are {_shown_ids(list(matched), 5)}" if matched else
+                     "no object of the source was removed from it")
+            raise UserError(f"--restore-removed-id '{printable(object_id)}' was not removed from {out}, so there is "
+                            f"nothing to build back ({which}); give the id of a removed object, or leave the option "
+                            f"out")
+    return restored
 
 
-def _shown_ids(ids: Sequence[str], limit: int = 3) -> str:
-    """The first ``limit`` of ``ids`` as messages show them (:func:`printable`), then "..." where there are more."""
-    return ", ".join(printable(i) for i in ids[:limit]) + (", ..." if len(ids) > limit else "")
+def _shown_ids(ids: Sequence[str], limit: int = 3, matched: Optional[dict[str, str]] = None) -> str:
+    """The first ``limit`` of ``ids`` as messages show them (:func:`printable`), then "..." where there are more;
+    each with the removed id it ``matched`` where that is spelt otherwise."""
+    def shown(object_id: str) -> str:
+        other = (matched or {}).get(object_id, object_id)
+        return printable(object_id) + ("" if other == object_id else f", removed as '{printable(other)}'")
+
+    return ", ".join(shown(i) for i in ids[:limit]) + (", ..." if len(ids) > limit else "")
 
 
 def _objects_held(path: Path, removed: Optional[list] = None) -> dict[str, int]:
@@ -2358,10 +2386,11 @@ def build_gallery(source: str | os.PathLike, model: SetModel, out: str | os.Path
         # again under the lock: another build into the same new --out may have finished meanwhile (a probe,
         # 2026-12-06: both said "built", the second replacing the first without --overwrite)
         check_gallery_target(out, overwrite)
-        built = set(ids)
+        built = {lookalike_key(object_id) for object_id in ids}  # a removed id built back leaves the record
         manifest = write_gallery(out, ids, torch.stack(latents), counts, settings, _build_manifest(source, model,
                                  objects_file), storage_dtype,
-                                 removed_ids=[object_id for object_id in removed if object_id not in built],
+                                 removed_ids=[object_id for object_id in removed
+                                              if lookalike_key(object_id) not in built],
                                  photo_records=_hash_records(range(len(ids)), digests))
     return dict(manifest, images=int(sum(counts)))
 

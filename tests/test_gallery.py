@@ -2345,3 +2345,33 @@ def test_a_rebuild_builds_back_only_the_removed_ids_named_with_restore_removed_i
                        "--restore-removed-id", "obj2", "--drop-added", capsys=capsys)
     assert code == 2 and one_sentence(err).startswith(
         f"error: --restore-removed-id 'obj2' was removed from {g}, but {source_less} holds no such object"), err
+
+
+def test_a_rebuild_skips_a_removed_object_whose_folder_was_renamed_to_a_look_alike_and_says_which(tmp_path,
+                                                                                                   monkeypatch, capsys):
+    """A review (2026-12-07): the rebuild's skip compared ids exactly, so an object removed as 'cafe' + U+0301 (a
+    folder made on macOS) came back once its folder was renamed 'café' (NFC), where every other reader matches ids
+    by lookalike_key. The skip, --restore-removed-id and the record match look-alikes, and the note says which
+    source id matched which removed id."""
+    from conftest import cli_ok
+
+    source = object_photos(tmp_path / "photos", objects=3)
+    from mlsctl.gallery import printable
+
+    decomposed, composed = "cafe\u0301", "caf\u00e9"
+    assert printable(decomposed) == decomposed + " [decomposed]"
+    (source / "obj2").rename(source / decomposed)
+    _tiny_model_for(monkeypatch, tmp_path / "run")
+    g = str(tmp_path / "g")
+    build = ("index", "build", str(source), "--out", g, "--workers", "0", "--overwrite")
+    cli_ok(capsys, *build[:-1])
+    cli_ok(capsys, "index", "remove", g, decomposed, "--purge")
+    (source / decomposed).rename(source / composed)
+    out, err = cli_ok(capsys, *build)
+    assert (f"note: skipped 1 object of the source removed from {g} with mlsctl index remove ({composed}, removed as "
+            f"'{printable(decomposed)}')") in err
+    assert sorted(Gallery(g).ids) == ["obj0", "obj1"] and Gallery(g).removed_ids() == [decomposed]
+    _, err = cli_ok(capsys, *build, "--restore-removed-id", composed)
+    assert (f"note: --restore-removed-id builds back 1 object of the source removed from {g} with mlsctl index remove "
+            f"({composed}, removed as '{printable(decomposed)}')") in err
+    assert sorted(Gallery(g).ids) == ["caf\u00e9", "obj0", "obj1"] and Gallery(g).removed_ids() == []
