@@ -2375,3 +2375,87 @@ def test_a_rebuild_skips_a_removed_object_whose_folder_was_renamed_to_a_look_ali
     assert (f"note: --restore-removed-id builds back 1 object of the source removed from {g} with mlsctl index remove "
             f"({composed}, removed as '{printable(decomposed)}')") in err
     assert sorted(Gallery(g).ids) == ["caf\u00e9", "obj0", "obj1"] and Gallery(g).removed_ids() == []
+
+
+def _rewrite_photo(path: Path, seed: int) -> bytes:
+    """``path`` written again in place with other pixels (a 32 px PNG); returns its new bytes."""
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, format="PNG")
+    return path.read_bytes()
+
+
+def test_a_build_records_the_digest_of_the_bytes_it_decoded_though_the_file_is_replaced_after(tmp_path, monkeypatch):
+    """A review (2026-12-07): a build hashed each photo with a second read of its file after embedding it, so a file
+    replaced in between was recorded by bytes the gallery never folded (and the photo folded was unknown). Each file
+    is read once, in the loader, and hashed and decoded from those bytes."""
+    from mlsctl.gallery import build_gallery, photo_digest
+
+    source = object_photos(tmp_path / "photos", objects=2)
+    photo = source / "obj0" / "0.png"
+    folded = photo.read_bytes()
+    model = tiny_set_model(32, tmp_path / "run")
+    embed = model.pixel_tokens
+    replaced = []
+
+    def pixel_tokens(pixels, *args):  # the photos are decoded: the file is replaced before anything else reads it
+        if not replaced:
+            replaced.append(_rewrite_photo(photo, 5))
+        return embed(pixels, *args)
+
+    monkeypatch.setattr(model, "pixel_tokens", pixel_tokens)
+    build_gallery(source, model, tmp_path / "g", IndexSettings("flat"), workers=0, progress=False)
+    target = Gallery(tmp_path / "g")
+    assert replaced and replaced[0] != folded
+    assert target.photos_to_fold("obj0", [photo_digest(folded)]) == ([], 1, 0)  # what was folded is known
+    assert target.photos_to_fold("obj0", [photo_digest(replaced[0])]) == ([0], 0, 0)  # the new bytes are not
+
+
+def test_an_add_refuses_a_photo_replaced_between_its_check_and_its_decoding_with_nothing_written(tmp_path, monkeypatch,
+                                                                                                 capsys):
+    """A review (2026-12-07): index add hashed each photo, loaded the model, then read the file again to decode it, so
+    a photo replaced meanwhile was folded under the digest of other bytes. The bytes decoded are hashed, and where
+    they are not those the add chose the photo by, the add is one sentence and writes nothing."""
+    from mlsctl import gallery as gallery_lib
+
+    from conftest import cli, cli_ok
+    from test_hardening import one_sentence
+
+    source = object_photos(tmp_path / "photos", objects=2)
+    model = _tiny_model_for(monkeypatch, tmp_path / "run")
+    g = str(tmp_path / "g")
+    cli_ok(capsys, "index", "build", str(source), "--out", g, "--workers", "0")
+    new = object_photos(tmp_path / "new", objects=1, noise_seed=3) / "obj0" / "0.png"
+
+    def model_after_replacing(*args, **kwargs):  # the model loads between the check and the decoding
+        _rewrite_photo(new, 6)
+        return model
+
+    monkeypatch.setattr(gallery_lib, "choose_set_model", model_after_replacing)
+    code, _, err = cli("index", "add", g, "--object", "obj0", str(new), "--run", str(tmp_path), capsys=capsys)
+    assert code == 2 and one_sentence(err) == (
+        f"error: photo {new} changed while the command ran (its bytes are not those it was checked by against the "
+        f"gallery); nothing was added: run the command again once the photos stay put"), err
+    assert Gallery(g).rows == 2 and Gallery(g).count("obj0") == 2
+
+
+def test_gallery_add_from_python_records_the_digests_of_the_paths_it_folds(tmp_path):
+    """A review (2026-12-07): Gallery.add with paths recorded no digest (only index add hashed), so a photo added from
+    Python was folded again by a later index add of it. Paths are recorded by the bytes decoded; a decoded image only
+    with the digest given for it; every image given is folded (photos_to_fold is the caller's choice)."""
+    from PIL import Image
+
+    from mlsctl.gallery import build_gallery, file_digest, photo_digest
+
+    source = object_photos(tmp_path / "photos", objects=2)
+    model = tiny_set_model(32, tmp_path / "run")
+    build_gallery(source, model, tmp_path / "g", IndexSettings("flat"), workers=0, progress=False)
+    target = Gallery(tmp_path / "g")
+    new = object_photos(tmp_path / "new", objects=1, noise_seed=3) / "obj0"
+    decoded = Image.open(new / "1.png").convert("RGB")
+    assert target.add(model, "fresh", [new / "0.png", decoded]) == (True, 2)
+    assert target.photos_to_fold("fresh", [file_digest(new / "0.png"), file_digest(new / "1.png")]) == ([1], 1, 0)
+    assert target.add(model, "fresh", [decoded], [photo_digest((new / "1.png").read_bytes())]) == (False, 3)
+    reopened = Gallery(tmp_path / "g")
+    assert reopened.photos_to_fold("fresh", [file_digest(new / "0.png"), file_digest(new / "1.png")]) == ([], 2, 0)
