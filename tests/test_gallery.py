@@ -2459,3 +2459,26 @@ def test_gallery_add_from_python_records_the_digests_of_the_paths_it_folds(tmp_p
     assert target.add(model, "fresh", [decoded], [photo_digest((new / "1.png").read_bytes())]) == (False, 3)
     reopened = Gallery(tmp_path / "g")
     assert reopened.photos_to_fold("fresh", [file_digest(new / "0.png"), file_digest(new / "1.png")]) == ([], 2, 0)
+
+
+def test_ids_file_dot_slash_dash_is_the_file_named_dash_and_a_lone_dash_standard_input(tmp_path, capsys, monkeypatch):
+    """A review (2026-12-07): --ids-file ./- read standard input, since the check was on str(Path) and Path('./-')
+    prints as '-'. A literal '-' alone is standard input; ./- is the file named '-'."""
+    import io
+
+    from conftest import cli_ok
+
+    _removal_gallery(tmp_path / "g", "flat")
+    g = str(tmp_path / "g")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "-").write_text("o1\n")
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"o2\n")))
+    out, _ = cli_ok(capsys, "index", "remove", g, "--ids-file", "./-")
+    assert out.startswith(f"removed 1 object from {g} (o1)")
+    out, _ = cli_ok(capsys, "index", "remove", g, "--ids-file", "-")
+    assert out.startswith(f"removed 1 object from {g} (o2)")
+    (tmp_path / "-").write_text("o3\n")
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"o4\n")))
+    out, _ = cli_ok(capsys, "index", "remove", g, "--ids-file", "-", "--ids-file", "./-")  # both: stdin once
+    assert out.startswith(f"removed 2 objects from {g} (o4, o3)")
+    assert sorted(Gallery(g).removed_ids()) == ["o1", "o2", "o3", "o4"]
