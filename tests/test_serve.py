@@ -2203,3 +2203,32 @@ def test_an_add_by_path_records_the_bytes_it_decoded_though_the_file_is_rewritte
     held = Gallery(tmp_path / "g")
     assert held.photos_to_fold("obj0", [photo_digest(second)]) == ([], 1, 0)  # what was folded is known
     assert held.photos_to_fold("obj0", [photo_digest(first)]) == ([0], 0, 0)
+
+
+@pytest.mark.parametrize("object_id", ["twin", "obj1"])  # a new object, and one the gallery holds
+def test_two_identical_adds_sent_at_the_same_instant_fold_the_photo_once(server, object_id):
+    """A review (2026-12-07): two POST /objects/ID/photos of the same photo at once (a client retrying before its first
+    request was answered): exactly one folds it, the other answers it skipped, and the gallery holds it once."""
+    from mlsctl.gallery import Gallery, photo_digest
+
+    sent = photo(server.mile_run, "obj3", 1)
+    before = Gallery(server.gallery)
+    count = before.count(object_id) if object_id in before.row_of else 0
+    start, answers = threading.Barrier(2), []
+
+    def add():
+        start.wait()
+        answers.append(call(server.base, "POST", f"/objects/{object_id}/photos", files=[sent], token=server.token))
+
+    threads = [threading.Thread(target=add) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [status for status, _ in answers] == [200, 200], answers
+    assert sorted((a["added"], a["skipped"]) for _, a in answers) == [(0, 1), (1, 0)], answers
+    assert sorted(a["photos"] for _, a in answers) == [count + 1, count + 1], answers
+    assert sum(a["created"] for _, a in answers) == (object_id == "twin")
+    after = Gallery(server.gallery)
+    assert after.rows == before.rows + 1 and after.count(object_id) == count + 1
+    assert after.photos_to_fold(object_id, [photo_digest(sent[1])]) == ([], 1, 0)
