@@ -30,7 +30,8 @@ builds, ``--restore-removed`` or ``--restore-removed-id``) into ``removed.txt`` 
 (:data:`REMOVED_IDS`, counted by the manifest's ``removed_ids``), and the gallery says format 5, which the mlsctl of
 format 4 refuses (its compaction would drop the record, and its rebuild bring the objects back);
 :meth:`Gallery.removed_ids` is that record and the ids tombstoned since, less those added again. A rebuild skips
-every id ever removed in its source (matched by :func:`lookalike_key`, as every reader matches ids), and counts a removed object added again as added since the build.
+every id ever removed in its source (matched by :func:`lookalike_key`, as every reader matches ids), and counts a
+removed object added again as added since the build.
 
 Each photo folded from a file or an upload is remembered by the sha256 of its bytes (as read, before decoding: each file
 is read once, and the bytes hashed are those decoded, :func:`read_photo`, :class:`_Photos`) in
@@ -764,7 +765,7 @@ def photo_batches(paths: Sequence[Path], preprocessing, *, batch_size: int = 64,
 
     batches = [list(range(start, min(start + batch_size, len(paths)))) for start in range(0, len(paths), batch_size)]
     workers = min(default_workers(len(paths)) if workers is None else workers, len(batches))  # no idle workers
-    loader = Loader(_Photos(Tree("."), [str(p) for p in paths], preprocessing, None, photos=photos),
+    loader = Loader(_Photos(Tree("."), [str(p) for p in paths], preprocessing, None, photos=photos, hashed=digests),
                     batch_sampler=batches, num_workers=workers, collate_fn=collate_photos,
                     worker_init_fn=worker_init if workers else None, pin_memory=pin_memory, workers_key="--workers")
     show = progress is not False and sys.stderr.isatty()
@@ -823,13 +824,13 @@ class _Photos(TreeImages):
     """:class:`~mlsctl.features.TreeImages` of photo files (a folder tree), where a file that cannot be opened (gone,
     no permission) is unreadable too, as :func:`load_images` has it; with ``photos``, so is an image that
     cannot be a photo of an object (:func:`~mlsctl.data.images.photo_shape_problem`), as there too. Each file is read
-    once, and its item ``(i, pixels, reason, digest)`` carries the :func:`photo_digest` of the bytes decoded (None
-    where unreadable): a gallery records what it folded, even where the file is replaced meanwhile
-    (:func:`collate_photos`)."""
+    once, and with ``hashed`` its item ``(i, pixels, reason, digest)`` carries the :func:`photo_digest` of the bytes
+    decoded (None where unreadable, or without ``hashed``: a search records nothing): a gallery records what it
+    folded, even where the file is replaced meanwhile (:func:`collate_photos`)."""
 
-    def __init__(self, *args, photos: bool = False):
+    def __init__(self, *args, photos: bool = False, hashed: bool = False):
         super().__init__(*args)
-        self.photos = photos
+        self.photos, self.hashed = photos, hashed
 
     def __getitem__(self, index: int):
         from mlsctl.data.images import DEFAULT_MAX_IMAGE_PIXELS, BadImage, photo_shape_problem, read_rgb
@@ -844,7 +845,7 @@ class _Photos(TreeImages):
         problem = self.photos and photo_shape_problem(*image.size)  # one rule with load_images and serve's uploads
         if problem:
             return index, None, problem, None
-        return index, self.preprocessing.pixels(image), None, photo_digest(data)
+        return index, self.preprocessing.pixels(image), None, photo_digest(data) if self.hashed else None
 
 
 def collate_photos(items):
