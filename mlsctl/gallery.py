@@ -125,18 +125,19 @@ class SetPhotos:
         resized to the model's input at once, so only that small copy of it is kept (as the server
         keeps its photos): 40 phone photos of 4000x3000, all decoded before any was resized, took
         2.65 GB in `index add` and `search --set` (an attacker's probe, 2026-12-07)."""
-        cls, tokens, _ = self.photo_tokens(images, batch_size)
+        cls, tokens, _ = self.photo_tokens(images, batch_size, hashed=False)  # a search records nothing
         return cls, tokens
 
     @torch.no_grad()
-    def photo_tokens(self, images: Sequence, batch_size: int = 64
+    def photo_tokens(self, images: Sequence, batch_size: int = 64, hashed: bool = True
                      ) -> tuple[torch.Tensor, Optional[torch.Tensor], list[Optional[bytes]]]:
         """:meth:`image_tokens`, and the :func:`photo_digest` of each image: of the bytes a path's file was read as
-        and decoded from (read once: :func:`read_photo`), None for a decoded image (no bytes to know it by)."""
+        and decoded from (read once: :func:`read_photo`), None for a decoded image (no bytes to know it by) and
+        without ``hashed``."""
         preprocessing = self.preprocessor()
         pixels, digests = [], []
         for image in images:
-            digest, image = read_photo(image) if isinstance(image, (str, os.PathLike)) else (None, image)
+            digest, image = read_photo(image, hashed) if isinstance(image, (str, os.PathLike)) else (None, image)
             pixels.append(preprocessing.pixels(image))
             digests.append(digest)
         if not pixels:
@@ -861,14 +862,14 @@ def load_images(paths: Sequence[Path]) -> list:
     return [_read_photo(lambda p: load_rgb(p, photo=True), path) for path in paths]
 
 
-def read_photo(path: str | os.PathLike):
-    """A photo file read once: (the :func:`photo_digest` of its bytes, the image decoded from those same bytes), so
-    that the digest a gallery records is that of what it folded (a review, 2026-12-07: a second read hashed a file
-    replaced meanwhile); a photo that cannot be read is :func:`load_images`'s sentence."""
+def read_photo(path: str | os.PathLike, hashed: bool = True):
+    """A photo file read once: (the :func:`photo_digest` of its bytes, None without ``hashed``; the image decoded from
+    those same bytes), so that the digest a gallery records is that of what it folded (a review, 2026-12-07: a second
+    read hashed a file replaced meanwhile); a photo that cannot be read is :func:`load_images`'s sentence."""
     from mlsctl.data.images import read_rgb
 
     data, image = _read_photo(lambda p: read_rgb(p, photo=True), path)
-    return photo_digest(data), image
+    return (photo_digest(data) if hashed else None), image
 
 
 def photos_of_folders(photos: Sequence, option: str = "--set") -> list:

@@ -818,10 +818,10 @@ def test_index_add_and_search_keep_each_photo_only_resized_and_give_the_latents_
     decoded, kept = [], []
     real_read, real_tokens = gallery_lib.read_photo, SetModel.pixel_tokens
 
-    def read_one_at_a_time(path):  # each path is read once, hashed and decoded (read_photo)
+    def read_one_at_a_time(path, *args):  # each path is read once, hashed and decoded (read_photo)
         gc.collect()
         assert not [ref for ref in decoded if ref() is not None], "a decoded photo was kept"
-        digest, image = real_read(path)
+        digest, image = real_read(path, *args)
         decoded.append(weakref.ref(image))
         return digest, image
 
