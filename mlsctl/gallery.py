@@ -26,13 +26,15 @@ is absent to every reader (ids, searches, counts, ``index info``); its rows stay
 mlsctl of format 3 refuses (it would read them as objects); build and retrain write format 3. The ids removed
 (never their latents) outlive the tombstones: a compaction (retrain, ``index remove --purge``) and a rebuild with
 ``--overwrite`` write the ids ever removed (those added again since included; a rebuild leaves out those it
-builds, ``--restore-removed``) into ``removed.txt`` of the new version folder
+builds, ``--restore-removed`` or ``--restore-removed-id``) into ``removed.txt`` of the new version folder
 (:data:`REMOVED_IDS`, counted by the manifest's ``removed_ids``), and the gallery says format 5, which the mlsctl of
 format 4 refuses (its compaction would drop the record, and its rebuild bring the objects back);
 :meth:`Gallery.removed_ids` is that record and the ids tombstoned since, less those added again. A rebuild skips
-every id ever removed in its source, and counts a removed object added again as added since the build.
+every id ever removed in its source (matched by :func:`lookalike_key`, as every reader matches ids), and counts a
+removed object added again as added since the build.
 
-Each photo folded from a file or an upload is remembered by the sha256 of its bytes (as read, before decoding) in
+Each photo folded from a file or an upload is remembered by the sha256 of its bytes (as read, before decoding: each file
+is read once, and the bytes hashed are those decoded, :func:`read_photo`, :class:`_Photos`) in
 ``photos.bin`` of the version folder (:data:`PHOTO_HASHES`: 40-byte records, the row that folded it (int64) and the
 digest, counted by the manifest's ``photo_hashes``; format 5 too). It grows by appending with the row files and is
 committed by the same manifest write, so a kill leaves both as before or after an add. A photo's digest belongs to the
@@ -123,12 +125,24 @@ class SetPhotos:
         resized to the model's input at once, so only that small copy of it is kept (as the server
         keeps its photos): 40 phone photos of 4000x3000, all decoded before any was resized, took
         2.65 GB in `index add` and `search --set` (an attacker's probe, 2026-12-07)."""
+        cls, tokens, _ = self.photo_tokens(images, batch_size, hashed=False)  # a search records nothing
+        return cls, tokens
+
+    @torch.no_grad()
+    def photo_tokens(self, images: Sequence, batch_size: int = 64, hashed: bool = True
+                     ) -> tuple[torch.Tensor, Optional[torch.Tensor], list[Optional[bytes]]]:
+        """:meth:`image_tokens`, and the :func:`photo_digest` of each image: of the bytes a path's file was read as
+        and decoded from (read once: :func:`read_photo`), None for a decoded image (no bytes to know it by) and
+        without ``hashed``."""
         preprocessing = self.preprocessor()
-        pixels = [preprocessing.pixels(load_images([image])[0] if isinstance(image, (str, os.PathLike)) else image)
-                  for image in images]
+        pixels, digests = [], []
+        for image in images:
+            digest, image = read_photo(image, hashed) if isinstance(image, (str, os.PathLike)) else (None, image)
+            pixels.append(preprocessing.pixels(image))
+            digests.append(digest)
         if not pixels:
-            return self.pixel_tokens(torch.empty(0, 3, self.resolution, self.resolution, dtype=torch.uint8))
-        return self.pixel_tokens(torch.stack(pixels), batch_size)
+            return (*self.pixel_tokens(torch.empty(0, 3, self.resolution, self.resolution, dtype=torch.uint8)), [])
+        return (*self.pixel_tokens(torch.stack(pixels), batch_size), digests)
 
     @torch.no_grad()
     def pixel_tokens(self, pixels: torch.Tensor, batch_size: int = 64) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -737,7 +751,7 @@ def search_sets(gallery: "Gallery", model: SetModel, queries: Sequence[tuple[int
 
 def photo_batches(paths: Sequence[Path], preprocessing, *, batch_size: int = 64, workers: Optional[int] = None,
                   progress: Optional[bool] = None, strict: bool = True, pin_memory: bool = False,
-                  photos: bool = False):
+                  photos: bool = False, digests: bool = False):
     """``(rows, pixels, unreadable)`` of ``paths`` in order, ``batch_size`` photos a batch, decoded
     and resized by ``preprocessing`` in ``workers`` loader processes (None:
     :func:`mlsctl.features.default_workers`), with a progress bar on a terminal and a line every 30 s in a log
@@ -745,13 +759,15 @@ def photo_batches(paths: Sequence[Path], preprocessing, *, batch_size: int = 64,
     (for a GPU): ``rows`` the batch's rows (a consecutive range), ``pixels`` uint8 [b, 3, R, R] of those that
     could be read (None if none) and ``unreadable`` ``[(row, reason)]`` of the others. ``strict``:
     the first unreadable photo stops it instead, with one sentence naming it. ``photos``: an image that cannot
-    be a photo of an object (:func:`~mlsctl.data.images.photo_shape_problem`) is unreadable too."""
+    be a photo of an object (:func:`~mlsctl.data.images.photo_shape_problem`) is unreadable too. ``digests``: each
+    batch also gives ``{row: digest}`` of the photos read, each the :func:`photo_digest` of the very bytes decoded
+    (each file is read once)."""
     from tqdm import tqdm
 
     batches = [list(range(start, min(start + batch_size, len(paths)))) for start in range(0, len(paths), batch_size)]
     workers = min(default_workers(len(paths)) if workers is None else workers, len(batches))  # no idle workers
-    loader = Loader(_Photos(Tree("."), [str(p) for p in paths], preprocessing, None, photos=photos),
-                    batch_sampler=batches, num_workers=workers, collate_fn=collate_images,
+    loader = Loader(_Photos(Tree("."), [str(p) for p in paths], preprocessing, None, photos=photos, hashed=digests),
+                    batch_sampler=batches, num_workers=workers, collate_fn=collate_photos,
                     worker_init_fn=worker_init if workers else None, pin_memory=pin_memory, workers_key="--workers")
     show = progress is not False and sys.stderr.isatty()
     if progress is None and not sys.stderr.isatty():  # a log: a line every 30 s, where a long build said nothing
@@ -759,31 +775,35 @@ def photo_batches(paths: Sequence[Path], preprocessing, *, batch_size: int = 64,
     else:
         shown = tqdm(total=len(paths), unit="photo", desc="photos", disable=not show, leave=False, dynamic_ncols=True)
     with shown as bar:
-        for rows, (_, pixels, unreadable) in zip(batches, loader):
+        for rows, (_, pixels, unreadable, read) in zip(batches, loader):
             if unreadable and strict:
                 row, reason = unreadable[0]
                 raise UserError(f"cannot read {paths[row]}: {reason}")
-            yield rows, pixels, unreadable
+            yield (rows, pixels, unreadable, read) if digests else (rows, pixels, unreadable)
             bar.update(len(rows))
 
 
 def set_tokens(sets: Sequence[Sequence[Path]], model: SetModel, *, batch_size: int = 64,
-               workers: Optional[int] = None, progress: Optional[bool] = None, strict: bool = True):
+               workers: Optional[int] = None, progress: Optional[bool] = None, strict: bool = True,
+               digests: bool = False):
     """``(CLS [t, D], tokens [t, p, D] or None, unreadable)`` of each set of photo paths in
     ``sets``, in order: the photos of all sets go through the model ``batch_size`` at a time
     (decoded by :func:`photo_batches`, so a batch spans sets and fills a GPU however small the
     sets), and each set comes out as soon as its last photo has: the tokens held are at most a
     batch's and those of the set being embedded. ``unreadable`` is ``[(path, reason)]`` of the
     set's photos that could not be read (its CLS and tokens are then of the others); ``strict``:
-    the first one stops it instead."""
+    the first one stops it instead. ``digests``: each set also gives the :func:`photo_digest` of each photo read, in
+    order, of the bytes its CLS was decoded from."""
     paths = [path for photos in sets for path in photos]
     waiting: list[tuple[torch.Tensor, Optional[torch.Tensor]]] = []  # embedded rows not yet handed out, by batch
     unreadable: dict[int, str] = {}
+    read: dict[int, bytes] = {}  # the digests of the rows not yet handed out
     current, first = 0, 0  # the set handed out next, and its first row
-    for rows, pixels, batch_unreadable in photo_batches(paths, model.preprocessor(), batch_size=batch_size,
-                                                        workers=workers, progress=progress, strict=strict,
-                                                        pin_memory=model.device.type == "cuda", photos=True):
+    for rows, pixels, batch_unreadable, batch_read in photo_batches(
+            paths, model.preprocessor(), batch_size=batch_size, workers=workers, progress=progress, strict=strict,
+            pin_memory=model.device.type == "cuda", photos=True, digests=True):
         unreadable.update(batch_unreadable)
+        read.update(batch_read)
         if pixels is not None:
             waiting.append(model.pixel_tokens(pixels, batch_size))
         if current < len(sets) and first + len(sets[current]) <= rows[-1] + 1:  # a set ends in this batch
@@ -793,38 +813,63 @@ def set_tokens(sets: Sequence[Sequence[Path]], model: SetModel, *, batch_size: i
                 end = first + len(sets[current])
                 failed = [(paths[row], unreadable.pop(row)) for row in range(first, end) if row in unreadable]
                 n = end - first - len(failed)
-                yield cls[:n], (tokens[:n] if tokens is not None else None), failed
+                out = (cls[:n], (tokens[:n] if tokens is not None else None), failed)
+                of_set = [read.pop(row) for row in range(first, end) if row in read]
+                yield (*out, of_set) if digests else out
                 cls, tokens = cls[n:], (tokens[n:] if tokens is not None else None)
                 current, first = current + 1, end
             waiting = [(cls, tokens)] if len(cls) else []
 
 
 class _Photos(TreeImages):
-    """:class:`~mlsctl.features.TreeImages` of photo paths, where a file that cannot be opened (gone,
+    """:class:`~mlsctl.features.TreeImages` of photo files (a folder tree), where a file that cannot be opened (gone,
     no permission) is unreadable too, as :func:`load_images` has it; with ``photos``, so is an image that
-    cannot be a photo of an object (:func:`~mlsctl.data.images.photo_shape_problem`), as there too."""
+    cannot be a photo of an object (:func:`~mlsctl.data.images.photo_shape_problem`), as there too. Each file is read
+    once, and with ``hashed`` its item ``(i, pixels, reason, digest)`` carries the :func:`photo_digest` of the bytes
+    decoded (None where unreadable, or without ``hashed``: a search records nothing): a gallery records what it
+    folded, even where the file is replaced meanwhile (:func:`collate_photos`)."""
 
-    def __init__(self, *args, photos: bool = False):
+    def __init__(self, *args, photos: bool = False, hashed: bool = False):
         super().__init__(*args)
-        self.photos = photos
+        self.photos, self.hashed = photos, hashed
 
     def __getitem__(self, index: int):
-        from mlsctl.data.images import BadImage, photo_shape_problem
+        from mlsctl.data.images import DEFAULT_MAX_IMAGE_PIXELS, BadImage, photo_shape_problem, read_rgb
 
+        limit = DEFAULT_MAX_IMAGE_PIXELS if self.max_pixels is None else self.max_pixels
         try:
-            image = self.tree.load_rgb(self.relpaths[index], self.max_pixels, self.raise_with)
+            data, image = read_rgb(self.tree.path / self.relpaths[index], limit, self.raise_with)
         except BadImage as exc:
-            return index, None, str(exc)
+            return index, None, str(exc), None
         except OSError as exc:  # the message names the photo: its reason need not
-            return index, None, exc.strerror or str(exc)
+            return index, None, exc.strerror or str(exc), None
         problem = self.photos and photo_shape_problem(*image.size)  # one rule with load_images and serve's uploads
-        return (index, None, problem) if problem else (index, self.preprocessing.pixels(image), None)
+        if problem:
+            return index, None, problem, None
+        return index, self.preprocessing.pixels(image), None, photo_digest(data) if self.hashed else None
+
+
+def collate_photos(items):
+    """:class:`_Photos` items → what :func:`~mlsctl.features.collate_images` gives, and the digests of those read
+    (``{index: digest}``)."""
+    indices, pixels, skipped = collate_images([item[:3] for item in items])
+    return indices, pixels, skipped, {i: digest for i, _, _, digest in items if digest is not None}
 
 
 def load_images(paths: Sequence[Path]) -> list:
     from mlsctl.data.images import load_rgb
 
     return [_read_photo(lambda p: load_rgb(p, photo=True), path) for path in paths]
+
+
+def read_photo(path: str | os.PathLike, hashed: bool = True):
+    """A photo file read once: (the :func:`photo_digest` of its bytes, None without ``hashed``; the image decoded from
+    those same bytes), so that the digest a gallery records is that of what it folded (a review, 2026-12-07: a second
+    read hashed a file replaced meanwhile); a photo that cannot be read is :func:`load_images`'s sentence."""
+    from mlsctl.data.images import read_rgb
+
+    data, image = _read_photo(lambda p: read_rgb(p, photo=True), path)
+    return (photo_digest(data) if hashed else None), image
 
 
 def photos_of_folders(photos: Sequence, option: str = "--set") -> list:
@@ -1463,16 +1508,29 @@ class Gallery:
                 for score_row, id_row in zip(scores, rows)]
 
     # ------------------------------------------------------------------ writing (under the gallery's lock)
-    def add(self, model: "SetModel", object_id: str, images: Sequence, digests: Sequence[bytes] = ()
-            ) -> tuple[bool, int]:
-        """Fold ``images`` into ``object_id`` (created when new); returns (created, images now folded).
-        Costs one appended row, whatever the gallery's size (see the module's format notes). ``digests``: those
-        of the images that have them, remembered with the row (:meth:`photos_to_fold` chooses the images). The
-        caller holds the gallery's lock (:func:`add_to_gallery` takes it; a server holds it)."""
+    def add(self, model: "SetModel", object_id: str, images: Sequence,
+            digests: Optional[Sequence[Optional[bytes]]] = None) -> tuple[bool, int]:
+        """Fold every one of ``images`` (photo paths, or decoded PIL images) into ``object_id`` (created when new);
+        returns (created, images now folded). Costs one appended row, whatever the gallery's size (see the module's
+        format notes). Each path is read once, and the sha256 of the bytes decoded is recorded with the row
+        (:data:`PHOTO_HASHES`), so a later add of the same photo to the object skips it, as with ``index add``; a
+        decoded image has no bytes and is not recorded, unless ``digests`` gives its digest. ``digests``: one per
+        image (None: unknown) or None; a path's must be that of the bytes read now, or the file changed since the
+        caller chose it by that digest (:meth:`photos_to_fold`, which this method does not call: it folds what it is
+        given) and nothing is written. The caller holds the gallery's lock (:func:`add_to_gallery` takes it)."""
         check_object_id(object_id)
         self.check_model(model)
-        cls, tokens = model.image_tokens(images)
-        return self.fold_into(model.fold, object_id, cls, tokens, len(images), digests)
+        cls, tokens, read = model.photo_tokens(images)
+        given = list(digests) if digests is not None else [None] * len(images)
+        if len(given) != len(images):
+            raise ValueError(f"{len(given)} digests for {len(images)} images; give one per image (None: unknown)")
+        for image, expected, found in zip(images, given, read):
+            if found is not None and expected is not None and expected != found:
+                raise UserError(f"photo {image} changed while the command ran (its bytes are not those it was checked "
+                                f"by against the gallery); nothing was added: run the command again once the photos "
+                                f"stay put")
+        recorded = [found if found is not None else expected for found, expected in zip(read, given)]
+        return self.fold_into(model.fold, object_id, cls, tokens, len(images), [d for d in recorded if d is not None])
 
     def lookalike(self, object_id: str) -> Optional[str]:
         """The stored id that reads like ``object_id`` but is another string (:func:`lookalike_key`),
@@ -2232,22 +2290,81 @@ def _holds_no_removals(out: Path) -> bool:
 
 
 def removals_kept_out(source_ids: Sequence[str], removed: Optional[Sequence[str]], out: Path, restore_removed: bool,
-                      say: Callable[[str], None] = to_stderr) -> set[str]:
+                      say: Callable[[str], None] = to_stderr, restore_ids: Sequence[str] = (),
+                      source: Optional[str | os.PathLike] = None) -> set[str]:
     """The objects of the source that a rebuild of ``out`` leaves out: those ``removed`` from the gallery it
-    replaces (:func:`check_what_a_rebuild_drops`), said in one line with how to bring them back; none with
-    ``restore_removed``, which says how many it builds back."""
-    in_source = set(source_ids)
-    back = [object_id for object_id in (removed or []) if object_id in in_source]
+    replaces (:func:`check_what_a_rebuild_drops`), matched by :func:`lookalike_key` as every other reader matches
+    ids (a folder renamed ``café`` in NFC is the object removed as ``cafe`` + U+0301), said in one line with how to
+    bring them back, and with the removed id where it is spelt otherwise; none with ``restore_removed``, which says
+    how many it builds back; all but ``restore_ids`` (``--restore-removed-id``: one taken-down object back without
+    undoing the other takedowns), each of which must be a removed object of the source (:func:`_restored_ids`)."""
+    matched = removed_in_source(source_ids, removed or [])  # source id -> the removed id it reads as
+    back = list(matched)
+    restored = _restored_ids(restore_ids, matched, removed or [], out, source)
     if not back:
         return set()
-    shown = ", ".join(printable(i) for i in back[:3]) + (", ..." if len(back) > 3 else "")
-    if restore_removed:
-        say(f"note: --restore-removed builds back {counted(len(back), 'object')} of the source removed from {out} "
-            f"with mlsctl index remove ({shown})")
-        return set()
+    if restore_removed or restored:
+        built = back if restore_removed else [object_id for object_id in back if object_id in restored]
+        option = "--restore-removed" if restore_removed else "--restore-removed-id"
+        say(f"note: {option} builds back {counted(len(built), 'object')} of the source removed from {out} with mlsctl "
+            f"index remove ({_shown_ids(built, matched=matched)})")
+        back = [object_id for object_id in back if object_id not in built]
+        if not back:
+            return set()
     say(f"note: skipped {counted(len(back), 'object')} of the source removed from {out} with mlsctl index remove "
-        f"({shown}); give --restore-removed to build them back")
+        f"({_shown_ids(back, matched=matched)}); give --restore-removed to build them back, or --restore-removed-id ID "
+        f"for one")
     return set(back)
+
+
+def removed_in_source(source_ids: Sequence[str], removed: Sequence[str]) -> dict[str, str]:
+    """The ids of the source that read as a ``removed`` id (the same :func:`lookalike_key`), each with that removed
+    id, in the order of ``removed``."""
+    keys: dict[str, str] = {}
+    for object_id in source_ids:
+        keys.setdefault(lookalike_key(object_id), object_id)
+    matched = {}
+    for object_id in removed:
+        found = keys.get(lookalike_key(object_id))
+        if found is not None:
+            matched.setdefault(found, object_id)
+    return matched
+
+
+def _restored_ids(restore_ids: Sequence[str], matched: dict[str, str], removed: Sequence[str], out: Path,
+                  source: Optional[str | os.PathLike]) -> set[str]:
+    """The source ids that ``--restore-removed-id`` names, each a removed object of the source (``matched``: source
+    id -> removed id), matched by :func:`lookalike_key` as the skip is: an id removed from ``out`` that the source
+    lacks cannot be built back, and one never removed is likely a typo; either is one sentence, before anything is
+    embedded."""
+    by_key = {lookalike_key(object_id): object_id for object_id in matched}
+    removed_keys = {lookalike_key(object_id) for object_id in removed}
+    restored = set()
+    for object_id in restore_ids:
+        key = lookalike_key(object_id)
+        if key in by_key:
+            restored.add(by_key[key])
+        elif key in removed_keys:
+            raise UserError(f"--restore-removed-id '{printable(object_id)}' was removed from {out}, but "
+                            f"{source if source is not None else 'the source'} holds no such object, so it cannot be "
+                            f"built back; add its photos to the source, or leave the id out")
+        else:
+            which = (f"the removed objects of the source are {_shown_ids(list(matched), 5)}" if matched else
+                     "no object of the source was removed from it")
+            raise UserError(f"--restore-removed-id '{printable(object_id)}' was not removed from {out}, so there is "
+                            f"nothing to build back ({which}); give the id of a removed object, or leave the option "
+                            f"out")
+    return restored
+
+
+def _shown_ids(ids: Sequence[str], limit: int = 3, matched: Optional[dict[str, str]] = None) -> str:
+    """The first ``limit`` of ``ids`` as messages show them (:func:`printable`), then "..." where there are more;
+    each with the removed id it ``matched`` where that is spelt otherwise."""
+    def shown(object_id: str) -> str:
+        other = (matched or {}).get(object_id, object_id)
+        return printable(object_id) + ("" if other == object_id else f", removed as '{printable(other)}'")
+
+    return ", ".join(shown(i) for i in ids[:limit]) + (", ..." if len(ids) > limit else "")
 
 
 def _objects_held(path: Path, removed: Optional[list] = None) -> dict[str, int]:
@@ -2287,13 +2404,14 @@ def build_gallery(source: str | os.PathLike, model: SetModel, out: str | os.Path
                   workers: Optional[int] = None, batch_size: int = 64, say: Callable[[str], None] = to_stderr,
                   objects_file: Optional[str | os.PathLike] = None,
                   groups: Optional[dict[str, list[Path]]] = None, drop_added: bool = False,
-                  restore_removed: bool = False) -> dict:
+                  restore_removed: bool = False, restore_ids: Sequence[str] = ()) -> dict:
     """One set embedding per object of ``source``: ``ROOT/<object_id>/*`` images, or those
     ``objects_file`` lists (:func:`object_folders`, or ``groups`` where the caller read them before the model
     loaded; decoded in ``workers`` loader processes and embedded ``batch_size`` at a time, :func:`set_tokens`),
     or a feature folder of them written by ``mlsctl embed`` with the same run (files fold in name order). With
     ``overwrite``, the objects removed from the gallery it replaces are skipped (a takedown sticks) unless
-    ``restore_removed``, and their ids are recorded in the new gallery (:meth:`Gallery.removed_ids`)."""
+    ``restore_removed`` (all) or named in ``restore_ids`` (those alone), and the ids of those skipped are recorded in
+    the new gallery (:meth:`Gallery.removed_ids`)."""
     out = Path(out)
     check_objects_source(source, objects_file)
     settings.check()
@@ -2308,7 +2426,8 @@ def build_gallery(source: str | os.PathLike, model: SetModel, out: str | os.Path
             check_gallery_free(out)  # a server or another writer holding it: said now, not after the embedding
         if groups is None and not is_feature_folder(source):
             groups = object_folders(source, objects_file)
-        removed, skipped = removals_of_rebuild(source, groups, out, overwrite, drop_added, restore_removed, say)
+        removed, skipped = removals_of_rebuild(source, groups, out, overwrite, drop_added, restore_removed, say,
+                                               restore_ids)
         if groups is not None:
             groups = {object_id: paths for object_id, paths in groups.items() if object_id not in skipped}
         check_index_fits(settings, len(source_counts(source, groups)) - (len(skipped) if groups is None else 0),
@@ -2325,10 +2444,11 @@ def build_gallery(source: str | os.PathLike, model: SetModel, out: str | os.Path
         # again under the lock: another build into the same new --out may have finished meanwhile (a probe,
         # 2026-12-06: both said "built", the second replacing the first without --overwrite)
         check_gallery_target(out, overwrite)
-        built = set(ids)
+        built = {lookalike_key(object_id) for object_id in ids}  # a removed id built back leaves the record
         manifest = write_gallery(out, ids, torch.stack(latents), counts, settings, _build_manifest(source, model,
                                  objects_file), storage_dtype,
-                                 removed_ids=[object_id for object_id in removed if object_id not in built],
+                                 removed_ids=[object_id for object_id in removed
+                                              if lookalike_key(object_id) not in built],
                                  photo_records=_hash_records(range(len(ids)), digests))
     return dict(manifest, images=int(sum(counts)))
 
@@ -2364,15 +2484,15 @@ def _embed_objects(source, groups: Optional[dict[str, list[Path]]], model: SetMo
         return ids, latents, counts, digests
     check_new_ids(list(groups), f"{source}: object folder")  # before anything is embedded
     unreadable = []  # every photo that cannot be read, named at the end: not one per attempt
-    for object_id, (cls, tokens, failed) in zip(groups, set_tokens(list(groups.values()), model,
-                                                                   batch_size=batch_size, workers=workers,
-                                                                   progress=progress, strict=False)):
+    embedded = set_tokens(list(groups.values()), model, batch_size=batch_size, workers=workers, progress=progress,
+                          strict=False, digests=True)  # the digests of the bytes decoded: each file read once
+    for object_id, (cls, tokens, failed, read) in zip(groups, embedded):
         unreadable += failed
         if not failed:
             ids.append(object_id)
             latents.append(model.fold(None, cls, tokens))
             counts.append(len(cls))
-            digests.append(list(dict.fromkeys(file_digest(path) for path in groups[object_id])))
+            digests.append(list(dict.fromkeys(read)))
     if unreadable:
         shown = "; ".join(f"{path} ({reason})" for path, reason in unreadable[:5])
         raise UserError(f"{len(unreadable)} photo{'s' if len(unreadable) != 1 else ''} of {source} cannot be read: "
@@ -2383,18 +2503,24 @@ def _embed_objects(source, groups: Optional[dict[str, list[Path]]], model: SetMo
 
 def removals_of_rebuild(source, groups: Optional[dict[str, list[Path]]], out: Path, overwrite: bool,
                         drop_added: bool = False, restore_removed: bool = False,
-                        say: Callable[[str], None] = to_stderr) -> tuple[list[str], set[str]]:
+                        say: Callable[[str], None] = to_stderr, restore_ids: Sequence[str] = ()
+                        ) -> tuple[list[str], set[str]]:
     """What a build into ``out`` checks of the gallery it replaces (``overwrite``): what it would drop
     (:func:`check_what_a_rebuild_drops`), then the ids removed from it, recorded again in the new gallery, and those
-    of the source it skips (:func:`removals_kept_out`); returns (removed ids, skipped ids)."""
-    if restore_removed and not overwrite:
-        raise UserError("--restore-removed goes with --overwrite: it builds back the objects removed from the gallery "
-                        "a rebuild replaces")
+    of the source it skips (:func:`removals_kept_out`: all, none with ``restore_removed``, all but ``restore_ids``);
+    returns (removed ids, skipped ids)."""
+    for option, given in (("--restore-removed", restore_removed), ("--restore-removed-id", restore_ids)):
+        if given and not overwrite:
+            raise UserError(f"{option} goes with --overwrite: it builds back objects removed from the gallery a "
+                            f"rebuild replaces")
+    if restore_removed and restore_ids:
+        raise UserError("give --restore-removed (every removed object of the source back) or --restore-removed-id ID "
+                        "(those named), not both")
     if not overwrite:
         return [], set()
     counts = source_counts(source, groups)
     removed = check_what_a_rebuild_drops(out, counts, drop_added, say, restore_removed) or []
-    return removed, removals_kept_out(list(counts), removed, out, restore_removed, say)
+    return removed, removals_kept_out(list(counts), removed, out, restore_removed, say, restore_ids, source)
 
 
 def add_to_gallery(path: str | os.PathLike, object_id: str, photos: Sequence, *, run: Optional[str | os.PathLike] = None,
@@ -2429,8 +2555,7 @@ def add_to_gallery(path: str | os.PathLike, object_id: str, photos: Sequence, *,
         if not chosen:  # a --run given is checked all the same: a wrong one is said, not passed over
             target.check_model(model)
             return target, False, target.count(object_id), 0, len(photos)
-        created, count = target.add(model, object_id, [photos[i] for i in chosen],
-                                    [digests[i] for i in chosen if digests[i] is not None])
+        created, count = target.add(model, object_id, [photos[i] for i in chosen], [digests[i] for i in chosen])
     note = long_set_note(model, count, object_id)
     if note:
         say(note)

@@ -575,12 +575,15 @@ class GalleryService:
             raise RequestError(413, f"the {len(photos)} photos hold {total:,} pixels, more than {MAX_REQUEST_PIXELS:,} "
                                     f"per request; send fewer or smaller photos")
 
-    def pixels(self, photos: list[Photo]):
+    def pixels(self, photos: list[Photo], digests: Optional[list] = None):
         """The photos decoded one at a time, each within the decode budget, and resized to the
-        model's input at once: uint8 [n, 3, R, R]."""
+        model's input at once: uint8 [n, 3, R, R]. ``digests`` gets the sha256 of the bytes each was decoded from
+        (:func:`~mlsctl.gallery.photo_digest`): a ``--root`` file rewritten in place after :meth:`digests` read it is
+        recorded as what was folded (a review, 2026-12-07)."""
         import torch
 
         from mlsctl.data.images import BadImage, decode_rgb
+        from mlsctl.gallery import photo_digest
 
         out = []
         for photo in photos:
@@ -588,6 +591,8 @@ class GalleryService:
                 with photo.open() as f:
                     data = f.read(self.limits.max_upload_bytes + 1)
                 self._check_size(photo.name, len(data))
+                if digests is not None:
+                    digests.append(photo_digest(data))
                 try:
                     image = decode_rgb(data, max_pixels=max(photo.pixels, 1), formats=upload_formats(), quiet=False,
                                        photo=True)
@@ -598,10 +603,11 @@ class GalleryService:
                 del image
         return torch.stack(out)
 
-    def tokens(self, photos: list[Photo]):
+    def tokens(self, photos: list[Photo], digests: Optional[list] = None):
+        """The photos checked (:meth:`measure`), decoded (:meth:`pixels`, which fills ``digests``) and embedded."""
         self._check_count(len(photos))
         self.measure(photos)
-        pixels = self.pixels(photos)
+        pixels = self.pixels(photos, digests)
         with self.model_lock:
             return self.model.pixel_tokens(pixels)
 
@@ -662,20 +668,22 @@ class GalleryService:
             chosen = self._new_photos(object_id, digests) if photos else []
             if photos and not chosen:
                 return self._unchanged(object_id, len(photos))
-        cls, tokens = self.tokens([photos[i] for i in chosen])
+        decoded: list[bytes] = []  # the digests of the bytes embedded: what is recorded
+        cls, tokens = self.tokens([photos[i] for i in chosen], decoded)
+
         def fold(previous, cls, tokens):
             with self.model_lock:
                 return self.model.fold(previous, cls, tokens)
 
         with self.index_lock:
-            # again under the lock: an add of the same photos (a retry sent before the first was answered) may
-            # have been committed meanwhile
-            kept = self._new_photos(object_id, [digests[i] for i in chosen]) if chosen else []
+            # again under the lock, by the bytes embedded: an add of the same photos (a retry sent before the first
+            # was answered) may have been committed meanwhile, and a --root file may have been rewritten
+            kept = self._new_photos(object_id, decoded) if chosen else []
             if chosen and not kept:
                 return self._unchanged(object_id, len(photos))
             if len(kept) < len(chosen):
                 cls, tokens = cls[kept], (None if tokens is None else tokens[kept])
-            folded = [digests[chosen[j]] for j in kept]
+            folded = [decoded[j] for j in kept]
             try:  # a new id is checked again there: a look-alike may have been added meanwhile
                 created, count = self.gallery.fold_into(fold, object_id, cls, tokens, len(folded), folded)
             except DamagedGallery:  # the operator's to mend, not the client's; its sentence names the server's path

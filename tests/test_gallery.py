@@ -2304,3 +2304,181 @@ def test_a_photo_that_cannot_be_read_to_record_it_is_one_sentence_naming_it(tmp_
     assert str(refused.value) == (f"photo {tmp_path / 'gone.png'} cannot be read to record it (No such file or "
                                   f"directory): was it moved or changed while the command ran? Run the command again "
                                   f"once the photos stay put")
+
+
+def test_a_rebuild_builds_back_only_the_removed_ids_named_with_restore_removed_id(tmp_path, monkeypatch, capsys):
+    """A review (2026-12-07): --restore-removed brought back every removed object, so a user who wanted one taken-down
+    object back (or had removed and added one again) undid every other takedown. --restore-removed-id ID (repeatable)
+    builds back those named alone: they leave the record, the others stay skipped and recorded; an id that is not among
+    the removed objects of the source is one sentence, nothing written."""
+    from conftest import cli, cli_ok
+    from test_hardening import one_sentence
+
+    source = object_photos(tmp_path / "photos", objects=5)
+    _tiny_model_for(monkeypatch, tmp_path / "run")
+    g = str(tmp_path / "g")
+    build = ("index", "build", str(source), "--out", g, "--workers", "0", "--overwrite")
+    cli_ok(capsys, *build[:-1])
+    cli_ok(capsys, "index", "remove", g, "obj1", "obj2", "obj3", "--purge")
+    cli_ok(capsys, "index", "remove", g, "obj0")
+    for wrong, why in (("obj4", f"'obj4' was not removed from {g}"),
+                       ("nope", f"'nope' was not removed from {g}")):
+        code, _, err = cli(*build, "--restore-removed-id", "obj1", "--restore-removed-id", wrong, capsys=capsys)
+        assert code == 2 and one_sentence(err).startswith(f"error: --restore-removed-id {why}"), err
+        assert "the removed objects of the source are obj1, obj2, obj3, obj0)" in one_sentence(err)
+        assert Gallery(g).rows == 3  # nothing written
+    code, _, err = cli(*build, "--restore-removed", "--restore-removed-id", "obj1", capsys=capsys)
+    assert code == 2 and "not both" in one_sentence(err)
+    code, _, err = cli(*build[:4], str(tmp_path / "new"), "--restore-removed-id", "obj1", capsys=capsys)
+    assert code == 2 and "--restore-removed-id goes with --overwrite" in one_sentence(err)
+    out, err = cli_ok(capsys, *build, "--restore-removed-id", "obj1", "--restore-removed-id", "obj3")
+    assert (f"note: --restore-removed-id builds back 2 objects of the source removed from {g} with mlsctl index "
+            f"remove (obj1, obj3)") in err
+    assert (f"note: skipped 2 objects of the source removed from {g} with mlsctl index remove (obj2, obj0); give "
+            f"--restore-removed to build them back, or --restore-removed-id ID for one") in err
+    rebuilt = Gallery(g)
+    assert sorted(rebuilt.ids) == ["obj1", "obj3", "obj4"] and sorted(rebuilt.removed_ids()) == ["obj0", "obj2"]
+    assert out.startswith(f"built {g}: 3 objects")
+    source_less = tmp_path / "less"  # removed, but the source no longer holds it: not to be built back
+    object_photos(source_less, objects=2)
+    code, _, err = cli("index", "build", str(source_less), "--out", g, "--workers", "0", "--overwrite",
+                       "--restore-removed-id", "obj2", "--drop-added", capsys=capsys)
+    assert code == 2 and one_sentence(err).startswith(
+        f"error: --restore-removed-id 'obj2' was removed from {g}, but {source_less} holds no such object"), err
+
+
+def test_a_rebuild_skips_a_removed_object_whose_folder_was_renamed_to_a_look_alike_and_says_which(tmp_path,
+                                                                                                   monkeypatch, capsys):
+    """A review (2026-12-07): the rebuild's skip compared ids exactly, so an object removed as 'cafe' + U+0301 (a
+    folder made on macOS) came back once its folder was renamed 'café' (NFC), where every other reader matches ids
+    by lookalike_key. The skip, --restore-removed-id and the record match look-alikes, and the note says which
+    source id matched which removed id."""
+    from conftest import cli_ok
+
+    source = object_photos(tmp_path / "photos", objects=3)
+    from mlsctl.gallery import printable
+
+    decomposed, composed = "cafe\u0301", "caf\u00e9"
+    assert printable(decomposed) == decomposed + " [decomposed]"
+    (source / "obj2").rename(source / decomposed)
+    _tiny_model_for(monkeypatch, tmp_path / "run")
+    g = str(tmp_path / "g")
+    build = ("index", "build", str(source), "--out", g, "--workers", "0", "--overwrite")
+    cli_ok(capsys, *build[:-1])
+    cli_ok(capsys, "index", "remove", g, decomposed, "--purge")
+    (source / decomposed).rename(source / composed)
+    out, err = cli_ok(capsys, *build)
+    assert (f"note: skipped 1 object of the source removed from {g} with mlsctl index remove ({composed}, removed as "
+            f"'{printable(decomposed)}')") in err
+    assert sorted(Gallery(g).ids) == ["obj0", "obj1"] and Gallery(g).removed_ids() == [decomposed]
+    _, err = cli_ok(capsys, *build, "--restore-removed-id", composed)
+    assert (f"note: --restore-removed-id builds back 1 object of the source removed from {g} with mlsctl index remove "
+            f"({composed}, removed as '{printable(decomposed)}')") in err
+    assert sorted(Gallery(g).ids) == ["caf\u00e9", "obj0", "obj1"] and Gallery(g).removed_ids() == []
+
+
+def _rewrite_photo(path: Path, seed: int) -> bytes:
+    """``path`` written again in place with other pixels (a 32 px PNG); returns its new bytes."""
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, format="PNG")
+    return path.read_bytes()
+
+
+def test_a_build_records_the_digest_of_the_bytes_it_decoded_though_the_file_is_replaced_after(tmp_path, monkeypatch):
+    """A review (2026-12-07): a build hashed each photo with a second read of its file after embedding it, so a file
+    replaced in between was recorded by bytes the gallery never folded (and the photo folded was unknown). Each file
+    is read once, in the loader, and hashed and decoded from those bytes."""
+    from mlsctl.gallery import build_gallery, photo_digest
+
+    source = object_photos(tmp_path / "photos", objects=2)
+    photo = source / "obj0" / "0.png"
+    folded = photo.read_bytes()
+    model = tiny_set_model(32, tmp_path / "run")
+    embed = model.pixel_tokens
+    replaced = []
+
+    def pixel_tokens(pixels, *args):  # the photos are decoded: the file is replaced before anything else reads it
+        if not replaced:
+            replaced.append(_rewrite_photo(photo, 5))
+        return embed(pixels, *args)
+
+    monkeypatch.setattr(model, "pixel_tokens", pixel_tokens)
+    build_gallery(source, model, tmp_path / "g", IndexSettings("flat"), workers=0, progress=False)
+    target = Gallery(tmp_path / "g")
+    assert replaced and replaced[0] != folded
+    assert target.photos_to_fold("obj0", [photo_digest(folded)]) == ([], 1, 0)  # what was folded is known
+    assert target.photos_to_fold("obj0", [photo_digest(replaced[0])]) == ([0], 0, 0)  # the new bytes are not
+
+
+def test_an_add_refuses_a_photo_replaced_between_its_check_and_its_decoding_with_nothing_written(tmp_path, monkeypatch,
+                                                                                                 capsys):
+    """A review (2026-12-07): index add hashed each photo, loaded the model, then read the file again to decode it, so
+    a photo replaced meanwhile was folded under the digest of other bytes. The bytes decoded are hashed, and where
+    they are not those the add chose the photo by, the add is one sentence and writes nothing."""
+    from mlsctl import gallery as gallery_lib
+
+    from conftest import cli, cli_ok
+    from test_hardening import one_sentence
+
+    source = object_photos(tmp_path / "photos", objects=2)
+    model = _tiny_model_for(monkeypatch, tmp_path / "run")
+    g = str(tmp_path / "g")
+    cli_ok(capsys, "index", "build", str(source), "--out", g, "--workers", "0")
+    new = object_photos(tmp_path / "new", objects=1, noise_seed=3) / "obj0" / "0.png"
+
+    def model_after_replacing(*args, **kwargs):  # the model loads between the check and the decoding
+        _rewrite_photo(new, 6)
+        return model
+
+    monkeypatch.setattr(gallery_lib, "choose_set_model", model_after_replacing)
+    code, _, err = cli("index", "add", g, "--object", "obj0", str(new), "--run", str(tmp_path), capsys=capsys)
+    assert code == 2 and one_sentence(err) == (
+        f"error: photo {new} changed while the command ran (its bytes are not those it was checked by against the "
+        f"gallery); nothing was added: run the command again once the photos stay put"), err
+    assert Gallery(g).rows == 2 and Gallery(g).count("obj0") == 2
+
+
+def test_gallery_add_from_python_records_the_digests_of_the_paths_it_folds(tmp_path):
+    """A review (2026-12-07): Gallery.add with paths recorded no digest (only index add hashed), so a photo added from
+    Python was folded again by a later index add of it. Paths are recorded by the bytes decoded; a decoded image only
+    with the digest given for it; every image given is folded (photos_to_fold is the caller's choice)."""
+    from PIL import Image
+
+    from mlsctl.gallery import build_gallery, file_digest, photo_digest
+
+    source = object_photos(tmp_path / "photos", objects=2)
+    model = tiny_set_model(32, tmp_path / "run")
+    build_gallery(source, model, tmp_path / "g", IndexSettings("flat"), workers=0, progress=False)
+    target = Gallery(tmp_path / "g")
+    new = object_photos(tmp_path / "new", objects=1, noise_seed=3) / "obj0"
+    decoded = Image.open(new / "1.png").convert("RGB")
+    assert target.add(model, "fresh", [new / "0.png", decoded]) == (True, 2)
+    assert target.photos_to_fold("fresh", [file_digest(new / "0.png"), file_digest(new / "1.png")]) == ([1], 1, 0)
+    assert target.add(model, "fresh", [decoded], [photo_digest((new / "1.png").read_bytes())]) == (False, 3)
+    reopened = Gallery(tmp_path / "g")
+    assert reopened.photos_to_fold("fresh", [file_digest(new / "0.png"), file_digest(new / "1.png")]) == ([], 2, 0)
+
+
+def test_ids_file_dot_slash_dash_is_the_file_named_dash_and_a_lone_dash_standard_input(tmp_path, capsys, monkeypatch):
+    """A review (2026-12-07): --ids-file ./- read standard input, since the check was on str(Path) and Path('./-')
+    prints as '-'. A literal '-' alone is standard input; ./- is the file named '-'."""
+    import io
+
+    from conftest import cli_ok
+
+    _removal_gallery(tmp_path / "g", "flat")
+    g = str(tmp_path / "g")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "-").write_text("o1\n")
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"o2\n")))
+    out, _ = cli_ok(capsys, "index", "remove", g, "--ids-file", "./-")
+    assert out.startswith(f"removed 1 object from {g} (o1)")
+    out, _ = cli_ok(capsys, "index", "remove", g, "--ids-file", "-")
+    assert out.startswith(f"removed 1 object from {g} (o2)")
+    (tmp_path / "-").write_text("o3\n")
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"o4\n")))
+    out, _ = cli_ok(capsys, "index", "remove", g, "--ids-file", "-", "--ids-file", "./-")  # both: stdin once
+    assert out.startswith(f"removed 2 objects from {g} (o4, o3)")
+    assert sorted(Gallery(g).removed_ids()) == ["o1", "o2", "o3", "o4"]

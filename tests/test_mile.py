@@ -816,20 +816,20 @@ def test_index_add_and_search_keep_each_photo_only_resized_and_give_the_latents_
                check=True)
 
     decoded, kept = [], []
-    real_load, real_tokens = gallery_lib.load_images, SetModel.pixel_tokens
+    real_read, real_tokens = gallery_lib.read_photo, SetModel.pixel_tokens
 
-    def load_one_at_a_time(paths):
+    def read_one_at_a_time(path, *args):  # each path is read once, hashed and decoded (read_photo)
         gc.collect()
         assert not [ref for ref in decoded if ref() is not None], "a decoded photo was kept"
-        images = real_load(paths)
-        decoded.extend(weakref.ref(image) for image in images)
-        return images
+        digest, image = real_read(path, *args)
+        decoded.append(weakref.ref(image))
+        return digest, image
 
     def recorded(self, pixels, batch_size=64):
         kept.append(tuple(pixels.shape))
         return real_tokens(self, pixels, batch_size)
 
-    monkeypatch.setattr(gallery_lib, "load_images", load_one_at_a_time)
+    monkeypatch.setattr(gallery_lib, "read_photo", read_one_at_a_time)
     monkeypatch.setattr(SetModel, "pixel_tokens", recorded)
     cls, _ = model.image_tokens([str(p) for p in photos])
     assert kept == [(3, 3, resolution, resolution)] and torch.equal(cls, previous[0]) and len(decoded) == 3

@@ -1975,7 +1975,7 @@ def test_an_add_into_a_damaged_row_is_a_500_sentence_without_the_gallery_s_path(
 
     service = serve.GalleryService.__new__(serve.GalleryService)
     service.gallery, service.index_lock, service.model_lock = Damaged(), threading.Lock(), threading.Lock()
-    service.tokens = lambda photos: (None, None)
+    service.tokens = lambda photos, digests=None: (None, None)
     with pytest.raises(serve.RequestError) as refused:
         service.add("o3", [])
     assert refused.value.status == 500 and "/srv" not in str(refused.value) and str(refused.value) == (
@@ -2153,3 +2153,82 @@ def test_an_add_to_an_object_whose_record_of_held_photos_cannot_be_read_is_a_503
         service._new_photos("obj0", [b"c" * 32])
     assert refused.value.status == 503 and str(tmp_path) not in str(refused.value)
     assert "record of the photos it holds cannot be read" in str(refused.value)
+
+
+def test_an_add_by_path_records_the_bytes_it_decoded_though_the_file_is_rewritten_in_place_meanwhile(tmp_path,
+                                                                                                     monkeypatch):
+    """A review (2026-12-07): an add hashed each --root file, then read it again to decode it, so a file rewritten in
+    place (same inode and size: _open_checked lets it through) was folded under the digest of its former bytes. The
+    bytes decoded are what is recorded (and checked against what the object holds)."""
+    import io
+    import threading
+
+    import numpy as np
+    from PIL import Image
+
+    from mlsctl import serve
+    from mlsctl.gallery import Gallery, IndexSettings, build_gallery, photo_digest
+    from test_gallery import object_photos, tiny_set_model
+
+    model = tiny_set_model(32, tmp_path / "run")
+    build_gallery(object_photos(tmp_path / "photos", objects=2), model, tmp_path / "g", IndexSettings("flat"),
+                  workers=0, progress=False)
+
+    def bmp(seed: int) -> bytes:  # uncompressed: every rewrite has the same size
+        buffer = io.BytesIO()
+        Image.fromarray(np.random.default_rng(seed).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(buffer, "BMP")
+        return buffer.getvalue()
+
+    root = tmp_path / "root"
+    root.mkdir()
+    first, second = bmp(1), bmp(2)
+    assert len(first) == len(second)
+    (root / "a.bmp").write_bytes(first)
+    service = serve.GalleryService.__new__(serve.GalleryService)
+    service.gallery, service.model, service.root, service.limits = Gallery(tmp_path / "g"), model, root, serve.Limits()
+    service.read_only, service.preprocessing = False, model.preprocessor()
+    service.decode_budget = serve.Budget(service.limits.decode_budget_bytes)
+    service.index_lock, service.model_lock = threading.Lock(), threading.Lock()
+    service.added, service.removed = {"requests": 0, "photos": 0, "objects": 0}, 0
+    measure = service.measure
+
+    def measure_then_rewrite(photos):  # after the digests were read, before the decoding
+        measure(photos)
+        with open(root / "a.bmp", "r+b") as f:
+            f.write(second)
+
+    monkeypatch.setattr(service, "measure", measure_then_rewrite)
+    answer = service.add("obj0", service.paths(["a.bmp"]))
+    assert (answer["added"], answer["skipped"]) == (1, 0)
+    held = Gallery(tmp_path / "g")
+    assert held.photos_to_fold("obj0", [photo_digest(second)]) == ([], 1, 0)  # what was folded is known
+    assert held.photos_to_fold("obj0", [photo_digest(first)]) == ([0], 0, 0)
+
+
+@pytest.mark.parametrize("object_id", ["twin", "obj1"])  # a new object, and one the gallery holds
+def test_two_identical_adds_sent_at_the_same_instant_fold_the_photo_once(server, object_id):
+    """A review (2026-12-07): two POST /objects/ID/photos of the same photo at once (a client retrying before its first
+    request was answered): exactly one folds it, the other answers it skipped, and the gallery holds it once."""
+    from mlsctl.gallery import Gallery, photo_digest
+
+    sent = photo(server.mile_run, "obj3", 1)
+    before = Gallery(server.gallery)
+    count = before.count(object_id) if object_id in before.row_of else 0
+    start, answers = threading.Barrier(2), []
+
+    def add():
+        start.wait()
+        answers.append(call(server.base, "POST", f"/objects/{object_id}/photos", files=[sent], token=server.token))
+
+    threads = [threading.Thread(target=add) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [status for status, _ in answers] == [200, 200], answers
+    assert sorted((a["added"], a["skipped"]) for _, a in answers) == [(0, 1), (1, 0)], answers
+    assert sorted(a["photos"] for _, a in answers) == [count + 1, count + 1], answers
+    assert sum(a["created"] for _, a in answers) == (object_id == "twin")
+    after = Gallery(server.gallery)
+    assert after.rows == before.rows + 1 and after.count(object_id) == count + 1
+    assert after.photos_to_fold(object_id, [photo_digest(sent[1])]) == ([], 1, 0)

@@ -42,6 +42,7 @@ def build(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a gallery already in --out (refused where it holds objects or photos added since its build that the source lacks, unless --drop-added)."),
     drop_added: bool = typer.Option(False, "--drop-added", help="With --overwrite: rebuild even though the gallery holds objects or photos added since its build (index add, serve) that the source lacks; they are dropped."),
     restore_removed: bool = typer.Option(False, "--restore-removed", help="With --overwrite: build back the objects removed from the gallery (index remove, DELETE) that the source still holds [default: they are skipped, and stay removed]."),
+    restore_ids: Optional[list[str]] = typer.Option(None, "--restore-removed-id", metavar="ID", help="With --overwrite: build back this one removed object of the source, the others staying removed; give it again for more."),
     as_json: bool = typer.Option(False, "--json", help="Print the gallery record as JSON."),
 ) -> None:
     """One set embedding per object, indexed with faiss: MILE's with a MILE run, else the mean of the CLS.
@@ -53,14 +54,16 @@ def build(
     from mlsctl.gallery import IndexSettings, build_gallery, choose_set_model, unfinished_run_note
 
     settings = IndexSettings(index, nlist, pq_m, pq_bits, nprobe, refine)
-    groups = _check_build_before_the_model(source, objects, out, settings, overwrite, drop_added, restore_removed)
+    restore_ids = restore_ids or []
+    groups = _check_build_before_the_model(source, objects, out, settings, overwrite, drop_added, restore_removed,
+                                           restore_ids)
     model = choose_set_model(run, say=say, features=source)
     unfinished = unfinished_run_note(model)
     if unfinished:
         say(unfinished)
     record = build_gallery(source, model, out, settings, overwrite=overwrite, storage_dtype=dtype, workers=workers,
                            say=say, objects_file=objects, groups=groups, drop_added=drop_added,
-                           restore_removed=restore_removed)
+                           restore_removed=restore_removed, restore_ids=restore_ids)
     if as_json:
         print(json.dumps(record, indent=2))
         return
@@ -72,7 +75,8 @@ def build(
 
 
 def _check_build_before_the_model(source: Path, objects: Optional[Path], out: Path, settings, overwrite: bool,
-                                  drop_added: bool, restore_removed: bool) -> Optional[dict]:
+                                  drop_added: bool, restore_removed: bool, restore_ids: list[str]
+                                  ) -> Optional[dict]:
     """What ``index build`` checks before its model loads (a new user waited for the model to hear of a typo):
     ``--out``, the source and its objects (an objects file's rows too), the index settings and whether they fit
     the objects (those a rebuild skips, removed from the gallery it replaces, left out), a server holding ``--out``,
@@ -99,7 +103,8 @@ def _check_build_before_the_model(source: Path, objects: Optional[Path], out: Pa
     if drop_added and not overwrite:
         raise UserError("--drop-added goes with --overwrite: it lets a rebuild drop what was added to the gallery")
     # what the rebuild would drop, refused before the model loads; the removed objects it skips (said by the build)
-    _, skipped = removals_of_rebuild(source, groups, out, overwrite, drop_added, restore_removed, say=lambda _: None)
+    _, skipped = removals_of_rebuild(source, groups, out, overwrite, drop_added, restore_removed, say=lambda _: None,
+                                     restore_ids=restore_ids)
     check_index_fits(settings, count_source_objects(source, groups) - len(skipped))  # IVF-PQ's least objects
     return groups
 
@@ -258,10 +263,11 @@ def remove(
     gallery: Path = typer.Argument(..., help="Gallery folder (mlsctl index build)."),
     ids: Optional[list[str]] = typer.Argument(None, help="Ids of the objects to remove (an id beginning with '-' "
                                                          "goes after --: index remove GALLERY -- -neg)."),
-    ids_file: Optional[list[Path]] = typer.Option(None, "--ids-file", help="A text file of ids to remove, one per "
+    ids_file: Optional[list[str]] = typer.Option(None, "--ids-file", metavar="FILE", help="A text file of ids to remove, one per "
                                                                            "line (blank lines skipped), besides or "
                                                                            "instead of IDS; give it again for more "
-                                                                           "files, '-' reads standard input."),
+                                                                           "files, '-' alone reads standard input "
+                                                                           "(./- is a file named '-')."),
     missing_ok: bool = typer.Option(False, "--missing-ok", help="Pass over ids that are not in the gallery instead of "
                                                                 "refusing the whole removal."),
     purge: bool = typer.Option(False, "--purge", help="Then compact the gallery, keeping its trained index, so that "
@@ -329,10 +335,12 @@ def _say_missing(target, missing: list[str]) -> None:
             say(f"note: {counted(len(ids), 'id')} {what}, passed over (--missing-ok): {shown}")
 
 
-def _ids_of_files(paths: list[Path]) -> dict[str, str]:
+def _ids_of_files(paths: list[str]) -> dict[str, str]:
     """The ids of every ``--ids-file`` given (each read: a probe, 2026-12-07, found the last alone used), in order,
-    each named by the first file and line that lists it; ``-`` is standard input, read once."""
-    if sum(str(path) == "-" for path in paths) > 1:
+    each named by the first file and line that lists it; ``-`` is standard input, read once. The values are the
+    strings typed, not Paths: ``Path('./-')`` prints as ``-``, so ``./-`` (the file named '-') read standard input (a
+    review, 2026-12-07)."""
+    if sum(path == "-" for path in paths) > 1:
         raise UserError("--ids-file - (standard input) is given more than once; standard input can be read once")
     named: dict[str, str] = {}
     for path in paths:
@@ -341,23 +349,23 @@ def _ids_of_files(paths: list[Path]) -> dict[str, str]:
     return named
 
 
-def _ids_of_file(path: Path) -> dict[str, str]:
+def _ids_of_file(given: str) -> dict[str, str]:
     """The ids of ``index remove --ids-file FILE``, each with where it is (``--ids-file FILE line N: the id``, for the
     sentences about it): one a line, blank lines skipped, nothing else trimmed (a stored id may end in a space; a
     typo is told by the gallery, naming the id it reads like, and the line); an id that is no valid id is said with
     its file and line."""
     from mlsctl.gallery import check_object_id
 
-    stdin = str(path) == "-"
+    stdin, path = given == "-", given  # named as typed (./- stays ./-)
     try:  # lines end at \n alone (read_text would end them at a lone \r too, splitting an id: a probe, 2026-12-07)
-        data = sys.stdin.buffer.read() if stdin else path.read_bytes()
+        data = sys.stdin.buffer.read() if stdin else Path(given).read_bytes()
         text = data.decode("utf-8-sig")  # a byte-order mark (Windows editors) is not an id
     except UnicodeDecodeError:
         raise UserError(f"--ids-file {path} is not UTF-8 text; save it as UTF-8, one object id per line") from None
     except OSError as exc:
         raise UserError(f"--ids-file {path} cannot be read ({exc.strerror or exc})") from None
     if stdin:
-        path = Path("- (standard input)")
+        path = "- (standard input)"
     lines = [(number, line[:-1] if line.endswith("\r") else line)  # CRLF: the \r of the line break alone
              for number, line in enumerate(text.split("\n"), 1) if line.strip()]
     if not lines:

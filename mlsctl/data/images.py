@@ -451,6 +451,23 @@ def load_rgb(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     return _decode(_not_empty(Path(path)), max_pixels, raise_with=raise_with, photo=photo)
 
 
+def read_rgb(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, raise_with: str = "",
+             photo: bool = False) -> tuple[bytes, Image.Image]:
+    """:func:`load_rgb` of ``path`` read once: (its bytes, the image decoded from those very bytes), so that what a
+    caller records of the file (a gallery, its sha256) is what was decoded, even where the file is replaced between
+    two reads (a review, 2026-12-07: a build hashed a second read). Refused as :func:`load_rgb` refuses."""
+    import io
+
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise _unreadable(exc, path) from None
+    if not data:
+        raise BadImage("empty file (0 bytes)")
+    return data, _decode(io.BytesIO(data), max_pixels, raise_with=raise_with, photo=photo, name=path)
+
+
 def check_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, raise_with: str = "",
                 photo: bool = False) -> None:
     """What :func:`load_rgb` refuses of ``path`` that its header shows, without decoding it (a
@@ -505,9 +522,11 @@ def decode_rgb(data: bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, formats:
 
 
 def _decode(source, max_pixels: int, formats: Sequence[str] = IMAGE_FORMATS, quiet: bool = True,
-            raise_with: str = "", header_only: bool = False, photo: bool = False) -> Optional[Image.Image]:
+            raise_with: str = "", header_only: bool = False, photo: bool = False,
+            name: Optional[Path] = None) -> Optional[Image.Image]:
     """``source`` decoded (None with ``header_only``: opened, identified and sized only), or the
-    :class:`BadImage` of why not (with ``photo``, also where it cannot be a photo: :func:`photo_shape_problem`)."""
+    :class:`BadImage` of why not (with ``photo``, also where it cannot be a photo: :func:`photo_shape_problem`).
+    ``name``: the file the bytes of ``source`` were read from, whose suffix names a missing plugin."""
     # the way to raise the limit only where the command has one: `search --set huge.png` was told to raise
     # data.max_image_pixels or --max-image-pixels, neither of which it has (an attacker's probe, 2026-12-07)
     too_large = (f"more than {max_pixels:,} pixels (a decompression bomb, or "
@@ -530,7 +549,8 @@ def _decode(source, max_pixels: int, formats: Sequence[str] = IMAGE_FORMATS, qui
     except BadImage:
         raise
     except UnidentifiedImageError:
-        hint = plugin_hint([source.suffix.lower()]) if isinstance(source, Path) else ""
+        named = name if name is not None else source
+        hint = plugin_hint([named.suffix.lower()]) if isinstance(named, Path) else ""
         raise BadImage(f"not an image file Pillow here reads: {hint}" if hint else "not an image file") from None
     except Image.DecompressionBombError as exc:  # Pillow refuses twice its own limit while opening
         import re
