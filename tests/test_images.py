@@ -318,3 +318,29 @@ def test_loader_workers_are_forked_whatever_the_default_start_method():
         assert Loader(list(range(4)), batch_size=2, num_workers=0).multiprocessing_context is None
     finally:
         multiprocessing.set_start_method(before, force=True)
+
+
+def test_read_rgb_refuses_a_huge_image_by_its_header_before_reading_the_file_whole(tmp_path):
+    """read_rgb (a gallery's photos: hashed and decoded from one read) checks the header of the file it opened
+    first: a file whose header is over the pixel limit is refused without its bytes in memory (a review,
+    2026-12-08: the whole file was read, then refused)."""
+    import tracemalloc
+
+    from mlsctl.data.images import read_rgb
+
+    path = tmp_path / "bomb.png"
+    buffer = io.BytesIO()
+    Image.new("L", (4000, 4000)).save(buffer, format="PNG")  # 16 M pixels, a few KB of PNG
+    path.write_bytes(buffer.getvalue() + os.urandom(8 << 20))  # and 8 MB after it that a decoder never needs
+    tracemalloc.start()
+    try:
+        with pytest.raises(BadImage, match="pixels"):
+            read_rgb(path, max_pixels=1_000_000)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < (1 << 20), peak
+    small = tmp_path / "small.png"
+    Image.new("RGB", (8, 6), (200, 10, 10)).save(small)
+    data, image = read_rgb(small)
+    assert data == small.read_bytes() and image.size == (8, 6) and image.getpixel((0, 0)) == (200, 10, 10)

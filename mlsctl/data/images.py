@@ -460,7 +460,13 @@ def read_rgb(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 
     path = Path(path)
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as file:
+            if os.fstat(file.fileno()).st_size == 0:
+                raise BadImage("empty file (0 bytes)")
+            # the header first, from the file opened: a huge file is refused before it is read whole into memory
+            _decode(file, max_pixels, raise_with=raise_with, header_only=True, photo=photo, name=path)
+            file.seek(0)
+            data = file.read()
     except OSError as exc:
         raise _unreadable(exc, path) from None
     if not data:
