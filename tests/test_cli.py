@@ -547,7 +547,8 @@ def test_replacing_the_results_of_another_evaluation_is_said_before_the_work(cap
 
 def test_every_eval_writes_its_results_one_way(tmp_path):
     """The six eval commands each said the note and wrote the results by a pair of calls of their own; one function
-    now: the note when it is made (before the work), none again when the results are written, the path returned."""
+    now: the note when it is made (before the work), none again when the results are written, the path returned.
+    Seven writers: eval retrieval writes from its photo-folder form and from its --index form."""
     import inspect
 
     from mlsctl.cli import eval as eval_cli
@@ -561,10 +562,10 @@ def test_every_eval_writes_its_results_one_way(tmp_path):
     assert write({"command": "eval recall", "recall": {}}) == tmp_path / "r.json" and len(notes) == 1
     assert json.loads((tmp_path / "r.json").read_text())["command"] == "eval recall"
     source = inspect.getsource(eval_cli)
-    assert source.count("results_writer(out, ") == source.count("out = write(payload)") == 6
+    assert source.count("results_writer(out, ") == source.count("out = write(payload)") == 7
     assert "say_replacing" not in source and "write_result" not in source
     # with --json, stdout is the payload alone: where it went is said on stderr (a new user's probe, 2026-12-07)
-    assert source.count("say, as_json)  # after the refusals") == 6
+    assert source.count("say, as_json)  # after the refusals") == 7
     write = results_writer(tmp_path / "s.json", "recall", say=notes.append, say_path=True)
     assert write({"command": "eval recall"}) == tmp_path / "s.json"
     assert notes[-1] == f"results written to {tmp_path / 's.json'}"
