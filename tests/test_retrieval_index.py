@@ -227,3 +227,102 @@ def test_an_ivfpq_gallery_is_scored_by_its_own_search_settings_beside_the_exact_
     assert all(index[f"R@{k}"] <= exact[f"R@{k}"] for k in range(1, 11))
     assert ("the index (nprobe 1 of 1 lists, refine 1) " + ("retrieves as" if index == {**exact, "search": "index"}
                                                              else "costs")) in out
+
+
+def refused_before_the_model(*args: str, capsys) -> str:
+    code, out, err = cli("eval", "retrieval", *args, capsys=capsys)
+    assert code == 2 and "model:" not in err and "Traceback" not in err and err.count("\n") == 1, (code, out, err)
+    return err
+
+
+def test_noise_with_one_query_object_in_the_gallery_is_refused_before_the_model(mile_run, flat_gallery, tmp_path,
+                                                                                capsys):
+    """A review (2026-12-08): noise lends photos of the other query objects; with one in the gallery there are none,
+    and the run stopped after the model loaded with "internal error (ValueError: high <= 0)"."""
+    query = tmp_path / "query"
+    shutil.copytree(mile_run / "query" / "obj3", query / "obj3")
+    shutil.copytree(mile_run / "query" / "obj1", query / "stranger")
+    err = refused_before_the_model("--index", str(flat_gallery), "--query", str(query), "--noise", "0", "0.5",
+                                   capsys=capsys)
+    assert "--noise 0.5 replaces query photos with photos of the other query objects, but only one" in err
+    assert "('obj3')" in err and "give --noise 0" in err
+
+
+def test_query_photos_are_compared_with_the_gallery_per_object(mile_run, flat_gallery, tmp_path, capsys):
+    """A review (2026-12-08): a gallery that recorded the digests of one object's photos said it had compared every
+    query photo, and its own photos as queries scored 100 % with no note. Objects whose photo count exceeds their
+    recorded digests are counted unchecked, and said."""
+    from mlsctl.gallery import Gallery, write_gallery
+
+    full = Gallery(flat_gallery)
+    records = full.read_photo_records()
+    obj0 = full.ids.index("obj0")
+    partial = tmp_path / "partial"
+    write_gallery(partial, full.ids, torch_latents(full), [full.count(o) for o in full.ids], full.settings,
+                  {"kind": "mlsctl-gallery", "model": full.manifest["model"]},
+                  photo_records=records[records["row"] == obj0])
+    query = tmp_path / "query"
+    shutil.copytree(mile_run / "query" / "obj0", query / "obj0")
+    for i in range(1, 6):  # the gallery's own photos of the objects whose digests it did not record
+        shutil.copytree(mile_run / "gallery" / f"obj{i}", query / f"obj{i}")
+    out, _ = cli_ok(capsys, "eval", "retrieval", "--index", str(partial), "--query", str(query), "--noise", "0",
+                    "--out", str(tmp_path / "r.json"))
+    assert (f"note: gallery {partial} does not record the digests of every photo folded into 5 query objects (obj1, "
+            f"obj2, obj3, obj4, obj5), so query photos that are those objects' own could not be told apart") in out
+    payload = json.loads((tmp_path / "r.json").read_text())
+    assert payload["query_objects_unchecked"] == 5 and payload["query_photos_compared_with_gallery"] is False
+    # a photo held by another object than the query's: the refusal names that object
+    shutil.copy(mile_run / "gallery" / "obj0" / "0.png", query / "obj1" / "x.png")
+    err = refused_before_the_model("--index", str(partial), "--query", str(query), capsys=capsys)
+    assert "holds already (the same bytes, folded into object 'obj0', not the query's 'obj1')" in err
+
+
+def torch_latents(gallery):
+    import torch
+
+    return torch.stack([gallery.latent(o) for o in gallery.ids])
+
+
+def test_query_ids_that_read_like_stored_ids_are_named(mile_run, flat_gallery, tmp_path, capsys):
+    """A review (2026-12-08): a query folder whose name reads as a stored id but is another string (another Unicode
+    composition, an invisible character) was "never in it" with no hint. The stored id it reads like is named, in
+    the note and in the refusal; the ids are not matched."""
+    query = tmp_path / "query"
+    shutil.copytree(mile_run / "query", query)
+    (query / "obj1").rename(query / "obj\u200b1")
+    out, _ = cli_ok(capsys, "eval", "retrieval", "--index", str(flat_gallery), "--query", str(query), "--noise", "0",
+                    "--out", str(tmp_path / "r.json"))
+    note = next(line for line in out.splitlines() if "left out of R@k" in line)
+    assert "1 never in it" in note and "reads like the gallery's 'obj1'" in note and "rename the query folder" in note
+    assert json.loads((tmp_path / "r.json").read_text())["queries"] == 5
+    only = tmp_path / "only"
+    shutil.copytree(query / "obj\u200b1", only / "obj\u200b1")
+    err = refused_before_the_model("--index", str(flat_gallery), "--query", str(only), capsys=capsys)
+    assert "none of the 1 query object of" in err and "reads like the gallery's 'obj1'" in err
+
+
+def test_a_photo_too_small_is_refused_before_the_model_by_both_forms(mile_run, flat_gallery, tmp_path, capsys):
+    """A review (2026-12-08): a 7x7 query photo stopped --index after the model had loaded and embedded the others,
+    while the photo-folder form read it. Both refuse it now, by its header, before the model: search's rule."""
+    from PIL import Image
+
+    query = tmp_path / "query"
+    shutil.copytree(mile_run / "query", query)
+    Image.new("RGB", (7, 7)).save(query / "obj2" / "tiny.png")
+    for form in (("--index", str(flat_gallery)), ("--gallery", str(mile_run / "gallery"), "--run",
+                                                 str(mile_run / "run"))):
+        err = refused_before_the_model(*form, "--query", str(query), "--noise", "0", capsys=capsys)
+        assert f"cannot read {query / 'obj2' / 'tiny.png'}: 7x7 is too small to show an object" in err
+
+
+def test_the_gallerys_own_run_trained_on_since_is_refused_before_the_model(mile_run, flat_gallery, tmp_path, capsys):
+    """Without --run the gallery's own run is checked too, from its config and checkpoints alone: its latest step is
+    not the one the gallery was built with."""
+    gallery = tmp_path / "g"
+    shutil.copytree(flat_gallery, gallery)
+    manifest = json.loads((gallery / "gallery.json").read_text())
+    built = manifest["model"]["step"]
+    manifest["model"]["step"] = built + 100
+    (gallery / "gallery.json").write_text(json.dumps(manifest))
+    err = refused_before_the_model("--index", str(gallery), "--query", str(mile_run / "query"), capsys=capsys)
+    assert "is no longer the model gallery" in err and f"step {built + 100} then, {built} now" in err

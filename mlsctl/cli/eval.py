@@ -486,7 +486,7 @@ def retrieval(
     from mlsctl.data.objects import check_objects_file
     from mlsctl.errors import UserError
     from mlsctl.evaluate.retrieval import evaluate_set_model, objects_note, paired_photos, replaced_text
-    from mlsctl.gallery import choose_set_model
+    from mlsctl.gallery import check_photos, choose_set_model
 
     fractions = []
     for value in noise or ["0", "0.25", "0.5"]:
@@ -511,6 +511,7 @@ def retrieval(
     check_objects_file(query_objects, "--query-objects")
     # the objects files' rows and the pairing of the two sides too (a review, 2026-12-07: said after the model line)
     photos = paired_photos(gallery, query, gallery_objects, query_objects)
+    check_photos(photos.paths)  # a 7x7 photo: by its header, before the model, by search's rule (as --index says it)
     write = results_writer(out, "retrieval", say, as_json)  # after the refusals, before the work
     model = choose_set_model(run, say=say)
     payload = {"command": "eval retrieval",
@@ -546,8 +547,9 @@ def _retrieval_of_index(index: Path, query: Path, gallery: Optional[Path], galle
     from mlsctl.data.kinds import folder_kind
     from mlsctl.data.objects import check_objects_file
     from mlsctl.errors import UserError
-    from mlsctl.evaluate.retrieval import (check_run_for_gallery, evaluate_gallery, gallery_queries, index_cost_note,
-                                           index_words, left_out_note, objects_note, replaced_text)
+    from mlsctl.evaluate.retrieval import (check_noise_for_queries, check_run_for_gallery, evaluate_gallery,
+                                           gallery_queries, index_cost_note, index_words, left_out_note, objects_note,
+                                           replaced_text, unchecked_note)
     from mlsctl.gallery import Gallery, choose_set_model
 
     if gallery is not None or gallery_objects is not None:
@@ -567,12 +569,13 @@ def _retrieval_of_index(index: Path, query: Path, gallery: Optional[Path], galle
                         f"one sub-folder of photos per object, other photos of the gallery's objects")
     check_objects_file(query_objects, "--query-objects")
     queries = gallery_queries(target, query, query_objects)  # the objects, the photos and the latents, before the model
-    if run is not None:
-        check_run_for_gallery(target, run)
+    check_noise_for_queries(queries, fractions)
+    run = run or target.built_with_run()
+    check_run_for_gallery(target, run)  # the gallery's own run trained on since: refused before the model loads too
     write = results_writer(out, "retrieval", say, as_json)  # after the refusals, before the work
     say(f"gallery {index}: {len(target)} objects, index {index_words(target.settings)}; {len(queries.objects)} of "
         f"the {queries.query_objects} query objects of {query} in it")
-    model = choose_set_model(run or target.built_with_run(), say=say, gallery=target)  # as mlsctl search loads it
+    model = choose_set_model(run, say=say, gallery=target)  # as mlsctl search loads it
     target.check_model(model)
     payload = {"command": "eval retrieval",
                **evaluate_gallery(target, model, queries, query, query_size=size, noise=fractions, seed=seed,
@@ -594,12 +597,9 @@ def _retrieval_of_index(index: Path, query: Path, gallery: Optional[Path], galle
     print(table(["search", "sets", "noise", "AR@10", "R@1", "R@2", "R@5", "R@10"], rows,
                 right=[False, False, True, True, True, True, True, True]))
     print(index_cost_note(payload))
-    for note in (left_out_note(queries), objects_note(payload["objects"])):
+    for note in (left_out_note(queries), objects_note(payload["objects"]), unchecked_note(queries, index)):
         if note is not None:
             print(note)
-    if not queries.digests_checked:
-        print(f"note: gallery {index} records no digests of its photos, so query photos that are its own photos "
-              f"could not be told apart (they would find their objects trivially)")
     say(f"wrote {out}")
 
 

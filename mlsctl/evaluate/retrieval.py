@@ -22,6 +22,7 @@ objects (seeded), as the paper's robustness study does.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -386,12 +387,13 @@ def _embed_photos(model, start, paths: list, workers: Optional[int]
                   ) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
     """Each photo's CLS token and patch tokens under the run's trained teacher (the tokens None unless its set model
     attends to patches), and its CLS token under ``start``, the backbone the run started from: one decoding of
-    each photo for both."""
+    each photo for both. A photo is admitted as ``mlsctl search`` and ``eval retrieval --index`` admit it (a 7x7
+    image is refused by both forms, by its header before the model loads: :func:`~mlsctl.gallery.check_photos`)."""
     from mlsctl.gallery import photo_batches
 
     cls, tokens, start_cls = [], [], []
     for _, pixels, _ in photo_batches(paths, model.preprocessor(), workers=workers,
-                                      pin_memory=model.device.type == "cuda"):
+                                      pin_memory=model.device.type == "cuda", photos=True):  # search's rule
         batch_cls, batch_tokens = model.pixel_tokens(pixels)
         cls.append(batch_cls)
         tokens.append(batch_tokens)
@@ -461,7 +463,15 @@ class GalleryQueries:
     query_objects: int
     ids: list[str]
     rows: np.ndarray
-    digests_checked: bool  # the query photos were compared with the photos the gallery holds (by their bytes)
+    # the query objects whose gallery photos were not all compared with the query photos: the gallery folded more
+    # photos into them than it recorded digests of (built from features, or before format 5). A gallery-wide flag
+    # said "compared" where one object had records (a review, 2026-12-08), so it is counted per object.
+    unchecked: list[str] = dataclasses.field(default_factory=list)
+    lookalikes: dict[str, str] = dataclasses.field(default_factory=dict)  # an absent id -> the stored id it reads like
+
+    @property
+    def digests_checked(self) -> bool:
+        return not self.unchecked
 
 
 def _shown(ids: Sequence[str], limit: int = 5) -> str:
@@ -470,14 +480,28 @@ def _shown(ids: Sequence[str], limit: int = 5) -> str:
     return ", ".join(printable(i) for i in ids[:limit]) + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
 
 
+def _lookalikes_shown(lookalikes: dict[str, str], limit: int = 3) -> str:
+    """``'café' reads like the gallery's 'café'``, for the first ``limit`` look-alike ids: a query folder named in
+    another Unicode composition (or with a Cyrillic letter) reads as the stored id, yet is another string, and was
+    "never in it" with no hint (a review, 2026-12-08). They are named, never matched: the ids differ."""
+    from mlsctl.gallery import printable
+
+    shown = [f"'{printable(given)}' reads like the gallery's '{printable(stored)}'"
+             for given, stored in list(lookalikes.items())[:limit]]
+    more = f" and {len(lookalikes) - limit} more" if len(lookalikes) > limit else ""
+    return f"{'; '.join(shown)}{more} (another string: rename the query folder to the stored id)"
+
+
 def gallery_queries(target, query, query_objects=None) -> GalleryQueries:
     """The query objects of ``query`` (``ROOT/<object_id>/*``, or those ``query_objects`` lists) that ``target``
     (an open :class:`~mlsctl.gallery.Gallery`) holds, checked before any model loads: one sentence where it holds
-    none of them, where a query photo is one the gallery holds already (the same bytes: its object would be found
-    trivially; galleries record their photos' sha256 since format 5), or where a stored latent is damaged."""
+    none of them (naming the stored ids they read like, if any), where a query photo cannot be a photo of an object
+    (its header: the rule of ``mlsctl search``), where a query photo is one the gallery holds already (the same bytes:
+    its object would be found trivially; galleries record their photos' sha256 since format 5), or where a stored
+    latent is damaged."""
     from mlsctl.console import counted
     from mlsctl.errors import UserError
-    from mlsctl.gallery import file_digest, object_folders, printable
+    from mlsctl.gallery import check_photos, object_folders
 
     groups = object_folders(query, query_objects, "--query-objects")
     live = target.live_rows()
@@ -487,8 +511,8 @@ def gallery_queries(target, query, query_objects=None) -> GalleryQueries:
     held = set(ids)
     objects = [o for o in groups if o in held]
     removed = [o for o in groups if o not in held and target.was_removed(o)]
-    was_removed = set(removed)
-    absent = [o for o in groups if o not in held and o not in was_removed]
+    absent = [o for o in groups if o not in held and o not in set(removed)]
+    lookalikes = {o: stored for o in absent for stored in (target.lookalike(o),) if stored is not None}
     source = f"the object_id column of --query-objects {query_objects}" if query_objects is not None else \
         f"the sub-folders of {query}"
     if not len(target):
@@ -496,21 +520,38 @@ def gallery_queries(target, query, query_objects=None) -> GalleryQueries:
                         f"find its own; add objects with mlsctl index add, or build it again with mlsctl index build")
     if not objects:
         gone = f", {len(removed)} of them removed from it" if removed else ""
+        alike = f"; {_lookalikes_shown(lookalikes)}" if lookalikes else ""
         raise UserError(f"none of the {counted(len(groups), 'query object')} of {query} is in gallery {target.path} "
                         f"({len(target)} objects{gone}): the ids are {source} and the gallery's object ids (mlsctl "
-                        f"index info {target.path} --objects lists them)")
-    records = target.photo_records_of_rows(live)
-    if len(records):
-        owner = {bytes(digest): ids[row] for row, digest in zip(records["row"].tolist(), records["sha256"])}
-        for o in objects:
-            for path in groups[o]:
-                found = owner.get(file_digest(path))
-                if found is not None:
-                    raise UserError(f"{path} is a photo gallery {target.path} holds already (the same bytes, folded "
-                                    f"into object '{printable(found)}'): a query set of the gallery's own photos finds "
-                                    f"its object trivially; give other photos of the objects as --query")
+                        f"index info {target.path} --objects lists them){alike}")
+    check_photos([path for o in objects for path in groups[o]])  # a 7x7 photo: before the model, as search says it
+    unchecked = _photos_held_already(target, live, ids, {o: groups[o] for o in objects})
     return GalleryQueries(objects, [list(groups[o]) for o in objects], removed, absent, len(groups), ids, live,
-                          bool(len(records)))
+                          unchecked, lookalikes)
+
+
+def _photos_held_already(target, live: np.ndarray, ids: list[str], sets: dict[str, list[Path]]) -> list[str]:
+    """Refuse a query photo (of ``sets``) that the gallery holds already, by its recorded digests, naming the object
+    it is folded into; the query objects the gallery did not record every photo of (their photo count exceeds their
+    digests: built from features, or an older gallery) are returned, unchecked."""
+    from mlsctl.errors import UserError
+    from mlsctl.gallery import file_digest, printable
+
+    records = target.photo_records_of_rows(live)
+    recorded = np.bincount(np.asarray(records["row"], dtype=np.int64), minlength=len(live))
+    position = {object_id: i for i, object_id in enumerate(ids)}
+    unchecked = [o for o in sets if int(target.counts[live[position[o]]]) > int(recorded[position[o]])]
+    owner = {bytes(digest): ids[row] for row, digest in zip(records["row"].tolist(), records["sha256"])}
+    for o, paths in sets.items():
+        for path in paths:
+            found = owner.get(file_digest(path))
+            if found is not None:
+                which = ("its own object" if found == o else
+                         f"object '{printable(found)}', not the query's '{printable(o)}'")
+                raise UserError(f"{path} is a photo gallery {target.path} holds already (the same bytes, folded into "
+                                f"{which}): a query set of the gallery's own photos is no test of retrieval; give "
+                                f"other photos of the objects as --query")
+    return unchecked
 
 
 EXACT_BLOCK = 65536  # stored latents read and scored at once by the exact search (a block of 384 wide: 100 MB)
@@ -539,7 +580,8 @@ def exact_ranks(queries: torch.Tensor, target, rows: np.ndarray, own: torch.Tens
 
 
 def left_out_note(queries: GalleryQueries) -> Optional[str]:
-    """The one note line on the query objects left out of R@k: removed from the gallery, or never in it."""
+    """The one note line on the query objects left out of R@k: removed from the gallery, or never in it (naming the
+    stored ids that those read like, :func:`_lookalikes_shown`)."""
     from mlsctl.console import counted
 
     if not queries.removed and not queries.absent:
@@ -547,8 +589,35 @@ def left_out_note(queries: GalleryQueries) -> Optional[str]:
     parts = [f"{len(ids)} {what}: {_shown(ids)}" for ids, what in ((queries.removed, "removed from the gallery"),
                                                                     (queries.absent, "never in it")) if ids]
     left = len(queries.removed) + len(queries.absent)
+    alike = f"; {_lookalikes_shown(queries.lookalikes)}" if queries.lookalikes else ""
     return (f"note: {left} of the {counted(queries.query_objects, 'query object')} {'is' if left == 1 else 'are'} "
-            f"left out of R@k, {'; '.join(parts)}")
+            f"left out of R@k, {'; '.join(parts)}{alike}")
+
+
+def unchecked_note(queries: GalleryQueries, gallery) -> Optional[str]:
+    """The note on the query objects whose photos could not all be compared with the gallery's (None if none)."""
+    from mlsctl.console import counted
+
+    if not queries.unchecked:
+        return None
+    n = len(queries.unchecked)
+    return (f"note: gallery {gallery} does not record the digests of every photo folded into "
+            f"{counted(n, 'query object')} ({_shown(queries.unchecked)}), so query photos that are those objects' own "
+            f"could not be told apart (they would find {'its object' if n == 1 else 'their objects'} trivially)")
+
+
+def check_noise_for_queries(queries: GalleryQueries, noise: Sequence[float]) -> None:
+    """Refuse, before the model loads, noise with fewer than 2 query objects in the gallery: the noise lends photos
+    of the other query objects, and with one there are none (it stopped after the model loaded with "internal
+    error (ValueError: high <= 0)": a review, 2026-12-08)."""
+    from mlsctl.errors import UserError
+    from mlsctl.gallery import printable
+
+    noisy = [fraction for fraction in noise if fraction > 0]
+    if noisy and len(queries.objects) < 2:
+        raise UserError(f"--noise {noisy[0]:g} replaces query photos with photos of the other query objects, but only "
+                        f"one query object ('{printable(queries.objects[0])}') is in the gallery: give --noise 0, or "
+                        f"query photos of more of the gallery's objects")
 
 
 def check_run_for_gallery(target, run) -> None:
@@ -680,6 +749,7 @@ def evaluate_gallery(target, model, queries: GalleryQueries, query, *, query_siz
             "left_out": {"removed": queries.removed, "absent": queries.absent},
             "photos": len(paths), "photos_embedded": len(used),
             "query_photos_compared_with_gallery": queries.digests_checked,
+            "query_objects_unchecked": len(queries.unchecked),  # per object: their photos' digests not all recorded
             "chance": chance_scores(len(queries.ids)), "ks_at_least_objects": trivial_ks(len(queries.ids)),
             "seconds": {"embedding": embedded - started, **seconds, "total": time.perf_counter() - started},
             "results": results}
