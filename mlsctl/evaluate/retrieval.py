@@ -803,7 +803,7 @@ def index_cost_note(payload: dict) -> str:
     equal = all(a[f"R@{k}"] == b[f"R@{k}"] for a, b in pairs for k in range(1, 11))
     worse, better = (sum(a.get(key, 0) for a, _ in pairs) for key in ("ranked_worse_than_exact",
                                                                       "ranked_better_than_exact"))
-    sets = sum(a["queries"] for a, _ in pairs)
+    sets = sum(a.get("queries", 0) for a, _ in pairs)
     of = f"of {sets} query sets{' (every noise level)' if len(pairs) > 1 else ''}"
     if payload["search"]["kind"] == "flat":
         if equal and not worse and not better:
