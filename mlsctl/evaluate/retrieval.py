@@ -726,12 +726,13 @@ def evaluate_gallery(target, model, queries: GalleryQueries, query, *, query_siz
     for photos in queries.sets:
         rows.append(list(range(len(paths), len(paths) + len(photos))))
         paths += photos
-    sizes = sorted(len(r) for r in sample_sets(rows, query_size, seed))
+    drawn = sample_sets(rows, query_size, seed)  # as the photo-folder form draws the query photos
+    sizes = sorted(len(r) for r in drawn)
     _say_query_set_notes(sizes, query_size, noise, say)
     long_set = long_set_note(model, sizes[-1])
     if long_set:
         say(long_set)
-    used, query_rows = renumbered(sample_sets(rows, query_size, seed))
+    used, query_rows = renumbered(drawn)
     say(f"embedding {len(used)} query photos of {len(queries.objects)} objects with the gallery's model")
     started = time.perf_counter()
     cls, tokens, _ = _embed_photos(model, None, [paths[row] for row in used], workers)
