@@ -485,8 +485,8 @@ def retrieval(
     from mlsctl.data.kinds import folder_kind
     from mlsctl.data.objects import check_objects_file
     from mlsctl.errors import UserError
-    from mlsctl.evaluate.retrieval import evaluate_set_model, objects_note, paired_photos, replaced_text
-    from mlsctl.gallery import choose_set_model
+    from mlsctl.evaluate.retrieval import evaluate_set_model, objects_note, paired_photos
+    from mlsctl.gallery import check_photos, choose_set_model
 
     fractions = []
     for value in noise or ["0", "0.25", "0.5"]:
@@ -511,6 +511,7 @@ def retrieval(
     check_objects_file(query_objects, "--query-objects")
     # the objects files' rows and the pairing of the two sides too (a review, 2026-12-07: said after the model line)
     photos = paired_photos(gallery, query, gallery_objects, query_objects)
+    check_photos(photos.paths)  # a 7x7 photo: by its header, before the model, by search's rule (as --index says it)
     write = results_writer(out, "retrieval", say, as_json)  # after the refusals, before the work
     model = choose_set_model(run, say=say)
     payload = {"command": "eval retrieval",
@@ -525,13 +526,7 @@ def retrieval(
     shown = sizes["min"] if sizes["min"] == sizes["max"] else f"{sizes['min']} to {sizes['max']}"
     print(f"image-set retrieval, {payload['objects']} objects ({model.run} at step {model.step}), query sets of "
           f"{shown} photos; R@k in %; start = {payload['start']}:")
-    chance = payload["chance"]
-    rows = [[r["method"], r["backbone"], replaced_text(r), pct(r["AR@10"]),
-             *(pct(r[f"R@{k}"]) for k in (1, 2, 5, 10))] for r in payload["results"]]
-    rows.append(["chance", "(a random ranking)", "", pct(chance["AR@10"]),
-                 *(pct(chance[f"R@{k}"]) for k in (1, 2, 5, 10))])
-    print(table(["method", "backbone", "noise", "AR@10", "R@1", "R@2", "R@5", "R@10"], rows,
-                right=[False, False, True, True, True, True, True, True]))
+    print(_retrieval_table(payload, ("method", "backbone"), lambda r: (r["method"], r["backbone"])))
     note = objects_note(payload["objects"])
     if note is not None:
         print(note)
@@ -546,8 +541,8 @@ def _retrieval_of_index(index: Path, query: Path, gallery: Optional[Path], galle
     from mlsctl.data.kinds import folder_kind
     from mlsctl.data.objects import check_objects_file
     from mlsctl.errors import UserError
-    from mlsctl.evaluate.retrieval import (check_run_for_gallery, evaluate_gallery, gallery_queries, index_cost_note,
-                                           index_words, left_out_note, objects_note, replaced_text)
+    from mlsctl.evaluate.retrieval import (check_noise_for_queries, check_run_for_gallery, evaluate_gallery,
+                                           gallery_queries, index_words)
     from mlsctl.gallery import Gallery, choose_set_model
 
     if gallery is not None or gallery_objects is not None:
@@ -567,12 +562,13 @@ def _retrieval_of_index(index: Path, query: Path, gallery: Optional[Path], galle
                         f"one sub-folder of photos per object, other photos of the gallery's objects")
     check_objects_file(query_objects, "--query-objects")
     queries = gallery_queries(target, query, query_objects)  # the objects, the photos and the latents, before the model
-    if run is not None:
-        check_run_for_gallery(target, run)
+    check_noise_for_queries(queries, fractions)
+    run = run or target.built_with_run()
+    check_run_for_gallery(target, run)  # the gallery's own run trained on since: refused before the model loads too
     write = results_writer(out, "retrieval", say, as_json)  # after the refusals, before the work
     say(f"gallery {index}: {len(target)} objects, index {index_words(target.settings)}; {len(queries.objects)} of "
         f"the {queries.query_objects} query objects of {query} in it")
-    model = choose_set_model(run or target.built_with_run(), say=say, gallery=target)  # as mlsctl search loads it
+    model = choose_set_model(run, say=say, gallery=target)  # as mlsctl search loads it
     target.check_model(model)
     payload = {"command": "eval retrieval",
                **evaluate_gallery(target, model, queries, query, query_size=size, noise=fractions, seed=seed,
@@ -581,26 +577,39 @@ def _retrieval_of_index(index: Path, query: Path, gallery: Optional[Path], galle
     if as_json:
         print(json.dumps(payload, indent=2))
         return
+    _print_index_result(payload, index, target, model, queries)
+    say(f"wrote {out}")
+
+
+def _retrieval_table(payload: dict, first: tuple[str, str], labels) -> str:
+    """The R@k table of both forms of ``eval retrieval``: each result row under the two columns ``first``
+    (``labels(row)``), then the chance row (a random ranking of as many objects)."""
+    from mlsctl.evaluate.retrieval import replaced_text
+
+    chance = payload["chance"]
+    rows = [[*labels(r), replaced_text(r), pct(r["AR@10"]), *(pct(r[f"R@{k}"]) for k in (1, 2, 5, 10))]
+            for r in payload["results"]]
+    rows.append(["chance", "(a random ranking)", "", pct(chance["AR@10"]),
+                 *(pct(chance[f"R@{k}"]) for k in (1, 2, 5, 10))])
+    return table([*first, "noise", "AR@10", "R@1", "R@2", "R@5", "R@10"], rows,
+                 right=[False, False, True, True, True, True, True, True])
+
+
+def _print_index_result(payload: dict, index: Path, target, model, queries) -> None:
+    """``eval retrieval --index``'s table (its index and exact rows) and its notes: what the index costs, the query
+    objects left out, the k that take in every object, the query objects whose photos could not be compared."""
+    from mlsctl.evaluate.retrieval import index_cost_note, index_words, left_out_note, objects_note, unchecked_note
+
     sizes = payload["query_set_sizes"]
     shown = sizes["min"] if sizes["min"] == sizes["max"] else f"{sizes['min']} to {sizes['max']}"
     print(f"gallery {index} ({payload['objects']} objects, {model.run} at step {model.step}), "
           f"{payload['queries']} query sets of {shown} photos; R@k in %:")
     searched = {"index": f"index: {index_words(target.settings)}", "exact": "exact (every stored latent)"}
-    chance = payload["chance"]
-    rows = [[searched[r["search"]], r["method"], replaced_text(r), pct(r["AR@10"]),
-             *(pct(r[f"R@{k}"]) for k in (1, 2, 5, 10))] for r in payload["results"]]
-    rows.append(["chance", "(a random ranking)", "", pct(chance["AR@10"]),
-                 *(pct(chance[f"R@{k}"]) for k in (1, 2, 5, 10))])
-    print(table(["search", "sets", "noise", "AR@10", "R@1", "R@2", "R@5", "R@10"], rows,
-                right=[False, False, True, True, True, True, True, True]))
+    print(_retrieval_table(payload, ("search", "sets"), lambda r: (searched[r["search"]], r["method"])))
     print(index_cost_note(payload))
-    for note in (left_out_note(queries), objects_note(payload["objects"])):
+    for note in (left_out_note(queries), objects_note(payload["objects"]), unchecked_note(queries, index)):
         if note is not None:
             print(note)
-    if not queries.digests_checked:
-        print(f"note: gallery {index} records no digests of its photos, so query photos that are its own photos "
-              f"could not be told apart (they would find their objects trivially)")
-    say(f"wrote {out}")
 
 
 @app.command("recall")
