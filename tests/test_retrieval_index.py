@@ -422,3 +422,20 @@ def test_a_drawn_query_photo_is_the_one_the_photo_folder_form_draws(mile_run, fl
     from mlsctl.evaluate.retrieval import sample_sets
 
     assert sample_sets([[0, 1]] * 6, 1, 0) != sample_sets([[0, 1]] * 6, 1, 5)  # the seeds draw other photos
+
+
+def test_the_gallerys_own_run_of_another_configuration_is_named_as_the_gallerys_not_as_run(mile_run, flat_gallery,
+                                                                                            tmp_path, capsys):
+    """Without --run the sentence names the gallery's run (not a --run the user never gave) and the way out is a
+    rebuild or the run it was built with, not "leave --run out"."""
+    gallery = tmp_path / "g"
+    shutil.copytree(flat_gallery, gallery)
+    manifest = json.loads((gallery / "gallery.json").read_text())
+    manifest["model"]["resolution"] = manifest["model"]["resolution"] + 8  # as if its config.yaml changed since
+    (gallery / "gallery.json").write_text(json.dumps(manifest))
+    err = refused_before_the_model("--index", str(gallery), "--query", str(mile_run / "query"), capsys=capsys)
+    assert "the gallery's run" in err and "--run " not in err.split("; ")[0] and "leave --run out" not in err, err
+    assert "rebuild the gallery (mlsctl index build --overwrite)" in err
+    err = refused_before_the_model("--index", str(gallery), "--query", str(mile_run / "query"),
+                                   "--run", str(mile_run / "run"), capsys=capsys)
+    assert err.startswith("error: --run ") and "leave --run out" in err, err

@@ -563,8 +563,9 @@ def _retrieval_of_index(index: Path, query: Path, gallery: Optional[Path], galle
     check_objects_file(query_objects, "--query-objects")
     queries = gallery_queries(target, query, query_objects)  # the objects, the photos and the latents, before the model
     check_noise_for_queries(queries, fractions)
+    from_option = run is not None
     run = run or target.built_with_run()
-    check_run_for_gallery(target, run)  # the gallery's own run trained on since: refused before the model loads too
+    check_run_for_gallery(target, run, from_option)  # the gallery's own run trained on since: refused before the model loads
     write = results_writer(out, "retrieval", say, as_json)  # after the refusals, before the work
     say(f"gallery {index}: {len(target)} objects, index {index_words(target.settings)}; {len(queries.objects)} of "
         f"the {queries.query_objects} query objects of {query} in it")

@@ -643,19 +643,21 @@ def check_noise_for_queries(queries: GalleryQueries, noise: Sequence[float]) -> 
                         f"query photos of more of the gallery's objects")
 
 
-def check_run_for_gallery(target, run) -> None:
+def check_run_for_gallery(target, run, from_option: bool = True) -> None:
     """``eval retrieval --index G --run RUN``: refuse, from the run's config.yaml and the gallery's manifest alone
     (before any weights load), a run whose model cannot be the one that folded the gallery's latents: a set model of
     the other kind, another architecture, input size or attention (MILE), or the gallery's own run trained on since
     (its latest checkpoint is of another step). A run of the same configuration elsewhere (the gallery's run moved)
-    is loaded, and its weights' fingerprint checked as ``mlsctl search`` checks it."""
+    is loaded, and its weights' fingerprint checked as ``mlsctl search`` checks it. ``from_option``: ``run`` came from
+    ``--run`` (else the gallery's own run, named as such in what is said)."""
     import os
 
     from mlsctl.errors import UserError
     from mlsctl.restore import recipe_of
     from mlsctl.runs import open_run
 
-    opened = open_run(run, hint="give a run written by mlsctl pretrain", flag="--run")
+    named = "--run" if from_option else "the gallery's run"
+    opened = open_run(run, hint="give a run written by mlsctl pretrain", flag=named)
     target.check_run_kind(run)  # a model of the other kind
     recipe = recipe_of(opened)
     built = target.manifest["model"]
@@ -665,9 +667,11 @@ def check_run_for_gallery(target, run) -> None:
     differ = [f"{key} {built[key]} (the run's: {value})" for key, value in given.items()
               if built.get(key) is not None and built[key] != value]
     if differ:
-        raise UserError(f"--run {run} is not the model gallery {target.path} was built with (run {built['run']} at "
-                        f"step {built['step']}): the gallery's {', '.join(differ)}; leave --run out to score the "
-                        f"gallery with its own model")
+        fix = ("leave --run out to score the gallery with its own model" if from_option else
+               "its config.yaml changed since: rebuild the gallery (mlsctl index build --overwrite), or give the "
+               "run it was built with as --run")
+        raise UserError(f"{named} {run} is not the model gallery {target.path} was built with (run {built['run']} at "
+                        f"step {built['step']}): the gallery's {', '.join(differ)}; {fix}")
     latest = opened.latest()
     if (target.set_model == "mile" and latest is not None and latest.step != built.get("step")
             and os.path.realpath(run) == os.path.realpath(built["run"])):
