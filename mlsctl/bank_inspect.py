@@ -228,15 +228,19 @@ PROJECTIONS = ("auto", "pca", "tsne")
 TSNE_SMALLEST = 5  # entries below which t-SNE's perplexity cannot be below their number (auto: PCA)
 
 
-def project_2d(vectors: torch.Tensor, method: str = "auto", seed: int = 0
+def project_2d(vectors: torch.Tensor, method: str = "auto", seed: int = 0, held: Optional[int] = None
                ) -> tuple[torch.Tensor, str, Optional[tuple[float, float]]]:
     """[n, D] → ([n, 2], the method used, PCA's two shares of the variance or None for t-SNE): PCA of
     the L2-normalised vectors, or t-SNE when
     ``method`` is "tsne" (or "auto" with scikit-learn installed and at least :data:`TSNE_SMALLEST`
-    vectors)."""
+    vectors). ``held``: the entries the bank holds, which a refusal names where drawing more cannot help. A
+    principal component without variance is drawn at 0 and its share is 0 (:func:`flat_components_note`)."""
     if method not in PROJECTIONS:
         raise UserError(f"--projection {method} is not one of {', '.join(PROJECTIONS)}")
     unit = F.normalize(vectors.double(), dim=1)
+    if method == "tsne" and held is not None and held < TSNE_SMALLEST:  # --sample cannot draw more (a probe)
+        raise UserError(f"t-SNE needs at least {TSNE_SMALLEST} entries and the bank holds only {held} written "
+                        f"entries; use --projection pca")
     if method == "tsne" and len(unit) < TSNE_SMALLEST:  # a new user (2026-12-06): --sample 2 crashed in t-SNE
         raise UserError(f"t-SNE needs at least {TSNE_SMALLEST} entries ({len(unit)} here); draw more with --sample "
                         f"or use --projection pca")
@@ -258,8 +262,29 @@ def project_2d(vectors: torch.Tensor, method: str = "auto", seed: int = 0
     if points.shape[1] < 2:
         points = torch.cat([points, points.new_zeros(len(points), 2 - points.shape[1])], 1)
     variance = s.square()
-    shares = (variance[:2] / variance.sum().clamp_min(1e-12)).tolist() + [0.0, 0.0]
+    total = float(variance.sum())
+    shares = (variance[:2] / max(total, 1e-30)).tolist() + [0.0, 0.0]
+    for i in range(2):  # a component without variance (2 entries span one direction): its rounding noise, at 1e-16,
+        if total <= FLAT_TOTAL or shares[i] <= FLAT_SHARE:  # was drawn as if it were spread (a probe, 2026-12-08)
+            points[:, i] = 0.0
+            shares[i] = 0.0
     return points, "PCA", (shares[0], shares[1])
+
+
+FLAT_SHARE = 1e-9  # a principal component with at most this share of the variance has none: rounding noise
+FLAT_TOTAL = 1e-20  # a total variance of at most this: the entries are one vector
+
+
+def flat_components_note(entries: int, shares: Optional[tuple[float, float]]) -> Optional[str]:
+    """What a PCA picture says of a component :func:`project_2d` found without variance (drawn at 0), or None."""
+    if shares is None or shares[1] > 0:
+        return None
+    if shares[0] == 0:
+        return (f"the {entries} entries are one vector (no variance): every point at 0 on both principal "
+                f"components")
+    reason = (f"{entries} entries span one direction" if entries == 2
+              else "the entries vary along one direction only")
+    return f"principal component 2 has no variance ({reason}): every point drawn at 0 on it"
 
 
 COLOUR_KEYWORDS = ("age", "label", "source")

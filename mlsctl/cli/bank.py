@@ -213,7 +213,8 @@ def plot(
     Example: mlsctl bank plot runs/dino_fmnist_quick --out bank.png --color-by source
     """
     from mlsctl.bank_health import sample_rows
-    from mlsctl.bank_inspect import SourceImages, choose_bank, entry_colours, open_banks, project_2d
+    from mlsctl.bank_inspect import (SourceImages, choose_bank, entry_colours, flat_components_note, open_banks,
+                                     project_2d)
     from mlsctl.errors import UserError
     from mlsctl.outputs import check_outside_images
     from mlsctl.restore import training_images
@@ -231,16 +232,19 @@ def plot(
     colours = entry_colours(chosen, name, rows, color_by, checkpoint.step, sources)
     if sources is not None and sources.note:
         say(sources.note)
-    points, used, shares = project_2d(chosen.vectors.cpu()[rows].float(), projection)
+    points, used, shares = project_2d(chosen.vectors.cpu()[rows].float(), projection, held=len(order))
+    flat = flat_components_note(len(rows), shares)
     left_out = chosen.filled - len(order)
     title = (f"{run_.root.name} · bank '{name}' · step {checkpoint.step} · {used} of {len(rows)} written entries"
              f"{f' ({left_out} random-start entries left out)' if left_out else ''} · colour: {colours.caption}")
     axes = (("t-SNE 1", "t-SNE 2") if shares is None else  # PCA's shares of the variance, as viz pca says them
             tuple(f"principal component {i + 1} ({100 * share:.0f}% of the variance)" for i, share in enumerate(shares)))
     legend = scatter_plot(points, colours.values, out, title=title, colour_by=colours.mode, axis_names=axes,
-                 label_names=colours.names, unlabelled=colours.unlabelled, other_name=colours.other_name)
+                 label_names=colours.names, unlabelled=colours.unlabelled, other_name=colours.other_name, note=flat)
     if colours.note:
         say(colours.note)
+    if flat:
+        say(f"note: {flat}")
     if colours.missing:
         said = colours.missing_said or f"have a source image that {color_by} does not label"
         say(f"{colours.missing} of {len(rows)} entries {said}; drawn grey")
@@ -249,6 +253,7 @@ def plot(
                           "projection": used, "colour": colours.caption, "drawn": len(rows), "written": len(order),
                           "random_start_left_out": left_out, "not_labelled": colours.missing, "note": colours.note,
                           "variance_shares": None if shares is None else [float(x) for x in shares],
+                          "flat_components": flat,  # a principal component without variance, drawn at 0
                           "legend": legend}, indent=2))
         return
     say(f"wrote {out} ({used} of {len(rows)} of {len(order)} written entries)")
