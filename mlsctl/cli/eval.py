@@ -349,10 +349,9 @@ def linear(
                          [[r["lr"], r["weight_decay"], pct(r[key], 2),
                            "yes" if (r["lr"], r["weight_decay"]) == (best["lr"], best["weight_decay"]) else ""]
                           for r in result["sweep"]]))
-        held = result["protocol"]["holdout_images"]
-        if len({r[key] for r in result["sweep"]}) == 1:  # a new user's probe: --holdout 0.01 held out 1 image
-            typer.echo(f"note: every setting scored the same on the {held} held-out image{'s' if held != 1 else ''}, "
-                       f"so the first was chosen; raise --holdout to tell them apart")
+        tied = lib.tied_sweep_note(result)  # a new user's probe: --holdout 0.01 held out 1 image
+        if tied:
+            typer.echo(tied)
         typer.echo("")
     scores = result["results"]
     if multi_label:

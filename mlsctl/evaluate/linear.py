@@ -260,6 +260,31 @@ def evaluate_linear(train_features, val_features, *, labels: Optional[Path] = No
             "results": result}
 
 
+def tied_sweep_note(result: dict) -> Optional[str]:
+    """Why every (lr, wd) of the sweep scored the same, and what can help, or None where they differ. The side with
+    fewer images is blamed: the held-out images (raise --holdout, up to its 0.9), or the images each setting trained
+    on (a new user's probe, 2026-12-08: --holdout 0.9 of 18 images trained on 2, and "raise --holdout" was the
+    advice, at its maximum)."""
+    key = "mAP" if result.get("multi_label") else "top1"
+    if not result.get("sweep") or len({r[key] for r in result["sweep"]}) != 1:
+        return None
+    held = result["protocol"]["holdout_images"]
+    holdout = result["protocol"]["holdout"]
+    kept = result["train_images"] - held
+    images = lambda n: f"{n} image{'s' if n != 1 else ''}"  # noqa: E731
+    start = f"note: every setting scored the same on the {held} held-out image{'s' if held != 1 else ''}, so the " \
+            f"first was chosen"
+    if kept <= held:
+        return (f"{start}; each was trained on only {images(kept)} (--holdout {holdout:g} of "
+                f"{result['train_images']}): lower --holdout or give more training images to tell them apart")
+    if holdout < HOLDOUT_MAX:
+        return f"{start}; raise --holdout to tell them apart"
+    return f"{start}; give more training images to tell them apart"
+
+
+HOLDOUT_MAX = 0.9  # eval linear's --holdout at most
+
+
 def chance_line(result: dict) -> str:
     """What an ``eval linear`` result's score is measured against, in one line: the majority-class rule's top-1
     and top-5, or a random ranking's mAP (multi-label), where the result records it (since 2026-12-07)."""
