@@ -364,6 +364,9 @@ def linear(
     typer.echo(f" on {result['val_images']} val images ({result['train_images']} train, {result['classes']} classes, "
                f"lr {result['chosen']['lr']:g}, wd {result['chosen']['weight_decay']:g}); results written to {out}")
     typer.echo(lib.chance_line(result))
+    if result["diverged"]:
+        typer.echo(lib.diverged_note(result["train_loss"]["initial"], result["train_loss"]["final"],
+                                     result["chosen"]["lr"]))
     if result["val_classes_unseen_in_train"]:
         unseen = result["val_classes_unseen_in_train"]
         typer.echo(_unseen_note(unseen, hint=result.get("val_classes_unseen_hint", "")))
@@ -431,12 +434,16 @@ def linear_seg(
     foreground = f", foreground IoU {pct(result['foreground_iou'])}%" if "foreground_iou" in result else ""
     typer.echo(f"\nmIoU {pct(result['miou'])}%{foreground}, pixel accuracy "
                f"{pct(result['pixel_accuracy'])}% on {len(val_features)} val images ({counted(epochs, 'epoch')}, lr {lr:g}, "
-               f"train loss {result['train_loss_per_epoch'][0]:.3f} -> {result['train_loss_per_epoch'][-1]:.3f}, "
+               f"train loss {result['train_loss_per_epoch'][0]:.4g} -> {result['train_loss_per_epoch'][-1]:.4g}, "
                f"{result['seconds']['total']:.1f}s); results written to {out}")
     typer.echo(f"chance: {constant_rule_text(result['chance'])} (the training patches' most frequent class)")
     one_class = lib.one_class_note(result)
     if one_class:
         typer.echo(one_class)
+    if result["diverged"]:
+        from mlsctl.evaluate.linear import diverged_note
+
+        typer.echo(diverged_note(result["train_loss_initial"], result["train_loss_per_epoch"][-1], lr))
     _say_shared(inputs.record, len(val_features))
 
 
