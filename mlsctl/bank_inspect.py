@@ -137,6 +137,17 @@ class Neighbour:
     label: Optional[int]
 
 
+def query_resolution(recipe, patch_size: int) -> int:
+    """The side a ``bank neighbors`` query is embedded at: the recipe's global crop size (``data.global_crops.size``),
+    rounded down to a multiple of the patch size. Every method's bank holds teacher embeddings of global crops of
+    that size: DINO's ``cls`` monitor (global view 1), CrIBo's ``objects`` (pooled patches of both global views),
+    SOVE's ``E_C`` and ``E_P`` and MLS's queues (global view 2); a query at the model's ``img_size`` (only the size
+    its position embedding is built for; a run of 64 px crops may say 96) is seen on a finer patch grid than any
+    entry was, and its neighbours change (a new user's probe, 2026-12-08: at 96 px the two nearest swapped)."""
+    size = recipe.data.global_crops.size
+    return size - size % patch_size
+
+
 def embed_query(model, bank: MemoryBank, images: Sequence, resolution: int) -> torch.Tensor:
     """Embed PIL images with ``model`` (a :class:`~mlsctl.models.source.ModelChoice`) the way
     the bank's :class:`~mlsctl.bank.QueryFeature` says: [n, the compared columns]."""

@@ -163,6 +163,26 @@ def test_neighbors_draws_the_right_crops_and_blanks_missing_images(planted_run, 
     assert f" {relative} " in table and f"image (in {sources.root})" in table
 
 
+def test_neighbors_says_the_query_is_embedded_at_the_global_crop_size_of_the_bank_s_entries(planted_run, tmp_path):
+    """A new user's probe (2026-12-08): the query was embedded at the global crop size (64 px), not the model's
+    img_size (96), without a word, and at 96 px its two nearest entries swap. Every method's bank holds teacher
+    embeddings of global crops, so the crop size is the one the query is comparable at; the output says it."""
+    from types import SimpleNamespace
+
+    from mlsctl.bank_inspect import query_resolution
+    from mlsctl.config import read_yaml
+
+    run, sources, *_ = planted_run
+    size = read_yaml(Path(run) / "config.yaml")["data"]["global_crops"]["size"]
+    result = in_process("bank", "neighbors", str(run), "--query", str(sources.path(1)), "-k", "2", "--out",
+                        str(tmp_path / "g.png"), "--json", check=True)
+    assert json.loads(result.stdout)["query_resolution"] == size - size % 8
+    assert (f"at {size - size % 8}x{size - size % 8} px: the global crop size (data.global_crops.size) of the views "
+            f"whose teacher embeddings the bank holds") in result.stderr, result.stderr
+    recipe = SimpleNamespace(data=SimpleNamespace(global_crops=SimpleNamespace(size=70)))
+    assert query_resolution(recipe, 8) == 64
+
+
 def test_neighbors_refuses_an_unreadable_query_and_an_unknown_bank(planted_run, tmp_path):
     run, sources, *_ = planted_run
     (tmp_path / "bad.png").write_text("not an image")

@@ -146,7 +146,7 @@ def neighbors(
     from dataclasses import asdict
 
     from mlsctl.bank_inspect import (SourceImages, choose_bank, embed_query, nearest_entries, neighbour_tiles,
-                                     open_banks)
+                                     open_banks, query_resolution)
     from mlsctl.data.images import BadImage, load_rgb
     from mlsctl.errors import UserError
     from mlsctl.outputs import check_outside_images, same_file
@@ -167,8 +167,13 @@ def neighbors(
                         f"start); choose a later checkpoint with --step")
     recipe = recipe_of(run_)
     model = from_checkpoint(recipe, checkpoint, run_)
-    say(f"query embedded with the {model.description}")
-    vector = embed_query(model, chosen, [image], recipe.data.global_crops.size)[0]
+    resolution = query_resolution(recipe, model.backbone.patch_size)
+    img_size = model.info.get("img_size")
+    say(f"query embedded with the {model.description} at {resolution}x{resolution} px: the global crop size "
+        f"(data.global_crops.size) of the views whose teacher embeddings the bank holds"
+        + (f", not the model's img_size {img_size} (the size its position embedding is built for)"
+           if img_size not in (None, resolution) else ""))
+    vector = embed_query(model, chosen, [image], resolution)[0]
     sources = SourceImages(run_)
     if sources.note:
         say(sources.note)
@@ -185,6 +190,7 @@ def neighbors(
              "yes" if tile is not None else "missing"] for i, (n, (tile, _)) in enumerate(zip(found, tiles))]
     if as_json:
         print(json.dumps({"run": str(run_.root), "step": checkpoint.step, "bank": name, "query": str(query),
+                          "query_resolution": resolution,  # the global crop size: the bank's entries' (docs/banks.md)
                           "out": str(out), "missing": missing,
                           "neighbours": [dict(asdict(n), written_in_step=n.step + 1, drawn=tile is not None)
                                          for n, (tile, _) in zip(found, tiles)]}, indent=2))
