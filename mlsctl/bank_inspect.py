@@ -148,6 +148,15 @@ def query_resolution(recipe, patch_size: int) -> int:
     return size - size % patch_size
 
 
+def query_size_line(model, resolution: int) -> str:
+    """What ``bank neighbors`` says of the query's embedding: the model, and the size and why (:func:`query_resolution`)."""
+    img_size = model.info.get("img_size")
+    return (f"query embedded with the {model.description} at {resolution}x{resolution} px: the global crop size "
+            f"(data.global_crops.size) of the views whose teacher embeddings the bank holds"
+            + (f", not the model's img_size {img_size} (the size its position embedding is built for)"
+               if img_size not in (None, resolution) else ""))
+
+
 def embed_query(model, bank: MemoryBank, images: Sequence, resolution: int) -> torch.Tensor:
     """Embed PIL images with ``model`` (a :class:`~mlsctl.models.source.ModelChoice`) the way
     the bank's :class:`~mlsctl.bank.QueryFeature` says: [n, the compared columns]."""

@@ -146,7 +146,7 @@ def neighbors(
     from dataclasses import asdict
 
     from mlsctl.bank_inspect import (SourceImages, choose_bank, embed_query, nearest_entries, neighbour_tiles,
-                                     open_banks, query_resolution)
+                                     open_banks, query_resolution, query_size_line)
     from mlsctl.data.images import BadImage, load_rgb
     from mlsctl.errors import UserError
     from mlsctl.outputs import check_outside_images, same_file
@@ -168,11 +168,7 @@ def neighbors(
     recipe = recipe_of(run_)
     model = from_checkpoint(recipe, checkpoint, run_)
     resolution = query_resolution(recipe, model.backbone.patch_size)
-    img_size = model.info.get("img_size")
-    say(f"query embedded with the {model.description} at {resolution}x{resolution} px: the global crop size "
-        f"(data.global_crops.size) of the views whose teacher embeddings the bank holds"
-        + (f", not the model's img_size {img_size} (the size its position embedding is built for)"
-           if img_size not in (None, resolution) else ""))
+    say(query_size_line(model, resolution))
     vector = embed_query(model, chosen, [image], resolution)[0]
     sources = SourceImages(run_)
     if sources.note:
@@ -197,6 +193,18 @@ def neighbors(
     else:
         print(table(["#", "cosine", "written in step", "image_id", f"image (in {sources.root})", "drawn"], rows))
     say(f"wrote {out}" + (f" ({missing} source image{'s' if missing != 1 else ''} missing, drawn blank)" if missing else ""))
+
+
+def _say_plot_notes(colours, flat: Optional[str], drawn: int, color_by: str) -> None:
+    """What ``bank plot`` says beside its picture: what the colours are not, a principal component without variance,
+    the entries the colours leave grey."""
+    if colours.note:
+        say(colours.note)
+    if flat:
+        say(f"note: {flat}")
+    if colours.missing:
+        said = colours.missing_said or f"have a source image that {color_by} does not label"
+        say(f"{colours.missing} of {drawn} entries {said}; drawn grey")
 
 
 @app.command("plot")
@@ -247,13 +255,7 @@ def plot(
             tuple(f"principal component {i + 1} ({100 * share:.0f}% of the variance)" for i, share in enumerate(shares)))
     legend = scatter_plot(points, colours.values, out, title=title, colour_by=colours.mode, axis_names=axes,
                  label_names=colours.names, unlabelled=colours.unlabelled, other_name=colours.other_name, note=flat)
-    if colours.note:
-        say(colours.note)
-    if flat:
-        say(f"note: {flat}")
-    if colours.missing:
-        said = colours.missing_said or f"have a source image that {color_by} does not label"
-        say(f"{colours.missing} of {len(rows)} entries {said}; drawn grey")
+    _say_plot_notes(colours, flat, len(rows), color_by)
     if as_json:  # the numbers the title and the closing line say
         print(json.dumps({"run": str(run_.root), "step": checkpoint.step, "bank": name, "out": str(out),
                           "projection": used, "colour": colours.caption, "drawn": len(rows), "written": len(order),

@@ -350,9 +350,7 @@ def linear(
                            "yes" if (r["lr"], r["weight_decay"]) == (best["lr"], best["weight_decay"]) else ""]
                           for r in result["sweep"]]))
         tied = lib.tied_sweep_note(result)  # a new user's probe: --holdout 0.01 held out 1 image
-        if tied:
-            typer.echo(tied)
-        typer.echo("")
+        typer.echo(f"{tied}\n" if tied else "")
     scores = result["results"]
     if multi_label:
         typer.echo(table(["class", "AP %"], [[c, pct(a, 2)] for c, a in scores["ap_per_class"].items()]))
@@ -363,10 +361,7 @@ def linear(
                    nl=False)
     typer.echo(f" on {result['val_images']} val images ({result['train_images']} train, {result['classes']} classes, "
                f"lr {result['chosen']['lr']:g}, wd {result['chosen']['weight_decay']:g}); results written to {out}")
-    typer.echo(lib.chance_line(result))
-    if result["diverged"]:
-        typer.echo(lib.diverged_note(result["train_loss"]["initial"], result["train_loss"]["final"],
-                                     result["chosen"]["lr"]))
+    typer.echo(lib.chance_line(result) + (f"\n{lib.result_diverged_note(result)}" if result["diverged"] else ""))
     if result["val_classes_unseen_in_train"]:
         unseen = result["val_classes_unseen_in_train"]
         typer.echo(_unseen_note(unseen, hint=result.get("val_classes_unseen_hint", "")))
@@ -437,13 +432,9 @@ def linear_seg(
                f"train loss {result['train_loss_per_epoch'][0]:.4g} -> {result['train_loss_per_epoch'][-1]:.4g}, "
                f"{result['seconds']['total']:.1f}s); results written to {out}")
     typer.echo(f"chance: {constant_rule_text(result['chance'])} (the training patches' most frequent class)")
-    one_class = lib.one_class_note(result)
-    if one_class:
-        typer.echo(one_class)
-    if result["diverged"]:
-        from mlsctl.evaluate.linear import diverged_note
-
-        typer.echo(diverged_note(result["train_loss_initial"], result["train_loss_per_epoch"][-1], lr))
+    for note in (lib.one_class_note(result), lib.result_diverged_note(result)):
+        if note:
+            typer.echo(note)
     _say_shared(inputs.record, len(val_features))
 
 

@@ -174,6 +174,22 @@ def finite_or_none(value: float) -> Optional[float]:
     return value if math.isfinite(value) else None
 
 
+def training_loss_record(initial: float, final: float) -> dict:
+    """What eval linear's results say of the chosen probe's training: its ``train_loss`` (``initial``, ``final``) and
+    whether it ``diverged``."""
+    return {"train_loss": {"initial": finite_or_none(initial), "final": finite_or_none(final)},
+            "diverged": diverged(initial, final)}
+
+
+def result_diverged_note(result: dict) -> str:
+    """The note on an eval linear or linear-seg result whose probe diverged, or ""."""
+    if not result.get("diverged"):
+        return ""
+    if "train_loss" in result:  # eval linear
+        return diverged_note(result["train_loss"]["initial"], result["train_loss"]["final"], result["chosen"]["lr"])
+    return diverged_note(result["train_loss_initial"], result["train_loss_per_epoch"][-1], result["settings"]["lr"])
+
+
 def diverged_note(initial: Optional[float], final: Optional[float], lr: float) -> str:
     """The note on a diverged probe (a new user's probe, 2026-12-08: eval linear-seg --lr 1e30 reported a train loss
     of 9.4e29 and an mIoU as any other); a loss of None is a non-finite one."""
@@ -277,8 +293,7 @@ def evaluate_linear(train_features, val_features, *, labels: Optional[Path] = No
     losses: list[float] = []
     layer, mean, std = train_linear(x_train, y_train, chosen, multi_label, seed, device, losses)
     result = score(predict(layer, mean, std, x_val), y_val, multi_label)
-    trained = {"train_loss": {"initial": finite_or_none(losses[0]), "final": finite_or_none(losses[1])},
-               "diverged": diverged(*losses)}
+    trained = training_loss_record(*losses)
     if multi_label:
         result["ap_per_class"] = dict(zip(classes, result["ap_per_class"]))
         chance = {"rule": "a random ranking of the val images for each class",
