@@ -557,6 +557,14 @@ def test_a_pca_of_two_entries_draws_its_second_component_flat_and_says_so():
     assert shares[1] > 0 and flat_components_note(6, shares) is None
 
 
+def test_bank_plot_of_two_entries_says_its_flat_component(planted_run, tmp_path):
+    run, *_ = planted_run
+    result = in_process("bank", "plot", str(run), "--sample", "2", "--projection", "pca", "--out",
+                        str(tmp_path / "b.png"), "--json", check=True)
+    flat = "principal component 2 has no variance (2 entries span one direction): every point drawn at 0 on it"
+    assert json.loads(result.stdout)["flat_components"] == flat and f"note: {flat}" in result.stderr
+
+
 def test_t_sne_of_a_bank_that_holds_too_few_entries_does_not_advise_drawing_more():
     """A new user's probe (2026-12-08): "draw more with --sample" to a bank that holds 2 entries."""
     from mlsctl.bank_inspect import project_2d
