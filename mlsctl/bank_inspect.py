@@ -137,6 +137,26 @@ class Neighbour:
     label: Optional[int]
 
 
+def query_resolution(recipe, patch_size: int) -> int:
+    """The side a ``bank neighbors`` query is embedded at: the recipe's global crop size (``data.global_crops.size``),
+    rounded down to a multiple of the patch size. Every method's bank holds teacher embeddings of global crops of
+    that size: DINO's ``cls`` monitor (global view 1), CrIBo's ``objects`` (pooled patches of both global views),
+    SOVE's ``E_C`` and ``E_P`` and MLS's queues (global view 2); a query at the model's ``img_size`` (only the size
+    its position embedding is built for; a run of 64 px crops may say 96) is seen on a finer patch grid than any
+    entry was, and its neighbours change (a new user's probe, 2026-12-08: at 96 px the two nearest swapped)."""
+    size = recipe.data.global_crops.size
+    return size - size % patch_size
+
+
+def query_size_line(model, resolution: int) -> str:
+    """What ``bank neighbors`` says of the query's embedding: the model, and the size and why (:func:`query_resolution`)."""
+    img_size = model.info.get("img_size")
+    return (f"query embedded with the {model.description} at {resolution}x{resolution} px: the global crop size "
+            f"(data.global_crops.size) of the views whose teacher embeddings the bank holds"
+            + (f", not the model's img_size {img_size} (the size its position embedding is built for)"
+               if img_size not in (None, resolution) else ""))
+
+
 def embed_query(model, bank: MemoryBank, images: Sequence, resolution: int) -> torch.Tensor:
     """Embed PIL images with ``model`` (a :class:`~mlsctl.models.source.ModelChoice`) the way
     the bank's :class:`~mlsctl.bank.QueryFeature` says: [n, the compared columns]."""
@@ -228,15 +248,19 @@ PROJECTIONS = ("auto", "pca", "tsne")
 TSNE_SMALLEST = 5  # entries below which t-SNE's perplexity cannot be below their number (auto: PCA)
 
 
-def project_2d(vectors: torch.Tensor, method: str = "auto", seed: int = 0
+def project_2d(vectors: torch.Tensor, method: str = "auto", seed: int = 0, held: Optional[int] = None
                ) -> tuple[torch.Tensor, str, Optional[tuple[float, float]]]:
     """[n, D] → ([n, 2], the method used, PCA's two shares of the variance or None for t-SNE): PCA of
     the L2-normalised vectors, or t-SNE when
     ``method`` is "tsne" (or "auto" with scikit-learn installed and at least :data:`TSNE_SMALLEST`
-    vectors)."""
+    vectors). ``held``: the entries the bank holds, which a refusal names where drawing more cannot help. A
+    principal component without variance is drawn at 0 and its share is 0 (:func:`flat_components_note`)."""
     if method not in PROJECTIONS:
         raise UserError(f"--projection {method} is not one of {', '.join(PROJECTIONS)}")
     unit = F.normalize(vectors.double(), dim=1)
+    if method == "tsne" and held is not None and held < TSNE_SMALLEST:  # --sample cannot draw more (a probe)
+        raise UserError(f"t-SNE needs at least {TSNE_SMALLEST} entries and the bank holds only {held} written "
+                        f"entries; use --projection pca")
     if method == "tsne" and len(unit) < TSNE_SMALLEST:  # a new user (2026-12-06): --sample 2 crashed in t-SNE
         raise UserError(f"t-SNE needs at least {TSNE_SMALLEST} entries ({len(unit)} here); draw more with --sample "
                         f"or use --projection pca")
@@ -258,8 +282,29 @@ def project_2d(vectors: torch.Tensor, method: str = "auto", seed: int = 0
     if points.shape[1] < 2:
         points = torch.cat([points, points.new_zeros(len(points), 2 - points.shape[1])], 1)
     variance = s.square()
-    shares = (variance[:2] / variance.sum().clamp_min(1e-12)).tolist() + [0.0, 0.0]
+    total = float(variance.sum())
+    shares = (variance[:2] / max(total, 1e-30)).tolist() + [0.0, 0.0]
+    for i in range(2):  # a component without variance (2 entries span one direction): its rounding noise, at 1e-16,
+        if total <= FLAT_TOTAL or shares[i] <= FLAT_SHARE:  # was drawn as if it were spread (a probe, 2026-12-08)
+            points[:, i] = 0.0
+            shares[i] = 0.0
     return points, "PCA", (shares[0], shares[1])
+
+
+FLAT_SHARE = 1e-9  # a principal component with at most this share of the variance has none: rounding noise
+FLAT_TOTAL = 1e-20  # a total variance of at most this: the entries are one vector
+
+
+def flat_components_note(entries: int, shares: Optional[tuple[float, float]]) -> Optional[str]:
+    """What a PCA picture says of a component :func:`project_2d` found without variance (drawn at 0), or None."""
+    if shares is None or shares[1] > 0:
+        return None
+    if shares[0] == 0:
+        return (f"the {entries} entries are one vector (no variance): every point at 0 on both principal "
+                f"components")
+    reason = (f"{entries} entries span one direction" if entries == 2
+              else "the entries vary along one direction only")
+    return f"principal component 2 has no variance ({reason}): every point drawn at 0 on it"
 
 
 COLOUR_KEYWORDS = ("age", "label", "source")

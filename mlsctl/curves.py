@@ -145,7 +145,7 @@ def _bank_health_reasons(run_dirs: Sequence, runs: list) -> list[str]:
         every = _config_int(run_dir, "train", "bank_health_every")
         last = max((steps[-1] for steps, _ in series.values() if steps), default=0)
         reasons.append(f"{name}: never (train.bank_health_every 0)" if every == 0 else
-                       f"{name}: every {every} steps, a run of {last} steps" if every else f"{name}: not recorded")
+                       f"{name}: every {every} steps, a run of {last} step{'s' if last != 1 else ''}" if every else f"{name}: not recorded")
     return reasons
 
 
@@ -205,21 +205,40 @@ def same_series(a: tuple[list[int], list[float]], b: tuple[list[int], list[float
 SAME_STYLE = (0, (3, 3))  # a series equal to an earlier run's: loose dashes, the earlier line shows in the gaps
 
 
-def _uniform_entropy_lines(ax, runs: list[tuple[str, str, Optional[int]]]) -> None:
+def _uniform_entropy_lines(ax, runs: list[tuple[str, str, Optional[int]]]) -> Optional[float]:
     """log K, the entropy of uniform outputs over a run's K classes, as a dotted line: one grey line
     where the runs share K (four runs drew four lines and four legend entries on one height, and the
-    legend covered the panel's note: a probe, 2026-12-07), else one in each run's colour."""
+    legend covered the panel's note: a probe, 2026-12-07), else one in each run's colour → the highest
+    log K drawn (None where no run gives K), which the panel's y-limits must hold."""
     known = [(name, colour, k) for name, colour, k in runs if k is not None]
     if not known:
-        return
+        return None
     if len({k for _, _, k in known}) == 1:
         k = known[0][2]
         ax.axhline(math.log(k), color="0.4", linewidth=1, linestyle=(0, (1, 2)),
                    label=f"log K = {math.log(k):.2f} (uniform over K = {k}" + (", every run)" if len(known) > 1 else ")"))
-        return
+        return math.log(k)
     for name, colour, k in known:
         ax.axhline(math.log(k), color=colour, linewidth=1, linestyle=(0, (1, 2)),
                    label=f"{name}: log K = {math.log(k):.2f} (uniform over K = {k})")
+    return max(math.log(k) for _, _, k in known)
+
+
+def _finite_points(steps: list[int], values: list[float]) -> tuple[list[int], list[float], list[int]]:
+    """A series without its non-finite values (NaN, inf), and the steps of those left out."""
+    bad = [s for s, v in zip(steps, values) if not math.isfinite(v)]
+    if not bad:
+        return steps, values, []
+    kept = [(s, v) for s, v in zip(steps, values) if math.isfinite(v)]
+    return [s for s, _ in kept], [v for _, v in kept], bad
+
+
+def _non_finite_note(label: str, key: str, bad: list[int]) -> str:
+    """What a panel says of the points of a series it could not draw (a NaN loss left out silently: a probe,
+    2026-12-08)."""
+    shown = ", ".join(str(s) for s in bad[:8]) + (f" and {len(bad) - 8} more" if len(bad) > 8 else "")
+    plural = "s" if len(bad) != 1 else ""
+    return f"{label}: {len(bad)} step{plural} with a non-finite {key} not drawn: step{plural} {shown}"
 
 
 @dataclass
@@ -231,6 +250,7 @@ class _Drawn:
     markers: set[str] = field(default_factory=set)  # keys drawn raw with a marker on every point
     empty: dict[str, str] = field(default_factory=dict)  # panel → why nothing is drawn in it
     not_drawn: dict[str, list[str]] = field(default_factory=dict)  # panel → the lines a log axis left out
+    not_finite: dict[str, list[str]] = field(default_factory=dict)  # panel → the NaN / inf points left out
     not_recorded: dict[str, list[str]] = field(default_factory=dict)  # panel → the runs without a line, and why
     same_as: dict[str, list[str]] = field(default_factory=dict)  # panel → the lines equal to an earlier run's
     notes: dict[str, list[str]] = field(default_factory=dict)  # panel → what heads its legend
@@ -295,7 +315,11 @@ def _draw_lines(ax, panel: str, keys_of, options: dict, runs: list, colours: lis
     for r, (name, series) in enumerate(runs):
         colour = colours[r % len(colours)]
         for i, key in enumerate(k for k in keys_of(series) if k in series):
-            steps, values = series[key]
+            steps, values, bad = _finite_points(*series[key])
+            if bad:
+                record.not_finite.setdefault(panel, []).append(_non_finite_note(label_of(name, key), key, bad))
+            if not values:
+                continue
             scale = options.get("scale", 1.0)
             values = [v * scale for v in values] if scale != 1.0 else values
             # a weight decay of 0 was listed in the legend and invisible on the log axis (a probe, 2026-12-07)
@@ -329,8 +353,12 @@ def _draw_lines(ax, panel: str, keys_of, options: dict, runs: list, colours: lis
 
 
 def _set_axes(ax, ylabel: str, options: dict, drawn: list[str]) -> None:
-    """A panel's axis labels, its log scale (with plain tick text) and its top where the quantity has one."""
+    """A panel's axis labels, its log scale (with plain tick text) and its top where the quantity has one; steps
+    get integer ticks (a run of 4 steps got ticks at 2.25, 2.5: a probe, 2026-12-08)."""
+    from matplotlib.ticker import MaxNLocator
+
     ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(ylabel)
     if options.get("log") and drawn:
         ax.set_yscale("log")
@@ -356,6 +384,8 @@ def _say_panel_notes(ax, panel: str, options: dict, drawn: list[str], record: _D
                      "when all pick the same one)")
     if panel in record.not_drawn:  # a log axis has no place for them
         notes.append("\n".join(record.not_drawn[panel]) + " (not drawn on a log axis)")
+    if panel in record.not_finite:
+        notes.append("\n".join(_wrapped_reasons(record.not_finite[panel])))
     if drawn and options.get("unrecorded"):  # runs with a bank but no record, beside runs with (a probe, 2026-12-07)
         record.not_recorded[panel] = options["unrecorded"]
         notes.append("\n".join(["no bank health recorded:"] + _wrapped_reasons(record.not_recorded[panel])))
@@ -388,11 +418,14 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, *, title: str | N
     record = _Drawn()
     for ax, (panel, keys_of, ylabel, options) in zip(axes.flat, specs):
         drawn = _draw_lines(ax, panel, keys_of, options, runs, colours, record)
+        uniform = None
         if options.get("entropy"):  # the entropy of the uniform distribution: collapse to uniform
-            _uniform_entropy_lines(ax, [(name, colours[r % len(colours)], _output_classes(run_dirs[r]))
-                                        for r, (name, series) in enumerate(runs) if "teacher_entropy" in series])
+            uniform = _uniform_entropy_lines(ax, [(name, colours[r % len(colours)], _output_classes(run_dirs[r]))
+                                                  for r, (name, series) in enumerate(runs) if "teacher_entropy" in series])
         _set_axes(ax, ylabel, options, drawn)
         _say_panel_notes(ax, panel, options, drawn, record)
+        if uniform is not None:  # the dotted log K line sat on the panel's top border (a probe, 2026-12-08)
+            ax.set_ylim(top=max(ax.get_ylim()[1], uniform * 1.08))
         ax.set_title(panel)
         ax.grid(alpha=0.3)
         record.panels[panel] = sorted(set(drawn))
@@ -405,6 +438,7 @@ def plot_runs(run_dirs: Sequence[str | Path], out: str | Path, *, title: str | N
     return {"out": str(out), "runs": [n for n, _ in runs], "panels": record.panels,
             "smoothed": {k: round(v, 2) for k, v in sorted(record.smoothed.items())}, "markers": sorted(record.markers),
             "empty": record.empty, "not_drawn": record.not_drawn,  # why a panel is empty, and what a log axis left out
+            "not_finite": record.not_finite,  # the NaN / inf points each panel left out, by series
             "not_recorded": record.not_recorded,  # runs a panel has no line of, and why
             "same_as": record.same_as,  # the lines equal to an earlier run's, dashed over it, as their legend says
             "notes": {p: n for p, n in record.notes.items() if n},  # what heads each panel's legend

@@ -299,14 +299,46 @@ def legend_groups(values: torch.Tensor, *, label_names: Optional[dict] = None, u
     return groups
 
 
+def _colour_scale(figure, ax, pts, values: torch.Tensor, colour_by: str) -> None:
+    """Points coloured by a continuous value (age in steps) with a colour bar; where every point has the same value,
+    one colour and a legend that says it (a bar over one age invented the range 0.9 to 1.1: a probe, 2026-12-08)."""
+    unit = " (steps)" if colour_by == "age" else ""
+    if len(values) and bool((values == values.flatten()[0]).all()):
+        value = values.flatten()[0].item()
+        shown = f"{value:g}" + (f" step{'s' if value != 1 else ''}" if colour_by == "age" else "")
+        ax.scatter(pts[:, 0], pts[:, 1], s=6, color="#21918c", label=f"every entry: {colour_by} {shown}")
+        ax.legend(fontsize=8, markerscale=2.5, loc="best")
+        return
+    from matplotlib.ticker import MaxNLocator
+
+    drawn = ax.scatter(pts[:, 0], pts[:, 1], s=6, c=values.double().numpy(), cmap="viridis")
+    bar = figure.colorbar(drawn, ax=ax, label=f"{colour_by}{unit}")
+    if not values.is_floating_point():  # whole steps: no 1.25 between 1 and 2 (a new user, 2026-12-06)
+        bar.locator = MaxNLocator(integer=True)
+        bar.update_ticks()
+
+
+def _hold_flat_axes(ax, pts) -> None:
+    """An axis along which every point has the same coordinate gets fixed limits around it, as wide as the other
+    axis's (at least ±1), so no noise at 1e-16 is stretched to fill the panel (a probe, 2026-12-08)."""
+    spans = [float(pts[:, j].max() - pts[:, j].min()) if len(pts) else 0.0 for j in range(2)]
+    half = max(max(spans) / 2 * 1.1, 1.0)
+    for j, set_limits in enumerate((ax.set_xlim, ax.set_ylim)):
+        if spans[j] == 0.0:
+            centre = float(pts[0, j]) if len(pts) else 0.0
+            set_limits(centre - half, centre + half)
+
+
 @literal_text
 def scatter_plot(points: torch.Tensor, values: torch.Tensor, out: Path, *, title: str, colour_by: str,
                  axis_names: tuple[str, str] = ("component 1", "component 2"), label_names: Optional[dict] = None,
-                 unlabelled: Optional[str] = None, other_name: str = "labels") -> list[dict]:
+                 unlabelled: Optional[str] = None, other_name: str = "labels", note: Optional[str] = None) -> list[dict]:
     """2-D points (matplotlib) coloured by an integer label (a legend of the 10 most frequent, named
     by ``label_names``, the rest grey as ``other_name``) or by a continuous value such as age in steps (a colour
     bar), with axes. With ``unlabelled``, points whose label is negative have none: drawn as light
-    grey crosses under that name. Returns the legend's groups (:func:`legend_groups`; none for a colour bar)."""
+    grey crosses under that name. An axis along which the points do not spread is drawn with fixed limits, and
+    ``note`` (why) is written in the panel's corner. Returns the legend's groups (:func:`legend_groups`; none for a
+    colour bar)."""
     plt = pyplot()
 
     pts = points.double().numpy()
@@ -328,13 +360,10 @@ def scatter_plot(points: torch.Tensor, values: torch.Tensor, out: Path, *, title
                 classes += 1
         ax.legend(fontsize=8, markerscale=2.5, loc="best")
     else:
-        from matplotlib.ticker import MaxNLocator
-
-        drawn = ax.scatter(pts[:, 0], pts[:, 1], s=6, c=values.double().numpy(), cmap="viridis")
-        bar = figure.colorbar(drawn, ax=ax, label=f"{colour_by} (steps)")
-        if not values.is_floating_point():  # whole steps: no 1.25 between 1 and 2 (a new user, 2026-12-06)
-            bar.locator = MaxNLocator(integer=True)
-            bar.update_ticks()
+        _colour_scale(figure, ax, pts, values, colour_by)
+    _hold_flat_axes(ax, pts)
+    if note:
+        ax.text(0.01, 0.01, "\n".join(textwrap.wrap(note, 90)), transform=ax.transAxes, fontsize=8, color="0.35")
     ax.set_xlabel(axis_names[0])
     ax.set_ylabel(axis_names[1])
     ax.set_title("\n".join(textwrap.wrap(title, 100, break_long_words=False)), fontsize=10)

@@ -163,6 +163,26 @@ def test_neighbors_draws_the_right_crops_and_blanks_missing_images(planted_run, 
     assert f" {relative} " in table and f"image (in {sources.root})" in table
 
 
+def test_neighbors_says_the_query_is_embedded_at_the_global_crop_size_of_the_bank_s_entries(planted_run, tmp_path):
+    """A new user's probe (2026-12-08): the query was embedded at the global crop size (64 px), not the model's
+    img_size (96), without a word, and at 96 px its two nearest entries swap. Every method's bank holds teacher
+    embeddings of global crops, so the crop size is the one the query is comparable at; the output says it."""
+    from types import SimpleNamespace
+
+    from mlsctl.bank_inspect import query_resolution
+    from mlsctl.config import read_yaml
+
+    run, sources, *_ = planted_run
+    size = read_yaml(Path(run) / "config.yaml")["data"]["global_crops"]["size"]
+    result = in_process("bank", "neighbors", str(run), "--query", str(sources.path(1)), "-k", "2", "--out",
+                        str(tmp_path / "g.png"), "--json", check=True)
+    assert json.loads(result.stdout)["query_resolution"] == size - size % 8
+    assert (f"at {size - size % 8}x{size - size % 8} px: the global crop size (data.global_crops.size) of the views "
+            f"whose teacher embeddings the bank holds") in result.stderr, result.stderr
+    recipe = SimpleNamespace(data=SimpleNamespace(global_crops=SimpleNamespace(size=70)))
+    assert query_resolution(recipe, 8) == 64
+
+
 def test_neighbors_refuses_an_unreadable_query_and_an_unknown_bank(planted_run, tmp_path):
     run, sources, *_ = planted_run
     (tmp_path / "bad.png").write_text("not an image")
@@ -517,9 +537,43 @@ def test_a_projection_of_fewer_entries_than_t_sne_takes_is_pca_or_one_sentence()
     for n in range(2, TSNE_SMALLEST + 2):
         points, used, shares = project_2d(torch.randn(n, 8))
         assert points.shape == (n, 2) and used == ("PCA" if n < TSNE_SMALLEST else "t-SNE")
-        assert (shares is None) == (used == "t-SNE") and (shares is None or 0 < shares[1] <= shares[0] <= 1)
+        assert (shares is None) == (used == "t-SNE") and (shares is None or 0 <= shares[1] <= shares[0] <= 1)
+        assert shares is None or (shares[1] == 0) == (n == 2)  # 2 entries span one direction: PC2 flat
     with pytest.raises(UserError, match=f"t-SNE needs at least {TSNE_SMALLEST} entries"):
         project_2d(torch.randn(2, 8), "tsne")
+
+
+def test_a_pca_of_two_entries_draws_its_second_component_flat_and_says_so():
+    """A new user's probe (2026-12-08): PC2 of 2 entries, rounding noise at 1e-16, was drawn as if it were spread."""
+    from mlsctl.bank_inspect import flat_components_note, project_2d
+
+    points, used, shares = project_2d(torch.randn(2, 8, generator=torch.Generator().manual_seed(0)), "pca")
+    assert used == "PCA" and shares == (pytest.approx(1.0), 0.0) and points[:, 1].tolist() == [0.0, 0.0]
+    assert flat_components_note(2, shares) == ("principal component 2 has no variance (2 entries span one "
+                                               "direction): every point drawn at 0 on it")
+    points, _, shares = project_2d(torch.ones(3, 8), "pca")
+    assert shares == (0.0, 0.0) and not points.any() and "one vector" in flat_components_note(3, shares)
+    _, _, shares = project_2d(torch.randn(6, 8), "pca")
+    assert shares[1] > 0 and flat_components_note(6, shares) is None
+
+
+def test_bank_plot_of_two_entries_says_its_flat_component(planted_run, tmp_path):
+    run, *_ = planted_run
+    result = in_process("bank", "plot", str(run), "--sample", "2", "--projection", "pca", "--out",
+                        str(tmp_path / "b.png"), "--json", check=True)
+    flat = "principal component 2 has no variance (2 entries span one direction): every point drawn at 0 on it"
+    assert json.loads(result.stdout)["flat_components"] == flat and f"note: {flat}" in result.stderr
+
+
+def test_t_sne_of_a_bank_that_holds_too_few_entries_does_not_advise_drawing_more():
+    """A new user's probe (2026-12-08): "draw more with --sample" to a bank that holds 2 entries."""
+    from mlsctl.bank_inspect import project_2d
+    from mlsctl.errors import UserError
+
+    with pytest.raises(UserError, match="the bank holds only 2 written entries; use --projection pca$"):
+        project_2d(torch.randn(2, 8), "tsne", held=2)
+    with pytest.raises(UserError, match="draw more with --sample"):  # a sample of 2 of a bank of 100
+        project_2d(torch.randn(2, 8), "tsne", held=100)
 
 
 def test_inspect_refuses_a_duplicate_threshold_that_is_no_near_duplicate_cosine(finished_run, capsys):

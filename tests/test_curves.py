@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -279,3 +280,39 @@ def test_a_series_equal_to_an_earlier_run_s_is_dashed_and_says_so(tmp_path, monk
     styles = {line.get_label(): line.get_linestyle() for line in ax.lines}
     assert styles["dino: lr"] == "-" and styles["mls: lr (same as dino)"] == "--"  # matplotlib names any dashes "--"
     assert [line.get_label() for line in axes()["teacher momentum"].lines] == ["dino", "mls"]  # they differ
+
+
+def test_steps_get_integer_ticks_and_the_uniform_entropy_line_is_inside_the_panel(tmp_path, monkeypatch):
+    """A new user's probe (2026-12-08): a run of 4 steps got step ticks at 2.25, 2.5, and the dotted log K line sat
+    on the teacher-entropy panel's top border."""
+    axes = _drawn_axes(monkeypatch)
+    run = fake_run(tmp_path / "r", [{"step": s, "loss": 6.5, "teacher_entropy": 5.8 + s / 40} for s in (2, 4)],
+                   "method: {name: dino, out_dim: 1024}\n")
+    plot_runs([run], tmp_path / "c.png")
+    for ax in axes().values():
+        if ax.get_xlabel() == "step":
+            assert all(float(t).is_integer() for t in ax.get_xticks())
+    bottom, top = axes()["teacher entropy"].get_ylim()
+    assert bottom == 0 and top > 1.05 * math.log(1024)
+
+
+def test_a_non_finite_loss_is_said_not_dropped_silently(tmp_path, monkeypatch):
+    """A new user's probe (2026-12-08): a NaN loss planted in metrics.jsonl was left out of the panel with no note."""
+    axes = _drawn_axes(monkeypatch)
+    path = tmp_path / "r"
+    path.mkdir()
+    (path / "config.yaml").write_text("method: {name: x}\n")
+    (path / "metrics.jsonl").write_text("".join(f'{{"step": {s}, "loss": {"NaN" if s in (3, 5) else 6.0 - s / 10}}}\n'
+                                                for s in range(1, 8)))
+    result = plot_runs([path], tmp_path / "c.png")
+    note = "r: 2 steps with a non-finite loss not drawn: steps 3, 5"
+    assert result["not_finite"] == {"training loss": [note]}
+    assert note in axes()["training loss"].get_legend().get_title().get_text().replace("\n", " ")
+    assert list(axes()["training loss"].lines[0].get_xdata()) == [1, 2, 4, 6, 7]
+
+
+def test_a_run_of_one_step_is_not_said_in_the_plural(tmp_path):
+    run = fake_run(tmp_path / "r", [{"step": 1, "loss": 6.0, "bank_fill/cls": 0.1}],
+                   "method: {name: x}\ntrain: {bank_health_every: 50}\n")
+    empty = plot_runs([run], tmp_path / "c.png")["empty"]["memory-bank health"]
+    assert empty.endswith("r: every 50 steps, a run of 1 step")

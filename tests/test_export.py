@@ -337,3 +337,11 @@ def test_model_shape_is_read_from_the_model():
     assert model_shape(vit, "vit_small_patch16_224") == ("ViT width 24, depth 3, patch 16, 48×64 px "
                                                          "(timm's vit_small_patch16_224 with model_args)")
     assert model_shape(torch.nn.Linear(2, 2), "resnet18") == "resnet18"  # not a ViT: the architecture's name
+
+
+def test_an_export_format_that_is_not_timm_says_timm_is_the_only_one(finished_run, tmp_path, capsys):
+    """A new user's probe (2026-12-08): "--format onnx is not one of timm" read wrong."""
+    run_dir, _ = finished_run
+    code, out, err = cli("export", str(run_dir), "--out", str(tmp_path / "x"), "--format", "onnx", capsys=capsys)
+    assert code != 0 and "--format onnx is not available: the only --format is timm" in err
+    assert "Traceback" not in err

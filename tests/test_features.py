@@ -722,3 +722,38 @@ def test_embed_files_embeds_the_images_a_split_file_lists_and_no_others(tmp_path
     code, _, err = cli("embed", str(images), "--run", str(run_dir), "--files", str(tmp_path / "twice.txt"), "--out",
                        str(tmp_path / "h"), capsys=capsys)
     assert code == 2 and "twice.txt:2 lists img_001.png again (first on line 1)" in err
+
+
+def test_a_shard_whose_row_column_is_not_its_rows_in_order_is_named_as_damaged(tmp_path, capsys):
+    """A new user's probe (2026-12-08): a shard's rows reversed together with its row column (a tampered or buggy
+    writer) made eval knn score 33 % instead of 100 % without a word; the row column was never read."""
+    from safetensors.torch import load_file, save_file
+
+    from conftest import write_feature_folder
+
+    files = [f"{c}/{i}.png" for i, c in enumerate("aabbcc")]
+    x = torch.eye(3)[torch.tensor([0, 0, 1, 1, 2, 2])] + 0.01 * torch.randn(6, 3)
+    folder = write_feature_folder(tmp_path / "f", files, x)
+    assert len(Features(folder)) == 6
+    shard = folder / "shard-00000-of-00001.safetensors"
+    tensors = load_file(str(shard))
+    save_file({k: v.flip(0).contiguous() for k, v in tensors.items()}, str(shard))
+    with pytest.raises(UserError, match=r"^feature folder .* is damaged: shard-00000-of-00001.safetensors's row "
+                                        r"column is not the rows 0 to 5 in order \(position 0 holds row 5\)"):
+        Features(folder)
+    code, _, err = cli("eval", "knn", "--train", str(folder), "--val", str(folder), capsys=capsys)
+    assert code == 2 and "row column is not the rows 0 to 5 in order" in err and "Traceback" not in err, err
+    # a second shard numbered from 0, as if it were the first
+    manifest = json.loads((folder / "manifest.json").read_text())
+    for i, part in enumerate((slice(0, 4), slice(4, 6))):
+        save_file({"global": x[part].half().contiguous(), "row": torch.arange(part.stop - part.start)},
+                  str(folder / f"shard-0000{i}-of-00002.safetensors"))
+    shard.unlink()
+    manifest["shards"] = [{"file": "shard-00000-of-00002.safetensors", "rows": 4},
+                          {"file": "shard-00001-of-00002.safetensors", "rows": 2}]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match=r"shard-00001-of-00002.safetensors's row column is not the rows 4 to 5"):
+        Features(folder)
+    save_file({"global": x[4:].half().contiguous(), "row": torch.arange(4, 6)},
+              str(folder / "shard-00001-of-00002.safetensors"))
+    assert len(Features(folder)) == 6

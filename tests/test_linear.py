@@ -153,3 +153,37 @@ def test_the_library_refuses_a_sweep_torch_cannot_train_as_the_cli_does():
     for lrs, wds, said in (([-1.0], [0.0], "--lr -1.0"), ([float("nan")], [0.0], "--lr nan"), ([0.1], [-1e-4], "--wd")):
         with pytest.raises(UserError, match=said):
             evaluate_linear(None, None, lrs=lrs, wds=wds)  # refused before the features are read
+
+
+def test_a_tied_sweep_names_the_side_with_too_few_images():
+    """A new user's probe (2026-12-08): --holdout 0.9 of 18 training images trained each setting on 2, every setting
+    tied, and the advice was "raise --holdout", at its maximum."""
+    from mlsctl.evaluate.linear import tied_sweep_note
+
+    def result(train, held, holdout, scores=(0.25, 0.25)):
+        return {"train_images": train, "protocol": {"holdout": holdout, "holdout_images": held},
+                "sweep": [{"lr": 0.1 * i, "weight_decay": 0.0, "top1": s} for i, s in enumerate(scores, 1)]}
+
+    assert tied_sweep_note(result(18, 16, 0.9)) == (
+        "note: every setting scored the same on the 16 held-out images, so the first was chosen; each was trained "
+        "on only 2 images (--holdout 0.9 of 18): lower --holdout or give more training images to tell them apart")
+    assert tied_sweep_note(result(100, 1, 0.01)).endswith("the first was chosen; raise --holdout to tell them apart")
+    assert tied_sweep_note(result(18, 16, 0.9, (0.25, 0.5))) is None
+
+
+def test_a_diverged_probe_is_flagged_and_said_naming_lr(tmp_path, capsys):
+    """A new user's probe (2026-12-08): eval linear-seg --lr 1e30 diverged without a word; eval linear likewise."""
+    g = torch.Generator().manual_seed(0)
+    folders = {}
+    for split, n in (("train", 60), ("val", 30)):  # labels unrelated to the features: nothing to separate
+        files = [f"{'abc'[i % 3]}/{i:03d}.png" for i in range(n)]
+        folders[split] = write_feature_folder(tmp_path / f"feats-{split}", files, torch.randn(n, 8, generator=g),
+                                              input_root=tmp_path / split / "images")
+    args = ["eval", "linear", "--train", str(folders["train"]), "--val", str(folders["val"]), "--wd", "0",
+            "--holdout", "0", "--epochs", "5"]
+    out, _ = cli_ok(capsys, *args, "--lr", "1e30", "--out", str(tmp_path / "r.json"))
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["diverged"] is True and 0 < result["train_loss"]["initial"] < 5, result["train_loss"]
+    assert "note: the probe diverged (training loss" in out and "give a smaller --lr than 1e+30" in out, out
+    out, _ = cli_ok(capsys, *args, "--lr", "0.01", "--out", str(tmp_path / "ok.json"))
+    assert json.loads((tmp_path / "ok.json").read_text())["diverged"] is False and "the probe diverged" not in out

@@ -197,3 +197,16 @@ def test_val_masks_with_no_labelled_pixel_are_one_sentence(tmp_path, capsys):
         code, _, err = cli("eval", *command, "--train", str(train), "--train-masks", str(tmp_path / "train" / "masks"),
                            "--val", str(val), "--val-masks", str(tmp_path / "val" / "masks"), capsys=capsys)
         assert code == 2 and "no pixel of the val masks" in err and "nothing to score" in err, (command, err)
+
+
+def test_a_diverged_probe_is_flagged_and_said_naming_lr(tmp_path, capsys):
+    """A new user's probe (2026-12-08): --lr 1e30 reported a train loss of 9.4e29 and an mIoU with no warning."""
+    train, val = _split(tmp_path, "train", 16, 0, informative=False), _split(tmp_path, "val", 4, 1)
+    args = ["eval", "linear-seg", "--train", str(train), "--train-masks", str(tmp_path / "train" / "masks"),
+            "--val", str(val), "--val-masks", str(tmp_path / "val" / "masks"), "--epochs", "2"]
+    out, _ = cli_ok(capsys, *args, "--lr", "1e30", "--out", str(tmp_path / "r.json"))
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["diverged"] is True and 0 < result["train_loss_initial"] < 5
+    assert "note: the probe diverged (training loss" in out and "give a smaller --lr than 1e+30" in out, out
+    out, _ = cli_ok(capsys, *args, "--lr", "0.01", "--out", str(tmp_path / "ok.json"))
+    assert json.loads((tmp_path / "ok.json").read_text())["diverged"] is False and "the probe diverged" not in out

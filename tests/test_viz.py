@@ -191,3 +191,20 @@ def test_a_legend_names_the_classes_beyond_those_drawn_in_the_right_number():
     assert [g["name"] for g in legend_groups(eleven) if g["kind"] == "other"] == ["1 other label"]
     twelve = torch.arange(12).repeat_interleave(torch.arange(21, 9, -1))
     assert [g["name"] for g in legend_groups(twelve, other_name="images") if g["kind"] == "other"] == ["2 other images"]
+
+
+def test_a_bank_scatter_of_one_age_invents_no_colour_range_and_holds_a_flat_axis(tmp_path, monkeypatch):
+    """A new user's probe (2026-12-08): two entries of one age got a colour bar from 0.9 to 1.1, and their PCA's
+    second component, rounding noise at 1e-16, filled the panel's height."""
+    import mlsctl.viz as viz
+
+    figures = []
+    real = viz.save_figure
+    monkeypatch.setattr(viz, "save_figure", lambda figure, *a, **k: (figures.append(figure), real(figure, *a, **k)))
+    points = torch.tensor([[-0.6, 0.0], [0.6, 0.0]])
+    viz.scatter_plot(points, torch.tensor([1, 1]), tmp_path / "s.png", title="t", colour_by="age",
+                     note="principal component 2 has no variance")
+    (ax,) = figures[-1].axes  # no colour bar beside it
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["every entry: age 1 step"]
+    assert ax.get_ylim() == pytest.approx((-1.0, 1.0))
+    assert any("principal component 2 has no variance" in t.get_text() for t in ax.texts)

@@ -52,7 +52,8 @@ class WorkflowGroup(TyperGroup):
 def one_of(option: str, kind: Any, problem: Optional[str] = None) -> Callable[[str], str]:
     """The parser of ``option`` whose values are those of the ``Literal`` ``kind``. ``problem``
     words the refusal (``{option}``, ``{value}``, ``{choices}`` filled in) [default: "OPTION VALUE
-    is not one of A, B"]; a close value is suggested."""
+    is not one of A, B", or "OPTION VALUE is not available: the only OPTION is A" where there is one]; a close
+    value is suggested."""
     choices = tuple(get_args(kind))
     if not choices or not all(isinstance(c, str) for c in choices):
         raise TypeError(f"one_of({option!r}) needs a Literal of strings, got {kind!r}")  # a bug in a command
@@ -63,7 +64,10 @@ def one_of(option: str, kind: Any, problem: Optional[str] = None) -> Callable[[s
         if value in choices:
             return value
         text = str(value)
-        message = (problem or "{option} {value} is not one of {choices}").format(
+        # one choice: "--format onnx is not one of timm" read wrong (a probe, 2026-12-08)
+        default = "{option} {value} is not available: the only {option} is {choices}" if len(choices) == 1 else \
+            "{option} {value} is not one of {choices}"
+        message = (problem or default).format(
             option=option, value=text if text else "''", choices=", ".join(choices))
         close = difflib.get_close_matches(text, choices, n=1, cutoff=0.6)
         raise UserError(message + (f"; did you mean {close[0]}?" if close else ""))

@@ -146,7 +146,7 @@ def neighbors(
     from dataclasses import asdict
 
     from mlsctl.bank_inspect import (SourceImages, choose_bank, embed_query, nearest_entries, neighbour_tiles,
-                                     open_banks)
+                                     open_banks, query_resolution, query_size_line)
     from mlsctl.data.images import BadImage, load_rgb
     from mlsctl.errors import UserError
     from mlsctl.outputs import check_outside_images, same_file
@@ -167,8 +167,9 @@ def neighbors(
                         f"start); choose a later checkpoint with --step")
     recipe = recipe_of(run_)
     model = from_checkpoint(recipe, checkpoint, run_)
-    say(f"query embedded with the {model.description}")
-    vector = embed_query(model, chosen, [image], recipe.data.global_crops.size)[0]
+    resolution = query_resolution(recipe, model.backbone.patch_size)
+    say(query_size_line(model, resolution))
+    vector = embed_query(model, chosen, [image], resolution)[0]
     sources = SourceImages(run_)
     if sources.note:
         say(sources.note)
@@ -185,12 +186,25 @@ def neighbors(
              "yes" if tile is not None else "missing"] for i, (n, (tile, _)) in enumerate(zip(found, tiles))]
     if as_json:
         print(json.dumps({"run": str(run_.root), "step": checkpoint.step, "bank": name, "query": str(query),
+                          "query_resolution": resolution,  # the global crop size: the bank's entries' (docs/banks.md)
                           "out": str(out), "missing": missing,
                           "neighbours": [dict(asdict(n), written_in_step=n.step + 1, drawn=tile is not None)
                                          for n, (tile, _) in zip(found, tiles)]}, indent=2))
     else:
         print(table(["#", "cosine", "written in step", "image_id", f"image (in {sources.root})", "drawn"], rows))
     say(f"wrote {out}" + (f" ({missing} source image{'s' if missing != 1 else ''} missing, drawn blank)" if missing else ""))
+
+
+def _say_plot_notes(colours, flat: Optional[str], drawn: int, color_by: str) -> None:
+    """What ``bank plot`` says beside its picture: what the colours are not, a principal component without variance,
+    the entries the colours leave grey."""
+    if colours.note:
+        say(colours.note)
+    if flat:
+        say(f"note: {flat}")
+    if colours.missing:
+        said = colours.missing_said or f"have a source image that {color_by} does not label"
+        say(f"{colours.missing} of {drawn} entries {said}; drawn grey")
 
 
 @app.command("plot")
@@ -213,7 +227,8 @@ def plot(
     Example: mlsctl bank plot runs/dino_fmnist_quick --out bank.png --color-by source
     """
     from mlsctl.bank_health import sample_rows
-    from mlsctl.bank_inspect import SourceImages, choose_bank, entry_colours, open_banks, project_2d
+    from mlsctl.bank_inspect import (SourceImages, choose_bank, entry_colours, flat_components_note, open_banks,
+                                     project_2d)
     from mlsctl.errors import UserError
     from mlsctl.outputs import check_outside_images
     from mlsctl.restore import training_images
@@ -231,24 +246,22 @@ def plot(
     colours = entry_colours(chosen, name, rows, color_by, checkpoint.step, sources)
     if sources is not None and sources.note:
         say(sources.note)
-    points, used, shares = project_2d(chosen.vectors.cpu()[rows].float(), projection)
+    points, used, shares = project_2d(chosen.vectors.cpu()[rows].float(), projection, held=len(order))
+    flat = flat_components_note(len(rows), shares)
     left_out = chosen.filled - len(order)
     title = (f"{run_.root.name} · bank '{name}' · step {checkpoint.step} · {used} of {len(rows)} written entries"
              f"{f' ({left_out} random-start entries left out)' if left_out else ''} · colour: {colours.caption}")
     axes = (("t-SNE 1", "t-SNE 2") if shares is None else  # PCA's shares of the variance, as viz pca says them
             tuple(f"principal component {i + 1} ({100 * share:.0f}% of the variance)" for i, share in enumerate(shares)))
     legend = scatter_plot(points, colours.values, out, title=title, colour_by=colours.mode, axis_names=axes,
-                 label_names=colours.names, unlabelled=colours.unlabelled, other_name=colours.other_name)
-    if colours.note:
-        say(colours.note)
-    if colours.missing:
-        said = colours.missing_said or f"have a source image that {color_by} does not label"
-        say(f"{colours.missing} of {len(rows)} entries {said}; drawn grey")
+                 label_names=colours.names, unlabelled=colours.unlabelled, other_name=colours.other_name, note=flat)
+    _say_plot_notes(colours, flat, len(rows), color_by)
     if as_json:  # the numbers the title and the closing line say
         print(json.dumps({"run": str(run_.root), "step": checkpoint.step, "bank": name, "out": str(out),
                           "projection": used, "colour": colours.caption, "drawn": len(rows), "written": len(order),
                           "random_start_left_out": left_out, "not_labelled": colours.missing, "note": colours.note,
                           "variance_shares": None if shares is None else [float(x) for x in shares],
+                          "flat_components": flat,  # a principal component without variance, drawn at 0
                           "legend": legend}, indent=2))
         return
     say(f"wrote {out} ({used} of {len(rows)} of {len(order)} written entries)")

@@ -349,11 +349,8 @@ def linear(
                          [[r["lr"], r["weight_decay"], pct(r[key], 2),
                            "yes" if (r["lr"], r["weight_decay"]) == (best["lr"], best["weight_decay"]) else ""]
                           for r in result["sweep"]]))
-        held = result["protocol"]["holdout_images"]
-        if len({r[key] for r in result["sweep"]}) == 1:  # a new user's probe: --holdout 0.01 held out 1 image
-            typer.echo(f"note: every setting scored the same on the {held} held-out image{'s' if held != 1 else ''}, "
-                       f"so the first was chosen; raise --holdout to tell them apart")
-        typer.echo("")
+        tied = lib.tied_sweep_note(result)  # a new user's probe: --holdout 0.01 held out 1 image
+        typer.echo(f"{tied}\n" if tied else "")
     scores = result["results"]
     if multi_label:
         typer.echo(table(["class", "AP %"], [[c, pct(a, 2)] for c, a in scores["ap_per_class"].items()]))
@@ -364,7 +361,7 @@ def linear(
                    nl=False)
     typer.echo(f" on {result['val_images']} val images ({result['train_images']} train, {result['classes']} classes, "
                f"lr {result['chosen']['lr']:g}, wd {result['chosen']['weight_decay']:g}); results written to {out}")
-    typer.echo(lib.chance_line(result))
+    typer.echo(lib.chance_line(result) + (f"\n{lib.result_diverged_note(result)}" if result["diverged"] else ""))
     if result["val_classes_unseen_in_train"]:
         unseen = result["val_classes_unseen_in_train"]
         typer.echo(_unseen_note(unseen, hint=result.get("val_classes_unseen_hint", "")))
@@ -432,12 +429,12 @@ def linear_seg(
     foreground = f", foreground IoU {pct(result['foreground_iou'])}%" if "foreground_iou" in result else ""
     typer.echo(f"\nmIoU {pct(result['miou'])}%{foreground}, pixel accuracy "
                f"{pct(result['pixel_accuracy'])}% on {len(val_features)} val images ({counted(epochs, 'epoch')}, lr {lr:g}, "
-               f"train loss {result['train_loss_per_epoch'][0]:.3f} -> {result['train_loss_per_epoch'][-1]:.3f}, "
+               f"train loss {result['train_loss_per_epoch'][0]:.4g} -> {result['train_loss_per_epoch'][-1]:.4g}, "
                f"{result['seconds']['total']:.1f}s); results written to {out}")
     typer.echo(f"chance: {constant_rule_text(result['chance'])} (the training patches' most frequent class)")
-    one_class = lib.one_class_note(result)
-    if one_class:
-        typer.echo(one_class)
+    for note in (lib.one_class_note(result), lib.result_diverged_note(result)):
+        if note:
+            typer.echo(note)
     _say_shared(inputs.record, len(val_features))
 
 

@@ -167,6 +167,25 @@ def _manifest_problem(m: dict) -> Optional[str]:
     return None
 
 
+def _row_column_problem(row: torch.Tensor, start: int) -> Optional[str]:
+    """What is wrong with a shard's ``row`` column, which :func:`write_shard` writes as its rows' numbers in the folder
+    (``start``, ``start + 1``, ...), or None. A writer that put a shard's rows out of order (the global features and
+    their row numbers reversed together: a probe, 2026-12-08, where eval knn scored 33 % instead of 100 % without a
+    word) is caught here, as each shard is opened: one vectorised comparison, 2 to 5 ms per million rows (measured on this
+    project's 2-core CPU, 2026-12-08)."""
+    if row.dtype.is_floating_point or row.dtype == torch.bool:
+        return f"holds {str(row.dtype).replace('torch.', '')} values, not row numbers"
+    if not len(row):
+        return None
+    # numpy, not torch: a shard may be opened under a default device of "meta" (a refine run rebuilt on meta)
+    wrong = np.flatnonzero(row.cpu().numpy().astype(np.int64, copy=False) != np.arange(start, start + len(row)))
+    if not len(wrong):
+        return None
+    first = int(wrong[0])
+    return (f"is not the rows {start} to {start + len(row) - 1} in order (position {first} holds row "
+            f"{int(row[first])})")
+
+
 class Features:
     """A complete feature folder, read shard by shard (memory-mapped through safetensors)."""
 
@@ -243,6 +262,7 @@ class Features:
             shard.identity = _identity(shard.path)
             with safe_open(str(shard.path), "pt") as f:
                 shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+                row = f.get_tensor("row") if shapes.get("row") == [shard.rows] else None
         except Exception as exc:
             raise UserError(f"{shard.path} is damaged ({first_line(exc, 120)}); embed the folder again "
                             f"with --overwrite") from None
@@ -252,6 +272,11 @@ class Features:
         if shapes != expected:
             raise UserError(f"{shard.path} holds {shapes}, manifest.json expects {expected}; embed the folder again "
                             f"with --overwrite")
+        problem = _row_column_problem(row, shard.start)
+        if problem:
+            raise UserError(f"{self.what} {self.path} is damaged: {shard.path.name}'s row column {problem}, so its "
+                            f"features may not be those of the files manifest.json lists; embed it again with "
+                            f"--overwrite")
 
     def check_same_model(self, other: "Features") -> None:
         """Refuse to compare features of two different models (or widths), or of images prepared

@@ -106,12 +106,14 @@ class ProbeSettings:
 
 
 def train_linear(x: torch.Tensor, y: torch.Tensor, settings: ProbeSettings, multi_label: bool, seed: int = 0,
-                 device: Optional[torch.device] = None) -> tuple[torch.nn.Linear, torch.Tensor, torch.Tensor]:
+                 device: Optional[torch.device] = None, losses: Optional[list] = None
+                 ) -> tuple[torch.nn.Linear, torch.Tensor, torch.Tensor]:
     """A linear layer on standardised ``x`` [N, D]; ``y`` class indices [N] or 0/1 targets [N, C].
     Returns the layer (on the CPU) and the standardisation (mean, std) to apply to new rows. It
     trains on ``device`` (the CPU by default) in full fp32 (no TF32); the initialisation and the
     batch order are drawn on the CPU, so a GPU trains the same probe up to the order of its float
-    sums, which 100 epochs of SGD may amplify."""
+    sums, which 100 epochs of SGD may amplify. ``losses``: a list the training loss is appended to, at the start
+    (the first batch's, before any step) and at the end (the mean of the last epoch's batches)."""
     generator = torch.Generator().manual_seed(seed)
     mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
     device = device or torch.device("cpu")
@@ -123,18 +125,24 @@ def train_linear(x: torch.Tensor, y: torch.Tensor, settings: ProbeSettings, mult
         layer.bias.zero_()
     layer.to(device)
     with full_float32(torch.device(device).type):  # whatever the process set for training
-        _sgd(layer, z, y, settings, multi_label, generator, device)
+        first, last = _sgd(layer, z, y, settings, multi_label, generator, device)
+    if losses is not None:
+        losses.extend([float(first), float(last)])  # one host sync, after training
     return layer.cpu(), mean, std
 
 
 def _sgd(layer: torch.nn.Linear, z: torch.Tensor, y: torch.Tensor, settings: ProbeSettings, multi_label: bool,
-         generator: torch.Generator, device: torch.device) -> None:
+         generator: torch.Generator, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train ``layer`` → the first batch's loss (before any step) and the mean loss of the last epoch, as tensors on
+    ``device`` (no host sync while training)."""
+    first, last, batches = None, None, 0
     optimizer = torch.optim.SGD(layer.parameters(), lr=settings.lr, momentum=0.9, weight_decay=settings.weight_decay)
     steps_per_epoch = max(1, math.ceil(len(z) / settings.batch_size))
     total = settings.epochs * steps_per_epoch
     step = 0
     for _ in range(settings.epochs):
         order = torch.randperm(len(z), generator=generator)
+        last, batches = torch.zeros((), device=device), 0
         for start in range(0, len(z), settings.batch_size):
             rows = order[start:start + settings.batch_size].to(device)
             for group in optimizer.param_groups:
@@ -146,6 +154,48 @@ def _sgd(layer: torch.nn.Linear, z: torch.Tensor, y: torch.Tensor, settings: Pro
             loss.backward()
             optimizer.step()
             step += 1
+            first = loss.detach() if first is None else first
+            last, batches = last + loss.detach(), batches + 1
+    nothing = torch.full((), float("nan"))
+    return (nothing, nothing) if first is None else (first, last / max(batches, 1))
+
+
+DIVERGED_FACTOR = 1.5  # a final training loss above this many times the initial one: the probe diverged
+
+
+def diverged(initial: float, final: float) -> bool:
+    """Whether a probe's training diverged: its final loss non-finite, or above :data:`DIVERGED_FACTOR` times its
+    initial loss (the first batch's, before any step; batch noise keeps a probe that learns nothing near it)."""
+    return not math.isfinite(final) or (math.isfinite(initial) and final > DIVERGED_FACTOR * initial)
+
+
+def finite_or_none(value: float) -> Optional[float]:
+    """A loss as results JSON holds it: None where it is NaN or infinite (no JSON number)."""
+    return value if math.isfinite(value) else None
+
+
+def training_loss_record(initial: float, final: float) -> dict:
+    """What eval linear's results say of the chosen probe's training: its ``train_loss`` (``initial``, ``final``) and
+    whether it ``diverged``."""
+    return {"train_loss": {"initial": finite_or_none(initial), "final": finite_or_none(final)},
+            "diverged": diverged(initial, final)}
+
+
+def result_diverged_note(result: dict) -> str:
+    """The note on an eval linear or linear-seg result whose probe diverged, or ""."""
+    if not result.get("diverged"):
+        return ""
+    if "train_loss" in result:  # eval linear
+        return diverged_note(result["train_loss"]["initial"], result["train_loss"]["final"], result["chosen"]["lr"])
+    return diverged_note(result["train_loss_initial"], result["train_loss_per_epoch"][-1], result["settings"]["lr"])
+
+
+def diverged_note(initial: Optional[float], final: Optional[float], lr: float) -> str:
+    """The note on a diverged probe (a new user's probe, 2026-12-08: eval linear-seg --lr 1e30 reported a train loss
+    of 9.4e29 and an mIoU as any other); a loss of None is a non-finite one."""
+    shown = lambda v: "non-finite" if v is None or not math.isfinite(v) else f"{v:.3g}"  # noqa: E731
+    return (f"note: the probe diverged (training loss {shown(initial)} at the start, {shown(final)} at the end): its "
+            f"scores say nothing of the features; give a smaller --lr than {lr:g}")
 
 
 def predict(layer: torch.nn.Linear, mean: torch.Tensor, std: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -240,8 +290,10 @@ def evaluate_linear(train_features, val_features, *, labels: Optional[Path] = No
         chosen, rows = sweep(x_train, y_train, multi_label, lrs, wds, epochs, batch_size, holdout, seed, device)
     else:
         chosen, rows = ProbeSettings(lrs[0], wds[0], epochs, batch_size), []
-    layer, mean, std = train_linear(x_train, y_train, chosen, multi_label, seed, device)
+    losses: list[float] = []
+    layer, mean, std = train_linear(x_train, y_train, chosen, multi_label, seed, device, losses)
     result = score(predict(layer, mean, std, x_val), y_val, multi_label)
+    trained = training_loss_record(*losses)
     if multi_label:
         result["ap_per_class"] = dict(zip(classes, result["ap_per_class"]))
         chance = {"rule": "a random ranking of the val images for each class",
@@ -257,7 +309,32 @@ def evaluate_linear(train_features, val_features, *, labels: Optional[Path] = No
                          "holdout": holdout, "holdout_images": max(1, int(round(holdout * len(x_train)))) if rows else 0,
                          "seed": seed, "device": str(device or torch.device("cpu"))},
             "sweep": rows, "chosen": {"lr": chosen.lr, "weight_decay": chosen.weight_decay}, "chance": chance,
-            "results": result}
+            "results": result, **trained}  # the chosen probe's training loss, and whether it diverged
+
+
+def tied_sweep_note(result: dict) -> Optional[str]:
+    """Why every (lr, wd) of the sweep scored the same, and what can help, or None where they differ. The side with
+    fewer images is blamed: the held-out images (raise --holdout, up to its 0.9), or the images each setting trained
+    on (a new user's probe, 2026-12-08: --holdout 0.9 of 18 images trained on 2, and "raise --holdout" was the
+    advice, at its maximum)."""
+    key = "mAP" if result.get("multi_label") else "top1"
+    if not result.get("sweep") or len({r[key] for r in result["sweep"]}) != 1:
+        return None
+    held = result["protocol"]["holdout_images"]
+    holdout = result["protocol"]["holdout"]
+    kept = result["train_images"] - held
+    images = lambda n: f"{n} image{'s' if n != 1 else ''}"  # noqa: E731
+    start = f"note: every setting scored the same on the {held} held-out image{'s' if held != 1 else ''}, so the " \
+            f"first was chosen"
+    if kept <= held:
+        return (f"{start}; each was trained on only {images(kept)} (--holdout {holdout:g} of "
+                f"{result['train_images']}): lower --holdout or give more training images to tell them apart")
+    if holdout < HOLDOUT_MAX:
+        return f"{start}; raise --holdout to tell them apart"
+    return f"{start}; give more training images to tell them apart"
+
+
+HOLDOUT_MAX = 0.9  # eval linear's --holdout at most
 
 
 def chance_line(result: dict) -> str:

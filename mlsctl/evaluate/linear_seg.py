@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from mlsctl.errors import UserError
+from mlsctl.evaluate.linear import diverged, finite_or_none, result_diverged_note  # noqa: F401 (the CLI's note)
 from mlsctl.evaluate.knn_seg import FeatureMasks, no_labelled_pixels, patch_soft_labels, segmentation_classes
 from mlsctl.evaluate.segmentation import (CONSTANT_RULE, confusion_update, constant_rule, foreground_scores,
                                           iou_per_class, mean_iou, pixel_accuracy)
@@ -82,10 +83,11 @@ class SoftLabelCache:
 
 def train_linear_seg(train: FeatureMasks, num_classes: int, *, epochs: int = 10, lr: float = 0.1,
                      weight_decay: float = 0.0, image_batch: int = 32, ignore_index: int = 255, seed: int = 0,
-                     progress=None, labels: Optional[SoftLabelCache] = None
+                     progress=None, labels: Optional[SoftLabelCache] = None, start: Optional[list] = None
                      ) -> tuple[torch.nn.Linear, torch.Tensor, torch.Tensor, list[float]]:
     """The linear layer, the standardisation (mean, std) and the mean loss of every epoch. ``labels``: the
-    cache of the training patches' soft labels to fill (a new one by default), for the caller to read after."""
+    cache of the training patches' soft labels to fill (a new one by default), for the caller to read after;
+    ``start``: a list the first batch's loss, before any step, is appended to."""
     generator = torch.Generator().manual_seed(seed)
     mean, std = _patch_stats(train, image_batch)
     layer = torch.nn.Linear(len(mean), num_classes)
@@ -121,6 +123,8 @@ def train_linear_seg(train: FeatureMasks, num_classes: int, *, epochs: int = 10,
             for group in optimizer.param_groups:
                 group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
             loss = -(y * F.log_softmax(layer(x), dim=1)).sum(1).mean()
+            if start is not None and step == 0:
+                start.append(float(loss.detach()))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -148,10 +152,10 @@ def evaluate_linear_seg(train: FeatureMasks, val: FeatureMasks, *, epochs: int =
     num_classes = segmentation_classes(train, val, names, ignore_index)
     bar = progress_bar(epochs * len(train) + len(val), "linear-seg", "images (training epochs, then val)", progress)
     started = time.perf_counter()
-    labels = SoftLabelCache(num_classes, ignore_index)
+    labels, start = SoftLabelCache(num_classes, ignore_index), []
     layer, mean, std, losses = train_linear_seg(train, num_classes, epochs=epochs, lr=lr, weight_decay=weight_decay,
                                                 image_batch=image_batch, ignore_index=ignore_index, seed=seed,
-                                                progress=bar.update, labels=labels)
+                                                progress=bar.update, labels=labels, start=start)
     trained = time.perf_counter()
     confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
     with torch.no_grad():
@@ -178,6 +182,9 @@ def evaluate_linear_seg(train: FeatureMasks, val: FeatureMasks, *, epochs: int =
             "predicted_classes": [classes[c] for c in np.flatnonzero(confusion.sum(0))],
             "chance": chance,
             "train_loss_per_epoch": losses,
+            # the first batch's loss, before any step, and whether the final epoch's is non-finite or far above it
+            "train_loss_initial": finite_or_none(start[0]) if start else None,
+            "diverged": bool(start) and diverged(start[0], losses[-1]),
             "settings": {"epochs": epochs, "lr": lr, "weight_decay": weight_decay, "image_batch": image_batch,
                          "ignore_index": ignore_index, "seed": seed,
                          "protocol": "1x1 linear layer on standardised frozen patch features, trained on per-patch "
