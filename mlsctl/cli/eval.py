@@ -402,6 +402,7 @@ def linear_seg(
     from mlsctl.evaluate import knn_seg as knn_lib
     from mlsctl.evaluate import linear_seg as lib
     from mlsctl.evaluate.inputs import segmentation_inputs, split_records
+    from mlsctl.evaluate.linear import result_diverged_note
     from mlsctl.evaluate.segmentation import constant_rule_text
     from mlsctl.restore import model_on_demand
 
@@ -432,7 +433,7 @@ def linear_seg(
                f"train loss {result['train_loss_per_epoch'][0]:.4g} -> {result['train_loss_per_epoch'][-1]:.4g}, "
                f"{result['seconds']['total']:.1f}s); results written to {out}")
     typer.echo(f"chance: {constant_rule_text(result['chance'])} (the training patches' most frequent class)")
-    for note in (lib.one_class_note(result), lib.result_diverged_note(result)):
+    for note in (lib.one_class_note(result), result_diverged_note(result)):
         if note:
             typer.echo(note)
     _say_shared(inputs.record, len(val_features))

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from mlsctl.errors import UserError
-from mlsctl.evaluate.linear import diverged, finite_or_none, result_diverged_note  # noqa: F401 (the CLI's note)
+from mlsctl.evaluate.linear import diverged, finite_or_none
 from mlsctl.evaluate.knn_seg import FeatureMasks, no_labelled_pixels, patch_soft_labels, segmentation_classes
 from mlsctl.evaluate.segmentation import (CONSTANT_RULE, confusion_update, constant_rule, foreground_scores,
                                           iou_per_class, mean_iou, pixel_accuracy)
