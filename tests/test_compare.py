@@ -161,3 +161,24 @@ def test_review_edges_dates_in_other_zones_partial_seeds_reasons_and_bad_scores(
     _, err = cli_ok(capsys, "compare", str(a), str(b), "--results", str(results))
     assert "left out, not known to be a run's weights: " in err and "older mlsctl" in err
 
+
+
+def test_a_fifo_or_a_device_among_the_results_is_skipped_not_read(two_runs, tmp_path, capsys, monkeypatch):
+    """A FIFO reports size 0 and hung the scan; a link to /dev/zero was read until memory ran out (a probe)."""
+    import os
+
+    from mlsctl import report
+
+    a, _ = two_runs
+    teacher_a, _ = _fingerprints(a)
+    results = tmp_path / "results"
+    _knn(results / "a.json", {"source": "run", "path": str(a / "teacher.safetensors"), "fingerprint": teacher_a}, 0.31)
+    os.mkfifo(results / "fifo.json")
+    (results / "zero.json").symlink_to("/dev/zero")
+    monkeypatch.setattr(report, "RESULT_READ_LIMIT", 1000)  # were /dev/zero read, a bounded read
+    found, skipped = report.read_results([results])
+    assert [p.name for p, _ in found] == ["a.json"]
+    assert f"skipped {results / 'fifo.json'}: not a regular file" in skipped
+    assert f"skipped {results / 'zero.json'}: not a regular file" in skipped
+    out, err = cli_ok(capsys, "compare", str(a), "--results", str(results))
+    assert "fifo.json: not a regular file" in err and "zero.json: not a regular file" in err and "31.0" in out
