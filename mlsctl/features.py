@@ -1002,3 +1002,11 @@ def _say_embedded(summary: EmbedSummary, source: str, out: Path, what: str, say:
     else:
         rate = f"{summary.images_per_s:.0f} images/s" if summary.images_per_s else "from parts embedded before"
         say(f"{what}: embedded {summary.rows} images of {source} into {out} ({rate})")
+    from mlsctl.data.images import NOT_AN_IMAGE
+
+    unreadable = [path for path, reason in summary.skipped if not str(reason).startswith(NOT_AN_IMAGE)]
+    if unreadable:  # scored without them: said, not silently (a new user's probe, 2026-12-08)
+        named = ", ".join(unreadable[:3]) + (f" and {len(unreadable) - 3} more" if len(unreadable) > 3 else "")
+        say(f"note: {what}: {len(unreadable)} image file{'s' if len(unreadable) != 1 else ''} of {source} could not "
+            f"be read and {'are' if len(unreadable) != 1 else 'is'} not scored ({named}; the reasons are in "
+            f"{out / MANIFEST})")

@@ -919,3 +919,29 @@ def test_the_note_on_shared_val_images_counts_files_and_copies_apart():
                                                                      "val_images_in_train_as_copies": 1}, 10)
     assert "1 of the 10 val images are training images too (the same file)" in shared_images_note(
         {"val_images_in_train": 1}, 10)
+
+
+def test_evaluations_name_the_images_they_could_not_read_and_record_them(tmp_path: Path, finished_run, capsys):
+    """A new user's probe (2026-12-08): eval knn with a truncated and a 0-byte PNG among the val images said
+    "embedded 8 images" and scored 8 of 10, naming neither file, and its result said nothing of them."""
+    run_dir, _ = finished_run
+    for split, seed in (("train", 0), ("val", 50)):
+        for c in ("a", "b"):
+            make_images(tmp_path / split / c, 3, size=(32, 32), seed=seed + ord(c))
+    (tmp_path / "val" / "a" / "empty.png").write_bytes(b"")
+    whole = (tmp_path / "val" / "a" / "img_001.png").read_bytes()
+    (tmp_path / "val" / "b" / "cut.png").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "val" / "b" / "readme.txt").write_text("not an image, not counted")
+    for command, extra in (("knn", ["--k", "3"]), ("linear", ["--epochs", "1", "--lr", "0.1", "--wd", "0"])):
+        for time in range(2):  # embedded, then read from the evaluations' cache: said both times
+            code, out, err = cli("eval", command, "--train", str(tmp_path / "train"), "--val", str(tmp_path / "val"),
+                                 "--run", str(run_dir), *extra, "--json", "--out",
+                                 str(tmp_path / f"{command}{time}.json"), cwd=tmp_path, capsys=capsys)
+            assert code == 0, err
+            assert "val features: 2 image files of" in err and "could not be read and are not scored" in err, err
+            note = next(line for line in err.splitlines() if "could not be read" in line)
+            assert "a/empty.png" in note and "b/cut.png" in note and "readme.txt" not in note
+            dataset = json.loads(out)["dataset"]
+            assert dataset["val_images_skipped"] == 2 and dataset["train_images_skipped"] == 0
+            assert sorted(dataset["val_images_skipped_files"]) == ["a/empty.png", "b/cut.png"]
+            assert "train_images_skipped_files" not in dataset and dataset["val_images_in_train"] == 0

@@ -211,8 +211,32 @@ def record_shared_images(train_features, val_features, record: dict, copies: boo
             record["val_images_compared"] = f"by path only ({exc.needed / 2**30:.1f} GiB of images of equal sizes)"
     if copied:
         record["val_images_in_train_as_copies"] = copied
-    if shared + copied:
-        record["val_images_in_train"] = shared + copied
+    record["val_images_in_train"] = shared + copied  # 0 too: documented as always recorded (a new user's probe)
+    record_skipped_images(train_features, val_features, record)
+
+
+#: The most skipped files a result JSON names per split (their count is always recorded)
+SKIPPED_NAMED = 20
+
+
+def unreadable_images(features) -> list[list[str]]:
+    """The ``[path, reason]`` of each image file ``features`` could not embed (not the other files of the folder)."""
+    from mlsctl.data.images import NOT_AN_IMAGE
+
+    skipped = features.manifest.get("skipped") if isinstance(features.manifest, dict) else None
+    return [list(item) for item in skipped or [] if isinstance(item, (list, tuple)) and len(item) == 2
+            and not str(item[1]).startswith(NOT_AN_IMAGE)]
+
+
+def record_skipped_images(train_features, val_features, record: dict) -> None:
+    """Record in the dataset record how many image files of each split were not scored, being unreadable
+    (``train_images_skipped``, ``val_images_skipped``), and the first :data:`SKIPPED_NAMED` of them
+    (``..._skipped_files``): an evaluation scored 8 of 10 val images without a word (a new user's probe)."""
+    for split, features in (("train", train_features), ("val", val_features)):
+        skipped = unreadable_images(features)
+        record[f"{split}_images_skipped"] = len(skipped)
+        if skipped:
+            record[f"{split}_images_skipped_files"] = [path for path, _ in skipped[:SKIPPED_NAMED]]
 
 
 def shared_images_note(record: dict, val_images: int) -> Optional[str]:
