@@ -945,3 +945,19 @@ def test_evaluations_name_the_images_they_could_not_read_and_record_them(tmp_pat
             assert dataset["val_images_skipped"] == 2 and dataset["train_images_skipped"] == 0
             assert sorted(dataset["val_images_skipped_files"]) == ["a/empty.png", "b/cut.png"]
             assert "train_images_skipped_files" not in dataset and dataset["val_images_in_train"] == 0
+
+
+def test_image_options_beside_two_feature_folders_are_refused_not_ignored(tmp_path: Path, capsys):
+    """A new user's probe (2026-12-08): --resize with feature folders (knn, linear) and --resolution (knn-seg,
+    linear-seg) ran as if heard; knn-seg's result recorded no resolution. Refused as a model given beside them is."""
+    train_dir, train_masks = _scene_data(tmp_path, "train", 4, 4, 8, 3, seed=0)
+    val_dir, val_masks = _scene_data(tmp_path, "val", 2, 4, 8, 3, seed=1)
+    for command in ("knn", "linear"):
+        code, _, err = cli("eval", command, "--train", str(train_dir), "--val", str(val_dir), "--resize",
+                           "center-crop", capsys=capsys)
+        assert code == 2 and "--resize center-crop applies when images are embedded" in err, err
+        assert "leave --resize out" in err and "Traceback" not in err
+    for command in ("knn-seg", "linear-seg"):
+        code, _, err = cli("eval", command, "--train", str(train_dir), "--train-masks", str(train_masks), "--val",
+                           str(val_dir), "--val-masks", str(val_masks), "--resolution", "64", capsys=capsys)
+        assert code == 2 and "--resolution 64 applies when images are embedded" in err, err

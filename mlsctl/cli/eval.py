@@ -36,9 +36,10 @@ Search = Literal["auto", "torch", "faiss"]  # knn_seg.SEARCHES
 Device = Literal["auto", "cpu", "cuda"]  # knn.DEVICES
 PatchLabels = Literal["soft", "majority"]  # knn_seg.PATCH_LABELS
 Resize = Literal["square", "center-crop"]  # features.RESIZE_MODES
-RESIZE_OPTION = typer.Option("square", "--resize", parser=one_of("--resize", Resize),
+RESIZE_OPTION = typer.Option(None, "--resize", parser=one_of("--resize", Resize),
                              help="How images this command embeds are fitted to the model's input: square (the whole image "
-                                  "resized) or center-crop (DINO's protocol: resize to R·8/7, centre crop R).")
+                                  "resized) or center-crop (DINO's protocol: resize to R·8/7, centre crop R) "
+                                  "[default: square]; refused with feature folders on both sides.")
 NOT_THIS_EVALUATION = "{option} {value} is not one this evaluation reads; choose one of {choices}"
 
 ROOT_HELP = "The dataset's folder, or its .tar/.zip read in place (with --dataset)."
@@ -122,6 +123,7 @@ def knn_seg(
     preset, chosen, overridden = inputs_lib.resolve_protocol(lib, protocol, {
         "k": k, "temperature": temperature, "memory_size": memory_size, "aug_passes": aug_passes, "runs": runs,
         "fractions": tuple(fraction) if fraction else None})
+    inputs_lib.refuse_image_options((train, val), {"resolution": resolution})
     write = results_writer(out, "knn-seg", say, as_json)  # after the refusals, before the work
     get_model = model_on_demand(run=run, weights=weights, arch=model, random_init=random_init, seed=seed, say=say)
 
@@ -245,7 +247,7 @@ def knn(
     k: Optional[list[int]] = typer.Option(None, "--k", min=1, help="Neighbour counts, e.g. --k 10 20 100 200 [default]; a k above the training images votes with all of them."),
     temperature: float = typer.Option(0.07, "--temperature", min=1e-6, help="Vote weight exp(cos/T)."),
     device: Device = typer.Option("auto", "--device", parser=one_of("--device", Device), help=DEVICE_HELP.format(what="neighbour search")),
-    resize: Resize = RESIZE_OPTION,
+    resize: Optional[Resize] = RESIZE_OPTION,
     out: Optional[Path] = typer.Option(None, "--out", "-o", callback=results_file(), help="Results JSON [default: results/knn-<time>-<pid>.json]."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON instead of a table."),
 ) -> None:
@@ -307,7 +309,7 @@ def linear(
     batch_size: int = typer.Option(256, "--batch-size", min=1, help="Mini-batch of the probe."),
     holdout: float = typer.Option(0.2, "--holdout", min=0.0, max=0.9, help="Share of the training images the sweep is scored on."),
     device: Device = typer.Option("auto", "--device", parser=one_of("--device", Device), help=DEVICE_HELP.format(what="probe's training")),
-    resize: Resize = RESIZE_OPTION,
+    resize: Optional[Resize] = RESIZE_OPTION,
     out: Optional[Path] = typer.Option(None, "--out", "-o", callback=results_file(), help="Results JSON [default: results/linear-<time>-<pid>.json]."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON instead of a table."),
 ) -> None:
@@ -404,10 +406,11 @@ def linear_seg(
     """
     from mlsctl.evaluate import knn_seg as knn_lib
     from mlsctl.evaluate import linear_seg as lib
-    from mlsctl.evaluate.inputs import segmentation_inputs, split_records
+    from mlsctl.evaluate.inputs import refuse_image_options, segmentation_inputs, split_records
     from mlsctl.evaluate.segmentation import constant_rule_text
     from mlsctl.restore import model_on_demand
 
+    refuse_image_options((train, val), {"resolution": resolution})
     write = results_writer(out, "linear-seg", say, as_json)  # after the refusals, before the work
     get_model = model_on_demand(run=run, weights=weights, arch=model, random_init=random_init, seed=seed, say=say)
     inputs = segmentation_inputs(dataset, root, train_split, val_split,

@@ -150,6 +150,21 @@ def check_labels_before_embedding(sides) -> None:
         check_labels(files, folder, labels, f"{name} images {folder}", f"--{name}-labels")
 
 
+def refuse_image_options(sides: tuple[Optional[Path], Optional[Path]], given: dict) -> None:
+    """Feature folders on both sides are evaluated as they are: an option that says how images are embedded
+    (``given``: option name → value, None where not given) would be used for nothing, so it is refused, as a
+    model given beside them is (a new user's probe, 2026-12-08: --resize and --resolution ran as if heard)."""
+    from mlsctl.features import is_feature_folder
+
+    if any(side is None or not is_feature_folder(side) for side in sides):
+        return
+    for name, value in given.items():
+        if value is not None:
+            raise UserError(f"--{name} {value} applies when images are embedded, and --train and --val are feature "
+                            f"folders, embedded already; leave --{name} out, or give the image folders to embed "
+                            f"them with it")
+
+
 def is_feature_pair(train: Path, val: Path) -> bool:
     """Both ``train`` and ``val`` are feature folders (nothing to embed)."""
     from mlsctl.features import is_feature_folder
@@ -419,14 +434,19 @@ def check_protocol_resolution(preset, overridden: list[str], resolution: Optiona
 
 def classification_inputs(dataset: str, root: Optional[Path], train_split: Optional[str], val_split: Optional[str],
                           train: Optional[Path], val: Optional[Path], train_labels: Optional[Path],
-                          val_labels: Optional[Path], get_model, say: Say = to_stderr, resize: str = "square") -> tuple:
+                          val_labels: Optional[Path], get_model, say: Say = to_stderr,
+                          resize: Optional[str] = None) -> tuple:
     """(train features, val features, train labels, val labels, dataset record) of eval knn and
     eval linear: the --train/--val folders with their labels, or the splits of --dataset imagenet
     (whose labels are the splits themselves). Images are embedded with ``resize`` (``center-crop``:
-    DINO's k-NN and linear protocol); feature folders are taken as they are."""
+    DINO's k-NN and linear protocol; None: square, not given); feature folders are taken as they are,
+    and a ``resize`` given with feature folders on both sides is refused."""
     from mlsctl.data.datasets import CLASSIFICATION
     from mlsctl.data.labels import FOLDER_LABELS
     from mlsctl.features import features_or_embed
+
+    refuse_image_options((train, val), {"resize": resize})
+    resize = resize or "square"
 
     if dataset == "folders":
         if train is None or val is None:
