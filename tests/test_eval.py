@@ -961,3 +961,21 @@ def test_image_options_beside_two_feature_folders_are_refused_not_ignored(tmp_pa
         code, _, err = cli("eval", command, "--train", str(train_dir), "--train-masks", str(train_masks), "--val",
                            str(val_dir), "--val-masks", str(val_masks), "--resolution", "64", capsys=capsys)
         assert code == 2 and "--resolution 64 applies when images are embedded" in err, err
+
+
+def test_notes_go_to_stderr_under_json(tmp_path: Path, capsys):
+    """A new user's probe (2026-12-08): `eval knn-seg --memory-size 1 --fraction 1/64 1/128 --json` dropped its
+    notes (neither stderr nor the JSON). Under --json stdout is the JSON alone and the notes go to stderr."""
+    train_dir, train_masks = _scene_data(tmp_path, "train", 4, 4, 8, 3, seed=0)
+    code, out, err = cli("eval", "knn-seg", "--train", str(train_dir), "--train-masks", str(train_masks), "--val",
+                         str(train_dir), "--val-masks", str(train_masks), "--memory-size", "1", "--fraction", "1/64",
+                         "1/128", "--k", "5", "--json", "--out", str(tmp_path / "seg.json"), capsys=capsys)
+    assert code == 0, err
+    json.loads(out)  # the JSON alone
+    assert "note: fractions 1/64, 1/128 all use 1 training image" in err
+    assert "note: --k 5 is more than the memory of some runs holds" in err
+    assert "note: 4 of the 4 val images are training images too" in err
+    code, out, err = cli("eval", "linear-seg", "--train", str(train_dir), "--train-masks", str(train_masks), "--val",
+                         str(train_dir), "--val-masks", str(train_masks), "--epochs", "1", "--json", "--out",
+                         str(tmp_path / "lseg.json"), capsys=capsys)
+    assert code == 0 and json.loads(out) and "note: 4 of the 4 val images are training images too" in err, err

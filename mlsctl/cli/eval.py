@@ -175,6 +175,7 @@ def knn_seg(
     out = write(payload)
     if as_json:
         typer.echo(json.dumps(payload, indent=2))
+        _echo_notes(_knn_seg_notes(payload, settings, len(train_features)), as_json)
         return
     _print_knn_seg(payload, settings, len(train_features), out)
 
@@ -197,26 +198,40 @@ def _print_knn_seg(payload: dict, settings, train_images: int, out: Path) -> Non
                     *([pct(chance.get("foreground_iou"))] if foreground else []), "", ""])
     typer.echo(table(["fraction", "train images", "runs", "mIoU %", *(["foreground IoU %"] if foreground else []),
                       "(Hungarian mIoU %)", "seconds"], summary))
-    for images in sorted({r["train_images"] for r in results}):
-        same = [r["fraction"] for r in results if r["train_images"] == images]
-        if len(same) > 1:
-            typer.echo(f"note: fractions {', '.join(same)} all use {images} training image{'s' if images != 1 else ''} "
-                       f"(of {train_images}): too few training images to tell them apart")
-    # only the runs whose memory held fewer than k: "(16, 30 patches)" listed a run that voted with k (a probe)
-    voted = sorted({run["k"] for r in results for run in r["runs"] if run["k"] < settings.k})
-    if voted:
-        typer.echo(f"note: --k {settings.k} is more than the memory of some runs holds; their patches voted with all "
-                   f"of it ({', '.join(map(str, voted))} patches)")
-    held = sorted({run["memory_patches"] for r in results for run in r["runs"]})
-    if settings.memory_size is not None and held and held[-1] > settings.memory_size:
-        typer.echo(f"note: --memory-size {settings.memory_size} is less than one patch per training image; each image "
-                   f"gave one ({', '.join(f'{n:,}' for n in held)} patches)")
-    _say_shared(record, payload["val"]["images"])
+    _echo_notes(_knn_seg_notes(payload, settings, train_images))
     memory = "all labelled patches" if settings.memory_size is None else settings.memory_size
     typer.echo(f"\n{record['name']} ({record.get('train_split', 'train')} -> {record.get('val_split', 'val')}), "
                f"protocol {payload['protocol']['name']}: k={settings.k} T={settings.temperature} memory={memory} "
                f"aug-passes={settings.aug_passes} index={settings.index}, search {results[0]['runs'][0]['search']}; "
                f"results written to {out}")
+
+
+def _knn_seg_notes(payload: dict, settings, train_images: int) -> list[str]:
+    """eval knn-seg's notes on its results (said with the tables, or on stderr under --json)."""
+    results, notes = payload["results"], []
+    for images in sorted({r["train_images"] for r in results}):
+        same = [r["fraction"] for r in results if r["train_images"] == images]
+        if len(same) > 1:
+            notes.append(f"note: fractions {', '.join(same)} all use {images} training image"
+                         f"{'s' if images != 1 else ''} (of {train_images}): too few training images to tell them apart")
+    # only the runs whose memory held fewer than k: "(16, 30 patches)" listed a run that voted with k (a probe)
+    voted = sorted({run["k"] for r in results for run in r["runs"] if run["k"] < settings.k})
+    if voted:
+        notes.append(f"note: --k {settings.k} is more than the memory of some runs holds; their patches voted with "
+                     f"all of it ({', '.join(map(str, voted))} patches)")
+    held = sorted({run["memory_patches"] for r in results for run in r["runs"]})
+    if settings.memory_size is not None and held and held[-1] > settings.memory_size:
+        notes.append(f"note: --memory-size {settings.memory_size} is less than one patch per training image; each "
+                     f"image gave one ({', '.join(f'{n:,}' for n in held)} patches)")
+    return notes + [_shared_note(payload["dataset"], payload["val"]["images"])]
+
+
+def _echo_notes(notes: list, as_json: bool = False) -> None:
+    """The notes on a result (None: no note): with its tables, or on stderr under --json, whose stdout is the
+    JSON alone (a new user's probe, 2026-12-08: knn-seg's notes went nowhere under --json)."""
+    for note in notes:
+        if note:
+            typer.echo(note, err=as_json)
 
 
 def _model_of_training(train_features, get_model, run, weights, random_init: bool, say):
@@ -274,13 +289,14 @@ def knn(
     payload = {"command": "eval knn", "dataset": record, **result, "seconds": round(time.perf_counter() - started, 3)}
     results, unknown = result["results"], result["val_classes_unseen_in_train"]
     out = write(payload)
+    notes = [_unseen_note(unknown, " (counted as errors)", result.get("val_classes_unseen_hint", "")) if unknown
+             else None, _shared_note(record, result["val_images"])]
     if as_json:
         typer.echo(json.dumps(payload, indent=2))
+        _echo_notes(notes, as_json)
         return
     typer.echo(table(*lib.score_table(result, lambda value: pct(value, 2))))
-    if unknown:
-        typer.echo(_unseen_note(unknown, " (counted as errors)", result.get("val_classes_unseen_hint", "")))
-    _say_shared(record, result["val_images"])
+    _echo_notes(notes)
     if any(r["top5"] is None for r in results):
         typer.echo("no top-5 (-): fewer than 5 classes")
     typer.echo(f"\n{result['train_images']} train / {result['val_images']} val images, {result['classes']} classes, "
@@ -341,20 +357,21 @@ def linear(
     payload = {"command": "eval linear", "dataset": record, **result,
                "seconds": round(time.perf_counter() - started, 3)}
     out = write(payload)
+    key = "mAP" if multi_label else "top1"
+    unseen = result["val_classes_unseen_in_train"]
+    notes = [_unseen_note(unseen, hint=result.get("val_classes_unseen_hint", "")) if unseen else None,
+             _shared_note(record, result["val_images"])]
     if as_json:
         typer.echo(json.dumps(payload, indent=2))
+        _echo_notes([_holdout_note(result, key), *notes], as_json)
         return
-    key = "mAP" if multi_label else "top1"
     if result["sweep"]:
         best = result["chosen"]
         typer.echo(table(["lr", "weight decay", f"held-out {'mAP' if multi_label else 'top-1'} %", "chosen"],
                          [[r["lr"], r["weight_decay"], pct(r[key], 2),
                            "yes" if (r["lr"], r["weight_decay"]) == (best["lr"], best["weight_decay"]) else ""]
                           for r in result["sweep"]]))
-        held = result["protocol"]["holdout_images"]
-        if len({r[key] for r in result["sweep"]}) == 1:  # a new user's probe: --holdout 0.01 held out 1 image
-            typer.echo(f"note: every setting scored the same on the {held} held-out image{'s' if held != 1 else ''}, "
-                       f"so the first was chosen; raise --holdout to tell them apart")
+        _echo_notes([_holdout_note(result, key)])
         typer.echo("")
     scores = result["results"]
     if multi_label:
@@ -367,10 +384,16 @@ def linear(
     typer.echo(f" on {result['val_images']} val images ({result['train_images']} train, {result['classes']} classes, "
                f"lr {result['chosen']['lr']:g}, wd {result['chosen']['weight_decay']:g}); results written to {out}")
     typer.echo(lib.chance_line(result))
-    if result["val_classes_unseen_in_train"]:
-        unseen = result["val_classes_unseen_in_train"]
-        typer.echo(_unseen_note(unseen, hint=result.get("val_classes_unseen_hint", "")))
-    _say_shared(record, result["val_images"])
+    _echo_notes(notes)
+
+
+def _holdout_note(result: dict, key: str) -> Optional[str]:
+    """eval linear's note on a sweep whose every setting scored the same on the held-out images, or None."""
+    held = result["protocol"]["holdout_images"] if result["sweep"] else 0
+    if result["sweep"] and len({r[key] for r in result["sweep"]}) == 1:  # a new user's probe: --holdout 0.01: 1 image
+        return (f"note: every setting scored the same on the {held} held-out image{'s' if held != 1 else ''}, "
+                f"so the first was chosen; raise --holdout to tell them apart")
+    return None
 
 
 @app.command("linear-seg")
@@ -427,8 +450,10 @@ def linear_seg(
                **split_records(train_features, val_features, inputs.train_masks, inputs.val_masks),
                "model": train_features.model, **result}
     out = write(payload)
+    notes = [lib.one_class_note(result), _shared_note(inputs.record, len(val_features))]
     if as_json:
         typer.echo(json.dumps(payload, indent=2))
+        _echo_notes(notes, as_json)
         return
     typer.echo(table(["class", "IoU %"], [[name, pct(result["iou_per_class"][c] if c < len(result["iou_per_class"]) else None)]
                                           for c, name in enumerate(result["classes"])]))
@@ -438,10 +463,7 @@ def linear_seg(
                f"train loss {result['train_loss_per_epoch'][0]:.3f} -> {result['train_loss_per_epoch'][-1]:.3f}, "
                f"{result['seconds']['total']:.1f}s); results written to {out}")
     typer.echo(f"chance: {constant_rule_text(result['chance'])} (the training patches' most frequent class)")
-    one_class = lib.one_class_note(result)
-    if one_class:
-        typer.echo(one_class)
-    _say_shared(inputs.record, len(val_features))
+    _echo_notes(notes)
 
 
 def _unseen_note(classes: list[str], how: str = "", hint: str = "") -> str:
@@ -452,13 +474,11 @@ def _unseen_note(classes: list[str], how: str = "", hint: str = "") -> str:
             f"{', '.join(classes[:5])}" + (f"; {hint}" if hint else ""))
 
 
-def _say_shared(record: dict, val_images) -> None:
-    """With the results: how many val images are training images too (evaluate.inputs.record_shared_images)."""
+def _shared_note(record: dict, val_images) -> Optional[str]:
+    """How many val images are training images too (evaluate.inputs.record_shared_images), or None."""
     from mlsctl.evaluate.inputs import shared_images_note
 
-    note = shared_images_note(record, val_images)
-    if note is not None:
-        typer.echo(note)
+    return shared_images_note(record, val_images)
 
 
 @app.command("retrieval")
@@ -524,6 +544,7 @@ def retrieval(
     out = write(payload)
     if as_json:
         print(json.dumps(payload, indent=2))
+        _echo_notes([objects_note(payload["objects"])], as_json)
         return
     sizes = payload["query_set_sizes"]
     shown = sizes["min"] if sizes["min"] == sizes["max"] else f"{sizes['min']} to {sizes['max']}"
@@ -579,7 +600,10 @@ def _retrieval_of_index(index: Path, query: Path, gallery: Optional[Path], galle
                                   workers=workers, say=say, query_objects=query_objects)}
     out = write(payload)
     if as_json:
+        from mlsctl.evaluate.retrieval import left_out_note, objects_note, unchecked_note
+
         print(json.dumps(payload, indent=2))
+        _echo_notes([left_out_note(queries), objects_note(payload["objects"]), unchecked_note(queries, index)], as_json)
         return
     _print_index_result(payload, index, target, model, queries)
     say(f"wrote {out}")
@@ -639,20 +663,20 @@ def recall(
     result = evaluate_recall(feats, labels, k)
     payload = {"command": "eval recall", **result, "seconds": round(time.perf_counter() - started, 3)}
     out = write(payload)
+    notes = [certain_note(result["ks_certain"]),
+             f"note: R@{', R@'.join(map(str, result['ks_too_large']))} left out: the set has {result['embeddings']} "
+             f"embeddings" if result["ks_too_large"] else None,
+             f"note: {result['lone_queries']} embeddings are the only ones of their class and are not queries"
+             if result["lone_queries"] else None]
     if as_json:
         typer.echo(json.dumps(payload, indent=2))
+        _echo_notes(notes, as_json)
         return
     recalls = result["recall"]
     typer.echo(table(["", *(f"R@{K}" for K in recalls), "MAP@R"],
                      [["scores", *(pct(v, 2) for v in recalls.values()), pct(result["map_at_r"], 2)],
                       ["chance (a random ranking)", *(pct(result["chance"][K], 2) for K in recalls),
                        pct(result["chance_map_at_r"], 2)]]))
-    certain = certain_note(result["ks_certain"])
-    if certain:
-        typer.echo(certain)
-    if result["ks_too_large"]:
-        typer.echo(f"note: R@{', R@'.join(map(str, result['ks_too_large']))} left out: the set has {result['embeddings']} embeddings")
-    if result["lone_queries"]:
-        typer.echo(f"note: {result['lone_queries']} embeddings are the only ones of their class and are not queries")
+    _echo_notes(notes)
     typer.echo(f"\n{result['embeddings']} embeddings of {result['classes']} classes, each a query against all the others "
                f"(%); results written to {out}")
