@@ -979,3 +979,12 @@ def test_notes_go_to_stderr_under_json(tmp_path: Path, capsys):
                          str(train_dir), "--val-masks", str(train_masks), "--epochs", "1", "--json", "--out",
                          str(tmp_path / "lseg.json"), capsys=capsys)
     assert code == 0 and json.loads(out) and "note: 4 of the 4 val images are training images too" in err, err
+
+
+@pytest.mark.parametrize("command", ["knn", "linear", "knn-seg", "linear-seg", "retrieval", "recall"])
+def test_an_out_ending_in_a_slash_names_a_folder_and_is_refused(command, tmp_path: Path, capsys):
+    """A new user's probe (2026-12-08): `--out newdir2/` (no such folder) wrote a file called newdir2."""
+    code, _, err = cli("eval", command, "--out", str(tmp_path / "newdir2") + "/", capsys=capsys)
+    assert code == 2 and f"--out {tmp_path / 'newdir2'}/ names a folder; give a file such as " \
+                         f"{tmp_path / 'newdir2'}/results.json" in err, err
+    assert not (tmp_path / "newdir2").exists()

@@ -9,7 +9,8 @@ import typer
 
 from mlsctl.cli._format import pct, say, table
 from mlsctl.console import counted
-from mlsctl.cli._options import MODEL_OPTION, RANDOM_INIT_OPTION, RUN_OPTION, WEIGHTS_OPTION, one_of, results_file
+from mlsctl.cli._options import (MODEL_OPTION, RANDOM_INIT_OPTION, RUN_OPTION, WEIGHTS_OPTION, one_of, results_file,
+                                 results_path)
 from mlsctl.evaluate.results import results_writer
 
 app = typer.Typer(rich_markup_mode=None, help="Evaluate features: dense k-NN and linear segmentation, image k-NN classification, linear probes, image-set retrieval, Recall@K.", no_args_is_help=True)
@@ -104,7 +105,7 @@ def knn_seg(
     device: Device = typer.Option("auto", "--device", parser=one_of("--device", Device), help=DEVICE_HELP.format(what="torch search")),
     patch_labels: PatchLabels = typer.Option("soft", "--patch-labels", parser=one_of("--patch-labels", PatchLabels), help="A memory patch's label: soft (its class histogram, Hummingbird's) or majority (its most frequent class, CrIBo's Table 1; with --k 50)."),
     data: Path = typer.Option(Path("data/fmnist-scenes"), "--data", help="fmnist-scenes folder used when no --train/--val is given (built when missing)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", callback=results_file(), help="Results JSON [default: results/knn-seg-<time>-<pid>.json]."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", parser=results_path(), callback=results_file(), help="Results JSON [default: results/knn-seg-<time>-<pid>.json]."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON instead of tables."),
 ) -> None:
     """Dense k-NN segmentation (Hummingbird protocol): label val patches from their nearest train patches.
@@ -263,7 +264,7 @@ def knn(
     temperature: float = typer.Option(0.07, "--temperature", min=1e-6, help="Vote weight exp(cos/T)."),
     device: Device = typer.Option("auto", "--device", parser=one_of("--device", Device), help=DEVICE_HELP.format(what="neighbour search")),
     resize: Optional[Resize] = RESIZE_OPTION,
-    out: Optional[Path] = typer.Option(None, "--out", "-o", callback=results_file(), help="Results JSON [default: results/knn-<time>-<pid>.json]."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", parser=results_path(), callback=results_file(), help="Results JSON [default: results/knn-<time>-<pid>.json]."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON instead of a table."),
 ) -> None:
     """Weighted k-NN classification on global features (DINO protocol): top-1/top-5 for several k.
@@ -326,7 +327,7 @@ def linear(
     holdout: float = typer.Option(0.2, "--holdout", min=0.0, max=0.9, help="Share of the training images the sweep is scored on."),
     device: Device = typer.Option("auto", "--device", parser=one_of("--device", Device), help=DEVICE_HELP.format(what="probe's training")),
     resize: Optional[Resize] = RESIZE_OPTION,
-    out: Optional[Path] = typer.Option(None, "--out", "-o", callback=results_file(), help="Results JSON [default: results/linear-<time>-<pid>.json]."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", parser=results_path(), callback=results_file(), help="Results JSON [default: results/linear-<time>-<pid>.json]."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON instead of a table."),
 ) -> None:
     """Linear probe on frozen global features: top-1/top-5, or multi-label mAP; lr x wd swept on a held-out split.
@@ -417,7 +418,7 @@ def linear_seg(
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Training images per step (all their patches)."),
     ignore_index: int = typer.Option(255, "--ignore-index", help="Mask value that is not scored."),
     seed: int = typer.Option(0, "--seed", help="Seed of --random-init, the initialisation and the batch order."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", callback=results_file(), help="Results JSON [default: results/linear-seg-<time>-<pid>.json]."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", parser=results_path(), callback=results_file(), help="Results JSON [default: results/linear-seg-<time>-<pid>.json]."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON instead of tables."),
 ) -> None:
     """Linear segmentation: a linear layer on frozen patch features, trained on the training masks, scored by mIoU.
@@ -493,7 +494,7 @@ def retrieval(
     noise: Optional[list[str]] = typer.Option(None, "--noise", help="Fractions of each query set replaced with random photos [default: 0 0.25 0.5]."),
     seed: int = typer.Option(0, "--seed", help="Seed of the query-photo draw and of the noise."),
     workers: Optional[int] = typer.Option(None, "--workers", "-w", min=0, help="Image-decoding worker processes [default: as mlsctl embed's]."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", callback=results_file(), help="Results JSON [default: results/retrieval-<time>-<pid>.json]."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", parser=results_path(), callback=results_file(), help="Results JSON [default: results/retrieval-<time>-<pid>.json]."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON instead of a table."),
 ) -> None:
     """Image-set retrieval: R@1..R@10 and AR@10 of MILE set embeddings against single-image baselines.
@@ -645,7 +646,7 @@ def recall(
     features: Path = typer.Argument(..., help="Feature folder (mlsctl embed, or mlsctl refine apply) of the evaluation set."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="CSV/JSONL of path,label [default: each image's own folder, however deep]."),
     k: Optional[list[int]] = typer.Option(None, "--k", min=1, help="K of Recall@K, e.g. --k 1 2 4 8 [default: 1 2 4 8, and 10 100 1000 above 10,000 embeddings]."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", callback=results_file(), help="Results JSON [default: results/recall-<time>-<pid>.json]."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", parser=results_path(), callback=results_file(), help="Results JSON [default: results/recall-<time>-<pid>.json]."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON instead of a table."),
 ) -> None:
     """Recall@K, deep-metric-learning protocol: every embedding a query against all the others.
