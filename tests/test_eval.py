@@ -988,3 +988,17 @@ def test_an_out_ending_in_a_slash_names_a_folder_and_is_refused(command, tmp_pat
     assert code == 2 and f"--out {tmp_path / 'newdir2'}/ names a folder; give a file such as " \
                          f"{tmp_path / 'newdir2'}/results.json" in err, err
     assert not (tmp_path / "newdir2").exists()
+
+
+def test_knn_seg_computes_an_equal_fraction_once_and_says_so(tmp_path: Path, capsys):
+    """A new user's probe (2026-12-08): --fraction 1/8 0.125 computed the same fraction twice, then blamed "too few
+    training images" for their equal scores."""
+    train_dir, train_masks = _scene_data(tmp_path, "train", 8, 4, 8, 3, seed=0)
+    val_dir, val_masks = _scene_data(tmp_path, "val", 2, 4, 8, 3, seed=1)
+    code, out, err = cli("eval", "knn-seg", "--train", str(train_dir), "--train-masks", str(train_masks), "--val",
+                         str(val_dir), "--val-masks", str(val_masks), "--fraction", "1/8", "0.125", "1/1", "--k", "5",
+                         "--json", "--out", str(tmp_path / "seg.json"), capsys=capsys)
+    assert code == 0, err
+    assert [r["fraction"] for r in json.loads(out)["results"]] == ["1/8", "1/1"]
+    assert "note: --fraction 0.125 is 1/8, given already; it is computed once" in err
+    assert "too few training images" not in err

@@ -152,7 +152,7 @@ def knn_seg(
     augmented = lib.AugmentedPasses.of_model(train_source, _model_of_training(train_features, get_model, run, weights,
                                                                          random_init, say),
                                              chosen["aug_passes"], seed) if chosen["aug_passes"] else None
-    fractions = [lib.parse_fraction(f) for f in chosen["fractions"]]
+    fractions = lib.parse_fractions(chosen["fractions"], say)
     settings = lib.Settings(k=chosen["k"], temperature=chosen["temperature"], memory_size=chosen["memory_size"],
                             aug_passes=chosen["aug_passes"], ignore_index=inputs.ignore_index, runs=chosen["runs"], seed=seed,
                             index=index, nlist=nlist, nprobe=nprobe, search=search, device=device,
