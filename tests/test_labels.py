@@ -469,3 +469,17 @@ def test_a_labels_or_files_list_given_as_a_pipe_or_a_device_is_named_so(tmp_path
         for name in ("pipe.csv", "zero.csv"):
             with pytest.raises(UserError, match=rf"{name} is not a regular file .*save it to a file"):
                 read(tmp_path / name)
+
+
+def test_labels_and_objects_options_given_a_pipe_say_so_before_the_model(tmp_path):
+    """``--train-labels <(...)`` said "is not a file", ``--gallery-objects <(...)`` "does not exist" (a probe)."""
+    import os
+
+    from mlsctl.data.objects import check_objects_file
+    from mlsctl.evaluate.inputs import check_inputs_exist
+
+    os.mkfifo(tmp_path / "pipe.csv")
+    with pytest.raises(UserError, match=r"--train-labels .*pipe.csv is not a regular file .*save it to a file"):
+        check_inputs_exist(("--train-labels", tmp_path / "pipe.csv", "labels"))
+    with pytest.raises(UserError, match=r"--gallery-objects .*pipe.csv is not a regular file .*save it to a file"):
+        check_objects_file(tmp_path / "pipe.csv", "--gallery-objects")

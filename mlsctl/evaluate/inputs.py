@@ -402,6 +402,9 @@ def check_inputs_exist(*given: tuple[str, Optional[Path], str]) -> None:
         if kind == "masks" and not path.is_dir():
             raise UserError(f"{option} {path} {'is not a folder' if path.exists() else 'does not exist'}; give the "
                             f"folder of masks (one PNG of class ids per image, the same relative names)")
+        if kind == "labels" and path.exists() and not path.is_file() and not path.is_dir():  # <(...): a pipe
+            raise UserError(f"{option} {path} is not a regular file (a pipe or a device, as <(...) gives); save it to "
+                            f"a file and give that")
         if kind == "labels" and not path.is_file():
             raise UserError(f"{option} {path} {'is not a file' if path.exists() else 'does not exist'}; give a CSV "
                             f"(path,label) or JSONL labels file")
