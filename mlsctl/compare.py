@@ -42,9 +42,20 @@ class Row:
     #: deviation of each column over them
     seeds: list = field(default_factory=list)
     spread: dict = field(default_factory=dict)
+    #: the file each value came from (a row merged from several results takes each score from the newest that has
+    #: it: ``file`` named the newest alone, a probe, 2026-12-08)
+    sources: dict = field(default_factory=dict)
+    seed_files: list = field(default_factory=list)  # a mean over seeds: the files of its runs' rows
+
+    def files(self) -> list[str]:
+        """Every file the row's values came from, the newest (``file``) first."""
+        if self.seeds:
+            return list(dict.fromkeys(self.seed_files))
+        return list(dict.fromkeys([*([self.file] if self.file else []), *self.sources.values()]))
 
     def to_dict(self) -> dict:
         return {"model": self.model, "kind": self.kind, "run": self.run, "values": self.values, "file": self.file,
+                "files": self.files(), "sources": self.sources,
                 "written": self.written or None, "results": self.results,
                 **({"seeds": self.seeds, "std": self.spread} if self.seeds else {})}
 
@@ -143,13 +154,13 @@ def compare(runs: Sequence[str | Path], results: Sequence[str | Path] = ("result
                 table.columns.append(column)
         model = f"{name}: {label}" if group == "own" else _for_run(label, name)
         row = Row(model, group, values, run=name if group == "own" else None, file=str(path),
-                  written=_written(result), label=label)
+                  written=_written(result), label=label, sources={column: str(path) for column in values})
         earlier = chosen.get((key, _identity(result)))
         if earlier is not None:  # each score from the newest result that has it (k = 10 in one file, 20 in another)
             later = _instant(earlier[0].written) > _instant(row.written)
             older, newer = (row, earlier[0]) if later else (earlier[0], row)
             row = Row(**{**newer.__dict__, "values": {**older.values, **newer.values},
-                         "results": earlier[0].results + 1})
+                         "sources": {**older.sources, **newer.sources}, "results": earlier[0].results + 1})
         chosen[(key, _identity(result))] = (row, chance)
     for (key, _), (row, chance) in chosen.items():
         tables[key].rows.append(row)
@@ -215,7 +226,8 @@ def merge_seeds(rows: list, arms: dict[str, str]) -> list:
         label = what(row.label)
         out.append(Row(f"{', '.join(names)}: {label} (mean of {len(names)} seeds)", "own", values, run=names[0],
                        written=max(m.written for m in group), results=sum(m.results for m in group), label=label,
-                       seeds=names, spread=spread))
+                       seeds=names, spread=spread,
+                       seed_files=[f for m in group for f in m.files()]))
     return out
 
 

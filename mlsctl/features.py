@@ -116,15 +116,22 @@ def model_label(model) -> str:
 
 
 _PLAN_KEYS = ("format_version", "candidates", "candidates_sha256", "fingerprint", "preprocessing", "dtype", "dense",
-              "batch_size", "part_size", "parts_per_shard", "dim", "grid", "contents_sha256")
+              "batch_size", "part_size", "parts_per_shard", "dim", "grid", "contents_sha256", "max_image_pixels")
 # contents_sha256: of every image's relative path, size and modification time (a folder's images; None for an
 # archive's). A plan recorded before it existed (None) is taken as the same contents: it cannot be checked.
-_UNCHECKED_WHEN_ABSENT = ("contents_sha256",)
+# max_image_pixels: which images are skipped as too large; embed again with a raised --max-image-pixels said
+# "nothing to do" and the image stayed skipped (a new user's probe, 2026-12-08).
+_UNCHECKED_WHEN_ABSENT = ("contents_sha256", "max_image_pixels")
 
 
-def _differs(a: dict, b: dict, key: str) -> bool:
+def _differs(a: dict, b: dict, key: str, reading: bool = False) -> bool:
+    """Whether plans ``a`` (the folder's) and ``b`` differ in ``key``. ``reading``: an evaluation reading the
+    folder, which serves where its image pixel limit is at least the evaluation's (it skipped no image the
+    evaluation would embed: ``embed --max-image-pixels`` raised for it is kept, not embedded again)."""
     if key in _UNCHECKED_WHEN_ABSENT and (a.get(key) is None or b.get(key) is None):
         return False
+    if key == "max_image_pixels" and reading:
+        return a[key] < b[key]
     return a.get(key) != b.get(key)
 
 
@@ -153,13 +160,15 @@ def _same_plan(a: dict, b: dict, *, complete: bool = False, any_dtype: bool = Fa
     features serve alike (``embed --batch-size 32`` then an eval of the same images embedded them again, and
     replaced the user's folder: embed's default --out is the evaluations' cache; a review, 2026-12-06)."""
     ignored = (_LAYOUT_KEYS if complete else ()) + (("dtype",) if any_dtype else ())
-    return not any(_differs(a, b, k) for k in _PLAN_KEYS if k not in ignored)
+    return not any(_differs(a, b, k, reading=any_dtype) for k in _PLAN_KEYS if k not in ignored)
 
 
-def _plan_difference(old: dict, new: dict, *, complete: bool = False) -> str:
+def _plan_difference(old: dict, new: dict, *, complete: bool = False, reading: bool = False) -> str:
     names = {"fingerprint": "model", "candidates_sha256": "image list", "candidates": "image count",
-             "contents_sha256": "image sizes or modification times"}
-    changed = [names.get(k, k) for k in _PLAN_KEYS if _differs(old, new, k) and not (complete and k in _LAYOUT_KEYS)]
+             "contents_sha256": "image sizes or modification times",
+             "max_image_pixels": f"--max-image-pixels, {old.get('max_image_pixels')} then"}
+    changed = [names.get(k, k) for k in _PLAN_KEYS
+               if _differs(old, new, k, reading=reading) and not (complete and k in _LAYOUT_KEYS)]
     return ", ".join(dict.fromkeys(changed))
 
 
@@ -935,7 +944,8 @@ def _why_made_otherwise(out: Path, plan: dict) -> Optional[str]:
             if previous.get("contents_sha256") is None and plan.get("contents_sha256") is not None:
                 return f"{what} recorded no sizes or times of its images (an older mlsctl)"
             if not _same_plan(previous, plan, complete=complete, any_dtype=complete):
-                return f"{what} {was} made otherwise ({_plan_difference(previous, plan, complete=complete) or 'unknown'})"
+                why = _plan_difference(previous, plan, complete=complete, reading=complete) or "unknown"
+                return f"{what} {was} made otherwise ({why})"
     return None
 
 
@@ -992,3 +1002,11 @@ def _say_embedded(summary: EmbedSummary, source: str, out: Path, what: str, say:
     else:
         rate = f"{summary.images_per_s:.0f} images/s" if summary.images_per_s else "from parts embedded before"
         say(f"{what}: embedded {summary.rows} images of {source} into {out} ({rate})")
+    from mlsctl.data.images import NOT_AN_IMAGE
+
+    unreadable = [path for path, reason in summary.skipped if not str(reason).startswith(NOT_AN_IMAGE)]
+    if unreadable:  # scored without them: said, not silently (a new user's probe, 2026-12-08)
+        named = ", ".join(unreadable[:3]) + (f" and {len(unreadable) - 3} more" if len(unreadable) > 3 else "")
+        say(f"note: {what}: {len(unreadable)} image file{'s' if len(unreadable) != 1 else ''} of {source} could not "
+            f"be read and {'are' if len(unreadable) != 1 else 'is'} not scored ({named}; the reasons are in "
+            f"{out / MANIFEST})")

@@ -32,7 +32,9 @@ from __future__ import annotations
 import base64
 import html
 import json
+import os
 import re
+import stat
 import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
@@ -766,6 +768,23 @@ GROUPS = (("own", "This run's weights"),
 RESULT_READ_LIMIT = 64 * 2**20  # the largest JSON the report reads as a result (results are kilobytes to a few MB)
 
 
+def read_result_text(path: Path) -> tuple[str, str]:
+    """The text of the result file ``path``, or ``("", why)`` where it is not read: not a regular file (a FIFO
+    would hang the read, a link to a device would be read until memory runs out: a probe), or larger than any
+    eval result. At most :data:`RESULT_READ_LIMIT` + 1 bytes are read, whatever the size the file reports."""
+    if not stat.S_ISREG(path.stat().st_mode):
+        return "", "not a regular file"
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO swapped in after the stat: no hang
+    with os.fdopen(fd, "rb") as handle:
+        status = os.fstat(handle.fileno())
+        if not stat.S_ISREG(status.st_mode):
+            return "", "not a regular file"
+        data = handle.read(RESULT_READ_LIMIT + 1)
+    if len(data) > RESULT_READ_LIMIT:  # not read whole: no eval result is this large (a review)
+        return "", f"{max(status.st_size, len(data)):,} bytes, more than any eval result holds"
+    return data.decode("utf-8"), ""
+
+
 def read_results(folders: Sequence[Path]) -> tuple[list[tuple[Path, dict]], list[str]]:
     """Every mlsctl eval result (a JSON object whose ``command`` starts with ``eval``) in ``folders``, each file
     once, in the folders' order and by name, and one note per file skipped: a JSON file that cannot be read,
@@ -780,10 +799,11 @@ def read_results(folders: Sequence[Path]) -> tuple[list[tuple[Path, dict]], list
                 continue
             seen.add(path.resolve())
             try:
-                if path.stat().st_size > RESULT_READ_LIMIT:  # not read whole: no eval result is this large (a review)
-                    skipped.append(f"skipped {path}: {path.stat().st_size:,} bytes, more than any eval result holds")
+                text, why = read_result_text(path)
+                if why:
+                    skipped.append(f"skipped {path}: {why}")
                     continue
-                result = json.loads(path.read_text(encoding="utf-8"))
+                result = json.loads(text)
             except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
                 reason = ("nested too deep" if isinstance(exc, RecursionError) else
                           getattr(exc, "strerror", None) or first_line(exc, 80))

@@ -161,3 +161,42 @@ def test_review_edges_dates_in_other_zones_partial_seeds_reasons_and_bad_scores(
     _, err = cli_ok(capsys, "compare", str(a), str(b), "--results", str(results))
     assert "left out, not known to be a run's weights: " in err and "older mlsctl" in err
 
+
+
+def test_a_fifo_or_a_device_among_the_results_is_skipped_not_read(two_runs, tmp_path, capsys, monkeypatch):
+    """A FIFO reports size 0 and hung the scan; a link to /dev/zero was read until memory ran out (a probe)."""
+    import os
+
+    from mlsctl import report
+
+    a, _ = two_runs
+    teacher_a, _ = _fingerprints(a)
+    results = tmp_path / "results"
+    _knn(results / "a.json", {"source": "run", "path": str(a / "teacher.safetensors"), "fingerprint": teacher_a}, 0.31)
+    os.mkfifo(results / "fifo.json")
+    (results / "zero.json").symlink_to("/dev/zero")
+    monkeypatch.setattr(report, "RESULT_READ_LIMIT", 1000)  # were /dev/zero read, a bounded read
+    found, skipped = report.read_results([results])
+    assert [p.name for p, _ in found] == ["a.json"]
+    assert f"skipped {results / 'fifo.json'}: not a regular file" in skipped
+    assert f"skipped {results / 'zero.json'}: not a regular file" in skipped
+    out, err = cli_ok(capsys, "compare", str(a), "--results", str(results))
+    assert "fifo.json: not a regular file" in err and "zero.json: not a regular file" in err and "31.0" in out
+
+
+def test_a_row_merged_from_several_results_records_every_file_its_values_came_from(two_runs, tmp_path, capsys):
+    """A new user's probe (2026-12-08): a row "(newest of 2 results)" took k=1 from the older file and k=10 from the
+    newer, but the JSON's ``file`` named the newer alone."""
+    a, _ = two_runs
+    teacher_a, _ = _fingerprints(a)
+    model = {"source": "run", "path": str(a / "teacher.safetensors"), "fingerprint": teacher_a}
+    results = tmp_path / "results"
+    _knn(results / "old.json", model, 0.20, date="2026-12-07T09:00:00", k=1)
+    _knn(results / "new.json", model, 0.31, k=10)
+    _knn(results / "newest.json", model, 0.33, date="2026-12-07T11:00:00", k=10)  # overrides new.json's k=10
+    record = json.loads(cli_ok(capsys, "compare", str(a), "--results", str(results), "--json")[0])
+    row = record["tables"][0]["rows"][0]
+    assert row["values"] == {"top-1 k=1": 0.20, "top-1 k=10": 0.33} and row["results"] == 3
+    assert row["file"] == str(results / "newest.json")  # kept, for scripts that read it
+    assert row["files"] == [str(results / "newest.json"), str(results / "old.json")]
+    assert row["sources"] == {"top-1 k=1": str(results / "old.json"), "top-1 k=10": str(results / "newest.json")}

@@ -919,3 +919,86 @@ def test_the_note_on_shared_val_images_counts_files_and_copies_apart():
                                                                      "val_images_in_train_as_copies": 1}, 10)
     assert "1 of the 10 val images are training images too (the same file)" in shared_images_note(
         {"val_images_in_train": 1}, 10)
+
+
+def test_evaluations_name_the_images_they_could_not_read_and_record_them(tmp_path: Path, finished_run, capsys):
+    """A new user's probe (2026-12-08): eval knn with a truncated and a 0-byte PNG among the val images said
+    "embedded 8 images" and scored 8 of 10, naming neither file, and its result said nothing of them."""
+    run_dir, _ = finished_run
+    for split, seed in (("train", 0), ("val", 50)):
+        for c in ("a", "b"):
+            make_images(tmp_path / split / c, 3, size=(32, 32), seed=seed + ord(c))
+    (tmp_path / "val" / "a" / "empty.png").write_bytes(b"")
+    whole = (tmp_path / "val" / "a" / "img_001.png").read_bytes()
+    (tmp_path / "val" / "b" / "cut.png").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "val" / "b" / "readme.txt").write_text("not an image, not counted")
+    for command, extra in (("knn", ["--k", "3"]), ("linear", ["--epochs", "1", "--lr", "0.1", "--wd", "0"])):
+        for time in range(2):  # embedded, then read from the evaluations' cache: said both times
+            code, out, err = cli("eval", command, "--train", str(tmp_path / "train"), "--val", str(tmp_path / "val"),
+                                 "--run", str(run_dir), *extra, "--json", "--out",
+                                 str(tmp_path / f"{command}{time}.json"), cwd=tmp_path, capsys=capsys)
+            assert code == 0, err
+            assert "val features: 2 image files of" in err and "could not be read and are not scored" in err, err
+            note = next(line for line in err.splitlines() if "could not be read" in line)
+            assert "a/empty.png" in note and "b/cut.png" in note and "readme.txt" not in note
+            dataset = json.loads(out)["dataset"]
+            assert dataset["val_images_skipped"] == 2 and dataset["train_images_skipped"] == 0
+            assert sorted(dataset["val_images_skipped_files"]) == ["a/empty.png", "b/cut.png"]
+            assert "train_images_skipped_files" not in dataset and dataset["val_images_in_train"] == 0
+
+
+def test_image_options_beside_two_feature_folders_are_refused_not_ignored(tmp_path: Path, capsys):
+    """A new user's probe (2026-12-08): --resize with feature folders (knn, linear) and --resolution (knn-seg,
+    linear-seg) ran as if heard; knn-seg's result recorded no resolution. Refused as a model given beside them is."""
+    train_dir, train_masks = _scene_data(tmp_path, "train", 4, 4, 8, 3, seed=0)
+    val_dir, val_masks = _scene_data(tmp_path, "val", 2, 4, 8, 3, seed=1)
+    for command in ("knn", "linear"):
+        code, _, err = cli("eval", command, "--train", str(train_dir), "--val", str(val_dir), "--resize",
+                           "center-crop", capsys=capsys)
+        assert code == 2 and "--resize center-crop applies when images are embedded" in err, err
+        assert "leave --resize out" in err and "Traceback" not in err
+    for command in ("knn-seg", "linear-seg"):
+        code, _, err = cli("eval", command, "--train", str(train_dir), "--train-masks", str(train_masks), "--val",
+                           str(val_dir), "--val-masks", str(val_masks), "--resolution", "64", capsys=capsys)
+        assert code == 2 and "--resolution 64 applies when images are embedded" in err, err
+
+
+def test_notes_go_to_stderr_under_json(tmp_path: Path, capsys):
+    """A new user's probe (2026-12-08): `eval knn-seg --memory-size 1 --fraction 1/64 1/128 --json` dropped its
+    notes (neither stderr nor the JSON). Under --json stdout is the JSON alone and the notes go to stderr."""
+    train_dir, train_masks = _scene_data(tmp_path, "train", 4, 4, 8, 3, seed=0)
+    code, out, err = cli("eval", "knn-seg", "--train", str(train_dir), "--train-masks", str(train_masks), "--val",
+                         str(train_dir), "--val-masks", str(train_masks), "--memory-size", "1", "--fraction", "1/64",
+                         "1/128", "--k", "5", "--json", "--out", str(tmp_path / "seg.json"), capsys=capsys)
+    assert code == 0, err
+    json.loads(out)  # the JSON alone
+    assert "note: fractions 1/64, 1/128 all use 1 training image" in err
+    assert "note: --k 5 is more than the memory of some runs holds" in err
+    assert "note: 4 of the 4 val images are training images too" in err
+    code, out, err = cli("eval", "linear-seg", "--train", str(train_dir), "--train-masks", str(train_masks), "--val",
+                         str(train_dir), "--val-masks", str(train_masks), "--epochs", "1", "--json", "--out",
+                         str(tmp_path / "lseg.json"), capsys=capsys)
+    assert code == 0 and json.loads(out) and "note: 4 of the 4 val images are training images too" in err, err
+
+
+@pytest.mark.parametrize("command", ["knn", "linear", "knn-seg", "linear-seg", "retrieval", "recall"])
+def test_an_out_ending_in_a_slash_names_a_folder_and_is_refused(command, tmp_path: Path, capsys):
+    """A new user's probe (2026-12-08): `--out newdir2/` (no such folder) wrote a file called newdir2."""
+    code, _, err = cli("eval", command, "--out", str(tmp_path / "newdir2") + "/", capsys=capsys)
+    assert code == 2 and f"--out {tmp_path / 'newdir2'}/ names a folder; give a file such as " \
+                         f"{tmp_path / 'newdir2'}/results.json" in err, err
+    assert not (tmp_path / "newdir2").exists()
+
+
+def test_knn_seg_computes_an_equal_fraction_once_and_says_so(tmp_path: Path, capsys):
+    """A new user's probe (2026-12-08): --fraction 1/8 0.125 computed the same fraction twice, then blamed "too few
+    training images" for their equal scores."""
+    train_dir, train_masks = _scene_data(tmp_path, "train", 8, 4, 8, 3, seed=0)
+    val_dir, val_masks = _scene_data(tmp_path, "val", 2, 4, 8, 3, seed=1)
+    code, out, err = cli("eval", "knn-seg", "--train", str(train_dir), "--train-masks", str(train_masks), "--val",
+                         str(val_dir), "--val-masks", str(val_masks), "--fraction", "1/8", "0.125", "1/1", "--k", "5",
+                         "--json", "--out", str(tmp_path / "seg.json"), capsys=capsys)
+    assert code == 0, err
+    assert [r["fraction"] for r in json.loads(out)["results"]] == ["1/8", "1/1"]
+    assert "note: --fraction 0.125 is 1/8, given already; it is computed once" in err
+    assert "too few training images" not in err

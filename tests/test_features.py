@@ -757,3 +757,32 @@ def test_a_shard_whose_row_column_is_not_its_rows_in_order_is_named_as_damaged(t
     save_file({"global": x[4:].half().contiguous(), "row": torch.arange(4, 6)},
               str(folder / "shard-00001-of-00002.safetensors"))
     assert len(Features(folder)) == 6
+
+
+def test_a_raised_max_image_pixels_is_another_plan_where_it_admits_more(tmp_path: Path):
+    """A new user's probe (2026-12-08): embed again with a raised --max-image-pixels (as the skip message advises)
+    said "nothing to do" and the image stayed skipped; eval knn reused such a cache without a word."""
+    from PIL import Image
+
+    images = make_images(tmp_path / "images", 3)  # 48 x 40 = 1,920 pixels each
+    Image.new("RGB", (8, 8)).save(images / "small.png")
+    out = tmp_path / "f"
+    assert embed_folder(images, out, tiny_model(), max_image_pixels=100, say=quiet).rows == 1
+    with pytest.raises(UserError, match=r"made differently \(--max-image-pixels, 100 then\); add --overwrite"):
+        embed_folder(images, out, tiny_model(), say=quiet)
+    assert embed_folder(images, out, tiny_model(), overwrite=True, say=quiet).rows == 4
+    assert embed_folder(images, out, tiny_model(), say=quiet).reused
+
+    # an evaluation's cache: one of a lower limit is embedded again, and said; one of a higher limit serves
+    lines = []
+    cached = feats.features_or_embed(images, tiny_model, dense=False, what="train features", say=lines.append,
+                                     max_image_pixels=100)
+    assert len(cached.files) == 1
+    cached = feats.features_or_embed(images, tiny_model, dense=False, what="train features", say=lines.append)
+    assert len(cached.files) == 4
+    assert any("made otherwise (--max-image-pixels, 100 then); embedding again" in line for line in lines)
+    cached = feats.features_or_embed(images, tiny_model, dense=False, what="train features", say=lines.append,
+                                     max_image_pixels=10**9)
+    assert len(cached.files) == 4 and "embedded" in lines[-1]
+    cached = feats.features_or_embed(images, tiny_model, dense=False, what="train features", say=lines.append)
+    assert len(cached.files) == 4 and "already in" in lines[-1]

@@ -457,3 +457,29 @@ def test_the_imagenet_preset_takes_the_folder_under_the_split_and_says_where_ima
         f"{tmp_path / 'inet' / 'train'}: 2 images lie below their class folder (e.g. Boots/sub0/1.png, of the class "
         f"Boots): --dataset imagenet takes the folder under the split as the class, as ImageNet does; give "
         f"--train/--val folders instead to make each image's own folder its class"]
+
+
+def test_a_labels_or_files_list_given_as_a_pipe_or_a_device_is_named_so(tmp_path):
+    """``--labels <(...)`` said "does not exist" (a new user's probe): it is a pipe; a device is never read."""
+    import os
+
+    os.mkfifo(tmp_path / "pipe.csv")
+    (tmp_path / "zero.csv").symlink_to("/dev/zero")
+    for read in (read_labels_file, lambda path: read_paths_file(path, "--files")):
+        for name in ("pipe.csv", "zero.csv"):
+            with pytest.raises(UserError, match=rf"{name} is not a regular file .*save it to a file"):
+                read(tmp_path / name)
+
+
+def test_labels_and_objects_options_given_a_pipe_say_so_before_the_model(tmp_path):
+    """``--train-labels <(...)`` said "is not a file", ``--gallery-objects <(...)`` "does not exist" (a probe)."""
+    import os
+
+    from mlsctl.data.objects import check_objects_file
+    from mlsctl.evaluate.inputs import check_inputs_exist
+
+    os.mkfifo(tmp_path / "pipe.csv")
+    with pytest.raises(UserError, match=r"--train-labels .*pipe.csv is not a regular file .*save it to a file"):
+        check_inputs_exist(("--train-labels", tmp_path / "pipe.csv", "labels"))
+    with pytest.raises(UserError, match=r"--gallery-objects .*pipe.csv is not a regular file .*save it to a file"):
+        check_objects_file(tmp_path / "pipe.csv", "--gallery-objects")

@@ -235,3 +235,16 @@ def test_the_shipped_backbone_s_missing_data_gets_its_build_commands(tmp_path, m
     assert ("mlsctl data fmnist-scenes --out data/fmnist-scenes && mlsctl data fmnist-products --out "
             "data/fmnist-products && mkdir -p data/fmnist-backbone && ln -sfn ../fmnist-scenes/train/images "
             "data/fmnist-backbone/scenes") in refused.value.message
+
+
+def test_model_beside_weights_that_record_another_architecture_advises_the_command_line(finished_run):
+    """A new user's probe (2026-12-08): `embed --weights EXPORT --model vit_tiny_patch16_224` advised "set
+    model.arch=... model.img_size=96", keys of a recipe, which embed does not take: leave --model out."""
+    from mlsctl.errors import UserError
+
+    run_dir, _ = finished_run
+    with pytest.raises(UserError) as caught:
+        choose_model(weights=run_dir / "teacher.safetensors", arch="vit_tiny_patch16_224")
+    message = str(caught.value)
+    assert "do not fit --model vit_tiny_patch16_224" in message and "leave --model out" in message, message
+    assert "model.arch=" not in message and "the file records its own architecture (" in message

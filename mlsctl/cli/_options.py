@@ -15,6 +15,7 @@ Kept free of heavy imports: every command module imports it at start-up.
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, get_args
@@ -91,6 +92,21 @@ def png_file(option: str) -> Callable:
         return value
 
     return check
+
+
+def results_path(option: str = "--out") -> Callable[[str], Path]:
+    """The parser of an evaluation's results-file option: a name ending in ``/`` names a folder, so it is refused
+    (a new user's probe, 2026-12-08: ``--out newdir2/`` wrote a file called ``newdir2``)."""
+    def parse(value: Any) -> Path:
+        from mlsctl.errors import UserError
+
+        text = str(value)
+        if text.endswith(("/", os.sep)) and text.strip("/" + os.sep):
+            stem = text.rstrip("/" + os.sep)
+            raise UserError(f"{option} {text} names a folder; give a file such as {stem}/results.json")
+        return Path(text)
+
+    return parse
 
 
 def results_file(option: str = "--out") -> Callable:

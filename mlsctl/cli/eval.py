@@ -9,7 +9,8 @@ import typer
 
 from mlsctl.cli._format import pct, say, table
 from mlsctl.console import counted
-from mlsctl.cli._options import MODEL_OPTION, RANDOM_INIT_OPTION, RUN_OPTION, WEIGHTS_OPTION, one_of, results_file
+from mlsctl.cli._options import (MODEL_OPTION, RANDOM_INIT_OPTION, RUN_OPTION, WEIGHTS_OPTION, one_of, results_file,
+                                 results_path)
 from mlsctl.evaluate.results import results_writer
 
 app = typer.Typer(rich_markup_mode=None, help="Evaluate features: dense k-NN and linear segmentation, image k-NN classification, linear probes, image-set retrieval, Recall@K.", no_args_is_help=True)
@@ -36,9 +37,10 @@ Search = Literal["auto", "torch", "faiss"]  # knn_seg.SEARCHES
 Device = Literal["auto", "cpu", "cuda"]  # knn.DEVICES
 PatchLabels = Literal["soft", "majority"]  # knn_seg.PATCH_LABELS
 Resize = Literal["square", "center-crop"]  # features.RESIZE_MODES
-RESIZE_OPTION = typer.Option("square", "--resize", parser=one_of("--resize", Resize),
+RESIZE_OPTION = typer.Option(None, "--resize", parser=one_of("--resize", Resize),
                              help="How images this command embeds are fitted to the model's input: square (the whole image "
-                                  "resized) or center-crop (DINO's protocol: resize to R·8/7, centre crop R).")
+                                  "resized) or center-crop (DINO's protocol: resize to R·8/7, centre crop R) "
+                                  "[default: square]; refused with feature folders on both sides.")
 NOT_THIS_EVALUATION = "{option} {value} is not one this evaluation reads; choose one of {choices}"
 
 ROOT_HELP = "The dataset's folder, or its .tar/.zip read in place (with --dataset)."
@@ -103,7 +105,7 @@ def knn_seg(
     device: Device = typer.Option("auto", "--device", parser=one_of("--device", Device), help=DEVICE_HELP.format(what="torch search")),
     patch_labels: PatchLabels = typer.Option("soft", "--patch-labels", parser=one_of("--patch-labels", PatchLabels), help="A memory patch's label: soft (its class histogram, Hummingbird's) or majority (its most frequent class, CrIBo's Table 1; with --k 50)."),
     data: Path = typer.Option(Path("data/fmnist-scenes"), "--data", help="fmnist-scenes folder used when no --train/--val is given (built when missing)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", callback=results_file(), help="Results JSON [default: results/knn-seg-<time>-<pid>.json]."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", parser=results_path(), callback=results_file(), help="Results JSON [default: results/knn-seg-<time>-<pid>.json]."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON instead of tables."),
 ) -> None:
     """Dense k-NN segmentation (Hummingbird protocol): label val patches from their nearest train patches.
@@ -122,6 +124,7 @@ def knn_seg(
     preset, chosen, overridden = inputs_lib.resolve_protocol(lib, protocol, {
         "k": k, "temperature": temperature, "memory_size": memory_size, "aug_passes": aug_passes, "runs": runs,
         "fractions": tuple(fraction) if fraction else None})
+    inputs_lib.refuse_image_options((train, val), {"resolution": resolution})
     write = results_writer(out, "knn-seg", say, as_json)  # after the refusals, before the work
     get_model = model_on_demand(run=run, weights=weights, arch=model, random_init=random_init, seed=seed, say=say)
 
@@ -149,7 +152,7 @@ def knn_seg(
     augmented = lib.AugmentedPasses.of_model(train_source, _model_of_training(train_features, get_model, run, weights,
                                                                          random_init, say),
                                              chosen["aug_passes"], seed) if chosen["aug_passes"] else None
-    fractions = [lib.parse_fraction(f) for f in chosen["fractions"]]
+    fractions = lib.parse_fractions(chosen["fractions"], say)
     settings = lib.Settings(k=chosen["k"], temperature=chosen["temperature"], memory_size=chosen["memory_size"],
                             aug_passes=chosen["aug_passes"], ignore_index=inputs.ignore_index, runs=chosen["runs"], seed=seed,
                             index=index, nlist=nlist, nprobe=nprobe, search=search, device=device,
@@ -173,6 +176,7 @@ def knn_seg(
     out = write(payload)
     if as_json:
         typer.echo(json.dumps(payload, indent=2))
+        _echo_notes(_knn_seg_notes(payload, settings, len(train_features)), as_json)
         return
     _print_knn_seg(payload, settings, len(train_features), out)
 
@@ -195,26 +199,40 @@ def _print_knn_seg(payload: dict, settings, train_images: int, out: Path) -> Non
                     *([pct(chance.get("foreground_iou"))] if foreground else []), "", ""])
     typer.echo(table(["fraction", "train images", "runs", "mIoU %", *(["foreground IoU %"] if foreground else []),
                       "(Hungarian mIoU %)", "seconds"], summary))
-    for images in sorted({r["train_images"] for r in results}):
-        same = [r["fraction"] for r in results if r["train_images"] == images]
-        if len(same) > 1:
-            typer.echo(f"note: fractions {', '.join(same)} all use {images} training image{'s' if images != 1 else ''} "
-                       f"(of {train_images}): too few training images to tell them apart")
-    # only the runs whose memory held fewer than k: "(16, 30 patches)" listed a run that voted with k (a probe)
-    voted = sorted({run["k"] for r in results for run in r["runs"] if run["k"] < settings.k})
-    if voted:
-        typer.echo(f"note: --k {settings.k} is more than the memory of some runs holds; their patches voted with all "
-                   f"of it ({', '.join(map(str, voted))} patches)")
-    held = sorted({run["memory_patches"] for r in results for run in r["runs"]})
-    if settings.memory_size is not None and held and held[-1] > settings.memory_size:
-        typer.echo(f"note: --memory-size {settings.memory_size} is less than one patch per training image; each image "
-                   f"gave one ({', '.join(f'{n:,}' for n in held)} patches)")
-    _say_shared(record, payload["val"]["images"])
+    _echo_notes(_knn_seg_notes(payload, settings, train_images))
     memory = "all labelled patches" if settings.memory_size is None else settings.memory_size
     typer.echo(f"\n{record['name']} ({record.get('train_split', 'train')} -> {record.get('val_split', 'val')}), "
                f"protocol {payload['protocol']['name']}: k={settings.k} T={settings.temperature} memory={memory} "
                f"aug-passes={settings.aug_passes} index={settings.index}, search {results[0]['runs'][0]['search']}; "
                f"results written to {out}")
+
+
+def _knn_seg_notes(payload: dict, settings, train_images: int) -> list[str]:
+    """eval knn-seg's notes on its results (said with the tables, or on stderr under --json)."""
+    results, notes = payload["results"], []
+    for images in sorted({r["train_images"] for r in results}):
+        same = [r["fraction"] for r in results if r["train_images"] == images]
+        if len(same) > 1:
+            notes.append(f"note: fractions {', '.join(same)} all use {images} training image"
+                         f"{'s' if images != 1 else ''} (of {train_images}): too few training images to tell them apart")
+    # only the runs whose memory held fewer than k: "(16, 30 patches)" listed a run that voted with k (a probe)
+    voted = sorted({run["k"] for r in results for run in r["runs"] if run["k"] < settings.k})
+    if voted:
+        notes.append(f"note: --k {settings.k} is more than the memory of some runs holds; their patches voted with "
+                     f"all of it ({', '.join(map(str, voted))} patches)")
+    held = sorted({run["memory_patches"] for r in results for run in r["runs"]})
+    if settings.memory_size is not None and held and held[-1] > settings.memory_size:
+        notes.append(f"note: --memory-size {settings.memory_size} is less than one patch per training image; each "
+                     f"image gave one ({', '.join(f'{n:,}' for n in held)} patches)")
+    return notes + [_shared_note(payload["dataset"], payload["val"]["images"])]
+
+
+def _echo_notes(notes: list, as_json: bool = False) -> None:
+    """The notes on a result (None: no note): with its tables, or on stderr under --json, whose stdout is the
+    JSON alone (a new user's probe, 2026-12-08: knn-seg's notes went nowhere under --json)."""
+    for note in notes:
+        if note:
+            typer.echo(note, err=as_json)
 
 
 def _model_of_training(train_features, get_model, run, weights, random_init: bool, say):
@@ -245,8 +263,8 @@ def knn(
     k: Optional[list[int]] = typer.Option(None, "--k", min=1, help="Neighbour counts, e.g. --k 10 20 100 200 [default]; a k above the training images votes with all of them."),
     temperature: float = typer.Option(0.07, "--temperature", min=1e-6, help="Vote weight exp(cos/T)."),
     device: Device = typer.Option("auto", "--device", parser=one_of("--device", Device), help=DEVICE_HELP.format(what="neighbour search")),
-    resize: Resize = RESIZE_OPTION,
-    out: Optional[Path] = typer.Option(None, "--out", "-o", callback=results_file(), help="Results JSON [default: results/knn-<time>-<pid>.json]."),
+    resize: Optional[Resize] = RESIZE_OPTION,
+    out: Optional[Path] = typer.Option(None, "--out", "-o", parser=results_path(), callback=results_file(), help="Results JSON [default: results/knn-<time>-<pid>.json]."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON instead of a table."),
 ) -> None:
     """Weighted k-NN classification on global features (DINO protocol): top-1/top-5 for several k.
@@ -272,13 +290,14 @@ def knn(
     payload = {"command": "eval knn", "dataset": record, **result, "seconds": round(time.perf_counter() - started, 3)}
     results, unknown = result["results"], result["val_classes_unseen_in_train"]
     out = write(payload)
+    notes = [_unseen_note(unknown, " (counted as errors)", result.get("val_classes_unseen_hint", "")) if unknown
+             else None, _shared_note(record, result["val_images"])]
     if as_json:
         typer.echo(json.dumps(payload, indent=2))
+        _echo_notes(notes, as_json)
         return
     typer.echo(table(*lib.score_table(result, lambda value: pct(value, 2))))
-    if unknown:
-        typer.echo(_unseen_note(unknown, " (counted as errors)", result.get("val_classes_unseen_hint", "")))
-    _say_shared(record, result["val_images"])
+    _echo_notes(notes)
     if any(r["top5"] is None for r in results):
         typer.echo("no top-5 (-): fewer than 5 classes")
     typer.echo(f"\n{result['train_images']} train / {result['val_images']} val images, {result['classes']} classes, "
@@ -307,8 +326,8 @@ def linear(
     batch_size: int = typer.Option(256, "--batch-size", min=1, help="Mini-batch of the probe."),
     holdout: float = typer.Option(0.2, "--holdout", min=0.0, max=0.9, help="Share of the training images the sweep is scored on."),
     device: Device = typer.Option("auto", "--device", parser=one_of("--device", Device), help=DEVICE_HELP.format(what="probe's training")),
-    resize: Resize = RESIZE_OPTION,
-    out: Optional[Path] = typer.Option(None, "--out", "-o", callback=results_file(), help="Results JSON [default: results/linear-<time>-<pid>.json]."),
+    resize: Optional[Resize] = RESIZE_OPTION,
+    out: Optional[Path] = typer.Option(None, "--out", "-o", parser=results_path(), callback=results_file(), help="Results JSON [default: results/linear-<time>-<pid>.json]."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON instead of a table."),
 ) -> None:
     """Linear probe on frozen global features: top-1/top-5, or multi-label mAP; lr x wd swept on a held-out split.
@@ -339,10 +358,15 @@ def linear(
     payload = {"command": "eval linear", "dataset": record, **result,
                "seconds": round(time.perf_counter() - started, 3)}
     out = write(payload)
+    key = "mAP" if multi_label else "top1"
+    unseen = result["val_classes_unseen_in_train"]
+    notes = [lib.result_diverged_note(result),
+             _unseen_note(unseen, hint=result.get("val_classes_unseen_hint", "")) if unseen else None,
+             _shared_note(record, result["val_images"])]
     if as_json:
         typer.echo(json.dumps(payload, indent=2))
+        _echo_notes([lib.tied_sweep_note(result), *notes], as_json)
         return
-    key = "mAP" if multi_label else "top1"
     if result["sweep"]:
         best = result["chosen"]
         typer.echo(table(["lr", "weight decay", f"held-out {'mAP' if multi_label else 'top-1'} %", "chosen"],
@@ -361,11 +385,8 @@ def linear(
                    nl=False)
     typer.echo(f" on {result['val_images']} val images ({result['train_images']} train, {result['classes']} classes, "
                f"lr {result['chosen']['lr']:g}, wd {result['chosen']['weight_decay']:g}); results written to {out}")
-    typer.echo(lib.chance_line(result) + (f"\n{lib.result_diverged_note(result)}" if result["diverged"] else ""))
-    if result["val_classes_unseen_in_train"]:
-        unseen = result["val_classes_unseen_in_train"]
-        typer.echo(_unseen_note(unseen, hint=result.get("val_classes_unseen_hint", "")))
-    _say_shared(record, result["val_images"])
+    typer.echo(lib.chance_line(result))
+    _echo_notes(notes)
 
 
 @app.command("linear-seg")
@@ -389,7 +410,7 @@ def linear_seg(
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Training images per step (all their patches)."),
     ignore_index: int = typer.Option(255, "--ignore-index", help="Mask value that is not scored."),
     seed: int = typer.Option(0, "--seed", help="Seed of --random-init, the initialisation and the batch order."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", callback=results_file(), help="Results JSON [default: results/linear-seg-<time>-<pid>.json]."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", parser=results_path(), callback=results_file(), help="Results JSON [default: results/linear-seg-<time>-<pid>.json]."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON instead of tables."),
 ) -> None:
     """Linear segmentation: a linear layer on frozen patch features, trained on the training masks, scored by mIoU.
@@ -401,11 +422,12 @@ def linear_seg(
     """
     from mlsctl.evaluate import knn_seg as knn_lib
     from mlsctl.evaluate import linear_seg as lib
-    from mlsctl.evaluate.inputs import segmentation_inputs, split_records
+    from mlsctl.evaluate.inputs import refuse_image_options, segmentation_inputs, split_records
     from mlsctl.evaluate.linear import result_diverged_note
     from mlsctl.evaluate.segmentation import constant_rule_text
     from mlsctl.restore import model_on_demand
 
+    refuse_image_options((train, val), {"resolution": resolution})
     write = results_writer(out, "linear-seg", say, as_json)  # after the refusals, before the work
     get_model = model_on_demand(run=run, weights=weights, arch=model, random_init=random_init, seed=seed, say=say)
     inputs = segmentation_inputs(dataset, root, train_split, val_split,
@@ -422,8 +444,10 @@ def linear_seg(
                **split_records(train_features, val_features, inputs.train_masks, inputs.val_masks),
                "model": train_features.model, **result}
     out = write(payload)
+    notes = [lib.one_class_note(result), result_diverged_note(result), _shared_note(inputs.record, len(val_features))]
     if as_json:
         typer.echo(json.dumps(payload, indent=2))
+        _echo_notes(notes, as_json)
         return
     typer.echo(table(["class", "IoU %"], [[name, pct(result["iou_per_class"][c] if c < len(result["iou_per_class"]) else None)]
                                           for c, name in enumerate(result["classes"])]))
@@ -433,10 +457,7 @@ def linear_seg(
                f"train loss {result['train_loss_per_epoch'][0]:.4g} -> {result['train_loss_per_epoch'][-1]:.4g}, "
                f"{result['seconds']['total']:.1f}s); results written to {out}")
     typer.echo(f"chance: {constant_rule_text(result['chance'])} (the training patches' most frequent class)")
-    for note in (lib.one_class_note(result), result_diverged_note(result)):
-        if note:
-            typer.echo(note)
-    _say_shared(inputs.record, len(val_features))
+    _echo_notes(notes)
 
 
 def _unseen_note(classes: list[str], how: str = "", hint: str = "") -> str:
@@ -447,13 +468,11 @@ def _unseen_note(classes: list[str], how: str = "", hint: str = "") -> str:
             f"{', '.join(classes[:5])}" + (f"; {hint}" if hint else ""))
 
 
-def _say_shared(record: dict, val_images) -> None:
-    """With the results: how many val images are training images too (evaluate.inputs.record_shared_images)."""
+def _shared_note(record: dict, val_images) -> Optional[str]:
+    """How many val images are training images too (evaluate.inputs.record_shared_images), or None."""
     from mlsctl.evaluate.inputs import shared_images_note
 
-    note = shared_images_note(record, val_images)
-    if note is not None:
-        typer.echo(note)
+    return shared_images_note(record, val_images)
 
 
 @app.command("retrieval")
@@ -468,7 +487,7 @@ def retrieval(
     noise: Optional[list[str]] = typer.Option(None, "--noise", help="Fractions of each query set replaced with random photos [default: 0 0.25 0.5]."),
     seed: int = typer.Option(0, "--seed", help="Seed of the query-photo draw and of the noise."),
     workers: Optional[int] = typer.Option(None, "--workers", "-w", min=0, help="Image-decoding worker processes [default: as mlsctl embed's]."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", callback=results_file(), help="Results JSON [default: results/retrieval-<time>-<pid>.json]."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", parser=results_path(), callback=results_file(), help="Results JSON [default: results/retrieval-<time>-<pid>.json]."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON instead of a table."),
 ) -> None:
     """Image-set retrieval: R@1..R@10 and AR@10 of MILE set embeddings against single-image baselines.
@@ -519,6 +538,7 @@ def retrieval(
     out = write(payload)
     if as_json:
         print(json.dumps(payload, indent=2))
+        _echo_notes([objects_note(payload["objects"])], as_json)
         return
     sizes = payload["query_set_sizes"]
     shown = sizes["min"] if sizes["min"] == sizes["max"] else f"{sizes['min']} to {sizes['max']}"
@@ -574,7 +594,10 @@ def _retrieval_of_index(index: Path, query: Path, gallery: Optional[Path], galle
                                   workers=workers, say=say, query_objects=query_objects)}
     out = write(payload)
     if as_json:
+        from mlsctl.evaluate.retrieval import left_out_note, objects_note, unchecked_note
+
         print(json.dumps(payload, indent=2))
+        _echo_notes([left_out_note(queries), objects_note(payload["objects"]), unchecked_note(queries, index)], as_json)
         return
     _print_index_result(payload, index, target, model, queries)
     say(f"wrote {out}")
@@ -616,7 +639,7 @@ def recall(
     features: Path = typer.Argument(..., help="Feature folder (mlsctl embed, or mlsctl refine apply) of the evaluation set."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="CSV/JSONL of path,label [default: each image's own folder, however deep]."),
     k: Optional[list[int]] = typer.Option(None, "--k", min=1, help="K of Recall@K, e.g. --k 1 2 4 8 [default: 1 2 4 8, and 10 100 1000 above 10,000 embeddings]."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", callback=results_file(), help="Results JSON [default: results/recall-<time>-<pid>.json]."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", parser=results_path(), callback=results_file(), help="Results JSON [default: results/recall-<time>-<pid>.json]."),
     as_json: bool = typer.Option(False, "--json", help="Print the results as JSON instead of a table."),
 ) -> None:
     """Recall@K, deep-metric-learning protocol: every embedding a query against all the others.
@@ -634,20 +657,20 @@ def recall(
     result = evaluate_recall(feats, labels, k)
     payload = {"command": "eval recall", **result, "seconds": round(time.perf_counter() - started, 3)}
     out = write(payload)
+    notes = [certain_note(result["ks_certain"]),
+             f"note: R@{', R@'.join(map(str, result['ks_too_large']))} left out: the set has {result['embeddings']} "
+             f"embeddings" if result["ks_too_large"] else None,
+             f"note: {result['lone_queries']} embeddings are the only ones of their class and are not queries"
+             if result["lone_queries"] else None]
     if as_json:
         typer.echo(json.dumps(payload, indent=2))
+        _echo_notes(notes, as_json)
         return
     recalls = result["recall"]
     typer.echo(table(["", *(f"R@{K}" for K in recalls), "MAP@R"],
                      [["scores", *(pct(v, 2) for v in recalls.values()), pct(result["map_at_r"], 2)],
                       ["chance (a random ranking)", *(pct(result["chance"][K], 2) for K in recalls),
                        pct(result["chance_map_at_r"], 2)]]))
-    certain = certain_note(result["ks_certain"])
-    if certain:
-        typer.echo(certain)
-    if result["ks_too_large"]:
-        typer.echo(f"note: R@{', R@'.join(map(str, result['ks_too_large']))} left out: the set has {result['embeddings']} embeddings")
-    if result["lone_queries"]:
-        typer.echo(f"note: {result['lone_queries']} embeddings are the only ones of their class and are not queries")
+    _echo_notes(notes)
     typer.echo(f"\n{result['embeddings']} embeddings of {result['classes']} classes, each a query against all the others "
                f"(%); results written to {out}")

@@ -65,6 +65,9 @@ def read_text_file(path: Path, what: str, utf16: bool = False) -> str:
     text" and Windows tools' exports: a new user's probe, 2026-12-07); mlsctl's own files never are."""
     path = Path(path)
     if not path.is_file():
+        if path.exists() and not path.is_dir():  # a FIFO (bash's <(...)) or a device: not read, never unbounded
+            raise UserError(f"{what} {path} is not a regular file (a pipe or a device, as <(...) gives); save it to "
+                            f"a file and give that")
         raise UserError(f"{what} {path} does not exist" + (" (it is a folder)" if path.is_dir() else ""))
     try:
         data = path.read_bytes()

@@ -63,6 +63,9 @@ def find_objects(folder: ImageFolder, objects_file: Optional[str | os.PathLike] 
 def check_objects_file(path: Optional[Path], option: str) -> None:
     """An objects file given as ``option`` that is no file is refused: the commands that embed say so before
     the model loads (``index build --objects``, ``eval retrieval --gallery-objects``), not after."""
+    if path is not None and Path(path).exists() and not Path(path).is_file() and not Path(path).is_dir():
+        raise UserError(f"{option} {path} is not a regular file (a pipe or a device, as <(...) gives); save it to a "
+                        f"file and give that")  # never read: a pipe hangs, a device has no end (a new user's probe)
     if path is not None and not Path(path).is_file():
         raise UserError(f"{option} {path} does not exist; give a CSV or JSONL of object_id,path")
 

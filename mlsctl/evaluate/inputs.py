@@ -150,6 +150,21 @@ def check_labels_before_embedding(sides) -> None:
         check_labels(files, folder, labels, f"{name} images {folder}", f"--{name}-labels")
 
 
+def refuse_image_options(sides: tuple[Optional[Path], Optional[Path]], given: dict) -> None:
+    """Feature folders on both sides are evaluated as they are: an option that says how images are embedded
+    (``given``: option name → value, None where not given) would be used for nothing, so it is refused, as a
+    model given beside them is (a new user's probe, 2026-12-08: --resize and --resolution ran as if heard)."""
+    from mlsctl.features import is_feature_folder
+
+    if any(side is None or not is_feature_folder(side) for side in sides):
+        return
+    for name, value in given.items():
+        if value is not None:
+            raise UserError(f"--{name} {value} applies when images are embedded, and --train and --val are feature "
+                            f"folders, embedded already; leave --{name} out, or give the image folders to embed "
+                            f"them with it")
+
+
 def is_feature_pair(train: Path, val: Path) -> bool:
     """Both ``train`` and ``val`` are feature folders (nothing to embed)."""
     from mlsctl.features import is_feature_folder
@@ -211,8 +226,32 @@ def record_shared_images(train_features, val_features, record: dict, copies: boo
             record["val_images_compared"] = f"by path only ({exc.needed / 2**30:.1f} GiB of images of equal sizes)"
     if copied:
         record["val_images_in_train_as_copies"] = copied
-    if shared + copied:
-        record["val_images_in_train"] = shared + copied
+    record["val_images_in_train"] = shared + copied  # 0 too: documented as always recorded (a new user's probe)
+    record_skipped_images(train_features, val_features, record)
+
+
+#: The most skipped files a result JSON names per split (their count is always recorded)
+SKIPPED_NAMED = 20
+
+
+def unreadable_images(features) -> list[list[str]]:
+    """The ``[path, reason]`` of each image file ``features`` could not embed (not the other files of the folder)."""
+    from mlsctl.data.images import NOT_AN_IMAGE
+
+    skipped = features.manifest.get("skipped") if isinstance(features.manifest, dict) else None
+    return [list(item) for item in skipped or [] if isinstance(item, (list, tuple)) and len(item) == 2
+            and not str(item[1]).startswith(NOT_AN_IMAGE)]
+
+
+def record_skipped_images(train_features, val_features, record: dict) -> None:
+    """Record in the dataset record how many image files of each split were not scored, being unreadable
+    (``train_images_skipped``, ``val_images_skipped``), and the first :data:`SKIPPED_NAMED` of them
+    (``..._skipped_files``): an evaluation scored 8 of 10 val images without a word (a new user's probe)."""
+    for split, features in (("train", train_features), ("val", val_features)):
+        skipped = unreadable_images(features)
+        record[f"{split}_images_skipped"] = len(skipped)
+        if skipped:
+            record[f"{split}_images_skipped_files"] = [path for path, _ in skipped[:SKIPPED_NAMED]]
 
 
 def shared_images_note(record: dict, val_images: int) -> Optional[str]:
@@ -363,6 +402,9 @@ def check_inputs_exist(*given: tuple[str, Optional[Path], str]) -> None:
         if kind == "masks" and not path.is_dir():
             raise UserError(f"{option} {path} {'is not a folder' if path.exists() else 'does not exist'}; give the "
                             f"folder of masks (one PNG of class ids per image, the same relative names)")
+        if kind == "labels" and path.exists() and not path.is_file() and not path.is_dir():  # <(...): a pipe
+            raise UserError(f"{option} {path} is not a regular file (a pipe or a device, as <(...) gives); save it to "
+                            f"a file and give that")
         if kind == "labels" and not path.is_file():
             raise UserError(f"{option} {path} {'is not a file' if path.exists() else 'does not exist'}; give a CSV "
                             f"(path,label) or JSONL labels file")
@@ -395,14 +437,19 @@ def check_protocol_resolution(preset, overridden: list[str], resolution: Optiona
 
 def classification_inputs(dataset: str, root: Optional[Path], train_split: Optional[str], val_split: Optional[str],
                           train: Optional[Path], val: Optional[Path], train_labels: Optional[Path],
-                          val_labels: Optional[Path], get_model, say: Say = to_stderr, resize: str = "square") -> tuple:
+                          val_labels: Optional[Path], get_model, say: Say = to_stderr,
+                          resize: Optional[str] = None) -> tuple:
     """(train features, val features, train labels, val labels, dataset record) of eval knn and
     eval linear: the --train/--val folders with their labels, or the splits of --dataset imagenet
     (whose labels are the splits themselves). Images are embedded with ``resize`` (``center-crop``:
-    DINO's k-NN and linear protocol); feature folders are taken as they are."""
+    DINO's k-NN and linear protocol; None: square, not given); feature folders are taken as they are,
+    and a ``resize`` given with feature folders on both sides is refused."""
     from mlsctl.data.datasets import CLASSIFICATION
     from mlsctl.data.labels import FOLDER_LABELS
     from mlsctl.features import features_or_embed
+
+    refuse_image_options((train, val), {"resize": resize})
+    resize = resize or "square"
 
     if dataset == "folders":
         if train is None or val is None:

@@ -120,6 +120,19 @@ def parse_fraction(text: str) -> Fraction:
     return value
 
 
+def parse_fractions(texts: Sequence[str], say: Callable[[str], None]) -> list[Fraction]:
+    """The fractions of ``--fraction``, each once: one equal to another given before it (``1/8 0.125``) is said
+    and left out, not computed twice and then blamed on too few training images (a new user's probe, 2026-12-08)."""
+    fractions: list[Fraction] = []
+    for text in texts:
+        value = parse_fraction(text)
+        if value in fractions:
+            say(f"note: --fraction {text} is {value}, given already; it is computed once")
+            continue
+        fractions.append(value)
+    return fractions
+
+
 # ---------------------------------------------------------------------------------------------- sources
 
 

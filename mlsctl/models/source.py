@@ -95,14 +95,34 @@ def from_weights(path: str | Path, arch: Optional[str] = None, *, img_size: Opti
     patch = patch_size or spec.get("patch_size") or _patch_size_of(spec["arch"])
     if random_init:
         torch.manual_seed(seed)
-    backbone = Backbone(spec["arch"], img_size=size, patch_size=patch, weights=None if random_init else str(path),
-                        timm_kwargs=spec.get("timm_kwargs"), embedding_dim=spec.get("embedding_dim", 0), skip_init=True)
+    try:
+        backbone = Backbone(spec["arch"], img_size=size, patch_size=patch, weights=None if random_init else str(path),
+                            timm_kwargs=spec.get("timm_kwargs"), embedding_dim=spec.get("embedding_dim", 0),
+                            skip_init=True)
+    except UserError as exc:
+        if recorded is None or spec is recorded or spec.get("arch") == recorded.get("arch"):
+            raise
+        raise UserError(_not_the_recorded_model(str(exc), path, arch, recorded)) from None
     if random_init:
         choice = model_choice(backbone, f"randomly initialised {backbone.name} (architecture of {path}, seed {seed})",
                               "random-init", str(path), size)
         choice.info["seed"] = seed
         return choice
     return model_choice(backbone, f"{backbone.name} with weights {path}", "weights", str(path), size)
+
+
+def _not_the_recorded_model(message: str, path: Path, arch: str, recorded: dict) -> str:
+    """The refusal of ``--model arch`` for weights that do not fit it but record an architecture of their own: the
+    command-line fix (leave --model out), not a recipe's (a new user's probe, 2026-12-08: embed was told to "set
+    model.arch=... model.img_size=96", which it does not take)."""
+    what = message.split("; the file records its architecture")[0].split("; check the architecture")[0]
+    what = what.replace("do not fit model.arch", f"do not fit --model {arch}")
+    shape = ", ".join(f"{key} {value}" for key, value in (("patch", recorded.get("patch_size")),
+                                                           ("img_size", recorded.get("img_size")),
+                                                           *(recorded.get("timm_kwargs") or {}).items())
+                      if value is not None)
+    return (f"{what}; the file records its own architecture ({recorded['arch']}{f', {shape}' if shape else ''}): leave "
+            f"--model out to load it as recorded")
 
 
 def _patch_size_of(arch: str) -> int:
