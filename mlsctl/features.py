@@ -131,7 +131,8 @@ def _differs(a: dict, b: dict, key: str, reading: bool = False) -> bool:
     if key in _UNCHECKED_WHEN_ABSENT and (a.get(key) is None or b.get(key) is None):
         return False
     if key == "max_image_pixels" and reading:
-        return a[key] < b[key]
+        numbers = all(isinstance(v, int) and not isinstance(v, bool) for v in (a[key], b[key]))
+        return not numbers or a[key] < b[key]  # a hand-edited plan's text: made otherwise, not a TypeError
     return a.get(key) != b.get(key)
 
 

@@ -838,7 +838,7 @@ class _Photos(TreeImages):
 
         limit = DEFAULT_MAX_IMAGE_PIXELS if self.max_pixels is None else self.max_pixels
         try:
-            data, image = read_rgb(self.tree.path / self.relpaths[index], limit, self.raise_with)
+            digest, image = read_rgb(self.tree.path / self.relpaths[index], limit, self.raise_with)
         except BadImage as exc:
             return index, None, str(exc), None
         except OSError as exc:  # the message names the photo: its reason need not
@@ -846,7 +846,7 @@ class _Photos(TreeImages):
         problem = self.photos and photo_shape_problem(*image.size)  # one rule with load_images and serve's uploads
         if problem:
             return index, None, problem, None
-        return index, self.preprocessing.pixels(image), None, photo_digest(data) if self.hashed else None
+        return index, self.preprocessing.pixels(image), None, digest if self.hashed else None
 
 
 def collate_photos(items):
@@ -868,8 +868,8 @@ def read_photo(path: str | os.PathLike, hashed: bool = True):
     read hashed a file replaced meanwhile); a photo that cannot be read is :func:`load_images`'s sentence."""
     from mlsctl.data.images import read_rgb
 
-    data, image = _read_photo(lambda p: read_rgb(p, photo=True), path)
-    return (photo_digest(data) if hashed else None), image
+    digest, image = _read_photo(lambda p: read_rgb(p, photo=True), path)  # the sha256 of its bytes: photo_digest's
+    return (digest if hashed else None), image
 
 
 def photos_of_folders(photos: Sequence, option: str = "--set") -> list:
@@ -2492,7 +2492,7 @@ def _embed_objects(source, groups: Optional[dict[str, list[Path]]], model: SetMo
             ids.append(object_id)
             latents.append(model.fold(None, cls, tokens))
             counts.append(len(cls))
-            digests.append(list(dict.fromkeys(read)))
+            digests.append(list(read))  # one record a photo folded, two files of the same bytes two: as counted
     if unreadable:
         shown = "; ".join(f"{path} ({reason})" for path, reason in unreadable[:5])
         raise UserError(f"{len(unreadable)} photo{'s' if len(unreadable) != 1 else ''} of {source} cannot be read: "

@@ -40,7 +40,7 @@ def check_place(out: Path, option: str, what: str) -> None:
         raise UserError(f"{option} is empty; give the path of the {what} to write")
     if out.is_dir():
         raise UserError(f"{option} {out} is a folder; give the path of the {what} to write inside it, such as "
-                        f"{out / ('result.json' if what == 'results file' else 'picture.png')}")
+                        f"{out / ('results.json' if what == 'results file' else 'picture.png')}")
     if out.exists() and not out.is_file():
         raise UserError(f"{option} {out} is not a regular file (a device, a pipe or a socket); give a file path")
     for parent in out.parents:

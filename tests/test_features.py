@@ -786,3 +786,14 @@ def test_a_raised_max_image_pixels_is_another_plan_where_it_admits_more(tmp_path
     assert len(cached.files) == 4 and "embedded" in lines[-1]
     cached = feats.features_or_embed(images, tiny_model, dense=False, what="train features", say=lines.append)
     assert len(cached.files) == 4 and "already in" in lines[-1]
+
+
+def test_a_hand_edited_pixel_limit_in_a_plan_is_made_otherwise_not_a_type_error():
+    """A review (2026-12-08): an evaluation compared the folder's and its own --max-image-pixels with `<`; a plan
+    edited by hand to text ended in an internal TypeError. Such a plan is made otherwise."""
+    from mlsctl.features import _differs
+
+    key = "max_image_pixels"
+    assert _differs({key: "many"}, {key: 5}, key, reading=True)
+    assert not _differs({key: 10}, {key: 5}, key, reading=True) and _differs({key: 1}, {key: 5}, key, reading=True)
+    assert not _differs({}, {key: 5}, key, reading=True)  # recorded before the limit was: the same

@@ -439,3 +439,33 @@ def test_the_gallerys_own_run_of_another_configuration_is_named_as_the_gallerys_
     err = refused_before_the_model("--index", str(gallery), "--query", str(mile_run / "query"),
                                    "--run", str(mile_run / "run"), capsys=capsys)
     assert err.startswith("error: --run ") and "leave --run out" in err, err
+
+
+def test_an_object_folder_holding_one_photo_twice_is_checked_not_said_unchecked(mile_run, tmp_path, capsys):
+    """A review (2026-12-08): the build recorded each distinct photo once while counting every file, so an object
+    folder holding the same photo twice was said "not checked" by eval retrieval --index. The build records every
+    photo it folds."""
+    from mlsctl.gallery import Gallery
+
+    source = tmp_path / "gallery-photos"
+    shutil.copytree(mile_run / "gallery", source)
+    first = sorted((source / "obj0").iterdir())[0]
+    shutil.copyfile(first, source / "obj0" / "again.png")  # another file, the same bytes
+    out_gallery = tmp_path / "g"
+    code, _, err = cli("index", "build", str(source), "--run", str(mile_run / "run"), "--out", str(out_gallery))
+    assert code == 0, err
+    built = Gallery(out_gallery)
+    assert built.photos_known() == sum(built.count(o) for o in built.ids)
+    out, _ = cli_ok(capsys, "eval", "retrieval", "--index", str(out_gallery), "--query", str(mile_run / "query"),
+                    "--noise", "0", "--out", str(tmp_path / "r.json"))
+    assert "does not record the digests" not in out, out
+    assert json.loads((tmp_path / "r.json").read_text())["query_objects_unchecked"] == 0
+
+
+def test_the_index_cost_note_goes_to_stderr_under_json(mile_run, flat_gallery, tmp_path, capsys):
+    """A review (2026-12-08): under --json the notes go to stderr, but the index-cost note was left out."""
+    code, out, err = cli("eval", "retrieval", "--index", str(flat_gallery), "--query", str(mile_run / "query"),
+                         "--noise", "0", "--json", "--out", str(tmp_path / "r.json"), capsys=capsys)
+    assert code == 0, err
+    assert json.loads(out)["command"] == "eval retrieval"
+    assert "the gallery's index is flat: it searches exactly, so its rows equal the exact ones" in err, err

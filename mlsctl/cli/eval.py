@@ -594,10 +594,11 @@ def _retrieval_of_index(index: Path, query: Path, gallery: Optional[Path], galle
                                   workers=workers, say=say, query_objects=query_objects)}
     out = write(payload)
     if as_json:
-        from mlsctl.evaluate.retrieval import left_out_note, objects_note, unchecked_note
+        from mlsctl.evaluate.retrieval import index_cost_note, left_out_note, objects_note, unchecked_note
 
         print(json.dumps(payload, indent=2))
-        _echo_notes([left_out_note(queries), objects_note(payload["objects"]), unchecked_note(queries, index)], as_json)
+        _echo_notes([index_cost_note(payload), left_out_note(queries), objects_note(payload["objects"]),
+                     unchecked_note(queries, index)], as_json)
         return
     _print_index_result(payload, index, target, model, queries)
     say(f"wrote {out}")

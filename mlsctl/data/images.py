@@ -453,25 +453,29 @@ def load_rgb(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 
 def read_rgb(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, raise_with: str = "",
              photo: bool = False) -> tuple[bytes, Image.Image]:
-    """:func:`load_rgb` of ``path`` read once: (its bytes, the image decoded from those very bytes), so that what a
-    caller records of the file (a gallery, its sha256) is what was decoded, even where the file is replaced between
-    two reads (a review, 2026-12-07: a build hashed a second read). Refused as :func:`load_rgb` refuses."""
-    import io
+    """:func:`load_rgb` of ``path`` opened once: (the sha256 of its bytes, the image decoded from the same open file),
+    so that what a caller records of the file (a gallery, its :func:`~mlsctl.gallery.photo_digest`) is what was
+    decoded, even where the file is replaced between two opens (a review, 2026-12-07: a build hashed a second read).
+    The header is checked first and the bytes are hashed in chunks: a file is never held whole in memory (a review,
+    2026-12-08: a photo padded with 300 MB cost 600 MB), only what its decoder needs. Refused as :func:`load_rgb`
+    refuses."""
+    import hashlib
 
     path = Path(path)
     try:
         with open(path, "rb") as file:
             if os.fstat(file.fileno()).st_size == 0:
                 raise BadImage("empty file (0 bytes)")
-            # the header first, from the file opened: a huge file is refused before it is read whole into memory
+            # the header first: a file over the pixel limit is refused before its bytes are read
             _decode(file, max_pixels, raise_with=raise_with, header_only=True, photo=photo, name=path)
             file.seek(0)
-            data = file.read()
+            digest = hashlib.sha256()
+            for chunk in iter(lambda: file.read(1 << 20), b""):
+                digest.update(chunk)
+            file.seek(0)
+            return digest.digest(), _decode(file, max_pixels, raise_with=raise_with, photo=photo, name=path)
     except OSError as exc:
         raise _unreadable(exc, path) from None
-    if not data:
-        raise BadImage("empty file (0 bytes)")
-    return data, _decode(io.BytesIO(data), max_pixels, raise_with=raise_with, photo=photo, name=path)
 
 
 def check_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, raise_with: str = "",
