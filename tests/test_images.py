@@ -358,3 +358,25 @@ def test_read_rgb_refuses_a_huge_image_by_its_header_before_reading_the_file_who
         tracemalloc.stop()
     assert digest == hashlib.sha256(padded.read_bytes()).digest() and image.size == (8, 6)
     assert peak < (3 << 20), peak
+
+
+def test_read_rgb_refuses_a_fifo_or_a_device_named_png_without_waiting(tmp_path):
+    """A probe (2026-12-08): index build hung for good on a FIFO named .png among an object's photos (read_rgb
+    opened it and waited for a writer); a device link was "empty file (0 bytes)". Both are no regular file."""
+    import signal
+
+    from mlsctl.data.images import read_rgb
+
+    fifo = tmp_path / "zz.png"
+    os.mkfifo(fifo)
+    device = tmp_path / "zero.png"
+    device.symlink_to("/dev/zero")
+    previous = signal.signal(signal.SIGALRM, lambda *_: pytest.fail("read_rgb waited on a FIFO"))
+    signal.alarm(10)
+    try:
+        for path in (fifo, device):
+            with pytest.raises(BadImage, match=r"^not a regular file \(a pipe or a device\)$"):
+                read_rgb(path)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
