@@ -380,3 +380,12 @@ def test_read_rgb_refuses_a_fifo_or_a_device_named_png_without_waiting(tmp_path)
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def test_load_rgb_names_a_device_as_no_regular_file_not_as_empty(tmp_path):
+    """A probe (2026-12-08): a link to /dev/zero named .png was "empty file (0 bytes)" in index build and embed,
+    "not a file" elsewhere; it is named as what it is."""
+    device = tmp_path / "zero.png"
+    device.symlink_to("/dev/zero")
+    with pytest.raises(BadImage, match=r"^not a regular file \(a pipe or a device\)$"):
+        load_rgb(device)

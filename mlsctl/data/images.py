@@ -493,9 +493,13 @@ def check_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_IMAGE_PIX
 
 
 def _not_empty(path: Path) -> Path:
-    """``path``, refused as :class:`BadImage` where it is empty or the file system refuses it (:func:`_unreadable`)."""
+    """``path``, refused as :class:`BadImage` where it is no regular file (a FIFO or a device: said as such, not as
+    empty), empty, or the file system refuses it (:func:`_unreadable`)."""
     try:
-        if path.stat().st_size == 0:
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode) and not stat.S_ISDIR(info.st_mode):  # a folder: the file system's word
+            raise BadImage("not a regular file (a pipe or a device)")
+        if info.st_size == 0:
             raise BadImage("empty file (0 bytes)")
     except OSError as exc:
         raise _unreadable(exc, path) from None
