@@ -72,7 +72,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ClassVar, Optional, Sequence
+from typing import Callable, ClassVar, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -2236,7 +2236,8 @@ def check_what_a_rebuild_drops(out: Path, source_counts: dict[str, int], drop_ad
     that cannot be read (a damaged record of its removals, a bad manifest field, an older format) is refused unless
     ``restore_removed``, then replaced with a note: its removals cannot be known, and the rebuild would bring the
     removed objects back (a probe, 2026-12-07: a note said so, and takedowns were undone). An object removed and
-    added again counts as added (its new photos are not the source's). Returns the ids ever removed from the gallery
+    added again counts as added (its new photos are not the source's), under its id or a look-alike of it
+    (:func:`added_again`), and the refusal names both spellings. Returns the ids ever removed from the gallery
     (:meth:`Gallery.ever_removed_ids`, added again since or not), which the rebuild skips (:func:`build_gallery`), or
     None where it cannot be read."""
     removed: list[str] = []
@@ -2253,7 +2254,7 @@ def check_what_a_rebuild_drops(out: Path, source_counts: dict[str, int], drop_ad
         say(f"note: --overwrite replaces {out}, which cannot be read ({first_line(exc, 160)}), so "
             f"what it holds beyond the source cannot be counted: the rebuild holds every object of the source")
         return None
-    again = [object_id for object_id in removed if object_id in held]  # removed, then added again: an add
+    again = added_again(removed, held)  # removed, then added again (a look-alike too): an add
     gone = [object_id for object_id in held if object_id not in source_counts and object_id not in again]
     more = {object_id: held[object_id] - source_counts[object_id] for object_id in held
             if object_id in source_counts and held[object_id] > source_counts[object_id] and object_id not in again}
@@ -2261,7 +2262,7 @@ def check_what_a_rebuild_drops(out: Path, source_counts: dict[str, int], drop_ad
         return removed
     parts = []
     if again:  # the source's photos are those of before the takedown (a probe, 2026-12-07: they came back silently)
-        shown = ", ".join(printable(i) for i in again[:3]) + (", ..." if len(again) > 3 else "")
+        shown = _shown_ids(list(again), matched=again)
         parts.append(f"{counted(len(again), 'object')} removed and added again ({shown}), which the source holds as "
                      f"before the removal if at all")
     if gone:
@@ -2275,6 +2276,23 @@ def check_what_a_rebuild_drops(out: Path, source_counts: dict[str, int], drop_ad
                         f"photos to the source first, or give --drop-added to rebuild without them")
     say(f"note: --overwrite --drop-added replaces {out}; {held}, they will not be in the rebuilt gallery")
     return removed
+
+
+def added_again(removed: Sequence[str], live: Iterable[str]) -> dict[str, str]:
+    """The ``live`` ids that were ``removed`` and added again, each with the removed id it reads as: the same id, or
+    one of the same :func:`lookalike_key` (a probe, 2026-12-08: 'cafe' + U+0301 removed, then 'café' (NFC) added
+    with new photos, was taken for the source's object and its new photos dropped by a rebuild without a word)."""
+    keys: dict[str, str] = {}
+    for object_id in removed:
+        keys.setdefault(lookalike_key(object_id), object_id)
+    exact = set(removed)
+    again = {}
+    for object_id in live:
+        if object_id in exact:
+            again[object_id] = object_id
+        elif lookalike_key(object_id) in keys:
+            again[object_id] = keys[lookalike_key(object_id)]
+    return again
 
 
 def _holds_no_removals(out: Path) -> bool:

@@ -2377,6 +2377,45 @@ def test_a_rebuild_skips_a_removed_object_whose_folder_was_renamed_to_a_look_ali
     assert sorted(Gallery(g).ids) == ["caf\u00e9", "obj0", "obj1"] and Gallery(g).removed_ids() == []
 
 
+def test_a_rebuild_refuses_a_look_alike_of_a_removed_object_added_again_as_it_refuses_the_same_id(tmp_path,
+                                                                                                    monkeypatch, capsys):
+    """A probe (2026-12-08): 'cafe' + U+0301 removed, its folder renamed 'café' (NFC) and 'café' added again with 2 new
+    photos: index build --overwrite took it for the source's object and skipped it as removed, the 2 new photos gone
+    without a word (exit 0); with more photos than the source it was refused as "photos more than the source", and
+    --restore-removed-id café swapped the new photos for the old. A look-alike added again is "removed and added
+    again", refused as the same id is, naming both spellings."""
+    from conftest import cli, cli_ok
+    from test_hardening import one_sentence
+
+    from mlsctl.gallery import printable
+
+    source = object_photos(tmp_path / "photos", objects=3, per_object=4)
+    new = object_photos(tmp_path / "new", objects=1, per_object=6, noise_seed=9)
+    decomposed, composed = "cafe\u0301", "caf\u00e9"
+    (source / "obj2").rename(source / decomposed)
+    _tiny_model_for(monkeypatch, tmp_path / "run")
+    g = str(tmp_path / "g")
+    build = ("index", "build", str(source), "--out", g, "--workers", "0", "--overwrite")
+    cli_ok(capsys, *build[:-1])
+    cli_ok(capsys, "index", "remove", g, decomposed)
+    (source / decomposed).rename(source / composed)
+    photos = sorted(str(p) for p in (new / "obj0").iterdir())
+    cli_ok(capsys, "index", "add", g, "--object", composed, *photos[:2], "--run", str(tmp_path))
+    said = (f"--overwrite would drop what a rebuild from the source cannot make again: {g} holds 1 object removed and "
+            f"added again ({composed}, removed as '{printable(decomposed)}')")
+    for extra in ((), ("--restore-removed-id", composed)):
+        code, _, err = cli(*build, *extra, capsys=capsys)
+        assert code == 2 and said in one_sentence(err) and "--drop-added" in err, err
+        assert Gallery(g).count(composed) == 2
+    cli_ok(capsys, "index", "add", g, "--object", composed, *photos[2:], "--run", str(tmp_path))  # 6: more than 4
+    code, _, err = cli(*build, capsys=capsys)
+    assert code == 2 and said in one_sentence(err) and "more than the source" not in err, err
+    assert Gallery(g).count(composed) == 6
+    _, err = cli_ok(capsys, *build, "--drop-added")
+    assert f"{composed}, removed as '{printable(decomposed)}'" in err and "will not be in the rebuilt gallery" in err
+    assert sorted(Gallery(g).ids) == ["obj0", "obj1"] and Gallery(g).removed_ids() == [decomposed]
+
+
 def _rewrite_photo(path: Path, seed: int) -> bytes:
     """``path`` written again in place with other pixels (a 32 px PNG); returns its new bytes."""
     from PIL import Image
