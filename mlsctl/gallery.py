@@ -552,21 +552,24 @@ def check_new_ids(ids: Sequence[str], where: str) -> None:
 
 
 def object_folders(root: str | os.PathLike, objects_file: Optional[str | os.PathLike] = None,
-                   option: str = "--objects") -> dict[str, list[Path]]:
+                   option: str = "--objects", what: str = "gallery images", prefer: tuple[str, ...] = ("gallery",)
+                   ) -> dict[str, list[Path]]:
     """``ROOT/<object_id>/*`` images, files in the order of their paths relative to ``ROOT`` as strings
     (the folding order: the scan's, the order of a feature folder's rows and of ``eval retrieval``'s
     sets, so a gallery built from the images and one built from their features fold alike). Files whose
     names cannot be stored are skipped and reported (see :func:`~mlsctl.data.images.scan_images`).
     With ``objects_file`` (given as ``option``), the objects are those it lists instead, a CSV/JSONL of
     ``object_id,path`` with paths relative to ``ROOT``, as MILE's ``method.objects_file`` (In-shop's item folders
-    lie three levels down: a new user's probe, 2026-12-07), their photos in the same order."""
+    lie three levels down: a new user's probe, 2026-12-07), their photos in the same order. ``what`` names ``root`` in
+    messages (``--query`` for eval retrieval's queries, not "gallery images": a probe, 2026-12-08), and ``prefer`` the
+    sub-folder a note on nested objects suggests (``query`` for a query)."""
     from mlsctl.data.images import require_images, scan_images
     from mlsctl.data.objects import listed_objects
 
     root = Path(root)
-    scan = scan_images(root, "gallery images")
-    require_images(scan, "gallery images")
-    for line in scan.notes("gallery images"):
+    scan = scan_images(root, what)
+    require_images(scan, what)
+    for line in scan.notes(what):
         logging.getLogger("mlsctl").warning(line)
     if objects_file is not None:
         listing = {path.relative_to(root).as_posix(): path for path in scan.files}
@@ -581,7 +584,7 @@ def object_folders(root: str | os.PathLike, objects_file: Optional[str | os.Path
             raise UserError(f"{path} is not inside an object folder; put each object's images in {root}/<object_id>/, "
                             f"or list them in an objects file (CSV/JSONL of object_id,path) given with {option}")
         groups.setdefault(check_object_id(rel.parts[0], "object folder"), []).append(path)
-    _say_nested_objects(root, groups, option)
+    _say_nested_objects(root, groups, option, prefer)
     _say_folders_without_photos(root, groups)
     return dict(sorted(groups.items()))  # each list in the scan's order: by relative path, as a string
 
@@ -601,13 +604,14 @@ def _say_folders_without_photos(root: Path, groups: dict[str, list[Path]]) -> No
             f"{'makes' if len(empty) == 1 else 'make'} no object: {shown}")
 
 
-def _say_nested_objects(root: Path, groups: dict[str, list[Path]], option: str) -> None:
+def _say_nested_objects(root: Path, groups: dict[str, list[Path]], option: str,
+                        prefer: tuple[str, ...] = ("gallery",)) -> None:
     """A warning, before anything is embedded, where objects gather their photos from many sub-folders
     (:func:`~mlsctl.data.objects.nested_groups_note`); ``option`` gives an objects file instead."""
     from mlsctl.data.objects import nested_groups_note
 
     note = nested_groups_note(root, {name: [p.relative_to(root) for p in paths] for name, paths in groups.items()},
-                              prefer=("gallery",), objects_option=f"{option} ",
+                              prefer=prefer, objects_option=f"{option} ",
                               objects_name=f"{option.lstrip('-')}.csv")
     if note:
         logging.getLogger("mlsctl").warning(note)

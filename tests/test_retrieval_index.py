@@ -140,6 +140,23 @@ def test_query_ids_that_read_like_removed_ids_are_left_out_as_removed_and_named(
     assert f"xz (reads like removed '{printable(xz)}')" in err, err
 
 
+def test_query_folder_messages_name_the_query_option_and_its_query_sub_folder(mile_run, flat_gallery, tmp_path,
+                                                                                capsys, caplog):
+    """A probe (2026-12-08): an empty --query folder was "gallery images qs/empty contains no images", and --query
+    given a data set's root (gallery/ and query/ under it) was told to "give ROOT/gallery instead". Messages name
+    --query, and the note suggests the query sub-folder."""
+    (tmp_path / "empty").mkdir()
+    err = refused_before_the_model("--index", str(flat_gallery), "--query", str(tmp_path / "empty"), capsys=capsys)
+    assert f"error: --query {tmp_path / 'empty'} contains no images" in err and "gallery images" not in err, err
+    root = tmp_path / "root"
+    shutil.copytree(mile_run / "gallery", root / "gallery")
+    shutil.copytree(mile_run / "query", root / "query")
+    with caplog.at_level("WARNING", logger="mlsctl"):
+        code, _, err = cli("eval", "retrieval", "--index", str(flat_gallery), "--query", str(root), capsys=capsys)
+    said = caplog.text + err
+    assert code == 2 and f"give {root / 'query'} instead" in said and f"give {root / 'gallery'}" not in said, said
+
+
 def test_refusals_come_before_the_model_loads(mile_run, flat_gallery, tmp_path, capsys):
     def refused(*args: str) -> str:
         code, out, err = cli("eval", "retrieval", *args, capsys=capsys)

@@ -331,8 +331,8 @@ def paired_photos(gallery, query, gallery_objects=None, query_objects=None) -> P
     from mlsctl.errors import UserError
     from mlsctl.gallery import object_folders
 
-    gallery_groups = object_folders(gallery, gallery_objects, "--gallery-objects")
-    query_groups = object_folders(query, query_objects, "--query-objects")
+    gallery_groups = object_folders(gallery, gallery_objects, "--gallery-objects", "--gallery")
+    query_groups = object_folders(query, query_objects, "--query-objects", "--query", ("query",))
     objects = [o for o in gallery_groups if o in query_groups]
     if len(objects) < 2:
         raise UserError(f"{gallery} and {query} share {len(objects)} objects; retrieval needs at least 2 "
@@ -541,7 +541,7 @@ def gallery_queries(target, query, query_objects=None) -> GalleryQueries:
     from mlsctl.errors import UserError
     from mlsctl.gallery import check_photos, object_folders
 
-    groups = object_folders(query, query_objects, "--query-objects")
+    groups = object_folders(query, query_objects, "--query-objects", "--query", ("query",))
     live = target.live_rows()
     for start in range(0, len(live), EXACT_BLOCK):  # a NaN latent: one sentence, before the model loads
         target.check_live_latents(live[start:start + EXACT_BLOCK])
