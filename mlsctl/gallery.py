@@ -482,6 +482,17 @@ def printable(object_id: str, limit: Optional[int] = 80) -> str:
     return shown + ("..." if len(cut) < len(object_id) else "")
 
 
+def typable(object_id: str) -> Optional[str]:
+    """``object_id`` as bash's ``$'...'`` quoting types it (``$'cafe\\u0301'``), where :func:`printable` shows it
+    otherwise than it is spelt (a decomposed id, an invisible character), so that a message naming it says how to give
+    it (a probe, 2026-12-08: "give 'café [decomposed]' to remove it" cannot be typed); None where it reads as it is."""
+    if printable(object_id, None) == object_id:
+        return None
+    quoted = {"'": "\\'", "\\": "\\\\"}
+    return "$'" + "".join(quoted.get(c, c) if 0x20 <= ord(c) < 0x7f else
+                          (f"\\u{ord(c):04x}" if ord(c) <= 0xffff else f"\\U{ord(c):08x}") for c in object_id) + "'"
+
+
 def _format_end(text: str, i: int) -> bool:
     """``text[i]`` is a Unicode format character (category Cf: U+200B, U+200D, U+2060, U+FEFF, a soft hyphen, ...)
     that draws nothing where it is (a tag that ends a flag's tag sequence does: :func:`_drawn_in_context`)."""
@@ -1726,7 +1737,9 @@ class Gallery:
                 raise UserError(f"{named.get(object_id, where)} '{printable(object_id)}' is not in gallery "
                                 f"{self.path}, which holds "
                                 f"'{printable(stored)}' (they differ only in whitespace, invisible characters or "
-                                f"Unicode composition); give '{printable(stored)}' to remove it (nothing was removed)")
+                                f"Unicode composition); give '{printable(stored)}'"
+                                + (f" (in bash: {typable(stored)})" if typable(stored) else "")
+                                + " to remove it (nothing was removed)")
             missing.append(object_id)
         if missing and not missing_ok:
             where = named.get(missing[0], where)

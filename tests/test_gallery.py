@@ -1612,6 +1612,22 @@ def test_a_removed_object_is_never_returned_by_a_search_even_through_an_index_sa
     assert all(o not in ("o5", "o6", "o7") for row in reopened.search_many(queries, 300) for o, _ in row)
 
 
+def test_a_removal_of_a_look_alike_says_how_to_type_the_stored_id(tmp_path):
+    """A probe (2026-12-08): index remove café (NFC) of a gallery holding 'cafe' + U+0301 said "give 'café
+    [decomposed]' to remove it", which cannot be typed. A stored id shown otherwise than spelt is given as bash types
+    it too ($'cafe\\u0301'); one that reads as it is spelt is not."""
+    from mlsctl.errors import UserError
+
+    write_gallery(tmp_path / "g", ["cafe\u0301", "o1"], clustered(2), [1, 1], IndexSettings("flat"), MANIFEST)
+    gallery = Gallery(tmp_path / "g")
+    with pytest.raises(UserError) as refused:
+        gallery.remove(["caf\u00e9"])
+    assert "give 'cafe\u0301 [decomposed]' (in bash: $'cafe\\u0301') to remove it" in str(refused.value)
+    with pytest.raises(UserError) as refused:
+        gallery.remove(["o1\u200b"])
+    assert "give 'o1' to remove it" in str(refused.value)
+
+
 def test_removal_is_all_or_none_and_an_id_not_there_is_one_sentence_unless_missing_ok(tmp_path):
     from mlsctl.errors import UserError
 
