@@ -1751,10 +1751,21 @@ class Gallery:
                                 f"{more}; nothing was removed now" + (" (its latent has left the files)" if purged
                                 else f" (its latent leaves the files with mlsctl index remove {self.path} --purge, or "
                                      f"index retrain)"))
+            removed_as = self.removed_lookalike(missing[0])
+            if removed_as is not None:  # a look-alike of a removed id: removed, as every reader matches ids
+                raise UserError(f"{where} '{printable(missing[0])}' reads like '{printable(removed_as)}', removed from "
+                                f"gallery {self.path} already{more}; nothing was removed now")
             raise UserError(f"{where} '{printable(missing[0])}' is not in gallery {self.path}{more}; nothing was "
                             f"removed: check the id with mlsctl index info {self.path} --objects, or give "
                             f"--missing-ok to pass over ids that are not there")
         return missing
+
+    def removed_lookalike(self, object_id: str) -> Optional[str]:
+        """The removed id (:meth:`removed_ids`) that ``object_id`` reads like but is another string of
+        (:func:`lookalike_key`), or None (a probe, 2026-12-08: index remove café of an object removed as 'cafe' +
+        U+0301 said "not in gallery")."""
+        key = lookalike_key(object_id)
+        return next((i for i in self.removed_ids() if i != object_id and lookalike_key(i) == key), None)
 
     def save_index(self) -> None:
         """Write the in-memory index (IVF-PQ) as a new file named by its row count, commit it in the

@@ -1626,6 +1626,11 @@ def test_a_removal_of_a_look_alike_says_how_to_type_the_stored_id(tmp_path):
     with pytest.raises(UserError) as refused:
         gallery.remove(["o1\u200b"])
     assert "give 'o1' to remove it" in str(refused.value)
+    gallery.remove(["cafe\u0301"])  # removed: a look-alike of it is said removed already, not "not in gallery"
+    with pytest.raises(UserError) as refused:
+        gallery.remove(["caf\u00e9"])
+    assert str(refused.value) == (f"object id 'caf\u00e9' reads like 'cafe\u0301 [decomposed]', removed from gallery "
+                                  f"{tmp_path / 'g'} already; nothing was removed now")
 
 
 def test_removal_is_all_or_none_and_an_id_not_there_is_one_sentence_unless_missing_ok(tmp_path):
