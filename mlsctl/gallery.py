@@ -72,7 +72,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ClassVar, Optional, Sequence
+from typing import Callable, ClassVar, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -482,6 +482,17 @@ def printable(object_id: str, limit: Optional[int] = 80) -> str:
     return shown + ("..." if len(cut) < len(object_id) else "")
 
 
+def typable(object_id: str) -> Optional[str]:
+    """``object_id`` as bash's ``$'...'`` quoting types it (``$'cafe\\u0301'``), where :func:`printable` shows it
+    otherwise than it is spelt (a decomposed id, an invisible character), so that a message naming it says how to give
+    it (a probe, 2026-12-08: "give 'café [decomposed]' to remove it" cannot be typed); None where it reads as it is."""
+    if printable(object_id, None) == object_id:
+        return None
+    quoted = {"'": "\\'", "\\": "\\\\"}
+    return "$'" + "".join(quoted.get(c, c) if 0x20 <= ord(c) < 0x7f else
+                          (f"\\u{ord(c):04x}" if ord(c) <= 0xffff else f"\\U{ord(c):08x}") for c in object_id) + "'"
+
+
 def _format_end(text: str, i: int) -> bool:
     """``text[i]`` is a Unicode format character (category Cf: U+200B, U+200D, U+2060, U+FEFF, a soft hyphen, ...)
     that draws nothing where it is (a tag that ends a flag's tag sequence does: :func:`_drawn_in_context`)."""
@@ -552,21 +563,24 @@ def check_new_ids(ids: Sequence[str], where: str) -> None:
 
 
 def object_folders(root: str | os.PathLike, objects_file: Optional[str | os.PathLike] = None,
-                   option: str = "--objects") -> dict[str, list[Path]]:
+                   option: str = "--objects", what: str = "gallery images", prefer: tuple[str, ...] = ("gallery",)
+                   ) -> dict[str, list[Path]]:
     """``ROOT/<object_id>/*`` images, files in the order of their paths relative to ``ROOT`` as strings
     (the folding order: the scan's, the order of a feature folder's rows and of ``eval retrieval``'s
     sets, so a gallery built from the images and one built from their features fold alike). Files whose
     names cannot be stored are skipped and reported (see :func:`~mlsctl.data.images.scan_images`).
     With ``objects_file`` (given as ``option``), the objects are those it lists instead, a CSV/JSONL of
     ``object_id,path`` with paths relative to ``ROOT``, as MILE's ``method.objects_file`` (In-shop's item folders
-    lie three levels down: a new user's probe, 2026-12-07), their photos in the same order."""
+    lie three levels down: a new user's probe, 2026-12-07), their photos in the same order. ``what`` names ``root`` in
+    messages (``--query`` for eval retrieval's queries, not "gallery images": a probe, 2026-12-08), and ``prefer`` the
+    sub-folder a note on nested objects suggests (``query`` for a query)."""
     from mlsctl.data.images import require_images, scan_images
     from mlsctl.data.objects import listed_objects
 
     root = Path(root)
-    scan = scan_images(root, "gallery images")
-    require_images(scan, "gallery images")
-    for line in scan.notes("gallery images"):
+    scan = scan_images(root, what)
+    require_images(scan, what)
+    for line in scan.notes(what):
         logging.getLogger("mlsctl").warning(line)
     if objects_file is not None:
         listing = {path.relative_to(root).as_posix(): path for path in scan.files}
@@ -581,7 +595,7 @@ def object_folders(root: str | os.PathLike, objects_file: Optional[str | os.Path
             raise UserError(f"{path} is not inside an object folder; put each object's images in {root}/<object_id>/, "
                             f"or list them in an objects file (CSV/JSONL of object_id,path) given with {option}")
         groups.setdefault(check_object_id(rel.parts[0], "object folder"), []).append(path)
-    _say_nested_objects(root, groups, option)
+    _say_nested_objects(root, groups, option, prefer)
     _say_folders_without_photos(root, groups)
     return dict(sorted(groups.items()))  # each list in the scan's order: by relative path, as a string
 
@@ -601,13 +615,14 @@ def _say_folders_without_photos(root: Path, groups: dict[str, list[Path]]) -> No
             f"{'makes' if len(empty) == 1 else 'make'} no object: {shown}")
 
 
-def _say_nested_objects(root: Path, groups: dict[str, list[Path]], option: str) -> None:
+def _say_nested_objects(root: Path, groups: dict[str, list[Path]], option: str,
+                        prefer: tuple[str, ...] = ("gallery",)) -> None:
     """A warning, before anything is embedded, where objects gather their photos from many sub-folders
     (:func:`~mlsctl.data.objects.nested_groups_note`); ``option`` gives an objects file instead."""
     from mlsctl.data.objects import nested_groups_note
 
     note = nested_groups_note(root, {name: [p.relative_to(root) for p in paths] for name, paths in groups.items()},
-                              prefer=("gallery",), objects_option=f"{option} ",
+                              prefer=prefer, objects_option=f"{option} ",
                               objects_name=f"{option.lstrip('-')}.csv")
     if note:
         logging.getLogger("mlsctl").warning(note)
@@ -1722,7 +1737,9 @@ class Gallery:
                 raise UserError(f"{named.get(object_id, where)} '{printable(object_id)}' is not in gallery "
                                 f"{self.path}, which holds "
                                 f"'{printable(stored)}' (they differ only in whitespace, invisible characters or "
-                                f"Unicode composition); give '{printable(stored)}' to remove it (nothing was removed)")
+                                f"Unicode composition); give '{printable(stored)}'"
+                                + (f" (in bash: {typable(stored)})" if typable(stored) else "")
+                                + " to remove it (nothing was removed)")
             missing.append(object_id)
         if missing and not missing_ok:
             where = named.get(missing[0], where)
@@ -1734,10 +1751,21 @@ class Gallery:
                                 f"{more}; nothing was removed now" + (" (its latent has left the files)" if purged
                                 else f" (its latent leaves the files with mlsctl index remove {self.path} --purge, or "
                                      f"index retrain)"))
+            removed_as = self.removed_lookalike(missing[0])
+            if removed_as is not None:  # a look-alike of a removed id: removed, as every reader matches ids
+                raise UserError(f"{where} '{printable(missing[0])}' reads like '{printable(removed_as)}', removed from "
+                                f"gallery {self.path} already{more}; nothing was removed now")
             raise UserError(f"{where} '{printable(missing[0])}' is not in gallery {self.path}{more}; nothing was "
                             f"removed: check the id with mlsctl index info {self.path} --objects, or give "
                             f"--missing-ok to pass over ids that are not there")
         return missing
+
+    def removed_lookalike(self, object_id: str) -> Optional[str]:
+        """The removed id (:meth:`removed_ids`) that ``object_id`` reads like but is another string of
+        (:func:`lookalike_key`), or None (a probe, 2026-12-08: index remove café of an object removed as 'cafe' +
+        U+0301 said "not in gallery")."""
+        key = lookalike_key(object_id)
+        return next((i for i in self.removed_ids() if i != object_id and lookalike_key(i) == key), None)
 
     def save_index(self) -> None:
         """Write the in-memory index (IVF-PQ) as a new file named by its row count, commit it in the
@@ -2236,7 +2264,8 @@ def check_what_a_rebuild_drops(out: Path, source_counts: dict[str, int], drop_ad
     that cannot be read (a damaged record of its removals, a bad manifest field, an older format) is refused unless
     ``restore_removed``, then replaced with a note: its removals cannot be known, and the rebuild would bring the
     removed objects back (a probe, 2026-12-07: a note said so, and takedowns were undone). An object removed and
-    added again counts as added (its new photos are not the source's). Returns the ids ever removed from the gallery
+    added again counts as added (its new photos are not the source's), under its id or a look-alike of it
+    (:func:`added_again`), and the refusal names both spellings. Returns the ids ever removed from the gallery
     (:meth:`Gallery.ever_removed_ids`, added again since or not), which the rebuild skips (:func:`build_gallery`), or
     None where it cannot be read."""
     removed: list[str] = []
@@ -2253,7 +2282,7 @@ def check_what_a_rebuild_drops(out: Path, source_counts: dict[str, int], drop_ad
         say(f"note: --overwrite replaces {out}, which cannot be read ({first_line(exc, 160)}), so "
             f"what it holds beyond the source cannot be counted: the rebuild holds every object of the source")
         return None
-    again = [object_id for object_id in removed if object_id in held]  # removed, then added again: an add
+    again = added_again(removed, held)  # removed, then added again (a look-alike too): an add
     gone = [object_id for object_id in held if object_id not in source_counts and object_id not in again]
     more = {object_id: held[object_id] - source_counts[object_id] for object_id in held
             if object_id in source_counts and held[object_id] > source_counts[object_id] and object_id not in again}
@@ -2261,7 +2290,7 @@ def check_what_a_rebuild_drops(out: Path, source_counts: dict[str, int], drop_ad
         return removed
     parts = []
     if again:  # the source's photos are those of before the takedown (a probe, 2026-12-07: they came back silently)
-        shown = ", ".join(printable(i) for i in again[:3]) + (", ..." if len(again) > 3 else "")
+        shown = _shown_ids(list(again), matched=again)
         parts.append(f"{counted(len(again), 'object')} removed and added again ({shown}), which the source holds as "
                      f"before the removal if at all")
     if gone:
@@ -2275,6 +2304,23 @@ def check_what_a_rebuild_drops(out: Path, source_counts: dict[str, int], drop_ad
                         f"photos to the source first, or give --drop-added to rebuild without them")
     say(f"note: --overwrite --drop-added replaces {out}; {held}, they will not be in the rebuilt gallery")
     return removed
+
+
+def added_again(removed: Sequence[str], live: Iterable[str]) -> dict[str, str]:
+    """The ``live`` ids that were ``removed`` and added again, each with the removed id it reads as: the same id, or
+    one of the same :func:`lookalike_key` (a probe, 2026-12-08: 'cafe' + U+0301 removed, then 'café' (NFC) added
+    with new photos, was taken for the source's object and its new photos dropped by a rebuild without a word)."""
+    keys: dict[str, str] = {}
+    for object_id in removed:
+        keys.setdefault(lookalike_key(object_id), object_id)
+    exact = set(removed)
+    again = {}
+    for object_id in live:
+        if object_id in exact:
+            again[object_id] = object_id
+        elif lookalike_key(object_id) in keys:
+            again[object_id] = keys[lookalike_key(object_id)]
+    return again
 
 
 def _holds_no_removals(out: Path) -> bool:

@@ -1612,6 +1612,27 @@ def test_a_removed_object_is_never_returned_by_a_search_even_through_an_index_sa
     assert all(o not in ("o5", "o6", "o7") for row in reopened.search_many(queries, 300) for o, _ in row)
 
 
+def test_a_removal_of_a_look_alike_says_how_to_type_the_stored_id(tmp_path):
+    """A probe (2026-12-08): index remove café (NFC) of a gallery holding 'cafe' + U+0301 said "give 'café
+    [decomposed]' to remove it", which cannot be typed. A stored id shown otherwise than spelt is given as bash types
+    it too ($'cafe\\u0301'); one that reads as it is spelt is not."""
+    from mlsctl.errors import UserError
+
+    write_gallery(tmp_path / "g", ["cafe\u0301", "o1"], clustered(2), [1, 1], IndexSettings("flat"), MANIFEST)
+    gallery = Gallery(tmp_path / "g")
+    with pytest.raises(UserError) as refused:
+        gallery.remove(["caf\u00e9"])
+    assert "give 'cafe\u0301 [decomposed]' (in bash: $'cafe\\u0301') to remove it" in str(refused.value)
+    with pytest.raises(UserError) as refused:
+        gallery.remove(["o1\u200b"])
+    assert "give 'o1' to remove it" in str(refused.value)
+    gallery.remove(["cafe\u0301"])  # removed: a look-alike of it is said removed already, not "not in gallery"
+    with pytest.raises(UserError) as refused:
+        gallery.remove(["caf\u00e9"])
+    assert str(refused.value) == (f"object id 'caf\u00e9' reads like 'cafe\u0301 [decomposed]', removed from gallery "
+                                  f"{tmp_path / 'g'} already; nothing was removed now")
+
+
 def test_removal_is_all_or_none_and_an_id_not_there_is_one_sentence_unless_missing_ok(tmp_path):
     from mlsctl.errors import UserError
 
@@ -2375,6 +2396,45 @@ def test_a_rebuild_skips_a_removed_object_whose_folder_was_renamed_to_a_look_ali
     assert (f"note: --restore-removed-id builds back 1 object of the source removed from {g} with mlsctl index remove "
             f"({composed}, removed as '{printable(decomposed)}')") in err
     assert sorted(Gallery(g).ids) == ["caf\u00e9", "obj0", "obj1"] and Gallery(g).removed_ids() == []
+
+
+def test_a_rebuild_refuses_a_look_alike_of_a_removed_object_added_again_as_it_refuses_the_same_id(tmp_path,
+                                                                                                    monkeypatch, capsys):
+    """A probe (2026-12-08): 'cafe' + U+0301 removed, its folder renamed 'café' (NFC) and 'café' added again with 2 new
+    photos: index build --overwrite took it for the source's object and skipped it as removed, the 2 new photos gone
+    without a word (exit 0); with more photos than the source it was refused as "photos more than the source", and
+    --restore-removed-id café swapped the new photos for the old. A look-alike added again is "removed and added
+    again", refused as the same id is, naming both spellings."""
+    from conftest import cli, cli_ok
+    from test_hardening import one_sentence
+
+    from mlsctl.gallery import printable
+
+    source = object_photos(tmp_path / "photos", objects=3, per_object=4)
+    new = object_photos(tmp_path / "new", objects=1, per_object=6, noise_seed=9)
+    decomposed, composed = "cafe\u0301", "caf\u00e9"
+    (source / "obj2").rename(source / decomposed)
+    _tiny_model_for(monkeypatch, tmp_path / "run")
+    g = str(tmp_path / "g")
+    build = ("index", "build", str(source), "--out", g, "--workers", "0", "--overwrite")
+    cli_ok(capsys, *build[:-1])
+    cli_ok(capsys, "index", "remove", g, decomposed)
+    (source / decomposed).rename(source / composed)
+    photos = sorted(str(p) for p in (new / "obj0").iterdir())
+    cli_ok(capsys, "index", "add", g, "--object", composed, *photos[:2], "--run", str(tmp_path))
+    said = (f"--overwrite would drop what a rebuild from the source cannot make again: {g} holds 1 object removed and "
+            f"added again ({composed}, removed as '{printable(decomposed)}')")
+    for extra in ((), ("--restore-removed-id", composed)):
+        code, _, err = cli(*build, *extra, capsys=capsys)
+        assert code == 2 and said in one_sentence(err) and "--drop-added" in err, err
+        assert Gallery(g).count(composed) == 2
+    cli_ok(capsys, "index", "add", g, "--object", composed, *photos[2:], "--run", str(tmp_path))  # 6: more than 4
+    code, _, err = cli(*build, capsys=capsys)
+    assert code == 2 and said in one_sentence(err) and "more than the source" not in err, err
+    assert Gallery(g).count(composed) == 6
+    _, err = cli_ok(capsys, *build, "--drop-added")
+    assert f"{composed}, removed as '{printable(decomposed)}'" in err and "will not be in the rebuilt gallery" in err
+    assert sorted(Gallery(g).ids) == ["obj0", "obj1"] and Gallery(g).removed_ids() == [decomposed]
 
 
 def _rewrite_photo(path: Path, seed: int) -> bytes:

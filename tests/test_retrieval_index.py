@@ -98,8 +98,63 @@ def test_objects_removed_from_the_gallery_or_never_in_it_are_left_out_and_named(
     shutil.copytree(query / "obj2", only / "obj2")
     shutil.copytree(query / "stranger", only / "stranger")
     code, _, err = cli("eval", "retrieval", "--index", str(gallery), "--query", str(only), capsys=capsys)
-    assert code == 2 and "none of the 2 query objects of" in err and "1 of them removed from it" in err
+    assert code == 2 and "none of the 2 query objects of" in err and "1 of the query objects was removed from it: obj2" in err
     assert "model:" not in err and err.count("\n") == 1, err
+
+
+def test_query_ids_that_read_like_removed_ids_are_left_out_as_removed_and_named(mile_run, tmp_path, capsys):
+    """A probe (2026-12-08): query folders 'café' (NFC) and 'xz' of objects removed from the gallery as 'cafe' + U+0301
+    and 'x' U+200B 'z' were "never in it" (JSON left_out.absent), and where every query object was removed the refusal
+    named none and said "(8 objects, 2 of them removed from it)", read as 2 of the gallery's 8. A query id that reads
+    like a removed id is removed, named with the removed id; the refusal names the removed query objects."""
+    from mlsctl.gallery import printable
+
+    source = tmp_path / "source"
+    shutil.copytree(mile_run / "gallery", source)
+    (source / "obj0").rename(source / "cafe\u0301")
+    (source / "obj1").rename(source / "x\u200bz")
+    gallery = tmp_path / "g"
+    cli_ok(capsys, "index", "build", str(source), "--run", str(mile_run / "run"), "--out", str(gallery))
+    cli_ok(capsys, "index", "remove", str(gallery), "cafe\u0301", "x\u200bz")
+    query = tmp_path / "query"
+    shutil.copytree(mile_run / "query", query)
+    (query / "obj0").rename(query / "caf\u00e9")
+    (query / "obj1").rename(query / "xz")
+    out, _ = cli_ok(capsys, "eval", "retrieval", "--index", str(gallery), "--query", str(query), "--noise", "0",
+                    "--out", str(tmp_path / "r.json"))
+    note = next(line for line in out.splitlines() if "left out of R@k" in line)
+    assert "2 removed from the gallery: " in note and "never in it" not in note, note
+    for given, removed in (("caf\u00e9", "cafe\u0301"), ("xz", "x\u200bz")):
+        assert f"{given} (reads like removed '{printable(removed)}')" in note, note
+    left_out = json.loads((tmp_path / "r.json").read_text())["left_out"]
+    assert sorted(left_out["removed"]) == ["caf\u00e9", "xz"] and left_out["absent"] == []
+    only = tmp_path / "only"
+    for name in ("caf\u00e9", "xz", "obj1"):
+        shutil.copytree(query / name if name != "obj1" else mile_run / "query" / "obj1", only / (name if name != "obj1"
+                        else "stranger"))
+    code, _, err = cli("eval", "retrieval", "--index", str(gallery), "--query", str(only), capsys=capsys)
+    assert code == 2 and "model:" not in err, err
+    cafe, xz = "cafe\u0301", "x\u200bz"
+    assert (f"none of the 3 query objects of {only} is in gallery {gallery}, which holds 4 objects; 2 of the query "
+            f"objects were removed from it: ") in err and f"(reads like removed '{printable(cafe)}')" in err
+    assert f"xz (reads like removed '{printable(xz)}')" in err, err
+
+
+def test_query_folder_messages_name_the_query_option_and_its_query_sub_folder(mile_run, flat_gallery, tmp_path,
+                                                                                capsys, caplog):
+    """A probe (2026-12-08): an empty --query folder was "gallery images qs/empty contains no images", and --query
+    given a data set's root (gallery/ and query/ under it) was told to "give ROOT/gallery instead". Messages name
+    --query, and the note suggests the query sub-folder."""
+    (tmp_path / "empty").mkdir()
+    err = refused_before_the_model("--index", str(flat_gallery), "--query", str(tmp_path / "empty"), capsys=capsys)
+    assert f"error: --query {tmp_path / 'empty'} contains no images" in err and "gallery images" not in err, err
+    root = tmp_path / "root"
+    shutil.copytree(mile_run / "gallery", root / "gallery")
+    shutil.copytree(mile_run / "query", root / "query")
+    with caplog.at_level("WARNING", logger="mlsctl"):
+        code, _, err = cli("eval", "retrieval", "--index", str(flat_gallery), "--query", str(root), capsys=capsys)
+    said = caplog.text + err
+    assert code == 2 and f"give {root / 'query'} instead" in said and f"give {root / 'gallery'}" not in said, said
 
 
 def test_refusals_come_before_the_model_loads(mile_run, flat_gallery, tmp_path, capsys):

@@ -331,8 +331,8 @@ def paired_photos(gallery, query, gallery_objects=None, query_objects=None) -> P
     from mlsctl.errors import UserError
     from mlsctl.gallery import object_folders
 
-    gallery_groups = object_folders(gallery, gallery_objects, "--gallery-objects")
-    query_groups = object_folders(query, query_objects, "--query-objects")
+    gallery_groups = object_folders(gallery, gallery_objects, "--gallery-objects", "--gallery")
+    query_groups = object_folders(query, query_objects, "--query-objects", "--query", ("query",))
     objects = [o for o in gallery_groups if o in query_groups]
     if len(objects) < 2:
         raise UserError(f"{gallery} and {query} share {len(objects)} objects; retrieval needs at least 2 "
@@ -478,6 +478,8 @@ class GalleryQueries:
     # said "compared" where one object had records (a review, 2026-12-08), so it is counted per object.
     unchecked: list[str] = dataclasses.field(default_factory=list)
     lookalikes: dict[str, str] = dataclasses.field(default_factory=dict)  # an absent id -> the stored id it reads like
+    # a removed query id spelt otherwise than the id removed -> that removed id (the same lookalike_key)
+    removed_as: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def digests_checked(self) -> bool:
@@ -488,6 +490,32 @@ def _shown(ids: Sequence[str], limit: int = 5) -> str:
     from mlsctl.gallery import printable
 
     return ", ".join(printable(i) for i in ids[:limit]) + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
+
+
+def _removed_shown(ids: Sequence[str], removed_as: dict[str, str], limit: int = 5) -> str:
+    """The removed query ids as :func:`_shown` names them, each spelt otherwise than the id removed with "reads like
+    removed '<that id>'" (a probe, 2026-12-08: a query 'café' (NFC) of an object removed as 'cafe' + U+0301 was
+    "never in it")."""
+    from mlsctl.gallery import printable
+
+    def shown(object_id: str) -> str:
+        other = removed_as.get(object_id)
+        return printable(object_id) + ("" if other is None else f" (reads like removed '{printable(other)}')")
+
+    return ", ".join(shown(i) for i in ids[:limit]) + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
+
+
+def _removed_lookalikes(target, ids: Sequence[str]) -> dict[str, str]:
+    """The ``ids`` that read like an id removed from ``target`` (and not added again) though spelt otherwise, each
+    with that removed id (:func:`~mlsctl.gallery.lookalike_key`, as every reader matches ids)."""
+    from mlsctl.gallery import lookalike_key
+
+    if not ids:
+        return {}
+    keys: dict[str, str] = {}
+    for object_id in target.removed_ids():
+        keys.setdefault(lookalike_key(object_id), object_id)
+    return {o: keys[lookalike_key(o)] for o in ids if lookalike_key(o) in keys}
 
 
 def _lookalikes_shown(lookalikes: dict[str, str], limit: int = 3) -> str:
@@ -513,7 +541,7 @@ def gallery_queries(target, query, query_objects=None) -> GalleryQueries:
     from mlsctl.errors import UserError
     from mlsctl.gallery import check_photos, object_folders
 
-    groups = object_folders(query, query_objects, "--query-objects")
+    groups = object_folders(query, query_objects, "--query-objects", "--query", ("query",))
     live = target.live_rows()
     for start in range(0, len(live), EXACT_BLOCK):  # a NaN latent: one sentence, before the model loads
         target.check_live_latents(live[start:start + EXACT_BLOCK])
@@ -523,21 +551,26 @@ def gallery_queries(target, query, query_objects=None) -> GalleryQueries:
     removed = [o for o in groups if o not in held and target.was_removed(o)]
     absent = [o for o in groups if o not in held and o not in set(removed)]
     lookalikes = {o: stored for o in absent for stored in (target.lookalike(o),) if stored is not None}
+    removed_as = _removed_lookalikes(target, [o for o in absent if o not in lookalikes])
+    if removed_as:  # a look-alike of a removed id: removed, as every reader matches ids
+        removed = [o for o in groups if o in set(removed) or o in removed_as]
+        absent = [o for o in absent if o not in removed_as]
     source = f"the object_id column of --query-objects {query_objects}" if query_objects is not None else \
         f"the sub-folders of {query}"
     if not len(target):
         raise UserError(f"gallery {target.path} holds no objects (every one removed, or none added), so no query can "
                         f"find its own; add objects with mlsctl index add, or build it again with mlsctl index build")
     if not objects:
-        gone = f", {len(removed)} of them removed from it" if removed else ""
+        gone = (f"; {len(removed)} of the query objects {'was' if len(removed) == 1 else 'were'} removed from it: "
+                f"{_removed_shown(removed, removed_as)}" if removed else "")
         alike = f"; {_lookalikes_shown(lookalikes)}" if lookalikes else ""
-        raise UserError(f"none of the {counted(len(groups), 'query object')} of {query} is in gallery {target.path} "
-                        f"({len(target)} objects{gone}): the ids are {source} and the gallery's object ids (mlsctl "
-                        f"index info {target.path} --objects lists them){alike}")
+        raise UserError(f"none of the {counted(len(groups), 'query object')} of {query} is in gallery {target.path}, "
+                        f"which holds {counted(len(target), 'object')}{gone}: the ids are {source} and the gallery's "
+                        f"object ids (mlsctl index info {target.path} --objects lists them){alike}")
     check_photos([path for o in objects for path in groups[o]])  # a 7x7 photo: before the model, as search says it
     unchecked = _photos_held_already(target, live, ids, {o: groups[o] for o in objects})
     return GalleryQueries(objects, [list(groups[o]) for o in objects], removed, absent, len(groups), ids, live,
-                          unchecked, lookalikes)
+                          unchecked, lookalikes, removed_as)
 
 
 def _photos_held_already(target, live: np.ndarray, ids: list[str], sets: dict[str, list[Path]]) -> list[str]:
@@ -609,8 +642,9 @@ def left_out_note(queries: GalleryQueries) -> Optional[str]:
 
     if not queries.removed and not queries.absent:
         return None
-    parts = [f"{len(ids)} {what}: {_shown(ids)}" for ids, what in ((queries.removed, "removed from the gallery"),
-                                                                    (queries.absent, "never in it")) if ids]
+    parts = [f"{len(ids)} {what}: {shown}" for ids, what, shown in (
+        (queries.removed, "removed from the gallery", _removed_shown(queries.removed, queries.removed_as)),
+        (queries.absent, "never in it", _shown(queries.absent))) if ids]
     left = len(queries.removed) + len(queries.absent)
     alike = f"; {_lookalikes_shown(queries.lookalikes)}" if queries.lookalikes else ""
     return (f"note: {left} of the {counted(queries.query_objects, 'query object')} {'is' if left == 1 else 'are'} "
