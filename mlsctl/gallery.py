@@ -72,7 +72,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ClassVar, Iterable, Optional, Sequence
+from typing import Callable, ClassVar, Optional, Sequence
 
 import numpy as np
 import torch
@@ -2265,7 +2265,7 @@ def check_what_a_rebuild_drops(out: Path, source_counts: dict[str, int], drop_ad
     ``restore_removed``, then replaced with a note: its removals cannot be known, and the rebuild would bring the
     removed objects back (a probe, 2026-12-07: a note said so, and takedowns were undone). An object removed and
     added again counts as added (its new photos are not the source's), under its id or a look-alike of it
-    (:func:`added_again`), and the refusal names both spellings. Returns the ids ever removed from the gallery
+    (:func:`removed_in_source`), and the refusal names both spellings. Returns the ids ever removed from the gallery
     (:meth:`Gallery.ever_removed_ids`, added again since or not), which the rebuild skips (:func:`build_gallery`), or
     None where it cannot be read."""
     removed: list[str] = []
@@ -2282,7 +2282,9 @@ def check_what_a_rebuild_drops(out: Path, source_counts: dict[str, int], drop_ad
         say(f"note: --overwrite replaces {out}, which cannot be read ({first_line(exc, 160)}), so "
             f"what it holds beyond the source cannot be counted: the rebuild holds every object of the source")
         return None
-    again = added_again(removed, held)  # removed, then added again (a look-alike too): an add
+    # removed, then added again (a look-alike too: a probe, 2026-12-08, 'cafe' + U+0301 removed, then 'café' (NFC)
+    # added with new photos, was taken for the source's object and its new photos dropped by a rebuild): an add
+    again = removed_in_source(list(held), removed)
     gone = [object_id for object_id in held if object_id not in source_counts and object_id not in again]
     more = {object_id: held[object_id] - source_counts[object_id] for object_id in held
             if object_id in source_counts and held[object_id] > source_counts[object_id] and object_id not in again}
@@ -2304,23 +2306,6 @@ def check_what_a_rebuild_drops(out: Path, source_counts: dict[str, int], drop_ad
                         f"photos to the source first, or give --drop-added to rebuild without them")
     say(f"note: --overwrite --drop-added replaces {out}; {held}, they will not be in the rebuilt gallery")
     return removed
-
-
-def added_again(removed: Sequence[str], live: Iterable[str]) -> dict[str, str]:
-    """The ``live`` ids that were ``removed`` and added again, each with the removed id it reads as: the same id, or
-    one of the same :func:`lookalike_key` (a probe, 2026-12-08: 'cafe' + U+0301 removed, then 'café' (NFC) added
-    with new photos, was taken for the source's object and its new photos dropped by a rebuild without a word)."""
-    keys: dict[str, str] = {}
-    for object_id in removed:
-        keys.setdefault(lookalike_key(object_id), object_id)
-    exact = set(removed)
-    again = {}
-    for object_id in live:
-        if object_id in exact:
-            again[object_id] = object_id
-        elif lookalike_key(object_id) in keys:
-            again[object_id] = keys[lookalike_key(object_id)]
-    return again
 
 
 def _holds_no_removals(out: Path) -> bool:
@@ -2364,16 +2349,17 @@ def removals_kept_out(source_ids: Sequence[str], removed: Optional[Sequence[str]
 
 
 def removed_in_source(source_ids: Sequence[str], removed: Sequence[str]) -> dict[str, str]:
-    """The ids of the source that read as a ``removed`` id (the same :func:`lookalike_key`), each with that removed
-    id, in the order of ``removed``."""
+    """The ids of ``source_ids`` (a rebuild's source, or the live ids of the gallery it replaces: those added again)
+    that read as a ``removed`` id (the same :func:`lookalike_key`), each with that removed id (the same id where it
+    was removed itself), in the order of ``removed``."""
     keys: dict[str, str] = {}
     for object_id in source_ids:
         keys.setdefault(lookalike_key(object_id), object_id)
-    matched = {}
+    matched: dict[str, str] = {}
     for object_id in removed:
         found = keys.get(lookalike_key(object_id))
-        if found is not None:
-            matched.setdefault(found, object_id)
+        if found is not None and (found not in matched or object_id == found):
+            matched[found] = object_id
     return matched
 
 

@@ -235,12 +235,7 @@ def test_an_ivfpq_gallerys_search_is_ranked_as_it_answers_and_loses_what_it_does
     from mlsctl.evaluate.retrieval import NEVER_FOUND, compared_ranks, cosine_scores, index_ranks, ranks, recall_at
     from mlsctl.gallery import Gallery, IndexSettings, write_gallery
 
-    g = torch.Generator().manual_seed(0)
-    centres = torch.nn.functional.normalize(torch.randn(8, 16, generator=g), dim=1)
-    latents = 3 * (centres[torch.randint(0, 8, (400,), generator=g)] + 0.4 * torch.randn(400, 16, generator=g))
-    ids = [f"o{i}" for i in range(400)]
-    queries = latents[:60] + 0.8 * torch.randn(60, 16, generator=g)
-    manifest = {"kind": "mlsctl-gallery", "model": {"run": "/r", "step": 1, "fingerprint": "f" * 64}}
+    latents, ids, queries, manifest, g = clustered_gallery(400, 60)
     full = ranks(cosine_scores(queries, latents), torch.arange(60))
     exact = recall_at(full)
     found = {}
@@ -374,6 +369,20 @@ def test_query_photos_are_compared_with_the_gallery_per_object(mile_run, flat_ga
     assert "holds already (the same bytes, folded into object 'obj0', not the query's 'obj1')" in err
 
 
+def clustered_gallery(objects: int, queries: int):
+    """Latents of ``objects`` objects around 8 centres (16 wide), their ids, noisy queries of the first ``queries``
+    objects, a manifest, and the generator drawn from (for more draws): a gallery on which an IVF-PQ search of 1
+    list of 8 misses some objects."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.nn.functional.normalize(torch.randn(8, 16, generator=g), dim=1)
+    latents = 3 * (centres[torch.randint(0, 8, (objects,), generator=g)] + 0.4 * torch.randn(objects, 16, generator=g))
+    asked = latents[:queries] + 0.8 * torch.randn(queries, 16, generator=g)
+    manifest = {"kind": "mlsctl-gallery", "model": {"run": "/r", "step": 1, "fingerprint": "f" * 64}}
+    return latents, [f"o{i}" for i in range(objects)], asked, manifest, g
+
+
 def torch_latents(gallery):
     import torch
 
@@ -429,17 +438,10 @@ def test_the_index_rows_are_what_search_k_10_answers(tmp_path):
     """A review (2026-12-08): the eval searched k 11 while `mlsctl search` answers 10, and IVF-PQ re-ranks refine × k
     candidates, so its R@k were not search's. The index row's ranks are those derived from search_many(latents, 10);
     with k 11 they differ on this gallery (the test tells the two apart)."""
-    import torch
-
     from mlsctl.evaluate.retrieval import GalleryQueries, _search_and_rank, index_ranks, recall_at
     from mlsctl.gallery import Gallery, IndexSettings, write_gallery
 
-    g = torch.Generator().manual_seed(0)
-    centres = torch.nn.functional.normalize(torch.randn(8, 16, generator=g), dim=1)
-    latents = 3 * (centres[torch.randint(0, 8, (2000,), generator=g)] + 0.4 * torch.randn(2000, 16, generator=g))
-    ids = [f"o{i}" for i in range(2000)]
-    queries = latents[:300] + 0.8 * torch.randn(300, 16, generator=g)
-    manifest = {"kind": "mlsctl-gallery", "model": {"run": "/r", "step": 1, "fingerprint": "f" * 64}}
+    latents, ids, queries, manifest, _ = clustered_gallery(2000, 300)
     write_gallery(tmp_path / "g", ids, latents, [1] * 2000,
                   IndexSettings("ivfpq", nlist=8, m=4, nbits=6, nprobe=1, refine=1), manifest)
     target = Gallery(tmp_path / "g")
