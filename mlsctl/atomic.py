@@ -17,9 +17,10 @@ import os
 import re
 import resource
 import shutil
+import stat
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Optional
+from typing import Any, BinaryIO, Callable, Iterator, Mapping, Optional
 
 
 def fsync_dir(directory: Path) -> None:
@@ -187,6 +188,21 @@ _LITTER = re.compile(r"\.DS_Store|Thumbs\.db|desktop\.ini|\.directory")
 # describes, which may be anything (``._`` + ``_x`` is ``.__x``), so the name cannot tell one from a user's hidden
 # file: its header does, the magic number 0x00051607 and version 2 (RFC 1740)
 APPLE_DOUBLE_HEADER = b"\x00\x05\x16\x07\x00\x02\x00\x00"
+
+
+def open_regular(path: str | os.PathLike) -> Optional[BinaryIO]:
+    """``path`` opened for reading where it is a regular file, None where it is a FIFO or a device: opened without
+    waiting (a FIFO named like a photo or a result hung a plain open for good: probes, 2026-12-08), then checked on
+    the file opened, so a FIFO swapped in after a check cannot hang it (a device is never read, having no end). A
+    folder raises :class:`IsADirectoryError`, as ``open`` does; the file system's refusals are raised as they are."""
+    handle = os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb")
+    mode = os.fstat(handle.fileno()).st_mode
+    if stat.S_ISREG(mode):
+        return handle
+    handle.close()
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), os.fspath(path))
+    return None
 
 
 def is_litter_file(entry: Path) -> bool:

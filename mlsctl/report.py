@@ -34,7 +34,6 @@ import html
 import json
 import os
 import re
-import stat
 import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
@@ -772,13 +771,11 @@ def read_result_text(path: Path) -> tuple[str, str]:
     """The text of the result file ``path``, or ``("", why)`` where it is not read: not a regular file (a FIFO
     would hang the read, a link to a device would be read until memory runs out: a probe), or larger than any
     eval result. At most :data:`RESULT_READ_LIMIT` + 1 bytes are read, whatever the size the file reports."""
-    if not stat.S_ISREG(path.stat().st_mode):
+    handle = atomic.open_regular(path)
+    if handle is None:
         return "", "not a regular file"
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO swapped in after the stat: no hang
-    with os.fdopen(fd, "rb") as handle:
+    with handle:
         status = os.fstat(handle.fileno())
-        if not stat.S_ISREG(status.st_mode):
-            return "", "not a regular file"
         data = handle.read(RESULT_READ_LIMIT + 1)
     if len(data) > RESULT_READ_LIMIT:  # not read whole: no eval result is this large (a review)
         return "", f"{max(status.st_size, len(data)):,} bytes, more than any eval result holds"

@@ -461,15 +461,15 @@ def read_rgb(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     refuses."""
     import hashlib
 
+    from mlsctl.atomic import open_regular
+
     path = Path(path)
     try:
-        # O_NONBLOCK: a FIFO named .png is opened without waiting for a writer (a probe, 2026-12-08: a build hung on
-        # one for good), then refused as no regular file; it changes nothing for a regular file's reads
-        with os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as file:
-            info = os.fstat(file.fileno())
-            if not stat.S_ISREG(info.st_mode):
-                raise BadImage("not a regular file (a pipe or a device)")
-            if info.st_size == 0:
+        file = open_regular(path)  # a FIFO named .png: refused, not waited on (a probe, 2026-12-08: a build hung)
+        if file is None:
+            raise BadImage("not a regular file (a pipe or a device)")
+        with file:
+            if os.fstat(file.fileno()).st_size == 0:
                 raise BadImage("empty file (0 bytes)")
             # the header first: a file over the pixel limit is refused before its bytes are read
             _decode(file, max_pixels, raise_with=raise_with, header_only=True, photo=photo, name=path)
