@@ -853,7 +853,7 @@ class _Photos(TreeImages):
 
         limit = DEFAULT_MAX_IMAGE_PIXELS if self.max_pixels is None else self.max_pixels
         try:
-            digest, image = read_rgb(self.tree.path / self.relpaths[index], limit, self.raise_with)
+            digest, image = read_rgb(self.tree.path / self.relpaths[index], limit, self.raise_with, hashed=self.hashed)
         except BadImage as exc:
             return index, None, str(exc), None
         except OSError as exc:  # the message names the photo: its reason need not
@@ -861,7 +861,7 @@ class _Photos(TreeImages):
         problem = self.photos and photo_shape_problem(*image.size)  # one rule with load_images and serve's uploads
         if problem:
             return index, None, problem, None
-        return index, self.preprocessing.pixels(image), None, digest if self.hashed else None
+        return index, self.preprocessing.pixels(image), None, digest
 
 
 def collate_photos(items):
@@ -883,8 +883,7 @@ def read_photo(path: str | os.PathLike, hashed: bool = True):
     read hashed a file replaced meanwhile); a photo that cannot be read is :func:`load_images`'s sentence."""
     from mlsctl.data.images import read_rgb
 
-    digest, image = _read_photo(lambda p: read_rgb(p, photo=True), path)  # the sha256 of its bytes: photo_digest's
-    return (digest if hashed else None), image
+    return _read_photo(lambda p: read_rgb(p, photo=True, hashed=hashed), path)  # the sha256: photo_digest's
 
 
 def photos_of_folders(photos: Sequence, option: str = "--set") -> list:

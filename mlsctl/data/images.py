@@ -452,13 +452,13 @@ def load_rgb(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 
 
 def read_rgb(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, raise_with: str = "",
-             photo: bool = False) -> tuple[bytes, Image.Image]:
+             photo: bool = False, hashed: bool = True) -> tuple[Optional[bytes], Image.Image]:
     """:func:`load_rgb` of ``path`` opened once: (the sha256 of its bytes, the image decoded from the same open file),
     so that what a caller records of the file (a gallery, its :func:`~mlsctl.gallery.photo_digest`) is what was
     decoded, even where the file is replaced between two opens (a review, 2026-12-07: a build hashed a second read).
     The header is checked first and the bytes are hashed in chunks: a file is never held whole in memory (a review,
-    2026-12-08: a photo padded with 300 MB cost 600 MB), only what its decoder needs. Refused as :func:`load_rgb`
-    refuses."""
+    2026-12-08: a photo padded with 300 MB cost 600 MB), only what its decoder needs; without ``hashed`` (a search
+    records nothing) the digest is None and the bytes are not hashed. Refused as :func:`load_rgb` refuses."""
     import hashlib
 
     from mlsctl.atomic import open_regular
@@ -473,12 +473,15 @@ def read_rgb(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
                 raise BadImage("empty file (0 bytes)")
             # the header first: a file over the pixel limit is refused before its bytes are read
             _decode(file, max_pixels, raise_with=raise_with, header_only=True, photo=photo, name=path)
+            digest = None
+            if hashed:
+                file.seek(0)
+                digest = hashlib.sha256()
+                for chunk in iter(lambda: file.read(1 << 20), b""):
+                    digest.update(chunk)
             file.seek(0)
-            digest = hashlib.sha256()
-            for chunk in iter(lambda: file.read(1 << 20), b""):
-                digest.update(chunk)
-            file.seek(0)
-            return digest.digest(), _decode(file, max_pixels, raise_with=raise_with, photo=photo, name=path)
+            return (digest.digest() if digest is not None else None,
+                    _decode(file, max_pixels, raise_with=raise_with, photo=photo, name=path))
     except OSError as exc:
         raise _unreadable(exc, path) from None
 
